@@ -1,0 +1,25 @@
+# One virtualenv in the repo (.venv, git-ignored); pip's own cache (~/.cache/pip) makes
+# re-installs cheap, so torch (several GB) is downloaded once per machine.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+PYTEST_ARGS ?=
+
+.PHONY: install test crds check-crds
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -e '.[dev]'
+	touch $@
+
+test: install
+	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# The CRD (and the chart's copy) are generated from operator/finetune_operator/api.py.
+crds: install
+	$(PY) -m finetune_operator.crd
+
+check-crds: install
+	$(PY) -m finetune_operator.crd --check

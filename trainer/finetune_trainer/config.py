@@ -1,0 +1,375 @@
+"""The trainer-facing half of the FineTuneJob API: what to fine-tune and how.
+
+Pure pydantic (no torch), because the operator imports it to validate specs and to
+generate the CRD. Field names are the wire (camelCase) names through the alias generator.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+import yaml
+from pydantic import Field
+
+from finetune_trainer.rules import ApiModel, Rule, immutable
+
+# pvc://<claim>/<path>, hf://<org>/<name>, file:///abs/path or an absolute path.
+URI_PATTERN = r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/\S*)?|hf://[\w.-]+(/[\w.-]+)?|file:///\S*|/\S*)$"
+Uri = Annotated[str, Field(pattern=URI_PATTERN, max_length=1024)]
+
+
+class Task(StrEnum):
+    SEQUENCE_CLASSIFICATION = "sequence-classification"
+    CAUSAL_LM = "causal-lm"
+    IMAGE_CLASSIFICATION = "image-classification"
+
+
+class Stage(StrEnum):
+    """Pipeline stages in order; shared by the trainer's metrics, the status and the dashboard."""
+
+    PENDING = "Pending"
+    LOADING = "Loading"
+    ANALYZING = "Analyzing"
+    ADJUSTING = "Adjusting"
+    REARRANGING = "Rearranging"
+    BASELINE = "Baseline"
+    TRAINING = "Training"
+    EVALUATING = "Evaluating"
+    EXPORTING = "Exporting"
+    DONE = "Done"
+
+
+class ModelSpec(ApiModel):
+    """The model to fine-tune: pretrained weights from `uri`, or a fresh one built from `architecture` + `config`."""
+
+    uri: Uri | None = Field(
+        None,
+        description="Where the pretrained model lives: pvc://<claim>/<path> (a mounted volume), "
+        "hf://<org>/<name> (the Hugging Face hub) or an absolute path. Omit it to build a "
+        "randomly initialised model from `architecture` and `config`.",
+    )
+    task: Task = Field(description="What the model is fine-tuned for; decides the head, the loss and the metrics.")
+    architecture: str | None = Field(
+        None,
+        max_length=128,
+        description="For image-classification: a torchvision architecture name (e.g. resnet18). "
+        "Without `uri`: the transformers model type to build from `config` (e.g. gpt2, llama).",
+    )
+    config: dict[str, Any] = Field(
+        default_factory=dict,
+        description="Overrides of the model's configuration (transformers config keys, e.g. n_layer). "
+        "Used to build a model from scratch when `uri` is omitted.",
+        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
+    )
+    tokenizer_uri: Uri | None = Field(
+        None,
+        description="Where the tokenizer lives, when not next to the weights (required when building from `config`).",
+    )
+    revision: str | None = Field(None, max_length=128, description="Hub revision (branch, tag or commit) for hf:// URIs.")
+
+    rules = (
+        Rule(
+            cel="has(self.uri) || has(self.architecture)",
+            holds=lambda m: m.uri is not None or m.architecture is not None,
+            message="either uri (pretrained weights) or architecture (build from config) is required",
+            field="uri",
+        ),
+    )
+
+
+class DatasetFormat(StrEnum):
+    AUTO = "auto"
+    CSV = "csv"
+    JSONL = "jsonl"
+    PARQUET = "parquet"
+    HF_DISK = "hf-disk"
+    IMAGE_FOLDER = "imagefolder"
+
+
+class DatasetSpec(ApiModel):
+    """The labelled data; a seeded split holds out `validationSplit` of it for evaluation."""
+
+    uri: Uri = Field(description="A file or folder: pvc://<claim>/<path>, hf://<org>/<name> or an absolute path.")
+    format: DatasetFormat = Field(
+        DatasetFormat.AUTO,
+        description="File format; auto picks it from the extension (a folder of class folders is an ImageFolder, "
+        "a folder with dataset_info.json is an HF save_to_disk dataset).",
+    )
+    text_field: str = Field("text", min_length=1, description="Column holding the input text.")
+    label_field: str = Field(
+        "label", min_length=1, description="Column holding the label (classification tasks)."
+    )
+    validation_split: float = Field(
+        0.1,
+        gt=0,
+        lt=0.5,
+        description="Fraction of the rows held out for evaluation (seeded by training.seed).",
+    )
+    max_train_samples: int | None = Field(
+        None, ge=1, description="Use at most this many training rows (after the split)."
+    )
+    max_eval_samples: int | None = Field(
+        None, ge=1, description="Evaluate on at most this many held-out rows."
+    )
+    max_length: int = Field(
+        128, ge=8, le=131072, description="Truncate each text sample to this many tokens."
+    )
+    image_size: int = Field(
+        224, ge=8, le=4096, description="Images are resized to imageSize x imageSize pixels."
+    )
+
+
+class AnalyzeSpec(ApiModel):
+    """Stage 1: inspect the model's structure on a few real batches before touching it."""
+
+    probe_batches: int = Field(
+        2, ge=1, le=64, description="Batches run through the model to probe gradients, FLOPs and memory."
+    )
+    fail_on_fatal: bool = Field(
+        True, description="Stop the job when the analysis finds a fatal problem (e.g. NaN weights)."
+    )
+
+
+class FreezeStrategy(StrEnum):
+    NONE = "none"
+    ALL_BUT_HEAD = "all-but-head"
+    BOTTOM_LAYERS = "bottom-layers"
+    REGEX = "regex"
+
+
+class FreezeSpec(ApiModel):
+    """Which parameters stay fixed during training."""
+
+    strategy: FreezeStrategy = Field(
+        FreezeStrategy.NONE,
+        description="none: train everything; all-but-head: only the head; bottom-layers: freeze the embeddings "
+        "and the lowest `count` layers; regex: freeze parameters whose name matches `pattern`.",
+    )
+    count: int | None = Field(None, ge=1, le=1000, description="Number of bottom layers to freeze (bottom-layers).")
+    pattern: str | None = Field(
+        None, min_length=1, max_length=512, description="Python regex over parameter names to freeze (regex)."
+    )
+
+    rules = (
+        Rule(
+            cel="self.strategy != 'bottom-layers' || has(self.count)",
+            holds=lambda m: m.strategy != FreezeStrategy.BOTTOM_LAYERS or m.count is not None,
+            message="count is required when strategy is bottom-layers",
+            field="count",
+        ),
+        Rule(
+            cel="self.strategy != 'regex' || has(self.pattern)",
+            holds=lambda m: m.strategy != FreezeStrategy.REGEX or m.pattern is not None,
+            message="pattern is required when strategy is regex",
+            field="pattern",
+        ),
+    )
+
+
+class AdjustSpec(ApiModel):
+    """Stage 2: freezing and optimizer parameter groups."""
+
+    freeze: FreezeSpec = Field(default_factory=FreezeSpec, description="Which parameters to freeze.")
+    learning_rate: float = Field(
+        5e-5, gt=0, le=1, description="Peak learning rate of the top layer (after warmup)."
+    )
+    head_learning_rate: float | None = Field(
+        None, gt=0, le=1, description="Learning rate of a new head; defaults to learningRate."
+    )
+    layerwise_decay: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="Each layer below the top trains at this fraction of the one above it (1 = no decay).",
+    )
+    weight_decay: float = Field(
+        0.01,
+        ge=0,
+        le=1,
+        description="AdamW weight decay; never applied to biases, norms or embeddings.",
+    )
+
+
+class HeadSpec(ApiModel):
+    """The classification head."""
+
+    num_labels: Annotated[int, Field(ge=2, le=100000)] | Literal["auto"] = Field(
+        "auto",
+        description="Number of classes, or auto to take it from the dataset's labels. A head whose size "
+        "differs is replaced by a new one.",
+    )
+    reinitialize: bool = Field(False, description="Replace the head even when its size already matches.")
+
+
+class LoraVariant(StrEnum):
+    LORA = "lora"
+    DORA = "dora"
+
+
+class LoraSpec(ApiModel):
+    """Low-rank adapters (via peft) on the model's linear layers; only they and the head train."""
+
+    rank: int = Field(8, ge=1, le=1024, description="Rank r of the adapter matrices.")
+    alpha: float = Field(16, gt=0, le=4096, description="Scaling numerator: adapters are scaled by alpha / rank.")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the adapter input.")
+    variant: LoraVariant = Field(LoraVariant.LORA, description="lora, or dora (weight-decomposed LoRA).")
+    target_modules: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
+        default_factory=list,
+        max_length=256,
+        description="Module names (or suffixes) to adapt. Empty: every candidate the analysis found "
+        "(linear layers, not the head or the output embeddings).",
+    )
+
+
+class RearrangeSpec(ApiModel):
+    """Stage 3: change the model's structure (head, adapters)."""
+
+    head: HeadSpec = Field(default_factory=HeadSpec, description="The classification head (ignored for causal-lm).")
+    lora: LoraSpec | None = Field(None, description="Add LoRA adapters; omit to fine-tune the weights themselves.")
+    merge_on_export: bool = Field(
+        True,
+        description="Merge the adapters into the base weights on export, after checking that the logits match.",
+    )
+
+
+class Precision(StrEnum):
+    AUTO = "auto"
+    FP32 = "fp32"
+    BF16 = "bf16"
+    FP16 = "fp16"
+
+
+class Batching(StrEnum):
+    DYNAMIC = "dynamic"
+    LENGTH_BUCKETED = "length-bucketed"
+
+
+class Schedule(StrEnum):
+    COSINE = "cosine"
+    LINEAR = "linear"
+    CONSTANT = "constant"
+
+
+class EarlyStoppingSpec(ApiModel):
+    """Stop when the evaluation metric has not improved for `patience` evaluations."""
+
+    patience: int = Field(3, ge=1, le=1000, description="Evaluations without improvement before stopping.")
+    min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as improvement.")
+
+
+class TrainingSpec(ApiModel):
+    """Stage 4: the training loop."""
+
+    epochs: int = Field(1, ge=1, le=1000, description="Passes over the training data.")
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
+    )
+    batch_size: int = Field(32, ge=1, le=65536, description="Samples per step per worker.")
+    gradient_accumulation: int = Field(
+        1,
+        ge=1,
+        le=1024,
+        description="Micro-batches per optimizer step; the loss is normalised by tokens across them.",
+    )
+    batching: Batching = Field(
+        Batching.LENGTH_BUCKETED,
+        description="dynamic: pad each batch to its longest sample; length-bucketed: also group samples of "
+        "similar length so that little padding remains.",
+    )
+    precision: Precision = Field(
+        Precision.AUTO, description="auto: bf16 autocast where the hardware supports it, else fp32."
+    )
+    schedule: Schedule = Field(Schedule.COSINE, description="Learning-rate decay after warmup.")
+    warmup_ratio: float = Field(
+        0.06, ge=0, lt=1, description="Fraction of the steps spent warming up linearly."
+    )
+    max_grad_norm: float = Field(1.0, gt=0, description="Clip gradients to this global L2 norm.")
+    eval_every_steps: int | None = Field(
+        None,
+        ge=1,
+        description="Evaluate every N steps (for early stopping and progress); default once per epoch.",
+    )
+    early_stopping: EarlyStoppingSpec | None = Field(
+        None, description="Stop early on the first evaluation metric; omit to train to the end."
+    )
+    checkpoint_every_steps: int = Field(
+        200, ge=1, description="Save a resumable checkpoint every N steps (and on SIGTERM)."
+    )
+    keep_checkpoints: int = Field(2, ge=1, le=100, description="Checkpoints to keep; older ones are deleted.")
+    seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for the split, the shuffling and the initialisation.")
+
+
+class Metric(StrEnum):
+    ACCURACY = "accuracy"
+    F1 = "f1"
+    LOSS = "loss"
+    PERPLEXITY = "perplexity"
+
+
+class EvaluationSpec(ApiModel):
+    """Stage 5: measure the model on the held-out split, before (baseline) and after fine-tuning."""
+
+    metrics: list[Metric] = Field(
+        default_factory=lambda: [Metric.ACCURACY, Metric.F1],
+        min_length=1,
+        max_length=4,
+        description="accuracy and f1 (macro) for classification; loss and perplexity for any task.",
+    )
+    baseline: bool = Field(True, description="Also evaluate the model before fine-tuning, to report the gain.")
+    batch_size: int | None = Field(None, ge=1, description="Evaluation batch size; default training.batchSize.")
+
+
+class OutputSpec(ApiModel):
+    """Stage 6: where the fine-tuned model, its report and the checkpoints go."""
+
+    uri: Uri = Field(description="Output folder: pvc://<claim>/<path> or an absolute path.")
+
+
+def _classification_metrics_only_for_classifiers(spec: Any) -> bool:
+    classifying = {Metric.ACCURACY, Metric.F1}
+    return spec.model.task != Task.CAUSAL_LM or not classifying.intersection(spec.evaluation.metrics)
+
+
+class TrainerConfig(ApiModel):
+    """Everything the trainer needs: the pipeline's six stages and their inputs."""
+
+    model: ModelSpec = Field(description="The model to fine-tune.", json_schema_extra=immutable("model"))
+    dataset: DatasetSpec = Field(description="The labelled data.", json_schema_extra=immutable("dataset"))
+    analyze: AnalyzeSpec = Field(default_factory=AnalyzeSpec, description="Stage 1: structure analysis.")
+    adjust: AdjustSpec = Field(default_factory=AdjustSpec, description="Stage 2: freezing and parameter groups.")
+    rearrange: RearrangeSpec = Field(default_factory=RearrangeSpec, description="Stage 3: head and adapters.")
+    training: TrainingSpec = Field(default_factory=TrainingSpec, description="Stage 4: the training loop.")
+    evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Stage 5: baseline and final evaluation.")
+    output: OutputSpec = Field(description="Stage 6: where the results go.", json_schema_extra=immutable("output"))
+
+    rules = (
+        Rule(
+            cel="self.model.task != 'causal-lm' || !self.evaluation.metrics.exists(m, m == 'accuracy' || m == 'f1')",
+            holds=_classification_metrics_only_for_classifiers,
+            message="accuracy and f1 need a classification task; use loss or perplexity for causal-lm",
+            field="evaluation.metrics",
+        ),
+        Rule(
+            cel="has(self.model.uri) || has(self.model.tokenizerUri) || self.model.task == 'image-classification'",
+            holds=lambda c: c.model.uri or c.model.tokenizer_uri or c.model.task == Task.IMAGE_CLASSIFICATION,
+            message="a model built from config needs tokenizerUri for text tasks",
+            field="model.tokenizerUri",
+        ),
+    )
+
+    @classmethod
+    def from_document(cls, doc: dict[str, Any]) -> TrainerConfig:
+        """Accept a FineTuneJob manifest (its runtime fields are the operator's business) or a bare config."""
+        if doc.get("kind") == "FineTuneJob":
+            spec = doc.get("spec") or {}
+            return cls.from_wire({k: v for k, v in spec.items() if k in _WIRE_FIELDS})
+        return cls.from_wire(doc)
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> TrainerConfig:
+        return cls.from_document(yaml.safe_load(Path(path).read_text()))
+
+
+_WIRE_FIELDS = {f.alias or name for name, f in TrainerConfig.model_fields.items()}

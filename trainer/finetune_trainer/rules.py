@@ -1,0 +1,107 @@
+"""Cross-field rules written once, checked twice: by pydantic here and by the apiserver.
+
+Each `Rule` carries a CEL expression (emitted into the CRD as `x-kubernetes-validations`)
+and the same predicate in Python, so `kubectl apply` and `finetune-trainer run` reject the
+same manifests with the same message, naming the same field.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ClassVar, Self
+
+from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, model_validator
+from pydantic.alias_generators import to_camel
+
+
+@dataclass(frozen=True)
+class Rule:
+    cel: str  # `self` is the object the rule is attached to
+    holds: Callable[[Any], bool]
+    message: str
+    field: str = ""  # camelCase path below the object that the error names
+
+    def to_crd(self) -> dict[str, str]:
+        out = {"rule": self.cel, "message": self.message}
+        if self.field:
+            out["fieldPath"] = "." + self.field
+        return out
+
+
+class RuleViolation(ValueError):
+    def __init__(self, rule: Rule) -> None:
+        super().__init__(rule.message)
+        self.field = rule.field
+
+
+def _schema_extra(schema: dict[str, Any], cls: type[ApiModel]) -> None:
+    """Add what pydantic leaves out of the JSON schema: our CEL rules, and defaults made by factories."""
+    if cls.rules:
+        schema["x-kubernetes-validations"] = [r.to_crd() for r in cls.rules]
+    for name, field in cls.model_fields.items():
+        if field.default_factory is None:
+            continue
+        value = field.default_factory()  # type: ignore[call-arg]
+        # `{}` lets the apiserver fill in the nested defaults, as pydantic does.
+        default = {} if isinstance(value, BaseModel) else TypeAdapter(Any).dump_python(value, mode="json")
+        schema["properties"][field.alias or name]["default"] = default
+
+
+class ApiModel(BaseModel):
+    """Base of every API object: camelCase on the wire, unknown fields rejected."""
+
+    model_config = ConfigDict(
+        alias_generator=to_camel,
+        populate_by_name=True,
+        extra="forbid",
+        json_schema_extra=_schema_extra,
+    )
+    rules: ClassVar[tuple[Rule, ...]] = ()
+
+    @model_validator(mode="after")
+    def _check_rules(self) -> ApiModel:
+        for rule in self.rules:
+            if not rule.holds(self):
+                raise RuleViolation(rule)
+        return self
+
+    @classmethod
+    def from_wire(cls, doc: Any) -> Self:
+        """Validate a manifest's JSON as the apiserver does: no coercion of "32" to 32 or "yes" to true."""
+        return cls.model_validate_json(json.dumps(doc), strict=True)
+
+    def to_wire(self) -> dict[str, Any]:
+        """The JSON form used in manifests and ConfigMaps (camelCase, no unset optionals)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def immutable(name: str) -> dict[str, Any]:
+    """Schema extra for a field that may not change once the job exists."""
+    return {"x-kubernetes-validations": [{"rule": "self == oldSelf", "message": f"{name} is immutable"}]}
+
+
+# pydantic puts the union member it tried into `loc` ("int", "literal['auto']"); a manifest has no such key.
+_UNION_TAG = re.compile(r"^(int|str|float|bool|none|constrained-\w+)$|[\[(]")
+
+
+def error_lines(exc: ValidationError, root: str = "") -> list[str]:
+    """One `path.to.field: message` line per error, with paths as a manifest spells them."""
+    lines = []
+    for err in exc.errors():
+        path = root
+        for part in err["loc"]:
+            if isinstance(part, int):
+                path += f"[{part}]"  # as kubectl spells list items
+            elif not _UNION_TAG.search(part):
+                path = f"{path}.{part}" if path else part
+        cause = (err.get("ctx") or {}).get("error")
+        if isinstance(cause, RuleViolation):
+            path = ".".join(filter(None, [path, cause.field]))
+            message = str(cause)
+        else:
+            message = err["msg"]
+        lines.append(f"{path}: {message}")
+    return list(dict.fromkeys(lines))
