@@ -17,9 +17,9 @@ $(VENV)/.installed: pyproject.toml
 test: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-# The CRD (and the chart's copy) are generated from operator/finetune_operator/api.py.
+# The CRD, the chart's copy and the README's API reference are generated from operator/finetune_operator/api.py.
 crds: install
-	$(PY) -m finetune_operator.crd
+	$(PY) -m finetune_operator.generate
 
 check-crds: install
-	$(PY) -m finetune_operator.crd --check
+	$(PY) -m finetune_operator.generate --check

@@ -9,7 +9,7 @@ from typing import Any, Iterator
 import pytest
 import yaml
 
-from finetune_operator import api, crd
+from finetune_operator import api, apidoc, crd, generate
 
 REPO = Path(__file__).parents[1]
 
@@ -30,10 +30,28 @@ def walk(node: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
             yield from walk(node["additionalProperties"], f"{path}.*")
 
 
-def test_committed_crds_match_the_models(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_generated_files_match_the_models(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(REPO)
-    assert crd.main(["--check"]) == 0, "run `make crds`"
+    assert generate.main(["--check"]) == 0, "run `make crds`"
     assert all(yaml.safe_load(p.read_text()) == crd.build_crd() for p in crd.CRD_PATHS)
+
+
+def test_check_notices_a_hand_edit(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    for path in generate.generated():
+        (tmp_path / path).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / path).write_text((REPO / path).read_text())
+    monkeypatch.chdir(tmp_path)
+    assert generate.main(["--check"]) == 0
+    edited = crd.CRD_PATHS[1]
+    edited.write_text(edited.read_text().replace("maxLength: 1024", "maxLength: 2048", 1))
+    assert generate.main(["--check"]) == 1
+
+
+def test_api_reference_lists_every_spec_field(schema: dict[str, Any]) -> None:
+    reference = apidoc.render_reference(schema)
+    for path, _ in walk(schema["properties"]["spec"], "spec"):
+        if not path.endswith((".*", "[]")):
+            assert f"`{path}`" in reference, path
 
 
 def test_schema_is_structural(schema: dict[str, Any]) -> None:

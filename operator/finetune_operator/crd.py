@@ -8,9 +8,7 @@ and drops what the apiserver refuses (`additionalProperties: false`, titles, `co
 
 from __future__ import annotations
 
-import argparse
 import copy
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -194,24 +192,3 @@ def build_crd() -> dict[str, Any]:
 
 def render() -> str:
     return HEADER + yaml.safe_dump(build_crd(), sort_keys=False, width=120, allow_unicode=True)
-
-
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--check", action="store_true", help="fail if a committed CRD differs from the models")
-    args = parser.parse_args(argv)
-    text = render()
-    stale = [p for p in CRD_PATHS if not p.exists() or p.read_text() != text]
-    if args.check:
-        for path in stale:
-            print(f"{path} is out of date with the models: run `make crds`", file=sys.stderr)
-        return 1 if stale else 0
-    for path in stale:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(text)
-        print(f"wrote {path}")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

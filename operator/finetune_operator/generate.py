@@ -1,0 +1,39 @@
+"""`make crds`: write (or with --check, verify) every file generated from the API models."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from finetune_operator import apidoc, crd
+
+README = Path("README.md")
+
+
+def generated() -> dict[Path, str]:
+    """Each generated file and the text it must hold."""
+    files = {path: crd.render() for path in crd.CRD_PATHS}
+    schema = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
+    files[README] = apidoc.splice(README.read_text(), apidoc.render_reference(schema))
+    return files
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--check", action="store_true", help="fail if a generated file differs from the models")
+    args = parser.parse_args(argv)
+    stale = {p: text for p, text in generated().items() if not p.exists() or p.read_text() != text}
+    if args.check:
+        for path in stale:
+            print(f"{path} is out of date with the models: run `make crds`", file=sys.stderr)
+        return 1 if stale else 0
+    for path, text in stale.items():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
