@@ -1,0 +1,75 @@
+"""Stage 2: which parameters train, and at what learning rate and weight decay.
+
+`freeze` only ever turns training off, so it can run again after `rearrange` to cover the
+adapters placed in frozen layers. `param_groups` then builds AdamW groups from what trains:
+layer-wise learning-rate decay by depth, and no weight decay on biases, norms and embeddings.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections import defaultdict
+
+from torch import nn
+
+from finetune_trainer.config import AdjustSpec, FreezeSpec, FreezeStrategy
+from finetune_trainer.structure import Depth, canonical
+
+log = logging.getLogger(__name__)
+
+
+def freeze(model: nn.Module, spec: FreezeSpec, depth: Depth, head: str | None) -> int:
+    """Apply the freeze strategy; returns how many parameters it froze."""
+    frozen = 0
+    pattern = re.compile(spec.pattern) if spec.strategy == FreezeStrategy.REGEX and spec.pattern else None
+    for name, p in model.named_parameters():
+        if p.requires_grad and frozen_by(spec, name, depth, head, pattern):
+            p.requires_grad_(False)
+            frozen += p.numel()
+    return frozen
+
+
+def frozen_by(spec: FreezeSpec, name: str, depth: Depth, head: str | None, pattern: re.Pattern | None) -> bool:
+    if spec.strategy == FreezeStrategy.ALL_BUT_HEAD:
+        return head is None or not canonical(name).startswith(head + ".")
+    if spec.strategy == FreezeStrategy.BOTTOM_LAYERS:
+        return depth.of(name) <= (spec.count or 0)
+    if pattern is not None:
+        return bool(pattern.search(canonical(name)))
+    return False
+
+
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Biases, norm weights and embeddings: decaying them toward zero hurts and regularises nothing."""
+    names = set()
+    for module_name, module in model.named_modules():
+        exempt = isinstance(module, nn.Embedding) or "Norm" in type(module).__name__
+        for name, p in module.named_parameters(recurse=False):
+            if exempt or p.dim() < 2:
+                names.add(f"{module_name}.{name}" if module_name else name)
+    return names
+
+
+def param_groups(model: nn.Module, spec: AdjustSpec, depth: Depth, head: str | None) -> list[dict]:
+    """AdamW parameter groups of the trainable parameters, one per (learning rate, weight decay)."""
+    exempt = no_decay_names(model)
+    top = depth.layers + 1
+    groups: dict[tuple[float, float], dict] = defaultdict(lambda: {"params": [], "param_names": []})
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        if head is not None and canonical(name).startswith(head + ".") and spec.head_learning_rate:
+            lr = spec.head_learning_rate
+        else:
+            lr = spec.learning_rate * spec.layerwise_decay ** (top - min(depth.of(name), top))
+        decay = 0.0 if name in exempt else spec.weight_decay
+        group = groups[(lr, decay)]
+        group["params"].append(p)
+        group["param_names"].append(name)
+    out = [{"lr": lr, "weight_decay": decay, **g} for (lr, decay), g in sorted(groups.items(), reverse=True)]
+    for g in out:
+        count = sum(p.numel() for p in g["params"])
+        log.info("param group lr=%.3g weight_decay=%g: %d tensors, %s parameters (e.g. %s)",
+                 g["lr"], g["weight_decay"], len(g["params"]), f"{count:,}", canonical(g["param_names"][0]))
+    return out

@@ -1,0 +1,273 @@
+"""Stage 1: look at the model before touching it, and say what will go wrong.
+
+`analyze(model, batches, ...)` counts parameters, finds LoRA candidates, the head, tied
+and broken weights, runs a probe step to find parameters that get no gradient, measures
+FLOPs and the memory of that step, and turns what it saw into findings with a severity.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter, defaultdict
+from dataclasses import asdict, dataclass, field
+
+import torch
+from torch import nn
+from torch.utils.flop_counter import FlopCounterMode
+
+from finetune_trainer.batches import Batch
+from finetune_trainer.config import Task
+from finetune_trainer.errors import FatalFinding
+from finetune_trainer.models import logits_of
+from finetune_trainer.structure import head_name, lora_candidates, lora_types
+
+log = logging.getLogger(__name__)
+
+MAX_GROUPS = 24  # rows of the per-module table: deep enough to show the layers, short enough to read
+ADAMW_STATE_BYTES = 8  # exp_avg + exp_avg_sq, fp32 each
+
+
+class Severity:
+    INFO = "info"
+    WARNING = "warning"
+    FATAL = "fatal"
+
+
+@dataclass
+class Finding:
+    severity: str
+    code: str
+    message: str
+
+
+@dataclass
+class ModuleCount:
+    name: str
+    total: int
+    trainable: int
+    frozen: int
+
+
+@dataclass
+class StructureReport:
+    model_class: str
+    total_parameters: int
+    trainable_parameters: int
+    frozen_parameters: int
+    modules: list[ModuleCount]
+    layer_types: dict[str, dict[str, int]]  # class name -> {count, parameters}
+    lora_candidates: dict[str, list[int]]  # module name -> weight shape
+    head: dict[str, object] | None  # {name, out_features, dataset_labels}
+    tied_weights: list[list[str]]
+    no_grad_parameters: list[str]
+    flops: dict[str, float | str | None]
+    memory: dict[str, int | None]
+    findings: list[Finding] = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def fatal(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == Severity.FATAL]
+
+
+def analyze(model: nn.Module, batches: list[Batch], task: Task, num_labels: int, adapters: bool) -> StructureReport:
+    """Inspect `model` on a few training batches; `num_labels` is what the dataset needs, `adapters` whether LoRA follows."""
+    params = dict(model.named_parameters())
+    total = sum(p.numel() for p in params.values())
+    trainable = sum(p.numel() for p in params.values() if p.requires_grad)
+    head = head_name(model, task)
+    head_info = None
+    if head is not None:
+        head_info = {"name": head, "out_features": model.get_submodule(head).out_features, "dataset_labels": num_labels}
+    no_grad, probe = probe_step(model, batches, task)
+    report = StructureReport(
+        model_class=type(model).__name__,
+        total_parameters=total,
+        trainable_parameters=trainable,
+        frozen_parameters=total - trainable,
+        modules=module_counts(params),
+        layer_types=layer_types(model),
+        lora_candidates={k: list(v) for k, v in lora_candidates(model, task).items()},
+        head=head_info,
+        tied_weights=tied_weights(model),
+        no_grad_parameters=no_grad,
+        flops=flop_estimate(model, batches[0], task, probe["flops"], adapters),
+        memory=memory_model(params, probe),
+    )
+    report.findings = findings(report, params, task)
+    return report
+
+
+def module_counts(params: dict[str, nn.Parameter]) -> list[ModuleCount]:
+    """Parameter counts grouped by name prefix, at the deepest level that still fits in MAX_GROUPS rows."""
+    best: dict[str, list[int]] = {}
+    for level in range(1, 1 + max(n.count(".") + 1 for n in params)):
+        groups: dict[str, list[int]] = defaultdict(lambda: [0, 0])
+        for name, p in params.items():
+            groups[".".join(name.split(".")[:level])][0 if p.requires_grad else 1] += p.numel()
+        if len(groups) > MAX_GROUPS:
+            break
+        best = groups
+    return [ModuleCount(name, t + f, t, f) for name, (t, f) in best.items()]
+
+
+def layer_types(model: nn.Module) -> dict[str, dict[str, int]]:
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: {"count": 0, "parameters": 0})
+    for module in model.modules():
+        own = sum(p.numel() for p in module.parameters(recurse=False))
+        if own or not any(True for _ in module.children()):
+            entry = counts[type(module).__name__]
+            entry["count"] += 1
+            entry["parameters"] += own
+    return dict(sorted(counts.items(), key=lambda kv: -kv[1]["parameters"]))
+
+
+def tied_weights(model: nn.Module) -> list[list[str]]:
+    names: dict[int, list[str]] = defaultdict(list)
+    for name, p in model.named_parameters(remove_duplicate=False):
+        names[id(p)].append(name)
+    return [group for group in names.values() if len(group) > 1]
+
+
+def probe_loss(logits: torch.Tensor) -> torch.Tensor:
+    """A loss every output contributes to, independent of labels: the head may not fit them yet."""
+    return logits.float().logsumexp(-1).mean()
+
+
+def probe_step(model: nn.Module, batches: list[Batch], task: Task) -> tuple[list[str], dict[str, float]]:
+    """Forward and backward without an optimizer step; returns parameters left without a gradient and what it cost.
+
+    Eval mode keeps BatchNorm's running statistics untouched; the weights never change.
+    """
+    was_training = model.training
+    model.eval()
+    requires = {n: p.requires_grad for n, p in model.named_parameters()}
+    for p in model.parameters():
+        p.requires_grad_(True)  # probe every parameter, frozen or not: freezing comes later
+        p.grad = None
+    saved: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    cuda = next(model.parameters()).is_cuda
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with FlopCounterMode(display=False) as counter:
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            loss = probe_loss(logits_of(model, batches[0].inputs))
+        loss.backward()
+    probe = {"flops": counter.get_total_flops() / batches[0].samples, "activations": sum(saved.values()),
+             "peak": torch.cuda.max_memory_allocated() if cuda else None}
+    for batch in batches[1:]:
+        probe_loss(logits_of(model, batch.inputs)).backward()
+    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    for name, p in model.named_parameters():
+        p.grad = None
+        p.requires_grad_(requires[name])
+    model.train(was_training)
+    return no_grad, probe
+
+
+def flop_estimate(model: nn.Module, batch: Batch, task: Task, measured: float, adapters: bool) -> dict[str, float | str | None]:
+    """Measured training FLOPs per sample against the 6N rule (N = weights of the matmul layers, per token).
+
+    With adapters the frozen weights get no weight gradient, so a training step costs about 4N.
+    """
+    out: dict[str, float | str | None] = {"measured_per_sample": measured, "rule": None, "estimate_per_sample": None,
+                                          "measured_over_estimate": None, "training_per_sample": measured}
+    if adapters:
+        out["training_per_sample"] = measured * 4 / 6
+    if task == Task.IMAGE_CLASSIFICATION:
+        out["rule"] = "none: convolutions reuse weights across positions, so 6N per sample does not hold"
+        return out
+    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, lora_types()))
+    tokens = batch.inputs["input_ids"].numel() / batch.samples  # padded positions cost as much as real ones
+    estimate = 6 * n * tokens
+    out.update(rule="6N per token (4N with adapters)", estimate_per_sample=estimate,
+               measured_over_estimate=measured / estimate if estimate else None)
+    return out
+
+
+def memory_model(params: dict[str, nn.Parameter], probe: dict[str, float]) -> dict[str, int | None]:
+    """Bytes of a training step: weights, gradients and AdamW state of what trains, and the batch's activations.
+
+    Activations are the tensors autograd saved in the probe's forward (counted once per storage).
+    """
+    unique = {id(p): p for p in params.values()}.values()
+    weights = sum(p.numel() * p.element_size() for p in unique)
+    trainable = [p for p in unique if p.requires_grad]
+    gradients = sum(p.numel() * p.element_size() for p in trainable)
+    optimizer = sum(p.numel() * ADAMW_STATE_BYTES for p in trainable)
+    activations = int(probe["activations"])
+    peak = probe["peak"]
+    return {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": activations,
+            "total": weights + gradients + optimizer + activations,
+            # The probe computes gradients of every weight and has no optimizer, so compare like with like.
+            "probe_model": weights * 2 + activations,
+            "measured_probe_peak": None if peak is None else int(peak)}
+
+
+def findings(report: StructureReport, params: dict[str, nn.Parameter], task: Task) -> list[Finding]:
+    out: list[Finding] = []
+    for name, p in params.items():
+        data = p.detach()
+        if not torch.isfinite(data).all():
+            bad = int((~torch.isfinite(data)).sum())
+            out.append(Finding(Severity.FATAL, "NonFiniteWeights", f"{name} has {bad} NaN/Inf values: the checkpoint is broken"))
+        elif data.dim() >= 2 and not data.any():
+            out.append(Finding(Severity.WARNING, "ZeroWeights", f"{name} is all zeros; it passes no signal until trained"))
+    head = report.head
+    if task != Task.CAUSAL_LM and head is None:
+        out.append(Finding(Severity.FATAL, "NoHead", "no Linear output layer found to classify with"))
+    elif head is not None and head["out_features"] != head["dataset_labels"]:
+        out.append(Finding(Severity.INFO, "HeadMismatch",
+                           f"head {head['name']} has {head['out_features']} outputs, the dataset {head['dataset_labels']} "
+                           "labels: rearrange puts a new head in its place"))
+    if report.tied_weights:
+        out.append(Finding(Severity.INFO, "TiedWeights", "shared: " + "; ".join(" = ".join(g) for g in report.tied_weights)))
+    if report.no_grad_parameters:
+        shown = ", ".join(report.no_grad_parameters[:5])
+        more = len(report.no_grad_parameters) - 5
+        out.append(Finding(Severity.WARNING, "NoGradient",
+                           f"{len(report.no_grad_parameters)} parameter(s) get no gradient and cannot learn: {shown}"
+                           + (f" and {more} more" if more > 0 else "")))
+    if not report.lora_candidates:
+        out.append(Finding(Severity.INFO, "NoLoraCandidates", "no Linear/Conv1D/Conv2d layer besides the head"))
+    ratio = report.flops.get("measured_over_estimate")
+    if isinstance(ratio, float) and not 0.5 < ratio < 3:
+        out.append(Finding(Severity.INFO, "FlopsOffEstimate", f"measured FLOPs are {ratio:.2f}x the 6N estimate"))
+    return out
+
+
+def summary(report: StructureReport) -> str:
+    """The report as a reader wants it in the log."""
+    lines = [f"{report.model_class}: {report.total_parameters:,} parameters "
+             f"({report.trainable_parameters:,} trainable, {report.frozen_parameters:,} frozen)"]
+    width = max(len(m.name) for m in report.modules)
+    lines += [f"  {m.name:<{width}} {m.total:>12,} total {m.trainable:>12,} trainable {m.frozen:>12,} frozen"
+              for m in report.modules]
+    types = ", ".join(f"{k} x{v['count']}" for k, v in list(report.layer_types.items())[:8])
+    lines.append(f"  layer types: {types}")
+    kinds = Counter(name.rsplit(".", 1)[-1] for name in report.lora_candidates)
+    lines.append(f"  LoRA candidates: {len(report.lora_candidates)} ({', '.join(f'{k} x{n}' for k, n in kinds.items())})")
+    flops = report.flops
+    line = f"  FLOPs per sample: {flops['measured_per_sample']:.3g} measured"
+    if flops["estimate_per_sample"]:
+        line += f", {flops['estimate_per_sample']:.3g} by 6N ({flops['measured_over_estimate']:.2f}x)"
+    lines.append(line)
+    mem = report.memory
+    peak = mem["measured_probe_peak"]
+    lines.append("  memory model (MiB): " + ", ".join(f"{k} {mem[k] / 2**20:.1f}" for k in
+                                                      ("weights", "gradients", "optimizer", "activations", "total"))
+                 + (f"; probe {mem['probe_model'] / 2**20:.1f} modelled vs {peak / 2**20:.1f} measured" if peak else ""))
+    lines += [f"  [{f.severity}] {f.code}: {f.message}" for f in report.findings]
+    return "\n".join(lines)
+
+
+def fail_on_fatal(report: StructureReport) -> None:
+    if fatal := report.fatal():
+        raise FatalFinding("; ".join(f"{f.code}: {f.message}" for f in fatal))

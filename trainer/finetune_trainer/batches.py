@@ -1,0 +1,113 @@
+"""From a split to padded batches: tokenize once, order with a seed, pad each batch to its
+longest sample (dynamic padding), optionally grouping samples of similar length first.
+
+The order of an epoch is a pure function of (seed, epoch, rank, world size), so a resumed
+run rebuilds it and skips the batches it already consumed.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from PIL import Image
+
+from finetune_trainer.config import Task
+from finetune_trainer.data import Split
+
+IGNORE_INDEX = -100  # label of positions a causal LM is not scored on (padding)
+BUCKET_BATCHES = 50  # batches per length-sorted pool: enough to sort out padding, small enough to keep it random
+IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's pretrained weights expect these statistics
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+@dataclass
+class Encoded:
+    """One side of the split, ready to batch: token ids (text) or file paths (images)."""
+
+    features: list[list[int]] | list[str]
+    labels: list[int] | None
+    lengths: list[int]  # tokens per sample; 1 for images
+
+
+@dataclass
+class Batch:
+    inputs: dict[str, torch.Tensor]  # keyword arguments of the model's forward
+    labels: torch.Tensor
+    samples: int
+    tokens: int  # real, unpadded tokens
+    targets: int  # terms in the loss: samples for classifiers, scored tokens for causal LMs
+
+    def to(self, device: torch.device) -> Batch:
+        return Batch({k: v.to(device) for k, v in self.inputs.items()}, self.labels.to(device),
+                     self.samples, self.tokens, self.targets)
+
+
+def encode_text(split: Split, tokenizer, max_length: int) -> Encoded:
+    ids = tokenizer(split.inputs, truncation=True, max_length=max_length)["input_ids"]
+    return Encoded(ids, split.labels, [len(x) for x in ids])
+
+
+def encode_images(split: Split) -> Encoded:
+    return Encoded(split.inputs, split.labels, [1] * len(split.inputs))
+
+
+def make_collate(task: Task, pad_id: int, image_size: int) -> Callable[[Encoded, list[int]], Batch]:
+    if task == Task.IMAGE_CLASSIFICATION:
+        return lambda data, idx: collate_images(data, idx, image_size)
+    return lambda data, idx: collate_text(data, idx, pad_id, causal=task == Task.CAUSAL_LM)
+
+
+def collate_text(data: Encoded, idx: list[int], pad_id: int, causal: bool) -> Batch:
+    rows = [data.features[i] for i in idx]
+    width = max(len(r) for r in rows)
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(rows), width), dtype=torch.long)
+    for i, row in enumerate(rows):
+        input_ids[i, : len(row)] = torch.tensor(row)
+        mask[i, : len(row)] = 1
+    tokens = int(mask.sum())
+    if causal:
+        labels = input_ids.masked_fill(mask == 0, IGNORE_INDEX)
+        targets = int((labels[:, 1:] != IGNORE_INDEX).sum())  # the first token of a row is never predicted
+    else:
+        labels = torch.tensor([data.labels[i] for i in idx])
+        targets = len(rows)
+    return Batch({"input_ids": input_ids, "attention_mask": mask}, labels, len(rows), tokens, targets)
+
+
+def collate_images(data: Encoded, idx: list[int], image_size: int) -> Batch:
+    from torchvision.transforms import functional as F
+
+    pixels = []
+    for i in idx:
+        with Image.open(data.features[i]) as image:
+            tensor = F.pil_to_tensor(image.convert("RGB").resize((image_size, image_size), Image.BILINEAR))
+        pixels.append(F.normalize(tensor.float() / 255, IMAGENET_MEAN, IMAGENET_STD))
+    labels = torch.tensor([data.labels[i] for i in idx])
+    return Batch({"pixel_values": torch.stack(pixels)}, labels, len(idx), len(idx), len(idx))
+
+
+def epoch_batches(lengths: list[int], batch_size: int, *, seed: int, epoch: int, bucketed: bool,
+                  rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """This rank's batches for one epoch; every rank gets the same number, so DDP steps stay in lockstep."""
+    rng = random.Random(seed * 100_003 + epoch)
+    order = list(range(len(lengths)))
+    rng.shuffle(order)
+    if bucketed:
+        pool = batch_size * BUCKET_BATCHES
+        order = [i for start in range(0, len(order), pool)
+                 for i in sorted(order[start:start + pool], key=lengths.__getitem__)]
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if bucketed:
+        rng.shuffle(batches)  # else every pool would run from short to long samples
+    usable = len(batches) - len(batches) % world_size if len(batches) >= world_size else len(batches)
+    return batches[:usable][rank::world_size]
+
+
+def eval_batches(lengths: list[int], batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:
+    """Length-sorted, so evaluation pads little; each rank takes every world_size-th batch."""
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
+    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)][rank::world_size]

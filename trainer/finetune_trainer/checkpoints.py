@@ -1,0 +1,115 @@
+"""Resumable checkpoints, written so that a resume never reads a half-written one.
+
+A checkpoint is a folder `step-<N>`: what trains (and every buffer) as safetensors, the
+optimizer and scheduler, each rank's RNG state and the loop's position as JSON. It is
+written into `.tmp-step-<N>`, flushed to disk, given a COMMITTED marker, and only then
+renamed into place by rank 0 (a rename is atomic); the last `keep` are kept. Resume takes
+the newest folder that has the marker. Ranks must share the checkpoint folder (a PVC).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from finetune_trainer.distributed import World
+
+log = logging.getLogger(__name__)
+
+MARKER = "COMMITTED"
+PREFIX = "step-"
+
+
+def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What changes while training: trainable parameters and all buffers (BatchNorm statistics)."""
+    tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    tensors.update(dict(model.named_buffers()))
+    return {n: t.detach().contiguous().cpu() for n, t in tensors.items()}
+
+
+def rng_state() -> dict[str, Any]:
+    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def fsync_tree(folder: Path) -> None:
+    for path in [*folder.iterdir(), folder]:
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+         loop_state: dict[str, Any], world: World, keep: int) -> Path:
+    final = root / f"{PREFIX}{step:08d}"
+    tmp = root / f".tmp-{PREFIX}{step:08d}"
+    if world.main:
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+    world.barrier()
+    torch.save(rng_state(), tmp / f"rng-{world.rank}.pt")
+    if world.main:
+        save_file(trained_tensors(model), tmp / "trained.safetensors")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        (tmp / "state.json").write_text(json.dumps(loop_state))
+    world.barrier()
+    if world.main:
+        (tmp / MARKER).write_text(str(step))
+        fsync_tree(tmp)
+        os.replace(tmp, final)
+        fsync_tree(root)
+        for old in complete(root)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+        log.info("checkpoint %s", final)
+    world.barrier()
+    return final
+
+
+def complete(root: Path) -> list[Path]:
+    """Committed checkpoints, oldest first."""
+    if not root.is_dir():
+        return []
+    found = [p for p in root.glob(f"{PREFIX}*") if (p / MARKER).exists()]
+    return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
+
+
+def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, world: World) -> dict[str, Any]:
+    """Restore a checkpoint in place; returns the loop's saved position."""
+    tensors = load_file(folder / "trained.safetensors")
+    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    missing = set(tensors) - set(own)
+    if missing:
+        raise RuntimeError(f"{folder}: the checkpoint holds tensors the model lacks: {sorted(missing)[:5]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            own[name].copy_(value)
+    saved = torch.load(folder / "optimizer.pt", map_location=world.device, weights_only=False)
+    optimizer.load_state_dict(saved["optimizer"])
+    scheduler.load_state_dict(saved["scheduler"])
+    rng = folder / f"rng-{world.rank}.pt"
+    if rng.exists():  # a run resumed on more ranks than it was saved with starts the new ranks' RNG afresh
+        set_rng_state(torch.load(rng, weights_only=False))
+    log.info("resumed from %s", folder)
+    return json.loads((folder / "state.json").read_text())

@@ -1,0 +1,109 @@
+"""`finetune-trainer run <FineTuneJob manifest or config JSON> [--output DIR]`.
+
+Runs the pipeline in this process (or in each process torchrun starts), prints a summary
+table of baseline against fine-tuned, and exits 0 on success, 1 on a user error (bad
+config, data or model; a diverging loss), 143 after a checkpoint on SIGTERM, and 2 on
+anything else (an infrastructure failure that a new attempt may get past).
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn
+
+from pydantic import ValidationError
+
+from finetune_trainer.errors import EXIT_INFRASTRUCTURE, EXIT_OK, EXIT_USER_ERROR, Terminated, UserError
+
+log = logging.getLogger("finetune_trainer")
+
+
+class Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:  # argparse exits 2, which the operator reads as infrastructure
+        self.print_usage(sys.stderr)
+        self.exit(EXIT_USER_ERROR, f"{self.prog}: error: {message}\n")
+
+
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    parser = Parser(prog="finetune-trainer", description="Fine-tune a model: analyze, adjust, rearrange, train, "
+                                                         "evaluate, export.")
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
+    run = commands.add_parser("run", help="run the pipeline of a FineTuneJob manifest or a trainer config")
+    run.add_argument("config", type=Path, help="FineTuneJob YAML or trainer config JSON")
+    run.add_argument("--output", type=Path, help="output folder (default: the config's output.uri)")
+    return parser.parse_args(argv)
+
+
+def setup_logging() -> None:
+    rank = os.environ.get("RANK")
+    prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
+                        datefmt="%H:%M:%S", stream=sys.stderr)
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # its load reports repeat what our analysis says, in less detail
+    hf_logging.disable_progress_bar()
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse(argv)
+    setup_logging()
+    from finetune_trainer.config import TrainerConfig
+    from finetune_trainer.rules import error_lines
+
+    try:
+        cfg = TrainerConfig.from_file(args.config)
+    except ValidationError as exc:
+        log.error("%s is not a valid config:\n  %s", args.config, "\n  ".join(error_lines(exc, "spec")))
+        return EXIT_USER_ERROR
+    except (OSError, ValueError) as exc:
+        log.error("cannot read %s: %s", args.config, exc)
+        return EXIT_USER_ERROR
+    return execute(cfg, args.output)
+
+
+def execute(cfg: Any, output: Path | None) -> int:
+    from finetune_trainer import pipeline
+    from finetune_trainer.uris import local_path
+
+    try:
+        out = output or local_path(cfg.output.uri)
+        report = pipeline.run(cfg, out)
+    except UserError as exc:
+        log.error("%s: %s", exc.reason, exc)
+        return exc.exit_code
+    except Terminated as exc:
+        log.warning("%s", exc)
+        return exc.exit_code
+    except Exception:
+        log.exception("infrastructure failure")
+        return EXIT_INFRASTRUCTURE
+    if os.environ.get("RANK", "0") == "0":
+        print(summary_table(report, out))
+    return EXIT_OK
+
+
+def summary_table(report: dict[str, Any], out: Path) -> str:
+    evaluation = report["evaluation"]
+    training = report["training"]
+    rows = [("metric", "baseline", "fine-tuned", "delta")]
+    for metric, value in evaluation["final"].items():
+        base = evaluation["baseline"].get(metric)
+        delta = evaluation["delta"].get(metric)
+        rows.append((metric, "-" if base is None else f"{base:.4f}", f"{value:.4f}",
+                     "-" if delta is None else f"{delta:+.4f}"))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
+             for row in rows]
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    lines.append(f"\n{training['steps']} steps in {training['seconds']:.1f} s "
+                 f"({training['samples_per_second']:.1f} samples/s); report: {out / 'report.json'}")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

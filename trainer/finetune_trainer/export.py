@@ -1,0 +1,100 @@
+"""Stage 6: write the fine-tuned model where it can be loaded again, with what explains it.
+
+The output folder holds model.safetensors + config.json (transformers' layout, loadable
+with the same Auto class; a torchvision model gets its architecture in config.json), the
+tokenizer, labels.json, report.json, a short README.md model card and loss_curve.png.
+Adapters that were not merged go to adapter/ (peft's layout) instead of model.safetensors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+from torch import nn
+
+from finetune_trainer.config import TrainerConfig
+from finetune_trainer.models import ImageClassifier
+
+log = logging.getLogger(__name__)
+
+
+def export_model(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg: TrainerConfig, out: Path) -> list[str]:
+    """Write weights, config, tokenizer and labels; returns the files written (relative to `out`)."""
+    from safetensors.torch import save_model
+
+    out.mkdir(parents=True, exist_ok=True)
+    if hasattr(model, "peft_config"):  # adapters kept apart: not merged on request, or the merge check failed
+        model.save_pretrained(out / "adapter")
+    elif isinstance(model, ImageClassifier):
+        save_model(model.net, str(out / "model.safetensors"))
+        config = {"architecture": model.architecture, "task": cfg.model.task.value, "config": cfg.model.config,
+                  "numLabels": len(id2label)}
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+    else:
+        model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if id2label:
+        (out / "labels.json").write_text(json.dumps({str(k): v for k, v in id2label.items()}, indent=2))
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+
+
+def loss_curve(history: list[dict[str, float]], evals: list[dict[str, Any]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display in a pod
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    ax.plot([h["step"] for h in history], [h["loss"] for h in history], label="training loss", linewidth=1)
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    if evals:
+        metric = next(iter(evals[0]["metrics"]))
+        twin = ax.twinx()
+        twin.plot([e["step"] for e in evals], [e["metrics"][metric] for e in evals], "o-", color="tab:orange",
+                  label=f"eval {metric}")
+        twin.set_ylabel(f"eval {metric}")
+        twin.legend(loc="upper right")
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def model_card(cfg: TrainerConfig, report: dict[str, Any]) -> str:
+    evaluation = report["evaluation"]
+    rows = [f"| {m} | {fmt(evaluation['baseline'].get(m))} | {fmt(v)} | {fmt(evaluation['delta'].get(m))} |"
+            for m, v in evaluation["final"].items()]
+    training = report["training"]
+    lora = cfg.rearrange.lora
+    adapters = f"{lora.variant.value} r={lora.rank} alpha={lora.alpha}" if lora else "none (weights trained directly)"
+    merge = report.get("merge_check")
+    lines = [
+        f"# Fine-tuned {cfg.model.uri or cfg.model.architecture}",
+        "",
+        f"- Task: {cfg.model.task.value}",
+        f"- Dataset: {cfg.dataset.uri} ({training['train_samples']} training, {training['eval_samples']} held-out samples)",
+        f"- Labels: {', '.join(report['labels'].values()) or 'none (language model)'}",
+        f"- Adapters: {adapters}" + (f"; merged (max logit difference {merge['max_abs_logit_diff']:.1e})"
+                                     if merge and merge["passed"] else ""),
+        f"- Training: {training['steps']} steps in {training['seconds']:.0f} s, "
+        f"{training['samples_per_second']:.1f} samples/s, seed {cfg.training.seed}",
+        "",
+        "## Evaluation on the held-out split",
+        "",
+        "| metric | baseline | fine-tuned | delta |",
+        "|---|---|---|---|",
+        *rows,
+        "",
+        "Trained by finetune-trainer; report.json has the structure analysis and the full history.",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.4f}"

@@ -1,0 +1,111 @@
+"""Load the model to fine-tune: transformers Auto classes for text, torchvision for images,
+pretrained weights from a path/pvc/hub URI or a fresh model built from a config.
+
+The head is loaded as the checkpoint has it; fitting it to the dataset is `rearrange`'s job,
+so that the analysis can report the mismatch it fixes.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from finetune_trainer.config import ModelSpec, Task
+from finetune_trainer.errors import ModelError
+from finetune_trainer.uris import fetch
+
+log = logging.getLogger(__name__)
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
+
+
+class ImageClassifier(nn.Module):
+    """A torchvision network called like a transformers model: keyword inputs in, logits out."""
+
+    def __init__(self, net: nn.Module, architecture: str) -> None:
+        super().__init__()
+        self.net = net
+        self.architecture = architecture
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.net(pixel_values)
+
+
+def logits_of(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    out = model(**inputs)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def load_tokenizer(spec: ModelSpec):
+    from transformers import AutoTokenizer
+
+    uri = spec.tokenizer_uri or spec.uri
+    path = fetch(uri, kind="tokenizer", revision=spec.revision)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError) as exc:
+        raise ModelError(f"tokenizer {uri}: cannot load it from {path} ({exc})") from exc
+    if tokenizer.pad_token_id is None:
+        # Decoder tokenizers (GPT-2) have no pad token; padded positions are masked out anyway.
+        tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    return tokenizer
+
+
+def load_model(spec: ModelSpec, tokenizer, seed: int) -> nn.Module:
+    torch.manual_seed(seed)  # fresh weights (a new head, a model from config) are the same on every rank and rerun
+    if spec.task == Task.IMAGE_CLASSIFICATION:
+        return load_vision_model(spec)
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    auto = AutoModelForCausalLM if spec.task == Task.CAUSAL_LM else AutoModelForSequenceClassification
+    try:
+        if spec.uri is None:
+            overrides: dict[str, Any] = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
+            config = AutoConfig.for_model(spec.architecture, **(overrides | spec.config))
+            log.info("building %s from its config (%s)", spec.architecture, spec.config or "defaults")
+            return auto.from_config(config)
+        path = fetch(spec.uri, kind="model", revision=spec.revision)
+        config = AutoConfig.from_pretrained(path, **spec.config)
+        return auto.from_pretrained(path, config=config)
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"model {spec.uri or spec.architecture}: cannot load it as {spec.task.value} ({exc})") from exc
+
+
+def load_vision_model(spec: ModelSpec) -> ImageClassifier:
+    import torchvision
+
+    architecture = spec.architecture or "resnet18"
+    try:
+        net = torchvision.models.get_model(architecture, weights=None, **spec.config)
+    except (ValueError, TypeError) as exc:
+        known = ", ".join(torchvision.models.list_models(torchvision.models)[:12])
+        raise ModelError(f"model.architecture {architecture!r}: not a torchvision classifier ({exc}); e.g. {known}") from exc
+    if spec.uri is not None:
+        weights = weight_file(fetch(spec.uri, kind="model"))
+        try:
+            net.load_state_dict(read_state_dict(weights))
+        except RuntimeError as exc:
+            raise ModelError(f"model {spec.uri}: its weights do not fit {architecture} ({exc})") from exc
+    return ImageClassifier(net, architecture)
+
+
+def weight_file(path: Path) -> Path:
+    if path.is_file():
+        return path
+    for name in WEIGHT_FILES:
+        if (path / name).exists():
+            return path / name
+    raise ModelError(f"{path}: no weights file ({', '.join(WEIGHT_FILES)})")
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    return state.get("state_dict", state) if isinstance(state, dict) else state

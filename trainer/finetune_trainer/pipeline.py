@@ -1,0 +1,242 @@
+"""The six stages, read top to bottom: load, analyze, adjust, rearrange, train (with the
+baseline before it), evaluate, export.
+
+`run(cfg, output_dir)` is the whole job. It returns the report that it also writes to
+output_dir/report.json: `analysis`, `evaluation: {baseline, final, delta}`, `training:
+{steps, seconds, samples_per_second, tokens_per_second, history, evals, ...}`. It writes the
+termination message, success or not, and re-raises what stopped it (the CLI maps that to
+an exit code).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from finetune_trainer import analyze as analysis
+from finetune_trainer import distributed, export
+from finetune_trainer.adjust import freeze, frozen_by, param_groups
+from finetune_trainer.batches import Encoded, encode_images, encode_text, epoch_batches, make_collate
+from finetune_trainer.config import Batching, Stage, Task, TrainerConfig
+from finetune_trainer.data import LabelledData, check_label_count, load_dataset
+from finetune_trainer.evaluate import deltas, evaluate
+from finetune_trainer.models import load_model, load_tokenizer
+from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
+from finetune_trainer.structure import depth, head_name
+from finetune_trainer.telemetry import Metrics, write_termination
+from finetune_trainer.train import Hooks, LoopState, autocast_dtype, make_optimizer, make_scheduler, total_steps, train_loop
+
+log = logging.getLogger(__name__)
+
+
+class Progress:
+    """The stage reached and the figures so far, for the metrics, the log and the termination message."""
+
+    def __init__(self, metrics: Metrics, main: bool) -> None:
+        self.metrics = metrics
+        self.main = main
+        self.stage = Stage.PENDING
+        self.message: dict[str, Any] = {}
+        self.bar: Any = None
+        self.last_log = 0.0
+
+    def enter(self, stage: Stage) -> None:
+        self.stage = stage
+        self.metrics.set_stage(stage)
+        if self.main:
+            log.info("stage %s", stage.value)
+
+    def step(self, state: LoopState, total: int, flops_per_sample: float | None, device: torch.device) -> None:
+        last = state.history[-1]
+        per_second = state.samples / max(state.seconds, 1e-9)
+        m = self.metrics
+        m.loss.set(last["loss"])
+        m.learning_rate.set(last["lr"])
+        m.step.set(state.step)
+        m.total_steps.set(total)
+        m.epoch.set(state.epoch)
+        m.set_throughput(per_second, state.tokens / max(state.seconds, 1e-9), flops_per_sample, device)
+        self.message["progress"] = {"step": state.step, "totalSteps": total, "epoch": state.epoch}
+        self.message["metrics"] = {"loss": last["loss"], "learningRate": last["lr"], "samplesPerSecond": per_second}
+        if not self.main:
+            return
+        if self.bar is not None:
+            self.bar.update(state.step - self.bar.n)
+            self.bar.set_postfix(loss=f"{last['loss']:.4f}", lr=f"{last['lr']:.2e}")
+        now = time.monotonic()
+        if now - self.last_log >= 10 or state.step in (1, total):  # a line every 10 s is enough for `kubectl logs`
+            self.last_log = now
+            eta = (total - state.step) * state.seconds / state.step
+            log.info("step %d/%d epoch %d loss %.4f lr %.2e %.1f samples/s eta %.0fs", state.step, total,
+                     state.epoch, last["loss"], last["lr"], per_second, eta)
+
+
+def run(cfg: TrainerConfig, output_dir: Path) -> dict[str, Any]:
+    """Run the whole pipeline; see the module docstring for the report it returns and writes."""
+    world = distributed.join()
+    metrics = Metrics()
+    progress = Progress(metrics, world.main)
+    if world.main:
+        metrics.serve()
+    try:
+        report = stages(cfg, Path(output_dir), world, progress)
+        write_termination({"stage": Stage.DONE.value, **progress.message})
+        return report
+    except BaseException as exc:
+        write_termination({"stage": progress.stage.value, "reason": getattr(exc, "reason", type(exc).__name__),
+                           "message": str(exc) or type(exc).__name__, **progress.message})
+        raise
+    finally:
+        metrics.close()
+
+
+def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Progress) -> dict[str, Any]:
+    task = cfg.model.task
+    seed = cfg.training.seed
+
+    progress.enter(Stage.LOADING)
+    tokenizer = None if task == Task.IMAGE_CLASSIFICATION else load_tokenizer(cfg.model)
+    data = load_dataset(cfg.dataset, task, seed)
+    num_labels = 0 if task == Task.CAUSAL_LM else check_label_count(data.id2label, cfg.rearrange.head.num_labels)
+    train_data, eval_data = encode(data, tokenizer, cfg)
+    collate = make_collate(task, tokenizer.pad_token_id if tokenizer else 0, cfg.dataset.image_size)
+    model = load_model(cfg.model, tokenizer, seed).to(world.device)
+
+    progress.enter(Stage.ANALYZING)
+    probe = [collate(train_data, idx).to(world.device) for idx in
+             epoch_batches(train_data.lengths, cfg.training.batch_size, seed=seed, epoch=0,
+                           bucketed=cfg.training.batching == Batching.LENGTH_BUCKETED)[: cfg.analyze.probe_batches]]
+    report = analysis.analyze(model, probe, task, num_labels, adapters=cfg.rearrange.lora is not None)
+    if world.main:
+        log.info("structure analysis:\n%s", analysis.summary(report))
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "analysis.json").write_text(json.dumps(report.to_dict(), indent=2))
+    progress.message["analysis"] = {"totalParameters": report.total_parameters,
+                                    "trainableParameters": report.trainable_parameters,
+                                    "findings": [f.__dict__ for f in report.findings]}
+    if cfg.analyze.fail_on_fatal:
+        analysis.fail_on_fatal(report)
+
+    progress.enter(Stage.ADJUSTING)
+    layers = depth(model, task)
+    head = head_name(model, task)
+    frozen = freeze(model, cfg.adjust.freeze, layers, head)
+    log.info("froze %s parameters (%s)", f"{frozen:,}", cfg.adjust.freeze.strategy.value)
+
+    progress.enter(Stage.REARRANGING)
+    if head is not None:
+        new_head(model, head, num_labels, data.id2label, cfg.rearrange.head.reinitialize)
+    if cfg.rearrange.lora is not None:
+        # Adapters in frozen layers would cost compute and learn nothing: leave those layers out.
+        candidates = [name for name in report.lora_candidates
+                      if not frozen_by(cfg.adjust.freeze, name + ".weight", layers, head, None)]
+        model = add_adapters(model, cfg.rearrange.lora, candidates, head)
+        freeze(model, cfg.adjust.freeze, layers, head)
+    model.to(world.device)
+    groups = param_groups(model, cfg.adjust, layers, head)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    progress.message["analysis"]["trainableParameters"] = trainable
+
+    dtype = autocast_dtype(cfg.training.precision, world.device)
+    eval_size = cfg.evaluation.batch_size or cfg.training.batch_size
+
+    def measure(m: nn.Module) -> dict[str, float]:
+        return evaluate(m, eval_data, collate, task, cfg.evaluation.metrics, eval_size, world, num_labels, dtype)
+
+    baseline: dict[str, float] = {}
+    if cfg.evaluation.baseline:
+        progress.enter(Stage.BASELINE)
+        baseline = measure(model)
+        progress.metrics.set_eval("baseline", baseline)
+        log.info("baseline: %s", baseline)
+
+    progress.enter(Stage.TRAINING)
+    total = total_steps(train_data, cfg.training, world)
+    optimizer = make_optimizer(groups, world.device)
+    scheduler = make_scheduler(optimizer, cfg.training, total)
+    trained = model
+    if world.size > 1:
+        trained = nn.parallel.DistributedDataParallel(model, find_unused_parameters=bool(report.no_grad_parameters))
+    flops = report.flops["training_per_sample"]
+    hooks = Hooks(
+        evaluate=lambda: measure(model),
+        on_step=lambda state, steps: progress.step(state, steps, flops, world.device),
+        on_eval=lambda state: progress.metrics.set_eval("training", state.evals[-1]["metrics"]),
+        checkpoint_dir=out / "checkpoints",
+    )
+    progress.bar = progress_bar(total) if world.main else None
+    try:
+        state = train_loop(trained, optimizer, scheduler, train_data, collate, cfg.training, task, world, hooks,
+                           cfg.evaluation.metrics[0])
+    finally:
+        if progress.bar is not None:
+            progress.bar.close()
+
+    progress.enter(Stage.EVALUATING)
+    last = state.evals[-1] if state.evals else None
+    final = last["metrics"] if last and last["step"] == state.step else measure(model)
+    progress.metrics.set_eval("final", final)
+    evaluation = {"baseline": baseline, "final": final, "delta": deltas(baseline, final)}
+    progress.message["evaluation"] = {"baseline": baseline, "final": final}
+
+    progress.enter(Stage.EXPORTING)
+    result = {
+        "config": cfg.to_wire(),
+        "labels": {str(k): v for k, v in data.id2label.items()},
+        "analysis": report.to_dict(),
+        "trainable_parameters": trainable,
+        "evaluation": evaluation,
+        "training": training_section(state, total, train_data, eval_data, world),
+    }
+    if world.main:
+        result.update(write_outputs(model, tokenizer, data.id2label, cfg, out, probe[0].inputs, result))
+    world.barrier()
+    progress.enter(Stage.DONE)
+    return result
+
+
+def encode(data: LabelledData, tokenizer: Any, cfg: TrainerConfig) -> tuple[Encoded, Encoded]:
+    if tokenizer is None:
+        return encode_images(data.train), encode_images(data.validation)
+    return (encode_text(data.train, tokenizer, cfg.dataset.max_length),
+            encode_text(data.validation, tokenizer, cfg.dataset.max_length))
+
+
+def training_section(state: LoopState, total: int, train_data: Encoded, eval_data: Encoded,
+                     world: distributed.World) -> dict[str, Any]:
+    seconds = max(state.seconds, 1e-9)
+    return {"steps": state.step, "total_steps": total, "epochs": state.epoch, "seconds": state.seconds,
+            "samples_per_second": state.samples / seconds, "tokens_per_second": state.tokens / seconds,
+            "train_samples": len(train_data.lengths), "eval_samples": len(eval_data.lengths), "workers": world.size,
+            "stopped_early": state.stopped_early, "history": state.history, "evals": state.evals}
+
+
+def write_outputs(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg: TrainerConfig, out: Path,
+                  inputs: dict[str, torch.Tensor], report: dict[str, Any]) -> dict[str, Any]:
+    """Export on rank 0: merge adapters (checked), weights, loss curve, model card, report.json."""
+    extra: dict[str, Any] = {}
+    if cfg.rearrange.lora is not None and cfg.rearrange.merge_on_export:
+        model, extra["merge_check"] = merge_adapters(model, inputs)
+    files = export.export_model(model, tokenizer, id2label, cfg, out)
+    export.loss_curve(report["training"]["history"], report["training"]["evals"], out / "loss_curve.png")
+    (out / "README.md").write_text(export.model_card(cfg, report | extra))
+    extra["files"] = sorted({*files, "loss_curve.png", "README.md", "report.json"})
+    (out / "report.json").write_text(json.dumps(report | extra, indent=2, default=str))
+    log.info("exported to %s", out)
+    return extra
+
+
+def progress_bar(total: int) -> Any:
+    """A tqdm bar for a person at a terminal; pods get the log lines only."""
+    if not sys.stderr.isatty():
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="step", dynamic_ncols=True, leave=False)

@@ -1,0 +1,83 @@
+"""Stage 3: change the model's structure: a head sized for the dataset's labels, LoRA or
+DoRA adapters through peft, and, on export, the adapters merged back into the weights.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import nn
+
+from finetune_trainer.config import LoraSpec, LoraVariant
+from finetune_trainer.models import logits_of
+
+log = logging.getLogger(__name__)
+
+HEAD_INIT_STD = 0.02  # transformers' initializer_range default; small logits keep the first steps calm
+MERGE_ATOL = 1e-3  # merged and adapter logits differ only by float rounding of W + BA
+
+
+def new_head(model: nn.Module, head: str, num_labels: int, id2label: dict[int, str], reinitialize: bool) -> bool:
+    """Put a fresh Linear of `num_labels` outputs in place of the head when its size differs (or when asked)."""
+    old = model.get_submodule(head)
+    config = getattr(model, "config", None)
+    if config is not None:  # transformers models export their labels through the config
+        config.num_labels = num_labels
+        config.id2label = {i: id2label.get(i, f"LABEL_{i}") for i in range(num_labels)}
+        config.label2id = {v: k for k, v in config.id2label.items()}
+    if old.out_features == num_labels and not reinitialize:
+        return False
+    fresh = nn.Linear(old.in_features, num_labels, bias=old.bias is not None)
+    nn.init.normal_(fresh.weight, std=HEAD_INIT_STD)
+    if fresh.bias is not None:
+        nn.init.zeros_(fresh.bias)
+    parent, _, leaf = head.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, leaf, fresh.to(old.weight.device, old.weight.dtype))
+    log.info("new head %s: %d -> %d outputs", head, old.out_features, num_labels)
+    return True
+
+
+def add_adapters(model: nn.Module, spec: LoraSpec, candidates: list[str], head: str | None) -> nn.Module:
+    """Wrap `model` with LoRA (or DoRA) on `spec.target_modules`, or on every candidate when that is empty.
+
+    The head, when there is one, trains in full (`modules_to_save`): it is new or must fit new labels.
+    """
+    from peft import LoraConfig, get_peft_model
+
+    targets = spec.target_modules or candidates
+    config = LoraConfig(
+        r=spec.rank,
+        lora_alpha=spec.alpha,
+        lora_dropout=spec.dropout,
+        use_dora=spec.variant == LoraVariant.DORA,
+        target_modules=targets,
+        modules_to_save=[head] if head else None,
+    )
+    wrapped = get_peft_model(model, config)
+    trainable, total = wrapped.get_nb_trainable_parameters()
+    log.info("%s adapters (r=%d) on %d modules: %s of %s parameters train (%.2f%%)", spec.variant.value, spec.rank,
+             len(targets), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
+    return wrapped
+
+
+def merge_adapters(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[nn.Module, dict]:
+    """Fold the adapters into the base weights, unless the merged logits drift from the adapter logits.
+
+    Returns the model to export (plain when merged, still with adapters when the check failed) and the
+    check: the largest logit difference, the tolerance and whether it passed.
+    """
+    model.eval()
+    with torch.no_grad():
+        before = logits_of(model, inputs).float()
+        model.merge_adapter(safe_merge=True)  # in place, and reversible with unmerge_adapter
+        after = logits_of(model, inputs).float()
+    diff = float((before - after).abs().max())
+    tolerance = MERGE_ATOL * max(1.0, float(before.abs().max()))
+    check = {"max_abs_logit_diff": diff, "tolerance": tolerance, "passed": diff <= tolerance}
+    log.info("merge check: max |logit difference| %.2e (tolerance %.1e) %s", diff, tolerance,
+             "passed" if check["passed"] else "FAILED, exporting the adapters unmerged")
+    if check["passed"]:
+        return model.unload(), check
+    model.unmerge_adapter()
+    return model, check

@@ -1,0 +1,99 @@
+"""Where things sit in a model: its head, its stack of layers, what sits below the stack
+(embeddings, a stem) and which modules can take LoRA adapters.
+
+Shared by analyze (to report), adjust (to freeze and decay by depth) and rearrange (to
+swap the head and place adapters). Names are read through peft's wrapping, so the same
+rules hold before and after adapters are added.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+
+from finetune_trainer.config import Task
+
+PEFT_PREFIX = "base_model.model."
+PEFT_INFIXES = re.compile(r"\.(modules_to_save\.default|original_module)(?=\.|$)")
+
+
+def canonical(name: str) -> str:
+    """A parameter or module name as it was before peft wrapped the model."""
+    return PEFT_INFIXES.sub("", name.removeprefix(PEFT_PREFIX))
+
+
+def lora_types() -> tuple[type[nn.Module], ...]:
+    from transformers.pytorch_utils import Conv1D  # GPT-2's transposed linear layer
+
+    return (nn.Linear, Conv1D, nn.Conv2d)
+
+
+def output_embedding_names(model: nn.Module) -> set[str]:
+    get = getattr(model, "get_output_embeddings", None)
+    out = get() if get else None
+    return {name for name, m in model.named_modules() if out is not None and m is out}
+
+
+def head_name(model: nn.Module, task: Task) -> str | None:
+    """The classifier's output layer: the last Linear, as in every transformers and torchvision classifier."""
+    if task == Task.CAUSAL_LM:
+        return None
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    return linears[-1] if linears else None
+
+
+def lora_candidates(model: nn.Module, task: Task) -> dict[str, tuple[int, ...]]:
+    """Module name -> weight shape of every layer LoRA can adapt, except the head and the output embeddings."""
+    excluded = output_embedding_names(model) | {head_name(model, task)}
+    return {
+        name: tuple(m.weight.shape)
+        for name, m in model.named_modules()
+        if isinstance(m, lora_types()) and name not in excluded
+    }
+
+
+@dataclass
+class Depth:
+    """Depth of each parameter: 0 below the stack (embeddings, stem), 1..n its layers, n+1 above it (pooler, head)."""
+
+    units: list[str]  # module names of the layers, bottom to top
+    below: set[str]  # canonical names of the parameters under the first layer
+
+    @property
+    def layers(self) -> int:
+        return len(self.units)
+
+    def of(self, name: str) -> int:
+        name = canonical(name)
+        for i, unit in enumerate(self.units):
+            if name.startswith(unit + "."):
+                return i + 1
+        return 0 if name in self.below else len(self.units) + 1
+
+
+def depth(model: nn.Module, task: Task) -> Depth:
+    units = layer_units(model, task)
+    below: set[str] = set()
+    for name, _ in model.named_parameters():
+        name = canonical(name)
+        if any(name.startswith(u + ".") for u in units):
+            break
+        below.add(name)
+    return Depth(units, below)
+
+
+def layer_units(model: nn.Module, task: Task) -> list[str]:
+    """The repeated blocks: the longest ModuleList (transformers), else the body's children (torchvision CNNs)."""
+    lists = [(len(m), name) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
+    if lists:
+        _, prefix = max(lists)
+        return [f"{prefix}.{i}" for i in range(max(lists)[0])]
+    head = head_name(model, task)
+    prefix, body = "", model
+    while len(children := [(n, c) for n, c in body.named_children() if any(True for _ in c.parameters())]) == 1:
+        name, body = children[0]
+        prefix = f"{prefix}{name}."
+    # The stem (first child) counts as below the stack, like embeddings do.
+    return [prefix + n for n, _ in children[1:] if prefix + n != head]

@@ -1,0 +1,130 @@
+"""What the trainer tells the world: Prometheus metrics, progress lines and the termination message.
+
+Metric names are shared with the operator and the dashboard (DESIGN §4). Rank 0 serves
+them on FINETUNE_METRICS_ADDR:FINETUNE_METRICS_PORT (default 0.0.0.0:9090; port 0 turns
+the endpoint off). `finetune_trainer_stage{stage=...}` is 1 for the current stage and 0
+for the others; `finetune_trainer_eval_metric{phase,metric}` has phase baseline, training
+(the latest evaluation during training) or final.
+
+The termination message goes to $TERMINATION_MESSAGE_PATH, else to /dev/termination-log
+when Kubernetes created it; it is compact JSON of at most 4 KiB.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from prometheus_client import CollectorRegistry, Gauge, start_http_server
+
+from finetune_trainer.config import Stage
+
+log = logging.getLogger(__name__)
+
+PORT_ENV = "FINETUNE_METRICS_PORT"
+ADDR_ENV = "FINETUNE_METRICS_ADDR"
+DEFAULT_PORT = 9090
+TERMINATION_ENV = "TERMINATION_MESSAGE_PATH"
+KUBERNETES_TERMINATION_LOG = Path("/dev/termination-log")
+TERMINATION_LIMIT = 4096  # bytes Kubernetes keeps of a termination message
+
+# Dense bf16 peak per GPU (torchtitan's table); MFU is reported only where the peak is known.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "B200": 2250e12, "L40S": 362e12,
+                   "A10G": 70e12, "L4": 121e12}
+
+
+class Metrics:
+    """The trainer's gauges in a registry of their own (a test may run the pipeline twice in one process)."""
+
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        self.server: Any = None
+
+        def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
+            return Gauge(f"finetune_trainer_{name}", doc, labels, registry=self.registry)
+
+        self.loss = gauge("loss", "Training loss of the latest step (token-normalised)")
+        self.learning_rate = gauge("learning_rate", "Learning rate of the first parameter group")
+        self.step = gauge("step", "Optimizer steps taken")
+        self.total_steps = gauge("total_steps", "Optimizer steps planned")
+        self.epoch = gauge("epoch", "Current epoch (0-based)")
+        self.samples_per_second = gauge("samples_per_second", "Training samples per second, all workers")
+        self.tokens_per_second = gauge("tokens_per_second", "Training tokens per second, all workers")
+        self.stage = gauge("stage", "1 for the pipeline stage running now, 0 for the others", ("stage",))
+        self.eval_metric = gauge("eval_metric", "Evaluation metric on the held-out split", ("phase", "metric"))
+        self.gpu_memory_bytes = gauge("gpu_memory_bytes", "Peak GPU memory allocated by this worker")
+        self.mfu = gauge("mfu", "Model FLOPs utilisation: achieved training FLOP/s over the GPU's bf16 peak")
+
+    def serve(self) -> None:
+        port = int(os.environ.get(PORT_ENV, DEFAULT_PORT))
+        if port == 0:
+            return
+        addr = os.environ.get(ADDR_ENV, "0.0.0.0")
+        try:
+            self.server, _ = start_http_server(port, addr=addr, registry=self.registry)
+            log.info("metrics on http://%s:%d/metrics", addr, port)
+        except OSError as exc:  # a local run next to a Prometheus on 9090: train anyway
+            log.warning("metrics endpoint %s:%d not started (%s); set %s to a free port", addr, port, exc, PORT_ENV)
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
+
+    def set_stage(self, stage: Stage) -> None:
+        for s in Stage:
+            self.stage.labels(stage=s.value).set(1 if s == stage else 0)
+
+    def set_eval(self, phase: str, metrics: dict[str, float]) -> None:
+        for name, value in metrics.items():
+            self.eval_metric.labels(phase=phase, metric=name).set(value)
+
+    def set_throughput(self, samples_per_second: float, tokens_per_second: float, flops_per_sample: float | None,
+                       device: torch.device) -> None:
+        self.samples_per_second.set(samples_per_second)
+        self.tokens_per_second.set(tokens_per_second)
+        if device.type == "cuda":
+            self.gpu_memory_bytes.set(torch.cuda.max_memory_allocated(device))
+            peak = peak_flops(device)
+            if peak and flops_per_sample:
+                self.mfu.set(flops_per_sample * samples_per_second / peak)
+
+
+def peak_flops(device: torch.device) -> float | None:
+    name = torch.cuda.get_device_name(device)
+    world = int(os.environ.get("WORLD_SIZE", "1"))  # throughput is counted over all workers
+    return next((peak * world for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+
+
+def termination_path() -> Path | None:
+    if path := os.environ.get(TERMINATION_ENV):
+        return Path(path)
+    if KUBERNETES_TERMINATION_LOG.exists() and os.access(KUBERNETES_TERMINATION_LOG, os.W_OK):
+        return KUBERNETES_TERMINATION_LOG
+    return None
+
+
+def termination_message(message: dict[str, Any]) -> str:
+    """Compact JSON within the 4 KiB Kubernetes keeps; findings and then the text give way first."""
+    message = dict(message)
+    text = json.dumps(message, separators=(",", ":"))
+    if len(text.encode()) > TERMINATION_LIMIT:
+        message.get("analysis", {}).pop("findings", None)
+        text = json.dumps(message, separators=(",", ":"))
+    while len(text.encode()) > TERMINATION_LIMIT and len(message.get("message", "")) > 40:
+        message["message"] = message["message"][: len(message["message"]) // 2] + "..."
+        text = json.dumps(message, separators=(",", ":"))
+    return text
+
+
+def write_termination(message: dict[str, Any]) -> None:
+    if (path := termination_path()) is None:
+        return
+    try:
+        path.write_text(termination_message(message))
+    except OSError as exc:
+        log.warning("cannot write the termination message to %s: %s", path, exc)

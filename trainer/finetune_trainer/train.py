@@ -1,0 +1,259 @@
+"""Stage 4: the training loop, one plain function.
+
+`train_loop` takes a model ready to train (adapters placed, frozen parameters set), the
+encoded training data and a collate function, and runs optimizer steps until the step
+budget is spent or early stopping fires. What it does, in order, for every step:
+
+- takes the next `gradientAccumulation` micro-batches of this rank (dynamic padding,
+  optionally length-bucketed; see `batches.epoch_batches`);
+- sums the loss over them and divides by the number of loss targets (samples for
+  classifiers, scored tokens for LMs) of the whole step on all ranks, so accumulation and
+  DDP give the gradient of one big batch (torchtune's token-normalised loss);
+- stops with `LossNotFinite` when that loss is NaN or Inf, before the weights see it;
+- clips the gradient norm, steps AdamW and the warmup + decay schedule;
+- evaluates every `evalEverySteps` (early stopping on the first metric), checkpoints every
+  `checkpointEverySteps` and on SIGTERM, then raises `Terminated`.
+
+It is also the unit a throughput benchmark calls directly: build the model, the optimizer
+(`make_optimizer`) and the data (`batches.encode_text`, `batches.make_collate`), then
+`train_loop(model, optimizer, scheduler, data, collate, spec, task, world)`; the returned
+`LoopState` holds the step count, the seconds spent training, throughput and the history.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finetune_trainer import checkpoints
+from finetune_trainer.batches import IGNORE_INDEX, Batch, Encoded, epoch_batches
+from finetune_trainer.config import Batching, Metric, Precision, Schedule, Task, TrainingSpec
+from finetune_trainer.distributed import World
+from finetune_trainer.errors import DataError, LossNotFinite, Terminated
+from finetune_trainer.models import logits_of
+
+log = logging.getLogger(__name__)
+
+LOWER_IS_BETTER = {Metric.LOSS, Metric.PERPLEXITY}
+
+
+@dataclass
+class LoopState:
+    """Where the loop is; saved in every checkpoint, so a resumed run continues exactly here."""
+
+    step: int = 0
+    epoch: int = 0
+    position: int = 0  # optimizer steps already taken in this epoch
+    seconds: float = 0.0  # time spent in training steps, without evaluations and checkpoints
+    samples: int = 0
+    tokens: int = 0
+    history: list[dict[str, float]] = field(default_factory=list)  # {step, seconds_since_train_start, loss, lr}
+    evals: list[dict[str, Any]] = field(default_factory=list)  # {step, seconds_since_train_start, metrics}
+    best: float | None = None
+    evals_without_gain: int = 0
+    stopped_early: bool = False
+
+
+@dataclass
+class Hooks:
+    """Optional callbacks of the caller: evaluation, progress reporting, checkpoints."""
+
+    evaluate: Callable[[], dict[str, float]] | None = None
+    on_step: Callable[[LoopState, int], None] | None = None  # (state, total steps)
+    on_eval: Callable[[LoopState], None] | None = None
+    checkpoint_dir: Path | None = None
+
+
+def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
+    """bf16 where the hardware computes it natively; CPUs without AVX-512 BF16 run it far slower than fp32."""
+    if precision == Precision.FP32:
+        return None
+    if precision == Precision.BF16:
+        return torch.bfloat16
+    if precision == Precision.FP16:
+        return torch.float16
+    return torch.bfloat16 if device.type == "cuda" and torch.cuda.is_bf16_supported() else None
+
+
+def make_optimizer(groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
+    return torch.optim.AdamW(groups, fused=device.type == "cuda")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, spec: TrainingSpec, total_steps: int):
+    warmup = round(spec.warmup_ratio * total_steps)
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        if spec.schedule == Schedule.COSINE:
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        if spec.schedule == Schedule.LINEAR:
+            return max(0.0, 1 - progress)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def steps_per_epoch(data: Encoded, spec: TrainingSpec, world: World) -> int:
+    batches = math.ceil(len(data.lengths) / spec.batch_size)
+    if batches < world.size:
+        raise DataError(f"{len(data.lengths)} training samples make {batches} batches, fewer than the {world.size} workers")
+    return math.ceil(batches // world.size / spec.gradient_accumulation)
+
+
+def total_steps(data: Encoded, spec: TrainingSpec, world: World) -> int:
+    return spec.max_steps or spec.epochs * steps_per_epoch(data, spec, world)
+
+
+def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: Task) -> torch.Tensor:
+    """Summed (not averaged) loss, so that the caller divides by the targets of the whole step."""
+    if task == Task.CAUSAL_LM:
+        logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t+1
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+class SigtermFlag:
+    """Turns SIGTERM into a flag the loop checks between steps (the main thread only)."""
+
+    def __init__(self) -> None:
+        self.raised = False
+        self.previous: Any = None
+
+    def __enter__(self) -> SigtermFlag:
+        with contextlib.suppress(ValueError):  # not the main thread: no handler, the flag stays down
+            self.previous = signal.signal(signal.SIGTERM, self._raise)
+        return self
+
+    def _raise(self, *_: Any) -> None:
+        log.warning("SIGTERM: saving a checkpoint after this step")
+        self.raised = True
+
+    def __exit__(self, *_: Any) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGTERM, self.previous)
+
+
+def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, data: Encoded,
+               collate: Callable[[Encoded, list[int]], Batch], spec: TrainingSpec, task: Task, world: World,
+               hooks: Hooks | None = None, metric: Metric | None = None) -> LoopState:
+    """Train `model` (already on `world.device`, DDP-wrapped when world.size > 1) on `data`; see the module docstring.
+
+    `metric` is the evaluation metric that early stopping watches (the first key `hooks.evaluate` returns if None).
+    """
+    hooks = hooks or Hooks()
+    total = total_steps(data, spec, world)
+    per_epoch = steps_per_epoch(data, spec, world)
+    eval_every = spec.eval_every_steps or per_epoch
+    state = LoopState()
+    if hooks.checkpoint_dir is not None and (found := checkpoints.complete(hooks.checkpoint_dir)):
+        state = LoopState(**checkpoints.load(found[-1], unwrap(model), optimizer, scheduler, world))
+    dtype = autocast_dtype(spec.precision, world.device)
+    scaler = torch.amp.GradScaler(world.device.type, enabled=dtype == torch.float16)
+    model.train()
+    with SigtermFlag() as sigterm:
+        while state.step < total and not state.stopped_early:
+            batches = epoch_batches(data.lengths, spec.batch_size, seed=spec.seed, epoch=state.epoch,
+                                    bucketed=spec.batching == Batching.LENGTH_BUCKETED, rank=world.rank,
+                                    world_size=world.size)
+            steps = [batches[i:i + spec.gradient_accumulation]
+                     for i in range(0, len(batches), spec.gradient_accumulation)][:per_epoch]
+            for micro in steps[state.position:]:
+                started = time.perf_counter()
+                loss, samples, tokens, stop = train_step(model, [collate(data, idx) for idx in micro], task, world,
+                                                         dtype, scaler, spec.max_grad_norm, optimizer, sigterm.raised)
+                scheduler.step()
+                state.step += 1
+                state.position += 1
+                state.seconds += time.perf_counter() - started
+                state.samples += samples
+                state.tokens += tokens
+                state.history.append({"step": state.step, "seconds_since_train_start": state.seconds, "loss": loss,
+                                      "lr": optimizer.param_groups[0]["lr"]})
+                if hooks.on_step:
+                    hooks.on_step(state, total)
+                if hooks.evaluate and (state.step % eval_every == 0 or state.step == total):
+                    record_eval(state, hooks.evaluate(), spec, metric)
+                    model.train()
+                    if hooks.on_eval:
+                        hooks.on_eval(state)
+                due = state.step % spec.checkpoint_every_steps == 0 or stop
+                if hooks.checkpoint_dir is not None and due:
+                    save(hooks.checkpoint_dir, model, optimizer, scheduler, state, world, spec)
+                if stop:
+                    raise Terminated(f"stopped by SIGTERM at step {state.step}"
+                                     + ("; a checkpoint holds it" if hooks.checkpoint_dir else ""))
+                if state.step >= total or state.stopped_early:
+                    break
+            else:
+                state.epoch += 1
+                state.position = 0
+    return state
+
+
+def train_step(model: nn.Module, micro: list[Batch], task: Task, world: World, dtype: torch.dtype | None,
+               scaler: torch.amp.GradScaler, max_norm: float, optimizer: torch.optim.Optimizer,
+               stop_requested: bool) -> tuple[float, int, int, bool]:
+    """One optimizer step over the micro-batches; returns (loss, samples, tokens, whether any rank got SIGTERM)."""
+    targets, samples, tokens = world.sum([sum(b.targets for b in micro), sum(b.samples for b in micro),
+                                          sum(b.tokens for b in micro)])
+    total_loss = torch.zeros((), dtype=torch.float64, device=world.device)
+    for i, batch in enumerate(micro):
+        batch = batch.to(world.device)
+        # DDP averages gradients over ranks; scaling by world.size makes it the sum over all targets / targets.
+        sync = contextlib.nullcontext() if i == len(micro) - 1 or world.size == 1 else model.no_sync()
+        with sync:
+            with torch.autocast(world.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                logits = logits_of(model, batch.inputs)
+            loss = loss_sum(logits, batch.labels, task)
+            scaler.scale(loss * world.size / max(targets, 1)).backward()
+        total_loss += loss.detach()
+    loss_total, stop = world.sum([float(total_loss), float(stop_requested)])
+    loss_value = loss_total / max(targets, 1)
+    if not math.isfinite(loss_value):
+        optimizer.zero_grad(set_to_none=True)
+        raise LossNotFinite(f"the training loss is {loss_value} at this step: lower adjust.learningRate, "
+                            "check the data for broken rows, or use precision fp32")
+    scaler.unscale_(optimizer)
+    nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    return loss_value, int(samples), int(tokens), stop > 0
+
+
+def record_eval(state: LoopState, metrics: dict[str, float], spec: TrainingSpec, metric: Metric | None) -> None:
+    state.evals.append({"step": state.step, "seconds_since_train_start": state.seconds, "metrics": metrics})
+    key = metric or Metric(next(iter(metrics)))
+    value = metrics[key.value]
+    sign = -1 if key in LOWER_IS_BETTER else 1
+    min_delta = spec.early_stopping.min_delta if spec.early_stopping else 0.0
+    if state.best is None or sign * (value - state.best) > min_delta:
+        state.best, state.evals_without_gain = value, 0
+    else:
+        state.evals_without_gain += 1
+    if spec.early_stopping and state.evals_without_gain >= spec.early_stopping.patience:
+        log.info("early stop at step %d: %s has not improved for %d evaluations", state.step, key.value,
+                 state.evals_without_gain)
+        state.stopped_early = True
+
+
+def save(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: LoopState,
+         world: World, spec: TrainingSpec) -> None:
+    checkpoints.save(root, state.step, unwrap(model), optimizer, scheduler, asdict(state), world, spec.keep_checkpoints)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model

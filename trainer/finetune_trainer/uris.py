@@ -1,0 +1,64 @@
+"""Turn the URIs of a FineTuneJob (pvc://, hf://, file://, absolute paths) into local paths.
+
+`pvc://<claim>/<path>` is `$FINETUNE_PVC_ROOT/<claim>/<path>`. In a pod the operator
+mounts each claim at /mnt/pvc/<claim> and sets FINETUNE_PVC_ROOT=/mnt/pvc. Without the
+variable the root is the nearest `.data/pvc` folder in the working directory or above
+it, which `make assets` fills in a checkout, so `finetune-trainer run` works from any
+folder of the repository.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from finetune_trainer.errors import UserError
+
+PVC_ROOT_ENV = "FINETUNE_PVC_ROOT"
+LOCAL_PVC_ROOT = Path(".data") / "pvc"
+
+
+def pvc_root() -> Path:
+    if root := os.environ.get(PVC_ROOT_ENV):
+        return Path(root)
+    here = Path.cwd().resolve()
+    for folder in (here, *here.parents):
+        if (folder / LOCAL_PVC_ROOT).is_dir():
+            return folder / LOCAL_PVC_ROOT
+    raise UserError(
+        f"pvc:// URIs need a root: set {PVC_ROOT_ENV}, or run `make assets` in the repository "
+        f"(it fills {LOCAL_PVC_ROOT}) and start from inside it"
+    )
+
+
+def local_path(uri: str) -> Path:
+    """Where a pvc://, file:// or absolute URI lives on this machine (it may not exist yet)."""
+    if uri.startswith("pvc://"):
+        return pvc_root() / uri.removeprefix("pvc://")
+    if uri.startswith("file://"):
+        return Path(uri.removeprefix("file://"))
+    if uri.startswith("/"):
+        return Path(uri)
+    raise UserError(f"{uri}: not a local URI (expected pvc://, file:// or an absolute path)")
+
+
+def fetch(uri: str, *, kind: str, revision: str | None = None, repo_type: str = "model") -> Path:
+    """A local folder or file holding what `uri` names; hf:// is downloaded into the hub cache.
+
+    hf:// goes through huggingface_hub's cache, so HF_HOME, HF_HUB_OFFLINE and a cache
+    prepared ahead of time (an air-gapped cluster) work as they do for transformers.
+    """
+    if uri.startswith("hf://"):
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+
+        repo_id = uri.removeprefix("hf://")
+        try:
+            return Path(snapshot_download(repo_id, revision=revision, repo_type=repo_type))
+        except (RepositoryNotFoundError, RevisionNotFoundError, LocalEntryNotFoundError) as exc:
+            # Other hub errors (timeouts, 5xx) propagate: a later attempt may get past them.
+            raise UserError(f"{kind} {uri}: not on the hub nor in the local cache ({exc})") from exc
+    path = local_path(uri)
+    if not path.exists():
+        raise UserError(f"{kind} {uri}: {path} does not exist")
+    return path
