@@ -29,3 +29,17 @@ crds: install
 
 check-crds: install
 	$(PY) -m finetune_operator.generate --check
+
+# The local control plane (deploy/local): etcd, kube-apiserver, kube-controller-manager,
+# kube-scheduler, kubectl, kwok and helm built from Go modules and cached under
+# ~/.cache/finetune-operator/k8s (tens of minutes the first time, seconds after).
+.PHONY: k8s-binaries cluster-up cluster-down
+
+k8s-binaries:
+	deploy/local/build-binaries.sh
+
+cluster-up: install k8s-binaries
+	$(PY) deploy/local/cluster.py up
+
+cluster-down:
+	$(PY) deploy/local/cluster.py down

@@ -1,0 +1,376 @@
+"""Start, check and stop the local control plane on loopback.
+
+    python deploy/local/cluster.py up [--state-dir DIR] [--timeout S]
+    python deploy/local/cluster.py down [--state-dir DIR]
+    python deploy/local/cluster.py status [--state-dir DIR]
+
+`up` starts etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok (fake
+GPU nodes) and the process node (real pods as local processes), each as a detached
+process whose PID is written to <state>/pids/. It returns once the cluster is ready, or
+fails with the component and its log path. `down` stops exactly those PIDs.
+Binaries come from build-binaries.sh's cache; ports are picked free on 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))  # run as a script; pki is a sibling module
+import pki  # noqa: E402
+
+REPO = HERE.parents[1]
+DEFAULT_STATE = REPO / ".cluster"
+SERVICE_CIDR = "10.0.0.0/24"
+# Stop order is the reverse: the process node first, so it can end its pods.
+COMPONENTS = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "process-node"]
+# The kwok stages we run (v0.8 has none built in), from the kwok module's kustomize/stage.
+KWOK_STAGES = [
+    "node/fast/node-initialize",
+    "node/heartbeat-with-lease/node-heartbeat-with-lease",
+    "pod/fast/pod-ready",
+    "pod/fast/pod-complete",
+    "pod/fast/pod-delete",
+    # Tests make a kwok pod fail with the label
+    # pod-container-running-failed.stage.kwok.x-k8s.io=true (exit code etc. via annotations).
+    "pod/chaos/pod-container-running-failed",
+]
+
+
+class ClusterError(RuntimeError):
+    """The cluster could not be brought up; the message names the component and its log."""
+
+
+@dataclass
+class Cluster:
+    state: Path
+    bin_dir: Path
+
+    @property
+    def kubeconfig(self) -> Path:
+        return pki.kubeconfig_path(self.state, "admin")
+
+    @property
+    def pki(self) -> Path:
+        return self.state / "pki"
+
+    def log(self, component: str) -> Path:
+        return self.state / "logs" / f"{component}.log"
+
+    def pid_file(self, component: str) -> Path:
+        return self.state / "pids" / f"{component}.pid"
+
+
+def bin_dir() -> Path:
+    """The cached binaries' directory (build-binaries.sh is the only place that knows it)."""
+    out = subprocess.run([str(HERE / "build-binaries.sh"), "--print-bin-dir"], check=True, capture_output=True, text=True)
+    return Path(out.stdout.strip())
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _progress(message: str, started: float) -> None:
+    print(f"[cluster +{time.monotonic() - started:5.1f}s] {message}", flush=True)
+
+
+# ---------------------------------------------------------------- processes
+
+def _read_pid(cluster: Cluster, component: str) -> int | None:
+    """The PID we recorded, if that process is still alive and is still our binary."""
+    try:
+        pid, exe = cluster.pid_file(component).read_text().split("\n", 1)
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+    except (FileNotFoundError, ValueError):
+        return None
+    # Guards against PID reuse: only a process running what we started counts.
+    return int(pid) if cmdline == exe.strip() else None
+
+
+def _start(cluster: Cluster, component: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    log = cluster.log(component).open("ab")
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+        cwd=cluster.state, env=env, start_new_session=True,  # survives `make`'s exit, own group
+    )
+    cluster.pid_file(component).write_text(f"{proc.pid}\n{argv[0]}\n")
+    return proc
+
+
+def _stop(cluster: Cluster, component: str, grace: float = 10.0) -> None:
+    pid = _read_pid(cluster, component)
+    if pid is not None:
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        while _read_pid(cluster, component) == pid and time.monotonic() < deadline:
+            time.sleep(0.1)
+        if _read_pid(cluster, component) == pid:
+            os.kill(pid, signal.SIGKILL)
+    cluster.pid_file(component).unlink(missing_ok=True)
+
+
+def running(cluster: Cluster) -> dict[str, int | None]:
+    return {c: _read_pid(cluster, c) for c in COMPONENTS}
+
+
+# ---------------------------------------------------------------- readiness
+
+def _http_ok(url: str, context: ssl.SSLContext | None) -> bool:
+    try:
+        with urllib.request.urlopen(url, timeout=2, context=context) as response:
+            return response.status == 200
+    except (OSError, ssl.SSLError):
+        return False
+
+
+def _admin_tls(cluster: Cluster) -> ssl.SSLContext:
+    context = ssl.create_default_context(cafile=str(cluster.pki / "ca.crt"))
+    context.load_cert_chain(str(cluster.pki / "admin.crt"), str(cluster.pki / "admin.key"))
+    return context
+
+
+def _self_signed_ok() -> ssl.SSLContext:
+    # kcm and the scheduler serve /healthz with a self-signed cert made at start-up.
+    context = ssl.create_default_context()
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    return context
+
+
+def _wait(cluster: Cluster, what: str, check, procs: dict[str, subprocess.Popen], deadline: float) -> None:
+    """Poll `check` until it holds; fail fast if a started process dies, clearly on timeout."""
+    while not check():
+        for name, proc in procs.items():
+            if proc.poll() is not None:
+                tail = cluster.log(name).read_text(errors="replace").splitlines()[-15:]
+                raise ClusterError(
+                    f"{name} exited with code {proc.returncode} while waiting for {what}; "
+                    f"log: {cluster.log(name)}\n" + "\n".join(tail))
+        if time.monotonic() > deadline:
+            logs = "\n".join(f"  {c}: {cluster.log(c)}" for c in procs)
+            raise ClusterError(f"timed out waiting for {what}; logs:\n{logs}")
+        time.sleep(0.2)
+
+
+def _kubectl(cluster: Cluster, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [str(cluster.bin_dir / "kubectl"), f"--kubeconfig={cluster.kubeconfig}", *args],
+        capture_output=True, text=True)
+
+
+def _nodes_ready(cluster: Cluster, expected: int) -> bool:
+    """Every node Ready and untainted by node-lifecycle, so pods can schedule."""
+    out = _kubectl(cluster, "get", "nodes", "-o", "json")
+    if out.returncode != 0:
+        return False
+    nodes = json.loads(out.stdout)["items"]
+    ready = [
+        n for n in nodes
+        if any(c["type"] == "Ready" and c["status"] == "True" for c in n["status"].get("conditions", []))
+        and not any(t["key"].startswith("node.kubernetes.io/") for t in n["spec"].get("taints", []))
+    ]
+    return len(ready) == expected
+
+
+# ---------------------------------------------------------------- the components
+
+def _kwok_stages(cluster: Cluster) -> Path:
+    stage_dir = cluster.bin_dir.parent / "kwok-stages"
+    path = cluster.state / "kwok-stages.yaml"
+    path.write_text("---\n".join((stage_dir / f"{s}.yaml").read_text() for s in KWOK_STAGES))
+    return path
+
+
+def _scheduler_config(cluster: Cluster) -> Path:
+    path = cluster.state / "scheduler-config.yaml"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "kubescheduler.config.k8s.io/v1",
+        "kind": "KubeSchedulerConfiguration",
+        "clientConnection": {"kubeconfig": str(pki.kubeconfig_path(cluster.state, "scheduler"))},
+        "leaderElection": {"leaderElect": False},
+    }))
+    return path
+
+
+def _argvs(cluster: Cluster, ports: dict[str, int]) -> dict[str, list[str]]:
+    b, p, s = cluster.bin_dir, cluster.pki, cluster.state
+    etcd_url = f"http://127.0.0.1:{ports['etcd']}"
+    peer_url = f"http://127.0.0.1:{ports['etcd-peer']}"
+
+    def delegated(identity: str) -> list[str]:
+        # kcm and the scheduler check their callers' credentials with the apiserver.
+        return [f"--authentication-kubeconfig={pki.kubeconfig_path(s, identity)}",
+                f"--authorization-kubeconfig={pki.kubeconfig_path(s, identity)}"]
+
+    venv_python = Path(os.environ.get("FTO_VENV", REPO / ".venv")) / "bin" / "python"
+    return {
+        "etcd": [
+            str(b / "etcd"), "--name=local", f"--data-dir={s / 'etcd'}",
+            f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
+            f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
+            f"--initial-cluster=local={peer_url}",
+            "--unsafe-no-fsync",  # a throwaway test cluster: speed over durability
+            "--log-level=warn",
+        ],
+        "kube-apiserver": [
+            str(b / "kube-apiserver"), f"--etcd-servers={etcd_url}",
+            # Without a default route the apiserver cannot pick an address by itself.
+            "--advertise-address=127.0.0.1", "--bind-address=127.0.0.1", f"--secure-port={ports['apiserver']}",
+            f"--cert-dir={p}", f"--tls-cert-file={p / 'apiserver.crt'}", f"--tls-private-key-file={p / 'apiserver.key'}",
+            f"--client-ca-file={p / 'ca.crt'}",
+            "--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+            f"--service-account-key-file={p / 'sa.pub'}", f"--service-account-signing-key-file={p / 'sa.key'}",
+            f"--service-cluster-ip-range={SERVICE_CIDR}",
+            "--authorization-mode=Node,RBAC",
+            # On top of the defaults: PodSecurity (restricted-PSS namespaces) and
+            # ExtendedResourceToleration (GPU pods tolerate the GPU nodes' taint).
+            "--enable-admission-plugins=NodeRestriction,PodSecurity,ExtendedResourceToleration",
+            "--allow-privileged=true",
+        ],
+        "kube-controller-manager": [
+            str(b / "kube-controller-manager"), f"--kubeconfig={pki.kubeconfig_path(s, 'controller-manager')}",
+            *delegated("controller-manager"),
+            "--leader-elect=false", "--bind-address=127.0.0.1", f"--secure-port={ports['kcm']}",
+            "--controllers=*",
+            # Each controller acts as its own service account, as in kubeadm clusters.
+            "--use-service-account-credentials=true",
+            f"--root-ca-file={p / 'ca.crt'}", f"--service-account-private-key-file={p / 'sa.key'}",
+            f"--cluster-signing-cert-file={p / 'ca.crt'}", f"--cluster-signing-key-file={p / 'ca.key'}",
+        ],
+        "kube-scheduler": [
+            str(b / "kube-scheduler"), f"--config={_scheduler_config(cluster)}", *delegated("scheduler"),
+            "--bind-address=127.0.0.1", f"--secure-port={ports['scheduler']}",
+        ],
+        "kwok": [
+            str(b / "kwok"), f"--kubeconfig={cluster.kubeconfig}",
+            "--manage-nodes-with-label-selector=finetune.dev/node-kind=kwok",
+            f"--config={_kwok_stages(cluster)}", "--cidr=10.244.0.0/16", "--node-lease-duration-seconds=40",
+            f"--server-address=127.0.0.1:{ports['kwok']}",
+        ],
+        "process-node": [
+            str(venv_python), "-m", "process_node", f"--kubeconfig={cluster.kubeconfig}",
+            f"--state-dir={s / 'node'}", "--node-name=process-node",
+        ],
+    }
+
+
+def _prepare_state(cluster: Cluster) -> None:
+    """A fresh cluster every time, but keep a still-valid PKI so kubeconfig paths stay put."""
+    ca = cluster.pki / "ca.crt"
+    valid = ca.exists() and subprocess.run(
+        ["openssl", "x509", "-checkend", "86400", "-noout", "-in", str(ca)], capture_output=True).returncode == 0
+    for child in cluster.state.glob("*") if cluster.state.exists() else []:
+        if child.name != "pki" or not valid:
+            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    for sub in ("logs", "pids"):
+        (cluster.state / sub).mkdir(parents=True, exist_ok=True)
+    if not valid:
+        pki.make_pki(cluster.pki)
+
+
+def up(state: Path = DEFAULT_STATE, timeout: float = 90.0) -> Cluster:
+    """Start everything and wait until nodes are Ready; reuse a cluster that already runs."""
+    started = time.monotonic()
+    cluster = Cluster(state=state.resolve(), bin_dir=bin_dir())
+    pids = running(cluster) if cluster.state.exists() else {}
+    if pids and all(pids.values()):
+        _progress(f"already running (kubeconfig: {cluster.kubeconfig})", started)
+        return cluster
+    down(cluster.state)  # leftovers of a half-dead cluster
+    missing = [c for c in COMPONENTS[:-1] if not (cluster.bin_dir / c).exists()]
+    if missing:
+        raise ClusterError(f"missing binaries {missing} in {cluster.bin_dir}; run `make k8s-binaries` first")
+    _prepare_state(cluster)
+    ports = {k: _free_port() for k in ("etcd", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok")}
+    server = f"https://127.0.0.1:{ports['apiserver']}"
+    pki.write_kubeconfigs(cluster.state, cluster.pki, server)
+    (cluster.state / "cluster.json").write_text(json.dumps({"server": server, "ports": ports}, indent=2))
+    argvs = _argvs(cluster, ports)
+    deadline = started + timeout
+    procs: dict[str, subprocess.Popen] = {}
+
+    def launch(*names: str) -> None:
+        for name in names:
+            env = {**os.environ, "PYTHONPATH": str(HERE)} if name == "process-node" else None
+            procs[name] = _start(cluster, name, argvs[name], env)
+
+    try:
+        launch("etcd")
+        _wait(cluster, "etcd", lambda: _http_ok(f"http://127.0.0.1:{ports['etcd']}/health", None), procs, deadline)
+        _progress("etcd ready", started)
+        launch("kube-apiserver")
+        tls = _admin_tls(cluster)
+        _wait(cluster, "kube-apiserver /readyz", lambda: _http_ok(f"{server}/readyz", tls), procs, deadline)
+        _progress("kube-apiserver ready", started)
+        launch("kube-controller-manager", "kube-scheduler", "kwok", "process-node")
+        insecure = _self_signed_ok()
+        for name, url in [
+            ("kube-controller-manager", f"https://127.0.0.1:{ports['kcm']}/healthz"),
+            ("kube-scheduler", f"https://127.0.0.1:{ports['scheduler']}/healthz"),
+            ("kwok", f"http://127.0.0.1:{ports['kwok']}/healthz"),
+        ]:
+            _wait(cluster, name, lambda url=url: _http_ok(url, insecure if url.startswith("https") else None),
+                  procs, deadline)
+            _progress(f"{name} ready", started)
+        applied = _kubectl(cluster, "apply", "-f", str(HERE / "manifests"))
+        if applied.returncode != 0:
+            raise ClusterError(f"applying {HERE / 'manifests'} failed:\n{applied.stderr}")
+        _wait(cluster, "3 Ready nodes (process-node, kwok-gpu-0/1)", lambda: _nodes_ready(cluster, 3), procs, deadline)
+        _wait(cluster, "the default service account",
+              lambda: _kubectl(cluster, "get", "serviceaccount", "default").returncode == 0, procs, deadline)
+    except BaseException:
+        down(cluster.state)
+        raise
+    _progress(f"cluster ready; export KUBECONFIG={cluster.kubeconfig}", started)
+    return cluster
+
+
+def down(state: Path = DEFAULT_STATE) -> None:
+    """Stop the processes this state directory's `up` started, newest first, by PID."""
+    cluster = Cluster(state=state.resolve(), bin_dir=Path())
+    if not (cluster.state / "pids").exists():
+        return
+    for component in reversed(COMPONENTS):
+        _stop(cluster, component)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("command", choices=["up", "down", "status"])
+    parser.add_argument("--state-dir", type=Path, default=DEFAULT_STATE)
+    parser.add_argument("--timeout", type=float, default=90.0, help="seconds for `up` to become ready")
+    args = parser.parse_args()
+    if args.command == "up":
+        try:
+            up(args.state_dir, args.timeout)
+        except ClusterError as error:
+            print(f"cluster-up failed: {error}", file=sys.stderr)
+            return 1
+    elif args.command == "down":
+        down(args.state_dir)
+    else:
+        cluster = Cluster(state=args.state_dir.resolve(), bin_dir=Path())
+        for component, pid in running(cluster).items():
+            print(f"{component:24} {'running, pid ' + str(pid) if pid else 'stopped'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,216 @@
+"""The node agent: registers the Node, keeps its Lease fresh, and runs the pods bound to it."""
+
+from __future__ import annotations
+
+import ipaddress
+import itertools
+import logging
+import os
+import sys
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+from urllib.parse import quote
+
+from . import downward, provisioner
+from .kubeapi import MERGE, STRATEGIC, ApiError, KubeAPI
+from .runner import PodRunner
+
+LEASE_SECONDS = 40  # the kubelet's default; kcm marks the node NotReady after that
+RENEW_EVERY = 10
+STATUS_EVERY = 60
+FIRST_POD_IP = ipaddress.ip_address("127.1.0.1")  # 127/8 is all loopback on Linux
+
+log = logging.getLogger("process_node")
+
+
+def _micro_now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class ApiCluster:
+    """The API reads that volumes and env need (volumes.Cluster)."""
+
+    def __init__(self, api: KubeAPI, volumes_root: Path) -> None:
+        self.api, self.volumes_root = api, volumes_root
+
+    def data(self, kind: str, namespace: str, name: str) -> dict[str, bytes] | None:
+        obj = self.api.get(f"/api/v1/namespaces/{namespace}/{kind}s/{name}")
+        return None if obj is None else downward.object_data(kind, obj)
+
+    def token(self, pod: dict, audience: str | None, expiration_seconds: int) -> str:
+        meta = pod["metadata"]
+        account = pod["spec"].get("serviceAccountName", "default")
+        request = {
+            "apiVersion": "authentication.k8s.io/v1", "kind": "TokenRequest",
+            "spec": {"audiences": [audience] if audience else [], "expirationSeconds": expiration_seconds,
+                     "boundObjectRef": {"apiVersion": "v1", "kind": "Pod", "name": meta["name"], "uid": meta["uid"]}},
+        }
+        path = f"/api/v1/namespaces/{meta['namespace']}/serviceaccounts/{account}/token"
+        return self.api.request("POST", path, request)["status"]["token"]
+
+    def claim_path(self, namespace: str, claim: str) -> Path:
+        pvc = self.api.get(f"/api/v1/namespaces/{namespace}/persistentvolumeclaims/{claim}")
+        volume = (pvc or {}).get("spec", {}).get("volumeName")
+        pv = self.api.get(f"/api/v1/persistentvolumes/{volume}") if volume else None
+        if pv is None or "hostPath" not in pv["spec"]:
+            raise downward.ConfigError(f"persistentvolumeclaim {namespace}/{claim} is not bound to a local volume")
+        return Path(pv["spec"]["hostPath"]["path"])
+
+
+class Agent:
+    def __init__(self, api: KubeAPI, name: str, state_dir: Path, capacity: dict[str, str]) -> None:
+        self.api, self.name = api, name
+        self.pods_dir = state_dir / "pods"
+        self.volumes_root = state_dir / "volumes"
+        self.allocatable = capacity
+        self.cluster = ApiCluster(api, self.volumes_root)
+        venv = Path(sys.prefix)
+        self.base_env = {
+            # Images are ignored: every container runs from the agent's virtualenv.
+            "PATH": f"{venv}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
+            "VIRTUAL_ENV": str(venv),
+            "HOME": os.environ.get("HOME", "/root"),
+            "LANG": "C.UTF-8",
+            # What in-cluster clients read; the apiserver's cert covers 127.0.0.1.
+            "KUBERNETES_SERVICE_HOST": api.host,
+            "KUBERNETES_SERVICE_PORT": str(api.port),
+            "KUBERNETES_SERVICE_PORT_HTTPS": str(api.port),
+        }
+        self.runners: dict[str, PodRunner] = {}
+        self._ips = (FIRST_POD_IP + n for n in itertools.count())
+        self._stopping = threading.Event()
+
+    # ------------------------------------------------------------ node and lease
+
+    def _node_status(self) -> dict:
+        now = _micro_now().split(".")[0] + "Z"
+
+        def condition(kind: str, status: str, reason: str, message: str) -> dict:
+            return {"type": kind, "status": status, "reason": reason, "message": message,
+                    "lastHeartbeatTime": now, "lastTransitionTime": self._started}
+
+        return {"status": {
+            "capacity": self.allocatable, "allocatable": self.allocatable,
+            "conditions": [
+                condition("Ready", "True", "KubeletReady", "process node is posting ready status"),
+                condition("MemoryPressure", "False", "KubeletHasSufficientMemory", "not measured"),
+                condition("DiskPressure", "False", "KubeletHasNoDiskPressure", "not measured"),
+                condition("PIDPressure", "False", "KubeletHasSufficientPID", "not measured"),
+            ],
+            "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": self.name}],
+            "nodeInfo": {"operatingSystem": "linux", "architecture": "amd64", "kubeletVersion": "process-node",
+                         "containerRuntimeVersion": "process://local", "kernelVersion": os.uname().release,
+                         "osImage": "host processes", "machineID": "", "systemUUID": "", "bootID": "",
+                         "kubeProxyVersion": ""},
+        }}
+
+    def register(self) -> None:
+        self._started = _micro_now().split(".")[0] + "Z"
+        labels = {"kubernetes.io/hostname": self.name, "kubernetes.io/os": "linux",
+                  "kubernetes.io/arch": "amd64", "finetune.dev/node-kind": "process"}
+        self.api.request("POST", "/api/v1/nodes", {"apiVersion": "v1", "kind": "Node",
+                         "metadata": {"name": self.name, "labels": labels}}, missing_ok=True)
+        node = self.api.request("PATCH", f"/api/v1/nodes/{self.name}/status", self._node_status(), STRATEGIC)
+        lease = {
+            "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
+            "metadata": {"name": self.name, "namespace": "kube-node-lease", "ownerReferences": [
+                {"apiVersion": "v1", "kind": "Node", "name": self.name, "uid": node["metadata"]["uid"]}]},
+            "spec": {"holderIdentity": self.name, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": _micro_now()},
+        }
+        self.api.request("POST", "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases", lease, missing_ok=True)
+        log.info("registered node %s with %s", self.name, self.allocatable)
+
+    def _heartbeat(self) -> None:
+        """Renew the Lease often and re-post the Ready status now and then, as the kubelet does."""
+        last_status = time.monotonic()
+        while not self._stopping.wait(RENEW_EVERY):
+            try:
+                self.api.request("PATCH", f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{self.name}",
+                                 {"spec": {"renewTime": _micro_now()}}, MERGE)
+                if time.monotonic() - last_status > STATUS_EVERY:
+                    self.api.request("PATCH", f"/api/v1/nodes/{self.name}/status", self._node_status(), STRATEGIC)
+                    last_status = time.monotonic()
+            except (OSError, ApiError) as error:
+                log.warning("heartbeat failed: %s", error)
+
+    # ------------------------------------------------------------ pods
+
+    def publish_status(self, pod: dict, status: dict) -> bool:
+        meta = pod["metadata"]
+        body = {"metadata": {"uid": meta["uid"]}, "status": status}  # the uid is a precondition
+        path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status"
+        try:
+            return self.api.request("PATCH", path, body, STRATEGIC, missing_ok=True) is not None
+        except (OSError, ApiError) as error:
+            log.warning("pod %s/%s: status update failed: %s", meta["namespace"], meta["name"], error)
+            return False
+
+    def delete_pod(self, pod: dict) -> None:
+        """The kubelet's final delete, once the containers are gone."""
+        if self._stopping.is_set():
+            return  # the agent is exiting: like a stopped kubelet, leave pod objects alone
+        meta = pod["metadata"]
+        options = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0,
+                   "preconditions": {"uid": meta["uid"]}}
+        self.api.request("DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}", options,
+                         missing_ok=True)
+
+    def _sync(self, pod: dict) -> None:
+        meta = pod["metadata"]
+        runner = self.runners.get(meta["uid"])
+        deleting = "deletionTimestamp" in meta
+        terminal = pod.get("status", {}).get("phase") in ("Succeeded", "Failed")
+        if runner is not None and runner.is_alive():
+            if deleting:
+                runner.stop(meta.get("deletionGracePeriodSeconds", 30))
+        elif deleting:
+            self.delete_pod(pod)  # nothing runs (any more): finish the deletion at once
+        elif runner is None and not terminal:
+            runner = PodRunner(self, pod, str(next(self._ips)), self.pods_dir)
+            self.runners[meta["uid"]] = runner
+            runner.start()
+
+    def _forget(self, pod: dict) -> None:
+        """The pod object is gone (force-deleted, or our final delete): stop at once."""
+        runner = self.runners.pop(pod["metadata"]["uid"], None)
+        if runner is not None and runner.is_alive():
+            runner.stop(0)
+
+    def _watch_pods(self) -> None:
+        pods = f"/api/v1/pods?fieldSelector={quote(f'spec.nodeName={self.name}')}"
+        while not self._stopping.is_set():
+            try:
+                listing = self.api.request("GET", pods)
+                for pod in listing["items"]:
+                    self._sync(pod)
+                listed = {pod["metadata"]["uid"] for pod in listing["items"]}
+                for uid in [uid for uid in self.runners if uid not in listed]:  # deleted while we relisted
+                    self._forget(self.runners[uid].pod)
+                for event in self.api.watch(f"{pods}&resourceVersion={listing['metadata']['resourceVersion']}"):
+                    if event["type"] == "ERROR":
+                        break  # e.g. 410 Gone: list again
+                    if event["type"] == "DELETED":
+                        self._forget(event["object"])
+                    elif event["type"] in ("ADDED", "MODIFIED"):
+                        self._sync(event["object"])
+            except (OSError, ApiError) as error:
+                log.warning("pod watch failed, retrying: %s", error)
+                time.sleep(1)
+
+    def shutdown(self, grace_seconds: float = 5.0) -> None:
+        """Stop every pod's processes (SIGTERM, then SIGKILL) before the agent exits."""
+        self._stopping.set()
+        for runner in self.runners.values():
+            if runner.is_alive():
+                runner.stop(grace_seconds)
+        for runner in self.runners.values():
+            runner.join(grace_seconds + 2)
+
+    def run(self) -> None:
+        self.register()
+        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
+        threading.Thread(target=provisioner.run, args=(self.api, self.volumes_root, self._stopping),
+                         name="local-path provisioner", daemon=True).start()
+        self._watch_pods()

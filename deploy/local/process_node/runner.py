@@ -1,0 +1,310 @@
+"""One pod's life on the process node: its volumes, its containers as local processes,
+restarts per restartPolicy, SIGTERM-then-SIGKILL deletion, and kubelet-like status.
+
+Each pod runs in one thread that ticks every POLL seconds: it starts what is due, reaps
+what exited, and publishes the status when it changed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Protocol
+
+from . import downward, volumes
+
+POLL = 0.2
+# The kubelet backs off 10 s doubling to 5 min; a test harness wants quicker retries.
+BACKOFF_START, BACKOFF_MAX = 1.0, 30.0
+# Like the kubelet: the termination message is capped, and with FallbackToLogsOnError the
+# tail of the log stands in for a missing message.
+MESSAGE_MAX_BYTES, FALLBACK_LOG_LINES = 4096, 80
+LAUNCHER = Path(__file__).with_name("launcher.py")
+
+log = logging.getLogger("process_node")
+
+
+class Node(Protocol):
+    """What a pod needs from its node (implemented in agent.py)."""
+
+    name: str
+    allocatable: dict[str, str]
+    base_env: dict[str, str]
+    cluster: volumes.Cluster
+
+    def publish_status(self, pod: dict, status: dict) -> bool: ...
+    def delete_pod(self, pod: dict) -> None: ...
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _state_triple(state: dict) -> dict:
+    # Explicit nulls: pod status is sent as a strategic merge patch, which would otherwise
+    # keep the previous state's key (a container both waiting and running).
+    return {k: state.get(k) for k in ("waiting", "running", "terminated")}
+
+
+@dataclass
+class Container:
+    spec: dict
+    is_init: bool = False
+    proc: subprocess.Popen | None = None
+    state: dict = field(default_factory=lambda: {"waiting": {"reason": "ContainerCreating"}})
+    last_state: dict = field(default_factory=dict)
+    restart_count: int = 0
+    next_start: float = 0.0  # monotonic time when it may (re)start
+    done: bool = False  # exited for good: no restart will follow
+
+    @property
+    def name(self) -> str:
+        return self.spec["name"]
+
+    @property
+    def exit_code(self) -> int | None:
+        return self.state.get("terminated", {}).get("exitCode")
+
+    @property
+    def never_started(self) -> bool:
+        return self.proc is None and self.restart_count == 0 and not self.done
+
+    def status(self) -> dict:
+        running = "running" in self.state
+        return {
+            "name": self.name, "image": self.spec.get("image", ""), "imageID": "",
+            "containerID": f"process://{self.proc.pid}" if self.proc else None,
+            "ready": running and not self.is_init, "started": running,
+            "restartCount": self.restart_count,
+            "state": _state_triple(self.state), "lastState": _state_triple(self.last_state),
+        }
+
+
+class PodRunner(threading.Thread):
+    def __init__(self, node: Node, pod: dict, pod_ip: str, pods_dir: Path) -> None:
+        meta = pod["metadata"]
+        super().__init__(name=f"pod {meta['namespace']}/{meta['name']}", daemon=True)
+        self.node, self.pod, self.ip = node, pod, pod_ip
+        self.dir = pods_dir / f"{meta['namespace']}_{meta['name']}_{meta['uid']}"
+        self.policy = pod["spec"].get("restartPolicy", "Always")
+        self.init = [Container(c, is_init=True) for c in pod["spec"].get("initContainers", [])]
+        self.containers = [Container(c) for c in pod["spec"]["containers"]]
+        self.start_time = _now()
+        self.conditions: dict[str, dict] = {}
+        self.folders: dict[str, Path] | None = None
+        self._kill_at: float | None = None  # set on deletion: SIGKILL what still runs at this time
+        self._terminated_signalled = False
+        self._lock = threading.Lock()
+        self._published: str = ""
+
+    # ------------------------------------------------------------ called by the agent
+
+    def stop(self, grace_seconds: float) -> None:
+        """The pod is being deleted: SIGTERM now, SIGKILL after the grace period."""
+        with self._lock:
+            kill_at = time.monotonic() + grace_seconds
+            self._kill_at = kill_at if self._kill_at is None else min(self._kill_at, kill_at)
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            while True:
+                with self._lock:
+                    kill_at = self._kill_at
+                if kill_at is not None:
+                    if self._terminate(kill_at):
+                        break
+                else:
+                    self._tick()
+                self._publish()
+                if self._phase() in ("Succeeded", "Failed") and kill_at is None:
+                    return  # finished; the agent deletes it when asked
+                time.sleep(POLL)
+        except Exception as error:  # a bug here must show in the pod, not leave it Pending
+            log.exception("pod %s: runner failed", self.name)
+            for container in self.init + self.containers:
+                if not container.done:
+                    container.state = {"waiting": {"reason": "RunContainerError", "message": f"process node: {error!r}"}}
+            self._publish()
+            return
+        self._publish()
+        self.node.delete_pod(self.pod)
+
+    def _tick(self) -> None:
+        if self.folders is None:
+            try:
+                self.folders = volumes.materialize(self.pod, self.dir, self.node.cluster, self.node.allocatable)
+            except (downward.ConfigError, OSError) as error:
+                for container in self.init + self.containers:
+                    container.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(error)}}
+                return
+        pending_init = next((c for c in self.init if not c.done), None)
+        if pending_init is not None:
+            self._step(pending_init)
+            return
+        if self._init_failed():
+            return
+        for container in self.containers:
+            self._step(container)
+
+    def _step(self, container: Container) -> None:
+        """Start the container when due, or reap it when it exited."""
+        if container.done:
+            return
+        if container.proc is None:
+            if time.monotonic() >= container.next_start:
+                self._start(container)
+            return
+        code = container.proc.poll()
+        if code is not None:
+            self._reap(container, code)
+
+    def _start(self, container: Container) -> None:
+        spec = container.spec
+        try:
+            env = downward.container_env(
+                self._pod_view(), spec, self.node.cluster.data, self.node.allocatable,
+                {**self.node.base_env, "HOSTNAME": self.pod["spec"].get("hostname", self.pod["metadata"]["name"])})
+            if not spec.get("command"):
+                raise downward.ConfigError("the process node ignores images, so a container needs a `command`")
+            argv = [downward.expand(a, env) for a in spec["command"] + spec.get("args", [])]
+        except downward.ConfigError as error:
+            container.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(error)}}
+            container.next_start = time.monotonic() + BACKOFF_START
+            return
+        term_log = self.dir / f"{container.name}.termination-log"
+        term_log.write_text("")
+        mounts = volumes.container_mounts(self.pod, spec, self.folders or {})
+        mounts.append(volumes.Mount(str(term_log), spec.get("terminationMessagePath", "/dev/termination-log"), False))
+        launch = {
+            "mounts": [m.as_dict() for m in mounts], "argv": argv, "env": env,
+            "cwd": spec.get("workingDir") or str(self.dir),  # no image WORKDIR: the pod's own folder
+            "termination_log": spec.get("terminationMessagePath", "/dev/termination-log"),
+        }
+        with (self.dir / f"{container.name}.log").open("ab") as out:
+            container.proc = subprocess.Popen(
+                ["unshare", "--mount", "--propagation", "private", "--", sys.executable, str(LAUNCHER)],
+                stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
+                start_new_session=True,  # own process group: signals reach its children too
+            )
+        try:
+            container.proc.stdin.write(json.dumps(launch).encode())
+            container.proc.stdin.close()
+        except BrokenPipeError:
+            pass  # the launcher died at once; its exit code is reaped like any other
+        container.state = {"running": {"startedAt": _now()}}
+        log.info("pod %s: started %s (pid %d): %s", self.name, container.name, container.proc.pid, argv)
+
+    def _reap(self, container: Container, code: int) -> None:
+        exit_code = code if code >= 0 else 128 - code  # killed by signal N -> 128+N, as a shell says
+        terminated = {
+            "exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
+            "startedAt": container.state.get("running", {}).get("startedAt", self.start_time),
+            "finishedAt": _now(), "containerID": f"process://{container.proc.pid}",
+        }
+        if message := self._termination_message(container, exit_code):
+            terminated["message"] = message
+        log.info("pod %s: %s exited with %d", self.name, container.name, exit_code)
+        restart = exit_code != 0 if (container.is_init or self.policy == "OnFailure") else self.policy == "Always"
+        if self.policy == "Never" or not restart or self._kill_at is not None:
+            container.state, container.done = {"terminated": terminated}, True
+            return
+        container.last_state = {"terminated": terminated}
+        container.restart_count += 1
+        backoff = min(BACKOFF_MAX, BACKOFF_START * 2 ** (container.restart_count - 1))
+        container.state = {"waiting": {"reason": "CrashLoopBackOff", "message": f"back-off {backoff:.0f}s restarting"}}
+        container.next_start = time.monotonic() + backoff
+        container.proc = None
+
+    def _termination_message(self, container: Container, exit_code: int) -> str:
+        path = self.dir / f"{container.name}.termination-log"
+        message = path.read_bytes()[:MESSAGE_MAX_BYTES].decode(errors="replace") if path.exists() else ""
+        fallback = container.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError"
+        if not message and fallback and exit_code != 0:
+            lines = (self.dir / f"{container.name}.log").read_bytes().splitlines()[-FALLBACK_LOG_LINES:]
+            message = b"\n".join(lines)[-MESSAGE_MAX_BYTES:].decode(errors="replace")
+        return message
+
+    def _terminate(self, kill_at: float) -> bool:
+        """Deletion: SIGTERM once, SIGKILL at kill_at; True once every process is gone."""
+        live = [c for c in self.init + self.containers if c.proc is not None and not c.done]
+        for container in live:
+            code = container.proc.poll()
+            if code is not None:
+                self._reap(container, code)
+            elif time.monotonic() >= kill_at:
+                os.killpg(container.proc.pid, signal.SIGKILL)
+            elif not self._terminated_signalled:
+                os.killpg(container.proc.pid, signal.SIGTERM)
+        self._terminated_signalled = True
+        for container in self.init + self.containers:  # never-started ones will not start now
+            container.done = container.done or container.proc is None
+        return all(c.done for c in live)
+
+    # ------------------------------------------------------------ status
+
+    @property
+    def name(self) -> str:
+        return f"{self.pod['metadata']['namespace']}/{self.pod['metadata']['name']}"
+
+    def _init_failed(self) -> bool:
+        return any(c.done and c.exit_code != 0 for c in self.init)
+
+    def _phase(self) -> str:
+        if self._init_failed():
+            return "Failed"
+        if all(c.done for c in self.containers):  # a container that never ran counts as failed
+            return "Succeeded" if all(c.exit_code == 0 for c in self.containers) else "Failed"
+        if not all(c.done for c in self.init) or all(c.never_started for c in self.containers):
+            return "Pending"
+        return "Running"
+
+    def _condition(self, kind: str, true: bool, reason: str = "") -> dict:
+        status = "True" if true else "False"
+        previous = self.conditions.get(kind)
+        if previous is None or previous["status"] != status:
+            previous = {"type": kind, "status": status, "lastTransitionTime": _now(), "lastProbeTime": None}
+        previous["reason"] = reason or None
+        self.conditions[kind] = previous
+        return previous
+
+    def _pod_view(self) -> dict:
+        """The pod as the downward API sees it: with our status fields filled in."""
+        status = {**self.pod.get("status", {}), "podIP": self.ip, "podIPs": [{"ip": self.ip}],
+                  "hostIP": "127.0.0.1", "hostIPs": [{"ip": "127.0.0.1"}]}
+        return {**self.pod, "status": status}
+
+    def _status(self) -> dict:
+        phase = self._phase()
+        initialized = all(c.done for c in self.init) and not self._init_failed()
+        ready = phase == "Running" and all("running" in c.state for c in self.containers)
+        not_ready_reason = "PodCompleted" if phase in ("Succeeded", "Failed") else "ContainersNotReady"
+        return {
+            **self._pod_view()["status"],
+            "phase": phase, "startTime": self.start_time,
+            "conditions": [
+                self._condition("PodReadyToStartContainers", self.folders is not None),
+                self._condition("Initialized", initialized, "" if initialized else "ContainersNotInitialized"),
+                self._condition("ContainersReady", ready, "" if ready else not_ready_reason),
+                self._condition("Ready", ready, "" if ready else not_ready_reason),
+            ],
+            "initContainerStatuses": [c.status() for c in self.init] or None,
+            "containerStatuses": [c.status() for c in self.containers],
+        }
+
+    def _publish(self) -> None:
+        status = self._status()
+        fingerprint = json.dumps(status, sort_keys=True)  # only send what changed
+        if fingerprint != self._published and self.node.publish_status(self.pod, status):
+            self._published = fingerprint

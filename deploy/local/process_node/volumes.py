@@ -1,0 +1,133 @@
+"""Pod volumes as folders on this machine, and the bind mounts that show them to a
+container at its mountPaths. Contents are written once, when the pod starts."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Protocol
+
+from .downward import ConfigError, field_value, resource_value
+
+# The kubelet always mounts these read-only.
+READ_ONLY_KINDS = {"configMap", "secret", "projected", "downwardAPI"}
+
+
+class Cluster(Protocol):
+    """What volumes need from the API (implemented in agent.py)."""
+
+    def data(self, kind: str, namespace: str, name: str) -> dict[str, bytes] | None: ...
+    def token(self, pod: dict, audience: str | None, expiration_seconds: int) -> str: ...
+    def claim_path(self, namespace: str, claim: str) -> Path: ...
+
+
+@dataclass(frozen=True)
+class Mount:
+    source: str
+    target: str
+    read_only: bool
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def _kind(volume: dict) -> str:
+    return next(k for k in volume if k != "name")
+
+
+def _keys(cluster: Cluster, kind: str, namespace: str, name: str, items: list[dict] | None,
+          optional: bool) -> dict[str, bytes]:
+    """The files of a configMap/secret volume: all keys, or the listed items at their paths."""
+    data = cluster.data(kind, namespace, name)
+    if data is None:
+        if optional:
+            return {}
+        raise ConfigError(f"{kind} {namespace}/{name} not found")
+    if not items:
+        return data
+    missing = [i["key"] for i in items if i["key"] not in data]
+    if missing and not optional:
+        raise ConfigError(f"{kind} {namespace}/{name} has no key(s) {missing}")
+    return {i["path"]: data[i["key"]] for i in items if i["key"] in data}
+
+
+def _downward_files(pod: dict, items: list[dict], allocatable: dict[str, str]) -> dict[str, bytes]:
+    files = {}
+    for item in items:
+        if "fieldRef" in item:
+            files[item["path"]] = field_value(pod, item["fieldRef"]["fieldPath"]).encode()
+        else:
+            ref = item["resourceFieldRef"]
+            container = next(c for c in pod["spec"]["containers"] if c["name"] == ref.get("containerName"))
+            files[item["path"]] = resource_value(container, ref, allocatable).encode()
+    return files
+
+
+def _projected_files(pod: dict, sources: list[dict], cluster: Cluster, allocatable: dict[str, str]) -> dict[str, bytes]:
+    namespace = pod["metadata"]["namespace"]
+    files: dict[str, bytes] = {}
+    for source in sources:
+        if "configMap" in source or "secret" in source:
+            kind = "configmap" if "configMap" in source else "secret"
+            ref = source.get("configMap") or source["secret"]
+            files |= _keys(cluster, kind, namespace, ref["name"], ref.get("items"), ref.get("optional", False))
+        elif "downwardAPI" in source:
+            files |= _downward_files(pod, source["downwardAPI"].get("items", []), allocatable)
+        elif "serviceAccountToken" in source:
+            token = source["serviceAccountToken"]
+            files[token["path"]] = cluster.token(
+                pod, token.get("audience"), token.get("expirationSeconds", 3600)).encode()
+        else:
+            raise ConfigError(f"unsupported projected source {sorted(source)}")
+    return files
+
+
+def _write_files(folder: Path, files: dict[str, bytes], mode: int) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    for relative, content in files.items():
+        path = folder / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(content)
+        path.chmod(mode)
+
+
+def materialize(pod: dict, pod_dir: Path, cluster: Cluster, allocatable: dict[str, str]) -> dict[str, Path]:
+    """Create every volume of the pod; returns each one's folder by volume name."""
+    namespace = pod["metadata"]["namespace"]
+    folders = {}
+    for volume in pod["spec"].get("volumes", []):
+        kind, source = _kind(volume), volume[_kind(volume)]
+        folder = pod_dir / "volumes" / volume["name"]
+        mode = source.get("defaultMode", 0o644) if isinstance(source, dict) else 0o644
+        if kind == "emptyDir":
+            folder.mkdir(parents=True, exist_ok=True)
+        elif kind == "persistentVolumeClaim":
+            folder = cluster.claim_path(namespace, source["claimName"])
+        elif kind == "hostPath":
+            folder = Path(source["path"])
+            if source.get("type") == "DirectoryOrCreate":
+                folder.mkdir(parents=True, exist_ok=True)
+        elif kind in ("configMap", "secret"):
+            name = source["name"] if kind == "configMap" else source["secretName"]
+            files = _keys(cluster, kind.lower(), namespace, name, source.get("items"), source.get("optional", False))
+            _write_files(folder, files, mode)
+        elif kind == "downwardAPI":
+            _write_files(folder, _downward_files(pod, source.get("items", []), allocatable), mode)
+        elif kind == "projected":
+            _write_files(folder, _projected_files(pod, source.get("sources", []), cluster, allocatable), mode)
+        else:
+            raise ConfigError(f"volume {volume['name']}: {kind} volumes are not supported by the process node")
+        folders[volume["name"]] = folder
+    return folders
+
+
+def container_mounts(pod: dict, container: dict, folders: dict[str, Path]) -> list[Mount]:
+    kinds = {v["name"]: _kind(v) for v in pod["spec"].get("volumes", [])}
+    mounts = []
+    for vm in container.get("volumeMounts", []):
+        source = folders[vm["name"]] / vm.get("subPath", "")
+        if not source.exists():  # like the kubelet, a missing subPath becomes a folder
+            source.mkdir(parents=True)
+        read_only = vm.get("readOnly", False) or kinds[vm["name"]] in READ_ONLY_KINDS
+        mounts.append(Mount(str(source), vm["mountPath"], read_only))
+    return mounts

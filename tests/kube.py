@@ -1,0 +1,103 @@
+"""Helpers for tests against a real cluster: kubectl/helm runners and waits that show the
+cluster's state when they time out."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TypeVar
+
+import yaml
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class Kube:
+    kubeconfig: Path
+    bin_dir: Path | None  # the cached kubectl/helm; None: use those on PATH
+    node_dir: Path | None  # the process node's folders, when this session started the cluster
+
+    def _tool(self, name: str) -> str:
+        return str(self.bin_dir / name) if self.bin_dir else name
+
+    def kubectl(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run([self._tool("kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
+                                input=stdin, capture_output=True, text=True, timeout=120)
+        if check and result.returncode != 0:
+            raise AssertionError(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
+        return result
+
+    def helm(self, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+        result = subprocess.run([self._tool("helm"), f"--kubeconfig={self.kubeconfig}", *args],
+                                capture_output=True, text=True, timeout=300)
+        if check and result.returncode != 0:
+            raise AssertionError(f"helm {' '.join(args)} failed:\n{result.stdout}\n{result.stderr}")
+        return result
+
+    def apply(self, manifest: dict | list[dict], namespace: str, *flags: str,
+              check: bool = True) -> subprocess.CompletedProcess:
+        docs = manifest if isinstance(manifest, list) else [manifest]
+        return self.kubectl("apply", "-n", namespace, *flags, "-f", "-", stdin=yaml.safe_dump_all(docs), check=check)
+
+    def get(self, kind: str, name: str, namespace: str | None = None) -> dict | None:
+        """The object as JSON, or None when it does not exist."""
+        ns = ["-n", namespace] if namespace else []
+        result = self.kubectl("get", kind, name, *ns, "-o", "json", "--ignore-not-found", check=False)
+        if result.returncode != 0:
+            raise AssertionError(f"kubectl get {kind} {name} failed:\n{result.stderr}")
+        return json.loads(result.stdout) if result.stdout.strip() else None
+
+    def pod_logs(self, pod: dict) -> str:
+        """A process-node pod's container logs, read from its folder (there is no kubelet API)."""
+        if self.node_dir is None:
+            return ""
+        meta = pod["metadata"]
+        folder = self.node_dir / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid']}"
+        return "".join(f"--- {log}\n{log.read_text(errors='replace')[-2000:]}" for log in sorted(folder.glob("*.log")))
+
+    def describe(self, namespace: str) -> str:
+        """What a person would look at first when a wait fails in this namespace."""
+        parts = [self.kubectl("get", "all,pvc,events", "-n", namespace, "-o", "wide", check=False).stdout,
+                 self.kubectl("get", "nodes", "-o", "wide", check=False).stdout]
+        pods = json.loads(self.kubectl("get", "pods", "-n", namespace, "-o", "json", check=False).stdout or '{"items": []}')
+        for pod in pods["items"]:
+            parts.append(f"=== pod {pod['metadata']['name']} status:\n{yaml.safe_dump(pod.get('status', {}))}")
+            parts.append(self.pod_logs(pod))
+        return "\n".join(parts)
+
+    def wait_for(self, description: str, probe: Callable[[], T | None], namespace: str,
+                 timeout: float = 60.0) -> T:
+        return wait_for(description, probe, lambda: self.describe(namespace), timeout)
+
+    def wait_pod(self, namespace: str, name: str, condition: Callable[[dict], bool], description: str,
+                 timeout: float = 60.0) -> dict:
+        def probe() -> dict | None:
+            pod = self.get("pod", name, namespace)
+            return pod if pod is not None and condition(pod) else None
+        return self.wait_for(f"pod {namespace}/{name}: {description}", probe, namespace, timeout)
+
+
+def wait_for(description: str, probe: Callable[[], T | None], show_state: Callable[[], str],
+             timeout: float = 60.0, interval: float = 0.25) -> T:
+    """Poll `probe` until it returns something truthy; on timeout fail with the state shown."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = probe()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout:.0f}s waiting for {description}\n{show_state()}")
+        time.sleep(interval)
+
+
+def phase(pod: dict) -> str:
+    return pod.get("status", {}).get("phase", "")
+
+
+def condition(obj: dict, kind: str) -> dict:
+    return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == kind), {})

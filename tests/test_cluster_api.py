@@ -1,0 +1,64 @@
+"""The real apiserver takes our CRD, documents it, accepts every example and refuses every
+case of the bad-input corpus at apply time, naming the field at fault."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import yaml
+
+from bad_corpus import BadCase, load_bad_corpus
+from kube import Kube, condition
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[1]
+CRD = REPO / "deploy" / "crds" / "finetune.dev_finetunejobs.yaml"
+EXAMPLES = sorted((REPO / "deploy" / "examples").glob("*.yaml"))
+
+
+@pytest.fixture(scope="module")
+def crd(kube: Kube) -> Iterator[dict]:
+    """The CRD installed (server-side: it is too big for apply's last-applied annotation)."""
+    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
+    name = yaml.safe_load(CRD.read_text())["metadata"]["name"]
+
+    def established() -> dict | None:
+        found = kube.get("crd", name)
+        return found if found and condition(found, "Established").get("status") == "True" else None
+
+    yield kube.wait_for(f"CRD {name} established", established, "default")
+
+
+def test_kubectl_explain_shows_the_descriptions(kube: Kube, crd: dict) -> None:
+    schema = crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"]["spec"]
+
+    def explain() -> str | None:
+        # The OpenAPI document is published a moment after the CRD is established.
+        result = kube.kubectl("explain", "ftj.spec", check=False)
+        return result.stdout if result.returncode == 0 else None
+
+    text = " ".join(kube.wait_for("kubectl explain ftj.spec", explain, "default").split())
+    assert "FineTuneJob" in text
+    assert " ".join(schema["description"].split()) in text
+    for field, prop in schema["properties"].items():
+        assert field in text
+        first_words = " ".join(prop.get("description", "").split()[:6])
+        assert first_words in text, f"description of spec.{field} missing from kubectl explain"
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[p.stem for p in EXAMPLES])
+def test_example_passes_server_side_dry_run(kube: Kube, crd: dict, module_namespace: str, example: Path) -> None:
+    result = kube.kubectl("apply", "--dry-run=server", "-n", module_namespace, "-f", str(example), check=False)
+    assert result.returncode == 0, result.stderr
+
+
+@pytest.mark.parametrize("case", load_bad_corpus(), ids=lambda c: c.name)
+def test_bad_input_is_refused_naming_its_field(kube: Kube, crd: dict, module_namespace: str, case: BadCase) -> None:
+    # A real apply (not a dry run): refused cases create nothing, so they share a namespace.
+    result = kube.apply(case.manifest, module_namespace, check=False)
+    assert result.returncode != 0, f"accepted, but {case.why}"
+    assert any(case.names_field(line) for line in result.stderr.splitlines()), (
+        f"the error does not name {case.field}:\n{result.stderr}")
