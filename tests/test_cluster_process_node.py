@@ -142,6 +142,17 @@ def test_pod_sees_env_volumes_and_its_own_ip(kube: Kube, namespace: str) -> None
     assert not Path("/mnt/fto/config/greeting").exists()
 
 
+def test_claim_can_use_an_existing_host_folder(kube: Kube, namespace: str, tmp_path: Path) -> None:
+    (tmp_path / "model.txt").write_text("weights")
+    claim = _claim("models")
+    claim["metadata"]["annotations"] = {"local.finetune.dev/host-path": str(tmp_path)}
+    script = "open('/dev/termination-log', 'w').write(open('/mnt/pvc/models/model.txt').read())"
+    pod = _pod("reader", script, volumes=[{"name": "models", "persistentVolumeClaim": {"claimName": "models"}}],
+               container={"volumeMounts": [{"name": "models", "mountPath": "/mnt/pvc/models", "readOnly": True}]})
+    kube.apply([claim, pod], namespace)
+    assert _terminated(kube.wait_pod(namespace, "reader", _done, "finished"))["message"] == "weights"
+
+
 def test_pod_ips_are_unique(kube: Kube, namespace: str) -> None:
     for name in ("ip-a", "ip-b"):
         kube.apply(_pod(name, "import time; time.sleep(60)", terminationGracePeriodSeconds=1), namespace)
@@ -204,13 +215,37 @@ def test_deletion_sends_sigterm_then_sigkill_after_the_grace_period(kube: Kube, 
     assert (folder / "stubborn").read_text() == "sigterm ignored" and 3 <= stubborn_s < 15
 
 
+# Index 1 finds index 0 by its DNS-style name (hostname.subdomain), as torchrun's rendezvous would.
+RENDEZVOUS_SCRIPT = r"""
+import os, socket, time
+i = int(os.environ["JOB_COMPLETION_INDEX"])
+message = f"index {i} of {os.environ['POD_NAME']} on {socket.gethostname()}"
+if i == 0:
+    with socket.create_server((os.environ["POD_IP"], 29500)) as server:
+        server.settimeout(60)
+        connection, _ = server.accept()
+        message += " heard " + connection.recv(100).decode()
+else:
+    deadline = time.time() + 60
+    while True:
+        try:
+            connection = socket.create_connection(("indexed-0.workers", 29500), timeout=2)
+            break
+        except OSError:
+            if time.time() > deadline:
+                raise
+            time.sleep(0.2)
+    connection.sendall(socket.gethostname().encode())
+    message += " reached indexed-0.workers"
+open("/dev/termination-log", "w").write(message)
+"""
+
+
 def test_indexed_job_completes_on_the_process_node(kube: Kube, restricted_namespace: str) -> None:
     namespace = restricted_namespace  # the pods must also pass the restricted Pod Security Standard
-    script = ("import os; i = os.environ['JOB_COMPLETION_INDEX']; "
-              "open('/dev/termination-log', 'w').write(f'index {i} of ' + os.environ['POD_NAME'])")
-    template = _pod("unused", script, container={
+    template = _pod("unused", RENDEZVOUS_SCRIPT, subdomain="workers", container={
         "securityContext": RESTRICTED,
-        "env": [{"name": "POD_NAME", **_field("metadata.name")}]})
+        "env": [{"name": "POD_NAME", **_field("metadata.name")}, {"name": "POD_IP", **_field("status.podIP")}]})
     job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "indexed"},
            "spec": {"completionMode": "Indexed", "completions": 2, "parallelism": 2, "backoffLimit": 0,
                     "template": {"spec": template["spec"]}}}
@@ -225,8 +260,9 @@ def test_indexed_job_completes_on_the_process_node(kube: Kube, restricted_namesp
         assert pod["spec"]["nodeName"] == "process-node" and phase(pod) == "Succeeded"
         assert terminated["exitCode"] == 0
         messages.add(terminated["message"])
-    assert len(messages) == 2
-    assert all(any(m.startswith(f"index {i} of indexed-{i}-") for m in messages) for i in range(2))
+    zero, one = sorted(messages)
+    assert zero.startswith("index 0 of indexed-0-") and zero.endswith(" on indexed-0 heard indexed-1")
+    assert one.startswith("index 1 of indexed-1-") and one.endswith(" on indexed-1 reached indexed-0.workers")
 
 
 def test_deleting_an_owner_garbage_collects_its_children(kube: Kube, namespace: str) -> None:

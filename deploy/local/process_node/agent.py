@@ -14,6 +14,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from . import downward, provisioner
+from .hosts import HostsFiles
 from .kubeapi import MERGE, STRATEGIC, ApiError, KubeAPI
 from .runner import PodRunner
 
@@ -66,6 +67,7 @@ class Agent:
         self.volumes_root = state_dir / "volumes"
         self.allocatable = capacity
         self.cluster = ApiCluster(api, self.volumes_root)
+        self.hosts = HostsFiles(state_dir / "hosts")
         venv = Path(sys.prefix)
         self.base_env = {
             # Images are ignored: every container runs from the agent's virtualenv.

@@ -1,14 +1,16 @@
-"""Runs inside a fresh private mount namespace (started under `unshare --mount`): bind-mounts
-the pod's volumes at their mountPaths, then becomes the container's command.
+"""Runs inside fresh private mount and UTS namespaces (started under `unshare --mount --uts`):
+bind-mounts the pod's volumes at their mountPaths, takes the pod's hostname, then becomes
+the container's command.
 
 Reads its spec as JSON on stdin (so env values such as secrets never touch the disk):
-{"mounts": [{"source", "target", "read_only"}], "cwd", "argv", "env", "termination_log"}.
+{"mounts": [{"source", "target", "read_only"}], "cwd", "argv", "env", "hostname", "termination_log"}.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -33,6 +35,7 @@ def main() -> None:
     os.dup2(devnull, 0)
     for mount in spec["mounts"]:
         _bind(mount["source"], mount["target"], mount["read_only"])
+    socket.sethostname(spec["hostname"])
     os.chdir(spec["cwd"])
     try:
         os.execvpe(spec["argv"][0], spec["argv"], spec["env"])

@@ -1,7 +1,9 @@
 """A local-path volume provisioner: each PersistentVolumeClaim of the `local-path`
 StorageClass gets a hostPath PersistentVolume at <volumes root>/<namespace>/<claim>, a
-predictable folder a person can fill (say, with a model) before a pod mounts it.
-Released volumes are deleted with their folder (reclaimPolicy Delete)."""
+predictable folder a person can fill before a pod mounts it. A claim annotated
+`local.finetune.dev/host-path: /abs/folder` gets that existing folder instead (say, the
+models that `make assets` put in .data/pvc/models), so nothing big is copied.
+Released volumes are deleted, with their folder only if we created it."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ from pathlib import Path
 from .kubeapi import ApiError, KubeAPI
 
 PROVISIONER = "finetune.dev/local-path"
+HOST_PATH_ANNOTATION = "local.finetune.dev/host-path"
 POLL_SECONDS = 1.0
 
 log = logging.getLogger("process_node")
@@ -20,7 +23,8 @@ log = logging.getLogger("process_node")
 
 def _provision(api: KubeAPI, pvc: dict, root: Path) -> None:
     meta, spec = pvc["metadata"], pvc["spec"]
-    folder = root / meta["namespace"] / meta["name"]
+    chosen = meta.get("annotations", {}).get(HOST_PATH_ANNOTATION)
+    folder = Path(chosen) if chosen else root / meta["namespace"] / meta["name"]
     folder.mkdir(parents=True, exist_ok=True)
     pv = {
         "apiVersion": "v1", "kind": "PersistentVolume",

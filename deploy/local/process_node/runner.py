@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Protocol
 
 from . import downward, volumes
+from .hosts import HostsFiles
 
 POLL = 0.2
 # The kubelet backs off 10 s doubling to 5 min; a test harness wants quicker retries.
@@ -40,6 +41,7 @@ class Node(Protocol):
     allocatable: dict[str, str]
     base_env: dict[str, str]
     cluster: volumes.Cluster
+    hosts: HostsFiles
 
     def publish_status(self, pod: dict, status: dict) -> bool: ...
     def delete_pod(self, pod: dict) -> None: ...
@@ -101,6 +103,8 @@ class PodRunner(threading.Thread):
         self.start_time = _now()
         self.conditions: dict[str, dict] = {}
         self.folders: dict[str, Path] | None = None
+        self.hostname = pod["spec"].get("hostname") or meta["name"]
+        self.hosts_file: Path | None = None
         self._kill_at: float | None = None  # set on deletion: SIGKILL what still runs at this time
         self._terminated_signalled = False
         self._lock = threading.Lock()
@@ -118,6 +122,12 @@ class PodRunner(threading.Thread):
 
     def run(self) -> None:
         self.dir.mkdir(parents=True, exist_ok=True)
+        try:
+            self._loop()
+        finally:
+            self.node.hosts.remove(self.pod)
+
+    def _loop(self) -> None:
         try:
             while True:
                 with self._lock:
@@ -145,6 +155,7 @@ class PodRunner(threading.Thread):
         if self.folders is None:
             try:
                 self.folders = volumes.materialize(self.pod, self.dir, self.node.cluster, self.node.allocatable)
+                self.hosts_file = self.node.hosts.add(self.pod, self.ip)
             except (downward.ConfigError, OSError) as error:
                 for container in self.init + self.containers:
                     container.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(error)}}
@@ -175,7 +186,7 @@ class PodRunner(threading.Thread):
         try:
             env = downward.container_env(
                 self._pod_view(), spec, self.node.cluster.data, self.node.allocatable,
-                {**self.node.base_env, "HOSTNAME": self.pod["spec"].get("hostname", self.pod["metadata"]["name"])})
+                {**self.node.base_env, "HOSTNAME": self.hostname})
             if not spec.get("command"):
                 raise downward.ConfigError("the process node ignores images, so a container needs a `command`")
             argv = [downward.expand(a, env) for a in spec["command"] + spec.get("args", [])]
@@ -187,14 +198,15 @@ class PodRunner(threading.Thread):
         term_log.write_text("")
         mounts = volumes.container_mounts(self.pod, spec, self.folders or {})
         mounts.append(volumes.Mount(str(term_log), spec.get("terminationMessagePath", "/dev/termination-log"), False))
+        mounts.append(volumes.Mount(str(self.hosts_file), "/etc/hosts", True))
         launch = {
-            "mounts": [m.as_dict() for m in mounts], "argv": argv, "env": env,
+            "mounts": [m.as_dict() for m in mounts], "argv": argv, "env": env, "hostname": self.hostname,
             "cwd": spec.get("workingDir") or str(self.dir),  # no image WORKDIR: the pod's own folder
             "termination_log": spec.get("terminationMessagePath", "/dev/termination-log"),
         }
         with (self.dir / f"{container.name}.log").open("ab") as out:
             container.proc = subprocess.Popen(
-                ["unshare", "--mount", "--propagation", "private", "--", sys.executable, str(LAUNCHER)],
+                ["unshare", "--mount", "--uts", "--propagation", "private", "--", sys.executable, str(LAUNCHER)],
                 stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
                 start_new_session=True,  # own process group: signals reach its children too
             )
