@@ -20,6 +20,12 @@ $(VENV)/.installed: pyproject.toml
 assets: $(VENV)/.installed
 	$(PY) -m finetune_trainer.assets
 
+# The main job on this machine: MiniLM + LoRA on the sentiment corpus, on the CPU.
+# (With the operator it will run through the local control plane instead.)
+.PHONY: demo
+demo: install
+	$(VENV)/bin/finetune-trainer run deploy/examples/minilm-sentiment.yaml --output out/minilm-sentiment
+
 test: install
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
