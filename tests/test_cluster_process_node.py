@@ -176,6 +176,15 @@ def test_exit_codes_and_termination_messages(kube: Kube, namespace: str) -> None
     assert (logs["exitCode"], logs["reason"]) == (4, "Error") and "last words" in logs["message"]
 
 
+def test_kubectl_logs_reaches_the_process_node(kube: Kube, namespace: str) -> None:
+    script = "import time\nfor i in range(3):\n    print('line', i, flush=True)\n    time.sleep(0.5)"
+    kube.apply(_pod("talker", script), namespace)
+    kube.wait_pod(namespace, "talker", lambda p: phase(p) != "Pending", "started")
+    followed = kube.kubectl("logs", "-f", "talker", "-n", namespace).stdout  # ends when the container does
+    assert followed.splitlines() == ["line 0", "line 1", "line 2"]
+    assert kube.kubectl("logs", "--tail=1", "talker", "-n", namespace).stdout == "line 2\n"
+
+
 def test_restart_policy_on_failure_restarts_until_success(kube: Kube, namespace: str) -> None:
     # Fails once, then succeeds: the emptyDir survives the restart, as in a real kubelet.
     script = ("import os, sys; p = '/scratch/attempts'; n = int(open(p).read()) if os.path.exists(p) else 0; "

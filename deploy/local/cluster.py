@@ -243,6 +243,10 @@ def _argvs(cluster: Cluster, ports: dict[str, int]) -> dict[str, list[str]]:
             # ExtendedResourceToleration (GPU pods tolerate the GPU nodes' taint).
             "--enable-admission-plugins=NodeRestriction,PodSecurity,ExtendedResourceToleration",
             "--allow-privileged=true",
+            # `kubectl logs` goes through the apiserver to the process node's kubelet API.
+            "--kubelet-preferred-address-types=InternalIP", f"--kubelet-certificate-authority={p / 'ca.crt'}",
+            f"--kubelet-client-certificate={p / 'apiserver-kubelet-client.crt'}",
+            f"--kubelet-client-key={p / 'apiserver-kubelet-client.key'}",
         ],
         "kube-controller-manager": [
             str(b / "kube-controller-manager"), f"--kubeconfig={pki.kubeconfig_path(s, 'controller-manager')}",
@@ -267,15 +271,15 @@ def _argvs(cluster: Cluster, ports: dict[str, int]) -> dict[str, list[str]]:
         "process-node": [
             str(venv_python), "-m", "process_node", f"--kubeconfig={cluster.kubeconfig}",
             f"--state-dir={s / 'node'}", "--node-name=process-node",
+            f"--tls-cert-file={p / 'kubelet.crt'}", f"--tls-private-key-file={p / 'kubelet.key'}",
+            f"--client-ca-file={p / 'ca.crt'}",
         ],
     }
 
 
 def _prepare_state(cluster: Cluster) -> None:
     """A fresh cluster every time, but keep a still-valid PKI so kubeconfig paths stay put."""
-    ca = cluster.pki / "ca.crt"
-    valid = ca.exists() and subprocess.run(
-        ["openssl", "x509", "-checkend", "86400", "-noout", "-in", str(ca)], capture_output=True).returncode == 0
+    valid = pki.still_valid(cluster.pki)
     for child in cluster.state.glob("*") if cluster.state.exists() else []:
         if child.name != "pki" or not valid:
             shutil.rmtree(child) if child.is_dir() else child.unlink()

@@ -31,6 +31,10 @@ IDENTITIES = {
     "scheduler": ("system:kube-scheduler", ""),
 }
 
+# The process node's kubelet API (logs) and the apiserver's client cert for calling it.
+KUBELET_SANS = ["DNS:localhost", "IP:127.0.0.1"]
+KUBELET_CLIENT = ("kube-apiserver-kubelet-client", "system:masters")
+
 _DAYS = "30"
 _EC_KEY = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:P-256", "-nodes"]
 
@@ -65,11 +69,21 @@ def make_pki(pki: Path) -> None:
         pki, "apiserver", "/CN=kube-apiserver",
         f"subjectAltName={','.join(SERVING_SANS)}\nextendedKeyUsage=serverAuth\n",
     )
-    for name, (cn, org) in IDENTITIES.items():
+    _signed_cert(pki, "kubelet", "/CN=process-node", f"subjectAltName={','.join(KUBELET_SANS)}\nextendedKeyUsage=serverAuth\n")
+    for name, (cn, org) in {**IDENTITIES, "apiserver-kubelet-client": KUBELET_CLIENT}.items():
         subject = f"/O={org}/CN={cn}" if org else f"/CN={cn}"
         _signed_cert(pki, name, subject, "extendedKeyUsage=clientAuth\n")
     _openssl("genrsa", "-out", "sa.key", "2048", cwd=pki)
     _openssl("rsa", "-in", "sa.key", "-pubout", "-out", "sa.pub", cwd=pki)
+
+
+def still_valid(pki: Path) -> bool:
+    """Whether make_pki's files all exist and the CA has a day left (then we keep them)."""
+    names = ["ca", "apiserver", "kubelet", "apiserver-kubelet-client", *IDENTITIES]
+    if not all((pki / f"{n}.crt").exists() for n in names) or not (pki / "sa.key").exists():
+        return False
+    check = ["openssl", "x509", "-checkend", "86400", "-noout", "-in", str(pki / "ca.crt")]
+    return subprocess.run(check, capture_output=True).returncode == 0
 
 
 def _b64(path: Path) -> str:

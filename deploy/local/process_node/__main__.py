@@ -17,6 +17,10 @@ def main() -> None:
     parser.add_argument("--kubeconfig", type=Path, required=True)
     parser.add_argument("--state-dir", type=Path, required=True, help="pod folders, logs and volumes go here")
     parser.add_argument("--node-name", default="process-node")
+    # The kubelet API (for `kubectl logs`): its serving cert, and the CA its clients' certs need.
+    parser.add_argument("--tls-cert-file", type=Path, required=True)
+    parser.add_argument("--tls-private-key-file", type=Path, required=True)
+    parser.add_argument("--client-ca-file", type=Path, required=True)
     # Advertised, not enforced: realistic manifests (cpu: 8, memory: 32Gi) must schedule here.
     parser.add_argument("--cpu", default="16")
     parser.add_argument("--memory", default="64Gi")
@@ -24,7 +28,8 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(threadName)s: %(message)s")
     capacity = {"cpu": args.cpu, "memory": args.memory, "pods": args.pods, "ephemeral-storage": "100Gi"}
-    agent = Agent(KubeAPI(args.kubeconfig), args.node_name, args.state_dir.resolve(), capacity)
+    tls = (args.tls_cert_file, args.tls_private_key_file, args.client_ca_file)
+    agent = Agent(KubeAPI(args.kubeconfig), args.node_name, args.state_dir.resolve(), capacity, tls)
 
     def on_sigterm(signum: int, frame: object) -> None:
         agent.shutdown()

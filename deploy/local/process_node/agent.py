@@ -9,11 +9,12 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote
 
-from . import downward, provisioner
+from . import downward, kubelet_api, provisioner
 from .hosts import HostsFiles
 from .kubeapi import MERGE, STRATEGIC, ApiError, KubeAPI
 from .runner import PodRunner
@@ -61,8 +62,9 @@ class ApiCluster:
 
 
 class Agent:
-    def __init__(self, api: KubeAPI, name: str, state_dir: Path, capacity: dict[str, str]) -> None:
-        self.api, self.name = api, name
+    def __init__(self, api: KubeAPI, name: str, state_dir: Path, capacity: dict[str, str],
+                 tls: tuple[Path, Path, Path]) -> None:
+        self.api, self.name, self.tls = api, name, tls  # tls: serving cert, its key, the client CA
         self.pods_dir = state_dir / "pods"
         self.volumes_root = state_dir / "volumes"
         self.allocatable = capacity
@@ -83,6 +85,7 @@ class Agent:
         self.runners: dict[str, PodRunner] = {}
         self._ips = (FIRST_POD_IP + n for n in itertools.count())
         self._stopping = threading.Event()
+        self._kubelet_port = 0
 
     # ------------------------------------------------------------ node and lease
 
@@ -102,6 +105,7 @@ class Agent:
                 condition("PIDPressure", "False", "KubeletHasSufficientPID", "not measured"),
             ],
             "addresses": [{"type": "InternalIP", "address": "127.0.0.1"}, {"type": "Hostname", "address": self.name}],
+            "daemonEndpoints": {"kubeletEndpoint": {"Port": self._kubelet_port}},
             "nodeInfo": {"operatingSystem": "linux", "architecture": "amd64", "kubeletVersion": "process-node",
                          "containerRuntimeVersion": "process://local", "kernelVersion": os.uname().release,
                          "osImage": "host processes", "machineID": "", "systemUUID": "", "bootID": "",
@@ -174,6 +178,11 @@ class Agent:
             self.runners[meta["uid"]] = runner
             runner.start()
 
+    def _find_log(self, namespace: str, pod: str, container: str) -> tuple[Path, Callable[[], bool]] | None:
+        runners = [r for r in self.runners.values()
+                   if (r.pod["metadata"]["namespace"], r.pod["metadata"]["name"]) == (namespace, pod)]
+        return runners[-1].log_of(container) if runners else None  # the newest pod of that name
+
     def _forget(self, pod: dict) -> None:
         """The pod object is gone (force-deleted, or our final delete): stop at once."""
         runner = self.runners.pop(pod["metadata"]["uid"], None)
@@ -211,6 +220,7 @@ class Agent:
             runner.join(grace_seconds + 2)
 
     def run(self) -> None:
+        self._kubelet_port = kubelet_api.serve(self._find_log, *self.tls)
         self.register()
         threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
         threading.Thread(target=provisioner.run, args=(self.api, self.volumes_root, self._stopping),

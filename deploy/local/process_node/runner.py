@@ -15,6 +15,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -117,6 +118,14 @@ class PodRunner(threading.Thread):
         with self._lock:
             kill_at = time.monotonic() + grace_seconds
             self._kill_at = kill_at if self._kill_at is None else min(self._kill_at, kill_at)
+
+    def log_of(self, container_name: str) -> tuple[Path, Callable[[], bool]] | None:
+        """The container's log file, and whether more may still be written to it."""
+        container = next((c for c in self.init + self.containers if c.name == container_name), None)
+        path = self.dir / f"{container_name}.log"
+        if container is None or not path.exists():
+            return None
+        return path, lambda: self.is_alive() and not container.done
 
     # ------------------------------------------------------------ the loop
 
