@@ -42,7 +42,7 @@ class LabelledData:
 
 
 def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
-    path = fetch(spec.uri, kind="dataset", repo_type="dataset")
+    path = fetch(spec.uri, kind="dataset", repo_type="dataset", error=DataError)
     fmt = detect_format(path, spec.format)
     table = read_table(path, fmt)
     input_field = IMAGE_COLUMN if fmt == DatasetFormat.IMAGE_FOLDER else spec.text_field

@@ -44,7 +44,7 @@ def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 
     uri = spec.tokenizer_uri or spec.uri
-    path = fetch(uri, kind="tokenizer", revision=spec.revision)
+    path = fetch(uri, kind="tokenizer", revision=spec.revision, error=ModelError)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
@@ -68,7 +68,7 @@ def load_model(spec: ModelSpec, tokenizer, seed: int) -> nn.Module:
             config = AutoConfig.for_model(spec.architecture, **(overrides | spec.config))
             log.info("building %s from its config (%s)", spec.architecture, spec.config or "defaults")
             return auto.from_config(config)
-        path = fetch(spec.uri, kind="model", revision=spec.revision)
+        path = fetch(spec.uri, kind="model", revision=spec.revision, error=ModelError)
         config = AutoConfig.from_pretrained(path, **spec.config)
         return auto.from_pretrained(path, config=config)
     except (OSError, ValueError, KeyError) as exc:
@@ -85,7 +85,7 @@ def load_vision_model(spec: ModelSpec) -> ImageClassifier:
         known = ", ".join(torchvision.models.list_models(torchvision.models)[:12])
         raise ModelError(f"model.architecture {architecture!r}: not a torchvision classifier ({exc}); e.g. {known}") from exc
     if spec.uri is not None:
-        weights = weight_file(fetch(spec.uri, kind="model"))
+        weights = weight_file(fetch(spec.uri, kind="model", error=ModelError))
         try:
             net.load_state_dict(read_state_dict(weights))
         except RuntimeError as exc:

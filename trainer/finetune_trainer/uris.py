@@ -42,8 +42,11 @@ def local_path(uri: str) -> Path:
     raise UserError(f"{uri}: not a local URI (expected pvc://, file:// or an absolute path)")
 
 
-def fetch(uri: str, *, kind: str, revision: str | None = None, repo_type: str = "model") -> Path:
+def fetch(uri: str, *, kind: str, revision: str | None = None, repo_type: str = "model",
+          error: type[UserError] = UserError) -> Path:
     """A local folder or file holding what `uri` names; hf:// is downloaded into the hub cache.
+
+    `error` is the UserError subclass raised when it is not there (its reason tells data from model).
 
     hf:// goes through huggingface_hub's cache, so HF_HOME, HF_HUB_OFFLINE and a cache
     prepared ahead of time (an air-gapped cluster) work as they do for transformers.
@@ -57,8 +60,8 @@ def fetch(uri: str, *, kind: str, revision: str | None = None, repo_type: str = 
             return Path(snapshot_download(repo_id, revision=revision, repo_type=repo_type))
         except (RepositoryNotFoundError, RevisionNotFoundError, LocalEntryNotFoundError) as exc:
             # Other hub errors (timeouts, 5xx) propagate: a later attempt may get past them.
-            raise UserError(f"{kind} {uri}: not on the hub nor in the local cache ({exc})") from exc
+            raise error(f"{kind} {uri}: not on the hub nor in the local cache ({exc})") from exc
     path = local_path(uri)
     if not path.exists():
-        raise UserError(f"{kind} {uri}: {path} does not exist")
+        raise error(f"{kind} {uri}: {path} does not exist")
     return path

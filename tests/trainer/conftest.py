@@ -1,0 +1,42 @@
+"""Fixtures of the trainer tests: the bundled assets under a temporary pvc:// root, and tiny configs."""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from finetune_trainer.assets import link_minilm, write_digits, write_sentiment
+from finetune_trainer.config import TrainerConfig
+from finetune_trainer.uris import PVC_ROOT_ENV
+from tiny import tiny_classifier_doc
+
+
+@pytest.fixture(scope="session", autouse=True)
+def pvc_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """pvc://models/all-MiniLM-L6-v2, pvc://data/sentiment/sentiment.csv and pvc://data/digits, as `make assets` makes them."""
+    root = tmp_path_factory.mktemp("pvc")
+    link_minilm(root)
+    write_sentiment(root)
+    write_digits(root)
+    previous = os.environ.get(PVC_ROOT_ENV)
+    os.environ[PVC_ROOT_ENV] = str(root)  # subprocesses (CLI, torchrun) inherit it
+    os.environ.setdefault("FINETUNE_METRICS_PORT", "0")
+    yield root
+    if previous is None:
+        os.environ.pop(PVC_ROOT_ENV, None)
+    else:
+        os.environ[PVC_ROOT_ENV] = previous
+
+
+@pytest.fixture
+def tiny_doc(tmp_path: Path) -> dict[str, Any]:
+    return tiny_classifier_doc(tmp_path / "out")
+
+
+@pytest.fixture
+def tiny_cfg(tiny_doc: dict[str, Any]) -> TrainerConfig:
+    return TrainerConfig.model_validate(copy.deepcopy(tiny_doc))

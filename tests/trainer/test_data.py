@@ -1,0 +1,115 @@
+"""Loading datasets: every format, the encoding fallback, the seeded split and the label mapping."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import pytest
+
+from finetune_trainer.config import DatasetSpec, Task
+from finetune_trainer.data import check_label_count, load_dataset
+from finetune_trainer.errors import DataError
+
+ROWS = [{"text": f"sample {i}", "label": ["neg", "pos", "neu"][i % 3]} for i in range(30)]
+
+
+def spec(uri: Path | str, **kw) -> DatasetSpec:
+    return DatasetSpec(uri=str(uri), textField="text", labelField="label", validationSplit=0.2, **kw)
+
+
+def write(folder: Path, fmt: str) -> Path:
+    frame = pd.DataFrame(ROWS)
+    if fmt == "csv":
+        frame.to_csv(path := folder / "d.csv", index=False)
+    elif fmt == "jsonl":
+        (path := folder / "d.jsonl").write_text("\n".join(json.dumps(r) for r in ROWS))
+    elif fmt == "parquet":
+        frame.to_parquet(path := folder / "d.parquet")
+    else:
+        import datasets
+
+        datasets.DatasetDict({"train": datasets.Dataset.from_pandas(frame)}).save_to_disk(path := folder / "hf")
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet", "hf-disk"])
+def test_tabular_formats_load_the_same_rows(tmp_path: Path, fmt: str) -> None:
+    data = load_dataset(spec(write(tmp_path, fmt)), Task.SEQUENCE_CLASSIFICATION, seed=0)
+    assert data.id2label == {0: "neg", 1: "neu", 2: "pos"}
+    assert len(data.train.inputs) == 24 and len(data.validation.inputs) == 6
+    everything = set(data.train.inputs) | set(data.validation.inputs)
+    assert everything == {r["text"] for r in ROWS}
+    for text, label in zip(data.train.inputs, data.train.labels):
+        assert data.id2label[label] == ROWS[int(text.split()[1])]["label"]
+
+
+def test_a_folder_with_one_data_file_is_that_file(tmp_path: Path) -> None:
+    write(tmp_path, "csv")
+    assert len(load_dataset(spec(tmp_path, format="csv"), Task.SEQUENCE_CLASSIFICATION, 0).train.inputs) == 24
+
+
+def test_split_is_seeded_and_capped(tmp_path: Path) -> None:
+    path = write(tmp_path, "csv")
+    a = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, seed=1)
+    b = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, seed=1)
+    c = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, seed=2)
+    assert a.validation.inputs == b.validation.inputs != c.validation.inputs
+    capped = load_dataset(spec(path, maxTrainSamples=5, maxEvalSamples=2), Task.SEQUENCE_CLASSIFICATION, seed=1)
+    assert capped.train.inputs == a.train.inputs[:5] and capped.validation.inputs == a.validation.inputs[:2]
+
+
+def test_numeric_labels_keep_numeric_order(tmp_path: Path) -> None:
+    rows = [{"text": f"t{i}", "label": i % 11} for i in range(44)]
+    pd.DataFrame(rows).to_csv(path := tmp_path / "n.csv", index=False)
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert list(data.id2label.values()) == [str(i) for i in range(11)]
+
+
+def test_latin1_bytes_are_read_not_refused(tmp_path: Path) -> None:
+    (path := tmp_path / "l.csv").write_bytes("text,label\ncaf\xe9 ok,a\nna\xefve,b\nplain,a\nmore,b\nx,a\n".encode("latin-1"))
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert "café ok" in data.train.inputs + data.validation.inputs
+
+
+def test_bundled_sentiment_corpus(pvc_root: Path) -> None:
+    data = load_dataset(DatasetSpec(uri="pvc://data/sentiment/sentiment.csv", labelField="sentiment"),
+                        Task.SEQUENCE_CLASSIFICATION, 0)
+    assert data.id2label == {0: "negative", 1: "neutral", 2: "positive"}
+    assert len(data.train.inputs) + len(data.validation.inputs) > 38000
+
+
+def test_image_folder(pvc_root: Path) -> None:
+    data = load_dataset(DatasetSpec(uri="pvc://data/digits", maxTrainSamples=50), Task.IMAGE_CLASSIFICATION, 0)
+    assert list(data.id2label.values()) == [str(i) for i in range(10)]
+    assert len(data.train.inputs) == 50 and data.train.inputs[0].endswith(".png")
+
+
+def test_causal_lm_needs_no_labels(tmp_path: Path) -> None:
+    data = load_dataset(spec(write(tmp_path, "jsonl")), Task.CAUSAL_LM, 0)
+    assert data.train.labels is None and data.id2label == {}
+
+
+def test_missing_column_is_named(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match=r"no column 'sentiment' \(dataset.labelField\); it has text, label"):
+        load_dataset(DatasetSpec(uri=str(write(tmp_path, "csv")), labelField="sentiment"),
+                     Task.SEQUENCE_CLASSIFICATION, 0)
+
+
+def test_missing_file_is_named(tmp_path: Path) -> None:
+    with pytest.raises(DataError, match="does not exist"):
+        load_dataset(spec(tmp_path / "nope.csv"), Task.SEQUENCE_CLASSIFICATION, 0)
+
+
+def test_a_single_label_is_refused(tmp_path: Path) -> None:
+    pd.DataFrame([{"text": f"t{i}", "label": "same"} for i in range(10)]).to_csv(path := tmp_path / "s.csv", index=False)
+    with pytest.raises(DataError, match="1 distinct label"):
+        load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+
+
+def test_head_smaller_than_the_labels_is_refused() -> None:
+    with pytest.raises(DataError, match="numLabels is 2 but the dataset has 3 labels"):
+        check_label_count({0: "a", 1: "b", 2: "c"}, 2)
+    assert check_label_count({0: "a", 1: "b"}, "auto") == 2
+    assert check_label_count({0: "a", 1: "b"}, 4) == 4

@@ -1,0 +1,200 @@
+"""Each stage on its own, on tiny real models (BERT and GPT-2 built from configs, a torchvision ResNet)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+from finetune_trainer.adjust import freeze, param_groups
+from finetune_trainer.analyze import analyze, fail_on_fatal, summary
+from finetune_trainer.batches import encode_images, encode_text, epoch_batches, eval_batches, make_collate
+from finetune_trainer.config import AdjustSpec, FreezeSpec, LoraSpec, Metric, ModelSpec, Task
+from finetune_trainer.data import Split
+from finetune_trainer.distributed import World
+from finetune_trainer.errors import FatalFinding
+from finetune_trainer.evaluate import evaluate, macro_f1
+from finetune_trainer.export import export_model, loss_curve
+from finetune_trainer.models import load_model, load_tokenizer, logits_of
+from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
+from finetune_trainer.structure import depth, head_name
+
+from tiny import TINY_BERT, TINY_GPT2, tiny_classifier_doc
+
+CPU = World(rank=0, size=1, device=torch.device("cpu"))
+TEXTS = ["a fine day", "this is awful and slow", "ok", "I love the new self driving cars so much", "meh"] * 4
+
+
+def text_model(task: Task, config: dict, architecture: str):
+    spec = ModelSpec(task=task, architecture=architecture, config=config, tokenizerUri="pvc://models/all-MiniLM-L6-v2")
+    tokenizer = load_tokenizer(spec)
+    return load_model(spec, tokenizer, seed=0), tokenizer
+
+
+@pytest.fixture
+def bert():
+    return text_model(Task.SEQUENCE_CLASSIFICATION, TINY_BERT, "bert")
+
+
+def text_batches(tokenizer, task: Task, labels: list[int] | None = None):
+    data = encode_text(Split(TEXTS, labels if task != Task.CAUSAL_LM else None), tokenizer, 16)
+    collate = make_collate(task, tokenizer.pad_token_id, 32)
+    return data, collate, [collate(data, idx) for idx in epoch_batches(data.lengths, 8, seed=0, epoch=0, bucketed=True)]
+
+
+def test_batches_pad_to_the_longest_and_bucket_by_length(bert) -> None:
+    _, tokenizer = bert
+    data = encode_text(Split(TEXTS * 10, [0] * 200), tokenizer, 16)
+    collate = make_collate(Task.SEQUENCE_CLASSIFICATION, tokenizer.pad_token_id, 32)
+    bucketed = [collate(data, idx) for idx in epoch_batches(data.lengths, 8, seed=0, epoch=0, bucketed=True)]
+    plain = [collate(data, idx) for idx in epoch_batches(data.lengths, 8, seed=0, epoch=0, bucketed=False)]
+    padded = lambda batches: sum(b.inputs["input_ids"].numel() - b.tokens for b in batches)  # noqa: E731
+    assert padded(bucketed) < padded(plain) / 2
+    assert sum(b.samples for b in bucketed) == 200
+    halves = [epoch_batches(data.lengths, 8, seed=0, epoch=0, bucketed=True, rank=r, world_size=2) for r in (0, 1)]
+    assert len(halves[0]) == len(halves[1]) and not set(sum(halves[0], [])) & set(sum(halves[1], []))
+    assert epoch_batches(data.lengths, 8, seed=0, epoch=1, bucketed=True) != epoch_batches(
+        data.lengths, 8, seed=0, epoch=0, bucketed=True)
+
+
+def test_analyze_reports_structure_candidates_and_head(bert) -> None:
+    model, tokenizer = bert
+    _, _, batches = text_batches(tokenizer, Task.SEQUENCE_CLASSIFICATION, [0, 1, 2, 0, 1] * 4)
+    report = analyze(model, batches[:2], Task.SEQUENCE_CLASSIFICATION, num_labels=3, adapters=True)
+    assert report.total_parameters == sum(p.numel() for p in model.parameters())
+    assert sum(m.total for m in report.modules) == report.total_parameters
+    assert "classifier" not in report.lora_candidates and "bert.encoder.layer.0.attention.self.query" in report.lora_candidates
+    assert report.lora_candidates["bert.encoder.layer.0.intermediate.dense"] == [64, 32]
+    assert report.head == {"name": "classifier", "out_features": 2, "dataset_labels": 3}
+    assert [f.code for f in report.findings if f.severity != "info"] == []
+    assert "HeadMismatch" in [f.code for f in report.findings]
+    flops = report.flops
+    assert 0.8 < flops["measured_over_estimate"] < 2 and flops["training_per_sample"] < flops["measured_per_sample"]
+    assert report.memory["activations"] > 0 and report.memory["optimizer"] == 2 * report.memory["gradients"]
+    assert "LoRA candidates" in summary(report)
+    json.dumps(report.to_dict())  # it goes into report.json as it is
+    assert all(p.grad is None for p in model.parameters())  # the probe leaves no trace
+
+
+def test_analyze_finds_broken_tied_and_gradless_weights() -> None:
+    model, tokenizer = text_model(Task.CAUSAL_LM, TINY_GPT2, "gpt2")
+    _, _, batches = text_batches(tokenizer, Task.CAUSAL_LM)
+    model.transformer.unused = nn.Linear(4, 4)  # registered, never called: it gets no gradient
+    with torch.no_grad():
+        model.transformer.h[0].mlp.c_fc.weight[0, 0] = float("nan")
+    report = analyze(model, batches[:1], Task.CAUSAL_LM, num_labels=0, adapters=False)
+    codes = {f.code: f.severity for f in report.findings}
+    assert codes["NonFiniteWeights"] == "fatal" and codes["TiedWeights"] == "info" and codes["NoGradient"] == "warning"
+    assert ["transformer.wte.weight", "lm_head.weight"] in report.tied_weights
+    assert "transformer.unused.weight" in report.no_grad_parameters
+    assert "lm_head" not in report.lora_candidates  # the output embeddings
+    with pytest.raises(FatalFinding, match="c_fc.weight has 1 NaN/Inf"):
+        fail_on_fatal(report)
+
+
+def test_freeze_strategies_and_layerwise_decay(bert) -> None:
+    model, _ = bert
+    layers, head = depth(model, Task.SEQUENCE_CLASSIFICATION), head_name(model, Task.SEQUENCE_CLASSIFICATION)
+    assert layers.units == ["bert.encoder.layer.0", "bert.encoder.layer.1"] and head == "classifier"
+    freeze(model, FreezeSpec(strategy="bottom-layers", count=1), layers, head)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not any(n.startswith(("bert.embeddings", "bert.encoder.layer.0.")) for n in trainable)
+    assert any(n.startswith("bert.encoder.layer.1.") for n in trainable) and "classifier.weight" in trainable
+    groups = param_groups(model, AdjustSpec(learningRate=1e-3, layerwiseDecay=0.5, headLearningRate=5e-3), layers, head)
+    lr_of = {n: g["lr"] for g in groups for n in g["param_names"]}
+    decay_of = {n: g["weight_decay"] for g in groups for n in g["param_names"]}
+    assert lr_of["classifier.weight"] == 5e-3 and lr_of["bert.pooler.dense.weight"] == 1e-3
+    assert lr_of["bert.encoder.layer.1.attention.self.query.weight"] == pytest.approx(5e-4)
+    assert decay_of["bert.encoder.layer.1.attention.self.query.weight"] == 0.01
+    assert decay_of["bert.encoder.layer.1.attention.self.query.bias"] == 0.0
+    assert decay_of["bert.encoder.layer.1.output.LayerNorm.weight"] == 0.0
+
+
+def test_all_but_head_and_regex(bert) -> None:
+    model, _ = bert
+    layers, head = depth(model, Task.SEQUENCE_CLASSIFICATION), "classifier"
+    freeze(model, FreezeSpec(strategy="regex", pattern=r"attention\."), layers, head)
+    assert not any(p.requires_grad for n, p in model.named_parameters() if "attention." in n)
+    freeze(model, FreezeSpec(strategy="all-but-head"), layers, head)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {"classifier.weight", "classifier.bias"}
+
+
+def test_new_head_lora_and_a_checked_merge(bert, tmp_path: Path) -> None:
+    model, tokenizer = bert
+    _, _, batches = text_batches(tokenizer, Task.SEQUENCE_CLASSIFICATION, [0, 1, 2, 0, 1] * 4)
+    assert new_head(model, "classifier", 3, {0: "neg", 1: "neu", 2: "pos"}, reinitialize=False)
+    assert model.classifier.out_features == 3 and model.config.id2label[2] == "pos"
+    candidates = ["bert.encoder.layer.0.attention.self.query", "bert.encoder.layer.1.output.dense"]
+    wrapped = add_adapters(model, LoraSpec(rank=4, variant="dora"), candidates, "classifier")
+    trainable = [n for n, p in wrapped.named_parameters() if p.requires_grad]
+    assert any("lora_magnitude_vector" in n for n in trainable)  # DoRA
+    assert any("modules_to_save" in n and "classifier" in n for n in trainable)
+    assert not any("attention.self.key" in n for n in trainable)
+    with torch.no_grad():  # as if trained: adapters that change the output
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    before = logits_of(wrapped.eval(), batches[0].inputs)
+    merged, check = merge_adapters(wrapped, batches[0].inputs)
+    assert check["passed"] and check["max_abs_logit_diff"] < 1e-4
+    assert not hasattr(merged, "peft_config") and type(merged).__name__ == "BertForSequenceClassification"
+    torch.testing.assert_close(logits_of(merged, batches[0].inputs), before, atol=1e-4, rtol=1e-4)
+    files = export_model(merged, tokenizer, {0: "neg", 1: "neu", 2: "pos"}, _cfg(tmp_path), tmp_path / "out")
+    assert {"model.safetensors", "config.json", "labels.json", "tokenizer.json"} <= set(files)
+    from transformers import AutoModelForSequenceClassification
+
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    torch.testing.assert_close(logits_of(reloaded.eval(), batches[0].inputs), before, atol=1e-4, rtol=1e-4)
+
+
+def _cfg(tmp_path: Path):
+    from finetune_trainer.config import TrainerConfig
+
+    return TrainerConfig.model_validate(tiny_classifier_doc(tmp_path))
+
+
+def test_evaluate_classification_and_lm_metrics(bert) -> None:
+    model, tokenizer = bert
+    labels = [0, 1, 2, 0, 1] * 4
+    new_head(model, "classifier", 3, {}, reinitialize=False)
+    data, collate, _ = text_batches(tokenizer, Task.SEQUENCE_CLASSIFICATION, labels)
+    got = evaluate(model, data, collate, Task.SEQUENCE_CLASSIFICATION, [Metric.ACCURACY, Metric.F1, Metric.LOSS],
+                   8, CPU, num_labels=3)
+    predictions = []
+    with torch.no_grad():
+        for idx in eval_batches(data.lengths, 8):
+            predictions += [(i, int(p)) for i, p in zip(idx, logits_of(model.eval(), collate(data, idx).inputs).argmax(-1))]
+    from sklearn.metrics import accuracy_score, f1_score
+
+    truth = [labels[i] for i, _ in predictions]
+    guess = [p for _, p in predictions]
+    assert got["accuracy"] == pytest.approx(accuracy_score(truth, guess))
+    assert got["f1"] == pytest.approx(f1_score(truth, guess, average="macro"))
+    assert macro_f1(torch.tensor([[2.0, 0.0], [0.0, 2.0]])) == 1.0
+    lm, lm_tok = text_model(Task.CAUSAL_LM, TINY_GPT2, "gpt2")
+    lm_data, lm_collate, _ = text_batches(lm_tok, Task.CAUSAL_LM)
+    lm_metrics = evaluate(lm, lm_data, lm_collate, Task.CAUSAL_LM, [Metric.LOSS, Metric.PERPLEXITY], 8, CPU, 0)
+    assert lm_metrics["perplexity"] == pytest.approx(torch.tensor(lm_metrics["loss"]).exp().item())
+    assert 9 < lm_metrics["loss"] < 11  # a random model over a 30k vocabulary: about ln(30522) = 10.3
+
+
+def test_image_model_and_batches(pvc_root: Path, tmp_path: Path) -> None:
+    from finetune_trainer.data import load_dataset
+    from finetune_trainer.config import DatasetSpec
+
+    data = load_dataset(DatasetSpec(uri="pvc://data/digits", maxTrainSamples=16), Task.IMAGE_CLASSIFICATION, 0)
+    encoded = encode_images(data.train)
+    batch = make_collate(Task.IMAGE_CLASSIFICATION, 0, 32)(encoded, list(range(8)))
+    assert batch.inputs["pixel_values"].shape == (8, 3, 32, 32)
+    model = load_model(ModelSpec(task="image-classification", architecture="resnet18"), None, seed=0)
+    assert head_name(model, Task.IMAGE_CLASSIFICATION) == "net.fc"
+    assert new_head(model, "net.fc", 10, data.id2label, reinitialize=False)
+    assert logits_of(model.eval(), batch.inputs).shape == (8, 10)
+    layers = depth(model, Task.IMAGE_CLASSIFICATION)
+    assert "net.layer4" in layers.units and layers.of("net.conv1.weight") == 0
+    loss_curve([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}], [{"step": 2, "metrics": {"accuracy": 0.5}}],
+               tmp_path / "curve.png")
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"

@@ -1,0 +1,67 @@
+"""pvc:// and hf:// URIs. The hub is unreachable here, so hf:// runs its real code path
+(huggingface_hub's snapshot_download) offline against a cache laid out as the hub lays it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from finetune_trainer.errors import UserError
+from finetune_trainer.uris import LOCAL_PVC_ROOT, PVC_ROOT_ENV, fetch, local_path, pvc_root
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+
+
+def test_pvc_uri_resolves_under_the_root(pvc_root: Path) -> None:
+    assert local_path("pvc://data/sentiment/sentiment.csv") == pvc_root / "data/sentiment/sentiment.csv"
+    assert fetch("pvc://models/all-MiniLM-L6-v2", kind="model").joinpath("config.json").exists()
+
+
+def test_without_the_env_the_nearest_checkout_root_is_used(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    (tmp_path / LOCAL_PVC_ROOT).mkdir(parents=True)
+    (tmp_path / "sub" / "dir").mkdir(parents=True)
+    monkeypatch.delenv(PVC_ROOT_ENV)
+    monkeypatch.chdir(tmp_path / "sub" / "dir")
+    assert pvc_root() == tmp_path.resolve() / LOCAL_PVC_ROOT
+    monkeypatch.chdir("/")
+    with pytest.raises(UserError, match="make assets"):
+        pvc_root()
+
+
+def test_missing_local_path_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        fetch(f"file://{tmp_path}/nothing", kind="model")
+
+
+def hub_cache(root: Path, repo: str, source: Path) -> None:
+    """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<commit>/...}."""
+    base = root / f"models--{repo.replace('/', '--')}"
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(COMMIT)
+    shutil.copytree(source, base / "snapshots" / COMMIT, symlinks=False, ignore=shutil.ignore_patterns("1_Pooling"))
+
+
+def test_hf_uri_loads_from_the_hub_cache_offline(tmp_path: Path, pvc_root: Path) -> None:
+    hub_cache(tmp_path / "hub", "local-org/minilm", local_path("pvc://models/all-MiniLM-L6-v2").resolve())
+    script = """
+from finetune_trainer.config import ModelSpec
+from finetune_trainer.errors import UserError
+from finetune_trainer.models import load_model, load_tokenizer
+spec = ModelSpec(uri="hf://local-org/minilm", task="sequence-classification")
+model = load_model(spec, load_tokenizer(spec), seed=0)
+print("loaded", type(model).__name__, model.config.hidden_size)
+try:
+    load_tokenizer(ModelSpec(uri="hf://local-org/absent", task="sequence-classification"))
+except UserError as exc:
+    print("refused", exc)
+"""
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "loaded BertForSequenceClassification 384" in out.stdout
+    assert "refused tokenizer hf://local-org/absent: not on the hub nor in the local cache" in out.stdout

@@ -1,0 +1,37 @@
+"""Tiny configs shared by the trainer tests: a 2-layer BERT or GPT-2 built from a config with
+the MiniLM tokenizer trains in seconds on two cores."""
+
+from __future__ import annotations
+
+import socket
+import sys
+from pathlib import Path
+from typing import Any
+
+TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
+             "max_position_embeddings": 64}
+TINY_GPT2 = {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}
+
+
+def tiny_classifier_doc(output: Path, **training: Any) -> dict[str, Any]:
+    """A bare config: a 2-layer BERT classifying the sentiment CSV, small enough to train in seconds."""
+    return {
+        "model": {"task": "sequence-classification", "architecture": "bert", "config": dict(TINY_BERT),
+                  "tokenizerUri": "pvc://models/all-MiniLM-L6-v2"},
+        "dataset": {"uri": "pvc://data/sentiment/sentiment.csv", "textField": "text", "labelField": "sentiment",
+                    "maxTrainSamples": 128, "maxEvalSamples": 64, "maxLength": 32},
+        "analyze": {"probeBatches": 1},
+        "adjust": {"learningRate": 1e-3},
+        "training": {"epochs": 1, "batchSize": 16, "seed": 0, **training},
+        "output": {"uri": str(output)},
+    }
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def trainer_command(*args: str) -> list[str]:
+    return [sys.executable, "-m", "finetune_trainer.cli", *args]
