@@ -81,10 +81,16 @@ def bin_dir() -> Path:
     return Path(out.stdout.strip())
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+def _free_ports(names: list[str]) -> dict[str, int]:
+    """Distinct free loopback ports (all held open while picking, so none repeats)."""
+    sockets = [socket.socket() for _ in names]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return {name: s.getsockname()[1] for name, s in zip(names, sockets)}
+    finally:
+        for s in sockets:
+            s.close()
 
 
 def _progress(message: str, started: float) -> None:
@@ -305,7 +311,7 @@ def up(state: Path = DEFAULT_STATE, timeout: float = 90.0) -> Cluster:
     if missing:
         raise ClusterError(f"missing binaries {missing} in {cluster.bin_dir}; run `make k8s-binaries` first")
     _prepare_state(cluster)
-    ports = {k: _free_port() for k in ("etcd", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok")}
+    ports = _free_ports(["etcd", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok"])
     server = f"https://127.0.0.1:{ports['apiserver']}"
     pki.write_kubeconfigs(cluster.state, cluster.pki, server)
     (cluster.state / "cluster.json").write_text(json.dumps({"server": server, "ports": ports}, indent=2))
