@@ -1,0 +1,126 @@
+"""The training loop in process: the pipeline's report, token-normalised accumulation,
+a NaN loss, early stopping, and checkpoint/resume giving the same weights."""
+
+from __future__ import annotations
+
+import os
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from finetune_trainer import checkpoints, pipeline
+from finetune_trainer.batches import encode_text, make_collate
+from finetune_trainer.config import ModelSpec, Task, TrainerConfig, TrainingSpec
+from finetune_trainer.data import Split
+from finetune_trainer.distributed import World
+from finetune_trainer.errors import LossNotFinite, Terminated
+from finetune_trainer.models import load_model, load_tokenizer
+from finetune_trainer.rearrange import new_head
+from finetune_trainer.train import Hooks, make_scheduler, train_loop
+from tiny import TINY_BERT, TINY_GPT2
+
+CPU = World(rank=0, size=1, device=torch.device("cpu"))
+TEXTS = [f"sample number {i} " + "word " * (i % 13) for i in range(64)]
+NO_DROPOUT_GPT2 = TINY_GPT2 | {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+
+
+def test_pipeline_report_has_the_contracted_shape(tiny_cfg: TrainerConfig, tmp_path: Path) -> None:
+    tiny_cfg.training.eval_every_steps = 4
+    report = pipeline.run(tiny_cfg, tmp_path / "out")
+    assert set(report["evaluation"]) == {"baseline", "final", "delta"}
+    assert set(report["evaluation"]["final"]) == {"accuracy", "f1"}
+    training = report["training"]
+    assert training["steps"] == 8 and training["samples_per_second"] > 0 and training["tokens_per_second"] > 0
+    assert set(training["history"][0]) == {"step", "seconds_since_train_start", "loss", "lr"}
+    assert [e["step"] for e in training["evals"]] == [4, 8]
+    assert report["evaluation"]["final"] == training["evals"][-1]["metrics"]
+    assert report["analysis"]["head"]["dataset_labels"] == 3
+    out = tmp_path / "out"
+    for name in ("model.safetensors", "config.json", "labels.json", "tokenizer.json", "report.json", "README.md",
+                 "loss_curve.png", "analysis.json"):
+        assert (out / name).exists(), name
+    assert "| accuracy |" in (out / "README.md").read_text()
+
+
+def lm_setup(seed: int = 0):
+    spec = ModelSpec(task="causal-lm", architecture="gpt2", config=NO_DROPOUT_GPT2,
+                     tokenizerUri="pvc://models/all-MiniLM-L6-v2")
+    tokenizer = load_tokenizer(spec)
+    model = load_model(spec, tokenizer, seed)
+    data = encode_text(Split(TEXTS, None), tokenizer, 32)
+    return model, data, make_collate(Task.CAUSAL_LM, tokenizer.pad_token_id, 0)
+
+
+def sgd_step(batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
+    model, data, collate = lm_setup()
+    spec = TrainingSpec(batchSize=batch_size, gradientAccumulation=accumulation, maxSteps=1, batching="dynamic",
+                        warmupRatio=0, schedule="constant", maxGradNorm=1e9)
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    train_loop(model, optimizer, make_scheduler(optimizer, spec, 1), data, collate, spec, Task.CAUSAL_LM, CPU)
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_accumulation_gives_the_gradient_of_the_whole_batch() -> None:
+    """Micro-batches with different token counts: the loss is normalised by the step's tokens, not averaged per batch."""
+    whole, accumulated = sgd_step(16, 1), sgd_step(4, 4)
+    for name, value in whole.items():
+        torch.testing.assert_close(accumulated[name], value, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_a_nan_loss_stops_before_the_weights_change() -> None:
+    model, data, collate = lm_setup()
+    with torch.no_grad():
+        model.transformer.wpe.weight[0, 0] = float("nan")
+    before = model.transformer.h[0].attn.c_attn.weight.detach().clone()
+    spec = TrainingSpec(batchSize=8, maxSteps=3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(LossNotFinite, match="the training loss is nan"):
+        train_loop(model, optimizer, make_scheduler(optimizer, spec, 3), data, collate, spec, Task.CAUSAL_LM, CPU)
+    assert torch.equal(model.transformer.h[0].attn.c_attn.weight, before)
+
+
+def test_early_stopping_after_patience_evaluations() -> None:
+    model, data, collate = lm_setup()
+    spec = TrainingSpec(batchSize=8, maxSteps=20, evalEverySteps=2, earlyStopping={"patience": 2})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    hooks = Hooks(evaluate=lambda: {"loss": 1.0})  # never improves after the first
+    state = train_loop(model, optimizer, make_scheduler(optimizer, spec, 20), data, collate, spec, Task.CAUSAL_LM,
+                       CPU, hooks)
+    assert state.stopped_early and state.step == 6 and len(state.evals) == 3
+
+
+def classifier_run(checkpoint_dir: Path, stop_at: int | None = None) -> dict[str, torch.Tensor]:
+    """8 steps of a tiny BERT with dropout on (so the RNG matters), checkpointing every 3 steps."""
+    spec = ModelSpec(task="sequence-classification", architecture="bert", config=TINY_BERT,
+                     tokenizerUri="pvc://models/all-MiniLM-L6-v2")
+    tokenizer = load_tokenizer(spec)
+    model = load_model(spec, tokenizer, seed=0)
+    new_head(model, "classifier", 3, {}, reinitialize=True)
+    data = encode_text(Split(TEXTS, [i % 3 for i in range(64)]), tokenizer, 32)
+    train = TrainingSpec(batchSize=8, epochs=1, checkpointEverySteps=3, keepCheckpoints=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def on_step(state, total):
+        if state.step == stop_at:
+            os.kill(os.getpid(), signal.SIGTERM)  # the real signal, handled between steps
+
+    torch.manual_seed(1)
+    train_loop(model, optimizer, make_scheduler(optimizer, train, 8), data,
+               make_collate(Task.SEQUENCE_CLASSIFICATION, tokenizer.pad_token_id, 0), train,
+               Task.SEQUENCE_CLASSIFICATION, CPU, Hooks(on_step=on_step, checkpoint_dir=checkpoint_dir))
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def test_resume_after_sigterm_gives_the_uninterrupted_weights(tmp_path: Path) -> None:
+    reference = classifier_run(tmp_path / "reference")
+    with pytest.raises(Terminated, match="stopped by SIGTERM at step 5"):
+        classifier_run(tmp_path / "interrupted", stop_at=4)  # seen at the next step
+    saved = checkpoints.complete(tmp_path / "interrupted")
+    assert [p.name for p in saved] == ["step-00000003", "step-00000005"]
+    (tmp_path / "interrupted" / ".tmp-step-00000007").mkdir()  # a half-written one is never read
+    resumed = classifier_run(tmp_path / "interrupted")
+    for name, value in reference.items():
+        assert torch.equal(resumed[name], value), name
+    assert [p.name for p in checkpoints.complete(tmp_path / "reference")] == ["step-00000003", "step-00000006"]
