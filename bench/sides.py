@@ -1,0 +1,81 @@
+"""What a benchmark side produces, and the held-out evaluation the Hugging Face sides share."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+
+
+@dataclass(frozen=True)
+class Settings:
+    """One workload, identical for every side; the HF default side ignores the schedule fields on purpose."""
+
+    train_rows: int = 1200
+    eval_rows: int = 300
+    epochs: int = 2
+    batch_size: int = 32
+    learning_rate: float = 5e-5
+    max_length: int = 128
+    eval_every: int = 4
+    seed: int = 0
+    # Our trainer's default schedule; the tuned HF side copies it, the default HF side keeps HF's.
+    schedule: str = "cosine"
+    warmup_ratio: float = 0.06
+    weight_decay: float = 0.01
+
+
+@dataclass
+class EvalPoint:
+    step: int
+    seconds: float  # training seconds since the first step, evaluation time excluded
+    accuracy: float
+
+
+@dataclass
+class SideResult:
+    name: str
+    evals: list[EvalPoint] = field(default_factory=list)
+    steps: int = 0
+    train_seconds: float = 0.0  # the training loop alone, evaluation excluded
+    wall_seconds: float = 0.0  # everything the side did, loading and evaluation included
+    final_accuracy: float | None = None
+    notes: dict[str, Any] = field(default_factory=dict)
+
+    def time_to(self, target: float) -> float | None:
+        """Training seconds at the first evaluation that reached `target`, or None if none did."""
+        return next((p.seconds for p in self.evals if p.accuracy >= target), None)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class HeldOut:
+    """The fixed held-out set, tokenized once and batched by length so evaluating costs little.
+
+    Padding does not change a BERT's predictions (the attention mask hides it), so every HF side
+    is scored with the same code on the same token ids, whatever it pads to while training.
+    """
+
+    def __init__(self, tokenizer: Any, texts: list[str], labels: list[int], max_length: int, batch_size: int = 64):
+        enc = tokenizer(texts, truncation=True, max_length=max_length)
+        order = sorted(range(len(texts)), key=lambda i: len(enc["input_ids"][i]))
+        self.batches = []
+        for start in range(0, len(order), batch_size):
+            idx = order[start : start + batch_size]
+            features = [{k: enc[k][i] for k in enc} for i in idx]
+            batch = tokenizer.pad(features, return_tensors="pt")
+            self.batches.append((dict(batch), torch.tensor([labels[i] for i in idx])))
+        self.size = len(texts)
+
+    @torch.inference_mode()
+    def accuracy(self, model: torch.nn.Module) -> float:
+        was_training = model.training
+        model.eval()
+        correct = 0
+        for inputs, labels in self.batches:
+            logits = model(**inputs).logits
+            correct += int((logits.argmax(-1) == labels).sum())
+        model.train(was_training)
+        return correct / self.size

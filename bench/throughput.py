@@ -1,0 +1,176 @@
+"""(c) Throughput of our training loop against a bare torch loop at identical settings.
+
+Same model (MiniLM + a fresh 3-way head, copied from one pristine instance for every run), same
+optimizer groups and schedule, same batches (the trainer's length-bucketed epoch order), fp32 on
+the CPU. The bare loop is what a person writes by hand: pad, forward, mean loss, backward, clip,
+step. Rounds alternate which side goes first (ABBA...), because the machine is shared and its
+speed drifts; the ratio is bare seconds / our seconds (= our throughput / bare throughput).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.nn.utils.rnn import pad_sequence
+
+from bench import data
+from bench.common import command_line, machine, minilm_path, write_results
+
+GOAL = 0.97  # issue 4, item 11 (c)
+
+
+@dataclass(frozen=True)
+class Workload:
+    train_rows: int = 1200
+    batch_size: int = 32
+    max_length: int = 128
+    steps: int = 20
+    rounds: int = 4
+    learning_rate: float = 5e-5
+    seed: int = 0
+
+
+class Shared:
+    """Everything both loops get: the pristine model, the encoded rows, the trainer's spec and batch order."""
+
+    def __init__(self, w: Workload):
+        from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+        from finetune_trainer.batches import encode_text
+        from finetune_trainer.config import AdjustSpec, TrainingSpec
+
+        loaded = data.load(w.train_rows, 1, w.max_length, w.seed)
+        self.tokenizer = AutoTokenizer.from_pretrained(minilm_path())
+        self.encoded = encode_text(loaded.train, self.tokenizer, w.max_length)
+        torch.manual_seed(w.seed)
+        self.pristine = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=len(loaded.id2label))
+        self.adjust = AdjustSpec(learning_rate=w.learning_rate)
+        # fp32: this CPU has no native bf16; checkpoints never fall due; no evaluation inside the loop.
+        self.spec = TrainingSpec(max_steps=w.steps, batch_size=w.batch_size, precision="fp32", seed=w.seed,
+                                 checkpoint_every_steps=10**9)
+        self.w = w
+
+    def fresh(self) -> tuple[nn.Module, torch.optim.Optimizer, Any]:
+        """A copy of the pristine model with the trainer's AdamW groups and warmup + cosine schedule."""
+        from finetune_trainer.adjust import param_groups
+        from finetune_trainer.config import Task
+        from finetune_trainer.structure import depth, head_name
+        from finetune_trainer.train import make_optimizer, make_scheduler
+
+        model = copy.deepcopy(self.pristine)
+        task = Task.SEQUENCE_CLASSIFICATION
+        groups = param_groups(model, self.adjust, depth(model, task), head_name(model, task))
+        optimizer = make_optimizer(groups, torch.device("cpu"))
+        return model, optimizer, make_scheduler(optimizer, self.spec, self.w.steps)
+
+    def batch_order(self) -> list[list[int]]:
+        from finetune_trainer.batches import epoch_batches
+
+        order: list[list[int]] = []
+        epoch = 0
+        while len(order) < self.w.steps:
+            order += epoch_batches(self.encoded.lengths, self.w.batch_size, seed=self.w.seed, epoch=epoch, bucketed=True)
+            epoch += 1
+        return order[: self.w.steps]
+
+
+def run_ours(shared: Shared) -> float:
+    from finetune_trainer.batches import make_collate
+    from finetune_trainer.config import Task
+    from finetune_trainer.distributed import World
+    from finetune_trainer.train import train_loop
+
+    model, optimizer, scheduler = shared.fresh()
+    task = Task.SEQUENCE_CLASSIFICATION
+    collate = make_collate(task, shared.tokenizer.pad_token_id, 0)
+    start = time.perf_counter()
+    state = train_loop(model, optimizer, scheduler, shared.encoded, collate, shared.spec, task,
+                       World(rank=0, size=1, device=torch.device("cpu")))
+    seconds = time.perf_counter() - start
+    assert state.step == shared.w.steps, state.step
+    return seconds
+
+
+def run_bare(shared: Shared, limit: int | None = None) -> float:
+    """The loop a person writes by hand, on the same batches in the same order."""
+    model, optimizer, scheduler = shared.fresh()
+    rows, labels, pad = shared.encoded.features, shared.encoded.labels, shared.tokenizer.pad_token_id
+    model.train()
+    start = time.perf_counter()
+    for idx in shared.batch_order()[:limit]:
+        input_ids = pad_sequence([torch.tensor(rows[i]) for i in idx], batch_first=True, padding_value=pad)
+        attention_mask = pad_sequence([torch.ones(len(rows[i]), dtype=torch.long) for i in idx], batch_first=True)
+        logits = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        loss = F.cross_entropy(logits, torch.tensor([labels[i] for i in idx]))
+        loss.backward()
+        nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+    return time.perf_counter() - start
+
+
+SIDES: dict[str, Callable[[Shared], float]] = {"bare": run_bare, "ours": run_ours}
+
+
+def markdown(rounds: list[dict[str, float]], w: Workload, info: dict[str, Any], command: str, tokens: int) -> str:
+    ratios = [r["bare"] / r["ours"] for r in rounds]
+    total = sum(r["bare"] for r in rounds) / sum(r["ours"] for r in rounds)
+    lines = [
+        "# (c) Throughput: our training loop vs a bare torch loop (CPU)",
+        "",
+        f"Command (from the repository root): `{command}`",
+        "",
+        f"Machine: {info['nproc']} cores ({info['cpu']}), torch {info['versions']['torch']} "
+        f"({info['torch_threads']} threads); load average at start {info['loadavg_at_start'][0]:.1f} "
+        "(the machine is shared: compare the ratios).",
+        f"Workload: all-MiniLM-L6-v2 full fine-tune, fp32, {asdict(w)}; {tokens} real tokens per round and side "
+        "(dynamic padding, the trainer's length-bucketed order).",
+        "",
+        "| round | first | bare s | ours s | ours/bare throughput |",
+        "|---|---|---|---|---|",
+    ]
+    for i, (r, q) in enumerate(zip(rounds, ratios)):
+        lines.append(f"| {i + 1} | {'bare' if i % 2 == 0 else 'ours'} | {r['bare']:.1f} | {r['ours']:.1f} | {q:.3f} |")
+    lines += ["", f"Median over rounds: **{statistics.median(ratios):.3f}**; over all rounds' seconds: {total:.3f} "
+              f"(goal ≥{GOAL})."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    for name, value in asdict(Workload()).items():
+        parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
+    parser.add_argument("--name", default="throughput")
+    args = parser.parse_args(argv)
+    w = Workload(**{k: getattr(args, k) for k in asdict(Workload())})
+    info = machine()
+    shared = Shared(w)
+    tokens = sum(len(shared.encoded.features[i]) for idx in shared.batch_order() for i in idx)
+    run_bare(shared, limit=3)  # warm-up, not measured: first-touch allocations and kernel selection
+    rounds: list[dict[str, float]] = []
+    for i in range(w.rounds):
+        order = ("bare", "ours") if i % 2 == 0 else ("ours", "bare")
+        rounds.append({side: SIDES[side](shared) for side in order})
+        print(f"bench.throughput: round {i + 1}: {rounds[-1]}", flush=True)
+    command = command_line()
+    report = markdown(rounds, w, info, command, tokens)
+    ratios = [r["bare"] / r["ours"] for r in rounds]
+    payload = {"command": command, "machine": info, "workload": asdict(w), "tokens_per_side_round": tokens,
+               "rounds": rounds, "ratios": ratios, "median_ratio": statistics.median(ratios)}
+    print(report)
+    print(f"written: {write_results(args.name, payload, report)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
