@@ -153,6 +153,30 @@ def test_claim_can_use_an_existing_host_folder(kube: Kube, namespace: str, tmp_p
     assert _terminated(kube.wait_pod(namespace, "reader", _done, "finished"))["message"] == "weights"
 
 
+IN_CLUSTER_SCRIPT = r"""
+from kubernetes import client, config
+config.load_incluster_config()  # the projected token, the cluster CA and KUBERNETES_SERVICE_HOST
+pods = client.CoreV1Api().list_namespaced_pod(open("/var/run/secrets/kubernetes.io/serviceaccount/namespace").read())
+open("/dev/termination-log", "w").write(",".join(sorted(p.metadata.name for p in pods.items)))
+"""
+
+
+def test_pod_talks_to_the_apiserver_with_its_service_account(kube: Kube, restricted_namespace: str) -> None:
+    namespace = restricted_namespace  # as an operator pod would run
+    kube.apply([
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "reader"}},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": "pod-reader"},
+         "rules": [{"apiGroups": [""], "resources": ["pods"], "verbs": ["list"]}]},
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": "reader"},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": "pod-reader"},
+         "subjects": [{"kind": "ServiceAccount", "name": "reader", "namespace": namespace}]},
+        _pod("in-cluster", IN_CLUSTER_SCRIPT, serviceAccountName="reader", container={"securityContext": RESTRICTED}),
+    ], namespace)
+    done = kube.wait_pod(namespace, "in-cluster", _done, "finished")
+    assert phase(done) == "Succeeded", kube.describe(namespace)
+    assert _terminated(done)["message"] == "in-cluster"
+
+
 def test_pod_ips_are_unique(kube: Kube, namespace: str) -> None:
     for name in ("ip-a", "ip-b"):
         kube.apply(_pod(name, "import time; time.sleep(60)", terminationGracePeriodSeconds=1), namespace)
