@@ -111,11 +111,14 @@ def _read_pid(cluster: Cluster, component: str) -> int | None:
 
 
 def _start(cluster: Cluster, component: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    log = cluster.log(component).open("ab")
-    proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
-        cwd=cluster.state, env=env, start_new_session=True,  # survives `make`'s exit, own group
-    )
+    try:
+        with cluster.log(component).open("ab") as log:
+            proc = subprocess.Popen(
+                argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=cluster.state, env=env, start_new_session=True,  # survives `make`'s exit, own group
+            )
+    except OSError as error:
+        raise ClusterError(f"cannot start {component} ({argv[0]}): {error}") from error
     cluster.pid_file(component).write_text(f"{proc.pid}\n{argv[0]}\n")
     return proc
 
