@@ -209,6 +209,22 @@ def test_kubectl_logs_reaches_the_process_node(kube: Kube, namespace: str) -> No
     assert kube.kubectl("logs", "--tail=1", "talker", "-n", namespace).stdout == "line 2\n"
 
 
+def test_missing_config_waits_then_starts(kube: Kube, namespace: str) -> None:
+    pod = _pod("patient", "import os; open('/dev/termination-log', 'w').write(os.environ['LATE'])", container={
+        "env": [{"name": "LATE", "valueFrom": {"configMapKeyRef": {"name": "late", "key": "value"}}}]})
+    kube.apply(pod, namespace)
+
+    def waiting_reason(p: dict) -> str:
+        statuses = p.get("status", {}).get("containerStatuses") or [{}]
+        return (statuses[0].get("state", {}).get("waiting") or {}).get("reason", "")
+
+    kube.wait_pod(namespace, "patient", lambda p: waiting_reason(p) == "CreateContainerConfigError", "config error")
+    kube.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "late"}, "data": {"value": "here"}},
+               namespace)
+    done = kube.wait_pod(namespace, "patient", _done, "finished")
+    assert phase(done) == "Succeeded" and _terminated(done)["message"] == "here"
+
+
 def test_restart_policy_on_failure_restarts_until_success(kube: Kube, namespace: str) -> None:
     # Fails once, then succeeds: the emptyDir survives the restart, as in a real kubelet.
     script = ("import os, sys; p = '/scratch/attempts'; n = int(open(p).read()) if os.path.exists(p) else 0; "

@@ -23,6 +23,7 @@ from typing import Protocol
 
 from . import downward, volumes
 from .hosts import HostsFiles
+from .kubeapi import ApiError
 
 POLL = 0.2
 # The kubelet backs off 10 s doubling to 5 min; a test harness wants quicker retries.
@@ -31,6 +32,8 @@ BACKOFF_START, BACKOFF_MAX = 1.0, 30.0
 # tail of the log stands in for a missing message.
 MESSAGE_MAX_BYTES, FALLBACK_LOG_LINES = 4096, 80
 LAUNCHER = Path(__file__).with_name("launcher.py")
+# Why a pod cannot start yet: retried, shown as CreateContainerConfigError meanwhile.
+NOT_YET = (downward.ConfigError, ApiError, OSError)
 
 log = logging.getLogger("process_node")
 
@@ -165,7 +168,7 @@ class PodRunner(threading.Thread):
             try:
                 self.folders = volumes.materialize(self.pod, self.dir, self.node.cluster, self.node.allocatable)
                 self.hosts_file = self.node.hosts.add(self.pod, self.ip)
-            except (downward.ConfigError, OSError) as error:
+            except NOT_YET as error:
                 for container in self.init + self.containers:
                     container.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(error)}}
                 return
@@ -199,7 +202,7 @@ class PodRunner(threading.Thread):
             if not spec.get("command"):
                 raise downward.ConfigError("the process node ignores images, so a container needs a `command`")
             argv = [downward.expand(a, env) for a in spec["command"] + spec.get("args", [])]
-        except downward.ConfigError as error:
+        except NOT_YET as error:
             container.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(error)}}
             container.next_start = time.monotonic() + BACKOFF_START
             return
