@@ -21,10 +21,15 @@ export CGO_ENABLED=0   # static binaries, as k8s release builds are
 START=$SECONDS
 log() { printf '[k8s-binaries +%4ds] %s\n' $((SECONDS - START)) "$*"; }
 have() { for b in "$@"; do [[ -x $BIN/$b ]] || return 1; done; }
+need_go() {  # only a build needs Go; a cached run does not
+  command -v go >/dev/null || PATH=$PATH:/usr/local/go/bin
+  command -v go >/dev/null || { echo "build-binaries.sh: Go (go1.26+) must be on PATH to build" >&2; exit 1; }
+}
 
 build_kubernetes() {
   local tools=(kube-apiserver kube-controller-manager kube-scheduler kubectl)
   if have "${tools[@]}"; then log "kubernetes $K8S_VERSION: cached"; return; fi
+  need_go
   log "kubernetes $K8S_VERSION: preparing wrapper module"
   local dir=$ROOT/src/kubernetes
   mkdir -p "$dir" && cd "$dir"
@@ -60,6 +65,7 @@ build_kubernetes() {
 
 build_etcd() {
   if have etcd; then log "etcd $ETCD_VERSION: cached"; return; fi
+  need_go
   # etcd's go.mod has replace directives, so `go install` refuses it; a wrapper
   # module works because replaces of dependencies are ignored.
   local dir=$ROOT/src/etcd
@@ -74,6 +80,7 @@ build_etcd() {
 
 build_kwok() {
   if have kwok; then log "kwok $KWOK_VERSION: cached"; return; fi
+  need_go
   log "kwok $KWOK_VERSION: go install"
   GOBIN=$BIN go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
   # kwok v0.8 has no built-in stages; keep the module's stage YAMLs next to the binary.
@@ -85,6 +92,7 @@ build_kwok() {
 
 build_helm() {
   if have helm; then log "helm $HELM_VERSION: cached"; return; fi
+  need_go
   local k8s_minor
   k8s_minor=$(cut -d. -f2 <<<"${K8S_VERSION#v}")
   local ld="-s -w -X helm.sh/helm/v3/internal/version.version=$HELM_VERSION" p
