@@ -107,13 +107,12 @@ build_helm() {
 
 record_versions() {
   {
-    "$BIN/etcd" --version | head -1
-    "$BIN/kube-apiserver" --version
-    "$BIN/kube-controller-manager" --version
-    "$BIN/kube-scheduler" --version
-    echo "kubectl $("$BIN/kubectl" version --client 2>/dev/null | head -1)"
-    echo "kwok $("$BIN/kwok" --version 2>&1 | head -1)"
-    echo "helm $("$BIN/helm" version --short)"
+    local b
+    for b in etcd kube-apiserver kube-controller-manager kube-scheduler kwok; do
+      echo "$b: $("$BIN/$b" --version 2>&1 | head -1)"
+    done
+    echo "kubectl: $("$BIN/kubectl" version --client 2>/dev/null | head -1)"
+    echo "helm: $("$BIN/helm" version --short)"
   } >"$ROOT/versions.txt"
   log "versions recorded in $ROOT/versions.txt:"
   sed 's/^/    /' "$ROOT/versions.txt"
