@@ -39,7 +39,10 @@ def kube() -> Iterator[Kube]:
     local = _local_cluster()
     bin_dir = local.bin_dir()
     if "KUBECONFIG" in os.environ:
-        yield Kube(Path(os.environ["KUBECONFIG"]), bin_dir if (bin_dir / "kubectl").exists() else None, None)
+        kubeconfig = Path(os.environ["KUBECONFIG"])
+        node_dir = kubeconfig.parent / "node"  # set when KUBECONFIG is a local cluster's
+        yield Kube(kubeconfig, bin_dir if (bin_dir / "kubectl").exists() else None,
+                   node_dir if node_dir.is_dir() else None)
         return
     state = Path(os.environ.get("FTO_CLUSTER_DIR", REPO / ".cluster"))
     was_running = state.exists() and all(local.running(local.Cluster(state.resolve(), bin_dir)).values())
