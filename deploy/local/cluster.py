@@ -291,10 +291,17 @@ def _argvs(cluster: Cluster, ports: dict[str, int]) -> dict[str, list[str]]:
 
 def _prepare_state(cluster: Cluster) -> None:
     """A fresh cluster every time, but keep a still-valid PKI so kubeconfig paths stay put."""
+    children = list(cluster.state.glob("*")) if cluster.state.exists() else []
+    if children and not (cluster.state / "pids").is_dir():  # the wipe below must never hit a wrong folder
+        raise ClusterError(f"{cluster.state} is not empty and holds no cluster; choose another --state-dir")
     valid = pki.still_valid(cluster.pki)
-    for child in cluster.state.glob("*") if cluster.state.exists() else []:
-        if child.name != "pki" or not valid:
-            shutil.rmtree(child) if child.is_dir() else child.unlink()
+    for child in children:
+        if child.name == "pki" and valid:
+            continue
+        if child.is_dir():
+            shutil.rmtree(child)
+        else:
+            child.unlink()
     for sub in ("logs", "pids"):
         (cluster.state / sub).mkdir(parents=True, exist_ok=True)
     if not valid:
