@@ -62,3 +62,24 @@ def test_bad_input_is_refused_naming_its_field(kube: Kube, crd: dict, module_nam
     assert result.returncode != 0, f"accepted, but {case.why}"
     assert any(case.names_field(line) for line in result.stderr.splitlines()), (
         f"the error does not name {case.field}:\n{result.stderr}")
+
+
+def test_apiserver_defaults_match_the_models(kube: Kube, crd: dict, namespace: str) -> None:
+    from finetune_operator.api import FineTuneJob
+
+    doc = yaml.safe_load(EXAMPLES[0].read_text())
+    kube.apply(doc, namespace)
+    stored = kube.get("ftj", doc["metadata"]["name"], namespace)
+    assert stored["spec"] == FineTuneJob.from_wire(doc).spec.to_wire()
+
+
+def test_model_dataset_and_output_are_immutable(kube: Kube, crd: dict, namespace: str) -> None:
+    doc = yaml.safe_load(EXAMPLES[0].read_text())
+    kube.apply(doc, namespace)
+    for section, field, value in (("model", "uri", "pvc://models/other"), ("output", "uri", "pvc://models/elsewhere")):
+        changed = yaml.safe_load(EXAMPLES[0].read_text())
+        changed["spec"][section][field] = value
+        result = kube.apply(changed, namespace, check=False)
+        assert result.returncode != 0 and f"{section} is immutable" in result.stderr, result.stderr
+    doc["spec"]["training"]["epochs"] = 3  # how to train may still change
+    kube.apply(doc, namespace)

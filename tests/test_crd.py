@@ -87,6 +87,7 @@ def test_cel_rules_cover_cross_field_constraints_and_immutability(schema: dict[s
     assert any("causal-lm" in r for r in rules[".spec"])
     for section in ("model", "dataset", "output"):
         assert "self == oldSelf" in rules[f".spec.{section}"]
+    assert "has(self.uri) || has(self.architecture)" in rules[".spec.model"]  # kept beside immutability
     assert any("type(self) == int" in r for r in rules[".spec.rearrange.head.numLabels"])
     assert any("metadata.name" in r for r in rules[""])
 

@@ -22,7 +22,7 @@ def _type_of(node: dict[str, Any]) -> str:
 
 
 def _rows(node: dict[str, Any], path: str, required: bool) -> list[str]:
-    default = f"`{json.dumps(node['default'])}`" if "default" in node and node["default"] != {} else ""
+    default = f"`{json.dumps(node['default'])}`" if "default" in node and node.get("type") != "object" else ""
     need = "yes" if required else ""
     description = " ".join(node.get("description", "").split()).replace("|", "\\|")
     rows = [f"| `{path}` | {_type_of(node)} | {need} | {default} | {description} |"]

@@ -90,7 +90,8 @@ def structural(node: Any, defs: dict[str, Any]) -> Any:
     node = dict(node)
     if "$ref" in node:  # inline; the field's own description wins over the model's docstring
         target = copy.deepcopy(defs[node.pop("$ref").split("/")[-1]])
-        node = target | node
+        rules = target.get("x-kubernetes-validations", []) + node.get("x-kubernetes-validations", [])
+        node = target | node | ({"x-kubernetes-validations": rules} if rules else {})
     if "allOf" in node and len(node["allOf"]) == 1:
         node = structural(node.pop("allOf")[0], defs) | node
     if "anyOf" in node:

@@ -352,8 +352,10 @@ class TrainerConfig(ApiModel):
             field="evaluation.metrics",
         ),
         Rule(
-            cel="has(self.model.uri) || has(self.model.tokenizerUri) || self.model.task == 'image-classification'",
-            holds=lambda c: c.model.uri or c.model.tokenizer_uri or c.model.task == Task.IMAGE_CLASSIFICATION,
+            cel="has(self.model.uri) || !has(self.model.architecture) || has(self.model.tokenizerUri)"
+            " || self.model.task == 'image-classification'",
+            holds=lambda c: c.model.uri or not c.model.architecture or c.model.tokenizer_uri
+            or c.model.task == Task.IMAGE_CLASSIFICATION,
             message="a model built from config needs tokenizerUri for text tasks",
             field="model.tokenizerUri",
         ),

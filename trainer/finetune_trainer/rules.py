@@ -45,8 +45,8 @@ def _schema_extra(schema: dict[str, Any], cls: type[ApiModel]) -> None:
         if field.default_factory is None:
             continue
         value = field.default_factory()  # type: ignore[call-arg]
-        # `{}` lets the apiserver fill in the nested defaults, as pydantic does.
-        default = {} if isinstance(value, BaseModel) else TypeAdapter(Any).dump_python(value, mode="json")
+        # Spelled out in full: the apiserver checks a default against the CEL rules as it stands.
+        default = value.to_wire() if isinstance(value, ApiModel) else TypeAdapter(Any).dump_python(value, mode="json")
         schema["properties"][field.alias or name]["default"] = default
 
 
