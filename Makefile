@@ -26,7 +26,7 @@ assets: $(VENV)/.installed
 demo: install
 	$(VENV)/bin/finetune-trainer run deploy/examples/minilm-sentiment.yaml --output out/minilm-sentiment
 
-test: install
+test: install k8s-binaries
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # The CRD, the chart's copy and the README's API reference are generated from operator/finetune_operator/api.py.
