@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = TrainerConfig.from_file(args.config)
     except ValidationError as exc:
-        log.error("%s is not a valid config:\n  %s", args.config, "\n  ".join(error_lines(exc, "spec")))
+        log.error("%s is not a valid config:\n  %s", args.config, "\n  ".join(error_lines(exc)))
         return EXIT_USER_ERROR
     except (OSError, ValueError) as exc:
         log.error("cannot read %s: %s", args.config, exc)

@@ -31,7 +31,8 @@ from finetune_trainer.models import load_model, load_tokenizer
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
 from finetune_trainer.structure import depth, head_name
 from finetune_trainer.telemetry import Metrics, write_termination
-from finetune_trainer.train import Hooks, LoopState, autocast_dtype, make_optimizer, make_scheduler, total_steps, train_loop
+from finetune_trainer.train import (Hooks, LoopState, autocast_dtype, make_optimizer, make_scheduler, steps_per_epoch,
+                                    total_steps, train_loop)
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +143,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     model.to(world.device)
     groups = param_groups(model, cfg.adjust, layers, head)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    progress.message["analysis"]["trainableParameters"] = trainable
+    total = sum(p.numel() for p in model.parameters())
+    progress.message["analysis"].update(totalParameters=total, trainableParameters=trainable)
 
     dtype = autocast_dtype(cfg.training.precision, world.device)
     eval_size = cfg.evaluation.batch_size or cfg.training.batch_size
@@ -158,20 +160,20 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         log.info("baseline: %s", baseline)
 
     progress.enter(Stage.TRAINING)
-    total = total_steps(train_data, cfg.training, world)
+    steps = total_steps(train_data, cfg.training, world)
     optimizer = make_optimizer(groups, world.device)
-    scheduler = make_scheduler(optimizer, cfg.training, total)
+    scheduler = make_scheduler(optimizer, cfg.training, steps)
     trained = model
     if world.size > 1:
         trained = nn.parallel.DistributedDataParallel(model, find_unused_parameters=bool(report.no_grad_parameters))
     flops = report.flops["training_per_sample"]
     hooks = Hooks(
         evaluate=lambda: measure(model),
-        on_step=lambda state, steps: progress.step(state, steps, flops, world.device),
+        on_step=lambda state, planned: progress.step(state, planned, flops, world.device),
         on_eval=lambda state: progress.metrics.set_eval("training", state.evals[-1]["metrics"]),
         checkpoint_dir=out / "checkpoints",
     )
-    progress.bar = progress_bar(total) if world.main else None
+    progress.bar = progress_bar(steps) if world.main else None
     try:
         state = train_loop(trained, optimizer, scheduler, train_data, collate, cfg.training, task, world, hooks,
                            cfg.evaluation.metrics[0])
@@ -191,9 +193,10 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         "config": cfg.to_wire(),
         "labels": {str(k): v for k, v in data.id2label.items()},
         "analysis": report.to_dict(),
-        "trainable_parameters": trainable,
+        "parameters": {"total": total, "trainable": trainable},
         "evaluation": evaluation,
-        "training": training_section(state, total, train_data, eval_data, world),
+        "training": training_section(state, steps, steps_per_epoch(train_data, cfg.training, world), train_data,
+                                     eval_data, world),
     }
     if world.main:
         result.update(write_outputs(model, tokenizer, data.id2label, cfg, out, probe[0].inputs, result))
@@ -209,10 +212,11 @@ def encode(data: LabelledData, tokenizer: Any, cfg: TrainerConfig) -> tuple[Enco
             encode_text(data.validation, tokenizer, cfg.dataset.max_length))
 
 
-def training_section(state: LoopState, total: int, train_data: Encoded, eval_data: Encoded,
+def training_section(state: LoopState, total: int, per_epoch: int, train_data: Encoded, eval_data: Encoded,
                      world: distributed.World) -> dict[str, Any]:
     seconds = max(state.seconds, 1e-9)
-    return {"steps": state.step, "total_steps": total, "epochs": state.epoch, "seconds": state.seconds,
+    epochs = state.epoch + state.position / per_epoch  # passes over the data, fractional when stopped early
+    return {"steps": state.step, "total_steps": total, "epochs": epochs, "seconds": state.seconds,
             "samples_per_second": state.samples / seconds, "tokens_per_second": state.tokens / seconds,
             "train_samples": len(train_data.lengths), "eval_samples": len(eval_data.lengths), "workers": world.size,
             "stopped_early": state.stopped_early, "history": state.history, "evals": state.evals}

@@ -122,7 +122,8 @@ def termination_message(message: dict[str, Any]) -> str:
 
 
 def write_termination(message: dict[str, Any]) -> None:
-    if (path := termination_path()) is None:
+    """Each container has one termination log: of the ranks sharing it, the first local one writes."""
+    if os.environ.get("LOCAL_RANK", "0") != "0" or (path := termination_path()) is None:
         return
     try:
         path.write_text(termination_message(message))

@@ -1,0 +1,133 @@
+"""The CLI's contract with the operator: exit codes, messages that name the problem, the
+termination message and the metrics endpoint."""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from finetune_trainer import cli
+from finetune_trainer.config import Stage
+from finetune_trainer.telemetry import ADDR_ENV, PORT_ENV, TERMINATION_ENV, Metrics, termination_message
+from tiny import TINY_BERT, free_port, tiny_classifier_doc
+
+DESIGN_METRICS = {"loss", "learning_rate", "step", "total_steps", "epoch", "samples_per_second", "tokens_per_second",
+                  "stage", "eval_metric", "gpu_memory_bytes", "mfu"}
+
+
+@pytest.fixture
+def termination(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "termination-log"
+    monkeypatch.setenv(TERMINATION_ENV, str(path))
+    return path
+
+
+def run(doc: dict[str, Any], tmp_path: Path, manifest: bool = True) -> int:
+    document = {"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJob", "metadata": {"name": "t"},
+                "spec": doc} if manifest else doc
+    (path := tmp_path / "job.yaml").write_text(yaml.safe_dump(document))
+    return cli.main(["run", str(path)])
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        ({"dataset": {"uri": "pvc://data/sentiment/absent.csv"}}, "dataset pvc://data/sentiment/absent.csv: .* does not exist"),
+        ({"dataset": {"labelField": "polarity"}}, "no column 'polarity' \\(dataset.labelField\\); it has sentiment, confidence, text"),
+        ({"rearrange": {"head": {"numLabels": 2}}}, "numLabels is 2 but the dataset has 3 labels \\(negative, neutral, positive\\)"),
+    ],
+    ids=["missing-dataset", "missing-label-column", "label-mismatch"],
+)
+def test_bad_data_exits_1_naming_the_problem(change: dict, message: str, tmp_path: Path, termination: Path,
+                                             caplog: pytest.LogCaptureFixture) -> None:
+    doc = tiny_classifier_doc(tmp_path / "out")
+    for key, value in change.items():
+        doc.setdefault(key, {}).update(value)
+    assert run(doc, tmp_path) == 1
+    assert any(__import__("re").search(message, r.getMessage()) for r in caplog.records), caplog.text
+    sent = json.loads(termination.read_text())
+    assert sent["stage"] == Stage.LOADING.value and sent["reason"] == "InvalidDataset"
+
+
+def test_invalid_config_exits_1_naming_the_field(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    doc = tiny_classifier_doc(tmp_path / "out", batchSize=0)
+    assert run(doc, tmp_path, manifest=False) == 1
+    assert "training.batchSize: Input should be greater than or equal to 1" in caplog.text
+    assert cli.main(["run", str(tmp_path / "absent.yaml")]) == 1
+    with pytest.raises(SystemExit) as usage:
+        cli.main(["train"])
+    assert usage.value.code == 1
+
+
+def broken_model(folder: Path) -> Path:
+    """A tiny BERT checkpoint with a NaN in one weight."""
+    import torch
+    from transformers import BertConfig, BertForSequenceClassification
+
+    model = BertForSequenceClassification(BertConfig(vocab_size=30522, num_labels=3, **TINY_BERT))
+    with torch.no_grad():
+        model.bert.encoder.layer[0].output.dense.weight[0, 0] = float("nan")
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_nan_weights_are_fatal_and_a_nan_loss_is_caught(tmp_path: Path, termination: Path,
+                                                        caplog: pytest.LogCaptureFixture) -> None:
+    doc = tiny_classifier_doc(tmp_path / "out")
+    doc["model"] = {"task": "sequence-classification", "uri": f"file://{broken_model(tmp_path / 'broken')}",
+                    "tokenizerUri": "pvc://models/all-MiniLM-L6-v2"}
+    assert run(doc, tmp_path) == 1
+    assert "NonFiniteWeights: bert.encoder.layer.0.output.dense.weight has 1 NaN/Inf values" in caplog.text
+    assert json.loads(termination.read_text())["stage"] == Stage.ANALYZING.value
+    caplog.clear()
+    doc["analyze"]["failOnFatal"] = False
+    doc["evaluation"] = {"baseline": False}
+    assert run(doc, tmp_path) == 1
+    assert "LossNotFinite: the training loss is nan" in caplog.text
+    sent = json.loads(termination.read_text())
+    assert sent["stage"] == Stage.TRAINING.value and sent["reason"] == "LossNotFinite"
+
+
+def test_success_writes_the_termination_message_and_the_summary(tmp_path: Path, termination: Path,
+                                                                capsys: pytest.CaptureFixture) -> None:
+    assert run(tiny_classifier_doc(tmp_path / "out"), tmp_path) == 0
+    sent = json.loads(termination.read_text())
+    assert sent["stage"] == "Done" and set(sent["evaluation"]) == {"baseline", "final"}
+    assert sent["progress"]["step"] == sent["progress"]["totalSteps"] == 8
+    assert 0 < sent["analysis"]["trainableParameters"] <= sent["analysis"]["totalParameters"]
+    assert len(termination.read_bytes()) <= 4096
+    table = capsys.readouterr().out
+    assert "metric" in table and "baseline" in table and "fine-tuned" in table and "accuracy" in table
+
+
+def test_termination_message_fits_in_4_kib() -> None:
+    big = {"stage": "Training", "message": "x" * 10000,
+           "analysis": {"findings": [{"message": "y" * 200}] * 50, "totalParameters": 1}}
+    text = termination_message(big)
+    assert len(text.encode()) <= 4096 and json.loads(text)["analysis"] == {"totalParameters": 1}
+
+
+def test_metrics_endpoint_serves_the_design_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    port = free_port()
+    monkeypatch.setenv(PORT_ENV, str(port))
+    monkeypatch.setenv(ADDR_ENV, "127.0.0.1")
+    metrics = Metrics()
+    metrics.serve()
+    try:
+        metrics.set_stage(Stage.TRAINING)
+        metrics.loss.set(0.5)
+        metrics.set_eval("baseline", {"accuracy": 0.3})
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
+    finally:
+        metrics.close()
+    families = {f.name.removeprefix("finetune_trainer_"): f for f in text_string_to_metric_families(body)}
+    assert DESIGN_METRICS <= set(families)
+    stages = {s.labels["stage"]: s.value for s in families["stage"].samples}
+    assert stages["Training"] == 1 and sum(stages.values()) == 1
+    assert [(s.labels, s.value) for s in families["eval_metric"].samples] == [({"phase": "baseline", "metric": "accuracy"}, 0.3)]
