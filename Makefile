@@ -49,3 +49,14 @@ cluster-up: install k8s-binaries
 
 cluster-down:
 	$(PY) deploy/local/cluster.py down
+
+# Benchmarks (bench/README.md): not tests; each writes bench/results/<name>.{md,json}. They take
+# tens of minutes on a 2-core machine; bench-gpu needs an NVIDIA GPU (elsewhere it says so and exits 0).
+.PHONY: bench bench-gpu
+
+bench: install
+	$(PY) -m bench.accuracy
+	$(PY) -m bench.throughput
+
+bench-gpu: install
+	$(PY) -m bench.gpu

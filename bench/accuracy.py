@@ -10,6 +10,7 @@ The clock of each side is its training loop alone; held-out evaluations are take
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from dataclasses import asdict, fields
 from typing import Any
@@ -90,6 +91,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sides", default=",".join(SIDES))
     parser.add_argument("--name", default="accuracy", help="results file stem under bench/results")
     args = parser.parse_args(argv)
+    # The trainer's progress lines (a step line every 10 s), so a long run shows it is alive.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     settings = Settings(**{f.name: getattr(args, f.name) for f in fields(Settings)})
     targets = [float(t) for t in args.targets.split(",")]
 

@@ -12,6 +12,7 @@ instead, so that every code path is exercised where no GPU is (its numbers mean 
 from __future__ import annotations
 
 import argparse
+import logging
 import gc
 import sys
 import tempfile
@@ -272,6 +273,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--measure-steps", type=int)
     parser.add_argument("--out", type=Path, help="results folder (default bench/results; a dry run writes none)")
     args = parser.parse_args(argv)
+    # The trainer's progress lines (a step line every 10 s), so a long run shows it is alive.
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
 
     if not torch.cuda.is_available() and not args.cpu_dry_run:
         print("bench.gpu: no NVIDIA GPU here (torch.cuda.is_available() is False); this benchmark needs one. "
