@@ -12,6 +12,7 @@ import argparse
 import logging
 import os
 import sys
+import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -47,6 +48,8 @@ def setup_logging() -> None:
 
     hf_logging.set_verbosity_error()  # its load reports repeat what our analysis says, in less detail
     hf_logging.disable_progress_bar()
+    # Deprecation notices between transformers and peft: nothing a user of the trainer can act on.
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -68,7 +68,7 @@ def loss_curve(history: list[dict[str, float]], evals: list[dict[str, Any]], pat
 
 def model_card(cfg: TrainerConfig, report: dict[str, Any]) -> str:
     evaluation = report["evaluation"]
-    rows = [f"| {m} | {fmt(evaluation['baseline'].get(m))} | {fmt(v)} | {fmt(evaluation['delta'].get(m))} |"
+    rows = [f"| {m} | {fmt(evaluation['baseline'].get(m))} | {fmt(v)} | {fmt(evaluation['delta'].get(m), '+.4f')} |"
             for m, v in evaluation["final"].items()]
     training = report["training"]
     lora = cfg.rearrange.lora
@@ -96,5 +96,5 @@ def model_card(cfg: TrainerConfig, report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.4f}"
+def fmt(value: float | None, spec: str = ".4f") -> str:
+    return "-" if value is None else format(value, spec)
