@@ -23,7 +23,7 @@ pytestmark = pytest.mark.slow
 def job(tmp_path: Path, name: str) -> tuple[Path, Path]:
     out = tmp_path / name
     doc = tiny_classifier_doc(out, batchSize=8, checkpointEverySteps=10)
-    doc["dataset"]["maxTrainSamples"] = 1200  # 150 steps: time to stop it in the middle
+    doc["dataset"]["maxTrainSamples"] = 480  # 60 steps: time to stop it in the middle
     doc["evaluation"] = {"baseline": False}
     (config := tmp_path / f"{name}.json").write_text(json.dumps(doc))
     return config, out
@@ -67,7 +67,7 @@ def test_an_interrupted_run_resumes_to_the_same_weights(sig: signal.Signals, ref
         assert saved[-1] % 10 != 0 or saved[-1] > 20  # the SIGTERM checkpoint, not only the periodic ones
     else:
         assert code == -signal.SIGKILL
-    assert 20 <= saved[-1] < 150 and not (out / "model.safetensors").exists()
+    assert 20 <= saved[-1] < 60 and not (out / "model.safetensors").exists()
     assert start(config, out).wait(timeout=600) == 0
     log = (out.parent / "interrupted.log").read_text()
     assert f"resumed from {out / 'checkpoints' / f'step-{saved[-1]:08d}'}" in log

@@ -261,11 +261,14 @@ def summary(report: StructureReport) -> str:
     lines.append(line)
     mem = report.memory
     peak = mem["measured_probe_peak"]
-    lines.append("  memory model (MiB): " + ", ".join(f"{k} {mem[k] / 2**20:.1f}" for k in
-                                                      ("weights", "gradients", "optimizer", "activations", "total"))
+    lines.append("  memory model (MiB): " + memory_line(mem)
                  + (f"; probe {mem['probe_model'] / 2**20:.1f} modelled vs {peak / 2**20:.1f} measured" if peak else ""))
     lines += [f"  [{f.severity}] {f.code}: {f.message}" for f in report.findings]
     return "\n".join(lines)
+
+
+def memory_line(mem: dict[str, int | None]) -> str:
+    return ", ".join(f"{k} {mem[k] / 2**20:.1f}" for k in ("weights", "gradients", "optimizer", "activations", "total"))
 
 
 def fail_on_fatal(report: StructureReport) -> None:

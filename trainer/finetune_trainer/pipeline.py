@@ -145,6 +145,11 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     progress.message["analysis"].update(totalParameters=total, trainableParameters=trainable)
+    # The analysis modelled the model as loaded (all of it training); this is what will train.
+    memory = analysis.memory_model(dict(model.named_parameters()),
+                                   {"activations": report.memory["activations"], "peak": None})
+    log.info("memory model after rearrange (MiB, activations as probed before freezing): %s",
+             analysis.memory_line(memory))
 
     dtype = autocast_dtype(cfg.training.precision, world.device)
     eval_size = cfg.evaluation.batch_size or cfg.training.batch_size
@@ -194,6 +199,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         "labels": {str(k): v for k, v in data.id2label.items()},
         "analysis": report.to_dict(),
         "parameters": {"total": total, "trainable": trainable},
+        "memory_after_rearrange": memory,
         "evaluation": evaluation,
         "training": training_section(state, steps, steps_per_epoch(train_data, cfg.training, world), train_data,
                                      eval_data, world),
