@@ -252,7 +252,8 @@ def summary(report: StructureReport) -> str:
               for m in report.modules]
     types = ", ".join(f"{k} x{v['count']}" for k, v in list(report.layer_types.items())[:8])
     lines.append(f"  layer types: {types}")
-    kinds = Counter(name.rsplit(".", 1)[-1] for name in report.lora_candidates)
+    # Named by their last non-index part: `layer2.0.downsample.0` is a downsample.
+    kinds = Counter(next(p for p in reversed(name.split(".")) if not p.isdigit()) for name in report.lora_candidates)
     lines.append(f"  LoRA candidates: {len(report.lora_candidates)} ({', '.join(f'{k} x{n}' for k, n in kinds.items())})")
     flops = report.flops
     line = f"  FLOPs per sample: {flops['measured_per_sample']:.3g} measured"
