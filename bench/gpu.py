@@ -36,6 +36,7 @@ PEAK_BF16: list[tuple[str, float]] = [
     ("B200", 2250e12),
     ("A100", 312e12),
     ("L40S", 362e12),
+    ("L40", 181e12),
     ("A10G", 125e12),  # a guess on the A10's figure; it is the same die
     ("A10", 125e12),
     ("L4", 121e12),

@@ -47,6 +47,9 @@ class SideResult:
         """Training seconds at the first evaluation that reached `target`, or None if none did."""
         return next((p.seconds for p in self.evals if p.accuracy >= target), None)
 
+    def steps_to(self, target: float) -> int | None:
+        return next((p.step for p in self.evals if p.accuracy >= target), None)
+
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
