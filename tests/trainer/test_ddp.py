@@ -34,5 +34,6 @@ def test_two_process_ddp_run(tmp_path: Path) -> None:
     assert training["steps"] == 8  # 128 samples / (8 per rank x 2 ranks)
     assert training["samples_per_second"] > 0 and len(training["history"]) == 8
     assert report["merge_check"]["passed"]
-    assert [p.name for p in sorted((out / "checkpoints").iterdir())] == ["step-00000004", "step-00000008"]
+    (saved,) = (out / "checkpoints").iterdir()  # one config, one folder
+    assert [p.name for p in sorted(saved.iterdir())] == ["step-00000004", "step-00000008"]
     assert {"accuracy", "f1"} == set(report["evaluation"]["final"])

@@ -3,6 +3,7 @@ a NaN loss, early stopping, and checkpoint/resume giving the same weights."""
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 from pathlib import Path
@@ -42,6 +43,20 @@ def test_pipeline_report_has_the_contracted_shape(tiny_cfg: TrainerConfig, tmp_p
                  "loss_curve.png", "analysis.json"):
         assert (out / name).exists(), name
     assert "| accuracy |" in (out / "README.md").read_text()
+
+
+def test_only_the_same_config_resumes_its_checkpoints(tiny_cfg: TrainerConfig, tmp_path: Path,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="finetune_trainer")
+    tiny_cfg.training.checkpoint_every_steps = 4
+    pipeline.run(tiny_cfg, tmp_path / "out")
+    pipeline.run(tiny_cfg, tmp_path / "out")
+    assert "resumed from" in caplog.text
+    caplog.clear()
+    tiny_cfg.adjust.learning_rate = 5e-4  # a different run: its own checkpoints, trained afresh
+    pipeline.run(tiny_cfg, tmp_path / "out")
+    assert "resumed from" not in caplog.text
+    assert len(list((tmp_path / "out" / "checkpoints").iterdir())) == 2
 
 
 def lm_setup(seed: int = 0):

@@ -10,6 +10,7 @@ an exit code).
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import sys
@@ -176,7 +177,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         evaluate=lambda: measure(model),
         on_step=lambda state, planned: progress.step(state, planned, flops, world.device),
         on_eval=lambda state: progress.metrics.set_eval("training", state.evals[-1]["metrics"]),
-        checkpoint_dir=out / "checkpoints",
+        checkpoint_dir=out / "checkpoints" / fingerprint(cfg),
     )
     progress.bar = progress_bar(steps) if world.main else None
     try:
@@ -209,6 +210,12 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     world.barrier()
     progress.enter(Stage.DONE)
     return result
+
+
+def fingerprint(cfg: TrainerConfig) -> str:
+    """Checkpoints of one config live apart from another's: a rerun with a changed learning rate (say) on the
+    same output starts afresh instead of resuming an optimizer and schedule that no longer match."""
+    return hashlib.sha256(json.dumps(cfg.to_wire(), sort_keys=True).encode()).hexdigest()[:12]
 
 
 def encode(data: LabelledData, tokenizer: Any, cfg: TrainerConfig) -> tuple[Encoded, Encoded]:
