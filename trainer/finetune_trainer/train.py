@@ -87,7 +87,9 @@ def autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | 
 
 
 def make_optimizer(groups: list[dict], device: torch.device) -> torch.optim.Optimizer:
-    return torch.optim.AdamW(groups, fused=device.type == "cuda")
+    """AdamW, fused where torch has the kernel: on a CPU the unfused step of a 22M-parameter model costs
+    seconds (five times the fused one), more than its forward and backward."""
+    return torch.optim.AdamW(groups, fused=device.type in ("cuda", "cpu"))
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, spec: TrainingSpec, total_steps: int):
