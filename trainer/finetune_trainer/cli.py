@@ -53,6 +53,9 @@ def setup_logging() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before torch loads OpenMP: spinning threads wait actively for each other, which on a CPU shared with
+    # other processes made every matmul about 3x slower (measured on 2 cores); waiting passively costs little.
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = parse(argv)
     setup_logging()
     from finetune_trainer.config import TrainerConfig
