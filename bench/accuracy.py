@@ -21,14 +21,12 @@ from bench.common import command_line, fmt, machine, ratio, write_results
 from bench.sides import Settings, SideResult
 
 SIDES = ("ours", "hf-tuned", "hf-default")
-# Optional: our pipeline with the proposed CPU optimizer fix (bench/README.md); never part of the goals.
-WHAT_IF = "ours-fused-adamw"
 GOALS = {"hf-default": 3.0, "hf-tuned": 1.2}  # issue 4, item 11 (a) and (b)
 
 
 def run_side(name: str, shared: object, settings: Settings) -> SideResult:
-    if name in ("ours", WHAT_IF):
-        return ours.run(settings, fused=name == WHAT_IF)  # the pipeline loads the same spec itself, as a job would
+    if name == "ours":
+        return ours.run(settings)  # the pipeline loads the same spec itself, as a user's job would
     return hf_trainer.run(shared, settings, tuned=name == "hf-tuned")
 
 
@@ -37,7 +35,7 @@ def compare(results: dict[str, SideResult], targets: list[float]) -> dict[str, A
     mine = results.get("ours")
     table: dict[str, Any] = {}
     for name, result in results.items():
-        if name in ("ours", WHAT_IF) or mine is None:
+        if name == "ours" or mine is None:
             continue
         table[name] = {
             str(t): {"baseline_seconds": result.time_to(t), "ours_seconds": mine.time_to(t),
@@ -80,14 +78,6 @@ def markdown(results: dict[str, SideResult], comparison: dict[str, Any], setting
             row = comparison[name][str(target)]
             lines.append(f"- ours vs {name}: **{fmt(row['speedup'])}×** faster to accuracy {target:.2f} (goal ≥{goal}×); "
                          f"final accuracy ours − {name} = {fmt(comparison[name]['final_accuracy_delta'], 3)}.")
-    if WHAT_IF in results:
-        fixed = results[WHAT_IF]
-        for name in GOALS:
-            if name in results:
-                lines.append(f"- what-if {WHAT_IF} (not the product) vs {name}: "
-                             f"{fmt(ratio(results[name].time_to(target), fixed.time_to(target)))}× to {target:.2f}; "
-                             f"seconds per step {fmt(results[name].train_seconds / max(results[name].steps, 1))} vs "
-                             f"{fmt(fixed.train_seconds / max(fixed.steps, 1))}.")
     lines += ["", "Time to a target = steps to reach it (how well a side optimises, one seed, one evaluation every "
               f"{settings.eval_every} steps) × seconds per step (how fast it computes, exposed to the machine's load "
               "while that side ran: see the load averages in the JSON).",
@@ -104,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
                             default=getattr(defaults, f.name))
     parser.add_argument("--targets", default="0.57,0.55,0.60", help="first one is the headline target")
-    parser.add_argument("--sides", default=",".join(SIDES), help=f"any of {', '.join(SIDES)}, {WHAT_IF}")
+    parser.add_argument("--sides", default=",".join(SIDES), help=f"any of {', '.join(SIDES)}")
     parser.add_argument("--name", default="accuracy", help="results file stem under bench/results")
     args = parser.parse_args(argv)
     # The trainer's progress lines (a step line every 10 s), so a long run shows it is alive.

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import os
 import tempfile
-from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from bench.common import minilm_path, stopwatch
 from bench.data import dataset_spec
@@ -38,38 +37,20 @@ def config(settings: Settings, output_dir: Path) -> Any:
     )
 
 
-@contextmanager
-def fused_adamw() -> Iterator[None]:
-    """A what-if, not the product: the pipeline with fused AdamW on the CPU too (the fix proposed in
-    bench/README.md; `make_optimizer` fuses only on CUDA). Swapped in the pipeline's namespace, undone after."""
-    import torch
-
-    from finetune_trainer import pipeline
-
-    original = pipeline.make_optimizer
-    pipeline.make_optimizer = lambda groups, device: torch.optim.AdamW(groups, fused=True)
-    try:
-        yield
-    finally:
-        pipeline.make_optimizer = original
-
-
-def run(settings: Settings, fused: bool = False) -> SideResult:
+def run(settings: Settings) -> SideResult:
     """Run the six stages; the training clock (evaluations excluded) and the evaluations come from the report."""
     from finetune_trainer import pipeline
 
     # Port 0: no metrics server, so a benchmark never collides with a trainer already serving :9090.
     os.environ.setdefault("FINETUNE_METRICS_PORT", "0")
-    with (tempfile.TemporaryDirectory(prefix="bench-ours-") as out, stopwatch() as wall,
-          fused_adamw() if fused else nullcontext()):
+    with tempfile.TemporaryDirectory(prefix="bench-ours-") as out, stopwatch() as wall:
         report = pipeline.run(config(settings, Path(out)), Path(out))
     training = report["training"]
     evals = [EvalPoint(e["step"], e["seconds_since_train_start"], e["metrics"]["accuracy"]) for e in training["evals"]]
-    name = "ours-fused-adamw" if fused else "ours"
     for p in evals:
-        print(f"bench: {name} step {p.step}: {p.seconds:.1f}s, accuracy {p.accuracy:.3f}", flush=True)
+        print(f"bench: ours step {p.step}: {p.seconds:.1f}s, accuracy {p.accuracy:.3f}", flush=True)
     return SideResult(
-        name=name,
+        name="ours",
         evals=evals,
         steps=training["steps"],
         train_seconds=training["seconds"],
@@ -82,7 +63,7 @@ def run(settings: Settings, fused: bool = False) -> SideResult:
 def train_causal_lm(model: Any, batches: list[Any], learning_rate: float, steps: int, device: Any,
                     on_step: Any = None) -> None:
     """Our `train_loop` on pre-packed causal-LM rows (the GPU benchmark): bf16 autocast on a GPU, AdamW as
-    the pipeline builds it (fused on CUDA), constant learning rate, no evaluation and no checkpoints."""
+    the pipeline builds it (fused), constant learning rate, no evaluation and no checkpoints."""
     import torch
 
     from finetune_trainer.batches import Encoded, make_collate
