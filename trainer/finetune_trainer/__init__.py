@@ -16,7 +16,7 @@
     cli.py                `finetune-trainer run <manifest or config> [--output DIR]`
 
 Environment: FINETUNE_PVC_ROOT (where pvc:// claims are mounted; default the nearest
-.data/pvc), FINETUNE_METRICS_PORT / FINETUNE_METRICS_ADDR (default 0.0.0.0:9090, port 0
+.data/pvc), FINETUNE_METRICS_PORT / FINETUNE_METRICS_ADDR (default 127.0.0.1:9090, port 0
 off), TERMINATION_MESSAGE_PATH, and torchrun's RANK / WORLD_SIZE / LOCAL_RANK. Exit codes
 are in errors.py. Checkpoints live in <output>/checkpoints/<config fingerprint>; a rerun of
 the same config on the same output resumes from the newest complete one.

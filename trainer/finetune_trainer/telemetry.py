@@ -1,8 +1,9 @@
 """What the trainer tells the world: Prometheus metrics, progress lines and the termination message.
 
 Metric names are shared with the operator and the dashboard (DESIGN §4). Rank 0 serves
-them on FINETUNE_METRICS_ADDR:FINETUNE_METRICS_PORT (default 0.0.0.0:9090; port 0 turns
-the endpoint off). `finetune_trainer_stage{stage=...}` is 1 for the current stage and 0
+them on FINETUNE_METRICS_ADDR:FINETUNE_METRICS_PORT (default 127.0.0.1:9090; port 0 turns
+the endpoint off). Loopback unless told otherwise: a local run must not listen on the
+network, and in a pod the operator sets the address to the pod's IP. `finetune_trainer_stage{stage=...}` is 1 for the current stage and 0
 for the others; `finetune_trainer_eval_metric{phase,metric}` has phase baseline, training
 (the latest evaluation during training) or final.
 
@@ -63,7 +64,7 @@ class Metrics:
         port = int(os.environ.get(PORT_ENV, DEFAULT_PORT))
         if port == 0:
             return
-        addr = os.environ.get(ADDR_ENV, "0.0.0.0")
+        addr = os.environ.get(ADDR_ENV, "127.0.0.1")
         try:
             self.server, _ = start_http_server(port, addr=addr, registry=self.registry)
             log.info("metrics on http://%s:%d/metrics", addr, port)
