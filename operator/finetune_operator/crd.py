@@ -138,11 +138,16 @@ def schema_of(model: type[api.ApiModel]) -> dict[str, Any]:
 
 def _without_defaults(node: Any) -> Any:
     """Status is written only by the operator, so the apiserver must not invent values in it."""
-    if isinstance(node, dict):
-        return {k: _without_defaults(v) for k, v in node.items() if k != "default"}
     if isinstance(node, list):
         return [_without_defaults(n) for n in node]
-    return node
+    if not isinstance(node, dict):
+        return node
+    return {
+        # Under `properties` the keys are field names: a field called "default" stays.
+        k: {name: _without_defaults(p) for name, p in v.items()} if k == "properties" else _without_defaults(v)
+        for k, v in node.items()
+        if k != "default"
+    }
 
 
 def build_crd() -> dict[str, Any]:

@@ -22,7 +22,7 @@ def test_two_process_ddp_run(tmp_path: Path) -> None:
     doc["rearrange"] = {"lora": {"rank": 4}}
     (config := tmp_path / "job.json").write_text(json.dumps(doc))
     command = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1",
-               f"--master-addr=127.0.0.1", f"--master-port={free_port()}",
+               "--master-addr=127.0.0.1", f"--master-port={free_port()}",
                "-m", "finetune_trainer.cli", "run", str(config)]
     env = os.environ | {"OMP_NUM_THREADS": "1"}  # two ranks on two cores
     done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
