@@ -19,7 +19,7 @@ from finetune_trainer.distributed import World
 from finetune_trainer.errors import LossNotFinite, Terminated
 from finetune_trainer.models import load_model, load_tokenizer
 from finetune_trainer.rearrange import new_head
-from finetune_trainer.train import Hooks, make_scheduler, train_loop
+from finetune_trainer.train import Hooks, LoopState, make_scheduler, train_loop
 from tiny import TINY_BERT, TINY_GPT2
 
 CPU = World(rank=0, size=1, device=torch.device("cpu"))
@@ -96,14 +96,59 @@ def test_a_nan_loss_stops_before_the_weights_change() -> None:
     assert torch.equal(model.transformer.h[0].attn.c_attn.weight, before)
 
 
-def test_early_stopping_after_patience_evaluations() -> None:
+class Scripted:
+    """An evaluation hook that reports the given losses in turn and snapshots the weights it was shown."""
+
+    def __init__(self, model: torch.nn.Module, losses: list[float]) -> None:
+        self.model, self.losses, self.seen = model, iter(losses), []
+
+    def __call__(self) -> dict[str, float]:
+        self.seen.append({n: p.detach().clone() for n, p in self.model.named_parameters()})
+        return {"loss": next(self.losses)}
+
+
+def weights(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.detach() for n, p in model.named_parameters()}
+
+
+def assert_same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_early_stopping_restores_the_best_weights() -> None:
     model, data, collate = lm_setup()
     spec = TrainingSpec(batchSize=8, maxSteps=20, evalEverySteps=2, earlyStopping={"patience": 2})
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    hooks = Hooks(evaluate=lambda: {"loss": 1.0})  # never improves after the first
+    evaluate = Scripted(model, [1.0, 0.5, 0.9, 0.8])  # best at step 4, then two evaluations without gain
     state = train_loop(model, optimizer, make_scheduler(optimizer, spec, 20), data, collate, spec, Task.CAUSAL_LM,
-                       CPU, hooks)
-    assert state.stopped_early and state.step == 6 and len(state.evals) == 3
+                       CPU, Hooks(evaluate=evaluate))
+    assert state.stopped_early and state.step == 8 and len(state.evals) == 4
+    assert state.best_step == 4 and state.restored_best
+    assert_same(weights(model), evaluate.seen[1])
+    assert any(not torch.equal(evaluate.seen[1][n], evaluate.seen[3][n]) for n in evaluate.seen[1])  # it did train on
+
+
+def test_the_best_weights_survive_a_resume(tmp_path: Path) -> None:
+    """The run dies after the step-6 checkpoint; the resumed run still ends on step 4's weights."""
+    spec = TrainingSpec(batchSize=8, maxSteps=20, evalEverySteps=2, checkpointEverySteps=2,
+                        earlyStopping={"patience": 2})
+
+    def stop_at_7(state: LoopState, total: int) -> None:
+        if state.step == 7:
+            raise KeyboardInterrupt
+
+    model, data, collate = lm_setup()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    first = Scripted(model, [1.0, 0.5, 0.9])
+    with pytest.raises(KeyboardInterrupt):
+        train_loop(model, optimizer, make_scheduler(optimizer, spec, 20), data, collate, spec, Task.CAUSAL_LM, CPU,
+                   Hooks(evaluate=first, on_step=stop_at_7, checkpoint_dir=tmp_path))
+    model, data, collate = lm_setup()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    state = train_loop(model, optimizer, make_scheduler(optimizer, spec, 20), data, collate, spec, Task.CAUSAL_LM, CPU,
+                       Hooks(evaluate=Scripted(model, [0.8]), checkpoint_dir=tmp_path))
+    assert state.step == 8 and state.stopped_early and state.best_step == 4
+    assert_same(weights(model), first.seen[1])
 
 
 def classifier_run(checkpoint_dir: Path, stop_at: int | None = None) -> dict[str, torch.Tensor]:

@@ -1,7 +1,7 @@
 """Resumable checkpoints, written so that a resume never reads a half-written one.
 
 A checkpoint is a folder `step-<N>`: what trains (and every buffer) as safetensors, the
-optimizer and scheduler, each rank's RNG state and the loop's position as JSON. It is
+weights of the best evaluation so far when early stopping keeps them, the optimizer and scheduler, each rank's RNG state and the loop's position as JSON. It is
 written into `.tmp-step-<N>`, flushed to disk, given a COMMITTED marker, and only then
 renamed into place by rank 0 (a rename is atomic); the last `keep` are kept. Resume takes
 the newest folder that has the marker. Ranks must share the checkpoint folder (a PVC).
@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 
 MARKER = "COMMITTED"
 PREFIX = "step-"
+BEST = "best.safetensors"
 
 
 def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -62,7 +63,7 @@ def fsync_tree(folder: Path) -> None:
 
 
 def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
-         loop_state: dict[str, Any], world: World, keep: int) -> Path:
+         loop_state: dict[str, Any], world: World, keep: int, best: dict[str, torch.Tensor] | None = None) -> Path:
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{PREFIX}{step:08d}"
     if world.main:
@@ -72,6 +73,8 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
     torch.save(rng_state(), tmp / f"rng-{world.rank}.pt")
     if world.main:
         save_file(trained_tensors(model), tmp / "trained.safetensors")
+        if best is not None:
+            save_file(best, tmp / BEST)
         torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
         (tmp / "state.json").write_text(json.dumps(loop_state))
     world.barrier()
@@ -95,16 +98,10 @@ def complete(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
 
 
-def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, world: World) -> dict[str, Any]:
-    """Restore a checkpoint in place; returns the loop's saved position."""
-    tensors = load_file(folder / "trained.safetensors")
-    own = dict(model.named_parameters()) | dict(model.named_buffers())
-    missing = set(tensors) - set(own)
-    if missing:
-        raise RuntimeError(f"{folder}: the checkpoint holds tensors the model lacks: {sorted(missing)[:5]}")
-    with torch.no_grad():
-        for name, value in tensors.items():
-            own[name].copy_(value)
+def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+         world: World) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
+    """Restore a checkpoint in place; returns the loop's saved position and the best weights if it kept them."""
+    restore(model, load_file(folder / "trained.safetensors"), folder)
     saved = torch.load(folder / "optimizer.pt", map_location=world.device, weights_only=False)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
@@ -112,4 +109,16 @@ def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sched
     if rng.exists():  # a run resumed on more ranks than it was saved with starts the new ranks' RNG afresh
         set_rng_state(torch.load(rng, weights_only=False))
     log.info("resumed from %s", folder)
-    return json.loads((folder / "state.json").read_text())
+    best = load_file(folder / BEST) if (folder / BEST).exists() else None
+    return json.loads((folder / "state.json").read_text()), best
+
+
+def restore(model: nn.Module, tensors: dict[str, torch.Tensor], source: object) -> None:
+    """Copy `tensors` (as `trained_tensors` took them) into the model in place."""
+    own = dict(model.named_parameters()) | dict(model.named_buffers())
+    missing = set(tensors) - set(own)
+    if missing:
+        raise RuntimeError(f"{source}: holds tensors the model lacks: {sorted(missing)[:5]}")
+    with torch.no_grad():
+        for name, value in tensors.items():
+            own[name].copy_(value)

@@ -188,8 +188,9 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
             progress.bar.close()
 
     progress.enter(Stage.EVALUATING)
-    last = state.evals[-1] if state.evals else None
-    final = last["metrics"] if last and last["step"] == state.step else measure(model)
+    # The loop's last evaluation already scored these weights (the best one's, if it restored them).
+    scored = state.best_step if state.restored_best else state.step
+    final = next((e["metrics"] for e in state.evals if e["step"] == scored), None) or measure(model)
     progress.metrics.set_eval("final", final)
     evaluation = {"baseline": baseline, "final": final, "delta": deltas(baseline, final)}
     progress.message["evaluation"] = {"baseline": baseline, "final": final}
@@ -232,7 +233,8 @@ def training_section(state: LoopState, total: int, per_epoch: int, train_data: E
     return {"steps": state.step, "total_steps": total, "epochs": epochs, "seconds": state.seconds,
             "samples_per_second": state.samples / seconds, "tokens_per_second": state.tokens / seconds,
             "train_samples": len(train_data.lengths), "eval_samples": len(eval_data.lengths), "workers": world.size,
-            "stopped_early": state.stopped_early, "history": state.history, "evals": state.evals}
+            "stopped_early": state.stopped_early,
+            "restored_best_step": state.best_step if state.restored_best else None, "history": state.history, "evals": state.evals}
 
 
 def write_outputs(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg: TrainerConfig, out: Path,

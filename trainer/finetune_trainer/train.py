@@ -14,6 +14,10 @@ budget is spent or early stopping fires. What it does, in order, for every step:
 - evaluates every `evalEverySteps` (early stopping on the first metric), checkpoints every
   `checkpointEverySteps` and on SIGTERM, then raises `Terminated`.
 
+With early stopping on, the loop keeps the weights of the best evaluation (in memory and in
+every checkpoint) and puts them back at the end, so the model it leaves is the best one seen,
+not the one that ran `patience` evaluations past it.
+
 It is also the unit a throughput benchmark calls directly: build the model, the optimizer
 (`make_optimizer`) and the data (`batches.encode_text`, `batches.make_collate`), then
 `train_loop(model, optimizer, scheduler, data, collate, spec, task, world)`; the returned
@@ -61,8 +65,10 @@ class LoopState:
     history: list[dict[str, float]] = field(default_factory=list)  # {step, seconds_since_train_start, loss, lr}
     evals: list[dict[str, Any]] = field(default_factory=list)  # {step, seconds_since_train_start, metrics}
     best: float | None = None
+    best_step: int | None = None
     evals_without_gain: int = 0
     stopped_early: bool = False
+    restored_best: bool = False  # the weights at the end are those of best_step
 
 
 @dataclass
@@ -160,8 +166,10 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
     per_epoch = steps_per_epoch(data, spec, world)
     eval_every = spec.eval_every_steps or per_epoch
     state = LoopState()
+    best: dict[str, torch.Tensor] | None = None  # weights of state.best_step, kept when early stopping is on
     if hooks.checkpoint_dir is not None and (found := checkpoints.complete(hooks.checkpoint_dir)):
-        state = LoopState(**checkpoints.load(found[-1], unwrap(model), optimizer, scheduler, world))
+        saved, best = checkpoints.load(found[-1], unwrap(model), optimizer, scheduler, world)
+        state = LoopState(**saved)
     dtype = autocast_dtype(spec.precision, world.device)
     scaler = torch.amp.GradScaler(world.device.type, enabled=dtype == torch.float16)
     model.train()
@@ -187,13 +195,15 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
                 if hooks.on_step:
                     hooks.on_step(state, total)
                 if hooks.evaluate and (state.step % eval_every == 0 or state.step == total):
-                    record_eval(state, hooks.evaluate(), spec, metric)
+                    if record_eval(state, hooks.evaluate(), spec, metric) and spec.early_stopping:
+                        best = {n: t.clone() for n, t in checkpoints.trained_tensors(unwrap(model)).items()}
                     model.train()
                     if hooks.on_eval:
                         hooks.on_eval(state)
                 due = state.step % spec.checkpoint_every_steps == 0 or stop
                 if hooks.checkpoint_dir is not None and due:
-                    save(hooks.checkpoint_dir, model, optimizer, scheduler, state, world, spec)
+                    checkpoints.save(hooks.checkpoint_dir, state.step, unwrap(model), optimizer, scheduler,
+                                     asdict(state), world, spec.keep_checkpoints, best)
                 if stop:
                     raise Terminated(f"stopped by SIGTERM at step {state.step}"
                                      + ("; a checkpoint holds it" if hooks.checkpoint_dir else ""))
@@ -202,6 +212,10 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
             else:
                 state.epoch += 1
                 state.position = 0
+    if best is not None and state.best_step != state.step:
+        checkpoints.restore(unwrap(model), best, f"the best weights (step {state.best_step})")
+        state.restored_best = True
+        log.info("restored the weights of step %s, the best evaluation (%s)", state.best_step, state.best)
     return state
 
 
@@ -236,25 +250,23 @@ def train_step(model: nn.Module, micro: list[Batch], task: Task, world: World, d
     return loss_value, int(samples), int(tokens), stop > 0
 
 
-def record_eval(state: LoopState, metrics: dict[str, float], spec: TrainingSpec, metric: Metric | None) -> None:
+def record_eval(state: LoopState, metrics: dict[str, float], spec: TrainingSpec, metric: Metric | None) -> bool:
+    """Note an evaluation and decide on early stopping; returns whether it is the best so far."""
     state.evals.append({"step": state.step, "seconds_since_train_start": state.seconds, "metrics": metrics})
     key = metric or Metric(next(iter(metrics)))
     value = metrics[key.value]
     sign = -1 if key in LOWER_IS_BETTER else 1
     min_delta = spec.early_stopping.min_delta if spec.early_stopping else 0.0
-    if state.best is None or sign * (value - state.best) > min_delta:
-        state.best, state.evals_without_gain = value, 0
+    improved = state.best is None or sign * (value - state.best) > min_delta
+    if improved:
+        state.best, state.best_step, state.evals_without_gain = value, state.step, 0
     else:
         state.evals_without_gain += 1
     if spec.early_stopping and state.evals_without_gain >= spec.early_stopping.patience:
         log.info("early stop at step %d: %s has not improved for %d evaluations", state.step, key.value,
                  state.evals_without_gain)
         state.stopped_early = True
-
-
-def save(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, state: LoopState,
-         world: World, spec: TrainingSpec) -> None:
-    checkpoints.save(root, state.step, unwrap(model), optimizer, scheduler, asdict(state), world, spec.keep_checkpoints)
+    return improved
 
 
 def unwrap(model: nn.Module) -> nn.Module:
