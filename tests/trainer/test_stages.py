@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -198,3 +200,24 @@ def test_image_model_and_batches(pvc_root: Path, tmp_path: Path) -> None:
     loss_curve([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}], [{"step": 2, "metrics": {"accuracy": 0.5}}],
                tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_memory_model_matches_the_measured_peak_of_a_real_step() -> None:
+    """MiniLM, 32 x 48 tokens, in a fresh process as in a job: the probe's modelled memory (weights, gradients,
+    saved activations) against its measured peak (the process's peak RSS on this CPU)."""
+    script = """
+import json, torch
+from finetune_trainer.analyze import analyze
+from finetune_trainer.batches import Batch
+from finetune_trainer.config import ModelSpec, Task
+from finetune_trainer.models import load_model, load_tokenizer
+spec = ModelSpec(uri="pvc://models/all-MiniLM-L6-v2", task="sequence-classification")
+model = load_model(spec, load_tokenizer(spec), 0)
+ids = torch.randint(1000, 2000, (32, 48))
+batch = Batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.zeros(32, dtype=torch.long), 32, 1536, 32)
+print(json.dumps(analyze(model, [batch], Task.SEQUENCE_CLASSIFICATION, 2, adapters=False).memory))
+"""
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, check=True)
+    memory = json.loads(done.stdout.strip().splitlines()[-1])
+    assert memory["measured_by"] == "weights + peak RSS rise"
+    assert 0.8 < memory["measured_probe_peak"] / memory["probe_model"] < 1.25, memory

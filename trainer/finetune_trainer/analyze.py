@@ -7,9 +7,15 @@ FLOPs and the memory of that step, and turns what it saw into findings with a se
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import logging
+import re
 from collections import Counter, defaultdict
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -61,7 +67,7 @@ class StructureReport:
     tied_weights: list[list[str]]
     no_grad_parameters: list[str]
     flops: dict[str, float | str | None]
-    memory: dict[str, int | None]
+    memory: dict[str, int | str | None]
     findings: list[Finding] = field(default_factory=list)
 
     def to_dict(self) -> dict:
@@ -153,15 +159,12 @@ def probe_step(model: nn.Module, batches: list[Batch], task: Task) -> tuple[list
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    cuda = next(model.parameters()).is_cuda
-    if cuda:
-        torch.cuda.reset_peak_memory_stats()
-    with FlopCounterMode(display=False) as counter:
+    with FlopCounterMode(display=False) as counter, measured_peak(model) as peak:
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
             loss = probe_loss(logits_of(model, batches[0].inputs))
         loss.backward()
     probe = {"flops": counter.get_total_flops() / batches[0].samples, "activations": sum(saved.values()),
-             "peak": torch.cuda.max_memory_allocated() if cuda else None}
+             "peak": peak.get("bytes"), "peak_source": peak.get("source")}
     for batch in batches[1:]:
         probe_loss(logits_of(model, batch.inputs)).backward()
     no_grad = [n for n, p in model.named_parameters() if p.grad is None]
@@ -170,6 +173,43 @@ def probe_step(model: nn.Module, batches: list[Batch], task: Task) -> tuple[list
         p.requires_grad_(requires[name])
     model.train(was_training)
     return no_grad, probe
+
+
+PROC = Path("/proc/self")
+
+
+def resident(key: str) -> int:
+    """VmRSS / VmHWM of this process in bytes (Linux)."""
+    found = re.search(rf"^{key}:\s+(\d+) kB", (PROC / "status").read_text(), re.M)
+    return int(found.group(1)) * 1024 if found else 0
+
+
+@contextlib.contextmanager
+def measured_peak(model: nn.Module) -> Iterator[dict[str, int | str]]:
+    """The peak memory of what runs inside, weights included: the CUDA allocator's peak on a GPU; on a CPU
+    the weights plus the rise of the process's peak resident size (Linux resets it through clear_refs).
+
+    The CPU figure misses memory the allocator still holds from earlier work (glibc's malloc_trim hands most
+    of it back first), so it is a lower bound; the probe is the process's first training step, where that is
+    small. Elsewhere it stays empty.
+    """
+    out: dict[str, int | str] = {}
+    cuda = next(model.parameters()).is_cuda
+    rss = None
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    else:
+        with contextlib.suppress(OSError, AttributeError):
+            ctypes.CDLL("libc.so.6").malloc_trim(0)
+        with contextlib.suppress(OSError):
+            rss = resident("VmRSS")
+            (PROC / "clear_refs").write_text("5")  # 5: reset the peak resident size to the current one
+    yield out
+    if cuda:
+        out.update(bytes=torch.cuda.max_memory_allocated(), source="cuda allocator peak")
+    elif rss:
+        weights = sum(p.numel() * p.element_size() for p in {id(p): p for p in model.parameters()}.values())
+        out.update(bytes=weights + max(0, resident("VmHWM") - rss), source="weights + peak RSS rise")
 
 
 def flop_estimate(model: nn.Module, batch: Batch, task: Task, measured: float, adapters: bool) -> dict[str, float | str | None]:
@@ -192,7 +232,7 @@ def flop_estimate(model: nn.Module, batch: Batch, task: Task, measured: float, a
     return out
 
 
-def memory_model(params: dict[str, nn.Parameter], probe: dict[str, float]) -> dict[str, int | None]:
+def memory_model(params: dict[str, nn.Parameter], probe: dict[str, Any]) -> dict[str, int | str | None]:
     """Bytes of a training step: weights, gradients and AdamW state of what trains, and the batch's activations.
 
     Activations are the tensors autograd saved in the probe's forward (counted once per storage).
@@ -208,7 +248,8 @@ def memory_model(params: dict[str, nn.Parameter], probe: dict[str, float]) -> di
             "total": weights + gradients + optimizer + activations,
             # The probe computes gradients of every weight and has no optimizer, so compare like with like.
             "probe_model": weights * 2 + activations,
-            "measured_probe_peak": None if peak is None else int(peak)}
+            "measured_probe_peak": None if peak is None else int(peak),
+            "measured_by": probe.get("peak_source")}
 
 
 def findings(report: StructureReport, params: dict[str, nn.Parameter], task: Task) -> list[Finding]:
@@ -237,6 +278,13 @@ def findings(report: StructureReport, params: dict[str, nn.Parameter], task: Tas
                            + (f" and {more} more" if more > 0 else "")))
     if not report.lora_candidates:
         out.append(Finding(Severity.INFO, "NoLoraCandidates", "no Linear/Conv1D/Conv2d layer besides the head"))
+    mem = report.memory
+    if mem["measured_probe_peak"] and mem["probe_model"]:
+        off = mem["measured_probe_peak"] / mem["probe_model"]
+        if not 0.67 < off < 1.5:
+            out.append(Finding(Severity.INFO, "MemoryOffModel",
+                               f"the probe step peaked at {off:.2f}x the memory model ({mem['measured_by']}): "
+                               "size requests by the measurement"))
     ratio = report.flops.get("measured_over_estimate")
     if isinstance(ratio, float) and not 0.5 < ratio < 3:
         out.append(Finding(Severity.INFO, "FlopsOffEstimate", f"measured FLOPs are {ratio:.2f}x the 6N estimate"))
@@ -268,7 +316,7 @@ def summary(report: StructureReport) -> str:
     return "\n".join(lines)
 
 
-def memory_line(mem: dict[str, int | None]) -> str:
+def memory_line(mem: dict[str, Any]) -> str:
     return ", ".join(f"{k} {mem[k] / 2**20:.1f}" for k in ("weights", "gradients", "optimizer", "activations", "total"))
 
 
