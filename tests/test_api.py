@@ -19,7 +19,7 @@ def test_there_are_examples_and_a_corpus() -> None:
     assert {p.name for p in EXAMPLES} >= {
         "minilm-sentiment.yaml",
         "digits-headswap.yaml",
-        "tiny-causal-lm-lora.yaml",
+        "tiny-causal-lm.yaml",
         "minilm-sentiment-2workers.yaml",
     }
     assert len(CORPUS) >= 30

@@ -148,7 +148,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     progress.message["analysis"].update(totalParameters=total, trainableParameters=trainable)
     # The analysis modelled the model as loaded (all of it training); this is what will train.
     memory = analysis.memory_model(dict(model.named_parameters()),
-                                   {"activations": report.memory["activations"], "peak": None})
+                                   report.memory["activations"], report.memory["largest_activation"])
     log.info("memory model after rearrange (MiB, activations as probed before freezing): %s",
              analysis.memory_line(memory))
 
