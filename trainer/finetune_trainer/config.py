@@ -292,7 +292,9 @@ class TrainingSpec(ApiModel):
         description="Evaluate every N steps (for early stopping and progress); default once per epoch.",
     )
     early_stopping: EarlyStoppingSpec | None = Field(
-        None, description="Stop early on the first evaluation metric; omit to train to the end."
+        None,
+        description="Stop early on the first evaluation metric, ending with the best evaluation's weights; "
+        "omit to train to the end.",
     )
     checkpoint_every_steps: int = Field(
         200, ge=1, description="Save a resumable checkpoint every N steps (and on SIGTERM)."
