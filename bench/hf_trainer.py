@@ -1,4 +1,4 @@
-"""The baselines a user would pick instead of our trainer: `transformers.Trainer`, default and tuned."""
+"""The baselines a user would pick instead of our trainer: `transformers.Trainer`, default, tuned, and tuned with PEFT."""
 
 from __future__ import annotations
 
@@ -48,12 +48,12 @@ class HeldOutClock(TrainerCallback):
         self.train_seconds = time.perf_counter() - self.start - self.paused
 
 
-def _arguments(settings: Settings, tuned: bool, output_dir: str) -> TrainingArguments:
-    """HF's text-classification example defaults, plus (tuned) the best HF knobs we know for this workload."""
+def _arguments(settings: Settings, variant: str, output_dir: str) -> TrainingArguments:
+    """HF's text-classification example defaults, plus (tuned, lora) the best HF knobs we know for this workload."""
     common: dict[str, Any] = dict(
         output_dir=output_dir,
         per_device_train_batch_size=settings.batch_size,
-        learning_rate=settings.learning_rate,
+        learning_rate=settings.lora_learning_rate if variant == "hf-lora" else settings.learning_rate,
         num_train_epochs=settings.epochs,
         seed=settings.seed,
         # Harness hygiene, not tuning: no checkpoints, no progress bars, no logging integrations.
@@ -61,7 +61,7 @@ def _arguments(settings: Settings, tuned: bool, output_dir: str) -> TrainingArgu
         disable_tqdm=True,
         report_to=[],
     )
-    if not tuned:
+    if variant == "hf-default":
         return TrainingArguments(**common)
     return TrainingArguments(
         **common,
@@ -72,11 +72,26 @@ def _arguments(settings: Settings, tuned: bool, output_dir: str) -> TrainingArgu
     )
 
 
-def run(data: Any, settings: Settings, tuned: bool) -> SideResult:
+def with_our_recipe(model: Any, settings: Settings) -> Any:
+    """PEFT LoRA as a user of it would add our recipe: the same adapters on the same modules (the names come from
+    our analysis, so nothing differs by accident), the new head training in full, everything else frozen."""
+    from peft import LoraConfig, get_peft_model
+
+    from finetune_trainer.config import Task
+    from finetune_trainer.structure import depth, lora_candidates
+
+    layers = depth(model, Task.SEQUENCE_CLASSIFICATION)
+    targets = [n for n in lora_candidates(model, Task.SEQUENCE_CLASSIFICATION) if layers.of(n) > settings.frozen_layers]
+    config = LoraConfig(r=settings.lora_rank, lora_alpha=settings.lora_alpha, lora_dropout=0.0,
+                        target_modules=targets, modules_to_save=["classifier"])
+    return get_peft_model(model, config)
+
+
+def run(data: Any, settings: Settings, name: str) -> SideResult:
     """Fine-tune MiniLM with `transformers.Trainer` on the trainer's split (`bench.data.load`): padded to max
-    length (default) or dynamically (tuned)."""
+    length (hf-default), dynamically (hf-tuned), or dynamically with our LoRA recipe through PEFT (hf-lora)."""
     names = [data.id2label[i] for i in range(len(data.id2label))]
-    name = "hf-tuned" if tuned else "hf-default"
+    tuned = name != "hf-default"
     with stopwatch() as wall:
         tokenizer = AutoTokenizer.from_pretrained(minilm_path())
         transformers.set_seed(settings.seed)  # the new head's initialisation
@@ -86,13 +101,15 @@ def run(data: Any, settings: Settings, tuned: bool) -> SideResult:
             id2label=dict(enumerate(names)),
             label2id={n: i for i, n in enumerate(names)},
         )
+        if name == "hf-lora":
+            model = with_our_recipe(model, settings)
         encoded = tokenize(tokenizer, data.train.inputs, settings.max_length, pad_to_max=not tuned)
         train = Dataset.from_dict({**encoded, "labels": data.train.labels})
         clock = HeldOutClock(name, HeldOut(tokenizer, data.validation.inputs, data.validation.labels, settings.max_length), settings.eval_every)
         with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as out:
             trainer = Trainer(
                 model=model,
-                args=_arguments(settings, tuned, out),
+                args=_arguments(settings, name, out),
                 train_dataset=train,
                 # run_glue.py: default_data_collator when padding to max length, else DataCollatorWithPadding.
                 data_collator=DataCollatorWithPadding(tokenizer) if tuned else default_data_collator,

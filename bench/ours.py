@@ -12,8 +12,18 @@ from bench.data import dataset_spec
 from bench.sides import EvalPoint, Settings, SideResult
 
 
-def config(settings: Settings, output_dir: Path) -> Any:
-    """A FineTuneJob spec as a user would write it: our defaults, plus the workload every side shares."""
+def recipe(settings: Settings) -> dict[str, Any]:
+    """The `adjust` and `rearrange` sections of our shipped example: bottom layers frozen, LoRA above them."""
+    return {
+        "adjust": {"learningRate": settings.lora_learning_rate, "weightDecay": settings.weight_decay,
+                   "freeze": {"strategy": "bottom-layers", "count": settings.frozen_layers}},
+        "rearrange": {"lora": {"rank": settings.lora_rank, "alpha": settings.lora_alpha, "dropout": 0.0}},
+    }
+
+
+def config(settings: Settings, output_dir: Path, full: bool) -> Any:
+    """A FineTuneJob spec as a user would write it: our recipe (or, `full`, our defaults: a full fine-tune at the
+    shared learning rate), plus the workload every side shares."""
     from finetune_trainer.config import TrainerConfig
 
     return TrainerConfig.model_validate(
@@ -21,6 +31,7 @@ def config(settings: Settings, output_dir: Path) -> Any:
             "model": {"uri": str(minilm_path()), "task": "sequence-classification"},
             "dataset": dataset_spec(settings.train_rows, settings.eval_rows, settings.max_length),
             "adjust": {"learningRate": settings.learning_rate, "weightDecay": settings.weight_decay},
+            **({} if full else recipe(settings)),
             "training": {
                 "epochs": settings.epochs,
                 "batchSize": settings.batch_size,
@@ -37,20 +48,21 @@ def config(settings: Settings, output_dir: Path) -> Any:
     )
 
 
-def run(settings: Settings) -> SideResult:
+def run(settings: Settings, full: bool) -> SideResult:
     """Run the six stages; the training clock (evaluations excluded) and the evaluations come from the report."""
     from finetune_trainer import pipeline
 
+    name = "ours-full" if full else "ours"
     # Port 0: no metrics server, so a benchmark never collides with a trainer already serving :9090.
     os.environ.setdefault("FINETUNE_METRICS_PORT", "0")
     with tempfile.TemporaryDirectory(prefix="bench-ours-") as out, stopwatch() as wall:
-        report = pipeline.run(config(settings, Path(out)), Path(out))
+        report = pipeline.run(config(settings, Path(out), full), Path(out))
     training = report["training"]
     evals = [EvalPoint(e["step"], e["seconds_since_train_start"], e["metrics"]["accuracy"]) for e in training["evals"]]
     for p in evals:
-        print(f"bench: ours step {p.step}: {p.seconds:.1f}s, accuracy {p.accuracy:.3f}", flush=True)
+        print(f"bench: {name} step {p.step}: {p.seconds:.1f}s, accuracy {p.accuracy:.3f}", flush=True)
     return SideResult(
-        name="ours",
+        name=name,
         evals=evals,
         steps=training["steps"],
         train_seconds=training["seconds"],

@@ -24,6 +24,12 @@ class Settings:
     schedule: str = "cosine"
     warmup_ratio: float = 0.06
     weight_decay: float = 0.01
+    # Our recipe for this task, as deploy/examples/minilm-sentiment.yaml ships it: the bottom layers frozen,
+    # LoRA on every module the analysis picks above them, at the larger rate adapters want.
+    frozen_layers: int = 2
+    lora_rank: int = 8
+    lora_alpha: int = 16
+    lora_learning_rate: float = 2e-3
 
 
 @dataclass
