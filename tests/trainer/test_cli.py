@@ -52,13 +52,16 @@ def test_bad_data_exits_1_naming_the_problem(change: dict, message: str, tmp_pat
     assert run(doc, tmp_path) == 1
     assert any(__import__("re").search(message, r.getMessage()) for r in caplog.records), caplog.text
     sent = json.loads(termination.read_text())
-    assert sent["stage"] == Stage.LOADING.value and sent["reason"] == "InvalidDataset"
+    assert sent["stage"] == Stage.LOADING.value and sent["reason"] == "InvalidDataset" and sent["exitCode"] == 1
 
 
-def test_invalid_config_exits_1_naming_the_field(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_invalid_config_exits_1_naming_the_field(tmp_path: Path, termination: Path,
+                                                 caplog: pytest.LogCaptureFixture) -> None:
     doc = tiny_classifier_doc(tmp_path / "out", batchSize=0)
     assert run(doc, tmp_path, manifest=False) == 1
     assert "training.batchSize: Input should be greater than or equal to 1" in caplog.text
+    sent = json.loads(termination.read_text())
+    assert sent["reason"] == "InvalidConfig" and sent["exitCode"] == 1 and "training.batchSize" in sent["message"]
     assert cli.main(["run", str(tmp_path / "absent.yaml")]) == 1
     with pytest.raises(SystemExit) as usage:
         cli.main(["train"])
@@ -98,7 +101,7 @@ def test_success_writes_the_termination_message_and_the_summary(tmp_path: Path, 
                                                                 capsys: pytest.CaptureFixture) -> None:
     assert run(tiny_classifier_doc(tmp_path / "out"), tmp_path) == 0
     sent = json.loads(termination.read_text())
-    assert sent["stage"] == "Done" and set(sent["evaluation"]) == {"baseline", "final"}
+    assert sent["stage"] == "Done" and sent["exitCode"] == 0 and set(sent["evaluation"]) == {"baseline", "final"}
     assert sent["progress"]["step"] == sent["progress"]["totalSteps"] == 8
     assert 0 < sent["analysis"]["trainableParameters"] <= sent["analysis"]["totalParameters"]
     assert len(termination.read_bytes()) <= 4096

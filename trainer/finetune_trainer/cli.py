@@ -58,18 +58,22 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = parse(argv)
     setup_logging()
-    from finetune_trainer.config import TrainerConfig
+    from finetune_trainer.config import Stage, TrainerConfig
     from finetune_trainer.rules import error_lines
+    from finetune_trainer.telemetry import write_termination
 
     try:
         cfg = TrainerConfig.from_file(args.config)
     except ValidationError as exc:
-        log.error("%s is not a valid config:\n  %s", args.config, "\n  ".join(error_lines(exc)))
-        return EXIT_USER_ERROR
+        problem = f"{args.config} is not a valid config:\n  " + "\n  ".join(error_lines(exc))
     except (OSError, ValueError) as exc:
-        log.error("cannot read %s: %s", args.config, exc)
-        return EXIT_USER_ERROR
-    return execute(cfg, args.output)
+        problem = f"cannot read {args.config}: {exc}"
+    else:
+        return execute(cfg, args.output)
+    log.error("%s", problem)
+    write_termination({"stage": Stage.PENDING.value, "reason": "InvalidConfig", "message": problem,
+                       "exitCode": EXIT_USER_ERROR})
+    return EXIT_USER_ERROR
 
 
 def execute(cfg: Any, output: Path | None) -> int:

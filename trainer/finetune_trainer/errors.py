@@ -4,6 +4,9 @@ Exit codes are the contract with the operator (DESIGN §4): 0 success; 1 a user 
 that a retry cannot fix (bad config, data or model, a diverging loss); 143 a checkpoint
 was saved on SIGTERM (the attempt may be resumed); anything else an infrastructure
 failure that a new attempt may get past.
+
+Under torchrun the container's exit code is torchrun's, which is 1 for any failed worker, so
+the termination message carries the trainer's own `exitCode` as well (`exit_code_of`).
 """
 
 from __future__ import annotations
@@ -46,3 +49,8 @@ class Terminated(Exception):
 
     reason = "Terminated"
     exit_code = EXIT_TERMINATED
+
+
+def exit_code_of(exc: BaseException) -> int:
+    """The exit code the trainer gives for what stopped it."""
+    return getattr(exc, "exit_code", EXIT_INFRASTRUCTURE)
