@@ -203,9 +203,9 @@ def measured_peak(model: nn.Module) -> Iterator[dict[str, int | str]]:
     else:
         with contextlib.suppress(OSError, AttributeError):
             ctypes.CDLL("libc.so.6").malloc_trim(0)
-        with contextlib.suppress(OSError):
-            rss = resident("VmRSS")
+        with contextlib.suppress(OSError):  # no measurement where /proc is masked: a stale peak would mislead
             (PROC / "clear_refs").write_text("5")  # 5: reset the peak resident size to the current one
+            rss = resident("VmRSS")
     yield out
     if cuda:
         out.update(bytes=torch.cuda.max_memory_allocated(), source="cuda allocator peak")
