@@ -251,7 +251,8 @@ def memory_model(params: dict[str, nn.Parameter], activations: int, largest_acti
     optimizer = sum(p.numel() * ADAMW_STATE_BYTES for p in trainable)
     transient = 3 * largest_activation
     return {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": activations,
-            "largest_activation": largest_activation, "transient": transient, "total": weights + gradients + optimizer + activations + transient,
+            "largest_activation": largest_activation, "transient": transient,
+            "total": weights + gradients + optimizer + activations + transient,
             # The probe computes gradients of every weight and has no optimizer, so compare like with like.
             "probe_model": weights * 2 + activations + transient,
             "measured_probe_peak": None if peak is None else int(peak),
@@ -290,7 +291,7 @@ def findings(report: StructureReport, params: dict[str, nn.Parameter], task: Tas
         if not 0.67 < off < 1.5:
             out.append(Finding(Severity.INFO, "MemoryOffModel",
                                f"the probe step peaked at {off:.2f}x the memory model ({mem['measured_by']}): "
-                               "size requests by the measurement"))
+                               "size the job's memory by the measurement"))
     ratio = report.flops.get("measured_over_estimate")
     if isinstance(ratio, float) and not 0.5 < ratio < 3:
         out.append(Finding(Severity.INFO, "FlopsOffEstimate", f"measured FLOPs are {ratio:.2f}x the 6N estimate"))
@@ -323,7 +324,8 @@ def summary(report: StructureReport) -> str:
 
 
 def memory_line(mem: dict[str, Any]) -> str:
-    return ", ".join(f"{k} {mem[k] / 2**20:.1f}" for k in ("weights", "gradients", "optimizer", "activations", "transient", "total"))
+    keys = ("weights", "gradients", "optimizer", "activations", "transient", "total")
+    return ", ".join(f"{k} {mem[k] / 2**20:.1f}" for k in keys)
 
 
 def fail_on_fatal(report: StructureReport) -> None:

@@ -1,7 +1,8 @@
 """Resumable checkpoints, written so that a resume never reads a half-written one.
 
 A checkpoint is a folder `step-<N>`: what trains (and every buffer) as safetensors, the
-weights of the best evaluation so far when early stopping keeps them, the optimizer and scheduler, each rank's RNG state and the loop's position as JSON. It is
+weights of the best evaluation so far when early stopping keeps them, the optimizer and
+scheduler, each rank's RNG state and the loop's position as JSON. It is
 written into `.tmp-step-<N>`, flushed to disk, given a COMMITTED marker, and only then
 renamed into place by rank 0 (a rename is atomic); the last `keep` are kept. Resume takes
 the newest folder that has the marker. Ranks must share the checkpoint folder (a PVC).

@@ -236,7 +236,8 @@ def training_section(state: LoopState, total: int, per_epoch: int, train_data: E
             "samples_per_second": state.samples / seconds, "tokens_per_second": state.tokens / seconds,
             "train_samples": len(train_data.lengths), "eval_samples": len(eval_data.lengths), "workers": world.size,
             "stopped_early": state.stopped_early,
-            "restored_best_step": state.best_step if state.restored_best else None, "history": state.history, "evals": state.evals}
+            "restored_best_step": state.best_step if state.restored_best else None,
+            "history": state.history, "evals": state.evals}
 
 
 def write_outputs(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg: TrainerConfig, out: Path,
