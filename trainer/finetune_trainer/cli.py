@@ -18,7 +18,7 @@ from typing import Any, NoReturn
 
 from pydantic import ValidationError
 
-from finetune_trainer.errors import EXIT_INFRASTRUCTURE, EXIT_OK, EXIT_USER_ERROR, Terminated, UserError
+from finetune_trainer.errors import EXIT_OK, EXIT_USER_ERROR, Terminated, UserError, exit_code_of
 
 log = logging.getLogger("finetune_trainer")
 
@@ -83,15 +83,14 @@ def execute(cfg: Any, output: Path | None) -> int:
     try:
         out = output or local_path(cfg.output.uri)
         report = pipeline.run(cfg, out)
-    except UserError as exc:
-        log.error("%s: %s", exc.reason, exc)
-        return exc.exit_code
-    except Terminated as exc:
-        log.warning("%s", exc)
-        return exc.exit_code
-    except Exception:
-        log.exception("infrastructure failure")
-        return EXIT_INFRASTRUCTURE
+    except Exception as exc:  # the same exit code the termination message already carries
+        if isinstance(exc, UserError):
+            log.error("%s: %s", exc.reason, exc)
+        elif isinstance(exc, Terminated):
+            log.warning("%s", exc)
+        else:
+            log.exception("infrastructure failure")
+        return exit_code_of(exc)
     if os.environ.get("RANK", "0") == "0":
         print(summary_table(report, out))
     return EXIT_OK
