@@ -33,10 +33,11 @@ BEST = "best.safetensors"
 
 
 def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What changes while training: trainable parameters and all buffers (BatchNorm statistics)."""
+    """What changes while training: trainable parameters and all buffers (BatchNorm statistics), copied to the
+    CPU (one copy, on any device), so that the result stays as it is while training goes on."""
     tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
     tensors.update(dict(model.named_buffers()))
-    return {n: t.detach().contiguous().cpu() for n, t in tensors.items()}
+    return {n: t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format) for n, t in tensors.items()}
 
 
 def rng_state() -> dict[str, Any]:

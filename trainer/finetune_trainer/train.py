@@ -196,7 +196,7 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
                     hooks.on_step(state, total)
                 if hooks.evaluate and (state.step % eval_every == 0 or state.step == total):
                     if record_eval(state, hooks.evaluate(), spec, metric) and spec.early_stopping:
-                        best = {n: t.clone() for n, t in checkpoints.trained_tensors(unwrap(model)).items()}
+                        best = checkpoints.trained_tensors(unwrap(model))
                     model.train()
                     if hooks.on_eval:
                         hooks.on_eval(state)
