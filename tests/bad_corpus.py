@@ -35,3 +35,10 @@ def load_bad_corpus() -> list[BadCase]:
         tags = dict(re.findall(r"^# (field|why): (.+)$", text, flags=re.M))
         cases.append(BadCase(path.stem, yaml.safe_load(text), tags["field"], tags["why"]))
     return cases
+
+
+def readme_manifests() -> list[dict[str, Any]]:
+    """The FineTuneJob manifests the README shows (they must be valid, though not run here)."""
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    blocks = re.findall(r"```yaml\n(.*?)```", readme, flags=re.S)
+    return [doc for block in blocks for doc in yaml.safe_load_all(block) if (doc or {}).get("kind") == "FineTuneJob"]

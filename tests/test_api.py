@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from bad_corpus import BadCase, load_bad_corpus
+from bad_corpus import BadCase, load_bad_corpus, readme_manifests
 from finetune_operator.api import FineTuneJob, manifest_errors
 from finetune_trainer.config import TrainerConfig
 
@@ -50,15 +50,18 @@ def test_defaults_are_what_a_user_would_pick() -> None:
     assert spec.adjust.learning_rate == 5e-5 and spec.adjust.freeze.strategy == "none"
     assert spec.rearrange.lora is None and spec.rearrange.head.num_labels == "auto"
     assert spec.evaluation.metrics == ["accuracy", "f1"] and spec.evaluation.baseline
-    assert spec.resources.workers == 1 and spec.resources.gpus_per_worker == 1
+    assert spec.runtime.workers == 1 and spec.runtime.processes_per_worker == 1
+    assert spec.runtime.resources is None and spec.runtime.image is None  # the operator's configured defaults
     assert spec.backoff_limit == 3 and not spec.suspend
+    # Nothing is deleted unless asked (as batch/v1 Job), and no deadline is imposed.
+    assert spec.ttl_seconds_after_finished is None and spec.active_deadline_seconds is None
 
 
 def test_wire_round_trip_keeps_camel_case() -> None:
     doc = yaml.safe_load(EXAMPLES[0].read_text())
     wire = FineTuneJob.from_wire(doc).spec.to_wire()
     assert wire["dataset"]["textField"] == "text"
-    assert wire["resources"]["gpusPerWorker"] == 0
+    assert wire["runtime"]["resources"]["limits"]["cpu"] == "2"
     assert FineTuneJob.from_wire({"spec": wire}).spec.to_wire() == wire
 
 
@@ -69,3 +72,34 @@ def test_validate_command_names_the_field(capsys: pytest.CaptureFixture[str]) ->
     assert main(["validate", str(EXAMPLES[0])]) == 0
     assert main(["validate", str(Path(__file__).parent / "bad_manifests" / f"{bad.name}.yaml")]) == 1
     assert "spec.adjust.freeze.count: count is required" in capsys.readouterr().err
+
+
+def test_null_means_absent() -> None:
+    """The apiserver prunes a null (no field is nullable), so null must mean what leaving it out means."""
+    doc = yaml.safe_load(EXAMPLES[0].read_text())
+    doc["spec"]["ttlSecondsAfterFinished"] = None
+    doc["spec"]["rearrange"]["lora"] = None
+    assert manifest_errors(doc) == []
+    spec = FineTuneJob.from_wire(doc).spec
+    assert spec.ttl_seconds_after_finished is None and spec.rearrange.lora is None
+
+
+def test_validate_takes_multi_document_files(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from finetune_operator.__main__ import main
+
+    good = EXAMPLES[0].read_text()
+    bad = (Path(__file__).parent / "bad_manifests" / f"{CORPUS[0].name}.yaml").read_text()
+    path = tmp_path / "jobs.yaml"
+    path.write_text("---\n" + good + "\n---\n# nothing here\n---\n" + bad + "\n---\n")
+    assert main(["validate", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out.count(": valid") == 1 and err.count(": invalid") == 1
+    path.write_text(good + "\n---\n\n---\n" + good)
+    assert main(["validate", str(path)]) == 0
+
+
+def test_the_readme_multi_node_example_is_valid() -> None:
+    docs = readme_manifests()
+    assert docs and any(d["spec"]["runtime"]["workers"] > 1 for d in docs)
+    for doc in docs:
+        assert manifest_errors(doc) == []

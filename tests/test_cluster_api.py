@@ -3,13 +3,14 @@ case of the bad-input corpus at apply time, naming the field at fault."""
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
-from bad_corpus import BadCase, load_bad_corpus
+from bad_corpus import BadCase, load_bad_corpus, readme_manifests
 from kube import Kube, condition
 
 pytestmark = pytest.mark.cluster
@@ -55,6 +56,12 @@ def test_example_passes_server_side_dry_run(kube: Kube, crd: dict, module_namesp
     assert result.returncode == 0, result.stderr
 
 
+def test_readme_examples_pass_server_side_dry_run(kube: Kube, crd: dict, module_namespace: str) -> None:
+    for doc in readme_manifests():
+        result = kube.apply(doc, module_namespace, "--dry-run=server", check=False)
+        assert result.returncode == 0, result.stderr
+
+
 @pytest.mark.parametrize("case", load_bad_corpus(), ids=lambda c: c.name)
 def test_bad_input_is_refused_naming_its_field(kube: Kube, crd: dict, module_namespace: str, case: BadCase) -> None:
     # A real apply (not a dry run): refused cases create nothing, so they share a namespace.
@@ -75,11 +82,60 @@ def test_apiserver_defaults_match_the_models(kube: Kube, crd: dict, namespace: s
 
 def test_model_dataset_and_output_are_immutable(kube: Kube, crd: dict, namespace: str) -> None:
     doc = yaml.safe_load(EXAMPLES[0].read_text())
+    doc["spec"]["suspend"] = True  # even while suspended
     kube.apply(doc, namespace)
-    for section, field, value in (("model", "uri", "pvc://models/other"), ("output", "uri", "pvc://models/elsewhere")):
-        changed = yaml.safe_load(EXAMPLES[0].read_text())
+    for section, field, value in (("model", "uri", "pvc://models/other"), ("dataset", "uri", "pvc://data/other.csv"),
+                                  ("output", "uri", "pvc://models/elsewhere")):
+        changed = copy.deepcopy(doc)
         changed["spec"][section][field] = value
         result = kube.apply(changed, namespace, check=False)
         assert result.returncode != 0 and f"{section} is immutable" in result.stderr, result.stderr
-    doc["spec"]["training"]["epochs"] = 3  # how to train may still change
+
+
+# One change per section that may change only while the job is suspended.
+WHILE_SUSPENDED = {
+    "analyze": ("probeBatches", 3),
+    "adjust": ("learningRate", 1e-3),
+    "rearrange": ("mergeOnExport", False),
+    "training": ("epochs", 3),
+    "evaluation": ("baseline", False),
+    "runtime": ("image", "registry.example/trainer:2"),
+    "pod": ("nodeSelector", {"pool": "a100"}),
+}
+
+
+def test_a_running_job_keeps_its_recipe_and_runtime(kube: Kube, crd: dict, namespace: str) -> None:
+    doc = yaml.safe_load(EXAMPLES[0].read_text())
     kube.apply(doc, namespace)
+    for section, (field, value) in WHILE_SUSPENDED.items():
+        changed = copy.deepcopy(doc)
+        changed["spec"][section][field] = value
+        result = kube.apply(changed, namespace, check=False)
+        assert result.returncode != 0, f"{section} changed on a running job"
+        assert f"spec.{section}: Invalid value" in result.stderr and "only while the job is suspended" in result.stderr, result.stderr
+    # The lifecycle always may change, and so may labels (Kueue's queue name).
+    doc["spec"].update(activeDeadlineSeconds=600, ttlSecondsAfterFinished=60, backoffLimit=1)
+    doc["metadata"]["labels"] = {"kueue.x-k8s.io/queue-name": "gpus"}
+    kube.apply(doc, namespace)
+    doc["spec"]["suspend"] = True
+    kube.apply(doc, namespace)
+
+
+def test_a_suspended_job_may_be_retuned_and_placed(kube: Kube, crd: dict, namespace: str) -> None:
+    doc = yaml.safe_load(EXAMPLES[0].read_text())
+    doc["spec"]["suspend"] = True
+    kube.apply(doc, namespace)
+    for section, (field, value) in WHILE_SUSPENDED.items():
+        doc["spec"][section][field] = value
+    doc["spec"]["suspend"] = False  # Kueue places and resumes it in one update
+    kube.apply(doc, namespace)
+    stored = kube.get("ftj", doc["metadata"]["name"], namespace)["spec"]
+    assert stored["training"]["epochs"] == 3 and stored["pod"]["nodeSelector"] == {"pool": "a100"}
+
+
+def test_managed_by_is_immutable(kube: Kube, crd: dict, namespace: str) -> None:
+    doc = yaml.safe_load(EXAMPLES[0].read_text())
+    kube.apply(doc, namespace)
+    doc["spec"]["managedBy"] = "kueue.x-k8s.io/multikueue"
+    result = kube.apply(doc, namespace, check=False)
+    assert result.returncode != 0 and "managedBy is immutable" in result.stderr, result.stderr

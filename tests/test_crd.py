@@ -77,7 +77,9 @@ def test_names_columns_and_subresources() -> None:
     assert spec["names"]["categories"]
     version = spec["versions"][0]
     assert version["name"] == "v1alpha1" and version["subresources"] == {"status": {}}
-    assert [c["name"] for c in version["additionalPrinterColumns"]] == ["Phase", "Stage", "Progress", "Loss", "Eval", "Age"]
+    columns = version["additionalPrinterColumns"]
+    assert [c["name"] for c in columns if not c.get("priority")] == ["Phase", "Stage", "Progress", "Workers", "Attempts", "Age"]
+    assert [c["name"] for c in columns if c.get("priority") == 1] == ["Loss", "Eval", "Reason"]
 
 
 def test_cel_rules_cover_cross_field_constraints_and_immutability(schema: dict[str, Any]) -> None:
@@ -90,6 +92,14 @@ def test_cel_rules_cover_cross_field_constraints_and_immutability(schema: dict[s
     assert "has(self.uri) || has(self.architecture)" in rules[".spec.model"]  # kept beside immutability
     assert any("type(self) == int" in r for r in rules[".spec.rearrange.head.numLabels"])
     assert any("metadata.name" in r for r in rules[""])
+    # While a job runs, only suspend, the deadline, the TTL (and metadata) may change.
+    for section in api.SUSPENDED_ONLY:
+        assert f"oldSelf.suspend || self.{section} == oldSelf.{section}" in rules[".spec"]
+
+
+def test_no_field_is_nullable(schema: dict[str, Any]) -> None:
+    """Optional fields are left out, never null: a null would be pruned anyway, and nullable invites two meanings."""
+    assert not [p for p, n in walk(schema) if n.get("nullable")]
 
 
 def _apply_defaults(node: dict[str, Any], obj: Any) -> Any:

@@ -17,6 +17,8 @@ def validate(paths: list[Path]) -> int:
     failed = 0
     for path in paths:
         for doc in yaml.safe_load_all(path.read_text()):
+            if doc is None:  # an empty document, as kubectl skips it
+                continue
             errors = manifest_errors(doc)
             name = (doc or {}).get("metadata", {}).get("name", "?") if isinstance(doc, dict) else "?"
             if errors:

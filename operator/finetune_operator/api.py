@@ -12,9 +12,11 @@ from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import Field, ValidationError
+from pydantic.alias_generators import to_snake
 
+from finetune_operator import coretypes as core
 from finetune_trainer.config import Stage, TrainerConfig
-from finetune_trainer.rules import ApiModel, error_lines
+from finetune_trainer.rules import ApiModel, Rule, error_lines, transition
 
 GROUP = "finetune.dev"
 VERSION = "v1alpha1"
@@ -34,63 +36,161 @@ LENGTH_MESSAGE = f"metadata.name must be at most {MAX_NAME_LENGTH} characters: t
 # Kueue's convention: a queue-name label on the FineTuneJob is copied onto its child Job.
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
-# Kubernetes resource quantities, as the apiserver parses them ("8", "500m", "32Gi").
-QUANTITY_PATTERN = r"^([+]?[0-9]+(\.[0-9]+)?)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?$"
-Quantity = Annotated[int, Field(gt=0)] | Annotated[str, Field(pattern=QUANTITY_PATTERN)]
+def _unique(field: str, key: str, message: str) -> Rule:
+    attr, key_attr = to_snake(field), to_snake(key)
+
+    def holds(model: ApiModel) -> bool:
+        keys = [getattr(item, key_attr) for item in getattr(model, attr)]
+        return len(keys) == len(set(keys))
+
+    return Rule(f"self.{field}.all(x, self.{field}.exists_one(y, y.{key} == x.{key}))", holds, message, field)
 
 
-class ResourcesSpec(ApiModel):
-    """The gang of trainer workers and what each one gets."""
+class PullPolicy(StrEnum):
+    ALWAYS = "Always"
+    IF_NOT_PRESENT = "IfNotPresent"
+    NEVER = "Never"
 
-    workers: int = Field(1, ge=1, le=256, description="Number of trainer pods (torchrun nodes); rank 0 reports.")
-    gpus_per_worker: int = Field(
-        1, ge=0, le=16, description="nvidia.com/gpu per worker; 0 trains on the CPU (gloo instead of nccl)."
+
+class RuntimeSpec(ApiModel):
+    """How the trainer runs: the gang of workers, their container and its volumes."""
+
+    workers: int = Field(1, ge=1, le=256, description="Trainer pods (torchrun nodes); the one with index 0 is rank 0 and reports.")
+    processes_per_worker: int = Field(
+        1, ge=1, le=64, description="Trainer processes per pod (torchrun --nproc-per-node): one per GPU."
     )
-    cpu: Quantity = Field("4", description="CPU request and limit per worker (a Kubernetes quantity, e.g. 8 or 500m).")
-    memory: Quantity = Field("16Gi", description="Memory request and limit per worker (a Kubernetes quantity, e.g. 32Gi).")
+    image: str | None = Field(
+        None, min_length=1, max_length=512, pattern=r"^\S+$",
+        description="Trainer image; defaults to the operator's configured trainer image.",
+    )
+    image_pull_policy: PullPolicy | None = Field(None, description="Always, IfNotPresent or Never (Kubernetes' default).")
+    resources: core.ResourceRequirements | None = Field(
+        None,
+        description="Per-worker requests and limits (any resource, e.g. nvidia.com/gpu: 8); "
+        "defaults to the operator's configured trainer resources.",
+    )
+    env: list[core.EnvVar] = Field(
+        default_factory=list, max_length=64,
+        description="Extra environment variables (e.g. a hub token from a Secret); torchrun's and the trainer's own are refused.",
+    )
+    env_from: list[core.EnvFromSource] = Field(
+        default_factory=list, max_length=16, description="Secrets and ConfigMaps whose keys become environment variables."
+    )
+    volumes: list[core.Volume] = Field(
+        default_factory=list, max_length=16,
+        description="Extra volumes (claims, ConfigMaps, Secrets, emptyDirs); the claims that URIs name are mounted without this.",
+    )
+    volume_mounts: list[core.VolumeMount] = Field(
+        default_factory=list, max_length=16, description="Where the extra volumes appear in the trainer container.",
+    )
+    shm_size: core.Quantity | None = Field(
+        None, description="Size of /dev/shm (an in-memory emptyDir; DataLoader workers and NCCL use it). Default 1Gi."
+    )
+
+    rules = (
+        _unique("env", "name", "env names must be unique"),
+        _unique("volumes", "name", "volume names must be unique"),
+        _unique("volumeMounts", "mountPath", "mount paths must be unique"),
+        Rule(
+            cel="self.volumeMounts.all(m, self.volumes.exists(v, v.name == m.name))",
+            holds=lambda r: {m.name for m in r.volume_mounts} <= {v.name for v in r.volumes},
+            message="every volumeMount must name a volume in runtime.volumes",
+            field="volumeMounts",
+        ),
+    )
 
 
-class Toleration(ApiModel):
-    """A core/v1 Toleration, passed through to the trainer pods."""
+class PodSpec(ApiModel):
+    """Pod-level settings of every trainer pod: metadata, identity and placement."""
 
-    key: str | None = Field(None, description="Taint key to tolerate; empty with operator Exists tolerates all.")
-    operator: str | None = Field(None, description="Exists or Equal (default Equal).")
-    value: str | None = Field(None, description="Taint value to match (operator Equal).")
-    effect: str | None = Field(None, description="NoSchedule, PreferNoSchedule or NoExecute; empty matches all.")
-    toleration_seconds: int | None = Field(None, description="How long a NoExecute taint is tolerated, in seconds.")
+    labels: core.Labels = Field(default_factory=dict, description="Extra labels of the trainer pods.")
+    annotations: core.Annotations = Field(default_factory=dict, description="Extra annotations of the trainer pods.")
+    service_account_name: core.Name | None = Field(
+        None, description="ServiceAccount of the trainer pods (its token is never mounted: the trainer needs no API access)."
+    )
+    image_pull_secrets: list[core.LocalObjectReference] = Field(
+        default_factory=list, max_length=16, description="Secrets for pulling the trainer image."
+    )
+    scheduler_name: core.Name | None = Field(None, description="A scheduler other than the default one.")
+    node_selector: core.LabelMap = Field(default_factory=dict, description="Node labels the trainer pods require.")
+    tolerations: list[core.Toleration] = Field(default_factory=list, max_length=32, description="Tolerations of the trainer pods.")
+    affinity: core.Affinity | None = Field(None, description="Node and pod affinity of the trainer pods.")
+    priority_class_name: core.Name | None = Field(None, description="PriorityClass of the trainer pods (Kueue reads it too).")
+
+
+# What may change on a live job: everything below only while it is suspended (Kueue's window to
+# place it, and a user's to retune it); model, dataset and output never; suspend, the deadline and
+# the TTL always.
+SUSPENDED_ONLY = ("analyze", "adjust", "rearrange", "training", "evaluation", "runtime", "pod")
+MANAGED_BY = "finetune.dev/operator"
+
+
+def _output_outlives_the_pod(spec: FineTuneJobSpec) -> bool:
+    uri = spec.output.uri
+    if uri.startswith("pvc://"):
+        return True
+    claims = {v.name for v in spec.runtime.volumes if v.persistent_volume_claim}
+    return spec.runtime.workers == 1 and any(
+        m.name in claims and not m.read_only and uri.removeprefix("file://").startswith(m.mount_path.rstrip("/") + "/")
+        for m in spec.runtime.volume_mounts
+    )
 
 
 class FineTuneJobSpec(TrainerConfig):
-    """What to fine-tune (the trainer's config) plus how and where to run it."""
+    """What to fine-tune (the trainer's config), how to run it (runtime, pod) and its lifecycle."""
 
-    resources: ResourcesSpec = Field(default_factory=ResourcesSpec, description="Workers and their resources.")
-    image: str | None = Field(
-        None, max_length=512, description="Trainer image; defaults to the operator's configured trainer image."
+    runtime: RuntimeSpec = Field(default_factory=RuntimeSpec, description="The workers, their container and volumes.")
+    pod: PodSpec = Field(default_factory=PodSpec, description="Pod metadata, identity and placement of every worker.")
+    suspend: bool = Field(
+        False, description="No pods run while true; a running attempt is stopped (its checkpoints stay) and resumes on false."
     )
-    suspend: bool = Field(False, description="Keep (or put) the job suspended: no pods run while true (Kueue sets this).")
     backoff_limit: int = Field(
         3, ge=0, le=100, description="Retryable attempt failures before the job fails; disruptions do not count."
     )
     active_deadline_seconds: int | None = Field(
-        None, ge=1, description="Fail the job (reason DeadlineExceeded) after running this many seconds in total."
+        None, ge=1, description="Fail the job (reason DeadlineExceeded) after it has been active this many seconds."
     )
     ttl_seconds_after_finished: int | None = Field(
-        604800, ge=0, description="Delete the finished job and its children after this many seconds (default 7 days)."
+        None, ge=0, description="Delete the job and its children this many seconds after it finished; omit to keep it."
     )
-    node_selector: dict[str, str] = Field(default_factory=dict, description="Node labels the trainer pods require.")
-    tolerations: list[Toleration] = Field(default_factory=list, description="Tolerations of the trainer pods.")
-    affinity: dict[str, Any] = Field(
-        default_factory=dict,
-        description="A core/v1 Affinity for the trainer pods, passed through as is.",
-        json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
-    )
-    priority_class_name: str | None = Field(
-        None, max_length=253, description="PriorityClass of the trainer pods (also used by Kueue)."
+    managed_by: str | None = Field(
+        None, max_length=63, pattern=r"^[a-z0-9.-]+/[-a-zA-Z0-9_.]+$",
+        description=f"The controller that runs this job; omit for this operator ({MANAGED_BY}). "
+        "Another value (e.g. a MultiKueue controller) makes this operator leave the job alone.",
     )
 
+    rules = TrainerConfig.rules + (
+        Rule(
+            cel="self.output.uri.startsWith('pvc://') || (self.runtime.workers == 1 && self.runtime.volumeMounts.exists(m, "
+            "!m.readOnly && self.runtime.volumes.exists(v, v.name == m.name && has(v.persistentVolumeClaim)) && "
+            "(self.output.uri.startsWith('file://') ? self.output.uri.substring(7) : self.output.uri)"
+            ".startsWith(m.mountPath.endsWith('/') ? m.mountPath : m.mountPath + '/')))",
+            holds=_output_outlives_the_pod,
+            message="the output must outlive the pod: use pvc://<claim>/<path> (or, for one worker, a path under "
+            "a writable mount of a persistentVolumeClaim volume); a multi-worker job needs pvc://",
+            field="output.uri",
+        ),
+    )
+    transition_rules = tuple(
+        transition(f"oldSelf.suspend || self.{name} == oldSelf.{name}",
+                   f"{name} may change only while the job is suspended", name)
+        for name in SUSPENDED_ONLY
+    ) + (
+        transition(
+            "has(self.managedBy) == has(oldSelf.managedBy) && (!has(self.managedBy) || self.managedBy == oldSelf.managedBy)",
+            "managedBy is immutable", "managedBy",
+        ),
+    )
 
 
 # ---- status -------------------------------------------------------------------------
+
+# Bounds on what the operator writes: a status stays small however chatty a trainer is.
+MESSAGE_MAX = 1024
+REASON_PATTERN = r"^[A-Z][A-Za-z0-9]*$"
+Reason = Annotated[str, Field(min_length=1, max_length=64, pattern=REASON_PATTERN)]
+Message = Annotated[str, Field(max_length=MESSAGE_MAX)]
+MetricValues = Annotated[dict[str, float], Field(max_length=16)]
 
 
 class Phase(StrEnum):
@@ -99,6 +199,18 @@ class Phase(StrEnum):
     PENDING = "Pending"
     SUSPENDED = "Suspended"
     RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+class ConditionType(StrEnum):
+    """Condition types: adjectives and past participles, as the Kubernetes API conventions want."""
+
+    CREATED = "Created"  # the attempt's children exist
+    SCHEDULED = "Scheduled"  # False with reason Unschedulable carries the scheduler's message
+    RUNNING = "Running"
+    RESTARTING = "Restarting"  # an attempt ended and the next one is being started
+    SUSPENDED = "Suspended"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
 
@@ -112,12 +224,12 @@ class ConditionStatus(StrEnum):
 class Condition(ApiModel):
     """A metav1.Condition."""
 
-    type: str = Field(description="Condition type, e.g. Created, Scheduled, Running, Succeeded, Failed, Suspended.")
+    type: ConditionType = Field(description="Created, Scheduled, Running, Restarting, Suspended, Succeeded or Failed.")
     status: ConditionStatus = Field(description="True, False or Unknown.")
-    reason: str = Field(description="CamelCase machine-readable reason, e.g. Unschedulable or InvalidSpec.")
-    message: str = Field("", description="Human-readable details.")
+    reason: Reason = Field(description="CamelCase machine-readable reason, e.g. Unschedulable or InvalidSpec.")
+    message: Message = Field("", description="Human-readable details.")
     last_transition_time: datetime = Field(description="When status last changed.")
-    observed_generation: int | None = Field(None, description="The spec generation this condition was computed from.")
+    observed_generation: int | None = Field(None, ge=0, description="The spec generation this condition was computed from.")
 
 
 class Progress(ApiModel):
@@ -143,9 +255,9 @@ class TrainingMetrics(ApiModel):
 class EvaluationResult(ApiModel):
     """Metrics on the held-out split before and after fine-tuning."""
 
-    baseline: dict[str, float] = Field(default_factory=dict, description="Metric name to value, before fine-tuning.")
-    final: dict[str, float] = Field(default_factory=dict, description="Metric name to value, after fine-tuning.")
-    summary: str | None = Field(None, description="One line for kubectl, e.g. 'accuracy 0.34→0.71'.")
+    baseline: MetricValues = Field(default_factory=dict, description="Metric name to value, before fine-tuning.")
+    final: MetricValues = Field(default_factory=dict, description="Metric name to value, after fine-tuning.")
+    summary: str | None = Field(None, max_length=256, description="One line for kubectl, e.g. 'accuracy 0.34→0.71'.")
 
 
 class Severity(StrEnum):
@@ -158,8 +270,11 @@ class Finding(ApiModel):
     """Something the structure analysis noticed."""
 
     severity: Severity = Field(description="info, warning or fatal (a fatal finding stops the job).")
-    code: str = Field(description="Stable identifier, e.g. NanWeights or HeadSizeMismatch.")
-    message: str = Field(description="What was found and what to do about it.")
+    code: Reason = Field(description="Stable identifier, e.g. NanWeights or HeadSizeMismatch.")
+    message: Message = Field(description="What was found and what to do about it.")
+
+
+MAX_FINDINGS = 20
 
 
 class Analysis(ApiModel):
@@ -167,16 +282,46 @@ class Analysis(ApiModel):
 
     total_parameters: int | None = Field(None, ge=0, description="All parameters of the model as trained.")
     trainable_parameters: int | None = Field(None, ge=0, description="Parameters that receive updates.")
-    findings: list[Finding] = Field(default_factory=list, description="Warnings and fatal problems found.")
+    findings: list[Finding] = Field(
+        default_factory=list, max_length=MAX_FINDINGS, description="Warnings and fatal problems, most severe first."
+    )
+
+
+ChildName = Annotated[str, Field(max_length=63)]
+
+
+class Children(ApiModel):
+    """The current attempt's objects, all in the job's namespace."""
+
+    config_map: ChildName | None = Field(None, description="The ConfigMap holding the trainer's config.")
+    service: ChildName | None = Field(None, description="The headless Service (rendezvous and metrics).")
+    job: ChildName | None = Field(None, description="The Indexed batch/v1 Job running the workers.")
+
+
+class WorkerCounts(ApiModel):
+    """The current attempt's trainer pods."""
+
+    active: int = Field(0, ge=0, description="Pods running or waiting to run.")
+    ready: int = Field(0, ge=0, description="Pods running and ready.")
+    succeeded: int = Field(0, ge=0, description="Pods that finished successfully.")
+    failed: int = Field(0, ge=0, description="Pods that failed.")
+
+
+class OutputLocation(ApiModel):
+    """Where the exported model is."""
+
+    uri: str = Field(max_length=1024, description="spec.output.uri: the model, tokenizer, report.json and model card.")
 
 
 class FineTuneJobStatus(ApiModel):
     """Observed state, written only by the operator."""
 
     phase: Phase | None = Field(None, description="Pending, Suspended, Running, Succeeded or Failed (from the conditions).")
+    reason: Reason | None = Field(None, description="Why the job is in its phase (the deciding condition's reason).")
     stage: Stage | None = Field(None, description="The pipeline stage rank 0 is in.")
     conditions: list[Condition] = Field(
         default_factory=list,
+        max_length=len(ConditionType),
         description="The contract: the latest observation of each condition type.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
@@ -184,10 +329,13 @@ class FineTuneJobStatus(ApiModel):
     metrics: TrainingMetrics | None = Field(None, description="Live training metrics.")
     evaluation: EvaluationResult | None = Field(None, description="Baseline and final evaluation.")
     analysis: Analysis | None = Field(None, description="Structure analysis headline.")
+    output: OutputLocation | None = Field(None, description="Where the exported model is, once the job succeeded.")
+    children: Children | None = Field(None, description="The current attempt's ConfigMap, Service and Job.")
+    workers: WorkerCounts | None = Field(None, description="The current attempt's trainer pods.")
     attempts: int = Field(0, ge=0, description="Attempts started so far (each one is a child Job).")
     start_time: datetime | None = Field(None, description="When the first attempt started.")
     completion_time: datetime | None = Field(None, description="When the job succeeded or failed.")
-    observed_generation: int | None = Field(None, description="The spec generation the status reflects.")
+    observed_generation: int | None = Field(None, ge=0, description="The spec generation the status reflects.")
 
 
 class FineTuneJob(ApiModel):

@@ -1,7 +1,8 @@
 """Generate the FineTuneJob CRD from the pydantic models (`make crds`; never edit the YAML).
 
 pydantic emits JSON Schema (draft 2020-12); a CRD needs a *structural* OpenAPI v3.0
-schema. The walk below inlines `$ref`s, turns `X | None` into `nullable`, int-or-string
+schema. The walk below inlines `$ref`s, turns `X | None` into an optional field (not
+`nullable`: the apiserver prunes a null, so null and absent mean the same), int-or-string
 unions into `x-kubernetes-int-or-string` plus a CEL rule that keeps their constraints,
 and drops what the apiserver refuses (`additionalProperties: false`, titles, `const`).
 """
@@ -26,9 +27,12 @@ PRINTER_COLUMNS = [
     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
     {"name": "Stage", "type": "string", "jsonPath": ".status.stage"},
     {"name": "Progress", "type": "integer", "jsonPath": ".status.progress.percent", "description": "Percent of training steps done."},
-    {"name": "Loss", "type": "number", "jsonPath": ".status.metrics.loss"},
-    {"name": "Eval", "type": "string", "jsonPath": ".status.evaluation.summary", "description": "Baseline → final."},
+    {"name": "Workers", "type": "integer", "jsonPath": ".status.workers.active", "description": "Trainer pods running or waiting."},
+    {"name": "Attempts", "type": "integer", "jsonPath": ".status.attempts"},
     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+    {"name": "Loss", "type": "number", "jsonPath": ".status.metrics.loss", "priority": 1},
+    {"name": "Eval", "type": "string", "jsonPath": ".status.evaluation.summary", "description": "Baseline → final.", "priority": 1},
+    {"name": "Reason", "type": "string", "jsonPath": ".status.reason", "priority": 1},
 ]
 
 _DROP = {"title", "$defs", "const", "discriminator"}
@@ -73,6 +77,10 @@ def _int_or_string(members: list[dict[str, Any]], node: dict[str, Any]) -> dict[
     str_check, str_words = _member_condition(by_type["string"])
     out = {k: v for k, v in node.items() if k != "anyOf"}
     out["x-kubernetes-int-or-string"] = True
+    if "maxLength" in by_type["string"]:  # bounds the CEL cost of rules over the value
+        out["maxLength"] = by_type["string"]["maxLength"]
+    if int_check == str_check == "true":
+        return out
     rule = {
         "rule": f"type(self) == int ? ({int_check}) : ({str_check})",
         "message": f"must be an integer {int_words}, or a string that is {str_words}",
@@ -105,8 +113,6 @@ def structural(node: Any, defs: dict[str, Any]) -> Any:
             node = _int_or_string(members, node)
         else:
             raise ValueError(f"no structural form for anyOf {members}")
-        if nullable:
-            node["nullable"] = True
     if "const" in node:
         node["enum"] = [node["const"]]
     for bound in ("exclusiveMinimum", "exclusiveMaximum"):

@@ -71,7 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     else:
         return execute(cfg, args.output)
     log.error("%s", problem)
-    write_termination({"stage": Stage.PENDING.value, "reason": "InvalidConfig", "message": problem,
+    write_termination({"stage": Stage.STARTING.value, "reason": "InvalidConfig", "message": problem,
                        "exitCode": EXIT_USER_ERROR})
     return EXIT_USER_ERROR
 

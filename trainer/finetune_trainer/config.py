@@ -6,6 +6,7 @@ generate the CRD. Field names are the wire (camelCase) names through the alias g
 
 from __future__ import annotations
 
+import re
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -13,11 +14,21 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import Field
 
-from finetune_trainer.rules import ApiModel, Rule, immutable
+from finetune_trainer.rules import ApiModel, Rule, checked, immutable
 
 # pvc://<claim>/<path>, hf://<org>/<name>, file:///abs/path or an absolute path.
 URI_PATTERN = r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/\S*)?|hf://[\w.-]+(/[\w.-]+)?|file:///\S*|/\S*)$"
-Uri = Annotated[str, Field(pattern=URI_PATTERN, max_length=1024)]
+# A `..` segment would climb out of the claim (or the mounted volume) the URI names.
+PARENT_SEGMENT = r"(^|/)\.\.(/|$)"
+Uri = Annotated[
+    str,
+    Field(pattern=URI_PATTERN, max_length=1024),
+    *checked(
+        f"!self.matches(r'{PARENT_SEGMENT}')",
+        lambda uri: re.search(PARENT_SEGMENT, uri) is None,
+        "must not contain a '..' segment",
+    ),
+]
 
 
 class Task(StrEnum):
@@ -29,7 +40,7 @@ class Task(StrEnum):
 class Stage(StrEnum):
     """Pipeline stages in order; shared by the trainer's metrics, the status and the dashboard."""
 
-    PENDING = "Pending"
+    STARTING = "Starting"
     LOADING = "Loading"
     ANALYZING = "Analyzing"
     ADJUSTING = "Adjusting"

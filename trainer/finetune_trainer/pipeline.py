@@ -45,7 +45,7 @@ class Progress:
     def __init__(self, metrics: Metrics, main: bool) -> None:
         self.metrics = metrics
         self.main = main
-        self.stage = Stage.PENDING
+        self.stage = Stage.STARTING
         self.message: dict[str, Any] = {}
         self.bar: Any = None
         self.last_log = 0.0

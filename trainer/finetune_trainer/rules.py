@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, ClassVar, Self
 
-from pydantic import BaseModel, ConfigDict, TypeAdapter, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 
 
@@ -39,8 +39,8 @@ class RuleViolation(ValueError):
 
 def _schema_extra(schema: dict[str, Any], cls: type[ApiModel]) -> None:
     """Add what pydantic leaves out of the JSON schema: our CEL rules, and defaults made by factories."""
-    if cls.rules:
-        schema["x-kubernetes-validations"] = [r.to_crd() for r in cls.rules]
+    if cls.rules or cls.transition_rules:
+        schema["x-kubernetes-validations"] = [r.to_crd() for r in cls.rules] + list(cls.transition_rules)
     for name, field in cls.model_fields.items():
         if field.default_factory is None:
             continue
@@ -60,6 +60,8 @@ class ApiModel(BaseModel):
         json_schema_extra=_schema_extra,
     )
     rules: ClassVar[tuple[Rule, ...]] = ()
+    # CEL over `self` and `oldSelf`, checked by the apiserver on updates (only it sees the old object).
+    transition_rules: ClassVar[tuple[dict[str, str], ...]] = ()
 
     @model_validator(mode="after")
     def _check_rules(self) -> ApiModel:
@@ -76,6 +78,26 @@ class ApiModel(BaseModel):
     def to_wire(self) -> dict[str, Any]:
         """The JSON form used in manifests and ConfigMaps (camelCase, no unset optionals)."""
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+def checked(cel: str, holds: Callable[[Any], bool], message: str) -> tuple[Any, Any]:
+    """`Annotated` metadata for a rule on a single value (a string, a map): CEL for the CRD, Python here.
+
+    Use as `Annotated[str, *checked(...)]`.
+    """
+    rule = Rule(cel, holds, message)
+
+    def check(value: Any) -> Any:
+        if not holds(value):
+            raise RuleViolation(rule)
+        return value
+
+    return AfterValidator(check), Field(json_schema_extra={"x-kubernetes-validations": [rule.to_crd()]})
+
+
+def transition(cel: str, message: str, field: str) -> dict[str, str]:
+    """A CEL transition rule (it reads `oldSelf`) for an object's `transition_rules`."""
+    return {"rule": cel, "message": message, "fieldPath": "." + field}
 
 
 def immutable(name: str) -> dict[str, Any]:

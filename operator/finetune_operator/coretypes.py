@@ -1,0 +1,523 @@
+"""The Kubernetes core types a FineTuneJob passes through to its pods, as strict as the apiserver.
+
+A spec the apiserver would refuse inside a Job's pod template must be refused at `kubectl apply`
+of the FineTuneJob, naming the field: so these are typed copies of the core/v1 types (only the
+parts a trainer pod may use: no hostPath, no privileged anything), with the apiserver's syntax
+rules as patterns and CEL (each with its Python twin). Every list, map and string is bounded, as
+the CEL cost budget requires.
+"""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from enum import StrEnum
+from typing import Annotated, Any
+
+from pydantic import Field
+
+from finetune_trainer.rules import ApiModel, Rule, checked
+
+# RFC 1123 names, as the apiserver checks object names and references.
+DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+DNS_SUBDOMAIN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+# A label or annotation key: an optional DNS-subdomain prefix and a name of at most 63 characters.
+QUALIFIED_NAME = (
+    r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
+    r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
+)
+LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
+# An environment variable name as the apiserver accepts it (C identifiers and more).
+ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+# A Kubernetes quantity (resource.Quantity's grammar).
+QUANTITY = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
+
+Name = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
+LabelName = Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL)]
+LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]
+
+
+def _quantity(text: str) -> Decimal:
+    """The value of a quantity that matches QUANTITY."""
+    match = re.match(r"^([+-]?[0-9.]+)(.*)$", text)
+    assert match, text
+    number, suffix = Decimal(match[1]), match[2]
+    if suffix[:1] in ("e", "E"):
+        return number * Decimal(10) ** int(suffix[1:])
+    binary = {"Ki": 1, "Mi": 2, "Gi": 3, "Ti": 4, "Pi": 5, "Ei": 6}
+    decimal = {"n": -9, "u": -6, "m": -3, "": 0, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
+    return number * (Decimal(1024) ** binary[suffix] if suffix in binary else Decimal(10) ** decimal[suffix])
+
+
+def quantity_value(value: int | str) -> Decimal:
+    return Decimal(value) if isinstance(value, int) else _quantity(value)
+
+
+# A quantity as users write it: `8`, `"500m"`, `"32Gi"`; never negative (the apiserver refuses those
+# wherever a pod takes one).
+Quantity = Annotated[
+    int | Annotated[str, Field(max_length=64)],
+    *checked(
+        "isQuantity(string(self)) && quantity(string(self)).sign() >= 0",
+        lambda v: (isinstance(v, int) or re.match(QUANTITY, v) is not None) and quantity_value(v) >= 0,
+        "must be a non-negative quantity, e.g. 8, 500m or 32Gi",
+    ),
+]
+
+
+def _labels(kind: str, key_max: int = 64) -> Any:
+    """Metadata for a map of label (or annotation) keys: each key a qualified name, not ours."""
+    return checked(
+        f"self.all(k, k.matches(r'{QUALIFIED_NAME}') && k.lastIndexOf('/') <= 253"
+        " && !k.startsWith('finetune.dev/') && !k.startsWith('batch.kubernetes.io/'))",
+        lambda m: all(
+            re.match(QUALIFIED_NAME, k) and k.rfind("/") <= 253
+            and not k.startswith(("finetune.dev/", "batch.kubernetes.io/")) for k in m
+        ),
+        f"{kind} keys must be qualified names ([prefix/]name, name at most 63 characters); "
+        "the prefixes finetune.dev/ and batch.kubernetes.io/ are the operator's and the Job controller's",
+    )
+
+
+Labels = Annotated[dict[str, LabelValue], Field(max_length=64), *_labels("label")]
+Annotations = Annotated[dict[str, Annotated[str, Field(max_length=4096)]], Field(max_length=64), *_labels("annotation")]
+# Label keys and values to match (a node selector, a label selector).
+LabelMap = Annotated[dict[str, LabelValue], Field(max_length=64), *checked(
+    f"self.all(k, k.matches(r'{QUALIFIED_NAME}') && k.lastIndexOf('/') <= 253)",
+    lambda m: all(re.match(QUALIFIED_NAME, k) and k.rfind("/") <= 253 for k in m),
+    "keys must be label keys ([prefix/]name, name at most 63 characters)",
+)]
+
+
+# ---- resources ----------------------------------------------------------------------
+
+# Extended resources (a domain that is not kubernetes.io: nvidia.com/gpu, ...) cannot be
+# overcommitted: the apiserver insists on a whole limit and a request equal to it.
+RESOURCE_NAME = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[a-z0-9]([-a-z0-9._]{0,61}[a-z0-9])?$"
+ResourceList = Annotated[dict[str, Quantity], Field(max_length=16), *checked(
+    f"self.all(k, k.matches(r'{RESOURCE_NAME}'))",
+    lambda m: all(re.match(RESOURCE_NAME, k) for k in m),
+    "keys must be resource names, e.g. cpu, memory or nvidia.com/gpu",
+)]
+
+
+def _requests_within_limits(r: ResourceRequirements) -> bool:
+    return all(k not in r.limits or quantity_value(v) <= quantity_value(r.limits[k]) for k, v in r.requests.items())
+
+
+def _extended_requests_equal_limits(r: ResourceRequirements) -> bool:
+    return all(
+        k in r.limits and quantity_value(v) == quantity_value(r.limits[k])
+        for k, v in r.requests.items() if "/" in k and not k.startswith("kubernetes.io/")
+    )
+
+
+def _extended_whole(r: ResourceRequirements) -> bool:
+    return all(
+        quantity_value(v) == quantity_value(v).to_integral_value()
+        for side in (r.requests, r.limits) for k, v in side.items() if "/" in k and not k.startswith("kubernetes.io/")
+    )
+
+
+_EXTENDED = "k.contains('/') && !k.startsWith('kubernetes.io/')"
+
+
+class ResourceRequirements(ApiModel):
+    """Compute resources of one worker (core/v1 ResourceRequirements): any resource, GPUs included."""
+
+    requests: ResourceList = Field(default_factory=dict, description="Resources the scheduler reserves per worker.")
+    limits: ResourceList = Field(
+        default_factory=dict,
+        description="Most a worker may use. Extended resources such as nvidia.com/gpu go here "
+        "(a request of one must equal its limit).",
+    )
+
+    rules = (
+        Rule(
+            cel="self.requests.all(k, !(k in self.limits) || "
+            "quantity(string(self.requests[k])).compareTo(quantity(string(self.limits[k]))) <= 0)",
+            holds=_requests_within_limits,
+            message="each request must be at most its limit",
+            field="requests",
+        ),
+        Rule(
+            cel=f"self.requests.all(k, !({_EXTENDED}) || (k in self.limits && "
+            "quantity(string(self.requests[k])).compareTo(quantity(string(self.limits[k]))) == 0))",
+            holds=_extended_requests_equal_limits,
+            message="an extended resource (e.g. nvidia.com/gpu) cannot be overcommitted: set it in limits "
+            "(its request, if given, must equal the limit)",
+            field="requests",
+        ),
+        Rule(
+            cel=f"[self.requests, self.limits].all(m, m.all(k, !({_EXTENDED}) || quantity(string(m[k])).isInteger()))",
+            holds=_extended_whole,
+            message="extended resources (e.g. nvidia.com/gpu) must be whole numbers",
+            field="limits",
+        ),
+    )
+
+
+# ---- environment --------------------------------------------------------------------
+
+# Set by torchrun or by the operator for the trainer: a user's value would break the run.
+RESERVED_ENV = (
+    "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
+    "GROUP_WORLD_SIZE", "ROLE_RANK", "ROLE_WORLD_SIZE", "ROLE_NAME", "NODE_RANK", "TORCHELASTIC_RUN_ID",
+    "TORCHELASTIC_RESTART_COUNT", "TORCHELASTIC_MAX_RESTARTS", "TORCHELASTIC_USE_AGENT_STORE",
+    "TERMINATION_MESSAGE_PATH", "JOB_COMPLETION_INDEX", "OMP_NUM_THREADS",
+)
+RESERVED_ENV_PREFIXES = ("FINETUNE_", "TORCHELASTIC_", "PET_")
+
+EnvName = Annotated[
+    str,
+    Field(min_length=1, max_length=256, pattern=ENV_NAME),
+    *checked(
+        "!(self in [" + ", ".join(f"'{n}'" for n in RESERVED_ENV) + "]) && "
+        + " && ".join(f"!self.startsWith('{p}')" for p in RESERVED_ENV_PREFIXES),
+        lambda n: n not in RESERVED_ENV and not n.startswith(RESERVED_ENV_PREFIXES),
+        "is set by torchrun or the operator: " + ", ".join(RESERVED_ENV) + " and names starting with "
+        + ", ".join(RESERVED_ENV_PREFIXES) + " are reserved",
+    ),
+]
+
+
+class KeyRef(ApiModel):
+    """A key of a Secret or ConfigMap in the job's namespace."""
+
+    name: Name = Field(description="Name of the Secret or ConfigMap.")
+    key: str = Field(min_length=1, max_length=253, pattern=r"^[-._a-zA-Z0-9]+$", description="The key.")
+    optional: bool | None = Field(None, description="Start even if it does not exist.")
+
+
+class FieldRef(ApiModel):
+    """A field of the pod (the downward API)."""
+
+    field_path: str = Field(
+        pattern=r"^(metadata\.(name|namespace|uid|labels\['[^']+'\]|annotations\['[^']+'\])|"
+        r"spec\.(nodeName|serviceAccountName)|status\.(hostIP|hostIPs|podIP|podIPs))$",
+        max_length=512,
+        description="e.g. metadata.name, spec.nodeName or status.podIP.",
+    )
+
+
+class EnvVarSource(ApiModel):
+    """Where an environment variable's value comes from: exactly one source."""
+
+    secret_key_ref: KeyRef | None = Field(None, description="A key of a Secret (e.g. a hub token).")
+    config_map_key_ref: KeyRef | None = Field(None, description="A key of a ConfigMap.")
+    field_ref: FieldRef | None = Field(None, description="A field of the pod.")
+
+    rules = (
+        Rule(
+            cel="[has(self.secretKeyRef), has(self.configMapKeyRef), has(self.fieldRef)].filter(x, x).size() == 1",
+            holds=lambda s: [s.secret_key_ref, s.config_map_key_ref, s.field_ref].count(None) == 2,
+            message="exactly one of secretKeyRef, configMapKeyRef or fieldRef",
+        ),
+    )
+
+
+class EnvVar(ApiModel):
+    """An environment variable of the trainer container (core/v1 EnvVar)."""
+
+    name: EnvName = Field(description="Variable name; torchrun's and the trainer's own are refused.")
+    value: str | None = Field(None, max_length=32768, description="A literal value.")
+    value_from: EnvVarSource | None = Field(None, description="A value read from a Secret, a ConfigMap or the pod.")
+
+    rules = (
+        Rule(
+            cel="!(has(self.value) && has(self.valueFrom))",
+            holds=lambda e: e.value is None or e.value_from is None,
+            message="value and valueFrom are mutually exclusive",
+            field="valueFrom",
+        ),
+    )
+
+
+class SourceRef(ApiModel):
+    """A whole Secret or ConfigMap."""
+
+    name: Name = Field(description="Its name, in the job's namespace.")
+    optional: bool | None = Field(None, description="Start even if it does not exist.")
+
+
+class EnvFromSource(ApiModel):
+    """Every key of a Secret or a ConfigMap as environment variables (core/v1 EnvFromSource)."""
+
+    prefix: str | None = Field(None, max_length=256, pattern=ENV_NAME, description="Prepended to every key.")
+    secret_ref: SourceRef | None = Field(None, description="The Secret (e.g. one holding HF_TOKEN).")
+    config_map_ref: SourceRef | None = Field(None, description="The ConfigMap.")
+
+    rules = (
+        Rule(
+            cel="has(self.secretRef) != has(self.configMapRef)",
+            holds=lambda s: (s.secret_ref is None) != (s.config_map_ref is None),
+            message="exactly one of secretRef or configMapRef",
+        ),
+    )
+
+
+# ---- volumes ------------------------------------------------------------------------
+
+
+class PersistentVolumeClaimSource(ApiModel):
+    claim_name: Name = Field(description="A PersistentVolumeClaim in the job's namespace.")
+    read_only: bool | None = Field(None, description="Mount read-only.")
+
+
+class ConfigMapSource(ApiModel):
+    name: Name = Field(description="A ConfigMap in the job's namespace.")
+    optional: bool | None = Field(None, description="Start even if it does not exist.")
+
+
+class SecretSource(ApiModel):
+    secret_name: Name = Field(description="A Secret in the job's namespace.")
+    optional: bool | None = Field(None, description="Start even if it does not exist.")
+
+
+class StorageMedium(StrEnum):
+    DISK = ""
+    MEMORY = "Memory"
+
+
+class EmptyDirSource(ApiModel):
+    medium: StorageMedium | None = Field(None, description="Empty for the node's disk, Memory for tmpfs.")
+    size_limit: Quantity | None = Field(None, description="Most this volume may hold.")
+
+
+class Volume(ApiModel):
+    """An extra volume of the trainer pods: a claim, a ConfigMap, a Secret or an emptyDir (nothing from the host)."""
+
+    name: LabelName = Field(description="Volume name, referred to by volumeMounts; finetune-* names are the operator's.")
+    persistent_volume_claim: PersistentVolumeClaimSource | None = Field(None, description="A PersistentVolumeClaim.")
+    config_map: ConfigMapSource | None = Field(None, description="A ConfigMap's keys as files.")
+    secret: SecretSource | None = Field(None, description="A Secret's keys as files.")
+    empty_dir: EmptyDirSource | None = Field(None, description="Scratch space that lives as long as the pod.")
+
+    rules = (
+        Rule(
+            cel="[has(self.persistentVolumeClaim), has(self.configMap), has(self.secret), has(self.emptyDir)]"
+            ".filter(x, x).size() == 1",
+            holds=lambda v: [v.persistent_volume_claim, v.config_map, v.secret, v.empty_dir].count(None) == 3,
+            message="exactly one of persistentVolumeClaim, configMap, secret or emptyDir",
+        ),
+        Rule(
+            cel="!self.name.startsWith('finetune-')",
+            holds=lambda v: not v.name.startswith("finetune-"),
+            message="names starting with finetune- are the operator's own volumes",
+            field="name",
+        ),
+    )
+
+
+# Where the operator mounts the trainer's config, the claims the spec names, the hub cache and /dev/shm.
+RESERVED_MOUNT_PATHS = ("/etc/finetune", "/mnt/pvc", "/var/cache/huggingface", "/dev/shm", "/dev/termination-log")
+
+
+class VolumeMount(ApiModel):
+    """Where a volume appears in the trainer container (core/v1 VolumeMount)."""
+
+    name: LabelName = Field(description="The volume's name in runtime.volumes.")
+    mount_path: str = Field(
+        min_length=2, max_length=1024, pattern=r"^/[^:]*$", description="Absolute path in the container."
+    )
+    read_only: bool = Field(False, description="Mount read-only.")
+    sub_path: str | None = Field(
+        None, max_length=1024, pattern=r"^[^/]([^/]*/?)*$", description="A path inside the volume to mount instead of its root."
+    )
+
+    rules = (
+        Rule(
+            cel="[" + ", ".join(f"'{p}'" for p in RESERVED_MOUNT_PATHS) + "].all(p, self.mountPath != p "
+            "&& !self.mountPath.startsWith(p + '/') && !p.startsWith(self.mountPath + '/'))",
+            holds=lambda m: all(
+                m.mount_path != p and not m.mount_path.startswith(p + "/") and not p.startswith(m.mount_path.rstrip("/") + "/")
+                for p in RESERVED_MOUNT_PATHS
+            ),
+            message="overlaps a path the operator mounts: " + ", ".join(RESERVED_MOUNT_PATHS),
+            field="mountPath",
+        ),
+        Rule(
+            cel=r"!self.mountPath.matches(r'(^|/)\.\.(/|$)') && (!has(self.subPath) || !self.subPath.matches(r'(^|/)\.\.(/|$)'))",
+            holds=lambda m: not re.search(r"(^|/)\.\.(/|$)", m.mount_path + "/" + (m.sub_path or "")),
+            message="must not contain a '..' segment",
+            field="mountPath",
+        ),
+    )
+
+
+# ---- placement ----------------------------------------------------------------------
+
+
+class TolerationOperator(StrEnum):
+    EXISTS = "Exists"
+    EQUAL = "Equal"
+
+
+class TaintEffect(StrEnum):
+    NO_SCHEDULE = "NoSchedule"
+    PREFER_NO_SCHEDULE = "PreferNoSchedule"
+    NO_EXECUTE = "NoExecute"
+
+
+class Toleration(ApiModel):
+    """A core/v1 Toleration of the trainer pods."""
+
+    key: str | None = Field(None, max_length=317, pattern=QUALIFIED_NAME, description="Taint key; omit with Exists to tolerate every taint.")
+    operator: TolerationOperator | None = Field(None, description="Exists or Equal (the default).")
+    value: LabelValue | None = Field(None, description="Taint value to match (operator Equal).")
+    effect: TaintEffect | None = Field(None, description="NoSchedule, PreferNoSchedule or NoExecute; omit to match all.")
+    toleration_seconds: int | None = Field(None, description="How long a NoExecute taint is tolerated, in seconds.")
+
+    rules = (
+        Rule(
+            cel="has(self.key) || (has(self.operator) && self.operator == 'Exists')",
+            holds=lambda t: t.key is not None or t.operator == TolerationOperator.EXISTS,
+            message="operator must be Exists when key is empty",
+            field="operator",
+        ),
+        Rule(
+            cel="!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+            holds=lambda t: t.operator != TolerationOperator.EXISTS or not t.value,
+            message="value must be empty when operator is Exists",
+            field="value",
+        ),
+        Rule(
+            cel="!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+            holds=lambda t: t.toleration_seconds is None or t.effect == TaintEffect.NO_EXECUTE,
+            message="effect must be NoExecute when tolerationSeconds is set",
+            field="effect",
+        ),
+    )
+
+
+class SelectorOperator(StrEnum):
+    IN = "In"
+    NOT_IN = "NotIn"
+    EXISTS = "Exists"
+    DOES_NOT_EXIST = "DoesNotExist"
+    GT = "Gt"
+    LT = "Lt"
+
+
+_WITH_VALUES = "self.operator in ['In', 'NotIn'] ? self.values.size() > 0 : self.operator in ['Exists', 'DoesNotExist'] ? self.values.size() == 0 : "
+
+
+def _values_fit(r: Any) -> bool:
+    if r.operator in (SelectorOperator.IN, SelectorOperator.NOT_IN):
+        return len(r.values) > 0
+    if r.operator in (SelectorOperator.EXISTS, SelectorOperator.DOES_NOT_EXIST):
+        return not r.values
+    return len(r.values) == 1 and re.match(r"^-?[0-9]+$", r.values[0]) is not None
+
+
+class NodeSelectorRequirement(ApiModel):
+    """A node label (or field) compared with values."""
+
+    key: str = Field(max_length=317, pattern=QUALIFIED_NAME, description="The node label key.")
+    operator: SelectorOperator = Field(description="In, NotIn, Exists, DoesNotExist, Gt or Lt.")
+    values: list[LabelValue] = Field(default_factory=list, max_length=64, description="Values to compare with.")
+
+    rules = (
+        Rule(
+            cel=_WITH_VALUES + "self.values.size() == 1 && self.values[0].matches(r'^-?[0-9]+$')",
+            holds=_values_fit,
+            message="values must be non-empty for In and NotIn, empty for Exists and DoesNotExist, "
+            "and one integer for Gt and Lt",
+            field="values",
+        ),
+    )
+
+
+class NodeSelectorTerm(ApiModel):
+    """Requirements that must all hold (at least one given)."""
+
+    match_expressions: list[NodeSelectorRequirement] = Field(
+        default_factory=list, max_length=32, description="Requirements on node labels."
+    )
+
+    rules = (
+        Rule(cel="self.matchExpressions.size() > 0", holds=lambda t: bool(t.match_expressions),
+             message="a term needs at least one requirement", field="matchExpressions"),
+    )
+
+
+class NodeSelector(ApiModel):
+    node_selector_terms: list[NodeSelectorTerm] = Field(
+        min_length=1, max_length=16, description="Terms of which at least one must hold."
+    )
+
+
+class PreferredSchedulingTerm(ApiModel):
+    weight: int = Field(ge=1, le=100, description="Weight in the scheduler's score, 1-100.")
+    preference: NodeSelectorTerm = Field(description="The preferred node term.")
+
+
+class NodeAffinity(ApiModel):
+    required_during_scheduling_ignored_during_execution: NodeSelector | None = Field(
+        None, description="Nodes the pods must land on."
+    )
+    preferred_during_scheduling_ignored_during_execution: list[PreferredSchedulingTerm] = Field(
+        default_factory=list, max_length=16, description="Nodes the pods prefer."
+    )
+
+
+class LabelSelectorRequirement(ApiModel):
+    key: str = Field(max_length=317, pattern=QUALIFIED_NAME, description="The label key.")
+    operator: SelectorOperator = Field(description="In, NotIn, Exists or DoesNotExist.")
+    values: list[LabelValue] = Field(default_factory=list, max_length=64, description="Values to compare with.")
+
+    rules = (
+        Rule(
+            cel=_WITH_VALUES + "false",
+            holds=lambda r: r.operator not in (SelectorOperator.GT, SelectorOperator.LT) and _values_fit(r),
+            message="operator must be In, NotIn, Exists or DoesNotExist; values non-empty for In and NotIn, "
+            "empty otherwise",
+            field="values",
+        ),
+    )
+
+
+class LabelSelector(ApiModel):
+    """Pods (or namespaces) by their labels; an empty selector matches all."""
+
+    match_labels: LabelMap = Field(default_factory=dict, description="Labels that must all match.")
+    match_expressions: list[LabelSelectorRequirement] = Field(
+        default_factory=list, max_length=32, description="Requirements that must all hold."
+    )
+
+
+class PodAffinityTerm(ApiModel):
+    """Pods near (or away from) which the trainer pods run, per topology domain."""
+
+    label_selector: LabelSelector | None = Field(None, description="The other pods.")
+    namespace_selector: LabelSelector | None = Field(None, description="Namespaces of the other pods.")
+    namespaces: list[LabelName] = Field(default_factory=list, max_length=64, description="Namespaces of the other pods.")
+    topology_key: str = Field(
+        min_length=1, max_length=317, pattern=QUALIFIED_NAME, description="Node label defining the domain, e.g. kubernetes.io/hostname."
+    )
+
+
+class WeightedPodAffinityTerm(ApiModel):
+    weight: int = Field(ge=1, le=100, description="Weight in the scheduler's score, 1-100.")
+    pod_affinity_term: PodAffinityTerm = Field(description="The preferred term.")
+
+
+class PodAffinity(ApiModel):
+    required_during_scheduling_ignored_during_execution: list[PodAffinityTerm] = Field(
+        default_factory=list, max_length=16, description="Terms that must hold."
+    )
+    preferred_during_scheduling_ignored_during_execution: list[WeightedPodAffinityTerm] = Field(
+        default_factory=list, max_length=16, description="Terms that are preferred."
+    )
+
+
+class Affinity(ApiModel):
+    """A core/v1 Affinity of the trainer pods."""
+
+    node_affinity: NodeAffinity | None = Field(None, description="Which nodes.")
+    pod_affinity: PodAffinity | None = Field(None, description="Near which pods.")
+    pod_anti_affinity: PodAffinity | None = Field(None, description="Away from which pods.")
+
+
+class LocalObjectReference(ApiModel):
+    name: Name = Field(description="Name of an object in the job's namespace.")
