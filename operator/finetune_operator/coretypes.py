@@ -58,7 +58,7 @@ def quantity_value(value: int | str) -> Decimal:
 Quantity = Annotated[
     int | Annotated[str, Field(max_length=64)],
     *checked(
-        "isQuantity(string(self)) && quantity(string(self)).sign() >= 0",
+        "isQuantity(string(self)) && quantity(string(self)).compareTo(quantity('0')) >= 0",
         lambda v: (isinstance(v, int) or re.match(QUANTITY, v) is not None) and quantity_value(v) >= 0,
         "must be a non-negative quantity, e.g. 8, 500m or 32Gi",
     ),
