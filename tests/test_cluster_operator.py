@@ -156,7 +156,7 @@ def test_the_ttl_deletes_a_finished_job(operator_env: OperatorEnv) -> None:
     name = env.apply(doc)
     env.wait_phase(name, "Failed")
     env.kube.wait_for("the finished job deleted", lambda: env.kube.get("ftj", name, env.namespace) is None,
-                      env.namespace, timeout=60)
+                      env.namespace, timeout=180)
     env.kube.wait_for("its children collected", lambda: not env.objects("configmaps", name), env.namespace)
 
 

@@ -118,7 +118,7 @@ def test_runtime_and_placement_pass_through() -> None:
     template = children.job(doc, spec, 1, SETTINGS)["spec"]["template"]
     pod, container = template["spec"], template["spec"]["containers"][0]
     assert container["image"] == "mine:2" and container["imagePullPolicy"] == "Always"
-    assert container["resources"]["limits"]["nvidia.com/gpu"] == 2
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"  # quantities travel as strings
     assert {"name": "OMP_NUM_THREADS", "value": "4"} in container["env"]  # 8 CPUs over 2 processes
     assert any(e["name"] == "HF_TOKEN" for e in container["env"])
     assert "--nproc-per-node=2" in container["command"]

@@ -150,7 +150,7 @@ def job(ftj: dict[str, Any], spec: api.FineTuneJobSpec, attempt: int, settings: 
         "env": _env(spec, resources),
         "envFrom": [e.to_wire() for e in rt.env_from],
         "ports": [{"name": "metrics", "containerPort": METRICS_PORT}, {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}],
-        "resources": resources.to_wire(),
+        "resources": {side: {k: str(v) for k, v in values.items()} for side, values in resources.to_wire().items()},
         "volumeMounts": mounts,
         "terminationMessagePath": TERMINATION_LOG,
         "terminationMessagePolicy": "FallbackToLogsOnError",

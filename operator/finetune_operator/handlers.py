@@ -231,7 +231,13 @@ def _record(body: kopf.Body, seen: reconcile.Observed, decision: reconcile.Decis
         metrics.FAILURES.labels(reason=after[T.FAILED]["reason"]).inc()
 
 
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In a pod its ServiceAccount, else $KUBECONFIG: what the kubernetes client finds, kopf uses too."""
+    return kopf.login_via_client(**kwargs)
+
+
 def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
+    kopf.on.login(registry=registry)(login)
     kopf.on.startup(registry=registry)(configure)
     selector = {children.JOB_NAME_LABEL: kopf.PRESENT}
     kopf.index("batch", "v1", "jobs", labels=selector, registry=registry, id="job_index")(index_jobs)

@@ -90,8 +90,6 @@ def decide(seen: Observed) -> Decision | None:
         conds.clear(T.RUNNING, reason, message)
         conds.clear(T.RESTARTING, reason)
         status["completionTime"] = timestamp(now)
-        if job and not job["complete"] and not job["deleting"] and not job["failure"]:
-            decision.delete_job, decision.delete_job_reason = job["name"], reason
 
     if finished:
         ttl = spec.ttl_seconds_after_finished if spec else None
@@ -128,6 +126,8 @@ def decide(seen: Observed) -> Decision | None:
     deadline = spec.active_deadline_seconds
     if deadline and start and now >= start + timedelta(seconds=deadline):
         fail("DeadlineExceeded", f"the job was active longer than activeDeadlineSeconds ({deadline} s)")
+        if job and not job["complete"] and not job["deleting"]:  # its pods stop (SIGTERM, checkpoint)
+            decision.delete_job, decision.delete_job_reason = job["name"], "DeadlineExceeded"
         return _finish(decision, old, conds)
 
     if attempt == 0 or job is None:
