@@ -32,7 +32,7 @@ class Settings(BaseModel):
         description="Per-worker resources (JSON) for jobs that set none.",
     )
     trainer_pull_secrets: tuple[str, ...] = Field((), description="Image pull secrets added to every trainer pod.")
-    trainer_uid: int = Field(1000, ge=1, description="Numeric user (and group) the trainer runs as.")
+    trainer_uid: int = Field(10001, ge=1, description="Numeric user (and group) the trainer runs as (the trainer image's).")
     poll_seconds: float = Field(2.0, ge=0.2, le=300, description="How often each live job is reconciled and rank 0's metrics read.")
     metrics_port: int = Field(8000, ge=0, le=65535, description="Port of the operator's own /metrics (0: off).")
     liveness_port: int = Field(8080, ge=1, le=65535, description="Port of kopf's liveness endpoint /healthz.")
