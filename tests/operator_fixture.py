@@ -59,13 +59,14 @@ class OperatorEnv:
     kubeconfig: Path
     log: Path
     metrics_port: int
+    liveness_port: int
     process: subprocess.Popen | None = None
     restarts: list[int] = field(default_factory=list)
 
     def start(self) -> None:
         command = [sys.executable, "-m", "finetune_operator", "run", "--namespace", self.namespace,
                    "--poll-seconds", "1", "--metrics-port", str(self.metrics_port),
-                   "--liveness-port", str(free_port()), "--bind-address", "127.0.0.1",
+                   "--liveness-port", str(self.liveness_port), "--bind-address", "127.0.0.1",
                    "--trainer-image", "finetune-trainer:local"]
         env = os.environ | {"KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
         with self.log.open("a") as out:
@@ -171,7 +172,9 @@ def operator_env(kube: Kube, crd_installed: None, restricted_namespace: str, tmp
     kube.apply([claim("models", ["ReadOnlyMany"], ASSETS / "models"), claim("data", ["ReadOnlyMany"], ASSETS / "data"),
                 claim("results", ["ReadWriteMany"])], namespace)
     env = OperatorEnv(kube, namespace, service_account_kubeconfig(kube, namespace, tmp_path / "kubeconfig"),
-                      tmp_path / "operator.log", free_port())
+                      tmp_path / "operator.log", free_port(), free_port())
     env.start()
     yield env
+    # While the operator still runs, so that kopf releases its finalizer and the namespace can go.
+    kube.kubectl("delete", "ftj", "--all", "-n", namespace, "--wait=true", "--timeout=60s", check=False)
     env.stop()

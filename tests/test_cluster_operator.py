@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import time
+import urllib.request
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,15 @@ def at_step(step: int) -> Any:
     return lambda obj: obj.get("status", {}).get("progress", {}).get("step", 0) >= step
 
 
+def operator_metrics(env: OperatorEnv) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{env.metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
 def logs(env: OperatorEnv, pod: dict[str, Any]) -> str:
     return env.kube.kubectl("logs", "-n", env.namespace, pod["metadata"]["name"], check=False).stdout
 
@@ -90,6 +100,14 @@ def test_the_minilm_example_runs_and_its_status_tells_the_story(operator_env: Op
         assert objs[0]["metadata"]["ownerReferences"][0]["uid"] == done["metadata"]["uid"]
     reasons = [e["reason"] for e in env.events(name)]
     assert {"AttemptCreated", "Training", "Completed"} <= set(reasons), reasons
+    with urllib.request.urlopen(f"http://127.0.0.1:{env.liveness_port}/healthz", timeout=5) as response:
+        assert response.status == 200  # kopf's liveness endpoint
+    # The operator's own metrics count what happened.
+    samples = operator_metrics(env)
+    assert samples[("finetune_operator_jobs", (("phase", "Succeeded"),))] == 1
+    assert samples[("finetune_operator_attempts_total", (("cause", "Created"),))] == 1
+    assert samples[("finetune_operator_time_to_running_seconds_count", ())] == 1
+    assert samples[("finetune_operator_reconcile_duration_seconds_count", ())] > 3
 
 
 @pytest.mark.slow
@@ -242,12 +260,13 @@ def test_suspend_mid_run_and_resume(operator_env: OperatorEnv) -> None:
     suspended = env.wait_phase(name, "Suspended", timeout=60)
     assert conditions(suspended)["Suspended"] == ("True", "Suspended")
     env.kube.wait_for("the attempt's pods gone", lambda: not env.objects("pods", name), env.namespace, timeout=120)
-    # While suspended the recipe may change (Kueue's window); then it resumes, not restarts.
+    # While suspended the runtime may change (Kueue's window to place it); then it resumes, not restarts.
     env.kube.kubectl("patch", "ftj", name, "-n", env.namespace, "--type=merge", "-p",
-                     '{"spec":{"suspend":false,"training":{"checkpointEverySteps":50}}}')
+                     '{"spec":{"suspend":false,"pod":{"labels":{"placed-by":"kueue"}}}}')
     done = env.wait_phase(name, "Succeeded", timeout=420)
     assert done["status"]["attempts"] == 2 and done["status"].get("failures", 0) == 0
-    assert "resumed from" in logs(env, rank0(env, name, 2))
+    second = rank0(env, name, 2)
+    assert "resumed from" in logs(env, second) and second["metadata"]["labels"]["placed-by"] == "kueue"
 
 
 @pytest.mark.slow

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import sys
 from pathlib import Path
 
@@ -41,6 +42,8 @@ def run(args: argparse.Namespace) -> int:
     registry = kopf.OperatorRegistry()
     handlers.register(registry, ours)
     kopf.configure(verbose=args.verbose)
+    if not args.verbose:  # kopf logs every timer run; transitions are logged (and posted as Events) by us
+        logging.getLogger("kopf.objects").setLevel(logging.WARNING)
     kopf.run(
         registry=registry,
         memo=kopf.Memo(settings=ours),

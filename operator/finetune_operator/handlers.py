@@ -48,6 +48,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.execution.max_workers = 16
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 310
+    # No watching of namespaces and CRDs: the CRD is installed before the operator starts (the chart's
+    # crds/), and the watched namespaces are named or all; so no cluster-wide reads beyond our own rules.
+    settings.scanning.disabled = True
     memo.clients = Clients()
     ours: Settings = memo.settings
     metrics.serve(ours.bind_address, ours.metrics_port)
@@ -67,7 +70,7 @@ def index_phases(body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return {body.get("status", {}).get("phase") or api.Phase.PENDING.value: None}
 
 
-def ours(spec: kopf.Spec, **_: Any) -> bool:
+def managed_here(spec: kopf.Spec, **_: Any) -> bool:
     return spec.get("managedBy") in (None, api.MANAGED_BY)
 
 
@@ -243,5 +246,5 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     kopf.index("batch", "v1", "jobs", labels=selector, registry=registry, id="job_index")(index_jobs)
     kopf.index("", "v1", "pods", labels=selector, registry=registry, id="pod_index")(index_pods)
     kopf.index(api.GROUP, api.VERSION, api.PLURAL, registry=registry, id="phase_index")(index_phases)
-    kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=settings.poll_seconds, when=ours, registry=registry,
+    kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=settings.poll_seconds, when=managed_here, registry=registry,
                id="reconcile")(tick)

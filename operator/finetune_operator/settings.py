@@ -47,46 +47,50 @@ class Settings(BaseModel):
         return value
 
 
-def _env_default(name: str, default: Any) -> Any:
+def _is_list(name: str) -> bool:
+    return isinstance(Settings.model_fields[name].default, tuple)
+
+
+def flag(name: str) -> str:
+    """A list takes one value per flag (--namespace a --namespace b), so its flag is singular."""
+    return "--" + (name.removesuffix("s") if _is_list(name) else name).replace("_", "-")
+
+
+def _from_env(name: str) -> Any:
     raw = os.environ.get(ENV_PREFIX + name.upper())
-    if raw is None:
-        return default
-    if isinstance(default, tuple):
+    if raw is not None and _is_list(name):
         return tuple(part for part in raw.replace(",", " ").split() if part)
     return raw
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
-        default = field.default_factory() if field.default_factory else field.default  # type: ignore[call-arg]
-        # A list is one value per flag: --namespace a --namespace b.
-        flag = "--" + (name.removesuffix("s") if isinstance(default, tuple) else name).replace("_", "-")
         help_text = f"{field.description} [env {ENV_PREFIX}{name.upper()}]"
-        if isinstance(default, tuple):
-            parser.add_argument(flag, dest=name, action="append", default=None, help=help_text)
+        if _is_list(name):
+            parser.add_argument(flag(name), dest=name, action="append", default=None, help=help_text)
         else:
-            parser.add_argument(flag, dest=name, default=None, help=help_text)
+            parser.add_argument(flag(name), dest=name, default=None, help=help_text)
 
 
 def from_arguments(args: argparse.Namespace) -> Settings:
     """Flags win over the environment, which wins over the defaults; a bad value names its flag."""
     values: dict[str, Any] = {}
-    for name, field in Settings.model_fields.items():
+    for name in Settings.model_fields:
         value = getattr(args, name)
         if value is None:
-            value = _env_default(name, None)
+            value = _from_env(name)
         if value is None:
             continue
         if name == "trainer_resources" and isinstance(value, str):
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as exc:
-                raise SystemExit(f"--trainer-resources: not JSON ({exc})") from exc
+                raise SystemExit(f"finetune-operator: invalid settings: {flag(name)}: not JSON ({exc})") from exc
         values[name] = tuple(value) if isinstance(value, list) else value
     try:
         return Settings.model_validate(values)
     except ValidationError as exc:
         problems = "; ".join(
-            "--" + str(e["loc"][0]).replace("_", "-") + "".join(f".{part}" for part in e["loc"][1:]) + f": {e['msg']}"
+            flag(str(e["loc"][0])) + "".join(f".{part}" for part in e["loc"][1:] if isinstance(part, str)) + f": {e['msg']}"
             for e in exc.errors())
         raise SystemExit(f"finetune-operator: invalid settings: {problems}") from exc
