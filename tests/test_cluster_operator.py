@@ -154,6 +154,14 @@ def test_a_gpu_request_no_node_can_hold_shows_the_schedulers_message(operator_en
     assert any(e["reason"] == "Unschedulable" and e["type"] == "Warning" for e in env.events(name))
 
 
+def test_pods_the_job_controller_cannot_create_are_not_a_silent_pending(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    name = env.apply(example("minilm-sentiment", pod={"serviceAccountName": "no-such-account"}))
+    stuck = env.wait_ftj(name, lambda o: o.get("status", {}).get("reason") == "FailedCreate", "FailedCreate", timeout=120)
+    message = [c["message"] for c in stuck["status"]["conditions"] if c["type"] == "Scheduled"][0]
+    assert "no-such-account" in message and stuck["status"]["phase"] == "Pending"
+
+
 def test_the_deadline_fails_the_job_and_deleting_it_collects_the_children(operator_env: OperatorEnv) -> None:
     env = operator_env
     doc = example("minilm-sentiment", runtime={"resources": {"limits": {"nvidia.com/gpu": 99}}})

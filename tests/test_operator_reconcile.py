@@ -74,6 +74,13 @@ def test_an_unschedulable_worker_shows_the_schedulers_message() -> None:
     assert [c["message"] for c in status["conditions"] if c["type"] == "Scheduled"] == [message]
 
 
+def test_a_job_whose_pods_cannot_be_created_says_why() -> None:
+    warning = ("FailedCreate", 'Error creating: pods "ft-1-0-x" is forbidden: error looking up service account ns/gone')
+    status = after(decide(Observed(body({"attempts": 1}), [job(active=0)], [], NOW, job_warning=warning)))
+    assert conditions(status)["Scheduled"] == ("False", "FailedCreate") and status["reason"] == "FailedCreate"
+    assert "service account" in [c["message"] for c in status["conditions"] if c["type"] == "Scheduled"][0]
+
+
 def test_a_running_job_shows_progress_from_rank_zeros_metrics() -> None:
     sample = {"step": 30, "total_steps": 120, "epoch": 0.25, "loss": 0.61, "learning_rate": 1e-3,
               "samples_per_second": 32.0, "tokens_per_second": 900.0, "stage": "Training"}

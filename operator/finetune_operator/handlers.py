@@ -93,6 +93,26 @@ def _sample(seen: reconcile.Observed, ns: str, name: str) -> dict[str, Any] | No
         return None
 
 
+PODLESS_GRACE_SECONDS = 10  # the Job controller creates pods within moments; after that, ask why not
+
+
+def _job_warning(clients: Clients, seen: reconcile.Observed, ns: str) -> tuple[str, str] | None:
+    """The latest Warning Event of the current attempt's Job when it still has no pods."""
+    attempt = reconcile.current_attempt(seen.body["status"], seen.jobs)
+    job = next((j for j in seen.jobs if j["attempt"] == attempt), None)
+    if job is None or job["complete"] or job["failure"] or any(p["attempt"] == attempt for p in seen.pods):
+        return None
+    created = datetime.strptime(job["created"], "%Y-%m-%dT%H:%M:%SZ") if job["created"] else seen.now
+    if (seen.now - created).total_seconds() < PODLESS_GRACE_SECONDS:
+        return None
+    events = clients.core.list_namespaced_event(
+        ns, field_selector=f"involvedObject.kind=Job,involvedObject.name={job['name']},type=Warning").items
+    if not events:
+        return None
+    latest = max(events, key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp)
+    return latest.reason or "FailedCreate", latest.message or ""
+
+
 def _claims(clients: Clients, spec: api.FineTuneJobSpec, ns: str) -> dict[str, dict[str, Any] | None]:
     found: dict[str, dict[str, Any] | None] = {}
     for claim in judge.claim_fields(spec):
@@ -186,6 +206,7 @@ def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, job_index: k
     seen = reconcile.Observed(_plain(body), list(job_index.get(key, [])), list(pod_index.get(key, [])),
                               datetime.now(timezone.utc).replace(tzinfo=None))
     seen.sample = _sample(seen, ns, name)
+    seen.job_warning = _job_warning(clients, seen, ns)
     decision = reconcile.decide(seen)
     if decision is None:
         return

@@ -45,6 +45,7 @@ class Outcome:
     retry: Retry = Retry.NEVER
     result: dict[str, Any] = field(default_factory=dict)  # rank 0's termination message
     unschedulable: str | None = None  # the scheduler's message
+    not_created: str | None = None  # why the Job controller could not create the pods
 
 
 def _termination(pod: dict[str, Any]) -> dict[str, Any] | None:
@@ -110,6 +111,7 @@ def job_summary(job: dict[str, Any]) -> dict[str, Any]:
         "complete": "Complete" in conditions or "SuccessCriteriaMet" in conditions,
         "failure": {"reason": failed.get("reason", ""), "message": failed.get("message", "")} if failed else None,
         "deleting": bool(job["metadata"].get("deletionTimestamp")),
+        "created": job["metadata"].get("creationTimestamp") or "",
     }
 
 
@@ -151,8 +153,12 @@ def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
     return Outcome(State.FAILED, reason, text, Retry.COUNTED, result=message)
 
 
-def attempt_outcome(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> Outcome:
-    """Where the current attempt stands, from its Job and pods (either may lag the other)."""
+def attempt_outcome(job: dict[str, Any] | None, pods: list[dict[str, Any]],
+                    job_warning: tuple[str, str] | None = None) -> Outcome:
+    """Where the current attempt stands, from its Job and pods (either may lag the other).
+
+    `job_warning` is the latest Warning Event of a Job that has no pods yet (e.g. FailedCreate:
+    a missing ServiceAccount, a quota, Pod Security), so that it is not a silent Pending."""
     if job is None:
         return Outcome(State.PENDING, "Creating", "creating the attempt's objects")
     rank0 = next((p for p in pods if p["index"] == 0), None)
@@ -161,6 +167,9 @@ def attempt_outcome(job: dict[str, Any] | None, pods: list[dict[str, Any]]) -> O
         return Outcome(State.SUCCEEDED, "Completed", "every worker finished", result=result)
     if job["failure"] or any(p["phase"] == "Failed" for p in pods):
         return failure_cause(job, pods)
+    if not pods and job_warning:
+        reason, message = job_warning
+        return Outcome(State.PENDING, reason, message, not_created=message)
     unschedulable = next((p["unschedulable"] for p in pods if p["unschedulable"]), None)
     if unschedulable:
         return Outcome(State.PENDING, "Unschedulable", unschedulable, unschedulable=unschedulable)

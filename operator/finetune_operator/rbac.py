@@ -20,8 +20,9 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
     # the claims the spec names: they exist, and their access modes fit the workers
     {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get"]},
-    # Events on every transition
-    {"apiGroups": ["", "events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+    # Events on every transition; list: why a Job has no pods (FailedCreate), never a silent Pending
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch", "list"]},
+    {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
 ]
 
 

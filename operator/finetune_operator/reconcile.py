@@ -37,6 +37,7 @@ class Observed:
     now: datetime
     problems: list[str] = field(default_factory=list)  # what only the operator can judge (claims, regexes)
     sample: dict[str, Any] | None = None  # rank 0's metrics, when read
+    job_warning: tuple[str, str] | None = None  # (reason, message) of the Job's latest Warning Event, when podless
 
 
 @dataclass
@@ -140,7 +141,7 @@ def decide(seen: Observed) -> Decision | None:
         conds.set(T.CREATED, True, "AttemptCreated", f"attempt {decision.create_attempt}: {workers} worker(s)")
         return _finish(decision, old, conds)
 
-    result = outcome.attempt_outcome(job, pods)
+    result = outcome.attempt_outcome(job, pods, seen.job_warning)
     _observe(result, conds, status, old, spec, seen, attempt, fail)
     return _finish(decision, old, conds)
 
@@ -151,6 +152,8 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
         pods = [p for p in seen.pods if p["attempt"] == attempt]
         if result.unschedulable:
             conds.set(T.SCHEDULED, False, "Unschedulable", result.unschedulable)
+        elif result.not_created:
+            conds.set(T.SCHEDULED, False, result.reason, result.not_created)
         elif pods and all(p["scheduled"] for p in pods):
             conds.set(T.SCHEDULED, True, "Scheduled", "every worker has a node")
         return
