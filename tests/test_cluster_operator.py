@@ -240,9 +240,9 @@ def test_a_child_the_apiserver_refuses_fails_as_invalid_spec(operator_env: Opera
 @pytest.mark.slow
 def test_a_killed_trainer_resumes_from_its_checkpoint(operator_env: OperatorEnv) -> None:
     env = operator_env
-    name = env.apply(example("minilm-sentiment", dataset={"maxTrainSamples": 640, "maxEvalSamples": 64},
-                             training={"checkpointEverySteps": 10}))
-    env.wait_ftj(name, at_step(13), "past the first checkpoint", timeout=300)
+    name = env.apply(example("minilm-sentiment", dataset={"maxTrainSamples": 320, "maxEvalSamples": 64},
+                             training={"checkpointEverySteps": 5}))
+    env.wait_ftj(name, at_step(7), "past the first checkpoint", timeout=300)
     pod = rank0(env, name, 1)
     pids = trainer_pids(pod["status"]["podIP"])
     assert pids, "no trainer process found"
@@ -253,17 +253,17 @@ def test_a_killed_trainer_resumes_from_its_checkpoint(operator_env: OperatorEnv)
     second = logs(env, rank0(env, name, 2))
     assert "resumed from" in second
     first_step = int(next(line for line in second.splitlines() if " step " in line).split(" step ")[1].split("/")[0])
-    assert first_step > 10, "attempt 2 started from scratch"
+    assert first_step > 5, "attempt 2 started from scratch"
     assert any(e["reason"] != "Completed" and e["type"] == "Warning" for e in env.events(name))
 
 
 @pytest.mark.slow
 def test_suspend_mid_run_and_resume(operator_env: OperatorEnv) -> None:
     env = operator_env
-    doc = example("minilm-sentiment", dataset={"maxTrainSamples": 640, "maxEvalSamples": 64},
+    doc = example("minilm-sentiment", dataset={"maxTrainSamples": 320, "maxEvalSamples": 64},
                   training={"checkpointEverySteps": 100})
     name = env.apply(doc)
-    env.wait_ftj(name, at_step(5), "training", timeout=300)
+    env.wait_ftj(name, at_step(3), "training", timeout=300)
     env.kube.kubectl("patch", "ftj", name, "-n", env.namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}')
     suspended = env.wait_phase(name, "Suspended", timeout=60)
     assert conditions(suspended)["Suspended"] == ("True", "Suspended")
@@ -280,7 +280,7 @@ def test_suspend_mid_run_and_resume(operator_env: OperatorEnv) -> None:
 @pytest.mark.slow
 def test_an_evicted_trainer_is_retried_without_counting(operator_env: OperatorEnv) -> None:
     env = operator_env
-    doc = example("minilm-sentiment", dataset={"maxTrainSamples": 480, "maxEvalSamples": 64})
+    doc = example("minilm-sentiment", dataset={"maxTrainSamples": 320, "maxEvalSamples": 64})
     doc["spec"]["backoffLimit"] = 0  # a counted failure would fail the job
     name = env.apply(doc)
     env.wait_ftj(name, at_step(3), "training", timeout=300)

@@ -95,16 +95,18 @@ def stop_operator(state: Path) -> None:
 
 
 def follow(c: cluster.Cluster, name: str) -> dict:
-    """Print `kubectl get ftj` whenever it changes, until the job ends."""
-    deadline, last = time.monotonic() + TIMEOUT_SECONDS, ""
+    """Print `kubectl get ftj -o wide` whenever the phase, stage, progress or attempts change, until the job ends."""
+    deadline, last = time.monotonic() + TIMEOUT_SECONDS, None
     print(kubectl(c, "get", "ftj", name, "-n", NAMESPACE, "-o", "wide").splitlines()[0])
     while time.monotonic() < deadline:
-        row = kubectl(c, "get", "ftj", name, "-n", NAMESPACE, "-o", "wide", "--no-headers").strip()
-        if row != last:
-            print(row, flush=True)
-            last = row
         obj = json.loads(kubectl(c, "get", "ftj", name, "-n", NAMESPACE, "-o", "json"))
-        if obj.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+        status = obj.get("status", {})
+        seen = (status.get("phase"), status.get("stage"), status.get("progress", {}).get("percent"),
+                status.get("attempts"), status.get("reason"))
+        if seen != last:
+            print(kubectl(c, "get", "ftj", name, "-n", NAMESPACE, "-o", "wide", "--no-headers").rstrip(), flush=True)
+            last = seen
+        if status.get("phase") in ("Succeeded", "Failed"):
             return obj
         time.sleep(2)
     raise SystemExit(f"{name} did not finish in {TIMEOUT_SECONDS} s; see `kubectl describe ftj {name}`")

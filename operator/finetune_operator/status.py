@@ -94,9 +94,11 @@ def progress_and_metrics(sample: dict[str, Any], global_batch: int, now: datetim
     }
     if rate > 0 and total:
         progress["etaSeconds"] = int((total - step) * global_batch / rate)
-    metrics = {k: sample[s] for k, s in (("loss", "loss"), ("learningRate", "learning_rate"),
-                                         ("samplesPerSecond", "samples_per_second"),
-                                         ("tokensPerSecond", "tokens_per_second")) if sample.get(s) is not None}
+    # Rounded for `kubectl get` (the Loss column prints every digit); Prometheus keeps the exact values.
+    metrics = {k: float(f"{sample[s]:.4g}") for k, s in (("loss", "loss"), ("learningRate", "learning_rate"),
+                                                         ("samplesPerSecond", "samples_per_second"),
+                                                         ("tokensPerSecond", "tokens_per_second"))
+               if sample.get(s) is not None}
     out: dict[str, Any] = {"progress": progress, "metrics": metrics}
     if sample.get("stage"):
         out["stage"] = sample["stage"]
