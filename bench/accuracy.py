@@ -218,9 +218,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sides", default="ours,hf-lora,ours-full,hf-tuned", help=f"any of {', '.join(SIDES)}")
     parser.add_argument("--name", default="accuracy", help="results file stem under bench/results (a date is added)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="a folder elsewhere takes results of any tree (trials)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="intra-op threads for every side (0: torch's default, the cores); see results/ideas-*")
     args = parser.parse_args(argv)
     if args.out == RESULTS:
         clean_commit()  # refuse now, not after an hour of training
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     # The trainer's progress lines (a step line every 10 s), so a long run shows it is alive.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     seeds = [int(s) for s in args.seeds.split(",")]

@@ -67,9 +67,11 @@ def _git(*args: str) -> str | None:
 
 def clean_commit() -> str:
     """HEAD's commit, or SystemExit when the tree has changes: a kept result must name the code that made it."""
-    dirty = _git("status", "--porcelain", "--untracked-files=no")
-    if dirty is None:
+    status = _git("status", "--porcelain")
+    if status is None:
         raise SystemExit("bench: not a git checkout (or no git), so a result could not name the code that produced it")
+    # New files in bench/results are this or another run's output, not code; any other change could be.
+    dirty = "\n".join(line for line in status.splitlines() if not line[3:].startswith("bench/results/"))
     if dirty:
         raise SystemExit("bench: the working tree has uncommitted changes, so a result could not name the code that "
                          f"produced it; commit or stash them first:\n{dirty}")

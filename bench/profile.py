@@ -48,18 +48,19 @@ class Profile:
     side: str
     steps: int
     wall_per_step: float = 0.0
+    positions_per_step: float = 0.0  # padded token positions the model saw: the work, which the samplers order
     ops_per_step: float = 0.0
     by_category: dict[str, float] = field(default_factory=dict)  # self CPU seconds per step
     top_ops: list[tuple[str, float, float]] = field(default_factory=list)  # (op, self s per step, calls per step)
 
 
-def summarise(side: str, prof: Any, steps: int, wall: float) -> Profile:
+def summarise(side: str, prof: Any, steps: int, wall: float, positions: int) -> Profile:
     events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
     cats: dict[str, float] = defaultdict(float)
     for e in events:
         cats[category(e.key)] += e.self_cpu_time_total / 1e6 / steps
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]
-    return Profile(side, steps, wall / steps, sum(e.count for e in events) / steps,
+    return Profile(side, steps, wall / steps, positions / steps, sum(e.count for e in events) / steps,
                    dict(sorted(cats.items(), key=lambda kv: -kv[1])),
                    [(e.key, e.self_cpu_time_total / 1e6 / steps, e.count / steps) for e in top])
 
@@ -73,6 +74,16 @@ class Recorder:
                             schedule=schedule(wait=0, warmup=0, active=steps, repeat=1, skip_first=warmup))
         self.done = 0
         self.start = self.end = 0.0
+        self.positions = 0
+
+    def watch(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Count the padded positions of every forward inside the recorded window."""
+        def count(module: Any, args: Any, kwargs: dict[str, Any]) -> None:
+            if self.warmup <= self.done < self.warmup + self.steps:
+                self.positions += kwargs["input_ids"].numel()
+
+        model.register_forward_pre_hook(count, with_kwargs=True)
+        return model
 
     def step(self) -> None:
         self.done += 1
@@ -106,7 +117,7 @@ def run_ours(shared: Any, settings: Settings, recipe: str, rec: Recorder) -> Non
     task = Task.SEQUENCE_CLASSIFICATION
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     encoded = encode_text(shared.train, tokenizer, settings.max_length)
-    model = model_for(settings, recipe, len(shared.id2label))
+    model = rec.watch(model_for(settings, recipe, len(shared.id2label)))
     lr = settings.lora_learning_rate if recipe == "lora" else settings.learning_rate
     adjust = AdjustSpec(learning_rate=lr, weight_decay=settings.weight_decay)
     groups = param_groups(model, adjust, depth(model, task), head_name(model, task))
@@ -132,7 +143,7 @@ def run_hf(shared: Any, settings: Settings, recipe: str, rec: Recorder) -> None:
             rec.step()
 
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    model = model_for(settings, recipe, len(shared.id2label))
+    model = rec.watch(model_for(settings, recipe, len(shared.id2label)))
     encoded = tokenize(tokenizer, shared.train.inputs, settings.max_length, pad_to_max=False)
     train = Dataset.from_dict({**encoded, "labels": shared.train.labels})
     with tempfile.TemporaryDirectory(prefix="bench-profile-") as out:
@@ -170,6 +181,12 @@ def markdown(profiles: list[Profile], recipe: str, settings: Settings, info: dic
     lines.append("| **all operators** | " + " | ".join(f"{sum(p.by_category.values()):.3f}" for p in profiles) + " |")
     lines.append("| operator calls per step | " + " | ".join(f"{p.ops_per_step:.0f}" for p in profiles) + " |")
     lines.append("| wall s per step (profiled) | " + " | ".join(f"{p.wall_per_step:.3f}" for p in profiles) + " |")
+    lines.append("| padded positions per step | " + " | ".join(f"{p.positions_per_step:.0f}" for p in profiles) + " |")
+    lines.append("| wall ms per 1,000 positions | "
+                 + " | ".join(f"{1e6 * p.wall_per_step / max(p.positions_per_step, 1):.0f}" for p in profiles) + " |")
+    lines += ["", "The sides profile the same steps of their own batch orders (length-bucketed and shuffled; HF's "
+              "length-grouped megabatches, longest first), so their windows hold different batches: compare the "
+              "shares and the time per position, and read the seconds against the load."]
     for p in profiles:
         lines += ["", f"Top operators, {p.side} (self CPU s per step, calls per step):", "",
                   "| operator | s/step | calls/step |", "|---|---|---|"]
@@ -194,7 +211,7 @@ def main(argv: list[str] | None = None) -> int:
         before = os.getloadavg()[0]
         rec = Recorder(args.warmup, args.steps)
         run(shared, settings, args.recipe, rec)
-        profiles.append(summarise(side, rec.prof, args.steps, rec.end - rec.start))
+        profiles.append(summarise(side, rec.prof, args.steps, rec.end - rec.start, rec.positions))
         loads[side] = [before, os.getloadavg()[0]]
         print(f"bench.profile: {side}: {profiles[-1].wall_per_step:.3f} s/step", flush=True)
     command = command_line()
