@@ -15,6 +15,7 @@ The clock of each side is its training loop alone; held-out evaluations are take
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
@@ -206,6 +207,39 @@ def markdown(results: dict[str, list[SideResult]], comparisons: dict[str, Any], 
     return "\n".join(lines) + "\n"
 
 
+def combine(paths: list[Path], out: Path) -> int:
+    """One table over the seeds of several runs of the same code and settings (each run kept as it was written)."""
+    runs = [json.loads(path.read_text()) for path in paths]
+    first = runs[0]
+    for run in runs[1:]:
+        for key in ("settings", "targets", "eval_rows"):
+            if run[key] != first[key]:
+                raise SystemExit(f"bench.accuracy: {key} differ between {paths[0]} and the other runs")
+        if run["machine"]["git_commit"] != first["machine"]["git_commit"] or run["sides"].keys() != first["sides"].keys():
+            raise SystemExit(f"bench.accuracy: {paths[0]} and the other runs ran other code or other sides")
+    seeds = [seed for run in runs for seed in run["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"bench.accuracy: a seed appears twice in {', '.join(map(str, paths))}")
+    results = {name: [SideResult.from_dict(d) for run in runs for d in run["sides"][name]] for name in first["sides"]}
+    targets = first["targets"]
+    comparisons = {f"{a} vs {b}": compare(results, targets, a, b, goal) for a, b, goal in EQUAL + RECIPE
+                   if a in results and b in results}
+    sources = [{"file": path.name, "command": run["command"], "seeds": run["seeds"],
+                "git_commit": run["machine"]["git_commit"]} for path, run in zip(paths, runs)]
+    command = " and ".join(f"`{s['command']}` (seeds {', '.join(map(str, s['seeds']))}, {s['file']})" for s in sources)
+    info = machine()
+    report = markdown(results, comparisons, Settings(**first["settings"]), seeds, targets, first["machine"],
+                      command, first["eval_rows"]).replace(f"`{command}`", command)
+    report = report.replace("\n", f"\n\nCombined by `{command_line()}` at commit `{info['git_commit']}`, without "
+                            "training: one table over the seeds of the runs below, each kept as written.\n", 1)
+    payload = {"command": command_line(), "machine": info, "sources": sources, "settings": first["settings"],
+               "seeds": seeds, "targets": targets, "eval_rows": first["eval_rows"], "clocks": first["clocks"],
+               "sides": {n: [r.as_dict() for r in rs] for n, rs in results.items()}, "comparisons": comparisons}
+    print(report)
+    print(f"written: {write_results(result_stem('accuracy-combined', info), payload, report, out)}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = Settings()
@@ -220,9 +254,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=RESULTS, help="a folder elsewhere takes results of any tree (trials)")
     parser.add_argument("--threads", type=int, default=0,
                         help="intra-op threads for every side (0: torch's default, the cores); see results/ideas-*")
+    parser.add_argument("--combine", help="result JSONs of runs of one commit and settings, comma-separated: one "
+                        "table over all their seeds (no training)")
     args = parser.parse_args(argv)
     if args.out == RESULTS:
         clean_commit()  # refuse now, not after an hour of training
+    if args.combine:
+        return combine([Path(p) for p in args.combine.split(",")], args.out)
     if args.threads:
         import torch
 

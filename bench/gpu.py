@@ -169,15 +169,14 @@ class StepTimer:
 def run_hf(model: torch.nn.Module, batches: list[torch.Tensor], settings: GpuSettings, timer: StepTimer,
            device: torch.device) -> None:
     """`transformers.Trainer` as a user runs it on a GPU: bf16, its default fused AdamW, no checkpoints."""
-    from datasets import Dataset
     from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
     class Timing(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             timer.step_done(state.global_step)
 
-    rows = [r for batch in batches for r in batch.tolist()]
-    train = Dataset.from_dict({"input_ids": rows, "labels": rows})
+    # A list of rows is a map-style dataset to the Trainer: no `datasets` needed on the GPU machine.
+    train = [{"input_ids": row, "labels": row} for batch in batches for row in batch]
     with tempfile.TemporaryDirectory(prefix="bench-gpu-hf-") as out:
         args = TrainingArguments(
             output_dir=out,

@@ -151,3 +151,38 @@ def test_the_comparison_reports_the_ratio_its_spread_and_the_compute_speed_alone
     assert low == 2.0 and high == float("inf")
     assert row["seconds_per_step_ratio"]["median"] == 2.0
     assert row["final_accuracy_delta"] > 0
+
+
+def _run_file(path: Path, seeds: list[int], commit: str = "abc123") -> Path:
+    from dataclasses import asdict
+
+    from bench.sides import Settings
+
+    sides = {name: [_side(name, per_step, [(10, 0.6), (20, 0.62)]).as_dict() for _ in seeds]
+             for name, per_step in (("ours", 0.5), ("hf-lora", 1.0))}
+    for runs in sides.values():
+        for r in runs:
+            r["notes"] = {"loadavg_before": [1.0, 1.0, 1.0], "loadavg_after": [1.5, 1.0, 1.0]}
+    payload = {"command": f"python -m bench.accuracy --seeds {seeds}", "seeds": seeds, "targets": [0.57],
+               "settings": asdict(Settings()), "eval_rows": 300, "clocks": {},
+               "machine": {"git_commit": commit, "git_dirty": False, "nproc": 2, "cpu": "x", "torch_threads": 1,
+                           "versions": {"torch": "t", "transformers": "t", "peft": "p"},
+                           "loadavg_at_start": [1.0, 1.0, 1.0]},
+               "sides": sides}
+    path.write_text(json.dumps(payload))
+    return path
+
+
+def test_runs_of_one_commit_combine_into_one_table_over_their_seeds(tmp_path: Path) -> None:
+    from bench.accuracy import main
+
+    a, b = _run_file(tmp_path / "a.json", [0, 1]), _run_file(tmp_path / "b.json", [2])
+    out = tmp_path / "out"
+    assert main(["--combine", f"{a},{b}", "--out", str(out)]) == 0
+    combined = json.loads(next(out.glob("accuracy-combined-*.json")).read_text())
+    assert combined["seeds"] == [0, 1, 2] and len(combined["sides"]["ours"]) == 3
+    assert combined["comparisons"]["ours vs hf-lora"]["0.57"]["per_seed"] == [2.0, 2.0, 2.0]
+    assert [s["file"] for s in combined["sources"]] == ["a.json", "b.json"]
+    other = _run_file(tmp_path / "c.json", [3], commit="def456")
+    with pytest.raises(SystemExit, match="other code"):
+        main(["--combine", f"{a},{other}", "--out", str(out)])
