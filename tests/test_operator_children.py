@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
 
 from finetune_operator import children
@@ -127,3 +128,19 @@ def test_runtime_and_placement_pass_through() -> None:
     assert pod["nodeSelector"] == {"pool": "h100"} and pod["priorityClassName"] == "high"
     assert pod["serviceAccountName"] == "trainer" and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert next(v for v in pod["volumes"] if v["name"] == "finetune-shm")["emptyDir"]["sizeLimit"] == "8Gi"
+
+
+def test_the_operators_pod_annotations_reach_every_trainer_pod_and_the_jobs_own_win() -> None:
+    import argparse
+
+    from finetune_operator.settings import add_arguments, from_arguments
+
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    scrape = '{"prometheus.io/scrape": "true", "prometheus.io/port": "9090"}'
+    settings = from_arguments(parser.parse_args(["--trainer-pod-annotations", scrape]))
+    doc, spec = ftj(pod={"annotations": {"prometheus.io/port": "9999", "team": "a"}})
+    annotations = children.job(doc, spec, 1, settings)["spec"]["template"]["metadata"]["annotations"]
+    assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": "9999", "team": "a"}
+    with pytest.raises(SystemExit, match="--trainer-pod-annotations"):
+        from_arguments(parser.parse_args(["--trainer-pod-annotations", '{"no spaces allowed": "x"}']))
