@@ -1,0 +1,154 @@
+"""A real Prometheus (Debian's package) on loopback for the chart's tests.
+
+It discovers targets through the apiserver (`kubernetes_sd_configs`) with the scrape configs that
+prometheus-operator would generate from the chart's PodMonitor and ServiceMonitor: the same
+selectors, port names and relabelings, taken from the rendered objects, so a wrong relabeling
+in the chart shows up as a missing label here.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import time
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+SCRAPE_INTERVAL = "1s"  # the monitors' intervals, shortened so a short job leaves many samples
+RELABEL_KEYS = {"sourceLabels": "source_labels", "targetLabel": "target_label", "separator": "separator",
+                "regex": "regex", "replacement": "replacement", "action": "action", "modulus": "modulus"}
+
+
+def installed() -> bool:
+    return bool(shutil.which("prometheus") and shutil.which("promtool"))
+
+
+def _label(name: str) -> str:
+    return re.sub(r"[^a-zA-Z0-9_]", "_", name)
+
+
+def _selector_keeps(selector: dict[str, Any], prefix: str) -> list[dict[str, Any]]:
+    """A label selector as keep rules on the discovered object's labels (as prometheus-operator writes them)."""
+    keeps: list[dict[str, Any]] = []
+    for key, value in selector.get("matchLabels", {}).items():
+        keeps.append({"action": "keep", "source_labels": [f"{prefix}_label_{_label(key)}", f"{prefix}_labelpresent_{_label(key)}"],
+                      "regex": f"({value});true"})
+    for expr in selector.get("matchExpressions", []):
+        assert expr["operator"] == "Exists", f"not emulated: {expr}"
+        keeps.append({"action": "keep", "source_labels": [f"{prefix}_labelpresent_{_label(expr['key'])}"], "regex": "true"})
+    return keeps
+
+
+def _namespaces(selector: dict[str, Any], own: str) -> dict[str, Any]:
+    if selector.get("any"):
+        return {}
+    return {"namespaces": {"names": selector.get("matchNames") or [own]}}
+
+
+def pod_monitor_config(monitor: dict[str, Any], kubeconfig: Path, extra: list[dict[str, Any]]) -> dict[str, Any]:
+    spec, meta = monitor["spec"], monitor["metadata"]
+    endpoint = spec["podMetricsEndpoints"][0]
+    return {
+        "job_name": f"podMonitor/{meta['namespace']}/{meta['name']}",
+        "scrape_interval": SCRAPE_INTERVAL,
+        "metrics_path": endpoint.get("path", "/metrics"),
+        "kubernetes_sd_configs": [{"role": "pod", "kubeconfig_file": str(kubeconfig),
+                                   **_namespaces(spec.get("namespaceSelector", {}), meta["namespace"])}],
+        "relabel_configs": [
+            {"action": "drop", "source_labels": ["__meta_kubernetes_pod_phase"], "regex": "(Failed|Succeeded)"},
+            *_selector_keeps(spec["selector"], "__meta_kubernetes_pod"),
+            {"action": "keep", "source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": endpoint["port"]},
+            *extra,
+            *({RELABEL_KEYS[k]: v for k, v in rule.items()} for rule in endpoint.get("relabelings", [])),
+        ],
+    }
+
+
+def service_monitor_config(monitor: dict[str, Any], kubeconfig: Path) -> dict[str, Any]:
+    spec, meta = monitor["spec"], monitor["metadata"]
+    endpoint = spec["endpoints"][0]
+    job = ([{"source_labels": [f"__meta_kubernetes_service_label_{_label(spec['jobLabel'])}"], "target_label": "job"}]
+           if spec.get("jobLabel") else [])
+    return {
+        "job_name": f"serviceMonitor/{meta['namespace']}/{meta['name']}",
+        "scrape_interval": SCRAPE_INTERVAL,
+        "metrics_path": endpoint.get("path", "/metrics"),
+        "kubernetes_sd_configs": [{"role": "endpointslice", "kubeconfig_file": str(kubeconfig),
+                                   **_namespaces(spec.get("namespaceSelector", {}), meta["namespace"])}],
+        "relabel_configs": [
+            *_selector_keeps(spec["selector"], "__meta_kubernetes_service"),
+            {"action": "keep", "source_labels": ["__meta_kubernetes_endpointslice_port_name"], "regex": endpoint["port"]},
+            {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+            {"source_labels": ["__meta_kubernetes_service_name"], "target_label": "service"},
+            {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+            *job,
+        ],
+    }
+
+
+@dataclass
+class Prometheus:
+    url: str
+    process: subprocess.Popen
+    log: Path
+
+    def _get(self, path: str, **params: Any) -> Any:
+        query = urllib.parse.urlencode(params)
+        with urllib.request.urlopen(f"{self.url}{path}?{query}", timeout=30) as response:
+            body = json.load(response)
+        assert body["status"] == "success", body
+        return body["data"]
+
+    def query_range(self, expr: str, start: float, end: float, step: float = 2.0) -> list[dict[str, Any]]:
+        return self._get("/api/v1/query_range", query=expr, start=start, end=end, step=step)["result"]
+
+    def targets(self) -> list[dict[str, Any]]:
+        return self._get("/api/v1/targets")["activeTargets"]
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+def start(folder: Path, scrape_configs: list[dict[str, Any]], port: int) -> Prometheus:
+    """Prometheus on 127.0.0.1:port with its data in `folder`; ready when this returns."""
+    folder.mkdir(parents=True, exist_ok=True)
+    config = folder / "prometheus.yml"
+    config.write_text(yaml.safe_dump({"global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": "5s"},
+                                      "scrape_configs": scrape_configs}, sort_keys=False))
+    check = subprocess.run(["promtool", "check", "config", str(config)], capture_output=True, text=True)
+    assert check.returncode == 0, f"promtool check config:\n{check.stdout}{check.stderr}"
+    log = folder / "prometheus.log"
+    with log.open("w") as out:
+        process = subprocess.Popen(["prometheus", f"--config.file={config}", f"--storage.tsdb.path={folder / 'data'}",
+                                    f"--web.listen-address=127.0.0.1:{port}"], stdout=out, stderr=subprocess.STDOUT)
+    server = Prometheus(f"http://127.0.0.1:{port}", process, log)
+    deadline = time.monotonic() + 60
+    while True:
+        try:
+            with urllib.request.urlopen(f"{server.url}/-/ready", timeout=5) as response:
+                if response.status == 200:
+                    return server
+        except OSError:
+            pass
+        if process.poll() is not None or time.monotonic() > deadline:
+            server.stop()
+            raise AssertionError(f"Prometheus did not become ready:\n{log.read_text()[-3000:]}")
+        time.sleep(0.5)
+
+
+def check_metrics(text: str) -> str:
+    """`promtool check metrics` on an exposition; returns its complaints (empty when clean)."""
+    result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    return "" if result.returncode == 0 else f"{result.stdout}{result.stderr}"
