@@ -51,11 +51,11 @@ manifests: install k8s-binaries
 check-manifests: install k8s-binaries
 	$(PY) deploy/manifests/render.py --helm $(HELM) --check
 
-# A real Prometheus for the chart's tests (Debian's package; the tests start it on loopback, no service).
+# A real Prometheus (and promtool) for the chart's tests, built from its Go module with Kubernetes
+# discovery (deploy/local/build-prometheus.sh; cached under ~/.cache/finetune-operator/prometheus).
 .PHONY: prometheus
 prometheus:
-	@command -v prometheus >/dev/null && command -v promtool >/dev/null || { \
-	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+	deploy/local/build-prometheus.sh
 
 # The local control plane (deploy/local): etcd, kube-apiserver, kube-controller-manager,
 # kube-scheduler, kubectl, kwok and helm built from Go modules and cached under

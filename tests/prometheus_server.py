@@ -1,4 +1,4 @@
-"""A real Prometheus (Debian's package) on loopback for the chart's tests.
+"""A real Prometheus on loopback for the chart's tests (built by deploy/local/build-prometheus.sh).
 
 It discovers targets through the apiserver (`kubernetes_sd_configs`) with the scrape configs that
 prometheus-operator would generate from the chart's PodMonitor and ServiceMonitor: the same
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
 import subprocess
 import time
 import urllib.parse
@@ -21,13 +20,22 @@ from typing import Any
 
 import yaml
 
+from kube import terminate
+
 SCRAPE_INTERVAL = "1s"  # the monitors' intervals, shortened so a short job leaves many samples
 RELABEL_KEYS = {"sourceLabels": "source_labels", "targetLabel": "target_label", "separator": "separator",
                 "regex": "regex", "replacement": "replacement", "action": "action", "modulus": "modulus"}
 
 
+BUILD = Path(__file__).resolve().parents[1] / "deploy" / "local" / "build-prometheus.sh"
+
+
+def bin_dir() -> Path:
+    return Path(subprocess.run([str(BUILD), "--print-bin-dir"], check=True, capture_output=True, text=True).stdout.strip())
+
+
 def installed() -> bool:
-    return bool(shutil.which("prometheus") and shutil.which("promtool"))
+    return (bin_dir() / "prometheus").exists() and (bin_dir() / "promtool").exists()
 
 
 def _label(name: str) -> str:
@@ -52,45 +60,44 @@ def _namespaces(selector: dict[str, Any], own: str) -> dict[str, Any]:
     return {"namespaces": {"names": selector.get("matchNames") or [own]}}
 
 
-def pod_monitor_config(monitor: dict[str, Any], kubeconfig: Path, extra: list[dict[str, Any]]) -> dict[str, Any]:
+def _scrape_config(monitor: dict[str, Any], role: str, endpoint: dict[str, Any], kubeconfig: Path,
+                   relabel: list[dict[str, Any]]) -> dict[str, Any]:
     spec, meta = monitor["spec"], monitor["metadata"]
-    endpoint = spec["podMetricsEndpoints"][0]
     return {
-        "job_name": f"podMonitor/{meta['namespace']}/{meta['name']}",
+        "job_name": f"{monitor['kind']}/{meta['namespace']}/{meta['name']}",
         "scrape_interval": SCRAPE_INTERVAL,
         "metrics_path": endpoint.get("path", "/metrics"),
-        "kubernetes_sd_configs": [{"role": "pod", "kubeconfig_file": str(kubeconfig),
+        "kubernetes_sd_configs": [{"role": role, "kubeconfig_file": str(kubeconfig),
                                    **_namespaces(spec.get("namespaceSelector", {}), meta["namespace"])}],
-        "relabel_configs": [
-            {"action": "drop", "source_labels": ["__meta_kubernetes_pod_phase"], "regex": "(Failed|Succeeded)"},
-            *_selector_keeps(spec["selector"], "__meta_kubernetes_pod"),
-            {"action": "keep", "source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": endpoint["port"]},
-            *extra,
-            *({RELABEL_KEYS[k]: v for k, v in rule.items()} for rule in endpoint.get("relabelings", [])),
-        ],
+        "relabel_configs": relabel,
     }
+
+
+def pod_monitor_config(monitor: dict[str, Any], kubeconfig: Path, extra: list[dict[str, Any]]) -> dict[str, Any]:
+    """`extra` rules go before the monitor's own relabelings (e.g. a vanilla Prometheus's annotation keep)."""
+    endpoint = monitor["spec"]["podMetricsEndpoints"][0]
+    return _scrape_config(monitor, "pod", endpoint, kubeconfig, [
+        {"action": "drop", "source_labels": ["__meta_kubernetes_pod_phase"], "regex": "(Failed|Succeeded)"},
+        *_selector_keeps(monitor["spec"]["selector"], "__meta_kubernetes_pod"),
+        {"action": "keep", "source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": endpoint["port"]},
+        *extra,
+        *({RELABEL_KEYS[k]: v for k, v in rule.items()} for rule in endpoint.get("relabelings", [])),
+    ])
 
 
 def service_monitor_config(monitor: dict[str, Any], kubeconfig: Path) -> dict[str, Any]:
-    spec, meta = monitor["spec"], monitor["metadata"]
+    spec = monitor["spec"]
     endpoint = spec["endpoints"][0]
     job = ([{"source_labels": [f"__meta_kubernetes_service_label_{_label(spec['jobLabel'])}"], "target_label": "job"}]
            if spec.get("jobLabel") else [])
-    return {
-        "job_name": f"serviceMonitor/{meta['namespace']}/{meta['name']}",
-        "scrape_interval": SCRAPE_INTERVAL,
-        "metrics_path": endpoint.get("path", "/metrics"),
-        "kubernetes_sd_configs": [{"role": "endpointslice", "kubeconfig_file": str(kubeconfig),
-                                   **_namespaces(spec.get("namespaceSelector", {}), meta["namespace"])}],
-        "relabel_configs": [
-            *_selector_keeps(spec["selector"], "__meta_kubernetes_service"),
-            {"action": "keep", "source_labels": ["__meta_kubernetes_endpointslice_port_name"], "regex": endpoint["port"]},
-            {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
-            {"source_labels": ["__meta_kubernetes_service_name"], "target_label": "service"},
-            {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
-            *job,
-        ],
-    }
+    return _scrape_config(monitor, "endpointslice", endpoint, kubeconfig, [
+        *_selector_keeps(spec["selector"], "__meta_kubernetes_service"),
+        {"action": "keep", "source_labels": ["__meta_kubernetes_endpointslice_port_name"], "regex": endpoint["port"]},
+        {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
+        {"source_labels": ["__meta_kubernetes_service_name"], "target_label": "service"},
+        {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
+        *job,
+    ])
 
 
 @dataclass
@@ -109,16 +116,8 @@ class Prometheus:
     def query_range(self, expr: str, start: float, end: float, step: float = 2.0) -> list[dict[str, Any]]:
         return self._get("/api/v1/query_range", query=expr, start=start, end=end, step=step)["result"]
 
-    def targets(self) -> list[dict[str, Any]]:
-        return self._get("/api/v1/targets")["activeTargets"]
-
     def stop(self) -> None:
-        self.process.terminate()
-        try:
-            self.process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
+        terminate(self.process)
 
 
 def start(folder: Path, scrape_configs: list[dict[str, Any]], port: int) -> Prometheus:
@@ -127,11 +126,11 @@ def start(folder: Path, scrape_configs: list[dict[str, Any]], port: int) -> Prom
     config = folder / "prometheus.yml"
     config.write_text(yaml.safe_dump({"global": {"scrape_interval": SCRAPE_INTERVAL, "evaluation_interval": "5s"},
                                       "scrape_configs": scrape_configs}, sort_keys=False))
-    check = subprocess.run(["promtool", "check", "config", str(config)], capture_output=True, text=True)
+    check = subprocess.run([str(bin_dir() / "promtool"), "check", "config", str(config)], capture_output=True, text=True)
     assert check.returncode == 0, f"promtool check config:\n{check.stdout}{check.stderr}"
     log = folder / "prometheus.log"
     with log.open("w") as out:
-        process = subprocess.Popen(["prometheus", f"--config.file={config}", f"--storage.tsdb.path={folder / 'data'}",
+        process = subprocess.Popen([str(bin_dir() / "prometheus"), f"--config.file={config}", f"--storage.tsdb.path={folder / 'data'}",
                                     f"--web.listen-address=127.0.0.1:{port}"], stdout=out, stderr=subprocess.STDOUT)
     server = Prometheus(f"http://127.0.0.1:{port}", process, log)
     deadline = time.monotonic() + 60
@@ -150,5 +149,5 @@ def start(folder: Path, scrape_configs: list[dict[str, Any]], port: int) -> Prom
 
 def check_metrics(text: str) -> str:
     """`promtool check metrics` on an exposition; returns its complaints (empty when clean)."""
-    result = subprocess.run(["promtool", "check", "metrics"], input=text, capture_output=True, text=True)
+    result = subprocess.run([str(bin_dir() / "promtool"), "check", "metrics"], input=text, capture_output=True, text=True)
     return "" if result.returncode == 0 else f"{result.stdout}{result.stderr}"

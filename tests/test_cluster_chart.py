@@ -10,7 +10,9 @@ for it; then `helm upgrade` rolls the operator and `helm uninstall` leaves nothi
 from __future__ import annotations
 
 import json
+import os
 import re
+import sys
 import time
 import urllib.request
 from pathlib import Path
@@ -27,6 +29,9 @@ from operator_fixture import ASSETS, claim, crd_installed, example, free_port  #
 pytestmark = pytest.mark.cluster
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "deploy" / "grafana"))
+import preview  # noqa: E402 (deploy/grafana/preview.py)
+
 CHART = str(REPO / "charts" / "finetune-operator")
 DASHBOARD = REPO / "deploy" / "grafana" / "finetune.json"
 RELEASE = "fto"
@@ -113,7 +118,7 @@ def has_data(result: list[dict[str, Any]]) -> bool:
     return any(v[1] not in ("NaN", "+Inf", "-Inf") for r in result for v in r["values"])
 
 
-@pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not installed (`make prometheus`)")
+@pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
 def test_install_scrape_a_job_upgrade_and_uninstall(kube: Kube, crd_installed: None, restricted_namespace: str,
                                                     tmp_path: Path) -> None:
     ns = restricted_namespace
@@ -191,14 +196,14 @@ def _run_and_scrape(kube: Kube, ns: str, operator_ip: str, prometheus: prometheu
     assert steps and {s["metric"]["namespace"] for s in steps} == {ns}, steps
     assert {s["metric"]["attempt"] for s in steps} == {"1"}
     # Every query of the dashboard returns data for this job.
-    window = f"{int(end - start) + 1}s"
     empty = []
     for title, expr in dashboard_queries():
-        concrete = (expr.replace("$namespace", ns).replace("$job", name).replace("$__rate_interval", "30s")
-                    .replace("$__range", window))
+        concrete = preview.fill(expr, ns, name, start, end)
         if not has_data(prometheus.query_range(concrete, start, end)):
             empty.append(f"{title}: {concrete}")
     assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
+    if picture := os.environ.get("FTO_DASHBOARD_PNG"):  # the README's picture, from this run's data
+        preview.draw(prometheus.url, ns, name, start, end, Path(picture))
 
 
 def _upgrade_rolls_the_operator(kube: Kube, ns: str, values: list[str], before: dict[str, Any],
