@@ -85,18 +85,25 @@ def pod_monitor_config(monitor: dict[str, Any], kubeconfig: Path, extra: list[di
     ])
 
 
-def service_monitor_config(monitor: dict[str, Any], kubeconfig: Path) -> dict[str, Any]:
+def service_monitor_config(monitor: dict[str, Any], service: dict[str, Any], kubeconfig: Path) -> dict[str, Any]:
+    """The ServiceMonitor's targets: the pods its Service selects, on the Service port's target port.
+
+    prometheus-operator would read them from the Service's EndpointSlices; here the apiserver refuses
+    to put the process node's loopback pod IPs in those, so the pod role finds the same pods through
+    the Service's selector, and the Service's own labels (jobLabel, its name) are added as it would.
+    """
     spec = monitor["spec"]
     endpoint = spec["endpoints"][0]
-    job = ([{"source_labels": [f"__meta_kubernetes_service_label_{_label(spec['jobLabel'])}"], "target_label": "job"}]
-           if spec.get("jobLabel") else [])
-    return _scrape_config(monitor, "endpointslice", endpoint, kubeconfig, [
-        *_selector_keeps(spec["selector"], "__meta_kubernetes_service"),
-        {"action": "keep", "source_labels": ["__meta_kubernetes_endpointslice_port_name"], "regex": endpoint["port"]},
+    port = next(p for p in service["spec"]["ports"] if p["name"] == endpoint["port"])
+    static = {"service": service["metadata"]["name"]}
+    if spec.get("jobLabel"):
+        static["job"] = service["metadata"]["labels"][spec["jobLabel"]]
+    return _scrape_config(monitor, "pod", endpoint, kubeconfig, [
+        *_selector_keeps({"matchLabels": service["spec"]["selector"]}, "__meta_kubernetes_pod"),
+        {"action": "keep", "source_labels": ["__meta_kubernetes_pod_container_port_name"], "regex": port["targetPort"]},
         {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
-        {"source_labels": ["__meta_kubernetes_service_name"], "target_label": "service"},
         {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
-        *job,
+        *({"target_label": label, "replacement": value} for label, value in static.items()),
     ])
 
 

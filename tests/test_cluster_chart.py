@@ -133,16 +133,16 @@ def test_install_scrape_a_job_upgrade_and_uninstall(kube: Kube, crd_installed: N
     ip = pod["status"]["podIP"]
     kube.wait_for("the operator's /healthz", lambda: _answers(f"http://{ip}:8080/healthz"), ns)
 
-    monitors = rendered(kube, ns, *values, "podMonitor.enabled=true", "serviceMonitor.enabled=true",
-                        only=["templates/podmonitor.yaml", "templates/servicemonitor.yaml"])
-    pod_monitor = next(m for m in monitors if m["kind"] == "PodMonitor")
-    service_monitor = next(m for m in monitors if m["kind"] == "ServiceMonitor")
+    monitoring = {d["kind"]: d for d in rendered(
+        kube, ns, *values, "podMonitor.enabled=true", "serviceMonitor.enabled=true",
+        only=["templates/podmonitor.yaml", "templates/servicemonitor.yaml", "templates/service.yaml"])}
     # A vanilla Prometheus keeps only the pods annotated for scraping: the operator put the annotation there.
     annotated = {"action": "keep", "source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"],
                  "regex": "true"}
     prometheus = prometheus_server.start(tmp_path / "prometheus", [
-        prometheus_server.pod_monitor_config(pod_monitor, kube.kubeconfig, [annotated]),
-        prometheus_server.service_monitor_config(service_monitor, kube.kubeconfig)], free_port())
+        prometheus_server.pod_monitor_config(monitoring["PodMonitor"], kube.kubeconfig, [annotated]),
+        prometheus_server.service_monitor_config(monitoring["ServiceMonitor"], monitoring["Service"], kube.kubeconfig),
+    ], free_port())
     try:
         _run_and_scrape(kube, ns, ip, prometheus)
         _upgrade_rolls_the_operator(kube, ns, values, pod, prometheus)
@@ -161,7 +161,14 @@ def _answers(url: str) -> bool:
         return False
 
 
+def _scraped(prometheus: prometheus_server.Prometheus, expr: str) -> bool:
+    return bool(prometheus.query_range(expr, time.time() - 2, time.time(), 1))
+
+
 def _run_and_scrape(kube: Kube, ns: str, operator_ip: str, prometheus: prometheus_server.Prometheus) -> None:
+    # The job's first minute (time to Running, the first poll errors) counts only if the operator is already watched.
+    kube.wait_for("Prometheus scraping the operator", lambda: _scraped(prometheus, 'up{job="finetune-operator"} == 1'),
+                  ns, timeout=60)
     start = time.time()
     good = example("minilm-sentiment", dataset=SMALL)
     # A job whose claim does not exist fails at once (InvalidSpec): the failures panel has something to show.
@@ -220,8 +227,7 @@ def _upgrade_rolls_the_operator(kube: Kube, ns: str, values: list[str], before: 
     kube.wait_for("the new operator's /healthz", lambda: _answers(f"http://{ip}:8080/healthz"), ns)
     # Prometheus follows the Service's endpoints to the new pod.
     query = f'up{{job="finetune-operator", pod="{after["metadata"]["name"]}"}} == 1'
-    kube.wait_for("the new operator scraped", lambda: prometheus.query_range(query, time.time() - 2, time.time(), 1),
-                  ns, timeout=60)
+    kube.wait_for("the new operator scraped", lambda: _scraped(prometheus, query), ns, timeout=60)
 
 
 def _uninstall_leaves_nothing(kube: Kube, ns: str) -> None:
@@ -229,8 +235,12 @@ def _uninstall_leaves_nothing(kube: Kube, ns: str) -> None:
     kube.kubectl("delete", "ftj", "--all", "-n", ns, "--wait=true", "--timeout=60s")
     kube.helm("uninstall", RELEASE, "-n", ns, "--wait", "--timeout", "120s")
     selector = f"app.kubernetes.io/instance={RELEASE}"
-    left = kube.kubectl("get", "all,serviceaccounts,roles,rolebindings,configmaps,networkpolicies", "-n", ns, "-l",
-                        selector, "-o", "name").stdout.split()
-    left += kube.kubectl("get", "clusterroles,clusterrolebindings", "-l", selector, "-o", "name").stdout.split()
-    assert not left, left
+
+    def left() -> list[str]:
+        kinds = ("all,serviceaccounts,roles,rolebindings,configmaps,networkpolicies,endpointslices", "-n", ns)
+        return (kube.kubectl("get", *kinds, "-l", selector, "-o", "name").stdout.split()
+                + kube.kubectl("get", "clusterroles,clusterrolebindings", "-l", selector, "-o", "name").stdout.split())
+
+    # The operator's pod goes last: the garbage collector deletes it with its ReplicaSet, after its grace period.
+    kube.wait_for("nothing of the release left", lambda: not left(), ns, timeout=90)
     assert kube.get("crd", "finetunejobs.finetune.dev") is not None  # Helm keeps CRDs (crds/), as it documents
