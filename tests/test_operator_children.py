@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 import yaml
 
 from finetune_operator import children
@@ -131,16 +130,7 @@ def test_runtime_and_placement_pass_through() -> None:
 
 
 def test_the_operators_pod_annotations_reach_every_trainer_pod_and_the_jobs_own_win() -> None:
-    import argparse
-
-    from finetune_operator.settings import add_arguments, from_arguments
-
-    parser = argparse.ArgumentParser()
-    add_arguments(parser)
-    scrape = '{"prometheus.io/scrape": "true", "prometheus.io/port": "9090"}'
-    settings = from_arguments(parser.parse_args(["--trainer-pod-annotations", scrape]))
+    settings = Settings(trainer_pod_annotations={"prometheus.io/scrape": "true", "prometheus.io/port": "9090"})
     doc, spec = ftj(pod={"annotations": {"prometheus.io/port": "9999", "team": "a"}})
     annotations = children.job(doc, spec, 1, settings)["spec"]["template"]["metadata"]["annotations"]
     assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": "9999", "team": "a"}
-    with pytest.raises(SystemExit, match="--trainer-pod-annotations"):
-        from_arguments(parser.parse_args(["--trainer-pod-annotations", '{"no spaces allowed": "x"}']))
