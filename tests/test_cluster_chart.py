@@ -46,7 +46,7 @@ def sets(*values: str) -> list[str]:
     return [arg for value in values for arg in ("--set", value)]
 
 
-def rendered(kube: Kube, namespace: str, *values: str, only: list[str] = ()) -> list[dict[str, Any]]:
+def rendered(kube: Kube, namespace: str, *values: str, only: tuple[str, ...] = ()) -> list[dict[str, Any]]:
     shown = [arg for path in only for arg in ("--show-only", path)]
     out = kube.helm("template", RELEASE, CHART, "-n", namespace, *sets(*values), *shown).stdout
     return [d for d in yaml.safe_load_all(out) if d]
@@ -135,7 +135,7 @@ def test_install_scrape_a_job_upgrade_and_uninstall(kube: Kube, crd_installed: N
 
     monitoring = {d["kind"]: d for d in rendered(
         kube, ns, *values, "podMonitor.enabled=true", "serviceMonitor.enabled=true",
-        only=["templates/podmonitor.yaml", "templates/servicemonitor.yaml", "templates/service.yaml"])}
+        only=("templates/podmonitor.yaml", "templates/servicemonitor.yaml", "templates/service.yaml"))}
     # A vanilla Prometheus keeps only the pods annotated for scraping: the operator put the annotation there.
     annotated = {"action": "keep", "source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"],
                  "regex": "true"}
