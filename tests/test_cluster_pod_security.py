@@ -146,11 +146,31 @@ def test_run_as_non_root_without_a_user_is_refused_as_the_kubelet_does(kube: Kub
 def test_mount_points_are_made_in_the_pods_root_not_on_the_host(kube: Kube, namespace: str) -> None:
     unique = f"fto-{uuid.uuid4().hex[:8]}"
     targets = [f"/{unique}", f"/mnt/{unique}/config", f"/var/lib/{unique}/data", f"/dev/{unique}.log"]
-    script = "import os, sys; sys.exit(0 if all(os.path.exists(p) for p in sys.argv[1:]) else 1)"
-    kube.apply(make_pod("mounts", script, volumes=[{"name": "scratch", "emptyDir": {}}], container={
-        "args": targets[:3], "terminationMessagePath": targets[3],
-        "volumeMounts": [{"name": "scratch", "mountPath": t, "subPath": str(i)} for i, t in enumerate(targets[:3])]}),
-        namespace)
+    # /usr/share/doc exists on the host: a mount point made later beside it (in /usr) must
+    # not undo the mount on it.
+    script = ("import os, sys; sys.exit(0 if all(os.path.exists(p) for p in sys.argv[1:]) "
+              "and open('/usr/share/doc/marker').read() == 'here' else 1)")
+    kube.apply([{"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "doc"}, "data": {"marker": "here"}},
+                make_pod("mounts", script, volumes=[{"name": "scratch", "emptyDir": {}},
+                                                    {"name": "doc", "configMap": {"name": "doc"}}], container={
+                    "args": targets[:3], "terminationMessagePath": targets[3],
+                    "volumeMounts": [{"name": "doc", "mountPath": "/usr/share/doc"}, *(
+                        {"name": "scratch", "mountPath": t, "subPath": str(i)}
+                        for i, t in enumerate([*targets[:3], f"/usr/{unique}"]))]})], namespace)
     done = kube.wait_pod(namespace, "mounts", finished, "finished")
     assert done["status"]["phase"] == "Succeeded", kube.describe(namespace)
-    assert [t for t in targets if Path(t).exists()] == []
+    assert [t for t in [*targets, f"/usr/{unique}"] if Path(t).exists()] == []
+
+
+LIMITS = "finetune.dev/resource-limits"  # the process node's word on whether it enforces limits
+
+
+def test_a_container_over_its_memory_limit_is_oom_killed(kube: Kube, namespace: str) -> None:
+    limits = kube.get("node", "process-node")["metadata"]["annotations"][LIMITS]
+    if limits.startswith("not enforced"):
+        pytest.skip(f"the process node says resource limits are {limits}")
+    script = "import time; hog = bytearray(512 * 2**20); time.sleep(30)"
+    kube.apply(make_pod("hog", script, container={"resources": {"limits": {"memory": "64Mi", "cpu": "500m"}}}),
+               namespace)
+    ended = terminated(kube.wait_pod(namespace, "hog", finished, "finished"))
+    assert (ended["exitCode"], ended["reason"]) == (137, "OOMKilled")

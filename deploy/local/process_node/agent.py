@@ -15,6 +15,7 @@ from pathlib import Path
 from urllib.parse import quote
 
 from . import downward, kubelet_api
+from .cgroups import Cgroups
 from .dns import Dns
 from .kubeapi import MERGE, STRATEGIC, ApiError, KubeAPI
 from .provisioner import Provisioner
@@ -25,6 +26,8 @@ LEASE_SECONDS = 40  # the kubelet's default
 # renewing every 5 s leaves room for three late renewals.
 RENEW_EVERY = 5
 STATUS_EVERY = 60
+# Says on the Node whether containers' resource limits are enforced here, and if not why.
+LIMITS_ANNOTATION = "finetune.dev/resource-limits"
 FIRST_POD_IP = ipaddress.ip_address("127.1.0.1")  # 127/8 is all loopback on Linux
 
 log = logging.getLogger("process_node")
@@ -69,6 +72,7 @@ class Agent:
                  tls: tuple[Path, Path, Path], provisioner: Provisioner | None, taints: list[dict]) -> None:
         self.api, self.name, self.tls = api, name, tls  # tls: serving cert, its key, the client CA
         self.taints = taints
+        self.cgroups, self.limits = Cgroups.detect(name)  # limits: how they are enforced, or why not
         self.pods_dir = state_dir / "pods"
         self.allocatable = capacity
         self.cluster = ApiCluster(api)
@@ -120,8 +124,9 @@ class Agent:
         self._started = _micro_now().split(".")[0] + "Z"
         labels = {"kubernetes.io/hostname": self.name, "kubernetes.io/os": "linux",
                   "kubernetes.io/arch": "amd64", "finetune.dev/node-kind": "process"}
-        self.api.request("POST", "/api/v1/nodes", {"apiVersion": "v1", "kind": "Node",
-                         "metadata": {"name": self.name, "labels": labels}, "spec": {"taints": self.taints}},
+        annotations = {LIMITS_ANNOTATION: self.limits if self.cgroups else f"not enforced: {self.limits}"}
+        self.api.request("POST", "/api/v1/nodes", {"apiVersion": "v1", "kind": "Node", "spec": {"taints": self.taints},
+                         "metadata": {"name": self.name, "labels": labels, "annotations": annotations}},
                          missing_ok=True)
         node = self.api.request("PATCH", f"/api/v1/nodes/{self.name}/status", self._node_status(), STRATEGIC)
         lease = {
@@ -131,7 +136,8 @@ class Agent:
             "spec": {"holderIdentity": self.name, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": _micro_now()},
         }
         self.api.request("POST", "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases", lease, missing_ok=True)
-        log.info("registered node %s with %s", self.name, self.allocatable)
+        log.info("registered node %s with %s; resource limits: %s", self.name, self.allocatable,
+                 annotations[LIMITS_ANNOTATION])
 
     def _heartbeat(self) -> None:
         """Renew the Lease often and re-post the Ready status now and then, as the kubelet does."""

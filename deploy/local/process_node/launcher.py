@@ -14,7 +14,7 @@ and turns itself into one container:
 Reads its spec as JSON on stdin (so env values such as secrets never touch the disk):
 {"root", "mounts": [{"source", "target", "read_only"}], "traversable": [paths], "cwd",
  "argv", "env", "hostname", "read_only_root", "termination_log" (the host file behind
- terminationMessagePath),
+ terminationMessagePath), "cgroup" (a folder, or null where limits are not enforced),
  "user": {"uid", "gid", "groups", "capabilities": [numbers kept], "no_new_privs", "agent_pid"}}.
 """
 
@@ -59,6 +59,7 @@ class Root:
     def __init__(self, path: Path) -> None:
         self.path = path
         self.bound: set[str] = set()  # paths in the root (relative, no leading /) bound from the host
+        self.mounts: list[tuple[str, str, bool]] = []  # volumes mounted so far: source, target, read-only
         self._populate("")
 
     def _populate(self, relative: str) -> None:
@@ -93,6 +94,9 @@ class Root:
                 _check(_libc.umount2(str(self.path / prefix).encode(), MNT_DETACH), f"unmount {prefix}")
                 self.bound.discard(prefix)
                 self._populate(prefix)
+                for source, target, read_only in self.mounts:  # they went with the unmount
+                    if target.startswith(f"{prefix}/"):
+                        self._mount_volume(source, target, read_only)
 
     def resolve(self, path: str, create: str | None = None, hops: int = 0) -> str:
         """`path` inside the root, symlinks followed within it; missing parts are created in
@@ -136,11 +140,18 @@ class Root:
                 self._own(prefix)
                 os.chmod(full, stat.S_IMODE(full.stat().st_mode) | 0o011)
 
-    def bind(self, source: str, target: str, read_only: bool) -> None:
-        inside = self.path / self.resolve(target, "dir" if Path(source).is_dir() else "file")
-        _mount(source, str(inside), MS_BIND | MS_REC)
+    def _mount_volume(self, source: str, target: str, read_only: bool) -> None:
+        _mount(source, str(self.path / target), MS_BIND | MS_REC)
         if read_only:
-            _mount("none", str(inside), MS_REMOUNT | MS_BIND | MS_RDONLY)
+            _mount("none", str(self.path / target), MS_REMOUNT | MS_BIND | MS_RDONLY)
+
+    def bind(self, source: str, target: str, read_only: bool) -> None:
+        """Mount a volume, in order, as a runtime does: a later mount point under it is made
+        inside the volume."""
+        inside = self.resolve(target, "dir" if Path(source).is_dir() else "file")
+        self._mount_volume(source, inside, read_only)
+        self.mounts.append((source, inside, read_only))
+        self.bound = {b for b in self.bound if b != inside and not b.startswith(f"{inside}/")}
 
     def make_read_only(self) -> None:
         """readOnlyRootFilesystem, approximated: the root and every host entry in it become
@@ -186,6 +197,8 @@ def main() -> None:
     termination_log = os.open(spec["termination_log"], os.O_WRONLY | os.O_CLOEXEC)
     root_path = Path(spec["root"])
     try:
+        if spec["cgroup"]:  # resource limits: from here on, this process and its children count
+            Path(spec["cgroup"], "cgroup.procs").write_text(str(os.getpid()))
         root = Root(root_path)
         for path in spec["traversable"]:
             root.make_traversable(path)

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Protocol
 
 from . import downward, security, volumes
+from .cgroups import Cgroups
 from .dns import Dns
 from .kubeapi import ApiError
 
@@ -50,6 +51,7 @@ class Node(Protocol):
     base_env: dict[str, str]
     cluster: volumes.Cluster
     dns: Dns
+    cgroups: Cgroups | None  # None: limits are not enforced on this machine
 
     def publish_status(self, pod: dict, status: dict) -> bool: ...
     def delete_pod(self, pod: dict) -> None: ...
@@ -89,6 +91,7 @@ class Container:
     last_state: dict = field(default_factory=dict)
     restart_count: int = 0
     next_start: float = 0.0  # monotonic time when it may (re)start
+    cgroup: Path | None = None  # this run's, where limits are enforced
     done: bool = False  # exited for good: no restart will follow
 
     @property
@@ -231,6 +234,9 @@ class PodRunner(threading.Thread):
             if not spec.get("command"):
                 raise downward.ConfigError("the process node ignores images, so a container needs a `command`")
             argv = [downward.expand(a, env) for a in spec["command"] + spec.get("args", [])]
+            if self.node.cgroups is not None and container.cgroup is None:
+                run = f"{self.pod['metadata']['uid']}-{container.name}-{container.restart_count}"
+                container.cgroup = self.node.cgroups.create(run, spec.get("resources") or {})
         except NOT_YET as error:
             container.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(error)}}
             container.next_start = time.monotonic() + BACKOFF_START
@@ -248,7 +254,7 @@ class PodRunner(threading.Thread):
             "argv": argv, "env": env, "hostname": self.hostname,
             "cwd": spec.get("workingDir") or "/",  # no image WORKDIR: a runtime's default
             "termination_log": str(term_log), "read_only_root": user.read_only_root,
-            "user": user.launcher_user(),
+            "user": user.launcher_user(), "cgroup": str(container.cgroup) if container.cgroup else None,
         }
         (self.dir / "roots").mkdir(exist_ok=True)
         log_path = self.log_path(container.name, container.restart_count)
@@ -269,8 +275,14 @@ class PodRunner(threading.Thread):
 
     def _reap(self, container: Container, code: int) -> None:
         exit_code = code if code >= 0 else 128 - code  # killed by signal N -> 128+N, as a shell says
+        reason = "Completed" if exit_code == 0 else "Error"
+        if container.cgroup is not None:
+            if Cgroups.oom_killed(container.cgroup):
+                reason = "OOMKilled"
+            Cgroups.remove(container.cgroup)
+            container.cgroup = None
         terminated = {
-            "exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
+            "exitCode": exit_code, "reason": reason,
             "startedAt": container.state.get("running", {}).get("startedAt", self.start_time),
             "finishedAt": _now(), "containerID": f"process://{container.proc.pid}",
         }
