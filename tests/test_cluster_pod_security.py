@@ -34,6 +34,7 @@ def attempt(action):
     except OSError as error:
         return type(error).__name__
 open("/scratch/made", "w").write("x")
+open("/scratch-sub/made", "w").write("x")  # a subPath folder, made by the node, is as writable
 open("/mnt/pvc/output/result.txt", "w").write("trained")
 status = dict(line.split(":\t", 1) for line in open("/proc/self/status").read().splitlines() if ":\t" in line)
 import finetune_trainer  # the project's virtualenv, root-owned, imports as any user
@@ -69,6 +70,7 @@ def test_a_restricted_pod_runs_as_its_user_and_owns_its_volumes(kube: Kube, rest
                             {"name": "output", "persistentVolumeClaim": {"claimName": "output"}}],
                    container={"securityContext": RESTRICTED, "volumeMounts": [
                        {"name": "scratch", "mountPath": "/scratch"},
+                       {"name": "scratch", "mountPath": "/scratch-sub", "subPath": "sub"},
                        {"name": "config", "mountPath": "/etc/app"},
                        {"name": "models", "mountPath": "/mnt/pvc/models", "readOnly": True},
                        {"name": "output", "mountPath": "/mnt/pvc/output"}]})

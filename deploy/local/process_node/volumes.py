@@ -160,9 +160,13 @@ def container_mounts(pod: dict, container: dict, folders: dict[str, Path]) -> li
     kinds = {v["name"]: _kind(v) for v in pod["spec"].get("volumes", [])}
     mounts = []
     for vm in container.get("volumeMounts", []):
-        source = folders[vm["name"]] / vm.get("subPath", "")
-        if not source.exists():  # like the kubelet, a missing subPath becomes a folder
+        volume = folders[vm["name"]]
+        source = volume / vm.get("subPath", "")
+        if not source.exists():  # as the kubelet: a missing subPath is a folder like the volume's top
+            info = volume.stat()
             source.mkdir(parents=True)
+            os.chmod(source, stat.S_IMODE(info.st_mode))
+            os.chown(source, info.st_uid, info.st_gid)
         read_only = vm.get("readOnly", False) or kinds[vm["name"]] in READ_ONLY_KINDS
         mounts.append(Mount(str(source), vm["mountPath"], read_only))
     return mounts
