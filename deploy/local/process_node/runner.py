@@ -306,8 +306,9 @@ class PodRunner(threading.Thread):
         message = path.read_bytes()[:MESSAGE_MAX_BYTES].decode(errors="replace") if path.exists() else ""
         fallback = container.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError"
         if not message and fallback and exit_code != 0:
-            log_path = self.log_path(container.name, container.restart_count)
-            lines = log_path.read_bytes()[-64 * MESSAGE_MAX_BYTES:].splitlines()[-FALLBACK_LOG_LINES:]
+            with self.log_path(container.name, container.restart_count).open("rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 64 * MESSAGE_MAX_BYTES))  # the tail, not the whole log
+                lines = f.read().splitlines()[-FALLBACK_LOG_LINES:]
             message = b"\n".join(lines)[-MESSAGE_MAX_BYTES:].decode(errors="replace")
         return message
 
