@@ -9,6 +9,7 @@ import os
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -28,9 +29,16 @@ RENEW_EVERY = 5
 STATUS_EVERY = 60
 # Says on the Node whether containers' resource limits are enforced here, and if not why.
 LIMITS_ANNOTATION = "finetune.dev/resource-limits"
-FIRST_POD_IP = ipaddress.ip_address("127.1.0.1")  # 127/8 is all loopback on Linux
 
 log = logging.getLogger("process_node")
+
+
+def pod_network(state_dir: Path) -> ipaddress.IPv4Address:
+    """Where this node's pod IPs start: 127.<n>.0.0 (all of 127/8 is loopback on Linux), n
+    from 2 to 254 by the state folder, so that nodes of clusters side by side on one machine
+    (worktrees, a test's second node) most likely hand out different addresses (two state
+    folders share n with odds 1 in 253)."""
+    return ipaddress.ip_address(f"127.{2 + zlib.crc32(str(state_dir).encode()) % 253}.0.0")
 
 
 def _micro_now() -> str:
@@ -91,7 +99,7 @@ class Agent:
         }
         self.runners: dict[str, PodRunner] = {}  # by pod uid; the kubelet API's threads read it too
         self._runners_lock = threading.Lock()
-        self._ips = (FIRST_POD_IP + n for n in itertools.count())
+        self._ips = (pod_network(state_dir) + n for n in itertools.count(1))
         self._stopping = threading.Event()
         self._kubelet_port = 0
 
