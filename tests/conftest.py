@@ -1,14 +1,16 @@
 """Shared fixtures.
 
 Cluster tests (marked `cluster`) run against the real local control plane of deploy/local:
-the session starts it once, or reuses the cluster that KUBECONFIG names. Each test gets
-its own namespace.
+the session starts it once, or reuses the one already running there. A KUBECONFIG from the
+environment is refused unless it is that local cluster's or FTO_TEST_CLUSTER names its
+cluster (kube.chosen_kubeconfig). Each test gets its own namespace.
 """
 
 from __future__ import annotations
 
 import os
 import re
+import shutil
 import sys
 import uuid
 from collections.abc import Iterator
@@ -16,7 +18,7 @@ from pathlib import Path
 
 import pytest
 
-from kube import Kube
+from kube import Kube, RefusedCluster, chosen_kubeconfig
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL = REPO / "deploy" / "local"
@@ -31,20 +33,21 @@ def _local_cluster():
 
 @pytest.fixture(scope="session")
 def kube() -> Iterator[Kube]:
-    """The cluster: KUBECONFIG's if set, else the local one (FTO_CLUSTER_DIR, default .cluster/).
+    """The local cluster (FTO_CLUSTER_DIR, default .cluster/), or KUBECONFIG's when allowed.
 
     A local cluster that already runs (`make cluster-up`) is reused and left running; one this
     session starts is stopped at the end.
     """
     local = _local_cluster()
     bin_dir = local.bin_dir()
-    if "KUBECONFIG" in os.environ:
-        kubeconfig = Path(os.environ["KUBECONFIG"])
-        node_dir = kubeconfig.parent / "node"  # set when KUBECONFIG is a local cluster's
-        yield Kube(kubeconfig, bin_dir if (bin_dir / "kubectl").exists() else None,
-                   node_dir if node_dir.is_dir() else None)
-        return
     state = Path(os.environ.get("FTO_CLUSTER_DIR", REPO / ".cluster"))
+    try:
+        kubeconfig = chosen_kubeconfig(os.environ, local.Cluster(state.resolve(), bin_dir).kubeconfig)
+    except RefusedCluster as refused:
+        pytest.exit(str(refused), returncode=4)
+    if kubeconfig is not None:
+        yield Kube(kubeconfig, bin_dir if (bin_dir / "kubectl").exists() else None, None)
+        return
     was_running = state.exists() and all(local.running(local.Cluster(state.resolve(), bin_dir)).values())
     try:
         cluster = local.up(state)
@@ -52,7 +55,7 @@ def kube() -> Iterator[Kube]:
         pytest.fail(f"could not start the local cluster: {error}", pytrace=False)
     os.environ["KUBECONFIG"] = str(cluster.kubeconfig)  # for clients that read it (kopf, kubernetes)
     try:
-        yield Kube(cluster.kubeconfig, bin_dir, cluster.state / "node")
+        yield Kube(cluster.kubeconfig, bin_dir, cluster.state)
     finally:
         del os.environ["KUBECONFIG"]
         if not was_running:
@@ -90,3 +93,13 @@ def restricted_namespace(kube: Kube, request: pytest.FixtureRequest) -> Iterator
         "pod-security.kubernetes.io/enforce": "restricted",
         "pod-security.kubernetes.io/enforce-version": "latest",
     })
+
+
+@pytest.fixture
+def host_folder() -> Iterator[Path]:
+    """A folder under .data/pvc (where claims may point with the host-path annotation), removed after."""
+    folder = REPO / ".data" / "pvc" / f"test-{uuid.uuid4().hex[:8]}"
+    folder.mkdir(parents=True)
+    folder.chmod(0o755)
+    yield folder
+    shutil.rmtree(folder)

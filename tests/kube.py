@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
@@ -14,19 +14,58 @@ from typing import TypeVar
 import yaml
 
 T = TypeVar("T")
+OPT_IN = "FTO_TEST_CLUSTER"
+
+
+class RefusedCluster(Exception):
+    """KUBECONFIG names a cluster the tests were not allowed to touch."""
+
+
+def chosen_kubeconfig(env: Mapping[str, str], local_kubeconfig: Path) -> Path | None:
+    """The kubeconfig the tests may use from the environment; None: use the local cluster.
+
+    The tests create namespaces, CRDs and charts, so a KUBECONFIG other than the local
+    cluster's own counts only when FTO_TEST_CLUSTER names the cluster its current context uses.
+    """
+    if "KUBECONFIG" not in env:
+        return None
+    path = Path(env["KUBECONFIG"])
+    if path.resolve() == local_kubeconfig.resolve():
+        return None
+    try:
+        config = yaml.safe_load(path.read_text()) or {}
+        context = next(c["context"] for c in config.get("contexts", []) if c["name"] == config.get("current-context"))
+        cluster = context["cluster"]
+    except (OSError, StopIteration, KeyError, TypeError, yaml.YAMLError) as error:
+        raise RefusedCluster(f"KUBECONFIG={path}: cannot tell which cluster it uses ({error!r}); "
+                             "unset KUBECONFIG to run the tests on the local cluster") from None
+    if env.get(OPT_IN) != cluster:
+        raise RefusedCluster(
+            f"KUBECONFIG={path} points at cluster {cluster!r}, which the tests did not start; they would "
+            f"install CRDs, namespaces and charts there. To use it anyway, set {OPT_IN}={cluster}; to use "
+            "the local cluster, unset KUBECONFIG.")
+    return path
 
 
 @dataclass(frozen=True)
 class Kube:
     kubeconfig: Path
     bin_dir: Path | None  # the cached kubectl/helm; None: use those on PATH
-    node_dir: Path | None  # the process node's folders, when this session started the cluster
+    cluster_dir: Path | None  # the local cluster's state folder, when this session runs it
+
+    @property
+    def node_dir(self) -> Path | None:
+        """The process node's folders (pods, volumes)."""
+        return self.cluster_dir / "node" if self.cluster_dir else None
 
     def _tool(self, name: str) -> str:
         return str(self.bin_dir / name) if self.bin_dir else name
 
+    def kubectl_argv(self) -> list[str]:
+        return [self._tool("kubectl"), f"--kubeconfig={self.kubeconfig}"]
+
     def kubectl(self, *args: str, stdin: str | None = None, check: bool = True) -> subprocess.CompletedProcess:
-        result = subprocess.run([self._tool("kubectl"), f"--kubeconfig={self.kubeconfig}", *args],
+        result = subprocess.run([*self.kubectl_argv(), *args],
                                 input=stdin, capture_output=True, text=True, timeout=120)
         if check and result.returncode != 0:
             raise AssertionError(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
@@ -53,12 +92,12 @@ class Kube:
         return json.loads(result.stdout) if result.stdout.strip() else None
 
     def pod_logs(self, pod: dict) -> str:
-        """A process-node pod's container logs, read from its folder (there is no kubelet API)."""
+        """A process-node pod's container logs (every run's), read from its folder."""
         if self.node_dir is None:
             return ""
         meta = pod["metadata"]
-        folder = self.node_dir / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid']}"
-        return "".join(f"--- {log}\n{log.read_text(errors='replace')[-2000:]}" for log in sorted(folder.glob("*.log")))
+        folder = self.node_dir / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid']}" / "logs"
+        return "".join(f"--- {log}\n{log.read_text(errors='replace')[-2000:]}" for log in sorted(folder.glob("*/*.log")))
 
     def describe(self, namespace: str) -> str:
         """What a person would look at first when a wait fails in this namespace."""

@@ -6,14 +6,18 @@
 
 `up` starts etcd, kube-apiserver, kube-controller-manager, kube-scheduler, kwok (fake
 GPU nodes) and the process node (real pods as local processes), each as a detached
-process whose PID is written to <state>/pids/. It returns once the cluster is ready, or
-fails with the component and its log path. `down` stops exactly those PIDs.
+process whose PID and command line are written to <state>/pids/. It returns once the
+cluster is ready, or fails with the component and its log path. `down` stops exactly
+those processes (a PID counts only while it still runs the recorded command line), then
+any pod process still running in one of the process node's pod roots. Both hold a lock
+on the state folder, so two sessions never start or wipe one cluster at once.
 Binaries come from build-binaries.sh's cache; ports are picked free on 127.0.0.1.
 """
 
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import shutil
@@ -24,6 +28,8 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +42,9 @@ import pki  # noqa: E402
 REPO = HERE.parents[1]
 DEFAULT_STATE = REPO / ".cluster"
 SERVICE_CIDR = "10.0.0.0/24"
+LOCK = "lock"  # in the state folder; never wiped
+# Claims may name folders under these with local.finetune.dev/host-path (`make assets` fills it).
+HOST_PATH_ROOTS = [REPO / ".data" / "pvc"]
 # Stop order is the reverse: the process node first, so it can end its pods.
 COMPONENTS = ["etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "kwok", "process-node"]
 # The kwok stages we run (v0.8 has none built in), from the kwok module's kustomize/stage.
@@ -100,17 +109,17 @@ def _progress(message: str, started: float) -> None:
 # ---------------------------------------------------------------- processes
 
 def _read_pid(cluster: Cluster, component: str) -> int | None:
-    """The PID we recorded, if that process is still alive and is still our binary."""
+    """The PID we recorded, if that process is still alive and runs the command line we started."""
     try:
-        pid, exe = cluster.pid_file(component).read_text().split("\n", 1)
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
-    except (FileNotFoundError, ValueError):
+        pid, recorded = cluster.pid_file(component).read_bytes().split(b"\n", 1)
+        cmdline = Path(f"/proc/{int(pid)}/cmdline").read_bytes()
+    except (FileNotFoundError, ProcessLookupError, ValueError):
         return None
-    # Guards against PID reuse: only a process running what we started counts.
-    return int(pid) if cmdline == exe.strip() else None
+    # Guards against PID reuse: the whole command line must match, not just the binary.
+    return int(pid) if cmdline == recorded else None
 
 
-def _start(cluster: Cluster, component: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+def start_process(cluster: Cluster, component: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
     try:
         with cluster.log(component).open("ab") as log:
             proc = subprocess.Popen(
@@ -119,20 +128,72 @@ def _start(cluster: Cluster, component: str, argv: list[str], env: dict[str, str
             )
     except OSError as error:
         raise ClusterError(f"cannot start {component} ({argv[0]}): {error}") from error
-    cluster.pid_file(component).write_text(f"{proc.pid}\n{argv[0]}\n")
+    # As /proc/<pid>/cmdline shows it: each argument NUL-terminated.
+    cluster.pid_file(component).write_bytes(f"{proc.pid}\n".encode() + b"".join(a.encode() + b"\0" for a in argv))
     return proc
+
+
+def _signal(pid: int, signum: int) -> None:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        pass  # it exited meanwhile: that is what we wanted
 
 
 def _stop(cluster: Cluster, component: str, grace: float = 10.0) -> None:
     pid = _read_pid(cluster, component)
     if pid is not None:
-        os.kill(pid, signal.SIGTERM)
+        _signal(pid, signal.SIGTERM)
         deadline = time.monotonic() + grace
         while _read_pid(cluster, component) == pid and time.monotonic() < deadline:
             time.sleep(0.1)
         if _read_pid(cluster, component) == pid:
-            os.kill(pid, signal.SIGKILL)
+            _signal(pid, signal.SIGKILL)
     cluster.pid_file(component).unlink(missing_ok=True)
+
+
+def pod_processes(state: Path) -> list[int]:
+    """Processes whose root is one of the process node's pod roots (children inherit it)."""
+    pods = (state / "node" / "pods").resolve()
+    found = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                root = Path(os.readlink(entry / "root"))
+            except OSError:
+                continue  # gone, or not ours to look at
+            if root.is_relative_to(pods):
+                found.append(int(entry.name))
+    return found
+
+
+def _stop_pod_processes(state: Path, grace: float = 5.0) -> None:
+    """What the process node left running (it was killed, say): SIGTERM, then SIGKILL."""
+    for pid in pod_processes(state):
+        _signal(pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    while pod_processes(state) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    for pid in pod_processes(state):
+        _signal(pid, signal.SIGKILL)
+
+
+@contextmanager
+def _locked(state: Path) -> Iterator[None]:
+    """Hold the state folder's lock, or fail saying who holds it."""
+    state.mkdir(parents=True, exist_ok=True)
+    with (state / LOCK).open("a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            raise ClusterError(f"{state} is in use: cluster.py (pid {lock.read().strip() or '?'}) is starting "
+                               "or stopping this cluster; wait for it, or choose another --state-dir") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
 
 
 def running(cluster: Cluster) -> dict[str, int | None]:
@@ -149,9 +210,10 @@ def _http_ok(url: str, context: ssl.SSLContext | None) -> bool:
         return False
 
 
-def _admin_tls(cluster: Cluster) -> ssl.SSLContext:
+def client_tls(cluster: Cluster, cert: str) -> ssl.SSLContext:
+    """TLS to our servers with the cluster CA and the client cert <cert>.crt/.key."""
     context = ssl.create_default_context(cafile=str(cluster.pki / "ca.crt"))
-    context.load_cert_chain(str(cluster.pki / "admin.crt"), str(cluster.pki / "admin.key"))
+    context.load_cert_chain(str(cluster.pki / f"{cert}.crt"), str(cluster.pki / f"{cert}.key"))
     return context
 
 
@@ -220,8 +282,8 @@ def _scheduler_config(cluster: Cluster) -> Path:
 
 def _argvs(cluster: Cluster, ports: dict[str, int]) -> dict[str, list[str]]:
     b, p, s = cluster.bin_dir, cluster.pki, cluster.state
-    etcd_url = f"http://127.0.0.1:{ports['etcd']}"
-    peer_url = f"http://127.0.0.1:{ports['etcd-peer']}"
+    etcd_url = f"https://127.0.0.1:{ports['etcd']}"
+    peer_url = f"https://127.0.0.1:{ports['etcd-peer']}"
 
     def delegated(identity: str) -> list[str]:
         # kcm and the scheduler check their callers' credentials with the apiserver.
@@ -235,11 +297,17 @@ def _argvs(cluster: Cluster, ports: dict[str, int]) -> dict[str, list[str]]:
             f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
             f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
             f"--initial-cluster=local={peer_url}",
+            # TLS only, and only clients with a cert from the cluster CA (the apiserver's).
+            f"--cert-file={p / 'etcd.crt'}", f"--key-file={p / 'etcd.key'}",
+            "--client-cert-auth", f"--trusted-ca-file={p / 'ca.crt'}",
+            f"--peer-cert-file={p / 'etcd.crt'}", f"--peer-key-file={p / 'etcd.key'}",
+            "--peer-client-cert-auth", f"--peer-trusted-ca-file={p / 'ca.crt'}",
             "--unsafe-no-fsync",  # a throwaway test cluster: speed over durability
             "--log-level=warn",
         ],
         "kube-apiserver": [
-            str(b / "kube-apiserver"), f"--etcd-servers={etcd_url}",
+            str(b / "kube-apiserver"), f"--etcd-servers={etcd_url}", f"--etcd-cafile={p / 'ca.crt'}",
+            f"--etcd-certfile={p / 'apiserver-etcd-client.crt'}", f"--etcd-keyfile={p / 'apiserver-etcd-client.key'}",
             # Without a default route the apiserver cannot pick an address by itself.
             "--advertise-address=127.0.0.1", "--bind-address=127.0.0.1", f"--secure-port={ports['apiserver']}",
             f"--cert-dir={p}", f"--tls-cert-file={p / 'apiserver.crt'}", f"--tls-private-key-file={p / 'apiserver.key'}",
@@ -265,6 +333,8 @@ def _argvs(cluster: Cluster, ports: dict[str, int]) -> dict[str, list[str]]:
             # Checks node health each second (default 5 s): new nodes lose their not-ready
             # taint sooner, which is most of the wait after the components answer.
             "--node-monitor-period=1s",
+            # A node whose Lease stops is NotReady (and its pods evicted) after 20 s, not 50 s.
+            "--node-monitor-grace-period=20s",
             # Each controller acts as its own service account, as in kubeadm clusters.
             "--use-service-account-credentials=true",
             f"--root-ca-file={p / 'ca.crt'}", f"--service-account-private-key-file={p / 'sa.key'}",
@@ -281,17 +351,19 @@ def _argvs(cluster: Cluster, ports: dict[str, int]) -> dict[str, list[str]]:
             f"--server-address=127.0.0.1:{ports['kwok']}",
         ],
         "process-node": [
-            str(venv_python), "-m", "process_node", f"--kubeconfig={cluster.kubeconfig}",
-            f"--state-dir={s / 'node'}", "--node-name=process-node",
+            str(venv_python), "-m", "process_node", f"--kubeconfig={pki.kubeconfig_path(s, pki.NODE_NAME)}",
+            f"--state-dir={s / 'node'}", f"--node-name={pki.NODE_NAME}",
             f"--tls-cert-file={p / 'kubelet.crt'}", f"--tls-private-key-file={p / 'kubelet.key'}",
             f"--client-ca-file={p / 'ca.crt'}",
+            f"--provisioner-kubeconfig={pki.kubeconfig_path(s, 'local-path-provisioner')}",
+            *(f"--host-path-root={root}" for root in HOST_PATH_ROOTS),
         ],
     }
 
 
 def _prepare_state(cluster: Cluster) -> None:
     """A fresh cluster every time, but keep a still-valid PKI so kubeconfig paths stay put."""
-    children = list(cluster.state.glob("*")) if cluster.state.exists() else []
+    children = [c for c in cluster.state.glob("*") if c.name != LOCK] if cluster.state.exists() else []
     if children and not (cluster.state / "pids").is_dir():  # the wipe below must never hit a wrong folder
         raise ClusterError(f"{cluster.state} is not empty and holds no cluster; choose another --state-dir")
     valid = pki.still_valid(cluster.pki)
@@ -306,17 +378,25 @@ def _prepare_state(cluster: Cluster) -> None:
         (cluster.state / sub).mkdir(parents=True, exist_ok=True)
     if not valid:
         pki.make_pki(cluster.pki)
+    pki.protect(cluster.pki)  # also a PKI made before files were kept private
 
 
 def up(state: Path = DEFAULT_STATE, timeout: float = 90.0) -> Cluster:
     """Start everything and wait until nodes are Ready; reuse a cluster that already runs."""
+    os.umask(0o077)  # keys, kubeconfigs, logs and etcd's data: owner-only, and so every component's files
+    with _locked(state.resolve()):
+        return _up(state.resolve(), timeout)
+
+
+def _up(state: Path, timeout: float) -> Cluster:
     started = time.monotonic()
-    cluster = Cluster(state=state.resolve(), bin_dir=bin_dir())
-    pids = running(cluster) if cluster.state.exists() else {}
-    if pids and all(pids.values()):
+    cluster = Cluster(state=state, bin_dir=bin_dir())
+    state.chmod(0o700)
+    pids = running(cluster)
+    if all(pids.values()):
         _progress(f"already running (kubeconfig: {cluster.kubeconfig})", started)
         return cluster
-    down(cluster.state)  # leftovers of a half-dead cluster
+    _down(cluster.state)  # leftovers of a half-dead cluster
     missing = [c for c in COMPONENTS[:-1] if not (cluster.bin_dir / c).exists()]
     if missing:
         raise ClusterError(f"missing binaries {missing} in {cluster.bin_dir}; run `make k8s-binaries` first")
@@ -326,22 +406,28 @@ def up(state: Path = DEFAULT_STATE, timeout: float = 90.0) -> Cluster:
     pki.write_kubeconfigs(cluster.state, cluster.pki, server)
     (cluster.state / "cluster.json").write_text(json.dumps({"server": server, "ports": ports}, indent=2))
     argvs = _argvs(cluster, ports)
+    etcd_tls = client_tls(cluster, "apiserver-etcd-client")
     deadline = started + timeout
     procs: dict[str, subprocess.Popen] = {}
 
     def launch(*names: str) -> None:
         for name in names:
             env = {**os.environ, "PYTHONPATH": str(HERE)} if name == "process-node" else None
-            procs[name] = _start(cluster, name, argvs[name], env)
+            procs[name] = start_process(cluster, name, argvs[name], env)
 
     try:
         launch("etcd")
-        _wait(cluster, "etcd", lambda: _http_ok(f"http://127.0.0.1:{ports['etcd']}/health", None), procs, deadline)
+        _wait(cluster, "etcd", lambda: _http_ok(f"https://127.0.0.1:{ports['etcd']}/health", etcd_tls),
+              procs, deadline)
         _progress("etcd ready", started)
         launch("kube-apiserver")
-        tls = _admin_tls(cluster)
+        tls = client_tls(cluster, "admin")
         _wait(cluster, "kube-apiserver /readyz", lambda: _http_ok(f"{server}/readyz", tls), procs, deadline)
         _progress("kube-apiserver ready", started)
+        # Before the components that need them: the provisioner's RBAC, the StorageClass, kwok's nodes.
+        applied = _kubectl(cluster, "apply", "-f", str(HERE / "manifests"))
+        if applied.returncode != 0:
+            raise ClusterError(f"applying {HERE / 'manifests'} failed:\n{applied.stderr}")
         launch("kube-controller-manager", "kube-scheduler", "kwok", "process-node")
         insecure = _self_signed_ok()
         for name, url in [
@@ -352,27 +438,30 @@ def up(state: Path = DEFAULT_STATE, timeout: float = 90.0) -> Cluster:
             _wait(cluster, name, lambda url=url: _http_ok(url, insecure if url.startswith("https") else None),
                   procs, deadline)
             _progress(f"{name} ready", started)
-        applied = _kubectl(cluster, "apply", "-f", str(HERE / "manifests"))
-        if applied.returncode != 0:
-            raise ClusterError(f"applying {HERE / 'manifests'} failed:\n{applied.stderr}")
         _wait(cluster, "3 Ready nodes (process-node, kwok-gpu-0/1)", lambda: _nodes_ready(cluster, 3), procs, deadline)
         _progress("nodes ready and untainted", started)
         _wait(cluster, "the default service account",
               lambda: _kubectl(cluster, "get", "serviceaccount", "default").returncode == 0, procs, deadline)
     except BaseException:
-        down(cluster.state)
+        _down(cluster.state)
         raise
     _progress(f"cluster ready; export KUBECONFIG={cluster.kubeconfig}", started)
     return cluster
 
 
 def down(state: Path = DEFAULT_STATE) -> None:
-    """Stop the processes this state directory's `up` started, newest first, by PID."""
-    cluster = Cluster(state=state.resolve(), bin_dir=Path())
-    if not (cluster.state / "pids").exists():
-        return
+    """Stop the processes this state directory's `up` started, newest first, by PID, then
+    any pod process the process node left behind."""
+    if (state / "pids").exists():
+        with _locked(state.resolve()):
+            _down(state.resolve())
+
+
+def _down(state: Path) -> None:
+    cluster = Cluster(state=state, bin_dir=Path())
     for component in reversed(COMPONENTS):
         _stop(cluster, component)
+    _stop_pod_processes(state)
 
 
 def main() -> int:
@@ -388,7 +477,11 @@ def main() -> int:
             print(f"cluster-up failed: {error}", file=sys.stderr)
             return 1
     elif args.command == "down":
-        down(args.state_dir)
+        try:
+            down(args.state_dir)
+        except ClusterError as error:
+            print(f"cluster-down failed: {error}", file=sys.stderr)
+            return 1
     else:
         cluster = Cluster(state=args.state_dir.resolve(), bin_dir=Path())
         for component, pid in running(cluster).items():

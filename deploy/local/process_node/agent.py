@@ -9,22 +9,36 @@ import os
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote
 
-from . import downward, kubelet_api, provisioner
-from .hosts import HostsFiles
+from . import downward, kubelet_api
+from .cgroups import Cgroups
+from .dns import Dns
 from .kubeapi import MERGE, STRATEGIC, ApiError, KubeAPI
+from .provisioner import Provisioner
 from .runner import PodRunner
 
-LEASE_SECONDS = 40  # the kubelet's default; kcm marks the node NotReady after that
-RENEW_EVERY = 10
+LEASE_SECONDS = 40  # the kubelet's default
+# kcm's --node-monitor-grace-period is 20 s here (cluster.py), so a lost node shows soon:
+# renewing every 5 s leaves room for three late renewals.
+RENEW_EVERY = 5
 STATUS_EVERY = 60
-FIRST_POD_IP = ipaddress.ip_address("127.1.0.1")  # 127/8 is all loopback on Linux
+# Says on the Node whether containers' resource limits are enforced here, and if not why.
+LIMITS_ANNOTATION = "finetune.dev/resource-limits"
 
 log = logging.getLogger("process_node")
+
+
+def pod_network(state_dir: Path) -> ipaddress.IPv4Address:
+    """Where this node's pod IPs start: 127.<n>.0.0 (all of 127/8 is loopback on Linux), n
+    from 2 to 254 by the state folder, so that nodes of clusters side by side on one machine
+    (worktrees, a test's second node) most likely hand out different addresses (two state
+    folders share n with odds 1 in 253)."""
+    return ipaddress.ip_address(f"127.{2 + zlib.crc32(str(state_dir).encode()) % 253}.0.0")
 
 
 def _micro_now() -> str:
@@ -34,8 +48,8 @@ def _micro_now() -> str:
 class ApiCluster:
     """The API reads that volumes and env need (volumes.Cluster)."""
 
-    def __init__(self, api: KubeAPI, volumes_root: Path) -> None:
-        self.api, self.volumes_root = api, volumes_root
+    def __init__(self, api: KubeAPI) -> None:
+        self.api = api
 
     def data(self, kind: str, namespace: str, name: str) -> dict[str, bytes] | None:
         obj = self.api.get(f"/api/v1/namespaces/{namespace}/{kind}s/{name}")
@@ -63,27 +77,29 @@ class ApiCluster:
 
 class Agent:
     def __init__(self, api: KubeAPI, name: str, state_dir: Path, capacity: dict[str, str],
-                 tls: tuple[Path, Path, Path]) -> None:
+                 tls: tuple[Path, Path, Path], provisioner: Provisioner | None, taints: list[dict]) -> None:
         self.api, self.name, self.tls = api, name, tls  # tls: serving cert, its key, the client CA
+        self.taints = taints
+        self.cgroups, self.limits = Cgroups.detect(name)  # limits: how they are enforced, or why not
         self.pods_dir = state_dir / "pods"
-        self.volumes_root = state_dir / "volumes"
         self.allocatable = capacity
-        self.cluster = ApiCluster(api, self.volumes_root)
-        self.hosts = HostsFiles(state_dir / "hosts")
+        self.cluster = ApiCluster(api)
+        self.dns = Dns()
+        self.provisioner = provisioner
         venv = Path(sys.prefix)
         self.base_env = {
             # Images are ignored: every container runs from the agent's virtualenv.
             "PATH": f"{venv}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "VIRTUAL_ENV": str(venv),
-            "HOME": os.environ.get("HOME", "/root"),
             "LANG": "C.UTF-8",
             # What in-cluster clients read; the apiserver's cert covers 127.0.0.1.
             "KUBERNETES_SERVICE_HOST": api.host,
             "KUBERNETES_SERVICE_PORT": str(api.port),
             "KUBERNETES_SERVICE_PORT_HTTPS": str(api.port),
         }
-        self.runners: dict[str, PodRunner] = {}
-        self._ips = (FIRST_POD_IP + n for n in itertools.count())
+        self.runners: dict[str, PodRunner] = {}  # by pod uid; the kubelet API's threads read it too
+        self._runners_lock = threading.Lock()
+        self._ips = (pod_network(state_dir) + n for n in itertools.count(1))
         self._stopping = threading.Event()
         self._kubelet_port = 0
 
@@ -116,8 +132,10 @@ class Agent:
         self._started = _micro_now().split(".")[0] + "Z"
         labels = {"kubernetes.io/hostname": self.name, "kubernetes.io/os": "linux",
                   "kubernetes.io/arch": "amd64", "finetune.dev/node-kind": "process"}
-        self.api.request("POST", "/api/v1/nodes", {"apiVersion": "v1", "kind": "Node",
-                         "metadata": {"name": self.name, "labels": labels}}, missing_ok=True)
+        annotations = {LIMITS_ANNOTATION: self.limits if self.cgroups else f"not enforced: {self.limits}"}
+        self.api.request("POST", "/api/v1/nodes", {"apiVersion": "v1", "kind": "Node", "spec": {"taints": self.taints},
+                         "metadata": {"name": self.name, "labels": labels, "annotations": annotations}},
+                         missing_ok=True)
         node = self.api.request("PATCH", f"/api/v1/nodes/{self.name}/status", self._node_status(), STRATEGIC)
         lease = {
             "apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
@@ -126,7 +144,8 @@ class Agent:
             "spec": {"holderIdentity": self.name, "leaseDurationSeconds": LEASE_SECONDS, "renewTime": _micro_now()},
         }
         self.api.request("POST", "/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases", lease, missing_ok=True)
-        log.info("registered node %s with %s", self.name, self.allocatable)
+        log.info("registered node %s with %s; resource limits: %s", self.name, self.allocatable,
+                 annotations[LIMITS_ANNOTATION])
 
     def _heartbeat(self) -> None:
         """Renew the Lease often and re-post the Ready status now and then, as the kubelet does."""
@@ -165,7 +184,8 @@ class Agent:
 
     def _sync(self, pod: dict) -> None:
         meta = pod["metadata"]
-        runner = self.runners.get(meta["uid"])
+        with self._runners_lock:
+            runner = self.runners.get(meta["uid"])
         deleting = "deletionTimestamp" in meta
         terminal = pod.get("status", {}).get("phase") in ("Succeeded", "Failed")
         if runner is not None and runner.is_alive():
@@ -175,17 +195,21 @@ class Agent:
             self.delete_pod(pod)  # nothing runs (any more): finish the deletion at once
         elif runner is None and not terminal:
             runner = PodRunner(self, pod, str(next(self._ips)), self.pods_dir)
-            self.runners[meta["uid"]] = runner
+            with self._runners_lock:
+                self.runners[meta["uid"]] = runner
             runner.start()
 
-    def _find_log(self, namespace: str, pod: str, container: str) -> tuple[Path, Callable[[], bool]] | None:
-        runners = [r for r in self.runners.values()
-                   if (r.pod["metadata"]["namespace"], r.pod["metadata"]["name"]) == (namespace, pod)]
-        return runners[-1].log_of(container) if runners else None  # the newest pod of that name
+    def _find_log(self, namespace: str, pod: str, container: str,
+                  previous: bool) -> tuple[Path, Callable[[], bool]] | None:
+        with self._runners_lock:
+            runners = [r for r in self.runners.values()
+                       if (r.pod["metadata"]["namespace"], r.pod["metadata"]["name"]) == (namespace, pod)]
+        return runners[-1].log_of(container, previous) if runners else None  # the newest pod of that name
 
     def _forget(self, pod: dict) -> None:
         """The pod object is gone (force-deleted, or our final delete): stop at once."""
-        runner = self.runners.pop(pod["metadata"]["uid"], None)
+        with self._runners_lock:
+            runner = self.runners.pop(pod["metadata"]["uid"], None)
         if runner is not None and runner.is_alive():
             runner.stop(0)
 
@@ -197,8 +221,10 @@ class Agent:
                 for pod in listing["items"]:
                     self._sync(pod)
                 listed = {pod["metadata"]["uid"] for pod in listing["items"]}
-                for uid in [uid for uid in self.runners if uid not in listed]:  # deleted while we relisted
-                    self._forget(self.runners[uid].pod)
+                with self._runners_lock:
+                    gone = [r.pod for uid, r in self.runners.items() if uid not in listed]
+                for pod in gone:  # deleted while we relisted
+                    self._forget(pod)
                 for event in self.api.watch(f"{pods}&resourceVersion={listing['metadata']['resourceVersion']}"):
                     if event["type"] == "ERROR":
                         break  # e.g. 410 Gone: list again
@@ -210,19 +236,41 @@ class Agent:
                 log.warning("pod watch failed, retrying: %s", error)
                 time.sleep(1)
 
+    def _watch_services(self) -> None:
+        """Every Service, for the DNS names of this node's pods."""
+        while not self._stopping.is_set():
+            try:
+                listing = self.api.request("GET", "/api/v1/services")
+                self.dns.set_services(listing["items"])
+                for event in self.api.watch(f"/api/v1/services?resourceVersion={listing['metadata']['resourceVersion']}"):
+                    if event["type"] == "ERROR":
+                        break
+                    self.dns.service_event(event["type"], event["object"])
+            except (OSError, ApiError) as error:
+                log.warning("service watch failed, retrying: %s", error)
+                time.sleep(1)
+
     def shutdown(self, grace_seconds: float = 5.0) -> None:
         """Stop every pod's processes (SIGTERM, then SIGKILL) before the agent exits."""
         self._stopping.set()
-        for runner in self.runners.values():
+        with self._runners_lock:
+            runners = list(self.runners.values())
+        for runner in runners:
             if runner.is_alive():
                 runner.stop(grace_seconds)
-        for runner in self.runners.values():
+        for runner in runners:
             runner.join(grace_seconds + 2)
 
     def run(self) -> None:
-        self._kubelet_port = kubelet_api.serve(self._find_log, *self.tls)
-        self.register()
-        threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
-        threading.Thread(target=provisioner.run, args=(self.api, self.volumes_root, self._stopping),
-                         name="local-path provisioner", daemon=True).start()
-        self._watch_pods()
+        """Serve until stopped; whatever ends it (an error, a signal), the pods end first."""
+        try:
+            self._kubelet_port = kubelet_api.serve(self._find_log, *self.tls)
+            self.register()
+            threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
+            threading.Thread(target=self._watch_services, name="services", daemon=True).start()
+            if self.provisioner is not None:
+                threading.Thread(target=self.provisioner.run, args=(self._stopping,),
+                                 name="local-path provisioner", daemon=True).start()
+            self._watch_pods()
+        finally:
+            self.shutdown()

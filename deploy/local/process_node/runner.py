@@ -1,8 +1,10 @@
-"""One pod's life on the process node: its volumes, its containers as local processes,
-restarts per restartPolicy, SIGTERM-then-SIGKILL deletion, and kubelet-like status.
+"""One pod's life on the process node: its volumes, its containers as local processes
+(each in its own root, as its securityContext's user), restarts per restartPolicy,
+SIGTERM-then-SIGKILL deletion, and kubelet-like status.
 
 Each pod runs in one thread that ticks every POLL seconds: it starts what is due, reaps
-what exited, and publishes the status when it changed.
+what exited, and publishes the status when it changed. Each run of a container writes its
+own log (logs/<container>/<restart count>.log), so the previous one stays readable.
 """
 
 from __future__ import annotations
@@ -21,8 +23,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Protocol
 
-from . import downward, volumes
-from .hosts import HostsFiles
+from . import downward, security, volumes
+from .cgroups import Cgroups
+from .dns import Dns
 from .kubeapi import ApiError
 
 POLL = 0.2
@@ -34,6 +37,8 @@ MESSAGE_MAX_BYTES, FALLBACK_LOG_LINES = 4096, 80
 LAUNCHER = Path(__file__).with_name("launcher.py")
 # Why a pod cannot start yet: retried, shown as CreateContainerConfigError meanwhile.
 NOT_YET = (downward.ConfigError, ApiError, OSError)
+# Paths every container must reach whatever its uid: the virtualenv and the Python under it.
+INTERPRETER = sorted({sys.prefix, os.path.realpath(sys.executable)})
 
 log = logging.getLogger("process_node")
 
@@ -45,7 +50,8 @@ class Node(Protocol):
     allocatable: dict[str, str]
     base_env: dict[str, str]
     cluster: volumes.Cluster
-    hosts: HostsFiles
+    dns: Dns
+    cgroups: Cgroups | None  # None: limits are not enforced on this machine
 
     def publish_status(self, pod: dict, status: dict) -> bool: ...
     def delete_pod(self, pod: dict) -> None: ...
@@ -53,6 +59,21 @@ class Node(Protocol):
 
 def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def _exit_code(proc: subprocess.Popen) -> int | None:
+    """The container's exit code once its main process ended; what it left running in its
+    process group is killed first (a runtime ends the whole container with its main
+    process), while the unreaped main process still holds the group's id."""
+    if proc.returncode is not None:
+        return proc.returncode
+    if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        return None
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    return proc.wait()
 
 
 def _state_triple(state: dict) -> dict:
@@ -70,6 +91,7 @@ class Container:
     last_state: dict = field(default_factory=dict)
     restart_count: int = 0
     next_start: float = 0.0  # monotonic time when it may (re)start
+    cgroup: Path | None = None  # this run's, where limits are enforced
     done: bool = False  # exited for good: no restart will follow
 
     @property
@@ -108,7 +130,7 @@ class PodRunner(threading.Thread):
         self.conditions: dict[str, dict] = {}
         self.folders: dict[str, Path] | None = None
         self.hostname = pod["spec"].get("hostname") or meta["name"]
-        self.hosts_file: Path | None = None
+        self.hosts_file = self.dir / "hosts"
         self._kill_at: float | None = None  # set on deletion: SIGKILL what still runs at this time
         self._terminated_signalled = False
         self._lock = threading.Lock()
@@ -122,13 +144,22 @@ class PodRunner(threading.Thread):
             kill_at = time.monotonic() + grace_seconds
             self._kill_at = kill_at if self._kill_at is None else min(self._kill_at, kill_at)
 
-    def log_of(self, container_name: str) -> tuple[Path, Callable[[], bool]] | None:
-        """The container's log file, and whether more may still be written to it."""
+    def log_path(self, container_name: str, restarts: int) -> Path:
+        return self.dir / "logs" / container_name / f"{restarts}.log"
+
+    def log_of(self, container_name: str, previous: bool) -> tuple[Path, Callable[[], bool]] | None:
+        """A run's log file (the current one, or the one before the last restart), and
+        whether more may still be written to it."""
         container = next((c for c in self.init + self.containers if c.name == container_name), None)
-        path = self.dir / f"{container_name}.log"
-        if container is None or not path.exists():
+        if container is None:
             return None
-        return path, lambda: self.is_alive() and not container.done
+        with self._lock:
+            run = container.restart_count - 1 if previous else container.restart_count
+            path = self.log_path(container_name, run)
+        if run < 0 or not path.exists():
+            return None
+        return path, lambda: not previous and self.is_alive() and not container.done and \
+            container.restart_count == run
 
     # ------------------------------------------------------------ the loop
 
@@ -137,7 +168,7 @@ class PodRunner(threading.Thread):
         try:
             self._loop()
         finally:
-            self.node.hosts.remove(self.pod)
+            self.node.dns.remove_pod(self.pod)
 
     def _loop(self) -> None:
         try:
@@ -167,7 +198,7 @@ class PodRunner(threading.Thread):
         if self.folders is None:
             try:
                 self.folders = volumes.materialize(self.pod, self.dir, self.node.cluster, self.node.allocatable)
-                self.hosts_file = self.node.hosts.add(self.pod, self.ip)
+                self.node.dns.add_pod(self.pod, self.ip, self.hosts_file)
             except NOT_YET as error:
                 for container in self.init + self.containers:
                     container.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(error)}}
@@ -189,34 +220,46 @@ class PodRunner(threading.Thread):
             if time.monotonic() >= container.next_start:
                 self._start(container)
             return
-        code = container.proc.poll()
+        code = _exit_code(container.proc)
         if code is not None:
             self._reap(container, code)
 
     def _start(self, container: Container) -> None:
         spec = container.spec
         try:
+            user = security.identity(self.pod, spec)
             env = downward.container_env(
                 self._pod_view(), spec, self.node.cluster.data, self.node.allocatable,
-                {**self.node.base_env, "HOSTNAME": self.hostname})
+                {**self.node.base_env, "HOME": user.home, "HOSTNAME": self.hostname})
             if not spec.get("command"):
                 raise downward.ConfigError("the process node ignores images, so a container needs a `command`")
             argv = [downward.expand(a, env) for a in spec["command"] + spec.get("args", [])]
+            if self.node.cgroups is not None and container.cgroup is None:
+                run = f"{self.pod['metadata']['uid']}-{container.name}-{container.restart_count}"
+                container.cgroup = self.node.cgroups.create(run, spec.get("resources") or {})
         except NOT_YET as error:
             container.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(error)}}
             container.next_start = time.monotonic() + BACKOFF_START
             return
         term_log = self.dir / f"{container.name}.termination-log"
         term_log.write_text("")
+        term_log.chmod(0o666)  # as the kubelet makes it: any container user may write it
         mounts = volumes.container_mounts(self.pod, spec, self.folders or {})
         mounts.append(volumes.Mount(str(term_log), spec.get("terminationMessagePath", "/dev/termination-log"), False))
         mounts.append(volumes.Mount(str(self.hosts_file), "/etc/hosts", True))
         launch = {
-            "mounts": [m.as_dict() for m in mounts], "argv": argv, "env": env, "hostname": self.hostname,
-            "cwd": spec.get("workingDir") or str(self.dir),  # no image WORKDIR: the pod's own folder
-            "termination_log": spec.get("terminationMessagePath", "/dev/termination-log"),
+            # A fresh root per run: its mount points are left from the last one's.
+            "root": str(self.dir / "roots" / f"{container.name}-{container.restart_count}"),
+            "mounts": [m.as_dict() for m in mounts], "traversable": INTERPRETER,
+            "argv": argv, "env": env, "hostname": self.hostname,
+            "cwd": spec.get("workingDir") or "/",  # no image WORKDIR: a runtime's default
+            "termination_log": str(term_log), "read_only_root": user.read_only_root,
+            "user": user.launcher_user(), "cgroup": str(container.cgroup) if container.cgroup else None,
         }
-        with (self.dir / f"{container.name}.log").open("ab") as out:
+        (self.dir / "roots").mkdir(exist_ok=True)
+        log_path = self.log_path(container.name, container.restart_count)
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with log_path.open("ab") as out:
             container.proc = subprocess.Popen(
                 ["unshare", "--mount", "--uts", "--propagation", "private", "--", sys.executable, str(LAUNCHER)],
                 stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
@@ -232,8 +275,14 @@ class PodRunner(threading.Thread):
 
     def _reap(self, container: Container, code: int) -> None:
         exit_code = code if code >= 0 else 128 - code  # killed by signal N -> 128+N, as a shell says
+        reason = "Completed" if exit_code == 0 else "Error"
+        if container.cgroup is not None:
+            if Cgroups.oom_killed(container.cgroup):
+                reason = "OOMKilled"
+            Cgroups.remove(container.cgroup)
+            container.cgroup = None
         terminated = {
-            "exitCode": exit_code, "reason": "Completed" if exit_code == 0 else "Error",
+            "exitCode": exit_code, "reason": reason,
             "startedAt": container.state.get("running", {}).get("startedAt", self.start_time),
             "finishedAt": _now(), "containerID": f"process://{container.proc.pid}",
         }
@@ -245,7 +294,8 @@ class PodRunner(threading.Thread):
             container.state, container.done = {"terminated": terminated}, True
             return
         container.last_state = {"terminated": terminated}
-        container.restart_count += 1
+        with self._lock:  # the kubelet API reads it to find the current log
+            container.restart_count += 1
         backoff = min(BACKOFF_MAX, BACKOFF_START * 2 ** (container.restart_count - 1))
         container.state = {"waiting": {"reason": "CrashLoopBackOff", "message": f"back-off {backoff:.0f}s restarting"}}
         container.next_start = time.monotonic() + backoff
@@ -256,7 +306,9 @@ class PodRunner(threading.Thread):
         message = path.read_bytes()[:MESSAGE_MAX_BYTES].decode(errors="replace") if path.exists() else ""
         fallback = container.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError"
         if not message and fallback and exit_code != 0:
-            lines = (self.dir / f"{container.name}.log").read_bytes().splitlines()[-FALLBACK_LOG_LINES:]
+            with self.log_path(container.name, container.restart_count).open("rb") as f:
+                f.seek(max(0, f.seek(0, os.SEEK_END) - 64 * MESSAGE_MAX_BYTES))  # the tail, not the whole log
+                lines = f.read().splitlines()[-FALLBACK_LOG_LINES:]
             message = b"\n".join(lines)[-MESSAGE_MAX_BYTES:].decode(errors="replace")
         return message
 
@@ -264,7 +316,7 @@ class PodRunner(threading.Thread):
         """Deletion: SIGTERM once, SIGKILL at kill_at; True once every process is gone."""
         live = [c for c in self.init + self.containers if c.proc is not None and not c.done]
         for container in live:
-            code = container.proc.poll()
+            code = _exit_code(container.proc)
             if code is not None:
                 self._reap(container, code)
             elif time.monotonic() >= kill_at:
@@ -329,6 +381,8 @@ class PodRunner(threading.Thread):
 
     def _publish(self) -> None:
         status = self._status()
+        ready = next(c["status"] == "True" for c in status["conditions"] if c["type"] == "Ready")
+        self.node.dns.set_ready(self.pod, ready and self._kill_at is None)
         fingerprint = json.dumps(status, sort_keys=True)  # only send what changed
         if fingerprint != self._published and self.node.publish_status(self.pod, status):
             self._published = fingerprint

@@ -1,8 +1,11 @@
 """Pod volumes as folders on this machine, and the bind mounts that show them to a
-container at its mountPaths. Contents are written once, when the pod starts."""
+container at its mountPaths. Contents are written once, when the pod starts; with an
+fsGroup, volumes are handed to that group as the kubelet does."""
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Protocol
@@ -84,16 +87,42 @@ def _projected_files(pod: dict, sources: list[dict], cluster: Cluster, allocatab
 
 def _write_files(folder: Path, files: dict[str, bytes], mode: int) -> None:
     folder.mkdir(parents=True, exist_ok=True)
+    folder.chmod(0o755)  # the node's own umask is 077; containers of any uid read these
     for relative, content in files.items():
         path = folder / relative
         path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.chmod(0o755)
         path.write_bytes(content)
         path.chmod(mode)
+
+
+def set_ownership(folder: Path, fs_group: int, read_only: bool, policy: str | None) -> None:
+    """The kubelet's fsGroup handling (volume.SetVolumeOwnership): every file and folder gets
+    group fs_group and group read (and write unless read-only); folders get setgid, so new
+    files inherit the group. Bits are only ever added. OnRootMismatch skips a volume whose
+    top folder already looks done."""
+    top = folder.stat()
+    if policy == "OnRootMismatch" and top.st_gid == fs_group and top.st_mode & stat.S_ISGID:
+        return
+    mask = 0o440 if read_only else 0o660
+    for base, folders, files in os.walk(folder):
+        for path in [base, *(os.path.join(base, f) for f in folders + files)]:
+            info = os.lstat(path)
+            if stat.S_ISLNK(info.st_mode):
+                continue
+            mode = stat.S_IMODE(info.st_mode) | mask
+            if stat.S_ISDIR(info.st_mode):
+                mode |= stat.S_ISGID | 0o110
+            elif info.st_mode & 0o100:
+                mode |= 0o110
+            os.chown(path, -1, fs_group)
+            os.chmod(path, mode)
 
 
 def materialize(pod: dict, pod_dir: Path, cluster: Cluster, allocatable: dict[str, str]) -> dict[str, Path]:
     """Create every volume of the pod; returns each one's folder by volume name."""
     namespace = pod["metadata"]["namespace"]
+    security = pod["spec"].get("securityContext") or {}
     folders = {}
     for volume in pod["spec"].get("volumes", []):
         kind, source = _kind(volume), volume[_kind(volume)]
@@ -101,6 +130,7 @@ def materialize(pod: dict, pod_dir: Path, cluster: Cluster, allocatable: dict[st
         mode = source.get("defaultMode", 0o644) if isinstance(source, dict) else 0o644
         if kind == "emptyDir":
             folder.mkdir(parents=True, exist_ok=True)
+            folder.chmod(0o777)  # as the kubelet makes it
         elif kind == "persistentVolumeClaim":
             folder = cluster.claim_path(namespace, source["claimName"])
         elif kind == "hostPath":
@@ -117,6 +147,11 @@ def materialize(pod: dict, pod_dir: Path, cluster: Cluster, allocatable: dict[st
             _write_files(folder, _projected_files(pod, source.get("sources", []), cluster, allocatable), mode)
         else:
             raise ConfigError(f"volume {volume['name']}: {kind} volumes are not supported by the process node")
+        # hostPath volumes are never touched, as with the kubelet; our claims count as local
+        # volumes (whose ownership the kubelet does manage), though their PVs are hostPath.
+        if "fsGroup" in security and kind != "hostPath":
+            read_only = kind in READ_ONLY_KINDS or bool(source.get("readOnly"))
+            set_ownership(folder, security["fsGroup"], read_only, security.get("fsGroupChangePolicy"))
         folders[volume["name"]] = folder
     return folders
 
@@ -125,9 +160,13 @@ def container_mounts(pod: dict, container: dict, folders: dict[str, Path]) -> li
     kinds = {v["name"]: _kind(v) for v in pod["spec"].get("volumes", [])}
     mounts = []
     for vm in container.get("volumeMounts", []):
-        source = folders[vm["name"]] / vm.get("subPath", "")
-        if not source.exists():  # like the kubelet, a missing subPath becomes a folder
+        volume = folders[vm["name"]]
+        source = volume / vm.get("subPath", "")
+        if not source.exists():  # as the kubelet: a missing subPath is a folder like the volume's top
+            info = volume.stat()
             source.mkdir(parents=True)
+            os.chmod(source, stat.S_IMODE(info.st_mode))
+            os.chown(source, info.st_uid, info.st_gid)
         read_only = vm.get("readOnly", False) or kinds[vm["name"]] in READ_ONLY_KINDS
         mounts.append(Mount(str(source), vm["mountPath"], read_only))
     return mounts

@@ -1,0 +1,127 @@
+"""Cluster DNS, approximated with one /etc/hosts per pod (bind-mounted read-only, rewritten
+in place whenever Services or pods change). It holds what cluster DNS would answer:
+
+- the pod's own name, as the kubelet writes it (`<hostname>.<subdomain>.<ns>.svc.cluster.local`);
+- for each Service with a selector, in any namespace, the pods of this node it selects that
+  are ready (or not yet ready, with `publishNotReadyAddresses`), and not terminating:
+  `<service>.<ns>.svc.cluster.local`, `<service>.<ns>.svc` and `<service>.<ns>` (plain
+  `<service>` within its own namespace) name them; and for a headless Service, a pod with
+  `hostname` whose `subdomain` is that Service is also `<hostname>.<service>[.<ns>...]`.
+
+Without kube-proxy a ClusterIP is unreachable, so a Service name leads straight to one of
+its pods: a client must use the pod's port (targetPort). Search domains do not apply to
+/etc/hosts, so each short form is listed explicitly.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+HEADER = "127.0.0.1\tlocalhost\n::1\tlocalhost ip6-localhost ip6-loopback\n"
+DOMAIN = "svc.cluster.local"
+
+
+@dataclass
+class _Pod:
+    pod: dict
+    ip: str
+    hosts_file: Path
+    ready: bool = False
+
+    @property
+    def namespace(self) -> str:
+        return self.pod["metadata"]["namespace"]
+
+
+def _forms(name: str, namespace: str, own_namespace: str) -> list[str]:
+    """The names by which a pod in `own_namespace` may ask for `name` of `namespace`."""
+    forms = [f"{name}.{namespace}.{DOMAIN}", f"{name}.{namespace}.svc", f"{name}.{namespace}"]
+    return forms + [name] if namespace == own_namespace else forms
+
+
+def _selects(service: dict, pod: dict) -> bool:
+    selector = service["spec"].get("selector")
+    labels = pod["metadata"].get("labels") or {}
+    return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
+
+
+def own_names(pod: dict) -> list[str]:
+    """The kubelet's /etc/hosts line for the pod itself."""
+    meta, spec = pod["metadata"], pod["spec"]
+    hostname = spec.get("hostname") or meta["name"]
+    if not spec.get("subdomain"):
+        return [hostname]
+    return [f"{hostname}.{spec['subdomain']}.{meta['namespace']}.{DOMAIN}", hostname]
+
+
+class Dns:
+    def __init__(self) -> None:
+        self._pods: dict[str, _Pod] = {}  # by uid
+        self._services: dict[tuple[str, str], dict] = {}  # by (namespace, name)
+        self._lock = threading.Lock()
+
+    # ------------------------------------------------------------ changes
+
+    def add_pod(self, pod: dict, ip: str, hosts_file: Path) -> None:
+        with self._lock:
+            self._pods[pod["metadata"]["uid"]] = _Pod(pod, ip, hosts_file)
+            self._write_all()
+
+    def set_ready(self, pod: dict, ready: bool) -> None:
+        with self._lock:
+            record = self._pods.get(pod["metadata"]["uid"])
+            if record is not None and record.ready != ready:
+                record.ready = ready
+                self._write_all()
+
+    def remove_pod(self, pod: dict) -> None:
+        with self._lock:
+            if self._pods.pop(pod["metadata"]["uid"], None) is not None:
+                self._write_all()
+
+    def set_services(self, services: list[dict]) -> None:
+        """The whole list (after a relist)."""
+        with self._lock:
+            self._services = {(s["metadata"]["namespace"], s["metadata"]["name"]): s for s in services}
+            self._write_all()
+
+    def service_event(self, kind: str, service: dict) -> None:
+        key = (service["metadata"]["namespace"], service["metadata"]["name"])
+        with self._lock:
+            if kind == "DELETED":
+                self._services.pop(key, None)
+            else:
+                self._services[key] = service
+            self._write_all()
+
+    # ------------------------------------------------------------ the files
+
+    def _answers(self, own_namespace: str) -> list[tuple[str, list[str]]]:
+        """(ip, names) that cluster DNS gives a pod of `own_namespace`."""
+        lines = []
+        for (namespace, name), service in sorted(self._services.items()):
+            publish_not_ready = service["spec"].get("publishNotReadyAddresses", False)
+            headless = service["spec"].get("clusterIP") == "None"
+            endpoints = [p for p in self._pods.values()
+                         if p.namespace == namespace and _selects(service, p.pod)
+                         and (p.ready or publish_not_ready)]
+            for endpoint in endpoints if headless else endpoints[:1]:
+                names = _forms(name, namespace, own_namespace)
+                spec = endpoint.pod["spec"]
+                if headless and spec.get("hostname") and spec.get("subdomain") == name:
+                    names = _forms(f"{spec['hostname']}.{name}", namespace, own_namespace) + names
+                lines.append((endpoint.ip, names))
+        return lines
+
+    def _write_all(self) -> None:
+        for record in self._pods.values():
+            lines = [(record.ip, own_names(record.pod)), *self._answers(record.namespace)]
+            text = HEADER + "".join(f"{ip}\t{' '.join(names)}\n" for ip, names in lines)
+            # Rewrite in place: containers see this inode through their bind mounts.
+            with record.hosts_file.open("a+") as f:
+                f.seek(0)
+                f.truncate()
+                f.write(text)
+            record.hosts_file.chmod(0o644)

@@ -1,0 +1,105 @@
+"""A second process node, started by the test: when its agent exits its pods' processes end
+with it, and when it is lost (killed: its Lease stops) the controllers take its pods away as
+in a real cluster, marking them with the DisruptionTarget condition."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from conftest import LOCAL, REPO
+from kube import Kube, condition, phase
+from pods import condition_of, make_pod
+
+sys.path.insert(0, str(LOCAL))
+import cluster  # noqa: E402  (deploy/local/cluster.py)
+import pki  # noqa: E402
+
+pytestmark = pytest.mark.cluster
+
+TAINT = "finetune.dev/test-node"  # keeps every other test's pods off this node
+
+
+@dataclass
+class Node:
+    name: str
+    state: Path
+    agent: subprocess.Popen
+
+    def pod(self, name: str, script: str) -> dict:
+        """A pod bound to this node that leaves at once when the node is lost."""
+        tolerations = [{"key": f"node.kubernetes.io/{t}", "operator": "Exists", "effect": "NoExecute",
+                        "tolerationSeconds": 0} for t in ("unreachable", "not-ready")]
+        return make_pod(name, script, nodeName=self.name, tolerations=tolerations, terminationGracePeriodSeconds=2)
+
+
+@pytest.fixture
+def extra_node(kube: Kube, tmp_path: Path) -> Iterator[Node]:
+    assert kube.cluster_dir is not None, "needs the local cluster"
+    name = f"extra-{uuid.uuid4().hex[:5]}"
+    pki_dir, identity = kube.cluster_dir / "pki", f"node-{name}"
+    pki.client_cert(pki_dir, identity, f"system:node:{name}", "system:nodes")
+    server = json.loads((kube.cluster_dir / "cluster.json").read_text())["server"]
+    kubeconfig = tmp_path / "node.kubeconfig"
+    pki.write_kubeconfig(kubeconfig, pki_dir, server, identity)
+    agent = subprocess.Popen(
+        [str(REPO / ".venv" / "bin" / "python"), "-m", "process_node", f"--kubeconfig={kubeconfig}",
+         f"--state-dir={tmp_path / 'node'}", f"--node-name={name}", f"--register-with-taints={TAINT}=yes:NoSchedule",
+         f"--tls-cert-file={pki_dir / 'kubelet.crt'}", f"--tls-private-key-file={pki_dir / 'kubelet.key'}",
+         f"--client-ca-file={pki_dir / 'ca.crt'}"],
+        cwd=LOCAL, stdout=(tmp_path / "agent.log").open("wb"), stderr=subprocess.STDOUT)
+    try:
+        kube.wait_for(f"node {name} Ready", lambda: condition(kube.get("node", name) or {}, "Ready").get("status")
+                      == "True", "default")
+        yield Node(name, tmp_path, agent)
+    finally:
+        agent.kill()
+        agent.wait()
+        kube.kubectl("delete", "node", name, "--wait=false", check=False)  # PodGC then removes its pods
+        for path in pki_dir.glob(f"{identity}.*"):
+            path.unlink()
+
+
+def _process_id(pod: dict) -> int:
+    return int(pod["status"]["containerStatuses"][0]["containerID"].removeprefix("process://"))
+
+
+def _gone(pid: int) -> bool:
+    return not Path(f"/proc/{pid}").exists() or "zombie" in Path(f"/proc/{pid}/status").read_text()
+
+
+def test_pods_end_with_their_node_agent(kube: Kube, namespace: str, extra_node: Node) -> None:
+    # A child that ignores SIGTERM: the process group is SIGKILLed after the grace period.
+    script = ("import subprocess, time; subprocess.Popen(['python', '-c', "
+              "'import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); time.sleep(600)']); time.sleep(600)")
+    kube.apply(extra_node.pod("worker", script), namespace)
+    pod = kube.wait_pod(namespace, "worker", lambda p: phase(p) == "Running", "running")
+    kube.wait_for("both processes", lambda: len(cluster.pod_processes(extra_node.state)) == 2, namespace)
+    extra_node.agent.send_signal(signal.SIGTERM)
+    extra_node.agent.wait(timeout=30)
+    assert _gone(_process_id(pod)) and cluster.pod_processes(extra_node.state) == []
+
+
+def test_a_lost_node_has_its_pods_evicted_by_the_controllers(kube: Kube, namespace: str, extra_node: Node) -> None:
+    kube.apply(extra_node.pod("stranded", "import time; time.sleep(600)"), namespace)
+    pod = kube.wait_pod(namespace, "stranded", lambda p: phase(p) == "Running", "running")
+    extra_node.agent.kill()  # no goodbye: the Lease just stops
+    extra_node.agent.wait()
+    # Its processes die with it (the parent-death signal), as a powered-off machine's would.
+    kube.wait_for("the pod's process gone", lambda: _gone(_process_id(pod)), namespace, timeout=10)
+    node = kube.wait_for(
+        "the node marked Unknown", lambda: (n := kube.get("node", extra_node.name))
+        and condition(n, "Ready").get("status") == "Unknown" and n, namespace, timeout=60)
+    assert condition(node, "Ready")["reason"] == "NodeStatusUnknown"
+    evicted = kube.wait_pod(namespace, "stranded", lambda p: condition_of(p, "DisruptionTarget").get("status") == "True",
+                            "DisruptionTarget", timeout=30)
+    assert condition_of(evicted, "DisruptionTarget")["reason"] == "DeletionByTaintManager"
+    assert "deletionTimestamp" in evicted["metadata"]  # Terminating until the node is back or removed

@@ -1,0 +1,160 @@
+"""The local control plane is safe on a person's machine: the tests refuse a cluster they did
+not start; `cluster-down` stops only what it recorded (whole command lines), copes with
+components that already exited, finds pod processes the node agent left behind, and waits
+for no one: a second session on the same state folder is refused while one holds its lock."""
+
+from __future__ import annotations
+
+import json
+import signal
+import ssl
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import LOCAL
+from kube import OPT_IN, Kube, RefusedCluster, chosen_kubeconfig
+
+sys.path.insert(0, str(LOCAL))
+import cluster  # noqa: E402  (deploy/local/cluster.py)
+
+
+def _kubeconfig(path: Path, cluster_name: str) -> Path:
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "ctx",
+        "clusters": [{"name": cluster_name, "cluster": {"server": "https://192.0.2.1:6443"}}],
+        "contexts": [{"name": "ctx", "context": {"cluster": cluster_name, "user": "someone"}}],
+        "users": [{"name": "someone", "user": {}}]}))
+    return path
+
+
+def test_a_kubeconfig_from_the_environment_is_refused_unless_its_cluster_is_named(tmp_path: Path) -> None:
+    local = tmp_path / "local" / "kubeconfig"
+    foreign = _kubeconfig(tmp_path / "prod.yaml", "prod-eu")
+    assert chosen_kubeconfig({}, local) is None  # no KUBECONFIG: the local cluster
+    assert chosen_kubeconfig({"KUBECONFIG": str(local)}, local) is None  # the local cluster's own
+    with pytest.raises(RefusedCluster, match=f"set {OPT_IN}=prod-eu"):
+        chosen_kubeconfig({"KUBECONFIG": str(foreign)}, local)
+    with pytest.raises(RefusedCluster, match="'prod-eu'"):
+        chosen_kubeconfig({"KUBECONFIG": str(foreign), OPT_IN: "staging"}, local)
+    assert chosen_kubeconfig({"KUBECONFIG": str(foreign), OPT_IN: "prod-eu"}, local) == foreign
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    """A state folder for processes recorded the way `up` records them."""
+    for sub in ("logs", "pids"):
+        (tmp_path / sub).mkdir()
+    return tmp_path
+
+
+def _record(state: Path, component: str, argv: list[str]) -> subprocess.Popen:
+    return cluster.start_process(cluster.Cluster(state, Path()), component, argv)
+
+
+def _alive(proc: subprocess.Popen) -> bool:
+    return proc.poll() is None
+
+
+def test_down_stops_what_it_recorded_and_copes_with_what_already_exited(state: Path) -> None:
+    etcd = _record(state, "etcd", ["sleep", "301"])
+    exited = _record(state, "kwok", ["sleep", "0"])
+    exited.wait()
+    # A reused PID: the scheduler's file names a live process, but not the command it recorded.
+    stranger = subprocess.Popen(["sleep", "302"])
+    (state / "pids" / "kube-scheduler.pid").write_bytes(f"{stranger.pid}\n".encode() + b"sleep\x00303\x00")
+    try:
+        cluster.down(state)
+        etcd.wait(timeout=5)
+        assert _alive(stranger)  # the same binary, another command line: not ours
+        assert list((state / "pids").iterdir()) == []
+    finally:
+        stranger.kill()
+        etcd.kill()
+
+
+def test_down_stops_pod_processes_the_node_left_behind(state: Path) -> None:
+    root = state / "node" / "pods" / "ns_pod_uid" / "roots" / "main-0"
+    root.mkdir(parents=True)
+    # A pod process, as the launcher leaves it: chrooted into its pod's root (its children too).
+    orphan = subprocess.Popen([sys.executable, "-c", f"import os, time; os.chroot({str(root)!r}); time.sleep(300)"])
+    try:
+        deadline = time.monotonic() + 10
+        while orphan.pid not in cluster.pod_processes(state) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert orphan.pid in cluster.pod_processes(state)
+        cluster.down(state)
+        assert orphan.wait(timeout=10) == -signal.SIGTERM
+    finally:
+        orphan.kill()
+
+
+def test_a_second_session_is_refused_while_one_holds_the_state_folder(state: Path) -> None:
+    etcd = _record(state, "etcd", ["sleep", "304"])
+    holder = subprocess.Popen([sys.executable, "-c", (
+        "import fcntl, sys, time; f = open(sys.argv[1], 'a+'); fcntl.flock(f, fcntl.LOCK_EX); "
+        "f.write('4242'); f.flush(); print('locked', flush=True); time.sleep(60)"), str(state / cluster.LOCK)],
+        stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "locked\n"
+        down = subprocess.run([sys.executable, str(LOCAL / "cluster.py"), "down", f"--state-dir={state}"],
+                              capture_output=True, text=True)
+        assert down.returncode == 1 and "is in use" in down.stderr and "4242" in down.stderr
+        assert _alive(etcd)
+    finally:
+        holder.kill()
+        holder.wait()
+        etcd.kill()
+    cluster.down(state)  # the lock is free again
+    assert not (state / "pids" / "etcd.pid").exists()
+
+
+@pytest.mark.cluster
+def test_keys_and_credentials_are_owner_only(kube: Kube) -> None:
+    state = kube.cluster_dir
+    assert state is not None, "needs the local cluster"
+    assert (state.stat().st_mode & 0o777) == 0o700
+    private = [*(state / "pki").iterdir(), *state.glob("*.kubeconfig"), state / "kubeconfig"]
+    loose = [str(p) for p in private if p.stat().st_mode & 0o077]
+    assert loose == []
+    assert ((state / "node").stat().st_mode & 0o777) == 0o700  # pod folders: secrets, tokens
+
+
+@pytest.mark.cluster
+def test_etcd_serves_only_tls_to_clients_with_a_cluster_cert(kube: Kube) -> None:
+    state = kube.cluster_dir
+    port = json.loads((state / "cluster.json").read_text())["ports"]["etcd"]
+    local = cluster.Cluster(state, Path())
+
+    def health(scheme: str, context: ssl.SSLContext | None) -> str:
+        try:
+            with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/health", timeout=5, context=context) as r:
+                return str(r.status)
+        except (OSError, ssl.SSLError) as error:
+            return type(error).__name__
+
+    no_client_cert = ssl.create_default_context(cafile=str(state / "pki" / "ca.crt"))
+    assert health("http", None) != "200"
+    assert health("https", no_client_cert) != "200"
+    assert health("https", cluster.client_tls(local, "apiserver-etcd-client")) == "200"
+
+
+@pytest.mark.cluster
+def test_the_process_node_is_held_to_what_a_node_may_do(kube: Kube, namespace: str) -> None:
+    state = kube.cluster_dir
+    node = [f"--kubeconfig={state / 'process-node.kubeconfig'}"]
+    kube.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "unrelated"}, "stringData": {"k": "v"}},
+               namespace)
+    whoami = kube.kubectl(*node, "auth", "whoami", "-o", "json")
+    assert '"system:node:process-node"' in whoami.stdout and '"system:nodes"' in whoami.stdout
+    # The Node authorizer: a secret no pod of this node uses is not the node's to read.
+    secret = kube.kubectl(*node, "get", "secret", "unrelated", "-n", namespace, check=False)
+    assert secret.returncode != 0 and "Forbidden" in secret.stderr
+    # NodeRestriction: a node may change its own Node object only.
+    other = kube.kubectl(*node, "label", "node", "kwok-gpu-0", "touched=yes", check=False)
+    assert other.returncode != 0 and "Forbidden" in other.stderr
