@@ -14,6 +14,7 @@ from collections import defaultdict
 from torch import nn
 
 from finetune_trainer.config import AdjustSpec, FreezeSpec, FreezeStrategy
+from finetune_trainer.errors import ConfigError
 from finetune_trainer.structure import Depth, canonical
 
 log = logging.getLogger(__name__)
@@ -67,6 +68,9 @@ def param_groups(model: nn.Module, spec: AdjustSpec, depth: Depth, head: str | N
         group = groups[(lr, decay)]
         group["params"].append(p)
         group["param_names"].append(name)
+    if not groups:
+        raise ConfigError(f"adjust.freeze (strategy {spec.freeze.strategy.value}) leaves no parameter to train"
+                          + (" (a causal-lm has no head)" if head is None else "") + "; freeze less")
     out = [{"lr": lr, "weight_decay": decay, **g} for (lr, decay), g in sorted(groups.items(), reverse=True)]
     for g in out:
         count = sum(p.numel() for p in g["params"])

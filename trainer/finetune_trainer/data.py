@@ -44,7 +44,10 @@ class LabelledData:
 def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
     path = fetch(spec.uri, kind="dataset", repo_type="dataset", error=DataError)
     fmt = detect_format(path, spec.format)
-    table = read_table(path, fmt)
+    try:
+        table = read_table(path, fmt)
+    except (ValueError, FileNotFoundError) as exc:  # a parser's complaint (pandas, pyarrow, json, datasets)
+        raise DataError(f"dataset {spec.uri}: cannot read it as {fmt.value} ({type(exc).__name__}: {exc})") from exc
     input_field = IMAGE_COLUMN if fmt == DatasetFormat.IMAGE_FOLDER else spec.text_field
     label_field = None if task == Task.CAUSAL_LM else ("label" if fmt == DatasetFormat.IMAGE_FOLDER else spec.label_field)
     for role, column in (("textField", input_field), ("labelField", label_field)):

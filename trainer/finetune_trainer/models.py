@@ -52,6 +52,9 @@ def load_tokenizer(spec: ModelSpec):
     if tokenizer.pad_token_id is None:
         # Decoder tokenizers (GPT-2) have no pad token; padded positions are masked out anyway.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token_id is None:
+        raise ModelError(f"tokenizer {uri}: it has no pad, eos or unk token to pad batches with; "
+                         "use a tokenizer that defines one (model.tokenizerUri)")
     return tokenizer
 
 

@@ -27,7 +27,7 @@ from finetune_trainer.adjust import freeze, frozen_by, param_groups
 from finetune_trainer.batches import Encoded, encode_images, encode_text, epoch_batches, make_collate
 from finetune_trainer.config import Batching, Stage, Task, TrainerConfig
 from finetune_trainer.data import LabelledData, check_label_count, load_dataset
-from finetune_trainer.errors import EXIT_OK, exit_code_of
+from finetune_trainer.errors import EXIT_OK, describe, exit_code_of, reason_of
 from finetune_trainer.evaluate import deltas, evaluate
 from finetune_trainer.models import load_model, load_tokenizer
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
@@ -93,9 +93,8 @@ def run(cfg: TrainerConfig, output_dir: Path) -> dict[str, Any]:
         write_termination({"stage": Stage.DONE.value, "exitCode": EXIT_OK, **progress.message})
         return report
     except BaseException as exc:
-        write_termination({"stage": progress.stage.value, "reason": getattr(exc, "reason", type(exc).__name__),
-                           "message": str(exc) or type(exc).__name__, "exitCode": exit_code_of(exc),
-                           **progress.message})
+        write_termination({"stage": progress.stage.value, "reason": reason_of(exc), "message": describe(exc),
+                           "exitCode": exit_code_of(exc), **progress.message})
         raise
     finally:
         metrics.close()

@@ -13,6 +13,7 @@ when Kubernetes created it; it is compact JSON of at most 4 KiB.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import torch
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from finetune_trainer.config import Stage
+from finetune_trainer.errors import EXIT_OK, EXIT_TERMINATED, EXIT_USER_ERROR
 
 log = logging.getLogger(__name__)
 
@@ -122,11 +124,32 @@ def termination_message(message: dict[str, Any]) -> str:
     return text
 
 
+def precedence(message: dict[str, Any]) -> int:
+    """How much a message tells the operator about why the container stopped: success, then a user error (never
+    the consequence of another rank's failure), then an infrastructure failure, then SIGTERM (which torchrun sends
+    to every worker once one of them has failed)."""
+    return {EXIT_OK: 3, EXIT_USER_ERROR: 2, EXIT_TERMINATED: 0}.get(message.get("exitCode"), 1)
+
+
 def write_termination(message: dict[str, Any]) -> None:
-    """Each container has one termination log: of the ranks sharing it, the first local one writes."""
-    if os.environ.get("LOCAL_RANK", "0") != "0" or (path := termination_path()) is None:
+    """Every local rank writes what stopped it into the container's one termination log, under a lock. With
+    siblings (torchrun's LOCAL_WORLD_SIZE > 1) a message replaces the one there only when it tells more
+    (`precedence`), so of equal ones the first, the cause, stays; a process alone overwrites what is there."""
+    if (path := termination_path()) is None:
         return
     try:
-        path.write_text(termination_message(message))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        with os.fdopen(fd, "r+") as file:
+            fcntl.flock(file, fcntl.LOCK_EX)  # released when the file closes
+            try:
+                there = json.loads(file.read() or "{}")
+            except ValueError:
+                there = {}
+            alone = os.environ.get("LOCAL_WORLD_SIZE", "1") == "1"
+            if there and not alone and precedence(there) >= precedence(message):
+                return
+            file.seek(0)
+            file.truncate()
+            file.write(termination_message(message))
     except OSError as exc:
         log.warning("cannot write the termination message to %s: %s", path, exc)
