@@ -3,6 +3,7 @@ a NaN loss, early stopping, and checkpoint/resume giving the same weights."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -16,7 +17,7 @@ from finetune_trainer.batches import encode_text, make_collate
 from finetune_trainer.config import ModelSpec, Task, TrainerConfig, TrainingSpec
 from finetune_trainer.data import Split
 from finetune_trainer.distributed import World
-from finetune_trainer.errors import LossNotFinite, Terminated
+from finetune_trainer.errors import ConfigError, LossNotFinite, Terminated
 from finetune_trainer.models import load_model, load_tokenizer
 from finetune_trainer.rearrange import new_head
 from finetune_trainer.train import Hooks, LoopState, make_scheduler, train_loop
@@ -45,18 +46,34 @@ def test_pipeline_report_has_the_contracted_shape(tiny_cfg: TrainerConfig, tmp_p
     assert "| accuracy |" in (out / "README.md").read_text()
 
 
-def test_only_the_same_config_resumes_its_checkpoints(tiny_cfg: TrainerConfig, tmp_path: Path,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_only_what_changes_the_optimisation_starts_afresh(tiny_cfg: TrainerConfig, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="finetune_trainer")
     tiny_cfg.training.checkpoint_every_steps = 4
-    pipeline.run(tiny_cfg, tmp_path / "out")
-    pipeline.run(tiny_cfg, tmp_path / "out")
-    assert "resumed from" in caplog.text
+    out = tmp_path / "out"
+    pipeline.run(tiny_cfg, out)
+    (first,) = (out / "checkpoints").iterdir()
+    (first / ".tmp-step-00000006").mkdir()  # a save that died half-way
+    tiny_cfg.training.keep_checkpoints = 5  # bookkeeping: the same run, resumed
+    tiny_cfg.evaluation.baseline = False
+    pipeline.run(tiny_cfg, out)
+    assert "resumed from" in caplog.text and not (first / ".tmp-step-00000006").exists()
     caplog.clear()
     tiny_cfg.adjust.learning_rate = 5e-4  # a different run: its own checkpoints, trained afresh
-    pipeline.run(tiny_cfg, tmp_path / "out")
+    pipeline.run(tiny_cfg, out)
     assert "resumed from" not in caplog.text
-    assert len(list((tmp_path / "out" / "checkpoints").iterdir())) == 2
+    (second,) = (out / "checkpoints").iterdir()  # the first run's are stale: they can never be resumed
+    assert second != first and json.loads((second / "fingerprint.json").read_text())["adjust"]["learningRate"] == 5e-4
+
+
+def test_a_checkpoint_of_another_world_size_is_refused(tiny_cfg: TrainerConfig, tmp_path: Path) -> None:
+    tiny_cfg.training.checkpoint_every_steps = 4
+    pipeline.run(tiny_cfg, tmp_path / "out")
+    (saved,) = (tmp_path / "out" / "checkpoints").iterdir()
+    two = World(rank=0, size=2, device=torch.device("cpu"))  # checked before any collective
+    with pytest.raises(ConfigError, match=f"{saved} holds checkpoints of this job made by 1 processes; this run has 2"):
+        checkpoints.run_folder(tmp_path / "out" / "checkpoints", pipeline.fingerprinted(tiny_cfg, 2), two)
+    assert checkpoints.complete(saved)  # kept for a run on 1 process
 
 
 def lm_setup(seed: int = 0):

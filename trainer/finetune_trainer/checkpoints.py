@@ -6,10 +6,18 @@ scheduler, each rank's RNG state and the loop's position as JSON. It is
 written into `.tmp-step-<N>`, flushed to disk, given a COMMITTED marker, and only then
 renamed into place by rank 0 (a rename is atomic); the last `keep` are kept. Resume takes
 the newest folder that has the marker. Ranks must share the checkpoint folder (a PVC).
+
+The checkpoints of one run live in `<output>/checkpoints/<fingerprint>` (`run_folder`): the
+hash of what changes the optimisation, world size included, written beside them in
+fingerprint.json. A run never resumes another's; the folders of other fingerprints and
+half-written `.tmp-*` ones are stale and removed when a run starts. A run whose config differs
+from a checkpointed one only in its world size is refused: the global batch, the split of the
+data and the schedule's length would all change under the saved optimizer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,12 +32,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from finetune_trainer.distributed import World
+from finetune_trainer.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
 MARKER = "COMMITTED"
 PREFIX = "step-"
 BEST = "best.safetensors"
+FINGERPRINT = "fingerprint.json"
 
 
 def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -90,6 +100,42 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
         log.info("checkpoint %s", final)
     world.barrier()
     return final
+
+
+def run_folder(parent: Path, identity: dict[str, Any], world: World) -> Path:
+    """The checkpoint folder of the run `identity` describes (what changes its optimisation, with `worldSize`);
+    see the module docstring for what it refuses and removes."""
+    root = parent / folder_name(identity)
+    others = [p for p in parent.iterdir() if p != root and p.is_dir()] if parent.is_dir() else []
+    if not complete(root):
+        for other in others:
+            saved = read_identity(other)
+            if complete(other) and saved is not None and saved | {"worldSize": 0} == identity | {"worldSize": 0}:
+                raise ConfigError(
+                    f"{other} holds checkpoints of this job made by {saved['worldSize']} processes; this run has "
+                    f"{world.size}. The global batch, the data's split and the schedule would change under the saved "
+                    f"optimizer, so they are not resumed: run on {saved['worldSize']} processes again "
+                    f"(runtime.workers x processesPerWorker), or remove {other} to start afresh")
+    world.barrier()  # every rank has looked before rank 0 removes anything
+    if world.main:
+        for stale in [*others, *root.glob(f".tmp-{PREFIX}*")]:
+            log.info("removing stale checkpoints %s", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / FINGERPRINT).write_text(json.dumps(identity, indent=2, sort_keys=True))
+    world.barrier()
+    return root
+
+
+def folder_name(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def read_identity(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / FINGERPRINT).read_text())
+    except (OSError, ValueError):
+        return None
 
 
 def complete(root: Path) -> list[Path]:

@@ -10,7 +10,6 @@ an exit code).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import sys
@@ -22,7 +21,7 @@ import torch
 from torch import nn
 
 from finetune_trainer import analyze as analysis
-from finetune_trainer import distributed, export
+from finetune_trainer import checkpoints, distributed, export
 from finetune_trainer.adjust import freeze, frozen_by, param_groups
 from finetune_trainer.batches import Encoded, encode_images, encode_text, epoch_batches, make_collate
 from finetune_trainer.config import Batching, Stage, Task, TrainerConfig
@@ -178,7 +177,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         evaluate=lambda: measure(model),
         on_step=lambda state, planned: progress.step(state, planned, flops, world.device),
         on_eval=lambda state: progress.metrics.set_eval("training", state.evals[-1]["metrics"]),
-        checkpoint_dir=out / "checkpoints" / fingerprint(cfg),
+        checkpoint_dir=checkpoints.run_folder(out / "checkpoints", fingerprinted(cfg, world.size), world),
     )
     progress.bar = progress_bar(steps) if world.main else None
     try:
@@ -214,10 +213,21 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     return result
 
 
-def fingerprint(cfg: TrainerConfig) -> str:
-    """Checkpoints of one config live apart from another's: a rerun with a changed learning rate (say) on the
-    same output starts afresh instead of resuming an optimizer and schedule that no longer match."""
-    return hashlib.sha256(json.dumps(cfg.to_wire(), sort_keys=True).encode()).hexdigest()[:12]
+# Fields that change no weight at any step: editing them must not restart a run from step 0.
+BOOKKEEPING = {"analyze": None, "output": None, "rearrange": {"mergeOnExport"},
+               "training": {"checkpointEverySteps", "keepCheckpoints"}, "evaluation": {"baseline", "batchSize"}}
+
+
+def fingerprinted(cfg: TrainerConfig, world_size: int) -> dict[str, Any]:
+    """What a checkpoint must agree with to be resumed: the config less its bookkeeping, and the world size (the
+    global batch and the schedule's length follow from it). A field added later counts until listed above."""
+    wire = cfg.to_wire()
+    for section, fields in BOOKKEEPING.items():
+        if fields is None:
+            wire.pop(section, None)
+        else:
+            wire[section] = {k: v for k, v in wire.get(section, {}).items() if k not in fields}
+    return wire | {"worldSize": world_size}
 
 
 def encode(data: LabelledData, tokenizer: Any, cfg: TrainerConfig) -> tuple[Encoded, Encoded]:
