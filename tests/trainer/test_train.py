@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune_trainer import checkpoints, pipeline
+from finetune_trainer import checkpoints, export, pipeline
 from finetune_trainer.batches import encode_text, make_collate
 from finetune_trainer.config import ModelSpec, Task, TrainerConfig, TrainingSpec
 from finetune_trainer.data import Split
@@ -200,4 +200,62 @@ def test_resume_after_sigterm_gives_the_uninterrupted_weights(tmp_path: Path) ->
     resumed = classifier_run(tmp_path / "interrupted")
     for name, value in reference.items():
         assert torch.equal(resumed[name], value), name
-    assert [p.name for p in checkpoints.complete(tmp_path / "reference")] == ["step-00000003", "step-00000006"]
+    # every 3 steps and at the end, the last two kept
+    assert [p.name for p in checkpoints.complete(tmp_path / "reference")] == ["step-00000006", "step-00000008"]
+
+
+def lm_run(checkpoint_dir: Path, sigterm_at: int | None = None) -> tuple[LoopState, list[int], dict]:
+    """8 steps of a tiny GPT-2, evaluated every 2 steps (by a score of its weights), checkpointed only at the end
+    and on SIGTERM; returns the state, the steps the evaluation ran at and the weights."""
+    model, data, collate = lm_setup()
+    spec = TrainingSpec(batchSize=8, maxSteps=8, evalEverySteps=2, checkpointEverySteps=100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    steps: list[int] = []
+
+    def score() -> dict[str, float]:
+        return {"loss": float(model.transformer.h[0].attn.c_attn.weight.detach().sum())}
+
+    def on_step(state: LoopState, total: int) -> None:
+        if state.step == sigterm_at:
+            os.kill(os.getpid(), signal.SIGTERM)  # seen at the end of the next step
+
+    hooks = Hooks(evaluate=score, on_step=on_step, on_eval=lambda state: steps.append(state.step),
+                  checkpoint_dir=checkpoint_dir)
+    state = train_loop(model, optimizer, make_scheduler(optimizer, spec, 8), data, collate, spec, Task.CAUSAL_LM,
+                       CPU, hooks)
+    return state, steps, weights(model)
+
+
+def test_sigterm_at_a_due_evaluation_saves_first_and_the_resumed_run_evaluates(tmp_path: Path) -> None:
+    """The grace period is for the checkpoint; the evaluation due at that step runs when the run resumes, so the
+    resumed run ends with the weights and the evaluations of one never stopped."""
+    reference, reference_steps, reference_weights = lm_run(tmp_path / "reference")
+    assert reference_steps == [2, 4, 6, 8]
+    with pytest.raises(Terminated, match="stopped by SIGTERM at step 4"):
+        lm_run(tmp_path / "stopped", sigterm_at=3)
+    assert [p.name for p in checkpoints.complete(tmp_path / "stopped")] == ["step-00000004"]
+    resumed, steps, resumed_weights = lm_run(tmp_path / "stopped")
+    assert steps == [4, 6, 8]  # step 2's evaluation came with the checkpoint
+    assert [(e["step"], e["metrics"]) for e in resumed.evals] == [(e["step"], e["metrics"]) for e in reference.evals]
+    assert_same(resumed_weights, reference_weights)
+
+
+def test_sigterm_after_training_resumes_without_training_again(tiny_cfg: TrainerConfig, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="finetune_trainer")
+    tiny_cfg.training.checkpoint_every_steps = 100  # 8 steps: only the checkpoint at the end of training
+    out = tmp_path / "out"
+
+    def sigterm(*_: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(export, "export_model", sigterm)
+    with pytest.raises(Terminated, match="in stage Exporting; the trained weights are in a checkpoint"):
+        pipeline.run(tiny_cfg, out)
+    (saved,) = (out / "checkpoints").iterdir()
+    assert [p.name for p in checkpoints.complete(saved)] == ["step-00000008"]
+    monkeypatch.undo()
+    report = pipeline.run(tiny_cfg, out)
+    assert f"resumed from {saved / 'step-00000008'}" in caplog.text
+    assert report["training"]["steps"] == 8 and (out / "model.safetensors").exists()

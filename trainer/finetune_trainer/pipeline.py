@@ -10,8 +10,10 @@ an exit code).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -26,7 +28,7 @@ from finetune_trainer.adjust import freeze, frozen_by, param_groups
 from finetune_trainer.batches import Encoded, encode_images, encode_text, epoch_batches, make_collate
 from finetune_trainer.config import Batching, Stage, Task, TrainerConfig
 from finetune_trainer.data import LabelledData, check_label_count, load_dataset
-from finetune_trainer.errors import EXIT_OK, describe, exit_code_of, reason_of
+from finetune_trainer.errors import EXIT_OK, Terminated, describe, exit_code_of, reason_of
 from finetune_trainer.evaluate import deltas, evaluate
 from finetune_trainer.models import load_model, load_tokenizer
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
@@ -87,6 +89,16 @@ def run(cfg: TrainerConfig, output_dir: Path) -> dict[str, Any]:
     progress = Progress(metrics, world.main)
     if world.main:
         metrics.serve()
+
+    def stop(*_: Any) -> None:  # outside the training loop, which checkpoints first (train.SigtermFlag)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: the termination message still has to go out
+        trained = progress.stage in (Stage.EVALUATING, Stage.EXPORTING)
+        raise Terminated(f"stopped by SIGTERM in stage {progress.stage.value}"
+                         + ("; the trained weights are in a checkpoint" if trained else ""))
+
+    previous = None
+    with contextlib.suppress(ValueError):  # not the main thread: SIGTERM keeps its default
+        previous = signal.signal(signal.SIGTERM, stop)
     try:
         report = stages(cfg, Path(output_dir), world, progress)
         write_termination({"stage": Stage.DONE.value, "exitCode": EXIT_OK, **progress.message})
@@ -96,6 +108,8 @@ def run(cfg: TrainerConfig, output_dir: Path) -> dict[str, Any]:
                            "exitCode": exit_code_of(exc), **progress.message})
         raise
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         metrics.close()
 
 

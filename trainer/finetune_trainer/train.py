@@ -12,7 +12,8 @@ budget is spent or early stopping fires. What it does, in order, for every step:
 - stops with `LossNotFinite` when that loss is NaN or Inf, before the weights see it;
 - clips the gradient norm, steps AdamW and the warmup + decay schedule;
 - evaluates every `evalEverySteps` (early stopping on the first metric), checkpoints every
-  `checkpointEverySteps` and on SIGTERM, then raises `Terminated`.
+  `checkpointEverySteps` and at the end; on SIGTERM it checkpoints at once, before an evaluation
+  that was due (the resumed run makes up for it), and raises `Terminated`.
 
 With early stopping on, the loop keeps the weights of the best evaluation (in memory and in
 every checkpoint) and puts them back at the end, so the model it leaves is the best one seen,
@@ -170,9 +171,33 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
     if hooks.checkpoint_dir is not None and (found := checkpoints.complete(hooks.checkpoint_dir)):
         saved, best = checkpoints.load(found[-1], unwrap(model), optimizer, scheduler, world)
         state = LoopState(**saved)
+    saved_step = state.step
     dtype = autocast_dtype(spec.precision, world.device)
     scaler = torch.amp.GradScaler(world.device.type, enabled=dtype == torch.float16)
+
+    def evaluation_due() -> bool:
+        done = bool(state.evals) and state.evals[-1]["step"] == state.step
+        return hooks.evaluate is not None and state.step > 0 and not done and (
+            state.step % eval_every == 0 or state.step == total)
+
+    def evaluate_now() -> None:
+        nonlocal best
+        if record_eval(state, hooks.evaluate(), spec, metric) and spec.early_stopping:
+            best = checkpoints.trained_tensors(unwrap(model))
+        model.train()
+        if hooks.on_eval:
+            hooks.on_eval(state)
+
+    def save() -> None:
+        nonlocal saved_step
+        if hooks.checkpoint_dir is not None and saved_step != state.step:
+            checkpoints.save(hooks.checkpoint_dir, state.step, unwrap(model), optimizer, scheduler,
+                             asdict(state), world, spec.keep_checkpoints, best)
+            saved_step = state.step
+
     model.train()
+    if evaluation_due():  # SIGTERM came at a step due for evaluation: the checkpoint went first
+        evaluate_now()
     with SigtermFlag() as sigterm:
         while state.step < total and not state.stopped_early:
             batches = epoch_batches(data.lengths, spec.batch_size, seed=spec.seed, epoch=state.epoch,
@@ -194,24 +219,20 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
                                       "lr": optimizer.param_groups[0]["lr"]})
                 if hooks.on_step:
                     hooks.on_step(state, total)
-                if hooks.evaluate and (state.step % eval_every == 0 or state.step == total):
-                    if record_eval(state, hooks.evaluate(), spec, metric) and spec.early_stopping:
-                        best = checkpoints.trained_tensors(unwrap(model))
-                    model.train()
-                    if hooks.on_eval:
-                        hooks.on_eval(state)
-                due = state.step % spec.checkpoint_every_steps == 0 or stop
-                if hooks.checkpoint_dir is not None and due:
-                    checkpoints.save(hooks.checkpoint_dir, state.step, unwrap(model), optimizer, scheduler,
-                                     asdict(state), world, spec.keep_checkpoints, best)
-                if stop:
+                if stop:  # within the grace period: save now; the due evaluation runs when the run resumes
+                    save()
                     raise Terminated(f"stopped by SIGTERM at step {state.step}"
                                      + ("; a checkpoint holds it" if hooks.checkpoint_dir else ""))
+                if evaluation_due():
+                    evaluate_now()
+                if state.step % spec.checkpoint_every_steps == 0:
+                    save()
                 if state.step >= total or state.stopped_early:
                     break
             else:
                 state.epoch += 1
                 state.position = 0
+    save()  # the end of training, so that evaluating and exporting can be resumed without training again
     if best is not None and state.best_step != state.step:
         checkpoints.restore(unwrap(model), best, f"the best weights (step {state.best_step})")
         state.restored_best = True
