@@ -11,7 +11,7 @@ import pytest
 import torch
 from torch import nn
 
-from finetune_trainer.adjust import freeze, param_groups
+from finetune_trainer.adjust import adaptable, freeze, param_groups
 from finetune_trainer.analyze import analyze, fail_on_fatal, summary
 from finetune_trainer.batches import encode_images, encode_text, epoch_batches, eval_batches, make_collate
 from finetune_trainer.config import AdjustSpec, FreezeSpec, LoraSpec, Metric, ModelSpec, Task
@@ -22,7 +22,7 @@ from finetune_trainer.evaluate import evaluate, macro_f1
 from finetune_trainer.export import export_model, loss_curve
 from finetune_trainer.models import load_model, load_tokenizer, logits_of
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
-from finetune_trainer.structure import depth, head_name
+from finetune_trainer.structure import depth, head_name, lora_candidates
 
 from tiny import TINY_BERT, TINY_GPT2, tiny_classifier_doc
 
@@ -122,6 +122,22 @@ def test_all_but_head_and_regex(bert) -> None:
     assert not any(p.requires_grad for n, p in model.named_parameters() if "attention." in n)
     freeze(model, FreezeSpec(strategy="all-but-head"), layers, head)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"classifier.weight", "classifier.bias"}
+
+
+def test_regex_freezing_keeps_adapters_off_the_frozen_modules(bert) -> None:
+    model, _ = bert
+    task = Task.SEQUENCE_CLASSIFICATION
+    layers, head = depth(model, task), head_name(model, task)
+    spec = FreezeSpec(strategy="regex", pattern=r"attention\.")
+    candidates = list(lora_candidates(model, task))
+    kept = adaptable(candidates, spec, layers, head)
+    assert not any("attention." in n for n in kept) and "bert.encoder.layer.0.intermediate.dense" in kept
+    freeze(model, spec, layers, head)
+    wrapped = add_adapters(model, LoraSpec(rank=4), kept, head)
+    adapters = [n for n, _ in wrapped.named_parameters() if "lora_" in n]
+    assert adapters and not any("attention." in n for n in adapters)
+    freeze(wrapped, spec, layers, head)  # as the pipeline does after rearranging: nothing placed is frozen again
+    assert all(p.requires_grad for n, p in wrapped.named_parameters() if "lora_" in n)
 
 
 def test_new_head_lora_and_a_checked_merge(bert, tmp_path: Path) -> None:

@@ -24,7 +24,7 @@ from torch import nn
 
 from finetune_trainer import analyze as analysis
 from finetune_trainer import checkpoints, distributed, export
-from finetune_trainer.adjust import freeze, frozen_by, param_groups
+from finetune_trainer.adjust import adaptable, freeze, param_groups
 from finetune_trainer.batches import Encoded, encode_images, encode_text, epoch_batches, make_collate
 from finetune_trainer.config import Batching, Stage, Task, TrainerConfig
 from finetune_trainer.data import LabelledData, check_label_count, load_dataset
@@ -150,9 +150,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     if head is not None:
         new_head(model, head, num_labels, data.id2label, cfg.rearrange.head.reinitialize)
     if cfg.rearrange.lora is not None:
-        # Adapters in frozen layers would cost compute and learn nothing: leave those layers out.
-        candidates = [name for name in report.lora_candidates
-                      if not frozen_by(cfg.adjust.freeze, name + ".weight", layers, head, None)]
+        candidates = adaptable(list(report.lora_candidates), cfg.adjust.freeze, layers, head)
         model = add_adapters(model, cfg.rearrange.lora, candidates, head)
         freeze(model, cfg.adjust.freeze, layers, head)
     model.to(world.device)
