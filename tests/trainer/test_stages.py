@@ -74,7 +74,7 @@ def test_analyze_reports_structure_candidates_and_head(bert) -> None:
     assert [f.code for f in report.findings if f.severity != "info"] == []
     assert "HeadMismatch" in [f.code for f in report.findings]
     flops = report.flops
-    assert 0.8 < flops["measured_over_estimate"] < 2 and flops["training_per_sample"] < flops["measured_per_sample"]
+    assert flops["rule"] == "4N per token (adapters)" and 0.8 < flops["measured_over_estimate"] < 2
     assert report.memory["activations"] > 0 and report.memory["optimizer"] == 2 * report.memory["gradients"]
     assert "LoRA candidates" in summary(report)
     json.dumps(report.to_dict())  # it goes into report.json as it is
@@ -95,6 +95,26 @@ def test_analyze_finds_broken_tied_and_gradless_weights() -> None:
     assert "lm_head" not in report.lora_candidates  # the output embeddings
     with pytest.raises(FatalFinding, match="c_fc.weight has 1 NaN/Inf"):
         fail_on_fatal(report)
+
+
+def test_the_probe_for_adapters_computes_no_weight_gradient_and_runs_at_the_run_precision() -> None:
+    """A LoRA job's weights never train: the probe must not allocate their gradients (a large model's would not fit
+    in memory beside it), yet still find the weights no gradient reaches; and it measures at the run's precision."""
+    model, tokenizer = text_model(Task.CAUSAL_LM, TINY_GPT2, "gpt2")
+    _, _, batches = text_batches(tokenizer, Task.CAUSAL_LM)
+    model.transformer.unused = nn.Linear(4, 4)  # registered, never called
+    full = analyze(model, batches[:1], Task.CAUSAL_LM, num_labels=0, adapters=False)
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    got_gradient: list[torch.Tensor] = []
+    for p in matrices:
+        p.register_post_accumulate_grad_hook(got_gradient.append)
+    lora = analyze(model, batches[:1], Task.CAUSAL_LM, num_labels=0, adapters=True)
+    assert got_gradient == []
+    assert lora.no_grad_parameters == full.no_grad_parameters == ["transformer.unused.weight", "transformer.unused.bias"]
+    assert lora.memory["probe_model"] < full.memory["probe_model"] - sum(p.numel() * 4 for p in matrices) / 2
+    assert lora.flops["measured_per_sample"] < 0.8 * full.flops["measured_per_sample"]  # no weight-gradient matmuls
+    bf16 = analyze(model, batches[:1], Task.CAUSAL_LM, num_labels=0, adapters=False, dtype=torch.bfloat16)
+    assert bf16.memory["activations"] < 0.85 * full.memory["activations"]  # saved in bf16 (0.79x measured)
 
 
 def test_freeze_strategies_and_layerwise_decay(bert) -> None:

@@ -129,7 +129,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     probe = [collate(train_data, idx).to(world.device) for idx in
              epoch_batches(train_data.lengths, cfg.training.batch_size, seed=seed, epoch=0,
                            bucketed=cfg.training.batching == Batching.LENGTH_BUCKETED)[: cfg.analyze.probe_batches]]
-    report = analysis.analyze(model, probe, task, num_labels, adapters=cfg.rearrange.lora is not None)
+    dtype = autocast_dtype(cfg.training.precision, world.device)
+    report = analysis.analyze(model, probe, task, num_labels, adapters=cfg.rearrange.lora is not None, dtype=dtype)
     if world.main:
         log.info("structure analysis:\n%s", analysis.summary(report))
         out.mkdir(parents=True, exist_ok=True)
@@ -164,7 +165,6 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     log.info("memory model after rearrange (MiB, activations as probed before freezing): %s",
              analysis.memory_line(memory))
 
-    dtype = autocast_dtype(cfg.training.precision, world.device)
     eval_size = cfg.evaluation.batch_size or cfg.training.batch_size
 
     def measure(m: nn.Module) -> dict[str, float]:
