@@ -73,6 +73,9 @@ def load_model(spec: ModelSpec, tokenizer, seed: int) -> nn.Module:
             return auto.from_config(config)
         path = fetch(spec.uri, kind="model", revision=spec.revision, error=ModelError)
         config = AutoConfig.from_pretrained(path, **spec.config)
+        if config.pad_token_id is None:
+            # A decoder classifier (GPT-2, Llama) pools its last token that is not padding, so it must know the pad.
+            config.pad_token_id = tokenizer.pad_token_id
         return auto.from_pretrained(path, config=config)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"model {spec.uri or spec.architecture}: cannot load it as {spec.task.value} ({exc})") from exc
