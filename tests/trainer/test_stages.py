@@ -13,7 +13,8 @@ from torch import nn
 
 from finetune_trainer.adjust import adaptable, freeze, param_groups
 from finetune_trainer.analyze import analyze, fail_on_fatal, summary
-from finetune_trainer.batches import encode_images, encode_text, epoch_batches, eval_batches, make_collate
+from finetune_trainer.batches import (encode_causal, encode_images, encode_text, epoch_batches, eval_batches,
+                                      make_collate)
 from finetune_trainer.config import AdjustSpec, FreezeSpec, LoraSpec, Metric, ModelSpec, Task
 from finetune_trainer.data import Split
 from finetune_trainer.distributed import World
@@ -78,6 +79,19 @@ def test_batches_pad_to_the_longest_and_bucket_by_length(bert) -> None:
     assert len(halves[0]) == len(halves[1]) and not set(sum(halves[0], [])) & set(sum(halves[1], []))
     assert epoch_batches(data.lengths, 8, seed=0, epoch=1, bucketed=True) != epoch_batches(
         data.lengths, 8, seed=0, epoch=0, bucketed=True)
+
+
+def test_causal_lm_texts_end_with_eos_and_long_ones_are_chunked_not_cut(tmp_path: Path) -> None:
+    tokenizer = load_tokenizer(ModelSpec(task="causal-lm", uri=f"file://{bpe_tokenizer(tmp_path / 'tok')}"))
+    long, short = "this is awful and slow " * 6, "a fine day"
+    data = encode_causal(Split([long, short], None), tokenizer, 8)
+    tokens = tokenizer(long)["input_ids"] + [tokenizer.eos_token_id]
+    assert len(tokens) > 16 and max(data.lengths) == 8
+    *chunks, last = data.features
+    assert last == tokenizer(short)["input_ids"] + [tokenizer.eos_token_id]
+    assert chunks[0] + [t for c in chunks[1:] for t in c[1:]] == tokens  # one token of overlap, nothing dropped
+    batch = make_collate(Task.CAUSAL_LM, tokenizer.pad_token_id, 0)(data, list(range(len(chunks))))
+    assert batch.targets == len(tokens) - 1  # every token after the first is predicted once
 
 
 def test_analyze_reports_structure_candidates_and_head(bert) -> None:

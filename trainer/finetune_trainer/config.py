@@ -126,7 +126,11 @@ class DatasetSpec(ApiModel):
         None, ge=1, description="Evaluate on at most this many held-out rows."
     )
     max_length: int = Field(
-        128, ge=8, le=131072, description="Truncate each text sample to this many tokens."
+        128,
+        ge=8,
+        le=131072,
+        description="Tokens per sample: longer texts are truncated for classification and cut into chunks of "
+        "this length for causal-lm.",
     )
     image_size: int = Field(
         224, ge=8, le=4096, description="Images are resized to imageSize x imageSize pixels."

@@ -25,7 +25,7 @@ from torch import nn
 from finetune_trainer import analyze as analysis
 from finetune_trainer import checkpoints, distributed, export
 from finetune_trainer.adjust import adaptable, freeze, param_groups
-from finetune_trainer.batches import Encoded, encode_images, encode_text, epoch_batches, make_collate
+from finetune_trainer.batches import Encoded, encode_causal, encode_images, encode_text, epoch_batches, make_collate
 from finetune_trainer.config import Batching, Stage, Task, TrainerConfig
 from finetune_trainer.data import LabelledData, check_label_count, load_dataset
 from finetune_trainer.errors import EXIT_OK, Terminated, describe, exit_code_of, reason_of
@@ -245,8 +245,8 @@ def fingerprinted(cfg: TrainerConfig, world_size: int) -> dict[str, Any]:
 def encode(data: LabelledData, tokenizer: Any, cfg: TrainerConfig) -> tuple[Encoded, Encoded]:
     if tokenizer is None:
         return encode_images(data.train), encode_images(data.validation)
-    return (encode_text(data.train, tokenizer, cfg.dataset.max_length),
-            encode_text(data.validation, tokenizer, cfg.dataset.max_length))
+    text = encode_causal if cfg.model.task == Task.CAUSAL_LM else encode_text
+    return text(data.train, tokenizer, cfg.dataset.max_length), text(data.validation, tokenizer, cfg.dataset.max_length)
 
 
 def training_section(state: LoopState, total: int, per_epoch: int, train_data: Encoded, eval_data: Encoded,
