@@ -65,6 +65,13 @@ def test_numeric_labels_keep_numeric_order(tmp_path: Path) -> None:
     pd.DataFrame(rows).to_csv(path := tmp_path / "n.csv", index=False)
     data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
     assert list(data.id2label.values()) == [str(i) for i in range(11)]
+    rows.append({"text": "unlabelled", "label": None})  # pandas reads the column as floats: 3.0, 10.0
+    pd.DataFrame(rows).to_csv(path, index=False)
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert list(data.id2label.values()) == [str(i) for i in range(11)]
+    (path := tmp_path / "s.jsonl").write_text("\n".join(json.dumps({"text": f"t{i}", "label": label})
+                                                        for i, label in enumerate(["10", "2", "-1.5", "2"] * 3)))
+    assert list(load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0).id2label.values()) == ["-1.5", "2", "10"]
 
 
 def test_latin1_bytes_are_read_not_refused(tmp_path: Path) -> None:

@@ -104,7 +104,7 @@ def read_table(path: Path, fmt: DatasetFormat) -> pd.DataFrame:
         return pd.read_parquet(file)
     text = read_text(file)
     if fmt == DatasetFormat.JSONL:
-        return pd.read_json(io.StringIO(text), lines=True)
+        return pd.read_json(io.StringIO(text), lines=True, dtype=False)  # "10" stays the string the user wrote
     return pd.read_csv(io.StringIO(text))
 
 
@@ -146,13 +146,22 @@ def read_image_folder(path: Path) -> pd.DataFrame:
 
 
 def label_ids(column: pd.Series) -> tuple[dict[int, str], list[int]]:
-    """Ids in sorted label order (numeric order when every label is a number), so runs agree."""
+    """Ids in sorted label order (numeric order when every label is a number: 2 before 10), so runs agree."""
+    if pd.api.types.is_float_dtype(column) and (column == column.round()).all():
+        column = column.astype("int64")  # integers that a missing value turned into floats: 3, not 3.0
     names = column.astype(str)
     distinct = names.unique().tolist()
-    numeric = all(n.lstrip("-").isdigit() for n in distinct)
-    ordered = sorted(distinct, key=int) if numeric else sorted(distinct)
+    ordered = sorted(distinct, key=float) if all(map(is_number, distinct)) else sorted(distinct)
     index = {name: i for i, name in enumerate(ordered)}
     return dict(enumerate(ordered)), [index[n] for n in names]
+
+
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def split(inputs: list[str], labels: list[int] | None, spec: DatasetSpec, seed: int) -> tuple[Split, Split]:
