@@ -28,16 +28,23 @@ TEXTS = [f"sample number {i} " + "word " * (i % 13) for i in range(64)]
 NO_DROPOUT_GPT2 = TINY_GPT2 | {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 
 
-def test_pipeline_report_has_the_contracted_shape(tiny_cfg: TrainerConfig, tmp_path: Path) -> None:
+def test_pipeline_report_has_the_contracted_shape(tiny_cfg: TrainerConfig, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     tiny_cfg.training.eval_every_steps = 4
+    scored = []
+    real = pipeline.evaluate
+    monkeypatch.setattr(pipeline, "evaluate", lambda model, split, *a: scored.append(split) or real(model, split, *a))
     report = pipeline.run(tiny_cfg, tmp_path / "out")
+    baseline_split, *during, final_split = scored  # selection on validation, the scores on test
+    assert final_split is baseline_split and len(during) == 2 and not {id(s) for s in during} & {id(final_split)}
+    assert not set(map(tuple, during[0].features)) & set(map(tuple, final_split.features))
     assert set(report["evaluation"]) == {"baseline", "final", "delta"}
     assert set(report["evaluation"]["final"]) == {"accuracy", "f1"}
     training = report["training"]
     assert training["steps"] == 8 and training["samples_per_second"] > 0 and training["tokens_per_second"] > 0
     assert set(training["history"][0]) == {"step", "seconds_since_train_start", "loss", "lr"}
     assert [e["step"] for e in training["evals"]] == [4, 8]
-    assert report["evaluation"]["final"] == training["evals"][-1]["metrics"]
+    assert training["validation_samples"] == training["test_samples"] == 64
     assert report["analysis"]["head"]["dataset_labels"] == 3
     out = tmp_path / "out"
     for name in ("model.safetensors", "config.json", "labels.json", "tokenizer.json", "report.json", "README.md",

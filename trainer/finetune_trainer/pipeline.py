@@ -2,8 +2,9 @@
 baseline before it), evaluate, export.
 
 `run(cfg, output_dir)` is the whole job. It returns the report that it also writes to
-output_dir/report.json: `analysis`, `evaluation: {baseline, final, delta}`, `training:
-{steps, seconds, samples_per_second, tokens_per_second, history, evals, ...}`. It writes the
+output_dir/report.json: `analysis`, `evaluation: {baseline, final, delta}` (on the test split),
+`training: {steps, seconds, samples_per_second, tokens_per_second, history, evals (on the
+validation split), ...}`. It writes the
 termination message, success or not, and re-raises what stopped it (the CLI maps that to
 an exit code).
 """
@@ -121,7 +122,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     tokenizer = None if task == Task.IMAGE_CLASSIFICATION else load_tokenizer(cfg.model)
     data = load_dataset(cfg.dataset, task, seed)
     num_labels = 0 if task == Task.CAUSAL_LM else check_label_count(data.id2label, cfg.rearrange.head.num_labels)
-    train_data, eval_data = encode(data, tokenizer, cfg)
+    train_data, validation_data, test_data = encode(data, tokenizer, cfg)
     collate = make_collate(task, tokenizer.pad_token_id if tokenizer else 0, cfg.dataset.image_size)
     model = load_model(cfg.model, tokenizer, seed).to(world.device)
 
@@ -167,13 +168,13 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
 
     eval_size = cfg.evaluation.batch_size or cfg.training.batch_size
 
-    def measure(m: nn.Module) -> dict[str, float]:
-        return evaluate(m, eval_data, collate, task, cfg.evaluation.metrics, eval_size, world, num_labels, dtype)
+    def measure(m: nn.Module, split: Encoded) -> dict[str, float]:
+        return evaluate(m, split, collate, task, cfg.evaluation.metrics, eval_size, world, num_labels, dtype)
 
     baseline: dict[str, float] = {}
     if cfg.evaluation.baseline:
         progress.enter(Stage.BASELINE)
-        baseline = measure(model)
+        baseline = measure(model, test_data)
         progress.metrics.set_eval("baseline", baseline)
         log.info("baseline: %s", baseline)
 
@@ -186,7 +187,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         trained = nn.parallel.DistributedDataParallel(model, find_unused_parameters=bool(report.no_grad_parameters))
     flops = report.flops["training_per_sample"]
     hooks = Hooks(
-        evaluate=lambda: measure(model),
+        evaluate=lambda: measure(model, validation_data),  # selection (early stopping) never sees the test split
         on_step=lambda state, planned: progress.step(state, planned, flops, world.device),
         on_eval=lambda state: progress.metrics.set_eval("training", state.evals[-1]["metrics"]),
         checkpoint_dir=checkpoints.run_folder(out / "checkpoints", fingerprinted(cfg, world.size), world),
@@ -200,9 +201,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
             progress.bar.close()
 
     progress.enter(Stage.EVALUATING)
-    # The loop's last evaluation already scored these weights (the best one's, if it restored them).
-    scored = state.best_step if state.restored_best else state.step
-    final = next((e["metrics"] for e in state.evals if e["step"] == scored), None) or measure(model)
+    final = measure(model, test_data)  # the weights training ended with (the best validation's, when it restored them)
     progress.metrics.set_eval("final", final)
     evaluation = {"baseline": baseline, "final": final, "delta": deltas(baseline, final)}
     progress.message["evaluation"] = {"baseline": baseline, "final": final}
@@ -216,7 +215,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         "memory_after_rearrange": memory,
         "evaluation": evaluation,
         "training": training_section(state, steps, steps_per_epoch(train_data, cfg.training, world), train_data,
-                                     eval_data, world),
+                                     validation_data, test_data, world),
     }
     if world.main:
         result.update(write_outputs(model, tokenizer, data.id2label, cfg, out, probe[0].inputs, result))
@@ -242,20 +241,21 @@ def fingerprinted(cfg: TrainerConfig, world_size: int) -> dict[str, Any]:
     return wire | {"worldSize": world_size}
 
 
-def encode(data: LabelledData, tokenizer: Any, cfg: TrainerConfig) -> tuple[Encoded, Encoded]:
+def encode(data: LabelledData, tokenizer: Any, cfg: TrainerConfig) -> tuple[Encoded, Encoded, Encoded]:
     if tokenizer is None:
-        return encode_images(data.train), encode_images(data.validation)
+        return encode_images(data.train), encode_images(data.validation), encode_images(data.test)
     text = encode_causal if cfg.model.task == Task.CAUSAL_LM else encode_text
-    return text(data.train, tokenizer, cfg.dataset.max_length), text(data.validation, tokenizer, cfg.dataset.max_length)
+    return tuple(text(split, tokenizer, cfg.dataset.max_length) for split in (data.train, data.validation, data.test))
 
 
-def training_section(state: LoopState, total: int, per_epoch: int, train_data: Encoded, eval_data: Encoded,
-                     world: distributed.World) -> dict[str, Any]:
+def training_section(state: LoopState, total: int, per_epoch: int, train_data: Encoded, validation_data: Encoded,
+                     test_data: Encoded, world: distributed.World) -> dict[str, Any]:
     seconds = max(state.seconds, 1e-9)
     epochs = state.epoch + state.position / per_epoch  # passes over the data, fractional when stopped early
     return {"steps": state.step, "total_steps": total, "epochs": epochs, "seconds": state.seconds,
             "samples_per_second": state.samples / seconds, "tokens_per_second": state.tokens / seconds,
-            "train_samples": len(train_data.lengths), "eval_samples": len(eval_data.lengths), "workers": world.size,
+            "train_samples": len(train_data.lengths), "validation_samples": len(validation_data.lengths),
+            "test_samples": len(test_data.lengths), "workers": world.size,
             "stopped_early": state.stopped_early,
             "restored_best_step": state.best_step if state.restored_best else None,
             "history": state.history, "evals": state.evals}

@@ -58,7 +58,7 @@ class Metrics:
         self.samples_per_second = gauge("samples_per_second", "Training samples per second, all workers")
         self.tokens_per_second = gauge("tokens_per_second", "Training tokens per second, all workers")
         self.stage = gauge("stage", "1 for the pipeline stage running now, 0 for the others", ("stage",))
-        self.eval_metric = gauge("eval_metric", "Evaluation metric on the held-out split", ("phase", "metric"))
+        self.eval_metric = gauge("eval_metric", "Evaluation metric: test split (baseline, final), validation split (training)", ("phase", "metric"))
         self.gpu_memory_bytes = gauge("gpu_memory_bytes", "Peak GPU memory allocated by this worker")
         self.mfu = gauge("mfu", "Model FLOPs utilisation: achieved training FLOP/s over the GPU's bf16 peak")
 
