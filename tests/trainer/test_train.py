@@ -42,7 +42,8 @@ def test_pipeline_report_has_the_contracted_shape(tiny_cfg: TrainerConfig, tmp_p
     assert set(report["evaluation"]["final"]) == {"accuracy", "f1"}
     training = report["training"]
     assert training["steps"] == 8 and training["samples_per_second"] > 0 and training["tokens_per_second"] > 0
-    assert set(training["history"][0]) == {"step", "seconds_since_train_start", "loss", "lr"}
+    assert set(training["history"][0]) == {"step", "seconds_since_train_start", "loss", "lr", "grad_norm"}
+    assert all(0 < h["grad_norm"] < float("inf") for h in training["history"])
     assert [e["step"] for e in training["evals"]] == [4, 8]
     assert training["validation_samples"] == training["test_samples"] == 64
     assert report["analysis"]["head"]["dataset_labels"] == 3
@@ -101,6 +102,46 @@ def sgd_step(batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def test_warmup_starts_at_zero_and_reaches_the_peak_linearly() -> None:
+    spec = TrainingSpec(warmupRatio=0.2, schedule="linear")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = make_scheduler(optimizer, spec, 20)
+    used = []
+    for _ in range(20):
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert used[:5] == [0.0, 0.25, 0.5, 0.75, 1.0]  # 4 warmup steps, then the peak
+    assert all(a > b for a, b in zip(used[4:], used[5:])) and used[-1] == pytest.approx(1 / 16)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_the_cpu(precision: str) -> None:
+    """bf16 autocast, and fp16 with its GradScaler: a step whose gradient overflows is skipped, and the schedule
+    waits for it (the learning rate of the next step is the skipped one's)."""
+    model, data, collate = lm_setup()
+    spec = TrainingSpec(batchSize=8, maxSteps=4, precision=precision, schedule="linear", warmupRatio=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    dtypes, snapshots = set(), []
+    model.lm_head.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
+    weight = model.transformer.h[0].mlp.c_fc.weight
+    overflow = weight.register_hook(lambda grad: grad * float("inf") if len(snapshots) == 1 and precision == "fp16"
+                                    else grad)  # step 2's gradient overflows
+    state = train_loop(model, optimizer, make_scheduler(optimizer, spec, 4), data, collate, spec, Task.CAUSAL_LM, CPU,
+                       Hooks(on_step=lambda state, total: snapshots.append(weight.detach().clone())))
+    overflow.remove()
+    assert dtypes == {torch.bfloat16 if precision == "bf16" else torch.float16}
+    norms = [h["grad_norm"] for h in state.history]
+    lrs = [h["lr"] for h in state.history]
+    taken = [n < float("inf") for n in norms]
+    if precision == "fp16":  # the scaler starts at 2**16 and may skip the first step by itself, too
+        assert not taken[1] and torch.equal(snapshots[0], snapshots[1])
+    else:
+        assert all(taken)
+    assert lrs == [1e-3 * (1 - sum(taken[:i]) / 4) for i in range(4)]  # only steps taken advance the schedule
+    assert taken[3] and not torch.equal(snapshots[2], snapshots[3])
+
+
 def test_accumulation_gives_the_gradient_of_the_whole_batch() -> None:
     """Micro-batches with different token counts: the loss is normalised by the step's tokens, not averaged per batch."""
     whole, accumulated = sgd_step(16, 1), sgd_step(4, 4)
@@ -118,6 +159,18 @@ def test_a_nan_loss_stops_before_the_weights_change() -> None:
     with pytest.raises(LossNotFinite, match="the training loss is nan"):
         train_loop(model, optimizer, make_scheduler(optimizer, spec, 3), data, collate, spec, Task.CAUSAL_LM, CPU)
     assert torch.equal(model.transformer.h[0].attn.c_attn.weight, before)
+
+
+def test_an_overflowing_gradient_without_a_scaler_stops_before_the_weights_change() -> None:
+    model, data, collate = lm_setup()
+    weight = model.transformer.h[0].mlp.c_fc.weight
+    before = weight.detach().clone()
+    weight.register_hook(lambda grad: grad * float("inf"))
+    spec = TrainingSpec(batchSize=8, maxSteps=3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(LossNotFinite, match="the gradient norm is inf at this step"):
+        train_loop(model, optimizer, make_scheduler(optimizer, spec, 3), data, collate, spec, Task.CAUSAL_LM, CPU)
+    assert torch.equal(weight, before)
 
 
 class Scripted:

@@ -64,6 +64,7 @@ class Progress:
         m = self.metrics
         m.loss.set(last["loss"])
         m.learning_rate.set(last["lr"])
+        m.grad_norm.set(last["grad_norm"])
         m.step.set(state.step)
         m.total_steps.set(total)
         m.epoch.set(state.epoch)
@@ -79,8 +80,8 @@ class Progress:
         if now - self.last_log >= 10 or state.step in (1, total):  # a line every 10 s is enough for `kubectl logs`
             self.last_log = now
             eta = (total - state.step) * state.seconds / state.step
-            log.info("step %d/%d epoch %d loss %.4f lr %.2e %.1f samples/s eta %.0fs", state.step, total,
-                     state.epoch, last["loss"], last["lr"], per_second, eta)
+            log.info("step %d/%d epoch %d loss %.4f lr %.2e grad norm %.3g %.1f samples/s eta %.0fs", state.step,
+                     total, state.epoch, last["loss"], last["lr"], last["grad_norm"], per_second, eta)
 
 
 def run(cfg: TrainerConfig, output_dir: Path) -> dict[str, Any]:

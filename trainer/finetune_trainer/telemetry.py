@@ -52,6 +52,7 @@ class Metrics:
 
         self.loss = gauge("loss", "Training loss of the latest step (token-normalised)")
         self.learning_rate = gauge("learning_rate", "Learning rate of the first parameter group")
+        self.grad_norm = gauge("grad_norm", "Global L2 norm of the latest step's gradient, before clipping")
         self.step = gauge("step", "Optimizer steps taken")
         self.total_steps = gauge("total_steps", "Optimizer steps planned")
         self.epoch = gauge("epoch", "Current epoch (0-based)")
