@@ -16,8 +16,8 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from finetune_trainer import cli
 from finetune_trainer.config import Stage
-from finetune_trainer.telemetry import (ADDR_ENV, PORT_ENV, TERMINATION_ENV, Metrics, termination_message,
-                                        write_termination)
+from finetune_trainer.telemetry import (ADDR_ENV, PORT_ENV, TERMINATION_ENV, Metrics, peak_flops,
+                                        termination_message, write_termination)
 from tiny import TINY_BERT, TINY_GPT2, bpe_tokenizer, free_port, tiny_classifier_doc
 
 DESIGN_METRICS = {"loss", "learning_rate", "step", "total_steps", "epoch", "samples_per_second", "tokens_per_second",
@@ -221,3 +221,14 @@ def test_metrics_endpoint_serves_the_design_names(monkeypatch: pytest.MonkeyPatc
     stages = {s.labels["stage"]: s.value for s in families["stage"].samples}
     assert stages["Training"] == 1 and sum(stages.values()) == 1
     assert [(s.labels, s.value) for s in families["eval_metric"].samples] == [({"phase": "baseline", "metric": "accuracy"}, 0.3)]
+
+
+@pytest.mark.parametrize(("name", "peak"), [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                            ("NVIDIA H100 NVL", 835e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12),
+                                            ("NVIDIA A40", None)])
+def test_the_gpu_peak_is_looked_up_by_the_exact_device_name(name: str, peak: float | None,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU here: torch's device-name query is the one stand-in; the lookup itself is the real one."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert peak_flops(torch.device("cuda", 0)) == (None if peak is None else 2 * peak)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import pickle
 import signal
 from pathlib import Path
 
@@ -14,12 +15,12 @@ import torch
 
 from finetune_trainer import checkpoints, export, pipeline
 from finetune_trainer.batches import encode_text, make_collate
-from finetune_trainer.config import ModelSpec, Task, TrainerConfig, TrainingSpec
+from finetune_trainer.config import LoraSpec, ModelSpec, Task, TrainerConfig, TrainingSpec
 from finetune_trainer.data import Split
 from finetune_trainer.distributed import World
-from finetune_trainer.errors import ConfigError, LossNotFinite, Terminated
+from finetune_trainer.errors import CheckpointMismatch, ConfigError, LossNotFinite, Terminated
 from finetune_trainer.models import load_model, load_tokenizer
-from finetune_trainer.rearrange import new_head
+from finetune_trainer.rearrange import add_adapters, new_head
 from finetune_trainer.train import Hooks, LoopState, make_scheduler, train_loop
 from tiny import TINY_BERT, TINY_GPT2
 
@@ -228,16 +229,19 @@ def test_the_best_weights_survive_a_resume(tmp_path: Path) -> None:
     assert_same(weights(model), first.seen[1])
 
 
-def classifier_run(checkpoint_dir: Path, stop_at: int | None = None) -> dict[str, torch.Tensor]:
-    """8 steps of a tiny BERT with dropout on (so the RNG matters), checkpointing every 3 steps."""
+def classifier_run(checkpoint_dir: Path, stop_at: int | None = None, lora: bool = False) -> dict[str, torch.Tensor]:
+    """8 steps of a tiny BERT with dropout on (so the RNG matters), checkpointing every 3 steps; with `lora`,
+    adapters (with dropout) and the head train instead of the weights."""
     spec = ModelSpec(task="sequence-classification", architecture="bert", config=TINY_BERT,
                      tokenizerUri="pvc://models/all-MiniLM-L6-v2")
     tokenizer = load_tokenizer(spec)
     model = load_model(spec, tokenizer, seed=0)
     new_head(model, "classifier", 3, {}, reinitialize=True)
+    if lora:
+        model = add_adapters(model, LoraSpec(rank=4, dropout=0.1), ["query", "value"], "classifier")
     data = encode_text(Split(TEXTS, [i % 3 for i in range(64)]), tokenizer, 32)
     train = TrainingSpec(batchSize=8, epochs=1, checkpointEverySteps=3, keepCheckpoints=2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
     def on_step(state, total):
         if state.step == stop_at:
@@ -250,14 +254,16 @@ def classifier_run(checkpoint_dir: Path, stop_at: int | None = None) -> dict[str
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_resume_after_sigterm_gives_the_uninterrupted_weights(tmp_path: Path) -> None:
-    reference = classifier_run(tmp_path / "reference")
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_resume_after_sigterm_gives_the_uninterrupted_weights(lora: bool, tmp_path: Path) -> None:
+    reference = classifier_run(tmp_path / "reference", lora=lora)
     with pytest.raises(Terminated, match="stopped by SIGTERM at step 5"):
-        classifier_run(tmp_path / "interrupted", stop_at=4)  # seen at the next step
+        classifier_run(tmp_path / "interrupted", stop_at=4, lora=lora)  # seen at the next step
     saved = checkpoints.complete(tmp_path / "interrupted")
     assert [p.name for p in saved] == ["step-00000003", "step-00000005"]
     (tmp_path / "interrupted" / ".tmp-step-00000007").mkdir()  # a half-written one is never read
-    resumed = classifier_run(tmp_path / "interrupted")
+    resumed = classifier_run(tmp_path / "interrupted", lora=lora)
+    assert any("lora_A" in n for n in resumed) == lora
     for name, value in reference.items():
         assert torch.equal(resumed[name], value), name
     # every 3 steps and at the end, the last two kept
@@ -319,3 +325,56 @@ def test_sigterm_after_training_resumes_without_training_again(tiny_cfg: Trainer
     report = pipeline.run(tiny_cfg, out)
     assert f"resumed from {saved / 'step-00000008'}" in caplog.text
     assert report["training"]["steps"] == 8 and (out / "model.safetensors").exists()
+
+
+def test_restore_refuses_tensors_that_do_not_fit() -> None:
+    model, _, _ = lm_setup()
+    saved = checkpoints.trained_tensors(model)
+    del saved["transformer.h.1.mlp.c_fc.weight"]
+    with pytest.raises(CheckpointMismatch, match=r"it lacks \['transformer.h.1.mlp.c_fc.weight'\]"):
+        checkpoints.restore(model, saved, "step-8")
+
+
+def test_a_checkpoint_runs_no_pickled_code(tmp_path: Path) -> None:
+    model, _, _ = lm_setup()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = make_scheduler(optimizer, TrainingSpec(), 10)
+    folder = checkpoints.save(tmp_path, 1, model, optimizer, scheduler, {"step": 1}, CPU, keep=1)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    torch.save({"optimizer": Payload()}, folder / "optimizer.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        checkpoints.load(folder, model, optimizer, scheduler, CPU)
+    assert not marker.exists()
+
+
+def test_the_best_weights_bring_their_batchnorm_statistics(pvc_root: Path) -> None:
+    """Early stopping on a ResNet: the running statistics of the best evaluation come back with its weights."""
+    from finetune_trainer.batches import encode_images
+    from finetune_trainer.config import DatasetSpec
+    from finetune_trainer.data import load_dataset
+
+    data = load_dataset(DatasetSpec(uri="pvc://data/digits", maxTrainSamples=160), Task.IMAGE_CLASSIFICATION, 0)
+    model = load_model(ModelSpec(task="image-classification", architecture="resnet18"), None, seed=0)
+    new_head(model, "net.fc", 10, data.id2label, reinitialize=False)
+    spec = TrainingSpec(batchSize=16, maxSteps=10, evalEverySteps=2, earlyStopping={"patience": 2})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    statistics: list[dict[str, torch.Tensor]] = []
+    losses = iter([1.0, 0.5, 0.9, 0.8])
+
+    def evaluate() -> dict[str, float]:
+        statistics.append({n: b.clone() for n, b in model.named_buffers()})
+        return {"loss": next(losses)}
+
+    state = train_loop(model, optimizer, make_scheduler(optimizer, spec, 10), encode_images(data.train),
+                       make_collate(Task.IMAGE_CLASSIFICATION, 0, 16), spec, Task.IMAGE_CLASSIFICATION, CPU,
+                       Hooks(evaluate=evaluate))
+    assert state.restored_best and state.best_step == 4
+    best, last = statistics[1], statistics[3]
+    assert not torch.equal(best["net.bn1.running_mean"], last["net.bn1.running_mean"])
+    for name, value in model.named_buffers():
+        assert torch.equal(value, best[name]), name

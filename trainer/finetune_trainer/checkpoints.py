@@ -32,7 +32,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from finetune_trainer.distributed import World
-from finetune_trainer.errors import ConfigError
+from finetune_trainer.errors import CheckpointMismatch, ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +51,10 @@ def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state, in types `torch.load(weights_only=True)` reads back (numpy's key as a tensor)."""
+    numpy = np.random.get_state(legacy=False)
+    numpy["state"]["key"] = torch.from_numpy(numpy["state"]["key"].astype(np.int64))
+    state = {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -59,7 +62,9 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy = state["numpy"]
+    numpy["state"]["key"] = numpy["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state(numpy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -150,23 +155,26 @@ def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sched
          world: World) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
     """Restore a checkpoint in place; returns the loop's saved position and the best weights if it kept them."""
     restore(model, load_file(folder / "trained.safetensors"), folder)
-    saved = torch.load(folder / "optimizer.pt", map_location=world.device, weights_only=False)
+    saved = torch.load(folder / "optimizer.pt", map_location=world.device, weights_only=True)  # runs no pickled code
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     rng = folder / f"rng-{world.rank}.pt"
     if rng.exists():  # a run resumed on more ranks than it was saved with starts the new ranks' RNG afresh
-        set_rng_state(torch.load(rng, weights_only=False))
+        set_rng_state(torch.load(rng, weights_only=True))
     log.info("resumed from %s", folder)
     best = load_file(folder / BEST) if (folder / BEST).exists() else None
     return json.loads((folder / "state.json").read_text()), best
 
 
 def restore(model: nn.Module, tensors: dict[str, torch.Tensor], source: object) -> None:
-    """Copy `tensors` (as `trained_tensors` took them) into the model in place."""
+    """Copy `tensors` (as `trained_tensors` took them) into the model in place; they must be exactly what trains
+    and every buffer, or the model would go on with a mix of restored and fresh weights."""
     own = dict(model.named_parameters()) | dict(model.named_buffers())
-    missing = set(tensors) - set(own)
-    if missing:
-        raise RuntimeError(f"{source}: holds tensors the model lacks: {sorted(missing)[:5]}")
+    expected = {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
+    unexpected, missing = set(tensors) - set(own), expected - set(tensors)
+    if unexpected or missing:
+        raise CheckpointMismatch(f"{source}: does not fit the model (it lacks {sorted(missing)[:5]}, and has "
+                                 f"{sorted(unexpected)[:5]} the model lacks); remove it or use another output.uri")
     with torch.no_grad():
         for name, value in tensors.items():
             own[name].copy_(value)

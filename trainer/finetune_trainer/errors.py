@@ -53,6 +53,12 @@ class LossNotFinite(UserError):
     reason = "LossNotFinite"
 
 
+class CheckpointMismatch(UserError):
+    """A checkpoint in the output folder does not fit the model (a different trainer wrote it, or it is damaged)."""
+
+    reason = "CheckpointMismatch"
+
+
 class Terminated(Exception):
     """SIGTERM arrived; what training had done is in a checkpoint and the run stops so that a later attempt resumes."""
 

@@ -35,9 +35,16 @@ TERMINATION_ENV = "TERMINATION_MESSAGE_PATH"
 KUBERNETES_TERMINATION_LOG = Path("/dev/termination-log")
 TERMINATION_LIMIT = 4096  # bytes Kubernetes keeps of a termination message
 
-# Dense bf16 peak per GPU (torchtitan's table); MFU is reported only where the peak is known.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "B200": 2250e12, "L40S": 362e12,
-                   "A10G": 70e12, "L4": 121e12}
+# Dense bf16 peak per GPU by the exact name torch.cuda.get_device_name gives (torchtitan's figures, NVIDIA's
+# datasheets): a part of a name would give an H100 PCIe (756) the SXM's 989, or an L40 the L4's. MFU is
+# reported only where the peak is known.
+PEAK_BF16_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12, "NVIDIA GH200 480GB": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12, "NVIDIA B200": 2250e12, "NVIDIA L40S": 362e12, "NVIDIA L40": 181e12,
+    "NVIDIA A10G": 70e12, "NVIDIA L4": 121e12,
+}
 
 
 class Metrics:
@@ -99,9 +106,9 @@ class Metrics:
 
 
 def peak_flops(device: torch.device) -> float | None:
-    name = torch.cuda.get_device_name(device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # throughput is counted over all workers
-    return next((peak * world for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+    """The bf16 peak of all workers together (throughput is counted over all of them), if this GPU's is known."""
+    peak = PEAK_BF16_FLOPS.get(torch.cuda.get_device_name(device))
+    return None if peak is None else peak * int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def termination_path() -> Path | None:
