@@ -189,6 +189,9 @@ def test_success_writes_the_termination_message_and_the_summary(tmp_path: Path, 
     assert run(tiny_classifier_doc(tmp_path / "out"), tmp_path) == 0
     sent = json.loads(termination.read_text())
     assert sent["stage"] == "Done" and sent["exitCode"] == 0 and set(sent["evaluation"]) == {"baseline", "final"}
+    final, baseline = sent["evaluation"]["final"]["accuracy"], sent["evaluation"]["baseline"]["accuracy"]
+    assert sent["reason"] == "Succeeded" and sent["message"] == f"8 steps; test accuracy {baseline:.4g} -> {final:.4g}"
+    assert set(sent) == {"stage", "exitCode", "reason", "message", "progress", "metrics", "analysis", "evaluation"}
     assert sent["progress"]["step"] == sent["progress"]["totalSteps"] == 8
     assert 0 < sent["analysis"]["trainableParameters"] <= sent["analysis"]["totalParameters"]
     assert len(termination.read_bytes()) <= 4096

@@ -103,7 +103,8 @@ def run(cfg: TrainerConfig, output_dir: Path) -> dict[str, Any]:
         previous = signal.signal(signal.SIGTERM, stop)
     try:
         report = stages(cfg, Path(output_dir), world, progress)
-        write_termination({"stage": Stage.DONE.value, "exitCode": EXIT_OK, **progress.message})
+        write_termination({"stage": Stage.DONE.value, "reason": "Succeeded", "message": outcome(report),
+                           "exitCode": EXIT_OK, **progress.message})
         return report
     except BaseException as exc:
         write_termination({"stage": progress.stage.value, "reason": reason_of(exc), "message": describe(exc),
@@ -113,6 +114,15 @@ def run(cfg: TrainerConfig, output_dir: Path) -> dict[str, Any]:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         metrics.close()
+
+
+def outcome(report: dict[str, Any]) -> str:
+    """One line for the job's status: the steps, and the first metric on the test split before and after."""
+    evaluation = report["evaluation"]
+    metric, final = next(iter(evaluation["final"].items()))
+    before = evaluation["baseline"].get(metric)
+    change = f"{before:.4g} -> {final:.4g}" if before is not None else f"{final:.4g}"
+    return f"{report['training']['steps']} steps; test {metric} {change}"
 
 
 def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Progress) -> dict[str, Any]:
