@@ -79,9 +79,11 @@ def causal_lm(doc: dict[str, Any]) -> None:
          "InvalidConfig", "adjust.freeze \\(strategy all-but-head\\) leaves no parameter to train"),
         (lambda doc, tmp: doc["model"].update(tokenizerUri=f"file://{bpe_tokenizer(tmp / 'tok', eos=None)}"),
          "InvalidModel", "it has no pad, eos or unk token"),
+        (lambda doc, tmp: doc["dataset"].update(maxLength=128),  # the tiny BERT has 64 positions
+         "InvalidConfig", "dataset.maxLength 128 exceeds the 64 positions the model has"),
     ],
     ids=["bad-regex", "malformed-csv", "lora-all-frozen", "lora-unknown-target", "lm-nothing-to-train",
-         "no-pad-token"],
+         "no-pad-token", "longer-than-the-positions"],
 )
 def test_user_mistakes_that_a_library_reports_exit_1(change: Any, reason: str, message: str, tmp_path: Path,
                                                      termination: Path) -> None:

@@ -31,7 +31,7 @@ from finetune_trainer.config import Batching, Stage, Task, TrainerConfig
 from finetune_trainer.data import LabelledData, check_label_count, load_dataset
 from finetune_trainer.errors import EXIT_OK, Terminated, describe, exit_code_of, reason_of
 from finetune_trainer.evaluate import deltas, evaluate
-from finetune_trainer.models import load_model, load_tokenizer
+from finetune_trainer.models import check_positions, load_model, load_tokenizer
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
 from finetune_trainer.structure import depth, head_name
 from finetune_trainer.telemetry import Metrics, write_termination
@@ -136,6 +136,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     train_data, validation_data, test_data = encode(data, tokenizer, cfg)
     collate = make_collate(task, tokenizer.pad_token_id if tokenizer else 0, cfg.dataset.image_size)
     model = load_model(cfg.model, tokenizer, seed).to(world.device)
+    check_positions(model, cfg.dataset.max_length)
 
     progress.enter(Stage.ANALYZING)
     probe = [collate(train_data, idx).to(world.device) for idx in
