@@ -22,10 +22,14 @@ $(VENV)/.installed: pyproject.toml trainer/constraints.txt
 assets: $(VENV)/.installed
 	$(PY) -m finetune_trainer.assets
 
-# The main job on this machine: MiniLM + LoRA on the sentiment corpus, on the CPU.
-# (With the operator it will run through the local control plane instead.)
-.PHONY: demo
-demo: install
+# The main job on this machine: the local control plane, the operator and a real trainer pod running
+# MiniLM + LoRA on the sentiment corpus, on the CPU (deploy/local/demo.py). It leaves the cluster up.
+.PHONY: demo demo-trainer
+demo: install k8s-binaries
+	$(PY) deploy/local/demo.py
+
+# The same job without a cluster: the trainer alone.
+demo-trainer: install
 	$(VENV)/bin/finetune-trainer run deploy/examples/minilm-sentiment.yaml --output out/minilm-sentiment
 
 test: install k8s-binaries
@@ -53,6 +57,7 @@ cluster-up: install k8s-binaries
 	$(PY) deploy/local/cluster.py up
 
 cluster-down:
+	$(PY) deploy/local/demo.py stop
 	$(PY) deploy/local/cluster.py down
 
 # Benchmarks (bench/README.md): not tests; each writes bench/results/<name>.{md,json}. They take

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.cluster
 REPO = Path(__file__).resolve().parents[1]
 CRD = REPO / "deploy" / "crds" / "finetune.dev_finetunejobs.yaml"
 EXAMPLES = sorted((REPO / "deploy" / "examples").glob("*.yaml"))
+MINILM = REPO / "deploy" / "examples" / "minilm-sentiment.yaml"
 
 
 @pytest.fixture(scope="module")
@@ -87,7 +88,7 @@ def test_model_dataset_and_output_are_immutable(kube: Kube, crd: dict, namespace
     for section, field, value in (("model", "uri", "pvc://models/other"), ("dataset", "uri", "pvc://data/other.csv"),
                                   ("output", "uri", "pvc://models/elsewhere")):
         changed = copy.deepcopy(doc)
-        changed["spec"][section][field] = value
+        changed["spec"].setdefault(section, {})[field] = value
         result = kube.apply(changed, namespace, check=False)
         assert result.returncode != 0 and f"{section} is immutable" in result.stderr, result.stderr
 
@@ -105,11 +106,11 @@ WHILE_SUSPENDED = {
 
 
 def test_a_running_job_keeps_its_recipe_and_runtime(kube: Kube, crd: dict, namespace: str) -> None:
-    doc = yaml.safe_load(EXAMPLES[0].read_text())
+    doc = yaml.safe_load(MINILM.read_text())
     kube.apply(doc, namespace)
     for section, (field, value) in WHILE_SUSPENDED.items():
         changed = copy.deepcopy(doc)
-        changed["spec"][section][field] = value
+        changed["spec"].setdefault(section, {})[field] = value
         result = kube.apply(changed, namespace, check=False)
         assert result.returncode != 0, f"{section} changed on a running job"
         assert f"spec.{section}: Invalid value" in result.stderr and "only while the job is suspended" in result.stderr, result.stderr
@@ -122,11 +123,11 @@ def test_a_running_job_keeps_its_recipe_and_runtime(kube: Kube, crd: dict, names
 
 
 def test_a_suspended_job_may_be_retuned_and_placed(kube: Kube, crd: dict, namespace: str) -> None:
-    doc = yaml.safe_load(EXAMPLES[0].read_text())
+    doc = yaml.safe_load(MINILM.read_text())
     doc["spec"]["suspend"] = True
     kube.apply(doc, namespace)
     for section, (field, value) in WHILE_SUSPENDED.items():
-        doc["spec"][section][field] = value
+        doc["spec"].setdefault(section, {})[field] = value
     doc["spec"]["suspend"] = False  # Kueue places and resumes it in one update
     kube.apply(doc, namespace)
     stored = kube.get("ftj", doc["metadata"]["name"], namespace)["spec"]
@@ -134,7 +135,7 @@ def test_a_suspended_job_may_be_retuned_and_placed(kube: Kube, crd: dict, namesp
 
 
 def test_managed_by_is_immutable(kube: Kube, crd: dict, namespace: str) -> None:
-    doc = yaml.safe_load(EXAMPLES[0].read_text())
+    doc = yaml.safe_load(MINILM.read_text())
     kube.apply(doc, namespace)
     doc["spec"]["managedBy"] = "kueue.x-k8s.io/multikueue"
     result = kube.apply(doc, namespace, check=False)

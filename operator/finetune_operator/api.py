@@ -333,6 +333,7 @@ class FineTuneJobStatus(ApiModel):
     children: Children | None = Field(None, description="The current attempt's ConfigMap, Service and Job.")
     workers: WorkerCounts | None = Field(None, description="The current attempt's trainer pods.")
     attempts: int = Field(0, ge=0, description="Attempts started so far (each one is a child Job).")
+    failures: int = Field(0, ge=0, description="Failed attempts counted against backoffLimit (disruptions are not).")
     start_time: datetime | None = Field(None, description="When the first attempt started.")
     completion_time: datetime | None = Field(None, description="When the job succeeded or failed.")
     observed_generation: int | None = Field(None, ge=0, description="The spec generation the status reflects.")

@@ -58,7 +58,7 @@ def quantity_value(value: int | str) -> Decimal:
 Quantity = Annotated[
     int | Annotated[str, Field(max_length=64)],
     *checked(
-        "isQuantity(string(self)) && quantity(string(self)).sign() >= 0",
+        "isQuantity(string(self)) && quantity(string(self)).compareTo(quantity('0')) >= 0",
         lambda v: (isinstance(v, int) or re.match(QUANTITY, v) is not None) and quantity_value(v) >= 0,
         "must be a non-negative quantity, e.g. 8, 500m or 32Gi",
     ),
@@ -410,12 +410,16 @@ def _values_fit(r: Any) -> bool:
     return len(r.values) == 1 and re.match(r"^-?[0-9]+$", r.values[0]) is not None
 
 
-class NodeSelectorRequirement(ApiModel):
-    """A node label (or field) compared with values."""
+class Requirement(ApiModel):
+    """A label compared with values (the shape of node and label selectors' requirements)."""
 
-    key: str = Field(max_length=317, pattern=QUALIFIED_NAME, description="The node label key.")
-    operator: SelectorOperator = Field(description="In, NotIn, Exists, DoesNotExist, Gt or Lt.")
+    key: str = Field(max_length=317, pattern=QUALIFIED_NAME, description="The label key.")
+    operator: SelectorOperator = Field(description="In, NotIn, Exists, DoesNotExist; for nodes also Gt and Lt.")
     values: list[LabelValue] = Field(default_factory=list, max_length=64, description="Values to compare with.")
+
+
+class NodeSelectorRequirement(Requirement):
+    """A node label compared with values."""
 
     rules = (
         Rule(
@@ -461,10 +465,8 @@ class NodeAffinity(ApiModel):
     )
 
 
-class LabelSelectorRequirement(ApiModel):
-    key: str = Field(max_length=317, pattern=QUALIFIED_NAME, description="The label key.")
-    operator: SelectorOperator = Field(description="In, NotIn, Exists or DoesNotExist.")
-    values: list[LabelValue] = Field(default_factory=list, max_length=64, description="Values to compare with.")
+class LabelSelectorRequirement(Requirement):
+    """A pod or namespace label compared with values."""
 
     rules = (
         Rule(

@@ -1,0 +1,163 @@
+"""`make demo`: the whole system on this machine, as a user meets it.
+
+Brings up the local control plane (deploy/local/cluster.py), installs the CRD, gives the
+namespace the bundled model and data as claims, starts the operator, applies
+deploy/examples/minilm-sentiment.yaml and follows it as `kubectl get ftj` shows it, until it
+ends; then prints baseline against fine-tuned from the resource's status. The cluster and the
+operator stay up to look around; `make cluster-down` stops both.
+
+    python deploy/local/demo.py [run]     the demo
+    python deploy/local/demo.py stop      stop the operator it started
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import cluster  # noqa: E402
+
+REPO = cluster.REPO
+EXAMPLE = REPO / "deploy" / "examples" / "minilm-sentiment.yaml"
+CRD = REPO / "deploy" / "crds" / "finetune.dev_finetunejobs.yaml"
+ASSETS = REPO / ".data" / "pvc"
+NAMESPACE = "finetune-demo"  # the demo's operator watches only this namespace
+TIMEOUT_SECONDS = 1200
+
+
+def kubectl(c: cluster.Cluster, *args: str, stdin: str | None = None, check: bool = True) -> str:
+    result = subprocess.run([str(c.bin_dir / "kubectl"), f"--kubeconfig={c.kubeconfig}", *args], input=stdin,
+                            capture_output=True, text=True, timeout=120)
+    if check and result.returncode != 0:
+        raise SystemExit(f"kubectl {' '.join(args)} failed:\n{result.stderr}")
+    return result.stdout
+
+
+def claims() -> list[dict]:
+    """The bundled model and data (`make assets` put them in .data/pvc) as claims the example names."""
+    return [{"apiVersion": "v1", "kind": "PersistentVolumeClaim",
+             "metadata": {"name": name, "annotations": {"local.finetune.dev/host-path": str(ASSETS / name)}},
+             "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}
+            for name in ("models", "data")]
+
+
+def operator_pid_file(c: cluster.Cluster) -> Path:
+    return c.state / "operator.pid"
+
+
+def start_operator(c: cluster.Cluster) -> None:
+    pid_file = operator_pid_file(c)
+    if pid_file.exists() and _alive(int(pid_file.read_text())):
+        print(f"operator already running (pid {pid_file.read_text().strip()})")
+        return
+    log = c.state / "logs" / "operator.log"
+    log.parent.mkdir(parents=True, exist_ok=True)
+    env = os.environ | {"KUBECONFIG": str(c.kubeconfig), "PYTHONUNBUFFERED": "1"}
+    with log.open("a") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "finetune_operator", "run", "--namespace", NAMESPACE,
+                                 "--bind-address", "127.0.0.1",
+                                 "--metrics-port", "0", "--liveness-port", str(cluster._free_ports(["l"])["l"])],
+                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
+    pid_file.write_text(str(proc.pid))
+    print(f"operator started (pid {proc.pid}, log {log})")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"finetune_operator" in cmdline
+
+
+def stop_operator(state: Path) -> None:
+    pid_file = state / "operator.pid"
+    if not pid_file.exists():
+        return
+    pid = int(pid_file.read_text())
+    if _alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        for _ in range(100):
+            if not _alive(pid):
+                break
+            time.sleep(0.1)
+        print(f"operator stopped (pid {pid})")
+    pid_file.unlink()
+
+
+def follow(c: cluster.Cluster, name: str) -> dict:
+    """Print `kubectl get ftj -o wide` whenever the phase, stage, progress or attempts change, until the job ends."""
+    deadline, last = time.monotonic() + TIMEOUT_SECONDS, None
+    print(kubectl(c, "get", "ftj", name, "-n", NAMESPACE, "-o", "wide").splitlines()[0])
+    while time.monotonic() < deadline:
+        obj = json.loads(kubectl(c, "get", "ftj", name, "-n", NAMESPACE, "-o", "json"))
+        status = obj.get("status", {})
+        seen = (status.get("phase"), status.get("stage"), status.get("progress", {}).get("percent"),
+                status.get("attempts"), status.get("reason"))
+        if seen != last:
+            print(kubectl(c, "get", "ftj", name, "-n", NAMESPACE, "-o", "wide", "--no-headers").rstrip(), flush=True)
+            last = seen
+        if status.get("phase") in ("Succeeded", "Failed"):
+            return obj
+        time.sleep(2)
+    raise SystemExit(f"{name} did not finish in {TIMEOUT_SECONDS} s; see `kubectl describe ftj {name}`")
+
+
+def report(obj: dict) -> None:
+    status = obj["status"]
+    print(f"\n{obj['metadata']['name']}: {status['phase']} ({status.get('reason')}) after {status.get('attempts')} attempt(s)")
+    evaluation = status.get("evaluation") or {}
+    if evaluation:
+        print(f"{'metric':<10} {'baseline':>9} {'fine-tuned':>10}")
+        for metric, value in evaluation["final"].items():
+            print(f"{metric:<10} {evaluation['baseline'].get(metric, float('nan')):>9.4f} {value:>10.4f}")
+    else:
+        failed = [c for c in status.get("conditions", []) if c["type"] == "Failed"]
+        print(failed[0]["message"] if failed else "")
+
+
+def run() -> int:
+    started = time.monotonic()
+    c = cluster.up()
+    kubectl(c, "apply", "--server-side", "--force-conflicts", "-f", str(CRD))
+    kubectl(c, "wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=60s")
+    kubectl(c, "create", "namespace", NAMESPACE, check=False)  # AlreadyExists on a rerun
+    kubectl(c, "apply", "-n", NAMESPACE, "-f", "-", stdin=yaml.safe_dump_all(claims()))
+    start_operator(c)
+    doc = yaml.safe_load(EXAMPLE.read_text())
+    name = doc["metadata"]["name"]
+    kubectl(c, "delete", "ftj", name, "-n", NAMESPACE, "--ignore-not-found", "--wait=true")  # a rerun starts afresh
+    kubectl(c, "apply", "-n", NAMESPACE, "-f", str(EXAMPLE))
+    obj = follow(c, name)
+    report(obj)
+    env = f"export KUBECONFIG={c.kubeconfig} PATH={c.bin_dir}:$PATH"
+    print(f"""
+done in {time.monotonic() - started:.0f} s. Look around:
+  {env}
+  kubectl -n {NAMESPACE} describe ftj {name}          # conditions and the Events of each transition
+  kubectl -n {NAMESPACE} get jobs,pods -l finetune.dev/job-name={name}
+  ls {ASSETS / 'models' / name}        # the exported model, report.json, model card, loss curve
+  cat {c.state / 'logs' / 'operator.log'}
+Stop everything: make cluster-down""")
+    return 0 if obj["status"]["phase"] == "Succeeded" else 1
+
+
+def main() -> int:
+    command = sys.argv[1] if len(sys.argv) > 1 else "run"
+    if command == "stop":
+        stop_operator(cluster.DEFAULT_STATE)
+        return 0
+    return run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

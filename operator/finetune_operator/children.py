@@ -1,0 +1,200 @@
+"""The objects of one attempt, built from the spec alone (pure functions, no API calls).
+
+Each attempt N of FineTuneJob `x` gets a ConfigMap, a headless Service and an Indexed Job, all
+named `x-N`, labelled with the job's name and the attempt, and owned by the FineTuneJob. The
+Job's pod with completion index 0 is rank 0: the static rendezvous address is its hostname,
+`x-N-0.x-N`, so the rank that reports is never c10d's choice.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+from finetune_operator import api
+from finetune_operator import coretypes as core
+from finetune_operator.judge import claim_fields
+from finetune_operator.settings import Settings
+from finetune_trainer.config import TrainerConfig
+
+JOB_NAME_LABEL = "finetune.dev/job-name"
+ATTEMPT_LABEL = "finetune.dev/attempt"
+TRAINER = "trainer"
+CONFIG_KEY = "config.json"
+CONFIG_DIR = "/etc/finetune"
+PVC_ROOT = "/mnt/pvc"
+HF_HOME = "/var/cache/huggingface"
+METRICS_PORT = 9090
+RENDEZVOUS_PORT = 29500
+TERMINATION_LOG = "/dev/termination-log"
+DEFAULT_SHM = "1Gi"
+COMPLETION_INDEX = "metadata.labels['batch.kubernetes.io/job-completion-index']"
+
+
+def child_name(job_name: str, attempt: int) -> str:
+    return f"{job_name}-{attempt}"
+
+
+def labels(job_name: str, attempt: int) -> dict[str, str]:
+    return {JOB_NAME_LABEL: job_name, ATTEMPT_LABEL: str(attempt)}
+
+
+def owner_reference(ftj: dict[str, Any]) -> dict[str, Any]:
+    meta = ftj["metadata"]
+    return {"apiVersion": f"{api.GROUP}/{api.VERSION}", "kind": api.KIND, "name": meta["name"], "uid": meta["uid"],
+            "controller": True, "blockOwnerDeletion": True}
+
+
+def _metadata(ftj: dict[str, Any], attempt: int) -> dict[str, Any]:
+    name = ftj["metadata"]["name"]
+    return {"name": child_name(name, attempt), "namespace": ftj["metadata"]["namespace"],
+            "labels": labels(name, attempt), "ownerReferences": [owner_reference(ftj)]}
+
+
+def trainer_config(spec: api.FineTuneJobSpec) -> dict[str, Any]:
+    """Exactly the trainer's half of the spec: the trainer parses it strictly."""
+    fields = {name: getattr(spec, name) for name in TrainerConfig.model_fields}
+    return TrainerConfig.model_validate(fields).to_wire()
+
+
+def config_map(ftj: dict[str, Any], spec: api.FineTuneJobSpec, attempt: int) -> dict[str, Any]:
+    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(ftj, attempt),
+            "data": {CONFIG_KEY: json.dumps(trainer_config(spec), indent=1, sort_keys=True)}}
+
+
+def service(ftj: dict[str, Any], attempt: int) -> dict[str, Any]:
+    """Headless, and publishing pods before they are ready: torchrun's rendezvous needs the names first."""
+    meta = _metadata(ftj, attempt)
+    return {
+        "apiVersion": "v1", "kind": "Service", "metadata": meta,
+        "spec": {
+            "clusterIP": "None",
+            "publishNotReadyAddresses": True,
+            "selector": meta["labels"],
+            "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT}, {"name": "metrics", "port": METRICS_PORT}],
+        },
+    }
+
+
+def _threads(resources: core.ResourceRequirements, processes: int) -> int:
+    """OMP_NUM_THREADS: the CPU limit (else request) shared by the worker's processes, at least 1."""
+    cpu = resources.limits.get("cpu", resources.requests.get("cpu"))
+    if cpu is None:
+        return 1
+    return max(1, math.floor(core.quantity_value(cpu) / processes))
+
+
+def command(name: str, spec: api.FineTuneJobSpec) -> list[str]:
+    config = f"{CONFIG_DIR}/{CONFIG_KEY}"
+    rt = spec.runtime
+    if rt.workers == 1 and rt.processes_per_worker == 1:
+        return ["finetune-trainer", "run", config]
+    # Static rendezvous on index 0: torchrun's c10d backend would let any node be rank 0.
+    return ["torchrun", f"--nnodes={rt.workers}", f"--nproc-per-node={rt.processes_per_worker}",
+            "--node-rank=$(FINETUNE_NODE_RANK)", f"--master-addr={name}-0.{name}", f"--master-port={RENDEZVOUS_PORT}",
+            "--max-restarts=0", "-m", "finetune_trainer.cli", "run", config]
+
+
+def _env(spec: api.FineTuneJobSpec, resources: core.ResourceRequirements) -> list[dict[str, Any]]:
+    ours = [
+        {"name": "FINETUNE_PVC_ROOT", "value": PVC_ROOT},
+        {"name": "FINETUNE_METRICS_ADDR", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
+        {"name": "FINETUNE_METRICS_PORT", "value": str(METRICS_PORT)},
+        {"name": "FINETUNE_NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}},
+        {"name": "TERMINATION_MESSAGE_PATH", "value": TERMINATION_LOG},
+        {"name": "OMP_NUM_THREADS", "value": str(_threads(resources, spec.runtime.processes_per_worker))},
+        {"name": "HF_HOME", "value": HF_HOME},
+    ]
+    return ours + [e.to_wire() for e in spec.runtime.env]
+
+
+def _volumes(name: str, spec: api.FineTuneJobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    volumes: list[dict[str, Any]] = [
+        {"name": "finetune-config", "configMap": {"name": name}},
+        {"name": "finetune-hf-cache", "emptyDir": {}},
+        {"name": "finetune-shm", "emptyDir": {"medium": "Memory", "sizeLimit": str(spec.runtime.shm_size or DEFAULT_SHM)}},
+    ]
+    mounts: list[dict[str, Any]] = [
+        {"name": "finetune-config", "mountPath": CONFIG_DIR, "readOnly": True},
+        {"name": "finetune-hf-cache", "mountPath": HF_HOME},
+        {"name": "finetune-shm", "mountPath": "/dev/shm"},
+    ]
+    for i, (claim, (_, writes)) in enumerate(sorted(claim_fields(spec).items())):
+        volumes.append({"name": f"finetune-pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": not writes}})
+        mounts.append({"name": f"finetune-pvc-{i}", "mountPath": f"{PVC_ROOT}/{claim}", "readOnly": not writes})
+    volumes += [v.to_wire() for v in spec.runtime.volumes]
+    mounts += [m.to_wire() for m in spec.runtime.volume_mounts]
+    return volumes, mounts
+
+
+def restricted_security(uid: int) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Pod and container securityContexts that pass the "restricted" Pod Security Standard."""
+    pod = {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid, "fsGroup": uid,
+           "seccompProfile": {"type": "RuntimeDefault"}}
+    container = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True}
+    return pod, container
+
+
+def job(ftj: dict[str, Any], spec: api.FineTuneJobSpec, attempt: int, settings: Settings) -> dict[str, Any]:
+    meta = _metadata(ftj, attempt)
+    name = meta["name"]
+    rt, pod = spec.runtime, spec.pod
+    resources = rt.resources or settings.trainer_resources
+    volumes, mounts = _volumes(name, spec)
+    pod_security, container_security = restricted_security(settings.trainer_uid)
+    container: dict[str, Any] = {
+        "name": TRAINER,
+        "image": rt.image or settings.trainer_image,
+        "command": command(name, spec),
+        "env": _env(spec, resources),
+        "envFrom": [e.to_wire() for e in rt.env_from],
+        "ports": [{"name": "metrics", "containerPort": METRICS_PORT}, {"name": "rendezvous", "containerPort": RENDEZVOUS_PORT}],
+        "resources": {side: {k: str(v) for k, v in values.items()} for side, values in resources.to_wire().items()},
+        "volumeMounts": mounts,
+        "terminationMessagePath": TERMINATION_LOG,
+        "terminationMessagePolicy": "FallbackToLogsOnError",
+        "securityContext": container_security,
+    }
+    if rt.image_pull_policy:
+        container["imagePullPolicy"] = rt.image_pull_policy.value
+    pull_secrets = [{"name": s} for s in settings.trainer_pull_secrets] + [s.to_wire() for s in pod.image_pull_secrets]
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "subdomain": name,
+        "automountServiceAccountToken": False,
+        "securityContext": pod_security,
+        "containers": [container],
+        "volumes": volumes,
+        "nodeSelector": pod.node_selector,
+        "tolerations": [t.to_wire() for t in pod.tolerations],
+        "imagePullSecrets": pull_secrets,
+    }
+    optional = {"serviceAccountName": pod.service_account_name, "schedulerName": pod.scheduler_name,
+                "priorityClassName": pod.priority_class_name, "affinity": pod.affinity.to_wire() if pod.affinity else None}
+    pod_spec |= {k: v for k, v in optional.items() if v}
+    job_labels = dict(meta["labels"])
+    if queue := ftj["metadata"].get("labels", {}).get(api.KUEUE_QUEUE_LABEL):
+        job_labels[api.KUEUE_QUEUE_LABEL] = queue
+    return {
+        "apiVersion": "batch/v1", "kind": "Job",
+        "metadata": meta | {"labels": job_labels},
+        "spec": {
+            "completionMode": "Indexed",
+            "completions": rt.workers,
+            "parallelism": rt.workers,
+            "backoffLimit": 0,  # the operator owns retries: whole-gang attempts
+            # A disruption fails the Job with a reason that outlives the evicted pod (outcome.DISRUPTION_RULE).
+            "podFailurePolicy": {"rules": [{"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget"}]}]},
+            "suspend": False,
+            "template": {
+                "metadata": {"labels": pod.labels | meta["labels"], "annotations": dict(pod.annotations)},
+                "spec": pod_spec,
+            },
+        },
+    }
+
+
+def attempt_children(ftj: dict[str, Any], spec: api.FineTuneJobSpec, attempt: int, settings: Settings) -> list[dict[str, Any]]:
+    """In creation order: the Job last, so its pods find their config and Service."""
+    return [config_map(ftj, spec, attempt), service(ftj, attempt), job(ftj, spec, attempt, settings)]

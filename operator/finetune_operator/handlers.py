@@ -1,0 +1,271 @@
+"""kopf wiring only: two indexes of the children, one timer per FineTuneJob that reconciles it.
+
+Handlers are plain `def`s: kopf runs them in its thread pool, so the blocking Kubernetes
+client never runs inside the event loop. Every decision is `reconcile.decide`'s; this module
+reads what it needs, carries out the decision and records metrics.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from datetime import datetime, timezone
+from typing import Any
+
+import kopf
+from kubernetes import client, config
+from kubernetes.client.exceptions import ApiException
+
+from finetune_operator import api, children, judge, metrics, outcome, reconcile
+from finetune_operator.api import ConditionType as T
+from finetune_operator.scrape import ScrapeError, scrape
+from finetune_operator.settings import Settings
+
+log = logging.getLogger("finetune_operator")
+PREFIX = "finetune.dev"
+FINALIZER = f"{PREFIX}/finalizer"
+
+
+class Clients:
+    def __init__(self) -> None:
+        try:
+            config.load_incluster_config()
+        except config.ConfigException:
+            config.load_kube_config()
+        self.api = client.ApiClient()
+        self.core = client.CoreV1Api(self.api)
+        self.batch = client.BatchV1Api(self.api)
+        self.custom = client.CustomObjectsApi(self.api)
+
+
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+    # Our own names for kopf's finalizer and storage, from the first release (changing them later
+    # would make every object look unhandled).
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=PREFIX)
+    settings.posting.level = logging.WARNING  # Events are posted explicitly, on transitions
+    settings.execution.max_workers = 16
+    settings.watching.server_timeout = 300
+    settings.watching.client_timeout = 310
+    # No watching of namespaces and CRDs: the CRD is installed before the operator starts (the chart's
+    # crds/), and the watched namespaces are named or all; so no cluster-wide reads beyond our own rules.
+    settings.scanning.disabled = True
+    memo.clients = Clients()
+    ours: Settings = memo.settings
+    metrics.serve(ours.bind_address, ours.metrics_port)
+    log.info("finetune-operator: watching %s; trainer image %s; polling every %.1f s",
+             ", ".join(ours.namespaces) or "every namespace", ours.trainer_image, ours.poll_seconds)
+
+
+def index_jobs(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {(namespace, labels[children.JOB_NAME_LABEL]): outcome.job_summary(body)}
+
+
+def index_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {(namespace, labels[children.JOB_NAME_LABEL]): outcome.pod_summary(body)}
+
+
+def index_phases(body: kopf.Body, **_: Any) -> dict[Any, Any]:
+    return {body.get("status", {}).get("phase") or api.Phase.PENDING.value: None}
+
+
+def managed_here(spec: kopf.Spec, **_: Any) -> bool:
+    return spec.get("managedBy") in (None, api.MANAGED_BY)
+
+
+def _plain(body: kopf.Body) -> dict[str, Any]:
+    return {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}
+
+
+def _sample(seen: reconcile.Observed, ns: str, name: str) -> dict[str, Any] | None:
+    """Rank 0's metrics while it runs; a failed read is counted and the last numbers stay."""
+    attempt = reconcile.current_attempt(seen.body["status"], seen.jobs)
+    rank0 = next((p for p in seen.pods if p["attempt"] == attempt and p["index"] == 0
+                  and p["phase"] == "Running" and p.get("ip")), None)
+    if rank0 is None:
+        return None
+    try:
+        return scrape(rank0["ip"])
+    except ScrapeError as exc:
+        metrics.POLL_ERRORS.labels(reason=exc.reason).inc()
+        log.debug("%s/%s: metrics not read: %s", ns, name, exc)
+        return None
+
+
+PODLESS_GRACE_SECONDS = 10  # the Job controller creates pods within moments; after that, ask why not
+
+
+def _job_warning(clients: Clients, seen: reconcile.Observed, ns: str) -> tuple[str, str] | None:
+    """The latest Warning Event of the current attempt's Job when it still has no pods."""
+    attempt = reconcile.current_attempt(seen.body["status"], seen.jobs)
+    job = next((j for j in seen.jobs if j["attempt"] == attempt), None)
+    if job is None or job["complete"] or job["failure"] or any(p["attempt"] == attempt for p in seen.pods):
+        return None
+    created = datetime.strptime(job["created"], "%Y-%m-%dT%H:%M:%SZ") if job["created"] else seen.now
+    if (seen.now - created).total_seconds() < PODLESS_GRACE_SECONDS:
+        return None
+    events = clients.core.list_namespaced_event(
+        ns, field_selector=f"involvedObject.kind=Job,involvedObject.name={job['name']},type=Warning").items
+    if not events:
+        return None
+    latest = max(events, key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp)
+    return latest.reason or "FailedCreate", latest.message or ""
+
+
+def _claims(clients: Clients, spec: api.FineTuneJobSpec, ns: str) -> dict[str, dict[str, Any] | None]:
+    found: dict[str, dict[str, Any] | None] = {}
+    for claim in judge.claim_fields(spec):
+        try:
+            found[claim] = clients.api.sanitize_for_serialization(clients.core.read_namespaced_persistent_volume_claim(claim, ns))
+        except ApiException as exc:
+            if exc.status != 404:
+                raise kopf.TemporaryError(f"reading claim {claim}: {exc.reason}", delay=5) from exc
+            found[claim] = None
+    return found
+
+
+def _create(clients: Clients, obj: dict[str, Any]) -> None:
+    ns, kind = obj["metadata"]["namespace"], obj["kind"]
+    create = {"ConfigMap": clients.core.create_namespaced_config_map, "Service": clients.core.create_namespaced_service,
+              "Job": clients.batch.create_namespaced_job}[kind]
+    try:
+        create(ns, obj)
+    except ApiException as exc:
+        if exc.status != 409:  # AlreadyExists: a previous tick (or operator) made it
+            raise
+
+
+class Refused(Exception):
+    """The apiserver refused a child built from an accepted spec: the spec cannot run."""
+
+
+def _create_attempt(clients: Clients, body: dict[str, Any], spec: api.FineTuneJobSpec, attempt: int,
+                    settings: Settings) -> None:
+    for obj in children.attempt_children(body, spec, attempt, settings):
+        try:
+            _create(clients, obj)
+        except ApiException as exc:
+            if exc.status in (400, 403, 422):
+                raise Refused(f"the apiserver refused the {obj['kind']} {obj['metadata']['name']}: "
+                              f"{_api_message(exc)}") from exc
+            raise kopf.TemporaryError(f"creating {obj['kind']}: {exc.reason}", delay=5) from exc
+
+
+def _api_message(exc: ApiException) -> str:
+    import json
+
+    try:
+        return json.loads(exc.body).get("message", exc.reason)
+    except (TypeError, ValueError):
+        return str(exc.reason)
+
+
+def _delete_job(clients: Clients, name: str, ns: str) -> None:
+    try:
+        clients.batch.delete_namespaced_job(name, ns, propagation_policy="Background")
+    except ApiException as exc:
+        if exc.status != 404:
+            raise kopf.TemporaryError(f"deleting Job {name}: {exc.reason}", delay=5) from exc
+
+
+def _delete_self(clients: Clients, name: str, ns: str) -> None:
+    try:
+        clients.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL, name,
+                                                       propagation_policy="Background")
+    except ApiException as exc:
+        if exc.status != 404:
+            raise kopf.TemporaryError(f"deleting {name}: {exc.reason}", delay=5) from exc
+
+
+def tick(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, job_index: kopf.Index, pod_index: kopf.Index,
+         phase_index: kopf.Index, **_: Any) -> None:
+    started = time.perf_counter()
+    try:
+        _reconcile(body, patch, memo, job_index, pod_index)
+    except kopf.TemporaryError:
+        raise
+    except Exception as exc:
+        metrics.RECONCILE_ERRORS.labels(error=type(exc).__name__).inc()
+        log.exception("%s/%s: reconcile failed", body.metadata.namespace, body.metadata.name)
+        raise kopf.TemporaryError(str(exc), delay=5) from exc
+    finally:
+        metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
+        for phase in api.Phase:
+            metrics.JOBS.labels(phase=phase.value).set(len(phase_index.get(phase.value, [])))
+
+
+def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, job_index: kopf.Index,
+               pod_index: kopf.Index) -> None:
+    ns, name = body.metadata.namespace, body.metadata.name
+    settings: Settings = memo.settings
+    clients: Clients = memo.clients
+    if body.metadata.get("deletionTimestamp"):
+        return
+    key = (ns, name)
+    seen = reconcile.Observed(_plain(body), list(job_index.get(key, [])), list(pod_index.get(key, [])),
+                              datetime.now(timezone.utc).replace(tzinfo=None))
+    seen.sample = _sample(seen, ns, name)
+    seen.job_warning = _job_warning(clients, seen, ns)
+    decision = reconcile.decide(seen)
+    if decision is None:
+        return
+    if decision.create_attempt:
+        spec, _ = reconcile.parse_spec(seen.body)
+        assert spec is not None
+        seen.problems = judge.spec_problems(spec, _claims(clients, spec, ns), ns)
+        if not seen.problems:
+            try:
+                _create_attempt(clients, seen.body, spec, decision.create_attempt, settings)
+            except Refused as exc:
+                seen.problems = [str(exc)]
+        if seen.problems:
+            decision = reconcile.decide(seen)
+            assert decision is not None
+        else:
+            restarting = seen.body["status"].get("conditions") or []
+            cause = next((c["reason"] for c in restarting if c["type"] == T.RESTARTING and c["status"] == "True"), "Created")
+            metrics.ATTEMPTS.labels(cause=cause).inc()
+            log.info("%s/%s: attempt %d created", ns, name, decision.create_attempt)
+    if decision.delete_job:
+        log.info("%s/%s: deleting Job %s (%s)", ns, name, decision.delete_job, decision.delete_job_reason)
+        _delete_job(clients, decision.delete_job, ns)
+    if decision.delete_self:
+        log.info("%s/%s: ttlSecondsAfterFinished has passed: deleting it", ns, name)
+        _delete_self(clients, name, ns)
+        return
+    _record(body, seen, decision)
+    old = seen.body["status"]
+    for field, value in decision.status.items():
+        if old.get(field) != value:
+            patch.status[field] = value
+
+
+def _record(body: kopf.Body, seen: reconcile.Observed, decision: reconcile.Decision) -> None:
+    """Events for the transitions, and the metrics that count them."""
+    before = {c["type"] for c in seen.body["status"].get("conditions") or [] if c["status"] == "True"}
+    for kind, reason, message in decision.events:
+        kopf.event(body, type=kind, reason=reason, message=message)
+    after = {c["type"]: c for c in decision.status.get("conditions") or [] if c["status"] == "True"}
+    if T.RUNNING in after and T.RUNNING not in before and not any(
+            c["type"] == T.RUNNING for c in seen.body["status"].get("conditions") or []):
+        created = datetime.strptime(body.metadata["creationTimestamp"], "%Y-%m-%dT%H:%M:%SZ")
+        metrics.TIME_TO_RUNNING.observe((seen.now - created).total_seconds())
+    if T.FAILED in after and T.FAILED not in before:
+        metrics.FAILURES.labels(reason=after[T.FAILED]["reason"]).inc()
+
+
+def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
+    """In a pod its ServiceAccount, else $KUBECONFIG: what the kubernetes client finds, kopf uses too."""
+    return kopf.login_via_client(**kwargs)
+
+
+def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
+    kopf.on.login(registry=registry)(login)
+    kopf.on.startup(registry=registry)(configure)
+    selector = {children.JOB_NAME_LABEL: kopf.PRESENT}
+    kopf.index("batch", "v1", "jobs", labels=selector, registry=registry, id="job_index")(index_jobs)
+    kopf.index("", "v1", "pods", labels=selector, registry=registry, id="pod_index")(index_pods)
+    kopf.index(api.GROUP, api.VERSION, api.PLURAL, registry=registry, id="phase_index")(index_phases)
+    kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=settings.poll_seconds, when=managed_here, registry=registry,
+               id="reconcile")(tick)

@@ -1,0 +1,50 @@
+"""What only the operator can judge about a spec the apiserver accepted: claims that must exist
+and fit the workers, and a freeze regex that must compile (pure; the claims are read for it)."""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from finetune_operator import api
+
+# Access modes every worker can use at once: all of them read the checkpoints; rank 0 writes.
+SHARED_READ = {"ReadOnlyMany", "ReadWriteMany"}
+SHARED_WRITE = {"ReadWriteMany"}
+
+
+def claim_fields(spec: api.FineTuneJobSpec) -> dict[str, tuple[str, bool]]:
+    """Each claim a pvc:// URI names: the first field naming it, and whether the trainer writes to it."""
+    found: dict[str, tuple[str, bool]] = {}
+    for field, uri, writes in (("spec.output.uri", spec.output.uri, True), ("spec.model.uri", spec.model.uri, False),
+                               ("spec.model.tokenizerUri", spec.model.tokenizer_uri, False),
+                               ("spec.dataset.uri", spec.dataset.uri, False)):
+        if uri and uri.startswith("pvc://"):
+            claim = uri.removeprefix("pvc://").split("/", 1)[0]
+            first, wrote = found.get(claim, (field, False))
+            found[claim] = (first, wrote or writes)
+    return found
+
+
+def spec_problems(spec: api.FineTuneJobSpec, claims: dict[str, dict[str, Any] | None], namespace: str) -> list[str]:
+    """`field: message` for each problem; `claims` maps each claim name to its object (None: absent)."""
+    problems = []
+    for claim, (field, writes) in claim_fields(spec).items():
+        pvc = claims.get(claim)
+        if pvc is None:
+            problems.append(f"{field}: the PersistentVolumeClaim {claim!r} does not exist in namespace {namespace}")
+            continue
+        if spec.runtime.workers > 1:
+            modes = set((pvc.get("spec") or {}).get("accessModes") or [])
+            needed = SHARED_WRITE if writes else SHARED_READ
+            if not modes & needed:
+                problems.append(
+                    f"{field}: claim {claim!r} is {', '.join(sorted(modes)) or 'without access modes'}, but the "
+                    f"{spec.runtime.workers} workers all need it ({' or '.join(sorted(needed))})")
+    pattern = spec.adjust.freeze.pattern
+    if pattern is not None:
+        try:
+            re.compile(pattern)
+        except re.error as exc:
+            problems.append(f"spec.adjust.freeze.pattern: not a valid regular expression ({exc})")
+    return problems

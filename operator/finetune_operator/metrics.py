@@ -1,0 +1,37 @@
+"""The operator's own Prometheus metrics (`finetune_operator_*`), shared with the dashboard.
+
+Labels stay bounded: phases, causes and reasons are small fixed sets; no job names.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+
+from finetune_operator.api import Phase
+
+REGISTRY = CollectorRegistry()
+
+JOBS = Gauge("finetune_operator_jobs", "FineTuneJobs by phase, as last reconciled", ["phase"], registry=REGISTRY)
+RECONCILE_SECONDS = Histogram(
+    "finetune_operator_reconcile_duration_seconds", "Time one reconcile of a FineTuneJob took", registry=REGISTRY,
+    buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+)
+TIME_TO_RUNNING = Histogram(
+    "finetune_operator_time_to_running_seconds", "From a FineTuneJob's creation to its first Running condition",
+    registry=REGISTRY, buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600),
+)
+ATTEMPTS = Counter("finetune_operator_attempts_total", "Attempts started, by what started them", ["cause"], registry=REGISTRY)
+FAILURES = Counter("finetune_operator_job_failures_total", "FineTuneJobs that ended Failed, by reason", ["reason"],
+                   registry=REGISTRY)
+POLL_ERRORS = Counter("finetune_operator_metric_poll_errors_total", "Failed reads of rank 0's /metrics, by reason",
+                      ["reason"], registry=REGISTRY)
+RECONCILE_ERRORS = Counter("finetune_operator_reconcile_errors_total", "Reconciles that raised, by exception type",
+                           ["error"], registry=REGISTRY)
+
+for phase in Phase:
+    JOBS.labels(phase=phase.value)
+
+
+def serve(address: str, port: int) -> None:
+    if port:
+        start_http_server(port, addr=address, registry=REGISTRY)

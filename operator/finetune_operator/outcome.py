@@ -1,0 +1,179 @@
+"""Why an attempt is where it is: child Job and pods in, an `Outcome` out (pure).
+
+The summaries below are what the operator's indexes keep of each Job and pod: small, so a
+thousand jobs stay cheap, and enough to decide. The cause of a failure is read, in order of
+trust, from: the Job's pod-failure policy (a disruption fails the Job with a rule that says
+so, even after the pod is gone), the pods' DisruptionTarget condition, the trainer's own
+`exitCode` in the termination message (under torchrun the container exits 1 for any
+failure), then the container's exit code. Peers of a failed worker end with 143; the cause
+is the earliest failure that is not 143.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from finetune_operator.children import ATTEMPT_LABEL, TRAINER
+
+EXIT_USER_ERROR = 1
+EXIT_TERMINATED = 143
+DISRUPTION_RULE = 0  # index of the podFailurePolicy rule that fails the Job on a DisruptionTarget condition
+COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
+
+
+class Retry(StrEnum):
+    NEVER = "Never"  # the job cannot succeed as written
+    COUNTED = "Counted"  # infrastructure: counted against backoffLimit
+    FREE = "Free"  # a disruption (eviction, preemption, node loss): not counted
+
+
+class State(StrEnum):
+    PENDING = "Pending"
+    RUNNING = "Running"
+    SUCCEEDED = "Succeeded"
+    FAILED = "Failed"
+
+
+@dataclass(frozen=True)
+class Outcome:
+    state: State
+    reason: str = ""
+    message: str = ""
+    retry: Retry = Retry.NEVER
+    result: dict[str, Any] = field(default_factory=dict)  # rank 0's termination message
+    unschedulable: str | None = None  # the scheduler's message
+    not_created: str | None = None  # why the Job controller could not create the pods
+
+
+def _termination(pod: dict[str, Any]) -> dict[str, Any] | None:
+    statuses = pod.get("status", {}).get("containerStatuses") or []
+    for status in statuses:
+        if status.get("name") == TRAINER:
+            state = status.get("state", {}).get("terminated") or status.get("lastState", {}).get("terminated")
+            if state:
+                return state
+    return None
+
+
+def parse_message(text: str | None) -> dict[str, Any]:
+    """The trainer's JSON termination message; a log tail (FallbackToLogsOnError) or nothing gives {}."""
+    try:
+        message = json.loads(text or "")
+    except ValueError:
+        return {}
+    return message if isinstance(message, dict) else {}
+
+
+def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
+    """What the index keeps of a trainer pod."""
+    meta, status = pod["metadata"], pod.get("status", {})
+    conditions = {c["type"]: c for c in status.get("conditions") or []}
+    scheduled = conditions.get("PodScheduled", {})
+    disruption = conditions.get("DisruptionTarget", {})
+    terminated = _termination(pod)
+    summary: dict[str, Any] = {
+        "name": meta["name"],
+        "attempt": int(meta.get("labels", {}).get(ATTEMPT_LABEL, 0)),
+        "index": int(meta.get("labels", {}).get(COMPLETION_INDEX_LABEL,
+                                                meta.get("annotations", {}).get(COMPLETION_INDEX_LABEL, 0))),
+        "phase": status.get("phase", "Pending"),
+        "ip": status.get("podIP"),
+        "ready": conditions.get("Ready", {}).get("status") == "True",
+        "scheduled": scheduled.get("status") == "True",
+        "unschedulable": scheduled.get("message") if scheduled.get("reason") == "Unschedulable" else None,
+        "disrupted": disruption.get("reason") if disruption.get("status") == "True" else None,
+    }
+    if terminated:
+        summary["terminated"] = {
+            "exitCode": terminated.get("exitCode"),
+            "reason": terminated.get("reason", ""),
+            "finishedAt": terminated.get("finishedAt") or "",
+            "message": parse_message(terminated.get("message")),
+        }
+    return summary
+
+
+def job_summary(job: dict[str, Any]) -> dict[str, Any]:
+    """What the index keeps of a child Job."""
+    status = job.get("status", {})
+    conditions = {c["type"]: c for c in status.get("conditions") or [] if c.get("status") == "True"}
+    failed = conditions.get("Failed") or conditions.get("FailureTarget")
+    return {
+        "name": job["metadata"]["name"],
+        "attempt": int(job["metadata"].get("labels", {}).get(ATTEMPT_LABEL, 0)),
+        "active": status.get("active", 0),
+        "ready": status.get("ready", 0),
+        "succeeded": status.get("succeeded", 0),
+        "failed": status.get("failed", 0),
+        "complete": "Complete" in conditions or "SuccessCriteriaMet" in conditions,
+        "failure": {"reason": failed.get("reason", ""), "message": failed.get("message", "")} if failed else None,
+        "deleting": bool(job["metadata"].get("deletionTimestamp")),
+        "created": job["metadata"].get("creationTimestamp") or "",
+    }
+
+
+def _disrupted_by_policy(job: dict[str, Any]) -> bool:
+    failure = job.get("failure") or {}
+    return failure.get("reason") == "PodFailurePolicy" and f"rule at index {DISRUPTION_RULE}" in failure.get("message", "")
+
+
+def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
+    """Why a failed attempt failed, and whether another attempt may help."""
+    disrupted = [p for p in pods if p.get("disrupted")]
+    if disrupted or _disrupted_by_policy(job):
+        reason = disrupted[0]["disrupted"] if disrupted else "Disrupted"
+        who = f"pod {disrupted[0]['name']}" if disrupted else "a worker"
+        return Outcome(State.FAILED, reason, f"{who} was disrupted ({reason}); the gang restarts from its checkpoint",
+                       Retry.FREE)
+    ended = [p for p in pods if (p.get("terminated") or {}).get("exitCode") not in (None, 0)]
+    causes = []
+    for pod in ended:
+        term = pod["terminated"]
+        message = term["message"]
+        code = message.get("exitCode", term["exitCode"])
+        causes.append((code == EXIT_TERMINATED, term["finishedAt"], code, pod, message))
+    if not causes:
+        failure = job.get("failure") or {}
+        return Outcome(State.FAILED, "WorkerFailed",
+                       failure.get("message") or "a worker failed and left no exit code", Retry.COUNTED)
+    _, _, code, pod, message = min(causes, key=lambda c: c[:2])
+    term = pod["terminated"]
+    if code == EXIT_USER_ERROR:
+        reason = message.get("reason") or "TrainerError"
+        text = message.get("message") or f"the trainer exited {code} (see `kubectl logs {pod['name']}`)"
+        return Outcome(State.FAILED, reason, text, Retry.NEVER, result=message)
+    if term.get("reason") == "OOMKilled":
+        return Outcome(State.FAILED, "OOMKilled", f"pod {pod['name']} ran out of memory (exit {term['exitCode']})",
+                       Retry.COUNTED, result=message)
+    reason = message.get("reason") or "WorkerFailed"
+    text = message.get("message") or f"pod {pod['name']} exited {code}"
+    return Outcome(State.FAILED, reason, text, Retry.COUNTED, result=message)
+
+
+def attempt_outcome(job: dict[str, Any] | None, pods: list[dict[str, Any]],
+                    job_warning: tuple[str, str] | None = None) -> Outcome:
+    """Where the current attempt stands, from its Job and pods (either may lag the other).
+
+    `job_warning` is the latest Warning Event of a Job that has no pods yet (e.g. FailedCreate:
+    a missing ServiceAccount, a quota, Pod Security), so that it is not a silent Pending."""
+    if job is None:
+        return Outcome(State.PENDING, "Creating", "creating the attempt's objects")
+    rank0 = next((p for p in pods if p["index"] == 0), None)
+    if job["complete"]:
+        result = (rank0 or {}).get("terminated", {}).get("message", {})
+        return Outcome(State.SUCCEEDED, "Completed", "every worker finished", result=result)
+    if job["failure"] or any(p["phase"] == "Failed" for p in pods):
+        return failure_cause(job, pods)
+    if not pods and job_warning:
+        reason, message = job_warning
+        return Outcome(State.PENDING, reason, message, not_created=message)
+    unschedulable = next((p["unschedulable"] for p in pods if p["unschedulable"]), None)
+    if unschedulable:
+        return Outcome(State.PENDING, "Unschedulable", unschedulable, unschedulable=unschedulable)
+    running = [p for p in pods if p["phase"] == "Running"]
+    if running and len(running) >= max(job["active"], 1):
+        return Outcome(State.RUNNING, "WorkersRunning", f"{len(running)} worker(s) running")
+    return Outcome(State.PENDING, "WorkersStarting", f"{len(running)} of {max(job['active'], len(pods))} worker(s) running")

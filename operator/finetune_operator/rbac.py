@@ -1,0 +1,34 @@
+"""The operator's permissions, in one place: the tests' ServiceAccount, the chart and the plain
+manifests all take these rules. Each rule names the handler code that needs it."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetune_operator import api
+
+RULES: list[dict[str, Any]] = [
+    # watch FineTuneJobs; patch: kopf's finalizer and annotations; delete: ttlSecondsAfterFinished
+    {"apiGroups": [api.GROUP], "resources": [api.PLURAL], "verbs": ["get", "list", "watch", "patch", "delete"]},
+    {"apiGroups": [api.GROUP], "resources": [f"{api.PLURAL}/status"], "verbs": ["get", "patch"]},
+    # owner references with blockOwnerDeletion on the children
+    {"apiGroups": [api.GROUP], "resources": [f"{api.PLURAL}/finalizers"], "verbs": ["update"]},
+    # the attempt's children; delete: suspend, deadline
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "delete"]},
+    {"apiGroups": [""], "resources": ["configmaps", "services"], "verbs": ["get", "create", "delete"]},
+    # the pods' exit codes, termination messages, scheduling and rank 0's IP
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    # the claims the spec names: they exist, and their access modes fit the workers
+    {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get"]},
+    # Events on every transition; list: why a Job has no pods (FailedCreate), never a silent Pending
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch", "list"]},
+    {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+]
+
+
+def role(kind: str, name: str, namespace: str | None = None) -> dict[str, Any]:
+    """A ClusterRole (watching every namespace) or a Role (one watched namespace) holding RULES."""
+    meta: dict[str, Any] = {"name": name}
+    if namespace:
+        meta["namespace"] = namespace
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": kind, "metadata": meta, "rules": RULES}

@@ -1,0 +1,203 @@
+"""One reconcile of a FineTuneJob, as a pure function: what is observed in, what to do out.
+
+Level-based: the decision reads only the object, its children's summaries (the indexes) and
+rank 0's latest metrics, so a restarted operator, a missed event or a repeated tick all
+land on the same answer. Two rules keep it safe under crashes and stale reads:
+
+- the attempt number is the larger of `status.attempts` and the newest child's attempt,
+  and children have deterministic names, so nothing is ever created twice;
+- a retry is decided first (status: attempts+1, failures counted) and its children are
+  created on a later tick, so a crash between the two can neither lose nor double-count
+  a failure. A repeated decision from a stale object writes the same numbers again.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any
+
+from pydantic import ValidationError
+
+from finetune_operator import api, children, outcome
+from finetune_operator.api import ConditionType as T
+from finetune_operator.outcome import Outcome, Retry, State
+from finetune_operator.status import (Conditions, analysis_of, evaluation_of, phase_of, progress_and_metrics,
+                                      timestamp, transitions)
+from finetune_trainer.rules import error_lines
+
+
+@dataclass
+class Observed:
+    """Everything one reconcile reads."""
+
+    body: dict[str, Any]  # the FineTuneJob
+    jobs: list[dict[str, Any]]  # outcome.job_summary of each child Job
+    pods: list[dict[str, Any]]  # outcome.pod_summary of each trainer pod
+    now: datetime
+    problems: list[str] = field(default_factory=list)  # what only the operator can judge (claims, regexes)
+    sample: dict[str, Any] | None = None  # rank 0's metrics, when read
+    job_warning: tuple[str, str] | None = None  # (reason, message) of the Job's latest Warning Event, when podless
+
+
+@dataclass
+class Decision:
+    status: dict[str, Any]  # the whole status to merge-patch (None values clear a field)
+    events: list[tuple[str, str, str]] = field(default_factory=list)
+    create_attempt: int | None = None
+    delete_job: str | None = None
+    delete_job_reason: str = ""
+    delete_self: bool = False
+
+
+def parse_spec(body: dict[str, Any]) -> tuple[api.FineTuneJobSpec | None, list[str]]:
+    """Only the spec is parsed: a status field this version does not know never fails a reconcile."""
+    try:
+        return api.FineTuneJobSpec.model_validate(body.get("spec") or {}), []
+    except ValidationError as exc:
+        return None, error_lines(exc, root="spec")
+
+
+def _parse_time(text: str | None) -> datetime | None:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=None) if text else None
+
+
+def current_attempt(status: dict[str, Any], jobs: list[dict[str, Any]]) -> int:
+    return max([status.get("attempts") or 0] + [j["attempt"] for j in jobs])
+
+
+def global_batch(spec: api.FineTuneJobSpec) -> int:
+    return (spec.training.batch_size * spec.training.gradient_accumulation * spec.runtime.workers
+            * spec.runtime.processes_per_worker)
+
+
+def decide(seen: Observed) -> Decision | None:
+    """What to do about one FineTuneJob; None when it is not ours to run."""
+    body, now = seen.body, seen.now
+    meta, old = body["metadata"], dict(body.get("status") or {})
+    spec, invalid = parse_spec(body)
+    if spec is not None and spec.managed_by not in (None, api.MANAGED_BY):
+        return None
+    conds = Conditions(old.get("conditions") or [], meta.get("generation", 0), now)
+    status: dict[str, Any] = {"observedGeneration": meta.get("generation", 0)}
+    decision = Decision(status)
+    finished = conds.true(T.SUCCEEDED) or conds.true(T.FAILED)
+    attempt = current_attempt(old, seen.jobs)
+    job = next((j for j in seen.jobs if j["attempt"] == attempt), None)
+    pods = [p for p in seen.pods if p["attempt"] == attempt]
+
+    def fail(reason: str, message: str) -> None:
+        conds.set(T.FAILED, True, reason, message)
+        conds.clear(T.RUNNING, reason, message)
+        conds.clear(T.RESTARTING, reason)
+        status["completionTime"] = timestamp(now)
+
+    if finished:
+        ttl = spec.ttl_seconds_after_finished if spec else None
+        done = _parse_time(old.get("completionTime"))
+        if ttl is not None and done and now >= done + timedelta(seconds=ttl):
+            decision.delete_self = True
+        return decision if decision.delete_self else Decision({})
+    status["attempts"] = attempt
+    if spec is None or invalid or seen.problems:
+        fail("InvalidSpec", "; ".join(invalid or seen.problems))
+        return _finish(decision, old, conds)
+    workers = spec.runtime.workers
+    if job:
+        status["children"] = {"configMap": job["name"], "service": job["name"], "job": job["name"]}
+        status["workers"] = {k: job[k] for k in ("active", "ready", "succeeded", "failed")}
+
+    if spec.suspend:
+        if job and not job["complete"] and not job["failure"] and not job["deleting"]:
+            decision.delete_job, decision.delete_job_reason = job["name"], "Suspended"
+        conds.set(T.SUSPENDED, True, "Suspended", "spec.suspend is true: no pods run; checkpoints stay for the resume")
+        conds.clear(T.RUNNING, "Suspended")
+        status["workers"] = {"active": 0, "ready": 0, "succeeded": 0, "failed": 0}
+        return _finish(decision, old, conds)
+
+    if conds.true(T.SUSPENDED):  # resumed: the next attempt picks up the checkpoints, and the clock restarts
+        conds.set(T.SUSPENDED, False, "Resumed", "spec.suspend is false")
+        if attempt:
+            conds.set(T.RESTARTING, True, "Resumed", f"attempt {attempt + 1} resumes from the latest checkpoint")
+            status["attempts"] = attempt + 1
+        status["startTime"] = timestamp(now)
+        return _finish(decision, old, conds)
+
+    start = _parse_time(old.get("startTime"))
+    deadline = spec.active_deadline_seconds
+    if deadline and start and now >= start + timedelta(seconds=deadline):
+        fail("DeadlineExceeded", f"the job was active longer than activeDeadlineSeconds ({deadline} s)")
+        if job and not job["complete"] and not job["deleting"]:  # its pods stop (SIGTERM, checkpoint)
+            decision.delete_job, decision.delete_job_reason = job["name"], "DeadlineExceeded"
+        return _finish(decision, old, conds)
+
+    if attempt == 0 or job is None:
+        decision.create_attempt = max(attempt, 1)
+        status["attempts"] = decision.create_attempt
+        status.setdefault("startTime", old.get("startTime") or timestamp(now))
+        status["children"] = {"configMap": children.child_name(meta["name"], decision.create_attempt)} | {
+            "service": children.child_name(meta["name"], decision.create_attempt),
+            "job": children.child_name(meta["name"], decision.create_attempt)}
+        conds.set(T.CREATED, True, "AttemptCreated", f"attempt {decision.create_attempt}: {workers} worker(s)")
+        return _finish(decision, old, conds)
+
+    result = outcome.attempt_outcome(job, pods, seen.job_warning)
+    _observe(result, conds, status, old, spec, seen, attempt, fail)
+    return _finish(decision, old, conds)
+
+
+def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: dict[str, Any],
+             spec: api.FineTuneJobSpec, seen: Observed, attempt: int, fail: Any) -> None:
+    if result.state == State.PENDING:
+        pods = [p for p in seen.pods if p["attempt"] == attempt]
+        if result.unschedulable:
+            conds.set(T.SCHEDULED, False, "Unschedulable", result.unschedulable)
+        elif result.not_created:
+            conds.set(T.SCHEDULED, False, result.reason, result.not_created)
+        elif pods and all(p["scheduled"] for p in pods):
+            conds.set(T.SCHEDULED, True, "Scheduled", "every worker has a node")
+        return
+    if result.state == State.RUNNING:
+        conds.set(T.SCHEDULED, True, "Scheduled", "every worker has a node")
+        conds.set(T.RUNNING, True, "Training", result.message)
+        conds.clear(T.RESTARTING, "Running", f"attempt {attempt} is running")
+        if seen.sample:
+            status |= progress_and_metrics(seen.sample, global_batch(spec), seen.now)
+        return
+    if result.state == State.SUCCEEDED:
+        conds.set(T.SUCCEEDED, True, "Completed", f"attempt {attempt} finished; the model is at {spec.output.uri}")
+        conds.clear(T.RUNNING, "Completed")
+        conds.clear(T.RESTARTING, "Completed")
+        status["completionTime"] = timestamp(seen.now)
+        status["stage"] = "Done"
+        status["output"] = {"uri": spec.output.uri}
+        progress = dict(old.get("progress") or {})
+        if progress.get("totalSteps"):
+            progress |= {"percent": 100, "step": progress["totalSteps"], "etaSeconds": 0}
+            status["progress"] = progress
+        status["evaluation"] = evaluation_of(result.result)
+        status["analysis"] = analysis_of(result.result)
+        return
+    # Failed: never retried, retried for free, or counted against backoffLimit.
+    status["analysis"] = analysis_of(result.result) or old.get("analysis")
+    if result.retry == Retry.NEVER:
+        fail(result.reason, result.message)
+        return
+    failures = (old.get("failures") or 0) + (result.retry == Retry.COUNTED)
+    if failures > spec.backoff_limit:
+        fail("BackoffLimitExceeded", f"{failures} failed attempts (backoffLimit {spec.backoff_limit}); "
+                                     f"the last: {result.reason}: {result.message}")
+        return
+    status["failures"] = failures
+    status["attempts"] = attempt + 1
+    conds.set(T.RESTARTING, True, result.reason, f"attempt {attempt} failed ({result.message}); "
+                                                 f"attempt {attempt + 1} resumes from the latest checkpoint")
+    conds.clear(T.RUNNING, result.reason)
+
+
+def _finish(decision: Decision, old: dict[str, Any], conds: Conditions) -> Decision:
+    status = decision.status
+    status["conditions"] = conds.as_list()
+    status["phase"], status["reason"] = phase_of(conds)
+    decision.events = transitions(old.get("conditions") or [], status["conditions"])
+    return decision

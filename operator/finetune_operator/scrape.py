@@ -1,0 +1,57 @@
+"""Rank 0's /metrics, read and parsed with prometheus_client's parser: the only network read
+the operator makes besides the Kubernetes API. Bounded in time and size, so a hanging or
+chatty trainer cannot stall a reconcile."""
+
+from __future__ import annotations
+
+import urllib.request
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from finetune_operator.children import METRICS_PORT
+
+TIMEOUT_SECONDS = 1.0
+MAX_BYTES = 1 << 20
+GAUGES = ("loss", "learning_rate", "step", "total_steps", "epoch", "samples_per_second", "tokens_per_second")
+PREFIX = "finetune_trainer_"
+
+
+class ScrapeError(Exception):
+    """The endpoint did not answer with metrics; `reason` is a CamelCase word for status and metrics."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def parse(text: str) -> dict[str, Any]:
+    """The trainer's gauges (without the prefix) and the current stage."""
+    sample: dict[str, Any] = {}
+    try:
+        for family in text_string_to_metric_families(text):
+            name = family.name.removeprefix(PREFIX)
+            for s in family.samples:
+                if name in GAUGES:
+                    sample[name] = s.value
+                elif name == "stage" and s.value == 1:
+                    sample["stage"] = s.labels.get("stage")
+    except ValueError as exc:
+        raise ScrapeError("MetricsUnparsable", f"not Prometheus text: {exc}") from exc
+    if not sample:
+        raise ScrapeError("MetricsMissing", "no finetune_trainer_* metrics")
+    return sample
+
+
+def scrape(ip: str, port: int = METRICS_PORT, timeout: float = TIMEOUT_SECONDS) -> dict[str, Any]:
+    url = f"http://{ip}:{port}/metrics"
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (a pod IP, http only)
+            body = response.read(MAX_BYTES + 1)
+    except TimeoutError as exc:
+        raise ScrapeError("MetricsTimeout", f"{url}: no answer within {timeout} s") from exc
+    except OSError as exc:
+        raise ScrapeError("MetricsUnreachable", f"{url}: {exc}") from exc
+    if len(body) > MAX_BYTES:
+        raise ScrapeError("MetricsTooLarge", f"{url}: more than {MAX_BYTES} bytes")
+    return parse(body.decode("utf-8", errors="replace"))

@@ -1,0 +1,96 @@
+"""The operator's settings: flags with environment-variable defaults, typed and validated once."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from finetune_operator import coretypes as core
+
+ENV_PREFIX = "FINETUNE_OPERATOR_"
+DEFAULT_TRAINER_RESOURCES = {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"memory": "16Gi"}}
+
+
+class Settings(BaseModel):
+    """What `finetune-operator run` is told; each field is a flag and FINETUNE_OPERATOR_<NAME>."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    namespaces: tuple[str, ...] = Field(
+        (), description="Namespaces to watch (repeat the flag); none: the whole cluster."
+    )
+    trainer_image: str = Field(
+        "ghcr.io/finetune-dev/trainer:0.1.0", min_length=1, description="Trainer image for jobs that name none."
+    )
+    trainer_resources: core.ResourceRequirements = Field(
+        default_factory=lambda: core.ResourceRequirements.from_wire(DEFAULT_TRAINER_RESOURCES),
+        description="Per-worker resources (JSON) for jobs that set none.",
+    )
+    trainer_pull_secrets: tuple[str, ...] = Field((), description="Image pull secrets added to every trainer pod.")
+    trainer_uid: int = Field(10001, ge=1, description="Numeric user (and group) the trainer runs as (the trainer image's).")
+    poll_seconds: float = Field(2.0, ge=0.2, le=300, description="How often each live job is reconciled and rank 0's metrics read.")
+    metrics_port: int = Field(8000, ge=0, le=65535, description="Port of the operator's own /metrics (0: off).")
+    liveness_port: int = Field(8080, ge=1, le=65535, description="Port of kopf's liveness endpoint /healthz.")
+    bind_address: str = Field("0.0.0.0", description="Address the metrics and liveness endpoints listen on.")
+
+    @field_validator("namespaces", "trainer_pull_secrets")
+    @classmethod
+    def _names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for name in value:
+            if not re.match(core.DNS_SUBDOMAIN, name):
+                raise ValueError(f"{name!r} is not a valid name")
+        return value
+
+
+def _is_list(name: str) -> bool:
+    return isinstance(Settings.model_fields[name].default, tuple)
+
+
+def flag(name: str) -> str:
+    """A list takes one value per flag (--namespace a --namespace b), so its flag is singular."""
+    return "--" + (name.removesuffix("s") if _is_list(name) else name).replace("_", "-")
+
+
+def _from_env(name: str) -> Any:
+    raw = os.environ.get(ENV_PREFIX + name.upper())
+    if raw is not None and _is_list(name):
+        return tuple(part for part in raw.replace(",", " ").split() if part)
+    return raw
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for name, field in Settings.model_fields.items():
+        help_text = f"{field.description} [env {ENV_PREFIX}{name.upper()}]"
+        if _is_list(name):
+            parser.add_argument(flag(name), dest=name, action="append", default=None, help=help_text)
+        else:
+            parser.add_argument(flag(name), dest=name, default=None, help=help_text)
+
+
+def from_arguments(args: argparse.Namespace) -> Settings:
+    """Flags win over the environment, which wins over the defaults; a bad value names its flag."""
+    values: dict[str, Any] = {}
+    for name in Settings.model_fields:
+        value = getattr(args, name)
+        if value is None:
+            value = _from_env(name)
+        if value is None:
+            continue
+        if name == "trainer_resources" and isinstance(value, str):
+            try:
+                value = json.loads(value)
+            except json.JSONDecodeError as exc:
+                raise SystemExit(f"finetune-operator: invalid settings: {flag(name)}: not JSON ({exc})") from exc
+        values[name] = tuple(value) if isinstance(value, list) else value
+    try:
+        return Settings.model_validate(values)
+    except ValidationError as exc:
+        problems = "; ".join(
+            flag(str(e["loc"][0])) + "".join(f".{part}" for part in e["loc"][1:] if isinstance(part, str)) + f": {e['msg']}"
+            for e in exc.errors())
+        raise SystemExit(f"finetune-operator: invalid settings: {problems}") from exc

@@ -1,0 +1,138 @@
+"""Status from observations (pure): conditions kept as metav1 wants them, the phase and reason
+derived from them, and progress and metrics from rank 0's numbers."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from finetune_operator.api import MAX_FINDINGS, MESSAGE_MAX, ConditionType, Phase
+
+T = ConditionType
+
+
+def timestamp(moment: datetime) -> str:
+    return moment.strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def short(text: str, limit: int = MESSAGE_MAX) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+class Conditions:
+    """The conditions of one status, changed in place; a condition keeps its lastTransitionTime
+    while its status stays the same (a merge patch replaces the whole list, so all are sent)."""
+
+    def __init__(self, existing: list[dict[str, Any]], generation: int, now: datetime) -> None:
+        self.by_type = {c["type"]: dict(c) for c in existing}
+        self.generation = generation
+        self.now = timestamp(now)
+
+    def set(self, kind: ConditionType, true: bool, reason: str, message: str = "") -> None:
+        status = "True" if true else "False"
+        old = self.by_type.get(kind.value)
+        changed = old is None or old.get("status") != status
+        self.by_type[kind.value] = {
+            "type": kind.value, "status": status, "reason": reason, "message": short(message),
+            "lastTransitionTime": self.now if changed else old["lastTransitionTime"],
+            "observedGeneration": self.generation,
+        }
+
+    def clear(self, kind: ConditionType, reason: str, message: str = "") -> None:
+        """Set False, but only where it was ever set: absent conditions stay absent."""
+        if kind.value in self.by_type:
+            self.set(kind, False, reason, message)
+
+    def true(self, kind: ConditionType) -> bool:
+        return self.by_type.get(kind.value, {}).get("status") == "True"
+
+    def get(self, kind: ConditionType) -> dict[str, Any]:
+        return self.by_type.get(kind.value, {})
+
+    def as_list(self) -> list[dict[str, Any]]:
+        order = list(ConditionType)
+        return sorted(self.by_type.values(), key=lambda c: order.index(ConditionType(c["type"])))
+
+
+def phase_of(conditions: Conditions) -> tuple[Phase, str | None]:
+    """The phase and its reason: a pure function of the conditions, in order of precedence."""
+    for kind, phase in ((T.FAILED, Phase.FAILED), (T.SUCCEEDED, Phase.SUCCEEDED), (T.SUSPENDED, Phase.SUSPENDED),
+                        (T.RUNNING, Phase.RUNNING)):
+        if conditions.true(kind):
+            return phase, conditions.get(kind)["reason"]
+    for kind in (T.RESTARTING, T.SCHEDULED, T.CREATED):
+        condition = conditions.get(kind)
+        if condition and (kind != T.SCHEDULED or condition["status"] == "False"):
+            return Phase.PENDING, condition["reason"]
+    return Phase.PENDING, None
+
+
+def transitions(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
+    """One Event (type, reason, message) per condition that changed status or reason."""
+    old = {c["type"]: (c["status"], c["reason"]) for c in before}
+    warn = {(T.FAILED.value, "True"), (T.RESTARTING.value, "True"), (T.SCHEDULED.value, "False")}
+    events = []
+    for c in after:
+        if old.get(c["type"]) == (c["status"], c["reason"]):
+            continue
+        if c["status"] == "False" and c["type"] not in (T.SCHEDULED.value, T.SUSPENDED.value):
+            continue  # "not running any more" is told by the condition that became true
+        kind = "Warning" if (c["type"], c["status"]) in warn else "Normal"
+        text = c["message"] or f"{c['type']} is {c['status']}"
+        events.append((kind, c["reason"], text))
+    return events
+
+
+def progress_and_metrics(sample: dict[str, Any], global_batch: int, now: datetime) -> dict[str, Any]:
+    """status.progress, status.metrics and status.stage from rank 0's metrics."""
+    step, total = int(sample.get("step", 0)), int(sample.get("total_steps", 0))
+    rate = sample.get("samples_per_second") or 0.0
+    progress: dict[str, Any] = {
+        "percent": min(100, int(100 * step / total)) if total else 0,
+        "step": step, "totalSteps": total, "epoch": round(float(sample.get("epoch", 0)), 3),
+        "updatedAt": timestamp(now),
+    }
+    if rate > 0 and total:
+        progress["etaSeconds"] = int((total - step) * global_batch / rate)
+    # Rounded for `kubectl get` (the Loss column prints every digit); Prometheus keeps the exact values.
+    metrics = {k: float(f"{sample[s]:.4g}") for k, s in (("loss", "loss"), ("learningRate", "learning_rate"),
+                                                         ("samplesPerSecond", "samples_per_second"),
+                                                         ("tokensPerSecond", "tokens_per_second"))
+               if sample.get(s) is not None}
+    out: dict[str, Any] = {"progress": progress, "metrics": metrics}
+    if sample.get("stage"):
+        out["stage"] = sample["stage"]
+    return out
+
+
+def _summary(baseline: dict[str, float], final: dict[str, float]) -> str:
+    parts = []
+    for metric, value in list(final.items())[:2]:
+        before = baseline.get(metric)
+        parts.append(f"{metric} {before:.3f}→{value:.3f}" if before is not None else f"{metric} {value:.3f}")
+    return ", ".join(parts)
+
+
+def evaluation_of(result: dict[str, Any]) -> dict[str, Any] | None:
+    """status.evaluation from the trainer's termination message."""
+    evaluation = result.get("evaluation") or {}
+    final = {k: float(v) for k, v in (evaluation.get("final") or {}).items() if isinstance(v, (int, float))}
+    baseline = {k: float(v) for k, v in (evaluation.get("baseline") or {}).items() if isinstance(v, (int, float))}
+    if not final and not baseline:
+        return None
+    return {"baseline": dict(list(baseline.items())[:16]), "final": dict(list(final.items())[:16]),
+            "summary": short(_summary(baseline, final), 256)}
+
+
+def analysis_of(result: dict[str, Any]) -> dict[str, Any] | None:
+    analysis = result.get("analysis")
+    if not isinstance(analysis, dict):
+        return None
+    out: dict[str, Any] = {k: analysis[k] for k in ("totalParameters", "trainableParameters")
+                           if isinstance(analysis.get(k), int)}
+    severity = {"fatal": 0, "warning": 1, "info": 2}
+    findings = [f for f in analysis.get("findings") or [] if isinstance(f, dict) and f.get("severity") in severity]
+    findings.sort(key=lambda f: severity[f["severity"]])
+    out["findings"] = [{"severity": f["severity"], "code": str(f.get("code", "Finding"))[:64],
+                        "message": short(str(f.get("message", "")))} for f in findings[:MAX_FINDINGS]]
+    return out

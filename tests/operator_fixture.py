@@ -1,0 +1,180 @@
+"""The operator as a user runs it, for end-to-end tests: `finetune-operator run` as a process,
+authenticated as a ServiceAccount that holds only the operator's RBAC rules (a missing rule
+fails the test), watching one restricted namespace that has the bundled model and data as
+claims. Its log is printed when a test fails."""
+
+from __future__ import annotations
+
+import copy
+import os
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kube import Kube, condition
+
+REPO = Path(__file__).resolve().parents[1]
+CRD = REPO / "deploy" / "crds" / "finetune.dev_finetunejobs.yaml"
+EXAMPLES = REPO / "deploy" / "examples"
+ASSETS = REPO / ".data" / "pvc"
+SERVICE_ACCOUNT = "finetune-operator"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def claim(name: str, modes: list[str], host_path: Path | None = None) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": name}
+    if host_path:
+        meta["annotations"] = {"local.finetune.dev/host-path": str(host_path)}
+    return {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": meta,
+            "spec": {"accessModes": modes, "resources": {"requests": {"storage": "1Gi"}}}}
+
+
+def example(name: str, **changes: Any) -> dict[str, Any]:
+    """A deploy/examples manifest writing to the test's own `results` claim, with `changes` merged into its spec."""
+    doc = yaml.safe_load((EXAMPLES / f"{name}.yaml").read_text())
+    doc["spec"]["output"]["uri"] = f"pvc://results/{doc['metadata']['name']}"
+    for section, values in changes.items():
+        current = doc["spec"].get(section)
+        doc["spec"][section] = current | values if isinstance(current, dict) and isinstance(values, dict) else values
+    return doc
+
+
+@dataclass
+class OperatorEnv:
+    kube: Kube
+    namespace: str
+    kubeconfig: Path
+    log: Path
+    metrics_port: int
+    liveness_port: int
+    process: subprocess.Popen | None = None
+    restarts: list[int] = field(default_factory=list)
+
+    def start(self) -> None:
+        command = [sys.executable, "-m", "finetune_operator", "run", "--namespace", self.namespace,
+                   "--poll-seconds", "1", "--metrics-port", str(self.metrics_port),
+                   "--liveness-port", str(self.liveness_port), "--bind-address", "127.0.0.1",
+                   "--trainer-image", "finetune-trainer:local"]
+        env = os.environ | {"KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
+        with self.log.open("a") as out:
+            self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
+
+    def kill(self) -> None:
+        """SIGKILL, as a crash or an OOM kill would end it."""
+        assert self.process is not None
+        self.process.send_signal(signal.SIGKILL)
+        self.process.wait(timeout=30)
+        self.restarts.append(self.process.pid)
+
+    def stop(self) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+    def apply(self, doc: dict[str, Any]) -> str:
+        self.kube.apply(doc, self.namespace)
+        return doc["metadata"]["name"]
+
+    def ftj(self, name: str) -> dict[str, Any]:
+        found = self.kube.get("ftj", name, self.namespace)
+        assert found is not None, f"FineTuneJob {name} is gone"
+        return found
+
+    def wait_ftj(self, name: str, predicate: Any, description: str, timeout: float = 240) -> dict[str, Any]:
+        def probe() -> dict[str, Any] | None:
+            assert self.process is None or self.process.poll() is None or self.restarts, \
+                f"the operator exited:\n{self.log.read_text()[-5000:]}"
+            found = self.kube.get("ftj", name, self.namespace)
+            return found if found is not None and predicate(found) else None
+        try:
+            return self.kube.wait_for(f"{name}: {description}", probe, self.namespace, timeout)
+        except AssertionError as exc:
+            raise AssertionError(f"{exc}\n--- operator log:\n{self.log.read_text()[-6000:]}") from None
+
+    def wait_phase(self, name: str, phase: str, timeout: float = 240) -> dict[str, Any]:
+        def reached(obj: dict[str, Any]) -> bool:
+            status = obj.get("status", {})
+            terminal = status.get("phase") in ("Succeeded", "Failed")
+            if terminal and status["phase"] != phase:
+                raise AssertionError(f"{name} ended {status['phase']} ({status.get('reason')}): "
+                                     f"{yaml.safe_dump(status)}\n{self.kube.describe(self.namespace)}"
+                                     f"\n--- operator log:\n{self.log.read_text()[-6000:]}")
+            return status.get("phase") == phase
+        return self.wait_ftj(name, reached, f"phase {phase}", timeout)
+
+    def objects(self, kind: str, name: str) -> list[dict[str, Any]]:
+        listed = self.kube.kubectl("get", kind, "-n", self.namespace, "-l", f"finetune.dev/job-name={name}", "-o", "yaml")
+        return yaml.safe_load(listed.stdout)["items"]
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        listed = self.kube.kubectl("get", "events", "-n", self.namespace, "--field-selector",
+                                   f"involvedObject.name={name},involvedObject.kind=FineTuneJob", "-o", "yaml")
+        return yaml.safe_load(listed.stdout)["items"]
+
+
+def install_crd(kube: Kube) -> None:
+    kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))
+    name = yaml.safe_load(CRD.read_text())["metadata"]["name"]
+    kube.wait_for(f"CRD {name} established",
+                  lambda: condition(kube.get("crd", name) or {}, "Established").get("status") == "True", "default")
+
+
+def service_account_kubeconfig(kube: Kube, namespace: str, path: Path) -> Path:
+    """A kubeconfig that authenticates as the operator's ServiceAccount (a bound token)."""
+    from finetune_operator import rbac
+
+    kube.apply([
+        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": SERVICE_ACCOUNT}},
+        rbac.role("Role", SERVICE_ACCOUNT, namespace),
+        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": SERVICE_ACCOUNT},
+         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": SERVICE_ACCOUNT},
+         "subjects": [{"kind": "ServiceAccount", "name": SERVICE_ACCOUNT, "namespace": namespace}]},
+    ], namespace)
+    token = kube.kubectl("create", "token", SERVICE_ACCOUNT, "-n", namespace, "--duration=7200s").stdout.strip()
+    admin = yaml.safe_load(kube.kubeconfig.read_text())
+    cluster = copy.deepcopy(admin["clusters"][0])
+    config = {"apiVersion": "v1", "kind": "Config", "clusters": [cluster],
+              "users": [{"name": SERVICE_ACCOUNT, "user": {"token": token}}],
+              "contexts": [{"name": "operator", "context": {"cluster": cluster["name"], "user": SERVICE_ACCOUNT,
+                                                            "namespace": namespace}}],
+              "current-context": "operator"}
+    path.write_text(yaml.safe_dump(config))
+    return path
+
+
+@pytest.fixture(scope="session")
+def crd_installed(kube: Kube) -> None:
+    install_crd(kube)
+
+
+@pytest.fixture
+def operator_env(kube: Kube, crd_installed: None, restricted_namespace: str, tmp_path: Path) -> Iterator[OperatorEnv]:
+    """A running operator for one restricted namespace holding the claims `models`, `data` (the bundled assets,
+    read-only to many) and `results` (empty, read-write to many)."""
+    namespace = restricted_namespace
+    kube.apply([claim("models", ["ReadOnlyMany"], ASSETS / "models"), claim("data", ["ReadOnlyMany"], ASSETS / "data"),
+                claim("results", ["ReadWriteMany"])], namespace)
+    env = OperatorEnv(kube, namespace, service_account_kubeconfig(kube, namespace, tmp_path / "kubeconfig"),
+                      tmp_path / "operator.log", free_port(), free_port())
+    env.start()
+    yield env
+    # While the operator still runs, so that kopf releases its finalizer and the namespace can go.
+    kube.kubectl("delete", "ftj", "--all", "-n", namespace, "--wait=true", "--timeout=60s", check=False)
+    env.stop()

@@ -1,0 +1,327 @@
+"""The operator end to end on the local control plane: real trainers on the process node, the
+scheduler and the Job controller deciding what a real cluster would, and the operator under its
+own ServiceAccount in a namespace that enforces the restricted Pod Security Standard."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from kube import Kube, condition
+from operator_fixture import OperatorEnv, crd_installed, example, operator_env  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.cluster
+
+# Small budgets: enough steps for checkpoints and a clear result, little CPU.
+SMALL = {"maxTrainSamples": 256, "maxEvalSamples": 64}
+
+
+def conditions(obj: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in obj.get("status", {}).get("conditions", [])}
+
+
+def claim_folder(env: OperatorEnv, claim: str) -> Path:
+    pvc = env.kube.get("pvc", claim, env.namespace)
+    assert pvc and pvc["spec"].get("volumeName"), f"claim {claim} is not bound"
+    return Path(env.kube.get("pv", pvc["spec"]["volumeName"])["spec"]["hostPath"]["path"])
+
+
+def trainer_pids(pod_ip: str) -> list[int]:
+    """The processes of the trainer pod with this IP (the process node runs pods as local processes)."""
+    found = []
+    for proc in Path("/proc").iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            environ = (proc / "environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"FINETUNE_METRICS_ADDR={pod_ip}".encode() in environ:
+            found.append(int(proc.name))
+    return found
+
+
+def rank0(env: OperatorEnv, name: str, attempt: int) -> dict[str, Any]:
+    pods = [p for p in env.objects("pods", name) if p["metadata"]["labels"]["finetune.dev/attempt"] == str(attempt)]
+    return next(p for p in pods if p["metadata"]["labels"].get("batch.kubernetes.io/job-completion-index") == "0")
+
+
+def at_step(step: int) -> Any:
+    return lambda obj: obj.get("status", {}).get("progress", {}).get("step", 0) >= step
+
+
+def operator_metrics(env: OperatorEnv) -> dict[tuple[str, tuple], float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(f"http://127.0.0.1:{env.metrics_port}/metrics", timeout=5) as response:
+        text = response.read().decode()
+    return {(s.name, tuple(sorted(s.labels.items()))): s.value
+            for family in text_string_to_metric_families(text) for s in family.samples}
+
+
+def logs(env: OperatorEnv, pod: dict[str, Any]) -> str:
+    return env.kube.kubectl("logs", "-n", env.namespace, pod["metadata"]["name"], check=False).stdout
+
+
+def test_the_minilm_example_runs_and_its_status_tells_the_story(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    name = env.apply(example("minilm-sentiment", dataset=SMALL))
+    running = env.wait_ftj(name, at_step(1), "training reported by rank 0")
+    assert running["status"]["phase"] == "Running" and running["status"]["stage"] == "Training"
+    assert running["status"]["progress"]["totalSteps"] == 16 and running["status"]["workers"]["active"] == 1
+    done = env.wait_phase(name, "Succeeded")
+    status = done["status"]
+    assert status["attempts"] == 1 and status["progress"]["percent"] == 100 and status["stage"] == "Done"
+    evaluation = status["evaluation"]
+    assert set(evaluation["baseline"]) == set(evaluation["final"]) == {"accuracy", "f1"}
+    assert evaluation["summary"].startswith("accuracy ")
+    assert status["analysis"]["totalParameters"] > 20_000_000 and status["output"]["uri"] == "pvc://results/minilm-sentiment"
+    assert status["observedGeneration"] == done["metadata"]["generation"]
+    assert {"Created", "Scheduled", "Running", "Succeeded"} <= set(conditions(done))
+    # The output is on the claim, and the columns show what happened.
+    report = json.loads((claim_folder(env, "results") / "minilm-sentiment" / "report.json").read_text())
+    assert report["evaluation"]["final"]["accuracy"] == pytest.approx(evaluation["final"]["accuracy"])
+    table = env.kube.kubectl("get", "ftj", name, "-n", env.namespace, "-o", "wide").stdout
+    header, row = table.splitlines()[:2]
+    assert header.split()[:6] == ["NAME", "PHASE", "STAGE", "PROGRESS", "WORKERS", "ATTEMPTS"]
+    assert "Succeeded" in row and "Done" in row and "100" in row and "accuracy" in row
+    # One attempt's children, owned by the job, with deterministic names; an Event per transition.
+    for kind in ("jobs", "configmaps", "services"):
+        objs = env.objects(kind, name)
+        assert [o["metadata"]["name"] for o in objs] == ["minilm-sentiment-1"], kind
+        assert objs[0]["metadata"]["ownerReferences"][0]["uid"] == done["metadata"]["uid"]
+    reasons = [e["reason"] for e in env.events(name)]
+    assert {"AttemptCreated", "Training", "Completed"} <= set(reasons), reasons
+    with urllib.request.urlopen(f"http://127.0.0.1:{env.liveness_port}/healthz", timeout=5) as response:
+        assert response.status == 200  # kopf's liveness endpoint
+    # The operator's own metrics count what happened.
+    samples = operator_metrics(env)
+    assert samples[("finetune_operator_jobs", (("phase", "Succeeded"),))] == 1
+    assert samples[("finetune_operator_attempts_total", (("cause", "Created"),))] == 1
+    assert samples[("finetune_operator_time_to_running_seconds_count", ())] == 1
+    assert samples[("finetune_operator_reconcile_duration_seconds_count", ())] > 3
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name,changes", [
+    ("digits-headswap", {"training": {"epochs": 1}}),
+    ("tiny-causal-lm", {"dataset": {"maxTrainSamples": 128, "maxEvalSamples": 32}, "training": {"epochs": 1}}),
+    ("minilm-sentiment-2workers", {"dataset": SMALL}),
+])
+def test_every_example_succeeds(operator_env: OperatorEnv, name: str, changes: dict[str, Any]) -> None:
+    env = operator_env
+    doc = example(name, **changes)
+    env.apply(doc)
+    done = env.wait_phase(name, "Succeeded", timeout=420)
+    status = done["status"]
+    assert status["evaluation"]["final"] and status["evaluation"]["summary"] and status["attempts"] == 1
+    assert (claim_folder(env, "results") / name / "report.json").exists()
+    pods = env.objects("pods", name)
+    workers = doc["spec"]["runtime"].get("workers", 1)
+    assert len(pods) == workers and all(p["status"]["phase"] == "Succeeded" for p in pods)
+    if workers > 1:  # the gang met through the Service: rank 0 (index 0) reported, the others trained with it
+        report = json.loads((claim_folder(env, "results") / name / "report.json").read_text())
+        assert report["training"]["workers"] == 2
+
+
+def test_a_missing_dataset_fails_once_with_the_trainers_reason(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    name = env.apply(example("minilm-sentiment", dataset={"uri": "pvc://data/nowhere.csv"}) | {
+        "metadata": {"name": "no-data"}})
+    failed = env.wait_phase(name, "Failed")
+    assert failed["status"]["reason"] == "InvalidDataset" and failed["status"]["attempts"] == 1
+    assert "nowhere.csv" in [c["message"] for c in failed["status"]["conditions"] if c["type"] == "Failed"][0]
+    time.sleep(3)  # never retried
+    assert len(env.objects("jobs", name)) == 1 and env.ftj(name)["status"]["attempts"] == 1
+
+
+def test_a_gpu_request_no_node_can_hold_shows_the_schedulers_message(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    doc = example("minilm-sentiment", runtime={"resources": {"limits": {"nvidia.com/gpu": 99}}})
+    name = env.apply(doc)
+    stuck = env.wait_ftj(name, lambda o: o.get("status", {}).get("reason") == "Unschedulable", "Unschedulable")
+    message = [c["message"] for c in stuck["status"]["conditions"] if c["type"] == "Scheduled"][0]
+    assert "nodes are available" in message and "Insufficient nvidia.com/gpu" in message
+    assert stuck["status"]["phase"] == "Pending"
+    assert any(e["reason"] == "Unschedulable" and e["type"] == "Warning" for e in env.events(name))
+
+
+def test_pods_the_job_controller_cannot_create_are_not_a_silent_pending(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    name = env.apply(example("minilm-sentiment", pod={"serviceAccountName": "no-such-account"}))
+    stuck = env.wait_ftj(name, lambda o: o.get("status", {}).get("reason") == "FailedCreate", "FailedCreate", timeout=120)
+    message = [c["message"] for c in stuck["status"]["conditions"] if c["type"] == "Scheduled"][0]
+    assert "no-such-account" in message and stuck["status"]["phase"] == "Pending"
+
+
+def test_the_deadline_fails_the_job_and_deleting_it_collects_the_children(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    doc = example("minilm-sentiment", runtime={"resources": {"limits": {"nvidia.com/gpu": 99}}})
+    doc["spec"]["activeDeadlineSeconds"] = 3
+    name = env.apply(doc)
+    failed = env.wait_phase(name, "Failed", timeout=60)
+    assert failed["status"]["reason"] == "DeadlineExceeded"
+    env.kube.wait_for("the attempt's Job deleted", lambda: not env.objects("jobs", name), env.namespace)
+    env.kube.kubectl("delete", "ftj", name, "-n", env.namespace, "--wait=true", "--timeout=60s")
+    for kind in ("configmaps", "services", "pods"):
+        env.kube.wait_for(f"{kind} collected", lambda kind=kind: not env.objects(kind, name), env.namespace)
+
+
+def test_the_ttl_deletes_a_finished_job(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    doc = example("minilm-sentiment", dataset={"uri": "pvc://data/nowhere.csv"}) | {"metadata": {"name": "short-lived"}}
+    doc["spec"]["ttlSecondsAfterFinished"] = 2
+    name = env.apply(doc)
+    env.wait_phase(name, "Failed")
+    env.kube.wait_for("the finished job deleted", lambda: env.kube.get("ftj", name, env.namespace) is None,
+                      env.namespace, timeout=180)
+    env.kube.wait_for("its children collected", lambda: not env.objects("configmaps", name), env.namespace)
+
+
+def test_specs_only_the_operator_can_judge_fail_as_invalid_spec(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    env.kube.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "single"},
+                    "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}},
+                   env.namespace)
+    cases = {
+        "no-claim": ({"output": {"uri": "pvc://absent/out"}}, "spec.output.uri: the PersistentVolumeClaim 'absent'"),
+        "rwo-output": ({"output": {"uri": "pvc://single/out"}, "runtime": {"workers": 2}},
+                       "spec.output.uri: claim 'single' is ReadWriteOnce"),
+        "bad-regex": ({"adjust": {"freeze": {"strategy": "regex", "pattern": "(("}}},
+                      "spec.adjust.freeze.pattern: not a valid regular expression"),
+    }
+    for name, (changes, message) in cases.items():
+        doc = example("minilm-sentiment") | {"metadata": {"name": name}}
+        doc["spec"] |= changes
+        env.apply(doc)
+    for name, (_, message) in cases.items():
+        failed = env.wait_phase(name, "Failed", timeout=60)
+        assert failed["status"]["reason"] == "InvalidSpec"
+        assert message in [c["message"] for c in failed["status"]["conditions"] if c["type"] == "Failed"][0]
+        assert not env.objects("jobs", name)  # nothing was started
+    # The operator keeps serving: a good job still gets its attempt.
+    env.apply(example("minilm-sentiment", runtime={"resources": {"limits": {"nvidia.com/gpu": 99}}}))
+    env.wait_ftj("minilm-sentiment", lambda o: o.get("status", {}).get("attempts") == 1, "an attempt")
+
+
+def test_a_child_the_apiserver_refuses_fails_as_invalid_spec(operator_env: OperatorEnv) -> None:
+    """A cluster policy (a ValidatingAdmissionPolicy) refuses the child Job: the job fails once, clearly."""
+    env = operator_env
+    policy = f"no-big-jobs-{env.namespace}"
+    env.kube.apply([
+        {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+         "metadata": {"name": policy},
+         "spec": {"matchConstraints": {"resourceRules": [{"apiGroups": ["batch"], "apiVersions": ["v1"],
+                                                          "operations": ["CREATE"], "resources": ["jobs"]}]},
+                  "validations": [{"expression": "object.spec.parallelism <= 1",
+                                   "message": "jobs here run one pod at most"}]}},
+        {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+         "metadata": {"name": policy},
+         "spec": {"policyName": policy, "validationActions": ["Deny"],
+                  "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": env.namespace}}}}},
+    ], env.namespace)
+    try:
+        name = env.apply(example("minilm-sentiment-2workers"))
+        failed = env.wait_phase(name, "Failed", timeout=60)
+        message = [c["message"] for c in failed["status"]["conditions"] if c["type"] == "Failed"][0]
+        assert failed["status"]["reason"] == "InvalidSpec" and "jobs here run one pod at most" in message
+    finally:
+        env.kube.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", policy, check=False)
+
+
+@pytest.mark.slow
+def test_a_killed_trainer_resumes_from_its_checkpoint(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    name = env.apply(example("minilm-sentiment", dataset={"maxTrainSamples": 320, "maxEvalSamples": 64},
+                             training={"checkpointEverySteps": 5}))
+    env.wait_ftj(name, at_step(7), "past the first checkpoint", timeout=300)
+    pod = rank0(env, name, 1)
+    pids = trainer_pids(pod["status"]["podIP"])
+    assert pids, "no trainer process found"
+    for pid in pids:
+        os.kill(pid, signal.SIGKILL)
+    done = env.wait_phase(name, "Succeeded", timeout=420)
+    assert done["status"]["attempts"] == 2 and done["status"]["failures"] == 1
+    second = logs(env, rank0(env, name, 2))
+    assert "resumed from" in second
+    first_step = int(next(line for line in second.splitlines() if " step " in line).split(" step ")[1].split("/")[0])
+    assert first_step > 5, "attempt 2 started from scratch"
+    assert any(e["reason"] != "Completed" and e["type"] == "Warning" for e in env.events(name))
+
+
+@pytest.mark.slow
+def test_suspend_mid_run_and_resume(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    doc = example("minilm-sentiment", dataset={"maxTrainSamples": 320, "maxEvalSamples": 64},
+                  training={"checkpointEverySteps": 100})
+    name = env.apply(doc)
+    env.wait_ftj(name, at_step(3), "training", timeout=300)
+    env.kube.kubectl("patch", "ftj", name, "-n", env.namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}')
+    suspended = env.wait_phase(name, "Suspended", timeout=60)
+    assert conditions(suspended)["Suspended"] == ("True", "Suspended")
+    env.kube.wait_for("the attempt's pods gone", lambda: not env.objects("pods", name), env.namespace, timeout=120)
+    # While suspended the runtime may change (Kueue's window to place it); then it resumes, not restarts.
+    env.kube.kubectl("patch", "ftj", name, "-n", env.namespace, "--type=merge", "-p",
+                     '{"spec":{"suspend":false,"pod":{"labels":{"placed-by":"kueue"}}}}')
+    done = env.wait_phase(name, "Succeeded", timeout=420)
+    assert done["status"]["attempts"] == 2 and done["status"].get("failures", 0) == 0
+    second = rank0(env, name, 2)
+    assert "resumed from" in logs(env, second) and second["metadata"]["labels"]["placed-by"] == "kueue"
+
+
+@pytest.mark.slow
+def test_an_evicted_trainer_is_retried_without_counting(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    doc = example("minilm-sentiment", dataset={"maxTrainSamples": 320, "maxEvalSamples": 64})
+    doc["spec"]["backoffLimit"] = 0  # a counted failure would fail the job
+    name = env.apply(doc)
+    env.wait_ftj(name, at_step(3), "training", timeout=300)
+    pod = rank0(env, name, 1)["metadata"]["name"]
+    eviction = {"apiVersion": "policy/v1", "kind": "Eviction", "metadata": {"name": pod, "namespace": env.namespace}}
+    env.kube.kubectl("create", "--raw", f"/api/v1/namespaces/{env.namespace}/pods/{pod}/eviction", "-f", "-",
+                     stdin=json.dumps(eviction))
+    done = env.wait_phase(name, "Succeeded", timeout=420)
+    assert done["status"]["attempts"] == 2 and done["status"].get("failures", 0) == 0
+
+
+@pytest.mark.slow
+def test_the_operator_killed_mid_job_duplicates_nothing(operator_env: OperatorEnv) -> None:
+    env = operator_env
+    name = env.apply(example("minilm-sentiment", dataset=SMALL))
+    env.wait_ftj(name, lambda o: o.get("status", {}).get("attempts") == 1, "first attempt created")
+    env.kill()
+    env.start()
+    env.wait_ftj(name, at_step(1), "training", timeout=300)
+    env.kill()
+    env.start()
+    done = env.wait_phase(name, "Succeeded", timeout=420)
+    assert done["status"]["attempts"] == 1 and done["status"]["evaluation"]["final"]
+    for kind in ("jobs", "configmaps", "services"):
+        assert len(env.objects(kind, name)) == 1, kind
+
+
+def test_built_children_of_every_example_pass_the_apiservers_validation(kube: Kube, crd_installed: None,
+                                                                        restricted_namespace: str) -> None:
+    """What the CRD accepted, the Job's own validation (and restricted admission) accepts too."""
+    from bad_corpus import readme_manifests
+    from finetune_operator import children
+    from finetune_operator.api import FineTuneJob
+    from finetune_operator.settings import Settings
+
+    docs = [yaml.safe_load(p.read_text()) for p in sorted(Path(__file__).parents[1].glob("deploy/examples/*.yaml"))]
+    for doc in docs + readme_manifests():
+        doc["metadata"] |= {"namespace": restricted_namespace, "uid": "00000000-0000-0000-0000-000000000000"}
+        spec = FineTuneJob.from_wire(doc).spec
+        for obj in children.attempt_children(doc, spec, 1, Settings()):
+            obj["metadata"].pop("ownerReferences")  # the owner does not exist
+            result = kube.apply(obj, restricted_namespace, "--dry-run=server", check=False)
+            assert result.returncode == 0, f"{doc['metadata']['name']}: {obj['kind']}: {result.stderr}"
+            assert "PodSecurity" not in result.stderr, result.stderr  # restricted warns on workload templates

@@ -1,0 +1,129 @@
+"""The children of an attempt, built from the spec alone."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import yaml
+
+from finetune_operator import children
+from finetune_operator.api import FineTuneJob
+from finetune_operator.settings import Settings
+from finetune_trainer.config import TrainerConfig
+
+EXAMPLES = Path(__file__).parents[1] / "deploy" / "examples"
+SETTINGS = Settings(trainer_image="registry.example/trainer:1")
+
+
+def ftj(example: str = "minilm-sentiment.yaml", **spec: object) -> tuple[dict, object]:
+    doc = yaml.safe_load((EXAMPLES / example).read_text())
+    doc["spec"].update(spec)
+    doc["metadata"] |= {"namespace": "team-a", "uid": "1234", "labels": {"kueue.x-k8s.io/queue-name": "gpus"}}
+    return doc, FineTuneJob.from_wire(doc).spec
+
+
+def test_names_labels_and_owner_are_deterministic() -> None:
+    doc, spec = ftj()
+    objs = children.attempt_children(doc, spec, 2, SETTINGS)
+    assert [o["kind"] for o in objs] == ["ConfigMap", "Service", "Job"]  # the Job last: its pods need the others
+    for obj in objs:
+        meta = obj["metadata"]
+        assert meta["name"] == "minilm-sentiment-2" and meta["namespace"] == "team-a"
+        assert meta["labels"][children.JOB_NAME_LABEL] == "minilm-sentiment"
+        assert meta["labels"][children.ATTEMPT_LABEL] == "2"
+        assert meta["ownerReferences"][0]["uid"] == "1234" and meta["ownerReferences"][0]["controller"]
+    assert objs == children.attempt_children(doc, spec, 2, SETTINGS)
+
+
+def test_the_config_map_holds_exactly_the_trainers_half() -> None:
+    doc, spec = ftj()
+    config = json.loads(children.config_map(doc, spec, 1)["data"][children.CONFIG_KEY])
+    assert set(config) == set(TrainerConfig.model_fields)
+    assert TrainerConfig.from_wire(config).model.uri == "pvc://models/all-MiniLM-L6-v2"  # the trainer parses it strictly
+
+
+def test_the_service_is_headless_and_publishes_unready_pods() -> None:
+    doc, _ = ftj()
+    svc = children.service(doc, 1)["spec"]
+    assert svc["clusterIP"] == "None" and svc["publishNotReadyAddresses"]
+    assert svc["selector"] == children.labels("minilm-sentiment", 1)
+
+
+def test_one_worker_runs_the_trainer_directly() -> None:
+    doc, spec = ftj()
+    job = children.job(doc, spec, 1, SETTINGS)
+    pod = job["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["command"] == ["finetune-trainer", "run", "/etc/finetune/config.json"]
+    assert container["image"] == "registry.example/trainer:1"
+    assert job["spec"] | {"template": None, "podFailurePolicy": None} == {
+        "completionMode": "Indexed", "completions": 1, "parallelism": 1, "backoffLimit": 0, "suspend": False,
+        "template": None, "podFailurePolicy": None}
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpus"
+    env = {e["name"]: e for e in container["env"]}
+    assert env["FINETUNE_METRICS_ADDR"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["OMP_NUM_THREADS"]["value"] == "2"  # the CPU limit
+    assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
+    assert container["ports"][0] == {"name": "metrics", "containerPort": 9090}
+
+
+def test_workers_rendezvous_statically_on_index_zero() -> None:
+    doc, spec = ftj("minilm-sentiment-2workers.yaml")
+    job = children.job(doc, spec, 3, SETTINGS)
+    pod = job["spec"]["template"]["spec"]
+    command = pod["containers"][0]["command"]
+    assert command[0] == "torchrun" and "--nnodes=2" in command
+    assert "--master-addr=minilm-sentiment-2workers-3-0.minilm-sentiment-2workers-3" in command
+    assert "--node-rank=$(FINETUNE_NODE_RANK)" in command
+    assert pod["subdomain"] == "minilm-sentiment-2workers-3"
+    assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
+
+
+def test_claims_are_mounted_where_pvc_uris_resolve_and_only_the_output_is_writable() -> None:
+    doc, spec = ftj(output={"uri": "pvc://results/minilm"})
+    pod = children.job(doc, spec, 1, SETTINGS)["spec"]["template"]["spec"]
+    claims = {v["persistentVolumeClaim"]["claimName"]: v for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert set(claims) == {"models", "data", "results"}
+    for claim, volume in claims.items():
+        mount = mounts[volume["name"]]
+        assert mount["mountPath"] == f"/mnt/pvc/{claim}"
+        assert mount["readOnly"] is (claim != "results")
+    env = {e["name"]: e.get("value") for e in pod["containers"][0]["env"]}
+    assert env["FINETUNE_PVC_ROOT"] == "/mnt/pvc"
+    shm = next(v for v in pod["volumes"] if v["name"] == "finetune-shm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+
+
+def test_pods_pass_restricted_and_carry_no_token() -> None:
+    doc, spec = ftj()
+    pod = children.job(doc, spec, 1, SETTINGS)["spec"]["template"]["spec"]
+    assert pod["automountServiceAccountToken"] is False
+    assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    security = pod["containers"][0]["securityContext"]
+    assert security["allowPrivilegeEscalation"] is False and security["capabilities"]["drop"] == ["ALL"]
+
+
+def test_runtime_and_placement_pass_through() -> None:
+    doc, spec = ftj(
+        runtime={"image": "mine:2", "imagePullPolicy": "Always", "env": [{"name": "HF_TOKEN", "valueFrom": {
+            "secretKeyRef": {"name": "hub", "key": "token"}}}],
+            "resources": {"limits": {"nvidia.com/gpu": 2, "cpu": "8", "memory": "32Gi"}},
+            "processesPerWorker": 2, "volumes": [{"name": "scratch", "emptyDir": {}}],
+            "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}], "shmSize": "8Gi"},
+        pod={"labels": {"team": "a"}, "nodeSelector": {"pool": "h100"}, "priorityClassName": "high",
+             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}], "serviceAccountName": "trainer"},
+    )
+    template = children.job(doc, spec, 1, SETTINGS)["spec"]["template"]
+    pod, container = template["spec"], template["spec"]["containers"][0]
+    assert container["image"] == "mine:2" and container["imagePullPolicy"] == "Always"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"  # quantities travel as strings
+    assert {"name": "OMP_NUM_THREADS", "value": "4"} in container["env"]  # 8 CPUs over 2 processes
+    assert any(e["name"] == "HF_TOKEN" for e in container["env"])
+    assert "--nproc-per-node=2" in container["command"]
+    assert {"name": "scratch", "mountPath": "/scratch", "readOnly": False} in container["volumeMounts"]
+    assert template["metadata"]["labels"]["team"] == "a"
+    assert pod["nodeSelector"] == {"pool": "h100"} and pod["priorityClassName"] == "high"
+    assert pod["serviceAccountName"] == "trainer" and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert next(v for v in pod["volumes"] if v["name"] == "finetune-shm")["emptyDir"]["sizeLimit"] == "8Gi"

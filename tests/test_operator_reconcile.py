@@ -1,0 +1,223 @@
+"""The reconcile decision, the attempt outcome and the status, as pure functions."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from finetune_operator import outcome
+from finetune_operator.reconcile import Observed, decide
+
+NOW = datetime(2026, 12, 1, 12, 0, 0)
+EXAMPLE = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "examples" / "minilm-sentiment.yaml").read_text())
+
+
+def body(status: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
+    return {"metadata": {"name": "ft", "namespace": "ns", "uid": "u", "generation": 1,
+                         "creationTimestamp": "2026-12-01T11:59:00Z"},
+            "spec": EXAMPLE["spec"] | spec, "status": status or {}}
+
+
+def job(attempt: int = 1, **fields: Any) -> dict[str, Any]:
+    return {"name": f"ft-{attempt}", "attempt": attempt, "active": 1, "ready": 0, "succeeded": 0, "failed": 0,
+            "complete": False, "failure": None, "deleting": False} | fields
+
+
+def pod(attempt: int = 1, index: int = 0, phase: str = "Running", exit_code: int | None = None,
+        message: dict[str, Any] | str | None = None, finished: str = "", reason: str = "", **fields: Any) -> dict[str, Any]:
+    summary = {"name": f"ft-{attempt}-{index}-x", "attempt": attempt, "index": index, "phase": phase, "ip": "10.0.0.1",
+               "ready": phase == "Running", "scheduled": True, "unschedulable": None, "disrupted": None} | fields
+    if exit_code is not None:
+        text = json.dumps(message) if isinstance(message, dict) else message
+        summary["terminated"] = {"exitCode": exit_code, "reason": reason or ("Completed" if exit_code == 0 else "Error"),
+                                 "finishedAt": finished, "message": outcome.parse_message(text)}
+    return summary
+
+
+def after(decision: Any, previous: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The status once the decision's merge patch is applied."""
+    merged = dict(previous or {}) | decision.status
+    return {k: v for k, v in merged.items() if v is not None}
+
+
+def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
+    return {c["type"]: (c["status"], c["reason"]) for c in status.get("conditions", [])}
+
+
+def test_a_new_job_gets_its_first_attempt() -> None:
+    decision = decide(Observed(body(), [], [], NOW))
+    assert decision.create_attempt == 1
+    status = after(decision)
+    assert status["attempts"] == 1 and status["phase"] == "Pending" and status["reason"] == "AttemptCreated"
+    assert conditions(status)["Created"] == ("True", "AttemptCreated")
+    assert status["children"]["job"] == "ft-1" and status["startTime"] == "2026-12-01T12:00:00Z"
+    assert [e[1] for e in decision.events] == ["AttemptCreated"]
+
+
+def test_an_existing_child_is_never_created_again() -> None:
+    # A restarted operator may hold a status from before its last creation: the children count too.
+    decision = decide(Observed(body({"attempts": 0}), [job(1)], [pod(1, phase="Pending")], NOW))
+    assert decision.create_attempt is None and after(decision)["attempts"] == 1
+
+
+def test_an_unschedulable_worker_shows_the_schedulers_message() -> None:
+    message = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    seen = Observed(body({"attempts": 1}), [job()], [pod(phase="Pending", scheduled=False, unschedulable=message)], NOW)
+    status = after(decide(seen))
+    assert conditions(status)["Scheduled"] == ("False", "Unschedulable")
+    assert status["phase"] == "Pending" and status["reason"] == "Unschedulable"
+    assert [c["message"] for c in status["conditions"] if c["type"] == "Scheduled"] == [message]
+
+
+def test_a_job_whose_pods_cannot_be_created_says_why() -> None:
+    warning = ("FailedCreate", 'Error creating: pods "ft-1-0-x" is forbidden: error looking up service account ns/gone')
+    status = after(decide(Observed(body({"attempts": 1}), [job(active=0)], [], NOW, job_warning=warning)))
+    assert conditions(status)["Scheduled"] == ("False", "FailedCreate") and status["reason"] == "FailedCreate"
+    assert "service account" in [c["message"] for c in status["conditions"] if c["type"] == "Scheduled"][0]
+
+
+def test_a_running_job_shows_progress_from_rank_zeros_metrics() -> None:
+    sample = {"step": 30, "total_steps": 120, "epoch": 0.25, "loss": 0.61, "learning_rate": 1e-3,
+              "samples_per_second": 32.0, "tokens_per_second": 900.0, "stage": "Training"}
+    status = after(decide(Observed(body({"attempts": 1}), [job()], [pod()], NOW, sample=sample)))
+    assert status["phase"] == "Running" and status["stage"] == "Training"
+    assert status["progress"] | {"updatedAt": None} == {"percent": 25, "step": 30, "totalSteps": 120, "epoch": 0.25,
+                                                         "etaSeconds": 45, "updatedAt": None}  # 90 steps x 16 / 32
+    assert status["metrics"] == {"loss": 0.61, "learningRate": 1e-3, "samplesPerSecond": 32.0, "tokensPerSecond": 900.0}
+
+
+def test_success_brings_the_evaluation_and_analysis_into_status() -> None:
+    message = {"stage": "Done", "exitCode": 0, "evaluation": {"baseline": {"accuracy": 0.41, "f1": 0.3},
+                                                              "final": {"accuracy": 0.65, "f1": 0.61}},
+               "analysis": {"totalParameters": 100, "trainableParameters": 10,
+                            "findings": [{"severity": "info", "code": "Fine", "message": "ok"},
+                                         {"severity": "warning", "code": "Odd", "message": "hmm"}]}}
+    seen = Observed(body({"attempts": 1, "progress": {"totalSteps": 96, "step": 90}}), [job(complete=True, active=0, succeeded=1)],
+                    [pod(phase="Succeeded", exit_code=0, message=message)], NOW)
+    status = after(decide(seen))
+    assert status["phase"] == "Succeeded" and status["completionTime"] == "2026-12-01T12:00:00Z"
+    assert status["evaluation"]["summary"] == "accuracy 0.410→0.650, f1 0.300→0.610"
+    assert status["analysis"]["findings"][0]["code"] == "Odd"  # most severe first
+    assert status["output"] == {"uri": "pvc://models/minilm-sentiment"} and status["progress"]["percent"] == 100
+
+
+def test_a_user_error_fails_at_once_with_the_trainers_reason() -> None:
+    message = {"stage": "Loading", "reason": "InvalidDataset", "message": "data/x.csv: does not exist", "exitCode": 1}
+    seen = Observed(body({"attempts": 1}), [job(failure={"reason": "BackoffLimitExceeded", "message": ""})],
+                    [pod(phase="Failed", exit_code=1, message=message)], NOW)
+    decision = decide(seen)
+    status = after(decision)
+    assert status["phase"] == "Failed" and status["reason"] == "InvalidDataset" and status["attempts"] == 1
+    assert decision.create_attempt is None and ("Warning", "InvalidDataset", "data/x.csv: does not exist") in decision.events
+
+
+def test_under_torchrun_the_messages_exit_code_decides_and_the_gang_retries() -> None:
+    # torchrun exits 1 for any failed worker: the trainer's own exitCode (2: infrastructure) is trusted.
+    message = {"stage": "Training", "reason": "RuntimeError", "message": "NCCL timeout", "exitCode": 2}
+    seen = Observed(body({"attempts": 1}), [job(failure={"reason": "BackoffLimitExceeded", "message": ""})],
+                    [pod(phase="Failed", exit_code=1, message=message)], NOW)
+    decision = decide(seen)
+    status = after(decision)
+    assert status["attempts"] == 2 and status["failures"] == 1
+    assert conditions(status)["Restarting"] == ("True", "RuntimeError") and status["phase"] == "Pending"
+    assert decision.create_attempt is None  # the next tick creates attempt 2, after this status is stored
+    following = decide(Observed(body(status), [job(failure={"reason": "X", "message": ""})], [], NOW))
+    assert following.create_attempt == 2
+
+
+def test_the_cause_is_the_earliest_failure_that_is_not_a_peers_143() -> None:
+    pods = [pod(index=0, phase="Failed", exit_code=143, finished="2026-12-01T11:00:01Z"),
+            pod(index=1, phase="Failed", exit_code=137, reason="OOMKilled", finished="2026-12-01T11:00:02Z", message="oom"),
+            pod(index=2, phase="Failed", exit_code=143, finished="2026-12-01T11:00:00Z")]
+    result = outcome.attempt_outcome(job(failure={"reason": "BackoffLimitExceeded", "message": ""}), pods)
+    assert result.reason == "OOMKilled" and result.retry == outcome.Retry.COUNTED
+
+
+def test_a_disruption_is_retried_without_counting() -> None:
+    failed = job(failure={"reason": "PodFailurePolicy", "message": "Pod ns/ft-1-0-x has condition DisruptionTarget "
+                                                                   "matching FailJob rule at index 0"})
+    status = after(decide(Observed(body({"attempts": 1, "failures": 1}), [failed], [], NOW)))
+    assert status["attempts"] == 2 and status["failures"] == 1 and status["phase"] == "Pending"
+    evicted = pod(phase="Failed", exit_code=143, disrupted="EvictionByEvictionAPI")
+    status = after(decide(Observed(body({"attempts": 1}), [job(failure={"reason": "X", "message": ""})], [evicted], NOW)))
+    assert conditions(status)["Restarting"] == ("True", "EvictionByEvictionAPI") and status["failures"] == 0
+
+
+def test_failures_beyond_the_backoff_limit_fail_the_job() -> None:
+    failed = [pod(phase="Failed", exit_code=2, message={"exitCode": 2, "reason": "RuntimeError", "message": "boom"})]
+    status = after(decide(Observed(body({"attempts": 2, "failures": 1}, backoffLimit=1),
+                                   [job(1, failure={"reason": "X", "message": ""}), job(2, failure={"reason": "X", "message": ""})],
+                                   [dict(failed[0], attempt=2)], NOW)))
+    assert status["phase"] == "Failed" and status["reason"] == "BackoffLimitExceeded" and "boom" in status["conditions"][-1]["message"]
+
+
+def test_suspend_stops_the_attempt_and_resume_starts_the_next() -> None:
+    decision = decide(Observed(body({"attempts": 1}, suspend=True), [job()], [pod()], NOW))
+    status = after(decision)
+    assert decision.delete_job == "ft-1" and status["phase"] == "Suspended"
+    resumed = decide(Observed(body(status), [job(deleting=True)], [], NOW + timedelta(minutes=5)))
+    status = after(resumed, status)
+    assert status["attempts"] == 2 and status["phase"] == "Pending" and conditions(status)["Restarting"][1] == "Resumed"
+    assert status["startTime"] == "2026-12-01T12:05:00Z"  # as for a Job, the deadline's clock restarts
+    assert decide(Observed(body(status), [job(deleting=True)], [], NOW)).create_attempt == 2
+
+
+def test_the_deadline_fails_the_job_and_stops_its_pods() -> None:
+    seen = Observed(body({"attempts": 1, "startTime": "2026-12-01T11:00:00Z"}, activeDeadlineSeconds=600), [job()], [pod()], NOW)
+    decision = decide(seen)
+    assert after(decision)["reason"] == "DeadlineExceeded" and decision.delete_job == "ft-1"
+
+
+def test_the_ttl_deletes_a_finished_job_only_when_it_has_passed() -> None:
+    done = {"conditions": [{"type": "Succeeded", "status": "True", "reason": "Completed", "message": "",
+                            "lastTransitionTime": "2026-12-01T11:59:00Z"}], "completionTime": "2026-12-01T11:59:30Z"}
+    assert not decide(Observed(body(done, ttlSecondsAfterFinished=60), [], [], NOW)).delete_self
+    assert decide(Observed(body(done, ttlSecondsAfterFinished=30), [], [], NOW)).delete_self
+    assert not decide(Observed(body(done), [], [], NOW)).delete_self  # no TTL: kept
+
+
+def test_unchanged_conditions_keep_their_transition_time() -> None:
+    first = after(decide(Observed(body({"attempts": 1}), [job()], [pod()], NOW)))
+    later = after(decide(Observed(body(first), [job()], [pod()], NOW + timedelta(minutes=1))), first)
+    running = [c for c in later["conditions"] if c["type"] == "Running"][0]
+    assert running["lastTransitionTime"] == "2026-12-01T12:00:00Z"
+
+
+def test_a_repeated_decision_on_a_stale_object_writes_the_same_numbers() -> None:
+    seen = Observed(body({"attempts": 1, "failures": 0}), [job(failure={"reason": "X", "message": ""})],
+                    [pod(phase="Failed", exit_code=2)], NOW)
+    assert decide(seen).status == decide(seen).status
+
+
+def test_unknown_status_fields_and_other_controllers_jobs() -> None:
+    assert decide(Observed(body({"attempts": 1, "fromTheFuture": {"x": 1}}), [job()], [pod()], NOW)) is not None
+    assert decide(Observed(body(managedBy="kueue.x-k8s.io/multikueue"), [], [], NOW)) is None
+
+
+@pytest.mark.parametrize("problem", ["spec.output.uri: the PersistentVolumeClaim 'models' does not exist in namespace ns"])
+def test_what_only_the_operator_can_judge_fails_as_invalid_spec(problem: str) -> None:
+    decision = decide(Observed(body(), [], [], NOW, problems=[problem]))
+    status = after(decision)
+    assert status["phase"] == "Failed" and status["reason"] == "InvalidSpec" and decision.create_attempt is None
+    assert problem in [c["message"] for c in status["conditions"] if c["type"] == "Failed"][0]
+
+
+def test_claims_must_exist_and_fit_the_workers() -> None:
+    from finetune_operator import judge
+    from finetune_operator.api import FineTuneJobSpec
+
+    spec = FineTuneJobSpec.model_validate(EXAMPLE["spec"] | {"runtime": {"workers": 2}})
+    rwo = {"spec": {"accessModes": ["ReadWriteOnce"]}}
+    rwx = {"spec": {"accessModes": ["ReadWriteMany"]}}
+    assert judge.spec_problems(spec, {"models": rwx, "data": {"spec": {"accessModes": ["ReadOnlyMany"]}}}, "ns") == []
+    problems = judge.spec_problems(spec, {"models": rwo, "data": None}, "ns")
+    assert problems[0].startswith("spec.output.uri: claim 'models' is ReadWriteOnce")
+    assert problems[1].startswith("spec.dataset.uri: the PersistentVolumeClaim 'data' does not exist")
+    single = FineTuneJobSpec.model_validate(EXAMPLE["spec"] | {"adjust": {"freeze": {"strategy": "regex", "pattern": "(("}}})
+    assert judge.spec_problems(single, {"models": rwo, "data": rwo}, "ns") == [
+        "spec.adjust.freeze.pattern: not a valid regular expression (missing ), unterminated subpattern at position 1)"]

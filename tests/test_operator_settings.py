@@ -1,0 +1,44 @@
+"""`finetune-operator run`'s settings: flags over environment over defaults, a bad value names its flag."""
+
+from __future__ import annotations
+
+import argparse
+
+import pytest
+
+from finetune_operator import settings
+
+
+def parse(argv: list[str]) -> settings.Settings:
+    parser = argparse.ArgumentParser()
+    settings.add_arguments(parser)
+    return settings.from_arguments(parser.parse_args(argv))
+
+
+def test_defaults_watch_the_whole_cluster(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in settings.Settings.model_fields:
+        monkeypatch.delenv(settings.ENV_PREFIX + name.upper(), raising=False)
+    ours = parse([])
+    assert ours.namespaces == () and ours.poll_seconds == 2.0 and ours.metrics_port == 8000
+    assert ours.trainer_resources.requests["cpu"] == "4"
+
+
+def test_flags_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINETUNE_OPERATOR_NAMESPACES", "team-a, team-b")
+    monkeypatch.setenv("FINETUNE_OPERATOR_TRAINER_IMAGE", "from-env:1")
+    monkeypatch.setenv("FINETUNE_OPERATOR_TRAINER_RESOURCES", '{"limits": {"nvidia.com/gpu": 1}}')
+    ours = parse(["--trainer-image", "from-flag:2", "--poll-seconds", "5"])
+    assert ours.namespaces == ("team-a", "team-b") and ours.trainer_image == "from-flag:2"
+    assert ours.poll_seconds == 5.0 and ours.trainer_resources.limits == {"nvidia.com/gpu": 1}
+    assert parse(["--namespace", "x", "--namespace", "y"]).namespaces == ("x", "y")
+
+
+@pytest.mark.parametrize("argv,flag", [
+    (["--poll-seconds", "0"], "--poll-seconds"),
+    (["--namespace", "Not_A_Name"], "--namespace"),
+    (["--trainer-resources", '{"limits": {"nvidia.com/gpu": "0.5"}}'], "--trainer-resources"),
+    (["--trainer-resources", "{nope"], "--trainer-resources"),
+])
+def test_a_bad_value_names_its_flag(argv: list[str], flag: str) -> None:
+    with pytest.raises(SystemExit, match=flag):
+        parse(argv)
