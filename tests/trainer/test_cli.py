@@ -68,7 +68,7 @@ def causal_lm(doc: dict[str, Any]) -> None:
     ("change", "reason", "message"),
     [
         (lambda doc, tmp: doc["adjust"].update(freeze={"strategy": "regex", "pattern": "attention.(["}),
-         "InvalidConfig", "adjust.freeze.pattern: not a valid Python regular expression"),
+         "InvalidConfig", "adjust.freeze.pattern: not a valid regular expression \\(unterminated character set"),
         (lambda doc, tmp: doc["dataset"].update(uri=str(malformed_csv(tmp))),
          "InvalidDataset", "cannot read it as csv \\(ParserError"),
         (lambda doc, tmp: doc.update(adjust={"freeze": {"strategy": "all-but-head"}}, rearrange={"lora": {"rank": 4}}),

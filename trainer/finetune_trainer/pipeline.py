@@ -29,7 +29,7 @@ from finetune_trainer.adjust import adaptable, freeze, param_groups
 from finetune_trainer.batches import Encoded, encode_causal, encode_images, encode_text, epoch_batches, make_collate
 from finetune_trainer.config import Batching, Stage, Task, TrainerConfig
 from finetune_trainer.data import LabelledData, check_label_count, load_dataset
-from finetune_trainer.errors import EXIT_OK, Terminated, describe, exit_code_of, reason_of
+from finetune_trainer.errors import EXIT_OK, ConfigError, Terminated, describe, exit_code_of, reason_of
 from finetune_trainer.evaluate import deltas, evaluate
 from finetune_trainer.models import check_positions, load_model, load_tokenizer
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
@@ -129,6 +129,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     task = cfg.model.task
     seed = cfg.training.seed
 
+    if problem := cfg.adjust.freeze.pattern_problem():  # before anything is loaded
+        raise ConfigError(f"adjust.freeze.pattern: {problem}")
     progress.enter(Stage.LOADING)
     tokenizer = None if task == Task.IMAGE_CLASSIFICATION else load_tokenizer(cfg.model)
     data = load_dataset(cfg.dataset, task, seed)
