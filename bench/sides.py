@@ -59,6 +59,10 @@ class SideResult:
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
 
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> SideResult:
+        return cls(**{**d, "evals": [EvalPoint(**e) for e in d["evals"]]})
+
 
 class HeldOut:
     """The fixed held-out set, tokenized once and batched by length so evaluating costs little.

@@ -95,6 +95,17 @@ def wait_for(description: str, probe: Callable[[], T | None], show_state: Callab
         time.sleep(interval)
 
 
+def terminate(process: subprocess.Popen, grace: float = 20) -> None:
+    """SIGTERM to a process a test started, then SIGKILL after the grace period."""
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
 def phase(pod: dict) -> str:
     return pod.get("status", {}).get("phase", "")
 

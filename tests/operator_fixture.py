@@ -19,7 +19,7 @@ from typing import Any
 import pytest
 import yaml
 
-from kube import Kube, condition
+from kube import Kube, condition, terminate
 
 REPO = Path(__file__).resolve().parents[1]
 CRD = REPO / "deploy" / "crds" / "finetune.dev_finetunejobs.yaml"
@@ -80,13 +80,8 @@ class OperatorEnv:
         self.restarts.append(self.process.pid)
 
     def stop(self) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        if self.process is not None:
+            terminate(self.process)
 
     def apply(self, doc: dict[str, Any]) -> str:
         self.kube.apply(doc, self.namespace)

@@ -73,3 +73,117 @@ def test_gpu_bench_dry_run_exercises_both_sides_and_modes_on_a_tiny_model(tmp_pa
     results = json.loads((tmp_path / "gpu.json").read_text())["results"]
     measured = {(r["side"], r["mode"]) for r in results if r["tokens_per_second"]}
     assert measured == {("hf", "full"), ("ours", "full"), ("hf", "lora"), ("ours", "lora")}
+
+
+@pytest.fixture(autouse=True)
+def _bench_importable(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench/ is scripts run from the repository root, not an installed package."""
+    monkeypatch.syspath_prepend(str(REPO))
+
+
+def _fake_git(monkeypatch: pytest.MonkeyPatch, status: str, head: str = "abc123") -> None:
+    import bench.common
+
+    answers = {"status": status, "rev-parse": head}
+    monkeypatch.setattr(bench.common, "_git", lambda *args: answers[args[0]])
+
+
+def _payload(head: str = "abc123", started: str = "2026-12-01T04:00:00+00:00") -> dict:
+    return {"machine": {"git_commit": head, "started_utc": started}}
+
+
+def test_a_result_is_not_recorded_from_a_dirty_tree(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import bench.common
+
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    _fake_git(monkeypatch, status=" M trainer/finetune_trainer/train.py")
+    with pytest.raises(SystemExit, match="uncommitted changes"):
+        bench.common.write_results("accuracy-x", _payload(), "# x\n", tmp_path)
+    assert not list(tmp_path.iterdir())
+
+
+def test_results_get_dated_names_and_an_older_run_is_never_replaced(monkeypatch: pytest.MonkeyPatch,
+                                                                     tmp_path: Path) -> None:
+    import bench.common
+
+    monkeypatch.setattr(bench.common, "RESULTS", tmp_path)
+    _fake_git(monkeypatch, status="")
+    first = _payload()
+    stem = bench.common.result_stem("accuracy", first["machine"])
+    assert stem == "accuracy-20261201-0400"
+    bench.common.write_results(stem, first, "# seed 0\n", tmp_path)
+    bench.common.write_results(stem, first, "# seeds 0, 1\n", tmp_path)  # the same run, one more seed done
+    assert (tmp_path / f"{stem}.md").read_text() == "# seeds 0, 1\n"
+    recorded = json.loads((tmp_path / f"{stem}.json").read_text())
+    assert recorded["machine"]["git_commit"] == "abc123" and "loadavg_at_end" in recorded
+    with pytest.raises(SystemExit, match="never replaced"):
+        bench.common.write_results(stem, _payload(started="2026-12-01T04:00:30+00:00"), "# other\n", tmp_path)
+    with pytest.raises(SystemExit, match="HEAD moved"):
+        bench.common.write_results("accuracy-y", _payload(head="def456"), "# y\n", tmp_path)
+
+
+def test_a_dry_run_folder_outside_the_results_takes_any_tree(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import bench.common
+
+    _fake_git(monkeypatch, status=" M bench/gpu.py")
+    written = bench.common.write_results("gpu", _payload(), "# dry\n", tmp_path)
+    assert written.read_text() == "# dry\n"
+
+
+def _side(name: str, seconds_per_step: float, reached_at: list[tuple[int, float]]) -> object:
+    from bench.sides import EvalPoint, SideResult
+
+    evals = [EvalPoint(step, step * seconds_per_step, accuracy) for step, accuracy in reached_at]
+    return SideResult(name, evals, steps=20, train_seconds=20 * seconds_per_step, final_accuracy=evals[-1].accuracy)
+
+
+def test_the_comparison_reports_the_ratio_its_spread_and_the_compute_speed_alone() -> None:
+    from bench.accuracy import compare
+
+    # Ours computes twice as fast; seed 2 of theirs never reaches the target.
+    ours = [_side("ours", 0.5, [(5, 0.5), (10, 0.6), (20, 0.62)]) for _ in range(3)]
+    theirs = [_side("hf-lora", 1.0, [(5, 0.5), (10, 0.6), (20, 0.6)]), _side("hf-lora", 1.0, [(10, 0.58), (20, 0.6)]),
+              _side("hf-lora", 1.0, [(10, 0.4), (20, 0.5)])]
+    row = compare({"ours": ours, "hf-lora": theirs}, [0.57], "ours", "hf-lora", 1.3)
+    head = row["0.57"]
+    assert head["per_seed"] == [2.0, 2.0, float("inf")]
+    assert head["speedup"] == 2.0 and head["per_seed_range"] == (2.0, float("inf"))
+    low, high = head["bootstrap_95"]
+    assert low == 2.0 and high == float("inf")
+    assert row["seconds_per_step_ratio"]["median"] == 2.0
+    assert row["final_accuracy_delta"] > 0
+
+
+def _run_file(path: Path, seeds: list[int], commit: str = "abc123") -> Path:
+    from dataclasses import asdict
+
+    from bench.sides import Settings
+
+    sides = {name: [_side(name, per_step, [(10, 0.6), (20, 0.62)]).as_dict() for _ in seeds]
+             for name, per_step in (("ours", 0.5), ("hf-lora", 1.0))}
+    for runs in sides.values():
+        for r in runs:
+            r["notes"] = {"loadavg_before": [1.0, 1.0, 1.0], "loadavg_after": [1.5, 1.0, 1.0]}
+    payload = {"command": f"python -m bench.accuracy --seeds {seeds}", "seeds": seeds, "targets": [0.57],
+               "settings": asdict(Settings()), "eval_rows": 300, "clocks": {},
+               "machine": {"git_commit": commit, "git_dirty": False, "nproc": 2, "cpu": "x", "torch_threads": 1,
+                           "versions": {"torch": "t", "transformers": "t", "peft": "p"},
+                           "loadavg_at_start": [1.0, 1.0, 1.0]},
+               "sides": sides}
+    path.write_text(json.dumps(payload))
+    return path
+
+
+def test_runs_of_one_commit_combine_into_one_table_over_their_seeds(tmp_path: Path) -> None:
+    from bench.accuracy import main
+
+    a, b = _run_file(tmp_path / "a.json", [0, 1]), _run_file(tmp_path / "b.json", [2])
+    out = tmp_path / "out"
+    assert main(["--combine", f"{a},{b}", "--out", str(out)]) == 0
+    combined = json.loads(next(out.glob("accuracy-combined-*.json")).read_text())
+    assert combined["seeds"] == [0, 1, 2] and len(combined["sides"]["ours"]) == 3
+    assert combined["comparisons"]["ours vs hf-lora"]["0.57"]["per_seed"] == [2.0, 2.0, 2.0]
+    assert [s["file"] for s in combined["sources"]] == ["a.json", "b.json"]
+    other = _run_file(tmp_path / "c.json", [3], commit="def456")
+    with pytest.raises(SystemExit, match="other code"):
+        main(["--combine", f"{a},{other}", "--out", str(out)])

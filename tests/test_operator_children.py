@@ -127,3 +127,10 @@ def test_runtime_and_placement_pass_through() -> None:
     assert pod["nodeSelector"] == {"pool": "h100"} and pod["priorityClassName"] == "high"
     assert pod["serviceAccountName"] == "trainer" and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
     assert next(v for v in pod["volumes"] if v["name"] == "finetune-shm")["emptyDir"]["sizeLimit"] == "8Gi"
+
+
+def test_the_operators_pod_annotations_reach_every_trainer_pod_and_the_jobs_own_win() -> None:
+    settings = Settings(trainer_pod_annotations={"prometheus.io/scrape": "true", "prometheus.io/port": "9090"})
+    doc, spec = ftj(pod={"annotations": {"prometheus.io/port": "9999", "team": "a"}})
+    annotations = children.job(doc, spec, 1, settings)["spec"]["template"]["metadata"]["annotations"]
+    assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": "9999", "team": "a"}

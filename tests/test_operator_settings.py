@@ -33,11 +33,19 @@ def test_flags_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
     assert parse(["--namespace", "x", "--namespace", "y"]).namespaces == ("x", "y")
 
 
+def test_trainer_pod_annotations_are_a_json_object(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINETUNE_OPERATOR_TRAINER_POD_ANNOTATIONS", '{"prometheus.io/scrape": "true"}')
+    assert parse([]).trainer_pod_annotations == {"prometheus.io/scrape": "true"}  # as the chart sets it
+    assert parse(["--trainer-pod-annotations", '{"a": "b"}']).trainer_pod_annotations == {"a": "b"}
+
+
 @pytest.mark.parametrize("argv,flag", [
     (["--poll-seconds", "0"], "--poll-seconds"),
     (["--namespace", "Not_A_Name"], "--namespace"),
     (["--trainer-resources", '{"limits": {"nvidia.com/gpu": "0.5"}}'], "--trainer-resources"),
     (["--trainer-resources", "{nope"], "--trainer-resources"),
+    (["--trainer-pod-annotations", '{"no spaces allowed": "x"}'], "--trainer-pod-annotations"),
+    (["--trainer-pod-annotations", "[1]"], "--trainer-pod-annotations"),
 ])
 def test_a_bad_value_names_its_flag(argv: list[str], flag: str) -> None:
     with pytest.raises(SystemExit, match=flag):

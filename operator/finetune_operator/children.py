@@ -188,7 +188,7 @@ def job(ftj: dict[str, Any], spec: api.FineTuneJobSpec, attempt: int, settings: 
             "podFailurePolicy": {"rules": [{"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget"}]}]},
             "suspend": False,
             "template": {
-                "metadata": {"labels": pod.labels | meta["labels"], "annotations": dict(pod.annotations)},
+                "metadata": {"labels": pod.labels | meta["labels"], "annotations": settings.trainer_pod_annotations | pod.annotations},
                 "spec": pod_spec,
             },
         },

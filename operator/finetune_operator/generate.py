@@ -1,4 +1,5 @@
-"""`make crds`: write (or with --check, verify) every file generated from the API models."""
+"""`make crds`: write (or with --check, verify) every generated file: the CRD and its chart copy, the API
+reference, the chart's RBAC rules and the Grafana dashboard (both copies)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from finetune_operator import apidoc, crd
+from finetune_operator import apidoc, crd, rbac
 
 README = Path("README.md")
 
@@ -16,6 +17,11 @@ def generated() -> dict[Path, str]:
     files = {path: crd.render() for path in crd.CRD_PATHS}
     schema = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     files[README] = apidoc.splice(README.read_text(), apidoc.render_reference(schema))
+    files[rbac.CHART_RULES] = rbac.render_rules()
+    # The dashboard needs grafana-foundation-sdk (the dev extra), which the operator image does not carry.
+    from finetune_operator import dashboard
+
+    files |= {path: dashboard.render() for path in dashboard.PATHS}
     return files
 
 

@@ -5,11 +5,13 @@ Labels stay bounded: phases, causes and reasons are small fixed sets; no job nam
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 
 from finetune_operator.api import Phase
 
 REGISTRY = CollectorRegistry()
+# process_start_time_seconds: the dashboard counts the operator's restarts from it without kube-state-metrics.
+ProcessCollector(registry=REGISTRY)
 
 JOBS = Gauge("finetune_operator_jobs", "FineTuneJobs by phase, as last reconciled", ["phase"], registry=REGISTRY)
 RECONCILE_SECONDS = Histogram(

@@ -3,9 +3,14 @@ manifests all take these rules. Each rule names the handler code that needs it."
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
+import yaml
+
 from finetune_operator import api
+
+CHART_RULES = Path("charts/finetune-operator/files/rbac-rules.yaml")
 
 RULES: list[dict[str, Any]] = [
     # watch FineTuneJobs; patch: kopf's finalizer and annotations; delete: ttlSecondsAfterFinished
@@ -32,3 +37,9 @@ def role(kind: str, name: str, namespace: str | None = None) -> dict[str, Any]:
     if namespace:
         meta["namespace"] = namespace
     return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": kind, "metadata": meta, "rules": RULES}
+
+
+def render_rules() -> str:
+    """RULES as the chart's templates include them (a generated file, checked for drift like the CRD)."""
+    header = "# Generated from operator/finetune_operator/rbac.py by `make crds`: do not edit.\n"
+    return header + yaml.safe_dump(RULES, sort_keys=False)

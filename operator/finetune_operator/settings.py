@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from finetune_operator import coretypes as core
 
 ENV_PREFIX = "FINETUNE_OPERATOR_"
+JSON_FIELDS = ("trainer_resources", "trainer_pod_annotations")  # objects, given as JSON text
 DEFAULT_TRAINER_RESOURCES = {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"memory": "16Gi"}}
 
 
@@ -32,6 +33,10 @@ class Settings(BaseModel):
         description="Per-worker resources (JSON) for jobs that set none.",
     )
     trainer_pull_secrets: tuple[str, ...] = Field((), description="Image pull secrets added to every trainer pod.")
+    trainer_pod_annotations: core.Annotations = Field(
+        default_factory=dict,
+        description="Annotations (JSON object) on every trainer pod, e.g. prometheus.io/scrape; a job's own win.",
+    )
     trainer_uid: int = Field(10001, ge=1, description="Numeric user (and group) the trainer runs as (the trainer image's).")
     poll_seconds: float = Field(2.0, ge=0.2, le=300, description="How often each live job is reconciled and rank 0's metrics read.")
     metrics_port: int = Field(8000, ge=0, le=65535, description="Port of the operator's own /metrics (0: off).")
@@ -81,7 +86,7 @@ def from_arguments(args: argparse.Namespace) -> Settings:
             value = _from_env(name)
         if value is None:
             continue
-        if name == "trainer_resources" and isinstance(value, str):
+        if name in JSON_FIELDS and isinstance(value, str):
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as exc:

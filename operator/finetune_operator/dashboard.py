@@ -1,0 +1,147 @@
+"""The Grafana dashboard (`make crds` writes deploy/grafana/finetune.json and the chart's copy).
+
+Built with grafana-foundation-sdk (the dev extra) so it is code, not hand-edited JSON. Its queries
+use only the shared metric names (DESIGN §4) and the labels the chart's PodMonitor adds to trainer
+series: `namespace` and `finetunejob` (from the pod label `finetune.dev/job-name`). Operator
+series carry `job="finetune-operator"` (the ServiceMonitor's jobLabel).
+
+Rows: the fleet; one job (variables datasource, namespace, job); its evaluation, baseline against
+fine-tuned; the operator's health.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from grafana_foundation_sdk.builders import bargauge, stat, statetimeline, timeseries
+from grafana_foundation_sdk.builders.common import ReduceDataOptions, StackingConfig
+from grafana_foundation_sdk.builders.dashboard import Dashboard, DatasourceVariable, QueryVariable, Row
+from grafana_foundation_sdk.builders.prometheus import Dataquery
+from grafana_foundation_sdk.cog.encoder import JSONEncoder
+from grafana_foundation_sdk.models.common import BarGaugeDisplayMode, GraphDrawStyle, StackingMode, VizOrientation
+from grafana_foundation_sdk.models.dashboard import DataSourceRef, VariableRefresh, VariableSort
+
+PATHS = [Path("deploy/grafana/finetune.json"), Path("charts/finetune-operator/dashboards/finetune.json")]
+UID = "finetune-operator"
+DATASOURCE = DataSourceRef(type_val="prometheus", uid="${datasource}")
+JOB = 'namespace="$namespace", finetunejob="$job"'  # one job's rank 0 series
+OPERATOR = 'job="finetune-operator"'
+
+Panel = timeseries.Panel | stat.Panel | bargauge.Panel | statetimeline.Panel
+
+
+def query(expr: str, legend: str = "", instant: bool = False) -> Dataquery:
+    q = Dataquery().expr(expr).legend_format(legend or "__auto")
+    return q.instant() if instant else q.range()
+
+
+def series(title: str, unit: str, *queries: Dataquery, width: int = 8) -> timeseries.Panel:
+    panel = timeseries.Panel().title(title).unit(unit).datasource(DATASOURCE).span(width).height(8)
+    for q in queries:
+        panel = panel.with_target(q)
+    return panel
+
+
+def single(title: str, unit: str, q: Dataquery, width: int = 4) -> stat.Panel:
+    return (stat.Panel().title(title).unit(unit).datasource(DATASOURCE).span(width).height(8).with_target(q)
+            .reduce_options(ReduceDataOptions().calcs(["lastNotNull"])))
+
+
+def fleet() -> list[Panel]:
+    return [
+        series("Jobs by phase", "short", query("sum by (phase) (finetune_operator_jobs)", "{{phase}}"), width=8)
+        .stacking(StackingConfig().mode(StackingMode.NORMAL)),
+        # A job is on GPUs when its rank 0 reports GPU memory (CPU jobs report 0).
+        single("Running GPU jobs", "short", query(
+            "sum(max by (namespace, finetunejob) (finetune_trainer_gpu_memory_bytes > bool 0))", "GPU jobs")),
+        series("Failed jobs by reason (since the operator started)", "short",
+               query("sum by (reason) (finetune_operator_job_failures_total)", "{{reason}}"), width=6)
+        .draw_style(GraphDrawStyle.BARS),
+        series("Time from creation to Running", "s",
+               query("histogram_quantile(0.5, sum by (le) (rate(finetune_operator_time_to_running_seconds_bucket"
+                     "[$__rate_interval])))", "p50"),
+               query("histogram_quantile(0.95, sum by (le) (rate(finetune_operator_time_to_running_seconds_bucket"
+                     "[$__rate_interval])))", "p95"), width=6),
+    ]
+
+
+def one_job() -> list[Panel]:
+    return [
+        series("Loss", "short", query(f"finetune_trainer_loss{{{JOB}}}", "loss")),
+        series("Learning rate", "short", query(f"finetune_trainer_learning_rate{{{JOB}}}", "learning rate")),
+        series("Throughput", "short",
+               query(f"finetune_trainer_samples_per_second{{{JOB}}}", "samples/s"),
+               query(f"finetune_trainer_tokens_per_second{{{JOB}}}", "tokens/s")),
+        single("Progress", "percentunit", query(
+            f"finetune_trainer_step{{{JOB}}} / finetune_trainer_total_steps{{{JOB}}}", "progress"), width=4),
+        # Steps left over the recent step rate; the step count is a gauge, hence deriv() rather than rate().
+        single("ETA", "s", query(
+            f"(finetune_trainer_total_steps{{{JOB}}} - finetune_trainer_step{{{JOB}}})"
+            f" / deriv(finetune_trainer_step{{{JOB}}}[$__rate_interval])", "ETA"), width=4),
+        statetimeline.Panel().title("Stage").datasource(DATASOURCE).span(8).height(8)
+        .with_target(query(f"finetune_trainer_stage{{{JOB}}} == 1", "{{stage}}")),
+        series("GPU memory (peak, rank 0)", "bytes", query(f"finetune_trainer_gpu_memory_bytes{{{JOB}}}", "GPU memory"),
+               width=4),
+        series("MFU", "percentunit", query(f"finetune_trainer_mfu{{{JOB}}}", "MFU"), width=4),
+    ]
+
+
+def evaluation() -> list[Panel]:
+    def last(phase: str) -> str:
+        return f'max by (metric) (last_over_time(finetune_trainer_eval_metric{{{JOB}, phase="{phase}"}}[$__range]))'
+
+    return [
+        bargauge.Panel().title("Baseline vs fine-tuned").datasource(DATASOURCE).span(16).height(8)
+        .display_mode(BarGaugeDisplayMode.BASIC).orientation(VizOrientation.HORIZONTAL)
+        .reduce_options(ReduceDataOptions().calcs(["lastNotNull"]))
+        .with_target(query(last("baseline"), "{{metric}} baseline", instant=True))
+        .with_target(query(last("final"), "{{metric}} fine-tuned", instant=True)),
+        single("Change (fine-tuned - baseline)", "short",
+               query(f"{last('final')} - {last('baseline')}", "{{metric}}", instant=True), width=8),
+    ]
+
+
+def operator_health() -> list[Panel]:
+    def quantile(q: float) -> str:
+        return (f"histogram_quantile({q}, sum by (le) "
+                f"(rate(finetune_operator_reconcile_duration_seconds_bucket[$__rate_interval])))")
+
+    return [
+        series("Reconciles per second", "ops",
+               query("sum(rate(finetune_operator_reconcile_duration_seconds_count[$__rate_interval]))", "reconciles"),
+               width=6),
+        series("Reconcile latency", "s", query(quantile(0.5), "p50"), query(quantile(0.99), "p99"), width=6),
+        series("Metric poll errors", "ops", query(
+            "sum by (reason) (rate(finetune_operator_metric_poll_errors_total[$__rate_interval]))", "{{reason}}"),
+               width=6),
+        # process_start_time_seconds changes on every start: restarts without kube-state-metrics.
+        single("Operator restarts", "short",
+               query(f"sum(changes(process_start_time_seconds{{{OPERATOR}}}[$__range]))", "restarts"), width=3),
+        single("Operator up", "short", query(f"sum(up{{{OPERATOR}}})", "up"), width=3),
+    ]
+
+
+def build() -> Dashboard:
+    board = (
+        Dashboard("FineTune").uid(UID).tags(["finetune", "kubernetes", "training"])
+        .description("FineTuneJobs: the fleet, one job's training and evaluation, and the operator's health.")
+        .refresh("30s").time("now-3h", "now")
+        .with_variable(DatasourceVariable("datasource").label("Data source").type("prometheus"))
+        .with_variable(QueryVariable("namespace").label("Namespace").datasource(DATASOURCE)
+                       .query("label_values(finetune_trainer_step, namespace)")
+                       .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).sort(VariableSort.ALPHABETICAL_ASC))
+        .with_variable(QueryVariable("job").label("FineTuneJob").datasource(DATASOURCE)
+                       .query('label_values(finetune_trainer_step{namespace="$namespace"}, finetunejob)')
+                       .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).sort(VariableSort.ALPHABETICAL_ASC))
+    )
+    for title, panels in (("Fleet", fleet()), ("Job: $namespace/$job", one_job()),
+                          ("Evaluation: $namespace/$job", evaluation()), ("Operator", operator_health())):
+        board = board.with_row(Row(title))
+        for panel in panels:
+            board = board.with_panel(panel)
+    return board
+
+
+def render() -> str:
+    return json.dumps(json.loads(JSONEncoder().encode(build().build())), indent=2, sort_keys=True) + "\n"

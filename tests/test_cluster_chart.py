@@ -1,0 +1,246 @@
+"""The Helm chart on the local control plane, with a real Prometheus.
+
+One story shares one short training job: `helm install` runs the operator as a pod on the process
+node under the chart's ServiceAccount and RBAC (a missing rule fails the job); Prometheus finds the
+trainer and the operator through the apiserver with the scrape configs prometheus-operator would make
+from the chart's PodMonitor and ServiceMonitor; after the job, every query of the dashboard has data
+for it; then `helm upgrade` rolls the operator and `helm uninstall` leaves nothing of ours behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import prometheus_server
+from finetune_operator import rbac
+from kube import Kube
+from operator_fixture import ASSETS, claim, crd_installed, example, free_port  # noqa: F401 (fixture)
+
+pytestmark = pytest.mark.cluster
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "deploy" / "grafana"))
+import preview  # noqa: E402 (deploy/grafana/preview.py)
+
+CHART = str(REPO / "charts" / "finetune-operator")
+DASHBOARD = REPO / "deploy" / "grafana" / "finetune.json"
+RELEASE = "fto"
+SMALL = {"maxTrainSamples": 256, "maxEvalSamples": 64}
+TOGGLES = ["serviceMonitor.enabled=true", "podMonitor.enabled=true", "prometheusScrapeAnnotations.enabled=true",
+           "networkPolicy.enabled=true", "dashboards.enabled=true", "crds.templated=true"]
+# Kinds whose CRDs (prometheus-operator's) this cluster does not have: the Prometheus below stands in for them.
+MONITORS = {"ServiceMonitor", "PodMonitor"}
+
+
+def sets(*values: str) -> list[str]:
+    return [arg for value in values for arg in ("--set", value)]
+
+
+def rendered(kube: Kube, namespace: str, *values: str, only: tuple[str, ...] = ()) -> list[dict[str, Any]]:
+    shown = [arg for path in only for arg in ("--show-only", path)]
+    out = kube.helm("template", RELEASE, CHART, "-n", namespace, *sets(*values), *shown).stdout
+    return [d for d in yaml.safe_load_all(out) if d]
+
+
+def test_lint_schema_rbac_and_the_apiserver_accepts_every_toggle(kube: Kube, crd_installed: None,
+                                                                  namespace: str) -> None:
+    kube.helm("lint", CHART, "--strict")
+    kube.helm("lint", CHART, "--strict", *sets(*TOGGLES, "watchNamespaces={a,b}"))
+    refused = kube.helm("lint", CHART, *sets("replicas=two"), check=False)
+    assert refused.returncode != 0 and "replicas" in refused.stdout + refused.stderr
+    assert kube.helm("template", RELEASE, CHART, *sets("watchNamespaces={Not_A_Name}"), check=False).returncode != 0
+
+    # Cluster-wide by default: one ClusterRole holding exactly rbac.RULES; no wildcard, no Secret.
+    docs = rendered(kube, namespace)
+    cluster_role = next(d for d in docs if d["kind"] == "ClusterRole")
+    assert cluster_role["rules"] == rbac.RULES
+    for rule in rbac.RULES:
+        assert "*" not in rule["verbs"] + rule["resources"] + rule["apiGroups"] and "secrets" not in rule["resources"]
+    # Watching namespaces: a Role and RoleBinding in each, nothing cluster-wide.
+    docs = rendered(kube, namespace, "watchNamespaces={a,b}")
+    assert not {"ClusterRole", "ClusterRoleBinding"} & {d["kind"] for d in docs}
+    assert sorted((d["kind"], d["metadata"]["namespace"]) for d in docs if d["kind"] in ("Role", "RoleBinding")) == [
+        ("Role", "a"), ("Role", "b"), ("RoleBinding", "a"), ("RoleBinding", "b")]
+
+    # Every toggle on, as the real apiserver sees it (admission and schema included).
+    docs = rendered(kube, namespace, *TOGGLES, f"watchNamespaces={{{namespace}}}")
+    assert MONITORS <= {d["kind"] for d in docs}
+    manifest = yaml.safe_dump_all([d for d in docs if d["kind"] not in MONITORS])
+    kube.kubectl("apply", "--server-side", "--force-conflicts", "--dry-run=server", "-n", namespace, "-f", "-",
+                 stdin=manifest)
+    dashboard = next(d for d in docs if d["kind"] == "ConfigMap")
+    assert dashboard["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(dashboard["data"]["finetune.json"]) == json.loads(DASHBOARD.read_text())
+
+
+# --- the story: install, a job scraped by Prometheus, upgrade, uninstall --------------------------
+
+def operator_pod(kube: Kube, namespace: str) -> dict[str, Any] | None:
+    pods = json.loads(kube.kubectl("get", "pods", "-n", namespace, "-l", f"app.kubernetes.io/instance={RELEASE}",
+                                   "-o", "json").stdout)["items"]
+    running = [p for p in pods if p["status"].get("phase") == "Running" and p["status"].get("podIP")
+               and not p["metadata"].get("deletionTimestamp")]
+    return running[0] if len(running) == 1 and len(pods) == 1 else None
+
+
+def http_get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
+
+
+def env_of(pod: dict[str, Any]) -> dict[str, str]:
+    return {e["name"]: e.get("value", "") for e in pod["spec"]["containers"][0]["env"]}
+
+
+def dashboard_queries() -> list[tuple[str, str]]:
+    """(panel title, PromQL) for every target of every panel, and the variables' label_values queries."""
+    board = json.loads(DASHBOARD.read_text())
+    found = [(p["title"], t["expr"]) for p in board["panels"] for t in p.get("targets", [])]
+    for variable in board["templating"]["list"]:
+        if variable["type"] == "query":
+            match = re.fullmatch(r"label_values\((.+), (\w+)\)", variable["query"])
+            assert match, variable["query"]
+            found.append((f"variable {variable['name']}", f"group by ({match[2]}) ({match[1]})"))
+    return found
+
+
+def has_data(result: list[dict[str, Any]]) -> bool:
+    return any(v[1] not in ("NaN", "+Inf", "-Inf") for r in result for v in r["values"])
+
+
+@pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
+def test_install_scrape_a_job_upgrade_and_uninstall(kube: Kube, crd_installed: None, restricted_namespace: str,
+                                                    tmp_path: Path) -> None:
+    ns = restricted_namespace
+    kube.apply([claim("models", ["ReadOnlyMany"], ASSETS / "models"), claim("data", ["ReadOnlyMany"], ASSETS / "data"),
+                claim("results", ["ReadWriteMany"])], ns)
+    # The process node runs pods in the host's network: bind the operator to its pod IP, as the chart allows.
+    values = [f"watchNamespaces={{{ns}}}", "bindAddress=$(POD_IP)", "pollSeconds=1",
+              "trainer.image=finetune-trainer:local", "prometheusScrapeAnnotations.enabled=true"]
+    kube.helm("install", RELEASE, CHART, "-n", ns, *sets(*values), "--wait", "--timeout", "120s")
+    pod = kube.wait_for("the operator pod running", lambda: operator_pod(kube, ns), ns)
+    assert pod["spec"]["serviceAccountName"] == f"{RELEASE}-finetune-operator"
+    ip = pod["status"]["podIP"]
+    kube.wait_for("the operator's /healthz", lambda: _answers(f"http://{ip}:8080/healthz"), ns)
+
+    monitoring = {d["kind"]: d for d in rendered(
+        kube, ns, *values, "podMonitor.enabled=true", "serviceMonitor.enabled=true",
+        only=("templates/podmonitor.yaml", "templates/servicemonitor.yaml", "templates/service.yaml"))}
+    # A vanilla Prometheus keeps only the pods annotated for scraping: the operator put the annotation there.
+    annotated = {"action": "keep", "source_labels": ["__meta_kubernetes_pod_annotation_prometheus_io_scrape"],
+                 "regex": "true"}
+    prometheus = prometheus_server.start(tmp_path / "prometheus", [
+        prometheus_server.pod_monitor_config(monitoring["PodMonitor"], kube.kubeconfig, [annotated]),
+        prometheus_server.service_monitor_config(monitoring["ServiceMonitor"], monitoring["Service"], kube.kubeconfig),
+    ], free_port())
+    try:
+        _run_and_scrape(kube, ns, ip, prometheus)
+        _upgrade_rolls_the_operator(kube, ns, values, pod, prometheus)
+    except AssertionError as exc:
+        raise AssertionError(f"{exc}\n--- prometheus log:\n{prometheus.log.read_text()[-3000:]}") from None
+    finally:
+        prometheus.stop()
+    _uninstall_leaves_nothing(kube, ns)
+
+
+def _answers(url: str) -> bool:
+    try:
+        http_get(url)
+        return True
+    except OSError:
+        return False
+
+
+def _scraped(prometheus: prometheus_server.Prometheus, expr: str) -> bool:
+    return bool(prometheus.query_range(expr, time.time() - 2, time.time(), 1))
+
+
+def _run_and_scrape(kube: Kube, ns: str, operator_ip: str, prometheus: prometheus_server.Prometheus) -> None:
+    # The job's first minute (time to Running, the first poll errors) counts only if the operator is already watched.
+    kube.wait_for("Prometheus scraping the operator", lambda: _scraped(prometheus, 'up{job="finetune-operator"} == 1'),
+                  ns, timeout=60)
+    start = time.time()
+    good = example("minilm-sentiment", dataset=SMALL)
+    # A job whose claim does not exist fails at once (InvalidSpec): the failures panel has something to show.
+    broken = example("minilm-sentiment", dataset={"uri": "pvc://nowhere/data.csv"}) | {"metadata": {"name": "no-claim"}}
+    kube.apply([good, broken], ns)
+    name = good["metadata"]["name"]
+
+    def ftj(job: str) -> dict[str, Any]:
+        return kube.get("ftj", job, ns) or {}
+
+    running = kube.wait_for("rank 0 reporting steps", lambda: ftj(name).get("status", {}).get("progress", {})
+                            .get("step", 0) >= 1 and ftj(name), ns, timeout=300)
+    assert running["status"]["phase"] == "Running"
+    rank0 = json.loads(kube.kubectl("get", "pods", "-n", ns, "-l", f"finetune.dev/job-name={name}", "-o",
+                                    "json").stdout)["items"][0]
+    assert rank0["metadata"]["annotations"]["prometheus.io/scrape"] == "true"
+    for url in (f"http://{rank0['status']['podIP']}:9090/metrics", f"http://{operator_ip}:8000/metrics"):
+        assert not (problems := prometheus_server.check_metrics(http_get(url))), f"promtool on {url}:\n{problems}"
+
+    def ended(job: str, phase: str) -> bool:
+        status = ftj(job).get("status", {})
+        assert status.get("phase") in (None, "Pending", "Running", phase), f"{job}: {status}"
+        return status.get("phase") == phase
+
+    kube.wait_for(f"{name} Succeeded", lambda: ended(name, "Succeeded"), ns, timeout=420)
+    assert ftj("no-claim")["status"]["reason"] == "InvalidSpec"
+    time.sleep(4)  # the operator's last gauges, scraped
+    end = time.time()
+
+    # The trainer's series carry the job's name and namespace, from the pod's labels.
+    steps = prometheus.query_range(f'finetune_trainer_step{{finetunejob="{name}"}}', start, end)
+    assert steps and {s["metric"]["namespace"] for s in steps} == {ns}, steps
+    assert {s["metric"]["attempt"] for s in steps} == {"1"}
+    # Every query of the dashboard returns data for this job.
+    empty = []
+    for title, expr in dashboard_queries():
+        concrete = preview.fill(expr, ns, name, start, end)
+        if not has_data(prometheus.query_range(concrete, start, end)):
+            empty.append(f"{title}: {concrete}")
+    assert not empty, "dashboard queries without data:\n" + "\n".join(empty)
+    if picture := os.environ.get("FTO_DASHBOARD_PNG"):  # the README's picture, from this run's data
+        preview.draw(prometheus.url, ns, name, start, end, Path(picture))
+
+
+def _upgrade_rolls_the_operator(kube: Kube, ns: str, values: list[str], before: dict[str, Any],
+                                prometheus: prometheus_server.Prometheus) -> None:
+    kube.helm("upgrade", RELEASE, CHART, "-n", ns, *sets(*values, "pollSeconds=3"), "--wait", "--timeout", "120s")
+
+    def rolled() -> dict[str, Any] | None:
+        pod = operator_pod(kube, ns)
+        return pod if pod and pod["metadata"]["uid"] != before["metadata"]["uid"] else None
+
+    after = kube.wait_for("a new operator pod", rolled, ns)
+    assert env_of(after)["FINETUNE_OPERATOR_POLL_SECONDS"] == "3"
+    ip = after["status"]["podIP"]
+    kube.wait_for("the new operator's /healthz", lambda: _answers(f"http://{ip}:8080/healthz"), ns)
+    # Prometheus follows the Service's endpoints to the new pod.
+    query = f'up{{job="finetune-operator", pod="{after["metadata"]["name"]}"}} == 1'
+    kube.wait_for("the new operator scraped", lambda: _scraped(prometheus, query), ns, timeout=60)
+
+
+def _uninstall_leaves_nothing(kube: Kube, ns: str) -> None:
+    # Jobs go first, while the operator still runs to release its finalizer.
+    kube.kubectl("delete", "ftj", "--all", "-n", ns, "--wait=true", "--timeout=60s")
+    kube.helm("uninstall", RELEASE, "-n", ns, "--wait", "--timeout", "120s")
+    selector = f"app.kubernetes.io/instance={RELEASE}"
+
+    def left() -> list[str]:
+        kinds = ("all,serviceaccounts,roles,rolebindings,configmaps,networkpolicies,endpointslices", "-n", ns)
+        return (kube.kubectl("get", *kinds, "-l", selector, "-o", "name").stdout.split()
+                + kube.kubectl("get", "clusterroles,clusterrolebindings", "-l", selector, "-o", "name").stdout.split())
+
+    # The operator's pod goes last: the garbage collector deletes it with its ReplicaSet, after its grace period.
+    kube.wait_for("nothing of the release left", lambda: not left(), ns, timeout=90)
+    assert kube.get("crd", "finetunejobs.finetune.dev") is not None  # Helm keeps CRDs (crds/), as it documents
