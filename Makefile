@@ -4,14 +4,16 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: install test crds check-crds
+.PHONY: install test crds check-crds pins
 
 install: $(VENV)/.installed assets
 
-$(VENV)/.installed: pyproject.toml
+# The trainer's stack is pinned (trainer/constraints.txt, the trainer image's too), so the tests run
+# on what the image runs; `make pins` rewrites the pins from the installed environment.
+$(VENV)/.installed: pyproject.toml trainer/constraints.txt
 	test -x $(PY) || python3 -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m pip install --quiet -c trainer/constraints.txt -e '.[dev]'
 	touch $@
 
 # The bundled model and data under .data/pvc (git-ignored), where pvc:// URIs resolve for local
@@ -40,6 +42,9 @@ crds: install
 
 check-crds: install
 	$(PY) -m finetune_operator.generate --check
+
+pins: install
+	$(PY) trainer/pins.py
 
 # The plain manifests (deploy/manifests/) rendered from the chart with helm, for users without Helm.
 .PHONY: manifests check-manifests

@@ -18,7 +18,7 @@ CORPUS = load_bad_corpus()
 def test_there_are_examples_and_a_corpus() -> None:
     assert {p.name for p in EXAMPLES} >= {
         "minilm-sentiment.yaml",
-        "digits-headswap.yaml",
+        "digits-resnet18-from-scratch.yaml",
         "tiny-causal-lm.yaml",
         "minilm-sentiment-2workers.yaml",
     }

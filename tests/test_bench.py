@@ -26,12 +26,13 @@ def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
     return pairs
 
 
-def test_trainer_image_is_cuda_pytorch_non_root_with_the_cli_entrypoint() -> None:
+def test_trainer_image_is_pinned_python_non_root_with_the_cli_entrypoint() -> None:
     steps = _instructions(REPO / "trainer" / "Dockerfile")
     args = {k: v for k, v in (s.split("=", 1) for kind, s in steps if kind == "ARG" and "=" in s)}
     base = next(v for kind, v in steps if kind == "FROM")
     base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)
-    assert re.fullmatch(r"pytorch/pytorch:[\d.]+-cuda12\.\d+-cudnn9-runtime", base), base
+    # CUDA comes with the pinned torch wheels (tests/trainer/test_pins.py), the driver from the host.
+    assert re.fullmatch(r"python:\d+\.\d+-slim-\w+", base), base
 
     users = [v for kind, v in steps if kind == "USER"]
     assert users and users[-1].split(":")[0] not in {"root", "0"}

@@ -112,7 +112,7 @@ def test_the_minilm_example_runs_and_its_status_tells_the_story(operator_env: Op
 
 @pytest.mark.slow
 @pytest.mark.parametrize("name,changes", [
-    ("digits-headswap", {"training": {"epochs": 1}}),
+    ("digits-resnet18-from-scratch", {"training": {"epochs": 1}}),
     ("tiny-causal-lm", {"dataset": {"maxTrainSamples": 128, "maxEvalSamples": 32}, "training": {"epochs": 1}}),
     ("minilm-sentiment-2workers", {"dataset": SMALL}),
 ])

@@ -4,18 +4,21 @@ termination message and the metrics endpoint."""
 from __future__ import annotations
 
 import json
+import re
 import urllib.request
 from pathlib import Path
 from typing import Any
 
 import pytest
+import torch
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
 from finetune_trainer import cli
 from finetune_trainer.config import Stage
-from finetune_trainer.telemetry import ADDR_ENV, PORT_ENV, TERMINATION_ENV, Metrics, termination_message
-from tiny import TINY_BERT, free_port, tiny_classifier_doc
+from finetune_trainer.telemetry import (ADDR_ENV, PORT_ENV, TERMINATION_ENV, Metrics, peak_flops,
+                                        termination_message, write_termination)
+from tiny import TINY_BERT, TINY_GPT2, bpe_tokenizer, free_port, tiny_classifier_doc
 
 DESIGN_METRICS = {"loss", "learning_rate", "step", "total_steps", "epoch", "samples_per_second", "tokens_per_second",
                   "stage", "eval_metric", "gpu_memory_bytes", "mfu"}
@@ -53,6 +56,92 @@ def test_bad_data_exits_1_naming_the_problem(change: dict, message: str, tmp_pat
     assert any(__import__("re").search(message, r.getMessage()) for r in caplog.records), caplog.text
     sent = json.loads(termination.read_text())
     assert sent["stage"] == Stage.LOADING.value and sent["reason"] == "InvalidDataset" and sent["exitCode"] == 1
+
+
+def causal_lm(doc: dict[str, Any]) -> None:
+    doc["model"] = {"task": "causal-lm", "architecture": "gpt2", "config": dict(TINY_GPT2),
+                    "tokenizerUri": "pvc://models/all-MiniLM-L6-v2"}
+    doc["evaluation"] = {"metrics": ["loss"]}
+
+
+@pytest.mark.parametrize(
+    ("change", "reason", "message"),
+    [
+        (lambda doc, tmp: doc["adjust"].update(freeze={"strategy": "regex", "pattern": "attention.(["}),
+         "InvalidConfig", "adjust.freeze.pattern: not a valid regular expression \\(unterminated character set"),
+        (lambda doc, tmp: doc["dataset"].update(uri=str(malformed_csv(tmp))),
+         "InvalidDataset", "cannot read it as csv \\(ParserError"),
+        (lambda doc, tmp: doc.update(adjust={"freeze": {"strategy": "all-but-head"}}, rearrange={"lora": {"rank": 4}}),
+         "InvalidConfig", "rearrange.lora: no layer is left to adapt"),
+        (lambda doc, tmp: doc.update(rearrange={"lora": {"rank": 4, "targetModules": ["qkv"]}}),
+         "InvalidConfig", "rearrange.lora.targetModules \\['qkv'\\]: "),
+        (lambda doc, tmp: (causal_lm(doc), doc["adjust"].update(freeze={"strategy": "all-but-head"})),
+         "InvalidConfig", "adjust.freeze \\(strategy all-but-head\\) leaves no parameter to train"),
+        (lambda doc, tmp: doc["model"].update(tokenizerUri=f"file://{bpe_tokenizer(tmp / 'tok', eos=None)}"),
+         "InvalidModel", "it has no pad, eos or unk token"),
+        (lambda doc, tmp: doc["dataset"].update(maxLength=128),  # the tiny BERT has 64 positions
+         "InvalidConfig", "dataset.maxLength 128 exceeds the 64 positions the model has"),
+    ],
+    ids=["bad-regex", "malformed-csv", "lora-all-frozen", "lora-unknown-target", "lm-nothing-to-train",
+         "no-pad-token", "longer-than-the-positions"],
+)
+def test_user_mistakes_that_a_library_reports_exit_1(change: Any, reason: str, message: str, tmp_path: Path,
+                                                     termination: Path) -> None:
+    """Caught where they happen and classified as the user's, not left to surface as a library's exception
+    (which would mean infrastructure: retried)."""
+    doc = tiny_classifier_doc(tmp_path / "out")
+    change(doc, tmp_path)
+    assert run(doc, tmp_path) == 1
+    sent = json.loads(termination.read_text())
+    assert sent["exitCode"] == 1 and sent["reason"] == reason, sent
+    assert re.search(message, sent["message"]), sent["message"]
+
+
+def malformed_csv(folder: Path) -> Path:
+    (path := folder / "broken.csv").write_text('text,sentiment\n"good day,positive\nbad,negative,extra,fields\n')
+    return path
+
+
+def test_failures_that_are_not_the_users_never_exit_1(tmp_path: Path, termination: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A GPU running out of memory (simulated: there is none here) and a broken install are infrastructure."""
+    from finetune_trainer import pipeline
+
+    def out_of_memory(*_: Any) -> None:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+
+    monkeypatch.setattr(pipeline, "evaluate", out_of_memory)
+    assert run(tiny_classifier_doc(tmp_path / "out"), tmp_path) == 2
+    sent = json.loads(termination.read_text())
+    assert sent["exitCode"] == 2 and sent["reason"] == "OutOfMemory" and sent["stage"] == "Baseline"
+    assert sent["message"] == "OutOfMemoryError: CUDA out of memory. Tried to allocate 2.00 GiB"
+
+    def broken_install() -> None:
+        raise ImportError("libcudnn.so.9: cannot open shared object file")
+
+    monkeypatch.setattr(cli, "setup_logging", broken_install)
+    assert run(tiny_classifier_doc(tmp_path / "out"), tmp_path) == 2  # Python itself would have exited 1
+    sent = json.loads(termination.read_text())
+    assert sent == {"stage": "Starting", "reason": "InfrastructureFailure", "exitCode": 2,
+                    "message": "ImportError: libcudnn.so.9: cannot open shared object file"}
+
+
+def test_every_local_rank_writes_and_the_cause_stays(termination: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Two processes in one container share its termination log: the first failure is the cause; the SIGTERM
+    torchrun then sends to the sibling, or the sibling's broken collective, must not replace it."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    write_termination({"stage": "Training", "exitCode": 1, "reason": "LossNotFinite", "message": "nan"})
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    write_termination({"stage": "Training", "exitCode": 143, "reason": "Terminated", "message": "SIGTERM"})
+    write_termination({"stage": "Training", "exitCode": 2, "reason": "DistributedFailure", "message": "peer"})
+    assert json.loads(termination.read_text())["reason"] == "LossNotFinite"
+    termination.write_text(json.dumps({"stage": "Training", "exitCode": 143, "reason": "Terminated"}))
+    write_termination({"stage": "Training", "exitCode": 2, "reason": "OutOfMemory", "message": "oom"})
+    write_termination({"stage": "Training", "exitCode": 2, "reason": "DistributedFailure", "message": "peer"})
+    assert json.loads(termination.read_text())["reason"] == "OutOfMemory"
+    write_termination({"stage": "Done", "exitCode": 0})
+    assert json.loads(termination.read_text()) == {"stage": "Done", "exitCode": 0}
 
 
 def test_invalid_config_exits_1_naming_the_field(tmp_path: Path, termination: Path,
@@ -102,6 +191,9 @@ def test_success_writes_the_termination_message_and_the_summary(tmp_path: Path, 
     assert run(tiny_classifier_doc(tmp_path / "out"), tmp_path) == 0
     sent = json.loads(termination.read_text())
     assert sent["stage"] == "Done" and sent["exitCode"] == 0 and set(sent["evaluation"]) == {"baseline", "final"}
+    final, baseline = sent["evaluation"]["final"]["accuracy"], sent["evaluation"]["baseline"]["accuracy"]
+    assert sent["reason"] == "Succeeded" and sent["message"] == f"8 steps; test accuracy {baseline:.4g} -> {final:.4g}"
+    assert set(sent) == {"stage", "exitCode", "reason", "message", "progress", "metrics", "analysis", "evaluation"}
     assert sent["progress"]["step"] == sent["progress"]["totalSteps"] == 8
     assert 0 < sent["analysis"]["trainableParameters"] <= sent["analysis"]["totalParameters"]
     assert len(termination.read_bytes()) <= 4096
@@ -134,3 +226,14 @@ def test_metrics_endpoint_serves_the_design_names(monkeypatch: pytest.MonkeyPatc
     stages = {s.labels["stage"]: s.value for s in families["stage"].samples}
     assert stages["Training"] == 1 and sum(stages.values()) == 1
     assert [(s.labels, s.value) for s in families["eval_metric"].samples] == [({"phase": "baseline", "metric": "accuracy"}, 0.3)]
+
+
+@pytest.mark.parametrize(("name", "peak"), [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
+                                            ("NVIDIA H100 NVL", 835e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12),
+                                            ("NVIDIA A40", None)])
+def test_the_gpu_peak_is_looked_up_by_the_exact_device_name(name: str, peak: float | None,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """No GPU here: torch's device-name query is the one stand-in; the lookup itself is the real one."""
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device: name)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert peak_flops(torch.device("cuda", 0)) == (None if peak is None else 2 * peak)

@@ -38,8 +38,9 @@ def write(folder: Path, fmt: str) -> Path:
 def test_tabular_formats_load_the_same_rows(tmp_path: Path, fmt: str) -> None:
     data = load_dataset(spec(write(tmp_path, fmt)), Task.SEQUENCE_CLASSIFICATION, seed=0)
     assert data.id2label == {0: "neg", 1: "neu", 2: "pos"}
-    assert len(data.train.inputs) == 24 and len(data.validation.inputs) == 6
-    everything = set(data.train.inputs) | set(data.validation.inputs)
+    assert len(data.train.inputs) == 21 and len(data.validation.inputs) == 6 and len(data.test.inputs) == 3
+    everything = set(data.train.inputs) | set(data.validation.inputs) | set(data.test.inputs)
+    assert len(everything) == 30
     assert everything == {r["text"] for r in ROWS}
     for text, label in zip(data.train.inputs, data.train.labels):
         assert data.id2label[label] == ROWS[int(text.split()[1])]["label"]
@@ -47,7 +48,7 @@ def test_tabular_formats_load_the_same_rows(tmp_path: Path, fmt: str) -> None:
 
 def test_a_folder_with_one_data_file_is_that_file(tmp_path: Path) -> None:
     write(tmp_path, "csv")
-    assert len(load_dataset(spec(tmp_path, format="csv"), Task.SEQUENCE_CLASSIFICATION, 0).train.inputs) == 24
+    assert len(load_dataset(spec(tmp_path, format="csv"), Task.SEQUENCE_CLASSIFICATION, 0).train.inputs) == 21
 
 
 def test_split_is_seeded_and_capped(tmp_path: Path) -> None:
@@ -55,9 +56,10 @@ def test_split_is_seeded_and_capped(tmp_path: Path) -> None:
     a = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, seed=1)
     b = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, seed=1)
     c = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, seed=2)
-    assert a.validation.inputs == b.validation.inputs != c.validation.inputs
+    assert a.validation.inputs == b.validation.inputs != c.validation.inputs and a.test.inputs == b.test.inputs
     capped = load_dataset(spec(path, maxTrainSamples=5, maxEvalSamples=2), Task.SEQUENCE_CLASSIFICATION, seed=1)
     assert capped.train.inputs == a.train.inputs[:5] and capped.validation.inputs == a.validation.inputs[:2]
+    assert capped.test.inputs == a.test.inputs[:2]
 
 
 def test_numeric_labels_keep_numeric_order(tmp_path: Path) -> None:
@@ -65,19 +67,26 @@ def test_numeric_labels_keep_numeric_order(tmp_path: Path) -> None:
     pd.DataFrame(rows).to_csv(path := tmp_path / "n.csv", index=False)
     data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
     assert list(data.id2label.values()) == [str(i) for i in range(11)]
+    rows.append({"text": "unlabelled", "label": None})  # pandas reads the column as floats: 3.0, 10.0
+    pd.DataFrame(rows).to_csv(path, index=False)
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert list(data.id2label.values()) == [str(i) for i in range(11)]
+    (path := tmp_path / "s.jsonl").write_text("\n".join(json.dumps({"text": f"t{i}", "label": label})
+                                                        for i, label in enumerate(["10", "2", "-1.5", "2"] * 3)))
+    assert list(load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0).id2label.values()) == ["-1.5", "2", "10"]
 
 
 def test_latin1_bytes_are_read_not_refused(tmp_path: Path) -> None:
     (path := tmp_path / "l.csv").write_bytes("text,label\ncaf\xe9 ok,a\nna\xefve,b\nplain,a\nmore,b\nx,a\n".encode("latin-1"))
     data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
-    assert "café ok" in data.train.inputs + data.validation.inputs
+    assert "café ok" in data.train.inputs + data.validation.inputs + data.test.inputs
 
 
 def test_bundled_sentiment_corpus(pvc_root: Path) -> None:
     data = load_dataset(DatasetSpec(uri="pvc://data/sentiment/sentiment.csv", labelField="sentiment"),
                         Task.SEQUENCE_CLASSIFICATION, 0)
     assert data.id2label == {0: "negative", 1: "neutral", 2: "positive"}
-    assert len(data.train.inputs) + len(data.validation.inputs) > 38000
+    assert len(data.train.inputs) + len(data.validation.inputs) + len(data.test.inputs) > 38000
 
 
 def test_image_folder(pvc_root: Path) -> None:
@@ -113,3 +122,59 @@ def test_head_smaller_than_the_labels_is_refused() -> None:
         check_label_count({0: "a", 1: "b", 2: "c"}, 2)
     assert check_label_count({0: "a", 1: "b"}, "auto") == 2
     assert check_label_count({0: "a", 1: "b"}, 4) == 4
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+HUB_LAYOUTS = {  # file -> rows (indices into ROWS), as datasets on the hub lay them out
+    "files-named-by-split": {"train.csv": range(0, 20), "validation.csv": range(20, 25), "test.csv": range(25, 30)},
+    "split-folders": {"train/part-0.jsonl": range(0, 10), "train/part-1.jsonl": range(10, 20),
+                      "valid/data.jsonl": range(20, 25), "test/data.jsonl": range(25, 30)},
+    "parquet-shards": {"data/train-00000-of-00002.parquet": range(0, 10),
+                       "data/train-00001-of-00002.parquet": range(10, 20),
+                       "data/validation-00000-of-00001.parquet": range(20, 25),
+                       "data/test-00000-of-00001.parquet": range(25, 30)},
+    "no-test-split": {"data/train-00000-of-00001.parquet": range(0, 25), "data/dev-00000-of-00001.parquet": range(25, 30)},
+}
+
+
+def hub_dataset(cache: Path, repo: str, files: dict[str, range]) -> None:
+    """A dataset repo as huggingface_hub caches it: datasets--org--name/{refs/main, snapshots/<commit>/...}."""
+    base = cache / f"datasets--{repo.replace('/', '--')}"
+    (base / "refs").mkdir(parents=True)
+    (base / "refs" / "main").write_text(COMMIT)
+    snapshot = base / "snapshots" / COMMIT
+    (snapshot / "README.md").parent.mkdir(parents=True)
+    (snapshot / "README.md").write_text("---\nlicense: mit\n---\n")
+    for name, rows in files.items():
+        (path := snapshot / name).parent.mkdir(parents=True, exist_ok=True)
+        frame = pd.DataFrame([ROWS[i] for i in rows])
+        if path.suffix == ".csv":
+            frame.to_csv(path, index=False)
+        elif path.suffix == ".jsonl":
+            path.write_text("\n".join(json.dumps(r) for r in frame.to_dict("records")))
+        else:
+            frame.to_parquet(path)
+
+
+@pytest.mark.parametrize("layout", list(HUB_LAYOUTS))
+def test_hf_datasets_in_the_hubs_layouts_load_their_splits(layout: str, tmp_path: Path,
+                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """Through the real hf:// path (huggingface_hub's snapshot_download, offline, from a cache laid out as the hub
+    lays it): the dataset's own validation and test splits are used as they are, and a missing one is held out."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    hub_dataset(tmp_path / "hub", f"org/{layout}", HUB_LAYOUTS[layout])
+    data = load_dataset(spec(f"hf://org/{layout}"), Task.SEQUENCE_CLASSIFICATION, seed=0)
+    texts = lambda rows: {ROWS[i]["text"] for i in rows}  # noqa: E731
+    given = HUB_LAYOUTS[layout]
+    validation = next(rows for name, rows in given.items() if any(w in name for w in ("valid", "dev")))
+    assert set(data.validation.inputs) == texts(validation)
+    if layout == "no-test-split":
+        assert len(data.test.inputs) == 2 and set(data.train.inputs) | set(data.test.inputs) == texts(range(25))
+    else:
+        assert set(data.test.inputs) == texts(range(25, 30)) and set(data.train.inputs) == texts(range(20))
+    assert data.id2label == {0: "neg", 1: "neu", 2: "pos"}
+    for text, label in zip(data.test.inputs, data.test.labels):
+        assert data.id2label[label] == ROWS[int(text.split()[1])]["label"]

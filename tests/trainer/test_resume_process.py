@@ -13,9 +13,9 @@ from pathlib import Path
 import pytest
 from safetensors.torch import load_file
 
-from finetune_trainer.checkpoints import complete
+from finetune_trainer.checkpoints import complete, folder_name
 from finetune_trainer.config import TrainerConfig
-from finetune_trainer.pipeline import fingerprint
+from finetune_trainer.pipeline import fingerprinted
 from tiny import tiny_classifier_doc, trainer_command
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,7 @@ def job(tmp_path: Path, name: str) -> tuple[Path, Path]:
     doc["dataset"]["maxTrainSamples"] = 480  # 60 steps: time to stop it in the middle
     doc["evaluation"] = {"baseline": False}
     (config := tmp_path / f"{name}.json").write_text(json.dumps(doc))
-    return config, out / "checkpoints" / fingerprint(TrainerConfig.model_validate(doc))
+    return config, out / "checkpoints" / folder_name(fingerprinted(TrainerConfig.model_validate(doc), 1))
 
 
 def start(config: Path) -> subprocess.Popen:

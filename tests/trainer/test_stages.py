@@ -11,9 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from finetune_trainer.adjust import freeze, param_groups
+from finetune_trainer.adjust import adaptable, freeze, param_groups
 from finetune_trainer.analyze import analyze, fail_on_fatal, summary
-from finetune_trainer.batches import encode_images, encode_text, epoch_batches, eval_batches, make_collate
+from finetune_trainer.batches import (encode_causal, encode_images, encode_text, epoch_batches, eval_batches,
+                                      make_collate)
 from finetune_trainer.config import AdjustSpec, FreezeSpec, LoraSpec, Metric, ModelSpec, Task
 from finetune_trainer.data import Split
 from finetune_trainer.distributed import World
@@ -22,9 +23,9 @@ from finetune_trainer.evaluate import evaluate, macro_f1
 from finetune_trainer.export import export_model, loss_curve
 from finetune_trainer.models import load_model, load_tokenizer, logits_of
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
-from finetune_trainer.structure import depth, head_name
+from finetune_trainer.structure import depth, head_name, lora_candidates
 
-from tiny import TINY_BERT, TINY_GPT2, tiny_classifier_doc
+from tiny import TINY_BERT, TINY_GPT2, bpe_tokenizer, tiny_classifier_doc
 
 CPU = World(rank=0, size=1, device=torch.device("cpu"))
 TEXTS = ["a fine day", "this is awful and slow", "ok", "I love the new self driving cars so much", "meh"] * 4
@@ -47,6 +48,24 @@ def text_batches(tokenizer, task: Task, labels: list[int] | None = None):
     return data, collate, [collate(data, idx) for idx in epoch_batches(data.lengths, 8, seed=0, epoch=0, bucketed=True)]
 
 
+def test_a_decoder_classifier_from_a_checkpoint_knows_its_pad_token(tmp_path: Path) -> None:
+    """GPT-2 and Llama checkpoints have no pad token id; the classifier pools the last token that is not padding."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    GPT2ForSequenceClassification(GPT2Config(vocab_size=300, **TINY_GPT2)).save_pretrained(tmp_path / "gpt2")
+    spec = ModelSpec(uri=f"file://{tmp_path / 'gpt2'}", task="sequence-classification",
+                     tokenizerUri=f"file://{bpe_tokenizer(tmp_path / 'tok')}")
+    tokenizer = load_tokenizer(spec)
+    model = load_model(spec, tokenizer, seed=0).eval()
+    data = encode_text(Split(["a fine day indeed", "ok"], [0, 1]), tokenizer, 16)
+    batch = make_collate(Task.SEQUENCE_CLASSIFICATION, tokenizer.pad_token_id, 0)(data, [0, 1])
+    assert batch.inputs["attention_mask"][1].sum() < batch.inputs["attention_mask"][0].sum()  # row 1 is padded
+    with torch.no_grad():
+        together = logits_of(model, batch.inputs)
+        alone = logits_of(model, {"input_ids": torch.tensor([data.features[1]])})
+    torch.testing.assert_close(together[1], alone[0], atol=1e-5, rtol=1e-5)
+
+
 def test_batches_pad_to_the_longest_and_bucket_by_length(bert) -> None:
     _, tokenizer = bert
     data = encode_text(Split(TEXTS * 10, [0] * 200), tokenizer, 16)
@@ -62,6 +81,19 @@ def test_batches_pad_to_the_longest_and_bucket_by_length(bert) -> None:
         data.lengths, 8, seed=0, epoch=0, bucketed=True)
 
 
+def test_causal_lm_texts_end_with_eos_and_long_ones_are_chunked_not_cut(tmp_path: Path) -> None:
+    tokenizer = load_tokenizer(ModelSpec(task="causal-lm", uri=f"file://{bpe_tokenizer(tmp_path / 'tok')}"))
+    long, short = "this is awful and slow " * 6, "a fine day"
+    data = encode_causal(Split([long, short], None), tokenizer, 8)
+    tokens = tokenizer(long)["input_ids"] + [tokenizer.eos_token_id]
+    assert len(tokens) > 16 and max(data.lengths) == 8
+    *chunks, last = data.features
+    assert last == tokenizer(short)["input_ids"] + [tokenizer.eos_token_id]
+    assert chunks[0] + [t for c in chunks[1:] for t in c[1:]] == tokens  # one token of overlap, nothing dropped
+    batch = make_collate(Task.CAUSAL_LM, tokenizer.pad_token_id, 0)(data, list(range(len(chunks))))
+    assert batch.targets == len(tokens) - 1  # every token after the first is predicted once
+
+
 def test_analyze_reports_structure_candidates_and_head(bert) -> None:
     model, tokenizer = bert
     _, _, batches = text_batches(tokenizer, Task.SEQUENCE_CLASSIFICATION, [0, 1, 2, 0, 1] * 4)
@@ -74,7 +106,7 @@ def test_analyze_reports_structure_candidates_and_head(bert) -> None:
     assert [f.code for f in report.findings if f.severity != "info"] == []
     assert "HeadMismatch" in [f.code for f in report.findings]
     flops = report.flops
-    assert 0.8 < flops["measured_over_estimate"] < 2 and flops["training_per_sample"] < flops["measured_per_sample"]
+    assert flops["rule"] == "4N per token (adapters)" and 0.8 < flops["measured_over_estimate"] < 2
     assert report.memory["activations"] > 0 and report.memory["optimizer"] == 2 * report.memory["gradients"]
     assert "LoRA candidates" in summary(report)
     json.dumps(report.to_dict())  # it goes into report.json as it is
@@ -95,6 +127,26 @@ def test_analyze_finds_broken_tied_and_gradless_weights() -> None:
     assert "lm_head" not in report.lora_candidates  # the output embeddings
     with pytest.raises(FatalFinding, match="c_fc.weight has 1 NaN/Inf"):
         fail_on_fatal(report)
+
+
+def test_the_probe_for_adapters_computes_no_weight_gradient_and_runs_at_the_run_precision() -> None:
+    """A LoRA job's weights never train: the probe must not allocate their gradients (a large model's would not fit
+    in memory beside it), yet still find the weights no gradient reaches; and it measures at the run's precision."""
+    model, tokenizer = text_model(Task.CAUSAL_LM, TINY_GPT2, "gpt2")
+    _, _, batches = text_batches(tokenizer, Task.CAUSAL_LM)
+    model.transformer.unused = nn.Linear(4, 4)  # registered, never called
+    full = analyze(model, batches[:1], Task.CAUSAL_LM, num_labels=0, adapters=False)
+    matrices = [p for p in model.parameters() if p.dim() >= 2]
+    got_gradient: list[torch.Tensor] = []
+    for p in matrices:
+        p.register_post_accumulate_grad_hook(got_gradient.append)
+    lora = analyze(model, batches[:1], Task.CAUSAL_LM, num_labels=0, adapters=True)
+    assert got_gradient == []
+    assert lora.no_grad_parameters == full.no_grad_parameters == ["transformer.unused.weight", "transformer.unused.bias"]
+    assert lora.memory["probe_model"] < full.memory["probe_model"] - sum(p.numel() * 4 for p in matrices) / 2
+    assert lora.flops["measured_per_sample"] < 0.8 * full.flops["measured_per_sample"]  # no weight-gradient matmuls
+    bf16 = analyze(model, batches[:1], Task.CAUSAL_LM, num_labels=0, adapters=False, dtype=torch.bfloat16)
+    assert bf16.memory["activations"] < 0.85 * full.memory["activations"]  # saved in bf16 (0.79x measured)
 
 
 def test_freeze_strategies_and_layerwise_decay(bert) -> None:
@@ -122,6 +174,22 @@ def test_all_but_head_and_regex(bert) -> None:
     assert not any(p.requires_grad for n, p in model.named_parameters() if "attention." in n)
     freeze(model, FreezeSpec(strategy="all-but-head"), layers, head)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {"classifier.weight", "classifier.bias"}
+
+
+def test_regex_freezing_keeps_adapters_off_the_frozen_modules(bert) -> None:
+    model, _ = bert
+    task = Task.SEQUENCE_CLASSIFICATION
+    layers, head = depth(model, task), head_name(model, task)
+    spec = FreezeSpec(strategy="regex", pattern=r"attention\.")
+    candidates = list(lora_candidates(model, task))
+    kept = adaptable(candidates, spec, layers, head)
+    assert not any("attention." in n for n in kept) and "bert.encoder.layer.0.intermediate.dense" in kept
+    freeze(model, spec, layers, head)
+    wrapped = add_adapters(model, LoraSpec(rank=4), kept, head)
+    adapters = [n for n, _ in wrapped.named_parameters() if "lora_" in n]
+    assert adapters and not any("attention." in n for n in adapters)
+    freeze(wrapped, spec, layers, head)  # as the pipeline does after rearranging: nothing placed is frozen again
+    assert all(p.requires_grad for n, p in wrapped.named_parameters() if "lora_" in n)
 
 
 def test_new_head_lora_and_a_checked_merge(bert, tmp_path: Path) -> None:

@@ -3,22 +3,24 @@ a NaN loss, early stopping, and checkpoint/resume giving the same weights."""
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import pickle
 import signal
 from pathlib import Path
 
 import pytest
 import torch
 
-from finetune_trainer import checkpoints, pipeline
+from finetune_trainer import checkpoints, export, pipeline
 from finetune_trainer.batches import encode_text, make_collate
-from finetune_trainer.config import ModelSpec, Task, TrainerConfig, TrainingSpec
+from finetune_trainer.config import LoraSpec, ModelSpec, Task, TrainerConfig, TrainingSpec
 from finetune_trainer.data import Split
 from finetune_trainer.distributed import World
-from finetune_trainer.errors import LossNotFinite, Terminated
+from finetune_trainer.errors import CheckpointMismatch, ConfigError, LossNotFinite, Terminated
 from finetune_trainer.models import load_model, load_tokenizer
-from finetune_trainer.rearrange import new_head
+from finetune_trainer.rearrange import add_adapters, new_head
 from finetune_trainer.train import Hooks, LoopState, make_scheduler, train_loop
 from tiny import TINY_BERT, TINY_GPT2
 
@@ -27,16 +29,24 @@ TEXTS = [f"sample number {i} " + "word " * (i % 13) for i in range(64)]
 NO_DROPOUT_GPT2 = TINY_GPT2 | {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
 
 
-def test_pipeline_report_has_the_contracted_shape(tiny_cfg: TrainerConfig, tmp_path: Path) -> None:
+def test_pipeline_report_has_the_contracted_shape(tiny_cfg: TrainerConfig, tmp_path: Path,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     tiny_cfg.training.eval_every_steps = 4
+    scored = []
+    real = pipeline.evaluate
+    monkeypatch.setattr(pipeline, "evaluate", lambda model, split, *a: scored.append(split) or real(model, split, *a))
     report = pipeline.run(tiny_cfg, tmp_path / "out")
+    baseline_split, *during, final_split = scored  # selection on validation, the scores on test
+    assert final_split is baseline_split and len(during) == 2 and not {id(s) for s in during} & {id(final_split)}
+    assert not set(map(tuple, during[0].features)) & set(map(tuple, final_split.features))
     assert set(report["evaluation"]) == {"baseline", "final", "delta"}
     assert set(report["evaluation"]["final"]) == {"accuracy", "f1"}
     training = report["training"]
     assert training["steps"] == 8 and training["samples_per_second"] > 0 and training["tokens_per_second"] > 0
-    assert set(training["history"][0]) == {"step", "seconds_since_train_start", "loss", "lr"}
+    assert set(training["history"][0]) == {"step", "seconds_since_train_start", "loss", "lr", "grad_norm"}
+    assert all(0 < h["grad_norm"] < float("inf") for h in training["history"])
     assert [e["step"] for e in training["evals"]] == [4, 8]
-    assert report["evaluation"]["final"] == training["evals"][-1]["metrics"]
+    assert training["validation_samples"] == training["test_samples"] == 64
     assert report["analysis"]["head"]["dataset_labels"] == 3
     out = tmp_path / "out"
     for name in ("model.safetensors", "config.json", "labels.json", "tokenizer.json", "report.json", "README.md",
@@ -45,18 +55,34 @@ def test_pipeline_report_has_the_contracted_shape(tiny_cfg: TrainerConfig, tmp_p
     assert "| accuracy |" in (out / "README.md").read_text()
 
 
-def test_only_the_same_config_resumes_its_checkpoints(tiny_cfg: TrainerConfig, tmp_path: Path,
-                                                     caplog: pytest.LogCaptureFixture) -> None:
+def test_only_what_changes_the_optimisation_starts_afresh(tiny_cfg: TrainerConfig, tmp_path: Path,
+                                                          caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO, logger="finetune_trainer")
     tiny_cfg.training.checkpoint_every_steps = 4
-    pipeline.run(tiny_cfg, tmp_path / "out")
-    pipeline.run(tiny_cfg, tmp_path / "out")
-    assert "resumed from" in caplog.text
+    out = tmp_path / "out"
+    pipeline.run(tiny_cfg, out)
+    (first,) = (out / "checkpoints").iterdir()
+    (first / ".tmp-step-00000006").mkdir()  # a save that died half-way
+    tiny_cfg.training.keep_checkpoints = 5  # bookkeeping: the same run, resumed
+    tiny_cfg.evaluation.baseline = False
+    pipeline.run(tiny_cfg, out)
+    assert "resumed from" in caplog.text and not (first / ".tmp-step-00000006").exists()
     caplog.clear()
     tiny_cfg.adjust.learning_rate = 5e-4  # a different run: its own checkpoints, trained afresh
-    pipeline.run(tiny_cfg, tmp_path / "out")
+    pipeline.run(tiny_cfg, out)
     assert "resumed from" not in caplog.text
-    assert len(list((tmp_path / "out" / "checkpoints").iterdir())) == 2
+    (second,) = (out / "checkpoints").iterdir()  # the first run's are stale: they can never be resumed
+    assert second != first and json.loads((second / "fingerprint.json").read_text())["adjust"]["learningRate"] == 5e-4
+
+
+def test_a_checkpoint_of_another_world_size_is_refused(tiny_cfg: TrainerConfig, tmp_path: Path) -> None:
+    tiny_cfg.training.checkpoint_every_steps = 4
+    pipeline.run(tiny_cfg, tmp_path / "out")
+    (saved,) = (tmp_path / "out" / "checkpoints").iterdir()
+    two = World(rank=0, size=2, device=torch.device("cpu"))  # checked before any collective
+    with pytest.raises(ConfigError, match=f"{saved} holds checkpoints of this job made by 1 processes; this run has 2"):
+        checkpoints.run_folder(tmp_path / "out" / "checkpoints", pipeline.fingerprinted(tiny_cfg, 2), two)
+    assert checkpoints.complete(saved)  # kept for a run on 1 process
 
 
 def lm_setup(seed: int = 0):
@@ -77,6 +103,46 @@ def sgd_step(batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def test_warmup_starts_at_zero_and_reaches_the_peak_linearly() -> None:
+    spec = TrainingSpec(warmupRatio=0.2, schedule="linear")
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+    scheduler = make_scheduler(optimizer, spec, 20)
+    used = []
+    for _ in range(20):
+        used.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        scheduler.step()
+    assert used[:5] == [0.0, 0.25, 0.5, 0.75, 1.0]  # 4 warmup steps, then the peak
+    assert all(a > b for a, b in zip(used[4:], used[5:])) and used[-1] == pytest.approx(1 / 16)
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp16"])
+def test_mixed_precision_on_the_cpu(precision: str) -> None:
+    """bf16 autocast, and fp16 with its GradScaler: a step whose gradient overflows is skipped, and the schedule
+    waits for it (the learning rate of the next step is the skipped one's)."""
+    model, data, collate = lm_setup()
+    spec = TrainingSpec(batchSize=8, maxSteps=4, precision=precision, schedule="linear", warmupRatio=0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    dtypes, snapshots = set(), []
+    model.lm_head.register_forward_hook(lambda module, args, out: dtypes.add(out.dtype))
+    weight = model.transformer.h[0].mlp.c_fc.weight
+    overflow = weight.register_hook(lambda grad: grad * float("inf") if len(snapshots) == 1 and precision == "fp16"
+                                    else grad)  # step 2's gradient overflows
+    state = train_loop(model, optimizer, make_scheduler(optimizer, spec, 4), data, collate, spec, Task.CAUSAL_LM, CPU,
+                       Hooks(on_step=lambda state, total: snapshots.append(weight.detach().clone())))
+    overflow.remove()
+    assert dtypes == {torch.bfloat16 if precision == "bf16" else torch.float16}
+    norms = [h["grad_norm"] for h in state.history]
+    lrs = [h["lr"] for h in state.history]
+    taken = [n < float("inf") for n in norms]
+    if precision == "fp16":  # the scaler starts at 2**16 and may skip the first step by itself, too
+        assert not taken[1] and torch.equal(snapshots[0], snapshots[1])
+    else:
+        assert all(taken)
+    assert lrs == [1e-3 * (1 - sum(taken[:i]) / 4) for i in range(4)]  # only steps taken advance the schedule
+    assert taken[3] and not torch.equal(snapshots[2], snapshots[3])
+
+
 def test_accumulation_gives_the_gradient_of_the_whole_batch() -> None:
     """Micro-batches with different token counts: the loss is normalised by the step's tokens, not averaged per batch."""
     whole, accumulated = sgd_step(16, 1), sgd_step(4, 4)
@@ -94,6 +160,18 @@ def test_a_nan_loss_stops_before_the_weights_change() -> None:
     with pytest.raises(LossNotFinite, match="the training loss is nan"):
         train_loop(model, optimizer, make_scheduler(optimizer, spec, 3), data, collate, spec, Task.CAUSAL_LM, CPU)
     assert torch.equal(model.transformer.h[0].attn.c_attn.weight, before)
+
+
+def test_an_overflowing_gradient_without_a_scaler_stops_before_the_weights_change() -> None:
+    model, data, collate = lm_setup()
+    weight = model.transformer.h[0].mlp.c_fc.weight
+    before = weight.detach().clone()
+    weight.register_hook(lambda grad: grad * float("inf"))
+    spec = TrainingSpec(batchSize=8, maxSteps=3)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(LossNotFinite, match="the gradient norm is inf at this step"):
+        train_loop(model, optimizer, make_scheduler(optimizer, spec, 3), data, collate, spec, Task.CAUSAL_LM, CPU)
+    assert torch.equal(weight, before)
 
 
 class Scripted:
@@ -151,16 +229,19 @@ def test_the_best_weights_survive_a_resume(tmp_path: Path) -> None:
     assert_same(weights(model), first.seen[1])
 
 
-def classifier_run(checkpoint_dir: Path, stop_at: int | None = None) -> dict[str, torch.Tensor]:
-    """8 steps of a tiny BERT with dropout on (so the RNG matters), checkpointing every 3 steps."""
+def classifier_run(checkpoint_dir: Path, stop_at: int | None = None, lora: bool = False) -> dict[str, torch.Tensor]:
+    """8 steps of a tiny BERT with dropout on (so the RNG matters), checkpointing every 3 steps; with `lora`,
+    adapters (with dropout) and the head train instead of the weights."""
     spec = ModelSpec(task="sequence-classification", architecture="bert", config=TINY_BERT,
                      tokenizerUri="pvc://models/all-MiniLM-L6-v2")
     tokenizer = load_tokenizer(spec)
     model = load_model(spec, tokenizer, seed=0)
     new_head(model, "classifier", 3, {}, reinitialize=True)
+    if lora:
+        model = add_adapters(model, LoraSpec(rank=4, dropout=0.1), ["query", "value"], "classifier")
     data = encode_text(Split(TEXTS, [i % 3 for i in range(64)]), tokenizer, 32)
     train = TrainingSpec(batchSize=8, epochs=1, checkpointEverySteps=3, keepCheckpoints=2)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-3)
 
     def on_step(state, total):
         if state.step == stop_at:
@@ -173,14 +254,127 @@ def classifier_run(checkpoint_dir: Path, stop_at: int | None = None) -> dict[str
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
-def test_resume_after_sigterm_gives_the_uninterrupted_weights(tmp_path: Path) -> None:
-    reference = classifier_run(tmp_path / "reference")
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_resume_after_sigterm_gives_the_uninterrupted_weights(lora: bool, tmp_path: Path) -> None:
+    reference = classifier_run(tmp_path / "reference", lora=lora)
     with pytest.raises(Terminated, match="stopped by SIGTERM at step 5"):
-        classifier_run(tmp_path / "interrupted", stop_at=4)  # seen at the next step
+        classifier_run(tmp_path / "interrupted", stop_at=4, lora=lora)  # seen at the next step
     saved = checkpoints.complete(tmp_path / "interrupted")
     assert [p.name for p in saved] == ["step-00000003", "step-00000005"]
     (tmp_path / "interrupted" / ".tmp-step-00000007").mkdir()  # a half-written one is never read
-    resumed = classifier_run(tmp_path / "interrupted")
+    resumed = classifier_run(tmp_path / "interrupted", lora=lora)
+    assert any("lora_A" in n for n in resumed) == lora
     for name, value in reference.items():
         assert torch.equal(resumed[name], value), name
-    assert [p.name for p in checkpoints.complete(tmp_path / "reference")] == ["step-00000003", "step-00000006"]
+    # every 3 steps and at the end, the last two kept
+    assert [p.name for p in checkpoints.complete(tmp_path / "reference")] == ["step-00000006", "step-00000008"]
+
+
+def lm_run(checkpoint_dir: Path, sigterm_at: int | None = None) -> tuple[LoopState, list[int], dict]:
+    """8 steps of a tiny GPT-2, evaluated every 2 steps (by a score of its weights), checkpointed only at the end
+    and on SIGTERM; returns the state, the steps the evaluation ran at and the weights."""
+    model, data, collate = lm_setup()
+    spec = TrainingSpec(batchSize=8, maxSteps=8, evalEverySteps=2, checkpointEverySteps=100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    steps: list[int] = []
+
+    def score() -> dict[str, float]:
+        return {"loss": float(model.transformer.h[0].attn.c_attn.weight.detach().sum())}
+
+    def on_step(state: LoopState, total: int) -> None:
+        if state.step == sigterm_at:
+            os.kill(os.getpid(), signal.SIGTERM)  # seen at the end of the next step
+
+    hooks = Hooks(evaluate=score, on_step=on_step, on_eval=lambda state: steps.append(state.step),
+                  checkpoint_dir=checkpoint_dir)
+    state = train_loop(model, optimizer, make_scheduler(optimizer, spec, 8), data, collate, spec, Task.CAUSAL_LM,
+                       CPU, hooks)
+    return state, steps, weights(model)
+
+
+def test_sigterm_at_a_due_evaluation_saves_first_and_the_resumed_run_evaluates(tmp_path: Path) -> None:
+    """The grace period is for the checkpoint; the evaluation due at that step runs when the run resumes, so the
+    resumed run ends with the weights and the evaluations of one never stopped."""
+    reference, reference_steps, reference_weights = lm_run(tmp_path / "reference")
+    assert reference_steps == [2, 4, 6, 8]
+    with pytest.raises(Terminated, match="stopped by SIGTERM at step 4"):
+        lm_run(tmp_path / "stopped", sigterm_at=3)
+    assert [p.name for p in checkpoints.complete(tmp_path / "stopped")] == ["step-00000004"]
+    resumed, steps, resumed_weights = lm_run(tmp_path / "stopped")
+    assert steps == [4, 6, 8]  # step 2's evaluation came with the checkpoint
+    assert [(e["step"], e["metrics"]) for e in resumed.evals] == [(e["step"], e["metrics"]) for e in reference.evals]
+    assert_same(resumed_weights, reference_weights)
+
+
+def test_sigterm_after_training_resumes_without_training_again(tiny_cfg: TrainerConfig, tmp_path: Path,
+                                                               monkeypatch: pytest.MonkeyPatch,
+                                                               caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="finetune_trainer")
+    tiny_cfg.training.checkpoint_every_steps = 100  # 8 steps: only the checkpoint at the end of training
+    out = tmp_path / "out"
+
+    def sigterm(*_: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(export, "export_model", sigterm)
+    with pytest.raises(Terminated, match="in stage Exporting; the trained weights are in a checkpoint"):
+        pipeline.run(tiny_cfg, out)
+    (saved,) = (out / "checkpoints").iterdir()
+    assert [p.name for p in checkpoints.complete(saved)] == ["step-00000008"]
+    monkeypatch.undo()
+    report = pipeline.run(tiny_cfg, out)
+    assert f"resumed from {saved / 'step-00000008'}" in caplog.text
+    assert report["training"]["steps"] == 8 and (out / "model.safetensors").exists()
+
+
+def test_restore_refuses_tensors_that_do_not_fit() -> None:
+    model, _, _ = lm_setup()
+    saved = checkpoints.trained_tensors(model)
+    del saved["transformer.h.1.mlp.c_fc.weight"]
+    with pytest.raises(CheckpointMismatch, match=r"it lacks \['transformer.h.1.mlp.c_fc.weight'\]"):
+        checkpoints.restore(model, saved, "step-8")
+
+
+def test_a_checkpoint_runs_no_pickled_code(tmp_path: Path) -> None:
+    model, _, _ = lm_setup()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = make_scheduler(optimizer, TrainingSpec(), 10)
+    folder = checkpoints.save(tmp_path, 1, model, optimizer, scheduler, {"step": 1}, CPU, keep=1)
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            return open, (str(marker), "w")
+
+    torch.save({"optimizer": Payload()}, folder / "optimizer.pt")
+    with pytest.raises(pickle.UnpicklingError):
+        checkpoints.load(folder, model, optimizer, scheduler, CPU)
+    assert not marker.exists()
+
+
+def test_the_best_weights_bring_their_batchnorm_statistics(pvc_root: Path) -> None:
+    """Early stopping on a ResNet: the running statistics of the best evaluation come back with its weights."""
+    from finetune_trainer.batches import encode_images
+    from finetune_trainer.config import DatasetSpec
+    from finetune_trainer.data import load_dataset
+
+    data = load_dataset(DatasetSpec(uri="pvc://data/digits", maxTrainSamples=160), Task.IMAGE_CLASSIFICATION, 0)
+    model = load_model(ModelSpec(task="image-classification", architecture="resnet18"), None, seed=0)
+    new_head(model, "net.fc", 10, data.id2label, reinitialize=False)
+    spec = TrainingSpec(batchSize=16, maxSteps=10, evalEverySteps=2, earlyStopping={"patience": 2})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    statistics: list[dict[str, torch.Tensor]] = []
+    losses = iter([1.0, 0.5, 0.9, 0.8])
+
+    def evaluate() -> dict[str, float]:
+        statistics.append({n: b.clone() for n, b in model.named_buffers()})
+        return {"loss": next(losses)}
+
+    state = train_loop(model, optimizer, make_scheduler(optimizer, spec, 10), encode_images(data.train),
+                       make_collate(Task.IMAGE_CLASSIFICATION, 0, 16), spec, Task.IMAGE_CLASSIFICATION, CPU,
+                       Hooks(evaluate=evaluate))
+    assert state.restored_best and state.best_step == 4
+    best, last = statistics[1], statistics[3]
+    assert not torch.equal(best["net.bn1.running_mean"], last["net.bn1.running_mean"])
+    for name, value in model.named_buffers():
+        assert torch.equal(value, best[name]), name

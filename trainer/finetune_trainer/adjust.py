@@ -14,6 +14,7 @@ from collections import defaultdict
 from torch import nn
 
 from finetune_trainer.config import AdjustSpec, FreezeSpec, FreezeStrategy
+from finetune_trainer.errors import ConfigError
 from finetune_trainer.structure import Depth, canonical
 
 log = logging.getLogger(__name__)
@@ -22,22 +23,27 @@ log = logging.getLogger(__name__)
 def freeze(model: nn.Module, spec: FreezeSpec, depth: Depth, head: str | None) -> int:
     """Apply the freeze strategy; returns how many parameters it froze."""
     frozen = 0
-    pattern = re.compile(spec.pattern) if spec.strategy == FreezeStrategy.REGEX and spec.pattern else None
     for name, p in model.named_parameters():
-        if p.requires_grad and frozen_by(spec, name, depth, head, pattern):
+        if p.requires_grad and frozen_by(spec, name, depth, head):
             p.requires_grad_(False)
             frozen += p.numel()
     return frozen
 
 
-def frozen_by(spec: FreezeSpec, name: str, depth: Depth, head: str | None, pattern: re.Pattern | None) -> bool:
+def frozen_by(spec: FreezeSpec, name: str, depth: Depth, head: str | None) -> bool:
     if spec.strategy == FreezeStrategy.ALL_BUT_HEAD:
         return head is None or not canonical(name).startswith(head + ".")
     if spec.strategy == FreezeStrategy.BOTTOM_LAYERS:
         return depth.of(name) <= (spec.count or 0)
-    if pattern is not None:
-        return bool(pattern.search(canonical(name)))
+    if spec.strategy == FreezeStrategy.REGEX:
+        return re.search(spec.pattern or "", canonical(name)) is not None  # `re` caches the compiled pattern
     return False
+
+
+def adaptable(candidates: list[str], spec: FreezeSpec, depth: Depth, head: str | None) -> list[str]:
+    """The LoRA candidates (module names) whose weight the freeze leaves training: adapters in frozen modules
+    would cost compute and learn nothing."""
+    return [name for name in candidates if not frozen_by(spec, name + ".weight", depth, head)]
 
 
 def no_decay_names(model: nn.Module) -> set[str]:
@@ -67,6 +73,9 @@ def param_groups(model: nn.Module, spec: AdjustSpec, depth: Depth, head: str | N
         group = groups[(lr, decay)]
         group["params"].append(p)
         group["param_names"].append(name)
+    if not groups:
+        raise ConfigError(f"adjust.freeze (strategy {spec.freeze.strategy.value}) leaves no parameter to train"
+                          + (" (a causal-lm has no head)" if head is None else "") + "; freeze less")
     out = [{"lr": lr, "weight_decay": decay, **g} for (lr, decay), g in sorted(groups.items(), reverse=True)]
     for g in out:
         count = sum(p.numel() for p in g["params"])

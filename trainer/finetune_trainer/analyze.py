@@ -77,8 +77,10 @@ class StructureReport:
         return [f for f in self.findings if f.severity == Severity.FATAL]
 
 
-def analyze(model: nn.Module, batches: list[Batch], task: Task, num_labels: int, adapters: bool) -> StructureReport:
-    """Inspect `model` on a few training batches; `num_labels` is what the dataset needs, `adapters` whether LoRA follows."""
+def analyze(model: nn.Module, batches: list[Batch], task: Task, num_labels: int, adapters: bool,
+            dtype: torch.dtype | None = None) -> StructureReport:
+    """Inspect `model` on a few training batches; `num_labels` is what the dataset needs, `adapters` whether LoRA
+    follows, `dtype` the autocast precision the run trains at (None: fp32)."""
     params = dict(model.named_parameters())
     total = sum(p.numel() for p in params.values())
     trainable = sum(p.numel() for p in params.values() if p.requires_grad)
@@ -86,7 +88,7 @@ def analyze(model: nn.Module, batches: list[Batch], task: Task, num_labels: int,
     head_info = None
     if head is not None:
         head_info = {"name": head, "out_features": model.get_submodule(head).out_features, "dataset_labels": num_labels}
-    no_grad, probe = probe_step(model, batches, task)
+    no_grad, probe = probe_step(model, batches, task, adapters, dtype)
     report = StructureReport(
         model_class=type(model).__name__,
         total_parameters=total,
@@ -100,7 +102,7 @@ def analyze(model: nn.Module, batches: list[Batch], task: Task, num_labels: int,
         no_grad_parameters=no_grad,
         flops=flop_estimate(model, batches[0], task, probe["flops"], adapters),
         memory=memory_model(params, probe["activations"], probe["largest_activation"], probe["peak"],
-                            probe["peak_source"]),
+                            probe["peak_source"], probe["gradients"]),
     )
     report.findings = findings(report, params, task)
     return report
@@ -142,17 +144,24 @@ def probe_loss(logits: torch.Tensor) -> torch.Tensor:
     return logits.float().logsumexp(-1).mean()
 
 
-def probe_step(model: nn.Module, batches: list[Batch], task: Task) -> tuple[list[str], dict[str, Any]]:
-    """Forward and backward without an optimizer step; returns parameters left without a gradient and what it cost.
+def probe_step(model: nn.Module, batches: list[Batch], task: Task, adapters: bool,
+               dtype: torch.dtype | None) -> tuple[list[str], dict[str, Any]]:
+    """Forward and backward without an optimizer step, under the run's autocast `dtype`; returns parameters left
+    without a gradient and what it cost.
 
-    Eval mode keeps BatchNorm's running statistics untouched; the weights never change.
+    Eval mode keeps BatchNorm's running statistics untouched; the weights never change. When adapters will train
+    instead of the weights, the matrices get no gradient here either (a large model's would not fit beside it):
+    only vectors (biases, norms) do, and a matrix counts as reached when a gradient reaches its module's output.
     """
     was_training = model.training
     model.eval()
     requires = {n: p.requires_grad for n, p in model.named_parameters()}
     for p in model.parameters():
-        p.requires_grad_(True)  # probe every parameter, frozen or not: freezing comes later
+        p.requires_grad_(not adapters or p.dim() < 2)  # probe what may train, frozen or not: freezing comes later
         p.grad = None
+    reached: set[str] = set()
+    hooks = [module.register_forward_hook(mark_reached(name, reached)) for name, module in model.named_modules()
+             if adapters and any(p.dim() >= 2 for p in module.parameters(recurse=False))]
     saved: dict[int, int] = {}
 
     def keep(t: torch.Tensor) -> torch.Tensor:
@@ -160,21 +169,49 @@ def probe_step(model: nn.Module, batches: list[Batch], task: Task) -> tuple[list
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    with FlopCounterMode(display=False) as counter, measured_peak(model) as peak:
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            loss = probe_loss(logits_of(model, batches[0].inputs))
-        loss.backward()
-    probe = {"flops": counter.get_total_flops() / batches[0].samples, "activations": sum(saved.values()),
-             "largest_activation": max(saved.values(), default=0),
-             "peak": peak.get("bytes"), "peak_source": peak.get("source")}
-    for batch in batches[1:]:
-        probe_loss(logits_of(model, batch.inputs)).backward()
-    no_grad = [n for n, p in model.named_parameters() if p.grad is None]
+    device = next(model.parameters()).device
+
+    def forward(batch: Batch) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return probe_loss(logits_of(model, batch.inputs))
+
+    try:
+        with FlopCounterMode(display=False) as counter, measured_peak(model) as peak:
+            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+                loss = forward(batches[0])
+            loss.backward()
+        gradients = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+        probe = {"flops": counter.get_total_flops() / batches[0].samples, "activations": sum(saved.values()),
+                 "largest_activation": max(saved.values(), default=0), "gradients": gradients,
+                 "peak": peak.get("bytes"), "peak_source": peak.get("source")}
+        for batch in batches[1:]:
+            forward(batch).backward()
+    finally:
+        for hook in hooks:
+            hook.remove()
+    owner = {f"{m}.{n}" if m else n: m for m, module in model.named_modules() for n, _ in module.named_parameters(recurse=False)}
+    no_grad = [n for n, p in model.named_parameters()
+               if (p.grad is None if p.requires_grad else owner[n] not in reached)]
     for name, p in model.named_parameters():
         p.grad = None
         p.requires_grad_(requires[name])
     model.train(was_training)
     return no_grad, probe
+
+
+def mark_reached(name: str, reached: set[str]) -> Any:
+    """A forward hook noting whether a gradient reaches the module's output (its weights' gradient needs one)."""
+
+    def hook(module: nn.Module, args: Any, output: Any) -> Any:
+        if not isinstance(output, torch.Tensor) or not output.is_floating_point():
+            reached.add(name)  # cannot tell without the weights' gradient: no finding rather than a false one
+            return None
+        if not output.requires_grad:  # nothing below trains (an embedding): start the graph here
+            output = output.detach().requires_grad_().clone()
+        output.register_hook(lambda grad: reached.add(name))
+        return output
+
+    return hook
 
 
 PROC = Path("/proc/self")
@@ -217,32 +254,31 @@ def measured_peak(model: nn.Module) -> Iterator[dict[str, int | str]]:
 def flop_estimate(model: nn.Module, batch: Batch, task: Task, measured: float, adapters: bool) -> dict[str, float | str | None]:
     """Measured training FLOPs per sample against the 6N rule (N = weights of the matmul layers, per token).
 
-    With adapters the frozen weights get no weight gradient, so a training step costs about 4N.
+    With adapters the frozen weights get no weight gradient, in training as in the probe, so a step costs about 4N.
     """
     out: dict[str, float | str | None] = {"measured_per_sample": measured, "rule": None, "estimate_per_sample": None,
                                           "measured_over_estimate": None, "training_per_sample": measured}
-    if adapters:
-        out["training_per_sample"] = measured * 4 / 6
     if task == Task.IMAGE_CLASSIFICATION:
         out["rule"] = "none: convolutions reuse weights across positions, so 6N per sample does not hold"
         return out
     n = sum(m.weight.numel() for m in model.modules() if isinstance(m, lora_types()))
     tokens = batch.inputs["input_ids"].numel() / batch.samples  # padded positions cost as much as real ones
-    estimate = 6 * n * tokens
-    out.update(rule="6N per token (4N with adapters)", estimate_per_sample=estimate,
+    estimate = (4 if adapters else 6) * n * tokens
+    out.update(rule="4N per token (adapters)" if adapters else "6N per token", estimate_per_sample=estimate,
                measured_over_estimate=measured / estimate if estimate else None)
     return out
 
 
 def memory_model(params: dict[str, nn.Parameter], activations: int, largest_activation: int, peak: int | None = None,
-                 measured_by: str | None = None) -> dict[str, int | str | None]:
+                 measured_by: str | None = None, probe_gradients: int | None = None) -> dict[str, int | str | None]:
     """Bytes of a training step: weights, gradients and AdamW state of what trains, the batch's activations,
     and the transient peak of the backward pass.
 
     Activations are the tensors autograd saved in the probe's forward (counted once per storage). When the
     backward starts they are all alive, together with the gradient of the largest of them (a language model's
     logits) and two temporaries of its size in the loss's backward, hence transient = 3 x the largest
-    (measured: 3.06 x for a GPT-2 with a 30k vocabulary).
+    (measured: 3.06 x for a GPT-2 with a 30k vocabulary). `probe_gradients` are the bytes of the gradients the
+    probe computed (every weight's unless adapters follow).
     """
     unique = {id(p): p for p in params.values()}.values()
     weights = sum(p.numel() * p.element_size() for p in unique)
@@ -253,8 +289,9 @@ def memory_model(params: dict[str, nn.Parameter], activations: int, largest_acti
     return {"weights": weights, "gradients": gradients, "optimizer": optimizer, "activations": activations,
             "largest_activation": largest_activation, "transient": transient,
             "total": weights + gradients + optimizer + activations + transient,
-            # The probe computes gradients of every weight and has no optimizer, so compare like with like.
-            "probe_model": weights * 2 + activations + transient,
+            # The probe has no optimizer, so compare like with like.
+            "probe_model": weights + (weights if probe_gradients is None else probe_gradients) + activations
+            + transient,
             "measured_probe_peak": None if peak is None else int(peak),
             "measured_by": measured_by}
 
@@ -294,7 +331,7 @@ def findings(report: StructureReport, params: dict[str, nn.Parameter], task: Tas
                                "size the job's memory by the measurement"))
     ratio = report.flops.get("measured_over_estimate")
     if isinstance(ratio, float) and not 0.5 < ratio < 3:
-        out.append(Finding(Severity.INFO, "FlopsOffEstimate", f"measured FLOPs are {ratio:.2f}x the 6N estimate"))
+        out.append(Finding(Severity.INFO, "FlopsOffEstimate", f"measured FLOPs are {ratio:.2f}x the estimate ({report.flops['rule']})"))
     return out
 
 
@@ -313,7 +350,7 @@ def summary(report: StructureReport) -> str:
     flops = report.flops
     line = f"  FLOPs per sample: {flops['measured_per_sample']:.3g} measured"
     if flops["estimate_per_sample"]:
-        line += f", {flops['estimate_per_sample']:.3g} by 6N ({flops['measured_over_estimate']:.2f}x)"
+        line += f", {flops['estimate_per_sample']:.3g} by {flops['rule']} ({flops['measured_over_estimate']:.2f}x)"
     lines.append(line)
     mem = report.memory
     peak = mem["measured_probe_peak"]

@@ -50,6 +50,19 @@ def encode_text(split: Split, tokenizer, max_length: int) -> Encoded:
     return Encoded(ids, split.labels, [len(x) for x in ids])
 
 
+def encode_causal(split: Split, tokenizer, max_length: int) -> Encoded:
+    """Texts for a causal LM: each ends with the eos token, so the model learns where a text stops, and a text
+    longer than max_length is cut into chunks, not truncated. Chunks overlap by one token, so every token after
+    a text's first is a target exactly once (the first token of a chunk is the context of its second)."""
+    eos = tokenizer.eos_token_id
+    chunks = []
+    for row in tokenizer(split.inputs)["input_ids"]:
+        if eos is not None and row[-1:] != [eos]:
+            row = [*row, eos]
+        chunks += [row[i:i + max_length] for i in range(0, max(len(row) - 1, 1), max_length - 1)]
+    return Encoded(chunks, None, [len(c) for c in chunks])
+
+
 def encode_images(split: Split) -> Encoded:
     return Encoded(split.inputs, split.labels, [1] * len(split.inputs))
 

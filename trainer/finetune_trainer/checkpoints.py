@@ -6,10 +6,18 @@ scheduler, each rank's RNG state and the loop's position as JSON. It is
 written into `.tmp-step-<N>`, flushed to disk, given a COMMITTED marker, and only then
 renamed into place by rank 0 (a rename is atomic); the last `keep` are kept. Resume takes
 the newest folder that has the marker. Ranks must share the checkpoint folder (a PVC).
+
+The checkpoints of one run live in `<output>/checkpoints/<fingerprint>` (`run_folder`): the
+hash of what changes the optimisation, world size included, written beside them in
+fingerprint.json. A run never resumes another's; the folders of other fingerprints and
+half-written `.tmp-*` ones are stale and removed when a run starts. A run whose config differs
+from a checkpointed one only in its world size is refused: the global batch, the split of the
+data and the schedule's length would all change under the saved optimizer.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -24,12 +32,14 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from finetune_trainer.distributed import World
+from finetune_trainer.errors import CheckpointMismatch, ConfigError
 
 log = logging.getLogger(__name__)
 
 MARKER = "COMMITTED"
 PREFIX = "step-"
 BEST = "best.safetensors"
+FINGERPRINT = "fingerprint.json"
 
 
 def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -41,7 +51,10 @@ def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def rng_state() -> dict[str, Any]:
-    state = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """Every generator's state, in types `torch.load(weights_only=True)` reads back (numpy's key as a tensor)."""
+    numpy = np.random.get_state(legacy=False)
+    numpy["state"]["key"] = torch.from_numpy(numpy["state"]["key"].astype(np.int64))
+    state = {"python": random.getstate(), "numpy": numpy, "torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -49,7 +62,9 @@ def rng_state() -> dict[str, Any]:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate(state["python"])
-    np.random.set_state(state["numpy"])
+    numpy = state["numpy"]
+    numpy["state"]["key"] = numpy["state"]["key"].numpy().astype(np.uint32)
+    np.random.set_state(numpy)
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -92,6 +107,42 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
     return final
 
 
+def run_folder(parent: Path, identity: dict[str, Any], world: World) -> Path:
+    """The checkpoint folder of the run `identity` describes (what changes its optimisation, with `worldSize`);
+    see the module docstring for what it refuses and removes."""
+    root = parent / folder_name(identity)
+    others = [p for p in parent.iterdir() if p != root and p.is_dir()] if parent.is_dir() else []
+    if not complete(root):
+        for other in others:
+            saved = read_identity(other)
+            if complete(other) and saved is not None and saved | {"worldSize": 0} == identity | {"worldSize": 0}:
+                raise ConfigError(
+                    f"{other} holds checkpoints of this job made by {saved['worldSize']} processes; this run has "
+                    f"{world.size}. The global batch, the data's split and the schedule would change under the saved "
+                    f"optimizer, so they are not resumed: run on {saved['worldSize']} processes again "
+                    f"(runtime.workers x processesPerWorker), or remove {other} to start afresh")
+    world.barrier()  # every rank has looked before rank 0 removes anything
+    if world.main:
+        for stale in [*others, *root.glob(f".tmp-{PREFIX}*")]:
+            log.info("removing stale checkpoints %s", stale)
+            shutil.rmtree(stale, ignore_errors=True)
+        root.mkdir(parents=True, exist_ok=True)
+        (root / FINGERPRINT).write_text(json.dumps(identity, indent=2, sort_keys=True))
+    world.barrier()
+    return root
+
+
+def folder_name(identity: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+
+
+def read_identity(folder: Path) -> dict[str, Any] | None:
+    try:
+        return json.loads((folder / FINGERPRINT).read_text())
+    except (OSError, ValueError):
+        return None
+
+
 def complete(root: Path) -> list[Path]:
     """Committed checkpoints, oldest first."""
     if not root.is_dir():
@@ -104,23 +155,26 @@ def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sched
          world: World) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
     """Restore a checkpoint in place; returns the loop's saved position and the best weights if it kept them."""
     restore(model, load_file(folder / "trained.safetensors"), folder)
-    saved = torch.load(folder / "optimizer.pt", map_location=world.device, weights_only=False)
+    saved = torch.load(folder / "optimizer.pt", map_location=world.device, weights_only=True)  # runs no pickled code
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     rng = folder / f"rng-{world.rank}.pt"
     if rng.exists():  # a run resumed on more ranks than it was saved with starts the new ranks' RNG afresh
-        set_rng_state(torch.load(rng, weights_only=False))
+        set_rng_state(torch.load(rng, weights_only=True))
     log.info("resumed from %s", folder)
     best = load_file(folder / BEST) if (folder / BEST).exists() else None
     return json.loads((folder / "state.json").read_text()), best
 
 
 def restore(model: nn.Module, tensors: dict[str, torch.Tensor], source: object) -> None:
-    """Copy `tensors` (as `trained_tensors` took them) into the model in place."""
+    """Copy `tensors` (as `trained_tensors` took them) into the model in place; they must be exactly what trains
+    and every buffer, or the model would go on with a mix of restored and fresh weights."""
     own = dict(model.named_parameters()) | dict(model.named_buffers())
-    missing = set(tensors) - set(own)
-    if missing:
-        raise RuntimeError(f"{source}: holds tensors the model lacks: {sorted(missing)[:5]}")
+    expected = {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
+    unexpected, missing = set(tensors) - set(own), expected - set(tensors)
+    if unexpected or missing:
+        raise CheckpointMismatch(f"{source}: does not fit the model (it lacks {sorted(missing)[:5]}, and has "
+                                 f"{sorted(unexpected)[:5]} the model lacks); remove it or use another output.uri")
     with torch.no_grad():
         for name, value in tensors.items():
             own[name].copy_(value)

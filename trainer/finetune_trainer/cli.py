@@ -9,6 +9,7 @@ anything else (an infrastructure failure that a new attempt may get past).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import sys
@@ -16,9 +17,10 @@ import warnings
 from pathlib import Path
 from typing import Any, NoReturn
 
+import yaml
 from pydantic import ValidationError
 
-from finetune_trainer.errors import EXIT_OK, EXIT_USER_ERROR, Terminated, UserError, exit_code_of
+from finetune_trainer.errors import EXIT_OK, EXIT_USER_ERROR, Terminated, UserError, describe, exit_code_of, reason_of
 
 log = logging.getLogger("finetune_trainer")
 
@@ -57,6 +59,20 @@ def main(argv: list[str] | None = None) -> int:
     # other processes made every matmul about 3x slower (measured on 2 cores); waiting passively costs little.
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     args = parse(argv)
+    try:
+        return start(args)
+    except Exception as exc:  # before the pipeline took over (a broken install, say): never 1, which means the user
+        log.exception("infrastructure failure")
+        with contextlib.suppress(Exception):
+            from finetune_trainer.config import Stage
+            from finetune_trainer.telemetry import write_termination
+
+            write_termination({"stage": Stage.STARTING.value, "reason": reason_of(exc), "message": describe(exc),
+                               "exitCode": exit_code_of(exc)})
+        return exit_code_of(exc)
+
+
+def start(args: argparse.Namespace) -> int:
     setup_logging()
     from finetune_trainer.config import Stage, TrainerConfig
     from finetune_trainer.rules import error_lines
@@ -66,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg = TrainerConfig.from_file(args.config)
     except ValidationError as exc:
         problem = f"{args.config} is not a valid config:\n  " + "\n  ".join(error_lines(exc))
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, yaml.YAMLError) as exc:
         problem = f"cannot read {args.config}: {exc}"
     else:
         return execute(cfg, args.output)

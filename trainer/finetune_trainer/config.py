@@ -100,13 +100,14 @@ class DatasetFormat(StrEnum):
 
 
 class DatasetSpec(ApiModel):
-    """The labelled data; a seeded split holds out `validationSplit` of it for evaluation."""
+    """The labelled data: its own train, validation and test splits, or a seeded split of its rows into them."""
 
     uri: Uri = Field(description="A file or folder: pvc://<claim>/<path>, hf://<org>/<name> or an absolute path.")
     format: DatasetFormat = Field(
         DatasetFormat.AUTO,
         description="File format; auto picks it from the extension (a folder of class folders is an ImageFolder, "
-        "a folder with dataset_info.json is an HF save_to_disk dataset).",
+        "a folder with dataset_info.json is an HF save_to_disk dataset). A folder may hold the hub's layouts: "
+        "files named by split (train.csv, test-00000-of-00001.parquet) or in folders named by split.",
     )
     text_field: str = Field("text", min_length=1, description="Column holding the input text.")
     label_field: str = Field(
@@ -116,16 +117,28 @@ class DatasetSpec(ApiModel):
         0.1,
         gt=0,
         lt=0.5,
-        description="Fraction of the rows held out for evaluation (seeded by training.seed).",
+        description="Fraction of the rows held out as the validation split (evaluated during training; early "
+        "stopping selects on it) when the dataset has none (seeded by training.seed).",
+    )
+    test_split: float = Field(
+        0.1,
+        gt=0,
+        lt=0.5,
+        description="Fraction of the rows held out as the test split, which the baseline and final scores come "
+        "from and nothing else sees, when the dataset has none (seeded by training.seed).",
     )
     max_train_samples: int | None = Field(
         None, ge=1, description="Use at most this many training rows (after the split)."
     )
     max_eval_samples: int | None = Field(
-        None, ge=1, description="Evaluate on at most this many held-out rows."
+        None, ge=1, description="Evaluate on at most this many rows of each held-out split (validation, test)."
     )
     max_length: int = Field(
-        128, ge=8, le=131072, description="Truncate each text sample to this many tokens."
+        128,
+        ge=8,
+        le=131072,
+        description="Tokens per sample: longer texts are truncated for classification and cut into chunks of "
+        "this length for causal-lm.",
     )
     image_size: int = Field(
         224, ge=8, le=4096, description="Images are resized to imageSize x imageSize pixels."
@@ -162,6 +175,14 @@ class FreezeSpec(ApiModel):
     pattern: str | None = Field(
         None, min_length=1, max_length=512, description="Python regex over parameter names to freeze (regex)."
     )
+
+    def pattern_problem(self) -> str | None:
+        """Python's regex syntax, which the apiserver's CEL (RE2) cannot check; the operator and the trainer can."""
+        try:
+            re.compile(self.pattern or "")
+        except re.error as exc:
+            return f"not a valid regular expression ({exc})"
+        return None
 
     rules = (
         Rule(
@@ -322,7 +343,8 @@ class Metric(StrEnum):
 
 
 class EvaluationSpec(ApiModel):
-    """Stage 5: measure the model on the held-out split, before (baseline) and after fine-tuning."""
+    """Stage 5: measure the model on the test split before (baseline) and after fine-tuning, and on the validation
+    split during training."""
 
     metrics: list[Metric] = Field(
         default_factory=lambda: [Metric.ACCURACY, Metric.F1],

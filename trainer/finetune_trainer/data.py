@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,6 +25,11 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".ti
 FILE_FORMATS = {".csv": DatasetFormat.CSV, ".jsonl": DatasetFormat.JSONL, ".json": DatasetFormat.JSONL,
                 ".parquet": DatasetFormat.PARQUET}
 IMAGE_COLUMN = "image"  # the column an ImageFolder's file paths land in
+TRAIN, VALIDATION, TEST = "train", "validation", "test"
+# The words the hub's loader (datasets' data_files patterns) reads as a split name, between separators.
+SPLIT_NAMES = {name: re.compile(rf"(^|[-._ /\d])({'|'.join(words)})([-._ /\d]|$)") for name, words in (
+    (TRAIN, ("train", "training")), (VALIDATION, ("validation", "valid", "dev", "val")),
+    (TEST, ("test", "testing", "eval", "evaluation")))}
 
 
 @dataclass
@@ -37,38 +43,46 @@ class Split:
 @dataclass
 class LabelledData:
     train: Split
-    validation: Split
+    validation: Split  # evaluated during training: early stopping selects on it
+    test: Split  # the baseline and final scores, from rows neither training nor selection saw
     id2label: dict[int, str]  # empty for causal-lm
 
 
 def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
     path = fetch(spec.uri, kind="dataset", repo_type="dataset", error=DataError)
     fmt = detect_format(path, spec.format)
-    table = read_table(path, fmt)
+    try:
+        tables = read_splits(path, fmt)
+    except (ValueError, FileNotFoundError) as exc:  # a parser's complaint (pandas, pyarrow, json, datasets)
+        raise DataError(f"dataset {spec.uri}: cannot read it as {fmt.value} ({type(exc).__name__}: {exc})") from exc
     input_field = IMAGE_COLUMN if fmt == DatasetFormat.IMAGE_FOLDER else spec.text_field
     label_field = None if task == Task.CAUSAL_LM else ("label" if fmt == DatasetFormat.IMAGE_FOLDER else spec.label_field)
-    for role, column in (("textField", input_field), ("labelField", label_field)):
-        if column is not None and column not in table.columns:
-            raise DataError(
-                f"dataset {spec.uri}: no column {column!r} (dataset.{role}); it has {', '.join(map(str, table.columns))}"
-            )
     columns = [c for c in (input_field, label_field) if c is not None]
-    usable = table[columns].dropna()
-    if dropped := len(table) - len(usable):
-        log.warning("dataset %s: dropped %d rows with an empty %s", spec.uri, dropped, " or ".join(columns))
-    if usable.empty:
+    usable: dict[str, pd.DataFrame] = {}
+    for name, table in tables.items():
+        for role, column in (("textField", input_field), ("labelField", label_field)):
+            if column is not None and column not in table.columns:
+                where = f" in its {name} split" if len(tables) > 1 else ""
+                raise DataError(f"dataset {spec.uri}: no column {column!r} (dataset.{role}){where}; "
+                                f"it has {', '.join(map(str, table.columns))}")
+        usable[name] = table[columns].dropna()
+        if dropped := len(table) - len(usable[name]):
+            log.warning("dataset %s: dropped %d %s rows with an empty %s", spec.uri, dropped, name, " or ".join(columns))
+    if usable[TRAIN].empty:
         raise DataError(f"dataset {spec.uri}: no usable rows")
-    inputs = usable[input_field].astype(str).tolist()
+    inputs = {name: table[input_field].astype(str).tolist() for name, table in usable.items()}
     id2label: dict[int, str] = {}
-    labels: list[int] | None = None
+    labels: dict[str, list[int] | None] = dict.fromkeys(usable)
     if label_field is not None:
-        id2label, labels = label_ids(usable[label_field])
+        id2label, ids = label_ids(pd.concat([t[label_field] for t in usable.values()], ignore_index=True))
         if len(id2label) < 2:
             raise DataError(f"dataset {spec.uri}: column {label_field!r} has {len(id2label)} distinct label(s); need 2 or more")
-    train, validation = split(inputs, labels, spec, seed)
-    log.info("dataset %s (%s): %d rows -> %d train, %d validation, %d labels",
-             spec.uri, fmt.value, len(usable), len(train.inputs), len(validation.inputs), len(id2label))
-    return LabelledData(train=train, validation=validation, id2label=id2label)
+        offsets = np.cumsum([0, *(len(t) for t in usable.values())])
+        labels = {name: ids[offsets[i]:offsets[i + 1]] for i, name in enumerate(usable)}
+    train, validation, test = split(inputs, labels, spec, seed)
+    log.info("dataset %s (%s; splits given: %s): %d train, %d validation, %d test rows, %d labels", spec.uri,
+             fmt.value, ", ".join(tables), len(train.inputs), len(validation.inputs), len(test.inputs), len(id2label))
+    return LabelledData(train=train, validation=validation, test=test, id2label=id2label)
 
 
 def detect_format(path: Path, declared: DatasetFormat) -> DatasetFormat:
@@ -80,40 +94,71 @@ def detect_format(path: Path, declared: DatasetFormat) -> DatasetFormat:
         raise DataError(f"{path}: cannot tell the format from the extension; set dataset.format")
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
         return DatasetFormat.HF_DISK
+    if found := {FILE_FORMATS[f.suffix.lower()] for f in data_files(path, set(FILE_FORMATS))}:
+        if len(found) > 1:
+            raise DataError(f"{path}: holds {' and '.join(sorted(found))} files; set dataset.format")
+        return found.pop()
     if any(child.is_dir() for child in path.iterdir()):
         return DatasetFormat.IMAGE_FOLDER
     raise DataError(f"{path}: a folder that is neither an ImageFolder nor an HF dataset; point dataset.uri at a file")
 
 
-def read_table(path: Path, fmt: DatasetFormat) -> pd.DataFrame:
+def data_files(folder: Path, suffixes: set[str]) -> list[Path]:
+    """Files with these suffixes anywhere below the folder, but not in hidden folders (.git, .cache)."""
+    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes
+                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+
+
+def split_of(relative: str) -> str | None:
+    """The split a hub file belongs to, by the names the hub's loader knows (datasets' data_files patterns):
+    a folder or a file name word like train/, validation-00000-of-00001.parquet or test.csv."""
+    for name, pattern in SPLIT_NAMES.items():
+        if pattern.search(relative.lower()):
+            return name
+    return None
+
+
+def read_splits(path: Path, fmt: DatasetFormat) -> dict[str, pd.DataFrame]:
+    """The dataset's tables by split (train first; validation and test when the dataset names them).
+
+    A file is the train split. A folder is read as the hub lays datasets out: files named by split or in
+    folders named by split (parquet shards concatenated); files of no split name are one train split together.
+    """
     if fmt == DatasetFormat.IMAGE_FOLDER:
-        return read_image_folder(path)
+        return {TRAIN: read_image_folder(path)}
     if fmt == DatasetFormat.HF_DISK:
         import datasets
 
         loaded = datasets.load_from_disk(str(path))
-        if isinstance(loaded, datasets.DatasetDict):
-            # The seeded split below makes its own validation side; take the training rows.
-            loaded = loaded["train"] if "train" in loaded else next(iter(loaded.values()))
-        return loaded.to_pandas()
-    file = single_data_file(path, fmt)
+        if not isinstance(loaded, datasets.DatasetDict):
+            return {TRAIN: loaded.to_pandas()}
+        named = {split_of(name) or name: split for name, split in loaded.items()}
+        first = named.get(TRAIN) or next(iter(loaded.values()))
+        return {TRAIN: first.to_pandas()} | {n: named[n].to_pandas() for n in (VALIDATION, TEST) if n in named}
+    if path.is_file():
+        return {TRAIN: read_table(path, fmt)}
+    files = data_files(path, {suffix for suffix, f in FILE_FORMATS.items() if f == fmt})
+    if not files:
+        raise DataError(f"{path}: no {fmt.value} file in the folder")
+    by_split: dict[str | None, list[Path]] = {}
+    for file in files:
+        by_split.setdefault(split_of(str(file.relative_to(path))), []).append(file)
+    if set(by_split) != {None} and None in by_split:
+        log.warning("%s: ignoring files of no split name: %s", path, ", ".join(p.name for p in by_split.pop(None)))
+    by_split.setdefault(TRAIN, by_split.pop(None, []))
+    if not by_split[TRAIN]:
+        raise DataError(f"{path}: the files name splits ({', '.join(s for s in by_split if s)}) but none is train")
+    return {name: pd.concat([read_table(f, fmt) for f in by_split[name]], ignore_index=True)
+            for name in (TRAIN, VALIDATION, TEST) if name in by_split}
+
+
+def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
     if fmt == DatasetFormat.PARQUET:
         return pd.read_parquet(file)
     text = read_text(file)
     if fmt == DatasetFormat.JSONL:
-        return pd.read_json(io.StringIO(text), lines=True)
+        return pd.read_json(io.StringIO(text), lines=True, dtype=False)  # "10" stays the string the user wrote
     return pd.read_csv(io.StringIO(text))
-
-
-def single_data_file(path: Path, fmt: DatasetFormat) -> Path:
-    """A file URI as it is; a folder must hold exactly one file of the format."""
-    if path.is_file():
-        return path
-    suffixes = {suffix for suffix, f in FILE_FORMATS.items() if f == fmt}
-    files = sorted(p for p in path.iterdir() if p.suffix.lower() in suffixes)
-    if len(files) != 1:
-        raise DataError(f"{path}: expected one {fmt.value} file in the folder, found {len(files)}")
-    return files[0]
 
 
 def read_text(file: Path) -> str:
@@ -143,28 +188,47 @@ def read_image_folder(path: Path) -> pd.DataFrame:
 
 
 def label_ids(column: pd.Series) -> tuple[dict[int, str], list[int]]:
-    """Ids in sorted label order (numeric order when every label is a number), so runs agree."""
+    """Ids in sorted label order (numeric order when every label is a number: 2 before 10), so runs agree."""
+    if pd.api.types.is_float_dtype(column) and (column == column.round()).all():
+        column = column.astype("int64")  # integers that a missing value turned into floats: 3, not 3.0
     names = column.astype(str)
     distinct = names.unique().tolist()
-    numeric = all(n.lstrip("-").isdigit() for n in distinct)
-    ordered = sorted(distinct, key=int) if numeric else sorted(distinct)
+    ordered = sorted(distinct, key=float) if all(map(is_number, distinct)) else sorted(distinct)
     index = {name: i for i, name in enumerate(ordered)}
     return dict(enumerate(ordered)), [index[n] for n in names]
 
 
-def split(inputs: list[str], labels: list[int] | None, spec: DatasetSpec, seed: int) -> tuple[Split, Split]:
-    order = np.random.default_rng(seed).permutation(len(inputs))
-    n_validation = max(1, round(len(inputs) * spec.validation_split))
-    if n_validation >= len(inputs):
-        raise DataError(f"dataset {spec.uri}: {len(inputs)} rows are too few to hold out {spec.validation_split:.0%}")
-    held_out, kept = order[:n_validation], order[n_validation:]
-    held_out = held_out[: spec.max_eval_samples]
-    kept = kept[: spec.max_train_samples]
+def is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
-    def take(idx: np.ndarray) -> Split:
-        return Split([inputs[i] for i in idx], None if labels is None else [labels[i] for i in idx])
 
-    return take(kept), take(held_out)
+def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spec: DatasetSpec,
+          seed: int) -> tuple[Split, Split, Split]:
+    """Train, validation and test: the dataset's own where it has them, else held out of its train rows with
+    the seed (test first, so that its rows do not depend on whether the dataset brings a validation split)."""
+    rng = np.random.default_rng(seed)
+    order = rng.permutation(len(inputs[TRAIN]))
+    held: dict[str, tuple[str, np.ndarray]] = {}
+    for name, fraction in ((TEST, spec.test_split), (VALIDATION, spec.validation_split)):
+        if name in inputs:
+            held[name] = (name, rng.permutation(len(inputs[name])))  # shuffled: a hub split may be sorted by label
+        else:
+            count = max(1, round(len(inputs[TRAIN]) * fraction))
+            held[name], order = (TRAIN, order[:count]), order[count:]
+    if len(order) == 0:
+        raise DataError(f"dataset {spec.uri}: {len(inputs[TRAIN])} rows are too few to hold out "
+                        f"{spec.validation_split:.0%} for validation and {spec.test_split:.0%} for test")
+
+    def take(name: str, idx: np.ndarray) -> Split:
+        return Split([inputs[name][i] for i in idx], None if labels[name] is None else [labels[name][i] for i in idx])
+
+    (v_name, v_idx), (t_name, t_idx) = held[VALIDATION], held[TEST]
+    return (take(TRAIN, order[: spec.max_train_samples]), take(v_name, v_idx[: spec.max_eval_samples]),
+            take(t_name, t_idx[: spec.max_eval_samples]))
 
 
 def check_label_count(id2label: dict[int, str], head_labels: int | str) -> int:

@@ -1,12 +1,15 @@
 """Why a run stopped, as the operator must see it: the exit code and a reason word.
 
 Exit codes are the contract with the operator (DESIGN §4): 0 success; 1 a user error
-that a retry cannot fix (bad config, data or model, a diverging loss); 143 a checkpoint
-was saved on SIGTERM (the attempt may be resumed); anything else an infrastructure
-failure that a new attempt may get past.
+that a retry cannot fix (bad config, data or model, a diverging loss), and nothing else;
+143 this process got SIGTERM and stopped cleanly, its progress in a checkpoint (or none made
+yet); anything else an infrastructure failure that a new attempt may get past.
 
-Under torchrun the container's exit code is torchrun's, which is 1 for any failed worker, so
-the termination message carries the trainer's own `exitCode` as well (`exit_code_of`).
+A mistake of the user's is classified where it is detected, by raising a `UserError`; any
+other exception, whatever library raised it, counts as infrastructure. Under torchrun the
+container's exit code is torchrun's, which is 1 for any failed worker (a SIGKILL too), so the
+termination message carries the trainer's own `exitCode` and `reason` (`exit_code_of`,
+`reason_of`), and a missing message means the process died without a word: infrastructure.
 """
 
 from __future__ import annotations
@@ -22,6 +25,12 @@ class UserError(Exception):
 
     reason = "InvalidInput"
     exit_code = EXIT_USER_ERROR
+
+
+class ConfigError(UserError):
+    """Fields that validate one by one but cannot work together on this model (the message names them)."""
+
+    reason = "InvalidConfig"
 
 
 class DataError(UserError):
@@ -44,8 +53,14 @@ class LossNotFinite(UserError):
     reason = "LossNotFinite"
 
 
+class CheckpointMismatch(UserError):
+    """A checkpoint in the output folder does not fit the model (a different trainer wrote it, or it is damaged)."""
+
+    reason = "CheckpointMismatch"
+
+
 class Terminated(Exception):
-    """SIGTERM arrived; a checkpoint was saved and the run stops so that a later attempt resumes."""
+    """SIGTERM arrived; what training had done is in a checkpoint and the run stops so that a later attempt resumes."""
 
     reason = "Terminated"
     exit_code = EXIT_TERMINATED
@@ -54,3 +69,23 @@ class Terminated(Exception):
 def exit_code_of(exc: BaseException) -> int:
     """The exit code the trainer gives for what stopped it."""
     return getattr(exc, "exit_code", EXIT_INFRASTRUCTURE)
+
+
+def reason_of(exc: BaseException) -> str:
+    """The CamelCase reason of the termination message; the exception's type goes into the message instead."""
+    if hasattr(exc, "reason"):
+        return exc.reason
+    import torch
+
+    if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
+        return "OutOfMemory"
+    if isinstance(exc, torch.distributed.DistError):  # a peer died or the network failed
+        return "DistributedFailure"
+    return "InfrastructureFailure"
+
+
+def describe(exc: BaseException) -> str:
+    """The termination message's text: a user error's own words; otherwise the type too, for whoever debugs it."""
+    if isinstance(exc, (UserError, Terminated)):
+        return str(exc) or exc.reason
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -1,6 +1,7 @@
-"""Stage 5: measure the model on the held-out split: accuracy and macro-F1 for classifiers,
+"""Stage 5: measure the model on a held-out split: accuracy and macro-F1 for classifiers,
 loss and perplexity for any task. The baseline (before training) and the final run use this
-same function on the same batches, so their numbers compare.
+same function on the same batches of the test split, so their numbers compare; the
+evaluations during training, which early stopping selects on, use the validation split.
 
 Each rank evaluates its share of the batches; the sums (a confusion matrix, the summed
 loss) are added across ranks before the metrics are computed.

@@ -78,14 +78,15 @@ def model_card(cfg: TrainerConfig, report: dict[str, Any]) -> str:
         f"# Fine-tuned {cfg.model.uri or cfg.model.architecture}",
         "",
         f"- Task: {cfg.model.task.value}",
-        f"- Dataset: {cfg.dataset.uri} ({training['train_samples']} training, {training['eval_samples']} held-out samples)",
+        f"- Dataset: {cfg.dataset.uri} ({training['train_samples']} training, {training['validation_samples']} "
+        f"validation, {training['test_samples']} test samples)",
         f"- Labels: {', '.join(report['labels'].values()) or 'none (language model)'}",
         f"- Adapters: {adapters}" + (f"; merged (max logit difference {merge['max_abs_logit_diff']:.1e})"
                                      if merge and merge["passed"] else ""),
         f"- Training: {training['steps']} steps in {training['seconds']:.0f} s, "
         f"{training['samples_per_second']:.1f} samples/s, seed {cfg.training.seed}",
         "",
-        "## Evaluation on the held-out split",
+        "## Evaluation on the test split (seen by neither training nor model selection)",
         "",
         "| metric | baseline | fine-tuned | delta |",
         "|---|---|---|---|",

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from finetune_trainer.config import ModelSpec, Task
-from finetune_trainer.errors import ModelError
+from finetune_trainer.errors import ConfigError, ModelError
 from finetune_trainer.uris import fetch
 
 log = logging.getLogger(__name__)
@@ -52,6 +52,9 @@ def load_tokenizer(spec: ModelSpec):
     if tokenizer.pad_token_id is None:
         # Decoder tokenizers (GPT-2) have no pad token; padded positions are masked out anyway.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+    if tokenizer.pad_token_id is None:
+        raise ModelError(f"tokenizer {uri}: it has no pad, eos or unk token to pad batches with; "
+                         "use a tokenizer that defines one (model.tokenizerUri)")
     return tokenizer
 
 
@@ -70,9 +73,23 @@ def load_model(spec: ModelSpec, tokenizer, seed: int) -> nn.Module:
             return auto.from_config(config)
         path = fetch(spec.uri, kind="model", revision=spec.revision, error=ModelError)
         config = AutoConfig.from_pretrained(path, **spec.config)
+        if config.pad_token_id is None:
+            # A decoder classifier (GPT-2, Llama) pools its last token that is not padding, so it must know the pad.
+            config.pad_token_id = tokenizer.pad_token_id
         return auto.from_pretrained(path, config=config)
     except (OSError, ValueError, KeyError) as exc:
         raise ModelError(f"model {spec.uri or spec.architecture}: cannot load it as {spec.task.value} ({exc})") from exc
+
+
+def check_positions(model: nn.Module, max_length: int) -> None:
+    """A sample longer than the model's position table fails deep in its embedding (an IndexError, which would
+    read as infrastructure); say which field to change instead."""
+    config = getattr(model, "config", None)
+    positions = next((getattr(config, key) for key in ("max_position_embeddings", "n_positions")
+                      if isinstance(getattr(config, key, None), int)), None)
+    if positions is not None and max_length > positions:
+        raise ConfigError(f"dataset.maxLength {max_length} exceeds the {positions} positions the model has; "
+                          f"set it to {positions} or less")
 
 
 def load_vision_model(spec: ModelSpec) -> ImageClassifier:

@@ -2,17 +2,19 @@
 baseline before it), evaluate, export.
 
 `run(cfg, output_dir)` is the whole job. It returns the report that it also writes to
-output_dir/report.json: `analysis`, `evaluation: {baseline, final, delta}`, `training:
-{steps, seconds, samples_per_second, tokens_per_second, history, evals, ...}`. It writes the
+output_dir/report.json: `analysis`, `evaluation: {baseline, final, delta}` (on the test split),
+`training: {steps, seconds, samples_per_second, tokens_per_second, history, evals (on the
+validation split), ...}`. It writes the
 termination message, success or not, and re-raises what stopped it (the CLI maps that to
 an exit code).
 """
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 import json
 import logging
+import signal
 import sys
 import time
 from pathlib import Path
@@ -22,14 +24,14 @@ import torch
 from torch import nn
 
 from finetune_trainer import analyze as analysis
-from finetune_trainer import distributed, export
-from finetune_trainer.adjust import freeze, frozen_by, param_groups
-from finetune_trainer.batches import Encoded, encode_images, encode_text, epoch_batches, make_collate
+from finetune_trainer import checkpoints, distributed, export
+from finetune_trainer.adjust import adaptable, freeze, param_groups
+from finetune_trainer.batches import Encoded, encode_causal, encode_images, encode_text, epoch_batches, make_collate
 from finetune_trainer.config import Batching, Stage, Task, TrainerConfig
 from finetune_trainer.data import LabelledData, check_label_count, load_dataset
-from finetune_trainer.errors import EXIT_OK, exit_code_of
+from finetune_trainer.errors import EXIT_OK, ConfigError, Terminated, describe, exit_code_of, reason_of
 from finetune_trainer.evaluate import deltas, evaluate
-from finetune_trainer.models import load_model, load_tokenizer
+from finetune_trainer.models import check_positions, load_model, load_tokenizer
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
 from finetune_trainer.structure import depth, head_name
 from finetune_trainer.telemetry import Metrics, write_termination
@@ -62,6 +64,7 @@ class Progress:
         m = self.metrics
         m.loss.set(last["loss"])
         m.learning_rate.set(last["lr"])
+        m.grad_norm.set(last["grad_norm"])
         m.step.set(state.step)
         m.total_steps.set(total)
         m.epoch.set(state.epoch)
@@ -77,8 +80,8 @@ class Progress:
         if now - self.last_log >= 10 or state.step in (1, total):  # a line every 10 s is enough for `kubectl logs`
             self.last_log = now
             eta = (total - state.step) * state.seconds / state.step
-            log.info("step %d/%d epoch %d loss %.4f lr %.2e %.1f samples/s eta %.0fs", state.step, total,
-                     state.epoch, last["loss"], last["lr"], per_second, eta)
+            log.info("step %d/%d epoch %d loss %.4f lr %.2e grad norm %.3g %.1f samples/s eta %.0fs", state.step,
+                     total, state.epoch, last["loss"], last["lr"], last["grad_norm"], per_second, eta)
 
 
 def run(cfg: TrainerConfig, output_dir: Path) -> dict[str, Any]:
@@ -88,36 +91,61 @@ def run(cfg: TrainerConfig, output_dir: Path) -> dict[str, Any]:
     progress = Progress(metrics, world.main)
     if world.main:
         metrics.serve()
+
+    def stop(*_: Any) -> None:  # outside the training loop, which checkpoints first (train.SigtermFlag)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: the termination message still has to go out
+        trained = progress.stage in (Stage.EVALUATING, Stage.EXPORTING)
+        raise Terminated(f"stopped by SIGTERM in stage {progress.stage.value}"
+                         + ("; the trained weights are in a checkpoint" if trained else ""))
+
+    previous = None
+    with contextlib.suppress(ValueError):  # not the main thread: SIGTERM keeps its default
+        previous = signal.signal(signal.SIGTERM, stop)
     try:
         report = stages(cfg, Path(output_dir), world, progress)
-        write_termination({"stage": Stage.DONE.value, "exitCode": EXIT_OK, **progress.message})
+        write_termination({"stage": Stage.DONE.value, "reason": "Succeeded", "message": outcome(report),
+                           "exitCode": EXIT_OK, **progress.message})
         return report
     except BaseException as exc:
-        write_termination({"stage": progress.stage.value, "reason": getattr(exc, "reason", type(exc).__name__),
-                           "message": str(exc) or type(exc).__name__, "exitCode": exit_code_of(exc),
-                           **progress.message})
+        write_termination({"stage": progress.stage.value, "reason": reason_of(exc), "message": describe(exc),
+                           "exitCode": exit_code_of(exc), **progress.message})
         raise
     finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
         metrics.close()
+
+
+def outcome(report: dict[str, Any]) -> str:
+    """One line for the job's status: the steps, and the first metric on the test split before and after."""
+    evaluation = report["evaluation"]
+    metric, final = next(iter(evaluation["final"].items()))
+    before = evaluation["baseline"].get(metric)
+    change = f"{before:.4g} -> {final:.4g}" if before is not None else f"{final:.4g}"
+    return f"{report['training']['steps']} steps; test {metric} {change}"
 
 
 def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Progress) -> dict[str, Any]:
     task = cfg.model.task
     seed = cfg.training.seed
 
+    if problem := cfg.adjust.freeze.pattern_problem():  # before anything is loaded
+        raise ConfigError(f"adjust.freeze.pattern: {problem}")
     progress.enter(Stage.LOADING)
     tokenizer = None if task == Task.IMAGE_CLASSIFICATION else load_tokenizer(cfg.model)
     data = load_dataset(cfg.dataset, task, seed)
     num_labels = 0 if task == Task.CAUSAL_LM else check_label_count(data.id2label, cfg.rearrange.head.num_labels)
-    train_data, eval_data = encode(data, tokenizer, cfg)
+    train_data, validation_data, test_data = encode(data, tokenizer, cfg)
     collate = make_collate(task, tokenizer.pad_token_id if tokenizer else 0, cfg.dataset.image_size)
     model = load_model(cfg.model, tokenizer, seed).to(world.device)
+    check_positions(model, cfg.dataset.max_length)
 
     progress.enter(Stage.ANALYZING)
     probe = [collate(train_data, idx).to(world.device) for idx in
              epoch_batches(train_data.lengths, cfg.training.batch_size, seed=seed, epoch=0,
                            bucketed=cfg.training.batching == Batching.LENGTH_BUCKETED)[: cfg.analyze.probe_batches]]
-    report = analysis.analyze(model, probe, task, num_labels, adapters=cfg.rearrange.lora is not None)
+    dtype = autocast_dtype(cfg.training.precision, world.device)
+    report = analysis.analyze(model, probe, task, num_labels, adapters=cfg.rearrange.lora is not None, dtype=dtype)
     if world.main:
         log.info("structure analysis:\n%s", analysis.summary(report))
         out.mkdir(parents=True, exist_ok=True)
@@ -138,9 +166,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     if head is not None:
         new_head(model, head, num_labels, data.id2label, cfg.rearrange.head.reinitialize)
     if cfg.rearrange.lora is not None:
-        # Adapters in frozen layers would cost compute and learn nothing: leave those layers out.
-        candidates = [name for name in report.lora_candidates
-                      if not frozen_by(cfg.adjust.freeze, name + ".weight", layers, head, None)]
+        candidates = adaptable(list(report.lora_candidates), cfg.adjust.freeze, layers, head)
         model = add_adapters(model, cfg.rearrange.lora, candidates, head)
         freeze(model, cfg.adjust.freeze, layers, head)
     model.to(world.device)
@@ -154,16 +180,15 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     log.info("memory model after rearrange (MiB, activations as probed before freezing): %s",
              analysis.memory_line(memory))
 
-    dtype = autocast_dtype(cfg.training.precision, world.device)
     eval_size = cfg.evaluation.batch_size or cfg.training.batch_size
 
-    def measure(m: nn.Module) -> dict[str, float]:
-        return evaluate(m, eval_data, collate, task, cfg.evaluation.metrics, eval_size, world, num_labels, dtype)
+    def measure(m: nn.Module, split: Encoded) -> dict[str, float]:
+        return evaluate(m, split, collate, task, cfg.evaluation.metrics, eval_size, world, num_labels, dtype)
 
     baseline: dict[str, float] = {}
     if cfg.evaluation.baseline:
         progress.enter(Stage.BASELINE)
-        baseline = measure(model)
+        baseline = measure(model, test_data)
         progress.metrics.set_eval("baseline", baseline)
         log.info("baseline: %s", baseline)
 
@@ -176,10 +201,10 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         trained = nn.parallel.DistributedDataParallel(model, find_unused_parameters=bool(report.no_grad_parameters))
     flops = report.flops["training_per_sample"]
     hooks = Hooks(
-        evaluate=lambda: measure(model),
+        evaluate=lambda: measure(model, validation_data),  # selection (early stopping) never sees the test split
         on_step=lambda state, planned: progress.step(state, planned, flops, world.device),
         on_eval=lambda state: progress.metrics.set_eval("training", state.evals[-1]["metrics"]),
-        checkpoint_dir=out / "checkpoints" / fingerprint(cfg),
+        checkpoint_dir=checkpoints.run_folder(out / "checkpoints", fingerprinted(cfg, world.size), world),
     )
     progress.bar = progress_bar(steps) if world.main else None
     try:
@@ -190,9 +215,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
             progress.bar.close()
 
     progress.enter(Stage.EVALUATING)
-    # The loop's last evaluation already scored these weights (the best one's, if it restored them).
-    scored = state.best_step if state.restored_best else state.step
-    final = next((e["metrics"] for e in state.evals if e["step"] == scored), None) or measure(model)
+    final = measure(model, test_data)  # the weights training ended with (the best validation's, when it restored them)
     progress.metrics.set_eval("final", final)
     evaluation = {"baseline": baseline, "final": final, "delta": deltas(baseline, final)}
     progress.message["evaluation"] = {"baseline": baseline, "final": final}
@@ -206,7 +229,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         "memory_after_rearrange": memory,
         "evaluation": evaluation,
         "training": training_section(state, steps, steps_per_epoch(train_data, cfg.training, world), train_data,
-                                     eval_data, world),
+                                     validation_data, test_data, world),
     }
     if world.main:
         result.update(write_outputs(model, tokenizer, data.id2label, cfg, out, probe[0].inputs, result))
@@ -215,26 +238,38 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     return result
 
 
-def fingerprint(cfg: TrainerConfig) -> str:
-    """Checkpoints of one config live apart from another's: a rerun with a changed learning rate (say) on the
-    same output starts afresh instead of resuming an optimizer and schedule that no longer match."""
-    return hashlib.sha256(json.dumps(cfg.to_wire(), sort_keys=True).encode()).hexdigest()[:12]
+# Fields that change no weight at any step: editing them must not restart a run from step 0.
+BOOKKEEPING = {"analyze": None, "output": None, "rearrange": {"mergeOnExport"},
+               "training": {"checkpointEverySteps", "keepCheckpoints"}, "evaluation": {"baseline", "batchSize"}}
 
 
-def encode(data: LabelledData, tokenizer: Any, cfg: TrainerConfig) -> tuple[Encoded, Encoded]:
+def fingerprinted(cfg: TrainerConfig, world_size: int) -> dict[str, Any]:
+    """What a checkpoint must agree with to be resumed: the config less its bookkeeping, and the world size (the
+    global batch and the schedule's length follow from it). A field added later counts until listed above."""
+    wire = cfg.to_wire()
+    for section, fields in BOOKKEEPING.items():
+        if fields is None:
+            wire.pop(section, None)
+        else:
+            wire[section] = {k: v for k, v in wire.get(section, {}).items() if k not in fields}
+    return wire | {"worldSize": world_size}
+
+
+def encode(data: LabelledData, tokenizer: Any, cfg: TrainerConfig) -> tuple[Encoded, Encoded, Encoded]:
     if tokenizer is None:
-        return encode_images(data.train), encode_images(data.validation)
-    return (encode_text(data.train, tokenizer, cfg.dataset.max_length),
-            encode_text(data.validation, tokenizer, cfg.dataset.max_length))
+        return encode_images(data.train), encode_images(data.validation), encode_images(data.test)
+    text = encode_causal if cfg.model.task == Task.CAUSAL_LM else encode_text
+    return tuple(text(split, tokenizer, cfg.dataset.max_length) for split in (data.train, data.validation, data.test))
 
 
-def training_section(state: LoopState, total: int, per_epoch: int, train_data: Encoded, eval_data: Encoded,
-                     world: distributed.World) -> dict[str, Any]:
+def training_section(state: LoopState, total: int, per_epoch: int, train_data: Encoded, validation_data: Encoded,
+                     test_data: Encoded, world: distributed.World) -> dict[str, Any]:
     seconds = max(state.seconds, 1e-9)
     epochs = state.epoch + state.position / per_epoch  # passes over the data, fractional when stopped early
     return {"steps": state.step, "total_steps": total, "epochs": epochs, "seconds": state.seconds,
             "samples_per_second": state.samples / seconds, "tokens_per_second": state.tokens / seconds,
-            "train_samples": len(train_data.lengths), "eval_samples": len(eval_data.lengths), "workers": world.size,
+            "train_samples": len(train_data.lengths), "validation_samples": len(validation_data.lengths),
+            "test_samples": len(test_data.lengths), "workers": world.size,
             "stopped_early": state.stopped_early,
             "restored_best_step": state.best_step if state.restored_best else None,
             "history": state.history, "evals": state.evals}

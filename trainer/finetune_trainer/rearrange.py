@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from finetune_trainer.config import LoraSpec, LoraVariant
+from finetune_trainer.errors import ConfigError
 from finetune_trainer.models import logits_of
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ def add_adapters(model: nn.Module, spec: LoraSpec, candidates: list[str], head: 
     from peft import LoraConfig, get_peft_model
 
     targets = spec.target_modules or candidates
+    if not targets:
+        raise ConfigError("rearrange.lora: no layer is left to adapt (adjust.freeze freezes every LoRA candidate); "
+                          "freeze fewer layers, name rearrange.lora.targetModules, or drop rearrange.lora")
     config = LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,
@@ -54,7 +58,10 @@ def add_adapters(model: nn.Module, spec: LoraSpec, candidates: list[str], head: 
         target_modules=targets,
         modules_to_save=[head] if head else None,
     )
-    wrapped = get_peft_model(model, config)
+    try:
+        wrapped = get_peft_model(model, config)
+    except ValueError as exc:  # peft's NoMatchingPeftModuleError among them
+        raise ConfigError(f"rearrange.lora.targetModules {targets}: {exc}") from exc
     trainable, total = wrapped.get_nb_trainable_parameters()
     log.info("%s adapters (r=%d) on %d modules: %s of %s parameters train (%.2f%%)", spec.variant.value, spec.rank,
              len(targets), f"{trainable:,}", f"{total:,}", 100 * trainable / total)

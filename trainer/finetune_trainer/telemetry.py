@@ -13,6 +13,7 @@ when Kubernetes created it; it is compact JSON of at most 4 KiB.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import logging
 import os
@@ -23,6 +24,7 @@ import torch
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 
 from finetune_trainer.config import Stage
+from finetune_trainer.errors import EXIT_OK, EXIT_TERMINATED, EXIT_USER_ERROR
 
 log = logging.getLogger(__name__)
 
@@ -33,9 +35,16 @@ TERMINATION_ENV = "TERMINATION_MESSAGE_PATH"
 KUBERNETES_TERMINATION_LOG = Path("/dev/termination-log")
 TERMINATION_LIMIT = 4096  # bytes Kubernetes keeps of a termination message
 
-# Dense bf16 peak per GPU (torchtitan's table); MFU is reported only where the peak is known.
-PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "B200": 2250e12, "L40S": 362e12,
-                   "A10G": 70e12, "L4": 121e12}
+# Dense bf16 peak per GPU by the exact name torch.cuda.get_device_name gives (torchtitan's figures, NVIDIA's
+# datasheets): a part of a name would give an H100 PCIe (756) the SXM's 989, or an L40 the L4's. MFU is
+# reported only where the peak is known.
+PEAK_BF16_FLOPS = {
+    "NVIDIA H100 80GB HBM3": 989e12, "NVIDIA H100 PCIe": 756e12, "NVIDIA H100 NVL": 835e12,
+    "NVIDIA H200": 989e12, "NVIDIA H200 NVL": 835e12, "NVIDIA GH200 480GB": 989e12,
+    "NVIDIA A100-SXM4-80GB": 312e12, "NVIDIA A100-SXM4-40GB": 312e12, "NVIDIA A100-PCIE-40GB": 312e12,
+    "NVIDIA A100 80GB PCIe": 312e12, "NVIDIA B200": 2250e12, "NVIDIA L40S": 362e12, "NVIDIA L40": 181e12,
+    "NVIDIA A10G": 70e12, "NVIDIA L4": 121e12,
+}
 
 
 class Metrics:
@@ -50,13 +59,14 @@ class Metrics:
 
         self.loss = gauge("loss", "Training loss of the latest step (token-normalised)")
         self.learning_rate = gauge("learning_rate", "Learning rate of the first parameter group")
+        self.grad_norm = gauge("grad_norm", "Global L2 norm of the latest step's gradient, before clipping")
         self.step = gauge("step", "Optimizer steps taken")
         self.total_steps = gauge("total_steps", "Optimizer steps planned")
         self.epoch = gauge("epoch", "Current epoch (0-based)")
         self.samples_per_second = gauge("samples_per_second", "Training samples per second, all workers")
         self.tokens_per_second = gauge("tokens_per_second", "Training tokens per second, all workers")
         self.stage = gauge("stage", "1 for the pipeline stage running now, 0 for the others", ("stage",))
-        self.eval_metric = gauge("eval_metric", "Evaluation metric on the held-out split", ("phase", "metric"))
+        self.eval_metric = gauge("eval_metric", "Evaluation metric: test split (baseline, final), validation split (training)", ("phase", "metric"))
         self.gpu_memory_bytes = gauge("gpu_memory_bytes", "Peak GPU memory allocated by this worker")
         self.mfu = gauge("mfu", "Model FLOPs utilisation: achieved training FLOP/s over the GPU's bf16 peak")
 
@@ -96,9 +106,9 @@ class Metrics:
 
 
 def peak_flops(device: torch.device) -> float | None:
-    name = torch.cuda.get_device_name(device)
-    world = int(os.environ.get("WORLD_SIZE", "1"))  # throughput is counted over all workers
-    return next((peak * world for key, peak in PEAK_BF16_FLOPS.items() if key in name), None)
+    """The bf16 peak of all workers together (throughput is counted over all of them), if this GPU's is known."""
+    peak = PEAK_BF16_FLOPS.get(torch.cuda.get_device_name(device))
+    return None if peak is None else peak * int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def termination_path() -> Path | None:
@@ -122,11 +132,32 @@ def termination_message(message: dict[str, Any]) -> str:
     return text
 
 
+def precedence(message: dict[str, Any]) -> int:
+    """How much a message tells the operator about why the container stopped: success, then a user error (never
+    the consequence of another rank's failure), then an infrastructure failure, then SIGTERM (which torchrun sends
+    to every worker once one of them has failed)."""
+    return {EXIT_OK: 3, EXIT_USER_ERROR: 2, EXIT_TERMINATED: 0}.get(message.get("exitCode"), 1)
+
+
 def write_termination(message: dict[str, Any]) -> None:
-    """Each container has one termination log: of the ranks sharing it, the first local one writes."""
-    if os.environ.get("LOCAL_RANK", "0") != "0" or (path := termination_path()) is None:
+    """Every local rank writes what stopped it into the container's one termination log, under a lock. With
+    siblings (torchrun's LOCAL_WORLD_SIZE > 1) a message replaces the one there only when it tells more
+    (`precedence`), so of equal ones the first, the cause, stays; a process alone overwrites what is there."""
+    if (path := termination_path()) is None:
         return
     try:
-        path.write_text(termination_message(message))
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        with os.fdopen(fd, "r+") as file:
+            fcntl.flock(file, fcntl.LOCK_EX)  # released when the file closes
+            try:
+                there = json.loads(file.read() or "{}")
+            except ValueError:
+                there = {}
+            alone = os.environ.get("LOCAL_WORLD_SIZE", "1") == "1"
+            if there and not alone and precedence(there) >= precedence(message):
+                return
+            file.seek(0)
+            file.truncate()
+            file.write(termination_message(message))
     except OSError as exc:
         log.warning("cannot write the termination message to %s: %s", path, exc)

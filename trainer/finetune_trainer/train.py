@@ -12,7 +12,8 @@ budget is spent or early stopping fires. What it does, in order, for every step:
 - stops with `LossNotFinite` when that loss is NaN or Inf, before the weights see it;
 - clips the gradient norm, steps AdamW and the warmup + decay schedule;
 - evaluates every `evalEverySteps` (early stopping on the first metric), checkpoints every
-  `checkpointEverySteps` and on SIGTERM, then raises `Terminated`.
+  `checkpointEverySteps` and at the end; on SIGTERM it checkpoints at once, before an evaluation
+  that was due (the resumed run makes up for it), and raises `Terminated`.
 
 With early stopping on, the loop keeps the weights of the best evaluation (in memory and in
 every checkpoint) and puts them back at the end, so the model it leaves is the best one seen,
@@ -62,7 +63,7 @@ class LoopState:
     seconds: float = 0.0  # time spent in training steps, without evaluations and checkpoints
     samples: int = 0
     tokens: int = 0
-    history: list[dict[str, float]] = field(default_factory=list)  # {step, seconds_since_train_start, loss, lr}
+    history: list[dict[str, float]] = field(default_factory=list)  # {step, seconds_since_train_start, loss, lr, grad_norm}
     evals: list[dict[str, Any]] = field(default_factory=list)  # {step, seconds_since_train_start, metrics}
     best: float | None = None
     best_step: int | None = None
@@ -103,7 +104,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, spec: TrainingSpec, total_s
 
     def factor(step: int) -> float:
         if step < warmup:
-            return (step + 1) / (warmup + 1)
+            return step / warmup  # from zero at the first step, linearly up to the peak at step `warmup`
         progress = (step - warmup) / max(1, total_steps - warmup)
         if spec.schedule == Schedule.COSINE:
             return 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
@@ -170,9 +171,33 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
     if hooks.checkpoint_dir is not None and (found := checkpoints.complete(hooks.checkpoint_dir)):
         saved, best = checkpoints.load(found[-1], unwrap(model), optimizer, scheduler, world)
         state = LoopState(**saved)
+    saved_step = state.step
     dtype = autocast_dtype(spec.precision, world.device)
     scaler = torch.amp.GradScaler(world.device.type, enabled=dtype == torch.float16)
+
+    def evaluation_due() -> bool:
+        done = bool(state.evals) and state.evals[-1]["step"] == state.step
+        return hooks.evaluate is not None and state.step > 0 and not done and (
+            state.step % eval_every == 0 or state.step == total)
+
+    def evaluate_now() -> None:
+        nonlocal best
+        if record_eval(state, hooks.evaluate(), spec, metric) and spec.early_stopping:
+            best = checkpoints.trained_tensors(unwrap(model))
+        model.train()
+        if hooks.on_eval:
+            hooks.on_eval(state)
+
+    def save() -> None:
+        nonlocal saved_step
+        if hooks.checkpoint_dir is not None and saved_step != state.step:
+            checkpoints.save(hooks.checkpoint_dir, state.step, unwrap(model), optimizer, scheduler,
+                             asdict(state), world, spec.keep_checkpoints, best)
+            saved_step = state.step
+
     model.train()
+    if evaluation_due():  # SIGTERM came at a step due for evaluation: the checkpoint went first
+        evaluate_now()
     with SigtermFlag() as sigterm:
         while state.step < total and not state.stopped_early:
             batches = epoch_batches(data.lengths, spec.batch_size, seed=spec.seed, epoch=state.epoch,
@@ -182,36 +207,35 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
                      for i in range(0, len(batches), spec.gradient_accumulation)][:per_epoch]
             for micro in steps[state.position:]:
                 started = time.perf_counter()
-                loss, samples, tokens, stop = train_step(model, [collate(data, idx) for idx in micro], task, world,
-                                                         dtype, scaler, spec.max_grad_norm, optimizer, sigterm.raised)
-                scheduler.step()
+                lr = optimizer.param_groups[0]["lr"]  # what this step uses
+                loss, grad_norm, samples, tokens, stop = train_step(
+                    model, [collate(data, idx) for idx in micro], task, world, dtype, scaler, spec.max_grad_norm,
+                    optimizer, sigterm.raised)
+                if math.isfinite(grad_norm):  # else fp16's GradScaler skipped the step: the schedule waits too
+                    scheduler.step()
                 state.step += 1
                 state.position += 1
                 state.seconds += time.perf_counter() - started
                 state.samples += samples
                 state.tokens += tokens
                 state.history.append({"step": state.step, "seconds_since_train_start": state.seconds, "loss": loss,
-                                      "lr": optimizer.param_groups[0]["lr"]})
+                                      "lr": lr, "grad_norm": grad_norm})
                 if hooks.on_step:
                     hooks.on_step(state, total)
-                if hooks.evaluate and (state.step % eval_every == 0 or state.step == total):
-                    if record_eval(state, hooks.evaluate(), spec, metric) and spec.early_stopping:
-                        best = checkpoints.trained_tensors(unwrap(model))
-                    model.train()
-                    if hooks.on_eval:
-                        hooks.on_eval(state)
-                due = state.step % spec.checkpoint_every_steps == 0 or stop
-                if hooks.checkpoint_dir is not None and due:
-                    checkpoints.save(hooks.checkpoint_dir, state.step, unwrap(model), optimizer, scheduler,
-                                     asdict(state), world, spec.keep_checkpoints, best)
-                if stop:
+                if stop:  # within the grace period: save now; the due evaluation runs when the run resumes
+                    save()
                     raise Terminated(f"stopped by SIGTERM at step {state.step}"
                                      + ("; a checkpoint holds it" if hooks.checkpoint_dir else ""))
+                if evaluation_due():
+                    evaluate_now()
+                if state.step % spec.checkpoint_every_steps == 0:
+                    save()
                 if state.step >= total or state.stopped_early:
                     break
             else:
                 state.epoch += 1
                 state.position = 0
+    save()  # the end of training, so that evaluating and exporting can be resumed without training again
     if best is not None and state.best_step != state.step:
         checkpoints.restore(unwrap(model), best, f"the best weights (step {state.best_step})")
         state.restored_best = True
@@ -221,8 +245,9 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
 
 def train_step(model: nn.Module, micro: list[Batch], task: Task, world: World, dtype: torch.dtype | None,
                scaler: torch.amp.GradScaler, max_norm: float, optimizer: torch.optim.Optimizer,
-               stop_requested: bool) -> tuple[float, int, int, bool]:
-    """One optimizer step over the micro-batches; returns (loss, samples, tokens, whether any rank got SIGTERM)."""
+               stop_requested: bool) -> tuple[float, float, int, int, bool]:
+    """One optimizer step over the micro-batches; returns (loss, gradient norm before clipping, samples, tokens,
+    whether any rank got SIGTERM). A norm that is not finite means fp16's GradScaler skipped the step."""
     targets, samples, tokens = world.sum([sum(b.targets for b in micro), sum(b.samples for b in micro),
                                           sum(b.tokens for b in micro)])
     total_loss = torch.zeros((), dtype=torch.float64, device=world.device)
@@ -243,11 +268,15 @@ def train_step(model: nn.Module, micro: list[Batch], task: Task, world: World, d
         raise LossNotFinite(f"the training loss is {loss_value} at this step: lower adjust.learningRate, "
                             "check the data for broken rows, or use precision fp32")
     scaler.unscale_(optimizer)
-    nn.utils.clip_grad_norm_(model.parameters(), max_norm)
+    grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), max_norm))
+    if not math.isfinite(grad_norm) and not scaler.is_enabled():  # fp16's scaler skips such a step; others would not
+        optimizer.zero_grad(set_to_none=True)
+        raise LossNotFinite(f"the gradient norm is {grad_norm} at this step (the loss is {loss_value}): lower "
+                            "adjust.learningRate or check the data for broken rows")
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_value, int(samples), int(tokens), stop > 0
+    return loss_value, grad_norm, int(samples), int(tokens), stop > 0
 
 
 def record_eval(state: LoopState, metrics: dict[str, float], spec: TrainingSpec, metric: Metric | None) -> bool:
