@@ -68,7 +68,8 @@ def run(settings: Settings, full: bool) -> SideResult:
         train_seconds=training["seconds"],
         wall_seconds=wall["seconds"],
         final_accuracy=report["evaluation"]["final"]["accuracy"],
-        notes={k: training.get(k) for k in ("samples_per_second", "tokens_per_second", "train_samples", "eval_samples")},
+        notes={k: training.get(k) for k in ("samples_per_second", "tokens_per_second", "train_samples",
+                                            "validation_samples", "test_samples")},
     )
 
 

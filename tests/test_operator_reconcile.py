@@ -130,6 +130,13 @@ def test_under_torchrun_the_messages_exit_code_decides_and_the_gang_retries() ->
     assert following.create_attempt == 2
 
 
+def test_a_worker_that_left_no_message_failed_for_infrastructure() -> None:
+    # torchrun (or Python itself, before the trainer ran) exits 1 with no message: not the user's error.
+    result = outcome.attempt_outcome(job(failure={"reason": "BackoffLimitExceeded", "message": ""}),
+                                     [pod(phase="Failed", exit_code=1, message="Traceback (most recent call last): ...")])
+    assert result.retry == outcome.Retry.COUNTED
+
+
 def test_the_cause_is_the_earliest_failure_that_is_not_a_peers_143() -> None:
     pods = [pod(index=0, phase="Failed", exit_code=143, finished="2026-12-01T11:00:01Z"),
             pod(index=1, phase="Failed", exit_code=137, reason="OOMKilled", finished="2026-12-01T11:00:02Z", message="oom"),

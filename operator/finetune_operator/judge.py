@@ -3,7 +3,6 @@ and fit the workers, and a freeze regex that must compile (pure; the claims are 
 
 from __future__ import annotations
 
-import re
 from typing import Any
 
 from finetune_operator import api
@@ -41,10 +40,6 @@ def spec_problems(spec: api.FineTuneJobSpec, claims: dict[str, dict[str, Any] | 
                 problems.append(
                     f"{field}: claim {claim!r} is {', '.join(sorted(modes)) or 'without access modes'}, but the "
                     f"{spec.runtime.workers} workers all need it ({' or '.join(sorted(needed))})")
-    pattern = spec.adjust.freeze.pattern
-    if pattern is not None:
-        try:
-            re.compile(pattern)
-        except re.error as exc:
-            problems.append(f"spec.adjust.freeze.pattern: not a valid regular expression ({exc})")
+    if spec.adjust.freeze.pattern is not None and (problem := spec.adjust.freeze.pattern_problem()):
+        problems.append(f"spec.adjust.freeze.pattern: {problem}")
     return problems

@@ -19,6 +19,7 @@ from typing import Any
 from finetune_operator.children import ATTEMPT_LABEL, TRAINER
 
 EXIT_USER_ERROR = 1
+EXIT_INFRASTRUCTURE = 2
 EXIT_TERMINATED = 143
 DISRUPTION_RULE = 0  # index of the podFailurePolicy rule that fails the Job on a DisruptionTarget condition
 COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
@@ -133,7 +134,8 @@ def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
     for pod in ended:
         term = pod["terminated"]
         message = term["message"]
-        code = message.get("exitCode", term["exitCode"])
+        # No message (a crash before the trainer ran, a SIGKILL, torchrun's flattened 1) means infrastructure.
+        code = message.get("exitCode", EXIT_INFRASTRUCTURE if term["exitCode"] == EXIT_USER_ERROR else term["exitCode"])
         causes.append((code == EXIT_TERMINATED, term["finishedAt"], code, pod, message))
     if not causes:
         failure = job.get("failure") or {}
