@@ -11,23 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from dockerfile import instructions
+
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _instructions(dockerfile: Path) -> list[tuple[str, str]]:
-    """(INSTRUCTION, arguments) pairs, with continuation lines joined and comments dropped."""
-    text = re.sub(r"\\\n", " ", dockerfile.read_text())
-    pairs = []
-    for line in text.splitlines():
-        line = line.strip()
-        if line and not line.startswith("#"):
-            word, _, rest = line.partition(" ")
-            pairs.append((word.upper(), rest.strip()))
-    return pairs
-
-
 def test_trainer_image_is_pinned_python_non_root_with_the_cli_entrypoint() -> None:
-    steps = _instructions(REPO / "trainer" / "Dockerfile")
+    steps = instructions(REPO / "trainer" / "Dockerfile")
     args = {k: v for k, v in (s.split("=", 1) for kind, s in steps if kind == "ARG" and "=" in s)}
     base = next(v for kind, v in steps if kind == "FROM")
     base = re.sub(r"\$\{(\w+)\}", lambda m: args[m.group(1)], base)

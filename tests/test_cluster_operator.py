@@ -103,8 +103,9 @@ def test_the_minilm_example_runs_and_its_status_tells_the_story(operator_env: Op
     with urllib.request.urlopen(f"http://127.0.0.1:{env.liveness_port}/healthz", timeout=5) as response:
         assert response.status == 200  # kopf's liveness endpoint
     # The operator's own metrics count what happened.
-    samples = operator_metrics(env)
-    assert samples[("finetune_operator_jobs", (("phase", "Succeeded"),))] == 1
+    succeeded = ("finetune_operator_jobs", (("phase", "Succeeded"),))
+    samples = env.kube.wait_for("the operator's watch to see Succeeded",
+                                lambda: m if (m := operator_metrics(env)).get(succeeded) == 1 else None, env.namespace, 10)
     assert samples[("finetune_operator_attempts_total", (("cause", "Created"),))] == 1
     assert samples[("finetune_operator_time_to_running_seconds_count", ())] == 1
     assert samples[("finetune_operator_reconcile_duration_seconds_count", ())] > 3

@@ -191,8 +191,7 @@ def tick(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, job_index: kopf.In
         raise kopf.TemporaryError(str(exc), delay=5) from exc
     finally:
         metrics.RECONCILE_SECONDS.observe(time.perf_counter() - started)
-        for phase in api.Phase:
-            metrics.JOBS.labels(phase=phase.value).set(len(phase_index.get(phase.value, [])))
+        metrics.JOBS.index = phase_index
 
 
 def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, job_index: kopf.Index,

@@ -5,7 +5,11 @@ Labels stay bounded: phases, causes and reasons are small fixed sets; no job nam
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
+from collections.abc import Collection, Iterator, Mapping
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
+from prometheus_client.core import GaugeMetricFamily
 
 from finetune_operator.api import Phase
 
@@ -13,7 +17,23 @@ REGISTRY = CollectorRegistry()
 # process_start_time_seconds: the dashboard counts the operator's restarts from it without kube-state-metrics.
 ProcessCollector(registry=REGISTRY)
 
-JOBS = Gauge("finetune_operator_jobs", "FineTuneJobs by phase, as last reconciled", ["phase"], registry=REGISTRY)
+
+class JobsByPhase:
+    """finetune_operator_jobs{phase}, counted from kopf's index of the FineTuneJobs at each scrape, so it is
+    as fresh as the operator's watch (a gauge set by reconciles would lag the last one)."""
+
+    def __init__(self) -> None:
+        self.index: Mapping[str, Collection[Any]] | None = None
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        family = GaugeMetricFamily("finetune_operator_jobs", "FineTuneJobs by phase", labels=["phase"])
+        for phase in Phase:
+            family.add_metric([phase.value], len(self.index.get(phase.value, ())) if self.index is not None else 0)
+        yield family
+
+
+JOBS = JobsByPhase()
+REGISTRY.register(JOBS)  # type: ignore[arg-type]
 RECONCILE_SECONDS = Histogram(
     "finetune_operator_reconcile_duration_seconds", "Time one reconcile of a FineTuneJob took", registry=REGISTRY,
     buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
@@ -29,9 +49,6 @@ POLL_ERRORS = Counter("finetune_operator_metric_poll_errors_total", "Failed read
                       ["reason"], registry=REGISTRY)
 RECONCILE_ERRORS = Counter("finetune_operator_reconcile_errors_total", "Reconciles that raised, by exception type",
                            ["error"], registry=REGISTRY)
-
-for phase in Phase:
-    JOBS.labels(phase=phase.value)
 
 
 def serve(address: str, port: int) -> None:
