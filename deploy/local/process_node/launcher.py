@@ -12,7 +12,7 @@ and turns itself into one container:
    no_new_privs and asks for SIGKILL when the node agent dies, then becomes the command.
 
 Reads its spec as JSON on stdin (so env values such as secrets never touch the disk):
-{"root", "mounts": [{"source", "target", "read_only"}], "traversable": [paths], "cwd",
+{"root", "mounts": [{"source", "target", "read_only"}], "traversable": [paths], "software": [paths], "cwd",
  "argv", "env", "hostname", "read_only_root", "termination_log" (the host file behind
  terminationMessagePath), "cgroup" (a folder, or null where limits are not enforced),
  "user": {"uid", "gid", "groups", "capabilities": [numbers kept], "no_new_privs", "agent_pid"}}.
@@ -56,8 +56,11 @@ def _mount(source: str, target: str, flags: int) -> None:
 class Root:
     """A container's root folder: host entries bound in, our own folders where we need them."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, software: list[str]) -> None:
         self.path = path
+        # The host folders that stand in for the image's software (the virtualenv and the sources it
+        # runs from): they stay visible even inside a private folder (a checkout under /tmp).
+        self.software = [Path(s) for s in software]
         self.bound: set[str] = set()  # paths in the root (relative, no leading /) bound from the host
         self.mounts: list[tuple[str, str, bool]] = []  # volumes mounted so far: source, target, read-only
         self._populate("")
@@ -76,6 +79,11 @@ class Root:
             elif inside in PRIVATE:
                 target.mkdir()
                 os.chmod(target, 0o1777)
+                for kept in self.software:
+                    if kept.is_relative_to(entry.path):
+                        inner = target / kept.relative_to(entry.path)
+                        inner.mkdir(parents=True, exist_ok=True)
+                        _mount(str(kept), str(inner), MS_BIND | MS_REC)
             elif entry.is_dir(follow_symlinks=False):
                 target.mkdir()
                 _mount(entry.path, str(target), MS_BIND | MS_REC)
@@ -199,7 +207,7 @@ def main() -> None:
     try:
         if spec["cgroup"]:  # resource limits: from here on, this process and its children count
             Path(spec["cgroup"], "cgroup.procs").write_text(str(os.getpid()))
-        root = Root(root_path)
+        root = Root(root_path, spec["software"])
         for path in spec["traversable"]:
             root.make_traversable(path)
         for mount in spec["mounts"]:

@@ -39,6 +39,8 @@ LAUNCHER = Path(__file__).with_name("launcher.py")
 NOT_YET = (downward.ConfigError, ApiError, OSError)
 # Paths every container must reach whatever its uid: the virtualenv and the Python under it.
 INTERPRETER = sorted({sys.prefix, os.path.realpath(sys.executable)})
+# The checkout the virtualenv belongs to (its editable installs import from there): the image's software.
+SOFTWARE = [str(Path(sys.prefix).resolve().parent)]
 
 log = logging.getLogger("process_node")
 
@@ -250,7 +252,7 @@ class PodRunner(threading.Thread):
         launch = {
             # A fresh root per run: its mount points are left from the last one's.
             "root": str(self.dir / "roots" / f"{container.name}-{container.restart_count}"),
-            "mounts": [m.as_dict() for m in mounts], "traversable": INTERPRETER,
+            "mounts": [m.as_dict() for m in mounts], "traversable": INTERPRETER, "software": SOFTWARE,
             "argv": argv, "env": env, "hostname": self.hostname,
             "cwd": spec.get("workingDir") or "/",  # no image WORKDIR: a runtime's default
             "termination_log": str(term_log), "read_only_root": user.read_only_root,
