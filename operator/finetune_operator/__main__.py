@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import socket
 import sys
 from pathlib import Path
 
@@ -51,6 +53,8 @@ def run(args: argparse.Namespace) -> int:
         clusterwide=not ours.namespaces,
         namespaces=list(ours.namespaces),
         liveness_endpoint=f"http://{ours.bind_address}:{ours.liveness_port}/healthz",
+        # kopf would ask the passwd database for our user name, which an arbitrary container UID lacks.
+        identity=f"finetune-operator@{socket.gethostname()}/{os.getpid()}",  # type: ignore[arg-type]
     )
     return 0
 
