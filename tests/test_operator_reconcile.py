@@ -195,10 +195,14 @@ def test_unchanged_conditions_keep_their_transition_time() -> None:
     assert running["lastTransitionTime"] == "2026-12-01T12:00:00Z"
 
 
-def test_a_repeated_decision_on_a_stale_object_writes_the_same_numbers() -> None:
-    seen = Observed(body({"attempts": 1, "failures": 0}), [job(failure={"reason": "X", "message": ""})],
-                    [pod(phase="Failed", exit_code=2)], NOW)
-    assert decide(seen).status == decide(seen).status
+def test_a_failure_is_counted_once_however_often_it_is_seen() -> None:
+    failed = [job(failure={"reason": "X", "message": ""})]
+    pods = [pod(phase="Failed", exit_code=2)]
+    first = after(decide(Observed(body({"attempts": 1, "failures": 0}), failed, pods, NOW)))
+    # Once the retry is stored, the same failed attempt is history: attempt 2 is created, nothing is counted again.
+    again = decide(Observed(body(first), failed, pods, NOW))
+    assert again.create_attempt == 2
+    assert after(again, first)["failures"] == first["failures"] == 1 and after(again, first)["attempts"] == 2
 
 
 def test_unknown_status_fields_and_other_controllers_jobs() -> None:

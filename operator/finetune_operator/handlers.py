@@ -7,6 +7,7 @@ reads what it needs, carries out the decision and records metrics.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from datetime import datetime, timezone
@@ -153,8 +154,6 @@ def _create_attempt(clients: Clients, body: dict[str, Any], spec: api.FineTuneJo
 
 
 def _api_message(exc: ApiException) -> str:
-    import json
-
     try:
         return json.loads(exc.body).get("message", exc.reason)
     except (TypeError, ValueError):

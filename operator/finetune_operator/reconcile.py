@@ -66,6 +66,11 @@ def current_attempt(status: dict[str, Any], jobs: list[dict[str, Any]]) -> int:
     return max([status.get("attempts") or 0] + [j["attempt"] for j in jobs])
 
 
+def _children(name: str) -> dict[str, str]:
+    """An attempt's ConfigMap, Service and Job share one name."""
+    return {"configMap": name, "service": name, "job": name}
+
+
 def global_batch(spec: api.FineTuneJobSpec) -> int:
     return (spec.training.batch_size * spec.training.gradient_accumulation * spec.runtime.workers
             * spec.runtime.processes_per_worker)
@@ -104,7 +109,7 @@ def decide(seen: Observed) -> Decision | None:
         return _finish(decision, old, conds)
     workers = spec.runtime.workers
     if job:
-        status["children"] = {"configMap": job["name"], "service": job["name"], "job": job["name"]}
+        status["children"] = _children(job["name"])
         status["workers"] = {k: job[k] for k in ("active", "ready", "succeeded", "failed")}
 
     if spec.suspend:
@@ -135,9 +140,7 @@ def decide(seen: Observed) -> Decision | None:
         decision.create_attempt = max(attempt, 1)
         status["attempts"] = decision.create_attempt
         status.setdefault("startTime", old.get("startTime") or timestamp(now))
-        status["children"] = {"configMap": children.child_name(meta["name"], decision.create_attempt)} | {
-            "service": children.child_name(meta["name"], decision.create_attempt),
-            "job": children.child_name(meta["name"], decision.create_attempt)}
+        status["children"] = _children(children.child_name(meta["name"], decision.create_attempt))
         conds.set(T.CREATED, True, "AttemptCreated", f"attempt {decision.create_attempt}: {workers} worker(s)")
         return _finish(decision, old, conds)
 
