@@ -25,6 +25,7 @@ from finetune_operator.settings import Settings
 log = logging.getLogger("finetune_operator")
 PREFIX = "finetune.dev"
 FINALIZER = f"{PREFIX}/finalizer"
+HANDLER_THREADS = 16  # kopf runs the sync handlers in a pool of this size
 
 
 class Clients:
@@ -33,7 +34,11 @@ class Clients:
             config.load_incluster_config()
         except config.ConfigException:
             config.load_kube_config()
-        self.api = client.ApiClient()
+        configuration = client.Configuration.get_default_copy()
+        # One connection per handler thread: with urllib3's default of 10, a burst discards connections and
+        # pays a TLS handshake for most calls.
+        configuration.connection_pool_maxsize = HANDLER_THREADS
+        self.api = client.ApiClient(configuration)
         self.core = client.CoreV1Api(self.api)
         self.batch = client.BatchV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
@@ -46,7 +51,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=PREFIX)
     settings.posting.level = logging.WARNING  # Events are posted explicitly, on transitions
-    settings.execution.max_workers = 16
+    settings.execution.max_workers = HANDLER_THREADS
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 310
     # No watching of namespaces and CRDs: the CRD is installed before the operator starts (the chart's
@@ -71,27 +76,31 @@ def index_phases(body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return {body.get("status", {}).get("phase") or api.Phase.PENDING.value: None}
 
 
-def managed_here(spec: kopf.Spec, **_: Any) -> bool:
-    return spec.get("managedBy") in (None, api.MANAGED_BY)
+def needs_ticks(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
+    """Ours, and live or waiting for ttlSecondsAfterFinished: a finished job costs no reconciles (kopf stops its
+    timer when this turns False), which keeps a cluster of thousands of finished jobs cheap."""
+    finished = status.get("phase") in (api.Phase.SUCCEEDED, api.Phase.FAILED)
+    return spec.get("managedBy") in (None, api.MANAGED_BY) and (
+        not finished or spec.get("ttlSecondsAfterFinished") is not None)
 
 
 def _plain(body: kopf.Body) -> dict[str, Any]:
     return {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}
 
 
-def _sample(seen: reconcile.Observed, ns: str, name: str) -> dict[str, Any] | None:
-    """Rank 0's metrics while it runs; a failed read is counted and the last numbers stay."""
+def _sample(seen: reconcile.Observed, ns: str, name: str) -> None:
+    """Rank 0's metrics while it runs, or why they could not be read (counted; the last numbers stay)."""
     attempt = reconcile.current_attempt(seen.body["status"], seen.jobs)
     rank0 = next((p for p in seen.pods if p["attempt"] == attempt and p["index"] == 0
                   and p["phase"] == "Running" and p.get("ip")), None)
     if rank0 is None:
-        return None
+        return
     try:
-        return scrape(rank0["ip"])
+        seen.sample = scrape(rank0["ip"])
     except ScrapeError as exc:
         metrics.POLL_ERRORS.labels(reason=exc.reason).inc()
         log.debug("%s/%s: metrics not read: %s", ns, name, exc)
-        return None
+        seen.scrape_error = (exc.reason, str(exc))
 
 
 PODLESS_GRACE_SECONDS = 10  # the Job controller creates pods within moments; after that, ask why not
@@ -203,7 +212,7 @@ def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, job_index: k
     key = (ns, name)
     seen = reconcile.Observed(_plain(body), list(job_index.get(key, [])), list(pod_index.get(key, [])),
                               datetime.now(timezone.utc).replace(tzinfo=None))
-    seen.sample = _sample(seen, ns, name)
+    _sample(seen, ns, name)
     seen.job_warning = _job_warning(clients, seen, ns)
     decision = reconcile.decide(seen)
     if decision is None:
@@ -265,5 +274,5 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     kopf.index("batch", "v1", "jobs", labels=selector, registry=registry, id="job_index")(index_jobs)
     kopf.index("", "v1", "pods", labels=selector, registry=registry, id="pod_index")(index_pods)
     kopf.index(api.GROUP, api.VERSION, api.PLURAL, registry=registry, id="phase_index")(index_phases)
-    kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=settings.poll_seconds, when=managed_here, registry=registry,
+    kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=settings.poll_seconds, when=needs_ticks, registry=registry,
                id="reconcile")(tick)
