@@ -2,7 +2,7 @@
 
 - Burst: N FineTuneJobs created at once (a pool of --clients threads) against the same N batch/v1 Jobs created
   directly, side by side in one run, on the same cluster, in an order that rotates between rounds. kwok's GPU
-  nodes run the pods (ready at once, complete 1–6 s later), so the operator and the control plane are what is
+  nodes run the pods (ready at once, complete 1–5 s later), so the operator and the control plane are what is
   measured. One watch observes both sides' Jobs, so both clocks stop the same way.
 - Memory: the operator's RSS, sampled every 0.5 s, and its CPU seconds.
 - Freshness: real trainer pods on the process node; the bench reads each rank 0's /metrics every 0.1 s and the
@@ -43,7 +43,7 @@ sys.path.insert(0, str(REPO / "deploy" / "local"))
 sys.path.insert(0, str(REPO / "tests"))
 import cluster as local  # noqa: E402  deploy/local/cluster.py
 from kube import Kube  # noqa: E402  tests/kube.py: kubectl with the cluster's kubeconfig
-from operator_fixture import ASSETS, claim, free_port, install_crd  # noqa: E402
+from operator_fixture import ASSETS, claim, free_port, install_crd, kwok_claim, kwok_job  # noqa: E402
 
 STATE = REPO / ".cluster-bench"
 NAMESPACE = "scale"
@@ -60,14 +60,10 @@ def gpu_nodes() -> list[dict[str, Any]]:
 
 
 def gpu_job(name: str) -> dict[str, Any]:
-    """A FineTuneJob as a GPU cluster runs it: hub model and data, a results claim, one GPU per worker."""
-    doc = yaml.safe_load((REPO / "deploy" / "examples" / "minilm-sentiment.yaml").read_text())
-    doc["metadata"] = {"name": name, "namespace": NAMESPACE}
-    doc["spec"]["model"]["uri"] = "hf://sentence-transformers/all-MiniLM-L6-v2"
-    doc["spec"]["dataset"]["uri"] = "hf://example/sentiment"
-    doc["spec"]["output"]["uri"] = f"pvc://results/{name}"
-    doc["spec"]["runtime"]["resources"] = {"requests": {"cpu": "100m", "memory": "256Mi"},
-                                           "limits": {"memory": "256Mi", "nvidia.com/gpu": "1"}}
+    """A FineTuneJob as a GPU cluster runs it: hub model and data, a results claim, one GPU per worker; kwok's
+    pod completes 1–5 s after it is ready (kwok's default for its stage)."""
+    doc = kwok_job(name, f"pvc://results/{name}", runs_for="1s", up_to="5s")
+    doc["metadata"]["namespace"] = NAMESPACE
     return doc
 
 
@@ -292,17 +288,6 @@ def _status(c: Cluster, name: str) -> dict[str, Any]:
     return c.custom.get_namespaced_custom_object(api.GROUP, api.VERSION, NAMESPACE, api.PLURAL, name).get("status") or {}
 
 
-def results_claim() -> list[dict[str, Any]]:
-    """A claim every node can mount: bound ahead to a PersistentVolume without node affinity (kwok mounts nothing)."""
-    pv = {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"{NAMESPACE}-results"},
-          "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"], "storageClassName": "",
-                   "hostPath": {"path": "/nonexistent/kwok-mounts-nothing"},
-                   "claimRef": {"namespace": NAMESPACE, "name": "results"}}}
-    pvc = claim("results", ["ReadWriteMany"]) | {"metadata": {"name": "results", "namespace": NAMESPACE}}
-    pvc["spec"] |= {"storageClassName": "", "volumeName": pv["metadata"]["name"]}
-    return [pv, pvc]
-
-
 def start_operator(kubeconfig: Path, log: Path, metrics_port: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "finetune_operator", "run", "--namespace", NAMESPACE,
                "--metrics-port", str(metrics_port), "--liveness-port", str(free_port()),
@@ -349,7 +334,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kube.kubectl("create", "namespace", NAMESPACE)
     kube.apply(gpu_nodes(), NAMESPACE)
     # `results` for the kwok jobs (no node to write); the process node's provisioner makes `trained` for real ones.
-    kube.apply(results_claim() + [claim("models", ["ReadOnlyMany"], ASSETS / "models"),
+    kube.apply(kwok_claim(NAMESPACE, "results") + [claim("models", ["ReadOnlyMany"], ASSETS / "models"),
                                   claim("data", ["ReadOnlyMany"], ASSETS / "data"),
                                   claim("trained", ["ReadWriteMany"])], NAMESPACE)
     install_crd(kube)
@@ -442,7 +427,7 @@ def markdown(payload: dict[str, Any]) -> str:
         f"{payload['loadavg_at_end'][0]:.1f} at the end (each side's start is in the last table). The control plane "
         "(etcd, kube-apiserver, kcm, scheduler, kwok), the operator and this client share those cores.",
         f"Setup: {GPU_NODES} extra kwok GPU nodes of {GPUS_PER_NODE} GPUs (plus kwok-gpu-0/1); each job one worker "
-        f"with one GPU; kwok completes a pod 1–6 s after it is ready. Objects are created by {payload['clients']} "
+        f"with one GPU; kwok completes a pod 1–5 s after it is ready. Objects are created by {payload['clients']} "
         "client threads at once; one watch sees both sides' Jobs. The operator runs with its defaults "
         f"(poll {POLL_SECONDS:g} s, 16 handler threads) as the cluster admin, watching one namespace.",
         "",

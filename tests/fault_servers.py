@@ -64,6 +64,8 @@ class FaultServer:
                 conn, _ = self.sock.accept()
             except TimeoutError:
                 continue
+            except OSError:  # closed by close()
+                return
             self.connections += 1
             threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
 

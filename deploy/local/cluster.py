@@ -53,7 +53,7 @@ KWOK_STAGES = [
     "node/fast/node-initialize",
     "node/heartbeat-with-lease/node-heartbeat-with-lease",
     "pod/fast/pod-ready",
-    # Job pods succeed 1–6 s after they are ready, or after the pod's annotation
+    # Job pods succeed 1–5 s after they are ready, or after the pod's annotation
     # pod-complete.stage.kwok.x-k8s.io/delay (and /jitter-delay): a test holds one Running that way.
     "pod/general/pod-complete",
     "pod/fast/pod-delete",
