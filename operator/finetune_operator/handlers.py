@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -58,6 +59,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # crds/), and the watched namespaces are named or all; so no cluster-wide reads beyond our own rules.
     settings.scanning.disabled = True
     memo.clients = Clients()
+    memo.job_warnings = JobWarnings()
     ours: Settings = memo.settings
     metrics.serve(ours.bind_address, ours.metrics_port)
     log.info("finetune-operator: watching %s; trainer image %s; polling every %.1f s",
@@ -106,7 +108,35 @@ def _sample(seen: reconcile.Observed, ns: str, name: str) -> None:
 PODLESS_GRACE_SECONDS = 10  # the Job controller creates pods within moments; after that, ask why not
 
 
-def _job_warning(clients: Clients, seen: reconcile.Observed, ns: str) -> tuple[str, str] | None:
+WARNINGS_TTL_SECONDS = 5.0
+
+
+class JobWarnings:
+    """Warning Events of Jobs, one list per namespace shared by all its jobs for WARNINGS_TTL_SECONDS: asking per
+    job and tick would cost a burst of podless jobs (kcm still creating their pods) one API call each, every tick."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_namespace: dict[str, tuple[float, dict[str, tuple[str, str, str]]]] = {}
+
+    def latest(self, clients: Clients, ns: str, job_name: str) -> tuple[str, str] | None:
+        with self.lock:
+            read_at, latest = self.by_namespace.get(ns, (0.0, {}))
+            if time.monotonic() - read_at > WARNINGS_TTL_SECONDS:
+                response = clients.core.list_namespaced_event(
+                    ns, field_selector="involvedObject.kind=Job,type=Warning", _preload_content=False)
+                latest = {}
+                for event in json.loads(response.data)["items"]:
+                    name = event["involvedObject"].get("name", "")
+                    when = event.get("lastTimestamp") or event.get("eventTime") or event["metadata"]["creationTimestamp"]
+                    if name not in latest or when >= latest[name][0]:
+                        latest[name] = (when, event.get("reason") or "FailedCreate", event.get("message") or "")
+                self.by_namespace[ns] = (time.monotonic(), latest)
+        found = latest.get(job_name)
+        return (found[1], found[2]) if found else None
+
+
+def _job_warning(clients: Clients, warnings: JobWarnings, seen: reconcile.Observed, ns: str) -> tuple[str, str] | None:
     """The latest Warning Event of the current attempt's Job when it still has no pods."""
     attempt = reconcile.current_attempt(seen.body["status"], seen.jobs)
     job = next((j for j in seen.jobs if j["attempt"] == attempt), None)
@@ -115,19 +145,15 @@ def _job_warning(clients: Clients, seen: reconcile.Observed, ns: str) -> tuple[s
     created = datetime.strptime(job["created"], "%Y-%m-%dT%H:%M:%SZ") if job["created"] else seen.now
     if (seen.now - created).total_seconds() < PODLESS_GRACE_SECONDS:
         return None
-    events = clients.core.list_namespaced_event(
-        ns, field_selector=f"involvedObject.kind=Job,involvedObject.name={job['name']},type=Warning").items
-    if not events:
-        return None
-    latest = max(events, key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp)
-    return latest.reason or "FailedCreate", latest.message or ""
+    return warnings.latest(clients, ns, job["name"])
 
 
 def _claims(clients: Clients, spec: api.FineTuneJobSpec, ns: str) -> dict[str, dict[str, Any] | None]:
     found: dict[str, dict[str, Any] | None] = {}
     for claim in judge.claim_fields(spec):
         try:
-            found[claim] = clients.api.sanitize_for_serialization(clients.core.read_namespaced_persistent_volume_claim(claim, ns))
+            found[claim] = json.loads(clients.core.read_namespaced_persistent_volume_claim(
+                claim, ns, _preload_content=False).data)
         except ApiException as exc:
             if exc.status != 404:
                 raise kopf.TemporaryError(f"reading claim {claim}: {exc.reason}", delay=5) from exc
@@ -140,7 +166,7 @@ def _create(clients: Clients, obj: dict[str, Any]) -> None:
     create = {"ConfigMap": clients.core.create_namespaced_config_map, "Service": clients.core.create_namespaced_service,
               "Job": clients.batch.create_namespaced_job}[kind]
     try:
-        create(ns, obj)
+        create(ns, obj, _preload_content=False)  # the answer is not read: deserializing it cost more than the call
     except ApiException as exc:
         if exc.status != 409:  # AlreadyExists: a previous tick (or operator) made it
             raise
@@ -213,7 +239,7 @@ def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, job_index: k
     seen = reconcile.Observed(_plain(body), list(job_index.get(key, [])), list(pod_index.get(key, [])),
                               datetime.now(timezone.utc).replace(tzinfo=None))
     _sample(seen, ns, name)
-    seen.job_warning = _job_warning(clients, seen, ns)
+    seen.job_warning = _job_warning(clients, memo.job_warnings, seen, ns)
     decision = reconcile.decide(seen)
     if decision is None:
         return

@@ -13,6 +13,8 @@ land on the same answer. Two rules keep it safe under crashes and stale reads:
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -52,9 +54,21 @@ class Decision:
 
 
 def parse_spec(body: dict[str, Any]) -> tuple[api.FineTuneJobSpec | None, list[str]]:
-    """Only the spec is parsed: a status field this version does not know never fails a reconcile."""
+    """Only the spec is parsed: a status field this version does not know never fails a reconcile.
+
+    Parses are kept by the spec's text: validating every live job's spec on every tick was a large share of
+    the operator's CPU, and a spec changes rarely (only `suspend`, by the API's transition rules)."""
+    return _parsed(json.dumps(body.get("spec") or {}, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed(spec: str) -> tuple[api.FineTuneJobSpec | None, list[str]]:
+    return _parse(json.loads(spec))
+
+
+def _parse(spec: dict[str, Any]) -> tuple[api.FineTuneJobSpec | None, list[str]]:
     try:
-        return api.FineTuneJobSpec.model_validate(body.get("spec") or {}), []
+        return api.FineTuneJobSpec.model_validate(spec), []
     except ValidationError as exc:
         return None, error_lines(exc, root="spec")
 
