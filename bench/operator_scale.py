@@ -298,13 +298,13 @@ def start_operator(kubeconfig: Path, log: Path, metrics_port: int) -> subprocess
 
 
 def profile(pid: int, out: Path) -> subprocess.Popen | None:
-    """py-spy, sampling every thread of the operator (kopf's loop and its handler pool), without pausing it."""
+    """py-spy, sampling whichever thread holds the GIL (the CPU the operator spends), without pausing it."""
     spy = shutil.which("py-spy", path=str(Path(sys.executable).parent))
     if spy is None:
         print("  py-spy is not installed: no profile", flush=True)
         return None
     # Until SIGINT at the end of the burst, when py-spy writes what it sampled.
-    return subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "50",
+    return subprocess.Popen([spy, "record", "--pid", str(pid), "--rate", "50", "--gil",
                              "--nonblocking", "--format", "raw", "--output", str(out)],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 

@@ -78,12 +78,31 @@ def index_phases(body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return {body.get("status", {}).get("phase") or api.Phase.PENDING.value: None}
 
 
-def needs_ticks(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
+def _live(spec: kopf.Spec, status: kopf.Status) -> bool:
     """Ours, and live or waiting for ttlSecondsAfterFinished: a finished job costs no reconciles (kopf stops its
-    timer when this turns False), which keeps a cluster of thousands of finished jobs cheap."""
+    timers when the filters turn False), which keeps a cluster of thousands of finished jobs cheap."""
     finished = status.get("phase") in (api.Phase.SUCCEEDED, api.Phase.FAILED)
     return spec.get("managedBy") in (None, api.MANAGED_BY) and (
         not finished or spec.get("ttlSecondsAfterFinished") is not None)
+
+
+def _busy(status: kopf.Status) -> bool:
+    """Running (its metrics are read every poll) or between attempts (the next one is created on the next tick)."""
+    return status.get("phase") == api.Phase.RUNNING or any(
+        c.get("type") == T.RESTARTING and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+def ticks_every_poll(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
+    return _live(spec, status) and _busy(status)
+
+
+def ticks_slowly(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
+    """Waiting jobs (queued for GPUs, suspended, pods being created) are reconciled every WAITING_POLLS polls: a
+    burst of a thousand of them at every poll would cost the operator more CPU than it has."""
+    return _live(spec, status) and not _busy(status)
+
+
+WAITING_POLLS = 5
 
 
 def _plain(body: kopf.Body) -> dict[str, Any]:
@@ -300,5 +319,8 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     kopf.index("batch", "v1", "jobs", labels=selector, registry=registry, id="job_index")(index_jobs)
     kopf.index("", "v1", "pods", labels=selector, registry=registry, id="pod_index")(index_pods)
     kopf.index(api.GROUP, api.VERSION, api.PLURAL, registry=registry, id="phase_index")(index_phases)
-    kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=settings.poll_seconds, when=needs_ticks, registry=registry,
-               id="reconcile")(tick)
+    # One of the two runs for each live job; kopf swaps them when the job's phase changes (the new one ticks at once).
+    kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=settings.poll_seconds, when=ticks_every_poll,
+               registry=registry, id="reconcile")(tick)
+    kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=settings.poll_seconds * WAITING_POLLS, when=ticks_slowly,
+               registry=registry, id="reconcile-waiting")(tick)
