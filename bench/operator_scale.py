@@ -181,8 +181,10 @@ def _clean(c: Cluster) -> None:
         and not c.core.list_namespaced_pod(NAMESPACE, limit=1).items, 900)
 
 
-def burst(c: Cluster, side: str, n: int, clients: int, tag: str, sampler: Sampler | None) -> dict[str, Any]:
-    """One side of one round: N objects at once, until every child Job exists and every one has finished."""
+def burst(c: Cluster, side: str, n: int, clients: int, tag: str, sampler: Sampler | None,
+          limit: float) -> dict[str, Any]:
+    """One side of one round: N objects at once, until every child Job exists and every one has finished, each
+    within `limit` seconds of the start (past it, the side's figure is recorded as not reached)."""
     names = [f"{tag}-{i:04d}" for i in range(n)]
     jobs = Watch(c.batch.list_namespaced_job, _job_complete, namespace=NAMESPACE)
     ftjs = Watch(c.custom.list_namespaced_custom_object, _ftj_finished, group=api.GROUP, version=api.VERSION,
@@ -211,21 +213,23 @@ def burst(c: Cluster, side: str, n: int, clients: int, tag: str, sampler: Sample
     if side == "direct":  # keyed by the Job's name there
         returned = {m: returned[child[m]] for m in names}
     created_all = time.monotonic() - started
-    all_children = _wait(f"{n} child Jobs", lambda: all(child[m] in jobs.seen for m in names), 900)
-    children_s = max(jobs.seen[child[m]] for m in names if child[m] in jobs.seen) - started
+    all_children = _wait(f"{n} child Jobs", lambda: all(child[m] in jobs.seen for m in names),
+                         limit - (time.monotonic() - started))
+    children_s = max((jobs.seen[child[m]] for m in names if child[m] in jobs.seen), default=started) - started
     live_rss = sampler.read()[1] if sampler else None
 
     def finished() -> dict[str, float]:
         if side == "operator":
             return ftjs.finished
         return {m: jobs.finished[child[m]] for m in names if child[m] in jobs.finished}
-    all_done = _wait(f"{n} finished", lambda: len(finished()) >= n, 1800)
+    all_done = _wait(f"{n} finished", lambda: len(finished()) >= n, limit - (time.monotonic() - started))
     done_s = (max(finished().values()) - started) if finished() else None
     for w in (jobs, ftjs):
         w.stop.set()
     latencies = [jobs.seen[child[m]] - returned[m] for m in names if child[m] in jobs.seen]
     result = {
-        "side": side, "n": n, "clients": clients, "load_before": os.getloadavg()[0],
+        "side": side, "n": n, "clients": clients, "load_before": os.getloadavg()[0], "limit_s": limit,
+        "children": sum(1 for m in names if child[m] in jobs.seen),
         "create_calls_s": created_all, "all_children_s": children_s if all_children else None,
         "child_latency_p50_s": _percentile(latencies, 0.5), "child_latency_p99_s": _percentile(latencies, 0.99),
         "all_finished_s": done_s if all_done else None, "finished": len(finished()), "succeeded": _succeeded(c, side),
@@ -346,26 +350,12 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     idle_rss = sampler.read()[1]
     sampler.start()
     rounds: list[dict[str, Any]] = []
+    sides = [(n, r, side) for n in args.jobs for r in range(args.rounds if n < 1000 else 1)
+             for side in (["direct", "operator"] if r % 2 == 0 else ["operator", "direct"])]
     profile_out: dict[str, Any] | None = None
     try:
-        for n in args.jobs:
-            for r in range(args.rounds if n < 1000 else 1):
-                order = ["direct", "operator"] if r % 2 == 0 else ["operator", "direct"]
-                for side in order:
-                    spy = None
-                    if args.profile and side == "operator" and n == max(args.jobs) and profile_out is None:
-                        raw = STATE / f"profile-{n}.txt"
-                        spy = profile(operator.pid, raw)
-                    print(f"burst N={n} round {r + 1}: {side}", flush=True)
-                    result = burst(c, side, n, args.clients, f"{side[0]}{r}-{n}", sampler if side == "operator" else None)
-                    result["round"] = r + 1
-                    rounds.append(result)
-                    print("  " + json.dumps(result), flush=True)
-                    if spy is not None:
-                        spy.send_signal(signal.SIGINT)
-                        spy.wait(60)
-                        profile_out = top_frames(raw) if raw.exists() else None
-                    _clean(c)
+        # First, on a quiet cluster: the freshness of real trainers' status (then the bursts, the last of which
+        # may leave the cluster too busy to clean up).
         fresh = None
         if args.freshness_jobs:
             before, cpu_before = reconcile_stats(metrics_port), sampler.read()[2]
@@ -374,6 +364,24 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             fresh |= {"reconciles": after["count"] - before["count"],
                       "reconcile_seconds": after["seconds"] - before["seconds"],
                       "operator_cpu_s": cpu_after - cpu_before}
+            _clean(c)
+        for i, (n, r, side) in enumerate(sides):
+            spy = None
+            if args.profile and side == "operator" and n == max(args.jobs) and profile_out is None:
+                raw = STATE / f"profile-{n}.txt"
+                spy = profile(operator.pid, raw)
+            print(f"burst N={n} round {r + 1}: {side}", flush=True)
+            result = burst(c, side, n, args.clients, f"{side[0]}{r}-{n}", sampler if side == "operator" else None,
+                           args.side_limit)
+            result["round"] = r + 1
+            rounds.append(result)
+            print("  " + json.dumps(result), flush=True)
+            if spy is not None:
+                spy.send_signal(signal.SIGINT)
+                spy.wait(60)
+                profile_out = top_frames(raw) if raw.exists() else None
+            if i + 1 < len(sides):
+                _clean(c)
         reconcile = reconcile_stats(metrics_port)
     finally:
         sampler.stop.set()
@@ -466,12 +474,12 @@ def markdown(payload: dict[str, Any]) -> str:
         lines += ["", "| innermost frame | share of samples |", "|---|---|"]
         lines += [f"| `{frame}` | {share:.1%} |" for frame, share in prof["self"]]
     lines += ["", "## Every side of every round", "",
-              "| N | round | side | load at start | create calls (s) | every child (s) | p50 (s) | p99 (s) | all finished (s) | finished |",
-              "|---|---|---|---|---|---|---|---|---|---|"]
+              "| N | round | side | load at start | create calls (s) | child Jobs | every child (s) | p50 (s) | p99 (s) | all finished (s) | finished | limit (s) |",
+              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in out["rounds"]:
         lines.append(f"| {r['n']} | {r['round']} | {r['side']} | {r['load_before']:.1f} | {fmt(r['create_calls_s'], 1)} | "
-                     f"{fmt(r['all_children_s'], 1)} | {fmt(r['child_latency_p50_s'])} | {fmt(r['child_latency_p99_s'])} | "
-                     f"{fmt(r['all_finished_s'], 1)} | {r['finished']} |")
+                     f"{r['children']} | {fmt(r['all_children_s'], 1)} | {fmt(r['child_latency_p50_s'])} | "
+                     f"{fmt(r['child_latency_p99_s'])} | {fmt(r['all_finished_s'], 1)} | {r['finished']} | {r['limit_s']:.0f} |")
     return "\n".join(lines) + "\n"
 
 
@@ -480,6 +488,7 @@ def main() -> None:
     parser.add_argument("--jobs", type=lambda t: [int(x) for x in t.split(",")], default=[100, 1000])
     parser.add_argument("--rounds", type=int, default=2, help="rounds for N < 1000 (N ≥ 1000 runs one)")
     parser.add_argument("--clients", type=int, default=8, help="client threads creating the objects")
+    parser.add_argument("--side-limit", type=float, default=600, help="seconds one side of a burst may take")
     parser.add_argument("--freshness-jobs", type=int, default=2)
     parser.add_argument("--freshness-seconds", type=float, default=90)
     parser.add_argument("--profile", action="store_true", help="py-spy the operator during the largest burst")
