@@ -238,7 +238,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
             progress.bar.close()
 
     progress.enter(Stage.EVALUATING)
-    final = measure(model, test_data, "final")  # the weights training ended with (the best validation's, when it restored them)
+    # The weights training ended with (the best validation's, when it restored them).
+    final = measure(model, test_data, "final")
     progress.metrics.set_eval("final", final)
     evaluation = {"baseline": baseline, "final": final, "delta": deltas(baseline, final)}
     if per_class:

@@ -137,7 +137,7 @@ def records_of(doc: dict[str, Any], file: Path, categories: dict[int, str],
 def image_record(image: Any, i: int, file: Path, problems: list[str]) -> Annotated | None:
     from PIL import Image
 
-    if not isinstance(image, dict) or not isinstance(image.get("id"), int) or not isinstance(image.get("file_name"), str):
+    if not (isinstance(image, dict) and isinstance(image.get("id"), int) and isinstance(image.get("file_name"), str)):
         problems.append(f"images[{i}] needs an integer id and a file_name")
         return None
     where = f"image {image['id']} ({image['file_name']!r})"
