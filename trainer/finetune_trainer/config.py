@@ -35,6 +35,7 @@ class Task(StrEnum):
     SEQUENCE_CLASSIFICATION = "sequence-classification"
     CAUSAL_LM = "causal-lm"
     IMAGE_CLASSIFICATION = "image-classification"
+    OBJECT_DETECTION = "object-detection"
 
 
 class Stage(StrEnum):
@@ -65,12 +66,15 @@ class ModelSpec(ApiModel):
     architecture: str | None = Field(
         None,
         max_length=128,
-        description="For image-classification: a torchvision architecture name (e.g. resnet18). "
-        "Without `uri`: the transformers model type to build from `config` (e.g. gpt2, llama).",
+        description="For image-classification: a torchvision architecture name (e.g. resnet18). For "
+        "object-detection (required): a torchvision detection architecture (e.g. fasterrcnn_mobilenet_v3_large_fpn, "
+        "retinanet_resnet50_fpn, fcos_resnet50_fpn, ssdlite320_mobilenet_v3_large). Without `uri`: the "
+        "transformers model type to build from `config` (e.g. gpt2, llama).",
     )
     config: dict[str, Any] = Field(
         default_factory=dict,
-        description="Overrides of the model's configuration (transformers config keys, e.g. n_layer). "
+        description="Overrides of the model's configuration (transformers config keys, e.g. n_layer; for torchvision "
+        "models the builder's keyword arguments, e.g. min_size or box_score_thresh for a detector). "
         "Used to build a model from scratch when `uri` is omitted.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
@@ -87,6 +91,12 @@ class ModelSpec(ApiModel):
             message="either uri (pretrained weights) or architecture (build from config) is required",
             field="uri",
         ),
+        Rule(
+            cel="self.task != 'object-detection' || has(self.architecture)",
+            holds=lambda m: m.task != Task.OBJECT_DETECTION or m.architecture is not None,
+            message="object-detection needs architecture (a torchvision detector, e.g. fasterrcnn_mobilenet_v3_large_fpn)",
+            field="architecture",
+        ),
     )
 
 
@@ -97,6 +107,7 @@ class DatasetFormat(StrEnum):
     PARQUET = "parquet"
     HF_DISK = "hf-disk"
     IMAGE_FOLDER = "imagefolder"
+    COCO = "coco"
 
 
 class DatasetSpec(ApiModel):
@@ -106,7 +117,10 @@ class DatasetSpec(ApiModel):
     format: DatasetFormat = Field(
         DatasetFormat.AUTO,
         description="File format; auto picks it from the extension (a folder of class folders is an ImageFolder, "
-        "a folder with dataset_info.json is an HF save_to_disk dataset). A folder may hold the hub's layouts: "
+        "a folder with dataset_info.json is an HF save_to_disk dataset; object-detection reads coco). "
+        "coco (object-detection only): a COCO annotations JSON, or a folder with annotations.json or one JSON per split "
+        "(train.json, val.json, test.json), each image's file_name relative to the JSON's folder or its images/. "
+        "A folder may hold the hub's layouts: "
         "files named by split (train.csv, test-00000-of-00001.parquet) or in folders named by split.",
     )
     text_field: str = Field("text", min_length=1, description="Column holding the input text.")
@@ -141,7 +155,7 @@ class DatasetSpec(ApiModel):
         "this length for causal-lm.",
     )
     image_size: int = Field(
-        224, ge=8, le=4096, description="Images are resized to imageSize x imageSize pixels."
+        224, ge=8, le=4096, description="Images are resized to imageSize x imageSize pixels (their boxes with them)."
     )
 
 
@@ -340,6 +354,9 @@ class Metric(StrEnum):
     F1 = "f1"
     LOSS = "loss"
     PERPLEXITY = "perplexity"
+    MAP = "map"
+    MAP50 = "map50"
+    MAP75 = "map75"
 
 
 class EvaluationSpec(ApiModel):
@@ -350,7 +367,9 @@ class EvaluationSpec(ApiModel):
         default_factory=lambda: [Metric.ACCURACY, Metric.F1],
         min_length=1,
         max_length=4,
-        description="accuracy and f1 (macro) for classification; loss and perplexity for any task.",
+        description="accuracy and f1 (macro) for classification; loss and perplexity for classification and "
+        "causal-lm; map (COCO mAP over IoU 0.5:0.95), map50 and map75 for object-detection (per-class AP goes "
+        "to the report).",
     )
     baseline: bool = Field(True, description="Also evaluate the model before fine-tuning, to report the gain.")
     batch_size: int | None = Field(None, ge=1, description="Evaluation batch size; default training.batchSize.")
@@ -365,6 +384,14 @@ class OutputSpec(ApiModel):
 def _classification_metrics_only_for_classifiers(spec: Any) -> bool:
     classifying = {Metric.ACCURACY, Metric.F1}
     return spec.model.task != Task.CAUSAL_LM or not classifying.intersection(spec.evaluation.metrics)
+
+
+DETECTION_METRICS = (Metric.MAP, Metric.MAP50, Metric.MAP75)
+
+
+def _detection_metrics_only_for_detectors(spec: Any) -> bool:
+    detecting = [m in DETECTION_METRICS for m in spec.evaluation.metrics]
+    return all(detecting) if spec.model.task == Task.OBJECT_DETECTION else not any(detecting)
 
 
 class TrainerConfig(ApiModel):
@@ -388,11 +415,33 @@ class TrainerConfig(ApiModel):
         ),
         Rule(
             cel="has(self.model.uri) || !has(self.model.architecture) || has(self.model.tokenizerUri)"
-            " || self.model.task == 'image-classification'",
+            " || self.model.task in ['image-classification', 'object-detection']",
             holds=lambda c: c.model.uri or not c.model.architecture or c.model.tokenizer_uri
-            or c.model.task == Task.IMAGE_CLASSIFICATION,
+            or c.model.task in (Task.IMAGE_CLASSIFICATION, Task.OBJECT_DETECTION),
             message="a model built from config needs tokenizerUri for text tasks",
             field="model.tokenizerUri",
+        ),
+        Rule(
+            cel="self.model.task == 'object-detection' ? self.evaluation.metrics.all(m, m in ['map', 'map50', 'map75'])"
+            " : !self.evaluation.metrics.exists(m, m in ['map', 'map50', 'map75'])",
+            holds=_detection_metrics_only_for_detectors,
+            message="object-detection is scored by map, map50 and map75 (set evaluation.metrics, e.g. [map, map50]), "
+            "and only object-detection is",
+            field="evaluation.metrics",
+        ),
+        Rule(
+            cel="(self.model.task == 'object-detection') == (self.dataset.format == 'coco')"
+            " || (self.model.task == 'object-detection' && self.dataset.format == 'auto')",
+            holds=lambda c: (c.model.task == Task.OBJECT_DETECTION) == (c.dataset.format == DatasetFormat.COCO)
+            or (c.model.task == Task.OBJECT_DETECTION and c.dataset.format == DatasetFormat.AUTO),
+            message="object-detection reads the coco format (or auto), and the coco format is for object-detection",
+            field="dataset.format",
+        ),
+        Rule(
+            cel="self.model.task != 'object-detection' || !has(self.rearrange.lora)",
+            holds=lambda c: c.model.task != Task.OBJECT_DETECTION or c.rearrange.lora is None,
+            message="object-detection fine-tunes the detector's weights; LoRA adapters are for the other tasks",
+            field="rearrange.lora",
         ),
     )
 

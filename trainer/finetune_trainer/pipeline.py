@@ -29,6 +29,10 @@ from finetune_trainer.adjust import adaptable, freeze, param_groups
 from finetune_trainer.batches import Encoded, encode_causal, encode_images, encode_text, epoch_batches, make_collate
 from finetune_trainer.config import Batching, Stage, Task, TrainerConfig
 from finetune_trainer.data import LabelledData, check_label_count, load_dataset
+from finetune_trainer.detection import analysis as detection_analysis
+from finetune_trainer.detection.coco import load_coco
+from finetune_trainer.detection.metrics import evaluate_detector
+from finetune_trainer.detection.models import load_detector, resize_head
 from finetune_trainer.errors import EXIT_OK, ConfigError, Terminated, describe, exit_code_of, reason_of
 from finetune_trainer.evaluate import deltas, evaluate
 from finetune_trainer.models import check_positions, load_model, load_tokenizer
@@ -132,12 +136,17 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     if problem := cfg.adjust.freeze.pattern_problem():  # before anything is loaded
         raise ConfigError(f"adjust.freeze.pattern: {problem}")
     progress.enter(Stage.LOADING)
-    tokenizer = None if task == Task.IMAGE_CLASSIFICATION else load_tokenizer(cfg.model)
-    data = load_dataset(cfg.dataset, task, seed)
+    detecting = task == Task.OBJECT_DETECTION
+    tokenizer = None if task in (Task.IMAGE_CLASSIFICATION, Task.OBJECT_DETECTION) else load_tokenizer(cfg.model)
+    data = load_coco(cfg.dataset, seed) if detecting else load_dataset(cfg.dataset, task, seed)
     num_labels = 0 if task == Task.CAUSAL_LM else check_label_count(data.id2label, cfg.rearrange.head.num_labels)
     train_data, validation_data, test_data = encode(data, tokenizer, cfg)
     collate = make_collate(task, tokenizer.pad_token_id if tokenizer else 0, cfg.dataset.image_size)
-    model = load_model(cfg.model, tokenizer, seed).to(world.device)
+    if detecting:
+        torch.manual_seed(seed)  # fresh weights and a new head, the same on every rank and rerun
+        model = load_detector(cfg.model, cfg.dataset.image_size).to(world.device)
+    else:
+        model = load_model(cfg.model, tokenizer, seed).to(world.device)
     check_positions(model, cfg.dataset.max_length)
 
     progress.enter(Stage.ANALYZING)
@@ -145,9 +154,13 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
              epoch_batches(train_data.lengths, cfg.training.batch_size, seed=seed, epoch=0,
                            bucketed=cfg.training.batching == Batching.LENGTH_BUCKETED)[: cfg.analyze.probe_batches]]
     dtype = autocast_dtype(cfg.training.precision, world.device)
-    report = analysis.analyze(model, probe, task, num_labels, adapters=cfg.rearrange.lora is not None, dtype=dtype)
+    if detecting:
+        report = detection_analysis.analyze(model, probe, train_data, num_labels, dtype)
+    else:
+        report = analysis.analyze(model, probe, task, num_labels, adapters=cfg.rearrange.lora is not None, dtype=dtype)
     if world.main:
-        log.info("structure analysis:\n%s", analysis.summary(report))
+        log.info("structure analysis:\n%s", "\n".join([analysis.summary(report), *(
+            detection_analysis.summary_lines(report) if detecting else [])]))
         out.mkdir(parents=True, exist_ok=True)
         (out / "analysis.json").write_text(json.dumps(report.to_dict(), indent=2))
     progress.message["analysis"] = {"totalParameters": report.total_parameters,
@@ -163,7 +176,9 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     log.info("froze %s parameters (%s)", f"{frozen:,}", cfg.adjust.freeze.strategy.value)
 
     progress.enter(Stage.REARRANGING)
-    if head is not None:
+    if detecting:
+        resize_head(model, num_labels + 1, cfg.rearrange.head.reinitialize)  # the background is class 0
+    elif head is not None:
         new_head(model, head, num_labels, data.id2label, cfg.rearrange.head.reinitialize)
     if cfg.rearrange.lora is not None:
         candidates = adaptable(list(report.lora_candidates), cfg.adjust.freeze, layers, head)
@@ -182,13 +197,21 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
 
     eval_size = cfg.evaluation.batch_size or cfg.training.batch_size
 
-    def measure(m: nn.Module, split: Encoded) -> dict[str, float]:
-        return evaluate(m, split, collate, task, cfg.evaluation.metrics, eval_size, world, num_labels, dtype)
+    per_class: dict[str, dict[str, float]] = {}  # a detector's AP by category, on the test split
+
+    def measure(m: nn.Module, split: Encoded, phase: str | None = None) -> dict[str, float]:
+        if not detecting:
+            return evaluate(m, split, collate, task, cfg.evaluation.metrics, eval_size, world, num_labels, dtype)
+        scores, by_category = evaluate_detector(m, split, collate, cfg.evaluation.metrics, eval_size, world,
+                                                data.id2label, dtype)
+        if phase is not None:
+            per_class[phase] = by_category
+        return scores
 
     baseline: dict[str, float] = {}
     if cfg.evaluation.baseline:
         progress.enter(Stage.BASELINE)
-        baseline = measure(model, test_data)
+        baseline = measure(model, test_data, "baseline")
         progress.metrics.set_eval("baseline", baseline)
         log.info("baseline: %s", baseline)
 
@@ -215,9 +238,13 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
             progress.bar.close()
 
     progress.enter(Stage.EVALUATING)
-    final = measure(model, test_data)  # the weights training ended with (the best validation's, when it restored them)
+    # The weights training ended with (the best validation's, when it restored them).
+    final = measure(model, test_data, "final")
     progress.metrics.set_eval("final", final)
     evaluation = {"baseline": baseline, "final": final, "delta": deltas(baseline, final)}
+    if per_class:
+        evaluation["per_class_ap"] = per_class
+        log.info("AP per category (test split): %s", per_class)
     progress.message["evaluation"] = {"baseline": baseline, "final": final}
 
     progress.enter(Stage.EXPORTING)

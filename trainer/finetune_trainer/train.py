@@ -128,6 +128,8 @@ def total_steps(data: Encoded, spec: TrainingSpec, world: World) -> int:
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: Task) -> torch.Tensor:
     """Summed (not averaged) loss, so that the caller divides by the targets of the whole step."""
+    if task == Task.OBJECT_DETECTION:  # a detector returns its loss, averaged over the batch's images
+        return logits.float() * labels.shape[0]
     if task == Task.CAUSAL_LM:
         logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t+1
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
