@@ -255,14 +255,45 @@ class LoraSpec(ApiModel):
     )
 
 
+class PruneSpec(ApiModel):
+    """Remove the transformer layers the analysis scores least important (Block Influence), before training.
+
+    Exactly one of count, fraction and threshold says how many."""
+
+    count: int | None = Field(None, ge=1, le=1000, description="Remove this many layers, the lowest-scoring first.")
+    fraction: float | None = Field(
+        None, gt=0, lt=1, description="Remove this fraction of the layers (rounded half up), the lowest-scoring first."
+    )
+    threshold: float | None = Field(
+        None,
+        gt=0,
+        le=2,
+        description="Remove every layer whose Block Influence (1 - cosine similarity of its input and output "
+        "hidden states, 0 to 2) is below this.",
+    )
+
+    rules = (
+        Rule(
+            cel="(has(self.count) ? 1 : 0) + (has(self.fraction) ? 1 : 0) + (has(self.threshold) ? 1 : 0) == 1",
+            holds=lambda m: [m.count, m.fraction, m.threshold].count(None) == 2,
+            message="set exactly one of count, fraction and threshold",
+        ),
+    )
+
+
 class RearrangeSpec(ApiModel):
-    """Stage 3: change the model's structure (head, adapters)."""
+    """Stage 3: change the model's structure (head, adapters, pruned layers)."""
 
     head: HeadSpec = Field(default_factory=HeadSpec, description="The classification head (ignored for causal-lm).")
     lora: LoraSpec | None = Field(None, description="Add LoRA adapters; omit to fine-tune the weights themselves.")
     merge_on_export: bool = Field(
         True,
         description="Merge the adapters into the base weights on export, after checking that the logits match.",
+    )
+    prune: PruneSpec | None = Field(
+        None,
+        description="Remove the least important transformer layers before training (text models); training then "
+        "recovers the accuracy. The exported model is smaller and loads with the standard transformers classes.",
     )
 
 
@@ -393,6 +424,12 @@ class TrainerConfig(ApiModel):
             or c.model.task == Task.IMAGE_CLASSIFICATION,
             message="a model built from config needs tokenizerUri for text tasks",
             field="model.tokenizerUri",
+        ),
+        Rule(
+            cel="!has(self.rearrange.prune) || self.model.task in ['sequence-classification', 'causal-lm']",
+            holds=lambda c: c.rearrange.prune is None or c.model.task in (Task.SEQUENCE_CLASSIFICATION, Task.CAUSAL_LM),
+            message="pruning removes transformer layers: it needs a text task (sequence-classification or causal-lm)",
+            field="rearrange.prune",
         ),
     )
 
