@@ -23,7 +23,7 @@ from finetune_operator import api, children, outcome
 from finetune_operator.api import ConditionType as T
 from finetune_operator.outcome import Outcome, Retry, State
 from finetune_operator.status import (Conditions, analysis_of, evaluation_of, phase_of, progress_and_metrics,
-                                      timestamp, transitions)
+                                      pruning_of, timestamp, transitions)
 from finetune_trainer.rules import error_lines
 
 
@@ -180,6 +180,7 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
             status["progress"] = progress
         status["evaluation"] = evaluation_of(result.result)
         status["analysis"] = analysis_of(result.result)
+        status["pruning"] = pruning_of(result.result)
         return
     # Failed: never retried, retried for free, or counted against backoffLimit.
     status["analysis"] = analysis_of(result.result) or old.get("analysis")
