@@ -405,7 +405,7 @@ class TrainerConfig(ApiModel):
     dataset: DatasetSpec = Field(description="The labelled data.", json_schema_extra=immutable("dataset"))
     analyze: AnalyzeSpec = Field(default_factory=AnalyzeSpec, description="Stage 1: structure analysis.")
     adjust: AdjustSpec = Field(default_factory=AdjustSpec, description="Stage 2: freezing and parameter groups.")
-    rearrange: RearrangeSpec = Field(default_factory=RearrangeSpec, description="Stage 3: head and adapters.")
+    rearrange: RearrangeSpec = Field(default_factory=RearrangeSpec, description="Stage 3: head, adapters and pruning.")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Stage 4: the training loop.")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Stage 5: baseline and final evaluation.")
     output: OutputSpec = Field(description="Stage 6: where the results go.", json_schema_extra=immutable("output"))
