@@ -165,3 +165,25 @@ def test_a_pruned_job_reports_scores_size_and_latency_before_and_after(tmp_path:
     assert "## Pruning" in (tmp_path / "out" / "README.md").read_text()
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
     assert reloaded.config.num_hidden_layers == 2 and prune.parameters(reloaded) == pruning["after"]["parameters"]
+
+
+def test_a_layer_list_that_is_no_stack_of_hidden_states_gets_no_scores() -> None:
+    """A model whose longest ModuleList does not pass hidden states along: no score rather than a wrong one (and
+    pruning then says it found no stack of layers)."""
+    from torch import nn
+
+    class Branches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.branches = nn.ModuleList(nn.Linear(8, 4) for _ in range(3))
+            self.classifier = nn.Linear(12, 2)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            x = input_ids.float()
+            return self.classifier(torch.cat([b(x) for b in self.branches], -1)).mean(1)
+
+    from finetune_trainer.batches import Batch
+
+    ids = torch.ones(2, 5, 8, dtype=torch.long)
+    batch = Batch({"input_ids": ids, "attention_mask": torch.ones(2, 5)}, torch.tensor([0, 1]), 2, 10, 2)
+    assert prune.importance(Branches(), [batch], Task.SEQUENCE_CLASSIFICATION, labels_fit=True) is None

@@ -85,15 +85,22 @@ def importance(model: nn.Module, batches: list[Batch], task: Task, labels_fit: b
 
     def measure_turn(i: int) -> Any:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-            before = args[0] if args else kwargs["hidden_states"]
+            before = args[0] if args else kwargs.get("hidden_states")
             after = output[0] if isinstance(output, tuple) else output
+            if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)
+                    and before.shape == after.shape and before.shape[:-1] == state["mask"].shape):
+                state["unscored"] = True  # not a stack of hidden states: say nothing rather than something wrong
+                return
             cos = F.cosine_similarity(before.detach().float(), after.detach().float(), dim=-1)
             turned[i] += ((1 - cos) * state["mask"]).sum()
         return hook
 
     def gate(i: int) -> Any:
-        def hook(module: nn.Module, args: tuple) -> tuple:
+        def hook(module: nn.Module, args: tuple) -> tuple | None:
             x = args[0]
+            if x.shape[-1] % heads or x.shape[0] != state["gates"].shape[0]:
+                state["ungated"] = True
+                return None
             g = state["gates"][:, i].to(x.dtype)  # [samples, heads]
             x = (x.unflatten(-1, (heads, -1)) * g.view(g.shape[0], *[1] * (x.dim() - 2), heads, 1)).flatten(-2)
             return (x, *args[1:])
@@ -114,7 +121,7 @@ def importance(model: nn.Module, batches: list[Batch], task: Task, labels_fit: b
                 logits = logits_of(model, batch.inputs)
             tokens += int(state["mask"].sum())
             samples += ids.shape[0]
-            if gated:
+            if gated and logits.requires_grad:
                 per_sample_loss(logits, batch, task, labels_fit).sum().backward()
                 head_grads += state["gates"].grad.abs().sum(0).double()
     finally:
@@ -123,8 +130,10 @@ def importance(model: nn.Module, batches: list[Batch], task: Task, labels_fit: b
         for p, flag in zip(model.parameters(), requires):
             p.requires_grad_(flag)
         model.train(was_training)
+    if state.get("unscored"):
+        return None
     out: dict[str, Any] = {"layers": {"measure": LAYER_MEASURE, "scores": (turned / max(tokens, 1)).tolist()}}
-    if gated:
+    if gated and not state.get("ungated"):
         out["heads"] = {"measure": HEAD_MEASURE, "loss": "task" if labels_fit else "label-free probe",
                         "scores": (head_grads / max(samples, 1)).tolist()}
     return out
