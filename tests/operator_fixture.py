@@ -52,6 +52,42 @@ def example(name: str, **changes: Any) -> dict[str, Any]:
     return doc
 
 
+# kwok's stages read these pod annotations/labels (deploy/local): when a Job's pod completes, and whether it fails.
+KWOK_COMPLETE_DELAY = "pod-complete.stage.kwok.x-k8s.io/delay"
+KWOK_COMPLETE_JITTER = "pod-complete.stage.kwok.x-k8s.io/jitter-delay"
+KWOK_FAIL = "pod-container-running-failed.stage.kwok.x-k8s.io"
+
+
+def kwok_claim(namespace: str, name: str = "kwok-results") -> list[dict[str, Any]]:
+    """A claim any node can mount, for jobs on kwok's nodes (which mount nothing): bound ahead to a PersistentVolume
+    without node affinity (a local-path volume would pin its pods to the process node)."""
+    pv = {"apiVersion": "v1", "kind": "PersistentVolume", "metadata": {"name": f"{namespace}-{name}"},
+          "spec": {"capacity": {"storage": "1Gi"}, "accessModes": ["ReadWriteMany"], "storageClassName": "",
+                   "hostPath": {"path": "/nonexistent/kwok-mounts-nothing"},
+                   "claimRef": {"namespace": namespace, "name": name}}}
+    pvc = claim(name, ["ReadWriteMany"])
+    pvc["spec"] |= {"storageClassName": "", "volumeName": pv["metadata"]["name"]}
+    return [pv, pvc]
+
+
+def kwok_job(name: str, output: str, runs_for: str = "0s", up_to: str | None = None, fail: bool = False) -> dict[str, Any]:
+    """The MiniLM example as a GPU cluster runs it (hub model and data, one GPU per worker), so its pods land on
+    kwok's simulated GPU nodes: Running at once, they succeed after `runs_for` (or at a uniformly random moment
+    between `runs_for` and `up_to`), or fail."""
+    doc = yaml.safe_load((EXAMPLES / "minilm-sentiment.yaml").read_text())
+    doc["metadata"] = {"name": name}
+    spec = doc["spec"]
+    spec["model"]["uri"] = "hf://sentence-transformers/all-MiniLM-L6-v2"
+    spec["dataset"]["uri"] = "hf://example/sentiment"
+    spec["output"]["uri"] = output
+    spec["runtime"]["resources"] = {"requests": {"cpu": "100m", "memory": "256Mi"},
+                                    "limits": {"memory": "256Mi", "nvidia.com/gpu": "1"}}
+    spec["pod"] = {"annotations": {KWOK_COMPLETE_DELAY: runs_for, KWOK_COMPLETE_JITTER: up_to or runs_for}}
+    if fail:
+        spec["pod"]["labels"] = {KWOK_FAIL: "true"}
+    return doc
+
+
 @dataclass
 class OperatorEnv:
     kube: Kube

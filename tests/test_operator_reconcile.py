@@ -248,3 +248,48 @@ def test_claims_must_exist_and_fit_the_workers() -> None:
     single = FineTuneJobSpec.model_validate(EXAMPLE["spec"] | {"adjust": {"freeze": {"strategy": "regex", "pattern": "(("}}})
     assert judge.spec_problems(single, {"models": rwo, "data": rwo}, "ns") == [
         "spec.adjust.freeze.pattern: not a valid regular expression (missing ), unterminated subpattern at position 1)"]
+
+
+def test_metrics_that_cannot_be_read_turn_stale_after_a_grace_and_fresh_again() -> None:
+    running = after(decide(Observed(body({"attempts": 1}), [job(ready=1)], [pod()], NOW,
+                                    sample={"step": 3, "total_steps": 10, "loss": 1.0})))
+    error = ("MetricsTimeout", "http://10.0.0.1:9090/metrics: no complete answer within 1.0 s")
+    # One failed read is no news: the last numbers stay and nothing is stale yet.
+    soon = after(decide(Observed(body(running), [job(ready=1)], [pod()], NOW + timedelta(seconds=3),
+                                 scrape_error=error)), running)
+    assert "MetricsStale" not in conditions(soon) and soon["progress"]["step"] == 3
+    late = decide(Observed(body(soon), [job(ready=1)], [pod()], NOW + timedelta(seconds=11), scrape_error=error))
+    stale = after(late, soon)
+    assert conditions(stale)["MetricsStale"] == ("True", "MetricsTimeout")
+    assert stale["phase"] == "Running" and stale["progress"]["step"] == 3
+    message = next(c["message"] for c in stale["conditions"] if c["type"] == "MetricsStale")
+    assert "since 2026-12-01T12:00:00Z" in message and "no complete answer" in message
+    assert ("Warning", "MetricsTimeout") in [e[:2] for e in late.events]
+    fresh = decide(Observed(body(stale), [job(ready=1)], [pod()], NOW + timedelta(seconds=13),
+                            sample={"step": 5, "total_steps": 10, "loss": 0.9}))
+    assert conditions(after(fresh, stale))["MetricsStale"] == ("False", "MetricsRead")
+    assert ("Normal", "MetricsRead") in [e[:2] for e in fresh.events]
+    done = after(decide(Observed(body(after(fresh, stale)), [job(complete=True, succeeded=1)],
+                                 [pod(phase="Succeeded", exit_code=0, message={})], NOW + timedelta(seconds=20))))
+    assert conditions(done)["MetricsStale"] == ("False", "Completed") and done["phase"] == "Succeeded"
+
+
+def test_a_container_that_cannot_start_says_why_instead_of_a_silent_pending() -> None:
+    stuck = pod(phase="Pending", stuck={"reason": "ImagePullBackOff", "message": 'Back-off pulling image "nope:1"'})
+    decision = decide(Observed(body({"attempts": 1}), [job()], [stuck], NOW))
+    status = after(decision)
+    assert status["phase"] == "Pending" and status["reason"] == "ImagePullBackOff"
+    assert conditions(status)["Running"] == ("False", "ImagePullBackOff")
+    assert conditions(status)["Scheduled"] == ("True", "Scheduled")
+    assert ("Warning", "ImagePullBackOff") in [e[:2] for e in decision.events]
+    running = after(decide(Observed(body(status), [job(ready=1)], [pod()], NOW)), status)
+    assert running["phase"] == "Running" and conditions(running)["Running"] == ("True", "Training")
+
+
+def test_pod_summary_keeps_only_waiting_reasons_the_user_must_fix() -> None:
+    def waiting(reason: str) -> dict[str, Any]:
+        return {"metadata": {"name": "p", "labels": {}}, "status": {"phase": "Pending", "containerStatuses": [
+            {"name": "trainer", "state": {"waiting": {"reason": reason, "message": "why"}}}]}}
+    assert outcome.pod_summary(waiting("CreateContainerConfigError"))["stuck"] == {
+        "reason": "CreateContainerConfigError", "message": "why"}
+    assert outcome.pod_summary(waiting("ContainerCreating"))["stuck"] is None

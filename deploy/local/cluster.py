@@ -38,6 +38,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # run as a script; pki is a sibling module
 import pki  # noqa: E402
+from process_node.network import kwok_cidr  # noqa: E402
 
 REPO = HERE.parents[1]
 DEFAULT_STATE = REPO / ".cluster"
@@ -52,7 +53,9 @@ KWOK_STAGES = [
     "node/fast/node-initialize",
     "node/heartbeat-with-lease/node-heartbeat-with-lease",
     "pod/fast/pod-ready",
-    "pod/fast/pod-complete",
+    # Job pods succeed 1–5 s after they are ready, or after the pod's annotation
+    # pod-complete.stage.kwok.x-k8s.io/delay (and /jitter-delay): a test holds one Running that way.
+    "pod/general/pod-complete",
     "pod/fast/pod-delete",
     # Tests make a kwok pod fail with the label
     # pod-container-running-failed.stage.kwok.x-k8s.io=true (exit code etc. via annotations).
@@ -347,7 +350,7 @@ def _argvs(cluster: Cluster, ports: dict[str, int]) -> dict[str, list[str]]:
         "kwok": [
             str(b / "kwok"), f"--kubeconfig={cluster.kubeconfig}",
             "--manage-nodes-with-label-selector=finetune.dev/node-kind=kwok",
-            f"--config={_kwok_stages(cluster)}", "--cidr=10.244.0.0/16", "--node-lease-duration-seconds=40",
+            f"--config={_kwok_stages(cluster)}", f"--cidr={kwok_cidr(s / 'node')}", "--node-lease-duration-seconds=40",
             f"--server-address=127.0.0.1:{ports['kwok']}",
         ],
         "process-node": [
@@ -447,6 +450,23 @@ def _up(state: Path, timeout: float) -> Cluster:
         raise
     _progress(f"cluster ready; export KUBECONFIG={cluster.kubeconfig}", started)
     return cluster
+
+
+def restart(state: Path, component: str, timeout: float = 60.0) -> None:
+    """Stop one component (SIGTERM, as a rolling control-plane upgrade does) and start it again on the same
+    ports and data, waiting until it answers: for tests of what survives a control-plane restart."""
+    if component not in ("etcd", "kube-apiserver"):
+        raise ValueError(f"restart supports etcd and kube-apiserver, not {component}")
+    with _locked(state.resolve()):
+        cluster = Cluster(state=state.resolve(), bin_dir=bin_dir())
+        ports = json.loads((cluster.state / "cluster.json").read_text())["ports"]
+        _stop(cluster, component)
+        proc = start_process(cluster, component, _argvs(cluster, ports)[component])
+        if component == "etcd":
+            url, tls = f"https://127.0.0.1:{ports['etcd']}/health", client_tls(cluster, "apiserver-etcd-client")
+        else:
+            url, tls = f"https://127.0.0.1:{ports['apiserver']}/readyz", client_tls(cluster, "admin")
+        _wait(cluster, component, lambda: _http_ok(url, tls), {component: proc}, time.monotonic() + timeout)
 
 
 def down(state: Path = DEFAULT_STATE) -> None:

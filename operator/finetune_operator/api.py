@@ -213,6 +213,7 @@ class ConditionType(StrEnum):
     SUSPENDED = "Suspended"
     SUCCEEDED = "Succeeded"
     FAILED = "Failed"
+    METRICS_STALE = "MetricsStale"  # rank 0's metrics could not be read for a while; the reason says why
 
 
 class ConditionStatus(StrEnum):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import threading
 import time
 from datetime import datetime, timezone
 from typing import Any
@@ -25,6 +26,7 @@ from finetune_operator.settings import Settings
 log = logging.getLogger("finetune_operator")
 PREFIX = "finetune.dev"
 FINALIZER = f"{PREFIX}/finalizer"
+HANDLER_THREADS = 16  # kopf runs the sync handlers in a pool of this size
 
 
 class Clients:
@@ -33,7 +35,11 @@ class Clients:
             config.load_incluster_config()
         except config.ConfigException:
             config.load_kube_config()
-        self.api = client.ApiClient()
+        configuration = client.Configuration.get_default_copy()
+        # One connection per handler thread: with urllib3's default of 10, a burst discards connections and
+        # pays a TLS handshake for most calls.
+        configuration.connection_pool_maxsize = HANDLER_THREADS
+        self.api = client.ApiClient(configuration)
         self.core = client.CoreV1Api(self.api)
         self.batch = client.BatchV1Api(self.api)
         self.custom = client.CustomObjectsApi(self.api)
@@ -46,13 +52,14 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=PREFIX)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=PREFIX)
     settings.posting.level = logging.WARNING  # Events are posted explicitly, on transitions
-    settings.execution.max_workers = 16
+    settings.execution.max_workers = HANDLER_THREADS
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 310
     # No watching of namespaces and CRDs: the CRD is installed before the operator starts (the chart's
     # crds/), and the watched namespaces are named or all; so no cluster-wide reads beyond our own rules.
     settings.scanning.disabled = True
     memo.clients = Clients()
+    memo.job_warnings = JobWarnings()
     ours: Settings = memo.settings
     metrics.serve(ours.bind_address, ours.metrics_port)
     log.info("finetune-operator: watching %s; trainer image %s; polling every %.1f s",
@@ -71,33 +78,84 @@ def index_phases(body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return {body.get("status", {}).get("phase") or api.Phase.PENDING.value: None}
 
 
-def managed_here(spec: kopf.Spec, **_: Any) -> bool:
-    return spec.get("managedBy") in (None, api.MANAGED_BY)
+def _live(spec: kopf.Spec, status: kopf.Status) -> bool:
+    """Ours, and live or waiting for ttlSecondsAfterFinished: a finished job costs no reconciles (kopf stops its
+    timers when the filters turn False), which keeps a cluster of thousands of finished jobs cheap."""
+    finished = status.get("phase") in (api.Phase.SUCCEEDED, api.Phase.FAILED)
+    return spec.get("managedBy") in (None, api.MANAGED_BY) and (
+        not finished or spec.get("ttlSecondsAfterFinished") is not None)
+
+
+def _busy(status: kopf.Status) -> bool:
+    """Running (its metrics are read every poll) or between attempts (the next one is created on the next tick)."""
+    return status.get("phase") == api.Phase.RUNNING or any(
+        c.get("type") == T.RESTARTING and c.get("status") == "True" for c in status.get("conditions") or [])
+
+
+def ticks_every_poll(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
+    return _live(spec, status) and _busy(status)
+
+
+def ticks_slowly(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
+    """Waiting jobs (queued for GPUs, suspended, pods being created) are reconciled every WAITING_POLLS polls: a
+    burst of a thousand of them at every poll would cost the operator more CPU than it has."""
+    return _live(spec, status) and not _busy(status)
+
+
+WAITING_POLLS = 5
 
 
 def _plain(body: kopf.Body) -> dict[str, Any]:
     return {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}
 
 
-def _sample(seen: reconcile.Observed, ns: str, name: str) -> dict[str, Any] | None:
-    """Rank 0's metrics while it runs; a failed read is counted and the last numbers stay."""
+def _sample(seen: reconcile.Observed, ns: str, name: str) -> None:
+    """Rank 0's metrics while it runs, or why they could not be read (counted; the last numbers stay)."""
     attempt = reconcile.current_attempt(seen.body["status"], seen.jobs)
     rank0 = next((p for p in seen.pods if p["attempt"] == attempt and p["index"] == 0
                   and p["phase"] == "Running" and p.get("ip")), None)
     if rank0 is None:
-        return None
+        return
     try:
-        return scrape(rank0["ip"])
+        seen.sample = scrape(rank0["ip"])
     except ScrapeError as exc:
         metrics.POLL_ERRORS.labels(reason=exc.reason).inc()
         log.debug("%s/%s: metrics not read: %s", ns, name, exc)
-        return None
+        seen.scrape_error = (exc.reason, str(exc))
 
 
 PODLESS_GRACE_SECONDS = 10  # the Job controller creates pods within moments; after that, ask why not
 
 
-def _job_warning(clients: Clients, seen: reconcile.Observed, ns: str) -> tuple[str, str] | None:
+WARNINGS_TTL_SECONDS = 5.0
+
+
+class JobWarnings:
+    """Warning Events of Jobs, one list per namespace shared by all its jobs for WARNINGS_TTL_SECONDS: asking per
+    job and tick would cost a burst of podless jobs (kcm still creating their pods) one API call each, every tick."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.by_namespace: dict[str, tuple[float, dict[str, tuple[str, str, str]]]] = {}
+
+    def latest(self, clients: Clients, ns: str, job_name: str) -> tuple[str, str] | None:
+        with self.lock:
+            read_at, latest = self.by_namespace.get(ns, (0.0, {}))
+            if time.monotonic() - read_at > WARNINGS_TTL_SECONDS:
+                response = clients.core.list_namespaced_event(
+                    ns, field_selector="involvedObject.kind=Job,type=Warning", _preload_content=False)
+                latest = {}
+                for event in json.loads(response.data)["items"]:
+                    name = event["involvedObject"].get("name", "")
+                    when = event.get("lastTimestamp") or event.get("eventTime") or event["metadata"]["creationTimestamp"]
+                    if name not in latest or when >= latest[name][0]:
+                        latest[name] = (when, event.get("reason") or "FailedCreate", event.get("message") or "")
+                self.by_namespace[ns] = (time.monotonic(), latest)
+        found = latest.get(job_name)
+        return (found[1], found[2]) if found else None
+
+
+def _job_warning(clients: Clients, warnings: JobWarnings, seen: reconcile.Observed, ns: str) -> tuple[str, str] | None:
     """The latest Warning Event of the current attempt's Job when it still has no pods."""
     attempt = reconcile.current_attempt(seen.body["status"], seen.jobs)
     job = next((j for j in seen.jobs if j["attempt"] == attempt), None)
@@ -106,19 +164,15 @@ def _job_warning(clients: Clients, seen: reconcile.Observed, ns: str) -> tuple[s
     created = datetime.strptime(job["created"], "%Y-%m-%dT%H:%M:%SZ") if job["created"] else seen.now
     if (seen.now - created).total_seconds() < PODLESS_GRACE_SECONDS:
         return None
-    events = clients.core.list_namespaced_event(
-        ns, field_selector=f"involvedObject.kind=Job,involvedObject.name={job['name']},type=Warning").items
-    if not events:
-        return None
-    latest = max(events, key=lambda e: e.last_timestamp or e.event_time or e.metadata.creation_timestamp)
-    return latest.reason or "FailedCreate", latest.message or ""
+    return warnings.latest(clients, ns, job["name"])
 
 
 def _claims(clients: Clients, spec: api.FineTuneJobSpec, ns: str) -> dict[str, dict[str, Any] | None]:
     found: dict[str, dict[str, Any] | None] = {}
     for claim in judge.claim_fields(spec):
         try:
-            found[claim] = clients.api.sanitize_for_serialization(clients.core.read_namespaced_persistent_volume_claim(claim, ns))
+            found[claim] = json.loads(clients.core.read_namespaced_persistent_volume_claim(
+                claim, ns, _preload_content=False).data)
         except ApiException as exc:
             if exc.status != 404:
                 raise kopf.TemporaryError(f"reading claim {claim}: {exc.reason}", delay=5) from exc
@@ -131,7 +185,7 @@ def _create(clients: Clients, obj: dict[str, Any]) -> None:
     create = {"ConfigMap": clients.core.create_namespaced_config_map, "Service": clients.core.create_namespaced_service,
               "Job": clients.batch.create_namespaced_job}[kind]
     try:
-        create(ns, obj)
+        create(ns, obj, _preload_content=False)  # the answer is not read: deserializing it cost more than the call
     except ApiException as exc:
         if exc.status != 409:  # AlreadyExists: a previous tick (or operator) made it
             raise
@@ -203,8 +257,8 @@ def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, job_index: k
     key = (ns, name)
     seen = reconcile.Observed(_plain(body), list(job_index.get(key, [])), list(pod_index.get(key, [])),
                               datetime.now(timezone.utc).replace(tzinfo=None))
-    seen.sample = _sample(seen, ns, name)
-    seen.job_warning = _job_warning(clients, seen, ns)
+    _sample(seen, ns, name)
+    seen.job_warning = _job_warning(clients, memo.job_warnings, seen, ns)
     decision = reconcile.decide(seen)
     if decision is None:
         return
@@ -265,5 +319,8 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     kopf.index("batch", "v1", "jobs", labels=selector, registry=registry, id="job_index")(index_jobs)
     kopf.index("", "v1", "pods", labels=selector, registry=registry, id="pod_index")(index_pods)
     kopf.index(api.GROUP, api.VERSION, api.PLURAL, registry=registry, id="phase_index")(index_phases)
-    kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=settings.poll_seconds, when=managed_here, registry=registry,
-               id="reconcile")(tick)
+    # One of the two runs for each live job; kopf swaps them when the job's phase changes (the new one ticks at once).
+    kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=settings.poll_seconds, when=ticks_every_poll,
+               registry=registry, id="reconcile")(tick)
+    kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=settings.poll_seconds * WAITING_POLLS, when=ticks_slowly,
+               registry=registry, id="reconcile-waiting")(tick)

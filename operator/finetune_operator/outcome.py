@@ -47,6 +47,7 @@ class Outcome:
     result: dict[str, Any] = field(default_factory=dict)  # rank 0's termination message
     unschedulable: str | None = None  # the scheduler's message
     not_created: str | None = None  # why the Job controller could not create the pods
+    stuck: bool = False  # a worker's container waits for something only the user can fix
 
 
 def _termination(pod: dict[str, Any]) -> dict[str, Any] | None:
@@ -56,6 +57,20 @@ def _termination(pod: dict[str, Any]) -> dict[str, Any] | None:
             state = status.get("state", {}).get("terminated") or status.get("lastState", {}).get("terminated")
             if state:
                 return state
+    return None
+
+
+# A container waiting for these reasons is not about to start by itself: the user must act (fix the image, a
+# missing ConfigMap key or Secret, a command that crashes). ContainerCreating and PodInitializing are progress.
+STUCK_WAITING = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError",
+                 "CreateContainerError", "RunContainerError", "CrashLoopBackOff"}
+
+
+def _stuck(pod: dict[str, Any]) -> dict[str, str] | None:
+    for status in pod.get("status", {}).get("containerStatuses") or []:
+        waiting = (status.get("state") or {}).get("waiting") or {}
+        if waiting.get("reason") in STUCK_WAITING:
+            return {"reason": waiting["reason"], "message": waiting.get("message") or ""}
     return None
 
 
@@ -86,6 +101,7 @@ def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
         "scheduled": scheduled.get("status") == "True",
         "unschedulable": scheduled.get("message") if scheduled.get("reason") == "Unschedulable" else None,
         "disrupted": disruption.get("reason") if disruption.get("status") == "True" else None,
+        "stuck": _stuck(pod),
     }
     if terminated:
         summary["terminated"] = {
@@ -175,6 +191,11 @@ def attempt_outcome(job: dict[str, Any] | None, pods: list[dict[str, Any]],
     unschedulable = next((p["unschedulable"] for p in pods if p["unschedulable"]), None)
     if unschedulable:
         return Outcome(State.PENDING, "Unschedulable", unschedulable, unschedulable=unschedulable)
+    stuck = next((p for p in pods if p.get("stuck")), None)
+    if stuck:
+        waiting = stuck["stuck"]
+        return Outcome(State.PENDING, waiting["reason"], f"pod {stuck['name']}: {waiting['message'] or waiting['reason']}",
+                       stuck=True)
     running = [p for p in pods if p["phase"] == "Running"]
     if running and len(running) >= max(job["active"], 1):
         return Outcome(State.RUNNING, "WorkersRunning", f"{len(running)} worker(s) running")

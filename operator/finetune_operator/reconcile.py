@@ -13,6 +13,8 @@ land on the same answer. Two rules keep it safe under crashes and stale reads:
 
 from __future__ import annotations
 
+import functools
+import json
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -22,8 +24,8 @@ from pydantic import ValidationError
 from finetune_operator import api, children, outcome
 from finetune_operator.api import ConditionType as T
 from finetune_operator.outcome import Outcome, Retry, State
-from finetune_operator.status import (Conditions, analysis_of, evaluation_of, phase_of, progress_and_metrics,
-                                      pruning_of, timestamp, transitions)
+from finetune_operator.status import (METRICS_READ, STALE_AFTER_SECONDS, Conditions, analysis_of, evaluation_of,
+                                      phase_of, progress_and_metrics, pruning_of, timestamp, transitions)
 from finetune_trainer.rules import error_lines
 
 
@@ -37,6 +39,7 @@ class Observed:
     now: datetime
     problems: list[str] = field(default_factory=list)  # what only the operator can judge (claims, regexes)
     sample: dict[str, Any] | None = None  # rank 0's metrics, when read
+    scrape_error: tuple[str, str] | None = None  # (reason, message) when reading them failed
     job_warning: tuple[str, str] | None = None  # (reason, message) of the Job's latest Warning Event, when podless
 
 
@@ -51,9 +54,21 @@ class Decision:
 
 
 def parse_spec(body: dict[str, Any]) -> tuple[api.FineTuneJobSpec | None, list[str]]:
-    """Only the spec is parsed: a status field this version does not know never fails a reconcile."""
+    """Only the spec is parsed: a status field this version does not know never fails a reconcile.
+
+    Parses are kept by the spec's text: validating every live job's spec on every tick was a large share of
+    the operator's CPU, and a spec changes rarely (only `suspend`, by the API's transition rules)."""
+    return _parsed(json.dumps(body.get("spec") or {}, sort_keys=True))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parsed(spec: str) -> tuple[api.FineTuneJobSpec | None, list[str]]:
+    return _parse(json.loads(spec))
+
+
+def _parse(spec: dict[str, Any]) -> tuple[api.FineTuneJobSpec | None, list[str]]:
     try:
-        return api.FineTuneJobSpec.model_validate(body.get("spec") or {}), []
+        return api.FineTuneJobSpec.model_validate(spec), []
     except ValidationError as exc:
         return None, error_lines(exc, root="spec")
 
@@ -95,6 +110,7 @@ def decide(seen: Observed) -> Decision | None:
         conds.set(T.FAILED, True, reason, message)
         conds.clear(T.RUNNING, reason, message)
         conds.clear(T.RESTARTING, reason)
+        conds.clear(T.METRICS_STALE, reason)
         status["completionTime"] = timestamp(now)
 
     if finished:
@@ -117,6 +133,7 @@ def decide(seen: Observed) -> Decision | None:
             decision.delete_job, decision.delete_job_reason = job["name"], "Suspended"
         conds.set(T.SUSPENDED, True, "Suspended", "spec.suspend is true: no pods run; checkpoints stay for the resume")
         conds.clear(T.RUNNING, "Suspended")
+        conds.clear(T.METRICS_STALE, "Suspended")
         status["workers"] = {"active": 0, "ready": 0, "succeeded": 0, "failed": 0}
         return _finish(decision, old, conds)
 
@@ -157,6 +174,9 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
             conds.set(T.SCHEDULED, False, "Unschedulable", result.unschedulable)
         elif result.not_created:
             conds.set(T.SCHEDULED, False, result.reason, result.not_created)
+        elif result.stuck:  # scheduled, but a container cannot start: Running=False says why
+            conds.set(T.SCHEDULED, True, "Scheduled", "every worker has a node")
+            conds.set(T.RUNNING, False, result.reason, result.message)
         elif pods and all(p["scheduled"] for p in pods):
             conds.set(T.SCHEDULED, True, "Scheduled", "every worker has a node")
         return
@@ -166,11 +186,15 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
         conds.clear(T.RESTARTING, "Running", f"attempt {attempt} is running")
         if seen.sample:
             status |= progress_and_metrics(seen.sample, global_batch(spec), seen.now)
+            conds.clear(T.METRICS_STALE, METRICS_READ, "rank 0's metrics are read again")
+        elif seen.scrape_error:
+            _stale(conds, old, seen.now, *seen.scrape_error)
         return
     if result.state == State.SUCCEEDED:
         conds.set(T.SUCCEEDED, True, "Completed", f"attempt {attempt} finished; the model is at {spec.output.uri}")
         conds.clear(T.RUNNING, "Completed")
         conds.clear(T.RESTARTING, "Completed")
+        conds.clear(T.METRICS_STALE, "Completed")
         status["completionTime"] = timestamp(seen.now)
         status["stage"] = "Done"
         status["output"] = {"uri": spec.output.uri}
@@ -197,6 +221,18 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
     conds.set(T.RESTARTING, True, result.reason, f"attempt {attempt} failed ({result.message}); "
                                                  f"attempt {attempt + 1} resumes from the latest checkpoint")
     conds.clear(T.RUNNING, result.reason)
+    conds.clear(T.METRICS_STALE, result.reason)
+
+
+def _stale(conds: Conditions, old: dict[str, Any], now: datetime, reason: str, message: str) -> None:
+    """MetricsStale once the last good read (or the start of running) is STALE_AFTER_SECONDS old; the last
+    numbers stay in status.progress and status.metrics, whose updatedAt tells their age."""
+    last = _parse_time((old.get("progress") or {}).get("updatedAt")) or _parse_time(
+        conds.get(T.RUNNING).get("lastTransitionTime"))
+    if last is None or (now - last).total_seconds() < STALE_AFTER_SECONDS:
+        return
+    since = f"since {timestamp(last)}" if (old.get("progress") or {}).get("updatedAt") else "yet"
+    conds.set(T.METRICS_STALE, True, reason, f"rank 0's metrics not read {since}: {message}")
 
 
 def _finish(decision: Decision, old: dict[str, Any], conds: Conditions) -> Decision:

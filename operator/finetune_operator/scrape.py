@@ -4,6 +4,8 @@ chatty trainer cannot stall a reconcile."""
 
 from __future__ import annotations
 
+import http.client
+import time
 import urllib.request
 from typing import Any
 
@@ -13,6 +15,7 @@ from finetune_operator.children import METRICS_PORT
 
 TIMEOUT_SECONDS = 1.0
 MAX_BYTES = 1 << 20
+CHUNK = 64 << 10
 GAUGES = ("loss", "learning_rate", "step", "total_steps", "epoch", "samples_per_second", "tokens_per_second")
 PREFIX = "finetune_trainer_"
 
@@ -44,14 +47,22 @@ def parse(text: str) -> dict[str, Any]:
 
 
 def scrape(ip: str, port: int = METRICS_PORT, timeout: float = TIMEOUT_SECONDS) -> dict[str, Any]:
+    """One read, bounded in total time (not only per socket operation: a server that drips bytes is cut off)."""
     url = f"http://{ip}:{port}/metrics"
+    deadline = time.monotonic() + timeout
+    chunks: list[bytes] = []
     try:
         with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (a pod IP, http only)
-            body = response.read(MAX_BYTES + 1)
+            while chunk := response.read1(CHUNK):
+                chunks.append(chunk)
+                if sum(map(len, chunks)) > MAX_BYTES:
+                    raise ScrapeError("MetricsTooLarge", f"{url}: more than {MAX_BYTES} bytes")
+                if time.monotonic() > deadline:
+                    raise TimeoutError
     except TimeoutError as exc:
-        raise ScrapeError("MetricsTimeout", f"{url}: no answer within {timeout} s") from exc
-    except OSError as exc:
+        raise ScrapeError("MetricsTimeout", f"{url}: no complete answer within {timeout} s") from exc
+    except OSError as exc:  # refused, reset, closed early, an HTTP error status
         raise ScrapeError("MetricsUnreachable", f"{url}: {exc}") from exc
-    if len(body) > MAX_BYTES:
-        raise ScrapeError("MetricsTooLarge", f"{url}: more than {MAX_BYTES} bytes")
-    return parse(body.decode("utf-8", errors="replace"))
+    except http.client.HTTPException as exc:  # not HTTP at all
+        raise ScrapeError("MetricsBadResponse", f"{url}: not an HTTP answer ({type(exc).__name__})") from exc
+    return parse(b"".join(chunks).decode("utf-8", errors="replace"))

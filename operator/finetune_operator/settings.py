@@ -38,7 +38,7 @@ class Settings(BaseModel):
         description="Annotations (JSON object) on every trainer pod, e.g. prometheus.io/scrape; a job's own win.",
     )
     trainer_uid: int = Field(10001, ge=1, description="Numeric user (and group) the trainer runs as (the trainer image's).")
-    poll_seconds: float = Field(2.0, ge=0.2, le=300, description="How often each live job is reconciled and rank 0's metrics read.")
+    poll_seconds: float = Field(2.0, ge=0.2, le=300, description="How often each running job is reconciled and rank 0's metrics read (a waiting job: every 5 polls).")
     metrics_port: int = Field(8000, ge=0, le=65535, description="Port of the operator's own /metrics (0: off).")
     liveness_port: int = Field(8080, ge=1, le=65535, description="Port of kopf's liveness endpoint /healthz.")
     bind_address: str = Field("0.0.0.0", description="Address the metrics and liveness endpoints listen on.")

@@ -7,8 +7,12 @@ from datetime import datetime
 from typing import Any
 
 from finetune_operator.api import MAX_FINDINGS, MAX_LAYERS, MESSAGE_MAX, ConditionType, Phase
+from finetune_operator.outcome import STUCK_WAITING
 
 T = ConditionType
+METRICS_READ = "MetricsRead"  # MetricsStale's reason once rank 0 answers again (told by an Event)
+# Rank 0's metrics count as stale once no read succeeded for this long (a few polls: one slow answer is no news).
+STALE_AFTER_SECONDS = 10
 
 
 def timestamp(moment: datetime) -> str:
@@ -60,9 +64,9 @@ def phase_of(conditions: Conditions) -> tuple[Phase, str | None]:
                         (T.RUNNING, Phase.RUNNING)):
         if conditions.true(kind):
             return phase, conditions.get(kind)["reason"]
-    for kind in (T.RESTARTING, T.SCHEDULED, T.CREATED):
+    for kind in (T.RESTARTING, T.RUNNING, T.SCHEDULED, T.CREATED):
         condition = conditions.get(kind)
-        if condition and (kind != T.SCHEDULED or condition["status"] == "False"):
+        if condition and (kind not in (T.SCHEDULED, T.RUNNING) or condition["status"] == "False"):
             return Phase.PENDING, condition["reason"]
     return Phase.PENDING, None
 
@@ -70,12 +74,15 @@ def phase_of(conditions: Conditions) -> tuple[Phase, str | None]:
 def transitions(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     """One Event (type, reason, message) per condition that changed status or reason."""
     old = {c["type"]: (c["status"], c["reason"]) for c in before}
-    warn = {(T.FAILED.value, "True"), (T.RESTARTING.value, "True"), (T.SCHEDULED.value, "False")}
+    warn = {(T.FAILED.value, "True"), (T.RESTARTING.value, "True"), (T.SCHEDULED.value, "False"),
+            (T.METRICS_STALE.value, "True"), (T.RUNNING.value, "False")}
     events = []
     for c in after:
         if old.get(c["type"]) == (c["status"], c["reason"]):
             continue
-        if c["status"] == "False" and c["type"] not in (T.SCHEDULED.value, T.SUSPENDED.value):
+        stuck = c["type"] == T.RUNNING.value and c["reason"] in STUCK_WAITING
+        if c["status"] == "False" and c["type"] not in (T.SCHEDULED.value, T.SUSPENDED.value) \
+                and c["reason"] != METRICS_READ and not stuck:
             continue  # "not running any more" is told by the condition that became true
         kind = "Warning" if (c["type"], c["status"]) in warn else "Normal"
         text = c["message"] or f"{c['type']} is {c['status']}"

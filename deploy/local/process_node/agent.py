@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import ipaddress
 import itertools
 import logging
 import os
 import sys
 import threading
 import time
-import zlib
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
@@ -19,6 +17,7 @@ from . import downward, kubelet_api
 from .cgroups import Cgroups
 from .dns import Dns
 from .kubeapi import MERGE, STRATEGIC, ApiError, KubeAPI
+from .network import pod_network
 from .provisioner import Provisioner
 from .runner import PodRunner
 
@@ -31,14 +30,6 @@ STATUS_EVERY = 60
 LIMITS_ANNOTATION = "finetune.dev/resource-limits"
 
 log = logging.getLogger("process_node")
-
-
-def pod_network(state_dir: Path) -> ipaddress.IPv4Address:
-    """Where this node's pod IPs start: 127.<n>.0.0 (all of 127/8 is loopback on Linux), n
-    from 2 to 254 by the state folder, so that nodes of clusters side by side on one machine
-    (worktrees, a test's second node) most likely hand out different addresses (two state
-    folders share n with odds 1 in 253)."""
-    return ipaddress.ip_address(f"127.{2 + zlib.crc32(str(state_dir).encode()) % 253}.0.0")
 
 
 def _micro_now() -> str:

@@ -1,0 +1,83 @@
+"""Metrics endpoints that misbehave as real ones do: they hang, drip, close the connection, speak no HTTP,
+answer garbage or far too much. Each serves on a given address until stopped; shared by the scrape unit
+tests and the operator's end-to-end fault test (where it answers on a kwok pod's loopback IP)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Callable
+
+OK = b"# TYPE finetune_trainer_step gauge\nfinetune_trainer_step 7.0\n"
+
+
+def _http(body: bytes) -> bytes:
+    return b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n" % len(body) + body
+
+
+def _hang(conn: socket.socket, stop: threading.Event) -> None:
+    stop.wait(30)
+
+
+def _drip(conn: socket.socket, stop: threading.Event) -> None:
+    conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n")
+    while not stop.wait(0.2):
+        conn.sendall(b"# still here\n")
+
+
+def _close(conn: socket.socket, stop: threading.Event) -> None:
+    conn.close()
+
+
+def _reply(payload: bytes) -> Callable[[socket.socket, threading.Event], None]:
+    return lambda conn, stop: conn.sendall(payload)
+
+
+BEHAVIOURS: dict[str, Callable[[socket.socket, threading.Event], None]] = {
+    "ok": _reply(_http(OK)),
+    "hang": _hang,  # accepts, never answers
+    "drip": _drip,  # answers a byte stream that never ends
+    "close": _close,  # closes the connection without a word
+    "not-http": _reply(b"\x00\x01garbage\r\n\r\n"),
+    "garbage": _reply(_http(b"finetune_trainer_step {{{ not a number\n")),
+    "foreign": _reply(_http(b"# TYPE up gauge\nup 1\n")),  # valid Prometheus text, none of ours
+    "huge": _reply(_http(b"#" * (2 << 20))),
+    "error": _reply(b"HTTP/1.0 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"),
+}
+
+
+class FaultServer:
+    """Answers every connection on (host, port) with one behaviour, each in its own thread."""
+
+    def __init__(self, host: str, port: int, behaviour: str) -> None:
+        self.behaviour = BEHAVIOURS[behaviour]
+        self.stop = threading.Event()
+        self.sock = socket.create_server((host, port))
+        self.sock.settimeout(0.2)
+        self.connections = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.sock.accept()
+            except TimeoutError:
+                continue
+            except OSError:  # closed by close()
+                return
+            self.connections += 1
+            threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    def _answer(self, conn: socket.socket) -> None:
+        with conn:
+            try:
+                conn.recv(4096)  # the request
+                self.behaviour(conn, self.stop)
+                time.sleep(0.05)
+            except OSError:
+                pass  # the client gave up first: what a timeout does
+
+    def close(self) -> None:
+        self.stop.set()
+        self.sock.close()

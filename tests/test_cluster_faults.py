@@ -1,0 +1,181 @@
+"""The operator under faults, on the real control plane: it is SIGKILLed again and again during a burst, the
+kube-apiserver and etcd restart under a training job, and trainers' metrics endpoints misbehave.
+
+The long versions (a burst of 50 with 20 kills) are marked `long` and run with `pytest -m long`; `make test`
+runs the short ones."""
+
+from __future__ import annotations
+
+import random
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import yaml
+
+from fault_servers import FaultServer
+from finetune_operator.children import METRICS_PORT
+from kube import Kube
+from operator_fixture import REPO, OperatorEnv, crd_installed, example, kwok_claim, kwok_job, operator_env  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.cluster
+
+BACKOFF_LIMIT = 1
+
+
+def _healthy(env: OperatorEnv) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{env.liveness_port}/healthz", timeout=2):
+            return True
+    except OSError:
+        return False
+
+
+def _terminal(obj: dict[str, Any]) -> bool:
+    return obj.get("status", {}).get("phase") in ("Succeeded", "Failed")
+
+
+def _crash_repeatedly(env: OperatorEnv, kills: int, rng: random.Random) -> None:
+    """SIGKILL the operator at a random moment of its work (0–2.5 s after it answers /healthz), then start it."""
+    for _ in range(kills):
+        env.kube.wait_for("the operator's /healthz", lambda: _healthy(env), env.namespace, timeout=120)
+        time.sleep(rng.uniform(0, 2.5))
+        env.kill()
+        env.start()
+
+
+@pytest.fixture
+def kwok_results(operator_env: OperatorEnv) -> Iterator[str]:
+    """pvc://kwok-results/... for the test's kwok jobs; its PersistentVolume is removed afterwards."""
+    objects = kwok_claim(operator_env.namespace)
+    operator_env.kube.apply(objects, operator_env.namespace)
+    yield "pvc://kwok-results"
+    operator_env.kube.kubectl("delete", "pv", objects[0]["metadata"]["name"], "--wait=false", check=False)
+
+
+def _burst_under_kills(env: OperatorEnv, output: str, jobs: int, kills: int) -> None:
+    rng = random.Random(jobs * 1000 + kills)
+    failing = set(rng.sample(range(jobs), jobs // 5))  # every attempt of these fails: retries under the kills too
+    names = []
+    for i in range(jobs):
+        doc = kwok_job(f"burst-{i:02d}", f"{output}/burst-{i:02d}", runs_for="2s", up_to="15s", fail=i in failing)
+        doc["spec"]["backoffLimit"] = BACKOFF_LIMIT
+        names.append(env.apply(doc))
+    _crash_repeatedly(env, kills, rng)
+    assert len(env.restarts) == kills
+    for name in names:
+        env.wait_ftj(name, _terminal, "a terminal phase", timeout=300)
+    ftjs = {o["metadata"]["name"]: o for o in _listed(env, "ftj")}
+    jobs_by_owner = _by_job_name(_listed(env, "jobs"))
+    config_maps = _by_job_name(_listed(env, "configmaps"))
+    services = _by_job_name(_listed(env, "services"))
+    for i, name in enumerate(names):
+        status = ftjs[name]["status"]
+        conditions = {c["type"]: (c["status"], c["reason"]) for c in status["conditions"]}
+        expected_attempts = BACKOFF_LIMIT + 1 if i in failing else 1
+        assert status["attempts"] == expected_attempts, (name, status)
+        if i in failing:
+            assert status["phase"] == "Failed" and status["reason"] == "BackoffLimitExceeded", (name, status)
+            assert conditions["Failed"] == ("True", "BackoffLimitExceeded")
+        else:
+            assert status["phase"] == "Succeeded" and conditions["Succeeded"] == ("True", "Completed"), (name, status)
+            assert "Restarting" not in conditions, (name, status)  # a crash of the operator is no failed attempt
+        wanted = [f"{name}-{a}" for a in range(1, expected_attempts + 1)]
+        uid = ftjs[name]["metadata"]["uid"]
+        for kind, found in (("Job", jobs_by_owner), ("ConfigMap", config_maps), ("Service", services)):
+            objects = found.pop(name, [])
+            assert sorted(o["metadata"]["name"] for o in objects) == wanted, (kind, name)
+            assert all(o["metadata"]["ownerReferences"][0]["uid"] == uid for o in objects), (kind, name)
+    # Nothing that belongs to no FineTuneJob of this burst.
+    assert not jobs_by_owner and not config_maps and not services
+
+
+def _listed(env: OperatorEnv, kind: str) -> list[dict[str, Any]]:
+    return yaml.safe_load(env.kube.kubectl("get", kind, "-n", env.namespace, "-o", "yaml").stdout)["items"]
+
+
+def _by_job_name(objects: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    found: dict[str, list[dict[str, Any]]] = {}
+    for obj in objects:
+        owner = (obj["metadata"].get("labels") or {}).get("finetune.dev/job-name")
+        if owner:
+            found.setdefault(owner, []).append(obj)
+    return found
+
+
+def test_operator_killed_during_a_burst_leaves_each_job_right(operator_env: OperatorEnv, kwok_results: str) -> None:
+    _burst_under_kills(operator_env, kwok_results, jobs=10, kills=5)
+
+
+@pytest.mark.long
+def test_operator_killed_20_times_during_a_burst_of_50(operator_env: OperatorEnv, kwok_results: str) -> None:
+    _burst_under_kills(operator_env, kwok_results, jobs=50, kills=20)
+
+
+def _restart(kube: Kube, component: str) -> None:
+    sys.path.insert(0, str(REPO / "deploy" / "local"))
+    import cluster  # deploy/local/cluster.py
+
+    cluster.restart(kube.cluster_dir, component)
+
+
+def test_a_training_job_completes_once_across_apiserver_and_etcd_restarts(operator_env: OperatorEnv) -> None:
+    if operator_env.kube.cluster_dir is None:
+        pytest.skip("the control plane is not this session's to restart")
+    env = operator_env
+    name = env.apply(example("tiny-causal-lm", training={"epochs": 3}))
+    env.wait_ftj(name, lambda o: (o.get("status", {}).get("progress") or {}).get("step", 0) > 0, "training", 300)
+    for component in ("kube-apiserver", "etcd"):
+        _restart(env.kube, component)
+        step = env.ftj(name)["status"]["progress"]["step"]
+        # The operator reconnects: the status moves on (or the job ends) after each restart.
+        env.wait_ftj(name, lambda o, s=step: _terminal(o) or o["status"]["progress"]["step"] > s,
+                     f"progress after the {component} restart", 180)
+    done = env.wait_phase(name, "Succeeded", timeout=600)
+    assert done["status"]["attempts"] == 1 and done["status"].get("failures", 0) == 0
+    assert [j["metadata"]["name"] for j in env.objects("jobs", name)] == [f"{name}-1"]
+    assert env.process is not None and env.process.poll() is None, "the operator exited"
+
+
+def _operator_metric(env: OperatorEnv, name: str, labels: str) -> float:
+    text = urllib.request.urlopen(f"http://127.0.0.1:{env.metrics_port}/metrics", timeout=5).read().decode()
+    line = next((line for line in text.splitlines() if line.startswith(f"{name}{{{labels}}}")), None)
+    return float(line.rsplit(" ", 1)[1]) if line else 0.0
+
+
+def test_faulty_metrics_endpoints_make_their_jobs_stale_and_no_other(operator_env: OperatorEnv,
+                                                                    kwok_results: str) -> None:
+    env = operator_env
+    faults = {"hang": "MetricsTimeout", "garbage": "MetricsUnparsable", "close": "MetricsUnreachable", "ok": None}
+    for behaviour in faults:
+        env.apply(kwok_job(f"metrics-{behaviour}", f"{kwok_results}/{behaviour}", runs_for="600s"))
+    servers = []
+    try:
+        for behaviour in faults:
+            pod = env.kube.wait_for(f"metrics-{behaviour}'s rank 0 running", lambda b=behaviour: next(
+                (p for p in env.objects("pods", f"metrics-{b}")
+                 if p.get("status", {}).get("phase") == "Running" and p["status"].get("podIP")), None), env.namespace)
+            # kwok's pod IPs are on loopback: the test answers as that pod's trainer would, or would not.
+            servers.append(FaultServer(pod["status"]["podIP"], METRICS_PORT, behaviour))
+        for behaviour, reason in faults.items():
+            if reason:
+                stale = env.wait_ftj(f"metrics-{behaviour}", lambda o, r=reason: any(
+                    c["type"] == "MetricsStale" and c["status"] == "True" and c["reason"] == r
+                    for c in o["status"].get("conditions", [])), f"MetricsStale {reason}", 90)
+                assert stale["status"]["phase"] == "Running"
+                assert _operator_metric(env, "finetune_operator_metric_poll_errors_total", f'reason="{reason}"') > 0
+        healthy = env.wait_ftj("metrics-ok", lambda o: (o["status"].get("progress") or {}).get("step") == 7,
+                               "the healthy job's step", 30)
+        first = healthy["status"]["progress"]["updatedAt"]
+        time.sleep(3)
+        again = env.ftj("metrics-ok")["status"]
+        assert again["progress"]["updatedAt"] > first, "the healthy job's status stopped being refreshed"
+        assert not any(c["type"] == "MetricsStale" and c["status"] == "True" for c in again["conditions"])
+        reasons = {e["reason"] for e in env.events("metrics-hang")}
+        assert "MetricsTimeout" in reasons
+    finally:
+        for server in servers:
+            server.close()

@@ -1,0 +1,47 @@
+"""Reading rank 0's /metrics from real sockets that misbehave: every fault becomes a ScrapeError with a reason,
+within the time bound, and never anything else (an exception that escaped would fail the whole reconcile)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from fault_servers import FaultServer
+from finetune_operator.scrape import TIMEOUT_SECONDS, ScrapeError, scrape
+from operator_fixture import free_port
+
+
+@pytest.mark.parametrize(("behaviour", "reason"), [
+    ("hang", "MetricsTimeout"),
+    ("drip", "MetricsTimeout"),
+    ("close", "MetricsUnreachable"),
+    ("error", "MetricsUnreachable"),
+    ("not-http", "MetricsBadResponse"),
+    ("garbage", "MetricsUnparsable"),
+    ("foreign", "MetricsMissing"),
+    ("huge", "MetricsTooLarge"),
+])
+def test_a_faulty_endpoint_is_a_scrape_error_with_its_reason(behaviour: str, reason: str) -> None:
+    port = free_port()
+    server = FaultServer("127.0.0.1", port, behaviour)
+    try:
+        started = time.monotonic()
+        with pytest.raises(ScrapeError) as error:
+            scrape("127.0.0.1", port)
+        assert error.value.reason == reason, str(error.value)
+        assert time.monotonic() - started < TIMEOUT_SECONDS + 1
+    finally:
+        server.close()
+
+
+def test_nothing_listening_is_unreachable_and_a_good_endpoint_is_read() -> None:
+    port = free_port()
+    with pytest.raises(ScrapeError) as error:
+        scrape("127.0.0.1", port)
+    assert error.value.reason == "MetricsUnreachable"
+    server = FaultServer("127.0.0.1", port, "ok")
+    try:
+        assert scrape("127.0.0.1", port) == {"step": 7.0}
+    finally:
+        server.close()
