@@ -177,3 +177,17 @@ def test_runs_of_one_commit_combine_into_one_table_over_their_seeds(tmp_path: Pa
     other = _run_file(tmp_path / "c.json", [3], commit="def456")
     with pytest.raises(SystemExit, match="other code"):
         main(["--combine", f"{a},{other}", "--out", str(out)])
+
+
+def test_the_pruning_goals_read_the_mean_accuracy_difference_and_the_median_speedup() -> None:
+    from bench.pruning import summary
+
+    def seed(difference: float, wall: float, cpu: float) -> dict:
+        return {"accuracy_difference": difference, "latency": {"speedup": {"wall": wall, "cpu": cpu}}}
+
+    met = summary([seed(-0.02, 1.3, 1.4), seed(0.005, 1.5, 1.3), seed(0.0, 1.1, 1.2)])
+    assert met["accuracy_difference_points"]["mean"] == pytest.approx(-0.5)
+    assert met["speedup"]["wall"] == {"median": 1.3, "min": 1.1, "max": 1.5}
+    assert met["goal_accuracy_met"] and met["goal_speed_met"]
+    slow = summary([seed(-0.03, 1.3, 1.4), seed(-0.005, 1.2, 1.24), seed(0.0, 1.1, 1.2)])
+    assert not slow["goal_accuracy_met"] and not slow["goal_speed_met"]

@@ -276,6 +276,7 @@ class Finding(ApiModel):
 
 
 MAX_FINDINGS = 20
+MAX_LAYERS = 512
 
 
 class Analysis(ApiModel):
@@ -285,6 +286,35 @@ class Analysis(ApiModel):
     trainable_parameters: int | None = Field(None, ge=0, description="Parameters that receive updates.")
     findings: list[Finding] = Field(
         default_factory=list, max_length=MAX_FINDINGS, description="Warnings and fatal problems, most severe first."
+    )
+    layer_importance: list[float] = Field(
+        default_factory=list,
+        max_length=MAX_LAYERS,
+        description="Block Influence of each transformer layer, bottom first (1 - cosine similarity of its input "
+        "and output hidden states on the probe batches): the lowest are the ones rearrange.prune removes first.",
+    )
+
+
+class BeforeAfter(ApiModel):
+    """A figure of the model before pruning and of the model as exported."""
+
+    before: float = Field(description="Before pruning (the model as loaded, with its head for the dataset).")
+    after: float = Field(description="Pruned and fine-tuned, as exported.")
+
+
+class PruningResult(ApiModel):
+    """What rearrange.prune removed, and what serving the model costs before and after."""
+
+    removed_layers: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list, max_length=MAX_LAYERS, description="The layers removed, counted from 0 at the bottom."
+    )
+    parameters: BeforeAfter | None = Field(None, description="Parameter counts.")
+    latency_ms: BeforeAfter | None = Field(
+        None, description="Milliseconds per test batch of one forward pass, on the training device."
+    )
+    metrics_before: MetricValues = Field(
+        default_factory=dict,
+        description="Test metrics of the model before pruning (evaluation.final is the pruned model's).",
     )
 
 
@@ -330,6 +360,7 @@ class FineTuneJobStatus(ApiModel):
     metrics: TrainingMetrics | None = Field(None, description="Live training metrics.")
     evaluation: EvaluationResult | None = Field(None, description="Baseline and final evaluation.")
     analysis: Analysis | None = Field(None, description="Structure analysis headline.")
+    pruning: PruningResult | None = Field(None, description="The layers rearrange.prune removed; size and speed.")
     output: OutputLocation | None = Field(None, description="Where the exported model is, once the job succeeded.")
     children: Children | None = Field(None, description="The current attempt's ConfigMap, Service and Job.")
     workers: WorkerCounts | None = Field(None, description="The current attempt's trainer pods.")

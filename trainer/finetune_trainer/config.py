@@ -269,14 +269,45 @@ class LoraSpec(ApiModel):
     )
 
 
+class PruneSpec(ApiModel):
+    """Remove the transformer layers the analysis scores least important (Block Influence), before training.
+
+    Exactly one of count, fraction and threshold says how many."""
+
+    count: int | None = Field(None, ge=1, le=1000, description="Remove this many layers, the lowest-scoring first.")
+    fraction: float | None = Field(
+        None, gt=0, lt=1, description="Remove this fraction of the layers (rounded half up), the lowest-scoring first."
+    )
+    threshold: float | None = Field(
+        None,
+        gt=0,
+        le=2,
+        description="Remove every layer whose Block Influence (1 - cosine similarity of its input and output "
+        "hidden states, 0 to 2) is below this.",
+    )
+
+    rules = (
+        Rule(
+            cel="(has(self.count) ? 1 : 0) + (has(self.fraction) ? 1 : 0) + (has(self.threshold) ? 1 : 0) == 1",
+            holds=lambda m: [m.count, m.fraction, m.threshold].count(None) == 2,
+            message="set exactly one of count, fraction and threshold",
+        ),
+    )
+
+
 class RearrangeSpec(ApiModel):
-    """Stage 3: change the model's structure (head, adapters)."""
+    """Stage 3: change the model's structure (head, adapters, pruned layers)."""
 
     head: HeadSpec = Field(default_factory=HeadSpec, description="The classification head (ignored for causal-lm).")
     lora: LoraSpec | None = Field(None, description="Add LoRA adapters; omit to fine-tune the weights themselves.")
     merge_on_export: bool = Field(
         True,
         description="Merge the adapters into the base weights on export, after checking that the logits match.",
+    )
+    prune: PruneSpec | None = Field(
+        None,
+        description="Remove the least important transformer layers before training (text models); training then "
+        "recovers the accuracy. The exported model is smaller and loads with the standard transformers classes.",
     )
 
 
@@ -401,7 +432,7 @@ class TrainerConfig(ApiModel):
     dataset: DatasetSpec = Field(description="The labelled data.", json_schema_extra=immutable("dataset"))
     analyze: AnalyzeSpec = Field(default_factory=AnalyzeSpec, description="Stage 1: structure analysis.")
     adjust: AdjustSpec = Field(default_factory=AdjustSpec, description="Stage 2: freezing and parameter groups.")
-    rearrange: RearrangeSpec = Field(default_factory=RearrangeSpec, description="Stage 3: head and adapters.")
+    rearrange: RearrangeSpec = Field(default_factory=RearrangeSpec, description="Stage 3: head, adapters and pruning.")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Stage 4: the training loop.")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Stage 5: baseline and final evaluation.")
     output: OutputSpec = Field(description="Stage 6: where the results go.", json_schema_extra=immutable("output"))
@@ -442,6 +473,12 @@ class TrainerConfig(ApiModel):
             holds=lambda c: c.model.task != Task.OBJECT_DETECTION or c.rearrange.lora is None,
             message="object-detection fine-tunes the detector's weights; LoRA adapters are for the other tasks",
             field="rearrange.lora",
+        ),
+        Rule(
+            cel="!has(self.rearrange.prune) || self.model.task in ['sequence-classification', 'causal-lm']",
+            holds=lambda c: c.rearrange.prune is None or c.model.task in (Task.SEQUENCE_CLASSIFICATION, Task.CAUSAL_LM),
+            message="pruning removes transformer layers: it needs a text task (sequence-classification or causal-lm)",
+            field="rearrange.prune",
         ),
     )
 

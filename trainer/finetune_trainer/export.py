@@ -99,6 +99,7 @@ def model_card(cfg: TrainerConfig, report: dict[str, Any]) -> str:
         *rows,
         *per_class_rows(evaluation.get("per_class_ap")),
         "",
+        *pruning_section(report.get("pruning")),
         "Trained by finetune-trainer; report.json has the structure analysis and the full history.",
     ]
     return "\n".join(lines) + "\n"
@@ -111,6 +112,28 @@ def per_class_rows(per_class: dict[str, dict[str, float]] | None) -> list[str]:
     baseline, final = per_class.get("baseline", {}), per_class.get("final", {})
     return ["", "AP per category:", "", "| category | baseline | fine-tuned |", "|---|---|---|",
             *(f"| {name} | {fmt(baseline.get(name))} | {fmt(ap)} |" for name, ap in final.items())]
+
+
+def pruning_section(pruning: dict[str, Any] | None) -> list[str]:
+    """Before (the model as loaded, with its head for this dataset) against after (pruned and fine-tuned)."""
+    if not pruning:
+        return []
+    before, after = pruning["before"], pruning["after"]
+    metrics = [m for m in after if m not in ("parameters", "latency_ms")]
+    return [
+        "## Pruning",
+        "",
+        f"Removed {len(pruning['removed_layers'])} of {pruning['layers_before']} layers "
+        f"({', '.join(map(str, pruning['removed_layers']))}, counted from 0 at the bottom), the least important "
+        f"by {pruning['measure']}, before training.",
+        "",
+        "| | before pruning | pruned and fine-tuned |",
+        "|---|---|---|",
+        f"| parameters | {before['parameters']:,} | {after['parameters']:,} |",
+        f"| latency per test batch (ms, the training device) | {before['latency_ms']:.1f} | {after['latency_ms']:.1f} |",
+        *[f"| {m} (test split) | {fmt(before.get(m))} | {fmt(after[m])} |" for m in metrics],
+        "",
+    ]
 
 
 def fmt(value: float | None, spec: str = ".4f") -> str:

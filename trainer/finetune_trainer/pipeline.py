@@ -24,9 +24,10 @@ import torch
 from torch import nn
 
 from finetune_trainer import analyze as analysis
-from finetune_trainer import checkpoints, distributed, export
+from finetune_trainer import checkpoints, distributed, export, prune
 from finetune_trainer.adjust import adaptable, freeze, param_groups
-from finetune_trainer.batches import Encoded, encode_causal, encode_images, encode_text, epoch_batches, make_collate
+from finetune_trainer.batches import (Batch, Encoded, encode_causal, encode_images, encode_text, epoch_batches,
+                                      eval_batches, make_collate)
 from finetune_trainer.config import Batching, Stage, Task, TrainerConfig
 from finetune_trainer.data import LabelledData, check_label_count, load_dataset
 from finetune_trainer.detection import analysis as detection_analysis
@@ -37,7 +38,7 @@ from finetune_trainer.errors import EXIT_OK, ConfigError, Terminated, describe, 
 from finetune_trainer.evaluate import deltas, evaluate
 from finetune_trainer.models import check_positions, load_model, load_tokenizer
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
-from finetune_trainer.structure import depth, head_name
+from finetune_trainer.structure import depth, head_name, lora_candidates
 from finetune_trainer.telemetry import Metrics, write_termination
 from finetune_trainer.train import (Hooks, LoopState, autocast_dtype, make_optimizer, make_scheduler, steps_per_epoch,
                                     total_steps, train_loop)
@@ -166,6 +167,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     progress.message["analysis"] = {"totalParameters": report.total_parameters,
                                     "trainableParameters": report.trainable_parameters,
                                     "findings": [f.__dict__ for f in report.findings]}
+    if report.importance:
+        progress.message["analysis"]["layerImportance"] = [round(s, 4) for s in report.importance["layers"]["scores"]]
     if cfg.analyze.fail_on_fatal:
         analysis.fail_on_fatal(report)
 
@@ -174,26 +177,6 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     head = head_name(model, task)
     frozen = freeze(model, cfg.adjust.freeze, layers, head)
     log.info("froze %s parameters (%s)", f"{frozen:,}", cfg.adjust.freeze.strategy.value)
-
-    progress.enter(Stage.REARRANGING)
-    if detecting:
-        resize_head(model, num_labels + 1, cfg.rearrange.head.reinitialize)  # the background is class 0
-    elif head is not None:
-        new_head(model, head, num_labels, data.id2label, cfg.rearrange.head.reinitialize)
-    if cfg.rearrange.lora is not None:
-        candidates = adaptable(list(report.lora_candidates), cfg.adjust.freeze, layers, head)
-        model = add_adapters(model, cfg.rearrange.lora, candidates, head)
-        freeze(model, cfg.adjust.freeze, layers, head)
-    model.to(world.device)
-    groups = param_groups(model, cfg.adjust, layers, head)
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
-    progress.message["analysis"].update(totalParameters=total, trainableParameters=trainable)
-    # The analysis modelled the model as loaded (all of it training); this is what will train.
-    memory = analysis.memory_model(dict(model.named_parameters()),
-                                   report.memory["activations"], report.memory["largest_activation"])
-    log.info("memory model after rearrange (MiB, activations as probed before freezing): %s",
-             analysis.memory_line(memory))
 
     eval_size = cfg.evaluation.batch_size or cfg.training.batch_size
 
@@ -207,6 +190,37 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         if phase is not None:
             per_class[phase] = by_category
         return scores
+
+    progress.enter(Stage.REARRANGING)
+    if detecting:
+        resize_head(model, num_labels + 1, cfg.rearrange.head.reinitialize)  # the background is class 0
+    elif head is not None:
+        new_head(model, head, num_labels, data.id2label, cfg.rearrange.head.reinitialize)
+    pruning: dict[str, Any] = {}
+    serving: list[Batch] = []  # the test batches a pruned model's latency is measured on, before and after
+    if cfg.rearrange.prune is not None:
+        serving = [collate(test_data, idx).to(world.device)
+                   for idx in eval_batches(test_data.lengths, eval_size)[: prune.LATENCY_BATCHES]]
+        pruning = prune_layers(model, task, report, cfg, serving, measure, test_data)
+        layers = depth(model, task)
+        for p in model.parameters():  # the freeze counted the layers as loaded; count the ones that stay
+            p.requires_grad_(True)
+        freeze(model, cfg.adjust.freeze, layers, head)
+        progress.message["pruning"] = {"removedLayers": pruning["removed_layers"]}
+    if cfg.rearrange.lora is not None:
+        candidates = adaptable(list(lora_candidates(model, task)), cfg.adjust.freeze, layers, head)
+        model = add_adapters(model, cfg.rearrange.lora, candidates, head)
+        freeze(model, cfg.adjust.freeze, layers, head)
+    model.to(world.device)
+    groups = param_groups(model, cfg.adjust, layers, head)
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    progress.message["analysis"].update(totalParameters=total, trainableParameters=trainable)
+    # The analysis modelled the model as loaded (all of it training); this is what will train.
+    memory = analysis.memory_model(dict(model.named_parameters()),
+                                   report.memory["activations"], report.memory["largest_activation"])
+    log.info("memory model after rearrange (MiB, activations as probed before freezing): %s",
+             analysis.memory_line(memory))
 
     baseline: dict[str, float] = {}
     if cfg.evaluation.baseline:
@@ -227,7 +241,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         evaluate=lambda: measure(model, validation_data),  # selection (early stopping) never sees the test split
         on_step=lambda state, planned: progress.step(state, planned, flops, world.device),
         on_eval=lambda state: progress.metrics.set_eval("training", state.evals[-1]["metrics"]),
-        checkpoint_dir=checkpoints.run_folder(out / "checkpoints", fingerprinted(cfg, world.size), world),
+        checkpoint_dir=checkpoints.run_folder(out / "checkpoints", fingerprinted(cfg, world.size, pruning), world),
     )
     progress.bar = progress_bar(steps) if world.main else None
     try:
@@ -255,11 +269,14 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         "parameters": {"total": total, "trainable": trainable},
         "memory_after_rearrange": memory,
         "evaluation": evaluation,
+        **({"pruning": pruning | {"after": dict(final)}} if pruning else {}),
         "training": training_section(state, steps, steps_per_epoch(train_data, cfg.training, world), train_data,
                                      validation_data, test_data, world),
     }
     if world.main:
-        result.update(write_outputs(model, tokenizer, data.id2label, cfg, out, probe[0].inputs, result))
+        result.update(write_outputs(model, tokenizer, data.id2label, cfg, out, probe[0].inputs, result, serving))
+        if pruning:
+            progress.message["pruning"] = pruning_message(result["pruning"])
     world.barrier()
     progress.enter(Stage.DONE)
     return result
@@ -270,16 +287,46 @@ BOOKKEEPING = {"analyze": None, "output": None, "rearrange": {"mergeOnExport"},
                "training": {"checkpointEverySteps", "keepCheckpoints"}, "evaluation": {"baseline", "batchSize"}}
 
 
-def fingerprinted(cfg: TrainerConfig, world_size: int) -> dict[str, Any]:
-    """What a checkpoint must agree with to be resumed: the config less its bookkeeping, and the world size (the
-    global batch and the schedule's length follow from it). A field added later counts until listed above."""
+def fingerprinted(cfg: TrainerConfig, world_size: int, pruning: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a checkpoint must agree with to be resumed: the config less its bookkeeping, the world size (the
+    global batch and the schedule's length follow from it) and the layers pruning removed (the same shapes,
+    other weights). A field added later counts until listed above."""
     wire = cfg.to_wire()
     for section, fields in BOOKKEEPING.items():
         if fields is None:
             wire.pop(section, None)
         else:
             wire[section] = {k: v for k, v in wire.get(section, {}).items() if k not in fields}
-    return wire | {"worldSize": world_size}
+    return wire | {"worldSize": world_size} | ({"prunedLayers": pruning["removed_layers"]} if pruning else {})
+
+
+def prune_layers(model: nn.Module, task: Task, report: analysis.StructureReport, cfg: TrainerConfig,
+                 serving: list[Batch], measure: Any, test_data: Encoded) -> dict[str, Any]:
+    """Remove the layers the analysis scored least important; returns what they were and the model before (its
+    parameters and latency, and its test metrics when a baseline is asked for)."""
+    if report.importance is None:
+        raise ConfigError(f"rearrange.prune: no stack of transformer layers found in {report.model_class}")
+    scores = report.importance["layers"]["scores"]
+    drop = prune.chosen_layers(scores, cfg.rearrange.prune)
+    before = prune.footprint(model, serving)
+    if cfg.evaluation.baseline:
+        before |= measure(model, test_data)
+    prune.remove_layers(model, task, drop)
+    log.info("pruned %d of %d layers %s (%s %s); %s -> %s parameters", len(drop), len(scores), drop,
+             report.importance["layers"]["measure"], [round(scores[i], 4) for i in drop],
+             f"{before['parameters']:,}", f"{prune.parameters(model):,}")
+    return {"measure": report.importance["layers"]["measure"], "removed_layers": drop,
+            "removed_scores": [scores[i] for i in drop], "layers_before": len(scores),
+            "layers_after": len(scores) - len(drop), "before": before}
+
+
+def pruning_message(pruning: dict[str, Any]) -> dict[str, Any]:
+    """The termination message's pruning section: what was removed and the cost of serving, before and after."""
+    before, after = pruning["before"], pruning["after"]
+    return {"removedLayers": pruning["removed_layers"],
+            "parameters": {"before": before["parameters"], "after": after["parameters"]},
+            "latencyMs": {"before": round(before["latency_ms"], 3), "after": round(after["latency_ms"], 3)},
+            "metricsBefore": {k: v for k, v in before.items() if k not in ("parameters", "latency_ms")}}
 
 
 def encode(data: LabelledData, tokenizer: Any, cfg: TrainerConfig) -> tuple[Encoded, Encoded, Encoded]:
@@ -303,11 +350,14 @@ def training_section(state: LoopState, total: int, per_epoch: int, train_data: E
 
 
 def write_outputs(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg: TrainerConfig, out: Path,
-                  inputs: dict[str, torch.Tensor], report: dict[str, Any]) -> dict[str, Any]:
-    """Export on rank 0: merge adapters (checked), weights, loss curve, model card, report.json."""
+                  inputs: dict[str, torch.Tensor], report: dict[str, Any], serving: list[Batch]) -> dict[str, Any]:
+    """Export on rank 0: merge adapters (checked), weights, loss curve, model card, report.json; a pruned model's
+    latency is measured as it is exported (merged or not)."""
     extra: dict[str, Any] = {}
     if cfg.rearrange.lora is not None and cfg.rearrange.merge_on_export:
         model, extra["merge_check"] = merge_adapters(model, inputs)
+    if "pruning" in report:
+        report["pruning"]["after"] |= prune.footprint(model, serving)
     files = export.export_model(model, tokenizer, id2label, cfg, out)
     export.loss_curve(report["training"]["history"], report["training"]["evals"], out / "loss_curve.png")
     (out / "README.md").write_text(export.model_card(cfg, report | extra))
