@@ -15,7 +15,7 @@ from pydantic import Field, ValidationError
 from pydantic.alias_generators import to_snake
 
 from finetune_operator import coretypes as core
-from finetune_trainer.config import Stage, TrainerConfig
+from finetune_trainer.config import PRINTABLE, Stage, TrainerConfig
 from finetune_trainer.rules import ApiModel, Rule, error_lines, transition
 
 GROUP = "finetune.dev"
@@ -60,7 +60,7 @@ class RuntimeSpec(ApiModel):
         1, ge=1, le=64, description="Trainer processes per pod (torchrun --nproc-per-node): one per GPU."
     )
     image: str | None = Field(
-        None, min_length=1, max_length=512, pattern=r"^\S+$",
+        None, min_length=1, max_length=512, pattern=rf"^{PRINTABLE}+$",
         description="Trainer image; defaults to the operator's configured trainer image.",
     )
     image_pull_policy: PullPolicy | None = Field(None, description="Always, IfNotPresent or Never (Kubernetes' default).")
@@ -348,6 +348,30 @@ class FineTuneJob(ApiModel):
     status: FineTuneJobStatus = Field(default_factory=FineTuneJobStatus, description="Observed state.")
 
 
+# The apiserver's own limit on all of an object's annotations together.
+ANNOTATIONS_MAX_BYTES = 256 * 1024
+
+
+def _metadata_map_errors(meta: dict[str, Any]) -> list[str]:
+    """metadata.labels and metadata.annotations as the apiserver checks every object's."""
+    errors = []
+    for field, value_pattern in (("labels", core.LABEL_VALUE), ("annotations", None)):
+        found = meta.get(field)
+        if found is None:
+            continue
+        if not isinstance(found, dict) or not all(isinstance(v, str) or v is None for v in found.values()):
+            errors.append(f"metadata.{field}: must be a map of strings")
+            continue
+        found = {k: v or "" for k, v in found.items()}  # Go decodes a null string as ""
+        bad = [k for k in found if not (re.fullmatch(core.QUALIFIED_NAME, k) and k.rfind("/") <= 253)]
+        bad += [f"{k}={v}" for k, v in found.items() if value_pattern and not re.fullmatch(value_pattern, v)]
+        if bad:
+            errors.append(f"metadata.{field}: not a valid key or value: {', '.join(bad)[:200]}")
+        if field == "annotations" and sum(len(k.encode()) + len(v.encode()) for k, v in found.items()) > ANNOTATIONS_MAX_BYTES:
+            errors.append(f"metadata.annotations: may not be more than {ANNOTATIONS_MAX_BYTES} bytes in all")
+    return errors
+
+
 def manifest_errors(doc: Any) -> list[str]:
     """Every problem with a FineTuneJob manifest, one `field: message` line each (empty when valid).
 
@@ -361,11 +385,15 @@ def manifest_errors(doc: Any) -> list[str]:
         errors.append(f"apiVersion: must be {GROUP}/{VERSION}")
     if doc.get("kind") != KIND:
         errors.append(f"kind: must be {KIND}")
-    name = str((doc.get("metadata") or {}).get("name", ""))
-    if not re.match(NAME_PATTERN, name):
+    meta = doc.get("metadata") or {}
+    if not isinstance(meta, dict):
+        return errors + ["metadata: must be a mapping"]
+    name = meta.get("name")
+    if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
         errors.append(NAME_MESSAGE)
     elif len(name) > MAX_NAME_LENGTH:
         errors.append(LENGTH_MESSAGE)
+    errors += _metadata_map_errors(meta)
     try:
         FineTuneJob.from_wire({"spec": doc.get("spec")})
     except ValidationError as exc:
