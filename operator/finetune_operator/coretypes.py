@@ -249,7 +249,8 @@ class EnvVar(ApiModel):
     """An environment variable of the trainer container (core/v1 EnvVar)."""
 
     name: EnvName = Field(description="Variable name; torchrun's and the trainer's own are refused.")
-    value: str | None = Field(None, max_length=32768, description="A literal value.")
+    # No NUL: no process environment can hold one (the apiserver takes it; the container would never start).
+    value: str | None = Field(None, max_length=32768, pattern=r"^[^\x00]*$", description="A literal value.")
     value_from: EnvVarSource | None = Field(None, description="A value read from a Secret, a ConfigMap or the pod.")
 
     rules = (
