@@ -130,7 +130,9 @@ def disagreement(client: Any, namespace: str, doc: dict[str, Any]) -> str | None
     - a manifest it cannot decode is refused for the undecodable fields alone (validate may name more);
     - when some fields are refused it skips the CEL rules (validate may name the fields of those rules);
     - CEL rules still run when a field of their object is refused (pydantic's rules do not), so
-      beside a field both name it may name one that a rule names.
+      beside a field both name it may name one that a rule names;
+    - it checks the items of a list that is too long (pydantic reports the length alone), so it may
+      name items of a list both refuse for its length.
     """
     ours, theirs = validator_fields(doc), apiserver_verdict(client, namespace, doc)
     named = set(theirs.fields)
@@ -142,9 +144,11 @@ def disagreement(client: Any, namespace: str, doc: dict[str, Any]) -> str | None
         agree = named <= ours
     else:
         common = ours & named
+        too_long = {_normal(_field_of(line)) for line in manifest_errors(doc) if "should have at most" in line}
         extra = {f for f in named - ours
                  if not (common and (any(_beneath(f, o) for o in common)
-                                     or any(m in theirs.fields[f] for m in RULE_MESSAGES)))}
+                                     or any(m in theirs.fields[f] for m in RULE_MESSAGES)
+                                     or any(_beneath(o, f) for o in common & too_long)))}
         agree = ours <= named and not extra
     if agree:
         return None
