@@ -314,6 +314,7 @@ def test_validate_and_the_apiserver_agree(api_client: Any, module_namespace: str
 
 
 @pytest.mark.long
+@pytest.mark.timeout(3600)  # 5,000 dry runs: minutes on a quiet machine, more than the default 900 s on a busy one
 @settings(FUZZ, max_examples=LONG_EXAMPLES, derandomize=False)
 @given(doc=manifests())
 def test_validate_and_the_apiserver_agree_long(api_client: Any, module_namespace: str, doc: dict[str, Any]) -> None:
