@@ -16,8 +16,12 @@ from pydantic import Field
 
 from finetune_trainer.rules import ApiModel, Rule, checked, immutable
 
+# Any character but ASCII controls and space. Spelled out: \S and \w mean ASCII to the apiserver's
+# RE2 but Unicode to Python and pydantic, so they would judge "hf://ü" differently.
+PRINTABLE = r"[^\x00-\x20\x7f]"
 # pvc://<claim>/<path>, hf://<org>/<name>, file:///abs/path or an absolute path.
-URI_PATTERN = r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/\S*)?|hf://[\w.-]+(/[\w.-]+)?|file:///\S*|/\S*)$"
+URI_PATTERN = (rf"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/{PRINTABLE}*)?|hf://[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?"
+               rf"|file:///{PRINTABLE}*|/{PRINTABLE}*)$")
 # A `..` segment would climb out of the claim (or the mounted volume) the URI names.
 PARENT_SEGMENT = r"(^|/)\.\.(/|$)"
 Uri = Annotated[
