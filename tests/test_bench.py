@@ -120,31 +120,37 @@ def test_a_dry_run_folder_outside_the_results_takes_any_tree(monkeypatch: pytest
     assert written.read_text() == "# dry\n"
 
 
-def _side(name: str, seconds_per_step: float, reached_at: list[tuple[int, float]]) -> object:
+def _side(name: str, cpu_per_step: float, reached_at: list[tuple[int, float]], wall_per_step: float = 1.0) -> object:
     from bench.sides import EvalPoint, SideResult
 
-    evals = [EvalPoint(step, step * seconds_per_step, accuracy) for step, accuracy in reached_at]
-    return SideResult(name, evals, steps=20, train_seconds=20 * seconds_per_step, final_accuracy=evals[-1].accuracy)
+    evals = [EvalPoint(step, step * wall_per_step, accuracy, step * cpu_per_step) for step, accuracy in reached_at]
+    return SideResult(name, evals, steps=20, train_seconds=20 * wall_per_step, train_cpu_seconds=20 * cpu_per_step,
+                      final_accuracy=evals[-1].accuracy)
 
 
 def test_the_comparison_reports_the_ratio_its_spread_and_the_compute_speed_alone() -> None:
     from bench.accuracy import compare
 
-    # Ours computes twice as fast; seed 2 of theirs never reaches the target.
+    # Ours does half the CPU work per step, but ran on a busier machine: the same wall seconds per step.
+    # Seed 2 of theirs never reaches the target.
     ours = [_side("ours", 0.5, [(5, 0.5), (10, 0.6), (20, 0.62)]) for _ in range(3)]
     theirs = [_side("hf-lora", 1.0, [(5, 0.5), (10, 0.6), (20, 0.6)]), _side("hf-lora", 1.0, [(10, 0.58), (20, 0.6)]),
               _side("hf-lora", 1.0, [(10, 0.4), (20, 0.5)])]
     row = compare({"ours": ours, "hf-lora": theirs}, [0.57], "ours", "hf-lora", 1.3)
     head = row["0.57"]
+    assert row["clock"] == "cpu"
     assert head["per_seed"] == [2.0, 2.0, float("inf")]
     assert head["speedup"] == 2.0 and head["per_seed_range"] == (2.0, float("inf"))
     low, high = head["bootstrap_95"]
     assert low == 2.0 and high == float("inf")
     assert row["seconds_per_step_ratio"]["median"] == 2.0
+    assert row["wall"]["seconds_per_step_ratio"]["median"] == 1.0 and row["wall"]["speedup"]["0.57"] == 1.0
     assert row["final_accuracy_delta"] > 0
+    by_wall = compare({"ours": ours, "hf-lora": theirs}, [0.57], "ours", "hf-lora", 1.3, clock="wall")
+    assert by_wall["0.57"]["speedup"] == 1.0 and "wall" not in by_wall
 
 
-def _run_file(path: Path, seeds: list[int], commit: str = "abc123") -> Path:
+def _run_file(path: Path, seeds: list[int], commit: str = "abc123", clock: str | None = "cpu") -> Path:
     from dataclasses import asdict
 
     from bench.sides import Settings
@@ -159,7 +165,7 @@ def _run_file(path: Path, seeds: list[int], commit: str = "abc123") -> Path:
                "machine": {"git_commit": commit, "git_dirty": False, "nproc": 2, "cpu": "x", "torch_threads": 1,
                            "versions": {"torch": "t", "transformers": "t", "peft": "p"},
                            "loadavg_at_start": [1.0, 1.0, 1.0]},
-               "sides": sides}
+               "sides": sides, **({"clock": clock} if clock else {})}  # no clock: a run from before the CPU clock
     path.write_text(json.dumps(payload))
     return path
 
@@ -172,8 +178,12 @@ def test_runs_of_one_commit_combine_into_one_table_over_their_seeds(tmp_path: Pa
     assert main(["--combine", f"{a},{b}", "--out", str(out)]) == 0
     combined = json.loads(next(out.glob("accuracy-combined-*.json")).read_text())
     assert combined["seeds"] == [0, 1, 2] and len(combined["sides"]["ours"]) == 3
-    assert combined["comparisons"]["ours vs hf-lora"]["0.57"]["per_seed"] == [2.0, 2.0, 2.0]
+    assert combined["clock"] == "cpu" and combined["comparisons"]["ours vs hf-lora"]["0.57"]["per_seed"] == [2.0] * 3
     assert [s["file"] for s in combined["sources"]] == ["a.json", "b.json"]
+    assert "speed-up to 0.57, cpu s" in next(out.glob("accuracy-combined-*.md")).read_text()
     other = _run_file(tmp_path / "c.json", [3], commit="def456")
     with pytest.raises(SystemExit, match="other code"):
         main(["--combine", f"{a},{other}", "--out", str(out)])
+    by_wall = _run_file(tmp_path / "d.json", [4], clock=None)
+    with pytest.raises(SystemExit, match="different clocks"):
+        main(["--combine", f"{a},{by_wall}", "--out", str(out)])
