@@ -65,6 +65,18 @@ def test_gpu_bench_dry_run_exercises_both_sides_and_modes_on_a_tiny_model(tmp_pa
     assert measured == {("hf", "full"), ("ours", "full"), ("hf", "lora"), ("ours", "lora")}
 
 
+def test_a_gpu_side_that_fails_is_recorded_and_the_others_still_run() -> None:
+    """Unattended, one side's failure must not lose the rest: token ids beyond the vocabulary make the embedding
+    fail, and that becomes the side's result."""
+    import torch
+
+    from bench.gpu import TINY, measure_or_skip
+
+    batches = [torch.full((TINY.batch_size, TINY.seq_len), 50)] * (TINY.warmup_steps + TINY.measure_steps)
+    result = measure_or_skip("ours", "full", batches, 8, TINY, torch.device("cpu"))
+    assert result.tokens_per_second is None and result.skipped.startswith("failed: IndexError")
+
+
 @pytest.fixture(autouse=True)
 def _bench_importable(monkeypatch: pytest.MonkeyPatch) -> None:
     """bench/ is scripts run from the repository root, not an installed package."""
