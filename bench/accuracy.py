@@ -104,13 +104,22 @@ def step_ratios(a: list[SideResult], b: list[SideResult], clock: str) -> dict[st
     return {"median": statistics.median(ratios), "range": (min(ratios), max(ratios)), "per_seed": ratios}
 
 
+def paired(mine: list[SideResult], theirs: list[SideResult]) -> tuple[list[SideResult], list[SideResult]]:
+    """The runs of the seeds both sides finished, in seed order (a run cut short leaves one side of its seed)."""
+    if any(r.seed is None for r in mine + theirs):  # results from before the seed was recorded: one per seed, in order
+        return mine, theirs
+    by_seed = {r.seed: r for r in theirs}
+    both = [(r, by_seed[r.seed]) for r in sorted(mine, key=lambda r: r.seed) if r.seed in by_seed]
+    return [x for x, _ in both], [y for _, y in both]
+
+
 def compare(results: dict[str, list[SideResult]], targets: list[float], mine: str, theirs: str,
             goal: float, clock: str = CLOCK) -> dict[str, Any]:
-    """Speed-up of `mine` over `theirs` at every target, by `clock`: ratio of the median seconds over seeds, its
-    bootstrap interval and the paired per-seed ratios; plus the compute speed alone (seconds per step, by `clock` and,
-    for a CPU clock, by wall too) and accuracy."""
-    a, b = results[mine], results[theirs]
-    out: dict[str, Any] = {"goal": goal, "clock": clock}
+    """Speed-up of `mine` over `theirs` at every target, by `clock`, over the seeds both ran: ratio of the median
+    seconds over seeds, its bootstrap interval and the paired per-seed ratios; plus the compute speed alone (seconds
+    per step, by `clock` and, for a CPU clock, by wall too) and accuracy."""
+    a, b = paired(results[mine], results[theirs])
+    out: dict[str, Any] = {"goal": goal, "clock": clock, "seeds": [r.seed for r in a]}
     for t in targets:
         seeds = [seed_ratio(x, y, t, clock) for x, y in zip(a, b)]
         defined = [x for x in seeds if not math.isnan(x)] or [math.nan]
@@ -136,11 +145,11 @@ def num(x: float, digits: int = 2) -> str:
 
 def comparison_lines(comparisons: dict[str, Any], pairs: tuple, target: float, clock: str) -> list[str]:
     by_wall = clock != "wall"
-    lines = [f"| ours | theirs | speed-up to {target:.2f}, {clock} s (ratio of medians) | bootstrap 95% | per-seed "
+    lines = [f"| ours | theirs | seeds | speed-up to {target:.2f}, {clock} s (ratio of medians) | bootstrap 95% | per-seed "
              f"median [range] | {clock} s/step ratio median [range] | "
              + ("wall-clock speed-up; s/step ratio median [range] | " if by_wall else "")
              + "mean final acc ours − theirs | goal |",
-             "|---|---|---|---|---|---|" + ("---|" if by_wall else "") + "---|"]
+             "|---|---|---|---|---|---|---|" + ("---|" if by_wall else "") + "---|"]
     for mine, theirs, goal in pairs:
         row = comparisons.get(f"{mine} vs {theirs}")
         if row is None:
@@ -153,7 +162,8 @@ def comparison_lines(comparisons: dict[str, Any], pairs: tuple, target: float, c
             w = row["wall"]["seconds_per_step_ratio"]
             wall = (f"{num(row['wall']['speedup'][str(target)])}×; {num(w['median'])} [{num(w['range'][0])}, "
                     f"{num(w['range'][1])}] | ")
-        lines.append(f"| {mine} | {theirs} | **{num(head['speedup'])}×** | {num(low)}–{num(high)} | "
+        seeds = ", ".join(str(s) for s in row.get("seeds", [])) or len(head["per_seed"])
+        lines.append(f"| {mine} | {theirs} | {seeds} | **{num(head['speedup'])}×** | {num(low)}–{num(high)} | "
                      f"{num(head['per_seed_median'])} [{num(lo)}, {num(hi)}] | {num(step['median'])} "
                      f"[{num(step['range'][0])}, {num(step['range'][1])}] | {wall}{row['final_accuracy_delta']:+.3f} | "
                      f"≥{goal}× |")
@@ -215,7 +225,7 @@ def markdown(results: dict[str, list[SideResult]], comparisons: dict[str, Any], 
               "|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(targets)]
     for name, runs in results.items():
         for seed, r in zip(seeds, runs):
-            lines.append(f"| {name} | {seed} | {r.notes['loadavg_before'][0]:.1f}/{r.notes['loadavg_after'][0]:.1f} | "
+            lines.append(f"| {name} | {seed if r.seed is None else r.seed} | {r.notes['loadavg_before'][0]:.1f}/{r.notes['loadavg_after'][0]:.1f} | "
                          f"{r.steps} | {r.training(clock):.1f} | {r.train_seconds:.1f} | {per_step(r, clock):.2f} | "
                          f"{per_step(r, 'wall'):.2f} | {r.wall_seconds:.1f} | {fmt(r.final_accuracy, 3)} | "
                          f"{r.steps_to(target) or '—'} | " + " | ".join(fmt(r.time_to(t, clock), 1) for t in targets)
@@ -227,7 +237,7 @@ def markdown(results: dict[str, list[SideResult]], comparisons: dict[str, Any], 
               "", f"Accuracy at each evaluation (step:training {clock} seconds/accuracy):", ""]
     for name, runs in results.items():
         for seed, r in zip(seeds, runs):
-            lines.append(f"- {name}, seed {seed}: " + ", ".join(f"{p.step}:{p.at(clock):.0f}s/{p.accuracy:.3f}"
+            lines.append(f"- {name}, seed {seed if r.seed is None else r.seed}: " + ", ".join(f"{p.step}:{p.at(clock):.0f}s/{p.accuracy:.3f}"
                                                                for p in r.evals))
     return "\n".join(lines) + "\n"
 
@@ -267,6 +277,19 @@ def combine(paths: list[Path], out: Path) -> int:
     print(report)
     print(f"written: {write_results(result_stem('accuracy-combined', info), payload, report, out)}")
     return 0
+
+
+def side_order(sides: list[str], seed: int) -> list[str]:
+    """The sides of one seed, the two sides of an equal-recipe pair next to each other (so a run cut short still
+    holds whole pairs); which pair goes first, and which side within a pair, change from seed to seed, so a load that
+    drifts does not favour one side. Sides outside the pairs run last."""
+    pairs = [[a, b] for a, b, _ in EQUAL if a in sides and b in sides]
+    if seed % 2:
+        pairs.reverse()
+    if (seed // 2) % 2:
+        pairs = [pair[::-1] for pair in pairs]
+    ordered = [name for pair in pairs for name in pair]
+    return ordered + [name for name in sides if name not in ordered]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -309,24 +332,24 @@ def main(argv: list[str] | None = None) -> int:
         settings = replace(base, seed=seed)
         shared = data.load(settings.train_rows, settings.eval_rows, settings.max_length, seed)
         eval_rows, train_rows = len(shared.validation.inputs), len(shared.train.inputs)
-        # Each seed runs the sides in a different order, so a load that drifts does not favour one side.
-        for name in sides[seed % len(sides):] + sides[:seed % len(sides)]:
+        for name in side_order(sides, seed):
             before = list(os.getloadavg())
             r = run_side(name, shared, settings)
             r.notes.update(loadavg_before=before, loadavg_after=list(os.getloadavg()))
+            r.seed = seed
             results[name].append(r)
-            print(f"bench.accuracy: seed {seed} {name}: {r.steps} steps, {r.train_seconds:.1f}s training, "
-                  f"final accuracy {fmt(r.final_accuracy, 3)}", flush=True)
-        # Written after every seed, so an interrupted run keeps the seeds it finished.
-        done = seeds[: seeds.index(seed) + 1]
-        comparisons = {f"{a} vs {b}": compare(results, targets, a, b, goal) for a, b, goal in EQUAL + RECIPE
-                       if a in results and b in results}
-        report = markdown(results, comparisons, base, done, targets, info, command, eval_rows)
-        payload = {"command": command, "machine": info, "settings": asdict(base), "seeds": done, "targets": targets,
-                   "eval_rows": eval_rows, "train_rows": train_rows, "clock": CLOCK, "clocks": CLOCKS,
-                   "sides": {n: [r.as_dict() for r in runs] for n, runs in results.items()},
-                   "comparisons": comparisons}
-        written = write_results(stem, payload, report, args.out)
+            print(f"bench.accuracy: seed {seed} {name}: {r.steps} steps, {r.train_cpu_seconds:.1f} CPU s "
+                  f"({r.train_seconds:.1f} s) training, final accuracy {fmt(r.final_accuracy, 3)}", flush=True)
+            # Written after every side, so an interrupted run keeps the pairs it finished.
+            done = [s for s in seeds if any(r.seed == s for runs in results.values() for r in runs)]
+            comparisons = {f"{a} vs {b}": compare(results, targets, a, b, goal) for a, b, goal in EQUAL + RECIPE
+                           if a in results and b in results}
+            report = markdown(results, comparisons, base, done, targets, info, command, eval_rows)
+            payload = {"command": command, "machine": info, "settings": asdict(base), "seeds": done,
+                       "targets": targets, "eval_rows": eval_rows, "train_rows": train_rows, "clock": CLOCK,
+                       "clocks": CLOCKS, "sides": {n: [r.as_dict() for r in runs] for n, runs in results.items()},
+                       "comparisons": comparisons}
+            written = write_results(stem, payload, report, args.out)
     print(report)
     print(f"written: {written}")
     return 0

@@ -53,6 +53,7 @@ class SideResult:
     train_cpu_seconds: float | None = None  # CPU seconds of the training loop, over the same span as train_seconds
     final_accuracy: float | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None  # None: a run from before sides were paired by seed (they were zipped in seed order)
 
     def time_to(self, target: float, clock: str = "cpu") -> float | None:
         """Training seconds (by `clock`) at the first evaluation that reached `target`, or None if none did."""

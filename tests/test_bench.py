@@ -162,6 +162,24 @@ def test_the_comparison_reports_the_ratio_its_spread_and_the_compute_speed_alone
     assert by_wall["0.57"]["speedup"] == 1.0 and "wall" not in by_wall
 
 
+def test_a_seed_cut_short_leaves_whole_pairs_and_compares_only_seeds_both_sides_ran() -> None:
+    from dataclasses import replace
+
+    from bench.accuracy import compare, side_order
+
+    sides = ["ours", "hf-lora", "ours-full", "hf-tuned"]
+    orders = [side_order(sides, seed) for seed in range(4)]
+    for order in orders:
+        assert sorted(order) == sorted(sides)
+        assert abs(order.index("ours") - order.index("hf-lora")) == 1
+        assert abs(order.index("ours-full") - order.index("hf-tuned")) == 1
+    assert {order[0] for order in orders} == set(sides)  # every side goes first once in 4 seeds
+    ours = [replace(_side("ours", 0.5, [(10, 0.6)]), seed=s) for s in (0, 1, 2)]
+    theirs = [replace(_side("hf-lora", 1.0, [(10, 0.6)]), seed=s) for s in (2, 0)]  # seed 1 never ran its side
+    row = compare({"ours": ours, "hf-lora": theirs}, [0.57], "ours", "hf-lora", 1.3)
+    assert row["seeds"] == [0, 2] and row["0.57"]["per_seed"] == [2.0, 2.0]
+
+
 def _run_file(path: Path, seeds: list[int], commit: str = "abc123", clock: str | None = "cpu") -> Path:
     from dataclasses import asdict
 
