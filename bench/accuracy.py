@@ -135,6 +135,12 @@ def compare(results: dict[str, list[SideResult]], targets: list[float], mine: st
     return out
 
 
+def comparisons_of(results: dict[str, list[SideResult]], targets: list[float], clock: str = CLOCK) -> dict[str, Any]:
+    """Every comparison whose two sides share at least one finished seed."""
+    return {f"{a} vs {b}": compare(results, targets, a, b, goal, clock) for a, b, goal in EQUAL + RECIPE
+            if a in results and b in results and paired(results[a], results[b])[0]}
+
+
 def mean_final(runs: list[SideResult]) -> float:
     return statistics.fmean(r.final_accuracy or 0.0 for r in runs)
 
@@ -214,6 +220,8 @@ def markdown(results: dict[str, list[SideResult]], comparisons: dict[str, Any], 
         "|---|---|---|---|---|" + "---|" * len(targets),
     ]
     for name, runs in results.items():
+        if not runs:  # a run cut short before this side's turn
+            continue
         steps = statistics.median(r.steps_to(target) or math.inf for r in runs)
         lines.append(f"| {name} | {statistics.median(per_step(r, clock) for r in runs):.2f} | "
                      f"{statistics.median(per_step(r, 'wall') for r in runs):.2f} | {mean_final(runs):.3f} | "
@@ -260,8 +268,7 @@ def combine(paths: list[Path], out: Path) -> int:
         raise SystemExit(f"bench.accuracy: {', '.join(map(str, paths))} read different clocks; combine runs of one")
     results = {name: [SideResult.from_dict(d) for run in runs for d in run["sides"][name]] for name in first["sides"]}
     targets = first["targets"]
-    comparisons = {f"{a} vs {b}": compare(results, targets, a, b, goal, clock) for a, b, goal in EQUAL + RECIPE
-                   if a in results and b in results}
+    comparisons = comparisons_of(results, targets, clock)
     sources = [{"file": path.name, "command": run["command"], "seeds": run["seeds"],
                 "git_commit": run["machine"]["git_commit"]} for path, run in zip(paths, runs)]
     command = " and ".join(f"`{s['command']}` (seeds {', '.join(map(str, s['seeds']))}, {s['file']})" for s in sources)
@@ -342,8 +349,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"({r.train_seconds:.1f} s) training, final accuracy {fmt(r.final_accuracy, 3)}", flush=True)
             # Written after every side, so an interrupted run keeps the pairs it finished.
             done = [s for s in seeds if any(r.seed == s for runs in results.values() for r in runs)]
-            comparisons = {f"{a} vs {b}": compare(results, targets, a, b, goal) for a, b, goal in EQUAL + RECIPE
-                           if a in results and b in results}
+            comparisons = comparisons_of(results, targets)
             report = markdown(results, comparisons, base, done, targets, info, command, eval_rows)
             payload = {"command": command, "machine": info, "settings": asdict(base), "seeds": done,
                        "targets": targets, "eval_rows": eval_rows, "train_rows": train_rows, "clock": CLOCK,

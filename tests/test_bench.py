@@ -165,7 +165,8 @@ def test_the_comparison_reports_the_ratio_its_spread_and_the_compute_speed_alone
 def test_a_seed_cut_short_leaves_whole_pairs_and_compares_only_seeds_both_sides_ran() -> None:
     from dataclasses import replace
 
-    from bench.accuracy import compare, side_order
+    from bench.accuracy import compare, comparisons_of, markdown, side_order
+    from bench.sides import Settings
 
     sides = ["ours", "hf-lora", "ours-full", "hf-tuned"]
     orders = [side_order(sides, seed) for seed in range(4)]
@@ -178,6 +179,17 @@ def test_a_seed_cut_short_leaves_whole_pairs_and_compares_only_seeds_both_sides_
     theirs = [replace(_side("hf-lora", 1.0, [(10, 0.6)]), seed=s) for s in (2, 0)]  # seed 1 never ran its side
     row = compare({"ours": ours, "hf-lora": theirs}, [0.57], "ours", "hf-lora", 1.3)
     assert row["seeds"] == [0, 2] and row["0.57"]["per_seed"] == [2.0, 2.0]
+    # After the first side of a run, no pair has both sides yet: no comparison, and no error.
+    assert comparisons_of({"ours": ours[:1], "hf-lora": [], "ours-full": [], "hf-tuned": []}, [0.57]) == {}
+    partial = {"ours": ours, "hf-lora": theirs, "ours-full": [], "hf-tuned": []}
+    assert list(comparisons_of(partial, [0.57])) == ["ours vs hf-lora"]
+    for runs in partial.values():
+        for r in runs:
+            r.notes.update(loadavg_before=[1.0] * 3, loadavg_after=[1.0] * 3)
+    info = {"git_commit": "abc", "git_dirty": False, "nproc": 2, "cpu": "x", "torch_threads": 1,
+            "versions": {"torch": "t", "transformers": "t", "peft": "p"}, "loadavg_at_start": [1.0] * 3}
+    report = markdown(partial, comparisons_of(partial, [0.57]), Settings(), [0, 1, 2], [0.57], info, "cmd", 300)
+    assert "| ours | hf-lora | 0, 2 | **2.00×**" in report and "| ours-full |" not in report
 
 
 def _run_file(path: Path, seeds: list[int], commit: str = "abc123", clock: str | None = "cpu") -> Path:
