@@ -3,7 +3,7 @@ baseline before it), evaluate, export.
 
 `run(cfg, output_dir)` is the whole job. It returns the report that it also writes to
 output_dir/report.json: `analysis`, `evaluation: {baseline, final, delta}` (on the test split),
-`training: {steps, seconds, samples_per_second, tokens_per_second, history, evals (on the
+`training: {steps, seconds, cpu_seconds, samples_per_second, tokens_per_second, history, evals (on the
 validation split), ...}`. It writes the
 termination message, success or not, and re-raises what stopped it (the CLI maps that to
 an exit code).
@@ -341,6 +341,7 @@ def training_section(state: LoopState, total: int, per_epoch: int, train_data: E
     seconds = max(state.seconds, 1e-9)
     epochs = state.epoch + state.position / per_epoch  # passes over the data, fractional when stopped early
     return {"steps": state.step, "total_steps": total, "epochs": epochs, "seconds": state.seconds,
+            "cpu_seconds": state.cpu_seconds,
             "samples_per_second": state.samples / seconds, "tokens_per_second": state.tokens / seconds,
             "train_samples": len(train_data.lengths), "validation_samples": len(validation_data.lengths),
             "test_samples": len(test_data.lengths), "workers": world.size,
