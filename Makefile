@@ -84,6 +84,7 @@ cluster-down:
 bench: install
 	$(PY) -m bench.accuracy
 	$(PY) -m bench.throughput
+	$(PY) -m bench.pruning
 
 bench-gpu: install
 	$(PY) -m bench.gpu

@@ -290,6 +290,8 @@ def main(argv: list[str] | None = None) -> int:
         clean_commit()
     started = time.perf_counter()
     info = machine()
+    command = command_line()
+    stem = result_stem("gpu", info) if kept else "gpu"
     batches, vocab = packed_batches(settings, settings.warmup_steps + settings.measure_steps)
     results: list[Measurement] = []
     longest = 0.0
@@ -299,19 +301,37 @@ def main(argv: list[str] | None = None) -> int:
             left = settings.budget_seconds - (time.perf_counter() - started)
             if left < longest * 1.2:
                 results.append(Measurement(side, mode, skipped=f"{left:.0f}s left of the budget"))
-                continue
-            t0 = time.perf_counter()
-            results.append(measure(side, mode, batches, vocab, settings, device))
-            longest = max(longest, time.perf_counter() - t0)
+            else:
+                t0 = time.perf_counter()
+                results.append(measure_or_skip(side, mode, batches, vocab, settings, device))
+                longest = max(longest, time.perf_counter() - t0)
             print(f"bench.gpu: {results[-1]}", flush=True)
-    report = markdown(results, settings, info, command_line())
-    print(report)
+            if kept or args.out:  # after every side, so an unattended run that is cut short keeps what it measured
+                payload = {"machine": info, "settings": asdict(settings), "command": command,
+                           "results": [asdict(r) for r in results]}
+                written = write_results(stem, payload, markdown(results, settings, info, command), args.out or RESULTS)
+    print(markdown(results, settings, info, command))
     if kept or args.out:
-        payload = {"machine": info, "settings": asdict(settings), "command": command_line(),
-                   "results": [asdict(r) for r in results]}
-        stem = result_stem("gpu", info) if kept else "gpu"
-        print(f"written: {write_results(stem, payload, report, args.out or RESULTS)}")
-    return 0
+        print(f"written: {written}")
+    failed = [r for r in results if r.skipped and r.skipped.startswith("failed")]
+    return 1 if failed else 0
+
+
+def measure_or_skip(side: str, mode: str, batches: list[torch.Tensor], vocab: int, settings: GpuSettings,
+                    device: torch.device) -> Measurement:
+    """One side's measurement; running out of GPU memory, or failing, is recorded as that side's result (and
+    a failure makes the run exit 1) instead of losing the other sides of an unattended run."""
+    try:
+        return measure(side, mode, batches, vocab, settings, device)
+    except torch.cuda.OutOfMemoryError as exc:
+        reason = f"out of GPU memory ({str(exc).splitlines()[0]})"
+    except Exception as exc:  # noqa: BLE001 - recorded with its message, and the exit code says it failed
+        logging.exception("bench.gpu: %s %s failed", side, mode)
+        reason = f"failed: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return Measurement(side, mode, skipped=reason)
 
 
 if __name__ == "__main__":

@@ -24,28 +24,35 @@ from bench.sides import EvalPoint, HeldOut, Settings, SideResult
 
 
 class HeldOutClock(TrainerCallback):
-    """Scores the held-out set every N steps and keeps a training clock that excludes that scoring."""
+    """Scores the held-out set every N steps and keeps training clocks (wall and the process's CPU time) that
+    exclude that scoring."""
 
     def __init__(self, name: str, held_out: HeldOut, every: int):
         self.name, self.held_out, self.every = name, held_out, every
         self.points: list[EvalPoint] = []
         self.start = self.paused = self.train_seconds = 0.0
+        self.cpu_start = self.cpu_paused = self.train_cpu_seconds = 0.0
 
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.start, self.paused = time.perf_counter(), 0.0
+        self.cpu_start, self.cpu_paused = time.process_time(), 0.0
 
     def on_step_end(self, args: Any, state: Any, control: Any, model: Any = None, **kwargs: Any) -> None:
         step = state.global_step
         if step % self.every and step != state.max_steps:
             return
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         accuracy = self.held_out.accuracy(model)
-        self.points.append(EvalPoint(step, t0 - self.start - self.paused, accuracy))
+        self.points.append(EvalPoint(step, t0 - self.start - self.paused, accuracy,
+                                     c0 - self.cpu_start - self.cpu_paused))
         self.paused += time.perf_counter() - t0
-        print(f"bench: {self.name} step {step}: {self.points[-1].seconds:.1f}s, accuracy {accuracy:.3f}", flush=True)
+        self.cpu_paused += time.process_time() - c0
+        print(f"bench: {self.name} step {step}: {self.points[-1].seconds:.1f}s ({self.points[-1].cpu_seconds:.1f} "
+              f"CPU s), accuracy {accuracy:.3f}", flush=True)
 
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self.train_seconds = time.perf_counter() - self.start - self.paused
+        self.train_cpu_seconds = time.process_time() - self.cpu_start - self.cpu_paused
 
 
 def _arguments(settings: Settings, variant: str, output_dir: str) -> TrainingArguments:
@@ -123,6 +130,7 @@ def run(data: Any, settings: Settings, name: str) -> SideResult:
         evals=clock.points,
         steps=trainer.state.global_step,
         train_seconds=clock.train_seconds,
+        train_cpu_seconds=clock.train_cpu_seconds,
         wall_seconds=wall["seconds"],
         final_accuracy=clock.points[-1].accuracy if clock.points else None,
         notes={"tokens_per_epoch_as_tokenized": padded},

@@ -10,6 +10,8 @@ Variants:
   eager      the loop as it is (the reference)
   compile    the model's forward through `torch.compile(dynamic=True)` (inductor; the first step compiles)
   threads-1  one intra-op thread instead of torch's default (the cores): a knob of the machine, not the loop
+  attn-eager the model's attention as explicit matmul + softmax instead of SDPA (transformers' default, which
+             both trainers load): whether the default is the faster kernel here
 Ideas with nothing to measure here are reported from the profile (bench.profile) and the data: packing's
 ceiling is the padding that length bucketing leaves, printed below.
 """
@@ -56,8 +58,15 @@ def one_thread(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
         torch.set_num_threads(threads)
 
 
+@contextmanager
+def eager_attention(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    base.set_attn_implementation("eager")
+    yield model
+
+
 VARIANTS: dict[str, Callable[[torch.nn.Module], Any]] = {"eager": eager, "compile": compiled,
-                                                         "threads-1": one_thread}
+                                                         "threads-1": one_thread, "attn-eager": eager_attention}
 
 
 class Shared:
@@ -144,7 +153,8 @@ def markdown(results: dict[str, dict[str, Any]], recipe: str, padding: float, in
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--recipe", choices=("lora", "full"), default="lora")
-    parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--variants", default="eager,compile,threads-1")
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default, the cores)")
     parser.add_argument("--steps", type=int, default=12)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=3)
@@ -153,6 +163,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.out == RESULTS:
         clean_commit()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     info = machine()
     settings = Settings()
     shared = Shared(settings, args.recipe, args.steps)

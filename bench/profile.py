@@ -48,19 +48,20 @@ class Profile:
     side: str
     steps: int
     wall_per_step: float = 0.0
+    cpu_per_step: float = 0.0  # the process's CPU seconds, profiler overhead included
     positions_per_step: float = 0.0  # padded token positions the model saw: the work, which the samplers order
     ops_per_step: float = 0.0
     by_category: dict[str, float] = field(default_factory=dict)  # self CPU seconds per step
     top_ops: list[tuple[str, float, float]] = field(default_factory=list)  # (op, self s per step, calls per step)
 
 
-def summarise(side: str, prof: Any, steps: int, wall: float, positions: int) -> Profile:
+def summarise(side: str, prof: Any, steps: int, wall: float, cpu: float, positions: int) -> Profile:
     events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
     cats: dict[str, float] = defaultdict(float)
     for e in events:
         cats[category(e.key)] += e.self_cpu_time_total / 1e6 / steps
     top = sorted(events, key=lambda e: -e.self_cpu_time_total)[:12]
-    return Profile(side, steps, wall / steps, positions / steps, sum(e.count for e in events) / steps,
+    return Profile(side, steps, wall / steps, cpu / steps, positions / steps, sum(e.count for e in events) / steps,
                    dict(sorted(cats.items(), key=lambda kv: -kv[1])),
                    [(e.key, e.self_cpu_time_total / 1e6 / steps, e.count / steps) for e in top])
 
@@ -73,7 +74,7 @@ class Recorder:
         self.prof = profile(activities=[ProfilerActivity.CPU],
                             schedule=schedule(wait=0, warmup=0, active=steps, repeat=1, skip_first=warmup))
         self.done = 0
-        self.start = self.end = 0.0
+        self.start = self.end = self.cpu_start = self.cpu_end = 0.0
         self.positions = 0
 
     def watch(self, model: torch.nn.Module) -> torch.nn.Module:
@@ -88,9 +89,9 @@ class Recorder:
     def step(self) -> None:
         self.done += 1
         if self.done == self.warmup:
-            self.start = time.perf_counter()
+            self.start, self.cpu_start = time.perf_counter(), time.process_time()
         if self.done == self.warmup + self.steps:
-            self.end = time.perf_counter()
+            self.end, self.cpu_end = time.perf_counter(), time.process_time()
         self.prof.step()
 
 
@@ -181,9 +182,12 @@ def markdown(profiles: list[Profile], recipe: str, settings: Settings, info: dic
     lines.append("| **all operators** | " + " | ".join(f"{sum(p.by_category.values()):.3f}" for p in profiles) + " |")
     lines.append("| operator calls per step | " + " | ".join(f"{p.ops_per_step:.0f}" for p in profiles) + " |")
     lines.append("| wall s per step (profiled) | " + " | ".join(f"{p.wall_per_step:.3f}" for p in profiles) + " |")
+    lines.append("| CPU s per step (profiled) | " + " | ".join(f"{p.cpu_per_step:.3f}" for p in profiles) + " |")
     lines.append("| padded positions per step | " + " | ".join(f"{p.positions_per_step:.0f}" for p in profiles) + " |")
     lines.append("| wall ms per 1,000 positions | "
                  + " | ".join(f"{1e6 * p.wall_per_step / max(p.positions_per_step, 1):.0f}" for p in profiles) + " |")
+    lines.append("| CPU ms per 1,000 positions | "
+                 + " | ".join(f"{1e6 * p.cpu_per_step / max(p.positions_per_step, 1):.0f}" for p in profiles) + " |")
     lines += ["", "The sides profile the same steps of their own batch orders (length-bucketed and shuffled; HF's "
               "length-grouped megabatches, longest first), so their windows hold different batches: compare the "
               "shares and the time per position, and read the seconds against the load."]
@@ -200,9 +204,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default, the cores)")
     parser.add_argument("--name", default="profile", help="results file stem under bench/results (a date is added)")
     args = parser.parse_args(argv)
     clean_commit()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     settings = Settings(seed=args.seed)
     info = machine()
     shared = data.load(settings.train_rows, settings.eval_rows, settings.max_length, settings.seed)
@@ -211,9 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         before = os.getloadavg()[0]
         rec = Recorder(args.warmup, args.steps)
         run(shared, settings, args.recipe, rec)
-        profiles.append(summarise(side, rec.prof, args.steps, rec.end - rec.start, rec.positions))
+        profiles.append(summarise(side, rec.prof, args.steps, rec.end - rec.start, rec.cpu_end - rec.cpu_start,
+                                  rec.positions))
         loads[side] = [before, os.getloadavg()[0]]
-        print(f"bench.profile: {side}: {profiles[-1].wall_per_step:.3f} s/step", flush=True)
+        print(f"bench.profile: {side}: {profiles[-1].wall_per_step:.3f} s/step, {profiles[-1].cpu_per_step:.3f} CPU s/step",
+              flush=True)
     command = command_line()
     report = markdown(profiles, args.recipe, settings, info, command, loads)
     payload = {"command": command, "machine": info, "recipe": args.recipe, "settings": asdict(settings),

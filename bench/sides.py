@@ -37,6 +37,10 @@ class EvalPoint:
     step: int
     seconds: float  # training seconds since the first step, evaluation time excluded
     accuracy: float
+    cpu_seconds: float | None = None  # the process's CPU seconds over the same span (None: a run before the CPU clock)
+
+    def at(self, clock: str) -> float | None:
+        return self.cpu_seconds if clock == "cpu" else self.seconds
 
 
 @dataclass
@@ -46,12 +50,17 @@ class SideResult:
     steps: int = 0
     train_seconds: float = 0.0  # the training loop alone, evaluation excluded
     wall_seconds: float = 0.0  # everything the side did, loading and evaluation included
+    train_cpu_seconds: float | None = None  # CPU seconds of the training loop, over the same span as train_seconds
     final_accuracy: float | None = None
     notes: dict[str, Any] = field(default_factory=dict)
+    seed: int | None = None  # None: a run from before sides were paired by seed (they were zipped in seed order)
 
-    def time_to(self, target: float) -> float | None:
-        """Training seconds at the first evaluation that reached `target`, or None if none did."""
-        return next((p.seconds for p in self.evals if p.accuracy >= target), None)
+    def time_to(self, target: float, clock: str = "cpu") -> float | None:
+        """Training seconds (by `clock`) at the first evaluation that reached `target`, or None if none did."""
+        return next((p.at(clock) for p in self.evals if p.accuracy >= target), None)
+
+    def training(self, clock: str) -> float:
+        return (self.train_cpu_seconds if clock == "cpu" else self.train_seconds) or 0.0
 
     def steps_to(self, target: float) -> int | None:
         return next((p.step for p in self.evals if p.accuracy >= target), None)

@@ -24,6 +24,16 @@ REPO = Path(__file__).resolve().parents[1]
 LOCAL = REPO / "deploy" / "local"
 
 
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """`long` tests run only when asked for (`-m long`); the default run has their short versions."""
+    if "long" in (config.option.markexpr or ""):
+        return
+    skip = pytest.mark.skip(reason="a long run: select it with -m long")
+    for item in items:
+        if "long" in item.keywords:
+            item.add_marker(skip)
+
+
 def _local_cluster():
     sys.path.insert(0, str(LOCAL))
     import cluster  # deploy/local/cluster.py

@@ -54,6 +54,11 @@ class Kube:
     cluster_dir: Path | None  # the local cluster's state folder, when this session runs it
 
     @property
+    def audit_log(self) -> Path | None:
+        """The apiserver's audit log of ServiceAccounts' requests (deploy/local/cluster.py)."""
+        return self.cluster_dir / "logs" / "audit.log" if self.cluster_dir else None
+
+    @property
     def node_dir(self) -> Path | None:
         """The process node's folders (pods, volumes)."""
         return self.cluster_dir / "node" if self.cluster_dir else None

@@ -190,6 +190,20 @@ def service_account_kubeconfig(kube: Kube, namespace: str, path: Path) -> Path:
     return path
 
 
+def assert_pods_confined(kube: Kube, namespace: str) -> None:
+    """After every end-to-end test: no trainer pod was refused by the namespace's "restricted" Pod Security
+    admission, and none that exists carries an API token."""
+    events = yaml.safe_load(kube.kubectl("get", "events", "-n", namespace, "--field-selector", "reason=FailedCreate",
+                                         "-o", "yaml").stdout)["items"]
+    refused = [e["message"] for e in events if "PodSecurity" in e.get("message", "")]
+    assert not refused, f"pods refused by Pod Security admission: {refused}"
+    pods = yaml.safe_load(kube.kubectl("get", "pods", "-n", namespace, "-l", "finetune.dev/job-name",
+                                       "-o", "yaml").stdout)["items"]
+    for pod in pods:
+        assert pod["spec"].get("automountServiceAccountToken") is False, pod["metadata"]["name"]
+        assert not any("projected" in v for v in pod["spec"].get("volumes", [])), pod["metadata"]["name"]
+
+
 @pytest.fixture(scope="session")
 def crd_installed(kube: Kube) -> None:
     install_crd(kube)
@@ -206,6 +220,7 @@ def operator_env(kube: Kube, crd_installed: None, restricted_namespace: str, tmp
                       tmp_path / "operator.log", free_port(), free_port())
     env.start()
     yield env
+    assert_pods_confined(kube, namespace)
     # While the operator still runs, so that kopf releases its finalizer and the namespace can go.
     kube.kubectl("delete", "ftj", "--all", "-n", namespace, "--wait=true", "--timeout=60s", check=False)
     env.stop()

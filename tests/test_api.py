@@ -21,6 +21,7 @@ def test_there_are_examples_and_a_corpus() -> None:
         "digits-resnet18-from-scratch.yaml",
         "tiny-causal-lm.yaml",
         "minilm-sentiment-2workers.yaml",
+        "minilm-sentiment-pruned.yaml",
     }
     assert len(CORPUS) >= 30
 

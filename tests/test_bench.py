@@ -65,6 +65,18 @@ def test_gpu_bench_dry_run_exercises_both_sides_and_modes_on_a_tiny_model(tmp_pa
     assert measured == {("hf", "full"), ("ours", "full"), ("hf", "lora"), ("ours", "lora")}
 
 
+def test_a_gpu_side_that_fails_is_recorded_and_the_others_still_run() -> None:
+    """Unattended, one side's failure must not lose the rest: token ids beyond the vocabulary make the embedding
+    fail, and that becomes the side's result."""
+    import torch
+
+    from bench.gpu import TINY, measure_or_skip
+
+    batches = [torch.full((TINY.batch_size, TINY.seq_len), 50)] * (TINY.warmup_steps + TINY.measure_steps)
+    result = measure_or_skip("ours", "full", batches, 8, TINY, torch.device("cpu"))
+    assert result.tokens_per_second is None and result.skipped.startswith("failed: IndexError")
+
+
 @pytest.fixture(autouse=True)
 def _bench_importable(monkeypatch: pytest.MonkeyPatch) -> None:
     """bench/ is scripts run from the repository root, not an installed package."""
@@ -120,31 +132,67 @@ def test_a_dry_run_folder_outside_the_results_takes_any_tree(monkeypatch: pytest
     assert written.read_text() == "# dry\n"
 
 
-def _side(name: str, seconds_per_step: float, reached_at: list[tuple[int, float]]) -> object:
+def _side(name: str, cpu_per_step: float, reached_at: list[tuple[int, float]], wall_per_step: float = 1.0) -> object:
     from bench.sides import EvalPoint, SideResult
 
-    evals = [EvalPoint(step, step * seconds_per_step, accuracy) for step, accuracy in reached_at]
-    return SideResult(name, evals, steps=20, train_seconds=20 * seconds_per_step, final_accuracy=evals[-1].accuracy)
+    evals = [EvalPoint(step, step * wall_per_step, accuracy, step * cpu_per_step) for step, accuracy in reached_at]
+    return SideResult(name, evals, steps=20, train_seconds=20 * wall_per_step, train_cpu_seconds=20 * cpu_per_step,
+                      final_accuracy=evals[-1].accuracy)
 
 
 def test_the_comparison_reports_the_ratio_its_spread_and_the_compute_speed_alone() -> None:
     from bench.accuracy import compare
 
-    # Ours computes twice as fast; seed 2 of theirs never reaches the target.
+    # Ours does half the CPU work per step, but ran on a busier machine: the same wall seconds per step.
+    # Seed 2 of theirs never reaches the target.
     ours = [_side("ours", 0.5, [(5, 0.5), (10, 0.6), (20, 0.62)]) for _ in range(3)]
     theirs = [_side("hf-lora", 1.0, [(5, 0.5), (10, 0.6), (20, 0.6)]), _side("hf-lora", 1.0, [(10, 0.58), (20, 0.6)]),
               _side("hf-lora", 1.0, [(10, 0.4), (20, 0.5)])]
     row = compare({"ours": ours, "hf-lora": theirs}, [0.57], "ours", "hf-lora", 1.3)
     head = row["0.57"]
+    assert row["clock"] == "cpu"
     assert head["per_seed"] == [2.0, 2.0, float("inf")]
     assert head["speedup"] == 2.0 and head["per_seed_range"] == (2.0, float("inf"))
     low, high = head["bootstrap_95"]
     assert low == 2.0 and high == float("inf")
     assert row["seconds_per_step_ratio"]["median"] == 2.0
+    assert row["wall"]["seconds_per_step_ratio"]["median"] == 1.0 and row["wall"]["speedup"]["0.57"] == 1.0
     assert row["final_accuracy_delta"] > 0
+    by_wall = compare({"ours": ours, "hf-lora": theirs}, [0.57], "ours", "hf-lora", 1.3, clock="wall")
+    assert by_wall["0.57"]["speedup"] == 1.0 and "wall" not in by_wall
 
 
-def _run_file(path: Path, seeds: list[int], commit: str = "abc123") -> Path:
+def test_a_seed_cut_short_leaves_whole_pairs_and_compares_only_seeds_both_sides_ran() -> None:
+    from dataclasses import replace
+
+    from bench.accuracy import compare, comparisons_of, markdown, side_order
+    from bench.sides import Settings
+
+    sides = ["ours", "hf-lora", "ours-full", "hf-tuned"]
+    orders = [side_order(sides, seed) for seed in range(4)]
+    for order in orders:
+        assert sorted(order) == sorted(sides)
+        assert abs(order.index("ours") - order.index("hf-lora")) == 1
+        assert abs(order.index("ours-full") - order.index("hf-tuned")) == 1
+    assert {order[0] for order in orders} == set(sides)  # every side goes first once in 4 seeds
+    ours = [replace(_side("ours", 0.5, [(10, 0.6)]), seed=s) for s in (0, 1, 2)]
+    theirs = [replace(_side("hf-lora", 1.0, [(10, 0.6)]), seed=s) for s in (2, 0)]  # seed 1 never ran its side
+    row = compare({"ours": ours, "hf-lora": theirs}, [0.57], "ours", "hf-lora", 1.3)
+    assert row["seeds"] == [0, 2] and row["0.57"]["per_seed"] == [2.0, 2.0]
+    # After the first side of a run, no pair has both sides yet: no comparison, and no error.
+    assert comparisons_of({"ours": ours[:1], "hf-lora": [], "ours-full": [], "hf-tuned": []}, [0.57]) == {}
+    partial = {"ours": ours, "hf-lora": theirs, "ours-full": [], "hf-tuned": []}
+    assert list(comparisons_of(partial, [0.57])) == ["ours vs hf-lora"]
+    for runs in partial.values():
+        for r in runs:
+            r.notes.update(loadavg_before=[1.0] * 3, loadavg_after=[1.0] * 3)
+    info = {"git_commit": "abc", "git_dirty": False, "nproc": 2, "cpu": "x", "torch_threads": 1,
+            "versions": {"torch": "t", "transformers": "t", "peft": "p"}, "loadavg_at_start": [1.0] * 3}
+    report = markdown(partial, comparisons_of(partial, [0.57]), Settings(), [0, 1, 2], [0.57], info, "cmd", 300)
+    assert "| ours | hf-lora | 0, 2 | **2.00×**" in report and "| ours-full |" not in report
+
+
+def _run_file(path: Path, seeds: list[int], commit: str = "abc123", clock: str | None = "cpu") -> Path:
     from dataclasses import asdict
 
     from bench.sides import Settings
@@ -159,7 +207,7 @@ def _run_file(path: Path, seeds: list[int], commit: str = "abc123") -> Path:
                "machine": {"git_commit": commit, "git_dirty": False, "nproc": 2, "cpu": "x", "torch_threads": 1,
                            "versions": {"torch": "t", "transformers": "t", "peft": "p"},
                            "loadavg_at_start": [1.0, 1.0, 1.0]},
-               "sides": sides}
+               "sides": sides, **({"clock": clock} if clock else {})}  # no clock: a run from before the CPU clock
     path.write_text(json.dumps(payload))
     return path
 
@@ -172,8 +220,26 @@ def test_runs_of_one_commit_combine_into_one_table_over_their_seeds(tmp_path: Pa
     assert main(["--combine", f"{a},{b}", "--out", str(out)]) == 0
     combined = json.loads(next(out.glob("accuracy-combined-*.json")).read_text())
     assert combined["seeds"] == [0, 1, 2] and len(combined["sides"]["ours"]) == 3
-    assert combined["comparisons"]["ours vs hf-lora"]["0.57"]["per_seed"] == [2.0, 2.0, 2.0]
+    assert combined["clock"] == "cpu" and combined["comparisons"]["ours vs hf-lora"]["0.57"]["per_seed"] == [2.0] * 3
     assert [s["file"] for s in combined["sources"]] == ["a.json", "b.json"]
+    assert "speed-up to 0.57, cpu s" in next(out.glob("accuracy-combined-*.md")).read_text()
     other = _run_file(tmp_path / "c.json", [3], commit="def456")
     with pytest.raises(SystemExit, match="other code"):
         main(["--combine", f"{a},{other}", "--out", str(out)])
+    by_wall = _run_file(tmp_path / "d.json", [4], clock=None)
+    with pytest.raises(SystemExit, match="different clocks"):
+        main(["--combine", f"{a},{by_wall}", "--out", str(out)])
+
+
+def test_the_pruning_goals_read_the_mean_accuracy_difference_and_the_median_speedup() -> None:
+    from bench.pruning import summary
+
+    def seed(difference: float, wall: float, cpu: float) -> dict:
+        return {"accuracy_difference": difference, "latency": {"speedup": {"wall": wall, "cpu": cpu}}}
+
+    met = summary([seed(-0.02, 1.3, 1.4), seed(0.005, 1.5, 1.3), seed(0.0, 1.1, 1.2)])
+    assert met["accuracy_difference_points"]["mean"] == pytest.approx(-0.5)
+    assert met["speedup"]["wall"] == {"median": 1.3, "min": 1.1, "max": 1.5}
+    assert met["goal_accuracy_met"] and met["goal_speed_met"]
+    slow = summary([seed(-0.03, 1.3, 1.4), seed(-0.005, 1.2, 1.24), seed(0.0, 1.1, 1.2)])
+    assert not slow["goal_accuracy_met"] and not slow["goal_speed_met"]

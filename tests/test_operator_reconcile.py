@@ -106,6 +106,22 @@ def test_success_brings_the_evaluation_and_analysis_into_status() -> None:
     assert status["output"] == {"uri": "pvc://models/minilm-sentiment"} and status["progress"]["percent"] == 100
 
 
+def test_a_pruned_model_brings_its_layer_scores_size_and_latency_into_status() -> None:
+    from finetune_operator.api import FineTuneJobStatus
+
+    message = {"stage": "Done", "exitCode": 0, "evaluation": {"final": {"accuracy": 0.62}},
+               "analysis": {"totalParameters": 100, "layerImportance": [0.13, 0.11, 0.12, "x"]},
+               "pruning": {"removedLayers": [1, 2], "parameters": {"before": 22714371, "after": 19165443},
+                           "latencyMs": {"before": 41.5, "after": 28.1}, "metricsBefore": {"accuracy": 0.33}}}
+    seen = Observed(body({"attempts": 1}), [job(complete=True, active=0, succeeded=1)],
+                    [pod(phase="Succeeded", exit_code=0, message=message)], NOW)
+    status = after(decide(seen))
+    assert status["analysis"]["layerImportance"] == [0.13, 0.11, 0.12]  # what is not a number is dropped
+    assert status["pruning"] == {"removedLayers": [1, 2], "parameters": {"before": 22714371.0, "after": 19165443.0},
+                                 "latencyMs": {"before": 41.5, "after": 28.1}, "metricsBefore": {"accuracy": 0.33}}
+    FineTuneJobStatus.from_wire(status)  # what the operator writes, the CRD's schema accepts
+
+
 def test_a_user_error_fails_at_once_with_the_trainers_reason() -> None:
     message = {"stage": "Loading", "reason": "InvalidDataset", "message": "data/x.csv: does not exist", "exitCode": 1}
     seen = Observed(body({"attempts": 1}), [job(failure={"reason": "BackoffLimitExceeded", "message": ""})],

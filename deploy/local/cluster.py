@@ -86,6 +86,11 @@ class Cluster:
     def pid_file(self, component: str) -> Path:
         return self.state / "pids" / f"{component}.pid"
 
+    @property
+    def audit_log(self) -> Path:
+        """What ServiceAccounts outside kube-system asked the apiserver (JSON lines, Metadata level)."""
+        return self.state / "logs" / "audit.log"
+
 
 def bin_dir() -> Path:
     """The cached binaries' directory (build-binaries.sh is the only place that knows it)."""
@@ -283,6 +288,20 @@ def _scheduler_config(cluster: Cluster) -> Path:
     return path
 
 
+def _audit_policy(cluster: Cluster) -> Path:
+    """Record the requests of workloads' ServiceAccounts (an operator's, say), not the control plane's."""
+    path = cluster.state / "audit-policy.yaml"
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "audit.k8s.io/v1",
+        "kind": "Policy",
+        "omitStages": ["RequestReceived"],
+        "rules": [{"level": "None", "userGroups": ["system:serviceaccounts:kube-system"]},
+                  {"level": "Metadata", "userGroups": ["system:serviceaccounts"]},
+                  {"level": "None"}],
+    }))
+    return path
+
+
 def _argvs(cluster: Cluster, ports: dict[str, int]) -> dict[str, list[str]]:
     b, p, s = cluster.bin_dir, cluster.pki, cluster.state
     etcd_url = f"https://127.0.0.1:{ports['etcd']}"
@@ -327,6 +346,9 @@ def _argvs(cluster: Cluster, ports: dict[str, int]) -> dict[str, list[str]]:
             "--kubelet-preferred-address-types=InternalIP", f"--kubelet-certificate-authority={p / 'ca.crt'}",
             f"--kubelet-client-certificate={p / 'apiserver-kubelet-client.crt'}",
             f"--kubelet-client-key={p / 'apiserver-kubelet-client.key'}",
+            # The tests compare the operator's requests with its RBAC rules (tests/test_cluster_security.py).
+            f"--audit-policy-file={_audit_policy(cluster)}", f"--audit-log-path={cluster.audit_log}",
+            "--audit-log-maxsize=200", "--audit-log-maxbackup=1",
         ],
         "kube-controller-manager": [
             str(b / "kube-controller-manager"), f"--kubeconfig={pki.kubeconfig_path(s, 'controller-manager')}",

@@ -11,11 +11,11 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
-from pydantic import Field, ValidationError
+from pydantic import BeforeValidator, Field, ValidationError
 from pydantic.alias_generators import to_snake
 
 from finetune_operator import coretypes as core
-from finetune_trainer.config import Stage, TrainerConfig
+from finetune_trainer.config import PRINTABLE, Stage, TrainerConfig
 from finetune_trainer.rules import ApiModel, Rule, error_lines, transition
 
 GROUP = "finetune.dev"
@@ -46,6 +46,15 @@ def _unique(field: str, key: str, message: str) -> Rule:
     return Rule(f"self.{field}.all(x, self.{field}.exists_one(y, y.{key} == x.{key}))", holds, message, field)
 
 
+def _rfc3339(value: Any) -> Any:
+    """A timestamp as the wire carries it (RFC 3339 text), read before strict validation, which takes only a datetime
+    once a model's before-validator has turned the JSON into Python objects."""
+    return datetime.fromisoformat(value) if isinstance(value, str) else value
+
+
+Timestamp = Annotated[datetime, BeforeValidator(_rfc3339)]
+
+
 class PullPolicy(StrEnum):
     ALWAYS = "Always"
     IF_NOT_PRESENT = "IfNotPresent"
@@ -60,7 +69,7 @@ class RuntimeSpec(ApiModel):
         1, ge=1, le=64, description="Trainer processes per pod (torchrun --nproc-per-node): one per GPU."
     )
     image: str | None = Field(
-        None, min_length=1, max_length=512, pattern=r"^\S+$",
+        None, min_length=1, max_length=512, pattern=rf"^{PRINTABLE}+$",
         description="Trainer image; defaults to the operator's configured trainer image.",
     )
     image_pull_policy: PullPolicy | None = Field(None, description="Always, IfNotPresent or Never (Kubernetes' default).")
@@ -229,7 +238,7 @@ class Condition(ApiModel):
     status: ConditionStatus = Field(description="True, False or Unknown.")
     reason: Reason = Field(description="CamelCase machine-readable reason, e.g. Unschedulable or InvalidSpec.")
     message: Message = Field("", description="Human-readable details.")
-    last_transition_time: datetime = Field(description="When status last changed.")
+    last_transition_time: Timestamp = Field(description="When status last changed.")
     observed_generation: int | None = Field(None, ge=0, description="The spec generation this condition was computed from.")
 
 
@@ -241,7 +250,7 @@ class Progress(ApiModel):
     total_steps: int = Field(0, ge=0, description="Optimizer steps the run will take.")
     epoch: float = Field(0, ge=0, description="Current epoch (fractional).")
     eta_seconds: int | None = Field(None, ge=0, description="Estimated seconds until training ends.")
-    updated_at: datetime | None = Field(None, description="When these numbers were read.")
+    updated_at: Timestamp | None = Field(None, description="When these numbers were read.")
 
 
 class TrainingMetrics(ApiModel):
@@ -276,6 +285,7 @@ class Finding(ApiModel):
 
 
 MAX_FINDINGS = 20
+MAX_LAYERS = 512
 
 
 class Analysis(ApiModel):
@@ -285,6 +295,35 @@ class Analysis(ApiModel):
     trainable_parameters: int | None = Field(None, ge=0, description="Parameters that receive updates.")
     findings: list[Finding] = Field(
         default_factory=list, max_length=MAX_FINDINGS, description="Warnings and fatal problems, most severe first."
+    )
+    layer_importance: list[float] = Field(
+        default_factory=list,
+        max_length=MAX_LAYERS,
+        description="Block Influence of each transformer layer, bottom first (1 - cosine similarity of its input "
+        "and output hidden states on the probe batches): the lowest are the ones rearrange.prune removes first.",
+    )
+
+
+class BeforeAfter(ApiModel):
+    """A figure of the model before pruning and of the model as exported."""
+
+    before: float = Field(description="Before pruning (the model as loaded, with its head for the dataset).")
+    after: float = Field(description="Pruned and fine-tuned, as exported.")
+
+
+class PruningResult(ApiModel):
+    """What rearrange.prune removed, and what serving the model costs before and after."""
+
+    removed_layers: list[Annotated[int, Field(ge=0)]] = Field(
+        default_factory=list, max_length=MAX_LAYERS, description="The layers removed, counted from 0 at the bottom."
+    )
+    parameters: BeforeAfter | None = Field(None, description="Parameter counts.")
+    latency_ms: BeforeAfter | None = Field(
+        None, description="Milliseconds per test batch of one forward pass, on the training device."
+    )
+    metrics_before: MetricValues = Field(
+        default_factory=dict,
+        description="Test metrics of the model before pruning (evaluation.final is the pruned model's).",
     )
 
 
@@ -330,13 +369,14 @@ class FineTuneJobStatus(ApiModel):
     metrics: TrainingMetrics | None = Field(None, description="Live training metrics.")
     evaluation: EvaluationResult | None = Field(None, description="Baseline and final evaluation.")
     analysis: Analysis | None = Field(None, description="Structure analysis headline.")
+    pruning: PruningResult | None = Field(None, description="The layers rearrange.prune removed; size and speed.")
     output: OutputLocation | None = Field(None, description="Where the exported model is, once the job succeeded.")
     children: Children | None = Field(None, description="The current attempt's ConfigMap, Service and Job.")
     workers: WorkerCounts | None = Field(None, description="The current attempt's trainer pods.")
     attempts: int = Field(0, ge=0, description="Attempts started so far (each one is a child Job).")
     failures: int = Field(0, ge=0, description="Failed attempts counted against backoffLimit (disruptions are not).")
-    start_time: datetime | None = Field(None, description="When the first attempt started.")
-    completion_time: datetime | None = Field(None, description="When the job succeeded or failed.")
+    start_time: Timestamp | None = Field(None, description="When the first attempt started.")
+    completion_time: Timestamp | None = Field(None, description="When the job succeeded or failed.")
     observed_generation: int | None = Field(None, ge=0, description="The spec generation the status reflects.")
 
 
@@ -347,6 +387,30 @@ class FineTuneJob(ApiModel):
 
     spec: FineTuneJobSpec = Field(description="What to fine-tune and how to run it.")
     status: FineTuneJobStatus = Field(default_factory=FineTuneJobStatus, description="Observed state.")
+
+
+# The apiserver's own limit on all of an object's annotations together.
+ANNOTATIONS_MAX_BYTES = 256 * 1024
+
+
+def _metadata_map_errors(meta: dict[str, Any]) -> list[str]:
+    """metadata.labels and metadata.annotations as the apiserver checks every object's."""
+    errors = []
+    for field, value_pattern in (("labels", core.LABEL_VALUE), ("annotations", None)):
+        found = meta.get(field)
+        if found is None:
+            continue
+        if not isinstance(found, dict) or not all(isinstance(v, str) or v is None for v in found.values()):
+            errors.append(f"metadata.{field}: must be a map of strings")
+            continue
+        found = {k: v or "" for k, v in found.items()}  # Go decodes a null string as ""
+        bad = [k for k in found if not (re.fullmatch(core.QUALIFIED_NAME, k) and k.rfind("/") <= 253)]
+        bad += [f"{k}={v}" for k, v in found.items() if value_pattern and not re.fullmatch(value_pattern, v)]
+        if bad:
+            errors.append(f"metadata.{field}: not a valid key or value: {', '.join(bad)[:200]}")
+        if field == "annotations" and sum(len(k.encode()) + len(v.encode()) for k, v in found.items()) > ANNOTATIONS_MAX_BYTES:
+            errors.append(f"metadata.annotations: may not be more than {ANNOTATIONS_MAX_BYTES} bytes in all")
+    return errors
 
 
 def manifest_errors(doc: Any) -> list[str]:
@@ -362,11 +426,15 @@ def manifest_errors(doc: Any) -> list[str]:
         errors.append(f"apiVersion: must be {GROUP}/{VERSION}")
     if doc.get("kind") != KIND:
         errors.append(f"kind: must be {KIND}")
-    name = str((doc.get("metadata") or {}).get("name", ""))
-    if not re.match(NAME_PATTERN, name):
+    meta = doc.get("metadata") or {}
+    if not isinstance(meta, dict):
+        return errors + ["metadata: must be a mapping"]
+    name = meta.get("name")
+    if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
         errors.append(NAME_MESSAGE)
     elif len(name) > MAX_NAME_LENGTH:
         errors.append(LENGTH_MESSAGE)
+    errors += _metadata_map_errors(meta)
     try:
         FineTuneJob.from_wire({"spec": doc.get("spec")})
     except ValidationError as exc:

@@ -10,13 +10,13 @@ the CEL cost budget requires.
 from __future__ import annotations
 
 import re
-from decimal import Decimal
+from decimal import MAX_EMAX, MIN_EMIN, Context, Decimal
 from enum import StrEnum
 from typing import Annotated, Any
 
 from pydantic import Field
 
-from finetune_trainer.rules import ApiModel, Rule, checked
+from finetune_trainer.rules import INT64, ApiModel, Rule, checked
 
 # RFC 1123 names, as the apiserver checks object names and references.
 DNS_LABEL = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
@@ -30,11 +30,17 @@ LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
 # An environment variable name as the apiserver accepts it (C identifiers and more).
 ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
 # A Kubernetes quantity (resource.Quantity's grammar).
-QUANTITY = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?[0-9]+)?$"
+# The exponent has at most three digits: CEL's quantity() of 1e999999999 compared with 2 kept the
+# apiserver busy past its request timeout (found by the fuzzer).
+QUANTITY = r"^[+-]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?[0-9]{1,3})?$"
 
 Name = Annotated[str, Field(min_length=1, max_length=253, pattern=DNS_SUBDOMAIN)]
 LabelName = Annotated[str, Field(min_length=1, max_length=63, pattern=DNS_LABEL)]
 LabelValue = Annotated[str, Field(max_length=63, pattern=LABEL_VALUE)]
+
+
+# Exact for every quantity the pattern admits (the default context rounds at 28 digits and overflows at 1e999999).
+EXACT = Context(prec=256, Emax=MAX_EMAX, Emin=MIN_EMIN)
 
 
 def _quantity(text: str) -> Decimal:
@@ -42,15 +48,22 @@ def _quantity(text: str) -> Decimal:
     match = re.match(r"^([+-]?[0-9.]+)(.*)$", text)
     assert match, text
     number, suffix = Decimal(match[1]), match[2]
-    if suffix[:1] in ("e", "E"):
-        return number * Decimal(10) ** int(suffix[1:])
+    if suffix[:1] in ("e", "E") and suffix not in ("E", "Ei"):  # an exponent (1e3), not exa (1E) or exbi (1Ei)
+        return number.scaleb(int(suffix[1:]), EXACT)
     binary = {"Ki": 1, "Mi": 2, "Gi": 3, "Ti": 4, "Pi": 5, "Ei": 6}
     decimal = {"n": -9, "u": -6, "m": -3, "": 0, "k": 3, "M": 6, "G": 9, "T": 12, "P": 15, "E": 18}
-    return number * (Decimal(1024) ** binary[suffix] if suffix in binary else Decimal(10) ** decimal[suffix])
+    if suffix in binary:
+        return EXACT.multiply(number, Decimal(1024 ** binary[suffix]))
+    return number.scaleb(decimal[suffix], EXACT)
 
 
 def quantity_value(value: int | str) -> Decimal:
     return Decimal(value) if isinstance(value, int) else _quantity(value)
+
+
+def _cel_quantity(expr: str) -> str:
+    """CEL: the int-or-string `expr` is a quantity QUANTITY admits (checked before any quantity() of it)."""
+    return f"string({expr}).matches(r'{QUANTITY}')"
 
 
 # A quantity as users write it: `8`, `"500m"`, `"32Gi"`; never negative (the apiserver refuses those
@@ -58,33 +71,41 @@ def quantity_value(value: int | str) -> Decimal:
 Quantity = Annotated[
     int | Annotated[str, Field(max_length=64)],
     *checked(
-        "isQuantity(string(self)) && quantity(string(self)).compareTo(quantity('0')) >= 0",
-        lambda v: (isinstance(v, int) or re.match(QUANTITY, v) is not None) and quantity_value(v) >= 0,
+        f"{_cel_quantity('self')} && isQuantity(string(self)) && quantity(string(self)).compareTo(quantity('0')) >= 0",
+        lambda v: (isinstance(v, int) or re.fullmatch(QUANTITY, v) is not None) and quantity_value(v) >= 0,
         "must be a non-negative quantity, e.g. 8, 500m or 32Gi",
     ),
 ]
 
 
-def _labels(kind: str, key_max: int = 64) -> Any:
-    """Metadata for a map of label (or annotation) keys: each key a qualified name, not ours."""
+# The operator's and the Job controller's label and annotation prefixes.
+RESERVED_PREFIXES = ("finetune.dev/", "batch.kubernetes.io/")
+# Annotations a kubelet reads as the pod's AppArmor or seccomp profile: "unconfined" would undo the
+# restricted securityContext, so a spec may not set them.
+PROFILE_PREFIXES = ("container.apparmor.security.beta.kubernetes.io/", "seccomp.security.alpha.kubernetes.io/",
+                    "container.seccomp.security.alpha.kubernetes.io/")
+
+
+def _labels(kind: str, reserved: tuple[str, ...], why: str) -> Any:
+    """Metadata for a map of label (or annotation) keys: each key a qualified name, none reserved."""
     return checked(
         f"self.all(k, k.matches(r'{QUALIFIED_NAME}') && k.lastIndexOf('/') <= 253"
-        " && !k.startsWith('finetune.dev/') && !k.startsWith('batch.kubernetes.io/'))",
-        lambda m: all(
-            re.match(QUALIFIED_NAME, k) and k.rfind("/") <= 253
-            and not k.startswith(("finetune.dev/", "batch.kubernetes.io/")) for k in m
-        ),
+        + "".join(f" && !k.startsWith('{p}')" for p in reserved) + ")",
+        lambda m: all(re.fullmatch(QUALIFIED_NAME, k) and k.rfind("/") <= 253 and not k.startswith(reserved) for k in m),
         f"{kind} keys must be qualified names ([prefix/]name, name at most 63 characters); "
-        "the prefixes finetune.dev/ and batch.kubernetes.io/ are the operator's and the Job controller's",
+        f"the prefixes {', '.join(reserved)} are {why}",
     )
 
 
-Labels = Annotated[dict[str, LabelValue], Field(max_length=64), *_labels("label")]
-Annotations = Annotated[dict[str, Annotated[str, Field(max_length=4096)]], Field(max_length=64), *_labels("annotation")]
+Labels = Annotated[dict[str, LabelValue], Field(max_length=64), *_labels(
+    "label", RESERVED_PREFIXES, "the operator's and the Job controller's")]
+Annotations = Annotated[dict[str, Annotated[str, Field(max_length=4096)]], Field(max_length=64), *_labels(
+    "annotation", RESERVED_PREFIXES + PROFILE_PREFIXES,
+    "the operator's, the Job controller's and the kubelet's security profiles")]
 # Label keys and values to match (a node selector, a label selector).
 LabelMap = Annotated[dict[str, LabelValue], Field(max_length=64), *checked(
     f"self.all(k, k.matches(r'{QUALIFIED_NAME}') && k.lastIndexOf('/') <= 253)",
-    lambda m: all(re.match(QUALIFIED_NAME, k) and k.rfind("/") <= 253 for k in m),
+    lambda m: all(re.fullmatch(QUALIFIED_NAME, k) and k.rfind("/") <= 253 for k in m),
     "keys must be label keys ([prefix/]name, name at most 63 characters)",
 )]
 
@@ -96,7 +117,7 @@ LabelMap = Annotated[dict[str, LabelValue], Field(max_length=64), *checked(
 RESOURCE_NAME = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[a-z0-9]([-a-z0-9._]{0,61}[a-z0-9])?$"
 ResourceList = Annotated[dict[str, Quantity], Field(max_length=16), *checked(
     f"self.all(k, k.matches(r'{RESOURCE_NAME}'))",
-    lambda m: all(re.match(RESOURCE_NAME, k) for k in m),
+    lambda m: all(re.fullmatch(RESOURCE_NAME, k) for k in m),
     "keys must be resource names, e.g. cpu, memory or nvidia.com/gpu",
 )]
 
@@ -112,14 +133,21 @@ def _extended_requests_equal_limits(r: ResourceRequirements) -> bool:
     )
 
 
+def _whole(value: Decimal) -> bool:
+    """CEL's quantity isInteger(): a whole number that int64 holds."""
+    return value == value.to_integral_value() and INT64.start <= value < INT64.stop
+
+
 def _extended_whole(r: ResourceRequirements) -> bool:
     return all(
-        quantity_value(v) == quantity_value(v).to_integral_value()
+        _whole(quantity_value(v))
         for side in (r.requests, r.limits) for k, v in side.items() if "/" in k and not k.startswith("kubernetes.io/")
     )
 
 
 _EXTENDED = "k.contains('/') && !k.startsWith('kubernetes.io/')"
+# Rules over two quantities leave a malformed one to its own rule (the apiserver runs them regardless).
+_BOTH_VALID = f"{_cel_quantity('self.requests[k]')} && {_cel_quantity('self.limits[k]')}"
 
 
 class ResourceRequirements(ApiModel):
@@ -134,22 +162,23 @@ class ResourceRequirements(ApiModel):
 
     rules = (
         Rule(
-            cel="self.requests.all(k, !(k in self.limits) || "
+            cel=f"self.requests.all(k, !(k in self.limits) || !({_BOTH_VALID}) || "
             "quantity(string(self.requests[k])).compareTo(quantity(string(self.limits[k]))) <= 0)",
             holds=_requests_within_limits,
             message="each request must be at most its limit",
             field="requests",
         ),
         Rule(
-            cel=f"self.requests.all(k, !({_EXTENDED}) || (k in self.limits && "
-            "quantity(string(self.requests[k])).compareTo(quantity(string(self.limits[k]))) == 0))",
+            cel=f"self.requests.all(k, !({_EXTENDED}) || (k in self.limits && (!({_BOTH_VALID}) || "
+            "quantity(string(self.requests[k])).compareTo(quantity(string(self.limits[k]))) == 0)))",
             holds=_extended_requests_equal_limits,
             message="an extended resource (e.g. nvidia.com/gpu) cannot be overcommitted: set it in limits "
             "(its request, if given, must equal the limit)",
             field="requests",
         ),
         Rule(
-            cel=f"[self.requests, self.limits].all(m, m.all(k, !({_EXTENDED}) || quantity(string(m[k])).isInteger()))",
+            cel=f"[self.requests, self.limits].all(m, m.all(k, !({_EXTENDED}) || !{_cel_quantity('m[k]')} "
+            "|| quantity(string(m[k])).isInteger()))",
             holds=_extended_whole,
             message="extended resources (e.g. nvidia.com/gpu) must be whole numbers",
             field="limits",
@@ -220,7 +249,8 @@ class EnvVar(ApiModel):
     """An environment variable of the trainer container (core/v1 EnvVar)."""
 
     name: EnvName = Field(description="Variable name; torchrun's and the trainer's own are refused.")
-    value: str | None = Field(None, max_length=32768, description="A literal value.")
+    # No NUL: no process environment can hold one (the apiserver takes it; the container would never start).
+    value: str | None = Field(None, max_length=32768, pattern=r"^[^\x00]*$", description="A literal value.")
     value_from: EnvVarSource | None = Field(None, description="A value read from a Secret, a ConfigMap or the pod.")
 
     rules = (
@@ -407,7 +437,7 @@ def _values_fit(r: Any) -> bool:
         return len(r.values) > 0
     if r.operator in (SelectorOperator.EXISTS, SelectorOperator.DOES_NOT_EXIST):
         return not r.values
-    return len(r.values) == 1 and re.match(r"^-?[0-9]+$", r.values[0]) is not None
+    return len(r.values) == 1 and re.fullmatch(r"^-?[0-9]+$", r.values[0]) is not None
 
 
 class Requirement(ApiModel):

@@ -1,5 +1,6 @@
 """The operator's permissions, in one place: the tests' ServiceAccount, the chart and the plain
-manifests all take these rules. Each rule names the handler code that needs it."""
+manifests all take these rules. Each rule names the handler code that needs it, and
+tests/test_cluster_security.py checks them against what the operator asks the apiserver for."""
 
 from __future__ import annotations
 
@@ -13,21 +14,20 @@ from finetune_operator import api
 CHART_RULES = Path("charts/finetune-operator/files/rbac-rules.yaml")
 
 RULES: list[dict[str, Any]] = [
-    # watch FineTuneJobs; patch: kopf's finalizer and annotations; delete: ttlSecondsAfterFinished
-    {"apiGroups": [api.GROUP], "resources": [api.PLURAL], "verbs": ["get", "list", "watch", "patch", "delete"]},
-    {"apiGroups": [api.GROUP], "resources": [f"{api.PLURAL}/status"], "verbs": ["get", "patch"]},
-    # owner references with blockOwnerDeletion on the children
+    # kopf lists and watches FineTuneJobs; patch: its finalizer and annotations; delete: ttlSecondsAfterFinished
+    {"apiGroups": [api.GROUP], "resources": [api.PLURAL], "verbs": ["list", "watch", "patch", "delete"]},
+    {"apiGroups": [api.GROUP], "resources": [f"{api.PLURAL}/status"], "verbs": ["patch"]},
+    # never a request: where OwnerReferencesPermissionEnforcement admits the children's blockOwnerDeletion
     {"apiGroups": [api.GROUP], "resources": [f"{api.PLURAL}/finalizers"], "verbs": ["update"]},
-    # the attempt's children; delete: suspend, deadline
-    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "delete"]},
-    {"apiGroups": [""], "resources": ["configmaps", "services"], "verbs": ["get", "create", "delete"]},
-    # the pods' exit codes, termination messages, scheduling and rank 0's IP
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["get", "list", "watch"]},
+    # the attempt's children (indexed by kopf); delete: suspend, deadline (the rest goes by owner references)
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["list", "watch", "create", "delete"]},
+    {"apiGroups": [""], "resources": ["configmaps", "services"], "verbs": ["create"]},
+    # the pods' exit codes, termination messages, scheduling and rank 0's IP (indexed by kopf)
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
     # the claims the spec names: they exist, and their access modes fit the workers
     {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get"]},
-    # Events on every transition; list: why a Job has no pods (FailedCreate), never a silent Pending
-    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "patch", "list"]},
-    {"apiGroups": ["events.k8s.io"], "resources": ["events"], "verbs": ["create", "patch"]},
+    # Events on every transition (kopf posts core/v1 Events); list: why a Job has no pods (FailedCreate)
+    {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "list"]},
 ]
 
 

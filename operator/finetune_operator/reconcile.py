@@ -25,7 +25,7 @@ from finetune_operator import api, children, outcome
 from finetune_operator.api import ConditionType as T
 from finetune_operator.outcome import Outcome, Retry, State
 from finetune_operator.status import (METRICS_READ, STALE_AFTER_SECONDS, Conditions, analysis_of, evaluation_of,
-                                      phase_of, progress_and_metrics, timestamp, transitions)
+                                      phase_of, progress_and_metrics, pruning_of, timestamp, transitions)
 from finetune_trainer.rules import error_lines
 
 
@@ -204,6 +204,7 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
             status["progress"] = progress
         status["evaluation"] = evaluation_of(result.result)
         status["analysis"] = analysis_of(result.result)
+        status["pruning"] = pruning_of(result.result)
         return
     # Failed: never retried, retried for free, or counted against backoffLimit.
     status["analysis"] = analysis_of(result.result) or old.get("analysis")

@@ -47,7 +47,7 @@ class Settings(BaseModel):
     @classmethod
     def _names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
         for name in value:
-            if not re.match(core.DNS_SUBDOMAIN, name):
+            if not re.fullmatch(core.DNS_SUBDOMAIN, name):
                 raise ValueError(f"{name!r} is not a valid name")
         return value
 

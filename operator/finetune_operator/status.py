@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from finetune_operator.api import MAX_FINDINGS, MESSAGE_MAX, ConditionType, Phase
+from finetune_operator.api import MAX_FINDINGS, MAX_LAYERS, MESSAGE_MAX, ConditionType, Phase
 from finetune_operator.outcome import STUCK_WAITING
 
 T = ConditionType
@@ -137,9 +137,32 @@ def analysis_of(result: dict[str, Any]) -> dict[str, Any] | None:
         return None
     out: dict[str, Any] = {k: analysis[k] for k in ("totalParameters", "trainableParameters")
                            if isinstance(analysis.get(k), int)}
+    if importance := _numbers(analysis.get("layerImportance"), MAX_LAYERS):
+        out["layerImportance"] = importance
     severity = {"fatal": 0, "warning": 1, "info": 2}
     findings = [f for f in analysis.get("findings") or [] if isinstance(f, dict) and f.get("severity") in severity]
     findings.sort(key=lambda f: severity[f["severity"]])
     out["findings"] = [{"severity": f["severity"], "code": str(f.get("code", "Finding"))[:64],
                         "message": short(str(f.get("message", "")))} for f in findings[:MAX_FINDINGS]]
+    return out
+
+
+def _numbers(values: Any, limit: int) -> list[float]:
+    return [float(v) for v in values[:limit] if isinstance(v, (int, float))] if isinstance(values, list) else []
+
+
+def pruning_of(result: dict[str, Any]) -> dict[str, Any] | None:
+    """status.pruning from the trainer's termination message."""
+    pruning = result.get("pruning")
+    if not isinstance(pruning, dict):
+        return None
+    out: dict[str, Any] = {"removedLayers": [int(i) for i in _numbers(pruning.get("removedLayers"), MAX_LAYERS)
+                                             if i >= 0]}
+    for key in ("parameters", "latencyMs"):
+        pair = pruning.get(key)
+        if isinstance(pair, dict) and all(isinstance(pair.get(k), (int, float)) for k in ("before", "after")):
+            out[key] = {"before": float(pair["before"]), "after": float(pair["after"])}
+    before = pruning.get("metricsBefore")
+    if isinstance(before, dict):
+        out["metricsBefore"] = {k: float(v) for k, v in list(before.items())[:16] if isinstance(v, (int, float))}
     return out

@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from finetune_trainer.assets import link_minilm, write_digits, write_sentiment
+from finetune_trainer.assets import link_minilm, write_digits, write_sentiment, write_shapes
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.uris import PVC_ROOT_ENV
 from tiny import tiny_classifier_doc
@@ -17,11 +17,13 @@ from tiny import tiny_classifier_doc
 
 @pytest.fixture(scope="session", autouse=True)
 def pvc_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """pvc://models/all-MiniLM-L6-v2, pvc://data/sentiment/sentiment.csv and pvc://data/digits, as `make assets` makes them."""
+    """pvc://models/all-MiniLM-L6-v2, pvc://data/sentiment/sentiment.csv, pvc://data/digits and pvc://data/shapes,
+    as `make assets` makes them."""
     root = tmp_path_factory.mktemp("pvc")
     link_minilm(root)
     write_sentiment(root)
     write_digits(root)
+    write_shapes(root)
     previous = os.environ.get(PVC_ROOT_ENV)
     os.environ[PVC_ROOT_ENV] = str(root)  # subprocesses (CLI, torchrun) inherit it
     os.environ.setdefault("FINETUNE_METRICS_PORT", "0")

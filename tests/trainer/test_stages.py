@@ -284,7 +284,8 @@ else:
     spec = ModelSpec(uri="pvc://models/all-MiniLM-L6-v2", task=task)
 model = load_model(spec, load_tokenizer(spec), 0)
 ids = torch.randint(1000, 2000, (32, 48))
-batch = Batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, ids, 32, 1536, 1536)
+labels = ids if task == Task.CAUSAL_LM else ids[:, 0] % 2  # a class per sample
+batch = Batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, labels, 32, 1536, 1536)
 print(json.dumps(analyze(model, [batch], task, 2, adapters=False).memory))
 """
 

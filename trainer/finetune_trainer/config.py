@@ -16,8 +16,12 @@ from pydantic import Field
 
 from finetune_trainer.rules import ApiModel, Rule, checked, immutable
 
+# Any character but ASCII controls and space. Spelled out: \S and \w mean ASCII to the apiserver's
+# RE2 but Unicode to Python and pydantic, so they would judge "hf://ü" differently.
+PRINTABLE = r"[^\x00-\x20\x7f]"
 # pvc://<claim>/<path>, hf://<org>/<name>, file:///abs/path or an absolute path.
-URI_PATTERN = r"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/\S*)?|hf://[\w.-]+(/[\w.-]+)?|file:///\S*|/\S*)$"
+URI_PATTERN = (rf"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/{PRINTABLE}*)?|hf://[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?"
+               rf"|file:///{PRINTABLE}*|/{PRINTABLE}*)$")
 # A `..` segment would climb out of the claim (or the mounted volume) the URI names.
 PARENT_SEGMENT = r"(^|/)\.\.(/|$)"
 Uri = Annotated[
@@ -35,6 +39,7 @@ class Task(StrEnum):
     SEQUENCE_CLASSIFICATION = "sequence-classification"
     CAUSAL_LM = "causal-lm"
     IMAGE_CLASSIFICATION = "image-classification"
+    OBJECT_DETECTION = "object-detection"
 
 
 class Stage(StrEnum):
@@ -65,12 +70,15 @@ class ModelSpec(ApiModel):
     architecture: str | None = Field(
         None,
         max_length=128,
-        description="For image-classification: a torchvision architecture name (e.g. resnet18). "
-        "Without `uri`: the transformers model type to build from `config` (e.g. gpt2, llama).",
+        description="For image-classification: a torchvision architecture name (e.g. resnet18). For "
+        "object-detection (required): a torchvision detection architecture (e.g. fasterrcnn_mobilenet_v3_large_fpn, "
+        "retinanet_resnet50_fpn, fcos_resnet50_fpn, ssdlite320_mobilenet_v3_large). Without `uri`: the "
+        "transformers model type to build from `config` (e.g. gpt2, llama).",
     )
     config: dict[str, Any] = Field(
         default_factory=dict,
-        description="Overrides of the model's configuration (transformers config keys, e.g. n_layer). "
+        description="Overrides of the model's configuration (transformers config keys, e.g. n_layer; for torchvision "
+        "models the builder's keyword arguments, e.g. min_size or box_score_thresh for a detector). "
         "Used to build a model from scratch when `uri` is omitted.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
@@ -87,6 +95,12 @@ class ModelSpec(ApiModel):
             message="either uri (pretrained weights) or architecture (build from config) is required",
             field="uri",
         ),
+        Rule(
+            cel="self.task != 'object-detection' || has(self.architecture)",
+            holds=lambda m: m.task != Task.OBJECT_DETECTION or m.architecture is not None,
+            message="object-detection needs architecture (a torchvision detector, e.g. fasterrcnn_mobilenet_v3_large_fpn)",
+            field="architecture",
+        ),
     )
 
 
@@ -97,6 +111,7 @@ class DatasetFormat(StrEnum):
     PARQUET = "parquet"
     HF_DISK = "hf-disk"
     IMAGE_FOLDER = "imagefolder"
+    COCO = "coco"
 
 
 class DatasetSpec(ApiModel):
@@ -106,7 +121,10 @@ class DatasetSpec(ApiModel):
     format: DatasetFormat = Field(
         DatasetFormat.AUTO,
         description="File format; auto picks it from the extension (a folder of class folders is an ImageFolder, "
-        "a folder with dataset_info.json is an HF save_to_disk dataset). A folder may hold the hub's layouts: "
+        "a folder with dataset_info.json is an HF save_to_disk dataset; object-detection reads coco). "
+        "coco (object-detection only): a COCO annotations JSON, or a folder with annotations.json or one JSON per split "
+        "(train.json, val.json, test.json), each image's file_name relative to the JSON's folder or its images/. "
+        "A folder may hold the hub's layouts: "
         "files named by split (train.csv, test-00000-of-00001.parquet) or in folders named by split.",
     )
     text_field: str = Field("text", min_length=1, description="Column holding the input text.")
@@ -141,7 +159,7 @@ class DatasetSpec(ApiModel):
         "this length for causal-lm.",
     )
     image_size: int = Field(
-        224, ge=8, le=4096, description="Images are resized to imageSize x imageSize pixels."
+        224, ge=8, le=4096, description="Images are resized to imageSize x imageSize pixels (their boxes with them)."
     )
 
 
@@ -255,14 +273,45 @@ class LoraSpec(ApiModel):
     )
 
 
+class PruneSpec(ApiModel):
+    """Remove the transformer layers the analysis scores least important (Block Influence), before training.
+
+    Exactly one of count, fraction and threshold says how many."""
+
+    count: int | None = Field(None, ge=1, le=1000, description="Remove this many layers, the lowest-scoring first.")
+    fraction: float | None = Field(
+        None, gt=0, lt=1, description="Remove this fraction of the layers (rounded half up), the lowest-scoring first."
+    )
+    threshold: float | None = Field(
+        None,
+        gt=0,
+        le=2,
+        description="Remove every layer whose Block Influence (1 - cosine similarity of its input and output "
+        "hidden states, 0 to 2) is below this.",
+    )
+
+    rules = (
+        Rule(
+            cel="(has(self.count) ? 1 : 0) + (has(self.fraction) ? 1 : 0) + (has(self.threshold) ? 1 : 0) == 1",
+            holds=lambda m: [m.count, m.fraction, m.threshold].count(None) == 2,
+            message="set exactly one of count, fraction and threshold",
+        ),
+    )
+
+
 class RearrangeSpec(ApiModel):
-    """Stage 3: change the model's structure (head, adapters)."""
+    """Stage 3: change the model's structure (head, adapters, pruned layers)."""
 
     head: HeadSpec = Field(default_factory=HeadSpec, description="The classification head (ignored for causal-lm).")
     lora: LoraSpec | None = Field(None, description="Add LoRA adapters; omit to fine-tune the weights themselves.")
     merge_on_export: bool = Field(
         True,
         description="Merge the adapters into the base weights on export, after checking that the logits match.",
+    )
+    prune: PruneSpec | None = Field(
+        None,
+        description="Remove the least important transformer layers before training (text models); training then "
+        "recovers the accuracy. The exported model is smaller and loads with the standard transformers classes.",
     )
 
 
@@ -340,6 +389,9 @@ class Metric(StrEnum):
     F1 = "f1"
     LOSS = "loss"
     PERPLEXITY = "perplexity"
+    MAP = "map"
+    MAP50 = "map50"
+    MAP75 = "map75"
 
 
 class EvaluationSpec(ApiModel):
@@ -350,7 +402,9 @@ class EvaluationSpec(ApiModel):
         default_factory=lambda: [Metric.ACCURACY, Metric.F1],
         min_length=1,
         max_length=4,
-        description="accuracy and f1 (macro) for classification; loss and perplexity for any task.",
+        description="accuracy and f1 (macro) for classification; loss and perplexity for classification and "
+        "causal-lm; map (COCO mAP over IoU 0.5:0.95), map50 and map75 for object-detection (per-class AP goes "
+        "to the report).",
     )
     baseline: bool = Field(True, description="Also evaluate the model before fine-tuning, to report the gain.")
     batch_size: int | None = Field(None, ge=1, description="Evaluation batch size; default training.batchSize.")
@@ -367,6 +421,14 @@ def _classification_metrics_only_for_classifiers(spec: Any) -> bool:
     return spec.model.task != Task.CAUSAL_LM or not classifying.intersection(spec.evaluation.metrics)
 
 
+DETECTION_METRICS = (Metric.MAP, Metric.MAP50, Metric.MAP75)
+
+
+def _detection_metrics_only_for_detectors(spec: Any) -> bool:
+    detecting = [m in DETECTION_METRICS for m in spec.evaluation.metrics]
+    return all(detecting) if spec.model.task == Task.OBJECT_DETECTION else not any(detecting)
+
+
 class TrainerConfig(ApiModel):
     """Everything the trainer needs: the pipeline's six stages and their inputs."""
 
@@ -374,7 +436,7 @@ class TrainerConfig(ApiModel):
     dataset: DatasetSpec = Field(description="The labelled data.", json_schema_extra=immutable("dataset"))
     analyze: AnalyzeSpec = Field(default_factory=AnalyzeSpec, description="Stage 1: structure analysis.")
     adjust: AdjustSpec = Field(default_factory=AdjustSpec, description="Stage 2: freezing and parameter groups.")
-    rearrange: RearrangeSpec = Field(default_factory=RearrangeSpec, description="Stage 3: head and adapters.")
+    rearrange: RearrangeSpec = Field(default_factory=RearrangeSpec, description="Stage 3: head, adapters and pruning.")
     training: TrainingSpec = Field(default_factory=TrainingSpec, description="Stage 4: the training loop.")
     evaluation: EvaluationSpec = Field(default_factory=EvaluationSpec, description="Stage 5: baseline and final evaluation.")
     output: OutputSpec = Field(description="Stage 6: where the results go.", json_schema_extra=immutable("output"))
@@ -388,11 +450,39 @@ class TrainerConfig(ApiModel):
         ),
         Rule(
             cel="has(self.model.uri) || !has(self.model.architecture) || has(self.model.tokenizerUri)"
-            " || self.model.task == 'image-classification'",
+            " || self.model.task in ['image-classification', 'object-detection']",
             holds=lambda c: c.model.uri or not c.model.architecture or c.model.tokenizer_uri
-            or c.model.task == Task.IMAGE_CLASSIFICATION,
+            or c.model.task in (Task.IMAGE_CLASSIFICATION, Task.OBJECT_DETECTION),
             message="a model built from config needs tokenizerUri for text tasks",
             field="model.tokenizerUri",
+        ),
+        Rule(
+            cel="self.model.task == 'object-detection' ? self.evaluation.metrics.all(m, m in ['map', 'map50', 'map75'])"
+            " : !self.evaluation.metrics.exists(m, m in ['map', 'map50', 'map75'])",
+            holds=_detection_metrics_only_for_detectors,
+            message="object-detection is scored by map, map50 and map75 (set evaluation.metrics, e.g. [map, map50]), "
+            "and only object-detection is",
+            field="evaluation.metrics",
+        ),
+        Rule(
+            cel="(self.model.task == 'object-detection') == (self.dataset.format == 'coco')"
+            " || (self.model.task == 'object-detection' && self.dataset.format == 'auto')",
+            holds=lambda c: (c.model.task == Task.OBJECT_DETECTION) == (c.dataset.format == DatasetFormat.COCO)
+            or (c.model.task == Task.OBJECT_DETECTION and c.dataset.format == DatasetFormat.AUTO),
+            message="object-detection reads the coco format (or auto), and the coco format is for object-detection",
+            field="dataset.format",
+        ),
+        Rule(
+            cel="self.model.task != 'object-detection' || !has(self.rearrange.lora)",
+            holds=lambda c: c.model.task != Task.OBJECT_DETECTION or c.rearrange.lora is None,
+            message="object-detection fine-tunes the detector's weights; LoRA adapters are for the other tasks",
+            field="rearrange.lora",
+        ),
+        Rule(
+            cel="!has(self.rearrange.prune) || self.model.task in ['sequence-classification', 'causal-lm']",
+            holds=lambda c: c.rearrange.prune is None or c.model.task in (Task.SEQUENCE_CLASSIFICATION, Task.CAUSAL_LM),
+            message="pruning removes transformer layers: it needs a text task (sequence-classification or causal-lm)",
+            field="rearrange.prune",
         ),
     )
 

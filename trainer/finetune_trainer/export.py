@@ -16,6 +16,7 @@ from typing import Any
 from torch import nn
 
 from finetune_trainer.config import TrainerConfig
+from finetune_trainer.detection.models import Detector, class_count
 from finetune_trainer.models import ImageClassifier
 
 log = logging.getLogger(__name__)
@@ -32,6 +33,11 @@ def export_model(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg
         save_model(model.net, str(out / "model.safetensors"))
         config = {"architecture": model.architecture, "task": cfg.model.task.value, "config": cfg.model.config,
                   "numLabels": len(id2label)}
+        (out / "config.json").write_text(json.dumps(config, indent=2))
+    elif isinstance(model, Detector):  # detection.models.load_exported reads it back
+        save_model(model.net, str(out / "model.safetensors"))
+        config = {"architecture": model.architecture, "task": cfg.model.task.value, "config": model.builder_kwargs,
+                  "numLabels": class_count(model.net) - 1, "imageSize": model.image_size, "backgroundClass": 0}
         (out / "config.json").write_text(json.dumps(config, indent=2))
     else:
         model.save_pretrained(out, safe_serialization=True)
@@ -91,10 +97,43 @@ def model_card(cfg: TrainerConfig, report: dict[str, Any]) -> str:
         "| metric | baseline | fine-tuned | delta |",
         "|---|---|---|---|",
         *rows,
+        *per_class_rows(evaluation.get("per_class_ap")),
         "",
+        *pruning_section(report.get("pruning")),
         "Trained by finetune-trainer; report.json has the structure analysis and the full history.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def per_class_rows(per_class: dict[str, dict[str, float]] | None) -> list[str]:
+    """A detector's AP by category (COCO's IoU 0.5:0.95), before and after."""
+    if not per_class:
+        return []
+    baseline, final = per_class.get("baseline", {}), per_class.get("final", {})
+    return ["", "AP per category:", "", "| category | baseline | fine-tuned |", "|---|---|---|",
+            *(f"| {name} | {fmt(baseline.get(name))} | {fmt(ap)} |" for name, ap in final.items())]
+
+
+def pruning_section(pruning: dict[str, Any] | None) -> list[str]:
+    """Before (the model as loaded, with its head for this dataset) against after (pruned and fine-tuned)."""
+    if not pruning:
+        return []
+    before, after = pruning["before"], pruning["after"]
+    metrics = [m for m in after if m not in ("parameters", "latency_ms")]
+    return [
+        "## Pruning",
+        "",
+        f"Removed {len(pruning['removed_layers'])} of {pruning['layers_before']} layers "
+        f"({', '.join(map(str, pruning['removed_layers']))}, counted from 0 at the bottom), the least important "
+        f"by {pruning['measure']}, before training.",
+        "",
+        "| | before pruning | pruned and fine-tuned |",
+        "|---|---|---|",
+        f"| parameters | {before['parameters']:,} | {after['parameters']:,} |",
+        f"| latency per test batch (ms, the training device) | {before['latency_ms']:.1f} | {after['latency_ms']:.1f} |",
+        *[f"| {m} (test split) | {fmt(before.get(m))} | {fmt(after[m])} |" for m in metrics],
+        "",
+    ]
 
 
 def fmt(value: float | None, spec: str = ".4f") -> str:

@@ -3,7 +3,7 @@ baseline before it), evaluate, export.
 
 `run(cfg, output_dir)` is the whole job. It returns the report that it also writes to
 output_dir/report.json: `analysis`, `evaluation: {baseline, final, delta}` (on the test split),
-`training: {steps, seconds, samples_per_second, tokens_per_second, history, evals (on the
+`training: {steps, seconds, cpu_seconds, samples_per_second, tokens_per_second, history, evals (on the
 validation split), ...}`. It writes the
 termination message, success or not, and re-raises what stopped it (the CLI maps that to
 an exit code).
@@ -24,16 +24,21 @@ import torch
 from torch import nn
 
 from finetune_trainer import analyze as analysis
-from finetune_trainer import checkpoints, distributed, export
+from finetune_trainer import checkpoints, distributed, export, prune
 from finetune_trainer.adjust import adaptable, freeze, param_groups
-from finetune_trainer.batches import Encoded, encode_causal, encode_images, encode_text, epoch_batches, make_collate
+from finetune_trainer.batches import (Batch, Encoded, encode_causal, encode_images, encode_text, epoch_batches,
+                                      eval_batches, make_collate)
 from finetune_trainer.config import Batching, Stage, Task, TrainerConfig
 from finetune_trainer.data import LabelledData, check_label_count, load_dataset
+from finetune_trainer.detection import analysis as detection_analysis
+from finetune_trainer.detection.coco import load_coco
+from finetune_trainer.detection.metrics import evaluate_detector
+from finetune_trainer.detection.models import load_detector, resize_head
 from finetune_trainer.errors import EXIT_OK, ConfigError, Terminated, describe, exit_code_of, reason_of
 from finetune_trainer.evaluate import deltas, evaluate
 from finetune_trainer.models import check_positions, load_model, load_tokenizer
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
-from finetune_trainer.structure import depth, head_name
+from finetune_trainer.structure import depth, head_name, lora_candidates
 from finetune_trainer.telemetry import Metrics, write_termination
 from finetune_trainer.train import (Hooks, LoopState, autocast_dtype, make_optimizer, make_scheduler, steps_per_epoch,
                                     total_steps, train_loop)
@@ -132,12 +137,17 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     if problem := cfg.adjust.freeze.pattern_problem():  # before anything is loaded
         raise ConfigError(f"adjust.freeze.pattern: {problem}")
     progress.enter(Stage.LOADING)
-    tokenizer = None if task == Task.IMAGE_CLASSIFICATION else load_tokenizer(cfg.model)
-    data = load_dataset(cfg.dataset, task, seed)
+    detecting = task == Task.OBJECT_DETECTION
+    tokenizer = None if task in (Task.IMAGE_CLASSIFICATION, Task.OBJECT_DETECTION) else load_tokenizer(cfg.model)
+    data = load_coco(cfg.dataset, seed) if detecting else load_dataset(cfg.dataset, task, seed)
     num_labels = 0 if task == Task.CAUSAL_LM else check_label_count(data.id2label, cfg.rearrange.head.num_labels)
     train_data, validation_data, test_data = encode(data, tokenizer, cfg)
     collate = make_collate(task, tokenizer.pad_token_id if tokenizer else 0, cfg.dataset.image_size)
-    model = load_model(cfg.model, tokenizer, seed).to(world.device)
+    if detecting:
+        torch.manual_seed(seed)  # fresh weights and a new head, the same on every rank and rerun
+        model = load_detector(cfg.model, cfg.dataset.image_size).to(world.device)
+    else:
+        model = load_model(cfg.model, tokenizer, seed).to(world.device)
     check_positions(model, cfg.dataset.max_length)
 
     progress.enter(Stage.ANALYZING)
@@ -145,14 +155,20 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
              epoch_batches(train_data.lengths, cfg.training.batch_size, seed=seed, epoch=0,
                            bucketed=cfg.training.batching == Batching.LENGTH_BUCKETED)[: cfg.analyze.probe_batches]]
     dtype = autocast_dtype(cfg.training.precision, world.device)
-    report = analysis.analyze(model, probe, task, num_labels, adapters=cfg.rearrange.lora is not None, dtype=dtype)
+    if detecting:
+        report = detection_analysis.analyze(model, probe, train_data, num_labels, dtype)
+    else:
+        report = analysis.analyze(model, probe, task, num_labels, adapters=cfg.rearrange.lora is not None, dtype=dtype)
     if world.main:
-        log.info("structure analysis:\n%s", analysis.summary(report))
+        log.info("structure analysis:\n%s", "\n".join([analysis.summary(report), *(
+            detection_analysis.summary_lines(report) if detecting else [])]))
         out.mkdir(parents=True, exist_ok=True)
         (out / "analysis.json").write_text(json.dumps(report.to_dict(), indent=2))
     progress.message["analysis"] = {"totalParameters": report.total_parameters,
                                     "trainableParameters": report.trainable_parameters,
                                     "findings": [f.__dict__ for f in report.findings]}
+    if report.importance:
+        progress.message["analysis"]["layerImportance"] = [round(s, 4) for s in report.importance["layers"]["scores"]]
     if cfg.analyze.fail_on_fatal:
         analysis.fail_on_fatal(report)
 
@@ -162,11 +178,37 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     frozen = freeze(model, cfg.adjust.freeze, layers, head)
     log.info("froze %s parameters (%s)", f"{frozen:,}", cfg.adjust.freeze.strategy.value)
 
+    eval_size = cfg.evaluation.batch_size or cfg.training.batch_size
+
+    per_class: dict[str, dict[str, float]] = {}  # a detector's AP by category, on the test split
+
+    def measure(m: nn.Module, split: Encoded, phase: str | None = None) -> dict[str, float]:
+        if not detecting:
+            return evaluate(m, split, collate, task, cfg.evaluation.metrics, eval_size, world, num_labels, dtype)
+        scores, by_category = evaluate_detector(m, split, collate, cfg.evaluation.metrics, eval_size, world,
+                                                data.id2label, dtype)
+        if phase is not None:
+            per_class[phase] = by_category
+        return scores
+
     progress.enter(Stage.REARRANGING)
-    if head is not None:
+    if detecting:
+        resize_head(model, num_labels + 1, cfg.rearrange.head.reinitialize)  # the background is class 0
+    elif head is not None:
         new_head(model, head, num_labels, data.id2label, cfg.rearrange.head.reinitialize)
+    pruning: dict[str, Any] = {}
+    serving: list[Batch] = []  # the test batches a pruned model's latency is measured on, before and after
+    if cfg.rearrange.prune is not None:
+        serving = [collate(test_data, idx).to(world.device)
+                   for idx in eval_batches(test_data.lengths, eval_size)[: prune.LATENCY_BATCHES]]
+        pruning = prune_layers(model, task, report, cfg, serving, measure, test_data)
+        layers = depth(model, task)
+        for p in model.parameters():  # the freeze counted the layers as loaded; count the ones that stay
+            p.requires_grad_(True)
+        freeze(model, cfg.adjust.freeze, layers, head)
+        progress.message["pruning"] = {"removedLayers": pruning["removed_layers"]}
     if cfg.rearrange.lora is not None:
-        candidates = adaptable(list(report.lora_candidates), cfg.adjust.freeze, layers, head)
+        candidates = adaptable(list(lora_candidates(model, task)), cfg.adjust.freeze, layers, head)
         model = add_adapters(model, cfg.rearrange.lora, candidates, head)
         freeze(model, cfg.adjust.freeze, layers, head)
     model.to(world.device)
@@ -180,15 +222,10 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     log.info("memory model after rearrange (MiB, activations as probed before freezing): %s",
              analysis.memory_line(memory))
 
-    eval_size = cfg.evaluation.batch_size or cfg.training.batch_size
-
-    def measure(m: nn.Module, split: Encoded) -> dict[str, float]:
-        return evaluate(m, split, collate, task, cfg.evaluation.metrics, eval_size, world, num_labels, dtype)
-
     baseline: dict[str, float] = {}
     if cfg.evaluation.baseline:
         progress.enter(Stage.BASELINE)
-        baseline = measure(model, test_data)
+        baseline = measure(model, test_data, "baseline")
         progress.metrics.set_eval("baseline", baseline)
         log.info("baseline: %s", baseline)
 
@@ -204,7 +241,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         evaluate=lambda: measure(model, validation_data),  # selection (early stopping) never sees the test split
         on_step=lambda state, planned: progress.step(state, planned, flops, world.device),
         on_eval=lambda state: progress.metrics.set_eval("training", state.evals[-1]["metrics"]),
-        checkpoint_dir=checkpoints.run_folder(out / "checkpoints", fingerprinted(cfg, world.size), world),
+        checkpoint_dir=checkpoints.run_folder(out / "checkpoints", fingerprinted(cfg, world.size, pruning), world),
     )
     progress.bar = progress_bar(steps) if world.main else None
     try:
@@ -215,9 +252,13 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
             progress.bar.close()
 
     progress.enter(Stage.EVALUATING)
-    final = measure(model, test_data)  # the weights training ended with (the best validation's, when it restored them)
+    # The weights training ended with (the best validation's, when it restored them).
+    final = measure(model, test_data, "final")
     progress.metrics.set_eval("final", final)
     evaluation = {"baseline": baseline, "final": final, "delta": deltas(baseline, final)}
+    if per_class:
+        evaluation["per_class_ap"] = per_class
+        log.info("AP per category (test split): %s", per_class)
     progress.message["evaluation"] = {"baseline": baseline, "final": final}
 
     progress.enter(Stage.EXPORTING)
@@ -228,11 +269,14 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         "parameters": {"total": total, "trainable": trainable},
         "memory_after_rearrange": memory,
         "evaluation": evaluation,
+        **({"pruning": pruning | {"after": dict(final)}} if pruning else {}),
         "training": training_section(state, steps, steps_per_epoch(train_data, cfg.training, world), train_data,
                                      validation_data, test_data, world),
     }
     if world.main:
-        result.update(write_outputs(model, tokenizer, data.id2label, cfg, out, probe[0].inputs, result))
+        result.update(write_outputs(model, tokenizer, data.id2label, cfg, out, probe[0].inputs, result, serving))
+        if pruning:
+            progress.message["pruning"] = pruning_message(result["pruning"])
     world.barrier()
     progress.enter(Stage.DONE)
     return result
@@ -243,16 +287,46 @@ BOOKKEEPING = {"analyze": None, "output": None, "rearrange": {"mergeOnExport"},
                "training": {"checkpointEverySteps", "keepCheckpoints"}, "evaluation": {"baseline", "batchSize"}}
 
 
-def fingerprinted(cfg: TrainerConfig, world_size: int) -> dict[str, Any]:
-    """What a checkpoint must agree with to be resumed: the config less its bookkeeping, and the world size (the
-    global batch and the schedule's length follow from it). A field added later counts until listed above."""
+def fingerprinted(cfg: TrainerConfig, world_size: int, pruning: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a checkpoint must agree with to be resumed: the config less its bookkeeping, the world size (the
+    global batch and the schedule's length follow from it) and the layers pruning removed (the same shapes,
+    other weights). A field added later counts until listed above."""
     wire = cfg.to_wire()
     for section, fields in BOOKKEEPING.items():
         if fields is None:
             wire.pop(section, None)
         else:
             wire[section] = {k: v for k, v in wire.get(section, {}).items() if k not in fields}
-    return wire | {"worldSize": world_size}
+    return wire | {"worldSize": world_size} | ({"prunedLayers": pruning["removed_layers"]} if pruning else {})
+
+
+def prune_layers(model: nn.Module, task: Task, report: analysis.StructureReport, cfg: TrainerConfig,
+                 serving: list[Batch], measure: Any, test_data: Encoded) -> dict[str, Any]:
+    """Remove the layers the analysis scored least important; returns what they were and the model before (its
+    parameters and latency, and its test metrics when a baseline is asked for)."""
+    if report.importance is None:
+        raise ConfigError(f"rearrange.prune: no stack of transformer layers found in {report.model_class}")
+    scores = report.importance["layers"]["scores"]
+    drop = prune.chosen_layers(scores, cfg.rearrange.prune)
+    before = prune.footprint(model, serving)
+    if cfg.evaluation.baseline:
+        before |= measure(model, test_data)
+    prune.remove_layers(model, task, drop)
+    log.info("pruned %d of %d layers %s (%s %s); %s -> %s parameters", len(drop), len(scores), drop,
+             report.importance["layers"]["measure"], [round(scores[i], 4) for i in drop],
+             f"{before['parameters']:,}", f"{prune.parameters(model):,}")
+    return {"measure": report.importance["layers"]["measure"], "removed_layers": drop,
+            "removed_scores": [scores[i] for i in drop], "layers_before": len(scores),
+            "layers_after": len(scores) - len(drop), "before": before}
+
+
+def pruning_message(pruning: dict[str, Any]) -> dict[str, Any]:
+    """The termination message's pruning section: what was removed and the cost of serving, before and after."""
+    before, after = pruning["before"], pruning["after"]
+    return {"removedLayers": pruning["removed_layers"],
+            "parameters": {"before": before["parameters"], "after": after["parameters"]},
+            "latencyMs": {"before": round(before["latency_ms"], 3), "after": round(after["latency_ms"], 3)},
+            "metricsBefore": {k: v for k, v in before.items() if k not in ("parameters", "latency_ms")}}
 
 
 def encode(data: LabelledData, tokenizer: Any, cfg: TrainerConfig) -> tuple[Encoded, Encoded, Encoded]:
@@ -267,6 +341,7 @@ def training_section(state: LoopState, total: int, per_epoch: int, train_data: E
     seconds = max(state.seconds, 1e-9)
     epochs = state.epoch + state.position / per_epoch  # passes over the data, fractional when stopped early
     return {"steps": state.step, "total_steps": total, "epochs": epochs, "seconds": state.seconds,
+            "cpu_seconds": state.cpu_seconds,
             "samples_per_second": state.samples / seconds, "tokens_per_second": state.tokens / seconds,
             "train_samples": len(train_data.lengths), "validation_samples": len(validation_data.lengths),
             "test_samples": len(test_data.lengths), "workers": world.size,
@@ -276,11 +351,14 @@ def training_section(state: LoopState, total: int, per_epoch: int, train_data: E
 
 
 def write_outputs(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg: TrainerConfig, out: Path,
-                  inputs: dict[str, torch.Tensor], report: dict[str, Any]) -> dict[str, Any]:
-    """Export on rank 0: merge adapters (checked), weights, loss curve, model card, report.json."""
+                  inputs: dict[str, torch.Tensor], report: dict[str, Any], serving: list[Batch]) -> dict[str, Any]:
+    """Export on rank 0: merge adapters (checked), weights, loss curve, model card, report.json; a pruned model's
+    latency is measured as it is exported (merged or not)."""
     extra: dict[str, Any] = {}
     if cfg.rearrange.lora is not None and cfg.rearrange.merge_on_export:
         model, extra["merge_check"] = merge_adapters(model, inputs)
+    if "pruning" in report:
+        report["pruning"]["after"] |= prune.footprint(model, serving)
     files = export.export_model(model, tokenizer, id2label, cfg, out)
     export.loss_curve(report["training"]["history"], report["training"]["evals"], out / "loss_curve.png")
     (out / "README.md").write_text(export.model_card(cfg, report | extra))

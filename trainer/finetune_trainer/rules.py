@@ -11,7 +11,7 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Self
+from typing import Any, ClassVar, Self, get_origin
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
@@ -63,6 +63,26 @@ class ApiModel(BaseModel):
     # CEL over `self` and `oldSelf`, checked by the apiserver on updates (only it sees the old object).
     transition_rules: ClassVar[tuple[dict[str, str], ...]] = ()
 
+    @model_validator(mode="before")
+    @classmethod
+    def _null_means_absent(cls, data: Any) -> Any:
+        """The apiserver prunes a null (no field is nullable, nor any map value) and then applies the
+        default: so do we. A null under an unknown name stays, to be refused as the apiserver refuses it;
+        so does one in a field that keeps unknown fields (model.config)."""
+        if not isinstance(data, dict):
+            return data
+        fields = {f.alias or name: f for name, f in cls.model_fields.items()} | cls.model_fields
+        pruned = {}
+        for key, value in data.items():
+            field = fields.get(key)
+            if field is not None and value is None:
+                continue
+            if field is not None and isinstance(value, dict) and get_origin(field.annotation) is dict \
+                    and not (field.json_schema_extra or {}).get("x-kubernetes-preserve-unknown-fields"):
+                value = {k: v for k, v in value.items() if v is not None}
+            pruned[key] = value
+        return pruned
+
     @model_validator(mode="after")
     def _check_rules(self) -> ApiModel:
         for rule in self.rules:
@@ -73,11 +93,25 @@ class ApiModel(BaseModel):
     @classmethod
     def from_wire(cls, doc: Any) -> Self:
         """Validate a manifest's JSON as the apiserver does: no coercion of "32" to 32 or "yes" to true."""
-        return cls.model_validate_json(json.dumps(doc), strict=True)
+        return cls.model_validate_json(json.dumps(_as_decoded(doc)), strict=True)
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON form used in manifests and ConfigMaps (camelCase, no unset optionals)."""
         return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+INT64 = range(-(2**63), 2**63)
+
+
+def _as_decoded(value: Any) -> Any:
+    """Numbers as the apiserver's JSON decoder reads them: an integer beyond int64 becomes a float."""
+    if isinstance(value, dict):
+        return {k: _as_decoded(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_decoded(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool) and value not in INT64:
+        return float(value)
+    return value
 
 
 def checked(cel: str, holds: Callable[[Any], bool], message: str) -> tuple[Any, Any]:

@@ -40,6 +40,10 @@ def head_name(model: nn.Module, task: Task) -> str | None:
     """The classifier's output layer: the last Linear, as in every transformers and torchvision classifier."""
     if task == Task.CAUSAL_LM:
         return None
+    if task == Task.OBJECT_DETECTION:
+        from finetune_trainer.detection.models import head_prefix
+
+        return "net." + head_prefix(model.net)
     linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
     return linears[-1] if linears else None
 
@@ -86,6 +90,10 @@ def depth(model: nn.Module, task: Task) -> Depth:
 
 def layer_units(model: nn.Module, task: Task) -> list[str]:
     """The repeated blocks: the longest ModuleList (transformers), else the body's children (torchvision CNNs)."""
+    if task == Task.OBJECT_DETECTION:
+        from finetune_trainer.detection.models import backbone_units
+
+        return backbone_units(model.net)
     lists = [(len(m), name) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
     if lists:
         _, prefix = max(lists)

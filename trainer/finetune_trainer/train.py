@@ -61,10 +61,13 @@ class LoopState:
     epoch: int = 0
     position: int = 0  # optimizer steps already taken in this epoch
     seconds: float = 0.0  # time spent in training steps, without evaluations and checkpoints
+    # The process's CPU time in those same steps: on a shared machine it counts the work done, not the share of
+    # the cores the job was granted (with one intra-op thread; more threads add their spin-waits to it).
+    cpu_seconds: float = 0.0
     samples: int = 0
     tokens: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # {step, seconds_since_train_start, loss, lr, grad_norm}
-    evals: list[dict[str, Any]] = field(default_factory=list)  # {step, seconds_since_train_start, metrics}
+    evals: list[dict[str, Any]] = field(default_factory=list)  # {step, seconds_since_train_start, cpu_seconds..., metrics}
     best: float | None = None
     best_step: int | None = None
     evals_without_gain: int = 0
@@ -128,6 +131,8 @@ def total_steps(data: Encoded, spec: TrainingSpec, world: World) -> int:
 
 def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: Task) -> torch.Tensor:
     """Summed (not averaged) loss, so that the caller divides by the targets of the whole step."""
+    if task == Task.OBJECT_DETECTION:  # a detector returns its loss, averaged over the batch's images
+        return logits.float() * labels.shape[0]
     if task == Task.CAUSAL_LM:
         logits, labels = logits[:, :-1], labels[:, 1:]  # position t predicts token t+1
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
@@ -206,7 +211,7 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
             steps = [batches[i:i + spec.gradient_accumulation]
                      for i in range(0, len(batches), spec.gradient_accumulation)][:per_epoch]
             for micro in steps[state.position:]:
-                started = time.perf_counter()
+                started, cpu_started = time.perf_counter(), time.process_time()
                 lr = optimizer.param_groups[0]["lr"]  # what this step uses
                 loss, grad_norm, samples, tokens, stop = train_step(
                     model, [collate(data, idx) for idx in micro], task, world, dtype, scaler, spec.max_grad_norm,
@@ -216,6 +221,7 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
                 state.step += 1
                 state.position += 1
                 state.seconds += time.perf_counter() - started
+                state.cpu_seconds += time.process_time() - cpu_started
                 state.samples += samples
                 state.tokens += tokens
                 state.history.append({"step": state.step, "seconds_since_train_start": state.seconds, "loss": loss,
@@ -281,7 +287,8 @@ def train_step(model: nn.Module, micro: list[Batch], task: Task, world: World, d
 
 def record_eval(state: LoopState, metrics: dict[str, float], spec: TrainingSpec, metric: Metric | None) -> bool:
     """Note an evaluation and decide on early stopping; returns whether it is the best so far."""
-    state.evals.append({"step": state.step, "seconds_since_train_start": state.seconds, "metrics": metrics})
+    state.evals.append({"step": state.step, "seconds_since_train_start": state.seconds,
+                        "cpu_seconds_since_train_start": state.cpu_seconds, "metrics": metrics})
     key = metric or Metric(next(iter(metrics)))
     value = metrics[key.value]
     sign = -1 if key in LOWER_IS_BETTER else 1

@@ -1,0 +1,215 @@
+"""Pruning: MiniLM with a quarter of its layers removed against the unpruned fine-tune, over several seeds.
+
+One process. For every seed, both sides run the trainer's whole pipeline on the same rows, split and recipe (our
+shipped LoRA recipe, bench.ours.recipe); the pruned side adds `rearrange.prune: {fraction: 0.25}`, which removes
+the 2 of 6 layers with the lowest Block Influence on the probe batch before training. Then both exported models
+are reloaded with `AutoModelForSequenceClassification` and their CPU inference latency is measured side by side:
+rounds alternate which model goes first, on the same test batches, in the same process and thread count.
+Goal (issue 14): accuracy within one point of the unpruned fine-tune, and at least 1.25x faster inference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import tempfile
+import time
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+from bench.common import RESULTS, clean_commit, command_line, fmt, machine, minilm_path, result_stem, write_results
+from bench.data import dataset_spec
+from bench.ours import recipe
+from bench.sides import Settings
+
+SIDES = ("unpruned", "pruned")
+PRUNE = {"fraction": 0.25}  # a quarter of 6 layers is 1.5: the trainer rounds half up, so 2 go and 4 stay
+GOAL_ACCURACY_POINTS = 1.0
+GOAL_SPEEDUP = 1.25
+
+
+def job(settings: Settings, eval_rows: int, output: Path, pruned: bool) -> Any:
+    """The FineTuneJob spec of a side: the shipped recipe, evaluated once per epoch, plus the pruning."""
+    from finetune_trainer.config import TrainerConfig
+
+    spec = recipe(settings)
+    if pruned:
+        spec["rearrange"]["prune"] = PRUNE
+    return TrainerConfig.model_validate({
+        "model": {"uri": str(minilm_path()), "task": "sequence-classification"},
+        "dataset": dataset_spec(settings.train_rows, eval_rows, settings.max_length),
+        **spec,
+        "training": {"epochs": settings.epochs, "batchSize": settings.batch_size, "schedule": settings.schedule,
+                     "warmupRatio": settings.warmup_ratio, "checkpointEverySteps": 1_000_000, "seed": settings.seed},
+        "evaluation": {"metrics": ["accuracy", "f1"], "baseline": False},
+        "output": {"uri": str(output)},
+    })
+
+
+def train(settings: Settings, eval_rows: int, output: Path, pruned: bool) -> dict[str, Any]:
+    from finetune_trainer import pipeline
+
+    load = list(os.getloadavg())
+    report = pipeline.run(job(settings, eval_rows, output, pruned), output)
+    side = {"final": report["evaluation"]["final"], "train_seconds": report["training"]["seconds"],
+            "steps": report["training"]["steps"], "test_samples": report["training"]["test_samples"],
+            "layer_scores": report["analysis"]["importance"]["layers"]["scores"],
+            "loadavg_before": load, "loadavg_after": list(os.getloadavg())}
+    if pruned:
+        side["removed_layers"] = report["pruning"]["removed_layers"]
+    return side
+
+
+def serving_batches(tokenizer: Any, texts: list[str], batch_size: int, batches: int, max_length: int) -> list[dict]:
+    """Batches of test texts in the split's order (not sorted by length), each padded to its longest text."""
+    return [tokenizer(texts[i:i + batch_size], truncation=True, max_length=max_length, padding=True,
+                      return_tensors="pt") for i in range(0, batch_size * batches, batch_size)]
+
+
+def latency(models: dict[str, Any], batches: list[dict], rounds: int) -> dict[str, Any]:
+    """Seconds per batch of each model, wall and CPU (this process), round by round; the order alternates."""
+    import torch
+
+    names = list(models)
+    times: dict[str, dict[str, list[float]]] = {n: {"wall": [], "cpu": []} for n in names}
+    with torch.inference_mode():
+        for model in models.values():  # warm-up: the first pass allocates
+            model(**batches[0])
+        for r in range(rounds):
+            for name in names if r % 2 == 0 else names[::-1]:
+                wall, cpu = time.perf_counter(), time.process_time()
+                for batch in batches:
+                    models[name](**batch)
+                times[name]["wall"].append((time.perf_counter() - wall) / len(batches))
+                times[name]["cpu"].append((time.process_time() - cpu) / len(batches))
+    ratios = {clock: [a / b for a, b in zip(times["unpruned"][clock], times["pruned"][clock])]
+              for clock in ("wall", "cpu")}
+    return {"seconds_per_batch": times, "speedup_per_round": ratios,
+            "speedup": {clock: statistics.median(v) for clock, v in ratios.items()},
+            "median_ms": {n: {c: 1000 * statistics.median(v) for c, v in t.items()} for n, t in times.items()}}
+
+
+def measure_seed(settings: Settings, eval_rows: int, rounds: int, batch_size: int, batches: int) -> dict[str, Any]:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from bench.data import load
+
+    sides: dict[str, Any] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-pruning-") as tmp:
+        order = SIDES[settings.seed % 2:] + SIDES[:settings.seed % 2]  # rotates, so a drifting load favours neither
+        for name in order:
+            sides[name] = train(settings, eval_rows, Path(tmp) / name, pruned=name == "pruned")
+            print(f"bench.pruning: seed {settings.seed} {name}: accuracy {sides[name]['final']['accuracy']:.4f}, "
+                  f"{sides[name]['train_seconds']:.0f}s training", flush=True)
+        models = {n: AutoModelForSequenceClassification.from_pretrained(Path(tmp) / n).eval() for n in SIDES}
+        tokenizer = AutoTokenizer.from_pretrained(Path(tmp) / "pruned")
+        texts = load(settings.train_rows, eval_rows, settings.max_length, settings.seed).test.inputs
+        timing = latency(models, serving_batches(tokenizer, texts, batch_size, batches, settings.max_length), rounds)
+        for n, model in models.items():
+            sides[n]["parameters"] = sum(p.numel() for p in model.parameters())
+            sides[n]["layers"] = model.config.num_hidden_layers
+    difference = sides["pruned"]["final"]["accuracy"] - sides["unpruned"]["final"]["accuracy"]
+    return {"seed": settings.seed, "sides": sides, "latency": timing, "accuracy_difference": difference}
+
+
+def summary(seeds: list[dict[str, Any]]) -> dict[str, Any]:
+    differences = [s["accuracy_difference"] for s in seeds]
+    speedups = {c: [s["latency"]["speedup"][c] for s in seeds] for c in ("wall", "cpu")}
+    mean_difference = statistics.mean(differences)
+    return {"accuracy_difference_points": {"mean": 100 * mean_difference, "min": 100 * min(differences),
+                                           "max": 100 * max(differences),
+                                           "stdev": 100 * statistics.stdev(differences) if len(seeds) > 1 else None},
+            "speedup": {c: {"median": statistics.median(v), "min": min(v), "max": max(v)} for c, v in speedups.items()},
+            "goal_accuracy_met": mean_difference >= -GOAL_ACCURACY_POINTS / 100,
+            "goal_speed_met": statistics.median(speedups["cpu"]) >= GOAL_SPEEDUP
+            and statistics.median(speedups["wall"]) >= GOAL_SPEEDUP}
+
+
+def markdown(seeds: list[dict[str, Any]], result: dict[str, Any], info: dict[str, Any], command: str,
+             args: argparse.Namespace) -> str:
+    rows = []
+    for s in seeds:
+        u, p = s["sides"]["unpruned"], s["sides"]["pruned"]
+        loads = [side[k][0] for side in (u, p) for k in ("loadavg_before", "loadavg_after")]
+        rows.append(
+            f"| {s['seed']} | {p['removed_layers']} | {u['final']['accuracy']:.4f} | {p['final']['accuracy']:.4f} "
+            f"| {100 * s['accuracy_difference']:+.2f} | {s['latency']['median_ms']['unpruned']['wall']:.1f} / "
+            f"{s['latency']['median_ms']['pruned']['wall']:.1f} | {s['latency']['speedup']['wall']:.2f}× "
+            f"| {s['latency']['speedup']['cpu']:.2f}× | {u['parameters']:,} / {p['parameters']:,} "
+            f"| {u['train_seconds']:.0f} / {p['train_seconds']:.0f} | {fmt(min(loads), 1)}–{fmt(max(loads), 1)} |")
+    acc, speed = result["accuracy_difference_points"], result["speedup"]
+    return "\n".join([
+        "# Pruning: MiniLM, a quarter of its layers removed, against the unpruned fine-tune",
+        "",
+        f"Command: `{command}`  ",
+        f"Commit: `{info['git_commit']}`, started {info['started_utc']}, {info['nproc']} cores ({info['cpu']}), "
+        f"{args.threads} torch thread(s), 1-minute load {info['loadavg_at_start'][0]:.1f} at the start",
+        "",
+        f"Both sides: the shipped LoRA recipe, {args.train_rows} training rows, {args.epochs} epochs, batch "
+        f"{args.batch_size}, max length {args.max_length}; accuracy on the test split ({seeds[0]['sides']['pruned']['test_samples']} rows). "
+        f"Pruned: `rearrange.prune: {PRUNE}` (6 → 4 layers, lowest Block Influence). Latency: "
+        f"{args.rounds} alternating rounds over {args.batches} test batches of {args.batch_size}, reloaded with "
+        "`AutoModelForSequenceClassification`, same process and threads; speed-up = unpruned / pruned, the median "
+        "over rounds.",
+        "",
+        "| seed | removed layers | accuracy unpruned | accuracy pruned | difference (points) | ms per batch "
+        "unpruned / pruned (wall) | speed-up (wall) | speed-up (CPU time) | parameters unpruned / pruned "
+        "| training s unpruned / pruned | 1-min load during training |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        f"**Accuracy**: pruned minus unpruned, mean {acc['mean']:+.2f} points (range {acc['min']:+.2f} to "
+        f"{acc['max']:+.2f}) — goal ≥ −{GOAL_ACCURACY_POINTS:.0f}: "
+        f"**{'met' if result['goal_accuracy_met'] else 'not met'}**.  ",
+        f"**Speed-up**: median over seeds {speed['wall']['median']:.2f}× wall ({speed['wall']['min']:.2f}–"
+        f"{speed['wall']['max']:.2f}), {speed['cpu']['median']:.2f}× CPU time ({speed['cpu']['min']:.2f}–"
+        f"{speed['cpu']['max']:.2f}) — goal ≥ {GOAL_SPEEDUP}×: **{'met' if result['goal_speed_met'] else 'not met'}**.",
+        "",
+    ])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    defaults = Settings()
+    parser.add_argument("--seeds", default="0,1,2", help="each seed changes the split, the head and the order")
+    parser.add_argument("--train-rows", type=int, default=defaults.train_rows)
+    parser.add_argument("--eval-rows", type=int, default=1000,
+                        help="test rows per seed (and validation rows): one row is 0.1 point")
+    parser.add_argument("--epochs", type=int, default=defaults.epochs)
+    parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="training and latency batches")
+    parser.add_argument("--max-length", type=int, default=defaults.max_length)
+    parser.add_argument("--rounds", type=int, default=10, help="latency rounds per seed, alternating the order")
+    parser.add_argument("--batches", type=int, default=8, help="test batches per latency round")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for training and inference")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="a folder elsewhere takes results of any tree (trials)")
+    args = parser.parse_args(argv)
+    if args.out == RESULTS:
+        clean_commit()  # refuse now, not after the training
+    import torch
+
+    torch.set_num_threads(args.threads)
+    os.environ.setdefault("FINETUNE_METRICS_PORT", "0")  # no metrics server beside a trainer already on :9090
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
+    info = machine()
+    command = command_line()
+    stem = result_stem("pruning", info)
+    base = Settings(train_rows=args.train_rows, epochs=args.epochs, batch_size=args.batch_size,
+                    max_length=args.max_length)
+    done: list[dict[str, Any]] = []
+    for seed in (int(s) for s in args.seeds.split(",")):
+        done.append(measure_seed(replace(base, seed=seed), args.eval_rows, args.rounds,
+                                 args.batch_size, args.batches))
+        result = summary(done)
+        # Written after every seed, so an interrupted run keeps the seeds it finished.
+        payload = {"command": command, "machine": info, "settings": vars(args) | {"out": str(args.out)},
+                   "prune": PRUNE, "seeds": done, "summary": result}
+        written = write_results(stem, payload, markdown(done, result, info, command, args), args.out)
+        print(f"bench.pruning: seed {seed} done; {written}", flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

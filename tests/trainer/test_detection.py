@@ -1,0 +1,249 @@
+"""Object detection on real data and real torchvision detectors, small: COCO records checked on
+load, every detector family's head resized and trained a step, the anchors finding, COCO mAP
+through torchmetrics, and an export that reloads to the same detections."""
+
+from __future__ import annotations
+
+import copy
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+import yaml
+
+from finetune_trainer.batches import encode_images, make_collate
+from finetune_trainer.config import DatasetSpec, Metric, ModelSpec, Task, TrainerConfig
+from finetune_trainer.data import Split
+from finetune_trainer.detection import analysis
+from finetune_trainer.detection.coco import Annotated, load_coco
+from finetune_trainer.detection.metrics import evaluate_detector
+from finetune_trainer.detection.models import class_count, load_detector, load_exported, resize_head
+from finetune_trainer.distributed import World
+from finetune_trainer.errors import DataError, ModelError
+from finetune_trainer.pipeline import run
+from tiny import trainer_command
+
+CPU = World(rank=0, size=1, device=torch.device("cpu"))
+SHORT_STEPS = 10
+SMALL_FRCNN = {"box_batch_size_per_image": 32, "rpn_pre_nms_top_n_train": 100, "rpn_post_nms_top_n_train": 100}
+
+
+def shapes_copy(pvc_root: Path, tmp_path: Path) -> Path:
+    folder = tmp_path / "shapes"
+    shutil.copytree(pvc_root / "data" / "shapes", folder)
+    return folder
+
+
+def rewrite(folder: Path, change: Any) -> Path:
+    path = folder / "annotations.json"
+    coco = json.loads(path.read_text())
+    change(coco)
+    path.write_text(json.dumps(coco))
+    return folder
+
+
+def test_the_shapes_dataset_loads_split_with_its_boxes(pvc_root: Path) -> None:
+    data = load_coco(DatasetSpec(uri="pvc://data/shapes", format="coco"), seed=0)
+    assert data.id2label == {1: "circle", 2: "square", 3: "triangle"}
+    assert (len(data.train.inputs), len(data.validation.inputs), len(data.test.inputs)) == (320, 40, 40)
+    paths = [r.path for split in (data.train, data.validation, data.test) for r in split.inputs]
+    assert len(set(paths)) == 400  # the splits share no image
+    record = data.train.inputs[0]
+    assert record.boxes and all(0 <= x0 < x1 <= record.width and 0 <= y0 < y1 <= record.height
+                                for x0, y0, x1, y1 in record.boxes)
+    assert set(record.labels) <= {1, 2, 3}
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    (lambda c: c["annotations"][4].update(bbox=[100, 100, 60, 10]), "annotation 5 (image"),
+    (lambda c: c["annotations"][7].update(category_id=9), "annotation 8 (image"),
+    (lambda c: c["images"][2].update(file_name="missing.jpg"), "image 3 ('missing.jpg'): no file"),
+    (lambda c: c["images"][3].update(width=300), "image 4 ('00004.jpg'): declared 300x128"),
+], ids=["box-outside-image", "unknown-category", "image-without-file", "wrong-size"])
+def test_a_bad_record_is_refused_naming_it(pvc_root: Path, tmp_path: Path, change: Any, named: str) -> None:
+    folder = rewrite(shapes_copy(pvc_root, tmp_path), change)
+    with pytest.raises(DataError, match=r"1 bad record\(s\)") as raised:
+        load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
+    assert named in str(raised.value)
+    if "category" in named:
+        assert "unknown category_id 9; the categories are 1 (circle), 2 (square), 3 (triangle)" in str(raised.value)
+
+
+def test_the_cli_exits_1_on_a_bad_annotation_file(pvc_root: Path, tmp_path: Path) -> None:
+    """The user's mistake reaches the operator as such: exit code 1 and the record in the termination message."""
+    folder = rewrite(shapes_copy(pvc_root, tmp_path), lambda c: c["annotations"][0].update(bbox=[-20, 0, 10, 10]))
+    doc = yaml.safe_load((Path(__file__).parents[2] / "deploy/examples/shapes-fasterrcnn.yaml").read_text())
+    doc["spec"]["dataset"]["uri"] = str(folder)
+    (manifest := tmp_path / "job.yaml").write_text(yaml.safe_dump(doc))
+    termination = tmp_path / "termination"
+    done = subprocess.run(trainer_command("run", str(manifest), "--output", str(tmp_path / "out")),
+                          capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "TERMINATION_MESSAGE_PATH": str(termination)})
+    assert done.returncode == 1, done.stderr[-2000:]
+    message = json.loads(termination.read_text())
+    assert message["reason"] == "InvalidDataset" and message["exitCode"] == 1
+    assert "annotation 1 (image 1): bbox [-20, 0, 10, 10] lies outside its 128x128 image" in message["message"]
+
+
+def batch_of(records: list[Annotated], size: int) -> Any:
+    data = encode_images(Split(records, None))
+    return data, make_collate(Task.OBJECT_DETECTION, 0, size)(data, list(range(len(records))))
+
+
+@pytest.mark.parametrize(("architecture", "config"), [
+    ("fasterrcnn_mobilenet_v3_large_320_fpn", SMALL_FRCNN),
+    ("retinanet_resnet50_fpn", {}),
+    ("fcos_resnet50_fpn", {}),
+    ("ssdlite320_mobilenet_v3_large", {}),
+])
+def test_every_detector_family_gets_the_datasets_classes_and_trains(pvc_root: Path, architecture: str,
+                                                                   config: dict[str, Any]) -> None:
+    torch.manual_seed(0)
+    detector = load_detector(ModelSpec(task="object-detection", architecture=architecture, config=config), 64)
+    assert class_count(detector.net) == 91  # torchvision's COCO layout
+    assert resize_head(detector, 4, reinitialize=False)
+    assert class_count(detector.net) == 4 and not resize_head(detector, 4, reinitialize=False)
+    records = load_coco(DatasetSpec(uri="pvc://data/shapes"), seed=0).train.inputs[:2]
+    _, batch = batch_of(records, 64)
+    detector.train()
+    loss = detector(**batch.inputs)
+    loss.backward()
+    assert loss.dim() == 0 and torch.isfinite(loss)
+    head = detector.net.get_submodule(analysis.classifier_name(detector.net))
+    assert all(p.grad is not None for p in head.parameters())  # the new head learns
+    detector.eval()
+    with torch.no_grad():
+        detections = detector(batch.inputs["pixel_values"])
+    assert len(detections) == 2 and all(set(d["labels"].tolist()) <= {1, 2, 3} for d in detections)
+
+
+def test_the_analysis_reports_parts_and_warns_when_the_anchors_miss_the_boxes(pvc_root: Path) -> None:
+    detector = load_detector(ModelSpec(task="object-detection", architecture="fasterrcnn_mobilenet_v3_large_320_fpn",
+                                       config=SMALL_FRCNN), 128)
+    shapes = load_coco(DatasetSpec(uri="pvc://data/shapes"), seed=0).train.inputs[:8]
+    tiny = [Annotated(r.path, r.width, r.height, [[10, 10, 16, 15]] * 2, [1, 2]) for r in shapes]
+    data, batch = batch_of(tiny, 128)
+    report = analysis.analyze(detector, [batch], data, num_labels=3)
+    codes = {f.code: f for f in report.findings}
+    assert report.anchors["anchor_sides"] == [32.0, 512.0] and report.anchors["outside_share"] == 1.0
+    assert "AnchorsMissBoxes" in codes and "100% of the 16 training boxes" in codes["AnchorsMissBoxes"].message
+    assert "HeadMismatch" in codes  # 91 classes loaded, 4 needed: rearrange's job
+    assert set(report.parts) == {"backbone", "neck", "head.rpn", "head.roi"}
+    assert sum(report.parts.values()) == report.total_parameters
+    assert report.to_dict()["anchors"]["boxes"] == 16 and report.flops["measured_per_sample"] > 0
+    # The probe left the batch-norm statistics as they were, and the shapes' own boxes are in reach.
+    fresh = load_detector(ModelSpec(task="object-detection", architecture="fasterrcnn_mobilenet_v3_large_320_fpn",
+                                    config=SMALL_FRCNN), 128)
+    torch.testing.assert_close(dict(detector.named_buffers()), dict(fresh.named_buffers()))
+    in_reach = analysis.anchor_report(detector, encode_images(Split(shapes, None)))
+    assert in_reach["outside_share"] < 0.5 and not analysis.anchor_findings(in_reach)
+
+
+def test_map_scores_ground_truth_as_perfect_and_noise_as_nothing(pvc_root: Path) -> None:
+    """COCO mAP through torchmetrics: a 'detector' that returns the true boxes scores 1, one that returns
+    boxes elsewhere scores 0, and the per-category AP names the categories."""
+    records = load_coco(DatasetSpec(uri="pvc://data/shapes"), seed=0).test.inputs[:12]
+    data = encode_images(Split(records, None))
+    collate = make_collate(Task.OBJECT_DETECTION, 0, 64)
+
+    class Oracle(torch.nn.Module):
+        def __init__(self, shift: float) -> None:
+            super().__init__()
+            self.shift = shift
+            self.truth: list[dict[str, torch.Tensor]] = []
+
+        def forward(self, pixel_values: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+            out = self.truth[: len(pixel_values)]
+            del self.truth[: len(pixel_values)]
+            return [{"boxes": (d["boxes"] + self.shift).clamp(0, 64), "labels": d["labels"],
+                     "scores": torch.ones(len(d["labels"]))} for d in out]
+
+    def score(shift: float) -> tuple[dict[str, float], dict[str, float]]:
+        oracle = Oracle(shift)
+        from finetune_trainer.batches import eval_batches
+
+        for idx in eval_batches(data.lengths, 4):
+            batch = collate(data, idx)
+            oracle.truth += [{"boxes": b[lab >= 0], "labels": lab[lab >= 0]}
+                             for b, lab in zip(batch.inputs["boxes"], batch.inputs["box_labels"])]
+        return evaluate_detector(oracle, data, collate, [Metric.MAP, Metric.MAP50], 4, CPU,
+                                 {1: "circle", 2: "square", 3: "triangle"})
+
+    perfect, per_class = score(0.0)
+    assert perfect == {"map": pytest.approx(1.0), "map50": pytest.approx(1.0)}
+    assert set(per_class) <= {"circle", "square", "triangle"} and per_class and all(
+        v == pytest.approx(1.0) for v in per_class.values())
+    assert score(40.0)[0] == {"map": 0.0, "map50": 0.0}
+
+
+def test_weights_from_a_state_dict_load_and_a_mismatch_is_named(pvc_root: Path, tmp_path: Path) -> None:
+    spec = ModelSpec(task="object-detection", architecture="ssdlite320_mobilenet_v3_large")
+    torch.manual_seed(1)
+    source = load_detector(spec, 64)
+    torch.save(source.net.state_dict(), tmp_path / "ssdlite.pth")
+    loaded = load_detector(spec.model_copy(update={"uri": str(tmp_path / "ssdlite.pth")}), 64)
+    torch.testing.assert_close(loaded.net.state_dict(), source.net.state_dict())
+    with pytest.raises(ModelError, match="num_classes"):
+        load_detector(spec.model_copy(update={"uri": str(tmp_path / "ssdlite.pth"), "config": {"num_classes": 4}}), 64)
+
+
+def detection_doc(output: Path, **training: Any) -> dict[str, Any]:
+    doc = yaml.safe_load((Path(__file__).parents[2] / "deploy/examples/shapes-fasterrcnn.yaml").read_text())["spec"]
+    doc = {k: v for k, v in doc.items() if k != "runtime"}
+    doc["output"] = {"uri": str(output)}
+    doc["analyze"] = {"probeBatches": 1}
+    doc["training"] |= training
+    return doc
+
+
+def same_images_in_every_split(pvc_root: Path, folder: Path, images: int) -> Path:
+    """A COCO folder with one JSON per split, all three listing the same first images of the shapes."""
+    coco = json.loads((pvc_root / "data/shapes/annotations.json").read_text())
+    kept = coco["images"][:images]
+    ids = {image["id"] for image in kept}
+    subset = coco | {"images": kept, "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}
+    (folder / "images").mkdir(parents=True)
+    for image in kept:
+        shutil.copy(pvc_root / "data/shapes/images" / image["file_name"], folder / "images")
+    for name in ("train.json", "val.json", "test.json"):
+        (folder / name).write_text(json.dumps(subset))
+    return folder
+
+
+def test_a_detector_trains_reports_its_scores_and_the_export_reloads(pvc_root: Path, tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The short version of the example (whose mAP gain on held-out images is a slow test: a detector from random
+    weights needs minutes): a few steps on 8 images lower the loss, the scores reach the job's status as the other
+    tasks' do, and the export reloads to the same scores."""
+    from finetune_operator.api import EvaluationResult
+    from finetune_operator.status import evaluation_of
+
+    doc = detection_doc(tmp_path / "out", maxSteps=SHORT_STEPS, batchSize=4, evalEverySteps=SHORT_STEPS)
+    doc["dataset"]["uri"] = str(same_images_in_every_split(pvc_root, tmp_path / "eight", 8))
+    cfg = TrainerConfig.from_wire(copy.deepcopy(doc))
+    monkeypatch.setenv("TERMINATION_MESSAGE_PATH", str(tmp_path / "termination"))
+    report = run(cfg, tmp_path / "out")
+    baseline, final = report["evaluation"]["baseline"], report["evaluation"]["final"]
+    assert report["training"]["train_samples"] == report["training"]["test_samples"] == 8  # the split files
+    losses = [h["loss"] for h in report["training"]["history"]]
+    assert sum(losses[-3:]) < sum(losses[:3]) * 0.7
+    assert set(final) == {"map", "map50"} and all(0 <= v <= 1 for v in [*final.values(), *baseline.values()])
+    assert set(report["evaluation"]["per_class_ap"]["final"]) == {"circle", "square", "triangle"}
+    status = EvaluationResult.from_wire(evaluation_of(json.loads((tmp_path / "termination").read_text())))
+    assert status.final == final and status.baseline == baseline and status.summary.startswith("map ")
+    out = tmp_path / "out"
+    assert json.loads((out / "labels.json").read_text()) == {"1": "circle", "2": "square", "3": "triangle"}
+    assert "AP per category" in (out / "README.md").read_text()
+    reloaded = load_exported(out)
+    assert class_count(reloaded.net) == 4 and reloaded.image_size == 128
+    # The reloaded detector scores the test images exactly as the report says the trained one did.
+    data = load_coco(cfg.dataset, cfg.training.seed)
+    test = encode_images(data.test)
+    again, _ = evaluate_detector(reloaded, test, make_collate(Task.OBJECT_DETECTION, 0, 128),
+                                 cfg.evaluation.metrics, 8, CPU, data.id2label)
+    assert again == pytest.approx(final)

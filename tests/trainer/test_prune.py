@@ -1,0 +1,189 @@
+"""Layer and head importance on real batches, and pruning: the chosen layers go, the rest stay as they were, and
+the exported model reloads with the standard transformers classes and gives the same logits."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from finetune_trainer import prune
+from finetune_trainer.batches import encode_causal, encode_text, epoch_batches, make_collate
+from finetune_trainer.config import ModelSpec, PruneSpec, Task, TrainerConfig
+from finetune_trainer.data import Split
+from finetune_trainer.errors import ConfigError
+from finetune_trainer.export import export_model
+from finetune_trainer.models import load_model, load_tokenizer, logits_of
+from finetune_trainer.pipeline import run
+
+from tiny import TINY_BERT, TINY_GPT2, tiny_classifier_doc
+
+TEXTS = ["a fine day", "this is awful and slow", "ok", "I love the new self driving cars so much", "meh"] * 4
+LABELS = [0, 1, 2, 0, 1] * 4
+
+
+@pytest.fixture(scope="module")
+def minilm():
+    """The bundled all-MiniLM-L6-v2 (6 layers, 12 heads) as a 3-way classifier, and batches of real text."""
+    spec = ModelSpec(task=Task.SEQUENCE_CLASSIFICATION, uri="pvc://models/all-MiniLM-L6-v2", config={"num_labels": 3})
+    tokenizer = load_tokenizer(spec)
+    model = load_model(spec, tokenizer, seed=0).eval()
+    data = encode_text(Split(TEXTS, LABELS), tokenizer, 16)
+    collate = make_collate(Task.SEQUENCE_CLASSIFICATION, tokenizer.pad_token_id, 32)
+    batches = [collate(data, idx) for idx in epoch_batches(data.lengths, 8, seed=0, epoch=0, bucketed=True)]
+    return model, tokenizer, batches
+
+
+def test_block_influence_is_one_minus_the_cosine_of_each_layers_input_and_output(minilm) -> None:
+    model, _, batches = minilm
+    model = copy.deepcopy(model)
+    weights = [p for p in model.parameters() if p.dim() >= 2]
+    got_gradient: list[torch.Tensor] = []
+    for p in weights:
+        p.register_post_accumulate_grad_hook(got_gradient.append)
+    scores = prune.importance(model, batches, Task.SEQUENCE_CLASSIFICATION, labels_fit=True)
+    assert got_gradient == [] and all(p.requires_grad for p in model.parameters())  # only the head gates got one
+    assert scores["layers"]["measure"].startswith("block-influence")
+    # The same measure from transformers' own hidden states (the input of layer i is hidden_states[i]).
+    turned, tokens = torch.zeros(6, dtype=torch.float64), 0
+    with torch.no_grad():
+        for batch in batches:
+            hidden = model(**batch.inputs, output_hidden_states=True).hidden_states
+            mask = batch.inputs["attention_mask"].float()
+            for i in range(6):
+                turned[i] += ((1 - F.cosine_similarity(hidden[i], hidden[i + 1], dim=-1)) * mask).sum()
+            tokens += int(mask.sum())
+    torch.testing.assert_close(torch.tensor(scores["layers"]["scores"], dtype=torch.float64), turned / tokens)
+    heads = torch.tensor(scores["heads"]["scores"])
+    assert heads.shape == (6, 12) and (heads >= 0).all() and heads.std() > 0 and scores["heads"]["loss"] == "task"
+
+
+def test_a_head_whose_output_is_zero_scores_zero(minilm) -> None:
+    """Michel et al.'s importance is the loss's sensitivity to a head's gate: a head that outputs nothing has none."""
+    model, _, batches = minilm
+    model = copy.deepcopy(model)
+    value = model.bert.encoder.layer[2].attention.self.value
+    with torch.no_grad():  # head 5 of layer 2 (32 dims of 384): its values, hence its output, are zero
+        value.weight[5 * 32:6 * 32] = 0
+        value.bias[5 * 32:6 * 32] = 0
+    heads = prune.importance(model, batches, Task.SEQUENCE_CLASSIFICATION, labels_fit=False)["heads"]["scores"]
+    assert heads[2][5] == 0 and min(h for row in heads for h in row if h != heads[2][5]) > 0
+
+
+@pytest.mark.parametrize(("spec", "expected"), [
+    ({"count": 2}, [1, 3]),
+    ({"fraction": 0.25}, [1, 3]),  # a quarter of 6 layers is 1.5: rounded half up
+    ({"fraction": 0.1}, [3]),
+    ({"threshold": 0.25}, [1, 2, 3]),
+])
+def test_the_lowest_scoring_layers_are_chosen(spec: dict, expected: list[int]) -> None:
+    scores = [0.3, 0.05, 0.2, 0.01, 0.5, 0.9]
+    assert prune.chosen_layers(scores, PruneSpec.model_validate(spec)) == expected
+
+
+@pytest.mark.parametrize("spec", [{"count": 6}, {"threshold": 1.0}])
+def test_pruning_every_layer_is_refused_naming_the_field(spec: dict) -> None:
+    with pytest.raises(ConfigError, match=f"rearrange.prune.{next(iter(spec))}.*all 6 layers"):
+        prune.chosen_layers([0.3, 0.05, 0.2, 0.01, 0.5, 0.9], PruneSpec.model_validate(spec))
+
+
+def test_pruning_removes_exactly_the_chosen_layers_and_the_export_reloads_with_the_same_logits(minilm,
+                                                                                               tmp_path: Path) -> None:
+    from transformers import AutoModelForSequenceClassification
+
+    model, tokenizer, batches = minilm
+    model = copy.deepcopy(model)
+    layers = list(model.bert.encoder.layer)
+    state = {k: v.clone() for k, v in model.state_dict().items()}
+    before = prune.parameters(model)
+    prune.remove_layers(model, Task.SEQUENCE_CLASSIFICATION, [1, 3])
+    assert list(model.bert.encoder.layer) == [layers[0], layers[2], layers[4], layers[5]]
+    assert model.config.num_hidden_layers == 4
+    assert before - prune.parameters(model) == 2 * sum(p.numel() for p in layers[1].parameters())
+    for new, old in enumerate([0, 2, 4, 5]):  # the kept layers' weights are untouched
+        prefix = f"bert.encoder.layer.{new}."
+        for key, value in model.state_dict().items():
+            if key.startswith(prefix):
+                assert torch.equal(value, state[f"bert.encoder.layer.{old}." + key.removeprefix(prefix)])
+    logits = logits_of(model, batches[0].inputs)
+    export_model(model, tokenizer, {0: "neg", 1: "neu", 2: "pos"},
+                 TrainerConfig.model_validate(tiny_classifier_doc(tmp_path)), tmp_path / "out")
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["num_hidden_layers"] == 4
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    assert len(reloaded.bert.encoder.layer) == 4 and prune.parameters(reloaded) == prune.parameters(model)
+    torch.testing.assert_close(logits_of(reloaded, batches[0].inputs), logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_pruned_decoder_renumbers_its_layers_and_reloads(tmp_path: Path) -> None:
+    from transformers import AutoModelForCausalLM
+
+    config = TINY_GPT2 | {"n_layer": 3}
+    spec = ModelSpec(task=Task.CAUSAL_LM, architecture="gpt2", config=config,
+                     tokenizerUri="pvc://models/all-MiniLM-L6-v2")
+    tokenizer = load_tokenizer(spec)
+    model = load_model(spec, tokenizer, seed=0).eval()
+    data = encode_causal(Split(TEXTS, None), tokenizer, 16)
+    batch = make_collate(Task.CAUSAL_LM, tokenizer.pad_token_id, 32)(data, list(range(8)))
+    scores = prune.importance(model, [batch], Task.CAUSAL_LM, labels_fit=True)
+    assert len(scores["layers"]["scores"]) == 3 and len(scores["heads"]["scores"][0]) == 2
+    kept = model.transformer.h[2]
+    prune.remove_layers(model, Task.CAUSAL_LM, [0, 1])
+    assert list(model.transformer.h) == [kept] and kept.attn.layer_idx == 0 and model.config.n_layer == 1
+    logits = logits_of(model, batch.inputs)
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits_of(reloaded, batch.inputs), logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_pruned_job_reports_scores_size_and_latency_before_and_after(tmp_path: Path, monkeypatch) -> None:
+    """The whole pipeline with rearrange.prune on a 3-layer BERT: the analysis scores the layers, one goes before
+    training, and the report, the termination message and the model card say what it cost and saved."""
+    from transformers import AutoModelForSequenceClassification
+
+    doc = tiny_classifier_doc(tmp_path / "out")
+    doc["model"]["config"] = TINY_BERT | {"num_hidden_layers": 3}
+    doc["rearrange"] = {"prune": {"count": 1}, "lora": {"rank": 4}}
+    termination = tmp_path / "termination"
+    monkeypatch.setenv("TERMINATION_MESSAGE_PATH", str(termination))
+    report = run(TrainerConfig.model_validate(doc), tmp_path / "out")
+    scores = report["analysis"]["importance"]["layers"]["scores"]
+    pruning = report["pruning"]
+    assert pruning["removed_layers"] == [min(range(3), key=scores.__getitem__)]
+    assert pruning["layers_before"] == 3 and pruning["layers_after"] == 2
+    assert pruning["after"]["parameters"] < pruning["before"]["parameters"]
+    assert pruning["before"]["latency_ms"] > 0 and pruning["after"]["latency_ms"] > 0
+    assert set(pruning["before"]) >= {"accuracy", "f1"} and pruning["after"]["accuracy"] == report["evaluation"]["final"]["accuracy"]
+    message = json.loads(termination.read_text())
+    assert message["pruning"]["removedLayers"] == pruning["removed_layers"]
+    assert message["pruning"]["parameters"] == {"before": pruning["before"]["parameters"],
+                                                "after": pruning["after"]["parameters"]}
+    assert message["analysis"]["layerImportance"] == [round(s, 4) for s in scores]
+    assert "## Pruning" in (tmp_path / "out" / "README.md").read_text()
+    reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert reloaded.config.num_hidden_layers == 2 and prune.parameters(reloaded) == pruning["after"]["parameters"]
+
+
+def test_a_layer_list_that_is_no_stack_of_hidden_states_gets_no_scores() -> None:
+    """A model whose longest ModuleList does not pass hidden states along: no score rather than a wrong one (and
+    pruning then says it found no stack of layers)."""
+    from torch import nn
+
+    class Branches(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.branches = nn.ModuleList(nn.Linear(8, 4) for _ in range(3))
+            self.classifier = nn.Linear(12, 2)
+
+        def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+            x = input_ids.float()
+            return self.classifier(torch.cat([b(x) for b in self.branches], -1)).mean(1)
+
+    from finetune_trainer.batches import Batch
+
+    ids = torch.ones(2, 5, 8, dtype=torch.long)
+    batch = Batch({"input_ids": ids, "attention_mask": torch.ones(2, 5)}, torch.tensor([0, 1]), 2, 10, 2)
+    assert prune.importance(Branches(), [batch], Task.SEQUENCE_CLASSIFICATION, labels_fit=True) is None

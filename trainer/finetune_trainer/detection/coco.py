@@ -1,0 +1,189 @@
+"""Read a COCO-format detection dataset, check every record, and split it like the other tasks.
+
+A dataset is an annotations JSON (`images`, `annotations` with `bbox` [x, y, width, height]
+in pixels, `categories`) plus its images. `dataset.uri` names the JSON, or a folder holding
+annotations.json, or one JSON per split named by split (train.json, val.json, test.json).
+An image's `file_name` is relative to the JSON's folder or to its images/ folder.
+
+Each record is checked on load: an annotation whose box leaves its image, names an unknown
+category or image, an image without its file or of another size than declared: the error
+names the record (exit 1). Crowd annotations (iscrowd 1) are skipped, as torchvision's
+detectors cannot learn from them.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from finetune_trainer.config import DatasetSpec
+from finetune_trainer.data import TEST, TRAIN, VALIDATION, LabelledData, split, split_of
+from finetune_trainer.errors import DataError
+from finetune_trainer.uris import fetch
+
+log = logging.getLogger(__name__)
+
+ANNOTATIONS = "annotations.json"
+EDGE_TOLERANCE = 1.0  # pixels a box may overhang its image (rounding in exporters); it is clipped
+SHOWN_PROBLEMS = 5
+
+
+@dataclass
+class Annotated:
+    """One image and its boxes, [x0, y0, x1, y1] in pixels, with class ids 1..K (0 is the background)."""
+
+    path: str
+    width: int
+    height: int
+    boxes: list[list[float]] = field(default_factory=list)
+    labels: list[int] = field(default_factory=list)
+
+
+def load_coco(spec: DatasetSpec, seed: int) -> LabelledData:
+    """The train, validation and test splits (Split.inputs hold `Annotated` records) and the label map
+    {class id: category name}, class ids 1..K in the order of the category ids."""
+    path = fetch(spec.uri, kind="dataset", repo_type="dataset", error=DataError)
+    files = annotation_files(path)
+    docs = {name: read_json(file) for name, file in files.items()}
+    categories = category_names(docs, files)
+    class_of = {cid: i + 1 for i, cid in enumerate(sorted(categories))}
+    records = {name: records_of(docs[name], files[name], categories, class_of) for name in files}
+    if not records[TRAIN]:
+        raise DataError(f"dataset {spec.uri}: {files[TRAIN]} lists no image")
+    train, validation, test = split(records, dict.fromkeys(records), spec, seed)
+    id2label = {class_of[cid]: categories[cid] for cid in sorted(categories)}
+    boxes = sum(len(r.boxes) for r in train.inputs)
+    log.info("dataset %s (coco; splits given: %s): %d train images (%d boxes), %d validation, %d test, %d categories",
+             spec.uri, ", ".join(files), len(train.inputs), boxes, len(validation.inputs), len(test.inputs),
+             len(id2label))
+    return LabelledData(train=train, validation=validation, test=test, id2label=id2label)
+
+
+def annotation_files(path: Path) -> dict[str, Path]:
+    """The annotations JSON of each split the dataset names (train first)."""
+    if path.is_file():
+        return {TRAIN: path}
+    if (path / ANNOTATIONS).is_file():
+        return {TRAIN: path / ANNOTATIONS}
+    by_split: dict[str, Path] = {}
+    for file in sorted(path.glob("*.json")):
+        if (name := split_of(file.name)) and name not in by_split:
+            by_split[name] = file
+    if TRAIN not in by_split:
+        raise DataError(f"dataset {path}: no {ANNOTATIONS} and no train JSON (train.json, val.json, test.json) "
+                        "in the folder; point dataset.uri at the annotations JSON")
+    return {name: by_split[name] for name in (TRAIN, VALIDATION, TEST) if name in by_split}
+
+
+def read_json(file: Path) -> dict[str, Any]:
+    try:
+        doc = json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise DataError(f"{file}: not valid JSON ({exc})") from exc
+    missing = [key for key in ("images", "annotations", "categories") if not isinstance(doc, dict)
+               or not isinstance(doc.get(key), list)]
+    if missing:
+        raise DataError(f"{file}: not a COCO annotations file: no list {', '.join(map(repr, missing))}")
+    return doc
+
+
+def category_names(docs: dict[str, dict[str, Any]], files: dict[str, Path]) -> dict[int, str]:
+    """Category id -> name; every split must list the same categories (a class id must mean one thing)."""
+    seen: dict[int, str] | None = None
+    for name, doc in docs.items():
+        categories: dict[int, str] = {}
+        for i, cat in enumerate(doc["categories"]):
+            if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or not isinstance(cat.get("name"), str):
+                raise DataError(f"{files[name]}: categories[{i}] needs an integer id and a name, got {cat!r}")
+            categories[cat["id"]] = cat["name"]
+        if not categories:
+            raise DataError(f"{files[name]}: no categories")
+        if seen is not None and categories != seen:
+            raise DataError(f"{files[name]}: its categories differ from those of {files[TRAIN]}")
+        seen = categories
+    assert seen is not None
+    return seen
+
+
+def records_of(doc: dict[str, Any], file: Path, categories: dict[int, str],
+               class_of: dict[int, int]) -> list[Annotated]:
+    """The images with their boxes; every problem found is collected, the first few raised together."""
+    problems: list[str] = []
+    images: dict[int, Annotated] = {}
+    bad: set[Any] = set()  # images already reported: their annotations would only repeat the problem
+    for i, image in enumerate(doc["images"]):
+        record = image_record(image, i, file, problems)
+        if record is not None:
+            images[image["id"]] = record
+        elif isinstance(image, dict):
+            bad.add(image.get("id"))
+    crowd = 0
+    for i, ann in enumerate(doc["annotations"]):
+        if isinstance(ann, dict) and (ann.get("iscrowd") == 1 or ann.get("image_id") in bad):
+            crowd += ann.get("iscrowd") == 1
+            continue
+        add_box(ann, i, images, categories, class_of, problems)
+    if problems:
+        more = f" (and {len(problems) - SHOWN_PROBLEMS} more)" if len(problems) > SHOWN_PROBLEMS else ""
+        raise DataError(f"{file}: {len(problems)} bad record(s){more}: " + "; ".join(problems[:SHOWN_PROBLEMS]))
+    if crowd:
+        log.warning("%s: skipped %d crowd annotation(s) (iscrowd 1)", file, crowd)
+    return list(images.values())
+
+
+def image_record(image: Any, i: int, file: Path, problems: list[str]) -> Annotated | None:
+    from PIL import Image
+
+    if not (isinstance(image, dict) and isinstance(image.get("id"), int) and isinstance(image.get("file_name"), str)):
+        problems.append(f"images[{i}] needs an integer id and a file_name")
+        return None
+    where = f"image {image['id']} ({image['file_name']!r})"
+    candidates = [file.parent / image["file_name"], file.parent / "images" / image["file_name"]]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        problems.append(f"{where}: no file at {' or '.join(map(str, candidates))}")
+        return None
+    try:
+        with Image.open(path) as opened:
+            size = opened.size
+    except OSError as exc:
+        problems.append(f"{where}: not an image ({exc})")
+        return None
+    declared = (image.get("width", size[0]), image.get("height", size[1]))
+    if declared != size:
+        problems.append(f"{where}: declared {declared[0]}x{declared[1]} but the file is {size[0]}x{size[1]}")
+        return None
+    return Annotated(str(path), size[0], size[1])
+
+
+def add_box(ann: Any, i: int, images: dict[int, Annotated], categories: dict[int, str], class_of: dict[int, int],
+            problems: list[str]) -> None:
+    if not isinstance(ann, dict):
+        problems.append(f"annotations[{i}] is not an object")
+        return
+    where = f"annotation {ann.get('id', f'[{i}]')} (image {ann.get('image_id')})"
+    image = images.get(ann.get("image_id"))  # type: ignore[arg-type]
+    if image is None:
+        problems.append(f"{where}: no image with that id")
+        return
+    if ann.get("category_id") not in categories:
+        known = ", ".join(f"{k} ({v})" for k, v in sorted(categories.items()))
+        problems.append(f"{where}: unknown category_id {ann.get('category_id')!r}; the categories are {known}")
+        return
+    bbox = ann.get("bbox")
+    if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
+        problems.append(f"{where}: bbox must be [x, y, width, height], got {bbox!r}")
+        return
+    x, y, w, h = map(float, bbox)
+    if w <= 0 or h <= 0:
+        problems.append(f"{where}: bbox {bbox} has no area")
+        return
+    t = EDGE_TOLERANCE
+    if x < -t or y < -t or x + w > image.width + t or y + h > image.height + t:
+        problems.append(f"{where}: bbox {bbox} lies outside its {image.width}x{image.height} image")
+        return
+    image.boxes.append([max(x, 0.0), max(y, 0.0), min(x + w, image.width), min(y + h, image.height)])
+    image.labels.append(class_of[ann["category_id"]])

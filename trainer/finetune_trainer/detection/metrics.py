@@ -1,0 +1,48 @@
+"""Stage 5 for detectors: COCO mAP (IoU 0.5:0.95), mAP@50, mAP@75 and per-class AP, computed by
+torchmetrics' MeanAveragePrecision with pycocotools (the reference COCO evaluation) behind it.
+
+Each rank scores its share of the batches; torchmetrics gathers the detections of all ranks
+before computing, so every rank returns the same numbers. Boxes are compared in the resized
+input's pixels, where the detector sees them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import nn
+
+from finetune_trainer.batches import Batch, Encoded, eval_batches
+from finetune_trainer.config import Metric
+from finetune_trainer.distributed import World
+from finetune_trainer.train import unwrap
+
+KEYS = {Metric.MAP: "map", Metric.MAP50: "map_50", Metric.MAP75: "map_75"}
+
+
+@torch.no_grad()
+def evaluate_detector(model: nn.Module, data: Encoded, collate: Callable[[Encoded, list[int]], Batch],
+                      metrics: list[Metric], batch_size: int, world: World, id2label: dict[int, str],
+                      dtype: torch.dtype | None = None) -> tuple[dict[str, float], dict[str, float]]:
+    """The requested metrics, and AP per category name (categories without a box in the split left out)."""
+    from torchmetrics.detection import MeanAveragePrecision
+
+    model = unwrap(model)
+    was_training = model.training
+    model.eval()
+    scorer = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True,
+                                  backend="pycocotools").to(world.device)
+    for idx in eval_batches(data.lengths, batch_size, world.rank, world.size):
+        batch = collate(data, idx).to(world.device)
+        with torch.autocast(world.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            detections = model(batch.inputs["pixel_values"])
+        boxes, labels = batch.inputs["boxes"], batch.inputs["box_labels"]
+        scorer.update([{k: v.float() if v.is_floating_point() else v for k, v in d.items()} for d in detections],
+                      [{"boxes": b[lab >= 0], "labels": lab[lab >= 0]} for b, lab in zip(boxes, labels)])
+    model.train(was_training)
+    result = scorer.compute()
+    values = {m.value: max(0.0, float(result[KEYS[m]])) for m in metrics}  # -1 means no box to score at all
+    classes = result["classes"].reshape(-1).tolist()
+    per_class = result["map_per_class"].reshape(-1).tolist()
+    return values, {id2label.get(int(c), str(c)): float(ap) for c, ap in zip(classes, per_class) if ap >= 0}

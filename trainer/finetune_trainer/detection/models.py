@@ -1,0 +1,173 @@
+"""torchvision's detectors (Faster R-CNN, RetinaNet, FCOS, SSD/SSDlite) called like the other models:
+keyword tensors in; the summed training loss out in train mode, detections in eval mode.
+
+Class ids are 1..K for the dataset's categories and 0 for the background, as in torchvision's
+COCO weights, so a detector of K categories has K + 1 classes. `resize_head` (rearrange)
+replaces the classification layers when that count differs from the dataset's.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from finetune_trainer.config import ModelSpec
+from finetune_trainer.errors import ModelError
+from finetune_trainer.uris import fetch
+
+log = logging.getLogger(__name__)
+
+PRIOR_PROBABILITY = 0.01  # RetinaNet's and FCOS's initial foreground probability (focal loss paper, 3.3)
+
+
+class Detector(nn.Module):
+    """A torchvision detector over padded batch tensors: pixel_values (B, 3, H, W) in 0..1, boxes (B, M, 4) as
+    [x0, y0, x1, y1] pixels and box_labels (B, M), where a label below 0 pads."""
+
+    def __init__(self, net: nn.Module, architecture: str, image_size: int, builder_kwargs: dict[str, Any]) -> None:
+        super().__init__()
+        self.net = net
+        self.architecture = architecture
+        self.image_size = image_size
+        self.builder_kwargs = builder_kwargs
+        set_input_size(net, image_size)
+
+    def forward(self, pixel_values: torch.Tensor, boxes: torch.Tensor | None = None,
+                box_labels: torch.Tensor | None = None) -> Any:
+        images = list(pixel_values)
+        if not self.training:
+            return self.net(images)
+        assert boxes is not None and box_labels is not None, "training needs boxes and box_labels"
+        targets = [{"boxes": b[lab >= 0], "labels": lab[lab >= 0]} for b, lab in zip(boxes, box_labels)]
+        return sum(self.net(images, targets).values())  # the loss terms, each averaged over the batch
+
+
+def set_input_size(net: nn.Module, size: int) -> None:
+    """Batches arrive resized to size x size; the detector's own transform must leave them so (SSD's fixed 320
+    included: its default boxes follow the feature maps of whatever size comes in)."""
+    transform = net.transform
+    transform.min_size, transform.max_size = (size,), size
+    if transform.fixed_size is not None:
+        transform.fixed_size = (size, size)
+
+
+def detection_architectures() -> list[str]:
+    import torchvision
+
+    return [name for name in torchvision.models.list_models(torchvision.models.detection)
+            if name.startswith(("fasterrcnn", "retinanet", "fcos", "ssd"))]
+
+
+def load_detector(spec: ModelSpec, image_size: int) -> Detector:
+    """Build `spec.architecture` with random weights (no download), then load the weights at `spec.uri`: a
+    torchvision state dict (.pth/.pt/.safetensors) or a folder holding one (an export of ours included)."""
+    import torchvision
+
+    from finetune_trainer.models import read_state_dict, weight_file
+
+    architecture = spec.architecture or ""
+    if architecture not in detection_architectures():
+        raise ModelError(f"model.architecture {architecture!r}: not a torchvision detector; one of "
+                         f"{', '.join(detection_architectures())}")
+    path = None if spec.uri is None else fetch(spec.uri, kind="model", error=ModelError)
+    kwargs = dict(spec.config)
+    if path is not None and (exported := path / "config.json").is_file():  # ours: its classes and settings
+        saved = json.loads(exported.read_text())
+        kwargs = saved.get("config", {}) | {"num_classes": saved["numLabels"] + 1} | kwargs
+    try:
+        net = torchvision.models.get_model(architecture, weights=None, weights_backbone=None, **kwargs)
+    except (TypeError, ValueError) as exc:
+        raise ModelError(f"model.config {spec.config}: {architecture} does not take it ({exc})") from exc
+    if path is not None:
+        try:
+            net.load_state_dict(read_state_dict(weight_file(path)))
+        except RuntimeError as exc:
+            raise ModelError(f"model {spec.uri}: its weights do not fit {architecture} with {class_count(net)} "
+                             f"classes (set model.config.num_classes to the checkpoint's; {exc})"[:2000]) from exc
+    return Detector(net, architecture, image_size, kwargs)
+
+
+def load_exported(folder: Path) -> Detector:
+    """A detector as `export` wrote it: config.json (architecture, classes, input size) and model.safetensors."""
+    saved = json.loads((folder / "config.json").read_text())
+    spec = ModelSpec(task="object-detection", architecture=saved["architecture"], uri=str(folder.resolve()))
+    return load_detector(spec, saved["imageSize"])
+
+
+def classifier_name(net: nn.Module) -> str:
+    """The module that scores the classes: Faster R-CNN's box predictor, the one-stage detectors' class head."""
+    if hasattr(net, "roi_heads"):
+        return "roi_heads.box_predictor"
+    return "head.classification_head"
+
+
+def head_prefix(net: nn.Module) -> str:
+    """What `all-but-head` trains: the second stage of a Faster R-CNN, the head of a one-stage detector."""
+    return "roi_heads" if hasattr(net, "roi_heads") else "head"
+
+
+def backbone_units(net: nn.Module) -> list[str]:
+    """The backbone's stages, bottom to top, for bottom-layers freezing and layer-wise decay; its stem counts as
+    below them, and the neck and heads as above them."""
+    name = "body" if hasattr(net.backbone, "body") else "features"
+    body = net.backbone.get_submodule(name)
+    stages = [n for n, c in body.named_children() if any(True for _ in c.parameters())]
+    if len(stages) <= 2:  # SSDlite cuts its MobileNet in two at the feature map it taps: their blocks are the stages
+        stages = [f"{n}.{m}" for n in stages for m, c in body.get_submodule(n).named_children()
+                  if any(True for _ in c.parameters())]
+    return [f"net.backbone.{name}.{stage}" for stage in stages[1:]]
+
+
+def class_count(net: nn.Module) -> int:
+    """Classes the detector scores, the background included."""
+    head = net.get_submodule(classifier_name(net))
+    if hasattr(head, "cls_score"):
+        return head.cls_score.out_features
+    return getattr(head, "num_classes", None) or head.num_columns  # SSD's scoring head says num_columns
+
+
+def resize_head(detector: Detector, num_classes: int, reinitialize: bool) -> bool:
+    """Fresh classification layers for `num_classes` (background included) when the count differs or when asked;
+    the box regression stays (it is class-agnostic except in Faster R-CNN, whose predictor is replaced whole)."""
+    net = detector.net
+    old = class_count(net)
+    if old == num_classes and not reinitialize:
+        return False
+    if hasattr(net, "roi_heads"):
+        from torchvision.models.detection.faster_rcnn import FastRCNNPredictor
+
+        predictor = net.roi_heads.box_predictor
+        fresh = FastRCNNPredictor(predictor.cls_score.in_features, num_classes)
+        net.roi_heads.box_predictor = fresh.to(predictor.cls_score.weight.device)
+    else:
+        head = net.head.classification_head
+        convs = [head.cls_logits] if hasattr(head, "cls_logits") else [last_conv(m) for m in head.module_list]
+        for conv in convs:
+            replace_conv(net, conv, conv.out_channels // old * num_classes)
+        if hasattr(head, "num_classes"):
+            head.num_classes = num_classes
+        else:
+            head.num_columns = num_classes
+    log.info("new detection head %s: %d -> %d classes (background included)", classifier_name(net), old, num_classes)
+    return True
+
+
+def last_conv(module: nn.Module) -> nn.Conv2d:
+    return [m for m in module.modules() if isinstance(m, nn.Conv2d)][-1]
+
+
+def replace_conv(net: nn.Module, conv: nn.Conv2d, out_channels: int) -> None:
+    fresh = nn.Conv2d(conv.in_channels, out_channels, conv.kernel_size, conv.stride, conv.padding,
+                      groups=conv.groups, bias=conv.bias is not None)
+    nn.init.normal_(fresh.weight, std=0.01)
+    if fresh.bias is not None:  # start every class at the prior, so that the focal loss starts calm
+        nn.init.constant_(fresh.bias, -math.log((1 - PRIOR_PROBABILITY) / PRIOR_PROBABILITY))
+    name = next(n for n, m in net.named_modules() if m is conv)
+    parent, _, leaf = name.rpartition(".")
+    setattr(net.get_submodule(parent), leaf, fresh.to(conv.weight.device))

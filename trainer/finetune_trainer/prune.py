@@ -1,0 +1,215 @@
+"""How much each transformer layer and attention head matters, and the removal of the layers that matter least.
+
+Layers are scored by Block Influence (Men et al. 2024, "ShortGPT: Layers in Large Language Models are More
+Redundant Than You Expect"): BI_i = 1 - mean over real tokens of cos(x_i, x_i+1), between the hidden states
+that enter and leave layer i. A layer that hardly turns its input scores near 0 and is the first to go.
+
+Heads are scored as Michel et al. 2019 ("Are Sixteen Heads Really Better than One?") do: a gate xi_h = 1
+multiplies head h's output where the heads are concatenated (the input of the attention's output projection),
+and I_h = mean over samples of |dL/dxi_h|. Only the gates get gradients: the weights' would cost a full
+model's gradient memory, which a LoRA job must not need (the analysis probe's rule).
+
+Removing layers keeps the model a standard transformers model: the layer list is shortened and the config's
+layer count follows, so `from_pretrained` rebuilds the smaller model from the exported files. Heads are scored
+only: transformers 5 has no per-layer head count (its `prune_heads` is gone), so a model without some heads
+would not reload with the standard classes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from finetune_trainer.batches import Batch
+from finetune_trainer.config import PruneSpec, Task
+from finetune_trainer.errors import ConfigError
+from finetune_trainer.models import logits_of
+from finetune_trainer.structure import layer_units, lora_types
+
+log = logging.getLogger(__name__)
+
+LAYER_MEASURE = "block-influence (Men et al. 2024)"
+HEAD_MEASURE = "head-mask gradient (Michel et al. 2019)"
+# Where the heads meet: the attention's output projection in BERT-like, GPT-2, Llama-like and ViT-like models.
+OUTPUT_PROJECTIONS = ("attention.output.dense", "attn.c_proj", "self_attn.o_proj", "self_attn.out_proj",
+                      "attention.dense", "attn.out_proj")
+LATENCY_BATCHES = 8
+LATENCY_ROUNDS = 3
+
+
+def layer_stack(model: nn.Module, task: Task) -> tuple[str, nn.ModuleList] | None:
+    """The transformer's list of layers and its name, or None for a model without one (a CNN)."""
+    if task == Task.IMAGE_CLASSIFICATION:
+        return None
+    units = layer_units(model, task)
+    prefix = units[0].rpartition(".")[0] if units else ""
+    stack = model.get_submodule(prefix) if prefix else None
+    return (prefix, stack) if isinstance(stack, nn.ModuleList) else None
+
+
+def output_projection(layer: nn.Module) -> nn.Module | None:
+    return next((m for name, m in layer.named_modules() if name.endswith(OUTPUT_PROJECTIONS)
+                 and isinstance(m, lora_types())), None)
+
+
+def importance(model: nn.Module, batches: list[Batch], task: Task, labels_fit: bool,
+               dtype: torch.dtype | None = None) -> dict[str, Any] | None:
+    """Block Influence of each layer and the head-mask importance of each head (when the model's heads can be
+    found) over `batches`, bottom layer first. The heads' loss is the task's own when the labels fit the model
+    (causal-lm, or a head already sized for the dataset); else the analysis' label-free probe loss, which a
+    classifier head that rearrange replaces makes a rough guide."""
+    found = layer_stack(model, task)
+    if found is None:
+        return None
+    _, layers = found
+    heads = getattr(getattr(model, "config", None), "num_attention_heads", None)
+    projections = [output_projection(layer) for layer in layers]
+    gated = isinstance(heads, int) and all(p is not None for p in projections)
+    device = next(model.parameters()).device
+    was_training = model.training
+    requires = [p.requires_grad for p in model.parameters()]
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    turned = torch.zeros(len(layers), dtype=torch.float64, device=device)
+    head_grads = torch.zeros(len(layers), heads if gated else 0, dtype=torch.float64, device=device)
+    tokens = samples = 0
+    state: dict[str, Any] = {}
+
+    def measure_turn(i: int) -> Any:
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+            before = args[0] if args else kwargs.get("hidden_states")
+            after = output[0] if isinstance(output, tuple) else output
+            if not (isinstance(before, torch.Tensor) and isinstance(after, torch.Tensor)
+                    and before.shape == after.shape and before.shape[:-1] == state["mask"].shape):
+                state["unscored"] = True  # not a stack of hidden states: say nothing rather than something wrong
+                return
+            cos = F.cosine_similarity(before.detach().float(), after.detach().float(), dim=-1)
+            turned[i] += ((1 - cos) * state["mask"]).sum()
+        return hook
+
+    def gate(i: int) -> Any:
+        def hook(module: nn.Module, args: tuple) -> tuple | None:
+            x = args[0]
+            if x.shape[-1] % heads or x.shape[0] != state["gates"].shape[0]:
+                state["ungated"] = True
+                return None
+            g = state["gates"][:, i].to(x.dtype)  # [samples, heads]
+            x = (x.unflatten(-1, (heads, -1)) * g.view(g.shape[0], *[1] * (x.dim() - 2), heads, 1)).flatten(-2)
+            return (x, *args[1:])
+        return hook
+
+    handles = [layer.register_forward_hook(measure_turn(i), with_kwargs=True) for i, layer in enumerate(layers)]
+    if gated:
+        handles += [p.register_forward_pre_hook(gate(i)) for i, p in enumerate(projections)]
+    try:
+        for batch in batches:
+            ids = next(iter(batch.inputs.values()))
+            mask = batch.inputs.get("attention_mask")
+            state["mask"] = (mask if mask is not None else torch.ones(ids.shape[:2], device=device)).float()
+            state["gates"] = torch.ones(ids.shape[0], len(layers), max(heads if gated else 1, 1), device=device,
+                                        requires_grad=gated)
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None), \
+                    torch.set_grad_enabled(gated):
+                logits = logits_of(model, batch.inputs)
+            tokens += int(state["mask"].sum())
+            samples += ids.shape[0]
+            if gated and logits.requires_grad:
+                per_sample_loss(logits, batch, task, labels_fit).sum().backward()
+                head_grads += state["gates"].grad.abs().sum(0).double()
+    finally:
+        for handle in handles:
+            handle.remove()
+        for p, flag in zip(model.parameters(), requires):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    if state.get("unscored"):
+        return None
+    out: dict[str, Any] = {"layers": {"measure": LAYER_MEASURE, "scores": (turned / max(tokens, 1)).tolist()}}
+    if gated and not state.get("ungated"):
+        out["heads"] = {"measure": HEAD_MEASURE, "loss": "task" if labels_fit else "label-free probe",
+                        "scores": (head_grads / max(samples, 1)).tolist()}
+    return out
+
+
+def per_sample_loss(logits: torch.Tensor, batch: Batch, task: Task, labels_fit: bool) -> torch.Tensor:
+    """Each sample's loss, so that a gate's gradient can be taken per sample (Michel et al. sum |grad| over them)."""
+    logits = logits.float()
+    if task == Task.CAUSAL_LM:
+        token = F.cross_entropy(logits[:, :-1].transpose(1, 2), batch.labels[:, 1:], ignore_index=-100,
+                                reduction="none")
+        return token.sum(1) / (batch.labels[:, 1:] != -100).sum(1).clamp(min=1)
+    if labels_fit:
+        return F.cross_entropy(logits, batch.labels, reduction="none")
+    return logits.logsumexp(-1)  # as analyze.probe_loss: every output counts, no label needed
+
+
+def chosen_layers(scores: list[float], spec: PruneSpec) -> list[int]:
+    """The layers to remove: the `count` (or `fraction`, rounded half up) lowest-scoring, or all below `threshold`.
+    At least one layer must stay."""
+    order = sorted(range(len(scores)), key=lambda i: (scores[i], i))
+    if spec.threshold is not None:
+        drop = [i for i in order if scores[i] < spec.threshold]
+        field = f"rearrange.prune.threshold {spec.threshold}"
+    else:
+        k = spec.count if spec.count is not None else math.floor(spec.fraction * len(scores) + 0.5)
+        drop = order[:k]
+        field = (f"rearrange.prune.count {spec.count}" if spec.count is not None
+                 else f"rearrange.prune.fraction {spec.fraction}")
+    if len(drop) >= len(scores):
+        raise ConfigError(f"{field} would remove all {len(scores)} layers of the model; keep at least one")
+    return sorted(drop)
+
+
+def remove_layers(model: nn.Module, task: Task, drop: list[int]) -> None:
+    """Take the layers `drop` out of the model's layer list, in place, and make its config say so."""
+    found = layer_stack(model, task)
+    if found is None:
+        raise ConfigError(f"rearrange.prune: a {task.value} model has no stack of transformer layers to prune")
+    prefix, layers = found
+    kept = nn.ModuleList(layer for i, layer in enumerate(layers) if i not in drop)
+    model.set_submodule(prefix, kept)
+    for i, layer in enumerate(kept):  # attention caches are indexed by layer (GPT-2, Llama)
+        for module in layer.modules():
+            if isinstance(getattr(module, "layer_idx", None), int):
+                module.layer_idx = i
+    config = getattr(model, "config", None)
+    if config is not None:
+        config.num_hidden_layers = len(kept)  # GPT-2's n_layer through its attribute_map
+        if isinstance(getattr(config, "layer_types", None), list):
+            config.layer_types = [t for i, t in enumerate(config.layer_types) if i not in drop]
+    log.info("pruned layers %s of %s (%d left)", drop, prefix, len(kept))
+
+
+def parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())
+
+
+@torch.no_grad()
+def latency_ms(model: nn.Module, batches: list[Batch]) -> float:
+    """Milliseconds of one forward pass per batch (the median of a few rounds over `batches`, after a warm-up
+    pass), in eval mode: what serving the model costs on this device."""
+    was_training = model.training
+    model.eval()
+    logits_of(model, batches[0].inputs)
+    rounds = []
+    for _ in range(LATENCY_ROUNDS):
+        start = time.perf_counter()
+        for batch in batches:
+            logits_of(model, batch.inputs)
+        if batches[0].labels.is_cuda:
+            torch.cuda.synchronize()
+        rounds.append((time.perf_counter() - start) * 1000 / len(batches))
+    model.train(was_training)
+    return statistics.median(rounds)
+
+
+def footprint(model: nn.Module, batches: list[Batch]) -> dict[str, float]:
+    return {"parameters": parameters(model), "latency_ms": latency_ms(model, batches)}
