@@ -14,6 +14,7 @@ import time
 from datetime import datetime, timezone
 from typing import Any
 
+import aiohttp
 import kopf
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
@@ -27,6 +28,7 @@ log = logging.getLogger("finetune_operator")
 PREFIX = "finetune.dev"
 FINALIZER = f"{PREFIX}/finalizer"
 HANDLER_THREADS = 16  # kopf runs the sync handlers in a pool of this size
+API_CONNECTIONS = 32  # kopf's requests at once (patches, Events), besides its watch streams
 
 
 class Clients:
@@ -307,9 +309,22 @@ def _record(body: kopf.Body, seen: reconcile.Observed, decision: reconcile.Decis
         metrics.FAILURES.labels(reason=after[T.FAILED]["reason"]).inc()
 
 
-def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
-    """In a pod its ServiceAccount, else $KUBECONFIG: what the kubernetes client finds, kopf uses too."""
-    return kopf.login_via_client(**kwargs)
+async def login(memo: kopf.Memo, **kwargs: Any) -> kopf.AiohttpSession | None:
+    """In a pod its ServiceAccount, else $KUBECONFIG: what the kubernetes client finds, kopf uses too.
+
+    Through a session of our own, for its bounded connection pool: kopf's own allows any number of connections,
+    and a burst of status patches and Events opened hundreds of TLS connections at once (about 0.4 MB each: most
+    of the operator's memory with a thousand jobs). The watch streams hold one connection each, so they count."""
+    info = kopf.login_via_client(memo=memo, **kwargs)
+    if info is None:
+        return None
+    settings: Settings = memo.settings
+    watches = 3 * max(1, len(settings.namespaces))  # FineTuneJobs, Jobs and pods in each watched namespace
+    session = aiohttp.ClientSession(
+        connector=aiohttp.TCPConnector(limit=watches + API_CONNECTIONS, ssl=info.as_ssl_context()),
+        headers=info.as_http_headers(), auth=info.as_aiohttp_basic_auth())
+    return kopf.AiohttpSession(aiohttp_session=session, server=info.server, default_namespace=info.default_namespace,
+                               priority=info.priority, expiration=info.expiration)
 
 
 def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
