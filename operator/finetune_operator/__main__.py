@@ -38,8 +38,9 @@ def run(args: argparse.Namespace) -> int:
     """The operator: reconcile FineTuneJobs until interrupted (kopf's signal handling stops it cleanly)."""
     import kopf
 
-    from finetune_operator import handlers, settings
+    from finetune_operator import handlers, malloc, settings
 
+    malloc.limit_arenas()
     ours = settings.from_arguments(args)
     registry = kopf.OperatorRegistry()
     handlers.register(registry, ours)

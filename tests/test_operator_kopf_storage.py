@@ -1,0 +1,60 @@
+"""What the operator changes in kopf's machinery keeps kopf's semantics: the diff base and the malloc arenas."""
+
+from __future__ import annotations
+
+import copy
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import kopf
+import yaml
+
+from finetune_operator.diffbase import SpecDiffBase
+from finetune_operator.handlers import PREFIX
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "examples" / "minilm-sentiment.yaml"
+
+
+def live_body() -> dict[str, Any]:
+    """An example FineTuneJob as a watch delivers it: server metadata, managedFields, kopf's annotations, status."""
+    body = yaml.safe_load(EXAMPLE.read_text())
+    body["metadata"] |= {
+        "namespace": "team-a", "uid": "0d9c", "resourceVersion": "812", "generation": 1,
+        "creationTimestamp": "2026-12-01T10:00:00Z", "finalizers": [f"{PREFIX}/finalizer"],
+        "labels": {"team": "nlp"},
+        "annotations": {"note": "kept", f"{PREFIX}/last-handled-configuration": json.dumps({"spec": {}}),
+                        f"{PREFIX}/reconcile": json.dumps({"started": "2026-12-01T10:00:01"})},
+        "managedFields": [{"manager": "kubectl", "operation": "Apply", "fieldsType": "FieldsV1",
+                           "fieldsV1": {"f:spec": {"f:model": {}}}}],
+    }
+    body["status"] = {"phase": "Running", "attempts": 1, "conditions": [{"type": "Running", "status": "True"}]}
+    return body
+
+
+def test_the_light_diff_base_builds_kopfs_essence() -> None:
+    body = live_body()
+    before = copy.deepcopy(body)
+    ours = SpecDiffBase(prefix=PREFIX).build(body=kopf.Body(body))
+    theirs = kopf.AnnotationsDiffBaseStorage(prefix=PREFIX).build(body=kopf.Body(body))
+    assert ours == theirs
+    assert ours["spec"] == before["spec"] and ours["metadata"]["labels"] == {"team": "nlp"}
+    assert "status" not in ours and "managedFields" not in ours.get("metadata", {})
+    ours["spec"]["model"]["source"] = "changed"  # the essence is a copy: the watched body is untouched
+    assert body == before
+
+
+def test_the_light_diff_base_defers_to_kopf_for_extra_fields() -> None:
+    body = kopf.Body(live_body())
+    fields = [("status", "phase")]
+    assert SpecDiffBase(prefix=PREFIX).build(body=body, extra_fields=fields) == \
+        kopf.AnnotationsDiffBaseStorage(prefix=PREFIX).build(body=body, extra_fields=fields)
+
+
+def test_malloc_arenas_are_limited_on_glibc() -> None:
+    """Run in a fresh interpreter: mallopt changes the process for good."""
+    code = "from finetune_operator import malloc; print(malloc.limit_arenas())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
