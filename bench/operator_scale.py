@@ -4,7 +4,10 @@
   directly, side by side in one run, on the same cluster, in an order that rotates between rounds. kwok's GPU
   nodes run the pods (ready at once, complete 1–5 s later), so the operator and the control plane are what is
   measured. One watch observes both sides' Jobs, so both clocks stop the same way.
-- Memory: the operator's RSS, sampled every 0.5 s, and its CPU seconds.
+- Creates alone: the same N FineTuneJobs created in a namespace no operator watches, before each round's pair: the
+  apiserver's own share of the operator side's time (its schema and CEL validation), which no operator can remove.
+- Memory: the operator's RSS, sampled every 0.5 s, and its CPU seconds; and with --live-jobs FineTuneJobs held live
+  (pods that run for an hour), its RSS and CPU once every one has its child Job.
 - Freshness: real trainer pods on the process node; the bench reads each rank 0's /metrics every 0.1 s and the
   FineTuneJob's status, and times each status step from the moment the pod first reported it.
 - --profile: py-spy samples the operator during the largest burst (its top functions go into the report).
@@ -47,6 +50,7 @@ from operator_fixture import ASSETS, claim, free_port, install_crd, kwok_claim, 
 
 STATE = REPO / ".cluster-bench"
 NAMESPACE = "scale"
+UNWATCHED = "scale-unwatched"  # FineTuneJobs no operator sees: what their creates cost the apiserver alone
 GPU_NODES, GPUS_PER_NODE = 10, 64  # room for 640 pods at once besides kwok-gpu-0/1
 POLL_SECONDS = Settings.model_fields["poll_seconds"].default
 
@@ -59,10 +63,10 @@ def gpu_nodes() -> list[dict[str, Any]]:
                      "status": {"capacity": capacity, "allocatable": capacity}} for i in range(GPU_NODES)]
 
 
-def gpu_job(name: str) -> dict[str, Any]:
+def gpu_job(name: str, runs_for: str = "1s", up_to: str = "5s") -> dict[str, Any]:
     """A FineTuneJob as a GPU cluster runs it: hub model and data, a results claim, one GPU per worker; kwok's
     pod completes 1–5 s after it is ready (kwok's default for its stage)."""
-    doc = kwok_job(name, f"pvc://results/{name}", runs_for="1s", up_to="5s")
+    doc = kwok_job(name, f"pvc://results/{name}", runs_for=runs_for, up_to=up_to)
     doc["metadata"]["namespace"] = NAMESPACE
     return doc
 
@@ -242,6 +246,43 @@ def burst(c: Cluster, side: str, n: int, clients: int, tag: str, sampler: Sample
     return result
 
 
+def creates_alone(c: Cluster, n: int, clients: int, tag: str) -> dict[str, Any]:
+    """N FineTuneJobs created as the operator side creates them, in a namespace no operator watches: the part of
+    that side's time that is the apiserver's (schema and CEL validation, storage), whatever the operator does."""
+    objects = [gpu_job(f"{tag}-{i:04d}") | {"metadata": {"name": f"{tag}-{i:04d}", "namespace": UNWATCHED}}
+               for i in range(n)]
+    load = os.getloadavg()[0]
+    started = time.monotonic()
+    _create_all(objects, lambda o: c.custom.create_namespaced_custom_object(
+        api.GROUP, api.VERSION, UNWATCHED, api.PLURAL, o), clients)
+    seconds = time.monotonic() - started
+    c.custom.delete_collection_namespaced_custom_object(api.GROUP, api.VERSION, UNWATCHED, api.PLURAL)
+    return {"n": n, "load_before": load, "create_calls_s": seconds}
+
+
+def live(c: Cluster, n: int, clients: int, sampler: Sampler, settle: float) -> dict[str, Any]:
+    """N FineTuneJobs whose pods run for an hour: once each has its child Job, the operator's RSS and CPU while it
+    keeps them all (those beyond the GPUs wait, unschedulable), over `settle` seconds."""
+    names = [f"live-{i:04d}" for i in range(n)]
+    jobs = Watch(c.batch.list_namespaced_job, _job_complete, namespace=NAMESPACE)
+    jobs.start()
+    started = time.monotonic()
+    _create_all([gpu_job(name, runs_for="3600s", up_to="3600s") for name in names],
+                lambda o: c.custom.create_namespaced_custom_object(api.GROUP, api.VERSION, NAMESPACE, api.PLURAL, o),
+                clients)
+    wanted = [children.child_name(m, 1) for m in names]
+    ready = _wait(f"{n} child Jobs", lambda: all(w in jobs.seen for w in wanted), 900)
+    jobs.stop.set()
+    settled = time.monotonic()
+    time.sleep(settle)
+    window = [s for s in sampler.samples if s[0] >= settled]
+    rss = [s[1] for s in window]
+    return {"n": n, "all_children": ready, "all_children_s": settled - started, "settle_s": settle,
+            "load": os.getloadavg()[0], "rss_median_mb": statistics.median(rss) if rss else None,
+            "rss_max_mb": max(rss, default=None),
+            "cpu_per_s": (window[-1][2] - window[0][2]) / (window[-1][0] - window[0][0]) if len(window) > 1 else None}
+
+
 def _succeeded(c: Cluster, side: str) -> int:
     if side == "operator":
         items = c.custom.list_namespaced_custom_object(api.GROUP, api.VERSION, NAMESPACE, api.PLURAL)["items"]
@@ -336,6 +377,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     kube = Kube(cluster.kubeconfig, cluster.bin_dir, cluster.state)
     c = Cluster(cluster.kubeconfig)
     kube.kubectl("create", "namespace", NAMESPACE)
+    kube.kubectl("create", "namespace", UNWATCHED)
     kube.apply(gpu_nodes(), NAMESPACE)
     # `results` for the kwok jobs (no node to write); the process node's provisioner makes `trained` for real ones.
     kube.apply(kwok_claim(NAMESPACE, "results") + [claim("models", ["ReadOnlyMany"], ASSETS / "models"),
@@ -353,6 +395,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sides = [(n, r, side) for n in args.jobs for r in range(args.rounds if n < 1000 else 1)
              for side in (["direct", "operator"] if r % 2 == 0 else ["operator", "direct"])]
     profile_out: dict[str, Any] | None = None
+    alone: list[dict[str, Any]] = []
     try:
         # First, on a quiet cluster: the freshness of real trainers' status (then the bursts, the last of which
         # may leave the cluster too busy to clean up).
@@ -365,7 +408,16 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                       "reconcile_seconds": after["seconds"] - before["seconds"],
                       "operator_cpu_s": cpu_after - cpu_before}
             _clean(c)
+        # Then the memory of many live jobs, before the bursts have grown the heap.
+        held = None
+        if args.live_jobs:
+            held = live(c, args.live_jobs, args.clients, sampler, args.live_seconds)
+            print("  live: " + json.dumps(held), flush=True)
+            _clean(c)
         for i, (n, r, side) in enumerate(sides):
+            if not any(a["n"] == n and a["round"] == r + 1 for a in alone):  # before each round's pair
+                alone.append(creates_alone(c, n, args.clients, f"u{r}-{n}") | {"round": r + 1})
+                print("  alone: " + json.dumps(alone[-1]), flush=True)
             spy = None
             if args.profile and side == "operator" and n == max(args.jobs) and profile_out is None:
                 raw = STATE / f"profile-{n}.txt"
@@ -388,7 +440,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         operator.terminate()
         operator.wait(30)
         local.down(STATE)
-    return {"rounds": rounds, "idle_rss_mb": idle_rss, "freshness": fresh, "profile": profile_out,
+    return {"rounds": rounds, "alone": alone, "live": held, "idle_rss_mb": idle_rss, "freshness": fresh, "profile": profile_out,
             "operator_reconciles": reconcile, "operator_log_tail": log.read_text()[-3000:]}
 
 
@@ -454,8 +506,19 @@ def markdown(payload: dict[str, Any]) -> str:
                      f"| ≥0.8 | {fmt(p50['direct'])} / {fmt(p99['direct'])}, {fmt(p50['operator'])} / "
                      f"{fmt(p99['operator'])} | {fmt(f['direct'], 1)} / {fmt(f['operator'], 1)} | "
                      f"{fmt(row['operator_rss_peak_mb'], 0)} | {fmt(row['operator_cpu_s'], 1)} |")
-    lines += ["", f"Operator RSS at rest before the bursts: {out['idle_rss_mb']:.0f} MB. Goal at 1,000 live jobs: ≤150 MB.",
-              "", "## Freshness: a trainer's step, then the same step in the FineTuneJob's status", ""]
+    lines += ["", "Creating the FineTuneJobs alone, in a namespace no operator watches (before each round's pair; "
+              "the apiserver's own cost of the operator side's creates): "
+              + "; ".join(f"N={a['n']} round {a['round']}: {a['create_calls_s']:.1f} s at load {a['load_before']:.1f}"
+                          for a in out.get("alone", [])) + "."]
+    lines += ["", f"Operator RSS at rest before the bursts: {out['idle_rss_mb']:.0f} MB. Goal at 1,000 live jobs: ≤150 MB."]
+    held = out.get("live")
+    if held:
+        lines += ["", f"**Live jobs.** {held['n']} FineTuneJobs whose pods run for an hour (those beyond the GPUs wait "
+                  f"unschedulable), created before the bursts; every child Job existed after {held['all_children_s']:.0f} s "
+                  f"({'all' if held['all_children'] else 'not all'}). Then, over {held['settle_s']:.0f} s at load "
+                  f"{held['load']:.1f}: operator RSS median **{fmt(held['rss_median_mb'], 0)} MB** (max "
+                  f"{fmt(held['rss_max_mb'], 0)} MB), CPU {fmt(held['cpu_per_s'])} s per second."]
+    lines += ["", "## Freshness: a trainer's step, then the same step in the FineTuneJob's status", ""]
     fresh = out.get("freshness")
     if fresh:
         lines += [f"{fresh['jobs']} real trainer pods (tiny-causal-lm) on the process node, watched {fresh['watched_s']:.0f} s; "
@@ -491,6 +554,8 @@ def main() -> None:
     parser.add_argument("--side-limit", type=float, default=600, help="seconds one side of a burst may take")
     parser.add_argument("--freshness-jobs", type=int, default=2)
     parser.add_argument("--freshness-seconds", type=float, default=90)
+    parser.add_argument("--live-jobs", type=int, default=1000, help="FineTuneJobs kept live for the RSS figure")
+    parser.add_argument("--live-seconds", type=float, default=60, help="seconds the RSS is sampled once all are live")
     parser.add_argument("--profile", action="store_true", help="py-spy the operator during the largest burst")
     parser.add_argument("--out", type=Path, default=RESULTS, help="another folder: a trial run on any tree")
     args = parser.parse_args()
