@@ -12,11 +12,17 @@ from bench.data import dataset_spec
 from bench.sides import EvalPoint, Settings, SideResult
 
 
-def recipe(settings: Settings) -> dict[str, Any]:
-    """The `adjust` and `rearrange` sections of our shipped example: bottom layers frozen, LoRA above them."""
+def recipe(settings: Settings, full: bool = False) -> dict[str, Any]:
+    """The `adjust` and `rearrange` sections of a side: our shipped example (bottom layers frozen, LoRA above them),
+    or, `full`, our defaults: every weight trains at the shared learning rate."""
+    if full:
+        return {"adjust": {"learningRate": settings.learning_rate, "weightDecay": settings.weight_decay},
+                "rearrange": {}}
+    freeze = {"strategy": "bottom-layers", "count": settings.frozen_layers} if settings.frozen_layers else {
+        "strategy": "none"}
     return {
         "adjust": {"learningRate": settings.lora_learning_rate, "weightDecay": settings.weight_decay,
-                   "freeze": {"strategy": "bottom-layers", "count": settings.frozen_layers}},
+                   "freeze": freeze},
         "rearrange": {"lora": {"rank": settings.lora_rank, "alpha": settings.lora_alpha, "dropout": 0.0}},
     }
 
@@ -30,8 +36,7 @@ def config(settings: Settings, output_dir: Path, full: bool) -> Any:
         {
             "model": {"uri": str(minilm_path()), "task": "sequence-classification"},
             "dataset": dataset_spec(settings.train_rows, settings.eval_rows, settings.max_length),
-            "adjust": {"learningRate": settings.learning_rate, "weightDecay": settings.weight_decay},
-            **({} if full else recipe(settings)),
+            **recipe(settings, full),
             "training": {
                 "epochs": settings.epochs,
                 "batchSize": settings.batch_size,

@@ -1,7 +1,8 @@
 """Pruning: MiniLM with a quarter of its layers removed against the unpruned fine-tune, over several seeds.
 
-One process. For every seed, both sides run the trainer's whole pipeline on the same rows, split and recipe (our
-shipped LoRA recipe, bench.ours.recipe); the pruned side adds `rearrange.prune: {fraction: 0.25}`, which removes
+One process. For every seed, both sides run the trainer's whole pipeline on the same rows, split and recipe
+(`--recipe lora`: our shipped LoRA recipe, bench.ours.recipe, with `--frozen-layers` bottom layers frozen; `--recipe
+full`: a full fine-tune, every weight training at `--learning-rate`); the pruned side adds `rearrange.prune: {fraction: 0.25}`, which removes
 the 2 of 6 layers with the lowest Block Influence on the probe batch before training. Then both exported models
 are reloaded with `AutoModelForSequenceClassification` and their CPU inference latency is measured side by side:
 rounds alternate which model goes first, on the same test batches, in the same process and thread count.
@@ -31,11 +32,11 @@ GOAL_ACCURACY_POINTS = 1.0
 GOAL_SPEEDUP = 1.25
 
 
-def job(settings: Settings, eval_rows: int, output: Path, pruned: bool) -> Any:
-    """The FineTuneJob spec of a side: the shipped recipe, evaluated once per epoch, plus the pruning."""
+def job(settings: Settings, full: bool, eval_rows: int, output: Path, pruned: bool) -> Any:
+    """The FineTuneJob spec of a side: the recipe (LoRA, or `full`), evaluated once per epoch, plus the pruning."""
     from finetune_trainer.config import TrainerConfig
 
-    spec = recipe(settings)
+    spec = recipe(settings, full)
     if pruned:
         spec["rearrange"]["prune"] = PRUNE
     return TrainerConfig.model_validate({
@@ -49,11 +50,11 @@ def job(settings: Settings, eval_rows: int, output: Path, pruned: bool) -> Any:
     })
 
 
-def train(settings: Settings, eval_rows: int, output: Path, pruned: bool) -> dict[str, Any]:
+def train(settings: Settings, full: bool, eval_rows: int, output: Path, pruned: bool) -> dict[str, Any]:
     from finetune_trainer import pipeline
 
     load = list(os.getloadavg())
-    report = pipeline.run(job(settings, eval_rows, output, pruned), output)
+    report = pipeline.run(job(settings, full, eval_rows, output, pruned), output)
     side = {"final": report["evaluation"]["final"], "train_seconds": report["training"]["seconds"],
             "steps": report["training"]["steps"], "test_samples": report["training"]["test_samples"],
             "layer_scores": report["analysis"]["importance"]["layers"]["scores"],
@@ -92,7 +93,8 @@ def latency(models: dict[str, Any], batches: list[dict], rounds: int) -> dict[st
             "median_ms": {n: {c: 1000 * statistics.median(v) for c, v in t.items()} for n, t in times.items()}}
 
 
-def measure_seed(settings: Settings, eval_rows: int, rounds: int, batch_size: int, batches: int) -> dict[str, Any]:
+def measure_seed(settings: Settings, full: bool, eval_rows: int, rounds: int, batch_size: int,
+                 batches: int) -> dict[str, Any]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from bench.data import load
@@ -101,7 +103,7 @@ def measure_seed(settings: Settings, eval_rows: int, rounds: int, batch_size: in
     with tempfile.TemporaryDirectory(prefix="bench-pruning-") as tmp:
         order = SIDES[settings.seed % 2:] + SIDES[:settings.seed % 2]  # rotates, so a drifting load favours neither
         for name in order:
-            sides[name] = train(settings, eval_rows, Path(tmp) / name, pruned=name == "pruned")
+            sides[name] = train(settings, full, eval_rows, Path(tmp) / name, pruned=name == "pruned")
             print(f"bench.pruning: seed {settings.seed} {name}: accuracy {sides[name]['final']['accuracy']:.4f}, "
                   f"{sides[name]['train_seconds']:.0f}s training", flush=True)
         models = {n: AutoModelForSequenceClassification.from_pretrained(Path(tmp) / n).eval() for n in SIDES}
@@ -148,7 +150,7 @@ def markdown(seeds: list[dict[str, Any]], result: dict[str, Any], info: dict[str
         f"Commit: `{info['git_commit']}`, started {info['started_utc']}, {info['nproc']} cores ({info['cpu']}), "
         f"{args.threads} torch thread(s), 1-minute load {info['loadavg_at_start'][0]:.1f} at the start",
         "",
-        f"Both sides: the shipped LoRA recipe, {args.train_rows} training rows, {args.epochs} epochs, batch "
+        f"Both sides: {recipe_words(args)}, {args.train_rows} training rows, {args.epochs} epochs, batch "
         f"{args.batch_size}, max length {args.max_length}; accuracy on the test split ({seeds[0]['sides']['pruned']['test_samples']} rows). "
         f"Pruned: `rearrange.prune: {PRUNE}` (6 → 4 layers, lowest Block Influence). Latency: "
         f"{args.rounds} alternating rounds over {args.batches} test batches of {args.batch_size}, reloaded with "
@@ -171,10 +173,23 @@ def markdown(seeds: list[dict[str, Any]], result: dict[str, Any], info: dict[str
     ])
 
 
+def recipe_words(args: argparse.Namespace) -> str:
+    if args.recipe == "full":
+        return f"a full fine-tune (nothing frozen, no adapters, lr {args.learning_rate:g})"
+    frozen = f"embeddings and the bottom {args.frozen_layers} layers frozen" if args.frozen_layers else "nothing frozen"
+    shipped = " (the shipped LoRA recipe)" if args.frozen_layers == Settings.frozen_layers else ""
+    return f"LoRA r 8, α 16, lr 2e-3, {frozen}{shipped}"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = Settings()
     parser.add_argument("--seeds", default="0,1,2", help="each seed changes the split, the head and the order")
+    parser.add_argument("--recipe", choices=("lora", "full"), default="lora",
+                        help="both sides' recipe: the shipped LoRA recipe, or a full fine-tune")
+    parser.add_argument("--frozen-layers", type=int, default=defaults.frozen_layers,
+                        help="lora: bottom layers frozen (counted after pruning); the shipped recipe freezes 2")
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate, help="full: the learning rate")
     parser.add_argument("--train-rows", type=int, default=defaults.train_rows)
     parser.add_argument("--eval-rows", type=int, default=1000,
                         help="test rows per seed (and validation rows): one row is 0.1 point")
@@ -197,10 +212,10 @@ def main(argv: list[str] | None = None) -> int:
     command = command_line()
     stem = result_stem("pruning", info)
     base = Settings(train_rows=args.train_rows, epochs=args.epochs, batch_size=args.batch_size,
-                    max_length=args.max_length)
+                    max_length=args.max_length, learning_rate=args.learning_rate, frozen_layers=args.frozen_layers)
     done: list[dict[str, Any]] = []
     for seed in (int(s) for s in args.seeds.split(",")):
-        done.append(measure_seed(replace(base, seed=seed), args.eval_rows, args.rounds,
+        done.append(measure_seed(replace(base, seed=seed), args.recipe == "full", args.eval_rows, args.rounds,
                                  args.batch_size, args.batches))
         result = summary(done)
         # Written after every seed, so an interrupted run keeps the seeds it finished.

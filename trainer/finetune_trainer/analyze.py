@@ -13,7 +13,7 @@ import ctypes
 import logging
 import re
 from collections import Counter, defaultdict
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -167,30 +167,8 @@ def probe_step(model: nn.Module, batches: list[Batch], task: Task, adapters: boo
     reached: set[str] = set()
     hooks = [module.register_forward_hook(mark_reached(name, reached)) for name, module in model.named_modules()
              if adapters and any(p.dim() >= 2 for p in module.parameters(recurse=False))]
-    saved: dict[int, int] = {}
-
-    def keep(t: torch.Tensor) -> torch.Tensor:
-        if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    device = next(model.parameters()).device
-
-    def forward(batch: Batch) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return probe_loss(logits_of(model, batch.inputs))
-
     try:
-        with FlopCounterMode(display=False) as counter, measured_peak(model) as peak:
-            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-                loss = forward(batches[0])
-            loss.backward()
-        gradients = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
-        probe = {"flops": counter.get_total_flops() / batches[0].samples, "activations": sum(saved.values()),
-                 "largest_activation": max(saved.values(), default=0), "gradients": gradients,
-                 "peak": peak.get("bytes"), "peak_source": peak.get("source")}
-        for batch in batches[1:]:
-            forward(batch).backward()
+        probe = measure_step(model, lambda batch: probe_loss(logits_of(model, batch.inputs)), batches, dtype)
     finally:
         for hook in hooks:
             hook.remove()
@@ -202,6 +180,37 @@ def probe_step(model: nn.Module, batches: list[Batch], task: Task, adapters: boo
         p.requires_grad_(requires[name])
     model.train(was_training)
     return no_grad, probe
+
+
+def measure_step(model: nn.Module, loss: Callable[[Batch], torch.Tensor], batches: list[Batch],
+                 dtype: torch.dtype | None) -> dict[str, Any]:
+    """Forward `loss` and backward on each batch, under the autocast `dtype`, leaving the gradients for the caller;
+    returns what the first batch's step cost: FLOPs per sample, the bytes of the activations autograd saved (all,
+    and the largest), of the gradients, and the peak memory."""
+    saved: dict[int, int] = {}
+
+    def keep(t: torch.Tensor) -> torch.Tensor:
+        if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
+            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    device = next(model.parameters()).device
+
+    def forward(batch: Batch) -> torch.Tensor:
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            return loss(batch)
+
+    with FlopCounterMode(display=False) as counter, measured_peak(model) as peak:
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+            first = forward(batches[0])
+        first.backward()
+    gradients = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
+    probe = {"flops": counter.get_total_flops() / batches[0].samples, "activations": sum(saved.values()),
+             "largest_activation": max(saved.values(), default=0), "gradients": gradients,
+             "peak": peak.get("bytes"), "peak_source": peak.get("source")}
+    for batch in batches[1:]:
+        forward(batch).backward()
+    return probe
 
 
 def mark_reached(name: str, reached: set[str]) -> Any:

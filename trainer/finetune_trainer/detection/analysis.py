@@ -15,10 +15,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
-from torch import nn
-from torch.utils.flop_counter import FlopCounterMode
 
-from finetune_trainer.analyze import (Finding, Severity, StructureReport, findings, layer_types, measured_peak,
+from finetune_trainer.analyze import (Finding, Severity, StructureReport, findings, layer_types, measure_step,
                                       memory_model, module_counts, tied_weights)
 from finetune_trainer.batches import Batch, Encoded
 from finetune_trainer.config import Task
@@ -143,30 +141,8 @@ def probe_step(detector: Detector, batches: list[Batch], dtype: torch.dtype | No
         p.grad = None
     was_training = detector.training
     detector.train()
-    saved: dict[int, int] = {}
-
-    def keep(t: torch.Tensor) -> torch.Tensor:
-        if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
-            saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    device = next(detector.parameters()).device
-
-    def loss(batch: Batch) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return detector(**batch.inputs)
-
     try:
-        with FlopCounterMode(display=False) as counter, measured_peak(detector) as peak:
-            with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-                first = loss(batches[0])
-            first.backward()
-        gradients = sum(p.grad.numel() * p.grad.element_size() for p in detector.parameters() if p.grad is not None)
-        probe = {"flops": counter.get_total_flops() / batches[0].samples, "activations": sum(saved.values()),
-                 "largest_activation": max(saved.values(), default=0), "gradients": gradients,
-                 "peak": peak.get("bytes"), "peak_source": peak.get("source")}
-        for batch in batches[1:]:
-            loss(batch).backward()
+        probe = measure_step(detector, lambda batch: detector(**batch.inputs), batches, dtype)
         no_grad = [n for n, p in detector.named_parameters() if p.grad is None]
     finally:
         with torch.no_grad():
