@@ -14,8 +14,9 @@ class SpecDiffBase(kopf.AnnotationsDiffBaseStorage):
     """The same essence as kopf's annotation storage (spec, labels, annotations), stored the same way.
 
     kopf builds the essence on every watch event by deep-copying the whole body, managedFields and status
-    included, then dropping all but the spec and a little metadata: 16% of the operator's CPU in a burst of 300
-    jobs. This hands kopf a body of only those fields, so only they are copied."""
+    included, then dropping all but the spec and a little metadata: 18.8% of the operator's profile samples in a
+    burst of 300 jobs, 6.2% with this (its CPU over that burst did not fall measurably in one round each: 21.6 and
+    21.9 s). This hands kopf a body of only those fields, so only they are copied."""
 
     def build(self, *, body: kopf.Body, extra_fields: Iterable[Any] | None = None) -> kopf.BodyEssence:
         if extra_fields:  # a handler that reads other fields: kopf's own way (none of ours does)

@@ -146,11 +146,11 @@ class JobWarnings:
     job and tick would cost a burst of podless jobs (kcm still creating their pods) one API call each, every tick."""
 
     def __init__(self) -> None:
-        self.lock = threading.Lock()
+        self.locks: dict[str, threading.Lock] = {}  # one per namespace: a list call holds up only its own namespace
         self.by_namespace: dict[str, tuple[float, dict[str, tuple[str, str, str]]]] = {}
 
     def latest(self, clients: Clients, ns: str, job_name: str) -> tuple[str, str] | None:
-        with self.lock:
+        with self.locks.setdefault(ns, threading.Lock()):
             read_at, latest = self.by_namespace.get(ns, (0.0, {}))
             if time.monotonic() - read_at > WARNINGS_TTL_SECONDS:
                 response = clients.core.list_namespaced_event(
