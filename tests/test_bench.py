@@ -243,3 +243,15 @@ def test_the_pruning_goals_read_the_mean_accuracy_difference_and_the_median_spee
     assert met["goal_accuracy_met"] and met["goal_speed_met"]
     slow = summary([seed(-0.03, 1.3, 1.4), seed(-0.005, 1.2, 1.24), seed(0.0, 1.1, 1.2)])
     assert not slow["goal_accuracy_met"] and not slow["goal_speed_met"]
+    assert "longer_accuracy_difference_points" not in slow
+
+
+def test_a_pruned_side_trained_longer_is_judged_apart_from_the_headline() -> None:
+    from bench.pruning import summary
+
+    seeds = [{"accuracy_difference": d, "accuracy_difference_longer": longer,
+              "latency": {"speedup": {"wall": 1.5, "cpu": 1.5}}} for d, longer in ((-0.03, -0.01), (-0.02, 0.0))]
+    result = summary(seeds)
+    assert result["accuracy_difference_points"]["mean"] == pytest.approx(-2.5) and not result["goal_accuracy_met"]
+    longer = result["longer_accuracy_difference_points"]
+    assert longer["mean"] == pytest.approx(-0.5) and longer["min"] == pytest.approx(-1.0) and longer["goal_met"]
