@@ -1,7 +1,8 @@
-"""What the operator changes in kopf's machinery keeps kopf's semantics: the diff base and the malloc arenas."""
+"""What the operator changes in kopf's machinery keeps kopf's semantics: the diff base, the kept bodies and the malloc heap."""
 
 from __future__ import annotations
 
+import asyncio
 import copy
 import json
 import subprocess
@@ -13,7 +14,7 @@ import kopf
 import yaml
 
 from finetune_operator.diffbase import SpecDiffBase
-from finetune_operator.handlers import PREFIX
+from finetune_operator.handlers import PREFIX, _plain, forget_managed_fields
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "examples" / "minilm-sentiment.yaml"
 
@@ -56,5 +57,25 @@ def test_the_light_diff_base_defers_to_kopf_for_extra_fields() -> None:
 def test_malloc_arenas_are_limited_on_glibc() -> None:
     """Run in a fresh interpreter: mallopt changes the process for good."""
     code = "from finetune_operator import malloc; print(malloc.limit_arenas())"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "True"
+
+
+def test_the_body_kopf_keeps_loses_its_managed_fields_and_nothing_else() -> None:
+    raw = live_body()
+    kept = kopf.Body(raw)  # as kopf keeps it for the timers: a view of the watch event's dict
+    before, old_metadata = copy.deepcopy(raw), raw["metadata"]
+    asyncio.run(forget_managed_fields(event={"type": "MODIFIED", "object": raw}))
+    assert "managedFields" not in kept.metadata
+    assert dict(kept.metadata) == {k: v for k, v in before["metadata"].items() if k != "managedFields"}
+    assert kept.spec == before["spec"] and kept.status == before["status"]
+    assert old_metadata == before["metadata"]  # replaced, not edited: a reader of the previous one is unaffected
+    assert _plain(kept) == {"metadata": dict(kept.metadata), "spec": before["spec"], "status": before["status"]}
+
+
+def test_the_heap_is_trimmed_periodically_on_glibc() -> None:
+    """In a fresh interpreter: the trimming thread lives as long as the process."""
+    code = ("import time; from finetune_operator import malloc; t = malloc.trim_periodically(0.01); "
+            "time.sleep(0.05); print(t is not None and t.daemon and t.is_alive())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"

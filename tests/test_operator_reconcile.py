@@ -293,3 +293,16 @@ def test_pod_summary_keeps_only_waiting_reasons_the_user_must_fix() -> None:
     assert outcome.pod_summary(waiting("CreateContainerConfigError"))["stuck"] == {
         "reason": "CreateContainerConfigError", "message": "why"}
     assert outcome.pod_summary(waiting("ContainerCreating"))["stuck"] is None
+
+
+def test_the_spec_cache_keeps_the_facts_decide_reads_not_the_parsed_spec() -> None:
+    from finetune_operator import api, reconcile
+
+    spec, invalid = reconcile.parse_spec(body())
+    facts, again = reconcile.spec_facts(body()), reconcile.spec_facts(body())
+    assert spec is not None and not invalid and facts == (reconcile.SpecFacts.of(spec), [])
+    assert again[0] is facts[0]  # from the cache
+    assert facts[0].global_batch == reconcile.global_batch(spec) and facts[0].output_uri == spec.output.uri
+    assert not any(isinstance(v, api.FineTuneJobSpec) for kept in reconcile._facts.values() for v in kept)
+    broken, errors = reconcile.spec_facts(body(backoffLimit=-1))
+    assert broken is None and errors == reconcile.parse_spec(body(backoffLimit=-1))[1] != []

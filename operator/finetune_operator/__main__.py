@@ -41,6 +41,7 @@ def run(args: argparse.Namespace) -> int:
     from finetune_operator import handlers, malloc, settings
 
     malloc.limit_arenas()
+    malloc.trim_periodically()
     ours = settings.from_arguments(args)
     registry = kopf.OperatorRegistry()
     handlers.register(registry, ours)

@@ -13,6 +13,7 @@ import threading
 import time
 from datetime import datetime, timezone
 from typing import Any
+from urllib.parse import quote
 
 import aiohttp
 import kopf
@@ -30,9 +31,15 @@ PREFIX = "finetune.dev"
 FINALIZER = f"{PREFIX}/finalizer"
 HANDLER_THREADS = 16  # kopf runs the sync handlers in a pool of this size
 API_CONNECTIONS = 32  # kopf's requests at once (patches, Events), besides its watch streams
+LIST_CHUNK = 100  # objects per page of kopf's initial lists
 
 
 class Clients:
+    """The handful of API calls the handlers make, through the kubernetes client's ApiClient (its configuration,
+    auth and connection pool) but not its generated API classes: importing CoreV1Api alone cost the operator
+    ~21 MB for good (a pydantic validator for each of its hundreds of methods), BatchV1Api and
+    CustomObjectsApi ~3 MB more."""
+
     def __init__(self) -> None:
         try:
             config.load_incluster_config()
@@ -43,9 +50,22 @@ class Clients:
         # pays a TLS handshake for most calls.
         configuration.connection_pool_maxsize = HANDLER_THREADS
         self.api = client.ApiClient(configuration)
-        self.core = client.CoreV1Api(self.api)
-        self.batch = client.BatchV1Api(self.api)
-        self.custom = client.CustomObjectsApi(self.api)
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None, **query: str) -> bytes:
+        """The answer's bytes; ApiException for any other status than 2xx, as the generated methods raise it."""
+        request = self.api.param_serialize(
+            method, path, query_params=list(query.items()), body=body, auth_settings=["BearerToken"],
+            header_params={"Accept": "application/json", "Content-Type": "application/json"})
+        response = self.api.call_api(*request)
+        response.read()
+        if not 200 <= response.status <= 299:
+            raise ApiException.from_response(http_resp=response, body=None, data=None)
+        return response.data
+
+
+def _path(ns: str, plural: str, name: str = "", group: str = "", version: str = "v1") -> str:
+    root = f"/apis/{group}/{version}" if group else f"/api/{version}"
+    return f"{root}/namespaces/{quote(ns, safe='')}/{plural}" + (f"/{quote(name, safe='')}" if name else "")
 
 
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
@@ -58,6 +78,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     settings.execution.max_workers = HANDLER_THREADS
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 310
+    # The initial lists in pages: on a restart with a thousand live jobs, their Jobs and pods decoded at once set a
+    # high-water mark of Python's heap that it never hands back.
+    settings.watching.chunk_size = LIST_CHUNK
     # No watching of namespaces and CRDs: the CRD is installed before the operator starts (the chart's
     # crds/), and the watched namespaces are named or all; so no cluster-wide reads beyond our own rules.
     settings.scanning.disabled = True
@@ -89,6 +112,17 @@ async def index_phases(body: kopf.Body, **_: Any) -> dict[Any, Any]:
     return {body.get("status", {}).get("phase") or api.Phase.PENDING.value: None}
 
 
+async def forget_managed_fields(event: kopf.RawEvent, **_: Any) -> None:
+    """Drop metadata.managedFields from the FineTuneJob as kopf keeps it: kopf holds each job's latest body for its
+    timers, and the managedFields (which nothing here reads) were more than half of it, about 23 KB of a ~39 KB
+    body per live job. The metadata is replaced whole, not edited, so a handler thread that is reading the previous
+    one reads it unchanged (see `_plain`)."""
+    raw: Any = event.get("object") or {}
+    metadata = raw.get("metadata")
+    if isinstance(metadata, dict) and "managedFields" in metadata:
+        raw["metadata"] = {key: value for key, value in metadata.items() if key != "managedFields"}
+
+
 def _live(spec: kopf.Spec, status: kopf.Status) -> bool:
     """Ours, and live or waiting for ttlSecondsAfterFinished: a finished job costs no reconciles (kopf stops its
     timers when the filters turn False), which keeps a cluster of thousands of finished jobs cheap."""
@@ -117,7 +151,10 @@ WAITING_POLLS = 5
 
 
 def _plain(body: kopf.Body) -> dict[str, Any]:
-    return {"metadata": dict(body.metadata), "spec": dict(body.spec), "status": dict(body.status)}
+    """Copies of one version's metadata, spec and status (kopf swaps whole bodies, and forget_managed_fields whole
+    metadata dicts, while a handler thread reads them)."""
+    raw = dict(body)
+    return {part: dict(raw.get(part) or {}) for part in ("metadata", "spec", "status")}
 
 
 def _sample(seen: reconcile.Observed, ns: str, name: str) -> None:
@@ -153,10 +190,10 @@ class JobWarnings:
         with self.locks.setdefault(ns, threading.Lock()):
             read_at, latest = self.by_namespace.get(ns, (0.0, {}))
             if time.monotonic() - read_at > WARNINGS_TTL_SECONDS:
-                response = clients.core.list_namespaced_event(
-                    ns, field_selector="involvedObject.kind=Job,type=Warning", _preload_content=False)
+                response = clients.call("GET", _path(ns, "events"),
+                                        fieldSelector="involvedObject.kind=Job,type=Warning")
                 latest = {}
-                for event in json.loads(response.data)["items"]:
+                for event in json.loads(response)["items"]:
                     name = event["involvedObject"].get("name", "")
                     when = event.get("lastTimestamp") or event.get("eventTime") or event["metadata"]["creationTimestamp"]
                     if name not in latest or when >= latest[name][0]:
@@ -182,8 +219,7 @@ def _claims(clients: Clients, spec: api.FineTuneJobSpec, ns: str) -> dict[str, d
     found: dict[str, dict[str, Any] | None] = {}
     for claim in judge.claim_fields(spec):
         try:
-            found[claim] = json.loads(clients.core.read_namespaced_persistent_volume_claim(
-                claim, ns, _preload_content=False).data)
+            found[claim] = json.loads(clients.call("GET", _path(ns, "persistentvolumeclaims", claim)))
         except ApiException as exc:
             if exc.status != 404:
                 raise kopf.TemporaryError(f"reading claim {claim}: {exc.reason}", delay=5) from exc
@@ -193,10 +229,10 @@ def _claims(clients: Clients, spec: api.FineTuneJobSpec, ns: str) -> dict[str, d
 
 def _create(clients: Clients, obj: dict[str, Any]) -> None:
     ns, kind = obj["metadata"]["namespace"], obj["kind"]
-    create = {"ConfigMap": clients.core.create_namespaced_config_map, "Service": clients.core.create_namespaced_service,
-              "Job": clients.batch.create_namespaced_job}[kind]
+    path = {"ConfigMap": _path(ns, "configmaps"), "Service": _path(ns, "services"),
+            "Job": _path(ns, "jobs", group="batch")}[kind]
     try:
-        create(ns, obj, _preload_content=False)  # the answer is not read: deserializing it cost more than the call
+        clients.call("POST", path, obj)  # the answer is not read: deserializing it cost more than the call
     except ApiException as exc:
         if exc.status != 409:  # AlreadyExists: a previous tick (or operator) made it
             raise
@@ -227,7 +263,7 @@ def _api_message(exc: ApiException) -> str:
 
 def _delete_job(clients: Clients, name: str, ns: str) -> None:
     try:
-        clients.batch.delete_namespaced_job(name, ns, propagation_policy="Background")
+        clients.call("DELETE", _path(ns, "jobs", name, group="batch"), propagationPolicy="Background")
     except ApiException as exc:
         if exc.status != 404:
             raise kopf.TemporaryError(f"deleting Job {name}: {exc.reason}", delay=5) from exc
@@ -235,8 +271,8 @@ def _delete_job(clients: Clients, name: str, ns: str) -> None:
 
 def _delete_self(clients: Clients, name: str, ns: str) -> None:
     try:
-        clients.custom.delete_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL, name,
-                                                       propagation_policy="Background")
+        clients.call("DELETE", _path(ns, api.PLURAL, name, group=api.GROUP, version=api.VERSION),
+                     propagationPolicy="Background")
     except ApiException as exc:
         if exc.status != 404:
             raise kopf.TemporaryError(f"deleting {name}: {exc.reason}", delay=5) from exc
@@ -344,6 +380,8 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     kopf.index(*jobs, labels=selector, registry=registry, id="job_index")(index_jobs)
     kopf.index(*pods, labels=selector, registry=registry, id="pod_index")(index_pods)
     kopf.index(api.GROUP, api.VERSION, api.PLURAL, registry=registry, id="phase_index")(index_phases)
+    kopf.on.event(api.GROUP, api.VERSION, api.PLURAL, registry=registry, id="forget_managed_fields")(
+        forget_managed_fields)
     # One of the two runs for each live job; kopf swaps them when the job's phase changes (the new one ticks at once).
     kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=settings.poll_seconds, when=ticks_every_poll,
                registry=registry, id="reconcile")(tick)
