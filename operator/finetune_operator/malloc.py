@@ -11,15 +11,13 @@ import time
 log = logging.getLogger("finetune_operator")
 M_ARENA_MAX = -8  # mallopt's parameter number, from glibc's malloc.h
 ARENAS = 2
+TRIM_SECONDS = 30.0
 
 
 def _glibc() -> ctypes.CDLL | None:
     name = ctypes.util.find_library("c")
     libc = ctypes.CDLL(name) if name else None
     return libc if libc is not None and hasattr(libc, "gnu_get_libc_version") else None
-
-
-TRIM_SECONDS = 30.0
 
 
 def trim_periodically(seconds: float = TRIM_SECONDS) -> threading.Thread | None:

@@ -57,7 +57,10 @@ class Decision:
 
 def parse_spec(body: dict[str, Any]) -> tuple[api.FineTuneJobSpec | None, list[str]]:
     """Only the spec is parsed: a status field this version does not know never fails a reconcile."""
-    return _parse(body.get("spec") or {})
+    try:
+        return api.FineTuneJobSpec.model_validate(body.get("spec") or {}), []
+    except ValidationError as exc:
+        return None, error_lines(exc, root="spec")
 
 
 @dataclass(frozen=True, slots=True)
@@ -96,20 +99,13 @@ def spec_facts(body: dict[str, Any]) -> tuple[SpecFacts | None, list[str]]:
         if found is not None:
             _facts.move_to_end(key)
             return found
-    spec, invalid = _parse(json.loads(text))
+    spec, invalid = parse_spec(body)  # the dict the text was made from: no need to decode the text again
     found = (SpecFacts.of(spec) if spec is not None else None, invalid)
     with _facts_lock:
         _facts[key] = found
         while len(_facts) > FACTS_CACHED:
             _facts.popitem(last=False)
     return found
-
-
-def _parse(spec: dict[str, Any]) -> tuple[api.FineTuneJobSpec | None, list[str]]:
-    try:
-        return api.FineTuneJobSpec.model_validate(spec), []
-    except ValidationError as exc:
-        return None, error_lines(exc, root="spec")
 
 
 def _parse_time(text: str | None) -> datetime | None:
