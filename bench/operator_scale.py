@@ -126,6 +126,12 @@ def _ftj_finished(ftj: dict[str, Any]) -> bool:
     return (ftj.get("status") or {}).get("phase") in ("Succeeded", "Failed")
 
 
+def cpu_seconds(pid: int) -> float:
+    """A process's user and system CPU so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Sampler(threading.Thread):
     """The operator's RSS (MB) and CPU seconds every 0.5 s, from /proc."""
 
@@ -138,9 +144,7 @@ class Sampler(threading.Thread):
     def read(self) -> tuple[float, float, float]:
         status = Path(f"/proc/{self.pid}/status").read_text()
         rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return time.monotonic(), rss, cpu
+        return time.monotonic(), rss, cpu_seconds(self.pid)
 
     def run(self) -> None:
         while not self.stop.wait(0.5):
@@ -237,10 +241,11 @@ def _ideal(c: Cluster, ftj: dict[str, Any], job: dict[str, Any]) -> None:
 
 
 def burst(c: Cluster, side: str, n: int, clients: int, tag: str, sampler: Sampler | None,
-          limit: float, finish: bool = True) -> dict[str, Any]:
+          limit: float, plane: list[int], finish: bool = True) -> dict[str, Any]:
     """One side of one round: N objects at once, until every child Job exists and (with `finish`) every one has
     finished, each within `limit` seconds of the start (past it, the side's figure is recorded as not reached).
-    Sides: `operator` (FineTuneJobs), `direct` (their Jobs), `ideal` (each FineTuneJob, no operator, then its Job)."""
+    Sides: `operator` (FineTuneJobs), `direct` (their Jobs), `ideal` (each FineTuneJob, no operator, then its Job).
+    `plane`: the control plane's processes, whose CPU each side costs (steadier than its seconds on a busy machine)."""
     names = [f"{tag}-{i:04d}" for i in range(n)]
     jobs = Watch(c.batch.list_namespaced_job, _job_complete, namespace=NAMESPACE)
     ftjs = Watch(c.custom.list_namespaced_custom_object, _ftj_finished, group=api.GROUP, version=api.VERSION,
@@ -268,6 +273,7 @@ def burst(c: Cluster, side: str, n: int, clients: int, tag: str, sampler: Sample
         objects = [gpu_job(m) | {"metadata": {"name": m, "namespace": UNWATCHED}} for m in names]
         create = lambda o: _ideal(c, o, job_of[o["metadata"]["name"]])  # noqa: E731
     writes_before = apiserver_writes(c)
+    plane_before = sum(map(cpu_seconds, plane))
     cpu_before = sampler.read()[2] if sampler else 0.0
     started = time.monotonic()
     returned = _create_all(objects, create, clients)
@@ -280,6 +286,7 @@ def burst(c: Cluster, side: str, n: int, clients: int, tag: str, sampler: Sample
     live_rss = sampler.read()[1] if sampler else None
     cpu_at_children = sampler.read()[2] - cpu_before if sampler else None
     writes_to_children = _per_job(writes_before, apiserver_writes(c), n)
+    plane_to_children = sum(map(cpu_seconds, plane)) - plane_before
 
     def finished() -> dict[str, float]:
         if side == "operator":
@@ -296,7 +303,7 @@ def burst(c: Cluster, side: str, n: int, clients: int, tag: str, sampler: Sample
         "create_calls_s": created_all, "all_children_s": children_s if all_children else None,
         "child_latency_p50_s": _percentile(latencies, 0.5), "child_latency_p99_s": _percentile(latencies, 0.99),
         "all_finished_s": done_s if all_done else None, "finished": len(finished()), "succeeded": _succeeded(c, side),
-        "writes_per_job_to_children": writes_to_children,
+        "writes_per_job_to_children": writes_to_children, "control_plane_cpu_to_children_s": plane_to_children,
         "writes_per_job_to_finished": _per_job(writes_before, apiserver_writes(c), n) if all_done else None,
     }
     if sampler:
@@ -453,6 +460,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sampler = Sampler(operator.pid)
     idle_rss = sampler.read()[1]
     sampler.start()
+    plane = [pid for pid in local.running(cluster).values() if pid]
     rounds: list[dict[str, Any]] = []
     order = ["direct", "operator"] + (["ideal"] if args.ideal else [])
     sides = [(n, r, side) for n in args.jobs for r in range(args.rounds if n < 1000 else 1)
@@ -487,7 +495,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 spy = profile(operator.pid, raw)
             print(f"burst N={n} round {r + 1}: {side}", flush=True)
             result = burst(c, side, n, args.clients, f"{side[0]}{r}-{n}", sampler if side == "operator" else None,
-                           args.side_limit, finish=not args.children_only)
+                           args.side_limit, plane, finish=not args.children_only)
             result["round"] = r + 1
             rounds.append(result)
             print("  " + json.dumps(result), flush=True)
@@ -531,6 +539,7 @@ def summary(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
             values = [r[key] for r in side[s] if r.get(key) is not None]
             return statistics.median(values) if values else None
         row: dict[str, Any] = {"n": n, "rounds": len(side["operator"])}
+        row["plane_cpu_s"] = {s: median(s, "control_plane_cpu_to_children_s") for s in side}
         for key in ("all_children_s", "all_finished_s", "child_latency_p50_s", "child_latency_p99_s", "create_calls_s"):
             row[key] = {s: median(s, key) for s in side}
         ratios = [d["all_children_s"] / o["all_children_s"] for d, o in zip(side["direct"], side["operator"])
@@ -558,6 +567,8 @@ def _floor_and_writes(rounds: list[dict[str, Any]]) -> list[str]:
                       f"direct/ideal **{', '.join(f'{r:.2f}' for r in row['ratio_ideal'])}** (each side's load in the "
                       "last table)."]
         for side, (writes, whole) in row["writes"].items():
+            lines += ["", f"Control plane CPU (etcd, apiserver, kcm, scheduler, kwok) per job until every child Job exists, "
+                      f"N={row['n']}, {side}: {fmt(1000 * row['plane_cpu_s'][side] / row['n'], 1)} ms (median over rounds)."]
             lines += ["", f"Apiserver writes per job until every child Job exists, N={row['n']}, {side} (round 1; every "
                       f"client's, kcm's, the scheduler's and kwok's included): **{sum(writes.values()):.1f}**: "
                       + ", ".join(f"{k} {v:g}" for k, v in writes.items())
