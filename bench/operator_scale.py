@@ -4,6 +4,9 @@
   directly, side by side in one run, on the same cluster, in an order that rotates between rounds. kwok's GPU
   nodes run the pods (ready at once, complete 1–5 s later), so the operator and the control plane are what is
   measured. One watch observes both sides' Jobs, so both clocks stop the same way.
+- --ideal: a third side, the floor of any operator: each FineTuneJob created where no operator watches, and right
+  after it (same client thread) its Job. Each side also counts the apiserver's writes per job (its /metrics, every
+  client's), until every child Job exists and until all have finished.
 - Creates alone: the same N FineTuneJobs created in a namespace no operator watches, before each round's pair: the
   apiserver's own share of the operator side's time (its schema and CEL validation), which no operator can remove.
 - Memory: the operator's RSS, sampled every 0.5 s, and its CPU seconds; and with --live-jobs FineTuneJobs held live
@@ -14,6 +17,7 @@
 
     python -m bench.operator_scale                      # N = 100 (2 rounds) and 1000 (1 round), freshness
     python -m bench.operator_scale --jobs 50 --rounds 1 --freshness-jobs 0 --out /tmp/scale   # a trial
+    python -m bench.operator_scale --jobs 100 --live-jobs 0 --freshness-jobs 0 --children-only --ideal --out /tmp/b
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ from typing import Any
 
 import yaml
 from kubernetes import client, config, watch
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import REPO, RESULTS, clean_commit, command_line, fmt, machine, result_stem, write_results
 from finetune_operator import api, children
@@ -121,6 +126,12 @@ def _ftj_finished(ftj: dict[str, Any]) -> bool:
     return (ftj.get("status") or {}).get("phase") in ("Succeeded", "Failed")
 
 
+def cpu_seconds(pid: int) -> float:
+    """A process's user and system CPU so far, from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 class Sampler(threading.Thread):
     """The operator's RSS (MB) and CPU seconds every 0.5 s, from /proc."""
 
@@ -133,9 +144,7 @@ class Sampler(threading.Thread):
     def read(self) -> tuple[float, float, float]:
         status = Path(f"/proc/{self.pid}/status").read_text()
         rss = next(int(line.split()[1]) for line in status.splitlines() if line.startswith("VmRSS:")) / 1024
-        fields = Path(f"/proc/{self.pid}/stat").read_text().rsplit(")", 1)[1].split()
-        cpu = (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
-        return time.monotonic(), rss, cpu
+        return time.monotonic(), rss, cpu_seconds(self.pid)
 
     def run(self) -> None:
         while not self.stop.wait(0.5):
@@ -194,6 +203,7 @@ def _delete_finetunejobs(c: Cluster, clients: int = 8) -> None:
 def _clean(c: Cluster) -> None:
     """Delete both sides' objects and wait until no Job or pod is left (kwok frees the GPUs)."""
     _delete_finetunejobs(c)
+    c.custom.delete_collection_namespaced_custom_object(api.GROUP, api.VERSION, UNWATCHED, api.PLURAL)  # the ideal side's
     c.batch.delete_collection_namespaced_job(NAMESPACE, propagation_policy="Background")
     _wait("the namespace to empty", lambda: not c.custom.list_namespaced_custom_object(
         api.GROUP, api.VERSION, NAMESPACE, api.PLURAL, limit=1)["items"]
@@ -201,10 +211,41 @@ def _clean(c: Cluster) -> None:
         and not c.core.list_namespaced_pod(NAMESPACE, limit=1).items, 900)
 
 
+def apiserver_writes(c: Cluster) -> dict[str, float]:
+    """The apiserver's count of writes so far (every client's), by verb and resource[/subresource]."""
+    request = c.api.param_serialize("GET", "/metrics", auth_settings=["BearerToken"])
+    response = c.api.call_api(*request)
+    response.read()
+    counts: dict[str, float] = {}
+    for family in text_string_to_metric_families(response.data.decode()):
+        for sample in family.samples:
+            labels = sample.labels
+            if sample.name == "apiserver_request_total" and labels.get("verb") in WRITES:
+                key = f"{labels['verb']} {labels['resource']}" + (f"/{labels['subresource']}" if labels.get("subresource") else "")
+                counts[key] = counts.get(key, 0.0) + sample.value
+    return counts
+
+
+WRITES = ("POST", "PUT", "PATCH", "DELETE", "APPLY")
+
+
+def _per_job(before: dict[str, float], after: dict[str, float], n: int) -> dict[str, float]:
+    return {k: round((v - before.get(k, 0.0)) / n, 2) for k, v in sorted(after.items()) if v > before.get(k, 0.0)}
+
+
+def _ideal(c: Cluster, ftj: dict[str, Any], job: dict[str, Any]) -> None:
+    """What any operator adds at least: the FineTuneJob's create, then its Job's (the FineTuneJob where no
+    operator sees it)."""
+    c.custom.create_namespaced_custom_object(api.GROUP, api.VERSION, UNWATCHED, api.PLURAL, ftj)
+    c.batch.create_namespaced_job(NAMESPACE, job)
+
+
 def burst(c: Cluster, side: str, n: int, clients: int, tag: str, sampler: Sampler | None,
-          limit: float) -> dict[str, Any]:
-    """One side of one round: N objects at once, until every child Job exists and every one has finished, each
-    within `limit` seconds of the start (past it, the side's figure is recorded as not reached)."""
+          limit: float, plane: list[int], finish: bool = True) -> dict[str, Any]:
+    """One side of one round: N objects at once, until every child Job exists and (with `finish`) every one has
+    finished, each within `limit` seconds of the start (past it, the side's figure is recorded as not reached).
+    Sides: `operator` (FineTuneJobs), `direct` (their Jobs), `ideal` (each FineTuneJob, no operator, then its Job).
+    `plane`: the control plane's processes, whose CPU each side costs (steadier than its seconds on a busy machine)."""
     names = [f"{tag}-{i:04d}" for i in range(n)]
     jobs = Watch(c.batch.list_namespaced_job, _job_complete, namespace=NAMESPACE)
     ftjs = Watch(c.custom.list_namespaced_custom_object, _ftj_finished, group=api.GROUP, version=api.VERSION,
@@ -227,6 +268,12 @@ def burst(c: Cluster, side: str, n: int, clients: int, tag: str, sampler: Sample
             del job["metadata"]["ownerReferences"]
             objects.append(job)
         create = lambda o: c.batch.create_namespaced_job(NAMESPACE, o)  # noqa: E731
+    if side == "ideal":  # keyed by the FineTuneJob's name
+        job_of = dict(zip(names, objects))
+        objects = [gpu_job(m) | {"metadata": {"name": m, "namespace": UNWATCHED}} for m in names]
+        create = lambda o: _ideal(c, o, job_of[o["metadata"]["name"]])  # noqa: E731
+    writes_before = apiserver_writes(c)
+    plane_before = sum(map(cpu_seconds, plane))
     cpu_before = sampler.read()[2] if sampler else 0.0
     started = time.monotonic()
     returned = _create_all(objects, create, clients)
@@ -237,12 +284,15 @@ def burst(c: Cluster, side: str, n: int, clients: int, tag: str, sampler: Sample
                          limit - (time.monotonic() - started))
     children_s = max((jobs.seen[child[m]] for m in names if child[m] in jobs.seen), default=started) - started
     live_rss = sampler.read()[1] if sampler else None
+    cpu_at_children = sampler.read()[2] - cpu_before if sampler else None
+    writes_to_children = _per_job(writes_before, apiserver_writes(c), n)
+    plane_to_children = sum(map(cpu_seconds, plane)) - plane_before
 
     def finished() -> dict[str, float]:
         if side == "operator":
             return ftjs.finished
         return {m: jobs.finished[child[m]] for m in names if child[m] in jobs.finished}
-    all_done = _wait(f"{n} finished", lambda: len(finished()) >= n, limit - (time.monotonic() - started))
+    all_done = finish and _wait(f"{n} finished", lambda: len(finished()) >= n, limit - (time.monotonic() - started))
     done_s = (max(finished().values()) - started) if finished() else None
     for w in (jobs, ftjs):
         w.stop.set()
@@ -253,11 +303,14 @@ def burst(c: Cluster, side: str, n: int, clients: int, tag: str, sampler: Sample
         "create_calls_s": created_all, "all_children_s": children_s if all_children else None,
         "child_latency_p50_s": _percentile(latencies, 0.5), "child_latency_p99_s": _percentile(latencies, 0.99),
         "all_finished_s": done_s if all_done else None, "finished": len(finished()), "succeeded": _succeeded(c, side),
+        "writes_per_job_to_children": writes_to_children, "control_plane_cpu_to_children_s": plane_to_children,
+        "writes_per_job_to_finished": _per_job(writes_before, apiserver_writes(c), n) if all_done else None,
     }
     if sampler:
         window = [s for s in sampler.samples if s[0] >= started]
         result |= {"operator_rss_at_all_children_mb": live_rss,
                    "operator_rss_peak_mb": max((s[1] for s in window), default=None),
+                   "operator_cpu_at_children_s": cpu_at_children,
                    "operator_cpu_s": sampler.read()[2] - cpu_before}
     return result
 
@@ -407,9 +460,11 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sampler = Sampler(operator.pid)
     idle_rss = sampler.read()[1]
     sampler.start()
+    plane = [pid for pid in local.running(cluster).values() if pid]
     rounds: list[dict[str, Any]] = []
+    order = ["direct", "operator"] + (["ideal"] if args.ideal else [])
     sides = [(n, r, side) for n in args.jobs for r in range(args.rounds if n < 1000 else 1)
-             for side in (["direct", "operator"] if r % 2 == 0 else ["operator", "direct"])]
+             for side in order[r % len(order):] + order[:r % len(order)]]
     profile_out: dict[str, Any] | None = None
     alone: list[dict[str, Any]] = []
     try:
@@ -440,7 +495,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 spy = profile(operator.pid, raw)
             print(f"burst N={n} round {r + 1}: {side}", flush=True)
             result = burst(c, side, n, args.clients, f"{side[0]}{r}-{n}", sampler if side == "operator" else None,
-                           args.side_limit)
+                           args.side_limit, plane, finish=not args.children_only)
             result["round"] = r + 1
             rounds.append(result)
             print("  " + json.dumps(result), flush=True)
@@ -462,7 +517,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
 
 def reconcile_stats(port: int) -> dict[str, float]:
     """The operator's own reconcile histogram so far: how many reconciles, and the seconds they took."""
-    from prometheus_client.parser import text_string_to_metric_families
     import urllib.request
 
     text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()  # noqa: S310
@@ -472,25 +526,55 @@ def reconcile_stats(port: int) -> dict[str, float]:
             "seconds": found.get("finetune_operator_reconcile_duration_seconds_sum", 0.0)}
 
 
+SIDES = ("direct", "operator", "ideal")
+
+
 def summary(rounds: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Per N: each side's medians over rounds, and the ratios (direct / operator: above 1 the operator is faster)."""
     rows = []
     for n in sorted({r["n"] for r in rounds}):
-        side = {s: [r for r in rounds if r["n"] == n and r["side"] == s] for s in ("direct", "operator")}
+        side = {s: [r for r in rounds if r["n"] == n and r["side"] == s] for s in SIDES}
 
         def median(s: str, key: str) -> float | None:
             values = [r[key] for r in side[s] if r.get(key) is not None]
             return statistics.median(values) if values else None
         row: dict[str, Any] = {"n": n, "rounds": len(side["operator"])}
+        row["plane_cpu_s"] = {s: median(s, "control_plane_cpu_to_children_s") for s in side}
         for key in ("all_children_s", "all_finished_s", "child_latency_p50_s", "child_latency_p99_s", "create_calls_s"):
             row[key] = {s: median(s, key) for s in side}
         ratios = [d["all_children_s"] / o["all_children_s"] for d, o in zip(side["direct"], side["operator"])
                   if d.get("all_children_s") and o.get("all_children_s")]
         row["ratio_children"] = ratios
+        row["ratio_ideal"] = [d["all_children_s"] / i["all_children_s"] for d, i in zip(side["direct"], side["ideal"])
+                              if d.get("all_children_s") and i.get("all_children_s")]
+        row["writes"] = {s: (side[s][0]["writes_per_job_to_children"], side[s][0]["writes_per_job_to_finished"])
+                         for s in SIDES if side[s]}
         row["operator_rss_peak_mb"] = median("operator", "operator_rss_peak_mb")
         row["operator_cpu_s"] = median("operator", "operator_cpu_s")
         rows.append(row)
     return rows
+
+
+def _floor_and_writes(rounds: list[dict[str, Any]]) -> list[str]:
+    """The ideal side (when run), and each side's apiserver writes per job until every child Job exists."""
+    lines = []
+    for row in summary(rounds):
+        c, p50, p99 = row["all_children_s"], row["child_latency_p50_s"], row["child_latency_p99_s"]
+        if row["ratio_ideal"]:
+            lines += ["", f"**Floor, N={row['n']}.** Each FineTuneJob created where no operator watches and right "
+                      f"after it its Job (the apiserver work any operator adds at least): every Job after "
+                      f"{fmt(c['ideal'], 1)} s (p50 / p99 {fmt(p50['ideal'])} / {fmt(p99['ideal'])} s), ratio "
+                      f"direct/ideal **{', '.join(f'{r:.2f}' for r in row['ratio_ideal'])}** (each side's load in the "
+                      "last table)."]
+        for side, (writes, whole) in row["writes"].items():
+            lines += ["", f"Control plane CPU (etcd, apiserver, kcm, scheduler, kwok) per job until every child Job exists, "
+                      f"N={row['n']}, {side}: {fmt(1000 * row['plane_cpu_s'][side] / row['n'], 1)} ms (median over rounds)."]
+            lines += ["", f"Apiserver writes per job until every child Job exists, N={row['n']}, {side} (round 1; every "
+                      f"client's, kcm's, the scheduler's and kwok's included): **{sum(writes.values()):.1f}**: "
+                      + ", ".join(f"{k} {v:g}" for k, v in writes.items())
+                      + (f"; until all finished {sum(whole.values()):.1f}: " + ", ".join(f"{k} {v:g}" for k, v in whole.items())
+                         if whole else "") + "."]
+    return lines
 
 
 def markdown(payload: dict[str, Any]) -> str:
@@ -522,6 +606,7 @@ def markdown(payload: dict[str, Any]) -> str:
                      f"| ≥0.8 | {fmt(p50['direct'])} / {fmt(p99['direct'])}, {fmt(p50['operator'])} / "
                      f"{fmt(p99['operator'])} | {fmt(f['direct'], 1)} / {fmt(f['operator'], 1)} | "
                      f"{fmt(row['operator_rss_peak_mb'], 0)} | {fmt(row['operator_cpu_s'], 1)} |")
+    lines += _floor_and_writes(out["rounds"])
     lines += ["", "Creating the FineTuneJobs alone, in a namespace no operator watches (before each round's pair; "
               "the apiserver's own cost of the operator side's creates): "
               + "; ".join(f"N={a['n']} round {a['round']}: {a['create_calls_s']:.1f} s at load {a['load_before']:.1f}"
@@ -573,6 +658,10 @@ def main() -> None:
     parser.add_argument("--live-jobs", type=int, default=1000, help="FineTuneJobs kept live for the RSS figure")
     parser.add_argument("--live-seconds", type=float, default=60, help="seconds the RSS is sampled once all are live")
     parser.add_argument("--profile", action="store_true", help="py-spy the operator during the largest burst")
+    parser.add_argument("--ideal", action="store_true",
+                        help="a third side per round: each FineTuneJob (no operator watching) and then its Job")
+    parser.add_argument("--children-only", action="store_true",
+                        help="end each side once every child Job exists (a quicker trial: no all-finished figure)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="another folder: a trial run on any tree")
     args = parser.parse_args()
     if args.out.resolve() == RESULTS.resolve():

@@ -17,7 +17,8 @@ import pytest
 import yaml
 
 from fault_servers import FaultServer
-from finetune_operator.children import METRICS_PORT
+from finetune_operator.api import FineTuneJobSpec
+from finetune_operator.children import METRICS_PORT, rendezvous
 from kube import Kube
 from operator_fixture import REPO, OperatorEnv, crd_installed, example, kwok_claim, kwok_job, operator_env  # noqa: F401 (fixtures)
 
@@ -85,9 +86,11 @@ def _burst_under_kills(env: OperatorEnv, output: str, jobs: int, kills: int) -> 
             assert "Restarting" not in conditions, (name, status)  # a crash of the operator is no failed attempt
         wanted = [f"{name}-{a}" for a in range(1, expected_attempts + 1)]
         uid = ftjs[name]["metadata"]["uid"]
+        gang = rendezvous(FineTuneJobSpec.model_validate(ftjs[name]["spec"]))  # else no Service
         for kind, found in (("Job", jobs_by_owner), ("ConfigMap", config_maps), ("Service", services)):
             objects = found.pop(name, [])
-            assert sorted(o["metadata"]["name"] for o in objects) == wanted, (kind, name)
+            assert sorted(o["metadata"]["name"] for o in objects) == (wanted if kind != "Service" or gang else []), \
+                (kind, name)
             assert all(o["metadata"]["ownerReferences"][0]["uid"] == uid for o in objects), (kind, name)
     # Nothing that belongs to no FineTuneJob of this burst.
     assert not jobs_by_owner and not config_maps and not services

@@ -93,11 +93,13 @@ def test_the_minilm_example_runs_and_its_status_tells_the_story(operator_env: Op
     header, row = table.splitlines()[:2]
     assert header.split()[:6] == ["NAME", "PHASE", "STAGE", "PROGRESS", "WORKERS", "ATTEMPTS"]
     assert "Succeeded" in row and "Done" in row and "100" in row and "accuracy" in row
-    # One attempt's children, owned by the job, with deterministic names; an Event per transition.
-    for kind in ("jobs", "configmaps", "services"):
+    # One attempt's children, owned by the job, with deterministic names (one worker: no Service); an Event per
+    # transition.
+    for kind in ("jobs", "configmaps"):
         objs = env.objects(kind, name)
         assert [o["metadata"]["name"] for o in objs] == ["minilm-sentiment-1"], kind
         assert objs[0]["metadata"]["ownerReferences"][0]["uid"] == done["metadata"]["uid"]
+    assert not env.objects("services", name) and "service" not in status["children"]
     reasons = [e["reason"] for e in env.events(name)]
     assert {"AttemptCreated", "Training", "Completed"} <= set(reasons), reasons
     with urllib.request.urlopen(f"http://127.0.0.1:{env.liveness_port}/healthz", timeout=5) as response:
@@ -305,7 +307,7 @@ def test_the_operator_killed_mid_job_duplicates_nothing(operator_env: OperatorEn
     env.start()
     done = env.wait_phase(name, "Succeeded", timeout=420)
     assert done["status"]["attempts"] == 1 and done["status"]["evaluation"]["final"]
-    for kind in ("jobs", "configmaps", "services"):
+    for kind in ("jobs", "configmaps"):
         assert len(env.objects(kind, name)) == 1, kind
 
 

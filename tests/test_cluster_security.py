@@ -126,15 +126,17 @@ def _asked(event: dict[str, Any]) -> tuple[str, str]:
 
 def test_the_operator_asks_for_exactly_what_its_rules_grant(kube: Kube, operator_env: OperatorEnv) -> None:
     """Every rule is used, and nothing else is asked for, across the operator's paths: a job that
-    fails and is deleted by its TTL, one whose deadline passes, one the Job controller cannot make
-    pods for (the Warning Events are read), a suspended one."""
+    fails and is deleted by its TTL, one whose deadline passes (its processes meet through torchrun,
+    so it has a Service), one the Job controller cannot make pods for (the Warning Events are read),
+    a suspended one."""
     env = operator_env
     if kube.audit_log is None:
         pytest.skip("the cluster's audit log is readable only on the local cluster this session runs")
     started = time.time()
     gone = example("minilm-sentiment", dataset={"uri": "pvc://data/nowhere.csv"}) | {"metadata": {"name": "gone"}}
     gone["spec"]["ttlSecondsAfterFinished"] = 1
-    late = example("minilm-sentiment", runtime={"resources": {"limits": {"nvidia.com/gpu": 99}}}) | {"metadata": {"name": "late"}}
+    late = example("minilm-sentiment", runtime={"resources": {"limits": {"nvidia.com/gpu": 99}}, "processesPerWorker": 2}) \
+        | {"metadata": {"name": "late"}}
     late["spec"]["activeDeadlineSeconds"] = 3
     podless = example("minilm-sentiment", pod={"serviceAccountName": "no-such-account"}) | {"metadata": {"name": "podless"}}
     paused = example("minilm-sentiment", runtime={"resources": {"limits": {"nvidia.com/gpu": 99}}}) | {"metadata": {"name": "paused"}}

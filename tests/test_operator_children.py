@@ -24,13 +24,13 @@ def ftj(example: str = "minilm-sentiment.yaml", **spec: object) -> tuple[dict, o
 
 
 def test_names_labels_and_owner_are_deterministic() -> None:
-    doc, spec = ftj()
+    doc, spec = ftj("minilm-sentiment-2workers.yaml")
     objs = children.attempt_children(doc, spec, 2, SETTINGS)
     assert [o["kind"] for o in objs] == ["ConfigMap", "Service", "Job"]  # the Job last: its pods need the others
     for obj in objs:
         meta = obj["metadata"]
-        assert meta["name"] == "minilm-sentiment-2" and meta["namespace"] == "team-a"
-        assert meta["labels"][children.JOB_NAME_LABEL] == "minilm-sentiment"
+        assert meta["name"] == "minilm-sentiment-2workers-2" and meta["namespace"] == "team-a"
+        assert meta["labels"][children.JOB_NAME_LABEL] == "minilm-sentiment-2workers"
         assert meta["labels"][children.ATTEMPT_LABEL] == "2"
         assert meta["ownerReferences"][0]["uid"] == "1234" and meta["ownerReferences"][0]["controller"]
     assert objs == children.attempt_children(doc, spec, 2, SETTINGS)
@@ -41,6 +41,14 @@ def test_the_config_map_holds_exactly_the_trainers_half() -> None:
     config = json.loads(children.config_map(doc, spec, 1)["data"][children.CONFIG_KEY])
     assert set(config) == set(TrainerConfig.model_fields)
     assert TrainerConfig.from_wire(config).model.uri == "pvc://models/all-MiniLM-L6-v2"  # the trainer parses it strictly
+
+
+def test_a_single_process_gets_no_service_nor_subdomain() -> None:
+    doc, spec = ftj()
+    assert [o["kind"] for o in children.attempt_children(doc, spec, 1, SETTINGS)] == ["ConfigMap", "Job"]
+    assert "subdomain" not in children.job(doc, spec, 1, SETTINGS)["spec"]["template"]["spec"]
+    doc, spec = ftj(runtime={"workers": 1, "processesPerWorker": 2})  # torchrun: rank 0's name must resolve
+    assert [o["kind"] for o in children.attempt_children(doc, spec, 1, SETTINGS)] == ["ConfigMap", "Service", "Job"]
 
 
 def test_the_service_is_headless_and_publishes_unready_pods() -> None:

@@ -334,7 +334,7 @@ class Children(ApiModel):
     """The current attempt's objects, all in the job's namespace."""
 
     config_map: ChildName | None = Field(None, description="The ConfigMap holding the trainer's config.")
-    service: ChildName | None = Field(None, description="The headless Service (rendezvous and metrics).")
+    service: ChildName | None = Field(None, description="The headless Service of torchrun's rendezvous (none for a single process).")
     job: ChildName | None = Field(None, description="The Indexed batch/v1 Job running the workers.")
 
 

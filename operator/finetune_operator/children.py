@@ -1,9 +1,10 @@
 """The objects of one attempt, built from the spec alone (pure functions, no API calls).
 
-Each attempt N of FineTuneJob `x` gets a ConfigMap, a headless Service and an Indexed Job, all
-named `x-N`, labelled with the job's name and the attempt, and owned by the FineTuneJob. The
-Job's pod with completion index 0 is rank 0: the static rendezvous address is its hostname,
-`x-N-0.x-N`, so the rank that reports is never c10d's choice.
+Each attempt N of FineTuneJob `x` gets a ConfigMap, an Indexed Job and, when its processes meet
+through torchrun, a headless Service, all named `x-N`, labelled with the job's name and the
+attempt, and owned by the FineTuneJob. The Job's pod with completion index 0 is rank 0: the
+static rendezvous address is its hostname, `x-N-0.x-N`, so the rank that reports is never c10d's
+choice.
 """
 
 from __future__ import annotations
@@ -63,6 +64,13 @@ def config_map(ftj: dict[str, Any], spec: api.FineTuneJobSpec, attempt: int) -> 
             "data": {CONFIG_KEY: json.dumps(trainer_config(spec), indent=1, sort_keys=True)}}
 
 
+def rendezvous(spec: api.FineTuneJobSpec) -> bool:
+    """Whether torchrun starts the processes, meeting at rank 0's name, which the Service publishes. A single
+    process needs neither: without the Service a burst of such jobs saves a write per job, and kcm's writes of
+    its Endpoints and EndpointSlice (created, then changed as the pod comes and goes)."""
+    return spec.runtime.workers > 1 or spec.runtime.processes_per_worker > 1
+
+
 def service(ftj: dict[str, Any], attempt: int) -> dict[str, Any]:
     """Headless, and publishing pods before they are ready: torchrun's rendezvous needs the names first."""
     meta = _metadata(ftj, attempt)
@@ -88,7 +96,7 @@ def _threads(resources: core.ResourceRequirements, processes: int) -> int:
 def command(name: str, spec: api.FineTuneJobSpec) -> list[str]:
     config = f"{CONFIG_DIR}/{CONFIG_KEY}"
     rt = spec.runtime
-    if rt.workers == 1 and rt.processes_per_worker == 1:
+    if not rendezvous(spec):
         return ["finetune-trainer", "run", config]
     # Static rendezvous on index 0: torchrun's c10d backend would let any node be rank 0.
     return ["torchrun", f"--nnodes={rt.workers}", f"--nproc-per-node={rt.processes_per_worker}",
@@ -161,7 +169,6 @@ def job(ftj: dict[str, Any], spec: api.FineTuneJobSpec, attempt: int, settings: 
     pull_secrets = [{"name": s} for s in settings.trainer_pull_secrets] + [s.to_wire() for s in pod.image_pull_secrets]
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "subdomain": name,
         "automountServiceAccountToken": False,
         "securityContext": pod_security,
         "containers": [container],
@@ -170,7 +177,8 @@ def job(ftj: dict[str, Any], spec: api.FineTuneJobSpec, attempt: int, settings: 
         "tolerations": [t.to_wire() for t in pod.tolerations],
         "imagePullSecrets": pull_secrets,
     }
-    optional = {"serviceAccountName": pod.service_account_name, "schedulerName": pod.scheduler_name,
+    optional = {"subdomain": name if rendezvous(spec) else None,
+                "serviceAccountName": pod.service_account_name, "schedulerName": pod.scheduler_name,
                 "priorityClassName": pod.priority_class_name, "affinity": pod.affinity.to_wire() if pod.affinity else None}
     pod_spec |= {k: v for k, v in optional.items() if v}
     job_labels = dict(meta["labels"])
@@ -197,4 +205,5 @@ def job(ftj: dict[str, Any], spec: api.FineTuneJobSpec, attempt: int, settings: 
 
 def attempt_children(ftj: dict[str, Any], spec: api.FineTuneJobSpec, attempt: int, settings: Settings) -> list[dict[str, Any]]:
     """In creation order: the Job last, so its pods find their config and Service."""
-    return [config_map(ftj, spec, attempt), service(ftj, attempt), job(ftj, spec, attempt, settings)]
+    return [config_map(ftj, spec, attempt), *([service(ftj, attempt)] if rendezvous(spec) else []),
+            job(ftj, spec, attempt, settings)]

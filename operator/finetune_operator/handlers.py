@@ -90,6 +90,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
         settings.watching.label_selectors[group, version, plural] = children.JOB_NAME_LABEL
     memo.clients = Clients()
     memo.job_warnings = JobWarnings()
+    memo.claims = Claims()
     ours: Settings = memo.settings
     metrics.serve(ours.bind_address, ours.metrics_port)
     log.info("finetune-operator: watching %s; trainer image %s; polling every %.1f s",
@@ -215,16 +216,35 @@ def _job_warning(clients: Clients, warnings: JobWarnings, seen: reconcile.Observ
     return warnings.latest(clients, ns, job["name"])
 
 
-def _claims(clients: Clients, spec: api.FineTuneJobSpec, ns: str) -> dict[str, dict[str, Any] | None]:
-    found: dict[str, dict[str, Any] | None] = {}
-    for claim in judge.claim_fields(spec):
+CLAIMS_TTL_SECONDS = 5.0
+
+
+class Claims:
+    """The claims that exist (what the judge reads of them), each kept CLAIMS_TTL_SECONDS: a burst of jobs that
+    write to one claim reads it once, not once per job before each child Job. A missing claim is read every time:
+    it may be created at any moment, and a job judged without it fails for good."""
+
+    def __init__(self) -> None:
+        self.found: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}
+
+    def get(self, clients: Clients, ns: str, name: str) -> dict[str, Any] | None:
+        read_at, claim = self.found.get((ns, name), (0.0, None))
+        if claim is not None and time.monotonic() - read_at <= CLAIMS_TTL_SECONDS:
+            return claim
         try:
-            found[claim] = json.loads(clients.call("GET", _path(ns, "persistentvolumeclaims", claim)))
+            body = json.loads(clients.call("GET", _path(ns, "persistentvolumeclaims", name)))
         except ApiException as exc:
+            self.found.pop((ns, name), None)
             if exc.status != 404:
-                raise kopf.TemporaryError(f"reading claim {claim}: {exc.reason}", delay=5) from exc
-            found[claim] = None
-    return found
+                raise kopf.TemporaryError(f"reading claim {name}: {exc.reason}", delay=5) from exc
+            return None
+        claim = {"spec": {"accessModes": (body.get("spec") or {}).get("accessModes") or []}}
+        self.found[(ns, name)] = (time.monotonic(), claim)
+        return claim
+
+
+def _claims(clients: Clients, claims: Claims, spec: api.FineTuneJobSpec, ns: str) -> dict[str, dict[str, Any] | None]:
+    return {claim: claims.get(clients, ns, claim) for claim in judge.claim_fields(spec)}
 
 
 def _create(clients: Clients, obj: dict[str, Any]) -> None:
@@ -312,7 +332,7 @@ def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, job_index: k
     if decision.create_attempt:
         spec, _ = reconcile.parse_spec(seen.body)
         assert spec is not None
-        seen.problems = judge.spec_problems(spec, _claims(clients, spec, ns), ns)
+        seen.problems = judge.spec_problems(spec, _claims(clients, memo.claims, spec, ns), ns)
         if not seen.problems:
             try:
                 _create_attempt(clients, seen.body, spec, decision.create_attempt, settings)

@@ -70,6 +70,7 @@ class SpecFacts:
     managed_by: str | None
     suspend: bool
     workers: int
+    rendezvous: bool  # the attempt has a Service
     global_batch: int
     backoff_limit: int
     active_deadline_seconds: int | None
@@ -78,7 +79,8 @@ class SpecFacts:
 
     @classmethod
     def of(cls, spec: api.FineTuneJobSpec) -> SpecFacts:
-        return cls(spec.managed_by, spec.suspend, spec.runtime.workers, global_batch(spec), spec.backoff_limit,
+        return cls(spec.managed_by, spec.suspend, spec.runtime.workers, children.rendezvous(spec), global_batch(spec),
+                   spec.backoff_limit,
                    spec.active_deadline_seconds, spec.ttl_seconds_after_finished, spec.output.uri)
 
 
@@ -116,9 +118,9 @@ def current_attempt(status: dict[str, Any], jobs: list[dict[str, Any]]) -> int:
     return max([status.get("attempts") or 0] + [j["attempt"] for j in jobs])
 
 
-def _children(name: str) -> dict[str, str]:
-    """An attempt's ConfigMap, Service and Job share one name."""
-    return {"configMap": name, "service": name, "job": name}
+def _children(name: str, spec: SpecFacts) -> dict[str, str]:
+    """An attempt's ConfigMap, Service (if any) and Job share one name."""
+    return {"configMap": name, "job": name} | ({"service": name} if spec.rendezvous else {})
 
 
 def global_batch(spec: api.FineTuneJobSpec) -> int:
@@ -160,7 +162,7 @@ def decide(seen: Observed) -> Decision | None:
         return _finish(decision, old, conds)
     workers = spec.workers
     if job:
-        status["children"] = _children(job["name"])
+        status["children"] = _children(job["name"], spec)
         status["workers"] = {k: job[k] for k in ("active", "ready", "succeeded", "failed")}
 
     if spec.suspend:
@@ -192,7 +194,7 @@ def decide(seen: Observed) -> Decision | None:
         decision.create_attempt = max(attempt, 1)
         status["attempts"] = decision.create_attempt
         status.setdefault("startTime", old.get("startTime") or timestamp(now))
-        status["children"] = _children(children.child_name(meta["name"], decision.create_attempt))
+        status["children"] = _children(children.child_name(meta["name"], decision.create_attempt), spec)
         conds.set(T.CREATED, True, "AttemptCreated", f"attempt {decision.create_attempt}: {workers} worker(s)")
         return _finish(decision, old, conds)
 
