@@ -120,8 +120,7 @@ def importance(model: nn.Module, batches: list[Batch], task: Task, labels_fit: b
     try:
         for batch in batches:
             ids = next(iter(batch.inputs.values()))
-            mask = batch.inputs.get("attention_mask")
-            state["mask"] = (mask if mask is not None else torch.ones(ids.shape[:2], device=device)).float()
+            state["mask"] = real_tokens(batch)
             state["gates"] = torch.ones(ids.shape[0], len(layers), max(heads if gated else 1, 1), device=device,
                                         requires_grad=gated)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None), \
