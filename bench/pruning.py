@@ -7,7 +7,10 @@ the 2 of 6 layers with the lowest Block Influence on the probe batch before trai
 are reloaded with `AutoModelForSequenceClassification` and their CPU inference latency is measured side by side:
 rounds alternate which model goes first, on the same test batches, in the same process and thread count.
 `--longer-epochs N` adds a third side, apart from the headline: the pruned model trained for N epochs, which spends
-about the training time its smaller size saves (a recipe difference, reported as such).
+about the training time its smaller size saves (a recipe difference, reported as such). `--heal-steps N` heals the
+pruned model for N steps before its training (`rearrange.prune.heal`: its layers learn to give back the unpruned
+model's last hidden states on the training texts, no labels); the table gives the healing's seconds beside the
+training's.
 Goal (issue 14): accuracy within one point of the unpruned fine-tune, and at least 1.25x faster inference.
 """
 
@@ -35,13 +38,17 @@ GOAL_ACCURACY_POINTS = 1.0
 GOAL_SPEEDUP = 1.25
 
 
-def job(settings: Settings, full: bool, eval_rows: int, output: Path, pruned: bool) -> Any:
+def prune_spec(heal_steps: int | None, heal_lr: float) -> dict[str, Any]:
+    return PRUNE | ({"heal": {"steps": heal_steps, "learningRate": heal_lr}} if heal_steps else {})
+
+
+def job(settings: Settings, full: bool, eval_rows: int, output: Path, prune: dict[str, Any] | None) -> Any:
     """The FineTuneJob spec of a side: the recipe (LoRA, or `full`), evaluated once per epoch, plus the pruning."""
     from finetune_trainer.config import TrainerConfig
 
     spec = recipe(settings, full)
-    if pruned:
-        spec["rearrange"]["prune"] = PRUNE
+    if prune:
+        spec["rearrange"]["prune"] = prune
     return TrainerConfig.model_validate({
         "model": {"uri": str(minilm_path()), "task": "sequence-classification"},
         "dataset": dataset_spec(settings.train_rows, eval_rows, settings.max_length),
@@ -53,18 +60,19 @@ def job(settings: Settings, full: bool, eval_rows: int, output: Path, pruned: bo
     })
 
 
-def train(settings: Settings, full: bool, eval_rows: int, output: Path, pruned: bool) -> dict[str, Any]:
+def train(settings: Settings, full: bool, eval_rows: int, output: Path, prune: dict[str, Any] | None) -> dict[str, Any]:
     from finetune_trainer import pipeline
 
     load = list(os.getloadavg())
-    report = pipeline.run(job(settings, full, eval_rows, output, pruned), output)
+    report = pipeline.run(job(settings, full, eval_rows, output, prune), output)
     side = {"final": report["evaluation"]["final"], "train_seconds": report["training"]["seconds"],
             "train_cpu_seconds": report["training"]["cpu_seconds"],
             "steps": report["training"]["steps"], "test_samples": report["training"]["test_samples"],
             "layer_scores": report["analysis"]["importance"]["layers"]["scores"],
             "loadavg_before": load, "loadavg_after": list(os.getloadavg())}
-    if pruned:
+    if prune:
         side["removed_layers"] = report["pruning"]["removed_layers"]
+        side["heal"] = report["pruning"].get("heal")
     return side
 
 
@@ -98,7 +106,7 @@ def latency(models: dict[str, Any], batches: list[dict], rounds: int) -> dict[st
 
 
 def measure_seed(settings: Settings, full: bool, eval_rows: int, rounds: int, batch_size: int,
-                 batches: int, longer_epochs: int | None = None) -> dict[str, Any]:
+                 batches: int, longer_epochs: int | None = None, prune: dict[str, Any] = PRUNE) -> dict[str, Any]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from bench.data import load
@@ -108,7 +116,7 @@ def measure_seed(settings: Settings, full: bool, eval_rows: int, rounds: int, ba
         order = SIDES[settings.seed % 2:] + SIDES[:settings.seed % 2]  # rotates, so a drifting load favours neither
         for name in order + ((LONGER,) if longer_epochs else ()):
             side = replace(settings, epochs=longer_epochs) if name == LONGER else settings
-            sides[name] = train(side, full, eval_rows, Path(tmp) / name, pruned=name != "unpruned")
+            sides[name] = train(side, full, eval_rows, Path(tmp) / name, prune if name != "unpruned" else None)
             print(f"bench.pruning: seed {settings.seed} {name}: accuracy {sides[name]['final']['accuracy']:.4f}, "
                   f"{sides[name]['train_seconds']:.0f}s training", flush=True)
         models = {n: AutoModelForSequenceClassification.from_pretrained(Path(tmp) / n).eval() for n in SIDES}
@@ -154,7 +162,8 @@ def markdown(seeds: list[dict[str, Any]], result: dict[str, Any], info: dict[str
             f"| {100 * s['accuracy_difference']:+.2f} | {s['latency']['median_ms']['unpruned']['wall']:.1f} / "
             f"{s['latency']['median_ms']['pruned']['wall']:.1f} | {s['latency']['speedup']['wall']:.2f}× "
             f"| {s['latency']['speedup']['cpu']:.2f}× | {u['parameters']:,} / {p['parameters']:,} "
-            f"| {u['train_seconds']:.0f} / {p['train_seconds']:.0f} | {fmt(min(loads), 1)}–{fmt(max(loads), 1)} |")
+            f"| {u['train_seconds']:.0f} / {p['train_seconds']:.0f} |{heal_cell(p)} {fmt(min(loads), 1)}–"
+            f"{fmt(max(loads), 1)} |")
     acc, speed = result["accuracy_difference_points"], result["speedup"]
     return "\n".join([
         "# Pruning: MiniLM, a quarter of its layers removed, against the unpruned fine-tune",
@@ -165,17 +174,21 @@ def markdown(seeds: list[dict[str, Any]], result: dict[str, Any], info: dict[str
         "",
         f"Both sides: {recipe_words(args)}, {args.train_rows} training rows, {args.epochs} epochs, batch "
         f"{args.batch_size}, max length {args.max_length}; accuracy on the test split ({seeds[0]['sides']['pruned']['test_samples']} rows). "
-        f"Pruned: `rearrange.prune: {PRUNE}` (6 → 4 layers, lowest Block Influence). Latency: "
+        f"Pruned: `rearrange.prune: {prune_spec(args.heal_steps, args.heal_lr)}` (6 → 4 layers, lowest Block "
+        f"Influence{', healed before training' if args.heal_steps else ''}). Latency: "
         f"{args.rounds} alternating rounds over {args.batches} test batches of {args.batch_size}, reloaded with "
         "`AutoModelForSequenceClassification`, same process and threads; speed-up = unpruned / pruned, the median "
         "over rounds.",
         "",
-        "Headline: the same recipe and steps on both sides.",
+        "Headline: the same recipe and steps on both sides"
+        + (" (the pruned side's healing is part of its pruning, its cost in its own column)." if args.heal_steps
+           else "."),
         "",
         "| seed | removed layers | accuracy unpruned | accuracy pruned | difference (points) | ms per batch "
         "unpruned / pruned (wall) | speed-up (wall) | speed-up (CPU time) | parameters unpruned / pruned "
-        "| training s unpruned / pruned | 1-min load during training |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        "| training s unpruned / pruned |" + (" healing s, cosine to the unpruned before → after |"
+                                               if args.heal_steps else "") + " 1-min load during training |",
+        "|---|---|---|---|---|---|---|---|---|---|" + ("---|" if args.heal_steps else "") + "---|",
         *rows,
         "",
         f"**Accuracy**: pruned minus unpruned, mean {acc['mean']:+.2f} points (range {acc['min']:+.2f} to "
@@ -217,6 +230,11 @@ def longer_lines(seeds: list[dict[str, Any]], result: dict[str, Any], args: argp
     ]
 
 
+def heal_cell(side: dict[str, Any]) -> str:
+    heal = side.get("heal")
+    return f" {heal['seconds']:.0f}, {heal['cosine_before']:.3f} → {heal['cosine_after']:.3f} |" if heal else ""
+
+
 def recipe_words(args: argparse.Namespace) -> str:
     if args.recipe == "full":
         return f"a full fine-tune (nothing frozen, no adapters, lr {args.learning_rate:g})"
@@ -240,6 +258,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--epochs", type=int, default=defaults.epochs)
     parser.add_argument("--longer-epochs", type=int, default=None,
                         help="also train the pruned model for this many epochs, reported apart (a recipe difference)")
+    parser.add_argument("--heal-steps", type=int, default=None,
+                        help="heal the pruned model for this many steps before its training (rearrange.prune.heal)")
+    parser.add_argument("--heal-lr", type=float, default=1e-4, help="the healing's learning rate")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="training and latency batches")
     parser.add_argument("--max-length", type=int, default=defaults.max_length)
     parser.add_argument("--rounds", type=int, default=10, help="latency rounds per seed, alternating the order")
@@ -262,11 +283,12 @@ def main(argv: list[str] | None = None) -> int:
     done: list[dict[str, Any]] = []
     for seed in (int(s) for s in args.seeds.split(",")):
         done.append(measure_seed(replace(base, seed=seed), args.recipe == "full", args.eval_rows, args.rounds,
-                                 args.batch_size, args.batches, args.longer_epochs))
+                                 args.batch_size, args.batches, args.longer_epochs,
+                                 prune_spec(args.heal_steps, args.heal_lr)))
         result = summary(done)
         # Written after every seed, so an interrupted run keeps the seeds it finished.
         payload = {"command": command, "machine": info, "settings": vars(args) | {"out": str(args.out)},
-                   "prune": PRUNE, "seeds": done, "summary": result}
+                   "prune": prune_spec(args.heal_steps, args.heal_lr), "seeds": done, "summary": result}
         written = write_results(stem, payload, markdown(done, result, info, command, args), args.out)
         print(f"bench.pruning: seed {seed} done; {written}", flush=True)
     return 0

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 
 from finetune_trainer import prune
 from finetune_trainer.batches import encode_causal, encode_text, epoch_batches, make_collate
-from finetune_trainer.config import ModelSpec, PruneSpec, Task, TrainerConfig
+from finetune_trainer.config import HealSpec, ModelSpec, PruneSpec, Task, TrainerConfig
 from finetune_trainer.data import Split
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.export import export_model
@@ -118,6 +118,27 @@ def test_pruning_removes_exactly_the_chosen_layers_and_the_export_reloads_with_t
     torch.testing.assert_close(logits_of(reloaded, batches[0].inputs), logits, atol=1e-5, rtol=1e-5)
 
 
+def test_healing_trains_the_kept_layers_back_towards_the_unpruned_models_hidden_states(minilm) -> None:
+    model, _, batches = minilm
+    teacher = copy.deepcopy(model)
+    pruned = copy.deepcopy(model)
+    prune.remove_layers(pruned, Task.SEQUENCE_CLASSIFICATION, [1, 2])
+    pruned.bert.embeddings.requires_grad_(False)  # as a freeze would leave them: healing must not change that
+    untouched = {k: v.clone() for k, v in pruned.state_dict().items() if not k.startswith("bert.encoder.")}
+    healed = prune.heal(pruned, teacher, Task.SEQUENCE_CLASSIFICATION, batches * 3, HealSpec(steps=8))
+    assert healed["steps"] == 8
+    assert healed["cosine_after"] > healed["cosine_before"] + 0.03, healed
+    target = prune.last_hidden(teacher, batches[0].inputs)
+    assert prune.agreement(pruned, batches[0], target) == pytest.approx(healed["cosine_after"], abs=1e-4)
+    for key, value in pruned.state_dict().items():  # only the layers train: embeddings, pooler and head stay
+        if key in untouched:
+            assert torch.equal(value, untouched[key]), key
+    assert not any(p.requires_grad for p in pruned.bert.embeddings.parameters())
+    assert all(p.requires_grad for p in pruned.bert.encoder.parameters())
+    for key, value in teacher.state_dict().items():  # the target is left as it was
+        assert torch.equal(value, model.state_dict()[key]), key
+
+
 def test_a_pruned_decoder_renumbers_its_layers_and_reloads(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 
@@ -146,7 +167,7 @@ def test_a_pruned_job_reports_scores_size_and_latency_before_and_after(tmp_path:
 
     doc = tiny_classifier_doc(tmp_path / "out")
     doc["model"]["config"] = TINY_BERT | {"num_hidden_layers": 3}
-    doc["rearrange"] = {"prune": {"count": 1}, "lora": {"rank": 4}}
+    doc["rearrange"] = {"prune": {"count": 1, "heal": {"steps": 3}}, "lora": {"rank": 4}}
     termination = tmp_path / "termination"
     monkeypatch.setenv("TERMINATION_MESSAGE_PATH", str(termination))
     report = run(TrainerConfig.model_validate(doc), tmp_path / "out")
@@ -162,7 +183,9 @@ def test_a_pruned_job_reports_scores_size_and_latency_before_and_after(tmp_path:
     assert message["pruning"]["parameters"] == {"before": pruning["before"]["parameters"],
                                                 "after": pruning["after"]["parameters"]}
     assert message["analysis"]["layerImportance"] == [round(s, 4) for s in scores]
-    assert "## Pruning" in (tmp_path / "out" / "README.md").read_text()
+    assert pruning["heal"]["steps"] == 3 and -1 <= pruning["heal"]["cosine_before"] <= 1
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "## Pruning" in card and "Healed in 3 steps" in card
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
     assert reloaded.config.num_hidden_layers == 2 and prune.parameters(reloaded) == pruning["after"]["parameters"]
 

@@ -273,6 +273,14 @@ class LoraSpec(ApiModel):
     )
 
 
+class HealSpec(ApiModel):
+    """Healing after pruning: every weight of the remaining layers trains to reproduce the unpruned model's last
+    hidden states on the training texts (no labels), before the recipe's training starts."""
+
+    steps: int = Field(ge=1, le=100000, description="Optimizer steps of healing, one training batch each.")
+    learning_rate: float = Field(1e-4, gt=0, le=1, description="AdamW's rate, reached after a 10% linear warmup.")
+
+
 class PruneSpec(ApiModel):
     """Remove the transformer layers the analysis scores least important (Block Influence), before training.
 
@@ -288,6 +296,11 @@ class PruneSpec(ApiModel):
         le=2,
         description="Remove every layer whose Block Influence (1 - cosine similarity of its input and output "
         "hidden states, 0 to 2) is below this.",
+    )
+    heal: HealSpec | None = Field(
+        None,
+        description="Heal the pruned model before training: its layers learn to give the unpruned model's last "
+        "hidden states back (a copy of the unpruned model is held meanwhile). Omit to train it as pruned.",
     )
 
     rules = (

@@ -126,6 +126,7 @@ def pruning_section(pruning: dict[str, Any] | None) -> list[str]:
         f"Removed {len(pruning['removed_layers'])} of {pruning['layers_before']} layers "
         f"({', '.join(map(str, pruning['removed_layers']))}, counted from 0 at the bottom), the least important "
         f"by {pruning['measure']}, before training.",
+        *heal_lines(pruning.get("heal")),
         "",
         "| | before pruning | pruned and fine-tuned |",
         "|---|---|---|",
@@ -134,6 +135,14 @@ def pruning_section(pruning: dict[str, Any] | None) -> list[str]:
         *[f"| {m} (test split) | {fmt(before.get(m))} | {fmt(after[m])} |" for m in metrics],
         "",
     ]
+
+
+def heal_lines(heal: dict[str, float] | None) -> list[str]:
+    if not heal:
+        return []
+    return ["", f"Healed in {heal['steps']} steps ({heal['seconds']:.0f} s) towards the unpruned model's last hidden "
+                f"states: their mean cosine on a training batch went from {heal['cosine_before']:.3f} to "
+                f"{heal['cosine_after']:.3f}."]
 
 
 def fmt(value: float | None, spec: str = ".4f") -> str:

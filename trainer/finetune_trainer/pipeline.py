@@ -12,11 +12,14 @@ an exit code).
 from __future__ import annotations
 
 import contextlib
+import copy
+import itertools
 import json
 import logging
 import signal
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -151,9 +154,14 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     check_positions(model, cfg.dataset.max_length)
 
     progress.enter(Stage.ANALYZING)
-    probe = [collate(train_data, idx).to(world.device) for idx in
-             epoch_batches(train_data.lengths, cfg.training.batch_size, seed=seed, epoch=0,
-                           bucketed=cfg.training.batching == Batching.LENGTH_BUCKETED)[: cfg.analyze.probe_batches]]
+    def training_batches() -> Iterator[Batch]:
+        """The training split's batches, epoch after epoch, in the order one worker's training loop takes them."""
+        for epoch in itertools.count():
+            for idx in epoch_batches(train_data.lengths, cfg.training.batch_size, seed=seed, epoch=epoch,
+                                     bucketed=cfg.training.batching == Batching.LENGTH_BUCKETED):
+                yield collate(train_data, idx).to(world.device)
+
+    probe = list(itertools.islice(training_batches(), cfg.analyze.probe_batches))
     dtype = autocast_dtype(cfg.training.precision, world.device)
     if detecting:
         report = detection_analysis.analyze(model, probe, train_data, num_labels, dtype)
@@ -201,7 +209,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     if cfg.rearrange.prune is not None:
         serving = [collate(test_data, idx).to(world.device)
                    for idx in eval_batches(test_data.lengths, eval_size)[: prune.LATENCY_BATCHES]]
-        pruning = prune_layers(model, task, report, cfg, serving, measure, test_data)
+        pruning = prune_layers(model, task, report, cfg, serving, measure, test_data, training_batches(), dtype)
         layers = depth(model, task)
         for p in model.parameters():  # the freeze counted the layers as loaded; count the ones that stay
             p.requires_grad_(True)
@@ -301,9 +309,11 @@ def fingerprinted(cfg: TrainerConfig, world_size: int, pruning: dict[str, Any] |
 
 
 def prune_layers(model: nn.Module, task: Task, report: analysis.StructureReport, cfg: TrainerConfig,
-                 serving: list[Batch], measure: Any, test_data: Encoded) -> dict[str, Any]:
-    """Remove the layers the analysis scored least important; returns what they were and the model before (its
-    parameters and latency, and its test metrics when a baseline is asked for)."""
+                 serving: list[Batch], measure: Any, test_data: Encoded, heal_batches: Iterator[Batch],
+                 dtype: torch.dtype | None) -> dict[str, Any]:
+    """Remove the layers the analysis scored least important, and heal the rest when asked; returns what was removed,
+    the model before (its parameters and latency, and its test metrics when a baseline is asked for) and the
+    healing's figures."""
     if report.importance is None:
         raise ConfigError(f"rearrange.prune: no stack of transformer layers found in {report.model_class}")
     scores = report.importance["layers"]["scores"]
@@ -311,13 +321,16 @@ def prune_layers(model: nn.Module, task: Task, report: analysis.StructureReport,
     before = prune.footprint(model, serving)
     if cfg.evaluation.baseline:
         before |= measure(model, test_data)
+    heal = cfg.rearrange.prune.heal
+    teacher = copy.deepcopy(model) if heal else None
     prune.remove_layers(model, task, drop)
     log.info("pruned %d of %d layers %s (%s %s); %s -> %s parameters", len(drop), len(scores), drop,
              report.importance["layers"]["measure"], [round(scores[i], 4) for i in drop],
              f"{before['parameters']:,}", f"{prune.parameters(model):,}")
+    healed = prune.heal(model, teacher, task, heal_batches, heal, dtype) if teacher is not None and heal else None
     return {"measure": report.importance["layers"]["measure"], "removed_layers": drop,
             "removed_scores": [scores[i] for i in drop], "layers_before": len(scores),
-            "layers_after": len(scores) - len(drop), "before": before}
+            "layers_after": len(scores) - len(drop), "before": before} | ({"heal": healed} if healed else {})
 
 
 def pruning_message(pruning: dict[str, Any]) -> dict[str, Any]:

@@ -4,6 +4,12 @@ Layers are scored by Block Influence (Men et al. 2024, "ShortGPT: Layers in Larg
 Redundant Than You Expect"): BI_i = 1 - mean over real tokens of cos(x_i, x_i+1), between the hidden states
 that enter and leave layer i. A layer that hardly turns its input scores near 0 and is the first to go.
 
+Healing (`rearrange.prune.heal`) follows the recovery step of layer-pruning work (e.g. Kim et al. 2024, "Shortened
+LLaMA"; Gromov et al. 2024): before the task's training, the remaining layers learn to give back the unpruned
+model's last hidden states on the training texts, so the recipe starts from nearly the representation the
+unpruned model starts from. It needs no labels, and its target is the model as loaded, which an unpruned job
+starts from already.
+
 Heads are scored as Michel et al. 2019 ("Are Sixteen Heads Really Better than One?") do: a gate xi_h = 1
 multiplies head h's output where the heads are concatenated (the input of the attention's output projection),
 and I_h = mean over samples of |dL/dxi_h|. Only the gates get gradients: the weights' would cost a full
@@ -21,6 +27,7 @@ import logging
 import math
 import statistics
 import time
+from collections.abc import Iterable
 from typing import Any
 
 import torch
@@ -28,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune_trainer.batches import Batch
-from finetune_trainer.config import PruneSpec, Task
-from finetune_trainer.errors import ConfigError
+from finetune_trainer.config import HealSpec, PruneSpec, Task
+from finetune_trainer.errors import ConfigError, LossNotFinite
 from finetune_trainer.models import logits_of
 from finetune_trainer.structure import layer_units, lora_types
 
@@ -42,6 +49,7 @@ OUTPUT_PROJECTIONS = ("attention.output.dense", "attn.c_proj", "self_attn.o_proj
                       "attention.dense", "attn.out_proj")
 LATENCY_BATCHES = 8
 LATENCY_ROUNDS = 3
+HEAL_WARMUP = 0.1  # of the healing steps, a linear warmup
 
 
 def layer_stack(model: nn.Module, task: Task) -> tuple[str, nn.ModuleList] | None:
@@ -112,8 +120,7 @@ def importance(model: nn.Module, batches: list[Batch], task: Task, labels_fit: b
     try:
         for batch in batches:
             ids = next(iter(batch.inputs.values()))
-            mask = batch.inputs.get("attention_mask")
-            state["mask"] = (mask if mask is not None else torch.ones(ids.shape[:2], device=device)).float()
+            state["mask"] = real_tokens(batch)
             state["gates"] = torch.ones(ids.shape[0], len(layers), max(heads if gated else 1, 1), device=device,
                                         requires_grad=gated)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None), \
@@ -213,3 +220,84 @@ def latency_ms(model: nn.Module, batches: list[Batch]) -> float:
 
 def footprint(model: nn.Module, batches: list[Batch]) -> dict[str, float]:
     return {"parameters": parameters(model), "latency_ms": latency_ms(model, batches)}
+
+
+def last_hidden(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+    states = getattr(model(**inputs, output_hidden_states=True), "hidden_states", None)
+    if not states:
+        raise ConfigError(f"rearrange.prune.heal: {type(model).__name__} gives no hidden states to heal towards")
+    return states[-1].float()
+
+
+def real_tokens(batch: Batch) -> torch.Tensor:
+    ids = next(iter(batch.inputs.values()))
+    mask = batch.inputs.get("attention_mask")
+    return (mask if mask is not None else torch.ones(ids.shape[:2], device=ids.device)).float()
+
+
+@torch.no_grad()
+def agreement(model: nn.Module, batch: Batch, target: torch.Tensor) -> float:
+    """Mean cosine over real tokens between `model`'s last hidden states and `target`."""
+    mask = real_tokens(batch)
+    cos = F.cosine_similarity(last_hidden(model, batch.inputs), target, dim=-1)
+    return float((cos * mask).sum() / mask.sum())
+
+
+def heal(model: nn.Module, teacher: nn.Module, task: Task, batches: Iterable[Batch], spec: HealSpec,
+         dtype: torch.dtype | None = None) -> dict[str, float]:
+    """Train the pruned `model`'s layers (not its embeddings or head) so that its last hidden states match
+    `teacher`'s, the model before pruning: mean squared error over real tokens, AdamW, clipped at norm 1, in eval
+    mode on both (no dropout: a regression onto fixed targets). Returns the steps, the seconds and the mean cosine
+    of the two models' states on the first batch, before and after."""
+    found = layer_stack(model, task)
+    if found is None:
+        raise ConfigError(f"rearrange.prune.heal: a {task.value} model has no stack of transformer layers to heal")
+    params = list(found[1].parameters())
+    device = next(model.parameters()).device
+    requires = [p.requires_grad for p in model.parameters()]
+    was_training = model.training
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for p in params:
+        p.requires_grad_(True)
+    model.eval()
+    teacher.eval()
+    optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=0.0)
+    warmup = max(1, round(spec.steps * HEAL_WARMUP))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    started = time.perf_counter()
+    first: tuple[Batch, torch.Tensor] | None = None
+    steps = 0
+    try:
+        for batch in batches:
+            if steps == spec.steps:
+                break
+            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                with torch.no_grad():
+                    target = last_hidden(teacher, batch.inputs)
+                if first is None:
+                    first = (batch, target)
+                    cosine_before = agreement(model, batch, target)
+                mask = real_tokens(batch)
+                loss = (((last_hidden(model, batch.inputs) - target) ** 2).mean(-1) * mask).sum() / mask.sum()
+            if not torch.isfinite(loss):
+                raise LossNotFinite(f"rearrange.prune.heal: the healing loss is {loss.item()} at step {steps + 1}; "
+                                    f"lower rearrange.prune.heal.learningRate ({spec.learning_rate})")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            nn.utils.clip_grad_norm_(params, 1.0)
+            optimizer.step()
+            scheduler.step()
+            steps += 1
+        if first is None:
+            raise ConfigError("rearrange.prune.heal: no training batches to heal on")
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            cosine_after = agreement(model, *first)
+    finally:
+        for p, flag in zip(model.parameters(), requires):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    seconds = time.perf_counter() - started
+    log.info("healed the pruned model in %d steps (%.1f s): cosine to the unpruned model's last hidden states "
+             "%.3f -> %.3f", steps, seconds, cosine_before, cosine_after)
+    return {"steps": steps, "seconds": seconds, "cosine_before": cosine_before, "cosine_after": cosine_after}
