@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from finetune_trainer.batches import Batch
 from finetune_trainer.config import Task
 from finetune_trainer.errors import FatalFinding
-from finetune_trainer.models import logits_of
+from finetune_trainer.models import autocast, logits_of
 from finetune_trainer.prune import importance
 from finetune_trainer.structure import head_name, lora_candidates, lora_types
 
@@ -197,7 +197,7 @@ def measure_step(model: nn.Module, loss: Callable[[Batch], torch.Tensor], batche
     device = next(model.parameters()).device
 
     def forward(batch: Batch) -> torch.Tensor:
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(device.type, dtype):
             return loss(batch)
 
     with FlopCounterMode(display=False) as counter, measured_peak(model) as peak:

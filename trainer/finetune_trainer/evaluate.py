@@ -18,7 +18,7 @@ from torch import nn
 from finetune_trainer.batches import Batch, Encoded, eval_batches
 from finetune_trainer.config import Metric, Task
 from finetune_trainer.distributed import World
-from finetune_trainer.models import logits_of
+from finetune_trainer.models import autocast, logits_of
 from finetune_trainer.train import loss_sum, unwrap
 
 
@@ -34,7 +34,7 @@ def evaluate(model: nn.Module, data: Encoded, collate: Callable[[Encoded, list[i
     targets = 0
     for idx in eval_batches(data.lengths, batch_size, world.rank, world.size):
         batch = collate(data, idx).to(world.device)
-        with torch.autocast(world.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(world.device.type, dtype):
             logits = logits_of(model, batch.inputs)
         loss += loss_sum(logits, batch.labels, task)
         targets += batch.targets

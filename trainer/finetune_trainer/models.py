@@ -35,6 +35,11 @@ class ImageClassifier(nn.Module):
         return self.net(pixel_values)
 
 
+def autocast(device_type: str, dtype: torch.dtype | None) -> torch.autocast:
+    """Autocast at `dtype` (what train.autocast_dtype chose), or off where the run is fp32 (None)."""
+    return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
+
+
 def logits_of(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     out = model(**inputs)
     return out if isinstance(out, torch.Tensor) else out.logits

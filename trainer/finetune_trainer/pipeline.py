@@ -322,15 +322,17 @@ def prune_layers(model: nn.Module, task: Task, report: analysis.StructureReport,
     if cfg.evaluation.baseline:
         before |= measure(model, test_data)
     heal = cfg.rearrange.prune.heal
-    teacher = copy.deepcopy(model) if heal else None
+    unpruned = copy.deepcopy(model) if heal else None  # healing's target
     prune.remove_layers(model, task, drop)
     log.info("pruned %d of %d layers %s (%s %s); %s -> %s parameters", len(drop), len(scores), drop,
              report.importance["layers"]["measure"], [round(scores[i], 4) for i in drop],
              f"{before['parameters']:,}", f"{prune.parameters(model):,}")
-    healed = prune.heal(model, teacher, task, heal_batches, heal, dtype) if teacher is not None and heal else None
-    return {"measure": report.importance["layers"]["measure"], "removed_layers": drop,
-            "removed_scores": [scores[i] for i in drop], "layers_before": len(scores),
-            "layers_after": len(scores) - len(drop), "before": before} | ({"heal": healed} if healed else {})
+    pruning = {"measure": report.importance["layers"]["measure"], "removed_layers": drop,
+               "removed_scores": [scores[i] for i in drop], "layers_before": len(scores),
+               "layers_after": len(scores) - len(drop), "before": before}
+    if heal and unpruned is not None:
+        pruning["heal"] = prune.heal(model, unpruned, task, heal_batches, heal, dtype)
+    return pruning
 
 
 def pruning_message(pruning: dict[str, Any]) -> dict[str, Any]:

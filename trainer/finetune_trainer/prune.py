@@ -37,7 +37,7 @@ from torch import nn
 from finetune_trainer.batches import Batch
 from finetune_trainer.config import HealSpec, PruneSpec, Task
 from finetune_trainer.errors import ConfigError, LossNotFinite
-from finetune_trainer.models import logits_of
+from finetune_trainer.models import autocast, logits_of
 from finetune_trainer.structure import layer_units, lora_types
 
 log = logging.getLogger(__name__)
@@ -123,7 +123,7 @@ def importance(model: nn.Module, batches: list[Batch], task: Task, labels_fit: b
             state["mask"] = real_tokens(batch)
             state["gates"] = torch.ones(ids.shape[0], len(layers), max(heads if gated else 1, 1), device=device,
                                         requires_grad=gated)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None), \
+            with autocast(device.type, dtype), \
                     torch.set_grad_enabled(gated):
                 logits = logits_of(model, batch.inputs)
             tokens += int(state["mask"].sum())
@@ -272,7 +272,7 @@ def heal(model: nn.Module, teacher: nn.Module, task: Task, batches: Iterable[Bat
         for batch in batches:
             if steps == spec.steps:
                 break
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with autocast(device.type, dtype):
                 with torch.no_grad():
                     target = last_hidden(teacher, batch.inputs)
                 if first is None:
@@ -291,7 +291,7 @@ def heal(model: nn.Module, teacher: nn.Module, task: Task, batches: Iterable[Bat
             steps += 1
         if first is None:
             raise ConfigError("rearrange.prune.heal: no training batches to heal on")
-        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(device.type, dtype):
             cosine_after = agreement(model, *first)
     finally:
         for p, flag in zip(model.parameters(), requires):

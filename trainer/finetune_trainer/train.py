@@ -46,7 +46,7 @@ from finetune_trainer.batches import IGNORE_INDEX, Batch, Encoded, epoch_batches
 from finetune_trainer.config import Batching, Metric, Precision, Schedule, Task, TrainingSpec
 from finetune_trainer.distributed import World
 from finetune_trainer.errors import DataError, LossNotFinite, Terminated
-from finetune_trainer.models import logits_of
+from finetune_trainer.models import autocast, logits_of
 
 log = logging.getLogger(__name__)
 
@@ -262,7 +262,7 @@ def train_step(model: nn.Module, micro: list[Batch], task: Task, world: World, d
         # DDP averages gradients over ranks; scaling by world.size makes it the sum over all targets / targets.
         sync = contextlib.nullcontext() if i == len(micro) - 1 or world.size == 1 else model.no_sync()
         with sync:
-            with torch.autocast(world.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+            with autocast(world.device.type, dtype):
                 logits = logits_of(model, batch.inputs)
             loss = loss_sum(logits, batch.labels, task)
             scaler.scale(loss * world.size / max(targets, 1)).backward()

@@ -16,6 +16,7 @@ from torch import nn
 from finetune_trainer.batches import Batch, Encoded, eval_batches
 from finetune_trainer.config import Metric
 from finetune_trainer.distributed import World
+from finetune_trainer.models import autocast
 from finetune_trainer.train import unwrap
 
 KEYS = {Metric.MAP: "map", Metric.MAP50: "map_50", Metric.MAP75: "map_75"}
@@ -35,7 +36,7 @@ def evaluate_detector(model: nn.Module, data: Encoded, collate: Callable[[Encode
                                   backend="pycocotools").to(world.device)
     for idx in eval_batches(data.lengths, batch_size, world.rank, world.size):
         batch = collate(data, idx).to(world.device)
-        with torch.autocast(world.device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+        with autocast(world.device.type, dtype):
             detections = model(batch.inputs["pixel_values"])
         boxes, labels = batch.inputs["boxes"], batch.inputs["box_labels"]
         scorer.update([{k: v.float() if v.is_floating_point() else v for k, v in d.items()} for d in detections],
