@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -17,8 +18,11 @@ NOW = datetime(2026, 12, 1, 12, 0, 0)
 EXAMPLE = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "examples" / "minilm-sentiment.yaml").read_text())
 
 
+GENERATIONS = itertools.count(1)  # each body a spec of its own, as the apiserver numbers them (spec_facts' key)
+
+
 def body(status: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
-    return {"metadata": {"name": "ft", "namespace": "ns", "uid": "u", "generation": 1,
+    return {"metadata": {"name": "ft", "namespace": "ns", "uid": "u", "generation": next(GENERATIONS),
                          "creationTimestamp": "2026-12-01T11:59:00Z"},
             "spec": EXAMPLE["spec"] | spec, "status": status or {}}
 
@@ -298,11 +302,15 @@ def test_pod_summary_keeps_only_waiting_reasons_the_user_must_fix() -> None:
 def test_the_spec_cache_keeps_the_facts_decide_reads_not_the_parsed_spec() -> None:
     from finetune_operator import api, reconcile
 
-    spec, invalid = reconcile.parse_spec(body())
-    facts, again = reconcile.spec_facts(body()), reconcile.spec_facts(body())
+    first = body()
+    spec, invalid = reconcile.parse_spec(first)
+    facts, again = reconcile.spec_facts(first), reconcile.spec_facts(first)
     assert spec is not None and not invalid and facts == (reconcile.SpecFacts.of(spec), [])
     assert again[0] is facts[0]  # from the cache
     assert facts[0].global_batch == reconcile.global_batch(spec) and facts[0].output_uri == spec.output.uri
     assert not any(isinstance(v, api.FineTuneJobSpec) for kept in reconcile._facts.values() for v in kept)
-    broken, errors = reconcile.spec_facts(body(backoffLimit=-1))
-    assert broken is None and errors == reconcile.parse_spec(body(backoffLimit=-1))[1] != []
+    changed = body(backoffLimit=-1)
+    same_generation = {**changed, "metadata": first["metadata"]}
+    assert reconcile.spec_facts(same_generation)[0] is facts[0]  # the key is (uid, generation), not the text
+    broken, errors = reconcile.spec_facts(changed)
+    assert broken is None and errors == reconcile.parse_spec(changed)[1] != []
