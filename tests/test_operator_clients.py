@@ -7,14 +7,14 @@ import subprocess
 import sys
 
 from finetune_operator import api
-from finetune_operator.handlers import _path
+from finetune_operator.clients import api_path
 
 
 def test_the_paths_are_the_apiservers() -> None:
-    assert _path("team-a", "events") == "/api/v1/namespaces/team-a/events"
-    assert _path("team-a", "persistentvolumeclaims", "data") == "/api/v1/namespaces/team-a/persistentvolumeclaims/data"
-    assert _path("team-a", "jobs", "ft-1", group="batch") == "/apis/batch/v1/namespaces/team-a/jobs/ft-1"
-    assert _path("team-a", api.PLURAL, "ft", group=api.GROUP, version=api.VERSION) == \
+    assert api_path("team-a", "events") == "/api/v1/namespaces/team-a/events"
+    assert api_path("team-a", "persistentvolumeclaims", "data") == "/api/v1/namespaces/team-a/persistentvolumeclaims/data"
+    assert api_path("team-a", "jobs", "ft-1", group="batch") == "/apis/batch/v1/namespaces/team-a/jobs/ft-1"
+    assert api_path("team-a", api.PLURAL, "ft", group=api.GROUP, version=api.VERSION) == \
         "/apis/finetune.dev/v1alpha1/namespaces/team-a/finetunejobs/ft"
 
 

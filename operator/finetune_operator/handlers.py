@@ -13,14 +13,13 @@ import threading
 import time
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import quote
 
 import aiohttp
 import kopf
-from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
 from finetune_operator import api, children, judge, metrics, outcome, reconcile
+from finetune_operator.clients import Clients, api_path
 from finetune_operator.diffbase import SpecDiffBase
 from finetune_operator.api import ConditionType as T
 from finetune_operator.scrape import ScrapeError, scrape
@@ -32,40 +31,6 @@ FINALIZER = f"{PREFIX}/finalizer"
 HANDLER_THREADS = 16  # kopf runs the sync handlers in a pool of this size
 API_CONNECTIONS = 32  # kopf's requests at once (patches, Events), besides its watch streams
 LIST_CHUNK = 100  # objects per page of kopf's initial lists
-
-
-class Clients:
-    """The handful of API calls the handlers make, through the kubernetes client's ApiClient (its configuration,
-    auth and connection pool) but not its generated API classes: importing CoreV1Api alone cost the operator
-    ~21 MB for good (a pydantic validator for each of its hundreds of methods), BatchV1Api and
-    CustomObjectsApi ~3 MB more."""
-
-    def __init__(self) -> None:
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
-        configuration = client.Configuration.get_default_copy()
-        # One connection per handler thread: with urllib3's default of 10, a burst discards connections and
-        # pays a TLS handshake for most calls.
-        configuration.connection_pool_maxsize = HANDLER_THREADS
-        self.api = client.ApiClient(configuration)
-
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None, **query: str) -> bytes:
-        """The answer's bytes; ApiException for any other status than 2xx, as the generated methods raise it."""
-        request = self.api.param_serialize(
-            method, path, query_params=list(query.items()), body=body, auth_settings=["BearerToken"],
-            header_params={"Accept": "application/json", "Content-Type": "application/json"})
-        response = self.api.call_api(*request)
-        response.read()
-        if not 200 <= response.status <= 299:
-            raise ApiException.from_response(http_resp=response, body=None, data=None)
-        return response.data
-
-
-def _path(ns: str, plural: str, name: str = "", group: str = "", version: str = "v1") -> str:
-    root = f"/apis/{group}/{version}" if group else f"/api/{version}"
-    return f"{root}/namespaces/{quote(ns, safe='')}/{plural}" + (f"/{quote(name, safe='')}" if name else "")
 
 
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
@@ -88,7 +53,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     # the watched namespaces cost it no decoding and no event handling.
     for group, version, plural in CHILD_WATCHES:
         settings.watching.label_selectors[group, version, plural] = children.JOB_NAME_LABEL
-    memo.clients = Clients()
+    memo.clients = Clients(connections=HANDLER_THREADS)
     memo.job_warnings = JobWarnings()
     memo.claims = Claims()
     ours: Settings = memo.settings
@@ -191,7 +156,7 @@ class JobWarnings:
         with self.locks.setdefault(ns, threading.Lock()):
             read_at, latest = self.by_namespace.get(ns, (0.0, {}))
             if time.monotonic() - read_at > WARNINGS_TTL_SECONDS:
-                response = clients.call("GET", _path(ns, "events"),
+                response = clients.call("GET", api_path(ns, "events"),
                                         fieldSelector="involvedObject.kind=Job,type=Warning")
                 latest = {}
                 for event in json.loads(response)["items"]:
@@ -232,7 +197,7 @@ class Claims:
         if claim is not None and time.monotonic() - read_at <= CLAIMS_TTL_SECONDS:
             return claim
         try:
-            body = json.loads(clients.call("GET", _path(ns, "persistentvolumeclaims", name)))
+            body = json.loads(clients.call("GET", api_path(ns, "persistentvolumeclaims", name)))
         except ApiException as exc:
             self.found.pop((ns, name), None)
             if exc.status != 404:
@@ -249,8 +214,8 @@ def _claims(clients: Clients, claims: Claims, spec: api.FineTuneJobSpec, ns: str
 
 def _create(clients: Clients, obj: dict[str, Any]) -> None:
     ns, kind = obj["metadata"]["namespace"], obj["kind"]
-    path = {"ConfigMap": _path(ns, "configmaps"), "Service": _path(ns, "services"),
-            "Job": _path(ns, "jobs", group="batch")}[kind]
+    path = {"ConfigMap": api_path(ns, "configmaps"), "Service": api_path(ns, "services"),
+            "Job": api_path(ns, "jobs", group="batch")}[kind]
     try:
         clients.call("POST", path, obj)  # the answer is not read: deserializing it cost more than the call
     except ApiException as exc:
@@ -283,7 +248,7 @@ def _api_message(exc: ApiException) -> str:
 
 def _delete_job(clients: Clients, name: str, ns: str) -> None:
     try:
-        clients.call("DELETE", _path(ns, "jobs", name, group="batch"), propagationPolicy="Background")
+        clients.call("DELETE", api_path(ns, "jobs", name, group="batch"), propagationPolicy="Background")
     except ApiException as exc:
         if exc.status != 404:
             raise kopf.TemporaryError(f"deleting Job {name}: {exc.reason}", delay=5) from exc
@@ -291,7 +256,7 @@ def _delete_job(clients: Clients, name: str, ns: str) -> None:
 
 def _delete_self(clients: Clients, name: str, ns: str) -> None:
     try:
-        clients.call("DELETE", _path(ns, api.PLURAL, name, group=api.GROUP, version=api.VERSION),
+        clients.call("DELETE", api_path(ns, api.PLURAL, name, group=api.GROUP, version=api.VERSION),
                      propagationPolicy="Background")
     except ApiException as exc:
         if exc.status != 404:
