@@ -14,7 +14,7 @@ import kopf
 import yaml
 
 from finetune_operator.diffbase import SpecDiffBase
-from finetune_operator.handlers import PREFIX, _plain, forget_managed_fields
+from finetune_operator.handlers import PREFIX, _plain, slim_body
 
 EXAMPLE = Path(__file__).resolve().parents[1] / "deploy" / "examples" / "minilm-sentiment.yaml"
 
@@ -65,7 +65,7 @@ def test_the_body_kopf_keeps_loses_its_managed_fields_and_nothing_else() -> None
     raw = live_body()
     kept = kopf.Body(raw)  # as kopf keeps it for the timers: a view of the watch event's dict
     before, old_metadata = copy.deepcopy(raw), raw["metadata"]
-    asyncio.run(forget_managed_fields(event={"type": "MODIFIED", "object": raw}))
+    asyncio.run(slim_body(event={"type": "MODIFIED", "object": raw}))
     assert "managedFields" not in kept.metadata
     assert dict(kept.metadata) == {k: v for k, v in before["metadata"].items() if k != "managedFields"}
     assert kept.spec == before["spec"] and kept.status == before["status"]
@@ -79,3 +79,25 @@ def test_the_heap_is_trimmed_periodically_on_glibc() -> None:
             "time.sleep(0.05); print(t is not None and t.daemon and t.is_alive())")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "True"
+
+
+def test_the_bodies_kopf_keeps_share_their_field_names() -> None:
+    """Two jobs decoded from the wire, as two watch events give them: after slimming, each field name (and short
+    value) is one string object for both, and the bodies are equal to what they were."""
+    wire = json.dumps(live_body())
+    first, second = json.loads(wire), json.loads(wire)
+    assert next(iter(first["spec"])) is not next(iter(second["spec"]))  # what the decoder gives: copies
+    for raw in (first, second):
+        asyncio.run(slim_body(event={"type": "MODIFIED", "object": raw}))
+    assert first == second == {**json.loads(wire), "metadata": {
+        k: v for k, v in json.loads(wire)["metadata"].items() if k != "managedFields"}}
+
+    def strings(value: Any) -> list[str]:
+        if isinstance(value, dict):
+            return [s for key, item in value.items() for s in [key, *strings(item)]]
+        if isinstance(value, list):
+            return [s for item in value for s in strings(item)]
+        return [value] if isinstance(value, str) else []
+    parts = ("metadata", "spec", "status")
+    pairs = list(zip(strings([first[p] for p in parts]), strings([second[p] for p in parts]), strict=True))
+    assert pairs and all(a is b for a, b in pairs if len(a) <= 64)
