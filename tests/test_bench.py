@@ -255,3 +255,22 @@ def test_a_pruned_side_trained_longer_is_judged_apart_from_the_headline() -> Non
     assert result["accuracy_difference_points"]["mean"] == pytest.approx(-2.5) and not result["goal_accuracy_met"]
     longer = result["longer_accuracy_difference_points"]
     assert longer["mean"] == pytest.approx(-0.5) and longer["min"] == pytest.approx(-1.0) and longer["goal_met"]
+
+
+def test_healing_rows_are_corpus_rows_outside_every_split_the_seed_scores(tmp_path: Path) -> None:
+    """bench.pruning --heal-rows: the rows after the job's training rows, less any text a held-out split also has;
+    written as a CSV of texts only (no label column)."""
+    import pandas as pd
+
+    from bench.data import load
+    from bench.pruning import heal_file
+    from bench.sides import Settings
+
+    job = load(960, None, 128, 10)
+    spec, count = heal_file(Settings(train_rows=960, seed=10), 400, tmp_path)
+    texts = pd.read_csv(spec["uri"], keep_default_na=False)
+    assert list(texts.columns) == ["text"] and spec["textField"] == "text" and len(texts) == count
+    assert 350 < count <= 400  # the corpus repeats some texts: those also held out are left out
+    held_out = set(job.validation.inputs) | set(job.test.inputs)
+    assert not held_out & set(texts["text"])
+    assert set(texts["text"]) <= set(load(1360, None, 128, 10).train.inputs[960:])

@@ -104,6 +104,19 @@ def test_claims_are_mounted_where_pvc_uris_resolve_and_only_the_output_is_writab
     assert shm["emptyDir"]["medium"] == "Memory"
 
 
+def test_the_claim_of_healings_texts_is_mounted_read_only() -> None:
+    """rearrange.prune.heal.dataset may name a claim no other URI names: the trainer reads it, so it is mounted."""
+    doc, _ = ftj()
+    rearrange = doc["spec"].get("rearrange", {}) | {"prune": {"count": 1, "heal": {
+        "steps": 10, "dataset": {"uri": "pvc://unlabelled/tweets.csv"}}}}
+    doc, spec = ftj(rearrange=rearrange)
+    pod = children.job(doc, spec, 1, SETTINGS)["spec"]["template"]["spec"]
+    claims = {v["persistentVolumeClaim"]["claimName"]: v["name"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts[claims["unlabelled"]] | {"name": None} == {"name": None, "mountPath": "/mnt/pvc/unlabelled",
+                                                             "readOnly": True}
+
+
 def test_pods_pass_restricted_and_carry_no_token() -> None:
     doc, spec = ftj()
     pod = children.job(doc, spec, 1, SETTINGS)["spec"]["template"]["spec"]

@@ -15,9 +15,12 @@ SHARED_WRITE = {"ReadWriteMany"}
 def claim_fields(spec: api.FineTuneJobSpec) -> dict[str, tuple[str, bool]]:
     """Each claim a pvc:// URI names: the first field naming it, and whether the trainer writes to it."""
     found: dict[str, tuple[str, bool]] = {}
+    prune = spec.rearrange.prune
+    heal = prune.heal.dataset if prune and prune.heal and prune.heal.dataset else None  # healing's texts
     for field, uri, writes in (("spec.output.uri", spec.output.uri, True), ("spec.model.uri", spec.model.uri, False),
                                ("spec.model.tokenizerUri", spec.model.tokenizer_uri, False),
-                               ("spec.dataset.uri", spec.dataset.uri, False)):
+                               ("spec.dataset.uri", spec.dataset.uri, False),
+                               ("spec.rearrange.prune.heal.dataset.uri", heal.uri if heal else None, False)):
         if uri and uri.startswith("pvc://"):
             claim = uri.removeprefix("pvc://").split("/", 1)[0]
             first, wrote = found.get(claim, (field, False))

@@ -190,6 +190,71 @@ def test_a_pruned_job_reports_scores_size_and_latency_before_and_after(tmp_path:
     assert reloaded.config.num_hidden_layers == 2 and prune.parameters(reloaded) == pruning["after"]["parameters"]
 
 
+def heal_texts_file(folder: Path) -> Path:
+    """Unlabelled text from the end of the sentiment CSV (the tiny job trains on 128 of its rows), under a column
+    of another name, in another format: a JSONL of texts only."""
+    import pandas as pd
+
+    from finetune_trainer.uris import local_path
+
+    texts = pd.read_csv(local_path("pvc://data/sentiment/sentiment.csv"), encoding="latin-1")["text"].tail(48)
+    path = folder / "unlabelled.jsonl"
+    pd.DataFrame({"tweet": texts}).to_json(path, orient="records", lines=True)
+    return path
+
+
+def test_healing_on_a_dataset_of_texts_reads_them_tokenized_as_the_training_data(tmp_path: Path,
+                                                                                monkeypatch) -> None:
+    """rearrange.prune.heal.dataset: healing's batches are that file's texts (not the training split's), tokenized
+    to dataset.maxLength as the training texts are, and the pruned model moves towards the unpruned one."""
+    from finetune_trainer.data import load_texts
+
+    path = heal_texts_file(tmp_path)
+    doc = tiny_classifier_doc(tmp_path / "out")
+    doc["model"]["config"] = TINY_BERT | {"num_hidden_layers": 3}
+    doc["rearrange"] = {"prune": {"count": 1, "heal": {"steps": 6, "learningRate": 1e-3, "dataset": {
+        "uri": str(path), "textField": "tweet"}}}, "lora": {"rank": 4}}
+    cfg = TrainerConfig.model_validate(doc)
+    seen: list[list[int]] = []
+    real_heal = prune.heal
+
+    def spy(model, teacher, task, batches, spec, dtype=None):
+        def recorded():
+            for batch in batches:
+                seen.extend(ids[mask.bool()].tolist() for ids, mask in
+                            zip(batch.inputs["input_ids"], batch.inputs["attention_mask"]))
+                yield batch
+        return real_heal(model, teacher, task, recorded(), spec, dtype)
+
+    monkeypatch.setattr(prune, "heal", spy)
+    report = run(cfg, tmp_path / "out")
+    heal = report["pruning"]["heal"]
+    assert heal["steps"] == 6 and heal["cosine_after"] > heal["cosine_before"], heal
+    tokenizer = load_tokenizer(cfg.model)
+    texts = load_texts(cfg.rearrange.prune.heal.dataset, "rearrange.prune.heal.dataset")
+    expected = tokenizer(texts, truncation=True, max_length=32)["input_ids"]
+    assert len(texts) == 48 and len(seen) >= 6 * 16
+    assert all(row in expected for row in seen)  # every healing row is one of the file's texts, truncated to 32
+
+
+@pytest.mark.parametrize("dataset, message", [
+    ({"uri": "/nonexistent/unlabelled.csv"}, r"rearrange.prune.heal.dataset /nonexistent/unlabelled.csv: .* does not exist"),
+    ({"textField": "body"}, r"no column 'body' \(rearrange.prune.heal.dataset.textField\); it has tweet"),
+])
+def test_a_missing_healing_file_or_column_is_refused_naming_the_field(tmp_path: Path, dataset: dict,
+                                                                      message: str) -> None:
+    """Before the model loads (no output written), with the user-error exit code."""
+    from finetune_trainer.errors import DataError, EXIT_USER_ERROR, exit_code_of
+
+    doc = tiny_classifier_doc(tmp_path / "out")
+    doc["rearrange"] = {"prune": {"count": 1, "heal": {"steps": 2, "dataset": {
+        "uri": str(heal_texts_file(tmp_path)), "textField": "tweet"} | dataset}}}
+    with pytest.raises(DataError, match=message) as refused:
+        run(TrainerConfig.model_validate(doc), tmp_path / "out")
+    assert exit_code_of(refused.value) == EXIT_USER_ERROR
+    assert not (tmp_path / "out" / "analysis.json").exists()
+
+
 def test_a_layer_list_that_is_no_stack_of_hidden_states_gets_no_scores() -> None:
     """A model whose longest ModuleList does not pass hidden states along: no score rather than a wrong one (and
     pruning then says it found no stack of layers)."""

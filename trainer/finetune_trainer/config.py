@@ -114,8 +114,8 @@ class DatasetFormat(StrEnum):
     COCO = "coco"
 
 
-class DatasetSpec(ApiModel):
-    """The labelled data: its own train, validation and test splits, or a seeded split of its rows into them."""
+class TextsSpec(ApiModel):
+    """Where texts are read from: a file or folder, its format and the column holding the text."""
 
     uri: Uri = Field(description="A file or folder: pvc://<claim>/<path>, hf://<org>/<name> or an absolute path.")
     format: DatasetFormat = Field(
@@ -128,6 +128,11 @@ class DatasetSpec(ApiModel):
         "files named by split (train.csv, test-00000-of-00001.parquet) or in folders named by split.",
     )
     text_field: str = Field("text", min_length=1, description="Column holding the input text.")
+
+
+class DatasetSpec(TextsSpec):
+    """The labelled data: its own train, validation and test splits, or a seeded split of its rows into them."""
+
     label_field: str = Field(
         "label", min_length=1, description="Column holding the label (classification tasks)."
     )
@@ -275,10 +280,16 @@ class LoraSpec(ApiModel):
 
 class HealSpec(ApiModel):
     """Healing after pruning: every weight of the remaining layers trains to reproduce the unpruned model's last
-    hidden states on the training texts (no labels), before the recipe's training starts."""
+    hidden states on the training texts, or on `dataset`'s (no labels), before the recipe's training starts."""
 
-    steps: int = Field(ge=1, le=100000, description="Optimizer steps of healing, one training batch each.")
+    steps: int = Field(ge=1, le=100000, description="Optimizer steps of healing, one batch (of training.batchSize texts) each.")
     learning_rate: float = Field(1e-4, gt=0, le=1, description="AdamW's rate, reached after a 10% linear warmup.")
+    dataset: TextsSpec | None = Field(
+        None,
+        description="Heal on these texts instead of the training split's (every row of every split the files hold, "
+        "tokenized as the training data; labels are not read): healing needs no labels, so any text of the task's "
+        "kind will do. Keep the job's validation and test rows out of it.",
+    )
 
 
 class PruneSpec(ApiModel):

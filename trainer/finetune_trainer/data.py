@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from finetune_trainer.config import DatasetFormat, DatasetSpec, Task
+from finetune_trainer.config import DatasetFormat, DatasetSpec, Task, TextsSpec
 from finetune_trainer.errors import DataError
 from finetune_trainer.uris import fetch
 
@@ -49,22 +49,13 @@ class LabelledData:
 
 
 def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
-    path = fetch(spec.uri, kind="dataset", repo_type="dataset", error=DataError)
-    fmt = detect_format(path, spec.format)
-    try:
-        tables = read_splits(path, fmt)
-    except (ValueError, FileNotFoundError) as exc:  # a parser's complaint (pandas, pyarrow, json, datasets)
-        raise DataError(f"dataset {spec.uri}: cannot read it as {fmt.value} ({type(exc).__name__}: {exc})") from exc
+    fmt, tables = read_dataset(spec, "dataset")
     input_field = IMAGE_COLUMN if fmt == DatasetFormat.IMAGE_FOLDER else spec.text_field
     label_field = None if task == Task.CAUSAL_LM else ("label" if fmt == DatasetFormat.IMAGE_FOLDER else spec.label_field)
     columns = [c for c in (input_field, label_field) if c is not None]
+    check_columns(tables, spec.uri, {"textField": input_field, "labelField": label_field}, "dataset")
     usable: dict[str, pd.DataFrame] = {}
     for name, table in tables.items():
-        for role, column in (("textField", input_field), ("labelField", label_field)):
-            if column is not None and column not in table.columns:
-                where = f" in its {name} split" if len(tables) > 1 else ""
-                raise DataError(f"dataset {spec.uri}: no column {column!r} (dataset.{role}){where}; "
-                                f"it has {', '.join(map(str, table.columns))}")
         usable[name] = table[columns].dropna()
         if dropped := len(table) - len(usable[name]):
             log.warning("dataset %s: dropped %d %s rows with an empty %s", spec.uri, dropped, name, " or ".join(columns))
@@ -85,22 +76,54 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
     return LabelledData(train=train, validation=validation, test=test, id2label=id2label)
 
 
-def detect_format(path: Path, declared: DatasetFormat) -> DatasetFormat:
+def load_texts(spec: TextsSpec, field: str) -> list[str]:
+    """Every non-empty text of every split `spec` names (unlabelled text, e.g. healing's); `field` is the spec's
+    place in the job (rearrange.prune.heal.dataset), which the errors name."""
+    _, tables = read_dataset(spec, field)
+    check_columns(tables, spec.uri, {"textField": spec.text_field}, field)
+    texts = [t for table in tables.values() for t in table[spec.text_field].dropna().astype(str) if t.strip()]
+    if not texts:
+        raise DataError(f"{field} {spec.uri}: no texts in column {spec.text_field!r}")
+    log.info("%s %s: %d texts", field, spec.uri, len(texts))
+    return texts
+
+
+def read_dataset(spec: TextsSpec, field: str) -> tuple[DatasetFormat, dict[str, pd.DataFrame]]:
+    """The format and the tables by split of the dataset `spec` names, `field` its place in the job."""
+    path = fetch(spec.uri, kind=field, repo_type="dataset", error=DataError)
+    fmt = detect_format(path, spec.format, field)
+    try:
+        return fmt, read_splits(path, fmt)
+    except (ValueError, FileNotFoundError) as exc:  # a parser's complaint (pandas, pyarrow, json, datasets)
+        raise DataError(f"{field} {spec.uri}: cannot read it as {fmt.value} ({type(exc).__name__}: {exc})") from exc
+
+
+def check_columns(tables: dict[str, pd.DataFrame], uri: str, columns: dict[str, str | None], field: str) -> None:
+    """Every split has each column (a role such as textField: the column's name, None when not read)."""
+    for name, table in tables.items():
+        for role, column in columns.items():
+            if column is not None and column not in table.columns:
+                where = f" in its {name} split" if len(tables) > 1 else ""
+                raise DataError(f"{field} {uri}: no column {column!r} ({field}.{role}){where}; "
+                                f"it has {', '.join(map(str, table.columns))}")
+
+
+def detect_format(path: Path, declared: DatasetFormat, field: str) -> DatasetFormat:
     if declared != DatasetFormat.AUTO:
         return declared
     if path.is_file():
         if fmt := FILE_FORMATS.get(path.suffix.lower()):
             return fmt
-        raise DataError(f"{path}: cannot tell the format from the extension; set dataset.format")
+        raise DataError(f"{path}: cannot tell the format from the extension; set {field}.format")
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
         return DatasetFormat.HF_DISK
     if found := {FILE_FORMATS[f.suffix.lower()] for f in data_files(path, set(FILE_FORMATS))}:
         if len(found) > 1:
-            raise DataError(f"{path}: holds {' and '.join(sorted(found))} files; set dataset.format")
+            raise DataError(f"{path}: holds {' and '.join(sorted(found))} files; set {field}.format")
         return found.pop()
     if any(child.is_dir() for child in path.iterdir()):
         return DatasetFormat.IMAGE_FOLDER
-    raise DataError(f"{path}: a folder that is neither an ImageFolder nor an HF dataset; point dataset.uri at a file")
+    raise DataError(f"{path}: a folder that is neither an ImageFolder nor an HF dataset; point {field}.uri at a file")
 
 
 def data_files(folder: Path, suffixes: set[str]) -> list[Path]:

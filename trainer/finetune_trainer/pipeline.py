@@ -32,7 +32,7 @@ from finetune_trainer.adjust import adaptable, freeze, param_groups
 from finetune_trainer.batches import (Batch, Encoded, encode_causal, encode_images, encode_text, epoch_batches,
                                       eval_batches, make_collate)
 from finetune_trainer.config import Batching, Stage, Task, TrainerConfig
-from finetune_trainer.data import LabelledData, check_label_count, load_dataset
+from finetune_trainer.data import LabelledData, Split, check_label_count, load_dataset, load_texts
 from finetune_trainer.detection import analysis as detection_analysis
 from finetune_trainer.detection.coco import load_coco
 from finetune_trainer.detection.metrics import evaluate_detector
@@ -145,6 +145,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     data = load_coco(cfg.dataset, seed) if detecting else load_dataset(cfg.dataset, task, seed)
     num_labels = 0 if task == Task.CAUSAL_LM else check_label_count(data.id2label, cfg.rearrange.head.num_labels)
     train_data, validation_data, test_data = encode(data, tokenizer, cfg)
+    heal_data = heal_texts(cfg, tokenizer)  # read now: a bad file stops the job before the model loads
     collate = make_collate(task, tokenizer.pad_token_id if tokenizer else 0, cfg.dataset.image_size)
     if detecting:
         torch.manual_seed(seed)  # fresh weights and a new head, the same on every rank and rerun
@@ -154,12 +155,12 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     check_positions(model, cfg.dataset.max_length)
 
     progress.enter(Stage.ANALYZING)
-    def training_batches() -> Iterator[Batch]:
-        """The training split's batches, epoch after epoch, in the order one worker's training loop takes them."""
+    def training_batches(split: Encoded = train_data) -> Iterator[Batch]:
+        """The split's batches, epoch after epoch, in the order one worker's training loop takes them."""
         for epoch in itertools.count():
-            for idx in epoch_batches(train_data.lengths, cfg.training.batch_size, seed=seed, epoch=epoch,
+            for idx in epoch_batches(split.lengths, cfg.training.batch_size, seed=seed, epoch=epoch,
                                      bucketed=cfg.training.batching == Batching.LENGTH_BUCKETED):
-                yield collate(train_data, idx).to(world.device)
+                yield collate(split, idx).to(world.device)
 
     probe = list(itertools.islice(training_batches(), cfg.analyze.probe_batches))
     dtype = autocast_dtype(cfg.training.precision, world.device)
@@ -209,7 +210,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     if cfg.rearrange.prune is not None:
         serving = [collate(test_data, idx).to(world.device)
                    for idx in eval_batches(test_data.lengths, eval_size)[: prune.LATENCY_BATCHES]]
-        pruning = prune_layers(model, task, report, cfg, serving, measure, test_data, training_batches(), dtype)
+        pruning = prune_layers(model, task, report, cfg, serving, measure, test_data,
+                               training_batches(train_data if heal_data is None else heal_data), dtype)
         layers = depth(model, task)
         for p in model.parameters():  # the freeze counted the layers as loaded; count the ones that stay
             p.requires_grad_(True)
@@ -349,6 +351,20 @@ def encode(data: LabelledData, tokenizer: Any, cfg: TrainerConfig) -> tuple[Enco
         return encode_images(data.train), encode_images(data.validation), encode_images(data.test)
     text = encode_causal if cfg.model.task == Task.CAUSAL_LM else encode_text
     return tuple(text(split, tokenizer, cfg.dataset.max_length) for split in (data.train, data.validation, data.test))
+
+
+def heal_texts(cfg: TrainerConfig, tokenizer: Any) -> Encoded | None:
+    """`rearrange.prune.heal.dataset`'s texts, tokenized as the training split's; None when healing uses those."""
+    heal = cfg.rearrange.prune.heal if cfg.rearrange.prune else None
+    if heal is None or heal.dataset is None:
+        return None
+    field = "rearrange.prune.heal.dataset"
+    if tokenizer is None:
+        raise ConfigError(f"{field}: healing on other data needs texts; a {cfg.model.task.value} model takes none")
+    texts = load_texts(heal.dataset, field)
+    text = encode_causal if cfg.model.task == Task.CAUSAL_LM else encode_text
+    # Labels are never read (healing's target is the unpruned model's states); the collate wants one per row.
+    return text(Split(texts, [0] * len(texts)), tokenizer, cfg.dataset.max_length)
 
 
 def training_section(state: LoopState, total: int, per_epoch: int, train_data: Encoded, validation_data: Encoded,

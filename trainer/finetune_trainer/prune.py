@@ -6,9 +6,9 @@ that enter and leave layer i. A layer that hardly turns its input scores near 0 
 
 Healing (`rearrange.prune.heal`) follows the recovery step of layer-pruning work (e.g. Kim et al. 2024, "Shortened
 LLaMA"; Gromov et al. 2024): before the task's training, the remaining layers learn to give back the unpruned
-model's last hidden states on the training texts, so the recipe starts from nearly the representation the
-unpruned model starts from. It needs no labels, and its target is the model as loaded, which an unpruned job
-starts from already.
+model's last hidden states on the training texts (or on `heal.dataset`'s, any unlabelled text), so the recipe
+starts from nearly the representation the unpruned model starts from. It needs no labels, and its target is the
+model as loaded, which an unpruned job starts from already.
 
 Heads are scored as Michel et al. 2019 ("Are Sixteen Heads Really Better than One?") do: a gate xi_h = 1
 multiplies head h's output where the heads are concatenated (the input of the attention's output projection),
@@ -290,7 +290,7 @@ def heal(model: nn.Module, teacher: nn.Module, task: Task, batches: Iterable[Bat
             scheduler.step()
             steps += 1
         if first is None:
-            raise ConfigError("rearrange.prune.heal: no training batches to heal on")
+            raise ConfigError("rearrange.prune.heal: no batches to heal on")
         with autocast(device.type, dtype):
             cosine_after = agreement(model, *first)
     finally:
