@@ -19,7 +19,7 @@ import logging
 import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -145,7 +145,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     data = load_coco(cfg.dataset, seed) if detecting else load_dataset(cfg.dataset, task, seed)
     num_labels = 0 if task == Task.CAUSAL_LM else check_label_count(data.id2label, cfg.rearrange.head.num_labels)
     train_data, validation_data, test_data = encode(data, tokenizer, cfg)
-    heal_data = heal_texts(cfg, tokenizer)  # read now: a bad file stops the job before the model loads
+    heal_data = healing_texts(cfg, tokenizer, train_data)  # read now: a bad file stops the job before the model loads
     collate = make_collate(task, tokenizer.pad_token_id if tokenizer else 0, cfg.dataset.image_size)
     if detecting:
         torch.manual_seed(seed)  # fresh weights and a new head, the same on every rank and rerun
@@ -210,8 +210,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     if cfg.rearrange.prune is not None:
         serving = [collate(test_data, idx).to(world.device)
                    for idx in eval_batches(test_data.lengths, eval_size)[: prune.LATENCY_BATCHES]]
-        pruning = prune_layers(model, task, report, cfg, serving, measure, test_data,
-                               training_batches(train_data if heal_data is None else heal_data), dtype)
+        pruning = prune_layers(model, task, report, cfg, serving, measure, test_data, training_batches(heal_data),
+                               dtype)
         layers = depth(model, task)
         for p in model.parameters():  # the freeze counted the layers as loaded; count the ones that stay
             p.requires_grad_(True)
@@ -349,22 +349,26 @@ def pruning_message(pruning: dict[str, Any]) -> dict[str, Any]:
 def encode(data: LabelledData, tokenizer: Any, cfg: TrainerConfig) -> tuple[Encoded, Encoded, Encoded]:
     if tokenizer is None:
         return encode_images(data.train), encode_images(data.validation), encode_images(data.test)
-    text = encode_causal if cfg.model.task == Task.CAUSAL_LM else encode_text
+    text = text_encoder(cfg.model.task)
     return tuple(text(split, tokenizer, cfg.dataset.max_length) for split in (data.train, data.validation, data.test))
 
 
-def heal_texts(cfg: TrainerConfig, tokenizer: Any) -> Encoded | None:
-    """`rearrange.prune.heal.dataset`'s texts, tokenized as the training split's; None when healing uses those."""
+def text_encoder(task: Task) -> Callable[..., Encoded]:
+    return encode_causal if task == Task.CAUSAL_LM else encode_text
+
+
+def healing_texts(cfg: TrainerConfig, tokenizer: Any, train_data: Encoded) -> Encoded:
+    """What healing reads: `rearrange.prune.heal.dataset`'s texts, tokenized as the training split's, or the
+    training split itself."""
     heal = cfg.rearrange.prune.heal if cfg.rearrange.prune else None
     if heal is None or heal.dataset is None:
-        return None
+        return train_data
     field = "rearrange.prune.heal.dataset"
     if tokenizer is None:
         raise ConfigError(f"{field}: healing on other data needs texts; a {cfg.model.task.value} model takes none")
     texts = load_texts(heal.dataset, field)
-    text = encode_causal if cfg.model.task == Task.CAUSAL_LM else encode_text
     # Labels are never read (healing's target is the unpruned model's states); the collate wants one per row.
-    return text(Split(texts, [0] * len(texts)), tokenizer, cfg.dataset.max_length)
+    return text_encoder(cfg.model.task)(Split(texts, [0] * len(texts)), tokenizer, cfg.dataset.max_length)
 
 
 def training_section(state: LoopState, total: int, per_epoch: int, train_data: Encoded, validation_data: Encoded,
