@@ -255,6 +255,19 @@ def test_a_missing_healing_file_or_column_is_refused_naming_the_field(tmp_path: 
     assert not (tmp_path / "out" / "analysis.json").exists()
 
 
+def test_texts_that_turn_out_to_be_images_are_refused_naming_the_field(tmp_path: Path) -> None:
+    """`format: auto` on a folder of class folders finds an ImageFolder: refused as the user's error, not read."""
+    from finetune_trainer.config import TextsSpec
+    from finetune_trainer.data import load_texts
+    from finetune_trainer.errors import DataError, EXIT_USER_ERROR, exit_code_of
+
+    (tmp_path / "images" / "cats").mkdir(parents=True)
+    with pytest.raises(DataError, match=r"^rearrange.prune.heal.dataset .*images: holds images \(imagefolder\), "
+                       r"not texts; point rearrange.prune.heal.dataset.uri at texts$") as refused:
+        load_texts(TextsSpec(uri=str(tmp_path / "images")), "rearrange.prune.heal.dataset")
+    assert exit_code_of(refused.value) == EXIT_USER_ERROR
+
+
 def test_a_layer_list_that_is_no_stack_of_hidden_states_gets_no_scores() -> None:
     """A model whose longest ModuleList does not pass hidden states along: no score rather than a wrong one (and
     pruning then says it found no stack of layers)."""

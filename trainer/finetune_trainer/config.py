@@ -291,6 +291,15 @@ class HealSpec(ApiModel):
         "kind will do. Keep the job's validation and test rows out of it.",
     )
 
+    rules = (
+        Rule(
+            cel="!has(self.dataset) || !(self.dataset.format in ['imagefolder', 'coco'])",
+            holds=lambda h: h.dataset is None or h.dataset.format not in (DatasetFormat.IMAGE_FOLDER, DatasetFormat.COCO),
+            message="healing reads texts: csv, jsonl, parquet, hf-disk or auto",
+            field="dataset.format",
+        ),
+    )
+
 
 class PruneSpec(ApiModel):
     """Remove the transformer layers the analysis scores least important (Block Influence), before training.

@@ -79,7 +79,7 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
 def load_texts(spec: TextsSpec, field: str) -> list[str]:
     """Every non-empty text of every split `spec` names (unlabelled text, e.g. healing's); `field` is the spec's
     place in the job (rearrange.prune.heal.dataset), which the errors name."""
-    _, tables = read_dataset(spec, field)
+    _, tables = read_dataset(spec, field, texts_only=True)
     check_columns(tables, spec.uri, {"textField": spec.text_field}, field)
     texts = [t for table in tables.values() for t in table[spec.text_field].dropna().astype(str) if t.strip()]
     if not texts:
@@ -88,10 +88,13 @@ def load_texts(spec: TextsSpec, field: str) -> list[str]:
     return texts
 
 
-def read_dataset(spec: TextsSpec, field: str) -> tuple[DatasetFormat, dict[str, pd.DataFrame]]:
-    """The format and the tables by split of the dataset `spec` names, `field` its place in the job."""
+def read_dataset(spec: TextsSpec, field: str, texts_only: bool = False) -> tuple[DatasetFormat, dict[str, pd.DataFrame]]:
+    """The format and the tables by split of the dataset `spec` names, `field` its place in the job; `texts_only`
+    refuses images (which `format: auto` finds in a folder of folders) before reading them."""
     path = fetch(spec.uri, kind=field, repo_type="dataset", error=DataError)
     fmt = detect_format(path, spec.format, field)
+    if texts_only and fmt in (DatasetFormat.IMAGE_FOLDER, DatasetFormat.COCO):
+        raise DataError(f"{field} {spec.uri}: holds images ({fmt.value}), not texts; point {field}.uri at texts")
     try:
         return fmt, read_splits(path, fmt)
     except (ValueError, FileNotFoundError) as exc:  # a parser's complaint (pandas, pyarrow, json, datasets)
