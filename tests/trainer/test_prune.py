@@ -139,6 +139,47 @@ def test_healing_trains_the_kept_layers_back_towards_the_unpruned_models_hidden_
         assert torch.equal(value, model.state_dict()[key]), key
 
 
+def test_an_attempt_that_resumes_loads_the_healed_layers_instead_of_healing_again(tmp_path: Path,
+                                                                                   monkeypatch) -> None:
+    """LoRA's checkpoints hold the adapters, not the healed layers under them: the run keeps those beside its
+    checkpoints, and the attempt that resumes loads them and ends with the weights of a run never stopped."""
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+
+    from finetune_trainer import export
+    from finetune_trainer.errors import Terminated
+
+    doc = tiny_classifier_doc(tmp_path / "out")
+    doc["model"]["config"] = TINY_BERT | {"num_hidden_layers": 3}
+    doc["rearrange"] = {"prune": {"count": 1, "heal": {"steps": 4, "learningRate": 1e-3}}, "lora": {"rank": 4}}
+    cfg = TrainerConfig.model_validate(doc)
+    healed: list[int] = []
+    real_heal = prune.heal
+    monkeypatch.setattr(prune, "heal", lambda *args, **kw: healed.append(1) or real_heal(*args, **kw))
+    reference = run(cfg, tmp_path / "reference")
+    real_export = export.export_model
+
+    def sigterm(*_: object) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(export, "export_model", sigterm)
+    with pytest.raises(Terminated, match="in stage Exporting"):
+        run(cfg, tmp_path / "out")
+    (folder,) = (tmp_path / "out" / "checkpoints").iterdir()
+    assert len(healed) == 2 and (folder / "healed.safetensors").exists()
+    monkeypatch.setattr(export, "export_model", real_export)
+    resumed = run(cfg, tmp_path / "out")
+    assert len(healed) == 2  # not a third time
+    figures = {k: v for k, v in reference["pruning"]["heal"].items() if k != "seconds"}
+    assert {k: v for k, v in resumed["pruning"]["heal"].items() if k != "seconds"} == figures | {"reloaded": True}
+    assert resumed["evaluation"]["final"] == reference["evaluation"]["final"]
+    expected = load_file(tmp_path / "reference" / "model.safetensors")
+    got = load_file(tmp_path / "out" / "model.safetensors")
+    assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
+
+
 def test_a_pruned_decoder_renumbers_its_layers_and_reloads(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 

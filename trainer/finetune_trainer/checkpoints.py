@@ -13,6 +13,10 @@ fingerprint.json. A run never resumes another's; the folders of other fingerprin
 half-written `.tmp-*` ones are stale and removed when a run starts. A run whose config differs
 from a checkpointed one only in its world size is refused: the global batch, the split of the
 data and the schedule's length would all change under the saved optimizer.
+
+A pruned run that heals keeps the healed layers in the same folder (`healed.safetensors`, with
+healing's figures), so that a resumed run loads them instead of healing again: LoRA's
+checkpoints hold the adapters, not the layers under them.
 """
 
 from __future__ import annotations
@@ -28,6 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
@@ -39,6 +44,7 @@ log = logging.getLogger(__name__)
 MARKER = "COMMITTED"
 PREFIX = "step-"
 BEST = "best.safetensors"
+HEALED = "healed.safetensors"
 FINGERPRINT = "fingerprint.json"
 
 
@@ -123,13 +129,38 @@ def run_folder(parent: Path, identity: dict[str, Any], world: World) -> Path:
                     f"(runtime.workers x processesPerWorker), or remove {other} to start afresh")
     world.barrier()  # every rank has looked before rank 0 removes anything
     if world.main:
-        for stale in [*others, *root.glob(f".tmp-{PREFIX}*")]:
+        for stale in [*others, *root.glob(".tmp-*")]:
             log.info("removing stale checkpoints %s", stale)
             shutil.rmtree(stale, ignore_errors=True)
         root.mkdir(parents=True, exist_ok=True)
         (root / FINGERPRINT).write_text(json.dumps(identity, indent=2, sort_keys=True))
     world.barrier()
     return root
+
+
+def save_healed(root: Path, layers: nn.Module, figures: dict[str, float], world: World) -> None:
+    """Keep healing's result (the layer stack's weights) and its figures in the run's folder, atomically."""
+    if world.main:
+        tmp = root / f".tmp-{HEALED}"
+        tensors = {n: t.detach().to("cpu", copy=True).contiguous() for n, t in layers.state_dict().items()}
+        save_file(tensors, tmp, metadata={"figures": json.dumps(figures)})
+        fsync_tree(root)
+        os.replace(tmp, root / HEALED)
+        fsync_tree(root)
+    world.barrier()
+
+
+def load_healed(root: Path, layers: nn.Module) -> dict[str, float] | None:
+    """Load the healed layers an earlier run of this job kept, and return its healing's figures; None when none."""
+    path = root / HEALED
+    if not path.exists():
+        return None
+    with safe_open(path, "pt") as f:
+        figures = json.loads(f.metadata()["figures"])
+    device = next(layers.parameters()).device
+    layers.load_state_dict(load_file(path, device=str(device)))  # strict: the same layers, or refuse
+    log.info("loaded the healed layers from %s (healing ran in an earlier attempt)", path)
+    return figures | {"reloaded": True}
 
 
 def folder_name(identity: dict[str, Any]) -> str:

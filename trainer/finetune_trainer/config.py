@@ -280,7 +280,8 @@ class LoraSpec(ApiModel):
 
 class HealSpec(ApiModel):
     """Healing after pruning: every weight of the remaining layers trains to reproduce the unpruned model's last
-    hidden states on the training texts, or on `dataset`'s (no labels), before the recipe's training starts."""
+    hidden states on the training texts, or on `dataset`'s (no labels), before the recipe's training starts. The
+    healed layers are kept beside the checkpoints: an attempt that resumes loads them instead of healing again."""
 
     steps: int = Field(ge=1, le=100000, description="Optimizer steps of healing, one batch (of training.batchSize texts) each.")
     learning_rate: float = Field(1e-4, gt=0, le=1, description="AdamW's rate, reached after a 10% linear warmup.")

@@ -31,7 +31,7 @@ from finetune_trainer import checkpoints, distributed, export, prune
 from finetune_trainer.adjust import adaptable, freeze, param_groups
 from finetune_trainer.batches import (Batch, Encoded, encode_causal, encode_images, encode_text, epoch_batches,
                                       eval_batches, make_collate)
-from finetune_trainer.config import Batching, Stage, Task, TrainerConfig
+from finetune_trainer.config import Batching, HealSpec, Stage, Task, TrainerConfig
 from finetune_trainer.data import LabelledData, Split, check_label_count, load_dataset, load_texts
 from finetune_trainer.detection import analysis as detection_analysis
 from finetune_trainer.detection.coco import load_coco
@@ -207,11 +207,18 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         new_head(model, head, num_labels, data.id2label, cfg.rearrange.head.reinitialize)
     pruning: dict[str, Any] = {}
     serving: list[Batch] = []  # the test batches a pruned model's latency is measured on, before and after
+    unpruned: nn.Module | None = None  # healing's target
     if cfg.rearrange.prune is not None:
         serving = [collate(test_data, idx).to(world.device)
                    for idx in eval_batches(test_data.lengths, eval_size)[: prune.LATENCY_BATCHES]]
-        pruning = prune_layers(model, task, report, cfg, serving, measure, test_data, training_batches(heal_data),
-                               dtype)
+        pruning, unpruned = prune_layers(model, task, report, cfg, serving, measure, test_data)
+    # Named by the layers pruning removed; healing keeps its result there.
+    checkpoint_dir = checkpoints.run_folder(out / "checkpoints", fingerprinted(cfg, world.size, pruning), world)
+    if cfg.rearrange.prune is not None:
+        if cfg.rearrange.prune.heal is not None and unpruned is not None:
+            pruning["heal"] = heal_once(model, unpruned, task, training_batches(heal_data), cfg.rearrange.prune.heal,
+                                        dtype, checkpoint_dir, world)
+            del unpruned
         layers = depth(model, task)
         for p in model.parameters():  # the freeze counted the layers as loaded; count the ones that stay
             p.requires_grad_(True)
@@ -251,7 +258,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         evaluate=lambda: measure(model, validation_data),  # selection (early stopping) never sees the test split
         on_step=lambda state, planned: progress.step(state, planned, flops, world.device),
         on_eval=lambda state: progress.metrics.set_eval("training", state.evals[-1]["metrics"]),
-        checkpoint_dir=checkpoints.run_folder(out / "checkpoints", fingerprinted(cfg, world.size, pruning), world),
+        checkpoint_dir=checkpoint_dir,
     )
     progress.bar = progress_bar(steps) if world.main else None
     try:
@@ -311,11 +318,10 @@ def fingerprinted(cfg: TrainerConfig, world_size: int, pruning: dict[str, Any] |
 
 
 def prune_layers(model: nn.Module, task: Task, report: analysis.StructureReport, cfg: TrainerConfig,
-                 serving: list[Batch], measure: Any, test_data: Encoded, heal_batches: Iterator[Batch],
-                 dtype: torch.dtype | None) -> dict[str, Any]:
-    """Remove the layers the analysis scored least important, and heal the rest when asked; returns what was removed,
-    the model before (its parameters and latency, and its test metrics when a baseline is asked for) and the
-    healing's figures."""
+                 serving: list[Batch], measure: Any, test_data: Encoded) -> tuple[dict[str, Any], nn.Module | None]:
+    """Remove the layers the analysis scored least important; returns what was removed and the model before (its
+    parameters and latency, and its test metrics when a baseline is asked for), and a copy of the unpruned model
+    when healing will need it as its target."""
     if report.importance is None:
         raise ConfigError(f"rearrange.prune: no stack of transformer layers found in {report.model_class}")
     scores = report.importance["layers"]["scores"]
@@ -323,8 +329,7 @@ def prune_layers(model: nn.Module, task: Task, report: analysis.StructureReport,
     before = prune.footprint(model, serving)
     if cfg.evaluation.baseline:
         before |= measure(model, test_data)
-    heal = cfg.rearrange.prune.heal
-    unpruned = copy.deepcopy(model) if heal else None  # healing's target
+    unpruned = copy.deepcopy(model) if cfg.rearrange.prune.heal else None
     prune.remove_layers(model, task, drop)
     log.info("pruned %d of %d layers %s (%s %s); %s -> %s parameters", len(drop), len(scores), drop,
              report.importance["layers"]["measure"], [round(scores[i], 4) for i in drop],
@@ -332,9 +337,20 @@ def prune_layers(model: nn.Module, task: Task, report: analysis.StructureReport,
     pruning = {"measure": report.importance["layers"]["measure"], "removed_layers": drop,
                "removed_scores": [scores[i] for i in drop], "layers_before": len(scores),
                "layers_after": len(scores) - len(drop), "before": before}
-    if heal and unpruned is not None:
-        pruning["heal"] = prune.heal(model, unpruned, task, heal_batches, heal, dtype)
-    return pruning
+    return pruning, unpruned
+
+
+def heal_once(model: nn.Module, unpruned: nn.Module, task: Task, batches: Iterator[Batch], spec: HealSpec,
+              dtype: torch.dtype | None, folder: Path, world: distributed.World) -> dict[str, Any]:
+    """Heal the pruned model towards `unpruned`, or load the layers an earlier attempt of the same run healed
+    (kept in its checkpoint folder); returns healing's figures."""
+    found = prune.layer_stack(model, task)  # None never after pruning; heal says so if it were
+    if found is not None and (figures := checkpoints.load_healed(folder, found[1])) is not None:
+        return figures
+    figures = prune.heal(model, unpruned, task, batches, spec, dtype)
+    if found is not None:
+        checkpoints.save_healed(folder, found[1], figures, world)
+    return figures
 
 
 def pruning_message(pruning: dict[str, Any]) -> dict[str, Any]:
