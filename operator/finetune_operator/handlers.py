@@ -93,7 +93,8 @@ async def slim_body(event: kopf.RawEvent, **_: Any) -> None:
     raw: Any = event.get("object") or {}
     metadata = raw.get("metadata")
     if isinstance(metadata, dict):
-        raw["metadata"] = _interned({key: value for key, value in metadata.items() if key != "managedFields"})
+        raw["metadata"] = {sys.intern(key): _interned(value) for key, value in metadata.items()
+                           if key != "managedFields"}
     for part in ("spec", "status"):
         if isinstance(raw.get(part), dict):
             raw[part] = _interned(raw[part])
