@@ -104,6 +104,14 @@ class ModelSpec(ApiModel):
     )
 
 
+class TextFormat(StrEnum):
+    AUTO = "auto"
+    CSV = "csv"
+    JSONL = "jsonl"
+    PARQUET = "parquet"
+    HF_DISK = "hf-disk"
+
+
 class DatasetFormat(StrEnum):
     AUTO = "auto"
     CSV = "csv"
@@ -114,24 +122,32 @@ class DatasetFormat(StrEnum):
     COCO = "coco"
 
 
+HUB_LAYOUTS = ("A folder may hold the hub's layouts: files named by split (train.csv, test-00000-of-00001.parquet) "
+               "or in folders named by split.")
+
+
 class TextsSpec(ApiModel):
     """Where texts are read from: a file or folder, its format and the column holding the text."""
 
     uri: Uri = Field(description="A file or folder: pvc://<claim>/<path>, hf://<org>/<name> or an absolute path.")
-    format: DatasetFormat = Field(
-        DatasetFormat.AUTO,
-        description="File format; auto picks it from the extension (a folder of class folders is an ImageFolder, "
-        "a folder with dataset_info.json is an HF save_to_disk dataset; object-detection reads coco). "
-        "coco (object-detection only): a COCO annotations JSON, or a folder with annotations.json or one JSON per split "
-        "(train.json, val.json, test.json), each image's file_name relative to the JSON's folder or its images/. "
-        "A folder may hold the hub's layouts: "
-        "files named by split (train.csv, test-00000-of-00001.parquet) or in folders named by split.",
+    format: TextFormat = Field(
+        TextFormat.AUTO,
+        description="File format; auto picks it from the extension (a folder with dataset_info.json is an HF "
+        f"save_to_disk dataset). {HUB_LAYOUTS}",
     )
     text_field: str = Field("text", min_length=1, description="Column holding the input text.")
 
 
 class DatasetSpec(TextsSpec):
     """The labelled data: its own train, validation and test splits, or a seeded split of its rows into them."""
+
+    format: DatasetFormat = Field(  # type: ignore[assignment]  # texts' formats, and images'
+        DatasetFormat.AUTO,
+        description="File format; auto picks it from the extension (a folder of class folders is an ImageFolder, "
+        "a folder with dataset_info.json is an HF save_to_disk dataset; object-detection reads coco). "
+        "coco (object-detection only): a COCO annotations JSON, or a folder with annotations.json or one JSON per split "
+        f"(train.json, val.json, test.json), each image's file_name relative to the JSON's folder or its images/. {HUB_LAYOUTS}",
+    )
 
     label_field: str = Field(
         "label", min_length=1, description="Column holding the label (classification tasks)."
@@ -290,15 +306,6 @@ class HealSpec(ApiModel):
         description="Heal on these texts instead of the training split's (every row of every split the files hold, "
         "tokenized as the training data; labels are not read): healing needs no labels, so any text of the task's "
         "kind will do. Keep the job's validation and test rows out of it.",
-    )
-
-    rules = (
-        Rule(
-            cel="!has(self.dataset) || !(self.dataset.format in ['imagefolder', 'coco'])",
-            holds=lambda h: h.dataset is None or h.dataset.format not in (DatasetFormat.IMAGE_FOLDER, DatasetFormat.COCO),
-            message="healing reads texts: csv, jsonl, parquet, hf-disk or auto",
-            field="dataset.format",
-        ),
     )
 
 

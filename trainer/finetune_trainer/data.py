@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from finetune_trainer.config import DatasetFormat, DatasetSpec, Task, TextsSpec
+from finetune_trainer.config import DatasetFormat, DatasetSpec, Task, TextFormat, TextsSpec
 from finetune_trainer.errors import DataError
 from finetune_trainer.uris import fetch
 
@@ -111,9 +111,9 @@ def check_columns(tables: dict[str, pd.DataFrame], uri: str, columns: dict[str, 
                                 f"it has {', '.join(map(str, table.columns))}")
 
 
-def detect_format(path: Path, declared: DatasetFormat, field: str) -> DatasetFormat:
+def detect_format(path: Path, declared: DatasetFormat | TextFormat, field: str) -> DatasetFormat:
     if declared != DatasetFormat.AUTO:
-        return declared
+        return DatasetFormat(declared)
     if path.is_file():
         if fmt := FILE_FORMATS.get(path.suffix.lower()):
             return fmt
