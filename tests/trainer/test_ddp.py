@@ -121,3 +121,24 @@ def test_a_ddp_run_whose_worker_is_killed_resumes_to_the_same_weights(reference:
     resumed, uninterrupted = load_file(tmp_path / "out" / "model.safetensors"), load_file(reference / "model.safetensors")
     for name, value in uninterrupted.items():
         torch.testing.assert_close(resumed[name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_two_ranks_heal_a_pruned_model_alike_and_a_rerun_loads_what_they_healed(tmp_path: Path) -> None:
+    """Both ranks heal (the same batches, so the same weights) and rank 0 keeps the result; a second attempt,
+    resuming after training, has every rank load it instead of healing, and exports the same weights."""
+    doc = ddp_doc(tmp_path / "out")
+    doc["model"]["config"] |= {"num_hidden_layers": 3}
+    doc["dataset"]["maxTrainSamples"] = 160  # 10 steps
+    doc["rearrange"]["prune"] = {"count": 1, "heal": {"steps": 3, "learningRate": 1e-3}}
+    (config := tmp_path / "job.json").write_text(json.dumps(doc))
+    first, second = tmp_path / "first.log", tmp_path / "second.log"
+    assert torchrun(config, first).wait(timeout=600) == 0, first.read_text()[-4000:]
+    exported = load_file(tmp_path / "out" / "model.safetensors")
+    assert first.read_text().count("healed the pruned model in 3 steps") == 2
+    (folder,) = (tmp_path / "out" / "checkpoints").iterdir()
+    assert (folder / "healed.safetensors").exists()
+    assert torchrun(config, second).wait(timeout=600) == 0, second.read_text()[-4000:]
+    log = second.read_text()
+    assert "healed the pruned model" not in log and log.count("loaded the healed layers") == 2
+    again = load_file(tmp_path / "out" / "model.safetensors")
+    assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in exported)

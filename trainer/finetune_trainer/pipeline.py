@@ -345,7 +345,9 @@ def heal_once(model: nn.Module, unpruned: nn.Module, task: Task, batches: Iterat
     """Heal the pruned model towards `unpruned`, or load the layers an earlier attempt of the same run healed
     (kept in its checkpoint folder); returns healing's figures."""
     found = prune.layer_stack(model, task)  # None never after pruning; heal says so if it were
-    if found is not None and (figures := checkpoints.load_healed(folder, found[1])) is not None:
+    figures = checkpoints.load_healed(folder, found[1]) if found is not None else None
+    world.barrier()  # every rank has looked before rank 0 writes one, so all heal or all load
+    if figures is not None:
         return figures
     figures = prune.heal(model, unpruned, task, batches, spec, dtype)
     if found is not None:
