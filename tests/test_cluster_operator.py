@@ -231,7 +231,14 @@ def test_a_child_the_apiserver_refuses_fails_as_invalid_spec(operator_env: Opera
          "spec": {"policyName": policy, "validationActions": ["Deny"],
                   "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": env.namespace}}}}},
     ], env.namespace)
+    # The apiserver enforces a new policy once its informer has seen it, not when the create returns: wait until
+    # a server-side dry run of a 2-pod Job is refused, or the operator's Job might come first and be admitted.
+    probe = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "policy-probe"},
+             "spec": {"parallelism": 2, "template": {"spec": {"restartPolicy": "Never", "containers": [
+                 {"name": "c", "image": "busybox"}]}}}}
     try:
+        env.kube.wait_for("the policy in force", lambda: "jobs here run one pod at most" in env.kube.apply(
+            probe, env.namespace, "--dry-run=server", check=False).stderr, env.namespace, timeout=30)
         name = env.apply(example("minilm-sentiment-2workers"))
         failed = env.wait_phase(name, "Failed", timeout=60)
         message = [c["message"] for c in failed["status"]["conditions"] if c["type"] == "Failed"][0]
