@@ -169,9 +169,11 @@ def test_an_attempt_that_resumes_loads_the_healed_layers_instead_of_healing_agai
         run(cfg, tmp_path / "out")
     (folder,) = (tmp_path / "out" / "checkpoints").iterdir()
     assert len(healed) == 2 and (folder / "healed.safetensors").exists()
+    (folder / ".tmp-healed.safetensors").write_bytes(b"half written")  # a crash mid-save leaves a file, not a folder
     monkeypatch.setattr(export, "export_model", real_export)
     resumed = run(cfg, tmp_path / "out")
     assert len(healed) == 2  # not a third time
+    assert not (folder / ".tmp-healed.safetensors").exists()
     figures = {k: v for k, v in reference["pruning"]["heal"].items() if k != "seconds"}
     assert {k: v for k, v in resumed["pruning"]["heal"].items() if k != "seconds"} == figures | {"reloaded": True}
     assert resumed["evaluation"]["final"] == reference["evaluation"]["final"]

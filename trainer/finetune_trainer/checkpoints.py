@@ -129,9 +129,12 @@ def run_folder(parent: Path, identity: dict[str, Any], world: World) -> Path:
                     f"(runtime.workers x processesPerWorker), or remove {other} to start afresh")
     world.barrier()  # every rank has looked before rank 0 removes anything
     if world.main:
-        for stale in [*others, *root.glob(".tmp-*")]:
+        for stale in [*others, *root.glob(".tmp-*")]:  # folders, and the file save_healed writes first
             log.info("removing stale checkpoints %s", stale)
-            shutil.rmtree(stale, ignore_errors=True)
+            if stale.is_dir():
+                shutil.rmtree(stale, ignore_errors=True)
+            else:
+                stale.unlink(missing_ok=True)
         root.mkdir(parents=True, exist_ok=True)
         (root / FINGERPRINT).write_text(json.dumps(identity, indent=2, sort_keys=True))
     world.barrier()
