@@ -14,6 +14,9 @@
 - Freshness: real trainer pods on the process node; the bench reads each rank 0's /metrics every 0.1 s and the
   FineTuneJob's status, and times each status step from the moment the pod first reported it.
 - --profile: py-spy samples the operator during the largest burst (its top functions go into the report).
+- Write costs (--write-costs N, before the operator starts): the control plane's CPU per write of each kind the two
+  sides make (N of each at once, in the unwatched namespace): what a FineTuneJob's create, status patch and finalizer
+  patch cost the apiserver against a Job's, a ConfigMap's and an Event's.
 
     python -m bench.operator_scale                      # N = 100 (2 rounds) and 1000 (1 round), freshness
     python -m bench.operator_scale --jobs 50 --rounds 1 --freshness-jobs 0 --out /tmp/scale   # a trial
@@ -329,6 +332,63 @@ def creates_alone(c: Cluster, n: int, clients: int, tag: str) -> dict[str, Any]:
     return {"n": n, "load_before": load, "create_calls_s": seconds}
 
 
+def write_costs(c: Cluster, n: int, clients: int, plane: list[int]) -> list[dict[str, Any]]:
+    """The control plane's CPU seconds per write, for each kind of write the two sides make: N of a kind at once from
+    `clients` threads, in the namespace no operator watches, one kind after the other on a quiet cluster. A
+    FineTuneJob is a custom resource: the apiserver handles it as unstructured JSON, checks it against the CRD's
+    schema and CEL rules (the transition rules compare the spec's parts with the old object's on every update,
+    status patches included) and tracks its managed fields through that schema."""
+    ns = UNWATCHED
+    names = [f"w-{i:04d}" for i in range(n)]
+    spec = api.FineTuneJobSpec.model_validate(gpu_job("x")["spec"])
+    settings = Settings(trainer_image="ghcr.io/finetune-dev/trainer:0.1.0")
+    owner = {"metadata": {"name": "x", "namespace": ns, "uid": "none"}}
+    config_map = children.config_map(owner, spec, 1)
+    job = children.job(owner, spec, 1, settings)
+    for obj in (config_map, job):
+        del obj["metadata"]["ownerReferences"]
+    job["spec"]["suspend"] = True  # no pods: the write alone
+
+    def named(obj: dict[str, Any], name: str) -> dict[str, Any]:
+        return obj | {"metadata": obj["metadata"] | {"name": name, "namespace": ns}}
+
+    def status_patch(name: str) -> None:  # what the operator's first reconcile writes, in size and kind
+        c.custom.patch_namespaced_custom_object_status(api.GROUP, api.VERSION, ns, api.PLURAL, name, {"status": {
+            "phase": "Pending", "observedGeneration": 1, "attempts": 1, "startTime": "2026-01-01T00:00:00Z",
+            "children": {"configMap": name, "job": name}, "conditions": [{
+                "type": "Created", "status": "True", "reason": "AttemptCreated", "message": "attempt 1: 1 worker(s)",
+                "lastTransitionTime": "2026-01-01T00:00:00Z", "observedGeneration": 1}]}})
+
+    writes: list[tuple[str, Callable[[str], Any]]] = [
+        ("ConfigMap create (the trainer's config)", lambda m: c.core.create_namespaced_config_map(ns, named(config_map, m))),
+        ("Job create (suspended)", lambda m: c.batch.create_namespaced_job(ns, named(job, m))),
+        ("Event create", lambda m: c.core.create_namespaced_event(ns, {
+            "metadata": {"name": m}, "involvedObject": {"kind": api.KIND, "name": m, "namespace": ns},
+            "reason": "AttemptCreated", "message": "attempt 1: 1 worker(s)", "type": "Normal"})),
+        ("FineTuneJob create", lambda m: c.custom.create_namespaced_custom_object(
+            api.GROUP, api.VERSION, ns, api.PLURAL, named(gpu_job(m), m))),
+        ("FineTuneJob status patch", status_patch),
+        ("FineTuneJob finalizer patch", lambda m: c.custom.patch_namespaced_custom_object(
+            api.GROUP, api.VERSION, ns, api.PLURAL, m, {"metadata": {"finalizers": ["finetune.dev/finalizer"]}})),
+    ]
+    rows = []
+    for kind, write in writes:
+        load = os.getloadavg()[0]
+        before, started = sum(map(cpu_seconds, plane)), time.monotonic()
+        with ThreadPoolExecutor(clients) as pool:
+            list(pool.map(write, names))
+        rows.append({"write": kind, "n": n, "load_before": load, "seconds": time.monotonic() - started,
+                     "plane_cpu_ms_per_write": 1000 * (sum(map(cpu_seconds, plane)) - before) / n})
+        print("  write cost: " + json.dumps(rows[-1]), flush=True)
+    for name in names:  # the finalizer would hold the FineTuneJobs: take it off before the collection delete
+        c.custom.patch_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL, name, {"metadata": {"finalizers": None}})
+    c.custom.delete_collection_namespaced_custom_object(api.GROUP, api.VERSION, ns, api.PLURAL)
+    c.batch.delete_collection_namespaced_job(ns, propagation_policy="Background")
+    c.core.delete_collection_namespaced_config_map(ns)
+    c.core.delete_collection_namespaced_event(ns)
+    return rows
+
+
 def live(c: Cluster, n: int, clients: int, sampler: Sampler, settle: float) -> dict[str, Any]:
     """N FineTuneJobs whose pods run for an hour: once each has its child Job, the operator's RSS and CPU while it
     keeps them all (those beyond the GPUs wait, unschedulable), over `settle` seconds."""
@@ -453,6 +513,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                                   claim("data", ["ReadOnlyMany"], ASSETS / "data"),
                                   claim("trained", ["ReadWriteMany"])], NAMESPACE)
     install_crd(kube)
+    plane = [pid for pid in local.running(cluster).values() if pid]
+    costs = write_costs(c, args.write_costs, args.clients, plane) if args.write_costs else None
     log = STATE / "operator.log"
     metrics_port = free_port()
     operator = start_operator(cluster.kubeconfig, log, metrics_port)
@@ -460,7 +522,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     sampler = Sampler(operator.pid)
     idle_rss = sampler.read()[1]
     sampler.start()
-    plane = [pid for pid in local.running(cluster).values() if pid]
     rounds: list[dict[str, Any]] = []
     order = ["direct", "operator"] + (["ideal"] if args.ideal else [])
     sides = [(n, r, side) for n in args.jobs for r in range(args.rounds if n < 1000 else 1)
@@ -511,7 +572,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         operator.terminate()
         operator.wait(30)
         local.down(STATE)
-    return {"rounds": rounds, "alone": alone, "live": held, "idle_rss_mb": idle_rss, "freshness": fresh, "profile": profile_out,
+    return {"rounds": rounds, "alone": alone, "write_costs": costs, "live": held, "idle_rss_mb": idle_rss, "freshness": fresh, "profile": profile_out,
             "operator_reconciles": reconcile, "operator_log_tail": log.read_text()[-3000:]}
 
 
@@ -611,6 +672,13 @@ def markdown(payload: dict[str, Any]) -> str:
               "the apiserver's own cost of the operator side's creates): "
               + "; ".join(f"N={a['n']} round {a['round']}: {a['create_calls_s']:.1f} s at load {a['load_before']:.1f}"
                           for a in out.get("alone", [])) + "."]
+    costs = out.get("write_costs")
+    if costs:
+        lines += ["", f"**What each write costs the control plane** (etcd, apiserver, kcm, scheduler, kwok; {costs[0]['n']} "
+                  "of a kind at once, in the unwatched namespace, before the operator starts):", "",
+                  "| write | CPU ms per write | seconds | load at start |", "|---|---|---|---|"]
+        lines += [f"| {w['write']} | {w['plane_cpu_ms_per_write']:.2f} | {w['seconds']:.2f} | {w['load_before']:.1f} |"
+                  for w in costs]
     lines += ["", f"Operator RSS at rest before the bursts: {out['idle_rss_mb']:.0f} MB. Goal at 1,000 live jobs: ≤150 MB."]
     held = out.get("live")
     if held:
@@ -658,6 +726,8 @@ def main() -> None:
     parser.add_argument("--live-jobs", type=int, default=1000, help="FineTuneJobs kept live for the RSS figure")
     parser.add_argument("--live-seconds", type=float, default=60, help="seconds the RSS is sampled once all are live")
     parser.add_argument("--profile", action="store_true", help="py-spy the operator during the largest burst")
+    parser.add_argument("--write-costs", type=int, default=300,
+                        help="writes of each kind whose control plane CPU is measured before the operator starts (0: none)")
     parser.add_argument("--ideal", action="store_true",
                         help="a third side per round: each FineTuneJob (no operator watching) and then its Job")
     parser.add_argument("--children-only", action="store_true",
