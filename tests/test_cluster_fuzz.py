@@ -68,8 +68,15 @@ def validator_fields(doc: dict[str, Any]) -> set[str]:
 
 
 def _normal(field: str) -> str:
-    """One spelling for a field path: list items as [N], map keys as .key."""
-    return re.sub(r"\[([^\]0-9][^\]]*)\]", r".\1", field)
+    """One spelling for a field path: list items as [N], map keys as .key (the empty key too: `[]` is `.`)."""
+    return re.sub(r"\[((?:[^\]0-9][^\]]*)?)\]", r".\1", field)
+
+
+def test_a_field_path_has_one_spelling() -> None:
+    assert _normal("spec.runtime.env[0].name") == "spec.runtime.env[0].name"
+    assert _normal("spec.runtime.resources.limits[nvidia.com/gpu]") == "spec.runtime.resources.limits.nvidia.com/gpu"
+    # the apiserver's path of a map's empty key, where validate says `limits.` (found by the long run)
+    assert _normal("spec.runtime.resources.limits[]") == "spec.runtime.resources.limits."
 
 
 class Verdict(NamedTuple):
