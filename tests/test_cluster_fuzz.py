@@ -56,8 +56,9 @@ ACCEPTED_EDGES: list[dict[str, Any]] = [
 
 # Manifests both refuse alike that this harness misread (found by the long run): each must be judged to agree.
 HARNESS_EDGES: list[dict[str, Any]] = [
-    # a map's empty key: the apiserver's path is limits[], validate's limits.
+    # a map's keys "" and "0": the apiserver's paths are limits[] and limits[0], validate's limits. and limits.0
     _edge({"runtime": {"resources": {"limits": {"": "8\n"}}}}),
+    _edge({"runtime": {"resources": {"limits": {"0": "8\n"}}}}),
     # a list over its length whose items miss a required field: the apiserver names the items too, and skips the
     # CEL rules
     _edge({"pod": {"affinity": {"podAntiAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": [{}] * 17}}}}),
@@ -77,15 +78,17 @@ def validator_fields(doc: dict[str, Any]) -> set[str]:
 
 
 def _normal(field: str) -> str:
-    """One spelling for a field path: list items as [N], map keys as .key (the empty key too: `[]` is `.`)."""
-    return re.sub(r"\[((?:[^\]0-9][^\]]*)?)\]", r".\1", field)
+    """One spelling for a field path, every step after a dot. The apiserver writes list items and map keys alike,
+    `[0]` for item 0 and for key "0" (`[]` for the empty key); validate writes items as `[0]` and keys as `.0`."""
+    return re.sub(r"\[([^\]]*)\]", r".\1", field)
 
 
 def test_a_field_path_has_one_spelling() -> None:
-    assert _normal("spec.runtime.env[0].name") == "spec.runtime.env[0].name"
+    assert _normal("spec.runtime.env[0].name") == _normal("spec.runtime.env.0.name")
     assert _normal("spec.runtime.resources.limits[nvidia.com/gpu]") == "spec.runtime.resources.limits.nvidia.com/gpu"
-    # the apiserver's path of a map's empty key, where validate says `limits.` (found by the long run)
+    # the apiserver's paths of the map keys "" and "0", where validate says `limits.` and `limits.0` (the long run)
     assert _normal("spec.runtime.resources.limits[]") == "spec.runtime.resources.limits."
+    assert _normal("spec.runtime.resources.limits[0]") == "spec.runtime.resources.limits.0"
 
 
 class Verdict(NamedTuple):
