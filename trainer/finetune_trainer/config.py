@@ -69,6 +69,7 @@ class ModelSpec(ApiModel):
     task: Task = Field(description="What the model is fine-tuned for; decides the head, the loss and the metrics.")
     architecture: str | None = Field(
         None,
+        min_length=1,
         max_length=128,
         description="For image-classification: a torchvision architecture name (e.g. resnet18). For "
         "object-detection (required): a torchvision detection architecture (e.g. fasterrcnn_mobilenet_v3_large_fpn, "
@@ -492,7 +493,7 @@ class TrainerConfig(ApiModel):
         Rule(
             cel="has(self.model.uri) || !has(self.model.architecture) || has(self.model.tokenizerUri)"
             " || self.model.task in ['image-classification', 'object-detection']",
-            holds=lambda c: c.model.uri or not c.model.architecture or c.model.tokenizer_uri
+            holds=lambda c: c.model.uri is not None or c.model.architecture is None or c.model.tokenizer_uri is not None
             or c.model.task in (Task.IMAGE_CLASSIFICATION, Task.OBJECT_DETECTION),
             message="a model built from config needs tokenizerUri for text tasks",
             field="model.tokenizerUri",
