@@ -52,6 +52,8 @@ ACCEPTED_EDGES: list[dict[str, Any]] = [
     _edge({"runtime": {"shmSize": "1E"}}),
     # RE2's \S is ASCII: a no-break space is not white to the apiserver (it was to pydantic's regex)
     _edge({"runtime": {"image": "registry.example/trainer:1\u00a0"}}),
+    # a whole float is an integer to the apiserver's schema (validate refused it; the long run)
+    _edge({"training": {"epochs": 1.0, "batchSize": 1e1}, "backoffLimit": 3.0}),
 ]
 
 # Manifests both refuse alike that this harness misread (found by the long run): each must be judged to agree.

@@ -11,7 +11,8 @@ import json
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ClassVar, Self, get_origin
+from types import NoneType, UnionType
+from typing import Any, ClassVar, Self, Union, get_args, get_origin
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
@@ -83,6 +84,18 @@ class ApiModel(BaseModel):
             pruned[key] = value
         return pruned
 
+    @model_validator(mode="before")
+    @classmethod
+    def _whole_floats_are_integers(cls, data: Any) -> Any:
+        """The apiserver's schema validation takes a whole float up to 2^53 (1.0, 1e3) for an integer field, which
+        kubectl sends as 1 anyway; other clients send 1.0. An int-or-string field stays strict: its CEL rules refuse
+        a float."""
+        if not isinstance(data, dict):
+            return data
+        fields = {f.alias or name: f for name, f in cls.model_fields.items()} | cls.model_fields
+        return {key: int(value) if isinstance(value, float) and value.is_integer() and abs(value) <= JSON_INTEGER
+                and key in fields and _is_integer(fields[key].annotation) else value for key, value in data.items()}
+
     @model_validator(mode="after")
     def _check_rules(self) -> ApiModel:
         for rule in self.rules:
@@ -101,6 +114,14 @@ class ApiModel(BaseModel):
 
 
 INT64 = range(-(2**63), 2**63)
+JSON_INTEGER = 2**53  # the largest whole float the apiserver's schema validation takes for an integer
+
+
+def _is_integer(annotation: Any) -> bool:
+    """`int` or `int | None`."""
+    if get_origin(annotation) in (Union, UnionType):
+        return set(get_args(annotation)) == {int, NoneType}
+    return annotation is int
 
 
 def _as_decoded(value: Any) -> Any:
