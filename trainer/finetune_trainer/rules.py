@@ -16,6 +16,7 @@ from typing import Any, ClassVar, Self, Union, get_args, get_origin
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
+from pydantic.fields import FieldInfo
 
 
 @dataclass(frozen=True)
@@ -64,6 +65,11 @@ class ApiModel(BaseModel):
     # CEL over `self` and `oldSelf`, checked by the apiserver on updates (only it sees the old object).
     transition_rules: ClassVar[tuple[dict[str, str], ...]] = ()
 
+    @classmethod
+    def _wire_fields(cls) -> dict[str, FieldInfo]:
+        """The fields by their wire (camelCase) and Python names."""
+        return {f.alias or name: f for name, f in cls.model_fields.items()} | cls.model_fields
+
     @model_validator(mode="before")
     @classmethod
     def _null_means_absent(cls, data: Any) -> Any:
@@ -72,7 +78,7 @@ class ApiModel(BaseModel):
         so does one in a field that keeps unknown fields (model.config)."""
         if not isinstance(data, dict):
             return data
-        fields = {f.alias or name: f for name, f in cls.model_fields.items()} | cls.model_fields
+        fields = cls._wire_fields()
         pruned = {}
         for key, value in data.items():
             field = fields.get(key)
@@ -87,12 +93,12 @@ class ApiModel(BaseModel):
     @model_validator(mode="before")
     @classmethod
     def _whole_floats_are_integers(cls, data: Any) -> Any:
-        """The apiserver's schema validation takes a whole float up to 2^53 (1.0, 1e3) for an integer field, which
+        """The apiserver's schema validation takes a whole float below 2^53 (1.0, 1e3) for an integer field, which
         kubectl sends as 1 anyway; other clients send 1.0. An int-or-string field stays strict: its CEL rules refuse
         a float."""
         if not isinstance(data, dict):
             return data
-        fields = {f.alias or name: f for name, f in cls.model_fields.items()} | cls.model_fields
+        fields = cls._wire_fields()
         return {key: int(value) if isinstance(value, float) and value.is_integer() and abs(value) <= JSON_INTEGER
                 and key in fields and _is_integer(fields[key].annotation) else value for key, value in data.items()}
 
@@ -114,7 +120,7 @@ class ApiModel(BaseModel):
 
 
 INT64 = range(-(2**63), 2**63)
-JSON_INTEGER = 2**53  # the largest whole float the apiserver's schema validation takes for an integer
+JSON_INTEGER = 2**53 - 1  # the largest whole float the apiserver's schema takes for an integer (go-openapi's)
 
 
 def _is_integer(annotation: Any) -> bool:
