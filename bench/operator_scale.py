@@ -46,6 +46,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from bench.common import REPO, RESULTS, clean_commit, command_line, fmt, machine, result_stem, write_results
 from finetune_operator import api, children
+from finetune_operator.handlers import FINALIZER
 from finetune_operator.outcome import STUCK_WAITING
 from finetune_operator.scrape import ScrapeError, scrape
 from finetune_operator.settings import Settings
@@ -333,7 +334,7 @@ def creates_alone(c: Cluster, n: int, clients: int, tag: str) -> dict[str, Any]:
 
 
 def write_costs(c: Cluster, n: int, clients: int, plane: list[int]) -> list[dict[str, Any]]:
-    """The control plane's CPU seconds per write, for each kind of write the two sides make: N of a kind at once from
+    """The control plane's CPU milliseconds per write, for each kind of write the two sides make: N of a kind at once from
     `clients` threads, in the namespace no operator watches, one kind after the other on a quiet cluster. A
     FineTuneJob is a custom resource: the apiserver handles it as unstructured JSON, checks it against the CRD's
     schema and CEL rules (the transition rules compare the spec's parts with the old object's on every update,
@@ -369,7 +370,7 @@ def write_costs(c: Cluster, n: int, clients: int, plane: list[int]) -> list[dict
             api.GROUP, api.VERSION, ns, api.PLURAL, named(gpu_job(m), m))),
         ("FineTuneJob status patch", status_patch),
         ("FineTuneJob finalizer patch", lambda m: c.custom.patch_namespaced_custom_object(
-            api.GROUP, api.VERSION, ns, api.PLURAL, m, {"metadata": {"finalizers": ["finetune.dev/finalizer"]}})),
+            api.GROUP, api.VERSION, ns, api.PLURAL, m, {"metadata": {"finalizers": [FINALIZER]}})),
     ]
     rows = []
     for kind, write in writes:
