@@ -7,6 +7,7 @@ same manifests with the same message, naming the same field.
 
 from __future__ import annotations
 
+import functools
 import json
 import re
 from collections.abc import Callable
@@ -66,8 +67,10 @@ class ApiModel(BaseModel):
     transition_rules: ClassVar[tuple[dict[str, str], ...]] = ()
 
     @classmethod
+    @functools.cache
     def _wire_fields(cls) -> dict[str, FieldInfo]:
-        """The fields by their wire (camelCase) and Python names."""
+        """The fields by their wire (camelCase) and Python names, built once per class: both before-validators read
+        it for every object parsed (30 times for a FineTuneJob's spec)."""
         return {f.alias or name: f for name, f in cls.model_fields.items()} | cls.model_fields
 
     @model_validator(mode="before")
