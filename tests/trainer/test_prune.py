@@ -158,6 +158,9 @@ def test_an_attempt_that_resumes_loads_the_healed_layers_instead_of_healing_agai
     healed: list[int] = []
     real_heal = prune.heal
     monkeypatch.setattr(prune, "heal", lambda *args, **kw: healed.append(1) or real_heal(*args, **kw))
+    copies: list[int] = []  # healing's target, a copy of the whole unpruned model
+    real_target = prune.healing_target
+    monkeypatch.setattr(prune, "healing_target", lambda model: copies.append(1) or real_target(model))
     reference = run(cfg, tmp_path / "reference")
     real_export = export.export_model
 
@@ -173,6 +176,7 @@ def test_an_attempt_that_resumes_loads_the_healed_layers_instead_of_healing_agai
     monkeypatch.setattr(export, "export_model", real_export)
     resumed = run(cfg, tmp_path / "out")
     assert len(healed) == 2  # not a third time
+    assert len(copies) == 2  # and no copy of the unpruned model to heal towards
     assert not (folder / ".tmp-healed.safetensors").exists()
     figures = {k: v for k, v in reference["pruning"]["heal"].items() if k != "seconds"}
     assert {k: v for k, v in resumed["pruning"]["heal"].items() if k != "seconds"} == figures | {"reloaded": True}

@@ -153,10 +153,15 @@ def save_healed(root: Path, layers: nn.Module, figures: dict[str, float], world:
     world.barrier()
 
 
+def healed_kept(root: Path) -> bool:
+    """Whether an earlier attempt of this run kept its healed layers here (`load_healed` reads them)."""
+    return (root / HEALED).exists()
+
+
 def load_healed(root: Path, layers: nn.Module) -> dict[str, float] | None:
     """Load the healed layers an earlier run of this job kept, and return its healing's figures; None when none."""
     path = root / HEALED
-    if not path.exists():
+    if not healed_kept(root):
         return None
     with safe_open(path, "pt") as f:
         figures = json.loads(f.metadata()["figures"])

@@ -12,7 +12,6 @@ an exit code).
 from __future__ import annotations
 
 import contextlib
-import copy
 import itertools
 import json
 import logging
@@ -207,17 +206,20 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         new_head(model, head, num_labels, data.id2label, cfg.rearrange.head.reinitialize)
     pruning: dict[str, Any] = {}
     serving: list[Batch] = []  # the test batches a pruned model's latency is measured on, before and after
-    unpruned: nn.Module | None = None  # healing's target
-    if cfg.rearrange.prune is not None:
+    drop = pruned_layers(report, cfg) if cfg.rearrange.prune is not None else None
+    # Named by the layers pruning removes; healing keeps its result there.
+    checkpoint_dir = checkpoints.run_folder(out / "checkpoints", fingerprinted(cfg, world.size, drop), world)
+    if cfg.rearrange.prune is not None and drop is not None:
         serving = [collate(test_data, idx).to(world.device)
                    for idx in eval_batches(test_data.lengths, eval_size)[: prune.LATENCY_BATCHES]]
-        pruning, unpruned = prune_layers(model, task, report, cfg, serving, measure, test_data)
-    # Named by the layers pruning removed; healing keeps its result there.
-    checkpoint_dir = checkpoints.run_folder(out / "checkpoints", fingerprinted(cfg, world.size, pruning), world)
-    if cfg.rearrange.prune is not None:
-        if cfg.rearrange.prune.heal is not None and unpruned is not None:
-            pruning["heal"] = heal_once(model, unpruned, task, training_batches(heal_data), cfg.rearrange.prune.heal,
-                                        dtype, checkpoint_dir, world)
+        heal = cfg.rearrange.prune.heal
+        # Healing's target is the model before pruning, a copy as large as the model; an attempt that resumes
+        # loads the layers an earlier one healed and needs none.
+        keep_target = heal is not None and not checkpoints.healed_kept(checkpoint_dir)
+        pruning, unpruned = prune_layers(model, task, report, drop, cfg, serving, measure, test_data, keep_target)
+        if heal is not None:
+            pruning["heal"] = heal_once(model, unpruned, task, training_batches(heal_data), heal, dtype,
+                                        checkpoint_dir, world)
             del unpruned
         layers = depth(model, task)
         for p in model.parameters():  # the freeze counted the layers as loaded; count the ones that stay
@@ -304,9 +306,9 @@ BOOKKEEPING = {"analyze": None, "output": None, "rearrange": {"mergeOnExport"},
                "training": {"checkpointEverySteps", "keepCheckpoints"}, "evaluation": {"baseline", "batchSize"}}
 
 
-def fingerprinted(cfg: TrainerConfig, world_size: int, pruning: dict[str, Any] | None = None) -> dict[str, Any]:
+def fingerprinted(cfg: TrainerConfig, world_size: int, pruned: list[int] | None = None) -> dict[str, Any]:
     """What a checkpoint must agree with to be resumed: the config less its bookkeeping, the world size (the
-    global batch and the schedule's length follow from it) and the layers pruning removed (the same shapes,
+    global batch and the schedule's length follow from it) and the layers pruning removes (the same shapes,
     other weights). A field added later counts until listed above."""
     wire = cfg.to_wire()
     for section, fields in BOOKKEEPING.items():
@@ -314,22 +316,29 @@ def fingerprinted(cfg: TrainerConfig, world_size: int, pruning: dict[str, Any] |
             wire.pop(section, None)
         else:
             wire[section] = {k: v for k, v in wire.get(section, {}).items() if k not in fields}
-    return wire | {"worldSize": world_size} | ({"prunedLayers": pruning["removed_layers"]} if pruning else {})
+    return wire | {"worldSize": world_size} | ({"prunedLayers": pruned} if pruned is not None else {})
 
 
-def prune_layers(model: nn.Module, task: Task, report: analysis.StructureReport, cfg: TrainerConfig,
-                 serving: list[Batch], measure: Any, test_data: Encoded) -> tuple[dict[str, Any], nn.Module | None]:
-    """Remove the layers the analysis scored least important; returns what was removed and the model before (its
-    parameters and latency, and its test metrics when a baseline is asked for), and a copy of the unpruned model
-    when healing will need it as its target."""
+def pruned_layers(report: analysis.StructureReport, cfg: TrainerConfig) -> list[int]:
+    """The layers `rearrange.prune` removes: the analysis scored them least important."""
+    assert cfg.rearrange.prune is not None
     if report.importance is None:
         raise ConfigError(f"rearrange.prune: no stack of transformer layers found in {report.model_class}")
+    return prune.chosen_layers(report.importance["layers"]["scores"], cfg.rearrange.prune)
+
+
+def prune_layers(model: nn.Module, task: Task, report: analysis.StructureReport, drop: list[int], cfg: TrainerConfig,
+                 serving: list[Batch], measure: Any, test_data: Encoded,
+                 keep_target: bool) -> tuple[dict[str, Any], nn.Module | None]:
+    """Remove the layers `drop`; returns what was removed and the model before (its parameters and latency, and
+    its test metrics when a baseline is asked for), and with `keep_target` a copy of the unpruned model, healing's
+    target."""
+    assert report.importance is not None
     scores = report.importance["layers"]["scores"]
-    drop = prune.chosen_layers(scores, cfg.rearrange.prune)
     before = prune.footprint(model, serving)
     if cfg.evaluation.baseline:
         before |= measure(model, test_data)
-    unpruned = copy.deepcopy(model) if cfg.rearrange.prune.heal else None
+    unpruned = prune.healing_target(model) if keep_target else None
     prune.remove_layers(model, task, drop)
     log.info("pruned %d of %d layers %s (%s %s); %s -> %s parameters", len(drop), len(scores), drop,
              report.importance["layers"]["measure"], [round(scores[i], 4) for i in drop],
@@ -340,15 +349,16 @@ def prune_layers(model: nn.Module, task: Task, report: analysis.StructureReport,
     return pruning, unpruned
 
 
-def heal_once(model: nn.Module, unpruned: nn.Module, task: Task, batches: Iterator[Batch], spec: HealSpec,
+def heal_once(model: nn.Module, unpruned: nn.Module | None, task: Task, batches: Iterator[Batch], spec: HealSpec,
               dtype: torch.dtype | None, folder: Path, world: distributed.World) -> dict[str, Any]:
     """Heal the pruned model towards `unpruned`, or load the layers an earlier attempt of the same run healed
-    (kept in its checkpoint folder); returns healing's figures."""
+    (kept in its checkpoint folder; `unpruned` is None then); returns healing's figures."""
     found = prune.layer_stack(model, task)  # None never after pruning; heal says so if it were
     figures = checkpoints.load_healed(folder, found[1]) if found is not None else None
     world.barrier()  # every rank has looked before rank 0 writes one, so all heal or all load
     if figures is not None:
         return figures
+    assert unpruned is not None, "no healed layers kept, and no copy of the unpruned model to heal towards"
     figures = prune.heal(model, unpruned, task, batches, spec, dtype)
     if found is not None:
         checkpoints.save_healed(folder, found[1], figures, world)

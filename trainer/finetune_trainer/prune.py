@@ -23,6 +23,7 @@ would not reload with the standard classes.
 
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import statistics
@@ -241,6 +242,15 @@ def agreement(model: nn.Module, batch: Batch, target: torch.Tensor) -> float:
     mask = real_tokens(batch)
     cos = F.cosine_similarity(last_hidden(model, batch.inputs), target, dim=-1)
     return float((cos * mask).sum() / mask.sum())
+
+
+def healing_target(model: nn.Module) -> nn.Module:
+    """A copy of the model before pruning, for healing to aim at: as large as the model, so it is made only when
+    healing will run, and dropped after."""
+    target = copy.deepcopy(model)
+    size = sum(t.numel() * t.element_size() for t in [*target.parameters(), *target.buffers()])
+    log.info("healing's target: a copy of the unpruned model (%.0f MiB)", size / 2**20)
+    return target
 
 
 def heal(model: nn.Module, teacher: nn.Module, task: Task, batches: Iterable[Batch], spec: HealSpec,
