@@ -30,7 +30,7 @@ from finetune_trainer import checkpoints, distributed, export, prune
 from finetune_trainer.adjust import adaptable, freeze, param_groups
 from finetune_trainer.batches import (Batch, Encoded, encode_causal, encode_images, encode_text, epoch_batches,
                                       eval_batches, make_collate)
-from finetune_trainer.config import Batching, HealSpec, Stage, Task, TrainerConfig
+from finetune_trainer.config import Batching, HealSpec, PruneSpec, Stage, Task, TrainerConfig
 from finetune_trainer.data import LabelledData, Split, check_label_count, load_dataset, load_texts
 from finetune_trainer.detection import analysis as detection_analysis
 from finetune_trainer.detection.coco import load_coco
@@ -206,7 +206,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         new_head(model, head, num_labels, data.id2label, cfg.rearrange.head.reinitialize)
     pruning: dict[str, Any] = {}
     serving: list[Batch] = []  # the test batches a pruned model's latency is measured on, before and after
-    drop = pruned_layers(report, cfg) if cfg.rearrange.prune is not None else None
+    drop = pruned_layers(report, cfg.rearrange.prune) if cfg.rearrange.prune is not None else None
     # Named by the layers pruning removes; healing keeps its result there.
     checkpoint_dir = checkpoints.run_folder(out / "checkpoints", fingerprinted(cfg, world.size, drop), world)
     if cfg.rearrange.prune is not None and drop is not None:
@@ -319,12 +319,11 @@ def fingerprinted(cfg: TrainerConfig, world_size: int, pruned: list[int] | None 
     return wire | {"worldSize": world_size} | ({"prunedLayers": pruned} if pruned is not None else {})
 
 
-def pruned_layers(report: analysis.StructureReport, cfg: TrainerConfig) -> list[int]:
+def pruned_layers(report: analysis.StructureReport, spec: PruneSpec) -> list[int]:
     """The layers `rearrange.prune` removes: the analysis scored them least important."""
-    assert cfg.rearrange.prune is not None
     if report.importance is None:
         raise ConfigError(f"rearrange.prune: no stack of transformer layers found in {report.model_class}")
-    return prune.chosen_layers(report.importance["layers"]["scores"], cfg.rearrange.prune)
+    return prune.chosen_layers(report.importance["layers"]["scores"], spec)
 
 
 def prune_layers(model: nn.Module, task: Task, report: analysis.StructureReport, drop: list[int], cfg: TrainerConfig,
