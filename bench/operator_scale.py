@@ -62,6 +62,7 @@ NAMESPACE = "scale"
 UNWATCHED = "scale-unwatched"  # FineTuneJobs no operator sees: what their creates cost the apiserver alone
 GPU_NODES, GPUS_PER_NODE = 10, 64  # room for 640 pods at once besides kwok-gpu-0/1
 POLL_SECONDS = Settings.model_fields["poll_seconds"].default
+TRAINER_IMAGE = "finetune-trainer:local"  # the operator's --trainer-image here; kwok runs no image
 
 
 def gpu_nodes() -> list[dict[str, Any]]:
@@ -244,6 +245,17 @@ def _ideal(c: Cluster, ftj: dict[str, Any], job: dict[str, Any]) -> None:
     c.batch.create_namespaced_job(NAMESPACE, job)
 
 
+def unowned_children(name: str, namespace: str) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The ConfigMap and Job the operator makes for the attempt 1 of `gpu_job(name)`, less their owner: created
+    directly, as the other sides and the write costs do."""
+    spec = api.FineTuneJobSpec.model_validate(gpu_job(name)["spec"])
+    owner = {"metadata": {"name": name, "namespace": namespace, "uid": "none"}}
+    made = (children.config_map(owner, spec, 1), children.job(owner, spec, 1, Settings(trainer_image=TRAINER_IMAGE)))
+    for obj in made:
+        del obj["metadata"]["ownerReferences"]
+    return made
+
+
 def burst(c: Cluster, side: str, n: int, clients: int, tag: str, sampler: Sampler | None,
           limit: float, plane: list[int], finish: bool = True) -> dict[str, Any]:
     """One side of one round: N objects at once, until every child Job exists and (with `finish`) every one has
@@ -257,20 +269,13 @@ def burst(c: Cluster, side: str, n: int, clients: int, tag: str, sampler: Sample
     for w in (jobs, ftjs):
         w.start()
     time.sleep(1)  # both watches open
-    settings = Settings(trainer_image="ghcr.io/finetune-dev/trainer:0.1.0")
     child = {name: children.child_name(name, 1) for name in names}
     if side == "operator":
         objects = [gpu_job(name) for name in names]
         create = lambda o: c.custom.create_namespaced_custom_object(  # noqa: E731
             api.GROUP, api.VERSION, NAMESPACE, api.PLURAL, o)
     else:  # the Job the operator would make for the same spec, created directly
-        spec = api.FineTuneJobSpec.model_validate(gpu_job("x")["spec"])
-        objects = []
-        for name in names:
-            owner = {"metadata": {"name": name, "namespace": NAMESPACE, "uid": "none"}}
-            job = children.job(owner, spec, 1, settings)
-            del job["metadata"]["ownerReferences"]
-            objects.append(job)
+        objects = [unowned_children(name, NAMESPACE)[1] for name in names]
         create = lambda o: c.batch.create_namespaced_job(NAMESPACE, o)  # noqa: E731
     if side == "ideal":  # keyed by the FineTuneJob's name
         job_of = dict(zip(names, objects))
@@ -341,13 +346,7 @@ def write_costs(c: Cluster, n: int, clients: int, plane: list[int]) -> list[dict
     status patches included) and tracks its managed fields through that schema."""
     ns = UNWATCHED
     names = [f"w-{i:04d}" for i in range(n)]
-    spec = api.FineTuneJobSpec.model_validate(gpu_job("x")["spec"])
-    settings = Settings(trainer_image="ghcr.io/finetune-dev/trainer:0.1.0")
-    owner = {"metadata": {"name": "x", "namespace": ns, "uid": "none"}}
-    config_map = children.config_map(owner, spec, 1)
-    job = children.job(owner, spec, 1, settings)
-    for obj in (config_map, job):
-        del obj["metadata"]["ownerReferences"]
+    config_map, job = unowned_children("x", ns)
     job["spec"]["suspend"] = True  # no pods: the write alone
 
     def named(obj: dict[str, Any], name: str) -> dict[str, Any]:
@@ -466,7 +465,7 @@ def _status(c: Cluster, name: str) -> dict[str, Any]:
 def start_operator(kubeconfig: Path, log: Path, metrics_port: int) -> subprocess.Popen:
     command = [sys.executable, "-m", "finetune_operator", "run", "--namespace", NAMESPACE,
                "--metrics-port", str(metrics_port), "--liveness-port", str(free_port()),
-               "--bind-address", "127.0.0.1", "--trainer-image", "finetune-trainer:local"]
+               "--bind-address", "127.0.0.1", "--trainer-image", TRAINER_IMAGE]
     env = os.environ | {"KUBECONFIG": str(kubeconfig), "PYTHONUNBUFFERED": "1"}
     with log.open("a") as out:
         return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
