@@ -16,13 +16,13 @@ import torch
 
 from finetune_trainer import checkpoints, export, pipeline
 from finetune_trainer.batches import encode_text, make_collate
-from finetune_trainer.config import LoraSpec, ModelSpec, Task, TrainerConfig, TrainingSpec
+from finetune_trainer.config import LoraSpec, ModelSpec, Precision, Task, TrainerConfig, TrainingSpec
 from finetune_trainer.data import Split
 from finetune_trainer.distributed import World
 from finetune_trainer.errors import CheckpointMismatch, ConfigError, LossNotFinite, Terminated
 from finetune_trainer.models import load_model, load_tokenizer
 from finetune_trainer.rearrange import add_adapters, new_head
-from finetune_trainer.train import Hooks, LoopState, make_scheduler, train_loop
+from finetune_trainer.train import Hooks, LoopState, autocast_dtype, cpu_computes_bf16, make_scheduler, train_loop
 from tiny import TINY_BERT, TINY_GPT2
 
 CPU = World(rank=0, size=1, device=torch.device("cpu"))
@@ -49,6 +49,8 @@ def test_pipeline_report_has_the_contracted_shape(tiny_cfg: TrainerConfig, tmp_p
     assert all(0 < h["grad_norm"] < float("inf") for h in training["history"])
     assert [e["step"] for e in training["evals"]] == [4, 8]
     assert training["validation_samples"] == training["test_samples"] == 64
+    resolved = autocast_dtype(tiny_cfg.training.precision, CPU.device)
+    assert training["precision"] == ("bfloat16" if resolved == torch.bfloat16 else "fp32")
     assert report["analysis"]["head"]["dataset_labels"] == 3
     out = tmp_path / "out"
     for name in ("model.safetensors", "config.json", "labels.json", "tokenizer.json", "report.json", "README.md",
@@ -98,8 +100,9 @@ def lm_setup(seed: int = 0):
 
 def sgd_step(batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
     model, data, collate = lm_setup()
+    # fp32: the two gradients are equal in exact arithmetic, and bf16's rounding of different batch shapes differs.
     spec = TrainingSpec(batchSize=batch_size, gradientAccumulation=accumulation, maxSteps=1, batching="dynamic",
-                        warmupRatio=0, schedule="constant", maxGradNorm=1e9)
+                        warmupRatio=0, schedule="constant", maxGradNorm=1e9, precision="fp32")
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     train_loop(model, optimizer, make_scheduler(optimizer, spec, 1), data, collate, spec, Task.CAUSAL_LM, CPU)
     return {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -143,6 +146,25 @@ def test_mixed_precision_on_the_cpu(precision: str) -> None:
         assert all(taken)
     assert lrs == [1e-3 * (1 - sum(taken[:i]) / 4) for i in range(4)]  # only steps taken advance the schedule
     assert taken[3] and not torch.equal(snapshots[2], snapshots[3])
+
+
+@pytest.mark.parametrize(("flags", "native"), [
+    ("flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16 amx_bf16 amx_tile", True),  # Sapphire Rapids
+    ("flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16", True),  # Cooper Lake, Zen 4
+    ("flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512vl avx512dq", False),  # Skylake: AVX-512, bf16 emulated
+    ("Features\t: fp asimd sve bf16 i8mm", True),  # Neoverse V1
+    ("Features\t: fp asimd", False),
+    ("processor\t: 0", False),
+])
+def test_auto_precision_is_bf16_only_on_a_cpu_with_bf16_instructions(tmp_path: Path, flags: str, native: bool) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: x\n{flags}\n\nprocessor\t: 1\n{flags}\n")
+    assert cpu_computes_bf16(cpuinfo) is native
+    assert cpu_computes_bf16(tmp_path / "absent") is False
+    # This machine's own answer decides `auto` on its CPU; explicit precisions are kept as written.
+    cpu = torch.device("cpu")
+    assert autocast_dtype(Precision.AUTO, cpu) == (torch.bfloat16 if cpu_computes_bf16() else None)
+    assert autocast_dtype(Precision.FP32, cpu) is None and autocast_dtype(Precision.BF16, cpu) == torch.bfloat16
 
 
 def test_accumulation_gives_the_gradient_of_the_whole_batch() -> None:

@@ -163,6 +163,9 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
 
     probe = list(itertools.islice(training_batches(), cfg.analyze.probe_batches))
     dtype = autocast_dtype(cfg.training.precision, world.device)
+    if world.main:
+        log.info("precision %s: %s on %s", cfg.training.precision.value,
+                 f"{dtype} autocast" if dtype else "fp32", world.device.type)
     if detecting:
         report = detection_analysis.analyze(model, probe, train_data, num_labels, dtype)
     else:
@@ -290,7 +293,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         "evaluation": evaluation,
         **({"pruning": pruning | {"after": dict(final)}} if pruning else {}),
         "training": training_section(state, steps, steps_per_epoch(train_data, cfg.training, world), train_data,
-                                     validation_data, test_data, world),
+                                     validation_data, test_data, world, dtype),
     }
     if world.main:
         result.update(write_outputs(model, tokenizer, data.id2label, cfg, out, probe[0].inputs, result, serving))
@@ -399,7 +402,7 @@ def healing_texts(cfg: TrainerConfig, tokenizer: Any, train_data: Encoded) -> En
 
 
 def training_section(state: LoopState, total: int, per_epoch: int, train_data: Encoded, validation_data: Encoded,
-                     test_data: Encoded, world: distributed.World) -> dict[str, Any]:
+                     test_data: Encoded, world: distributed.World, dtype: torch.dtype | None) -> dict[str, Any]:
     seconds = max(state.seconds, 1e-9)
     epochs = state.epoch + state.position / per_epoch  # passes over the data, fractional when stopped early
     return {"steps": state.step, "total_steps": total, "epochs": epochs, "seconds": state.seconds,
@@ -407,6 +410,7 @@ def training_section(state: LoopState, total: int, per_epoch: int, train_data: E
             "samples_per_second": state.samples / seconds, "tokens_per_second": state.tokens / seconds,
             "train_samples": len(train_data.lengths), "validation_samples": len(validation_data.lengths),
             "test_samples": len(test_data.lengths), "workers": world.size,
+            "precision": str(dtype).removeprefix("torch.") if dtype else "fp32",  # what `auto` resolved to
             "stopped_early": state.stopped_early,
             "restored_best_step": state.best_step if state.restored_best else None,
             "history": state.history, "evals": state.evals}
