@@ -30,7 +30,7 @@ from typing import Any
 
 from bench import data
 from bench.common import RESULTS, clean_commit, command_line, fmt, machine, result_stem, write_results
-from bench.sides import Settings, SideResult
+from bench.sides import Settings, SideResult, auto_precision
 
 SIDES = ("ours", "hf-lora", "ours-full", "hf-tuned", "hf-default")
 # (ours, theirs, goal): equal recipes first (issue 11's headline), then the recipe-level pairs of issue 4.
@@ -302,6 +302,7 @@ def side_order(sides: list[str], seed: int) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     defaults = Settings()
+    defaults = replace(defaults, precision=auto_precision())
     for f in fields(Settings):
         if f.name != "seed":
             parser.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),

@@ -12,6 +12,8 @@ Variants:
   threads-1  one intra-op thread instead of torch's default (the cores): a knob of the machine, not the loop
   attn-eager the model's attention as explicit matmul + softmax instead of SDPA (transformers' default, which
              both trainers load): whether the default is the faster kernel here
+  bf16       the loop as it is, under bf16 autocast instead of fp32 (what `precision: auto` picks on a CPU with
+             bf16 instructions)
 Ideas with nothing to measure here are reported from the profile (bench.profile) and the data: packing's
 ceiling is the padding that length bucketing leaves, printed below.
 """
@@ -66,7 +68,9 @@ def eager_attention(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 
 VARIANTS: dict[str, Callable[[torch.nn.Module], Any]] = {"eager": eager, "compile": compiled,
-                                                         "threads-1": one_thread, "attn-eager": eager_attention}
+                                                         "threads-1": one_thread, "attn-eager": eager_attention,
+                                                         "bf16": eager}
+PRECISION = {"bf16": "bf16"}  # a variant's precision where it is not the reference's fp32
 
 
 class Shared:
@@ -112,11 +116,12 @@ def run(shared: Shared, variant: str) -> list[tuple[float, float]]:
     adjust = AdjustSpec(learning_rate=shared.lr, weight_decay=shared.settings.weight_decay)
     optimizer = make_optimizer(param_groups(model, adjust, depth(model, task), head_name(model, task)),
                                torch.device("cpu"))
+    spec = shared.spec.model_copy(update={"precision": PRECISION.get(variant, shared.spec.precision)})
     marks = [(time.perf_counter(), time.process_time())]
     hooks = Hooks(on_step=lambda *_: marks.append((time.perf_counter(), time.process_time())))
     with VARIANTS[variant](model) as trained:
-        train_loop(trained, optimizer, make_scheduler(optimizer, shared.spec, shared.spec.max_steps), shared.encoded,
-                   make_collate(task, shared.tokenizer.pad_token_id, 0), shared.spec, task,
+        train_loop(trained, optimizer, make_scheduler(optimizer, spec, spec.max_steps), shared.encoded,
+                   make_collate(task, shared.tokenizer.pad_token_id, 0), spec, task,
                    World(rank=0, size=1, device=torch.device("cpu")), hooks)
     return [(b[0] - a[0], b[1] - a[1]) for a, b in zip(marks, marks[1:])]
 

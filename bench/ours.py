@@ -46,6 +46,7 @@ def config(settings: Settings, output_dir: Path, full: bool) -> Any:
                 # The HF sides save nothing while training; neither do we.
                 "checkpointEverySteps": 1_000_000,
                 "seed": settings.seed,
+                "precision": settings.precision,
             },
             "evaluation": {"metrics": ["accuracy"], "baseline": False},
             "output": {"uri": str(output_dir)},

@@ -22,7 +22,7 @@ from torch.profiler import ProfilerActivity, profile, schedule
 
 from bench import data
 from bench.common import clean_commit, command_line, machine, minilm_path, result_stem, write_results
-from bench.sides import Settings
+from bench.sides import Settings, auto_precision
 
 # First match wins; an operator in none of them is "other".
 CATEGORIES: list[tuple[str, tuple[str, ...]]] = [
@@ -123,8 +123,8 @@ def run_ours(shared: Any, settings: Settings, recipe: str, rec: Recorder) -> Non
     adjust = AdjustSpec(learning_rate=lr, weight_decay=settings.weight_decay)
     groups = param_groups(model, adjust, depth(model, task), head_name(model, task))
     total = rec.warmup + rec.steps
-    spec = TrainingSpec(max_steps=total, batch_size=settings.batch_size, precision="fp32", seed=settings.seed,
-                        warmup_ratio=settings.warmup_ratio, checkpoint_every_steps=10**9)
+    spec = TrainingSpec(max_steps=total, batch_size=settings.batch_size, precision=settings.precision,
+                        seed=settings.seed, warmup_ratio=settings.warmup_ratio, checkpoint_every_steps=10**9)
     optimizer = make_optimizer(groups, torch.device("cpu"))
     with rec.prof:
         train_loop(model, optimizer, make_scheduler(optimizer, spec, total), encoded,
@@ -204,13 +204,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default=auto_precision(),
+                        help="both sides' autocast (default: what our `auto` picks on this CPU)")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default, the cores)")
     parser.add_argument("--name", default="profile", help="results file stem under bench/results (a date is added)")
     args = parser.parse_args(argv)
     clean_commit()
     if args.threads:
         torch.set_num_threads(args.threads)
-    settings = Settings(seed=args.seed)
+    settings = Settings(seed=args.seed, precision=args.precision)
     info = machine()
     shared = data.load(settings.train_rows, settings.eval_rows, settings.max_length, settings.seed)
     profiles, loads = [], {}

@@ -30,6 +30,16 @@ class Settings:
     lora_rank: int = 8
     lora_alpha: int = 16
     lora_learning_rate: float = 2e-3
+    # Autocast on both trainers of a pair: what our `auto` picks on the machine (bench.accuracy's default), fp32 in
+    # every run before CPUs with bf16 instructions were recognised.
+    precision: str = "fp32"
+
+
+def auto_precision() -> str:
+    """What our `precision: auto` trains at on this machine's CPU, and so what both sides of a pair train at."""
+    from finetune_trainer.train import cpu_computes_bf16
+
+    return "bf16" if cpu_computes_bf16() else "fp32"
 
 
 @dataclass
@@ -92,12 +102,14 @@ class HeldOut:
         self.size = len(texts)
 
     @torch.inference_mode()
-    def accuracy(self, model: torch.nn.Module) -> float:
+    def accuracy(self, model: torch.nn.Module, bf16: bool = False) -> float:
+        """Scored as the side trains: under bf16 autocast when it does, as HF's own evaluation loop would be."""
         was_training = model.training
         model.eval()
         correct = 0
         for inputs, labels in self.batches:
-            logits = model(**inputs).logits
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                logits = model(**inputs).logits
             correct += int((logits.argmax(-1) == labels).sum())
         model.train(was_training)
         return correct / self.size

@@ -274,3 +274,17 @@ def test_healing_rows_are_corpus_rows_outside_every_split_the_seed_scores(tmp_pa
     held_out = set(job.validation.inputs) | set(job.test.inputs)
     assert not held_out & set(texts["text"])
     assert set(texts["text"]) <= set(load(1360, None, 128, 10).train.inputs[960:])
+
+
+@pytest.mark.parametrize("precision", ["bf16", "fp32"])
+def test_an_equal_recipe_trains_both_trainers_at_one_precision(tmp_path: Path, precision: str) -> None:
+    """Our side's job and the tuned HF sides' arguments carry the run's precision; HF's example defaults stay
+    HF's (fp32), since that side is the Trainer as a user runs it untuned."""
+    from bench import hf_trainer, ours
+    from bench.sides import Settings
+
+    settings = Settings(precision=precision)
+    assert ours.config(settings, tmp_path, full=False).training.precision == precision
+    for variant in ("hf-lora", "hf-tuned"):
+        assert hf_trainer._arguments(settings, variant, str(tmp_path)).bf16 is (precision == "bf16")
+    assert hf_trainer._arguments(settings, "hf-default", str(tmp_path)).bf16 is False
