@@ -402,7 +402,8 @@ class TrainingSpec(ApiModel):
         "similar length so that little padding remains.",
     )
     precision: Precision = Field(
-        Precision.AUTO, description="auto: bf16 autocast where the hardware supports it, else fp32."
+        Precision.AUTO, description="auto: bf16 autocast where the hardware computes bf16 natively (a GPU with "
+        "bf16, or a CPU with AMX, AVX-512 BF16 or Arm BF16 instructions), else fp32.",
     )
     schedule: Schedule = Field(Schedule.COSINE, description="Learning-rate decay after warmup.")
     warmup_ratio: float = Field(
