@@ -36,10 +36,12 @@ class Settings:
 
 
 def auto_precision() -> str:
-    """What our `precision: auto` trains at on this machine's CPU, and so what both sides of a pair train at."""
-    from finetune_trainer.train import cpu_computes_bf16
+    """What our `precision: auto` trains MiniLM at on this machine's CPU, and so what both sides of a pair train at."""
+    from finetune_trainer.config import Precision, Task
+    from finetune_trainer.train import autocast_dtype
 
-    return "bf16" if cpu_computes_bf16() else "fp32"
+    dtype = autocast_dtype(Precision.AUTO, torch.device("cpu"), Task.SEQUENCE_CLASSIFICATION)
+    return "fp32" if dtype is None else "bf16"
 
 
 @dataclass

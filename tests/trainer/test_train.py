@@ -49,7 +49,7 @@ def test_pipeline_report_has_the_contracted_shape(tiny_cfg: TrainerConfig, tmp_p
     assert all(0 < h["grad_norm"] < float("inf") for h in training["history"])
     assert [e["step"] for e in training["evals"]] == [4, 8]
     assert training["validation_samples"] == training["test_samples"] == 64
-    resolved = autocast_dtype(tiny_cfg.training.precision, CPU.device)
+    resolved = autocast_dtype(tiny_cfg.training.precision, CPU.device, tiny_cfg.model.task)
     assert training["precision"] == ("bfloat16" if resolved == torch.bfloat16 else "fp32")
     assert report["analysis"]["head"]["dataset_labels"] == 3
     out = tmp_path / "out"
@@ -161,10 +161,15 @@ def test_auto_precision_is_bf16_only_on_a_cpu_with_bf16_instructions(tmp_path: P
     cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: x\n{flags}\n\nprocessor\t: 1\n{flags}\n")
     assert cpu_computes_bf16(cpuinfo) is native
     assert cpu_computes_bf16(tmp_path / "absent") is False
-    # This machine's own answer decides `auto` on its CPU; explicit precisions are kept as written.
-    cpu = torch.device("cpu")
-    assert autocast_dtype(Precision.AUTO, cpu) == (torch.bfloat16 if cpu_computes_bf16() else None)
-    assert autocast_dtype(Precision.FP32, cpu) is None and autocast_dtype(Precision.BF16, cpu) == torch.bfloat16
+    # This machine's own answer decides `auto` for a text model on its CPU; a convolutional model keeps fp32 there;
+    # explicit precisions are kept as written.
+    cpu, text, images = torch.device("cpu"), Task.SEQUENCE_CLASSIFICATION, Task.IMAGE_CLASSIFICATION
+    assert autocast_dtype(Precision.AUTO, cpu, text) == (torch.bfloat16 if cpu_computes_bf16() else None)
+    assert autocast_dtype(Precision.AUTO, cpu, Task.CAUSAL_LM) == autocast_dtype(Precision.AUTO, cpu, text)
+    assert autocast_dtype(Precision.AUTO, cpu, images) is None
+    assert autocast_dtype(Precision.AUTO, cpu, Task.OBJECT_DETECTION) is None
+    assert autocast_dtype(Precision.FP32, cpu, text) is None
+    assert autocast_dtype(Precision.BF16, cpu, images) == torch.bfloat16
 
 
 def test_accumulation_gives_the_gradient_of_the_whole_batch() -> None:

@@ -403,7 +403,7 @@ class TrainingSpec(ApiModel):
     )
     precision: Precision = Field(
         Precision.AUTO, description="auto: bf16 autocast where the hardware computes bf16 natively (a GPU with "
-        "bf16, or a CPU with AMX, AVX-512 BF16 or Arm BF16 instructions), else fp32.",
+        "bf16, or, for text models, a CPU with AMX, AVX-512 BF16 or Arm BF16 instructions), else fp32.",
     )
     schedule: Schedule = Field(Schedule.COSINE, description="Learning-rate decay after warmup.")
     warmup_ratio: float = Field(

@@ -162,7 +162,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
                 yield collate(split, idx).to(world.device)
 
     probe = list(itertools.islice(training_batches(), cfg.analyze.probe_batches))
-    dtype = autocast_dtype(cfg.training.precision, world.device)
+    dtype = autocast_dtype(cfg.training.precision, world.device, cfg.model.task)
     if world.main:
         log.info("precision %s: %s on %s", cfg.training.precision.value,
                  f"{dtype} autocast" if dtype else "fp32", world.device.type)
