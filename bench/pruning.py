@@ -70,6 +70,7 @@ def train(settings: Settings, full: bool, eval_rows: int, output: Path, prune: d
     side = {"final": report["evaluation"]["final"], "train_seconds": report["training"]["seconds"],
             "train_cpu_seconds": report["training"]["cpu_seconds"],
             "steps": report["training"]["steps"], "test_samples": report["training"]["test_samples"],
+            "precision": report["training"]["precision"],
             "layer_scores": report["analysis"]["importance"]["layers"]["scores"],
             "loadavg_before": load, "loadavg_after": list(os.getloadavg())}
     if prune:
