@@ -301,8 +301,7 @@ def side_order(sides: list[str], seed: int) -> list[str]:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    defaults = Settings()
-    defaults = replace(defaults, precision=auto_precision())
+    defaults = Settings(precision=auto_precision())
     for f in fields(Settings):
         if f.name != "seed":
             parser.add_argument("--" + f.name.replace("_", "-"), type=type(getattr(defaults, f.name)),

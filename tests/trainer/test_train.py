@@ -50,7 +50,7 @@ def test_pipeline_report_has_the_contracted_shape(tiny_cfg: TrainerConfig, tmp_p
     assert [e["step"] for e in training["evals"]] == [4, 8]
     assert training["validation_samples"] == training["test_samples"] == 64
     resolved = autocast_dtype(tiny_cfg.training.precision, CPU.device, tiny_cfg.model.task)
-    assert training["precision"] == ("bfloat16" if resolved == torch.bfloat16 else "fp32")
+    assert training["precision"] == ("bf16" if resolved == torch.bfloat16 else "fp32")
     assert report["analysis"]["head"]["dataset_labels"] == 3
     out = tmp_path / "out"
     for name in ("model.safetensors", "config.json", "labels.json", "tokenizer.json", "report.json", "README.md",

@@ -42,8 +42,8 @@ from finetune_trainer.models import check_positions, load_model, load_tokenizer
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
 from finetune_trainer.structure import depth, head_name, lora_candidates
 from finetune_trainer.telemetry import Metrics, write_termination
-from finetune_trainer.train import (Hooks, LoopState, autocast_dtype, make_optimizer, make_scheduler, steps_per_epoch,
-                                    total_steps, train_loop)
+from finetune_trainer.train import (Hooks, LoopState, autocast_dtype, make_optimizer, make_scheduler, precision_name,
+                                    steps_per_epoch, total_steps, train_loop)
 
 log = logging.getLogger(__name__)
 
@@ -164,8 +164,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     probe = list(itertools.islice(training_batches(), cfg.analyze.probe_batches))
     dtype = autocast_dtype(cfg.training.precision, world.device, cfg.model.task)
     if world.main:
-        log.info("precision %s: %s on %s", cfg.training.precision.value,
-                 f"{dtype} autocast" if dtype else "fp32", world.device.type)
+        log.info("precision %s: %s%s on %s", cfg.training.precision.value, precision_name(dtype),
+                 " autocast" if dtype else "", world.device.type)
     if detecting:
         report = detection_analysis.analyze(model, probe, train_data, num_labels, dtype)
     else:
@@ -410,7 +410,7 @@ def training_section(state: LoopState, total: int, per_epoch: int, train_data: E
             "samples_per_second": state.samples / seconds, "tokens_per_second": state.tokens / seconds,
             "train_samples": len(train_data.lengths), "validation_samples": len(validation_data.lengths),
             "test_samples": len(test_data.lengths), "workers": world.size,
-            "precision": str(dtype).removeprefix("torch.") if dtype else "fp32",  # what `auto` resolved to
+            "precision": precision_name(dtype),  # what `auto` resolved to
             "stopped_early": state.stopped_early,
             "restored_best_step": state.best_step if state.restored_best else None,
             "history": state.history, "evals": state.evals}

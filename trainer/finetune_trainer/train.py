@@ -112,6 +112,11 @@ def cpu_computes_bf16(cpuinfo: Path = Path("/proc/cpuinfo")) -> bool:
 CPU_BF16_TASKS = frozenset({Task.SEQUENCE_CLASSIFICATION, Task.CAUSAL_LM})
 
 
+def precision_name(dtype: torch.dtype | None) -> str:
+    """The API's name (`training.precision`) of what `autocast_dtype` chose."""
+    return {torch.bfloat16: Precision.BF16, torch.float16: Precision.FP16}.get(dtype, Precision.FP32).value
+
+
 def autocast_dtype(precision: Precision, device: torch.device, task: Task) -> torch.dtype | None:
     """The autocast dtype of `precision` on `device`, None for fp32. `auto` is bf16 where the hardware computes it
     natively: a bf16 GPU, or a CPU with bf16 instructions for a text model; else fp32."""
