@@ -55,7 +55,7 @@ class Shared:
         torch.manual_seed(w.seed)
         self.pristine = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=len(loaded.id2label))
         self.adjust = AdjustSpec(learning_rate=w.learning_rate)
-        # fp32: this CPU has no native bf16; checkpoints never fall due; no evaluation inside the loop.
+        # fp32 on both loops (whatever the CPU); checkpoints never fall due; no evaluation inside the loop.
         self.spec = TrainingSpec(max_steps=w.steps, batch_size=w.batch_size, precision="fp32", seed=w.seed,
                                  checkpoint_every_steps=10**9)
         self.w = w
