@@ -27,8 +27,8 @@ class HeldOutClock(TrainerCallback):
     """Scores the held-out set every N steps and keeps training clocks (wall and the process's CPU time) that
     exclude that scoring."""
 
-    def __init__(self, name: str, held_out: HeldOut, every: int, bf16: bool):
-        self.name, self.held_out, self.every, self.bf16 = name, held_out, every, bf16
+    def __init__(self, name: str, held_out: HeldOut, every: int):
+        self.name, self.held_out, self.every = name, held_out, every
         self.points: list[EvalPoint] = []
         self.start = self.paused = self.train_seconds = 0.0
         self.cpu_start = self.cpu_paused = self.train_cpu_seconds = 0.0
@@ -42,7 +42,7 @@ class HeldOutClock(TrainerCallback):
         if step % self.every and step != state.max_steps:
             return
         t0, c0 = time.perf_counter(), time.process_time()
-        accuracy = self.held_out.accuracy(model, self.bf16)
+        accuracy = self.held_out.accuracy(model, args.bf16)  # under the autocast the side trains with
         self.points.append(EvalPoint(step, t0 - self.start - self.paused, accuracy,
                                      c0 - self.cpu_start - self.cpu_paused))
         self.paused += time.perf_counter() - t0
@@ -70,6 +70,7 @@ def _arguments(settings: Settings, variant: str, output_dir: str) -> TrainingArg
     )
     if variant == "hf-default":
         return TrainingArguments(**common)
+    bf16 = settings.precision == "bf16"
     return TrainingArguments(
         **common,
         train_sampling_strategy="group_by_length",  # LengthGroupedSampler: batches of similar length
@@ -77,8 +78,8 @@ def _arguments(settings: Settings, variant: str, output_dir: str) -> TrainingArg
         warmup_steps=settings.warmup_ratio,  # a float below 1 is a ratio of the total steps
         weight_decay=settings.weight_decay,
         # Autocast, as our side runs; HF refuses bf16 without a GPU unless told that the run is on the CPU.
-        bf16=settings.precision == "bf16",
-        use_cpu=settings.precision == "bf16",
+        bf16=bf16,
+        use_cpu=bf16,
     )
 
 
@@ -116,7 +117,7 @@ def run(data: Any, settings: Settings, name: str) -> SideResult:
         encoded = tokenize(tokenizer, data.train.inputs, settings.max_length, pad_to_max=not tuned)
         train = Dataset.from_dict({**encoded, "labels": data.train.labels})
         held_out = HeldOut(tokenizer, data.validation.inputs, data.validation.labels, settings.max_length)
-        clock = HeldOutClock(name, held_out, settings.eval_every, bf16=tuned and settings.precision == "bf16")
+        clock = HeldOutClock(name, held_out, settings.eval_every)
         with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as out:
             trainer = Trainer(
                 model=model,

@@ -156,13 +156,16 @@ def test_mixed_precision_on_the_cpu(precision: str) -> None:
     ("Features\t: fp asimd", False),
     ("processor\t: 0", False),
 ])
-def test_auto_precision_is_bf16_only_on_a_cpu_with_bf16_instructions(tmp_path: Path, flags: str, native: bool) -> None:
+def test_a_cpu_computes_bf16_only_with_bf16_instructions(tmp_path: Path, flags: str, native: bool) -> None:
     cpuinfo = tmp_path / "cpuinfo"
     cpuinfo.write_text(f"processor\t: 0\nvendor_id\t: x\n{flags}\n\nprocessor\t: 1\n{flags}\n")
     assert cpu_computes_bf16(cpuinfo) is native
-    assert cpu_computes_bf16(tmp_path / "absent") is False
-    # This machine's own answer decides `auto` for a text model on its CPU; a convolutional model keeps fp32 there;
-    # explicit precisions are kept as written.
+
+
+def test_auto_precision_on_the_cpu_is_bf16_for_text_models_where_it_computes_bf16(tmp_path: Path) -> None:
+    """This machine's own answer decides `auto` for a text model on its CPU; a convolutional model keeps fp32 there;
+    explicit precisions are kept as written."""
+    assert cpu_computes_bf16(tmp_path / "absent") is False  # no /proc/cpuinfo (not Linux): no claim of bf16
     cpu, text, images = torch.device("cpu"), Task.SEQUENCE_CLASSIFICATION, Task.IMAGE_CLASSIFICATION
     assert autocast_dtype(Precision.AUTO, cpu, text) == (torch.bfloat16 if cpu_computes_bf16() else None)
     assert autocast_dtype(Precision.AUTO, cpu, Task.CAUSAL_LM) == autocast_dtype(Precision.AUTO, cpu, text)
