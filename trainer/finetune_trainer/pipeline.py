@@ -38,6 +38,7 @@ from finetune_trainer.detection.metrics import evaluate_detector
 from finetune_trainer.detection.models import load_detector, resize_head
 from finetune_trainer.errors import EXIT_OK, ConfigError, Terminated, describe, exit_code_of, reason_of
 from finetune_trainer.evaluate import deltas, evaluate
+from finetune_trainer.lora_fused import fuse
 from finetune_trainer.models import check_positions, load_model, load_tokenizer
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
 from finetune_trainer.structure import depth, head_name, lora_candidates
@@ -233,6 +234,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         candidates = adaptable(list(lora_candidates(model, task)), cfg.adjust.freeze, layers, head)
         model = add_adapters(model, cfg.rearrange.lora, candidates, head)
         freeze(model, cfg.adjust.freeze, layers, head)
+        if world.device.type == "cpu":
+            log.info("LoRA as one product with the merged weight (CPU) on %d of the adapted modules", fuse(model))
     model.to(world.device)
     groups = param_groups(model, cfg.adjust, layers, head)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
