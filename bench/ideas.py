@@ -7,13 +7,15 @@ Reported per variant: the first step (where compilation happens), and the median
 `--warmup` steps, by wall clock and by this process's CPU time; ratios are eager / variant (above 1: faster).
 
 Variants:
-  eager      the loop as it is (the reference)
+  eager      the loop as it is, with PEFT's own LoRA forward (the reference)
   compile    the model's forward through `torch.compile(dynamic=True)` (inductor; the first step compiles)
   threads-1  one intra-op thread instead of torch's default (the cores): a knob of the machine, not the loop
   attn-eager the model's attention as explicit matmul + softmax instead of SDPA (transformers' default, which
              both trainers load): whether the default is the faster kernel here
   bf16       the loop as it is, under bf16 autocast instead of fp32 (what `precision: auto` picks on a CPU with
              bf16 instructions)
+  lora-fused LoRA as one product with the merged weight (`finetune_trainer.lora_fused`, what the pipeline does on
+             a CPU) instead of PEFT's separate adapter products; bf16-lora-fused: the same under bf16 autocast
 Ideas with nothing to measure here are reported from the profile (bench.profile) and the data: packing's
 ceiling is the padding that length bucketing leaves, printed below.
 """
@@ -67,10 +69,19 @@ def eager_attention(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     yield model
 
 
+@contextmanager
+def fused_lora(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    from finetune_trainer.lora_fused import fuse
+
+    fuse(model)
+    yield model
+
+
 VARIANTS: dict[str, Callable[[torch.nn.Module], Any]] = {"eager": eager, "compile": compiled,
                                                          "threads-1": one_thread, "attn-eager": eager_attention,
-                                                         "bf16": eager}
-PRECISION = {"bf16": "bf16"}  # a variant's precision where it is not the reference's fp32
+                                                         "bf16": eager, "lora-fused": fused_lora,
+                                                         "bf16-lora-fused": fused_lora}
+PRECISION = {"bf16": "bf16", "bf16-lora-fused": "bf16"}  # a variant's precision where not the reference's fp32
 
 
 class Shared:

@@ -1,8 +1,8 @@
 """Where a training step's time goes: our loop and HF's Trainer on the same recipe, under torch.profiler.
 
 Each side runs its real loop (`finetune_trainer.train.train_loop`; `transformers.Trainer.train`) on the
-same model, rows and recipe as `bench.accuracy` (LoRA: our shipped recipe through PEFT on both; full: a
-full fine-tune); the profiler skips `--warmup` steps and records the next `--steps`, stepped at the end
+same model, rows and recipe as `bench.accuracy` (LoRA: our shipped recipe through PEFT on both, ours computing
+it as one product with the merged weight as the pipeline does on a CPU; full: a full fine-tune); the profiler skips `--warmup` steps and records the next `--steps`, stepped at the end
 of every optimizer step. The table sums each operator's self CPU time into a few categories, per step.
 """
 
@@ -112,6 +112,7 @@ def run_ours(shared: Any, settings: Settings, recipe: str, rec: Recorder) -> Non
     from finetune_trainer.batches import encode_text, make_collate
     from finetune_trainer.config import AdjustSpec, Task, TrainingSpec
     from finetune_trainer.distributed import World
+    from finetune_trainer.lora_fused import fuse
     from finetune_trainer.structure import depth, head_name
     from finetune_trainer.train import Hooks, make_optimizer, make_scheduler, train_loop
 
@@ -119,6 +120,7 @@ def run_ours(shared: Any, settings: Settings, recipe: str, rec: Recorder) -> Non
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     encoded = encode_text(shared.train, tokenizer, settings.max_length)
     model = rec.watch(model_for(settings, recipe, len(shared.id2label)))
+    fuse(model)  # as the pipeline does on a CPU; a full fine-tune has nothing to fuse
     lr = settings.lora_learning_rate if recipe == "lora" else settings.learning_rate
     adjust = AdjustSpec(learning_rate=lr, weight_decay=settings.weight_decay)
     groups = param_groups(model, adjust, depth(model, task), head_name(model, task))
