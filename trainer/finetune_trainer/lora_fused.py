@@ -34,7 +34,9 @@ class MergedLoRA(torch.autograd.Function):
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                 b: torch.Tensor, scale: float) -> torch.Tensor:
         dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
-        merged = (weight + scale * (b @ a)).to(dtype)  # merged at the weights' precision, then rounded once
+        # W + s·BA at W's precision, then rounded once (under autocast BA itself is a bf16 product: its rounding,
+        # relative to the small BA, is far below the rounding of the sum)
+        merged = (weight + scale * (b @ a)).to(dtype)
         ctx.scale, ctx.dtypes = scale, (a.dtype, b.dtype)
         x, a, b = x.to(dtype), a.to(dtype), b.to(dtype)
         ctx.save_for_backward(x, merged, a, b)
@@ -66,7 +68,7 @@ def fusable(module: nn.Module) -> bool:
 
 
 def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    if self.merged or self.disable_adapters:  # peft's own forward covers these
+    if self.merged or self.disable_adapters or args or kwargs:  # peft's own forward covers these (and adapter_names)
         return type(self).forward(self, x, *args, **kwargs)
     name = self.active_adapters[0]
     base = self.base_layer
