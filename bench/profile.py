@@ -2,8 +2,9 @@
 
 Each side runs its real loop (`finetune_trainer.train.train_loop`; `transformers.Trainer.train`) on the
 same model, rows and recipe as `bench.accuracy` (LoRA: our shipped recipe through PEFT on both, ours computing
-it as one product with the merged weight as the pipeline does on a CPU; full: a full fine-tune); the profiler skips `--warmup` steps and records the next `--steps`, stepped at the end
-of every optimizer step. The table sums each operator's self CPU time into a few categories, per step.
+it as one product with the merged weight, as the pipeline does on a CPU; full: a full fine-tune); the profiler
+skips `--warmup` steps and records the next `--steps`, stepped at the end of every optimizer step. The table sums
+each operator's self CPU time into a few categories, per step.
 """
 
 from __future__ import annotations
