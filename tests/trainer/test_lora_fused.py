@@ -90,3 +90,32 @@ def test_a_fused_model_still_merges_and_switches_its_adapters_off() -> None:
     merged, check = merge_adapters(model, inputs)
     assert check["passed"] and merged is base
     torch.testing.assert_close(merged(**inputs).logits, adapters, atol=1e-4, rtol=1e-4)
+
+
+def test_a_decoder_without_biases_fuses_and_trains_the_same() -> None:
+    """A Llama-like causal LM (bias-free projections, [batch, length, hidden] inputs) on the same footing."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64))
+    for p in model.parameters():
+        p.requires_grad_(False)
+    peft_model = add_adapters(model, LoraSpec(rank=4, dropout=0.0), ["q_proj", "v_proj", "down_proj"], None)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.02)
+    fused = copy.deepcopy(peft_model)
+    assert fuse(fused) == 6
+    ids = torch.randint(0, 128, (3, 12))
+
+    def lm_step(m: torch.nn.Module) -> tuple[float, dict[str, torch.Tensor]]:
+        m.zero_grad()
+        loss = m(input_ids=ids, labels=ids).loss
+        loss.backward()
+        return loss.item(), {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+
+    loss, grads = lm_step(fused)
+    peft_loss, peft_grads = lm_step(peft_model)
+    assert loss == pytest.approx(peft_loss, rel=1e-6) and error(grads, peft_grads) < 1e-4
