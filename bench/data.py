@@ -41,11 +41,11 @@ def load(train_rows: int, eval_rows: int | None, max_length: int, seed: int) -> 
 
 def unlabelled_rows(train_rows: int, rows: int, max_length: int, seed: int) -> list[str]:
     """Texts of `rows` corpus rows that are in none of the seed's splits: the training rows that follow the job's
-    `train_rows` in the split's order (the validation and test rows are held out before them). A text that is
-    also in a held-out split (the corpus repeats some) is left out, so that nothing scored is ever seen."""
+    `train_rows` in the split's order (the validation and test rows are held out before them, with every copy of
+    their texts: the corpus repeats some), so that nothing scored is ever seen."""
     wider = load(train_rows + rows, None, max_length, seed)  # the same split; held-out splits whole
     held_out = set(wider.validation.inputs) | set(wider.test.inputs)
-    texts = [t for t in wider.train.inputs[train_rows:] if t not in held_out]
+    texts = wider.train.inputs[train_rows:]
     job = load(train_rows, None, max_length, seed)
     assert (wider.train.inputs[:train_rows], wider.validation.inputs, wider.test.inputs) == (
         job.train.inputs, job.validation.inputs, job.test.inputs), "the wider load must split as the job does"

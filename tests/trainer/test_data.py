@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
@@ -178,3 +179,94 @@ def test_hf_datasets_in_the_hubs_layouts_load_their_splits(layout: str, tmp_path
     assert data.id2label == {0: "neg", 1: "neu", 2: "pos"}
     for text, label in zip(data.test.inputs, data.test.labels):
         assert data.id2label[label] == ROWS[int(text.split()[1])]["label"]
+
+
+def test_withheld_held_out_labels_are_not_a_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """GLUE and SST-2 on the hub ship their test split with every label -1 (withheld): those rows are dropped, not
+    made a class, and the emptied split is held out of train instead. Where train has -1 too, it is a class."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    base = tmp_path / "hub" / "datasets--org--sst2" / "snapshots" / COMMIT
+    hub_dataset(tmp_path / "hub", "org/sst2", {})
+    pd.DataFrame({"text": [f"t{i}" for i in range(40)], "label": [i % 2 for i in range(40)]}).to_parquet(
+        base / "train-00000-of-00001.parquet")
+    pd.DataFrame({"text": [f"v{i}" for i in range(6)], "label": [0, 1, -1, 0, 1, 0]}).to_parquet(
+        base / "validation-00000-of-00001.parquet")
+    pd.DataFrame({"text": [f"x{i}" for i in range(8)], "label": [-1] * 8}).to_parquet(base / "test-00000-of-00001.parquet")
+    data = load_dataset(spec("hf://org/sst2", testSplit=0.25), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert data.id2label == {0: "0", 1: "1"}
+    assert sorted(data.validation.inputs) == ["v0", "v1", "v3", "v4", "v5"]
+    assert len(data.test.inputs) == 10 and all(t.startswith("t") for t in data.test.inputs)
+    assert len(data.train.inputs) == 30 and not set(data.train.inputs) & set(data.test.inputs)
+    assert "dropped 8 test rows labelled -1" in caplog.text and "its test split has no usable rows" in caplog.text
+
+    rows = [{"text": f"s{i}", "label": [-1, 0, 1][i % 3]} for i in range(30)]
+    pd.DataFrame(rows).to_csv(path := tmp_path / "sentiment.csv", index=False)
+    assert load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0).id2label == {0: "-1", 1: "0", 2: "1"}
+
+
+def test_copies_of_a_text_stay_on_one_side_of_the_split(tmp_path: Path) -> None:
+    """Scraped corpora repeat texts (retweets): every copy lands on the same side, so no held-out score is taken on
+    a text that trained, and no row is lost. Without copies the split is what it was."""
+    rows = [{"text": f"text {i % 20}", "label": ["a", "b"][i % 2]} for i in range(60)]  # each text 3 times
+    pd.DataFrame(rows).to_csv(path := tmp_path / "copies.csv", index=False)
+    for seed in range(5):
+        data = load_dataset(spec(path, testSplit=0.1), Task.SEQUENCE_CLASSIFICATION, seed)
+        train, validation, test = set(data.train.inputs), set(data.validation.inputs), set(data.test.inputs)
+        assert not train & validation and not train & test and not validation & test
+        assert len(data.train.inputs) + len(data.validation.inputs) + len(data.test.inputs) == 60
+        assert all(len(side) % 3 == 0 for side in (data.train.inputs, data.validation.inputs, data.test.inputs))
+    unique = load_dataset(spec(write(tmp_path, "csv")), Task.SEQUENCE_CLASSIFICATION, 3)
+    order = np.random.default_rng(3).permutation(30)
+    assert unique.test.inputs == [ROWS[i]["text"] for i in order[:3]]  # the split of a corpus without copies
+
+
+def test_csv_words_that_pandas_calls_missing_are_data(tmp_path: Path) -> None:
+    """Only an empty cell is missing: a class named "None" or "NA", or the text "null", is kept."""
+    rows = [{"text": ["null", "N/A", f"t{i}"][i % 3], "label": ["None", "NA", "positive"][i % 3]} for i in range(30)]
+    pd.DataFrame(rows).to_csv(path := tmp_path / "tags.csv", index=False)
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert data.id2label == {0: "NA", 1: "None", 2: "positive"}
+    assert len(data.train.inputs) + len(data.validation.inputs) + len(data.test.inputs) == 30
+    assert "null" in data.train.inputs + data.validation.inputs + data.test.inputs
+
+
+def test_a_json_array_of_records_loads(tmp_path: Path) -> None:
+    (path := tmp_path / "d.json").write_text(json.dumps(ROWS, indent=2))
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(r["text"] for r in ROWS)
+
+
+def test_splits_without_train_are_refused(tmp_path: Path) -> None:
+    import datasets
+
+    frame = datasets.Dataset.from_pandas(pd.DataFrame(ROWS))
+    datasets.DatasetDict({"test": frame, "validation": frame}).save_to_disk(tmp_path / "hf")
+    with pytest.raises(DataError, match=r"its splits \(test, validation\) include no train split"):
+        load_dataset(spec(tmp_path / "hf"), Task.SEQUENCE_CLASSIFICATION, 0)
+    (folder := tmp_path / "files").mkdir()
+    pd.DataFrame(ROWS).to_csv(folder / "test.csv", index=False)
+    with pytest.raises(DataError, match=r"the files name splits \(test\) but none is train"):
+        load_dataset(spec(folder), Task.SEQUENCE_CLASSIFICATION, 0)
+
+
+def test_a_repo_of_subsets_needs_one_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A hub repo with a folder per subset (GLUE's cola/, sst2/) is refused rather than merged into one dataset;
+    hf://<org>/<name>/<folder> names one."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    hub_dataset(tmp_path / "hub", "org/glue", {"cola/train-00000-of-00001.parquet": range(0, 20),
+                                               "cola/test-00000-of-00001.parquet": range(20, 25),
+                                               "sst2/train-00000-of-00001.parquet": range(5, 30)})
+    with pytest.raises(DataError, match=r"holds 2 datasets in its folders \(cola, sst2\)"):
+        load_dataset(spec("hf://org/glue"), Task.SEQUENCE_CLASSIFICATION, 0)
+    data = load_dataset(spec("hf://org/glue/cola"), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert sorted(data.test.inputs) == sorted(ROWS[i]["text"] for i in range(20, 25))
+    assert len(data.train.inputs) + len(data.validation.inputs) == 20
+    with pytest.raises(DataError, match="org/glue has no folder 'mnli'"):
+        load_dataset(spec("hf://org/glue/mnli"), Task.SEQUENCE_CLASSIFICATION, 0)

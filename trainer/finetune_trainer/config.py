@@ -19,8 +19,8 @@ from finetune_trainer.rules import ApiModel, Rule, checked, immutable
 # Any character but ASCII controls and space. Spelled out: \S and \w mean ASCII to the apiserver's
 # RE2 but Unicode to Python and pydantic, so they would judge "hf://ü" differently.
 PRINTABLE = r"[^\x00-\x20\x7f]"
-# pvc://<claim>/<path>, hf://<org>/<name>, file:///abs/path or an absolute path.
-URI_PATTERN = (rf"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/{PRINTABLE}*)?|hf://[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)?"
+# pvc://<claim>/<path>, hf://<org>/<name>[/<folder>], file:///abs/path or an absolute path.
+URI_PATTERN = (rf"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/{PRINTABLE}*)?|hf://[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*"
                rf"|file:///{PRINTABLE}*|/{PRINTABLE}*)$")
 # A `..` segment would climb out of the claim (or the mounted volume) the URI names.
 PARENT_SEGMENT = r"(^|/)\.\.(/|$)"
@@ -130,7 +130,8 @@ HUB_LAYOUTS = ("A folder may hold the hub's layouts: files named by split (train
 class TextsSpec(ApiModel):
     """Where texts are read from: a file or folder, its format and the column holding the text."""
 
-    uri: Uri = Field(description="A file or folder: pvc://<claim>/<path>, hf://<org>/<name> or an absolute path.")
+    uri: Uri = Field(description="A file or folder: pvc://<claim>/<path>, hf://<org>/<name> (or a folder in it: "
+                     "hf://<org>/<name>/<folder>, such as one subset of a dataset) or an absolute path.")
     format: TextFormat = Field(
         TextFormat.AUTO,
         description="File format; auto picks it from the extension (a folder with dataset_info.json is an HF "
@@ -165,7 +166,8 @@ class DatasetSpec(TextsSpec):
         gt=0,
         lt=0.5,
         description="Fraction of the rows held out as the test split, which the baseline and final scores come "
-        "from and nothing else sees, when the dataset has none (seeded by training.seed).",
+        "from and nothing else sees, when the dataset has none (seeded by training.seed). Rows with the same input "
+        "stay on one side of the split, so no held-out score is taken on a text that trained.",
     )
     max_train_samples: int | None = Field(
         None, ge=1, description="Use at most this many training rows (after the split)."

@@ -61,6 +61,13 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
             log.warning("dataset %s: dropped %d %s rows with an empty %s", spec.uri, dropped, name, " or ".join(columns))
     if usable[TRAIN].empty:
         raise DataError(f"dataset {spec.uri}: no usable rows")
+    if label_field is not None:
+        drop_withheld_labels(usable, label_field, spec.uri)
+    for name in (VALIDATION, TEST):
+        if name in usable and usable[name].empty:
+            log.warning("dataset %s: its %s split has no usable rows; holding %s rows out of train instead",
+                        spec.uri, name, name)
+            del usable[name]
     inputs = {name: table[input_field].astype(str).tolist() for name, table in usable.items()}
     id2label: dict[int, str] = {}
     labels: dict[str, list[int] | None] = dict.fromkeys(usable)
@@ -74,6 +81,22 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
     log.info("dataset %s (%s; splits given: %s): %d train, %d validation, %d test rows, %d labels", spec.uri,
              fmt.value, ", ".join(tables), len(train.inputs), len(validation.inputs), len(test.inputs), len(id2label))
     return LabelledData(train=train, validation=validation, test=test, id2label=id2label)
+
+
+def drop_withheld_labels(usable: dict[str, pd.DataFrame], label_field: str, uri: str) -> None:
+    """Drop held-out rows labelled -1 where train has no such label: the hub's mark of a withheld label (GLUE's and
+    SST-2's test splits). Kept, they would become a class that training never sees and make the scores noise."""
+    if (numeric(usable[TRAIN][label_field]) == -1).any():
+        return  # -1 is one of the dataset's classes (negative sentiment, say)
+    for name in (VALIDATION, TEST):
+        if name in usable and (withheld := numeric(usable[name][label_field]) == -1).any():
+            log.warning("dataset %s: dropped %d %s rows labelled -1 (no label: train has no such class)",
+                        uri, int(withheld.sum()), name)
+            usable[name] = usable[name][~withheld]
+
+
+def numeric(column: pd.Series) -> pd.Series:
+    return pd.to_numeric(column, errors="coerce")
 
 
 def load_texts(spec: TextsSpec, field: str) -> list[str]:
@@ -159,8 +182,9 @@ def read_splits(path: Path, fmt: DatasetFormat) -> dict[str, pd.DataFrame]:
         if not isinstance(loaded, datasets.DatasetDict):
             return {TRAIN: loaded.to_pandas()}
         named = {split_of(name) or name: split for name, split in loaded.items()}
-        first = named.get(TRAIN) or next(iter(loaded.values()))
-        return {TRAIN: first.to_pandas()} | {n: named[n].to_pandas() for n in (VALIDATION, TEST) if n in named}
+        if TRAIN not in named:
+            raise DataError(f"{path}: its splits ({', '.join(loaded)}) include no train split")
+        return {n: named[n].to_pandas() for n in (TRAIN, VALIDATION, TEST) if n in named}
     if path.is_file():
         return {TRAIN: read_table(path, fmt)}
     files = data_files(path, {suffix for suffix, f in FILE_FORMATS.items() if f == fmt})
@@ -171,11 +195,21 @@ def read_splits(path: Path, fmt: DatasetFormat) -> dict[str, pd.DataFrame]:
         by_split.setdefault(split_of(str(file.relative_to(path))), []).append(file)
     if set(by_split) != {None} and None in by_split:
         log.warning("%s: ignoring files of no split name: %s", path, ", ".join(p.name for p in by_split.pop(None)))
-    by_split.setdefault(TRAIN, by_split.pop(None, []))
-    if not by_split[TRAIN]:
-        raise DataError(f"{path}: the files name splits ({', '.join(s for s in by_split if s)}) but none is train")
+    if None in by_split:
+        by_split = {TRAIN: by_split[None]}  # no file names a split: they are one train split together
+    elif TRAIN not in by_split:
+        raise DataError(f"{path}: the files name splits ({', '.join(map(str, by_split))}) but none is train")
+    elif len(subsets := {subset_of(f.relative_to(path)) for f in by_split[TRAIN]}) > 1:
+        raise DataError(f"{path}: holds {len(subsets)} datasets in its folders ({', '.join(sorted(subsets))}), "
+                        "each with a train split; point the uri at one of those folders")
     return {name: pd.concat([read_table(f, fmt) for f in by_split[name]], ignore_index=True)
             for name in (TRAIN, VALIDATION, TEST) if name in by_split}
+
+
+def subset_of(relative: Path) -> str:
+    """The folder a split file sits in, less the folders named by split: a hub repo with one folder per
+    subset (GLUE's cola/, sst2/) gives one per subset; data/train-*.parquet and train/*.jsonl give one."""
+    return "/".join(part for part in relative.parent.parts if split_of(part) is None) or "."
 
 
 def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
@@ -183,8 +217,10 @@ def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
         return pd.read_parquet(file)
     text = read_text(file)
     if fmt == DatasetFormat.JSONL:
-        return pd.read_json(io.StringIO(text), lines=True, dtype=False)  # "10" stays the string the user wrote
-    return pd.read_csv(io.StringIO(text))
+        # "10" stays the string the user wrote; a .json file may hold one array of records instead of lines
+        return pd.read_json(io.StringIO(text), lines=not text.lstrip().startswith("["), dtype=False)
+    # Only an empty cell is missing: a label "None" or "NA", or the text "null", is data
+    return pd.read_csv(io.StringIO(text), keep_default_na=False, na_values=[""])
 
 
 def read_text(file: Path) -> str:
@@ -235,15 +271,21 @@ def is_number(text: str) -> bool:
 def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spec: DatasetSpec,
           seed: int) -> tuple[Split, Split, Split]:
     """Train, validation and test: the dataset's own where it has them, else held out of its train rows with
-    the seed (test first, so that its rows do not depend on whether the dataset brings a validation split)."""
+    the seed (test first, so that its rows do not depend on whether the dataset brings a validation split).
+    Rows with the same input go to the same side, so no held-out score is taken on a text that trained."""
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(inputs[TRAIN]))
+    texts = inputs[TRAIN]
+    order = copies_together(rng.permutation(len(texts)), texts)
     held: dict[str, tuple[str, np.ndarray]] = {}
     for name, fraction in ((TEST, spec.test_split), (VALIDATION, spec.validation_split)):
         if name in inputs:
             held[name] = (name, rng.permutation(len(inputs[name])))  # shuffled: a hub split may be sorted by label
+            if repeats := len(set(inputs[name]).intersection(texts)):
+                log.warning("dataset %s: %d inputs of its %s split are in its train split too", spec.uri, repeats, name)
         else:
-            count = max(1, round(len(inputs[TRAIN]) * fraction))
+            count = max(1, round(len(texts) * fraction))
+            while count < len(order) and texts[order[count]] == texts[order[count - 1]]:
+                count += 1  # not between two copies of a text
             held[name], order = (TRAIN, order[:count]), order[count:]
     if len(order) == 0:
         raise DataError(f"dataset {spec.uri}: {len(inputs[TRAIN])} rows are too few to hold out "
@@ -255,6 +297,13 @@ def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spe
     (v_name, v_idx), (t_name, t_idx) = held[VALIDATION], held[TEST]
     return (take(TRAIN, order[: spec.max_train_samples]), take(v_name, v_idx[: spec.max_eval_samples]),
             take(t_name, t_idx[: spec.max_eval_samples]))
+
+
+def copies_together(order: np.ndarray, texts: list[str]) -> np.ndarray:
+    """`order` with every copy of an input moved up to its first copy's place (unchanged without copies)."""
+    first: dict[str, int] = {}
+    place = np.array([first.setdefault(texts[i], position) for position, i in enumerate(order)], dtype=np.int64)
+    return order[np.argsort(place, kind="stable")]
 
 
 def check_label_count(id2label: dict[int, str], head_labels: int | str) -> int:

@@ -44,7 +44,8 @@ def local_path(uri: str) -> Path:
 
 def fetch(uri: str, *, kind: str, revision: str | None = None, repo_type: str = "model",
           error: type[UserError] = UserError) -> Path:
-    """A local folder or file holding what `uri` names; hf:// is downloaded into the hub cache.
+    """A local folder or file holding what `uri` names; hf:// is downloaded into the hub cache (only the folder
+    named after <org>/<name>, when one is).
 
     `error` is the UserError subclass raised when it is not there (its reason tells data from model).
 
@@ -55,12 +56,17 @@ def fetch(uri: str, *, kind: str, revision: str | None = None, repo_type: str = 
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
-        repo_id = uri.removeprefix("hf://")
+        parts = uri.removeprefix("hf://").split("/")
+        repo_id, folder = "/".join(parts[:2]), "/".join(parts[2:])  # hf://<org>/<name>/<folder in the repo>
         try:
-            return Path(snapshot_download(repo_id, revision=revision, repo_type=repo_type))
+            snapshot = Path(snapshot_download(repo_id, revision=revision, repo_type=repo_type,
+                                              allow_patterns=f"{folder}/**" if folder else None))
         except (RepositoryNotFoundError, RevisionNotFoundError, LocalEntryNotFoundError) as exc:
             # Other hub errors (timeouts, 5xx) propagate: a later attempt may get past them.
             raise error(f"{kind} {uri}: not on the hub nor in the local cache ({exc})") from exc
+        if not (snapshot / folder).is_dir():
+            raise error(f"{kind} {uri}: {repo_id} has no folder {folder!r}")
+        return snapshot / folder
     path = local_path(uri)
     if not path.exists():
         raise error(f"{kind} {uri}: {path} does not exist")
