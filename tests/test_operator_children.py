@@ -5,9 +5,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import pytest
 import yaml
+from kubernetes.client.exceptions import ApiException
 
-from finetune_operator import children
+from finetune_operator import children, handlers
 from finetune_operator.api import FineTuneJob
 from finetune_operator.settings import Settings
 from finetune_trainer.config import TrainerConfig
@@ -155,3 +157,24 @@ def test_the_operators_pod_annotations_reach_every_trainer_pod_and_the_jobs_own_
     doc, spec = ftj(pod={"annotations": {"prometheus.io/port": "9999", "team": "a"}})
     annotations = children.job(doc, spec, 1, settings)["spec"]["template"]["metadata"]["annotations"]
     assert annotations == {"prometheus.io/scrape": "true", "prometheus.io/port": "9999", "team": "a"}
+
+
+class Refusing:
+    """Clients whose apiserver answers every creation with one error."""
+
+    def __init__(self, status: int, message: str) -> None:
+        self.status, self.message = status, message
+
+    def call(self, method: str, path: str, body: object = None, **query: object) -> bytes:
+        exc = ApiException(status=self.status, reason="Refused")
+        exc.body = json.dumps({"kind": "Status", "code": self.status, "message": self.message})
+        raise exc
+
+
+def test_a_quota_refusal_waits_and_an_invalid_child_is_refused() -> None:
+    doc, spec = ftj()
+    quota = 'configmaps "ft-1" is forbidden: exceeded quota: team-quota, requested: count/configmaps=1'
+    with pytest.raises(handlers.QuotaExceeded, match="waits for quota: .*exceeded quota: team-quota"):
+        handlers._create_attempt(Refusing(403, quota), doc, spec, 1, SETTINGS)
+    with pytest.raises(handlers.Refused):
+        handlers._create_attempt(Refusing(422, "Job.batch is invalid"), doc, spec, 1, SETTINGS)

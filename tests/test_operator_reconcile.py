@@ -53,6 +53,17 @@ def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
     return {c["type"]: (c["status"], c["reason"]) for c in status.get("conditions", [])}
 
 
+def test_a_quota_refusal_waits_visibly_and_the_next_tick_creates_the_attempt() -> None:
+    refused = "the ConfigMap ft-1 waits for quota: exceeded quota: team-quota"
+    waiting = decide(Observed(body(), [], [], NOW, quota=refused))
+    status = after(waiting)
+    assert status["phase"] == "Pending" and status["reason"] == "ExceededQuota"
+    assert conditions(status)["Created"] == ("False", "ExceededQuota") and "Failed" not in conditions(status)
+    assert ("Warning", "ExceededQuota", refused) in waiting.events
+    created = decide(Observed(body(status), [], [], NOW + timedelta(seconds=30)))
+    assert created.create_attempt == 1 and conditions(after(created, status))["Created"] == ("True", "AttemptCreated")
+
+
 def test_a_new_job_gets_its_first_attempt() -> None:
     decision = decide(Observed(body(), [], [], NOW))
     assert decision.create_attempt == 1

@@ -252,15 +252,25 @@ class Refused(Exception):
     """The apiserver refused a child built from an accepted spec: the spec cannot run."""
 
 
+class QuotaExceeded(Exception):
+    """A ResourceQuota refused a child (403 "exceeded quota"): the attempt waits until the namespace has room."""
+
+
+QUOTA_RETRY_SECONDS = 30
+
+
 def _create_attempt(clients: Clients, body: dict[str, Any], spec: api.FineTuneJobSpec, attempt: int,
                     settings: Settings) -> None:
     for obj in children.attempt_children(body, spec, attempt, settings):
         try:
             _create(clients, obj)
         except ApiException as exc:
-            if exc.status in (400, 403, 422):
+            if exc.status in (400, 422):
                 raise Refused(f"the apiserver refused the {obj['kind']} {obj['metadata']['name']}: "
                               f"{_api_message(exc)}") from exc
+            if exc.status == 403 and "exceeded quota" in _api_message(exc):
+                raise QuotaExceeded(f"the {obj['kind']} {obj['metadata']['name']} waits for quota: "
+                                    f"{_api_message(exc)}") from exc
             raise kopf.TemporaryError(f"creating {obj['kind']}: {exc.reason}", delay=5) from exc
 
 
@@ -328,7 +338,9 @@ def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, job_index: k
                 _create_attempt(clients, seen.body, spec, decision.create_attempt, settings)
             except Refused as exc:
                 seen.problems = [str(exc)]
-        if seen.problems:
+            except QuotaExceeded as exc:
+                seen.quota = str(exc)
+        if seen.problems or seen.quota:
             decision = reconcile.decide(seen)
             assert decision is not None
         else:
@@ -348,6 +360,8 @@ def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, job_index: k
     for field, value in decision.status.items():
         if old.get(field) != value:
             patch.status[field] = value
+    if seen.quota:  # kopf applies the patch above all the same, and tries again after the delay
+        raise kopf.TemporaryError(seen.quota, delay=QUOTA_RETRY_SECONDS)
 
 
 def _record(body: kopf.Body, seen: reconcile.Observed, decision: reconcile.Decision) -> None:

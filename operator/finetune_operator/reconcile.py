@@ -41,6 +41,7 @@ class Observed:
     sample: dict[str, Any] | None = None  # rank 0's metrics, when read
     scrape_error: tuple[str, str] | None = None  # (reason, message) when reading them failed
     job_warning: tuple[str, str] | None = None  # (reason, message) of the Job's latest Warning Event, when podless
+    quota: str | None = None  # why a ResourceQuota refused the attempt's children: it waits, and tries again
 
 
 @dataclass
@@ -193,7 +194,10 @@ def decide(seen: Observed) -> Decision | None:
         status["attempts"] = decision.create_attempt
         status.setdefault("startTime", old.get("startTime") or timestamp(now))
         status["children"] = _children(children.child_name(meta["name"], decision.create_attempt), spec)
-        conds.set(T.CREATED, True, "AttemptCreated", f"attempt {decision.create_attempt}: {workers} worker(s)")
+        if seen.quota:
+            conds.set(T.CREATED, False, "ExceededQuota", seen.quota)
+        else:
+            conds.set(T.CREATED, True, "AttemptCreated", f"attempt {decision.create_attempt}: {workers} worker(s)")
         return _finish(decision, old, conds)
 
     result = outcome.attempt_outcome(job, pods, seen.job_warning)

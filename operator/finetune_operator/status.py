@@ -74,14 +74,14 @@ def phase_of(conditions: Conditions) -> tuple[Phase, str | None]:
 def transitions(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     """One Event (type, reason, message) per condition that changed status or reason."""
     old = {c["type"]: (c["status"], c["reason"]) for c in before}
-    warn = {(T.FAILED.value, "True"), (T.RESTARTING.value, "True"), (T.SCHEDULED.value, "False"),
-            (T.METRICS_STALE.value, "True"), (T.RUNNING.value, "False")}
+    warn = {(T.FAILED.value, "True"), (T.RESTARTING.value, "True"), (T.CREATED.value, "False"),
+            (T.SCHEDULED.value, "False"), (T.METRICS_STALE.value, "True"), (T.RUNNING.value, "False")}
     events = []
     for c in after:
         if old.get(c["type"]) == (c["status"], c["reason"]):
             continue
         stuck = c["type"] == T.RUNNING.value and c["reason"] in STUCK_WAITING
-        if c["status"] == "False" and c["type"] not in (T.SCHEDULED.value, T.SUSPENDED.value) \
+        if c["status"] == "False" and c["type"] not in (T.CREATED.value, T.SCHEDULED.value, T.SUSPENDED.value) \
                 and c["reason"] != METRICS_READ and not stuck:
             continue  # "not running any more" is told by the condition that became true
         kind = "Warning" if (c["type"], c["status"]) in warn else "Normal"
