@@ -104,3 +104,17 @@ def test_the_readme_multi_node_example_is_valid() -> None:
     assert docs and any(d["spec"]["runtime"]["workers"] > 1 for d in docs)
     for doc in docs:
         assert manifest_errors(doc) == []
+
+
+def test_a_name_must_start_with_a_letter_as_its_service_name_must(tmp_path: Path) -> None:
+    from finetune_operator.__main__ import main
+
+    doc = yaml.safe_load(EXAMPLES[0].read_text())
+    doc["metadata"]["name"] = "7b-llama-sft"  # its 2-worker attempts' Service, 7b-llama-sft-1, would be refused
+    errors = manifest_errors(doc)
+    assert errors and all(e.startswith("metadata.name") for e in errors)
+    path = tmp_path / "job.yaml"
+    path.write_text(yaml.safe_dump(doc))
+    assert main(["validate", str(path)]) == 1
+    doc["metadata"]["name"] = "llama-7b-sft"
+    assert manifest_errors(doc) == []

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import re
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -95,6 +96,16 @@ def test_cel_rules_cover_cross_field_constraints_and_immutability(schema: dict[s
     # While a job runs, only suspend, the deadline, the TTL (and metadata) may change.
     for section in api.SUSPENDED_ONLY:
         assert f"oldSelf.suspend || self.{section} == oldSelf.{section}" in rules[".spec"]
+
+
+def test_the_name_rule_refuses_what_a_service_name_cannot_be(schema: dict[str, Any]) -> None:
+    rule = next(r["rule"] for r in schema["x-kubernetes-validations"] if "matches" in r["rule"])
+    found = re.search(r"matches\(r'(.*)'\)", rule)
+    assert found
+    pattern = found.group(1)
+    dns_1035 = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"  # the apiserver's rule for Service names
+    for name in ("7b-llama-sft", "llama-7b", "a", "0", "x-1"):
+        assert bool(re.fullmatch(pattern, name)) == bool(re.fullmatch(dns_1035, name)), name
 
 
 def test_no_field_is_nullable(schema: dict[str, Any]) -> None:

@@ -28,9 +28,10 @@ CATEGORIES = ["finetune", "ml"]
 
 # The child Job "<name>-<attempt>" and its pods' index suffixes must stay within 63 characters.
 MAX_NAME_LENGTH = 50
-# Stricter than the apiserver's subdomain rule: the name becomes a label value and a Service name.
-NAME_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
-NAME_MESSAGE = "metadata.name must be a lowercase RFC 1123 label (a-z, 0-9 and '-')"
+# Stricter than the apiserver's subdomain rule: the name becomes a label value and a Service name, and Service
+# names are RFC 1035 labels (a leading digit is refused only when a multi-worker attempt creates its Service).
+NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
+NAME_MESSAGE = "metadata.name must be a lowercase RFC 1035 label (a-z, 0-9 and '-', starting with a letter)"
 LENGTH_MESSAGE = f"metadata.name must be at most {MAX_NAME_LENGTH} characters: the names of the job's pods add suffixes to it"
 
 # Kueue's convention: a queue-name label on the FineTuneJob is copied onto its child Job.
