@@ -190,8 +190,9 @@ def test_failures_beyond_the_backoff_limit_fail_the_job() -> None:
     failed = [pod(phase="Failed", exit_code=2, message={"exitCode": 2, "reason": "RuntimeError", "message": "boom"})]
     status = after(decide(Observed(body({"attempts": 2, "failures": 1}, backoffLimit=1),
                                    [job(1, failure={"reason": "X", "message": ""}), job(2, failure={"reason": "X", "message": ""})],
-                                   [dict(failed[0], attempt=2)], NOW)))
+                                   [dict(failed[0], attempt=2)], NOW)), {"attempts": 2, "failures": 1})
     assert status["phase"] == "Failed" and status["reason"] == "BackoffLimitExceeded" and "boom" in status["conditions"][-1]["message"]
+    assert status["failures"] == 2  # the last failure counts too, as the message says
 
 
 def test_suspend_stops_the_attempt_and_resume_starts_the_next() -> None:

@@ -250,12 +250,11 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
     if result.retry == Retry.NEVER:
         fail(result.reason, result.message)
         return
-    failures = (old.get("failures") or 0) + (result.retry == Retry.COUNTED)
+    failures = status["failures"] = (old.get("failures") or 0) + (result.retry == Retry.COUNTED)
     if failures > spec.backoff_limit:
         fail("BackoffLimitExceeded", f"{failures} failed attempts (backoffLimit {spec.backoff_limit}); "
                                      f"the last: {result.reason}: {result.message}")
         return
-    status["failures"] = failures
     status["attempts"] = attempt + 1
     conds.set(T.RESTARTING, True, result.reason, f"attempt {attempt} failed ({result.message}); "
                                                  f"attempt {attempt + 1} resumes from the latest checkpoint")
