@@ -290,6 +290,20 @@ def test_metrics_that_cannot_be_read_turn_stale_after_a_grace_and_fresh_again() 
     assert conditions(done)["MetricsStale"] == ("False", "Completed") and done["phase"] == "Succeeded"
 
 
+def test_a_retried_attempt_gets_the_same_grace_before_its_metrics_are_stale() -> None:
+    error = ("MetricsUnreachable", "connection refused")
+    restarting = {"attempts": 2, "failures": 1, "startTime": "2026-12-01T11:00:00Z",
+                  "progress": {"percent": 40, "step": 40, "totalSteps": 100, "updatedAt": "2026-12-01T11:50:00Z"},
+                  "conditions": [{"type": "Running", "status": "False", "reason": "NcclError", "message": "",
+                                  "lastTransitionTime": "2026-12-01T11:50:05Z"},
+                                 {"type": "Restarting", "status": "True", "reason": "NcclError", "message": "",
+                                  "lastTransitionTime": "2026-12-01T11:50:05Z"}]}
+    started = after(decide(Observed(body(restarting), [job(2, ready=1)], [pod(2)], NOW, scrape_error=error)), restarting)
+    assert started["phase"] == "Running" and "MetricsStale" not in conditions(started)
+    late = decide(Observed(body(started), [job(2, ready=1)], [pod(2)], NOW + timedelta(seconds=11), scrape_error=error))
+    assert conditions(after(late, started))["MetricsStale"] == ("True", "MetricsUnreachable")
+
+
 def test_a_container_that_cannot_start_says_why_instead_of_a_silent_pending() -> None:
     stuck = pod(phase="Pending", stuck={"reason": "ImagePullBackOff", "message": 'Back-off pulling image "nope:1"'})
     decision = decide(Observed(body({"attempts": 1}), [job()], [stuck], NOW))

@@ -263,13 +263,15 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
 
 
 def _stale(conds: Conditions, old: dict[str, Any], now: datetime, reason: str, message: str) -> None:
-    """MetricsStale once the last good read (or the start of running) is STALE_AFTER_SECONDS old; the last
+    """MetricsStale once the later of the last good read and the start of running is STALE_AFTER_SECONDS old: a
+    retried or resumed attempt's rank 0 gets the same grace as the first's, though the last read is older. The last
     numbers stay in status.progress and status.metrics, whose updatedAt tells their age."""
-    last = _parse_time((old.get("progress") or {}).get("updatedAt")) or _parse_time(
-        conds.get(T.RUNNING).get("lastTransitionTime"))
+    updated = _parse_time((old.get("progress") or {}).get("updatedAt"))
+    running = _parse_time(conds.get(T.RUNNING).get("lastTransitionTime"))
+    last = max((t for t in (updated, running) if t), default=None)
     if last is None or (now - last).total_seconds() < STALE_AFTER_SECONDS:
         return
-    since = f"since {timestamp(last)}" if (old.get("progress") or {}).get("updatedAt") else "yet"
+    since = f"since {timestamp(updated)}" if updated else "yet"
     conds.set(T.METRICS_STALE, True, reason, f"rank 0's metrics not read {since}: {message}")
 
 
