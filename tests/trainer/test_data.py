@@ -219,6 +219,17 @@ def test_copies_of_a_text_stay_on_one_side_of_the_split(tmp_path: Path) -> None:
         assert not train & validation and not train & test and not validation & test
         assert len(data.train.inputs) + len(data.validation.inputs) + len(data.test.inputs) == 60
         assert all(len(side) % 3 == 0 for side in (data.train.inputs, data.validation.inputs, data.test.inputs))
+    # A text with many copies (the corpus retweets one 303 times) is spread through its side as the seed shuffles
+    # it, not a block at the start of a capped side
+    rows = [{"text": "retweet" if i % 20 == 0 else f"text {i}", "label": ["a", "b"][i % 2]} for i in range(200)]
+    pd.DataFrame(rows).to_csv(path, index=False)
+    few_held = DatasetSpec(uri=str(path), labelField="label", validationSplit=0.05, testSplit=0.05)
+    spread = []
+    for seed in range(30):
+        train = load_dataset(few_held, Task.SEQUENCE_CLASSIFICATION, seed).train.inputs
+        if at := [i for i, text in enumerate(train) if text == "retweet"]:  # else its copies were all held out
+            spread.append(at != list(range(at[0], at[0] + len(at))))
+    assert len(spread) >= 5 and all(spread)
     unique = load_dataset(spec(write(tmp_path, "csv")), Task.SEQUENCE_CLASSIFICATION, 3)
     order = np.random.default_rng(3).permutation(30)
     assert unique.test.inputs == [ROWS[i]["text"] for i in order[:3]]  # the split of a corpus without copies

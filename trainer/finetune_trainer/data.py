@@ -275,7 +275,9 @@ def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spe
     Rows with the same input go to the same side, so no held-out score is taken on a text that trained."""
     rng = np.random.default_rng(seed)
     texts = inputs[TRAIN]
-    order = copies_together(rng.permutation(len(texts)), texts)
+    shuffled = rng.permutation(len(texts))
+    order = copies_together(shuffled, texts)  # which side a row goes to; within a side, rows keep `shuffled`'s order
+    position = np.argsort(shuffled)
     held: dict[str, tuple[str, np.ndarray]] = {}
     for name, fraction in ((TEST, spec.test_split), (VALIDATION, spec.validation_split)):
         if name in inputs:
@@ -291,12 +293,15 @@ def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spe
         raise DataError(f"dataset {spec.uri}: {len(inputs[TRAIN])} rows are too few to hold out "
                         f"{spec.validation_split:.0%} for validation and {spec.test_split:.0%} for test")
 
-    def take(name: str, idx: np.ndarray) -> Split:
+    def take(name: str, idx: np.ndarray, limit: int | None) -> Split:
+        if name == TRAIN:  # else a capped side would begin with a text's copies, all together
+            idx = idx[np.argsort(position[idx], kind="stable")]
+        idx = idx[:limit]
         return Split([inputs[name][i] for i in idx], None if labels[name] is None else [labels[name][i] for i in idx])
 
     (v_name, v_idx), (t_name, t_idx) = held[VALIDATION], held[TEST]
-    return (take(TRAIN, order[: spec.max_train_samples]), take(v_name, v_idx[: spec.max_eval_samples]),
-            take(t_name, t_idx[: spec.max_eval_samples]))
+    return (take(TRAIN, order, spec.max_train_samples), take(v_name, v_idx, spec.max_eval_samples),
+            take(t_name, t_idx, spec.max_eval_samples))
 
 
 def copies_together(order: np.ndarray, texts: list[str]) -> np.ndarray:
