@@ -13,6 +13,7 @@ import yaml
 
 from finetune_operator import outcome
 from finetune_operator.reconcile import Observed, decide
+from finetune_operator.status import merged, status_patch
 
 NOW = datetime(2026, 12, 1, 12, 0, 0)
 EXAMPLE = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "examples" / "minilm-sentiment.yaml").read_text())
@@ -45,8 +46,7 @@ def pod(attempt: int = 1, index: int = 0, phase: str = "Running", exit_code: int
 
 def after(decision: Any, previous: dict[str, Any] | None = None) -> dict[str, Any]:
     """The status once the decision's merge patch is applied."""
-    merged = dict(previous or {}) | decision.status
-    return {k: v for k, v in merged.items() if v is not None}
+    return merged(previous or {}, decision.status)
 
 
 def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
@@ -104,6 +104,24 @@ def test_a_running_job_shows_progress_from_rank_zeros_metrics() -> None:
     assert status["progress"] | {"updatedAt": None} == {"percent": 25, "step": 30, "totalSteps": 120, "epoch": 0.25,
                                                          "etaSeconds": 45, "updatedAt": None}  # 90 steps x 16 / 32
     assert status["metrics"] == {"loss": 0.61, "learningRate": 1e-3, "samplesPerSecond": 32.0, "tokensPerSecond": 900.0}
+
+
+def test_what_a_new_observation_lacks_leaves_the_merge_patched_status() -> None:
+    two_workers = {"configMap": "ft-1", "service": "ft-1", "job": "ft-1"}
+    suspended = {"attempts": 1, "startTime": "2026-12-01T11:00:00Z", "children": two_workers,
+                 "conditions": [{"type": "Suspended", "status": "True", "reason": "Suspended", "message": "",
+                                 "lastTransitionTime": "2026-12-01T11:30:00Z"}]}
+    # Resumed with one worker (spec.runtime.workers was 2): the next attempt has no Service.
+    resumed = after(decide(Observed(body(suspended), [job(1, active=0, deleting=True)], [], NOW)), suspended)
+    assert resumed["children"] == {"configMap": "ft-1", "job": "ft-1"}
+    sample = {"step": 30, "total_steps": 120, "samples_per_second": 32.0, "tokens_per_second": 900.0}
+    running = after(decide(Observed(body({"attempts": 1}), [job()], [pod()], NOW, sample=sample)))
+    assert running["progress"]["etaSeconds"] == 45
+    again = decide(Observed(body(running), [job()], [pod()], NOW, sample=sample))
+    assert not {"children", "progress", "metrics"} & set(status_patch(running, again.status))  # nothing new to send
+    stalled = after(decide(Observed(body(running), [job()], [pod()], NOW, sample=sample | {
+        "step": 31, "samples_per_second": 0.0, "tokens_per_second": None})), running)
+    assert "etaSeconds" not in stalled["progress"] and "tokensPerSecond" not in stalled["metrics"]
 
 
 def test_success_brings_the_evaluation_and_analysis_into_status() -> None:

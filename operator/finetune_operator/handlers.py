@@ -25,6 +25,7 @@ from finetune_operator.diffbase import SpecDiffBase
 from finetune_operator.api import ConditionType as T
 from finetune_operator.scrape import ScrapeError, scrape
 from finetune_operator.settings import Settings
+from finetune_operator.status import status_patch
 
 log = logging.getLogger("finetune_operator")
 PREFIX = "finetune.dev"
@@ -356,10 +357,8 @@ def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, job_index: k
         _delete_self(clients, name, ns)
         return
     _record(body, seen, decision)
-    old = seen.body["status"]
-    for field, value in decision.status.items():
-        if old.get(field) != value:
-            patch.status[field] = value
+    for field, value in status_patch(seen.body["status"], decision.status).items():
+        patch.status[field] = value
     if seen.quota:  # kopf applies the patch above all the same, and tries again after the delay
         raise kopf.TemporaryError(seen.quota, delay=QUOTA_RETRY_SECONDS)
 

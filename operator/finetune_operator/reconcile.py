@@ -117,9 +117,10 @@ def current_attempt(status: dict[str, Any], jobs: list[dict[str, Any]]) -> int:
     return max([status.get("attempts") or 0] + [j["attempt"] for j in jobs])
 
 
-def _children(name: str, spec: SpecFacts) -> dict[str, str]:
-    """An attempt's ConfigMap, Service (if any) and Job share one name."""
-    return {"configMap": name, "job": name} | ({"service": name} if spec.rendezvous else {})
+def _children(name: str, spec: SpecFacts) -> dict[str, str | None]:
+    """An attempt's ConfigMap, Service (if any) and Job share one name. No Service is an explicit None: status is
+    merge-patched, where an absent key would keep a previous attempt's Service."""
+    return {"configMap": name, "job": name, "service": name if spec.rendezvous else None}
 
 
 def global_batch(spec: api.FineTuneJobSpec) -> int:

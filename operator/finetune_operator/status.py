@@ -90,6 +90,24 @@ def transitions(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> li
     return events
 
 
+def merged(target: Any, patch: Any) -> Any:
+    """`target` once the JSON merge patch `patch` is applied (RFC 7386): what the apiserver will store."""
+    if not isinstance(patch, dict):
+        return patch
+    out = dict(target) if isinstance(target, dict) else {}
+    for key, value in patch.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = merged(out.get(key), value)
+    return out
+
+
+def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
+    """The fields of `new` that would change `old` once merge-patched: an unchanged status costs no patch."""
+    return {field: value for field, value in new.items() if merged(old.get(field), value) != old.get(field)}
+
+
 def progress_and_metrics(sample: dict[str, Any], global_batch: int, now: datetime) -> dict[str, Any]:
     """status.progress, status.metrics and status.stage from rank 0's metrics."""
     step, total = int(sample.get("step", 0)), int(sample.get("total_steps", 0))
@@ -99,13 +117,12 @@ def progress_and_metrics(sample: dict[str, Any], global_batch: int, now: datetim
         "step": step, "totalSteps": total, "epoch": round(float(sample.get("epoch", 0)), 3),
         "updatedAt": timestamp(now),
     }
-    if rate > 0 and total:
-        progress["etaSeconds"] = int((total - step) * global_batch / rate)
+    # An unknown value is an explicit None, which clears the previous one from the merge-patched status.
+    progress["etaSeconds"] = int((total - step) * global_batch / rate) if rate > 0 and total else None
     # Rounded for `kubectl get` (the Loss column prints every digit); Prometheus keeps the exact values.
-    metrics = {k: float(f"{sample[s]:.4g}") for k, s in (("loss", "loss"), ("learningRate", "learning_rate"),
-                                                         ("samplesPerSecond", "samples_per_second"),
-                                                         ("tokensPerSecond", "tokens_per_second"))
-               if sample.get(s) is not None}
+    metrics = {k: float(f"{sample[s]:.4g}") if sample.get(s) is not None else None
+               for k, s in (("loss", "loss"), ("learningRate", "learning_rate"),
+                            ("samplesPerSecond", "samples_per_second"), ("tokensPerSecond", "tokens_per_second"))}
     out: dict[str, Any] = {"progress": progress, "metrics": metrics}
     if sample.get("stage"):
         out["stage"] = sample["stage"]
