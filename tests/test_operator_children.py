@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -36,6 +37,18 @@ def test_names_labels_and_owner_are_deterministic() -> None:
         assert meta["labels"][children.ATTEMPT_LABEL] == "2"
         assert meta["ownerReferences"][0]["uid"] == "1234" and meta["ownerReferences"][0]["controller"]
     assert objs == children.attempt_children(doc, spec, 2, SETTINGS)
+
+
+def test_the_node_rank_is_read_from_what_every_supported_kubernetes_sets() -> None:
+    doc, spec = ftj("minilm-sentiment-2workers.yaml")
+    env = children.job(doc, spec, 1, SETTINGS)["spec"]["template"]["spec"]["containers"][0]["env"]
+    path = next(e["valueFrom"]["fieldRef"]["fieldPath"] for e in env if e["name"] == "FINETUNE_NODE_RANK")
+    # A worker pod of an Indexed Job as Kubernetes 1.27 (the chart's oldest) makes it: the index is an annotation
+    # only (the label of the same name came in 1.28).
+    worker = {"metadata": {"labels": {"batch.kubernetes.io/controller-uid": "x"},
+                           "annotations": {"batch.kubernetes.io/job-completion-index": "1"}}}
+    found = re.fullmatch(r"metadata\.(labels|annotations)\['(.+)'\]", path)
+    assert found and worker["metadata"][found.group(1)].get(found.group(2)) == "1"
 
 
 def test_the_config_map_holds_exactly_the_trainers_half() -> None:

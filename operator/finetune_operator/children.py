@@ -30,7 +30,8 @@ METRICS_PORT = 9090
 RENDEZVOUS_PORT = 29500
 TERMINATION_LOG = "/dev/termination-log"
 DEFAULT_SHM = "1Gi"
-COMPLETION_INDEX = "metadata.labels['batch.kubernetes.io/job-completion-index']"
+# The annotation, not the label of the same name: the label came only in Kubernetes 1.28 (the chart allows 1.27).
+COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 
 
 def child_name(job_name: str, attempt: int) -> str:
