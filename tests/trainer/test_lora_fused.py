@@ -76,6 +76,15 @@ def test_what_is_not_one_product_keeps_the_peft_path(lora: LoraSpec) -> None:
     assert fuse(model) == 0
 
 
+def test_a_trainable_base_bias_keeps_the_peft_path() -> None:
+    """The fused backward gives the base layer nothing, so a base bias that trains (peft's bias="lora_only", or
+    biases unfrozen by hand) must keep peft's path, where it gets its gradient."""
+    model, _ = adapted(LoraSpec(dropout=0.0))
+    query = model.get_base_model().bert.encoder.layer[2].attention.self.query
+    query.base_layer.bias.requires_grad_(True)
+    assert fuse(model) == 24 and query.forward.__func__ is type(query).forward
+
+
 def test_a_fused_model_still_merges_and_switches_its_adapters_off() -> None:
     model, inputs = adapted(LoraSpec(dropout=0.0))
     with torch.no_grad():

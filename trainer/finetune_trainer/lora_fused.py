@@ -55,7 +55,8 @@ class MergedLoRA(torch.autograd.Function):
 
 
 def fusable(module: nn.Module) -> bool:
-    """A peft LoRA Linear whose one active adapter is plain LoRA without dropout or bias, on a frozen nn.Linear."""
+    """A peft LoRA Linear whose one active adapter is plain LoRA without dropout or bias, on a frozen nn.Linear
+    (its bias too: `MergedLoRA` gives the base no gradient)."""
     from peft.tuners.lora.layer import Linear
 
     if type(module) is not Linear or len(module.active_adapters) != 1 or module.fan_in_fan_out:
@@ -63,6 +64,7 @@ def fusable(module: nn.Module) -> bool:
     name = module.active_adapters[0]
     base = module.base_layer
     return (type(base) is nn.Linear and not base.weight.requires_grad and name in module.lora_A
+            and (base.bias is None or not base.bias.requires_grad)
             and isinstance(module.lora_dropout[name], nn.Identity) and not module.use_dora[name]
             and module.lora_B[name].bias is None and module.lora_A[name].bias is None)
 
