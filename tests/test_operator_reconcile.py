@@ -224,6 +224,33 @@ def test_suspend_stops_the_attempt_and_resume_starts_the_next() -> None:
     assert decide(Observed(body(status), [job(deleting=True)], [], NOW)).create_attempt == 2
 
 
+def test_an_ended_attempt_is_judged_by_its_end_before_a_later_suspend_or_deadline() -> None:
+    running = {"attempts": 1, "startTime": "2026-12-01T11:00:00Z", "phase": "Running"}
+    completed = [job(complete=True, active=0, succeeded=1)], [pod(phase="Succeeded", exit_code=0, message={})]
+    # It completed before its deadline, and is seen just after it.
+    late = after(decide(Observed(body(running, activeDeadlineSeconds=3600), *completed, NOW)), running)
+    assert late["phase"] == "Succeeded"
+    assert after(decide(Observed(body(running, suspend=True), *completed, NOW)), running)["phase"] == "Succeeded"
+    # Exit 1 is never retried, not even through a suspend and a resume.
+    user_error = ([job(active=0, failed=1, failure={"reason": "BackoffLimitExceeded", "message": ""})],
+                  [pod(phase="Failed", exit_code=1, message={"exitCode": 1, "reason": "DatasetNotFound", "message": "x"})])
+    suspended = after(decide(Observed(body(running, suspend=True), *user_error, NOW)), running)
+    assert suspended["phase"] == "Failed" and suspended["reason"] == "DatasetNotFound"
+    assert decide(Observed(body(suspended), *user_error, NOW + timedelta(minutes=1))).create_attempt is None
+
+
+def test_a_retry_decided_before_a_suspend_is_the_attempt_that_resumes() -> None:
+    running = {"attempts": 1, "startTime": "2026-12-01T11:00:00Z", "phase": "Running"}
+    crashed = ([job(active=0, failed=1, failure={"reason": "BackoffLimitExceeded", "message": ""})],
+               [pod(phase="Failed", exit_code=2, message={"exitCode": 2, "reason": "NcclError", "message": "x"})])
+    retrying = after(decide(Observed(body(running, suspend=True), *crashed, NOW)), running)
+    assert retrying["attempts"] == 2 and retrying["failures"] == 1
+    suspended = after(decide(Observed(body(retrying, suspend=True), *crashed, NOW)), retrying)
+    assert suspended["phase"] == "Suspended"
+    resumed = after(decide(Observed(body(suspended), *crashed, NOW + timedelta(minutes=1))), suspended)
+    assert decide(Observed(body(resumed), *crashed, NOW + timedelta(minutes=1))).create_attempt == 2
+
+
 def test_the_deadline_fails_the_job_and_stops_its_pods() -> None:
     seen = Observed(body({"attempts": 1, "startTime": "2026-12-01T11:00:00Z"}, activeDeadlineSeconds=600), [job()], [pod()], NOW)
     decision = decide(seen)

@@ -165,8 +165,18 @@ def decide(seen: Observed) -> Decision | None:
         status["children"] = _children(job["name"], spec)
         status["workers"] = {k: job[k] for k in ("active", "ready", "succeeded", "failed")}
 
+    def observe() -> Decision:
+        result = outcome.attempt_outcome(job, pods, seen.job_warning)
+        _observe(result, conds, status, old, spec, seen, attempt, fail)
+        return _finish(decision, old, conds)
+
+    # An attempt that ended is judged by how it ended, however late that is seen: a suspend or a deadline after
+    # its end must neither fail a completed job nor retry one that exit 1 says cannot succeed.
+    if job and (job["complete"] or job["failure"]):
+        return observe()
+
     if spec.suspend:
-        if job and not job["complete"] and not job["failure"] and not job["deleting"]:
+        if job and not job["deleting"]:
             decision.delete_job, decision.delete_job_reason = job["name"], "Suspended"
         conds.set(T.SUSPENDED, True, "Suspended", "spec.suspend is true: no pods run; checkpoints stay for the resume")
         conds.clear(T.RUNNING, "Suspended")
@@ -176,7 +186,9 @@ def decide(seen: Observed) -> Decision | None:
 
     if conds.true(T.SUSPENDED):  # resumed: the next attempt picks up the checkpoints, and the clock restarts
         conds.set(T.SUSPENDED, False, "Resumed", "spec.suspend is false")
-        if attempt:
+        # A new number only if the current one's children were made: an attempt decided (a retry) but not created
+        # before the suspend is the one that resumes.
+        if (old.get("children") or {}).get("job") == children.child_name(meta["name"], attempt):
             conds.set(T.RESTARTING, True, "Resumed", f"attempt {attempt + 1} resumes from the latest checkpoint")
             status["attempts"] = attempt + 1
         status["startTime"] = timestamp(now)
@@ -186,7 +198,7 @@ def decide(seen: Observed) -> Decision | None:
     deadline = spec.active_deadline_seconds
     if deadline and start and now >= start + timedelta(seconds=deadline):
         fail("DeadlineExceeded", f"the job was active longer than activeDeadlineSeconds ({deadline} s)")
-        if job and not job["complete"] and not job["deleting"]:  # its pods stop (SIGTERM, checkpoint)
+        if job and not job["deleting"]:  # its pods stop (SIGTERM, checkpoint)
             decision.delete_job, decision.delete_job_reason = job["name"], "DeadlineExceeded"
         return _finish(decision, old, conds)
 
@@ -201,9 +213,7 @@ def decide(seen: Observed) -> Decision | None:
             conds.set(T.CREATED, True, "AttemptCreated", f"attempt {decision.create_attempt}: {workers} worker(s)")
         return _finish(decision, old, conds)
 
-    result = outcome.attempt_outcome(job, pods, seen.job_warning)
-    _observe(result, conds, status, old, spec, seen, attempt, fail)
-    return _finish(decision, old, conds)
+    return observe()
 
 
 def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: dict[str, Any],
