@@ -152,6 +152,13 @@ def test_invalid_config_exits_1_naming_the_field(tmp_path: Path, termination: Pa
     sent = json.loads(termination.read_text())
     assert sent["reason"] == "InvalidConfig" and sent["exitCode"] == 1 and "training.batchSize" in sent["message"]
     assert cli.main(["run", str(tmp_path / "absent.yaml")]) == 1
+    # An empty ConfigMap, a list, a scalar or a spec that is not a mapping: the user's, never retried
+    for i, text in enumerate(["", "- 1\n- 2\n", "just words\n", "kind: FineTuneJob\nspec: [1, 2]\n"]):
+        (shape := tmp_path / f"shape-{i}.yaml").write_text(text)
+        assert cli.main(["run", str(shape)]) == 1
+        assert json.loads(termination.read_text())["reason"] == "InvalidConfig"
+    assert "a config is a mapping (a FineTuneJob or its spec), not NoneType" in caplog.text
+    assert "the FineTuneJob's spec is a mapping, not list" in caplog.text
     with pytest.raises(SystemExit) as usage:
         cli.main(["train"])
     assert usage.value.code == 1

@@ -533,9 +533,14 @@ class TrainerConfig(ApiModel):
 
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> TrainerConfig:
-        """Accept a FineTuneJob manifest (its runtime fields are the operator's business) or a bare config."""
+        """Accept a FineTuneJob manifest (its runtime fields are the operator's business) or a bare config.
+        Anything else is a ValueError, which the CLI reports as the user's (an empty file reads as None)."""
+        if not isinstance(doc, dict):
+            raise ValueError(f"a config is a mapping (a FineTuneJob or its spec), not {type(doc).__name__}")
         if doc.get("kind") == "FineTuneJob":
             spec = doc.get("spec") or {}
+            if not isinstance(spec, dict):
+                raise ValueError(f"the FineTuneJob's spec is a mapping, not {type(spec).__name__}")
             return cls.from_wire({k: v for k, v in spec.items() if k in _WIRE_FIELDS})
         return cls.from_wire(doc)
 
