@@ -6,6 +6,7 @@ import json
 import re
 from pathlib import Path
 
+import kopf
 import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
@@ -70,7 +71,7 @@ def test_the_service_is_headless_and_publishes_unready_pods() -> None:
     doc, _ = ftj()
     svc = children.service(doc, 1)["spec"]
     assert svc["clusterIP"] == "None" and svc["publishNotReadyAddresses"]
-    assert svc["selector"] == children.labels("minilm-sentiment", 1)
+    assert svc["selector"] == children.labels("minilm-sentiment", "1234", 1)
 
 
 def test_one_worker_runs_the_trainer_directly() -> None:
@@ -191,3 +192,25 @@ def test_a_quota_refusal_waits_and_an_invalid_child_is_refused() -> None:
         handlers._create_attempt(Refusing(403, quota), doc, spec, 1, SETTINGS)
     with pytest.raises(handlers.Refused):
         handlers._create_attempt(Refusing(422, "Job.batch is invalid"), doc, spec, 1, SETTINGS)
+
+
+class Existing:
+    """Clients whose apiserver already holds every child, owned by `uid`."""
+
+    def __init__(self, uid: str, deleting: bool = False) -> None:
+        self.uid, self.deleting = uid, deleting
+
+    def call(self, method: str, path: str, body: object = None, **query: object) -> bytes:
+        if method == "POST":
+            raise ApiException(status=409, reason="AlreadyExists")
+        meta = {"ownerReferences": [{"kind": "FineTuneJob", "uid": self.uid}]}
+        return json.dumps({"metadata": meta | ({"deletionTimestamp": "2026-12-01T12:00:00Z"} if self.deleting else {})}).encode()
+
+
+def test_a_child_that_exists_is_ours_or_waited_for() -> None:
+    doc, spec = ftj()
+    handlers._create_attempt(Existing("1234"), doc, spec, 1, SETTINGS)  # made by an earlier tick
+    # An earlier FineTuneJob of the same name, deleted and created again: its children are not taken over.
+    for other in (Existing("an-earlier-uid"), Existing("1234", deleting=True)):
+        with pytest.raises(kopf.TemporaryError, match="waiting"):
+            handlers._create_attempt(other, doc, spec, 1, SETTINGS)

@@ -80,6 +80,21 @@ def test_an_existing_child_is_never_created_again() -> None:
     assert decision.create_attempt is None and after(decision)["attempts"] == 1
 
 
+def test_the_children_of_an_earlier_job_of_the_same_name_are_not_its_own() -> None:
+    # "ft" succeeded, was deleted and created again; its child Job and pod wait for the garbage collector.
+    old_job = {"metadata": {"name": "ft-1", "labels": {"finetune.dev/job-name": "ft", "finetune.dev/attempt": "1"},
+                            "ownerReferences": [{"kind": "FineTuneJob", "name": "ft", "uid": "old"}],
+                            "deletionTimestamp": "2026-12-01T11:59:59Z"},
+               "status": {"succeeded": 1, "conditions": [{"type": "Complete", "status": "True"}]}}
+    old_pod = {"metadata": {"name": "ft-1-0-x", "labels": {"finetune.dev/job-name": "ft", "finetune.dev/job-uid": "old",
+                                                           "finetune.dev/attempt": "1"}},
+               "status": {"phase": "Succeeded", "containerStatuses": [
+                   {"name": "trainer", "state": {"terminated": {"exitCode": 0, "message": '{"exitCode": 0}'}}}]}}
+    decision = decide(Observed(body(), [outcome.job_summary(old_job)], [outcome.pod_summary(old_pod)], NOW))
+    status = after(decision)
+    assert decision.create_attempt == 1 and status["phase"] == "Pending" and status["attempts"] == 1
+
+
 def test_an_unschedulable_worker_shows_the_schedulers_message() -> None:
     message = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
     seen = Observed(body({"attempts": 1}), [job()], [pod(phase="Pending", scheduled=False, unschedulable=message)], NOW)

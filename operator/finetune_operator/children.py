@@ -20,6 +20,8 @@ from finetune_operator.settings import Settings
 from finetune_trainer.config import TrainerConfig
 
 JOB_NAME_LABEL = "finetune.dev/job-name"
+# The FineTuneJob's uid: one deleted and created again under its name must not take the old one's children for its own.
+JOB_UID_LABEL = "finetune.dev/job-uid"
 ATTEMPT_LABEL = "finetune.dev/attempt"
 TRAINER = "trainer"
 CONFIG_KEY = "config.json"
@@ -38,8 +40,8 @@ def child_name(job_name: str, attempt: int) -> str:
     return f"{job_name}-{attempt}"
 
 
-def labels(job_name: str, attempt: int) -> dict[str, str]:
-    return {JOB_NAME_LABEL: job_name, ATTEMPT_LABEL: str(attempt)}
+def labels(job_name: str, uid: str, attempt: int) -> dict[str, str]:
+    return {JOB_NAME_LABEL: job_name, JOB_UID_LABEL: uid, ATTEMPT_LABEL: str(attempt)}
 
 
 def owner_reference(ftj: dict[str, Any]) -> dict[str, Any]:
@@ -51,7 +53,7 @@ def owner_reference(ftj: dict[str, Any]) -> dict[str, Any]:
 def _metadata(ftj: dict[str, Any], attempt: int) -> dict[str, Any]:
     name = ftj["metadata"]["name"]
     return {"name": child_name(name, attempt), "namespace": ftj["metadata"]["namespace"],
-            "labels": labels(name, attempt), "ownerReferences": [owner_reference(ftj)]}
+            "labels": labels(name, ftj["metadata"]["uid"], attempt), "ownerReferences": [owner_reference(ftj)]}
 
 
 def trainer_config(spec: api.FineTuneJobSpec) -> dict[str, Any]:

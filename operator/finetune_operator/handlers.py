@@ -239,14 +239,21 @@ def _claims(clients: Clients, claims: Claims, spec: api.FineTuneJobSpec, ns: str
 
 
 def _create(clients: Clients, obj: dict[str, Any]) -> None:
-    ns, kind = obj["metadata"]["namespace"], obj["kind"]
-    path = {"ConfigMap": api_path(ns, "configmaps"), "Service": api_path(ns, "services"),
-            "Job": api_path(ns, "jobs", group="batch")}[kind]
+    meta, kind = obj["metadata"], obj["kind"]
+    plural, group = {"ConfigMap": ("configmaps", ""), "Service": ("services", ""), "Job": ("jobs", "batch")}[kind]
     try:
-        clients.call("POST", path, obj)  # the answer is not read: deserializing it cost more than the call
+        # the answer is not read: deserializing it cost more than the call
+        clients.call("POST", api_path(meta["namespace"], plural, group=group), obj)
     except ApiException as exc:
-        if exc.status != 409:  # AlreadyExists: a previous tick (or operator) made it
+        if exc.status != 409:
             raise
+        # AlreadyExists: a previous tick (or operator) made it, or an earlier FineTuneJob of this name did, and the
+        # garbage collector has yet to delete it
+        existing = json.loads(clients.call("GET", api_path(meta["namespace"], plural, meta["name"], group=group)))
+        owners = [r.get("uid") for r in existing["metadata"].get("ownerReferences") or []]
+        if meta["ownerReferences"][0]["uid"] not in owners or existing["metadata"].get("deletionTimestamp"):
+            raise kopf.TemporaryError(f"the {kind} {meta['name']} is another FineTuneJob's or being deleted: "
+                                      "waiting for it to go", delay=5) from exc
 
 
 class Refused(Exception):

@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from finetune_operator.children import ATTEMPT_LABEL, TRAINER
+from finetune_operator import api
+from finetune_operator.children import ATTEMPT_LABEL, JOB_UID_LABEL, TRAINER
 
 EXIT_USER_ERROR = 1
 EXIT_INFRASTRUCTURE = 2
@@ -92,6 +93,7 @@ def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
     terminated = _termination(pod)
     summary: dict[str, Any] = {
         "name": meta["name"],
+        "uid": meta.get("labels", {}).get(JOB_UID_LABEL),  # None for pods made by an operator before the label
         "attempt": int(meta.get("labels", {}).get(ATTEMPT_LABEL, 0)),
         "index": int(meta.get("labels", {}).get(COMPLETION_INDEX_LABEL,
                                                 meta.get("annotations", {}).get(COMPLETION_INDEX_LABEL, 0))),
@@ -113,6 +115,12 @@ def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def _owner_uid(meta: dict[str, Any]) -> str | None:
+    """The uid of the FineTuneJob that owns a child: its label, else its ownerReference (older children)."""
+    return meta.get("labels", {}).get(JOB_UID_LABEL) or next(
+        (r.get("uid") for r in meta.get("ownerReferences") or [] if r.get("kind") == api.KIND), None)
+
+
 def job_summary(job: dict[str, Any]) -> dict[str, Any]:
     """What the index keeps of a child Job."""
     status = job.get("status", {})
@@ -120,6 +128,7 @@ def job_summary(job: dict[str, Any]) -> dict[str, Any]:
     failed = conditions.get("Failed") or conditions.get("FailureTarget")
     return {
         "name": job["metadata"]["name"],
+        "uid": _owner_uid(job["metadata"]),
         "attempt": int(job["metadata"].get("labels", {}).get(ATTEMPT_LABEL, 0)),
         "active": status.get("active", 0),
         "ready": status.get("ready", 0),

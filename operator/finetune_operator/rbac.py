@@ -19,9 +19,10 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [api.GROUP], "resources": [f"{api.PLURAL}/status"], "verbs": ["patch"]},
     # never a request: where OwnerReferencesPermissionEnforcement admits the children's blockOwnerDeletion
     {"apiGroups": [api.GROUP], "resources": [f"{api.PLURAL}/finalizers"], "verbs": ["update"]},
-    # the attempt's children (indexed by kopf); delete: suspend, deadline (the rest goes by owner references)
-    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["list", "watch", "create", "delete"]},
-    {"apiGroups": [""], "resources": ["configmaps", "services"], "verbs": ["create"]},
+    # the attempt's children (indexed by kopf); delete: suspend, deadline (the rest goes by owner references);
+    # get: whose a child is that already exists
+    {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "delete"]},
+    {"apiGroups": [""], "resources": ["configmaps", "services"], "verbs": ["get", "create"]},
     # the pods' exit codes, termination messages, scheduling and rank 0's IP (indexed by kopf)
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
     # the claims the spec names: they exist, and their access modes fit the workers

@@ -43,6 +43,14 @@ class Observed:
     job_warning: tuple[str, str] | None = None  # (reason, message) of the Job's latest Warning Event, when podless
     quota: str | None = None  # why a ResourceQuota refused the attempt's children: it waits, and tries again
 
+    def __post_init__(self) -> None:
+        """Only this FineTuneJob's children: the indexes are keyed by name, and an earlier FineTuneJob of the same
+        name leaves children until the garbage collector deletes them. A summary without a uid is from before the
+        uid label, so ours."""
+        uid = self.body["metadata"]["uid"]
+        self.jobs = [j for j in self.jobs if j.get("uid") in (None, uid)]
+        self.pods = [p for p in self.pods if p.get("uid") in (None, uid)]
+
 
 @dataclass
 class Decision:
