@@ -228,6 +228,23 @@ def test_failures_beyond_the_backoff_limit_fail_the_job() -> None:
     assert status["failures"] == 2  # the last failure counts too, as the message says
 
 
+def test_the_next_attempt_waits_until_the_previous_ones_pods_have_stopped() -> None:
+    failed = job(active=1, failed=1, failure={"reason": "BackoffLimitExceeded", "message": ""})
+    crashed = pod(index=1, phase="Failed", exit_code=2, message={"exitCode": 2, "reason": "NcclError", "message": "x"})
+    # Rank 0 got SIGTERM at 12:00:00 with a 60 s grace period: it is writing its checkpoint.
+    checkpointing = outcome.pod_summary({
+        "metadata": {"name": "ft-1-0-x", "labels": {"finetune.dev/attempt": "1"}, "deletionTimestamp": "2026-12-01T12:01:00Z"},
+        "status": {"phase": "Running", "containerStatuses": [{"name": "trainer", "state": {"running": {}}}]}})
+    retrying = after(decide(Observed(body({"attempts": 1}), [failed], [crashed, checkpointing], NOW)))
+    assert retrying["attempts"] == 2 and retrying["phase"] == "Pending"
+    assert decide(Observed(body(retrying), [failed], [crashed, checkpointing], NOW + timedelta(seconds=10))).create_attempt is None
+    stopped = dict(checkpointing, phase="Failed")
+    assert decide(Observed(body(retrying), [failed], [crashed, stopped], NOW + timedelta(seconds=20))).create_attempt == 2
+    # A pod its kubelet never reports stopped (a lost node) holds the next attempt only a while past its grace period.
+    lost = decide(Observed(body(retrying), [failed], [crashed, checkpointing], NOW + timedelta(minutes=5)))
+    assert lost.create_attempt == 2
+
+
 def test_suspend_stops_the_attempt_and_resume_starts_the_next() -> None:
     decision = decide(Observed(body({"attempts": 1}, suspend=True), [job()], [pod()], NOW))
     status = after(decision)

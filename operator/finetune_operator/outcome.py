@@ -104,6 +104,7 @@ def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
         "unschedulable": scheduled.get("message") if scheduled.get("reason") == "Unschedulable" else None,
         "disrupted": disruption.get("reason") if disruption.get("status") == "True" else None,
         "stuck": _stuck(pod),
+        "deletionTimestamp": meta.get("deletionTimestamp"),  # the time by which its containers are killed
     }
     if terminated:
         summary["terminated"] = {

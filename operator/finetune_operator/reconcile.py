@@ -211,6 +211,8 @@ def decide(seen: Observed) -> Decision | None:
         return _finish(decision, old, conds)
 
     if attempt == 0 or job is None:
+        if any(_may_run(p, now) for p in seen.pods):  # the previous attempt's pods still checkpoint to the claims
+            return _finish(decision, old, conds)
         decision.create_attempt = max(attempt, 1)
         status["attempts"] = decision.create_attempt
         status.setdefault("startTime", old.get("startTime") or timestamp(now))
@@ -222,6 +224,18 @@ def decide(seen: Observed) -> Decision | None:
         return _finish(decision, old, conds)
 
     return observe()
+
+
+# The kubelet counts a deleted pod's grace period from when it sees the deletion, and reports the end later still.
+KILL_MARGIN_SECONDS = 30
+
+
+def _may_run(pod: dict[str, Any], now: datetime) -> bool:
+    """Whether a pod may still be running: not terminal, and if deleted, not long past its grace period (after it,
+    the kubelet has killed it, or it is on a lost node that would keep it Running for ever)."""
+    killed_at = _parse_time(pod.get("deletionTimestamp"))
+    return pod["phase"] not in ("Succeeded", "Failed") and (
+        killed_at is None or now < killed_at + timedelta(seconds=KILL_MARGIN_SECONDS))
 
 
 def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: dict[str, Any],
