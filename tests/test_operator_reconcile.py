@@ -245,6 +245,20 @@ def test_the_next_attempt_waits_until_the_previous_ones_pods_have_stopped() -> N
     assert lost.create_attempt == 2
 
 
+def test_a_child_job_its_queue_suspended_is_queued_and_its_stopped_pods_are_no_failures() -> None:
+    running = after(decide(Observed(body({"attempts": 1}), [job()], [pod()], NOW)))
+    # Kueue preempted the workload: it suspended the Job, whose controller stopped the pods (SIGTERM: exit 143).
+    preempted = outcome.job_summary({
+        "metadata": {"name": "ft-1", "labels": {"finetune.dev/attempt": "1"}}, "spec": {"suspend": True},
+        "status": {"conditions": [{"type": "Suspended", "status": "True", "reason": "JobSuspended"}]}})
+    stopped = pod(phase="Failed", exit_code=143, message={"exitCode": 143, "reason": "Terminated", "message": "SIGTERM"})
+    for later in (timedelta(seconds=5), timedelta(hours=6)):
+        status = after(decide(Observed(body(running, backoffLimit=0), [preempted], [stopped], NOW + later)), running)
+        assert status["phase"] == "Pending" and status["reason"] == "Queued"
+        assert conditions(status)["Running"] == ("False", "Queued") and status["attempts"] == 1
+        assert not status.get("failures") and "Restarting" not in conditions(status)
+
+
 def test_suspend_stops_the_attempt_and_resume_starts_the_next() -> None:
     decision = decide(Observed(body({"attempts": 1}, suspend=True), [job()], [pod()], NOW))
     status = after(decision)

@@ -49,6 +49,7 @@ class Outcome:
     unschedulable: str | None = None  # the scheduler's message
     not_created: str | None = None  # why the Job controller could not create the pods
     stuck: bool = False  # a worker's container waits for something only the user can fix
+    queued: bool = False  # the Job is suspended by its queue (Kueue): not admitted yet, or preempted
 
 
 def _termination(pod: dict[str, Any]) -> dict[str, Any] | None:
@@ -138,6 +139,7 @@ def job_summary(job: dict[str, Any]) -> dict[str, Any]:
         "complete": "Complete" in conditions or "SuccessCriteriaMet" in conditions,
         "failure": {"reason": failed.get("reason", ""), "message": failed.get("message", "")} if failed else None,
         "deleting": bool(job["metadata"].get("deletionTimestamp")),
+        "suspended": bool((job.get("spec") or {}).get("suspend")) or "Suspended" in conditions,
         "created": job["metadata"].get("creationTimestamp") or "",
     }
 
@@ -193,6 +195,9 @@ def attempt_outcome(job: dict[str, Any] | None, pods: list[dict[str, Any]],
     if job["complete"]:
         result = (rank0 or {}).get("terminated", {}).get("message", {})
         return Outcome(State.SUCCEEDED, "Completed", "every worker finished", result=result)
+    if job.get("suspended"):  # its pods, stopped by the Job controller, did not fail
+        return Outcome(State.PENDING, "Queued", f"the Job {job['name']} is suspended by its queue (Kueue): it waits "
+                                                "to be admitted", queued=True)
     if job["failure"] or any(p["phase"] == "Failed" for p in pods):
         return failure_cause(job, pods)
     if not pods and job_warning:

@@ -242,7 +242,10 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
              spec: SpecFacts, seen: Observed, attempt: int, fail: Any) -> None:
     if result.state == State.PENDING:
         pods = [p for p in seen.pods if p["attempt"] == attempt]
-        if result.unschedulable:
+        if result.queued:
+            conds.set(T.SCHEDULED, False, result.reason, result.message)
+            conds.clear(T.RUNNING, result.reason, result.message)
+        elif result.unschedulable:
             conds.set(T.SCHEDULED, False, "Unschedulable", result.unschedulable)
         elif result.not_created:
             conds.set(T.SCHEDULED, False, result.reason, result.not_created)
