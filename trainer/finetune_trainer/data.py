@@ -9,8 +9,10 @@ from __future__ import annotations
 import io
 import logging
 import re
+from collections.abc import Hashable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -282,11 +284,11 @@ def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spe
     for name, fraction in ((TEST, spec.test_split), (VALIDATION, spec.validation_split)):
         if name in inputs:
             held[name] = (name, rng.permutation(len(inputs[name])))  # shuffled: a hub split may be sorted by label
-            if repeats := len(set(inputs[name]).intersection(texts)):
+            if repeats := len(set(map(input_key, inputs[name])).intersection(map(input_key, texts))):
                 log.warning("dataset %s: %d inputs of its %s split are in its train split too", spec.uri, repeats, name)
         else:
             count = max(1, round(len(texts) * fraction))
-            while count < len(order) and texts[order[count]] == texts[order[count - 1]]:
+            while count < len(order) and input_key(texts[order[count]]) == input_key(texts[order[count - 1]]):
                 count += 1  # not between two copies of a text
             held[name], order = (TRAIN, order[:count]), order[count:]
     if len(order) == 0:
@@ -304,11 +306,17 @@ def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spe
             take(t_name, t_idx, spec.max_eval_samples))
 
 
-def copies_together(order: np.ndarray, texts: list[str]) -> np.ndarray:
+def copies_together(order: np.ndarray, inputs: list) -> np.ndarray:
     """`order` with every copy of an input moved up to its first copy's place (unchanged without copies)."""
-    first: dict[str, int] = {}
-    place = np.array([first.setdefault(texts[i], position) for position, i in enumerate(order)], dtype=np.int64)
+    first: dict[Hashable, int] = {}
+    place = np.array([first.setdefault(input_key(inputs[i]), position) for position, i in enumerate(order)],
+                     dtype=np.int64)
     return order[np.argsort(place, kind="stable")]
+
+
+def input_key(item: Any) -> Hashable:
+    """What makes two rows the same input: the text, the image's path, or a COCO record's image file."""
+    return getattr(item, "path", item)
 
 
 def check_label_count(id2label: dict[int, str], head_labels: int | str) -> int:
