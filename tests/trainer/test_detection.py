@@ -24,7 +24,7 @@ from finetune_trainer.detection.coco import Annotated, load_coco
 from finetune_trainer.detection.metrics import evaluate_detector
 from finetune_trainer.detection.models import class_count, load_detector, load_exported, resize_head
 from finetune_trainer.distributed import World
-from finetune_trainer.errors import DataError, ModelError
+from finetune_trainer.errors import ConfigError, DataError, ModelError
 from finetune_trainer.pipeline import run
 from tiny import trainer_command
 
@@ -61,10 +61,16 @@ def test_the_shapes_dataset_loads_split_with_its_boxes(pvc_root: Path) -> None:
 
 @pytest.mark.parametrize(("change", "named"), [
     (lambda c: c["annotations"][4].update(bbox=[100, 100, 60, 10]), "annotation 5 (image"),
+    # Within the 1-pixel tolerance but past the edge: clipped, it would have no area (torchvision's assertion).
+    (lambda c: c["annotations"][0].update(bbox=[128.2, 10, 0.5, 5]),
+     "annotation 1 (image 1): bbox [128.2, 10, 0.5, 5] has no area inside its 128x128 image"),
+    (lambda c: c["annotations"][0].update(bbox=[10, -0.9, 5, 0.5]),
+     "annotation 1 (image 1): bbox [10, -0.9, 5, 0.5] has no area inside its 128x128 image"),
     (lambda c: c["annotations"][7].update(category_id=9), "annotation 8 (image"),
     (lambda c: c["images"][2].update(file_name="missing.jpg"), "image 3 ('missing.jpg'): no file"),
     (lambda c: c["images"][3].update(width=300), "image 4 ('00004.jpg'): declared 300x128"),
-], ids=["box-outside-image", "unknown-category", "image-without-file", "wrong-size"])
+], ids=["box-outside-image", "box-past-the-right-edge", "box-above-the-top-edge", "unknown-category",
+        "image-without-file", "wrong-size"])
 def test_a_bad_record_is_refused_naming_it(pvc_root: Path, tmp_path: Path, change: Any, named: str) -> None:
     folder = rewrite(shapes_copy(pvc_root, tmp_path), change)
     with pytest.raises(DataError, match=r"1 bad record\(s\)") as raised:
@@ -247,3 +253,27 @@ def test_a_detector_trains_reports_its_scores_and_the_export_reloads(pvc_root: P
     again, _ = evaluate_detector(reloaded, test, make_collate(Task.OBJECT_DETECTION, 0, 128),
                                  cfg.evaluation.metrics, 8, CPU, data.id2label)
     assert again == pytest.approx(final)
+
+
+def ssdlite_doc(pvc_root: Path, tmp_path: Path, images: int, batch_size: int) -> dict[str, Any]:
+    doc = detection_doc(tmp_path / "out", epochs=1, batchSize=batch_size)
+    doc["model"] = {"task": "object-detection", "architecture": "ssdlite320_mobilenet_v3_large"}
+    doc["dataset"]["uri"] = str(same_images_in_every_split(pvc_root, tmp_path / "data", images))
+    return doc
+
+
+def test_ssdlite_trains_through_an_epoch_whose_last_batch_would_hold_one_image(pvc_root: Path,
+                                                                               tmp_path: Path) -> None:
+    """SSDlite's batch norm on 1x1 feature maps cannot train on one image: 5 images at batchSize 4 make one batch
+    of 5, not 4 and 1, and the step count that the schedule and the report use agrees."""
+    report = run(TrainerConfig.from_wire(ssdlite_doc(pvc_root, tmp_path, images=5, batch_size=4)), tmp_path / "out")
+    training = report["training"]
+    assert training["train_samples"] == 5 and training["steps"] == training["total_steps"] == 1
+    assert training["epochs"] == 1 and len(training["history"]) == 1
+
+
+def test_ssdlite_with_batch_size_1_is_refused_naming_the_field(pvc_root: Path, tmp_path: Path) -> None:
+    cfg = TrainerConfig.from_wire(ssdlite_doc(pvc_root, tmp_path, images=4, batch_size=1))
+    with pytest.raises(ConfigError, match=r"training.batchSize 1: ssdlite320_mobilenet_v3_large .* set "
+                                          r"training.batchSize to 2 or more"):
+        run(cfg, tmp_path / "out")

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import itertools
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -13,17 +15,18 @@ from torch import nn
 
 from finetune_trainer.adjust import adaptable, freeze, param_groups
 from finetune_trainer.analyze import analyze, fail_on_fatal, summary
-from finetune_trainer.batches import (encode_causal, encode_images, encode_text, epoch_batches, eval_batches,
-                                      make_collate)
-from finetune_trainer.config import AdjustSpec, FreezeSpec, LoraSpec, Metric, ModelSpec, Task
+from finetune_trainer.batches import (Encoded, encode_causal, encode_images, encode_text, epoch_batches,
+                                      eval_batches, make_collate)
+from finetune_trainer.config import AdjustSpec, FreezeSpec, LoraSpec, Metric, ModelSpec, Task, TrainingSpec
 from finetune_trainer.data import Split
 from finetune_trainer.distributed import World
 from finetune_trainer.errors import FatalFinding
 from finetune_trainer.evaluate import evaluate, macro_f1
 from finetune_trainer.export import export_model, loss_curve
-from finetune_trainer.models import load_model, load_tokenizer, logits_of
+from finetune_trainer.models import load_model, load_tokenizer, load_vision_model, logits_of
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
 from finetune_trainer.structure import depth, head_name, lora_candidates
+from finetune_trainer.train import steps_per_epoch
 
 from tiny import TINY_BERT, TINY_GPT2, bpe_tokenizer, tiny_classifier_doc
 
@@ -79,6 +82,30 @@ def test_batches_pad_to_the_longest_and_bucket_by_length(bert) -> None:
     assert len(halves[0]) == len(halves[1]) and not set(sum(halves[0], [])) & set(sum(halves[1], []))
     assert epoch_batches(data.lengths, 8, seed=0, epoch=1, bucketed=True) != epoch_batches(
         data.lengths, 8, seed=0, epoch=0, bucketed=True)
+
+
+@pytest.mark.parametrize("bucketed", [False, True])
+def test_no_training_batch_holds_one_sample_and_the_step_count_agrees(bucketed: bool) -> None:
+    """A last batch of one sample joins the one before (batch norm cannot train on one), and steps_per_epoch, which
+    sizes the schedule and the report, counts the steps every worker's loop takes."""
+    for samples, batch_size, workers, accumulation in itertools.product(range(2, 30), range(1, 6), (1, 2, 3), (1, 2)):
+        lengths = [1 + i % 7 for i in range(samples)]
+        ranks = [epoch_batches(lengths, batch_size, seed=0, epoch=0, bucketed=bucketed, rank=r, world_size=workers)
+                 for r in range(workers)]
+        if not all(ranks):
+            continue  # fewer batches than workers: steps_per_epoch refuses such a job
+        spec = TrainingSpec(batchSize=batch_size, gradientAccumulation=accumulation)
+        world = World(rank=0, size=workers, device=torch.device("cpu"))
+        case = (samples, batch_size, workers, accumulation)
+        assert steps_per_epoch(Encoded([], None, lengths), spec, world) == math.ceil(len(ranks[0]) / accumulation), case
+        assert len({len(batches) for batches in ranks}) == 1, case
+        assert batch_size == 1 or min(len(batch) for batches in ranks for batch in batches) > 1, case
+        trained = sorted(sum(sum(ranks, []), []))
+        assert len(set(trained)) == len(trained), case  # no sample twice
+        if workers == 1:
+            assert trained == list(range(samples)), case  # every sample
+        elif len(trained) < samples:  # the batches that do not divide among the workers: the short one among them
+            assert all(len(batch) == batch_size for batches in ranks for batch in batches), case
 
 
 def test_causal_lm_texts_end_with_eos_and_long_ones_are_chunked_not_cut(tmp_path: Path) -> None:
@@ -268,6 +295,25 @@ def test_image_model_and_batches(pvc_root: Path, tmp_path: Path) -> None:
     loss_curve([{"step": 1, "loss": 2.0}, {"step": 2, "loss": 1.5}], [{"step": 2, "metrics": {"accuracy": 0.5}}],
                tmp_path / "curve.png")
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_an_exported_image_classifier_loads_again_as_model_uri(pvc_root: Path, tmp_path: Path) -> None:
+    """The export's config.json says how many labels its head has, so the folder loads as model.uri (to fine-tune
+    further or evaluate) instead of failing on a 1000-class head that fc.weight does not fit."""
+    from finetune_trainer.config import DatasetSpec, TrainerConfig
+    from finetune_trainer.data import load_dataset
+
+    data = load_dataset(DatasetSpec(uri="pvc://data/digits", maxTrainSamples=16), Task.IMAGE_CLASSIFICATION, 0)
+    batch = make_collate(Task.IMAGE_CLASSIFICATION, 0, 32)(encode_images(data.train), list(range(8)))
+    spec = ModelSpec(task="image-classification", architecture="resnet18")
+    model = load_model(spec, None, seed=0)
+    new_head(model, "net.fc", 10, data.id2label, reinitialize=False)
+    cfg = TrainerConfig.model_validate({"model": spec.to_wire(), "dataset": {"uri": "pvc://data/digits"},
+                                        "output": {"uri": str(tmp_path / "out")}})
+    export_model(model, None, data.id2label, cfg, tmp_path / "out")
+    reloaded = load_vision_model(spec.model_copy(update={"uri": str(tmp_path / "out")}))
+    assert reloaded.net.fc.out_features == 10
+    torch.testing.assert_close(logits_of(reloaded.eval(), batch.inputs), logits_of(model.eval(), batch.inputs))
 
 
 MEMORY_PROBE = """

@@ -117,11 +117,28 @@ def epoch_batches(lengths: list[int], batch_size: int, *, seed: int, epoch: int,
         pool = batch_size * BUCKET_BATCHES
         order = [i for start in range(0, len(order), pool)
                  for i in sorted(order[start:start + pool], key=lengths.__getitem__)]
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    batches = batches_of(order, batch_size)
+    # Whole batches go to the workers, so the last len % world_size cannot: drop them before the shuffle, which
+    # makes them the epoch's last (its short one among them), not full batches the shuffle moved there.
+    usable = len(batches) - len(batches) % world_size if len(batches) >= world_size else len(batches)
+    batches = batches[:usable]
     if bucketed:
         rng.shuffle(batches)  # else every pool would run from short to long samples
-    usable = len(batches) - len(batches) % world_size if len(batches) >= world_size else len(batches)
-    return batches[:usable][rank::world_size]
+    return batches[rank::world_size]
+
+
+def batches_of(order: list[int], batch_size: int) -> list[list[int]]:
+    """`order` cut into batches of `batch_size`, a last batch of one sample joined to the one before: batch norm
+    cannot train on a single sample (SSDlite's 1x1 feature maps raise), and one sample makes a noisy step."""
+    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+    if batch_size > 1 and len(batches) > 1 and len(batches[-1]) == 1:
+        batches[-2:] = [batches[-2] + batches[-1]]
+    return batches
+
+
+def batch_count(samples: int, batch_size: int) -> int:
+    """The batches `batches_of` makes of `samples` samples: what counts an epoch's steps must agree with it."""
+    return len(batches_of(list(range(samples)), batch_size))
 
 
 def eval_batches(lengths: list[int], batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:

@@ -7,6 +7,7 @@ so that the analysis can report the mismatch it fixes.
 
 from __future__ import annotations
 
+import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -101,18 +102,36 @@ def load_vision_model(spec: ModelSpec) -> ImageClassifier:
     import torchvision
 
     architecture = spec.architecture or "resnet18"
+    path = None if spec.uri is None else fetch(spec.uri, kind="model", error=ModelError)
+    kwargs = builder_kwargs(path, spec.config, background=0)
     try:
-        net = torchvision.models.get_model(architecture, weights=None, **spec.config)
+        net = torchvision.models.get_model(architecture, weights=None, **kwargs)
     except (ValueError, TypeError) as exc:
         known = ", ".join(torchvision.models.list_models(torchvision.models)[:12])
         raise ModelError(f"model.architecture {architecture!r}: not a torchvision classifier ({exc}); e.g. {known}") from exc
-    if spec.uri is not None:
-        weights = weight_file(fetch(spec.uri, kind="model", error=ModelError))
+    if path is not None:
         try:
-            net.load_state_dict(read_state_dict(weights))
+            net.load_state_dict(read_state_dict(weight_file(path)))
         except RuntimeError as exc:
             raise ModelError(f"model {spec.uri}: its weights do not fit {architecture} ({exc})") from exc
     return ImageClassifier(net, architecture)
+
+
+def builder_kwargs(path: Path | None, config: dict[str, Any], background: int) -> dict[str, Any]:
+    """The torchvision builder's arguments: where `path` is an export of ours, the settings and class count its
+    config.json records (`background` classes added to its labels), under `config` (model.config) overriding them."""
+    exported = None if path is None else path / "config.json"
+    saved = read_config(exported) if exported is not None and exported.is_file() else None
+    if not isinstance(saved, dict) or not isinstance(saved.get("numLabels"), int):
+        return dict(config)  # no export of ours (weights alone, or another library's config.json)
+    return saved.get("config", {}) | {"num_classes": saved["numLabels"] + background} | config
+
+
+def read_config(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text())
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ModelError(f"{file}: not valid JSON ({exc})") from exc
 
 
 def weight_file(path: Path) -> Path:

@@ -35,7 +35,7 @@ from finetune_trainer.data import LabelledData, Split, check_label_count, load_d
 from finetune_trainer.detection import analysis as detection_analysis
 from finetune_trainer.detection.coco import load_coco
 from finetune_trainer.detection.metrics import evaluate_detector
-from finetune_trainer.detection.models import load_detector, resize_head
+from finetune_trainer.detection.models import check_batch_size, load_detector, resize_head
 from finetune_trainer.errors import EXIT_OK, ConfigError, Terminated, describe, exit_code_of, reason_of
 from finetune_trainer.evaluate import deltas, evaluate
 from finetune_trainer.lora_fused import fuse
@@ -136,11 +136,13 @@ def outcome(report: dict[str, Any]) -> str:
 def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Progress) -> dict[str, Any]:
     task = cfg.model.task
     seed = cfg.training.seed
+    detecting = task == Task.OBJECT_DETECTION
 
     if problem := cfg.adjust.freeze.pattern_problem():  # before anything is loaded
         raise ConfigError(f"adjust.freeze.pattern: {problem}")
+    if detecting:
+        check_batch_size(cfg.model.architecture or "", cfg.training.batch_size)
     progress.enter(Stage.LOADING)
-    detecting = task == Task.OBJECT_DETECTION
     tokenizer = None if task in (Task.IMAGE_CLASSIFICATION, Task.OBJECT_DETECTION) else load_tokenizer(cfg.model)
     data = load_coco(cfg.dataset, seed) if detecting else load_dataset(cfg.dataset, task, seed)
     num_labels = 0 if task == Task.CAUSAL_LM else check_label_count(data.id2label, cfg.rearrange.head.num_labels)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune_trainer import checkpoints
-from finetune_trainer.batches import IGNORE_INDEX, Batch, Encoded, epoch_batches
+from finetune_trainer.batches import IGNORE_INDEX, Batch, Encoded, batch_count, epoch_batches
 from finetune_trainer.config import Batching, Metric, Precision, Schedule, Task, TrainingSpec
 from finetune_trainer.distributed import World
 from finetune_trainer.errors import DataError, LossNotFinite, Terminated
@@ -155,7 +155,7 @@ def make_scheduler(optimizer: torch.optim.Optimizer, spec: TrainingSpec, total_s
 
 
 def steps_per_epoch(data: Encoded, spec: TrainingSpec, world: World) -> int:
-    batches = math.ceil(len(data.lengths) / spec.batch_size)
+    batches = batch_count(len(data.lengths), spec.batch_size)
     if batches < world.size:
         raise DataError(f"{len(data.lengths)} training samples make {batches} batches, fewer than the {world.size} workers")
     return math.ceil(batches // world.size / spec.gradient_accumulation)

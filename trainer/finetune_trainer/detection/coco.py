@@ -185,5 +185,9 @@ def add_box(ann: Any, i: int, images: dict[int, Annotated], categories: dict[int
     if x < -t or y < -t or x + w > image.width + t or y + h > image.height + t:
         problems.append(f"{where}: bbox {bbox} lies outside its {image.width}x{image.height} image")
         return
-    image.boxes.append([max(x, 0.0), max(y, 0.0), min(x + w, image.width), min(y + h, image.height)])
+    x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, image.width), min(y + h, image.height)
+    if x1 <= x0 or y1 <= y0:  # overhanging by less than the tolerance but not inside: clipping leaves no area
+        problems.append(f"{where}: bbox {bbox} has no area inside its {image.width}x{image.height} image")
+        return
+    image.boxes.append([x0, y0, x1, y1])
     image.labels.append(class_of[ann["category_id"]])

@@ -18,12 +18,13 @@ import torch
 from torch import nn
 
 from finetune_trainer.config import ModelSpec
-from finetune_trainer.errors import ModelError
+from finetune_trainer.errors import ConfigError, ModelError
 from finetune_trainer.uris import fetch
 
 log = logging.getLogger(__name__)
 
 PRIOR_PROBABILITY = 0.01  # RetinaNet's and FCOS's initial foreground probability (focal loss paper, 3.3)
+TWO_IMAGES_PER_BATCH = ("ssdlite",)  # batch norm down to 1x1 feature maps: one image gives one value per channel
 
 
 class Detector(nn.Module):
@@ -64,22 +65,27 @@ def detection_architectures() -> list[str]:
             if name.startswith(("fasterrcnn", "retinanet", "fcos", "ssd"))]
 
 
+def check_batch_size(architecture: str, batch_size: int) -> None:
+    """Refuse before anything loads what would fail at the first training step: torch's batch norm raises
+    'Expected more than 1 value per channel when training' on SSDlite's 1x1 feature maps of a one-image batch."""
+    if batch_size < 2 and architecture.startswith(TWO_IMAGES_PER_BATCH):
+        raise ConfigError(f"training.batchSize {batch_size}: {architecture} has batch norm on 1x1 feature maps, "
+                          "which cannot train on one image per batch; set training.batchSize to 2 or more")
+
+
 def load_detector(spec: ModelSpec, image_size: int) -> Detector:
     """Build `spec.architecture` with random weights (no download), then load the weights at `spec.uri`: a
     torchvision state dict (.pth/.pt/.safetensors) or a folder holding one (an export of ours included)."""
     import torchvision
 
-    from finetune_trainer.models import read_state_dict, weight_file
+    from finetune_trainer.models import builder_kwargs, read_state_dict, weight_file
 
     architecture = spec.architecture or ""
     if architecture not in detection_architectures():
         raise ModelError(f"model.architecture {architecture!r}: not a torchvision detector; one of "
                          f"{', '.join(detection_architectures())}")
     path = None if spec.uri is None else fetch(spec.uri, kind="model", error=ModelError)
-    kwargs = dict(spec.config)
-    if path is not None and (exported := path / "config.json").is_file():  # ours: its classes and settings
-        saved = json.loads(exported.read_text())
-        kwargs = saved.get("config", {}) | {"num_classes": saved["numLabels"] + 1} | kwargs
+    kwargs = builder_kwargs(path, spec.config, background=1)
     try:
         net = torchvision.models.get_model(architecture, weights=None, weights_backbone=None, **kwargs)
     except (TypeError, ValueError) as exc:
