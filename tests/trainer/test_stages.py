@@ -297,6 +297,30 @@ def test_image_model_and_batches(pvc_root: Path, tmp_path: Path) -> None:
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize("architecture, units, below", [
+    ("resnet18", [f"net.layer{i}" for i in range(1, 5)], {"net.conv1.weight", "net.bn1.weight", "net.bn1.bias"}),
+    ("mobilenet_v3_small", [f"net.features.{i}" for i in range(13)], set()),
+    ("vit", [f"net.encoder.layers.encoder_layer_{i}" for i in range(3)],
+     {"net.class_token", "net.conv_proj.weight", "net.conv_proj.bias", "net.encoder.pos_embedding"}),
+])
+def test_torchvision_layers_are_the_networks_blocks(architecture: str, units: list[str], below: set[str]) -> None:
+    """ResNet's stages (not its stem's norm), MobileNet's features (not the classifier around its head), ViT's
+    encoder layers (not the whole encoder): bottom-layers freezing counts them, and the head always trains."""
+    import torchvision
+
+    from finetune_trainer.models import ImageClassifier
+
+    net = (torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=16,
+                                                mlp_dim=32, num_classes=3) if architecture == "vit"
+           else torchvision.models.get_model(architecture, num_classes=3))
+    model = ImageClassifier(net, architecture)
+    layers, head = depth(model, Task.IMAGE_CLASSIFICATION), head_name(model, Task.IMAGE_CLASSIFICATION)
+    assert layers.units == units and layers.below == below
+    freeze(model, FreezeSpec(strategy="bottom-layers", count=1), layers, head)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == below | {n for n, _ in model.named_parameters() if n.startswith(units[0] + ".")}
+
+
 def test_an_exported_image_classifier_loads_again_as_model_uri(pvc_root: Path, tmp_path: Path) -> None:
     """The export's config.json says how many labels its head has, so the folder loads as model.uri (to fine-tune
     further or evaluate) instead of failing on a 1000-class head that fc.weight does not fit."""

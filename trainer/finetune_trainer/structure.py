@@ -89,7 +89,7 @@ def depth(model: nn.Module, task: Task) -> Depth:
 
 
 def layer_units(model: nn.Module, task: Task) -> list[str]:
-    """The repeated blocks: the longest ModuleList (transformers), else the body's children (torchvision CNNs)."""
+    """The repeated blocks: the longest ModuleList (transformers), else the body's blocks (torchvision)."""
     if task == Task.OBJECT_DETECTION:
         from finetune_trainer.detection.models import backbone_units
 
@@ -98,10 +98,30 @@ def layer_units(model: nn.Module, task: Task) -> list[str]:
     if lists:
         _, prefix = max(lists)
         return [f"{prefix}.{i}" for i in range(max(lists)[0])]
-    head = head_name(model, task)
+    return body_blocks(model, head_name(model, task))
+
+
+def body_blocks(model: nn.Module, head: str | None) -> list[str]:
+    """A torchvision network's blocks. Descend into the one child that is a block (has children) besides the head's,
+    or that holds nearly all the weights (RegNet's trunk beside its stem): MobileNet's and VGG's `features`, ViT's
+    `encoder.layers`. Then the children that are blocks are the layers: ResNet's stages, MobileNet's features,
+    ViT's encoder layers. A lone conv or norm (ResNet's stem) is not a layer: it counts as below the stack, as
+    embeddings do, or above it; a flat stack of convs (VGG's) is the layers itself."""
     prefix, body = "", model
-    while len(children := [(n, c) for n, c in body.named_children() if any(True for _ in c.parameters())]) == 1:
-        name, body = children[0]
-        prefix = f"{prefix}{name}."
-    # The stem (first child) counts as below the stack, like embeddings do.
-    return [prefix + n for n, _ in children[1:] if prefix + n != head]
+    while True:
+        children = [(prefix + n, c) for n, c in body.named_children() if weights(c)]
+        if len(children) > 1:  # else a wrapper (ImageClassifier's net): descend whatever it holds
+            children = [(n, c) for n, c in children if not (head == n or (head or "").startswith(n + "."))]
+        blocks = [(n, c) for n, c in children if any(True for _ in c.children())]
+        largest = max(blocks, key=lambda nc: weights(nc[1]), default=None)
+        if largest is None or (len(blocks) > 1 and weights(largest[1]) < DOMINANT * sum(weights(c) for _, c in children)):
+            break
+        body, prefix = largest[1], largest[0] + "."
+    return [n for n, _ in blocks] or [n for n, _ in children]
+
+
+DOMINANT = 0.9  # a child with this share of the weights is the body (ResNet-18's largest stage holds 75%)
+
+
+def weights(module: nn.Module) -> int:
+    return sum(p.numel() for p in module.parameters())
