@@ -81,9 +81,11 @@ def causal_lm(doc: dict[str, Any]) -> None:
          "InvalidModel", "it has no pad, eos or unk token"),
         (lambda doc, tmp: doc["dataset"].update(maxLength=128),  # the tiny BERT has 64 positions
          "InvalidConfig", "dataset.maxLength 128 exceeds the 64 positions the model has"),
+        (lambda doc, tmp: doc["model"]["config"].update(num_hidden_layers="2"),
+         "InvalidModel", "cannot load it as sequence-classification"),  # a quoted number in model.config
     ],
     ids=["bad-regex", "malformed-csv", "lora-all-frozen", "lora-unknown-target", "lm-nothing-to-train",
-         "no-pad-token", "longer-than-the-positions"],
+         "no-pad-token", "longer-than-the-positions", "model-config-types"],
 )
 def test_user_mistakes_that_a_library_reports_exit_1(change: Any, reason: str, message: str, tmp_path: Path,
                                                      termination: Path) -> None:

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
 from finetune_trainer.config import ModelSpec, Task
@@ -83,7 +84,8 @@ def load_model(spec: ModelSpec, tokenizer, seed: int) -> nn.Module:
             # A decoder classifier (GPT-2, Llama) pools its last token that is not padding, so it must know the pad.
             config.pad_token_id = tokenizer.pad_token_id
         return auto.from_pretrained(path, config=config)
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError, StrictDataclassError) as exc:
+        # model.config's mistakes among them: a quoted number ("2"), a fraction of a count, zero heads
         raise ModelError(f"model {spec.uri or spec.architecture}: cannot load it as {spec.task.value} ({exc})") from exc
 
 
