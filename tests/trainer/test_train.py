@@ -119,6 +119,14 @@ def test_warmup_starts_at_zero_and_reaches_the_peak_linearly() -> None:
         scheduler.step()
     assert used[:5] == [0.0, 0.25, 0.5, 0.75, 1.0]  # 4 warmup steps, then the peak
     assert all(a > b for a, b in zip(used[4:], used[5:])) and used[-1] == pytest.approx(1 / 16)
+    # A run of a few steps (a smoke test) whose warmup would round to all of them still trains at the peak at last
+    for total in (1, 2, 3):
+        optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)
+        scheduler = make_scheduler(optimizer, TrainingSpec(warmupRatio=0.6, schedule="constant"), total)
+        for _ in range(total - 1):
+            optimizer.step()
+            scheduler.step()
+        assert optimizer.param_groups[0]["lr"] == 1.0, total
 
 
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
@@ -173,6 +181,16 @@ def test_auto_precision_on_the_cpu_is_bf16_for_text_models_where_it_computes_bf1
     assert autocast_dtype(Precision.AUTO, cpu, Task.OBJECT_DETECTION) is None
     assert autocast_dtype(Precision.FP32, cpu, text) is None
     assert autocast_dtype(Precision.BF16, cpu, images) == torch.bfloat16
+
+
+@pytest.mark.parametrize(("gpu", "bf16"), [("A100", True), ("T4", False)])
+def test_auto_precision_on_a_gpu_is_bf16_where_it_computes_bf16(gpu: str, bf16: bool,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A T4 or V100 (compute capability 7) supports bf16 only by emulation, slower than fp32: `auto` keeps fp32.
+    torch answers for the device it is asked about; here the answers of each GPU stand in for one."""
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16 or including_emulation)
+    expected = torch.bfloat16 if bf16 else None
+    assert autocast_dtype(Precision.AUTO, torch.device("cuda"), Task.SEQUENCE_CLASSIFICATION) == expected, gpu
 
 
 def test_accumulation_gives_the_gradient_of_the_whole_batch() -> None:
@@ -361,6 +379,42 @@ def test_sigterm_at_a_due_evaluation_saves_first_and_the_resumed_run_evaluates(t
     assert_same(resumed_weights, reference_weights)
 
 
+def test_sigterm_in_the_last_step_stops_after_its_checkpoint(tmp_path: Path) -> None:
+    """The loop ends after its last step, but the SIGTERM that came during it still stops the run: the pod is going
+    away, so it must not go on into the final evaluation and export (the kubelet would kill it there)."""
+    with pytest.raises(Terminated, match="stopped by SIGTERM at step 8"):
+        lm_run(tmp_path / "stopped", sigterm_at=8)  # after the last step began: its evaluation still runs
+    assert [p.name for p in checkpoints.complete(tmp_path / "stopped")] == ["step-00000008"]
+
+
+def test_a_resumed_fp16_run_keeps_its_loss_scale(tmp_path: Path) -> None:
+    """The GradScaler's scale is in the checkpoint: a resumed fp16 run skips the steps the uninterrupted one skips,
+    and no others (restarting at 2**16 it skipped them all again), and ends with its weights."""
+    def fp16_run(checkpoint_dir: Path, sigterm_at: int | None = None) -> tuple[list[int], dict]:
+        model, data, collate = lm_setup()
+        def amplify(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+            if out.requires_grad:  # large gradients: the scale must come down from 2**16, step by step
+                out.register_hook(lambda g: g * 20)
+
+        model.lm_head.register_forward_hook(amplify)
+        spec = TrainingSpec(batchSize=8, maxSteps=12, checkpointEverySteps=100, precision="fp16", warmupRatio=0,
+                            schedule="constant", batching="dynamic")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        hooks = Hooks(on_step=lambda state, total: state.step == sigterm_at and os.kill(os.getpid(), signal.SIGTERM),
+                      checkpoint_dir=checkpoint_dir)
+        state = train_loop(model, optimizer, make_scheduler(optimizer, spec, 12), data, collate, spec,
+                           Task.CAUSAL_LM, CPU, hooks)
+        return [h["step"] for h in state.history if not h["grad_norm"] < float("inf")], weights(model)
+
+    skipped, reference = fp16_run(tmp_path / "reference")
+    assert 1 in skipped and 12 not in skipped  # the scale came down, and steps were taken after it did
+    with pytest.raises(Terminated):
+        fp16_run(tmp_path / "stopped", sigterm_at=6)
+    resumed_skipped, resumed = fp16_run(tmp_path / "stopped")
+    assert resumed_skipped == skipped
+    assert_same(resumed, reference)
+
+
 def test_sigterm_after_training_resumes_without_training_again(tiny_cfg: TrainerConfig, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch,
                                                                caplog: pytest.LogCaptureFixture) -> None:
@@ -394,7 +448,8 @@ def test_a_checkpoint_runs_no_pickled_code(tmp_path: Path) -> None:
     model, _, _ = lm_setup()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = make_scheduler(optimizer, TrainingSpec(), 10)
-    folder = checkpoints.save(tmp_path, 1, model, optimizer, scheduler, {"step": 1}, CPU, keep=1)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    folder = checkpoints.save(tmp_path, 1, model, optimizer, scheduler, scaler, {"step": 1}, CPU, keep=1)
     marker = tmp_path / "pwned"
 
     class Payload:
@@ -403,7 +458,7 @@ def test_a_checkpoint_runs_no_pickled_code(tmp_path: Path) -> None:
 
     torch.save({"optimizer": Payload()}, folder / "optimizer.pt")
     with pytest.raises(pickle.UnpicklingError):
-        checkpoints.load(folder, model, optimizer, scheduler, CPU)
+        checkpoints.load(folder, model, optimizer, scheduler, scaler, CPU)
     assert not marker.exists()
 
 

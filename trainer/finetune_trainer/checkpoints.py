@@ -85,7 +85,7 @@ def fsync_tree(folder: Path) -> None:
             os.close(fd)
 
 
-def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
          loop_state: dict[str, Any], world: World, keep: int, best: dict[str, torch.Tensor] | None = None) -> Path:
     final = root / f"{PREFIX}{step:08d}"
     tmp = root / f".tmp-{PREFIX}{step:08d}"
@@ -98,7 +98,8 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
         save_file(trained_tensors(model), tmp / "trained.safetensors")
         if best is not None:
             save_file(best, tmp / BEST)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict()}, tmp / "optimizer.pt")
+        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                    "scaler": scaler.state_dict()}, tmp / "optimizer.pt")  # fp16's loss scale: {} when off
         (tmp / "state.json").write_text(json.dumps(loop_state))
     world.barrier()
     if world.main:
@@ -190,13 +191,15 @@ def complete(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
 
 
-def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any,
+def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
          world: World) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
     """Restore a checkpoint in place; returns the loop's saved position and the best weights if it kept them."""
     restore(model, load_file(folder / "trained.safetensors"), folder)
     saved = torch.load(folder / "optimizer.pt", map_location=world.device, weights_only=True)  # runs no pickled code
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
+    if saved.get("scaler"):  # else the loss scale would start again at 2**16 and skip steps it skipped before
+        scaler.load_state_dict(saved["scaler"])
     rng = folder / f"rng-{world.rank}.pt"
     if rng.exists():  # a run resumed on more ranks than it was saved with starts the new ranks' RNG afresh
         set_rng_state(torch.load(rng, weights_only=True))

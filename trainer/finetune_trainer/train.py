@@ -127,7 +127,8 @@ def autocast_dtype(precision: Precision, device: torch.device, task: Task) -> to
     if precision == Precision.FP16:
         return torch.float16
     if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else None
+        # not emulated: a T4 or V100 runs bf16 through fp32 kernels, slower than fp32 itself
+        return torch.bfloat16 if torch.cuda.is_bf16_supported(including_emulation=False) else None
     native = device.type == "cpu" and task in CPU_BF16_TASKS and cpu_computes_bf16()
     return torch.bfloat16 if native else None
 
@@ -139,7 +140,7 @@ def make_optimizer(groups: list[dict], device: torch.device) -> torch.optim.Opti
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, spec: TrainingSpec, total_steps: int):
-    warmup = round(spec.warmup_ratio * total_steps)
+    warmup = min(round(spec.warmup_ratio * total_steps), total_steps - 1)  # the last step, at least, at the peak
 
     def factor(step: int) -> float:
         if step < warmup:
@@ -209,12 +210,12 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
     eval_every = spec.eval_every_steps or per_epoch
     state = LoopState()
     best: dict[str, torch.Tensor] | None = None  # weights of state.best_step, kept when early stopping is on
-    if hooks.checkpoint_dir is not None and (found := checkpoints.complete(hooks.checkpoint_dir)):
-        saved, best = checkpoints.load(found[-1], unwrap(model), optimizer, scheduler, world)
-        state = LoopState(**saved)
-    saved_step = state.step
     dtype = autocast_dtype(spec.precision, world.device, task)
     scaler = torch.amp.GradScaler(world.device.type, enabled=dtype == torch.float16)
+    if hooks.checkpoint_dir is not None and (found := checkpoints.complete(hooks.checkpoint_dir)):
+        saved, best = checkpoints.load(found[-1], unwrap(model), optimizer, scheduler, scaler, world)
+        state = LoopState(**saved)
+    saved_step = state.step
 
     def evaluation_due() -> bool:
         done = bool(state.evals) and state.evals[-1]["step"] == state.step
@@ -229,10 +230,14 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
         if hooks.on_eval:
             hooks.on_eval(state)
 
+    def terminated() -> Terminated:
+        return Terminated(f"stopped by SIGTERM at step {state.step}"
+                          + ("; a checkpoint holds it" if hooks.checkpoint_dir else ""))
+
     def save() -> None:
         nonlocal saved_step
         if hooks.checkpoint_dir is not None and saved_step != state.step:
-            checkpoints.save(hooks.checkpoint_dir, state.step, unwrap(model), optimizer, scheduler,
+            checkpoints.save(hooks.checkpoint_dir, state.step, unwrap(model), optimizer, scheduler, scaler,
                              asdict(state), world, spec.keep_checkpoints, best)
             saved_step = state.step
 
@@ -266,8 +271,7 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
                     hooks.on_step(state, total)
                 if stop:  # within the grace period: save now; the due evaluation runs when the run resumes
                     save()
-                    raise Terminated(f"stopped by SIGTERM at step {state.step}"
-                                     + ("; a checkpoint holds it" if hooks.checkpoint_dir else ""))
+                    raise terminated()
                 if evaluation_due():
                     evaluate_now()
                 if state.step % spec.checkpoint_every_steps == 0:
@@ -277,7 +281,9 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
             else:
                 state.epoch += 1
                 state.position = 0
-    save()  # the end of training, so that evaluating and exporting can be resumed without training again
+        save()  # the end of training, so that evaluating and exporting can be resumed without training again
+        if world.sum([float(sigterm.raised)])[0]:  # it came during the last step or its evaluation: stop here too
+            raise terminated()
     if best is not None and state.best_step != state.step:
         checkpoints.restore(unwrap(model), best, f"the best weights (step {state.best_step})")
         state.restored_best = True
