@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from finetune_operator import outcome
-from finetune_operator.reconcile import Observed, decide
+from finetune_operator.reconcile import Observed, decide, pod_warning
 from finetune_operator.status import merged, status_patch
 
 NOW = datetime(2026, 12, 1, 12, 0, 0)
@@ -405,6 +405,66 @@ def test_a_container_that_cannot_start_says_why_instead_of_a_silent_pending() ->
     assert ("Warning", "ImagePullBackOff") in [e[:2] for e in decision.events]
     running = after(decide(Observed(body(status), [job(ready=1)], [pod()], NOW)), status)
     assert running["phase"] == "Running" and conditions(running)["Running"] == ("True", "Training")
+
+
+def test_a_worker_whose_volumes_do_not_mount_waits_visibly_and_is_no_failure() -> None:
+    # Scheduled at 11:59; its containers are still being created: the kubelet has yet to mount the volumes.
+    creating = outcome.pod_summary({
+        "metadata": {"name": "ft-1-0-x", "labels": {"finetune.dev/job-name": "ft", "finetune.dev/job-uid": "u",
+                                                    "finetune.dev/attempt": "1"},
+                     "annotations": {"batch.kubernetes.io/job-completion-index": "0"}},
+        "status": {"phase": "Pending", "conditions": [
+            {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-12-01T11:59:00Z"},
+            {"type": "Initialized", "status": "True", "lastTransitionTime": "2026-12-01T11:59:00Z"},
+            {"type": "Ready", "status": "False", "reason": "ContainersNotReady", "lastTransitionTime": "2026-12-01T11:59:00Z"}],
+            "containerStatuses": [{"name": "trainer", "ready": False, "restartCount": 0, "started": False, "image": "t:1",
+                                   "imageID": "", "state": {"waiting": {"reason": "ContainerCreating"}}}]}})
+
+    def warning(reason: str, message: str, component: str, last: str) -> dict[str, Any]:
+        return {"metadata": {"name": f"ft-1-0-x.{reason}", "namespace": "ns", "creationTimestamp": "2026-12-01T11:59:01Z"},
+                "involvedObject": {"kind": "Pod", "namespace": "ns", "name": "ft-1-0-x", "apiVersion": "v1"},
+                "reason": reason, "message": message, "source": {"component": component}, "type": "Warning",
+                "firstTimestamp": "2026-12-01T11:59:01Z", "lastTimestamp": last, "count": 3}
+
+    multi_attach = ('Multi-Attach error for volume "pvc-3f2a" Volume is already exclusively attached to one node and '
+                    "can't be attached to another")
+    attach = [warning("FailedScheduling", "0/3 nodes are available: 3 Insufficient cpu.", "default-scheduler",
+                      "2026-12-01T11:58:30Z"),
+              warning("FailedAttachVolume", multi_attach, "attachdetach-controller", "2026-12-01T12:00:30Z"),
+              warning("FailedMount", "Unable to attach or mount volumes: unmounted volumes=[finetune-pvc-0], unattached "
+                      "volumes=[finetune-pvc-0 finetune-config]: timed out waiting for the condition", "kubelet",
+                      "2026-12-01T12:01:01Z")]
+    missing = [warning("FailedMount", 'MountVolume.SetUp failed for volume "creds" : secret "creds" not found',
+                       "kubelet", "2026-12-01T12:01:00Z")]
+    running = {"attempts": 1, "startTime": "2026-12-01T11:58:00Z", "failures": 0}
+
+    def seen(events: list[dict[str, Any]], at: datetime, status: dict[str, Any]) -> Observed:
+        observed = Observed(body(status, backoffLimit=0), [job()], [creating], at)
+        observed.pod_warning = pod_warning(observed, lambda name: outcome.warnings_of(events, outcome.NOT_CREATED)
+                                           .get(name, {}))
+        return observed
+
+    # A minute in: pulling a large image looks the same, so its Events are not read yet.
+    unread = Observed(body(running), [job()], [creating], NOW)
+    assert pod_warning(unread, lambda name: pytest.fail("read Events too early")) is None
+    assert pod_warning(seen(attach, NOW + timedelta(minutes=2), running), lambda name: {}) is None  # a long pull
+    for events, reason, says in ((attach, "FailedAttachVolume", multi_attach),
+                                 (missing, "FailedMount", 'secret "creds" not found')):
+        decision = decide(seen(events, NOW + timedelta(minutes=2), running))
+        status = after(decision, running)
+        assert status["phase"] == "Pending" and status["reason"] == reason
+        assert conditions(status)["Running"] == ("False", reason) and conditions(status)["Scheduled"][0] == "True"
+        message = next(c["message"] for c in status["conditions"] if c["type"] == "Running")
+        assert says in message and "ft-1-0-x" in message and "not counted as a failure" in message
+        assert [e for e in decision.events if e[1] == reason] == [("Warning", reason, message)]
+        # Still there a day later: it waits, says so once, and counts no failure (backoffLimit 0).
+        later = decide(seen(events, NOW + timedelta(days=1), status))
+        assert not [e for e in later.events if e[1] == reason] and later.create_attempt is None
+        waited = after(later, status)
+        assert waited["phase"] == "Pending" and waited["failures"] == 0 and "Restarting" not in conditions(waited)
+    # The user created the Secret: the container starts.
+    started = after(decide(Observed(body(status), [job(ready=1)], [pod()], NOW + timedelta(days=1))), status)
+    assert started["phase"] == "Running"
 
 
 def test_pod_summary_keeps_only_waiting_reasons_the_user_must_fix() -> None:

@@ -56,7 +56,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     for group, version, plural in CHILD_WATCHES:
         settings.watching.label_selectors[group, version, plural] = children.JOB_NAME_LABEL
     memo.clients = Clients(connections=HANDLER_THREADS)
-    memo.job_warnings = JobWarnings()
+    memo.job_warnings = Warnings("Job")
+    memo.pod_warnings = Warnings("Pod", outcome.NOT_CREATED)
     memo.claims = Claims()
     ours: Settings = memo.settings
     metrics.serve(ours.bind_address, ours.metrics_port)
@@ -170,32 +171,29 @@ PODLESS_GRACE_SECONDS = 10  # the Job controller creates pods within moments; af
 WARNINGS_TTL_SECONDS = 5.0
 
 
-class JobWarnings:
-    """Warning Events of Jobs, one list per namespace shared by all its jobs for WARNINGS_TTL_SECONDS: asking per
-    job and tick would cost a burst of podless jobs (kcm still creating their pods) one API call each, every tick."""
+class Warnings:
+    """Warning Events of one kind of child (Job, Pod), one list per namespace shared by all its jobs for
+    WARNINGS_TTL_SECONDS: asking per job and tick would cost a burst of podless jobs (kcm still creating their pods)
+    one API call each, every tick. Only `reasons`, when given, are kept (a namespace's other pods' FailedScheduling)."""
 
-    def __init__(self) -> None:
+    def __init__(self, kind: str, reasons: tuple[str, ...] | None = None) -> None:
+        self.kind, self.reasons = kind, reasons
         self.locks: dict[str, threading.Lock] = {}  # one per namespace: a list call holds up only its own namespace
-        self.by_namespace: dict[str, tuple[float, dict[str, tuple[str, str, str]]]] = {}
+        self.by_namespace: dict[str, tuple[float, dict[str, dict[str, tuple[str, str]]]]] = {}
 
-    def latest(self, clients: Clients, ns: str, job_name: str) -> tuple[str, str] | None:
+    def of(self, clients: Clients, ns: str, name: str) -> dict[str, tuple[str, str]]:
+        """The object's latest (time, message) of each reason (`outcome.warnings_of`)."""
         with self.locks.setdefault(ns, threading.Lock()):
-            read_at, latest = self.by_namespace.get(ns, (0.0, {}))
+            read_at, found = self.by_namespace.get(ns, (0.0, {}))
             if time.monotonic() - read_at > WARNINGS_TTL_SECONDS:
                 response = clients.call("GET", api_path(ns, "events"),
-                                        fieldSelector="involvedObject.kind=Job,type=Warning")
-                latest = {}
-                for event in json.loads(response)["items"]:
-                    name = event["involvedObject"].get("name", "")
-                    when = event.get("lastTimestamp") or event.get("eventTime") or event["metadata"]["creationTimestamp"]
-                    if name not in latest or when >= latest[name][0]:
-                        latest[name] = (when, event.get("reason") or "FailedCreate", event.get("message") or "")
-                self.by_namespace[ns] = (time.monotonic(), latest)
-        found = latest.get(job_name)
-        return (found[1], found[2]) if found else None
+                                        fieldSelector=f"involvedObject.kind={self.kind},type=Warning")
+                found = outcome.warnings_of(json.loads(response)["items"], self.reasons)
+                self.by_namespace[ns] = (time.monotonic(), found)
+        return found.get(name, {})
 
 
-def _job_warning(clients: Clients, warnings: JobWarnings, seen: reconcile.Observed, ns: str) -> tuple[str, str] | None:
+def _job_warning(clients: Clients, warnings: Warnings, seen: reconcile.Observed, ns: str) -> tuple[str, str] | None:
     """The latest Warning Event of the current attempt's Job when it still has no pods."""
     attempt = reconcile.current_attempt(seen.body["status"], seen.jobs)
     job = next((j for j in seen.jobs if j["attempt"] == attempt), None)
@@ -204,7 +202,7 @@ def _job_warning(clients: Clients, warnings: JobWarnings, seen: reconcile.Observ
     created = datetime.strptime(job["created"], "%Y-%m-%dT%H:%M:%SZ") if job["created"] else seen.now
     if (seen.now - created).total_seconds() < PODLESS_GRACE_SECONDS:
         return None
-    return warnings.latest(clients, ns, job["name"])
+    return outcome.latest_warning(warnings.of(clients, ns, job["name"]))
 
 
 CLAIMS_TTL_SECONDS = 5.0
@@ -334,6 +332,7 @@ def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, job_index: k
                               datetime.now(timezone.utc).replace(tzinfo=None))
     _sample(seen, ns, name)
     seen.job_warning = _job_warning(clients, memo.job_warnings, seen, ns)
+    seen.pod_warning = reconcile.pod_warning(seen, lambda pod: memo.pod_warnings.of(clients, ns, pod))
     decision = reconcile.decide(seen)
     if decision is None:
         return

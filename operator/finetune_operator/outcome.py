@@ -48,7 +48,7 @@ class Outcome:
     result: dict[str, Any] = field(default_factory=dict)  # rank 0's termination message
     unschedulable: str | None = None  # the scheduler's message
     not_created: str | None = None  # why the Job controller could not create the pods
-    stuck: bool = False  # a worker's container waits for something only the user can fix
+    stuck: bool = False  # a worker's container waits for something only the user can fix (an image, a volume)
     queued: bool = False  # the Job is suspended by its queue (Kueue): not admitted yet, or preempted
 
 
@@ -74,6 +74,50 @@ def _stuck(pod: dict[str, Any]) -> dict[str, str] | None:
         if waiting.get("reason") in STUCK_WAITING:
             return {"reason": waiting["reason"], "message": waiting.get("message") or ""}
     return None
+
+
+# Warning Events that say why a scheduled pod's containers are not created, cause first: a volume that is not
+# attached (Multi-Attach: another node holds a ReadWriteOnce claim) also times out the kubelet's FailedMount.
+NOT_CREATED = ("FailedAttachVolume", "FailedMapVolume", "FailedMount", "FailedCreatePodSandBox")
+
+
+def _creating_since(pod: dict[str, Any], scheduled: dict[str, Any]) -> str | None:
+    """When the pod was scheduled, while its containers are still being created (volumes, image pull)."""
+    statuses = pod.get("status", {}).get("containerStatuses") or []
+    waiting = [(s.get("state") or {}).get("waiting") or {} for s in statuses]
+    if scheduled.get("status") == "True" and any(w.get("reason") == "ContainerCreating" for w in waiting):
+        return scheduled.get("lastTransitionTime")
+    return None
+
+
+def warnings_of(events: list[dict[str, Any]], reasons: tuple[str, ...] | None = None
+                ) -> dict[str, dict[str, tuple[str, str]]]:
+    """Of a list of Warning Events (of `reasons`, or all), the latest (time, message) of each reason, by the name
+    of the object they are about."""
+    found: dict[str, dict[str, tuple[str, str]]] = {}
+    for event in events:
+        reason = event.get("reason") or ""
+        if reasons is not None and reason not in reasons:
+            continue
+        when = event.get("lastTimestamp") or event.get("eventTime") or event["metadata"]["creationTimestamp"]
+        latest = found.setdefault(event["involvedObject"].get("name", ""), {})
+        if reason not in latest or when >= latest[reason][0]:
+            latest[reason] = (when, event.get("message") or "")
+    return found
+
+
+def latest_warning(warnings: dict[str, tuple[str, str]]) -> tuple[str, str] | None:
+    """The reason and message of the latest of one object's warnings (`warnings_of`)."""
+    if not warnings:
+        return None
+    reason, (_, message) = max(warnings.items(), key=lambda item: item[1][0])
+    return reason or "FailedCreate", message
+
+
+def creation_problem(warnings: dict[str, tuple[str, str]]) -> tuple[str, str] | None:
+    """The reason and message of what keeps a pod's containers from being created, of its warnings (`warnings_of`)."""
+    reason = next((r for r in NOT_CREATED if r in warnings), None)
+    return (reason, warnings[reason][1]) if reason else None
 
 
 def parse_message(text: str | None) -> dict[str, Any]:
@@ -105,6 +149,7 @@ def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
         "unschedulable": scheduled.get("message") if scheduled.get("reason") == "Unschedulable" else None,
         "disrupted": disruption.get("reason") if disruption.get("status") == "True" else None,
         "stuck": _stuck(pod),
+        "creating": _creating_since(pod, scheduled),  # scheduled at, while its containers are still being created
         "deletionTimestamp": meta.get("deletionTimestamp"),  # the time by which its containers are killed
     }
     if terminated:
@@ -184,11 +229,13 @@ def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
 
 
 def attempt_outcome(job: dict[str, Any] | None, pods: list[dict[str, Any]],
-                    job_warning: tuple[str, str] | None = None) -> Outcome:
+                    job_warning: tuple[str, str] | None = None, pod_warning: tuple[str, str] | None = None) -> Outcome:
     """Where the current attempt stands, from its Job and pods (either may lag the other).
 
     `job_warning` is the latest Warning Event of a Job that has no pods yet (e.g. FailedCreate:
-    a missing ServiceAccount, a quota, Pod Security), so that it is not a silent Pending."""
+    a missing ServiceAccount, a quota, Pod Security), and `pod_warning` the Warning Event of a pod
+    whose containers are long in being created (a volume that does not mount), so that neither is
+    a silent Pending."""
     if job is None:
         return Outcome(State.PENDING, "Creating", "creating the attempt's objects")
     rank0 = next((p for p in pods if p["index"] == 0), None)
@@ -211,6 +258,8 @@ def attempt_outcome(job: dict[str, Any] | None, pods: list[dict[str, Any]],
         waiting = stuck["stuck"]
         return Outcome(State.PENDING, waiting["reason"], f"pod {stuck['name']}: {waiting['message'] or waiting['reason']}",
                        stuck=True)
+    if pod_warning:  # not a failure: the user can still create the Secret, or free the claim
+        return Outcome(State.PENDING, *pod_warning, stuck=True)
     running = [p for p in pods if p["phase"] == "Running"]
     if running and len(running) >= max(job["active"], 1):
         return Outcome(State.RUNNING, "WorkersRunning", f"{len(running)} worker(s) running")

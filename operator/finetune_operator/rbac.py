@@ -27,7 +27,8 @@ RULES: list[dict[str, Any]] = [
     {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch"]},
     # the claims the spec names: they exist, and their access modes fit the workers
     {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get"]},
-    # Events on every transition (kopf posts core/v1 Events); list: why a Job has no pods (FailedCreate)
+    # Events on every transition (kopf posts core/v1 Events); list: why a Job has no pods (FailedCreate), why a pod's
+    # containers are not created (FailedMount)
     {"apiGroups": [""], "resources": ["events"], "verbs": ["create", "list"]},
 ]
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
@@ -41,6 +42,7 @@ class Observed:
     sample: dict[str, Any] | None = None  # rank 0's metrics, when read
     scrape_error: tuple[str, str] | None = None  # (reason, message) when reading them failed
     job_warning: tuple[str, str] | None = None  # (reason, message) of the Job's latest Warning Event, when podless
+    pod_warning: tuple[str, str] | None = None  # (reason, message) of why a pod's containers are not created
     quota: str | None = None  # why a ResourceQuota refused the attempt's children: it waits, and tries again
 
     def __post_init__(self) -> None:
@@ -174,7 +176,7 @@ def decide(seen: Observed) -> Decision | None:
         status["workers"] = {k: job[k] for k in ("active", "ready", "succeeded", "failed")}
 
     def observe() -> Decision:
-        result = outcome.attempt_outcome(job, pods, seen.job_warning)
+        result = outcome.attempt_outcome(job, pods, seen.job_warning, seen.pod_warning)
         _observe(result, conds, status, old, spec, seen, attempt, fail)
         return _finish(decision, old, conds)
 
@@ -224,6 +226,24 @@ def decide(seen: Observed) -> Decision | None:
         return _finish(decision, old, conds)
 
     return observe()
+
+
+# Pulling a trainer image of several GB also waits in ContainerCreating, for minutes.
+CREATING_GRACE_SECONDS = 120
+
+
+def pod_warning(seen: Observed, warnings: Callable[[str], dict[str, tuple[str, str]]]) -> tuple[str, str] | None:
+    """Why a pod of the current attempt still waits for its containers CREATING_GRACE_SECONDS after it was
+    scheduled (a Secret or claim that does not mount, a claim attached to another node), from `warnings(pod name)`:
+    its Warning Events (`outcome.warnings_of`), read only for such a pod."""
+    attempt = current_attempt(seen.body.get("status") or {}, seen.jobs)
+    for pod in seen.pods:
+        since = _parse_time(pod.get("creating"))
+        if pod["attempt"] == attempt and since and seen.now >= since + timedelta(seconds=CREATING_GRACE_SECONDS):
+            problem = outcome.creation_problem(warnings(pod["name"]))
+            if problem:
+                return problem[0], f"pod {pod['name']} waits (not counted as a failure): {problem[1]}"
+    return None
 
 
 # The kubelet counts a deleted pod's grace period from when it sees the deletion, and reports the end later still.

@@ -7,7 +7,7 @@ from datetime import datetime
 from typing import Any
 
 from finetune_operator.api import MAX_FINDINGS, MAX_LAYERS, MESSAGE_MAX, ConditionType, Phase
-from finetune_operator.outcome import STUCK_WAITING
+from finetune_operator.outcome import NOT_CREATED, STUCK_WAITING
 
 T = ConditionType
 METRICS_READ = "MetricsRead"  # MetricsStale's reason once rank 0 answers again (told by an Event)
@@ -80,7 +80,7 @@ def transitions(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> li
     for c in after:
         if old.get(c["type"]) == (c["status"], c["reason"]):
             continue
-        stuck = c["type"] == T.RUNNING.value and c["reason"] in STUCK_WAITING
+        stuck = c["type"] == T.RUNNING.value and (c["reason"] in STUCK_WAITING or c["reason"] in NOT_CREATED)
         if c["status"] == "False" and c["type"] not in (T.CREATED.value, T.SCHEDULED.value, T.SUSPENDED.value) \
                 and c["reason"] != METRICS_READ and not stuck:
             continue  # "not running any more" is told by the condition that became true
