@@ -245,6 +245,38 @@ def test_the_next_attempt_waits_until_the_previous_ones_pods_have_stopped() -> N
     assert lost.create_attempt == 2
 
 
+def test_a_worker_on_a_lost_node_ends_the_attempt_as_a_disruption_and_its_job_goes() -> None:
+    # The node stopped answering; at 11:59:30 the taint manager marked the pod and deleted it with a 30 s grace
+    # period. Its kubelet, unreachable, never reports it stopped: it stays Running.
+    lost = outcome.pod_summary({
+        "metadata": {"name": "ft-1-0-x", "deletionTimestamp": "2026-12-01T12:00:00Z", "deletionGracePeriodSeconds": 30,
+                     "labels": {"finetune.dev/job-name": "ft", "finetune.dev/job-uid": "u", "finetune.dev/attempt": "1"},
+                     "annotations": {"batch.kubernetes.io/job-completion-index": "0"}},
+        "status": {"phase": "Running", "podIP": "10.0.0.9", "conditions": [
+            {"type": "PodScheduled", "status": "True"}, {"type": "Ready", "status": "False"},
+            {"type": "DisruptionTarget", "status": "True", "reason": "DeletionByTaintManager",
+             "message": "Taint manager: deleting due to NoExecute taint"}],
+            "containerStatuses": [{"name": "trainer", "state": {"running": {"startedAt": "2026-12-01T11:00:00Z"}}}]}})
+    running = {"attempts": 1, "failures": 0, "startTime": "2026-12-01T11:00:00Z",
+               "conditions": [{"type": "Running", "status": "True", "reason": "Training", "message": "",
+                               "lastTransitionTime": "2026-12-01T11:00:00Z"}]}
+    active = job(active=1)  # the Job controller waits for the pod to be terminal
+    # Within its grace period and the margin after it, the pod may still be checkpointing.
+    waiting = decide(Observed(body(running, backoffLimit=0), [active], [lost], NOW + timedelta(seconds=20)))
+    assert after(waiting, running)["phase"] == "Running" and waiting.delete_job is None
+    ended = decide(Observed(body(running, backoffLimit=0), [active], [lost], NOW + timedelta(minutes=1)))
+    status = after(ended, running)
+    assert status["attempts"] == 2 and status["failures"] == 0 and status["phase"] == "Pending"
+    assert conditions(status)["Restarting"] == ("True", "DeletionByTaintManager")
+    assert ended.delete_job == "ft-1" and ended.create_attempt is None
+    # A tick that still reads the earlier status decides the same again, but the Job being deleted is left alone.
+    deleting = [dict(active, deleting=True)]
+    stale = decide(Observed(body(running, backoffLimit=0), deleting, [lost], NOW + timedelta(minutes=1)))
+    assert after(stale, running)["attempts"] == 2 and stale.delete_job is None
+    # The next tick starts the next attempt: the lost pod holds it no longer.
+    assert decide(Observed(body(status, backoffLimit=0), deleting, [lost], NOW + timedelta(minutes=2))).create_attempt == 2
+
+
 def test_a_child_job_its_queue_suspended_is_queued_and_its_stopped_pods_are_no_failures() -> None:
     running = after(decide(Observed(body({"attempts": 1}), [job()], [pod()], NOW)))
     # Kueue preempted the workload: it suspended the Job, whose controller stopped the pods (SIGTERM: exit 143).

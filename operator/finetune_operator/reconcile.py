@@ -151,7 +151,11 @@ def decide(seen: Observed) -> Decision | None:
     finished = conds.true(T.SUCCEEDED) or conds.true(T.FAILED)
     attempt = current_attempt(old, seen.jobs)
     job = next((j for j in seen.jobs if j["attempt"] == attempt), None)
+    # A disrupted pod deleted long ago but still Running is on a lost node, whose kubelet cannot report it stopped:
+    # the attempt ends with it as a disruption, and its Job, which waits for that report, is deleted (below).
     pods = [p for p in seen.pods if p["attempt"] == attempt]
+    lost = [p["name"] for p in pods if _lost(p, now)]
+    pods = [dict(p, phase="Failed") if p["name"] in lost else p for p in pods]
 
     def fail(reason: str, message: str) -> None:
         conds.set(T.FAILED, True, reason, message)
@@ -178,6 +182,9 @@ def decide(seen: Observed) -> Decision | None:
     def observe() -> Decision:
         result = outcome.attempt_outcome(job, pods, seen.job_warning, seen.pod_warning)
         _observe(result, conds, status, old, spec, seen, attempt, fail)
+        # else the Job stays active for ever: its other workers run on beside the next attempt, and it keeps its quota
+        if lost and job and not (job["failure"] or job["deleting"]):
+            decision.delete_job, decision.delete_job_reason = job["name"], "NodeLost"
         return _finish(decision, old, conds)
 
     # An attempt that ended is judged by how it ended, however late that is seen: a suspend or a deadline after
@@ -256,6 +263,11 @@ def _may_run(pod: dict[str, Any], now: datetime) -> bool:
     killed_at = _parse_time(pod.get("deletionTimestamp"))
     return pod["phase"] not in ("Succeeded", "Failed") and (
         killed_at is None or now < killed_at + timedelta(seconds=KILL_MARGIN_SECONDS))
+
+
+def _lost(pod: dict[str, Any], now: datetime) -> bool:
+    """A disrupted pod (the taint manager's DeletionByTaintManager) that is not terminal past its grace period."""
+    return bool(pod.get("disrupted")) and pod["phase"] not in ("Succeeded", "Failed") and not _may_run(pod, now)
 
 
 def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: dict[str, Any],
