@@ -128,11 +128,12 @@ def test_the_operator_asks_for_exactly_what_its_rules_grant(kube: Kube, operator
     """Every rule is used, and nothing else is asked for, across the operator's paths: a job that
     fails and is deleted by its TTL, one whose deadline passes (its processes meet through torchrun,
     so it has a Service), one the Job controller cannot make pods for (the Warning Events are read),
-    a suspended one."""
+    a suspended one, and one created again under its name while its predecessor's children remain."""
     env = operator_env
     if kube.audit_log is None:
         pytest.skip("the cluster's audit log is readable only on the local cluster this session runs")
     started = time.time()
+    reborn_children_wait_their_turn(env)
     gone = example("minilm-sentiment", dataset={"uri": "pvc://data/nowhere.csv"}) | {"metadata": {"name": "gone"}}
     gone["spec"]["ttlSecondsAfterFinished"] = 1
     late = example("minilm-sentiment", runtime={"resources": {"limits": {"nvidia.com/gpu": 99}}, "processesPerWorker": 2}) \
@@ -153,6 +154,34 @@ def test_the_operator_asks_for_exactly_what_its_rules_grant(kube: Kube, operator
     assert asked <= granted_by_rules(), f"asked beyond its rules (the operator would have failed): {asked - granted_by_rules()}"
     unused = granted_by_rules() - asked - AUTHORIZATION_ONLY
     assert not unused, f"granted but never asked for: {sorted(unused)}"
+
+
+def reborn_children_wait_their_turn(env: OperatorEnv) -> None:
+    """A FineTuneJob deleted with its children orphaned (or before the garbage collector removed them) and created
+    again: its attempt's names are taken by children that are not its own. It neither adopts nor overwrites them,
+    and makes each of its own once the one in its way is gone (each 409 is read: whose is it?)."""
+    ns, name = env.namespace, children.child_name("reborn", 1)
+    reborn = example("minilm-sentiment", runtime={"resources": {"limits": {"nvidia.com/gpu": 99}},
+                                                  "processesPerWorker": 2}) | {"metadata": {"name": "reborn"}}
+    env.apply(reborn)
+    kinds = ("configmap", "service", "job")  # the order the operator makes them in
+    env.kube.wait_for("reborn's children", lambda: all(env.kube.get(k, name, ns) for k in kinds), ns)
+    env.kube.kubectl("delete", "ftj", "reborn", "-n", ns, "--cascade=orphan")
+    env.kube.wait_for("reborn deleted, its children orphaned", lambda: env.kube.get("ftj", "reborn", ns) is None
+                      and not any(env.kube.get(k, name, ns)["metadata"].get("ownerReferences") for k in kinds), ns)
+    uid = env.ftj(env.apply(reborn))["metadata"]["uid"]
+
+    def owner(kind: str) -> str | None:
+        found = env.kube.get(kind, name, ns)
+        return found and next((r["uid"] for r in found["metadata"].get("ownerReferences") or []), None)
+
+    for kind in kinds:
+        time.sleep(2)  # the operator ticks every second: time to have met the orphan and left it alone
+        assert owner(kind) is None and all(owner(k) == uid for k in kinds[:kinds.index(kind)])
+        env.kube.kubectl("delete", kind, name, "-n", ns, "--cascade=background")
+        env.kube.wait_for(f"reborn's own {kind}", lambda: owner(kind) == uid, ns)
+    labels = env.kube.get("job", name, ns)["spec"]["template"]["metadata"]["labels"]
+    assert labels["finetune.dev/job-uid"] == uid
 
 
 # ---- what a spec can reach ------------------------------------------------------------
