@@ -274,12 +274,15 @@ def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spe
           seed: int) -> tuple[Split, Split, Split]:
     """Train, validation and test: the dataset's own where it has them, else held out of its train rows with
     the seed (test first, so that its rows do not depend on whether the dataset brings a validation split).
-    Rows with the same input go to the same side, so no held-out score is taken on a text that trained."""
+    A copy of an input goes where its first copy in the seed's order goes, so no held-out score is taken on a
+    text that trained; without copies, the sides are the seed's slices of that order."""
     rng = np.random.default_rng(seed)
     texts = inputs[TRAIN]
     shuffled = rng.permutation(len(texts))
-    order = copies_together(shuffled, texts)  # which side a row goes to; within a side, rows keep `shuffled`'s order
-    position = np.argsort(shuffled)
+    first: dict[Hashable, int] = {}
+    decided_at = np.array([first.setdefault(input_key(texts[i]), place) for place, i in enumerate(shuffled)],
+                          dtype=np.int64)  # the place in `shuffled` of each row's first copy
+    taken = 0
     held: dict[str, tuple[str, np.ndarray]] = {}
     for name, fraction in ((TEST, spec.test_split), (VALIDATION, spec.validation_split)):
         if name in inputs:
@@ -288,30 +291,20 @@ def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spe
                 log.warning("dataset %s: %d inputs of its %s split are in its train split too", spec.uri, repeats, name)
         else:
             count = max(1, round(len(texts) * fraction))
-            while count < len(order) and input_key(texts[order[count]]) == input_key(texts[order[count - 1]]):
-                count += 1  # not between two copies of a text
-            held[name], order = (TRAIN, order[:count]), order[count:]
+            held[name] = (TRAIN, shuffled[(decided_at >= taken) & (decided_at < taken + count)])
+            taken += count
+    order = shuffled[decided_at >= taken]
     if len(order) == 0:
         raise DataError(f"dataset {spec.uri}: {len(inputs[TRAIN])} rows are too few to hold out "
                         f"{spec.validation_split:.0%} for validation and {spec.test_split:.0%} for test")
 
     def take(name: str, idx: np.ndarray, limit: int | None) -> Split:
-        if name == TRAIN:  # else a capped side would begin with a text's copies, all together
-            idx = idx[np.argsort(position[idx], kind="stable")]
         idx = idx[:limit]
         return Split([inputs[name][i] for i in idx], None if labels[name] is None else [labels[name][i] for i in idx])
 
     (v_name, v_idx), (t_name, t_idx) = held[VALIDATION], held[TEST]
     return (take(TRAIN, order, spec.max_train_samples), take(v_name, v_idx, spec.max_eval_samples),
             take(t_name, t_idx, spec.max_eval_samples))
-
-
-def copies_together(order: np.ndarray, inputs: list) -> np.ndarray:
-    """`order` with every copy of an input moved up to its first copy's place (unchanged without copies)."""
-    first: dict[Hashable, int] = {}
-    place = np.array([first.setdefault(input_key(inputs[i]), position) for position, i in enumerate(order)],
-                     dtype=np.int64)
-    return order[np.argsort(place, kind="stable")]
 
 
 def input_key(item: Any) -> Hashable:
