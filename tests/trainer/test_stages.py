@@ -322,22 +322,24 @@ def test_torchvision_layers_are_the_networks_blocks(architecture: str, units: li
 
 
 def test_an_exported_image_classifier_loads_again_as_model_uri(pvc_root: Path, tmp_path: Path) -> None:
-    """The export's config.json says how many labels its head has, so the folder loads as model.uri (to fine-tune
-    further or evaluate) instead of failing on a 1000-class head that fc.weight does not fit."""
+    """The export's config.json says how many labels its head has and which network it is, so the folder loads as
+    model.uri (to fine-tune further or evaluate), with or without model.architecture, instead of failing on a
+    1000-class head (or a resnet18) that its weights do not fit."""
     from finetune_trainer.config import DatasetSpec, TrainerConfig
     from finetune_trainer.data import load_dataset
 
     data = load_dataset(DatasetSpec(uri="pvc://data/digits", maxTrainSamples=16), Task.IMAGE_CLASSIFICATION, 0)
     batch = make_collate(Task.IMAGE_CLASSIFICATION, 0, 32)(encode_images(data.train), list(range(8)))
-    spec = ModelSpec(task="image-classification", architecture="resnet18")
+    spec = ModelSpec(task="image-classification", architecture="mobilenet_v3_small")
     model = load_model(spec, None, seed=0)
-    new_head(model, "net.fc", 10, data.id2label, reinitialize=False)
+    new_head(model, "net.classifier.3", 10, data.id2label, reinitialize=False)
     cfg = TrainerConfig.model_validate({"model": spec.to_wire(), "dataset": {"uri": "pvc://data/digits"},
                                         "output": {"uri": str(tmp_path / "out")}})
     export_model(model, None, data.id2label, cfg, tmp_path / "out")
-    reloaded = load_vision_model(spec.model_copy(update={"uri": str(tmp_path / "out")}))
-    assert reloaded.net.fc.out_features == 10
-    torch.testing.assert_close(logits_of(reloaded.eval(), batch.inputs), logits_of(model.eval(), batch.inputs))
+    for named in (spec, ModelSpec(task="image-classification", uri=str(tmp_path / "out"))):
+        reloaded = load_vision_model(named.model_copy(update={"uri": str(tmp_path / "out")}))
+        assert reloaded.architecture == "mobilenet_v3_small" and reloaded.net.classifier[3].out_features == 10
+        torch.testing.assert_close(logits_of(reloaded.eval(), batch.inputs), logits_of(model.eval(), batch.inputs))
 
 
 MEMORY_PROBE = """

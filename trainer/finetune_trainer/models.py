@@ -103,9 +103,10 @@ def check_positions(model: nn.Module, max_length: int) -> None:
 def load_vision_model(spec: ModelSpec) -> ImageClassifier:
     import torchvision
 
-    architecture = spec.architecture or "resnet18"
     path = None if spec.uri is None else fetch(spec.uri, kind="model", error=ModelError)
-    kwargs = builder_kwargs(path, spec.config, background=0)
+    saved = exported_config(path)
+    architecture = spec.architecture or (saved or {}).get("architecture") or "resnet18"
+    kwargs = builder_kwargs(saved, spec.config, background=0)
     try:
         net = torchvision.models.get_model(architecture, weights=None, **kwargs)
     except (ValueError, TypeError) as exc:
@@ -119,13 +120,19 @@ def load_vision_model(spec: ModelSpec) -> ImageClassifier:
     return ImageClassifier(net, architecture)
 
 
-def builder_kwargs(path: Path | None, config: dict[str, Any], background: int) -> dict[str, Any]:
-    """The torchvision builder's arguments: where `path` is an export of ours, the settings and class count its
-    config.json records (`background` classes added to its labels), under `config` (model.config) overriding them."""
+def exported_config(path: Path | None) -> dict[str, Any] | None:
+    """The config.json of an export of ours at `path` (architecture, builder settings, numLabels), else None
+    (weights alone, or another library's config.json)."""
     exported = None if path is None else path / "config.json"
     saved = read_config(exported) if exported is not None and exported.is_file() else None
-    if not isinstance(saved, dict) or not isinstance(saved.get("numLabels"), int):
-        return dict(config)  # no export of ours (weights alone, or another library's config.json)
+    return saved if isinstance(saved, dict) and isinstance(saved.get("numLabels"), int) else None
+
+
+def builder_kwargs(saved: dict[str, Any] | None, config: dict[str, Any], background: int) -> dict[str, Any]:
+    """The torchvision builder's arguments: the settings and class count an export's config.json records
+    (`background` classes added to its labels), under `config` (model.config) overriding them."""
+    if saved is None:
+        return dict(config)
     return saved.get("config", {}) | {"num_classes": saved["numLabels"] + background} | config
 
 

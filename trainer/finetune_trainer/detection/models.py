@@ -78,14 +78,14 @@ def load_detector(spec: ModelSpec, image_size: int) -> Detector:
     torchvision state dict (.pth/.pt/.safetensors) or a folder holding one (an export of ours included)."""
     import torchvision
 
-    from finetune_trainer.models import builder_kwargs, read_state_dict, weight_file
+    from finetune_trainer.models import builder_kwargs, exported_config, read_state_dict, weight_file
 
     architecture = spec.architecture or ""
     if architecture not in detection_architectures():
         raise ModelError(f"model.architecture {architecture!r}: not a torchvision detector; one of "
                          f"{', '.join(detection_architectures())}")
     path = None if spec.uri is None else fetch(spec.uri, kind="model", error=ModelError)
-    kwargs = builder_kwargs(path, spec.config, background=1)
+    kwargs = builder_kwargs(exported_config(path), spec.config, background=1)
     try:
         net = torchvision.models.get_model(architecture, weights=None, weights_backbone=None, **kwargs)
     except (TypeError, ValueError) as exc:
