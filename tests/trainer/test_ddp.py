@@ -79,7 +79,9 @@ def test_ddp_equals_one_process_with_the_same_global_batch(reference: Path, tmp_
     difference = float((losses[0] - losses[1]).abs().max())
     print(f"DDP vs one process: max |loss difference| over {STEPS} steps {difference:.2e}, "
           f"loss {losses[0, 0]:.4f} -> {losses[0, -1]:.4f}")
-    assert losses.shape == (2, STEPS) and losses[0, -1] < losses[0, 0]
+    # Every step trained (a tiny random BERT's loss barely moves in 30 steps, so its last batch's loss against its
+    # first says nothing: with the split of 2026-12-02 it ended 0.008 above, at the same 0 difference between them)
+    assert losses.shape == (2, STEPS) and all(h["grad_norm"] > 0 and h["lr"] > 0 for h in single[1:])
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(load_file(reference / "model.safetensors"),
                                load_file(tmp_path / "out" / "model.safetensors"), rtol=1e-3, atol=1e-5)
