@@ -166,6 +166,29 @@ def test_pods_the_job_controller_cannot_create_are_not_a_silent_pending(operator
     assert "no-such-account" in message and stuck["status"]["phase"] == "Pending"
 
 
+def test_a_quota_that_refuses_the_attempt_is_waited_for_not_failed(operator_env: OperatorEnv) -> None:
+    """A ResourceQuota refuses the attempt's ConfigMap (403, exceeded quota): the job waits, and says why (Created
+    False with the apiserver's message, a Warning Event), and its attempt is made once the namespace has room."""
+    env = operator_env
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-configmaps"},
+             "spec": {"hard": {"count/configmaps": "0"}}}
+    env.kube.apply(quota, env.namespace)
+    env.kube.wait_for("the quota counted", lambda: (env.kube.get("resourcequota", "no-configmaps", env.namespace)
+                                                    or {}).get("status", {}).get("hard"), env.namespace)
+    name = env.apply(example("minilm-sentiment", runtime={"resources": {"limits": {"nvidia.com/gpu": 99}}}))
+
+    def created(obj: dict[str, Any]) -> dict[str, Any]:
+        return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == "Created"), {})
+
+    waiting = env.wait_ftj(name, lambda o: created(o).get("reason") == "ExceededQuota", "ExceededQuota", timeout=60)
+    assert created(waiting)["status"] == "False" and "exceeded quota" in created(waiting)["message"]
+    assert waiting["status"]["phase"] == "Pending" and not env.objects("jobs", name)
+    assert any(e["reason"] == "ExceededQuota" and e["type"] == "Warning" for e in env.events(name))
+    env.kube.kubectl("delete", "resourcequota", "no-configmaps", "-n", env.namespace)
+    env.wait_ftj(name, lambda o: created(o).get("status") == "True", "the attempt made", timeout=120)
+    assert len(env.objects("jobs", name)) == 1
+
+
 def test_the_deadline_fails_the_job_and_deleting_it_collects_the_children(operator_env: OperatorEnv) -> None:
     env = operator_env
     doc = example("minilm-sentiment", runtime={"resources": {"limits": {"nvidia.com/gpu": 99}}})
