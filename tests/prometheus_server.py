@@ -85,6 +85,14 @@ def pod_monitor_config(monitor: dict[str, Any], kubeconfig: Path, extra: list[di
     ])
 
 
+def file_pod_monitor_config(monitor: dict[str, Any], targets: Path) -> dict[str, Any]:
+    """The PodMonitor's scrape config over pods described in a file_sd file (their `__meta_kubernetes_pod_*` labels
+    given by hand) instead of discovered: its relabelings checked without a cluster."""
+    config = pod_monitor_config(monitor, targets, [])
+    del config["kubernetes_sd_configs"]
+    return config | {"file_sd_configs": [{"files": [str(targets)], "refresh_interval": "1s"}]}
+
+
 def service_monitor_config(monitor: dict[str, Any], service: dict[str, Any], kubeconfig: Path) -> dict[str, Any]:
     """The ServiceMonitor's targets: the pods its Service selects, on the Service port's target port.
 
@@ -122,6 +130,9 @@ class Prometheus:
 
     def query_range(self, expr: str, start: float, end: float, step: float = 2.0) -> list[dict[str, Any]]:
         return self._get("/api/v1/query_range", query=expr, start=start, end=end, step=step)["result"]
+
+    def query(self, expr: str) -> list[dict[str, Any]]:
+        return self._get("/api/v1/query", query=expr)["result"]
 
     def stop(self) -> None:
         terminate(self.process)

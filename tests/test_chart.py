@@ -1,4 +1,4 @@
-"""The chart's generated parts without a cluster: the plain manifests and the dashboard.
+"""The chart's generated parts without a cluster: the plain manifests, the dashboard and the monitors' relabelings.
 
 (The CRD, the RBAC rules and the dashboard's two copies are checked for drift with the CRD, in
 test_crd.py, through `finetune_operator.generate`.)
@@ -8,13 +8,20 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
 
+import prometheus_server
 from finetune_operator import dashboard
+from operator_fixture import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "deploy" / "manifests"))
@@ -55,3 +62,56 @@ def test_the_dashboard_has_the_four_rows_and_reads_only_shared_metric_names() ->
     trainer = [e for e in exprs if "finetune_trainer_" in e and "gpu_memory_bytes > bool" not in e]
     assert all('finetunejob="$job"' in e for e in trainer), "every per-job panel selects the job"
     assert all(p["datasource"]["uid"] == "${datasource}" for p in board["panels"] if p["type"] != "row")
+
+
+def pod_target(port: int, index: int, job: str = "ddp", attempt: int = 1) -> dict[str, Any]:
+    """One trainer pod as Prometheus's Kubernetes discovery describes it (the labels the Job controller and the
+    operator put on it), for a file_sd file."""
+    return {"targets": [f"127.0.0.1:{port}"], "labels": {
+        "__meta_kubernetes_namespace": "team-a", "__meta_kubernetes_pod_name": f"{job}-{attempt}-{index}-abcde",
+        "__meta_kubernetes_pod_phase": "Running", "__meta_kubernetes_pod_container_port_name": "metrics",
+        "__meta_kubernetes_pod_label_finetune_dev_job_name": job,
+        "__meta_kubernetes_pod_labelpresent_finetune_dev_job_name": "true",
+        "__meta_kubernetes_pod_label_finetune_dev_attempt": str(attempt),
+        "__meta_kubernetes_pod_annotation_batch_kubernetes_io_job_completion_index": str(index),
+        "__meta_kubernetes_pod_annotationpresent_batch_kubernetes_io_job_completion_index": "true"}}
+
+
+class _Rank0(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+        body = b"# TYPE finetune_trainer_step gauge\nfinetune_trainer_step 3.0\n"
+        self.send_response(200)
+        self.send_header("Content-Type", "text/plain; version=0.0.4")
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *_: Any) -> None:
+        pass
+
+
+@pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
+def test_the_pod_monitor_scrapes_rank_0_alone_of_a_two_worker_job(tmp_path: Path) -> None:
+    """Only rank 0 serves /metrics, yet every worker pod has the `metrics` port: the PodMonitor made a target of
+    each, and rank 1's was down all the time (kube-prometheus-stack's TargetDown fired for every multi-worker job)."""
+    out = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"), "--set",
+                          "podMonitor.enabled=true", "--show-only", "templates/podmonitor.yaml"],
+                         check=True, capture_output=True, text=True).stdout
+    monitor = yaml.safe_load(out)
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Rank0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    targets = tmp_path / "targets.json"
+    targets.write_text(json.dumps([pod_target(server.server_address[1], 0), pod_target(free_port(), 1)]))
+    prometheus = prometheus_server.start(tmp_path / "prometheus",
+                                         [prometheus_server.file_pod_monitor_config(monitor, targets)], free_port())
+    try:
+        deadline = time.monotonic() + 30
+        while not prometheus.query('up{pod="ddp-1-0-abcde"} == 1'):
+            assert time.monotonic() < deadline, "rank 0 not scraped"
+            time.sleep(0.5)
+        time.sleep(3)  # three scrape intervals: rank 1 would be a target by now
+        up = prometheus.query("up")
+        assert [(s["metric"]["pod"], s["metric"]["finetunejob"], s["metric"]["attempt"], s["value"][1]) for s in up] == [
+            ("ddp-1-0-abcde", "ddp", "1", "1")]
+    finally:
+        prometheus.stop()
+        server.shutdown()
