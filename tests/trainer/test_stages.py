@@ -310,16 +310,39 @@ def test_torchvision_layers_are_the_networks_blocks(architecture: str, units: li
 
     from finetune_trainer.models import ImageClassifier
 
-    net = (torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=2, hidden_dim=16,
-                                                mlp_dim=32, num_classes=3) if architecture == "vit"
-           else torchvision.models.get_model(architecture, num_classes=3))
-    model = ImageClassifier(net, architecture)
+    model = (tiny_vit() if architecture == "vit"
+             else ImageClassifier(torchvision.models.get_model(architecture, num_classes=3), architecture))
     layers, head = depth(model, Task.IMAGE_CLASSIFICATION), head_name(model, Task.IMAGE_CLASSIFICATION)
     assert layers.units == units and layers.below == below
     freeze(model, FreezeSpec(strategy="bottom-layers", count=1), layers, head)
     frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     assert frozen == below | {n for n, _ in model.named_parameters() if n.startswith(units[0] + ".")}
 
+
+
+def tiny_vit():
+    import torchvision
+
+    from finetune_trainer.models import ImageClassifier
+
+    return ImageClassifier(torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=3, num_heads=2,
+                                                                hidden_dim=16, mlp_dim=32, num_classes=3), "vit")
+
+
+def test_an_adapter_on_the_stem_is_as_deep_as_the_stem() -> None:
+    """ViT's patch projection sits below the stack: its adapters train at the stem's decayed rate (1e-3 x 0.5^4,
+    not 1e-3) and a bottom-layers freeze covers them, as it covers the projection itself."""
+    task = Task.IMAGE_CLASSIFICATION
+    model = tiny_vit()
+    layers, head = depth(model, task), head_name(model, task)
+    wrapped = add_adapters(model, LoraSpec(rank=2), list(lora_candidates(model, task)), head)
+    groups = param_groups(wrapped, AdjustSpec(learningRate=1e-3, layerwiseDecay=0.5), layers, head)
+    lr_of = {n: g["lr"] for g in groups for n in g["param_names"]}
+    assert lr_of["base_model.model.net.conv_proj.lora_A.default.weight"] == pytest.approx(1e-3 * 0.5**4)
+    frozen = FreezeSpec(strategy="bottom-layers", count=1)
+    freeze(wrapped, frozen, layers, head)
+    assert not any(p.requires_grad for n, p in wrapped.named_parameters() if ".conv_proj." in n)
+    assert any(p.requires_grad for n, p in wrapped.named_parameters() if ".encoder_layer_1." in n and "lora_" in n)
 
 def test_an_exported_image_classifier_loads_again_as_model_uri(pvc_root: Path, tmp_path: Path) -> None:
     """The export's config.json says how many labels its head has and which network it is, so the folder loads as

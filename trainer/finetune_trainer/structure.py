@@ -17,6 +17,8 @@ from finetune_trainer.config import Task
 
 PEFT_PREFIX = "base_model.model."
 PEFT_INFIXES = re.compile(r"\.(modules_to_save\.default|original_module)(?=\.|$)")
+# What peft puts inside a layer it adapts: the layer itself, and the adapters (lora_A, lora_magnitude_vector, ...).
+PEFT_LAYER_PARTS = re.compile(r"\.(base_layer|lora_\w+)\..*$")
 
 
 def canonical(name: str) -> str:
@@ -74,7 +76,11 @@ class Depth:
         for i, unit in enumerate(self.units):
             if name.startswith(unit + "."):
                 return i + 1
-        return 0 if name in self.below else len(self.units) + 1
+        # An adapter is as deep as the layer it adapts: a stem's or an embedding's sits below the stack too.
+        layer = PEFT_LAYER_PARTS.sub("", name)
+        if name in self.below or (layer != name and any(b.startswith(layer + ".") for b in self.below)):
+            return 0
+        return len(self.units) + 1
 
 
 def depth(model: nn.Module, task: Task) -> Depth:
