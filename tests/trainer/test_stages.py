@@ -344,6 +344,25 @@ def test_an_adapter_on_the_stem_is_as_deep_as_the_stem() -> None:
     assert not any(p.requires_grad for n, p in wrapped.named_parameters() if ".conv_proj." in n)
     assert any(p.requires_grad for n, p in wrapped.named_parameters() if ".encoder_layer_1." in n and "lora_" in n)
 
+
+def test_lora_on_the_default_candidates_of_a_network_with_depthwise_convolutions_trains_and_merges() -> None:
+    """MobileNet's depthwise convolutions are no candidates: peft refused them at rank 4 (groups=16), which failed
+    every job with rearrange.lora and no targetModules on MobileNet, ConvNeXt, EfficientNet or RegNet."""
+    task = Task.IMAGE_CLASSIFICATION
+    model = load_model(ModelSpec(task="image-classification", architecture="mobilenet_v3_small"), None, seed=0)
+    candidates = lora_candidates(model, task)
+    assert "net.features.0.0" in candidates and "net.features.1.block.0.0" not in candidates  # the stem; depthwise
+    wrapped = add_adapters(model, LoraSpec(rank=4), list(candidates), head_name(model, task))
+    inputs = {"pixel_values": torch.randn(2, 3, 32, 32)}
+    logits_of(wrapped.train(), inputs).sum().backward()
+    assert all(p.grad is not None for n, p in wrapped.named_parameters() if "lora_" in n)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    _, check = merge_adapters(wrapped, inputs)
+    assert check["passed"]
+
 def test_an_exported_image_classifier_loads_again_as_model_uri(pvc_root: Path, tmp_path: Path) -> None:
     """The export's config.json says how many labels its head has and which network it is, so the folder loads as
     model.uri (to fine-tune further or evaluate), with or without model.architecture, instead of failing on a

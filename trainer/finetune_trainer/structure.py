@@ -51,12 +51,15 @@ def head_name(model: nn.Module, task: Task) -> str | None:
 
 
 def lora_candidates(model: nn.Module, task: Task) -> dict[str, tuple[int, ...]]:
-    """Module name -> weight shape of every layer LoRA can adapt, except the head and the output embeddings."""
+    """Module name -> weight shape of every layer LoRA can adapt, except the head and the output embeddings.
+
+    Not a grouped convolution (MobileNet's, ConvNeXt's depthwise ones): peft adapts it only at a rank divisible
+    by its groups and cannot merge it, and a per-channel filter has no low-rank structure to learn."""
     excluded = output_embedding_names(model) | {head_name(model, task)}
     return {
         name: tuple(m.weight.shape)
         for name, m in model.named_modules()
-        if isinstance(m, lora_types()) and name not in excluded
+        if isinstance(m, lora_types()) and name not in excluded and getattr(m, "groups", 1) == 1
     }
 
 
