@@ -7,16 +7,26 @@ network, and in a pod the operator sets the address to the pod's IP. `finetune_t
 for the others; `finetune_trainer_eval_metric{phase,metric}` has phase baseline, training
 (the latest evaluation during training) or final.
 
+The final evaluation is set only seconds before the process ends (export is quick), so `close` keeps
+the endpoint up until each reader still scraping it (Prometheus, the operator) has read it once more,
+for at most FINETUNE_METRICS_LINGER_SECONDS (60; 0: not at all). Not after a SIGTERM, and a SIGTERM
+ends the wait, so the exit code stays the trainer's.
+
 The termination message goes to $TERMINATION_MESSAGE_PATH, else to /dev/termination-log
 when Kubernetes created it; it is compact JSON of at most 4 KiB.
 """
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import json
 import logging
 import os
+import signal
+import threading
+import time
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +44,9 @@ DEFAULT_PORT = 9090
 TERMINATION_ENV = "TERMINATION_MESSAGE_PATH"
 KUBERNETES_TERMINATION_LOG = Path("/dev/termination-log")
 TERMINATION_LIMIT = 4096  # bytes Kubernetes keeps of a termination message
+LINGER_ENV = "FINETUNE_METRICS_LINGER_SECONDS"
+DEFAULT_LINGER_SECONDS = 60.0
+_last_exit_code: list[int | None] = [None]  # the exit code of the latest termination message (write_termination)
 
 # Dense bf16 peak per GPU by the exact name torch.cuda.get_device_name gives (torchtitan's figures, NVIDIA's
 # datasheets): a part of a name would give an H100 PCIe (756) the SXM's 989, or an L40 the L4's. MFU is
@@ -47,12 +60,43 @@ PEAK_BF16_FLOPS = {
 }
 
 
+class Readers:
+    """Who reads /metrics (by client address): when each last read it and the longest gap between two of its reads."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.last: dict[str, float] = {}
+        self.gap: dict[str, float] = {}
+
+    def wrap(self, app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
+        def recorded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+            now, client = time.monotonic(), environ.get("REMOTE_ADDR", "")
+            with self.lock:
+                if client in self.last:
+                    self.gap[client] = max(self.gap.get(client, 0.0), now - self.last[client])
+                self.last[client] = now
+            return app(environ, start_response)
+        return recorded
+
+    def deadlines(self, since: float, cap: float) -> dict[str, float]:
+        """For each reader still scraping at `since`, by when its next read is due (a reader seen once: `cap`)."""
+        with self.lock:
+            due = {client: last + (1.5 * self.gap[client] + 1 if client in self.gap else cap)
+                   for client, last in self.last.items()}
+        return {client: min(at, since + cap) for client, at in due.items() if at > since}
+
+    def read_since(self, client: str, since: float) -> bool:
+        with self.lock:
+            return self.last.get(client, 0.0) > since
+
+
 class Metrics:
     """The trainer's gauges in a registry of their own (a test may run the pipeline twice in one process)."""
 
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         self.server: Any = None
+        self.readers = Readers()
 
         def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
             return Gauge(f"finetune_trainer_{name}", doc, labels, registry=self.registry)
@@ -77,14 +121,40 @@ class Metrics:
         addr = os.environ.get(ADDR_ENV, "127.0.0.1")
         try:
             self.server, _ = start_http_server(port, addr=addr, registry=self.registry)
+            self.server.set_app(self.readers.wrap(self.server.get_app()))
             log.info("metrics on http://%s:%d/metrics", addr, port)
         except OSError as exc:  # a local run next to a Prometheus on 9090: train anyway
             log.warning("metrics endpoint %s:%d not started (%s); set %s to a free port", addr, port, exc, PORT_ENV)
 
     def close(self) -> None:
         if self.server is not None:
+            self.linger()
             self.server.shutdown()
             self.server.server_close()
+            self.server = None
+
+    def linger(self) -> None:
+        """Keep serving until every reader still scraping has read the values as they are now (module docstring)."""
+        if _last_exit_code[0] == EXIT_TERMINATED:
+            return
+        now = time.monotonic()
+        waiting = self.readers.deadlines(now, float(os.environ.get(LINGER_ENV, DEFAULT_LINGER_SECONDS)))
+        if not waiting:
+            return
+        stop = threading.Event()
+        previous: Any = signal.getsignal(signal.SIGTERM)
+        installed = False
+        with contextlib.suppress(ValueError):  # not the main thread: SIGTERM keeps its handler
+            signal.signal(signal.SIGTERM, lambda *_: stop.set())
+            installed = True
+        try:
+            log.info("metrics: waiting up to %.0f s for the last scrape", max(waiting.values()) - now)
+            while waiting and not stop.wait(0.05):
+                at = time.monotonic()
+                waiting = {c: due for c, due in waiting.items() if due > at and not self.readers.read_since(c, now)}
+        finally:
+            if installed:
+                signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
 
     def set_stage(self, stage: Stage) -> None:
         for s in Stage:
@@ -143,6 +213,7 @@ def write_termination(message: dict[str, Any]) -> None:
     """Every local rank writes what stopped it into the container's one termination log, under a lock. With
     siblings (torchrun's LOCAL_WORLD_SIZE > 1) a message replaces the one there only when it tells more
     (`precedence`), so of equal ones the first, the cause, stays; a process alone overwrites what is there."""
+    _last_exit_code[0] = message.get("exitCode")
     if (path := termination_path()) is None:
         return
     try:
