@@ -194,6 +194,30 @@ def test_freeze_strategies_and_layerwise_decay(bert) -> None:
     assert decay_of["bert.encoder.layer.1.output.LayerNorm.weight"] == 0.0
 
 
+
+@pytest.mark.parametrize("task, architecture, config, units, below", [
+    ("sequence-classification", "bert", TINY_BERT | {"num_hidden_layers": 1}, ["bert.encoder.layer.0"],
+     {f"bert.embeddings.{n}" for n in ("word_embeddings.weight", "position_embeddings.weight",
+                                       "token_type_embeddings.weight", "LayerNorm.weight", "LayerNorm.bias")}),
+    ("causal-lm", "gpt2", TINY_GPT2 | {"n_layer": 1}, ["transformer.h.0"], {"transformer.wte.weight",
+                                                                          "transformer.wpe.weight"}),
+])
+def test_a_model_of_one_layer_has_that_layer_as_its_stack(task: str, architecture: str, config: dict,
+                                                          units: list[str], below: set[str]) -> None:
+    """A one-layer model built from a config: its layer is the stack (it was its embeddings', or its attention and
+    MLP), and pruning it is refused as pruning every layer is."""
+    from finetune_trainer.config import PruneSpec
+    from finetune_trainer.errors import ConfigError
+    from finetune_trainer.prune import chosen_layers, importance
+
+    model, tokenizer = text_model(Task(task), config, architecture)
+    layers = depth(model, Task(task))
+    assert layers.units == units and layers.below == below
+    _, _, batches = text_batches(tokenizer, Task(task), [0, 1] * 10)
+    scores = importance(model, batches[:1], Task(task), labels_fit=False)["layers"]["scores"]
+    with pytest.raises(ConfigError, match="would remove all 1 layers"):
+        chosen_layers(scores, PruneSpec(count=1))
+
 def test_all_but_head_and_regex(bert) -> None:
     model, _ = bert
     layers, head = depth(model, Task.SEQUENCE_CLASSIFICATION), "classifier"
@@ -302,6 +326,8 @@ def test_image_model_and_batches(pvc_root: Path, tmp_path: Path) -> None:
     ("mobilenet_v3_small", [f"net.features.{i}" for i in range(13)], set()),
     ("vit", [f"net.encoder.layers.encoder_layer_{i}" for i in range(3)],
      {"net.class_token", "net.conv_proj.weight", "net.conv_proj.bias", "net.encoder.pos_embedding"}),
+    ("maxvit_t", [f"net.blocks.{i}" for i in range(4)],  # its stages, not the third stage's 5 layers
+     {"net.stem.0.0.weight", "net.stem.0.1.weight", "net.stem.0.1.bias", "net.stem.1.0.weight", "net.stem.1.0.bias"}),
 ])
 def test_torchvision_layers_are_the_networks_blocks(architecture: str, units: list[str], below: set[str]) -> None:
     """ResNet's stages (not its stem's norm), MobileNet's features (not the classifier around its head), ViT's

@@ -98,15 +98,18 @@ def depth(model: nn.Module, task: Task) -> Depth:
 
 
 def layer_units(model: nn.Module, task: Task) -> list[str]:
-    """The repeated blocks: the longest ModuleList (transformers), else the body's blocks (torchvision)."""
+    """The repeated blocks: the longest ModuleList that no other holds (transformers' layers, even just one;
+    MaxViT's stages, not the 5 layers of its third), else the body's blocks (torchvision)."""
     if task == Task.OBJECT_DETECTION:
         from finetune_trainer.detection.models import backbone_units
 
         return backbone_units(model.net)
-    lists = [(len(m), name) for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m) > 1]
-    if lists:
-        _, prefix = max(lists)
-        return [f"{prefix}.{i}" for i in range(max(lists)[0])]
+    lists = [name for name, m in model.named_modules() if isinstance(m, nn.ModuleList) and len(m)]
+    outer = [(len(model.get_submodule(name)), name) for name in lists
+             if not any(name.startswith(other + ".") for other in lists)]
+    if outer:
+        length, prefix = max(outer)
+        return [f"{prefix}.{i}" for i in range(length)]
     return body_blocks(model, head_name(model, task))
 
 
