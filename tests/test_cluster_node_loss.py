@@ -1,6 +1,7 @@
 """A second process node, started by the test: when its agent exits its pods' processes end
 with it, and when it is lost (killed: its Lease stops) the controllers take its pods away as
-in a real cluster, marking them with the DisruptionTarget condition."""
+in a real cluster, marking them with the DisruptionTarget condition. A FineTuneJob whose trainer
+was on it retries on another node, as a disruption (not counted)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 
 from conftest import LOCAL, REPO
 from kube import Kube, condition, phase
+from operator_fixture import OperatorEnv, crd_installed, example, operator_env  # noqa: F401 (fixtures)
 from pods import condition_of, make_pod
 
 sys.path.insert(0, str(LOCAL))
@@ -103,3 +105,38 @@ def test_a_lost_node_has_its_pods_evicted_by_the_controllers(kube: Kube, namespa
                             "DisruptionTarget", timeout=30)
     assert condition_of(evicted, "DisruptionTarget")["reason"] == "DeletionByTaintManager"
     assert "deletionTimestamp" in evicted["metadata"]  # Terminating until the node is back or removed
+
+
+@pytest.mark.slow
+def test_a_trainer_on_a_lost_node_is_retried_on_another_without_counting(operator_env: OperatorEnv,
+                                                                         extra_node: Node) -> None:
+    env = operator_env
+    # Every attempt may run on the test node and leaves it at once when it is lost; the first prefers it, and a
+    # lost node is tainted NoSchedule, so the retry goes to the other process node.
+    lost_now = [{"key": f"node.kubernetes.io/{t}", "operator": "Exists", "effect": "NoExecute", "tolerationSeconds": 0}
+                for t in ("unreachable", "not-ready")]
+    prefer = {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [{"weight": 100, "preference": {
+        "matchExpressions": [{"key": "kubernetes.io/hostname", "operator": "In", "values": [extra_node.name]}]}}]}}
+    doc = example("minilm-sentiment", dataset={"maxTrainSamples": 256, "maxEvalSamples": 64})
+    doc["spec"]["backoffLimit"] = 0  # a counted failure would fail the job
+    doc["spec"]["pod"] = {"tolerations": [{"key": TAINT, "operator": "Exists"}, *lost_now], "affinity": prefer}
+    name = env.apply(doc)
+    env.wait_ftj(name, lambda o: o.get("status", {}).get("progress", {}).get("step", 0) >= 1, "training", timeout=300)
+    first = env.objects("pods", name)
+    assert [p["spec"]["nodeName"] for p in first] == [extra_node.name]
+    extra_node.agent.kill()  # the node is lost with the trainer on it: no kubelet will report the pod stopped
+    extra_node.agent.wait()
+    # Node Unknown (20 s), the taint manager's eviction, the pod's grace period (30 s) and the operator's 30 s margin.
+    restarted = env.wait_ftj(name, lambda o: o.get("status", {}).get("attempts") == 2, "a second attempt", timeout=180)
+    assert restarted["status"].get("failures", 0) == 0
+    stranded = env.kube.get("pod", first[0]["metadata"]["name"], env.namespace)
+    assert stranded and phase(stranded) == "Running" and "deletionTimestamp" in stranded["metadata"], \
+        "the lost node's pod should still be Terminating: nothing can report it stopped"
+    done = env.wait_phase(name, "Succeeded", timeout=420)
+    assert done["status"]["attempts"] == 2 and done["status"].get("failures", 0) == 0
+    assert [p["spec"]["nodeName"] for p in env.objects("pods", name) if p["metadata"]["labels"]["finetune.dev/attempt"]
+            == "2"] == ["process-node"]
+    jobs = [j["metadata"]["name"] for j in env.objects("jobs", name)]
+    assert jobs == [done["status"]["children"]["job"]], f"the lost attempt's Job should be deleted: {jobs}"
+    assert any(e["reason"] == "DeletionByTaintManager" for e in env.events(name)), \
+        [(e["reason"], e["message"]) for e in env.events(name)]
