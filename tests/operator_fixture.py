@@ -104,7 +104,11 @@ class OperatorEnv:
                    "--poll-seconds", "1", "--metrics-port", str(self.metrics_port),
                    "--liveness-port", str(self.liveness_port), "--bind-address", "127.0.0.1",
                    "--trainer-image", "finetune-trainer:local"]
-        env = os.environ | {"KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1"}
+        # The kubernetes client writes the kubeconfig's CA to a temporary file and removes it at exit, which a
+        # SIGKILL (`kill`) skips: keep such files in the test's folder.
+        tmp = self.log.parent / "tmp"
+        tmp.mkdir(exist_ok=True)
+        env = os.environ | {"KUBECONFIG": str(self.kubeconfig), "PYTHONUNBUFFERED": "1", "TMPDIR": str(tmp)}
         with self.log.open("a") as out:
             self.process = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO)
 
