@@ -195,6 +195,15 @@ def test_freeze_strategies_and_layerwise_decay(bert) -> None:
 
 
 
+
+def test_freezing_more_bottom_layers_than_the_model_has_freezes_its_stack_only(bert) -> None:
+    """count 3 on 2 layers: the pooler and the head, which the dataset's labels fit already, still train."""
+    model, _ = bert
+    layers, head = depth(model, Task.SEQUENCE_CLASSIFICATION), head_name(model, Task.SEQUENCE_CLASSIFICATION)
+    freeze(model, FreezeSpec(strategy="bottom-layers", count=3), layers, head)
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        "bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"}
+
 @pytest.mark.parametrize("task, architecture, config, units, below", [
     ("sequence-classification", "bert", TINY_BERT | {"num_hidden_layers": 1}, ["bert.encoder.layer.0"],
      {f"bert.embeddings.{n}" for n in ("word_embeddings.weight", "position_embeddings.weight",

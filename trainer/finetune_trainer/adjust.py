@@ -34,7 +34,9 @@ def frozen_by(spec: FreezeSpec, name: str, depth: Depth, head: str | None) -> bo
     if spec.strategy == FreezeStrategy.ALL_BUT_HEAD:
         return head is None or not canonical(name).startswith(head + ".")
     if spec.strategy == FreezeStrategy.BOTTOM_LAYERS:
-        return depth.of(name) <= (spec.count or 0)
+        # A count beyond the stack freezes all of it, never what sits above (pooler, final norm, head): whether
+        # the head trained would depend on whether rearrange replaces it.
+        return depth.of(name) <= min(spec.count or 0, depth.layers)
     if spec.strategy == FreezeStrategy.REGEX:
         return re.search(spec.pattern or "", canonical(name)) is not None  # `re` caches the compiled pattern
     return False
