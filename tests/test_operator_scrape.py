@@ -45,3 +45,19 @@ def test_nothing_listening_is_unreachable_and_a_good_endpoint_is_read() -> None:
         assert scrape("127.0.0.1", port) == {"step": 7.0}
     finally:
         server.close()
+
+
+def test_every_poll_error_reason_is_exported_before_its_first_error() -> None:
+    """A labelled counter first exported at 1 is a series that starts at 1: rate() and increase() never count that
+    error, so the dashboard's "Metric poll errors" panel showed nothing for a lone MetricsTimeout."""
+    from prometheus_client import generate_latest
+    from prometheus_client.parser import text_string_to_metric_families
+
+    from finetune_operator import metrics, scrape as scrape_module
+
+    families = {f.name: f for f in text_string_to_metric_families(generate_latest(metrics.REGISTRY).decode())}
+    exported = {s.labels["reason"] for s in families["finetune_operator_metric_poll_errors"].samples
+                if s.name.endswith("_total")}
+    raised = {"MetricsTimeout", "MetricsUnreachable", "MetricsBadResponse", "MetricsUnparsable", "MetricsMissing",
+              "MetricsTooLarge"}
+    assert raised <= set(scrape_module.REASONS) and set(scrape_module.REASONS) <= exported

@@ -12,6 +12,7 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessColl
 from prometheus_client.core import GaugeMetricFamily
 
 from finetune_operator.api import Phase
+from finetune_operator.scrape import REASONS
 
 REGISTRY = CollectorRegistry()
 # process_start_time_seconds: the dashboard counts the operator's restarts from it without kube-state-metrics.
@@ -47,6 +48,9 @@ FAILURES = Counter("finetune_operator_job_failures_total", "FineTuneJobs that en
                    registry=REGISTRY)
 POLL_ERRORS = Counter("finetune_operator_metric_poll_errors_total", "Failed reads of rank 0's /metrics, by reason",
                       ["reason"], registry=REGISTRY)
+# At 0 from the start: a series whose first sample is 1 is an error that rate() and increase() never count.
+for _reason in REASONS:
+    POLL_ERRORS.labels(reason=_reason)
 RECONCILE_ERRORS = Counter("finetune_operator_reconcile_errors_total", "Reconciles that raised, by exception type",
                            ["error"], registry=REGISTRY)
 

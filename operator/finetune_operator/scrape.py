@@ -18,6 +18,9 @@ MAX_BYTES = 1 << 20
 CHUNK = 64 << 10
 GAUGES = ("loss", "learning_rate", "step", "total_steps", "epoch", "samples_per_second", "tokens_per_second")
 PREFIX = "finetune_trainer_"
+# Every ScrapeError reason: metrics.POLL_ERRORS exports each at 0 from the start.
+REASONS = ("MetricsTimeout", "MetricsUnreachable", "MetricsBadResponse", "MetricsUnparsable", "MetricsMissing",
+           "MetricsTooLarge")
 
 
 class ScrapeError(Exception):
