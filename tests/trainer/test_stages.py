@@ -121,6 +121,22 @@ def test_causal_lm_texts_end_with_eos_and_long_ones_are_chunked_not_cut(tmp_path
     assert batch.targets == len(tokens) - 1  # every token after the first is predicted once
 
 
+
+def test_a_vocabulary_smaller_than_the_tokenizers_is_a_user_error(tmp_path: Path, monkeypatch) -> None:
+    """model.config vocab_size 1000 beside a 30k tokenizer failed in the embedding with an IndexError, which exits
+    2 and is retried: it is the config's mistake, said before anything trains."""
+    from finetune_trainer import pipeline
+    from finetune_trainer.config import TrainerConfig
+    from finetune_trainer.errors import ConfigError, exit_code_of
+    from finetune_trainer.telemetry import TERMINATION_ENV
+
+    monkeypatch.setenv(TERMINATION_ENV, str(tmp_path / "termination"))
+    doc = tiny_classifier_doc(tmp_path / "out")
+    doc["model"]["config"]["vocab_size"] = 1000
+    with pytest.raises(ConfigError, match=r"beyond the 1000 rows of the model's embeddings") as caught:
+        pipeline.run(TrainerConfig.model_validate(doc), tmp_path / "out")
+    assert exit_code_of(caught.value) == 1 and json.loads((tmp_path / "termination").read_text())["exitCode"] == 1
+
 def test_analyze_reports_structure_candidates_and_head(bert) -> None:
     model, tokenizer = bert
     _, _, batches = text_batches(tokenizer, Task.SEQUENCE_CLASSIFICATION, [0, 1, 2, 0, 1] * 4)

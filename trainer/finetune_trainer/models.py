@@ -7,8 +7,10 @@ so that the analysis can report the mismatch it fixes.
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ import torch
 from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
+from finetune_trainer.batches import Encoded
 from finetune_trainer.config import ModelSpec, Task
 from finetune_trainer.errors import ConfigError, ModelError
 from finetune_trainer.uris import fetch
@@ -98,6 +101,20 @@ def check_positions(model: nn.Module, max_length: int) -> None:
     if positions is not None and max_length > positions:
         raise ConfigError(f"dataset.maxLength {max_length} exceeds the {positions} positions the model has; "
                           f"set it to {positions} or less")
+
+
+def check_vocabulary(model: nn.Module, pad_token_id: int, splits: Iterable[Encoded]) -> None:
+    """A token id beyond the model's embedding table fails deep in it (an IndexError, which would read as
+    infrastructure): a tokenizer that is not the model's, or a model.config vocab_size below the tokenizer's."""
+    get = getattr(model, "get_input_embeddings", None)
+    rows = getattr(get() if get else None, "num_embeddings", None)
+    if rows is None:
+        return
+    largest = max(itertools.chain([pad_token_id], *(itertools.chain.from_iterable(s.features) for s in splits)))
+    if largest >= rows:
+        raise ConfigError(f"the tokenizer gives token id {largest}, beyond the {rows} rows of the model's embeddings: "
+                          "use the model's own tokenizer (model.tokenizerUri), or a model.config vocab_size above "
+                          f"{largest}")
 
 
 def load_vision_model(spec: ModelSpec) -> ImageClassifier:

@@ -39,7 +39,7 @@ from finetune_trainer.detection.models import check_batch_size, load_detector, r
 from finetune_trainer.errors import EXIT_OK, ConfigError, Terminated, describe, exit_code_of, reason_of
 from finetune_trainer.evaluate import deltas, evaluate
 from finetune_trainer.lora_fused import fuse
-from finetune_trainer.models import check_positions, load_model, load_tokenizer
+from finetune_trainer.models import check_positions, check_vocabulary, load_model, load_tokenizer
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
 from finetune_trainer.structure import depth, head_name, lora_candidates
 from finetune_trainer.telemetry import Metrics, write_termination
@@ -155,6 +155,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     else:
         model = load_model(cfg.model, tokenizer, seed).to(world.device)
     check_positions(model, cfg.dataset.max_length)
+    if tokenizer is not None:
+        check_vocabulary(model, tokenizer.pad_token_id, (train_data, validation_data, test_data, heal_data))
 
     progress.enter(Stage.ANALYZING)
     def training_batches(split: Encoded = train_data) -> Iterator[Batch]:
