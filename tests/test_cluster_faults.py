@@ -182,3 +182,18 @@ def test_faulty_metrics_endpoints_make_their_jobs_stale_and_no_other(operator_en
     finally:
         for server in servers:
             server.close()
+
+
+def test_jobs_by_phase_counts_finished_jobs_after_an_operator_restart(operator_env: OperatorEnv,
+                                                                       kwok_results: str) -> None:
+    """A finished job is never reconciled again, so the gauge must not wait for a reconcile to read kopf's index:
+    restarted onto finished jobs alone, the operator said 0 in every phase."""
+    env = operator_env
+    done = env.apply(kwok_job("phase-done", f"{kwok_results}/done", runs_for="1s"))
+    env.wait_phase(done, "Succeeded", timeout=120)
+    env.kill()
+    env.start()
+    env.kube.wait_for("the operator's /healthz", lambda: _healthy(env), env.namespace, timeout=120)
+    env.kube.wait_for("finetune_operator_jobs{phase=Succeeded} 1 after the restart", lambda: _operator_metric(
+        env, "finetune_operator_jobs", 'phase="Succeeded"') == 1, env.namespace, timeout=30)
+    assert _operator_metric(env, "finetune_operator_jobs", 'phase="Running"') == 0

@@ -35,7 +35,7 @@ API_CONNECTIONS = 32  # kopf's requests at once (patches, Events), besides its w
 LIST_CHUNK = 100  # objects per page of kopf's initial lists
 
 
-def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> None:
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, phase_index: kopf.Index, **_: Any) -> None:
     # Our own names for kopf's finalizer and storage, from the first release (changing them later
     # would make every object look unhandled).
     settings.persistence.finalizer = FINALIZER
@@ -60,6 +60,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_: Any) -> Non
     memo.pod_warnings = Warnings("Pod", outcome.NOT_CREATED)
     memo.claims = Claims()
     ours: Settings = memo.settings
+    # finetune_operator_jobs counts kopf's live index from the first scrape on: set by the first reconcile instead,
+    # it stayed 0 in every phase after a restart onto finished jobs (they are never reconciled again).
+    metrics.JOBS.index = phase_index
     metrics.serve(ours.bind_address, ours.metrics_port)
     log.info("finetune-operator: watching %s; trainer image %s; polling every %.1f s",
              ", ".join(ours.namespaces) or "every namespace", ours.trainer_image, ours.poll_seconds)
