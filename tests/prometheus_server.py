@@ -165,6 +165,15 @@ def start(folder: Path, scrape_configs: list[dict[str, Any]], port: int) -> Prom
         time.sleep(0.5)
 
 
+def backfill(folder: Path, openmetrics: str) -> None:
+    """Recorded series (OpenMetrics text with timestamps, ending in `# EOF`) as blocks of the Prometheus that
+    `start(folder, ...)` runs: the dashboard's queries over a history no test would wait for."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "backfill.om").write_text(openmetrics)
+    subprocess.run([str(bin_dir() / "promtool"), "tsdb", "create-blocks-from", "openmetrics", str(folder / "backfill.om"),
+                    str(folder / "data")], check=True, capture_output=True, text=True)
+
+
 def check_metrics(text: str) -> str:
     """`promtool check metrics` on an exposition; returns its complaints (empty when clean)."""
     result = subprocess.run([str(bin_dir() / "promtool"), "check", "metrics"], input=text, capture_output=True, text=True)

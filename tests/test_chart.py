@@ -115,3 +115,47 @@ def test_the_pod_monitor_scrapes_rank_0_alone_of_a_two_worker_job(tmp_path: Path
     finally:
         prometheus.stop()
         server.shutdown()
+
+
+def dashboard_exprs() -> dict[str, list[str]]:
+    board = json.loads(dashboard.render())
+    return {p["title"]: [t["expr"] for t in p.get("targets", [])] for p in board["panels"]}
+
+
+@pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
+def test_the_job_stats_are_the_jobs_across_attempts_and_say_nothing_false(tmp_path: Path) -> None:
+    """Recorded series, as the PodMonitor labels them: job `j` on a GPU, whose attempt 1 stopped at step 400 of 1000
+    and attempt 2 resumed at 300 and finished; job `stuck`, whose step stays at 100."""
+    t0 = int(time.time()) - 3600
+    lines = [f"# TYPE finetune_trainer_{m} gauge" for m in ("step", "total_steps", "gpu_memory_bytes", "stage")]
+
+    def record(job: str, attempt: int, start: int, stop: int, step: Any) -> None:
+        labels = f'namespace="a",finetunejob="{job}",attempt="{attempt}",pod="{job}-{attempt}-0-x"'
+        for t in range(t0 + start, t0 + stop, 15):
+            lines.append(f"finetune_trainer_step{{{labels}}} {step(t - t0 - start)} {t}")
+            lines.append(f"finetune_trainer_total_steps{{{labels}}} 1000 {t}")
+            lines.append(f"finetune_trainer_gpu_memory_bytes{{{labels}}} {2e9 if job == 'j' else 0} {t}")
+            lines.append(f'finetune_trainer_stage{{{labels},stage="Training"}} 1 {t}')
+
+    record("j", 1, 0, 600, lambda s: s * 400 // 600)
+    record("j", 2, 660, 1200, lambda s: 300 + s * 700 // 540)
+    record("stuck", 1, 0, 3000, lambda s: min(100, s // 3))
+    prometheus_server.backfill(tmp_path, "\n".join(lines) + "\n# EOF\n")
+    prometheus = prometheus_server.start(tmp_path, [], free_port())
+    exprs = dashboard_exprs()
+
+    def values(title: str, job: str, start: int, stop: int) -> list[list[float]]:
+        expr = exprs[title][0].replace("$namespace", "a").replace("$job", job).replace("$__rate_interval", "1m")
+        return [[float(v) for _, v in s["values"]] for s in prometheus.query_range(expr, t0 + start, t0 + stop, 15)]
+
+    try:
+        # One value per stat, not one per attempt (a stat showed 39% beside 98%), and one row per stage.
+        progress = values("Progress", "j", 0, 1500)
+        assert len(progress) == 1 and progress[0][-1] == pytest.approx(0.98, abs=0.01)
+        assert len(values("ETA", "j", 0, 1500)) == 1 and len(values("Stage", "j", 0, 1500)) == 1
+        # A stalled job has no ETA (it was +Inf).
+        assert values("ETA", "stuck", 2000, 3000) == []
+        # No GPU job runs at the end: the count ends at 0 (the stat's last non-null value was 1).
+        assert values("Running GPU jobs", "", 0, 3000)[0][-1] == 0
+    finally:
+        prometheus.stop()

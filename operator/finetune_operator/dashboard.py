@@ -52,9 +52,11 @@ def fleet() -> list[Panel]:
     return [
         series("Jobs by phase", "short", query("sum by (phase) (finetune_operator_jobs)", "{{phase}}"), width=8)
         .stacking(StackingConfig().mode(StackingMode.NORMAL)),
-        # A job is on GPUs when its rank 0 reports GPU memory (CPU jobs report 0).
+        # A job is on GPUs when its rank 0 reports GPU memory (CPU jobs report 0). `or vector(0)`: with none left
+        # the sum has no points, and the stat's last non-null value was the count before the last one ended.
         single("Running GPU jobs", "short", query(
-            "sum(max by (namespace, finetunejob) (finetune_trainer_gpu_memory_bytes > bool 0))", "GPU jobs")),
+            "sum(max by (namespace, finetunejob) (finetune_trainer_gpu_memory_bytes > bool 0)) or vector(0)",
+            "GPU jobs")),
         series("Failed jobs by reason (since the operator started)", "short",
                query("sum by (reason) (finetune_operator_job_failures_total)", "{{reason}}"), width=6)
         .draw_style(GraphDrawStyle.BARS),
@@ -66,6 +68,12 @@ def fleet() -> list[Panel]:
     ]
 
 
+def one(metric: str, function: str = "", window: str = "") -> str:
+    """The job's `metric` (or `function(metric[window])`), its attempts' series joined: one attempt runs at a time."""
+    selected = f"{metric}{{{JOB}}}"
+    return f"max by (namespace, finetunejob) ({f'{function}({selected}[{window}])' if function else selected})"
+
+
 def one_job() -> list[Panel]:
     return [
         series("Loss", "short", query(f"finetune_trainer_loss{{{JOB}}}", "loss")),
@@ -73,14 +81,17 @@ def one_job() -> list[Panel]:
         series("Throughput", "short",
                query(f"finetune_trainer_samples_per_second{{{JOB}}}", "samples/s"),
                query(f"finetune_trainer_tokens_per_second{{{JOB}}}", "tokens/s")),
-        single("Progress", "percentunit", query(
-            f"finetune_trainer_step{{{JOB}}} / finetune_trainer_total_steps{{{JOB}}}", "progress"), width=4),
-        # Steps left over the recent step rate; the step count is a gauge, hence deriv() rather than rate().
+        # The stats and the stages are the job's, not an attempt's: each attempt is a series of its own (its pod's
+        # labels), and a stat showed one value per attempt, the failed one's beside the current one's.
+        single("Progress", "percentunit", query(f"{one('finetune_trainer_step')} / {one('finetune_trainer_total_steps')}",
+                                                "progress"), width=4),
+        # Steps left over the recent step rate; the step count is a gauge, hence deriv() rather than rate(). No
+        # value while no step is made (baseline, evaluation, a stall), where the division gave +Inf.
         single("ETA", "s", query(
-            f"(finetune_trainer_total_steps{{{JOB}}} - finetune_trainer_step{{{JOB}}})"
-            f" / deriv(finetune_trainer_step{{{JOB}}}[$__rate_interval])", "ETA"), width=4),
+            f"({one('finetune_trainer_total_steps')} - {one('finetune_trainer_step')})"
+            f" / ({one('finetune_trainer_step', 'deriv', '$__rate_interval')} > 0)", "ETA"), width=4),
         statetimeline.Panel().title("Stage").datasource(DATASOURCE).span(8).height(8)
-        .with_target(query(f"finetune_trainer_stage{{{JOB}}} == 1", "{{stage}}")),
+        .with_target(query(f"max by (stage) (finetune_trainer_stage{{{JOB}}}) == 1", "{{stage}}")),
         series("GPU memory (peak, rank 0)", "bytes", query(f"finetune_trainer_gpu_memory_bytes{{{JOB}}}", "GPU memory"),
                width=4),
         series("MFU", "percentunit", query(f"finetune_trainer_mfu{{{JOB}}}", "MFU"), width=4),
