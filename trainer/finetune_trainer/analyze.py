@@ -188,9 +188,11 @@ def measure_step(model: nn.Module, loss: Callable[[Batch], torch.Tensor], batche
     returns what the first batch's step cost: FLOPs per sample, the bytes of the activations autograd saved (all,
     and the largest), of the gradients, and the peak memory."""
     saved: dict[int, int] = {}
+    weights = {p.untyped_storage().data_ptr() for p in model.parameters()}
 
     def keep(t: torch.Tensor) -> torch.Tensor:
-        if isinstance(t, torch.Tensor) and not isinstance(t, nn.Parameter):
+        # A weight is no activation, even saved as a view (a Linear saves Wᵀ): the memory model counts it apart.
+        if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in weights:
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
