@@ -207,6 +207,24 @@ def test_a_pruned_decoder_renumbers_its_layers_and_reloads(tmp_path: Path) -> No
     torch.testing.assert_close(logits_of(reloaded, batch.inputs), logits, atol=1e-5, rtol=1e-5)
 
 
+
+def test_a_pruned_models_per_layer_config_lists_follow_the_kept_layers(tmp_path: Path) -> None:
+    """SmolLM3 says in no_rope_layers which layers use rotary positions: the export kept the unpruned list, so the
+    reloaded model put them on the wrong layers (logits 1.5e-3 apart on random weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("smollm3", vocab_size=100, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=2,
+                                  no_rope_layers=[1, 0, 1, 0], pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    prune.remove_layers(model, Task.CAUSAL_LM, [0])
+    assert model.config.no_rope_layers == [0, 1, 0] and len(model.config.layer_types) == 3
+    inputs = {"input_ids": torch.randint(0, 100, (2, 12))}
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits_of(reloaded, inputs), logits_of(model, inputs), atol=1e-5, rtol=1e-5)
+
 def test_a_pruned_job_reports_scores_size_and_latency_before_and_after(tmp_path: Path, monkeypatch) -> None:
     """The whole pipeline with rearrange.prune on a 3-layer BERT: the analysis scores the layers, one goes before
     training, and the report, the termination message and the model card say what it cost and saved."""

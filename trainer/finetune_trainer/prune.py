@@ -191,8 +191,11 @@ def remove_layers(model: nn.Module, task: Task, drop: list[int]) -> None:
     config = getattr(model, "config", None)
     if config is not None:
         config.num_hidden_layers = len(kept)  # GPT-2's n_layer through its attribute_map
-        if isinstance(getattr(config, "layer_types", None), list):
-            config.layer_types = [t for i, t in enumerate(config.layer_types) if i not in drop]
+        # A list with an entry per layer (layer_types, mlp_layer_types, SmolLM3's no_rope_layers) keeps the kept
+        # layers' entries: from_pretrained builds layer i as entry i says.
+        for key, value in config.to_dict().items():
+            if "layer" in key and isinstance(value, list) and len(value) == len(layers):
+                setattr(config, key, [v for i, v in enumerate(value) if i not in drop])
     log.info("pruned layers %s of %s (%d left)", drop, prefix, len(kept))
 
 
