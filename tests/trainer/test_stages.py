@@ -137,6 +137,19 @@ def test_a_vocabulary_smaller_than_the_tokenizers_is_a_user_error(tmp_path: Path
         pipeline.run(TrainerConfig.model_validate(doc), tmp_path / "out")
     assert exit_code_of(caught.value) == 1 and json.loads((tmp_path / "termination").read_text())["exitCode"] == 1
 
+
+def test_a_vocabulary_without_the_pad_token_is_a_model_error() -> None:
+    """Llama's embedding asserts that its padding index fits: an AssertionError, which exited 2 and was retried."""
+    from finetune_trainer.errors import ModelError
+
+    spec = ModelSpec(task="causal-lm", architecture="llama", tokenizerUri="pvc://models/all-MiniLM-L6-v2",
+                     config={"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2,
+                             "intermediate_size": 64, "vocab_size": 100})
+    tokenizer = load_tokenizer(spec)
+    tokenizer.pad_token = "[SEP]"  # id 102, as a decoder's tokenizer pads with its end-of-text token
+    with pytest.raises(ModelError, match="Padding_idx must be within num_embeddings"):
+        load_model(spec, tokenizer, seed=0)
+
 def test_analyze_reports_structure_candidates_and_head(bert) -> None:
     model, tokenizer = bert
     _, _, batches = text_batches(tokenizer, Task.SEQUENCE_CLASSIFICATION, [0, 1, 2, 0, 1] * 4)
