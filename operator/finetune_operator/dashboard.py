@@ -5,7 +5,8 @@ use only the shared metric names (DESIGN §4) and the labels the chart's PodMoni
 series: `namespace` and `finetunejob` (from the pod label `finetune.dev/job-name`). Operator
 series carry `job="finetune-operator"` (the ServiceMonitor's jobLabel).
 
-Rows: the fleet; one job (variables datasource, namespace, job); its evaluation, baseline against
+Rows: the fleet; one job (variables datasource, namespace, job: from the stage, which rank 0 reports from
+its start, where the training gauges wait for the first step); its evaluation, baseline against
 fine-tuned; the operator's health.
 """
 
@@ -140,10 +141,10 @@ def build() -> Dashboard:
         .refresh("30s").time("now-3h", "now")
         .with_variable(DatasourceVariable("datasource").label("Data source").type("prometheus"))
         .with_variable(QueryVariable("namespace").label("Namespace").datasource(DATASOURCE)
-                       .query("label_values(finetune_trainer_step, namespace)")
+                       .query("label_values(finetune_trainer_stage, namespace)")
                        .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).sort(VariableSort.ALPHABETICAL_ASC))
         .with_variable(QueryVariable("job").label("FineTuneJob").datasource(DATASOURCE)
-                       .query('label_values(finetune_trainer_step{namespace="$namespace"}, finetunejob)')
+                       .query('label_values(finetune_trainer_stage{namespace="$namespace"}, finetunejob)')
                        .refresh(VariableRefresh.ON_TIME_RANGE_CHANGED).sort(VariableSort.ALPHABETICAL_ASC))
     )
     for title, panels in (("Fleet", fleet()), ("Job: $namespace/$job", one_job()),

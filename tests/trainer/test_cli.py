@@ -225,7 +225,9 @@ def test_metrics_endpoint_serves_the_design_names(monkeypatch: pytest.MonkeyPatc
     metrics.serve()
     try:
         metrics.set_stage(Stage.TRAINING)
-        metrics.loss.set(0.5)
+        for gauge in (metrics.loss, metrics.learning_rate, metrics.step, metrics.total_steps, metrics.epoch,
+                      metrics.samples_per_second, metrics.tokens_per_second):  # as a step sets them
+            gauge.set(0.5)
         metrics.set_eval("baseline", {"accuracy": 0.3})
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read().decode()
     finally:

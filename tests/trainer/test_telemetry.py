@@ -116,3 +116,26 @@ def test_a_sigterm_ends_the_wait_and_a_gone_reader_holds_nothing(endpoint: tuple
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
     again.readers.last = {c: t - 60 for c, t in again.readers.last.items()}
     assert finish(again, EXIT_OK) < 1.2
+
+
+def test_before_the_first_step_there_is_no_loss_step_or_throughput_only_the_stage() -> None:
+    """They were 0s: the operator read them into the status (a Loss of 0 during loading and the baseline, progress
+    back to 0 of 0 steps and a loss of 0 on a resumed attempt) and the dashboard drew them."""
+    from datetime import datetime
+
+    from prometheus_client import generate_latest
+
+    from finetune_operator import scrape, status
+    from finetune_trainer.config import Stage
+
+    metrics = Metrics()
+    metrics.set_stage(Stage.BASELINE)
+    sample = scrape.parse(generate_latest(metrics.registry).decode())
+    assert sample == {"stage": "Baseline"}
+    assert status.progress_and_metrics(sample, 32, datetime(2026, 1, 1))["metrics"]["loss"] is None
+    body = generate_latest(metrics.registry).decode()
+    assert "finetune_trainer_gpu_memory_bytes 0.0" in body  # a CPU job says so from the start
+    for gauge, value in ((metrics.loss, 2.5), (metrics.step, 1), (metrics.total_steps, 10)):
+        gauge.set(value)
+    assert scrape.parse(generate_latest(metrics.registry).decode()) == {
+        "stage": "Baseline", "loss": 2.5, "step": 1.0, "total_steps": 10.0}

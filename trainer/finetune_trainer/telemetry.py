@@ -4,7 +4,7 @@ Metric names are shared with the operator and the dashboard (DESIGN §4). Rank 0
 them on FINETUNE_METRICS_ADDR:FINETUNE_METRICS_PORT (default 127.0.0.1:9090; port 0 turns
 the endpoint off). Loopback unless told otherwise: a local run must not listen on the
 network, and in a pod the operator sets the address to the pod's IP. `finetune_trainer_stage{stage=...}` is 1 for the current stage and 0
-for the others; `finetune_trainer_eval_metric{phase,metric}` has phase baseline, training
+for the others; the training gauges (loss, step, throughput...) appear with an attempt's first step; `finetune_trainer_eval_metric{phase,metric}` has phase baseline, training
 (the latest evaluation during training) or final.
 
 The final evaluation is set only seconds before the process ends (export is quick), so `close` keeps
@@ -32,6 +32,7 @@ from typing import Any
 
 import torch
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client.core import GaugeMetricFamily
 
 from finetune_trainer.config import Stage
 from finetune_trainer.errors import EXIT_OK, EXIT_TERMINATED, EXIT_USER_ERROR
@@ -90,6 +91,23 @@ class Readers:
             return self.last.get(client, 0.0) > since
 
 
+class Latest:
+    """A gauge exported only once set: before the first step of an attempt (loading, analysis, the baseline) there
+    is no loss, no step count and no throughput, rather than 0s that the operator put in the status (a Loss of 0,
+    progress back to 0 of 0 steps on a resumed attempt) and the dashboard drew."""
+
+    def __init__(self, name: str, doc: str) -> None:
+        self.name, self.doc = name, doc
+        self.value: float | None = None
+
+    def set(self, value: float) -> None:
+        self.value = float(value)
+
+    def collect(self) -> Iterable[GaugeMetricFamily]:
+        if self.value is not None:
+            yield GaugeMetricFamily(self.name, self.doc, value=self.value)
+
+
 class Metrics:
     """The trainer's gauges in a registry of their own (a test may run the pipeline twice in one process)."""
 
@@ -101,14 +119,20 @@ class Metrics:
         def gauge(name: str, doc: str, labels: tuple[str, ...] = ()) -> Gauge:
             return Gauge(f"finetune_trainer_{name}", doc, labels, registry=self.registry)
 
-        self.loss = gauge("loss", "Training loss of the latest step (token-normalised)")
-        self.learning_rate = gauge("learning_rate", "Learning rate of the first parameter group")
-        self.grad_norm = gauge("grad_norm", "Global L2 norm of the latest step's gradient, before clipping")
-        self.step = gauge("step", "Optimizer steps taken")
-        self.total_steps = gauge("total_steps", "Optimizer steps planned")
-        self.epoch = gauge("epoch", "Current epoch (0-based)")
-        self.samples_per_second = gauge("samples_per_second", "Training samples per second, all workers")
-        self.tokens_per_second = gauge("tokens_per_second", "Training tokens per second, all workers")
+        def latest(name: str, doc: str) -> Latest:
+            value = Latest(f"finetune_trainer_{name}", doc)
+            self.registry.register(value)  # type: ignore[arg-type]
+            return value
+
+        self.loss = latest("loss", "Training loss of the latest step (token-normalised)")
+        self.learning_rate = latest("learning_rate", "Learning rate of the first parameter group")
+        self.grad_norm = latest("grad_norm", "Global L2 norm of the latest step's gradient, before clipping")
+        self.step = latest("step", "Optimizer steps taken")
+        self.total_steps = latest("total_steps", "Optimizer steps planned")
+        self.epoch = latest("epoch", "Current epoch (0-based)")
+        self.samples_per_second = latest("samples_per_second", "Training samples per second, all workers")
+        self.tokens_per_second = latest("tokens_per_second", "Training tokens per second, all workers")
+        # 0 on a CPU from the start: the dashboard counts a job as on GPUs by its GPU memory.
         self.stage = gauge("stage", "1 for the pipeline stage running now, 0 for the others", ("stage",))
         self.eval_metric = gauge("eval_metric", "Evaluation metric: test split (baseline, final), validation split (training)", ("phase", "metric"))
         self.gpu_memory_bytes = gauge("gpu_memory_bytes", "Peak GPU memory allocated by this worker")
