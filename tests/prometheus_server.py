@@ -85,12 +85,16 @@ def pod_monitor_config(monitor: dict[str, Any], kubeconfig: Path, extra: list[di
     ])
 
 
-def file_pod_monitor_config(monitor: dict[str, Any], targets: Path) -> dict[str, Any]:
-    """The PodMonitor's scrape config over pods described in a file_sd file (their `__meta_kubernetes_pod_*` labels
+def from_file(config: dict[str, Any], targets: Path) -> dict[str, Any]:
+    """A monitor's scrape config over pods described in a file_sd file (their `__meta_kubernetes_pod_*` labels
     given by hand) instead of discovered: its relabelings checked without a cluster."""
-    config = pod_monitor_config(monitor, targets, [])
+    config = dict(config)
     del config["kubernetes_sd_configs"]
     return config | {"file_sd_configs": [{"files": [str(targets)], "refresh_interval": "1s"}]}
+
+
+def file_pod_monitor_config(monitor: dict[str, Any], targets: Path) -> dict[str, Any]:
+    return from_file(pod_monitor_config(monitor, targets, []), targets)
 
 
 def service_monitor_config(monitor: dict[str, Any], service: dict[str, Any], kubeconfig: Path) -> dict[str, Any]:
@@ -103,7 +107,7 @@ def service_monitor_config(monitor: dict[str, Any], service: dict[str, Any], kub
     spec = monitor["spec"]
     endpoint = spec["endpoints"][0]
     port = next(p for p in service["spec"]["ports"] if p["name"] == endpoint["port"])
-    static = {"service": service["metadata"]["name"]}
+    static = {"service": service["metadata"]["name"], "job": service["metadata"]["name"]}
     if spec.get("jobLabel"):
         static["job"] = service["metadata"]["labels"][spec["jobLabel"]]
     return _scrape_config(monitor, "pod", endpoint, kubeconfig, [
@@ -112,6 +116,7 @@ def service_monitor_config(monitor: dict[str, Any], service: dict[str, Any], kub
         {"source_labels": ["__meta_kubernetes_namespace"], "target_label": "namespace"},
         {"source_labels": ["__meta_kubernetes_pod_name"], "target_label": "pod"},
         *({"target_label": label, "replacement": value} for label, value in static.items()),
+        *({RELABEL_KEYS[k]: v for k, v in rule.items()} for rule in endpoint.get("relabelings", [])),
     ])
 
 

@@ -159,3 +159,36 @@ def test_the_job_stats_are_the_jobs_across_attempts_and_say_nothing_false(tmp_pa
         assert values("Running GPU jobs", "", 0, 3000)[0][-1] == 0
     finally:
         prometheus.stop()
+
+
+@pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
+def test_the_operator_is_scraped_as_job_finetune_operator_whatever_the_name_override(tmp_path: Path) -> None:
+    """The dashboard's operator panels select job="finetune-operator"; the ServiceMonitor's jobLabel made the job
+    the Service's app.kubernetes.io/name, which is nameOverride."""
+    out = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"), "-n", "ops",
+                          "--set", "serviceMonitor.enabled=true", "--set", "nameOverride=ft",
+                          "--show-only", "templates/servicemonitor.yaml", "--show-only", "templates/service.yaml"],
+                         check=True, capture_output=True, text=True).stdout
+    docs = {d["kind"]: d for d in yaml.safe_load_all(out) if d}
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Rank0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    pod_labels = {f"__meta_kubernetes_pod_label_{re.sub(r'[^a-zA-Z0-9_]', '_', k)}": v
+                  for k, v in docs["Service"]["spec"]["selector"].items()}
+    targets = tmp_path / "targets.json"
+    targets.write_text(json.dumps([{"targets": [f"127.0.0.1:{server.server_address[1]}"], "labels": {
+        "__meta_kubernetes_namespace": "ops", "__meta_kubernetes_pod_name": "fto-abc",
+        "__meta_kubernetes_pod_container_port_name": "metrics", **pod_labels,
+        **{k.replace("_label_", "_labelpresent_"): "true" for k in pod_labels}}}]))
+    config = prometheus_server.service_monitor_config(docs["ServiceMonitor"], docs["Service"], targets)
+    prometheus = prometheus_server.start(tmp_path / "prometheus", [prometheus_server.from_file(config, targets)],
+                                         free_port())
+    try:
+        deadline = time.monotonic() + 30
+        while not (up := prometheus.query("up == 1")):
+            assert time.monotonic() < deadline, "the operator not scraped"
+            time.sleep(0.5)
+        assert [s["metric"]["job"] for s in up] == ["finetune-operator"]
+        assert dashboard.OPERATOR == 'job="finetune-operator"'
+    finally:
+        prometheus.stop()
+        server.shutdown()
