@@ -411,6 +411,16 @@ def test_an_adapter_on_the_stem_is_as_deep_as_the_stem() -> None:
     assert any(p.requires_grad for n, p in wrapped.named_parameters() if ".encoder_layer_1." in n and "lora_" in n)
 
 
+
+def test_vits_position_embedding_and_class_token_get_no_weight_decay() -> None:
+    """Parameters held beside submodules are embeddings, as BERT's nn.Embedding ones are: they were decayed."""
+    model = tiny_vit()
+    layers, head = depth(model, Task.IMAGE_CLASSIFICATION), head_name(model, Task.IMAGE_CLASSIFICATION)
+    groups = param_groups(model, AdjustSpec(weightDecay=0.01), layers, head)
+    decay_of = {n: g["weight_decay"] for g in groups for n in g["param_names"]}
+    assert decay_of["net.encoder.pos_embedding"] == decay_of["net.class_token"] == 0.0
+    assert decay_of["net.conv_proj.weight"] == decay_of["net.encoder.layers.encoder_layer_0.mlp.0.weight"] == 0.01
+
 def test_lora_on_the_default_candidates_of_a_network_with_depthwise_convolutions_trains_and_merges() -> None:
     """MobileNet's depthwise convolutions are no candidates: peft refused them at rank 4 (groups=16), which failed
     every job with rearrange.lora and no targetModules on MobileNet, ConvNeXt, EfficientNet or RegNet."""

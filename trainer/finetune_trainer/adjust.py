@@ -49,10 +49,14 @@ def adaptable(candidates: list[str], spec: FreezeSpec, depth: Depth, head: str |
 
 
 def no_decay_names(model: nn.Module) -> set[str]:
-    """Biases, norm weights and embeddings: decaying them toward zero hurts and regularises nothing."""
+    """Biases, norm weights and embeddings: decaying them toward zero hurts and regularises nothing.
+
+    A parameter held beside submodules is no layer's weight but an embedding (ViT's position embedding and class
+    token) or a scale (ConvNeXt's layer scale), as timm exempts them too."""
     names = set()
     for module_name, module in model.named_modules():
-        exempt = isinstance(module, nn.Embedding) or "Norm" in type(module).__name__
+        exempt = (isinstance(module, nn.Embedding) or "Norm" in type(module).__name__
+                  or any(True for _ in module.children()))
         for name, p in module.named_parameters(recurse=False):
             if exempt or p.dim() < 2:
                 names.add(f"{module_name}.{name}" if module_name else name)
