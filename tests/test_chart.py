@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import subprocess
 import sys
 import threading
@@ -192,3 +193,27 @@ def test_the_operator_is_scraped_as_job_finetune_operator_whatever_the_name_over
     finally:
         prometheus.stop()
         server.shutdown()
+
+
+def notes(tmp_path: Path, *values: str) -> str:
+    """NOTES.txt as `helm install` prints it (helm template leaves it out): rendered here through a copy of the
+    chart where it is a named template inside a ConfigMap."""
+    chart = tmp_path / "chart"
+    shutil.copytree(REPO / "charts" / "finetune-operator", chart)
+    text = (chart / "templates" / "NOTES.txt").read_text()
+    (chart / "templates" / "NOTES.txt").unlink()
+    (chart / "templates" / "_notes.tpl").write_text('{{- define "notes" }}' + text + "{{- end }}")
+    (chart / "templates" / "notes.yaml").write_text(
+        'apiVersion: v1\nkind: ConfigMap\nmetadata: {name: notes}\ndata:\n  notes: {{ include "notes" . | toJson }}\n')
+    out = subprocess.run([helm(), "template", "fto", str(chart), "-n", "ops", "--show-only", "templates/notes.yaml",
+                          *[a for v in values for a in ("--set", v)]], check=True, capture_output=True, text=True).stdout
+    return yaml.safe_load(out)["data"]["notes"]
+
+
+def test_the_notes_name_where_the_dashboard_is_and_how_the_crd_is_upgraded(tmp_path: Path) -> None:
+    plain = notes(tmp_path / "a")
+    assert "kubectl apply --server-side -f finetune-operator/crds/" in plain
+    templated = notes(tmp_path / "b", "crds.templated=true", "dashboards.enabled=true", "dashboards.namespace=monitoring")
+    # With the CRD templated, no hand-applied CRD before an upgrade (it was still asked for).
+    assert "kubectl apply" not in templated.split("Upgrading:")[1]
+    assert "ConfigMap monitoring/fto-finetune-operator-dashboard" in templated
