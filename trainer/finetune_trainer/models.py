@@ -99,7 +99,10 @@ def check_positions(model: nn.Module, max_length: int) -> None:
     config = getattr(model, "config", None)
     positions = next((getattr(config, key) for key in ("max_position_embeddings", "n_positions")
                       if isinstance(getattr(config, key, None), int)), None)
-    if positions is not None and max_length > positions:
+    # RoBERTa and its kin number positions from their pad id + 1, the position table's padding row.
+    offset = next((m.padding_idx + 1 for name, m in model.named_modules() if name.endswith("position_embeddings")
+                   and isinstance(m, nn.Embedding) and m.padding_idx is not None), 0)
+    if positions is not None and max_length > (positions := positions - offset):
         raise ConfigError(f"dataset.maxLength {max_length} exceeds the {positions} positions the model has; "
                           f"set it to {positions} or less")
 
