@@ -121,6 +121,17 @@ def test_a_running_job_shows_progress_from_rank_zeros_metrics() -> None:
     assert status["metrics"] == {"loss": 0.61, "learningRate": 1e-3, "samplesPerSecond": 32.0, "tokensPerSecond": 900.0}
 
 
+def test_a_resumed_attempt_keeps_the_progress_until_its_first_step() -> None:
+    before = {"step": 30, "total_steps": 120, "epoch": 0.25, "loss": 0.61, "samples_per_second": 32.0,
+              "stage": "Training"}
+    first = after(decide(Observed(body({"attempts": 1}), [job()], [pod()], NOW, sample=before)))
+    # Attempt 2 loads and measures its baseline: its trainer reports the stage, and no step, loss or throughput yet.
+    loading = after(decide(Observed(body(first | {"attempts": 2}), [job(2)], [pod(2)], NOW,
+                                    sample={"stage": "Loading"})), first)
+    assert loading["stage"] == "Loading"
+    assert (loading["progress"]["step"], loading["progress"]["percent"], loading["metrics"]["loss"]) == (30, 25, 0.61)
+
+
 def test_what_a_new_observation_lacks_leaves_the_merge_patched_status() -> None:
     two_workers = {"configMap": "ft-1", "service": "ft-1", "job": "ft-1"}
     suspended = {"attempts": 1, "startTime": "2026-12-01T11:00:00Z", "children": two_workers,

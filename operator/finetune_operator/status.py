@@ -109,8 +109,12 @@ def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 
 
 def progress_and_metrics(sample: dict[str, Any], global_batch: int, now: datetime) -> dict[str, Any]:
-    """status.progress, status.metrics and status.stage from rank 0's metrics."""
-    step, total = int(sample.get("step", 0)), int(sample.get("total_steps", 0))
+    """status.progress, status.metrics and status.stage from rank 0's metrics. Before an attempt's first step the
+    trainer has no step to report (loading, the baseline): a resumed attempt keeps the previous one's progress."""
+    out: dict[str, Any] = {"stage": sample["stage"]} if sample.get("stage") else {}
+    if sample.get("step") is None:
+        return out
+    step, total = int(sample["step"]), int(sample.get("total_steps", 0))
     rate = sample.get("samples_per_second") or 0.0
     progress: dict[str, Any] = {
         "percent": min(100, int(100 * step / total)) if total else 0,
@@ -123,10 +127,7 @@ def progress_and_metrics(sample: dict[str, Any], global_batch: int, now: datetim
     metrics = {k: float(f"{sample[s]:.4g}") if sample.get(s) is not None else None
                for k, s in (("loss", "loss"), ("learningRate", "learning_rate"),
                             ("samplesPerSecond", "samples_per_second"), ("tokensPerSecond", "tokens_per_second"))}
-    out: dict[str, Any] = {"progress": progress, "metrics": metrics}
-    if sample.get("stage"):
-        out["stage"] = sample["stage"]
-    return out
+    return out | {"progress": progress, "metrics": metrics}
 
 
 def _summary(baseline: dict[str, float], final: dict[str, float]) -> str:
