@@ -22,6 +22,7 @@ from finetune_trainer.distributed import World
 from finetune_trainer.errors import CheckpointMismatch, ConfigError, LossNotFinite, Terminated
 from finetune_trainer.models import load_model, load_tokenizer
 from finetune_trainer.rearrange import add_adapters, new_head
+from finetune_trainer.telemetry import TERMINATION_ENV
 from finetune_trainer.train import Hooks, LoopState, autocast_dtype, cpu_computes_bf16, make_scheduler, train_loop
 from tiny import TINY_BERT, TINY_GPT2
 
@@ -431,9 +432,12 @@ def test_sigterm_after_training_resumes_without_training_again(tiny_cfg: Trainer
     (saved,) = (out / "checkpoints").iterdir()
     assert [p.name for p in checkpoints.complete(saved)] == ["step-00000008"]
     monkeypatch.undo()
+    monkeypatch.setenv(TERMINATION_ENV, str(message := tmp_path / "termination-log"))
     report = pipeline.run(tiny_cfg, out)
     assert f"resumed from {saved / 'step-00000008'}" in caplog.text
     assert report["training"]["steps"] == 8 and (out / "model.safetensors").exists()
+    # No step is made after the resume, and the attempt still reports where training is (metrics and message).
+    assert json.loads(message.read_text())["progress"]["step"] == 8
 
 
 def test_restore_refuses_tensors_that_do_not_fit() -> None:

@@ -215,6 +215,8 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
     if hooks.checkpoint_dir is not None and (found := checkpoints.complete(hooks.checkpoint_dir)):
         saved, best = checkpoints.load(found[-1], unwrap(model), optimizer, scheduler, scaler, world)
         state = LoopState(**saved)
+        if state.history and hooks.on_step:  # where it resumes is its progress until the next step (if any) is made
+            hooks.on_step(state, total)
     saved_step = state.step
 
     def evaluation_due() -> bool:
