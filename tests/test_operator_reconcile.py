@@ -463,10 +463,10 @@ def test_a_worker_whose_volumes_do_not_mount_waits_visibly_and_is_no_failure() -
             "containerStatuses": [{"name": "trainer", "ready": False, "restartCount": 0, "started": False, "image": "t:1",
                                    "imageID": "", "state": {"waiting": {"reason": "ContainerCreating"}}}]}})
 
-    def warning(reason: str, message: str, component: str, last: str) -> dict[str, Any]:
+    def warning(reason: str, message: str, component: str, last: str, kind: str = "Warning") -> dict[str, Any]:
         return {"metadata": {"name": f"ft-1-0-x.{reason}", "namespace": "ns", "creationTimestamp": "2026-12-01T11:59:01Z"},
                 "involvedObject": {"kind": "Pod", "namespace": "ns", "name": "ft-1-0-x", "apiVersion": "v1"},
-                "reason": reason, "message": message, "source": {"component": component}, "type": "Warning",
+                "reason": reason, "message": message, "source": {"component": component}, "type": kind,
                 "firstTimestamp": "2026-12-01T11:59:01Z", "lastTimestamp": last, "count": 3}
 
     multi_attach = ('Multi-Attach error for volume "pvc-3f2a" Volume is already exclusively attached to one node and '
@@ -483,9 +483,17 @@ def test_a_worker_whose_volumes_do_not_mount_waits_visibly_and_is_no_failure() -
 
     def seen(events: list[dict[str, Any]], at: datetime, status: dict[str, Any]) -> Observed:
         observed = Observed(body(status, backoffLimit=0), [job()], [creating], at)
-        observed.pod_warning = pod_warning(observed, lambda name: outcome.warnings_of(events, outcome.NOT_CREATED)
+        observed.pod_warning = pod_warning(observed, lambda name: outcome.warnings_of(events, outcome.POD_EVENTS)
                                            .get(name, {}))
         return observed
+
+    # Over: the attach went through (and nothing failed after it), or the kubelet pulls the image, which it does once
+    # the volumes are mounted: minutes pulling a large image after a moment's Multi-Attach are no stuck volume.
+    attached = [attach[1], warning("SuccessfulAttachVolume", 'AttachVolume.Attach succeeded for volume "pvc-3f2a"',
+                                   "attachdetach-controller", "2026-12-01T12:00:40Z", "Normal")]
+    pulling = [*attach, warning("Pulling", 'Pulling image "t:1"', "kubelet", "2026-12-01T12:01:05Z", "Normal")]
+    for over in (attached, pulling):
+        assert seen(over, NOW + timedelta(minutes=5), running).pod_warning is None
 
     # A minute in: pulling a large image looks the same, so its Events are not read yet.
     unread = Observed(body(running), [job()], [creating], NOW)

@@ -57,7 +57,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, phase_index: kop
         settings.watching.label_selectors[group, version, plural] = children.JOB_NAME_LABEL
     memo.clients = Clients(connections=HANDLER_THREADS)
     memo.job_warnings = Warnings("Job")
-    memo.pod_warnings = Warnings("Pod", outcome.NOT_CREATED)
+    memo.pod_warnings = Warnings("Pod", outcome.POD_EVENTS, warnings_only=False)
     memo.claims = Claims()
     ours: Settings = memo.settings
     # finetune_operator_jobs counts kopf's live index from the first scrape on: set by the first reconcile instead,
@@ -175,12 +175,14 @@ WARNINGS_TTL_SECONDS = 5.0
 
 
 class Warnings:
-    """Warning Events of one kind of child (Job, Pod), one list per namespace shared by all its jobs for
-    WARNINGS_TTL_SECONDS: asking per job and tick would cost a burst of podless jobs (kcm still creating their pods)
-    one API call each, every tick. Only `reasons`, when given, are kept (a namespace's other pods' FailedScheduling)."""
+    """Warning Events (or all Events) of one kind of child (Job, Pod), one list per namespace shared by all its jobs
+    for WARNINGS_TTL_SECONDS: asking per job and tick would cost a burst of podless jobs (kcm still creating their
+    pods) one API call each, every tick. Only `reasons`, when given, are kept (a namespace's other pods'
+    FailedScheduling)."""
 
-    def __init__(self, kind: str, reasons: tuple[str, ...] | None = None) -> None:
-        self.kind, self.reasons = kind, reasons
+    def __init__(self, kind: str, reasons: tuple[str, ...] | None = None, warnings_only: bool = True) -> None:
+        self.reasons = reasons
+        self.selector = f"involvedObject.kind={kind}" + (",type=Warning" if warnings_only else "")
         self.locks: dict[str, threading.Lock] = {}  # one per namespace: a list call holds up only its own namespace
         self.by_namespace: dict[str, tuple[float, dict[str, dict[str, tuple[str, str]]]]] = {}
 
@@ -189,8 +191,7 @@ class Warnings:
         with self.locks.setdefault(ns, threading.Lock()):
             read_at, found = self.by_namespace.get(ns, (0.0, {}))
             if time.monotonic() - read_at > WARNINGS_TTL_SECONDS:
-                response = clients.call("GET", api_path(ns, "events"),
-                                        fieldSelector=f"involvedObject.kind={self.kind},type=Warning")
+                response = clients.call("GET", api_path(ns, "events"), fieldSelector=self.selector)
                 found = outcome.warnings_of(json.loads(response)["items"], self.reasons)
                 self.by_namespace[ns] = (time.monotonic(), found)
         return found.get(name, {})

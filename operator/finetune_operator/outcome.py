@@ -79,6 +79,10 @@ def _stuck(pod: dict[str, Any]) -> dict[str, str] | None:
 # Warning Events that say why a scheduled pod's containers are not created, cause first: a volume that is not
 # attached (Multi-Attach: another node holds a ReadWriteOnce claim) also times out the kubelet's FailedMount.
 NOT_CREATED = ("FailedAttachVolume", "FailedMapVolume", "FailedMount", "FailedCreatePodSandBox")
+# Normal Events that say such a warning is over: the kubelet pulls images once the volumes are mounted and the sandbox
+# made (a transient Multi-Attach, then minutes pulling a large image, is no stuck volume), and an attach that succeeded.
+PULLING = ("Pulling", "Pulled")
+POD_EVENTS = (*NOT_CREATED, *PULLING, "SuccessfulAttachVolume")
 
 
 def _creating_since(pod: dict[str, Any], scheduled: dict[str, Any]) -> str | None:
@@ -92,8 +96,8 @@ def _creating_since(pod: dict[str, Any], scheduled: dict[str, Any]) -> str | Non
 
 def warnings_of(events: list[dict[str, Any]], reasons: tuple[str, ...] | None = None
                 ) -> dict[str, dict[str, tuple[str, str]]]:
-    """Of a list of Warning Events (of `reasons`, or all), the latest (time, message) of each reason, by the name
-    of the object they are about."""
+    """Of a list of Events (of `reasons`, or all), the latest (time, message) of each reason, by the name of the
+    object they are about."""
     found: dict[str, dict[str, tuple[str, str]]] = {}
     for event in events:
         reason = event.get("reason") or ""
@@ -114,10 +118,16 @@ def latest_warning(warnings: dict[str, tuple[str, str]]) -> tuple[str, str] | No
     return reason or "FailedCreate", message
 
 
-def creation_problem(warnings: dict[str, tuple[str, str]]) -> tuple[str, str] | None:
-    """The reason and message of what keeps a pod's containers from being created, of its warnings (`warnings_of`)."""
-    reason = next((r for r in NOT_CREATED if r in warnings), None)
-    return (reason, warnings[reason][1]) if reason else None
+def creation_problem(events: dict[str, tuple[str, str]]) -> tuple[str, str] | None:
+    """The reason and message of what keeps a pod's containers from being created, of its Events (`warnings_of`
+    of POD_EVENTS): a warning that a later Pulling or Pulled (or, for an attach, SuccessfulAttachVolume) ended is
+    none."""
+    pulled = max((events[r][0] for r in PULLING if r in events), default="")
+    for reason in NOT_CREATED:
+        over = max(pulled, events.get("SuccessfulAttachVolume", ("",))[0]) if reason == "FailedAttachVolume" else pulled
+        if reason in events and events[reason][0] > over:
+            return reason, events[reason][1]
+    return None
 
 
 def parse_message(text: str | None) -> dict[str, Any]:
