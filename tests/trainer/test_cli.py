@@ -83,13 +83,16 @@ def causal_lm(doc: dict[str, Any]) -> None:
          "InvalidConfig", "dataset.maxLength 128 exceeds the 64 positions the model has"),
         (lambda doc, tmp: doc["model"]["config"].update(num_hidden_layers="2"),
          "InvalidModel", "cannot load it as sequence-classification"),  # a quoted number in model.config
+        (lambda doc, tmp: doc["model"]["config"].update(intermediate_size=-64),
+         "InvalidModel", "negative dimension -64"),
         # RoBERTa numbers positions from its pad id + 1: 64 slots hold 62 tokens.
         (lambda doc, tmp: (doc["model"].update(architecture="roberta", config=TINY_BERT | {"pad_token_id": 1}),
                            doc["dataset"].update(maxLength=63, maxTrainSamples=512)),
          "InvalidConfig", "dataset.maxLength 63 exceeds the 62 positions the model has"),
     ],
     ids=["bad-regex", "malformed-csv", "lora-all-frozen", "lora-unknown-target", "lm-nothing-to-train",
-         "no-pad-token", "longer-than-the-positions", "model-config-types", "roberta-position-offset"],
+         "no-pad-token", "longer-than-the-positions", "model-config-types", "model-config-negative-size",
+         "roberta-position-offset"],
 )
 def test_user_mistakes_that_a_library_reports_exit_1(change: Any, reason: str, message: str, tmp_path: Path,
                                                      termination: Path) -> None:

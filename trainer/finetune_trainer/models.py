@@ -87,9 +87,13 @@ def load_model(spec: ModelSpec, tokenizer, seed: int) -> nn.Module:
             # A decoder classifier (GPT-2, Llama) pools its last token that is not padding, so it must know the pad.
             config.pad_token_id = tokenizer.pad_token_id
         return auto.from_pretrained(path, config=config)
-    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError, AssertionError, StrictDataclassError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError, AssertionError, StrictDataclassError,
+            RuntimeError) as exc:
         # model.config's mistakes among them: a quoted number ("2"), a fraction of a count, zero heads, a vocab_size
-        # below the tokenizer's pad id (the embedding's assertion)
+        # below the tokenizer's pad id (the embedding's assertion), a negative size; torch's other RuntimeErrors (out
+        # of memory) are no mistake of the spec
+        if isinstance(exc, RuntimeError) and "negative dimension" not in str(exc):
+            raise
         raise ModelError(f"model {spec.uri or spec.architecture}: cannot load it as {spec.task.value} ({exc})") from exc
 
 
