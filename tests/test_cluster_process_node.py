@@ -170,13 +170,21 @@ def test_exit_codes_and_termination_messages(kube: Kube, namespace: str) -> None
                container={"terminationMessagePath": "/var/run/msg/out"})
     pod["spec"]["containers"].append({
         "name": "logs", "image": "ignored", "terminationMessagePolicy": "FallbackToLogsOnError",
-        "command": ["python", "-c", "import sys; print('last words', file=sys.stderr); sys.exit(4)"]})
+        "command": ["python", "-c", "import sys\nfor i in range(100): print(f'{i:03} ' + 'y' * 45, flush=True)\n"
+                    "print('last words', file=sys.stderr); sys.exit(4)"]})
+    pod["spec"]["containers"].append({
+        "name": "long", "image": "ignored",
+        "command": ["python", "-c", "open('/dev/termination-log', 'w').write('HEAD' + 'x' * 5000 + 'TAIL')"]})
     kube.apply(pod, namespace)
     done = kube.wait_pod(namespace, "fails", finished, "finished")
     assert phase(done) == "Failed"
-    main, logs = terminated(done, "main"), terminated(done, "logs")
+    main, logs, long = terminated(done, "main"), terminated(done, "logs"), terminated(done, "long")
     assert (main["exitCode"], main["reason"], main["message"]) == (3, "Error", "custom path")
-    assert (logs["exitCode"], logs["reason"]) == (4, "Error") and "last words" in logs["message"]
+    assert (logs["exitCode"], logs["reason"]) == (4, "Error")
+    # The kubelet keeps the end of what was written: the last 4 KiB of the file, or (fallback)
+    # the last 2 KiB of the log's last 80 lines.
+    assert len(logs["message"]) == 2048 and logs["message"].endswith("y\nlast words\n")
+    assert long["message"] == ("x" * 5000 + "TAIL")[-4096:]
 
 
 def test_missing_config_waits_then_starts(kube: Kube, namespace: str) -> None:

@@ -21,19 +21,21 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Protocol
+from typing import BinaryIO, Protocol
 
 from . import downward, security, volumes
 from .cgroups import Cgroups
 from .dns import Dns
 from .kubeapi import ApiError
+from .kubelet_api import tail_offset
 
 POLL = 0.2
 # The kubelet backs off 10 s doubling to 5 min; a test harness wants quicker retries.
 BACKOFF_START, BACKOFF_MAX = 1.0, 30.0
-# Like the kubelet: the termination message is capped, and with FallbackToLogsOnError the
-# tail of the log stands in for a missing message.
-MESSAGE_MAX_BYTES, FALLBACK_LOG_LINES = 4096, 80
+# Like the kubelet: the termination message is the file's last 4 KiB, and with
+# FallbackToLogsOnError a failed container's last 80 log lines, of which the last 2 KiB,
+# stand in for a missing one (tail.ReadAtMost, readLastStringFromContainerLogs).
+MESSAGE_MAX_BYTES, FALLBACK_MAX_BYTES, FALLBACK_LOG_LINES = 4096, 2048, 80
 LAUNCHER = Path(__file__).with_name("launcher.py")
 # Why a pod cannot start yet: retried, shown as CreateContainerConfigError meanwhile.
 NOT_YET = (downward.ConfigError, ApiError, OSError)
@@ -76,6 +78,12 @@ def _exit_code(proc: subprocess.Popen) -> int | None:
     except ProcessLookupError:
         pass
     return proc.wait()
+
+
+def _last_bytes(f: BinaryIO, start: int, limit: int) -> bytes:
+    """The last `limit` bytes between offset `start` and the end of the file."""
+    f.seek(max(start, f.seek(0, os.SEEK_END) - limit))
+    return f.read()
 
 
 def _state_triple(state: dict) -> dict:
@@ -304,15 +312,16 @@ class PodRunner(threading.Thread):
         container.proc = None
 
     def _termination_message(self, container: Container, exit_code: int) -> str:
+        message = b""
         path = self.dir / f"{container.name}.termination-log"
-        message = path.read_bytes()[:MESSAGE_MAX_BYTES].decode(errors="replace") if path.exists() else ""
+        if path.exists():
+            with path.open("rb") as f:
+                message = _last_bytes(f, 0, MESSAGE_MAX_BYTES)
         fallback = container.spec.get("terminationMessagePolicy") == "FallbackToLogsOnError"
         if not message and fallback and exit_code != 0:
             with self.log_path(container.name, container.restart_count).open("rb") as f:
-                f.seek(max(0, f.seek(0, os.SEEK_END) - 64 * MESSAGE_MAX_BYTES))  # the tail, not the whole log
-                lines = f.read().splitlines()[-FALLBACK_LOG_LINES:]
-            message = b"\n".join(lines)[-MESSAGE_MAX_BYTES:].decode(errors="replace")
-        return message
+                message = _last_bytes(f, tail_offset(f, FALLBACK_LOG_LINES), FALLBACK_MAX_BYTES)
+        return message.decode(errors="replace")
 
     def _terminate(self, kill_at: float) -> bool:
         """Deletion: SIGTERM once, SIGKILL at kill_at; True once every process is gone."""
