@@ -26,7 +26,8 @@ open("/data/hello.txt", "w").write("written by " + os.environ["POD_NAME"])
 report = {
     "argv": sys.argv[1:], "cwd": os.getcwd(),
     "env": {k: os.environ.get(k) for k in ["GREETING", "TOKEN", "POD_NAME", "POD_NAMESPACE", "POD_IP",
-            "APP", "NOTE", "COMPOSED", "CPU_LIMIT", "FROM_ENVFROM_greeting", "KUBERNETES_SERVICE_HOST"]},
+            "APP", "NOTE", "COMPOSED", "CPU_LIMIT", "FROM_ENVFROM_greeting", "KUBERNETES_SERVICE_HOST",
+            "API_HOST", "IMAGE_VARS"]},
     "config": open("/mnt/fto/config/greeting").read(),
     "settings": open("/mnt/fto/config/settings.json").read(),
     "secret": open("/mnt/fto/secret/token").read(),
@@ -48,7 +49,7 @@ def test_pod_sees_env_volumes_and_its_own_ip(kube: Kube, namespace: str) -> None
     pod = make_pod("features", FEATURES_SCRIPT,
                metadata={"labels": {"app": "features"}, "annotations": {"note": "hi"}},
                container={
-                   "args": ["$(GREETING)-arg", "$$(GREETING)"], "workingDir": "/scratch",
+                   "args": ["$(GREETING)-arg", "$$(GREETING)", "$(HOME)"], "workingDir": "/scratch",
                    "envFrom": [{"prefix": "FROM_ENVFROM_", "configMapRef": {"name": "app-config"}}],
                    "env": [
                        {"name": "GREETING", "valueFrom": {"configMapKeyRef": {"name": "app-config", "key": "greeting"}}},
@@ -59,6 +60,10 @@ def test_pod_sees_env_volumes_and_its_own_ip(kube: Kube, namespace: str) -> None
                        {"name": "APP", **field_env("metadata.labels['app']")},
                        {"name": "NOTE", **field_env("metadata.annotations['note']")},
                        {"name": "COMPOSED", "value": "$(POD_NAME)@$(POD_NAMESPACE)"},
+                       # The kubelet expands its own variables and the service ones, not the
+                       # image's or the runtime's (PATH, HOME, HOSTNAME): those stay as written.
+                       {"name": "API_HOST", "value": "$(KUBERNETES_SERVICE_HOST)"},
+                       {"name": "IMAGE_VARS", "value": "$(PATH) $(HOME) $(HOSTNAME)"},
                        {"name": "CPU_LIMIT", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu"}}},
                    ],
                    "resources": {"limits": {"cpu": "2", "memory": "1Gi"}},
@@ -85,7 +90,7 @@ def test_pod_sees_env_volumes_and_its_own_ip(kube: Kube, namespace: str) -> None
     assert (ended["exitCode"], ended["reason"]) == (0, "Completed")
     assert done["spec"]["nodeName"] == "process-node"
     report = json.loads(ended["message"])
-    assert report["argv"] == ["hello-arg", "$(GREETING)"]
+    assert report["argv"] == ["hello-arg", "$(GREETING)", "$(HOME)"]
     assert report["cwd"] == "/scratch"
     env = report["env"]
     assert (env["GREETING"], env["TOKEN"], env["APP"], env["NOTE"]) == ("hello", "s3cret", "features", "hi")
@@ -93,6 +98,7 @@ def test_pod_sees_env_volumes_and_its_own_ip(kube: Kube, namespace: str) -> None
     assert env["COMPOSED"] == f"features@{namespace}"
     assert env["CPU_LIMIT"] == "2" and env["FROM_ENVFROM_greeting"] == "hello"
     assert env["KUBERNETES_SERVICE_HOST"]  # where is the node's business; in-cluster clients work (below)
+    assert (env["API_HOST"], env["IMAGE_VARS"]) == (env["KUBERNETES_SERVICE_HOST"], "$(PATH) $(HOME) $(HOSTNAME)")
     ip = ipaddress.ip_address(env["POD_IP"])
     assert done["status"]["podIP"] == str(ip) != done["status"]["hostIP"]  # the pod's own, and it could bind it
     assert (report["config"], report["settings"], report["secret"]) == ("hello", '{"a": 1}', "s3cret")

@@ -78,11 +78,13 @@ class Agent:
         self.dns = Dns()
         self.provisioner = provisioner
         venv = Path(sys.prefix)
-        self.base_env = {
+        self.image_env = {
             # Images are ignored: every container runs from the agent's virtualenv.
             "PATH": f"{venv}/bin:/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin",
             "VIRTUAL_ENV": str(venv),
             "LANG": "C.UTF-8",
+        }
+        self.service_env = {
             # What in-cluster clients read; the apiserver's cert covers 127.0.0.1.
             "KUBERNETES_SERVICE_HOST": api.host,
             "KUBERNETES_SERVICE_PORT": str(api.port),

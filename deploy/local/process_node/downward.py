@@ -70,10 +70,11 @@ def expand(text: str, env: dict[str, str]) -> str:
 
 
 def container_env(pod: dict, container: dict, lookup: Lookup, allocatable: dict[str, str],
-                  base: dict[str, str]) -> dict[str, str]:
-    """The container's environment: base, then envFrom, then env (later wins), as the kubelet does."""
+                  services: dict[str, str]) -> dict[str, str]:
+    """The environment the kubelet gives the container: the service variables, then envFrom,
+    then env (later wins). $(VAR) sees only these, never the image's or the runtime's (PATH, HOME)."""
     namespace = pod["metadata"]["namespace"]
-    env = dict(base)
+    env = dict(services)
     for source in container.get("envFrom", []):
         kind = "configmap" if "configMapRef" in source else "secret"
         ref = source.get("configMapRef") or source["secretRef"]

@@ -52,7 +52,8 @@ class Node(Protocol):
 
     name: str
     allocatable: dict[str, str]
-    base_env: dict[str, str]
+    image_env: dict[str, str]  # what an image would set (PATH, ...): under the container's env, never expanded
+    service_env: dict[str, str]  # the kubelet's service variables (KUBERNETES_SERVICE_HOST, ...)
     cluster: volumes.Cluster
     dns: Dns
     cgroups: Cgroups | None  # None: limits are not enforced on this machine
@@ -239,8 +240,7 @@ class PodRunner(threading.Thread):
         try:
             user = security.identity(self.pod, spec)
             env = downward.container_env(
-                self._pod_view(), spec, self.node.cluster.data, self.node.allocatable,
-                {**self.node.base_env, "HOME": user.home, "HOSTNAME": self.hostname})
+                self._pod_view(), spec, self.node.cluster.data, self.node.allocatable, self.node.service_env)
             if not spec.get("command"):
                 raise downward.ConfigError("the process node ignores images, so a container needs a `command`")
             argv = [downward.expand(a, env) for a in spec["command"] + spec.get("args", [])]
@@ -261,7 +261,9 @@ class PodRunner(threading.Thread):
             # A fresh root per run: its mount points are left from the last one's.
             "root": str(self.dir / "roots" / f"{container.name}-{container.restart_count}"),
             "mounts": [m.as_dict() for m in mounts], "traversable": INTERPRETER, "software": SOFTWARE,
-            "argv": argv, "env": env, "hostname": self.hostname,
+            "argv": argv, "hostname": self.hostname,
+            # As a runtime: the image's env, HOME and HOSTNAME, then the kubelet's over them.
+            "env": {**self.node.image_env, "HOME": user.home, "HOSTNAME": self.hostname, **env},
             "cwd": spec.get("workingDir") or "/",  # no image WORKDIR: a runtime's default
             "termination_log": str(term_log), "read_only_root": user.read_only_root,
             "user": user.launcher_user(), "cgroup": str(container.cgroup) if container.cgroup else None,
