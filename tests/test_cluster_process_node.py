@@ -109,6 +109,26 @@ def test_pod_sees_env_volumes_and_its_own_ip(kube: Kube, namespace: str) -> None
     assert not Path("/mnt/fto/config/greeting").exists()
 
 
+def test_volume_items_keep_their_own_mode(kube: Kube, namespace: str) -> None:
+    # An item's `mode` overrides the volume's defaultMode, in configMap, downwardAPI and projected volumes.
+    kube.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "modes"}, "data": {"a": "1", "b": "2"}},
+               namespace)
+    items = [{"key": "a", "path": "a", "mode": 0o600}, {"key": "b", "path": "b"}]
+    script = ("import os; open('/dev/termination-log', 'w').write(' '.join("
+              "oct(os.stat(f'/v/{v}/{f}').st_mode & 0o777) for v in ('cm', 'down', 'proj') for f in ('a', 'b')))")
+    volumes = [
+        {"name": "cm", "configMap": {"name": "modes", "defaultMode": 0o440, "items": items}},
+        {"name": "down", "downwardAPI": {"items": [
+            {"path": "a", "fieldRef": {"fieldPath": "metadata.name"}, "mode": 0o400},
+            {"path": "b", "fieldRef": {"fieldPath": "metadata.name"}}]}},
+        {"name": "proj", "projected": {"defaultMode": 0o444, "sources": [{"configMap": {"name": "modes", "items": items}}]}},
+    ]
+    mounts = [{"name": v["name"], "mountPath": f"/v/{v['name']}"} for v in volumes]
+    kube.apply(make_pod("modes", script, volumes=volumes, container={"volumeMounts": mounts}), namespace)
+    done = kube.wait_pod(namespace, "modes", finished, "finished")
+    assert terminated(done)["message"].split() == ["0o600", "0o440", "0o400", "0o644", "0o600", "0o444"]
+
+
 def test_claim_can_use_an_existing_host_folder(kube: Kube, namespace: str, host_folder: Path) -> None:
     (host_folder / "model.txt").write_text("weights")
     claim = make_claim("models")

@@ -85,7 +85,12 @@ def _projected_files(pod: dict, sources: list[dict], cluster: Cluster, allocatab
     return files
 
 
-def _write_files(folder: Path, files: dict[str, bytes], mode: int) -> None:
+def _item_modes(sources: list[dict | None]) -> dict[str, int]:
+    """The items' own `mode`s by path (configMap, secret, downwardAPI): over the defaultMode."""
+    return {i["path"]: i["mode"] for source in sources for i in (source or {}).get("items") or [] if "mode" in i}
+
+
+def _write_files(folder: Path, files: dict[str, bytes], mode: int, modes: dict[str, int]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     folder.chmod(0o755)  # the node's own umask is 077; containers of any uid read these
     for relative, content in files.items():
@@ -93,7 +98,7 @@ def _write_files(folder: Path, files: dict[str, bytes], mode: int) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.parent.chmod(0o755)
         path.write_bytes(content)
-        path.chmod(mode)
+        path.chmod(modes.get(relative, mode))
 
 
 def set_ownership(folder: Path, fs_group: int, read_only: bool, policy: str | None) -> None:
@@ -140,11 +145,13 @@ def materialize(pod: dict, pod_dir: Path, cluster: Cluster, allocatable: dict[st
         elif kind in ("configMap", "secret"):
             name = source["name"] if kind == "configMap" else source["secretName"]
             files = _keys(cluster, kind.lower(), namespace, name, source.get("items"), source.get("optional", False))
-            _write_files(folder, files, mode)
+            _write_files(folder, files, mode, _item_modes([source]))
         elif kind == "downwardAPI":
-            _write_files(folder, _downward_files(pod, source.get("items", []), allocatable), mode)
+            _write_files(folder, _downward_files(pod, source.get("items", []), allocatable), mode, _item_modes([source]))
         elif kind == "projected":
-            _write_files(folder, _projected_files(pod, source.get("sources", []), cluster, allocatable), mode)
+            sources = source.get("sources", [])
+            _write_files(folder, _projected_files(pod, sources, cluster, allocatable), mode, _item_modes(
+                [s.get("configMap") or s.get("secret") or s.get("downwardAPI") for s in sources]))
         else:
             raise ConfigError(f"volume {volume['name']}: {kind} volumes are not supported by the process node")
         # hostPath volumes are never touched, as with the kubelet; our claims count as local
