@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pytest
@@ -118,3 +119,19 @@ def test_a_name_must_start_with_a_letter_as_its_service_name_must(tmp_path: Path
     assert main(["validate", str(path)]) == 1
     doc["metadata"]["name"] = "llama-7b-sft"
     assert manifest_errors(doc) == []
+
+
+def test_validate_reads_yaml_as_kubectl_does(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """kubectl's YAML (go-yaml v2) makes 5e-5 a number, y a boolean and a date text; PyYAML makes the first a string,
+    the second a string and the third a date, so its reading refused (or let through) what the apiserver does not."""
+    from finetune_operator.__main__ import main
+
+    text = (EXAMPLES[0].parent / "minilm-sentiment.yaml").read_text()
+    text = text.replace("metadata:\n", "metadata:\n  annotations: {reviewed: 2024-05-01}\n", 1)
+    path = tmp_path / "job.yaml"
+    path.write_text(re.sub(r"learningRate: .*", "learningRate: 5e-5", text))
+    assert main(["validate", str(path)]) == 0
+    assert TrainerConfig.from_file(path).adjust.learning_rate == 5e-5
+    path.write_text(re.sub(r"labelField: .*", "labelField: y", text))  # a column named y is `true` to kubectl
+    assert main(["validate", str(path)]) == 1
+    assert "spec.dataset.labelField: Input should be a valid string" in capsys.readouterr().err

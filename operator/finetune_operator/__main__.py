@@ -13,13 +13,14 @@ import yaml
 
 from finetune_operator import crd
 from finetune_operator.api import manifest_errors
+from finetune_trainer.config import KubectlLoader
 
 
 def validate(paths: list[Path]) -> int:
     """Check manifests offline, with the same rules the apiserver applies at `kubectl apply`."""
     failed = 0
     for path in paths:
-        for doc in yaml.safe_load_all(path.read_text()):
+        for doc in yaml.load_all(path.read_text(), Loader=KubectlLoader):
             if doc is None:  # an empty document, as kubectl skips it
                 continue
             errors = manifest_errors(doc)

@@ -6,6 +6,7 @@ generate the CRD. Field names are the wire (camelCase) names through the alias g
 
 from __future__ import annotations
 
+import math
 import re
 from enum import StrEnum
 from pathlib import Path
@@ -546,7 +547,53 @@ class TrainerConfig(ApiModel):
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainerConfig:
-        return cls.from_document(yaml.safe_load(Path(path).read_text()))
+        return cls.from_document(yaml.load(Path(path).read_text(), Loader=KubectlLoader))
 
 
 _WIRE_FIELDS = {f.alias or name for name, f in TrainerConfig.model_fields.items()}
+
+
+# go-yaml v2's plain scalars (its resolve.go), which kubectl's YAML-to-JSON (sigs.k8s.io/yaml) reads into JSON.
+_GO_BOOLS = dict.fromkeys(("y", "Y", "yes", "Yes", "YES", "true", "True", "TRUE", "on", "On", "ON"), True) | dict.fromkeys(
+    ("n", "N", "no", "No", "NO", "false", "False", "FALSE", "off", "Off", "OFF"), False)
+_GO_NULLS = ("", "~", "null", "Null", "NULL")
+_GO_SPECIAL_FLOAT = re.compile(r"([-+]?)\.(inf|Inf|INF)|\.(nan|NaN|NAN)")
+_GO_FLOAT = re.compile(r"[-+]?(\.[0-9]+|[0-9]+(\.[0-9]*)?)([eE][-+]?[0-9]+)?")
+_GO_OCTAL = re.compile(r"[-+]?0[0-7]+")
+_GO_INTEGERS = range(-(2**63), 2**64)  # int64, then uint64
+
+
+def _go_yaml_scalar(text: str) -> Any:
+    """A plain scalar as go-yaml v2 resolves it for an untyped target."""
+    if text in _GO_BOOLS:
+        return _GO_BOOLS[text]
+    if text in _GO_NULLS:
+        return None
+    if special := _GO_SPECIAL_FLOAT.fullmatch(text):
+        return math.nan if special[3] else -math.inf if special[1] == "-" else math.inf
+    if not text.isascii() or not re.match(r"[-+0-9.]", text):
+        return text
+    plain = text if text[0] == "." else text.replace("_", "")  # Go drops them after a digit or sign, not after a dot
+    try:  # Go's base 0 reads a leading 0 as octal, where Python's refuses it
+        number = int(plain, 8) if _GO_OCTAL.fullmatch(plain) else int(plain, 0)
+        if number in _GO_INTEGERS:
+            return number
+    except ValueError:
+        pass
+    number = float(plain) if _GO_FLOAT.fullmatch(plain) else math.inf
+    return text if math.isinf(number) else number  # Go keeps 1e999 as text (out of range)
+
+
+class KubectlLoader(yaml.SafeLoader):
+    """YAML read as kubectl reads it (go-yaml v2's YAML 1.1), so that a manifest means here what it means to the
+    apiserver. PyYAML differs on plain scalars: 5e-5 is a string to it (a number to kubectl), y and n are strings
+    (booleans), 1:20 is 80 (a string) and 2024-05-01 a date, which JSON cannot carry (a string)."""
+
+    def resolve(self, kind: Any, value: Any, implicit: Any) -> Any:
+        if kind is yaml.ScalarNode and implicit[0] and value != "<<":  # "<<" stays a merge key
+            return _GO_PLAIN
+        return super().resolve(kind, value, implicit)
+
+
+_GO_PLAIN = "tag:finetune.dev,2024:go-yaml-plain"
+KubectlLoader.add_constructor(_GO_PLAIN, lambda loader, node: _go_yaml_scalar(node.value))
