@@ -213,6 +213,20 @@ def test_exit_codes_and_termination_messages(kube: Kube, namespace: str) -> None
     assert long["message"] == ("x" * 5000 + "TAIL")[-4096:]
 
 
+def test_init_containers_run_first_and_are_ready_once_done(kube: Kube, namespace: str) -> None:
+    pod = make_pod("inits", "open('/dev/termination-log', 'w').write(open('/prep/out').read())",
+                   container={"volumeMounts": [{"name": "work", "mountPath": "/prep"}]},
+                   volumes=[{"name": "work", "emptyDir": {}}])
+    pod["spec"]["initContainers"] = [{"name": "prepare", "image": "ignored", "command": [
+        "python", "-c", "open('/prep/out', 'w').write('prepared')"], "volumeMounts": [{"name": "work", "mountPath": "/prep"}]}]
+    kube.apply(pod, namespace)
+    done = kube.wait_pod(namespace, "inits", finished, "finished")
+    assert terminated(done)["message"] == "prepared"
+    init = done["status"]["initContainerStatuses"][0]
+    # The kubelet marks a completed init container ready (prober_manager.UpdatePodStatus).
+    assert (init["ready"], init["state"]["terminated"]["reason"]) == (True, "Completed")
+
+
 def test_missing_config_waits_then_starts(kube: Kube, namespace: str) -> None:
     pod = make_pod("patient", "import os; open('/dev/termination-log', 'w').write(os.environ['LATE'])", container={
         "env": [{"name": "LATE", "valueFrom": {"configMapKeyRef": {"name": "late", "key": "value"}}}]})

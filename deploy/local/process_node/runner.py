@@ -122,7 +122,8 @@ class Container:
         return {
             "name": self.name, "image": self.spec.get("image", ""), "imageID": "",
             "containerID": f"process://{self.proc.pid}" if self.proc else None,
-            "ready": running and not self.is_init, "started": running,
+            # An init container is ready once it completed, as the kubelet reports it.
+            "ready": self.exit_code == 0 if self.is_init else running, "started": running,
             "restartCount": self.restart_count,
             "state": _state_triple(self.state), "lastState": _state_triple(self.last_state),
         }
