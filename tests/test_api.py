@@ -135,3 +135,23 @@ def test_validate_reads_yaml_as_kubectl_does(tmp_path: Path, capsys: pytest.Capt
     path.write_text(re.sub(r"labelField: .*", "labelField: y", text))  # a column named y is `true` to kubectl
     assert main(["validate", str(path)]) == 1
     assert "spec.dataset.labelField: Input should be a valid string" in capsys.readouterr().err
+
+
+def test_validate_reports_odd_documents_and_skips_other_kinds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """Each document gets a verdict and none a traceback; a claim beside the job is kubectl's to create, not ours to judge."""
+    from finetune_operator.__main__ import main
+
+    good = (EXAMPLES[0].parent / "minilm-sentiment.yaml").read_text()
+    infinite = re.sub(r"weightDecay: .*", "weightDecay: .inf", good)
+    claim = "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: data}\nspec: {}\n"
+    path = tmp_path / "jobs.yaml"
+    path.write_text("\n---\n".join([claim, good, "metadata:", "metadata: [x]", "metadata: text", infinite]))
+    assert main(["validate", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert "PersistentVolumeClaim data: skipped" in out and out.count(": valid") == 1
+    assert err.count(": invalid") == 4 and "spec: not JSON" in err
+    path.write_text(claim + "---\n" + good)
+    assert main(["validate", str(path)]) == 0
+    (broken := tmp_path / "broken.yaml").write_text("spec: [\n")
+    assert main(["validate", str(broken), str(tmp_path / "absent.yaml")]) == 1
+    assert capsys.readouterr().err.count("cannot read it") == 2

@@ -8,30 +8,48 @@ import os
 import socket
 import sys
 from pathlib import Path
+from typing import Any
 
 import yaml
 
-from finetune_operator import crd
-from finetune_operator.api import manifest_errors
+from finetune_operator import api, crd
 from finetune_trainer.config import KubectlLoader
+
+
+def _name(doc: Any) -> str:
+    meta = doc.get("metadata") if isinstance(doc, dict) else None
+    name = meta.get("name") if isinstance(meta, dict) else None
+    return name if isinstance(name, str) else "?"
+
+
+def _other_kind(doc: Any) -> bool:
+    """A document of another API (say the claim a job reads), which `kubectl apply` of the file creates as it is."""
+    return (isinstance(doc, dict) and isinstance(doc.get("kind"), str) and doc["kind"] != api.KIND
+            and not str(doc.get("apiVersion")).startswith(f"{api.GROUP}/"))
 
 
 def validate(paths: list[Path]) -> int:
     """Check manifests offline, with the same rules the apiserver applies at `kubectl apply`."""
     failed = 0
     for path in paths:
-        for doc in yaml.load_all(path.read_text(), Loader=KubectlLoader):
-            if doc is None:  # an empty document, as kubectl skips it
+        try:  # kubectl skips an empty document
+            docs = [d for d in yaml.load_all(path.read_text(), Loader=KubectlLoader) if d is not None]
+        except (OSError, ValueError, yaml.YAMLError) as exc:  # ValueError: not UTF-8
+            failed += 1
+            print(f"{path}: cannot read it: {exc}", file=sys.stderr)
+            continue
+        for doc in docs:
+            if _other_kind(doc):
+                print(f"{path}: {doc['kind']} {_name(doc)}: skipped (not a {api.KIND})")
                 continue
-            errors = manifest_errors(doc)
-            name = (doc or {}).get("metadata", {}).get("name", "?") if isinstance(doc, dict) else "?"
+            errors = api.manifest_errors(doc)
             if errors:
                 failed += 1
-                print(f"{path}: {name}: invalid", file=sys.stderr)
+                print(f"{path}: {_name(doc)}: invalid", file=sys.stderr)
                 for line in errors:
                     print(f"  {line}", file=sys.stderr)
             else:
-                print(f"{path}: {name}: valid")
+                print(f"{path}: {_name(doc)}: valid")
     return 1 if failed else 0
 
 

@@ -440,4 +440,6 @@ def manifest_errors(doc: Any) -> list[str]:
         FineTuneJob.from_wire({"spec": doc.get("spec")})
     except ValidationError as exc:
         errors += error_lines(exc)
+    except ValueError as exc:  # a value that JSON cannot carry
+        errors.append(f"spec: {exc}")
     return errors

@@ -114,8 +114,13 @@ class ApiModel(BaseModel):
 
     @classmethod
     def from_wire(cls, doc: Any) -> Self:
-        """Validate a manifest's JSON as the apiserver does: no coercion of "32" to 32 or "yes" to true."""
-        return cls.model_validate_json(json.dumps(_as_decoded(doc)), strict=True)
+        """Validate a manifest's JSON as the apiserver does: no coercion of "32" to 32 or "yes" to true. What JSON cannot
+        carry (NaN, infinity, YAML's sets and binary) is a ValueError, as kubectl refuses to send it."""
+        try:
+            text = json.dumps(_as_decoded(doc), allow_nan=False)
+        except (TypeError, ValueError) as exc:
+            raise ValueError(f"not JSON, so kubectl cannot send it: {exc}") from exc
+        return cls.model_validate_json(text, strict=True)
 
     def to_wire(self) -> dict[str, Any]:
         """The JSON form used in manifests and ConfigMaps (camelCase, no unset optionals)."""
