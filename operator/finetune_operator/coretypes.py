@@ -16,6 +16,7 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
+from finetune_trainer.config import PARENT_SEGMENT
 from finetune_trainer.rules import INT64, ApiModel, Rule, checked
 
 # RFC 1123 names, as the apiserver checks object names and references.
@@ -339,6 +340,7 @@ class Volume(ApiModel):
     )
 
 
+DOT_SEGMENT = r"(^|/)\.\.?(/|$)"
 # Where the operator mounts the trainer's config, the claims the spec names, the hub cache and /dev/shm.
 RESERVED_MOUNT_PATHS = ("/etc/finetune", "/mnt/pvc", "/var/cache/huggingface", "/dev/shm", "/dev/termination-log")
 
@@ -347,8 +349,10 @@ class VolumeMount(ApiModel):
     """Where a volume appears in the trainer container (core/v1 VolumeMount)."""
 
     name: LabelName = Field(description="The volume's name in runtime.volumes.")
+    # No empty segment and at most one trailing slash: the rules below compare paths as text, so /mnt/ and //mnt must
+    # not pass for other paths than /mnt (the apiserver's CEL and Python strip a trailing slash alike only then).
     mount_path: str = Field(
-        min_length=2, max_length=1024, pattern=r"^/[^:]*$", description="Absolute path in the container."
+        max_length=1024, pattern=r"^(/[^/:]+)+/?$", description="Absolute path in the container."
     )
     read_only: bool = Field(False, description="Mount read-only.")
     sub_path: str | None = Field(
@@ -358,7 +362,8 @@ class VolumeMount(ApiModel):
     rules = (
         Rule(
             cel="[" + ", ".join(f"'{p}'" for p in RESERVED_MOUNT_PATHS) + "].all(p, self.mountPath != p "
-            "&& !self.mountPath.startsWith(p + '/') && !p.startsWith(self.mountPath + '/'))",
+            "&& !self.mountPath.startsWith(p + '/') "
+            "&& !p.startsWith(self.mountPath.endsWith('/') ? self.mountPath : self.mountPath + '/'))",
             holds=lambda m: all(
                 m.mount_path != p and not m.mount_path.startswith(p + "/") and not p.startswith(m.mount_path.rstrip("/") + "/")
                 for p in RESERVED_MOUNT_PATHS
@@ -366,11 +371,18 @@ class VolumeMount(ApiModel):
             message="overlaps a path the operator mounts: " + ", ".join(RESERVED_MOUNT_PATHS),
             field="mountPath",
         ),
+        # The container runtime cleans the path: /mnt/./pvc is /mnt/pvc.
         Rule(
-            cel=r"!self.mountPath.matches(r'(^|/)\.\.(/|$)') && (!has(self.subPath) || !self.subPath.matches(r'(^|/)\.\.(/|$)'))",
-            holds=lambda m: not re.search(r"(^|/)\.\.(/|$)", m.mount_path + "/" + (m.sub_path or "")),
-            message="must not contain a '..' segment",
+            cel=f"!self.mountPath.matches(r'{DOT_SEGMENT}')",
+            holds=lambda m: not re.search(DOT_SEGMENT, m.mount_path),
+            message="must not contain a '.' or '..' segment",
             field="mountPath",
+        ),
+        Rule(
+            cel=f"!has(self.subPath) || !self.subPath.matches(r'{PARENT_SEGMENT}')",
+            holds=lambda m: not re.search(PARENT_SEGMENT, m.sub_path or ""),
+            message="must not contain a '..' segment",
+            field="subPath",
         ),
     )
 
