@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import urllib.parse
 
 import pytest
 
@@ -50,3 +51,10 @@ def test_trainer_pod_annotations_are_a_json_object(monkeypatch: pytest.MonkeyPat
 def test_a_bad_value_names_its_flag(argv: list[str], flag: str) -> None:
     with pytest.raises(SystemExit, match=flag):
         parse(argv)
+
+
+@pytest.mark.parametrize("address", ["0.0.0.0", "::", "127.0.0.1", "fd00::1"])
+def test_the_liveness_endpoint_parses_back_to_the_bind_address(address: str) -> None:
+    """kopf splits the URL: an unbracketed IPv6 address (:: for a dual-stack pod) failed on its port."""
+    url = urllib.parse.urlsplit(parse(["--bind-address", address, "--liveness-port", "8081"]).liveness_endpoint)
+    assert (url.hostname, url.port, url.path) == (address, 8081, "/healthz")

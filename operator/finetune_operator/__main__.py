@@ -73,7 +73,7 @@ def run(args: argparse.Namespace) -> int:
         standalone=True,  # one replica (Recreate); kopf's peering would need cluster-wide CRDs of its own
         clusterwide=not ours.namespaces,
         namespaces=list(ours.namespaces),
-        liveness_endpoint=f"http://{ours.bind_address}:{ours.liveness_port}/healthz",
+        liveness_endpoint=ours.liveness_endpoint,
         # kopf would ask the passwd database for our user name, which an arbitrary container UID lacks.
         identity=f"finetune-operator@{socket.gethostname()}/{os.getpid()}",  # type: ignore[arg-type]
     )

@@ -43,6 +43,12 @@ class Settings(BaseModel):
     liveness_port: int = Field(8080, ge=1, le=65535, description="Port of kopf's liveness endpoint /healthz.")
     bind_address: str = Field("0.0.0.0", description="Address the metrics and liveness endpoints listen on.")
 
+    @property
+    def liveness_endpoint(self) -> str:
+        """kopf's URL of /healthz; an IPv6 address (::) goes in brackets, or its colons read as the port's."""
+        host = f"[{self.bind_address}]" if ":" in self.bind_address else self.bind_address
+        return f"http://{host}:{self.liveness_port}/healthz"
+
     @field_validator("namespaces", "trainer_pull_secrets")
     @classmethod
     def _names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
