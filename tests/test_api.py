@@ -9,7 +9,7 @@ import pytest
 import yaml
 
 from bad_corpus import BadCase, load_bad_corpus, readme_manifests
-from finetune_operator.api import FineTuneJob, manifest_errors
+from finetune_operator.api import LENGTH_MESSAGE, NAME_MESSAGE, FineTuneJob, manifest_errors
 from finetune_trainer.config import TrainerConfig
 
 EXAMPLES = sorted((Path(__file__).parents[1] / "deploy" / "examples").glob("*.yaml"))
@@ -155,3 +155,15 @@ def test_validate_reports_odd_documents_and_skips_other_kinds(tmp_path: Path, ca
     (broken := tmp_path / "broken.yaml").write_text("spec: [\n")
     assert main(["validate", str(broken), str(tmp_path / "absent.yaml")]) == 1
     assert capsys.readouterr().err.count("cannot read it") == 2
+
+
+def test_a_generated_name_is_judged_as_the_apiserver_makes_it() -> None:
+    """`kubectl create` of a manifest with metadata.generateName: the apiserver appends 5 characters, then the name
+    rules apply to the whole."""
+    doc = yaml.safe_load((EXAMPLES[0].parent / "minilm-sentiment.yaml").read_text())
+    doc["metadata"] = {"generateName": "minilm-sentiment-"}
+    assert manifest_errors(doc) == []
+    doc["metadata"] = {"generateName": "m" * 46}  # 51 characters once named
+    assert manifest_errors(doc) == [LENGTH_MESSAGE]
+    doc["metadata"] = {"generateName": "7b-"}
+    assert manifest_errors(doc) == [NAME_MESSAGE]

@@ -34,6 +34,9 @@ NAME_PATTERN = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"
 NAME_MESSAGE = "metadata.name must be a lowercase RFC 1035 label (a-z, 0-9 and '-', starting with a letter)"
 LENGTH_MESSAGE = f"metadata.name must be at most {MAX_NAME_LENGTH} characters: the names of the job's pods add suffixes to it"
 
+# The apiserver's generateName: at most 58 characters of it, then 5 random ones (consonants and digits).
+GENERATED_PREFIX_MAX, GENERATED_SUFFIX = 58, 5
+
 # Kueue's convention: a queue-name label on the FineTuneJob is copied onto its child Job.
 KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
 
@@ -431,6 +434,8 @@ def manifest_errors(doc: Any) -> list[str]:
     if not isinstance(meta, dict):
         return errors + ["metadata: must be a mapping"]
     name = meta.get("name")
+    if name is None and isinstance(meta.get("generateName"), str):  # `kubectl create`: the apiserver names it so
+        name = meta["generateName"][:GENERATED_PREFIX_MAX] + "x" * GENERATED_SUFFIX
     if not isinstance(name, str) or not re.fullmatch(NAME_PATTERN, name):
         errors.append(NAME_MESSAGE)
     elif len(name) > MAX_NAME_LENGTH:
