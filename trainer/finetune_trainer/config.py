@@ -518,6 +518,12 @@ class TrainerConfig(ApiModel):
             message="object-detection reads the coco format (or auto), and the coco format is for object-detection",
             field="dataset.format",
         ),
+        Rule(  # a text task would read the images' paths as its texts (and their class folders' names)
+            cel="self.dataset.format != 'imagefolder' || self.model.task == 'image-classification'",
+            holds=lambda c: c.dataset.format != DatasetFormat.IMAGE_FOLDER or c.model.task == Task.IMAGE_CLASSIFICATION,
+            message="the imagefolder format holds images: it is for image-classification",
+            field="dataset.format",
+        ),
         Rule(
             cel="self.model.task != 'object-detection' || !has(self.rearrange.lora)",
             holds=lambda c: c.model.task != Task.OBJECT_DETECTION or c.rearrange.lora is None,
