@@ -142,7 +142,8 @@ def _output_outlives_the_pod(spec: FineTuneJobSpec) -> bool:
     uri = spec.output.uri
     if uri.startswith("pvc://"):
         return True
-    claims = {v.name for v in spec.runtime.volumes if v.persistent_volume_claim}
+    # A claim mounted read-only (on the volume or the mount) cannot take the output.
+    claims = {v.name for v in spec.runtime.volumes if v.persistent_volume_claim and not v.persistent_volume_claim.read_only}
     return spec.runtime.workers == 1 and any(
         m.name in claims and not m.read_only and uri.removeprefix("file://").startswith(m.mount_path.rstrip("/") + "/")
         for m in spec.runtime.volume_mounts
@@ -175,7 +176,8 @@ class FineTuneJobSpec(TrainerConfig):
     rules = TrainerConfig.rules + (
         Rule(
             cel="self.output.uri.startsWith('pvc://') || (self.runtime.workers == 1 && self.runtime.volumeMounts.exists(m, "
-            "!m.readOnly && self.runtime.volumes.exists(v, v.name == m.name && has(v.persistentVolumeClaim)) && "
+            "!m.readOnly && self.runtime.volumes.exists(v, v.name == m.name && has(v.persistentVolumeClaim) && "
+            "!(has(v.persistentVolumeClaim.readOnly) && v.persistentVolumeClaim.readOnly)) && "
             "(self.output.uri.startsWith('file://') ? self.output.uri.substring(7) : self.output.uri)"
             ".startsWith(m.mountPath.endsWith('/') ? m.mountPath : m.mountPath + '/')))",
             holds=_output_outlives_the_pod,
