@@ -288,15 +288,17 @@ def combine(paths: list[Path], out: Path) -> int:
 
 def side_order(sides: list[str], seed: int) -> list[str]:
     """The sides of one seed, the two sides of an equal-recipe pair next to each other (so a run cut short still
-    holds whole pairs); which pair goes first, and which side within a pair, change from seed to seed, so a load that
-    drifts does not favour one side. Sides outside the pairs run last."""
+    holds whole pairs); which unit goes first (a pair, or a side outside the pairs, such as hf-default), and which
+    side within a pair, change from seed to seed, so a load that drifts, or the process's first-side warm-up,
+    favours no side. With two pairs every side goes first once in 4 seeds."""
     pairs = [[a, b] for a, b, _ in EQUAL if a in sides and b in sides]
-    if seed % 2:
-        pairs.reverse()
-    if (seed // 2) % 2:
-        pairs = [pair[::-1] for pair in pairs]
-    ordered = [name for pair in pairs for name in pair]
-    return ordered + [name for name in sides if name not in ordered]
+    paired = {name for pair in pairs for name in pair}
+    units = pairs + [[name] for name in sides if name not in paired]
+    shift = seed % len(units)
+    units = units[shift:] + units[:shift]
+    if (seed // max(len(units), 2)) % 2:
+        units = [unit[::-1] for unit in units]
+    return [name for unit in units for name in unit]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -192,6 +192,22 @@ def test_a_seed_cut_short_leaves_whole_pairs_and_compares_only_seeds_both_sides_
     assert "| ours | hf-lora | 0, 2 | **2.00×**" in report and "| ours-full |" not in report
 
 
+def test_sides_outside_the_equal_pairs_rotate_too() -> None:
+    """ours vs hf-default (the recipe-level run) ran ours first on every seed: a side outside the pairs always ran
+    last, so the order, and the process's first-side warm-up, never rotated for that comparison."""
+    from bench.accuracy import side_order
+
+    orders = [side_order(["ours", "hf-default"], seed) for seed in range(4)]
+    assert [order[0] for order in orders] == ["ours", "hf-default", "ours", "hf-default"]
+    every = ["ours", "hf-lora", "ours-full", "hf-tuned", "hf-default"]
+    orders = [side_order(every, seed) for seed in range(6)]
+    for order in orders:
+        assert sorted(order) == sorted(every)
+        assert abs(order.index("ours") - order.index("hf-lora")) == 1
+        assert abs(order.index("ours-full") - order.index("hf-tuned")) == 1
+    assert {order[0] for order in orders} == set(every)
+
+
 def _run_file(path: Path, seeds: list[int], commit: str = "abc123", clock: str | None = "cpu") -> Path:
     from dataclasses import asdict
 
