@@ -13,6 +13,7 @@ from finetune_operator.api import LENGTH_MESSAGE, NAME_MESSAGE, FineTuneJob, man
 from finetune_trainer.config import TrainerConfig
 
 EXAMPLES = sorted((Path(__file__).parents[1] / "deploy" / "examples").glob("*.yaml"))
+CRD = Path(__file__).parents[1] / "deploy" / "crds" / "finetune.dev_finetunejobs.yaml"
 CORPUS = load_bad_corpus()
 
 
@@ -44,6 +45,19 @@ def test_bad_manifest_is_refused_naming_its_field(case: BadCase) -> None:
     assert not stray, f"{case.name}: errors that do not name {case.field}: {stray}"
 
 
+@pytest.mark.parametrize(("example", "metrics"), [("tiny-causal-lm", ["loss", "perplexity"]),
+                                                  ("shapes-fasterrcnn", ["map", "map50"])])
+def test_a_job_that_names_no_metrics_is_scored_by_its_tasks(example: str, metrics: list[str]) -> None:
+    """The default was accuracy and f1 for every task, in the CRD too: a causal-lm or object-detection job without
+    evaluation.metrics was refused for metrics its author never wrote."""
+    doc = yaml.safe_load((EXAMPLES[0].parent / f"{example}.yaml").read_text())
+    del doc["spec"]["evaluation"]["metrics"]
+    assert FineTuneJob.from_wire(doc).spec.evaluation_metrics == metrics
+    default = yaml.safe_load(CRD.read_text())["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["properties"][
+        "spec"]["properties"]["evaluation"]
+    assert "metrics" not in default.get("default", {}) and "default" not in default["properties"]["metrics"]
+
+
 def test_defaults_are_what_a_user_would_pick() -> None:
     doc = yaml.safe_load(EXAMPLES[0].read_text())
     spec = FineTuneJob.from_wire({"spec": {k: doc["spec"][k] for k in ("model", "dataset", "output")}}).spec
@@ -51,7 +65,7 @@ def test_defaults_are_what_a_user_would_pick() -> None:
     assert spec.training.precision == "auto" and spec.training.batching == "length-bucketed"
     assert spec.adjust.learning_rate == 5e-5 and spec.adjust.freeze.strategy == "none"
     assert spec.rearrange.lora is None and spec.rearrange.head.num_labels == "auto"
-    assert spec.evaluation.metrics == ["accuracy", "f1"] and spec.evaluation.baseline
+    assert spec.evaluation.metrics is None and spec.evaluation_metrics == ["accuracy", "f1"] and spec.evaluation.baseline
     assert spec.runtime.workers == 1 and spec.runtime.processes_per_worker == 1
     assert spec.runtime.resources is None and spec.runtime.image is None  # the operator's configured defaults
     assert spec.backoff_limit == 3 and not spec.suspend

@@ -444,13 +444,14 @@ class EvaluationSpec(ApiModel):
     """Stage 5: measure the model on the test split before (baseline) and after fine-tuning, and on the validation
     split during training."""
 
-    metrics: list[Metric] = Field(
-        default_factory=lambda: [Metric.ACCURACY, Metric.F1],
+    metrics: list[Metric] | None = Field(
+        None,
         min_length=1,
         max_length=4,
         description="accuracy and f1 (macro) for classification; loss and perplexity for classification and "
         "causal-lm; map (COCO mAP over IoU 0.5:0.95), map50 and map75 for object-detection (per-class AP goes "
-        "to the report).",
+        "to the report). The first is the one early stopping watches. Default: the task's (accuracy and f1, loss "
+        "and perplexity for causal-lm, map and map50 for object-detection).",
     )
     baseline: bool = Field(True, description="Also evaluate the model before fine-tuning, to report the gain.")
     batch_size: int | None = Field(None, ge=1, description="Evaluation batch size; default training.batchSize.")
@@ -462,15 +463,24 @@ class OutputSpec(ApiModel):
     uri: Uri = Field(description="Output folder: pvc://<claim>/<path> or an absolute path.")
 
 
+# Unset evaluation.metrics: the task's own (a default that fits every task would leave causal-lm and detection jobs
+# refused for metrics their authors never wrote).
+DEFAULT_METRICS = {Task.CAUSAL_LM: [Metric.LOSS, Metric.PERPLEXITY],
+                   Task.OBJECT_DETECTION: [Metric.MAP, Metric.MAP50]}
+CLASSIFIER_METRICS = [Metric.ACCURACY, Metric.F1]
+
+
 def _classification_metrics_only_for_classifiers(spec: Any) -> bool:
     classifying = {Metric.ACCURACY, Metric.F1}
-    return spec.model.task != Task.CAUSAL_LM or not classifying.intersection(spec.evaluation.metrics)
+    return spec.model.task != Task.CAUSAL_LM or not classifying.intersection(spec.evaluation.metrics or [])
 
 
 DETECTION_METRICS = (Metric.MAP, Metric.MAP50, Metric.MAP75)
 
 
 def _detection_metrics_only_for_detectors(spec: Any) -> bool:
+    if spec.evaluation.metrics is None:
+        return True
     detecting = [m in DETECTION_METRICS for m in spec.evaluation.metrics]
     return all(detecting) if spec.model.task == Task.OBJECT_DETECTION else not any(detecting)
 
@@ -489,7 +499,8 @@ class TrainerConfig(ApiModel):
 
     rules = (
         Rule(
-            cel="self.model.task != 'causal-lm' || !self.evaluation.metrics.exists(m, m == 'accuracy' || m == 'f1')",
+            cel="self.model.task != 'causal-lm' || !has(self.evaluation.metrics)"
+            " || !self.evaluation.metrics.exists(m, m == 'accuracy' || m == 'f1')",
             holds=_classification_metrics_only_for_classifiers,
             message="accuracy and f1 need a classification task; use loss or perplexity for causal-lm",
             field="evaluation.metrics",
@@ -503,8 +514,9 @@ class TrainerConfig(ApiModel):
             field="model.tokenizerUri",
         ),
         Rule(
-            cel="self.model.task == 'object-detection' ? self.evaluation.metrics.all(m, m in ['map', 'map50', 'map75'])"
-            " : !self.evaluation.metrics.exists(m, m in ['map', 'map50', 'map75'])",
+            cel="!has(self.evaluation.metrics) || (self.model.task == 'object-detection'"
+            " ? self.evaluation.metrics.all(m, m in ['map', 'map50', 'map75'])"
+            " : !self.evaluation.metrics.exists(m, m in ['map', 'map50', 'map75']))",
             holds=_detection_metrics_only_for_detectors,
             message="object-detection is scored by map, map50 and map75 (set evaluation.metrics, e.g. [map, map50]), "
             "and only object-detection is",
@@ -537,6 +549,11 @@ class TrainerConfig(ApiModel):
             field="rearrange.prune",
         ),
     )
+
+    @property
+    def evaluation_metrics(self) -> list[Metric]:
+        """evaluation.metrics, or the task's own when it is unset (the apiserver stores it unset)."""
+        return self.evaluation.metrics or list(DEFAULT_METRICS.get(self.model.task, CLASSIFIER_METRICS))
 
     @classmethod
     def from_document(cls, doc: dict[str, Any]) -> TrainerConfig:

@@ -200,8 +200,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
 
     def measure(m: nn.Module, split: Encoded, phase: str | None = None) -> dict[str, float]:
         if not detecting:
-            return evaluate(m, split, collate, task, cfg.evaluation.metrics, eval_size, world, num_labels, dtype)
-        scores, by_category = evaluate_detector(m, split, collate, cfg.evaluation.metrics, eval_size, world,
+            return evaluate(m, split, collate, task, cfg.evaluation_metrics, eval_size, world, num_labels, dtype)
+        scores, by_category = evaluate_detector(m, split, collate, cfg.evaluation_metrics, eval_size, world,
                                                 data.id2label, dtype)
         if phase is not None:
             per_class[phase] = by_category
@@ -275,7 +275,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     progress.bar = progress_bar(steps) if world.main else None
     try:
         state = train_loop(trained, optimizer, scheduler, train_data, collate, cfg.training, task, world, hooks,
-                           cfg.evaluation.metrics[0])
+                           cfg.evaluation_metrics[0])
     finally:
         if progress.bar is not None:
             progress.bar.close()
