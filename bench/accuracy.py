@@ -260,6 +260,12 @@ def combine(paths: list[Path], out: Path) -> int:
                 raise SystemExit(f"bench.accuracy: {key} differ between {paths[0]} and the other runs")
         if run["machine"]["git_commit"] != first["machine"]["git_commit"] or run["sides"].keys() != first["sides"].keys():
             raise SystemExit(f"bench.accuracy: {paths[0]} and the other runs ran other code or other sides")
+        # The same commit can run on another CPU, at another thread count (CPU seconds mean other work then), with
+        # other libraries, or from a tree with uncommitted changes: none of them is the same measurement.
+        for key in ("cpu", "torch_threads", "versions", "git_dirty"):
+            if run["machine"].get(key) != first["machine"].get(key):
+                raise SystemExit(f"bench.accuracy: {paths[0]} and the other runs differ in machine.{key} "
+                                 f"({first['machine'].get(key)} against {run['machine'].get(key)}); combine runs of one")
     seeds = [seed for run in runs for seed in run["seeds"]]
     if len(set(seeds)) != len(seeds):
         raise SystemExit(f"bench.accuracy: a seed appears twice in {', '.join(map(str, paths))}")

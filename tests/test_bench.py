@@ -208,7 +208,8 @@ def test_sides_outside_the_equal_pairs_rotate_too() -> None:
     assert {order[0] for order in orders} == set(every)
 
 
-def _run_file(path: Path, seeds: list[int], commit: str = "abc123", clock: str | None = "cpu") -> Path:
+def _run_file(path: Path, seeds: list[int], commit: str = "abc123", clock: str | None = "cpu",
+              **machine: object) -> Path:
     from dataclasses import asdict
 
     from bench.sides import Settings
@@ -222,7 +223,7 @@ def _run_file(path: Path, seeds: list[int], commit: str = "abc123", clock: str |
                "settings": asdict(Settings()), "eval_rows": 300, "clocks": {},
                "machine": {"git_commit": commit, "git_dirty": False, "nproc": 2, "cpu": "x", "torch_threads": 1,
                            "versions": {"torch": "t", "transformers": "t", "peft": "p"},
-                           "loadavg_at_start": [1.0, 1.0, 1.0]},
+                           "loadavg_at_start": [1.0, 1.0, 1.0], **machine},
                "sides": sides, **({"clock": clock} if clock else {})}  # no clock: a run from before the CPU clock
     path.write_text(json.dumps(payload))
     return path
@@ -245,6 +246,18 @@ def test_runs_of_one_commit_combine_into_one_table_over_their_seeds(tmp_path: Pa
     by_wall = _run_file(tmp_path / "d.json", [4], clock=None)
     with pytest.raises(SystemExit, match="different clocks"):
         main(["--combine", f"{a},{by_wall}", "--out", str(out)])
+
+
+@pytest.mark.parametrize("machine", [{"torch_threads": 2}, {"cpu": "AMD EPYC"}, {"git_dirty": True},
+                                     {"versions": {"torch": "t2", "transformers": "t", "peft": "p"}}])
+def test_runs_of_one_commit_on_other_machines_or_threads_do_not_combine(tmp_path: Path, machine: dict) -> None:
+    """One commit ran on the AMD and on the Intel machine, at 1 and 2 threads: CPU seconds of such runs are other
+    measurements, and their seeds must not pool into one median."""
+    from bench.accuracy import main
+
+    a, b = _run_file(tmp_path / "a.json", [0, 1]), _run_file(tmp_path / "b.json", [2], **machine)
+    with pytest.raises(SystemExit, match=f"machine.{next(iter(machine))}"):
+        main(["--combine", f"{a},{b}", "--out", str(tmp_path / "out")])
 
 
 def test_the_pruning_goals_read_the_mean_accuracy_difference_and_the_median_speedup() -> None:
