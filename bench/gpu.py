@@ -29,6 +29,7 @@ from bench.data import read_corpus
 # Dense bf16 peak FLOP/s by device name (torchtitan's get_peak_flops, plus A10/L4/L40S data sheets).
 # Order matters: the first substring found in the device name wins.
 PEAK_BF16: list[tuple[str, float]] = [
+    ("H200 NVL", 835e12),  # the PCIe card: 1,671 TF with sparsity, as the H100 NVL
     ("H200", 989e12),
     ("H100 NVL", 835e12),
     ("H100 PCIe", 756e12),

@@ -94,6 +94,14 @@ def _payload(head: str = "abc123", started: str = "2026-12-01T04:00:00+00:00") -
     return {"machine": {"git_commit": head, "started_utc": started}}
 
 
+def test_mfu_reads_each_gpu_s_own_dense_bf16_peak() -> None:
+    from bench.gpu import peak_flops
+
+    assert peak_flops("NVIDIA H200") == peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H200 NVL") == peak_flops("NVIDIA H100 NVL") == 835e12  # not the SXM's 989
+    assert peak_flops("NVIDIA A100-SXM4-80GB") == 312e12 and peak_flops("Tesla T4") is None
+
+
 def test_a_result_is_not_recorded_from_a_dirty_tree(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import bench.common
 
