@@ -15,8 +15,10 @@ from pods import HOLD, condition_of, make_pod, release, terminated
 pytestmark = pytest.mark.cluster
 
 NODE = "process-node"
-# Exits 143 on SIGTERM, as a trainer does (Python's default: the signal kills it).
-WORKER = "print('working', flush=True); import time; time.sleep(600)"
+# Exits 143 on SIGTERM, as a trainer does, through a handler: a container's PID 1 without one ignores SIGTERM (and is
+# SIGKILLed after the grace period, 137), which only a PID namespace shows, and the process node has none.
+WORKER = ("import signal, sys, time; signal.signal(signal.SIGTERM, lambda *_: sys.exit(143)); "
+          "print('working', flush=True); time.sleep(600)")
 
 
 def _evict(kube: Kube, namespace: str, name: str) -> None:
