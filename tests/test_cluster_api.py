@@ -57,6 +57,16 @@ def test_example_passes_server_side_dry_run(kube: Kube, crd: dict, module_namesp
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.parametrize("example", ["tiny-causal-lm", "shapes-fasterrcnn"])
+def test_a_job_that_names_no_metrics_is_accepted_for_any_task(kube: Kube, crd: dict, module_namespace: str,
+                                                              example: str) -> None:
+    doc = yaml.safe_load((REPO / "deploy" / "examples" / f"{example}.yaml").read_text())
+    del doc["spec"]["evaluation"]
+    result = kube.apply(doc, module_namespace, "--dry-run=server", "-o", "yaml", check=False)
+    assert result.returncode == 0, result.stderr
+    assert "metrics" not in yaml.safe_load(result.stdout)["spec"]["evaluation"]  # the trainer picks the task's
+
+
 def test_readme_examples_pass_server_side_dry_run(kube: Kube, crd: dict, module_namespace: str) -> None:
     for doc in readme_manifests():
         result = kube.apply(doc, module_namespace, "--dry-run=server", check=False)
