@@ -16,13 +16,14 @@ import tempfile
 import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from bench import data
-from bench.common import clean_commit, command_line, machine, minilm_path, result_stem, write_results
+from bench.common import RESULTS, clean_commit, command_line, machine, minilm_path, result_stem, write_results
 from bench.sides import Settings, auto_precision
 
 # First match wins; an operator in none of them is "other".
@@ -211,8 +212,10 @@ def main(argv: list[str] | None = None) -> int:
                         help="both sides' autocast (default: what our `auto` picks on this CPU)")
     parser.add_argument("--threads", type=int, default=0, help="intra-op threads (0: torch's default, the cores)")
     parser.add_argument("--name", default="profile", help="results file stem under bench/results (a date is added)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="a folder elsewhere takes results of any tree (trials)")
     args = parser.parse_args(argv)
-    clean_commit()
+    if args.out == RESULTS:
+        clean_commit()
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = Settings(seed=args.seed, precision=args.precision)
@@ -233,7 +236,7 @@ def main(argv: list[str] | None = None) -> int:
     payload = {"command": command, "machine": info, "recipe": args.recipe, "settings": asdict(settings),
                "loadavg_per_side": loads, "profiles": [asdict(p) for p in profiles]}
     print(report)
-    print(f"written: {write_results(result_stem(f'{args.name}-{args.recipe}', info), payload, report)}")
+    print(f"written: {write_results(result_stem(f'{args.name}-{args.recipe}', info), payload, report, args.out)}")
     return 0
 
 

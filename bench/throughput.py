@@ -16,6 +16,7 @@ import statistics
 import sys
 import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 import torch
@@ -24,7 +25,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from bench import data
-from bench.common import clean_commit, command_line, machine, minilm_path, result_stem, write_results
+from bench.common import RESULTS, clean_commit, command_line, machine, minilm_path, result_stem, write_results
 
 GOAL = 0.97  # issue 4, item 11 (c)
 
@@ -173,8 +174,10 @@ def main(argv: list[str] | None = None) -> int:
         parser.add_argument("--" + name.replace("_", "-"), type=type(value), default=value)
     parser.add_argument("--sides", default="bare,ours", help=f"from {', '.join(SIDES)}; bare is the reference")
     parser.add_argument("--name", default="throughput", help="results file stem under bench/results (a date is added)")
+    parser.add_argument("--out", type=Path, default=RESULTS, help="a folder elsewhere takes results of any tree (trials)")
     args = parser.parse_args(argv)
-    clean_commit()  # refuse now, not after the rounds
+    if args.out == RESULTS:
+        clean_commit()  # refuse now, not after the rounds
     # The trainer's progress lines (a step line every 10 s), so a long run shows it is alive.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     w = Workload(**{k: getattr(args, k) for k in asdict(Workload())})
@@ -197,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
                "rounds": rounds, "cpu_rounds": cpu,
                "median_ratio_vs_bare": {s: statistics.median(r["bare"] / r[s] for r in rounds) for s in sides if s != "bare"}}
     print(report)
-    print(f"written: {write_results(result_stem(args.name, info), payload, report)}")
+    print(f"written: {write_results(result_stem(args.name, info), payload, report, args.out)}")
     return 0
 
 

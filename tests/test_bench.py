@@ -325,3 +325,47 @@ def test_an_equal_recipe_trains_both_trainers_at_one_precision(tmp_path: Path, p
     for variant in ("hf-lora", "hf-tuned"):
         assert hf_trainer._arguments(settings, variant, str(tmp_path)).bf16 is (precision == "bf16")
     assert hf_trainer._arguments(settings, "hf-default", str(tmp_path)).bf16 is False
+
+
+def test_a_trial_profile_or_throughput_run_writes_outside_the_results_from_any_tree(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """The README's `--out DIR` for trials: profile and throughput had none, so every trial of theirs had to be a
+    kept result from a clean tree."""
+    import torch
+
+    import bench.common
+    from bench import profile, throughput
+
+    _fake_git(monkeypatch, status=" M bench/profile.py")
+
+    def side(shared: object, settings: object, recipe: str, rec: profile.Recorder) -> None:
+        with rec.prof:
+            for _ in range(rec.warmup + rec.steps):
+                torch.ones(4).add_(1)
+                rec.step()
+
+    monkeypatch.setattr(profile, "SIDES", {"ours": side, "hf": side})
+    monkeypatch.setattr(profile.data, "load", lambda *args: None)
+    assert profile.main(["--warmup", "1", "--steps", "2", "--precision", "fp32", "--out", str(tmp_path)]) == 0
+    assert list(tmp_path.glob("profile-lora-*.json"))
+    with pytest.raises(SystemExit, match="uncommitted changes"):
+        profile.main(["--precision", "fp32"])
+
+    class Shared:
+        def __init__(self, w: object) -> None:
+            self.encoded = type("E", (), {"features": [[1, 2]]})()
+
+        def batch_order(self) -> list[list[int]]:
+            return [[0]]
+
+    def clock(shared: object, limit: int | None = None) -> object:
+        return type("C", (), {"wall": 1.0, "cpu": 1.0})()
+
+    monkeypatch.setattr(throughput, "Shared", Shared)
+    monkeypatch.setattr(throughput, "run_bare", clock)
+    monkeypatch.setattr(throughput, "SIDES", {"bare": clock, "ours": clock})
+    assert throughput.main(["--rounds", "2", "--out", str(tmp_path)]) == 0
+    assert list(tmp_path.glob("throughput-*.json"))
+    with pytest.raises(SystemExit, match="uncommitted changes"):
+        throughput.main(["--rounds", "2"])
+    assert bench.common.RESULTS != tmp_path
