@@ -225,7 +225,7 @@ def markdown(results: dict[str, list[SideResult]], comparisons: dict[str, Any], 
         steps = statistics.median(r.steps_to(target) or math.inf for r in runs)
         lines.append(f"| {name} | {statistics.median(per_step(r, clock) for r in runs):.2f} | "
                      f"{statistics.median(per_step(r, 'wall') for r in runs):.2f} | {mean_final(runs):.3f} | "
-                     f"{num(steps, 0)} | " + " | ".join(fmt(median_time(runs, t, clock), 1) for t in targets) + " |")
+                     f"{num(steps, 1 if steps % 1 else 0)} | " + " | ".join(fmt(median_time(runs, t, clock), 1) for t in targets) + " |")
     lines += ["", "## Every run", "",
               f"| side | seed | load before/after | steps | train {clock} s | train wall s | {clock} s/step | "
               f"wall s/step | side's wall s | final acc | steps to {target:.2f} | {clock} s to "

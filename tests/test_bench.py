@@ -369,3 +369,20 @@ def test_a_trial_profile_or_throughput_run_writes_outside_the_results_from_any_t
     with pytest.raises(SystemExit, match="uncommitted changes"):
         throughput.main(["--rounds", "2"])
     assert bench.common.RESULTS != tmp_path
+
+
+def test_a_median_step_count_between_two_evaluations_is_not_rounded_away() -> None:
+    """Two seeds at 10 and 15 steps have a median of 12.5; the table printed 12 (and 17.5 as 18), which the README
+    then quoted."""
+    from dataclasses import replace
+
+    from bench.accuracy import markdown
+    from bench.sides import Settings
+
+    runs = [replace(_side("ours", 0.5, [(at, 0.6)]), seed=s) for s, at in ((0, 10), (1, 15))]
+    for r in runs:
+        r.notes.update(loadavg_before=[1.0] * 3, loadavg_after=[1.0] * 3)
+    info = {"git_commit": "abc", "git_dirty": False, "nproc": 2, "cpu": "x", "torch_threads": 1,
+            "versions": {"torch": "t", "transformers": "t", "peft": "p"}, "loadavg_at_start": [1.0] * 3}
+    report = markdown({"ours": runs}, {}, Settings(), [0, 1], [0.57], info, "cmd", 300)
+    assert "| 0.600 | 12.5 |" in report
