@@ -111,6 +111,19 @@ def malformed_csv(folder: Path) -> Path:
     return path
 
 
+def test_more_processes_than_gpus_is_the_users_mistake(tmp_path: Path, termination: Path,
+                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """Local rank 1 of a worker that has one GPU (simulated: there is none here) failed on CUDA's "invalid device
+    ordinal" before the pipeline wrote any termination message, which reads as infrastructure: retried."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert run(tiny_classifier_doc(tmp_path / "out"), tmp_path) == 1
+    sent = json.loads(termination.read_text())
+    assert (sent["exitCode"], sent["reason"], sent["stage"]) == (1, "InvalidConfig", "Starting")
+    assert sent["message"].startswith("runtime.processesPerWorker: this worker runs more processes than it has GPUs (1)")
+
+
 def test_failures_that_are_not_the_users_never_exit_1(tmp_path: Path, termination: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A GPU running out of memory (simulated: there is none here) and a broken install are infrastructure."""

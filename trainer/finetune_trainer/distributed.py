@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
+from finetune_trainer.errors import ConfigError
+
 
 @dataclass(frozen=True)
 class World:
@@ -44,6 +46,9 @@ def join() -> World:
     size = int(os.environ.get("WORLD_SIZE", "1"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
+    if cuda and local_rank >= (gpus := torch.cuda.device_count()):  # else CUDA's "invalid device ordinal": retried
+        raise ConfigError(f"runtime.processesPerWorker: this worker runs more processes than it has GPUs ({gpus}): "
+                          "at most one process per GPU (nvidia.com/gpu in runtime.resources.limits)")
     device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
     if cuda:
         torch.cuda.set_device(device)

@@ -94,7 +94,11 @@ class Progress:
 
 def run(cfg: TrainerConfig, output_dir: Path) -> dict[str, Any]:
     """Run the whole pipeline; see the module docstring for the report it returns and writes."""
-    world = distributed.join()
+    try:
+        world = distributed.join()
+    except BaseException as exc:
+        failed(Stage.STARTING, exc, {})
+        raise
     metrics = Metrics()
     progress = Progress(metrics, world.main)
     if world.main:
@@ -115,13 +119,18 @@ def run(cfg: TrainerConfig, output_dir: Path) -> dict[str, Any]:
                            "exitCode": EXIT_OK, **progress.message})
         return report
     except BaseException as exc:
-        write_termination({"stage": progress.stage.value, "reason": reason_of(exc), "message": describe(exc),
-                           "exitCode": exit_code_of(exc), **progress.message})
+        failed(progress.stage, exc, progress.message)
         raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         metrics.close()
+
+
+def failed(stage: Stage, exc: BaseException, progress: dict[str, Any]) -> None:
+    """The termination message of a run that `exc` stopped in `stage` (the operator reads its exit code)."""
+    write_termination({"stage": stage.value, "reason": reason_of(exc), "message": describe(exc),
+                       "exitCode": exit_code_of(exc), **progress})
 
 
 def outcome(report: dict[str, Any]) -> str:
