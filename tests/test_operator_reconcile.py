@@ -181,6 +181,22 @@ def test_a_pruned_model_brings_its_layer_scores_size_and_latency_into_status() -
     FineTuneJobStatus.from_wire(status)  # what the operator writes, the CRD's schema accepts
 
 
+def test_a_reason_or_code_the_status_schema_refuses_is_replaced_not_sent() -> None:
+    """One bad value in a trainer's message (another version's, a user's own image) got the whole status patch
+    refused by the apiserver: the job kept its old status for ever."""
+    from finetune_operator.api import FineTuneJobStatus
+
+    message = {"stage": "Training", "reason": "bad reason!", "message": "it broke", "exitCode": 1,
+               "analysis": {"findings": [{"severity": "warning", "code": "not-camel", "message": "odd"},
+                                         {"severity": "info", "code": "Fine" * 20, "message": "long"}]}}
+    seen = Observed(body({"attempts": 1}), [job(failure={"reason": "BackoffLimitExceeded", "message": ""})],
+                    [pod(phase="Failed", exit_code=1, message=message)], NOW)
+    status = after(decide(seen))
+    assert status["reason"] == "TrainerError" and status["phase"] == "Failed"
+    assert [f["code"] for f in status["analysis"]["findings"]] == ["Finding", "Finding"]
+    FineTuneJobStatus.from_wire(status)  # what the operator writes, the CRD's schema accepts
+
+
 def test_a_user_error_fails_at_once_with_the_trainers_reason() -> None:
     message = {"stage": "Loading", "reason": "InvalidDataset", "message": "data/x.csv: does not exist", "exitCode": 1}
     seen = Observed(body({"attempts": 1}), [job(failure={"reason": "BackoffLimitExceeded", "message": ""})],

@@ -204,6 +204,12 @@ class FineTuneJobSpec(TrainerConfig):
 MESSAGE_MAX = 1024
 REASON_PATTERN = r"^[A-Z][A-Za-z0-9]*$"
 Reason = Annotated[str, Field(min_length=1, max_length=64, pattern=REASON_PATTERN)]
+
+
+def reason_or(value: Any, fallback: str) -> str:
+    """`value` when the status schema takes it as a reason or a finding's code, else `fallback`: one from a trainer
+    image of another version (or a user's own) must not get the whole status patch refused."""
+    return value if isinstance(value, str) and len(value) <= 64 and re.fullmatch(REASON_PATTERN, value) else fallback
 Message = Annotated[str, Field(max_length=MESSAGE_MAX)]
 MetricValues = Annotated[dict[str, float], Field(max_length=16)]
 

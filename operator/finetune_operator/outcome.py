@@ -227,13 +227,13 @@ def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
     _, _, code, pod, message = min(causes, key=lambda c: c[:2])
     term = pod["terminated"]
     if code == EXIT_USER_ERROR:
-        reason = message.get("reason") or "TrainerError"
+        reason = api.reason_or(message.get("reason"), "TrainerError")
         text = message.get("message") or f"the trainer exited {code} (see `kubectl logs {pod['name']}`)"
         return Outcome(State.FAILED, reason, text, Retry.NEVER, result=message)
     if term.get("reason") == "OOMKilled":
         return Outcome(State.FAILED, "OOMKilled", f"pod {pod['name']} ran out of memory (exit {term['exitCode']})",
                        Retry.COUNTED, result=message)
-    reason = message.get("reason") or "WorkerFailed"
+    reason = api.reason_or(message.get("reason"), "WorkerFailed")
     text = message.get("message") or f"pod {pod['name']} exited {code}"
     return Outcome(State.FAILED, reason, text, Retry.COUNTED, result=message)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Any
 
-from finetune_operator.api import MAX_FINDINGS, MAX_LAYERS, MESSAGE_MAX, ConditionType, Phase
+from finetune_operator.api import MAX_FINDINGS, MAX_LAYERS, MESSAGE_MAX, ConditionType, Phase, reason_or
 from finetune_operator.outcome import NOT_CREATED, STUCK_WAITING
 
 T = ConditionType
@@ -160,7 +160,7 @@ def analysis_of(result: dict[str, Any]) -> dict[str, Any] | None:
     severity = {"fatal": 0, "warning": 1, "info": 2}
     findings = [f for f in analysis.get("findings") or [] if isinstance(f, dict) and f.get("severity") in severity]
     findings.sort(key=lambda f: severity[f["severity"]])
-    out["findings"] = [{"severity": f["severity"], "code": str(f.get("code", "Finding"))[:64],
+    out["findings"] = [{"severity": f["severity"], "code": reason_or(f.get("code"), "Finding"),
                         "message": short(str(f.get("message", "")))} for f in findings[:MAX_FINDINGS]]
     return out
 
