@@ -281,3 +281,15 @@ def test_a_repo_of_subsets_needs_one_named(tmp_path: Path, monkeypatch: pytest.M
     assert len(data.train.inputs) + len(data.validation.inputs) == 20
     with pytest.raises(DataError, match="org/glue has no folder 'mnli'"):
         load_dataset(spec("hf://org/glue/mnli"), Task.SEQUENCE_CLASSIFICATION, 0)
+
+
+@pytest.mark.parametrize("task", [Task.SEQUENCE_CLASSIFICATION, Task.CAUSAL_LM])
+def test_a_text_task_refuses_the_image_folder_auto_finds(tmp_path: Path, task: Task) -> None:
+    """It read the images' file paths as the texts, their class folders inside them: a classifier could learn the
+    labels from the paths."""
+    for label in ("cat", "dog"):
+        (tmp_path / label).mkdir()
+        for i in range(3):
+            (tmp_path / label / f"{i}.png").write_bytes(b"\x89PNG")
+    with pytest.raises(DataError, match=r"holds images \(imagefolder\), not texts; point dataset.uri at texts"):
+        load_dataset(spec(tmp_path), task, seed=0)

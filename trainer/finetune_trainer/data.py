@@ -51,7 +51,8 @@ class LabelledData:
 
 
 def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
-    fmt, tables = read_dataset(spec, "dataset")
+    # A text task would read an image folder's file paths as its texts, and their class folders as the answer.
+    fmt, tables = read_dataset(spec, "dataset", texts_only=task != Task.IMAGE_CLASSIFICATION)
     input_field = IMAGE_COLUMN if fmt == DatasetFormat.IMAGE_FOLDER else spec.text_field
     label_field = None if task == Task.CAUSAL_LM else ("label" if fmt == DatasetFormat.IMAGE_FOLDER else spec.label_field)
     columns = [c for c in (input_field, label_field) if c is not None]
