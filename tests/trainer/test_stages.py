@@ -420,6 +420,8 @@ def test_vits_position_embedding_and_class_token_get_no_weight_decay() -> None:
     decay_of = {n: g["weight_decay"] for g in groups for n in g["param_names"]}
     assert decay_of["net.encoder.pos_embedding"] == decay_of["net.class_token"] == 0.0
     assert decay_of["net.conv_proj.weight"] == decay_of["net.encoder.layers.encoder_layer_0.mlp.0.weight"] == 0.01
+    # The attention's query-key-value projection is held beside its output projection, and is a layer's weight.
+    assert decay_of["net.encoder.layers.encoder_layer_0.self_attention.in_proj_weight"] == 0.01
 
 def test_lora_on_the_default_candidates_of_a_network_with_depthwise_convolutions_trains_and_merges() -> None:
     """MobileNet's depthwise convolutions are no candidates: peft refused them at rank 4 (groups=16), which failed

@@ -48,17 +48,21 @@ def adaptable(candidates: list[str], spec: FreezeSpec, depth: Depth, head: str |
     return [name for name in candidates if not frozen_by(spec, name + ".weight", depth, head)]
 
 
-def no_decay_names(model: nn.Module) -> set[str]:
-    """Biases, norm weights and embeddings: decaying them toward zero hurts and regularises nothing.
+# Parameters held beside submodules that are embeddings or scales, not a layer's weight: ViT's position embedding
+# and class token, Swin's relative position tables, ConvNeXt's layer scales (timm's no_weight_decay names them so).
+# nn.MultiheadAttention's in_proj_weight is held there too, and is a layer's weight.
+EMBEDDING_LIKE = re.compile(r"pos|token|embed|relative_position|scale")
 
-    A parameter held beside submodules is no layer's weight but an embedding (ViT's position embedding and class
-    token) or a scale (ConvNeXt's layer scale), as timm exempts them too."""
+
+def no_decay_names(model: nn.Module) -> set[str]:
+    """Biases, norm weights and embeddings (EMBEDDING_LIKE too): decaying them toward zero hurts and regularises
+    nothing."""
     names = set()
     for module_name, module in model.named_modules():
-        exempt = (isinstance(module, nn.Embedding) or "Norm" in type(module).__name__
-                  or any(True for _ in module.children()))
+        exempt = isinstance(module, nn.Embedding) or "Norm" in type(module).__name__
+        beside = any(True for _ in module.children())
         for name, p in module.named_parameters(recurse=False):
-            if exempt or p.dim() < 2:
+            if exempt or p.dim() < 2 or (beside and EMBEDDING_LIKE.search(name)):
                 names.add(f"{module_name}.{name}" if module_name else name)
     return names
 
