@@ -91,6 +91,20 @@ def test_pruning_every_layer_is_refused_naming_the_field(spec: dict) -> None:
         prune.chosen_layers([0.3, 0.05, 0.2, 0.01, 0.5, 0.9], PruneSpec.model_validate(spec))
 
 
+def test_a_model_without_one_layer_count_is_refused_naming_the_field_and_left_whole() -> None:
+    """Funnel's layers sit in blocks that pool between them: its config has no settable layer count, which raised
+    NotImplementedError (exit 2, retried) after its layer list was already shortened."""
+    from transformers import FunnelConfig, FunnelForSequenceClassification
+
+    model = FunnelForSequenceClassification(FunnelConfig(vocab_size=100, block_sizes=[2, 2], d_model=32, n_head=2,
+                                                         d_head=16, d_inner=64, num_labels=3))
+    blocks = model.funnel.encoder.blocks
+    with pytest.raises(ConfigError, match=r"rearrange.prune: FunnelForSequenceClassification cannot be pruned by "
+                                          r"layers \(This model does not support the setting of `num_hidden_layers`"):
+        prune.remove_layers(model, Task.SEQUENCE_CLASSIFICATION, [1])
+    assert model.funnel.encoder.blocks is blocks and len(blocks) == 2
+
+
 def test_pruning_removes_exactly_the_chosen_layers_and_the_export_reloads_with_the_same_logits(minilm,
                                                                                                tmp_path: Path) -> None:
     from transformers import AutoModelForSequenceClassification

@@ -182,15 +182,19 @@ def remove_layers(model: nn.Module, task: Task, drop: list[int]) -> None:
     if found is None:
         raise ConfigError(f"rearrange.prune: a {task.value} model has no stack of transformer layers to prune")
     prefix, layers = found
+    config = getattr(model, "config", None)
+    if config is not None:
+        try:  # before the model changes: GPT-2's n_layer through its attribute_map
+            config.num_hidden_layers = len(layers) - len(drop)
+        except NotImplementedError as exc:  # Funnel's blocks, ProphetNet's encoder and decoder: no one layer count
+            raise ConfigError(f"rearrange.prune: {type(model).__name__} cannot be pruned by layers ({exc})") from exc
     kept = nn.ModuleList(layer for i, layer in enumerate(layers) if i not in drop)
     model.set_submodule(prefix, kept)
     for i, layer in enumerate(kept):  # attention caches are indexed by layer (GPT-2, Llama)
         for module in layer.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = i
-    config = getattr(model, "config", None)
     if config is not None:
-        config.num_hidden_layers = len(kept)  # GPT-2's n_layer through its attribute_map
         # A list with an entry per layer (layer_types, mlp_layer_types, SmolLM3's no_rope_layers) keeps the kept
         # layers' entries: from_pretrained builds layer i as entry i says.
         for key, value in config.to_dict().items():
