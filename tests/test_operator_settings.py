@@ -32,6 +32,17 @@ def test_flags_win_over_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
     assert ours.namespaces == ("team-a", "team-b") and ours.trainer_image == "from-flag:2"
     assert ours.poll_seconds == 5.0 and ours.trainer_resources.limits == {"nvidia.com/gpu": 1}
     assert parse(["--namespace", "x", "--namespace", "y"]).namespaces == ("x", "y")
+    # The flag takes what its variable takes: it refused "x,y" as one invalid name.
+    assert parse(["--namespace", "x,y", "--namespace", "z"]).namespaces == ("x", "y", "z")
+
+
+def test_a_bad_value_from_the_environment_names_its_variable(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FINETUNE_OPERATOR_POLL_SECONDS", "0")
+    with pytest.raises(SystemExit, match="invalid settings: FINETUNE_OPERATOR_POLL_SECONDS: "):
+        parse([])
+    monkeypatch.setenv("FINETUNE_OPERATOR_TRAINER_RESOURCES", "{nope")
+    with pytest.raises(SystemExit, match="invalid settings: FINETUNE_OPERATOR_TRAINER_RESOURCES: not JSON"):
+        parse([])
 
 
 def test_trainer_pod_annotations_are_a_json_object(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -23,7 +23,7 @@ class Settings(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     namespaces: tuple[str, ...] = Field(
-        (), description="Namespaces to watch (repeat the flag); none: the whole cluster."
+        (), description="Namespaces to watch (repeat the flag, or separate them by commas); none: the whole cluster."
     )
     trainer_image: str = Field(
         "ghcr.io/finetune-dev/trainer:0.1.0", min_length=1, description="Trainer image for jobs that name none."
@@ -69,9 +69,12 @@ def flag(name: str) -> str:
 
 def _from_env(name: str) -> Any:
     raw = os.environ.get(ENV_PREFIX + name.upper())
-    if raw is not None and _is_list(name):
-        return tuple(part for part in raw.replace(",", " ").split() if part)
-    return raw
+    return _items([raw]) if raw is not None and _is_list(name) else raw
+
+
+def _items(values: list[str]) -> tuple[str, ...]:
+    """A list's values, each of which may hold several, separated by commas or spaces (--namespace a,b)."""
+    return tuple(part for value in values for part in value.replace(",", " ").split())
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -84,24 +87,27 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def from_arguments(args: argparse.Namespace) -> Settings:
-    """Flags win over the environment, which wins over the defaults; a bad value names its flag."""
+    """Flags win over the environment, which wins over the defaults; a bad value names its flag, or its variable."""
     values: dict[str, Any] = {}
+    where: dict[str, str] = {}
     for name in Settings.model_fields:
-        value = getattr(args, name)
+        value, where[name] = getattr(args, name), flag(name)
         if value is None:
-            value = _from_env(name)
+            value, where[name] = _from_env(name), ENV_PREFIX + name.upper()
         if value is None:
             continue
         if name in JSON_FIELDS and isinstance(value, str):
             try:
                 value = json.loads(value)
             except json.JSONDecodeError as exc:
-                raise SystemExit(f"finetune-operator: invalid settings: {flag(name)}: not JSON ({exc})") from exc
+                raise SystemExit(f"finetune-operator: invalid settings: {where[name]}: not JSON ({exc})") from exc
+        if _is_list(name) and isinstance(value, list):  # the flag's values, once per flag
+            value = _items(value)
         values[name] = tuple(value) if isinstance(value, list) else value
     try:
         return Settings.model_validate(values)
     except ValidationError as exc:
         problems = "; ".join(
-            flag(str(e["loc"][0])) + "".join(f".{part}" for part in e["loc"][1:] if isinstance(part, str)) + f": {e['msg']}"
-            for e in exc.errors())
+            where[str(e["loc"][0])] + "".join(f".{part}" for part in e["loc"][1:] if isinstance(part, str))
+            + f": {e['msg']}" for e in exc.errors())
         raise SystemExit(f"finetune-operator: invalid settings: {problems}") from exc
