@@ -20,7 +20,7 @@ from typing import Any, NoReturn
 import yaml
 from pydantic import ValidationError
 
-from finetune_trainer.errors import EXIT_OK, EXIT_USER_ERROR, Terminated, UserError, describe, exit_code_of, reason_of
+from finetune_trainer.errors import EXIT_OK, EXIT_USER_ERROR, Terminated, UserError, exit_code_of
 
 log = logging.getLogger("finetune_trainer")
 
@@ -65,10 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         log.exception("infrastructure failure")
         with contextlib.suppress(Exception):
             from finetune_trainer.config import Stage
-            from finetune_trainer.telemetry import write_termination
+            from finetune_trainer.telemetry import write_failure
 
-            write_termination({"stage": Stage.STARTING.value, "reason": reason_of(exc), "message": describe(exc),
-                               "exitCode": exit_code_of(exc)})
+            write_failure(Stage.STARTING, exc)
         return exit_code_of(exc)
 
 

@@ -36,13 +36,13 @@ from finetune_trainer.detection import analysis as detection_analysis
 from finetune_trainer.detection.coco import load_coco
 from finetune_trainer.detection.metrics import evaluate_detector
 from finetune_trainer.detection.models import check_batch_size, load_detector, resize_head
-from finetune_trainer.errors import EXIT_OK, ConfigError, Terminated, describe, exit_code_of, reason_of
+from finetune_trainer.errors import EXIT_OK, ConfigError, Terminated
 from finetune_trainer.evaluate import deltas, evaluate
 from finetune_trainer.lora_fused import fuse
 from finetune_trainer.models import check_positions, check_vocabulary, load_model, load_tokenizer
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
 from finetune_trainer.structure import depth, head_name, lora_candidates
-from finetune_trainer.telemetry import Metrics, write_termination
+from finetune_trainer.telemetry import Metrics, write_failure, write_termination
 from finetune_trainer.train import (Hooks, LoopState, autocast_dtype, make_optimizer, make_scheduler, precision_name,
                                     steps_per_epoch, total_steps, train_loop)
 
@@ -97,7 +97,7 @@ def run(cfg: TrainerConfig, output_dir: Path) -> dict[str, Any]:
     try:
         world = distributed.join()
     except BaseException as exc:
-        failed(Stage.STARTING, exc, {})
+        write_failure(Stage.STARTING, exc)
         raise
     metrics = Metrics()
     progress = Progress(metrics, world.main)
@@ -119,18 +119,12 @@ def run(cfg: TrainerConfig, output_dir: Path) -> dict[str, Any]:
                            "exitCode": EXIT_OK, **progress.message})
         return report
     except BaseException as exc:
-        failed(progress.stage, exc, progress.message)
+        write_failure(progress.stage, exc, progress.message)
         raise
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
         metrics.close()
-
-
-def failed(stage: Stage, exc: BaseException, progress: dict[str, Any]) -> None:
-    """The termination message of a run that `exc` stopped in `stage` (the operator reads its exit code)."""
-    write_termination({"stage": stage.value, "reason": reason_of(exc), "message": describe(exc),
-                       "exitCode": exit_code_of(exc), **progress})
 
 
 def outcome(report: dict[str, Any]) -> str:

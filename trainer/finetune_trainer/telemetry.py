@@ -35,7 +35,7 @@ from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
 from finetune_trainer.config import Stage
-from finetune_trainer.errors import EXIT_OK, EXIT_TERMINATED, EXIT_USER_ERROR
+from finetune_trainer.errors import EXIT_OK, EXIT_TERMINATED, EXIT_USER_ERROR, describe, exit_code_of, reason_of
 
 log = logging.getLogger(__name__)
 
@@ -231,6 +231,12 @@ def precedence(message: dict[str, Any]) -> int:
     the consequence of another rank's failure), then an infrastructure failure, then SIGTERM (which torchrun sends
     to every worker once one of them has failed)."""
     return {EXIT_OK: 3, EXIT_USER_ERROR: 2, EXIT_TERMINATED: 0}.get(message.get("exitCode"), 1)
+
+
+def write_failure(stage: Stage, exc: BaseException, progress: dict[str, Any] | None = None) -> None:
+    """The termination message of a run that `exc` stopped in `stage` (the operator reads its exit code)."""
+    write_termination({"stage": stage.value, "reason": reason_of(exc), "message": describe(exc),
+                       "exitCode": exit_code_of(exc), **(progress or {})})
 
 
 def write_termination(message: dict[str, Any]) -> None:
