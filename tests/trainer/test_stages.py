@@ -462,6 +462,24 @@ def test_an_exported_image_classifier_loads_again_as_model_uri(pvc_root: Path, t
         torch.testing.assert_close(logits_of(reloaded.eval(), batch.inputs), logits_of(model.eval(), batch.inputs))
 
 
+def test_an_image_classifier_with_a_head_wider_than_its_labels_loads_again(tmp_path: Path) -> None:
+    """rearrange.head.numLabels may exceed the dataset's labels; config.json's numLabels is the head's size, which
+    the weights have, not the label count."""
+    from finetune_trainer.config import TrainerConfig
+
+    labels = {0: "a", 1: "b", 2: "c"}
+    spec = ModelSpec(task="image-classification", architecture="resnet18")
+    model = load_model(spec, None, seed=0)
+    new_head(model, "net.fc", 5, labels, reinitialize=False)
+    cfg = TrainerConfig.model_validate({"model": spec.to_wire(), "dataset": {"uri": "pvc://data/digits"},
+                                        "rearrange": {"head": {"numLabels": 5}}, "output": {"uri": str(tmp_path)}})
+    export_model(model, None, labels, cfg, tmp_path)
+    reloaded = load_vision_model(ModelSpec(task="image-classification", uri=str(tmp_path)))
+    pixels = torch.rand(2, 3, 32, 32)
+    torch.testing.assert_close(logits_of(reloaded.eval(), {"pixel_values": pixels}),
+                               logits_of(model.eval(), {"pixel_values": pixels}))
+
+
 
 def test_the_weights_a_step_saves_for_its_backward_are_no_activations() -> None:
     """A Linear saves Wᵀ, a view of its weight, for the backward: counted as an activation it doubled the weights

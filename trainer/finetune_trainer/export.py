@@ -18,6 +18,7 @@ from torch import nn
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.detection.models import Detector, class_count
 from finetune_trainer.models import ImageClassifier
+from finetune_trainer.structure import head_name
 
 log = logging.getLogger(__name__)
 
@@ -31,8 +32,10 @@ def export_model(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg
         model.save_pretrained(out / "adapter")
     elif isinstance(model, ImageClassifier):
         save_model(model.net, str(out / "model.safetensors"))
+        # The head's size, which the weights have: rearrange.head.numLabels may exceed the dataset's labels.
+        head = model.get_submodule(head_name(model, cfg.model.task))
         config = {"architecture": model.architecture, "task": cfg.model.task.value, "config": cfg.model.config,
-                  "numLabels": len(id2label)}
+                  "numLabels": head.out_features}
         (out / "config.json").write_text(json.dumps(config, indent=2))
     elif isinstance(model, Detector):  # detection.models.load_exported reads it back
         save_model(model.net, str(out / "model.safetensors"))
