@@ -5,9 +5,18 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
+from pathlib import Path
 
-from finetune_operator import api
+import pytest
+import urllib3
+import yaml
+from kubernetes.config import kube_config
+
+from fault_servers import FaultServer
+from finetune_operator import api, clients
 from finetune_operator.clients import api_path
+from operator_fixture import free_port
 
 
 def test_the_paths_are_the_apiservers() -> None:
@@ -24,3 +33,26 @@ def test_the_generated_api_classes_are_never_imported() -> None:
             "print(sorted(m for m in sys.modules if m.startswith('kubernetes.client.api.')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "[]"
+
+
+def test_an_apiserver_that_never_answers_fails_the_call_instead_of_hanging_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                              ) -> None:
+    """A connection the apiserver end dropped silently (a replaced apiserver, a NAT timeout) never answers: without
+    a timeout the handler thread waits for ever, holding the namespace's Warnings lock and a thread of kopf's pool."""
+    port = free_port()
+    server = FaultServer("127.0.0.1", port, "hang")
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+    monkeypatch.setattr(clients, "REQUEST_TIMEOUT_SECONDS", 0.5)
+    started = time.monotonic()
+    try:
+        with pytest.raises(urllib3.exceptions.HTTPError):
+            clients.Clients(connections=1).call("GET", api_path("team-a", "events"))
+    finally:
+        server.close()
+    assert time.monotonic() - started < 10

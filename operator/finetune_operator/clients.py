@@ -8,6 +8,10 @@ from urllib.parse import quote
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+# Each connect and each wait for the answer's next bytes: a connection the apiserver's end dropped silently (it was
+# replaced, a NAT forgot the flow) never answers, and without a limit the handler thread waited for ever.
+REQUEST_TIMEOUT_SECONDS = 30.0
+
 
 class Clients:
     """The handful of API calls the handlers make, through the kubernetes client's ApiClient (its configuration,
@@ -31,7 +35,7 @@ class Clients:
         request = self.api.param_serialize(
             method, path, query_params=list(query.items()), body=body, auth_settings=["BearerToken"],
             header_params={"Accept": "application/json", "Content-Type": "application/json"})
-        response = self.api.call_api(*request)
+        response = self.api.call_api(*request, _request_timeout=REQUEST_TIMEOUT_SECONDS)
         response.read()
         if not 200 <= response.status <= 299:
             raise ApiException.from_response(http_resp=response, body=None, data=None)
