@@ -480,6 +480,25 @@ def test_an_image_classifier_with_a_head_wider_than_its_labels_loads_again(tmp_p
                                logits_of(model.eval(), {"pixel_values": pixels}))
 
 
+def test_an_image_classifier_fine_tuned_again_from_its_export_keeps_its_builder_settings(tmp_path: Path) -> None:
+    """A job whose model.uri is an export (model.config unset) builds the network with the settings that export's
+    config.json records; its own export records them again, else that one builds another network."""
+    from finetune_trainer.config import TrainerConfig
+
+    labels = {i: str(i) for i in range(10)}
+    pixels = {"pixel_values": torch.rand(2, 3, 32, 32)}
+    spec = ModelSpec(task="image-classification", architecture="mobilenet_v3_small",
+                     config={"reduced_tail": True, "num_classes": 10})
+    for out in (tmp_path / "first", tmp_path / "second"):
+        model = load_model(spec, None, seed=0)
+        cfg = TrainerConfig.model_validate({"model": spec.to_wire(), "dataset": {"uri": "pvc://data/digits"},
+                                            "output": {"uri": str(out)}})
+        export_model(model, None, labels, cfg, out)
+        spec = ModelSpec(task="image-classification", uri=str(out))
+        reloaded = load_vision_model(spec)
+        torch.testing.assert_close(logits_of(reloaded.eval(), pixels), logits_of(model.eval(), pixels))
+
+
 
 def test_the_weights_a_step_saves_for_its_backward_are_no_activations() -> None:
     """A Linear saves Wᵀ, a view of its weight, for the backward: counted as an activation it doubled the weights

@@ -34,7 +34,7 @@ def export_model(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg
         save_model(model.net, str(out / "model.safetensors"))
         # The head's size, which the weights have: rearrange.head.numLabels may exceed the dataset's labels.
         head = model.get_submodule(head_name(model, cfg.model.task))
-        config = {"architecture": model.architecture, "task": cfg.model.task.value, "config": cfg.model.config,
+        config = {"architecture": model.architecture, "task": cfg.model.task.value, "config": model.builder_kwargs,
                   "numLabels": head.out_features}
         (out / "config.json").write_text(json.dumps(config, indent=2))
     elif isinstance(model, Detector):  # detection.models.load_exported reads it back

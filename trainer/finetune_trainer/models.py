@@ -31,10 +31,11 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth
 class ImageClassifier(nn.Module):
     """A torchvision network called like a transformers model: keyword inputs in, logits out."""
 
-    def __init__(self, net: nn.Module, architecture: str) -> None:
+    def __init__(self, net: nn.Module, architecture: str, builder_kwargs: dict[str, Any] | None = None) -> None:
         super().__init__()
         self.net = net
         self.architecture = architecture
+        self.builder_kwargs = builder_kwargs or {}  # what built `net`; the export records them
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.net(pixel_values)
@@ -142,7 +143,7 @@ def load_vision_model(spec: ModelSpec) -> ImageClassifier:
             net.load_state_dict(read_state_dict(weight_file(path)))
         except RuntimeError as exc:
             raise ModelError(f"model {spec.uri}: its weights do not fit {architecture} ({exc})") from exc
-    return ImageClassifier(net, architecture)
+    return ImageClassifier(net, architecture, kwargs)
 
 
 def exported_config(path: Path | None) -> dict[str, Any] | None:
