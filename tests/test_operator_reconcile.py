@@ -13,7 +13,7 @@ import yaml
 
 from finetune_operator import outcome
 from finetune_operator.reconcile import Observed, decide, pod_warning
-from finetune_operator.status import merged, status_patch
+from finetune_operator.status import evaluation_of, merged, status_patch
 
 NOW = datetime(2026, 12, 1, 12, 0, 0)
 EXAMPLE = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "examples" / "minilm-sentiment.yaml").read_text())
@@ -195,6 +195,26 @@ def test_a_reason_or_code_the_status_schema_refuses_is_replaced_not_sent() -> No
     assert status["reason"] == "TrainerError" and status["phase"] == "Failed"
     assert [f["code"] for f in status["analysis"]["findings"]] == ["Finding", "Finding"]
     FineTuneJobStatus.from_wire(status)  # what the operator writes, the CRD's schema accepts
+
+
+def test_numbers_json_cannot_carry_never_reach_the_status() -> None:
+    """A checkpoint with NaN weights fails its analysis (a NonFiniteWeights finding, exit 1) with NaN layer scores,
+    which Python's json writes as NaN: a status patch holding one is no JSON to the apiserver, which refused it
+    whole, so the job never showed Failed. The finite scores (the layers below the first NaN) stay."""
+    from finetune_operator.api import FineTuneJobStatus
+
+    message = {"stage": "Analyzing", "reason": "FatalAnalysisFinding", "exitCode": 1,
+               "message": "NonFiniteWeights: layer.2.weight has 9 NaN/Inf values: the checkpoint is broken",
+               "analysis": {"totalParameters": 10, "layerImportance": [0.25, float("nan"), float("nan")]},
+               "evaluation": {"baseline": {"loss": float("inf"), "accuracy": 0.5}}}
+    seen = Observed(body({"attempts": 1}), [job(failure={"reason": "BackoffLimitExceeded", "message": ""})],
+                    [pod(phase="Failed", exit_code=1, message=json.dumps(message))], NOW)
+    status = after(decide(seen))
+    assert status["phase"] == "Failed" and status["reason"] == "FatalAnalysisFinding"
+    assert status["analysis"]["layerImportance"] == [0.25]
+    json.dumps(status, allow_nan=False)  # what the apiserver reads
+    FineTuneJobStatus.from_wire(status)
+    assert evaluation_of(outcome.parse_message(json.dumps(message)))["baseline"] == {"accuracy": 0.5}
 
 
 def test_a_user_error_fails_at_once_with_the_trainers_reason() -> None:

@@ -131,9 +131,11 @@ def creation_problem(events: dict[str, tuple[str, str]]) -> tuple[str, str] | No
 
 
 def parse_message(text: str | None) -> dict[str, Any]:
-    """The trainer's JSON termination message; a log tail (FallbackToLogsOnError) or nothing gives {}."""
+    """The trainer's JSON termination message; a log tail (FallbackToLogsOnError) or nothing gives {}. NaN and
+    Infinity (Python's json writes them: a broken checkpoint's layer scores) read as null: JSON has no such numbers,
+    and the apiserver refuses a status patch holding one whole."""
     try:
-        message = json.loads(text or "")
+        message = json.loads(text or "", parse_constant=lambda _: None)
     except ValueError:
         return {}
     return message if isinstance(message, dict) else {}
