@@ -409,6 +409,11 @@ def test_a_failure_is_counted_once_however_often_it_is_seen() -> None:
 
 def test_unknown_status_fields_and_other_controllers_jobs() -> None:
     assert decide(Observed(body({"attempts": 1, "fromTheFuture": {"x": 1}}), [job()], [pod()], NOW)) is not None
+    # A condition type of another version (its CRD stays after a rollback: Helm leaves crds/ alone) is kept, last.
+    future = {"type": "Degraded", "status": "True", "reason": "Slow", "message": "",
+              "lastTransitionTime": "2026-12-01T11:00:00Z"}
+    status = after(decide(Observed(body({"attempts": 1, "conditions": [future]}), [job()], [pod()], NOW)))
+    assert status["phase"] == "Running" and status["conditions"][-1] == future
     assert decide(Observed(body(managedBy="kueue.x-k8s.io/multikueue"), [], [], NOW)) is None
 
 

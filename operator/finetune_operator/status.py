@@ -54,8 +54,9 @@ class Conditions:
         return self.by_type.get(kind.value, {})
 
     def as_list(self) -> list[dict[str, Any]]:
-        order = list(ConditionType)
-        return sorted(self.by_type.values(), key=lambda c: order.index(ConditionType(c["type"])))
+        """In ConditionType's order; a type this version does not know (another version's) is kept, last."""
+        order = {kind.value: i for i, kind in enumerate(ConditionType)}
+        return sorted(self.by_type.values(), key=lambda c: order.get(c["type"], len(order)))
 
 
 def phase_of(conditions: Conditions) -> tuple[Phase, str | None]:
