@@ -4,11 +4,12 @@ within the time bound, and never anything else (an exception that escaped would 
 from __future__ import annotations
 
 import time
+from datetime import datetime
 
 import pytest
 
 from fault_servers import FaultServer
-from finetune_operator.scrape import TIMEOUT_SECONDS, ScrapeError, scrape
+from finetune_operator.scrape import TIMEOUT_SECONDS, ScrapeError, parse, scrape
 from operator_fixture import free_port
 
 
@@ -61,3 +62,14 @@ def test_every_poll_error_reason_is_exported_before_its_first_error() -> None:
     raised = {"MetricsTimeout", "MetricsUnreachable", "MetricsBadResponse", "MetricsUnparsable", "MetricsMissing",
               "MetricsTooLarge"}
     assert raised <= set(scrape_module.REASONS) and set(scrape_module.REASONS) <= exported
+
+
+def test_a_gauge_json_cannot_carry_reads_as_absent() -> None:
+    """Valid Prometheus text from whatever answers on rank 0's port (a user's own trainer image): a NaN step failed
+    every reconcile (int(nan)) and a NaN loss got the whole status patch refused, so the job's status froze."""
+    from finetune_operator.status import progress_and_metrics
+
+    sample = parse("finetune_trainer_step NaN\nfinetune_trainer_total_steps 10\nfinetune_trainer_loss +Inf\n"
+                   "finetune_trainer_epoch 1\n")
+    assert sample == {"total_steps": 10.0, "epoch": 1.0}
+    assert progress_and_metrics(sample, 16, datetime(2026, 12, 1)) == {}

@@ -5,6 +5,7 @@ chatty trainer cannot stall a reconcile."""
 from __future__ import annotations
 
 import http.client
+import math
 import time
 import urllib.request
 from typing import Any
@@ -32,13 +33,14 @@ class ScrapeError(Exception):
 
 
 def parse(text: str) -> dict[str, Any]:
-    """The trainer's gauges (without the prefix) and the current stage."""
+    """The trainer's gauges (without the prefix) and the current stage. A gauge at NaN or ±Inf (valid Prometheus
+    text, but no JSON number) reads as absent: in a status patch the apiserver would refuse the whole patch."""
     sample: dict[str, Any] = {}
     try:
         for family in text_string_to_metric_families(text):
             name = family.name.removeprefix(PREFIX)
             for s in family.samples:
-                if name in GAUGES:
+                if name in GAUGES and math.isfinite(s.value):
                     sample[name] = s.value
                 elif name == "stage" and s.value == 1:
                     sample["stage"] = s.labels.get("stage")
