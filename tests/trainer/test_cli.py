@@ -166,6 +166,20 @@ def test_every_local_rank_writes_and_the_cause_stays(termination: Path, monkeypa
     assert json.loads(termination.read_text()) == {"stage": "Done", "exitCode": 0}
 
 
+def test_rank_0s_success_is_the_one_that_stays(termination: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only rank 0 exports, so only its success message has the export's figures (a pruned model's size and
+    latency after it): a sibling's success, written first, gives way to it, and never replaces it."""
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "2")
+    sibling = {"stage": "Done", "exitCode": 0, "pruning": {"removedLayers": [2]}}
+    main = {"stage": "Done", "exitCode": 0, "pruning": {"removedLayers": [2], "latencyMs": {"before": 3.5, "after": 1.7}}}
+    for order in ([("1", sibling), ("0", main)], [("0", main), ("1", sibling)]):
+        termination.unlink(missing_ok=True)
+        for rank, message in order:
+            monkeypatch.setenv("RANK", rank)
+            write_termination(message)
+        assert json.loads(termination.read_text()) == main
+
+
 def test_invalid_config_exits_1_naming_the_field(tmp_path: Path, termination: Path,
                                                  caplog: pytest.LogCaptureFixture) -> None:
     doc = tiny_classifier_doc(tmp_path / "out", batchSize=0)

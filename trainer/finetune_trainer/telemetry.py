@@ -233,6 +233,15 @@ def precedence(message: dict[str, Any]) -> int:
     return {EXIT_OK: 3, EXIT_USER_ERROR: 2, EXIT_TERMINATED: 0}.get(message.get("exitCode"), 1)
 
 
+def replaces(message: dict[str, Any], there: dict[str, Any]) -> bool:
+    """Whether `message` replaces a sibling's `there`: it tells more (`precedence`; of equal failures the first, the
+    cause, stays), or it is rank 0's success, the only one with the export's figures (a pruned model's size and
+    latency after export: only rank 0 exports)."""
+    if precedence(message) != precedence(there):
+        return precedence(message) > precedence(there)
+    return message.get("exitCode") == EXIT_OK and os.environ.get("RANK", "0") == "0"
+
+
 def write_failure(stage: Stage, exc: BaseException, progress: dict[str, Any] | None = None) -> None:
     """The termination message of a run that `exc` stopped in `stage` (the operator reads its exit code)."""
     write_termination({"stage": stage.value, "reason": reason_of(exc), "message": describe(exc),
@@ -242,7 +251,7 @@ def write_failure(stage: Stage, exc: BaseException, progress: dict[str, Any] | N
 def write_termination(message: dict[str, Any]) -> None:
     """Every local rank writes what stopped it into the container's one termination log, under a lock. With
     siblings (torchrun's LOCAL_WORLD_SIZE > 1) a message replaces the one there only when it tells more
-    (`precedence`), so of equal ones the first, the cause, stays; a process alone overwrites what is there."""
+    (`replaces`); a process alone overwrites what is there."""
     _last_exit_code[0] = message.get("exitCode")
     if (path := termination_path()) is None:
         return
@@ -255,7 +264,7 @@ def write_termination(message: dict[str, Any]) -> None:
             except ValueError:
                 there = {}
             alone = os.environ.get("LOCAL_WORLD_SIZE", "1") == "1"
-            if there and not alone and precedence(there) >= precedence(message):
+            if there and not alone and not replaces(message, there):
                 return
             file.seek(0)
             file.truncate()
