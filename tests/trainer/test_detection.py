@@ -187,6 +187,71 @@ def test_map_scores_ground_truth_as_perfect_and_noise_as_nothing(pvc_root: Path)
     assert score(40.0)[0] == {"map": 0.0, "map50": 0.0}
 
 
+class Shifted(torch.nn.Module):
+    """A 'detector' that returns each image's true boxes moved by an amount of its own, at scores of its own, so
+    mAP depends on which images are scored, and not on which rank scores them."""
+
+    def __init__(self, data: Any, collate: Any, indices: list[list[int]]) -> None:
+        super().__init__()
+        self.queue: list[dict[str, torch.Tensor]] = []
+        for idx in indices:
+            batch = collate(data, idx)
+            for i, b, lab in zip(idx, batch.inputs["boxes"], batch.inputs["box_labels"]):
+                scores = torch.rand(int((lab >= 0).sum()), generator=torch.Generator().manual_seed(i))
+                self.queue.append({"boxes": (b[lab >= 0] + i % 4 * 3).clamp(0, 64), "labels": lab[lab >= 0],
+                                   "scores": scores})
+
+    def forward(self, pixel_values: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        out, self.queue = self.queue[: len(pixel_values)], self.queue[len(pixel_values):]
+        return out
+
+
+def shifted_scores(rank: int, size: int, port: int, queue: Any) -> None:
+    """One rank of `evaluate_detector` over 12 test images in batches of 4 (2 batches on rank 0, 1 on rank 1)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from finetune_trainer.batches import eval_batches
+
+    if size > 1:
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size,
+                                timeout=datetime.timedelta(seconds=60))
+    data = encode_images(Split(load_coco(DatasetSpec(uri="pvc://data/shapes"), seed=0).test.inputs[:12], None))
+    collate = make_collate(Task.OBJECT_DETECTION, 0, 64)
+    model = Shifted(data, collate, eval_batches(data.lengths, 4, rank, size))
+    world = World(rank=rank, size=size, device=torch.device("cpu"))
+    queue.put(evaluate_detector(model, data, collate, [Metric.MAP, Metric.MAP50], 4, world,
+                                {1: "circle", 2: "square", 3: "triangle"}))
+    if size > 1:
+        dist.destroy_process_group()
+
+
+def test_two_ranks_scoring_unequal_shares_of_the_images_agree_with_one(pvc_root: Path) -> None:
+    """torchmetrics gathers its per-image states one tensor at a time, which needs as many images on every rank: 12
+    images in batches of 4 over 2 ranks broke gloo's collectives (a rank aborted; NCCL would hang). Every rank
+    gets the one-process scores."""
+    import torch.multiprocessing as mp
+
+    from tiny import free_port
+
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    shifted_scores(0, 1, 0, queue)
+    alone = queue.get()
+    assert 0 < alone[0]["map"] < 1
+    port = free_port()
+    ranks = [context.Process(target=shifted_scores, args=(rank, 2, port, queue)) for rank in range(2)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(120)
+    assert [p.exitcode for p in ranks] == [0, 0]
+    for _ in ranks:
+        scores, per_class = queue.get(timeout=1)
+        assert scores == pytest.approx(alone[0]) and per_class == pytest.approx(alone[1])
+
+
 def test_weights_from_a_state_dict_load_and_a_mismatch_is_named(pvc_root: Path, tmp_path: Path) -> None:
     spec = ModelSpec(task="object-detection", architecture="ssdlite320_mobilenet_v3_large")
     torch.manual_seed(1)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -36,6 +37,14 @@ class World:
         if self.size > 1:
             dist.all_reduce(tensor)
         return tensor
+
+    def gather(self, value: Any) -> list[Any]:
+        """Every rank's `value` (any picklable object, of any size on each rank), in rank order."""
+        if self.size == 1:
+            return [value]
+        values: list[Any] = [None] * self.size
+        dist.all_gather_object(values, value)
+        return values
 
     def barrier(self) -> None:
         if self.size > 1:

@@ -1,8 +1,8 @@
 """Stage 5 for detectors: COCO mAP (IoU 0.5:0.95), mAP@50, mAP@75 and per-class AP, computed by
 torchmetrics' MeanAveragePrecision with pycocotools (the reference COCO evaluation) behind it.
 
-Each rank scores its share of the batches; torchmetrics gathers the detections of all ranks
-before computing, so every rank returns the same numbers. Boxes are compared in the resized
+Each rank runs the detector on its share of the batches; every rank then gathers the detections
+of all ranks and computes, so every rank returns the same numbers. Boxes are compared in the resized
 input's pixels, where the detector sees them.
 """
 
@@ -32,16 +32,23 @@ def evaluate_detector(model: nn.Module, data: Encoded, collate: Callable[[Encode
     model = unwrap(model)
     was_training = model.training
     model.eval()
-    scorer = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True,
-                                  backend="pycocotools").to(world.device)
+    predictions: list[dict[str, torch.Tensor]] = []
+    truths: list[dict[str, torch.Tensor]] = []
     for idx in eval_batches(data.lengths, batch_size, world.rank, world.size):
         batch = collate(data, idx).to(world.device)
         with autocast(world.device.type, dtype):
             detections = model(batch.inputs["pixel_values"])
-        boxes, labels = batch.inputs["boxes"], batch.inputs["box_labels"]
-        scorer.update([{k: v.float() if v.is_floating_point() else v for k, v in d.items()} for d in detections],
-                      [{"boxes": b[lab >= 0], "labels": lab[lab >= 0]} for b, lab in zip(boxes, labels)])
+        boxes, labels = batch.inputs["boxes"].cpu(), batch.inputs["box_labels"].cpu()
+        predictions += [{k: (v.float() if v.is_floating_point() else v).cpu() for k, v in d.items()}
+                        for d in detections]
+        truths += [{"boxes": b[lab >= 0], "labels": lab[lab >= 0]} for b, lab in zip(boxes, labels)]
     model.train(was_training)
+    # Not torchmetrics' own sync: it gathers its states one image's tensor at a time, which breaks the collectives
+    # (gloo aborts, NCCL hangs) when the ranks hold different numbers of images, as an uneven last batch makes.
+    scorer = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True, backend="pycocotools",
+                                  sync_on_compute=False)
+    for rank_predictions, rank_truths in world.gather((predictions, truths)):
+        scorer.update(rank_predictions, rank_truths)
     result = scorer.compute()
     values = {m.value: max(0.0, float(result[KEYS[m]])) for m in metrics}  # -1 means no box to score at all
     classes = result["classes"].reshape(-1).tolist()
