@@ -192,6 +192,15 @@ def test_a_quota_refusal_waits_and_an_invalid_child_is_refused() -> None:
         handlers._create_attempt(Refusing(403, quota), doc, spec, 1, SETTINGS)
     with pytest.raises(handlers.Refused):
         handlers._create_attempt(Refusing(422, "Job.batch is invalid"), doc, spec, 1, SETTINGS)
+    # A policy's denial is as final whatever code its webhook set (the apiserver makes none 400; controller-runtime's
+    # webhooks set 403) or its ValidatingAdmissionPolicy's reason gave: a 403 was retried every 5 s, the status empty.
+    for code, denial in ((403, 'admission webhook "validation.gatekeeper.sh" denied the request: [team] label team'),
+                         (403, 'jobs.batch "ft-1" is forbidden: ValidatingAdmissionPolicy \'team\' with binding '
+                               '\'team\' denied request: a team label is required')):
+        with pytest.raises(handlers.Refused, match="denied"):
+            handlers._create_attempt(Refusing(code, denial), doc, spec, 1, SETTINGS)
+    with pytest.raises(kopf.TemporaryError):  # the operator's own permissions: for its admin to fix, not the job
+        handlers._create_attempt(Refusing(403, 'User "op" cannot create resource "jobs"'), doc, spec, 1, SETTINGS)
 
 
 class Existing:

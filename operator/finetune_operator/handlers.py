@@ -275,13 +275,20 @@ def _create_attempt(clients: Clients, body: dict[str, Any], spec: api.FineTuneJo
         try:
             _create(clients, obj)
         except ApiException as exc:
-            if exc.status in (400, 422):
-                raise Refused(f"the apiserver refused the {obj['kind']} {obj['metadata']['name']}: "
-                              f"{_api_message(exc)}") from exc
-            if exc.status == 403 and "exceeded quota" in _api_message(exc):
-                raise QuotaExceeded(f"the {obj['kind']} {obj['metadata']['name']} waits for quota: "
-                                    f"{_api_message(exc)}") from exc
+            message = _api_message(exc)
+            if exc.status == 403 and "exceeded quota" in message:
+                raise QuotaExceeded(f"the {obj['kind']} {obj['metadata']['name']} waits for quota: {message}") from exc
+            if exc.status in (400, 422) or exc.status == 403 and _denied(message):
+                raise Refused(f"the apiserver refused the {obj['kind']} {obj['metadata']['name']}: {message}") from exc
             raise kopf.TemporaryError(f"creating {obj['kind']}: {exc.reason}", delay=5) from exc
+
+
+def _denied(message: str) -> bool:
+    """Whether an admission policy refused the request: a webhook's denial is 400 unless the webhook set a code
+    (controller-runtime's, so Gatekeeper's and Kueue's, is 403), a ValidatingAdmissionPolicy's 403 or 422 as its
+    reason says; final all the same."""
+    return "admission webhook" in message and "denied the request" in message or (
+        "ValidatingAdmissionPolicy" in message and "denied request" in message)
 
 
 def _api_message(exc: ApiException) -> str:
