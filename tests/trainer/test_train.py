@@ -448,6 +448,20 @@ def test_restore_refuses_tensors_that_do_not_fit() -> None:
         checkpoints.restore(model, saved, "step-8")
 
 
+def test_restore_refuses_tensors_of_other_shapes() -> None:
+    """A checkpoint of the same names and other shapes (its dataset had another label count, at the same URI):
+    the user's to resolve, never retried; a shape that broadcasts is no fit either."""
+    model, _, _ = lm_setup()
+    saved = checkpoints.trained_tensors(model)
+    saved["transformer.h.0.ln_1.bias"] = saved["transformer.h.0.ln_1.bias"][:16]
+    with pytest.raises(CheckpointMismatch, match=r"transformer.h.0.ln_1.bias: \[16\] saved, \[32\] in the model"):
+        checkpoints.restore(model, saved, "step-8")
+    saved = checkpoints.trained_tensors(model)
+    saved["transformer.h.0.ln_1.bias"] = saved["transformer.h.0.ln_1.bias"][:1]
+    with pytest.raises(CheckpointMismatch, match=r"\[1\] saved, \[32\] in the model"):
+        checkpoints.restore(model, saved, "step-8")
+
+
 def test_a_checkpoint_runs_no_pickled_code(tmp_path: Path) -> None:
     model, _, _ = lm_setup()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)

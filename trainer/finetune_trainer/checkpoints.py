@@ -217,6 +217,11 @@ def restore(model: nn.Module, tensors: dict[str, torch.Tensor], source: object) 
     if unexpected or missing:
         raise CheckpointMismatch(f"{source}: does not fit the model (it lacks {sorted(missing)[:5]}, and has "
                                  f"{sorted(unexpected)[:5]} the model lacks); remove it or use another output.uri")
+    # copy_ would broadcast a [1] into a [32], and fail on other shapes as a RuntimeError (exit 2, retried)
+    if other := [f"{n}: {list(t.shape)} saved, {list(own[n].shape)} in the model"
+                 for n, t in tensors.items() if t.shape != own[n].shape]:
+        raise CheckpointMismatch(f"{source}: does not fit the model ({'; '.join(other[:5])}); remove it or use "
+                                 "another output.uri")
     with torch.no_grad():
         for name, value in tensors.items():
             own[name].copy_(value)
