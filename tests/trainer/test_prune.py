@@ -132,6 +132,36 @@ def test_pruning_removes_exactly_the_chosen_layers_and_the_export_reloads_with_t
     torch.testing.assert_close(logits_of(reloaded, batches[0].inputs), logits, atol=1e-5, rtol=1e-5)
 
 
+def test_a_pruned_models_adapters_kept_apart_reload_on_the_pruned_base_exported_beside_them(minilm,
+                                                                                             tmp_path: Path) -> None:
+    """mergeOnExport false (or a failed merge check) exports the adapters alone; the base they adapt is no longer
+    model.uri's (its layers pruned and renumbered, healed), so the export holds it too. On model.uri's base the
+    adapters loaded onto other layers with only a warning."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    from finetune_trainer.config import LoraSpec
+    from finetune_trainer.rearrange import add_adapters
+
+    model, tokenizer, batches = minilm
+    model = copy.deepcopy(model)
+    prune.remove_layers(model, Task.SEQUENCE_CLASSIFICATION, [1, 3])
+    wrapped = add_adapters(model, LoraSpec(rank=4), ["query", "value"], "classifier")
+    with torch.no_grad():  # as if trained
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name or "modules_to_save" in name:
+                p.normal_(std=0.1)
+    logits = logits_of(wrapped.eval(), batches[0].inputs)
+    doc = tiny_classifier_doc(tmp_path) | {"rearrange": {"mergeOnExport": False, "lora": {"rank": 4},
+                                                         "prune": {"count": 2}}}
+    files = export_model(wrapped, tokenizer, {0: "neg", 1: "neu", 2: "pos"}, TrainerConfig.model_validate(doc),
+                         tmp_path / "out")
+    assert {"adapter/adapter_model.safetensors", "model.safetensors", "config.json"} <= set(files)
+    base = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "out" / "adapter").eval()
+    torch.testing.assert_close(logits_of(reloaded, batches[0].inputs), logits, atol=1e-5, rtol=1e-5)
+
+
 def test_healing_trains_the_kept_layers_back_towards_the_unpruned_models_hidden_states(minilm) -> None:
     model, _, batches = minilm
     teacher = copy.deepcopy(model)

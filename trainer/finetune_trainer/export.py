@@ -3,7 +3,9 @@
 The output folder holds model.safetensors + config.json (transformers' layout, loadable
 with the same Auto class; a torchvision model gets its architecture in config.json), the
 tokenizer, labels.json, report.json, a short README.md model card and loss_curve.png.
-Adapters that were not merged go to adapter/ (peft's layout) instead of model.safetensors.
+Adapters that were not merged go to adapter/ (peft's layout) instead of model.safetensors, which
+then holds the base they adapt only where model.uri does not (a pruned model, one built from its
+config): `PeftModel.from_pretrained(AutoModelFor...from_pretrained(out), out / "adapter")`.
 """
 
 from __future__ import annotations
@@ -30,6 +32,8 @@ def export_model(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg
     out.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "peft_config"):  # adapters kept apart: not merged on request, or the merge check failed
         model.save_pretrained(out / "adapter")
+        if base_is_new(cfg):  # what they adapt: the adapters taken out (in place), not merged
+            model.unload().save_pretrained(out, safe_serialization=True)
     elif isinstance(model, ImageClassifier):
         save_model(model.net, str(out / "model.safetensors"))
         # The head's size, which the weights have: rearrange.head.numLabels may exceed the dataset's labels.
@@ -49,6 +53,12 @@ def export_model(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg
     if id2label:
         (out / "labels.json").write_text(json.dumps({str(k): v for k, v in id2label.items()}, indent=2))
     return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+
+
+def base_is_new(cfg: TrainerConfig) -> bool:
+    """Whether the model under the adapters is one model.uri does not hold: built from its config (random weights),
+    or pruned (its layers renumbered, healed). Adapters kept apart are of no use without it."""
+    return cfg.model.uri is None or cfg.rearrange.prune is not None
 
 
 def loss_curve(history: list[dict[str, float]], evals: list[dict[str, Any]], path: Path) -> None:
