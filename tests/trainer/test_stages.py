@@ -480,6 +480,33 @@ def test_an_image_classifier_with_a_head_wider_than_its_labels_loads_again(tmp_p
                                logits_of(model.eval(), {"pixel_values": pixels}))
 
 
+def test_an_image_classifiers_adapters_kept_apart_reload_on_the_base_exported_beside_them(tmp_path: Path) -> None:
+    """A torchvision network built from its config (random weights) with adapters not merged: the export holds the
+    network as config.json and model.safetensors, which load_vision_model reads and peft's adapters go onto."""
+    from peft import PeftModel
+
+    from finetune_trainer.config import TrainerConfig
+
+    labels = {0: "a", 1: "b", 2: "c"}
+    spec = ModelSpec(task="image-classification", architecture="resnet18")
+    model = load_model(spec, None, seed=0)
+    new_head(model, "net.fc", 3, labels, reinitialize=False)
+    wrapped = add_adapters(model, LoraSpec(rank=4), ["net.layer4.1.conv2"], "net.fc")
+    with torch.no_grad():  # as if trained
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    pixels = {"pixel_values": torch.rand(2, 3, 32, 32)}
+    logits = logits_of(wrapped.eval(), pixels)
+    cfg = TrainerConfig.model_validate({"model": spec.to_wire(), "dataset": {"uri": "pvc://data/digits"},
+                                        "rearrange": {"mergeOnExport": False, "lora": {"rank": 4}},
+                                        "output": {"uri": str(tmp_path)}})
+    export_model(wrapped, None, labels, cfg, tmp_path)
+    base = load_vision_model(ModelSpec(task="image-classification", uri=str(tmp_path)))
+    reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    torch.testing.assert_close(logits_of(reloaded, pixels), logits)
+
+
 def test_an_image_classifier_fine_tuned_again_from_its_export_keeps_its_builder_settings(tmp_path: Path) -> None:
     """A job whose model.uri is an export (model.config unset) builds the network with the settings that export's
     config.json records; its own export records them again, else that one builds another network."""

@@ -27,14 +27,26 @@ log = logging.getLogger(__name__)
 
 def export_model(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg: TrainerConfig, out: Path) -> list[str]:
     """Write weights, config, tokenizer and labels; returns the files written (relative to `out`)."""
-    from safetensors.torch import save_model
-
     out.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "peft_config"):  # adapters kept apart: not merged on request, or the merge check failed
         model.save_pretrained(out / "adapter")
         if base_is_new(cfg):  # what they adapt: the adapters taken out (in place), not merged
-            model.unload().save_pretrained(out, safe_serialization=True)
-    elif isinstance(model, ImageClassifier):
+            write_weights(model.unload(), cfg, out)
+    else:
+        write_weights(model, cfg, out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+    if id2label:
+        (out / "labels.json").write_text(json.dumps({str(k): v for k, v in id2label.items()}, indent=2))
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+
+
+def write_weights(model: nn.Module, cfg: TrainerConfig, out: Path) -> None:
+    """model.safetensors and config.json: transformers' layout, or a torchvision network and its builder's
+    arguments."""
+    from safetensors.torch import save_model
+
+    if isinstance(model, ImageClassifier):
         save_model(model.net, str(out / "model.safetensors"))
         # The head's size, which the weights have: rearrange.head.numLabels may exceed the dataset's labels.
         head = model.get_submodule(head_name(model, cfg.model.task))
@@ -48,11 +60,6 @@ def export_model(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg
         (out / "config.json").write_text(json.dumps(config, indent=2))
     else:
         model.save_pretrained(out, safe_serialization=True)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
-    if id2label:
-        (out / "labels.json").write_text(json.dumps({str(k): v for k, v in id2label.items()}, indent=2))
-    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
 
 
 def base_is_new(cfg: TrainerConfig) -> bool:
