@@ -388,6 +388,25 @@ def test_sigterm_in_the_last_step_stops_after_its_checkpoint(tmp_path: Path) -> 
     assert [p.name for p in checkpoints.complete(tmp_path / "stopped")] == ["step-00000008"]
 
 
+def test_sigterm_during_a_step_saves_right_after_it(tmp_path: Path) -> None:
+    """The step under way when SIGTERM comes is the last: its checkpoint is written right after it, as the log
+    says, not after one more step that the grace period may not hold."""
+    model, data, collate = lm_setup()
+    spec = TrainingSpec(batchSize=8, maxSteps=8, checkpointEverySteps=100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    done: list[int] = []
+
+    def in_forward(*_: object) -> None:
+        if len(done) == 3:  # step 4's forward
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    model.transformer.h[0].register_forward_hook(in_forward)
+    with pytest.raises(Terminated, match="stopped by SIGTERM at step 4"):
+        train_loop(model, optimizer, make_scheduler(optimizer, spec, 8), data, collate, spec, Task.CAUSAL_LM, CPU,
+                   Hooks(on_step=lambda state, total: done.append(state.step), checkpoint_dir=tmp_path))
+    assert done == [1, 2, 3, 4] and [p.name for p in checkpoints.complete(tmp_path)] == ["step-00000004"]
+
+
 def test_a_resumed_fp16_run_keeps_its_loss_scale(tmp_path: Path) -> None:
     """The GradScaler's scale is in the checkpoint: a resumed fp16 run skips the steps the uninterrupted one skips,
     and no others (restarting at 2**16 it skipped them all again), and ends with its weights."""

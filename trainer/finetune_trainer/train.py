@@ -258,7 +258,7 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
                 lr = optimizer.param_groups[0]["lr"]  # what this step uses
                 loss, grad_norm, samples, tokens, stop = train_step(
                     model, [collate(data, idx) for idx in micro], task, world, dtype, scaler, spec.max_grad_norm,
-                    optimizer, sigterm.raised)
+                    optimizer, lambda: sigterm.raised)
                 if math.isfinite(grad_norm):  # else fp16's GradScaler skipped the step: the schedule waits too
                     scheduler.step()
                 state.step += 1
@@ -295,9 +295,10 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
 
 def train_step(model: nn.Module, micro: list[Batch], task: Task, world: World, dtype: torch.dtype | None,
                scaler: torch.amp.GradScaler, max_norm: float, optimizer: torch.optim.Optimizer,
-               stop_requested: bool) -> tuple[float, float, int, int, bool]:
+               stop_requested: Callable[[], bool]) -> tuple[float, float, int, int, bool]:
     """One optimizer step over the micro-batches; returns (loss, gradient norm before clipping, samples, tokens,
-    whether any rank got SIGTERM). A norm that is not finite means fp16's GradScaler skipped the step."""
+    whether any rank got SIGTERM by the end of its backward). A norm that is not finite means fp16's GradScaler
+    skipped the step."""
     targets, samples, tokens = world.sum([sum(b.targets for b in micro), sum(b.samples for b in micro),
                                           sum(b.tokens for b in micro)])
     total_loss = torch.zeros((), dtype=torch.float64, device=world.device)
@@ -311,7 +312,8 @@ def train_step(model: nn.Module, micro: list[Batch], task: Task, world: World, d
             loss = loss_sum(logits, batch.labels, task)
             scaler.scale(loss * world.size / max(targets, 1)).backward()
         total_loss += loss.detach()
-    loss_total, stop = world.sum([float(total_loss), float(stop_requested)])
+    # asked after the backward: a SIGTERM during this step makes it the last, not the one after it
+    loss_total, stop = world.sum([float(total_loss), float(stop_requested())])
     loss_value = loss_total / max(targets, 1)
     if not math.isfinite(loss_value):
         optimizer.zero_grad(set_to_none=True)
