@@ -65,3 +65,30 @@ except UserError as exc:
     assert out.returncode == 0, out.stderr
     assert "loaded BertForSequenceClassification 384" in out.stdout
     assert "refused tokenizer hf://local-org/absent: not on the hub nor in the local cache" in out.stdout
+
+
+def test_a_hub_that_cannot_be_reached_is_no_user_error(tmp_path: Path) -> None:
+    """huggingface_hub reports a hub it could not reach (here a port where nothing listens; a timeout or a 5xx go
+    the same way) as a cache miss, LocalEntryNotFoundError: that was read as the user's (exit 1, never retried),
+    though a later attempt gets past it."""
+    from tiny import free_port
+
+    script = """
+from finetune_trainer.config import ModelSpec
+from finetune_trainer.errors import UserError
+from finetune_trainer.models import load_model, load_tokenizer
+from finetune_trainer.uris import fetch
+spec = ModelSpec(uri="hf://local-org/minilm", task="sequence-classification")
+for load in (lambda: fetch(spec.uri, kind="model"), lambda: load_tokenizer(spec), lambda: load_model(spec, None, 0)):
+    try:
+        load()
+    except UserError as exc:
+        print("user error", exc)
+    except Exception as exc:
+        print("infrastructure", type(exc).__name__)
+"""
+    env = os.environ | {"HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(tmp_path / "hub"),
+                        "HF_ENDPOINT": f"http://127.0.0.1:{free_port()}"}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.splitlines() == ["infrastructure LocalEntryNotFoundError"] * 3, out.stdout

@@ -76,13 +76,14 @@ def load_model(spec: ModelSpec, tokenizer, seed: int) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForCausalLM if spec.task == Task.CAUSAL_LM else AutoModelForSequenceClassification
+    # Outside the try: a hub that cannot be reached (an OSError) is no mistake of the spec; fetch tells them apart.
+    path = None if spec.uri is None else fetch(spec.uri, kind="model", revision=spec.revision, error=ModelError)
     try:
-        if spec.uri is None:
+        if path is None:
             overrides: dict[str, Any] = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
             config = AutoConfig.for_model(spec.architecture, **(overrides | spec.config))
             log.info("building %s from its config (%s)", spec.architecture, spec.config or "defaults")
             return auto.from_config(config)
-        path = fetch(spec.uri, kind="model", revision=spec.revision, error=ModelError)
         config = AutoConfig.from_pretrained(path, **spec.config)
         if config.pad_token_id is None:
             # A decoder classifier (GPT-2, Llama) pools its last token that is not padding, so it must know the pad.

@@ -62,7 +62,8 @@ def fetch(uri: str, *, kind: str, revision: str | None = None, repo_type: str = 
             snapshot = Path(snapshot_download(repo_id, revision=revision, repo_type=repo_type,
                                               allow_patterns=f"{folder}/**" if folder else None))
         except (RepositoryNotFoundError, RevisionNotFoundError, LocalEntryNotFoundError) as exc:
-            # Other hub errors (timeouts, 5xx) propagate: a later attempt may get past them.
+            if isinstance(exc, LocalEntryNotFoundError) and hub_unreachable(exc):
+                raise  # as other hub errors: a later attempt may get past it
             raise error(f"{kind} {uri}: not on the hub nor in the local cache ({exc})") from exc
         if not (snapshot / folder).is_dir():
             raise error(f"{kind} {uri}: {repo_id} has no folder {folder!r}")
@@ -71,3 +72,11 @@ def fetch(uri: str, *, kind: str, revision: str | None = None, repo_type: str = 
     if not path.exists():
         raise error(f"{kind} {uri}: {path} does not exist")
     return path
+
+
+def hub_unreachable(exc: BaseException) -> bool:
+    """Whether huggingface_hub's cache miss stands for a hub it could not reach (no connection, a timeout, a 5xx:
+    the cause it attaches), not for a repository absent with HF_HUB_OFFLINE set."""
+    from huggingface_hub.errors import OfflineModeIsEnabled
+
+    return exc.__cause__ is not None and not isinstance(exc.__cause__, OfflineModeIsEnabled)
