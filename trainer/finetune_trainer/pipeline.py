@@ -205,7 +205,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         if not detecting:
             return evaluate(m, split, collate, task, cfg.evaluation_metrics, eval_size, world, num_labels, dtype)
         scores, by_category = evaluate_detector(m, split, collate, cfg.evaluation_metrics, eval_size, world,
-                                                data.id2label, dtype)
+                                                data.id2label)
         if phase is not None:
             per_class[phase] = by_category
         return scores

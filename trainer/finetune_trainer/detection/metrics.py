@@ -16,7 +16,6 @@ from torch import nn
 from finetune_trainer.batches import Batch, Encoded, eval_batches
 from finetune_trainer.config import Metric
 from finetune_trainer.distributed import World
-from finetune_trainer.models import autocast
 from finetune_trainer.train import unwrap
 
 KEYS = {Metric.MAP: "map", Metric.MAP50: "map_50", Metric.MAP75: "map_75"}
@@ -24,8 +23,8 @@ KEYS = {Metric.MAP: "map", Metric.MAP50: "map_50", Metric.MAP75: "map_75"}
 
 @torch.no_grad()
 def evaluate_detector(model: nn.Module, data: Encoded, collate: Callable[[Encoded, list[int]], Batch],
-                      metrics: list[Metric], batch_size: int, world: World, id2label: dict[int, str],
-                      dtype: torch.dtype | None = None) -> tuple[dict[str, float], dict[str, float]]:
+                      metrics: list[Metric], batch_size: int, world: World,
+                      id2label: dict[int, str]) -> tuple[dict[str, float], dict[str, float]]:
     """The requested metrics, and AP per category name (categories without a box in the split left out)."""
     from torchmetrics.detection import MeanAveragePrecision
 
@@ -36,11 +35,9 @@ def evaluate_detector(model: nn.Module, data: Encoded, collate: Callable[[Encode
     truths: list[dict[str, torch.Tensor]] = []
     for idx in eval_batches(data.lengths, batch_size, world.rank, world.size):
         batch = collate(data, idx).to(world.device)
-        with autocast(world.device.type, dtype):
-            detections = model(batch.inputs["pixel_values"])
+        detections = model(batch.inputs["pixel_values"])  # in fp32 (Detector.forward)
         boxes, labels = batch.inputs["boxes"].cpu(), batch.inputs["box_labels"].cpu()
-        predictions += [{k: (v.float() if v.is_floating_point() else v).cpu() for k, v in d.items()}
-                        for d in detections]
+        predictions += [{k: v.cpu() for k, v in d.items()} for d in detections]
         truths += [{"boxes": b[lab >= 0], "labels": lab[lab >= 0]} for b, lab in zip(boxes, labels)]
     model.train(was_training)
     # Not torchmetrics' own sync: it gathers its states one image's tensor at a time, which breaks the collectives
