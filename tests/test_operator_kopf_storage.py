@@ -54,11 +54,34 @@ def test_the_light_diff_base_defers_to_kopf_for_extra_fields() -> None:
         kopf.AnnotationsDiffBaseStorage(prefix=PREFIX).build(body=body, extra_fields=fields)
 
 
+ARENAS_IN_USE = """
+import ctypes, ctypes.util, sys, threading
+from finetune_operator import malloc
+print(malloc.limit_arenas() if sys.argv[1] == "limited" else None)
+libc = ctypes.CDLL(ctypes.util.find_library("c"))
+barrier = threading.Barrier(8)
+def allocate():
+    barrier.wait()  # 8 threads alive at once: glibc gives each an arena of its own, up to its limit
+    libc.malloc(4096)
+    barrier.wait()
+threads = [threading.Thread(target=allocate) for _ in range(8)]
+for t in threads: t.start()
+for t in threads: t.join()
+libc.malloc_stats()  # one "Arena N:" block per arena, on stderr
+"""
+
+
 def test_malloc_arenas_are_limited_on_glibc() -> None:
-    """Run in a fresh interpreter: mallopt changes the process for good."""
-    code = "from finetune_operator import malloc; print(malloc.limit_arenas())"
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    assert out.stdout.strip() == "True"
+    """Run in fresh interpreters (mallopt changes the process for good): 8 threads that allocate at once share
+    malloc.ARENAS arenas, where without the limit glibc gives them one each."""
+    from finetune_operator import malloc
+
+    def arenas(mode: str) -> tuple[str, int]:
+        out = subprocess.run([sys.executable, "-c", ARENAS_IN_USE, mode], capture_output=True, text=True, check=True)
+        return out.stdout.strip(), sum(line.startswith("Arena ") for line in out.stderr.splitlines())
+
+    assert arenas("limited") == ("True", malloc.ARENAS)
+    assert arenas("unlimited")[1] > malloc.ARENAS  # the count sees the threads' arenas
 
 
 def test_the_body_kopf_keeps_loses_its_managed_fields_and_nothing_else() -> None:
