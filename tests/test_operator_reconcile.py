@@ -408,7 +408,12 @@ def test_a_failure_is_counted_once_however_often_it_is_seen() -> None:
 
 
 def test_unknown_status_fields_and_other_controllers_jobs() -> None:
-    assert decide(Observed(body({"attempts": 1, "fromTheFuture": {"x": 1}}), [job()], [pod()], NOW)) is not None
+    # A status field of another version changes no decision, and the merge patch leaves it alone (a None clears it).
+    known = body({"attempts": 1})
+    future = {**known, "status": known["status"] | {"fromTheFuture": {"x": 1}}}
+    decision = decide(Observed(future, [job()], [pod()], NOW))
+    assert decision == decide(Observed(known, [job()], [pod()], NOW)) and "fromTheFuture" not in decision.status
+    assert after(decision, future["status"])["fromTheFuture"] == {"x": 1}
     # A condition type of another version (its CRD stays after a rollback: Helm leaves crds/ alone) is kept, last.
     future = {"type": "Degraded", "status": "True", "reason": "Slow", "message": "",
               "lastTransitionTime": "2026-12-01T11:00:00Z"}
