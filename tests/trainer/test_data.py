@@ -94,6 +94,9 @@ def test_image_folder(pvc_root: Path) -> None:
     data = load_dataset(DatasetSpec(uri="pvc://data/digits", maxTrainSamples=50), Task.IMAGE_CLASSIFICATION, 0)
     assert list(data.id2label.values()) == [str(i) for i in range(10)]
     assert len(data.train.inputs) == 50 and data.train.inputs[0].endswith(".png")
+    for split in (data.train, data.validation, data.test):  # an image's class is the folder it is in
+        assert split.labels and [data.id2label[label] for label in split.labels] == [
+            Path(image).parent.name for image in split.inputs]
 
 
 def test_causal_lm_needs_no_labels(tmp_path: Path) -> None:
