@@ -104,7 +104,8 @@ def test_the_name_rule_refuses_what_a_service_name_cannot_be(schema: dict[str, A
     assert found
     pattern = found.group(1)
     dns_1035 = r"^[a-z]([-a-z0-9]*[a-z0-9])?$"  # the apiserver's rule for Service names
-    for name in ("7b-llama-sft", "llama-7b", "a", "0", "x-1"):
+    # a Service name is one DNS label: no dot, no capital or underscore, no hyphen at either end
+    for name in ("7b-llama-sft", "llama-7b", "a", "0", "x-1", "x-", "-x", "a.b", "llama-7b.v2", "Ab", "a_b"):
         assert bool(re.fullmatch(pattern, name)) == bool(re.fullmatch(dns_1035, name)), name
 
 
