@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import json
 import math
@@ -498,12 +499,20 @@ def test_an_image_classifiers_adapters_kept_apart_reload_on_the_base_exported_be
                 p.normal_(std=0.1)
     pixels = {"pixel_values": torch.rand(2, 3, 32, 32)}
     logits = logits_of(wrapped.eval(), pixels)
+    merged = copy.deepcopy(wrapped).merge_and_unload()  # the export takes the adapters out of `wrapped`
     cfg = TrainerConfig.model_validate({"model": spec.to_wire(), "dataset": {"uri": "pvc://data/digits"},
                                         "rearrange": {"mergeOnExport": False, "lora": {"rank": 4}},
                                         "output": {"uri": str(tmp_path)}})
     export_model(wrapped, None, labels, cfg, tmp_path)
     base = load_vision_model(ModelSpec(task="image-classification", uri=str(tmp_path)))
     reloaded = PeftModel.from_pretrained(base, tmp_path / "adapter").eval()
+    torch.testing.assert_close(logits_of(reloaded, pixels), logits)
+
+    # The same job again with mergeOnExport (its default), into the same folder: the adapters are in the weights
+    # now, and the old adapter/ is gone, so nothing can apply them a second time.
+    export_model(merged, None, labels, cfg, tmp_path)
+    assert not (tmp_path / "adapter").exists()
+    reloaded = load_vision_model(ModelSpec(task="image-classification", uri=str(tmp_path))).eval()
     torch.testing.assert_close(logits_of(reloaded, pixels), logits)
 
 

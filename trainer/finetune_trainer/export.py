@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +34,9 @@ def export_model(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg
         if base_is_new(cfg):  # what they adapt: the adapters taken out (in place), not merged
             write_weights(model.unload(), cfg, out)
     else:
+        # An earlier run into this folder (mergeOnExport flipped) may have left adapters apart: loaded onto these
+        # merged weights they would apply twice.
+        shutil.rmtree(out / "adapter", ignore_errors=True)
         write_weights(model, cfg, out)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
