@@ -69,6 +69,7 @@ EVERY_PASS_THROUGH: dict[str, Any] = {
                         "namespaceSelector": {"matchLabels": {"team": "a"}}}}]},
             },
             "priorityClassName": "training",
+            "terminationGracePeriodSeconds": 300,
         },
         "suspend": False,
         "backoffLimit": 2,

@@ -104,6 +104,21 @@ def test_workers_rendezvous_statically_on_index_zero() -> None:
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
 
 
+def test_the_grace_period_reaches_the_pods_and_torchrun_stops_its_workers_within_it() -> None:
+    # Unset: Kubernetes' 30 s, of which torchrun gives its workers 25 to checkpoint before its own SIGKILL.
+    doc, spec = ftj("minilm-sentiment-2workers.yaml")
+    pod = children.job(doc, spec, 1, SETTINGS)["spec"]["template"]["spec"]
+    assert "terminationGracePeriodSeconds" not in pod
+    assert "--shutdown-timeout=25" in pod["containers"][0]["command"]
+    doc, spec = ftj("minilm-sentiment-2workers.yaml", pod={"terminationGracePeriodSeconds": 600})
+    pod = children.job(doc, spec, 1, SETTINGS)["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 600
+    assert "--shutdown-timeout=595" in pod["containers"][0]["command"]
+    doc, spec = ftj(pod={"terminationGracePeriodSeconds": 0})  # one process: no torchrun, and 0 is kept
+    pod = children.job(doc, spec, 1, SETTINGS)["spec"]["template"]["spec"]
+    assert pod["terminationGracePeriodSeconds"] == 0 and pod["containers"][0]["command"][0] == "finetune-trainer"
+
+
 def test_claims_are_mounted_where_pvc_uris_resolve_and_only_the_output_is_writable() -> None:
     doc, spec = ftj(output={"uri": "pvc://results/minilm"})
     pod = children.job(doc, spec, 1, SETTINGS)["spec"]["template"]["spec"]

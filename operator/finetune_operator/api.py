@@ -113,6 +113,9 @@ class RuntimeSpec(ApiModel):
     )
 
 
+MAX_GRACE_SECONDS = 86400  # a day: past it a stopped pod would hold its GPUs for nothing
+
+
 class PodSpec(ApiModel):
     """Pod-level settings of every trainer pod: metadata, identity and placement."""
 
@@ -129,6 +132,12 @@ class PodSpec(ApiModel):
     tolerations: list[core.Toleration] = Field(default_factory=list, max_length=32, description="Tolerations of the trainer pods.")
     affinity: core.Affinity | None = Field(None, description="Node and pod affinity of the trainer pods.")
     priority_class_name: core.Name | None = Field(None, description="PriorityClass of the trainer pods (Kueue reads it too).")
+    termination_grace_period_seconds: int | None = Field(
+        None, ge=0, le=MAX_GRACE_SECONDS,
+        description="Seconds a stopped trainer pod (suspended, preempted, evicted) has to finish its step and save a "
+        "checkpoint before it is killed; torchrun gets 5 s less. Default Kubernetes' 30: raise it for a model whose "
+        "checkpoint (weights and optimizer state) takes longer to write.",
+    )
 
 
 # What may change on a live job: everything below only while it is suspended (Kueue's window to

@@ -96,6 +96,17 @@ def _threads(resources: core.ResourceRequirements, processes: int) -> int:
     return max(1, math.floor(core.quantity_value(cpu) / processes))
 
 
+KUBERNETES_GRACE_SECONDS = 30  # a pod's terminationGracePeriodSeconds when none is set
+TORCHRUN_EXIT_SECONDS = 5  # torchrun's own exit after its workers', within the pod's grace
+
+
+def shutdown_timeout(spec: api.FineTuneJobSpec) -> int:
+    """How long torchrun lets its workers checkpoint after a SIGTERM before it SIGKILLs them: the pod's grace period
+    less the time torchrun needs to exit, so that the kubelet's SIGKILL does not cut both off at once."""
+    grace = spec.pod.termination_grace_period_seconds
+    return max(1, (KUBERNETES_GRACE_SECONDS if grace is None else grace) - TORCHRUN_EXIT_SECONDS)
+
+
 def command(name: str, spec: api.FineTuneJobSpec) -> list[str]:
     config = f"{CONFIG_DIR}/{CONFIG_KEY}"
     rt = spec.runtime
@@ -104,7 +115,7 @@ def command(name: str, spec: api.FineTuneJobSpec) -> list[str]:
     # Static rendezvous on index 0: torchrun's c10d backend would let any node be rank 0.
     return ["torchrun", f"--nnodes={rt.workers}", f"--nproc-per-node={rt.processes_per_worker}",
             "--node-rank=$(FINETUNE_NODE_RANK)", f"--master-addr={name}-0.{name}", f"--master-port={RENDEZVOUS_PORT}",
-            "--max-restarts=0", "-m", "finetune_trainer.cli", "run", config]
+            "--max-restarts=0", f"--shutdown-timeout={shutdown_timeout(spec)}", "-m", "finetune_trainer.cli", "run", config]
 
 
 def _env(spec: api.FineTuneJobSpec, resources: core.ResourceRequirements) -> list[dict[str, Any]]:
@@ -184,6 +195,8 @@ def job(ftj: dict[str, Any], spec: api.FineTuneJobSpec, attempt: int, settings: 
                 "serviceAccountName": pod.service_account_name, "schedulerName": pod.scheduler_name,
                 "priorityClassName": pod.priority_class_name, "affinity": pod.affinity.to_wire() if pod.affinity else None}
     pod_spec |= {k: v for k, v in optional.items() if v}
+    if pod.termination_grace_period_seconds is not None:  # 0 is a setting: no time to checkpoint
+        pod_spec["terminationGracePeriodSeconds"] = pod.termination_grace_period_seconds
     job_labels = dict(meta["labels"])
     if queue := ftj["metadata"].get("labels", {}).get(api.KUEUE_QUEUE_LABEL):
         job_labels[api.KUEUE_QUEUE_LABEL] = queue
