@@ -172,7 +172,7 @@ def test_runtime_and_placement_pass_through() -> None:
     assert container["image"] == "mine:2" and container["imagePullPolicy"] == "Always"
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"  # quantities travel as strings
     assert {"name": "OMP_NUM_THREADS", "value": "4"} in container["env"]  # 8 CPUs over 2 processes
-    assert any(e["name"] == "HF_TOKEN" for e in container["env"])
+    assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hub", "key": "token"}}} in container["env"]
     assert "--nproc-per-node=2" in container["command"]
     assert {"name": "scratch", "mountPath": "/scratch", "readOnly": False} in container["volumeMounts"]
     assert template["metadata"]["labels"]["team"] == "a"
