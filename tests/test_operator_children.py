@@ -177,7 +177,7 @@ def test_runtime_and_placement_pass_through() -> None:
     assert {"name": "scratch", "mountPath": "/scratch", "readOnly": False} in container["volumeMounts"]
     assert template["metadata"]["labels"]["team"] == "a"
     assert pod["nodeSelector"] == {"pool": "h100"} and pod["priorityClassName"] == "high"
-    assert pod["serviceAccountName"] == "trainer" and pod["tolerations"][0]["key"] == "nvidia.com/gpu"
+    assert pod["serviceAccountName"] == "trainer" and pod["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists"}]
     assert next(v for v in pod["volumes"] if v["name"] == "finetune-shm")["emptyDir"]["sizeLimit"] == "8Gi"
 
 
