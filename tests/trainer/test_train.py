@@ -43,6 +43,8 @@ def test_pipeline_report_has_the_contracted_shape(tiny_cfg: TrainerConfig, tmp_p
     assert not set(map(tuple, during[0].features)) & set(map(tuple, final_split.features))
     assert set(report["evaluation"]) == {"baseline", "final", "delta"}
     assert set(report["evaluation"]["final"]) == {"accuracy", "f1"}
+    baseline, final = report["evaluation"]["baseline"], report["evaluation"]["final"]
+    assert report["evaluation"]["delta"] == {k: final[k] - baseline[k] for k in final}  # the fine-tuning's gain
     training = report["training"]
     assert training["steps"] == 8 and training["samples_per_second"] > 0 and training["tokens_per_second"] > 0
     assert 0 < training["cpu_seconds"] and [e["cpu_seconds_since_train_start"] > 0 for e in training["evals"]] == [True] * 2
