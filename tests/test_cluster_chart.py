@@ -171,7 +171,8 @@ def _run_and_scrape(kube: Kube, ns: str, operator_ip: str, prometheus: prometheu
                   ns, timeout=60)
     start = time.time()
     good = example("minilm-sentiment", dataset=SMALL)
-    # A job whose claim does not exist fails at once (InvalidSpec): the failures panel has something to show.
+    # A job whose claim does not exist fails (InvalidSpec) once the 30 s a claim may take to come have passed: the
+    # failures panel has something to show.
     broken = example("minilm-sentiment", dataset={"uri": "pvc://nowhere/data.csv"}) | {"metadata": {"name": "no-claim"}}
     kube.apply([good, broken], ns)
     name = good["metadata"]["name"]

@@ -229,14 +229,24 @@ def test_specs_only_the_operator_can_judge_fail_as_invalid_spec(operator_env: Op
         doc = example("minilm-sentiment") | {"metadata": {"name": name}}
         doc["spec"] |= changes
         env.apply(doc)
+    # A claim made right after its job (`kubectl apply -f dir/`, job.yaml before pvc.yaml) is waited for, visibly.
+    late = example("minilm-sentiment", output={"uri": "pvc://late/out"},
+                   runtime={"resources": {"limits": {"nvidia.com/gpu": 99}}}) | {"metadata": {"name": "late-claim"}}
+    env.apply(late)
+    waiting = env.wait_ftj("late-claim", lambda o: o.get("status", {}).get("reason") == "ClaimNotFound", "the wait")
+    created = next(c for c in waiting["status"]["conditions"] if c["type"] == "Created")
+    assert waiting["status"]["phase"] == "Pending" and "'late' does not exist" in created["message"]
+    env.kube.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "late"},
+                    "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}},
+                   env.namespace)
+    env.wait_ftj("late-claim", lambda o: o.get("status", {}).get("attempts") == 1, "an attempt")
+    assert env.ftj("no-claim")["status"]["reason"] == "ClaimNotFound"  # the wait is the same for a typo
     for name, (_, message) in cases.items():
-        failed = env.wait_phase(name, "Failed", timeout=60)
+        failed = env.wait_phase(name, "Failed", timeout=90)
         assert failed["status"]["reason"] == "InvalidSpec"
         assert message in [c["message"] for c in failed["status"]["conditions"] if c["type"] == "Failed"][0]
         assert not env.objects("jobs", name)  # nothing was started
-    # The operator keeps serving: a good job still gets its attempt.
-    env.apply(example("minilm-sentiment", runtime={"resources": {"limits": {"nvidia.com/gpu": 99}}}))
-    env.wait_ftj("minilm-sentiment", lambda o: o.get("status", {}).get("attempts") == 1, "an attempt")
+    assert env.ftj("late-claim")["status"]["phase"] == "Pending"  # its claim came in time: never failed
 
 
 def test_a_child_the_apiserver_refuses_fails_as_invalid_spec(operator_env: OperatorEnv) -> None:

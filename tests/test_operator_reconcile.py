@@ -430,6 +430,27 @@ def test_what_only_the_operator_can_judge_fails_as_invalid_spec(problem: str) ->
     assert problem in [c["message"] for c in status["conditions"] if c["type"] == "Failed"][0]
 
 
+def test_a_claim_made_moments_after_its_job_is_waited_for_and_one_never_made_fails_the_job() -> None:
+    # `kubectl apply -f dir/` makes job.yaml's job before pvc.yaml's claim.
+    missing = "spec.dataset.uri: the PersistentVolumeClaim 'data' does not exist in namespace ns"
+    young = NOW - timedelta(seconds=60) + timedelta(seconds=5)  # body() was created 5 s before this
+    waiting = decide(Observed(body(), [], [], young, problems=[missing], claims_missing=[missing]))
+    status = after(waiting)
+    assert status["phase"] == "Pending" and status["reason"] == "ClaimNotFound" and waiting.create_attempt is None
+    assert conditions(status)["Created"] == ("False", "ClaimNotFound") and "Failed" not in conditions(status)
+    assert any(e[:2] == ("Warning", "ClaimNotFound") and missing in e[2] for e in waiting.events)
+    created = decide(Observed(body(status), [], [], young + timedelta(seconds=10)))  # the claim is there now
+    assert created.create_attempt == 1 and conditions(after(created, status))["Created"] == ("True", "AttemptCreated")
+    # Still missing 30 s after the job was made: a typo, not a race.
+    late = decide(Observed(body(status), [], [], young + timedelta(seconds=25), problems=[missing],
+                           claims_missing=[missing]))
+    assert after(late, status)["reason"] == "InvalidSpec" and late.create_attempt is None
+    # Beside another problem nothing is worth waiting for.
+    regex = "spec.adjust.freeze.pattern: unbalanced parenthesis"
+    mixed = decide(Observed(body(), [], [], young, problems=[missing, regex], claims_missing=[missing]))
+    assert after(mixed)["reason"] == "InvalidSpec"
+
+
 def test_claims_must_exist_and_fit_the_workers() -> None:
     from finetune_operator import judge
     from finetune_operator.api import FineTuneJobSpec

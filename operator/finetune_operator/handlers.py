@@ -350,7 +350,9 @@ def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, job_index: k
     if decision.create_attempt:
         spec, _ = reconcile.parse_spec(seen.body)
         assert spec is not None
-        seen.problems = judge.spec_problems(spec, _claims(clients, memo.claims, spec, ns), ns)
+        claims = _claims(clients, memo.claims, spec, ns)
+        seen.problems = judge.spec_problems(spec, claims, ns)
+        seen.claims_missing = judge.missing_claims(spec, claims, ns)
         if not seen.problems:
             try:
                 _create_attempt(clients, seen.body, spec, decision.create_attempt, settings)

@@ -28,13 +28,22 @@ def claim_fields(spec: api.FineTuneJobSpec) -> dict[str, tuple[str, bool]]:
     return found
 
 
+def _missing(field: str, claim: str, namespace: str) -> str:
+    return f"{field}: the PersistentVolumeClaim {claim!r} does not exist in namespace {namespace}"
+
+
+def missing_claims(spec: api.FineTuneJobSpec, claims: dict[str, dict[str, Any] | None], namespace: str) -> list[str]:
+    """Those of spec_problems that are claims not there (yet)."""
+    return [_missing(field, claim, namespace) for claim, (field, _) in claim_fields(spec).items() if claims.get(claim) is None]
+
+
 def spec_problems(spec: api.FineTuneJobSpec, claims: dict[str, dict[str, Any] | None], namespace: str) -> list[str]:
     """`field: message` for each problem; `claims` maps each claim name to its object (None: absent)."""
     problems = []
     for claim, (field, writes) in claim_fields(spec).items():
         pvc = claims.get(claim)
         if pvc is None:
-            problems.append(f"{field}: the PersistentVolumeClaim {claim!r} does not exist in namespace {namespace}")
+            problems.append(_missing(field, claim, namespace))
             continue
         if spec.runtime.workers > 1:
             modes = set((pvc.get("spec") or {}).get("accessModes") or [])

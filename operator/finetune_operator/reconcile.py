@@ -39,6 +39,7 @@ class Observed:
     pods: list[dict[str, Any]]  # outcome.pod_summary of each trainer pod
     now: datetime
     problems: list[str] = field(default_factory=list)  # what only the operator can judge (claims, regexes)
+    claims_missing: list[str] = field(default_factory=list)  # those of the problems that are claims not there (yet)
     sample: dict[str, Any] | None = None  # rank 0's metrics, when read
     scrape_error: tuple[str, str] | None = None  # (reason, message) when reading them failed
     job_warning: tuple[str, str] | None = None  # (reason, message) of the Job's latest Warning Event, when podless
@@ -172,6 +173,10 @@ def decide(seen: Observed) -> Decision | None:
         return decision if decision.delete_self else Decision({})
     status["attempts"] = attempt
     if spec is None or invalid or seen.problems:
+        if spec and not invalid and seen.problems == seen.claims_missing and _claims_may_come(meta, now):
+            conds.set(T.CREATED, False, "ClaimNotFound", "; ".join(seen.problems) + f" (waiting up to "
+                      f"{CLAIM_WAIT_SECONDS} s from the job's creation for it to be made)")
+            return _finish(decision, old, conds)
         fail("InvalidSpec", "; ".join(invalid or seen.problems))
         return _finish(decision, old, conds)
     workers = spec.workers
@@ -233,6 +238,16 @@ def decide(seen: Observed) -> Decision | None:
         return _finish(decision, old, conds)
 
     return observe()
+
+
+# `kubectl apply -f dir/` creates in file order, so a job's claims may come moments after it (job.yaml sorts before
+# pvc.yaml); a claim that a typo names never comes, and fails the job once this has passed.
+CLAIM_WAIT_SECONDS = 30
+
+
+def _claims_may_come(meta: dict[str, Any], now: datetime) -> bool:
+    created = _parse_time(meta.get("creationTimestamp"))
+    return created is None or now < created + timedelta(seconds=CLAIM_WAIT_SECONDS)
 
 
 # Pulling a trainer image of several GB also waits in ContainerCreating, for minutes.
