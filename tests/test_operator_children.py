@@ -153,6 +153,8 @@ def test_pods_pass_restricted_and_carry_no_token() -> None:
     pod = children.job(doc, spec, 1, SETTINGS)["spec"]["template"]["spec"]
     assert pod["automountServiceAccountToken"] is False
     assert pod["securityContext"]["runAsNonRoot"] and pod["securityContext"]["seccompProfile"]["type"] == "RuntimeDefault"
+    # Claims are handed to the fsGroup once, not walked file by file at every attempt's start.
+    assert pod["securityContext"]["fsGroupChangePolicy"] == "OnRootMismatch"
     security = pod["containers"][0]["securityContext"]
     assert security["allowPrivilegeEscalation"] is False and security["capabilities"]["drop"] == ["ALL"]
 
