@@ -105,11 +105,14 @@ def set_ownership(folder: Path, fs_group: int, read_only: bool, policy: str | No
     """The kubelet's fsGroup handling (volume.SetVolumeOwnership): every file and folder gets
     group fs_group and group read (and write unless read-only); folders get setgid, so new
     files inherit the group. Bits are only ever added. OnRootMismatch skips a volume whose
-    top folder already looks done."""
-    top = folder.stat()
-    if policy == "OnRootMismatch" and top.st_gid == fs_group and top.st_mode & stat.S_ISGID:
-        return
+    top folder already looks done: its group, setgid and the group bits this mount needs, as the
+    kubelet's requiresPermissionChange (a folder a read-only mount handed over is not writable)."""
     mask = 0o440 if read_only else 0o660
+    top = folder.stat()
+    wanted = mask | 0o110
+    if (policy == "OnRootMismatch" and top.st_gid == fs_group and top.st_mode & stat.S_ISGID
+            and top.st_mode & wanted == wanted):
+        return
     for base, folders, files in os.walk(folder):
         for path in [base, *(os.path.join(base, f) for f in folders + files)]:
             info = os.lstat(path)

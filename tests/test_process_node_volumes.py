@@ -1,0 +1,43 @@
+"""The process node's fsGroup handling of volumes (deploy/local/process_node/volumes.py), as the kubelet's
+volume.SetVolumeOwnership: no cluster needed, only folders."""
+
+from __future__ import annotations
+
+import os
+import stat
+import sys
+from pathlib import Path
+
+from conftest import LOCAL
+
+sys.path.insert(0, str(LOCAL))
+from process_node.volumes import set_ownership  # noqa: E402
+
+GROUP = os.getgid()  # a group this process may hand files to, root or not
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def test_on_root_mismatch_hands_over_a_claim_a_read_only_mount_left_unwritable(tmp_path: Path) -> None:
+    # A job that read the claim handed it to the group read-only (group r-x, setgid); the next job writes its
+    # output there. The kubelet's OnRootMismatch checks the permission bits as well as the group.
+    claim = tmp_path / "models"
+    (claim / "model").mkdir(parents=True)
+    set_ownership(claim, GROUP, read_only=True, policy="OnRootMismatch")
+    assert _mode(claim) & 0o070 == 0o050
+    set_ownership(claim, GROUP, read_only=False, policy="OnRootMismatch")
+    assert _mode(claim) & 0o070 == 0o070
+    assert _mode(claim / "model") & 0o070 == 0o070
+
+
+def test_on_root_mismatch_skips_a_claim_already_handed_over(tmp_path: Path) -> None:
+    claim = tmp_path / "data"
+    (claim / "inner").mkdir(parents=True)
+    set_ownership(claim, GROUP, read_only=False, policy="OnRootMismatch")
+    (claim / "inner").chmod(0o700)  # not looked at again: the top folder matches
+    set_ownership(claim, GROUP, read_only=False, policy="OnRootMismatch")
+    assert _mode(claim / "inner") == 0o700
+    set_ownership(claim, GROUP, read_only=False, policy=None)  # Always walks every file
+    assert _mode(claim / "inner") & 0o070 == 0o070
