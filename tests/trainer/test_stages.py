@@ -362,6 +362,29 @@ def test_image_model_and_batches(pvc_root: Path, tmp_path: Path) -> None:
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize("task", [Task.IMAGE_CLASSIFICATION, Task.OBJECT_DETECTION])
+def test_an_image_that_does_not_decode_is_the_users_naming_its_file(task: Task, tmp_path: Path) -> None:
+    """A scraped .jpg that is an HTML page, or a file cut short by its upload, opens (or not) only when its batch is
+    made: that is the dataset's fault (exit 1, naming the file), not the infrastructure's (exit 2, retried)."""
+    import io
+
+    from PIL import Image
+
+    from finetune_trainer.detection.coco import Annotated
+    from finetune_trainer.errors import DataError, exit_code_of
+
+    jpeg = io.BytesIO()
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(jpeg, "JPEG")
+    (cut := tmp_path / "cut.jpg").write_bytes(jpeg.getvalue()[: len(jpeg.getvalue()) // 2])
+    (page := tmp_path / "page.jpg").write_bytes(b"<html>Not found</html>")
+    collate = make_collate(task, 0, 32)
+    for broken in (cut, page):
+        item = Annotated(str(broken), 64, 64) if task == Task.OBJECT_DETECTION else str(broken)
+        with pytest.raises(DataError, match=f"{broken}: cannot read it as an image") as raised:
+            collate(encode_images(Split([item], [0])), [0])
+        assert exit_code_of(raised.value) == 1
+
+
 @pytest.mark.parametrize("architecture, units, below", [
     ("resnet18", [f"net.layer{i}" for i in range(1, 5)], {"net.conv1.weight", "net.bn1.weight", "net.bn1.bias"}),
     ("mobilenet_v3_small", [f"net.features.{i}" for i in range(13)], set()),

@@ -16,6 +16,7 @@ from PIL import Image
 
 from finetune_trainer.config import Task
 from finetune_trainer.data import Split
+from finetune_trainer.errors import DataError
 
 IGNORE_INDEX = -100  # label of positions a causal LM is not scored on (padding)
 BUCKET_BATCHES = 50  # batches per length-sorted pool: enough to sort out padding, small enough to keep it random
@@ -100,11 +101,22 @@ def collate_images(data: Encoded, idx: list[int], image_size: int) -> Batch:
 
     pixels = []
     for i in idx:
-        with Image.open(data.features[i]) as image:
-            tensor = F.pil_to_tensor(image.convert("RGB").resize((image_size, image_size), Image.BILINEAR))
+        tensor = F.pil_to_tensor(open_rgb(data.features[i]).resize((image_size, image_size), Image.BILINEAR))
         pixels.append(F.normalize(tensor.float() / 255, IMAGENET_MEAN, IMAGENET_STD))
     labels = torch.tensor([data.labels[i] for i in idx])
     return Batch({"pixel_values": torch.stack(pixels)}, labels, len(idx), len(idx), len(idx))
+
+
+def open_rgb(path: str) -> Image.Image:
+    """The image at `path`, decoded, in RGB. A file that does not decode (an HTML page saved as .jpg, an upload cut
+    short, a decompression bomb) is the dataset's fault; a read that failed with an errno (the volume) is not."""
+    try:
+        with Image.open(path) as image:
+            return image.convert("RGB")
+    except (OSError, Image.DecompressionBombError) as exc:
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise
+        raise DataError(f"{path}: cannot read it as an image ({type(exc).__name__}: {exc})") from exc
 
 
 def epoch_batches(lengths: list[int], batch_size: int, *, seed: int, epoch: int, bucketed: bool,

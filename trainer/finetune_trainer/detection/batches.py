@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from PIL import Image
 
-from finetune_trainer.batches import Batch, Encoded
+from finetune_trainer.batches import Batch, Encoded, open_rgb
 
 PAD_LABEL = -1
 
@@ -20,8 +20,7 @@ def collate_detection(data: Encoded, idx: list[int], image_size: int) -> Batch:
     boxes = torch.zeros((len(records), most, 4))
     labels = torch.full((len(records), most), PAD_LABEL, dtype=torch.long)
     for i, record in enumerate(records):
-        with Image.open(record.path) as image:
-            resized = image.convert("RGB").resize((image_size, image_size), Image.BILINEAR)
+        resized = open_rgb(record.path).resize((image_size, image_size), Image.BILINEAR)
         pixels[i] = F.pil_to_tensor(resized).float() / 255
         if record.boxes:
             scale = torch.tensor([image_size / record.width, image_size / record.height] * 2)
