@@ -296,3 +296,15 @@ def test_a_text_task_refuses_the_image_folder_auto_finds(tmp_path: Path, task: T
             (tmp_path / label / f"{i}.png").write_bytes(b"\x89PNG")
     with pytest.raises(DataError, match=r"holds images \(imagefolder\), not texts; point dataset.uri at texts"):
         load_dataset(spec(tmp_path), task, seed=0)
+
+
+@pytest.mark.parametrize("record", ["[1, 2]", "null", "5"])
+def test_a_json_record_that_is_not_an_object_is_refused_naming_it(tmp_path: Path, record: str) -> None:
+    """pandas raises a TypeError for such a record, which counted as the infrastructure's (exit 2, retried)."""
+    lines = [json.dumps(r) for r in ROWS[:5]]
+    (path := tmp_path / "d.jsonl").write_text("\n".join([*lines, "", record, *lines]) + "\n")
+    with pytest.raises(DataError, match=r"cannot read it as jsonl \(ValueError: d.jsonl line 7 is not a JSON object"):
+        load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    (path := tmp_path / "d.json").write_text(json.dumps([*ROWS[:3], json.loads(record), *ROWS[3:5]]))
+    with pytest.raises(DataError, match=r"cannot read it as jsonl \(ValueError: d.json record \[3\] is not a JSON object"):
+        load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)

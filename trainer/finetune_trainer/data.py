@@ -7,6 +7,7 @@ Everything here is plain Python and pandas; tokenizing and batching are in `batc
 from __future__ import annotations
 
 import io
+import json
 import logging
 import re
 from collections.abc import Hashable
@@ -221,9 +222,26 @@ def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
     text = read_text(file)
     if fmt == DatasetFormat.JSONL:
         # "10" stays the string the user wrote; a .json file may hold one array of records instead of lines
-        return pd.read_json(io.StringIO(text), lines=not text.lstrip().startswith("["), dtype=False)
+        lines = not text.lstrip().startswith("[")
+        try:
+            return pd.read_json(io.StringIO(text), lines=lines, dtype=False)
+        except TypeError as exc:  # pandas' complaint about a record such as [1, 2], 5 or null
+            raise ValueError(f"{file.name} {first_non_object(text, lines)} is not a JSON object") from exc
     # Only an empty cell is missing: a label "None" or "NA", or the text "null", is data
     return pd.read_csv(io.StringIO(text), keep_default_na=False, na_values=[""])
+
+
+def first_non_object(text: str, lines: bool) -> str:
+    """Where the first record of a JSON Lines text (or of a JSON array) that is not an object is."""
+    if lines:
+        for number, line in enumerate(text.splitlines(), 1):
+            if line.strip() and not isinstance(json.loads(line), dict):
+                return f"line {number}"
+    else:
+        for i, record in enumerate(json.loads(text)):
+            if not isinstance(record, dict):
+                return f"record [{i}]"
+    return "a record"
 
 
 def read_text(file: Path) -> str:
