@@ -308,3 +308,20 @@ def test_a_json_record_that_is_not_an_object_is_refused_naming_it(tmp_path: Path
     (path := tmp_path / "d.json").write_text(json.dumps([*ROWS[:3], json.loads(record), *ROWS[3:5]]))
     with pytest.raises(DataError, match=r"cannot read it as jsonl \(ValueError: d.json record \[3\] is not a JSON object"):
         load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+
+
+@pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
+def test_an_empty_text_or_label_is_missing_in_every_format(tmp_path: Path, fmt: str,
+                                                           caplog: pytest.LogCaptureFixture) -> None:
+    """As an empty CSV cell is: a label "" is no class, and a text "" or "  " is no input to learn a label from."""
+    blank = [{"text": "", "label": "neg"}, {"text": "  ", "label": "pos"}, {"text": "sample 99", "label": ""},
+             {"text": "sample 98", "label": " "}]
+    frame = pd.DataFrame(ROWS + blank)
+    if fmt == "jsonl":
+        (path := tmp_path / "d.jsonl").write_text("\n".join(json.dumps(r) for r in frame.to_dict("records")))
+    else:
+        frame.to_parquet(path := tmp_path / "d.parquet")
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert data.id2label == {0: "neg", 1: "neu", 2: "pos"}
+    assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(r["text"] for r in ROWS)
+    assert "dropped 4 train rows with an empty text or label" in caplog.text

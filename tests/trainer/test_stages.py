@@ -29,7 +29,7 @@ from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
 from finetune_trainer.structure import depth, head_name, lora_candidates
 from finetune_trainer.train import steps_per_epoch
 
-from tiny import TINY_BERT, TINY_GPT2, bpe_tokenizer, tiny_classifier_doc
+from tiny import TINY_BERT, TINY_GPT2, bpe_tokenizer, card_model, tiny_classifier_doc
 
 CPU = World(rank=0, size=1, device=torch.device("cpu"))
 TEXTS = ["a fine day", "this is awful and slow", "ok", "I love the new self driving cars so much", "meh"] * 4
@@ -310,6 +310,41 @@ def test_new_head_lora_and_a_checked_merge(bert, tmp_path: Path) -> None:
 
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
     torch.testing.assert_close(logits_of(reloaded.eval(), batches[0].inputs), before, atol=1e-4, rtol=1e-4)
+
+
+def test_the_model_cards_code_loads_adapters_kept_apart_and_merged_weights(bert, tmp_path: Path) -> None:
+    """Adapters kept apart from a published base need that base with a head of the job's size: the card says so in
+    code that runs. Merged, the folder alone loads."""
+    from finetune_trainer.config import TrainerConfig
+    from finetune_trainer.export import model_card
+
+    model, tokenizer = bert
+    model.save_pretrained(tmp_path / "base")  # model.uri: a checkpoint with its own 2-label head
+    _, _, batches = text_batches(tokenizer, Task.SEQUENCE_CLASSIFICATION, [0, 1, 2, 0, 1] * 4)
+    labels = {0: "neg", 1: "neu", 2: "pos"}
+    new_head(model, "classifier", 3, labels, reinitialize=True)
+    wrapped = add_adapters(model, LoraSpec(rank=4), ["bert.encoder.layer.1.output.dense"], "classifier")
+    with torch.no_grad():  # as if trained
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+    logits = logits_of(wrapped.eval(), batches[0].inputs)
+    doc = tiny_classifier_doc(tmp_path / "apart")
+    doc["model"] = {"task": "sequence-classification", "uri": str(tmp_path / "base")}
+    doc["rearrange"] = {"lora": {"rank": 4}, "mergeOnExport": False}
+    cfg = TrainerConfig.model_validate(doc)
+    report = {"evaluation": {"baseline": {}, "final": {}, "delta": {}}, "labels": labels,
+              "training": {"train_samples": 1, "validation_samples": 1, "test_samples": 1, "steps": 1, "seconds": 1,
+                           "samples_per_second": 1}}
+    merged = copy.deepcopy(wrapped).merge_and_unload()
+    export_model(wrapped, tokenizer, labels, cfg, tmp_path / "apart")
+    card = model_card(cfg, report, adapters_apart=True)
+    assert "num_labels=3" in card and str(tmp_path / "base") in card
+    torch.testing.assert_close(logits_of(card_model(card, tmp_path / "apart").eval(), batches[0].inputs), logits)
+    export_model(merged, tokenizer, labels, cfg, tmp_path / "merged")
+    card = model_card(cfg, report)
+    torch.testing.assert_close(logits_of(card_model(card, tmp_path / "merged").eval(), batches[0].inputs), logits,
+                               atol=1e-5, rtol=1e-4)
 
 
 def _cfg(tmp_path: Path):

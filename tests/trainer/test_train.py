@@ -24,7 +24,7 @@ from finetune_trainer.models import load_model, load_tokenizer
 from finetune_trainer.rearrange import add_adapters, new_head
 from finetune_trainer.telemetry import TERMINATION_ENV
 from finetune_trainer.train import Hooks, LoopState, autocast_dtype, cpu_computes_bf16, make_scheduler, train_loop
-from tiny import TINY_BERT, TINY_GPT2
+from tiny import TINY_BERT, TINY_GPT2, card_model
 
 CPU = World(rank=0, size=1, device=torch.device("cpu"))
 TEXTS = [f"sample number {i} " + "word " * (i % 13) for i in range(64)]
@@ -59,7 +59,10 @@ def test_pipeline_report_has_the_contracted_shape(tiny_cfg: TrainerConfig, tmp_p
     for name in ("model.safetensors", "config.json", "labels.json", "tokenizer.json", "report.json", "README.md",
                  "loss_curve.png", "analysis.json"):
         assert (out / name).exists(), name
-    assert "| accuracy |" in (out / "README.md").read_text()
+    card = (out / "README.md").read_text()
+    assert "| accuracy |" in card
+    loaded = card_model(card, out)  # the card's loading code, pasted
+    assert type(loaded).__name__ == "BertForSequenceClassification" and loaded.config.num_labels == 3
 
 
 def test_only_what_changes_the_optimisation_starts_afresh(tiny_cfg: TrainerConfig, tmp_path: Path,

@@ -51,3 +51,18 @@ def bpe_tokenizer(folder: Path, eos: str | None = "<|endoftext|>") -> Path:
     tokenizer.train_from_iterator(["a fine day", "this is awful and slow", "I love the new cars"] * 10, trainer)
     PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=eos).save_pretrained(folder)
     return folder
+
+
+def card_model(card: str, folder: Path) -> Any:
+    """The `model` that the model card's Python block makes, run from the export's folder as the card says."""
+    import os
+
+    code = card.split("```python\n", 1)[1].split("```", 1)[0]
+    namespace: dict[str, Any] = {}
+    here = Path.cwd()
+    os.chdir(folder)
+    try:
+        exec(code, namespace)  # the card's own code: what a user pastes
+    finally:
+        os.chdir(here)
+    return namespace["model"]

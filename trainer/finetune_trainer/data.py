@@ -60,7 +60,7 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
     check_columns(tables, spec.uri, {"textField": input_field, "labelField": label_field}, "dataset")
     usable: dict[str, pd.DataFrame] = {}
     for name, table in tables.items():
-        usable[name] = table[columns].dropna()
+        usable[name] = blank_to_missing(table[columns]).dropna()
         if dropped := len(table) - len(usable[name]):
             log.warning("dataset %s: dropped %d %s rows with an empty %s", spec.uri, dropped, name, " or ".join(columns))
     if usable[TRAIN].empty:
@@ -85,6 +85,12 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
     log.info("dataset %s (%s; splits given: %s): %d train, %d validation, %d test rows, %d labels", spec.uri,
              fmt.value, ", ".join(tables), len(train.inputs), len(validation.inputs), len(test.inputs), len(id2label))
     return LabelledData(train=train, validation=validation, test=test, id2label=id2label)
+
+
+def blank_to_missing(table: pd.DataFrame) -> pd.DataFrame:
+    """Empty and whitespace-only strings as missing, as an empty CSV cell is: JSON and parquet keep "" as a value,
+    which would be a label class of its own or a text with nothing to learn from."""
+    return table.replace(r"^\s*$", np.nan, regex=True)
 
 
 def drop_withheld_labels(usable: dict[str, pd.DataFrame], label_field: str, uri: str) -> None:

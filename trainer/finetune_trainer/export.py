@@ -18,10 +18,11 @@ from typing import Any
 
 from torch import nn
 
-from finetune_trainer.config import TrainerConfig
+from finetune_trainer.config import Task, TrainerConfig
 from finetune_trainer.detection.models import Detector, class_count
 from finetune_trainer.models import ImageClassifier
 from finetune_trainer.structure import head_name
+from finetune_trainer.uris import hub_parts, local_path
 
 log = logging.getLogger(__name__)
 
@@ -96,7 +97,7 @@ def loss_curve(history: list[dict[str, float]], evals: list[dict[str, Any]], pat
     plt.close(fig)
 
 
-def model_card(cfg: TrainerConfig, report: dict[str, Any]) -> str:
+def model_card(cfg: TrainerConfig, report: dict[str, Any], adapters_apart: bool = False) -> str:
     evaluation = report["evaluation"]
     rows = [f"| {m} | {fmt(evaluation['baseline'].get(m))} | {fmt(v)} | {fmt(evaluation['delta'].get(m), '+.4f')} |"
             for m, v in evaluation["final"].items()]
@@ -124,9 +125,44 @@ def model_card(cfg: TrainerConfig, report: dict[str, Any]) -> str:
         *per_class_rows(evaluation.get("per_class_ap")),
         "",
         *pruning_section(report.get("pruning")),
+        *loading_lines(cfg, len(report["labels"]), adapters_apart),
         "Trained by finetune-trainer; report.json has the structure analysis and the full history.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool) -> list[str]:
+    """Code that loads the export, run from the folder holding it: the standard classes, and where adapters were
+    kept apart, peft on the base they adapt (this folder's, or model.uri's with the new head's size)."""
+    task = cfg.model.task
+    from_uri = adapters_apart and not base_is_new(cfg)
+    if task == Task.OBJECT_DETECTION:  # LoRA is not offered for detectors: never adapters apart
+        code = ["from pathlib import Path", "from finetune_trainer.detection.models import load_exported", "",
+                "model = load_exported(Path.cwd())"]
+    elif task == Task.IMAGE_CLASSIFICATION:
+        uri = repr(base_uri(str(cfg.model.uri))) if from_uri else "str(Path.cwd())"
+        code = ["from pathlib import Path", "from finetune_trainer.config import ModelSpec",
+                "from finetune_trainer.models import load_vision_model", "",
+                f'model = load_vision_model(ModelSpec(task="image-classification", uri={uri}))']
+    else:
+        auto = "AutoModelForCausalLM" if task == Task.CAUSAL_LM else "AutoModelForSequenceClassification"
+        args = "'.'"
+        if from_uri:  # the base as published, and a head of this job's size, which the adapter's weights fill
+            uri = base_uri(str(cfg.model.uri))
+            repo, folder = hub_parts(uri) if uri.startswith("hf://") else (uri, "")
+            args = repr(repo) + (f", subfolder={folder!r}" if folder else "")
+            args += "" if task == Task.CAUSAL_LM else f", num_labels={labels}, ignore_mismatched_sizes=True"
+        code = [f"from transformers import {auto}", "", f"model = {auto}.from_pretrained({args})"]
+    if adapters_apart:
+        code.insert(code.index(""), "from peft import PeftModel")
+        code.append('model = PeftModel.from_pretrained(model, "adapter")  # the adapters, kept apart')
+    return ["## Loading it", "", "From this folder:", "", "```python", *code, "```", ""]
+
+
+def base_uri(uri: str) -> str:
+    """model.uri where a user can load it: an hf:// URI as it is, else the local path (a pvc:// claim's as the
+    trainer saw it)."""
+    return uri if uri.startswith("hf://") else str(local_path(uri))
 
 
 def per_class_rows(per_class: dict[str, dict[str, float]] | None) -> list[str]:

@@ -437,7 +437,7 @@ def write_outputs(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cf
         report["pruning"]["after"] |= prune.footprint(model, serving)
     files = export.export_model(model, tokenizer, id2label, cfg, out)
     export.loss_curve(report["training"]["history"], report["training"]["evals"], out / "loss_curve.png")
-    (out / "README.md").write_text(export.model_card(cfg, report | extra))
+    (out / "README.md").write_text(export.model_card(cfg, report | extra, adapters_apart=(out / "adapter").is_dir()))
     extra["files"] = sorted({*files, "loss_curve.png", "README.md", "report.json"})
     (out / "report.json").write_text(json.dumps(report | extra, indent=2, default=str))
     log.info("exported to %s", out)

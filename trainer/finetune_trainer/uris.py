@@ -56,8 +56,7 @@ def fetch(uri: str, *, kind: str, revision: str | None = None, repo_type: str = 
         from huggingface_hub import snapshot_download
         from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
 
-        parts = uri.removeprefix("hf://").split("/")
-        repo_id, folder = "/".join(parts[:2]), "/".join(parts[2:])  # hf://<org>/<name>/<folder in the repo>
+        repo_id, folder = hub_parts(uri)
         try:
             snapshot = Path(snapshot_download(repo_id, revision=revision, repo_type=repo_type,
                                               allow_patterns=f"{folder}/**" if folder else None))
@@ -72,6 +71,12 @@ def fetch(uri: str, *, kind: str, revision: str | None = None, repo_type: str = 
     if not path.exists():
         raise error(f"{kind} {uri}: {path} does not exist")
     return path
+
+
+def hub_parts(uri: str) -> tuple[str, str]:
+    """hf://<org>/<name>/<folder in the repo>: the repo id and the folder ('' for the whole repo)."""
+    parts = uri.removeprefix("hf://").split("/")
+    return "/".join(parts[:2]), "/".join(parts[2:])
 
 
 def hub_unreachable(exc: BaseException) -> bool:
