@@ -46,6 +46,14 @@ def bert():
     return text_model(Task.SEQUENCE_CLASSIFICATION, TINY_BERT, "bert")
 
 
+def as_if_trained(wrapped: nn.Module) -> None:
+    """Adapters that change the output: LoRA's B starts at zero."""
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.1)
+
+
 def text_batches(tokenizer, task: Task, labels: list[int] | None = None):
     data = encode_text(Split(TEXTS, labels if task != Task.CAUSAL_LM else None), tokenizer, 16)
     collate = make_collate(task, tokenizer.pad_token_id, 32)
@@ -295,10 +303,7 @@ def test_new_head_lora_and_a_checked_merge(bert, tmp_path: Path) -> None:
     assert any("lora_magnitude_vector" in n for n in trainable)  # DoRA
     assert any("modules_to_save" in n and "classifier" in n for n in trainable)
     assert not any("attention.self.key" in n for n in trainable)
-    with torch.no_grad():  # as if trained: adapters that change the output
-        for name, p in wrapped.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.1)
+    as_if_trained(wrapped)
     before = logits_of(wrapped.eval(), batches[0].inputs)
     merged, check = merge_adapters(wrapped, batches[0].inputs)
     assert check["passed"] and check["max_abs_logit_diff"] < 1e-4
@@ -324,10 +329,7 @@ def test_the_model_cards_code_loads_adapters_kept_apart_and_merged_weights(bert,
     labels = {0: "neg", 1: "neu", 2: "pos"}
     new_head(model, "classifier", 3, labels, reinitialize=True)
     wrapped = add_adapters(model, LoraSpec(rank=4), ["bert.encoder.layer.1.output.dense"], "classifier")
-    with torch.no_grad():  # as if trained
-        for name, p in wrapped.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.1)
+    as_if_trained(wrapped)
     logits = logits_of(wrapped.eval(), batches[0].inputs)
     doc = tiny_classifier_doc(tmp_path / "apart")
     doc["model"] = {"task": "sequence-classification", "uri": str(tmp_path / "base")}
@@ -493,10 +495,7 @@ def test_lora_on_the_default_candidates_of_a_network_with_depthwise_convolutions
     inputs = {"pixel_values": torch.randn(2, 3, 32, 32)}
     logits_of(wrapped.train(), inputs).sum().backward()
     assert all(p.grad is not None for n, p in wrapped.named_parameters() if "lora_" in n)
-    with torch.no_grad():
-        for name, p in wrapped.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.1)
+    as_if_trained(wrapped)
     _, check = merge_adapters(wrapped, inputs)
     assert check["passed"]
 
@@ -551,10 +550,7 @@ def test_an_image_classifiers_adapters_kept_apart_reload_on_the_base_exported_be
     model = load_model(spec, None, seed=0)
     new_head(model, "net.fc", 3, labels, reinitialize=False)
     wrapped = add_adapters(model, LoraSpec(rank=4), ["net.layer4.1.conv2"], "net.fc")
-    with torch.no_grad():  # as if trained
-        for name, p in wrapped.named_parameters():
-            if "lora_B" in name:
-                p.normal_(std=0.1)
+    as_if_trained(wrapped)
     pixels = {"pixel_values": torch.rand(2, 3, 32, 32)}
     logits = logits_of(wrapped.eval(), pixels)
     merged = copy.deepcopy(wrapped).merge_and_unload()  # the export takes the adapters out of `wrapped`
