@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import shutil
 from pathlib import Path
 from typing import Any
@@ -43,7 +44,17 @@ def export_model(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg
         tokenizer.save_pretrained(out)
     if id2label:
         (out / "labels.json").write_text(json.dumps({str(k): v for k, v in id2label.items()}, indent=2))
+    weights_follow_umask(out)
     return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+
+
+def weights_follow_umask(out: Path) -> None:
+    """safetensors writes its files 0600 whatever the umask, so a pod of another uid in the output claim's fsGroup (a
+    server of the model) read the config and tokenizer but not the weights; give them the mode the others got."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [*out.glob("*.safetensors"), *out.glob("adapter/*.safetensors")]:
+        path.chmod(0o666 & ~umask)
 
 
 def write_weights(model: nn.Module, cfg: TrainerConfig, out: Path) -> None:

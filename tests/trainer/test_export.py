@@ -1,0 +1,33 @@
+"""The export's files on disk (finetune_trainer/export.py), beyond what loads them back (test_stages.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune_trainer.config import LoraSpec, ModelSpec, Task, TrainerConfig
+from finetune_trainer.export import export_model
+from finetune_trainer.models import load_model, load_tokenizer
+from finetune_trainer.rearrange import add_adapters, new_head
+
+from tiny import TINY_BERT, tiny_classifier_doc
+
+TOKENIZER = "pvc://models/all-MiniLM-L6-v2"
+
+
+def test_the_exported_weights_are_as_readable_as_the_other_files(tmp_path: Path) -> None:
+    """safetensors writes 0600 whatever the umask: a pod of another uid in the output claim's fsGroup (a server of
+    the model) read config.json and the tokenizer but not the weights."""
+    spec = ModelSpec(task=Task.SEQUENCE_CLASSIFICATION, architecture="bert", config=TINY_BERT, tokenizerUri=TOKENIZER)
+    tokenizer = load_tokenizer(spec)
+    model = load_model(spec, tokenizer, seed=0)
+    labels = {0: "neg", 1: "neu", 2: "pos"}
+    new_head(model, "classifier", 3, labels, reinitialize=True)
+    wrapped = add_adapters(model, LoraSpec(rank=4), ["bert.encoder.layer.1.output.dense"], "classifier")
+    doc = tiny_classifier_doc(tmp_path / "out")
+    doc["model"] = spec.to_wire()  # no model.uri: the base goes along with the adapters kept apart
+    doc["rearrange"] = {"lora": {"rank": 4}, "mergeOnExport": False}
+    export_model(wrapped, tokenizer, labels, TrainerConfig.model_validate(doc), tmp_path / "out")
+    modes = {str(p.relative_to(tmp_path / "out")): p.stat().st_mode & 0o777 for p in (tmp_path / "out").rglob("*")
+             if p.is_file()}
+    assert {"model.safetensors", "adapter/adapter_model.safetensors"} <= set(modes)
+    assert set(modes.values()) == {modes["config.json"]}, modes
