@@ -67,10 +67,13 @@ def test_the_shapes_dataset_loads_split_with_its_boxes(pvc_root: Path) -> None:
     (lambda c: c["annotations"][0].update(bbox=[10, -0.9, 5, 0.5]),
      "annotation 1 (image 1): bbox [10, -0.9, 5, 0.5] has no area inside its 128x128 image"),
     (lambda c: c["annotations"][7].update(category_id=9), "annotation 8 (image"),
+    # Python's json writes a NaN it is given; every bound check is False for it, so it trained as a box
+    (lambda c: c["annotations"][0].update(bbox=[10, 10, float("nan"), 5]),
+     "annotation 1 (image 1): bbox [10, 10, nan, 5] is not a finite box"),
     (lambda c: c["images"][2].update(file_name="missing.jpg"), "image 3 ('missing.jpg'): no file"),
     (lambda c: c["images"][3].update(width=300), "image 4 ('00004.jpg'): declared 300x128"),
 ], ids=["box-outside-image", "box-past-the-right-edge", "box-above-the-top-edge", "unknown-category",
-        "image-without-file", "wrong-size"])
+        "box-not-a-number", "image-without-file", "wrong-size"])
 def test_a_bad_record_is_refused_naming_it(pvc_root: Path, tmp_path: Path, change: Any, named: str) -> None:
     folder = rewrite(shapes_copy(pvc_root, tmp_path), change)
     with pytest.raises(DataError, match=r"1 bad record\(s\)") as raised:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -178,6 +179,9 @@ def add_box(ann: Any, i: int, images: dict[int, Annotated], categories: dict[int
         problems.append(f"{where}: bbox must be [x, y, width, height], got {bbox!r}")
         return
     x, y, w, h = map(float, bbox)
+    if not all(map(math.isfinite, (x, y, w, h))):  # a NaN passes every comparison below
+        problems.append(f"{where}: bbox {bbox} is not a finite box")
+        return
     if w <= 0 or h <= 0:
         problems.append(f"{where}: bbox {bbox} has no area")
         return
