@@ -83,6 +83,19 @@ def test_a_bad_record_is_refused_naming_it(pvc_root: Path, tmp_path: Path, chang
         assert "unknown category_id 9; the categories are 1 (circle), 2 (square), 3 (triangle)" in str(raised.value)
 
 
+def test_a_split_file_that_lists_no_image_is_held_out_of_train_instead(pvc_root: Path, tmp_path: Path,
+                                                                      caplog: pytest.LogCaptureFixture) -> None:
+    """An exporter's val.json for a 0% validation share: scored on no image, every evaluation was an mAP of 0 (early
+    stopping on a constant); the text tasks hold such a split out of train, and so does detection."""
+    folder = shapes_copy(pvc_root, tmp_path)
+    coco = json.loads((folder / "annotations.json").read_text())
+    (folder / "annotations.json").rename(folder / "train.json")
+    (folder / "val.json").write_text(json.dumps(coco | {"images": [], "annotations": []}))
+    data = load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
+    assert (len(data.train.inputs), len(data.validation.inputs), len(data.test.inputs)) == (320, 40, 40)
+    assert "its validation split has no usable rows; holding validation rows out of train instead" in caplog.text
+
+
 def test_the_cli_exits_1_on_a_bad_annotation_file(pvc_root: Path, tmp_path: Path) -> None:
     """The user's mistake reaches the operator as such: exit code 1 and the record in the termination message."""
     folder = rewrite(shapes_copy(pvc_root, tmp_path), lambda c: c["annotations"][0].update(bbox=[-20, 0, 10, 10]))

@@ -10,7 +10,7 @@ import io
 import json
 import logging
 import re
-from collections.abc import Hashable
+from collections.abc import Hashable, Sized
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -67,11 +67,7 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
         raise DataError(f"dataset {spec.uri}: no usable rows")
     if label_field is not None:
         drop_withheld_labels(usable, label_field, spec.uri)
-    for name in (VALIDATION, TEST):
-        if name in usable and usable[name].empty:
-            log.warning("dataset %s: its %s split has no usable rows; holding %s rows out of train instead",
-                        spec.uri, name, name)
-            del usable[name]
+    drop_empty_splits(usable, spec.uri)
     inputs = {name: table[input_field].astype(str).tolist() for name, table in usable.items()}
     id2label: dict[int, str] = {}
     labels: dict[str, list[int] | None] = dict.fromkeys(usable)
@@ -103,6 +99,15 @@ def drop_withheld_labels(usable: dict[str, pd.DataFrame], label_field: str, uri:
             log.warning("dataset %s: dropped %d %s rows labelled -1 (no label: train has no such class)",
                         uri, int(withheld.sum()), name)
             usable[name] = usable[name][~withheld]
+
+
+def drop_empty_splits(splits: dict[str, Sized], uri: str) -> None:
+    """Forget a validation or test split of the dataset's that has no usable rows: `split` holds one out of train."""
+    for name in (VALIDATION, TEST):
+        if name in splits and not len(splits[name]):
+            log.warning("dataset %s: its %s split has no usable rows; holding %s rows out of train instead",
+                        uri, name, name)
+            del splits[name]
 
 
 def numeric(column: pd.Series) -> pd.Series:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_trainer.config import DatasetSpec
-from finetune_trainer.data import TEST, TRAIN, VALIDATION, LabelledData, split, split_of
+from finetune_trainer.data import TEST, TRAIN, VALIDATION, LabelledData, drop_empty_splits, split, split_of
 from finetune_trainer.errors import DataError
 from finetune_trainer.uris import fetch
 
@@ -54,6 +54,7 @@ def load_coco(spec: DatasetSpec, seed: int) -> LabelledData:
     records = {name: records_of(docs[name], files[name], categories, class_of) for name in files}
     if not records[TRAIN]:
         raise DataError(f"dataset {spec.uri}: {files[TRAIN]} lists no image")
+    drop_empty_splits(records, spec.uri)
     train, validation, test = split(records, dict.fromkeys(records), spec, seed)
     id2label = {class_of[cid]: categories[cid] for cid in sorted(categories)}
     boxes = sum(len(r.boxes) for r in train.inputs)
