@@ -96,6 +96,14 @@ def test_a_split_file_that_lists_no_image_is_held_out_of_train_instead(pvc_root:
     assert "its validation split has no usable rows; holding validation rows out of train instead" in caplog.text
 
 
+def test_an_annotations_file_with_a_byte_order_mark_loads(pvc_root: Path, tmp_path: Path) -> None:
+    """As a CSV or JSON Lines file does: Windows tools (PowerShell 5's UTF8, Notepad) write UTF-8 with a BOM."""
+    folder = shapes_copy(pvc_root, tmp_path)
+    path = folder / "annotations.json"
+    path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
+    assert len(load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0).train.inputs) == 320
+
+
 def test_the_cli_exits_1_on_a_bad_annotation_file(pvc_root: Path, tmp_path: Path) -> None:
     """The user's mistake reaches the operator as such: exit code 1 and the record in the termination message."""
     folder = rewrite(shapes_copy(pvc_root, tmp_path), lambda c: c["annotations"][0].update(bbox=[-20, 0, 10, 10]))

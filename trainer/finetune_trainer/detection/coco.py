@@ -21,7 +21,8 @@ from pathlib import Path
 from typing import Any
 
 from finetune_trainer.config import DatasetSpec
-from finetune_trainer.data import TEST, TRAIN, VALIDATION, LabelledData, drop_empty_splits, split, split_of
+from finetune_trainer.data import (TEST, TRAIN, VALIDATION, LabelledData, drop_empty_splits, read_text, split,
+                                   split_of)
 from finetune_trainer.errors import DataError
 from finetune_trainer.uris import fetch
 
@@ -82,8 +83,8 @@ def annotation_files(path: Path) -> dict[str, Path]:
 
 def read_json(file: Path) -> dict[str, Any]:
     try:
-        doc = json.loads(file.read_text())
-    except (ValueError, UnicodeDecodeError) as exc:
+        doc = json.loads(read_text(file))  # a byte order mark too, as the text formats are read
+    except ValueError as exc:
         raise DataError(f"{file}: not valid JSON ({exc})") from exc
     missing = [key for key in ("images", "annotations", "categories") if not isinstance(doc, dict)
                or not isinstance(doc.get(key), list)]
