@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import os
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -102,6 +103,17 @@ def test_an_annotations_file_with_a_byte_order_mark_loads(pvc_root: Path, tmp_pa
     path = folder / "annotations.json"
     path.write_bytes(b"\xef\xbb\xbf" + path.read_bytes())
     assert len(load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0).train.inputs) == 320
+
+
+@pytest.mark.parametrize(("change", "named"), [
+    (lambda c: c["annotations"][0].update(image_id=[1]), "annotation 1 (image [1]): no image with that id"),
+    (lambda c: c["annotations"][0].update(category_id=[1]), "annotation 1 (image 1): unknown category_id [1]"),
+    (lambda c: c["images"][2].update(id=[3]), "images[2] needs an integer id and a file_name"),
+], ids=["image-id-a-list", "category-id-a-list", "image-with-a-list-id"])
+def test_an_id_that_is_not_a_number_is_a_bad_record(pvc_root: Path, tmp_path: Path, change: Any, named: str) -> None:
+    """Used as a dictionary key it raised TypeError: unhashable type, which counted as the infrastructure's (exit 2)."""
+    with pytest.raises(DataError, match=re.escape(named)):
+        load_coco(DatasetSpec(uri=str(rewrite(shapes_copy(pvc_root, tmp_path), change)), format="coco"), seed=0)
 
 
 def test_the_cli_exits_1_on_a_bad_annotation_file(pvc_root: Path, tmp_path: Path) -> None:

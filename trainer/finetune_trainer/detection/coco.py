@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+from collections.abc import Container
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -121,11 +122,11 @@ def records_of(doc: dict[str, Any], file: Path, categories: dict[int, str],
         record = image_record(image, i, file, problems)
         if record is not None:
             images[image["id"]] = record
-        elif isinstance(image, dict):
-            bad.add(image.get("id"))
+        elif isinstance(image, dict) and isinstance(image.get("id"), int):  # ids of other types name no image
+            bad.add(image["id"])
     crowd = 0
     for i, ann in enumerate(doc["annotations"]):
-        if isinstance(ann, dict) and (ann.get("iscrowd") == 1 or ann.get("image_id") in bad):
+        if isinstance(ann, dict) and (ann.get("iscrowd") == 1 or is_int_in(ann.get("image_id"), bad)):
             crowd += ann.get("iscrowd") == 1
             continue
         add_box(ann, i, images, categories, class_of, problems)
@@ -135,6 +136,11 @@ def records_of(doc: dict[str, Any], file: Path, categories: dict[int, str],
     if crowd:
         log.warning("%s: skipped %d crowd annotation(s) (iscrowd 1)", file, crowd)
     return list(images.values())
+
+
+def is_int_in(value: Any, ids: Container[int]) -> bool:
+    """Whether `value` is one of these integer ids; a list or an object in its place (unhashable) is none."""
+    return isinstance(value, int) and value in ids
 
 
 def image_record(image: Any, i: int, file: Path, problems: list[str]) -> Annotated | None:
@@ -168,11 +174,11 @@ def add_box(ann: Any, i: int, images: dict[int, Annotated], categories: dict[int
         problems.append(f"annotations[{i}] is not an object")
         return
     where = f"annotation {ann.get('id', f'[{i}]')} (image {ann.get('image_id')})"
-    image = images.get(ann.get("image_id"))  # type: ignore[arg-type]
+    image = images[ann["image_id"]] if is_int_in(ann.get("image_id"), images) else None
     if image is None:
         problems.append(f"{where}: no image with that id")
         return
-    if ann.get("category_id") not in categories:
+    if not is_int_in(ann.get("category_id"), categories):
         known = ", ".join(f"{k} ({v})" for k, v in sorted(categories.items()))
         problems.append(f"{where}: unknown category_id {ann.get('category_id')!r}; the categories are {known}")
         return
