@@ -116,6 +116,14 @@ def test_an_id_that_is_not_a_number_is_a_bad_record(pvc_root: Path, tmp_path: Pa
         load_coco(DatasetSpec(uri=str(rewrite(shapes_copy(pvc_root, tmp_path), change)), format="coco"), seed=0)
 
 
+def test_two_images_with_one_id_are_refused(pvc_root: Path, tmp_path: Path) -> None:
+    """Two annotation files joined naively both number their images from 1: the second image of an id took the
+    first's place, and the first's boxes were drawn on it."""
+    folder = rewrite(shapes_copy(pvc_root, tmp_path), lambda c: c["images"][1].update(id=1))
+    with pytest.raises(DataError, match=r"image 1 \('00002.jpg'\): the id of an earlier image too \(\S+/00001.jpg\)"):
+        load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
+
+
 def test_the_cli_exits_1_on_a_bad_annotation_file(pvc_root: Path, tmp_path: Path) -> None:
     """The user's mistake reaches the operator as such: exit code 1 and the record in the termination message."""
     folder = rewrite(shapes_copy(pvc_root, tmp_path), lambda c: c["annotations"][0].update(bbox=[-20, 0, 10, 10]))

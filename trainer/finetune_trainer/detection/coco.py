@@ -120,7 +120,10 @@ def records_of(doc: dict[str, Any], file: Path, categories: dict[int, str],
     bad: set[Any] = set()  # images already reported: their annotations would only repeat the problem
     for i, image in enumerate(doc["images"]):
         record = image_record(image, i, file, problems)
-        if record is not None:
+        if record is not None and image["id"] in images:  # two files joined naively: its boxes would mix
+            problems.append(f"image {image['id']} ({image['file_name']!r}): the id of an earlier image too "
+                            f"({images[image['id']].path})")
+        elif record is not None:
             images[image["id"]] = record
         elif isinstance(image, dict) and isinstance(image.get("id"), int):  # ids of other types name no image
             bad.add(image["id"])
