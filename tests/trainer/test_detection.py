@@ -73,8 +73,10 @@ def test_the_shapes_dataset_loads_split_with_its_boxes(pvc_root: Path) -> None:
      "annotation 1 (image 1): bbox [10, 10, nan, 5] is not a finite box"),
     (lambda c: c["images"][2].update(file_name="missing.jpg"), "image 3 ('missing.jpg'): no file"),
     (lambda c: c["images"][3].update(width=300), "image 4 ('00004.jpg'): declared 300x128"),
+    # it said "declared 128x128 but the file is 128x128"
+    (lambda c: c["images"][3].update(width="128"), "image 4 ('00004.jpg'): declared '128'x128 but the file is 128x128"),
 ], ids=["box-outside-image", "box-past-the-right-edge", "box-above-the-top-edge", "unknown-category",
-        "box-not-a-number", "image-without-file", "wrong-size"])
+        "box-not-a-number", "image-without-file", "wrong-size", "size-a-string"])
 def test_a_bad_record_is_refused_naming_it(pvc_root: Path, tmp_path: Path, change: Any, named: str) -> None:
     folder = rewrite(shapes_copy(pvc_root, tmp_path), change)
     with pytest.raises(DataError, match=r"1 bad record\(s\)") as raised:

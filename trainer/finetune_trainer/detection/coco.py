@@ -166,7 +166,7 @@ def image_record(image: Any, i: int, file: Path, problems: list[str]) -> Annotat
         return None
     declared = (image.get("width", size[0]), image.get("height", size[1]))
     if declared != size:
-        problems.append(f"{where}: declared {declared[0]}x{declared[1]} but the file is {size[0]}x{size[1]}")
+        problems.append(f"{where}: declared {declared[0]!r}x{declared[1]!r} but the file is {size[0]}x{size[1]}")
         return None
     return Annotated(str(path), size[0], size[1])
 
