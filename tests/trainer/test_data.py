@@ -325,3 +325,24 @@ def test_an_empty_text_or_label_is_missing_in_every_format(tmp_path: Path, fmt: 
     assert data.id2label == {0: "neg", 1: "neu", 2: "pos"}
     assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(r["text"] for r in ROWS)
     assert "dropped 4 train rows with an empty text or label" in caplog.text
+
+
+def test_an_image_folder_with_folders_named_by_split_uses_them(tmp_path: Path) -> None:
+    """train/<class>/*.png and test/<class>/*.png, as torchvision's and the hub's image folders lay splits out: it
+    was refused as having no images in its class folders (train/ and test/)."""
+    from PIL import Image
+
+    for split, count in (("train", 10), ("test", 3)):
+        for label in ("cat", "dog"):
+            (folder := tmp_path / split / label).mkdir(parents=True)
+            for i in range(count):
+                Image.new("RGB", (8, 8)).save(folder / f"{i}.png")
+    data = load_dataset(DatasetSpec(uri=str(tmp_path), validationSplit=0.1), Task.IMAGE_CLASSIFICATION, 0)
+    assert data.id2label == {0: "cat", 1: "dog"}
+    assert sorted(data.test.inputs) == sorted(str(p) for p in (tmp_path / "test").rglob("*.png"))
+    assert len(data.validation.inputs) == 2 and len(data.train.inputs) == 18
+    for split in (data.train, data.validation, data.test):
+        assert [data.id2label[label] for label in split.labels] == [Path(image).parent.name for image in split.inputs]
+    (tmp_path / "train").rename(tmp_path / "val")
+    with pytest.raises(DataError, match=r"its folders name splits \(test, val\) but none is train"):
+        load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)

@@ -189,7 +189,7 @@ def read_splits(path: Path, fmt: DatasetFormat) -> dict[str, pd.DataFrame]:
     folders named by split (parquet shards concatenated); files of no split name are one train split together.
     """
     if fmt == DatasetFormat.IMAGE_FOLDER:
-        return {TRAIN: read_image_folder(path)}
+        return read_image_splits(path)
     if fmt == DatasetFormat.HF_DISK:
         import datasets
 
@@ -267,6 +267,18 @@ def read_text(file: Path) -> str:
     except UnicodeDecodeError as exc:
         log.warning("%s is not valid UTF-8 (byte %d: 0x%02x); reading it as Latin-1", file, exc.start, raw[exc.start])
         return raw.decode("latin-1")
+
+
+def read_image_splits(path: Path) -> dict[str, pd.DataFrame]:
+    """An ImageFolder, or one per split in folders named by split that hold class folders (train/cat/*.png,
+    test/cat/*.png: torchvision's and the hub's layout)."""
+    folders = [d for d in sorted(path.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    by_split = {split_of(d.name): d for d in folders}
+    if not folders or None in by_split or not all(any(c.is_dir() for c in d.iterdir()) for d in folders):
+        return {TRAIN: read_image_folder(path)}  # class folders (a class may be named test: it holds images)
+    if TRAIN not in by_split:
+        raise DataError(f"{path}: its folders name splits ({', '.join(d.name for d in folders)}) but none is train")
+    return {name: read_image_folder(by_split[name]) for name in (TRAIN, VALIDATION, TEST) if name in by_split}
 
 
 def read_image_folder(path: Path) -> pd.DataFrame:
