@@ -346,3 +346,29 @@ def test_an_image_folder_with_folders_named_by_split_uses_them(tmp_path: Path) -
     (tmp_path / "train").rename(tmp_path / "val")
     with pytest.raises(DataError, match=r"its folders name splits \(test, val\) but none is train"):
         load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
+
+
+def test_image_paths_in_a_table_are_read_from_its_folder(tmp_path: Path) -> None:
+    """A CSV of image paths for image-classification: a relative path was opened from the trainer's working
+    directory, and a path or a value that names no image file failed at its batch with exit 2 (retried forever)."""
+    from PIL import Image
+
+    from finetune_trainer.batches import encode_images, make_collate
+
+    (tmp_path / "images").mkdir()
+    for i in range(20):
+        Image.new("RGB", (8, 8), (i, 0, 0)).save(tmp_path / "images" / f"{i}.png")
+    rows = pd.DataFrame({"image": [f"images/{i}.png" for i in range(20)], "label": ["cat", "dog"] * 10})
+    rows.to_csv(path := tmp_path / "images.csv", index=False)
+    data = load_dataset(DatasetSpec(uri=str(path), textField="image"), Task.IMAGE_CLASSIFICATION, 0)
+    collate = make_collate(Task.IMAGE_CLASSIFICATION, 0, 8)
+    assert collate(encode_images(data.train), [0, 1]).inputs["pixel_values"].shape == (2, 3, 8, 8)
+    assert all(Path(p).is_absolute() and Path(p).parent == tmp_path / "images" for p in data.train.inputs)
+    rows.assign(image=[f"gone/{i}.png" for i in range(20)]).to_csv(path, index=False)
+    data = load_dataset(DatasetSpec(uri=str(path), textField="image"), Task.IMAGE_CLASSIFICATION, 0)
+    with pytest.raises(DataError, match=rf"{tmp_path}/gone/\d+.png: no such image file"):
+        collate(encode_images(data.train), [0])
+    # the hub's Image feature in parquet: the bytes inline, no file to open
+    rows.assign(image=[{"bytes": b"\x89PNG", "path": None}] * 20).to_parquet(path := tmp_path / "images.parquet")
+    with pytest.raises(DataError, match=r"column 'image' \(dataset.textField\) holds \{'bytes'.* not a path"):
+        load_dataset(DatasetSpec(uri=str(path), textField="image"), Task.IMAGE_CLASSIFICATION, 0)

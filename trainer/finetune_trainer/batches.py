@@ -113,6 +113,8 @@ def open_rgb(path: str) -> Image.Image:
     try:
         with Image.open(path) as image:
             return image.convert("RGB")
+    except FileNotFoundError as exc:  # a path of the dataset's (a table of paths) that names no file
+        raise DataError(f"{path}: no such image file") from exc
     except (OSError, Image.DecompressionBombError) as exc:
         if isinstance(exc, OSError) and exc.errno is not None:
             raise

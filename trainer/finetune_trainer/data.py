@@ -53,7 +53,7 @@ class LabelledData:
 
 def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
     # A text task would read an image folder's file paths as its texts, and their class folders as the answer.
-    fmt, tables = read_dataset(spec, "dataset", texts_only=task != Task.IMAGE_CLASSIFICATION)
+    path, fmt, tables = read_dataset(spec, "dataset", texts_only=task != Task.IMAGE_CLASSIFICATION)
     input_field = IMAGE_COLUMN if fmt == DatasetFormat.IMAGE_FOLDER else spec.text_field
     label_field = None if task == Task.CAUSAL_LM else ("label" if fmt == DatasetFormat.IMAGE_FOLDER else spec.label_field)
     columns = [c for c in (input_field, label_field) if c is not None]
@@ -68,7 +68,11 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
     if label_field is not None:
         drop_withheld_labels(usable, label_field, spec.uri)
     drop_empty_splits(usable, spec.uri)
-    inputs = {name: table[input_field].astype(str).tolist() for name, table in usable.items()}
+    if task == Task.IMAGE_CLASSIFICATION and fmt != DatasetFormat.IMAGE_FOLDER:
+        folder = path if path.is_dir() else path.parent
+        inputs = {name: image_paths(table[input_field], folder, spec.uri) for name, table in usable.items()}
+    else:
+        inputs = {name: table[input_field].astype(str).tolist() for name, table in usable.items()}
     id2label: dict[int, str] = {}
     labels: dict[str, list[int] | None] = dict.fromkeys(usable)
     if label_field is not None:
@@ -81,6 +85,16 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
     log.info("dataset %s (%s; splits given: %s): %d train, %d validation, %d test rows, %d labels", spec.uri,
              fmt.value, ", ".join(tables), len(train.inputs), len(validation.inputs), len(test.inputs), len(id2label))
     return LabelledData(train=train, validation=validation, test=test, id2label=id2label)
+
+
+def image_paths(column: pd.Series, folder: Path, uri: str) -> list[str]:
+    """A table's image files for image-classification, a relative path read from the dataset's folder (not from
+    the trainer's working directory)."""
+    for value in column:
+        if not isinstance(value, str):  # such as the hub's Image feature: {'bytes': ..., 'path': ...}
+            raise DataError(f"dataset {uri}: column {column.name!r} (dataset.textField) holds {str(value)[:80]}, not "
+                            "a path; image-classification reads image files: an ImageFolder or a table of their paths")
+    return [str(folder / value) for value in column]
 
 
 def blank_to_missing(table: pd.DataFrame) -> pd.DataFrame:
@@ -117,7 +131,7 @@ def numeric(column: pd.Series) -> pd.Series:
 def load_texts(spec: TextsSpec, field: str) -> list[str]:
     """Every non-empty text of every split `spec` names (unlabelled text, e.g. healing's); `field` is the spec's
     place in the job (rearrange.prune.heal.dataset), which the errors name."""
-    _, tables = read_dataset(spec, field, texts_only=True)
+    _, _, tables = read_dataset(spec, field, texts_only=True)
     check_columns(tables, spec.uri, {"textField": spec.text_field}, field)
     texts = [t for table in tables.values() for t in table[spec.text_field].dropna().astype(str) if t.strip()]
     if not texts:
@@ -126,15 +140,16 @@ def load_texts(spec: TextsSpec, field: str) -> list[str]:
     return texts
 
 
-def read_dataset(spec: TextsSpec, field: str, texts_only: bool = False) -> tuple[DatasetFormat, dict[str, pd.DataFrame]]:
-    """The format and the tables by split of the dataset `spec` names, `field` its place in the job; `texts_only`
-    refuses images (which `format: auto` finds in a folder of folders) before reading them."""
+def read_dataset(spec: TextsSpec, field: str,
+                 texts_only: bool = False) -> tuple[Path, DatasetFormat, dict[str, pd.DataFrame]]:
+    """The local path, the format and the tables by split of the dataset `spec` names, `field` its place in the job;
+    `texts_only` refuses images (which `format: auto` finds in a folder of folders) before reading them."""
     path = fetch(spec.uri, kind=field, repo_type="dataset", error=DataError)
     fmt = detect_format(path, spec.format, field)
     if texts_only and fmt in (DatasetFormat.IMAGE_FOLDER, DatasetFormat.COCO):
         raise DataError(f"{field} {spec.uri}: holds images ({fmt.value}), not texts; point {field}.uri at texts")
     try:
-        return fmt, read_splits(path, fmt)
+        return path, fmt, read_splits(path, fmt)
     except (ValueError, FileNotFoundError) as exc:  # a parser's complaint (pandas, pyarrow, json, datasets)
         raise DataError(f"{field} {spec.uri}: cannot read it as {fmt.value} ({type(exc).__name__}: {exc})") from exc
 
