@@ -5,7 +5,8 @@ from __future__ import annotations
 import re
 import sys
 
-from conftest import LOCAL
+import yaml
+from conftest import LOCAL, REPO
 
 sys.path.insert(0, str(LOCAL))
 import demo  # noqa: E402  (deploy/local/demo.py)
@@ -34,3 +35,10 @@ def test_the_rows_it_follows_stay_under_the_header() -> None:
             assert line[start:start + len(value)] == value and line[start - 1:start] in ("", " "), (column, line)
     assert dict(demo.cells(PENDING))["WORKERS"] == "" and dict(demo.cells(PENDING))["ATTEMPTS"] == "1"
     assert dict(demo.cells(DONE))["EVAL"] == "accuracy 0.411→0.659, f1 0.303→0.601"
+
+
+def test_the_output_it_clears_and_points_to_is_the_examples() -> None:
+    """A second `make demo` resumed from the first one's final checkpoint in the output folder: it showed no training
+    (Evaluating at 100% after 10 s). It clears the folder the example writes, which it names at the end."""
+    doc = yaml.safe_load(demo.EXAMPLE.read_text())
+    assert demo.output_folder(doc) == REPO / ".data" / "pvc" / "models" / "minilm-sentiment"

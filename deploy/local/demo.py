@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -49,6 +50,11 @@ def claims() -> list[dict]:
              "metadata": {"name": name, "annotations": {"local.finetune.dev/host-path": str(ASSETS / name)}},
              "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}
             for name in ("models", "data")]
+
+
+def output_folder(doc: dict) -> Path:
+    """Where the job's spec.output.uri (pvc://<claim>/<path>, a claim on .data/pvc/<claim>) lands on this machine."""
+    return ASSETS / doc["spec"]["output"]["uri"].removeprefix("pvc://")
 
 
 def operator_pid_file(c: cluster.Cluster) -> Path:
@@ -160,7 +166,11 @@ def run() -> int:
     start_operator(c)
     doc = yaml.safe_load(EXAMPLE.read_text())
     name = doc["metadata"]["name"]
-    kubectl(c, "delete", "ftj", name, "-n", NAMESPACE, "--ignore-not-found", "--wait=true")  # a rerun starts afresh
+    kubectl(c, "delete", "ftj", name, "-n", NAMESPACE, "--ignore-not-found", "--wait=true")  # a rerun starts afresh:
+    # its pods (a stopped pod checkpoints on SIGTERM) gone, then its output: its checkpoints would resume at its end
+    kubectl(c, "wait", "--for=delete", "pods", "-n", NAMESPACE, "-l", f"finetune.dev/job-name={name}", "--timeout=120s",
+            check=False)  # "no matching resources": none left
+    shutil.rmtree(output_folder(doc), ignore_errors=True)
     kubectl(c, "apply", "-n", NAMESPACE, "-f", str(EXAMPLE))
     obj = follow(c, name)
     report(obj)
@@ -170,7 +180,7 @@ done in {time.monotonic() - started:.0f} s. Look around:
   {env}
   kubectl -n {NAMESPACE} describe ftj {name}          # conditions and the Events of each transition
   kubectl -n {NAMESPACE} get jobs,pods -l finetune.dev/job-name={name}
-  ls {ASSETS / 'models' / name}        # the exported model, report.json, model card, loss curve
+  ls {output_folder(doc)}        # the exported model, report.json, model card, loss curve
   cat {c.state / 'logs' / 'operator.log'}
 Stop everything: make cluster-down""")
     return 0 if obj["status"]["phase"] == "Succeeded" else 1
