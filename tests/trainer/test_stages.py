@@ -638,3 +638,31 @@ def test_the_memory_model_matches_the_measured_peak_of_a_real_step(task: str) ->
     memory = json.loads(done.stdout.strip().splitlines()[-1])
     assert memory["measured_by"] == "weights + peak RSS rise"
     assert 0.8 < memory["measured_probe_peak"] / memory["probe_model"] < 1.25, memory
+
+
+def test_a_trained_head_keeps_its_labels_when_the_dataset_orders_them_otherwise(tmp_path: Path) -> None:
+    """A fine-tuned classifier (roberta-large-mnli: CONTRADICTION, NEUTRAL, ENTAILMENT) on a dataset whose sorted
+    labels put them in another order: the head was kept as it was and the dataset's ids given to it, so its
+    POSITIVE output scored as negative (a baseline of noise, and training had to swap the outputs back). Now the
+    dataset's labels take the head's ids, as transformers' run_glue maps them."""
+    from finetune_trainer import pipeline
+    from finetune_trainer.config import DatasetSpec, TrainerConfig
+    from finetune_trainer.data import load_dataset
+
+    model, tokenizer = text_model(Task.SEQUENCE_CLASSIFICATION, TINY_BERT, "bert")
+    new_head(model, "classifier", 3, {0: "POSITIVE", 1: "NEGATIVE", 2: "NEUTRAL"}, reinitialize=True)
+    with torch.no_grad():  # a head that answers POSITIVE whatever the text
+        model.classifier.weight.zero_()
+        model.classifier.bias.copy_(torch.tensor([5.0, 0.0, 0.0]))
+    model.save_pretrained(tmp_path / "model")
+    doc = tiny_classifier_doc(tmp_path / "out", maxSteps=1)
+    doc["model"] = {"task": "sequence-classification", "uri": str(tmp_path / "model"),
+                    "tokenizerUri": "pvc://models/all-MiniLM-L6-v2"}
+    doc["adjust"]["learningRate"] = 1e-9
+    cfg = TrainerConfig.model_validate(doc)
+    report = pipeline.run(cfg, tmp_path / "out")
+    data = load_dataset(cfg.dataset, Task.SEQUENCE_CLASSIFICATION, 0)
+    test_labels = [data.id2label[label] for label in data.test.labels]
+    assert report["evaluation"]["baseline"]["accuracy"] == pytest.approx(test_labels.count("positive") / len(test_labels))
+    assert report["labels"] == {"0": "positive", "1": "negative", "2": "neutral"}
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["id2label"] == report["labels"]

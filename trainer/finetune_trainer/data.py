@@ -369,6 +369,27 @@ def input_key(item: Any) -> Hashable:
     return getattr(item, "path", item)
 
 
+def head_order(id2label: dict[int, str], head_labels: dict[int, str]) -> list[int] | None:
+    """The head's id of each dataset label id, where a trained head names the same labels (in any case: POSITIVE
+    is positive) in another order, so that it keeps what it learned (transformers' run_glue maps them so too);
+    None where the names differ or the order is the same."""
+    names = {str(name).lower(): int(i) for i, name in head_labels.items()}
+    ours = [name.lower() for name in id2label.values()]
+    if sorted(names) != sorted(ours):
+        return None
+    order = [names[name] for name in ours]
+    return None if order == sorted(order) else order
+
+
+def in_head_order(data: LabelledData, order: list[int]) -> LabelledData:
+    """`data` with label id i renumbered order[i]."""
+    def moved(split: Split) -> Split:
+        return Split(split.inputs, [order[i] for i in split.labels or []])
+
+    return LabelledData(moved(data.train), moved(data.validation), moved(data.test),
+                        dict(sorted((order[i], name) for i, name in data.id2label.items())))
+
+
 def check_label_count(id2label: dict[int, str], head_labels: int | str) -> int:
     """The head size to build: the dataset's label count, or the user's, which must cover the data."""
     if head_labels == "auto":

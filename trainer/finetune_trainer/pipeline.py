@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -31,7 +32,8 @@ from finetune_trainer.adjust import adaptable, freeze, param_groups
 from finetune_trainer.batches import (Batch, Encoded, encode_causal, encode_images, encode_text, epoch_batches,
                                       eval_batches, make_collate)
 from finetune_trainer.config import Batching, HealSpec, PruneSpec, Stage, Task, TrainerConfig
-from finetune_trainer.data import LabelledData, Split, check_label_count, load_dataset, load_texts
+from finetune_trainer.data import (LabelledData, Split, check_label_count, head_order, in_head_order, load_dataset,
+                                   load_texts)
 from finetune_trainer.detection import analysis as detection_analysis
 from finetune_trainer.detection.coco import load_coco
 from finetune_trainer.detection.metrics import evaluate_detector
@@ -157,6 +159,10 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         model = load_detector(cfg.model, cfg.dataset.image_size).to(world.device)
     else:
         model = load_model(cfg.model, tokenizer, seed).to(world.device)
+        if order := trained_head_order(model, data.id2label, num_labels, cfg.rearrange.head.reinitialize):
+            data = in_head_order(data, order)
+            train_data, validation_data, test_data = (replace(e, labels=[order[i] for i in e.labels])
+                                                      for e in (train_data, validation_data, test_data))
     check_positions(model, cfg.dataset.max_length)
     if tokenizer is not None:
         check_vocabulary(model, tokenizer.pad_token_id, (train_data, validation_data, test_data, heal_data))
@@ -384,6 +390,18 @@ def pruning_message(pruning: dict[str, Any]) -> dict[str, Any]:
             "parameters": {"before": before["parameters"], "after": after["parameters"]},
             "latencyMs": {"before": round(before["latency_ms"], 3), "after": round(after["latency_ms"], 3)},
             "metricsBefore": {k: v for k, v in before.items() if k not in ("parameters", "latency_ms")}}
+
+
+def trained_head_order(model: nn.Module, id2label: dict[int, str], num_labels: int,
+                       reinitialize: bool) -> list[int] | None:
+    """`head_order` for a classifier whose head stays as it was trained (its size fits, no reinitialize asked)."""
+    config = getattr(model, "config", None)
+    if not id2label or config is None or reinitialize or config.num_labels != num_labels:
+        return None
+    if (order := head_order(id2label, config.id2label)) is not None:
+        log.info("the model's head names the dataset's labels in another order (%s); they take its ids",
+                 ", ".join(config.id2label[i] for i in sorted(config.id2label)))
+    return order
 
 
 def encode(data: LabelledData, tokenizer: Any, cfg: TrainerConfig) -> tuple[Encoded, Encoded, Encoded]:
