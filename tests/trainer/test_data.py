@@ -372,3 +372,26 @@ def test_image_paths_in_a_table_are_read_from_its_folder(tmp_path: Path) -> None
     rows.assign(image=[{"bytes": b"\x89PNG", "path": None}] * 20).to_parquet(path := tmp_path / "images.parquet")
     with pytest.raises(DataError, match=r"column 'image' \(dataset.textField\) holds \{'bytes'.* not a path"):
         load_dataset(DatasetSpec(uri=str(path), textField="image"), Task.IMAGE_CLASSIFICATION, 0)
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "hf-disk"])
+def test_a_hub_datasets_class_names_name_its_labels(tmp_path: Path, fmt: str) -> None:
+    """A ClassLabel column holds 0, 1, 2 and names them in the dataset's features (kept in the parquet files that
+    `datasets` and the hub write): the labels, and so the export's id2label, were "0", "1", "2"; now they are the
+    names, in the ids' order, as transformers' text-classification example takes them."""
+    import datasets
+
+    names = ["sadness", "joy", "love"]
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+    train = datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(30)], "label": [i % 3 for i in range(30)]},
+                                       features=features)
+    if fmt == "parquet":
+        (tmp_path / "data").mkdir()
+        train.to_parquet(path := tmp_path / "data" / "train-00000-of-00001.parquet")
+        path = tmp_path
+    else:
+        datasets.DatasetDict({"train": train}).save_to_disk(path := tmp_path / "hf")
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert data.id2label == dict(enumerate(names))
+    for text, label in zip(data.train.inputs, data.train.labels):
+        assert label == int(text[1:]) % 3

@@ -77,6 +77,7 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
     labels: dict[str, list[int] | None] = dict.fromkeys(usable)
     if label_field is not None:
         id2label, ids = label_ids(pd.concat([t[label_field] for t in usable.values()], ignore_index=True))
+        id2label = named_classes(id2label, class_names(path, fmt, label_field))
         if len(id2label) < 2:
             raise DataError(f"dataset {spec.uri}: column {label_field!r} has {len(id2label)} distinct label(s); need 2 or more")
         offsets = np.cumsum([0, *(len(t) for t in usable.values())])
@@ -317,6 +318,34 @@ def label_ids(column: pd.Series) -> tuple[dict[int, str], list[int]]:
     ordered = sorted(distinct, key=float) if all(map(is_number, distinct)) else sorted(distinct)
     index = {name: i for i, name in enumerate(ordered)}
     return dict(enumerate(ordered)), [index[n] for n in names]
+
+
+def class_names(path: Path, fmt: DatasetFormat, field: str) -> list[str] | None:
+    """The names a hub dataset gives its integer labels (a ClassLabel feature): in a save_to_disk dataset's
+    features, or in the schema metadata that `datasets` (and so the hub) writes into parquet files."""
+    if fmt == DatasetFormat.HF_DISK:
+        import datasets
+
+        loaded = datasets.load_from_disk(str(path))
+        splits = loaded.values() if isinstance(loaded, datasets.DatasetDict) else [loaded]
+        feature = next(iter(splits)).features.get(field)
+        return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
+    if fmt == DatasetFormat.PARQUET:
+        import pyarrow.parquet as pq
+
+        first = path if path.is_file() else data_files(path, {".parquet"})[0]
+        hub = json.loads((pq.read_schema(first).metadata or {}).get(b"huggingface", b"{}"))
+        feature = hub.get("info", {}).get("features", {}).get(field, {})
+        return feature.get("names") if feature.get("_type") == "ClassLabel" else None
+    return None
+
+
+def named_classes(id2label: dict[int, str], names: list[str] | None) -> dict[int, str]:
+    """`id2label` with each label that is a class number of `names` named by it."""
+    if names is None:
+        return id2label
+    return {i: names[int(label)] if label.isdigit() and int(label) < len(names) else label
+            for i, label in id2label.items()}
 
 
 def is_number(text: str) -> bool:
