@@ -83,6 +83,16 @@ def test_latin1_bytes_are_read_not_refused(tmp_path: Path) -> None:
     assert "café ok" in data.train.inputs + data.validation.inputs + data.test.inputs
 
 
+@pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be"])
+def test_utf16_with_a_byte_order_mark_is_read(tmp_path: Path, encoding: str) -> None:
+    """What Windows PowerShell 5's > and Out-File write: it was read as Latin-1, a column named 'ÿþt\x00e\x00x...'."""
+    text = "text,label\r\n" + "".join(f"caf\u00e9 {i},{'ab'[i % 2]}\r\n" for i in range(20))
+    bom = "\ufeff" if encoding == "utf-16-be" else ""  # Python's utf-16 writes the machine's BOM itself
+    (path := tmp_path / "d.csv").write_bytes((bom + text).encode(encoding))
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(f"caf\u00e9 {i}" for i in range(20))
+
+
 def test_bundled_sentiment_corpus(pvc_root: Path) -> None:
     data = load_dataset(DatasetSpec(uri="pvc://data/sentiment/sentiment.csv", labelField="sentiment"),
                         Task.SEQUENCE_CLASSIFICATION, 0)

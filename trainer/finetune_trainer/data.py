@@ -6,6 +6,7 @@ Everything here is plain Python and pandas; tokenizing and batching are in `batc
 
 from __future__ import annotations
 
+import codecs
 import io
 import json
 import logging
@@ -272,12 +273,15 @@ def first_non_object(text: str, lines: bool) -> str:
 
 
 def read_text(file: Path) -> str:
-    """UTF-8 when the bytes are UTF-8; otherwise Latin-1, which maps every byte and never fails.
+    """UTF-8 when the bytes are UTF-8 (UTF-16 when they start with its byte order mark); otherwise Latin-1, which
+    maps every byte and never fails.
 
     Scraped corpora (the bundled sentiment CSV among them) mix encodings; refusing them
     would make the user re-encode by hand, and Latin-1 only garbles the odd accented character.
     """
     raw = file.read_bytes()
+    if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # what Windows PowerShell 5's > and Out-File write
+        return raw.decode("utf-16")
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
