@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import subprocess
 import sys
 
 import yaml
@@ -42,3 +43,11 @@ def test_the_output_it_clears_and_points_to_is_the_examples() -> None:
     (Evaluating at 100% after 10 s). It clears the folder the example writes, which it names at the end."""
     doc = yaml.safe_load(demo.EXAMPLE.read_text())
     assert demo.output_folder(doc) == REPO / ".data" / "pvc" / "models" / "minilm-sentiment"
+
+
+def test_an_unknown_command_is_refused_rather_than_running_the_demo() -> None:
+    """`demo.py setup` (the README's by-hand block) and `stop` are its other commands; any other word ran the whole
+    demo."""
+    result = subprocess.run([sys.executable, str(LOCAL / "demo.py"), "claims"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode != 0 and "usage:" in result.stderr and "[run|setup|stop]" in result.stderr

@@ -7,6 +7,7 @@ ends; then prints baseline against fine-tuned from the resource's status. The cl
 operator stay up to look around; `make cluster-down` stops both.
 
     python deploy/local/demo.py [run]     the demo
+    python deploy/local/demo.py setup     only the cluster, the CRD, the namespace and its claims (README: by hand)
     python deploy/local/demo.py stop      stop the operator it started
 """
 
@@ -156,13 +157,21 @@ def report(obj: dict) -> None:
         print(failed[0]["message"] if failed else "")
 
 
-def run() -> int:
-    started = time.monotonic()
+def setup() -> cluster.Cluster:
+    """What the example needs before an operator runs it: the cluster, the CRD, the namespace and its claims (each
+    `make cluster-up` after a `make cluster-down` starts from an empty etcd)."""
     c = cluster.up()
     kubectl(c, "apply", "--server-side", "--force-conflicts", "-f", str(CRD))
     kubectl(c, "wait", "--for=condition=Established", "crd/finetunejobs.finetune.dev", "--timeout=60s")
     kubectl(c, "create", "namespace", NAMESPACE, check=False)  # AlreadyExists on a rerun
     kubectl(c, "apply", "-n", NAMESPACE, "-f", "-", stdin=yaml.safe_dump_all(claims()))
+    print(f"namespace {NAMESPACE}: claims models and data on {ASSETS / 'models'} and {ASSETS / 'data'}")
+    return c
+
+
+def run() -> int:
+    started = time.monotonic()
+    c = setup()
     start_operator(c)
     doc = yaml.safe_load(EXAMPLE.read_text())
     name = doc["metadata"]["name"]
@@ -191,6 +200,11 @@ def main() -> int:
     if command == "stop":
         stop_operator(cluster.DEFAULT_STATE)
         return 0
+    if command == "setup":
+        setup()
+        return 0
+    if command != "run":
+        raise SystemExit(f"usage: {sys.argv[0]} [run|setup|stop]")
     return run()
 
 
