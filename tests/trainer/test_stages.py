@@ -422,6 +422,21 @@ def test_an_image_that_does_not_decode_is_the_users_naming_its_file(task: Task, 
         assert exit_code_of(raised.value) == 1
 
 
+def test_a_16_bit_grey_image_keeps_its_shades(tmp_path: Path) -> None:
+    """PIL's convert("RGB") clips a 16-bit PNG (medical, satellite scans) at 255: all but its darkest 1/256 came out
+    white. Scaled to 8 bits as torchvision scales 16-bit pixels, it is the image its 8-bit copy is."""
+    import numpy as np
+    from PIL import Image
+
+    wide = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
+    Image.fromarray(wide).save(deep := tmp_path / "deep.png")
+    Image.fromarray((wide / 257).round().astype(np.uint8)).save(flat := tmp_path / "flat.png")
+    assert Image.open(deep).mode == "I;16"
+    collate = make_collate(Task.IMAGE_CLASSIFICATION, 0, 32)
+    pixels = collate(encode_images(Split([str(deep), str(flat)], [0, 0])), [0, 1]).inputs["pixel_values"]
+    torch.testing.assert_close(pixels[0], pixels[1])
+
+
 @pytest.mark.parametrize("architecture, units, below", [
     ("resnet18", [f"net.layer{i}" for i in range(1, 5)], {"net.conv1.weight", "net.bn1.weight", "net.bn1.bias"}),
     ("mobilenet_v3_small", [f"net.features.{i}" for i in range(13)], set()),

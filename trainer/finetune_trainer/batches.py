@@ -11,6 +11,7 @@ import random
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 from PIL import Image
 
@@ -112,6 +113,8 @@ def open_rgb(path: str) -> Image.Image:
     short, a decompression bomb) is the dataset's fault; a read that failed with an errno (the volume) is not."""
     try:
         with Image.open(path) as image:
+            if image.mode.startswith("I;16"):  # 16-bit grey: convert() would clip it at 255, nearly all white
+                return Image.fromarray((np.asarray(image) / 257).round().astype(np.uint8)).convert("RGB")
             return image.convert("RGB")
     except FileNotFoundError as exc:  # a path of the dataset's (a table of paths) that names no file
         raise DataError(f"{path}: no such image file") from exc
