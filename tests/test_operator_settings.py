@@ -69,3 +69,16 @@ def test_the_liveness_endpoint_parses_back_to_the_bind_address(address: str) -> 
     """kopf splits the URL: an unbracketed IPv6 address (:: for a dual-stack pod) failed on its port."""
     url = urllib.parse.urlsplit(parse(["--bind-address", address, "--liveness-port", "8081"]).liveness_endpoint)
     assert (url.hostname, url.port, url.path) == (address, 8081, "/healthz")
+
+
+def test_the_help_gives_each_settings_default() -> None:
+    """The README sends a user to `run --help` for the settings; it named none of their defaults (which ports,
+    which address, which image and uid)."""
+    parser = argparse.ArgumentParser()
+    settings.add_arguments(parser)
+    helps = {action.dest: action.help for action in parser._actions}
+    assert "default 8000" in helps["metrics_port"] and "default 8080" in helps["liveness_port"]
+    assert "default 0.0.0.0" in helps["bind_address"] and "default 2.0" in helps["poll_seconds"]
+    assert "default 10001" in helps["trainer_uid"] and "default ghcr.io/finetune-dev/trainer:" in helps["trainer_image"]
+    assert 'default {"requests": {"cpu": "4"' in helps["trainer_resources"]
+    assert "default" not in helps["namespaces"] and "default" not in helps["trainer_pod_annotations"]

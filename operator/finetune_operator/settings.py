@@ -77,9 +77,18 @@ def _items(values: list[str]) -> tuple[str, ...]:
     return tuple(part for value in values for part in value.replace(",", " ").split())
 
 
+def _default_text(name: str) -> str:
+    """The default as the flag would be given it (JSON for an object), or "" where there is none to show."""
+    default = Settings.model_fields[name].get_default(call_default_factory=True)
+    default = default.to_wire() if hasattr(default, "to_wire") else default
+    if default in ((), {}):
+        return ""
+    return f"; default {json.dumps(default) if name in JSON_FIELDS else default}"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     for name, field in Settings.model_fields.items():
-        help_text = f"{field.description} [env {ENV_PREFIX}{name.upper()}]"
+        help_text = f"{field.description} [env {ENV_PREFIX}{name.upper()}{_default_text(name)}]"
         if _is_list(name):
             parser.add_argument(flag(name), dest=name, action="append", default=None, help=help_text)
         else:
