@@ -269,7 +269,7 @@ class Progress(ApiModel):
     percent: int = Field(0, ge=0, le=100, description="Completed optimizer steps as a percentage of totalSteps.")
     step: int = Field(0, ge=0, description="Completed optimizer steps.")
     total_steps: int = Field(0, ge=0, description="Optimizer steps the run will take.")
-    epoch: float = Field(0, ge=0, description="Current epoch (fractional).")
+    epoch: float = Field(0, ge=0, description="The epoch in progress, counted from 0 (a one-epoch run stays at 0).")
     eta_seconds: int | None = Field(None, ge=0, description="Estimated seconds until training ends.")
     updated_at: Timestamp | None = Field(None, description="When these numbers were read.")
 
