@@ -405,3 +405,21 @@ def test_a_hub_datasets_class_names_name_its_labels(tmp_path: Path, fmt: str) ->
     assert data.id2label == dict(enumerate(names))
     for text, label in zip(data.train.inputs, data.train.labels):
         assert label == int(text[1:]) % 3
+
+
+def test_an_image_folder_reads_the_images_below_its_class_folders(tmp_path: Path) -> None:
+    """As torchvision's ImageFolder walks each class folder: images in a class's subfolders (cat/batch-2/*.png)
+    were left out without a word."""
+    from PIL import Image
+
+    for label in ("cat", "dog"):
+        for sub in ("", "batch-2", ".cache"):
+            (folder := tmp_path / label / sub).mkdir(parents=True, exist_ok=True)
+            for i in range(5):
+                Image.new("RGB", (8, 8)).save(folder / f"{i}.png")
+    data = load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
+    images = data.train.inputs + data.validation.inputs + data.test.inputs
+    assert len(images) == 20 and not any("/.cache/" in image for image in images)
+    for split in (data.train, data.validation, data.test):
+        assert [data.id2label[label] for label in split.labels] == [
+            Path(image).relative_to(tmp_path).parts[0] for image in split.inputs]

@@ -305,8 +305,7 @@ def read_image_folder(path: Path) -> pd.DataFrame:
     rows = [
         {IMAGE_COLUMN: str(image), "label": class_dir.name}
         for class_dir in sorted(p for p in path.iterdir() if p.is_dir())
-        for image in sorted(class_dir.iterdir())
-        if image.suffix.lower() in IMAGE_SUFFIXES
+        for image in data_files(class_dir, IMAGE_SUFFIXES)  # its subfolders' too, as torchvision's ImageFolder
     ]
     if not rows:
         raise DataError(f"{path}: no images in its class folders")
