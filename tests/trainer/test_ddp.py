@@ -23,7 +23,7 @@ from finetune_trainer import pipeline
 from finetune_trainer.checkpoints import complete
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.telemetry import TERMINATION_ENV
-from tiny import free_port, tiny_classifier_doc
+from tiny import free_port, seconds_between, tiny_classifier_doc
 
 pytestmark = pytest.mark.slow
 STEPS = 30  # 480 samples / (8 per rank x 2 ranks)
@@ -150,3 +150,55 @@ def test_two_ranks_heal_a_pruned_model_alike_and_a_rerun_loads_what_they_healed(
     assert "healed the pruned model" not in log and log.count("loaded the healed layers") == 2
     again = load_file(tmp_path / "out" / "model.safetensors")
     assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in exported)
+
+
+def test_sigterm_during_a_long_evaluation_stops_both_ranks_at_one_batch(tmp_path: Path) -> None:
+    """torchrun passes the kubelet's SIGTERM on to each rank: the ranks agree before each evaluation batch, so both
+    leave step 3's evaluation at the same one (neither waits in a collective the other never makes), write the
+    checkpoint as if SIGTERM had come before it, and the resumed run ends as one never stopped."""
+
+    def job(name: str) -> tuple[Path, Path]:
+        """6 steps validated at steps 3 and 6 one row at a time on 2,461 rows, each rank half of them."""
+        doc = ddp_doc(tmp_path / name, evalEverySteps=3)
+        doc["training"]["checkpointEverySteps"] = 3
+        doc["dataset"] |= {"maxTrainSamples": 96, "maxEvalSamples": None, "validationSplit": 0.05, "testSplit": 0.005}
+        doc["evaluation"] = {"baseline": False, "batchSize": 1}
+        (config := tmp_path / f"{name}.json").write_text(json.dumps(doc))
+        return config, tmp_path / name
+
+    config, reference = job("reference")
+    assert torchrun(config, tmp_path / "reference.log").wait(timeout=600) == 0
+    log = (tmp_path / "reference.log").read_text()
+    evaluating = seconds_between(log, "step 1/6", "checkpoint ")  # steps 2 and 3, and step 3's evaluation
+
+    config, out = job("stopped")
+    termination = tmp_path / "termination-log"
+    run = torchrun(config, tmp_path / "stopped.log", **{TERMINATION_ENV: str(termination)})
+    while "step 1/6" not in (tmp_path / "stopped.log").read_text():
+        assert run.poll() is None
+        time.sleep(0.02)
+    time.sleep(evaluating / 10)  # into step 3's evaluation: steps 2 and 3 take milliseconds
+    (folder,) = (out / "checkpoints").iterdir()
+    sent = time.monotonic()
+    run.send_signal(signal.SIGTERM)  # as the kubelet does to the container's first process
+    while not complete(folder):
+        assert time.monotonic() - sent < evaluating / 2, "no checkpoint"  # not after the evaluation, at least
+        time.sleep(0.02)
+    saved = time.monotonic() - sent
+    run.wait(timeout=600)
+    print(f"an evaluation takes {evaluating:.1f} s; checkpoint {saved:.1f} s after SIGTERM, torchrun's exit "
+          f"{time.monotonic() - sent:.1f} s")
+    assert parse_message(termination.read_text())["exitCode"] == 143
+    log = (tmp_path / "stopped.log").read_text()
+    assert all(f"[rank {rank}] WARNING finetune_trainer.train: SIGTERM: left the evaluation at step 3 unfinished"
+               in log for rank in (0, 1))
+    (checkpoint,) = complete(folder)
+    assert checkpoint.name == "step-00000003" and json.loads((checkpoint / "state.json").read_text())["evals"] == []
+
+    assert torchrun(config, tmp_path / "stopped.log").wait(timeout=600) == 0
+    resumed, uninterrupted = (json.loads((o / "report.json").read_text()) for o in (out, reference))
+    assert [(e["step"], e["metrics"]) for e in resumed["training"]["evals"]] == [
+        (e["step"], e["metrics"]) for e in uninterrupted["training"]["evals"]]
+    assert resumed["evaluation"]["final"] == uninterrupted["evaluation"]["final"]
+    torch.testing.assert_close(load_file(out / "model.safetensors"), load_file(reference / "model.safetensors"),
+                               rtol=1e-5, atol=1e-6)

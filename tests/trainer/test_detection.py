@@ -253,7 +253,8 @@ class Shifted(torch.nn.Module):
 
 
 def shifted_scores(rank: int, size: int, port: int, queue: Any) -> None:
-    """One rank of `evaluate_detector` over 12 test images in batches of 4 (2 batches on rank 0, 1 on rank 1)."""
+    """One rank of `evaluate_detector` over 12 test images in batches of 4 (2 batches on rank 0, 1 on rank 1),
+    with a collective before each batch as the training loop's SIGTERM check makes."""
     import datetime
 
     import torch.distributed as dist
@@ -267,16 +268,20 @@ def shifted_scores(rank: int, size: int, port: int, queue: Any) -> None:
     collate = make_collate(Task.OBJECT_DETECTION, 0, 64)
     model = Shifted(data, collate, eval_batches(data.lengths, 4, rank, size))
     world = World(rank=rank, size=size, device=torch.device("cpu"))
+
+    def check() -> None:
+        world.any(False)
+
     queue.put(evaluate_detector(model, data, collate, [Metric.MAP, Metric.MAP50], 4, world,
-                                {1: "circle", 2: "square", 3: "triangle"}))
+                                {1: "circle", 2: "square", 3: "triangle"}, check))
     if size > 1:
         dist.destroy_process_group()
 
 
 def test_two_ranks_scoring_unequal_shares_of_the_images_agree_with_one(pvc_root: Path) -> None:
     """torchmetrics gathers its per-image states one tensor at a time, which needs as many images on every rank: 12
-    images in batches of 4 over 2 ranks broke gloo's collectives (a rank aborted; NCCL would hang). Every rank
-    gets the one-process scores."""
+    images in batches of 4 over 2 ranks broke gloo's collectives (a rank aborted; NCCL would hang), and so would
+    a check before each batch made on the batch rank 1 lacks. Every rank gets the one-process scores."""
     import torch.multiprocessing as mp
 
     from tiny import free_port

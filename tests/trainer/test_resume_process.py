@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from finetune_trainer.checkpoints import complete, folder_name
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.pipeline import fingerprinted
-from tiny import tiny_classifier_doc, trainer_command
+from tiny import seconds_between, tiny_classifier_doc, trainer_command
 
 pytestmark = pytest.mark.slow
 
@@ -48,6 +48,10 @@ def weights(saved: Path) -> dict:
     return load_file(saved.parent.parent / "model.safetensors")
 
 
+def report(saved: Path) -> dict:
+    return json.loads((saved.parent.parent / "report.json").read_text())
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
     tmp = tmp_path_factory.mktemp("reference")
@@ -76,3 +80,55 @@ def test_an_interrupted_run_resumes_to_the_same_weights(sig: signal.Signals, ref
     assert resumed.keys() == reference.keys()
     for name, value in reference.items():
         assert (resumed[name] == value).all(), name
+
+
+def long_validation_job(tmp_path: Path, name: str) -> tuple[Path, Path]:
+    """6 steps, validated at steps 3 and 6 one row at a time on 2,461 rows: an evaluation takes many times as long
+    as the steps and the checkpoint (10 s on two shared cores), as a large validation split does."""
+    out = tmp_path / name
+    doc = tiny_classifier_doc(out, batchSize=8, evalEverySteps=3, checkpointEverySteps=3)
+    doc["dataset"] |= {"maxTrainSamples": 48, "maxEvalSamples": None, "validationSplit": 0.05, "testSplit": 0.005}
+    doc["evaluation"] = {"baseline": False, "batchSize": 1}
+    (config := tmp_path / f"{name}.json").write_text(json.dumps(doc))
+    return config, out / "checkpoints" / folder_name(fingerprinted(TrainerConfig.model_validate(doc), 1))
+
+
+def evals(run: dict) -> list[tuple[int, dict]]:
+    return [(e["step"], e["metrics"]) for e in run["training"]["evals"]]
+
+
+def test_sigterm_during_a_long_evaluation_stops_it_and_the_resumed_run_evaluates(tmp_path: Path) -> None:
+    """The kubelet's SIGKILL comes 30 s after its SIGTERM: an evaluation under way stops at its next batch, the
+    checkpoint is written as if SIGTERM had come before it, and the resumed run evaluates and ends as one never
+    stopped (the evaluations, the test score, the weights)."""
+    config, reference_saved = long_validation_job(tmp_path, "reference")
+    assert start(config).wait(timeout=600) == 0
+    log = config.with_suffix(".log").read_text()
+    evaluating = seconds_between(log, "step 1/6", "checkpoint ")  # steps 2 and 3, and step 3's evaluation
+    reference = report(reference_saved)
+    assert [step for step, _ in evals(reference)] == [3, 6]
+
+    config, saved = long_validation_job(tmp_path, "stopped")
+    proc = start(config)
+    while "step 1/6" not in config.with_suffix(".log").read_text():
+        assert proc.poll() is None
+        time.sleep(0.02)
+    time.sleep(evaluating / 10)  # into step 3's evaluation: steps 2 and 3 take milliseconds
+    sent = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    code = proc.wait(timeout=600)
+    took = time.monotonic() - sent
+    print(f"an evaluation takes {evaluating:.1f} s; stopped {took:.1f} s after SIGTERM")
+    assert code == 143 and took < evaluating / 2
+    (checkpoint,) = complete(saved)
+    assert checkpoint.name == "step-00000003" and json.loads((checkpoint / "state.json").read_text())["evals"] == []
+    assert "left the evaluation at step 3 unfinished" in config.with_suffix(".log").read_text()
+
+    assert start(config).wait(timeout=600) == 0
+    resumed = report(saved)
+    assert evals(resumed) == evals(reference)
+    assert resumed["evaluation"]["final"] == reference["evaluation"]["final"]
+    resumed_weights, reference_weights = weights(saved), weights(reference_saved)
+    assert resumed_weights.keys() == reference_weights.keys()
+    for name, value in reference_weights.items():
+        assert (resumed_weights[name] == value).all(), name

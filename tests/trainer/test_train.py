@@ -9,6 +9,7 @@ import os
 import pickle
 import signal
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,11 @@ import torch
 
 from finetune_trainer import checkpoints, export, pipeline
 from finetune_trainer.batches import encode_text, make_collate
-from finetune_trainer.config import LoraSpec, ModelSpec, Precision, Task, TrainerConfig, TrainingSpec
+from finetune_trainer.config import LoraSpec, Metric, ModelSpec, Precision, Task, TrainerConfig, TrainingSpec
 from finetune_trainer.data import Split
 from finetune_trainer.distributed import World
 from finetune_trainer.errors import CheckpointMismatch, ConfigError, LossNotFinite, Terminated
+from finetune_trainer.evaluate import evaluate
 from finetune_trainer.models import load_model, load_tokenizer
 from finetune_trainer.rearrange import add_adapters, new_head
 from finetune_trainer.telemetry import TERMINATION_ENV
@@ -236,7 +238,7 @@ class Scripted:
     def __init__(self, model: torch.nn.Module, losses: list[float]) -> None:
         self.model, self.losses, self.seen = model, iter(losses), []
 
-    def __call__(self) -> dict[str, float]:
+    def __call__(self, before_batch: object) -> dict[str, float]:
         self.seen.append({n: p.detach().clone() for n, p in self.model.named_parameters()})
         return {"loss": next(self.losses)}
 
@@ -269,7 +271,7 @@ def test_the_cpu_clock_counts_the_steps_not_the_evaluations() -> None:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     burned = []
 
-    def busy_evaluation() -> dict[str, float]:
+    def busy_evaluation(before_batch: object) -> dict[str, float]:
         start = time.process_time()
         while time.process_time() - start < 0.2:
             pass
@@ -357,7 +359,7 @@ def lm_run(checkpoint_dir: Path, sigterm_at: int | None = None) -> tuple[LoopSta
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     steps: list[int] = []
 
-    def score() -> dict[str, float]:
+    def score(before_batch: object) -> dict[str, float]:
         return {"loss": float(model.transformer.h[0].attn.c_attn.weight.detach().sum())}
 
     def on_step(state: LoopState, total: int) -> None:
@@ -410,6 +412,57 @@ def test_sigterm_during_a_step_saves_right_after_it(tmp_path: Path) -> None:
         train_loop(model, optimizer, make_scheduler(optimizer, spec, 8), data, collate, spec, Task.CAUSAL_LM, CPU,
                    Hooks(on_step=lambda state, total: done.append(state.step), checkpoint_dir=tmp_path))
     assert done == [1, 2, 3, 4] and [p.name for p in checkpoints.complete(tmp_path)] == ["step-00000004"]
+
+
+def validated_run(checkpoint_dir: Path, sigterm_at: int | None = None,
+                  forwards: list[int] | None = None) -> tuple[LoopState, dict]:
+    """8 steps of a tiny GPT-2 validated every 2 steps by the real evaluation (16 batches of 4); no evaluation after
+    the first gains minDelta 100, so early stopping ends it at step 6 on step 2's weights. SIGTERM comes in the
+    evaluation's forward pass number `sigterm_at` (counted over the run, from 1), and `forwards` gets them all."""
+    model, data, collate = lm_setup()
+    spec = TrainingSpec(batchSize=8, maxSteps=8, evalEverySteps=2, checkpointEverySteps=100,
+                        earlyStopping={"patience": 2, "minDelta": 100})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    forwards = [] if forwards is None else forwards
+
+    def in_evaluation(module: torch.nn.Module, *_: object) -> None:
+        if not module.training:
+            forwards.append(len(forwards) + 1)
+            if len(forwards) == sigterm_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+
+    model.register_forward_hook(in_evaluation)
+
+    def validate(before_batch: Callable[[], None]) -> dict[str, float]:
+        return evaluate(model, data, collate, Task.CAUSAL_LM, [Metric.LOSS], 4, CPU, 0, before_batch=before_batch)
+
+    state = train_loop(model, optimizer, make_scheduler(optimizer, spec, 8), data, collate, spec, Task.CAUSAL_LM,
+                       CPU, Hooks(evaluate=validate, checkpoint_dir=checkpoint_dir))
+    return state, weights(model)
+
+
+def test_sigterm_during_an_evaluation_stops_it_at_the_next_batch_and_the_resumed_run_evaluates(tmp_path: Path) -> None:
+    """An evaluation of a large validation split may outlast the grace period: SIGTERM stops it at its next batch and
+    the checkpoint is written as if SIGTERM had come before it; the resumed run evaluates, and early stopping and
+    the best weights end as in a run never stopped."""
+    reference, reference_weights = validated_run(tmp_path / "reference")
+    assert [e["step"] for e in reference.evals] == [2, 4, 6] and reference.stopped_early
+    assert reference.best_step == 2 and reference.restored_best
+    forwards: list[int] = []
+    with pytest.raises(Terminated, match="stopped by SIGTERM at step 4; a checkpoint holds it"):
+        validated_run(tmp_path / "stopped", sigterm_at=16 + 3, forwards=forwards)  # in step 4's third batch
+    assert len(forwards) == 16 + 3  # not one batch more
+    (saved,) = checkpoints.complete(tmp_path / "stopped")
+    assert saved.name == "step-00000004" and [e["step"] for e in json.loads((saved / "state.json").read_text())[
+        "evals"]] == [2]
+    with pytest.raises(Terminated, match="stopped by SIGTERM at step 4"):  # in the resumed run's first evaluation
+        validated_run(tmp_path / "stopped", sigterm_at=2)
+    assert checkpoints.complete(tmp_path / "stopped") == [saved]
+    resumed, resumed_weights = validated_run(tmp_path / "stopped")
+    assert [(e["step"], e["metrics"]) for e in resumed.evals] == [(e["step"], e["metrics"]) for e in reference.evals]
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in reference.history]
+    assert resumed.stopped_early and resumed.step == 6 and resumed.best_step == 2 and resumed.restored_best
+    assert_same(resumed_weights, reference_weights)
 
 
 def test_a_resumed_fp16_run_keeps_its_loss_scale(tmp_path: Path) -> None:
@@ -518,7 +571,7 @@ def test_the_best_weights_bring_their_batchnorm_statistics(pvc_root: Path) -> No
     statistics: list[dict[str, torch.Tensor]] = []
     losses = iter([1.0, 0.5, 0.9, 0.8])
 
-    def evaluate() -> dict[str, float]:
+    def evaluate(before_batch: object) -> dict[str, float]:
         statistics.append({n: b.clone() for n, b in model.named_buffers()})
         return {"loss": next(losses)}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +36,15 @@ def free_port() -> int:
 
 def trainer_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "finetune_trainer.cli", *args]
+
+
+def seconds_between(log: str, first: str, then: str) -> float:
+    """The seconds between the trainer's first lines in `log` holding `first` and `then` (their time of day, to the
+    second)."""
+    def at(text: str) -> datetime:
+        return datetime.strptime(next(line for line in log.splitlines() if text in line)[:8], "%H:%M:%S")
+
+    return (at(then) - at(first)).total_seconds() % 86400  # across midnight too
 
 
 def bpe_tokenizer(folder: Path, eos: str | None = "<|endoftext|>") -> Path:

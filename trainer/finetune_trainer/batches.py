@@ -7,8 +7,9 @@ run rebuilds it and skips the batches it already consumed.
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -162,3 +163,14 @@ def eval_batches(lengths: list[int], batch_size: int, rank: int = 0, world_size:
     """Length-sorted, so evaluation pads little; each rank takes every world_size-th batch."""
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
     return [order[i:i + batch_size] for i in range(0, len(order), batch_size)][rank::world_size]
+
+
+def polled_eval_batches(lengths: list[int], batch_size: int, rank: int, world_size: int,
+                        before_batch: Callable[[], None]) -> Iterator[list[int]]:
+    """`eval_batches`, calling `before_batch` before each batch of the rounds where every rank has one: as many
+    calls on every rank (the last round may leave some without a batch), so that a collective in it pairs up."""
+    rounds = math.ceil(len(lengths) / batch_size) // world_size
+    for i, idx in enumerate(eval_batches(lengths, batch_size, rank, world_size)):
+        if i < rounds:
+            before_batch()
+        yield idx

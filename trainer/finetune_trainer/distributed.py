@@ -33,6 +33,10 @@ class World:
             dist.all_reduce(tensor)
         return tensor.tolist()
 
+    def any(self, flag: bool) -> bool:
+        """Whether `flag` is set on any rank; a single process asks no collective (nor a GPU)."""
+        return flag if self.size == 1 else self.sum([float(flag)])[0] > 0
+
     def sum_tensor(self, tensor: torch.Tensor) -> torch.Tensor:
         if self.size > 1:
             dist.all_reduce(tensor)

@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from finetune_trainer.batches import Batch, Encoded, eval_batches
+from finetune_trainer.batches import Batch, Encoded, polled_eval_batches
 from finetune_trainer.config import Metric, Task
 from finetune_trainer.distributed import World
 from finetune_trainer.models import autocast, logits_of
@@ -25,14 +25,16 @@ from finetune_trainer.train import loss_sum, unwrap
 @torch.no_grad()
 def evaluate(model: nn.Module, data: Encoded, collate: Callable[[Encoded, list[int]], Batch], task: Task,
              metrics: list[Metric], batch_size: int, world: World, num_labels: int,
-             dtype: torch.dtype | None = None) -> dict[str, float]:
+             dtype: torch.dtype | None = None, before_batch: Callable[[], None] = lambda: None) -> dict[str, float]:
+    """The metrics on `data`; `before_batch` runs before each batch (as many times on every rank), and may raise
+    to abandon the evaluation (the training loop's on SIGTERM)."""
     model = unwrap(model)  # no gradient sync needed, and DDP's forward would expect a backward
     was_training = model.training
     model.eval()
     confusion = torch.zeros((num_labels, num_labels), dtype=torch.float64, device=world.device)
     loss = torch.zeros((), dtype=torch.float64, device=world.device)
     targets = 0
-    for idx in eval_batches(data.lengths, batch_size, world.rank, world.size):
+    for idx in polled_eval_batches(data.lengths, batch_size, world.rank, world.size, before_batch):
         batch = collate(data, idx).to(world.device)
         with autocast(world.device.type, dtype):
             logits = logits_of(model, batch.inputs)

@@ -207,11 +207,13 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
 
     per_class: dict[str, dict[str, float]] = {}  # a detector's AP by category, on the test split
 
-    def measure(m: nn.Module, split: Encoded, phase: str | None = None) -> dict[str, float]:
+    def measure(m: nn.Module, split: Encoded, phase: str | None = None,
+                before_batch: Callable[[], None] = lambda: None) -> dict[str, float]:
         if not detecting:
-            return evaluate(m, split, collate, task, cfg.evaluation_metrics, eval_size, world, num_labels, dtype)
+            return evaluate(m, split, collate, task, cfg.evaluation_metrics, eval_size, world, num_labels, dtype,
+                            before_batch)
         scores, by_category = evaluate_detector(m, split, collate, cfg.evaluation_metrics, eval_size, world,
-                                                data.id2label)
+                                                data.id2label, before_batch)
         if phase is not None:
             per_class[phase] = by_category
         return scores
@@ -276,7 +278,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         trained = nn.parallel.DistributedDataParallel(model, find_unused_parameters=bool(report.no_grad_parameters))
     flops = report.flops["training_per_sample"]
     hooks = Hooks(
-        evaluate=lambda: measure(model, validation_data),  # selection (early stopping) never sees the test split
+        # selection (early stopping) never sees the test split
+        evaluate=lambda before_batch: measure(model, validation_data, before_batch=before_batch),
         on_step=lambda state, planned: progress.step(state, planned, flops, world.device),
         on_eval=lambda state: progress.metrics.set_eval("training", state.evals[-1]["metrics"]),
         checkpoint_dir=checkpoint_dir,

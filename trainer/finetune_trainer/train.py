@@ -13,7 +13,8 @@ budget is spent or early stopping fires. What it does, in order, for every step:
 - clips the gradient norm, steps AdamW and the warmup + decay schedule;
 - evaluates every `evalEverySteps` (early stopping on the first metric), checkpoints every
   `checkpointEverySteps` and at the end; on SIGTERM it checkpoints at once, before an evaluation
-  that was due (the resumed run makes up for it), and raises `Terminated`.
+  that was due, or abandoning one under way at its next batch (the resumed run makes up for it), and
+  raises `Terminated`.
 
 With early stopping on, the loop keeps the weights of the best evaluation (in memory and in
 every checkpoint) and puts them back at the end, so the model it leaves is the best one seen,
@@ -80,7 +81,9 @@ class LoopState:
 class Hooks:
     """Optional callbacks of the caller: evaluation, progress reporting, checkpoints."""
 
-    evaluate: Callable[[], dict[str, float]] | None = None
+    # Given a function to call before each batch (as many times on every rank): on SIGTERM it raises, and the loop
+    # checkpoints as if the evaluation had not begun.
+    evaluate: Callable[[Callable[[], None]], dict[str, float]] | None = None
     on_step: Callable[[LoopState, int], None] | None = None  # (state, total steps)
     on_eval: Callable[[LoopState], None] | None = None
     checkpoint_dir: Path | None = None
@@ -177,7 +180,8 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: Task) -> torch.Te
 
 
 class SigtermFlag:
-    """Turns SIGTERM into a flag the loop checks between steps (the main thread only)."""
+    """Turns SIGTERM into a flag the loop checks after each step and before each evaluation batch (the main thread
+    only)."""
 
     def __init__(self) -> None:
         self.raised = False
@@ -189,12 +193,16 @@ class SigtermFlag:
         return self
 
     def _raise(self, *_: Any) -> None:
-        log.warning("SIGTERM: saving a checkpoint after this step")
+        log.warning("SIGTERM: saving a checkpoint after this step (an evaluation under way stops at its next batch)")
         self.raised = True
 
     def __exit__(self, *_: Any) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
+
+
+class EvaluationStopped(Exception):
+    """Every rank saw SIGTERM during an evaluation in the loop: it stops at this batch, unrecorded."""
 
 
 def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, data: Encoded,
@@ -224,9 +232,19 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
         return hooks.evaluate is not None and state.step > 0 and not done and (
             state.step % eval_every == 0 or state.step == total)
 
+    def stop_evaluating() -> None:  # the ranks agree, so that all of them leave at the same batch
+        if world.any(sigterm.raised):
+            raise EvaluationStopped
+
     def evaluate_now() -> None:
         nonlocal best
-        if record_eval(state, hooks.evaluate(), spec, metric) and spec.early_stopping:
+        try:
+            metrics = hooks.evaluate(stop_evaluating)
+        except EvaluationStopped:  # as if SIGTERM had come before it: saved without it, the resumed run runs it
+            log.warning("SIGTERM: left the evaluation at step %d unfinished; the resumed run evaluates", state.step)
+            save()
+            raise terminated() from None
+        if record_eval(state, metrics, spec, metric) and spec.early_stopping:
             best = checkpoints.trained_tensors(unwrap(model))
         model.train()
         if hooks.on_eval:
@@ -244,9 +262,9 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
             saved_step = state.step
 
     model.train()
-    if evaluation_due():  # SIGTERM came at a step due for evaluation: the checkpoint went first
-        evaluate_now()
     with SigtermFlag() as sigterm:
+        if evaluation_due():  # SIGTERM came at a step due for evaluation, or during it: the checkpoint went first
+            evaluate_now()
         while state.step < total and not state.stopped_early:
             batches = epoch_batches(data.lengths, spec.batch_size, seed=spec.seed, epoch=state.epoch,
                                     bucketed=spec.batching == Batching.LENGTH_BUCKETED, rank=world.rank,

@@ -13,7 +13,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from finetune_trainer.batches import Batch, Encoded, eval_batches
+from finetune_trainer.batches import Batch, Encoded, polled_eval_batches
 from finetune_trainer.config import Metric
 from finetune_trainer.distributed import World
 from finetune_trainer.train import unwrap
@@ -24,8 +24,10 @@ KEYS = {Metric.MAP: "map", Metric.MAP50: "map_50", Metric.MAP75: "map_75"}
 @torch.no_grad()
 def evaluate_detector(model: nn.Module, data: Encoded, collate: Callable[[Encoded, list[int]], Batch],
                       metrics: list[Metric], batch_size: int, world: World,
-                      id2label: dict[int, str]) -> tuple[dict[str, float], dict[str, float]]:
-    """The requested metrics, and AP per category name (categories without a box in the split left out)."""
+                      id2label: dict[int, str], before_batch: Callable[[], None] = lambda: None
+                      ) -> tuple[dict[str, float], dict[str, float]]:
+    """The requested metrics, and AP per category name (categories without a box in the split left out);
+    `before_batch` as in `evaluate.evaluate`."""
     from torchmetrics.detection import MeanAveragePrecision
 
     model = unwrap(model)
@@ -33,7 +35,7 @@ def evaluate_detector(model: nn.Module, data: Encoded, collate: Callable[[Encode
     model.eval()
     predictions: list[dict[str, torch.Tensor]] = []
     truths: list[dict[str, torch.Tensor]] = []
-    for idx in eval_batches(data.lengths, batch_size, world.rank, world.size):
+    for idx in polled_eval_batches(data.lengths, batch_size, world.rank, world.size, before_batch):
         batch = collate(data, idx).to(world.device)
         detections = model(batch.inputs["pixel_values"])  # in fp32 (Detector.forward)
         boxes, labels = batch.inputs["boxes"].cpu(), batch.inputs["box_labels"].cpu()
