@@ -236,6 +236,9 @@ def test_under_torchrun_the_messages_exit_code_decides_and_the_gang_retries() ->
     status = after(decision)
     assert status["attempts"] == 2 and status["failures"] == 1
     assert conditions(status)["Restarting"] == ("True", "RuntimeError") and status["phase"] == "Pending"
+    # An attempt that failed before training (make demo's, at Analyzing) left no checkpoint to resume from.
+    restarting = next(c for c in status["conditions"] if c["type"] == "Restarting")
+    assert restarting["message"].endswith("attempt 2 resumes from the latest checkpoint, if there is one")
     assert decision.create_attempt is None  # the next tick creates attempt 2, after this status is stored
     following = decide(Observed(body(status), [job(failure={"reason": "X", "message": ""})], [], NOW))
     assert following.create_attempt == 2

@@ -339,8 +339,8 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
                                      f"the last: {result.reason}: {result.message}")
         return
     status["attempts"] = attempt + 1
-    conds.set(T.RESTARTING, True, result.reason, f"attempt {attempt} failed ({result.message}); "
-                                                 f"attempt {attempt + 1} resumes from the latest checkpoint")
+    conds.set(T.RESTARTING, True, result.reason, f"attempt {attempt} failed ({result.message}); attempt "
+                                                 f"{attempt + 1} resumes from the latest checkpoint, if there is one")
     conds.clear(T.RUNNING, result.reason)
     conds.clear(T.METRICS_STALE, result.reason)
 
