@@ -5,6 +5,7 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+from pathlib import Path
 
 import yaml
 from conftest import LOCAL, REPO
@@ -51,3 +52,13 @@ def test_an_unknown_command_is_refused_rather_than_running_the_demo() -> None:
     result = subprocess.run([sys.executable, str(LOCAL / "demo.py"), "claims"], capture_output=True, text=True,
                             timeout=60)
     assert result.returncode != 0 and "usage:" in result.stderr and "[run|setup|stop]" in result.stderr
+
+
+def test_after_a_failure_it_points_to_the_trainers_log_not_to_a_model() -> None:
+    """make demo's first failure (a PermissionError on the output) ended by pointing at the exported model, which a
+    failed job has not written."""
+    doc = yaml.safe_load(demo.EXAMPLE.read_text())
+    c = demo.cluster.Cluster(REPO / ".cluster", Path("/bin-dir"))
+    assert f"ls {demo.output_folder(doc)}" in demo.look_around(c, doc, succeeded=True)
+    failed = demo.look_around(c, doc, succeeded=False)
+    assert "ls " not in failed and "logs -l finetune.dev/job-name=minilm-sentiment" in failed

@@ -183,16 +183,26 @@ def run() -> int:
     kubectl(c, "apply", "-n", NAMESPACE, "-f", str(EXAMPLE))
     obj = follow(c, name)
     report(obj)
-    env = f"export KUBECONFIG={c.kubeconfig} PATH={c.bin_dir}:$PATH"
-    print(f"""
-done in {time.monotonic() - started:.0f} s. Look around:
-  {env}
+    succeeded = obj["status"]["phase"] == "Succeeded"
+    print(f"\ndone in {time.monotonic() - started:.0f} s. {look_around(c, doc, succeeded)}")
+    return 0 if succeeded else 1
+
+
+def look_around(c: cluster.Cluster, doc: dict, succeeded: bool) -> str:
+    """Where to look next: the exported model after a success, the trainer's log after a failure (there is no
+    model then)."""
+    name = doc["metadata"]["name"]
+    if succeeded:
+        last = f"ls {output_folder(doc)}        # the exported model, report.json, model card, loss curve"
+    else:
+        last = f"kubectl -n {NAMESPACE} logs -l finetune.dev/job-name={name} --tail=30   # each attempt's trainer"
+    return f"""Look around:
+  export KUBECONFIG={c.kubeconfig} PATH={c.bin_dir}:$PATH
   kubectl -n {NAMESPACE} describe ftj {name}          # conditions and the Events of each transition
   kubectl -n {NAMESPACE} get jobs,pods -l finetune.dev/job-name={name}
-  ls {output_folder(doc)}        # the exported model, report.json, model card, loss curve
+  {last}
   cat {c.state / 'logs' / 'operator.log'}
-Stop everything: make cluster-down""")
-    return 0 if obj["status"]["phase"] == "Succeeded" else 1
+Stop everything: make cluster-down"""
 
 
 def main() -> int:
