@@ -423,3 +423,15 @@ def test_an_image_folder_reads_the_images_below_its_class_folders(tmp_path: Path
     for split in (data.train, data.validation, data.test):
         assert [data.id2label[label] for label in split.labels] == [
             Path(image).relative_to(tmp_path).parts[0] for image in split.inputs]
+
+
+@pytest.mark.parametrize("task", [Task.CAUSAL_LM, Task.SEQUENCE_CLASSIFICATION])
+def test_a_text_column_of_lists_or_records_is_refused_naming_it(tmp_path: Path, task: Task) -> None:
+    """A chat dataset's messages column (a list of {role, content}) trained as its Python repr, "[{'content': ...";
+    numbers are still texts."""
+    chats = [{"messages": [{"role": "user", "content": f"hi {i}"}, {"role": "assistant", "content": "hello"}],
+              "text": i, "label": i % 2} for i in range(20)]
+    pd.DataFrame(chats).to_parquet(path := tmp_path / "chats.parquet")
+    assert len(load_dataset(spec(path), task, 0).train.inputs) == 14  # the numbers in text, as texts
+    with pytest.raises(DataError, match=r"column 'messages' \(dataset.textField\) holds \[\{'role': 'user'.*, not a text"):
+        load_dataset(DatasetSpec(uri=str(path), textField="messages", validationSplit=0.2), task, 0)

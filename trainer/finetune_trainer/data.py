@@ -13,6 +13,7 @@ import logging
 import re
 from collections.abc import Hashable, Sized
 from dataclasses import dataclass
+from numbers import Number
 from pathlib import Path
 from typing import Any
 
@@ -73,6 +74,8 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
         folder = path if path.is_dir() else path.parent
         inputs = {name: image_paths(table[input_field], folder, spec.uri) for name, table in usable.items()}
     else:
+        for table in usable.values():
+            check_inputs(table[input_field], (str, Number), "a text", spec.uri, "dataset")
         inputs = {name: table[input_field].astype(str).tolist() for name, table in usable.items()}
     id2label: dict[int, str] = {}
     labels: dict[str, list[int] | None] = dict.fromkeys(usable)
@@ -92,11 +95,18 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
 def image_paths(column: pd.Series, folder: Path, uri: str) -> list[str]:
     """A table's image files for image-classification, a relative path read from the dataset's folder (not from
     the trainer's working directory)."""
-    for value in column:
-        if not isinstance(value, str):  # such as the hub's Image feature: {'bytes': ..., 'path': ...}
-            raise DataError(f"dataset {uri}: column {column.name!r} (dataset.textField) holds {str(value)[:80]}, not "
-                            "a path; image-classification reads image files: an ImageFolder or a table of their paths")
+    check_inputs(column, (str,), "a path; image-classification reads image files: an ImageFolder or a table of their "
+                 "paths", uri, "dataset")  # such as the hub's Image feature: {'bytes': ..., 'path': ...}
     return [str(folder / value) for value in column]
+
+
+def check_inputs(column: pd.Series, kinds: tuple[type, ...], what: str, uri: str, field: str) -> None:
+    """Every value is one of `kinds`: a list or a record (chat messages, an inline image) would be read as its
+    Python repr, "[{'role': 'user', ...", and trained on as such."""
+    for value in column:
+        if not isinstance(value, kinds):
+            shown = " ".join(str(value).split())[:80]  # on one line: numpy prints an array of records over several
+            raise DataError(f"{field} {uri}: column {column.name!r} ({field}.textField) holds {shown}, not {what}")
 
 
 def blank_to_missing(table: pd.DataFrame) -> pd.DataFrame:
@@ -135,6 +145,8 @@ def load_texts(spec: TextsSpec, field: str) -> list[str]:
     place in the job (rearrange.prune.heal.dataset), which the errors name."""
     _, _, tables = read_dataset(spec, field, texts_only=True)
     check_columns(tables, spec.uri, {"textField": spec.text_field}, field)
+    for table in tables.values():
+        check_inputs(table[spec.text_field].dropna(), (str, Number), "a text", spec.uri, field)
     texts = [t for table in tables.values() for t in table[spec.text_field].dropna().astype(str) if t.strip()]
     if not texts:
         raise DataError(f"{field} {spec.uri}: no texts in column {spec.text_field!r}")
