@@ -435,3 +435,11 @@ def test_a_text_column_of_lists_or_records_is_refused_naming_it(tmp_path: Path, 
     assert len(load_dataset(spec(path), task, 0).train.inputs) == 14  # the numbers in text, as texts
     with pytest.raises(DataError, match=r"column 'messages' \(dataset.textField\) holds \[\{'role': 'user'.*, not a text"):
         load_dataset(DatasetSpec(uri=str(path), textField="messages", validationSplit=0.2), task, 0)
+
+
+def test_a_label_column_of_lists_is_refused_naming_it(tmp_path: Path) -> None:
+    """A multi-label dataset (go_emotions' labels: [3, 27]) became a class per combination of labels, "[ 3 27]"."""
+    rows = [{"text": f"t{i}", "labels": [i % 3, 3 + i % 2]} for i in range(20)]
+    pd.DataFrame(rows).to_parquet(path := tmp_path / "multi.parquet")
+    with pytest.raises(DataError, match=r"column 'labels' \(dataset.labelField\) holds \[0 3\], not a label"):
+        load_dataset(DatasetSpec(uri=str(path), labelField="labels"), Task.SEQUENCE_CLASSIFICATION, 0)

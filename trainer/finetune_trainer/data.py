@@ -75,11 +75,13 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
         inputs = {name: image_paths(table[input_field], folder, spec.uri) for name, table in usable.items()}
     else:
         for table in usable.values():
-            check_inputs(table[input_field], (str, Number), "a text", spec.uri, "dataset")
+            check_inputs(table[input_field], (str, Number), "a text", spec.uri, "dataset.textField")
         inputs = {name: table[input_field].astype(str).tolist() for name, table in usable.items()}
     id2label: dict[int, str] = {}
     labels: dict[str, list[int] | None] = dict.fromkeys(usable)
     if label_field is not None:
+        for table in usable.values():
+            check_inputs(table[label_field], (str, Number), "a label (one per row)", spec.uri, "dataset.labelField")
         id2label, ids = label_ids(pd.concat([t[label_field] for t in usable.values()], ignore_index=True))
         id2label = named_classes(id2label, class_names(path, fmt, label_field))
         if len(id2label) < 2:
@@ -96,17 +98,19 @@ def image_paths(column: pd.Series, folder: Path, uri: str) -> list[str]:
     """A table's image files for image-classification, a relative path read from the dataset's folder (not from
     the trainer's working directory)."""
     check_inputs(column, (str,), "a path; image-classification reads image files: an ImageFolder or a table of their "
-                 "paths", uri, "dataset")  # such as the hub's Image feature: {'bytes': ..., 'path': ...}
+                 "paths", uri, "dataset.textField")  # such as the hub's Image feature: {'bytes': ..., 'path': ...}
     return [str(folder / value) for value in column]
 
 
 def check_inputs(column: pd.Series, kinds: tuple[type, ...], what: str, uri: str, field: str) -> None:
-    """Every value is one of `kinds`: a list or a record (chat messages, an inline image) would be read as its
-    Python repr, "[{'role': 'user', ...", and trained on as such."""
+    """Every value of the column that `field` (such as dataset.textField) names is one of `kinds`: a list or a
+    record (chat messages, an inline image, a row's several labels) would be read as its Python repr,
+    "[{'role': 'user', ...", and trained on as such."""
     for value in column:
         if not isinstance(value, kinds):
             shown = " ".join(str(value).split())[:80]  # on one line: numpy prints an array of records over several
-            raise DataError(f"{field} {uri}: column {column.name!r} ({field}.textField) holds {shown}, not {what}")
+            raise DataError(f"{field.rpartition('.')[0]} {uri}: column {column.name!r} ({field}) holds {shown}, "
+                            f"not {what}")
 
 
 def blank_to_missing(table: pd.DataFrame) -> pd.DataFrame:
@@ -146,7 +150,7 @@ def load_texts(spec: TextsSpec, field: str) -> list[str]:
     _, _, tables = read_dataset(spec, field, texts_only=True)
     check_columns(tables, spec.uri, {"textField": spec.text_field}, field)
     for table in tables.values():
-        check_inputs(table[spec.text_field].dropna(), (str, Number), "a text", spec.uri, field)
+        check_inputs(table[spec.text_field].dropna(), (str, Number), "a text", spec.uri, f"{field}.textField")
     texts = [t for table in tables.values() for t in table[spec.text_field].dropna().astype(str) if t.strip()]
     if not texts:
         raise DataError(f"{field} {spec.uri}: no texts in column {spec.text_field!r}")
