@@ -443,3 +443,13 @@ def test_a_label_column_of_lists_is_refused_naming_it(tmp_path: Path) -> None:
     pd.DataFrame(rows).to_parquet(path := tmp_path / "multi.parquet")
     with pytest.raises(DataError, match=r"column 'labels' \(dataset.labelField\) holds \[0 3\], not a label"):
         load_dataset(DatasetSpec(uri=str(path), labelField="labels"), Task.SEQUENCE_CLASSIFICATION, 0)
+
+
+def test_held_out_labels_that_train_lacks_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A test file that spells its labels otherwise (positive for pos) made classes that training never sees, and
+    scores of 0 on them, without a word."""
+    pd.DataFrame(ROWS[:20]).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame(ROWS[20:]).replace({"pos": "positive"}).to_csv(tmp_path / "test.csv", index=False)
+    data = load_dataset(spec(tmp_path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert data.id2label == {0: "neg", 1: "neu", 2: "pos", 3: "positive"}
+    assert "labels of its test split that its train split lacks, which the model cannot learn: positive" in caplog.text

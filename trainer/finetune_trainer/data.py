@@ -88,6 +88,7 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
             raise DataError(f"dataset {spec.uri}: column {label_field!r} has {len(id2label)} distinct label(s); need 2 or more")
         offsets = np.cumsum([0, *(len(t) for t in usable.values())])
         labels = {name: ids[offsets[i]:offsets[i + 1]] for i, name in enumerate(usable)}
+        warn_labels_train_lacks(labels, id2label, spec.uri)
     train, validation, test = split(inputs, labels, spec, seed)
     log.info("dataset %s (%s; splits given: %s): %d train, %d validation, %d test rows, %d labels", spec.uri,
              fmt.value, ", ".join(tables), len(train.inputs), len(validation.inputs), len(test.inputs), len(id2label))
@@ -129,6 +130,16 @@ def drop_withheld_labels(usable: dict[str, pd.DataFrame], label_field: str, uri:
             log.warning("dataset %s: dropped %d %s rows labelled -1 (no label: train has no such class)",
                         uri, int(withheld.sum()), name)
             usable[name] = usable[name][~withheld]
+
+
+def warn_labels_train_lacks(labels: dict[str, list[int] | None], id2label: dict[int, str], uri: str) -> None:
+    """Name the labels of the dataset's own validation or test split that its train split lacks: classes the
+    model never trains on and scores 0 on (a test file that spells a label otherwise, say)."""
+    trained = set(labels[TRAIN] or [])
+    for name in (VALIDATION, TEST):
+        if lacking := sorted(set(labels.get(name) or []) - trained):
+            log.warning("dataset %s: labels of its %s split that its train split lacks, which the model cannot "
+                        "learn: %s", uri, name, ", ".join(id2label[i] for i in lacking))
 
 
 def drop_empty_splits(splits: dict[str, Sized], uri: str) -> None:
