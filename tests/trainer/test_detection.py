@@ -126,6 +126,17 @@ def test_two_images_with_one_id_are_refused(pvc_root: Path, tmp_path: Path) -> N
         load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
 
 
+def test_an_image_past_pils_size_limit_is_a_bad_record(pvc_root: Path, tmp_path: Path,
+                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """An aerial image of 20000 x 20000 pixels is twice PIL's decompression-bomb limit: opening it raised
+    DecompressionBombError, which is no OSError, so the load stopped as the infrastructure's (exit 2, retried)."""
+    from PIL import Image
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)  # the shapes' 128 x 128 images are then past twice it
+    with pytest.raises(DataError, match=r"image 1 \('00001.jpg'\): cannot read it as an image \(Image size"):
+        load_coco(DatasetSpec(uri=str(shapes_copy(pvc_root, tmp_path)), format="coco"), seed=0)
+
+
 def test_the_cli_exits_1_on_a_bad_annotation_file(pvc_root: Path, tmp_path: Path) -> None:
     """The user's mistake reaches the operator as such: exit code 1 and the record in the termination message."""
     folder = rewrite(shapes_copy(pvc_root, tmp_path), lambda c: c["annotations"][0].update(bbox=[-20, 0, 10, 10]))

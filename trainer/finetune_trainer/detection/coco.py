@@ -161,8 +161,8 @@ def image_record(image: Any, i: int, file: Path, problems: list[str]) -> Annotat
     try:
         with Image.open(path) as opened:
             size = opened.size
-    except OSError as exc:
-        problems.append(f"{where}: not an image ({exc})")
+    except (OSError, Image.DecompressionBombError) as exc:  # the latter is no OSError
+        problems.append(f"{where}: cannot read it as an image ({exc})")
         return None
     declared = (image.get("width", size[0]), image.get("height", size[1]))
     if declared != size:
