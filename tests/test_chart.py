@@ -217,3 +217,14 @@ def test_the_notes_name_where_the_dashboard_is_and_how_the_crd_is_upgraded(tmp_p
     # With the CRD templated, no hand-applied CRD before an upgrade (it was still asked for).
     assert "kubectl apply" not in templated.split("Upgrading:")[1]
     assert "ConfigMap monitoring/fto-finetune-operator-dashboard" in templated
+
+
+def test_a_trainer_uid_of_openshift_s_range_in_a_values_file_reaches_the_operator_as_that_number(tmp_path: Path) -> None:
+    """Helm reads a values file's numbers as floats, and `quote` printed 1000680000 (a uid of an OpenShift
+    namespace's range) as "1.00068e+09", which the operator refused at start: it never ran."""
+    values = tmp_path / "values.yaml"
+    values.write_text("trainer:\n  uid: 1000680000\n")
+    out = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"), "-f", str(values),
+                          "--show-only", "templates/deployment.yaml"], check=True, capture_output=True, text=True).stdout
+    env = {e["name"]: e.get("value") for e in yaml.safe_load(out)["spec"]["template"]["spec"]["containers"][0]["env"]}
+    assert env["FINETUNE_OPERATOR_TRAINER_UID"] == "1000680000"
