@@ -228,3 +228,23 @@ def test_a_trainer_uid_of_openshift_s_range_in_a_values_file_reaches_the_operato
                           "--show-only", "templates/deployment.yaml"], check=True, capture_output=True, text=True).stdout
     env = {e["name"]: e.get("value") for e in yaml.safe_load(out)["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["FINETUNE_OPERATOR_TRAINER_UID"] == "1000680000"
+
+
+@pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
+def test_operator_restarts_count_a_new_pod_as_well_as_a_restarted_container(tmp_path: Path) -> None:
+    """Recorded series, as the ServiceMonitor labels them: pod `a`'s container restarts once in place (OOMKilled),
+    then `a` is evicted and the Deployment makes pod `b`: two restarts. Each pod is a series of its own, and
+    changes() of each counted only the restart in place."""
+    t0 = int(time.time()) - 3600
+    lines = ["# TYPE process_start_time_seconds gauge"]
+    for pod, start, stop, started in (("a", 0, 600, t0), ("a", 600, 1200, t0 + 600), ("b", 1260, 2400, t0 + 1260)):
+        labels = f'job="finetune-operator",namespace="ops",pod="fto-{pod}",instance="10.0.0.{ord(pod)}:8000"'
+        lines += [f"process_start_time_seconds{{{labels}}} {started} {t}" for t in range(t0 + start, t0 + stop, 15)]
+    prometheus_server.backfill(tmp_path, "\n".join(lines) + "\n# EOF\n")
+    prometheus = prometheus_server.start(tmp_path, [], free_port())
+    try:
+        expr = dashboard_exprs()["Operator restarts"][0].replace("$__range", "1h")
+        restarts = prometheus.query_range(expr, t0 + 2385, t0 + 2385, 15)
+        assert [float(v) for _, v in restarts[0]["values"]] == [2]
+    finally:
+        prometheus.stop()

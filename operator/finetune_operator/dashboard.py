@@ -127,9 +127,11 @@ def operator_health() -> list[Panel]:
         series("Metric poll errors", "ops", query(
             "sum by (reason) (rate(finetune_operator_metric_poll_errors_total[$__rate_interval]))", "{{reason}}"),
                width=6),
-        # process_start_time_seconds changes on every start: restarts without kube-state-metrics.
-        single("Operator restarts", "short",
-               query(f"sum(changes(process_start_time_seconds{{{OPERATOR}}}[$__range]))", "restarts"), width=3),
+        # process_start_time_seconds changes on every start: restarts without kube-state-metrics. A new pod (an
+        # eviction, an upgrade) is a new series, not a change: each series after the first is a restart too.
+        single("Operator restarts", "short", query(
+            f"sum(changes(process_start_time_seconds{{{OPERATOR}}}[$__range]))"
+            f" + count(last_over_time(process_start_time_seconds{{{OPERATOR}}}[$__range])) - 1", "restarts"), width=3),
         single("Operator up", "short", query(f"sum(up{{{OPERATOR}}})", "up"), width=3),
     ]
 
