@@ -164,6 +164,25 @@ def test_mixed_precision_on_the_cpu(precision: str) -> None:
     assert taken[3] and not torch.equal(snapshots[2], snapshots[3])
 
 
+def test_a_bf16_checkpoint_trains_fp32_weights(tmp_path: Path) -> None:
+    """Llama, Qwen and SmolLM publish bf16 weights, which transformers 5 loads as bf16: AdamW's steps of lr 1e-5
+    were rounded away (after a step, 16% of a layer's weights had moved), and precision fp32 ran in bf16."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=30522, **NO_DROPOUT_GPT2)).to(torch.bfloat16).save_pretrained(tmp_path)
+    spec = ModelSpec(task="causal-lm", uri=f"file://{tmp_path}", tokenizerUri="pvc://models/all-MiniLM-L6-v2")
+    tokenizer = load_tokenizer(spec)
+    model = load_model(spec, tokenizer, seed=0)
+    assert {p.dtype for p in model.parameters()} == {torch.float32}
+    weight = model.transformer.h[0].mlp.c_fc.weight
+    before = weight.detach().clone()
+    training = TrainingSpec(batchSize=8, maxSteps=1, precision="fp32", warmupRatio=0, maxGradNorm=1e9)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.0)
+    train_loop(model, optimizer, make_scheduler(optimizer, training, 1), encode_text(Split(TEXTS, None), tokenizer, 32),
+               make_collate(Task.CAUSAL_LM, tokenizer.pad_token_id, 0), training, Task.CAUSAL_LM, CPU)
+    assert bool((weight.detach() != before).all())  # Adam's first step moves every weight by about lr
+
+
 @pytest.mark.parametrize(("flags", "native"), [
     ("flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16 amx_bf16 amx_tile", True),  # Sapphire Rapids
     ("flags\t\t: fpu sse2 avx2 avx512f avx512bw avx512_bf16", True),  # Cooper Lake, Zen 4

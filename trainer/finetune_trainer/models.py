@@ -88,7 +88,9 @@ def load_model(spec: ModelSpec, tokenizer, seed: int) -> nn.Module:
         if config.pad_token_id is None:
             # A decoder classifier (GPT-2, Llama) pools its last token that is not padding, so it must know the pad.
             config.pad_token_id = tokenizer.pad_token_id
-        return auto.from_pretrained(path, config=config)
+        # In fp32 whatever the checkpoint's dtype (transformers loads a bf16 Llama as bf16): these are the weights
+        # AdamW updates, and bf16 rounds an update of lr 1e-5 away; precision asks for autocast, not bf16 weights.
+        return auto.from_pretrained(path, config=config, dtype=torch.float32)
     except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError, AssertionError, StrictDataclassError,
             RuntimeError) as exc:
         # model.config's mistakes among them: a quoted number ("2"), a fraction of a count, zero heads, a vocab_size
