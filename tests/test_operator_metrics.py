@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+from datetime import datetime, timedelta
+from typing import Any
+
 import kopf
 import pytest
 from kopf._core.engines.indexing import OperatorIndexers
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from finetune_operator import handlers, metrics
+from finetune_operator import handlers, metrics, reconcile
 from finetune_operator.settings import Settings
 
 
@@ -33,3 +36,35 @@ def test_jobs_by_phase_counts_finished_jobs_from_the_start(monkeypatch: pytest.M
     indexers["phase_index"].replace(("team-a", "done"), {"Succeeded": None})
     indexers["phase_index"].replace(("team-a", "broken"), {"Failed": None})
     assert jobs_by_phase() == {"Pending": 0, "Running": 0, "Suspended": 0, "Succeeded": 1, "Failed": 1}
+
+
+def test_time_to_running_counts_a_job_whose_image_pull_failed_before_it_ran(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pull that failed and then succeeded (a registry's rate limit) left Running=False ErrImagePull before the
+    first Running=True, which was taken for a job that had run before: the slowest starts were never observed."""
+    from test_operator_reconcile import NOW, after, body, job, pod
+
+    monkeypatch.setattr(kopf, "event", lambda *_, **__: None)  # no kopf event poster outside kopf
+
+    def observed() -> float:
+        return metrics.REGISTRY.get_sample_value("finetune_operator_time_to_running_seconds_count") or 0.0
+
+    def tick(status: dict[str, Any], seen_job: dict[str, Any], seen_pod: dict[str, Any], at: datetime
+             ) -> dict[str, Any]:
+        seen = reconcile.Observed(body(status), [seen_job], [seen_pod], at)
+        decision = reconcile.decide(seen)
+        handlers._record(kopf.Body(seen.body), seen, decision)
+        return after(decision, status)
+
+    pulling = pod(phase="Pending", stuck={"reason": "ErrImagePull", "message": "429 Too Many Requests"})
+    status = tick({"attempts": 1}, job(), pulling, NOW)
+    assert status["reason"] == "ErrImagePull"
+    before = observed()
+    status = tick(status, job(ready=1), pod(), NOW + timedelta(minutes=3))
+    assert status["phase"] == "Running" and observed() == before + 1
+    # A retried attempt's start is not the job's first: its image pull failing first changes nothing.
+    failed = pod(phase="Failed", exit_code=2, message={"exitCode": 2, "reason": "RuntimeError", "message": "NCCL"})
+    status = tick(status, job(failure={"reason": "X", "message": ""}), failed, NOW + timedelta(minutes=4))
+    status = tick(status, job(2), pod(2, phase="Pending", stuck={"reason": "ErrImagePull", "message": "429"}),
+                  NOW + timedelta(minutes=5))
+    status = tick(status, job(2, ready=1), pod(2), NOW + timedelta(minutes=6))
+    assert status["phase"] == "Running" and status["attempts"] == 2 and observed() == before + 1

@@ -25,7 +25,7 @@ from finetune_operator.diffbase import SpecDiffBase
 from finetune_operator.api import ConditionType as T
 from finetune_operator.scrape import ScrapeError, scrape
 from finetune_operator.settings import Settings
-from finetune_operator.status import status_patch
+from finetune_operator.status import not_started, status_patch
 
 log = logging.getLogger("finetune_operator")
 PREFIX = "finetune.dev"
@@ -388,8 +388,11 @@ def _record(body: kopf.Body, seen: reconcile.Observed, decision: reconcile.Decis
     for kind, reason, message in decision.events:
         kopf.event(body, type=kind, reason=reason, message=message)
     after = {c["type"]: c for c in decision.status.get("conditions") or [] if c["status"] == "True"}
-    if T.RUNNING in after and T.RUNNING not in before and not any(
-            c["type"] == T.RUNNING for c in seen.body["status"].get("conditions") or []):
+    # The job's first run: no Running condition yet, or only the one saying why attempt 1's containers did not start
+    # (an image pull that failed before one succeeded): left out, the slowest starts were never observed.
+    old = seen.body["status"]
+    running = next((c for c in old.get("conditions") or [] if c["type"] == T.RUNNING), None)
+    if T.RUNNING in after and (running is None or not_started(running) and old.get("attempts") == 1):
         created = datetime.strptime(body.metadata["creationTimestamp"], "%Y-%m-%dT%H:%M:%SZ")
         metrics.TIME_TO_RUNNING.observe((seen.now - created).total_seconds())
     if T.FAILED in after and T.FAILED not in before:

@@ -72,6 +72,13 @@ def phase_of(conditions: Conditions) -> tuple[Phase, str | None]:
     return Phase.PENDING, None
 
 
+def not_started(condition: dict[str, Any]) -> bool:
+    """Whether a condition is Running=False saying why an attempt's containers have not started (an image that does
+    not pull, a volume that does not mount), rather than that a run ended."""
+    return condition["type"] == T.RUNNING.value and condition["status"] == "False" and (
+        condition["reason"] in STUCK_WAITING or condition["reason"] in NOT_CREATED)
+
+
 def transitions(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
     """One Event (type, reason, message) per condition that changed status or reason."""
     old = {c["type"]: (c["status"], c["reason"]) for c in before}
@@ -81,9 +88,8 @@ def transitions(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> li
     for c in after:
         if old.get(c["type"]) == (c["status"], c["reason"]):
             continue
-        stuck = c["type"] == T.RUNNING.value and (c["reason"] in STUCK_WAITING or c["reason"] in NOT_CREATED)
         if c["status"] == "False" and c["type"] not in (T.CREATED.value, T.SCHEDULED.value, T.SUSPENDED.value) \
-                and c["reason"] != METRICS_READ and not stuck:
+                and c["reason"] != METRICS_READ and not not_started(c):
             continue  # "not running any more" is told by the condition that became true
         kind = "Warning" if (c["type"], c["status"]) in warn else "Normal"
         text = c["message"] or f"{c['type']} is {c['status']}"
