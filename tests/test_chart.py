@@ -248,3 +248,19 @@ def test_operator_restarts_count_a_new_pod_as_well_as_a_restarted_container(tmp_
         assert [float(v) for _, v in restarts[0]["values"]] == [2]
     finally:
         prometheus.stop()
+
+
+@pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
+def test_operator_up_says_0_once_the_operator_pod_is_gone(tmp_path: Path) -> None:
+    """The operator's pod was evicted and its replacement waits unscheduled: with no pod the Service has no endpoint,
+    so no target and no `up` at all, and the stat's last non-null value was the 1 from before the eviction."""
+    t0 = int(time.time()) - 3600
+    labels = 'job="finetune-operator",namespace="ops",pod="fto-a",instance="10.0.0.1:8000"'
+    lines = ["# TYPE up gauge", *[f"up{{{labels}}} 1 {t}" for t in range(t0, t0 + 600, 15)]]
+    prometheus_server.backfill(tmp_path, "\n".join(lines) + "\n# EOF\n")
+    prometheus = prometheus_server.start(tmp_path, [], free_port())
+    try:
+        up = prometheus.query_range(dashboard_exprs()["Operator up"][0], t0, t0 + 1800, 15)
+        assert [float(v) for _, v in up[0]["values"]][-1] == 0
+    finally:
+        prometheus.stop()

@@ -132,7 +132,9 @@ def operator_health() -> list[Panel]:
         single("Operator restarts", "short", query(
             f"sum(changes(process_start_time_seconds{{{OPERATOR}}}[$__range]))"
             f" + count(last_over_time(process_start_time_seconds{{{OPERATOR}}}[$__range])) - 1", "restarts"), width=3),
-        single("Operator up", "short", query(f"sum(up{{{OPERATOR}}})", "up"), width=3),
+        # `or vector(0)`: with no operator pod (evicted, its replacement unscheduled) there is no target and no `up`,
+        # and the stat's last non-null value was the 1 from before.
+        single("Operator up", "short", query(f"sum(up{{{OPERATOR}}}) or vector(0)", "up"), width=3),
     ]
 
 
