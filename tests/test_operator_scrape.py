@@ -73,3 +73,18 @@ def test_a_gauge_json_cannot_carry_reads_as_absent() -> None:
                    "finetune_trainer_epoch 1\n")
     assert sample == {"total_steps": 10.0, "epoch": 1.0}
     assert progress_and_metrics(sample, 16, datetime(2026, 12, 1)) == {}
+
+
+def test_rank_0_is_read_directly_whatever_proxy_the_operators_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A cluster-wide proxy put HTTP_PROXY in the operator's environment (OpenShift's OLM does), with the pod network
+    in NO_PROXY as a CIDR, which Python's urllib does not read: every scrape of a pod IP went to the proxy, which
+    cannot reach it, and every running job was MetricsStale."""
+    port = free_port()
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{free_port()}")
+    monkeypatch.setenv("NO_PROXY", "10.128.0.0/14,127.0.0.0/8,.cluster.local,.svc")
+    server = FaultServer("127.0.0.1", port, "ok")
+    try:
+        assert scrape("127.0.0.1", port) == {"step": 7.0}
+    finally:
+        server.close()
