@@ -131,6 +131,25 @@ def test_causal_lm_texts_end_with_eos_and_long_ones_are_chunked_not_cut(tmp_path
 
 
 
+@pytest.mark.parametrize(("architecture", "config", "tokenizer"), [
+    ("gpt2", TINY_GPT2, "minilm"),  # tiny-causal-lm's: BERT's tokenizer ends each text with [SEP], it has no eos
+    ("llama", {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2}, "bpe"),
+])
+def test_a_causal_lm_built_from_its_config_ends_generation_at_its_tokenizers_eos(
+        architecture: str, config: dict, tokenizer: str, tmp_path: Path) -> None:
+    """The config's defaults are another vocabulary's: GPT-2's eos 50256 lies beyond a 30k vocabulary, and Llama's 2
+    is some BPE merge, so the exported model's generate() never stopped at the end its texts trained to (or at 2)."""
+    from transformers import GenerationConfig
+
+    uri = "pvc://models/all-MiniLM-L6-v2" if tokenizer == "minilm" else f"file://{bpe_tokenizer(tmp_path / 'tok')}"
+    spec = ModelSpec(task="causal-lm", architecture=architecture, config=config, tokenizerUri=uri)
+    tok = load_tokenizer(spec)
+    end = tok.eos_token_id if tok.eos_token_id is not None else tok.sep_token_id
+    assert encode_causal(Split(["a fine day"], None), tok, 16).features[0][-1] == end  # what training ends texts with
+    load_model(spec, tok, seed=0).save_pretrained(tmp_path / "out")
+    assert GenerationConfig.from_pretrained(tmp_path / "out").eos_token_id == end
+
+
 def test_a_vocabulary_smaller_than_the_tokenizers_is_a_user_error(tmp_path: Path, monkeypatch) -> None:
     """model.config vocab_size 1000 beside a 30k tokenizer failed in the embedding with an IndexError, which exits
     2 and is retried: it is the config's mistake, said before anything trains."""

@@ -80,7 +80,8 @@ def load_model(spec: ModelSpec, tokenizer, seed: int) -> nn.Module:
     path = None if spec.uri is None else fetch(spec.uri, kind="model", revision=spec.revision, error=ModelError)
     try:
         if path is None:
-            overrides: dict[str, Any] = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id}
+            overrides: dict[str, Any] = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
+                                         **text_bounds(tokenizer)}
             config = AutoConfig.for_model(spec.architecture, **(overrides | spec.config))
             log.info("building %s from its config (%s)", spec.architecture, spec.config or "defaults")
             return auto.from_config(config)
@@ -99,6 +100,17 @@ def load_model(spec: ModelSpec, tokenizer, seed: int) -> nn.Module:
         if isinstance(exc, RuntimeError) and "negative dimension" not in str(exc):
             raise
         raise ModelError(f"model {spec.uri or spec.architecture}: cannot load it as {spec.task.value} ({exc})") from exc
+
+
+def text_bounds(tokenizer) -> dict[str, int | None]:
+    """The ids a text starts and ends with, for a model built from its config, whose defaults are another
+    vocabulary's (GPT-2's 50256, Llama's 1 and 2): generate() stops at the eos id. A tokenizer without bos and eos
+    (BERT's) wraps each text in its cls and sep tokens instead."""
+    def first(*ids: int | None) -> int | None:
+        return next((i for i in ids if i is not None), None)
+
+    return {"bos_token_id": first(tokenizer.bos_token_id, tokenizer.cls_token_id),
+            "eos_token_id": first(tokenizer.eos_token_id, tokenizer.sep_token_id)}
 
 
 def check_positions(model: nn.Module, max_length: int) -> None:
