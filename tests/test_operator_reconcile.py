@@ -341,6 +341,27 @@ def test_a_child_job_its_queue_suspended_is_queued_and_its_stopped_pods_are_no_f
         assert not status.get("failures") and "Restarting" not in conditions(status)
 
 
+def test_a_retried_attempt_that_waits_shows_what_it_waits_for_as_the_reason() -> None:
+    """kubectl get ftj's Reason is status.reason: a retried attempt waiting for GPUs still said OOMKilled (Restarting
+    came first), and one its queue (Kueue) preempted after it ran said Running, Restarting's reason once False."""
+    oom = pod(phase="Failed", exit_code=137, reason="OOMKilled")
+    retrying = after(decide(Observed(body({"attempts": 1}), [job(failure={"reason": "X", "message": ""})], [oom], NOW)))
+    assert retrying["phase"] == "Pending" and retrying["reason"] == "OOMKilled" and retrying["attempts"] == 2
+    created = after(decide(Observed(body(retrying), [job(failure={"reason": "X", "message": ""})], [], NOW)), retrying)
+    message = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
+    waiting = after(decide(Observed(body(created), [job(2)], [pod(2, phase="Pending", scheduled=False,
+                                                                 unschedulable=message)], NOW)), created)
+    assert waiting["phase"] == "Pending" and waiting["reason"] == "Unschedulable"
+    assert conditions(waiting)["Restarting"] == ("True", "OOMKilled")
+    running = after(decide(Observed(body(waiting), [job(2, ready=1)], [pod(2)], NOW)), waiting)
+    assert running["phase"] == "Running" and conditions(running)["Restarting"] == ("False", "Running")
+    preempted = outcome.job_summary({
+        "metadata": {"name": "ft-2", "labels": {"finetune.dev/attempt": "2"}}, "spec": {"suspend": True},
+        "status": {"conditions": [{"type": "Suspended", "status": "True", "reason": "JobSuspended"}]}})
+    queued = after(decide(Observed(body(running), [preempted], [], NOW)), running)
+    assert queued["phase"] == "Pending" and queued["reason"] == "Queued"
+
+
 def test_suspend_stops_the_attempt_and_resume_starts_the_next() -> None:
     decision = decide(Observed(body({"attempts": 1}, suspend=True), [job()], [pod()], NOW))
     status = after(decision)

@@ -59,24 +59,29 @@ class Conditions:
         return sorted(self.by_type.values(), key=lambda c: order.get(c["type"], len(order)))
 
 
+def not_started(condition: dict[str, Any]) -> bool:
+    """Whether a condition is Running=False saying why an attempt's containers have not started (an image that does
+    not pull, a volume that does not mount), rather than that a run ended."""
+    return condition.get("type") == T.RUNNING.value and condition.get("status") == "False" and (
+        condition["reason"] in STUCK_WAITING or condition["reason"] in NOT_CREATED)
+
+
 def phase_of(conditions: Conditions) -> tuple[Phase, str | None]:
-    """The phase and its reason: a pure function of the conditions, in order of precedence."""
+    """The phase and its reason: a pure function of the conditions, in order of precedence. A pending job's reason
+    is what its attempt waits for now (its quota, a node, its queue, an image), else why there is a new attempt."""
     for kind, phase in ((T.FAILED, Phase.FAILED), (T.SUCCEEDED, Phase.SUCCEEDED), (T.SUSPENDED, Phase.SUSPENDED),
                         (T.RUNNING, Phase.RUNNING)):
         if conditions.true(kind):
             return phase, conditions.get(kind)["reason"]
-    for kind in (T.RESTARTING, T.RUNNING, T.SCHEDULED, T.CREATED):
-        condition = conditions.get(kind)
-        if condition and (kind not in (T.SCHEDULED, T.RUNNING) or condition["status"] == "False"):
+    running = conditions.get(T.RUNNING)
+    for condition in (conditions.get(T.CREATED), conditions.get(T.SCHEDULED), running if not_started(running) else {}):
+        if condition.get("status") == "False":
+            return Phase.PENDING, condition["reason"]
+    for condition in (conditions.get(T.RESTARTING) if conditions.true(T.RESTARTING) else {}, running,
+                      conditions.get(T.CREATED)):
+        if condition:
             return Phase.PENDING, condition["reason"]
     return Phase.PENDING, None
-
-
-def not_started(condition: dict[str, Any]) -> bool:
-    """Whether a condition is Running=False saying why an attempt's containers have not started (an image that does
-    not pull, a volume that does not mount), rather than that a run ended."""
-    return condition["type"] == T.RUNNING.value and condition["status"] == "False" and (
-        condition["reason"] in STUCK_WAITING or condition["reason"] in NOT_CREATED)
 
 
 def transitions(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
