@@ -406,6 +406,27 @@ def test_the_deadline_fails_the_job_and_stops_its_pods() -> None:
     assert after(decision)["reason"] == "DeadlineExceeded" and decision.delete_job == "ft-1"
 
 
+def test_the_deadline_does_not_run_while_the_queue_holds_the_job() -> None:
+    """As for a Job that Kueue suspends, the clock starts at admission: a job of activeDeadlineSeconds 600 that waited
+    two hours in its queue failed DeadlineExceeded there, never having run."""
+    queued = outcome.job_summary({
+        "metadata": {"name": "ft-1", "labels": {"finetune.dev/attempt": "1"}}, "spec": {"suspend": True},
+        "status": {"conditions": [{"type": "Suspended", "status": "True", "reason": "JobSuspended"}]}})
+    status = after(decide(Observed(body(), [], [], NOW)))  # attempt 1 created at 12:00; Kueue suspends its Job
+    for later in (timedelta(seconds=10), timedelta(hours=2)):
+        status = after(decide(Observed(body(status, activeDeadlineSeconds=600), [queued], [], NOW + later)), status)
+        assert status["phase"] == "Pending" and status["reason"] == "Queued"
+    admitted = NOW + timedelta(hours=2, seconds=10)
+    status = after(decide(Observed(body(status, activeDeadlineSeconds=600), [job()], [pod(phase="Pending")], admitted)),
+                   status)
+    assert status["phase"] == "Pending" and status["startTime"] == "2026-12-01T14:00:10Z"
+    status = after(decide(Observed(body(status, activeDeadlineSeconds=600), [job()], [pod()], admitted
+                                   + timedelta(minutes=9))), status)
+    assert status["phase"] == "Running"
+    late = decide(Observed(body(status, activeDeadlineSeconds=600), [job()], [pod()], admitted + timedelta(minutes=10)))
+    assert after(late, status)["reason"] == "DeadlineExceeded" and late.delete_job == "ft-1"
+
+
 def test_the_ttl_deletes_a_finished_job_only_when_it_has_passed() -> None:
     done = {"conditions": [{"type": "Succeeded", "status": "True", "reason": "Completed", "message": "",
                             "lastTransitionTime": "2026-12-01T11:59:00Z"}], "completionTime": "2026-12-01T11:59:30Z"}

@@ -216,7 +216,13 @@ def decide(seen: Observed) -> Decision | None:
         status["startTime"] = timestamp(now)
         return _finish(decision, old, conds)
 
-    start = _parse_time(old.get("startTime"))
+    # As for a Job that its queue (Kueue) suspends, no clock runs while the queue holds the attempt: it starts again
+    # at admission.
+    if job and job.get("suspended"):
+        status["startTime"] = None
+    elif job and not old.get("startTime"):
+        status["startTime"] = timestamp(now)
+    start = _parse_time(status.get("startTime", old.get("startTime")))
     deadline = spec.active_deadline_seconds
     if deadline and start and now >= start + timedelta(seconds=deadline):
         fail("DeadlineExceeded", f"the job was active longer than activeDeadlineSeconds ({deadline} s)")
