@@ -88,3 +88,16 @@ def test_rank_0_is_read_directly_whatever_proxy_the_operators_environment_names(
         assert scrape("127.0.0.1", port) == {"step": 7.0}
     finally:
         server.close()
+
+
+def test_a_stage_the_status_does_not_know_reads_as_absent() -> None:
+    """A trainer image of another version (or a user's own) reporting a stage outside status.stage's enum got every
+    status patch refused whole, so the running job's status froze."""
+    from finetune_operator.status import progress_and_metrics
+
+    sample = parse('finetune_trainer_stage{stage="Healing"} 1\nfinetune_trainer_stage{stage="Training"} 0\n'
+                   "finetune_trainer_step 3\nfinetune_trainer_total_steps 10\n")
+    assert sample == {"step": 3.0, "total_steps": 10.0}
+    assert "stage" not in progress_and_metrics(sample, 16, datetime(2026, 12, 1))
+    # Before its first step it reports only the stage: what answers is still the trainer, not MetricsMissing.
+    assert parse('finetune_trainer_stage{stage="Healing"} 1\n') == {}

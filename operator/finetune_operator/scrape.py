@@ -13,12 +13,14 @@ from typing import Any
 from prometheus_client.parser import text_string_to_metric_families
 
 from finetune_operator.children import METRICS_PORT
+from finetune_trainer.config import Stage
 
 TIMEOUT_SECONDS = 1.0
 MAX_BYTES = 1 << 20
 CHUNK = 64 << 10
 GAUGES = ("loss", "learning_rate", "step", "total_steps", "epoch", "samples_per_second", "tokens_per_second")
 PREFIX = "finetune_trainer_"
+STAGES = {stage.value for stage in Stage}
 # Every ScrapeError reason: metrics.POLL_ERRORS exports each at 0 from the start.
 REASONS = ("MetricsTimeout", "MetricsUnreachable", "MetricsBadResponse", "MetricsUnparsable", "MetricsMissing",
            "MetricsTooLarge")
@@ -39,19 +41,22 @@ class ScrapeError(Exception):
 
 def parse(text: str) -> dict[str, Any]:
     """The trainer's gauges (without the prefix) and the current stage. A gauge at NaN or ±Inf (valid Prometheus
-    text, but no JSON number) reads as absent: in a status patch the apiserver would refuse the whole patch."""
+    text, but no JSON number), or a stage outside status.stage's enum (a trainer image of another version), reads as
+    absent: in a status patch the apiserver would refuse the whole patch."""
     sample: dict[str, Any] = {}
+    ours = False
     try:
         for family in text_string_to_metric_families(text):
             name = family.name.removeprefix(PREFIX)
+            ours = ours or name != family.name
             for s in family.samples:
                 if name in GAUGES and math.isfinite(s.value):
                     sample[name] = s.value
-                elif name == "stage" and s.value == 1:
+                elif name == "stage" and s.value == 1 and s.labels.get("stage") in STAGES:
                     sample["stage"] = s.labels.get("stage")
     except ValueError as exc:
         raise ScrapeError("MetricsUnparsable", f"not Prometheus text: {exc}") from exc
-    if not sample:
+    if not ours:
         raise ScrapeError("MetricsMissing", "no finetune_trainer_* metrics")
     return sample
 
