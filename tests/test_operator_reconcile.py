@@ -654,3 +654,14 @@ def test_the_spec_cache_keeps_the_facts_decide_reads_not_the_parsed_spec() -> No
     assert reconcile.spec_facts(same_generation)[0] is facts[0]  # the key is (uid, generation), not the text
     broken, errors = reconcile.spec_facts(changed)
     assert broken is None and errors == reconcile.parse_spec(changed)[1] != []
+
+
+def test_a_resumed_attempt_past_its_new_total_steps_keeps_a_status_the_apiserver_takes() -> None:
+    """Retuned while suspended (maxSteps 1000 to 500, or more workers: fewer steps an epoch), the resumed attempt
+    reports step 800 of 500, and an ETA of -300 steps got every status patch refused whole (etaSeconds >= 0)."""
+    from finetune_operator import api
+
+    sample = {"step": 800, "total_steps": 500, "samples_per_second": 32.0, "stage": "Training"}
+    status = after(decide(Observed(body({"attempts": 2}), [job(2)], [pod(2)], NOW, sample=sample)))
+    assert status["progress"]["percent"] == 100 and status["progress"]["etaSeconds"] == 0
+    api.FineTuneJobStatus.model_validate(status)

@@ -134,7 +134,8 @@ def progress_and_metrics(sample: dict[str, Any], global_batch: int, now: datetim
         "updatedAt": timestamp(now),
     }
     # An unknown value is an explicit None, which clears the previous one from the merge-patched status.
-    progress["etaSeconds"] = int((total - step) * global_batch / rate) if rate > 0 and total else None
+    # Never below 0: a run resumed past a total that shrank while suspended (maxSteps, workers) has none left.
+    progress["etaSeconds"] = max(0, int((total - step) * global_batch / rate)) if rate > 0 and total else None
     # Rounded for `kubectl get` (the Loss column prints every digit); Prometheus keeps the exact values.
     metrics = {k: float(f"{sample[s]:.4g}") if sample.get(s) is not None else None
                for k, s in (("loss", "loss"), ("learningRate", "learning_rate"),
