@@ -264,3 +264,39 @@ def test_operator_up_says_0_once_the_operator_pod_is_gone(tmp_path: Path) -> Non
         assert [float(v) for _, v in up[0]["values"]][-1] == 0
     finally:
         prometheus.stop()
+
+
+def readme_scrape_configs() -> dict[str, dict[str, Any]]:
+    """The README's scrape configs for a Prometheus without the operator, by job name."""
+    block = re.search(r"```yaml\n(scrape_configs:\n.*?)```", (REPO / "README.md").read_text(), re.S)
+    assert block, "the README's plain-Prometheus scrape configs"
+    return {c["job_name"]: c for c in yaml.safe_load(block.group(1))["scrape_configs"]}
+
+
+@pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
+def test_the_readmes_plain_prometheus_config_scrapes_no_finished_pod(tmp_path: Path) -> None:
+    """A finished job keeps its pods (Succeeded, their IPs still in their status) until it is deleted: with the
+    README's config each was a target down for ever, and its IP, once another pod's, scraped under its job's name."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Rank0)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    running = pod_target(server.server_address[1], 0)
+    done = pod_target(free_port(), 0, job="done")
+    done["labels"]["__meta_kubernetes_pod_phase"] = "Succeeded"
+    for target in (running, done):
+        target["labels"] |= {"__meta_kubernetes_pod_annotation_prometheus_io_scrape": "true",
+                             "__meta_kubernetes_pod_annotationpresent_prometheus_io_scrape": "true"}
+    targets = tmp_path / "targets.json"
+    targets.write_text(json.dumps([running, done]))
+    config = prometheus_server.from_file(readme_scrape_configs()["finetune-trainer"] | {"scrape_interval": "1s"},
+                                         targets)
+    prometheus = prometheus_server.start(tmp_path / "prometheus", [config], free_port())
+    try:
+        deadline = time.monotonic() + 30
+        while not prometheus.query('up{finetunejob="ddp"} == 1'):
+            assert time.monotonic() < deadline, "rank 0 of the running job not scraped"
+            time.sleep(0.5)
+        time.sleep(3)
+        assert [s["metric"]["finetunejob"] for s in prometheus.query("up")] == ["ddp"]
+    finally:
+        prometheus.stop()
+        server.shutdown()
