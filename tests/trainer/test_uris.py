@@ -92,3 +92,56 @@ for load in (lambda: fetch(spec.uri, kind="model"), lambda: load_tokenizer(spec)
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert out.stdout.splitlines() == ["infrastructure LocalEntryNotFoundError"] * 3, out.stdout
+
+
+def test_the_model_cards_code_puts_adapters_kept_apart_on_the_revision_they_adapt(tmp_path: Path) -> None:
+    """A causal LM on hf://local-org/gpt at model.revision v1 with mergeOnExport false: the card loaded the base of
+    the hub's main, another model, and put the adapters on it."""
+    import torch
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from tiny import TINY_GPT2, bpe_tokenizer
+
+    tokenizer = bpe_tokenizer(tmp_path / "tok")
+    for seed, ref, commit in ((0, "main", COMMIT), (1, "v1", COMMIT[::-1])):  # two bases: main, and revision v1
+        torch.manual_seed(seed)
+        snapshot = tmp_path / "hub/models--local-org--gpt/snapshots" / commit
+        GPT2LMHeadModel(GPT2Config(vocab_size=400, **TINY_GPT2)).save_pretrained(snapshot)
+        shutil.copytree(tokenizer, snapshot, dirs_exist_ok=True)
+        (tmp_path / "hub/models--local-org--gpt/refs").mkdir(exist_ok=True)
+        (tmp_path / "hub/models--local-org--gpt/refs" / ref).write_text(commit)
+    script = f"""
+import sys, torch
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from pathlib import Path
+from finetune_trainer.config import LoraSpec, ModelSpec, Task, TrainerConfig
+from finetune_trainer.export import export_model, model_card
+from finetune_trainer.models import load_model, load_tokenizer, logits_of
+from finetune_trainer.rearrange import add_adapters
+from finetune_trainer.structure import lora_candidates
+from tiny import card_model, tiny_classifier_doc
+out = Path({str(tmp_path / "out")!r})
+doc = tiny_classifier_doc(out)
+doc["model"] = {{"task": "causal-lm", "uri": "hf://local-org/gpt", "revision": "v1"}}
+doc["rearrange"] = {{"lora": {{"rank": 4}}, "mergeOnExport": False}}
+cfg = TrainerConfig.model_validate(doc)
+tokenizer = load_tokenizer(cfg.model)
+model = load_model(cfg.model, tokenizer, seed=0)
+wrapped = add_adapters(model, cfg.rearrange.lora, list(lora_candidates(model, Task.CAUSAL_LM)), None)
+with torch.no_grad():
+    for name, p in wrapped.named_parameters():
+        if "lora_B" in name:
+            p.normal_(std=0.1)
+inputs = {{"input_ids": torch.tensor([tokenizer("a fine day")["input_ids"]])}}
+logits = logits_of(wrapped.eval(), inputs)
+export_model(wrapped, tokenizer, {{}}, cfg, out)
+report = {{"evaluation": {{"baseline": {{}}, "final": {{}}, "delta": {{}}}}, "labels": {{}},
+          "training": {{"train_samples": 1, "validation_samples": 1, "test_samples": 1, "steps": 1, "seconds": 1,
+                       "samples_per_second": 1}}}}
+card = model_card(cfg, report, adapters_apart=True)
+print("difference", float((logits_of(card_model(card, out).eval(), inputs) - logits).abs().max()))
+"""
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert float(out.stdout.split("difference ")[-1]) < 1e-5, out.stdout

@@ -158,10 +158,11 @@ def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool) -> list
     else:
         auto = "AutoModelForCausalLM" if task == Task.CAUSAL_LM else "AutoModelForSequenceClassification"
         args = "'.'"
-        if from_uri:  # the base as published, and a head of this job's size, which the adapter's weights fill
+        if from_uri:  # the base as published, at model.revision, and a head of this job's size, which the adapter fills
             uri = base_uri(str(cfg.model.uri))
             repo, folder = hub_parts(uri) if uri.startswith("hf://") else (uri, "")
             args = repr(repo) + (f", subfolder={folder!r}" if folder else "")
+            args += f", revision={cfg.model.revision!r}" if cfg.model.revision and uri.startswith("hf://") else ""
             args += "" if task == Task.CAUSAL_LM else f", num_labels={labels}, ignore_mismatched_sizes=True"
         code = [f"from transformers import {auto}", "", f"model = {auto}.from_pretrained({args})"]
     if adapters_apart:
