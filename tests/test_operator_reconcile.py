@@ -536,6 +536,21 @@ def test_metrics_that_cannot_be_read_turn_stale_after_a_grace_and_fresh_again() 
     assert conditions(done)["MetricsStale"] == ("False", "Completed") and done["phase"] == "Succeeded"
 
 
+def test_a_starting_rank_0_gets_a_minute_before_its_metrics_are_stale() -> None:
+    """A trainer that has not served its metrics yet is importing torch and the model's code, which takes tens of
+    seconds from a cold image: no Warning at every start; one that never answers is stale after a minute."""
+    error = ("MetricsUnreachable", "connection refused")
+    started = after(decide(Observed(body({"attempts": 1}), [job(ready=1)], [pod()], NOW, scrape_error=error)))
+    assert started["phase"] == "Running" and "progress" not in started
+    importing = decide(Observed(body(started), [job(ready=1)], [pod()], NOW + timedelta(seconds=45),
+                                scrape_error=error))
+    assert "MetricsStale" not in conditions(after(importing, started)) and not importing.events
+    late = decide(Observed(body(started), [job(ready=1)], [pod()], NOW + timedelta(seconds=61), scrape_error=error))
+    assert conditions(after(late, started))["MetricsStale"] == ("True", "MetricsUnreachable")
+    assert "not read yet: connection refused" in next(
+        c["message"] for c in after(late, started)["conditions"] if c["type"] == "MetricsStale")
+
+
 def test_a_retried_attempt_gets_the_same_grace_before_its_metrics_are_stale() -> None:
     error = ("MetricsUnreachable", "connection refused")
     restarting = {"attempts": 2, "failures": 1, "startTime": "2026-12-01T11:00:00Z",
@@ -546,7 +561,9 @@ def test_a_retried_attempt_gets_the_same_grace_before_its_metrics_are_stale() ->
                                   "lastTransitionTime": "2026-12-01T11:50:05Z"}]}
     started = after(decide(Observed(body(restarting), [job(2, ready=1)], [pod(2)], NOW, scrape_error=error)), restarting)
     assert started["phase"] == "Running" and "MetricsStale" not in conditions(started)
-    late = decide(Observed(body(started), [job(2, ready=1)], [pod(2)], NOW + timedelta(seconds=11), scrape_error=error))
+    soon = decide(Observed(body(started), [job(2, ready=1)], [pod(2)], NOW + timedelta(seconds=45), scrape_error=error))
+    assert "MetricsStale" not in conditions(after(soon, started))
+    late = decide(Observed(body(started), [job(2, ready=1)], [pod(2)], NOW + timedelta(seconds=61), scrape_error=error))
     assert conditions(after(late, started))["MetricsStale"] == ("True", "MetricsUnreachable")
 
 

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from finetune_operator import api, children, outcome
 from finetune_operator.api import ConditionType as T
 from finetune_operator.outcome import Outcome, Retry, State
-from finetune_operator.status import (METRICS_READ, STALE_AFTER_SECONDS, Conditions, analysis_of, evaluation_of,
+from finetune_operator.status import (METRICS_READ, STALE_AFTER_SECONDS, STARTING_SECONDS, Conditions, analysis_of, evaluation_of,
                                       phase_of, progress_and_metrics, pruning_of, timestamp, transitions)
 from finetune_trainer.rules import error_lines
 
@@ -352,13 +352,17 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
 
 
 def _stale(conds: Conditions, old: dict[str, Any], now: datetime, reason: str, message: str) -> None:
-    """MetricsStale once the later of the last good read and the start of running is STALE_AFTER_SECONDS old: a
-    retried or resumed attempt's rank 0 gets the same grace as the first's, though the last read is older. The last
-    numbers stay in status.progress and status.metrics, whose updatedAt tells their age."""
+    """MetricsStale once the last good read of this attempt is STALE_AFTER_SECONDS old, or, before its first read,
+    once it has run for STARTING_SECONDS: a retried or resumed attempt's rank 0 gets the same time to start as the
+    first's, though the last read (the previous attempt's) is older. The last numbers stay in status.progress and
+    status.metrics, whose updatedAt tells their age."""
     updated = _parse_time((old.get("progress") or {}).get("updatedAt"))
     running = _parse_time(conds.get(T.RUNNING).get("lastTransitionTime"))
-    last = max((t for t in (updated, running) if t), default=None)
-    if last is None or (now - last).total_seconds() < STALE_AFTER_SECONDS:
+    if updated and (running is None or updated >= running):
+        last, grace = updated, STALE_AFTER_SECONDS
+    else:
+        last, grace = running, STARTING_SECONDS
+    if last is None or (now - last).total_seconds() < grace:
         return
     since = f"since {timestamp(updated)}" if updated else "yet"
     conds.set(T.METRICS_STALE, True, reason, f"rank 0's metrics not read {since}: {message}")

@@ -13,6 +13,9 @@ T = ConditionType
 METRICS_READ = "MetricsRead"  # MetricsStale's reason once rank 0 answers again (told by an Event)
 # Rank 0's metrics count as stale once no read succeeded for this long (a few polls: one slow answer is no news).
 STALE_AFTER_SECONDS = 10
+# Before an attempt's first read its rank 0 is still starting (torchrun, then importing torch and the model's code
+# from a cold image: tens of seconds on a GPU node), which is no news either.
+STARTING_SECONDS = 60
 
 
 def timestamp(moment: datetime) -> str:
