@@ -202,3 +202,28 @@ def test_sigterm_during_a_long_evaluation_stops_both_ranks_at_one_batch(tmp_path
     assert resumed["evaluation"]["final"] == uninterrupted["evaluation"]["final"]
     torch.testing.assert_close(load_file(out / "model.safetensors"), load_file(reference / "model.safetensors"),
                                rtol=1e-5, atol=1e-6)
+
+
+def test_the_reported_test_scores_are_those_of_the_exported_model(tmp_path: Path) -> None:
+    """Each rank's last training forward moves its own BatchNorm statistics after DDP broadcast rank 0's, so without
+    a common set the ranks scored the test split with models other than rank 0's, the one exported."""
+    from finetune_trainer.batches import encode_images, make_collate
+    from finetune_trainer.config import Task
+    from finetune_trainer.data import load_dataset
+    from finetune_trainer.distributed import World
+    from finetune_trainer.evaluate import evaluate
+    from finetune_trainer.models import load_vision_model
+
+    doc = {"model": {"task": "image-classification", "architecture": "resnet18"},
+           "dataset": {"uri": "pvc://data/digits", "imageSize": 16, "maxTrainSamples": 64, "maxEvalSamples": 32},
+           "analyze": {"probeBatches": 1}, "evaluation": {"metrics": ["loss", "accuracy"], "baseline": False},
+           "training": {"maxSteps": 4, "batchSize": 8, "batching": "dynamic"}, "output": {"uri": str(tmp_path / "out")}}
+    (config := tmp_path / "job.json").write_text(json.dumps(doc))
+    assert torchrun(config, tmp_path / "run.log").wait(timeout=600) == 0, (tmp_path / "run.log").read_text()[-4000:]
+    reported = json.loads((tmp_path / "out" / "report.json").read_text())["evaluation"]["final"]
+    cfg = TrainerConfig.model_validate(doc)
+    exported = load_vision_model(cfg.model.model_copy(update={"uri": str(tmp_path / "out")}))
+    test = encode_images(load_dataset(cfg.dataset, Task.IMAGE_CLASSIFICATION, 0).test)
+    alone = evaluate(exported, test, make_collate(Task.IMAGE_CLASSIFICATION, 0, 16), Task.IMAGE_CLASSIFICATION,
+                     cfg.evaluation_metrics, 8, World(0, 1, torch.device("cpu")), 10)
+    assert reported == pytest.approx(alone, rel=1e-6)

@@ -42,6 +42,14 @@ class World:
             dist.all_reduce(tensor)
         return tensor
 
+    def broadcast_buffers(self, model: torch.nn.Module) -> None:
+        """Give every rank rank 0's buffers. DDP broadcasts them before each forward, but each rank's training
+        forward then moves its BatchNorm statistics by its own batch, so the ranks would evaluate models that differ
+        from each other and from rank 0's, which is the one exported."""
+        if self.size > 1:
+            for buffer in model.buffers():
+                dist.broadcast(buffer, 0)
+
     def gather(self, value: Any) -> list[Any]:
         """Every rank's `value` (any picklable object, of any size on each rank), in rank order."""
         if self.size == 1:

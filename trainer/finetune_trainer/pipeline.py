@@ -209,6 +209,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
 
     def measure(m: nn.Module, split: Encoded, phase: str | None = None,
                 before_batch: Callable[[], None] = lambda: None) -> dict[str, float]:
+        world.broadcast_buffers(m)  # every rank scores (and early stopping keeps) the model rank 0 exports
         if not detecting:
             return evaluate(m, split, collate, task, cfg.evaluation_metrics, eval_size, world, num_labels, dtype,
                             before_batch)
