@@ -682,3 +682,16 @@ def test_a_resumed_attempt_past_its_new_total_steps_keeps_a_status_the_apiserver
     status = after(decide(Observed(body({"attempts": 2}), [job(2)], [pod(2)], NOW, sample=sample)))
     assert status["progress"]["percent"] == 100 and status["progress"]["etaSeconds"] == 0
     api.FineTuneJobStatus.model_validate(status)
+
+
+def test_a_running_attempt_whose_spec_this_operator_cannot_read_is_stopped_with_the_job() -> None:
+    """After a rollback the operator may find a field of a later version under a running attempt: the job fails
+    InvalidSpec, is never reconciled again, and its workers held their GPUs to the end, unwatched."""
+    running = after(decide(Observed(body({"attempts": 1}), [job()], [pod()], NOW)))
+    later = body(running)
+    later["spec"] = later["spec"] | {"fromTheFuture": {"x": 1}}
+    decision = decide(Observed(later, [job()], [pod()], NOW + timedelta(seconds=2)))
+    assert after(decision, running)["reason"] == "InvalidSpec" and decision.delete_job == "ft-1"
+    # A Job that ended, or is going already, is left alone.
+    for ended in (job(active=0, failed=1, failure={"reason": "X", "message": ""}), job(deleting=True)):
+        assert decide(Observed(later, [ended], [pod()], NOW)).delete_job is None

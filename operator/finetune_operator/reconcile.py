@@ -178,6 +178,10 @@ def decide(seen: Observed) -> Decision | None:
                       f"{CLAIM_WAIT_SECONDS} s from the job's creation for it to be made)")
             return _finish(decision, old, conds)
         fail("InvalidSpec", "; ".join(invalid or seen.problems))
+        # A spec this operator cannot read under a running attempt (a rollback to a version that lacks one of its
+        # fields): a failed job is never reconciled again, so its workers would hold their GPUs to the end unwatched.
+        if job and not (job["complete"] or job["failure"] or job["deleting"]):
+            decision.delete_job, decision.delete_job_reason = job["name"], "InvalidSpec"
         return _finish(decision, old, conds)
     workers = spec.workers
     if job:
