@@ -407,6 +407,9 @@ def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spe
                 log.warning("dataset %s: %d inputs of its %s split are in its train split too", spec.uri, repeats, name)
         else:
             count = max(1, round(len(texts) * fraction))
+            if (later := decided_at[decided_at >= taken]).size:  # else nothing trains: refused below
+                # its places may all hold copies of rows placed before it: then up to the next first copy
+                count = max(count, int(later.min()) - taken + 1)
             held[name] = (TRAIN, shuffled[(decided_at >= taken) & (decided_at < taken + count)])
             taken += count
     order = shuffled[decided_at >= taken]
