@@ -695,3 +695,23 @@ def test_a_running_attempt_whose_spec_this_operator_cannot_read_is_stopped_with_
     # A Job that ended, or is going already, is left alone.
     for ended in (job(active=0, failed=1, failure={"reason": "X", "message": ""}), job(deleting=True)):
         assert decide(Observed(later, [ended], [pod()], NOW)).delete_job is None
+
+
+def test_a_spec_edited_after_the_job_finished_is_observed_once_and_the_job_ticks_no_more() -> None:
+    """A GitOps repository that raised a finished job's backoffLimit (or ttlSecondsAfterFinished) raised its
+    generation, and observedGeneration stayed behind for ever: Flux's health check (kstatus) called the job
+    InProgress, and the Kustomization never became Ready."""
+    from finetune_operator.handlers import ticks_every_poll, ticks_slowly
+
+    done = {"observedGeneration": 3, "phase": "Succeeded", "completionTime": "2026-12-01T11:59:30Z",
+            "conditions": [{"type": "Succeeded", "status": "True", "reason": "Completed", "message": "",
+                            "lastTransitionTime": "2026-12-01T11:59:00Z", "observedGeneration": 3}]}
+    edited = body(done, backoffLimit=5)
+    edited["metadata"]["generation"] = 4
+    assert ticks_slowly(spec=edited["spec"], status=done, meta=edited["metadata"])
+    assert not ticks_every_poll(spec=edited["spec"], status=done, meta=edited["metadata"])
+    decision = decide(Observed(edited, [], [], NOW))
+    observed = after(decision, done)
+    assert observed == done | {"observedGeneration": 4} and not decision.delete_self and not decision.events
+    # Seen: a finished job without a TTL costs no reconciles again.
+    assert not ticks_slowly(spec=edited["spec"], status=observed, meta=edited["metadata"])

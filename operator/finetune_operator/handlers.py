@@ -119,12 +119,14 @@ def _interned(value: Any) -> Any:
     return value
 
 
-def _live(spec: kopf.Spec, status: kopf.Status) -> bool:
-    """Ours, and live or waiting for ttlSecondsAfterFinished: a finished job costs no reconciles (kopf stops its
+def _live(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta) -> bool:
+    """Ours, and live, waiting for ttlSecondsAfterFinished, or finished with a spec edited since (one tick records
+    its observedGeneration, which GitOps health checks wait for): a finished job costs no reconciles (kopf stops its
     timers when the filters turn False), which keeps a cluster of thousands of finished jobs cheap."""
     finished = status.get("phase") in (api.Phase.SUCCEEDED, api.Phase.FAILED)
     return spec.get("managedBy") in (None, api.MANAGED_BY) and (
-        not finished or spec.get("ttlSecondsAfterFinished") is not None)
+        not finished or spec.get("ttlSecondsAfterFinished") is not None
+        or status.get("observedGeneration") != meta.get("generation", 0))
 
 
 def _busy(status: kopf.Status) -> bool:
@@ -133,14 +135,14 @@ def _busy(status: kopf.Status) -> bool:
         c.get("type") == T.RESTARTING and c.get("status") == "True" for c in status.get("conditions") or [])
 
 
-def ticks_every_poll(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
-    return _live(spec, status) and _busy(status)
+def ticks_every_poll(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, **_: Any) -> bool:
+    return _live(spec, status, meta) and _busy(status)
 
 
-def ticks_slowly(spec: kopf.Spec, status: kopf.Status, **_: Any) -> bool:
+def ticks_slowly(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, **_: Any) -> bool:
     """Waiting jobs (queued for GPUs, suspended, pods being created) are reconciled every WAITING_POLLS polls: a
     burst of a thousand of them at every poll would cost the operator more CPU than it has."""
-    return _live(spec, status) and not _busy(status)
+    return _live(spec, status, meta) and not _busy(status)
 
 
 WAITING_POLLS = 5

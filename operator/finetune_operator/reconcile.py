@@ -170,7 +170,7 @@ def decide(seen: Observed) -> Decision | None:
         done = _parse_time(old.get("completionTime"))
         if ttl is not None and done and now >= done + timedelta(seconds=ttl):
             decision.delete_self = True
-        return decision if decision.delete_self else Decision({})
+        return decision  # observedGeneration only: a spec edited after the end (its TTL, say) has been seen
     status["attempts"] = attempt
     if spec is None or invalid or seen.problems:
         if spec and not invalid and seen.problems == seen.claims_missing and _claims_may_come(meta, now):
