@@ -715,3 +715,22 @@ def test_a_spec_edited_after_the_job_finished_is_observed_once_and_the_job_ticks
     assert observed == done | {"observedGeneration": 4} and not decision.delete_self and not decision.events
     # Seen: a finished job without a TTL costs no reconciles again.
     assert not ticks_slowly(spec=edited["spec"], status=observed, meta=edited["metadata"])
+
+
+def test_a_job_suspended_between_attempts_is_not_restarting_and_waits_quietly() -> None:
+    """Suspended just after attempt 1 failed, a job kept Restarting True ("attempt 2 resumes from the latest
+    checkpoint") for as long as it stayed suspended, and was reconciled every poll as a restarting job is."""
+    from finetune_operator.handlers import ticks_every_poll, ticks_slowly
+
+    crashed = ([job(active=0, failed=1, failure={"reason": "BackoffLimitExceeded", "message": ""})],
+               [pod(phase="Failed", exit_code=2, message={"exitCode": 2, "reason": "NcclError", "message": "x"})])
+    retrying = after(decide(Observed(body({"attempts": 1}), *crashed, NOW)))
+    assert conditions(retrying)["Restarting"] == ("True", "NcclError")
+    suspended_body = body(retrying, suspend=True)
+    suspended = after(decide(Observed(suspended_body, *crashed, NOW)), retrying)
+    assert suspended["phase"] == "Suspended" and conditions(suspended)["Restarting"] == ("False", "Suspended")
+    meta = suspended_body["metadata"]
+    assert ticks_slowly(spec=suspended_body["spec"], status=suspended, meta=meta)
+    assert not ticks_every_poll(spec=suspended_body["spec"], status=suspended, meta=meta)
+    resumed = after(decide(Observed(body(suspended), *crashed, NOW + timedelta(minutes=1))), suspended)
+    assert resumed["phase"] == "Pending" and resumed["attempts"] == 2

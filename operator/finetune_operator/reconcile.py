@@ -207,6 +207,7 @@ def decide(seen: Observed) -> Decision | None:
         conds.set(T.SUSPENDED, True, "Suspended", "spec.suspend is true: no pods run; checkpoints stay for the resume")
         conds.clear(T.RUNNING, "Suspended")
         conds.clear(T.METRICS_STALE, "Suspended")
+        conds.clear(T.RESTARTING, "Suspended")  # a retry decided before the suspend waits for the resume
         status["workers"] = {"active": 0, "ready": 0, "succeeded": 0, "failed": 0}
         return _finish(decision, old, conds)
 
