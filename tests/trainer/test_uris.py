@@ -145,3 +145,40 @@ print("difference", float((logits_of(card_model(card, out).eval(), inputs) - log
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     assert float(out.stdout.split("difference ")[-1]) < 1e-5, out.stdout
+
+
+@pytest.mark.parametrize("task", ["image-classification", "object-detection"])
+def test_a_torchvision_model_on_the_hub_loads_at_its_revision(tmp_path: Path, task: str) -> None:
+    """model.revision reached the hub for text models only: an image classifier or detector on hf:// at v1 loaded
+    the hub's main, another model's weights, without a word."""
+    import torch
+    import torchvision
+    from safetensors.torch import save_file
+
+    architecture = "mobilenet_v3_small" if task == "image-classification" else "ssdlite320_mobilenet_v3_large"
+    for seed, ref, commit in ((0, "main", COMMIT), (1, "v1", COMMIT[::-1])):
+        torch.manual_seed(seed)
+        backbone = {"weights_backbone": None} if task == "object-detection" else {}
+        net = torchvision.models.get_model(architecture, weights=None, **backbone)
+        snapshot = tmp_path / "hub/models--local-org--net/snapshots" / commit
+        snapshot.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in net.state_dict().items()}, snapshot / "model.safetensors")
+        (tmp_path / "hub/models--local-org--net/refs").mkdir(exist_ok=True)
+        (tmp_path / "hub/models--local-org--net/refs" / ref).write_text(commit)
+    script = f"""
+import torch
+from safetensors.torch import load_file
+from finetune_trainer.config import ModelSpec
+from finetune_trainer.detection.models import load_detector
+from finetune_trainer.models import load_model
+spec = ModelSpec(task={task!r}, uri="hf://local-org/net", revision="v1", architecture={architecture!r})
+model = load_model(spec, None, 0) if spec.task.value == "image-classification" else load_detector(spec, 320)
+ours = {{k.split(".", 1)[1] if k.startswith("net.") else k: v for k, v in model.state_dict().items()}}
+v1 = load_file({str(tmp_path / "hub/models--local-org--net/snapshots" / COMMIT[::-1] / "model.safetensors")!r})
+name = next(k for k in v1 if k.endswith("weight") and k in ours)
+print("same", bool(torch.equal(ours[name], v1[name])), name)
+"""
+    env = os.environ | {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(tmp_path / "hub")}
+    out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.startswith("same True"), out.stdout

@@ -144,7 +144,7 @@ def check_vocabulary(model: nn.Module, pad_token_id: int, splits: Iterable[Encod
 def load_vision_model(spec: ModelSpec) -> ImageClassifier:
     import torchvision
 
-    path = None if spec.uri is None else fetch(spec.uri, kind="model", error=ModelError)
+    path = None if spec.uri is None else fetch(spec.uri, kind="model", revision=spec.revision, error=ModelError)
     saved = exported_config(path)
     architecture = spec.architecture or (saved or {}).get("architecture") or "resnet18"
     kwargs = builder_kwargs(saved, spec.config, background=0)

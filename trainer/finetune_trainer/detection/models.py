@@ -88,7 +88,7 @@ def load_detector(spec: ModelSpec, image_size: int) -> Detector:
     if architecture not in detection_architectures():
         raise ModelError(f"model.architecture {architecture!r}: not a torchvision detector; one of "
                          f"{', '.join(detection_architectures())}")
-    path = None if spec.uri is None else fetch(spec.uri, kind="model", error=ModelError)
+    path = None if spec.uri is None else fetch(spec.uri, kind="model", revision=spec.revision, error=ModelError)
     kwargs = builder_kwargs(exported_config(path), spec.config, background=1)
     try:
         net = torchvision.models.get_model(architecture, weights=None, weights_backbone=None, **kwargs)
