@@ -734,3 +734,21 @@ def test_a_job_suspended_between_attempts_is_not_restarting_and_waits_quietly() 
     assert not ticks_every_poll(spec=suspended_body["spec"], status=suspended, meta=meta)
     resumed = after(decide(Observed(body(suspended), *crashed, NOW + timedelta(minutes=1))), suspended)
     assert resumed["phase"] == "Pending" and resumed["attempts"] == 2
+
+
+def test_a_child_job_deleted_by_hand_ends_its_attempt_and_the_next_one_is_not_confused_by_its_pods() -> None:
+    """`kubectl delete job ft-1` of a hung attempt: the operator made ft-1 again, whose first look at the attempt's
+    pods found the old ones Failed (exit 143, still being deleted), counted that as its failure and left the new
+    ft-1 running beside attempt 2, which waited for it to finish."""
+    running = after(decide(Observed(body({"attempts": 1}), [job()], [pod()], NOW)))
+    stopped = pod(phase="Failed", exit_code=143, message={"exitCode": 143, "reason": "Terminated", "message": "SIGTERM"},
+                  deletionTimestamp="2026-12-01T12:00:30Z")
+    gone = decide(Observed(body(running), [], [stopped], NOW + timedelta(seconds=40)))
+    status = after(gone, running)
+    assert gone.create_attempt is None and status["attempts"] == 2 and not status.get("failures")
+    assert status["phase"] == "Pending" and conditions(status)["Restarting"] == ("True", "JobDeleted")
+    assert decide(Observed(body(status), [], [stopped], NOW + timedelta(seconds=42))).create_attempt == 2
+    created = after(decide(Observed(body(status), [], [stopped], NOW + timedelta(seconds=42))), status)
+    starting = after(decide(Observed(body(created), [job(2)], [stopped, pod(2, phase="Pending")], NOW + timedelta(
+        seconds=44))), created)
+    assert starting["attempts"] == 2 and not starting.get("failures") and starting["phase"] == "Pending"

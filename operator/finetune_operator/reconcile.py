@@ -235,6 +235,19 @@ def decide(seen: Observed) -> Decision | None:
             decision.delete_job, decision.delete_job_reason = job["name"], "DeadlineExceeded"
         return _finish(decision, old, conds)
 
+    # The attempt's Job is gone and its pods are being deleted: someone else deleted it (`kubectl delete job` of a hung
+    # attempt; the operator's own deletions move on to the next attempt). Made again under the same number, the new
+    # Job took the old pods, once Failed, for failures of its own: one counted, and the new Job left running beside
+    # the next attempt, which waited for it to finish. So the next attempt comes, not counted, as for a disruption.
+    if job is None and pods and all(p.get("deletionTimestamp") for p in pods):
+        status["attempts"] = attempt + 1
+        deleted = children.child_name(meta["name"], attempt)
+        conds.set(T.RESTARTING, True, "JobDeleted", f"the Job {deleted} was deleted; attempt {attempt + 1} resumes "
+                                                    "from the latest checkpoint, if there is one")
+        conds.clear(T.RUNNING, "JobDeleted")
+        conds.clear(T.METRICS_STALE, "JobDeleted")
+        return _finish(decision, old, conds)
+
     if attempt == 0 or job is None:
         if any(_may_run(p, now) for p in seen.pods):  # the previous attempt's pods still checkpoint to the claims
             return _finish(decision, old, conds)
