@@ -240,3 +240,32 @@ def test_a_child_that_exists_is_ours_or_waited_for() -> None:
     for other in (Existing("an-earlier-uid"), Existing("1234", deleting=True)):
         with pytest.raises(kopf.TemporaryError, match="waiting"):
             handlers._create_attempt(other, doc, spec, 1, SETTINGS)
+
+
+class Answering:
+    """Clients whose apiserver has no Events and every claim (ReadWriteMany); it counts the calls."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+
+    def call(self, method: str, path: str, body: object = None, **query: object) -> bytes:
+        self.calls += 1
+        if path.endswith("/events"):
+            return b'{"items": []}'
+        return json.dumps({"spec": {"accessModes": ["ReadWriteMany"]}}).encode()
+
+
+def test_the_per_namespace_reads_of_deleted_namespaces_are_not_kept_for_ever(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each namespace's Warning Events and claims were kept until read again: a namespace deleted (CI's, made and
+    deleted by the thousand) kept its entries, and the operator grew with every one."""
+    clock = [1000.0]
+    monkeypatch.setattr(handlers.time, "monotonic", lambda: clock[0])
+    apiserver, warnings, claims = Answering(), handlers.Warnings("Job"), handlers.Claims()
+    for i in range(100):
+        namespace = f"ci-{i}"
+        for _ in range(2):  # within their TTL, read once
+            warnings.of(apiserver, namespace, "ft-1")
+            claims.get(apiserver, namespace, "data")
+        clock[0] += 60  # each namespace lives a minute
+    assert apiserver.calls == 200
+    assert set(warnings.by_namespace) == set(warnings.locks) == {"ci-99"} and set(claims.found) == {("ci-99", "data")}

@@ -196,7 +196,18 @@ class Warnings:
                 response = clients.call("GET", api_path(ns, "events"), fieldSelector=self.selector)
                 found = outcome.warnings_of(json.loads(response)["items"], self.reasons)
                 self.by_namespace[ns] = (time.monotonic(), found)
+                for expired in _expired(self.by_namespace, WARNINGS_TTL_SECONDS):
+                    self.by_namespace.pop(expired, None)
+                    self.locks.pop(expired, None)  # at worst a namespace is listed twice at once
         return found.get(name, {})
+
+
+def _expired(entries: dict[Any, tuple[float, Any]], ttl: float) -> list[Any]:
+    """The keys of the (read at, value) entries older than `ttl`, to drop: the next read replaces them anyway, and
+    kept, a deleted namespace's stayed for good, so an operator watching namespaces made and deleted by the
+    thousand (CI's) grew without end."""
+    now = time.monotonic()
+    return [key for key, (read_at, _) in list(entries.items()) if now - read_at > ttl]
 
 
 def _job_warning(clients: Clients, warnings: Warnings, seen: reconcile.Observed, ns: str) -> tuple[str, str] | None:
@@ -234,6 +245,8 @@ class Claims:
                 raise kopf.TemporaryError(f"reading claim {name}: {exc.reason}", delay=5) from exc
             return None
         claim = {"spec": {"accessModes": (body.get("spec") or {}).get("accessModes") or []}}
+        for expired in _expired(self.found, CLAIMS_TTL_SECONDS):
+            self.found.pop(expired, None)
         self.found[(ns, name)] = (time.monotonic(), claim)
         return claim
 
