@@ -69,10 +69,18 @@ def load_tokenizer(spec: ModelSpec):
     return tokenizer
 
 
-def load_model(spec: ModelSpec, tokenizer, seed: int) -> nn.Module:
+def load_model(spec: ModelSpec, tokenizer, seed: int, device: torch.device = torch.device("cpu")) -> nn.Module:
+    """The model on `device`, its weights in fp32 whatever the checkpoint's dtype: these are the weights AdamW
+    updates, and bf16 rounds an update of lr 1e-5 away; precision asks for autocast, not bf16 weights. A bf16 or
+    fp16 checkpoint (Llama, Qwen) is read in its own dtype and widened on the device, so each process's host
+    memory holds it at its stored size (an 8B model: 16 GB, not 32 GB, per process)."""
     torch.manual_seed(seed)  # fresh weights (a new head, a model from config) are the same on every rank and rerun
     if spec.task == Task.IMAGE_CLASSIFICATION:
-        return load_vision_model(spec)
+        return load_vision_model(spec).to(device)
+    return _load_transformer(spec, tokenizer).to(device).float()
+
+
+def _load_transformer(spec: ModelSpec, tokenizer) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForCausalLM if spec.task == Task.CAUSAL_LM else AutoModelForSequenceClassification
@@ -89,9 +97,7 @@ def load_model(spec: ModelSpec, tokenizer, seed: int) -> nn.Module:
         if config.pad_token_id is None:
             # A decoder classifier (GPT-2, Llama) pools its last token that is not padding, so it must know the pad.
             config.pad_token_id = tokenizer.pad_token_id
-        # In fp32 whatever the checkpoint's dtype (transformers loads a bf16 Llama as bf16): these are the weights
-        # AdamW updates, and bf16 rounds an update of lr 1e-5 away; precision asks for autocast, not bf16 weights.
-        return auto.from_pretrained(path, config=config, dtype=torch.float32)
+        return auto.from_pretrained(path, config=config, dtype="auto")  # the checkpoint's dtype, see load_model
     except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError, AssertionError, StrictDataclassError,
             RuntimeError) as exc:
         # model.config's mistakes among them: a quoted number ("2"), a fraction of a count, zero heads, a vocab_size

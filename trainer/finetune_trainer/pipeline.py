@@ -158,7 +158,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         torch.manual_seed(seed)  # fresh weights and a new head, the same on every rank and rerun
         model = load_detector(cfg.model, cfg.dataset.image_size).to(world.device)
     else:
-        model = load_model(cfg.model, tokenizer, seed).to(world.device)
+        model = load_model(cfg.model, tokenizer, seed, world.device)
         if order := trained_head_order(model, data.id2label, num_labels, cfg.rearrange.head.reinitialize):
             data = in_head_order(data, order)
             train_data, validation_data, test_data = (replace(e, labels=[order[i] for i in e.labels])
