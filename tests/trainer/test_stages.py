@@ -368,6 +368,23 @@ def test_the_model_cards_code_loads_adapters_kept_apart_and_merged_weights(bert,
                                atol=1e-5, rtol=1e-4)
 
 
+def test_a_causal_lms_card_counts_chunks_not_samples(tmp_path: Path) -> None:
+    """A language model's texts are cut into chunks of maxLength tokens, and the report counts those: its card
+    said 466 training samples of a job of maxTrainSamples 128, as if the bound were ignored."""
+    from finetune_trainer.config import TrainerConfig
+    from finetune_trainer.export import model_card
+
+    doc = tiny_classifier_doc(tmp_path) | {"model": {"task": "causal-lm", "architecture": "gpt2",
+                                                     "tokenizerUri": "pvc://models/all-MiniLM-L6-v2"}}
+    report = {"evaluation": {"baseline": {}, "final": {}, "delta": {}}, "labels": {},
+              "training": {"train_samples": 466, "validation_samples": 246, "test_samples": 250, "steps": 1,
+                           "seconds": 1, "samples_per_second": 9.5}}
+    card = model_card(TrainerConfig.model_validate(doc), report)
+    assert "(466 training, 246 validation, 250 test chunks of up to 32 tokens, cut from its texts)" in card
+    assert "9.5 chunks/s" in card and "samples" not in card
+    assert "250 test samples" in model_card(_cfg(tmp_path), report)
+
+
 def _cfg(tmp_path: Path):
     from finetune_trainer.config import TrainerConfig
 

@@ -116,17 +116,20 @@ def model_card(cfg: TrainerConfig, report: dict[str, Any], adapters_apart: bool 
     lora = cfg.rearrange.lora
     adapters = f"{lora.variant.value} r={lora.rank} alpha={lora.alpha}" if lora else "none (weights trained directly)"
     merge = report.get("merge_check")
+    # A causal LM trains on chunks of its texts, so its counts (which maxTrainSamples does not bound) are chunks.
+    causal = cfg.model.task == Task.CAUSAL_LM
+    unit = f"chunks of up to {cfg.dataset.max_length} tokens, cut from its texts" if causal else "samples"
     lines = [
         f"# Fine-tuned {cfg.model.uri or cfg.model.architecture}",
         "",
         f"- Task: {cfg.model.task.value}",
         f"- Dataset: {cfg.dataset.uri} ({training['train_samples']} training, {training['validation_samples']} "
-        f"validation, {training['test_samples']} test samples)",
+        f"validation, {training['test_samples']} test {unit})",
         f"- Labels: {', '.join(report['labels'].values()) or 'none (language model)'}",
         f"- Adapters: {adapters}" + (f"; merged (max logit difference {merge['max_abs_logit_diff']:.1e})"
                                      if merge and merge["passed"] else ""),
         f"- Training: {training['steps']} steps in {training['seconds']:.0f} s, "
-        f"{training['samples_per_second']:.1f} samples/s, seed {cfg.training.seed}",
+        f"{training['samples_per_second']:.1f} {'chunks' if causal else 'samples'}/s, seed {cfg.training.seed}",
         "",
         "## Evaluation on the test split (seen by neither training nor model selection)",
         "",
