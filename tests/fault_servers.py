@@ -34,6 +34,11 @@ def _reply(payload: bytes) -> Callable[[socket.socket, threading.Event], None]:
     return lambda conn, stop: conn.sendall(payload)
 
 
+def redirect(location: str) -> Callable[[socket.socket, threading.Event], None]:
+    """Answers 302 to `location`: a trainer sending the operator elsewhere (a cloud's metadata address)."""
+    return _reply(b"HTTP/1.0 302 Found\r\nLocation: %s\r\nContent-Length: 0\r\n\r\n" % location.encode())
+
+
 BEHAVIOURS: dict[str, Callable[[socket.socket, threading.Event], None]] = {
     "ok": _reply(_http(OK)),
     "hang": _hang,  # accepts, never answers
@@ -48,10 +53,11 @@ BEHAVIOURS: dict[str, Callable[[socket.socket, threading.Event], None]] = {
 
 
 class FaultServer:
-    """Answers every connection on (host, port) with one behaviour, each in its own thread."""
+    """Answers every connection on (host, port) with one behaviour (a BEHAVIOURS name or its own), each in its own
+    thread."""
 
-    def __init__(self, host: str, port: int, behaviour: str) -> None:
-        self.behaviour = BEHAVIOURS[behaviour]
+    def __init__(self, host: str, port: int, behaviour: str | Callable[[socket.socket, threading.Event], None]) -> None:
+        self.behaviour = BEHAVIOURS[behaviour] if isinstance(behaviour, str) else behaviour
         self.stop = threading.Event()
         self.sock = socket.create_server((host, port))
         self.sock.settimeout(0.2)

@@ -8,7 +8,7 @@ from datetime import datetime
 
 import pytest
 
-from fault_servers import FaultServer
+from fault_servers import FaultServer, redirect
 from finetune_operator.scrape import TIMEOUT_SECONDS, ScrapeError, parse, scrape
 from operator_fixture import free_port
 
@@ -88,6 +88,23 @@ def test_rank_0_is_read_directly_whatever_proxy_the_operators_environment_names(
         assert scrape("127.0.0.1", port) == {"step": 7.0}
     finally:
         server.close()
+
+
+def test_a_redirect_from_rank_0_is_not_followed() -> None:
+    """Rank 0's port is the tenant's (a user's own image): a 302 sent the operator's GET wherever the tenant chose, from
+    the operator's place in the network (a cloud's metadata address, a service only the operator may reach), and the
+    answer's first unparsable line came back in the job's MetricsStale message."""
+    target_port, port = free_port(), free_port()
+    target = FaultServer("127.0.0.1", target_port, "ok")  # stands for the address the tenant may not reach itself
+    server = FaultServer("127.0.0.1", port, redirect(f"http://127.0.0.1:{target_port}/latest/meta-data/"))
+    try:
+        with pytest.raises(ScrapeError) as error:
+            scrape("127.0.0.1", port)
+        assert error.value.reason == "MetricsUnreachable" and "302" in str(error.value), str(error.value)
+        assert target.connections == 0
+    finally:
+        server.close()
+        target.close()
 
 
 def test_a_stage_the_status_does_not_know_reads_as_absent() -> None:

@@ -7,6 +7,7 @@ from __future__ import annotations
 import http.client
 import math
 import time
+import urllib.error
 import urllib.request
 from typing import Any
 
@@ -26,9 +27,18 @@ REASONS = ("MetricsTimeout", "MetricsUnreachable", "MetricsBadResponse", "Metric
            "MetricsTooLarge")
 
 
+class NoRedirect(urllib.request.HTTPRedirectHandler):
+    """A redirect is an HTTP error: rank 0's port is the tenant's, and followed, its 3xx would send the operator's GET
+    anywhere the operator can reach (a cloud's metadata address) and bring the answer back into the job's status."""
+
+    def redirect_request(self, req: urllib.request.Request, fp: Any, code: int, msg: str, headers: Any,
+                         newurl: str) -> None:
+        raise urllib.error.HTTPError(req.full_url, code, f"{msg}, a redirect, which is never followed", headers, fp)
+
+
 # Pod IPs are read directly, never through a proxy in the environment (a cluster-wide one): urllib would send them to
 # it unless NO_PROXY names them in a way it reads, and it reads no CIDR (10.128.0.0/14), only host names.
-DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}), NoRedirect())
 
 
 class ScrapeError(Exception):
