@@ -178,6 +178,25 @@ def test_a_vocabulary_without_the_pad_token_is_a_model_error() -> None:
     with pytest.raises(ModelError, match="Padding_idx must be within num_embeddings"):
         load_model(spec, tokenizer, seed=0)
 
+def test_model_config_cannot_turn_on_a_model_repositorys_own_code(tmp_path: Path) -> None:
+    """model.config went as keyword arguments to AutoConfig.from_pretrained, so trust_remote_code: true there imported
+    and ran the Python files of the model's folder or hub repository (its config.json's auto_map) in the trainer."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from finetune_trainer.errors import ConfigError, exit_code_of
+
+    model, ran = tmp_path / "model", tmp_path / "ran"
+    BertForSequenceClassification(BertConfig(vocab_size=100, **TINY_BERT)).save_pretrained(model)
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps(config | {"auto_map": {"AutoConfig": "custom.CustomConfig"}}))
+    (model / "custom.py").write_text(f"from pathlib import Path\nPath({str(ran)!r}).touch()\n"
+                                     "from transformers import BertConfig as CustomConfig\n")
+    spec = ModelSpec(uri=f"file://{model}", task="sequence-classification", config={"trust_remote_code": True})
+    with pytest.raises(ConfigError, match=r"model\.config\.trust_remote_code") as caught:
+        load_model(spec, None, seed=0)
+    assert exit_code_of(caught.value) == 1 and not ran.exists()
+
+
 def test_analyze_reports_structure_candidates_and_head(bert) -> None:
     model, tokenizer = bert
     _, _, batches = text_batches(tokenizer, Task.SEQUENCE_CLASSIFICATION, [0, 1, 2, 0, 1] * 4)
