@@ -38,6 +38,17 @@ def test_missing_local_path_is_a_user_error(tmp_path: Path) -> None:
         fetch(f"file://{tmp_path}/nothing", kind="model")
 
 
+@pytest.mark.parametrize("uri", ["hf://org..x/name", "hf://org--x/name", "hf://.org/name", "hf://org/name."])
+def test_a_name_the_hub_refuses_is_a_user_error(uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Names the spec's pattern lets through but huggingface_hub refuses before any request (a '..' or '--' inside a
+    name, a leading or trailing '.'): its HFValidationError, a ValueError, exited 2 and every attempt was retried."""
+    from finetune_trainer.errors import ModelError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ModelError, match=f"model {uri}: not a name the hub takes"):
+        fetch(uri, kind="model", error=ModelError)
+
+
 def hub_cache(root: Path, repo: str, source: Path) -> None:
     """The layout huggingface_hub writes: models--org--name/{refs/main, snapshots/<commit>/...}."""
     base = root / f"models--{repo.replace('/', '--')}"

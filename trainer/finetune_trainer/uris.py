@@ -54,12 +54,15 @@ def fetch(uri: str, *, kind: str, revision: str | None = None, repo_type: str = 
     """
     if uri.startswith("hf://"):
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
+        from huggingface_hub.errors import (HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError,
+                                            RevisionNotFoundError)
 
         repo_id, folder = hub_parts(uri)
         try:
             snapshot = Path(snapshot_download(repo_id, revision=revision, repo_type=repo_type,
                                               allow_patterns=f"{folder}/**" if folder else None))
+        except HFValidationError as exc:  # refused before any request: a '..' or '--' inside a name, a leading '.'
+            raise error(f"{kind} {uri}: not a name the hub takes ({exc})") from exc
         except (RepositoryNotFoundError, RevisionNotFoundError, LocalEntryNotFoundError) as exc:
             if isinstance(exc, LocalEntryNotFoundError) and hub_unreachable(exc):
                 raise  # as other hub errors: a later attempt may get past it
