@@ -34,6 +34,11 @@ def _reply(payload: bytes) -> Callable[[socket.socket, threading.Event], None]:
     return lambda conn, stop: conn.sendall(payload)
 
 
+def serving(body: bytes) -> Callable[[socket.socket, threading.Event], None]:
+    """Answers 200 with `body`."""
+    return _reply(_http(body))
+
+
 def redirect(location: str) -> Callable[[socket.socket, threading.Event], None]:
     """Answers 302 to `location`: a trainer sending the operator elsewhere (a cloud's metadata address)."""
     return _reply(b"HTTP/1.0 302 Found\r\nLocation: %s\r\nContent-Length: 0\r\n\r\n" % location.encode())

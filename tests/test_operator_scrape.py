@@ -8,7 +8,7 @@ from datetime import datetime
 
 import pytest
 
-from fault_servers import FaultServer, redirect
+from fault_servers import FaultServer, redirect, serving
 from finetune_operator.scrape import TIMEOUT_SECONDS, ScrapeError, parse, scrape
 from operator_fixture import free_port
 
@@ -34,6 +34,38 @@ def test_a_faulty_endpoint_is_a_scrape_error_with_its_reason(behaviour: str, rea
         assert time.monotonic() - started < TIMEOUT_SECONDS + 1
     finally:
         server.close()
+
+
+def test_an_answer_far_beyond_the_trainers_is_refused_before_it_is_parsed() -> None:
+    """Rank 0's port is the tenant's: 1 MiB of gauges took the operator's parser up to 0.8 s of CPU, every poll
+    (2 s), so a handful of such jobs held the operator's one core and every other job's status waited. What the
+    trainer serves with every metric set is read, 8 times over too (a user's image adding its own); 64 times that is
+    refused unparsed."""
+    from prometheus_client import generate_latest
+
+    from finetune_trainer.config import Stage
+    from finetune_trainer.telemetry import Metrics
+
+    trainer = Metrics()
+    trainer.set_stage(Stage.TRAINING)
+    detection = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100",
+                 "mar_small", "mar_medium", "mar_large", "loss")
+    for phase in ("baseline", "training", "final"):
+        trainer.set_eval(phase, dict.fromkeys(detection, 0.123456789))
+    trainer.loss.set(2.5)
+    full = generate_latest(trainer.registry)
+    for body, expected in ((full, None), (full * 8, None), (full * 64, "MetricsTooLarge")):
+        port = free_port()
+        server = FaultServer("127.0.0.1", port, serving(body))
+        try:
+            if expected is None:
+                assert scrape("127.0.0.1", port)["loss"] == 2.5
+            else:
+                with pytest.raises(ScrapeError) as error:
+                    scrape("127.0.0.1", port)
+                assert error.value.reason == expected
+        finally:
+            server.close()
 
 
 def test_nothing_listening_is_unreachable_and_a_good_endpoint_is_read() -> None:
