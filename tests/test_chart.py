@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 import prometheus_server
-from finetune_operator import dashboard
+from finetune_operator import dashboard, rbac
 from operator_fixture import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -50,6 +50,25 @@ def test_plain_manifests_are_the_chart_rendered() -> None:
     assert {"ServiceAccount", "ClusterRole", "ClusterRoleBinding", "Service", "Deployment"} <= set(kinds)
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+
+
+def test_watching_namespaces_grants_a_role_in_each_and_cluster_wide_only_the_finalizer_s_patch() -> None:
+    """A watched namespace deleted with a FineTuneJob in it could lose its RoleBinding before the operator released
+    the job's finalizer: the job and the namespace stayed Terminating for ever (test_cluster_chart.py shows it)."""
+    out = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"), "-n", "ops",
+                          "--set", "watchNamespaces={a,b}", "--show-only", "templates/rbac.yaml"],
+                         check=True, capture_output=True, text=True).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    roles = {(d["kind"], d["metadata"].get("namespace")): d for d in docs}
+    assert sorted(roles, key=str) == sorted([("Role", "a"), ("Role", "b"), ("RoleBinding", "a"), ("RoleBinding", "b"),
+                                             ("ClusterRole", None), ("ClusterRoleBinding", None)], key=str)
+    assert roles["Role", "a"]["rules"] == roles["Role", "b"]["rules"] == rbac.RULES
+    assert roles["ClusterRole", None]["rules"] == [
+        {"apiGroups": ["finetune.dev"], "resources": ["finetunejobs"], "verbs": ["patch"]}]
+    # Named after the release's namespace: two releases `fto` watching other namespaces do not share it.
+    binding, name = roles["ClusterRoleBinding", None], "ops-fto-finetune-operator-finalizers"
+    assert binding["roleRef"]["name"] == roles["ClusterRole", None]["metadata"]["name"] == name
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "fto-finetune-operator", "namespace": "ops"}]
 
 
 def test_the_dashboard_has_the_four_rows_and_reads_only_shared_metric_names() -> None:

@@ -17,7 +17,8 @@ def generated() -> dict[Path, str]:
     files = {path: crd.render() for path in crd.CRD_PATHS}
     schema = crd.build_crd()["spec"]["versions"][0]["schema"]["openAPIV3Schema"]
     files[README] = apidoc.splice(README.read_text(), apidoc.render_reference(schema))
-    files[rbac.CHART_RULES] = rbac.render_rules()
+    files[rbac.CHART_RULES] = rbac.render_rules(rbac.RULES)
+    files[rbac.CHART_FINALIZER_RULES] = rbac.render_rules(rbac.FINALIZER_RULES)
     # The dashboard needs grafana-foundation-sdk (the dev extra), which the operator image does not carry.
     from finetune_operator import dashboard
 

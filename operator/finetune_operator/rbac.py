@@ -12,6 +12,7 @@ import yaml
 from finetune_operator import api
 
 CHART_RULES = Path("charts/finetune-operator/files/rbac-rules.yaml")
+CHART_FINALIZER_RULES = Path("charts/finetune-operator/files/rbac-finalizer-rules.yaml")
 
 RULES: list[dict[str, Any]] = [
     # kopf lists and watches FineTuneJobs; patch: its finalizer and annotations; delete: ttlSecondsAfterFinished
@@ -33,6 +34,13 @@ RULES: list[dict[str, Any]] = [
 ]
 
 
+# Watching some namespaces, these alone are also granted cluster-wide: a watched namespace being deleted loses its
+# contents in no set order, its Role and RoleBinding of RULES too, and when they went before the operator released its
+# finalizer on a FineTuneJob there, the job and the namespace stayed Terminating for ever. The FineTuneJobs' watch
+# stream, authorized when it opened, still brings the deletion; only the patch that releases the finalizer needs this.
+FINALIZER_RULES: list[dict[str, Any]] = [{"apiGroups": [api.GROUP], "resources": [api.PLURAL], "verbs": ["patch"]}]
+
+
 def role(kind: str, name: str, namespace: str | None = None) -> dict[str, Any]:
     """A ClusterRole (watching every namespace) or a Role (one watched namespace) holding RULES."""
     meta: dict[str, Any] = {"name": name}
@@ -41,7 +49,7 @@ def role(kind: str, name: str, namespace: str | None = None) -> dict[str, Any]:
     return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": kind, "metadata": meta, "rules": RULES}
 
 
-def render_rules() -> str:
-    """RULES as the chart's templates include them (a generated file, checked for drift like the CRD)."""
+def render_rules(rules: list[dict[str, Any]]) -> str:
+    """Rules as the chart's templates include them (a generated file, checked for drift like the CRD)."""
     header = "# Generated from operator/finetune_operator/rbac.py by `make crds`: do not edit.\n"
-    return header + yaml.safe_dump(RULES, sort_keys=False)
+    return header + yaml.safe_dump(rules, sort_keys=False)
