@@ -656,6 +656,18 @@ def test_pod_summary_keeps_only_waiting_reasons_the_user_must_fix() -> None:
     assert outcome.pod_summary(waiting("ContainerCreating"))["stuck"] is None
 
 
+def test_a_termination_message_nested_past_the_json_parsers_depth_is_no_message() -> None:
+    """A container's termination message is its image's to write (4 KB kept by the kubelet): 1000 nested brackets
+    raised RecursionError out of the pod's summary, and kopf, which never retries an indexing error, logged it and
+    left the pod out of its index for good."""
+    for text in ("[" * 4096, "[" * 1500 + "]" * 1500):  # cut by the kubelet, or whole
+        pod = {"metadata": {"name": "ft-1-0-x", "labels": {"finetune.dev/attempt": "1"}}, "status": {
+            "phase": "Failed", "containerStatuses": [{"name": "trainer", "state": {"terminated": {
+                "exitCode": 1, "reason": "Error", "message": text}}}]}}
+        assert outcome.pod_summary(pod)["terminated"] | {"finishedAt": ""} == {
+            "exitCode": 1, "reason": "Error", "finishedAt": "", "message": {}}
+
+
 def test_the_spec_cache_keeps_the_facts_decide_reads_not_the_parsed_spec() -> None:
     from finetune_operator import api, reconcile
 

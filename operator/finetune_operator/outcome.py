@@ -133,10 +133,11 @@ def creation_problem(events: dict[str, tuple[str, str]]) -> tuple[str, str] | No
 def parse_message(text: str | None) -> dict[str, Any]:
     """The trainer's JSON termination message; a log tail (FallbackToLogsOnError) or nothing gives {}. NaN and
     Infinity (Python's json writes them: a broken checkpoint's layer scores) read as null: JSON has no such numbers,
-    and the apiserver refuses a status patch holding one whole."""
+    and the apiserver refuses a status patch holding one whole. The message is the image's to write: nested past the
+    parser's depth (1000 brackets) it is none either."""
     try:
         message = json.loads(text or "", parse_constant=lambda _: None)
-    except ValueError:
+    except (ValueError, RecursionError):
         return {}
     return message if isinstance(message, dict) else {}
 
