@@ -68,3 +68,30 @@ def test_time_to_running_counts_a_job_whose_image_pull_failed_before_it_ran(monk
                   NOW + timedelta(minutes=5))
     status = tick(status, job(2, ready=1), pod(2), NOW + timedelta(minutes=6))
     assert status["phase"] == "Running" and status["attempts"] == 2 and observed() == before + 1
+
+
+def test_reasons_a_trainer_image_writes_add_a_bounded_number_of_series(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The failure reason is the termination message's, which a user's own image writes: one writing a new word at
+    each job (or attempt) added a series to job_failures_total for each, kept for the operator's life (1000 jobs,
+    1000 series), though the labels are documented as small fixed sets. Past metrics.MAX_LABEL_VALUES, the rest
+    count as Other."""
+    from test_operator_reconcile import NOW, body, job, pod
+
+    monkeypatch.setattr(kopf, "event", lambda *_, **__: None)  # no kopf event poster outside kopf
+
+    def series() -> dict[str, float]:
+        text = generate_latest(metrics.REGISTRY).decode()
+        family = next(f for f in text_string_to_metric_families(text) if f.name == "finetune_operator_job_failures")
+        return {s.labels["reason"]: s.value for s in family.samples if s.name.endswith("_total")}
+
+    before = sum(series().values())
+    for i in range(1000):
+        message = {"exitCode": 1, "reason": f"Tenant{i}", "message": "x"}
+        seen = reconcile.Observed(body({"attempts": 1}), [job(failure={"reason": "X", "message": ""})],
+                                  [pod(phase="Failed", exit_code=1, message=message)], NOW)
+        decision = reconcile.decide(seen)
+        assert decision.status["reason"] == f"Tenant{i}"  # the job's own status says it as written
+        handlers._record(kopf.Body(seen.body), seen, decision)
+    counted = series()
+    assert len(counted) <= metrics.MAX_LABEL_VALUES + 1 and sum(counted.values()) == before + 1000
+    assert counted["Other"] >= 1000 - metrics.MAX_LABEL_VALUES

@@ -381,7 +381,7 @@ def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, job_index: k
         else:
             restarting = seen.body["status"].get("conditions") or []
             cause = next((c["reason"] for c in restarting if c["type"] == T.RESTARTING and c["status"] == "True"), "Created")
-            metrics.ATTEMPTS.labels(cause=cause).inc()
+            metrics.bounded(metrics.ATTEMPTS, cause).inc()
             log.info("%s/%s: attempt %d created", ns, name, decision.create_attempt)
     if decision.delete_job:
         log.info("%s/%s: deleting Job %s (%s)", ns, name, decision.delete_job, decision.delete_job_reason)
@@ -411,7 +411,7 @@ def _record(body: kopf.Body, seen: reconcile.Observed, decision: reconcile.Decis
         created = datetime.strptime(body.metadata["creationTimestamp"], "%Y-%m-%dT%H:%M:%SZ")
         metrics.TIME_TO_RUNNING.observe((seen.now - created).total_seconds())
     if T.FAILED in after and T.FAILED not in before:
-        metrics.FAILURES.labels(reason=after[T.FAILED]["reason"]).inc()
+        metrics.bounded(metrics.FAILURES, after[T.FAILED]["reason"]).inc()
 
 
 async def login(memo: kopf.Memo, **kwargs: Any) -> kopf.AiohttpSession | None:

@@ -1,6 +1,6 @@
 """The operator's own Prometheus metrics (`finetune_operator_*`), shared with the dashboard.
 
-Labels stay bounded: phases, causes and reasons are small fixed sets; no job names.
+Labels stay bounded: phases, causes and reasons are small sets (`bounded`); no job names.
 """
 
 from __future__ import annotations
@@ -43,6 +43,22 @@ TIME_TO_RUNNING = Histogram(
     "finetune_operator_time_to_running_seconds", "From a FineTuneJob's creation to its first Running condition",
     registry=REGISTRY, buckets=(1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1800, 3600),
 )
+# A failure's reason, and the cause of the attempt after it, are the trainer's termination message's, which a user's
+# own image writes: one writing a new word at each job or attempt would add a series each, for the operator's life.
+MAX_LABEL_VALUES = 64
+OTHER = "Other"
+_label_values: dict[Counter, set[str]] = {}
+
+
+def bounded(counter: Counter, value: str) -> Counter:
+    """The child of a counter of one label for `value`, or for OTHER once MAX_LABEL_VALUES values have one."""
+    taken = _label_values.setdefault(counter, set())
+    if value not in taken and len(taken) >= MAX_LABEL_VALUES:
+        value = OTHER
+    taken.add(value)
+    return counter.labels(value)
+
+
 ATTEMPTS = Counter("finetune_operator_attempts_total", "Attempts started, by what started them", ["cause"], registry=REGISTRY)
 FAILURES = Counter("finetune_operator_job_failures_total", "FineTuneJobs that ended Failed, by reason", ["reason"],
                    registry=REGISTRY)
