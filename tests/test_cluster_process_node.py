@@ -243,6 +243,31 @@ def test_missing_config_waits_then_starts(kube: Kube, namespace: str) -> None:
     assert phase(done) == "Succeeded" and terminated(done)["message"] == "here"
 
 
+def test_missing_secret_volume_waits_in_container_creating_with_a_failed_mount_event(kube: Kube, namespace: str
+                                                                                       ) -> None:
+    # As the kubelet: a volume that cannot be set up keeps the containers in ContainerCreating, and says why in a
+    # FailedMount Warning Event on the pod (what the operator reads), not as a container's config error.
+    pod = make_pod("mounting", "open('/dev/termination-log', 'w').write(open('/creds/token').read())",
+                   container={"volumeMounts": [{"name": "creds", "mountPath": "/creds"}]},
+                   volumes=[{"name": "creds", "secret": {"secretName": "late"}}])
+    kube.apply(pod, namespace)
+
+    def failed_mount() -> list[str] | None:
+        events = json.loads(kube.kubectl("get", "events", "-n", namespace, "-o", "json",
+                                         "--field-selector", "involvedObject.name=mounting").stdout)["items"]
+        messages = [e["message"] for e in events if e["reason"] == "FailedMount" and e["type"] == "Warning"]
+        return messages or None
+
+    messages = kube.wait_for("a FailedMount Event", failed_mount, namespace)
+    assert any(f"secret {namespace}/late not found" in m for m in messages), messages
+    waiting = kube.get("pod", "mounting", namespace)["status"]["containerStatuses"][0]["state"]["waiting"]
+    assert waiting["reason"] == "ContainerCreating"
+    kube.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "late"}, "stringData": {"token": "t0"}},
+               namespace)
+    done = kube.wait_pod(namespace, "mounting", finished, "finished")
+    assert phase(done) == "Succeeded" and terminated(done)["message"] == "t0"
+
+
 def test_restart_policy_on_failure_restarts_until_success(kube: Kube, namespace: str) -> None:
     # Fails once, then succeeds: the emptyDir survives the restart, as in a real kubelet.
     script = ("import os, sys; p = '/scratch/attempts'; n = int(open(p).read()) if os.path.exists(p) else 0; "

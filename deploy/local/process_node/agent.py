@@ -16,7 +16,7 @@ from urllib.parse import quote
 from . import downward, kubelet_api
 from .cgroups import Cgroups
 from .dns import Dns
-from .kubeapi import MERGE, STRATEGIC, ApiError, KubeAPI
+from .kubeapi import MERGE, STRATEGIC, ApiError, KubeAPI, warning_event
 from .network import pod_network
 from .provisioner import Provisioner
 from .runner import PodRunner
@@ -164,6 +164,14 @@ class Agent:
         except (OSError, ApiError) as error:
             log.warning("pod %s/%s: status update failed: %s", meta["namespace"], meta["name"], error)
             return False
+
+    def warn(self, pod: dict, reason: str, message: str) -> None:
+        """A Warning Event about the pod, as the kubelet records one (FailedMount, ...); lost if the API refuses."""
+        try:
+            self.api.request("POST", f"/api/v1/namespaces/{pod['metadata']['namespace']}/events",
+                             warning_event(pod, "Pod", reason, message, "kubelet"))
+        except (ApiError, OSError) as error:
+            log.warning("pod %s: event %s not recorded: %s", pod["metadata"]["name"], reason, error)
 
     def delete_pod(self, pod: dict) -> None:
         """The kubelet's final delete, once the containers are gone."""

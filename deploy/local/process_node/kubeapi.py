@@ -27,6 +27,18 @@ class ApiError(Exception):
         self.status = status
 
 
+def warning_event(obj: dict, kind: str, reason: str, message: str, component: str) -> dict:
+    """A Warning Event about `obj` (a `kind` such as Pod), as kubelets and provisioners record them."""
+    meta = obj["metadata"]
+    return {
+        "apiVersion": "v1", "kind": "Event", "metadata": {"generateName": f"{meta['name']}.",
+                                                          "namespace": meta["namespace"]},
+        "involvedObject": {"apiVersion": "v1", "kind": kind, "name": meta["name"], "namespace": meta["namespace"],
+                           "uid": meta["uid"]},
+        "reason": reason, "message": message, "type": "Warning", "source": {"component": component},
+    }
+
+
 class KubeAPI:
     def __init__(self, kubeconfig: Path) -> None:
         """From a kubeconfig whose first cluster and user carry embedded certs (ours do)."""

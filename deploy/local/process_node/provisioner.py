@@ -16,7 +16,7 @@ import shutil
 import threading
 from pathlib import Path
 
-from .kubeapi import ApiError, KubeAPI
+from .kubeapi import ApiError, KubeAPI, warning_event
 
 PROVISIONER = "finetune.dev/local-path"
 HOST_PATH_ANNOTATION = "local.finetune.dev/host-path"
@@ -47,14 +47,8 @@ class Provisioner:
 
     def _event(self, pvc: dict, reason: str, message: str) -> None:
         meta = pvc["metadata"]
-        event = {
-            "apiVersion": "v1", "kind": "Event", "metadata": {"generateName": f"{meta['name']}.",
-                                                              "namespace": meta["namespace"]},
-            "involvedObject": {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "name": meta["name"],
-                               "namespace": meta["namespace"], "uid": meta["uid"]},
-            "reason": reason, "message": message, "type": "Warning", "source": {"component": PROVISIONER},
-        }
         self._refused.add(meta["uid"])
+        event = warning_event(pvc, "PersistentVolumeClaim", reason, message, PROVISIONER)
         self.api.request("POST", f"/api/v1/namespaces/{meta['namespace']}/events", event)
         log.warning("claim %s/%s: %s", meta["namespace"], meta["name"], message)
 

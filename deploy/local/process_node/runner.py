@@ -37,7 +37,9 @@ BACKOFF_START, BACKOFF_MAX = 1.0, 30.0
 # stand in for a missing one (tail.ReadAtMost, readLastStringFromContainerLogs).
 MESSAGE_MAX_BYTES, FALLBACK_MAX_BYTES, FALLBACK_LOG_LINES = 4096, 2048, 80
 LAUNCHER = Path(__file__).with_name("launcher.py")
-# Why a pod cannot start yet: retried, shown as CreateContainerConfigError meanwhile.
+# Why a pod's volumes cannot be set up, or a container started, yet: retried. A kubelet shows the first as
+# ContainerCreating with a FailedMount Event (a missing Secret volume, a token the node authorizer does not yet let
+# it ask for), the second as CreateContainerConfigError (a missing ConfigMap key in env, runAsNonRoot as root).
 NOT_YET = (downward.ConfigError, ApiError, OSError)
 # Paths every container must reach whatever its uid: the virtualenv and the Python under it.
 INTERPRETER = sorted({sys.prefix, os.path.realpath(sys.executable)})
@@ -60,6 +62,7 @@ class Node(Protocol):
 
     def publish_status(self, pod: dict, status: dict) -> bool: ...
     def delete_pod(self, pod: dict) -> None: ...
+    def warn(self, pod: dict, reason: str, message: str) -> None: ...
 
 
 def _now() -> str:
@@ -141,6 +144,7 @@ class PodRunner(threading.Thread):
         self.start_time = _now()
         self.conditions: dict[str, dict] = {}
         self.folders: dict[str, Path] | None = None
+        self._mount_at, self._mount_problem = 0.0, ""  # the next try at the volumes, and the last failure's words
         self.hostname = pod["spec"].get("hostname") or meta["name"]
         self.hosts_file = self.dir / "hosts"
         self._kill_at: float | None = None  # set on deletion: SIGKILL what still runs at this time
@@ -208,12 +212,16 @@ class PodRunner(threading.Thread):
 
     def _tick(self) -> None:
         if self.folders is None:
+            if time.monotonic() < self._mount_at:
+                return
             try:
                 self.folders = volumes.materialize(self.pod, self.dir, self.node.cluster, self.node.allocatable)
                 self.node.dns.add_pod(self.pod, self.ip, self.hosts_file)
             except NOT_YET as error:
-                for container in self.init + self.containers:
-                    container.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(error)}}
+                self._mount_at = time.monotonic() + BACKOFF_START
+                if str(error) != self._mount_problem:  # one Event per problem; a kubelet's recorder aggregates
+                    self._mount_problem = str(error)
+                    self.node.warn(self.pod, "FailedMount", f"MountVolume.SetUp failed: {error}")
                 return
         pending_init = next((c for c in self.init if not c.done), None)
         if pending_init is not None:
