@@ -25,8 +25,9 @@ from pydantic import ValidationError
 from finetune_operator import api, children, outcome
 from finetune_operator.api import ConditionType as T
 from finetune_operator.outcome import Outcome, Retry, State
-from finetune_operator.status import (METRICS_READ, STALE_AFTER_SECONDS, STARTING_SECONDS, Conditions, analysis_of, evaluation_of,
-                                      phase_of, progress_and_metrics, pruning_of, timestamp, transitions)
+from finetune_operator.status import (METRICS_READ, STALE_AFTER_SECONDS, STARTING_SECONDS, Conditions, analysis_of,
+                                      evaluation_of, phase_of, progress_and_metrics, pruning_of, timestamp,
+                                      transitions)
 from finetune_trainer.rules import error_lines
 
 
@@ -240,12 +241,8 @@ def decide(seen: Observed) -> Decision | None:
     # Job took the old pods, once Failed, for failures of its own: one counted, and the new Job left running beside
     # the next attempt, which waited for it to finish. So the next attempt comes, not counted, as for a disruption.
     if job is None and pods and all(p.get("deletionTimestamp") for p in pods):
-        status["attempts"] = attempt + 1
-        deleted = children.child_name(meta["name"], attempt)
-        conds.set(T.RESTARTING, True, "JobDeleted", f"the Job {deleted} was deleted; attempt {attempt + 1} resumes "
-                                                    "from the latest checkpoint, if there is one")
-        conds.clear(T.RUNNING, "JobDeleted")
-        conds.clear(T.METRICS_STALE, "JobDeleted")
+        _next_attempt(conds, status, attempt, "JobDeleted",
+                      f"the Job {children.child_name(meta['name'], attempt)} was deleted")
         return _finish(decision, old, conds)
 
     if attempt == 0 or job is None:
@@ -362,11 +359,16 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
         fail("BackoffLimitExceeded", f"{failures} failed attempts (backoffLimit {spec.backoff_limit}); "
                                      f"the last: {result.reason}: {result.message}")
         return
+    _next_attempt(conds, status, attempt, result.reason, f"attempt {attempt} failed ({result.message})")
+
+
+def _next_attempt(conds: Conditions, status: dict[str, Any], attempt: int, reason: str, why: str) -> None:
+    """Attempt `attempt` is over without ending the job: the next one comes, Restarting says why."""
     status["attempts"] = attempt + 1
-    conds.set(T.RESTARTING, True, result.reason, f"attempt {attempt} failed ({result.message}); attempt "
-                                                 f"{attempt + 1} resumes from the latest checkpoint, if there is one")
-    conds.clear(T.RUNNING, result.reason)
-    conds.clear(T.METRICS_STALE, result.reason)
+    conds.set(T.RESTARTING, True, reason, f"{why}; attempt {attempt + 1} resumes from the latest checkpoint, "
+                                          "if there is one")
+    conds.clear(T.RUNNING, reason)
+    conds.clear(T.METRICS_STALE, reason)
 
 
 def _stale(conds: Conditions, old: dict[str, Any], now: datetime, reason: str, message: str) -> None:
