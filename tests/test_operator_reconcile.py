@@ -510,6 +510,11 @@ def test_claims_must_exist_and_fit_the_workers() -> None:
     single = FineTuneJobSpec.model_validate(EXAMPLE["spec"] | {"adjust": {"freeze": {"strategy": "regex", "pattern": "(("}}})
     assert judge.spec_problems(single, {"models": rwo, "data": rwo}, "ns") == [
         "spec.adjust.freeze.pattern: not a valid regular expression (missing ), unterminated subpattern at position 1)"]
+    # model.config's keys are preserved unknown fields, which the apiserver's CEL cannot read: refused before any pod.
+    remote = FineTuneJobSpec.model_validate(EXAMPLE["spec"] | {"model": EXAMPLE["spec"]["model"] | {
+        "config": {"trust_remote_code": True}}})
+    [problem] = judge.spec_problems(remote, {"models": rwo, "data": rwo}, "ns")
+    assert problem.startswith("spec.model.config.trust_remote_code: the trainer never runs a model repository's")
 
 
 def test_metrics_that_cannot_be_read_turn_stale_after_a_grace_and_fresh_again() -> None:

@@ -54,4 +54,6 @@ def spec_problems(spec: api.FineTuneJobSpec, claims: dict[str, dict[str, Any] | 
                     f"{spec.runtime.workers} workers all need it ({' or '.join(sorted(needed))})")
     if spec.adjust.freeze.pattern is not None and (problem := spec.adjust.freeze.pattern_problem()):
         problems.append(f"spec.adjust.freeze.pattern: {problem}")
+    if problem := spec.model.config_problem():
+        problems.append(f"spec.model.config.{problem}")
     return problems

@@ -90,6 +90,15 @@ class ModelSpec(ApiModel):
     )
     revision: str | None = Field(None, max_length=128, description="Hub revision (branch, tag or commit) for hf:// URIs.")
 
+    def config_problem(self) -> str | None:
+        """`key: message` for a `config` key that would run the model repository's own Python (`config` goes to
+        from_pretrained as keyword arguments). The apiserver's CEL cannot read `config`'s preserved fields; the
+        operator and the trainer can."""
+        if "trust_remote_code" in self.config:
+            return ("trust_remote_code: the trainer never runs a model repository's own Python code (its "
+                    "config.json's auto_map); use a model of an architecture transformers has")
+        return None
+
     rules = (
         Rule(
             cel="has(self.uri) || has(self.architecture)",

@@ -84,9 +84,8 @@ def _load_transformer(spec: ModelSpec, tokenizer) -> nn.Module:
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     auto = AutoModelForCausalLM if spec.task == Task.CAUSAL_LM else AutoModelForSequenceClassification
-    if "trust_remote_code" in spec.config:  # model.config goes to from_pretrained as its keyword arguments
-        raise ConfigError("model.config.trust_remote_code: the trainer never runs a model repository's own Python "
-                          "code (its config.json's auto_map); use a model of an architecture transformers has")
+    if problem := spec.config_problem():
+        raise ConfigError(f"model.config.{problem}")
     # Outside the try: a hub that cannot be reached (an OSError) is no mistake of the spec; fetch tells them apart.
     path = None if spec.uri is None else fetch(spec.uri, kind="model", revision=spec.revision, error=ModelError)
     try:
