@@ -92,3 +92,9 @@ class FaultServer:
     def close(self) -> None:
         self.stop.set()
         self.sock.close()
+
+    def __enter__(self) -> FaultServer:
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self.close()

@@ -40,7 +40,6 @@ def test_an_apiserver_that_never_answers_fails_the_call_instead_of_hanging_it(tm
     """A connection the apiserver end dropped silently (a replaced apiserver, a NAT timeout) never answers: without
     a timeout the handler thread waits for ever, holding the namespace's Warnings lock and a thread of kopf's pool."""
     port = free_port()
-    server = FaultServer("127.0.0.1", port, "hang")
     kubeconfig = tmp_path / "kubeconfig"
     kubeconfig.write_text(yaml.safe_dump({
         "apiVersion": "v1", "kind": "Config", "current-context": "c",
@@ -50,9 +49,6 @@ def test_an_apiserver_that_never_answers_fails_the_call_instead_of_hanging_it(tm
     monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
     monkeypatch.setattr(clients, "REQUEST_TIMEOUT_SECONDS", 0.5)
     started = time.monotonic()
-    try:
-        with pytest.raises(urllib3.exceptions.HTTPError):
-            clients.Clients(connections=1).call("GET", api_path("team-a", "events"))
-    finally:
-        server.close()
+    with FaultServer("127.0.0.1", port, "hang"), pytest.raises(urllib3.exceptions.HTTPError):
+        clients.Clients(connections=1).call("GET", api_path("team-a", "events"))
     assert time.monotonic() - started < 10

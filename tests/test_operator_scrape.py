@@ -25,15 +25,12 @@ from operator_fixture import free_port
 ])
 def test_a_faulty_endpoint_is_a_scrape_error_with_its_reason(behaviour: str, reason: str) -> None:
     port = free_port()
-    server = FaultServer("127.0.0.1", port, behaviour)
-    try:
+    with FaultServer("127.0.0.1", port, behaviour):
         started = time.monotonic()
         with pytest.raises(ScrapeError) as error:
             scrape("127.0.0.1", port)
         assert error.value.reason == reason, str(error.value)
         assert time.monotonic() - started < TIMEOUT_SECONDS + 1
-    finally:
-        server.close()
 
 
 def test_an_answer_far_beyond_the_trainers_is_refused_before_it_is_parsed() -> None:
@@ -56,16 +53,13 @@ def test_an_answer_far_beyond_the_trainers_is_refused_before_it_is_parsed() -> N
     full = generate_latest(trainer.registry)
     for body, expected in ((full, None), (full * 8, None), (full * 64, "MetricsTooLarge")):
         port = free_port()
-        server = FaultServer("127.0.0.1", port, serving(body))
-        try:
+        with FaultServer("127.0.0.1", port, serving(body)):
             if expected is None:
                 assert scrape("127.0.0.1", port)["loss"] == 2.5
             else:
                 with pytest.raises(ScrapeError) as error:
                     scrape("127.0.0.1", port)
                 assert error.value.reason == expected
-        finally:
-            server.close()
 
 
 def test_nothing_listening_is_unreachable_and_a_good_endpoint_is_read() -> None:
@@ -73,11 +67,8 @@ def test_nothing_listening_is_unreachable_and_a_good_endpoint_is_read() -> None:
     with pytest.raises(ScrapeError) as error:
         scrape("127.0.0.1", port)
     assert error.value.reason == "MetricsUnreachable"
-    server = FaultServer("127.0.0.1", port, "ok")
-    try:
+    with FaultServer("127.0.0.1", port, "ok"):
         assert scrape("127.0.0.1", port) == {"step": 7.0}
-    finally:
-        server.close()
 
 
 def test_every_poll_error_reason_is_exported_before_its_first_error() -> None:
@@ -115,11 +106,8 @@ def test_rank_0_is_read_directly_whatever_proxy_the_operators_environment_names(
     monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("NO_PROXY", "10.128.0.0/14,127.0.0.0/8,.cluster.local,.svc")
-    server = FaultServer("127.0.0.1", port, "ok")
-    try:
+    with FaultServer("127.0.0.1", port, "ok"):
         assert scrape("127.0.0.1", port) == {"step": 7.0}
-    finally:
-        server.close()
 
 
 def test_a_redirect_from_rank_0_is_not_followed() -> None:
@@ -127,16 +115,13 @@ def test_a_redirect_from_rank_0_is_not_followed() -> None:
     the operator's place in the network (a cloud's metadata address, a service only the operator may reach), and the
     answer's first unparsable line came back in the job's MetricsStale message."""
     target_port, port = free_port(), free_port()
-    target = FaultServer("127.0.0.1", target_port, "ok")  # stands for the address the tenant may not reach itself
-    server = FaultServer("127.0.0.1", port, redirect(f"http://127.0.0.1:{target_port}/latest/meta-data/"))
-    try:
+    # The target stands for the address the tenant may not reach itself.
+    with FaultServer("127.0.0.1", target_port, "ok") as target, \
+            FaultServer("127.0.0.1", port, redirect(f"http://127.0.0.1:{target_port}/latest/meta-data/")):
         with pytest.raises(ScrapeError) as error:
             scrape("127.0.0.1", port)
         assert error.value.reason == "MetricsUnreachable" and "302" in str(error.value), str(error.value)
         assert target.connections == 0
-    finally:
-        server.close()
-        target.close()
 
 
 def test_a_stage_the_status_does_not_know_reads_as_absent() -> None:
