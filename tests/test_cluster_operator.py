@@ -142,6 +142,7 @@ def test_a_missing_dataset_fails_once_with_the_trainers_reason(operator_env: Ope
         "metadata": {"name": "no-data"}})
     failed = env.wait_phase(name, "Failed")
     assert failed["status"]["reason"] == "InvalidDataset" and failed["status"]["attempts"] == 1
+    assert failed["status"]["stage"] == "Loading"  # `kubectl get ftj` says where it stopped
     assert "nowhere.csv" in [c["message"] for c in failed["status"]["conditions"] if c["type"] == "Failed"][0]
     time.sleep(3)  # never retried
     assert len(env.objects("jobs", name)) == 1 and env.ftj(name)["status"]["attempts"] == 1

@@ -192,7 +192,7 @@ def test_a_reason_or_code_the_status_schema_refuses_is_replaced_not_sent() -> No
     seen = Observed(body({"attempts": 1}), [job(failure={"reason": "BackoffLimitExceeded", "message": ""})],
                     [pod(phase="Failed", exit_code=1, message=message)], NOW)
     status = after(decide(seen))
-    assert status["reason"] == "TrainerError" and status["phase"] == "Failed"
+    assert status["reason"] == "TrainerError" and status["phase"] == "Failed" and status["stage"] == "Training"
     assert [f["code"] for f in status["analysis"]["findings"]] == ["Finding", "Finding"]
     FineTuneJobStatus.from_wire(status)  # what the operator writes, the CRD's schema accepts
 
@@ -224,7 +224,18 @@ def test_a_user_error_fails_at_once_with_the_trainers_reason() -> None:
     decision = decide(seen)
     status = after(decision)
     assert status["phase"] == "Failed" and status["reason"] == "InvalidDataset" and status["attempts"] == 1
+    assert status["stage"] == "Loading"  # where it stopped, though no metrics were read before
     assert decision.create_attempt is None and ("Warning", "InvalidDataset", "data/x.csv: does not exist") in decision.events
+
+
+def test_a_stage_that_is_none_of_the_pipelines_is_not_shown() -> None:
+    """The termination message is the image's to write: what is no stage of ours leaves status.stage alone."""
+    for stage in (["Loading"], "Sleeping", None):
+        message = {"stage": stage, "reason": "InvalidDataset", "message": "x", "exitCode": 1}
+        seen = Observed(body({"attempts": 1}), [job(failure={"reason": "BackoffLimitExceeded", "message": ""})],
+                        [pod(phase="Failed", exit_code=1, message=message)], NOW)
+        status = after(decide(seen))
+        assert status["phase"] == "Failed" and "stage" not in status, stage
 
 
 def test_under_torchrun_the_messages_exit_code_decides_and_the_gang_retries() -> None:

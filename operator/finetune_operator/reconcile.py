@@ -26,8 +26,8 @@ from finetune_operator import api, children, outcome
 from finetune_operator.api import ConditionType as T
 from finetune_operator.outcome import Outcome, Retry, State
 from finetune_operator.status import (METRICS_READ, STALE_AFTER_SECONDS, STARTING_SECONDS, Conditions, analysis_of,
-                                      evaluation_of, phase_of, progress_and_metrics, pruning_of, timestamp,
-                                      transitions)
+                                      evaluation_of, phase_of, progress_and_metrics, pruning_of, stage_of,
+                                      timestamp, transitions)
 from finetune_trainer.rules import error_lines
 
 
@@ -351,6 +351,9 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
         return
     # Failed: never retried, retried for free, or counted against backoffLimit.
     status["analysis"] = analysis_of(result.result) or old.get("analysis")
+    # Where it stopped: a job that fails before its first metrics read (a missing dataset, while Loading) had none.
+    if stage := stage_of(result.result):
+        status["stage"] = stage
     if result.retry == Retry.NEVER:
         fail(result.reason, result.message)
         return

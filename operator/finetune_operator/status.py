@@ -8,6 +8,7 @@ from typing import Any
 
 from finetune_operator.api import MAX_FINDINGS, MAX_LAYERS, MESSAGE_MAX, ConditionType, Phase, reason_or
 from finetune_operator.outcome import NOT_CREATED, STUCK_WAITING
+from finetune_trainer.config import Stage
 
 T = ConditionType
 METRICS_READ = "MetricsRead"  # MetricsStale's reason once rank 0 answers again (told by an Event)
@@ -163,6 +164,14 @@ def evaluation_of(result: dict[str, Any]) -> dict[str, Any] | None:
         return None
     return {"baseline": dict(list(baseline.items())[:16]), "final": dict(list(final.items())[:16]),
             "summary": short(_summary(baseline, final), 256)}
+
+
+def stage_of(message: dict[str, Any]) -> str | None:
+    """The stage a termination message says the trainer stopped in; None for what is no stage (an image's own)."""
+    try:
+        return Stage(message.get("stage")).value
+    except ValueError:
+        return None
 
 
 def analysis_of(result: dict[str, Any]) -> dict[str, Any] | None:
