@@ -6,6 +6,7 @@ test_crd.py, through `finetune_operator.generate`.)
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import shutil
@@ -21,7 +22,7 @@ import pytest
 import yaml
 
 import prometheus_server
-from finetune_operator import dashboard, rbac
+from finetune_operator import dashboard, rbac, settings
 from operator_fixture import free_port
 
 REPO = Path(__file__).resolve().parents[1]
@@ -247,6 +248,30 @@ def test_a_trainer_uid_of_openshift_s_range_in_a_values_file_reaches_the_operato
                           "--show-only", "templates/deployment.yaml"], check=True, capture_output=True, text=True).stdout
     env = {e["name"]: e.get("value") for e in yaml.safe_load(out)["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["FINETUNE_OPERATOR_TRAINER_UID"] == "1000680000"
+
+
+def operator_settings(monkeypatch: pytest.MonkeyPatch, *values: str) -> settings.Settings:
+    """The settings the operator of the chart rendered with these `--set-json` values starts with."""
+    out = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"),
+                          *[a for v in values for a in ("--set-json", v)], "--show-only", "templates/deployment.yaml"],
+                         check=True, capture_output=True, text=True).stdout
+    for name in settings.Settings.model_fields:
+        monkeypatch.delenv(settings.ENV_PREFIX + name.upper(), raising=False)
+    for env in yaml.safe_load(out)["spec"]["template"]["spec"]["containers"][0]["env"]:
+        if env["name"].startswith(settings.ENV_PREFIX):
+            monkeypatch.setenv(env["name"], env["value"])
+    parser = argparse.ArgumentParser()
+    settings.add_arguments(parser)
+    return settings.from_arguments(parser.parse_args([]))
+
+
+def test_trainer_resources_set_at_install_are_the_trainers_whole_resources(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Helm merges a value into the chart's default: trainer.resources={"requests": {"cpu": "8", "memory": "32Gi"}}
+    kept the default's limit of 16Gi, and the operator refused a request above its limit at start: it never ran."""
+    wanted = {"requests": {"cpu": "8", "memory": "32Gi"}}
+    ours = operator_settings(monkeypatch, "trainer.resources=" + json.dumps(wanted))
+    assert ours.trainer_resources.requests == wanted["requests"] and not ours.trainer_resources.limits
+    assert operator_settings(monkeypatch).trainer_resources.to_wire() == settings.DEFAULT_TRAINER_RESOURCES
 
 
 @pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
