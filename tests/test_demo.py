@@ -7,8 +7,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 from conftest import LOCAL, REPO
+
+from finetune_operator import judge
+from finetune_operator.api import FineTuneJob
 
 sys.path.insert(0, str(LOCAL))
 import demo  # noqa: E402  (deploy/local/demo.py)
@@ -62,3 +66,12 @@ def test_after_a_failure_it_points_to_the_trainers_log_not_to_a_model() -> None:
     assert f"ls {demo.output_folder(doc)}" in demo.look_around(c, doc, succeeded=True)
     failed = demo.look_around(c, doc, succeeded=False)
     assert "ls " not in failed and "logs -l finetune.dev/job-name=minilm-sentiment" in failed
+
+
+@pytest.mark.parametrize("example", sorted(p.name for p in (REPO / "deploy" / "examples").glob("*.yaml")))
+def test_every_example_runs_on_the_claims_it_sets_up(example: str) -> None:
+    """Its claims were ReadWriteOnce, so minilm-sentiment-2workers.yaml applied in finetune-demo failed InvalidSpec
+    ("claim 'models' is ReadWriteOnce, but the 2 workers all need it")."""
+    spec = FineTuneJob.from_wire(yaml.safe_load((REPO / "deploy" / "examples" / example).read_text())).spec
+    claims = {c["metadata"]["name"]: c for c in demo.claims()}
+    assert judge.spec_problems(spec, claims, demo.NAMESPACE) == []

@@ -46,10 +46,11 @@ def kubectl(c: cluster.Cluster, *args: str, stdin: str | None = None, check: boo
 
 
 def claims() -> list[dict]:
-    """The bundled model and data (`make assets` put them in .data/pvc) as claims the example names."""
+    """The bundled model and data (`make assets` put them in .data/pvc) as claims the examples name; ReadWriteMany,
+    as the workers of minilm-sentiment-2workers.yaml all read and write them (the operator checks the mode)."""
     return [{"apiVersion": "v1", "kind": "PersistentVolumeClaim",
              "metadata": {"name": name, "annotations": {"local.finetune.dev/host-path": str(ASSETS / name)}},
-             "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}
+             "spec": {"accessModes": ["ReadWriteMany"], "resources": {"requests": {"storage": "1Gi"}}}}
             for name in ("models", "data")]
 
 
