@@ -250,6 +250,16 @@ def test_a_trainer_uid_of_openshift_s_range_in_a_values_file_reaches_the_operato
     assert env["FINETUNE_OPERATOR_TRAINER_UID"] == "1000680000"
 
 
+def test_the_chart_installs_only_where_the_apiserver_takes_its_crd() -> None:
+    """The CRD's rules call CEL's quantity library, which an apiserver takes in a new rule only from 1.29 (1.28 has it
+    for a rollback's sake only): the chart allowed 1.27, so on 1.27 and 1.28 Helm went ahead and the CRD was refused."""
+    assert "isQuantity(" in (REPO / "charts" / "finetune-operator" / "crds" / "finetune.dev_finetunejobs.yaml").read_text()
+    for version, takes in (("1.28.15", False), ("1.29.0", True)):
+        result = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"),
+                                 "--kube-version", version], capture_output=True, text=True)
+        assert (result.returncode == 0) == takes, (version, result.stderr)
+
+
 def operator_settings(monkeypatch: pytest.MonkeyPatch, *values: str) -> settings.Settings:
     """The settings the operator of the chart rendered with these `--set-json` values starts with."""
     out = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"),

@@ -32,7 +32,7 @@ METRICS_PORT = 9090
 RENDEZVOUS_PORT = 29500
 TERMINATION_LOG = "/dev/termination-log"
 DEFAULT_SHM = "1Gi"
-# The annotation, not the label of the same name: the label came only in Kubernetes 1.28 (the chart allows 1.27).
+# The annotation, not the label of the same name, which came only in Kubernetes 1.28.
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 
 
