@@ -244,6 +244,29 @@ def test_map_scores_ground_truth_as_perfect_and_noise_as_nothing(pvc_root: Path)
     assert score(40.0)[0] == {"map": 0.0, "map50": 0.0}
 
 
+def test_a_detection_on_a_crowd_region_counts_neither_way(pvc_root: Path, tmp_path: Path) -> None:
+    """A crowd annotation (iscrowd 1) trains nothing, and COCO's evaluation ignores a detection on it: a detector
+    that finds the circle and, scored higher, the crowd of circles beside it scored AP 0.5, the crowd a false
+    positive; now 1."""
+    folder = rewrite(shapes_copy(pvc_root, tmp_path), lambda coco: coco["annotations"].append(
+        {"id": 9999, "image_id": 1, "category_id": 1, "bbox": [0, 0, 40, 30], "iscrowd": 1}))
+    data = load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
+    (loaded,) = [r for s in (data.train, data.validation, data.test) for r in s.inputs if r.path.endswith("00001.jpg")]
+    assert loaded.crowd_boxes == [[0.0, 0.0, 40.0, 30.0]] and loaded.crowd_labels == [1]
+    assert [0.0, 0.0, 40.0, 30.0] not in loaded.boxes  # not trained on
+    record = Annotated(loaded.path, 128, 128, [[64, 64, 120, 120]], [1], [[0, 0, 40, 30]], [1])
+
+    class Finder(torch.nn.Module):
+        def forward(self, pixel_values: torch.Tensor) -> list[dict[str, torch.Tensor]]:  # at 64 pixels
+            return [{"boxes": torch.tensor([[0.0, 0, 20, 15], [32, 32, 60, 60]]), "labels": torch.tensor([1, 1]),
+                     "scores": torch.tensor([0.9, 0.5])}]
+
+    scores, per_class = evaluate_detector(Finder(), encode_images(Split([record], None)),
+                                          make_collate(Task.OBJECT_DETECTION, 0, 64), [Metric.MAP50], 1, CPU,
+                                          {1: "circle"})
+    assert scores == {"map50": pytest.approx(1.0)} and per_class == {"circle": pytest.approx(1.0)}
+
+
 class Shifted(torch.nn.Module):
     """A 'detector' that returns each image's true boxes moved by an amount of its own, at scores of its own, so
     mAP depends on which images are scored, and not on which rank scores them."""

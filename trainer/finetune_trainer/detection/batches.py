@@ -7,6 +7,7 @@ import torch
 from PIL import Image
 
 from finetune_trainer.batches import Batch, Encoded, open_rgb
+from finetune_trainer.detection.coco import Annotated
 
 PAD_LABEL = -1
 
@@ -23,8 +24,13 @@ def collate_detection(data: Encoded, idx: list[int], image_size: int) -> Batch:
         resized = open_rgb(record.path).resize((image_size, image_size), Image.BILINEAR)
         pixels[i] = F.pil_to_tensor(resized).float() / 255
         if record.boxes:
-            scale = torch.tensor([image_size / record.width, image_size / record.height] * 2)
-            boxes[i, : len(record.boxes)] = torch.tensor(record.boxes) * scale
+            boxes[i, : len(record.boxes)] = scaled_boxes(record, record.boxes, image_size)
             labels[i, : len(record.labels)] = torch.tensor(record.labels)
     n = len(records)
     return Batch({"pixel_values": pixels, "boxes": boxes, "box_labels": labels}, labels, n, n, n)
+
+
+def scaled_boxes(record: Annotated, boxes: list[list[float]], image_size: int) -> torch.Tensor:
+    """The record's `boxes` (N, 4) in pixels of its image resized to image_size x image_size."""
+    scale = torch.tensor([image_size / record.width, image_size / record.height] * 2)
+    return torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4) * scale

@@ -7,8 +7,9 @@ An image's `file_name` is relative to the JSON's folder or to its images/ folder
 
 Each record is checked on load: an annotation whose box leaves its image, names an unknown
 category or image, an image without its file or of another size than declared: the error
-names the record (exit 1). Crowd annotations (iscrowd 1) are skipped, as torchvision's
-detectors cannot learn from them.
+names the record (exit 1). Crowd annotations (iscrowd 1) are checked alike but not trained on, as
+torchvision's detectors cannot learn from them; the evaluation keeps them as COCO's does, a region
+where a detection counts neither way.
 """
 
 from __future__ import annotations
@@ -43,6 +44,8 @@ class Annotated:
     height: int
     boxes: list[list[float]] = field(default_factory=list)
     labels: list[int] = field(default_factory=list)
+    crowd_boxes: list[list[float]] = field(default_factory=list)  # iscrowd 1: scored as COCO does, never trained
+    crowd_labels: list[int] = field(default_factory=list)
 
 
 def load_coco(spec: DatasetSpec, seed: int) -> LabelledData:
@@ -129,15 +132,15 @@ def records_of(doc: dict[str, Any], file: Path, categories: dict[int, str],
             bad.add(image["id"])
     crowd = 0
     for i, ann in enumerate(doc["annotations"]):
-        if isinstance(ann, dict) and (ann.get("iscrowd") == 1 or is_int_in(ann.get("image_id"), bad)):
-            crowd += ann.get("iscrowd") == 1
+        if isinstance(ann, dict) and is_int_in(ann.get("image_id"), bad):
             continue
-        add_box(ann, i, images, categories, class_of, problems)
+        crowd += add_box(ann, i, images, categories, class_of, problems)
     if problems:
         more = f" (and {len(problems) - SHOWN_PROBLEMS} more)" if len(problems) > SHOWN_PROBLEMS else ""
         raise DataError(f"{file}: {len(problems)} bad record(s){more}: " + "; ".join(problems[:SHOWN_PROBLEMS]))
     if crowd:
-        log.warning("%s: skipped %d crowd annotation(s) (iscrowd 1)", file, crowd)
+        log.warning("%s: %d crowd annotation(s) (iscrowd 1) not trained on; a detection in one counts neither way "
+                    "in mAP", file, crowd)
     return list(images.values())
 
 
@@ -172,37 +175,40 @@ def image_record(image: Any, i: int, file: Path, problems: list[str]) -> Annotat
 
 
 def add_box(ann: Any, i: int, images: dict[int, Annotated], categories: dict[int, str], class_of: dict[int, int],
-            problems: list[str]) -> None:
+            problems: list[str]) -> bool:
+    """Add the annotation's box to its image, or its problem to `problems`; whether it was a crowd's."""
     if not isinstance(ann, dict):
         problems.append(f"annotations[{i}] is not an object")
-        return
+        return False
     where = f"annotation {ann.get('id', f'[{i}]')} (image {ann.get('image_id')})"
     image = images[ann["image_id"]] if is_int_in(ann.get("image_id"), images) else None
     if image is None:
         problems.append(f"{where}: no image with that id")
-        return
+        return False
     if not is_int_in(ann.get("category_id"), categories):
         known = ", ".join(f"{k} ({v})" for k, v in sorted(categories.items()))
         problems.append(f"{where}: unknown category_id {ann.get('category_id')!r}; the categories are {known}")
-        return
+        return False
     bbox = ann.get("bbox")
     if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
         problems.append(f"{where}: bbox must be [x, y, width, height], got {bbox!r}")
-        return
+        return False
     x, y, w, h = map(float, bbox)
     if not all(map(math.isfinite, (x, y, w, h))):  # a NaN passes every comparison below
         problems.append(f"{where}: bbox {bbox} is not a finite box")
-        return
+        return False
     if w <= 0 or h <= 0:
         problems.append(f"{where}: bbox {bbox} has no area")
-        return
+        return False
     t = EDGE_TOLERANCE
     if x < -t or y < -t or x + w > image.width + t or y + h > image.height + t:
         problems.append(f"{where}: bbox {bbox} lies outside its {image.width}x{image.height} image")
-        return
+        return False
     x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, image.width), min(y + h, image.height)
     if x1 <= x0 or y1 <= y0:  # overhanging by less than the tolerance but not inside: clipping leaves no area
         problems.append(f"{where}: bbox {bbox} has no area inside its {image.width}x{image.height} image")
-        return
-    image.boxes.append([x0, y0, x1, y1])
-    image.labels.append(class_of[ann["category_id"]])
+        return False
+    crowd = ann.get("iscrowd") == 1
+    (image.crowd_boxes if crowd else image.boxes).append([x0, y0, x1, y1])
+    (image.crowd_labels if crowd else image.labels).append(class_of[ann["category_id"]])
+    return crowd

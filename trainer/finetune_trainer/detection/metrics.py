@@ -15,6 +15,8 @@ from torch import nn
 
 from finetune_trainer.batches import Batch, Encoded, polled_eval_batches
 from finetune_trainer.config import Metric
+from finetune_trainer.detection.batches import scaled_boxes
+from finetune_trainer.detection.coco import Annotated
 from finetune_trainer.distributed import World
 from finetune_trainer.train import unwrap
 
@@ -40,7 +42,9 @@ def evaluate_detector(model: nn.Module, data: Encoded, collate: Callable[[Encode
         detections = model(batch.inputs["pixel_values"])  # in fp32 (Detector.forward)
         boxes, labels = batch.inputs["boxes"].cpu(), batch.inputs["box_labels"].cpu()
         predictions += [{k: v.cpu() for k, v in d.items()} for d in detections]
-        truths += [{"boxes": b[lab >= 0], "labels": lab[lab >= 0]} for b, lab in zip(boxes, labels)]
+        size = batch.inputs["pixel_values"].shape[-1]
+        truths += [with_crowds(b[lab >= 0], lab[lab >= 0], data.features[i], size)
+                   for b, lab, i in zip(boxes, labels, idx)]
     model.train(was_training)
     # Not torchmetrics' own sync: it gathers its states one image's tensor at a time, which breaks the collectives
     # (gloo aborts, NCCL hangs) when the ranks hold different numbers of images, as an uneven last batch makes.
@@ -53,3 +57,12 @@ def evaluate_detector(model: nn.Module, data: Encoded, collate: Callable[[Encode
     classes = result["classes"].reshape(-1).tolist()
     per_class = result["map_per_class"].reshape(-1).tolist()
     return values, {id2label.get(int(c), str(c)): float(ap) for c, ap in zip(classes, per_class) if ap >= 0}
+
+
+def with_crowds(boxes: torch.Tensor, labels: torch.Tensor, record: Annotated, size: int) -> dict[str, torch.Tensor]:
+    """An image's ground truth with its crowd regions (iscrowd 1), where COCO's evaluation ignores a detection
+    rather than count it a false positive."""
+    crowds = len(record.crowd_labels)
+    return {"boxes": torch.cat([boxes, scaled_boxes(record, record.crowd_boxes, size)]),
+            "labels": torch.cat([labels, torch.tensor(record.crowd_labels, dtype=labels.dtype)]),
+            "iscrowd": torch.cat([torch.zeros(len(labels), dtype=torch.long), torch.ones(crowds, dtype=torch.long)])}
