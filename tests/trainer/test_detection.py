@@ -448,3 +448,13 @@ def test_ssdlite_with_batch_size_1_is_refused_naming_the_field(pvc_root: Path, t
     with pytest.raises(ConfigError, match=r"training.batchSize 1: ssdlite320_mobilenet_v3_large .* set "
                                           r"training.batchSize to 2 or more"):
         run(cfg, tmp_path / "out")
+
+
+@pytest.mark.parametrize("key", ["min_size", "max_size"])
+def test_a_detectors_input_size_in_model_config_is_refused_naming_dataset_image_size(key: str) -> None:
+    """The README offered model.config.min_size for a detector, but its transform is set to dataset.imageSize over
+    the builder's: min_size 800 at imageSize 128 trained and scored at 128 without a word."""
+    spec = ModelSpec(task="object-detection", architecture="fasterrcnn_mobilenet_v3_large_320_fpn", config={key: 800})
+    with pytest.raises(ConfigError, match=f"model.config.{key}: a detector takes its images at dataset.imageSize"):
+        load_detector(spec, 128)
+    assert ModelSpec(task="image-classification", architecture="resnet18", config={key: 800}).config_problem() is None

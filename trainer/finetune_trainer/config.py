@@ -58,6 +58,9 @@ class Stage(StrEnum):
     DONE = "Done"
 
 
+DETECTOR_SIZES = ("min_size", "max_size")  # torchvision's detector transforms; detection.models sets both
+
+
 class ModelSpec(ApiModel):
     """The model to fine-tune: pretrained weights from `uri`, or a fresh one built from `architecture` + `config`."""
 
@@ -80,7 +83,8 @@ class ModelSpec(ApiModel):
     config: dict[str, Any] = Field(
         default_factory=dict,
         description="Overrides of the model's configuration (transformers config keys, e.g. n_layer; for torchvision "
-        "models the builder's keyword arguments, e.g. min_size or box_score_thresh for a detector). "
+        "models the builder's keyword arguments, e.g. box_score_thresh for a detector, whose input size is "
+        "dataset.imageSize). "
         "Used to build a model from scratch when `uri` is omitted.",
         json_schema_extra={"x-kubernetes-preserve-unknown-fields": True},
     )
@@ -92,11 +96,15 @@ class ModelSpec(ApiModel):
 
     def config_problem(self) -> str | None:
         """`key: message` for a `config` key that would run the model repository's own Python (`config` goes to
-        from_pretrained as keyword arguments). The apiserver's CEL cannot read `config`'s preserved fields; the
+        from_pretrained as keyword arguments), or a detector's input size, which the trainer sets to
+        dataset.imageSize over the builder's. The apiserver's CEL cannot read `config`'s preserved fields; the
         operator and the trainer can."""
         if "trust_remote_code" in self.config:
             return ("trust_remote_code: the trainer never runs a model repository's own Python code (its "
                     "config.json's auto_map); use a model of an architecture transformers has")
+        if self.task == Task.OBJECT_DETECTION and (key := next((k for k in DETECTOR_SIZES if k in self.config), None)):
+            return (f"{key}: a detector takes its images at dataset.imageSize (resized to it square, their boxes with "
+                    "them), and its own transform is set to that; set dataset.imageSize instead")
         return None
 
     rules = (

@@ -85,6 +85,8 @@ def load_detector(spec: ModelSpec, image_size: int) -> Detector:
     from finetune_trainer.models import builder_kwargs, exported_config, read_state_dict, weight_file
 
     architecture = spec.architecture or ""
+    if problem := spec.config_problem():
+        raise ConfigError(f"model.config.{problem}")
     if architecture not in detection_architectures():
         raise ModelError(f"model.architecture {architecture!r}: not a torchvision detector; one of "
                          f"{', '.join(detection_architectures())}")
