@@ -83,6 +83,12 @@ def test_names_columns_and_subresources() -> None:
     assert [c["name"] for c in columns if c.get("priority") == 1] == ["Loss", "Eval", "Reason"]
 
 
+def test_the_condition_types_description_names_every_type(schema: dict[str, Any]) -> None:
+    """`kubectl explain ftj.status.conditions.type` left out MetricsStale, which the operator sets."""
+    condition = schema["properties"]["status"]["properties"]["conditions"]["items"]["properties"]["type"]
+    assert [t for t in api.ConditionType if not re.search(rf"\b{t}\b", condition["description"])] == []
+
+
 def test_cel_rules_cover_cross_field_constraints_and_immutability(schema: dict[str, Any]) -> None:
     rules = {p: [r["rule"] for r in n.get("x-kubernetes-validations", [])] for p, n in walk(schema)}
     assert any("has(self.count)" in r for r in rules[".spec.adjust.freeze"])

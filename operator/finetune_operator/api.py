@@ -255,7 +255,8 @@ class ConditionStatus(StrEnum):
 class Condition(ApiModel):
     """A metav1.Condition."""
 
-    type: ConditionType = Field(description="Created, Scheduled, Running, Restarting, Suspended, Succeeded or Failed.")
+    type: ConditionType = Field(
+        description="Created, Scheduled, Running, Restarting, Suspended, Succeeded, Failed or MetricsStale.")
     status: ConditionStatus = Field(description="True, False or Unknown.")
     reason: Reason = Field(description="CamelCase machine-readable reason, e.g. Unschedulable or InvalidSpec.")
     message: Message = Field("", description="Human-readable details.")
@@ -277,7 +278,7 @@ class Progress(ApiModel):
 class TrainingMetrics(ApiModel):
     """A snapshot of the trainer's live metrics."""
 
-    loss: float | None = Field(None, description="Training loss (moving average).")
+    loss: float | None = Field(None, description="Training loss of the latest step.")
     learning_rate: float | None = Field(None, description="Current learning rate.")
     samples_per_second: float | None = Field(None, description="Training throughput in samples per second.")
     tokens_per_second: float | None = Field(None, description="Training throughput in tokens per second.")
