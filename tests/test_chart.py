@@ -22,6 +22,7 @@ import pytest
 import yaml
 
 import prometheus_server
+from finetune_operator import coretypes as core
 from finetune_operator import dashboard, rbac, settings
 from operator_fixture import free_port
 
@@ -248,6 +249,24 @@ def test_a_trainer_uid_of_openshift_s_range_in_a_values_file_reaches_the_operato
                           "--show-only", "templates/deployment.yaml"], check=True, capture_output=True, text=True).stdout
     env = {e["name"]: e.get("value") for e in yaml.safe_load(out)["spec"]["template"]["spec"]["containers"][0]["env"]}
     assert env["FINETUNE_OPERATOR_TRAINER_UID"] == "1000680000"
+
+
+@pytest.mark.parametrize("resources", [{"limits": {"cpu": 0.5}}, {"requests": {"memory": "four"}},
+                                       {"claims": [{"name": "gpu"}]}])
+def test_trainer_resources_the_operator_would_refuse_are_refused_at_install(resources: dict[str, Any]) -> None:
+    """The schema took any number, string or claim in trainer.resources; the operator refuses what a FineTuneJob's
+    spec.runtime.resources refuses (a fractional number, a string that is no quantity, claims), so it never ran."""
+    result = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"),
+                             "--set-json", "trainer.resources=" + json.dumps(resources)], capture_output=True, text=True)
+    assert result.returncode != 0 and "/trainer/resources" in result.stderr, result.stderr
+
+
+def test_trainer_resources_the_schema_takes_reach_the_operator(monkeypatch: pytest.MonkeyPatch) -> None:
+    wanted = {"requests": {"cpu": "500m", "memory": 17179869184}, "limits": {"memory": "16Gi", "nvidia.com/gpu": 1}}
+    ours = operator_settings(monkeypatch, "trainer.resources=" + json.dumps(wanted))
+    assert ours.trainer_resources.to_wire() == wanted
+    schema = json.loads((REPO / "charts" / "finetune-operator" / "values.schema.json").read_text())
+    assert schema["definitions"]["trainerQuantities"]["additionalProperties"]["pattern"] == core.QUANTITY
 
 
 def test_the_chart_installs_only_where_the_apiserver_takes_its_crd() -> None:
