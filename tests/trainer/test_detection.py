@@ -21,9 +21,10 @@ from finetune_trainer.batches import encode_images, make_collate
 from finetune_trainer.config import DatasetSpec, Metric, ModelSpec, Task, TrainerConfig
 from finetune_trainer.data import Split
 from finetune_trainer.detection import analysis
-from finetune_trainer.detection.coco import Annotated, load_coco
+from finetune_trainer.detection.coco import Annotated, load_coco, renumbered
 from finetune_trainer.detection.metrics import evaluate_detector
-from finetune_trainer.detection.models import class_count, load_detector, load_exported, resize_head
+from finetune_trainer.detection.models import (class_count, kept_head_order, load_detector, load_exported,
+                                                resize_head)
 from finetune_trainer.distributed import World
 from finetune_trainer.errors import ConfigError, DataError, ModelError
 from finetune_trainer.pipeline import run
@@ -458,3 +459,37 @@ def test_a_detectors_input_size_in_model_config_is_refused_naming_dataset_image_
     with pytest.raises(ConfigError, match=f"model.config.{key}: a detector takes its images at dataset.imageSize"):
         load_detector(spec, 128)
     assert ModelSpec(task="image-classification", architecture="resnet18", config={key: 800}).config_problem() is None
+
+
+def test_an_exported_detectors_head_keeps_its_categories_when_the_dataset_numbers_them_otherwise(
+        pvc_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fine-tuning an export of ours on data whose category ids come in another order (another exporter's file):
+    the head was kept, its class 1 (triangle) then trained and scored as circle; now the data takes the head's ids,
+    as a text classifier's does, and the new export's labels.json says so."""
+    from safetensors.torch import save_model
+
+    spec = ModelSpec(task="object-detection", architecture="fasterrcnn_mobilenet_v3_large_320_fpn", config=SMALL_FRCNN)
+    export = tmp_path / "export"
+    export.mkdir()
+    detector = load_detector(spec, 128)
+    resize_head(detector, 4, reinitialize=False)
+    save_model(detector.net, str(export / "model.safetensors"))
+    (export / "config.json").write_text(json.dumps({"architecture": spec.architecture, "config": SMALL_FRCNN,
+                                                    "numLabels": 3, "imageSize": 128}))
+    (export / "labels.json").write_text(json.dumps({"1": "triangle", "2": "circle", "3": "square"}))
+    doc = detection_doc(tmp_path / "out", maxSteps=1, batchSize=4)
+    doc["model"]["uri"] = str(export)
+    doc["evaluation"]["baseline"] = False
+    doc["dataset"]["uri"] = str(same_images_in_every_split(pvc_root, tmp_path / "eight", 8))
+    monkeypatch.setenv("TERMINATION_MESSAGE_PATH", str(tmp_path / "termination"))
+    report = run(TrainerConfig.from_wire(doc), tmp_path / "out")
+    assert report["labels"] == {"1": "triangle", "2": "circle", "3": "square"}
+    assert json.loads((tmp_path / "out" / "labels.json").read_text()) == report["labels"]
+    # Each box keeps its category: the dataset's circle (1) is the head's 2.
+    data = load_coco(DatasetSpec(uri=doc["dataset"]["uri"]), seed=0)
+    reloaded = load_detector(spec.model_copy(update={"uri": str(export), "config": {}}), 128)
+    assert kept_head_order(reloaded, data.id2label, 3, reinitialize=False) == [2, 3, 1]
+    assert kept_head_order(reloaded, data.id2label, 3, reinitialize=True) is None
+    moved = renumbered(data, [2, 3, 1])
+    assert [[moved.id2label[c] for c in r.labels] for r in moved.train.inputs] == [
+        [data.id2label[c] for c in r.labels] for r in data.train.inputs]

@@ -35,9 +35,9 @@ from finetune_trainer.config import Batching, HealSpec, PruneSpec, Stage, Task, 
 from finetune_trainer.data import (LabelledData, Split, check_label_count, head_order, in_head_order, load_dataset,
                                    load_texts)
 from finetune_trainer.detection import analysis as detection_analysis
-from finetune_trainer.detection.coco import load_coco
+from finetune_trainer.detection.coco import load_coco, renumbered
 from finetune_trainer.detection.metrics import evaluate_detector
-from finetune_trainer.detection.models import check_batch_size, load_detector, resize_head
+from finetune_trainer.detection.models import check_batch_size, kept_head_order, load_detector, resize_head
 from finetune_trainer.errors import EXIT_OK, ConfigError, Terminated
 from finetune_trainer.evaluate import deltas, evaluate
 from finetune_trainer.lora_fused import fuse
@@ -157,6 +157,9 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     if detecting:
         torch.manual_seed(seed)  # fresh weights and a new head, the same on every rank and rerun
         model = load_detector(cfg.model, cfg.dataset.image_size).to(world.device)
+        if order := kept_head_order(model, data.id2label, num_labels, cfg.rearrange.head.reinitialize):
+            data = renumbered(data, order)
+            train_data, validation_data, test_data = encode(data, tokenizer, cfg)
     else:
         model = load_model(cfg.model, tokenizer, seed, world.device)
         if order := trained_head_order(model, data.id2label, num_labels, cfg.rearrange.head.reinitialize):

@@ -18,13 +18,13 @@ import json
 import logging
 import math
 from collections.abc import Container
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from finetune_trainer.config import DatasetSpec
-from finetune_trainer.data import (TEST, TRAIN, VALIDATION, LabelledData, drop_empty_splits, read_text, split,
-                                   split_of)
+from finetune_trainer.data import (TEST, TRAIN, VALIDATION, LabelledData, Split, drop_empty_splits, read_text,
+                                   split, split_of)
 from finetune_trainer.errors import DataError
 from finetune_trainer.uris import fetch
 
@@ -67,6 +67,16 @@ def load_coco(spec: DatasetSpec, seed: int) -> LabelledData:
              spec.uri, ", ".join(files), len(train.inputs), boxes, len(validation.inputs), len(test.inputs),
              len(id2label))
     return LabelledData(train=train, validation=validation, test=test, id2label=id2label)
+
+
+def renumbered(data: LabelledData, order: list[int]) -> LabelledData:
+    """`data` with class id c renumbered order[c - 1] (`models.kept_head_order`)."""
+    def moved(split: Split) -> Split:
+        return Split([replace(r, labels=[order[c - 1] for c in r.labels],
+                              crowd_labels=[order[c - 1] for c in r.crowd_labels]) for r in split.inputs], split.labels)
+
+    return LabelledData(moved(data.train), moved(data.validation), moved(data.test),
+                        dict(sorted((order[c - 1], name) for c, name in data.id2label.items())))
 
 
 def annotation_files(path: Path) -> dict[str, Path]:

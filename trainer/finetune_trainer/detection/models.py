@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 from finetune_trainer.config import ModelSpec
+from finetune_trainer.data import head_order
 from finetune_trainer.errors import ConfigError, ModelError
 from finetune_trainer.uris import fetch
 
@@ -31,12 +32,14 @@ class Detector(nn.Module):
     """A torchvision detector over padded batch tensors: pixel_values (B, 3, H, W) in 0..1, boxes (B, M, 4) as
     [x0, y0, x1, y1] pixels and box_labels (B, M), where a label below 0 pads."""
 
-    def __init__(self, net: nn.Module, architecture: str, image_size: int, builder_kwargs: dict[str, Any]) -> None:
+    def __init__(self, net: nn.Module, architecture: str, image_size: int, builder_kwargs: dict[str, Any],
+                 labels: dict[int, str] | None = None) -> None:
         super().__init__()
         self.net = net
         self.architecture = architecture
         self.image_size = image_size
         self.builder_kwargs = builder_kwargs
+        self.labels = labels  # the class names of an export of ours, which its head was trained on
         set_input_size(net, image_size)
 
     def forward(self, pixel_values: torch.Tensor, boxes: torch.Tensor | None = None,
@@ -91,7 +94,8 @@ def load_detector(spec: ModelSpec, image_size: int) -> Detector:
         raise ModelError(f"model.architecture {architecture!r}: not a torchvision detector; one of "
                          f"{', '.join(detection_architectures())}")
     path = None if spec.uri is None else fetch(spec.uri, kind="model", revision=spec.revision, error=ModelError)
-    kwargs = builder_kwargs(exported_config(path), spec.config, background=1)
+    saved = exported_config(path)
+    kwargs = builder_kwargs(saved, spec.config, background=1)
     try:
         net = torchvision.models.get_model(architecture, weights=None, weights_backbone=None, **kwargs)
     except (TypeError, ValueError) as exc:
@@ -102,7 +106,28 @@ def load_detector(spec: ModelSpec, image_size: int) -> Detector:
         except RuntimeError as exc:
             raise ModelError(f"model {spec.uri}: its weights do not fit {architecture} with {class_count(net)} "
                              f"classes (set model.config.num_classes to the checkpoint's; {exc})"[:2000]) from exc
-    return Detector(net, architecture, image_size, kwargs)
+    return Detector(net, architecture, image_size, kwargs, exported_labels(path) if saved and path else None)
+
+
+def exported_labels(folder: Path) -> dict[int, str] | None:
+    """The class names of an export of ours (export.py's labels.json), when it has them."""
+    from finetune_trainer.models import read_config
+
+    file = folder / "labels.json"
+    return {int(k): str(v) for k, v in read_config(file).items()} if file.is_file() else None
+
+
+def kept_head_order(detector: Detector, id2label: dict[int, str], num_labels: int,
+                    reinitialize: bool) -> list[int] | None:
+    """`data.head_order` (the dataset's class c takes the head's class order[c - 1]) for a detector whose head stays
+    as an export of ours trained it (its size fits, no reinitialize asked), where it names the dataset's categories
+    in another order."""
+    if detector.labels is None or reinitialize or class_count(detector.net) != num_labels + 1:
+        return None
+    if (order := head_order(id2label, detector.labels)) is not None:
+        log.info("the detector's head names the dataset's categories in another order (%s); they take its ids",
+                 ", ".join(detector.labels[c] for c in sorted(detector.labels)))
+    return order
 
 
 def load_exported(folder: Path) -> Detector:
