@@ -111,6 +111,18 @@ def test_a_job_whose_pods_cannot_be_created_says_why() -> None:
     assert "service account" in [c["message"] for c in status["conditions"] if c["type"] == "Scheduled"][0]
 
 
+def test_a_jobs_warnings_from_before_it_was_made_are_not_its_own() -> None:
+    """A FineTuneJob deleted and made again under its name makes a Job of the old one's name: the old Job's
+    FailedCreate (a quota since raised) stayed an hour under that name and was shown as the new Job's."""
+    quota = ("2026-12-01T11:00:00Z", 'Error creating: pods "ft-1-0-x" is forbidden: exceeded quota: gpus')
+    account = ("2026-12-01T12:00:00.250000Z", "Error creating: error looking up service account ns/gone")
+    assert outcome.latest_warning({"FailedCreate": quota}, since="2026-12-01T12:00:00Z") is None
+    # An eventTime (microseconds) in the second the Job was made is its own.
+    assert outcome.latest_warning({"FailedCreate": quota, "": account}, since="2026-12-01T12:00:00Z") == (
+        "FailedCreate", account[1])
+    assert outcome.latest_warning({"FailedCreate": quota}) == ("FailedCreate", quota[1])
+
+
 def test_a_running_job_shows_progress_from_rank_zeros_metrics() -> None:
     sample = {"step": 30, "total_steps": 120, "epoch": 0.25, "loss": 0.61, "learning_rate": 1e-3,
               "samples_per_second": 32.0, "tokens_per_second": 900.0, "stage": "Training"}

@@ -219,7 +219,7 @@ def _job_warning(clients: Clients, warnings: Warnings, seen: reconcile.Observed,
     created = datetime.strptime(job["created"], "%Y-%m-%dT%H:%M:%SZ") if job["created"] else seen.now
     if (seen.now - created).total_seconds() < PODLESS_GRACE_SECONDS:
         return None
-    return outcome.latest_warning(warnings.of(clients, ns, job["name"]))
+    return outcome.latest_warning(warnings.of(clients, ns, job["name"]), since=job["created"])
 
 
 CLAIMS_TTL_SECONDS = 5.0

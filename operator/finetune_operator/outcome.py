@@ -110,11 +110,15 @@ def warnings_of(events: list[dict[str, Any]], reasons: tuple[str, ...] | None = 
     return found
 
 
-def latest_warning(warnings: dict[str, tuple[str, str]]) -> tuple[str, str] | None:
-    """The reason and message of the latest of one object's warnings (`warnings_of`)."""
-    if not warnings:
+def latest_warning(warnings: dict[str, tuple[str, str]], since: str | None = None) -> tuple[str, str] | None:
+    """The reason and message of the latest of one object's warnings (`warnings_of`), of those no older than the
+    object (`since`, its creationTimestamp): Events are about a name, and a job deleted and made again under its
+    name makes a Job of the old one's name, whose hour-long Events (a quota since raised) are not the new one's."""
+    # To the second: creationTimestamp has no fraction, an eventTime has one.
+    recent = {r: w for r, w in warnings.items() if since is None or w[0][:19] >= since[:19]}
+    if not recent:
         return None
-    reason, (_, message) = max(warnings.items(), key=lambda item: item[1][0])
+    reason, (_, message) = max(recent.items(), key=lambda item: item[1][0])
     return reason or "FailedCreate", message
 
 
