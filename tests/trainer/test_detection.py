@@ -493,3 +493,17 @@ def test_an_exported_detectors_head_keeps_its_categories_when_the_dataset_number
     moved = renumbered(data, [2, 3, 1])
     assert [[moved.id2label[c] for c in r.labels] for r in moved.train.inputs] == [
         [data.id2label[c] for c in r.labels] for r in data.train.inputs]
+
+
+def test_bottom_layers_counts_the_four_stages_of_a_resnet_backbone() -> None:
+    """The ResNet stem's batch norm (bn1, with weights of its own when built without pretrained ones) counted as
+    the backbone's first stage: bottom-layers 1 froze the stem alone, and 4 left layer4 training."""
+    from finetune_trainer.adjust import freeze
+    from finetune_trainer.config import FreezeSpec
+    from finetune_trainer.structure import depth, head_name
+
+    detector = load_detector(ModelSpec(task="object-detection", architecture="retinanet_resnet50_fpn"), 64)
+    layers = depth(detector, Task.OBJECT_DETECTION)
+    assert layers.units == [f"net.backbone.body.layer{i}" for i in range(1, 5)]
+    freeze(detector, FreezeSpec(strategy="bottom-layers", count=1), layers, head_name(detector, Task.OBJECT_DETECTION))
+    assert {n.split(".")[3] for n, p in detector.named_parameters() if not p.requires_grad} == {"conv1", "bn1", "layer1"}

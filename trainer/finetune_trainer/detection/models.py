@@ -158,7 +158,9 @@ def backbone_units(net: nn.Module) -> list[str]:
     if len(stages) <= 2:  # SSDlite cuts its MobileNet in two at the feature map it taps: their blocks are the stages
         stages = [f"{n}.{m}" for n in stages for m, c in body.get_submodule(n).named_children()
                   if any(True for _ in c.parameters())]
-    return [f"net.backbone.{name}.{stage}" for stage in stages[1:]]
+    # The stem: ResNet's lone conv1 and bn1 before its first block; else the first stage (MobileNet's, VGG's conv)
+    stem = next((i for i, s in enumerate(stages) if any(True for _ in body.get_submodule(s).children())), 1)
+    return [f"net.backbone.{name}.{stage}" for stage in stages[max(stem, 1):]]
 
 
 def class_count(net: nn.Module) -> int:
