@@ -507,3 +507,11 @@ def test_bottom_layers_counts_the_four_stages_of_a_resnet_backbone() -> None:
     assert layers.units == [f"net.backbone.body.layer{i}" for i in range(1, 5)]
     freeze(detector, FreezeSpec(strategy="bottom-layers", count=1), layers, head_name(detector, Task.OBJECT_DETECTION))
     assert {n.split(".")[3] for n, p in detector.named_parameters() if not p.requires_grad} == {"conv1", "bn1", "layer1"}
+
+
+def test_two_categories_of_one_id_are_refused_naming_both(pvc_root: Path, tmp_path: Path) -> None:
+    """Two exports' categories joined naively, each numbering from 1: the last name took the id, so every box of
+    either category trained and was scored as that one."""
+    folder = rewrite(shapes_copy(pvc_root, tmp_path), lambda c: c["categories"].append({"id": 2, "name": "car"}))
+    with pytest.raises(DataError, match=r"categories\[3\] \('car'\) has the id of 'square' too \(2\)"):
+        load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)

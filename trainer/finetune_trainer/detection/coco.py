@@ -115,6 +115,9 @@ def category_names(docs: dict[str, dict[str, Any]], files: dict[str, Path]) -> d
         for i, cat in enumerate(doc["categories"]):
             if not isinstance(cat, dict) or not isinstance(cat.get("id"), int) or not isinstance(cat.get("name"), str):
                 raise DataError(f"{files[name]}: categories[{i}] needs an integer id and a name, got {cat!r}")
+            if categories.get(cat["id"], cat["name"]) != cat["name"]:  # two files' categories joined naively
+                raise DataError(f"{files[name]}: categories[{i}] ({cat['name']!r}) has the id of "
+                                f"{categories[cat['id']]!r} too ({cat['id']}), so their boxes cannot be told apart")
             categories[cat["id"]] = cat["name"]
         if not categories:
             raise DataError(f"{files[name]}: no categories")
