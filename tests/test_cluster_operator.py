@@ -148,6 +148,25 @@ def test_a_missing_dataset_fails_once_with_the_trainers_reason(operator_env: Ope
     assert len(env.objects("jobs", name)) == 1 and env.ftj(name)["status"]["attempts"] == 1
 
 
+def test_a_secret_volume_not_there_is_shown_then_waited_for(operator_env: OperatorEnv) -> None:
+    # The kubelet keeps such a pod in ContainerCreating and says why only in a FailedMount Event: the job must say it
+    # (Pending, not a failure), and run once the Secret is made.
+    env = operator_env
+    name = env.apply(example("minilm-sentiment", dataset=SMALL, runtime={
+        "volumes": [{"name": "creds", "secret": {"secretName": "hub-token"}}],
+        "volumeMounts": [{"name": "creds", "mountPath": "/creds", "readOnly": True}]}) | {"metadata": {"name": "creds"}})
+    stuck = env.wait_ftj(name, lambda o: conditions(o).get("Running") == ("False", "FailedMount"),
+                         "Running False FailedMount", timeout=240)  # the operator asks after 2 minutes of creating
+    message = [c["message"] for c in stuck["status"]["conditions"] if c["type"] == "Running"][0]
+    assert f"secret {env.namespace}/hub-token not found" in message, message
+    assert stuck["status"]["phase"] == "Pending" and stuck["status"].get("failures", 0) == 0
+    env.kube.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "hub-token"},
+                    "stringData": {"token": "t"}}, env.namespace)
+    running = env.wait_phase(name, "Running", timeout=120)
+    assert running["status"]["attempts"] == 1
+    env.kube.kubectl("delete", "ftj", name, "-n", env.namespace, "--wait=false")
+
+
 def test_a_gpu_request_no_node_can_hold_shows_the_schedulers_message(operator_env: OperatorEnv) -> None:
     env = operator_env
     doc = example("minilm-sentiment", runtime={"resources": {"limits": {"nvidia.com/gpu": 99}}})
