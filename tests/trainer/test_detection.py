@@ -515,3 +515,16 @@ def test_two_categories_of_one_id_are_refused_naming_both(pvc_root: Path, tmp_pa
     folder = rewrite(shapes_copy(pvc_root, tmp_path), lambda c: c["categories"].append({"id": 2, "name": "car"}))
     with pytest.raises(DataError, match=r"categories\[3\] \('car'\) has the id of 'square' too \(2\)"):
         load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
+
+
+def test_fcos_reaches_boxes_of_any_size_and_is_warned_only_of_small_ones() -> None:
+    """FCOS matches a location to a box by the box's extent, its top level without an upper bound; the analysis
+    capped its reach at 181 px (its largest 'anchor', 128, by sqrt 2) and told a user of 300-pixel boxes at 512 to
+    shrink the images."""
+    detector = load_detector(ModelSpec(task="object-detection", architecture="fcos_resnet50_fpn"), 512)
+    large = [Annotated("unread.jpg", 512, 512, [[100, 100, 400, 400]], [1])] * 4
+    report = analysis.anchor_report(detector, encode_images(Split(large, None)))
+    assert report["reach"][1] is None and report["outside_share"] == 0 and not analysis.anchor_findings(report)
+    small = [Annotated("unread.jpg", 512, 512, [[10, 10, 13, 13]], [1])] * 4
+    (finding,) = analysis.anchor_findings(analysis.anchor_report(detector, encode_images(Split(small, None))))
+    assert "4 smaller, 0 larger" in finding.message and "to any size" in finding.message

@@ -5,7 +5,8 @@ A box can be matched well (IoU 0.5 or more) only by an anchor whose side is with
 sqrt(2) of its own (for squares centred on each other IoU is the ratio of their areas), so a
 box whose side sqrt(w h) lies outside [smallest anchor / sqrt(2), largest anchor x sqrt(2)]
 is one the detector can only learn through low-quality matches; when most boxes do, that is
-a warning with the sizes to use instead.
+a warning with the sizes to use instead. FCOS, which matches by extent rather than IoU, has
+no upper bound: its top level takes boxes of any size.
 """
 
 from __future__ import annotations
@@ -76,9 +77,10 @@ def box_sides(data: Encoded, image_size: int) -> list[float]:
 def anchor_report(detector: Detector, data: Encoded) -> dict[str, Any]:
     low, high = anchor_sides(detector)
     sides = sorted(box_sides(data, detector.image_size))
-    reach = (low / MATCH_RATIO, high * MATCH_RATIO)
+    # FCOS matches no IoU: a location inside a box takes it by the box's extent, its top level without a bound
+    reach = (low / MATCH_RATIO, None if detector.architecture.startswith("fcos") else high * MATCH_RATIO)
     below = sum(s < reach[0] for s in sides)
-    above = sum(s > reach[1] for s in sides)
+    above = sum(s > reach[1] for s in sides) if reach[1] is not None else 0
     quantile = (lambda q: sides[min(len(sides) - 1, int(q * len(sides)))]) if sides else (lambda q: None)
     return {"anchor_sides": [low, high], "reach": list(reach), "boxes": len(sides), "box_side_p5": quantile(0.05),
             "box_side_median": quantile(0.5), "box_side_p95": quantile(0.95), "below_reach": below,
@@ -89,10 +91,11 @@ def anchor_findings(anchors: dict[str, Any]) -> list[Finding]:
     if anchors["outside_share"] <= MOST:
         return []
     low, high = anchors["anchor_sides"]
+    top = "any size" if anchors["reach"][1] is None else f"{anchors['reach'][1]:.0f} px"
     return [Finding(Severity.WARNING, "AnchorsMissBoxes",
                     f"{anchors['outside_share']:.0%} of the {anchors['boxes']} training boxes lie outside the anchors' "
                     f"reach ({anchors['below_reach']} smaller, {anchors['above_reach']} larger; anchors {low:.0f} to "
-                    f"{high:.0f} px reach {anchors['reach'][0]:.0f} to {anchors['reach'][1]:.0f} px at IoU 0.5, the "
+                    f"{high:.0f} px reach {anchors['reach'][0]:.0f} px to {top} at IoU 0.5, the "
                     f"boxes run {anchors['box_side_p5']:.0f} to {anchors['box_side_p95']:.0f} px (5th to 95th "
                     "percentile)): change dataset.imageSize to scale the boxes into reach, or the anchor sizes")]
 
