@@ -528,3 +528,11 @@ def test_fcos_reaches_boxes_of_any_size_and_is_warned_only_of_small_ones() -> No
     small = [Annotated("unread.jpg", 512, 512, [[10, 10, 13, 13]], [1])] * 4
     (finding,) = analysis.anchor_findings(analysis.anchor_report(detector, encode_images(Split(small, None))))
     assert "4 smaller, 0 larger" in finding.message and "to any size" in finding.message
+
+
+def test_a_train_split_without_a_box_is_refused(pvc_root: Path, tmp_path: Path) -> None:
+    """An exporter that wrote no annotations (or crowds only): every step taught background and every score was
+    mAP 0, reported as a job that succeeded."""
+    folder = rewrite(shapes_copy(pvc_root, tmp_path), lambda c: c.update(annotations=[]))
+    with pytest.raises(DataError, match="its 320 training images hold no box to learn from .no annotation in"):
+        load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)

@@ -63,6 +63,10 @@ def load_coco(spec: DatasetSpec, seed: int) -> LabelledData:
     train, validation, test = split(records, dict.fromkeys(records), spec, seed)
     id2label = {class_of[cid]: categories[cid] for cid in sorted(categories)}
     boxes = sum(len(r.boxes) for r in train.inputs)
+    if not boxes:  # every step would teach "background", every score would be mAP 0
+        raise DataError(f"dataset {spec.uri}: its {len(train.inputs)} training images hold no box to learn from "
+                        f"({'crowd annotations only' if any(r.crowd_boxes for r in train.inputs) else 'no annotation'} "
+                        f"in {files[TRAIN]})")
     log.info("dataset %s (coco; splits given: %s): %d train images (%d boxes), %d validation, %d test, %d categories",
              spec.uri, ", ".join(files), len(train.inputs), boxes, len(validation.inputs), len(test.inputs),
              len(id2label))
