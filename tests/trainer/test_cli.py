@@ -124,6 +124,18 @@ def test_more_processes_than_gpus_is_the_users_mistake(tmp_path: Path, terminati
     assert sent["message"].startswith("runtime.processesPerWorker: this worker runs more processes than it has GPUs (1)")
 
 
+@pytest.mark.parametrize("output", ["taken", "taken/out"], ids=["a-file", "under-a-file"])
+def test_an_output_folder_that_cannot_be_made_exits_1_before_loading(output: str, tmp_path: Path,
+                                                                     termination: Path) -> None:
+    """It failed with exit 2 (infrastructure: retried into the same folder) and a traceback, after the model, the
+    data and the analysis had loaded."""
+    (tmp_path / "taken").write_text("not a folder")
+    assert run(tiny_classifier_doc(tmp_path / output), tmp_path) == 1
+    sent = json.loads(termination.read_text())
+    assert (sent["exitCode"], sent["reason"], sent["stage"]) == (1, "InvalidConfig", "Starting"), sent
+    assert sent["message"].startswith(f"output.uri (or --output): cannot write to {tmp_path / output}: "), sent
+
+
 def test_failures_that_are_not_the_users_never_exit_1(tmp_path: Path, termination: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A GPU running out of memory (simulated: there is none here) and a broken install are infrastructure."""

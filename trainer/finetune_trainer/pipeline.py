@@ -12,9 +12,11 @@ an exit code).
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import json
 import logging
+import os
 import signal
 import sys
 import time
@@ -147,6 +149,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         raise ConfigError(f"adjust.freeze.pattern: {problem}")
     if detecting:
         check_batch_size(cfg.model.architecture or "", cfg.training.batch_size)
+    check_output(out)
     progress.enter(Stage.LOADING)
     tokenizer = None if task in (Task.IMAGE_CLASSIFICATION, Task.OBJECT_DETECTION) else load_tokenizer(cfg.model)
     data = load_coco(cfg.dataset, seed) if detecting else load_dataset(cfg.dataset, task, seed)
@@ -325,6 +328,23 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     world.barrier()
     progress.enter(Stage.DONE)
     return result
+
+
+# Why a folder cannot take the outputs that another attempt would meet again: a file in the way, no permission.
+UNWRITABLE = {errno.ENOTDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def check_output(out: Path) -> None:
+    """Create the output folder before anything is loaded: one that cannot take the outputs is the user's to fix
+    (exit 1), found in seconds rather than after loading, analysis and a baseline."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        if not os.access(out, os.W_OK | os.X_OK):
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(out))
+    except OSError as exc:
+        if exc.errno not in UNWRITABLE:
+            raise
+        raise ConfigError(f"output.uri (or --output): cannot write to {out}: {exc.strerror}") from exc
 
 
 # Fields that change no weight at any step: editing them must not restart a run from step 0.
