@@ -590,6 +590,31 @@ def test_an_exported_image_classifier_loads_again_as_model_uri(pvc_root: Path, t
         torch.testing.assert_close(logits_of(reloaded.eval(), batch.inputs), logits_of(model.eval(), batch.inputs))
 
 
+def test_an_exported_image_classifiers_head_keeps_its_classes_when_the_dataset_numbers_them_otherwise(
+        pvc_root: Path, tmp_path: Path) -> None:
+    """An export of ours fine-tuned again on data that numbers its classes in another order (a hub dataset's
+    ClassLabel order, then an image folder's sorted names): the head was kept as it was, so its class 0 trained and
+    scored as the dataset's class 0, another class. As for a text classifier, the data takes the head's ids by name,
+    from the export's labels.json."""
+    from finetune_trainer.config import DatasetSpec, TrainerConfig
+    from finetune_trainer.data import load_dataset
+    from finetune_trainer.pipeline import trained_head_order
+
+    data = load_dataset(DatasetSpec(uri="pvc://data/digits", maxTrainSamples=16), Task.IMAGE_CLASSIFICATION, 0)
+    reversed_names = {i: data.id2label[9 - i] for i in range(10)}
+    spec = ModelSpec(task="image-classification", architecture="mobilenet_v3_small")
+    model = load_model(spec, None, seed=0)
+    new_head(model, "net.classifier.3", 10, reversed_names, reinitialize=False)
+    cfg = TrainerConfig.model_validate({"model": spec.to_wire(), "dataset": {"uri": "pvc://data/digits"},
+                                        "output": {"uri": str(tmp_path)}})
+    export_model(model, None, reversed_names, cfg, tmp_path)
+    reloaded = load_vision_model(ModelSpec(task="image-classification", uri=str(tmp_path)))
+    assert reloaded.labels == reversed_names
+    assert trained_head_order(reloaded, data.id2label, 10, reinitialize=False) == list(range(9, -1, -1))
+    assert trained_head_order(reloaded, data.id2label, 10, reinitialize=True) is None
+    assert trained_head_order(load_model(spec, None, seed=0), data.id2label, 10, reinitialize=False) is None
+
+
 def test_an_image_classifier_with_a_head_wider_than_its_labels_loads_again(tmp_path: Path) -> None:
     """rearrange.head.numLabels may exceed the dataset's labels; config.json's numLabels is the head's size, which
     the weights have, not the label count."""

@@ -31,11 +31,13 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth
 class ImageClassifier(nn.Module):
     """A torchvision network called like a transformers model: keyword inputs in, logits out."""
 
-    def __init__(self, net: nn.Module, architecture: str, builder_kwargs: dict[str, Any] | None = None) -> None:
+    def __init__(self, net: nn.Module, architecture: str, builder_kwargs: dict[str, Any] | None = None,
+                 labels: dict[int, str] | None = None) -> None:
         super().__init__()
         self.net = net
         self.architecture = architecture
         self.builder_kwargs = builder_kwargs or {}  # what built `net`; the export records them
+        self.labels = labels  # the class names of an export of ours, which its head was trained on
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.net(pixel_values)
@@ -166,7 +168,7 @@ def load_vision_model(spec: ModelSpec) -> ImageClassifier:
             net.load_state_dict(read_state_dict(weight_file(path)))
         except RuntimeError as exc:
             raise ModelError(f"model {spec.uri}: its weights do not fit {architecture} ({exc})") from exc
-    return ImageClassifier(net, architecture, kwargs)
+    return ImageClassifier(net, architecture, kwargs, exported_labels(path) if saved and path else None)
 
 
 def exported_config(path: Path | None) -> dict[str, Any] | None:
@@ -175,6 +177,12 @@ def exported_config(path: Path | None) -> dict[str, Any] | None:
     exported = None if path is None else path / "config.json"
     saved = read_config(exported) if exported is not None and exported.is_file() else None
     return saved if isinstance(saved, dict) and isinstance(saved.get("numLabels"), int) else None
+
+
+def exported_labels(folder: Path) -> dict[int, str] | None:
+    """The class names of an export of ours (export.py's labels.json), when it has them."""
+    file = folder / "labels.json"
+    return {int(k): str(v) for k, v in read_config(file).items()} if file.is_file() else None
 
 
 def builder_kwargs(saved: dict[str, Any] | None, config: dict[str, Any], background: int) -> dict[str, Any]:

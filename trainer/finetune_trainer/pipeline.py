@@ -43,7 +43,7 @@ from finetune_trainer.detection.models import check_batch_size, kept_head_order,
 from finetune_trainer.errors import EXIT_OK, ConfigError, Terminated
 from finetune_trainer.evaluate import deltas, evaluate
 from finetune_trainer.lora_fused import fuse
-from finetune_trainer.models import check_positions, check_vocabulary, load_model, load_tokenizer
+from finetune_trainer.models import ImageClassifier, check_positions, check_vocabulary, load_model, load_tokenizer
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
 from finetune_trainer.structure import depth, head_name, lora_candidates
 from finetune_trainer.telemetry import Metrics, write_failure, write_termination
@@ -114,9 +114,10 @@ def run(cfg: TrainerConfig, output_dir: Path) -> dict[str, Any]:
         raise Terminated(f"stopped by SIGTERM in stage {progress.stage.value}"
                          + ("; the trained weights are in a checkpoint" if trained else ""))
 
-    previous = None
+    previous = interrupt = None
     with contextlib.suppress(ValueError):  # not the main thread: SIGTERM keeps its default
         previous = signal.signal(signal.SIGTERM, stop)
+        interrupt = ctrl_c_as_sigterm()
     try:
         report = stages(cfg, Path(output_dir), world, progress)
         write_termination({"stage": Stage.DONE.value, "reason": "Succeeded", "message": outcome(report),
@@ -128,7 +129,24 @@ def run(cfg: TrainerConfig, output_dir: Path) -> dict[str, Any]:
     finally:
         if previous is not None:
             signal.signal(signal.SIGTERM, previous)
-        metrics.close()
+        metrics.close()  # Ctrl-C still ends its wait for the last scrape, as SIGTERM does
+        if interrupt is not None:
+            signal.signal(signal.SIGINT, interrupt)
+
+
+def ctrl_c_as_sigterm() -> Any:
+    """Ctrl-C stops a run as SIGTERM does: a checkpoint of the steps made, a one-line message, exit 143; it raised
+    KeyboardInterrupt mid-step, which lost the steps since the last periodic checkpoint and printed a traceback. A
+    SIGINT ignored when the trainer started (a background job of a script) stays ignored. Returns the handler
+    to put back, or None."""
+    if signal.getsignal(signal.SIGINT) is not signal.default_int_handler:
+        return None
+
+    def forward(*_: Any) -> None:
+        log.warning("Ctrl-C (SIGINT): stopping as on SIGTERM")
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    return signal.signal(signal.SIGINT, forward)
 
 
 def outcome(report: dict[str, Any]) -> str:
@@ -421,13 +439,18 @@ def pruning_message(pruning: dict[str, Any]) -> dict[str, Any]:
 
 def trained_head_order(model: nn.Module, id2label: dict[int, str], num_labels: int,
                        reinitialize: bool) -> list[int] | None:
-    """`head_order` for a classifier whose head stays as it was trained (its size fits, no reinitialize asked)."""
-    config = getattr(model, "config", None)
-    if not id2label or config is None or reinitialize or config.num_labels != num_labels:
+    """`head_order` for a classifier whose head stays as it was trained (its size fits, no reinitialize asked): a
+    transformers model's config names its labels, a torchvision one's export of ours its labels.json."""
+    if isinstance(model, ImageClassifier):
+        head, size = model.labels, model.builder_kwargs.get("num_classes")
+    else:
+        config = getattr(model, "config", None)
+        head, size = (config.id2label, config.num_labels) if config is not None else (None, None)
+    if not id2label or not head or reinitialize or size != num_labels:
         return None
-    if (order := head_order(id2label, config.id2label)) is not None:
+    if (order := head_order(id2label, head)) is not None:
         log.info("the model's head names the dataset's labels in another order (%s); they take its ids",
-                 ", ".join(config.id2label[i] for i in sorted(config.id2label)))
+                 ", ".join(head[i] for i in sorted(head)))
     return order
 
 

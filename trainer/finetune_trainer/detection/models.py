@@ -85,7 +85,7 @@ def load_detector(spec: ModelSpec, image_size: int) -> Detector:
     torchvision state dict (.pth/.pt/.safetensors) or a folder holding one (an export of ours included)."""
     import torchvision
 
-    from finetune_trainer.models import builder_kwargs, exported_config, read_state_dict, weight_file
+    from finetune_trainer.models import builder_kwargs, exported_config, exported_labels, read_state_dict, weight_file
 
     architecture = spec.architecture or ""
     if problem := spec.config_problem():
@@ -107,14 +107,6 @@ def load_detector(spec: ModelSpec, image_size: int) -> Detector:
             raise ModelError(f"model {spec.uri}: its weights do not fit {architecture} with {class_count(net)} "
                              f"classes (set model.config.num_classes to the checkpoint's; {exc})"[:2000]) from exc
     return Detector(net, architecture, image_size, kwargs, exported_labels(path) if saved and path else None)
-
-
-def exported_labels(folder: Path) -> dict[int, str] | None:
-    """The class names of an export of ours (export.py's labels.json), when it has them."""
-    from finetune_trainer.models import read_config
-
-    file = folder / "labels.json"
-    return {int(k): str(v) for k, v in read_config(file).items()} if file.is_file() else None
 
 
 def kept_head_order(detector: Detector, id2label: dict[int, str], num_labels: int,
