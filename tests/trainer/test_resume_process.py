@@ -60,7 +60,7 @@ def reference(tmp_path_factory: pytest.TempPathFactory) -> dict:
     return weights(saved)
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT, signal.SIGKILL], ids=["sigterm", "ctrl-c", "sigkill"])
 def test_an_interrupted_run_resumes_to_the_same_weights(sig: signal.Signals, reference: dict, tmp_path: Path) -> None:
     config, saved_dir = job(tmp_path, "interrupted")
     proc = start(config)
@@ -68,9 +68,10 @@ def test_an_interrupted_run_resumes_to_the_same_weights(sig: signal.Signals, ref
     proc.send_signal(sig)
     code = proc.wait(timeout=120)
     saved = [int(p.name.split("-")[1]) for p in complete(saved_dir)]
-    if sig == signal.SIGTERM:
+    if sig != signal.SIGKILL:
         assert code == 143  # checkpoint written, the attempt may be resumed
-        assert saved[-1] > 20  # the checkpoint SIGTERM wrote, after the periodic one at step 20
+        assert saved[-1] > 20  # the checkpoint SIGTERM (or Ctrl-C) wrote, after the periodic one at step 20
+        assert "Traceback" not in config.with_suffix(".log").read_text()
     else:
         assert code == -signal.SIGKILL
     assert 20 <= saved[-1] < 60 and not (saved_dir.parent.parent / "model.safetensors").exists()

@@ -2,7 +2,7 @@
 
 Runs the pipeline in this process (or in each process torchrun starts), prints a summary
 table of baseline against fine-tuned, and exits 0 on success, 1 on a user error (bad
-config, data or model; a diverging loss), 143 after a checkpoint on SIGTERM, and 2 on
+config, data or model; a diverging loss), 143 after a checkpoint on SIGTERM or Ctrl-C, and 2 on
 anything else (an infrastructure failure that a new attempt may get past).
 """
 
