@@ -31,3 +31,24 @@ def test_the_exported_weights_are_as_readable_as_the_other_files(tmp_path: Path)
              if p.is_file()}
     assert {"model.safetensors", "adapter/adapter_model.safetensors"} <= set(modes)
     assert set(modes.values()) == {modes["config.json"]}, modes
+
+
+def test_adapters_kept_apart_leave_no_merged_weights_of_an_earlier_export(tmp_path: Path) -> None:
+    """mergeOnExport changes no weight, so flipping it to false and running again into the same folder resumes and
+    exports again: the adapters went to adapter/, and the first run's merged model.safetensors stayed beside them,
+    which `from_pretrained(out)` loaded as this run's model."""
+    spec = ModelSpec(task=Task.SEQUENCE_CLASSIFICATION, architecture="bert", config=TINY_BERT, tokenizerUri=TOKENIZER)
+    tokenizer = load_tokenizer(spec)
+    model = load_model(spec, tokenizer, seed=0)
+    labels = {0: "neg", 1: "neu", 2: "pos"}
+    new_head(model, "classifier", 3, labels, reinitialize=True)
+    doc = tiny_classifier_doc(tmp_path / "out")
+    doc["model"] = spec.to_wire() | {"uri": TOKENIZER}  # the base is model.uri's: the card loads it from there
+    doc["rearrange"] = {"lora": {"rank": 4}}
+    export_model(model, tokenizer, labels, TrainerConfig.model_validate(doc), tmp_path / "out")  # as if merged
+    assert (tmp_path / "out" / "model.safetensors").exists()
+    wrapped = add_adapters(model, LoraSpec(rank=4), ["bert.encoder.layer.1.output.dense"], "classifier")
+    doc["rearrange"]["mergeOnExport"] = False
+    files = export_model(wrapped, tokenizer, labels, TrainerConfig.model_validate(doc), tmp_path / "out")
+    assert "adapter/adapter_model.safetensors" in files
+    assert not [f for f in files if f.startswith("model") and f.endswith((".safetensors", ".json"))], files

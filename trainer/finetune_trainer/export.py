@@ -35,6 +35,9 @@ def export_model(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg
         model.save_pretrained(out / "adapter")
         if base_is_new(cfg):  # what they adapt: the adapters taken out (in place), not merged
             write_weights(model.unload(), cfg, out)
+        else:  # an earlier run into this folder (mergeOnExport flipped) may have left its merged weights: not these
+            for path in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json")]:
+                path.unlink()
     else:
         # An earlier run into this folder (mergeOnExport flipped) may have left adapters apart: loaded onto these
         # merged weights they would apply twice.
