@@ -241,6 +241,19 @@ def test_nan_weights_are_fatal_and_a_nan_loss_is_caught(tmp_path: Path, terminat
     assert sent["stage"] == Stage.TRAINING.value and sent["reason"] == "LossNotFinite"
 
 
+def test_evaluations_during_training_are_in_the_log(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The step lines stopped while the validation split was scored (minutes, on a large one) and its scores were
+    in no line: only in the metrics and the report."""
+    caplog.set_level("INFO")
+    assert run(tiny_classifier_doc(tmp_path / "out", evalEverySteps=4), tmp_path) == 0
+    evals = json.loads((tmp_path / "out" / "report.json").read_text())["training"]["evals"]
+    assert [e["step"] for e in evals] == [4, 8]
+    lines = [r.getMessage() for r in caplog.records if r.name == "finetune_trainer.pipeline"]
+    for e in evals:
+        assert f"validation at step {e['step']}: {e['metrics']}" in lines, lines
+    assert sum(line.startswith("evaluating on the validation split (") for line in lines) == 2, lines
+
+
 def test_success_writes_the_termination_message_and_the_summary(tmp_path: Path, termination: Path,
                                                                 capsys: pytest.CaptureFixture) -> None:
     assert run(tiny_classifier_doc(tmp_path / "out"), tmp_path) == 0

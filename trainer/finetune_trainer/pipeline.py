@@ -70,6 +70,17 @@ class Progress:
         if self.main:
             log.info("stage %s", stage.value)
 
+    def evaluating(self, rows: int) -> None:
+        """Said before an evaluation during training: on a large validation split it takes minutes without a step."""
+        if self.main:
+            log.info("evaluating on the validation split (%d rows)", rows)
+
+    def evaluated(self, state: LoopState) -> None:
+        latest = state.evals[-1]
+        self.metrics.set_eval("training", latest["metrics"])
+        if self.main:
+            log.info("validation at step %d: %s", latest["step"], latest["metrics"])
+
     def step(self, state: LoopState, total: int, flops_per_sample: float | None, device: torch.device) -> None:
         last = state.history[-1]
         per_second = state.samples / max(state.seconds, 1e-9)
@@ -302,11 +313,15 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     if world.size > 1:
         trained = nn.parallel.DistributedDataParallel(model, find_unused_parameters=bool(report.no_grad_parameters))
     flops = report.flops["training_per_sample"]
+
+    def validate(before_batch: Callable[[], None]) -> dict[str, float]:  # selection never sees the test split
+        progress.evaluating(len(validation_data.lengths))
+        return measure(model, validation_data, before_batch=before_batch)
+
     hooks = Hooks(
-        # selection (early stopping) never sees the test split
-        evaluate=lambda before_batch: measure(model, validation_data, before_batch=before_batch),
+        evaluate=validate,
         on_step=lambda state, planned: progress.step(state, planned, flops, world.device),
-        on_eval=lambda state: progress.metrics.set_eval("training", state.evals[-1]["metrics"]),
+        on_eval=progress.evaluated,
         checkpoint_dir=checkpoint_dir,
     )
     progress.bar = progress_bar(steps) if world.main else None
