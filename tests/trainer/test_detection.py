@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 import torch
 import yaml
+from torch import nn
 
 from finetune_trainer.batches import encode_images, make_collate
 from finetune_trainer.config import DatasetSpec, Metric, ModelSpec, Task, TrainerConfig
@@ -347,6 +348,34 @@ def test_weights_from_a_state_dict_load_and_a_mismatch_is_named(pvc_root: Path, 
     torch.testing.assert_close(loaded.net.state_dict(), source.net.state_dict())
     with pytest.raises(ModelError, match="num_classes"):
         load_detector(spec.model_copy(update={"uri": str(tmp_path / "ssdlite.pth"), "config": {"num_classes": 4}}), 64)
+
+
+def test_a_detector_from_trained_weights_keeps_its_backbones_batch_norm_as_torchvision_builds_it(
+        pvc_root: Path, tmp_path: Path) -> None:
+    """Built with weights=None (no download), then given trained weights, the backbone's batch norm trained on:
+    each step at detection's few images per batch moved the statistics away from the ones the weights were trained
+    with, where torchvision builds such a detector with FrozenBatchNorm2d. From scratch it trains them, as there."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    spec = ModelSpec(task="object-detection", architecture="fasterrcnn_mobilenet_v3_large_320_fpn", config=SMALL_FRCNN)
+    torch.manual_seed(0)
+    fresh = load_detector(spec, 64)
+    torch.save(fresh.net.state_dict(), tmp_path / "trained.pth")
+    trained = load_detector(spec.model_copy(update={"uri": str(tmp_path / "trained.pth")}), 64)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in trained.net.backbone.body.modules())
+    assert any(isinstance(m, FrozenBatchNorm2d) for m in trained.net.backbone.body.modules())
+    _, batch = batch_of(load_coco(DatasetSpec(uri="pvc://data/shapes"), seed=0).train.inputs[:2], 64)
+    for detector, moves in ((fresh, True), (trained, False)):
+        before = {n: b.clone() for n, b in detector.net.backbone.body.named_buffers() if "running_mean" in n}
+        detector.train()(**batch.inputs).backward()
+        after = dict(detector.net.backbone.body.named_buffers())
+        assert any(not torch.equal(b, after[n]) for n, b in before.items()) == moves
+    # The weights are the same model: in eval mode both detect alike.
+    fresh.eval(), trained.eval()
+    with torch.no_grad():
+        pixels = torch.rand(1, 3, 64, 64)
+        torch.testing.assert_close(load_detector(spec.model_copy(update={"uri": str(tmp_path / "trained.pth")}), 64)
+                                   .eval()(pixels)[0]["scores"], trained(pixels)[0]["scores"])
 
 
 def detection_doc(output: Path, **training: Any) -> dict[str, Any]:

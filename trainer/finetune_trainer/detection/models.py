@@ -26,6 +26,11 @@ log = logging.getLogger(__name__)
 
 PRIOR_PROBABILITY = 0.01  # RetinaNet's and FCOS's initial foreground probability (focal loss paper, 3.3)
 TWO_IMAGES_PER_BATCH = ("ssdlite",)  # batch norm down to 1x1 feature maps: one image gives one value per channel
+# The builders that, given trained weights, make their backbone's batch norm frozen (torchvision's FrozenBatchNorm2d:
+# `norm_layer = FrozenBatchNorm2d if is_trained else BatchNorm2d`): at detection's batches of 2 to 8 images, statistics
+# that training moved would stray from the ones the weights were trained with. The v2 builders and SSD keep theirs.
+FROZEN_NORM_WHEN_TRAINED = ("fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_large_fpn",
+                            "fasterrcnn_mobilenet_v3_large_320_fpn", "retinanet_resnet50_fpn", "fcos_resnet50_fpn")
 
 
 class Detector(nn.Module):
@@ -101,12 +106,25 @@ def load_detector(spec: ModelSpec, image_size: int) -> Detector:
     except (TypeError, ValueError) as exc:
         raise ModelError(f"model.config {spec.config}: {architecture} does not take it ({exc})") from exc
     if path is not None:
+        if architecture in FROZEN_NORM_WHEN_TRAINED:  # built with weights=None (no download), so not done by torchvision
+            freeze_batch_norm(net.backbone.body)
         try:
             net.load_state_dict(read_state_dict(weight_file(path)))
         except RuntimeError as exc:
             raise ModelError(f"model {spec.uri}: its weights do not fit {architecture} with {class_count(net)} "
                              f"classes (set model.config.num_classes to the checkpoint's; {exc})"[:2000]) from exc
     return Detector(net, architecture, image_size, kwargs, exported_labels(path) if saved and path else None)
+
+
+def freeze_batch_norm(module: nn.Module) -> None:
+    """Each BatchNorm2d below `module` made a FrozenBatchNorm2d of its size and eps (the weights load into it)."""
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    for name, child in module.named_children():
+        if isinstance(child, nn.BatchNorm2d):
+            setattr(module, name, FrozenBatchNorm2d(child.num_features, child.eps))
+        else:
+            freeze_batch_norm(child)
 
 
 def kept_head_order(detector: Detector, id2label: dict[int, str], num_labels: int,
