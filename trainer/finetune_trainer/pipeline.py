@@ -19,6 +19,7 @@ import logging
 import os
 import signal
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -372,8 +373,8 @@ def check_output(out: Path) -> None:
     (exit 1), found in seconds rather than after loading, analysis and a baseline."""
     try:
         out.mkdir(parents=True, exist_ok=True)
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(out))
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".writable-"):  # what a mount allows, not just its mode bits
+            pass
     except OSError as exc:
         if exc.errno not in UNWRITABLE:
             raise
