@@ -112,6 +112,10 @@ def test_validate_takes_multi_document_files(tmp_path: Path, capsys: pytest.Capt
     assert out.count(": valid") == 1 and err.count(": invalid") == 1
     path.write_text(good + "\n---\n\n---\n" + good)
     assert main(["validate", str(path)]) == 0
+    capsys.readouterr()
+    path.write_text("# a manifest to come\n---\n")  # said nothing and exited 0, where kubectl apply fails
+    assert main(["validate", str(path)]) == 1
+    assert capsys.readouterr().err == f"{path}: no objects in it\n"
 
 
 def test_the_readme_multi_node_example_is_valid() -> None:

@@ -38,6 +38,9 @@ def validate(paths: list[Path]) -> int:
             failed += 1
             print(f"{path}: cannot read it: {exc}", file=sys.stderr)
             continue
+        if not docs:  # kubectl apply refuses it too ("no objects passed to apply"): likely the wrong file
+            failed += 1
+            print(f"{path}: no objects in it", file=sys.stderr)
         for doc in docs:
             if _other_kind(doc):
                 print(f"{path}: {doc['kind']} {_name(doc)}: skipped (not a {api.KIND})")
