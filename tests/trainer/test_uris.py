@@ -60,9 +60,11 @@ def hub_cache(root: Path, repo: str, source: Path) -> None:
 def test_hf_uri_loads_from_the_hub_cache_offline(tmp_path: Path, pvc_root: Path) -> None:
     hub_cache(tmp_path / "hub", "local-org/minilm", local_path("pvc://models/all-MiniLM-L6-v2").resolve())
     script = """
+import logging
 from finetune_trainer.config import ModelSpec
 from finetune_trainer.errors import UserError
 from finetune_trainer.models import load_model, load_tokenizer
+logging.basicConfig(level=logging.INFO, format="%(message)s")
 spec = ModelSpec(uri="hf://local-org/minilm", task="sequence-classification")
 model = load_model(spec, load_tokenizer(spec), seed=0)
 print("loaded", type(model).__name__, model.config.hidden_size)
@@ -76,6 +78,9 @@ except UserError as exc:
     assert out.returncode == 0, out.stderr
     assert "loaded BertForSequenceClassification 384" in out.stdout
     assert "refused tokenizer hf://local-org/absent: not on the hub nor in the local cache" in out.stdout
+    # A download of several GB shows no progress bar in a pod: the log says what it fetches, and when it has it.
+    assert "model hf://local-org/minilm: fetching revision main from the hub, or its cache" in out.stderr
+    assert f"model hf://local-org/minilm: at {tmp_path / 'hub'}" in out.stderr
 
 
 def test_a_hub_that_cannot_be_reached_is_no_user_error(tmp_path: Path) -> None:

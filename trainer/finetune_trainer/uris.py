@@ -9,13 +9,17 @@ folder of the repository.
 
 from __future__ import annotations
 
+import logging
 import os
+import time
 from pathlib import Path
 
 from finetune_trainer.errors import UserError
 
 PVC_ROOT_ENV = "FINETUNE_PVC_ROOT"
 LOCAL_PVC_ROOT = Path(".data") / "pvc"
+
+log = logging.getLogger(__name__)
 
 
 def pvc_root() -> Path:
@@ -58,6 +62,9 @@ def fetch(uri: str, *, kind: str, revision: str | None = None, repo_type: str = 
                                             RevisionNotFoundError)
 
         repo_id, folder = hub_parts(uri)
+        # The hub's progress bars are off in a pod: without a line, a download of several GB looks like a hang.
+        log.info("%s %s: fetching revision %s from the hub, or its cache (HF_HOME)", kind, uri, revision or "main")
+        started = time.monotonic()
         try:
             snapshot = Path(snapshot_download(repo_id, revision=revision, repo_type=repo_type,
                                               allow_patterns=f"{folder}/**" if folder else None))
@@ -69,6 +76,7 @@ def fetch(uri: str, *, kind: str, revision: str | None = None, repo_type: str = 
             raise error(f"{kind} {uri}: not on the hub nor in the local cache ({exc})") from exc
         if not (snapshot / folder).is_dir():
             raise error(f"{kind} {uri}: {repo_id} has no folder {folder!r}")
+        log.info("%s %s: at %s after %.1f s", kind, uri, snapshot / folder, time.monotonic() - started)
         return snapshot / folder
     path = local_path(uri)
     if not path.exists():
