@@ -82,3 +82,5 @@ def test_every_example_runs_on_a_small_budget(example: Path, tmp_path: Path) -> 
     assert report["training"]["steps"] == 2 and report["training"]["workers"] == processes
     assert set(report["evaluation"]["final"]) == set(spec.get("evaluation", {}).get("metrics", ["accuracy", "f1"]))
     assert "model.safetensors" in report["files"]  # adapters, where there are any, merged on export
+    # What the export is, not the run's checkpoints beside it.
+    assert (tmp_path / "out" / "checkpoints").is_dir() and not [f for f in report["files"] if "checkpoint" in f]

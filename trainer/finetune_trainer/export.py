@@ -48,7 +48,9 @@ def export_model(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg
     if id2label:
         (out / "labels.json").write_text(json.dumps({str(k): v for k, v in id2label.items()}, indent=2))
     weights_follow_umask(out)
-    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
+    # The checkpoints beside the export (out/checkpoints) are the run's, not the model's.
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*")
+                  if p.is_file() and p.relative_to(out).parts[0] != "checkpoints")
 
 
 def weights_follow_umask(out: Path) -> None:
