@@ -155,6 +155,22 @@ def test_validate_reads_yaml_as_kubectl_does(tmp_path: Path, capsys: pytest.Capt
     assert "spec.dataset.labelField: Input should be a valid string" in capsys.readouterr().err
 
 
+def test_the_trainer_runs_the_one_job_of_a_file_that_holds_its_claims_too(tmp_path: Path) -> None:
+    """`kubectl apply -f job.yaml` takes a job with its claims in one file; `finetune-trainer run job.yaml` refused
+    it with PyYAML's "expected a single document in the stream"."""
+    job = (EXAMPLES[0].parent / "minilm-sentiment.yaml").read_text()
+    claim = "apiVersion: v1\nkind: PersistentVolumeClaim\nmetadata: {name: models}\nspec: {}\n"
+    path = tmp_path / "job.yaml"
+    path.write_text(f"{claim}---\n{job}---\n")
+    assert TrainerConfig.from_file(path) == TrainerConfig.from_document(yaml.safe_load(job))
+    path.write_text(f"{job}---\n{job}")
+    with pytest.raises(ValueError, match="2 documents with 2 FineTuneJobs in it: the trainer runs one"):
+        TrainerConfig.from_file(path)
+    path.write_text("")
+    with pytest.raises(ValueError, match="a config is a mapping"):
+        TrainerConfig.from_file(path)
+
+
 def test_validate_reports_odd_documents_and_skips_other_kinds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Each document gets a verdict and none a traceback; a claim beside the job is kubectl's to create, not ours to judge."""
     from finetune_operator.__main__ import main

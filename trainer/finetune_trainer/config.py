@@ -587,7 +587,12 @@ class TrainerConfig(ApiModel):
 
     @classmethod
     def from_file(cls, path: str | Path) -> TrainerConfig:
-        return cls.from_document(yaml.load(Path(path).read_text(), Loader=KubectlLoader))
+        """One document, or the one FineTuneJob among several (a job.yaml with its claims, as kubectl applies it)."""
+        docs = [d for d in yaml.load_all(Path(path).read_text(), Loader=KubectlLoader) if d is not None]
+        jobs = [d for d in docs if isinstance(d, dict) and d.get("kind") == "FineTuneJob"]
+        if len(docs) > 1 and len(jobs) != 1:
+            raise ValueError(f"{len(docs)} documents with {len(jobs)} FineTuneJobs in it: the trainer runs one")
+        return cls.from_document(jobs[0] if jobs else (docs or [None])[0])
 
 
 _WIRE_FIELDS = {f.alias or name for name, f in TrainerConfig.model_fields.items()}
