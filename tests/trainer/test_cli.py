@@ -136,6 +136,17 @@ def test_an_output_folder_that_cannot_be_made_exits_1_before_loading(output: str
     assert sent["message"].startswith(f"output.uri (or --output): cannot write to {tmp_path / output}: "), sent
 
 
+def test_an_output_uri_that_is_not_local_is_refused_naming_it(tmp_path: Path, termination: Path) -> None:
+    """Run on its own without --output, an hf:// output (which the operator refuses at admission) exited 1 saying
+    only "not a local URI", and wrote no termination message."""
+    doc = tiny_classifier_doc(tmp_path / "out")
+    doc["output"]["uri"] = "hf://org/name"
+    assert run(doc, tmp_path) == 1
+    sent = json.loads(termination.read_text())
+    assert (sent["exitCode"], sent["reason"], sent["stage"]) == (1, "InvalidConfig", "Starting"), sent
+    assert sent["message"].startswith("output.uri: hf://org/name: not a local URI"), sent
+
+
 def test_failures_that_are_not_the_users_never_exit_1(tmp_path: Path, termination: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """A GPU running out of memory (simulated: there is none here) and a broken install are infrastructure."""

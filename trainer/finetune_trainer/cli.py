@@ -73,9 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def start(args: argparse.Namespace) -> int:
     setup_logging()
-    from finetune_trainer.config import Stage, TrainerConfig
+    from finetune_trainer.config import TrainerConfig
     from finetune_trainer.rules import error_lines
-    from finetune_trainer.telemetry import write_termination
 
     try:
         cfg = TrainerConfig.from_file(args.config)
@@ -85,6 +84,14 @@ def start(args: argparse.Namespace) -> int:
         problem = f"cannot read {args.config}: {exc}"
     else:
         return execute(cfg, args.output)
+    return refuse(problem)
+
+
+def refuse(problem: str) -> int:
+    """A config the trainer cannot run, before the pipeline starts: said, and in the termination message."""
+    from finetune_trainer.config import Stage
+    from finetune_trainer.telemetry import write_termination
+
     log.error("%s", problem)
     write_termination({"stage": Stage.STARTING.value, "reason": "InvalidConfig", "message": problem,
                        "exitCode": EXIT_USER_ERROR})
@@ -97,6 +104,9 @@ def execute(cfg: Any, output: Path | None) -> int:
 
     try:
         out = output or local_path(cfg.output.uri)
+    except UserError as exc:  # hf://, which the operator refuses at admission; here, without --output
+        return refuse(f"output.uri: {exc}; give a local one, or --output")
+    try:
         report = pipeline.run(cfg, out)
     except Exception as exc:  # the same exit code the termination message already carries
         if isinstance(exc, UserError):
