@@ -19,6 +19,7 @@ import yaml
 from fault_servers import FaultServer
 from finetune_operator.api import FineTuneJobSpec
 from finetune_operator.children import METRICS_PORT, rendezvous
+from finetune_operator.status import STALE_AFTER_SECONDS
 from kube import Kube
 from operator_fixture import REPO, OperatorEnv, crd_installed, example, kwok_claim, kwok_job, operator_env  # noqa: F401 (fixtures)
 
@@ -173,9 +174,9 @@ def test_faulty_metrics_endpoints_make_their_jobs_stale_and_no_other(operator_en
         healthy = env.wait_ftj("metrics-ok", lambda o: (o["status"].get("progress") or {}).get("step") == 7,
                                "the healthy job's step", 30)
         first = healthy["status"]["progress"]["updatedAt"]
-        time.sleep(3)
-        again = env.ftj("metrics-ok")["status"]
-        assert again["progress"]["updatedAt"] > first, "the healthy job's status stopped being refreshed"
+        # Refreshed before it would count as stale; a fixed 3 s sleep can be shorter than one reconcile at load 10+.
+        again = env.wait_ftj("metrics-ok", lambda o: o["status"]["progress"]["updatedAt"] > first,
+                             "the healthy job's status refreshed", STALE_AFTER_SECONDS)["status"]
         assert not any(c["type"] == "MetricsStale" and c["status"] == "True" for c in again["conditions"])
         reasons = {e["reason"] for e in env.events("metrics-hang")}
         assert "MetricsTimeout" in reasons
