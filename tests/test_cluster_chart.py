@@ -194,8 +194,13 @@ def _run_and_scrape(kube: Kube, ns: str, operator_ip: str, prometheus: prometheu
     # The small job can end inside the claim's 30 s.
     failed = kube.wait_for("no-claim Failed", lambda: ended("no-claim", "Failed") and ftj("no-claim"), ns, timeout=60)
     assert failed["status"]["reason"] == "InvalidSpec"
-    time.sleep(4)  # the operator's last gauges, scraped
-    end = time.time()
+    # The range ends once a point of its 2 s grid sees no-claim's failure scraped (the failures panel): a fixed 4 s
+    # sleep missed it whenever the scrape came more than 2 s after the failure, as on a loaded machine.
+    def failure_scraped() -> float | None:
+        now = time.time()
+        return now if has_data(prometheus.query_range("finetune_operator_job_failures_total", start, now)) else None
+
+    end = kube.wait_for("no-claim's failure scraped", failure_scraped, ns, timeout=60)
 
     # The trainer's series carry the job's name and namespace, from the pod's labels.
     steps = prometheus.query_range(f'finetune_trainer_step{{finetunejob="{name}"}}', start, end)
