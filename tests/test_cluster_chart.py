@@ -242,8 +242,13 @@ def _uninstall_leaves_nothing(kube: Kube, ns: str) -> None:
 
     def left() -> list[str]:
         kinds = ("all,serviceaccounts,roles,rolebindings,configmaps,networkpolicies,endpointslices", "-n", ns)
+        # Cluster-wide, this release's only: a release of this name in another namespace (one a failed test left
+        # behind) is not this one's to answer for.
+        cluster_wide = json.loads(kube.kubectl("get", "clusterroles,clusterrolebindings", "-l", selector,
+                                               "-o", "json").stdout)["items"]
         return (kube.kubectl("get", *kinds, "-l", selector, "-o", "name").stdout.split()
-                + kube.kubectl("get", "clusterroles,clusterrolebindings", "-l", selector, "-o", "name").stdout.split())
+                + [f"{o['kind']}/{o['metadata']['name']}" for o in cluster_wide
+                   if (o["metadata"].get("annotations") or {}).get("meta.helm.sh/release-namespace") == ns])
 
     # The operator's pod goes last: the garbage collector deletes it with its ReplicaSet, after its grace period.
     kube.wait_for("nothing of the release left", lambda: not left(), ns, timeout=90)
