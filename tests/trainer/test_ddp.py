@@ -23,7 +23,7 @@ from finetune_trainer import pipeline
 from finetune_trainer.checkpoints import complete
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.telemetry import TERMINATION_ENV
-from tiny import free_port, seconds_between, tiny_classifier_doc
+from tiny import EVALUATING, free_port, seconds_between, tiny_classifier_doc
 
 pytestmark = pytest.mark.slow
 STEPS = 30  # 480 samples / (8 per rank x 2 ranks)
@@ -174,10 +174,9 @@ def test_sigterm_during_a_long_evaluation_stops_both_ranks_at_one_batch(tmp_path
     config, out = job("stopped")
     termination = tmp_path / "termination-log"
     run = torchrun(config, tmp_path / "stopped.log", **{TERMINATION_ENV: str(termination)})
-    while "step 1/6" not in (tmp_path / "stopped.log").read_text():
+    while EVALUATING not in (tmp_path / "stopped.log").read_text():  # step 3's evaluation has begun
         assert run.poll() is None
         time.sleep(0.02)
-    time.sleep(evaluating / 10)  # into step 3's evaluation: steps 2 and 3 take milliseconds
     (folder,) = (out / "checkpoints").iterdir()
     sent = time.monotonic()
     run.send_signal(signal.SIGTERM)  # as the kubelet does to the container's first process

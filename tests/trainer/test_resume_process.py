@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from finetune_trainer.checkpoints import complete, folder_name
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.pipeline import fingerprinted
-from tiny import seconds_between, tiny_classifier_doc, trainer_command
+from tiny import EVALUATING, seconds_between, tiny_classifier_doc, trainer_command
 
 pytestmark = pytest.mark.slow
 
@@ -111,10 +111,9 @@ def test_sigterm_during_a_long_evaluation_stops_it_and_the_resumed_run_evaluates
 
     config, saved = long_validation_job(tmp_path, "stopped")
     proc = start(config)
-    while "step 1/6" not in config.with_suffix(".log").read_text():
+    while EVALUATING not in config.with_suffix(".log").read_text():  # step 3's evaluation has begun
         assert proc.poll() is None
         time.sleep(0.02)
-    time.sleep(evaluating / 10)  # into step 3's evaluation: steps 2 and 3 take milliseconds
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
     code = proc.wait(timeout=600)

@@ -38,6 +38,11 @@ def trainer_command(*args: str) -> list[str]:
     return [sys.executable, "-m", "finetune_trainer.cli", *args]
 
 
+# The trainer's line as an evaluation during training begins: a test that stops the trainer mid-evaluation waits for
+# it, rather than guessing with a sleep how long the steps before it take on a loaded machine.
+EVALUATING = "evaluating on the validation split"
+
+
 def seconds_between(log: str, first: str, then: str) -> float:
     """The seconds between the trainer's first lines in `log` holding `first` and `then` (their time of day, to the
     second)."""
