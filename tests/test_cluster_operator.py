@@ -175,7 +175,11 @@ def test_a_secret_volume_not_there_is_shown_then_waited_for(operator_env: Operat
                     "stringData": {"token": "t"}}, env.namespace)
     running = env.wait_phase(name, "Running", timeout=120)
     assert running["status"]["attempts"] == 1
-    env.kube.kubectl("delete", "ftj", name, "-n", env.namespace, "--wait=false")
+    # `kubectl delete` waits for the operator's finalizer: a running job's is released in moments, not after kopf's
+    # default minute between checks that its timer has stopped (when the deletion came during a tick).
+    started = time.monotonic()
+    env.kube.kubectl("delete", "ftj", name, "-n", env.namespace, "--wait=true", "--timeout=90s")
+    assert time.monotonic() - started < 30
 
 
 def test_a_gpu_request_no_node_can_hold_shows_the_schedulers_message(operator_env: OperatorEnv) -> None:

@@ -43,6 +43,10 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, phase_index: kop
     settings.persistence.diffbase_storage = SpecDiffBase(prefix=PREFIX)
     settings.posting.level = logging.WARNING  # Events are posted explicitly, on transitions
     settings.execution.max_workers = HANDLER_THREADS
+    # A job deleted while its timer's tick runs (a metrics read, up to a second) kept its finalizer, so `kubectl
+    # delete` waited, for kopf's default minute between checks that the timer has stopped.
+    settings.background.instant_exit_timeout = 0.1
+    settings.background.cancellation_polling = 1.0
     settings.watching.server_timeout = 300
     settings.watching.client_timeout = 310
     # The initial lists in pages: on a restart with a thousand live jobs, their Jobs and pods decoded at once set a
