@@ -24,11 +24,10 @@ from finetune_trainer.data import Split
 from finetune_trainer.detection import analysis
 from finetune_trainer.detection.coco import Annotated, load_coco, renumbered
 from finetune_trainer.detection.metrics import evaluate_detector
-from finetune_trainer.detection.models import (class_count, kept_head_order, load_detector, load_exported,
-                                                resize_head)
+from finetune_trainer.detection.models import class_count, load_detector, load_exported, resize_head
 from finetune_trainer.distributed import World
 from finetune_trainer.errors import ConfigError, DataError, ModelError
-from finetune_trainer.pipeline import run
+from finetune_trainer.pipeline import run, trained_head_order
 from tiny import card_model, trainer_command
 
 CPU = World(rank=0, size=1, device=torch.device("cpu"))
@@ -517,8 +516,8 @@ def test_an_exported_detectors_head_keeps_its_categories_when_the_dataset_number
     # Each box keeps its category: the dataset's circle (1) is the head's 2.
     data = load_coco(DatasetSpec(uri=doc["dataset"]["uri"]), seed=0)
     reloaded = load_detector(spec.model_copy(update={"uri": str(export), "config": {}}), 128)
-    assert kept_head_order(reloaded, data.id2label, 3, reinitialize=False) == [2, 3, 1]
-    assert kept_head_order(reloaded, data.id2label, 3, reinitialize=True) is None
+    assert trained_head_order(reloaded, data.id2label, 3, reinitialize=False) == [2, 3, 1]
+    assert trained_head_order(reloaded, data.id2label, 3, reinitialize=True) is None
     moved = renumbered(data, [2, 3, 1])
     assert [[moved.id2label[c] for c in r.labels] for r in moved.train.inputs] == [
         [data.id2label[c] for c in r.labels] for r in data.train.inputs]

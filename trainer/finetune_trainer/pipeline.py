@@ -40,7 +40,7 @@ from finetune_trainer.data import (LabelledData, Split, check_label_count, head_
 from finetune_trainer.detection import analysis as detection_analysis
 from finetune_trainer.detection.coco import load_coco, renumbered
 from finetune_trainer.detection.metrics import evaluate_detector
-from finetune_trainer.detection.models import check_batch_size, kept_head_order, load_detector, resize_head
+from finetune_trainer.detection.models import Detector, check_batch_size, class_count, load_detector, resize_head
 from finetune_trainer.errors import EXIT_OK, ConfigError, Terminated
 from finetune_trainer.evaluate import deltas, evaluate
 from finetune_trainer.lora_fused import fuse
@@ -190,7 +190,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     if detecting:
         torch.manual_seed(seed)  # fresh weights and a new head, the same on every rank and rerun
         model = load_detector(cfg.model, cfg.dataset.image_size).to(world.device)
-        if order := kept_head_order(model, data.id2label, num_labels, cfg.rearrange.head.reinitialize):
+        if order := trained_head_order(model, data.id2label, num_labels, cfg.rearrange.head.reinitialize):
             data = renumbered(data, order)
             train_data, validation_data, test_data = encode(data, tokenizer, cfg)
     else:
@@ -455,19 +455,26 @@ def pruning_message(pruning: dict[str, Any]) -> dict[str, Any]:
 
 def trained_head_order(model: nn.Module, id2label: dict[int, str], num_labels: int,
                        reinitialize: bool) -> list[int] | None:
-    """`head_order` for a classifier whose head stays as it was trained (its size fits, no reinitialize asked): a
-    transformers model's config names its labels, a torchvision one's export of ours its labels.json."""
-    if isinstance(model, ImageClassifier):
-        head, size = model.labels, model.builder_kwargs.get("num_classes")
-    else:
-        config = getattr(model, "config", None)
-        head, size = (config.id2label, config.num_labels) if config is not None else (None, None)
+    """`head_order` for a classifier or detector whose head stays as it was trained (its size fits, no reinitialize
+    asked), where it names the dataset's labels in another order."""
+    head, size = head_labels(model)
     if not id2label or not head or reinitialize or size != num_labels:
         return None
     if (order := head_order(id2label, head)) is not None:
         log.info("the model's head names the dataset's labels in another order (%s); they take its ids",
                  ", ".join(head[i] for i in sorted(head)))
     return order
+
+
+def head_labels(model: nn.Module) -> tuple[dict[int, str] | None, int | None]:
+    """The class names a model's head was trained on and its size (a detector's without its background): a
+    transformers model's config, or a torchvision one's export of ours (its labels.json)."""
+    if isinstance(model, Detector):
+        return model.labels, class_count(model.net) - 1
+    if isinstance(model, ImageClassifier):
+        return model.labels, model.builder_kwargs.get("num_classes")
+    config = getattr(model, "config", None)
+    return (config.id2label, config.num_labels) if config is not None else (None, None)
 
 
 def encode(data: LabelledData, tokenizer: Any, cfg: TrainerConfig) -> tuple[Encoded, Encoded, Encoded]:

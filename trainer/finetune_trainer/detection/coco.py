@@ -74,7 +74,7 @@ def load_coco(spec: DatasetSpec, seed: int) -> LabelledData:
 
 
 def renumbered(data: LabelledData, order: list[int]) -> LabelledData:
-    """`data` with class id c renumbered order[c - 1] (`models.kept_head_order`)."""
+    """`data` with class id c renumbered order[c - 1] (`pipeline.trained_head_order`)."""
     def moved(split: Split) -> Split:
         return Split([replace(r, labels=[order[c - 1] for c in r.labels],
                               crowd_labels=[order[c - 1] for c in r.crowd_labels]) for r in split.inputs], split.labels)

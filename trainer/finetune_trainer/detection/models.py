@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from finetune_trainer.config import ModelSpec
-from finetune_trainer.data import head_order
 from finetune_trainer.errors import ConfigError, ModelError
 from finetune_trainer.uris import fetch
 
@@ -125,19 +124,6 @@ def freeze_batch_norm(module: nn.Module) -> None:
             setattr(module, name, FrozenBatchNorm2d(child.num_features, child.eps))
         else:
             freeze_batch_norm(child)
-
-
-def kept_head_order(detector: Detector, id2label: dict[int, str], num_labels: int,
-                    reinitialize: bool) -> list[int] | None:
-    """`data.head_order` (the dataset's class c takes the head's class order[c - 1]) for a detector whose head stays
-    as an export of ours trained it (its size fits, no reinitialize asked), where it names the dataset's categories
-    in another order."""
-    if detector.labels is None or reinitialize or class_count(detector.net) != num_labels + 1:
-        return None
-    if (order := head_order(id2label, detector.labels)) is not None:
-        log.info("the detector's head names the dataset's categories in another order (%s); they take its ids",
-                 ", ".join(detector.labels[c] for c in sorted(detector.labels)))
-    return order
 
 
 def load_exported(folder: Path) -> Detector:
