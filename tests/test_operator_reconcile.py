@@ -95,6 +95,23 @@ def test_the_children_of_an_earlier_job_of_the_same_name_are_not_its_own() -> No
     assert decision.create_attempt == 1 and status["phase"] == "Pending" and status["attempts"] == 1
 
 
+def test_a_job_made_again_under_its_name_waits_for_the_deleted_ones_pods_to_stop() -> None:
+    """`kubectl delete` then `apply` again (how a running job's recipe is changed): the deleted job's trainer was still
+    writing its last checkpoint (SIGTERM, its grace period) when attempt 1 of the new one started on the same output,
+    and removed that checkpoint folder (another recipe's) from under it."""
+    checkpointing = pod(uid="old", deletionTimestamp="2026-12-01T12:00:30Z")  # SIGTERM at 12:00:00, a 30 s grace
+    waiting = decide(Observed(body(), [], [checkpointing], NOW))
+    status = after(waiting)
+    assert waiting.create_attempt is None and status["phase"] == "Pending" and status["reason"] == "EarlierPodsStopping"
+    assert "ft-1-0-x" in [c["message"] for c in status["conditions"] if c["type"] == "Created"][0]
+    assert ("Warning", "EarlierPodsStopping") in [e[:2] for e in waiting.events] and not status["attempts"]
+    stopped = dict(checkpointing, phase="Failed")
+    created = decide(Observed(body(status), [], [stopped], NOW + timedelta(seconds=20)))
+    assert created.create_attempt == 1 and conditions(after(created, status))["Created"] == ("True", "AttemptCreated")
+    # One its kubelet never reports stopped (a lost node) holds it only a while past its grace period.
+    assert decide(Observed(body(status), [], [checkpointing], NOW + timedelta(minutes=5))).create_attempt == 1
+
+
 def test_an_unschedulable_worker_shows_the_schedulers_message() -> None:
     message = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
     seen = Observed(body({"attempts": 1}), [job()], [pod(phase="Pending", scheduled=False, unschedulable=message)], NOW)

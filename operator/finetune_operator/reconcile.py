@@ -46,13 +46,15 @@ class Observed:
     job_warning: tuple[str, str] | None = None  # (reason, message) of the Job's latest Warning Event, when podless
     pod_warning: tuple[str, str] | None = None  # (reason, message) of why a pod's containers are not created
     quota: str | None = None  # why a ResourceQuota refused the attempt's children: it waits, and tries again
+    earlier_pods: list[dict[str, Any]] = field(default_factory=list, init=False)  # an earlier FineTuneJob's, this name
 
     def __post_init__(self) -> None:
         """Only this FineTuneJob's children: the indexes are keyed by name, and an earlier FineTuneJob of the same
-        name leaves children until the garbage collector deletes them. A summary without a uid is from before the
-        uid label, so ours."""
+        name leaves children until the garbage collector deletes them (its pods apart: the first attempt waits for
+        them). A summary without a uid is from before the uid label, so ours."""
         uid = self.body["metadata"]["uid"]
         self.jobs = [j for j in self.jobs if j.get("uid") in (None, uid)]
+        self.earlier_pods = [p for p in self.pods if p.get("uid") not in (None, uid)]
         self.pods = [p for p in self.pods if p.get("uid") in (None, uid)]
 
 
@@ -247,6 +249,15 @@ def decide(seen: Observed) -> Decision | None:
 
     if attempt == 0 or job is None:
         if any(_may_run(p, now) for p in seen.pods):  # the previous attempt's pods still checkpoint to the claims
+            return _finish(decision, old, conds)
+        # `kubectl delete` and `apply` again (how a running job's recipe is changed): the deleted one's pods stop only
+        # after the garbage collector reaches them, then take their grace period to checkpoint. Started beside them,
+        # attempt 1 removed the checkpoint folder they were writing (another recipe's) or resumed from a step before
+        # the one they were saving.
+        if stopping := [p["name"] for p in seen.earlier_pods if _may_run(p, now)]:
+            conds.set(T.CREATED, False, "EarlierPodsStopping",
+                      f"the pods of an earlier FineTuneJob named {meta['name']} still run ({', '.join(stopping[:3])}"
+                      f"{', ...' if len(stopping) > 3 else ''}) and may write to the same claims: waiting for them")
             return _finish(decision, old, conds)
         decision.create_attempt = max(attempt, 1)
         status["attempts"] = decision.create_attempt
