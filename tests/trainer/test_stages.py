@@ -761,3 +761,26 @@ def test_a_trained_head_keeps_its_labels_when_the_dataset_orders_them_otherwise(
     assert report["evaluation"]["baseline"]["accuracy"] == pytest.approx(test_labels.count("positive") / len(test_labels))
     assert report["labels"] == {"0": "positive", "1": "negative", "2": "neutral"}
     assert json.loads((tmp_path / "out" / "config.json").read_text())["id2label"] == report["labels"]
+
+
+def test_a_frozen_image_backbone_keeps_its_batchnorm_statistics(tmp_path: Path) -> None:
+    """adjust.freeze all-but-head on a trained ResNet (a linear probe): its frozen batch norm layers ran in training
+    mode, so each step moved their running statistics towards the new data's batches, and the export's backbone
+    was no longer the one loaded, nor the one the baseline scored. Frozen, they keep their statistics too."""
+    from safetensors.torch import save_file
+
+    from finetune_trainer import pipeline
+    from finetune_trainer.config import TrainerConfig
+
+    trained = load_model(ModelSpec(task="image-classification", architecture="resnet18"), None, seed=0).net
+    save_file(trained.state_dict(), tmp_path / "model.safetensors")
+    doc = {"model": {"task": "image-classification", "architecture": "resnet18", "uri": str(tmp_path)},
+           "dataset": {"uri": "pvc://data/digits", "imageSize": 16, "maxTrainSamples": 32, "maxEvalSamples": 16},
+           "analyze": {"probeBatches": 1}, "adjust": {"freeze": {"strategy": "all-but-head"}},
+           "evaluation": {"baseline": False}, "training": {"maxSteps": 2, "batchSize": 8},
+           "output": {"uri": str(tmp_path / "out")}}
+    pipeline.run(TrainerConfig.model_validate(doc), tmp_path / "out")
+    exported = load_vision_model(ModelSpec(task="image-classification", uri=str(tmp_path / "out"))).net.state_dict()
+    for name, value in trained.state_dict().items():
+        if not name.startswith("fc."):
+            assert torch.equal(exported[name], value), name
