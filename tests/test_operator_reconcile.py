@@ -441,9 +441,14 @@ def test_a_retry_decided_before_a_suspend_is_the_attempt_that_resumes() -> None:
 
 
 def test_the_deadline_fails_the_job_and_stops_its_pods() -> None:
-    seen = Observed(body({"attempts": 1, "startTime": "2026-12-01T11:00:00Z"}, activeDeadlineSeconds=600), [job()], [pod()], NOW)
+    running = {"attempts": 1, "startTime": "2026-12-01T11:00:00Z",
+               "workers": {"active": 2, "ready": 2, "succeeded": 0, "failed": 0}}
+    seen = Observed(body(running, activeDeadlineSeconds=600), [job(active=2, ready=2)], [pod(), pod(index=1)], NOW)
     decision = decide(seen)
-    assert after(decision)["reason"] == "DeadlineExceeded" and decision.delete_job == "ft-1"
+    status = after(decision, running)
+    assert status["reason"] == "DeadlineExceeded" and decision.delete_job == "ft-1"
+    # A failed job is never reconciled again: `kubectl get ftj` showed its 2 stopped workers as running for ever.
+    assert status["workers"] == {"active": 0, "ready": 0, "succeeded": 0, "failed": 0}
 
 
 def test_the_deadline_does_not_run_while_the_queue_holds_the_job() -> None:
@@ -748,7 +753,8 @@ def test_a_running_attempt_whose_spec_this_operator_cannot_read_is_stopped_with_
     later = body(running)
     later["spec"] = later["spec"] | {"fromTheFuture": {"x": 1}}
     decision = decide(Observed(later, [job()], [pod()], NOW + timedelta(seconds=2)))
-    assert after(decision, running)["reason"] == "InvalidSpec" and decision.delete_job == "ft-1"
+    failed = after(decision, running)
+    assert failed["reason"] == "InvalidSpec" and decision.delete_job == "ft-1" and failed["workers"]["active"] == 0
     # A Job that ended, or is going already, is left alone.
     for ended in (job(active=0, failed=1, failure={"reason": "X", "message": ""}), job(deleting=True)):
         assert decide(Observed(later, [ended], [pod()], NOW)).delete_job is None

@@ -167,6 +167,10 @@ def decide(seen: Observed) -> Decision | None:
         conds.clear(T.RESTARTING, reason)
         conds.clear(T.METRICS_STALE, reason)
         status["completionTime"] = timestamp(now)
+        # Its pods are being stopped (by the operator, or the Job controller): none runs or waits any more. Counted as
+        # seen now, a failed job's WORKERS column showed them running for ever, as it is never reconciled again.
+        if workers := status.get("workers", old.get("workers")):
+            status["workers"] = dict(workers, active=0, ready=0)
 
     if finished:
         ttl = spec.ttl_seconds_after_finished if spec else None
