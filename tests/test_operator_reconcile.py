@@ -64,6 +64,21 @@ def test_a_quota_refusal_waits_visibly_and_the_next_tick_creates_the_attempt() -
     assert created.create_attempt == 1 and conditions(after(created, status))["Created"] == ("True", "AttemptCreated")
 
 
+def test_an_attempt_a_quota_held_back_is_the_one_a_resume_creates() -> None:
+    """Suspended while a ResourceQuota held attempt 1 back, then resumed: the job counted attempt 1 as one that ran,
+    said "attempt 2 resumes from the latest checkpoint" in a Warning, and ATTEMPTS read 2 with none ever run."""
+    refused = "the ConfigMap ft-1 waits for quota: exceeded quota: team-quota"
+    waiting = after(decide(Observed(body(), [], [], NOW, quota=refused)))
+    assert "children" not in waiting  # none were made
+    suspended = after(decide(Observed(body(waiting, suspend=True), [], [], NOW + timedelta(seconds=30))), waiting)
+    assert suspended["phase"] == "Suspended"
+    resumed = decide(Observed(body(suspended), [], [], NOW + timedelta(minutes=1)))
+    status = after(resumed, suspended)
+    assert status["attempts"] == 1 and "Restarting" not in conditions(status)
+    created = decide(Observed(body(status), [], [], NOW + timedelta(minutes=1, seconds=2)))
+    assert created.create_attempt == 1 and after(created, status)["children"]["job"] == "ft-1"
+
+
 def test_a_new_job_gets_its_first_attempt() -> None:
     decision = decide(Observed(body(), [], [], NOW))
     assert decision.create_attempt == 1

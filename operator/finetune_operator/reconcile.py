@@ -266,10 +266,10 @@ def decide(seen: Observed) -> Decision | None:
         decision.create_attempt = max(attempt, 1)
         status["attempts"] = decision.create_attempt
         status.setdefault("startTime", old.get("startTime") or timestamp(now))
-        status["children"] = _children(children.child_name(meta["name"], decision.create_attempt), spec)
-        if seen.quota:
+        if seen.quota:  # not its children: a resume reads them as an attempt that ran, and counts the next one
             conds.set(T.CREATED, False, "ExceededQuota", seen.quota)
         else:
+            status["children"] = _children(children.child_name(meta["name"], decision.create_attempt), spec)
             conds.set(T.CREATED, True, "AttemptCreated", f"attempt {decision.create_attempt}: {workers} worker(s)")
         return _finish(decision, old, conds)
 
