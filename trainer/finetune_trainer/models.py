@@ -109,12 +109,13 @@ def _load_transformer(spec: ModelSpec, tokenizer) -> nn.Module:
                                          **text_bounds(tokenizer)}
             config = AutoConfig.for_model(spec.architecture, **(overrides | spec.config))
             log.info("building %s from its config (%s)", spec.architecture, spec.config or "defaults")
-            return auto.from_config(config)
+            return padding_as_batched(auto.from_config(config), tokenizer)
         config = AutoConfig.from_pretrained(path, **spec.config)
         if config.pad_token_id is None:
             # A decoder classifier (GPT-2, Llama) pools its last token that is not padding, so it must know the pad.
             config.pad_token_id = tokenizer.pad_token_id
-        return auto.from_pretrained(path, config=config, dtype="auto")  # the checkpoint's dtype, see load_model
+        model = auto.from_pretrained(path, config=config, dtype="auto")  # the checkpoint's dtype, see load_model
+        return padding_as_batched(model, tokenizer)
     except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError, AssertionError, StrictDataclassError,
             RuntimeError) as exc:
         # model.config's mistakes among them: a quoted number ("2"), a fraction of a count, zero heads, a vocab_size
@@ -123,6 +124,18 @@ def _load_transformer(spec: ModelSpec, tokenizer) -> nn.Module:
         if isinstance(exc, RuntimeError) and "negative dimension" not in str(exc):
             raise
         raise ModelError(f"model {spec.uri or spec.architecture}: cannot load it as {spec.task.value} ({exc})") from exc
+
+
+def padding_as_batched(model: nn.Module, tokenizer) -> nn.Module:
+    """`model` with config.pad_token_id the tokenizer's pad, which the batches are padded with: a decoder classifier
+    (GPT-2, Llama) pools the last token that is not its pad id, so with another id (Llama-2's config names its unk,
+    0, where its tokenizer has no pad and pads with eos) it pooled the padding of every row shorter than the batch's
+    longest. Set after loading: the embedding's padding row stays the checkpoint's."""
+    if model.config.pad_token_id != tokenizer.pad_token_id:
+        log.info("model config's pad_token_id %s is not the tokenizer's pad (%s), which batches are padded with: "
+                 "using %s", model.config.pad_token_id, tokenizer.pad_token_id, tokenizer.pad_token_id)
+        model.config.pad_token_id = tokenizer.pad_token_id
+    return model
 
 
 def text_bounds(tokenizer) -> dict[str, int | None]:
