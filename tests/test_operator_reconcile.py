@@ -424,6 +424,8 @@ def test_suspend_stops_the_attempt_and_resume_starts_the_next() -> None:
     resumed = decide(Observed(body(status), [job(deleting=True)], [], NOW + timedelta(minutes=5)))
     status = after(resumed, status)
     assert status["attempts"] == 2 and status["phase"] == "Pending" and conditions(status)["Restarting"][1] == "Resumed"
+    # The user's resume is told, and is no warning (alerts on Warning Events fired at each one).
+    assert {e[1] for e in resumed.events} == {"Resumed"} and {e[0] for e in resumed.events} == {"Normal"}
     assert status["startTime"] == "2026-12-01T12:05:00Z"  # as for a Job, the deadline's clock restarts
     assert decide(Observed(body(status), [job(deleting=True)], [], NOW)).create_attempt == 2
 

@@ -25,8 +25,8 @@ from pydantic import ValidationError
 from finetune_operator import api, children, outcome
 from finetune_operator.api import ConditionType as T
 from finetune_operator.outcome import Outcome, Retry, State
-from finetune_operator.status import (METRICS_READ, STALE_AFTER_SECONDS, STARTING_SECONDS, Conditions, analysis_of,
-                                      evaluation_of, phase_of, progress_and_metrics, pruning_of, stage_of,
+from finetune_operator.status import (METRICS_READ, RESUMED, STALE_AFTER_SECONDS, STARTING_SECONDS, Conditions,
+                                      analysis_of, evaluation_of, phase_of, progress_and_metrics, pruning_of, stage_of,
                                       timestamp, transitions)
 from finetune_trainer.rules import error_lines
 
@@ -219,11 +219,11 @@ def decide(seen: Observed) -> Decision | None:
         return _finish(decision, old, conds)
 
     if conds.true(T.SUSPENDED):  # resumed: the next attempt picks up the checkpoints, and the clock restarts
-        conds.set(T.SUSPENDED, False, "Resumed", "spec.suspend is false")
+        conds.set(T.SUSPENDED, False, RESUMED, "spec.suspend is false")
         # A new number only if the current one's children were made: an attempt decided (a retry) but not created
         # before the suspend is the one that resumes.
         if (old.get("children") or {}).get("job") == children.child_name(meta["name"], attempt):
-            conds.set(T.RESTARTING, True, "Resumed", f"attempt {attempt + 1} resumes from the latest checkpoint")
+            conds.set(T.RESTARTING, True, RESUMED, f"attempt {attempt + 1} resumes from the latest checkpoint")
             status["attempts"] = attempt + 1
         status["startTime"] = timestamp(now)
         return _finish(decision, old, conds)

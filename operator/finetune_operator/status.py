@@ -12,6 +12,7 @@ from finetune_trainer.config import Stage
 
 T = ConditionType
 METRICS_READ = "MetricsRead"  # MetricsStale's reason once rank 0 answers again (told by an Event)
+RESUMED = "Resumed"  # Suspended False, and Restarting True when the attempt it stopped is followed by the next
 # Rank 0's metrics count as stale once no read succeeded for this long (a few polls: one slow answer is no news).
 STALE_AFTER_SECONDS = 10
 # Before an attempt's first read its rank 0 is still starting (torchrun, then importing torch and the model's code
@@ -100,7 +101,8 @@ def transitions(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> li
         if c["status"] == "False" and c["type"] not in (T.CREATED.value, T.SCHEDULED.value, T.SUSPENDED.value) \
                 and c["reason"] != METRICS_READ and not not_started(c):
             continue  # "not running any more" is told by the condition that became true
-        kind = "Warning" if (c["type"], c["status"]) in warn else "Normal"
+        # A restart because the user resumed the job is no warning: alerts on Warning Events fired at each resume.
+        kind = "Warning" if (c["type"], c["status"]) in warn and c["reason"] != RESUMED else "Normal"
         text = c["message"] or f"{c['type']} is {c['status']}"
         events.append((kind, c["reason"], text))
     return events
