@@ -784,3 +784,32 @@ def test_a_frozen_image_backbone_keeps_its_batchnorm_statistics(tmp_path: Path) 
     for name, value in trained.state_dict().items():
         if not name.startswith("fc."):
             assert torch.equal(exported[name], value), name
+
+
+def test_an_exported_image_classifier_says_how_its_input_is_made(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """The digits example trains at 16x16 pixels; its export's config.json and card said nothing of the input, so a
+    user fed it 224-pixel images (or unnormalised ones) and got noise. config.json records the size and the
+    normalisation, and the card's code makes the input from image files as training did."""
+    from finetune_trainer import pipeline
+    from finetune_trainer.config import TrainerConfig
+    from finetune_trainer.data import load_dataset
+
+    doc = {"model": {"task": "image-classification", "architecture": "resnet18"},
+           "dataset": {"uri": "pvc://data/digits", "imageSize": 16, "maxTrainSamples": 32, "maxEvalSamples": 16},
+           "analyze": {"probeBatches": 1}, "evaluation": {"baseline": False},
+           "training": {"maxSteps": 1, "batchSize": 8}, "output": {"uri": str(tmp_path / "out")}}
+    cfg = TrainerConfig.model_validate(doc)
+    pipeline.run(cfg, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["imageSize"], config["mean"], config["std"]) == (16, [0.485, 0.456, 0.406], [0.229, 0.224, 0.225])
+    code = (tmp_path / "out" / "README.md").read_text().split("```python\n", 1)[1].split("```", 1)[0]
+    card: dict = {}
+    monkeypatch.chdir(tmp_path / "out")
+    exec(code, card)  # what a user pastes, run from the export's folder
+    test = load_dataset(cfg.dataset, Task.IMAGE_CLASSIFICATION, 0).test
+    batch = make_collate(Task.IMAGE_CLASSIFICATION, 0, 16)(encode_images(test), [0, 1])
+    inputs = card["preprocess"](test.inputs[:2])
+    torch.testing.assert_close(inputs["pixel_values"], batch.inputs["pixel_values"])
+    model = card["model"].eval()
+    torch.testing.assert_close(model(**inputs), logits_of(model, batch.inputs))

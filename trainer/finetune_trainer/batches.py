@@ -99,14 +99,21 @@ def collate_text(data: Encoded, idx: list[int], pad_id: int, causal: bool) -> Ba
 
 
 def collate_images(data: Encoded, idx: list[int], image_size: int) -> Batch:
+    labels = torch.tensor([data.labels[i] for i in idx])
+    pixels = pixel_values([data.features[i] for i in idx], image_size)
+    return Batch({"pixel_values": pixels}, labels, len(idx), len(idx), len(idx))
+
+
+def pixel_values(paths: list[str], image_size: int) -> torch.Tensor:
+    """The image classifier's input for the images at `paths`: RGB, resized to image_size square, normalised with
+    ImageNet's statistics. An export's model card calls it too, so that a user feeds the model as it trained."""
     from torchvision.transforms import functional as F
 
     pixels = []
-    for i in idx:
-        tensor = F.pil_to_tensor(open_rgb(data.features[i]).resize((image_size, image_size), Image.BILINEAR))
+    for path in paths:
+        tensor = F.pil_to_tensor(open_rgb(path).resize((image_size, image_size), Image.BILINEAR))
         pixels.append(F.normalize(tensor.float() / 255, IMAGENET_MEAN, IMAGENET_STD))
-    labels = torch.tensor([data.labels[i] for i in idx])
-    return Batch({"pixel_values": torch.stack(pixels)}, labels, len(idx), len(idx), len(idx))
+    return torch.stack(pixels)
 
 
 def open_rgb(path: str) -> Image.Image:

@@ -19,6 +19,7 @@ from typing import Any
 
 from torch import nn
 
+from finetune_trainer.batches import IMAGENET_MEAN, IMAGENET_STD
 from finetune_trainer.config import Task, TrainerConfig
 from finetune_trainer.detection.models import Detector, class_count
 from finetune_trainer.models import ImageClassifier
@@ -71,8 +72,10 @@ def write_weights(model: nn.Module, cfg: TrainerConfig, out: Path) -> None:
         save_model(model.net, str(out / "model.safetensors"))
         # The head's size, which the weights have: rearrange.head.numLabels may exceed the dataset's labels.
         head = model.get_submodule(head_name(model, cfg.model.task))
+        # How its input is made (batches.pixel_values): without it an export trained at 16 pixels gets fed 224.
         config = {"architecture": model.architecture, "task": cfg.model.task.value, "config": model.builder_kwargs,
-                  "numLabels": head.out_features}
+                  "numLabels": head.out_features, "imageSize": cfg.dataset.image_size, "mean": list(IMAGENET_MEAN),
+                  "std": list(IMAGENET_STD)}
         (out / "config.json").write_text(json.dumps(config, indent=2))
     elif isinstance(model, Detector):  # detection.models.load_exported reads it back
         save_model(model.net, str(out / "model.safetensors"))
@@ -161,7 +164,8 @@ def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool) -> list
     elif task == Task.IMAGE_CLASSIFICATION:
         uri = repr(base_uri(str(cfg.model.uri))) if from_uri else "str(Path.cwd())"
         code = ["from pathlib import Path", "from finetune_trainer.config import ModelSpec",
-                "from finetune_trainer.models import load_vision_model", "",
+                "from finetune_trainer.models import load_vision_model",
+                "from finetune_trainer.batches import pixel_values", "",
                 f'model = load_vision_model(ModelSpec(task="image-classification", uri={uri}))']
     else:
         auto = "AutoModelForCausalLM" if task == Task.CAUSAL_LM else "AutoModelForSequenceClassification"
@@ -176,6 +180,10 @@ def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool) -> list
     if adapters_apart:
         code.insert(code.index(""), "from peft import PeftModel")
         code.append('model = PeftModel.from_pretrained(model, "adapter")  # the adapters, kept apart')
+    if task == Task.IMAGE_CLASSIFICATION:  # model(**preprocess(["cat.png"])) are its logits
+        size = cfg.dataset.image_size
+        code += ["", f"def preprocess(paths):  # image files as it trained on them: RGB, {size}x{size}, "
+                     "ImageNet's mean and std", f"    return {{'pixel_values': pixel_values(paths, {size})}}"]
     return ["## Loading it", "", "From this folder:", "", "```python", *code, "```", ""]
 
 
