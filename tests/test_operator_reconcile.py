@@ -618,6 +618,29 @@ def test_a_starting_rank_0_gets_a_minute_before_its_metrics_are_stale() -> None:
         c["message"] for c in after(late, started)["conditions"] if c["type"] == "MetricsStale")
 
 
+def test_a_job_read_at_every_poll_before_its_first_step_is_not_stale_after_one_failed_read() -> None:
+    """Loading and the baseline report a stage and no step: those reads left no trace, so one read that timed out
+    after the attempt's first minute made the job MetricsStale ("not read yet", a Warning) though it had been read
+    every 2 s; a resumed attempt likewise. Staleness counts from the last good read, as during training."""
+    error = ("MetricsTimeout", "no complete answer within 1.0 s")
+    resumed = {"attempts": 2, "progress": {"percent": 40, "step": 40, "totalSteps": 100,
+                                           "updatedAt": "2026-12-01T11:50:00Z"}}
+    for attempt, start in ((1, {"attempts": 1}), (2, resumed)):
+        jobs, pods = [job(attempt, ready=1)], [pod(attempt)]
+        status = after(decide(Observed(body(start), jobs, pods, NOW, sample={"stage": "Loading"})), start)
+        for seconds in range(2, 120, 2):
+            status = after(decide(Observed(body(status), jobs, pods, NOW + timedelta(seconds=seconds),
+                                           sample={"stage": "Baseline"})), status)
+        once = decide(Observed(body(status), jobs, pods, NOW + timedelta(seconds=121), scrape_error=error))
+        assert "MetricsStale" not in conditions(after(once, status)) and not once.events
+        # The previous attempt's numbers stay until this one's first step.
+        assert after(once, status)["progress"].get("step") == start.get("progress", {}).get("step")
+        late = decide(Observed(body(status), jobs, pods, NOW + timedelta(seconds=129), scrape_error=error))
+        assert conditions(after(late, status))["MetricsStale"] == ("True", "MetricsTimeout")
+        assert "not read since 2026-12-01T12:01:58Z" in next(
+            c["message"] for c in after(late, status)["conditions"] if c["type"] == "MetricsStale")
+
+
 def test_a_retried_attempt_gets_the_same_grace_before_its_metrics_are_stale() -> None:
     error = ("MetricsUnreachable", "connection refused")
     restarting = {"attempts": 2, "failures": 1, "startTime": "2026-12-01T11:00:00Z",

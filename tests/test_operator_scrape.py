@@ -95,7 +95,9 @@ def test_a_gauge_json_cannot_carry_reads_as_absent() -> None:
     sample = parse("finetune_trainer_step NaN\nfinetune_trainer_total_steps 10\nfinetune_trainer_loss +Inf\n"
                    "finetune_trainer_epoch 1\n")
     assert sample == {"total_steps": 10.0, "epoch": 1.0}
-    assert progress_and_metrics(sample, 16, datetime(2026, 12, 1)) == {}
+    # No numbers: only that rank 0 was read.
+    assert progress_and_metrics(sample, 16, datetime(2026, 12, 1)) == {
+        "progress": {"updatedAt": "2026-12-01T00:00:00Z"}}
 
 
 def test_rank_0_is_read_directly_whatever_proxy_the_operators_environment_names(monkeypatch: pytest.MonkeyPatch) -> None:

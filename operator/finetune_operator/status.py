@@ -128,10 +128,12 @@ def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
 
 def progress_and_metrics(sample: dict[str, Any], global_batch: int, now: datetime) -> dict[str, Any]:
     """status.progress, status.metrics and status.stage from rank 0's metrics. Before an attempt's first step the
-    trainer has no step to report (loading, the baseline): a resumed attempt keeps the previous one's progress."""
+    trainer has no step to report (loading, the baseline): a resumed attempt keeps the previous one's progress, but
+    updatedAt says the read succeeded. MetricsStale counts from it, so without it one failed read after the attempt's
+    first minute (a baseline on a large test split takes many) made a job stale that had been read at every poll."""
     out: dict[str, Any] = {"stage": sample["stage"]} if sample.get("stage") else {}
     if sample.get("step") is None:
-        return out
+        return out | {"progress": {"updatedAt": timestamp(now)}}
     step, total = int(sample["step"]), int(sample.get("total_steps", 0))
     rate = sample.get("samples_per_second") or 0.0
     progress: dict[str, Any] = {

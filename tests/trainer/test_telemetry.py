@@ -132,8 +132,10 @@ def test_before_the_first_step_there_is_no_loss_step_or_throughput_only_the_stag
     metrics.set_stage(Stage.BASELINE)
     sample = scrape.parse(generate_latest(metrics.registry).decode())
     assert sample == {"stage": "Baseline"}
-    # The status takes the stage alone: a resumed attempt keeps the previous progress and loss until its first step.
-    assert status.progress_and_metrics(sample, 32, datetime(2026, 1, 1)) == {"stage": "Baseline"}
+    # The status takes the stage and the time of the read alone: a resumed attempt keeps the previous progress and
+    # loss until its first step.
+    assert status.progress_and_metrics(sample, 32, datetime(2026, 1, 1)) == {
+        "stage": "Baseline", "progress": {"updatedAt": "2026-01-01T00:00:00Z"}}
     body = generate_latest(metrics.registry).decode()
     assert "finetune_trainer_gpu_memory_bytes 0.0" in body  # a CPU job says so from the start
     for gauge, value in ((metrics.loss, 2.5), (metrics.step, 1), (metrics.total_steps, 10)):
