@@ -324,6 +324,27 @@ def test_operator_restarts_count_a_new_pod_as_well_as_a_restarted_container(tmp_
 
 
 @pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
+def test_operator_restarts_count_none_for_a_second_release(tmp_path: Path) -> None:
+    """Two releases, each in its own namespace watching its teams' namespaces, one pod each: the second pod was
+    counted as a restart, so the stat said 1 before any restart (and one more for every release)."""
+    t0 = int(time.time()) - 3600
+    lines = ["# TYPE process_start_time_seconds gauge"]
+    for ns, restart in (("ops-a", 9999), ("ops-b", 1200)):  # ops-b's container restarts in place at t0 + 1200
+        labels = f'job="finetune-operator",namespace="{ns}",pod="fto-{ns}",instance="{ns}:8000"'
+        lines += [f"process_start_time_seconds{{{labels}}} {t0 + restart if t >= t0 + restart else t0} {t}"
+                  for t in range(t0, t0 + 2400, 15)]
+    prometheus_server.backfill(tmp_path, "\n".join(lines) + "\n# EOF\n")
+    prometheus = prometheus_server.start(tmp_path, [], free_port())
+    try:
+        expr = dashboard_exprs()["Operator restarts"][0].replace("$__range", "1h")
+        for at, restarts in ((1185, 0), (2385, 1)):
+            values = prometheus.query_range(expr, t0 + at, t0 + at, 15)[0]["values"]
+            assert [float(v) for _, v in values] == [restarts], at
+    finally:
+        prometheus.stop()
+
+
+@pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
 def test_operator_up_says_0_once_the_operator_pod_is_gone(tmp_path: Path) -> None:
     """The operator's pod was evicted and its replacement waits unscheduled: with no pod the Service has no endpoint,
     so no target and no `up` at all, and the stat's last non-null value was the 1 from before the eviction."""

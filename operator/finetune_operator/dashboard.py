@@ -115,6 +115,8 @@ def evaluation() -> list[Panel]:
 
 
 def operator_health() -> list[Panel]:
+    started = f"process_start_time_seconds{{{OPERATOR}}}"
+
     def quantile(q: float) -> str:
         return (f"histogram_quantile({q}, sum by (le) "
                 f"(rate(finetune_operator_reconcile_duration_seconds_bucket[$__rate_interval])))")
@@ -128,10 +130,11 @@ def operator_health() -> list[Panel]:
             "sum by (reason) (rate(finetune_operator_metric_poll_errors_total[$__rate_interval]))", "{{reason}}"),
                width=6),
         # process_start_time_seconds changes on every start: restarts without kube-state-metrics. A new pod (an
-        # eviction, an upgrade) is a new series, not a change: each series after the first is a restart too.
+        # eviction, an upgrade) is a new series, not a change: each series after a release's first is a restart too.
+        # A release is a namespace: another release (watching other teams' namespaces) is no restart.
         single("Operator restarts", "short", query(
-            f"sum(changes(process_start_time_seconds{{{OPERATOR}}}[$__range]))"
-            f" + count(last_over_time(process_start_time_seconds{{{OPERATOR}}}[$__range])) - 1", "restarts"), width=3),
+            f"sum(changes({started}[$__range])) + count(last_over_time({started}[$__range]))"
+            f" - count(count by (namespace) (last_over_time({started}[$__range])))", "restarts"), width=3),
         # `or vector(0)`: with no operator pod (evicted, its replacement unscheduled) there is no target and no `up`,
         # and the stat's last non-null value was the 1 from before.
         single("Operator up", "short", query(f"sum(up{{{OPERATOR}}}) or vector(0)", "up"), width=3),
