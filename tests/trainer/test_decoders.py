@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
 import torch
 
 from finetune_trainer.batches import encode_text, make_collate
-from finetune_trainer.config import ModelSpec, Task
+from finetune_trainer.config import LoraSpec, ModelSpec, Task, TrainerConfig
 from finetune_trainer.data import Split
+from finetune_trainer.export import export_model, model_card
 from finetune_trainer.models import load_model, load_tokenizer, logits_of
-from tiny import TINY_GPT2, bpe_tokenizer
+from finetune_trainer.rearrange import add_adapters, new_head
+from tiny import TINY_GPT2, bpe_tokenizer, card_model, tiny_classifier_doc
 
 
 def test_a_decoder_classifier_pads_with_the_id_it_pools_by(tmp_path: Path) -> None:
@@ -33,3 +36,36 @@ def test_a_decoder_classifier_pads_with_the_id_it_pools_by(tmp_path: Path) -> No
         alone = logits_of(model, {"input_ids": torch.tensor([data.features[1]])})
     torch.testing.assert_close(together[1], alone[0], atol=1e-5, rtol=1e-5)
     assert model.config.pad_token_id == tokenizer.pad_token_id  # as exported, beside the tokenizer
+
+
+@pytest.mark.parametrize("config_pad", [None, 5])
+def test_the_card_of_a_decoder_classifiers_adapters_loads_it_with_the_pad_it_trained_with(
+        config_pad: int | None, tmp_path: Path) -> None:
+    """Adapters kept apart load onto model.uri's base, whose config has no pad id (GPT-2's: the card's model refused
+    a batch of two, 'Cannot handle batch sizes > 1') or another (Llama-2's: it pooled the padding); the card's code
+    gives it the pad of the tokenizer exported beside the adapters, which the batches were padded with."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    base = tmp_path / "gpt2"
+    GPT2ForSequenceClassification(GPT2Config(vocab_size=300, pad_token_id=config_pad, **TINY_GPT2)).save_pretrained(base)
+    doc = tiny_classifier_doc(tmp_path / "out")
+    doc["model"] = {"task": "sequence-classification", "uri": str(base),
+                    "tokenizerUri": f"file://{bpe_tokenizer(tmp_path / 'tok')}"}
+    doc["rearrange"] = {"lora": {"rank": 4}, "mergeOnExport": False}
+    cfg = TrainerConfig.model_validate(doc)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, tokenizer, seed=0)
+    labels = {0: "neg", 1: "neu", 2: "pos"}
+    new_head(model, "score", 3, labels, reinitialize=True)
+    wrapped = add_adapters(model, LoraSpec(rank=4), ["transformer.h.1.mlp.c_fc"], "score")
+    data = encode_text(Split(["a fine day indeed", "ok"], [0, 1]), tokenizer, 16)
+    batch = make_collate(Task.SEQUENCE_CLASSIFICATION, tokenizer.pad_token_id, 0)(data, [0, 1])  # row 1 padded
+    with torch.no_grad():
+        logits = logits_of(wrapped.eval(), batch.inputs)
+    export_model(wrapped, tokenizer, labels, cfg, tmp_path / "out")
+    report = {"evaluation": {"baseline": {}, "final": {}, "delta": {}}, "labels": labels,
+              "training": {"train_samples": 1, "validation_samples": 1, "test_samples": 1, "steps": 1, "seconds": 1,
+                           "samples_per_second": 1}}
+    loaded = card_model(model_card(cfg, report, adapters_apart=True), tmp_path / "out").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(loaded, batch.inputs), logits)

@@ -169,14 +169,19 @@ def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool) -> list
                 f'model = load_vision_model(ModelSpec(task="image-classification", uri={uri}))']
     else:
         auto = "AutoModelForCausalLM" if task == Task.CAUSAL_LM else "AutoModelForSequenceClassification"
-        args = "'.'"
+        imports, args, setup = auto, "'.'", []
         if from_uri:  # the base as published, at model.revision, and a head of this job's size, which the adapter fills
             uri = base_uri(str(cfg.model.uri))
             repo, folder = hub_parts(uri) if uri.startswith("hf://") else (uri, "")
             args = repr(repo) + (f", subfolder={folder!r}" if folder else "")
             args += f", revision={cfg.model.revision!r}" if cfg.model.revision and uri.startswith("hf://") else ""
-            args += "" if task == Task.CAUSAL_LM else f", num_labels={labels}, ignore_mismatched_sizes=True"
-        code = [f"from transformers import {auto}", "", f"model = {auto}.from_pretrained({args})"]
+            if task != Task.CAUSAL_LM:
+                # and the pad the batches had (this folder's tokenizer's): a decoder classifier pools the last token
+                # that is not its pad id, and GPT-2's or Llama's config names none (it refused batches) or another
+                imports += ", AutoTokenizer"
+                setup = ["tokenizer = AutoTokenizer.from_pretrained('.')"]
+                args += f", num_labels={labels}, ignore_mismatched_sizes=True, pad_token_id=tokenizer.pad_token_id"
+        code = [f"from transformers import {imports}", "", *setup, f"model = {auto}.from_pretrained({args})"]
     if adapters_apart:
         code.insert(code.index(""), "from peft import PeftModel")
         code.append('model = PeftModel.from_pretrained(model, "adapter")  # the adapters, kept apart')
