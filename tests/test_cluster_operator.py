@@ -363,6 +363,33 @@ def test_suspend_mid_run_and_resume(operator_env: OperatorEnv) -> None:
 
 
 @pytest.mark.slow
+def test_a_job_made_again_under_its_name_starts_once_the_deleted_ones_trainer_has_stopped(
+        operator_env: OperatorEnv) -> None:
+    """`kubectl delete` and `apply` again (how a running job's recipe is changed): the deleted job's trainer writes its
+    last checkpoint to the same output for up to its grace period, and the new job's first attempt waits for it."""
+    env = operator_env
+    doc = example("minilm-sentiment", dataset=SMALL, pod={"terminationGracePeriodSeconds": 20})
+    name = env.apply(doc)
+    env.wait_ftj(name, at_step(1), "training", timeout=300)
+    old = rank0(env, name, 1)
+    for pid in trainer_pids(old["status"]["podIP"]):  # a checkpoint that takes its whole grace period
+        os.kill(pid, signal.SIGSTOP)
+    env.kube.kubectl("delete", "ftj", name, "-n", env.namespace, "--wait=true", "--timeout=60s")
+    env.apply(doc)
+    stopping = env.kube.wait_for("the old pod being deleted", lambda: (env.kube.get("pod", old["metadata"]["name"],
+                                 env.namespace) or {}).get("metadata", {}).get("deletionTimestamp"), env.namespace)
+    waiting = env.wait_ftj(name, lambda o: o.get("status", {}).get("reason") == "EarlierPodsStopping",
+                           "waiting for the old pod", timeout=60)
+    assert old["metadata"]["name"] in [c["message"] for c in waiting["status"]["conditions"] if c["type"] == "Created"][0]
+    env.wait_ftj(name, lambda o: o.get("status", {}).get("attempts") == 1, "attempt 1", timeout=120)
+    new_job = next(j for j in env.objects("jobs", name)
+                   if j["metadata"]["labels"]["finetune.dev/job-uid"] == waiting["metadata"]["uid"])
+    # The old trainer is killed at its deletionTimestamp (the end of its grace period), and only then reported stopped.
+    assert _time(new_job["metadata"]["creationTimestamp"]) >= _time(stopping), (new_job["metadata"], stopping)
+    env.wait_phase(name, "Running", timeout=240)
+
+
+@pytest.mark.slow
 def test_an_evicted_trainer_is_retried_without_counting(operator_env: OperatorEnv) -> None:
     env = operator_env
     doc = example("minilm-sentiment", dataset={"maxTrainSamples": 320, "maxEvalSamples": 64})
