@@ -813,3 +813,19 @@ def test_an_exported_image_classifier_says_how_its_input_is_made(tmp_path: Path,
     torch.testing.assert_close(inputs["pixel_values"], batch.inputs["pixel_values"])
     model = card["model"].eval()
     torch.testing.assert_close(model(**inputs), logits_of(model, batch.inputs))
+
+
+def test_an_image_size_the_network_cannot_take_is_the_users_naming_the_field(tmp_path: Path) -> None:
+    """ViT-B/16 takes 224x224 images only: at dataset.imageSize 32 its first forward (in the analysis) raised torch's
+    AssertionError, an infrastructure failure (exit 2) that the operator retried. It is a mistake of the spec's."""
+    from finetune_trainer import pipeline
+    from finetune_trainer.config import TrainerConfig
+    from finetune_trainer.errors import ConfigError, exit_code_of
+
+    doc = {"model": {"task": "image-classification", "architecture": "vit_b_16"},
+           "dataset": {"uri": "pvc://data/digits", "imageSize": 32, "maxTrainSamples": 16, "maxEvalSamples": 8},
+           "training": {"maxSteps": 1, "batchSize": 8}, "output": {"uri": str(tmp_path / "out")}}
+    with pytest.raises(ConfigError, match=r"dataset.imageSize 32: model vit_b_16 cannot take 32x32 images "
+                                          r"\(AssertionError: Wrong image height! .*\); 224 fits") as raised:
+        pipeline.run(TrainerConfig.model_validate(doc), tmp_path / "out")
+    assert exit_code_of(raised.value) == 1

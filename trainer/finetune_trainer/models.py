@@ -19,7 +19,7 @@ from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 
 from finetune_trainer.batches import Encoded
-from finetune_trainer.config import ModelSpec, Task
+from finetune_trainer.config import DatasetSpec, ModelSpec, Task
 from finetune_trainer.errors import ConfigError, ModelError
 from finetune_trainer.uris import fetch
 
@@ -161,6 +161,36 @@ def check_positions(model: nn.Module, max_length: int) -> None:
     if positions is not None and max_length > (positions := positions - offset):
         raise ConfigError(f"dataset.maxLength {max_length} exceeds the {positions} positions the model has; "
                           f"set it to {positions} or less")
+
+
+def check_image_size(model: nn.Module, image_size: int) -> None:
+    """An image size the network cannot take (ViT's fixed 224, poolings that shrink 16 pixels to nothing, Inception's
+    75 or more) failed at its first forward with torch's words, an error that read as infrastructure and was retried;
+    name dataset.imageSize instead. The forward runs on the meta device: shapes only, no compute, nothing to fail but
+    the shapes."""
+    if not isinstance(model, ImageClassifier):
+        return
+
+    def fails_at(size: int) -> Exception | None:
+        state = {name: torch.empty_like(t, device="meta")
+                 for name, t in itertools.chain(model.net.named_parameters(), model.net.named_buffers())}
+        was_training = model.training
+        try:
+            with torch.no_grad():
+                torch.func.functional_call(model.net.eval(), state, (torch.empty(1, 3, size, size, device="meta"),))
+        except NotImplementedError:  # an operation without a meta kernel: the first real forward will tell
+            return None
+        except (RuntimeError, AssertionError, ValueError) as exc:
+            return exc
+        finally:
+            model.train(was_training)
+        return None
+
+    if exc := fails_at(image_size):
+        default = DatasetSpec.model_fields["image_size"].default  # what torchvision's classifiers are trained at
+        fits = f"; {default} fits" if image_size != default and not fails_at(default) else ""
+        raise ConfigError(f"dataset.imageSize {image_size}: model {model.architecture} cannot take {image_size}x"
+                          f"{image_size} images ({type(exc).__name__}: {exc}){fits}")
 
 
 def check_vocabulary(model: nn.Module, pad_token_id: int, splits: Iterable[Encoded]) -> None:

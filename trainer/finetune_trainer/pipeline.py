@@ -44,7 +44,8 @@ from finetune_trainer.detection.models import Detector, check_batch_size, class_
 from finetune_trainer.errors import EXIT_OK, ConfigError, Terminated
 from finetune_trainer.evaluate import deltas, evaluate
 from finetune_trainer.lora_fused import fuse
-from finetune_trainer.models import ImageClassifier, check_positions, check_vocabulary, load_model, load_tokenizer
+from finetune_trainer.models import (ImageClassifier, check_image_size, check_positions, check_vocabulary,
+                                     load_model, load_tokenizer)
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
 from finetune_trainer.structure import depth, head_name, lora_candidates
 from finetune_trainer.telemetry import Metrics, write_failure, write_termination
@@ -92,7 +93,7 @@ class Progress:
         m.step.set(state.step)
         m.total_steps.set(total)
         m.epoch.set(state.epoch)
-        m.set_throughput(per_second, state.tokens / max(state.seconds, 1e-9), flops_per_sample, device)
+        m.set_throughput((state.seconds, state.samples, state.tokens), flops_per_sample, device)
         self.message["progress"] = {"step": state.step, "totalSteps": total, "epoch": state.epoch}
         self.message["metrics"] = {"loss": last["loss"], "learningRate": last["lr"], "samplesPerSecond": per_second}
         if not self.main:
@@ -200,6 +201,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
             train_data, validation_data, test_data = (replace(e, labels=[order[i] for i in e.labels])
                                                       for e in (train_data, validation_data, test_data))
     check_positions(model, cfg.dataset.max_length)
+    check_image_size(model, cfg.dataset.image_size)
     if tokenizer is not None:
         check_vocabulary(model, tokenizer.pad_token_id, (train_data, validation_data, test_data, heal_data))
 
