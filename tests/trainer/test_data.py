@@ -425,6 +425,30 @@ def test_an_image_folder_reads_the_images_below_its_class_folders(tmp_path: Path
             Path(image).relative_to(tmp_path).parts[0] for image in split.inputs]
 
 
+def test_folders_without_images_beside_split_folders_leave_them_split_folders(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An image dataset zipped on a Mac unpacks with a __MACOSX/ folder of ._ files beside train/ and test/ (or has
+    a docs/ folder there): that folder named no split, so train/ and test/ were read as two class folders, and the
+    job trained a train-versus-test classifier without a word. A folder without images decides nothing; a class
+    folder without images is named in the log, since the class is missing from the model."""
+    from PIL import Image
+
+    for split in ("train", "test"):
+        for label in ("cat", "dog"):
+            (folder := tmp_path / split / label).mkdir(parents=True)
+            for i in range(6):
+                Image.new("RGB", (8, 8)).save(folder / f"{i}.png")
+        (tmp_path / split / "bird").mkdir()
+    (mac := tmp_path / "__MACOSX" / "train" / "cat").mkdir(parents=True)
+    (mac / "._0.png").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble resource fork, not an image
+    (tmp_path / "docs").mkdir()
+    (tmp_path / "docs" / "README.md").write_text("cats and dogs")
+    data = load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
+    assert data.id2label == {0: "cat", 1: "dog"}
+    assert sorted(data.test.inputs) == sorted(str(p) for p in (tmp_path / "test").rglob("*.png"))
+    assert f"{tmp_path / 'train'}: class folders without images, so not classes: bird" in caplog.text
+
+
 @pytest.mark.parametrize("task", [Task.CAUSAL_LM, Task.SEQUENCE_CLASSIFICATION])
 def test_a_text_column_of_lists_or_records_is_refused_naming_it(tmp_path: Path, task: Task) -> None:
     """A chat dataset's messages column (a list of {role, content}) trained as its Python repr, "[{'content': ...";

@@ -319,7 +319,9 @@ def read_text(file: Path) -> str:
 def read_image_splits(path: Path) -> dict[str, pd.DataFrame]:
     """An ImageFolder, or one per split in folders named by split that hold class folders (train/cat/*.png,
     test/cat/*.png: torchvision's and the hub's layout)."""
-    folders = [d for d in sorted(path.iterdir()) if d.is_dir() and not d.name.startswith(".")]
+    # A folder without images decides nothing: __MACOSX/ (a Mac's zip: ._ files only) or docs/ beside train/ and
+    # test/ named no split, which made those two the classes.
+    folders = [d for d in sorted(path.iterdir()) if d.is_dir() and not d.name.startswith(".") and has_images(d)]
     by_split = {split_of(d.name): d for d in folders}
     if not folders or None in by_split or not all(any(c.is_dir() for c in d.iterdir()) for d in folders):
         return {TRAIN: read_image_folder(path)}  # class folders (a class may be named test: it holds images)
@@ -329,14 +331,23 @@ def read_image_splits(path: Path) -> dict[str, pd.DataFrame]:
 
 
 def read_image_folder(path: Path) -> pd.DataFrame:
-    rows = [
-        {IMAGE_COLUMN: str(image), "label": class_dir.name}
-        for class_dir in sorted(p for p in path.iterdir() if p.is_dir())
-        for image in data_files(class_dir, IMAGE_SUFFIXES)  # its subfolders' too, as torchvision's ImageFolder
-    ]
+    rows, empty = [], []
+    for class_dir in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+        images = data_files(class_dir, IMAGE_SUFFIXES)  # its subfolders' too, as torchvision's ImageFolder
+        rows += [{IMAGE_COLUMN: str(image), "label": class_dir.name} for image in images]
+        if not images:
+            empty.append(class_dir.name)
     if not rows:
         raise DataError(f"{path}: no images in its class folders")
+    if empty:  # the model will not know these classes, nor be scored on them
+        log.warning("%s: class folders without images, so not classes: %s", path, ", ".join(empty))
     return pd.DataFrame(rows)
+
+
+def has_images(folder: Path) -> bool:
+    """Whether an image file (not hidden) lies anywhere below `folder`; stops at the first."""
+    return any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
+               and not any(part.startswith(".") for part in p.relative_to(folder).parts) for p in folder.rglob("*"))
 
 
 def label_ids(column: pd.Series) -> tuple[dict[int, str], list[int]]:
