@@ -142,3 +142,38 @@ def test_before_the_first_step_there_is_no_loss_step_or_throughput_only_the_stag
         gauge.set(value)
     assert scrape.parse(generate_latest(metrics.registry).decode()) == {
         "stage": "Baseline", "loss": 2.5, "step": 1.0, "total_steps": 10.0}
+
+
+def test_throughput_and_the_eta_follow_the_latest_steps_not_the_runs_average() -> None:
+    """An hour at 32 samples/s, then the run resumed on slower GPUs at 8: the gauges were the run's average (its
+    totals, which a checkpoint carries over), still 30 samples/s after 4 minutes, and the status's ETA from them a
+    quarter of the time left."""
+    from datetime import datetime
+
+    import torch
+    from prometheus_client import generate_latest
+
+    from finetune_operator import scrape, status
+    from finetune_trainer.pipeline import Progress
+    from finetune_trainer.train import LoopState
+
+    state = LoopState()
+
+    def steps(progress: Progress, count: int, seconds: float) -> None:
+        for _ in range(count):
+            state.step += 1
+            state.seconds += seconds
+            state.samples += 32
+            state.tokens += 32 * 128
+            state.history.append({"step": state.step, "seconds_since_train_start": state.seconds, "loss": 1.0,
+                                  "lr": 1e-4, "grad_norm": 1.0})
+            progress.step(state, 10_000, None, torch.device("cpu"))
+
+    steps(Progress(Metrics(), main=False), 3600, 1.0)
+    resumed = Metrics()
+    steps(Progress(resumed, main=False), 60, 4.0)
+    assert resumed.samples_per_second.value == pytest.approx(8)
+    assert resumed.tokens_per_second.value == pytest.approx(8 * 128)
+    sample = scrape.parse(generate_latest(resumed.registry).decode())
+    eta = status.progress_and_metrics(sample, 32, datetime(2026, 1, 1))["progress"]["etaSeconds"]
+    assert eta == pytest.approx((10_000 - 3660) * 4, rel=0.01)

@@ -26,6 +26,7 @@ import os
 import signal
 import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
@@ -47,6 +48,7 @@ KUBERNETES_TERMINATION_LOG = Path("/dev/termination-log")
 TERMINATION_LIMIT = 4096  # bytes Kubernetes keeps of a termination message
 LINGER_ENV = "FINETUNE_METRICS_LINGER_SECONDS"
 DEFAULT_LINGER_SECONDS = 60.0
+RATE_WINDOW_SECONDS = 30.0  # of training time: the throughput gauges (and MFU) follow a slowdown within it
 _last_exit_code: list[int | None] = [None]  # the exit code of the latest termination message (write_termination)
 
 # Dense bf16 peak per GPU by the exact name torch.cuda.get_device_name gives (torchtitan's figures, NVIDIA's
@@ -108,6 +110,26 @@ class Latest:
             yield GaugeMetricFamily(self.name, self.doc, value=self.value)
 
 
+class Recent:
+    """Samples and tokens per second over the latest RATE_WINDOW_SECONDS of training steps, from the run's running
+    totals (training time, samples, tokens). The totals' own ratio, the average since the run began (carried over a
+    resume), hid a slowdown hours into a run from the dashboard, and gave a run resumed on slower GPUs or fewer
+    workers the first attempt's speed, so its ETA in the status said a fraction of the time left."""
+
+    def __init__(self) -> None:
+        self.points: deque[tuple[float, float, float]] = deque()
+
+    def add(self, seconds: float, samples: float, tokens: float) -> tuple[float, float] | None:
+        """The rates up to these totals; None until two steps of this process span some time."""
+        self.points.append((seconds, samples, tokens))
+        while len(self.points) > 2 and seconds - self.points[1][0] >= RATE_WINDOW_SECONDS:
+            self.points.popleft()
+        elapsed = seconds - self.points[0][0]
+        if elapsed <= 0:
+            return None
+        return (samples - self.points[0][1]) / elapsed, (tokens - self.points[0][2]) / elapsed
+
+
 class Metrics:
     """The trainer's gauges in a registry of their own (a test may run the pipeline twice in one process)."""
 
@@ -130,8 +152,11 @@ class Metrics:
         self.step = latest("step", "Optimizer steps taken")
         self.total_steps = latest("total_steps", "Optimizer steps planned")
         self.epoch = latest("epoch", "Current epoch (0-based)")
-        self.samples_per_second = latest("samples_per_second", "Training samples per second, all workers")
-        self.tokens_per_second = latest("tokens_per_second", "Training tokens per second, all workers")
+        self.samples_per_second = latest("samples_per_second", "Training samples per second, all workers, over the "
+                                         f"latest {RATE_WINDOW_SECONDS:.0f} s of training")
+        self.tokens_per_second = latest("tokens_per_second", "Training tokens per second, all workers, over the "
+                                        f"latest {RATE_WINDOW_SECONDS:.0f} s of training")
+        self.recent = Recent()
         # 0 on a CPU from the start: the dashboard counts a job as on GPUs by its GPU memory.
         self.stage = gauge("stage", "1 for the pipeline stage running now, 0 for the others", ("stage",))
         self.eval_metric = gauge("eval_metric", "Evaluation metric: test split (baseline, final), validation split (training)", ("phase", "metric"))
@@ -188,8 +213,13 @@ class Metrics:
         for name, value in metrics.items():
             self.eval_metric.labels(phase=phase, metric=name).set(value)
 
-    def set_throughput(self, samples_per_second: float, tokens_per_second: float, flops_per_sample: float | None,
+    def set_throughput(self, totals: tuple[float, float, float], flops_per_sample: float | None,
                        device: torch.device) -> None:
+        """From the run's totals of training seconds, samples and tokens after a step (`Recent`); at an attempt's
+        first step, their average."""
+        seconds, samples, tokens = totals
+        recent = self.recent.add(seconds, samples, tokens)
+        samples_per_second, tokens_per_second = recent or (samples / max(seconds, 1e-9), tokens / max(seconds, 1e-9))
         self.samples_per_second.set(samples_per_second)
         self.tokens_per_second.set(tokens_per_second)
         if device.type == "cuda":
