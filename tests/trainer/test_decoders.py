@@ -38,12 +38,14 @@ def test_a_decoder_classifier_pads_with_the_id_it_pools_by(tmp_path: Path) -> No
     assert model.config.pad_token_id == tokenizer.pad_token_id  # as exported, beside the tokenizer
 
 
-@pytest.mark.parametrize("config_pad", [None, 5])
-def test_the_card_of_a_decoder_classifiers_adapters_loads_it_with_the_pad_it_trained_with(
-        config_pad: int | None, tmp_path: Path) -> None:
+@pytest.mark.parametrize(("config_pad", "outputs"), [(None, 3), (5, 3), (None, 5)])
+def test_the_card_of_a_decoder_classifiers_adapters_loads_the_model_that_trained(
+        config_pad: int | None, outputs: int, tmp_path: Path) -> None:
     """Adapters kept apart load onto model.uri's base, whose config has no pad id (GPT-2's: the card's model refused
     a batch of two, 'Cannot handle batch sizes > 1') or another (Llama-2's: it pooled the padding); the card's code
-    gives it the pad of the tokenizer exported beside the adapters, which the batches were padded with."""
+    gives it the pad of the tokenizer exported beside the adapters, which the batches were padded with. And a head of
+    the size trained: rearrange.head.numLabels 5 for 3 labels gave the base 3 outputs, which the adapters' head of
+    5 did not load into (a size mismatch)."""
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
     base = tmp_path / "gpt2"
@@ -51,12 +53,12 @@ def test_the_card_of_a_decoder_classifiers_adapters_loads_it_with_the_pad_it_tra
     doc = tiny_classifier_doc(tmp_path / "out")
     doc["model"] = {"task": "sequence-classification", "uri": str(base),
                     "tokenizerUri": f"file://{bpe_tokenizer(tmp_path / 'tok')}"}
-    doc["rearrange"] = {"lora": {"rank": 4}, "mergeOnExport": False}
+    doc["rearrange"] = {"head": {"numLabels": outputs}, "lora": {"rank": 4}, "mergeOnExport": False}
     cfg = TrainerConfig.model_validate(doc)
     tokenizer = load_tokenizer(cfg.model)
     model = load_model(cfg.model, tokenizer, seed=0)
     labels = {0: "neg", 1: "neu", 2: "pos"}
-    new_head(model, "score", 3, labels, reinitialize=True)
+    new_head(model, "score", outputs, labels, reinitialize=True)
     wrapped = add_adapters(model, LoraSpec(rank=4), ["transformer.h.1.mlp.c_fc"], "score")
     data = encode_text(Split(["a fine day indeed", "ok"], [0, 1]), tokenizer, 16)
     batch = make_collate(Task.SEQUENCE_CLASSIFICATION, tokenizer.pad_token_id, 0)(data, [0, 1])  # row 1 padded

@@ -147,10 +147,17 @@ def model_card(cfg: TrainerConfig, report: dict[str, Any], adapters_apart: bool 
         *per_class_rows(evaluation.get("per_class_ap")),
         "",
         *pruning_section(report.get("pruning")),
-        *loading_lines(cfg, len(report["labels"]), adapters_apart),
+        *loading_lines(cfg, head_size(cfg, len(report["labels"])), adapters_apart),
         "Trained by finetune-trainer; report.json has the structure analysis and the full history.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def head_size(cfg: TrainerConfig, labels: int) -> int:
+    """The outputs of the head trained (a rearrange.head.numLabels above the dataset's labels, else one per label),
+    which a base loaded for adapters kept apart must have for their head to load into it."""
+    num_labels = cfg.rearrange.head.num_labels
+    return labels if num_labels == "auto" else max(int(num_labels), labels)
 
 
 def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool) -> list[str]:
