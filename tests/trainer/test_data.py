@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from finetune_trainer.config import DatasetSpec, Task
-from finetune_trainer.data import check_label_count, load_dataset
+from finetune_trainer.data import Split, check_label_count, load_dataset
 from finetune_trainer.errors import DataError
 
 ROWS = [{"text": f"sample {i}", "label": ["neg", "pos", "neu"][i % 3]} for i in range(30)]
@@ -374,10 +374,14 @@ def test_image_paths_in_a_table_are_read_from_its_folder(tmp_path: Path) -> None
     collate = make_collate(Task.IMAGE_CLASSIFICATION, 0, 8)
     assert collate(encode_images(data.train), [0, 1]).inputs["pixel_values"].shape == (2, 3, 8, 8)
     assert all(Path(p).is_absolute() and Path(p).parent == tmp_path / "images" for p in data.train.inputs)
-    rows.assign(image=[f"gone/{i}.png" for i in range(20)]).to_csv(path, index=False)
-    data = load_dataset(DatasetSpec(uri=str(path), textField="image"), Task.IMAGE_CLASSIFICATION, 0)
-    with pytest.raises(DataError, match=rf"{tmp_path}/gone/\d+.png: no such image file"):
-        collate(encode_images(data.train), [0])
+    # A path that names no file stops the job as it loads, not at its batch (in an epoch of hours, say).
+    rows.assign(image=[f"images/{i}.png" for i in range(19)] + ["gone/19.png"]).to_csv(path, index=False)
+    with pytest.raises(DataError, match=rf"1 of its image paths \(column 'image', dataset.textField\) name no file, "
+                                        rf"such as {tmp_path}/gone/19.png$"):
+        load_dataset(DatasetSpec(uri=str(path), textField="image"), Task.IMAGE_CLASSIFICATION, 0)
+    (tmp_path / "images" / "0.png").unlink()  # gone after the job loaded its data
+    with pytest.raises(DataError, match=rf"{tmp_path}/images/0.png: no such image file"):
+        collate(encode_images(Split([str(tmp_path / "images" / "0.png")], [0])), [0])
     # the hub's Image feature in parquet: the bytes inline, no file to open
     rows.assign(image=[{"bytes": b"\x89PNG", "path": None}] * 20).to_parquet(path := tmp_path / "images.parquet")
     with pytest.raises(DataError, match=r"column 'image' \(dataset.textField\) holds \{'bytes'.* not a path"):

@@ -100,7 +100,12 @@ def image_paths(column: pd.Series, folder: Path, uri: str) -> list[str]:
     the trainer's working directory)."""
     check_inputs(column, (str,), "a path; image-classification reads image files: an ImageFolder or a table of their "
                  "paths", uri, "dataset.textField")  # such as the hub's Image feature: {'bytes': ..., 'path': ...}
-    return [str(folder / value) for value in column]
+    paths = [str(folder / value) for value in column]
+    # Else found only when its batch comes, which may be hours into an epoch, after the steps since a checkpoint.
+    if missing := [path for path in dict.fromkeys(paths) if not Path(path).is_file()]:
+        raise DataError(f"dataset {uri}: {len(missing)} of its image paths (column {column.name!r}, dataset.textField) "
+                        f"name no file, such as {', '.join(missing[:3])}")
+    return paths
 
 
 def check_inputs(column: pd.Series, kinds: tuple[type, ...], what: str, uri: str, field: str) -> None:
