@@ -177,3 +177,26 @@ def test_throughput_and_the_eta_follow_the_latest_steps_not_the_runs_average() -
     sample = scrape.parse(generate_latest(resumed.registry).decode())
     eta = status.progress_and_metrics(sample, 32, datetime(2026, 1, 1))["progress"]["etaSeconds"]
     assert eta == pytest.approx((10_000 - 3660) * 4, rel=0.01)
+
+
+def test_a_gpu_job_reports_its_gpu_memory_before_its_first_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """GPU memory was set at steps only: 0 through loading, analysis and the baseline, with the model on the GPU, so
+    the dashboard's GPU memory said 0 B and its running GPU jobs left the job out. Now read at each scrape."""
+    import torch
+    from prometheus_client import generate_latest
+
+    from finetune_trainer.config import Stage
+
+    allocated = [0]
+    if not torch.cuda.is_available():  # this machine's stand-in for the allocator's peak
+        monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: allocated[0])
+    metrics = Metrics(torch.device("cuda", 0))
+    metrics.set_stage(Stage.BASELINE)
+    if torch.cuda.is_available():
+        weights = torch.ones(1 << 20, device="cuda")  # noqa: F841 (held while scraped)
+    else:
+        allocated[0] = 4 << 20
+    body = generate_latest(metrics.registry).decode()
+    value = next(float(line.split()[1]) for line in body.splitlines()
+                 if line.startswith("finetune_trainer_gpu_memory_bytes "))
+    assert value >= 4 << 20

@@ -116,7 +116,7 @@ def run(cfg: TrainerConfig, output_dir: Path) -> dict[str, Any]:
     except BaseException as exc:
         write_failure(Stage.STARTING, exc)
         raise
-    metrics = Metrics()
+    metrics = Metrics(world.device)
     progress = Progress(metrics, world.main)
     if world.main:
         metrics.serve()

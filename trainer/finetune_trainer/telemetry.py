@@ -133,7 +133,7 @@ class Recent:
 class Metrics:
     """The trainer's gauges in a registry of their own (a test may run the pipeline twice in one process)."""
 
-    def __init__(self) -> None:
+    def __init__(self, device: torch.device | None = None) -> None:
         self.registry = CollectorRegistry()
         self.server: Any = None
         self.readers = Readers()
@@ -157,10 +157,14 @@ class Metrics:
         self.tokens_per_second = latest("tokens_per_second", "Training tokens per second, all workers, over the "
                                         f"latest {RATE_WINDOW_SECONDS:.0f} s of training")
         self.recent = Recent()
-        # 0 on a CPU from the start: the dashboard counts a job as on GPUs by its GPU memory.
         self.stage = gauge("stage", "1 for the pipeline stage running now, 0 for the others", ("stage",))
         self.eval_metric = gauge("eval_metric", "Evaluation metric: test split (baseline, final), validation split (training)", ("phase", "metric"))
+        # 0 on a CPU from the start: the dashboard counts a job as on GPUs by its GPU memory. On a GPU it is read at
+        # each scrape: set at steps, it was 0 through loading, analysis and the baseline (minutes on a large test
+        # split), where the model already filled the GPU and the dashboard counted the job as not on GPUs.
         self.gpu_memory_bytes = gauge("gpu_memory_bytes", "Peak GPU memory allocated by this worker")
+        if device is not None and device.type == "cuda":
+            self.gpu_memory_bytes.set_function(lambda: torch.cuda.max_memory_allocated(device))
         self.mfu = gauge("mfu", "Model FLOPs utilisation: achieved training FLOP/s over the GPU's bf16 peak")
 
     def serve(self) -> None:
@@ -223,7 +227,6 @@ class Metrics:
         self.samples_per_second.set(samples_per_second)
         self.tokens_per_second.set(tokens_per_second)
         if device.type == "cuda":
-            self.gpu_memory_bytes.set(torch.cuda.max_memory_allocated(device))
             peak = peak_flops(device)
             if peak and flops_per_sample:
                 self.mfu.set(flops_per_sample * samples_per_second / peak)
