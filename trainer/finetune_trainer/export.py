@@ -173,7 +173,9 @@ def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool) -> list
         code = ["from pathlib import Path", "from finetune_trainer.config import ModelSpec",
                 "from finetune_trainer.models import load_vision_model",
                 "from finetune_trainer.batches import pixel_values", "",
-                f'model = load_vision_model(ModelSpec(task="image-classification", uri={uri}))']
+                # In eval mode, as from_pretrained gives a model: in training mode batch norm would normalise by the
+                # batch it is given, and one image's prediction would depend on the others'.
+                f'model = load_vision_model(ModelSpec(task="image-classification", uri={uri})).eval()']
     else:
         auto = "AutoModelForCausalLM" if task == Task.CAUSAL_LM else "AutoModelForSequenceClassification"
         imports, args, setup = auto, "'.'", []
