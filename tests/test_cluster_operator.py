@@ -224,6 +224,24 @@ def test_a_quota_that_refuses_the_attempt_is_waited_for_not_failed(operator_env:
     assert len(env.objects("jobs", name)) == 1
 
 
+def test_a_child_name_held_by_an_object_not_its_own_is_waited_for_visibly(operator_env: OperatorEnv) -> None:
+    """An earlier job's children orphaned by `kubectl delete --cascade=orphan` hold the new one's names: its status
+    said nothing, and it waited for ever; now it says which object it waits for."""
+    env = operator_env
+    name = "name-taken"
+    env.kube.apply({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": f"{name}-1"}, "data": {}},
+                   env.namespace)
+    env.apply(example("minilm-sentiment", runtime={"resources": {"limits": {"nvidia.com/gpu": 99}}})
+              | {"metadata": {"name": name}})
+    waiting = env.wait_ftj(name, lambda o: o.get("status", {}).get("reason") == "NameTaken", "NameTaken", timeout=60)
+    created = next(c for c in waiting["status"]["conditions"] if c["type"] == "Created")
+    assert created["status"] == "False" and f"ConfigMap named {name}-1" in created["message"]
+    assert waiting["status"]["phase"] == "Pending" and not env.objects("jobs", name)
+    env.kube.kubectl("delete", "configmap", f"{name}-1", "-n", env.namespace)
+    env.wait_ftj(name, lambda o: conditions(o).get("Created") == ("True", "AttemptCreated"), "the attempt", timeout=60)
+    assert len(env.objects("jobs", name)) == 1
+
+
 def test_the_deadline_fails_the_job_and_deleting_it_collects_the_children(operator_env: OperatorEnv) -> None:
     env = operator_env
     doc = example("minilm-sentiment", runtime={"resources": {"limits": {"nvidia.com/gpu": 99}}})

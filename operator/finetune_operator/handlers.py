@@ -269,12 +269,21 @@ def _create(clients: Clients, obj: dict[str, Any]) -> None:
         if exc.status != 409:
             raise
         # AlreadyExists: a previous tick (or operator) made it, or an earlier FineTuneJob of this name did, and the
-        # garbage collector has yet to delete it
+        # garbage collector has yet to delete it (or never will: `kubectl delete --cascade=orphan` left it ownerless)
         existing = json.loads(clients.call("GET", api_path(meta["namespace"], plural, meta["name"], group=group)))
         owners = [r.get("uid") for r in existing["metadata"].get("ownerReferences") or []]
-        if meta["ownerReferences"][0]["uid"] not in owners or existing["metadata"].get("deletionTimestamp"):
-            raise kopf.TemporaryError(f"the {kind} {meta['name']} is another FineTuneJob's or being deleted: "
-                                      "waiting for it to go", delay=5) from exc
+        if existing["metadata"].get("deletionTimestamp"):
+            raise NameTaken(f"the {kind} {meta['name']} is being deleted: waiting for it to go") from exc
+        if meta["ownerReferences"][0]["uid"] not in owners:
+            raise NameTaken(f"a {kind} named {meta['name']} exists and is not this FineTuneJob's (an earlier one's of "
+                            "this name?): waiting for it to be deleted") from exc
+
+
+class NameTaken(Exception):
+    """A child's name is held by an object that is not this job's, or that is being deleted: the attempt waits."""
+
+
+NAME_TAKEN_RETRY_SECONDS = 5
 
 
 class Refused(Exception):
@@ -379,7 +388,9 @@ def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, job_index: k
                 seen.problems = [str(exc)]
             except QuotaExceeded as exc:
                 seen.quota = str(exc)
-        if seen.problems or seen.quota:
+            except NameTaken as exc:
+                seen.name_taken = str(exc)
+        if seen.problems or seen.quota or seen.name_taken:
             decision = reconcile.decide(seen)
             assert decision is not None
         else:
@@ -399,6 +410,8 @@ def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, job_index: k
         patch.status[field] = value
     if seen.quota:  # kopf applies the patch above all the same, and tries again after the delay
         raise kopf.TemporaryError(seen.quota, delay=QUOTA_RETRY_SECONDS)
+    if seen.name_taken:
+        raise kopf.TemporaryError(seen.name_taken, delay=NAME_TAKEN_RETRY_SECONDS)
 
 
 def _record(body: kopf.Body, seen: reconcile.Observed, decision: reconcile.Decision) -> None:
