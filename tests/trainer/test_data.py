@@ -453,6 +453,26 @@ def test_folders_without_images_beside_split_folders_leave_them_split_folders(
     assert f"{tmp_path / 'train'}: class folders without images, so not classes: bird" in caplog.text
 
 
+def test_an_image_folder_reads_the_formats_torchvision_and_phones_save(tmp_path: Path) -> None:
+    """torchvision's ImageFolder reads Netpbm files (GTSRB's .ppm traffic signs, the ORL faces' .pgm), and a browser
+    saves JPEGs as .jfif: their class folders were refused as holding no images, or left out of the classes."""
+    from PIL import Image
+
+    from finetune_trainer.batches import encode_images, make_collate
+
+    for label, suffix, mode in (("face", "pgm", "L"), ("sign", "ppm", "RGB"), ("photo", "jfif", "RGB"),
+                                ("icon", "avif", "RGB")):
+        (tmp_path / label).mkdir()
+        for i in range(4):
+            Image.new(mode, (8, 8)).save(tmp_path / label / f"{i}.{suffix}")
+    data = load_dataset(DatasetSpec(uri=str(tmp_path), validationSplit=0.25, testSplit=0.25),
+                        Task.IMAGE_CLASSIFICATION, 0)
+    assert sorted(data.id2label.values()) == ["face", "icon", "photo", "sign"]
+    images = encode_images(data.train)
+    batch = make_collate(Task.IMAGE_CLASSIFICATION, 0, 8)(images, list(range(len(images.features))))
+    assert batch.inputs["pixel_values"].shape == (8, 3, 8, 8)
+
+
 @pytest.mark.parametrize("task", [Task.CAUSAL_LM, Task.SEQUENCE_CLASSIFICATION])
 def test_a_text_column_of_lists_or_records_is_refused_naming_it(tmp_path: Path, task: Task) -> None:
     """A chat dataset's messages column (a list of {role, content}) trained as its Python repr, "[{'content': ...";

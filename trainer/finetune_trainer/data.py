@@ -26,7 +26,10 @@ from finetune_trainer.uris import fetch
 
 log = logging.getLogger(__name__)
 
-IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
+# torchvision ImageFolder's (the Netpbm ones among them: GTSRB is .ppm, the ORL faces .pgm), and the JPEG and
+# AVIF files phones and browsers save, which Pillow reads too
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".webp", ".avif", ".tif", ".tiff", ".ppm",
+                  ".pgm", ".pbm", ".pnm"}
 FILE_FORMATS = {".csv": DatasetFormat.CSV, ".jsonl": DatasetFormat.JSONL, ".json": DatasetFormat.JSONL,
                 ".parquet": DatasetFormat.PARQUET}
 IMAGE_COLUMN = "image"  # the column an ImageFolder's file paths land in
