@@ -200,3 +200,21 @@ def test_a_gpu_job_reports_its_gpu_memory_before_its_first_step(monkeypatch: pyt
     value = next(float(line.split()[1]) for line in body.splitlines()
                  if line.startswith("finetune_trainer_gpu_memory_bytes "))
     assert value >= 4 << 20
+
+
+@pytest.mark.parametrize(("gpu", "mfu"), [("NVIDIA H200", 0.5), ("Tesla T4", None)])
+def test_mfu_is_reported_only_where_the_gpus_peak_is_known(monkeypatch: pytest.MonkeyPatch, gpu: str,
+                                                          mfu: float | None) -> None:
+    """A GPU missing from the peak table (a T4, a V100) had an MFU of 0 on the dashboard, as if it did nothing."""
+    import torch
+    from prometheus_client import generate_latest
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu)  # no GPU here
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 0)
+    metrics = Metrics(torch.device("cuda", 0))
+    per_sample = 0.5 * telemetry.PEAK_BF16_FLOPS["NVIDIA H200"] / 100  # half the peak at 100 samples/s
+    metrics.set_throughput((10.0, 1000.0, 0.0), per_sample, torch.device("cuda", 0))
+    lines = [line for line in generate_latest(metrics.registry).decode().splitlines()
+             if line.startswith("finetune_trainer_mfu ")]
+    assert [float(line.split()[1]) for line in lines] == ([] if mfu is None else [pytest.approx(mfu)])
+    assert "finetune_trainer_mfu 0.0" in generate_latest(Metrics().registry).decode()  # a CPU's

@@ -165,7 +165,10 @@ class Metrics:
         self.gpu_memory_bytes = gauge("gpu_memory_bytes", "Peak GPU memory allocated by this worker")
         if device is not None and device.type == "cuda":
             self.gpu_memory_bytes.set_function(lambda: torch.cuda.max_memory_allocated(device))
-        self.mfu = gauge("mfu", "Model FLOPs utilisation: achieved training FLOP/s over the GPU's bf16 peak")
+        # 0 on a CPU too; on a GPU whose peak is not in PEAK_BF16_FLOPS (a T4, a V100) none at all, where it said 0.
+        self.mfu = latest("mfu", "Model FLOPs utilisation: achieved training FLOP/s over the GPU's bf16 peak")
+        if device is None or device.type != "cuda":
+            self.mfu.set(0)
 
     def serve(self) -> None:
         port = int(os.environ.get(PORT_ENV, DEFAULT_PORT))
