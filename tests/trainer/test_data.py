@@ -388,6 +388,31 @@ def test_image_paths_in_a_table_are_read_from_its_folder(tmp_path: Path) -> None
         load_dataset(DatasetSpec(uri=str(path), textField="image"), Task.IMAGE_CLASSIFICATION, 0)
 
 
+def test_image_paths_in_tables_in_split_folders_are_read_from_the_tables_folder(tmp_path: Path) -> None:
+    """The hub's image folders with metadata: train/metadata.csv names train/0.png as 0.png, and test/metadata.csv
+    names test/0.png as 0.png too. They were read from the dataset's folder, where no 0.png is. A path relative to
+    the dataset's folder still reads from there."""
+    from PIL import Image
+
+    for split, count in (("train", 12), ("test", 4)):
+        (tmp_path / split).mkdir()
+        for i in range(count):
+            Image.new("RGB", (8, 8)).save(tmp_path / split / f"{i}.png")
+        names = [f"{i}.png" if i % 3 else f"{split}/{i}.png" for i in range(count)]  # relative to the dataset too
+        pd.DataFrame({"file_name": names, "label": ["cat", "dog"] * (count // 2)}).to_csv(
+            tmp_path / split / "metadata.csv", index=False)
+    data = load_dataset(DatasetSpec(uri=str(tmp_path), textField="file_name"), Task.IMAGE_CLASSIFICATION, 0)
+    assert sorted(data.test.inputs) == sorted(str(tmp_path / "test" / f"{i}.png") for i in range(4))
+    assert sorted(data.train.inputs + data.validation.inputs) == sorted(
+        str(tmp_path / "train" / f"{i}.png") for i in range(12))
+    for split in (data.train, data.validation, data.test):
+        assert [data.id2label[label] for label in split.labels] == [
+            ["cat", "dog"][int(Path(image).stem) % 2] for image in split.inputs]
+    with pytest.raises(DataError, match=r"no column 'text' \(dataset.textField\) in its train split; it has "
+                                        r"file_name, label$"):
+        load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
+
+
 @pytest.mark.parametrize("fmt", ["parquet", "hf-disk"])
 def test_a_hub_datasets_class_names_name_its_labels(tmp_path: Path, fmt: str) -> None:
     """A ClassLabel column holds 0, 1, 2 and names them in the dataset's features (kept in the parquet files that

@@ -33,6 +33,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".webp", ".a
 FILE_FORMATS = {".csv": DatasetFormat.CSV, ".jsonl": DatasetFormat.JSONL, ".json": DatasetFormat.JSONL,
                 ".parquet": DatasetFormat.PARQUET}
 IMAGE_COLUMN = "image"  # the column an ImageFolder's file paths land in
+TABLE_FOLDER = "\0table folder"  # the folder of the file a row of a folder's tables came from
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
 # The words the hub's loader (datasets' data_files patterns) reads as a split name, between separators.
 SPLIT_NAMES = {name: re.compile(rf"(^|[-._ /\d])({'|'.join(words)})([-._ /\d]|$)") for name, words in (
@@ -75,7 +76,8 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
     drop_empty_splits(usable, spec.uri)
     if task == Task.IMAGE_CLASSIFICATION and fmt != DatasetFormat.IMAGE_FOLDER:
         folder = path if path.is_dir() else path.parent
-        inputs = {name: image_paths(table[input_field], folder, spec.uri) for name, table in usable.items()}
+        inputs = {name: image_paths(table[input_field], table_folders(tables[name], table.index, folder), folder,
+                                    spec.uri) for name, table in usable.items()}
     else:
         for table in usable.values():
             check_inputs(table[input_field], (str, Number), "a text", spec.uri, "dataset.textField")
@@ -98,17 +100,26 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
     return LabelledData(train=train, validation=validation, test=test, id2label=id2label)
 
 
-def image_paths(column: pd.Series, folder: Path, uri: str) -> list[str]:
-    """A table's image files for image-classification, a relative path read from the dataset's folder (not from
-    the trainer's working directory)."""
+def image_paths(column: pd.Series, bases: list[Path], folder: Path, uri: str) -> list[str]:
+    """A table's image files for image-classification, a relative path read from the folder of the table file that
+    holds it (`bases`, row by row: the hub's train/metadata.csv names train/'s images) where it names a file there,
+    else from the dataset's folder (never from the trainer's working directory)."""
     check_inputs(column, (str,), "a path; image-classification reads image files: an ImageFolder or a table of their "
                  "paths", uri, "dataset.textField")  # such as the hub's Image feature: {'bytes': ..., 'path': ...}
-    paths = [str(folder / value) for value in column]
+    paths = [str(base / value if base != folder and (base / value).is_file() else folder / value)
+             for value, base in zip(column, bases)]
     # Else found only when its batch comes, which may be hours into an epoch, after the steps since a checkpoint.
     if missing := [path for path in dict.fromkeys(paths) if not Path(path).is_file()]:
         raise DataError(f"dataset {uri}: {len(missing)} of its image paths (column {column.name!r}, dataset.textField) "
                         f"name no file, such as {', '.join(missing[:3])}")
     return paths
+
+
+def table_folders(table: pd.DataFrame, rows: pd.Index, folder: Path) -> list[Path]:
+    """The folder of the table file each of `rows` came from (`folder` where the dataset is one file)."""
+    if TABLE_FOLDER not in table.columns:
+        return [folder] * len(rows)
+    return [Path(base) for base in table.loc[rows, TABLE_FOLDER]]
 
 
 def check_inputs(column: pd.Series, kinds: tuple[type, ...], what: str, uri: str, field: str) -> None:
@@ -198,7 +209,7 @@ def check_columns(tables: dict[str, pd.DataFrame], uri: str, columns: dict[str, 
             if column is not None and column not in table.columns:
                 where = f" in its {name} split" if len(tables) > 1 else ""
                 raise DataError(f"{field} {uri}: no column {column!r} ({field}.{role}){where}; "
-                                f"it has {', '.join(map(str, table.columns))}")
+                                f"it has {', '.join(str(c) for c in table.columns if c != TABLE_FOLDER)}")
 
 
 def detect_format(path: Path, declared: DatasetFormat | TextFormat, field: str) -> DatasetFormat:
@@ -269,7 +280,8 @@ def read_splits(path: Path, fmt: DatasetFormat) -> dict[str, pd.DataFrame]:
     elif len(subsets := {subset_of(f.relative_to(path)) for f in by_split[TRAIN]}) > 1:
         raise DataError(f"{path}: holds {len(subsets)} datasets in its folders ({', '.join(sorted(subsets))}), "
                         "each with a train split; point the uri at one of those folders")
-    return {name: pd.concat([read_table(f, fmt) for f in by_split[name]], ignore_index=True)
+    return {name: pd.concat([read_table(f, fmt).assign(**{TABLE_FOLDER: str(f.parent)}) for f in by_split[name]],
+                            ignore_index=True)
             for name in (TRAIN, VALIDATION, TEST) if name in by_split}
 
 
