@@ -238,7 +238,7 @@ def test_a_child_that_exists_is_ours_or_waited_for() -> None:
     handlers._create_attempt(Existing("1234"), doc, spec, 1, SETTINGS)  # made by an earlier tick
     # An earlier FineTuneJob of the same name, deleted and created again: its children are not taken over.
     for other in (Existing("an-earlier-uid"), Existing("1234", deleting=True)):
-        with pytest.raises(kopf.TemporaryError, match="waiting"):
+        with pytest.raises(handlers.NameTaken, match="waiting"):  # shown in the status (Created False, NameTaken)
             handlers._create_attempt(other, doc, spec, 1, SETTINGS)
 
 
