@@ -94,6 +94,7 @@ def pod_target(port: int, index: int, job: str = "ddp", attempt: int = 1) -> dic
         "__meta_kubernetes_pod_phase": "Running", "__meta_kubernetes_pod_container_port_name": "metrics",
         "__meta_kubernetes_pod_label_finetune_dev_job_name": job,
         "__meta_kubernetes_pod_labelpresent_finetune_dev_job_name": "true",
+        "__meta_kubernetes_pod_label_finetune_dev_job_uid": f"uid-{job}",
         "__meta_kubernetes_pod_label_finetune_dev_attempt": str(attempt),
         "__meta_kubernetes_pod_annotation_batch_kubernetes_io_job_completion_index": str(index),
         "__meta_kubernetes_pod_annotationpresent_batch_kubernetes_io_job_completion_index": "true"}}
@@ -132,8 +133,8 @@ def test_the_pod_monitor_scrapes_rank_0_alone_of_a_two_worker_job(tmp_path: Path
             time.sleep(0.5)
         time.sleep(3)  # three scrape intervals: rank 1 would be a target by now
         up = prometheus.query("up")
-        assert [(s["metric"]["pod"], s["metric"]["finetunejob"], s["metric"]["attempt"], s["value"][1]) for s in up] == [
-            ("ddp-1-0-abcde", "ddp", "1", "1")]
+        assert [(s["metric"]["pod"], s["metric"]["finetunejob"], s["metric"]["finetunejob_uid"], s["metric"]["attempt"],
+                 s["value"][1]) for s in up] == [("ddp-1-0-abcde", "ddp", "uid-ddp", "1", "1")]
     finally:
         prometheus.stop()
         server.shutdown()
@@ -179,6 +180,41 @@ def test_the_job_stats_are_the_jobs_across_attempts_and_say_nothing_false(tmp_pa
         assert values("ETA", "stuck", 2000, 3000) == []
         # No GPU job runs at the end: the count ends at 0 (the stat's last non-null value was 1).
         assert values("Running GPU jobs", "", 0, 3000)[0][-1] == 0
+    finally:
+        prometheus.stop()
+
+
+@pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
+def test_the_evaluation_is_the_latest_run_s_of_a_job_made_again_under_its_name(tmp_path: Path) -> None:
+    """Job `j` ran (accuracy 0.5 -> 0.9), was deleted and made again with another recipe (0.55 -> 0.6): the bars took
+    the larger value of either run, so they showed the first run's 0.9 beside the second's baseline, before and
+    after the second run's final evaluation."""
+    t0 = int(time.time()) - 3600
+    lines = ["# TYPE finetune_trainer_stage gauge", "# TYPE finetune_trainer_eval_metric gauge"]
+    for uid, start, stop, baseline, final in (("u1", 0, 600, 0.5, 0.9), ("u2", 900, 1500, 0.55, 0.6)):
+        labels = f'namespace="a",finetunejob="j",finetunejob_uid="{uid}",attempt="1",pod="j-1-0-{uid}"'
+        lines += [f'finetune_trainer_stage{{{labels},stage="Training"}} 1 {t}' for t in range(t0 + start, t0 + stop, 15)]
+        for phase, value, since in (("baseline", baseline, 100), ("final", final, 550)):
+            lines += [f'finetune_trainer_eval_metric{{{labels},phase="{phase}",metric="accuracy"}} {value} {t}'
+                      for t in range(t0 + start + since, t0 + stop, 15)]
+    prometheus_server.backfill(tmp_path, "\n".join(lines) + "\n# EOF\n")
+    prometheus = prometheus_server.start(tmp_path, [], free_port())
+    exprs = dashboard_exprs()
+
+    def values(title: str, at: int) -> list[tuple[str, float]]:
+        found = []
+        for expr in exprs[title]:
+            expr = expr.replace("$namespace", "a").replace("$job", "j").replace("$__range", "1h")
+            found += [(s["metric"]["metric"], float(s["values"][-1][1]))
+                      for s in prometheus.query_range(expr, t0 + at, t0 + at, 15)]
+        return found
+
+    try:
+        # The second run has its baseline only: no fine-tuned bar and no change yet.
+        assert values("Baseline vs fine-tuned", 1200) == [("accuracy", 0.55)]
+        assert values("Change (fine-tuned - baseline)", 1200) == []
+        assert values("Baseline vs fine-tuned", 1600) == [("accuracy", 0.55), ("accuracy", 0.6)]
+        assert values("Change (fine-tuned - baseline)", 1600) == [("accuracy", pytest.approx(0.05))]
     finally:
         prometheus.stop()
 

@@ -2,7 +2,8 @@
 
 Built with grafana-foundation-sdk (the dev extra) so it is code, not hand-edited JSON. Its queries
 use only the shared metric names (DESIGN §4) and the labels the chart's PodMonitor adds to trainer
-series: `namespace` and `finetunejob` (from the pod label `finetune.dev/job-name`). Operator
+series: `namespace`, `finetunejob` (from the pod label `finetune.dev/job-name`) and `finetunejob_uid`
+(`finetune.dev/job-uid`: a job made again under its name is another run). Operator
 series carry `job="finetune-operator"` (the ServiceMonitor's jobLabel).
 
 Rows: the fleet; one job (variables datasource, namespace, job: from the stage, which rank 0 reports from
@@ -100,8 +101,13 @@ def one_job() -> list[Panel]:
 
 
 def evaluation() -> list[Panel]:
+    # The run seen last: a job deleted and made again under its name (another recipe) is a run of its own, and the
+    # larger value of either run showed one run's fine-tuned result beside the other's baseline.
+    newest = f"topk(1, max by (finetunejob_uid) (max_over_time(timestamp(finetune_trainer_stage{{{JOB}}})[$__range:])))"
+
     def last(phase: str) -> str:
-        return f'max by (metric) (last_over_time(finetune_trainer_eval_metric{{{JOB}, phase="{phase}"}}[$__range]))'
+        return (f'max by (metric) (last_over_time(finetune_trainer_eval_metric{{{JOB}, phase="{phase}"}}[$__range])'
+                f" and on (finetunejob_uid) {newest})")
 
     return [
         bargauge.Panel().title("Baseline vs fine-tuned").datasource(DATASOURCE).span(16).height(8)
