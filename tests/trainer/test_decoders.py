@@ -45,7 +45,7 @@ def test_the_card_of_a_decoder_classifiers_adapters_loads_the_model_that_trained
     a batch of two, 'Cannot handle batch sizes > 1') or another (Llama-2's: it pooled the padding); the card's code
     gives it the pad of the tokenizer exported beside the adapters, which the batches were padded with. And a head of
     the size trained: rearrange.head.numLabels 5 for 3 labels gave the base 3 outputs, which the adapters' head of
-    5 did not load into (a size mismatch)."""
+    5 did not load into (a size mismatch). And the names of its classes: the base's config said LABEL_0, LABEL_1..."""
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
     base = tmp_path / "gpt2"
@@ -71,3 +71,6 @@ def test_the_card_of_a_decoder_classifiers_adapters_loads_the_model_that_trained
     loaded = card_model(model_card(cfg, report, adapters_apart=True), tmp_path / "out").eval()
     with torch.no_grad():
         torch.testing.assert_close(logits_of(loaded, batch.inputs), logits)
+    # the head's classes by name, as a merged export's config.json has them (the base's config said LABEL_0, ...)
+    assert loaded.config.id2label == model.config.id2label and loaded.config.label2id == model.config.label2id
+    assert loaded.config.id2label[2] == "pos"

@@ -178,7 +178,7 @@ def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool) -> list
                 f'model = load_vision_model(ModelSpec(task="image-classification", uri={uri})).eval()']
     else:
         auto = "AutoModelForCausalLM" if task == Task.CAUSAL_LM else "AutoModelForSequenceClassification"
-        imports, args, setup = auto, "'.'", []
+        imports, args, setup, named = [f"from transformers import {auto}"], "'.'", [], []
         if from_uri:  # the base as published, at model.revision, and a head of this job's size, which the adapter fills
             uri = base_uri(str(cfg.model.uri))
             repo, folder = hub_parts(uri) if uri.startswith("hf://") else (uri, "")
@@ -187,10 +187,14 @@ def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool) -> list
             if task != Task.CAUSAL_LM:
                 # and the pad the batches had (this folder's tokenizer's): a decoder classifier pools the last token
                 # that is not its pad id, and GPT-2's or Llama's config names none (it refused batches) or another
-                imports += ", AutoTokenizer"
+                imports = ["import json", f"{imports[0]}, AutoTokenizer"]
                 setup = ["tokenizer = AutoTokenizer.from_pretrained('.')"]
                 args += f", num_labels={labels}, ignore_mismatched_sizes=True, pad_token_id=tokenizer.pad_token_id"
-        code = [f"from transformers import {imports}", "", *setup, f"model = {auto}.from_pretrained({args})"]
+                # and the names of the classes the head learnt (labels.json), not the base's (LABEL_0, or its own)
+                named = ["names = {int(i): name for i, name in json.load(open('labels.json')).items()}",
+                         f"model.config.id2label = {{i: names.get(i, f'LABEL_{{i}}') for i in range({labels})}}",
+                         "model.config.label2id = {name: i for i, name in model.config.id2label.items()}"]
+        code = [*imports, "", *setup, f"model = {auto}.from_pretrained({args})", *named]
     if adapters_apart:
         code.insert(code.index(""), "from peft import PeftModel")
         code.append('model = PeftModel.from_pretrained(model, "adapter")  # the adapters, kept apart')
