@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import threading
@@ -144,7 +145,7 @@ def test_before_the_first_step_there_is_no_loss_step_or_throughput_only_the_stag
         "stage": "Baseline", "loss": 2.5, "step": 1.0, "total_steps": 10.0}
 
 
-def test_throughput_and_the_eta_follow_the_latest_steps_not_the_runs_average() -> None:
+def test_throughput_and_the_eta_follow_the_latest_steps_not_the_runs_average(caplog: pytest.LogCaptureFixture) -> None:
     """An hour at 32 samples/s, then the run resumed on slower GPUs at 8: the gauges were the run's average (its
     totals, which a checkpoint carries over), still 30 samples/s after 4 minutes, and the status's ETA from them a
     quarter of the time left."""
@@ -171,7 +172,13 @@ def test_throughput_and_the_eta_follow_the_latest_steps_not_the_runs_average() -
 
     steps(Progress(Metrics(), main=False), 3600, 1.0)
     resumed = Metrics()
-    steps(Progress(resumed, main=False), 60, 4.0)
+    progress = Progress(resumed, main=True)
+    steps(progress, 59, 4.0)
+    progress.last_log = 0.0  # a progress line at the next step
+    with caplog.at_level(logging.INFO, logger="finetune_trainer.pipeline"):
+        steps(progress, 1, 4.0)
+    # The log says what the status and the dashboard say (it said 30.5 samples/s, eta 6652 s).
+    assert "8.0 samples/s eta 25360s" in caplog.text
     assert resumed.samples_per_second.value == pytest.approx(8)
     assert resumed.tokens_per_second.value == pytest.approx(8 * 128)
     sample = scrape.parse(generate_latest(resumed.registry).decode())

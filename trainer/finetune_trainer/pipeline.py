@@ -104,9 +104,12 @@ class Progress:
         now = time.monotonic()
         if now - self.last_log >= 10 or state.step in (1, total):  # a line every 10 s is enough for `kubectl logs`
             self.last_log = now
-            eta = (total - state.step) * state.seconds / state.step
+            # The gauges' recent rate, as the status and the dashboard show: the run's average (a resume carries it
+            # over) gave a run resumed on slower GPUs the first attempt's speed and a fraction of the time left.
+            rate = m.samples_per_second.value or per_second
+            eta = (total - state.step) * state.samples / state.step / max(rate, 1e-9)
             log.info("step %d/%d epoch %d loss %.4f lr %.2e grad norm %.3g %.1f samples/s eta %.0fs", state.step,
-                     total, state.epoch, last["loss"], last["lr"], last["grad_norm"], per_second, eta)
+                     total, state.epoch, last["loss"], last["lr"], last["grad_norm"], rate, eta)
 
 
 def run(cfg: TrainerConfig, output_dir: Path) -> dict[str, Any]:
