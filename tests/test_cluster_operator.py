@@ -242,6 +242,26 @@ def test_a_child_name_held_by_an_object_not_its_own_is_waited_for_visibly(operat
     assert len(env.objects("jobs", name)) == 1
 
 
+def test_a_retune_whose_suspend_the_operator_never_saw_takes_effect(operator_env: OperatorEnv) -> None:
+    """Suspended, retuned and resumed between two ticks (`kubectl patch` suspend, then `kubectl apply` of the new spec,
+    within a poll; here while the operator is down, so surely): the attempt ran on as it was made, here unschedulable
+    for ever, while the spec and observedGeneration said it had the new resources."""
+    env = operator_env
+    name = env.apply(example("minilm-sentiment", runtime={"resources": {"limits": {"nvidia.com/gpu": 99}}}))
+    env.wait_ftj(name, lambda o: o.get("status", {}).get("reason") == "Unschedulable", "Unschedulable")
+    env.kill()
+    patch = ("patch", "ftj", name, "-n", env.namespace, "--type=merge", "-p")
+    env.kube.kubectl(*patch, '{"spec":{"suspend":true}}')
+    env.kube.kubectl(*patch, '{"spec":{"suspend":false,"runtime":{"resources":{"limits":{"nvidia.com/gpu":98}}}}}')
+    env.start()
+    retried = env.wait_ftj(name, lambda o: o.get("status", {}).get("attempts") == 2, "attempt 2", timeout=90)
+    assert retried["status"].get("failures", 0) == 0
+    env.kube.wait_for("attempt 1's Job deleted", lambda: [j["metadata"]["name"] for j in env.objects("jobs", name)]
+                      == [f"{name}-2"], env.namespace, timeout=60)
+    limits = env.objects("jobs", name)[0]["spec"]["template"]["spec"]["containers"][0]["resources"]["limits"]
+    assert limits["nvidia.com/gpu"] == "98"
+
+
 def test_the_deadline_fails_the_job_and_deleting_it_collects_the_children(operator_env: OperatorEnv) -> None:
     env = operator_env
     doc = example("minilm-sentiment", runtime={"resources": {"limits": {"nvidia.com/gpu": 99}}})

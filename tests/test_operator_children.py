@@ -233,6 +233,21 @@ class Existing:
         return json.dumps({"metadata": meta | ({"deletionTimestamp": "2026-12-01T12:00:00Z"} if self.deleting else {})}).encode()
 
 
+def test_a_job_records_the_generation_and_recipe_it_was_made_from() -> None:
+    """What the reconcile compares with the spec, to tell a retune whose suspend it never saw (a lifecycle field's
+    change, or numbers written otherwise, is none)."""
+    from finetune_operator import outcome
+
+    doc, spec = ftj()
+    doc["metadata"]["generation"] = 4
+    summary = outcome.job_summary(children.job(doc, spec, 1, SETTINGS))
+    assert summary["generation"] == 4 and summary["recipe"] == children.recipe(spec)
+    assert children.recipe(ftj(backoffLimit=7, suspend=True)[1]) == children.recipe(spec)
+    rate = spec.adjust.learning_rate
+    assert children.recipe(ftj(adjust=doc["spec"]["adjust"] | {"learningRate": rate * 2})[1]) != children.recipe(spec)
+    assert outcome.job_summary({"metadata": {"name": "x-1"}})["recipe"] is None  # an older operator's Job
+
+
 def test_a_child_that_exists_is_ours_or_waited_for() -> None:
     doc, spec = ftj()
     handlers._create_attempt(Existing("1234"), doc, spec, 1, SETTINGS)  # made by an earlier tick

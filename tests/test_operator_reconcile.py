@@ -442,6 +442,34 @@ def test_suspend_stops_the_attempt_and_resume_starts_the_next() -> None:
     assert decide(Observed(body(status), [job(deleting=True)], [], NOW)).create_attempt == 2
 
 
+def test_a_retune_whose_suspend_no_tick_saw_stops_the_attempt_and_the_next_resumes_with_it() -> None:
+    """`kubectl patch` suspend, then `kubectl apply` of the retuned spec (suspend false) within a poll: no tick saw the
+    job suspended, and its attempt ran on as it was made (an unschedulable one stayed so for ever) while the spec,
+    and observedGeneration, said otherwise."""
+    from finetune_operator import children, reconcile
+
+    first = body({"attempts": 1})
+    made = job(generation=first["metadata"]["generation"], recipe=children.recipe(reconcile.parse_spec(first)[0]))
+    running = after(decide(Observed(first, [made], [pod()], NOW)))
+    assert running["phase"] == "Running"
+    # A new generation with the same recipe (a lifecycle field) leaves the attempt alone.
+    assert decide(Observed(body(running, backoffLimit=5), [made], [pod()], NOW)).delete_job is None
+    retuned = body(running, training=EXAMPLE["spec"]["training"] | {"epochs": 5})
+    decision = decide(Observed(retuned, [made], [pod()], NOW + timedelta(seconds=5)))
+    status = after(decision, running)
+    assert decision.delete_job == "ft-1" and status["attempts"] == 2 and not status.get("failures")
+    assert status["phase"] == "Pending" and conditions(status)["Restarting"] == ("True", "Resumed")
+    assert {e[0] for e in decision.events} == {"Normal"}  # the user's own doing
+    # The next attempt comes once the stopped one's pods are gone, made from the new spec.
+    later = NOW + timedelta(seconds=10)
+    assert decide(Observed(body(status), [dict(made, deleting=True)], [], later)).create_attempt == 2
+    # An attempt that ended is judged by its end; a Job an operator made before the annotations runs on.
+    ended = dict(made, complete=True, active=0, succeeded=1)
+    assert after(decide(Observed(retuned, [ended], [pod(phase="Succeeded", exit_code=0, message={})], NOW)),
+                 running)["phase"] == "Succeeded"
+    assert decide(Observed(retuned, [job()], [pod()], NOW)).delete_job is None
+
+
 def test_an_ended_attempt_is_judged_by_its_end_before_a_later_suspend_or_deadline() -> None:
     running = {"attempts": 1, "startTime": "2026-12-01T11:00:00Z", "phase": "Running"}
     completed = [job(complete=True, active=0, succeeded=1)], [pod(phase="Succeeded", exit_code=0, message={})]

@@ -9,6 +9,7 @@ choice.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from typing import Any
@@ -23,6 +24,10 @@ JOB_NAME_LABEL = "finetune.dev/job-name"
 # The FineTuneJob's uid: one deleted and created again under its name must not take the old one's children for its own.
 JOB_UID_LABEL = "finetune.dev/job-uid"
 ATTEMPT_LABEL = "finetune.dev/attempt"
+# On each child Job: the FineTuneJob's generation and recipe (the sections that may change only while it is suspended)
+# it was made from, so that a retune whose suspend was undone before the operator saw it is not lost (reconcile).
+GENERATION_ANNOTATION = "finetune.dev/generation"
+RECIPE_ANNOTATION = "finetune.dev/recipe"
 TRAINER = "trainer"
 CONFIG_KEY = "config.json"
 CONFIG_DIR = "/etc/finetune"
@@ -54,6 +59,14 @@ def _metadata(ftj: dict[str, Any], attempt: int) -> dict[str, Any]:
     name = ftj["metadata"]["name"]
     return {"name": child_name(name, attempt), "namespace": ftj["metadata"]["namespace"],
             "labels": labels(name, ftj["metadata"]["uid"], attempt), "ownerReferences": [owner_reference(ftj)]}
+
+
+def recipe(spec: api.FineTuneJobSpec) -> str:
+    """A digest of the spec's sections that may change only while the job is suspended, as parsed (so as the CEL
+    rules compare them: an apply that writes 1.0 for 1 changes the stored object and its generation, not this)."""
+    wire = spec.to_wire()
+    sections = {name: wire.get(name) for name in api.SUSPENDED_ONLY}
+    return hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def trainer_config(spec: api.FineTuneJobSpec) -> dict[str, Any]:
@@ -202,9 +215,11 @@ def job(ftj: dict[str, Any], spec: api.FineTuneJobSpec, attempt: int, settings: 
     job_labels = dict(meta["labels"])
     if queue := ftj["metadata"].get("labels", {}).get(api.KUEUE_QUEUE_LABEL):
         job_labels[api.KUEUE_QUEUE_LABEL] = queue
+    made_from = {GENERATION_ANNOTATION: str(ftj["metadata"].get("generation", 0)),
+                 RECIPE_ANNOTATION: recipe(spec)}
     return {
         "apiVersion": "batch/v1", "kind": "Job",
-        "metadata": meta | {"labels": job_labels},
+        "metadata": meta | {"labels": job_labels, "annotations": made_from},
         "spec": {
             "completionMode": "Indexed",
             "completions": rt.workers,

@@ -17,7 +17,7 @@ from enum import StrEnum
 from typing import Any
 
 from finetune_operator import api
-from finetune_operator.children import ATTEMPT_LABEL, JOB_UID_LABEL, TRAINER
+from finetune_operator.children import ATTEMPT_LABEL, GENERATION_ANNOTATION, JOB_UID_LABEL, RECIPE_ANNOTATION, TRAINER
 
 EXIT_USER_ERROR = 1
 EXIT_INFRASTRUCTURE = 2
@@ -203,7 +203,17 @@ def job_summary(job: dict[str, Any]) -> dict[str, Any]:
         "deleting": bool(job["metadata"].get("deletionTimestamp")),
         "suspended": bool((job.get("spec") or {}).get("suspend")) or "Suspended" in conditions,
         "created": job["metadata"].get("creationTimestamp") or "",
+        # what it was made from (None for a Job an operator made before these annotations)
+        "generation": _int_or_none(job["metadata"].get("annotations", {}).get(GENERATION_ANNOTATION)),
+        "recipe": job["metadata"].get("annotations", {}).get(RECIPE_ANNOTATION),
     }
+
+
+def _int_or_none(text: str | None) -> int | None:
+    try:
+        return int(text) if text is not None else None
+    except ValueError:
+        return None
 
 
 def _disrupted_by_policy(job: dict[str, Any]) -> bool:

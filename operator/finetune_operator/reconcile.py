@@ -90,12 +90,14 @@ class SpecFacts:
     active_deadline_seconds: int | None
     ttl_seconds_after_finished: int | None
     output_uri: str
+    recipe: str  # children.recipe: what a child Job was made from
 
     @classmethod
     def of(cls, spec: api.FineTuneJobSpec) -> SpecFacts:
         return cls(spec.managed_by, spec.suspend, spec.runtime.workers, children.rendezvous(spec), global_batch(spec),
                    spec.backoff_limit,
-                   spec.active_deadline_seconds, spec.ttl_seconds_after_finished, spec.output.uri)
+                   spec.active_deadline_seconds, spec.ttl_seconds_after_finished, spec.output.uri,
+                   children.recipe(spec))
 
 
 FACTS_CACHED = 4096
@@ -229,6 +231,17 @@ def decide(seen: Observed) -> Decision | None:
         status["startTime"] = timestamp(now)
         return _finish(decision, old, conds)
 
+    # Retuned while suspended, and resumed before a tick saw the suspend (`kubectl patch` suspend, then `kubectl apply`
+    # of the retuned spec, within a poll): the attempt ran on as it was made, an unschedulable one stayed so for ever.
+    # It is stopped, and the next attempt resumes with the new spec, as after a suspend that was seen.
+    if job and not job["deleting"] and _retuned(job, meta, spec):
+        decision.delete_job, decision.delete_job_reason = job["name"], RESUMED
+        _next_attempt(conds, status, attempt, RESUMED,
+                      f"the spec was changed while the job was suspended (generation {job['generation']} to "
+                      f"{meta.get('generation')}) and the Job {job['name']} ran as it was made")
+        status["startTime"] = timestamp(now)
+        return _finish(decision, old, conds)
+
     # As for a Job that its queue (Kueue) suspends, no clock runs while the queue holds the attempt: it starts again
     # at admission.
     if job and job.get("suspended"):
@@ -277,6 +290,14 @@ def decide(seen: Observed) -> Decision | None:
         return _finish(decision, old, conds)
 
     return observe()
+
+
+def _retuned(job: dict[str, Any], meta: dict[str, Any], spec: SpecFacts) -> bool:
+    """Whether the Job was made from a recipe the spec no longer has. Asked only when the generation moved since: an
+    operator of another version may digest the same recipe otherwise (a new field's default), and a Job made by one
+    before the annotations has none."""
+    made_from = job.get("generation")
+    return made_from is not None and made_from != meta.get("generation") and job.get("recipe") != spec.recipe
 
 
 # `kubectl apply -f dir/` creates in file order, so a job's claims may come moments after it (job.yaml sorts before
