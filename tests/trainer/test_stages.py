@@ -831,3 +831,31 @@ def test_an_image_size_the_network_cannot_take_is_the_users_naming_the_field(tmp
                                           r"\(AssertionError: Wrong image height! .*\); 224 fits") as raised:
         pipeline.run(TrainerConfig.model_validate(doc), tmp_path / "out")
     assert exit_code_of(raised.value) == 1
+
+
+def test_an_image_classifiers_adapters_kept_apart_load_on_model_uris_base_as_the_card_says(tmp_path: Path) -> None:
+    """LoRA on a MobileNet given as a plain state dict (model.uri, model.architecture), mergeOnExport false: the
+    card's code loaded model.uri without its architecture (so as a ResNet-18, which the weights do not fit) and with
+    the base's 1000-class head, which the adapter's 10-class head does not fit. It loads the model that was scored."""
+    from safetensors.torch import save_file
+
+    from finetune_trainer import pipeline
+    from finetune_trainer.config import TrainerConfig
+    from finetune_trainer.data import load_dataset
+
+    spec = ModelSpec(task="image-classification", architecture="mobilenet_v3_small")
+    (tmp_path / "base").mkdir()
+    save_file(load_model(spec, None, seed=0).net.state_dict(), tmp_path / "base" / "model.safetensors")
+    doc = {"model": spec.to_wire() | {"uri": str(tmp_path / "base")},
+           "dataset": {"uri": "pvc://data/digits", "imageSize": 32, "maxTrainSamples": 32, "maxEvalSamples": 16},
+           "analyze": {"probeBatches": 1}, "rearrange": {"lora": {"rank": 4}, "mergeOnExport": False},
+           "evaluation": {"metrics": ["loss", "accuracy"], "baseline": False},
+           "training": {"maxSteps": 2, "batchSize": 8}, "output": {"uri": str(tmp_path / "out")}}
+    cfg = TrainerConfig.model_validate(doc)
+    report = pipeline.run(cfg, tmp_path / "out")
+    assert (tmp_path / "out" / "adapter").is_dir() and not (tmp_path / "out" / "model.safetensors").exists()
+    model = card_model((tmp_path / "out" / "README.md").read_text(), tmp_path / "out")
+    test = encode_images(load_dataset(cfg.dataset, Task.IMAGE_CLASSIFICATION, 0).test)
+    scores = evaluate(model, test, make_collate(Task.IMAGE_CLASSIFICATION, 0, 32), Task.IMAGE_CLASSIFICATION,
+                      cfg.evaluation_metrics, 8, CPU, 10)
+    assert scores == pytest.approx(report["evaluation"]["final"], rel=1e-5)

@@ -83,7 +83,22 @@ def write_weights(model: nn.Module, cfg: TrainerConfig, out: Path) -> None:
                   "numLabels": class_count(model.net) - 1, "imageSize": model.image_size, "backgroundClass": 0}
         (out / "config.json").write_text(json.dumps(config, indent=2))
     else:
-        model.save_pretrained(out, safe_serialization=True)
+        as_published(model).save_pretrained(out, safe_serialization=True)
+
+
+def as_published(model: nn.Module) -> nn.Module:
+    """`model` cast in place to the 16-bit dtype its checkpoint was published in (its config's: Llama's and Qwen's
+    bf16), which loading widened to fp32 for training: written in fp32, the export of an 8B model took 32 GB where
+    the base took 16, and from_pretrained (dtype auto) loaded it at fp32 (a server at fp16). Exporting is the last
+    use of the model; a model.config dtype float32 keeps fp32."""
+    import torch
+
+    dtype = getattr(getattr(model, "config", None), "dtype", None)
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    if dtype in (torch.bfloat16, torch.float16) and model.dtype != dtype:
+        log.info("writing the weights in %s, the dtype of the checkpoint (trained in %s)", dtype, model.dtype)
+        model.to(dtype)
+    return model
 
 
 def base_is_new(cfg: TrainerConfig) -> bool:
@@ -169,13 +184,20 @@ def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool) -> list
         code = ["from pathlib import Path", "from finetune_trainer.detection.models import load_exported", "",
                 "model = load_exported(Path.cwd())"]
     elif task == Task.IMAGE_CLASSIFICATION:
-        uri = repr(base_uri(str(cfg.model.uri))) if from_uri else "str(Path.cwd())"
         code = ["from pathlib import Path", "from finetune_trainer.config import ModelSpec",
                 "from finetune_trainer.models import load_vision_model",
                 "from finetune_trainer.batches import pixel_values", "",
                 # In eval mode, as from_pretrained gives a model: in training mode batch norm would normalise by the
                 # batch it is given, and one image's prediction would depend on the others'.
-                f'model = load_vision_model(ModelSpec(task="image-classification", uri={uri})).eval()']
+                'model = load_vision_model(ModelSpec(task="image-classification", uri=str(Path.cwd()))).eval()']
+        if from_uri:  # the base as the job built it (a plain state dict names no network), with the head trained
+            spec = {"task": task.value, "architecture": cfg.model.architecture, "uri": base_uri(str(cfg.model.uri)),
+                    "config": cfg.model.config}
+            code[-1:] = [f"spec = ModelSpec.model_validate({ {k: v for k, v in spec.items() if v}!r})",
+                         "model = load_vision_model(spec).eval()",
+                         f"new_head(model, head_name(model, spec.task), {labels}, {{}}, reinitialize=False)"]
+            code[3:3] = ["from finetune_trainer.rearrange import new_head",
+                         "from finetune_trainer.structure import head_name"]
     else:
         auto = "AutoModelForCausalLM" if task == Task.CAUSAL_LM else "AutoModelForSequenceClassification"
         imports, args, setup, named = [f"from transformers import {auto}"], "'.'", [], []
