@@ -1,4 +1,4 @@
-"""Decoder-only models (GPT-2, Llama): their pad token, as a classifier pools by it."""
+"""Decoder-only models (GPT-2, Llama): their pad token, as a classifier pools by it, and their export."""
 
 from __future__ import annotations
 
@@ -74,3 +74,23 @@ def test_the_card_of_a_decoder_classifiers_adapters_loads_the_model_that_trained
     # the head's classes by name, as a merged export's config.json has them (the base's config said LABEL_0, ...)
     assert loaded.config.id2label == model.config.id2label and loaded.config.label2id == model.config.label2id
     assert loaded.config.id2label[2] == "pos"
+
+
+def test_a_bf16_checkpoint_is_exported_in_bf16(tmp_path: Path) -> None:
+    """Llama, Qwen and SmolLM publish bf16 weights, which train in fp32: the export was written in fp32, twice the
+    size of the model fine-tuned, and from_pretrained (dtype auto) loaded it at fp32."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=300, **TINY_GPT2)).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    doc = tiny_classifier_doc(tmp_path / "out")
+    doc["model"] = {"task": "causal-lm", "uri": str(tmp_path / "base"),
+                    "tokenizerUri": f"file://{bpe_tokenizer(tmp_path / 'tok')}"}
+    cfg = TrainerConfig.model_validate(doc)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, tokenizer, seed=0)
+    assert model.dtype == torch.float32  # as it trains
+    export_model(model, tokenizer, {}, cfg, tmp_path / "out")
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as weights:
+        assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"BF16"}
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").dtype == torch.bfloat16
