@@ -859,3 +859,22 @@ def test_an_image_classifiers_adapters_kept_apart_load_on_model_uris_base_as_the
     scores = evaluate(model, test, make_collate(Task.IMAGE_CLASSIFICATION, 0, 32), Task.IMAGE_CLASSIFICATION,
                       cfg.evaluation_metrics, 8, CPU, 10)
     assert scores == pytest.approx(report["evaluation"]["final"], rel=1e-5)
+
+
+def test_an_image_classifier_sees_a_photo_upright_as_its_exif_orientation_turns_it(tmp_path: Path) -> None:
+    """A phone stores a portrait photo sideways and says in its EXIF orientation how to turn it, as every viewer
+    (and the hub's datasets, and transformers' load_image) does: such photos trained on their side, unlike the
+    ones stored upright, and unlike what a server that loads images upright feeds the export."""
+    from PIL import Image
+
+    upright = Image.new("RGB", (4, 8), (255, 255, 255))
+    upright.paste((0, 0, 0), (0, 0, 4, 4))  # black on top
+    upright.save(tmp_path / "upright.png")
+    stored = upright.transpose(Image.Transpose.ROTATE_90)  # what orientation 6 turns back: 90 degrees clockwise
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    stored.save(tmp_path / "sideways.png", exif=exif)
+    collate = make_collate(Task.IMAGE_CLASSIFICATION, 0, 8)
+    pixels = collate(encode_images(Split([str(tmp_path / "upright.png"), str(tmp_path / "sideways.png")], [0, 0])),
+                     [0, 1]).inputs["pixel_values"]
+    torch.testing.assert_close(pixels[1], pixels[0])

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import ExifTags, Image, ImageOps
 
 from finetune_trainer.config import Task
 from finetune_trainer.data import Split
@@ -105,22 +105,26 @@ def collate_images(data: Encoded, idx: list[int], image_size: int) -> Batch:
 
 
 def pixel_values(paths: list[str], image_size: int) -> torch.Tensor:
-    """The image classifier's input for the images at `paths`: RGB, resized to image_size square, normalised with
-    ImageNet's statistics. An export's model card calls it too, so that a user feeds the model as it trained."""
+    """The image classifier's input for the images at `paths`: upright, RGB, resized to image_size square, normalised
+    with ImageNet's statistics. An export's model card calls it too, so that a user feeds the model as it trained."""
     from torchvision.transforms import functional as F
 
     pixels = []
     for path in paths:
-        tensor = F.pil_to_tensor(open_rgb(path).resize((image_size, image_size), Image.BILINEAR))
+        tensor = F.pil_to_tensor(open_rgb(path, upright=True).resize((image_size, image_size), Image.BILINEAR))
         pixels.append(F.normalize(tensor.float() / 255, IMAGENET_MEAN, IMAGENET_STD))
     return torch.stack(pixels)
 
 
-def open_rgb(path: str) -> Image.Image:
-    """The image at `path`, decoded, in RGB. A file that does not decode (an HTML page saved as .jpg, an upload cut
-    short, a decompression bomb) is the dataset's fault; a read that failed with an errno (the volume) is not."""
+def open_rgb(path: str, upright: bool = False) -> Image.Image:
+    """The image at `path`, decoded, in RGB; `upright` turns it as its EXIF orientation says, as a viewer shows it
+    (and the hub's `datasets` and transformers' load_image load it): a phone stores a portrait photo sideways and
+    says so there. A file that does not decode (an HTML page saved as .jpg, an upload cut short, a decompression
+    bomb) is the dataset's fault; a read that failed with an errno (the volume) is not."""
     try:
-        with Image.open(path) as image:
+        with Image.open(path) as opened:
+            turned = upright and opened.getexif().get(ExifTags.Base.Orientation, 1) != 1
+            image = ImageOps.exif_transpose(opened) if turned else opened
             if image.mode.startswith("I;16"):  # 16-bit grey: convert() would clip it at 255, nearly all white
                 return Image.fromarray((np.asarray(image) / 257).round().astype(np.uint8)).convert("RGB")
             return image.convert("RGB")
