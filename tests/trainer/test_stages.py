@@ -878,3 +878,32 @@ def test_an_image_classifier_sees_a_photo_upright_as_its_exif_orientation_turns_
     pixels = collate(encode_images(Split([str(tmp_path / "upright.png"), str(tmp_path / "sideways.png")], [0, 0])),
                      [0, 1]).inputs["pixel_values"]
     torch.testing.assert_close(pixels[1], pixels[0])
+
+
+def test_an_image_classifier_sees_transparent_pixels_as_a_viewer_shows_them(tmp_path: Path) -> None:
+    """Two PNG icons alike to the eye, their transparent pixels hiding black in one and noise in the other (as
+    editors leave them): RGB conversion showed the hidden colours, a background that differed from file to file
+    for the model to learn. Over white, as transformers' image processors put them, they are the same image; a
+    palette image's transparent colour too."""
+    import numpy as np
+    from PIL import Image
+
+    alpha = np.zeros((8, 8), np.uint8)
+    alpha[2:6, 2:6] = 255  # a red square on a transparent background
+    hidden = {"black": np.zeros((8, 8, 3), np.uint8),
+              "noise": np.random.default_rng(0).integers(0, 256, (8, 8, 3), dtype=np.uint8)}
+    for name, rgb in hidden.items():
+        rgb = rgb.copy()
+        rgb[2:6, 2:6] = (255, 0, 0)
+        Image.fromarray(np.dstack([rgb, alpha]), "RGBA").save(tmp_path / f"{name}.png")
+    palette = Image.new("P", (8, 8), 0)
+    palette.putpalette([0, 0, 0, 255, 0, 0] + [0] * 762)
+    palette.paste(1, (2, 2, 6, 6))
+    palette.save(tmp_path / "palette.png", transparency=0)
+    shown = np.full((8, 8, 3), 255, np.uint8)
+    shown[2:6, 2:6] = (255, 0, 0)
+    Image.fromarray(shown).save(tmp_path / "shown.png")
+    paths = [str(tmp_path / f"{name}.png") for name in ("shown", "black", "noise", "palette")]
+    pixels = make_collate(Task.IMAGE_CLASSIFICATION, 0, 8)(encode_images(Split(paths, [0] * 4)), [0, 1, 2, 3])
+    for other in pixels.inputs["pixel_values"][1:]:
+        torch.testing.assert_close(other, pixels.inputs["pixel_values"][0])

@@ -105,28 +105,32 @@ def collate_images(data: Encoded, idx: list[int], image_size: int) -> Batch:
 
 
 def pixel_values(paths: list[str], image_size: int) -> torch.Tensor:
-    """The image classifier's input for the images at `paths`: upright, RGB, resized to image_size square, normalised
-    with ImageNet's statistics. An export's model card calls it too, so that a user feeds the model as it trained."""
+    """The image classifier's input for the images at `paths`: as shown (`open_rgb`), RGB, resized to image_size square,
+    normalised with ImageNet's statistics. An export's model card calls it too, so that a user feeds the model as it trained."""
     from torchvision.transforms import functional as F
 
     pixels = []
     for path in paths:
-        tensor = F.pil_to_tensor(open_rgb(path, upright=True).resize((image_size, image_size), Image.BILINEAR))
+        tensor = F.pil_to_tensor(open_rgb(path, as_shown=True).resize((image_size, image_size), Image.BILINEAR))
         pixels.append(F.normalize(tensor.float() / 255, IMAGENET_MEAN, IMAGENET_STD))
     return torch.stack(pixels)
 
 
-def open_rgb(path: str, upright: bool = False) -> Image.Image:
-    """The image at `path`, decoded, in RGB; `upright` turns it as its EXIF orientation says, as a viewer shows it
-    (and the hub's `datasets` and transformers' load_image load it): a phone stores a portrait photo sideways and
-    says so there. A file that does not decode (an HTML page saved as .jpg, an upload cut short, a decompression
+def open_rgb(path: str, as_shown: bool = False) -> Image.Image:
+    """The image at `path`, decoded, in RGB; `as_shown` makes it what a viewer shows (and the hub's `datasets` and
+    transformers' image processors load): turned as its EXIF orientation says (a phone stores a portrait photo
+    sideways and says so there), and its transparency over white, not the colours that transparent pixels hide
+    (black in one file, anything in the next). A file that does not decode (an HTML page saved as .jpg, an upload cut short, a decompression
     bomb) is the dataset's fault; a read that failed with an errno (the volume) is not."""
     try:
         with Image.open(path) as opened:
-            turned = upright and opened.getexif().get(ExifTags.Base.Orientation, 1) != 1
+            turned = as_shown and opened.getexif().get(ExifTags.Base.Orientation, 1) != 1
             image = ImageOps.exif_transpose(opened) if turned else opened
             if image.mode.startswith("I;16"):  # 16-bit grey: convert() would clip it at 255, nearly all white
                 return Image.fromarray((np.asarray(image) / 257).round().astype(np.uint8)).convert("RGB")
+            if as_shown and ("A" in image.getbands() or "transparency" in image.info):
+                rgba = image.convert("RGBA")
+                return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
             return image.convert("RGB")
     except FileNotFoundError as exc:  # a path of the dataset's (a table of paths) that names no file
         raise DataError(f"{path}: no such image file") from exc
