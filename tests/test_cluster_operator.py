@@ -270,6 +270,8 @@ def test_the_deadline_fails_the_job_and_deleting_it_collects_the_children(operat
     failed = env.wait_phase(name, "Failed", timeout=60)
     assert failed["status"]["reason"] == "DeadlineExceeded"
     env.kube.wait_for("the attempt's Job deleted", lambda: not env.objects("jobs", name), env.namespace)
+    # `kubectl get ftj` shows no worker left (the job is never reconciled again: what it says now stays)
+    assert env.ftj(name)["status"]["workers"]["active"] == 0
     env.kube.kubectl("delete", "ftj", name, "-n", env.namespace, "--wait=true", "--timeout=60s")
     for kind in ("configmaps", "services", "pods"):
         env.kube.wait_for(f"{kind} collected", lambda kind=kind: not env.objects(kind, name), env.namespace)
