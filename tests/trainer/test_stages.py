@@ -907,3 +907,25 @@ def test_an_image_classifier_sees_transparent_pixels_as_a_viewer_shows_them(tmp_
     pixels = make_collate(Task.IMAGE_CLASSIFICATION, 0, 8)(encode_images(Split(paths, [0] * 4)), [0, 1, 2, 3])
     for other in pixels.inputs["pixel_values"][1:]:
         torch.testing.assert_close(other, pixels.inputs["pixel_values"][0])
+
+
+def test_weights_that_do_not_fit_the_image_network_say_what_to_set(tmp_path: Path) -> None:
+    """A torchvision state dict as model.uri: without model.architecture it was tried as a ResNet-18, and a checkpoint
+    of one's own with a 10-class head did not fit the builder's 1000; torch's message lists every key and says
+    neither. The message names the field to set."""
+    from safetensors.torch import save_file
+
+    from finetune_trainer.errors import ModelError
+
+    net = load_model(ModelSpec(task="image-classification", architecture="mobilenet_v3_small",
+                               config={"num_classes": 10}), None, seed=0).net
+    save_file(net.state_dict(), tmp_path / "model.safetensors")
+    with pytest.raises(ModelError, match=r"do not fit resnet18, which model.architecture \(not set\) defaults to: set "
+                                         r"it to the network they are for \(Error"):
+        load_vision_model(ModelSpec(task="image-classification", uri=str(tmp_path)))
+    with pytest.raises(ModelError, match=r"do not fit mobilenet_v3_small: their head \(classifier.3\) has 10 classes; "
+                                         r"set model.config num_classes: 10 \(Error"):
+        load_vision_model(ModelSpec(task="image-classification", architecture="mobilenet_v3_small", uri=str(tmp_path)))
+    reloaded = load_vision_model(ModelSpec(task="image-classification", architecture="mobilenet_v3_small",
+                                           config={"num_classes": 10}, uri=str(tmp_path)))
+    assert reloaded.net.classifier[3].out_features == 10

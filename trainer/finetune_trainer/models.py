@@ -220,11 +220,27 @@ def load_vision_model(spec: ModelSpec) -> ImageClassifier:
         known = ", ".join(torchvision.models.list_models(torchvision.models)[:12])
         raise ModelError(f"model.architecture {architecture!r}: not a torchvision classifier ({exc}); e.g. {known}") from exc
     if path is not None:
+        state = read_state_dict(weight_file(path))
         try:
-            net.load_state_dict(read_state_dict(weight_file(path)))
+            net.load_state_dict(state)
         except RuntimeError as exc:
-            raise ModelError(f"model {spec.uri}: its weights do not fit {architecture} ({exc})") from exc
+            hint = misfit_hint(net, state, assumed=not (spec.architecture or saved))
+            raise ModelError(f"model {spec.uri}: its weights do not fit {architecture}{hint} ({exc})") from exc
     return ImageClassifier(net, architecture, kwargs, exported_labels(path) if saved and path else None)
+
+
+def misfit_hint(net: nn.Module, state: dict[str, torch.Tensor], assumed: bool) -> str:
+    """What to set when a state dict does not fit the network built: torch's message lists hundreds of keys and says
+    neither that model.architecture defaulted nor that the weights' head has another size (a checkpoint of one's own
+    trained on 10 classes), which the builder takes as model.config num_classes."""
+    if assumed:
+        return ", which model.architecture (not set) defaults to: set it to the network they are for"
+    head = next((name for name, m in reversed(list(net.named_modules())) if isinstance(m, nn.Linear)), None)
+    weight = state.get(f"{head}.weight")
+    if head is not None and weight is not None and weight.dim() == 2 and \
+            weight.shape[0] != net.get_submodule(head).out_features:
+        return f": their head ({head}) has {weight.shape[0]} classes; set model.config num_classes: {weight.shape[0]}"
+    return ""
 
 
 def exported_config(path: Path | None) -> dict[str, Any] | None:
