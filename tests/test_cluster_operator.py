@@ -277,6 +277,24 @@ def test_the_deadline_fails_the_job_and_deleting_it_collects_the_children(operat
         env.kube.wait_for(f"{kind} collected", lambda kind=kind: not env.objects(kind, name), env.namespace)
 
 
+def test_a_finished_job_retuned_says_that_nothing_runs_it_again(operator_env: OperatorEnv) -> None:
+    """A plain edit of a finished job is refused with "may change only while the job is suspended"; suspended and
+    retuned, it was taken, observedGeneration followed, and nothing ran it or said so."""
+    env = operator_env
+    name = env.apply(example("minilm-sentiment", dataset={"uri": "pvc://data/nowhere.csv"}) | {
+        "metadata": {"name": "finished-retuned"}})
+    env.wait_phase(name, "Failed")
+    patch = ("patch", "ftj", name, "-n", env.namespace, "--type=merge", "-p")
+    env.kube.kubectl(*patch, '{"spec":{"suspend":true}}')
+    env.kube.kubectl(*patch, '{"spec":{"training":{"epochs":5}}}')
+    generation = env.ftj(name)["metadata"]["generation"]
+    env.wait_ftj(name, lambda o: o["status"].get("observedGeneration") == generation, "the retune seen", timeout=60)
+    ignored = env.kube.wait_for("the Warning", lambda: [e for e in env.events(name)
+                                                       if e["reason"] == "SpecChangeIgnored"], env.namespace, timeout=30)
+    assert ignored[0]["type"] == "Warning" and "delete it and apply it again" in ignored[0]["message"]
+    assert env.ftj(name)["status"]["phase"] == "Failed" and len(env.objects("jobs", name)) == 1
+
+
 def test_the_ttl_deletes_a_finished_job(operator_env: OperatorEnv) -> None:
     env = operator_env
     doc = example("minilm-sentiment", dataset={"uri": "pvc://data/nowhere.csv"}) | {"metadata": {"name": "short-lived"}}

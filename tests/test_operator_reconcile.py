@@ -860,6 +860,28 @@ def test_a_spec_edited_after_the_job_finished_is_observed_once_and_the_job_ticks
     assert not ticks_slowly(spec=edited["spec"], status=observed, meta=edited["metadata"])
 
 
+def test_a_finished_job_retuned_says_once_that_nothing_runs_it_again() -> None:
+    """Refused a plain edit with "may change only while the job is suspended", a user suspends the finished job and
+    retunes it: the apiserver takes it, observedGeneration follows, and nothing ran or said anything."""
+    from finetune_operator import children, reconcile
+
+    first = body()
+    made = job(active=0, succeeded=1, complete=True, generation=first["metadata"]["generation"],
+               recipe=children.recipe(reconcile.parse_spec(first)[0]))
+    done = {"attempts": 1, "observedGeneration": first["metadata"]["generation"], "phase": "Succeeded",
+            "conditions": [{"type": "Succeeded", "status": "True", "reason": "Completed", "message": "",
+                            "lastTransitionTime": "2026-12-01T11:59:00Z"}], "completionTime": "2026-12-01T11:59:30Z"}
+    retuned = body(done, suspend=True, training=EXAMPLE["spec"]["training"] | {"epochs": 5})
+    decision = decide(Observed(retuned, [made], [], NOW))
+    assert [e[:2] for e in decision.events] == [("Warning", "SpecChangeIgnored")]
+    assert "succeeded" in decision.events[0][2]
+    assert after(decision, done)["phase"] == "Succeeded" and decision.create_attempt is None
+    seen = after(decision, done)  # observed: not said again at the next tick (a TTL keeps it ticking)
+    assert not decide(Observed(body(seen, suspend=True, training=EXAMPLE["spec"]["training"] | {"epochs": 5})
+                               | {"metadata": retuned["metadata"]}, [made], [], NOW)).events
+    assert not decide(Observed(body(done, ttlSecondsAfterFinished=60), [made], [], NOW)).events  # a lifecycle field
+
+
 def test_a_job_suspended_between_attempts_is_not_restarting_and_waits_quietly() -> None:
     """Suspended just after attempt 1 failed, a job kept Restarting True ("attempt 2 resumes from the latest
     checkpoint") for as long as it stayed suspended, and was reconciled every poll as a restarting job is."""
