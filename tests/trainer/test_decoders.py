@@ -94,3 +94,26 @@ def test_a_bf16_checkpoint_is_exported_in_bf16(tmp_path: Path) -> None:
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as weights:
         assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"BF16"}
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "out").dtype == torch.bfloat16
+
+
+def test_what_transformers_keeps_in_fp32_stays_fp32_in_a_bf16_export(tmp_path: Path) -> None:
+    """An MoE's router (dots.llm1's gate weight and its score correction bias), which transformers loads and saves in
+    fp32 beside bf16 weights: the export cast it to bf16 with the rest."""
+    from safetensors import safe_open
+    from transformers import Dots1Config, Dots1ForCausalLM
+
+    config = Dots1Config(vocab_size=300, hidden_size=32, intermediate_size=64, moe_intermediate_size=16,
+                         num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=2, n_routed_experts=4,
+                         num_experts_per_tok=2, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1)
+    Dots1ForCausalLM(config).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    doc = tiny_classifier_doc(tmp_path / "out")
+    doc["model"] = {"task": "causal-lm", "uri": str(tmp_path / "base"),
+                    "tokenizerUri": f"file://{bpe_tokenizer(tmp_path / 'tok')}"}
+    cfg = TrainerConfig.model_validate(doc)
+    tokenizer = load_tokenizer(cfg.model)
+    export_model(load_model(cfg.model, tokenizer, seed=0), tokenizer, {}, cfg, tmp_path / "out")
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as weights:
+        dtypes = {name: weights.get_slice(name).get_dtype() for name in weights.keys()}
+    router = {"model.layers.1.mlp.gate.weight", "model.layers.1.mlp.gate.e_score_correction_bias"}
+    assert {dtypes[name] for name in router} == {"F32"}
+    assert {dtype for name, dtype in dtypes.items() if name not in router} == {"BF16"}

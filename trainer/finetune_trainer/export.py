@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 from typing import Any
@@ -90,14 +91,23 @@ def as_published(model: nn.Module) -> nn.Module:
     """`model` cast in place to the 16-bit dtype its checkpoint was published in (its config's: Llama's and Qwen's
     bf16), which loading widened to fp32 for training: written in fp32, the export of an 8B model took 32 GB where
     the base took 16, and from_pretrained (dtype auto) loaded it at fp32 (a server at fp16). Exporting is the last
-    use of the model; a model.config dtype float32 keeps fp32."""
+    use of the model; a model.config dtype float32 keeps fp32. What transformers keeps in fp32 at that dtype (an MoE
+    router's weight and bias) stays fp32, as it loads and saves them."""
     import torch
 
     dtype = getattr(getattr(model, "config", None), "dtype", None)
     dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if dtype in (torch.bfloat16, torch.float16) and model.dtype != dtype:
-        log.info("writing the weights in %s, the dtype of the checkpoint (trained in %s)", dtype, model.dtype)
-        model.to(dtype)
+    if dtype not in (torch.bfloat16, torch.float16) or model.dtype == dtype:
+        return model
+    log.info("writing the weights in %s, the dtype of the checkpoint (trained in %s)", dtype, model.dtype)
+    kept = set(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
+    if dtype == torch.float16:  # the list transformers keeps in fp32 only where it loads at fp16
+        kept |= set(getattr(model, "_keep_in_fp32_modules", None) or [])
+    fp32 = re.compile("|".join(rf"(^|\.){re.escape(name)}($|\.)" for name in sorted(kept)) or "(?!)")
+    for prefix, module in model.named_modules():
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor.is_floating_point() and not fp32.search(f"{prefix}.{name}".lstrip(".")):
+                tensor.data = tensor.data.to(dtype)  # in place: a buffer or a (tied) parameter stays itself
     return model
 
 
