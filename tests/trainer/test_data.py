@@ -498,6 +498,35 @@ def test_an_image_folder_reads_the_formats_torchvision_and_phones_save(tmp_path:
     assert batch.inputs["pixel_values"].shape == (8, 3, 8, 8)
 
 
+def test_an_unlabelled_test_folder_beside_a_train_folder_of_classes_is_left_out(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Kaggle's layout: train/<class>/*.png and test/*.png, the images to predict, in no class folder. Since test/
+    held no class folders, train/ and test/ were read as two classes, and the job trained a train-versus-test
+    classifier without a word. The unlabelled split is left out (named in the log) and test rows held out of train;
+    classes that are named train and test still read as classes."""
+    from PIL import Image
+
+    for label in ("cat", "dog"):
+        (folder := tmp_path / "train" / label).mkdir(parents=True)
+        for i in range(10):
+            Image.new("RGB", (8, 8)).save(folder / f"{i}.png")
+    (tmp_path / "test").mkdir()
+    for i in range(6):
+        Image.new("RGB", (8, 8)).save(tmp_path / "test" / f"{i}.png")
+    data = load_dataset(DatasetSpec(uri=str(tmp_path), validationSplit=0.1, testSplit=0.1), Task.IMAGE_CLASSIFICATION, 0)
+    assert data.id2label == {0: "cat", 1: "dog"}
+    assert all("/train/" in image for split in (data.train, data.validation, data.test) for image in split.inputs)
+    assert (len(data.train.inputs), len(data.validation.inputs), len(data.test.inputs)) == (16, 2, 2)
+    assert f"{tmp_path / 'test'}: its images are in no class folder, so unlabelled: not used" in caplog.text
+    for i in range(10):  # classes named train and test, images directly in them
+        Image.new("RGB", (8, 8)).save(tmp_path / "train" / f"{i}.png")
+    for label in ("cat", "dog"):
+        for image in (tmp_path / "train" / label).iterdir():
+            image.unlink()
+        (tmp_path / "train" / label).rmdir()
+    assert load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0).id2label == {0: "test", 1: "train"}
+
+
 @pytest.mark.parametrize("task", [Task.CAUSAL_LM, Task.SEQUENCE_CLASSIFICATION])
 def test_a_text_column_of_lists_or_records_is_refused_naming_it(tmp_path: Path, task: Task) -> None:
     """A chat dataset's messages column (a list of {role, content}) trained as its Python repr, "[{'content': ...";

@@ -343,11 +343,16 @@ def read_image_splits(path: Path) -> dict[str, pd.DataFrame]:
     # test/ named no split, which made those two the classes.
     folders = [d for d in sorted(path.iterdir()) if d.is_dir() and not d.name.startswith(".") and has_images(d)]
     by_split = {split_of(d.name): d for d in folders}
-    if not folders or None in by_split or not all(any(c.is_dir() for c in d.iterdir()) for d in folders):
+    labelled = {name: d for name, d in by_split.items()
+                if any(c.is_dir() and not c.name.startswith(".") and has_images(c) for c in d.iterdir())}
+    if not labelled or None in by_split or (TRAIN in by_split and TRAIN not in labelled):
         return {TRAIN: read_image_folder(path)}  # class folders (a class may be named test: it holds images)
-    if TRAIN not in by_split:
+    if TRAIN not in labelled:
         raise DataError(f"{path}: its folders name splits ({', '.join(d.name for d in folders)}) but none is train")
-    return {name: read_image_folder(by_split[name]) for name in (TRAIN, VALIDATION, TEST) if name in by_split}
+    for name in by_split.keys() - labelled.keys():  # Kaggle's test/ of the images to predict, say
+        log.warning("%s: its images are in no class folder, so unlabelled: not used (%s rows are held out of train)",
+                    by_split[name], name)
+    return {name: read_image_folder(labelled[name]) for name in (TRAIN, VALIDATION, TEST) if name in labelled}
 
 
 def read_image_folder(path: Path) -> pd.DataFrame:
