@@ -518,6 +518,10 @@ def test_an_unlabelled_test_folder_beside_a_train_folder_of_classes_is_left_out(
     assert all("/train/" in image for split in (data.train, data.validation, data.test) for image in split.inputs)
     assert (len(data.train.inputs), len(data.validation.inputs), len(data.test.inputs)) == (16, 2, 2)
     assert f"{tmp_path / 'test'}: its images are in no class folder, so unlabelled: not used" in caplog.text
+    # and Kaggle's submission table beside them is no dataset to read (it was, by its .csv: "no column 'text'")
+    pd.DataFrame({"file": ["0.png"], "species": ["cat"]}).to_csv(tmp_path / "sample_submission.csv", index=False)
+    assert load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0).id2label == {0: "cat", 1: "dog"}
+    (tmp_path / "sample_submission.csv").unlink()
     for i in range(10):  # classes named train and test, images directly in them
         Image.new("RGB", (8, 8)).save(tmp_path / "train" / f"{i}.png")
     for label in ("cat", "dog"):

@@ -194,6 +194,11 @@ def read_dataset(spec: TextsSpec, field: str,
     `texts_only` refuses images (which `format: auto` finds in a folder of folders) before reading them."""
     path = fetch(spec.uri, kind=field, repo_type="dataset", error=DataError)
     fmt = detect_format(path, spec.format, field)
+    if (not texts_only and spec.format == DatasetFormat.AUTO and fmt in FILE_FORMATS.values()
+            and holds_class_folders(path)):
+        # images in class folders, and a table beside them (Kaggle's sample_submission.csv, GTSRB's GT-00000.csv
+        # in each class folder) that the extension rule took for the dataset
+        fmt = DatasetFormat.IMAGE_FOLDER
     if texts_only and fmt in (DatasetFormat.IMAGE_FOLDER, DatasetFormat.COCO):
         raise DataError(f"{field} {spec.uri}: holds images ({fmt.value}), not texts; point {field}.uri at texts")
     try:
@@ -367,6 +372,18 @@ def read_image_folder(path: Path) -> pd.DataFrame:
     if empty:  # the model will not know these classes, nor be scored on them
         log.warning("%s: class folders without images, so not classes: %s", path, ", ".join(empty))
     return pd.DataFrame(rows)
+
+
+def holds_class_folders(path: Path) -> bool:
+    """Whether a folder is an ImageFolder by its folders: two or more class folders holding images, in it or in its
+    train/ (not the hub's train/*.png beside a train/metadata.csv, nor one images/ folder that a table names)."""
+    def classes(folder: Path) -> int:
+        return sum(1 for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".") and has_images(d))
+
+    if not path.is_dir():
+        return False
+    train = next((d for d in sorted(path.iterdir()) if d.is_dir() and split_of(d.name) == TRAIN), None)
+    return classes(train if train is not None else path) >= 2
 
 
 def has_images(folder: Path) -> bool:
