@@ -285,9 +285,14 @@ def read_splits(path: Path, fmt: DatasetFormat) -> dict[str, pd.DataFrame]:
     elif len(subsets := {subset_of(f.relative_to(path)) for f in by_split[TRAIN]}) > 1:
         raise DataError(f"{path}: holds {len(subsets)} datasets in its folders ({', '.join(sorted(subsets))}), "
                         "each with a train split; point the uri at one of those folders")
-    return {name: pd.concat([read_table(f, fmt).assign(**{TABLE_FOLDER: str(f.parent)}) for f in by_split[name]],
-                            ignore_index=True)
+    return {name: pd.concat([with_folder(read_table(f, fmt), f.parent) for f in by_split[name]], ignore_index=True)
             for name in (TRAIN, VALIDATION, TEST) if name in by_split}
+
+
+def with_folder(table: pd.DataFrame, folder: Path) -> pd.DataFrame:
+    """`table` with the folder of its file in each row, added in place: assign() would copy a corpus of gigabytes."""
+    table[TABLE_FOLDER] = str(folder)
+    return table
 
 
 def subset_of(relative: Path) -> str:
