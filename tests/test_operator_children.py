@@ -243,6 +243,7 @@ def test_a_job_records_the_generation_and_recipe_it_was_made_from() -> None:
     summary = outcome.job_summary(children.job(doc, spec, 1, SETTINGS))
     assert summary["generation"] == 4 and summary["recipe"] == children.recipe(spec)
     assert children.recipe(ftj(backoffLimit=7, suspend=True)[1]) == children.recipe(spec)
+    assert children.recipe(ftj(pod={"labels": {}})[1]) == children.recipe(spec)  # a default written out, or not
     rate = spec.adjust.learning_rate
     assert children.recipe(ftj(adjust=doc["spec"]["adjust"] | {"learningRate": rate * 2})[1]) != children.recipe(spec)
     assert outcome.job_summary({"metadata": {"name": "x-1"}})["recipe"] is None  # an older operator's Job

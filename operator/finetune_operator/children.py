@@ -63,8 +63,9 @@ def _metadata(ftj: dict[str, Any], attempt: int) -> dict[str, Any]:
 
 def recipe(spec: api.FineTuneJobSpec) -> str:
     """A digest of the spec's sections that may change only while the job is suspended, as parsed (so as the CEL
-    rules compare them: an apply that writes 1.0 for 1 changes the stored object and its generation, not this)."""
-    wire = spec.to_wire()
+    rules compare them: an apply that writes 1.0 for 1 changes the stored object and its generation, not this), and
+    without defaults (an operator of a later version, with a field more, digests an unchanged spec alike)."""
+    wire = spec.model_dump(mode="json", by_alias=True, exclude_defaults=True)
     sections = {name: wire.get(name) for name in api.SUSPENDED_ONLY}
     return hashlib.sha256(json.dumps(sections, sort_keys=True).encode()).hexdigest()[:16]
 
