@@ -345,6 +345,22 @@ def test_failures_beyond_the_backoff_limit_fail_the_job() -> None:
     assert status["failures"] == 2  # the last failure counts too, as the message says
 
 
+def test_a_backoff_limit_lowered_while_a_retry_waits_makes_no_attempt_more() -> None:
+    """Lowered to stop a job that keeps failing (2 failures, backoffLimit 3 to 1), the limit was read only at the next
+    failure: the retry already decided was made, and ran (for hours, on its GPUs) until it failed too."""
+    crashed = ([job(active=0, failed=1, failure={"reason": "BackoffLimitExceeded", "message": ""})],
+               [pod(phase="Failed", exit_code=2, message={"exitCode": 2, "reason": "NcclError", "message": "x"})])
+    retrying = after(decide(Observed(body({"attempts": 1, "failures": 1}), *crashed, NOW)))
+    assert retrying["attempts"] == 2 and retrying["failures"] == 2 and retrying["phase"] == "Pending"
+    decision = decide(Observed(body(retrying, backoffLimit=1), *crashed, NOW + timedelta(seconds=2)))
+    status = after(decision, retrying)
+    assert decision.create_attempt is None and status["phase"] == "Failed"
+    assert status["reason"] == "BackoffLimitExceeded" and "backoffLimit 1" in status["conditions"][-1]["message"]
+    assert "Restarting" in conditions(status) and conditions(status)["Restarting"][0] == "False"
+    # Raised instead, or left alone, the retry is made.
+    assert decide(Observed(body(retrying, backoffLimit=2), *crashed, NOW + timedelta(seconds=2))).create_attempt == 2
+
+
 def test_the_next_attempt_waits_until_the_previous_ones_pods_have_stopped() -> None:
     failed = job(active=1, failed=1, failure={"reason": "BackoffLimitExceeded", "message": ""})
     crashed = pod(index=1, phase="Failed", exit_code=2, message={"exitCode": 2, "reason": "NcclError", "message": "x"})

@@ -272,6 +272,12 @@ def decide(seen: Observed) -> Decision | None:
         return _finish(decision, old, conds)
 
     if attempt == 0 or job is None:
+        # backoffLimit lowered below the failures while a retry waited (to stop a job that keeps failing): as for a
+        # Job, no attempt more; the retry was made all the same, and ran until it failed too.
+        if (failures := old.get("failures") or 0) > spec.backoff_limit:
+            fail("BackoffLimitExceeded", f"{failures} failed attempts (backoffLimit {spec.backoff_limit}, lowered "
+                                         "since the last one failed)")
+            return _finish(decision, old, conds)
         if any(_may_run(p, now) for p in seen.pods):  # the previous attempt's pods still checkpoint to the claims
             return _finish(decision, old, conds)
         # `kubectl delete` and `apply` again (how a running job's recipe is changed): the deleted one's pods stop only
