@@ -517,11 +517,16 @@ def test_an_unlabelled_test_folder_beside_a_train_folder_of_classes_is_left_out(
     assert data.id2label == {0: "cat", 1: "dog"}
     assert all("/train/" in image for split in (data.train, data.validation, data.test) for image in split.inputs)
     assert (len(data.train.inputs), len(data.validation.inputs), len(data.test.inputs)) == (16, 2, 2)
-    assert f"{tmp_path / 'test'}: its images are in no class folder, so unlabelled: not used" in caplog.text
+    assert f"{tmp_path / 'test'}: its images are in no class folder of a split, so unlabelled: not used" in caplog.text
+    (tmp_path / "samples").mkdir()  # a folder of no split name beside them is no class either
+    Image.new("RGB", (8, 8)).save(tmp_path / "samples" / "0.png")
+    assert load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0).id2label == {0: "cat", 1: "dog"}
+    assert f"{tmp_path / 'samples'}: its images are in no class folder of a split" in caplog.text
     # and Kaggle's submission table beside them is no dataset to read (it was, by its .csv: "no column 'text'")
     pd.DataFrame({"file": ["0.png"], "species": ["cat"]}).to_csv(tmp_path / "sample_submission.csv", index=False)
     assert load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0).id2label == {0: "cat", 1: "dog"}
     (tmp_path / "sample_submission.csv").unlink()
+    (tmp_path / "samples" / "0.png").unlink()
     for i in range(10):  # classes named train and test, images directly in them
         Image.new("RGB", (8, 8)).save(tmp_path / "train" / f"{i}.png")
     for label in ("cat", "dog"):

@@ -353,15 +353,15 @@ def read_image_splits(path: Path) -> dict[str, pd.DataFrame]:
     # test/ named no split, which made those two the classes.
     folders = [d for d in sorted(path.iterdir()) if d.is_dir() and not d.name.startswith(".") and has_images(d)]
     by_split = {split_of(d.name): d for d in folders}
-    labelled = {name: d for name, d in by_split.items()
-                if any(c.is_dir() and not c.name.startswith(".") and has_images(c) for c in d.iterdir())}
-    if not labelled or None in by_split or (TRAIN in by_split and TRAIN not in labelled):
-        return {TRAIN: read_image_folder(path)}  # class folders (a class may be named test: it holds images)
+    labelled = {name: d for name, d in by_split.items() if name is not None
+                and any(c.is_dir() and not c.name.startswith(".") and has_images(c) for c in d.iterdir())}
     if TRAIN not in labelled:
-        raise DataError(f"{path}: its folders name splits ({', '.join(d.name for d in folders)}) but none is train")
-    for name in by_split.keys() - labelled.keys():  # Kaggle's test/ of the images to predict, say
-        log.warning("%s: its images are in no class folder, so unlabelled: not used (%s rows are held out of train)",
-                    by_split[name], name)
+        if labelled and None not in by_split and TRAIN not in by_split:
+            raise DataError(f"{path}: its folders name splits ({', '.join(d.name for d in folders)}) but none is train")
+        return {TRAIN: read_image_folder(path)}  # class folders (a class may be named test or train: it holds images)
+    # train/ holds class folders: the others are no classes (Kaggle's test/ of the images to predict, a samples/)
+    for folder in (d for d in folders if d not in labelled.values()):
+        log.warning("%s: its images are in no class folder of a split, so unlabelled: not used", folder)
     return {name: read_image_folder(labelled[name]) for name in (TRAIN, VALIDATION, TEST) if name in labelled}
 
 
