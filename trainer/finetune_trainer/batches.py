@@ -105,8 +105,9 @@ def collate_images(data: Encoded, idx: list[int], image_size: int) -> Batch:
 
 
 def pixel_values(paths: list[str], image_size: int) -> torch.Tensor:
-    """The image classifier's input for the images at `paths`: as shown (`open_rgb`), RGB, resized to image_size square,
-    normalised with ImageNet's statistics. An export's model card calls it too, so that a user feeds the model as it trained."""
+    """The image classifier's input for the images at `paths`: as shown (`open_rgb`), RGB, resized to image_size
+    square, normalised with ImageNet's statistics. An export's model card calls it too, so that a user feeds the
+    model as it trained."""
     from torchvision.transforms import functional as F
 
     pixels = []
@@ -120,8 +121,8 @@ def open_rgb(path: str, as_shown: bool = False) -> Image.Image:
     """The image at `path`, decoded, in RGB; `as_shown` makes it what a viewer shows (and the hub's `datasets` and
     transformers' image processors load): turned as its EXIF orientation says (a phone stores a portrait photo
     sideways and says so there), and its transparency over white, not the colours that transparent pixels hide
-    (black in one file, anything in the next). A file that does not decode (an HTML page saved as .jpg, an upload cut short, a decompression
-    bomb) is the dataset's fault; a read that failed with an errno (the volume) is not."""
+    (black in one file, anything in the next). A file that does not decode (an HTML page saved as .jpg, an upload
+    cut short, a decompression bomb) is the dataset's fault; a read that failed with an errno (the volume) is not."""
     try:
         with Image.open(path) as opened:
             turned = as_shown and opened.getexif().get(ExifTags.Base.Orientation, 1) != 1
