@@ -929,3 +929,26 @@ def test_weights_that_do_not_fit_the_image_network_say_what_to_set(tmp_path: Pat
     reloaded = load_vision_model(ModelSpec(task="image-classification", architecture="mobilenet_v3_small",
                                            config={"num_classes": 10}, uri=str(tmp_path)))
     assert reloaded.net.classifier[3].out_features == 10
+
+
+def test_a_checkpoint_of_torchvisions_reference_scripts_loads_as_model_uri(tmp_path: Path) -> None:
+    """torchvision's references/classification/train.py saves {"model": ..., "optimizer": ..., "args": Namespace}: the
+    Namespace stopped torch.load(weights_only=True) with UnpicklingError, an infrastructure failure (exit 2) that was
+    retried, and its weights under "model" were never looked for. A whole pickled model is refused as the user's."""
+    import argparse
+
+    from finetune_trainer.errors import ModelError, exit_code_of
+
+    net = load_model(ModelSpec(task="image-classification", architecture="resnet18"), None, seed=0).net
+    torch.save({"model": net.state_dict(), "optimizer": {"state": {}, "param_groups": []}, "lr_scheduler": {},
+                "epoch": 89, "args": argparse.Namespace(model="resnet18", lr=0.1)}, tmp_path / "checkpoint.pth")
+    loaded = load_vision_model(ModelSpec(task="image-classification", architecture="resnet18",
+                                         uri=str(tmp_path / "checkpoint.pth")))
+    for name, value in net.state_dict().items():
+        assert torch.equal(loaded.net.state_dict()[name], value), name
+    torch.save(net, tmp_path / "whole.pth")
+    with pytest.raises(ModelError, match=r"whole.pth: holds Python objects besides tensors .* save its state_dict\(\) "
+                                         r"instead \(.*Unsupported global: GLOBAL torchvision.models.resnet.ResNet"
+                       ) as raised:
+        load_vision_model(ModelSpec(task="image-classification", architecture="resnet18", uri=str(tmp_path / "whole.pth")))
+    assert exit_code_of(raised.value) == 1

@@ -7,9 +7,11 @@ so that the analysis can report the mismatch it fixes.
 
 from __future__ import annotations
 
+import argparse
 import itertools
 import json
 import logging
+import pickle
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
@@ -26,6 +28,9 @@ from finetune_trainer.uris import fetch
 log = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
+# Where a training script's checkpoint keeps the weights beside its optimizer's state: Lightning and many others under
+# "state_dict", torchvision's reference scripts (references/classification, detection) under "model".
+CHECKPOINT_KEYS = ("state_dict", "model")
 
 
 class ImageClassifier(nn.Module):
@@ -286,5 +291,18 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         from safetensors.torch import load_file
 
         return load_file(path)
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    return state.get("state_dict", state) if isinstance(state, dict) else state
+    try:
+        # torchvision's reference scripts keep their argparse arguments beside the weights: a bag of plain values
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:  # the file is the user's to fix: exit 1, not a retry
+        unsupported = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), "")
+        raise ModelError(f"{path}: holds Python objects besides tensors (a whole model saved with torch.save(model), "
+                         f"say), which the trainer does not unpickle: save its state_dict() instead ({unsupported})"
+                         ) from exc
+    if isinstance(state, dict):
+        for key in CHECKPOINT_KEYS:
+            weights = state.get(key)
+            if isinstance(weights, dict) and weights and all(isinstance(v, torch.Tensor) for v in weights.values()):
+                return weights
+    return state
