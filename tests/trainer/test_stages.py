@@ -946,6 +946,11 @@ def test_a_checkpoint_of_torchvisions_reference_scripts_loads_as_model_uri(tmp_p
                                          uri=str(tmp_path / "checkpoint.pth")))
     for name, value in net.state_dict().items():
         assert torch.equal(loaded.net.state_dict()[name], value), name
+    # and weights saved through nn.DataParallel or DDP ("module.conv1.weight"), and torch.compile ("_orig_mod.")
+    torch.save({f"_orig_mod.module.{k}": v for k, v in net.state_dict().items()}, tmp_path / "wrapped.pth")
+    loaded = load_vision_model(ModelSpec(task="image-classification", architecture="resnet18",
+                                         uri=str(tmp_path / "wrapped.pth")))
+    torch.testing.assert_close(loaded.net.state_dict(), net.state_dict())
     torch.save(net, tmp_path / "whole.pth")
     with pytest.raises(ModelError, match=r"whole.pth: holds Python objects besides tensors .* save its state_dict\(\) "
                                          r"instead \(.*Unsupported global: GLOBAL torchvision.models.resnet.ResNet"

@@ -31,6 +31,7 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth
 # Where a training script's checkpoint keeps the weights beside its optimizer's state: Lightning and many others under
 # "state_dict", torchvision's reference scripts (references/classification, detection) under "model".
 CHECKPOINT_KEYS = ("state_dict", "model")
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 class ImageClassifier(nn.Module):
@@ -290,7 +291,7 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     if path.suffix == ".safetensors":
         from safetensors.torch import load_file
 
-        return load_file(path)
+        return unwrapped(load_file(path))
     try:
         # torchvision's reference scripts keep their argparse arguments beside the weights: a bag of plain values
         with torch.serialization.safe_globals([argparse.Namespace]):
@@ -304,5 +305,15 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         for key in CHECKPOINT_KEYS:
             weights = state.get(key)
             if isinstance(weights, dict) and weights and all(isinstance(v, torch.Tensor) for v in weights.values()):
-                return weights
+                state = weights
+                break
+    return unwrapped(state) if isinstance(state, dict) else state
+
+
+def unwrapped(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """The state dict of the network itself where every key bears the prefix of a wrapper it was saved through:
+    nn.DataParallel's or DDP's "module.", torch.compile's "_orig_mod."."""
+    for prefix in WRAPPER_PREFIXES:
+        if state and all(isinstance(k, str) and k.startswith(prefix) for k in state):
+            return unwrapped({k.removeprefix(prefix): v for k, v in state.items()})
     return state
