@@ -293,6 +293,15 @@ def test_a_finished_job_retuned_says_that_nothing_runs_it_again(operator_env: Op
                                                        if e["reason"] == "SpecChangeIgnored"], env.namespace, timeout=30)
     assert ignored[0]["type"] == "Warning" and "delete it and apply it again" in ignored[0]["message"]
     assert env.ftj(name)["status"]["phase"] == "Failed" and len(env.objects("jobs", name)) == 1
+    # One that failed before it had a Job (InvalidSpec) is told when it is suspended, to be fixed.
+    bad = example("minilm-sentiment", adjust={"freeze": {"strategy": "regex", "pattern": "(("}}) | {
+        "metadata": {"name": "bad-regex"}}
+    env.apply(bad)
+    env.wait_phase("bad-regex", "Failed")
+    env.kube.kubectl("patch", "ftj", "bad-regex", "-n", env.namespace, "--type=merge", "-p",
+                     '{"spec":{"suspend":true}}')
+    env.kube.wait_for("the Warning", lambda: [e for e in env.events("bad-regex") if e["reason"] == "SpecChangeIgnored"],
+                      env.namespace, timeout=30)
 
 
 def test_the_ttl_deletes_a_finished_job(operator_env: OperatorEnv) -> None:

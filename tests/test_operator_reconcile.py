@@ -866,12 +866,12 @@ def test_a_spec_edited_after_the_job_finished_is_observed_once_and_the_job_ticks
             "conditions": [{"type": "Succeeded", "status": "True", "reason": "Completed", "message": "",
                             "lastTransitionTime": "2026-12-01T11:59:00Z", "observedGeneration": 3}]}
     edited = body(done, backoffLimit=5)
-    edited["metadata"]["generation"] = 4
+    edited["metadata"]["generation"] = 1_000_004  # past done's 3, and no other test body's (spec_facts' cache key)
     assert ticks_slowly(spec=edited["spec"], status=done, meta=edited["metadata"])
     assert not ticks_every_poll(spec=edited["spec"], status=done, meta=edited["metadata"])
     decision = decide(Observed(edited, [], [], NOW))
     observed = after(decision, done)
-    assert observed == done | {"observedGeneration": 4} and not decision.delete_self and not decision.events
+    assert observed == done | {"observedGeneration": 1_000_004} and not decision.delete_self and not decision.events
     # Seen: a finished job without a TTL costs no reconciles again.
     assert not ticks_slowly(spec=edited["spec"], status=observed, meta=edited["metadata"])
 
@@ -896,6 +896,13 @@ def test_a_finished_job_retuned_says_once_that_nothing_runs_it_again() -> None:
     assert not decide(Observed(body(seen, suspend=True, training=EXAMPLE["spec"]["training"] | {"epochs": 5})
                                | {"metadata": retuned["metadata"]}, [made], [], NOW)).events
     assert not decide(Observed(body(done, ttlSecondsAfterFinished=60), [made], [], NOW)).events  # a lifecycle field
+    # Failed before it had a Job (a regex that does not compile): suspending it, to fix the regex, is told too.
+    invalid = {"attempts": 0, "observedGeneration": 1, "phase": "Failed",
+               "conditions": [{"type": "Failed", "status": "True", "reason": "InvalidSpec", "message": "",
+                               "lastTransitionTime": "2026-12-01T11:59:00Z"}], "completionTime": "2026-12-01T11:59:00Z"}
+    suspended = decide(Observed(body(invalid, suspend=True), [], [], NOW))
+    assert [e[:2] for e in suspended.events] == [("Warning", "SpecChangeIgnored")]
+    assert "failed" in suspended.events[0][2]
 
 
 def test_a_job_suspended_between_attempts_is_not_restarting_and_waits_quietly() -> None:

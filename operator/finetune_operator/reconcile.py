@@ -182,10 +182,12 @@ def decide(seen: Observed) -> Decision | None:
             decision.delete_self = True
         # The CEL rules let a finished job be suspended and retuned ("may change only while the job is suspended" is
         # what refusing a plain edit says), and nothing runs it again: said once, when the new generation is seen.
-        if spec and job and old.get("observedGeneration") != meta.get("generation") and _retuned(job, meta, spec):
+        # Suspending it is said too, as a job failed before it had a Job (InvalidSpec) has nothing to compare with.
+        if spec and old.get("observedGeneration") != meta.get("generation") and (
+                spec.suspend or job and _retuned(job, meta, spec)):
             phase = "succeeded" if conds.true(T.SUCCEEDED) else "failed"
-            decision.events.append(("Warning", "SpecChangeIgnored", f"the job has {phase}: a changed spec does not run "
-                                    "it again; delete it and apply it again to run it"))
+            decision.events.append(("Warning", "SpecChangeIgnored", f"the job has {phase}: neither a suspend nor a "
+                                    "changed spec runs it again; delete it and apply it again to run it"))
         return decision  # observedGeneration only: a spec edited after the end (its TTL, say) has been seen
     status["attempts"] = attempt
     if spec is None or invalid or seen.problems:
