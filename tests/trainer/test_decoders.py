@@ -16,13 +16,14 @@ from finetune_trainer.rearrange import add_adapters, new_head
 from tiny import TINY_GPT2, bpe_tokenizer, card_model, tiny_classifier_doc
 
 
-def test_a_decoder_classifier_pads_with_the_id_it_pools_by(tmp_path: Path) -> None:
-    """A checkpoint whose config names a pad id its tokenizer does not pad with (Llama-2's names its unk, 0, and its
-    tokenizer has no pad, so the trainer pads with eos): the classifier pools the last token that is not its pad id,
-    and so pooled the padding of every row shorter than the batch's longest."""
+@pytest.mark.parametrize("config_pad", [None, 5])
+def test_a_decoder_classifier_pads_with_the_id_it_pools_by(config_pad: int | None, tmp_path: Path) -> None:
+    """The classifier pools the last token that is not its pad id. GPT-2 and Llama checkpoints have none (None); a
+    config may name one its tokenizer does not pad with (5 here; Llama-2's names its unk, 0, and its tokenizer has no
+    pad, so the trainer pads with eos), and then it pooled the padding of every row shorter than the batch's longest."""
     from transformers import GPT2Config, GPT2ForSequenceClassification
 
-    config = GPT2Config(vocab_size=300, pad_token_id=5, **TINY_GPT2)  # 5: a token, not the tokenizer's eos
+    config = GPT2Config(vocab_size=300, pad_token_id=config_pad, **TINY_GPT2)  # 5: a token, not the tokenizer's eos
     GPT2ForSequenceClassification(config).save_pretrained(tmp_path / "gpt2")
     spec = ModelSpec(uri=f"file://{tmp_path / 'gpt2'}", task="sequence-classification",
                      tokenizerUri=f"file://{bpe_tokenizer(tmp_path / 'tok')}")

@@ -60,24 +60,6 @@ def text_batches(tokenizer, task: Task, labels: list[int] | None = None):
     return data, collate, [collate(data, idx) for idx in epoch_batches(data.lengths, 8, seed=0, epoch=0, bucketed=True)]
 
 
-def test_a_decoder_classifier_from_a_checkpoint_knows_its_pad_token(tmp_path: Path) -> None:
-    """GPT-2 and Llama checkpoints have no pad token id; the classifier pools the last token that is not padding."""
-    from transformers import GPT2Config, GPT2ForSequenceClassification
-
-    GPT2ForSequenceClassification(GPT2Config(vocab_size=300, **TINY_GPT2)).save_pretrained(tmp_path / "gpt2")
-    spec = ModelSpec(uri=f"file://{tmp_path / 'gpt2'}", task="sequence-classification",
-                     tokenizerUri=f"file://{bpe_tokenizer(tmp_path / 'tok')}")
-    tokenizer = load_tokenizer(spec)
-    model = load_model(spec, tokenizer, seed=0).eval()
-    data = encode_text(Split(["a fine day indeed", "ok"], [0, 1]), tokenizer, 16)
-    batch = make_collate(Task.SEQUENCE_CLASSIFICATION, tokenizer.pad_token_id, 0)(data, [0, 1])
-    assert batch.inputs["attention_mask"][1].sum() < batch.inputs["attention_mask"][0].sum()  # row 1 is padded
-    with torch.no_grad():
-        together = logits_of(model, batch.inputs)
-        alone = logits_of(model, {"input_ids": torch.tensor([data.features[1]])})
-    torch.testing.assert_close(together[1], alone[0], atol=1e-5, rtol=1e-5)
-
-
 def test_batches_pad_to_the_longest_and_bucket_by_length(bert) -> None:
     _, tokenizer = bert
     data = encode_text(Split(TEXTS * 10, [0] * 200), tokenizer, 16)
