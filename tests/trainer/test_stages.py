@@ -911,6 +911,13 @@ def test_weights_that_do_not_fit_the_image_network_say_what_to_set(tmp_path: Pat
     reloaded = load_vision_model(ModelSpec(task="image-classification", architecture="mobilenet_v3_small",
                                            config={"num_classes": 10}, uri=str(tmp_path)))
     assert reloaded.net.classifier[3].out_features == 10
+    # a ResNet-18 of one's own, model.architecture not set: resnet18 is right, the head is what to set
+    resnet = load_model(ModelSpec(task="image-classification", architecture="resnet18", config={"num_classes": 10}),
+                        None, seed=0).net
+    save_file(resnet.state_dict(), tmp_path / "model.safetensors")
+    with pytest.raises(ModelError, match=r"do not fit resnet18: their head \(fc\) has 10 classes; set model.config "
+                                         r"num_classes: 10 \(Error"):
+        load_vision_model(ModelSpec(task="image-classification", uri=str(tmp_path)))
 
 
 def test_a_checkpoint_of_torchvisions_reference_scripts_loads_as_model_uri(tmp_path: Path) -> None:

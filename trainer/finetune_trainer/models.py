@@ -238,14 +238,16 @@ def load_vision_model(spec: ModelSpec) -> ImageClassifier:
 def misfit_hint(net: nn.Module, state: dict[str, torch.Tensor], assumed: bool) -> str:
     """What to set when a state dict does not fit the network built: torch's message lists hundreds of keys and says
     neither that model.architecture defaulted nor that the weights' head has another size (a checkpoint of one's own
-    trained on 10 classes), which the builder takes as model.config num_classes."""
-    if assumed:
-        return ", which model.architecture (not set) defaults to: set it to the network they are for"
+    trained on 10 classes), which the builder takes as model.config num_classes. Where the keys are the network's,
+    the architecture is right whether it was set or not, so only the head's size is told."""
     head = next((name for name, m in reversed(list(net.named_modules())) if isinstance(m, nn.Linear)), None)
     weight = state.get(f"{head}.weight")
-    if head is not None and weight is not None and weight.dim() == 2 and \
-            weight.shape[0] != net.get_submodule(head).out_features:
+    other_head = head is not None and weight is not None and weight.dim() == 2 and \
+        weight.shape[0] != net.get_submodule(head).out_features
+    if other_head and (not assumed or set(state) == set(net.state_dict())):
         return f": their head ({head}) has {weight.shape[0]} classes; set model.config num_classes: {weight.shape[0]}"
+    if assumed:
+        return ", which model.architecture (not set) defaults to: set it to the network they are for"
     return ""
 
 
