@@ -163,6 +163,22 @@ print("difference", float((logits_of(card_model(card, out).eval(), inputs) - log
     assert float(out.stdout.split("difference ")[-1]) < 1e-5, out.stdout
 
 
+def test_the_card_puts_an_image_classifiers_adapters_kept_apart_on_the_revision_they_adapt() -> None:
+    """The card's code for an image classifier's adapters kept apart built the base's spec without model.revision,
+    so it loaded the hub's main, another model, under adapters trained on v1."""
+    from finetune_trainer.config import ModelSpec, TrainerConfig
+    from finetune_trainer.export import loading_lines
+
+    cfg = TrainerConfig.model_validate({
+        "model": {"task": "image-classification", "architecture": "mobilenet_v3_small", "uri": "hf://local-org/net",
+                  "revision": "v1"},
+        "dataset": {"uri": "pvc://data/digits"}, "rearrange": {"lora": {"rank": 4}, "mergeOnExport": False},
+        "output": {"uri": "pvc://out/net"}})
+    line = next(line for line in loading_lines(cfg, 10, adapters_apart=True) if line.startswith("spec = "))
+    spec = eval(line.removeprefix("spec = "), {"ModelSpec": ModelSpec})  # the card's own expression
+    assert (spec.uri, spec.revision) == ("hf://local-org/net", "v1")
+
+
 @pytest.mark.parametrize("task", ["image-classification", "object-detection"])
 def test_a_torchvision_model_on_the_hub_loads_at_its_revision(tmp_path: Path, task: str) -> None:
     """model.revision reached the hub for text models only: an image classifier or detector on hf:// at v1 loaded

@@ -202,7 +202,7 @@ def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool) -> list
                 'model = load_vision_model(ModelSpec(task="image-classification", uri=str(Path.cwd()))).eval()']
         if from_uri:  # the base as the job built it (a plain state dict names no network), with the head trained
             spec = {"task": task.value, "architecture": cfg.model.architecture, "uri": base_uri(str(cfg.model.uri)),
-                    "config": cfg.model.config}
+                    "revision": cfg.model.revision, "config": cfg.model.config}
             code[-1:] = [f"spec = ModelSpec.model_validate({ {k: v for k, v in spec.items() if v}!r})",
                          "model = load_vision_model(spec).eval()",
                          f"new_head(model, head_name(model, spec.task), {labels}, {{}}, reinitialize=False)"]
