@@ -28,8 +28,9 @@ from finetune_trainer.uris import fetch
 log = logging.getLogger(__name__)
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth")
-# Where a training script's checkpoint keeps the weights beside its optimizer's state: Lightning and many others under
-# "state_dict", torchvision's reference scripts (references/classification, detection) under "model".
+# Where a training script's checkpoint keeps the weights beside its optimizer's state: many under "state_dict",
+# torchvision's reference scripts (references/classification, detection) under "model". Lightning's "state_dict" is
+# not the network's: its keys begin with the LightningModule's attribute that holds it.
 CHECKPOINT_KEYS = ("state_dict", "model")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
