@@ -577,3 +577,36 @@ def test_a_held_out_split_of_copies_placed_before_it_still_gets_rows(tmp_path: P
         sides = [data.train.inputs, data.validation.inputs, data.test.inputs]
         assert all(sides) and sum(map(len, sides)) == 20, (seed, sides)
         assert not set(sides[0]) & set(sides[1]) and not set(sides[1]) & set(sides[2])
+
+
+@pytest.mark.parametrize("layout", ["hub-shards", "csv-of-patients", "csv-of-parts"])
+def test_a_table_of_image_paths_beside_folders_of_images_stays_the_dataset(
+        tmp_path: Path, layout: str, caplog: pytest.LogCaptureFixture) -> None:
+    """With format auto, a table whose rows name images in two or more folders was taken for a stray table beside
+    class folders, and its textField and labelField silently ignored: the hub's train/metadata.csv beside its images
+    sharded into train/0000/ and train/0001/ trained classes 0000 and 0001; a CheXpert-like train.csv of
+    train/<patient>/ paths a class per patient; a HAM10000-like metadata.csv of part_1/ and part_2/ two parts. A
+    table with the configured textField is the dataset; one without it (sample_submission.csv) is named and left."""
+    from PIL import Image
+
+    folders, table = {"hub-shards": (["train/0000", "train/0001"], "train/metadata.csv"),
+                      "csv-of-patients": ([f"train/patient{p}/study1" for p in range(4)], "train.csv"),
+                      "csv-of-parts": (["part_1", "part_2"], "metadata.csv")}[layout]
+    rows = []
+    for folder in folders:
+        (tmp_path / folder).mkdir(parents=True)
+        for i in range(6):
+            Image.new("RGB", (8, 8)).save(image := tmp_path / folder / f"{i}.png")
+            rows.append({"path": str(image.relative_to((tmp_path / table).parent)), "finding": ["cat", "dog"][i % 2]})
+    pd.DataFrame(rows).to_csv(tmp_path / table, index=False)
+    data = load_dataset(DatasetSpec(uri=str(tmp_path), textField="path", labelField="finding"),
+                        Task.IMAGE_CLASSIFICATION, 0)
+    assert data.id2label == {0: "cat", 1: "dog"}
+    for split in (data.train, data.validation, data.test):
+        assert [data.id2label[label] for label in split.labels] == [
+            ["cat", "dog"][int(Path(image).stem) % 2] for image in split.inputs]
+    assert "read as an ImageFolder" not in caplog.text
+    # without the configured column, the table is no dataset of these images: the folders are the classes
+    load_dataset(DatasetSpec(uri=str(tmp_path), textField="image", labelField="finding"), Task.IMAGE_CLASSIFICATION, 0)
+    assert (f"{tmp_path}: read as an ImageFolder of its class folders; its csv files are no dataset with a column "
+            f"'image' (dataset.textField): {table}") in caplog.text

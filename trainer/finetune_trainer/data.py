@@ -196,8 +196,13 @@ def read_dataset(spec: TextsSpec, field: str,
     fmt = detect_format(path, spec.format, field)
     if (not texts_only and spec.format == DatasetFormat.AUTO and fmt in FILE_FORMATS.values()
             and holds_class_folders(path)):
+        if (tables := tables_with(path, fmt, spec.text_field)) is not None:
+            return path, fmt, tables  # a table of image paths in folders (train/patient1/, part_1/, the hub's shards)
         # images in class folders, and a table beside them (Kaggle's sample_submission.csv, GTSRB's GT-00000.csv
         # in each class folder) that the extension rule took for the dataset
+        log.warning("%s: read as an ImageFolder of its class folders; its %s files are no dataset with a column %r "
+                    "(%s.textField): %s", path, fmt.value, spec.text_field, field, ", ".join(
+                        str(f.relative_to(path)) for f in data_files(path, suffixes_of(fmt))[:3]))
         fmt = DatasetFormat.IMAGE_FOLDER
     if texts_only and fmt in (DatasetFormat.IMAGE_FOLDER, DatasetFormat.COCO):
         raise DataError(f"{field} {spec.uri}: holds images ({fmt.value}), not texts; point {field}.uri at texts")
@@ -205,6 +210,20 @@ def read_dataset(spec: TextsSpec, field: str,
         return path, fmt, read_splits(path, fmt)
     except (ValueError, FileNotFoundError) as exc:  # a parser's complaint (pandas, pyarrow, json, datasets)
         raise DataError(f"{field} {spec.uri}: cannot read it as {fmt.value} ({type(exc).__name__}: {exc})") from exc
+
+
+def tables_with(path: Path, fmt: DatasetFormat, column: str) -> dict[str, pd.DataFrame] | None:
+    """The folder's tables by split where they are a dataset with `column` (the configured textField), else None:
+    beside class folders of images, a table without it (or that does not read) is no dataset of theirs."""
+    try:
+        tables = read_splits(path, fmt)
+    except (DataError, ValueError, FileNotFoundError):  # a test.csv of Kaggle's beside train/<class>/: no train split
+        return None
+    return tables if any(column in table.columns for table in tables.values()) else None
+
+
+def suffixes_of(fmt: DatasetFormat) -> set[str]:
+    return {suffix for suffix, f in FILE_FORMATS.items() if f == fmt}
 
 
 def check_columns(tables: dict[str, pd.DataFrame], uri: str, columns: dict[str, str | None], field: str) -> None:
@@ -270,7 +289,7 @@ def read_splits(path: Path, fmt: DatasetFormat) -> dict[str, pd.DataFrame]:
         return {n: named[n].to_pandas() for n in (TRAIN, VALIDATION, TEST) if n in named}
     if path.is_file():
         return {TRAIN: read_table(path, fmt)}
-    files = data_files(path, {suffix for suffix, f in FILE_FORMATS.items() if f == fmt})
+    files = data_files(path, suffixes_of(fmt))
     if not files:
         raise DataError(f"{path}: no {fmt.value} file in the folder")
     by_split: dict[str | None, list[Path]] = {}
