@@ -10,7 +10,7 @@ import pandas as pd
 import pytest
 
 from finetune_trainer.config import DatasetSpec, Task
-from finetune_trainer.data import Split, check_label_count, load_dataset
+from finetune_trainer.data import Split, check_label_count, load_dataset, read_dataset
 from finetune_trainer.errors import DataError
 
 ROWS = [{"text": f"sample {i}", "label": ["neg", "pos", "neu"][i % 3]} for i in range(30)]
@@ -610,3 +610,15 @@ def test_a_table_of_image_paths_beside_folders_of_images_stays_the_dataset(
     load_dataset(DatasetSpec(uri=str(tmp_path), textField="image", labelField="finding"), Task.IMAGE_CLASSIFICATION, 0)
     assert (f"{tmp_path}: read as an ImageFolder of its class folders; its csv files are no dataset with a column "
             f"'image' (dataset.textField): {table}") in caplog.text
+
+
+def test_a_text_datasets_tables_carry_no_folder_of_their_files(tmp_path: Path) -> None:
+    """Each row of a folder's tables got the folder of its file (8b41769), which only image-classification reads
+    image paths from: a corpus of short texts held a string more per row, half again its memory."""
+    for split, rows in (("train", ROWS[:24]), ("test", ROWS[24:])):
+        (tmp_path / split).mkdir()
+        pd.DataFrame(rows).to_parquet(tmp_path / split / "part-0.parquet")
+    _, _, tables = read_dataset(spec(tmp_path), "dataset", texts_only=True)  # as every task but images reads
+    assert {name: list(table.columns) for name, table in tables.items()} == {"train": ["text", "label"],
+                                                                               "test": ["text", "label"]}
+    assert len(load_dataset(spec(tmp_path), Task.SEQUENCE_CLASSIFICATION, 0).test.inputs) == 6

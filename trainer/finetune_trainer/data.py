@@ -191,7 +191,8 @@ def load_texts(spec: TextsSpec, field: str) -> list[str]:
 def read_dataset(spec: TextsSpec, field: str,
                  texts_only: bool = False) -> tuple[Path, DatasetFormat, dict[str, pd.DataFrame]]:
     """The local path, the format and the tables by split of the dataset `spec` names, `field` its place in the job;
-    `texts_only` refuses images (which `format: auto` finds in a folder of folders) before reading them."""
+    `texts_only` refuses images (which `format: auto` finds in a folder of folders) before reading them, and leaves
+    out the tables' folders, which only image paths are read from."""
     path = fetch(spec.uri, kind=field, repo_type="dataset", error=DataError)
     fmt = detect_format(path, spec.format, field)
     if (not texts_only and spec.format == DatasetFormat.AUTO and fmt in FILE_FORMATS.values()
@@ -207,7 +208,7 @@ def read_dataset(spec: TextsSpec, field: str,
     if texts_only and fmt in (DatasetFormat.IMAGE_FOLDER, DatasetFormat.COCO):
         raise DataError(f"{field} {spec.uri}: holds images ({fmt.value}), not texts; point {field}.uri at texts")
     try:
-        return path, fmt, read_splits(path, fmt)
+        return path, fmt, read_splits(path, fmt, folders=not texts_only)
     except (ValueError, FileNotFoundError) as exc:  # a parser's complaint (pandas, pyarrow, json, datasets)
         raise DataError(f"{field} {spec.uri}: cannot read it as {fmt.value} ({type(exc).__name__}: {exc})") from exc
 
@@ -216,7 +217,7 @@ def tables_with(path: Path, fmt: DatasetFormat, column: str) -> dict[str, pd.Dat
     """The folder's tables by split where they are a dataset with `column` (the configured textField), else None:
     beside class folders of images, a table without it (or that does not read) is no dataset of theirs."""
     try:
-        tables = read_splits(path, fmt)
+        tables = read_splits(path, fmt, folders=True)
     except (DataError, ValueError, FileNotFoundError):  # a test.csv of Kaggle's beside train/<class>/: no train split
         return None
     return tables if any(column in table.columns for table in tables.values()) else None
@@ -269,11 +270,13 @@ def split_of(relative: str) -> str | None:
     return None
 
 
-def read_splits(path: Path, fmt: DatasetFormat) -> dict[str, pd.DataFrame]:
+def read_splits(path: Path, fmt: DatasetFormat, folders: bool = False) -> dict[str, pd.DataFrame]:
     """The dataset's tables by split (train first; validation and test when the dataset names them).
 
     A file is the train split. A folder is read as the hub lays datasets out: files named by split or in
     folders named by split (parquet shards concatenated); files of no split name are one train split together.
+    `folders` adds the folder of each row's file (TABLE_FOLDER), which image paths are read from: only they need
+    it, and in a corpus of short texts it is a good part of the table's memory.
     """
     if fmt == DatasetFormat.IMAGE_FOLDER:
         return read_image_splits(path)
@@ -304,7 +307,8 @@ def read_splits(path: Path, fmt: DatasetFormat) -> dict[str, pd.DataFrame]:
     elif len(subsets := {subset_of(f.relative_to(path)) for f in by_split[TRAIN]}) > 1:
         raise DataError(f"{path}: holds {len(subsets)} datasets in its folders ({', '.join(sorted(subsets))}), "
                         "each with a train split; point the uri at one of those folders")
-    return {name: pd.concat([with_folder(read_table(f, fmt), f.parent) for f in by_split[name]], ignore_index=True)
+    return {name: pd.concat([with_folder(read_table(f, fmt), f.parent) if folders else read_table(f, fmt)
+                             for f in by_split[name]], ignore_index=True)
             for name in (TRAIN, VALIDATION, TEST) if name in by_split}
 
 
