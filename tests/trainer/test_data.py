@@ -622,3 +622,28 @@ def test_a_text_datasets_tables_carry_no_folder_of_their_files(tmp_path: Path) -
     assert {name: list(table.columns) for name, table in tables.items()} == {"train": ["text", "label"],
                                                                                "test": ["text", "label"]}
     assert len(load_dataset(spec(tmp_path), Task.SEQUENCE_CLASSIFICATION, 0).test.inputs) == 6
+
+
+def test_a_class_folder_whose_name_holds_a_split_word_stays_a_class(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Places' scene classes: train_station/ (holding platform/ and outdoor/) was read as the train split, since its
+    name holds the word train, and the other classes were left out as unlabelled with only a warning. A folder is a
+    split by its whole name, or by a word in it only where every folder names one (training_set/ and test_set/)."""
+    from PIL import Image
+
+    for folder in ("airport_terminal", "train_station/platform", "train_station/outdoor", "bus_station/indoor",
+                   "subway_station/platform"):
+        (tmp_path / folder).mkdir(parents=True)
+        for i in range(4):
+            Image.new("RGB", (8, 8)).save(tmp_path / folder / f"{i}.png")
+    data = load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
+    assert data.id2label == dict(enumerate(["airport_terminal", "bus_station", "subway_station", "train_station"]))
+    assert len(data.train.inputs + data.validation.inputs + data.test.inputs) == 20
+    assert "unlabelled" not in caplog.text
+    for split, labels in (("training_set", ("cat", "dog")), ("test_set", ("cat", "dog"))):
+        for label in labels:
+            (tmp_path / "sets" / split / label).mkdir(parents=True)
+            for i in range(4):
+                Image.new("RGB", (8, 8)).save(tmp_path / "sets" / split / label / f"{i}.png")
+    data = load_dataset(DatasetSpec(uri=str(tmp_path / "sets")), Task.IMAGE_CLASSIFICATION, 0)
+    assert data.id2label == {0: "cat", 1: "dog"} and all("/test_set/" in image for image in data.test.inputs)

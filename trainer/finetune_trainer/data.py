@@ -36,9 +36,10 @@ IMAGE_COLUMN = "image"  # the column an ImageFolder's file paths land in
 TABLE_FOLDER = "\0table folder"  # the folder of the file a row of a folder's tables came from
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
 # The words the hub's loader (datasets' data_files patterns) reads as a split name, between separators.
-SPLIT_NAMES = {name: re.compile(rf"(^|[-._ /\d])({'|'.join(words)})([-._ /\d]|$)") for name, words in (
-    (TRAIN, ("train", "training")), (VALIDATION, ("validation", "valid", "dev", "val")),
-    (TEST, ("test", "testing", "eval", "evaluation")))}
+SPLIT_WORDS = {TRAIN: ("train", "training"), VALIDATION: ("validation", "valid", "dev", "val"),
+               TEST: ("test", "testing", "eval", "evaluation")}
+SPLIT_NAMES = {name: re.compile(rf"(^|[-._ /\d])({'|'.join(words)})([-._ /\d]|$)")
+               for name, words in SPLIT_WORDS.items()}
 
 
 @dataclass
@@ -374,8 +375,8 @@ def read_image_splits(path: Path) -> dict[str, pd.DataFrame]:
     test/cat/*.png: torchvision's and the hub's layout)."""
     # A folder without images decides nothing: __MACOSX/ (a Mac's zip: ._ files only) or docs/ beside train/ and
     # test/ named no split, which made those two the classes.
-    folders = [d for d in sorted(path.iterdir()) if d.is_dir() and not d.name.startswith(".") and has_images(d)]
-    by_split = {split_of(d.name): d for d in folders}
+    folders = image_folders(path)
+    by_split = dict(zip(folder_splits(folders), folders))
     labelled = {name: d for name, d in by_split.items() if name is not None
                 and any(c.is_dir() and not c.name.startswith(".") and has_images(c) for c in d.iterdir())}
     if TRAIN not in labelled:
@@ -410,8 +411,24 @@ def holds_class_folders(path: Path) -> bool:
 
     if not path.is_dir():
         return False
-    train = next((d for d in sorted(path.iterdir()) if d.is_dir() and split_of(d.name) == TRAIN), None)
+    folders = image_folders(path)
+    train = next((d for d, name in zip(folders, folder_splits(folders)) if name == TRAIN), None)
     return classes(train if train is not None else path) >= 2
+
+
+def image_folders(path: Path) -> list[Path]:
+    """The folders (not hidden) in `path` that hold images below them."""
+    return [d for d in sorted(path.iterdir()) if d.is_dir() and not d.name.startswith(".") and has_images(d)]
+
+
+def folder_splits(folders: list[Path]) -> list[str | None]:
+    """The split each of an image dataset's top folders names: by its whole name (train/, Val/), or by a word in it
+    (training_set/, seg_test/) only where every folder names a split, since a class may hold one: train_station/
+    beside airport_terminal/ is a class, not the train split."""
+    by_word = [split_of(d.name) for d in folders]
+    if all(by_word):
+        return by_word
+    return [next((name for name, words in SPLIT_WORDS.items() if d.name.lower() in words), None) for d in folders]
 
 
 def has_images(folder: Path) -> bool:
