@@ -159,10 +159,11 @@ def test_the_operator_asks_for_exactly_what_its_rules_grant(kube: Kube, operator
 def reborn_children_wait_their_turn(env: OperatorEnv) -> None:
     """A FineTuneJob deleted with its children orphaned (or before the garbage collector removed them) and created
     again: its attempt's names are taken by children that are not its own. It neither adopts nor overwrites them,
-    and makes each of its own once the one in its way is gone (each 409 is read: whose is it?)."""
+    and makes each of its own once the one in its way is gone (each 409 is read: whose is it?). Its Job can make no
+    pod (no such service account): an orphaned Job's pods would hold the new attempt back (EarlierPodsStopping)."""
     ns, name = env.namespace, children.child_name("reborn", 1)
-    reborn = example("minilm-sentiment", runtime={"resources": {"limits": {"nvidia.com/gpu": 99}},
-                                                  "processesPerWorker": 2}) | {"metadata": {"name": "reborn"}}
+    reborn = example("minilm-sentiment", pod={"serviceAccountName": "no-such-account"},
+                     runtime={"processesPerWorker": 2}) | {"metadata": {"name": "reborn"}}
     env.apply(reborn)
     kinds = ("configmap", "service", "job")  # the order the operator makes them in
     env.kube.wait_for("reborn's children", lambda: all(env.kube.get(k, name, ns) for k in kinds), ns)

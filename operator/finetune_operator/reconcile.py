@@ -288,8 +288,10 @@ def decide(seen: Observed) -> Decision | None:
         # the one they were saving.
         if stopping := [p["name"] for p in seen.earlier_pods if _may_run(p, now)]:
             conds.set(T.CREATED, False, "EarlierPodsStopping",
-                      f"the pods of an earlier FineTuneJob named {meta['name']} still run ({', '.join(stopping[:3])}"
-                      f"{', ...' if len(stopping) > 3 else ''}) and may write to the same claims: waiting for them")
+                      f"the pods of an earlier FineTuneJob named {meta['name']} may still run "
+                      f"({', '.join(stopping[:3])}{', ...' if len(stopping) > 3 else ''}) and write to the same "
+                      "claims: waiting for them to stop "
+                      "(a Job of it orphaned by kubectl delete --cascade=orphan must be deleted by hand)")
             return _finish(decision, old, conds)
         decision.create_attempt = max(attempt, 1)
         status["attempts"] = decision.create_attempt
