@@ -205,8 +205,9 @@ class Refusing:
 def test_a_quota_refusal_waits_and_an_invalid_child_is_refused() -> None:
     doc, spec = ftj()
     quota = 'configmaps "ft-1" is forbidden: exceeded quota: team-quota, requested: count/configmaps=1'
-    with pytest.raises(handlers.QuotaExceeded, match="waits for quota: .*exceeded quota: team-quota"):
+    with pytest.raises(handlers.HeldBack, match="waits for quota: .*exceeded quota: team-quota") as held:
         handlers._create_attempt(Refusing(403, quota), doc, spec, 1, SETTINGS)
+    assert held.value.reason == "ExceededQuota" and held.value.delay == handlers.QUOTA_RETRY_SECONDS
     with pytest.raises(handlers.Refused):
         handlers._create_attempt(Refusing(422, "Job.batch is invalid"), doc, spec, 1, SETTINGS)
     # A policy's denial is as final whatever code its webhook set (the apiserver makes none 400; controller-runtime's
@@ -254,8 +255,9 @@ def test_a_child_that_exists_is_ours_or_waited_for() -> None:
     handlers._create_attempt(Existing("1234"), doc, spec, 1, SETTINGS)  # made by an earlier tick
     # An earlier FineTuneJob of the same name, deleted and created again: its children are not taken over.
     for other in (Existing("an-earlier-uid"), Existing("1234", deleting=True)):
-        with pytest.raises(handlers.NameTaken, match="waiting"):  # shown in the status (Created False, NameTaken)
+        with pytest.raises(handlers.HeldBack, match="waiting") as held:  # shown as Created False, NameTaken
             handlers._create_attempt(other, doc, spec, 1, SETTINGS)
+        assert held.value.reason == "NameTaken" and held.value.delay == handlers.NAME_TAKEN_RETRY_SECONDS
 
 
 class Answering:

@@ -55,7 +55,7 @@ def conditions(status: dict[str, Any]) -> dict[str, tuple[str, str]]:
 
 def test_a_quota_refusal_waits_visibly_and_the_next_tick_creates_the_attempt() -> None:
     refused = "the ConfigMap ft-1 waits for quota: exceeded quota: team-quota"
-    waiting = decide(Observed(body(), [], [], NOW, quota=refused))
+    waiting = decide(Observed(body(), [], [], NOW, held_back=("ExceededQuota", refused)))
     status = after(waiting)
     assert status["phase"] == "Pending" and status["reason"] == "ExceededQuota"
     assert conditions(status)["Created"] == ("False", "ExceededQuota") and "Failed" not in conditions(status)
@@ -68,7 +68,7 @@ def test_an_attempt_a_quota_held_back_is_the_one_a_resume_creates() -> None:
     """Suspended while a ResourceQuota held attempt 1 back, then resumed: the job counted attempt 1 as one that ran,
     said "attempt 2 resumes from the latest checkpoint" in a Warning, and ATTEMPTS read 2 with none ever run."""
     refused = "the ConfigMap ft-1 waits for quota: exceeded quota: team-quota"
-    waiting = after(decide(Observed(body(), [], [], NOW, quota=refused)))
+    waiting = after(decide(Observed(body(), [], [], NOW, held_back=("ExceededQuota", refused))))
     assert "children" not in waiting  # none were made
     suspended = after(decide(Observed(body(waiting, suspend=True), [], [], NOW + timedelta(seconds=30))), waiting)
     assert suspended["phase"] == "Suspended"
@@ -83,7 +83,7 @@ def test_a_child_name_held_by_an_object_not_its_own_is_waited_for_visibly() -> N
     """A child of an earlier job of this name, orphaned (`kubectl delete --cascade=orphan`) or not yet collected, holds
     the name of the new one's: the job said nothing in its status (kopf only logged), for ever behind an orphan."""
     taken = "a ConfigMap named ft-1 exists and is not this FineTuneJob's (an earlier one's of this name?): waiting"
-    waiting = decide(Observed(body(), [], [], NOW, name_taken=taken))
+    waiting = decide(Observed(body(), [], [], NOW, held_back=("NameTaken", taken)))
     status = after(waiting)
     assert status["phase"] == "Pending" and status["reason"] == "NameTaken" and "children" not in status
     assert conditions(status)["Created"] == ("False", "NameTaken") and ("Warning", "NameTaken", taken) in waiting.events

@@ -273,28 +273,29 @@ def _create(clients: Clients, obj: dict[str, Any]) -> None:
         existing = json.loads(clients.call("GET", api_path(meta["namespace"], plural, meta["name"], group=group)))
         owners = [r.get("uid") for r in existing["metadata"].get("ownerReferences") or []]
         if existing["metadata"].get("deletionTimestamp"):
-            raise NameTaken(f"the {kind} {meta['name']} is being deleted: waiting for it to go") from exc
+            raise HeldBack("NameTaken", f"the {kind} {meta['name']} is being deleted: waiting for it to go",
+                           NAME_TAKEN_RETRY_SECONDS) from exc
         if meta["ownerReferences"][0]["uid"] not in owners:
-            raise NameTaken(f"a {kind} named {meta['name']} exists and is not this FineTuneJob's (an earlier one's of "
-                            "this name?): waiting for it to be deleted") from exc
+            raise HeldBack("NameTaken", f"a {kind} named {meta['name']} exists and is not this FineTuneJob's (an "
+                           "earlier one's of this name?): waiting for it to be deleted", NAME_TAKEN_RETRY_SECONDS) from exc
 
 
-class NameTaken(Exception):
-    """A child's name is held by an object that is not this job's, or that is being deleted: the attempt waits."""
+class HeldBack(Exception):
+    """The attempt cannot be made yet and waits, trying again after `delay` seconds: a child's name is held by an
+    object that is not this job's or that is being deleted (NameTaken), or a ResourceQuota refused a child
+    (ExceededQuota) until the namespace has room. `reason` is the Created condition's."""
+
+    def __init__(self, reason: str, message: str, delay: float) -> None:
+        super().__init__(message)
+        self.reason, self.delay = reason, delay
 
 
 NAME_TAKEN_RETRY_SECONDS = 5
+QUOTA_RETRY_SECONDS = 30
 
 
 class Refused(Exception):
     """The apiserver refused a child built from an accepted spec: the spec cannot run."""
-
-
-class QuotaExceeded(Exception):
-    """A ResourceQuota refused a child (403 "exceeded quota"): the attempt waits until the namespace has room."""
-
-
-QUOTA_RETRY_SECONDS = 30
 
 
 def _create_attempt(clients: Clients, body: dict[str, Any], spec: api.FineTuneJobSpec, attempt: int,
@@ -305,7 +306,8 @@ def _create_attempt(clients: Clients, body: dict[str, Any], spec: api.FineTuneJo
         except ApiException as exc:
             message = _api_message(exc)
             if exc.status == 403 and "exceeded quota" in message:
-                raise QuotaExceeded(f"the {obj['kind']} {obj['metadata']['name']} waits for quota: {message}") from exc
+                raise HeldBack("ExceededQuota", f"the {obj['kind']} {obj['metadata']['name']} waits for quota: "
+                               f"{message}", QUOTA_RETRY_SECONDS) from exc
             if exc.status in (400, 422) or exc.status == 403 and _denied(message):
                 raise Refused(f"the apiserver refused the {obj['kind']} {obj['metadata']['name']}: {message}") from exc
             raise kopf.TemporaryError(f"creating {obj['kind']}: {exc.reason}", delay=5) from exc
@@ -375,6 +377,7 @@ def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, job_index: k
     decision = reconcile.decide(seen)
     if decision is None:
         return
+    held: HeldBack | None = None
     if decision.create_attempt:
         spec, _ = reconcile.parse_spec(seen.body)
         assert spec is not None
@@ -386,11 +389,9 @@ def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, job_index: k
                 _create_attempt(clients, seen.body, spec, decision.create_attempt, settings)
             except Refused as exc:
                 seen.problems = [str(exc)]
-            except QuotaExceeded as exc:
-                seen.quota = str(exc)
-            except NameTaken as exc:
-                seen.name_taken = str(exc)
-        if seen.problems or seen.quota or seen.name_taken:
+            except HeldBack as exc:
+                held, seen.held_back = exc, (exc.reason, str(exc))
+        if seen.problems or held:
             decision = reconcile.decide(seen)
             assert decision is not None
         else:
@@ -408,10 +409,8 @@ def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, job_index: k
     _record(body, seen, decision)
     for field, value in status_patch(seen.body["status"], decision.status).items():
         patch.status[field] = value
-    if seen.quota:  # kopf applies the patch above all the same, and tries again after the delay
-        raise kopf.TemporaryError(seen.quota, delay=QUOTA_RETRY_SECONDS)
-    if seen.name_taken:
-        raise kopf.TemporaryError(seen.name_taken, delay=NAME_TAKEN_RETRY_SECONDS)
+    if held:  # kopf applies the patch above all the same, and tries again after the delay
+        raise kopf.TemporaryError(str(held), delay=held.delay)
 
 
 def _record(body: kopf.Body, seen: reconcile.Observed, decision: reconcile.Decision) -> None:

@@ -45,8 +45,9 @@ class Observed:
     scrape_error: tuple[str, str] | None = None  # (reason, message) when reading them failed
     job_warning: tuple[str, str] | None = None  # (reason, message) of the Job's latest Warning Event, when podless
     pod_warning: tuple[str, str] | None = None  # (reason, message) of why a pod's containers are not created
-    quota: str | None = None  # why a ResourceQuota refused the attempt's children: it waits, and tries again
-    name_taken: str | None = None  # which child's name an object not this job's holds: it waits, and tries again
+    # (reason, message) of why the attempt's children could not be made yet (a ResourceQuota refused one, an object
+    # not this job's holds a name): it waits, and tries again
+    held_back: tuple[str, str] | None = None
     earlier_pods: list[dict[str, Any]] = field(default_factory=list, init=False)  # an earlier FineTuneJob's, this name
 
     def __post_init__(self) -> None:
@@ -296,10 +297,10 @@ def decide(seen: Observed) -> Decision | None:
         decision.create_attempt = max(attempt, 1)
         status["attempts"] = decision.create_attempt
         status.setdefault("startTime", old.get("startTime") or timestamp(now))
-        if seen.quota:  # not its children: a resume reads them as an attempt that ran, and counts the next one
-            conds.set(T.CREATED, False, "ExceededQuota", seen.quota)
-        elif seen.name_taken:  # else the job said nothing while it waited, for ever behind an orphaned child
-            conds.set(T.CREATED, False, "NameTaken", seen.name_taken)
+        # not its children: a resume reads them as an attempt that ran, and counts the next one; and the condition,
+        # else the job said nothing while it waited, for ever behind an orphaned child
+        if seen.held_back:
+            conds.set(T.CREATED, False, *seen.held_back)
         else:
             status["children"] = _children(children.child_name(meta["name"], decision.create_attempt), spec)
             conds.set(T.CREATED, True, "AttemptCreated", f"attempt {decision.create_attempt}: {workers} worker(s)")
