@@ -38,12 +38,13 @@ def test_an_answer_far_beyond_the_trainers_is_refused_before_it_is_parsed() -> N
     (2 s), so a handful of such jobs held the operator's one core and every other job's status waited. What the
     trainer serves with every metric set is read, 8 times over too (a user's image adding its own); 64 times that is
     refused unparsed."""
+    import torch
     from prometheus_client import generate_latest
 
     from finetune_trainer.config import Stage
     from finetune_trainer.telemetry import Metrics
 
-    trainer = Metrics()
+    trainer = Metrics(torch.device("cpu"))
     trainer.set_stage(Stage.TRAINING)
     detection = ("map", "map_50", "map_75", "map_small", "map_medium", "map_large", "mar_1", "mar_10", "mar_100",
                  "mar_small", "mar_medium", "mar_large", "loss")

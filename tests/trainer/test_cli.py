@@ -20,6 +20,8 @@ from finetune_trainer.telemetry import (ADDR_ENV, PORT_ENV, TERMINATION_ENV, Met
                                         termination_message, write_termination)
 from tiny import TINY_BERT, TINY_GPT2, bpe_tokenizer, free_port, tiny_classifier_doc
 
+CPU = torch.device("cpu")
+
 DESIGN_METRICS = {"loss", "learning_rate", "step", "total_steps", "epoch", "samples_per_second", "tokens_per_second",
                   "stage", "eval_metric", "gpu_memory_bytes", "mfu"}
 
@@ -291,7 +293,7 @@ def test_metrics_endpoint_serves_the_design_names(monkeypatch: pytest.MonkeyPatc
     port = free_port()
     monkeypatch.setenv(PORT_ENV, str(port))
     monkeypatch.setenv(ADDR_ENV, "127.0.0.1")
-    metrics = Metrics()
+    metrics = Metrics(CPU)
     metrics.serve()
     try:
         metrics.set_stage(Stage.TRAINING)

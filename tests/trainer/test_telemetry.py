@@ -10,11 +10,14 @@ import time
 import urllib.request
 
 import pytest
+import torch
 
 from finetune_trainer import telemetry
 from finetune_trainer.errors import EXIT_OK, EXIT_TERMINATED
 from finetune_trainer.telemetry import ADDR_ENV, LINGER_ENV, PORT_ENV, TERMINATION_ENV, Metrics, write_termination
 from tiny import free_port
+
+CPU = torch.device("cpu")
 
 
 class Scraper:
@@ -52,7 +55,7 @@ def endpoint(monkeypatch: pytest.MonkeyPatch, tmp_path) -> tuple[Metrics, int]: 
     monkeypatch.setenv(PORT_ENV, str(port))
     monkeypatch.setenv(ADDR_ENV, "127.0.0.1")
     monkeypatch.setenv(TERMINATION_ENV, str(tmp_path / "termination-log"))
-    metrics = Metrics()
+    metrics = Metrics(CPU)
     metrics.serve()
     yield metrics, port
     metrics.close()
@@ -96,7 +99,7 @@ def test_no_wait_without_readers_after_sigterm_or_when_turned_off(endpoint: tupl
         monkeypatch.setattr(telemetry, "_last_exit_code", [None])
         for name, value in env.items():
             monkeypatch.setenv(name, value)
-        again = Metrics()
+        again = Metrics(CPU)
         again.serve()
         if env:  # a reader, but lingering turned off
             urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
@@ -111,7 +114,7 @@ def test_a_sigterm_ends_the_wait_and_a_gone_reader_holds_nothing(endpoint: tuple
     assert finish(metrics, EXIT_OK) < 2
     assert signal.getsignal(signal.SIGTERM) == before
     # A reader whose next read was due long ago has stopped scraping: nothing to wait for.
-    again = Metrics()
+    again = Metrics(CPU)
     again.serve()
     for _ in range(2):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
@@ -129,7 +132,7 @@ def test_before_the_first_step_there_is_no_loss_step_or_throughput_only_the_stag
     from finetune_operator import scrape, status
     from finetune_trainer.config import Stage
 
-    metrics = Metrics()
+    metrics = Metrics(CPU)
     metrics.set_stage(Stage.BASELINE)
     sample = scrape.parse(generate_latest(metrics.registry).decode())
     assert sample == {"stage": "Baseline"}
@@ -170,8 +173,8 @@ def test_throughput_and_the_eta_follow_the_latest_steps_not_the_runs_average(cap
                                   "lr": 1e-4, "grad_norm": 1.0})
             progress.step(state, 10_000, None, torch.device("cpu"))
 
-    steps(Progress(Metrics(), main=False), 3600, 1.0)
-    resumed = Metrics()
+    steps(Progress(Metrics(CPU), main=False), 3600, 1.0)
+    resumed = Metrics(CPU)
     progress = Progress(resumed, main=True)
     steps(progress, 59, 4.0)
     progress.last_log = 0.0  # a progress line at the next step
@@ -224,4 +227,4 @@ def test_mfu_is_reported_only_where_the_gpus_peak_is_known(monkeypatch: pytest.M
     lines = [line for line in generate_latest(metrics.registry).decode().splitlines()
              if line.startswith("finetune_trainer_mfu ")]
     assert [float(line.split()[1]) for line in lines] == ([] if mfu is None else [pytest.approx(mfu)])
-    assert "finetune_trainer_mfu 0.0" in generate_latest(Metrics().registry).decode()  # a CPU's
+    assert "finetune_trainer_mfu 0.0" in generate_latest(Metrics(CPU).registry).decode()  # a CPU's

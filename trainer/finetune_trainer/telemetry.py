@@ -133,7 +133,8 @@ class Recent:
 class Metrics:
     """The trainer's gauges in a registry of their own (a test may run the pipeline twice in one process)."""
 
-    def __init__(self, device: torch.device | None = None) -> None:
+    def __init__(self, device: torch.device) -> None:
+        # the device is required: left out, a GPU job's memory read 0 until its first step (see gpu_memory_bytes)
         self.registry = CollectorRegistry()
         self.server: Any = None
         self.readers = Readers()
@@ -163,11 +164,11 @@ class Metrics:
         # each scrape: set at steps, it was 0 through loading, analysis and the baseline (minutes on a large test
         # split), where the model already filled the GPU and the dashboard counted the job as not on GPUs.
         self.gpu_memory_bytes = gauge("gpu_memory_bytes", "Peak GPU memory allocated by this worker")
-        if device is not None and device.type == "cuda":
+        if device.type == "cuda":
             self.gpu_memory_bytes.set_function(lambda: torch.cuda.max_memory_allocated(device))
         # 0 on a CPU too; on a GPU whose peak is not in PEAK_BF16_FLOPS (a T4, a V100) none at all, where it said 0.
         self.mfu = latest("mfu", "Model FLOPs utilisation: achieved training FLOP/s over the GPU's bf16 peak")
-        if device is None or device.type != "cuda":
+        if device.type != "cuda":
             self.mfu.set(0)
 
     def serve(self) -> None:
