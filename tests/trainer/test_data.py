@@ -647,3 +647,20 @@ def test_a_class_folder_whose_name_holds_a_split_word_stays_a_class(
                 Image.new("RGB", (8, 8)).save(tmp_path / "sets" / split / label / f"{i}.png")
     data = load_dataset(DatasetSpec(uri=str(tmp_path / "sets")), Task.IMAGE_CLASSIFICATION, 0)
     assert data.id2label == {0: "cat", 1: "dog"} and all("/test_set/" in image for image in data.test.inputs)
+
+
+def test_a_labels_spaces_and_number_spelling_are_no_part_of_it(tmp_path: Path) -> None:
+    """A CSV's "text, pos" and a file that writes 1.0 for 1 made classes of their own that the model split."""
+    (path := tmp_path / "d.csv").write_text("text,label\n" + "".join(
+        f"t{i},{[' pos', 'pos ', 'neg'][i % 3]}\n" for i in range(30)))
+    assert load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0).id2label == {0: "neg", 1: "pos"}
+    (path := tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": f"t{i}", "label": [1, "1.0", "1", 0.0][i % 4]})
+                                                        for i in range(40)))
+    assert load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0).id2label == {0: "0", 1: "1"}
+
+
+def test_labels_that_differ_only_in_case_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    (path := tmp_path / "d.csv").write_text("text,label\n" + "".join(
+        f"t{i},{['pos', 'POS', 'neg'][i % 3]}\n" for i in range(30)))
+    assert len(load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0).id2label) == 3
+    assert "differ only in case" in caplog.text and "POS and pos" in caplog.text

@@ -95,6 +95,7 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
         offsets = np.cumsum([0, *(len(t) for t in usable.values())])
         labels = {name: ids[offsets[i]:offsets[i + 1]] for i, name in enumerate(usable)}
         warn_labels_train_lacks(labels, id2label, spec.uri)
+        warn_labels_differing_in_case(id2label, spec.uri)
     train, validation, test = split(inputs, labels, spec, seed)
     log.info("dataset %s (%s; splits given: %s): %d train, %d validation, %d test rows, %d labels", spec.uri,
              fmt.value, ", ".join(tables), len(train.inputs), len(validation.inputs), len(test.inputs), len(id2label))
@@ -160,6 +161,15 @@ def warn_labels_train_lacks(labels: dict[str, list[int] | None], id2label: dict[
         if lacking := sorted(set(labels.get(name) or []) - trained):
             log.warning("dataset %s: labels of its %s split that its train split lacks, which the model cannot "
                         "learn: %s", uri, name, ", ".join(id2label[i] for i in lacking))
+
+
+def warn_labels_differing_in_case(id2label: dict[int, str], uri: str) -> None:
+    """Name the labels that differ only in case (pos, POS): distinct classes, which a user rarely means."""
+    spellings: dict[str, list[str]] = {}
+    for name in id2label.values():
+        spellings.setdefault(name.lower(), []).append(name)
+    if alike := [" and ".join(names) for names in spellings.values() if len(names) > 1]:
+        log.warning("dataset %s: labels that differ only in case, each a class of its own: %s", uri, "; ".join(alike))
 
 
 def drop_empty_splits(splits: dict[str, Sized], uri: str) -> None:
@@ -439,13 +449,20 @@ def has_images(folder: Path) -> bool:
 
 def label_ids(column: pd.Series) -> tuple[dict[int, str], list[int]]:
     """Ids in sorted label order (numeric order when every label is a number: 2 before 10), so runs agree."""
-    if pd.api.types.is_float_dtype(column) and (column == column.round()).all():
-        column = column.astype("int64")  # integers that a missing value turned into floats: 3, not 3.0
-    names = column.astype(str)
+    names = column.map({value: label_name(value) for value in column.unique()})
     distinct = names.unique().tolist()
     ordered = sorted(distinct, key=float) if all(map(is_number, distinct)) else sorted(distinct)
     index = {name: i for i, name in enumerate(ordered)}
     return dict(enumerate(ordered)), [index[n] for n in names]
+
+
+def label_name(value: Any) -> str:
+    """A label as its class name: without the spaces around it (a CSV's "text, pos"), and a whole number written
+    as a float as that number, so that 1, 1.0 and "1" are one class (a float column, a file that writes 1.0)."""
+    text = str(value).strip()
+    if not text.lstrip("+-").isdigit() and is_number(text) and float(text).is_integer():
+        return str(int(float(text)))
+    return text  # "007" (a class folder of GTSRB's 00007/) keeps its name
 
 
 def class_names(path: Path, fmt: DatasetFormat, field: str) -> list[str] | None:
