@@ -664,3 +664,14 @@ def test_labels_that_differ_only_in_case_are_named(tmp_path: Path, caplog: pytes
         f"t{i},{['pos', 'POS', 'neg'][i % 3]}\n" for i in range(30)))
     assert len(load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0).id2label) == 3
     assert "differ only in case" in caplog.text and "POS and pos" in caplog.text
+
+
+@pytest.mark.parametrize(("name", "separator"), [("d.csv", ";"), ("d.csv", "|"), ("d.tsv", "\t"), ("d.csv", "\t")])
+def test_a_csv_is_read_with_its_headers_separator(tmp_path: Path, name: str, separator: str) -> None:
+    """Excel's semicolons and a .tsv were read with commas: one column named 'text;label', or no format at all."""
+    (path := tmp_path / name).write_text(f"text{separator}label\n" + "".join(
+        f'"t{i}, with a comma"{separator}{"ab"[i % 2]}\n' for i in range(20)))
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert data.id2label == {0: "a", 1: "b"}
+    assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(
+        f"t{i}, with a comma" for i in range(20))

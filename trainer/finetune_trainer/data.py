@@ -30,8 +30,9 @@ log = logging.getLogger(__name__)
 # AVIF files phones and browsers save, which Pillow reads too
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".webp", ".avif", ".tif", ".tiff", ".ppm",
                   ".pgm", ".pbm", ".pnm"}
-FILE_FORMATS = {".csv": DatasetFormat.CSV, ".jsonl": DatasetFormat.JSONL, ".json": DatasetFormat.JSONL,
-                ".parquet": DatasetFormat.PARQUET}
+FILE_FORMATS = {".csv": DatasetFormat.CSV, ".tsv": DatasetFormat.CSV, ".jsonl": DatasetFormat.JSONL,
+                ".json": DatasetFormat.JSONL, ".parquet": DatasetFormat.PARQUET}
+CSV_SEPARATORS = ",\t;|"  # a comma first: it wins a tie
 IMAGE_COLUMN = "image"  # the column an ImageFolder's file paths land in
 TABLE_FOLDER = "\0table folder"  # the folder of the file a row of a folder's tables came from
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
@@ -347,7 +348,14 @@ def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
         except TypeError as exc:  # pandas' complaint about a record such as [1, 2], 5 or null
             raise ValueError(f"{file.name} {first_non_object(text, lines)} is not a JSON object") from exc
     # Only an empty cell is missing: a label "None" or "NA", or the text "null", is data
-    return pd.read_csv(io.StringIO(text), keep_default_na=False, na_values=[""])
+    return pd.read_csv(io.StringIO(text), sep=csv_separator(text), keep_default_na=False, na_values=[""])
+
+
+def csv_separator(text: str) -> str:
+    """The separator the header line uses most: a comma, or a tab (a .tsv), a semicolon (Excel's where a comma is
+    the decimal point) or a pipe, which read with commas made one column named 'text;label'."""
+    header = text.split("\n", 1)[0]
+    return max(CSV_SEPARATORS, key=header.count)
 
 
 def first_non_object(text: str, lines: bool) -> str:
