@@ -227,16 +227,28 @@ def test_accumulation_gives_the_gradient_of_the_whole_batch() -> None:
         torch.testing.assert_close(accumulated[name], value, atol=2e-5, rtol=1e-4, msg=name)
 
 
-def test_a_nan_loss_stops_before_the_weights_change() -> None:
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_a_nan_loss_stops_before_the_weights_change_naming_its_step_and_the_fields(precision: str) -> None:
+    """A weight broken after step 2 makes step 3's loss NaN: the message names step 3, and advises fp32 only to a
+    run not in fp32 already."""
     model, data, collate = lm_setup()
-    with torch.no_grad():
-        model.transformer.wpe.weight[0, 0] = float("nan")
-    before = model.transformer.h[0].attn.c_attn.weight.detach().clone()
-    spec = TrainingSpec(batchSize=8, maxSteps=3)
+    weight = model.transformer.h[0].attn.c_attn.weight
+    seen: dict[str, torch.Tensor] = {}
+
+    def break_after_2(state: LoopState, total: int) -> None:
+        if state.step == 2:
+            with torch.no_grad():
+                model.transformer.wpe.weight[0, 0] = float("nan")
+            seen["before"] = weight.detach().clone()
+
+    spec = TrainingSpec(batchSize=8, maxSteps=4, precision=precision)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    with pytest.raises(LossNotFinite, match="the training loss is nan"):
-        train_loop(model, optimizer, make_scheduler(optimizer, spec, 3), data, collate, spec, Task.CAUSAL_LM, CPU)
-    assert torch.equal(model.transformer.h[0].attn.c_attn.weight, before)
+    with pytest.raises(LossNotFinite) as caught:
+        train_loop(model, optimizer, make_scheduler(optimizer, spec, 4), data, collate, spec, Task.CAUSAL_LM, CPU,
+                   Hooks(on_step=break_after_2))
+    assert str(caught.value).startswith("the training loss is nan at step 3: lower adjust.learningRate")
+    assert ("training.precision: fp32" in str(caught.value)) == (precision != "fp32")
+    assert torch.equal(weight, seen["before"])
 
 
 def test_an_overflowing_gradient_without_a_scaler_stops_before_the_weights_change() -> None:
@@ -246,7 +258,7 @@ def test_an_overflowing_gradient_without_a_scaler_stops_before_the_weights_chang
     weight.register_hook(lambda grad: grad * float("inf"))
     spec = TrainingSpec(batchSize=8, maxSteps=3)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    with pytest.raises(LossNotFinite, match="the gradient norm is inf at this step"):
+    with pytest.raises(LossNotFinite, match="the gradient norm is inf at step 1 "):
         train_loop(model, optimizer, make_scheduler(optimizer, spec, 3), data, collate, spec, Task.CAUSAL_LM, CPU)
     assert torch.equal(weight, before)
 

@@ -276,7 +276,7 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
                 lr = optimizer.param_groups[0]["lr"]  # what this step uses
                 loss, grad_norm, samples, tokens, stop = train_step(
                     model, [collate(data, idx) for idx in micro], task, world, dtype, scaler, spec.max_grad_norm,
-                    optimizer, lambda: sigterm.raised)
+                    optimizer, lambda: sigterm.raised, state.step + 1)
                 if math.isfinite(grad_norm):  # else fp16's GradScaler skipped the step: the schedule waits too
                     scheduler.step()
                 state.step += 1
@@ -313,10 +313,10 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
 
 def train_step(model: nn.Module, micro: list[Batch], task: Task, world: World, dtype: torch.dtype | None,
                scaler: torch.amp.GradScaler, max_norm: float, optimizer: torch.optim.Optimizer,
-               stop_requested: Callable[[], bool]) -> tuple[float, float, int, int, bool]:
-    """One optimizer step over the micro-batches; returns (loss, gradient norm before clipping, samples, tokens,
-    whether any rank got SIGTERM by the end of its backward). A norm that is not finite means fp16's GradScaler
-    skipped the step."""
+               stop_requested: Callable[[], bool], step: int) -> tuple[float, float, int, int, bool]:
+    """Optimizer step number `step` over the micro-batches; returns (loss, gradient norm before clipping, samples,
+    tokens, whether any rank got SIGTERM by the end of its backward). A norm that is not finite means fp16's
+    GradScaler skipped the step."""
     targets, samples, tokens = world.sum([sum(b.targets for b in micro), sum(b.samples for b in micro),
                                           sum(b.tokens for b in micro)])
     total_loss = torch.zeros((), dtype=torch.float64, device=world.device)
@@ -335,19 +335,22 @@ def train_step(model: nn.Module, micro: list[Batch], task: Task, world: World, d
     loss_value = loss_total / max(targets, 1)
     if not math.isfinite(loss_value):
         optimizer.zero_grad(set_to_none=True)
-        raise LossNotFinite(f"the training loss is {loss_value} at this step: lower adjust.learningRate, "
-                            "check the data for broken rows, or use precision fp32")
+        raise diverged(f"the training loss is {loss_value} at step {step}", dtype)
     scaler.unscale_(optimizer)
     grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), max_norm))
     if not math.isfinite(grad_norm) and not scaler.is_enabled():  # fp16's scaler skips such a step; others would not
         optimizer.zero_grad(set_to_none=True)
-        raise LossNotFinite(f"the gradient norm is {grad_norm} at this step (the loss is {loss_value}): lower "
-                            "adjust.learningRate, check the data for broken rows" +
-                            (", or use precision fp32" if dtype is not None else ""))
+        raise diverged(f"the gradient norm is {grad_norm} at step {step} (the loss is {loss_value})", dtype)
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
     return loss_value, grad_norm, int(samples), int(tokens), stop > 0
+
+
+def diverged(what: str, dtype: torch.dtype | None) -> LossNotFinite:
+    """The error of a step that diverged: where, and the fields to change (fp32 only to a run not in it already)."""
+    return LossNotFinite(f"{what}: lower adjust.learningRate, check the data for broken rows"
+                         + (", or set training.precision: fp32" if dtype is not None else ""))
 
 
 def record_eval(state: LoopState, metrics: dict[str, float], spec: TrainingSpec, metric: Metric | None) -> bool:
