@@ -83,6 +83,8 @@ def test_only_what_changes_the_optimisation_starts_afresh(tiny_cfg: TrainerConfi
     tiny_cfg.adjust.learning_rate = 5e-4  # a different run: its own checkpoints, trained afresh
     pipeline.run(tiny_cfg, out)
     assert "resumed from" not in caplog.text
+    assert f"not resuming the checkpoints in {first}" in caplog.text  # and why
+    assert "training starts afresh. Changed: adjust.learningRate: 0.001 -> 0.0005\n" in caplog.text
     (second,) = (out / "checkpoints").iterdir()  # the first run's are stale: they can never be resumed
     assert second != first and json.loads((second / "fingerprint.json").read_text())["adjust"]["learningRate"] == 5e-4
 

@@ -122,12 +122,18 @@ def run_folder(parent: Path, identity: dict[str, Any], world: World) -> Path:
     if not complete(root):
         for other in others:
             saved = read_identity(other)
-            if complete(other) and saved is not None and saved | {"worldSize": 0} == identity | {"worldSize": 0}:
+            if not complete(other) or saved is None:
+                continue
+            if saved | {"worldSize": 0} == identity | {"worldSize": 0}:
                 raise ConfigError(
                     f"{other} holds checkpoints of this job made by {saved['worldSize']} processes; this run has "
                     f"{world.size}. The global batch, the data's split and the schedule would change under the saved "
                     f"optimizer, so they are not resumed: run on {saved['worldSize']} processes again "
                     f"(runtime.workers x processesPerWorker), or remove {other} to start afresh")
+            if world.main:  # else a job edited between attempts trains from step 0 again without a word why
+                log.warning("not resuming the checkpoints in %s, made with other settings that change the "
+                            "optimisation; training starts afresh. Changed: %s", other,
+                            "; ".join(differences(saved, identity)))
     world.barrier()  # every rank has looked before rank 0 removes anything
     if world.main:
         for stale in [*others, *root.glob(".tmp-*")]:  # folders, and the file save_healed writes first
@@ -181,6 +187,22 @@ def read_identity(folder: Path) -> dict[str, Any] | None:
         return json.loads((folder / FINGERPRINT).read_text())
     except (OSError, ValueError):
         return None
+
+
+def differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:
+    """The fields whose values differ between two identities, as `section.field: saved -> now`."""
+    found = []
+    for key in sorted(saved.keys() | now.keys()):
+        before, after = saved.get(key), now.get(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            found += differences(before, after, f"{prefix}{key}.")
+        elif before != after:
+            found.append(f"{prefix}{key}: {shown(before)} -> {shown(after)}")
+    return found
+
+
+def shown(value: Any) -> str:
+    return "unset" if value is None else json.dumps(value)
 
 
 def complete(root: Path) -> list[Path]:
