@@ -7,6 +7,7 @@ run rebuilds it and skips the batches it already consumed.
 
 from __future__ import annotations
 
+import logging
 import math
 import random
 from collections.abc import Callable, Iterator
@@ -19,6 +20,8 @@ from PIL import ExifTags, Image, ImageOps
 from finetune_trainer.config import Task
 from finetune_trainer.data import Split
 from finetune_trainer.errors import DataError
+
+log = logging.getLogger(__name__)
 
 IGNORE_INDEX = -100  # label of positions a causal LM is not scored on (padding)
 BUCKET_BATCHES = 50  # batches per length-sorted pool: enough to sort out padding, small enough to keep it random
@@ -49,7 +52,13 @@ class Batch:
 
 
 def encode_text(split: Split, tokenizer, max_length: int) -> Encoded:
+    """Texts for a classifier, truncated to max_length tokens: how many lost their end is said, so that a user sees
+    when dataset.maxLength cuts off much of what the labels are about."""
     ids = tokenizer(split.inputs, truncation=True, max_length=max_length)["input_ids"]
+    full = [split.inputs[i] for i, row in enumerate(ids) if len(row) == max_length]  # only these may be cut
+    if full and (cut := sum(len(row) > max_length for row in tokenizer(full)["input_ids"])):
+        log.warning("%d of %d texts are longer than dataset.maxLength (%d tokens): truncated to it", cut,
+                    len(ids), max_length)
     return Encoded(ids, split.labels, [len(x) for x in ids])
 
 
