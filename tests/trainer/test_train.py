@@ -7,6 +7,7 @@ import json
 import logging
 import os
 import pickle
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -14,10 +15,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from finetune_trainer import checkpoints, export, pipeline
 from finetune_trainer.batches import encode_text, make_collate
-from finetune_trainer.config import LoraSpec, Metric, ModelSpec, Precision, Task, TrainerConfig, TrainingSpec
+from finetune_trainer.config import (EarlyStoppingSpec, LoraSpec, Metric, ModelSpec, Precision, Task, TrainerConfig,
+                                     TrainingSpec)
 from finetune_trainer.data import Split
 from finetune_trainer.distributed import World
 from finetune_trainer.errors import CheckpointMismatch, ConfigError, LossNotFinite, Terminated
@@ -87,6 +90,34 @@ def test_only_what_changes_the_optimisation_starts_afresh(tiny_cfg: TrainerConfi
     assert "training starts afresh. Changed: adjust.learningRate: 0.001 -> 0.0005\n" in caplog.text
     (second,) = (out / "checkpoints").iterdir()  # the first run's are stale: they can never be resumed
     assert second != first and json.loads((second / "fingerprint.json").read_text())["adjust"]["learningRate"] == 5e-4
+
+
+def test_a_new_evaluation_cadence_resumes_unless_early_stopping_depends_on_it(tiny_cfg: TrainerConfig, tmp_path: Path,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """Evaluations every 2 steps, the run killed after step 4's checkpoint and resumed with evaluations every 5: it
+    continues from step 4 and ends with the weights of the run never stopped, evaluated at the new cadence."""
+    caplog.set_level(logging.INFO, logger="finetune_trainer")
+    tiny_cfg.training.eval_every_steps = 2
+    tiny_cfg.training.checkpoint_every_steps = 2
+    tiny_cfg.training.keep_checkpoints = 10
+    tiny_cfg.evaluation.baseline = False
+    out = tmp_path / "out"
+    pipeline.run(tiny_cfg, out)
+    reference = load_file(out / "model.safetensors")
+    (folder,) = (out / "checkpoints").iterdir()
+    for later in checkpoints.complete(folder)[2:]:  # as if killed right after step 4's checkpoint
+        shutil.rmtree(later)
+    tiny_cfg.training.eval_every_steps = 5
+    report = pipeline.run(tiny_cfg, out)
+    assert f"resumed from {folder / 'step-00000004'}" in caplog.text
+    assert [e["step"] for e in report["training"]["evals"]] == [2, 4, 5, 8]
+    resumed = load_file(out / "model.safetensors")
+    for name, value in reference.items():
+        assert torch.equal(resumed[name], value), name
+    tiny_cfg.training.early_stopping = EarlyStoppingSpec(patience=2)  # then when it evaluates changes the weights
+    every_5 = pipeline.fingerprinted(tiny_cfg, 1)
+    tiny_cfg.training.eval_every_steps = 2
+    assert pipeline.fingerprinted(tiny_cfg, 1) != every_5
 
 
 def test_a_checkpoint_of_another_world_size_is_refused(tiny_cfg: TrainerConfig, tmp_path: Path) -> None:

@@ -392,7 +392,8 @@ BOOKKEEPING = {"analyze": None, "output": None, "rearrange": {"mergeOnExport"},
 
 
 def fingerprinted(cfg: TrainerConfig, world_size: int, pruned: list[int] | None = None) -> dict[str, Any]:
-    """What a checkpoint must agree with to be resumed: the config less its bookkeeping, the world size (the
+    """What a checkpoint must agree with to be resumed: the config less its bookkeeping (and the evaluations'
+    cadence when early stopping is off), the world size (the
     global batch and the schedule's length follow from it) and the layers pruning removes (the same shapes,
     other weights). A field added later counts until listed above."""
     wire = cfg.to_wire()
@@ -401,6 +402,8 @@ def fingerprinted(cfg: TrainerConfig, world_size: int, pruned: list[int] | None 
             wire.pop(section, None)
         else:
             wire[section] = {k: v for k, v in wire.get(section, {}).items() if k not in fields}
+    if cfg.training.early_stopping is None:  # evaluations then only report: no weight depends on when they run
+        wire["training"].pop("evalEverySteps", None)
     return wire | {"worldSize": world_size} | ({"prunedLayers": pruned} if pruned is not None else {})
 
 
