@@ -320,6 +320,17 @@ def test_a_json_record_that_is_not_an_object_is_refused_naming_it(tmp_path: Path
         load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
 
 
+def test_a_json_record_that_does_not_parse_is_refused_naming_its_line(tmp_path: Path) -> None:
+    """pandas named a character offset only: 'Expected object or value at position 1437'."""
+    lines = [json.dumps(r) for r in ROWS[:5]]
+    (path := tmp_path / "d.jsonl").write_text("\n".join([*lines, '{"text": "t", label: "a"}', *lines]) + "\n")
+    with pytest.raises(DataError, match=r"\(ValueError: d.jsonl line 6 is not JSON \(Expecting property name"):
+        load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    (path := tmp_path / "d.json").write_text("[\n" + ",\n".join([*lines[:3], '{"text": "t" "label": "a"}']) + "\n]")
+    with pytest.raises(DataError, match=r"\(ValueError: d.json line 5 is not JSON \(Expecting ',' delimiter"):
+        load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+
+
 @pytest.mark.parametrize("fmt", ["jsonl", "parquet"])
 def test_an_empty_text_or_label_is_missing_in_every_format(tmp_path: Path, fmt: str,
                                                            caplog: pytest.LogCaptureFixture) -> None:

@@ -345,8 +345,10 @@ def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
         lines = not text.lstrip().startswith("[")
         try:
             return pd.read_json(io.StringIO(text), lines=lines, dtype=False)
-        except TypeError as exc:  # pandas' complaint about a record such as [1, 2], 5 or null
-            raise ValueError(f"{file.name} {first_non_object(text, lines)} is not a JSON object") from exc
+        except (TypeError, ValueError) as exc:  # TypeError: pandas' complaint about a record such as [1, 2] or null
+            if (where := first_bad_record(text, lines)) is None:
+                raise
+            raise ValueError(f"{file.name} {where}") from exc
     # Only an empty cell is missing: a label "None" or "NA", or the text "null", is data
     return pd.read_csv(io.StringIO(text), sep=csv_separator(text), keep_default_na=False, na_values=[""])
 
@@ -358,17 +360,20 @@ def csv_separator(text: str) -> str:
     return max(CSV_SEPARATORS, key=header.count)
 
 
-def first_non_object(text: str, lines: bool) -> str:
-    """Where the first record of a JSON Lines text (or of a JSON array) that is not an object is."""
-    if lines:
-        for number, line in enumerate(text.splitlines(), 1):
+def first_bad_record(text: str, lines: bool) -> str | None:
+    """Where the first record of a JSON Lines text (or of a JSON array) that is not JSON, or not an object, is and
+    what is wrong with it: pandas names only a character offset ("Expected object or value at position 1437")."""
+    number = 0
+    try:
+        if not lines:
+            return next((f"record [{i}] is not a JSON object" for i, record in enumerate(json.loads(text))
+                         if not isinstance(record, dict)), None)
+        for number, line in enumerate(text.split("\n"), 1):  # as pandas splits: not at a string's U+2028
             if line.strip() and not isinstance(json.loads(line), dict):
-                return f"line {number}"
-    else:
-        for i, record in enumerate(json.loads(text)):
-            if not isinstance(record, dict):
-                return f"record [{i}]"
-    return "a record"
+                return f"line {number} is not a JSON object"
+    except json.JSONDecodeError as exc:
+        return f"line {number if lines else exc.lineno} is not JSON ({exc.msg}, column {exc.colno})"
+    return None
 
 
 def read_text(file: Path) -> str:
