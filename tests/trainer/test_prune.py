@@ -91,6 +91,19 @@ def test_pruning_every_layer_is_refused_naming_the_field(spec: dict) -> None:
         prune.chosen_layers([0.3, 0.05, 0.2, 0.01, 0.5, 0.9], PruneSpec.model_validate(spec))
 
 
+@pytest.mark.parametrize("layers", [2, 3, 6, 7, 12, 32])
+def test_a_fraction_that_rounds_to_no_layer_is_refused_naming_the_field_and_the_least_that_removes_one(
+        layers: int) -> None:
+    """count 0 is refused, but a fraction of a few layers rounding to 0 (0.05 of 6) pruned nothing with no word: the
+    job reported a pruning of no layer. The fraction the message offers removes one."""
+    scores = [0.1 * (i + 1) for i in range(layers)]
+    with pytest.raises(ConfigError, match=rf"^rearrange.prune.fraction 0.01 of {layers} layers rounds to no layer; "
+                                          r"a fraction of at least \S+ removes one$") as refused:
+        prune.chosen_layers(scores, PruneSpec(fraction=0.01))
+    least = float(str(refused.value).rsplit(" ", 3)[-3])
+    assert prune.chosen_layers(scores, PruneSpec(fraction=least)) == [0]
+
+
 def test_a_model_without_one_layer_count_is_refused_naming_the_field_and_left_whole() -> None:
     """Funnel's layers sit in blocks that pool between them: its config has no settable layer count, which raised
     NotImplementedError (exit 2, retried) after its layer list was already shortened."""

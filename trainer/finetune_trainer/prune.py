@@ -161,7 +161,7 @@ def per_sample_loss(logits: torch.Tensor, batch: Batch, task: Task, labels_fit: 
 
 def chosen_layers(scores: list[float], spec: PruneSpec) -> list[int]:
     """The layers to remove: the `count` (or `fraction`, rounded half up) lowest-scoring, or all below `threshold`.
-    At least one layer must stay."""
+    At least one layer must stay, and a fraction must remove one."""
     order = sorted(range(len(scores)), key=lambda i: (scores[i], i))
     if spec.threshold is not None:
         drop = [i for i in order if scores[i] < spec.threshold]
@@ -173,6 +173,10 @@ def chosen_layers(scores: list[float], spec: PruneSpec) -> list[int]:
                  else f"rearrange.prune.fraction {spec.fraction}")
     if len(drop) >= len(scores):
         raise ConfigError(f"{field} would remove all {len(scores)} layers of the model; keep at least one")
+    if not drop and spec.fraction is not None:  # as count 0 is refused: the job asked for a smaller model
+        least = math.ceil(0.5 / len(scores) * 10**4) / 10**4  # rounded up: the one shown must remove a layer
+        raise ConfigError(f"{field} of {len(scores)} layers rounds to no layer; a fraction of at least {least} "
+                          "removes one")
     return sorted(drop)
 
 
