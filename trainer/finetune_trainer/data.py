@@ -273,13 +273,13 @@ def data_files(folder: Path, suffixes: set[str]) -> list[Path]:
                   and not any(part.startswith(".") for part in p.relative_to(folder).parts))
 
 
-def split_of(relative: str) -> str | None:
-    """The split a hub file belongs to, by the names the hub's loader knows (datasets' data_files patterns):
-    a folder or a file name word like train/, validation-00000-of-00001.parquet or test.csv."""
-    for name, pattern in SPLIT_NAMES.items():
-        if pattern.search(relative.lower()):
-            return name
-    return None
+def split_of(relative: str, whole: bool = False) -> str | None:
+    """The split a hub file or folder belongs to, by the words the hub's loader knows (datasets' data_files
+    patterns): a word of its path between separators, like train/, validation-00000-of-00001.parquet or test.csv;
+    or, `whole`, its whole name (train, Val), which is how a folder that may be a class names a split."""
+    text = relative.lower()
+    return next((name for name, words in SPLIT_WORDS.items()
+                 if (text in words if whole else SPLIT_NAMES[name].search(text))), None)
 
 
 def read_splits(path: Path, fmt: DatasetFormat, folders: bool = False) -> dict[str, pd.DataFrame]:
@@ -449,9 +449,7 @@ def folder_splits(folders: list[Path]) -> list[str | None]:
     (training_set/, seg_test/) only where every folder names a split, since a class may hold one: train_station/
     beside airport_terminal/ is a class, not the train split."""
     by_word = [split_of(d.name) for d in folders]
-    if all(by_word):
-        return by_word
-    return [next((name for name, words in SPLIT_WORDS.items() if d.name.lower() in words), None) for d in folders]
+    return by_word if all(by_word) else [split_of(d.name, whole=True) for d in folders]
 
 
 def has_images(folder: Path) -> bool:
