@@ -261,9 +261,7 @@ def pruning_section(pruning: dict[str, Any] | None) -> list[str]:
     return [
         "## Pruning",
         "",
-        f"Removed {len(pruning['removed_layers'])} of {pruning['layers_before']} layers "
-        f"({', '.join(map(str, pruning['removed_layers']))}, counted from 0 at the bottom), the least important "
-        f"by {pruning['measure']}, before training.",
+        removed_line(pruning),
         *heal_lines(pruning.get("heal")),
         "",
         "| | before pruning | pruned and fine-tuned |",
@@ -273,6 +271,14 @@ def pruning_section(pruning: dict[str, Any] | None) -> list[str]:
         *[f"| {m} (test split) | {fmt(before.get(m))} | {fmt(after[m])} |" for m in metrics],
         "",
     ]
+
+
+def removed_line(pruning: dict[str, Any]) -> str:
+    removed, layers = pruning["removed_layers"], pruning["layers_before"]
+    if not removed:  # rearrange.prune.threshold below every layer's score
+        return f"Removed none of the {layers} layers: none scored below the threshold by {pruning['measure']}."
+    return (f"Removed {len(removed)} of {layers} layers ({', '.join(map(str, removed))}, counted from 0 at the "
+            f"bottom), the least important by {pruning['measure']}, before training.")
 
 
 def heal_lines(heal: dict[str, float] | None) -> list[str]:

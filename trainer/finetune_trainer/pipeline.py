@@ -273,7 +273,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     if cfg.rearrange.prune is not None and drop is not None:
         serving = [collate(test_data, idx).to(world.device)
                    for idx in eval_batches(test_data.lengths, eval_size)[: prune.LATENCY_BATCHES]]
-        heal = cfg.rearrange.prune.heal
+        heal = cfg.rearrange.prune.heal if drop else None  # a threshold may remove none: nothing to heal
         # Healing's target is the model before pruning, a copy as large as the model; an attempt that resumes
         # loads the layers an earlier one healed and needs none.
         keep_target = heal is not None and not checkpoints.healed_kept(checkpoint_dir)

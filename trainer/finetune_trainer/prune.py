@@ -177,6 +177,8 @@ def chosen_layers(scores: list[float], spec: PruneSpec) -> list[int]:
         least = math.ceil(0.5 / len(scores) * 10**4) / 10**4  # rounded up: the one shown must remove a layer
         raise ConfigError(f"{field} of {len(scores)} layers rounds to no layer; a fraction of at least {least} "
                           "removes one")
+    if not drop:  # a threshold says how redundant a layer must be; the analysis may find none that is
+        log.warning("%s removes no layer (the lowest score is %.4f): the model trains whole", field, scores[order[0]])
     return sorted(drop)
 
 
