@@ -686,3 +686,11 @@ def test_a_csv_is_read_with_its_headers_separator(tmp_path: Path, name: str, sep
     assert data.id2label == {0: "a", 1: "b"}
     assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(
         f"t{i}, with a comma" for i in range(20))
+
+
+def test_a_csv_text_that_looks_like_a_number_is_the_text_written(tmp_path: Path) -> None:
+    """pandas read the column as numbers, floats where a cell was empty: the text 007 trained as '7.0'."""
+    texts = ["007", "1.50", "12", *(f"{i}" for i in range(20, 40))]
+    (path := tmp_path / "d.csv").write_text("text,label\n,a\n" + "".join(f"{t},{'ab'[i % 2]}\n" for i, t in enumerate(texts)))
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(texts)

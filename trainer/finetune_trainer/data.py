@@ -349,8 +349,9 @@ def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
             if (where := first_bad_record(text, lines)) is None:
                 raise
             raise ValueError(f"{file.name} {where}") from exc
-    # Only an empty cell is missing: a label "None" or "NA", or the text "null", is data
-    return pd.read_csv(io.StringIO(text), sep=csv_separator(text), keep_default_na=False, na_values=[""])
+    # Only an empty cell is missing: a label "None" or "NA", or the text "null", is data. A cell is the string it
+    # holds: as numbers, the texts 007 and 12 came back "7.0" and "12.0" where the column had an empty cell.
+    return pd.read_csv(io.StringIO(text), sep=csv_separator(text), dtype=str, keep_default_na=False, na_values=[""])
 
 
 def csv_separator(text: str) -> str:
