@@ -694,3 +694,13 @@ def test_a_csv_text_that_looks_like_a_number_is_the_text_written(tmp_path: Path)
     (path := tmp_path / "d.csv").write_text("text,label\n,a\n" + "".join(f"{t},{'ab'[i % 2]}\n" for i, t in enumerate(texts)))
     data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
     assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(texts)
+
+
+def test_csv_rows_longer_than_the_header_are_refused_naming_the_line(tmp_path: Path) -> None:
+    """Where every row had an unquoted comma, pandas read the texts' first parts as the index: a classifier trained
+    on 'world' of 'hello, world' without a word."""
+    rows = "".join(f"hello, world {i},{'ab'[i % 2]}\n" for i in range(20))
+    (path := tmp_path / "d.csv").write_text("text,label\n" + rows)
+    with pytest.raises(DataError, match=r"d.csv line 2 has more fields than its header \(2\); quote a field that "
+                                        r"holds ','"):
+        load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
