@@ -282,6 +282,31 @@ def test_a_pruned_models_per_layer_config_lists_follow_the_kept_layers(tmp_path:
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(logits_of(reloaded, inputs), logits_of(model, inputs), atol=1e-5, rtol=1e-5)
 
+def test_a_model_whose_config_places_its_layers_by_index_is_pruned_only_where_it_reloads(tmp_path: Path) -> None:
+    """Qwen2-MoE with decoder_sparse_step 2 has a dense MLP on even layers and experts on odd ones, by index: without
+    layer 0 the export reloaded every layer as the other kind, with fresh weights and only a warning. Refused (the
+    model left whole) unless the kept layers fall where their kind is, as without layers 0 and 1."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("qwen2_moe", vocab_size=100, hidden_size=32, intermediate_size=64,
+                                  moe_intermediate_size=16, shared_expert_intermediate_size=16, num_experts=4,
+                                  num_experts_per_tok=2, decoder_sparse_step=2, num_hidden_layers=4,
+                                  num_attention_heads=2, num_key_value_heads=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    layers = list(model.model.layers)
+    with pytest.raises(ConfigError, match=r"^rearrange.prune: Qwen2MoeForCausalLM's config builds its layers by "
+                                          r"their index, so without layers \[0\] it would not reload as trained "
+                                          r"\(model.layers.\S+ and \d+ more differ\)"):
+        prune.remove_layers(model, Task.CAUSAL_LM, [0])
+    assert list(model.model.layers) == layers and model.config.num_hidden_layers == 4
+    prune.remove_layers(model, Task.CAUSAL_LM, [0, 1])
+    inputs = {"input_ids": torch.randint(0, 100, (2, 12))}
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits_of(reloaded, inputs), logits_of(model, inputs), atol=1e-5, rtol=1e-5)
+
+
 def test_a_pruned_job_reports_scores_size_and_latency_before_and_after(tmp_path: Path, monkeypatch) -> None:
     """The whole pipeline with rearrange.prune on a 3-layer BERT: the analysis scores the layers, one goes before
     training, and the report, the termination message and the model card say what it cost and saved."""

@@ -190,23 +190,49 @@ def remove_layers(model: nn.Module, task: Task, drop: list[int]) -> None:
     prefix, layers = found
     config = getattr(model, "config", None)
     if config is not None:
-        try:  # before the model changes: GPT-2's n_layer through its attribute_map
-            config.num_hidden_layers = len(layers) - len(drop)
-        except NotImplementedError as exc:  # Funnel's blocks, ProphetNet's encoder and decoder: no one layer count
-            raise ConfigError(f"rearrange.prune: {type(model).__name__} cannot be pruned by layers ({exc})") from exc
+        check_rebuilt(model, prefix, layers, drop)  # before the model changes
+        shrink_config(model, config, len(layers), drop)
     kept = nn.ModuleList(layer for i, layer in enumerate(layers) if i not in drop)
     model.set_submodule(prefix, kept)
     for i, layer in enumerate(kept):  # attention caches are indexed by layer (GPT-2, Llama)
         for module in layer.modules():
             if isinstance(getattr(module, "layer_idx", None), int):
                 module.layer_idx = i
-    if config is not None:
-        # A list with an entry per layer (layer_types, mlp_layer_types, SmolLM3's no_rope_layers) keeps the kept
-        # layers' entries: from_pretrained builds layer i as entry i says.
-        for key, value in config.to_dict().items():
-            if "layer" in key and isinstance(value, list) and len(value) == len(layers):
-                setattr(config, key, [v for i, v in enumerate(value) if i not in drop])
     log.info("pruned layers %s of %s (%d left)", drop, prefix, len(kept))
+
+
+def shrink_config(model: nn.Module, config: Any, layers: int, drop: list[int]) -> None:
+    """Make `config` (of `model`, with `layers` layers) say that the layers `drop` are gone."""
+    try:  # GPT-2's n_layer through its attribute_map
+        config.num_hidden_layers = layers - len(drop)
+    except NotImplementedError as exc:  # Funnel's blocks, ProphetNet's encoder and decoder: no one layer count
+        raise ConfigError(f"rearrange.prune: {type(model).__name__} cannot be pruned by layers ({exc})") from exc
+    # A list with an entry per layer (layer_types, mlp_layer_types, SmolLM3's no_rope_layers) keeps the kept
+    # layers' entries: from_pretrained builds layer i as entry i says.
+    for key, value in config.to_dict().items():
+        if "layer" in key and isinstance(value, list) and len(value) == layers:
+            setattr(config, key, [v for i, v in enumerate(value) if i not in drop])
+
+
+def check_rebuilt(model: nn.Module, prefix: str, layers: nn.ModuleList, drop: list[int]) -> None:
+    """Refuse a pruning that from_pretrained would not rebuild: it builds layer i as the config says for index i,
+    which some configs say by a rule (Qwen2-MoE's decoder_sparse_step, DeepSeek's first_k_dense_replace) rather
+    than by a list per layer. Renumbered, such layers reloaded as other modules, with fresh weights and a warning."""
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        return
+    config = copy.deepcopy(model.config)
+    shrink_config(model, config, len(layers), drop)
+    with torch.device("meta"):  # the modules only: no memory, no initialisation of weights
+        built = type(model)._from_config(config).get_submodule(prefix)
+    kept = [layer for i, layer in enumerate(layers) if i not in drop]
+    expected = {f"{i}.{k}": v.shape for i, layer in enumerate(kept) for k, v in layer.state_dict().items()}
+    got = {k: v.shape for k, v in built.state_dict().items()}
+    if differ := sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k)):
+        raise ConfigError(f"rearrange.prune: {type(model).__name__}'s config builds its layers by their index, so "
+                          f"without layers {drop} it would not reload as trained ({prefix}.{differ[0]} and "
+                          f"{len(differ) - 1} more differ); it cannot be pruned by these layers")
 
 
 def parameters(model: nn.Module) -> int:
