@@ -704,3 +704,14 @@ def test_csv_rows_longer_than_the_header_are_refused_naming_the_line(tmp_path: P
     with pytest.raises(DataError, match=r"d.csv line 2 has more fields than its header \(2\); quote a field that "
                                         r"holds ','"):
         load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+
+
+def test_spaces_after_a_csv_separator_are_no_part_of_the_cell(tmp_path: Path) -> None:
+    """A hand-written "text, label" had no column 'label' (it was ' label'), and `, "a, b"` was not quoted."""
+    (path := tmp_path / "d.csv").write_text("text, label\n" + "".join(f'"hello, {i}", {"ab"[i % 2]}\n' for i in range(20)))
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert data.id2label == {0: "a", 1: "b"}
+    assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(f"hello, {i}" for i in range(20))
+    (path := tmp_path / "q.csv").write_text("label,text\n" + "".join(f'{"ab"[i % 2]}, "x, {i}"\n' for i in range(20)))
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(f"x, {i}" for i in range(20))

@@ -351,9 +351,11 @@ def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
                 raise
             raise ValueError(f"{file.name} {where}") from exc
     # Only an empty cell is missing: a label "None" or "NA", or the text "null", is data. A cell is the string it
-    # holds: as numbers, the texts 007 and 12 came back "7.0" and "12.0" where the column had an empty cell.
+    # holds: as numbers, the texts 007 and 12 came back "7.0" and "12.0" where the column had an empty cell. The
+    # spaces after a separator are none of the cell ("text, label" names a column 'label'; `, "a, b"` is quoted).
     sep = csv_separator(text)
-    table = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, na_values=[""])
+    table = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, na_values=[""],
+                        skipinitialspace=True)
     if not isinstance(table.index, pd.RangeIndex):  # pandas' index of the first fields of rows longer than the header
         raise ValueError(f"{file.name} {first_long_row(text, sep)}")
     return table
@@ -362,7 +364,7 @@ def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
 def first_long_row(text: str, sep: str) -> str:
     """Where the first row with more fields than the header is: every row of a text with an unquoted separator
     in it ("hello, world,pos") has one more, which pandas reads as the index and the rest as the columns."""
-    reader = csv.reader(io.StringIO(text), delimiter=sep)
+    reader = csv.reader(io.StringIO(text), delimiter=sep, skipinitialspace=True)  # as pandas reads it
     header = next(reader)
     where = next((f"line {reader.line_num}" for row in reader if len(row) > len(header)), "a row")
     return f"{where} has more fields than its header ({len(header)}); quote a field that holds {sep!r}"
