@@ -715,3 +715,16 @@ def test_spaces_after_a_csv_separator_are_no_part_of_the_cell(tmp_path: Path) ->
     (path := tmp_path / "q.csv").write_text("label,text\n" + "".join(f'{"ab"[i % 2]}, "x, {i}"\n' for i in range(20)))
     data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
     assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(f"x, {i}" for i in range(20))
+
+
+def test_whole_number_texts_beside_a_missing_one_stay_whole(tmp_path: Path) -> None:
+    """pandas made a JSON or parquet column of integers and nulls floats: the text 12 trained as '12.0'."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    texts, labels = [None, *range(10, 40)], ["ab"[i % 2] for i in range(31)]
+    (path := tmp_path / "d.jsonl").write_text("\n".join(json.dumps({"text": t, "label": l}) for t, l in zip(texts, labels)))
+    pq.write_table(pa.table({"text": pa.array(texts, pa.int64()), "label": labels}), parquet := tmp_path / "d.parquet")
+    for file in (path, parquet):
+        data = load_dataset(spec(file), Task.SEQUENCE_CLASSIFICATION, 0)
+        assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(str(t) for t in texts[1:])

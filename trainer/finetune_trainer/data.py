@@ -338,14 +338,15 @@ def subset_of(relative: Path) -> str:
 
 
 def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
+    # Nullable dtypes: a column of integers and nulls (a text 12, a label 3) stays integers, not floats ("12.0")
     if fmt == DatasetFormat.PARQUET:
-        return pd.read_parquet(file)
+        return pd.read_parquet(file, dtype_backend="numpy_nullable")
     text = read_text(file)
     if fmt == DatasetFormat.JSONL:
         # "10" stays the string the user wrote; a .json file may hold one array of records instead of lines
         lines = not text.lstrip().startswith("[")
         try:
-            return pd.read_json(io.StringIO(text), lines=lines, dtype=False)
+            return pd.read_json(io.StringIO(text), lines=lines, dtype=False, dtype_backend="numpy_nullable")
         except (TypeError, ValueError) as exc:  # TypeError: pandas' complaint about a record such as [1, 2] or null
             if (where := first_bad_record(text, lines)) is None:
                 raise
