@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -147,6 +148,47 @@ def test_an_output_uri_that_is_not_local_is_refused_naming_it(tmp_path: Path, te
     sent = json.loads(termination.read_text())
     assert (sent["exitCode"], sent["reason"], sent["stage"]) == (1, "InvalidConfig", "Starting"), sent
     assert sent["message"].startswith("output.uri: hf://org/name: not a local URI"), sent
+
+
+@pytest.fixture
+def small_volume(tmp_path: Path, request: pytest.FixtureRequest) -> Path:
+    """A real file system of `request.param` (tmpfs, as a full PVC): mounting it takes root."""
+    folder = tmp_path / "volume"
+    folder.mkdir()
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={request.param}", "tmpfs", str(folder)],
+                      capture_output=True).returncode != 0:
+        pytest.skip("mounting a tmpfs takes root")
+    yield folder
+    subprocess.run(["umount", "--lazy", str(folder)], check=True)  # a failed writer may still hold a file open
+
+
+# 2 MiB: the trained weights (safetensors, 4 MiB) do not fit; 8 MiB: they do, the optimizer's state (torch.save, whose
+# error on a full disk is "unexpected pos ...") does not.
+@pytest.mark.parametrize("small_volume", ["2m", "8m"], indirect=True, ids=["safetensors", "torch-save"])
+def test_a_full_output_volume_names_it_and_is_retried(small_volume: Path, tmp_path: Path, termination: Path) -> None:
+    """It failed as `SafetensorError: ... (os error 28)` or `RuntimeError: [enforce fail at inline_container.cc:671]
+    . unexpected pos 576 vs 534`, reason InfrastructureFailure, naming no folder."""
+    doc = tiny_classifier_doc(small_volume / "out", checkpointEverySteps=2)
+    doc["evaluation"] = {"baseline": False}
+    assert run(doc, tmp_path) == 2
+    sent = json.loads(termination.read_text())
+    assert (sent["exitCode"], sent["reason"], sent["stage"]) == (2, "NoSpaceLeft", "Training"), sent
+    assert sent["message"].startswith(f"no space left in {small_volume / 'out' / 'checkpoints'}/"), sent
+    assert sent["message"].endswith("(training.keepCheckpoints), and one more while it is written): free space on "
+                                    "the output volume (output.uri) or give it more"), sent
+
+
+@pytest.mark.parametrize("small_volume", ["3m"], indirect=True)
+def test_a_volume_too_small_for_the_export_names_it(small_volume: Path, tmp_path: Path, termination: Path) -> None:
+    """LoRA's checkpoints (the adapters) fit; the merged model (4 MiB) does not."""
+    doc = tiny_classifier_doc(small_volume / "out")
+    doc["rearrange"] = {"lora": {"rank": 2, "alpha": 4, "dropout": 0.0}}
+    doc["evaluation"] = {"baseline": False}
+    assert run(doc, tmp_path) == 2
+    sent = json.loads(termination.read_text())
+    assert (sent["exitCode"], sent["reason"], sent["stage"]) == (2, "NoSpaceLeft", "Exporting"), sent
+    assert sent["message"] == (f"no space left in {small_volume / 'out'} for the exported model: free space on the "
+                               "output volume (output.uri) or give it more")
 
 
 def test_failures_that_are_not_the_users_never_exit_1(tmp_path: Path, termination: Path,

@@ -37,7 +37,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from finetune_trainer.distributed import World
-from finetune_trainer.errors import CheckpointMismatch, ConfigError
+from finetune_trainer.errors import CheckpointMismatch, ConfigError, no_space_in
 
 log = logging.getLogger(__name__)
 
@@ -93,14 +93,22 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
     world.barrier()
-    torch.save(rng_state(), tmp / f"rng-{world.rank}.pt")
-    if world.main:
-        save_file(trained_tensors(model), tmp / "trained.safetensors")
-        if best is not None:
-            save_file(best, tmp / BEST)
-        torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                    "scaler": scaler.state_dict()}, tmp / "optimizer.pt")  # fp16's loss scale: {} when off
-        (tmp / "state.json").write_text(json.dumps(loop_state))
+    try:
+        torch.save(rng_state(), tmp / f"rng-{world.rank}.pt")
+        if world.main:
+            save_file(trained_tensors(model), tmp / "trained.safetensors")
+            if best is not None:
+                save_file(best, tmp / BEST)
+            torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                        "scaler": scaler.state_dict()}, tmp / "optimizer.pt")  # fp16's loss scale: {} when off
+            (tmp / "state.json").write_text(json.dumps(loop_state))
+    except Exception as exc:
+        written = sum(f.stat().st_size for f in tmp.iterdir()) >> 20
+        what = (f"the checkpoint of step {step} (more than {written} MiB; the newest {keep} are kept "
+                "(training.keepCheckpoints), and one more while it is written)")
+        if full := no_space_in(root, what, exc):
+            raise full from exc
+        raise
     world.barrier()
     if world.main:
         (tmp / MARKER).write_text(str(step))

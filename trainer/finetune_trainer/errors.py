@@ -14,6 +14,10 @@ termination message carries the trainer's own `exitCode` and `reason` (`exit_cod
 
 from __future__ import annotations
 
+import errno
+import shutil
+from pathlib import Path
+
 EXIT_OK = 0
 EXIT_USER_ERROR = 1
 EXIT_INFRASTRUCTURE = 2
@@ -66,6 +70,38 @@ class Terminated(Exception):
     exit_code = EXIT_TERMINATED
 
 
+class NoSpaceLeft(Exception):
+    """The output's volume is full: a new attempt gets past it once space is freed (it removes the torn files)."""
+
+    reason = "NoSpaceLeft"
+    exit_code = EXIT_INFRASTRUCTURE
+
+
+# torch.save says only "unexpected pos ..." on a full disk; with less than this left, that is why a write failed.
+FULL_BELOW_BYTES = 1 << 20
+
+
+def out_of_space(exc: BaseException, folder: Path) -> bool:
+    """Whether writing into `folder` failed for want of space (a quota too), whatever library wrote."""
+    chain = [exc, exc.__cause__, exc.__context__]
+    if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain):
+        return True
+    if "No space left on device" in str(exc):  # safetensors' error, which is no OSError
+        return True
+    try:
+        return shutil.disk_usage(folder).free < FULL_BELOW_BYTES
+    except OSError:
+        return False
+
+
+def no_space_in(folder: Path, what: str, exc: Exception) -> NoSpaceLeft | None:
+    """The error to raise in place of `exc` when it failed to write `what` into `folder` for want of space."""
+    if not out_of_space(exc, folder):
+        return None
+    return NoSpaceLeft(f"no space left in {folder} for {what}: free space on the output volume (output.uri) or give "
+                       "it more")
+
+
 def exit_code_of(exc: BaseException) -> int:
     """The exit code the trainer gives for what stopped it."""
     return getattr(exc, "exit_code", EXIT_INFRASTRUCTURE)
@@ -86,6 +122,6 @@ def reason_of(exc: BaseException) -> str:
 
 def describe(exc: BaseException) -> str:
     """The termination message's text: a user error's own words; otherwise the type too, for whoever debugs it."""
-    if isinstance(exc, (UserError, Terminated)):
+    if isinstance(exc, (UserError, Terminated, NoSpaceLeft)):
         return str(exc) or exc.reason
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
