@@ -120,6 +120,27 @@ def test_a_new_evaluation_cadence_resumes_unless_early_stopping_depends_on_it(ti
     assert pipeline.fingerprinted(tiny_cfg, 1) != every_5
 
 
+def test_a_resumed_run_keeps_the_baseline_an_earlier_attempt_measured(tiny_cfg: TrainerConfig, tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Every attempt scored the test split again for its baseline (minutes on a large one), a retry after training
+    too. An attempt killed after the baseline, before its first checkpoint: the next one keeps that baseline and
+    trains to the weights of a run never stopped."""
+    caplog.set_level(logging.INFO, logger="finetune_trainer")
+    out = tmp_path / "out"
+    first = pipeline.run(tiny_cfg, out)
+    reference = load_file(out / "model.safetensors")
+    (folder,) = (out / "checkpoints").iterdir()
+    for saved in checkpoints.complete(folder):
+        shutil.rmtree(saved)
+    caplog.clear()
+    again = pipeline.run(tiny_cfg, out)
+    assert "the baseline was measured by an earlier attempt of this run" in caplog.text
+    assert again["evaluation"]["baseline"] == first["evaluation"]["baseline"]
+    resumed = load_file(out / "model.safetensors")
+    for name, value in reference.items():
+        assert torch.equal(resumed[name], value), name
+
+
 def test_a_checkpoint_of_another_world_size_is_refused(tiny_cfg: TrainerConfig, tmp_path: Path) -> None:
     tiny_cfg.training.checkpoint_every_steps = 4
     pipeline.run(tiny_cfg, tmp_path / "out")

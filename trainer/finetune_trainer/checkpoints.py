@@ -16,7 +16,8 @@ data and the schedule's length would all change under the saved optimizer.
 
 A pruned run that heals keeps the healed layers in the same folder (`healed.safetensors`, with
 healing's figures), so that a resumed run loads them instead of healing again: LoRA's
-checkpoints hold the adapters, not the layers under them.
+checkpoints hold the adapters, not the layers under them. The baseline's scores are kept there too
+(`baseline.json`), so that an attempt that resumes does not score the test split again.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ MARKER = "COMMITTED"
 PREFIX = "step-"
 BEST = "best.safetensors"
 HEALED = "healed.safetensors"
+BASELINE = "baseline.json"
 FINGERPRINT = "fingerprint.json"
 
 
@@ -184,6 +186,23 @@ def load_healed(root: Path, layers: nn.Module) -> dict[str, float] | None:
     layers.load_state_dict(load_file(path, device=str(device)))  # strict: the same layers, or refuse
     log.info("loaded the healed layers from %s (healing ran in an earlier attempt)", path)
     return figures | {"reloaded": True}
+
+
+def save_baseline(root: Path, kept: dict[str, Any], world: World) -> None:
+    """Keep the baseline's scores in the run's folder, atomically (`load_baseline` reads them)."""
+    if world.main:
+        tmp = root / f".tmp-{BASELINE}"
+        tmp.write_text(json.dumps(kept))
+        os.replace(tmp, root / BASELINE)
+    world.barrier()
+
+
+def load_baseline(root: Path) -> dict[str, Any] | None:
+    """The baseline an earlier attempt of this run kept; None when none."""
+    try:
+        return json.loads((root / BASELINE).read_text())
+    except FileNotFoundError:
+        return None
 
 
 def folder_name(identity: dict[str, Any]) -> str:

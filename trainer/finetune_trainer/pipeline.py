@@ -310,7 +310,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     baseline: dict[str, float] = {}
     if cfg.evaluation.baseline:
         progress.enter(Stage.BASELINE)
-        baseline = measure(model, test_data, "baseline")
+        baseline = baseline_once(lambda: measure(model, test_data, "baseline"), per_class, checkpoint_dir, world)
         progress.metrics.set_eval("baseline", baseline)
         log.info("baseline: %s", baseline)
 
@@ -457,6 +457,22 @@ def heal_once(model: nn.Module, unpruned: nn.Module | None, task: Task, batches:
     if found is not None:
         checkpoints.save_healed(folder, found[1], figures, world)
     return figures
+
+
+def baseline_once(measure_baseline: Callable[[], dict[str, float]], per_class: dict[str, Any], folder: Path,
+                  world: distributed.World) -> dict[str, float]:
+    """The baseline's test scores, or those an earlier attempt of this run kept in its checkpoint folder: a retry
+    after training (a SIGTERM in the final evaluation or the export) scored a large test split again, for minutes."""
+    kept = checkpoints.load_baseline(folder)
+    world.barrier()  # every rank has looked before rank 0 writes one, so all measure or none
+    if kept is not None:
+        log.info("the baseline was measured by an earlier attempt of this run (%s)", folder / checkpoints.BASELINE)
+        if kept["per_class"] is not None:
+            per_class["baseline"] = kept["per_class"]
+        return kept["scores"]
+    scores = measure_baseline()
+    checkpoints.save_baseline(folder, {"scores": scores, "per_class": per_class.get("baseline")}, world)
+    return scores
 
 
 def pruning_message(pruning: dict[str, Any]) -> dict[str, Any]:
