@@ -83,6 +83,16 @@ def test_latin1_bytes_are_read_not_refused(tmp_path: Path) -> None:
     assert "café ok" in data.train.inputs + data.validation.inputs + data.test.inputs
 
 
+def test_a_windows_csv_is_read_as_windows_1252(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Excel's CSV on Windows: read as Latin-1, its “quotes”, € and dashes were control characters."""
+    texts = [f"\u201cquoted\u201d \u20ac{i} \u2013 caf\u00e9" for i in range(20)]
+    (path := tmp_path / "w.csv").write_bytes(("text,label\n" + "".join(f"{t},{'ab'[i % 2]}\n" for i, t in
+                                                                     enumerate(texts))).encode("cp1252"))
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(texts)
+    assert "reading it as Windows-1252" in caplog.text
+
+
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be"])
 def test_utf16_with_a_byte_order_mark_is_read(tmp_path: Path, encoding: str) -> None:
     """What Windows PowerShell 5's > and Out-File write: it was read as Latin-1, a column named 'ÿþt\x00e\x00x...'."""

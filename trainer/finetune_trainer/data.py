@@ -395,8 +395,9 @@ def first_bad_record(text: str, lines: bool) -> str | None:
 
 
 def read_text(file: Path) -> str:
-    """UTF-8 when the bytes are UTF-8 (UTF-16 when they start with its byte order mark); otherwise Latin-1, which
-    maps every byte and never fails.
+    """UTF-8 when the bytes are UTF-8 (UTF-16 when they start with its byte order mark); otherwise Windows-1252,
+    what Excel saves a CSV in on Windows, and where that has no character for a byte, Latin-1, which maps every
+    byte and never fails (the two differ only in 0x80-0x9f: Windows' “quotes”, € and dashes, Latin-1's controls).
 
     Scraped corpora (the bundled sentiment CSV among them) mix encodings; refusing them
     would make the user re-encode by hand, and Latin-1 only garbles the odd accented character.
@@ -407,8 +408,13 @@ def read_text(file: Path) -> str:
     try:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        log.warning("%s is not valid UTF-8 (byte %d: 0x%02x); reading it as Latin-1", file, exc.start, raw[exc.start])
-        return raw.decode("latin-1")
+        bad = f"byte {exc.start}: 0x{raw[exc.start]:02x}"
+    try:
+        text, encoding = raw.decode("cp1252"), "Windows-1252"
+    except UnicodeDecodeError:
+        text, encoding = raw.decode("latin-1"), "Latin-1"
+    log.warning("%s is not valid UTF-8 (%s); reading it as %s", file, bad, encoding)
+    return text
 
 
 def read_image_splits(path: Path) -> dict[str, pd.DataFrame]:
