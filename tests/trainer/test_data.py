@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import codecs
 import json
 from pathlib import Path
 
@@ -91,6 +92,9 @@ def test_a_windows_csv_is_read_as_windows_1252(tmp_path: Path, caplog: pytest.Lo
     data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
     assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(texts)
     assert "reading it as Windows-1252" in caplog.text
+    path.write_bytes(codecs.BOM_UTF8 + path.read_bytes())  # saved as UTF-8 by one tool, more lines by Excel
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)  # its first column was named 'ï»¿text'
+    assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(texts)
 
 
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be"])

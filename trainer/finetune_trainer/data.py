@@ -409,6 +409,7 @@ def read_text(file: Path) -> str:
         return raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
         bad = f"byte {exc.start}: 0x{raw[exc.start]:02x}"
+    raw = raw.removeprefix(codecs.BOM_UTF8)  # a UTF-8 file's mark, more lines appended in another encoding
     try:
         text, encoding = raw.decode("cp1252"), "Windows-1252"
     except UnicodeDecodeError:
