@@ -591,6 +591,20 @@ def test_held_out_labels_that_train_lacks_are_named(tmp_path: Path, caplog: pyte
     assert "labels of its test split that its train split lacks, which the model cannot learn: positive" in caplog.text
 
 
+def test_a_class_the_seeded_split_holds_out_of_train_is_named(tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A class of one row that the split placed in validation or test was a class training never saw, unnamed."""
+    pd.DataFrame([*ROWS, {"text": "the rare one", "label": "rare"}]).to_csv(path := tmp_path / "d.csv", index=False)
+    held_out = 0
+    for seed in range(20):
+        caplog.clear()
+        data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, seed)
+        named = "train split lacks, which the model cannot learn: rare" in caplog.text
+        assert named == ("the rare one" not in data.train.inputs)
+        held_out += named
+    assert held_out
+
+
 def test_a_held_out_split_of_copies_placed_before_it_still_gets_rows(tmp_path: Path) -> None:
     """20 rows, half of them one text: the 2 places of the validation split (10%) could both hold copies of a text the
     test split took, leaving validation empty, which the tokenizer then failed on (IndexError, retried as

@@ -96,9 +96,11 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
             raise DataError(f"dataset {spec.uri}: column {label_field!r} has {len(id2label)} distinct label(s); need 2 or more")
         offsets = np.cumsum([0, *(len(t) for t in usable.values())])
         labels = {name: ids[offsets[i]:offsets[i + 1]] for i, name in enumerate(usable)}
-        warn_labels_train_lacks(labels, id2label, spec.uri)
         warn_labels_differing_in_case(id2label, spec.uri)
     train, validation, test = split(inputs, labels, spec, seed)
+    if label_field is not None:  # after the split: a class of a row or two may all be held out of train
+        warn_labels_train_lacks({TRAIN: train.labels, VALIDATION: validation.labels, TEST: test.labels}, id2label,
+                                spec.uri)
     log.info("dataset %s (%s; splits given: %s): %d train, %d validation, %d test rows, %d labels", spec.uri,
              fmt.value, ", ".join(tables), len(train.inputs), len(validation.inputs), len(test.inputs), len(id2label))
     return LabelledData(train=train, validation=validation, test=test, id2label=id2label)
@@ -156,8 +158,8 @@ def drop_withheld_labels(usable: dict[str, pd.DataFrame], label_field: str, uri:
 
 
 def warn_labels_train_lacks(labels: dict[str, list[int] | None], id2label: dict[int, str], uri: str) -> None:
-    """Name the labels of the dataset's own validation or test split that its train split lacks: classes the
-    model never trains on and scores 0 on (a test file that spells a label otherwise, say)."""
+    """Name the labels of the validation or test split that the train split lacks: classes the model never trains
+    on and scores 0 on (a test file that spells a label otherwise, a class of one row that the split held out)."""
     trained = set(labels[TRAIN] or [])
     for name in (VALIDATION, TEST):
         if lacking := sorted(set(labels.get(name) or []) - trained):
