@@ -756,3 +756,11 @@ def test_whole_number_texts_beside_a_missing_one_stay_whole(tmp_path: Path) -> N
     for file in (path, parquet):
         data = load_dataset(spec(file), Task.SEQUENCE_CLASSIFICATION, 0)
         assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(str(t) for t in texts[1:])
+
+
+def test_too_few_rows_for_the_three_way_split_are_refused_naming_the_fields(tmp_path: Path) -> None:
+    """Two distinct texts cannot be train, validation and test: the error says which fields ask for the split."""
+    (path := tmp_path / "d.csv").write_text("text,label\n" + "".join(f"t{i % 2},{'ab'[i % 2]}\n" for i in range(6)))
+    with pytest.raises(DataError, match=r"6 rows \(2 distinct inputs\) are too few to hold out 20% for validation "
+                                        r"\(dataset.validationSplit\) and 10% for test \(dataset.testSplit\)"):
+        load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)

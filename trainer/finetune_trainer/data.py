@@ -567,8 +567,10 @@ def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spe
             taken += count
     order = shuffled[decided_at >= taken]
     if len(order) == 0:
-        raise DataError(f"dataset {spec.uri}: {len(inputs[TRAIN])} rows are too few to hold out "
-                        f"{spec.validation_split:.0%} for validation and {spec.test_split:.0%} for test")
+        raise DataError(f"dataset {spec.uri}: {len(inputs[TRAIN])} rows ({len(set(map(input_key, texts)))} distinct "
+                        f"inputs) are too few to hold out {spec.validation_split:.0%} for validation "
+                        f"(dataset.validationSplit) and {spec.test_split:.0%} for test (dataset.testSplit) and train "
+                        "on the rest; add rows, or validation and test files of its own")
 
     def take(name: str, idx: np.ndarray, limit: int | None) -> Split:
         idx = idx[:limit]
