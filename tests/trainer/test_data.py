@@ -605,6 +605,17 @@ def test_a_class_the_seeded_split_holds_out_of_train_is_named(tmp_path: Path,
     assert held_out
 
 
+def test_labels_train_lacks_are_named_ten_at_most(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A column of scores, not classes, lacks thousands: all were named, on one line of the log."""
+    pd.DataFrame({"text": [f"t{i}" for i in range(20)], "label": ["a", "b"] * 10}).to_csv(tmp_path / "train.csv",
+                                                                                       index=False)
+    pd.DataFrame({"text": [f"v{i}" for i in range(30)], "label": [f"new{i:02}" for i in range(30)]}).to_csv(
+        tmp_path / "test.csv", index=False)
+    load_dataset(spec(tmp_path), Task.SEQUENCE_CLASSIFICATION, 0)
+    named = ", ".join(f"new{i:02}" for i in range(10))
+    assert f"which the model cannot learn: {named} and 20 more" in caplog.text
+
+
 def test_a_held_out_split_of_copies_placed_before_it_still_gets_rows(tmp_path: Path) -> None:
     """20 rows, half of them one text: the 2 places of the validation split (10%) could both hold copies of a text the
     test split took, leaving validation empty, which the tokenizer then failed on (IndexError, retried as

@@ -164,7 +164,12 @@ def warn_labels_train_lacks(labels: dict[str, list[int] | None], id2label: dict[
     for name in (VALIDATION, TEST):
         if lacking := sorted(set(labels.get(name) or []) - trained):
             log.warning("dataset %s: labels of its %s split that its train split lacks, which the model cannot "
-                        "learn: %s", uri, name, ", ".join(id2label[i] for i in lacking))
+                        "learn: %s", uri, name, listed([id2label[i] for i in lacking]))
+
+
+def listed(names: list[str], sep: str = ", ", most: int = 10) -> str:
+    """The first `most` names and how many more: a column of scores, not classes, lacks thousands."""
+    return sep.join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def warn_labels_differing_in_case(id2label: dict[int, str], uri: str) -> None:
@@ -173,7 +178,8 @@ def warn_labels_differing_in_case(id2label: dict[int, str], uri: str) -> None:
     for name in id2label.values():
         spellings.setdefault(name.lower(), []).append(name)
     if alike := [" and ".join(names) for names in spellings.values() if len(names) > 1]:
-        log.warning("dataset %s: labels that differ only in case, each a class of its own: %s", uri, "; ".join(alike))
+        log.warning("dataset %s: labels that differ only in case, each a class of its own: %s", uri,
+                    listed(alike, "; "))
 
 
 def drop_empty_splits(splits: dict[str, Sized], uri: str) -> None:
