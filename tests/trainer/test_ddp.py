@@ -152,6 +152,53 @@ def test_two_ranks_heal_a_pruned_model_alike_and_a_rerun_loads_what_they_healed(
     assert again.keys() == exported.keys() and all(torch.equal(again[k], exported[k]) for k in exported)
 
 
+# A near-tie that each rank's analysis ordered its own way (as a GPU's non-deterministic kernels can).
+RANK_SCORES = [[0.3, 0.1, 0.1 + 1e-6, 0.5], [0.3, 0.1 + 1e-6, 0.1, 0.5]]
+
+
+def choose_layers(rank: int, port: int, queue: Any) -> None:
+    """One of two ranks choosing the layers to prune from its own analysis' scores."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from finetune_trainer.analyze import StructureReport
+    from finetune_trainer.config import PruneSpec
+    from finetune_trainer.distributed import World
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    report = StructureReport("BertModel", 0, 0, 0, [], {}, {}, None, [], [], {}, {},
+                             importance={"layers": {"measure": "block-influence", "scores": RANK_SCORES[rank]}})
+    drop = pipeline.pruned_layers(report, PruneSpec(count=1), World(rank, 2, torch.device("cpu")))
+    queue.put((rank, drop, report.importance["layers"]["scores"]))
+    dist.destroy_process_group()
+
+
+def test_every_rank_prunes_the_layers_rank_0_chose() -> None:
+    """Each rank scored the layers on its own and chose by its own scores, so ranks whose scores ordered a near-tie
+    differently cut different layers, and DDP then failed on shapes or averaged different layers' gradients."""
+    import torch.multiprocessing as mp
+
+    from finetune_trainer.config import PruneSpec
+    from finetune_trainer.prune import chosen_layers
+    from tiny import free_port
+
+    ours = chosen_layers(RANK_SCORES[0], PruneSpec(count=1))
+    assert ours != chosen_layers(RANK_SCORES[1], PruneSpec(count=1))  # the ranks' own choices differ
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port = free_port()
+    ranks = [context.Process(target=choose_layers, args=(rank, port, queue)) for rank in range(2)]
+    for p in ranks:
+        p.start()
+    for p in ranks:
+        p.join(120)
+    assert [p.exitcode for p in ranks] == [0, 0]
+    chosen = {rank: (drop, scores) for rank, drop, scores in (queue.get(timeout=1) for _ in ranks)}
+    assert chosen == {0: (ours, RANK_SCORES[0]), 1: (ours, RANK_SCORES[0])}
+
+
 def test_sigterm_during_a_long_evaluation_stops_both_ranks_at_one_batch(tmp_path: Path) -> None:
     """torchrun passes the kubelet's SIGTERM on to each rank: the ranks agree before each evaluation batch, so both
     leave step 3's evaluation at the same one (neither waits in a collective the other never makes), write the

@@ -58,6 +58,14 @@ class World:
         dist.all_gather_object(values, value)
         return values
 
+    def broadcast(self, value: Any) -> Any:
+        """Rank 0's `value` (any picklable object) on every rank."""
+        if self.size == 1:
+            return value
+        box = [value]
+        dist.broadcast_object_list(box, 0, device=self.device)
+        return box[0]
+
     def barrier(self) -> None:
         if self.size > 1:
             dist.barrier()

@@ -268,7 +268,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     flops = report.flops["training_per_sample"]  # of a step, for the MFU gauge
     pruning: dict[str, Any] = {}
     serving: list[Batch] = []  # the test batches a pruned model's latency is measured on, before and after
-    drop = pruned_layers(report, cfg.rearrange.prune) if cfg.rearrange.prune is not None else None
+    drop = pruned_layers(report, cfg.rearrange.prune, world) if cfg.rearrange.prune is not None else None
     # Named by the layers pruning removes; healing keeps its result there.
     checkpoint_dir = checkpoints.run_folder(out / "checkpoints", fingerprinted(cfg, world.size, drop), world)
     if cfg.rearrange.prune is not None and drop is not None:
@@ -414,10 +414,14 @@ def fingerprinted(cfg: TrainerConfig, world_size: int, pruned: list[int] | None 
     return wire | {"worldSize": world_size} | ({"prunedLayers": pruned} if pruned is not None else {})
 
 
-def pruned_layers(report: analysis.StructureReport, spec: PruneSpec) -> list[int]:
-    """The layers `rearrange.prune` removes: the analysis scored them least important."""
+def pruned_layers(report: analysis.StructureReport, spec: PruneSpec, world: distributed.World) -> list[int]:
+    """The layers `rearrange.prune` removes: rank 0's analysis scored them least important. Each rank scored its
+    own, and a GPU's non-deterministic kernels can order a near-tie differently on another rank, which would then
+    cut other layers (DDP failing on shapes, or averaging different layers' gradients): every rank takes rank 0's
+    scores, those it reports too."""
     if report.importance is None:
         raise ConfigError(f"rearrange.prune: no stack of transformer layers found in {report.model_class}")
+    report.importance = world.broadcast(report.importance)
     return prune.chosen_layers(report.importance["layers"]["scores"], spec)
 
 
