@@ -148,6 +148,8 @@ def test_a_single_label_is_refused(tmp_path: Path) -> None:
 def test_head_smaller_than_the_labels_is_refused() -> None:
     with pytest.raises(DataError, match="numLabels is 2 but the dataset has 3 labels"):
         check_label_count({0: "a", 1: "b", 2: "c"}, 2)
+    with pytest.raises(DataError, match=r"has 30 labels \(l0, l1, l2, l3, l4, l5, l6, l7, l8, l9 and 20 more\)$"):
+        check_label_count({i: f"l{i}" for i in range(30)}, 2)  # a column of scores: thousands, not on one line
     assert check_label_count({0: "a", 1: "b"}, "auto") == 2
     assert check_label_count({0: "a", 1: "b"}, 4) == 4
 

@@ -620,6 +620,6 @@ def check_label_count(id2label: dict[int, str], head_labels: int | str) -> int:
     if int(head_labels) < len(id2label):
         raise DataError(
             f"rearrange.head.numLabels is {head_labels} but the dataset has {len(id2label)} labels "
-            f"({', '.join(id2label.values())})"
+            f"({listed(list(id2label.values()))})"
         )
     return int(head_labels)
