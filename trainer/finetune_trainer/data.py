@@ -94,6 +94,10 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
         id2label = named_classes(id2label, class_names(path, fmt, label_field))
         if len(id2label) < 2:
             raise DataError(f"dataset {spec.uri}: column {label_field!r} has {len(id2label)} distinct label(s); need 2 or more")
+        if len(id2label) > len(ids) / 2:  # most classes could not be both trained on and scored
+            log.warning("dataset %s: column %r (dataset.labelField) has %d distinct labels in %d rows, under 2 rows a "
+                        "label: a column of classes? (a score or an id is not)", spec.uri, label_field, len(id2label),
+                        len(ids))
         offsets = np.cumsum([0, *(len(t) for t in usable.values())])
         labels = {name: ids[offsets[i]:offsets[i + 1]] for i, name in enumerate(usable)}
         warn_labels_differing_in_case(id2label, spec.uri)
