@@ -779,13 +779,18 @@ def test_too_few_rows_for_the_three_way_split_are_refused_naming_the_fields(tmp_
         load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
 
 
-def test_a_label_column_of_nearly_unique_values_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+def test_a_label_column_of_scores_or_ids_is_named(tmp_path: Path, pvc_root: Path,
+                                                   caplog: pytest.LogCaptureFixture) -> None:
     """A labelField naming a column of scores (the sentiment corpus' confidence) trained a head of thousands of
     classes of a row or two each, without a word."""
     pd.DataFrame({"text": [f"t{i}" for i in range(40)], "label": [round(0.5 + i / 97, 4) for i in range(40)]}).to_csv(
         path := tmp_path / "d.csv", index=False)
     load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
     assert "column 'label' (dataset.labelField) has 40 distinct labels in 40 rows" in caplog.text
+    caplog.clear()
+    load_dataset(DatasetSpec(uri="pvc://data/sentiment/sentiment.csv", labelField="confidence"),
+                 Task.SEQUENCE_CLASSIFICATION, 0)  # values repeat: more than 2 rows a label, but a score
+    assert "column 'confidence' (dataset.labelField) has" in caplog.text
     caplog.clear()
     load_dataset(spec(write(tmp_path, "csv")), Task.SEQUENCE_CLASSIFICATION, 0)
     assert "distinct labels" not in caplog.text

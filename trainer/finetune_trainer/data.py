@@ -94,10 +94,7 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
         id2label = named_classes(id2label, class_names(path, fmt, label_field))
         if len(id2label) < 2:
             raise DataError(f"dataset {spec.uri}: column {label_field!r} has {len(id2label)} distinct label(s); need 2 or more")
-        if len(id2label) > len(ids) / 2:  # most classes could not be both trained on and scored
-            log.warning("dataset %s: column %r (dataset.labelField) has %d distinct labels in %d rows, under 2 rows a "
-                        "label: a column of classes? (a score or an id is not)", spec.uri, label_field, len(id2label),
-                        len(ids))
+        warn_labels_no_classes(id2label, len(ids), label_field, spec.uri)
         offsets = np.cumsum([0, *(len(t) for t in usable.values())])
         labels = {name: ids[offsets[i]:offsets[i + 1]] for i, name in enumerate(usable)}
         warn_labels_differing_in_case(id2label, spec.uri)
@@ -174,6 +171,17 @@ def warn_labels_train_lacks(labels: dict[str, list[int] | None], id2label: dict[
 def listed(names: list[str], sep: str = ", ", most: int = 10) -> str:
     """The first `most` names and how many more: a column of scores, not classes, lacks thousands."""
     return sep.join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def warn_labels_no_classes(id2label: dict[int, str], rows: int, column: str, uri: str) -> None:
+    """Say when the labels look like no classes: under 2 rows a label (an id; most classes could not be both trained
+    on and scored), or fractional numbers among more than a few (a score, such as the sentiment corpus' confidence:
+    2,319 values between 0.25 and 1)."""
+    names = list(id2label.values())
+    fractional = len(names) > 10 and all(map(is_number, names)) and any(not float(n).is_integer() for n in names)
+    if len(names) > rows / 2 or fractional:
+        log.warning("dataset %s: column %r (dataset.labelField) has %d distinct labels in %d rows, such as %s: a "
+                    "column of classes? (a score or an id is not)", uri, column, len(names), rows, listed(names, most=3))
 
 
 def warn_labels_differing_in_case(id2label: dict[int, str], uri: str) -> None:
