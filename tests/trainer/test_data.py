@@ -742,9 +742,23 @@ def test_csv_rows_longer_than_the_header_are_refused_naming_the_line(tmp_path: P
     on 'world' of 'hello, world' without a word."""
     rows = "".join(f"hello, world {i},{'ab'[i % 2]}\n" for i in range(20))
     (path := tmp_path / "d.csv").write_text("text,label\n" + rows)
-    with pytest.raises(DataError, match=r"d.csv line 2 has more fields than its header \(2\); quote a field that "
-                                        r"holds ','"):
+    with pytest.raises(DataError, match=r"d.csv line 2 has more fields than its header \(2\): quote a field that "
+                                        r"holds ',', or name every column in the header"):
         load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+
+
+@pytest.mark.parametrize("row", ['"{i}","t{i} words","{label}"', "t{i} words,{label},"],
+                         ids=["r-row-names", "trailing-separator"])
+def test_csv_rows_of_a_field_more_than_the_header_that_is_no_text_are_read(tmp_path: Path, row: str) -> None:
+    """The refusal of rows longer than the header refused R's write.table (row names, unnamed in the header) and
+    rows that end with a separator, advising to quote: both had been read, the second as labels missing."""
+    rows = "".join(row.format(i=i, label="ab"[i % 2]) + "\n" for i in range(1, 21))
+    (path := tmp_path / "d.csv").write_text('"text","label"\n' + rows)
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert data.id2label == {0: "a", 1: "b"}
+    splits = (data.train, data.validation, data.test)
+    assert sorted((text, data.id2label[label]) for s in splits for text, label in zip(s.inputs, s.labels)) == sorted(
+        (f"t{i} words", "ab"[i % 2]) for i in range(1, 21))
 
 
 def test_spaces_after_a_csv_separator_are_no_part_of_the_cell(tmp_path: Path) -> None:

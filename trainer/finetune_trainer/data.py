@@ -375,20 +375,26 @@ def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
     # holds: as numbers, the texts 007 and 12 came back "7.0" and "12.0" where the column had an empty cell. The
     # spaces after a separator are none of the cell ("text, label" names a column 'label'; `, "a, b"` is quoted).
     sep = csv_separator(text)
-    table = pd.read_csv(io.StringIO(text), sep=sep, dtype=str, keep_default_na=False, na_values=[""],
-                        skipinitialspace=True)
-    if not isinstance(table.index, pd.RangeIndex):  # pandas' index of the first fields of rows longer than the header
-        raise ValueError(f"{file.name} {first_long_row(text, sep)}")
-    return table
+    options = dict(sep=sep, dtype=str, keep_default_na=False, na_values=[""], skipinitialspace=True)
+    table = pd.read_csv(io.StringIO(text), **options)
+    if isinstance(table.index, pd.RangeIndex):
+        return table
+    # Rows of one field more than the header: pandas read their first fields as the index, the rest as the columns
+    if table.index.nlevels == 1 and table.iloc[:, -1].isna().all():  # "t0,a,": a separator ends every row
+        return pd.read_csv(io.StringIO(text), index_col=False, **options)
+    if table.index.nlevels == 1 and table.index.is_unique and table.index.str.fullmatch(r"\d+", na=False).all():
+        return table.reset_index(drop=True)  # R's write.table: row names 1, 2, ... that the header does not name
+    raise ValueError(f"{file.name} {first_long_row(text, sep)}")
 
 
 def first_long_row(text: str, sep: str) -> str:
     """Where the first row with more fields than the header is: every row of a text with an unquoted separator
-    in it ("hello, world,pos") has one more, which pandas reads as the index and the rest as the columns."""
+    in it ("hello, world,pos") has one more, as has every row of a column that the header does not name."""
     reader = csv.reader(io.StringIO(text), delimiter=sep, skipinitialspace=True)  # as pandas reads it
     header = next(reader)
     where = next((f"line {reader.line_num}" for row in reader if len(row) > len(header)), "a row")
-    return f"{where} has more fields than its header ({len(header)}); quote a field that holds {sep!r}"
+    return (f"{where} has more fields than its header ({len(header)}): quote a field that holds {sep!r}, "
+            "or name every column in the header")
 
 
 def csv_separator(text: str) -> str:
