@@ -711,6 +711,14 @@ def test_a_labels_spaces_and_number_spelling_are_no_part_of_it(tmp_path: Path) -
     assert load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0).id2label == {0: "0", 1: "1"}
 
 
+def test_a_whole_number_label_with_a_sign_is_that_number(tmp_path: Path) -> None:
+    """A label "+1.0" was 1 but "+1" stayed "+1": a file mixing +1 and 1 trained two classes of one label."""
+    labels = ["+1", "1", "1.0", "+2", "2", "-3", "-3.0", "10", "007", "-07"]
+    (path := tmp_path / "d.csv").write_text("text,label\n" + "".join(f"t{i},{labels[i % 10]}\n" for i in range(60)))
+    id2label = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0).id2label
+    assert sorted(id2label.values()) == sorted(["1", "2", "-3", "10", "007", "-07"])  # leading zeros: a name
+
+
 def test_labels_that_differ_only_in_case_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (path := tmp_path / "d.csv").write_text("text,label\n" + "".join(
         f"t{i},{['pos', 'POS', 'neg'][i % 3]}\n" for i in range(30)))

@@ -14,6 +14,7 @@ import logging
 import re
 from collections.abc import Hashable, Sized
 from dataclasses import dataclass
+from decimal import Decimal
 from numbers import Number
 from pathlib import Path
 from typing import Any
@@ -522,9 +523,9 @@ def label_name(value: Any) -> str:
     """A label as its class name: without the spaces around it (a CSV's "text, pos"), and a whole number written
     as a float as that number, so that 1, 1.0 and "1" are one class (a float column, a file that writes 1.0)."""
     text = str(value).strip()
-    if not text.lstrip("+-").isdigit() and is_number(text) and float(text).is_integer():
-        return str(int(float(text)))
-    return text  # "007" (a class folder of GTSRB's 00007/) keeps its name
+    if re.fullmatch(r"[+-]?0\d+", text) or not is_number(text) or not float(text).is_integer():
+        return text  # "007" (a class folder of GTSRB's 00007/) keeps its name
+    return str(int(Decimal(text)))  # exact: "+1" is 1, and so is "1.0"; a long id keeps its digits
 
 
 def class_names(path: Path, fmt: DatasetFormat, field: str) -> list[str] | None:
