@@ -769,6 +769,16 @@ def test_csv_rows_of_a_field_more_than_the_header_that_is_no_text_are_read(tmp_p
         (f"t{i} words", "ab"[i % 2]) for i in range(1, 21))
 
 
+def test_an_unquoted_csv_cells_leading_spaces_are_dropped_at_a_lines_start_too_and_quoting_keeps_them(
+        tmp_path: Path) -> None:
+    """The README said only spaces after a separator went: a line's indent (code in a text) is dropped as well."""
+    rows = "".join(f'  t{i},a\n"  kept {i}",b\n' for i in range(10))
+    (path := tmp_path / "d.csv").write_text("text,label\n" + rows)
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(
+        [f"t{i}" for i in range(10)] + [f"  kept {i}" for i in range(10)])
+
+
 def test_spaces_after_a_csv_separator_are_no_part_of_the_cell(tmp_path: Path) -> None:
     """A hand-written "text, label" had no column 'label' (it was ' label'), and `, "a, b"` was not quoted."""
     (path := tmp_path / "d.csv").write_text("text, label\n" + "".join(f'"hello, {i}", {"ab"[i % 2]}\n' for i in range(20)))

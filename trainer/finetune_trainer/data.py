@@ -374,7 +374,8 @@ def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
             raise ValueError(f"{file.name} {where}") from exc
     # Only an empty cell is missing: a label "None" or "NA", or the text "null", is data. A cell is the string it
     # holds: as numbers, the texts 007 and 12 came back "7.0" and "12.0" where the column had an empty cell. The
-    # spaces after a separator are none of the cell ("text, label" names a column 'label'; `, "a, b"` is quoted).
+    # spaces an unquoted cell starts with, after a separator or at a line's start, are none of it, as in csv readers
+    # ("text, label" names a column 'label'; `, "a, b"` is quoted); a quoted cell keeps them.
     sep = csv_separator(text)
     options = dict(sep=sep, dtype=str, keep_default_na=False, na_values=[""], skipinitialspace=True)
     table = pd.read_csv(io.StringIO(text), **options)
