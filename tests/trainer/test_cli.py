@@ -187,8 +187,40 @@ def test_a_volume_too_small_for_the_export_names_it(small_volume: Path, tmp_path
     assert run(doc, tmp_path) == 2
     sent = json.loads(termination.read_text())
     assert (sent["exitCode"], sent["reason"], sent["stage"]) == (2, "NoSpaceLeft", "Exporting"), sent
-    assert sent["message"] == (f"no space left in {small_volume / 'out'} for the exported model: free space on the "
-                               "output volume (output.uri) or give it more")
+    assert sent["message"] == (f"no space left in {small_volume / 'out'}: free space on the output volume (output.uri) "
+                               "or give it more")
+
+
+def fill(volume: Path) -> None:
+    """Write into `volume` until it is full."""
+    with (volume / "filler").open("wb") as file, pytest.raises(OSError):
+        while True:
+            file.write(bytes(1 << 16))
+            file.flush()
+
+
+@pytest.mark.parametrize("small_volume", ["2m"], indirect=True)
+def test_healed_layers_that_do_not_fit_name_the_output_volume(small_volume: Path, tmp_path: Path,
+                                                              termination: Path) -> None:
+    """The healed layer (3 MiB at this width) failed as `SafetensorError: ... (os error 28)`, InfrastructureFailure."""
+    doc = tiny_classifier_doc(small_volume / "out")
+    doc["model"]["config"] |= {"hidden_size": 256, "num_attention_heads": 4, "intermediate_size": 1024}
+    doc["rearrange"] = {"prune": {"count": 1, "heal": {"steps": 1}}}
+    assert run(doc, tmp_path) == 2
+    sent = json.loads(termination.read_text())
+    assert (sent["exitCode"], sent["reason"], sent["stage"]) == (2, "NoSpaceLeft", "Rearranging"), sent
+    assert sent["message"].startswith(f"no space left in {small_volume / 'out'}: "), sent
+
+
+@pytest.mark.parametrize("small_volume", ["1m"], indirect=True)
+def test_a_volume_full_before_the_analysis_is_written_names_it(small_volume: Path, tmp_path: Path,
+                                                               termination: Path) -> None:
+    """analysis.json's `OSError: [Errno 28] No space left on device` read InfrastructureFailure."""
+    fill(small_volume)
+    assert run(tiny_classifier_doc(small_volume / "out"), tmp_path) == 2
+    sent = json.loads(termination.read_text())
+    assert (sent["exitCode"], sent["reason"], sent["stage"]) == (2, "NoSpaceLeft", "Analyzing"), sent
+    assert sent["message"].startswith(f"no space left in {small_volume / 'out'}: "), sent
 
 
 def test_failures_that_are_not_the_users_never_exit_1(tmp_path: Path, termination: Path,

@@ -108,7 +108,7 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
         written = sum(f.stat().st_size for f in tmp.iterdir()) >> 20
         what = (f"the checkpoint of step {step} (more than {written} MiB; the newest {keep} are kept "
                 "(training.keepCheckpoints), and one more while it is written)")
-        if full := no_space_in(root, what, exc):
+        if full := no_space_in(root, exc, what):
             raise full from exc
         raise
     world.barrier()

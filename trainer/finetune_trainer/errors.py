@@ -79,14 +79,25 @@ class NoSpaceLeft(Exception):
 
 # torch.save says only "unexpected pos ..." on a full disk; with less than this left, that is why a write failed.
 FULL_BELOW_BYTES = 1 << 20
+# safetensors' error is no OSError: it carries the text of Rust's, which ends "(os error 28)" (122: a quota).
+RUST_FULL = tuple(f"(os error {code})" for code in (errno.ENOSPC, errno.EDQUOT))
+
+
+def chain_of(exc: BaseException) -> list[BaseException]:
+    """`exc` and what it was raised from or while handling, all the way down."""
+    chain: list[BaseException] = []
+    while exc is not None and exc not in chain:
+        chain.append(exc)
+        exc = exc.__cause__ or exc.__context__
+    return chain
 
 
 def out_of_space(exc: BaseException, folder: Path) -> bool:
-    """Whether writing into `folder` failed for want of space (a quota too), whatever library wrote."""
-    chain = [exc, exc.__cause__, exc.__context__]
+    """Whether a write into `folder` failed for want of space (a quota too), whatever library wrote."""
+    chain = chain_of(exc)
     if any(isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT) for e in chain):
         return True
-    if "No space left on device" in str(exc):  # safetensors' error, which is no OSError
+    if any(code in str(e) for e in chain for code in RUST_FULL):
         return True
     try:
         return shutil.disk_usage(folder).free < FULL_BELOW_BYTES
@@ -94,12 +105,13 @@ def out_of_space(exc: BaseException, folder: Path) -> bool:
         return False
 
 
-def no_space_in(folder: Path, what: str, exc: Exception) -> NoSpaceLeft | None:
-    """The error to raise in place of `exc` when it failed to write `what` into `folder` for want of space."""
-    if not out_of_space(exc, folder):
+def no_space_in(folder: Path, exc: BaseException, what: str = "") -> NoSpaceLeft | None:
+    """The error to raise in place of `exc` when it failed to write (`what`) into `folder` for want of space; None
+    when it failed otherwise, or was classified where it was raised (a NoSpaceLeft saying more, a user error)."""
+    if hasattr(exc, "reason") or not out_of_space(exc, folder):
         return None
-    return NoSpaceLeft(f"no space left in {folder} for {what}: free space on the output volume (output.uri) or give "
-                       "it more")
+    return NoSpaceLeft(f"no space left in {folder}{f' for {what}' if what else ''}: free space on the output volume "
+                       "(output.uri) or give it more")
 
 
 def exit_code_of(exc: BaseException) -> int:

@@ -140,7 +140,11 @@ def run(cfg: TrainerConfig, output_dir: Path) -> dict[str, Any]:
                            "exitCode": EXIT_OK, **progress.message})
         return report
     except BaseException as exc:
-        write_failure(progress.stage, exc, progress.message)
+        # Any write may meet a full volume (healed layers, baseline, analysis, export), each library saying so its way
+        full = no_space_in(Path(output_dir), exc)
+        write_failure(progress.stage, full or exc, progress.message)
+        if full is not None:
+            raise full from exc
         raise
     finally:
         if previous is not None:
@@ -363,12 +367,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
                                      validation_data, test_data, world, dtype),
     }
     if world.main:
-        try:
-            result.update(write_outputs(model, tokenizer, data.id2label, cfg, out, probe[0].inputs, result, serving))
-        except Exception as exc:
-            if full := no_space_in(out, "the exported model", exc):
-                raise full from exc
-            raise
+        result.update(write_outputs(model, tokenizer, data.id2label, cfg, out, probe[0].inputs, result, serving))
         if pruning:
             progress.message["pruning"] = pruning_message(result["pruning"])
     world.barrier()
