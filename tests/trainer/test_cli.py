@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from finetune_trainer import cli
 from finetune_trainer.config import Stage
+from finetune_trainer.errors import NoSpaceLeft, no_space_in
 from finetune_trainer.telemetry import (ADDR_ENV, PORT_ENV, TERMINATION_ENV, Metrics, peak_flops,
                                         termination_message, write_termination)
 from tiny import TINY_BERT, TINY_GPT2, bpe_tokenizer, free_port, tiny_classifier_doc
@@ -221,6 +222,22 @@ def test_a_volume_full_before_the_analysis_is_written_names_it(small_volume: Pat
     sent = json.loads(termination.read_text())
     assert (sent["exitCode"], sent["reason"], sent["stage"]) == (2, "NoSpaceLeft", "Analyzing"), sent
     assert sent["message"].startswith(f"no space left in {small_volume / 'out'}: "), sent
+
+
+@pytest.mark.parametrize("small_volume", ["1m"], indirect=True)
+def test_only_a_write_is_taken_for_want_of_space_on_a_full_volume(small_volume: Path) -> None:
+    """Any error at all read NoSpaceLeft while under 1 MiB was free (a volume that reports 0 free, root within ext4's
+    reserved blocks); only torch.save's wordless 'unexpected pos' needs the free space to be told."""
+    fill(small_volume)
+    with pytest.raises(RuntimeError, match="unexpected pos") as saving:
+        torch.save(torch.zeros(1 << 16), small_volume / "tensor.pt")
+    assert isinstance(no_space_in(small_volume, saving.value), NoSpaceLeft)
+    with pytest.raises(RuntimeError) as multiplying:
+        torch.zeros(2) @ torch.zeros(3)
+    assert no_space_in(small_volume, multiplying.value) is None
+    with pytest.raises(OSError) as reading:
+        (small_volume / "absent").read_text()
+    assert no_space_in(small_volume, reading.value) is None
 
 
 def test_failures_that_are_not_the_users_never_exit_1(tmp_path: Path, termination: Path,

@@ -77,8 +77,9 @@ class NoSpaceLeft(Exception):
     exit_code = EXIT_INFRASTRUCTURE
 
 
-# torch.save says only "unexpected pos ..." on a full disk; with less than this left, that is why a write failed.
+# torch.save says only "unexpected pos ..." on a full disk; with less than this left, that is why its write failed.
 FULL_BELOW_BYTES = 1 << 20
+TORCH_SAVE_FAILED = ("unexpected pos", "inline_container")
 # safetensors' error is no OSError: it carries the text of Rust's, which ends "(os error 28)" (122: a quota).
 RUST_FULL = tuple(f"(os error {code})" for code in (errno.ENOSPC, errno.EDQUOT))
 
@@ -99,6 +100,8 @@ def out_of_space(exc: BaseException, folder: Path) -> bool:
         return True
     if any(code in str(e) for e in chain for code in RUST_FULL):
         return True
+    if not any(isinstance(e, RuntimeError) and any(t in str(e) for t in TORCH_SAVE_FAILED) for e in chain):
+        return False  # any other failure is what it says, however little space is left
     try:
         return shutil.disk_usage(folder).free < FULL_BELOW_BYTES
     except OSError:
