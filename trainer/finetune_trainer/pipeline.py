@@ -33,7 +33,7 @@ from finetune_trainer import analyze as analysis
 from finetune_trainer import checkpoints, distributed, export, prune
 from finetune_trainer.adjust import adaptable, freeze, param_groups
 from finetune_trainer.batches import (Batch, Encoded, encode_causal, encode_images, encode_text, epoch_batches,
-                                      eval_batches, make_collate)
+                                      eval_batches, make_collate, say_truncated)
 from finetune_trainer.config import Batching, HealSpec, PruneSpec, Stage, Task, TrainerConfig
 from finetune_trainer.data import (LabelledData, Split, check_label_count, head_order, in_head_order, load_dataset,
                                    load_texts)
@@ -192,7 +192,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     tokenizer = None if task in (Task.IMAGE_CLASSIFICATION, Task.OBJECT_DETECTION) else load_tokenizer(cfg.model)
     data = load_coco(cfg.dataset, seed) if detecting else load_dataset(cfg.dataset, task, seed)
     num_labels = 0 if task == Task.CAUSAL_LM else check_label_count(data.id2label, cfg.rearrange.head.num_labels)
-    train_data, validation_data, test_data = encode(data, tokenizer, cfg)
+    train_data, validation_data, test_data = encode(data, tokenizer, cfg, world.main)
     heal_data = healing_texts(cfg, tokenizer, train_data)  # read now: a bad file stops the job before the model loads
     collate = make_collate(task, tokenizer.pad_token_id if tokenizer else 0, cfg.dataset.image_size)
     if detecting:
@@ -200,7 +200,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         model = load_detector(cfg.model, cfg.dataset.image_size).to(world.device)
         if order := trained_head_order(model, data.id2label, num_labels, cfg.rearrange.head.reinitialize):
             data = renumbered(data, order)
-            train_data, validation_data, test_data = encode(data, tokenizer, cfg)
+            train_data, validation_data, test_data = encode(data, tokenizer, cfg, world.main)
     else:
         model = load_model(cfg.model, tokenizer, seed, world.device)
         if order := trained_head_order(model, data.id2label, num_labels, cfg.rearrange.head.reinitialize):
@@ -511,11 +511,15 @@ def head_labels(model: nn.Module) -> tuple[dict[int, str] | None, int | None]:
     return (config.id2label, config.num_labels) if config is not None else (None, None)
 
 
-def encode(data: LabelledData, tokenizer: Any, cfg: TrainerConfig) -> tuple[Encoded, Encoded, Encoded]:
+def encode(data: LabelledData, tokenizer: Any, cfg: TrainerConfig, main: bool) -> tuple[Encoded, Encoded, Encoded]:
+    """The three splits, ready to batch; the main rank says how many texts were truncated (one line a run)."""
     if tokenizer is None:
         return encode_images(data.train), encode_images(data.validation), encode_images(data.test)
     text = text_encoder(cfg.model.task)
-    return tuple(text(split, tokenizer, cfg.dataset.max_length) for split in (data.train, data.validation, data.test))
+    encoded = tuple(text(split, tokenizer, cfg.dataset.max_length) for split in (data.train, data.validation, data.test))
+    if main:
+        say_truncated(encoded, cfg.dataset.max_length)
+    return encoded
 
 
 def text_encoder(task: Task) -> Callable[..., Encoded]:
