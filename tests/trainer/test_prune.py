@@ -341,18 +341,25 @@ def test_a_threshold_below_every_layers_score_removes_none_and_heals_nothing(tmp
                                                                             caplog) -> None:
     """A threshold is the analysis' call, which may be none: the job trains the model whole, with a warning. It
     copied the whole model and healed it towards that copy of itself (loss 0, steps for nothing), and the card said
-    'Removed 0 of 3 layers (, counted from 0 at the bottom)'."""
+    'Removed 0 of 3 layers (, counted from 0 at the bottom)'. It measured the FLOPs of the model it had not pruned
+    again, a probe step for nothing."""
+    from finetune_trainer import analyze
+
     doc = tiny_classifier_doc(tmp_path / "out")
     doc["model"]["config"] = TINY_BERT | {"num_hidden_layers": 3}
     doc["rearrange"] = {"prune": {"threshold": 1e-9, "heal": {"steps": 3}}}
     copies: list[int] = []
     real_target = prune.healing_target
     monkeypatch.setattr(prune, "healing_target", lambda model: copies.append(1) or real_target(model))
+    probes: list[int] = []
+    real_probe = analyze.probe_step
+    monkeypatch.setattr(analyze, "probe_step", lambda *a: probes.append(1) or real_probe(*a))
     with caplog.at_level("WARNING", logger="finetune_trainer.prune"):
         report = run(TrainerConfig.model_validate(doc), tmp_path / "out")
     assert "rearrange.prune.threshold 1e-09 removes no layer" in caplog.text
     assert report["pruning"]["removed_layers"] == [] and report["pruning"]["layers_after"] == 3
     assert "heal" not in report["pruning"] and copies == []
+    assert len(probes) == 1  # the analysis' own
     card = (tmp_path / "out" / "README.md").read_text()
     assert "Removed none of the 3 layers: none scored below the threshold" in card and "Healed" not in card
 

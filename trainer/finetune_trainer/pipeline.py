@@ -292,8 +292,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
             p.requires_grad_(True)
         freeze(model, cfg.adjust.freeze, layers, head)
         progress.message["pruning"] = {"removedLayers": pruning["removed_layers"]}
-        # The analysis measured the model as loaded: with a quarter of its layers pruned MFU read about 4/3 too high
-        flops = analysis.probe_step(model, probe[:1], task, cfg.rearrange.lora is not None, dtype)[1]["flops"]
+        if drop:  # the analysis measured the model as loaded: a quarter of its layers pruned, MFU read 4/3 too high
+            flops = analysis.probe_step(model, probe[:1], task, cfg.rearrange.lora is not None, dtype)[1]["flops"]
     if cfg.rearrange.lora is not None:
         candidates = adaptable(list(lora_candidates(model, task)), cfg.adjust.freeze, layers, head)
         model = add_adapters(model, cfg.rearrange.lora, candidates, head)
