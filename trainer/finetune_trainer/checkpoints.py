@@ -28,6 +28,7 @@ import logging
 import os
 import random
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -161,13 +162,19 @@ def run_folder(parent: Path, identity: dict[str, Any], world: World) -> Path:
 def save_healed(root: Path, layers: nn.Module, figures: dict[str, float], world: World) -> None:
     """Keep healing's result (the layer stack's weights) and its figures in the run's folder, atomically."""
     if world.main:
-        tmp = root / f".tmp-{HEALED}"
         tensors = {n: t.detach().to("cpu", copy=True).contiguous() for n, t in layers.state_dict().items()}
-        save_file(tensors, tmp, metadata={"figures": json.dumps(figures)})
-        fsync_tree(root)
-        os.replace(tmp, root / HEALED)
-        fsync_tree(root)
+        replace_atomically(root, HEALED, lambda tmp: save_file(tensors, tmp, metadata={"figures": json.dumps(figures)}))
     world.barrier()
+
+
+def replace_atomically(root: Path, name: str, write: Callable[[Path], object]) -> None:
+    """Write `name` in `root` through a temporary file (`write` given its path), synced before and after it takes
+    the name: a crash leaves the old file or the new, never a torn or empty one (the next attempt would read it)."""
+    tmp = root / f".tmp-{name}"
+    write(tmp)
+    fsync_tree(root)
+    os.replace(tmp, root / name)
+    fsync_tree(root)
 
 
 def healed_kept(root: Path) -> bool:
@@ -189,11 +196,9 @@ def load_healed(root: Path, layers: nn.Module) -> dict[str, float] | None:
 
 
 def save_baseline(root: Path, kept: dict[str, Any], world: World) -> None:
-    """Keep the baseline's scores in the run's folder, atomically (`load_baseline` reads them)."""
+    """Keep the baseline's scores in the run's folder, atomically and synced (`load_baseline` reads them)."""
     if world.main:
-        tmp = root / f".tmp-{BASELINE}"
-        tmp.write_text(json.dumps(kept))
-        os.replace(tmp, root / BASELINE)
+        replace_atomically(root, BASELINE, lambda tmp: tmp.write_text(json.dumps(kept)))
     world.barrier()
 
 
