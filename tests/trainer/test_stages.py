@@ -14,14 +14,14 @@ import pytest
 import torch
 from torch import nn
 
-from finetune_trainer.adjust import adaptable, freeze, param_groups
+from finetune_trainer.adjust import adaptable, freeze, lora_targets, param_groups
 from finetune_trainer.analyze import analyze, fail_on_fatal, summary
 from finetune_trainer.batches import (Encoded, encode_causal, encode_images, encode_text, epoch_batches,
                                       eval_batches, make_collate)
 from finetune_trainer.config import AdjustSpec, FreezeSpec, LoraSpec, Metric, ModelSpec, Task, TrainingSpec
 from finetune_trainer.data import Split
 from finetune_trainer.distributed import World
-from finetune_trainer.errors import FatalFinding
+from finetune_trainer.errors import ConfigError, FatalFinding
 from finetune_trainer.evaluate import evaluate, macro_f1
 from finetune_trainer.export import export_model, loss_curve
 from finetune_trainer.models import load_model, load_tokenizer, load_vision_model, logits_of
@@ -946,3 +946,24 @@ def test_a_checkpoint_of_torchvisions_reference_scripts_loads_as_model_uri(tmp_p
                        ) as raised:
         load_vision_model(ModelSpec(task="image-classification", architecture="resnet18", uri=str(tmp_path / "whole.pth")))
     assert exit_code_of(raised.value) == 1
+
+
+def test_named_lora_targets_keep_off_what_the_freeze_freezes(bert, caplog) -> None:
+    """rearrange.lora.targetModules once bypassed the freeze: all-but-head with targetModules [query, value] put
+    adapters everywhere, the freeze then froze them all, and the job trained the head alone, merging adapters
+    that had not moved."""
+    model, _ = bert
+    task = Task.SEQUENCE_CLASSIFICATION
+    layers, head = depth(model, task), head_name(model, task)
+    lora = LoraSpec(rank=2, targetModules=["query"])
+    with pytest.raises(ConfigError, match=r"targetModules \['query'\]: adjust.freeze \(strategy all-but-head\)"):
+        lora_targets(model, lora, task, FreezeSpec(strategy="all-but-head"), layers, head)
+    spec = FreezeSpec(strategy="bottom-layers", count=1)
+    targets = lora_targets(model, lora, task, spec, layers, head)
+    assert targets == [f"bert.encoder.layer.{i}.attention.self.query" for i in range(1, layers.layers)]
+    assert "no adapters on 1 of the" in caplog.text and "layer.0.attention.self.query" in caplog.text
+    freeze(model, spec, layers, head)
+    wrapped = add_adapters(model, lora, targets, head)
+    freeze(wrapped, spec, layers, head)  # as the pipeline does after rearranging
+    adapters = {n: p.requires_grad for n, p in wrapped.named_parameters() if "lora_" in n}
+    assert adapters and all(adapters.values())

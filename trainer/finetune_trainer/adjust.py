@@ -13,9 +13,9 @@ from collections import defaultdict
 
 from torch import nn
 
-from finetune_trainer.config import AdjustSpec, FreezeSpec, FreezeStrategy
+from finetune_trainer.config import AdjustSpec, FreezeSpec, FreezeStrategy, LoraSpec, Task
 from finetune_trainer.errors import ConfigError
-from finetune_trainer.structure import Depth, canonical
+from finetune_trainer.structure import Depth, canonical, lora_candidates
 
 log = logging.getLogger(__name__)
 
@@ -46,6 +46,28 @@ def adaptable(candidates: list[str], spec: FreezeSpec, depth: Depth, head: str |
     """The LoRA candidates (module names) whose weight the freeze leaves training: adapters in frozen modules
     would cost compute and learn nothing."""
     return [name for name in candidates if not frozen_by(spec, name + ".weight", depth, head)]
+
+
+def lora_targets(model: nn.Module, lora: LoraSpec, task: Task, spec: FreezeSpec, depth: Depth,
+                 head: str | None) -> list[str]:
+    """The modules to adapt: those `lora.target_modules` names (peft's rule for a list: a module's name or its last
+    parts), else every LoRA candidate; in either case only those the freeze leaves training."""
+    names = lora.target_modules
+    if not names:
+        return adaptable(list(lora_candidates(model, task)), spec, depth, head)
+    named = [m for m, _ in model.named_modules() if any(m == n or m.endswith("." + n) for n in names)]
+    if not named:
+        return list(names)  # peft says that they match nothing
+    kept = adaptable(named, spec, depth, head)
+    if not kept:
+        raise ConfigError(f"rearrange.lora.targetModules {names}: adjust.freeze (strategy {spec.strategy.value}) "
+                          "freezes every module they name, so their adapters would not train; freeze less or name "
+                          "modules that train")
+    if len(kept) < len(named):
+        log.warning("rearrange.lora.targetModules: no adapters on %d of the %d modules named, which adjust.freeze "
+                    "(strategy %s) freezes (%s, ...)", len(named) - len(kept), len(named), spec.strategy.value,
+                    next(m for m in named if m not in kept))
+    return kept
 
 
 # Parameters held beside submodules that are embeddings or scales, not a layer's weight: ViT's position embedding

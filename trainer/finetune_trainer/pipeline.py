@@ -31,7 +31,7 @@ from torch import nn
 
 from finetune_trainer import analyze as analysis
 from finetune_trainer import checkpoints, distributed, export, prune
-from finetune_trainer.adjust import adaptable, freeze, param_groups
+from finetune_trainer.adjust import freeze, lora_targets, param_groups
 from finetune_trainer.batches import (Batch, Encoded, encode_causal, encode_images, encode_text, epoch_batches,
                                       eval_batches, make_collate, say_truncated)
 from finetune_trainer.config import Batching, HealSpec, PruneSpec, Stage, Task, TrainerConfig
@@ -47,7 +47,7 @@ from finetune_trainer.lora_fused import fuse
 from finetune_trainer.models import (ImageClassifier, check_image_size, check_positions, check_vocabulary,
                                      load_model, load_tokenizer)
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
-from finetune_trainer.structure import depth, head_name, lora_candidates
+from finetune_trainer.structure import depth, head_name
 from finetune_trainer.telemetry import Metrics, write_failure, write_termination
 from finetune_trainer.train import (Hooks, LoopState, autocast_dtype, make_optimizer, make_scheduler, precision_name,
                                     steps_per_epoch, total_steps, train_loop)
@@ -295,8 +295,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         if drop:  # the analysis measured the model as loaded: a quarter of its layers pruned, MFU read 4/3 too high
             flops = analysis.probe_step(model, probe[:1], task, cfg.rearrange.lora is not None, dtype)[1]["flops"]
     if cfg.rearrange.lora is not None:
-        candidates = adaptable(list(lora_candidates(model, task)), cfg.adjust.freeze, layers, head)
-        model = add_adapters(model, cfg.rearrange.lora, candidates, head)
+        targets = lora_targets(model, cfg.rearrange.lora, task, cfg.adjust.freeze, layers, head)
+        model = add_adapters(model, cfg.rearrange.lora, targets, head)
         freeze(model, cfg.adjust.freeze, layers, head)
         if world.device.type == "cpu":
             log.info("LoRA as one product with the merged weight (CPU) on %d of the adapted modules", fuse(model))

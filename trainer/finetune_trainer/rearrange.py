@@ -39,17 +39,16 @@ def new_head(model: nn.Module, head: str, num_labels: int, id2label: dict[int, s
     return True
 
 
-def add_adapters(model: nn.Module, spec: LoraSpec, candidates: list[str], head: str | None) -> nn.Module:
-    """Wrap `model` with LoRA (or DoRA) on `spec.target_modules`, or on every candidate when that is empty.
+def add_adapters(model: nn.Module, spec: LoraSpec, targets: list[str], head: str | None) -> nn.Module:
+    """Wrap `model` with LoRA (or DoRA) on `targets` (module names, or their last parts).
 
     The head, when there is one, trains in full (`modules_to_save`): it is new or must fit new labels.
     """
     from peft import LoraConfig, get_peft_model
 
-    targets = spec.target_modules or candidates
     if not targets:
         raise ConfigError("rearrange.lora: no layer is left to adapt (adjust.freeze freezes every LoRA candidate); "
-                          "freeze fewer layers, name rearrange.lora.targetModules, or drop rearrange.lora")
+                          "freeze fewer layers or drop rearrange.lora")
     config = LoraConfig(
         r=spec.rank,
         lora_alpha=spec.alpha,
