@@ -940,3 +940,20 @@ def test_a_child_job_deleted_by_hand_ends_its_attempt_and_the_next_one_is_not_co
     starting = after(decide(Observed(body(created), [job(2)], [stopped, pod(2, phase="Pending")], NOW + timedelta(
         seconds=44))), created)
     assert starting["attempts"] == 2 and not starting.get("failures") and starting["phase"] == "Pending"
+
+
+def test_an_end_seen_late_keeps_the_jobs_own_completion_time() -> None:
+    """Seen after an operator outage (a crash loop, a `helm upgrade` pulling its new image), the end was the Job's:
+    completionTime said when the operator came back, and the TTL counted from then."""
+    def child(kind: str, reason: str) -> dict[str, Any]:
+        return outcome.job_summary({"metadata": {"name": "ft-1", "labels": {outcome.ATTEMPT_LABEL: "1"}}, "status": {
+            "conditions": [{"type": kind, "status": "True", "reason": reason,
+                            "lastTransitionTime": "2026-12-01T10:00:00Z"}]}})
+    message = {"stage": "Done", "exitCode": 0}
+    done = after(decide(Observed(body({"attempts": 1}), [child("Complete", "")],
+                                 [pod(phase="Succeeded", exit_code=0, message=message)], NOW)))
+    assert done["phase"] == "Succeeded" and done["completionTime"] == "2026-12-01T10:00:00Z"
+    message = {"stage": "Loading", "reason": "InvalidDataset", "message": "x", "exitCode": 1}
+    failed = after(decide(Observed(body({"attempts": 1}), [child("Failed", "BackoffLimitExceeded")],
+                                   [pod(phase="Failed", exit_code=1, message=message)], NOW)))
+    assert failed["phase"] == "Failed" and failed["completionTime"] == "2026-12-01T10:00:00Z"

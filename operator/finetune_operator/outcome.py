@@ -190,6 +190,7 @@ def job_summary(job: dict[str, Any]) -> dict[str, Any]:
     status = job.get("status", {})
     conditions = {c["type"]: c for c in status.get("conditions") or [] if c.get("status") == "True"}
     failed = conditions.get("Failed") or conditions.get("FailureTarget")
+    ended = conditions.get("SuccessCriteriaMet") or conditions.get("Complete") or failed
     return {
         "name": job["metadata"]["name"],
         "uid": _owner_uid(job["metadata"]),
@@ -200,6 +201,7 @@ def job_summary(job: dict[str, Any]) -> dict[str, Any]:
         "failed": status.get("failed", 0),
         "complete": "Complete" in conditions or "SuccessCriteriaMet" in conditions,
         "failure": {"reason": failed.get("reason", ""), "message": failed.get("message", "")} if failed else None,
+        "ended": (ended or {}).get("lastTransitionTime"),  # when it succeeded or failed
         "deleting": bool(job["metadata"].get("deletionTimestamp")),
         "suspended": bool((job.get("spec") or {}).get("suspend")) or "Suspended" in conditions,
         "created": job["metadata"].get("creationTimestamp") or "",

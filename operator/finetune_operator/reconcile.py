@@ -210,6 +210,10 @@ def decide(seen: Observed) -> Decision | None:
     def observe() -> Decision:
         result = outcome.attempt_outcome(job, pods, seen.job_warning, seen.pod_warning)
         _observe(result, conds, status, old, spec, seen, attempt, fail)
+        # An end seen late (the operator was down, or rolled by an upgrade) is the Job's: the TTL counts from it, and
+        # the job's duration is its own, not the outage's.
+        if "completionTime" in status and job and job.get("ended"):
+            status["completionTime"] = job["ended"]
         # else the Job stays active for ever: its other workers run on beside the next attempt, and it keeps its quota
         if lost and job and not (job["failure"] or job["deleting"]):
             decision.delete_job, decision.delete_job_reason = job["name"], "NodeLost"
