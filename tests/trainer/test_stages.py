@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from finetune_trainer.adjust import adaptable, freeze, lora_targets, param_groups
+from finetune_trainer.adjust import adaptable, freeze, freeze_as_loaded, lora_targets, param_groups
 from finetune_trainer.analyze import analyze, fail_on_fatal, summary
 from finetune_trainer.batches import (Encoded, encode_causal, encode_images, encode_text, epoch_batches,
                                       eval_batches, make_collate)
@@ -967,3 +967,18 @@ def test_named_lora_targets_keep_off_what_the_freeze_freezes(bert, caplog) -> No
     freeze(wrapped, spec, layers, head)  # as the pipeline does after rearranging
     adapters = {n: p.requires_grad for n, p in wrapped.named_parameters() if "lora_" in n}
     assert adapters and all(adapters.values())
+
+
+def test_a_freeze_pattern_that_matches_nothing_is_warned_of(bert, caplog) -> None:
+    """A typo in adjust.freeze.pattern (`layers` for BERT's `layer`) froze nothing and trained every weight, the log
+    saying only 'froze 0 parameters (regex)'."""
+    model, _ = bert
+    task = Task.SEQUENCE_CLASSIFICATION
+    layers, head = depth(model, task), head_name(model, task)
+    freeze_as_loaded(model, FreezeSpec(strategy="regex", pattern=r"encoder\.layers\.0\."), layers, head)
+    assert all(p.requires_grad for p in model.parameters())
+    assert "adjust.freeze.pattern 'encoder\\\\.layers\\\\.0\\\\.' matches no parameter name (such as " \
+           "bert.encoder.layer.0.attention.self.query.weight)" in caplog.text
+    caplog.clear()
+    freeze_as_loaded(model, FreezeSpec(strategy="regex", pattern=r"encoder\.layer\.0\."), layers, head)
+    assert "matches no parameter" not in caplog.text and not model.bert.encoder.layer[0].output.dense.weight.requires_grad

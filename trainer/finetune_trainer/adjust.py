@@ -30,6 +30,17 @@ def freeze(model: nn.Module, spec: FreezeSpec, depth: Depth, head: str | None) -
     return frozen
 
 
+def freeze_as_loaded(model: nn.Module, spec: FreezeSpec, depth: Depth, head: str | None) -> None:
+    """The first freeze, of the model as loaded. A pattern that matches no name (a typo: `layers` for `layer`)
+    would freeze nothing and train everything, so it is warned of with a name it could have matched."""
+    frozen = freeze(model, spec, depth, head)
+    log.info("froze %s parameters (%s)", f"{frozen:,}", spec.strategy.value)
+    if not frozen and spec.strategy == FreezeStrategy.REGEX:
+        names = [n for n, _ in model.named_parameters()]
+        log.warning("adjust.freeze.pattern %r matches no parameter name (such as %s): nothing is frozen",
+                    spec.pattern, next((n for n in names if depth.of(n) == 1), names[0]))
+
+
 def frozen_by(spec: FreezeSpec, name: str, depth: Depth, head: str | None) -> bool:
     if spec.strategy == FreezeStrategy.ALL_BUT_HEAD:
         return head is None or not canonical(name).startswith(head + ".")

@@ -31,7 +31,7 @@ from torch import nn
 
 from finetune_trainer import analyze as analysis
 from finetune_trainer import checkpoints, distributed, export, prune
-from finetune_trainer.adjust import freeze, lora_targets, param_groups
+from finetune_trainer.adjust import freeze, freeze_as_loaded, lora_targets, param_groups
 from finetune_trainer.batches import (Batch, Encoded, encode_causal, encode_images, encode_text, epoch_batches,
                                       eval_batches, make_collate, say_truncated)
 from finetune_trainer.config import Batching, HealSpec, PruneSpec, Stage, Task, TrainerConfig
@@ -245,8 +245,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     progress.enter(Stage.ADJUSTING)
     layers = depth(model, task)
     head = head_name(model, task)
-    frozen = freeze(model, cfg.adjust.freeze, layers, head)
-    log.info("froze %s parameters (%s)", f"{frozen:,}", cfg.adjust.freeze.strategy.value)
+    freeze_as_loaded(model, cfg.adjust.freeze, layers, head)
 
     eval_size = cfg.evaluation.batch_size or cfg.training.batch_size
 
