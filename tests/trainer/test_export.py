@@ -52,3 +52,21 @@ def test_adapters_kept_apart_leave_no_merged_weights_of_an_earlier_export(tmp_pa
     files = export_model(wrapped, tokenizer, labels, TrainerConfig.model_validate(doc), tmp_path / "out")
     assert "adapter/adapter_model.safetensors" in files
     assert not [f for f in files if f.startswith("model") and f.endswith((".safetensors", ".json"))], files
+
+
+def test_the_card_and_the_cli_show_a_small_change_as_one(tmp_path: Path) -> None:
+    """A detector's first mAPs (7.1e-05, then 1.5e-04) read 0.0001 before and after with a delta of +0.0001, and a
+    perplexity of 1e30 took 36 characters: four significant digits where four decimals show fewer or too many."""
+    from finetune_trainer.cli import summary_table
+    from finetune_trainer.export import model_card
+
+    report = {"evaluation": {"baseline": {"map": 7.054e-05, "perplexity": 1.0e30, "accuracy": 0.36458},
+                             "final": {"map": 1.4968e-04, "perplexity": 16953.2165, "accuracy": 0.38542},
+                             "delta": {"map": 7.914e-05, "perplexity": 16953.2165 - 1.0e30, "accuracy": 0.02084}},
+              "labels": {}, "training": {"train_samples": 1, "validation_samples": 1, "test_samples": 1, "steps": 1,
+                                         "seconds": 1, "samples_per_second": 1.0}}
+    card = model_card(TrainerConfig.model_validate(tiny_classifier_doc(tmp_path)), report)
+    assert "| map | 7.054e-05 | 0.0001497 | +7.914e-05 |" in card
+    assert "| perplexity | 1e+30 | 16953.2165 | -1e+30 |" in card
+    assert "| accuracy | 0.3646 | 0.3854 | +0.02084 |" in card
+    assert "map         7.054e-05   0.0001497  +7.914e-05" in summary_table(report, tmp_path)

@@ -122,14 +122,15 @@ def execute(cfg: Any, output: Path | None) -> int:
 
 
 def summary_table(report: dict[str, Any], out: Path) -> str:
+    from finetune_trainer.export import fmt  # the model card's numbers
+
     evaluation = report["evaluation"]
     training = report["training"]
     rows = [("metric", "baseline", "fine-tuned", "delta")]
     for metric, value in evaluation["final"].items():
         base = evaluation["baseline"].get(metric)
         delta = evaluation["delta"].get(metric)
-        rows.append((metric, "-" if base is None else f"{base:.4f}", f"{value:.4f}",
-                     "-" if delta is None else f"{delta:+.4f}"))
+        rows.append((metric, fmt(base), fmt(value), fmt(delta, "+")))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
