@@ -957,3 +957,11 @@ def test_an_end_seen_late_keeps_the_jobs_own_completion_time() -> None:
     failed = after(decide(Observed(body({"attempts": 1}), [child("Failed", "BackoffLimitExceeded")],
                                    [pod(phase="Failed", exit_code=1, message=message)], NOW)))
     assert failed["phase"] == "Failed" and failed["completionTime"] == "2026-12-01T10:00:00Z"
+
+
+def test_the_eval_summary_keeps_three_figures_of_a_small_or_a_large_metric() -> None:
+    """A detector's first mAPs (0.0004, then 0.0009) read "map 0.000→0.001" in kubectl's Eval column, and a perplexity
+    of 1e30 took 35 characters."""
+    result = {"evaluation": {"baseline": {"map": 0.00043, "perplexity": 1e30}, "final": {"map": 0.00092,
+                                                                                          "perplexity": 16953.2}}}
+    assert evaluation_of(result)["summary"] == "map 0.00043→0.00092, perplexity 1e+30→16953.200"

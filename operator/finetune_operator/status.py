@@ -155,8 +155,15 @@ def _summary(baseline: dict[str, float], final: dict[str, float]) -> str:
     parts = []
     for metric, value in list(final.items())[:2]:
         before = baseline.get(metric)
-        parts.append(f"{metric} {before:.3f}→{value:.3f}" if before is not None else f"{metric} {value:.3f}")
+        parts.append(f"{metric} {_figure(before)}→{_figure(value)}" if before is not None
+                     else f"{metric} {_figure(value)}")
     return ", ".join(parts)
+
+
+def _figure(value: float) -> str:
+    """Three decimals, or three significant digits where three decimals show fewer (a detector's first mAPs, 0.0004
+    then 0.0009, read "map 0.000→0.001") or a needlessly long number (a perplexity of 1e30 took 35 characters)."""
+    return format(value, ".3f" if value == 0 or 0.1 <= abs(value) < 1e6 else ".3g")
 
 
 def evaluation_of(result: dict[str, Any]) -> dict[str, Any] | None:
