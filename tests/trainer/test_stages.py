@@ -26,7 +26,7 @@ from finetune_trainer.evaluate import evaluate, macro_f1
 from finetune_trainer.export import export_model, loss_curve
 from finetune_trainer.models import load_model, load_tokenizer, load_vision_model, logits_of
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
-from finetune_trainer.structure import depth, head_name, lora_candidates
+from finetune_trainer.structure import canonical, depth, head_name, lora_candidates
 from finetune_trainer.train import steps_per_epoch
 
 from tiny import TINY_BERT, TINY_GPT2, bpe_tokenizer, card_model, tiny_classifier_doc
@@ -982,3 +982,16 @@ def test_a_freeze_pattern_that_matches_nothing_is_warned_of(bert, caplog) -> Non
     caplog.clear()
     freeze_as_loaded(model, FreezeSpec(strategy="regex", pattern=r"encoder\.layer\.0\."), layers, head)
     assert "matches no parameter" not in caplog.text and not model.bert.encoder.layer[0].output.dense.weight.requires_grad
+
+
+def test_doras_magnitudes_get_no_weight_decay_on_a_convolution_either() -> None:
+    """A linear layer's DoRA magnitude is 1-D, so exempt; a convolution's is 4-D, and weight decay pulled it (each
+    output channel's norm) toward zero."""
+    task = Task.IMAGE_CLASSIFICATION
+    model = load_model(ModelSpec(task="image-classification", architecture="resnet18"), None, seed=0)
+    layers, head = depth(model, task), head_name(model, task)
+    wrapped = add_adapters(model, LoraSpec(rank=2, variant="dora"), ["net.layer4.1.conv2"], head)
+    decay_of = {canonical(n): g["weight_decay"] for g in param_groups(wrapped, AdjustSpec(weightDecay=0.01), layers, head)
+                for n in g["param_names"]}
+    assert decay_of["net.layer4.1.conv2.lora_magnitude_vector.default.weight"] == 0.0
+    assert decay_of["net.layer4.1.conv2.lora_A.default.weight"] == decay_of["net.fc.weight"] == 0.01

@@ -88,11 +88,12 @@ EMBEDDING_LIKE = re.compile(r"pos|token|embed|relative_position|scale")
 
 
 def no_decay_names(model: nn.Module) -> set[str]:
-    """Biases, norm weights and embeddings (EMBEDDING_LIKE too): decaying them toward zero hurts and regularises
-    nothing."""
+    """Biases, norm weights, DoRA's magnitudes and embeddings (EMBEDDING_LIKE too): decaying them toward zero hurts
+    and regularises nothing."""
     names = set()
     for module_name, module in model.named_modules():
-        exempt = isinstance(module, nn.Embedding) or "Norm" in type(module).__name__
+        # peft's Dora*Layer holds DoRA's magnitude: each output's norm, a scale (4-D for a convolution's)
+        exempt = isinstance(module, nn.Embedding) or any(k in type(module).__name__ for k in ("Norm", "Dora"))
         beside = any(True for _ in module.children())
         for name, p in module.named_parameters(recurse=False):
             if exempt or p.dim() < 2 or (beside and EMBEDDING_LIKE.search(name)):
