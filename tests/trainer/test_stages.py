@@ -995,3 +995,18 @@ def test_doras_magnitudes_get_no_weight_decay_on_a_convolution_either() -> None:
                 for n in g["param_names"]}
     assert decay_of["net.layer4.1.conv2.lora_magnitude_vector.default.weight"] == 0.0
     assert decay_of["net.layer4.1.conv2.lora_A.default.weight"] == decay_of["net.fc.weight"] == 0.01
+
+
+def test_a_failed_merge_check_is_a_warning_naming_merge_on_export(caplog) -> None:
+    """An adapter on GPT-2's input embedding, tied to its output: merged, it changes the output layer too. The
+    check kept the adapters apart, which only an INFO line said, though rearrange.mergeOnExport asked to merge."""
+    model, tokenizer = text_model(Task.CAUSAL_LM, TINY_GPT2, "gpt2")
+    _, _, batches = text_batches(tokenizer, Task.CAUSAL_LM)
+    wrapped = add_adapters(model, LoraSpec(rank=2), ["transformer.wte"], None)
+    with torch.no_grad():
+        for name, p in wrapped.named_parameters():
+            if "lora_embedding_" in name:  # peft starts A at zero here, B random
+                p.normal_(std=0.1)
+    kept, check = merge_adapters(wrapped, batches[0].inputs)
+    assert not check["passed"] and hasattr(kept, "peft_config")
+    assert any(r.levelname == "WARNING" and "rearrange.mergeOnExport" in r.message for r in caplog.records)
