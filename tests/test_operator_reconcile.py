@@ -965,3 +965,13 @@ def test_the_eval_summary_keeps_three_figures_of_a_small_or_a_large_metric() -> 
     result = {"evaluation": {"baseline": {"map": 0.00043, "perplexity": 1e30}, "final": {"map": 0.00092,
                                                                                           "perplexity": 16953.2}}}
     assert evaluation_of(result)["summary"] == "map 0.00043→0.00092, perplexity 1e+30→16953.200"
+
+
+def test_an_attempt_whose_creation_the_status_never_recorded_is_created_when_next_seen() -> None:
+    """The operator killed between making the children and patching the status: the next tick finds the Job. Created
+    stayed absent (no AttemptCreated Event), or False with the quota that had held the attempt back, while it ran."""
+    for before in ({}, after(decide(Observed(body(), [], [], NOW, held_back=("ExceededQuota", "exceeded quota"))))):
+        seen = decide(Observed(body(before), [job(1)], [pod(1, phase="Pending", scheduled=False)], NOW))
+        status = after(seen, before)
+        assert conditions(status)["Created"] == ("True", "AttemptCreated") and status["reason"] != "ExceededQuota"
+        assert ("Normal", "AttemptCreated", "attempt 1: 1 worker(s)") in seen.events

@@ -206,6 +206,9 @@ def decide(seen: Observed) -> Decision | None:
     if job:
         status["children"] = _children(job["name"], spec)
         status["workers"] = {k: job[k] for k in ("active", "ready", "succeeded", "failed")}
+        # Made, whatever the status says: a status patch lost after the creation (the operator killed in between)
+        # left Created absent, or False saying why an earlier try was held back, for the rest of the job.
+        _created(conds, attempt, workers)
 
     def observe() -> Decision:
         result = outcome.attempt_outcome(job, pods, seen.job_warning, seen.pod_warning)
@@ -307,10 +310,14 @@ def decide(seen: Observed) -> Decision | None:
             conds.set(T.CREATED, False, *seen.held_back)
         else:
             status["children"] = _children(children.child_name(meta["name"], decision.create_attempt), spec)
-            conds.set(T.CREATED, True, "AttemptCreated", f"attempt {decision.create_attempt}: {workers} worker(s)")
+            _created(conds, decision.create_attempt, workers)
         return _finish(decision, old, conds)
 
     return observe()
+
+
+def _created(conds: Conditions, attempt: int, workers: int) -> None:
+    conds.set(T.CREATED, True, "AttemptCreated", f"attempt {attempt}: {workers} worker(s)")
 
 
 def _retuned(job: dict[str, Any], meta: dict[str, Any], spec: SpecFacts) -> bool:
