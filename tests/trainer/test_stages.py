@@ -1010,3 +1010,12 @@ def test_a_failed_merge_check_is_a_warning_naming_merge_on_export(caplog) -> Non
     kept, check = merge_adapters(wrapped, batches[0].inputs)
     assert not check["passed"] and hasattr(kept, "peft_config")
     assert any(r.levelname == "WARNING" and "rearrange.mergeOnExport" in r.message for r in caplog.records)
+
+
+def test_a_head_learning_rate_without_a_head_is_warned_of(caplog) -> None:
+    """A causal-lm has no head: adjust.headLearningRate trained nothing at its rate, without a word."""
+    model, _ = text_model(Task.CAUSAL_LM, TINY_GPT2, "gpt2")
+    layers = depth(model, Task.CAUSAL_LM)
+    groups = param_groups(model, AdjustSpec(learningRate=1e-3, headLearningRate=1e-2), layers, None)
+    assert max(g["lr"] for g in groups) == 1e-3
+    assert "adjust.headLearningRate 0.01 is not used: the model has no head" in caplog.text

@@ -103,6 +103,9 @@ def no_decay_names(model: nn.Module) -> set[str]:
 
 def param_groups(model: nn.Module, spec: AdjustSpec, depth: Depth, head: str | None) -> list[dict]:
     """AdamW parameter groups of the trainable parameters, one per (learning rate, weight decay)."""
+    if head is None and spec.head_learning_rate:
+        log.warning("adjust.headLearningRate %g is not used: the model has no head (a causal-lm's output layer is "
+                    "its embeddings'); adjust.learningRate is the top rate", spec.head_learning_rate)
     exempt = no_decay_names(model)
     top = depth.layers + 1
     groups: dict[tuple[float, float], dict] = defaultdict(lambda: {"params": [], "param_names": []})
