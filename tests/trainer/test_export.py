@@ -63,10 +63,24 @@ def test_the_card_and_the_cli_show_a_small_change_as_one(tmp_path: Path) -> None
     report = {"evaluation": {"baseline": {"map": 7.054e-05, "perplexity": 1.0e30, "accuracy": 0.36458},
                              "final": {"map": 1.4968e-04, "perplexity": 16953.2165, "accuracy": 0.38542},
                              "delta": {"map": 7.914e-05, "perplexity": 16953.2165 - 1.0e30, "accuracy": 0.02084}},
-              "labels": {}, "training": {"train_samples": 1, "validation_samples": 1, "test_samples": 1, "steps": 1,
-                                         "seconds": 1, "samples_per_second": 1.0}}
+              "labels": {}, "config": {"model": {"task": "sequence-classification"}},
+              "training": {"train_samples": 1, "validation_samples": 1, "test_samples": 1, "steps": 1, "seconds": 1,
+                           "samples_per_second": 1.0}}
     card = model_card(TrainerConfig.model_validate(tiny_classifier_doc(tmp_path)), report)
     assert "| map | 7.054e-05 | 0.0001497 | +7.914e-05 |" in card
     assert "| perplexity | 1e+30 | 16953.2165 | -1e+30 |" in card
     assert "| accuracy | 0.3646 | 0.3854 | +0.02084 |" in card
     assert "map         7.054e-05   0.0001497  +7.914e-05" in summary_table(report, tmp_path)
+
+
+def test_the_cli_counts_a_causal_lms_chunks_per_second_as_its_card_does(tmp_path: Path) -> None:
+    """The CLI's last line said '37.6 samples/s' of a causal LM whose card said '37.6 chunks/s' (texts cut in
+    chunks)."""
+    from finetune_trainer.cli import summary_table
+
+    training = {"steps": 4, "seconds": 1.7, "samples_per_second": 37.6}
+    report = {"evaluation": {"baseline": {}, "final": {"loss": 9.7}, "delta": {}}, "training": training,
+              "config": {"model": {"task": "causal-lm"}}}
+    assert "(37.6 chunks/s)" in summary_table(report, tmp_path)
+    report["config"]["model"]["task"] = "sequence-classification"
+    assert "(37.6 samples/s)" in summary_table(report, tmp_path)

@@ -122,7 +122,8 @@ def execute(cfg: Any, output: Path | None) -> int:
 
 
 def summary_table(report: dict[str, Any], out: Path) -> str:
-    from finetune_trainer.export import fmt  # the model card's numbers
+    from finetune_trainer.config import Task
+    from finetune_trainer.export import fmt, rows_of  # as the model card says them
 
     evaluation = report["evaluation"]
     training = report["training"]
@@ -136,7 +137,8 @@ def summary_table(report: dict[str, Any], out: Path) -> str:
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     lines.append(f"\n{training['steps']} steps in {training['seconds']:.1f} s "
-                 f"({training['samples_per_second']:.1f} samples/s); report: {out / 'report.json'}")
+                 f"({training['samples_per_second']:.1f} {rows_of(Task(report['config']['model']['task']))}/s); "
+                 f"report: {out / 'report.json'}")
     return "\n".join(lines)
 
 

@@ -149,9 +149,8 @@ def model_card(cfg: TrainerConfig, report: dict[str, Any], adapters_apart: bool 
     lora = cfg.rearrange.lora
     adapters = f"{lora.variant.value} r={lora.rank} alpha={lora.alpha}" if lora else "none (weights trained directly)"
     merge = report.get("merge_check")
-    # A causal LM trains on chunks of its texts, so its counts (which maxTrainSamples does not bound) are chunks.
-    causal = cfg.model.task == Task.CAUSAL_LM
-    unit = f"chunks of up to {cfg.dataset.max_length} tokens, cut from its texts" if causal else "samples"
+    unit = rows_of(cfg.model.task)
+    unit = f"{unit} of up to {cfg.dataset.max_length} tokens, cut from its texts" if unit == "chunks" else unit
     lines = [
         f"# Fine-tuned {cfg.model.uri or cfg.model.architecture}",
         "",
@@ -162,7 +161,7 @@ def model_card(cfg: TrainerConfig, report: dict[str, Any], adapters_apart: bool 
         f"- Adapters: {adapters}" + (f"; merged (max logit difference {merge['max_abs_logit_diff']:.1e})"
                                      if merge and merge["passed"] else ""),
         f"- Training: {training['steps']} steps in {training['seconds']:.0f} s, "
-        f"{training['samples_per_second']:.1f} {'chunks' if causal else 'samples'}/s, seed {cfg.training.seed}",
+        f"{training['samples_per_second']:.1f} {rows_of(cfg.model.task)}/s, seed {cfg.training.seed}",
         "",
         "## Evaluation on the test split (seen by neither training nor model selection)",
         "",
@@ -176,6 +175,12 @@ def model_card(cfg: TrainerConfig, report: dict[str, Any], adapters_apart: bool 
         "Trained by finetune-trainer; report.json has the structure analysis and the full history.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def rows_of(task: Task) -> str:
+    """What the counts and rates count: a causal LM's chunks of its texts (not bounded by maxTrainSamples), else
+    samples."""
+    return "chunks" if task == Task.CAUSAL_LM else "samples"
 
 
 def head_size(cfg: TrainerConfig, labels: int) -> int:
