@@ -14,7 +14,7 @@ import pytest
 import torch
 from torch import nn
 
-from finetune_trainer.adjust import adaptable, freeze, freeze_as_loaded, lora_targets, param_groups
+from finetune_trainer.adjust import adaptable, freeze, freeze_checked, lora_targets, param_groups
 from finetune_trainer.analyze import analyze, fail_on_fatal, summary
 from finetune_trainer.batches import (Encoded, encode_causal, encode_images, encode_text, epoch_batches,
                                       eval_batches, make_collate)
@@ -975,12 +975,12 @@ def test_a_freeze_pattern_that_matches_nothing_is_warned_of(bert, caplog) -> Non
     model, _ = bert
     task = Task.SEQUENCE_CLASSIFICATION
     layers, head = depth(model, task), head_name(model, task)
-    freeze_as_loaded(model, FreezeSpec(strategy="regex", pattern=r"encoder\.layers\.0\."), layers, head)
+    freeze_checked(model, FreezeSpec(strategy="regex", pattern=r"encoder\.layers\.0\."), layers, head)
     assert all(p.requires_grad for p in model.parameters())
     assert "adjust.freeze.pattern 'encoder\\\\.layers\\\\.0\\\\.' matches no parameter name (such as " \
            "bert.encoder.layer.0.attention.self.query.weight)" in caplog.text
     caplog.clear()
-    freeze_as_loaded(model, FreezeSpec(strategy="regex", pattern=r"encoder\.layer\.0\."), layers, head)
+    freeze_checked(model, FreezeSpec(strategy="regex", pattern=r"encoder\.layer\.0\."), layers, head)
     assert "matches no parameter" not in caplog.text and not model.bert.encoder.layer[0].output.dense.weight.requires_grad
 
 
@@ -1019,3 +1019,13 @@ def test_a_head_learning_rate_without_a_head_is_warned_of(caplog) -> None:
     groups = param_groups(model, AdjustSpec(learningRate=1e-3, headLearningRate=1e-2), layers, None)
     assert max(g["lr"] for g in groups) == 1e-3
     assert "adjust.headLearningRate 0.01 is not used: the model has no head" in caplog.text
+
+
+def test_a_bottom_layers_count_beyond_the_layers_is_warned_of(bert, caplog) -> None:
+    """count 3 on a 2-layer model (or on what pruning left) froze the whole stack without a word."""
+    model, _ = bert
+    layers, head = depth(model, Task.SEQUENCE_CLASSIFICATION), head_name(model, Task.SEQUENCE_CLASSIFICATION)
+    freeze_checked(model, FreezeSpec(strategy="bottom-layers", count=2), layers, head)
+    assert "exceeds" not in caplog.text
+    freeze_checked(model, FreezeSpec(strategy="bottom-layers", count=3), layers, head)
+    assert "adjust.freeze.count 3 exceeds the model's 2 layers: all of them are frozen" in caplog.text

@@ -30,15 +30,19 @@ def freeze(model: nn.Module, spec: FreezeSpec, depth: Depth, head: str | None) -
     return frozen
 
 
-def freeze_as_loaded(model: nn.Module, spec: FreezeSpec, depth: Depth, head: str | None) -> None:
-    """The first freeze, of the model as loaded. A pattern that matches no name (a typo: `layers` for `layer`)
-    would freeze nothing and train everything, so it is warned of with a name it could have matched."""
+def freeze_checked(model: nn.Module, spec: FreezeSpec, depth: Depth, head: str | None) -> None:
+    """Freeze the model as loaded (or as pruned), warning of what the user cannot have meant: a pattern that matches
+    no name (a typo: `layers` for `layer`) freezes nothing, and a count beyond the layers (or those pruning left)
+    freezes them all."""
     frozen = freeze(model, spec, depth, head)
     log.info("froze %s parameters (%s)", f"{frozen:,}", spec.strategy.value)
     if not frozen and spec.strategy == FreezeStrategy.REGEX:
         names = [n for n, _ in model.named_parameters()]
         log.warning("adjust.freeze.pattern %r matches no parameter name (such as %s): nothing is frozen",
                     spec.pattern, next((n for n in names if depth.of(n) == 1), names[0]))
+    if spec.strategy == FreezeStrategy.BOTTOM_LAYERS and (spec.count or 0) > depth.layers:
+        log.warning("adjust.freeze.count %d exceeds the model's %d layers: all of them are frozen, and only what sits "
+                    "above them (a pooler, a final norm, the head) trains", spec.count, depth.layers)
 
 
 def frozen_by(spec: FreezeSpec, name: str, depth: Depth, head: str | None) -> bool:

@@ -31,7 +31,7 @@ from torch import nn
 
 from finetune_trainer import analyze as analysis
 from finetune_trainer import checkpoints, distributed, export, prune
-from finetune_trainer.adjust import freeze, freeze_as_loaded, lora_targets, param_groups
+from finetune_trainer.adjust import freeze, freeze_checked, lora_targets, param_groups
 from finetune_trainer.batches import (Batch, Encoded, encode_causal, encode_images, encode_text, epoch_batches,
                                       eval_batches, make_collate, say_truncated)
 from finetune_trainer.config import Batching, HealSpec, PruneSpec, Stage, Task, TrainerConfig
@@ -245,7 +245,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     progress.enter(Stage.ADJUSTING)
     layers = depth(model, task)
     head = head_name(model, task)
-    freeze_as_loaded(model, cfg.adjust.freeze, layers, head)
+    freeze_checked(model, cfg.adjust.freeze, layers, head)
 
     eval_size = cfg.evaluation.batch_size or cfg.training.batch_size
 
@@ -289,7 +289,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         layers = depth(model, task)
         for p in model.parameters():  # the freeze counted the layers as loaded; count the ones that stay
             p.requires_grad_(True)
-        freeze(model, cfg.adjust.freeze, layers, head)
+        freeze_checked(model, cfg.adjust.freeze, layers, head)
         progress.message["pruning"] = {"removedLayers": pruning["removed_layers"]}
         if drop:  # the analysis measured the model as loaded: a quarter of its layers pruned, MFU read 4/3 too high
             flops = analysis.probe_step(model, probe[:1], task, cfg.rearrange.lora is not None, dtype)[1]["flops"]
