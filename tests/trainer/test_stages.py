@@ -132,6 +132,26 @@ def test_a_causal_lm_built_from_its_config_ends_generation_at_its_tokenizers_eos
     assert GenerationConfig.from_pretrained(tmp_path / "out").eos_token_id == end
 
 
+@pytest.mark.parametrize("saved", [False, True])
+def test_an_encoder_trained_as_a_causal_lm_does_not_see_the_tokens_it_predicts(saved: bool, tmp_path: Path) -> None:
+    """BERT loaded for causal-lm (from its config, or a checkpoint such as the bundled MiniLM) attended both ways:
+    position t saw token t+1, the one it was scored on predicting."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    tokenizer = load_tokenizer(ModelSpec(task="causal-lm", uri="pvc://models/all-MiniLM-L6-v2"))
+    if saved:
+        BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), **TINY_BERT)).save_pretrained(tmp_path)
+    source = {"uri": f"file://{tmp_path}"} if saved else {"architecture": "bert", "config": TINY_BERT}
+    model = load_model(ModelSpec(task="causal-lm", tokenizerUri="pvc://models/all-MiniLM-L6-v2", **source),
+                       tokenizer, seed=0).eval()
+    ids = torch.tensor([tokenizer("a fine day for it")["input_ids"]])
+    later_changed = ids.clone()
+    later_changed[0, 3:] = tokenizer.convert_tokens_to_ids("awful")
+    with torch.no_grad():
+        assert torch.allclose(logits_of(model, {"input_ids": ids})[0, :3],
+                              logits_of(model, {"input_ids": later_changed})[0, :3], atol=1e-6)
+
+
 def test_a_vocabulary_smaller_than_the_tokenizers_is_a_user_error(tmp_path: Path, monkeypatch) -> None:
     """model.config vocab_size 1000 beside a 30k tokenizer failed in the embedding with an IndexError, which exits
     2 and is retried: it is the config's mistake, said before anything trains."""
@@ -1029,3 +1049,19 @@ def test_a_bottom_layers_count_beyond_the_layers_is_warned_of(bert, caplog) -> N
     assert "exceeds" not in caplog.text
     freeze_checked(model, FreezeSpec(strategy="bottom-layers", count=3), layers, head)
     assert "adjust.freeze.count 3 exceeds the model's 2 layers: all of them are frozen" in caplog.text
+
+
+@pytest.mark.parametrize("labels", [3, 2])
+def test_a_new_head_trains_under_lora_though_the_pattern_froze_the_old_one(labels: int) -> None:
+    """A pattern that covers the head froze the loaded one; the freeze after LoRA froze the new one too, so with
+    adapters (or pruning) a random head stayed random, where without them it trained. A head kept stays frozen."""
+    model, _ = text_model(Task.SEQUENCE_CLASSIFICATION, TINY_BERT, "bert")
+    task, head, spec = Task.SEQUENCE_CLASSIFICATION, "classifier", FreezeSpec(strategy="regex", pattern="classifier")
+    layers = depth(model, task)
+    freeze(model, spec, layers, head)
+    fresh = new_head(model, head, labels, {}, reinitialize=False)
+    lora = LoraSpec(rank=2)
+    wrapped = add_adapters(model, lora, lora_targets(model, lora, task, spec, layers, head), head)
+    freeze(wrapped, spec, layers, head, fresh)
+    trained = {canonical(n) for n, p in wrapped.named_parameters() if p.requires_grad and "classifier" in n}
+    assert trained == ({"classifier.weight", "classifier.bias"} if fresh else set())

@@ -20,24 +20,28 @@ from finetune_trainer.structure import Depth, canonical, lora_candidates
 log = logging.getLogger(__name__)
 
 
-def freeze(model: nn.Module, spec: FreezeSpec, depth: Depth, head: str | None) -> int:
-    """Apply the freeze strategy; returns how many parameters it froze."""
+def freeze(model: nn.Module, spec: FreezeSpec, depth: Depth, head: str | None, new_head: bool = False) -> int:
+    """Apply the freeze strategy; returns how many parameters it froze. A new head is spared: frozen, it would keep
+    its random initialisation (the freeze of the model as loaded covered the head that it replaced)."""
     frozen = 0
     for name, p in model.named_parameters():
+        if new_head and head is not None and canonical(name).startswith(head + "."):
+            continue
         if p.requires_grad and frozen_by(spec, name, depth, head):
             p.requires_grad_(False)
             frozen += p.numel()
     return frozen
 
 
-def freeze_checked(model: nn.Module, spec: FreezeSpec, depth: Depth, head: str | None) -> None:
+def freeze_checked(model: nn.Module, spec: FreezeSpec, depth: Depth, head: str | None,
+                   new_head: bool = False) -> None:
     """Freeze the model as loaded (or as pruned), warning of what the user cannot have meant: a pattern that matches
     no name (a typo: `layers` for `layer`) freezes nothing, and a count beyond the layers (or those pruning left)
     freezes them all."""
-    frozen = freeze(model, spec, depth, head)
+    frozen = freeze(model, spec, depth, head, new_head)
     log.info("froze %s parameters (%s)", f"{frozen:,}", spec.strategy.value)
-    if not frozen and spec.strategy == FreezeStrategy.REGEX:
-        names = [n for n, _ in model.named_parameters()]
+    names = [n for n, _ in model.named_parameters()]
+    if spec.strategy == FreezeStrategy.REGEX and not any(frozen_by(spec, n, depth, head) for n in names):
         log.warning("adjust.freeze.pattern %r matches no parameter name (such as %s): nothing is frozen",
                     spec.pattern, next((n for n in names if depth.of(n) == 1), names[0]))
     if spec.strategy == FreezeStrategy.BOTTOM_LAYERS and (spec.count or 0) > depth.layers:

@@ -264,10 +264,11 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         return scores
 
     progress.enter(Stage.REARRANGING)
+    fresh = False  # whether the head is new: the freezes after this one spare it (a detector's see no rearrange)
     if detecting:
         resize_head(model, num_labels + 1, cfg.rearrange.head.reinitialize)  # the background is class 0
     elif head is not None:
-        new_head(model, head, num_labels, data.id2label, cfg.rearrange.head.reinitialize)
+        fresh = new_head(model, head, num_labels, data.id2label, cfg.rearrange.head.reinitialize)
     flops = report.flops["training_per_sample"]  # of a step, for the MFU gauge
     pruning: dict[str, Any] = {}
     serving: list[Batch] = []  # the test batches a pruned model's latency is measured on, before and after
@@ -289,14 +290,14 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         layers = depth(model, task)
         for p in model.parameters():  # the freeze counted the layers as loaded; count the ones that stay
             p.requires_grad_(True)
-        freeze_checked(model, cfg.adjust.freeze, layers, head)
+        freeze_checked(model, cfg.adjust.freeze, layers, head, fresh)
         progress.message["pruning"] = {"removedLayers": pruning["removed_layers"]}
         if drop:  # the analysis measured the model as loaded: a quarter of its layers pruned, MFU read 4/3 too high
             flops = analysis.probe_step(model, probe[:1], task, cfg.rearrange.lora is not None, dtype)[1]["flops"]
     if cfg.rearrange.lora is not None:
         targets = lora_targets(model, cfg.rearrange.lora, task, cfg.adjust.freeze, layers, head)
         model = add_adapters(model, cfg.rearrange.lora, targets, head)
-        freeze(model, cfg.adjust.freeze, layers, head)
+        freeze(model, cfg.adjust.freeze, layers, head, fresh)
         if world.device.type == "cpu":
             log.info("LoRA as one product with the merged weight (CPU) on %d of the adapted modules", fuse(model))
     model.to(world.device)
