@@ -311,7 +311,7 @@ class LoraSpec(ApiModel):
         default_factory=list,
         max_length=256,
         description="Module names (or suffixes) to adapt. Empty: every candidate the analysis found "
-        "(linear layers, not the head or the output embeddings).",
+        "(linear layers, not the head or the output embeddings). Either way, modules adjust.freeze freezes get none.",
     )
 
 
