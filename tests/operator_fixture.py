@@ -99,8 +99,9 @@ class OperatorEnv:
     process: subprocess.Popen | None = None
     restarts: list[int] = field(default_factory=list)
 
-    def start(self) -> None:
-        command = [sys.executable, "-m", "finetune_operator", "run", "--namespace", self.namespace,
+    def start(self, *also: str) -> None:
+        """The operator, watching the test's namespace and `also` these."""
+        command = [sys.executable, "-m", "finetune_operator", "run", "--namespace", ",".join((self.namespace, *also)),
                    "--poll-seconds", "1", "--metrics-port", str(self.metrics_port),
                    "--liveness-port", str(self.liveness_port), "--bind-address", "127.0.0.1",
                    "--trainer-image", "finetune-trainer:local"]

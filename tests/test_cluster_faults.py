@@ -198,3 +198,17 @@ def test_jobs_by_phase_counts_finished_jobs_after_an_operator_restart(operator_e
     env.kube.wait_for("finetune_operator_jobs{phase=Succeeded} 1 after the restart", lambda: _operator_metric(
         env, "finetune_operator_jobs", 'phase="Succeeded"') == 1, env.namespace, timeout=30)
     assert _operator_metric(env, "finetune_operator_jobs", 'phase="Running"') == 0
+
+
+def test_a_watched_namespace_deleted_with_its_role_holds_up_no_other(operator_env: OperatorEnv,
+                                                                        kwok_results: str) -> None:
+    """kopf runs no handler before every watch has listed once: restarted with a watched namespace gone (the chart's
+    Role with it, so listing there is forbidden), the operator ran nothing anywhere and its /healthz failed, so its
+    liveness probe restarted it for ever. Now it leaves that namespace out, and says so."""
+    env = operator_env
+    env.stop()
+    env.start(f"{env.namespace}-deleted")
+    done = env.apply(kwok_job("beside-deleted", f"{kwok_results}/done", runs_for="1s"))
+    env.wait_phase(done, "Succeeded", timeout=60)
+    assert _healthy(env)
+    assert f"not watching {env.namespace}-deleted: forbidden" in env.log.read_text()

@@ -70,6 +70,7 @@ def run(args: argparse.Namespace) -> int:
     kopf.configure(verbose=args.verbose)
     if not args.verbose:  # kopf logs every timer run; transitions are logged (and posted as Events) by us
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
+    ours = ours.model_copy(update={"namespaces": handlers.watchable(ours.namespaces)})
     kopf.run(
         registry=registry,
         memo=kopf.Memo(settings=ours),

@@ -17,6 +17,7 @@ from typing import Any
 
 import aiohttp
 import kopf
+import urllib3
 from kubernetes.client.exceptions import ApiException
 
 from finetune_operator import api, children, judge, metrics, outcome, reconcile
@@ -446,6 +447,44 @@ async def login(memo: kopf.Memo, **kwargs: Any) -> kopf.AiohttpSession | None:
         headers=info.as_http_headers(), auth=info.as_aiohttp_basic_auth())
     return kopf.AiohttpSession(aiohttp_session=session, server=info.server, default_namespace=info.default_namespace,
                                priority=info.priority, expiration=info.expiration)
+
+
+FORBIDDEN_RETRIES = (1.0, 2.0)  # seconds: RBAC applied with the operator (a helm upgrade) may take a moment
+
+
+def watchable(namespaces: tuple[str, ...]) -> tuple[str, ...]:
+    """The watched namespaces this operator may read. kopf runs no handler until every watch has listed once, so one
+    namespace whose Role is gone (deleted with it, or recreated without it) held up the jobs of all the others, and
+    the operator's /healthz, at every start until watchNamespaces was changed. Those are left out, and said so; where
+    none is left, all are kept (kopf retries them)."""
+    if not namespaces:
+        return namespaces
+    clients = Clients(connections=1)
+    readable = tuple(ns for ns in namespaces if _readable(clients, ns))
+    if readable and readable != namespaces:
+        log.warning("finetune-operator: not watching %s: forbidden to list FineTuneJobs there (its Role is missing: "
+                    "the namespace was deleted?); restart the operator once it is back",
+                    ", ".join(ns for ns in namespaces if ns not in readable))
+    return readable or namespaces
+
+
+def _readable(clients: Clients, ns: str) -> bool:
+    for wait in FORBIDDEN_RETRIES:
+        if not _forbidden(clients, ns):
+            return True
+        time.sleep(wait)
+    return not _forbidden(clients, ns)
+
+
+def _forbidden(clients: Clients, ns: str) -> bool:
+    """Whether the apiserver forbids listing the namespace's FineTuneJobs: any other failure is kopf's to retry."""
+    try:
+        clients.call("GET", api_path(ns, api.PLURAL, group=api.GROUP, version=api.VERSION), limit="1")
+    except ApiException as exc:
+        return exc.status == 403
+    except urllib3.exceptions.HTTPError:  # the apiserver not answering
+        return False
+    return False
 
 
 def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
