@@ -273,3 +273,63 @@ def test_the_reported_test_scores_are_those_of_the_exported_model(tmp_path: Path
     alone = evaluate(exported, test, make_collate(Task.IMAGE_CLASSIFICATION, 0, 16), Task.IMAGE_CLASSIFICATION,
                      cfg.evaluation_metrics, 8, World(0, 1, torch.device("cpu")), 10)
     assert reported == pytest.approx(alone, rel=1e-6)
+
+
+class Dropped(torch.nn.Module):
+    """Embeddings through dropout to two logits; it keeps the dropout masks its training forwards drew."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.drop, self.out = torch.nn.Embedding(8, 16), torch.nn.Dropout(0.5), torch.nn.Linear(16, 2)
+        self.masks: list[torch.Tensor] = []
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        dropped = self.drop(self.embed(input_ids))
+        if self.training:
+            self.masks.append(dropped == 0)
+        return self.out(dropped.mean(1))
+
+
+def train_with_dropout(rank: int, port: int, queue: Any) -> None:
+    """One of two ranks training `Dropped` for two steps, seeded alike as `load_model` seeds every rank."""
+    import datetime
+
+    import torch.distributed as dist
+
+    from finetune_trainer.batches import Encoded, make_collate
+    from finetune_trainer.config import Task, TrainingSpec
+    from finetune_trainer.distributed import World
+    from finetune_trainer.train import make_scheduler, train_loop
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    torch.manual_seed(0)
+    model = Dropped()
+    data = Encoded([[1, 2, 3, 4]] * 16, [0, 1] * 8, [4] * 16)
+    spec = TrainingSpec(batchSize=4, maxSteps=2, batching="dynamic", precision="fp32")
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    train_loop(torch.nn.parallel.DistributedDataParallel(model), optimizer, make_scheduler(optimizer, spec, 2), data,
+               make_collate(Task.SEQUENCE_CLASSIFICATION, 0, 0), spec, Task.SEQUENCE_CLASSIFICATION,
+               World(rank, 2, torch.device("cpu")))
+    queue.put((rank, torch.stack(model.masks).tolist()))  # a tensor would go by shared memory
+    dist.destroy_process_group()
+
+
+def test_ranks_draw_their_own_dropout_masks() -> None:
+    """Every rank seeds its RNG alike (so that fresh weights agree), and training went on from that state: each
+    rank's dropout dropped the same units of its own batch, a global batch of 2 x 4 regularised as one of 4."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port = free_port()
+    ranks = [context.Process(target=train_with_dropout, args=(rank, port, queue)) for rank in range(2)]
+    for p in ranks:
+        p.start()
+    masks = dict(queue.get(timeout=120) for _ in ranks)
+    for p in ranks:
+        p.join(120)
+    assert [p.exitcode for p in ranks] == [0, 0]
+    first, second = (torch.tensor(masks[rank]) for rank in (0, 1))
+    assert first.shape == second.shape == (2, 4, 4, 16)  # two steps of a batch of 4 texts of 4 tokens
+    assert not torch.equal(first, second)

@@ -220,6 +220,8 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
     best: dict[str, torch.Tensor] | None = None  # weights of state.best_step, kept when early stopping is on
     dtype = autocast_dtype(spec.precision, world.device, task)
     scaler = torch.amp.GradScaler(world.device.type, enabled=dtype == torch.float16)
+    if world.size > 1:  # every rank was seeded alike, for equal fresh weights; its dropout masks must not be alike
+        torch.manual_seed(spec.seed + world.rank)
     if hooks.checkpoint_dir is not None and (found := checkpoints.complete(hooks.checkpoint_dir)):
         saved, best = checkpoints.load(found[-1], unwrap(model), optimizer, scheduler, scaler, world)
         state = LoopState(**saved)
