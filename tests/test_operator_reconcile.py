@@ -975,3 +975,15 @@ def test_an_attempt_whose_creation_the_status_never_recorded_is_created_when_nex
         status = after(seen, before)
         assert conditions(status)["Created"] == ("True", "AttemptCreated") and status["reason"] != "ExceededQuota"
         assert ("Normal", "AttemptCreated", "attempt 1: 1 worker(s)") in seen.events
+
+
+def test_an_admission_seen_late_starts_the_deadline_when_the_job_started() -> None:
+    """Kueue admitted the attempt while the operator was down: the deadline counted from when the operator came back,
+    so the job ran past activeDeadlineSeconds by the outage."""
+    queued = {"attempts": 1, "startTime": None, "conditions": [{"type": "Scheduled", "status": "False",
+                                                                   "reason": "Queued", "message": "",
+                                                                   "lastTransitionTime": "2026-12-01T11:00:00Z"}]}
+    admitted = outcome.job_summary({"metadata": {"name": "ft-1", "labels": {outcome.ATTEMPT_LABEL: "1"}},
+                                    "status": {"startTime": "2026-12-01T11:30:00Z", "active": 1}})
+    late = decide(Observed(body(queued, activeDeadlineSeconds=600), [admitted], [pod()], NOW))
+    assert after(late, queued)["reason"] == "DeadlineExceeded" and late.delete_job == "ft-1"

@@ -202,6 +202,7 @@ def job_summary(job: dict[str, Any]) -> dict[str, Any]:
         "complete": "Complete" in conditions or "SuccessCriteriaMet" in conditions,
         "failure": {"reason": failed.get("reason", ""), "message": failed.get("message", "")} if failed else None,
         "ended": (ended or {}).get("lastTransitionTime"),  # when it succeeded or failed
+        "started": status.get("startTime"),  # set again when its queue admits it
         "deleting": bool(job["metadata"].get("deletionTimestamp")),
         "suspended": bool((job.get("spec") or {}).get("suspend")) or "Suspended" in conditions,
         "created": job["metadata"].get("creationTimestamp") or "",

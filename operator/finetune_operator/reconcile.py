@@ -262,8 +262,8 @@ def decide(seen: Observed) -> Decision | None:
     # at admission.
     if job and job.get("suspended"):
         status["startTime"] = None
-    elif job and not old.get("startTime"):
-        status["startTime"] = timestamp(now)
+    elif job and not old.get("startTime"):  # admitted: when its Job started, though seen later (the operator down)
+        status["startTime"] = job.get("started") or timestamp(now)
     start = _parse_time(status.get("startTime", old.get("startTime")))
     deadline = spec.active_deadline_seconds
     if deadline and start and now >= start + timedelta(seconds=deadline):
