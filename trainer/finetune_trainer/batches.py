@@ -165,15 +165,16 @@ def epoch_batches(lengths: list[int], batch_size: int, *, seed: int, epoch: int,
     rng = random.Random(seed * 100_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
+    # Whole batches go to the workers, so the last count % world_size cannot: the epoch's last (its short one among
+    # them), whose rows are cut from the shuffled order here, as bucketing would sort the longest rows into them.
+    count = batch_count(len(order), batch_size)
+    if count >= world_size and count % world_size:
+        order = order[:(count - count % world_size) * batch_size]  # the batches before the last are full
     if bucketed:
         pool = batch_size * BUCKET_BATCHES
         order = [i for start in range(0, len(order), pool)
                  for i in sorted(order[start:start + pool], key=lengths.__getitem__)]
     batches = batches_of(order, batch_size)
-    # Whole batches go to the workers, so the last len % world_size cannot: drop them before the shuffle, which
-    # makes them the epoch's last (its short one among them), not full batches the shuffle moved there.
-    usable = len(batches) - len(batches) % world_size if len(batches) >= world_size else len(batches)
-    batches = batches[:usable]
     if bucketed:
         rng.shuffle(batches)  # else every pool would run from short to long samples
     return batches[rank::world_size]
