@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -171,32 +172,36 @@ def choose_layers(rank: int, port: int, queue: Any) -> None:
     report = StructureReport("BertModel", 0, 0, 0, [], {}, {}, None, [], [], {}, {},
                              importance={"layers": {"measure": "block-influence", "scores": RANK_SCORES[rank]}})
     drop = pipeline.pruned_layers(report, PruneSpec(count=1), World(rank, 2, torch.device("cpu")))
-    queue.put((rank, drop, report.importance["layers"]["scores"]))
+    queue.put((rank, (drop, report.importance["layers"]["scores"])))
     dist.destroy_process_group()
+
+
+def two_ranks(target: Callable[[int, int, Any], None]) -> dict[int, Any]:
+    """What each of two spawned processes running `target(rank, port, queue)` put on the queue as (rank, value)."""
+    import torch.multiprocessing as mp
+
+    context = mp.get_context("spawn")
+    queue = context.Queue()
+    port = free_port()
+    ranks = [context.Process(target=target, args=(rank, port, queue)) for rank in range(2)]
+    for p in ranks:
+        p.start()
+    values = dict(queue.get(timeout=120) for _ in ranks)
+    for p in ranks:
+        p.join(120)
+    assert [p.exitcode for p in ranks] == [0, 0]
+    return values
 
 
 def test_every_rank_prunes_the_layers_rank_0_chose() -> None:
     """Each rank scored the layers on its own and chose by its own scores, so ranks whose scores ordered a near-tie
     differently cut different layers, and DDP then failed on shapes or averaged different layers' gradients."""
-    import torch.multiprocessing as mp
-
     from finetune_trainer.config import PruneSpec
     from finetune_trainer.prune import chosen_layers
-    from tiny import free_port
 
     ours = chosen_layers(RANK_SCORES[0], PruneSpec(count=1))
     assert ours != chosen_layers(RANK_SCORES[1], PruneSpec(count=1))  # the ranks' own choices differ
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    port = free_port()
-    ranks = [context.Process(target=choose_layers, args=(rank, port, queue)) for rank in range(2)]
-    for p in ranks:
-        p.start()
-    for p in ranks:
-        p.join(120)
-    assert [p.exitcode for p in ranks] == [0, 0]
-    chosen = {rank: (drop, scores) for rank, drop, scores in (queue.get(timeout=1) for _ in ranks)}
-    assert chosen == {0: (ours, RANK_SCORES[0]), 1: (ours, RANK_SCORES[0])}
+    assert two_ranks(choose_layers) == {0: (ours, RANK_SCORES[0]), 1: (ours, RANK_SCORES[0])}
 
 
 def test_sigterm_during_a_long_evaluation_stops_both_ranks_at_one_batch(tmp_path: Path) -> None:
@@ -318,18 +323,7 @@ def train_with_dropout(rank: int, port: int, queue: Any) -> None:
 def test_ranks_draw_their_own_dropout_masks() -> None:
     """Every rank seeds its RNG alike (so that fresh weights agree), and training went on from that state: each
     rank's dropout dropped the same units of its own batch, a global batch of 2 x 4 regularised as one of 4."""
-    import torch.multiprocessing as mp
-
-    context = mp.get_context("spawn")
-    queue = context.Queue()
-    port = free_port()
-    ranks = [context.Process(target=train_with_dropout, args=(rank, port, queue)) for rank in range(2)]
-    for p in ranks:
-        p.start()
-    masks = dict(queue.get(timeout=120) for _ in ranks)
-    for p in ranks:
-        p.join(120)
-    assert [p.exitcode for p in ranks] == [0, 0]
+    masks = two_ranks(train_with_dropout)
     first, second = (torch.tensor(masks[rank]) for rank in (0, 1))
     assert first.shape == second.shape == (2, 4, 4, 16)  # two steps of a batch of 4 texts of 4 tokens
     assert not torch.equal(first, second)
