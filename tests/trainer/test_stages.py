@@ -1072,6 +1072,6 @@ def test_a_new_head_trains_under_lora_though_the_pattern_froze_the_old_one(label
     fresh = new_head(model, head, labels, {}, reinitialize=False)
     lora = LoraSpec(rank=2)
     wrapped = add_adapters(model, lora, lora_targets(model, lora, task, spec, layers, head), head)
-    freeze(wrapped, spec, layers, head, fresh)
+    freeze(wrapped, spec, layers, head, (head,) if fresh else ())
     trained = {canonical(n) for n, p in wrapped.named_parameters() if p.requires_grad and "classifier" in n}
     assert trained == ({"classifier.weight", "classifier.bias"} if fresh else set())

@@ -29,7 +29,7 @@ from finetune_trainer.models import load_model, load_tokenizer
 from finetune_trainer.rearrange import add_adapters, new_head
 from finetune_trainer.telemetry import TERMINATION_ENV
 from finetune_trainer.train import Hooks, LoopState, autocast_dtype, cpu_computes_bf16, make_scheduler, train_loop
-from tiny import TINY_BERT, TINY_GPT2, card_model
+from tiny import TINY_BERT, TINY_GPT2, card_model, tiny_classifier_doc
 
 CPU = World(rank=0, size=1, device=torch.device("cpu"))
 TEXTS = [f"sample number {i} " + "word " * (i % 13) for i in range(64)]
@@ -668,3 +668,51 @@ def test_the_best_weights_bring_their_batchnorm_statistics(pvc_root: Path) -> No
     assert not torch.equal(best["net.bn1.running_mean"], last["net.bn1.running_mean"])
     for name, value in model.named_buffers():
         assert torch.equal(value, best[name]), name
+
+
+TINY_BASES = {"roberta": TINY_BERT | {"max_position_embeddings": 66, "pad_token_id": 0},
+              "distilbert": {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64},
+              "bert": TINY_BERT}
+
+
+@pytest.mark.parametrize(("architecture", "head"), [
+    ("roberta", {"classifier.dense", "classifier.out_proj"}),
+    ("distilbert", {"pre_classifier", "classifier"}),
+    ("bert", {"classifier"}),  # MiniLM's: its pooler is the checkpoint's, so it keeps adapters
+])
+def test_the_task_head_a_base_checkpoint_lacks_trains_whole(architecture: str, head: set[str],
+                                                            tmp_path: Path) -> None:
+    """A base (AutoModel's) checkpoint lacks all of the classification head, which transformers initialises at random:
+    RoBERTa's classifier.dense beside its out_proj, DistilBERT's pre_classifier. Only the last Linear trained whole,
+    so a linear probe (all-but-head) ran on a random projection, and LoRA put a low-rank change on it."""
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+    tokenizer = load_tokenizer(ModelSpec(task=Task.SEQUENCE_CLASSIFICATION, uri="pvc://models/all-MiniLM-L6-v2"))
+    config = AutoConfig.for_model(architecture, vocab_size=len(tokenizer), **TINY_BASES[architecture])
+    AutoModel.from_config(config).save_pretrained(tmp_path / "base")
+    classifier = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base", num_labels=3)
+    head_size = sum(p.numel() for m in head for p in classifier.get_submodule(m).parameters())
+
+    def run(name: str, adjust: dict, rearrange: dict) -> Path:
+        doc = tiny_classifier_doc(tmp_path / name)
+        doc["model"] = {"task": "sequence-classification", "uri": str(tmp_path / "base"),
+                        "tokenizerUri": "pvc://models/all-MiniLM-L6-v2"}
+        doc["dataset"] |= {"maxTrainSamples": 32, "maxEvalSamples": 16}
+        doc["evaluation"] = {"baseline": False}
+        doc["adjust"] |= adjust
+        doc["rearrange"] = rearrange
+        pipeline.run(TrainerConfig.model_validate(doc), tmp_path / name)
+        return tmp_path / name
+
+    probe = run("probe", {"freeze": {"strategy": "all-but-head"}}, {})
+    assert json.loads((probe / "report.json").read_text())["parameters"]["trainable"] == head_size
+    lora = {"lora": {"rank": 2}}
+    apart = run("apart", {}, lora | {"mergeOnExport": False})
+    adapter = json.loads((apart / "adapter" / "adapter_config.json").read_text())
+    assert head <= set(adapter["modules_to_save"]) and not head & set(adapter["target_modules"])
+    merged = run("merged", {}, lora)  # the same training: the merged weights give the adapters' logits
+    batch = tokenizer(TEXTS[:4], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        expected = card_model((apart / "README.md").read_text(), apart).eval()(**batch).logits
+        got = AutoModelForSequenceClassification.from_pretrained(merged).eval()(**batch).logits
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-4)

@@ -15,30 +15,29 @@ from torch import nn
 
 from finetune_trainer.config import AdjustSpec, FreezeSpec, FreezeStrategy, LoraSpec, Task
 from finetune_trainer.errors import ConfigError
-from finetune_trainer.structure import Depth, canonical, lora_candidates
+from finetune_trainer.structure import Depth, canonical, lora_candidates, under
 
 log = logging.getLogger(__name__)
 
 
-def freeze(model: nn.Module, spec: FreezeSpec, depth: Depth, head: str | None, new_head: bool = False) -> int:
-    """Apply the freeze strategy; returns how many parameters it froze. A new head is spared: frozen, it would keep
-    its random initialisation (the freeze of the model as loaded covered the head that it replaced)."""
+def freeze(model: nn.Module, spec: FreezeSpec, depth: Depth, head: str | None, new: tuple[str, ...] = ()) -> int:
+    """Apply the freeze strategy; returns how many parameters it froze. The `new` modules (random at load, or a head
+    rearrange put in) are spared: frozen, they would keep their random initialisation (the freeze of the model as
+    loaded covered the head that a new one replaced)."""
     frozen = 0
     for name, p in model.named_parameters():
-        if new_head and head is not None and canonical(name).startswith(head + "."):
-            continue
-        if p.requires_grad and frozen_by(spec, name, depth, head):
+        if p.requires_grad and not under(name, new) and frozen_by(spec, name, depth, head):
             p.requires_grad_(False)
             frozen += p.numel()
     return frozen
 
 
 def freeze_checked(model: nn.Module, spec: FreezeSpec, depth: Depth, head: str | None,
-                   new_head: bool = False) -> None:
+                   new: tuple[str, ...] = ()) -> None:
     """Freeze the model as loaded (or as pruned), warning of what the user cannot have meant: a pattern that matches
     no name (a typo: `layers` for `layer`) freezes nothing, and a count beyond the layers (or those pruning left)
     freezes them all."""
-    frozen = freeze(model, spec, depth, head, new_head)
+    frozen = freeze(model, spec, depth, head, new)
     log.info("froze %s parameters (%s)", f"{frozen:,}", spec.strategy.value)
     names = [n for n, _ in model.named_parameters()]
     if spec.strategy == FreezeStrategy.REGEX and not any(frozen_by(spec, n, depth, head) for n in names):
@@ -109,8 +108,10 @@ def no_decay_names(model: nn.Module) -> set[str]:
     return names
 
 
-def param_groups(model: nn.Module, spec: AdjustSpec, depth: Depth, head: str | None) -> list[dict]:
-    """AdamW parameter groups of the trainable parameters, one per (learning rate, weight decay)."""
+def param_groups(model: nn.Module, spec: AdjustSpec, depth: Depth, head: str | None,
+                 new: tuple[str, ...] = ()) -> list[dict]:
+    """AdamW parameter groups of the trainable parameters, one per (learning rate, weight decay). headLearningRate is
+    the head's and the `new` modules' (random at load: the rest of a task head, RoBERTa's classifier.dense)."""
     if head is None and spec.head_learning_rate:
         log.warning("adjust.headLearningRate %g is not used: the model has no head (a causal-lm's output layer is "
                     "its embeddings'); adjust.learningRate is the top rate", spec.head_learning_rate)
@@ -120,7 +121,7 @@ def param_groups(model: nn.Module, spec: AdjustSpec, depth: Depth, head: str | N
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if head is not None and canonical(name).startswith(head + ".") and spec.head_learning_rate:
+        if head is not None and under(name, (head, *new)) and spec.head_learning_rate:
             lr = spec.head_learning_rate
         else:
             lr = spec.learning_rate * spec.layerwise_decay ** (top - min(depth.of(name), top))

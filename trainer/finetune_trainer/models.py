@@ -121,7 +121,10 @@ def _load_transformer(spec: ModelSpec, tokenizer) -> nn.Module:
         if config.pad_token_id is None:
             # A decoder classifier (GPT-2, Llama) pools its last token that is not padding, so it must know the pad.
             config.pad_token_id = tokenizer.pad_token_id
-        model = auto.from_pretrained(path, config=config, dtype="auto")  # the checkpoint's dtype, see load_model
+        # dtype auto: the checkpoint's, see load_model
+        model, info = auto.from_pretrained(path, config=config, dtype="auto", output_loading_info=True)
+        if spec.task != Task.CAUSAL_LM:  # an LM head a base lacks is tied to the embeddings: not one to copy whole
+            model.new_modules = newly_initialised(model, info["missing_keys"])
         return padding_as_batched(model, tokenizer)
     except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError, AssertionError, StrictDataclassError,
             RuntimeError) as exc:
@@ -131,6 +134,22 @@ def _load_transformer(spec: ModelSpec, tokenizer) -> nn.Module:
         if isinstance(exc, RuntimeError) and "negative dimension" not in str(exc):
             raise
         raise ModelError(f"model {spec.uri or spec.architecture}: cannot load it as {spec.task.value} ({exc})") from exc
+
+
+def newly_initialised(model: nn.Module, missing_keys: Iterable[str]) -> tuple[str, ...]:
+    """The modules of `model` with weights its checkpoint lacks, which transformers initialised at random: a base
+    checkpoint (AutoModel's) loaded for classification lacks all of the task head, which is more than its last Linear
+    in RoBERTa's and ELECTRA's (classifier.dense), DistilBERT's (pre_classifier) and DeBERTa's (pooler.dense)."""
+    params = dict(model.named_parameters())
+    new = tuple(sorted({key.rpartition(".")[0] for key in missing_keys if key in params}))
+    if new:
+        log.info("not in the checkpoint, initialised at random and trained whole: %s", ", ".join(new))
+    return new
+
+
+def new_modules(model: nn.Module) -> tuple[str, ...]:
+    """What `newly_initialised` found when the model loaded; none for a model built from its config or torchvision's."""
+    return getattr(model, "new_modules", ())
 
 
 def made_causal(config: Any, task: Task) -> Any:

@@ -45,7 +45,7 @@ from finetune_trainer.errors import EXIT_OK, ConfigError, Terminated, no_space_i
 from finetune_trainer.evaluate import deltas, evaluate
 from finetune_trainer.lora_fused import fuse
 from finetune_trainer.models import (ImageClassifier, check_image_size, check_positions, check_vocabulary,
-                                     load_model, load_tokenizer)
+                                     load_model, load_tokenizer, new_modules)
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
 from finetune_trainer.structure import depth, head_name
 from finetune_trainer.telemetry import Metrics, write_failure, write_termination
@@ -245,7 +245,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     progress.enter(Stage.ADJUSTING)
     layers = depth(model, task)
     head = head_name(model, task)
-    freeze_checked(model, cfg.adjust.freeze, layers, head)
+    new = new_modules(model)  # random at load: like a new head, they train whole whatever the freeze
+    freeze_checked(model, cfg.adjust.freeze, layers, head, new)
 
     eval_size = cfg.evaluation.batch_size or cfg.training.batch_size
 
@@ -264,11 +265,10 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         return scores
 
     progress.enter(Stage.REARRANGING)
-    fresh = False  # whether the head is new: the freezes after this one spare it (a detector's see no rearrange)
-    if detecting:
+    if detecting:  # the freezes after this one see no rearrange
         resize_head(model, num_labels + 1, cfg.rearrange.head.reinitialize)  # the background is class 0
-    elif head is not None:
-        fresh = new_head(model, head, num_labels, data.id2label, cfg.rearrange.head.reinitialize)
+    elif head is not None and new_head(model, head, num_labels, data.id2label, cfg.rearrange.head.reinitialize):
+        new = tuple(dict.fromkeys((*new, head)))  # the freezes after this one spare it
     flops = report.flops["training_per_sample"]  # of a step, for the MFU gauge
     pruning: dict[str, Any] = {}
     serving: list[Batch] = []  # the test batches a pruned model's latency is measured on, before and after
@@ -290,18 +290,18 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         layers = depth(model, task)
         for p in model.parameters():  # the freeze counted the layers as loaded; count the ones that stay
             p.requires_grad_(True)
-        freeze_checked(model, cfg.adjust.freeze, layers, head, fresh)
+        freeze_checked(model, cfg.adjust.freeze, layers, head, new)
         progress.message["pruning"] = {"removedLayers": pruning["removed_layers"]}
         if drop:  # the analysis measured the model as loaded: a quarter of its layers pruned, MFU read 4/3 too high
             flops = analysis.probe_step(model, probe[:1], task, cfg.rearrange.lora is not None, dtype)[1]["flops"]
     if cfg.rearrange.lora is not None:
         targets = lora_targets(model, cfg.rearrange.lora, task, cfg.adjust.freeze, layers, head)
-        model = add_adapters(model, cfg.rearrange.lora, targets, head)
-        freeze(model, cfg.adjust.freeze, layers, head, fresh)
+        model = add_adapters(model, cfg.rearrange.lora, targets, head, new)
+        freeze(model, cfg.adjust.freeze, layers, head, new)
         if world.device.type == "cpu":
             log.info("LoRA as one product with the merged weight (CPU) on %d of the adapted modules", fuse(model))
     model.to(world.device)
-    groups = param_groups(model, cfg.adjust, layers, head)
+    groups = param_groups(model, cfg.adjust, layers, head, new)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     progress.message["analysis"].update(totalParameters=total, trainableParameters=trainable)

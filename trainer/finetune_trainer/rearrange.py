@@ -39,13 +39,18 @@ def new_head(model: nn.Module, head: str, num_labels: int, id2label: dict[int, s
     return True
 
 
-def add_adapters(model: nn.Module, spec: LoraSpec, targets: list[str], head: str | None) -> nn.Module:
+def add_adapters(model: nn.Module, spec: LoraSpec, targets: list[str], head: str | None,
+                 new: tuple[str, ...] = ()) -> nn.Module:
     """Wrap `model` with LoRA (or DoRA) on `targets` (module names, or their last parts).
 
-    The head, when there is one, trains in full (`modules_to_save`): it is new or must fit new labels.
+    The head, when there is one, trains in full (`modules_to_save`): it is new or must fit new labels. So do the `new`
+    modules (random at load), which take no adapter: the rest of a task head (RoBERTa's classifier.dense), which with
+    one would stay a random projection under a low-rank change, as peft's own SEQ_CLS task keeps `classifier` whole.
     """
     from peft import LoraConfig, get_peft_model
 
+    whole = [m for m in dict.fromkeys((head, *new)) if m is not None]
+    targets = [t for t in targets if t not in whole]
     if not targets:
         raise ConfigError("rearrange.lora: no layer is left to adapt (adjust.freeze freezes every LoRA candidate); "
                           "freeze fewer layers or drop rearrange.lora")
@@ -55,7 +60,7 @@ def add_adapters(model: nn.Module, spec: LoraSpec, targets: list[str], head: str
         lora_dropout=spec.dropout,
         use_dora=spec.variant == LoraVariant.DORA,
         target_modules=targets,
-        modules_to_save=[head] if head else None,
+        modules_to_save=whole or None,
     )
     try:
         wrapped = get_peft_model(model, config)

@@ -26,6 +26,12 @@ def canonical(name: str) -> str:
     return PEFT_INFIXES.sub("", name.removeprefix(PEFT_PREFIX))
 
 
+def under(name: str, modules: tuple[str, ...]) -> bool:
+    """Whether parameter `name` (read through peft's wrapping) belongs to one of `modules`."""
+    name = canonical(name)
+    return any(name.startswith(m + ".") for m in modules)
+
+
 def lora_types() -> tuple[type[nn.Module], ...]:
     from transformers.pytorch_utils import Conv1D  # GPT-2's transposed linear layer
 
