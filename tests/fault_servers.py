@@ -54,6 +54,7 @@ BEHAVIOURS: dict[str, Callable[[socket.socket, threading.Event], None]] = {
     "foreign": _reply(_http(b"# TYPE up gauge\nup 1\n")),  # valid Prometheus text, none of ours
     "huge": _reply(_http(b"#" * (2 << 20))),
     "error": _reply(b"HTTP/1.0 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"),
+    "forbidden": _reply(b"HTTP/1.0 403 Forbidden\r\nContent-Length: 0\r\n\r\n"),  # an apiserver without our Role
 }
 
 

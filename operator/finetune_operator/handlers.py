@@ -460,31 +460,31 @@ def watchable(namespaces: tuple[str, ...]) -> tuple[str, ...]:
     if not namespaces:
         return namespaces
     clients = Clients(connections=1)
-    readable = tuple(ns for ns in namespaces if _readable(clients, ns))
-    if readable and readable != namespaces:
+    forbidden = _forbidden(clients, namespaces)
+    for wait in FORBIDDEN_RETRIES:  # in rounds: each namespace's Role may lag, but the waits are paid once
+        if not forbidden:
+            break
+        time.sleep(wait)
+        forbidden = _forbidden(clients, forbidden)
+    readable = tuple(ns for ns in namespaces if ns not in forbidden)
+    if readable and forbidden:
         log.warning("finetune-operator: not watching %s: forbidden to list FineTuneJobs there (its Role is missing: "
-                    "the namespace was deleted?); restart the operator once it is back",
-                    ", ".join(ns for ns in namespaces if ns not in readable))
+                    "the namespace was deleted?); restart the operator once it is back", ", ".join(forbidden))
     return readable or namespaces
 
 
-def _readable(clients: Clients, ns: str) -> bool:
-    for wait in FORBIDDEN_RETRIES:
-        if not _forbidden(clients, ns):
-            return True
-        time.sleep(wait)
-    return not _forbidden(clients, ns)
-
-
-def _forbidden(clients: Clients, ns: str) -> bool:
-    """Whether the apiserver forbids listing the namespace's FineTuneJobs: any other failure is kopf's to retry."""
-    try:
-        clients.call("GET", api_path(ns, api.PLURAL, group=api.GROUP, version=api.VERSION), limit="1")
-    except ApiException as exc:
-        return exc.status == 403
-    except urllib3.exceptions.HTTPError:  # the apiserver not answering
-        return False
-    return False
+def _forbidden(clients: Clients, namespaces: tuple[str, ...]) -> tuple[str, ...]:
+    """Those where the apiserver forbids listing FineTuneJobs: any other failure is kopf's to retry."""
+    forbidden: list[str] = []
+    for ns in namespaces:
+        try:
+            clients.call("GET", api_path(ns, api.PLURAL, group=api.GROUP, version=api.VERSION), limit="1")
+        except ApiException as exc:
+            if exc.status == 403:
+                forbidden.append(ns)
+        except urllib3.exceptions.HTTPError:  # the apiserver not answering
+            pass
+    return tuple(forbidden)
 
 
 def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
