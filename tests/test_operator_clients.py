@@ -60,6 +60,18 @@ def test_an_apiserver_that_never_answers_fails_the_call_instead_of_hanging_it(ap
     assert time.monotonic() - started < 10
 
 
+@pytest.mark.timeout(60)
+def test_an_apiserver_that_never_answers_at_start_keeps_every_namespace_quickly(apiserver_port: int) -> None:
+    """The probe for forbidden namespaces runs before kopf serves /healthz: with the request's 30 s timeout and
+    urllib3's 3 retries for each namespace in turn, an apiserver that timed out held the operator's start for minutes,
+    and its liveness probe killed it. One short try now, and the first failure ends the probing."""
+    namespaces = ("team-a", "team-b", "team-c")
+    started = time.monotonic()
+    with FaultServer("127.0.0.1", apiserver_port, "hang"):
+        assert handlers.watchable(namespaces) == namespaces
+    assert time.monotonic() - started < 2 * handlers.PROBE_TIMEOUT_SECONDS
+
+
 def test_the_waits_for_rbac_to_arrive_are_paid_once_for_all_namespaces(apiserver_port: int) -> None:
     """Each forbidden namespace was retried after 1 s and 2 s in turn: with a fresh install's Roles not there yet in
     ten namespaces, the operator's start waited 30 s before kopf served /healthz."""

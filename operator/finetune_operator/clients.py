@@ -19,7 +19,9 @@ class Clients:
     ~21 MB for good (a pydantic validator for each of its hundreds of methods), BatchV1Api and
     CustomObjectsApi ~3 MB more."""
 
-    def __init__(self, connections: int) -> None:
+    def __init__(self, connections: int, timeout: float | None = None, retries: bool = True) -> None:
+        """`timeout`: each call's, REQUEST_TIMEOUT_SECONDS by default. `retries`: urllib3's default 3 more tries of a
+        call that failed to connect or got no answer (a pooled connection the apiserver had closed), or none."""
         try:
             config.load_incluster_config()
         except config.ConfigException:
@@ -28,14 +30,17 @@ class Clients:
         # One connection per handler thread: with urllib3's default of 10, a burst discards connections and
         # pays a TLS handshake for most calls.
         configuration.connection_pool_maxsize = connections
+        if not retries:
+            configuration.retries = False
         self.api = client.ApiClient(configuration)
+        self.timeout = REQUEST_TIMEOUT_SECONDS if timeout is None else timeout
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None, **query: str) -> bytes:
         """The answer's bytes; ApiException for any other status than 2xx, as the generated methods raise it."""
         request = self.api.param_serialize(
             method, path, query_params=list(query.items()), body=body, auth_settings=["BearerToken"],
             header_params={"Accept": "application/json", "Content-Type": "application/json"})
-        response = self.api.call_api(*request, _request_timeout=REQUEST_TIMEOUT_SECONDS)
+        response = self.api.call_api(*request, _request_timeout=self.timeout)
         response.read()
         if not 200 <= response.status <= 299:
             raise ApiException.from_response(http_resp=response, body=None, data=None)

@@ -450,6 +450,8 @@ async def login(memo: kopf.Memo, **kwargs: Any) -> kopf.AiohttpSession | None:
 
 
 FORBIDDEN_RETRIES = (1.0, 2.0)  # seconds: RBAC applied with the operator (a helm upgrade) may take a moment
+# Each probe's one try: /healthz waits for them (the chart's liveness probe kills the operator ~50 s into its start).
+PROBE_TIMEOUT_SECONDS = 5.0
 
 
 def watchable(namespaces: tuple[str, ...]) -> tuple[str, ...]:
@@ -459,7 +461,7 @@ def watchable(namespaces: tuple[str, ...]) -> tuple[str, ...]:
     none is left, all are kept (kopf retries them)."""
     if not namespaces:
         return namespaces
-    clients = Clients(connections=1)
+    clients = Clients(connections=1, timeout=PROBE_TIMEOUT_SECONDS, retries=False)
     forbidden = _forbidden(clients, namespaces)
     for wait in FORBIDDEN_RETRIES:  # in rounds: each namespace's Role may lag, but the waits are paid once
         if not forbidden:
@@ -474,16 +476,18 @@ def watchable(namespaces: tuple[str, ...]) -> tuple[str, ...]:
 
 
 def _forbidden(clients: Clients, namespaces: tuple[str, ...]) -> tuple[str, ...]:
-    """Those where the apiserver forbids listing FineTuneJobs: any other failure is kopf's to retry."""
+    """Those where the apiserver forbids listing FineTuneJobs. Any other failure is kopf's to retry: it ends the
+    probing, the rest taken as readable, since an apiserver that does not answer would cost each a timeout."""
     forbidden: list[str] = []
     for ns in namespaces:
         try:
             clients.call("GET", api_path(ns, api.PLURAL, group=api.GROUP, version=api.VERSION), limit="1")
         except ApiException as exc:
-            if exc.status == 403:
-                forbidden.append(ns)
+            if exc.status != 403:
+                break
+            forbidden.append(ns)
         except urllib3.exceptions.HTTPError:  # the apiserver not answering
-            pass
+            break
     return tuple(forbidden)
 
 
