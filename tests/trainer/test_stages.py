@@ -12,13 +12,16 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from torch import nn
 
+from finetune_trainer import pipeline
 from finetune_trainer.adjust import adaptable, freeze, freeze_checked, lora_targets, param_groups
 from finetune_trainer.analyze import analyze, fail_on_fatal, summary
 from finetune_trainer.batches import (Encoded, encode_causal, encode_images, encode_text, epoch_batches,
                                       eval_batches, make_collate)
-from finetune_trainer.config import AdjustSpec, FreezeSpec, LoraSpec, Metric, ModelSpec, Task, TrainingSpec
+from finetune_trainer.config import (AdjustSpec, FreezeSpec, LoraSpec, Metric, ModelSpec, Task, TrainerConfig,
+                                     TrainingSpec)
 from finetune_trainer.data import Split
 from finetune_trainer.distributed import World
 from finetune_trainer.errors import ConfigError, FatalFinding
@@ -1051,27 +1054,34 @@ def test_a_head_learning_rate_without_a_head_is_warned_of(caplog) -> None:
     assert "adjust.headLearningRate 0.01 is not used: the model has no head" in caplog.text
 
 
-def test_a_bottom_layers_count_beyond_the_layers_is_warned_of(bert, caplog) -> None:
-    """count 3 on a 2-layer model (or on what pruning left) froze the whole stack without a word."""
-    model, _ = bert
-    layers, head = depth(model, Task.SEQUENCE_CLASSIFICATION), head_name(model, Task.SEQUENCE_CLASSIFICATION)
-    freeze_checked(model, FreezeSpec(strategy="bottom-layers", count=2), layers, head)
-    assert "exceeds" not in caplog.text
-    freeze_checked(model, FreezeSpec(strategy="bottom-layers", count=3), layers, head)
-    assert "adjust.freeze.count 3 exceeds the model's 2 layers: all of them are frozen" in caplog.text
+def tiny_run(tmp_path: Path, adjust: dict, rearrange: dict, **config: int) -> Path:
+    """A few steps of the whole pipeline on the tiny BERT (with `config` over it): what rearrange does reaches the
+    freezes after it only there."""
+    doc = tiny_classifier_doc(tmp_path)
+    doc["model"]["config"] |= config
+    doc["dataset"] |= {"maxTrainSamples": 16, "maxEvalSamples": 16}
+    doc["evaluation"] = {"baseline": False}
+    doc["adjust"] |= adjust
+    doc["rearrange"] = rearrange
+    pipeline.run(TrainerConfig.model_validate(doc), tmp_path)
+    return tmp_path
 
 
-@pytest.mark.parametrize("labels", [3, 2])
-def test_a_new_head_trains_under_lora_though_the_pattern_froze_the_old_one(labels: int) -> None:
-    """A pattern that covers the head froze the loaded one; the freeze after LoRA froze the new one too, so with
-    adapters (or pruning) a random head stayed random, where without them it trained. A head kept stays frozen."""
-    model, _ = text_model(Task.SEQUENCE_CLASSIFICATION, TINY_BERT, "bert")
-    task, head, spec = Task.SEQUENCE_CLASSIFICATION, "classifier", FreezeSpec(strategy="regex", pattern="classifier")
-    layers = depth(model, task)
-    freeze(model, spec, layers, head)
-    fresh = new_head(model, head, labels, {}, reinitialize=False)
-    lora = LoraSpec(rank=2)
-    wrapped = add_adapters(model, lora, lora_targets(model, lora, task, spec, layers, head), head)
-    freeze(wrapped, spec, layers, head, (head,) if fresh else ())
-    trained = {canonical(n) for n, p in wrapped.named_parameters() if p.requires_grad and "classifier" in n}
-    assert trained == ({"classifier.weight", "classifier.bias"} if fresh else set())
+@pytest.mark.parametrize("count", [3, 5])
+def test_a_bottom_layers_count_beyond_the_layers_is_warned_of_once(count: int, tmp_path: Path, caplog) -> None:
+    """count 3 of 4 layers, 2 of them pruned, froze the whole stack without a word; count 5 was warned of twice,
+    before pruning and after."""
+    tiny_run(tmp_path, {"freeze": {"strategy": "bottom-layers", "count": count}}, {"prune": {"count": 2}},
+             num_hidden_layers=4)
+    layers = 2 if count == 3 else 4
+    warnings = [r.getMessage() for r in caplog.records if "exceeds" in r.getMessage()]
+    assert warnings == [f"adjust.freeze.count {count} exceeds the model's {layers} layers: all of them are frozen, "
+                        "and only what sits above them (a pooler, a final norm, the head) trains"]
+
+
+def test_a_new_head_trains_under_lora_though_the_pattern_covers_it(tmp_path: Path) -> None:
+    """A pattern that covers the head froze the loaded one (2 outputs); the freeze after LoRA froze the new one (the
+    dataset's 3 labels) too, so with adapters a random head stayed random, where without them it trained."""
+    out = tiny_run(tmp_path, {"freeze": {"strategy": "regex", "pattern": "classifier"}}, {"lora": {"rank": 2}})
+    head = load_file(out / "model.safetensors")
+    assert head["classifier.weight"].shape[0] == 3 and head["classifier.bias"].abs().min() > 0  # it started at zero

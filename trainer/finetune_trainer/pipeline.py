@@ -265,7 +265,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         return scores
 
     progress.enter(Stage.REARRANGING)
-    if detecting:  # the freezes after this one see no rearrange
+    if detecting:  # no freeze follows (a detector takes neither LoRA nor pruning): nothing to spare its head from
         resize_head(model, num_labels + 1, cfg.rearrange.head.reinitialize)  # the background is class 0
     elif head is not None and new_head(model, head, num_labels, data.id2label, cfg.rearrange.head.reinitialize):
         new = tuple(dict.fromkeys((*new, head)))  # the freezes after this one spare it
@@ -288,10 +288,10 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
             pruning["heal"] = heal_once(model, unpruned, task, training_batches(heal_data), heal, dtype,
                                         checkpoint_dir, world)
             del unpruned
-        layers = depth(model, task)
+        loaded, layers = layers, depth(model, task)
         for p in model.parameters():  # the freeze counted the layers as loaded; count the ones that stay
             p.requires_grad_(True)
-        freeze_checked(model, cfg.adjust.freeze, layers, head, new)
+        freeze_checked(model, cfg.adjust.freeze, layers, head, new, loaded)
         progress.message["pruning"] = {"removedLayers": pruning["removed_layers"]}
         if drop:  # the analysis measured the model as loaded: a quarter of its layers pruned, MFU read 4/3 too high
             flops = analysis.probe_step(model, probe[:1], task, cfg.rearrange.lora is not None, dtype)[1]["flops"]
