@@ -75,3 +75,16 @@ def test_every_example_runs_on_the_claims_it_sets_up(example: str) -> None:
     spec = FineTuneJob.from_wire(yaml.safe_load((REPO / "deploy" / "examples" / example).read_text())).spec
     claims = {c["metadata"]["name"]: c for c in demo.claims()}
     assert judge.spec_problems(spec, claims, demo.NAMESPACE) == []
+
+
+def test_a_job_that_does_not_finish_points_to_commands_that_find_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past its deadline make demo said "see `kubectl describe ftj minilm-sentiment`", which pasted finds no cluster
+    (KUBECONFIG unset) and looks in the namespace `default`."""
+    monkeypatch.setattr(demo, "TIMEOUT_SECONDS", 0)
+    doc = yaml.safe_load(demo.EXAMPLE.read_text())
+    c = demo.cluster.Cluster(REPO / ".cluster", Path("/bin-dir"))
+    with pytest.raises(SystemExit) as stopped:
+        demo.follow(c, doc)
+    message = str(stopped.value)
+    assert f"export KUBECONFIG={c.kubeconfig} PATH=/bin-dir:$PATH" in message
+    assert "kubectl -n finetune-demo describe ftj minilm-sentiment" in message

@@ -124,8 +124,9 @@ def aligned(pairs: list[tuple[str, str]], name: str, header: bool = False) -> st
                       for column, value in pairs).rstrip()
 
 
-def follow(c: cluster.Cluster, name: str) -> dict:
+def follow(c: cluster.Cluster, doc: dict) -> dict:
     """Print `kubectl get ftj -o wide` whenever the phase, stage, progress or attempts change, until the job ends."""
+    name = doc["metadata"]["name"]
     deadline, last, printed_header = time.monotonic() + TIMEOUT_SECONDS, None, False
     while time.monotonic() < deadline:
         obj = json.loads(kubectl(c, "get", "ftj", name, "-n", NAMESPACE, "-o", "json"))
@@ -142,7 +143,8 @@ def follow(c: cluster.Cluster, name: str) -> dict:
         if status.get("phase") in ("Succeeded", "Failed"):
             return obj
         time.sleep(2)
-    raise SystemExit(f"{name} did not finish in {TIMEOUT_SECONDS} s; see `kubectl describe ftj {name}`")
+    # Where to look, as after a failure: a bare `kubectl describe ftj` finds no cluster (no KUBECONFIG) or namespace.
+    raise SystemExit(f"{name} did not finish in {TIMEOUT_SECONDS} s. {look_around(c, doc, succeeded=False)}")
 
 
 def report(obj: dict) -> None:
@@ -182,7 +184,7 @@ def run() -> int:
             check=False)  # "no matching resources": none left
     shutil.rmtree(output_folder(doc), ignore_errors=True)
     kubectl(c, "apply", "-n", NAMESPACE, "-f", str(EXAMPLE))
-    obj = follow(c, name)
+    obj = follow(c, doc)
     report(obj)
     succeeded = obj["status"]["phase"] == "Succeeded"
     print(f"\ndone in {time.monotonic() - started:.0f} s. {look_around(c, doc, succeeded)}")
