@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 
 from finetune_trainer import checkpoints, export, pipeline
 from finetune_trainer.batches import encode_text, make_collate
@@ -139,6 +139,43 @@ def test_a_resumed_run_keeps_the_baseline_an_earlier_attempt_measured(tiny_cfg: 
     resumed = load_file(out / "model.safetensors")
     for name, value in reference.items():
         assert torch.equal(resumed[name], value), name
+
+
+def test_a_checkpoint_another_trainer_laid_out_is_trained_afresh(tiny_cfg: TrainerConfig, tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """An attempt resumed by a trainer of another version (the operator's image, upgraded) that lays out the same
+    job otherwise: a parameter in another optimizer group (DoRA's magnitudes moved out of weight decay), or another
+    name for what trains (a head kept whole beside LoRA). Loading failed the job on every retry (torch's ValueError)
+    or for good (CheckpointMismatch); it now warns, and trains afresh to the weights of a run never stopped."""
+    caplog.set_level(logging.INFO, logger="finetune_trainer")
+    tiny_cfg.training.checkpoint_every_steps = 4
+    tiny_cfg.evaluation.baseline = False
+    out = tmp_path / "out"
+    pipeline.run(tiny_cfg, out)
+    reference = load_file(out / "model.safetensors")
+    (folder,) = (out / "checkpoints").iterdir()
+    for laid_out in ("groups", "names"):
+        written, later = checkpoints.complete(folder)
+        shutil.rmtree(later)  # killed after step 4's checkpoint, written by the other trainer:
+        if laid_out == "groups":
+            saved = torch.load(written / "optimizer.pt", weights_only=True)
+            first, second = saved["optimizer"]["param_groups"][:2]
+            for key in ("params", "param_names"):  # its first group's last parameter in the second group
+                second[key].insert(0, first[key].pop())
+            torch.save(saved, written / "optimizer.pt")
+        else:
+            tensors = load_file(written / "trained.safetensors")
+            tensors["classifier.original_module.weight"] = tensors.pop("classifier.weight")
+            save_file(tensors, written / "trained.safetensors")
+        caplog.clear()
+        report = pipeline.run(tiny_cfg, out)
+        assert "resumed from" not in caplog.text
+        assert (f"not resuming {written}: a trainer that lays out this job otherwise (another version) wrote it; "
+                "training starts afresh from step 0") in caplog.text
+        assert report["training"]["steps"] == 8
+        assert [p.name for p in checkpoints.complete(folder)] == ["step-00000004", "step-00000008"]  # this trainer's
+        for name, value in load_file(out / "model.safetensors").items():
+            assert torch.equal(value, reference[name]), (laid_out, name)
 
 
 def test_a_checkpoint_of_another_world_size_is_refused(tiny_cfg: TrainerConfig, tmp_path: Path) -> None:

@@ -12,7 +12,9 @@ hash of what changes the optimisation, world size included, written beside them 
 fingerprint.json. A run never resumes another's; the folders of other fingerprints and
 half-written `.tmp-*` ones are stale and removed when a run starts. A run whose config differs
 from a checkpointed one only in its world size is refused: the global batch, the split of the
-data and the schedule's length would all change under the saved optimizer.
+data and the schedule's length would all change under the saved optimizer. A checkpoint of the same
+fingerprint that another version of the trainer laid out otherwise (what trains, the optimizer's groups) is
+removed too, with a warning, and training starts afresh (`misfits`).
 
 A pruned run that heals keeps the healed layers in the same folder (`healed.safetensors`, with
 healing's figures), so that a resumed run loads them instead of healing again: LoRA's
@@ -246,10 +248,15 @@ def complete(root: Path) -> list[Path]:
 
 
 def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
-         world: World) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None]:
-    """Restore a checkpoint in place; returns the loop's saved position and the best weights if it kept them."""
-    restore(model, load_file(folder / "trained.safetensors"), folder)
+         world: World) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None] | None:
+    """Restore a checkpoint in place; returns the loop's saved position and the best weights if it kept them. None
+    when it was laid out for another model or optimizer (`misfits`): the run's checkpoints are then removed."""
+    tensors = load_file(folder / "trained.safetensors")
     saved = torch.load(folder / "optimizer.pt", map_location=world.device, weights_only=True)  # runs no pickled code
+    if found := misfits(model, tensors, optimizer, saved["optimizer"]):
+        discard(folder, found, world)
+        return None
+    restore(model, tensors, folder)
     optimizer.load_state_dict(saved["optimizer"])
     scheduler.load_state_dict(saved["scheduler"])
     if saved.get("scaler"):  # else the loss scale would start again at 2**16 and skip steps it skipped before
@@ -262,12 +269,45 @@ def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sched
     return json.loads((folder / "state.json").read_text()), best
 
 
+def misfits(model: nn.Module, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
+            saved: dict[str, Any]) -> list[str]:
+    """How a checkpoint's layout differs from what this trainer built for the same fingerprint: the names of what
+    trains, and the parameters of each optimizer group. Another version of the trainer (the operator's image, after
+    an upgrade) may lay out the same job otherwise: a head kept whole beside LoRA, a parameter in another group.
+    Loading would fail for good (CheckpointMismatch) or on every retry (torch's ValueError), or pair the saved
+    moments with other parameters."""
+    found = []
+    names = trained_names(model)
+    if names != set(tensors):
+        found.append(f"what trains: {sorted(names - set(tensors))[:3]} here, {sorted(set(tensors) - names)[:3]} saved")
+    if (here := layout(optimizer.param_groups)) != (there := layout(saved["param_groups"])):
+        found.append(f"the optimizer's groups: {len(here)} of {[len(g) for g in here]} parameters here, "
+                     f"{len(there)} of {[len(g) for g in there]} saved")
+    return found
+
+
+def layout(groups: list[dict[str, Any]]) -> list[list[str] | list[int]]:
+    """Each optimizer group's parameters: by name where it has them (adjust.param_groups names them), else counted."""
+    return [g.get("param_names", list(range(len(g["params"])))) for g in groups]
+
+
+def discard(folder: Path, found: list[str], world: World) -> None:
+    """Remove the checkpoints of a run `folder` no longer fits (`misfits`), so that training starts afresh."""
+    if world.main:
+        log.warning("not resuming %s: a trainer that lays out this job otherwise (another version) wrote it; "
+                    "training starts afresh from step 0. Differs: %s", folder, "; ".join(found))
+    world.barrier()  # every rank has read it before rank 0 removes it
+    if world.main:
+        for old in complete(folder.parent):
+            shutil.rmtree(old, ignore_errors=True)
+    world.barrier()
+
+
 def restore(model: nn.Module, tensors: dict[str, torch.Tensor], source: object) -> None:
     """Copy `tensors` (as `trained_tensors` took them) into the model in place; they must be exactly what trains
     and every buffer, or the model would go on with a mix of restored and fresh weights."""
     own = dict(model.named_parameters()) | dict(model.named_buffers())
-    expected = {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
-    unexpected, missing = set(tensors) - set(own), expected - set(tensors)
+    unexpected, missing = set(tensors) - set(own), trained_names(model) - set(tensors)
     if unexpected or missing:
         raise CheckpointMismatch(f"{source}: does not fit the model (it lacks {sorted(missing)[:5]}, and has "
                                  f"{sorted(unexpected)[:5]} the model lacks); remove it or use another output.uri")
@@ -279,3 +319,8 @@ def restore(model: nn.Module, tensors: dict[str, torch.Tensor], source: object) 
     with torch.no_grad():
         for name, value in tensors.items():
             own[name].copy_(value)
+
+
+def trained_names(model: nn.Module) -> set[str]:
+    """The names `trained_tensors` takes."""
+    return {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}

@@ -58,7 +58,8 @@ class LossNotFinite(UserError):
 
 
 class CheckpointMismatch(UserError):
-    """A checkpoint in the output folder does not fit the model (a different trainer wrote it, or it is damaged)."""
+    """A checkpoint in the output folder does not fit the model: tensors of other shapes (another dataset at the same
+    output.uri), or it is damaged. One that another trainer version laid out otherwise is trained afresh."""
 
     reason = "CheckpointMismatch"
 

@@ -222,8 +222,9 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
     scaler = torch.amp.GradScaler(world.device.type, enabled=dtype == torch.float16)
     if world.size > 1:  # every rank was seeded alike, for equal fresh weights; its dropout masks must not be alike
         torch.manual_seed(spec.seed + world.rank)
-    if hooks.checkpoint_dir is not None and (found := checkpoints.complete(hooks.checkpoint_dir)):
-        saved, best = checkpoints.load(found[-1], unwrap(model), optimizer, scheduler, scaler, world)
+    if hooks.checkpoint_dir is not None and (found := checkpoints.complete(hooks.checkpoint_dir)) and (
+            resumed := checkpoints.load(found[-1], unwrap(model), optimizer, scheduler, scaler, world)):
+        saved, best = resumed
         state = LoopState(**saved)
         if state.history and hooks.on_step:  # where it resumes is its progress until the next step (if any) is made
             hooks.on_step(state, total)
