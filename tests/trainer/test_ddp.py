@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from finetune_operator.outcome import parse_message
 from finetune_trainer import pipeline
 from finetune_trainer.checkpoints import complete
-from finetune_trainer.config import TrainerConfig
+from finetune_trainer.config import TrainerConfig, TrainingSpec
 from finetune_trainer.telemetry import TERMINATION_ENV
 from tiny import EVALUATING, free_port, seconds_between, tiny_classifier_doc
 
@@ -322,11 +322,15 @@ def train_with_dropout(rank: int, port: int, queue: Any) -> None:
 
 def test_ranks_draw_their_own_dropout_masks() -> None:
     """Every rank seeds its RNG alike (so that fresh weights agree), and training went on from that state: each
-    rank's dropout dropped the same units of its own batch, a global batch of 2 x 4 regularised as one of 4."""
+    rank's dropout dropped the same units of its own batch, a global batch of 2 x 4 regularised as one of 4. Nor
+    may a rank reseed to the seed that drew the fresh weights: its masks would replay that stream."""
     masks = two_ranks(train_with_dropout)
     first, second = (torch.tensor(masks[rank]) for rank in (0, 1))
     assert first.shape == second.shape == (2, 4, 4, 16)  # two steps of a batch of 4 texts of 4 tokens
     assert not torch.equal(first, second)
+    torch.manual_seed(TrainingSpec().seed)
+    replayed = torch.nn.functional.dropout(torch.ones(4, 4, 16), 0.5) == 0  # the first mask drawn from that seed
+    assert not torch.equal(first[0], replayed) and not torch.equal(second[0], replayed)
 
 
 class Timed(torch.nn.Module):

@@ -220,8 +220,10 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
     best: dict[str, torch.Tensor] | None = None  # weights of state.best_step, kept when early stopping is on
     dtype = autocast_dtype(spec.precision, world.device, task)
     scaler = torch.amp.GradScaler(world.device.type, enabled=dtype == torch.float16)
-    if world.size > 1:  # every rank was seeded alike, for equal fresh weights; its dropout masks must not be alike
-        torch.manual_seed(spec.seed + world.rank)
+    # Every rank was seeded alike (spec.seed), for equal fresh weights: each draws its own dropout masks, and none
+    # replays the stream that drew those weights.
+    if world.size > 1:
+        torch.manual_seed(spec.seed + 1 + world.rank)
     if hooks.checkpoint_dir is not None and (found := checkpoints.complete(hooks.checkpoint_dir)) and (
             resumed := checkpoints.load(found[-1], unwrap(model), optimizer, scheduler, scaler, world)):
         saved, best = resumed
