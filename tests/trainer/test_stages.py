@@ -157,12 +157,36 @@ def test_an_encoder_trained_as_a_causal_lm_does_not_see_the_tokens_it_predicts(s
     source = {"uri": f"file://{tmp_path}"} if saved else {"architecture": "bert", "config": TINY_BERT}
     model = load_model(ModelSpec(task="causal-lm", tokenizerUri="pvc://models/all-MiniLM-L6-v2", **source),
                        tokenizer, seed=0).eval()
+    assert_causal(model, tokenizer)
+
+
+def assert_causal(model: nn.Module, tokenizer) -> None:
+    """The logits at the first 3 positions are the same whatever the tokens after them."""
     ids = torch.tensor([tokenizer("a fine day for it")["input_ids"]])
     later_changed = ids.clone()
     later_changed[0, 3:] = tokenizer.convert_tokens_to_ids("awful")
     with torch.no_grad():
-        assert torch.allclose(logits_of(model, {"input_ids": ids})[0, :3],
-                              logits_of(model, {"input_ids": later_changed})[0, :3], atol=1e-6)
+        torch.testing.assert_close(logits_of(model, {"input_ids": ids})[0, :3],
+                                   logits_of(model, {"input_ids": later_changed})[0, :3], atol=1e-6, rtol=1e-6)
+
+
+def test_the_card_of_an_encoders_causal_adapters_loads_it_causal(tmp_path: Path) -> None:
+    """BERT trained as a causal LM with its adapters kept apart: the card loaded model.uri's base, whose config.json
+    says is_decoder false, so the model a user rebuilt attended both ways under adapters trained with a causal mask."""
+    from transformers import BertConfig, BertForMaskedLM
+
+    from finetune_trainer import pipeline
+    from finetune_trainer.config import TrainerConfig
+
+    tokenizer = load_tokenizer(ModelSpec(task="causal-lm", uri="pvc://models/all-MiniLM-L6-v2"))
+    BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), **TINY_BERT)).save_pretrained(tmp_path / "base")
+    doc = tiny_classifier_doc(tmp_path / "out", maxSteps=1)
+    doc["model"] = {"task": "causal-lm", "uri": str(tmp_path / "base"), "tokenizerUri": "pvc://models/all-MiniLM-L6-v2"}
+    doc["dataset"] |= {"maxTrainSamples": 16, "maxEvalSamples": 8}
+    doc["evaluation"] = {"metrics": ["loss"], "baseline": False}
+    doc["rearrange"] = {"lora": {"rank": 2}, "mergeOnExport": False}
+    pipeline.run(TrainerConfig.model_validate(doc), tmp_path / "out")
+    assert_causal(card_model((tmp_path / "out" / "README.md").read_text(), tmp_path / "out").eval(), tokenizer)
 
 
 def test_a_vocabulary_smaller_than_the_tokenizers_is_a_user_error(tmp_path: Path, monkeypatch) -> None:

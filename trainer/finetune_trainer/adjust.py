@@ -69,25 +69,28 @@ def adaptable(candidates: list[str], spec: FreezeSpec, depth: Depth, head: str |
 
 
 def lora_targets(model: nn.Module, lora: LoraSpec, task: Task, spec: FreezeSpec, depth: Depth,
-                 head: str | None) -> list[str]:
+                 head: str | None, new: tuple[str, ...] = ()) -> list[str]:
     """The modules to adapt: those `lora.target_modules` names (peft's rule for a list: a module's name or its last
-    parts), else every LoRA candidate; in either case only those the freeze leaves training."""
+    parts), else every LoRA candidate; in either case only those the freeze leaves training. The head and the `new`
+    modules named are left to add_adapters, which trains them whole whatever the freeze."""
     names = lora.target_modules
     if not names:
         return adaptable(list(lora_candidates(model, task)), spec, depth, head)
-    named = [m for m, _ in model.named_modules() if any(m == n or m.endswith("." + n) for n in names)]
-    if not named:
+    matched = [m for m, _ in model.named_modules() if any(m == n or m.endswith("." + n) for n in names)]
+    if not matched:
         return list(names)  # peft says that they match nothing
+    named = [m for m in matched if m != head and m not in new]
     kept = adaptable(named, spec, depth, head)
-    if not kept:
+    if named and not kept:
         raise ConfigError(f"rearrange.lora.targetModules {names}: adjust.freeze (strategy {spec.strategy.value}) "
-                          "freezes every module they name, so their adapters would not train; freeze less or name "
+                          "freezes every module they name that would take an adapter, so their adapters would not train; "
+                          "freeze less or name "
                           "modules that train")
     if len(kept) < len(named):
         log.warning("rearrange.lora.targetModules: no adapters on %d of the %d modules named, which adjust.freeze "
                     "(strategy %s) freezes (%s, ...)", len(named) - len(kept), len(named), spec.strategy.value,
                     next(m for m in named if m not in kept))
-    return kept
+    return kept + [m for m in matched if m not in named]
 
 
 # Parameters held beside submodules that are embeddings or scales, not a layer's weight: ViT's position embedding

@@ -141,7 +141,9 @@ def loss_curve(history: list[dict[str, float]], evals: list[dict[str, Any]], pat
     plt.close(fig)
 
 
-def model_card(cfg: TrainerConfig, report: dict[str, Any], adapters_apart: bool = False) -> str:
+def model_card(cfg: TrainerConfig, report: dict[str, Any], adapters_apart: bool = False,
+               causal_switch: bool = False) -> str:
+    """The export's README; `causal_switch`: the model's config has `is_decoder` (models.has_causal_switch)."""
     evaluation = report["evaluation"]
     rows = [f"| {m} | {fmt(evaluation['baseline'].get(m))} | {fmt(v)} | {fmt(evaluation['delta'].get(m), '+')} |"
             for m, v in evaluation["final"].items()]
@@ -171,7 +173,7 @@ def model_card(cfg: TrainerConfig, report: dict[str, Any], adapters_apart: bool 
         *per_class_rows(evaluation.get("per_class_ap")),
         "",
         *pruning_section(report.get("pruning")),
-        *loading_lines(cfg, head_size(cfg, len(report["labels"])), adapters_apart),
+        *loading_lines(cfg, head_size(cfg, len(report["labels"])), adapters_apart, causal_switch),
         "Trained by finetune-trainer; report.json has the structure analysis and the full history.",
     ]
     return "\n".join(lines) + "\n"
@@ -190,7 +192,7 @@ def head_size(cfg: TrainerConfig, labels: int) -> int:
     return labels if num_labels == "auto" else max(int(num_labels), labels)
 
 
-def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool) -> list[str]:
+def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool, causal_switch: bool = False) -> list[str]:
     """Code that loads the export, run from the folder holding it: the standard classes, and where adapters were
     kept apart, peft on the base they adapt (this folder's, or model.uri's with the new head's size)."""
     task = cfg.model.task
@@ -221,7 +223,11 @@ def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool) -> list
             repo, folder = hub_parts(uri) if uri.startswith("hf://") else (uri, "")
             args = repr(repo) + (f", subfolder={folder!r}" if folder else "")
             args += f", revision={cfg.model.revision!r}" if cfg.model.revision and uri.startswith("hf://") else ""
-            if task != Task.CAUSAL_LM:
+            if task == Task.CAUSAL_LM and causal_switch:
+                # an encoder (BERT) trained causal (models.made_causal): its config.json says is_decoder false, and
+                # loaded so it attends both ways, under adapters trained with a causal mask
+                args += ", is_decoder=True"
+            elif task != Task.CAUSAL_LM:
                 # and the pad the batches had (this folder's tokenizer's): a decoder classifier pools the last token
                 # that is not its pad id, and GPT-2's or Llama's config names none (it refused batches) or another
                 imports = ["import json", f"{imports[0]}, AutoTokenizer"]

@@ -154,14 +154,20 @@ def new_modules(model: nn.Module) -> tuple[str, ...]:
 
 def made_causal(config: Any, task: Task) -> Any:
     """`config` made causal for a causal-lm where it names an encoder (BERT, RoBERTa, ELECTRA: `is_decoder` false):
-    their LM head attends both ways, so each position saw the token it was scored on predicting, a loss no model
+    the encoder attends both ways, so each position saw the token it was scored on predicting, a loss no model
     that generates can reach (MiniLM, 26 steps: test perplexity 201 peeking, 450 causal). transformers' remedy, in a
     warning the trainer's log level hides: `is_decoder=True`, a causal mask. Decoders (GPT-2, Llama) have no field."""
-    if task == Task.CAUSAL_LM and getattr(config, "is_decoder", None) is False:
+    if task == Task.CAUSAL_LM and has_causal_switch(config) and not config.is_decoder:
         log.info("model %s is an encoder: trained as a decoder (is_decoder=True, a causal mask), as causal-lm needs",
                  config.model_type)
         config.is_decoder = True
     return config
+
+
+def has_causal_switch(config: Any) -> bool:
+    """Whether `config` is an encoder's that `is_decoder` makes causal (BERT, RoBERTa, ELECTRA); decoders (GPT-2,
+    Llama) have no such field."""
+    return getattr(config, "is_decoder", None) is not None
 
 
 def padding_as_batched(model: nn.Module, tokenizer) -> nn.Module:

@@ -45,7 +45,7 @@ from finetune_trainer.errors import EXIT_OK, ConfigError, Terminated, no_space_i
 from finetune_trainer.evaluate import deltas, evaluate
 from finetune_trainer.lora_fused import fuse
 from finetune_trainer.models import (ImageClassifier, check_image_size, check_positions, check_vocabulary,
-                                     load_model, load_tokenizer, new_modules)
+                                     has_causal_switch, load_model, load_tokenizer, new_modules)
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
 from finetune_trainer.structure import depth, head_name
 from finetune_trainer.telemetry import Metrics, write_failure, write_termination
@@ -296,7 +296,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         if drop:  # the analysis measured the model as loaded: a quarter of its layers pruned, MFU read 4/3 too high
             flops = analysis.probe_step(model, probe[:1], task, cfg.rearrange.lora is not None, dtype)[1]["flops"]
     if cfg.rearrange.lora is not None:
-        targets = lora_targets(model, cfg.rearrange.lora, task, cfg.adjust.freeze, layers, head)
+        targets = lora_targets(model, cfg.rearrange.lora, task, cfg.adjust.freeze, layers, head, new)
         model = add_adapters(model, cfg.rearrange.lora, targets, head, new)
         freeze(model, cfg.adjust.freeze, layers, head, new)
         if world.device.type == "cpu":
@@ -576,7 +576,9 @@ def write_outputs(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cf
         report["pruning"]["after"] |= prune.footprint(model, serving)
     files = export.export_model(model, tokenizer, id2label, cfg, out)
     export.loss_curve(report["training"]["history"], report["training"]["evals"], out / "loss_curve.png")
-    (out / "README.md").write_text(export.model_card(cfg, report | extra, adapters_apart=(out / "adapter").is_dir()))
+    card = export.model_card(cfg, report | extra, adapters_apart=(out / "adapter").is_dir(),
+                             causal_switch=has_causal_switch(getattr(model, "config", None)))
+    (out / "README.md").write_text(card)
     extra["files"] = sorted({*files, "loss_curve.png", "README.md", "report.json"})
     (out / "report.json").write_text(json.dumps(report | extra, indent=2, default=str))
     log.info("exported to %s", out)

@@ -50,6 +50,9 @@ def add_adapters(model: nn.Module, spec: LoraSpec, targets: list[str], head: str
     from peft import LoraConfig, get_peft_model
 
     whole = [m for m in dict.fromkeys((head, *new)) if m is not None]
+    if targets and all(t in whole for t in targets):
+        raise ConfigError(f"rearrange.lora: no layer is left to adapt: {', '.join(targets)} train whole (the head, "
+                          "or modules the checkpoint lacks); name other modules in rearrange.lora.targetModules")
     targets = [t for t in targets if t not in whole]
     if not targets:
         raise ConfigError("rearrange.lora: no layer is left to adapt (adjust.freeze freezes every LoRA candidate); "
