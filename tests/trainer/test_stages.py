@@ -189,6 +189,36 @@ def test_the_card_of_an_encoders_causal_adapters_loads_it_causal(tmp_path: Path)
     assert_causal(card_model((tmp_path / "out" / "README.md").read_text(), tmp_path / "out").eval(), tokenizer)
 
 
+def test_the_lm_head_transform_a_base_checkpoint_lacks_trains_whole_and_the_tie_stays(tmp_path: Path) -> None:
+    """MiniLM (a BertModel checkpoint) loaded for causal-lm lacks its LM head: the decoder is tied to the embeddings,
+    but the transform's dense and LayerNorm are random, and under LoRA they stayed so, with a low-rank change."""
+    from transformers import AutoModelForCausalLM
+
+    from finetune_trainer.config import TrainerConfig
+    from finetune_trainer.models import new_modules
+
+    spec = ModelSpec(task="causal-lm", uri="pvc://models/all-MiniLM-L6-v2")
+    tokenizer = load_tokenizer(spec)
+    model = load_model(spec, tokenizer, seed=0)
+    new = new_modules(model)
+    assert new == ("cls.predictions.transform.LayerNorm", "cls.predictions.transform.dense")
+    lora = LoraSpec(rank=2)
+    layers, freeze_spec = depth(model, Task.CAUSAL_LM), FreezeSpec()
+    wrapped = add_adapters(model, lora, lora_targets(model, lora, Task.CAUSAL_LM, freeze_spec, layers, None), None, new)
+    trained = {canonical(n) for n, p in wrapped.named_parameters() if p.requires_grad and "cls." in n}
+    assert trained == {f"{m}.{w}" for m in new for w in ("weight", "bias")}
+    with torch.no_grad():  # as training would move it
+        wrapped.get_submodule("base_model.model.cls.predictions.transform.dense").weight.mul_(2)
+    inputs = {"input_ids": torch.tensor([tokenizer("a fine day for it")["input_ids"]])}
+    merged, check = merge_adapters(wrapped, inputs)
+    assert check["passed"] and merged.get_output_embeddings().weight is merged.get_input_embeddings().weight
+    doc = tiny_classifier_doc(tmp_path) | {"model": spec.model_dump(by_alias=True, exclude_none=True)}
+    export_model(merged, tokenizer, {}, TrainerConfig.model_validate(doc), tmp_path)
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(logits_of(loaded, inputs), logits_of(merged.eval(), inputs))
+
+
 def test_a_vocabulary_smaller_than_the_tokenizers_is_a_user_error(tmp_path: Path, monkeypatch) -> None:
     """model.config vocab_size 1000 beside a 30k tokenizer failed in the embedding with an IndexError, which exits
     2 and is retried: it is the config's mistake, said before anything trains."""

@@ -123,8 +123,7 @@ def _load_transformer(spec: ModelSpec, tokenizer) -> nn.Module:
             config.pad_token_id = tokenizer.pad_token_id
         # dtype auto: the checkpoint's, see load_model
         model, info = auto.from_pretrained(path, config=config, dtype="auto", output_loading_info=True)
-        if spec.task != Task.CAUSAL_LM:  # an LM head a base lacks is tied to the embeddings: not one to copy whole
-            model.new_modules = newly_initialised(model, info["missing_keys"])
+        model.new_modules = newly_initialised(model, info["missing_keys"])
         return padding_as_batched(model, tokenizer)
     except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError, AssertionError, StrictDataclassError,
             RuntimeError) as exc:
@@ -139,9 +138,14 @@ def _load_transformer(spec: ModelSpec, tokenizer) -> nn.Module:
 def newly_initialised(model: nn.Module, missing_keys: Iterable[str]) -> tuple[str, ...]:
     """The modules of `model` with weights its checkpoint lacks, which transformers initialised at random: a base
     checkpoint (AutoModel's) loaded for classification lacks all of the task head, which is more than its last Linear
-    in RoBERTa's and ELECTRA's (classifier.dense), DistilBERT's (pre_classifier) and DeBERTa's (pooler.dense)."""
+    in RoBERTa's and ELECTRA's (classifier.dense), DistilBERT's (pre_classifier) and DeBERTa's (pooler.dense), and
+    loaded for causal-lm, the LM head's transform (BERT's cls.predictions.transform.dense and LayerNorm). Not the
+    output embeddings nor what holds them (cls.predictions): tied to the input embeddings, a copy would cut the tie."""
     params = dict(model.named_parameters())
-    new = tuple(sorted({key.rpartition(".")[0] for key in missing_keys if key in params}))
+    embeddings = model.get_output_embeddings()
+    output = next((name for name, m in model.named_modules() if m is embeddings), None)
+    missing = {key.rpartition(".")[0] for key in missing_keys if key in params}
+    new = tuple(sorted(m for m in missing if output is None or not f"{output}.".startswith(f"{m}.")))
     if new:
         log.info("not in the checkpoint, initialised at random and trained whole: %s", ", ".join(new))
     return new
