@@ -1056,6 +1056,22 @@ def test_named_lora_targets_keep_off_what_the_freeze_freezes(bert, caplog) -> No
     assert adapters and all(adapters.values())
 
 
+def test_named_lora_targets_that_train_whole_are_not_said_to_be_frozen(bert, caplog) -> None:
+    """A module the checkpoint lacks (RoBERTa's classifier.dense; the pooler here) trains whole though the pattern
+    covers it, yet was listed among the named modules the freeze leaves without adapters; a list naming only the
+    head was refused as 'adjust.freeze freezes every LoRA candidate' though nothing froze."""
+    model, _ = bert
+    task, new = Task.SEQUENCE_CLASSIFICATION, ("bert.pooler.dense",)
+    layers, head = depth(model, task), head_name(model, task)
+    spec, lora = FreezeSpec(strategy="regex", pattern="pooler"), LoraSpec(rank=2, targetModules=["dense"])
+    targets = lora_targets(model, lora, task, spec, layers, head, new)
+    assert "no adapters" not in caplog.text and targets[-1] == "bert.pooler.dense"
+    wrapped = add_adapters(model, lora, targets, head, new)
+    assert "bert.pooler.dense" in wrapped.peft_config["default"].modules_to_save
+    only_head = LoraSpec(rank=2, targetModules=["classifier"])
+    with pytest.raises(ConfigError, match="no layer is left to adapt: classifier train whole"):
+        add_adapters(model, only_head, lora_targets(model, only_head, task, FreezeSpec(), layers, head), head)
+
 def test_a_freeze_pattern_that_matches_nothing_is_warned_of(bert, caplog) -> None:
     """A typo in adjust.freeze.pattern (`layers` for BERT's `layer`) froze nothing and trained every weight, the log
     saying only 'froze 0 parameters (regex)'."""
