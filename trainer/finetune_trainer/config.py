@@ -228,8 +228,10 @@ class FreezeSpec(ApiModel):
 
     strategy: FreezeStrategy = Field(
         FreezeStrategy.NONE,
-        description="none: train everything; all-but-head: only the head; bottom-layers: freeze the embeddings "
-        "and the lowest `count` layers; regex: freeze parameters whose name matches `pattern`.",
+        description="none: train everything; all-but-head: only the task head; bottom-layers: freeze the embeddings "
+        "and the lowest `count` layers; regex: freeze parameters whose name matches `pattern`. Whatever the strategy, "
+        "a new head and the modules the checkpoint lacks (random at load: RoBERTa's classifier.dense, a missing "
+        "pooler) train whole.",
     )
     count: int | None = Field(None, ge=1, le=1000, description="Number of bottom layers to freeze (bottom-layers).")
     pattern: str | None = Field(
@@ -268,7 +270,11 @@ class AdjustSpec(ApiModel):
         5e-5, gt=0, le=1, description="Peak learning rate of the top layer (after warmup)."
     )
     head_learning_rate: float | None = Field(
-        None, gt=0, le=1, description="Learning rate of a new head; defaults to learningRate."
+        None,
+        gt=0,
+        le=1,
+        description="Learning rate of the head (new or kept) and of the modules the checkpoint lacks; defaults to "
+        "learningRate.",
     )
     layerwise_decay: float = Field(
         1.0,
