@@ -92,6 +92,14 @@ def test_only_what_changes_the_optimisation_starts_afresh(tiny_cfg: TrainerConfi
     assert second != first and json.loads((second / "fingerprint.json").read_text())["adjust"]["learningRate"] == 5e-4
 
 
+def trained_once(cfg: TrainerConfig, out: Path) -> tuple[dict[str, torch.Tensor], Path]:
+    """Run `cfg` into `out` without a baseline; the exported weights and the run's checkpoint folder."""
+    cfg.evaluation.baseline = False
+    pipeline.run(cfg, out)
+    (folder,) = (out / "checkpoints").iterdir()
+    return load_file(out / "model.safetensors"), folder
+
+
 def test_a_new_evaluation_cadence_resumes_unless_early_stopping_depends_on_it(tiny_cfg: TrainerConfig, tmp_path: Path,
                                                                              caplog: pytest.LogCaptureFixture) -> None:
     """Evaluations every 2 steps, the run killed after step 4's checkpoint and resumed with evaluations every 5: it
@@ -100,11 +108,8 @@ def test_a_new_evaluation_cadence_resumes_unless_early_stopping_depends_on_it(ti
     tiny_cfg.training.eval_every_steps = 2
     tiny_cfg.training.checkpoint_every_steps = 2
     tiny_cfg.training.keep_checkpoints = 10
-    tiny_cfg.evaluation.baseline = False
     out = tmp_path / "out"
-    pipeline.run(tiny_cfg, out)
-    reference = load_file(out / "model.safetensors")
-    (folder,) = (out / "checkpoints").iterdir()
+    reference, folder = trained_once(tiny_cfg, out)
     for later in checkpoints.complete(folder)[2:]:  # as if killed right after step 4's checkpoint
         shutil.rmtree(later)
     tiny_cfg.training.eval_every_steps = 5
@@ -149,11 +154,8 @@ def test_a_checkpoint_another_trainer_laid_out_is_trained_afresh(tiny_cfg: Train
     or for good (CheckpointMismatch); it now warns, and trains afresh to the weights of a run never stopped."""
     caplog.set_level(logging.INFO, logger="finetune_trainer")
     tiny_cfg.training.checkpoint_every_steps = 4
-    tiny_cfg.evaluation.baseline = False
     out = tmp_path / "out"
-    pipeline.run(tiny_cfg, out)
-    reference = load_file(out / "model.safetensors")
-    (folder,) = (out / "checkpoints").iterdir()
+    reference, folder = trained_once(tiny_cfg, out)
     for laid_out in ("groups", "names"):
         written, later = checkpoints.complete(folder)
         shutil.rmtree(later)  # killed after step 4's checkpoint, written by the other trainer:
@@ -174,8 +176,7 @@ def test_a_checkpoint_another_trainer_laid_out_is_trained_afresh(tiny_cfg: Train
                 "training starts afresh from step 0") in caplog.text
         assert report["training"]["steps"] == 8
         assert [p.name for p in checkpoints.complete(folder)] == ["step-00000004", "step-00000008"]  # this trainer's
-        for name, value in load_file(out / "model.safetensors").items():
-            assert torch.equal(value, reference[name]), (laid_out, name)
+        assert_same(load_file(out / "model.safetensors"), reference)
 
 
 def test_a_checkpoint_of_another_world_size_is_refused(tiny_cfg: TrainerConfig, tmp_path: Path) -> None:
