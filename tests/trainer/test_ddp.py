@@ -157,33 +157,38 @@ def test_two_ranks_heal_a_pruned_model_alike_and_a_rerun_loads_what_they_healed(
 RANK_SCORES = [[0.3, 0.1, 0.1 + 1e-6, 0.5], [0.3, 0.1 + 1e-6, 0.1, 0.5]]
 
 
-def choose_layers(rank: int, port: int, queue: Any) -> None:
+def choose_layers(rank: int) -> tuple[list[int], list[float]]:
     """One of two ranks choosing the layers to prune from its own analysis' scores."""
-    import datetime
-
-    import torch.distributed as dist
-
     from finetune_trainer.analyze import StructureReport
     from finetune_trainer.config import PruneSpec
     from finetune_trainer.distributed import World
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
     report = StructureReport("BertModel", 0, 0, 0, [], {}, {}, None, [], [], {}, {},
                              importance={"layers": {"measure": "block-influence", "scores": RANK_SCORES[rank]}})
     drop = pipeline.pruned_layers(report, PruneSpec(count=1), World(rank, 2, torch.device("cpu")))
-    queue.put((rank, (drop, report.importance["layers"]["scores"])))
+    return drop, report.importance["layers"]["scores"]
+
+
+def in_group(target: Callable[[int], Any], rank: int, port: int, queue: Any) -> None:
+    """`target(rank)` as one of two ranks of a gloo group, its value put on `queue` as (rank, value)."""
+    import datetime
+
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
+    queue.put((rank, target(rank)))  # a tensor would go by shared memory: values are lists
     dist.destroy_process_group()
 
 
-def two_ranks(target: Callable[[int, int, Any], None]) -> dict[int, Any]:
-    """What each of two spawned processes running `target(rank, port, queue)` put on the queue as (rank, value)."""
+def two_ranks(target: Callable[[int], Any]) -> dict[int, Any]:
+    """What `target(rank)` gave in each of two spawned processes, ranks of one gloo group."""
     import torch.multiprocessing as mp
 
     context = mp.get_context("spawn")
     queue = context.Queue()
     port = free_port()
-    ranks = [context.Process(target=target, args=(rank, port, queue)) for rank in range(2)]
+    ranks = [context.Process(target=in_group, args=(target, rank, port, queue)) for rank in range(2)]
     for p in ranks:
         p.start()
     values = dict(queue.get(timeout=120) for _ in ranks)
@@ -295,19 +300,13 @@ class Dropped(torch.nn.Module):
         return self.out(dropped.mean(1))
 
 
-def train_with_dropout(rank: int, port: int, queue: Any) -> None:
+def train_with_dropout(rank: int) -> list:
     """One of two ranks training `Dropped` for two steps, seeded alike as `load_model` seeds every rank."""
-    import datetime
-
-    import torch.distributed as dist
-
     from finetune_trainer.batches import Encoded, make_collate
     from finetune_trainer.config import Task, TrainingSpec
     from finetune_trainer.distributed import World
     from finetune_trainer.train import make_scheduler, train_loop
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
     torch.manual_seed(0)
     model = Dropped()
     data = Encoded([[1, 2, 3, 4]] * 16, [0, 1] * 8, [4] * 16)
@@ -316,8 +315,7 @@ def train_with_dropout(rank: int, port: int, queue: Any) -> None:
     train_loop(torch.nn.parallel.DistributedDataParallel(model), optimizer, make_scheduler(optimizer, spec, 2), data,
                make_collate(Task.SEQUENCE_CLASSIFICATION, 0, 0), spec, Task.SEQUENCE_CLASSIFICATION,
                World(rank, 2, torch.device("cpu")))
-    queue.put((rank, torch.stack(model.masks).tolist()))  # a tensor would go by shared memory
-    dist.destroy_process_group()
+    return torch.stack(model.masks).tolist()
 
 
 def test_ranks_draw_their_own_dropout_masks() -> None:
@@ -348,24 +346,17 @@ class Timed(torch.nn.Module):
         return x * self.weight
 
 
-def measure_footprint(rank: int, port: int, queue: Any) -> None:
+def measure_footprint(rank: int) -> list[tuple[float, float]]:
     """One of two ranks measuring the unpruned model's footprint, as `prune_layers` does."""
-    import datetime
-
-    import torch.distributed as dist
-
     from finetune_trainer.batches import Batch
     from finetune_trainer.distributed import World
 
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
     world = World(rank, 2, torch.device("cpu"))
     model = Timed()
     serving = [Batch({"x": torch.ones(2)}, torch.zeros(2), 2, 2, 2)] * 4
     world.barrier()  # as the collectives before it leave the ranks
     pipeline.footprint_alone(model, serving, world)
-    queue.put((rank, model.ran))
-    dist.destroy_process_group()
+    return model.ran
 
 
 def test_rank_0_measures_the_latency_before_pruning_alone() -> None:
