@@ -88,3 +88,15 @@ def test_a_job_that_does_not_finish_points_to_commands_that_find_it(monkeypatch:
     message = str(stopped.value)
     assert f"export KUBECONFIG={c.kubeconfig} PATH=/bin-dir:$PATH" in message
     assert "kubectl -n finetune-demo describe ftj minilm-sentiment" in message
+
+
+def test_the_line_cluster_up_prints_finds_its_kubectl(tmp_path: Path) -> None:
+    """cluster-up said only `export KUBECONFIG=...`: on a fresh machine, which has no kubectl of its own, the README's
+    next line, `kubectl get nodes`, was not found."""
+    kubectl = tmp_path / "kubectl"
+    kubectl.write_text("#!/bin/sh\n")
+    kubectl.chmod(0o755)
+    c = demo.cluster.Cluster(REPO / ".cluster", tmp_path)
+    found = subprocess.run(["bash", "-c", f"{c.export}; command -v kubectl; echo $KUBECONFIG"],
+                           env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=30)
+    assert found.stdout.split() == [str(kubectl), str(c.kubeconfig)]

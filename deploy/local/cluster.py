@@ -80,6 +80,11 @@ class Cluster:
     def pki(self) -> Path:
         return self.state / "pki"
 
+    @property
+    def export(self) -> str:
+        """The shell line that points kubectl (the cached one: a fresh machine has none) at this cluster."""
+        return f"export KUBECONFIG={self.kubeconfig} PATH={self.bin_dir}:$PATH"
+
     def log(self, component: str) -> Path:
         return self.state / "logs" / f"{component}.log"
 
@@ -419,7 +424,7 @@ def _up(state: Path, timeout: float) -> Cluster:
     state.chmod(0o700)
     pids = running(cluster)
     if all(pids.values()):
-        _progress(f"already running (kubeconfig: {cluster.kubeconfig})", started)
+        _progress(f"already running; {cluster.export}", started)
         return cluster
     _down(cluster.state)  # leftovers of a half-dead cluster
     missing = [c for c in COMPONENTS[:-1] if not (cluster.bin_dir / c).exists()]
@@ -470,7 +475,7 @@ def _up(state: Path, timeout: float) -> Cluster:
     except BaseException:
         _down(cluster.state)
         raise
-    _progress(f"cluster ready; export KUBECONFIG={cluster.kubeconfig}", started)
+    _progress(f"cluster ready; {cluster.export}", started)
     return cluster
 
 

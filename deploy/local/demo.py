@@ -200,7 +200,7 @@ def look_around(c: cluster.Cluster, doc: dict, succeeded: bool) -> str:
     else:
         last = f"kubectl -n {NAMESPACE} logs -l finetune.dev/job-name={name} --tail=30   # each attempt's trainer"
     return f"""Look around:
-  export KUBECONFIG={c.kubeconfig} PATH={c.bin_dir}:$PATH
+  {c.export}
   kubectl -n {NAMESPACE} describe ftj {name}          # conditions and the Events of each transition
   kubectl -n {NAMESPACE} get jobs,pods -l finetune.dev/job-name={name}
   {last}
