@@ -659,6 +659,16 @@ def test_metrics_that_cannot_be_read_turn_stale_after_a_grace_and_fresh_again() 
     assert conditions(done)["MetricsStale"] == ("False", "Completed") and done["phase"] == "Succeeded"
 
 
+def test_a_rank_0_that_is_done_and_closed_its_metrics_is_not_stale_while_its_pod_exits() -> None:
+    """Rank 0 stops serving once read to the end; a Job that took over 10 s more to complete (a loaded machine) left
+    a successful job with a MetricsUnreachable Warning ("rank 0's metrics not read since ...")."""
+    done = after(decide(Observed(body({"attempts": 1}), [job(ready=1)], [pod()], NOW,
+                                 sample={"stage": "Done", "step": 10, "total_steps": 10, "loss": 0.5})))
+    error = ("MetricsUnreachable", "connection refused")
+    exiting = decide(Observed(body(done), [job(ready=1)], [pod()], NOW + timedelta(seconds=30), scrape_error=error))
+    assert "MetricsStale" not in conditions(after(exiting, done)) and not exiting.events
+
+
 def test_a_starting_rank_0_gets_a_minute_before_its_metrics_are_stale() -> None:
     """A trainer that has not served its metrics yet is importing torch and the model's code, which takes tens of
     seconds from a cold image: no Warning at every start; one that never answers is stale after a minute."""

@@ -449,6 +449,8 @@ def _stale(conds: Conditions, old: dict[str, Any], now: datetime, reason: str, m
     updated = _parse_time((old.get("progress") or {}).get("updatedAt"))
     running = _parse_time(conds.get(T.RUNNING).get("lastTransitionTime"))
     if updated and (running is None or updated >= running):
+        if old.get("stage") == "Done":  # rank 0 has closed its endpoint: its pod's exit is all that is left to see
+            return
         last, grace = updated, STALE_AFTER_SECONDS
     else:
         last, grace = running, STARTING_SECONDS
