@@ -669,6 +669,19 @@ def test_a_rank_0_that_is_done_and_closed_its_metrics_is_not_stale_while_its_pod
     assert "MetricsStale" not in conditions(after(exiting, done)) and not exiting.events
 
 
+def test_a_rank_0_that_is_done_and_whose_pod_never_exits_is_flagged() -> None:
+    """A pod stuck after Done (a rank in NCCL's teardown, a non-daemon thread) left the job Running at 100 % with
+    no condition and no Warning, for good: after the linger and minutes to exit it is MetricsStale, NotExiting."""
+    done = after(decide(Observed(body({"attempts": 1}), [job(ready=1)], [pod()], NOW,
+                                 sample={"stage": "Done", "step": 10, "total_steps": 10, "loss": 0.5})))
+    error = ("MetricsUnreachable", "connection refused")
+    stuck = decide(Observed(body(done), [job(ready=1)], [pod()], NOW + timedelta(minutes=10), scrape_error=error))
+    assert conditions(after(stuck, done))["MetricsStale"] == ("True", "NotExiting")
+    assert "rank 0 reported Done at 2026-12-01T12:00:00Z; its pods have not exited" in next(
+        c["message"] for c in after(stuck, done)["conditions"] if c["type"] == "MetricsStale")
+    assert after(stuck, done)["phase"] == "Running" and ("Warning", "NotExiting") in [e[:2] for e in stuck.events]
+
+
 def test_a_starting_rank_0_gets_a_minute_before_its_metrics_are_stale() -> None:
     """A trainer that has not served its metrics yet is importing torch and the model's code, which takes tens of
     seconds from a cold image: no Warning at every start; one that never answers is stale after a minute."""

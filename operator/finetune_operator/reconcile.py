@@ -25,9 +25,9 @@ from pydantic import ValidationError
 from finetune_operator import api, children, outcome
 from finetune_operator.api import ConditionType as T
 from finetune_operator.outcome import Outcome, Retry, State
-from finetune_operator.status import (METRICS_READ, RESUMED, STALE_AFTER_SECONDS, STARTING_SECONDS, Conditions,
-                                      analysis_of, evaluation_of, phase_of, progress_and_metrics, pruning_of, stage_of,
-                                      timestamp, transitions)
+from finetune_operator.status import (DONE_EXIT_SECONDS, METRICS_READ, NOT_EXITING, RESUMED, STALE_AFTER_SECONDS,
+                                      STARTING_SECONDS, Conditions, analysis_of, evaluation_of, phase_of,
+                                      progress_and_metrics, pruning_of, stage_of, timestamp, transitions)
 from finetune_trainer.rules import error_lines
 
 
@@ -444,12 +444,17 @@ def _next_attempt(conds: Conditions, status: dict[str, Any], attempt: int, reaso
 def _stale(conds: Conditions, old: dict[str, Any], now: datetime, reason: str, message: str) -> None:
     """MetricsStale once the last good read of this attempt is STALE_AFTER_SECONDS old, or, before its first read,
     once it has run for STARTING_SECONDS: a retried or resumed attempt's rank 0 gets the same time to start as the
-    first's, though the last read (the previous attempt's) is older. The last numbers stay in status.progress and
-    status.metrics, whose updatedAt tells their age."""
+    first's, though the last read (the previous attempt's) is older. Once rank 0 reported Done it closes its
+    endpoint and only its pods' exit is left: a failed read is no news then, and MetricsStale (reason NotExiting)
+    comes only once the pods have not exited DONE_EXIT_SECONDS after that read. The last numbers stay in
+    status.progress and status.metrics, whose updatedAt tells their age."""
     updated = _parse_time((old.get("progress") or {}).get("updatedAt"))
     running = _parse_time(conds.get(T.RUNNING).get("lastTransitionTime"))
     if updated and (running is None or updated >= running):
-        if old.get("stage") == "Done":  # rank 0 has closed its endpoint: its pod's exit is all that is left to see
+        if old.get("stage") == "Done":
+            if (now - updated).total_seconds() >= DONE_EXIT_SECONDS:
+                conds.set(T.METRICS_STALE, True, NOT_EXITING,
+                          f"rank 0 reported Done at {timestamp(updated)}; its pods have not exited")
             return
         last, grace = updated, STALE_AFTER_SECONDS
     else:
