@@ -68,6 +68,22 @@ def test_after_a_failure_it_points_to_the_trainers_log_not_to_a_model() -> None:
     assert "ls " not in failed and "logs -l finetune.dev/job-name=minilm-sentiment" in failed
 
 
+def test_the_lines_it_points_to_work_from_a_checkout_whose_path_has_a_space(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """Its `ls` and `cat` lines were unquoted: under "my checkout" they looked for "my" and "checkout/..."."""
+    checkout = tmp_path / "my checkout"
+    monkeypatch.setattr(demo, "ASSETS", checkout / ".data" / "pvc")
+    doc = yaml.safe_load(demo.EXAMPLE.read_text())
+    c = demo.cluster.Cluster(checkout / ".cluster", checkout / "bin")
+    demo.output_folder(doc).mkdir(parents=True)
+    (c.state / "logs").mkdir(parents=True)
+    (c.state / "logs" / "operator.log").write_text("started\n")
+    lines = [line for line in demo.look_around(c, doc, succeeded=True).splitlines() if line.startswith(("  ls", "  cat"))]
+    assert len(lines) == 2
+    for line in lines:
+        assert subprocess.run(["bash", "-c", line], capture_output=True, timeout=30).returncode == 0, line
+
+
 @pytest.mark.parametrize("example", sorted(p.name for p in (REPO / "deploy" / "examples").glob("*.yaml")))
 def test_every_example_runs_on_the_claims_it_sets_up(example: str) -> None:
     """Its claims were ReadWriteOnce, so minilm-sentiment-2workers.yaml applied in finetune-demo failed InvalidSpec
@@ -92,11 +108,14 @@ def test_a_job_that_does_not_finish_points_to_commands_that_find_it(monkeypatch:
 
 def test_the_line_cluster_up_prints_finds_its_kubectl(tmp_path: Path) -> None:
     """cluster-up said only `export KUBECONFIG=...`: on a fresh machine, which has no kubectl of its own, the README's
-    next line, `kubectl get nodes`, was not found."""
-    kubectl = tmp_path / "kubectl"
+    next line, `kubectl get nodes`, was not found. Its paths were unquoted: a checkout under a path with a space
+    gave a line that broke when pasted."""
+    checkout = tmp_path / "my checkout"
+    kubectl = checkout / "bin" / "kubectl"
+    kubectl.parent.mkdir(parents=True)
     kubectl.write_text("#!/bin/sh\n")
     kubectl.chmod(0o755)
-    c = demo.cluster.Cluster(REPO / ".cluster", tmp_path)
-    found = subprocess.run(["bash", "-c", f"{c.export}; command -v kubectl; echo $KUBECONFIG"],
+    c = demo.cluster.Cluster(checkout / ".cluster", kubectl.parent)
+    found = subprocess.run(["bash", "-c", f'{c.export}; command -v kubectl; echo "$KUBECONFIG"'],
                            env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=30)
-    assert found.stdout.split() == [str(kubectl), str(c.kubeconfig)]
+    assert found.stdout.splitlines() == [str(kubectl), str(c.kubeconfig)]

@@ -21,6 +21,7 @@ import fcntl
 import json
 import os
 import shutil
+import shlex
 import signal
 import socket
 import ssl
@@ -82,8 +83,9 @@ class Cluster:
 
     @property
     def export(self) -> str:
-        """The shell line that points kubectl (the cached one: a fresh machine has none) at this cluster."""
-        return f"export KUBECONFIG={self.kubeconfig} PATH={self.bin_dir}:$PATH"
+        """The shell line that points kubectl (the cached one: a fresh machine has none) at this cluster; quoted, as a
+        checkout's path may hold spaces."""
+        return f"export KUBECONFIG={shlex.quote(str(self.kubeconfig))} PATH={shlex.quote(str(self.bin_dir))}:$PATH"
 
     def log(self, component: str) -> Path:
         return self.state / "logs" / f"{component}.log"

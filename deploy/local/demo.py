@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
 import shutil
 import signal
 import subprocess
@@ -196,7 +197,7 @@ def look_around(c: cluster.Cluster, doc: dict, succeeded: bool) -> str:
     model then)."""
     name = doc["metadata"]["name"]
     if succeeded:
-        last = f"ls {output_folder(doc)}        # the exported model, report.json, model card, loss curve"
+        last = f"ls {shlex.quote(str(output_folder(doc)))}        # the exported model, report.json, model card, loss curve"
     else:
         last = f"kubectl -n {NAMESPACE} logs -l finetune.dev/job-name={name} --tail=30   # each attempt's trainer"
     return f"""Look around:
@@ -204,7 +205,7 @@ def look_around(c: cluster.Cluster, doc: dict, succeeded: bool) -> str:
   kubectl -n {NAMESPACE} describe ftj {name}          # conditions and the Events of each transition
   kubectl -n {NAMESPACE} get jobs,pods -l finetune.dev/job-name={name}
   {last}
-  cat {c.state / 'logs' / 'operator.log'}
+  cat {shlex.quote(str(c.state / 'logs' / 'operator.log'))}
 Stop everything: make cluster-down"""
 
 
