@@ -477,7 +477,9 @@ def watchable(namespaces: tuple[str, ...]) -> tuple[str, ...]:
 
 def _forbidden(clients: Clients, namespaces: tuple[str, ...]) -> tuple[str, ...]:
     """Those where the apiserver forbids listing FineTuneJobs. Any other failure is kopf's to retry: it ends the
-    probing, the rest taken as readable, since an apiserver that does not answer would cost each a timeout."""
+    probing, the rest taken as readable, since an apiserver that does not answer would cost each a timeout. The
+    trade-off: with retries off, one transient error (a 500 or 429 while the apiserver rolls) keeps every namespace
+    not yet probed, a forbidden one too, whose watch then holds kopf up again until the next start."""
     forbidden: list[str] = []
     for ns in namespaces:
         try:
