@@ -58,8 +58,10 @@ class LossNotFinite(UserError):
 
 
 class CheckpointMismatch(UserError):
-    """A checkpoint in the output folder does not fit the model: tensors of other shapes (another dataset at the same
-    output.uri), or it is damaged. One that another trainer version laid out otherwise is trained afresh."""
+    """A checkpoint in the output folder does not fit the model: tensors of other shapes under the same fingerprint,
+    which hashes the config, not what its URIs hold (the dataset changed at the same URI, its labels giving another
+    head; a model of another width at the same URI), or it is damaged. One that another trainer version laid out
+    otherwise (other names of what trains, other optimizer groups) is trained afresh."""
 
     reason = "CheckpointMismatch"
 
