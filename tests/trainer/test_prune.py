@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -196,8 +197,8 @@ def test_healing_trains_the_kept_layers_back_towards_the_unpruned_models_hidden_
         assert torch.equal(value, model.state_dict()[key]), key
 
 
-def test_an_attempt_that_resumes_loads_the_healed_layers_instead_of_healing_again(tmp_path: Path,
-                                                                                   monkeypatch) -> None:
+def test_an_attempt_that_resumes_loads_the_healed_layers_instead_of_healing_again(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """LoRA's checkpoints hold the adapters, not the healed layers under them: the run keeps those beside its
     checkpoints, and the attempt that resumes loads them and ends with the weights of a run never stopped."""
     import os
@@ -231,7 +232,9 @@ def test_an_attempt_that_resumes_loads_the_healed_layers_instead_of_healing_agai
     assert len(healed) == 2 and (folder / "healed.safetensors").exists()
     (folder / ".tmp-healed.safetensors").write_bytes(b"half written")  # a crash mid-save leaves a file, not a folder
     monkeypatch.setattr(export, "export_model", real_export)
+    caplog.set_level(logging.INFO, logger="finetune_trainer")
     resumed = run(cfg, tmp_path / "out")
+    assert f"resumed from {folder / 'step-'}" in caplog.text  # not trained afresh, to the same weights
     assert len(healed) == 2  # not a third time
     assert len(copies) == 2  # and no copy of the unpruned model to heal towards
     assert not (folder / ".tmp-healed.safetensors").exists()

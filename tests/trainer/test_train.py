@@ -410,8 +410,9 @@ def test_the_cpu_clock_counts_the_steps_not_the_evaluations() -> None:
     assert cpu == sorted(cpu) and cpu[-1] == state.cpu_seconds
 
 
-def test_the_best_weights_survive_a_resume(tmp_path: Path) -> None:
+def test_the_best_weights_survive_a_resume(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The run dies after the step-6 checkpoint; the resumed run still ends on step 4's weights."""
+    caplog.set_level(logging.INFO, logger="finetune_trainer")
     spec = TrainingSpec(batchSize=8, maxSteps=20, evalEverySteps=2, checkpointEverySteps=2,
                         earlyStopping={"patience": 2})
 
@@ -430,6 +431,7 @@ def test_the_best_weights_survive_a_resume(tmp_path: Path) -> None:
     state = train_loop(model, optimizer, make_scheduler(optimizer, spec, 20), data, collate, spec, Task.CAUSAL_LM, CPU,
                        Hooks(evaluate=Scripted(model, [0.8]), checkpoint_dir=tmp_path))
     assert state.step == 8 and state.stopped_early and state.best_step == 4
+    assert f"resumed from {tmp_path / 'step-00000006'}" in caplog.text
     assert_same(weights(model), first.seen[1])
 
 
@@ -459,7 +461,10 @@ def classifier_run(checkpoint_dir: Path, stop_at: int | None = None, lora: bool 
 
 
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
-def test_resume_after_sigterm_gives_the_uninterrupted_weights(lora: bool, tmp_path: Path) -> None:
+def test_resume_after_sigterm_gives_the_uninterrupted_weights(lora: bool, tmp_path: Path,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A checkpoint wrongly discarded would train afresh to the same weights: the log tells a resume."""
+    caplog.set_level(logging.INFO, logger="finetune_trainer")
     reference = classifier_run(tmp_path / "reference", lora=lora)
     with pytest.raises(Terminated, match="stopped by SIGTERM at step 5"):
         classifier_run(tmp_path / "interrupted", stop_at=4, lora=lora)  # seen at the next step
@@ -467,6 +472,7 @@ def test_resume_after_sigterm_gives_the_uninterrupted_weights(lora: bool, tmp_pa
     assert [p.name for p in saved] == ["step-00000003", "step-00000005"]
     (tmp_path / "interrupted" / ".tmp-step-00000007").mkdir()  # a half-written one is never read
     resumed = classifier_run(tmp_path / "interrupted", lora=lora)
+    assert f"resumed from {saved[-1]}" in caplog.text
     assert any("lora_A" in n for n in resumed) == lora
     for name, value in reference.items():
         assert torch.equal(resumed[name], value), name
@@ -496,15 +502,18 @@ def lm_run(checkpoint_dir: Path, sigterm_at: int | None = None) -> tuple[LoopSta
     return state, steps, weights(model)
 
 
-def test_sigterm_at_a_due_evaluation_saves_first_and_the_resumed_run_evaluates(tmp_path: Path) -> None:
+def test_sigterm_at_a_due_evaluation_saves_first_and_the_resumed_run_evaluates(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The grace period is for the checkpoint; the evaluation due at that step runs when the run resumes, so the
     resumed run ends with the weights and the evaluations of one never stopped."""
+    caplog.set_level(logging.INFO, logger="finetune_trainer")
     reference, reference_steps, reference_weights = lm_run(tmp_path / "reference")
     assert reference_steps == [2, 4, 6, 8]
     with pytest.raises(Terminated, match="stopped by SIGTERM at step 4"):
         lm_run(tmp_path / "stopped", sigterm_at=3)
     assert [p.name for p in checkpoints.complete(tmp_path / "stopped")] == ["step-00000004"]
     resumed, steps, resumed_weights = lm_run(tmp_path / "stopped")
+    assert f"resumed from {tmp_path / 'stopped' / 'step-00000004'}" in caplog.text
     assert steps == [4, 6, 8]  # step 2's evaluation came with the checkpoint
     assert [(e["step"], e["metrics"]) for e in resumed.evals] == [(e["step"], e["metrics"]) for e in reference.evals]
     assert_same(resumed_weights, reference_weights)
@@ -564,10 +573,12 @@ def validated_run(checkpoint_dir: Path, sigterm_at: int | None = None,
     return state, weights(model)
 
 
-def test_sigterm_during_an_evaluation_stops_it_at_the_next_batch_and_the_resumed_run_evaluates(tmp_path: Path) -> None:
+def test_sigterm_during_an_evaluation_stops_it_at_the_next_batch_and_the_resumed_run_evaluates(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """An evaluation of a large validation split may outlast the grace period: SIGTERM stops it at its next batch and
     the checkpoint is written as if SIGTERM had come before it; the resumed run evaluates, and early stopping and
     the best weights end as in a run never stopped."""
+    caplog.set_level(logging.INFO, logger="finetune_trainer")
     reference, reference_weights = validated_run(tmp_path / "reference")
     assert [e["step"] for e in reference.evals] == [2, 4, 6] and reference.stopped_early
     assert reference.best_step == 2 and reference.restored_best
@@ -581,16 +592,19 @@ def test_sigterm_during_an_evaluation_stops_it_at_the_next_batch_and_the_resumed
     with pytest.raises(Terminated, match="stopped by SIGTERM at step 4"):  # in the resumed run's first evaluation
         validated_run(tmp_path / "stopped", sigterm_at=2)
     assert checkpoints.complete(tmp_path / "stopped") == [saved]
+    caplog.clear()
     resumed, resumed_weights = validated_run(tmp_path / "stopped")
+    assert f"resumed from {saved}" in caplog.text
     assert [(e["step"], e["metrics"]) for e in resumed.evals] == [(e["step"], e["metrics"]) for e in reference.evals]
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in reference.history]
     assert resumed.stopped_early and resumed.step == 6 and resumed.best_step == 2 and resumed.restored_best
     assert_same(resumed_weights, reference_weights)
 
 
-def test_a_resumed_fp16_run_keeps_its_loss_scale(tmp_path: Path) -> None:
+def test_a_resumed_fp16_run_keeps_its_loss_scale(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The GradScaler's scale is in the checkpoint: a resumed fp16 run skips the steps the uninterrupted one skips,
     and no others (restarting at 2**16 it skipped them all again), and ends with its weights."""
+    caplog.set_level(logging.INFO, logger="finetune_trainer")
     def fp16_run(checkpoint_dir: Path, sigterm_at: int | None = None) -> tuple[list[int], dict]:
         model, data, collate = lm_setup()
         def amplify(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
@@ -612,7 +626,7 @@ def test_a_resumed_fp16_run_keeps_its_loss_scale(tmp_path: Path) -> None:
     with pytest.raises(Terminated):
         fp16_run(tmp_path / "stopped", sigterm_at=6)
     resumed_skipped, resumed = fp16_run(tmp_path / "stopped")
-    assert resumed_skipped == skipped
+    assert "resumed from" in caplog.text and resumed_skipped == skipped
     assert_same(resumed, reference)
 
 
