@@ -219,6 +219,21 @@ def test_the_lm_head_transform_a_base_checkpoint_lacks_trains_whole_and_the_tie_
         torch.testing.assert_close(logits_of(loaded, inputs), logits_of(merged.eval(), inputs))
 
 
+def test_an_untied_lm_head_the_checkpoint_lacks_trains_whole(tmp_path: Path) -> None:
+    """A base BERT checkpoint loaded for causal-lm with tie_word_embeddings false: its output layer is random, yet was
+    left out of the new modules (as a tied one must be), so under LoRA or a freeze it stayed random."""
+    from transformers import BertConfig, BertModel
+
+    from finetune_trainer.models import new_modules
+
+    tokenizer = load_tokenizer(ModelSpec(task="causal-lm", uri="pvc://models/all-MiniLM-L6-v2"))
+    BertModel(BertConfig(vocab_size=len(tokenizer), **TINY_BERT)).save_pretrained(tmp_path)
+    spec = ModelSpec(task="causal-lm", uri=str(tmp_path), config={"tie_word_embeddings": False})
+    model = load_model(spec, tokenizer, seed=0)
+    assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
+    assert new_modules(model) == ("cls.predictions",)
+
+
 def test_a_vocabulary_smaller_than_the_tokenizers_is_a_user_error(tmp_path: Path, monkeypatch) -> None:
     """model.config vocab_size 1000 beside a 30k tokenizer failed in the embedding with an IndexError, which exits
     2 and is retried: it is the config's mistake, said before anything trains."""

@@ -140,12 +140,15 @@ def newly_initialised(model: nn.Module, missing_keys: Iterable[str]) -> tuple[st
     checkpoint (AutoModel's) loaded for classification lacks all of the task head, which is more than its last Linear
     in RoBERTa's and ELECTRA's (classifier.dense), DistilBERT's (pre_classifier) and DeBERTa's (pooler.dense), and
     loaded for causal-lm, the LM head's transform (BERT's cls.predictions.transform.dense and LayerNorm). Not the
-    output embeddings nor what holds them (cls.predictions): tied to the input embeddings, a copy would cut the tie."""
+    output embeddings nor what holds them (cls.predictions) where tied to the input embeddings: a copy would cut the
+    tie. Untied, they are random too and train whole, as one module with what they hold."""
     params = dict(model.named_parameters())
     embeddings = model.get_output_embeddings()
-    output = next((name for name, m in model.named_modules() if m is embeddings), None)
+    tied = embeddings is not None and embeddings.weight is model.get_input_embeddings().weight
+    output = next((name for name, m in model.named_modules() if m is embeddings), None) if tied else None
     missing = {key.rpartition(".")[0] for key in missing_keys if key in params}
-    new = tuple(sorted(m for m in missing if output is None or not f"{output}.".startswith(f"{m}.")))
+    kept = {m for m in missing if output is None or not f"{output}.".startswith(f"{m}.")}
+    new = tuple(sorted(m for m in kept if not any(m.startswith(f"{o}.") for o in kept)))
     if new:
         log.info("not in the checkpoint, initialised at random and trained whole: %s", ", ".join(new))
     return new
