@@ -1084,7 +1084,7 @@ def test_named_lora_targets_that_train_whole_are_not_said_to_be_frozen(bert, cap
     wrapped = add_adapters(model, lora, targets, head, new)
     assert "bert.pooler.dense" in wrapped.peft_config["default"].modules_to_save
     only_head = LoraSpec(rank=2, targetModules=["classifier"])
-    with pytest.raises(ConfigError, match="no layer is left to adapt: classifier train whole"):
+    with pytest.raises(ConfigError, match="no layer is left to adapt: classifier trains whole"):
         add_adapters(model, only_head, lora_targets(model, only_head, task, FreezeSpec(), layers, head), head)
 
 def test_a_freeze_pattern_that_matches_nothing_is_warned_of(bert, caplog) -> None:

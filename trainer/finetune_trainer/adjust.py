@@ -83,9 +83,8 @@ def lora_targets(model: nn.Module, lora: LoraSpec, task: Task, spec: FreezeSpec,
     kept = adaptable(named, spec, depth, head)
     if named and not kept:
         raise ConfigError(f"rearrange.lora.targetModules {names}: adjust.freeze (strategy {spec.strategy.value}) "
-                          "freezes every module they name that would take an adapter, so their adapters would not train; "
-                          "freeze less or name "
-                          "modules that train")
+                          "freezes every module they name that would take an adapter, so no adapter would train; "
+                          "freeze less or name modules that train")
     if len(kept) < len(named):
         log.warning("rearrange.lora.targetModules: no adapters on %d of the %d modules named, which adjust.freeze "
                     "(strategy %s) freezes (%s, ...)", len(named) - len(kept), len(named), spec.strategy.value,

@@ -51,7 +51,8 @@ def add_adapters(model: nn.Module, spec: LoraSpec, targets: list[str], head: str
 
     whole = [m for m in dict.fromkeys((head, *new)) if m is not None]
     if targets and all(t in whole for t in targets):
-        raise ConfigError(f"rearrange.lora: no layer is left to adapt: {', '.join(targets)} train whole (the head, "
+        verb = "trains" if len(targets) == 1 else "train"
+        raise ConfigError(f"rearrange.lora: no layer is left to adapt: {', '.join(targets)} {verb} whole (the head, "
                           "or modules the checkpoint lacks); name other modules in rearrange.lora.targetModules")
     targets = [t for t in targets if t not in whole]
     if not targets:
