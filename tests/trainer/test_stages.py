@@ -175,9 +175,6 @@ def test_the_card_of_an_encoders_causal_adapters_loads_it_causal(tmp_path: Path)
     says is_decoder false, so the model a user rebuilt attended both ways under adapters trained with a causal mask."""
     from transformers import BertConfig, BertForMaskedLM
 
-    from finetune_trainer import pipeline
-    from finetune_trainer.config import TrainerConfig
-
     tokenizer = load_tokenizer(ModelSpec(task="causal-lm", uri="pvc://models/all-MiniLM-L6-v2"))
     BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), **TINY_BERT)).save_pretrained(tmp_path / "base")
     doc = tiny_classifier_doc(tmp_path / "out", maxSteps=1)
@@ -194,7 +191,6 @@ def test_the_lm_head_transform_a_base_checkpoint_lacks_trains_whole_and_the_tie_
     but the transform's dense and LayerNorm are random, and under LoRA they stayed so, with a low-rank change."""
     from transformers import AutoModelForCausalLM
 
-    from finetune_trainer.config import TrainerConfig
     from finetune_trainer.models import new_modules
 
     spec = ModelSpec(task="causal-lm", uri="pvc://models/all-MiniLM-L6-v2")
@@ -1086,6 +1082,7 @@ def test_named_lora_targets_that_train_whole_are_not_said_to_be_frozen(bert, cap
     only_head = LoraSpec(rank=2, targetModules=["classifier"])
     with pytest.raises(ConfigError, match="no layer is left to adapt: classifier trains whole"):
         add_adapters(model, only_head, lora_targets(model, only_head, task, FreezeSpec(), layers, head), head)
+
 
 def test_a_freeze_pattern_that_matches_nothing_is_warned_of(bert, caplog) -> None:
     """A typo in adjust.freeze.pattern (`layers` for BERT's `layer`) froze nothing and trained every weight, the log
