@@ -246,7 +246,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     layers = depth(model, task)
     head = head_name(model, task)
     new = new_modules(model)  # random at load: like a new head, they train whole whatever the freeze
-    freeze_checked(model, cfg.adjust.freeze, layers, head, new)
+    unmatched = freeze_checked(model, cfg.adjust.freeze, layers, head, new)
 
     eval_size = cfg.evaluation.batch_size or cfg.training.batch_size
 
@@ -291,7 +291,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         loaded, layers = layers, depth(model, task)
         for p in model.parameters():  # the freeze counted the layers as loaded; count the ones that stay
             p.requires_grad_(True)
-        freeze_checked(model, cfg.adjust.freeze, layers, head, new, loaded)
+        freeze_checked(model, cfg.adjust.freeze, layers, head, new, loaded, unmatched)
         progress.message["pruning"] = {"removedLayers": pruning["removed_layers"]}
         if drop:  # the analysis measured the model as loaded: a quarter of its layers pruned, MFU read 4/3 too high
             flops = analysis.probe_step(model, probe[:1], task, cfg.rearrange.lora is not None, dtype)[1]["flops"]
