@@ -215,6 +215,26 @@ def test_the_lm_head_transform_a_base_checkpoint_lacks_trains_whole_and_the_tie_
         torch.testing.assert_close(logits_of(loaded, inputs), logits_of(merged.eval(), inputs))
 
 
+def test_the_modules_a_causal_checkpoint_lacks_take_the_head_rate_and_all_but_head_says_they_alone_train(
+        caplog) -> None:
+    """MiniLM loaded for causal-lm has no head but a random LM head transform: adjust.headLearningRate was not
+    applied to it ('not used: the model has no head'), and all-but-head trained it alone (148,608 parameters) without
+    a word."""
+    from finetune_trainer.models import new_modules
+
+    spec = ModelSpec(task="causal-lm", uri="pvc://models/all-MiniLM-L6-v2")
+    model = load_model(spec, load_tokenizer(spec), seed=0)
+    new, layers = new_modules(model), depth(model, Task.CAUSAL_LM)
+    groups = param_groups(model, AdjustSpec(learningRate=1e-3, headLearningRate=1e-2), layers, None, new)
+    rate_of = {canonical(n): g["lr"] for g in groups for n in g["param_names"]}
+    assert rate_of["cls.predictions.transform.dense.weight"] == 1e-2 > rate_of["bert.encoder.layer.5.output.dense.bias"]
+    assert "is not used" not in caplog.text
+    freeze_checked(model, FreezeSpec(strategy="all-but-head"), layers, None, new)
+    assert {canonical(n) for n, p in model.named_parameters() if p.requires_grad} == {
+        f"{m}.{w}" for m in new for w in ("weight", "bias")}
+    assert "only the modules the checkpoint lacks train, 148,608 parameters: cls.predictions.transform" in caplog.text
+
+
 def test_an_untied_lm_head_the_checkpoint_lacks_trains_whole(tmp_path: Path) -> None:
     """A base BERT checkpoint loaded for causal-lm with tie_word_embeddings false: its output layer is random, yet was
     left out of the new modules (as a tied one must be), so under LoRA or a freeze it stayed random."""

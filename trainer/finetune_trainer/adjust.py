@@ -49,6 +49,11 @@ def freeze_checked(model: nn.Module, spec: FreezeSpec, depth: Depth, head: str |
     if spec.strategy == FreezeStrategy.BOTTOM_LAYERS and beyond:
         log.warning("adjust.freeze.count %d exceeds the model's %d layers: all of them are frozen, and only what sits "
                     "above them (a pooler, a final norm, the head) trains", spec.count, depth.layers)
+    if spec.strategy == FreezeStrategy.ALL_BUT_HEAD and head is None and new and loaded is None:
+        trains = sum(p.numel() for n, p in model.named_parameters() if under(n, new))
+        log.warning("adjust.freeze all-but-head: the model has no task head (a causal-lm's output layer is its "
+                    "embeddings'), so only the modules the checkpoint lacks train, %s parameters: %s",
+                    f"{trains:,}", ", ".join(new))
     return matches_nothing
 
 
@@ -118,16 +123,18 @@ def param_groups(model: nn.Module, spec: AdjustSpec, depth: Depth, head: str | N
                  new: tuple[str, ...] = ()) -> list[dict]:
     """AdamW parameter groups of the trainable parameters, one per (learning rate, weight decay). headLearningRate is
     the head's and the `new` modules' (random at load: the rest of a task head, RoBERTa's classifier.dense)."""
-    if head is None and spec.head_learning_rate:
+    rated = tuple(m for m in (head, *new) if m is not None)
+    if not rated and spec.head_learning_rate:
         log.warning("adjust.headLearningRate %g is not used: the model has no head (a causal-lm's output layer is "
-                    "its embeddings'); adjust.learningRate is the top rate", spec.head_learning_rate)
+                    "its embeddings') nor a module the checkpoint lacks; adjust.learningRate is the top rate",
+                    spec.head_learning_rate)
     exempt = no_decay_names(model)
     top = depth.layers + 1
     groups: dict[tuple[float, float], dict] = defaultdict(lambda: {"params": [], "param_names": []})
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if head is not None and under(name, (head, *new)) and spec.head_learning_rate:
+        if rated and under(name, rated) and spec.head_learning_rate:
             lr = spec.head_learning_rate
         else:
             lr = spec.learning_rate * spec.layerwise_decay ** (top - min(depth.of(name), top))
