@@ -1197,3 +1197,10 @@ def test_a_new_head_trains_under_lora_though_the_pattern_covers_it(tmp_path: Pat
     out = tiny_run(tmp_path, {"freeze": {"strategy": "regex", "pattern": "classifier"}}, {"lora": {"rank": 2}})
     head = load_file(out / "model.safetensors")
     assert head["classifier.weight"].shape[0] == 3 and head["classifier.bias"].abs().min() > 0  # it started at zero
+
+
+def test_a_kept_head_stays_frozen_under_lora_when_the_pattern_covers_it(tmp_path: Path) -> None:
+    """The same with a head already the dataset's size (3 labels): rearrange keeps it, so the pattern freezes it."""
+    out = tiny_run(tmp_path, {"freeze": {"strategy": "regex", "pattern": "classifier"}}, {"lora": {"rank": 2}},
+                   num_labels=3)
+    assert load_file(out / "model.safetensors")["classifier.bias"].abs().max() == 0  # as it started
