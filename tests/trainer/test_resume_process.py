@@ -125,6 +125,7 @@ def test_sigterm_during_a_long_evaluation_stops_it_and_the_resumed_run_evaluates
     assert "left the evaluation at step 3 unfinished" in config.with_suffix(".log").read_text()
 
     assert start(config).wait(timeout=600) == 0
+    assert f"resumed from {checkpoint}" in config.with_suffix(".log").read_text()
     resumed = report(saved)
     assert evals(resumed) == evals(reference)
     assert resumed["evaluation"]["final"] == reference["evaluation"]["final"]
