@@ -235,7 +235,7 @@ def test_the_modules_a_causal_checkpoint_lacks_take_the_head_rate_and_all_but_he
     assert "only the modules the checkpoint lacks train, 148,608 parameters: cls.predictions.transform" in caplog.text
 
 
-def test_an_untied_lm_head_the_checkpoint_lacks_trains_whole(tmp_path: Path) -> None:
+def test_an_untied_lm_head_the_checkpoint_lacks_trains_whole(tmp_path: Path, caplog) -> None:
     """A base BERT checkpoint loaded for causal-lm with tie_word_embeddings false: its output layer is random, yet was
     left out of the new modules (as a tied one must be), so under LoRA or a freeze it stayed random."""
     from transformers import BertConfig, BertModel
@@ -248,6 +248,24 @@ def test_an_untied_lm_head_the_checkpoint_lacks_trains_whole(tmp_path: Path) -> 
     model = load_model(spec, tokenizer, seed=0)
     assert model.get_output_embeddings().weight is not model.get_input_embeddings().weight
     assert new_modules(model) == ("cls.predictions",)
+    # LoRA leaves the new module's own layers out of the adapted ones (peft skips them inside modules_to_save, yet
+    # they were counted), trains the module whole, and says so when the targets name only what lies inside it.
+    new, layers = new_modules(model), depth(model, Task.CAUSAL_LM)
+    with pytest.raises(ConfigError, match="trains whole"):
+        add_adapters(model, LoraSpec(rank=2), lora_targets(model, LoraSpec(rank=2, targetModules=["transform.dense"]),
+                                                           Task.CAUSAL_LM, FreezeSpec(), layers, None, new), None, new)
+    targets = lora_targets(model, LoraSpec(rank=2), Task.CAUSAL_LM, FreezeSpec(), layers, None, new)
+    with caplog.at_level("INFO", logger="finetune_trainer.rearrange"):
+        wrapped = add_adapters(model, LoraSpec(rank=2), targets, None, new)
+    adapted = {n.rsplit(".lora_A", 1)[0] for n, _ in wrapped.named_parameters() if ".lora_A." in n}
+    assert f"lora adapters (r=2) on {len(adapted)} modules" in caplog.text
+    decoder = wrapped.get_parameter("base_model.model.cls.predictions.modules_to_save.default.decoder.weight")
+    before = decoder.detach().clone()
+    optimizer = torch.optim.SGD([p for p in wrapped.parameters() if p.requires_grad], lr=1.0)
+    ids = torch.tensor([[101, 2023, 2003, 102]])
+    wrapped(input_ids=ids, labels=ids).loss.backward()
+    optimizer.step()
+    assert not torch.equal(before, decoder)
 
 
 def test_a_vocabulary_smaller_than_the_tokenizers_is_a_user_error(tmp_path: Path, monkeypatch) -> None:

@@ -86,7 +86,8 @@ def lora_targets(model: nn.Module, lora: LoraSpec, task: Task, spec: FreezeSpec,
     matched = [m for m, _ in model.named_modules() if any(m == n or m.endswith("." + n) for n in names)]
     if not matched:
         return list(names)  # peft says that they match nothing
-    named = [m for m in matched if m != head and m not in new]
+    whole = (head, *new) if head else new
+    named = [m for m in matched if m not in whole and not under(m, whole)]
     kept = adaptable(named, spec, depth, head)
     if named and not kept:
         raise ConfigError(f"rearrange.lora.targetModules {names}: adjust.freeze (strategy {spec.strategy.value}) "
