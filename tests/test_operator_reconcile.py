@@ -677,9 +677,21 @@ def test_a_rank_0_that_is_done_and_whose_pod_never_exits_is_flagged() -> None:
     error = ("MetricsUnreachable", "connection refused")
     stuck = decide(Observed(body(done), [job(ready=1)], [pod()], NOW + timedelta(minutes=10), scrape_error=error))
     assert conditions(after(stuck, done))["MetricsStale"] == ("True", "NotExiting")
-    assert "rank 0 reported Done at 2026-12-01T12:00:00Z; its pods have not exited" in next(
+    assert "rank 0 reported Done (last read at 2026-12-01T12:00:00Z); its pods have not exited" in next(
         c["message"] for c in after(stuck, done)["conditions"] if c["type"] == "MetricsStale")
     assert after(stuck, done)["phase"] == "Running" and ("Warning", "NotExiting") in [e[:2] for e in stuck.events]
+
+
+def test_a_worker_that_never_exits_after_rank_0_did_is_flagged() -> None:
+    """Rank 0 exited after Done while rank 1 hung in its teardown: with no Running rank 0 nothing was scraped, so
+    the job stayed Running at 100 % with no condition for good. It is MetricsStale, NotExiting, all the same."""
+    spec = {"runtime": EXAMPLE["spec"]["runtime"] | {"workers": 2}}
+    done = after(decide(Observed(body({"attempts": 1}, **spec), [job(active=2, ready=2)], [pod(), pod(index=1)], NOW,
+                                 sample={"stage": "Done", "step": 10, "total_steps": 10, "loss": 0.5})))
+    pods = [pod(phase="Succeeded", exit_code=0, message={"stage": "Done", "exitCode": 0}), pod(index=1)]
+    stuck = decide(Observed(body(done, **spec), [job(active=1, ready=1, succeeded=1)], pods, NOW + timedelta(hours=2)))
+    assert after(stuck, done)["phase"] == "Running"
+    assert conditions(after(stuck, done))["MetricsStale"] == ("True", "NotExiting")
 
 
 def test_a_starting_rank_0_gets_a_minute_before_its_metrics_are_stale() -> None:

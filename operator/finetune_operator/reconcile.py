@@ -397,6 +397,8 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
         if seen.sample:
             status |= progress_and_metrics(seen.sample, spec.global_batch, seen.now)
             conds.clear(T.METRICS_STALE, METRICS_READ, "rank 0's metrics are read again")
+        elif old.get("stage") == "Done":  # scraped or not (rank 0 may have exited), only the pods' exit is left
+            _not_exiting(conds, old, seen.now)
         elif seen.scrape_error:
             _stale(conds, old, seen.now, *seen.scrape_error)
         return
@@ -441,21 +443,23 @@ def _next_attempt(conds: Conditions, status: dict[str, Any], attempt: int, reaso
     conds.clear(T.METRICS_STALE, reason)
 
 
+def _not_exiting(conds: Conditions, old: dict[str, Any], now: datetime) -> None:
+    """Rank 0 reported Done, then closed its endpoint (or exited): a failed or skipped read is no news, and
+    MetricsStale (reason NotExiting) comes only once some pod has not exited DONE_EXIT_SECONDS after the last read."""
+    updated = _parse_time((old.get("progress") or {}).get("updatedAt"))
+    if updated and (now - updated).total_seconds() >= DONE_EXIT_SECONDS:
+        conds.set(T.METRICS_STALE, True, NOT_EXITING,
+                  f"rank 0 reported Done (last read at {timestamp(updated)}); its pods have not exited")
+
+
 def _stale(conds: Conditions, old: dict[str, Any], now: datetime, reason: str, message: str) -> None:
     """MetricsStale once the last good read of this attempt is STALE_AFTER_SECONDS old, or, before its first read,
     once it has run for STARTING_SECONDS: a retried or resumed attempt's rank 0 gets the same time to start as the
-    first's, though the last read (the previous attempt's) is older. Once rank 0 reported Done it closes its
-    endpoint and only its pods' exit is left: a failed read is no news then, and MetricsStale (reason NotExiting)
-    comes only once the pods have not exited DONE_EXIT_SECONDS after that read. The last numbers stay in
-    status.progress and status.metrics, whose updatedAt tells their age."""
+    first's, though the last read (the previous attempt's) is older. The last numbers stay in status.progress and
+    status.metrics, whose updatedAt tells their age."""
     updated = _parse_time((old.get("progress") or {}).get("updatedAt"))
     running = _parse_time(conds.get(T.RUNNING).get("lastTransitionTime"))
     if updated and (running is None or updated >= running):
-        if old.get("stage") == "Done":
-            if (now - updated).total_seconds() >= DONE_EXIT_SECONDS:
-                conds.set(T.METRICS_STALE, True, NOT_EXITING,
-                          f"rank 0 reported Done at {timestamp(updated)}; its pods have not exited")
-            return
         last, grace = updated, STALE_AFTER_SECONDS
     else:
         last, grace = running, STARTING_SECONDS
