@@ -18,10 +18,11 @@ STALE_AFTER_SECONDS = 10
 # Before an attempt's first read its rank 0 is still starting (torchrun, then importing torch and the model's code
 # from a cold image: tens of seconds on a GPU node), which is no news either.
 STARTING_SECONDS = 60
-# Once rank 0 reported Done it serves its metrics for at most a minute more (the trainer's telemetry linger), then
-# closes them; its pods exiting (the process group's teardown, the Job's completion) may take minutes on a loaded
-# node. Past both, a pod that still has not exited is stuck (an NCCL teardown, a non-daemon thread).
-DONE_EXIT_SECONDS = 60 + 300
+# Once rank 0 reported Done it closes its metrics after they are read (the telemetry linger ends on that read), so
+# the clock starts at the last successful read; its pods exiting (the process group's teardown, the Job's
+# completion) may take minutes on a loaded node. Past that, a pod that still has not exited is stuck (an NCCL
+# teardown, a non-daemon thread).
+DONE_EXIT_SECONDS = 300
 NOT_EXITING = "NotExiting"  # MetricsStale's reason for that
 
 
