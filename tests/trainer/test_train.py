@@ -626,7 +626,7 @@ def test_a_resumed_fp16_run_keeps_its_loss_scale(tmp_path: Path, caplog: pytest.
     with pytest.raises(Terminated):
         fp16_run(tmp_path / "stopped", sigterm_at=6)
     resumed_skipped, resumed = fp16_run(tmp_path / "stopped")
-    assert "resumed from" in caplog.text and resumed_skipped == skipped
+    assert f"resumed from {tmp_path / 'stopped' / 'step-00000007'}" in caplog.text and resumed_skipped == skipped
     assert_same(resumed, reference)
 
 
