@@ -36,15 +36,17 @@ def freeze_checked(model: nn.Module, spec: FreezeSpec, depth: Depth, head: str |
                    loaded: Depth | None = None, unmatched: bool = False) -> bool:
     """Freeze the model as loaded (or as pruned from `loaded`), warning of what the user cannot have meant: a pattern
     that matches no name (a typo: `layers` for `layer`) freezes nothing, and a count beyond the layers (or those
-    pruning left) freezes them all. After pruning, only what pruning brought about is warned of: once is enough
-    (`unmatched`: the pattern matched nothing as loaded either). Returns whether the pattern matches nothing."""
+    pruning left) freezes them all. After pruning (`loaded` given), only what pruning brought about is warned of: once
+    is enough (`unmatched`, read only then: the pattern matched nothing as loaded either). Returns whether the pattern
+    matches nothing."""
     frozen = freeze(model, spec, depth, head, new)
     log.info("froze %s parameters (%s)", f"{frozen:,}", spec.strategy.value)
     names = [n for n, _ in model.named_parameters()]
     matches_nothing = spec.strategy == FreezeStrategy.REGEX and not any(frozen_by(spec, n, depth, head) for n in names)
     if matches_nothing and not unmatched:
-        log.warning("adjust.freeze.pattern %r matches no parameter name (such as %s): nothing is frozen",
-                    spec.pattern, next((n for n in names if depth.of(n) == 1), names[0]))
+        cause = "pruning removed or renumbered the layers it matched" if loaded else "nothing is frozen"
+        log.warning("adjust.freeze.pattern %r matches no parameter name (such as %s): %s",
+                    spec.pattern, next((n for n in names if depth.of(n) == 1), names[0]), cause)
     beyond = (spec.count or 0) > depth.layers and (loaded is None or (spec.count or 0) <= loaded.layers)
     if spec.strategy == FreezeStrategy.BOTTOM_LAYERS and beyond:
         log.warning("adjust.freeze.count %d exceeds the model's %d layers: all of them are frozen, and only what sits "
