@@ -595,16 +595,17 @@ def test_an_image_that_does_not_decode_is_the_users_naming_its_file(task: Task, 
         assert exit_code_of(raised.value) == 1
 
 
-def test_a_16_bit_grey_image_keeps_its_shades(tmp_path: Path) -> None:
-    """PIL's convert("RGB") clips a 16-bit PNG (medical, satellite scans) at 255: all but its darkest 1/256 came out
-    white. Scaled to 8 bits as torchvision scales 16-bit pixels, it is the image its 8-bit copy is."""
+@pytest.mark.parametrize("suffix, mode", [(".png", "I;16"), (".pgm", "I")])
+def test_a_16_bit_grey_image_keeps_its_shades(tmp_path: Path, suffix: str, mode: str) -> None:
+    """PIL's convert("RGB") clips a 16-bit PNG or PGM (medical, satellite scans) at 255: all but its darkest 1/256
+    came out white. Scaled to 8 bits as torchvision scales 16-bit pixels, it is the image its 8-bit copy is."""
     import numpy as np
     from PIL import Image
 
     wide = (np.arange(32 * 32).reshape(32, 32) * 64).astype(np.uint16)  # 0 .. 65472
-    Image.fromarray(wide).save(deep := tmp_path / "deep.png")
+    Image.fromarray(wide).save(deep := tmp_path / f"deep{suffix}")
     Image.fromarray((wide / 257).round().astype(np.uint8)).save(flat := tmp_path / "flat.png")
-    assert Image.open(deep).mode == "I;16"
+    assert Image.open(deep).mode == mode
     collate = make_collate(Task.IMAGE_CLASSIFICATION, 0, 32)
     pixels = collate(encode_images(Split([str(deep), str(flat)], [0, 0])), [0, 1]).inputs["pixel_values"]
     torch.testing.assert_close(pixels[0], pixels[1])
