@@ -268,6 +268,30 @@ def test_a_detection_on_a_crowd_region_counts_neither_way(pvc_root: Path, tmp_pa
     assert scores == {"map50": pytest.approx(1.0)} and per_class == {"circle": pytest.approx(1.0)}
 
 
+def test_map_counts_an_iou_or_a_recall_on_a_threshold_as_pycocotools_does(pvc_root: Path) -> None:
+    """torchmetrics' default thresholds are torch.linspace's float32, where 0.6 is 0.6000000238: a detection of IoU
+    exactly 0.6 missed at 0.6, and a recall of exactly 0.6 fell short of its recall point. By hand, as COCO's
+    evaluation: a circle found at IoU 0.6 has AP 3/10 (IoU 0.5, 0.55 and 0.6); five squares found, a false positive
+    fourth, have the interpolated precision 1 up to recall 0.6 (61 of the 101 recall points) and 5/6 after.
+    torchmetrics' defaults gave 0.2 and 0.9323."""
+    squares = [[12.0 * i, 0, 12 * i + 10, 10] for i in range(5)]
+    record = Annotated(str(pvc_root / "data/shapes/images/00001.jpg"), 128, 128, [[0, 20, 10, 30], *squares],
+                       [1, 2, 2, 2, 2, 2])
+
+    class Fixed(torch.nn.Module):
+        def forward(self, pixel_values: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+            square_boxes = [*squares[:3], [0, 40, 10, 50], *squares[3:]]  # the fourth is a false positive
+            return [{"boxes": torch.tensor([[0.0, 20, 10, 26], *square_boxes]), "labels": torch.tensor([1, *[2] * 6]),
+                     "scores": torch.tensor([0.9, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4])}]
+
+    scores, per_class = evaluate_detector(Fixed(), encode_images(Split([record], None)),
+                                          make_collate(Task.OBJECT_DETECTION, 0, 128), [Metric.MAP, Metric.MAP50], 1,
+                                          CPU, {1: "circle", 2: "square"})
+    square = (61 + 40 * 5 / 6) / 101
+    assert per_class == {"circle": pytest.approx(0.3), "square": pytest.approx(square)}
+    assert scores == {"map": pytest.approx((0.3 + square) / 2), "map50": pytest.approx((1 + square) / 2)}
+
+
 class Shifted(torch.nn.Module):
     """A 'detector' that returns each image's true boxes moved by an amount of its own, at scores of its own, so
     mAP depends on which images are scored, and not on which rank scores them."""

@@ -30,6 +30,7 @@ def evaluate_detector(model: nn.Module, data: Encoded, collate: Callable[[Encode
                       ) -> tuple[dict[str, float], dict[str, float]]:
     """The requested metrics, and AP per category name (categories without a box in the split left out);
     `before_batch` as in `evaluate.evaluate`."""
+    from pycocotools.cocoeval import Params
     from torchmetrics.detection import MeanAveragePrecision
 
     model = unwrap(model)
@@ -46,9 +47,13 @@ def evaluate_detector(model: nn.Module, data: Encoded, collate: Callable[[Encode
         truths += [with_crowds(b[lab >= 0], lab[lab >= 0], data.features[i], size)
                    for b, lab, i in zip(boxes, labels, idx)]
     model.train(was_training)
+    # COCO's own IoU and recall thresholds: torchmetrics' defaults are torch.linspace's float32, where 0.6 is
+    # 0.6000000238, so an IoU or a recall of exactly 0.6 (or 0.55, 0.8, 0.85 ...) fell short of its threshold.
+    coco = Params(iouType="bbox")
     # Not torchmetrics' own sync: it gathers its states one image's tensor at a time, which breaks the collectives
     # (gloo aborts, NCCL hangs) when the ranks hold different numbers of images, as an uneven last batch makes.
     scorer = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True, backend="pycocotools",
+                                  iou_thresholds=coco.iouThrs.tolist(), rec_thresholds=coco.recThrs.tolist(),
                                   sync_on_compute=False)
     for rank_predictions, rank_truths in world.gather((predictions, truths)):
         scorer.update(rank_predictions, rank_truths)
