@@ -1057,6 +1057,21 @@ def test_weights_that_do_not_fit_the_image_network_say_what_to_set(tmp_path: Pat
         load_vision_model(ModelSpec(task="image-classification", uri=str(tmp_path)))
 
 
+def test_a_transformers_image_model_is_refused_by_name(tmp_path: Path) -> None:
+    """The hub's ViT as model.uri did not fit resnet18, and the message told to set model.architecture, which no
+    torchvision network satisfies; it is named as what the trainer does not load."""
+    from transformers import ViTConfig, ViTForImageClassification
+
+    from finetune_trainer.errors import ModelError
+
+    ViTForImageClassification(ViTConfig(hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+                                        intermediate_size=16, image_size=16, patch_size=8)).save_pretrained(tmp_path)
+    for architecture in (None, "vit_b_16"):
+        with pytest.raises(ModelError, match=r"a transformers model \(ViTForImageClassification\), which "
+                                             r"image-classification does not load: it fine-tunes a torchvision network"):
+            load_vision_model(ModelSpec(task="image-classification", architecture=architecture, uri=str(tmp_path)))
+
+
 def test_a_checkpoint_of_torchvisions_reference_scripts_loads_as_model_uri(tmp_path: Path) -> None:
     """torchvision's references/classification/train.py saves {"model": ..., "optimizer": ..., "args": Namespace}: the
     Namespace stopped torch.load(weights_only=True) with UnpicklingError, an infrastructure failure (exit 2) that was

@@ -263,6 +263,7 @@ def load_vision_model(spec: ModelSpec) -> ImageClassifier:
 
     path = None if spec.uri is None else fetch(spec.uri, kind="model", revision=spec.revision, error=ModelError)
     saved = exported_config(path)
+    refuse_transformers(path, spec.uri)
     architecture = spec.architecture or (saved or {}).get("architecture") or "resnet18"
     kwargs = builder_kwargs(saved, spec.config, background=0)
     try:
@@ -278,6 +279,19 @@ def load_vision_model(spec: ModelSpec) -> ImageClassifier:
             hint = misfit_hint(net, state, assumed=not (spec.architecture or saved))
             raise ModelError(f"model {spec.uri}: its weights do not fit {architecture}{hint} ({exc})") from exc
     return ImageClassifier(net, architecture, kwargs, exported_labels(path) if saved and path else None)
+
+
+def refuse_transformers(path: Path | None, uri: str | None) -> None:
+    """Refuse a transformers model (the hub's ViT, ConvNeXt, Swin: a config.json with a model_type) by name: its
+    weights fit no torchvision network, and the misfit's message told to set model.architecture, which no value
+    satisfies."""
+    file = None if path is None else path / "config.json"
+    config = read_config(file) if file is not None and file.is_file() else None
+    if isinstance(config, dict) and "model_type" in config:
+        names = ", ".join(map(str, config.get("architectures") or [config["model_type"]]))
+        raise ModelError(f"model {uri}: a transformers model ({names}), which image-classification does not load: "
+                         "it fine-tunes a torchvision network (model.architecture), from its state dict or from "
+                         "random weights")
 
 
 def misfit_hint(net: nn.Module, state: dict[str, torch.Tensor], assumed: bool) -> str:
