@@ -221,6 +221,38 @@ def test_success_brings_the_evaluation_and_analysis_into_status() -> None:
     assert status["output"] == {"uri": "pvc://models/minilm-sentiment"} and status["progress"]["percent"] == 100
 
 
+# What a real run wrote (tiny BERT, maxSteps 200, evalEverySteps 2, earlyStopping patience 1): it stopped at step 62.
+EARLY_STOPPED = {"stage": "Done", "reason": "Succeeded", "message": "62 steps; test loss 1.1 -> 1.069", "exitCode": 0,
+                 "progress": {"step": 62, "totalSteps": 200, "epoch": 7},
+                 "metrics": {"loss": 1.0455777645111084, "learningRate": 0.0008415419751390154,
+                             "samplesPerSecond": 790.3285355574961},
+                 "evaluation": {"baseline": {"loss": 1.1000742018222809, "accuracy": 0.234375},
+                                "final": {"loss": 1.0690083503723145, "accuracy": 0.390625}}}
+
+
+def test_success_gives_the_steps_the_run_took_not_the_ones_it_planned() -> None:
+    """An early-stopped run read step 200 of 200 at the end, though it took 62 (the last read said 62 of 200)."""
+    read = {"percent": 31, "step": 62, "totalSteps": 200, "epoch": 7.0, "etaSeconds": 1, "updatedAt": "2026-12-01T11:59:58Z"}
+    seen = Observed(body({"attempts": 1, "progress": read, "metrics": {"loss": 1.046}}),
+                    [job(complete=True, active=0, succeeded=1)],
+                    [pod(phase="Succeeded", exit_code=0, message=EARLY_STOPPED)], NOW)
+    status = after(decide(seen), seen.body["status"])
+    assert status["progress"] | {"updatedAt": None} == {"percent": 100, "step": 62, "totalSteps": 62, "epoch": 7.0,
+                                                         "etaSeconds": 0, "updatedAt": None}
+    assert status["metrics"] == {"loss": 1.046}  # the last read's stay
+
+
+def test_success_of_a_run_whose_metrics_were_never_read_gives_its_steps_and_loss() -> None:
+    """A job whose metrics no read reached (a NetworkPolicy closing port 9090, a run shorter than a poll) ended
+    with no progress and a blank Loss column, though the termination message has both."""
+    seen = Observed(body({"attempts": 1}), [job(complete=True, active=0, succeeded=1)],
+                    [pod(phase="Succeeded", exit_code=0, message=EARLY_STOPPED)], NOW)
+    status = after(decide(seen))
+    assert status["progress"] == {"percent": 100, "step": 62, "totalSteps": 62, "epoch": 7.0, "etaSeconds": 0,
+                                  "updatedAt": "2026-12-01T12:00:00Z"}
+    assert status["metrics"] == {"loss": 1.046, "learningRate": 0.0008415, "samplesPerSecond": 790.3}
+
+
 def test_a_pruned_model_brings_its_layer_scores_size_and_latency_into_status() -> None:
     from finetune_operator.api import FineTuneJobStatus
 

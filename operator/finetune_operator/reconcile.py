@@ -26,8 +26,9 @@ from finetune_operator import api, children, outcome
 from finetune_operator.api import ConditionType as T
 from finetune_operator.outcome import Outcome, Retry, State
 from finetune_operator.status import (DONE_EXIT_SECONDS, METRICS_READ, NOT_EXITING, RESUMED, STALE_AFTER_SECONDS,
-                                      STARTING_SECONDS, Conditions, analysis_of, evaluation_of, phase_of,
-                                      progress_and_metrics, pruning_of, stage_of, timestamp, transitions)
+                                      STARTING_SECONDS, Conditions, analysis_of, evaluation_of, finished_metrics,
+                                      finished_progress, phase_of, progress_and_metrics, pruning_of, stage_of,
+                                      timestamp, transitions)
 from finetune_trainer.rules import error_lines
 
 
@@ -410,10 +411,10 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
         status["completionTime"] = timestamp(seen.now)
         status["stage"] = "Done"
         status["output"] = {"uri": spec.output_uri}
-        progress = dict(old.get("progress") or {})
-        if progress.get("totalSteps"):
-            progress |= {"percent": 100, "step": progress["totalSteps"], "etaSeconds": 0}
+        if progress := finished_progress(result.result, old.get("progress") or {}, seen.now):
             status["progress"] = progress
+        if not old.get("metrics") and (metrics := finished_metrics(result.result)):
+            status["metrics"] = metrics
         status["evaluation"] = evaluation_of(result.result)
         status["analysis"] = analysis_of(result.result)
         status["pruning"] = pruning_of(result.result)

@@ -150,11 +150,38 @@ def progress_and_metrics(sample: dict[str, Any], global_batch: int, now: datetim
     # An unknown value is an explicit None, which clears the previous one from the merge-patched status.
     # Never below 0: a run resumed past a total that shrank while suspended (maxSteps, workers) has none left.
     progress["etaSeconds"] = max(0, int((total - step) * global_batch / rate)) if rate > 0 and total else None
-    # Rounded for `kubectl get` (the Loss column prints every digit); Prometheus keeps the exact values.
-    metrics = {k: float(f"{sample[s]:.4g}") if sample.get(s) is not None else None
-               for k, s in (("loss", "loss"), ("learningRate", "learning_rate"),
-                            ("samplesPerSecond", "samples_per_second"), ("tokensPerSecond", "tokens_per_second"))}
+    metrics = {k: _rounded(sample.get(s)) for k, s in METRICS}
     return out | {"progress": progress, "metrics": metrics}
+
+
+# status.metrics' fields and the trainer's gauges they are read from
+METRICS = (("loss", "loss"), ("learningRate", "learning_rate"), ("samplesPerSecond", "samples_per_second"),
+           ("tokensPerSecond", "tokens_per_second"))
+
+
+def _rounded(value: Any) -> float | None:
+    """Rounded for `kubectl get` (the Loss column prints every digit); Prometheus keeps the exact values."""
+    return float(f"{value:.4g}") if isinstance(value, (int, float)) else None
+
+
+def finished_progress(message: dict[str, Any], last: dict[str, Any], now: datetime) -> dict[str, Any] | None:
+    """status.progress of a run that succeeded: the steps rank 0's termination message says it took (an early stop
+    takes fewer than planned; read `now`), else the last read's total; None when neither says."""
+    reported = message.get("progress")
+    if not isinstance(reported, dict) or not isinstance(reported.get("step"), int) or reported["step"] < 0:
+        total = last.get("totalSteps")
+        return last | {"percent": 100, "step": total, "etaSeconds": 0} if total else None
+    steps, epoch = reported["step"], reported.get("epoch")
+    progress = last | {"percent": 100, "step": steps, "totalSteps": steps, "etaSeconds": 0, "updatedAt": timestamp(now)}
+    return progress | ({"epoch": round(float(epoch), 3)} if isinstance(epoch, (int, float)) and epoch >= 0 else {})
+
+
+def finished_metrics(message: dict[str, Any]) -> dict[str, float] | None:
+    """status.metrics from the termination message (the last step's), for a run whose metrics no read reached."""
+    reported = message.get("metrics")
+    if not isinstance(reported, dict):
+        return None
+    return {k: v for k, _ in METRICS if (v := _rounded(reported.get(k))) is not None} or None
 
 
 def _summary(baseline: dict[str, float], final: dict[str, float]) -> str:
