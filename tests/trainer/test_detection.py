@@ -479,6 +479,23 @@ def test_a_detector_under_bf16_autocast_detects_in_fp32() -> None:
     torch.testing.assert_close(got, expected)
 
 
+def test_a_detector_sees_an_image_of_another_shape_as_training_showed_it() -> None:
+    """Training squashes every image to imageSize square; given a photo of another shape (as a user of the export
+    would give it) torchvision's transform kept its aspect instead, 256x128 seen as 128x64, objects half as wide as
+    any it trained on. Now it is squashed as in training, and the boxes come back in the photo's pixels."""
+    torch.manual_seed(0)
+    spec = ModelSpec(task="object-detection", architecture="fasterrcnn_mobilenet_v3_large_320_fpn",
+                     config={"box_score_thresh": 0.0})
+    detector = load_detector(spec, 128).eval()
+    square = torch.rand(1, 3, 128, 128)
+    wide = square.repeat_interleave(2, dim=-1)  # bilinear at half the width gives `square` back exactly
+    with torch.no_grad():
+        expected, got = detector(square)[0], detector(wide)[0]
+    assert len(expected["boxes"]) > 0
+    torch.testing.assert_close(got["boxes"], expected["boxes"] * torch.tensor([2.0, 1, 2, 1]))
+    torch.testing.assert_close(got["scores"], expected["scores"])
+
+
 def ssdlite_doc(pvc_root: Path, tmp_path: Path, images: int, batch_size: int) -> dict[str, Any]:
     doc = detection_doc(tmp_path / "out", epochs=1, batchSize=batch_size)
     doc["model"] = {"task": "object-detection", "architecture": "ssdlite320_mobilenet_v3_large"}

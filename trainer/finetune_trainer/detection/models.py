@@ -61,12 +61,12 @@ class Detector(nn.Module):
 
 
 def set_input_size(net: nn.Module, size: int) -> None:
-    """Batches arrive resized to size x size; the detector's own transform must leave them so (SSD's fixed 320
-    included: its default boxes follow the feature maps of whatever size comes in)."""
+    """Batches arrive resized to size x size, which the detector's own transform leaves so; an image of another
+    shape (a photo given to the export) it squashes to size x size as training did, not keeping its aspect, and
+    gives its boxes back in that image's pixels (SSD's fixed 320 included: its default boxes follow the feature
+    maps of whatever size comes in)."""
     transform = net.transform
-    transform.min_size, transform.max_size = (size,), size
-    if transform.fixed_size is not None:
-        transform.fixed_size = (size, size)
+    transform.min_size, transform.max_size, transform.fixed_size = (size,), size, (size, size)
 
 
 def detection_architectures() -> list[str]:
