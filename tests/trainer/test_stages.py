@@ -936,6 +936,25 @@ def test_an_exported_image_classifier_says_how_its_input_is_made(tmp_path: Path,
         torch.testing.assert_close(model(**inputs)[:1], model(**card["preprocess"](test.inputs[:1])))
 
 
+def test_an_image_classifier_fine_tuned_again_at_another_size_than_its_export_is_warned_of(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The digits export (16 pixels) given as model.uri without dataset.imageSize, which the CRD defaults to 224,
+    scored chance at its baseline (0.08, not 0.88) with no word of why; the log says what to set."""
+    from finetune_trainer.models import check_image_size
+
+    doc = {"model": {"task": "image-classification", "architecture": "resnet18"},
+           "dataset": {"uri": "pvc://data/digits", "imageSize": 16}, "output": {"uri": str(tmp_path)}}
+    export_model(load_model(ModelSpec.model_validate(doc["model"]), None, seed=0), None, {},
+                 TrainerConfig.model_validate(doc), tmp_path)
+    model = load_vision_model(ModelSpec(task="image-classification", uri=str(tmp_path)))
+    with caplog.at_level("WARNING", logger="finetune_trainer.models"):
+        check_image_size(model, 16)
+        assert not caplog.records
+        check_image_size(model, 224)
+    assert "trained on 16x16 images (its config.json imageSize) and dataset.imageSize 224" in caplog.text
+    assert "set dataset.imageSize 16" in caplog.text
+
+
 def test_an_image_size_the_network_cannot_take_is_the_users_naming_the_field(tmp_path: Path) -> None:
     """ViT-B/16 takes 224x224 images only: at dataset.imageSize 32 its first forward (in the analysis) raised torch's
     AssertionError, an infrastructure failure (exit 2) that the operator retried. It is a mistake of the spec's."""
