@@ -269,6 +269,21 @@ def test_a_pruned_model_brings_its_layer_scores_size_and_latency_into_status() -
     FineTuneJobStatus.from_wire(status)  # what the operator writes, the CRD's schema accepts
 
 
+def test_a_pruned_run_that_stops_keeps_the_layers_it_removed_in_status() -> None:
+    """The termination message names the removed layers from rearrange on, but only a success put them in status: a
+    pruned job that failed or restarted in training did not say which layers it had removed."""
+    # What a real run wrote (tiny BERT of 4 layers, rearrange.prune.count 1), SIGTERMed in training.
+    message = {"stage": "Training", "reason": "Terminated", "message": "stopped by SIGTERM at step 80; a checkpoint "
+               "holds it", "exitCode": 143, "analysis": {"totalParameters": 1005667, "trainableParameters": 1005667,
+                                                         "layerImportance": [0.0, 0.0001, 0.0001, 0.0001]},
+               "pruning": {"removedLayers": [0]}, "progress": {"step": 80, "totalSteps": 100000, "epoch": 9}}
+    failed = {"reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}
+    seen = Observed(body({"attempts": 1}), [job(failure=failed)], [pod(phase="Failed", exit_code=143, message=message)],
+                    NOW)
+    status = after(decide(seen))
+    assert status["reason"] == "Terminated" and status["pruning"] == {"removedLayers": [0]}
+
+
 def test_a_reason_or_code_the_status_schema_refuses_is_replaced_not_sent() -> None:
     """One bad value in a trainer's message (another version's, a user's own image) got the whole status patch
     refused by the apiserver: the job kept its old status for ever."""

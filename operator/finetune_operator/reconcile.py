@@ -421,6 +421,8 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
         return
     # Failed: never retried, retried for free, or counted against backoffLimit.
     status["analysis"] = analysis_of(result.result) or old.get("analysis")
+    if pruning := pruning_of(result.result):  # the layers removed, from rearrange on
+        status["pruning"] = pruning
     # Where it stopped: a job that fails before its first metrics read (a missing dataset, while Loading) had none.
     if stage := stage_of(result.result):
         status["stage"] = stage
