@@ -145,11 +145,10 @@ def open_rgb(path: str, as_shown: bool = False) -> Image.Image:
         with Image.open(path) as opened:
             turned = as_shown and opened.getexif().get(ExifTags.Base.Orientation, 1) != 1
             image = ImageOps.exif_transpose(opened) if turned else opened
-            # 16-bit grey: convert() would clip it at 255, nearly all white. A 16-bit PGM opens as mode I (32-bit),
-            # its values scaled to 0..65535
-            if image.mode == "I" or image.mode.startswith("I;16"):
-                return Image.fromarray((np.clip(np.asarray(image), 0, 65535) / 257).round().astype(np.uint8)
-                                       ).convert("RGB")
+            # 16-bit grey: convert() would clip it at 255, nearly all white. A 16-bit PGM opens as mode I, scaled to
+            # 0..65535; another mode I file (a 32-bit TIFF) has a range of its own, often 0..255
+            if image.mode.startswith("I;16") or (image.mode == "I" and opened.format == "PPM"):
+                return Image.fromarray((np.asarray(image) / 257).round().astype(np.uint8)).convert("RGB")
             if as_shown and ("A" in image.getbands() or "transparency" in image.info):
                 rgba = image.convert("RGBA")
                 return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
