@@ -457,6 +457,12 @@ def test_a_detector_trains_reports_its_scores_and_the_export_reloads(pvc_root: P
     again, _ = evaluate_detector(reloaded, test, make_collate(Task.OBJECT_DETECTION, 0, 128),
                                  cfg.evaluation.metrics, 8, CPU, data.id2label)
     assert again == pytest.approx(final)
+    # The card's detect(path) finds in an image file what the evaluation found in its batch (the card's model was
+    # in training mode, where a detector wants the true boxes: called on an image it raised).
+    pixels = make_collate(Task.OBJECT_DETECTION, 0, 128)(test, [0]).inputs["pixel_values"]
+    with torch.no_grad():
+        expected = reloaded.eval()(pixels)[0]
+    torch.testing.assert_close(card_model(card, out, "detect")(test.features[0].path), expected)
 
 
 def test_a_detector_under_bf16_autocast_detects_in_fp32() -> None:

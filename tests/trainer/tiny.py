@@ -68,8 +68,9 @@ def bpe_tokenizer(folder: Path, eos: str | None = "<|endoftext|>") -> Path:
     return folder
 
 
-def card_model(card: str, folder: Path) -> Any:
-    """The `model` that the model card's Python block makes, run from the export's folder as the card says."""
+def card_model(card: str, folder: Path, name: str = "model") -> Any:
+    """The `model` (or another `name`) that the model card's Python block makes, run from the export's folder as the
+    card says."""
     import os
 
     code = card.split("```python\n", 1)[1].split("```", 1)[0]
@@ -80,4 +81,4 @@ def card_model(card: str, folder: Path) -> Any:
         exec(code, namespace)  # the card's own code: what a user pastes
     finally:
         os.chdir(here)
-    return namespace["model"]
+    return namespace[name]
