@@ -123,6 +123,26 @@ def test_image_folder(pvc_root: Path) -> None:
             Path(image).parent.name for image in split.inputs]
 
 
+def test_an_image_folder_one_level_above_its_class_folders_says_where_they_are(tmp_path: Path) -> None:
+    """Kaggle's cats and dogs unzip to PetImages/Cat and PetImages/Dog: the unzipped folder as dataset.uri was one
+    class, PetImages, refused as a "column 'label'" of one label, a column an ImageFolder does not have."""
+    from PIL import Image
+
+    for name in ("Cat", "Dog"):
+        (folder := tmp_path / "PetImages" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (4, 4), (i * 80, 0, 0)).save(folder / f"{i}.jpg")
+    with pytest.raises(DataError, match=rf"^dataset {tmp_path}: its images are all in one class folder, PetImages "
+                                        r"\(an ImageFolder has a folder per class\); PetImages holds class folders: "
+                                        rf"point dataset.uri at {tmp_path}/PetImages$"):
+        load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
+    (tmp_path / "PetImages" / "Dog").rename(tmp_path / "Dog")
+    with pytest.raises(DataError, match=r"one class folder, Cat \(an ImageFolder has a folder per class\)$"):
+        load_dataset(DatasetSpec(uri=str(tmp_path / "PetImages")), Task.IMAGE_CLASSIFICATION, 0)
+    (tmp_path / "Dog").rename(tmp_path / "PetImages" / "Dog")
+    assert len(load_dataset(DatasetSpec(uri=str(tmp_path / "PetImages")), Task.IMAGE_CLASSIFICATION, 0).id2label) == 2
+
+
 def test_causal_lm_needs_no_labels(tmp_path: Path) -> None:
     data = load_dataset(spec(write(tmp_path, "jsonl")), Task.CAUSAL_LM, 0)
     assert data.train.labels is None and data.id2label == {}

@@ -94,7 +94,10 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
         id2label, ids = label_ids(pd.concat([t[label_field] for t in usable.values()], ignore_index=True))
         id2label = named_classes(id2label, class_names(path, fmt, label_field))
         if len(id2label) < 2:
-            raise DataError(f"dataset {spec.uri}: column {label_field!r} has {len(id2label)} distinct label(s); need 2 or more")
+            raise DataError(f"dataset {spec.uri}: " + (one_class_folder(path, id2label[0], spec.uri)
+                                                       if fmt == DatasetFormat.IMAGE_FOLDER else
+                                                       f"column {label_field!r} has {len(id2label)} distinct label(s); "
+                                                       "need 2 or more"))
         warn_labels_no_classes(id2label, len(ids), label_field, spec.uri)
         offsets = np.cumsum([0, *(len(t) for t in usable.values())])
         labels = {name: ids[offsets[i]:offsets[i + 1]] for i, name in enumerate(usable)}
@@ -106,6 +109,15 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
     log.info("dataset %s (%s; splits given: %s): %d train, %d validation, %d test rows, %d labels", spec.uri,
              fmt.value, ", ".join(tables), len(train.inputs), len(validation.inputs), len(test.inputs), len(id2label))
     return LabelledData(train=train, validation=validation, test=test, id2label=id2label)
+
+
+def one_class_folder(path: Path, name: str, uri: str) -> str:
+    """Why an ImageFolder of one class is none, and where its classes are when that folder holds them: Kaggle's
+    cats and dogs unzip to PetImages/Cat and PetImages/Dog, and one folder up they were one class, PetImages."""
+    where = ""
+    if (path / name).is_dir() and holds_class_folders(path / name):
+        where = f"; {name} holds class folders: point dataset.uri at {uri.rstrip('/')}/{name}"
+    return f"its images are all in one class folder, {name} (an ImageFolder has a folder per class){where}"
 
 
 def image_paths(column: pd.Series, bases: list[Path], folder: Path, uri: str) -> list[str]:
