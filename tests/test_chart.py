@@ -297,6 +297,37 @@ def test_trainer_resources_the_operator_would_refuse_are_refused_at_install(reso
     assert result.returncode != 0 and "/trainer/resources" in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize(("value", "path"), [
+    ("trainer.imagePullSecrets=" + json.dumps(["RegCred"]), "/trainer/imagePullSecrets"),
+    ("trainer.imagePullSecrets=" + json.dumps(["reg_cred"]), "/trainer/imagePullSecrets"),
+    ("trainer.podAnnotations=" + json.dumps({"team owner": "a"}), "/trainer/podAnnotations"),
+    ("trainer.podAnnotations=" + json.dumps({"finetune.dev/team": "a"}), "/trainer/podAnnotations"),
+    ("trainer.podAnnotations=" + json.dumps({"container.apparmor.security.beta.kubernetes.io/trainer": "unconfined"}),
+     "/trainer/podAnnotations"),
+])
+def test_trainer_pod_settings_the_operator_would_refuse_are_refused_at_install(
+        monkeypatch: pytest.MonkeyPatch, value: str, path: str) -> None:
+    """The schema took any non-empty pull secret name and any annotation key; the operator refuses what is no Secret
+    name and what a FineTuneJob's spec.pod.annotations refuses, so helm install succeeded and the operator exited at
+    start ("invalid settings")."""
+    with pytest.raises(SystemExit, match="invalid settings"):  # the operator refuses it, so the chart must
+        operator_settings(monkeypatch, value, schema=False)
+    result = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"), "--set-json", value],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and path in result.stderr, result.stderr
+
+
+def test_trainer_pod_settings_the_schema_takes_reach_the_operator(monkeypatch: pytest.MonkeyPatch) -> None:
+    annotations = {"example.com/team": "a", "owner": "b"}
+    ours = operator_settings(monkeypatch, "trainer.imagePullSecrets=" + json.dumps(["regcred", "ghcr.io-pull"]),
+                             "trainer.podAnnotations=" + json.dumps(annotations))
+    assert ours.trainer_pull_secrets == ("regcred", "ghcr.io-pull") and ours.trainer_pod_annotations == annotations
+    schema = json.loads((REPO / "charts" / "finetune-operator" / "values.schema.json").read_text())["definitions"]
+    assert schema["trainerPullSecrets"]["items"]["pattern"] == core.DNS_SUBDOMAIN
+    reserved = "^(" + "|".join(map(re.escape, core.RESERVED_PREFIXES + core.PROFILE_PREFIXES)) + ")"
+    assert schema["trainerAnnotations"]["patternProperties"].keys() == {core.QUALIFIED_NAME, reserved}
+
+
 def test_trainer_resources_the_schema_takes_reach_the_operator(monkeypatch: pytest.MonkeyPatch) -> None:
     wanted = {"requests": {"cpu": "500m", "memory": 17179869184}, "limits": {"memory": "16Gi", "nvidia.com/gpu": 1}}
     ours = operator_settings(monkeypatch, "trainer.resources=" + json.dumps(wanted))
@@ -315,9 +346,11 @@ def test_the_chart_installs_only_where_the_apiserver_takes_its_crd() -> None:
         assert (result.returncode == 0) == takes, (version, result.stderr)
 
 
-def operator_settings(monkeypatch: pytest.MonkeyPatch, *values: str) -> settings.Settings:
-    """The settings the operator of the chart rendered with these `--set-json` values starts with."""
-    out = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"),
+def operator_settings(monkeypatch: pytest.MonkeyPatch, *values: str, schema: bool = True) -> settings.Settings:
+    """The settings the operator of the chart rendered with these `--set-json` values starts with (`schema=False`:
+    rendered past the chart's schema, for values it refuses)."""
+    unchecked = [] if schema else ["--skip-schema-validation"]
+    out = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"), *unchecked,
                           *[a for v in values for a in ("--set-json", v)], "--show-only", "templates/deployment.yaml"],
                          check=True, capture_output=True, text=True).stdout
     for name in settings.Settings.model_fields:
