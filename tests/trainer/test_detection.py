@@ -112,7 +112,9 @@ def test_an_annotations_file_with_a_byte_order_mark_loads(pvc_root: Path, tmp_pa
     (lambda c: c["annotations"][0].update(image_id=[1]), "annotation 1 (image [1]): no image with that id"),
     (lambda c: c["annotations"][0].update(category_id=[1]), "annotation 1 (image 1): unknown category_id [1]"),
     (lambda c: c["images"][2].update(id=[3]), "images[2] needs an integer id and a file_name"),
-], ids=["image-id-a-list", "category-id-a-list", "image-with-a-list-id"])
+    # a converter's string ids: it said "annotation 1 (image 1): no image with that id", and image 1 was there
+    (lambda c: c["annotations"][0].update(image_id="1"), "annotation 1 (image '1'): no image with that id"),
+], ids=["image-id-a-list", "category-id-a-list", "image-with-a-list-id", "image-id-a-string"])
 def test_an_id_that_is_not_a_number_is_a_bad_record(pvc_root: Path, tmp_path: Path, change: Any, named: str) -> None:
     """Used as a dictionary key it raised TypeError: unhashable type, which counted as the infrastructure's (exit 2)."""
     with pytest.raises(DataError, match=re.escape(named)):

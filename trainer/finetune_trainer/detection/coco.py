@@ -197,7 +197,7 @@ def add_box(ann: Any, i: int, images: dict[int, Annotated], categories: dict[int
     if not isinstance(ann, dict):
         problems.append(f"annotations[{i}] is not an object")
         return False
-    where = f"annotation {ann.get('id', f'[{i}]')} (image {ann.get('image_id')})"
+    where = f"annotation {ann.get('id', f'[{i}]')} (image {ann.get('image_id')!r})"  # a string id "1" shown as one
     image = images[ann["image_id"]] if is_int_in(ann.get("image_id"), images) else None
     if image is None:
         problems.append(f"{where}: no image with that id")
