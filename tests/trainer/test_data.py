@@ -143,6 +143,21 @@ def test_an_image_folder_one_level_above_its_class_folders_says_where_they_are(t
     assert len(load_dataset(DatasetSpec(uri=str(tmp_path / "PetImages")), Task.IMAGE_CLASSIFICATION, 0).id2label) == 2
 
 
+def test_files_of_an_image_folder_that_are_no_images_are_all_named_before_training(tmp_path: Path) -> None:
+    """Kaggle's cats and dogs hold 0-byte JPEGs: each stopped the job only when its batch came, one a run."""
+    from PIL import Image
+
+    for name in ("Cat", "Dog"):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            Image.new("RGB", (4, 4), (i * 80, 0, 0)).save(tmp_path / name / f"{i}.jpg")
+    (tmp_path / "Cat" / "666.jpg").write_bytes(b"")
+    (tmp_path / "Dog" / "page.jpg").write_bytes(b"<html>Not found</html>")
+    with pytest.raises(DataError, match=rf"^dataset {tmp_path}: 2 of its 8 image files do not open as images: "
+                                        rf"{tmp_path}/Cat/666.jpg, {tmp_path}/Dog/page.jpg; remove them$"):
+        load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
+
+
 def test_causal_lm_needs_no_labels(tmp_path: Path) -> None:
     data = load_dataset(spec(write(tmp_path, "jsonl")), Task.CAUSAL_LM, 0)
     assert data.train.labels is None and data.id2label == {}

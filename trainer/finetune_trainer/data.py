@@ -35,6 +35,7 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".webp", ".a
 FILE_FORMATS = {".csv": DatasetFormat.CSV, ".tsv": DatasetFormat.CSV, ".jsonl": DatasetFormat.JSONL,
                 ".json": DatasetFormat.JSONL, ".parquet": DatasetFormat.PARQUET}
 CSV_SEPARATORS = ",\t;|"  # a comma first: it wins a tie
+HEADER_READERS = 16  # threads opening image files at load, which mostly wait on the volume
 IMAGE_COLUMN = "image"  # the column an ImageFolder's file paths land in
 TABLE_FOLDER = "\0table folder"  # the folder of the file a row of a folder's tables came from
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
@@ -86,6 +87,8 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
         for table in usable.values():
             check_inputs(table[input_field], (str, Number), "a text", spec.uri, "dataset.textField")
         inputs = {name: table[input_field].astype(str).tolist() for name, table in usable.items()}
+    if task == Task.IMAGE_CLASSIFICATION:
+        check_images([image for split_inputs in inputs.values() for image in split_inputs], spec.uri)
     id2label: dict[int, str] = {}
     labels: dict[str, list[int] | None] = dict.fromkeys(usable)
     if label_field is not None:
@@ -133,6 +136,33 @@ def image_paths(column: pd.Series, bases: list[Path], folder: Path, uri: str) ->
         raise DataError(f"dataset {uri}: {len(missing)} of its image paths (column {column.name!r}, dataset.textField) "
                         f"name no file, such as {', '.join(missing[:3])}")
     return paths
+
+
+def check_images(paths: list[str], uri: str) -> None:
+    """Every file opens as an image, by its header: one that is none (Kaggle's 0-byte PetImages/Cat/666.jpg, an HTML
+    page saved as .jpg) stopped the job only when its batch came, hours into an epoch, and the next such file the
+    next run. A file cut short after its header still stops the job at its batch (batches.open_rgb). Read by threads:
+    on a network volume each file's open waits on a round trip."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(HEADER_READERS) as pool:
+        bad = [path for path, opens in zip(paths, pool.map(opens_as_image, paths)) if not opens]
+    if bad:
+        raise DataError(f"dataset {uri}: {len(bad)} of its {len(paths)} image files do not open as images: "
+                        f"{listed(bad)}; remove them")
+
+
+def opens_as_image(path: str) -> bool:
+    """Whether Pillow opens the file (its header) as an image; a read that failed with an errno is the volume's."""
+    from PIL import Image
+
+    try:
+        with Image.open(path):
+            return True
+    except (OSError, Image.DecompressionBombError) as exc:  # the latter is no OSError
+        if isinstance(exc, OSError) and exc.errno is not None:
+            raise
+        return False
 
 
 def table_folders(table: pd.DataFrame, rows: pd.Index, folder: Path) -> list[Path]:
