@@ -371,8 +371,28 @@ def test_weights_from_a_state_dict_load_and_a_mismatch_is_named(pvc_root: Path, 
     torch.save(source.net.state_dict(), tmp_path / "ssdlite.pth")
     loaded = load_detector(spec.model_copy(update={"uri": str(tmp_path / "ssdlite.pth")}), 64)
     torch.testing.assert_close(loaded.net.state_dict(), source.net.state_dict())
-    with pytest.raises(ModelError, match="num_classes"):
+    with pytest.raises(ModelError, match="their head has 91 classes .background included.; set "
+                                         "model.config.num_classes: 91"):
         load_detector(spec.model_copy(update={"uri": str(tmp_path / "ssdlite.pth"), "config": {"num_classes": 4}}), 64)
+
+
+@pytest.mark.parametrize("architecture", ["fasterrcnn_mobilenet_v3_large_320_fpn", "ssdlite320_mobilenet_v3_large"])
+def test_a_checkpoint_that_does_not_fit_is_told_apart(tmp_path: Path, architecture: str) -> None:
+    """torch's message lists hundreds of keys; the trainer's said 'set model.config.num_classes to the checkpoint's'
+    whatever the misfit: for an ImageNet backbone's weights (what a user has where no detector can be downloaded),
+    and without the count for a checkpoint of another class count."""
+    import torchvision
+
+    torch.save(torchvision.models.mobilenet_v3_large().state_dict(), tmp_path / "backbone.pth")
+    spec = ModelSpec(task="object-detection", architecture=architecture, uri=str(tmp_path / "backbone.pth"))
+    with pytest.raises(ModelError, match=r"none of its 312 tensors is one of the detector's \(theirs begin classifier, "
+                                         r"features\); model.uri takes a whole detector's state dict, not a backbone's"):
+        load_detector(spec, 64)
+    own = load_detector(ModelSpec(task="object-detection", architecture=architecture, config={"num_classes": 6}), 64)
+    torch.save(own.net.state_dict(), tmp_path / "six.pth")
+    with pytest.raises(ModelError, match=r"their head has 6 classes \(background included\); set "
+                                         r"model.config.num_classes: 6"):
+        load_detector(spec.model_copy(update={"uri": str(tmp_path / "six.pth")}), 64)
 
 
 def test_a_detector_from_trained_weights_keeps_its_backbones_batch_norm_as_torchvision_builds_it(

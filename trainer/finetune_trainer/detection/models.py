@@ -107,12 +107,43 @@ def load_detector(spec: ModelSpec, image_size: int) -> Detector:
     if path is not None:
         if architecture in FROZEN_NORM_WHEN_TRAINED:  # built with weights=None (no download), so not done by torchvision
             freeze_batch_norm(net.backbone.body)
+        state = read_state_dict(weight_file(path))
         try:
-            net.load_state_dict(read_state_dict(weight_file(path)))
+            net.load_state_dict(state)
         except RuntimeError as exc:
-            raise ModelError(f"model {spec.uri}: its weights do not fit {architecture} with {class_count(net)} "
-                             f"classes (set model.config.num_classes to the checkpoint's; {exc})"[:2000]) from exc
+            raise ModelError(f"model.uri {spec.uri}: its weights do not fit {architecture}{misfit(net, state)} "
+                             f"({exc})"[:2000]) from exc
     return Detector(net, architecture, image_size, kwargs, exported_labels(path) if saved and path else None)
+
+
+def misfit(net: nn.Module, state: dict[str, torch.Tensor]) -> str:
+    """Why a state dict does not load, where torch's message lists hundreds of keys: it holds another network (an
+    ImageNet backbone's weights, say, whose names lack the detector's `backbone.body.`), or a head of another class
+    count (which the builder takes as model.config num_classes)."""
+    if not set(state) & set(net.state_dict()):
+        names = ", ".join(sorted({key.split(".")[0] for key in state})[:4])
+        return (f": none of its {len(state)} tensors is one of the detector's (theirs begin {names}); model.uri takes "
+                "a whole detector's state dict, not a backbone's or a classifier's")
+    classes = checkpoint_classes(net, state)
+    if classes is not None and classes != class_count(net):
+        return f": their head has {classes} classes (background included); set model.config.num_classes: {classes}"
+    return ""
+
+
+def checkpoint_classes(net: nn.Module, state: dict[str, torch.Tensor]) -> int | None:
+    """The classes (background included) that the head in `state` scores, where it holds this detector's head."""
+    head = net.get_submodule(classifier_name(net))
+    layer = head.cls_score if hasattr(head, "cls_score") else class_convs(head)[0]
+    weight = state.get(next(name for name, m in net.named_modules() if m is layer) + ".weight")
+    if weight is None:
+        return None
+    per_class = 1 if isinstance(layer, nn.Linear) else layer.out_channels // class_count(net)  # anchors per position
+    return weight.shape[0] // per_class
+
+
+def class_convs(head: nn.Module) -> list[nn.Conv2d]:
+    """A one-stage detector's class convolutions: RetinaNet's and FCOS's one, SSD's one per feature map."""
+    return [head.cls_logits] if hasattr(head, "cls_logits") else [last_conv(m) for m in head.module_list]
 
 
 def freeze_batch_norm(module: nn.Module) -> None:
@@ -182,8 +213,7 @@ def resize_head(detector: Detector, num_classes: int, reinitialize: bool) -> boo
         net.roi_heads.box_predictor = fresh.to(predictor.cls_score.weight.device)
     else:
         head = net.head.classification_head
-        convs = [head.cls_logits] if hasattr(head, "cls_logits") else [last_conv(m) for m in head.module_list]
-        for conv in convs:
+        for conv in class_convs(head):
             replace_conv(net, conv, conv.out_channels // old * num_classes)
         if hasattr(head, "num_classes"):
             head.num_classes = num_classes
