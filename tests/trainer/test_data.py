@@ -861,3 +861,17 @@ def test_a_label_column_of_scores_or_ids_is_named(tmp_path: Path, pvc_root: Path
     caplog.clear()
     load_dataset(spec(write(tmp_path, "csv")), Task.SEQUENCE_CLASSIFICATION, 0)
     assert "distinct labels" not in caplog.text
+
+
+def test_an_image_folder_of_a_folder_per_image_is_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Images each in a folder of its own (a sample's id) are a class each; the warning named a "column 'label'
+    (dataset.labelField)", which an ImageFolder has not."""
+    from PIL import Image
+
+    for i in range(12):
+        (tmp_path / f"sample{i:02d}").mkdir()
+        Image.new("RGB", (4, 4), (i * 20, 0, 0)).save(tmp_path / f"sample{i:02d}" / "image.png")
+    load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
+    assert (f"dataset {tmp_path}: 12 class folders hold 12 images, such as sample00, sample01, sample02 and 9 more: "
+            "a folder per class? (one per sample, or per image, is not)") in caplog.text
+    assert "dataset.labelField" not in caplog.text

@@ -101,7 +101,8 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
                                                        if fmt == DatasetFormat.IMAGE_FOLDER else
                                                        f"column {label_field!r} has {len(id2label)} distinct label(s); "
                                                        "need 2 or more"))
-        warn_labels_no_classes(id2label, len(ids), label_field, spec.uri)
+        warn_labels_no_classes(id2label, len(ids), None if fmt == DatasetFormat.IMAGE_FOLDER else label_field,
+                               spec.uri)
         offsets = np.cumsum([0, *(len(t) for t in usable.values())])
         labels = {name: ids[offsets[i]:offsets[i + 1]] for i, name in enumerate(usable)}
         warn_labels_differing_in_case(id2label, spec.uri)
@@ -216,13 +217,16 @@ def listed(names: list[str], sep: str = ", ", most: int = 10) -> str:
     return sep.join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
-def warn_labels_no_classes(id2label: dict[int, str], rows: int, column: str, uri: str) -> None:
+def warn_labels_no_classes(id2label: dict[int, str], rows: int, column: str | None, uri: str) -> None:
     """Say when the labels look like no classes: under 2 rows a label (an id; most classes could not be both trained
     on and scored), or fractional numbers among more than a few (a score, such as the sentiment corpus' confidence:
-    2,319 values between 0.25 and 1)."""
+    2,319 values between 0.25 and 1). `column` None: an ImageFolder's class folders, which no labelField names."""
     names = list(id2label.values())
     fractional = len(names) > 10 and all(map(is_number, names)) and any(not float(n).is_integer() for n in names)
-    if len(names) > rows / 2 or fractional:
+    if column is None and len(names) > rows / 2:
+        log.warning("dataset %s: %d class folders hold %d images, such as %s: a folder per class? (one per sample, "
+                    "or per image, is not)", uri, len(names), rows, listed(names, most=3))
+    elif len(names) > rows / 2 or fractional:
         log.warning("dataset %s: column %r (dataset.labelField) has %d distinct labels in %d rows, such as %s: a "
                     "column of classes? (a score or an id is not)", uri, column, len(names), rows, listed(names, most=3))
 
