@@ -380,6 +380,31 @@ def test_termination_message_fits_in_4_kib() -> None:
     assert len(text.encode()) <= 4096 and json.loads(text)["analysis"] == {"totalParameters": 1}
 
 
+def test_termination_message_keeps_the_most_severe_findings_that_fit() -> None:
+    """A checkpoint with all its matrices zero (a real run: a 4-layer tiny BERT) has a ZeroWeights warning for each
+    of its 26: past 4 KiB together, all findings were dropped, and the job's status showed none of them, from a
+    message of 493 bytes."""
+    layers = [f"bert.encoder.layer.{i}.{m}" for i in range(4) for m in (
+        "attention.self.query", "attention.self.key", "attention.self.value", "attention.output.dense",
+        "intermediate.dense", "output.dense")]
+    zeros = [{"severity": "warning", "code": "ZeroWeights", "message": f"{name}.weight is all zeros; it passes no "
+              "signal until trained"} for name in [*layers, "bert.pooler.dense", "classifier"]]
+    memory = {"severity": "info", "code": "MemoryOffModel", "message": "the probe step peaked at 6.89x the memory "
+              "model (weights + peak RSS rise): size the job's memory by the measurement"}
+    sent = {"stage": "Done", "reason": "Succeeded", "message": "8 steps; test accuracy 0.3906 -> 0.375", "exitCode": 0,
+            "analysis": {"totalParameters": 1014211, "trainableParameters": 1014211, "findings": [memory, *zeros],
+                         "layerImportance": [-0.0, -0.0, -0.0, -0.0]},
+            "progress": {"step": 8, "totalSteps": 8, "epoch": 0},
+            "metrics": {"loss": 1.0983211994171143, "learningRate": 3.806023374435663e-05,
+                        "samplesPerSecond": 407.4361723308953},
+            "evaluation": {"baseline": {"accuracy": 0.390625, "f1": 0.18726591760299627},
+                           "final": {"accuracy": 0.375, "f1": 0.1818181818181818}}}
+    text = termination_message(sent)
+    kept = json.loads(text)["analysis"]["findings"]
+    assert 4096 - 150 < len(text.encode()) <= 4096 and kept == zeros[:len(kept)] and len(kept) >= 20
+    assert sent["analysis"]["findings"][0] == memory  # the caller's own message is left as it was
+
+
 def test_metrics_endpoint_serves_the_design_names(monkeypatch: pytest.MonkeyPatch) -> None:
     port = free_port()
     monkeypatch.setenv(PORT_ENV, str(port))

@@ -251,16 +251,39 @@ def termination_path() -> Path | None:
 
 
 def termination_message(message: dict[str, Any]) -> str:
-    """Compact JSON within the 4 KiB Kubernetes keeps; findings and then the text give way first."""
+    """Compact JSON within the 4 KiB Kubernetes keeps; the least severe findings and then the text give way first."""
     message = dict(message)
-    text = json.dumps(message, separators=(",", ":"))
-    if len(text.encode()) > TERMINATION_LIMIT:
-        message.get("analysis", {}).pop("findings", None)
-        text = json.dumps(message, separators=(",", ":"))
+    text = compact(message)
+    if len(text.encode()) > TERMINATION_LIMIT and message.get("analysis", {}).get("findings"):
+        analysis = message["analysis"] = dict(message["analysis"])
+        # A checkpoint with all its matrices zero has a ZeroWeights warning for each: dropped all together, none
+        # reached the job's status, in a message of 500 bytes.
+        findings = sorted(analysis.pop("findings"), key=lambda f: SEVERITY_RANK.get(f.get("severity"), 3))
+        if kept := fitting(findings, TERMINATION_LIMIT - len(compact(message).encode()) - len(',"findings":[]')):
+            analysis["findings"] = kept
+        text = compact(message)
     while len(text.encode()) > TERMINATION_LIMIT and len(message.get("message", "")) > 40:
         message["message"] = message["message"][: len(message["message"]) // 2] + "..."
-        text = json.dumps(message, separators=(",", ":"))
+        text = compact(message)
     return text
+
+
+SEVERITY_RANK = {"fatal": 0, "warning": 1, "info": 2}  # the order in which findings are kept
+
+
+def compact(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"))
+
+
+def fitting(items: list[Any], room: int) -> list[Any]:
+    """The first of `items` that add at most `room` bytes to an empty compact JSON list."""
+    kept = []
+    for item in items:
+        room -= len(compact(item).encode()) + 1  # and its comma
+        if room < 0:
+            break
+        kept.append(item)
+    return kept
 
 
 def precedence(message: dict[str, Any]) -> int:
