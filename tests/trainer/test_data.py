@@ -154,7 +154,8 @@ def test_files_of_an_image_folder_that_are_no_images_are_all_named_before_traini
     (tmp_path / "Cat" / "666.jpg").write_bytes(b"")
     (tmp_path / "Dog" / "page.jpg").write_bytes(b"<html>Not found</html>")
     with pytest.raises(DataError, match=rf"^dataset {tmp_path}: 2 of its 8 image files do not open as images: "
-                                        rf"{tmp_path}/Cat/666.jpg, {tmp_path}/Dog/page.jpg; remove them$"):
+                                        rf"{tmp_path}/Cat/666.jpg, {tmp_path}/Dog/page.jpg \(the first: UnidentifiedImageError: "
+                                        r"cannot identify image file .*\); remove them$"):
         load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
 
 

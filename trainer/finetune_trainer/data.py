@@ -146,24 +146,27 @@ def check_images(paths: list[str], uri: str) -> None:
     on a network volume each file's open waits on a round trip."""
     from concurrent.futures import ThreadPoolExecutor
 
+    files = list(dict.fromkeys(paths))  # a table may name a file twice
     with ThreadPoolExecutor(HEADER_READERS) as pool:
-        bad = [path for path, opens in zip(paths, pool.map(opens_as_image, paths)) if not opens]
+        bad = {path: problem for path, problem in zip(files, pool.map(image_problem, files)) if problem}
     if bad:
-        raise DataError(f"dataset {uri}: {len(bad)} of its {len(paths)} image files do not open as images: "
-                        f"{listed(bad)}; remove them")
+        first = next(iter(bad.values()))
+        raise DataError(f"dataset {uri}: {len(bad)} of its {len(files)} image files do not open as images: "
+                        f"{listed(list(bad))} (the first: {first}); remove them")
 
 
-def opens_as_image(path: str) -> bool:
-    """Whether Pillow opens the file (its header) as an image; a read that failed with an errno is the volume's."""
+def image_problem(path: str) -> str | None:
+    """Why Pillow does not open the file (its header) as an image, None where it does; a read that failed with an
+    errno is the volume's, raised."""
     from PIL import Image
 
     try:
         with Image.open(path):
-            return True
+            return None
     except (OSError, Image.DecompressionBombError) as exc:  # the latter is no OSError
         if isinstance(exc, OSError) and exc.errno is not None:
             raise
-        return False
+        return f"{type(exc).__name__}: {exc}"
 
 
 def table_folders(table: pd.DataFrame, rows: pd.Index, folder: Path) -> list[Path]:
