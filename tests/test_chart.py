@@ -269,7 +269,7 @@ def notes(tmp_path: Path, *values: str) -> str:
 
 def test_the_notes_name_where_the_dashboard_is_and_how_the_crd_is_upgraded(tmp_path: Path) -> None:
     plain = notes(tmp_path / "a")
-    assert "kubectl apply --server-side -f finetune-operator/crds/" in plain
+    assert "kubectl apply --server-side --force-conflicts -f finetune-operator/crds/" in plain
     templated = notes(tmp_path / "b", "crds.templated=true", "dashboards.enabled=true", "dashboards.namespace=monitoring")
     # With the CRD templated, no hand-applied CRD before an upgrade (it was still asked for).
     assert "kubectl apply" not in templated.split("Upgrading:")[1]

@@ -12,6 +12,9 @@ from __future__ import annotations
 import json
 import os
 import re
+import shlex
+import shutil
+import subprocess
 import sys
 import time
 import urllib.request
@@ -253,6 +256,47 @@ def _uninstall_leaves_nothing(kube: Kube, ns: str) -> None:
     # The operator's pod goes last: the garbage collector deletes it with its ReplicaSet, after its grace period.
     kube.wait_for("nothing of the release left", lambda: not left(), ns, timeout=90)
     assert kube.get("crd", "finetunejobs.finetune.dev") is not None  # Helm keeps CRDs (crds/), as it documents
+
+
+# --- the CRD upgrade the NOTES and the README give ------------------------------------------------
+
+def documented_crd_upgrade(source: str, notes: str) -> tuple[str, str]:
+    """(command, the folder it runs in) of the CRD upgrade the NOTES or the README give."""
+    if source == "NOTES":  # after `helm pull <chart> --untar`, which leaves the chart in finetune-operator/
+        found = re.search(r"kubectl apply [^\n]*finetune-operator/crds/", notes.split("Upgrading:")[1])
+        return (found[0] if found else ""), "charts"
+    found = re.search(r"`(kubectl apply [^`]*charts/finetune-operator/crds/)`", (REPO / "README.md").read_text())
+    return (found[1] if found else ""), "."
+
+
+@pytest.mark.parametrize("source", ["NOTES", "README"])
+def test_the_documented_crd_upgrade_applies_the_next_chart_s_crd_over_helm_s(kube: Kube, namespace: str,
+                                                                              tmp_path: Path, source: str) -> None:
+    """Helm creates crds/ as field manager "helm", so the NOTES' and the README's `kubectl apply --server-side` of
+    the next chart's CRD failed on every schema change ("conflict with "helm" ... .spec.versions") and changed
+    nothing. The CRD here is the chart's under another group: this cluster's FineTuneJob CRD is left alone."""
+    chart = tmp_path / "charts" / "finetune-operator"
+    shutil.copytree(CHART, chart)
+    path = chart / "crds" / "finetune.dev_finetunejobs.yaml"
+    crd = yaml.safe_load(path.read_text())
+    crd["spec"]["group"] = group = f"{namespace}.example.com"
+    crd["metadata"]["name"] = name = f"{crd['spec']['names']['plural']}.{group}"
+    path.write_text(yaml.safe_dump(crd))
+    try:  # (a failed install still leaves the CRD)
+        installed = kube.helm("install", RELEASE, str(chart), "-n", namespace, "--set", "replicas=0",
+                              "--set", "rbac.create=false").stdout
+        command, where = documented_crd_upgrade(source, installed)
+        assert command, installed
+        crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["description"] = "the next chart's"
+        path.write_text(yaml.safe_dump(crd))
+        applied = subprocess.run([*kube.kubectl_argv(), *shlex.split(command)[1:]], cwd=tmp_path / where,
+                                 capture_output=True, text=True, timeout=60)
+        assert applied.returncode == 0, f"{command}:\n{applied.stderr}"
+        assert kube.get("crd", name)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["description"] == \
+            "the next chart's"
+    finally:
+        kube.helm("uninstall", RELEASE, "-n", namespace, check=False)
+        kube.kubectl("delete", "crd", name, "--ignore-not-found", check=False)
 
 
 # --- a watched namespace deleted with its jobs ----------------------------------------------------
