@@ -39,13 +39,13 @@ class ImageClassifier(nn.Module):
     """A torchvision network called like a transformers model: keyword inputs in, logits out."""
 
     def __init__(self, net: nn.Module, architecture: str, builder_kwargs: dict[str, Any] | None = None,
-                 labels: dict[int, str] | None = None, image_size: int | None = None) -> None:
+                 labels: dict[int, str] | None = None, trained_size: int | None = None) -> None:
         super().__init__()
         self.net = net
         self.architecture = architecture
         self.builder_kwargs = builder_kwargs or {}  # what built `net`; the export records them
         self.labels = labels  # the class names of an export of ours, which its head was trained on
-        self.image_size = image_size  # the input size an export of ours was trained at
+        self.trained_size = trained_size  # the input size an export of ours was trained at (its imageSize)
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.net(pixel_values)
@@ -223,11 +223,11 @@ def check_image_size(model: nn.Module, image_size: int) -> None:
     at 224 scored 0.08, not 0.88."""
     if not isinstance(model, ImageClassifier):
         return
-    if model.image_size not in (None, image_size):  # the CRD's default 224 is set whether the user wrote it or not
+    if model.trained_size not in (None, image_size):  # the CRD's default 224 is set whether the user wrote it or not
         log.warning("model.uri was trained on %dx%d images (its config.json imageSize) and dataset.imageSize %d "
                     "resizes them otherwise, which it has not learnt (the baseline shows it); set dataset.imageSize "
-                    "%d to fine-tune it on the input it knows", model.image_size, model.image_size, image_size,
-                    model.image_size)
+                    "%d to fine-tune it on the input it knows", model.trained_size, model.trained_size, image_size,
+                    model.trained_size)
 
     def fails_at(size: int) -> Exception | None:
         state = {name: torch.empty_like(t, device="meta")
