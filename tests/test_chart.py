@@ -287,6 +287,16 @@ def test_a_trainer_uid_of_openshift_s_range_in_a_values_file_reaches_the_operato
     assert env["FINETUNE_OPERATOR_TRAINER_UID"] == "1000680000"
 
 
+def test_one_port_for_metrics_and_liveness_is_refused_at_install(tmp_path: Path) -> None:
+    """The schema took livenessPort equal to metrics.port: helm install succeeded, and the operator exited at start
+    on the second endpoint's bind ("address already in use"), again at every restart."""
+    values = tmp_path / "values.yaml"
+    values.write_text("livenessPort: 8000\n")  # a values file's number (a float) against the default's
+    result = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"), "-f", str(values)],
+                            capture_output=True, text=True)
+    assert result.returncode != 0 and "livenessPort and metrics.port are both 8000" in result.stderr, result.stderr
+
+
 @pytest.mark.parametrize("resources", [{"limits": {"cpu": 0.5}}, {"requests": {"memory": "four"}},
                                        {"claims": [{"name": "gpu"}]}])
 def test_trainer_resources_the_operator_would_refuse_are_refused_at_install(resources: dict[str, Any]) -> None:

@@ -58,6 +58,8 @@ def test_trainer_pod_annotations_are_a_json_object(monkeypatch: pytest.MonkeyPat
     (["--trainer-resources", "{nope"], "--trainer-resources"),
     (["--trainer-pod-annotations", '{"no spaces allowed": "x"}'], "--trainer-pod-annotations"),
     (["--trainer-pod-annotations", "[1]"], "--trainer-pod-annotations"),
+    # the metrics server and kopf's /healthz on one port: the second exited with "address already in use"
+    (["--metrics-port", "8080", "--liveness-port", "8080"], "--liveness-port: .*the metrics port is 8080 too"),
 ])
 def test_a_bad_value_names_its_flag(argv: list[str], flag: str) -> None:
     with pytest.raises(SystemExit, match=flag):

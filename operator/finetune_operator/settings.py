@@ -8,7 +8,7 @@ import os
 import re
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from finetune_operator import coretypes as core
 
@@ -48,6 +48,14 @@ class Settings(BaseModel):
         """kopf's URL of /healthz; an IPv6 address (::) goes in brackets, or its colons read as the port's."""
         host = f"[{self.bind_address}]" if ":" in self.bind_address else self.bind_address
         return f"http://{host}:{self.liveness_port}/healthz"
+
+    @field_validator("liveness_port")
+    @classmethod
+    def _own_port(cls, value: int, info: ValidationInfo) -> int:
+        """Both endpoints listen on bind_address: on one port, the second to start exited with "address in use"."""
+        if value == info.data.get("metrics_port"):
+            raise ValueError(f"the metrics port is {value} too; each endpoint needs its own port")
+        return value
 
     @field_validator("namespaces", "trainer_pull_secrets")
     @classmethod
