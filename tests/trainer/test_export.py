@@ -84,3 +84,22 @@ def test_the_cli_counts_a_causal_lms_chunks_per_second_as_its_card_does(tmp_path
     assert "(37.6 chunks/s)" in summary_table(report, tmp_path)
     report["config"]["model"]["task"] = "sequence-classification"
     assert "(37.6 samples/s)" in summary_table(report, tmp_path)
+
+
+def test_the_card_of_a_run_that_stopped_early_says_whose_weights_it_holds(tmp_path: Path) -> None:
+    """A run with early stopping (a real one: maxSteps 200, patience 1) stopped at step 62 and exported the weights of
+    step 60, the best validation loss; its card said only '62 steps', as if they were step 62's of a run that ended."""
+    from finetune_trainer.export import model_card
+
+    doc = tiny_classifier_doc(tmp_path, maxSteps=200, evalEverySteps=2, earlyStopping={"patience": 1})
+    doc["evaluation"] = {"metrics": ["loss", "accuracy"]}
+    training = {"steps": 62, "total_steps": 200, "seconds": 1.3, "samples_per_second": 790.3, "train_samples": 128,
+                "validation_samples": 64, "test_samples": 64, "stopped_early": True, "restored_best_step": 60}
+    report = {"evaluation": {"baseline": {"loss": 1.1}, "final": {"loss": 1.069}, "delta": {"loss": -0.031}},
+              "labels": {"0": "negative"}, "training": training}
+    card = model_card(TrainerConfig.model_validate(doc), report)
+    assert ("- Training: 62 steps in 1 s, 790.3 samples/s, seed 0; stopped early (200 planned); the weights are "
+            "step 60's, the best validation loss\n") in card
+    card = model_card(TrainerConfig.model_validate(doc), report | {"training": training | {
+        "steps": 200, "stopped_early": False, "restored_best_step": None}})
+    assert "- Training: 200 steps in 1 s, 790.3 samples/s, seed 0\n" in card

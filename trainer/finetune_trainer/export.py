@@ -80,8 +80,11 @@ def write_weights(model: nn.Module, cfg: TrainerConfig, out: Path) -> None:
         (out / "config.json").write_text(json.dumps(config, indent=2))
     elif isinstance(model, Detector):  # detection.models.load_exported reads it back
         save_model(model.net, str(out / "model.safetensors"))
+        # categoryIds: a label's category_id in the COCO file trained on, which numbers them otherwise (COCO's own
+        # 1..90 for its 80 classes, from 0, ...), for a user who scores the detections with pycocotools
         config = {"architecture": model.architecture, "task": cfg.model.task.value, "config": model.builder_kwargs,
-                  "numLabels": class_count(model.net) - 1, "imageSize": model.image_size, "backgroundClass": 0}
+                  "numLabels": class_count(model.net) - 1, "imageSize": model.image_size, "backgroundClass": 0,
+                  "categoryIds": {str(c): cid for c, cid in model.category_ids.items()}}
         (out / "config.json").write_text(json.dumps(config, indent=2))
     else:
         as_published(model).save_pretrained(out, safe_serialization=True)
@@ -162,8 +165,7 @@ def model_card(cfg: TrainerConfig, report: dict[str, Any], adapters_apart: bool 
         f"- Labels: {', '.join(report['labels'].values()) or 'none (language model)'}",
         f"- Adapters: {adapters}" + (f"; merged (max logit difference {merge['max_abs_logit_diff']:.1e})"
                                      if merge and merge["passed"] else ""),
-        f"- Training: {training['steps']} steps in {training['seconds']:.0f} s, "
-        f"{training['samples_per_second']:.1f} {rows_of(cfg.model.task)}/s, seed {cfg.training.seed}",
+        training_line(cfg, training),
         "",
         "## Evaluation on the test split (seen by neither training nor model selection)",
         "",
@@ -177,6 +179,18 @@ def model_card(cfg: TrainerConfig, report: dict[str, Any], adapters_apart: bool 
         "Trained by finetune-trainer; report.json has the structure analysis and the full history.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def training_line(cfg: TrainerConfig, training: dict[str, Any]) -> str:
+    """The card's line on training; a run that stopped early says so, and a run whose end restored the weights of
+    the best evaluation says whose they are (early stopping keeps them)."""
+    line = (f"- Training: {training['steps']} steps in {training['seconds']:.0f} s, "
+            f"{training['samples_per_second']:.1f} {rows_of(cfg.model.task)}/s, seed {cfg.training.seed}")
+    if training.get("stopped_early"):
+        line += f"; stopped early ({training['total_steps']} planned)"
+    if (best := training.get("restored_best_step")) is not None:
+        line += f"; the weights are step {best}'s, the best validation {cfg.evaluation_metrics[0].value}"
+    return line
 
 
 def rows_of(task: Task) -> str:
