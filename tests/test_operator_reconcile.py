@@ -365,6 +365,29 @@ def test_a_worker_that_left_no_message_failed_for_infrastructure() -> None:
     assert result.retry == outcome.Retry.COUNTED
 
 
+def test_a_worker_that_left_no_message_is_told_by_its_containers_own_exit_code() -> None:
+    """torchrun's 1 is read as infrastructure (2), and the status said "pod ... exited 2" of a container that
+    `kubectl describe pod` shows exited 1."""
+    result = outcome.attempt_outcome(job(failure={"reason": "BackoffLimitExceeded", "message": ""}),
+                                     [pod(phase="Failed", exit_code=1, message="")])
+    assert (result.reason, result.message) == ("WorkerFailed", "pod ft-1-0-x exited 1")
+
+
+def test_a_success_written_before_the_process_died_is_no_reason_of_the_failure() -> None:
+    """Rank 0 wrote its success, then its process died (a crash in NCCL's teardown; under torchrun, a sibling's): the
+    job restarted with the Warning "Succeeded: attempt 1 failed (8 steps; test accuracy 0.2344 -> 0.3906)"."""
+    # What a real run wrote (tiny BERT, maxSteps 8), analysis left out.
+    message = {"stage": "Done", "reason": "Succeeded", "message": "8 steps; test accuracy 0.2344 -> 0.3906",
+               "exitCode": 0, "progress": {"step": 8, "totalSteps": 8, "epoch": 0},
+               "evaluation": {"baseline": {"accuracy": 0.234375}, "final": {"accuracy": 0.390625}}}
+    seen = Observed(body({"attempts": 1}), [job(failure={"reason": "BackoffLimitExceeded", "message": ""})],
+                    [pod(phase="Failed", exit_code=139, message=message)], NOW)
+    decision = decide(seen)
+    assert conditions(after(decision))["Restarting"] == ("True", "WorkerFailed")
+    assert ("Warning", "WorkerFailed", "attempt 1 failed (pod ft-1-0-x exited 139 after the trainer reported success); "
+            "attempt 2 resumes from the latest checkpoint, if there is one") in decision.events
+
+
 def test_the_cause_is_the_earliest_failure_that_is_not_a_peers_143() -> None:
     pods = [pod(index=0, phase="Failed", exit_code=143, finished="2026-12-01T11:00:01Z"),
             pod(index=1, phase="Failed", exit_code=137, reason="OOMKilled", finished="2026-12-01T11:00:02Z", message="oom"),

@@ -19,6 +19,7 @@ from typing import Any
 from finetune_operator import api
 from finetune_operator.children import ATTEMPT_LABEL, GENERATION_ANNOTATION, JOB_UID_LABEL, RECIPE_ANNOTATION, TRAINER
 
+EXIT_OK = 0
 EXIT_USER_ERROR = 1
 EXIT_INFRASTRUCTURE = 2
 EXIT_TERMINATED = 143
@@ -236,7 +237,8 @@ def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
     causes = []
     for pod in ended:
         term = pod["terminated"]
-        message = term["message"]
+        # A success the trainer wrote before its process died (a crash in its teardown) says nothing of the failure.
+        message = term["message"] if term["message"].get("exitCode") != EXIT_OK else {}
         # No message (a crash before the trainer ran, a SIGKILL, torchrun's flattened 1) means infrastructure.
         code = message.get("exitCode", EXIT_INFRASTRUCTURE if term["exitCode"] == EXIT_USER_ERROR else term["exitCode"])
         causes.append((code == EXIT_TERMINATED, term["finishedAt"], code, pod, message))
@@ -254,7 +256,8 @@ def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
         return Outcome(State.FAILED, "OOMKilled", f"pod {pod['name']} ran out of memory (exit {term['exitCode']})",
                        Retry.COUNTED, result=message)
     reason = api.reason_or(message.get("reason"), "WorkerFailed")
-    text = message.get("message") or f"pod {pod['name']} exited {code}"
+    finished = " after the trainer reported success" if term["message"].get("exitCode") == EXIT_OK else ""
+    text = message.get("message") or f"pod {pod['name']} exited {term['exitCode']}{finished}"
     return Outcome(State.FAILED, reason, text, Retry.COUNTED, result=message)
 
 
