@@ -297,6 +297,25 @@ def test_one_port_for_metrics_and_liveness_is_refused_at_install(tmp_path: Path)
     assert result.returncode != 0 and "livenessPort and metrics.port are both 8000" in result.stderr, result.stderr
 
 
+def test_extra_env_that_the_operator_s_env_has_already_is_refused_at_install() -> None:
+    """extraEnv took a name the chart sets (or one twice): the API takes it, the last winning, but helm upgrade's patch
+    is keyed by name: adding one failed ("The order in patch list ... doesn't match $setElementOrder list"), and
+    removing extraEnv FINETUNE_OPERATOR_NAMESPACES dropped the chart's too, so the operator ran cluster-wide with only
+    the watched namespaces' Roles, forbidden everywhere, after an upgrade Helm called a success."""
+    chart = str(REPO / "charts" / "finetune-operator")
+    out = subprocess.run([helm(), "template", "fto", chart, "--set-json", 'trainer.resources={"limits": {"cpu": 1}}',
+                          "--show-only", "templates/deployment.yaml"], check=True, capture_output=True, text=True).stdout
+    ours = [e["name"] for e in yaml.safe_load(out)["spec"]["template"]["spec"]["containers"][0]["env"]]
+    for extra in [[{"name": name, "value": "x"}] for name in ours] + [[{"name": "HTTPS_PROXY", "value": "x"}] * 2]:
+        result = subprocess.run([helm(), "template", "fto", chart, "--set-json", "extraEnv=" + json.dumps(extra)],
+                                capture_output=True, text=True)
+        assert result.returncode != 0 and f"{extra[-1]['name']} is in the operator's env already" in result.stderr, extra
+    proxy = [{"name": "HTTPS_PROXY", "value": "http://proxy:3128"}]
+    out = subprocess.run([helm(), "template", "fto", chart, "--set-json", "extraEnv=" + json.dumps(proxy),
+                          "--show-only", "templates/deployment.yaml"], check=True, capture_output=True, text=True).stdout
+    assert yaml.safe_load(out)["spec"]["template"]["spec"]["containers"][0]["env"][-1] == proxy[0]
+
+
 @pytest.mark.parametrize("resources", [{"limits": {"cpu": 0.5}}, {"requests": {"memory": "four"}},
                                        {"claims": [{"name": "gpu"}]}])
 def test_trainer_resources_the_operator_would_refuse_are_refused_at_install(resources: dict[str, Any]) -> None:
