@@ -397,7 +397,9 @@ class FineTuneJobStatus(ApiModel):
     workers: WorkerCounts | None = Field(None, description="The current attempt's trainer pods.")
     attempts: int = Field(0, ge=0, description="Attempts started so far (each one is a child Job).")
     failures: int = Field(0, ge=0, description="Failed attempts counted against backoffLimit (disruptions are not).")
-    start_time: Timestamp | None = Field(None, description="When the first attempt started.")
+    start_time: Timestamp | None = Field(
+        None, description="When the job started running, as a Job's: reset when it is resumed, or admitted again "
+        "by its queue (Kueue); activeDeadlineSeconds counts from it.")
     completion_time: Timestamp | None = Field(None, description="When the job succeeded or failed.")
     observed_generation: int | None = Field(None, ge=0, description="The spec generation the status reflects.")
 
