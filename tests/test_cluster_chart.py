@@ -18,6 +18,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +38,8 @@ import preview  # noqa: E402 (deploy/grafana/preview.py)
 
 CHART = str(REPO / "charts" / "finetune-operator")
 DASHBOARD = REPO / "deploy" / "grafana" / "finetune.json"
+README = REPO / "README.md"
+CRD_FILE = Path("crds") / "finetune.dev_finetunejobs.yaml"
 RELEASE = "fto"
 SMALL = {"maxTrainSamples": 256, "maxEvalSamples": 64}
 TOGGLES = ["serviceMonitor.enabled=true", "podMonitor.enabled=true", "prometheusScrapeAnnotations.enabled=true",
@@ -261,45 +264,83 @@ def _uninstall_leaves_nothing(kube: Kube, ns: str) -> None:
     assert kube.get("crd", "finetunejobs.finetune.dev") is not None  # Helm keeps CRDs (crds/), as it documents
 
 
-# --- the CRD upgrade the NOTES and the README give ------------------------------------------------
+# --- the CRD upgrades the NOTES and the README give ------------------------------------------------
+
+@pytest.fixture
+def own_crd_chart(kube: Kube, namespace: str, tmp_path: Path) -> Iterator[tuple[Path, dict[str, Any]]]:
+    """A copy of the chart (tmp_path/charts/finetune-operator) whose CRD is under another group, so that Helm really
+    creates it: this cluster's FineTuneJob CRD, other tests' jobs', is left alone. Deleted after the test."""
+    chart = tmp_path / "charts" / "finetune-operator"
+    shutil.copytree(CHART, chart)
+    crd = yaml.safe_load((chart / CRD_FILE).read_text())
+    crd["spec"]["group"] = group = f"{namespace}.example.com"
+    crd["metadata"]["name"] = f"{crd['spec']['names']['plural']}.{group}"
+    (chart / CRD_FILE).write_text(yaml.safe_dump(crd))
+    yield chart, crd
+    kube.kubectl("delete", "crd", crd["metadata"]["name"], "--ignore-not-found", check=False)
+
+
+def next_chart_s_crd(chart: Path, crd: dict[str, Any]) -> str:
+    """The chart's CRD changed as the next chart's would be; the changed description."""
+    crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["description"] = "the next chart's"
+    (chart / CRD_FILE).write_text(yaml.safe_dump(crd))
+    return "the next chart's"
+
+
+def crd_description(kube: Kube, crd: dict[str, Any]) -> str:
+    return kube.get("crd", crd["metadata"]["name"])["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["description"]
+
 
 def documented_crd_upgrade(source: str, notes: str) -> tuple[str, str]:
     """(command, the folder it runs in) of the CRD upgrade the NOTES or the README give."""
     if source == "NOTES":  # after `helm pull <chart> --untar`, which leaves the chart in finetune-operator/
         found = re.search(r"kubectl apply [^\n]*finetune-operator/crds/", notes.split("Upgrading:")[1])
         return (found[0] if found else ""), "charts"
-    found = re.search(r"`(kubectl apply [^`]*charts/finetune-operator/crds/)`", (REPO / "README.md").read_text())
+    found = re.search(r"`(kubectl apply [^`]*charts/finetune-operator/crds/)`", README.read_text())
     return (found[1] if found else ""), "."
 
 
 @pytest.mark.parametrize("source", ["NOTES", "README"])
-def test_the_documented_crd_upgrade_applies_the_next_chart_s_crd_over_helm_s(kube: Kube, namespace: str,
-                                                                              tmp_path: Path, source: str) -> None:
+def test_the_documented_crd_upgrade_applies_the_next_chart_s_crd_over_helm_s(
+        kube: Kube, namespace: str, own_crd_chart: tuple[Path, dict[str, Any]], source: str) -> None:
     """Helm creates crds/ as field manager "helm", so the NOTES' and the README's `kubectl apply --server-side` of
     the next chart's CRD failed on every schema change ("conflict with "helm" ... .spec.versions") and changed
-    nothing. The CRD here is the chart's under another group: this cluster's FineTuneJob CRD is left alone."""
-    chart = tmp_path / "charts" / "finetune-operator"
-    shutil.copytree(CHART, chart)
-    path = chart / "crds" / "finetune.dev_finetunejobs.yaml"
-    crd = yaml.safe_load(path.read_text())
-    crd["spec"]["group"] = group = f"{namespace}.example.com"
-    crd["metadata"]["name"] = name = f"{crd['spec']['names']['plural']}.{group}"
-    path.write_text(yaml.safe_dump(crd))
-    try:  # (a failed install still leaves the CRD)
+    nothing."""
+    chart, crd = own_crd_chart
+    try:
         installed = kube.helm("install", RELEASE, str(chart), "-n", namespace, "--set", "replicas=0",
                               "--set", "rbac.create=false").stdout
         command, where = documented_crd_upgrade(source, installed)
         assert command, installed
-        crd["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["description"] = "the next chart's"
-        path.write_text(yaml.safe_dump(crd))
-        applied = subprocess.run([*kube.kubectl_argv(), *shlex.split(command)[1:]], cwd=tmp_path / where,
+        wanted = next_chart_s_crd(chart, crd)
+        applied = subprocess.run([*kube.kubectl_argv(), *shlex.split(command)[1:]], cwd=chart.parents[1] / where,
                                  capture_output=True, text=True, timeout=60)
         assert applied.returncode == 0, f"{command}:\n{applied.stderr}"
-        assert kube.get("crd", name)["spec"]["versions"][0]["schema"]["openAPIV3Schema"]["description"] == \
-            "the next chart's"
+        assert crd_description(kube, crd) == wanted
     finally:
         kube.helm("uninstall", RELEASE, "-n", namespace, check=False)
-        kube.kubectl("delete", "crd", name, "--ignore-not-found", check=False)
+
+
+def test_the_readme_s_switch_to_a_templated_crd_takes_over_an_installed_release_s_crd(
+        kube: Kube, namespace: str, own_crd_chart: tuple[Path, dict[str, Any]]) -> None:
+    """crds.templated was told for a new install only; set on an installed release, helm upgrade refused the CRD
+    that crds/ had made ("exists and cannot be imported into the current release: invalid ownership metadata")."""
+    chart, crd = own_crd_chart
+    release = "finetune-operator"  # the README's
+    try:
+        kube.helm("install", release, str(chart), "-n", namespace, "--set", "replicas=0", "--set", "rbac.create=false")
+        found = re.search(r"`(helm upgrade [^`]*--set crds\.templated=true[^`]*)`", README.read_text())
+        assert found, "the README gives no switch for an installed release"
+        command = found[1].replace(" charts/finetune-operator ", f" {chart} ").replace(" finetune-system", f" {namespace}")
+        kube.helm(*shlex.split(command)[1:])
+        # From now on the release's upgrades bring the next chart's CRD, and uninstalling keeps it.
+        wanted = next_chart_s_crd(chart, crd)
+        kube.helm("upgrade", release, str(chart), "-n", namespace, "--reuse-values")
+        assert crd_description(kube, crd) == wanted
+        kube.helm("uninstall", release, "-n", namespace)
+        assert kube.get("crd", crd["metadata"]["name"]) is not None
+    finally:
+        kube.helm("uninstall", release, "-n", namespace, check=False)
 
 
 # --- a watched namespace deleted with its jobs ----------------------------------------------------
