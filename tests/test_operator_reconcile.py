@@ -373,6 +373,35 @@ def test_a_worker_that_left_no_message_is_told_by_its_containers_own_exit_code()
     assert (result.reason, result.message) == ("WorkerFailed", "pod ft-1-0-x exited 1")
 
 
+# The end of a real log (FallbackToLogsOnError's tail) of a worker SIGKILLed under torchrun, which wrote no message.
+TORCHRUN_TAIL = """\
+torch.distributed.elastic.multiprocessing.errors.ChildFailedError: 
+======================================================
+finetune_trainer.cli FAILED
+------------------------------------------------------
+Root Cause (first observed failure):
+[0]:
+  time      : 2026-12-04_00:15:26
+  host      : localhost
+  rank      : 0 (local_rank: 0)
+  exitcode  : -9 (pid: 18169)  (SIGKILL)
+  error_file: <N/A>
+  traceback : Signal 9 (SIGKILL) received by PID 18169
+======================================================
+"""
+
+
+def test_a_worker_that_left_no_message_says_how_its_log_ends() -> None:
+    """The pods run with FallbackToLogsOnError, but a log tail in place of the trainer's message was dropped whole: the
+    status said only "pod ... exited 1" of a worker SIGKILLed under torchrun, or of an image whose import failed."""
+    raw = {"metadata": {"name": "ft-1-0-x", "labels": {"finetune.dev/attempt": "1"}},
+           "status": {"phase": "Failed", "containerStatuses": [{"name": "trainer", "state": {"terminated": {
+               "exitCode": 1, "reason": "Error", "finishedAt": "2026-12-04T00:15:27Z", "message": TORCHRUN_TAIL}}}]}}
+    result = outcome.attempt_outcome(job(failure={"reason": "BackoffLimitExceeded", "message": ""}),
+                                     [outcome.pod_summary(raw)])
+    assert result.message == "pod ft-1-0-x exited 1; its log ends: traceback : Signal 9 (SIGKILL) received by PID 18169"
+
+
 def test_a_success_written_before_the_process_died_is_no_reason_of_the_failure() -> None:
     """Rank 0 wrote its success, then its process died (a crash in NCCL's teardown; under torchrun, a sibling's): the
     job restarted with the Warning "Succeeded: attempt 1 failed (8 steps; test accuracy 0.2344 -> 0.3906)"."""
@@ -916,7 +945,7 @@ def test_a_termination_message_nested_past_the_json_parsers_depth_is_no_message(
             "phase": "Failed", "containerStatuses": [{"name": "trainer", "state": {"terminated": {
                 "exitCode": 1, "reason": "Error", "message": text}}}]}}
         assert outcome.pod_summary(pod)["terminated"] | {"finishedAt": ""} == {
-            "exitCode": 1, "reason": "Error", "finishedAt": "", "message": {}}
+            "exitCode": 1, "reason": "Error", "finishedAt": "", "message": {}, "logEnd": None}
 
 
 def test_the_spec_cache_keeps_the_facts_decide_reads_not_the_parsed_spec() -> None:

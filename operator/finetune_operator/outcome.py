@@ -147,6 +147,16 @@ def parse_message(text: str | None) -> dict[str, Any]:
     return message if isinstance(message, dict) else {}
 
 
+LOG_END_MAX = 256
+
+
+def log_end(text: str | None) -> str | None:
+    """The last line that says something (it has a letter) of a log tail that the kubelet put in place of a message
+    the container did not write (FallbackToLogsOnError): torchrun's summary of a killed worker, an import's error."""
+    line = next((line.strip() for line in reversed((text or "").splitlines()) if any(c.isalpha() for c in line)), "")
+    return line[:LOG_END_MAX] or None
+
+
 def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
     """What the index keeps of a trainer pod."""
     meta, status = pod["metadata"], pod.get("status", {})
@@ -171,11 +181,13 @@ def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
         "deletionTimestamp": meta.get("deletionTimestamp"),  # the time by which its containers are killed
     }
     if terminated:
+        message = parse_message(terminated.get("message"))
         summary["terminated"] = {
             "exitCode": terminated.get("exitCode"),
             "reason": terminated.get("reason", ""),
             "finishedAt": terminated.get("finishedAt") or "",
-            "message": parse_message(terminated.get("message")),
+            "message": message,
+            "logEnd": None if message else log_end(terminated.get("message")),
         }
     return summary
 
@@ -257,7 +269,8 @@ def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
                        Retry.COUNTED, result=message)
     reason = api.reason_or(message.get("reason"), "WorkerFailed")
     finished = " after the trainer reported success" if term["message"].get("exitCode") == EXIT_OK else ""
-    text = message.get("message") or f"pod {pod['name']} exited {term['exitCode']}{finished}"
+    said = f"; its log ends: {term['logEnd']}" if term.get("logEnd") else ""
+    text = message.get("message") or f"pod {pod['name']} exited {term['exitCode']}{finished}{said}"
     return Outcome(State.FAILED, reason, text, Retry.COUNTED, result=message)
 
 
