@@ -37,13 +37,14 @@ class Detector(nn.Module):
     [x0, y0, x1, y1] pixels and box_labels (B, M), where a label below 0 pads."""
 
     def __init__(self, net: nn.Module, architecture: str, image_size: int, builder_kwargs: dict[str, Any],
-                 labels: dict[int, str] | None = None) -> None:
+                 labels: dict[int, str] | None = None, trained_size: int | None = None) -> None:
         super().__init__()
         self.net = net
         self.architecture = architecture
         self.image_size = image_size
         self.builder_kwargs = builder_kwargs
         self.labels = labels  # the class names of an export of ours, which its head was trained on
+        self.trained_size = trained_size  # the input size an export of ours was trained at (its imageSize)
         set_input_size(net, image_size)
 
     def forward(self, pixel_values: torch.Tensor, boxes: torch.Tensor | None = None,
@@ -113,7 +114,8 @@ def load_detector(spec: ModelSpec, image_size: int) -> Detector:
         except RuntimeError as exc:
             raise ModelError(f"model.uri {spec.uri}: its weights do not fit {architecture}{misfit(net, state)} "
                              f"({exc})"[:2000]) from exc
-    return Detector(net, architecture, image_size, kwargs, exported_labels(path) if saved and path else None)
+    return Detector(net, architecture, image_size, kwargs, exported_labels(path) if saved and path else None,
+                    saved.get("imageSize") if saved else None)
 
 
 def misfit(net: nn.Module, state: dict[str, torch.Tensor]) -> str:
