@@ -276,6 +276,20 @@ def test_the_notes_name_where_the_dashboard_is_and_how_the_crd_is_upgraded(tmp_p
     assert "ConfigMap monitoring/fto-finetune-operator-dashboard" in templated
 
 
+@pytest.mark.parametrize("values", [(), ("watchNamespaces={a,b}",), ("networkPolicy.namespaces={team-a}",)])
+def test_the_notes_name_the_namespaces_the_network_policy_guards(tmp_path: Path, values: tuple[str, ...]) -> None:
+    """Watching every namespace, the NetworkPolicy went to the release's namespace alone while the README said each
+    watched namespace had one: the teams' trainers went unguarded, and neither the NOTES nor the README said so."""
+    said = notes(tmp_path, "networkPolicy.enabled=true", *values)
+    found = re.search(r"guards the trainers' metrics port in (.+)\.\n", said)
+    out = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"), "-n", "ops",
+                          "--set", "networkPolicy.enabled=true", *[a for v in values for a in ("--set", v)],
+                          "--show-only", "templates/networkpolicy.yaml"], check=True, capture_output=True, text=True)
+    guarded = [d["metadata"]["namespace"] for d in yaml.safe_load_all(out.stdout) if d]
+    assert found and found[1].split(", ") == guarded, said
+    assert ("are not guarded" in said) == (not values), said
+
+
 def test_a_trainer_uid_of_openshift_s_range_in_a_values_file_reaches_the_operator_as_that_number(tmp_path: Path) -> None:
     """Helm reads a values file's numbers as floats, and `quote` printed 1000680000 (a uid of an OpenShift
     namespace's range) as "1.00068e+09", which the operator refused at start: it never ran."""
