@@ -276,6 +276,15 @@ def test_the_notes_name_where_the_dashboard_is_and_how_the_crd_is_upgraded(tmp_p
     assert "ConfigMap monitoring/fto-finetune-operator-dashboard" in templated
 
 
+def test_the_notes_put_the_dashboard_in_its_folder_only_where_the_sidecar_reads_the_folder(tmp_path: Path) -> None:
+    """The NOTES and the README said the sidecar loads the dashboard into the folder FineTune; the Grafana chart's
+    sidecar reads no folder annotation unless told which (sidecar.dashboards.folderAnnotation, with the provider's
+    foldersFromFilesStructure), and the dashboard landed in its default folder."""
+    said = " ".join(notes(tmp_path, "dashboards.enabled=true", "dashboards.folderAnnotation=team_folder").split())
+    assert ("into the folder FineTune where its sidecar.dashboards.folderAnnotation is team_folder and "
+            "provider.foldersFromFilesStructure is on") in said
+
+
 @pytest.mark.parametrize("values", [(), ("watchNamespaces={a,b}",), ("networkPolicy.namespaces={team-a}",)])
 def test_the_notes_name_the_namespaces_the_network_policy_guards(tmp_path: Path, values: tuple[str, ...]) -> None:
     """Watching every namespace, the NetworkPolicy went to the release's namespace alone while the README said each
