@@ -320,6 +320,17 @@ def test_one_port_for_metrics_and_liveness_is_refused_at_install(tmp_path: Path)
     assert result.returncode != 0 and "livenessPort and metrics.port are both 8000" in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize(("address", "refused"), [("127.0.0.1", True), ("localhost", True), ("::1", True),
+                                                  ("$(POD_IP)", False), ("::", False), ("10.0.0.7", False)])
+def test_a_loopback_bind_address_is_refused_at_install(address: str, refused: bool) -> None:
+    """bindAddress=127.0.0.1 (to keep /metrics private, say) passed the schema; the kubelet's liveness probe reaches
+    /healthz on the pod's IP, where nothing then listens, so the operator was killed and restarted for ever."""
+    result = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"),
+                             "--set", f"bindAddress={address}"], capture_output=True, text=True)
+    assert (result.returncode != 0 and f"bindAddress {address} is a loopback address" in result.stderr) == refused, \
+        result.stderr
+
+
 def test_extra_env_that_the_operator_s_env_has_already_is_refused_at_install() -> None:
     """extraEnv took a name the chart sets (or one twice): the API takes it, the last winning, but helm upgrade's patch
     is keyed by name: adding one failed ("The order in patch list ... doesn't match $setElementOrder list"), and
