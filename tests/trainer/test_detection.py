@@ -610,6 +610,18 @@ def test_an_exported_detector_given_another_image_size_is_warned_of(tmp_path: Pa
     assert "model.uri was trained on 128x128 images (its config.json imageSize) and dataset.imageSize 224" in caplog.text
 
 
+def test_an_image_size_the_detector_cannot_take_is_the_users_naming_the_field() -> None:
+    """SSD300's VGG and extra layers shrink 64 pixels to nothing: the probe step failed with torch's words, exit 2
+    (the infrastructure's, retried), as an image classifier's did before it was checked."""
+    from finetune_trainer.models import check_image_size
+
+    detector = load_detector(ModelSpec(task="object-detection", architecture="ssd300_vgg16"), 64)
+    with pytest.raises(ConfigError, match=r"dataset.imageSize 64: model ssd300_vgg16 cannot take 64x64 images "
+                                          r"\(RuntimeError: .*Kernel size can't be greater than actual input size"):
+        check_image_size(detector, 64)
+    check_image_size(load_detector(ModelSpec(task="object-detection", architecture="ssd300_vgg16"), 300), 300)
+
+
 def test_bottom_layers_counts_the_four_stages_of_a_resnet_backbone() -> None:
     """The ResNet stem's batch norm (bn1, with weights of its own when built without pretrained ones) counted as
     the backbone's first stage: bottom-layers 1 froze the stem alone, and 4 left layer4 training."""

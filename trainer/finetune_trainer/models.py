@@ -226,16 +226,20 @@ def check_image_size(model: nn.Module, image_size: int) -> None:
         log.warning("model.uri was trained on %dx%d images (its config.json imageSize) and dataset.imageSize %d "
                     "resizes them otherwise, which it has not learnt (the baseline shows it); set dataset.imageSize "
                     "%d to fine-tune it on the input it knows", trained, trained, image_size, trained)
-    if not isinstance(model, ImageClassifier):
+    from finetune_trainer.detection.models import Detector
+
+    if not isinstance(model, (ImageClassifier, Detector)):
         return
+    # A detector's backbone (its FPN or SSD's extra layers included) is what shrinks the image: its heads pad.
+    net = model.net.backbone if isinstance(model, Detector) else model.net
 
     def fails_at(size: int) -> Exception | None:
         state = {name: torch.empty_like(t, device="meta")
-                 for name, t in itertools.chain(model.net.named_parameters(), model.net.named_buffers())}
+                 for name, t in itertools.chain(net.named_parameters(), net.named_buffers())}
         was_training = model.training
         try:
             with torch.no_grad():
-                torch.func.functional_call(model.net.eval(), state, (torch.empty(1, 3, size, size, device="meta"),))
+                torch.func.functional_call(net.eval(), state, (torch.empty(1, 3, size, size, device="meta"),))
         except NotImplementedError:  # an operation without a meta kernel: the first real forward will tell
             return None
         except (RuntimeError, AssertionError, ValueError) as exc:
