@@ -100,6 +100,21 @@ def test_a_split_file_that_lists_no_image_is_held_out_of_train_instead(pvc_root:
     assert "its validation split has no usable rows; holding validation rows out of train instead" in caplog.text
 
 
+def test_a_split_file_without_a_box_is_held_out_of_train_instead(pvc_root: Path, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """A competition's test.json lists its images and no annotation (the answers are withheld): every score on it was
+    mAP 0, baseline and final, reported as a job that succeeded. It is held out of train as an empty split is."""
+    folder = shapes_copy(pvc_root, tmp_path)
+    coco = json.loads((folder / "annotations.json").read_text())
+    (folder / "annotations.json").rename(folder / "train.json")
+    (folder / "test.json").write_text(json.dumps(coco | {"images": coco["images"][:10], "annotations": []}))
+    data = load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
+    assert (len(data.train.inputs), len(data.validation.inputs), len(data.test.inputs)) == (320, 40, 40)
+    assert all(r.boxes for r in data.test.inputs[:5])
+    assert f"{folder / 'test.json'}: its 10 images hold no box, so every score on them would be mAP 0" in caplog.text
+    assert "its test split has no usable rows; holding test rows out of train instead" in caplog.text
+
+
 def test_an_annotations_file_with_a_byte_order_mark_loads(pvc_root: Path, tmp_path: Path) -> None:
     """As a CSV or JSON Lines file does: Windows tools (PowerShell 5's UTF8, Notepad) write UTF-8 with a BOM."""
     folder = shapes_copy(pvc_root, tmp_path)

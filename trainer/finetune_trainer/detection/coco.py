@@ -59,6 +59,11 @@ def load_coco(spec: DatasetSpec, seed: int) -> LabelledData:
     records = {name: records_of(docs[name], files[name], categories, class_of) for name in files}
     if not records[TRAIN]:
         raise DataError(f"dataset {spec.uri}: {files[TRAIN]} lists no image")
+    for name in (VALIDATION, TEST):  # a competition's test.json, its answers withheld: no row to score on
+        if name in records and not any(r.boxes for r in records[name]):  # crowds are scored neither way
+            log.warning("%s: its %d images hold no box, so every score on them would be mAP 0", files[name],
+                        len(records[name]))
+            records[name] = []
     drop_empty_splits(records, spec.uri)
     train, validation, test = split(records, dict.fromkeys(records), spec, seed)
     id2label = {class_of[cid]: categories[cid] for cid in sorted(categories)}
