@@ -285,6 +285,19 @@ def test_the_notes_put_the_dashboard_in_its_folder_only_where_the_sidecar_reads_
             "provider.foldersFromFilesStructure is on") in said
 
 
+@pytest.mark.parametrize("values", [(), ("prometheusScrapeAnnotations.enabled=true",)])
+def test_the_notes_send_a_prometheus_without_the_pod_monitor_to_the_readmes_scrape_config(
+        tmp_path: Path, values: tuple[str, ...]) -> None:
+    """They said the annotations were enough for "a Prometheus that honours prometheus.io/* annotations". One that
+    honours them alone (the prometheus chart's kubernetes-pods job, run on this chart's pods in a real Prometheus)
+    labels a job finetune_dev_job_name, never finetunejob, which every per-job panel selects, and scrapes every
+    worker: the dashboard's job rows stayed empty, and with the annotations on the NOTES said nothing at all."""
+    said = " ".join(notes(tmp_path, *values).split())
+    section = re.search(r'README\'s scrape config(?: too)? \("(.+?)"\)', said)
+    assert section and f"**{section[1]}**" in (REPO / "README.md").read_text(), said
+    assert "finetunejob" in said or not values, said
+
+
 @pytest.mark.parametrize("values", [(), ("watchNamespaces={a,b}",), ("networkPolicy.namespaces={team-a}",)])
 def test_the_notes_name_the_namespaces_the_network_policy_guards(tmp_path: Path, values: tuple[str, ...]) -> None:
     """Watching every namespace, the NetworkPolicy went to the release's namespace alone while the README said each
