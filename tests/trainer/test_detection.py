@@ -597,6 +597,8 @@ def test_an_exported_detectors_head_keeps_its_categories_when_the_dataset_number
     report = run(TrainerConfig.from_wire(doc), tmp_path / "out")
     assert report["labels"] == {"1": "triangle", "2": "circle", "3": "square"}
     assert json.loads((tmp_path / "out" / "labels.json").read_text()) == report["labels"]
+    # and config.json says which category_id of the annotations each label is
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["categoryIds"] == {"1": 3, "2": 1, "3": 2}
     # Each box keeps its category: the dataset's circle (1) is the head's 2.
     data = load_coco(DatasetSpec(uri=doc["dataset"]["uri"]), seed=0)
     reloaded = load_detector(spec.model_copy(update={"uri": str(export), "config": {}}), 128)
@@ -649,6 +651,26 @@ def test_bottom_layers_counts_the_four_stages_of_a_resnet_backbone() -> None:
     assert layers.units == [f"net.backbone.body.layer{i}" for i in range(1, 5)]
     freeze(detector, FreezeSpec(strategy="bottom-layers", count=1), layers, head_name(detector, Task.OBJECT_DETECTION))
     assert {n.split(".")[3] for n, p in detector.named_parameters() if not p.requires_grad} == {"conv1", "bn1", "layer1"}
+
+
+def test_category_ids_from_zero_and_with_gaps_become_classes_1_to_k_and_are_kept(pvc_root: Path,
+                                                                                 tmp_path: Path) -> None:
+    """COCO numbers its 80 classes 1..90, other exporters from 0: the detector's labels are 1..K (0 is its
+    background), and nothing said which category_id a label was, so detections scored with pycocotools against
+    the annotations took label 2 for category 2."""
+    ids = {1: 17, 2: 0, 3: 5}  # circle, square, triangle
+
+    def renumber(coco: dict[str, Any]) -> None:
+        for item in (*coco["annotations"], *coco["categories"]):
+            key = "category_id" if "category_id" in item else "id"
+            item[key] = ids[item[key]]
+
+    data = load_coco(DatasetSpec(uri=str(rewrite(shapes_copy(pvc_root, tmp_path), renumber))), seed=0)
+    assert data.id2label == {1: "square", 2: "triangle", 3: "circle"}
+    assert data.category_ids == {1: 0, 2: 5, 3: 17}
+    assert set(data.train.inputs[0].labels) <= {1, 2, 3}
+    moved = renumbered(data, [2, 3, 1])
+    assert moved.id2label == {1: "circle", 2: "square", 3: "triangle"} and moved.category_ids == {1: 17, 2: 0, 3: 5}
 
 
 def test_two_categories_of_one_id_are_refused_naming_both(pvc_root: Path, tmp_path: Path) -> None:

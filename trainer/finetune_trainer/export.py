@@ -80,8 +80,11 @@ def write_weights(model: nn.Module, cfg: TrainerConfig, out: Path) -> None:
         (out / "config.json").write_text(json.dumps(config, indent=2))
     elif isinstance(model, Detector):  # detection.models.load_exported reads it back
         save_model(model.net, str(out / "model.safetensors"))
+        # categoryIds: a label's category_id in the COCO file trained on, which numbers them otherwise (COCO's own
+        # 1..90 for its 80 classes, from 0, ...), for a user who scores the detections with pycocotools
         config = {"architecture": model.architecture, "task": cfg.model.task.value, "config": model.builder_kwargs,
-                  "numLabels": class_count(model.net) - 1, "imageSize": model.image_size, "backgroundClass": 0}
+                  "numLabels": class_count(model.net) - 1, "imageSize": model.image_size, "backgroundClass": 0,
+                  "categoryIds": {str(c): cid for c, cid in model.category_ids.items()}}
         (out / "config.json").write_text(json.dumps(config, indent=2))
     else:
         as_published(model).save_pretrained(out, safe_serialization=True)

@@ -201,6 +201,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         if order := trained_head_order(model, data.id2label, num_labels, cfg.rearrange.head.reinitialize):
             data = renumbered(data, order)
             train_data, validation_data, test_data = encode(data, tokenizer, cfg, world.main)
+        model.category_ids = data.category_ids  # for the export, whose labels are the class ids
     else:
         model = load_model(cfg.model, tokenizer, seed, world.device)
         if order := trained_head_order(model, data.id2label, num_labels, cfg.rearrange.head.reinitialize):

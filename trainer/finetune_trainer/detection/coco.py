@@ -48,9 +48,14 @@ class Annotated:
     crowd_labels: list[int] = field(default_factory=list)
 
 
-def load_coco(spec: DatasetSpec, seed: int) -> LabelledData:
-    """The train, validation and test splits (Split.inputs hold `Annotated` records) and the label map
-    {class id: category name}, class ids 1..K in the order of the category ids."""
+@dataclass
+class CocoData(LabelledData):
+    category_ids: dict[int, int] = field(default_factory=dict)  # each class id's category_id in the annotations
+
+
+def load_coco(spec: DatasetSpec, seed: int) -> CocoData:
+    """The train, validation and test splits (Split.inputs hold `Annotated` records), the label map
+    {class id: category name}, class ids 1..K in the order of the category ids, and each class id's category_id."""
     path = fetch(spec.uri, kind="dataset", repo_type="dataset", error=DataError)
     files = annotation_files(path)
     docs = {name: read_json(file) for name, file in files.items()}
@@ -75,17 +80,19 @@ def load_coco(spec: DatasetSpec, seed: int) -> LabelledData:
     log.info("dataset %s (coco; splits given: %s): %d train images (%d boxes), %d validation, %d test, %d categories",
              spec.uri, ", ".join(files), len(train.inputs), boxes, len(validation.inputs), len(test.inputs),
              len(id2label))
-    return LabelledData(train=train, validation=validation, test=test, id2label=id2label)
+    return CocoData(train=train, validation=validation, test=test, id2label=id2label,
+                    category_ids={class_of[cid]: cid for cid in sorted(categories)})
 
 
-def renumbered(data: LabelledData, order: list[int]) -> LabelledData:
+def renumbered(data: CocoData, order: list[int]) -> CocoData:
     """`data` with class id c renumbered order[c - 1] (`pipeline.trained_head_order`)."""
     def moved(split: Split) -> Split:
         return Split([replace(r, labels=[order[c - 1] for c in r.labels],
                               crowd_labels=[order[c - 1] for c in r.crowd_labels]) for r in split.inputs], split.labels)
 
-    return LabelledData(moved(data.train), moved(data.validation), moved(data.test),
-                        dict(sorted((order[c - 1], name) for c, name in data.id2label.items())))
+    return CocoData(moved(data.train), moved(data.validation), moved(data.test),
+                    dict(sorted((order[c - 1], name) for c, name in data.id2label.items())),
+                    dict(sorted((order[c - 1], cid) for c, cid in data.category_ids.items())))
 
 
 def annotation_files(path: Path) -> dict[str, Path]:

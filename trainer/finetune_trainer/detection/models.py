@@ -45,6 +45,7 @@ class Detector(nn.Module):
         self.builder_kwargs = builder_kwargs
         self.labels = labels  # the class names of an export of ours, which its head was trained on
         self.trained_size = trained_size  # the input size an export of ours was trained at (its imageSize)
+        self.category_ids: dict[int, int] = {}  # each class id's category_id in the annotations trained on
         set_input_size(net, image_size)
 
     def forward(self, pixel_values: torch.Tensor, boxes: torch.Tensor | None = None,
