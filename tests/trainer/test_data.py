@@ -159,6 +159,31 @@ def test_files_of_an_image_folder_that_are_no_images_are_all_named_before_traini
         load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
 
 
+def test_split_folders_read_as_classes_are_warned_of(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Kaggle's Intel scenes: seg_train/seg_train/<class>/, seg_test/seg_test/<class>/ and seg_pred/seg_pred/ of
+    images to predict. seg_pred names no split, so the three were classes, and the model learnt to tell the folders
+    apart without a word; a class that merely names a split (train_station/) is no such case."""
+    from PIL import Image
+
+    for split_name in ("seg_train", "seg_test"):
+        for name in ("forest", "sea"):
+            (folder := tmp_path / split_name / split_name / name).mkdir(parents=True)
+            for i in range(3):
+                Image.new("RGB", (4, 4), (i * 80, 0, 0)).save(folder / f"{i}.jpg")
+    (tmp_path / "seg_pred" / "seg_pred").mkdir(parents=True)
+    Image.new("RGB", (4, 4)).save(tmp_path / "seg_pred" / "seg_pred" / "0.jpg")
+    load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
+    assert (f"{tmp_path}: its folders seg_test, seg_train name splits, but seg_pred names none, so all are read as "
+            "classes") in caplog.text
+    caplog.clear()
+    for name in ("train_station", "test_kitchen", "airport"):  # classes, their images in them
+        (tmp_path / "classes" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (4, 4), (i * 80, 0, 0)).save(tmp_path / "classes" / name / f"{i}.jpg")
+    load_dataset(DatasetSpec(uri=str(tmp_path / "classes")), Task.IMAGE_CLASSIFICATION, 0)
+    assert "name splits" not in caplog.text
+
+
 def test_causal_lm_needs_no_labels(tmp_path: Path) -> None:
     data = load_dataset(spec(write(tmp_path, "jsonl")), Task.CAUSAL_LM, 0)
     assert data.train.labels is None and data.id2label == {}

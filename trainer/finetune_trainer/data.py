@@ -507,11 +507,26 @@ def read_image_splits(path: Path) -> dict[str, pd.DataFrame]:
     if TRAIN not in labelled:
         if labelled and None not in by_split and TRAIN not in by_split:
             raise DataError(f"{path}: its folders name splits ({', '.join(d.name for d in folders)}) but none is train")
+        warn_splits_read_as_classes(path, folders)
         return {TRAIN: read_image_folder(path)}  # class folders (a class may be named test or train: it holds images)
     # train/ holds class folders: the others are no classes (Kaggle's test/ of the images to predict, a samples/)
     for folder in (d for d in folders if d not in labelled.values()):
         log.warning("%s: its images are in no class folder of a split, so unlabelled: not used", folder)
     return {name: read_image_folder(labelled[name]) for name in (TRAIN, VALIDATION, TEST) if name in labelled}
+
+
+def warn_splits_read_as_classes(path: Path, folders: list[Path]) -> None:
+    """Say where folders read as classes name two splits or more and hold no image of their own: Kaggle's Intel
+    scenes unzip to seg_train/ and seg_test/ (their class folders a level down) beside seg_pred/ (images to predict),
+    which names no split, and the model was trained to tell the three folders apart, without a word."""
+    named = [d for d in folders if split_of(d.name) is not None
+             and not any(p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES for p in d.iterdir())]
+    others = [d.name for d in folders if d not in named]
+    if len({split_of(d.name) for d in named}) > 1 and others:
+        log.warning("%s: its folders %s name splits, but %s names none, so all are read as classes (folders are "
+                    "splits where every one names a split, or by their whole names: train, val, test); point "
+                    "dataset.uri at the train split's folder of class folders, or rename the split folders", path,
+                    listed([d.name for d in named]), listed(others))
 
 
 def read_image_folder(path: Path) -> pd.DataFrame:
