@@ -333,6 +333,22 @@ def test_one_port_for_metrics_and_liveness_is_refused_at_install(tmp_path: Path)
     assert result.returncode != 0 and "livenessPort and metrics.port are both 8000" in result.stderr, result.stderr
 
 
+@pytest.mark.parametrize(("value", "path"), [("livenessProbe.httpGet.port=9999", "/livenessProbe"),
+                                           ("livenessProbe.exec.command={true}", "/livenessProbe"),
+                                           ("livenessProbe.initialDelaySeconds=soon", "/livenessProbe/initialDelaySeconds")])
+def test_liveness_probe_values_other_than_its_timings_are_refused_at_install(value: str, path: str) -> None:
+    """livenessProbe took any object: a handler of its own (httpGet.port, as other charts' values have it) was rendered
+    beside the chart's, and the last httpGet won: GET / on port 9999, where nothing listens, so the operator was
+    restarted for ever; a timing that is no number was refused only by the apiserver."""
+    chart = str(REPO / "charts" / "finetune-operator")
+    result = subprocess.run([helm(), "template", "fto", chart, "--set", value], capture_output=True, text=True)
+    assert result.returncode != 0 and f"at '{path}'" in result.stderr, result.stderr
+    out = subprocess.run([helm(), "template", "fto", chart, "--set", "livenessProbe.initialDelaySeconds=30",
+                          "--show-only", "templates/deployment.yaml"], check=True, capture_output=True, text=True).stdout
+    probe = yaml.safe_load(out)["spec"]["template"]["spec"]["containers"][0]["livenessProbe"]
+    assert probe["httpGet"] == {"path": "/healthz", "port": "healthz"} and probe["initialDelaySeconds"] == 30
+
+
 @pytest.mark.parametrize(("address", "refused"), [("127.0.0.1", True), ("localhost", True), ("::1", True),
                                                   ("$(POD_IP)", False), ("::", False), ("10.0.0.7", False)])
 def test_a_loopback_bind_address_is_refused_at_install(address: str, refused: bool) -> None:
