@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import re
 import shutil
@@ -692,6 +693,15 @@ def test_fcos_reaches_boxes_of_any_size_and_is_warned_only_of_small_ones() -> No
     small = [Annotated("unread.jpg", 512, 512, [[10, 10, 13, 13]], [1])] * 4
     (finding,) = analysis.anchor_findings(analysis.anchor_report(detector, encode_images(Split(small, None))))
     assert "4 smaller, 0 larger" in finding.message and "to any size" in finding.message
+
+
+@pytest.mark.parametrize(("architecture", "size"), [("ssd300_vgg16", 300), ("ssdlite320_mobilenet_v3_large", 320)])
+def test_ssds_anchor_sides_are_its_default_boxes(architecture: str, size: int) -> None:
+    """The last of SSD's scales only sizes the level before's second box, sqrt(s_k s_k+1): taken as a box of its own,
+    the analysis said SSD300's anchors reached 315 px at a 300-pixel input."""
+    detector = load_detector(ModelSpec(task="object-detection", architecture=architecture), size)
+    sides = [math.sqrt(w * h) * size for level in detector.net.anchor_generator._wh_pairs for w, h in level.tolist()]
+    assert analysis.anchor_sides(detector) == pytest.approx((min(sides), max(sides)))
 
 
 def test_a_train_split_without_a_box_is_refused(pvc_root: Path, tmp_path: Path) -> None:

@@ -61,8 +61,11 @@ def anchor_sides(detector: Detector) -> tuple[float, float]:
     if hasattr(generator, "sizes"):  # AnchorGenerator: sizes in pixels, per feature level
         sizes = [s for level in generator.sizes for s in level]
         return float(min(sizes)), float(max(sizes))
-    scales = generator.scales  # SSD's DefaultBoxGenerator: fractions of the input size
-    return min(scales) * detector.image_size, max(scales) * detector.image_size
+    # SSD's DefaultBoxGenerator: fractions of the input size; level k has boxes of side s_k and sqrt(s_k s_k+1), so
+    # the last scale (SSD300's 1.05, SSDlite's 1.0) sizes no box of its own: it read 315 px at a 300-pixel input
+    scales = generator.scales
+    largest = max(math.sqrt(s * t) for s, t in zip(scales, scales[1:]))
+    return scales[0] * detector.image_size, largest * detector.image_size
 
 
 def box_sides(data: Encoded, image_size: int) -> list[float]:
