@@ -8,6 +8,7 @@ import signal
 import threading
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -228,3 +229,28 @@ def test_mfu_is_reported_only_where_the_gpus_peak_is_known(monkeypatch: pytest.M
              if line.startswith("finetune_trainer_mfu ")]
     assert [float(line.split()[1]) for line in lines] == ([] if mfu is None else [pytest.approx(mfu)])
     assert "finetune_trainer_mfu 0.0" in generate_latest(Metrics(CPU).registry).decode()  # a CPU's
+
+
+def test_a_run_stopped_early_ends_at_100_percent_with_no_time_left(monkeypatch: pytest.MonkeyPatch,
+                                                                   tmp_path: Path) -> None:
+    """Early stopping ended a run at step 4 of 40 planned: the gauges kept the plan, so the dashboard's Progress said
+    10% and its ETA the time of the 36 steps never to come, for a job that had succeeded (its status said 100%)."""
+    from finetune_operator import scrape
+    from finetune_trainer import pipeline
+    from finetune_trainer.config import TrainerConfig
+    from tiny import tiny_classifier_doc
+
+    port = free_port()
+    monkeypatch.setenv(PORT_ENV, str(port))
+    monkeypatch.setenv(TERMINATION_ENV, str(tmp_path / "termination-log"))
+    stop = {"patience": 1, "minDelta": 100}  # at the second evaluation
+    doc = tiny_classifier_doc(tmp_path / "out", maxSteps=40, evalEverySteps=2, earlyStopping=stop)
+    doc["evaluation"] = {"baseline": False}
+    scraper = Scraper(port, 0.05)
+    try:
+        report = pipeline.run(TrainerConfig.model_validate(doc), tmp_path / "out")
+    finally:
+        scraper.stop()
+    assert report["training"]["stopped_early"] and report["training"]["steps"] == 4
+    last = scrape.parse(scraper.bodies[-1])
+    assert (last["stage"], last["step"], last["total_steps"]) == ("Done", 4, 4)

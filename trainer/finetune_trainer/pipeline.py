@@ -83,6 +83,13 @@ class Progress:
         if self.main:
             log.info("validation at step %d: %s", latest["step"], latest["metrics"])
 
+    def trained(self, state: LoopState) -> None:
+        """An early stop ends the plan at its step, as in the status (100%, no time left): with the planned total
+        kept, the dashboard showed a job that had succeeded short of 100% and with time left."""
+        if state.stopped_early:
+            self.metrics.step.set(state.step)
+            self.metrics.total_steps.set(state.step)
+
     def step(self, state: LoopState, total: int, flops_per_sample: float | None, device: torch.device) -> None:
         last = state.history[-1]
         per_second = state.samples / max(state.seconds, 1e-9)
@@ -345,6 +352,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     finally:
         if progress.bar is not None:
             progress.bar.close()
+    progress.trained(state)
 
     progress.enter(Stage.EVALUATING)
     # The weights training ended with (the best validation's, when it restored them).
