@@ -15,7 +15,7 @@ from torch import nn
 
 from finetune_trainer.config import AdjustSpec, FreezeSpec, FreezeStrategy, LoraSpec, Task
 from finetune_trainer.errors import ConfigError
-from finetune_trainer.structure import Depth, canonical, lora_candidates, under
+from finetune_trainer.structure import Depth, canonical, lora_candidates, trained_whole, under, within
 
 log = logging.getLogger(__name__)
 
@@ -88,8 +88,8 @@ def lora_targets(model: nn.Module, lora: LoraSpec, task: Task, spec: FreezeSpec,
     matched = [m for m, _ in model.named_modules() if any(m == n or m.endswith("." + n) for n in names)]
     if not matched:
         return list(names)  # peft says that they match nothing
-    whole = (head, *new) if head else new
-    named = [m for m in matched if m not in whole and not under(m, whole)]
+    whole = trained_whole(head, new)
+    named = [m for m in matched if not within(m, whole)]
     kept = adaptable(named, spec, depth, head)
     if named and not kept:
         raise ConfigError(f"rearrange.lora.targetModules {names}: adjust.freeze (strategy {spec.strategy.value}) "
@@ -126,7 +126,7 @@ def param_groups(model: nn.Module, spec: AdjustSpec, depth: Depth, head: str | N
                  new: tuple[str, ...] = ()) -> list[dict]:
     """AdamW parameter groups of the trainable parameters, one per (learning rate, weight decay). headLearningRate is
     the head's and the `new` modules' (random at load: the rest of a task head, RoBERTa's classifier.dense)."""
-    rated = tuple(m for m in (head, *new) if m is not None)
+    rated = trained_whole(head, new)
     if not rated and spec.head_learning_rate:
         log.warning("adjust.headLearningRate %g is not used: the model has no head (a causal-lm's output layer is "
                     "its embeddings') nor a module the checkpoint lacks; adjust.learningRate is the top rate",

@@ -12,7 +12,7 @@ from torch import nn
 from finetune_trainer.config import LoraSpec, LoraVariant
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.models import logits_of
-from finetune_trainer.structure import under
+from finetune_trainer.structure import trained_whole, within
 
 log = logging.getLogger(__name__)
 
@@ -50,12 +50,12 @@ def add_adapters(model: nn.Module, spec: LoraSpec, targets: list[str], head: str
     """
     from peft import LoraConfig, get_peft_model
 
-    whole = tuple(m for m in dict.fromkeys((head, *new)) if m is not None)
-    if targets and all(t in whole or under(t, whole) for t in targets):
+    whole = trained_whole(head, new)
+    if targets and all(within(t, whole) for t in targets):
         verb = "trains" if len(targets) == 1 else "train"
         raise ConfigError(f"rearrange.lora: no layer is left to adapt: {', '.join(targets)} {verb} whole (the head, "
                           "or modules the checkpoint lacks); name other modules in rearrange.lora.targetModules")
-    targets = [t for t in targets if t not in whole and not under(t, whole)]  # peft skips those inside
+    targets = [t for t in targets if not within(t, whole)]  # peft skips those inside
     if not targets:
         raise ConfigError("rearrange.lora: no layer is left to adapt (adjust.freeze freezes every LoRA candidate); "
                           "freeze fewer layers or drop rearrange.lora")

@@ -32,6 +32,16 @@ def under(name: str, modules: tuple[str, ...]) -> bool:
     return any(name.startswith(m + ".") for m in modules)
 
 
+def within(module: str, modules: tuple[str, ...]) -> bool:
+    """Whether `module` is one of `modules` or sits inside one."""
+    return module in modules or under(module, modules)
+
+
+def trained_whole(head: str | None, new: tuple[str, ...]) -> tuple[str, ...]:
+    """The modules that train whole and take no adapter: the head, and those the checkpoint lacks (random at load)."""
+    return tuple(m for m in dict.fromkeys((head, *new)) if m is not None)
+
+
 def lora_types() -> tuple[type[nn.Module], ...]:
     from transformers.pytorch_utils import Conv1D  # GPT-2's transposed linear layer
 
