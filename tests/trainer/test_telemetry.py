@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import signal
@@ -254,3 +255,5 @@ def test_a_run_stopped_early_ends_at_100_percent_with_no_time_left(monkeypatch: 
     assert report["training"]["stopped_early"] and report["training"]["steps"] == 4
     last = scrape.parse(scraper.bodies[-1])
     assert (last["stage"], last["step"], last["total_steps"]) == ("Done", 4, 4)
+    message = json.loads((tmp_path / "termination-log").read_text())
+    assert message["progress"]["totalSteps"] == 4  # what the operator reads says the same end

@@ -87,8 +87,9 @@ class Progress:
         """An early stop ends the plan at its step, as in the status (100%, no time left): with the planned total
         kept, the dashboard showed a job that had succeeded short of 100% and with time left."""
         if state.stopped_early:
-            self.metrics.step.set(state.step)
             self.metrics.total_steps.set(state.step)
+            if progress := self.message.get("progress"):  # the operator reads the same end
+                progress["totalSteps"] = state.step
 
     def step(self, state: LoopState, total: int, flops_per_sample: float | None, device: torch.device) -> None:
         last = state.history[-1]
