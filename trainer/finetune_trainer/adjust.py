@@ -137,7 +137,7 @@ def param_groups(model: nn.Module, spec: AdjustSpec, depth: Depth, head: str | N
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if rated and under(name, rated) and spec.head_learning_rate:
+        if under(name, rated) and spec.head_learning_rate:
             lr = spec.head_learning_rate
         else:
             lr = spec.learning_rate * spec.layerwise_decay ** (top - min(depth.of(name), top))

@@ -34,7 +34,7 @@ def under(name: str, modules: tuple[str, ...]) -> bool:
 
 def within(module: str, modules: tuple[str, ...]) -> bool:
     """Whether `module` is one of `modules` or sits inside one."""
-    return module in modules or under(module, modules)
+    return canonical(module) in modules or under(module, modules)
 
 
 def trained_whole(head: str | None, new: tuple[str, ...]) -> tuple[str, ...]:
