@@ -280,8 +280,8 @@ class TrainingMetrics(ApiModel):
 
     loss: float | None = Field(None, description="Training loss of the latest step.")
     learning_rate: float | None = Field(
-        None, description="Current learning rate of the fastest parameter group, as scheduled: the larger of "
-        "adjust.learningRate and adjust.headLearningRate.")
+        None, description="Current learning rate of the fastest parameter group that trains, as scheduled "
+        "(adjust.learningRate or adjust.headLearningRate).")
     samples_per_second: float | None = Field(None, description="Training throughput in samples per second.")
     tokens_per_second: float | None = Field(None, description="Training throughput in tokens per second.")
 

@@ -416,7 +416,7 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
         status["output"] = {"uri": spec.output_uri}
         if progress := finished_progress(result.result, old.get("progress") or {}, seen.now):
             status["progress"] = progress
-        if not old.get("metrics") and (metrics := finished_metrics(result.result)):
+        if metrics := finished_metrics(result.result):  # the last step's: never older than a read
             status["metrics"] = metrics
         status["evaluation"] = evaluation_of(result.result)
         status["analysis"] = analysis_of(result.result)

@@ -148,8 +148,8 @@ class Metrics:
             return value
 
         self.loss = latest("loss", "Training loss of the latest step (token-normalised)")
-        self.learning_rate = latest("learning_rate", "Learning rate of the fastest parameter group (the larger of "
-                                    "adjust.learningRate and adjust.headLearningRate, as scheduled)")
+        self.learning_rate = latest("learning_rate", "Learning rate of the fastest parameter group that trains, as "
+                                    "scheduled")
         self.grad_norm = latest("grad_norm", "Global L2 norm of the latest step's gradient, before clipping")
         self.step = latest("step", "Optimizer steps taken")
         self.total_steps = latest("total_steps", "Optimizer steps planned")
