@@ -14,9 +14,11 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pytest
 import torch
 import yaml
+from PIL import Image
 from torch import nn
 
 from finetune_trainer.batches import encode_images, make_collate
@@ -500,7 +502,28 @@ def test_a_detector_trains_reports_its_scores_and_the_export_reloads(pvc_root: P
     pixels = make_collate(Task.OBJECT_DETECTION, 0, 128)(test, [0]).inputs["pixel_values"]
     with torch.no_grad():
         expected = reloaded.eval()(pixels)[0]
-    torch.testing.assert_close(card_model(card, out, "detect")(test.features[0].path), expected)
+    detect = card_model(card, out, "detect")
+    torch.testing.assert_close(detect(test.features[0].path), expected)
+    # A photo larger than the input and of another shape is resized as training resized its images (PIL, which
+    # smooths first); given whole to the detector, torchvision's tensor resize sampled it aliased.
+    in_card = detect.__globals__["model"]
+    for model in (reloaded, in_card):  # every box, so that there are boxes to compare
+        model.net.roi_heads.score_thresh = 0.0
+    photo = tmp_path / "photo.png"
+    large = np.array(Image.open(test.features[0].path).convert("RGB").resize((397, 283), Image.BICUBIC), dtype=float)
+    grain = np.random.default_rng(0).uniform(-40, 40, large.shape)  # a camera's detail, finer than the input's pixels
+    Image.fromarray(np.clip(large + grain, 0, 255).astype(np.uint8)).save(photo)
+    seen = torch.from_numpy(np.array(Image.open(photo).resize((128, 128), Image.BILINEAR))).permute(2, 0, 1) / 255
+    fed: list[torch.Tensor] = []
+    hook = in_card.net.register_forward_pre_hook(lambda _, args: fed.extend(args[0]))
+    found = detect(photo)
+    hook.remove()
+    torch.testing.assert_close(fed[0], seen)  # what training showed the model of this photo, not the photo whole
+    with torch.no_grad():
+        expected = reloaded(seen[None])[0]
+    assert len(expected["boxes"]) > 0
+    torch.testing.assert_close(found["boxes"], expected["boxes"] * torch.tensor([397 / 128, 283 / 128] * 2))
+    torch.testing.assert_close(found["scores"], expected["scores"])
 
 
 def test_a_detector_under_bf16_autocast_detects_in_fp32() -> None:

@@ -213,13 +213,16 @@ def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool, causal_
     from_uri = adapters_apart and not base_is_new(cfg)
     if task == Task.OBJECT_DETECTION:  # LoRA is not offered for detectors: never adapters apart
         # In eval mode: in training mode a detector wants the true boxes and returns its loss.
-        code = ["from pathlib import Path", "import torch", "from torchvision.transforms.functional import pil_to_tensor",
-                "from finetune_trainer.batches import open_rgb",
+        code = ["from pathlib import Path", "import torch",
+                "from finetune_trainer.detection.batches import squashed",
                 "from finetune_trainer.detection.models import load_exported", "",
                 "model = load_exported(Path.cwd()).eval()", "",
                 "def detect(path):  # boxes [x0, y0, x1, y1] in the image's pixels, labels (labels.json's ids), scores",
-                "    with torch.no_grad():  # an image of any size, squashed to the input size as in training",
-                "        return model(pil_to_tensor(open_rgb(path))[None] / 255)[0]"]
+                "    pixels, (width, height) = squashed(path, model.image_size)  # of any size, resized as in training",
+                "    with torch.no_grad():",
+                "        found = model(pixels[None])[0]",
+                "    found['boxes'] = found['boxes'] * torch.tensor([width, height, width, height]) / model.image_size",
+                "    return found"]
     elif task == Task.IMAGE_CLASSIFICATION:
         code = ["from pathlib import Path", "from finetune_trainer.config import ModelSpec",
                 "from finetune_trainer.models import load_vision_model",

@@ -12,6 +12,16 @@ from finetune_trainer.detection.coco import Annotated
 PAD_LABEL = -1
 
 
+def squashed(path: str, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
+    """An image file as training reads it, (3, image_size, image_size) in 0..1, and its own (width, height). PIL's
+    resize smooths a large image before it samples it; torchvision's resize of a tensor does not, so a large photo
+    given to the detector whole would be seen aliased, as training never showed it."""
+    from torchvision.transforms import functional as F
+
+    image = open_rgb(path)
+    return F.pil_to_tensor(image.resize((image_size, image_size), Image.BILINEAR)).float() / 255, image.size
+
+
 def collate_detection(data: Encoded, idx: list[int], image_size: int) -> Batch:
     from torchvision.transforms import functional as F
 
@@ -21,8 +31,7 @@ def collate_detection(data: Encoded, idx: list[int], image_size: int) -> Batch:
     boxes = torch.zeros((len(records), most, 4))
     labels = torch.full((len(records), most), PAD_LABEL, dtype=torch.long)
     for i, record in enumerate(records):
-        resized = open_rgb(record.path).resize((image_size, image_size), Image.BILINEAR)
-        pixels[i] = F.pil_to_tensor(resized).float() / 255
+        pixels[i] = squashed(record.path, image_size)[0]
         if record.boxes:
             boxes[i, : len(record.boxes)] = scaled_boxes(record, record.boxes, image_size)
             labels[i, : len(record.labels)] = torch.tensor(record.labels)
