@@ -39,6 +39,7 @@ class Severity:
     INFO = "info"
     WARNING = "warning"
     FATAL = "fatal"
+    RANK = {FATAL: 0, WARNING: 1, INFO: 2}  # most severe first: the order in which a short message keeps findings
 
 
 @dataclass

@@ -35,6 +35,7 @@ import torch
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
+from finetune_trainer.analyze import Severity
 from finetune_trainer.config import Stage
 from finetune_trainer.errors import EXIT_OK, EXIT_TERMINATED, EXIT_USER_ERROR, describe, exit_code_of, reason_of
 
@@ -259,7 +260,7 @@ def termination_message(message: dict[str, Any]) -> str:
         analysis = message["analysis"] = dict(message["analysis"])
         # A checkpoint with all its matrices zero has a ZeroWeights warning for each: dropped all together, none
         # reached the job's status, in a message of 500 bytes.
-        findings = sorted(analysis.pop("findings"), key=lambda f: SEVERITY_RANK.get(f.get("severity"), 3))
+        findings = sorted(analysis.pop("findings"), key=lambda f: Severity.RANK.get(f.get("severity"), len(Severity.RANK)))
         if kept := fitting(findings, TERMINATION_LIMIT - len(compact(message).encode()) - len(',"findings":[]')):
             analysis["findings"] = kept
         text = compact(message)
@@ -267,9 +268,6 @@ def termination_message(message: dict[str, Any]) -> str:
         message["message"] = message["message"][: len(message["message"]) // 2] + "..."
         text = compact(message)
     return text
-
-
-SEVERITY_RANK = {"fatal": 0, "warning": 1, "info": 2}  # the order in which findings are kept
 
 
 def compact(value: Any) -> str:
