@@ -23,8 +23,6 @@ def squashed(path: str, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]
 
 
 def collate_detection(data: Encoded, idx: list[int], image_size: int) -> Batch:
-    from torchvision.transforms import functional as F
-
     records = [data.features[i] for i in idx]
     most = max(1, max(len(r.boxes) for r in records))
     pixels = torch.empty((len(records), 3, image_size, image_size))
