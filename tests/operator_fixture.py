@@ -55,6 +55,7 @@ def example(name: str, **changes: Any) -> dict[str, Any]:
 # kwok's stages read these pod annotations/labels (deploy/local): when a Job's pod completes, and whether it fails.
 KWOK_COMPLETE_DELAY = "pod-complete.stage.kwok.x-k8s.io/delay"
 KWOK_COMPLETE_JITTER = "pod-complete.stage.kwok.x-k8s.io/jitter-delay"
+KWOK_COMPLETE_WEIGHT = "pod-complete.stage.kwok.x-k8s.io/weight"
 KWOK_FAIL = "pod-container-running-failed.stage.kwok.x-k8s.io"
 
 
@@ -85,6 +86,9 @@ def kwok_job(name: str, output: str, runs_for: str = "0s", up_to: str | None = N
     spec["pod"] = {"annotations": {KWOK_COMPLETE_DELAY: runs_for, KWOK_COMPLETE_JITTER: up_to or runs_for}}
     if fail:
         spec["pod"]["labels"] = {KWOK_FAIL: "true"}
+        # Both stages match a Running, Ready pod so marked, and kwok draws one by weight (10000 to 1) on each of
+        # the pod's updates: weight 0 keeps pod-complete out of the draw (a failing job's attempt once succeeded).
+        spec["pod"]["annotations"][KWOK_COMPLETE_WEIGHT] = "0"
     return doc
 
 
