@@ -245,20 +245,21 @@ def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
         who = f"pod {disrupted[0]['name']}" if disrupted else "a worker"
         return Outcome(State.FAILED, reason, f"{who} was disrupted ({reason}); the gang restarts from its checkpoint",
                        Retry.FREE)
-    ended = [p for p in pods if (p.get("terminated") or {}).get("exitCode") not in (None, 0)]
+    ended = [p for p in pods if (p.get("terminated") or {}).get("exitCode") not in (None, EXIT_OK)]
     causes = []
     for pod in ended:
         term = pod["terminated"]
         # A success the trainer wrote before its process died (a crash in its teardown) says nothing of the failure.
-        message = term["message"] if term["message"].get("exitCode") != EXIT_OK else {}
+        reported_success = term["message"].get("exitCode") == EXIT_OK
+        message = {} if reported_success else term["message"]
         # No message (a crash before the trainer ran, a SIGKILL, torchrun's flattened 1) means infrastructure.
         code = message.get("exitCode", EXIT_INFRASTRUCTURE if term["exitCode"] == EXIT_USER_ERROR else term["exitCode"])
-        causes.append((code == EXIT_TERMINATED, term["finishedAt"], code, pod, message))
+        causes.append((code == EXIT_TERMINATED, term["finishedAt"], code, pod, message, reported_success))
     if not causes:
         failure = job.get("failure") or {}
         return Outcome(State.FAILED, "WorkerFailed",
                        failure.get("message") or "a worker failed and left no exit code", Retry.COUNTED)
-    _, _, code, pod, message = min(causes, key=lambda c: c[:2])
+    _, _, code, pod, message, reported_success = min(causes, key=lambda c: c[:2])
     term = pod["terminated"]
     if code == EXIT_USER_ERROR:
         reason = api.reason_or(message.get("reason"), "TrainerError")
@@ -268,7 +269,7 @@ def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
         return Outcome(State.FAILED, "OOMKilled", f"pod {pod['name']} ran out of memory (exit {term['exitCode']})",
                        Retry.COUNTED, result=message)
     reason = api.reason_or(message.get("reason"), "WorkerFailed")
-    finished = " after the trainer reported success" if term["message"].get("exitCode") == EXIT_OK else ""
+    finished = " after the trainer reported success" if reported_success else ""
     said = f"; its log ends: {term['logEnd']}" if term.get("logEnd") else ""
     text = message.get("message") or f"pod {pod['name']} exited {term['exitCode']}{finished}{said}"
     return Outcome(State.FAILED, reason, text, Retry.COUNTED, result=message)
