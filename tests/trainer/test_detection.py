@@ -623,6 +623,7 @@ def test_an_exported_detectors_head_keeps_its_categories_when_the_dataset_number
     assert json.loads((tmp_path / "out" / "labels.json").read_text()) == report["labels"]
     # and config.json says which category_id of the annotations each label is
     assert json.loads((tmp_path / "out" / "config.json").read_text())["categoryIds"] == {"1": 3, "2": 1, "3": 2}
+    assert load_exported(tmp_path / "out").category_ids == {1: 3, 2: 1, 3: 2}  # and the export reloads with them
     # Each box keeps its category: the dataset's circle (1) is the head's 2.
     data = load_coco(DatasetSpec(uri=doc["dataset"]["uri"]), seed=0)
     reloaded = load_detector(spec.model_copy(update={"uri": str(export), "config": {}}), 128)

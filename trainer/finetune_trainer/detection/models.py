@@ -161,10 +161,14 @@ def freeze_batch_norm(module: nn.Module) -> None:
 
 
 def load_exported(folder: Path) -> Detector:
-    """A detector as `export` wrote it: config.json (architecture, classes, input size) and model.safetensors."""
+    """A detector as `export` wrote it: config.json (architecture, classes, input size, each class's category_id)
+    and model.safetensors."""
     saved = json.loads((folder / "config.json").read_text())
     spec = ModelSpec(task="object-detection", architecture=saved["architecture"], uri=str(folder.resolve()))
-    return load_detector(spec, saved["imageSize"])
+    detector = load_detector(spec, saved["imageSize"])
+    # JSON's keys are strings; an export from before categoryIds has none
+    detector.category_ids = {int(c): int(cid) for c, cid in saved.get("categoryIds", {}).items()}
+    return detector
 
 
 def classifier_name(net: nn.Module) -> str:
