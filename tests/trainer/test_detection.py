@@ -154,8 +154,21 @@ def test_an_image_past_pils_size_limit_is_a_bad_record(pvc_root: Path, tmp_path:
     from PIL import Image
 
     monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)  # the shapes' 128 x 128 images are then past twice it
-    with pytest.raises(DataError, match=r"image 1 \('00001.jpg'\): cannot read it as an image \(Image size"):
+    with pytest.raises(DataError, match=r"image 1 \('00001.jpg'\): cannot read it as an image "
+                                        r"\(DecompressionBombError: Image size"):
         load_coco(DatasetSpec(uri=str(shapes_copy(pvc_root, tmp_path)), format="coco"), seed=0)
+
+
+def test_an_image_whose_read_fails_is_the_volumes_not_a_bad_record(pvc_root: Path, tmp_path: Path) -> None:
+    """A read that fails with an errno (an EIO from a network volume) was listed as the image's bad record, exit 1,
+    not retried; as a batch's image read, it is the infrastructure's (exit 2). /proc/self/mem is a regular file
+    whose read at its start fails with EIO."""
+    from finetune_trainer.errors import EXIT_INFRASTRUCTURE, exit_code_of
+
+    folder = rewrite(shapes_copy(pvc_root, tmp_path), lambda c: c["images"][0].update(file_name="/proc/self/mem"))
+    with pytest.raises(OSError, match=r"Input/output error") as raised:
+        load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
+    assert exit_code_of(raised.value) == EXIT_INFRASTRUCTURE
 
 
 def test_the_cli_exits_1_on_a_bad_annotation_file(pvc_root: Path, tmp_path: Path) -> None:

@@ -18,7 +18,7 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 
 from finetune_trainer.config import Task
-from finetune_trainer.data import Split
+from finetune_trainer.data import Split, image_fault
 from finetune_trainer.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -140,7 +140,7 @@ def open_rgb(path: str, as_shown: bool = False) -> Image.Image:
     transformers' image processors load): turned as its EXIF orientation says (a phone stores a portrait photo
     sideways and says so there), and its transparency over white, not the colours that transparent pixels hide
     (black in one file, anything in the next). A file that does not decode (an HTML page saved as .jpg, an upload
-    cut short, a decompression bomb) is the dataset's fault; a read that failed with an errno (the volume) is not."""
+    cut short, a decompression bomb) is the dataset's fault (data.image_fault)."""
     try:
         with Image.open(path) as opened:
             turned = as_shown and opened.getexif().get(ExifTags.Base.Orientation, 1) != 1
@@ -156,9 +156,7 @@ def open_rgb(path: str, as_shown: bool = False) -> Image.Image:
     except FileNotFoundError as exc:  # a path of the dataset's (a table of paths) that names no file
         raise DataError(f"{path}: no such image file") from exc
     except (OSError, Image.DecompressionBombError) as exc:
-        if isinstance(exc, OSError) and exc.errno is not None:
-            raise
-        raise DataError(f"{path}: cannot read it as an image ({type(exc).__name__}: {exc})") from exc
+        raise DataError(f"{path}: cannot read it as an image ({image_fault(exc)})") from exc
 
 
 def epoch_batches(lengths: list[int], batch_size: int, *, seed: int, epoch: int, bucketed: bool,

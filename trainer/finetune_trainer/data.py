@@ -156,17 +156,23 @@ def check_images(paths: list[str], uri: str) -> None:
 
 
 def image_problem(path: str) -> str | None:
-    """Why Pillow does not open the file (its header) as an image, None where it does; a read that failed with an
-    errno is the volume's, raised."""
+    """Why Pillow does not open the file (its header) as an image, None where it does."""
     from PIL import Image
 
     try:
         with Image.open(path):
             return None
     except (OSError, Image.DecompressionBombError) as exc:  # the latter is no OSError
-        if isinstance(exc, OSError) and exc.errno is not None:
-            raise
-        return f"{type(exc).__name__}: {exc}"
+        return image_fault(exc)
+
+
+def image_fault(exc: Exception) -> str:
+    """What is wrong with an image file, from what Pillow raised opening or decoding it: one that is no image (an
+    HTML page saved as .jpg, an upload cut short, a decompression bomb) is the file's fault, the dataset's. An
+    OSError with an errno is a read that failed, the volume's fault, not the file's: raised again."""
+    if isinstance(exc, OSError) and exc.errno is not None:
+        raise exc
+    return f"{type(exc).__name__}: {exc}"
 
 
 def table_folders(table: pd.DataFrame, rows: pd.Index, folder: Path) -> list[Path]:

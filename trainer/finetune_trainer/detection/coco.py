@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from finetune_trainer.config import DatasetSpec
-from finetune_trainer.data import (TEST, TRAIN, VALIDATION, LabelledData, Split, drop_empty_splits, read_text,
-                                   split, split_of)
+from finetune_trainer.data import (TEST, TRAIN, VALIDATION, LabelledData, Split, drop_empty_splits, image_fault,
+                                   read_text, split, split_of)
 from finetune_trainer.errors import DataError
 from finetune_trainer.uris import fetch
 
@@ -194,7 +194,7 @@ def image_record(image: Any, i: int, file: Path, problems: list[str]) -> Annotat
         with Image.open(path) as opened:
             size = opened.size
     except (OSError, Image.DecompressionBombError) as exc:  # the latter is no OSError
-        problems.append(f"{where}: cannot read it as an image ({exc})")
+        problems.append(f"{where}: cannot read it as an image ({image_fault(exc)})")
         return None
     declared = (image.get("width", size[0]), image.get("height", size[1]))
     if declared != size:
