@@ -185,6 +185,37 @@ def test_the_job_stats_are_the_jobs_across_attempts_and_say_nothing_false(tmp_pa
 
 
 @pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
+def test_a_job_that_stopped_running_has_no_eta(tmp_path: Path) -> None:
+    """Job `f` trained to step 400 of 1000 and failed (its pod gone, its series ended there): the stat showed the
+    last non-null ETA of the dashboard's range, still an hour after."""
+    t0 = int(time.time()) - 3600
+    labels = 'namespace="a",finetunejob="f",attempt="1",pod="f-1-0-x"'
+    lines = ["# TYPE finetune_trainer_step gauge"]
+    lines += [f"finetune_trainer_step{{{labels}}} {t * 400 // 600} {t0 + t}" for t in range(0, 600, 15)]
+    lines += ["# TYPE finetune_trainer_total_steps gauge"]
+    lines += [f"finetune_trainer_total_steps{{{labels}}} 1000 {t0 + t}" for t in range(0, 600, 15)]
+    prometheus_server.backfill(tmp_path, "\n".join(lines) + "\n# EOF\n")
+    prometheus = prometheus_server.start(tmp_path, [], free_port())
+    panel = next(p for p in json.loads(dashboard.render())["panels"] if p["title"] == "ETA")
+
+    def shown(end: int) -> list[float]:
+        """The stat over the range from t0 to `end`, as Grafana reduces it: each series' last value, of the range's
+        points (an instant query has one, at the end)."""
+        found = []
+        for target in panel["targets"]:
+            expr = target["expr"].replace("$namespace", "a").replace("$job", "f").replace("$__rate_interval", "1m")
+            start = t0 + end if target.get("instant") else t0
+            found += [float(s["values"][-1][1]) for s in prometheus.query_range(expr, start, t0 + end, 15)]
+        return found
+
+    try:
+        assert shown(500) == [pytest.approx(1000, rel=0.05)]  # 670 steps left at 2 steps every 3 s
+        assert shown(3000) == []
+    finally:
+        prometheus.stop()
+
+
+@pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
 def test_the_evaluation_is_the_latest_run_s_of_a_job_made_again_under_its_name(tmp_path: Path) -> None:
     """Job `j` ran (accuracy 0.5 -> 0.9), was deleted and made again with another recipe (0.55 -> 0.6): the bars took
     the larger value of either run, so they showed the first run's 0.9 beside the second's baseline, before and

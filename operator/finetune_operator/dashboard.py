@@ -88,10 +88,11 @@ def one_job() -> list[Panel]:
         single("Progress", "percentunit", query(f"{one('finetune_trainer_step')} / {one('finetune_trainer_total_steps')}",
                                                 "progress"), width=4),
         # Steps left over the recent step rate; the step count is a gauge, hence deriv() rather than rate(). No
-        # value while no step is made (baseline, evaluation, a stall), where the division gave +Inf.
+        # value while no step is made (baseline, evaluation, a stall), where the division gave +Inf. At the range's
+        # end only: over the range, the stat's last non-null value was the ETA of a job that had failed since.
         single("ETA", "s", query(
             f"({one('finetune_trainer_total_steps')} - {one('finetune_trainer_step')})"
-            f" / ({one('finetune_trainer_step', 'deriv', '$__rate_interval')} > 0)", "ETA"), width=4),
+            f" / ({one('finetune_trainer_step', 'deriv', '$__rate_interval')} > 0)", "ETA", instant=True), width=4),
         statetimeline.Panel().title("Stage").datasource(DATASOURCE).span(8).height(8)
         .with_target(query(f"max by (stage) (finetune_trainer_stage{{{JOB}}}) == 1", "{{stage}}")),
         series("GPU memory (peak, rank 0)", "bytes", query(f"finetune_trainer_gpu_memory_bytes{{{JOB}}}", "GPU memory"),
