@@ -9,11 +9,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 
 from finetune_trainer.config import DatasetSpec, Task
 from finetune_trainer.data import Split, check_label_count, load_dataset, read_dataset
+from finetune_trainer.distributed import World
 from finetune_trainer.errors import DataError
+from finetune_trainer.pipeline import check_images_once
 
+CPU = World(rank=0, size=1, device=torch.device("cpu"))
 ROWS = [{"text": f"sample {i}", "label": ["neg", "pos", "neu"][i % 3]} for i in range(30)]
 
 
@@ -153,10 +157,33 @@ def test_files_of_an_image_folder_that_are_no_images_are_all_named_before_traini
             Image.new("RGB", (4, 4), (i * 80, 0, 0)).save(tmp_path / name / f"{i}.jpg")
     (tmp_path / "Cat" / "666.jpg").write_bytes(b"")
     (tmp_path / "Dog" / "page.jpg").write_bytes(b"<html>Not found</html>")
+    data = load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
     with pytest.raises(DataError, match=rf"^dataset {tmp_path}: 2 of its 8 image files do not open as images: "
                                         rf"{tmp_path}/Cat/666.jpg, {tmp_path}/Dog/page.jpg \(the first: UnidentifiedImageError: "
                                         r"cannot identify image file .*\); remove them$"):
-        load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
+        check_images_once(data, str(tmp_path), CPU)
+
+
+def test_only_the_image_files_the_run_uses_are_opened_before_training(tmp_path: Path) -> None:
+    """Every file of the folder was opened, a minutes-long read of a large dataset on a network volume, however few
+    dataset.maxTrainSamples and maxEvalSamples keep; a broken file the run never reads no longer stops it."""
+    from PIL import Image
+
+    for name in ("Cat", "Dog"):
+        (tmp_path / name).mkdir()
+        for i in range(10):
+            Image.new("RGB", (4, 4), (i * 20, 0, 0)).save(tmp_path / name / f"{i}.png")
+    spec = DatasetSpec(uri=str(tmp_path), maxTrainSamples=2, maxEvalSamples=1)
+    data = load_dataset(spec, Task.IMAGE_CLASSIFICATION, 0)
+    used = [path for split in (data.train, data.validation, data.test) for path in split.inputs]
+    assert len(used) == 4
+    for path in set(map(str, tmp_path.glob("*/*.png"))) - set(used):
+        Path(path).write_bytes(b"")
+    assert load_dataset(spec, Task.IMAGE_CLASSIFICATION, 0) == data  # the same split, the unused files not opened
+    check_images_once(data, str(tmp_path), CPU)
+    Path(used[0]).write_bytes(b"")
+    with pytest.raises(DataError, match=rf"1 of its 4 image files do not open as images: {used[0]} "):
+        check_images_once(data, str(tmp_path), CPU)
 
 
 def test_split_folders_read_as_classes_are_warned_of(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -87,8 +87,6 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
         for table in usable.values():
             check_inputs(table[input_field], (str, Number), "a text", spec.uri, "dataset.textField")
         inputs = {name: table[input_field].astype(str).tolist() for name, table in usable.items()}
-    if task == Task.IMAGE_CLASSIFICATION:
-        check_images([image for split_inputs in inputs.values() for image in split_inputs], spec.uri)
     id2label: dict[int, str] = {}
     labels: dict[str, list[int] | None] = dict.fromkeys(usable)
     if label_field is not None:
@@ -139,20 +137,20 @@ def image_paths(column: pd.Series, bases: list[Path], folder: Path, uri: str) ->
     return paths
 
 
-def check_images(paths: list[str], uri: str) -> None:
-    """Every file opens as an image, by its header: one that is none (Kaggle's 0-byte PetImages/Cat/666.jpg, an HTML
-    page saved as .jpg) stopped the job only when its batch came, hours into an epoch, and the next such file the
-    next run. A file cut short after its header still stops the job at its batch (batches.open_rgb). Read by threads:
-    on a network volume each file's open waits on a round trip."""
+def images_problem(paths: list[str], uri: str) -> str | None:
+    """Which of the files do not open as images, by their headers, None where all do: one that is none (Kaggle's
+    0-byte PetImages/Cat/666.jpg, an HTML page saved as .jpg) stopped the job only when its batch came, hours into
+    an epoch, and the next such file the next run. A file cut short after its header still stops the job at its
+    batch (batches.open_rgb). Read by threads: on a network volume each file's open waits on a round trip."""
     from concurrent.futures import ThreadPoolExecutor
 
     files = list(dict.fromkeys(paths))  # a table may name a file twice
     with ThreadPoolExecutor(HEADER_READERS) as pool:
         bad = {path: problem for path, problem in zip(files, pool.map(image_problem, files)) if problem}
-    if bad:
-        first = next(iter(bad.values()))
-        raise DataError(f"dataset {uri}: {len(bad)} of its {len(files)} image files do not open as images: "
-                        f"{listed(list(bad))} (the first: {first}); remove them")
+    if not bad:
+        return None
+    return (f"dataset {uri}: {len(bad)} of its {len(files)} image files do not open as images: {listed(list(bad))} "
+            f"(the first: {next(iter(bad.values()))}); remove them")
 
 
 def image_problem(path: str) -> str | None:

@@ -35,13 +35,13 @@ from finetune_trainer.adjust import freeze, freeze_checked, lora_targets, param_
 from finetune_trainer.batches import (Batch, Encoded, encode_causal, encode_images, encode_text, epoch_batches,
                                       eval_batches, make_collate, say_truncated)
 from finetune_trainer.config import Batching, HealSpec, PruneSpec, Stage, Task, TrainerConfig
-from finetune_trainer.data import (LabelledData, Split, check_label_count, head_order, in_head_order, load_dataset,
-                                   load_texts)
+from finetune_trainer.data import (LabelledData, Split, check_label_count, head_order, images_problem, in_head_order,
+                                   load_dataset, load_texts)
 from finetune_trainer.detection import analysis as detection_analysis
 from finetune_trainer.detection.coco import load_coco, renumbered
 from finetune_trainer.detection.metrics import evaluate_detector
 from finetune_trainer.detection.models import Detector, check_batch_size, class_count, load_detector, resize_head
-from finetune_trainer.errors import EXIT_OK, ConfigError, Terminated, no_space_in
+from finetune_trainer.errors import EXIT_OK, ConfigError, DataError, Terminated, no_space_in
 from finetune_trainer.evaluate import deltas, evaluate
 from finetune_trainer.lora_fused import fuse
 from finetune_trainer.models import (ImageClassifier, check_image_size, check_positions, check_vocabulary,
@@ -199,6 +199,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     progress.enter(Stage.LOADING)
     tokenizer = None if task in (Task.IMAGE_CLASSIFICATION, Task.OBJECT_DETECTION) else load_tokenizer(cfg.model)
     data = load_coco(cfg.dataset, seed) if detecting else load_dataset(cfg.dataset, task, seed)
+    if task == Task.IMAGE_CLASSIFICATION:
+        check_images_once(data, cfg.dataset.uri, world)
     num_labels = 0 if task == Task.CAUSAL_LM else check_label_count(data.id2label, cfg.rearrange.head.num_labels)
     train_data, validation_data, test_data = encode(data, tokenizer, cfg, world.main)
     heal_data = healing_texts(cfg, tokenizer, train_data)  # read now: a bad file stops the job before the model loads
@@ -464,6 +466,15 @@ def footprint_alone(model: nn.Module, serving: list[Batch], world: distributed.W
     figures = prune.footprint(model, serving) if world.main else {"parameters": prune.parameters(model)}
     world.barrier()
     return figures
+
+
+def check_images_once(data: LabelledData, uri: str, world: distributed.World) -> None:
+    """Rank 0 opens the image files the run uses (its splits, within maxTrainSamples and maxEvalSamples, not every
+    file of the dataset), and every rank raises its verdict: the ranks read one dataset, and each checking it read
+    every file from the volume once per rank."""
+    paths = [path for split in (data.train, data.validation, data.test) for path in split.inputs]
+    if problem := world.broadcast(images_problem(paths, uri) if world.main else None):
+        raise DataError(problem)
 
 
 def heal_once(model: nn.Module, unpruned: nn.Module | None, task: Task, batches: Iterator[Batch], spec: HealSpec,
