@@ -283,7 +283,7 @@ class TrainingMetrics(ApiModel):
         None, description="Current learning rate of the fastest parameter group that trains, as scheduled "
         "(adjust.learningRate or adjust.headLearningRate).")
     samples_per_second: float | None = Field(None, description="Training throughput in samples per second.")
-    tokens_per_second: float | None = Field(None, description="Training throughput in tokens per second.")
+    tokens_per_second: float | None = Field(None, description="Training throughput in tokens per second; none for image tasks.")
 
 
 class EvaluationResult(ApiModel):

@@ -191,6 +191,39 @@ def test_throughput_and_the_eta_follow_the_latest_steps_not_the_runs_average(cap
     assert eta == pytest.approx((10_000 - 3660) * 4, rel=0.01)
 
 
+def test_an_image_run_reports_no_tokens_per_second(pvc_root: Path) -> None:
+    """An image batch counted its samples as its tokens: the dashboard's Throughput drew an image job's samples/s
+    again as tokens/s, and the status said tokensPerSecond."""
+    from datetime import datetime
+
+    from prometheus_client import generate_latest
+
+    from finetune_operator import scrape, status
+    from finetune_trainer.batches import encode_images, make_collate
+    from finetune_trainer.config import DatasetSpec, ModelSpec, Task, TrainingSpec
+    from finetune_trainer.data import load_dataset
+    from finetune_trainer.distributed import World
+    from finetune_trainer.models import load_model
+    from finetune_trainer.pipeline import Progress
+    from finetune_trainer.rearrange import new_head
+    from finetune_trainer.train import Hooks, make_scheduler, train_loop
+
+    data = load_dataset(DatasetSpec(uri="pvc://data/digits", maxTrainSamples=32), Task.IMAGE_CLASSIFICATION, 0)
+    model = load_model(ModelSpec(task="image-classification", architecture="resnet18"), None, seed=0)
+    new_head(model, "net.fc", 10, data.id2label, reinitialize=False)
+    spec = TrainingSpec(batchSize=8, maxSteps=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    metrics = Metrics(CPU)
+    progress = Progress(metrics, main=False)
+    train_loop(model, optimizer, make_scheduler(optimizer, spec, 2), encode_images(data.train),
+               make_collate(Task.IMAGE_CLASSIFICATION, 0, 16), spec, Task.IMAGE_CLASSIFICATION,
+               World(rank=0, size=1, device=CPU), Hooks(on_step=lambda state, planned: progress.step(state, planned, None, CPU)))
+    sample = scrape.parse(generate_latest(metrics.registry).decode())
+    assert sample["samples_per_second"] > 0 and "tokens_per_second" not in sample
+    # None: the merge patch clears it from the status
+    assert status.progress_and_metrics(sample, 8, datetime(2026, 1, 1))["metrics"]["tokensPerSecond"] is None
+
+
 def test_a_gpu_job_reports_its_gpu_memory_before_its_first_step(monkeypatch: pytest.MonkeyPatch) -> None:
     """GPU memory was set at steps only: 0 through loading, analysis and the baseline, with the model on the GPU, so
     the dashboard's GPU memory said 0 B and its running GPU jobs left the job out. Now read at each scrape."""

@@ -44,7 +44,7 @@ class Batch:
     inputs: dict[str, torch.Tensor]  # keyword arguments of the model's forward
     labels: torch.Tensor
     samples: int
-    tokens: int  # real, unpadded tokens
+    tokens: int  # real, unpadded tokens (images have none)
     targets: int  # terms in the loss: samples for classifiers, scored tokens for causal LMs
 
     def to(self, device: torch.device) -> Batch:
@@ -119,7 +119,7 @@ def collate_text(data: Encoded, idx: list[int], pad_id: int, causal: bool) -> Ba
 def collate_images(data: Encoded, idx: list[int], image_size: int) -> Batch:
     labels = torch.tensor([data.labels[i] for i in idx])
     pixels = pixel_values([data.features[i] for i in idx], image_size)
-    return Batch({"pixel_values": pixels}, labels, len(idx), len(idx), len(idx))
+    return Batch({"pixel_values": pixels}, labels, len(idx), 0, len(idx))
 
 
 def pixel_values(paths: list[str], image_size: int) -> torch.Tensor:

@@ -231,7 +231,8 @@ class Metrics:
         recent = self.recent.add(seconds, samples, tokens)
         samples_per_second, tokens_per_second = recent or (samples / max(seconds, 1e-9), tokens / max(seconds, 1e-9))
         self.samples_per_second.set(samples_per_second)
-        self.tokens_per_second.set(tokens_per_second)
+        if tokens:  # images have none: the dashboard and the status showed their samples/s as tokens/s
+            self.tokens_per_second.set(tokens_per_second)
         if device.type == "cuda":
             peak = peak_flops(device)
             if peak and flops_per_sample:

@@ -34,7 +34,7 @@ def collate_detection(data: Encoded, idx: list[int], image_size: int) -> Batch:
             boxes[i, : len(record.boxes)] = scaled_boxes(record, record.boxes, image_size)
             labels[i, : len(record.labels)] = torch.tensor(record.labels)
     n = len(records)
-    return Batch({"pixel_values": pixels, "boxes": boxes, "box_labels": labels}, labels, n, n, n)
+    return Batch({"pixel_values": pixels, "boxes": boxes, "box_labels": labels}, labels, n, 0, n)
 
 
 def scaled_boxes(record: Annotated, boxes: list[list[float]], image_size: int) -> torch.Tensor:
