@@ -147,6 +147,23 @@ def test_an_image_folder_one_level_above_its_class_folders_says_where_they_are(t
     assert len(load_dataset(DatasetSpec(uri=str(tmp_path / "PetImages")), Task.IMAGE_CLASSIFICATION, 0).id2label) == 2
 
 
+def test_a_split_folder_one_level_above_its_class_folders_says_where_they_are(tmp_path: Path) -> None:
+    """PetImages/{Cat,Dog} unzipped into a train/ folder: its one class was PetImages, and the hint that PetImages
+    holds the class folders looked for them beside train/, where they are not, so it was not given."""
+    from PIL import Image
+
+    for name in ("Cat", "Dog"):
+        (folder := tmp_path / "train" / "PetImages" / name).mkdir(parents=True)
+        for i in range(3):
+            Image.new("RGB", (4, 4), (i * 80, 0, 0)).save(folder / f"{i}.png")
+    with pytest.raises(DataError, match=r"one class folder, PetImages \(an ImageFolder has a folder per class\); "
+                                        r"train/PetImages holds class folders: point dataset.uri at "
+                                        rf"{tmp_path}/train/PetImages$"):
+        load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
+    assert len(load_dataset(DatasetSpec(uri=str(tmp_path / "train" / "PetImages")), Task.IMAGE_CLASSIFICATION,
+                            0).id2label) == 2
+
+
 def test_files_of_an_image_folder_that_are_no_images_are_all_named_before_training(tmp_path: Path) -> None:
     """Kaggle's cats and dogs hold 0-byte JPEGs: each stopped the job only when its batch came, one a run."""
     from PIL import Image

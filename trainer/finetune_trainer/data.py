@@ -115,10 +115,12 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
 
 def one_class_folder(path: Path, name: str, uri: str) -> str:
     """Why an ImageFolder of one class is none, and where its classes are when that folder holds them: Kaggle's
-    cats and dogs unzip to PetImages/Cat and PetImages/Dog, and one folder up they were one class, PetImages."""
+    cats and dogs unzip to PetImages/Cat and PetImages/Dog, and one folder up (or in a train/ of it) they were one
+    class, PetImages."""
     where = ""
-    if (path / name).is_dir() and holds_class_folders(path / name):
-        where = f"; {name} holds class folders: point dataset.uri at {uri.rstrip('/')}/{name}"
+    if holds_class_folders(folder := train_folder(path) / name):
+        inner = folder.relative_to(path).as_posix()  # PetImages, or train/PetImages
+        where = f"; {inner} holds class folders: point dataset.uri at {uri.rstrip('/')}/{inner}"
     return f"its images are all in one class folder, {name} (an ImageFolder has a folder per class){where}"
 
 
@@ -553,11 +555,13 @@ def holds_class_folders(path: Path) -> bool:
     def classes(folder: Path) -> int:
         return sum(1 for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".") and has_images(d))
 
-    if not path.is_dir():
-        return False
+    return path.is_dir() and classes(train_folder(path)) >= 2
+
+
+def train_folder(path: Path) -> Path:
+    """The folder of an image dataset's train class folders: its train/ where a folder names the split, else itself."""
     folders = image_folders(path)
-    train = next((d for d, name in zip(folders, folder_splits(folders)) if name == TRAIN), None)
-    return classes(train if train is not None else path) >= 2
+    return next((d for d, name in zip(folders, folder_splits(folders)) if name == TRAIN), path)
 
 
 def image_folders(path: Path) -> list[Path]:
