@@ -75,6 +75,27 @@ def test_a_head_whose_output_is_zero_scores_zero(minilm) -> None:
     assert heads[2][5] == 0 and min(h for row in heads for h in row if h != heads[2][5]) > 0
 
 
+def test_a_layer_that_passes_its_input_on_scores_zero_not_below() -> None:
+    """A tiny BERT whose matrices are all zero (a real run's checkpoint): each layer gives back its input, and
+    1 - cos came out a few 1e-9 below zero by float error, which the job's status showed as layerImportance -0.0."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from finetune_trainer.batches import Batch
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(**TINY_BERT | {"num_hidden_layers": 4})).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if p.dim() >= 2 and "embeddings" not in name:
+                p.zero_()
+    ids = torch.randint(5, 100, (4, 12))
+    batch = Batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.zeros(4, dtype=torch.long),
+                  4, 48, 4)
+    scores = prune.importance(model, [batch], Task.SEQUENCE_CLASSIFICATION, labels_fit=False)["layers"]["scores"]
+    assert all(0 <= s < 1e-7 for s in scores)
+    assert json.dumps([round(s, 4) for s in scores]) == "[0.0, 0.0, 0.0, 0.0]"  # as the termination message has them
+
+
 @pytest.mark.parametrize(("spec", "expected"), [
     ({"count": 2}, [1, 3]),
     ({"fraction": 0.25}, [1, 3]),  # a quarter of 6 layers is 1.5: rounded half up

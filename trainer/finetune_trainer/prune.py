@@ -140,7 +140,10 @@ def importance(model: nn.Module, batches: list[Batch], task: Task, labels_fit: b
         model.train(was_training)
     if state.get("unscored"):
         return None
-    out: dict[str, Any] = {"layers": {"measure": LAYER_MEASURE, "scores": (turned / max(tokens, 1)).tolist()}}
+    # 1 - cos is never below 0 but by float error (-5e-9 for a layer that passes its input on), which read -0.0
+    # rounded in the job's status and -0.000 in the log
+    scores = (turned / max(tokens, 1)).clamp(min=0)
+    out: dict[str, Any] = {"layers": {"measure": LAYER_MEASURE, "scores": scores.tolist()}}
     if gated and not state.get("ungated"):
         out["heads"] = {"measure": HEAD_MEASURE, "loss": "task" if labels_fit else "label-free probe",
                         "scores": (head_grads / max(samples, 1)).tolist()}
