@@ -127,15 +127,20 @@ def test_image_folder(pvc_root: Path) -> None:
             Path(image).parent.name for image in split.inputs]
 
 
-def test_an_image_folder_one_level_above_its_class_folders_says_where_they_are(tmp_path: Path) -> None:
-    """Kaggle's cats and dogs unzip to PetImages/Cat and PetImages/Dog: the unzipped folder as dataset.uri was one
-    class, PetImages, refused as a "column 'label'" of one label, a column an ImageFolder does not have."""
+def cats_and_dogs(folder: Path, suffix: str) -> None:
+    """Kaggle's cats and dogs: Cat/ and Dog/ in `folder`, three tiny images each."""
     from PIL import Image
 
     for name in ("Cat", "Dog"):
-        (folder := tmp_path / "PetImages" / name).mkdir(parents=True)
+        (folder / name).mkdir(parents=True)
         for i in range(3):
-            Image.new("RGB", (4, 4), (i * 80, 0, 0)).save(folder / f"{i}.jpg")
+            Image.new("RGB", (4, 4), (i * 80, 0, 0)).save(folder / name / f"{i}{suffix}")
+
+
+def test_an_image_folder_one_level_above_its_class_folders_says_where_they_are(tmp_path: Path) -> None:
+    """Kaggle's cats and dogs unzip to PetImages/Cat and PetImages/Dog: the unzipped folder as dataset.uri was one
+    class, PetImages, refused as a "column 'label'" of one label, a column an ImageFolder does not have."""
+    cats_and_dogs(tmp_path / "PetImages", ".jpg")
     with pytest.raises(DataError, match=rf"^dataset {tmp_path}: its images are all in one class folder, PetImages "
                                         r"\(an ImageFolder has a folder per class\); PetImages holds class folders: "
                                         rf"point dataset.uri at {tmp_path}/PetImages$"):
@@ -150,12 +155,7 @@ def test_an_image_folder_one_level_above_its_class_folders_says_where_they_are(t
 def test_a_split_folder_one_level_above_its_class_folders_says_where_they_are(tmp_path: Path) -> None:
     """PetImages/{Cat,Dog} unzipped into a train/ folder: its one class was PetImages, and the hint that PetImages
     holds the class folders looked for them beside train/, where they are not, so it was not given."""
-    from PIL import Image
-
-    for name in ("Cat", "Dog"):
-        (folder := tmp_path / "train" / "PetImages" / name).mkdir(parents=True)
-        for i in range(3):
-            Image.new("RGB", (4, 4), (i * 80, 0, 0)).save(folder / f"{i}.png")
+    cats_and_dogs(tmp_path / "train" / "PetImages", ".png")
     with pytest.raises(DataError, match=r"one class folder, PetImages \(an ImageFolder has a folder per class\); "
                                         r"train/PetImages holds class folders: point dataset.uri at "
                                         rf"{tmp_path}/train/PetImages$"):
@@ -166,12 +166,7 @@ def test_a_split_folder_one_level_above_its_class_folders_says_where_they_are(tm
 
 def test_files_of_an_image_folder_that_are_no_images_are_all_named_before_training(tmp_path: Path) -> None:
     """Kaggle's cats and dogs hold 0-byte JPEGs: each stopped the job only when its batch came, one a run."""
-    from PIL import Image
-
-    for name in ("Cat", "Dog"):
-        (tmp_path / name).mkdir()
-        for i in range(3):
-            Image.new("RGB", (4, 4), (i * 80, 0, 0)).save(tmp_path / name / f"{i}.jpg")
+    cats_and_dogs(tmp_path, ".jpg")
     (tmp_path / "Cat" / "666.jpg").write_bytes(b"")
     (tmp_path / "Dog" / "page.jpg").write_bytes(b"<html>Not found</html>")
     data = load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
