@@ -1132,3 +1132,43 @@ def test_an_admission_seen_late_starts_the_deadline_when_the_job_started() -> No
                                     "status": {"startTime": "2026-12-01T11:30:00Z", "active": 1}})
     late = decide(Observed(body(queued, activeDeadlineSeconds=600), [admitted], [pod()], NOW))
     assert after(late, queued)["reason"] == "DeadlineExceeded" and late.delete_job == "ft-1"
+
+
+def test_an_end_seen_before_its_pods_waits_for_rank_0s_termination_message() -> None:
+    """The Jobs and the pods come on separate watch streams, the pods' far the busier (every status change of every
+    trainer pod, a relist after a dropped stream): a Job seen Complete while its rank 0 still looked Running made the
+    job Succeeded without the termination message, its evaluation and final metrics lost for good (a finished job is
+    never reconciled again)."""
+    running = after(decide(Observed(body({"attempts": 1}), [job(ready=1)], [pod()], NOW,
+                                    sample={"step": 90, "total_steps": 96, "loss": 1.2})))
+    complete = job(complete=True, active=0, succeeded=1, ended="2026-12-01T12:00:10Z")
+    seen_early = decide(Observed(body(running), [complete], [pod()], NOW + timedelta(seconds=11)))
+    assert after(seen_early, running)["phase"] == "Running" and "evaluation" not in after(seen_early, running)
+    ended = pod(phase="Succeeded", exit_code=0, message=EARLY_STOPPED)
+    done = after(decide(Observed(body(running), [complete], [ended], NOW + timedelta(seconds=12))), running)
+    assert done["phase"] == "Succeeded" and done["evaluation"]["final"]["accuracy"] == 0.390625
+    assert done["completionTime"] == "2026-12-01T12:00:10Z"
+    # A pod stream that does not catch up holds the end only a while: the job succeeds without the message.
+    late = after(decide(Observed(body(running), [complete], [pod()], NOW + timedelta(minutes=2))), running)
+    assert late["phase"] == "Succeeded" and late["progress"]["step"] == 96
+
+
+def test_a_failure_seen_before_its_pods_waits_for_the_exit_that_says_why() -> None:
+    """A Job seen Failed while its pods still looked Running was judged with no exit code: a trainer's exit 1 (a
+    missing dataset, never retried) was counted against backoffLimit and retried as an infrastructure failure."""
+    running = {"attempts": 1, "startTime": "2026-12-01T11:00:00Z"}
+    failed = job(active=0, failed=1, failure={"reason": "BackoffLimitExceeded", "message": "Job has reached the "
+                 "specified backoff limit"}, ended="2026-12-01T12:00:00Z")
+    seen_early = decide(Observed(body(running), [failed], [pod()], NOW + timedelta(seconds=1)))
+    status = after(seen_early, running)
+    assert status["attempts"] == 1 and not status.get("failures") and "Restarting" not in conditions(status)
+    user_error = pod(phase="Failed", exit_code=1, message={"exitCode": 1, "reason": "DatasetNotFound", "message": "x"})
+    judged = after(decide(Observed(body(running), [failed], [user_error], NOW + timedelta(seconds=2))), running)
+    assert judged["phase"] == "Failed" and judged["reason"] == "DatasetNotFound"
+    # A disruption needs no exit to be told, and a pod stream that does not catch up holds the end only a while.
+    disrupted = dict(failed, failure={"reason": "PodFailurePolicy", "message": "Pod ns/ft-1-0-x has condition "
+                                      "DisruptionTarget matching FailJob rule at index 0"})
+    freed = after(decide(Observed(body(running), [disrupted], [pod()], NOW + timedelta(seconds=1))), running)
+    assert freed["attempts"] == 2 and not freed.get("failures")
+    late = after(decide(Observed(body(running), [failed], [pod()], NOW + timedelta(minutes=2))), running)
+    assert late["attempts"] == 2 and late["failures"] == 1

@@ -226,7 +226,7 @@ def decide(seen: Observed) -> Decision | None:
     # An attempt that ended is judged by how it ended, however late that is seen: a suspend or a deadline after
     # its end must neither fail a completed job nor retry one that exit 1 says cannot succeed.
     if job and (job["complete"] or job["failure"]):
-        return observe()
+        return _finish(decision, old, conds) if _pods_behind(job, pods, now) else observe()
 
     if spec.suspend:
         if job and not job["deleting"]:
@@ -315,6 +315,25 @@ def decide(seen: Observed) -> Decision | None:
         return _finish(decision, old, conds)
 
     return observe()
+
+
+# The Jobs and the pods come on separate watch streams, the pods' far the busier (every change of every trainer pod, a
+# relist after a dropped stream): a Job's end may be seen before its pods'.
+POD_LAG_SECONDS = 30
+
+
+def _pods_behind(job: dict[str, Any], pods: list[dict[str, Any]], now: datetime) -> bool:
+    """Whether the attempt's Job ended POD_LAG_SECONDS ago or less and its pods, as seen, do not show that end yet: for
+    a success rank 0's (its termination message holds the evaluation and the final metrics), for a failure any exit or
+    disruption. Judged without them, a finished job lost its results for good (it is never reconciled again), and a
+    trainer's exit 1 was counted and retried as an infrastructure failure."""
+    ended = _parse_time(job.get("ended"))
+    if ended is None or now >= ended + timedelta(seconds=POD_LAG_SECONDS):
+        return False
+    if job["complete"]:
+        return any(p["index"] == 0 and "terminated" not in p for p in pods)
+    told = any("terminated" in p or p.get("disrupted") or p["phase"] == "Failed" for p in pods)
+    return bool(pods) and not told and outcome.failure_cause(job, pods).retry != Retry.FREE
 
 
 def _created(conds: Conditions, attempt: int, workers: int) -> None:
