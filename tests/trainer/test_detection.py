@@ -492,6 +492,7 @@ def test_a_detector_trains_reports_its_scores_and_the_export_reloads(pvc_root: P
     report = run(cfg, tmp_path / "out")
     baseline, final = report["evaluation"]["baseline"], report["evaluation"]["final"]
     assert report["training"]["train_samples"] == report["training"]["test_samples"] == 8  # the split files
+    assert report["training"]["tokens_per_second"] is None  # images have no tokens (their samples were counted)
     losses = [h["loss"] for h in report["training"]["history"]]
     assert sum(losses[-3:]) < sum(losses[:3]) * 0.7
     assert set(final) == {"map", "map50"} and all(0 <= v <= 1 for v in [*final.values(), *baseline.values()])

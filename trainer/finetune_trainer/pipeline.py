@@ -577,7 +577,8 @@ def training_section(state: LoopState, total: int, per_epoch: int, train_data: E
     epochs = state.epoch + state.position / per_epoch  # passes over the data, fractional when stopped early
     return {"steps": state.step, "total_steps": total, "epochs": epochs, "seconds": state.seconds,
             "cpu_seconds": state.cpu_seconds,
-            "samples_per_second": state.samples / seconds, "tokens_per_second": state.tokens / seconds,
+            "samples_per_second": state.samples / seconds,
+            "tokens_per_second": state.tokens / seconds if state.tokens else None,  # images have no tokens
             "train_samples": len(train_data.lengths), "validation_samples": len(validation_data.lengths),
             "test_samples": len(test_data.lengths), "workers": world.size,
             "precision": precision_name(dtype),  # what `auto` resolved to
