@@ -1172,3 +1172,16 @@ def test_a_failure_seen_before_its_pods_waits_for_the_exit_that_says_why() -> No
     assert freed["attempts"] == 2 and not freed.get("failures")
     late = after(decide(Observed(body(running), [failed], [pod()], NOW + timedelta(minutes=2))), running)
     assert late["attempts"] == 2 and late["failures"] == 1
+
+
+def test_a_child_job_deleted_by_hand_in_the_foreground_ends_its_attempt_uncounted_too() -> None:
+    """`kubectl delete job ft-1 --cascade=foreground` (or a Job another controller's finalizer holds): the Job stays,
+    deleting, until its pods are gone, and their exit 143 on the SIGTERM was counted as the attempt's failure; with
+    backoffLimit 0 the job failed, where a background delete of the same Job restarts it for free."""
+    running = after(decide(Observed(body({"attempts": 1}), [job()], [pod()], NOW)))
+    stopped = pod(phase="Failed", exit_code=143, message={"exitCode": 143, "reason": "Terminated", "message": "SIGTERM"},
+                  deletionTimestamp="2026-12-01T12:00:30Z")
+    gone = decide(Observed(body(running, backoffLimit=0), [job(deleting=True)], [stopped], NOW + timedelta(seconds=40)))
+    status = after(gone, running)
+    assert status["attempts"] == 2 and not status.get("failures") and status["phase"] == "Pending"
+    assert conditions(status)["Restarting"] == ("True", "JobDeleted")

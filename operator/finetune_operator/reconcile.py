@@ -273,11 +273,12 @@ def decide(seen: Observed) -> Decision | None:
             decision.delete_job, decision.delete_job_reason = job["name"], "DeadlineExceeded"
         return _finish(decision, old, conds)
 
-    # The attempt's Job is gone and its pods are being deleted: someone else deleted it (`kubectl delete job` of a hung
-    # attempt; the operator's own deletions move on to the next attempt). Made again under the same number, the new
-    # Job took the old pods, once Failed, for failures of its own: one counted, and the new Job left running beside
-    # the next attempt, which waited for it to finish. So the next attempt comes, not counted, as for a disruption.
-    if job is None and pods and all(p.get("deletionTimestamp") for p in pods):
+    # The attempt's Job is gone, or going (a foreground delete keeps it until its pods are gone), and its pods are being
+    # deleted: someone else deleted it (`kubectl delete job` of a hung attempt; the operator's own deletions move on to
+    # the next attempt). Made again under the same number, the new Job took the old pods, once Failed, for failures of
+    # its own: one counted, and the new Job left running beside the next attempt, which waited for it to finish; kept,
+    # their exit 143 on the SIGTERM was counted. So the next attempt comes, not counted, as for a disruption.
+    if (job is None or job["deleting"]) and pods and all(p.get("deletionTimestamp") for p in pods):
         _next_attempt(conds, status, attempt, "JobDeleted",
                       f"the Job {children.child_name(meta['name'], attempt)} was deleted")
         return _finish(decision, old, conds)
