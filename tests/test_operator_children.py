@@ -222,16 +222,19 @@ def test_a_quota_refusal_waits_and_an_invalid_child_is_refused() -> None:
 
 
 class Existing:
-    """Clients whose apiserver already holds every child, owned by `uid`."""
+    """Clients whose apiserver already holds every child as the spec makes it, owned by `uid`."""
 
     def __init__(self, uid: str, deleting: bool = False) -> None:
         self.uid, self.deleting = uid, deleting
+        self.asked: dict = {}
 
-    def call(self, method: str, path: str, body: object = None, **query: object) -> bytes:
+    def call(self, method: str, path: str, body: dict | None = None, **query: object) -> bytes:
         if method == "POST":
+            self.asked = body or {}
             raise ApiException(status=409, reason="AlreadyExists")
         meta = {"ownerReferences": [{"kind": "FineTuneJob", "uid": self.uid}]}
-        return json.dumps({"metadata": meta | ({"deletionTimestamp": "2026-12-01T12:00:00Z"} if self.deleting else {})}).encode()
+        meta |= {"deletionTimestamp": "2026-12-01T12:00:00Z"} if self.deleting else {}
+        return json.dumps(self.asked | {"metadata": meta}).encode()
 
 
 def test_a_job_records_the_generation_and_recipe_it_was_made_from() -> None:
@@ -258,6 +261,42 @@ def test_a_child_that_exists_is_ours_or_waited_for() -> None:
         with pytest.raises(handlers.HeldBack, match="waiting") as held:  # shown as Created False, NameTaken
             handlers._create_attempt(other, doc, spec, 1, SETTINGS)
         assert held.value.reason == "NameTaken" and held.value.delay == handlers.NAME_TAKEN_RETRY_SECONDS
+
+
+
+class Holding:
+    """Clients whose apiserver keeps what is created, and refuses Jobs for a quota while `quota` is set."""
+
+    def __init__(self) -> None:
+        self.objects: dict[str, object] = {}
+        self.quota = True
+
+    def call(self, method: str, path: str, body: dict | None = None, **query: object) -> bytes:
+        if method == "GET":
+            return json.dumps(self.objects[path]).encode()
+        assert body is not None
+        if f"{path}/{body['metadata']['name']}" in self.objects:
+            raise ApiException(status=409, reason="AlreadyExists")
+        if self.quota and body["kind"] == "Job":
+            raise Refusing(403, 'jobs.batch "ft-1" is forbidden: exceeded quota: team-quota').call(method, path)
+        self.objects[f"{path}/{body['metadata']['name']}"] = body
+        return b"{}"
+
+
+def test_a_config_map_made_from_an_earlier_spec_is_not_taken_for_the_attempts() -> None:
+    """Attempt 1's ConfigMap made, its Job held back by a quota (or the operator killed before it), the job suspended,
+    retuned and resumed: attempt 1 kept its number, and its Job, made from the new spec, ran the trainer config of the
+    old one, which the ConfigMap that already existed held."""
+    apiserver = Holding()
+    doc, spec = ftj()
+    with pytest.raises(handlers.HeldBack):
+        handlers._create_attempt(apiserver, doc, spec, 1, SETTINGS)
+    apiserver.quota = False
+    retuned, new_spec = ftj(training=doc["spec"]["training"] | {"epochs": 7})
+    with pytest.raises(handlers.Stale, match="ConfigMap minilm-sentiment-1 .*earlier spec"):
+        handlers._create_attempt(apiserver, retuned, new_spec, 1, SETTINGS)
+    handlers._create_attempt(apiserver, doc, spec, 1, SETTINGS)  # the same spec's: the tick that made it, again
+    assert any(path.endswith("/jobs/minilm-sentiment-1") for path in apiserver.objects)
 
 
 class Answering:

@@ -1185,3 +1185,17 @@ def test_a_child_job_deleted_by_hand_in_the_foreground_ends_its_attempt_uncounte
     status = after(gone, running)
     assert status["attempts"] == 2 and not status.get("failures") and status["phase"] == "Pending"
     assert conditions(status)["Restarting"] == ("True", "JobDeleted")
+
+
+def test_an_attempt_whose_config_map_holds_an_earlier_spec_gives_way_to_the_next() -> None:
+    """Attempt 1's ConfigMap, made before a quota held its Job back, holds the spec as it was before a suspend, a retune
+    and a resume: made beside it, the Job ran the old recipe. The next number gets children of the spec, uncounted."""
+    suspended = {"attempts": 1, "startTime": "2026-12-01T11:00:00Z",
+                 "conditions": [{"type": "Created", "status": "False", "reason": "ExceededQuota", "message": "",
+                                 "lastTransitionTime": "2026-12-01T11:00:00Z"}]}
+    stale = "attempt 1's ConfigMap ft-1 was made from an earlier spec"
+    decision = decide(Observed(body(suspended), [], [], NOW, stale=stale))
+    status = after(decision, suspended)
+    assert decision.create_attempt is None and status["attempts"] == 2 and not status.get("failures")
+    assert conditions(status)["Restarting"] == ("True", "Resumed") and "children" not in status
+    assert decide(Observed(body(status), [], [], NOW + timedelta(seconds=2))).create_attempt == 2

@@ -279,6 +279,10 @@ def _create(clients: Clients, obj: dict[str, Any]) -> None:
         if meta["ownerReferences"][0]["uid"] not in owners:
             raise HeldBack("NameTaken", f"a {kind} named {meta['name']} exists and is not this FineTuneJob's (an "
                            "earlier one's of this name?): waiting for it to be deleted", NAME_TAKEN_RETRY_SECONDS) from exc
+        # Made by a try of this attempt cut short before its Job (a quota, the operator killed) from the spec as it
+        # was before a suspend, a retune and a resume: beside it, the Job of the new spec ran the old trainer config.
+        if kind == "ConfigMap" and existing.get("data") != obj["data"]:
+            raise Stale(f"the ConfigMap {meta['name']} was made from an earlier spec, before its Job") from exc
 
 
 class HeldBack(Exception):
@@ -289,6 +293,11 @@ class HeldBack(Exception):
     def __init__(self, reason: str, message: str, delay: float) -> None:
         super().__init__(message)
         self.reason, self.delay = reason, delay
+
+
+class Stale(Exception):
+    """The attempt's ConfigMap exists, this job's, but holds another spec's trainer config: the attempt gives way to
+    the next (reconcile), as the operator may not change it."""
 
 
 NAME_TAKEN_RETRY_SECONDS = 5
@@ -392,7 +401,9 @@ def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, job_index: k
                 seen.problems = [str(exc)]
             except HeldBack as exc:
                 held, seen.held_back = exc, (exc.reason, str(exc))
-        if seen.problems or held:
+            except Stale as exc:
+                seen.stale = str(exc)
+        if seen.problems or held or seen.stale:
             decision = reconcile.decide(seen)
             assert decision is not None
         else:

@@ -49,6 +49,7 @@ class Observed:
     # (reason, message) of why the attempt's children could not be made yet (a ResourceQuota refused one, an object
     # not this job's holds a name): it waits, and tries again
     held_back: tuple[str, str] | None = None
+    stale: str | None = None  # why the attempt's children, made in part from an earlier spec, cannot be used
     earlier_pods: list[dict[str, Any]] = field(default_factory=list, init=False)  # an earlier FineTuneJob's, this name
 
     def __post_init__(self) -> None:
@@ -302,6 +303,9 @@ def decide(seen: Observed) -> Decision | None:
                       f"({', '.join(stopping[:3])}{', ...' if len(stopping) > 3 else ''}) and write to the same "
                       "claims: waiting for them to stop "
                       "(a Job of it orphaned by kubectl delete --cascade=orphan must be deleted by hand)")
+            return _finish(decision, old, conds)
+        if seen.stale:  # its ConfigMap stays, the job's (the garbage collector takes it with the job)
+            _next_attempt(conds, status, max(attempt, 1), RESUMED, seen.stale)
             return _finish(decision, old, conds)
         decision.create_attempt = max(attempt, 1)
         status["attempts"] = decision.create_attempt
