@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import codecs
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -174,6 +175,20 @@ def test_files_of_an_image_folder_that_are_no_images_are_all_named_before_traini
                                         rf"{tmp_path}/Cat/666.jpg, {tmp_path}/Dog/page.jpg \(the first: UnidentifiedImageError: "
                                         r"cannot identify image file .*\); remove them$"):
         check_images_once(data, str(tmp_path), CPU)
+
+
+def test_an_image_the_trainer_may_not_read_is_the_datasets_fault_another_failed_read_the_volumes() -> None:
+    """The trainer runs as a non-root user: a file whose mode it may not read (EACCES, EPERM) is the dataset's to
+    fix (exit 1, not retried), as a file that is no image is; an EIO is the volume's, raised (exit 2). The errors
+    are the ones open() raises, built here: the tests run as root, which any file's mode lets read."""
+    import errno
+
+    from finetune_trainer.data import image_fault
+
+    for code in (errno.EACCES, errno.EPERM):
+        assert image_fault(PermissionError(code, os.strerror(code), "x.png")).startswith("PermissionError: ")
+    with pytest.raises(OSError, match="Input/output error"):
+        image_fault(OSError(errno.EIO, os.strerror(errno.EIO), "x.png"))
 
 
 def test_only_the_image_files_the_run_uses_are_opened_before_training(tmp_path: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import codecs
 import csv
+import errno
 import io
 import json
 import logging
@@ -139,20 +140,20 @@ def image_paths(column: pd.Series, bases: list[Path], folder: Path, uri: str) ->
     return paths
 
 
-def images_problem(paths: list[str], uri: str) -> str | None:
-    """Which of the files do not open as images, by their headers, None where all do: one that is none (Kaggle's
-    0-byte PetImages/Cat/666.jpg, an HTML page saved as .jpg) stopped the job only when its batch came, hours into
-    an epoch, and the next such file the next run. A file cut short after its header still stops the job at its
-    batch (batches.open_rgb). Read by threads: on a network volume each file's open waits on a round trip."""
+def bad_images(paths: list[str]) -> dict[str, str]:
+    """Of the files, those that do not open as images, by their headers, and why: one that is none (Kaggle's 0-byte
+    PetImages/Cat/666.jpg, an HTML page saved as .jpg) stopped the job only when its batch came, hours into an epoch,
+    and the next such file the next run. A file cut short after its header still stops the job at its batch
+    (batches.open_rgb). Read by threads: on a network volume each file's open waits on a round trip."""
     from concurrent.futures import ThreadPoolExecutor
 
-    files = list(dict.fromkeys(paths))  # a table may name a file twice
     with ThreadPoolExecutor(HEADER_READERS) as pool:
-        bad = {path: problem for path, problem in zip(files, pool.map(image_problem, files)) if problem}
-    if not bad:
-        return None
-    return (f"dataset {uri}: {len(bad)} of its {len(files)} image files do not open as images: {listed(list(bad))} "
-            f"(the first: {next(iter(bad.values()))}); remove them")
+        return {path: problem for path, problem in zip(paths, pool.map(image_problem, paths)) if problem}
+
+
+def bad_images_error(bad: dict[str, str], count: int, uri: str) -> DataError:
+    return DataError(f"dataset {uri}: {len(bad)} of its {count} image files do not open as images: "
+                     f"{listed(list(bad))} (the first: {next(iter(bad.values()))}); remove them")
 
 
 def image_problem(path: str) -> str | None:
@@ -166,11 +167,17 @@ def image_problem(path: str) -> str | None:
         return image_fault(exc)
 
 
+# A read refused by the file's own mode (the trainer runs as a non-root user) is the dataset's to fix, as a file that
+# is no image is; another errno (EIO, ESTALE) is the volume's.
+UNREADABLE = {errno.EACCES, errno.EPERM}
+
+
 def image_fault(exc: Exception) -> str:
     """What is wrong with an image file, from what Pillow raised opening or decoding it: one that is no image (an
-    HTML page saved as .jpg, an upload cut short, a decompression bomb) is the file's fault, the dataset's. An
-    OSError with an errno is a read that failed, the volume's fault, not the file's: raised again."""
-    if isinstance(exc, OSError) and exc.errno is not None:
+    HTML page saved as .jpg, an upload cut short, a decompression bomb) or that the trainer may not read is the
+    file's fault, the dataset's. Another OSError with an errno is a read that failed, the volume's fault, not the
+    file's: raised again."""
+    if isinstance(exc, OSError) and exc.errno is not None and exc.errno not in UNREADABLE:
         raise exc
     return f"{type(exc).__name__}: {exc}"
 

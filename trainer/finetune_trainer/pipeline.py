@@ -35,13 +35,13 @@ from finetune_trainer.adjust import freeze, freeze_checked, lora_targets, param_
 from finetune_trainer.batches import (Batch, Encoded, encode_causal, encode_images, encode_text, epoch_batches,
                                       eval_batches, make_collate, say_truncated)
 from finetune_trainer.config import Batching, HealSpec, PruneSpec, Stage, Task, TrainerConfig
-from finetune_trainer.data import (LabelledData, Split, check_label_count, head_order, images_problem, in_head_order,
-                                   load_dataset, load_texts)
+from finetune_trainer.data import (LabelledData, Split, bad_images, bad_images_error, check_label_count, head_order,
+                                   in_head_order, load_dataset, load_texts)
 from finetune_trainer.detection import analysis as detection_analysis
 from finetune_trainer.detection.coco import load_coco, renumbered
 from finetune_trainer.detection.metrics import evaluate_detector
 from finetune_trainer.detection.models import Detector, check_batch_size, class_count, load_detector, resize_head
-from finetune_trainer.errors import EXIT_OK, ConfigError, DataError, Terminated, no_space_in
+from finetune_trainer.errors import EXIT_OK, ConfigError, Terminated, no_space_in
 from finetune_trainer.evaluate import deltas, evaluate
 from finetune_trainer.lora_fused import fuse
 from finetune_trainer.models import (ImageClassifier, check_image_size, check_positions, check_vocabulary,
@@ -469,12 +469,21 @@ def footprint_alone(model: nn.Module, serving: list[Batch], world: distributed.W
 
 
 def check_images_once(data: LabelledData, uri: str, world: distributed.World) -> None:
-    """Rank 0 opens the image files the run uses (its splits, within maxTrainSamples and maxEvalSamples, not every
-    file of the dataset), and every rank raises its verdict: the ranks read one dataset, and each checking it read
-    every file from the volume once per rank."""
-    paths = [path for split in (data.train, data.validation, data.test) for path in split.inputs]
-    if problem := world.broadcast(images_problem(paths, uri) if world.main else None):
-        raise DataError(problem)
+    """The image files the run uses (its splits, within maxTrainSamples and maxEvalSamples, not every file of the
+    dataset) open as images, each read once: each rank opens its share and every rank raises the one verdict. Every
+    rank had read every file from the one volume; rank 0 alone kept the others in the collective past NCCL's timeout
+    on a large dataset. A read that fails (the volume's) is a verdict too, so no rank waits on one that raised."""
+    paths = list(dict.fromkeys(path for split in (data.train, data.validation, data.test) for path in split.inputs))
+    try:
+        verdict: tuple[dict[str, str], OSError | None] = (bad_images(paths[world.rank::world.size]), None)
+    except OSError as exc:
+        verdict = ({}, exc)
+    verdicts = world.gather(verdict)
+    if failed := next((exc for _, exc in verdicts if exc is not None), None):
+        raise failed
+    found = {path: problem for bad, _ in verdicts for path, problem in bad.items()}
+    if found:  # in the dataset's order, as one rank would list them
+        raise bad_images_error({path: found[path] for path in paths if path in found}, len(paths), uri)
 
 
 def heal_once(model: nn.Module, unpruned: nn.Module | None, task: Task, batches: Iterator[Batch], spec: HealSpec,
