@@ -1181,10 +1181,20 @@ def test_a_child_job_deleted_by_hand_in_the_foreground_ends_its_attempt_uncounte
     running = after(decide(Observed(body({"attempts": 1}), [job()], [pod()], NOW)))
     stopped = pod(phase="Failed", exit_code=143, message={"exitCode": 143, "reason": "Terminated", "message": "SIGTERM"},
                   deletionTimestamp="2026-12-01T12:00:30Z")
-    gone = decide(Observed(body(running, backoffLimit=0), [job(deleting=True)], [stopped], NOW + timedelta(seconds=40)))
-    status = after(gone, running)
-    assert status["attempts"] == 2 and not status.get("failures") and status["phase"] == "Pending"
-    assert conditions(status)["Restarting"] == ("True", "JobDeleted")
+    # Seen before, then after, the Job controller fails the deleting Job on that exit (backoffLimit 0).
+    failed = job(deleting=True, active=0, failed=1, ended="2026-12-01T12:00:35Z",
+                 failure={"reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"})
+    for deleting in (job(deleting=True), failed):
+        gone = decide(Observed(body(running, backoffLimit=0), [deleting], [stopped], NOW + timedelta(seconds=40)))
+        status = after(gone, running)
+        assert status["attempts"] == 2 and not status.get("failures") and status["phase"] == "Pending", deleting
+        assert conditions(status)["Restarting"] == ("True", "JobDeleted")
+    # A worker that failed by itself before the delete still says why: its exit 1 is the attempt's end.
+    user_error = pod(phase="Failed", exit_code=1, message={"exitCode": 1, "reason": "ConfigError", "message": "bad"},
+                     deletionTimestamp="2026-12-01T12:00:30Z")
+    judged = after(decide(Observed(body(running, backoffLimit=0), [failed], [user_error], NOW + timedelta(seconds=40))),
+                   running)
+    assert judged["phase"] == "Failed" and judged["reason"] == "ConfigError"
 
 
 def test_an_attempt_whose_config_map_holds_an_earlier_spec_gives_way_to_the_next() -> None:
