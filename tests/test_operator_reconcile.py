@@ -1208,4 +1208,5 @@ def test_an_attempt_whose_config_map_holds_an_earlier_spec_gives_way_to_the_next
     status = after(decision, suspended)
     assert decision.create_attempt is None and status["attempts"] == 2 and not status.get("failures")
     assert conditions(status)["Restarting"] == ("True", "Resumed") and "children" not in status
+    assert decision.delete_job == "ft-1"  # made beside that ConfigMap, unseen yet (a watch behind), it ran the old recipe
     assert decide(Observed(body(status), [], [], NOW + timedelta(seconds=2))).create_attempt == 2

@@ -77,7 +77,10 @@ def trainer_config(spec: api.FineTuneJobSpec) -> dict[str, Any]:
 
 
 def config_map(ftj: dict[str, Any], spec: api.FineTuneJobSpec, attempt: int) -> dict[str, Any]:
-    return {"apiVersion": "v1", "kind": "ConfigMap", "metadata": _metadata(ftj, attempt),
+    """The trainer's config, and the recipe it was made from (as the Job's): a ConfigMap of a try of this attempt
+    cut short before its Job may hold another spec's (handlers._create)."""
+    return {"apiVersion": "v1", "kind": "ConfigMap",
+            "metadata": _metadata(ftj, attempt) | {"annotations": {RECIPE_ANNOTATION: recipe(spec)}},
             "data": {CONFIG_KEY: json.dumps(trainer_config(spec), indent=1, sort_keys=True)}}
 
 

@@ -281,7 +281,10 @@ def _create(clients: Clients, obj: dict[str, Any]) -> None:
                            "earlier one's of this name?): waiting for it to be deleted", NAME_TAKEN_RETRY_SECONDS) from exc
         # Made by a try of this attempt cut short before its Job (a quota, the operator killed) from the spec as it
         # was before a suspend, a retune and a resume: beside it, the Job of the new spec ran the old trainer config.
-        if kind == "ConfigMap" and existing.get("data") != obj["data"]:
+        # By the recipe, not the data: an operator of a later version writes an unchanged spec's defaults anew. One
+        # made before the annotation is taken, as then.
+        made = (existing["metadata"].get("annotations") or {}).get(children.RECIPE_ANNOTATION)
+        if kind == "ConfigMap" and made and made != meta["annotations"][children.RECIPE_ANNOTATION]:
             raise Stale(f"the ConfigMap {meta['name']} was made from an earlier spec, before its Job") from exc
 
 

@@ -306,6 +306,9 @@ def decide(seen: Observed) -> Decision | None:
                       "(a Job of it orphaned by kubectl delete --cascade=orphan must be deleted by hand)")
             return _finish(decision, old, conds)
         if seen.stale:  # its ConfigMap stays, the job's (the garbage collector takes it with the job)
+            # and its Job, made beside that ConfigMap but not yet seen (a watch behind), would run the old recipe
+            decision.delete_job = children.child_name(meta["name"], max(attempt, 1))
+            decision.delete_job_reason = RESUMED
             _next_attempt(conds, status, max(attempt, 1), RESUMED, seen.stale)
             return _finish(decision, old, conds)
         decision.create_attempt = max(attempt, 1)
