@@ -1181,20 +1181,29 @@ def test_a_child_job_deleted_by_hand_in_the_foreground_ends_its_attempt_uncounte
     running = after(decide(Observed(body({"attempts": 1}), [job()], [pod()], NOW)))
     stopped = pod(phase="Failed", exit_code=143, message={"exitCode": 143, "reason": "Terminated", "message": "SIGTERM"},
                   deletionTimestamp="2026-12-01T12:00:30Z")
-    # Seen before, then after, the Job controller fails the deleting Job on that exit (backoffLimit 0).
-    failed = job(deleting=True, active=0, failed=1, ended="2026-12-01T12:00:35Z",
-                 failure={"reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"})
-    for deleting in (job(deleting=True), failed):
-        gone = decide(Observed(body(running, backoffLimit=0), [deleting], [stopped], NOW + timedelta(seconds=40)))
+    # Seen before, then after, the Job controller fails the deleting Job on that exit (backoffLimit 0); under torchrun
+    # (a gang, or processes per worker) the container exits 1 on the SIGTERM and the trainer's message says 143.
+    backoff = {"reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}
+    deleted = {"deleting": True, "deleted": "2026-12-01T12:00:30Z"}
+    failed = job(active=0, failed=1, ended="2026-12-01T12:00:35Z", failure=backoff, **deleted)
+    torchrun = pod(phase="Failed", exit_code=1, message={"exitCode": 143, "reason": "Terminated", "message": "SIGTERM"},
+                   deletionTimestamp="2026-12-01T12:00:30Z")
+    for deleting, stopping in ((job(**deleted), stopped), (failed, stopped), (failed, torchrun)):
+        gone = decide(Observed(body(running, backoffLimit=0), [deleting], [stopping], NOW + timedelta(seconds=40)))
         status = after(gone, running)
         assert status["attempts"] == 2 and not status.get("failures") and status["phase"] == "Pending", deleting
         assert conditions(status)["Restarting"] == ("True", "JobDeleted")
-    # A worker that failed by itself before the delete still says why: its exit 1 is the attempt's end.
+    # A worker that failed by itself before the delete still says why: its exit 1 is the attempt's end; and where its
+    # pod, counted, went at once with the delete, leaving its peers' 143, the attempt failed all the same (counted).
+    before = job(active=0, failed=1, ended="2026-12-01T12:00:20Z", failure=backoff, **deleted)
     user_error = pod(phase="Failed", exit_code=1, message={"exitCode": 1, "reason": "ConfigError", "message": "bad"},
                      deletionTimestamp="2026-12-01T12:00:30Z")
-    judged = after(decide(Observed(body(running, backoffLimit=0), [failed], [user_error], NOW + timedelta(seconds=40))),
+    judged = after(decide(Observed(body(running, backoffLimit=0), [before], [user_error], NOW + timedelta(seconds=40))),
                    running)
     assert judged["phase"] == "Failed" and judged["reason"] == "ConfigError"
+    peers_only = after(decide(Observed(body(running, backoffLimit=0), [before], [stopped], NOW + timedelta(seconds=40))),
+                       running)
+    assert peers_only["phase"] == "Failed" and peers_only["failures"] == 1
 
 
 def test_an_attempt_whose_config_map_holds_an_earlier_spec_gives_way_to_the_next() -> None:

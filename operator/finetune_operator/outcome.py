@@ -217,6 +217,7 @@ def job_summary(job: dict[str, Any]) -> dict[str, Any]:
         "ended": (ended or {}).get("lastTransitionTime"),  # when it succeeded or failed
         "started": status.get("startTime"),  # set again when its queue admits it
         "deleting": bool(job["metadata"].get("deletionTimestamp")),
+        "deleted": job["metadata"].get("deletionTimestamp"),  # when: an end after it is the delete's (reconcile)
         "suspended": bool((job.get("spec") or {}).get("suspend")) or "Suspended" in conditions,
         "created": job["metadata"].get("creationTimestamp") or "",
         # what it was made from (None for a Job an operator made before these annotations)

@@ -227,7 +227,7 @@ def decide(seen: Observed) -> Decision | None:
     # An attempt that ended is judged by how it ended, however late that is seen: a suspend or a deadline after
     # its end must neither fail a completed job nor retry one that exit 1 says cannot succeed. Not an end that a
     # delete by hand made (JobDeleted, below).
-    if job and (job["complete"] or job["failure"]) and not _stopped_by_a_delete(job, pods):
+    if job and (job["complete"] or job["failure"]) and not _stopped_by_a_delete(job):
         return _finish(decision, old, conds) if _pods_behind(job, pods, now) else observe()
 
     if spec.suspend:
@@ -326,13 +326,13 @@ def decide(seen: Observed) -> Decision | None:
     return observe()
 
 
-def _stopped_by_a_delete(job: dict[str, Any], pods: list[dict[str, Any]]) -> bool:
+def _stopped_by_a_delete(job: dict[str, Any]) -> bool:
     """A Job deleted in the foreground stays, deleting, until its pods are gone, and the Job controller fails it on
-    their exit 143 to the delete's SIGTERM (backoffLimit 0): whether that is all that ended them, every pod being
-    deleted and none ended otherwise (a worker that failed by itself before the delete still says why)."""
-    return job["deleting"] and bool(pods) and all(
-        p.get("deletionTimestamp") and (p.get("terminated") or {}).get("exitCode") in (None, outcome.EXIT_TERMINATED)
-        for p in pods)
+    their exit to the delete's SIGTERM (backoffLimit 0): whether it ended after the delete. By the times, not the exit
+    codes: torchrun exits 1 on a SIGTERM, and a worker that had failed by itself, its pod already counted, is gone at
+    once when the Job is deleted, leaving its peers' 143."""
+    deleted, ended = _parse_time(job.get("deleted")), _parse_time(job.get("ended"))
+    return job["deleting"] and deleted is not None and ended is not None and ended >= deleted
 
 
 # The Jobs and the pods come on separate watch streams, the pods' far the busier (every change of every trainer pod, a
