@@ -472,11 +472,12 @@ def check_images_once(data: LabelledData, uri: str, world: distributed.World) ->
     """The image files the run uses (its splits, within maxTrainSamples and maxEvalSamples, not every file of the
     dataset) open as images, each read once: each rank opens its share and every rank raises the one verdict. Every
     rank had read every file from the one volume; rank 0 alone kept the others in the collective past NCCL's timeout
-    on a large dataset. A read that fails (the volume's) is a verdict too, so no rank waits on one that raised."""
+    on a large dataset. A read that fails (the volume's), or any error, is a verdict too, so no rank waits on one that
+    raised."""
     paths = list(dict.fromkeys(path for split in (data.train, data.validation, data.test) for path in split.inputs))
     try:
-        verdict: tuple[dict[str, str], OSError | None] = (bad_images(paths[world.rank::world.size]), None)
-    except OSError as exc:
+        verdict: tuple[dict[str, str], Exception | None] = (bad_images(paths[world.rank::world.size]), None)
+    except Exception as exc:  # noqa: BLE001 (an EIO, or a decoder's own error: raised on every rank below)
         verdict = ({}, exc)
     verdicts = world.gather(verdict)
     if failed := next((exc for _, exc in verdicts if exc is not None), None):
