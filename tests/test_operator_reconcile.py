@@ -30,7 +30,7 @@ def body(status: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
 
 def job(attempt: int = 1, **fields: Any) -> dict[str, Any]:
     return {"name": f"ft-{attempt}", "attempt": attempt, "active": 1, "ready": 0, "succeeded": 0, "failed": 0,
-            "complete": False, "failure": None, "deleting": False} | fields
+            "complete": False, "failure": None, "deleting": None} | fields
 
 
 def pod(attempt: int = 1, index: int = 0, phase: str = "Running", exit_code: int | None = None,
@@ -194,7 +194,7 @@ def test_what_a_new_observation_lacks_leaves_the_merge_patched_status() -> None:
                  "conditions": [{"type": "Suspended", "status": "True", "reason": "Suspended", "message": "",
                                  "lastTransitionTime": "2026-12-01T11:30:00Z"}]}
     # Resumed with one worker (spec.runtime.workers was 2): the next attempt has no Service.
-    resumed = after(decide(Observed(body(suspended), [job(1, active=0, deleting=True)], [], NOW)), suspended)
+    resumed = after(decide(Observed(body(suspended), [job(1, active=0, deleting="2026-12-01T12:00:30Z")], [], NOW)), suspended)
     assert resumed["children"] == {"configMap": "ft-1", "job": "ft-1"}
     sample = {"step": 30, "total_steps": 120, "samples_per_second": 32.0, "tokens_per_second": 900.0}
     running = after(decide(Observed(body({"attempts": 1}), [job()], [pod()], NOW, sample=sample)))
@@ -513,7 +513,7 @@ def test_a_worker_on_a_lost_node_ends_the_attempt_as_a_disruption_and_its_job_go
     assert conditions(status)["Restarting"] == ("True", "DeletionByTaintManager")
     assert ended.delete_job == "ft-1" and ended.create_attempt is None
     # A tick that still reads the earlier status decides the same again, but the Job being deleted is left alone.
-    deleting = [dict(active, deleting=True)]
+    deleting = [dict(active, deleting="2026-12-01T12:00:30Z")]
     stale = decide(Observed(body(running, backoffLimit=0), deleting, [lost], NOW + timedelta(minutes=1)))
     assert after(stale, running)["attempts"] == 2 and stale.delete_job is None
     # The next tick starts the next attempt: the lost pod holds it no longer.
@@ -559,13 +559,13 @@ def test_suspend_stops_the_attempt_and_resume_starts_the_next() -> None:
     decision = decide(Observed(body({"attempts": 1}, suspend=True), [job()], [pod()], NOW))
     status = after(decision)
     assert decision.delete_job == "ft-1" and status["phase"] == "Suspended"
-    resumed = decide(Observed(body(status), [job(deleting=True)], [], NOW + timedelta(minutes=5)))
+    resumed = decide(Observed(body(status), [job(deleting="2026-12-01T12:00:30Z")], [], NOW + timedelta(minutes=5)))
     status = after(resumed, status)
     assert status["attempts"] == 2 and status["phase"] == "Pending" and conditions(status)["Restarting"][1] == "Resumed"
     # The user's resume is told, and is no warning (alerts on Warning Events fired at each one).
     assert {e[1] for e in resumed.events} == {"Resumed"} and {e[0] for e in resumed.events} == {"Normal"}
     assert status["startTime"] == "2026-12-01T12:05:00Z"  # as for a Job, the deadline's clock restarts
-    assert decide(Observed(body(status), [job(deleting=True)], [], NOW)).create_attempt == 2
+    assert decide(Observed(body(status), [job(deleting="2026-12-01T12:00:30Z")], [], NOW)).create_attempt == 2
 
 
 def test_a_retune_whose_suspend_no_tick_saw_stops_the_attempt_and_the_next_resumes_with_it() -> None:
@@ -588,7 +588,7 @@ def test_a_retune_whose_suspend_no_tick_saw_stops_the_attempt_and_the_next_resum
     assert {e[0] for e in decision.events} == {"Normal"}  # the user's own doing
     # The next attempt comes once the stopped one's pods are gone, made from the new spec.
     later = NOW + timedelta(seconds=10)
-    assert decide(Observed(body(status), [dict(made, deleting=True)], [], later)).create_attempt == 2
+    assert decide(Observed(body(status), [dict(made, deleting="2026-12-01T12:00:30Z")], [], later)).create_attempt == 2
     # An attempt that ended is judged by its end; a Job an operator made before the annotations runs on.
     ended = dict(made, complete=True, active=0, succeeded=1)
     assert after(decide(Observed(retuned, [ended], [pod(phase="Succeeded", exit_code=0, message={})], NOW)),
@@ -997,7 +997,7 @@ def test_a_running_attempt_whose_spec_this_operator_cannot_read_is_stopped_with_
     failed = after(decision, running)
     assert failed["reason"] == "InvalidSpec" and decision.delete_job == "ft-1" and failed["workers"]["active"] == 0
     # A Job that ended, or is going already, is left alone.
-    for ended in (job(active=0, failed=1, failure={"reason": "X", "message": ""}), job(deleting=True)):
+    for ended in (job(active=0, failed=1, failure={"reason": "X", "message": ""}), job(deleting="2026-12-01T12:00:30Z")):
         assert decide(Observed(later, [ended], [pod()], NOW)).delete_job is None
 
 
@@ -1184,7 +1184,7 @@ def test_a_child_job_deleted_by_hand_in_the_foreground_ends_its_attempt_uncounte
     # Seen before, then after, the Job controller fails the deleting Job on that exit (backoffLimit 0); under torchrun
     # (a gang, or processes per worker) the container exits 1 on the SIGTERM and the trainer's message says 143.
     backoff = {"reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"}
-    deleted = {"deleting": True, "deleted": "2026-12-01T12:00:30Z"}
+    deleted = {"deleting": "2026-12-01T12:00:30Z"}
     failed = job(active=0, failed=1, ended="2026-12-01T12:00:35Z", failure=backoff, **deleted)
     torchrun = pod(phase="Failed", exit_code=1, message={"exitCode": 143, "reason": "Terminated", "message": "SIGTERM"},
                    deletionTimestamp="2026-12-01T12:00:30Z")

@@ -216,8 +216,7 @@ def job_summary(job: dict[str, Any]) -> dict[str, Any]:
         "failure": {"reason": failed.get("reason", ""), "message": failed.get("message", "")} if failed else None,
         "ended": (ended or {}).get("lastTransitionTime"),  # when it succeeded or failed
         "started": status.get("startTime"),  # set again when its queue admits it
-        "deleting": bool(job["metadata"].get("deletionTimestamp")),
-        "deleted": job["metadata"].get("deletionTimestamp"),  # when: an end after it is the delete's (reconcile)
+        "deleting": job["metadata"].get("deletionTimestamp"),  # since when (an end after it is the delete's), or None
         "suspended": bool((job.get("spec") or {}).get("suspend")) or "Suspended" in conditions,
         "created": job["metadata"].get("creationTimestamp") or "",
         # what it was made from (None for a Job an operator made before these annotations)

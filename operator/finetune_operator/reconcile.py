@@ -331,8 +331,8 @@ def _stopped_by_a_delete(job: dict[str, Any]) -> bool:
     their exit to the delete's SIGTERM (backoffLimit 0): whether it ended after the delete. By the times, not the exit
     codes: torchrun exits 1 on a SIGTERM, and a worker that had failed by itself, its pod already counted, is gone at
     once when the Job is deleted, leaving its peers' 143."""
-    deleted, ended = _parse_time(job.get("deleted")), _parse_time(job.get("ended"))
-    return job["deleting"] and deleted is not None and ended is not None and ended >= deleted
+    deleted, ended = _parse_time(job["deleting"]), _parse_time(job.get("ended"))
+    return deleted is not None and ended is not None and ended >= deleted
 
 
 # The Jobs and the pods come on separate watch streams, the pods' far the busier (every change of every trainer pod, a
