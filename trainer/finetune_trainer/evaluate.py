@@ -15,7 +15,7 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from finetune_trainer.batches import Batch, Encoded, polled_eval_batches
+from finetune_trainer.batches import Batch, Encoded, loader_threads, polled_eval_batches
 from finetune_trainer.config import Metric, Task
 from finetune_trainer.distributed import World
 from finetune_trainer.models import autocast, logits_of
@@ -34,8 +34,9 @@ def evaluate(model: nn.Module, data: Encoded, collate: Callable[[Encoded, list[i
     confusion = torch.zeros((num_labels, num_labels), dtype=torch.float64, device=world.device)
     loss = torch.zeros((), dtype=torch.float64, device=world.device)
     targets = 0
-    for idx in polled_eval_batches(data.lengths, batch_size, world.rank, world.size, before_batch):
-        batch = collate(data, idx).to(world.device)
+    for _, batch in polled_eval_batches(data, collate, batch_size, world.rank, world.size, before_batch,
+                                        loader_threads(task, world.device)):
+        batch = batch.to(world.device)
         with autocast(world.device.type, dtype):
             logits = logits_of(model, batch.inputs)
         loss += loss_sum(logits, batch.labels, task)

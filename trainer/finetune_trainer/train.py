@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune_trainer import checkpoints
-from finetune_trainer.batches import IGNORE_INDEX, Batch, Encoded, batch_count, epoch_batches
+from finetune_trainer.batches import IGNORE_INDEX, Batch, Encoded, batch_count, collated, epoch_batches, loader_threads
 from finetune_trainer.config import Batching, Metric, Precision, Schedule, Task, TrainingSpec
 from finetune_trainer.distributed import World
 from finetune_trainer.errors import DataError, LossNotFinite, Terminated
@@ -274,38 +274,41 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
             batches = epoch_batches(data.lengths, spec.batch_size, seed=spec.seed, epoch=state.epoch,
                                     bucketed=spec.batching == Batching.LENGTH_BUCKETED, rank=world.rank,
                                     world_size=world.size)
+            # the steps left of the epoch (a resumed one skips those it made)
             steps = [batches[i:i + spec.gradient_accumulation]
-                     for i in range(0, len(batches), spec.gradient_accumulation)][:per_epoch]
-            for micro in steps[state.position:]:
-                started, cpu_started = time.perf_counter(), time.process_time()
-                lr = optimizer.param_groups[0]["lr"]  # what this step uses
-                loss, grad_norm, samples, tokens, stop = train_step(
-                    model, [collate(data, idx) for idx in micro], task, world, dtype, scaler, spec.max_grad_norm,
-                    optimizer, lambda: sigterm.raised, state.step + 1)
-                if math.isfinite(grad_norm):  # else fp16's GradScaler skipped the step: the schedule waits too
-                    scheduler.step()
-                state.step += 1
-                state.position += 1
-                state.seconds += time.perf_counter() - started
-                state.cpu_seconds += time.process_time() - cpu_started
-                state.samples += samples
-                state.tokens += tokens
-                state.history.append({"step": state.step, "seconds_since_train_start": state.seconds, "loss": loss,
-                                      "lr": lr, "grad_norm": grad_norm})
-                if hooks.on_step:
-                    hooks.on_step(state, total)
-                if stop:  # within the grace period: save now; the due evaluation runs when the run resumes
-                    save()
-                    raise terminated()
-                if evaluation_due():
-                    evaluate_now()
-                if state.step % spec.checkpoint_every_steps == 0:
-                    save()
-                if state.step >= total or state.stopped_early:
-                    break
-            else:
-                state.epoch += 1
-                state.position = 0
+                     for i in range(0, len(batches), spec.gradient_accumulation)][:per_epoch][state.position:]
+            with contextlib.closing(collated(data, collate, [idx for micro in steps for idx in micro],
+                                             loader_threads(task, world.device))) as loaded:
+                for micro in steps:
+                    started, cpu_started = time.perf_counter(), time.process_time()
+                    lr = optimizer.param_groups[0]["lr"]  # what this step uses
+                    loss, grad_norm, samples, tokens, stop = train_step(
+                        model, [next(loaded) for _ in micro], task, world, dtype, scaler, spec.max_grad_norm,
+                        optimizer, lambda: sigterm.raised, state.step + 1)
+                    if math.isfinite(grad_norm):  # else fp16's GradScaler skipped the step: the schedule waits too
+                        scheduler.step()
+                    state.step += 1
+                    state.position += 1
+                    state.seconds += time.perf_counter() - started
+                    state.cpu_seconds += time.process_time() - cpu_started
+                    state.samples += samples
+                    state.tokens += tokens
+                    state.history.append({"step": state.step, "seconds_since_train_start": state.seconds, "loss": loss,
+                                          "lr": lr, "grad_norm": grad_norm})
+                    if hooks.on_step:
+                        hooks.on_step(state, total)
+                    if stop:  # within the grace period: save now; the due evaluation runs when the run resumes
+                        save()
+                        raise terminated()
+                    if evaluation_due():
+                        evaluate_now()
+                    if state.step % spec.checkpoint_every_steps == 0:
+                        save()
+                    if state.step >= total or state.stopped_early:
+                        break
+                else:
+                    state.epoch += 1
+                    state.position = 0
         save()  # the end of training, so that evaluating and exporting can be resumed without training again
         if world.sum([float(sigterm.raised)])[0]:  # it came during the last step or its evaluation: stop here too
             raise terminated()

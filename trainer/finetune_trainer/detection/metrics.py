@@ -13,8 +13,8 @@ from collections.abc import Callable
 import torch
 from torch import nn
 
-from finetune_trainer.batches import Batch, Encoded, polled_eval_batches
-from finetune_trainer.config import Metric
+from finetune_trainer.batches import Batch, Encoded, loader_threads, polled_eval_batches
+from finetune_trainer.config import Metric, Task
 from finetune_trainer.detection.batches import scaled_boxes
 from finetune_trainer.detection.coco import Annotated
 from finetune_trainer.distributed import World
@@ -38,8 +38,9 @@ def evaluate_detector(model: nn.Module, data: Encoded, collate: Callable[[Encode
     model.eval()
     predictions: list[dict[str, torch.Tensor]] = []
     truths: list[dict[str, torch.Tensor]] = []
-    for idx in polled_eval_batches(data.lengths, batch_size, world.rank, world.size, before_batch):
-        batch = collate(data, idx).to(world.device)
+    for idx, batch in polled_eval_batches(data, collate, batch_size, world.rank, world.size, before_batch,
+                                          loader_threads(Task.OBJECT_DETECTION, world.device)):
+        batch = batch.to(world.device)
         detections = model(batch.inputs["pixel_values"])  # in fp32 (Detector.forward)
         boxes, labels = batch.inputs["boxes"].cpu(), batch.inputs["box_labels"].cpu()
         predictions += [{k: v.cpu() for k, v in d.items()} for d in detections]
