@@ -12,8 +12,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from finetune_trainer.batches import (Batch, Encoded, collate_images, collated, encode_images, encode_text,
-                                      loader_threads, make_collate)
+from finetune_trainer.batches import (IMAGENET_MEAN, IMAGENET_STD, Batch, Encoded, collate_images, collated,
+                                      encode_images, encode_text, loader_threads, make_collate)
 from finetune_trainer.config import Metric, ModelSpec, Task, TrainerConfig, TrainingSpec
 from finetune_trainer.data import LabelledData, Split
 from finetune_trainer.distributed import World
@@ -153,3 +153,23 @@ def test_closing_the_batches_drops_those_not_begun() -> None:
         assert next(batches).labels.tolist() == [0]
     time.sleep(1)  # what was begun ends
     assert made[:1] == [0] and len(made) <= 3  # the first, and the two made ahead of it
+
+
+def test_a_large_jpeg_is_decoded_at_a_reduced_scale_to_nearly_the_same_input(tmp_path: Path) -> None:
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+    from torchvision.transforms import functional as F
+
+    from finetune_trainer.batches import open_rgb, pixel_values
+    from finetune_trainer.detection.batches import squashed
+
+    path = tmp_path / "photo.jpg"
+    Image.fromarray(load_sample_images().images[0]).resize((1280, 854), Image.BICUBIC).save(path, quality=90)
+    assert open_rgb(str(path), at_least=224).size == (640, 427)  # a quarter would leave 213 rows, under 224
+    assert open_rgb(str(path), at_least=100).size == (160, 107)  # an eighth
+    whole = F.pil_to_tensor(open_rgb(str(path), as_shown=True).resize((224, 224), Image.BILINEAR)).float()
+    drafted = pixel_values([str(path)], 224)[0] * torch.tensor(IMAGENET_STD)[:, None, None]
+    drafted = (drafted + torch.tensor(IMAGENET_MEAN)[:, None, None]) * 255
+    assert (drafted - whole).abs().mean() < 1.5
+    pixels, size = squashed(str(path), 224)
+    assert size == (1280, 854) and pixels.shape == (3, 224, 224)  # the detector's boxes come back in the photo's pixels

@@ -13,13 +13,20 @@ PAD_LABEL = -1
 
 
 def squashed(path: str, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """An image file as training reads it, (3, image_size, image_size) in 0..1, and its own (width, height). PIL's
-    resize smooths a large image before it samples it; torchvision's resize of a tensor does not, so a large photo
-    given to the detector whole would be seen aliased, as training never showed it."""
+    """An image file as training reads it (`squashed_pixels`) and its own (width, height), as stored."""
+    with Image.open(path) as stored:  # its header: the decoding may be at a reduced scale
+        size = stored.size
+    return squashed_pixels(path, image_size), size
+
+
+def squashed_pixels(path: str, image_size: int) -> torch.Tensor:
+    """An image file as training reads it, (3, image_size, image_size) in 0..1. PIL's resize smooths a large image
+    before it samples it; torchvision's resize of a tensor does not, so a large photo given to the detector whole
+    would be seen aliased, as training never showed it."""
     from torchvision.transforms import functional as F
 
-    image = open_rgb(path)
-    return F.pil_to_tensor(image.resize((image_size, image_size), Image.BILINEAR)).float() / 255, image.size
+    image = open_rgb(path, at_least=image_size)
+    return F.pil_to_tensor(image.resize((image_size, image_size), Image.BILINEAR)).float() / 255
 
 
 def collate_detection(data: Encoded, idx: list[int], image_size: int) -> Batch:
@@ -29,7 +36,7 @@ def collate_detection(data: Encoded, idx: list[int], image_size: int) -> Batch:
     boxes = torch.zeros((len(records), most, 4))
     labels = torch.full((len(records), most), PAD_LABEL, dtype=torch.long)
     for i, record in enumerate(records):
-        pixels[i] = squashed(record.path, image_size)[0]
+        pixels[i] = squashed_pixels(record.path, image_size)
         if record.boxes:
             boxes[i, : len(record.boxes)] = scaled_boxes(record, record.boxes, image_size)
             labels[i, : len(record.labels)] = torch.tensor(record.labels)
