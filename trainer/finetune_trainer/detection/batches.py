@@ -3,10 +3,11 @@ pixels (torchvision's detectors normalise inside), boxes and labels padded to th
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from PIL import Image
 
-from finetune_trainer.batches import Batch, Encoded, open_rgb
+from finetune_trainer.batches import Batch, Encoded, resized
 from finetune_trainer.detection.coco import Annotated
 
 PAD_LABEL = -1
@@ -16,27 +17,23 @@ def squashed(path: str, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]
     """An image file as training reads it (`squashed_pixels`) and its own (width, height), as stored."""
     with Image.open(path) as stored:  # its header: the decoding may be at a reduced scale
         size = stored.size
-    return squashed_pixels(path, image_size), size
+    return squashed_pixels([path], image_size)[0], size
 
 
-def squashed_pixels(path: str, image_size: int) -> torch.Tensor:
-    """An image file as training reads it, (3, image_size, image_size) in 0..1. PIL's resize smooths a large image
-    before it samples it; torchvision's resize of a tensor does not, so a large photo given to the detector whole
-    would be seen aliased, as training never showed it."""
-    from torchvision.transforms import functional as F
-
-    image = open_rgb(path, at_least=image_size)
-    return F.pil_to_tensor(image.resize((image_size, image_size), Image.BILINEAR)).float() / 255
+def squashed_pixels(paths: list[str], image_size: int) -> torch.Tensor:
+    """Image files as training reads them, (N, 3, image_size, image_size) in 0..1 (`resized`). PIL's resize smooths a
+    large image before it samples it; torchvision's resize of a tensor does not, so a large photo given to the
+    detector whole would be seen aliased, as training never showed it."""
+    return torch.from_numpy(resized(paths, image_size, as_shown=False) / np.float32(255))
 
 
 def collate_detection(data: Encoded, idx: list[int], image_size: int) -> Batch:
     records = [data.features[i] for i in idx]
     most = max(1, max(len(r.boxes) for r in records))
-    pixels = torch.empty((len(records), 3, image_size, image_size))
+    pixels = squashed_pixels([r.path for r in records], image_size)
     boxes = torch.zeros((len(records), most, 4))
     labels = torch.full((len(records), most), PAD_LABEL, dtype=torch.long)
     for i, record in enumerate(records):
-        pixels[i] = squashed_pixels(record.path, image_size)
         if record.boxes:
             boxes[i, : len(record.boxes)] = scaled_boxes(record, record.boxes, image_size)
             labels[i, : len(record.labels)] = torch.tensor(record.labels)
