@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import itertools
 import logging
 import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -173,3 +175,116 @@ def test_a_large_jpeg_is_decoded_at_a_reduced_scale_to_nearly_the_same_input(tmp
     assert (drafted - whole).abs().mean() < 1.5
     pixels, size = squashed(str(path), 224)
     assert size == (1280, 854) and pixels.shape == (3, 224, 224)  # the detector's boxes come back in the photo's pixels
+
+
+def test_augmented_views_are_drawn_from_seed_epoch_and_row_alone() -> None:
+    from finetune_trainer.batches import Augmenting
+    from finetune_trainer.config import Augmentation
+
+    both = Augmenting((Augmentation.HORIZONTAL_FLIP, Augmentation.RANDOM_RESIZED_CROP), seed=3)
+    rows = list(range(200))
+    views = both.views(rows)
+    assert views == both.views(rows) and views[50:60] == both.views(rows[50:60])  # however the rows are batched
+    assert 70 < sum(v.flip for v in views) < 130 and len({v.crop for v in views}) == 200
+    again = [dataclasses.replace(both, epoch=1).views(rows), dataclasses.replace(both, seed=4).views(rows)]
+    assert all(sum(a != b for a, b in zip(views, other)) > 150 for other in again)
+    flips = Augmenting((Augmentation.HORIZONTAL_FLIP,), seed=3).views(rows)
+    assert all(v.crop is None for v in flips) and sum(v.flip for v in flips) > 70
+
+
+def test_a_view_mirrors_the_image_and_crops_a_part_of_it_as_torchvision_would(tmp_path: Path) -> None:
+    import random
+
+    from finetune_trainer.batches import View, random_resized_box, resized
+
+    paths = photos(tmp_path, 2)
+    whole = resized(paths, 32, as_shown=True)
+    assert np.array_equal(resized(paths, 32, True, [View(flip=True), View()]),
+                          np.stack([whole[0, :, :, ::-1], whole[1]]))
+    cropped = resized(paths, 32, True, [View(crop=7), View(crop=8)])
+    assert cropped.shape == whole.shape and not np.array_equal(cropped, whole)
+    rng = random.Random(0)
+    for size in [(640, 427), (120, 90), (1000, 10), (10, 1000)]:
+        for _ in range(200):
+            left, top, right, bottom = random_resized_box(size, rng)
+            assert 0 <= left < right <= size[0] and 0 <= top < bottom <= size[1]
+            if size == (640, 427):  # torchvision's bounds: 8-100% of the area, aspect 3/4 to 4/3 (as rounded)
+                area, aspect = (right - left) * (bottom - top) / (640 * 427), (right - left) / (bottom - top)
+                assert 0.079 <= area <= 1 and 0.74 <= aspect <= 1.36
+
+
+def test_only_the_training_split_is_augmented(tiny_cfg: TrainerConfig, tmp_path: Path) -> None:
+    from finetune_trainer.pipeline import encode
+
+    cfg = TrainerConfig.from_wire(tiny_cfg.to_wire() | {
+        "model": {"task": "image-classification", "architecture": "resnet18"},
+        "dataset": {"uri": str(tmp_path), "augment": ["horizontal-flip"]}})
+    split = Split(photos(tmp_path, 3), [0, 1, 0])
+    train, validation, test = encode(LabelledData(split, split, split, {0: "a", 1: "b"}), None, cfg, True)
+    assert train.augmenting is not None and train.augmenting.seed == cfg.training.seed
+    assert validation.augmenting is None and test.augmenting is None
+
+
+def test_a_detectors_flipped_image_carries_its_boxes_mirrored(pvc_root: Path) -> None:
+    from finetune_trainer.batches import Augmenting
+    from finetune_trainer.config import Augmentation, DatasetSpec
+    from finetune_trainer.detection.batches import collate_detection
+    from finetune_trainer.detection.coco import load_coco
+
+    data = encode_images(load_coco(DatasetSpec(uri="pvc://data/shapes", format="coco"), seed=0).train)
+    plain = collate_detection(data, [0, 1, 2, 3], 64)
+    flips = Augmenting((Augmentation.HORIZONTAL_FLIP,), seed=0)
+    epoch = next(e for e in range(50) if [v.flip for v in dataclasses.replace(flips, epoch=e).views([0, 1, 2, 3])]
+                 == [True, False, True, False])
+    drawn = collate_detection(dataclasses.replace(data, augmenting=dataclasses.replace(flips, epoch=epoch)),
+                              [0, 1, 2, 3], 64)
+    pixels, boxes = drawn.inputs["pixel_values"], drawn.inputs["boxes"]
+    assert torch.equal(pixels[[1, 3]], plain.inputs["pixel_values"][[1, 3]])
+    assert torch.equal(pixels[[0, 2]], plain.inputs["pixel_values"][[0, 2]].flip(-1))
+    assert torch.equal(boxes[[1, 3]], plain.inputs["boxes"][[1, 3]])
+    for i in (0, 2):
+        real = drawn.inputs["box_labels"][i] >= 0
+        x0, y0, x1, y1 = plain.inputs["boxes"][i][real].unbind(-1)
+        assert torch.allclose(boxes[i][real], torch.stack([64 - x1, y0, 64 - x0, y1], -1))
+        # where a shape was drawn, it is drawn now: its box's pixels, mirrored, are the plain box's pixels
+        for (a0, b0, a1, b1) in boxes[i][real].round().int().tolist():
+            here = pixels[i][:, b0:b1, a0:a1]
+            there = plain.inputs["pixel_values"][i][:, b0:b1, 64 - a1:64 - a0].flip(-1)
+            assert torch.equal(here, there)
+
+
+def test_an_augmented_run_resumed_mid_epoch_draws_as_one_that_was_not(tmp_path: Path) -> None:
+    """The loop draws each epoch's views (the epoch it is in, restored by a resume), not epoch 0's again."""
+    import torchvision
+
+    from finetune_trainer import train
+    from finetune_trainer.batches import Augmenting
+    from finetune_trainer.config import Augmentation
+    from finetune_trainer.models import ImageClassifier
+
+    kinds = (Augmentation.HORIZONTAL_FLIP, Augmentation.RANDOM_RESIZED_CROP)
+    data = encode_images(Split(photos(tmp_path, 12), [i % 2 for i in range(12)]), Augmenting(kinds, seed=0))
+    collate = make_collate(Task.IMAGE_CLASSIFICATION, 0, 32)
+    drawn: list[int] = []
+
+    def recorded(data: Encoded, idx: list[int]) -> Batch:
+        drawn.append(data.augmenting.epoch)
+        return collate(data, idx)
+
+    def run(steps: int, folder: Path | None) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = ImageClassifier(torchvision.models.resnet18(num_classes=2), "resnet18")
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.05)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+        spec = TrainingSpec(max_steps=steps, batch_size=4, precision="fp32", seed=0)
+        train.train_loop(model, optimizer, scheduler, data, recorded, spec, Task.IMAGE_CLASSIFICATION,
+                         World(rank=0, size=1, device=torch.device("cpu")), train.Hooks(checkpoint_dir=folder))
+        return model.state_dict()
+
+    straight = run(7, None)
+    assert drawn == [0, 0, 0, 1, 1, 1, 2]  # 3 batches an epoch
+    run(4, tmp_path / "checkpoints")
+    drawn.clear()
+    resumed = run(7, tmp_path / "checkpoints")
+    assert drawn == [1, 1, 2]
+    assert all(torch.equal(straight[k], v) for k, v in resumed.items())

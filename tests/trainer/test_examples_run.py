@@ -60,11 +60,23 @@ def test_shapes_detection_example_beats_its_baseline(tmp_path: Path) -> None:
 def test_every_example_runs_on_a_small_budget(example: Path, tmp_path: Path) -> None:
     """The manifest as written, but a few rows and steps: what it configures (model, data, task, adapters,
     workers) must run end to end and export."""
-    doc = yaml.safe_load(example.read_text())
+    run_on_a_small_budget(yaml.safe_load(example.read_text()), example.name, tmp_path)
+
+
+@pytest.mark.parametrize(("example", "augment"), [("digits-resnet18-from-scratch", ["random-resized-crop"]),
+                                                  ("shapes-fasterrcnn", ["horizontal-flip"])])
+def test_an_example_with_augmented_images_runs_on_a_small_budget(example: str, augment: list[str],
+                                                                 tmp_path: Path) -> None:
+    doc = yaml.safe_load((REPO / "deploy/examples" / f"{example}.yaml").read_text())
+    doc["spec"]["dataset"]["augment"] = augment
+    run_on_a_small_budget(doc, f"{example}.yaml", tmp_path)
+
+
+def run_on_a_small_budget(doc: dict, name: str, tmp_path: Path) -> None:
     spec = doc["spec"]
     spec["dataset"] |= {"maxTrainSamples": 64, "maxEvalSamples": 16}
     spec["training"] |= {"maxSteps": 2}
-    (manifest := tmp_path / example.name).write_text(yaml.safe_dump(doc))
+    (manifest := tmp_path / name).write_text(yaml.safe_dump(doc))
     runtime = spec.get("runtime", {})
     processes = runtime.get("workers", 1) * runtime.get("processesPerWorker", 1)
     command = trainer_command("run", str(manifest), "--output", str(tmp_path / "out"))

@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from PIL import ExifTags, Image, ImageOps
 
-from finetune_trainer.config import Task
+from finetune_trainer.config import Augmentation, Task
 from finetune_trainer.data import Split, image_fault
 from finetune_trainer.errors import DataError
 
@@ -37,6 +37,31 @@ STD = np.array(IMAGENET_STD, dtype=np.float32)[:, None, None]
 MAX_LOADER_THREADS = 8  # ~2,000 photos a second decoded to 224 (~250 a core); more is memory for batches kept waiting
 
 
+@dataclass(frozen=True)
+class View:
+    """How a training image is shown in one epoch: mirrored or not, and the seed that draws the part of it shown
+    (None: the whole), drawn once the image's size is known."""
+
+    flip: bool = False
+    crop: int | None = None
+
+
+@dataclass(frozen=True)
+class Augmenting:
+    """`dataset.augment` for the training split: each row's view is drawn from (seed, epoch, row) alone, so the
+    ranks, the loader's threads and a resumed run draw it alike."""
+
+    kinds: tuple[Augmentation, ...]
+    seed: int
+    epoch: int = 0
+
+    def views(self, idx: list[int]) -> list[View]:
+        draws = [random.Random(f"augment:{self.seed}:{self.epoch}:{i}") for i in idx]
+        return [View(flip=Augmentation.HORIZONTAL_FLIP in self.kinds and rng.random() < 0.5,
+                     crop=rng.getrandbits(64) if Augmentation.RANDOM_RESIZED_CROP in self.kinds else None)
+                for rng in draws]
+
+
 @dataclass
 class Encoded:
     """One side of the split, ready to batch: token ids (text) or file paths (images)."""
@@ -45,6 +70,7 @@ class Encoded:
     labels: list[int] | None
     lengths: list[int]  # tokens per sample; 1 for images
     truncated: int = 0  # a classifier's texts longer than max_length, cut to it
+    augmenting: Augmenting | None = None  # the training split's images, with dataset.augment
 
 
 @dataclass
@@ -92,8 +118,8 @@ def encode_causal(split: Split, tokenizer, max_length: int) -> Encoded:
     return Encoded(chunks, None, [len(c) for c in chunks])
 
 
-def encode_images(split: Split) -> Encoded:
-    return Encoded(split.inputs, split.labels, [1] * len(split.inputs))
+def encode_images(split: Split, augmenting: Augmenting | None = None) -> Encoded:
+    return Encoded(split.inputs, split.labels, [1] * len(split.inputs), augmenting=augmenting)
 
 
 def make_collate(task: Task, pad_id: int, image_size: int) -> Callable[[Encoded, list[int]], Batch]:
@@ -126,24 +152,58 @@ def collate_text(data: Encoded, idx: list[int], pad_id: int, causal: bool) -> Ba
 
 def collate_images(data: Encoded, idx: list[int], image_size: int) -> Batch:
     labels = torch.tensor([data.labels[i] for i in idx])
-    pixels = pixel_values([data.features[i] for i in idx], image_size)
+    views = data.augmenting.views(idx) if data.augmenting else None
+    pixels = pixel_values([data.features[i] for i in idx], image_size, views)
     return Batch({"pixel_values": pixels}, labels, len(idx), 0, len(idx))
 
 
-def pixel_values(paths: list[str], image_size: int) -> torch.Tensor:
+def pixel_values(paths: list[str], image_size: int, views: Sequence[View] | None = None) -> torch.Tensor:
     """The image classifier's input for the images at `paths` (`resized`, as shown), normalised with ImageNet's
     statistics. An export's model card calls it too, so that a user feeds the model as it trained."""
-    return torch.from_numpy((resized(paths, image_size, as_shown=True) / np.float32(255) - MEAN) / STD)
+    return torch.from_numpy((resized(paths, image_size, as_shown=True, views=views) / np.float32(255) - MEAN) / STD)
 
 
-def resized(paths: list[str], image_size: int, as_shown: bool) -> np.ndarray:
-    """The images at `paths` (`open_rgb`), resized to image_size square, (N, 3, image_size, image_size) uint8. Made in
-    numpy, as is what the callers compute from it: in a loader thread, each of torch's operators on a batch this
-    size would start a team of its intra-op threads (one per core), which contends with the other loader threads
-    and with the loop."""
-    rgb = np.stack([np.asarray(open_rgb(path, as_shown, image_size).resize((image_size, image_size), Image.BILINEAR))
-                    for path in paths])
-    return np.ascontiguousarray(rgb.transpose(0, 3, 1, 2))
+# The smallest part random-resized-crop shows is an eighth of the area at aspect 3/4 or 4/3, a quarter of the image's
+# side or a little less: decoded at a scale that keeps 4 times image_size, it still has about image_size pixels.
+CROP_DECODE = 4
+
+
+def resized(paths: list[str], image_size: int, as_shown: bool, views: Sequence[View] | None = None) -> np.ndarray:
+    """The images at `paths` (`open_rgb`), each as its view shows it (the whole, if None), resized to image_size
+    square, (N, 3, image_size, image_size) uint8. Made in numpy, as is what the callers compute from it: in a loader
+    thread, each of torch's operators on a batch this size would start a team of its intra-op threads (one per core),
+    which contends with the other loader threads and with the loop."""
+    shown = []
+    for path, view in zip(paths, views or [View()] * len(paths), strict=True):
+        image = open_rgb(path, as_shown, image_size * (CROP_DECODE if view.crop is not None else 1))
+        if view.crop is not None:
+            image = image.crop(random_resized_box(image.size, random.Random(view.crop)))
+        image = image.resize((image_size, image_size), Image.BILINEAR)
+        shown.append(np.asarray(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if view.flip else image))
+    return np.ascontiguousarray(np.stack(shown).transpose(0, 3, 1, 2))
+
+
+def random_resized_box(size: tuple[int, int], rng: random.Random, scale: tuple[float, float] = (0.08, 1.0),
+                       ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """The part of an image of `size` that random-resized-crop shows, as (left, top, right, bottom): torchvision's
+    RandomResizedCrop.get_params (10 draws of an area and an aspect that fit, else the whole image cut to the nearest
+    aspect allowed), drawn from `rng`, where torchvision draws from torch's global generator, which the loader's
+    threads share and a resumed run would not replay."""
+    width, height = size
+    for _ in range(10):
+        area = width * height * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(math.log(ratio[0]), math.log(ratio[1])))
+        w, h = round(math.sqrt(area * aspect)), round(math.sqrt(area / aspect))
+        if 0 < w <= width and 0 < h <= height:
+            left, top = rng.randint(0, width - w), rng.randint(0, height - h)
+            return left, top, left + w, top + h
+    w, h = width, height
+    if width / height < ratio[0]:
+        h = round(width / ratio[0])
+    elif width / height > ratio[1]:
+        w = round(height * ratio[1])
+    left, top = (width - w) // 2, (height - h) // 2
+    return left, top, left + w, top + h
 
 
 def open_rgb(path: str, as_shown: bool = False, at_least: int | None = None) -> Image.Image:

@@ -43,6 +43,11 @@ class Task(StrEnum):
     OBJECT_DETECTION = "object-detection"
 
 
+class Augmentation(StrEnum):
+    HORIZONTAL_FLIP = "horizontal-flip"
+    RANDOM_RESIZED_CROP = "random-resized-crop"
+
+
 class Stage(StrEnum):
     """Pipeline stages in order; shared by the trainer's metrics, the status and the dashboard."""
 
@@ -202,6 +207,16 @@ class DatasetSpec(TextsSpec):
     )
     image_size: int = Field(
         224, ge=8, le=4096, description="Images are resized to imageSize x imageSize pixels (their boxes with them)."
+    )
+    augment: list[Augmentation] | None = Field(
+        None,
+        min_length=1,
+        max_length=2,
+        description="Random changes to the training images, drawn afresh every epoch (seeded by training.seed, so a "
+        "resumed run draws them alike); evaluation, and the export's preprocess, see each image whole. "
+        "horizontal-flip mirrors half of them (a detector's boxes with them; not for digits or writing); "
+        "random-resized-crop shows a random part of 8-100% of the area, of aspect 3/4 to 4/3 "
+        "(torchvision's ImageNet recipe), image-classification only.",
     )
 
 
@@ -558,6 +573,15 @@ class TrainerConfig(ApiModel):
             holds=lambda c: c.dataset.format != DatasetFormat.IMAGE_FOLDER or c.model.task == Task.IMAGE_CLASSIFICATION,
             message="the imagefolder format holds images: it is for image-classification",
             field="dataset.format",
+        ),
+        Rule(
+            cel="!has(self.dataset.augment) || self.model.task == 'image-classification'"
+            " || (self.model.task == 'object-detection' && self.dataset.augment.all(a, a == 'horizontal-flip'))",
+            holds=lambda c: not c.dataset.augment or c.model.task == Task.IMAGE_CLASSIFICATION or (
+                c.model.task == Task.OBJECT_DETECTION and set(c.dataset.augment) == {Augmentation.HORIZONTAL_FLIP}),
+            message="augment changes images: image-classification takes horizontal-flip and random-resized-crop, "
+            "object-detection horizontal-flip",
+            field="dataset.augment",
         ),
         Rule(
             cel="self.model.task != 'object-detection' || !has(self.rearrange.lora)",

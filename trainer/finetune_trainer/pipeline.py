@@ -32,8 +32,8 @@ from torch import nn
 from finetune_trainer import analyze as analysis
 from finetune_trainer import checkpoints, distributed, export, prune
 from finetune_trainer.adjust import freeze, freeze_checked, lora_targets, param_groups
-from finetune_trainer.batches import (Batch, Encoded, encode_causal, encode_images, encode_text, epoch_batches,
-                                      eval_batches, make_collate, say_truncated)
+from finetune_trainer.batches import (Augmenting, Batch, Encoded, encode_causal, encode_images, encode_text,
+                                      epoch_batches, eval_batches, make_collate, say_truncated)
 from finetune_trainer.config import Batching, HealSpec, PruneSpec, Stage, Task, TrainerConfig
 from finetune_trainer.data import (LabelledData, Split, bad_images, bad_images_error, check_label_count, head_order,
                                    in_head_order, load_dataset, load_texts)
@@ -554,8 +554,9 @@ def head_labels(model: nn.Module) -> tuple[dict[int, str] | None, int | None]:
 
 def encode(data: LabelledData, tokenizer: Any, cfg: TrainerConfig, main: bool) -> tuple[Encoded, Encoded, Encoded]:
     """The three splits, ready to batch; the main rank says how many texts were truncated (one line a run)."""
-    if tokenizer is None:
-        return encode_images(data.train), encode_images(data.validation), encode_images(data.test)
+    if tokenizer is None:  # only training sees dataset.augment's changes
+        augmenting = Augmenting(tuple(cfg.dataset.augment), cfg.training.seed) if cfg.dataset.augment else None
+        return encode_images(data.train, augmenting), encode_images(data.validation), encode_images(data.test)
     text = text_encoder(cfg.model.task)
     encoded = tuple(text(split, tokenizer, cfg.dataset.max_length) for split in (data.train, data.validation, data.test))
     if main:

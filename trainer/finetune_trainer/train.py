@@ -35,7 +35,7 @@ import math
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -277,7 +277,9 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
             # the steps left of the epoch (a resumed one skips those it made)
             steps = [batches[i:i + spec.gradient_accumulation]
                      for i in range(0, len(batches), spec.gradient_accumulation)][:per_epoch][state.position:]
-            with contextlib.closing(collated(data, collate, [idx for micro in steps for idx in micro],
+            # the epoch's draws of dataset.augment
+            drawn = replace(data, augmenting=replace(data.augmenting, epoch=state.epoch)) if data.augmenting else data
+            with contextlib.closing(collated(drawn, collate, [idx for micro in steps for idx in micro],
                                              loader_threads(task, world.device))) as loaded:
                 for micro in steps:
                     started, cpu_started = time.perf_counter(), time.process_time()
