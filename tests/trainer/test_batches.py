@@ -6,6 +6,7 @@ import contextlib
 import dataclasses
 import itertools
 import logging
+import math
 import threading
 import time
 from pathlib import Path
@@ -204,6 +205,19 @@ def test_a_view_mirrors_the_image_and_crops_a_part_of_it_as_torchvision_would(tm
     cropped = resized(paths, 32, True, [View(crop=7), View(crop=8)])
     assert cropped.shape == whole.shape and not np.array_equal(cropped, whole)
     rng = random.Random(0)
+    # as torchvision draws them: the area uniform in 8-100%, the aspect uniform in log space
+    from torchvision.transforms import RandomResizedCrop
+
+    def shape(box: tuple[int, int, int, int]) -> tuple[float, float]:
+        return (box[2] - box[0]) * (box[3] - box[1]) / (640 * 427), math.log((box[2] - box[0]) / (box[3] - box[1]))
+
+    torch.manual_seed(0)
+    theirs = [shape((j, i, j + w, i + h)) for i, j, h, w in (
+        RandomResizedCrop.get_params(torch.empty(3, 427, 640), [0.08, 1.0], [3 / 4, 4 / 3]) for _ in range(4000))]
+    ours = [shape(random_resized_box((640, 427), rng)) for _ in range(4000)]
+    for k, within in ((0, 0.02), (1, 0.01)):  # about 3 and 5 standard errors of the difference of 4,000 draws
+        assert abs(np.mean([o[k] for o in ours]) - np.mean([t[k] for t in theirs])) < within
+        assert abs(np.std([o[k] for o in ours]) - np.std([t[k] for t in theirs])) < within
     for size in [(640, 427), (120, 90), (1000, 10), (10, 1000)]:
         for _ in range(200):
             left, top, right, bottom = random_resized_box(size, rng)

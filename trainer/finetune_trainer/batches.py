@@ -34,7 +34,7 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)  # torchvision's pretrained weights expect
 IMAGENET_STD = (0.229, 0.224, 0.225)
 MEAN = np.array(IMAGENET_MEAN, dtype=np.float32)[:, None, None]  # as numpy broadcasts them over (N, 3, H, W)
 STD = np.array(IMAGENET_STD, dtype=np.float32)[:, None, None]
-MAX_LOADER_THREADS = 8  # 2,400-3,000 photos a second at 300-375 a core (bench/loader.py); more holds memory
+MAX_LOADER_THREADS = 8  # 2,400-3,000 photos a second, uncropped, at 300-375 a core (bench/loader.py)
 
 
 @dataclass(frozen=True)

@@ -208,7 +208,9 @@ class DatasetSpec(TextsSpec):
     image_size: int = Field(
         224, ge=8, le=4096, description="Images are resized to imageSize x imageSize pixels (their boxes with them)."
     )
-    augment: list[Augmentation] | None = Field(
+    augment: Annotated[list[Augmentation], *checked(
+        "self.all(a, self.exists_one(b, b == a))", lambda kinds: len(set(kinds)) == len(kinds),
+        "each change is named once")] | None = Field(
         None,
         min_length=1,
         max_length=2,
