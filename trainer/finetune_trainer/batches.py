@@ -211,14 +211,15 @@ def open_rgb(path: str, as_shown: bool = False, at_least: int | None = None) -> 
     transformers' image processors load): turned as its EXIF orientation says (a phone stores a portrait photo
     sideways and says so there), and its transparency over white, not the colours that transparent pixels hide
     (black in one file, anything in the next). With `at_least`, for an image to be resized to that size square, a
-    JPEG is decoded at the smallest scale of 1/2, 1/4 or 1/8 that keeps both its sides that long or longer (libjpeg
-    scales as it decodes, as Pillow's thumbnail does): a 12-megapixel photo decoded 4x faster, a 1600x1200 one 2x, and
-    the resized pixels moved by under one level of 255 on average. A file that does not decode (an HTML page saved as
-    .jpg, an upload cut short, a decompression bomb) is the dataset's fault (data.image_fault)."""
+    JPEG is decoded at the smallest scale of 1/2, 1/4 or 1/8 that keeps both its sides twice that long or longer
+    (libjpeg scales as it decodes): the resize that follows still smooths, as Pillow's thumbnail leaves it a factor of
+    2 (its reducing_gap); left less, a sharp photo's pixels moved by up to 4 levels of 255 on average and 60 at most.
+    A file that does not decode (an HTML page saved as .jpg, an upload cut short, a decompression bomb) is the
+    dataset's fault (data.image_fault)."""
     try:
         with Image.open(path) as opened:
             if at_least:
-                opened.draft(None, (at_least, at_least))  # for other formats than JPEG, nothing
+                opened.draft(None, (2 * at_least, 2 * at_least))  # for other formats than JPEG, nothing
             turned = as_shown and opened.getexif().get(ExifTags.Base.Orientation, 1) != 1
             image = ImageOps.exif_transpose(opened) if turned else opened
             # 16-bit grey: convert() would clip it at 255, nearly all white. A 16-bit PGM opens as mode I, scaled to

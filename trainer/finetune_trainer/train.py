@@ -274,9 +274,9 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
             batches = epoch_batches(data.lengths, spec.batch_size, seed=spec.seed, epoch=state.epoch,
                                     bucketed=spec.batching == Batching.LENGTH_BUCKETED, rank=world.rank,
                                     world_size=world.size)
-            # the steps left of the epoch (a resumed one skips those it made)
-            steps = [batches[i:i + spec.gradient_accumulation]
-                     for i in range(0, len(batches), spec.gradient_accumulation)][:per_epoch][state.position:]
+            # the steps left of the epoch (a resumed one skips those it made) and of the run: no batch is made for none
+            steps = [batches[i:i + spec.gradient_accumulation] for i in range(0, len(batches), spec.gradient_accumulation)
+                     ][:per_epoch][state.position:][:total - state.step]
             # the epoch's draws of dataset.augment
             drawn = replace(data, augmenting=replace(data.augmenting, epoch=state.epoch)) if data.augmenting else data
             with contextlib.closing(collated(drawn, collate, [idx for micro in steps for idx in micro],

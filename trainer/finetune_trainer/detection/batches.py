@@ -15,9 +15,9 @@ PAD_LABEL = -1
 
 def squashed(path: str, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """An image file as training reads it (`squashed_pixels`) and its own (width, height), as stored."""
+    pixels = squashed_pixels([path], image_size)[0]  # first: a file that is no image is named as in training
     with Image.open(path) as stored:  # its header: the decoding may be at a reduced scale
-        size = stored.size
-    return squashed_pixels([path], image_size)[0], size
+        return pixels, stored.size
 
 
 def squashed_pixels(paths: list[str], image_size: int, views: list[View] | None = None) -> torch.Tensor:
