@@ -59,6 +59,7 @@ class GpuSettings:
     lora_rank: int = 16
     lora_alpha: int = 32
     budget_seconds: float = 270.0  # the whole run, so that it fits in 5 minutes with start-up
+    compile: bool = False  # torch.compile on both sides: HF's `torch_compile`, and the bench compiling ours
 
 
 # TinyLlama's shape (1.10B with its 32k vocabulary, 1.09B with MiniLM's 30,522) and a toy for the CPU.
@@ -191,6 +192,7 @@ def run_hf(model: torch.nn.Module, batches: list[torch.Tensor], settings: GpuSet
             logging_strategy="no",
             disable_tqdm=True,
             report_to=[],
+            torch_compile=settings.compile,
         )
         Trainer(model=model, args=args, train_dataset=train, data_collator=default_data_collator,
                 callbacks=[Timing()]).train()
@@ -201,6 +203,8 @@ def run_ours(model: torch.nn.Module, batches: list[torch.Tensor], settings: GpuS
     """Our training loop on the same model and batches."""
     from bench.ours import train_causal_lm  # the adapter onto finetune_trainer.train.train_loop
 
+    if settings.compile:  # as HF's `torch_compile` does: the model's forward, with inductor's defaults
+        model = torch.compile(model)
     train_causal_lm(model, batches, settings.learning_rate, timer.last, device, on_step=timer.step_done)
 
 
@@ -239,7 +243,7 @@ def measure(side: str, mode: str, batches: list[torch.Tensor], vocab: int, setti
 
 def markdown(results: list[Measurement], settings: GpuSettings, info: dict[str, Any], command: str) -> str:
     lines = [
-        "# (d) GPU: ~1.1B Llama, ours vs HF Trainer + PEFT",
+        "# (d) GPU: ~1.1B Llama, ours vs HF Trainer + PEFT" + (", both compiled (torch.compile)" if settings.compile else ""),
         "",
         f"Command: `{command}`",
         f"Device: {info['cuda']}; torch {info['versions']['torch']}, transformers {info['versions']['transformers']}, "
@@ -272,12 +276,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--seq-len", type=int)
     parser.add_argument("--measure-steps", type=int)
+    parser.add_argument("--budget-seconds", type=float, help="the whole run's time limit (default 270)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model on both sides")
     parser.add_argument("--out", type=Path, help="results folder (default bench/results; a dry run writes none)")
     args = parser.parse_args(argv)
     if not set(args.modes.split(",")) <= {"full", "lora"} or not set(args.sides.split(",")) <= {"hf", "ours"}:
         parser.error("--modes takes full and lora, --sides hf and ours, comma-separated")
-    if any(v is not None and v < 1 for v in (args.batch_size, args.seq_len, args.measure_steps)):
-        parser.error("--batch-size, --seq-len and --measure-steps must be 1 or more")
+    if any(v is not None and v < 1 for v in (args.batch_size, args.seq_len, args.measure_steps, args.budget_seconds)):
+        parser.error("--batch-size, --seq-len, --measure-steps and --budget-seconds must be 1 or more")
     # The libraries' warnings and a failed side's traceback, with their times.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
 
@@ -288,7 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     device = torch.device("cpu" if args.cpu_dry_run else "cuda")
     settings = TINY if args.cpu_dry_run else ONE_B
     overrides = {k: v for k, v in (("batch_size", args.batch_size), ("seq_len", args.seq_len),
-                                   ("measure_steps", args.measure_steps)) if v is not None}
+                                   ("measure_steps", args.measure_steps), ("budget_seconds", args.budget_seconds),
+                                   ("compile", args.compile or None)) if v is not None}
     settings = replace(settings, **overrides)
     kept = not args.cpu_dry_run and args.out is None  # a result for bench/results: only from a clean tree
     if kept:
@@ -296,7 +303,7 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     info = machine()
     command = command_line()
-    stem = result_stem("gpu", info) if kept else "gpu"
+    stem = result_stem("gpu-compile" if settings.compile else "gpu", info) if kept else "gpu"
     batches, vocab = packed_batches(settings, settings.warmup_steps + settings.measure_steps)
     results: list[Measurement] = []
     longest = 0.0
