@@ -101,6 +101,19 @@ def workers(launcher: int) -> dict[int, int]:
     return ranks
 
 
+def test_a_compiled_ddp_run_trains_as_the_eager_one(reference: Path, tmp_path: Path) -> None:
+    """`training.compile` compiles the DDP module: dynamo splits the graph at DDP's gradient buckets, and the two
+    ranks' losses are the eager run's, to rounding."""
+    (config := tmp_path / "job.json").write_text(json.dumps(ddp_doc(tmp_path / "out", compile=True)))
+    log = tmp_path / "run.log"
+    assert torchrun(config, log).wait(timeout=600) == 0, log.read_text()[-4000:]
+    assert "training through torch.compile" in log.read_text()
+    compiled, eager = ([h["loss"] for h in json.loads((out / "report.json").read_text())["training"]["history"]]
+                       for out in (tmp_path / "out", reference))
+    assert len(compiled) == STEPS
+    torch.testing.assert_close(torch.tensor(compiled), torch.tensor(eager), rtol=1e-3, atol=1e-5)
+
+
 def test_a_ddp_run_whose_worker_is_killed_resumes_to_the_same_weights(reference: Path, tmp_path: Path) -> None:
     """An OOM kill or a lost node, as torchrun sees it: SIGKILL to one worker. torchrun exits 1 whatever happened,
     so the termination message must not say 1 (a user error, never retried); the next attempt resumes."""

@@ -92,6 +92,37 @@ def test_only_what_changes_the_optimisation_starts_afresh(tiny_cfg: TrainerConfi
     assert second != first and json.loads((second / "fingerprint.json").read_text())["adjust"]["learningRate"] == 5e-4
 
 
+def test_a_compiled_run_trains_as_the_eager_one_and_an_eager_rerun_resumes_it(tiny_cfg: TrainerConfig,
+                                                                             tmp_path: Path,
+                                                                             caplog: pytest.LogCaptureFixture) -> None:
+    """`training.compile` trains through torch.compile: the eager run's losses to rounding (no dropout, fp32, so no
+    random stream or precision differs), and checkpoints under the model's own names, which a rerun without compile
+    resumes (compile is bookkeeping to the fingerprint)."""
+    caplog.set_level(logging.INFO, logger="finetune_trainer")
+    tiny_cfg.model.config |= {"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0}
+    tiny_cfg.training.precision = Precision.FP32
+    tiny_cfg.training.checkpoint_every_steps = 4
+    tiny_cfg.evaluation.baseline = False
+    eager = pipeline.run(tiny_cfg, tmp_path / "eager")
+    assert "torch.compile" not in caplog.text
+    tiny_cfg.training.compile = True
+    compiled = pipeline.run(tiny_cfg, tmp_path / "compiled")
+    assert "training through torch.compile" in caplog.text
+
+    def losses(report: dict) -> list[float]:
+        return [h["loss"] for h in report["training"]["history"]]
+
+    assert len(losses(eager)) > 1 and losses(compiled) == pytest.approx(losses(eager), rel=1e-3)
+    assert compiled["evaluation"]["final"]["accuracy"] == pytest.approx(eager["evaluation"]["final"]["accuracy"])
+    assert load_file(tmp_path / "compiled" / "model.safetensors").keys() == load_file(
+        tmp_path / "eager" / "model.safetensors").keys()
+    caplog.clear()
+    tiny_cfg.training.compile = False
+    pipeline.run(tiny_cfg, tmp_path / "compiled")
+    (folder,) = (tmp_path / "compiled" / "checkpoints").iterdir()
+    assert f"resumed from {checkpoints.complete(folder)[-1]}" in caplog.text
+
+
 def trained_once(cfg: TrainerConfig, out: Path) -> tuple[dict[str, torch.Tensor], Path]:
     """Run `cfg` into `out` without a baseline; the exported weights and the run's checkpoint folder."""
     cfg.evaluation.baseline = False

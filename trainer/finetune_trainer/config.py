@@ -453,6 +453,12 @@ class TrainingSpec(ApiModel):
         0.06, ge=0, lt=1, description="Fraction of the steps spent warming up linearly."
     )
     max_grad_norm: float = Field(1.0, gt=0, description="Clip gradients to this global L2 norm.")
+    compile: bool = Field(
+        False,
+        description="Train through torch.compile: fused kernels, after a first step that compiles (tens of "
+        "seconds, more for a large model). On one H200 a 1.1B Llama trained 1.39x faster (1.62x with LoRA). "
+        "Evaluations run uncompiled.",
+    )
     eval_every_steps: int | None = Field(
         None,
         ge=1,
@@ -584,6 +590,12 @@ class TrainerConfig(ApiModel):
             message="augment changes images: image-classification takes horizontal-flip and random-resized-crop, "
             "object-detection horizontal-flip",
             field="dataset.augment",
+        ),
+        Rule(  # a detector's box matching and sampling have data-dependent shapes: compile would break its graph apart
+            cel="self.model.task != 'object-detection' || !has(self.training.compile) || !self.training.compile",
+            holds=lambda c: c.model.task != Task.OBJECT_DETECTION or not c.training.compile,
+            message="compile is for the transformer and image-classification models; object-detection trains eagerly",
+            field="training.compile",
         ),
         Rule(
             cel="self.model.task != 'object-detection' || !has(self.rearrange.lora)",

@@ -337,6 +337,9 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     trained = model
     if world.size > 1:
         trained = nn.parallel.DistributedDataParallel(model, find_unused_parameters=bool(report.no_grad_parameters))
+    if cfg.training.compile:  # the training steps only: evaluations take `model`, eager, in eval mode
+        log.info("training through torch.compile: the first step compiles the model")
+        trained = torch.compile(trained)
 
     def validate(before_batch: Callable[[], None]) -> dict[str, float]:  # selection never sees the test split
         progress.evaluating(len(validation_data.lengths))
@@ -405,9 +408,11 @@ def check_output(out: Path) -> None:
         raise ConfigError(f"output.uri (or --output): cannot write to {out}: {exc.strerror}") from exc
 
 
-# Fields that change no weight at any step: editing them must not restart a run from step 0.
+# Fields that change no weight at any step (`compile`: none beyond rounding): editing them must not restart a run
+# from step 0.
 BOOKKEEPING = {"analyze": None, "output": None, "rearrange": {"mergeOnExport"},
-               "training": {"checkpointEverySteps", "keepCheckpoints"}, "evaluation": {"baseline", "batchSize"}}
+               "training": {"checkpointEverySteps", "keepCheckpoints", "compile"},
+               "evaluation": {"baseline", "batchSize"}}
 
 
 def fingerprinted(cfg: TrainerConfig, world_size: int, pruned: list[int] | None = None) -> dict[str, Any]:

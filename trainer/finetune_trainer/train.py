@@ -384,4 +384,6 @@ def record_eval(state: LoopState, metrics: dict[str, float], spec: TrainingSpec,
 
 
 def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself, under torch.compile's wrapper and DDP's (`training.compile` compiles the DDP module)."""
+    model = getattr(model, "_orig_mod", model)
     return model.module if isinstance(model, nn.parallel.DistributedDataParallel) else model
