@@ -18,7 +18,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from finetune_trainer import checkpoints, export, pipeline
-from finetune_trainer.batches import encode_text, make_collate
+from finetune_trainer.batches import IGNORE_INDEX, encode_text, make_collate
 from finetune_trainer.config import (EarlyStoppingSpec, LoraSpec, Metric, ModelSpec, Precision, Task, TrainerConfig,
                                      TrainingSpec)
 from finetune_trainer.data import Split
@@ -341,6 +341,26 @@ def test_auto_precision_on_a_gpu_is_bf16_where_it_computes_bf16(gpu: str, bf16: 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: bf16 or including_emulation)
     expected = torch.bfloat16 if bf16 else None
     assert autocast_dtype(Precision.AUTO, torch.device("cuda"), Task.SEQUENCE_CLASSIFICATION) == expected, gpu
+
+
+def test_a_causal_lm_scores_each_position_on_the_next_token_and_never_a_padded_one() -> None:
+    """Each position's logits are scored on the token after it, the last position and the padding on none: the
+    loss and gradient of the logits shifted against the labels, which the trainer now gets by shifting the labels."""
+    from finetune_trainer.train import loss_sum
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 5, 7, requires_grad=True)
+    labels = torch.tensor([[1, 2, 3, 4, 5], [6, 0, 1, IGNORE_INDEX, IGNORE_INDEX]])  # the second row padded
+    loss = loss_sum(logits, labels, Task.CAUSAL_LM)
+    loss.backward()
+    pairs = [(b, t) for b in range(2) for t in range(4) if labels[b, t + 1] != IGNORE_INDEX]
+    assert len(pairs) == 6
+    expected = -sum(torch.log_softmax(logits[b, t].detach(), -1)[labels[b, t + 1]] for b, t in pairs)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    scored = torch.zeros(2, 5, dtype=torch.bool)
+    for b, t in pairs:
+        scored[b, t] = True
+    assert bool((logits.grad.abs().sum(-1) > 0).eq(scored).all())  # no gradient where nothing is predicted
 
 
 def test_accumulation_gives_the_gradient_of_the_whole_batch() -> None:
