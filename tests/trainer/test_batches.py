@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import itertools
 import logging
 import math
 import threading
@@ -14,7 +15,6 @@ import numpy as np
 import pytest
 import torch
 
-from bench.loader import write_photos
 from finetune_trainer.batches import (IMAGENET_MEAN, IMAGENET_STD, Batch, Encoded, collate_images, collated,
                                       encode_images, encode_text, loader_threads, make_collate)
 from finetune_trainer.config import Metric, ModelSpec, Task, TrainerConfig, TrainingSpec
@@ -64,8 +64,17 @@ GPU = torch.device("cuda")  # a device, not a use of one: which loader a loop on
 
 
 def photos(folder: Path, count: int) -> list[str]:
-    """The loader bench's JPEG photos, cut from the two scikit-learn ships, at 120x80 or less: small, for speed."""
-    return write_photos(folder, count, scale=120 / 640)
+    """JPEG crops of the two photos scikit-learn ships, as a camera's files would be: each its own, 120x90."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    paths = []
+    for i, pixels in zip(range(count), itertools.cycle(load_sample_images().images)):
+        path = folder / f"{i}.jpg"
+        cut = Image.fromarray(pixels).crop((i * 7, i * 5, i * 7 + 360, i * 5 + 270))
+        cut.resize((120, 90)).save(path, quality=90)
+        paths.append(str(path))
+    return paths
 
 
 def test_image_batches_are_made_ahead_by_threads_the_same_and_in_order(tmp_path: Path) -> None:
