@@ -30,6 +30,9 @@ def test_trainer_image_is_pinned_python_non_root_with_the_cli_entrypoint() -> No
 
     installs = " ".join(v for kind, v in steps if kind == "RUN" and "pip install" in v)
     assert ".[trainer]" in installs
+    # training.compile: inductor builds a CPU's kernels with g++, Triton a GPU's launcher with gcc
+    packages = " ".join(v for kind, v in steps if kind == "RUN" and "apt-get install" in v).split()
+    assert {"gcc", "g++"} <= set(packages)
 
     entrypoint = json.loads(next(v for kind, v in steps if kind == "ENTRYPOINT"))
     scripts = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["scripts"]

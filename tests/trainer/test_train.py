@@ -131,6 +131,25 @@ def trained_once(cfg: TrainerConfig, out: Path) -> tuple[dict[str, torch.Tensor]
     return load_file(out / "model.safetensors"), folder
 
 
+def test_compile_without_a_compiler_is_refused_before_anything_loads(tiny_cfg: TrainerConfig, tmp_path: Path,
+                                                                    monkeypatch: pytest.MonkeyPatch,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """An image without g++ (as the trainer's was): torch.compile failed at the first step, after the model loaded and
+    the baseline ran, and every retry did the same. Now a ConfigError names the field first (exit 1, no retry)."""
+    caplog.set_level(logging.INFO, logger="finetune_trainer")
+    monkeypatch.setenv("PATH", str(tmp_path))  # no compiler on it
+    monkeypatch.delenv("CXX", raising=False)
+    tiny_cfg.training.compile = True
+    with pytest.raises(ConfigError, match=r"^training\.compile: inductor needs a C\+\+ compiler \(g\+\+\)"):
+        pipeline.run(tiny_cfg, tmp_path / "out")
+    assert "stage Loading" not in caplog.text
+    from finetune_trainer.train import compiler_missing
+
+    assert compiler_missing(torch.device("cuda")).startswith("Triton needs a C compiler (gcc or clang, or $CC)")
+    monkeypatch.setenv("CC", "/opt/toolchain/bin/cc")  # Triton takes $CC as it is
+    assert compiler_missing(torch.device("cuda")) is None
+
+
 def test_a_new_evaluation_cadence_resumes_unless_early_stopping_depends_on_it(tiny_cfg: TrainerConfig, tmp_path: Path,
                                                                              caplog: pytest.LogCaptureFixture) -> None:
     """Evaluations every 2 steps, the run killed after step 4's checkpoint and resumed with evaluations every 5: it

@@ -49,8 +49,8 @@ from finetune_trainer.models import (ImageClassifier, check_image_size, check_po
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
 from finetune_trainer.structure import depth, head_name
 from finetune_trainer.telemetry import Metrics, write_failure, write_termination
-from finetune_trainer.train import (Hooks, LoopState, autocast_dtype, make_optimizer, make_scheduler, precision_name,
-                                    steps_per_epoch, total_steps, train_loop)
+from finetune_trainer.train import (Hooks, LoopState, autocast_dtype, compiler_missing, make_optimizer, make_scheduler,
+                                    precision_name, steps_per_epoch, total_steps, train_loop)
 
 log = logging.getLogger(__name__)
 
@@ -193,6 +193,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
 
     if problem := cfg.adjust.freeze.pattern_problem():  # before anything is loaded
         raise ConfigError(f"adjust.freeze.pattern: {problem}")
+    if cfg.training.compile and (missing := compiler_missing(world.device)):
+        raise ConfigError(f"training.compile: {missing}; set it to false, or use an image that has one")
     if detecting:
         check_batch_size(cfg.model.architecture or "", cfg.training.batch_size)
     check_output(out)
@@ -408,8 +410,8 @@ def check_output(out: Path) -> None:
         raise ConfigError(f"output.uri (or --output): cannot write to {out}: {exc.strerror}") from exc
 
 
-# Fields that change no weight at any step (`compile`: none beyond rounding): editing them must not restart a run
-# from step 0.
+# Fields that change no weight at any step (`compile`: none beyond rounding, and dropout's masks, which inductor draws
+# from a generator of its own: other masks, alike in law): editing them must not restart a run from step 0.
 BOOKKEEPING = {"analyze": None, "output": None, "rearrange": {"mergeOnExport"},
                "training": {"checkpointEverySteps", "keepCheckpoints", "compile"},
                "evaluation": {"baseline", "batchSize"}}

@@ -32,6 +32,8 @@ import contextlib
 import functools
 import logging
 import math
+import os
+import shutil
 import signal
 import time
 from collections.abc import Callable
@@ -175,8 +177,8 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: Task) -> torch.Te
         return logits.float() * labels.shape[0]
     if task == Task.CAUSAL_LM:  # position t predicts token t+1; the last predicts nothing
         # The labels shift, not the logits: a slice's backward allocates a zero gradient of the logits' whole size
-        # (0.47 GiB for 8 x 1,024 tokens of a 30k vocabulary in bf16: the gap between our peak memory and HF's
-        # Trainer's in bench/gpu.py on an H200, whose loss shifts the labels too).
+        # (0.47 GiB for 8 x 1,024 tokens of a 30k vocabulary in bf16: about the gap, 0.46 GiB, between our peak memory
+        # and HF's Trainer's in bench/gpu.py on an H200, whose loss shifts the labels too).
         labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
     return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                            ignore_index=IGNORE_INDEX, reduction="sum")
@@ -384,6 +386,19 @@ def record_eval(state: LoopState, metrics: dict[str, float], spec: TrainingSpec,
                  state.evals_without_gain)
         state.stopped_early = True
     return improved
+
+
+def compiler_missing(device: torch.device) -> str | None:
+    """Why torch.compile cannot build its kernels here, or None. Inductor builds a CPU's with a C++ compiler ($CXX,
+    else g++), Triton a GPU's launcher with a C compiler ($CC, else gcc or clang); without one the first step failed,
+    after the model loaded and the baseline ran, and so did every retry."""
+    if device.type == "cuda":
+        if os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang"):
+            return None
+        return "Triton needs a C compiler (gcc or clang, or $CC) to compile for the GPU, and none is on PATH"
+    if shutil.which(os.environ.get("CXX") or "g++"):
+        return None
+    return f"inductor needs a C++ compiler ({os.environ.get('CXX') or 'g++'}) to compile for the CPU, and it is not on PATH"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
