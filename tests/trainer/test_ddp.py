@@ -50,6 +50,31 @@ def torchrun(config: Path, log: Path, **env: str) -> subprocess.Popen:
                                 env=os.environ | {"OMP_NUM_THREADS": "1"} | env)
 
 
+JOIN_AND_LEAVE = """
+import torch.distributed as dist
+from finetune_trainer import distributed
+world = distributed.join()
+backend = dist.distributed_c10d._get_default_group()._get_backend(world.device)
+print(f"rank {world.rank}: collectives wait {backend.options._timeout.total_seconds():.0f} s", flush=True)
+distributed.leave()
+print(f"rank {world.rank}: in a group {dist.is_initialized()}", flush=True)
+"""
+
+
+def test_the_ranks_wait_an_hour_for_each_other_and_leave_the_group_at_the_end(tmp_path: Path) -> None:
+    """Rank 0 alone writes the checkpoints and the export while the others wait at a barrier: NCCL's default watchdog
+    (10 minutes) aborted them on a large model. The group is torn down after the last collective, as NCCL's
+    communicators left to the interpreter's exit can crash or hang there."""
+    (script := tmp_path / "join.py").write_text(JOIN_AND_LEAVE)
+    done = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc-per-node=2", "--nnodes=1",
+                           "--master-addr=127.0.0.1", f"--master-port={free_port()}", str(script)],
+                          capture_output=True, text=True, timeout=300, env=os.environ | {"OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: collectives wait 3600 s" in done.stdout
+        assert f"rank {rank}: in a group False" in done.stdout
+
+
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An uninterrupted two-process run; its output folder."""

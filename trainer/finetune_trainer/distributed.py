@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
 from finetune_trainer.errors import ConfigError
+
+# How long a collective waits for the other ranks. Rank 0 alone writes checkpoints and the export while the others wait
+# at a barrier: a large model's optimizer state to a network volume can take longer than NCCL's default of 10 minutes,
+# whose watchdog then aborted the waiting ranks (and the attempt). A rank that dies is torchrun's to see, at once.
+COLLECTIVE_TIMEOUT = timedelta(hours=1)
 
 
 @dataclass(frozen=True)
@@ -27,10 +33,12 @@ class World:
         return self.rank == 0
 
     def sum(self, values: list[float]) -> list[float]:
-        """Add the values up across ranks (one collective for all of them)."""
+        """Add the values up across ranks (one collective for all of them); a single process asks no GPU, whose
+        round trip each step made the host wait for the step before it."""
+        if self.size == 1:
+            return [float(v) for v in values]
         tensor = torch.tensor(values, dtype=torch.float64, device=self.device)
-        if self.size > 1:
-            dist.all_reduce(tensor)
+        dist.all_reduce(tensor)
         return tensor.tolist()
 
     def any(self, flag: bool) -> bool:
@@ -82,10 +90,13 @@ def join() -> World:
     if cuda:
         torch.cuda.set_device(device)
     if size > 1 and not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None)
+        dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None,
+                                timeout=COLLECTIVE_TIMEOUT)
     return World(rank=int(os.environ.get("RANK", "0")), size=size, device=device)
 
 
 def leave() -> None:
+    """Tear the process group down, after the last collective: NCCL's communicators left to the interpreter's exit
+    can crash or hang there."""
     if dist.is_initialized():
         dist.destroy_process_group()

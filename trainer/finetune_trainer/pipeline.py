@@ -144,6 +144,7 @@ def run(cfg: TrainerConfig, output_dir: Path) -> dict[str, Any]:
         interrupt = ctrl_c_as_sigterm()
     try:
         report = stages(cfg, Path(output_dir), world, progress)
+        distributed.leave()  # after its last barrier; a failed run leaves it to torchrun, as a rank may be in one
         write_termination({"stage": Stage.DONE.value, "reason": "Succeeded", "message": outcome(report),
                            "exitCode": EXIT_OK, **progress.message})
         return report
