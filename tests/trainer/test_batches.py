@@ -7,6 +7,7 @@ import dataclasses
 import itertools
 import logging
 import math
+import os
 import threading
 import time
 from pathlib import Path
@@ -75,6 +76,22 @@ def photos(folder: Path, count: int) -> list[str]:
         cut.resize((120, 90)).save(path, quality=90)
         paths.append(str(path))
     return paths
+
+
+def test_the_processes_of_a_node_share_its_cpus_for_their_loader_threads(monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchrun's LOCAL_WORLD_SIZE processes (one per GPU) each made batches with a thread per CPU of the pod."""
+    try:
+        if Path("/sys/fs/cgroup/cpu.max").read_text().split()[0] != "max":
+            pytest.skip("a cgroup CPU quota caps the count here")
+    except OSError:
+        pass
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)))  # a 16-CPU pod
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
+    assert loader_threads(Task.IMAGE_CLASSIFICATION, GPU) == 8  # at most MAX_LOADER_THREADS
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "4")
+    assert loader_threads(Task.IMAGE_CLASSIFICATION, GPU) == 4
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "32")
+    assert loader_threads(Task.IMAGE_CLASSIFICATION, GPU) == 1  # never none: a GPU's batches are still made ahead
 
 
 def test_image_batches_are_made_ahead_by_threads_the_same_and_in_order(tmp_path: Path) -> None:

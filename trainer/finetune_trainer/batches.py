@@ -318,7 +318,8 @@ def loader_threads(task: Task, device: torch.device) -> int:
     thread would only contend with the loop for the GIL; none on a CPU either, whose cores the model's operators
     already use (a resnet18 trained 10% slower with one thread decoding ahead on 2 cores, 20% with two). For images on
     a GPU, one per CPU this process may use (its affinity, capped by a cgroup v2 quota, which is how a container's CPU
-    limit shows), at most MAX_LOADER_THREADS."""
+    limit shows), shared with torchrun's other processes on the node (LOCAL_WORLD_SIZE: a pod of 8 GPUs and 16 CPUs
+    took 64 threads), at least one and at most MAX_LOADER_THREADS."""
     if device.type == "cpu" or task not in (Task.IMAGE_CLASSIFICATION, Task.OBJECT_DETECTION):
         return 0
     cpus = len(os.sched_getaffinity(0))
@@ -328,4 +329,5 @@ def loader_threads(task: Task, device: torch.device) -> int:
             cpus = min(cpus, max(1, int(quota) // int(period)))
     except (OSError, ValueError):  # cgroup v1, or none
         pass
-    return min(cpus, MAX_LOADER_THREADS)
+    cpus //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return max(1, min(cpus, MAX_LOADER_THREADS))
