@@ -203,7 +203,7 @@ def run_ours(model: torch.nn.Module, batches: list[torch.Tensor], settings: GpuS
     """Our training loop on the same model and batches."""
     from bench.ours import train_causal_lm  # the adapter onto finetune_trainer.train.train_loop
 
-    if settings.compile:  # as HF's `torch_compile` does: the model's forward, with inductor's defaults
+    if settings.compile:  # as HF's `torch_compile` and our pipeline's `training.compile` do, inductor's defaults
         model = torch.compile(model)
     train_causal_lm(model, batches, settings.learning_rate, timer.last, device, on_step=timer.step_done)
 
@@ -243,7 +243,8 @@ def measure(side: str, mode: str, batches: list[torch.Tensor], vocab: int, setti
 
 def markdown(results: list[Measurement], settings: GpuSettings, info: dict[str, Any], command: str) -> str:
     lines = [
-        "# (d) GPU: ~1.1B Llama, ours vs HF Trainer + PEFT" + (", both compiled (torch.compile)" if settings.compile else ""),
+        "# (d) GPU: ~1.1B Llama, ours vs HF Trainer + PEFT"
+        + (", both compiled (torch.compile)" if settings.compile else ""),
         "",
         f"Command: `{command}`",
         f"Device: {info['cuda']}; torch {info['versions']['torch']}, transformers {info['versions']['transformers']}, "

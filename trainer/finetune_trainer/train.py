@@ -396,9 +396,10 @@ def compiler_missing(device: torch.device) -> str | None:
         if os.environ.get("CC") or shutil.which("gcc") or shutil.which("clang"):
             return None
         return "Triton needs a C compiler (gcc or clang, or $CC) to compile for the GPU, and none is on PATH"
-    if shutil.which(os.environ.get("CXX") or "g++"):
+    cxx = os.environ.get("CXX") or "g++"
+    if shutil.which(cxx):
         return None
-    return f"inductor needs a C++ compiler ({os.environ.get('CXX') or 'g++'}) to compile for the CPU, and it is not on PATH"
+    return f"inductor needs a C++ compiler ({cxx}) to compile for the CPU, and it is not on PATH"
 
 
 def unwrap(model: nn.Module) -> nn.Module:
