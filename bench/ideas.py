@@ -71,9 +71,9 @@ def eager_attention(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
 
 @contextmanager
 def fused_lora(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-    from finetune_trainer.lora_fused import fuse
+    from finetune_trainer.lora_fused import MergedLoRA, fuse
 
-    fuse(model)
+    fuse(model, MergedLoRA)
     yield model
 
 

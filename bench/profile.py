@@ -114,7 +114,7 @@ def run_ours(shared: Any, settings: Settings, recipe: str, rec: Recorder) -> Non
     from finetune_trainer.batches import encode_text, make_collate
     from finetune_trainer.config import AdjustSpec, Task, TrainingSpec
     from finetune_trainer.distributed import World
-    from finetune_trainer.lora_fused import fuse
+    from finetune_trainer.lora_fused import MergedLoRA, fuse
     from finetune_trainer.structure import depth, head_name
     from finetune_trainer.train import Hooks, make_optimizer, make_scheduler, train_loop
 
@@ -122,7 +122,7 @@ def run_ours(shared: Any, settings: Settings, recipe: str, rec: Recorder) -> Non
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
     encoded = encode_text(shared.train, tokenizer, settings.max_length)
     model = rec.watch(model_for(settings, recipe, len(shared.id2label)))
-    fuse(model)  # as the pipeline does on a CPU; a full fine-tune has nothing to fuse
+    fuse(model, MergedLoRA)  # as the pipeline does on a CPU; a full fine-tune has nothing to fuse
     lr = settings.lora_learning_rate if recipe == "lora" else settings.learning_rate
     adjust = AdjustSpec(learning_rate=lr, weight_decay=settings.weight_decay)
     groups = param_groups(model, adjust, depth(model, task), head_name(model, task))

@@ -1,4 +1,5 @@
-"""LoRA as one product with the merged weight: the same training as peft's own path, on the bundled MiniLM."""
+"""LoRA's two fused forms (merged for a CPU, accumulated for a GPU): the same training as peft's own path, on the
+bundled MiniLM."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import torch
 
 from finetune_trainer.adjust import adaptable, freeze
 from finetune_trainer.config import FreezeSpec, LoraSpec, ModelSpec, Task
-from finetune_trainer.lora_fused import fuse
+from finetune_trainer.lora_fused import AccumulatedLoRA, MergedLoRA, fuse
 from finetune_trainer.models import load_model, load_tokenizer
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
 from finetune_trainer.structure import depth, head_name, lora_candidates
@@ -17,6 +18,7 @@ from finetune_trainer.structure import depth, head_name, lora_candidates
 TASK = Task.SEQUENCE_CLASSIFICATION
 TEXTS = ["what a lovely morning", "the train is late again and I am cold", "ok I guess", "worst service ever"]
 LABELS = torch.tensor([2, 0, 1, 0])
+FORMS = pytest.mark.parametrize("form", [MergedLoRA, AccumulatedLoRA], ids=["merged", "accumulated"])
 
 
 def adapted(lora: LoraSpec) -> tuple[torch.nn.Module, dict[str, torch.Tensor]]:
@@ -55,10 +57,11 @@ def error(grads: dict[str, torch.Tensor], reference: dict[str, torch.Tensor]) ->
     return max(float((g - reference[n]).norm() / reference[n].norm()) for n, g in grads.items())
 
 
-def test_the_fused_path_trains_what_peft_computes() -> None:
+@FORMS
+def test_the_fused_path_trains_what_peft_computes(form: type[torch.autograd.Function]) -> None:
     peft_model, batch = adapted(LoraSpec(rank=8, alpha=16, dropout=0.0))
     model = copy.deepcopy(peft_model)
-    assert fuse(model) == sum(1 for n, _ in model.named_parameters() if n.endswith("lora_A.default.weight")) == 25
+    assert fuse(model, form) == sum(1 for n, _ in model.named_parameters() if n.endswith("lora_A.default.weight")) == 25
     loss, grads = step(model, batch, None)
     exact_loss, exact = step(peft_model, batch, None)
     assert loss == pytest.approx(exact_loss, rel=1e-6) and error(grads, exact) < 1e-4  # fp32: the same to rounding
@@ -73,7 +76,7 @@ def test_the_fused_path_trains_what_peft_computes() -> None:
                          ids=["adapter-dropout", "dora"])
 def test_what_is_not_one_product_keeps_the_peft_path(lora: LoraSpec) -> None:
     model, _ = adapted(lora)
-    assert fuse(model) == 0
+    assert fuse(model, MergedLoRA) == 0
 
 
 def test_a_trainable_base_bias_keeps_the_peft_path() -> None:
@@ -82,17 +85,18 @@ def test_a_trainable_base_bias_keeps_the_peft_path() -> None:
     model, _ = adapted(LoraSpec(dropout=0.0))
     query = model.get_base_model().bert.encoder.layer[2].attention.self.query
     query.base_layer.bias.requires_grad_(True)
-    assert fuse(model) == 24 and query.forward.__func__ is type(query).forward
+    assert fuse(model, MergedLoRA) == 24 and query.forward.__func__ is type(query).forward
 
 
-def test_a_fused_model_still_merges_and_switches_its_adapters_off() -> None:
+@FORMS
+def test_a_fused_model_still_merges_and_switches_its_adapters_off(form: type[torch.autograd.Function]) -> None:
     model, inputs = adapted(LoraSpec(dropout=0.0))
     with torch.no_grad():
         base = model.get_base_model()
         with model.disable_adapter():
             plain = model(**inputs).logits
         adapters = model.eval()(**inputs).logits
-        fuse(model)
+        fuse(model, form)
         with model.disable_adapter():
             torch.testing.assert_close(model(**inputs).logits, plain)
         torch.testing.assert_close(model(**inputs).logits, adapters, atol=1e-5, rtol=1e-5)
@@ -101,7 +105,8 @@ def test_a_fused_model_still_merges_and_switches_its_adapters_off() -> None:
     torch.testing.assert_close(merged(**inputs).logits, adapters, atol=1e-4, rtol=1e-4)
 
 
-def test_a_decoder_without_biases_fuses_and_trains_the_same() -> None:
+@FORMS
+def test_a_decoder_without_biases_fuses_and_trains_the_same(form: type[torch.autograd.Function]) -> None:
     """A Llama-like causal LM (bias-free projections, [batch, length, hidden] inputs) on the same footing."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -116,7 +121,7 @@ def test_a_decoder_without_biases_fuses_and_trains_the_same() -> None:
             if "lora_B" in name:
                 p.normal_(std=0.02)
     fused = copy.deepcopy(peft_model)
-    assert fuse(fused) == 6
+    assert fuse(fused, form) == 6
     ids = torch.randint(0, 128, (3, 12))
 
     def lm_step(m: torch.nn.Module) -> tuple[float, dict[str, torch.Tensor]]:

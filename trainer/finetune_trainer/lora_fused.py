@@ -1,29 +1,39 @@
-"""LoRA as one product with the merged weight, for training on a CPU.
+"""peft's LoRA Linear computed in fewer passes over the activations: two forms of the same function.
 
 peft computes an adapted Linear as `x Wᵀ + s · (x Aᵀ) Bᵀ`: besides the base product, two rank-r products in
-the forward, four in the backward, a scaling and an addition of two activations, and (under autocast) a
-second cast of `x`. Without adapter dropout this is `x (W + s·BA)ᵀ`, the same function, so `fuse` computes
-it that way: one product with the merged weight in the forward; in the backward one for the input's gradient
-and four rank-r ones for the adapters' (`∂A = s·((∂y B)ᵀ x)`, `∂B = s·(∂y)ᵀ (x Aᵀ)`). Rank-r products are
-slow for their size on a CPU (bench/README.md, the profile), and element-wise work is a third of a bf16 step.
+the forward, four in the backward, a scaling and an addition of two activations (and of two input gradients
+in the backward), and, under autocast, a second cast of `x`.
 
-In fp32 the two agree to rounding (tested). Under bf16 autocast the merged weight is rounded to bf16 as a
-whole, where peft rounds W and adds the adapters' product separately: the adapters' share carries the
-rounding of W's magnitude, the rounding autocast already applies to W itself.
+- `MergedLoRA`, for a CPU: without adapter dropout this is `x (W + s·BA)ᵀ`, so one product with the merged
+  weight in the forward; in the backward one for the input's gradient and four rank-r ones for the adapters'
+  (`∂A = s·((∂y B)ᵀ x)`, `∂B = s·(∂y)ᵀ (x Aᵀ)`). Rank-r products are slow for their size on a CPU
+  (bench/README.md, the profile), and element-wise work is a third of a bf16 step. Under bf16 autocast the
+  merged weight is rounded to bf16 as a whole, where peft rounds W and adds the adapters' product separately:
+  the adapters' share carries the rounding of W's magnitude, the rounding autocast already applies to W.
+- `AccumulatedLoRA`, for a GPU: peft's products in peft's order, but the adapters' product is accumulated into
+  the base product's output by the matrix product itself (addmm's α), and in the backward into the input's
+  gradient: no activation-sized scaling, addition or second gradient, and one cast of `x`. On a GPU the
+  element-wise passes, not the rank-r products, are what the adapters cost (bench/README.md, (d)).
 
-The merged weight is kept for the backward: one weight-sized tensor per adapted module. That is nothing for
-the models a CPU trains and gigabytes for a large model on a GPU, where rank-r products are cheap anyway and
-nothing was measured, so the pipeline fuses on the CPU only.
+In fp32 both agree with peft to rounding (tested). Each keeps one weight-sized tensor per adapted module for
+the backward (the merged weight; W at the compute precision): under autocast peft's base product keeps the same
+cast of W, so neither costs memory over peft there.
 """
 
 from __future__ import annotations
 
 import types
-from typing import Any
+from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+
+def compute_dtype(x: torch.Tensor) -> torch.dtype:
+    """The precision the products run at: autocast's on `x`'s device when it is on, else `x`'s."""
+    device = x.device.type
+    return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
 class MergedLoRA(torch.autograd.Function):
@@ -33,7 +43,7 @@ class MergedLoRA(torch.autograd.Function):
     @torch.amp.custom_fwd(device_type="cpu")
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
                 b: torch.Tensor, scale: float) -> torch.Tensor:
-        dtype = torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else x.dtype
+        dtype = compute_dtype(x)
         # W + s·BA at W's precision, then rounded once (under autocast BA itself is a bf16 product: its rounding,
         # relative to the small BA, is far below the rounding of the sum)
         merged = (weight + scale * (b @ a)).to(dtype)
@@ -54,9 +64,42 @@ class MergedLoRA(torch.autograd.Function):
         return grad_x, None, None, grad_a.to(ctx.dtypes[0]), grad_b.to(ctx.dtypes[1]), None
 
 
+class AccumulatedLoRA(torch.autograd.Function):
+    """`x Wᵀ + b + s·(x Aᵀ) Bᵀ` with gradients for `x`, A and B (W and b are frozen), each sum accumulated by a
+    matrix product."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, a: torch.Tensor,
+                b: torch.Tensor, scale: float) -> torch.Tensor:
+        dtype = compute_dtype(x)
+        ctx.scale, ctx.dtypes = scale, (a.dtype, b.dtype)
+        rows = x.reshape(-1, x.shape[-1]).to(dtype)
+        weight, a, b = weight.to(dtype), a.to(dtype), b.to(dtype)
+        down = rows @ a.t()
+        out = F.linear(rows, weight, None if bias is None else bias.to(dtype))
+        out.addmm_(down, b.t(), alpha=scale)
+        ctx.save_for_backward(rows, down, weight, a, b)
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        rows, down, weight, a, b = ctx.saved_tensors
+        grads = grad.reshape(-1, grad.shape[-1]).to(rows.dtype)
+        up = (grads @ b).mul_(ctx.scale)  # s·∂y B, rank-r
+        grad_a = up.t() @ rows
+        grad_b = grads.t() @ (down * ctx.scale)
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            grad_x = (grads @ weight).addmm_(up, a).reshape(*grad.shape[:-1], weight.shape[1])
+        return grad_x, None, None, grad_a.to(ctx.dtypes[0]), grad_b.to(ctx.dtypes[1]), None
+
+
+FORMS: dict[str, type[torch.autograd.Function]] = {"cpu": MergedLoRA, "cuda": AccumulatedLoRA}
+
+
 def fusable(module: nn.Module) -> bool:
     """A peft LoRA Linear whose one active adapter is plain LoRA without dropout or bias, on a frozen nn.Linear
-    (its bias too: `MergedLoRA` gives the base no gradient)."""
+    (its bias too: neither form gives the base a gradient)."""
     from peft.tuners.lora.layer import Linear
 
     if type(module) is not Linear or len(module.active_adapters) != 1 or module.fan_in_fan_out:
@@ -69,18 +112,24 @@ def fusable(module: nn.Module) -> bool:
             and module.lora_B[name].bias is None and module.lora_A[name].bias is None)
 
 
-def _fused_forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
-    if self.merged or self.disable_adapters or args or kwargs:  # peft's own forward covers these (and adapter_names)
-        return type(self).forward(self, x, *args, **kwargs)
-    name = self.active_adapters[0]
-    base = self.base_layer
-    return MergedLoRA.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
-                            self.scaling[name])
+def forward_through(form: type[torch.autograd.Function]) -> Callable[..., torch.Tensor]:
+    """A LoRA Linear's forward computed by `form`."""
+
+    def forward(self: nn.Module, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.merged or self.disable_adapters or args or kwargs:  # peft's own forward covers these (adapter_names)
+            return type(self).forward(self, x, *args, **kwargs)
+        name = self.active_adapters[0]
+        base = self.base_layer
+        return form.apply(x, base.weight, base.bias, self.lora_A[name].weight, self.lora_B[name].weight,
+                          self.scaling[name])
+
+    return forward
 
 
-def fuse(model: nn.Module) -> int:
-    """Train every fusable LoRA module of `model` through `MergedLoRA`; returns how many."""
+def fuse(model: nn.Module, form: type[torch.autograd.Function]) -> int:
+    """Train every fusable LoRA module of `model` through `form` (FORMS has the one for each device); returns
+    how many."""
     fused = [m for m in model.modules() if fusable(m)]
     for m in fused:
-        m.forward = types.MethodType(_fused_forward, m)
+        m.forward = types.MethodType(forward_through(form), m)
     return len(fused)

@@ -43,7 +43,7 @@ from finetune_trainer.detection.metrics import evaluate_detector
 from finetune_trainer.detection.models import Detector, check_batch_size, class_count, load_detector, resize_head
 from finetune_trainer.errors import EXIT_OK, ConfigError, Terminated, no_space_in
 from finetune_trainer.evaluate import deltas, evaluate
-from finetune_trainer.lora_fused import fuse
+from finetune_trainer.lora_fused import FORMS, fuse
 from finetune_trainer.models import (ImageClassifier, check_image_size, check_positions, check_vocabulary,
                                      has_causal_switch, load_model, load_tokenizer, new_modules)
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
@@ -313,8 +313,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         targets = lora_targets(model, cfg.rearrange.lora, task, cfg.adjust.freeze, layers, head, new)
         model = add_adapters(model, cfg.rearrange.lora, targets, head, new)
         freeze(model, cfg.adjust.freeze, layers, head, new)
-        if world.device.type == "cpu":
-            log.info("LoRA as one product with the merged weight (CPU) on %d of the adapted modules", fuse(model))
+        if form := FORMS.get(world.device.type):  # other devices keep peft's own path
+            log.info("LoRA computed as %s on %d of the adapted modules", form.__name__, fuse(model, form))
     model.to(world.device)
     groups = param_groups(model, cfg.adjust, layers, head, new)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
