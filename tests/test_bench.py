@@ -1,4 +1,4 @@
-"""Cheap checks of what cannot run here: the trainer image's invariants and the GPU benchmark's CPU paths."""
+"""Cheap checks of what cannot run here: the trainer image's invariants and the GPU benchmarks' CPU paths."""
 
 from __future__ import annotations
 
@@ -44,28 +44,42 @@ def test_trainer_image_is_pinned_python_non_root_with_the_cli_entrypoint() -> No
                 assert (REPO / source).exists(), source
 
 
-def _gpu_bench(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "bench.gpu", *args], cwd=REPO, capture_output=True, text=True,
+def _gpu_bench(*args: str, module: str = "bench.gpu") -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", module, *args], cwd=REPO, capture_output=True, text=True,
                           timeout=600)
 
 
-def test_gpu_bench_says_no_gpu_and_exits_0_on_a_cpu_machine() -> None:
+@pytest.mark.parametrize("module", ["bench.gpu", "bench.gpu_pipeline"])
+def test_gpu_bench_says_no_gpu_and_exits_0_on_a_cpu_machine(module: str) -> None:
     import torch
 
     if torch.cuda.is_available():
         pytest.skip("a GPU is here: the benchmark would run for real")
-    done = _gpu_bench()
+    done = _gpu_bench(module=module)
     assert done.returncode == 0, done.stderr
     assert "no NVIDIA GPU" in done.stdout
 
 
 @pytest.mark.slow
 def test_gpu_bench_dry_run_exercises_both_sides_and_modes_on_a_tiny_model(tmp_path: Path) -> None:
-    done = _gpu_bench("--cpu-dry-run", "--out", str(tmp_path))
+    done = _gpu_bench("--cpu-dry-run", "--out", str(tmp_path), "--sides", "hf,ours,ours-peft")
     assert done.returncode == 0, done.stderr[-3000:]
     results = json.loads((tmp_path / "gpu.json").read_text())["results"]
     measured = {(r["side"], r["mode"]) for r in results if r["tokens_per_second"]}
-    assert measured == {("hf", "full"), ("ours", "full"), ("hf", "lora"), ("ours", "lora")}
+    assert measured == {(side, mode) for side in ("hf", "ours", "ours-peft") for mode in ("full", "lora")}
+    assert "lora: ours-peft / HF tokens/s" in (tmp_path / "gpu.md").read_text()
+
+
+@pytest.mark.slow
+def test_gpu_pipeline_dry_run_runs_the_pipeline_to_an_export(tmp_path: Path) -> None:
+    done = _gpu_bench("--cpu-dry-run", "--out", str(tmp_path), "--cases", "classifier-lora,causal-lm-full",
+                      module="bench.gpu_pipeline")
+    assert done.returncode == 0, done.stderr[-3000:]
+    results = json.loads((tmp_path / "gpu-pipeline.json").read_text())["results"]
+    assert [r["case"] for r in results] == ["classifier-lora", "causal-lm-full"]
+    for r in results:
+        assert r["steps"] > 0 and r["exported"] == ["model.safetensors"], r
+    assert set(results[0]["final"]) >= {"accuracy"} and set(results[1]["final"]) >= {"loss", "perplexity"}
 
 
 def test_a_gpu_side_that_fails_is_recorded_and_the_others_still_run() -> None:
