@@ -133,3 +133,24 @@ def test_a_decoder_without_biases_fuses_and_trains_the_same(form: type[torch.aut
     loss, grads = lm_step(fused)
     peft_loss, peft_grads = lm_step(peft_model)
     assert loss == pytest.approx(peft_loss, rel=1e-6) and error(grads, peft_grads) < 1e-4
+
+
+@FORMS
+@pytest.mark.parametrize("input_grad", [True, False], ids=["input-needs-grad", "input-frozen"])
+def test_the_weight_is_kept_for_the_backward_only_when_the_input_needs_a_gradient(
+        form: type[torch.autograd.Function], input_grad: bool) -> None:
+    """The first adapted module above frozen layers gets an input without a gradient: peft's path keeps no copy of
+    W for it, and neither may a fused form (a weight-sized tensor per such module)."""
+    torch.manual_seed(0)
+    weight, a, b = torch.randn(48, 32), torch.randn(4, 32, requires_grad=True), torch.randn(48, 4, requires_grad=True)
+    x = torch.randn(3, 5, 32, requires_grad=input_grad)
+    saved: list[torch.Size] = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
+        out = form.apply(x, weight, None, a, b, 2.0)
+    assert (weight.shape in saved) == input_grad
+    out.square().sum().backward()
+    reference = x.detach().requires_grad_(input_grad)
+    a2, b2 = a.detach().clone().requires_grad_(), b.detach().clone().requires_grad_()
+    (reference @ weight.t() + 2.0 * (reference @ a2.t()) @ b2.t()).square().sum().backward()
+    for grad, exact in [(a.grad, a2.grad), (b.grad, b2.grad), *([(x.grad, reference.grad)] if input_grad else [])]:
+        assert float((grad - exact).norm() / exact.norm()) < 1e-5  # fp32: the same to rounding

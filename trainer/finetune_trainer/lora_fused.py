@@ -15,9 +15,9 @@ in the backward), and, under autocast, a second cast of `x`.
   gradient: no activation-sized scaling, addition or second gradient, and one cast of `x`. On a GPU the
   element-wise passes, not the rank-r products, are what the adapters cost (bench/README.md, (d)).
 
-In fp32 both agree with peft to rounding (tested). Each keeps one weight-sized tensor per adapted module for
-the backward (the merged weight; W at the compute precision): under autocast peft's base product keeps the same
-cast of W, so neither costs memory over peft there.
+In fp32 both agree with peft to rounding (tested). Where a module's input needs a gradient, each keeps one
+weight-sized tensor for the backward (the merged weight; W at the compute precision), as peft's base product under
+autocast keeps its cast of W; where it needs none (the first adapted module above frozen layers), neither keeps it.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class MergedLoRA(torch.autograd.Function):
         merged = (weight + scale * (b @ a)).to(dtype)
         ctx.scale, ctx.dtypes = scale, (a.dtype, b.dtype)
         x, a, b = x.to(dtype), a.to(dtype), b.to(dtype)
-        ctx.save_for_backward(x, merged, a, b)
+        ctx.save_for_backward(x, merged if ctx.needs_input_grad[0] else None, a, b)  # W: for x's gradient only
         return F.linear(x, merged, None if bias is None else bias.to(dtype))
 
     @staticmethod
@@ -78,7 +78,7 @@ class AccumulatedLoRA(torch.autograd.Function):
         down = rows @ a.t()
         out = F.linear(rows, weight, None if bias is None else bias.to(dtype))
         out.addmm_(down, b.t(), alpha=scale)
-        ctx.save_for_backward(rows, down, weight, a, b)
+        ctx.save_for_backward(rows, down, weight if ctx.needs_input_grad[0] else None, a, b)  # as MergedLoRA
         return out.reshape(*x.shape[:-1], out.shape[-1])
 
     @staticmethod
@@ -90,7 +90,7 @@ class AccumulatedLoRA(torch.autograd.Function):
         grad_b = grads.t() @ (down * ctx.scale)
         grad_x = None
         if ctx.needs_input_grad[0]:
-            grad_x = (grads @ weight).addmm_(up, a).reshape(*grad.shape[:-1], weight.shape[1])
+            grad_x = (grads @ weight).addmm_(up, a).reshape(*grad.shape[:-1], rows.shape[-1])
         return grad_x, None, None, grad_a.to(ctx.dtypes[0]), grad_b.to(ctx.dtypes[1]), None
 
 
