@@ -341,7 +341,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     if world.size > 1:
         trained = nn.parallel.DistributedDataParallel(model, find_unused_parameters=bool(report.no_grad_parameters))
     if cfg.training.compile:  # the training steps only: evaluations take `model`, eager, in eval mode
-        log.info("training through torch.compile: the first step compiles the model")
+        log.info("training through torch.compile: the first step compiles the model, and a batch of a new shape "
+                 "may compile it again (tens of seconds each, a few times; then the steps are faster)")
         trained = torch.compile(trained)
 
     def validate(before_batch: Callable[[], None]) -> dict[str, float]:  # selection never sees the test split
