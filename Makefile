@@ -88,3 +88,4 @@ bench: install
 
 bench-gpu: install
 	$(PY) -m bench.gpu
+	$(PY) -m bench.gpu_pipeline

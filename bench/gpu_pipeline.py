@@ -62,6 +62,7 @@ def case_doc(name: str, corpus: Path, output: Path, dry_run: bool) -> dict[str, 
 def run_case(name: str, corpus: Path, dry_run: bool) -> dict[str, Any]:
     from finetune_trainer import pipeline
     from finetune_trainer.config import TrainerConfig
+    from finetune_trainer.errors import Terminated
 
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
@@ -71,8 +72,9 @@ def run_case(name: str, corpus: Path, dry_run: bool) -> dict[str, Any]:
             report = pipeline.run(TrainerConfig.model_validate(case_doc(name, corpus, Path(out), dry_run)), Path(out))
         except Exception as exc:  # noqa: BLE001 - recorded, and the run exits 1; the other cases still run
             logging.exception("bench.gpu_pipeline: %s failed", name)
+            # A SIGTERM (the stopped case's Terminated) was meant for the whole run: no next case starts
             return {"case": name, "failed": f"{type(exc).__name__}: {exc}".splitlines()[0],
-                    "seconds": time.perf_counter() - started}
+                    "stopped": isinstance(exc, Terminated), "seconds": time.perf_counter() - started}
         exported = sorted(p.name for p in Path(out).iterdir() if p.suffix == ".safetensors" or p.name == "adapter")
     training, evaluation = report["training"], report["evaluation"]
     return {
@@ -140,6 +142,8 @@ def main(argv: list[str] | None = None) -> int:
             if kept or args.out:  # after every case, so a run cut short keeps what it ran
                 written = write_results(stem, {"machine": info, "command": command, "results": results},
                                         markdown(results, info, command), args.out or RESULTS)
+            if results[-1].get("stopped"):
+                break
     print(markdown(results, info, command))
     if kept or args.out:
         print(f"written: {written}")
