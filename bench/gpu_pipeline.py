@@ -128,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     kept = not args.cpu_dry_run and args.out is None
     if kept:
         clean_commit()
-    from finetune_trainer.assets import write_sentiment
+    from finetune_trainer.assets import SENTIMENT, write_sentiment
 
     os.environ.setdefault("FINETUNE_METRICS_PORT", "0")  # no metrics server: nothing to collide with
     info, command = machine(), command_line()
@@ -136,7 +136,7 @@ def main(argv: list[str] | None = None) -> int:
     results = []
     with tempfile.TemporaryDirectory(prefix="gpu-pipeline-data-") as data:
         write_sentiment(Path(data))
-        corpus = next(Path(data).rglob("*.csv"))
+        corpus = Path(data) / SENTIMENT
         for name in cases:
             results.append(run_case(name, corpus, args.cpu_dry_run))
             print(f"bench.gpu_pipeline: {results[-1]}", flush=True)

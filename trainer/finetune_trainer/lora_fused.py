@@ -36,8 +36,16 @@ def compute_dtype(x: torch.Tensor) -> torch.dtype:
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
+def adapter_grads(rows: torch.Tensor, grads: torch.Tensor, down: torch.Tensor, b: torch.Tensor,
+                  scale: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`s·∂y B` (rank-r, for the input's gradient), `∂A = s·(∂y B)ᵀ x` and `∂B = s·∂yᵀ (x Aᵀ)`, from the inputs' rows,
+    the output gradient's rows and `down` = x Aᵀ: the same in both forms."""
+    up = (grads @ b).mul_(scale)
+    return up, up.t() @ rows, grads.t() @ (down * scale)
+
+
 class MergedLoRA(torch.autograd.Function):
-    """`x (W + s·BA)ᵀ + b` with gradients for A and B only (W and b are frozen)."""
+    """`x (W + s·BA)ᵀ + b` with gradients for `x`, A and B (W and b are frozen)."""
 
     @staticmethod
     @torch.amp.custom_fwd(device_type="cpu")
@@ -58,8 +66,7 @@ class MergedLoRA(torch.autograd.Function):
         x, merged, a, b = ctx.saved_tensors
         grad = grad.to(x.dtype)
         rows, grads = x.reshape(-1, x.shape[-1]), grad.reshape(-1, grad.shape[-1])
-        grad_a = ctx.scale * ((grads @ b).t() @ rows)
-        grad_b = ctx.scale * (grads.t() @ (rows @ a.t()))
+        _, grad_a, grad_b = adapter_grads(rows, grads, rows @ a.t(), b, ctx.scale)
         grad_x = grad @ merged if ctx.needs_input_grad[0] else None
         return grad_x, None, None, grad_a.to(ctx.dtypes[0]), grad_b.to(ctx.dtypes[1]), None
 
@@ -85,9 +92,7 @@ class AccumulatedLoRA(torch.autograd.Function):
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         rows, down, weight, a, b = ctx.saved_tensors
         grads = grad.reshape(-1, grad.shape[-1]).to(rows.dtype)
-        up = (grads @ b).mul_(ctx.scale)  # s·∂y B, rank-r
-        grad_a = up.t() @ rows
-        grad_b = grads.t() @ (down * ctx.scale)
+        up, grad_a, grad_b = adapter_grads(rows, grads, down, b, ctx.scale)
         grad_x = None
         if ctx.needs_input_grad[0]:
             grad_x = (grads @ weight).addmm_(up, a).reshape(*grad.shape[:-1], rows.shape[-1])
