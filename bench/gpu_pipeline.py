@@ -24,7 +24,8 @@ from typing import Any
 
 import torch
 
-from bench.common import RESULTS, clean_commit, command_line, fmt, machine, minilm_path, result_stem, write_results
+from bench.common import (RESULTS, command_line, fmt, machine, minilm_path, refuse_dirty_tree, result_stem,
+                          write_results)
 
 MINILM_SHAPE = {"hidden_size": 384, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 1536}
 LLAMA_SHAPE = {"hidden_size": 512, "num_hidden_layers": 4, "num_attention_heads": 8, "num_key_value_heads": 4,
@@ -125,14 +126,14 @@ def main(argv: list[str] | None = None) -> int:
         print("bench.gpu_pipeline: no NVIDIA GPU here; this check needs one. Nothing run. (--cpu-dry-run runs the "
               "cases small on the CPU.)")
         return 0
-    kept = not args.cpu_dry_run and args.out is None
-    if kept:
-        clean_commit()
+    folder = args.out or (None if args.cpu_dry_run else RESULTS)  # a dry run writes only where it is told
+    if folder:
+        refuse_dirty_tree(folder)
     from finetune_trainer.assets import SENTIMENT, write_sentiment
 
     os.environ.setdefault("FINETUNE_METRICS_PORT", "0")  # no metrics server: nothing to collide with
     info, command = machine(), command_line()
-    stem = result_stem("gpu-pipeline", info) if kept else "gpu-pipeline"
+    stem = result_stem("gpu-pipeline", info)
     results = []
     with tempfile.TemporaryDirectory(prefix="gpu-pipeline-data-") as data:
         write_sentiment(Path(data))
@@ -140,13 +141,13 @@ def main(argv: list[str] | None = None) -> int:
         for name in cases:
             results.append(run_case(name, corpus, args.cpu_dry_run))
             print(f"bench.gpu_pipeline: {results[-1]}", flush=True)
-            if kept or args.out:  # after every case, so a run cut short keeps what it ran
+            if folder:  # after every case, so a run cut short keeps what it ran
                 written = write_results(stem, {"machine": info, "command": command, "results": results},
-                                        markdown(results, info, command), args.out or RESULTS)
+                                        markdown(results, info, command), folder)
             if results[-1].get("stopped"):
                 break
     print(markdown(results, info, command))
-    if kept or args.out:
+    if folder:
         print(f"written: {written}")
     return 1 if any("failed" in r for r in results) else 0
 

@@ -36,7 +36,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from bench import data
-from bench.common import RESULTS, clean_commit, command_line, machine, minilm_path, result_stem, write_results
+from bench.common import RESULTS, command_line, machine, minilm_path, refuse_dirty_tree, result_stem, write_results
 from bench.sides import Settings
 
 
@@ -177,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="ideas", help="results file stem under bench/results (a date is added)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="a folder elsewhere takes results of any tree (trials)")
     args = parser.parse_args(argv)
-    if args.out == RESULTS:
-        clean_commit()
+    refuse_dirty_tree(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     info = machine()

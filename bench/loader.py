@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
-from bench.common import RESULTS, clean_commit, command_line, machine, result_stem, write_results
+from bench.common import RESULTS, command_line, machine, refuse_dirty_tree, result_stem, write_results
 
 
 def write_photos(folder: Path, count: int, scale: float = 1.0) -> list[str]:
@@ -75,8 +75,7 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--out", type=Path, default=RESULTS, help="a folder other than bench/results for a trial")
     args = parser.parse_args()
-    if args.out.resolve() == RESULTS.resolve():
-        clean_commit()
+    refuse_dirty_tree(args.out)
 
     import torch
 

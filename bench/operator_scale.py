@@ -44,7 +44,7 @@ import yaml
 from kubernetes import client, config, watch
 from prometheus_client.parser import text_string_to_metric_families
 
-from bench.common import REPO, RESULTS, clean_commit, command_line, fmt, machine, result_stem, write_results
+from bench.common import REPO, RESULTS, command_line, fmt, machine, refuse_dirty_tree, result_stem, write_results
 from finetune_operator import api, children
 from finetune_operator.handlers import FINALIZER
 from finetune_operator.outcome import STUCK_WAITING
@@ -734,8 +734,7 @@ def main() -> None:
                         help="end each side once every child Job exists (a quicker trial: no all-finished figure)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="another folder: a trial run on any tree")
     args = parser.parse_args()
-    if args.out.resolve() == RESULTS.resolve():
-        clean_commit()
+    refuse_dirty_tree(args.out)
     info = machine()
     payload = {"machine": info, "command": command_line(), "clients": args.clients, "result": run(args)}
     payload["loadavg_at_end"] = list(os.getloadavg())

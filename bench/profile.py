@@ -23,7 +23,7 @@ import torch
 from torch.profiler import ProfilerActivity, profile, schedule
 
 from bench import data
-from bench.common import RESULTS, clean_commit, command_line, machine, minilm_path, result_stem, write_results
+from bench.common import RESULTS, command_line, machine, minilm_path, refuse_dirty_tree, result_stem, write_results
 from bench.sides import Settings, auto_precision
 
 # First match wins; an operator in none of them is "other".
@@ -214,8 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="profile", help="results file stem under bench/results (a date is added)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="a folder elsewhere takes results of any tree (trials)")
     args = parser.parse_args(argv)
-    if args.out == RESULTS:
-        clean_commit()
+    refuse_dirty_tree(args.out)
     if args.threads:
         torch.set_num_threads(args.threads)
     settings = Settings(seed=args.seed, precision=args.precision)

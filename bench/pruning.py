@@ -28,7 +28,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
-from bench.common import RESULTS, clean_commit, command_line, fmt, machine, minilm_path, result_stem, write_results
+from bench.common import RESULTS, command_line, fmt, machine, minilm_path, refuse_dirty_tree, result_stem, write_results
 from bench.data import dataset_spec
 from bench.ours import recipe
 from bench.sides import Settings
@@ -304,8 +304,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.heal_rows and not args.heal_steps:
         parser.error("--heal-rows needs --heal-steps")
-    if args.out == RESULTS:
-        clean_commit()  # refuse now, not after the training
+    refuse_dirty_tree(args.out)
     import torch
 
     torch.set_num_threads(args.threads)

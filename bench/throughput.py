@@ -25,7 +25,7 @@ from torch import nn
 from torch.nn.utils.rnn import pad_sequence
 
 from bench import data
-from bench.common import RESULTS, clean_commit, command_line, machine, minilm_path, result_stem, write_results
+from bench.common import RESULTS, command_line, machine, minilm_path, refuse_dirty_tree, result_stem, write_results
 
 GOAL = 0.97  # issue 4, item 11 (c)
 
@@ -176,8 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="throughput", help="results file stem under bench/results (a date is added)")
     parser.add_argument("--out", type=Path, default=RESULTS, help="a folder elsewhere takes results of any tree (trials)")
     args = parser.parse_args(argv)
-    if args.out == RESULTS:
-        clean_commit()  # refuse now, not after the rounds
+    refuse_dirty_tree(args.out)
     # The trainer's progress lines (a step line every 10 s), so a long run shows it is alive.
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s", datefmt="%H:%M:%S")
     w = Workload(**{k: getattr(args, k) for k in asdict(Workload())})

