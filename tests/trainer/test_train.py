@@ -28,7 +28,8 @@ from finetune_trainer.evaluate import evaluate
 from finetune_trainer.models import load_model, load_tokenizer
 from finetune_trainer.rearrange import add_adapters, new_head
 from finetune_trainer.telemetry import TERMINATION_ENV
-from finetune_trainer.train import Hooks, LoopState, autocast_dtype, cpu_computes_bf16, make_scheduler, train_loop
+from finetune_trainer.train import (Hooks, LoopState, SigtermFlag, autocast_dtype, cpu_computes_bf16, make_scheduler,
+                                   train_loop)
 from tiny import TINY_BERT, TINY_GPT2, card_model, tiny_classifier_doc
 
 CPU = World(rank=0, size=1, device=torch.device("cpu"))
@@ -595,6 +596,24 @@ def test_sigterm_in_the_last_step_stops_after_its_checkpoint(tmp_path: Path) -> 
     with pytest.raises(Terminated, match="stopped by SIGTERM at step 8"):
         lm_run(tmp_path / "stopped", sigterm_at=8)  # after the last step began: its evaluation still runs
     assert [p.name for p in checkpoints.complete(tmp_path / "stopped")] == ["step-00000008"]
+
+
+def test_a_sigterm_after_the_loop_s_last_look_goes_to_the_handler_outside() -> None:
+    """One that comes between the loop's last check and the end of training is not lost in a flag nobody reads: the
+    pipeline's own handler gets it (a lost one ran on until the kubelet's SIGKILL, with no termination message)."""
+    seen: list[str] = []
+    outside = signal.signal(signal.SIGTERM, lambda *_: seen.append("outside"))
+    try:
+        with SigtermFlag() as flag:
+            signal.raise_signal(signal.SIGTERM)
+            assert flag.raised and not seen
+        assert seen == ["outside"]
+        with pytest.raises(Terminated), SigtermFlag():  # one the loop answered is not passed on
+            signal.raise_signal(signal.SIGTERM)
+            raise Terminated("stopped by SIGTERM at step 1")
+        assert seen == ["outside"]
+    finally:
+        signal.signal(signal.SIGTERM, outside)
 
 
 def test_sigterm_during_a_step_saves_right_after_it(tmp_path: Path) -> None:

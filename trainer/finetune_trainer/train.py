@@ -201,9 +201,11 @@ class SigtermFlag:
         log.warning("SIGTERM: saving a checkpoint after this step (an evaluation under way stops at its next batch)")
         self.raised = True
 
-    def __exit__(self, *_: Any) -> None:
+    def __exit__(self, exc_type: type[BaseException] | None, *_: Any) -> None:
         if self.previous is not None:
             signal.signal(signal.SIGTERM, self.previous)
+            if self.raised and exc_type is None:  # it came after the loop's last look: the handler outside takes it
+                signal.raise_signal(signal.SIGTERM)
 
 
 class EvaluationStopped(Exception):
@@ -345,14 +347,18 @@ def train_step(model: nn.Module, micro: list[Batch], task: Task, world: World, d
             loss = loss_sum(logits, batch.labels, task)
             scaler.scale(loss * world.size / max(targets, 1)).backward()
         total_loss += loss.detach()
-    # asked after the backward: a SIGTERM during this step makes it the last, not the one after it
-    loss_total, stop = world.sum([float(total_loss), float(stop_requested())])
+    scaler.unscale_(optimizer)
+    norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)  # on the device; a diverged step is dropped below
+    # The step's one wait for the device: the loss and the stop flag summed over the ranks, read with the norm (the
+    # same on every rank). The flag is asked after the backward: a SIGTERM during this step makes it the last.
+    flag = torch.full((), float(stop_requested()), dtype=torch.float64, device=world.device)  # a fill, not a copy
+    summed = world.sum_tensor(torch.stack([total_loss, flag]))
+    # (`clip_grad_norm_` returns a CPU zero when no parameter has a gradient)
+    loss_total, stop, grad_norm = torch.cat([summed, norm.to(summed).reshape(1)]).tolist()
     loss_value = loss_total / max(targets, 1)
     if not math.isfinite(loss_value):
         optimizer.zero_grad(set_to_none=True)
         raise diverged(f"the training loss is {loss_value} at step {step}", dtype)
-    scaler.unscale_(optimizer)
-    grad_norm = float(nn.utils.clip_grad_norm_(model.parameters(), max_norm))
     if not math.isfinite(grad_norm) and not scaler.is_enabled():  # fp16's scaler skips such a step; others would not
         optimizer.zero_grad(set_to_none=True)
         raise diverged(f"the gradient norm is {grad_norm} at step {step} (the loss is {loss_value})", dtype)
