@@ -267,6 +267,40 @@ def test_an_attempt_that_resumes_loads_the_healed_layers_instead_of_healing_agai
     assert got.keys() == expected.keys() and all(torch.equal(got[k], expected[k]) for k in expected)
 
 
+def test_an_attempt_whose_scores_choose_other_layers_removes_the_earlier_attempts_and_resumes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Another node (other hardware, bf16 where the first computed fp32) can order a near-tie of the scores
+    otherwise. The attempt removed other layers, discarded the earlier one's checkpoints and healed layers, and
+    trained from step 0; it removes the layers the earlier attempt removed and resumes its training."""
+    import os
+    import signal
+
+    from finetune_trainer import checkpoints, export
+    from finetune_trainer.errors import Terminated
+
+    doc = tiny_classifier_doc(tmp_path / "out")
+    doc["model"]["config"] = TINY_BERT | {"num_hidden_layers": 3}
+    doc["rearrange"] = {"prune": {"count": 1, "heal": {"steps": 2}}, "lora": {"rank": 4}}
+    cfg = TrainerConfig.model_validate(doc)
+    real_export = export.export_model
+    monkeypatch.setattr(export, "export_model", lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+    with pytest.raises(Terminated, match="in stage Exporting"):
+        run(cfg, tmp_path / "out")
+    (folder,) = (tmp_path / "out" / "checkpoints").iterdir()
+    identity = checkpoints.read_identity(folder)
+    assert identity is not None
+    earlier = identity["prunedLayers"]
+    monkeypatch.setattr(export, "export_model", real_export)
+    other = [next(i for i in range(3) if i not in earlier)]
+    monkeypatch.setattr(prune, "chosen_layers", lambda scores, spec: other)  # what the other node's scores choose
+    caplog.set_level(logging.INFO, logger="finetune_trainer")
+    resumed = run(cfg, tmp_path / "out")
+    assert f"would remove layers {other}; an earlier attempt of this run removed {earlier}" in caplog.text
+    assert resumed["pruning"]["removed_layers"] == earlier
+    assert f"resumed from {folder / 'step-'}" in caplog.text and resumed["pruning"]["heal"]["reloaded"]
+    assert [p.name for p in (tmp_path / "out" / "checkpoints").iterdir()] == [folder.name]
+
+
 def test_a_pruned_decoder_renumbers_its_layers_and_reloads(tmp_path: Path) -> None:
     from transformers import AutoModelForCausalLM
 

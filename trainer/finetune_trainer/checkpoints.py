@@ -19,7 +19,9 @@ removed too, with a warning, and training starts afresh (`misfits`).
 A pruned run that heals keeps the healed layers in the same folder (`healed.safetensors`, with
 healing's figures), so that a resumed run loads them instead of healing again: LoRA's
 checkpoints hold the adapters, not the layers under them. The baseline's scores are kept there too
-(`baseline.json`), so that an attempt that resumes does not score the test split again.
+(`baseline.json`), so that an attempt that resumes does not score the test split again. The layers a
+pruned run removes are in its fingerprint; a later attempt of the run removes the same ones (`earlier_choice`),
+whatever its own scores say.
 """
 
 from __future__ import annotations
@@ -221,6 +223,16 @@ def read_identity(folder: Path) -> dict[str, Any] | None:
         return json.loads((folder / FINGERPRINT).read_text())
     except (OSError, ValueError):
         return None
+
+
+def earlier_choice(parent: Path, identity: dict[str, Any], key: str) -> Any:
+    """`key`'s value in the fingerprint of an earlier attempt of the run `identity` describes (the same in all but
+    `key`), the one with the most checkpoints; None when there is none."""
+    folders = parent.iterdir() if parent.is_dir() else []
+    earlier = [(len(complete(folder)), saved[key]) for folder in folders
+               if (saved := read_identity(folder)) is not None and key in saved
+               and saved | {key: None} == identity | {key: None}]
+    return max(earlier, key=lambda found: found[0])[1] if earlier else None
 
 
 def differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:

@@ -286,7 +286,9 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     flops = report.flops["training_per_sample"]  # of a step, for the MFU gauge
     pruning: dict[str, Any] = {}
     serving: list[Batch] = []  # the test batches a pruned model's latency is measured on, before and after
-    drop = pruned_layers(report, cfg.rearrange.prune, world) if cfg.rearrange.prune is not None else None
+    drop = None
+    if cfg.rearrange.prune is not None:
+        drop = earlier_pruning(out / "checkpoints", cfg, world.size, pruned_layers(report, cfg.rearrange.prune, world))
     # Named by the layers pruning removes; healing keeps its result there.
     checkpoint_dir = checkpoints.run_folder(out / "checkpoints", fingerprinted(cfg, world.size, drop), world)
     if cfg.rearrange.prune is not None and drop is not None:
@@ -444,6 +446,18 @@ def pruned_layers(report: analysis.StructureReport, spec: PruneSpec, world: dist
         raise ConfigError(f"rearrange.prune: no stack of transformer layers found in {report.model_class}")
     report.importance = world.broadcast(report.importance)
     return prune.chosen_layers(report.importance["layers"]["scores"], spec)
+
+
+def earlier_pruning(parent: Path, cfg: TrainerConfig, world_size: int, drop: list[int]) -> list[int]:
+    """The layers an earlier attempt of this run removed, if one did, else `drop`. Its checkpoints and healed layers
+    are of those layers; this attempt's scores, on other hardware or at another precision, can order a near-tie
+    otherwise, and a new choice would discard them and train from step 0."""
+    earlier = checkpoints.earlier_choice(parent, fingerprinted(cfg, world_size, drop), "prunedLayers")
+    if earlier is None or earlier == drop:
+        return drop
+    log.warning("rearrange.prune: this attempt's scores would remove layers %s; an earlier attempt of this run "
+                "removed %s and kept its training in checkpoints, so those layers go again", drop, earlier)
+    return list(earlier)
 
 
 def prune_layers(model: nn.Module, task: Task, report: analysis.StructureReport, drop: list[int], cfg: TrainerConfig,
