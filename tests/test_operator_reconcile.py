@@ -792,6 +792,27 @@ def test_a_rank_0_that_is_done_and_whose_pod_never_exits_is_flagged() -> None:
     assert after(stuck, done)["phase"] == "Running" and ("Warning", "NotExiting") in [e[:2] for e in stuck.events]
 
 
+def test_a_retry_after_an_attempt_that_reported_done_is_not_flagged_for_the_old_attempts_done() -> None:
+    """Rank 0 reported Done, then its process died (exit 139): status.stage stays Done into the next attempt until
+    that one is read. Attempt 2's rank 0, still starting, was flagged NotExiting ("rank 0 reported Done ...; its pods
+    have not exited") with a Warning, and then kept that reason instead of saying it could not be read."""
+    done = after(decide(Observed(body({"attempts": 1}), [job(ready=1)], [pod()], NOW,
+                                 sample={"stage": "Done", "step": 10, "total_steps": 10, "loss": 0.5})))
+    died = [pod(phase="Failed", exit_code=139, message={"stage": "Done", "reason": "Succeeded", "exitCode": 0})]
+    retried = decide(Observed(body(done), [job(failure={"reason": "BackoffLimitExceeded", "message": ""})], died,
+                              NOW + timedelta(seconds=5)))
+    restarting = after(retried, done)
+    assert restarting["attempts"] == 2 and restarting["stage"] == "Done"
+    error = ("MetricsUnreachable", "connection refused")
+    starting = decide(Observed(body(restarting), [job(2, ready=1)], [pod(2)], NOW + timedelta(minutes=6),
+                               scrape_error=error))
+    assert "MetricsStale" not in conditions(after(starting, restarting)) and not [
+        e for e in starting.events if e[0] == "Warning"]
+    running = after(starting, restarting)
+    late = decide(Observed(body(running), [job(2, ready=1)], [pod(2)], NOW + timedelta(minutes=8), scrape_error=error))
+    assert conditions(after(late, running))["MetricsStale"] == ("True", "MetricsUnreachable")
+
+
 def test_a_worker_that_never_exits_after_rank_0_did_is_flagged() -> None:
     """Rank 0 exited after Done while rank 1 hung in its teardown: with no Running rank 0 nothing was scraped, so
     the job stayed Running at 100 % with no condition for good. It is MetricsStale, NotExiting, all the same."""

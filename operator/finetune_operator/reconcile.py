@@ -435,7 +435,7 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
         if seen.sample:
             status |= progress_and_metrics(seen.sample, spec.global_batch, seen.now)
             conds.clear(T.METRICS_STALE, METRICS_READ, "rank 0's metrics are read again")
-        elif old.get("stage") == "Done":  # scraped or not (rank 0 may have exited), only the pods' exit is left
+        elif old.get("stage") == "Done" and _read_this_attempt(conds, old):  # only the pods' exit is left
             _not_exiting(conds, old, seen.now)
         elif seen.scrape_error:
             _stale(conds, old, seen.now, *seen.scrape_error)
@@ -501,15 +501,22 @@ def _stale(conds: Conditions, old: dict[str, Any], now: datetime, reason: str, m
     first's, though the last read (the previous attempt's) is older. The last numbers stay in status.progress and
     status.metrics, whose updatedAt tells their age."""
     updated = _parse_time((old.get("progress") or {}).get("updatedAt"))
-    running = _parse_time(conds.get(T.RUNNING).get("lastTransitionTime"))
-    if updated and (running is None or updated >= running):
-        last, grace = updated, STALE_AFTER_SECONDS
+    if read := _read_this_attempt(conds, old):
+        last, grace = read, STALE_AFTER_SECONDS
     else:
-        last, grace = running, STARTING_SECONDS
+        last, grace = _parse_time(conds.get(T.RUNNING).get("lastTransitionTime")), STARTING_SECONDS
     if last is None or (now - last).total_seconds() < grace:
         return
     since = f"since {timestamp(updated)}" if updated else "yet"
     conds.set(T.METRICS_STALE, True, reason, f"rank 0's metrics not read {since}: {message}")
+
+
+def _read_this_attempt(conds: Conditions, old: dict[str, Any]) -> datetime | None:
+    """When rank 0's metrics were last read, if that was in the running attempt (not before Running last turned
+    True): status.progress and status.stage stay from the attempt before until the new one is read."""
+    updated = _parse_time((old.get("progress") or {}).get("updatedAt"))
+    running = _parse_time(conds.get(T.RUNNING).get("lastTransitionTime"))
+    return updated if updated and (running is None or updated >= running) else None
 
 
 def _finish(decision: Decision, old: dict[str, Any], conds: Conditions) -> Decision:
