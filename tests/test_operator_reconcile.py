@@ -1225,6 +1225,18 @@ def test_a_child_job_deleted_by_hand_in_the_foreground_ends_its_attempt_uncounte
     peers_only = after(decide(Observed(body(running, backoffLimit=0), [before], [stopped], NOW + timedelta(seconds=40))),
                        running)
     assert peers_only["phase"] == "Failed" and peers_only["failures"] == 1
+    # The Job controller decides the failure at the worker's exit (FailureTarget) and adds Failed only once its peers
+    # have checkpointed and exited, after a delete that came in between: the worker's own failure all the same.
+    raw = {"metadata": {"name": "ft-1", "labels": {"finetune.dev/attempt": "1"},
+                        "deletionTimestamp": deleted["deleting"]},
+           "status": {"failed": 2, "conditions": [
+               {"type": "FailureTarget", "status": "True", **backoff, "lastTransitionTime": "2026-12-01T12:00:10Z"},
+               {"type": "Failed", "status": "True", **backoff, "lastTransitionTime": "2026-12-01T12:00:41Z"}]}}
+    decided = outcome.job_summary(raw)
+    assert decided["decided"] == "2026-12-01T12:00:10Z" and decided["ended"] == "2026-12-01T12:00:41Z"
+    judged = after(decide(Observed(body(running, backoffLimit=0), [decided], [user_error, stopped | {"index": 1, "name": "ft-1-1-x"}],
+                                   NOW + timedelta(seconds=45))), running)
+    assert judged["phase"] == "Failed" and judged["reason"] == "ConfigError"
 
 
 def test_an_attempt_whose_config_map_holds_an_earlier_spec_gives_way_to_the_next() -> None:

@@ -215,6 +215,9 @@ def job_summary(job: dict[str, Any]) -> dict[str, Any]:
         "complete": "Complete" in conditions or "SuccessCriteriaMet" in conditions,
         "failure": {"reason": failed.get("reason", ""), "message": failed.get("message", "")} if failed else None,
         "ended": (ended or {}).get("lastTransitionTime"),  # when it succeeded or failed
+        # When the Job controller decided that it failed: FailureTarget comes at once, Failed only when its last pod
+        # is gone, which can be a grace period later (Kubernetes 1.31 on).
+        "decided": (conditions.get("FailureTarget") or ended or {}).get("lastTransitionTime"),
         "started": status.get("startTime"),  # set again when its queue admits it
         "deleting": job["metadata"].get("deletionTimestamp"),  # since when (an end after it is the delete's), or None
         "suspended": bool((job.get("spec") or {}).get("suspend")) or "Suspended" in conditions,

@@ -330,8 +330,9 @@ def _stopped_by_a_delete(job: dict[str, Any]) -> bool:
     """A Job deleted in the foreground stays, deleting, until its pods are gone, and the Job controller fails it on
     their exit to the delete's SIGTERM (backoffLimit 0): whether it ended after the delete. By the times, not the exit
     codes: torchrun exits 1 on a SIGTERM, and a worker that had failed by itself, its pod already counted, is gone at
-    once when the Job is deleted, leaving its peers' 143."""
-    deleted, ended = _parse_time(job["deleting"]), _parse_time(job.get("ended"))
+    once when the Job is deleted, leaving its peers' 143. The time the failure was decided, not Failed's: a delete
+    during the peers' checkpoint after a worker's own failure comes before Failed."""
+    deleted, ended = _parse_time(job["deleting"]), _parse_time(job.get("decided") or job.get("ended"))
     return deleted is not None and ended is not None and ended >= deleted
 
 
