@@ -241,6 +241,22 @@ def test_the_analysis_reports_parts_and_warns_when_the_anchors_miss_the_boxes(pv
     assert in_reach["outside_share"] < 0.5 and not analysis.anchor_findings(in_reach)
 
 
+@pytest.mark.parametrize("architecture", ["fasterrcnn_mobilenet_v3_large_320_fpn", "ssdlite320_mobilenet_v3_large"])
+def test_the_analysis_probes_a_head_with_fewer_classes_than_the_dataset(pvc_root: Path, architecture: str) -> None:
+    """An export of ours fine-tuned on a dataset of more categories (or a 2-class torchvision checkpoint): the probe
+    ran the loss on the dataset's labels before rearrange resized the head, which raised IndexError ("Target 3 is
+    out of bounds"), an infrastructure failure the operator retried."""
+    config = {"num_classes": 2} | (SMALL_FRCNN if architecture.startswith("faster") else {})
+    detector = load_detector(ModelSpec(task="object-detection", architecture=architecture, config=config), 64)
+    assert class_count(detector.net) == 2
+    records = load_coco(DatasetSpec(uri="pvc://data/shapes"), seed=0).train.inputs[:4]
+    tiny = [Annotated(r.path, r.width, r.height, [[4, 4, 30, 30], [20, 20, 60, 60]], [1, 3]) for r in records]
+    data, batch = batch_of(tiny, 64)
+    report = analysis.analyze(detector, [batch], data, num_labels=3)
+    assert report.flops["measured_per_sample"] > 0 and "HeadMismatch" in {f.code for f in report.findings}
+    assert batch.inputs["box_labels"].max() == 3 and class_count(detector.net) == 2  # the probe changed neither
+
+
 def test_map_scores_ground_truth_as_perfect_and_noise_as_nothing(pvc_root: Path) -> None:
     """COCO mAP through torchmetrics: a 'detector' that returns the true boxes scores 1, one that returns
     boxes elsewhere scores 0, and the per-category AP names the categories."""

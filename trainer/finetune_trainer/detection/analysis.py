@@ -12,7 +12,7 @@ no upper bound: its top level takes boxes of any size.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
@@ -147,6 +147,10 @@ def probe_step(detector: Detector, batches: list[Batch], dtype: torch.dtype | No
         p.grad = None
     was_training = detector.training
     detector.train()
+    # The head as loaded may score fewer classes than the dataset has (rearrange resizes it after this): labels past
+    # it become its last class, as a step's cost does not depend on a box's class.
+    last = class_count(detector.net) - 1
+    batches = [replace(b, inputs=b.inputs | {"box_labels": b.inputs["box_labels"].clamp(max=last)}) for b in batches]
     try:
         probe = measure_step(detector, lambda batch: detector(**batch.inputs), batches, dtype)
         no_grad = [n for n, p in detector.named_parameters() if p.grad is None]
