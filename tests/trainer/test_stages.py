@@ -392,6 +392,30 @@ def test_freeze_strategies_and_layerwise_decay(bert) -> None:
 
 
 
+def test_the_mfu_gauge_counts_the_flops_of_the_step_that_trains_not_of_every_weight(tmp_path: Path,
+                                                                                  monkeypatch) -> None:
+    """The analysis probes every weight as trainable (freezing comes after it). The gauge took that figure, so with
+    all but the head frozen, where a step computes no weight gradient below the head and no input gradient at all,
+    MFU read about 3x what the step did."""
+    from finetune_trainer.telemetry import Metrics
+
+    per_sample: list[float | None] = []
+    real_throughput = Metrics.set_throughput
+    monkeypatch.setattr(Metrics, "set_throughput", lambda self, totals, flops, device: per_sample.append(flops)
+                        or real_throughput(self, totals, flops, device))
+    gauged, analysed = {}, {}
+    for strategy in ("none", "all-but-head"):
+        doc = tiny_classifier_doc(tmp_path / strategy, maxSteps=2)
+        doc["adjust"]["freeze"] = {"strategy": strategy}
+        report = pipeline.run(TrainerConfig.model_validate(doc), tmp_path / strategy)
+        (gauged[strategy],) = set(per_sample)
+        analysed[strategy] = report["analysis"]["flops"]["training_per_sample"]
+        per_sample.clear()
+    assert analysed["none"] == analysed["all-but-head"]  # the model as loaded: every weight trains
+    assert gauged["none"] == pytest.approx(analysed["none"], rel=1e-3)  # the same, but for the new head's 3rd class
+    assert gauged["all-but-head"] < 0.5 * gauged["none"]  # the forward, and the head's own gradients
+
+
 def test_freezing_more_bottom_layers_than_the_model_has_freezes_its_stack_only(bert) -> None:
     """count 3 on 2 layers: the pooler and the head, which the dataset's labels fit already, still train."""
     model, _ = bert

@@ -183,6 +183,21 @@ def probe_step(model: nn.Module, batches: list[Batch], task: Task, adapters: boo
     return no_grad, probe
 
 
+def step_flops(model: nn.Module, batch: Batch, dtype: torch.dtype | None) -> float:
+    """FLOPs per sample of a training step of the model as it will train, for the MFU gauge: its requires_grad
+    flags as set (a frozen layer computes no weight gradient, none below the lowest trainable one an input
+    gradient), its adapters in the form that trains, its layers after pruning. `probe_step` makes every weight
+    trainable, as the analysis comes before freezing."""
+    was_training = model.training
+    model.eval()
+    try:
+        return measure_step(model, lambda b: probe_loss(logits_of(model, b.inputs)), [batch], dtype)["flops"]
+    finally:
+        for p in model.parameters():
+            p.grad = None
+        model.train(was_training)
+
+
 def measure_step(model: nn.Module, loss: Callable[[Batch], torch.Tensor], batches: list[Batch],
                  dtype: torch.dtype | None) -> dict[str, Any]:
     """Forward `loss` and backward on each batch, under the autocast `dtype`, leaving the gradients for the caller;

@@ -283,7 +283,6 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         resize_head(model, num_labels + 1, cfg.rearrange.head.reinitialize)  # the background is class 0
     elif head is not None and new_head(model, head, num_labels, data.id2label, cfg.rearrange.head.reinitialize):
         new = tuple(dict.fromkeys((*new, head)))  # the freezes after this one spare it
-    flops = report.flops["training_per_sample"]  # of a step, for the MFU gauge
     pruning: dict[str, Any] = {}
     serving: list[Batch] = []  # the test batches a pruned model's latency is measured on, before and after
     drop = None
@@ -309,8 +308,6 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
             p.requires_grad_(True)
         freeze_checked(model, cfg.adjust.freeze, layers, head, new, loaded, unmatched)
         progress.message["pruning"] = {"removedLayers": pruning["removed_layers"]}
-        if drop:  # the analysis measured the model as loaded: a quarter of its layers pruned, MFU read 4/3 too high
-            flops = analysis.probe_step(model, probe[:1], task, cfg.rearrange.lora is not None, dtype)[1]["flops"]
     if cfg.rearrange.lora is not None:
         targets = lora_targets(model, cfg.rearrange.lora, task, cfg.adjust.freeze, layers, head, new)
         model = add_adapters(model, cfg.rearrange.lora, targets, head, new)
@@ -318,6 +315,9 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         if form := FORMS.get(world.device.type):  # other devices keep peft's own path
             log.info("LoRA computed as %s on %d of the adapted modules", form.__name__, fuse(model, form))
     model.to(world.device)
+    # For the MFU gauge, a step of what trains: the analysis measured the model as loaded, every weight training
+    # (a freeze of all but the head made MFU read about 3x too high, a quarter of the layers pruned 4/3).
+    flops = (detection_analysis.step_flops if detecting else analysis.step_flops)(model, probe[0], dtype)
     groups = param_groups(model, cfg.adjust, layers, head, new)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())

@@ -138,13 +138,28 @@ def analyze(detector: Detector, batches: list[Batch], data: Encoded, num_labels:
 
 
 def probe_step(detector: Detector, batches: list[Batch], dtype: torch.dtype | None) -> tuple[list[str], dict[str, Any]]:
-    """A training forward and backward (a detector computes its loss only in train mode), without an optimizer
-    step; the batch-norm statistics it moves are put back, so the probe changes nothing."""
-    buffers = {name: b.clone() for name, b in detector.named_buffers()}
+    """A training forward and backward of every weight, frozen or not (freezing comes later), without an optimizer
+    step; returns the parameters left without a gradient and what it cost."""
     requires = {n: p.requires_grad for n, p in detector.named_parameters()}
     for p in detector.parameters():
-        p.requires_grad_(True)  # probe what may train, frozen or not: freezing comes later
-        p.grad = None
+        p.requires_grad_(True)
+    try:
+        return measured(detector, batches, dtype)
+    finally:
+        for name, p in detector.named_parameters():
+            p.requires_grad_(requires[name])
+
+
+def step_flops(detector: Detector, batch: Batch, dtype: torch.dtype | None) -> float:
+    """FLOPs per sample of a training step of the detector as it will train (its requires_grad flags as set), for
+    the MFU gauge."""
+    return measured(detector, [batch], dtype)[1]["flops"]
+
+
+def measured(detector: Detector, batches: list[Batch], dtype: torch.dtype | None) -> tuple[list[str], dict[str, Any]]:
+    """A training forward and backward (a detector computes its loss only in train mode) of the parameters that
+    require a gradient; the gradients and the batch-norm statistics it moves are put back, so it changes nothing."""
+    buffers = {name: b.clone() for name, b in detector.named_buffers()}
     was_training = detector.training
     detector.train()
     # The head as loaded may score fewer classes than the dataset has (rearrange resizes it after this): labels past
@@ -153,14 +168,13 @@ def probe_step(detector: Detector, batches: list[Batch], dtype: torch.dtype | No
     batches = [replace(b, inputs=b.inputs | {"box_labels": b.inputs["box_labels"].clamp(max=last)}) for b in batches]
     try:
         probe = measure_step(detector, lambda batch: detector(**batch.inputs), batches, dtype)
-        no_grad = [n for n, p in detector.named_parameters() if p.grad is None]
+        no_grad = [n for n, p in detector.named_parameters() if p.requires_grad and p.grad is None]
     finally:
         with torch.no_grad():
             for name, b in detector.named_buffers():
                 b.copy_(buffers[name])
-        for name, p in detector.named_parameters():
+        for p in detector.parameters():
             p.grad = None
-            p.requires_grad_(requires[name])
         detector.train(was_training)
     return no_grad, probe
 
