@@ -73,6 +73,24 @@ def test_watching_namespaces_grants_a_role_in_each_and_cluster_wide_only_the_fin
     assert binding["subjects"] == [{"kind": "ServiceAccount", "name": "fto-finetune-operator", "namespace": "ops"}]
 
 
+def test_a_service_account_made_beforehand_must_be_named_and_gets_the_roles() -> None:
+    """serviceAccount.create=false without a name bound the operator's roles (Jobs created and deleted, pods listed
+    in every namespace) to the namespace's `default` ServiceAccount, which every pod there without its own runs as."""
+    chart = str(REPO / "charts" / "finetune-operator")
+    unnamed = subprocess.run([helm(), "template", "fto", chart, "-n", "ops", "--set", "serviceAccount.create=false"],
+                             capture_output=True, text=True)
+    assert unnamed.returncode != 0 and "serviceAccount.name: the ServiceAccount to run as" in unnamed.stderr
+    out = subprocess.run([helm(), "template", "fto", chart, "-n", "ops", "--set", "serviceAccount.create=false",
+                          "--set", "serviceAccount.name=ops-operator"], check=True, capture_output=True, text=True).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d]
+    assert "ServiceAccount" not in {d["kind"] for d in docs}
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    assert deployment["spec"]["template"]["spec"]["serviceAccountName"] == "ops-operator"
+    bindings = [d for d in docs if d["kind"] in ("ClusterRoleBinding", "RoleBinding")]
+    assert bindings and all(b["subjects"] == [{"kind": "ServiceAccount", "name": "ops-operator", "namespace": "ops"}]
+                            for b in bindings)
+
+
 def test_the_dashboard_has_the_four_rows_and_reads_only_shared_metric_names() -> None:
     board = json.loads(dashboard.render())
     rows = [p["title"] for p in board["panels"] if p["type"] == "row"]

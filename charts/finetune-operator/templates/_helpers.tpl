@@ -36,7 +36,7 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if .Values.serviceAccount.create }}
 {{- default (include "finetune-operator.fullname" .) .Values.serviceAccount.name }}
 {{- else }}
-{{- default "default" .Values.serviceAccount.name }}
+{{- required "serviceAccount.name: the ServiceAccount to run as and bind the operator's roles to, made beforehand (with serviceAccount.create=false; it is never the namespace's default, whose roles every pod there without its own would get)" .Values.serviceAccount.name }}
 {{- end }}
 {{- end }}
 
