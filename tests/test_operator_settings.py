@@ -68,7 +68,7 @@ def test_a_bad_value_names_its_flag(argv: list[str], flag: str) -> None:
 
 @pytest.mark.parametrize("address", ["0.0.0.0", "::", "127.0.0.1", "fd00::1"])
 def test_the_liveness_endpoint_parses_back_to_the_bind_address(address: str) -> None:
-    """kopf splits the URL: an unbracketed IPv6 address (:: for a dual-stack pod) failed on its port."""
+    """kopf splits the URL: an unbracketed IPv6 address (:: for an IPv6-only pod) failed on its port."""
     url = urllib.parse.urlsplit(parse(["--bind-address", address, "--liveness-port", "8081"]).liveness_endpoint)
     assert (url.hostname, url.port, url.path) == (address, 8081, "/healthz")
 
