@@ -191,6 +191,32 @@ def test_an_image_the_trainer_may_not_read_is_the_datasets_fault_another_failed_
         image_fault(OSError(errno.EIO, os.strerror(errno.EIO), "x.png"))
 
 
+def test_a_dataset_file_the_trainer_may_not_read_is_the_users_naming_the_field(tmp_path: Path, monkeypatch) -> None:
+    """As for an image: a table whose mode the trainer's user may not read was a PermissionError, read as
+    infrastructure (exit 2, retried). The error is the one open() raises, built here (the tests run as root)."""
+    import errno
+
+    from finetune_trainer import data
+    from finetune_trainer.errors import exit_code_of
+
+    table = tmp_path / "s.csv"
+    table.write_text("text,label\na,x\nb,y\n")
+
+    def refused(*_: object, **__: object) -> None:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(table))
+
+    monkeypatch.setattr(data, "read_splits", refused)
+    with pytest.raises(DataError, match=rf"^dataset {table}: the trainer may not read {table} \(Permission denied\)"
+                       ) as caught:
+        load_dataset(DatasetSpec(uri=str(table), textField="text", labelField="label"), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert exit_code_of(caught.value) == 1
+    from finetune_trainer.detection import coco  # a COCO annotations file likewise
+
+    monkeypatch.setattr(coco, "read_text", refused)
+    with pytest.raises(DataError, match=r"^dataset.uri: the trainer may not read .*s.csv \(Permission denied\)"):
+        coco.read_json(table)
+
+
 def test_only_the_image_files_the_run_uses_are_opened_before_training(tmp_path: Path) -> None:
     """Every file of the folder was opened, a minutes-long read of a large dataset on a network volume, however few
     dataset.maxTrainSamples and maxEvalSamples keep; a broken file the run never reads no longer stops it."""

@@ -6,6 +6,7 @@ import copy
 import itertools
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -1284,3 +1285,95 @@ def test_a_kept_head_stays_frozen_under_lora_when_the_pattern_covers_it(tmp_path
     out = tiny_run(tmp_path, {"freeze": {"strategy": "regex", "pattern": "classifier"}}, {"lora": {"rank": 2}},
                    num_labels=3)
     assert load_file(out / "model.safetensors")["classifier.bias"].abs().max() == 0  # as it started
+
+
+LFS_POINTER = ("version https://git-lfs.github.com/spec/v1\n"
+               "oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\nsize 90868376\n")
+
+
+@pytest.mark.parametrize("name", ["model.safetensors", "model.pt", "pytorch_model.bin"])
+def test_a_weights_file_that_is_none_is_the_users_naming_it(name: str, tmp_path: Path) -> None:
+    """A git-lfs pointer never pulled (a git clone without git-lfs), a page saved as the file: SafetensorError or
+    UnpicklingError, which read as infrastructure (exit 2, retried); a .pt that was no pickle got the advice to save
+    a state_dict instead of a whole model."""
+    from finetune_trainer.errors import ModelError, exit_code_of
+    from finetune_trainer.models import read_state_dict
+
+    (tmp_path / name).write_text(LFS_POINTER)
+    kind = "safetensors" if name.endswith(".safetensors") else "torch"
+    with pytest.raises(ModelError, match=rf"{name}: not a {kind} weights file \(a git-lfs pointer") as caught:
+        read_state_dict(tmp_path / name)
+    assert exit_code_of(caught.value) == 1 and "state_dict() instead" not in str(caught.value)
+
+
+def test_a_torch_file_cut_short_or_of_no_state_dict_is_the_users(tmp_path: Path) -> None:
+    from finetune_trainer.errors import ModelError
+    from finetune_trainer.models import read_state_dict
+
+    torch.save({"w": torch.zeros(64, 64)}, tmp_path / "whole.pt")
+    (tmp_path / "cut.pt").write_bytes((tmp_path / "whole.pt").read_bytes()[:4000])
+    with pytest.raises(ModelError, match=r"cut.pt: not a torch weights file .*PytorchStreamReader"):
+        read_state_dict(tmp_path / "cut.pt")
+    torch.save([torch.zeros(2)], tmp_path / "list.pt")
+    with pytest.raises(ModelError, match=r"list.pt: holds a list, not a state dict"):
+        read_state_dict(tmp_path / "list.pt")
+
+
+def test_a_text_models_weights_file_that_is_none_is_the_users(tmp_path: Path) -> None:
+    from transformers import AutoConfig
+
+    from finetune_trainer.errors import ModelError
+
+    AutoConfig.for_model("bert", **TINY_BERT).save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_text(LFS_POINTER)
+    tokenizer = load_tokenizer(ModelSpec(task="sequence-classification", uri="pvc://models/all-MiniLM-L6-v2"))
+    with pytest.raises(ModelError, match=r"cannot load it as sequence-classification \(.*header"):
+        load_model(ModelSpec(task="sequence-classification", uri=str(tmp_path)), tokenizer, seed=0)
+
+
+@pytest.mark.parametrize(("config", "says"), [({"num_classes": -1}, "negative dimension"),
+                                              ({"num_classes": "3"}, "size")])
+def test_an_image_network_that_cannot_take_model_config_names_model_config(config: dict, says: str) -> None:
+    """A negative size was a RuntimeError (exit 2, retried), and a quoted number blamed model.architecture, which
+    was right."""
+    from finetune_trainer.detection.models import load_detector
+    from finetune_trainer.errors import ModelError
+
+    refused = rf"^model.config {re.escape(str(config))}: resnet18 does not take it \(.*{says}"
+    with pytest.raises(ModelError, match=refused):
+        load_vision_model(ModelSpec(task="image-classification", architecture="resnet18", config=config))
+    with pytest.raises(ModelError, match=r"^model.architecture 'resnet1': not a torchvision classifier; e.g. "):
+        load_vision_model(ModelSpec(task="image-classification", architecture="resnet1"))
+    if config["num_classes"] == -1:
+        with pytest.raises(ModelError, match=r"^model.config .*: ssdlite320_mobilenet_v3_large does not take it"):
+            load_detector(ModelSpec(task="object-detection", architecture="ssdlite320_mobilenet_v3_large",
+                                    config=config), 64)
+
+
+def test_a_read_the_volume_failed_is_infrastructure_however_a_loader_wrapped_it(monkeypatch) -> None:
+    """An EIO from a flaky network volume reading model.uri or the tokenizer was reported as the spec's mistake
+    (InvalidModel, exit 1: never retried). The errors are built here, as the tests cannot make a volume fail."""
+    import errno
+    import os
+
+    from transformers import AutoTokenizer
+
+    from finetune_trainer.errors import failed_read
+
+    eio = OSError(errno.EIO, os.strerror(errno.EIO), "config.json")
+    try:
+        raise OSError("Can't load the configuration of 'x'") from eio  # as transformers wraps it
+    except OSError as wrapped:
+        assert failed_read(wrapped)
+    assert not failed_read(FileNotFoundError(errno.ENOENT, "No such file or directory", "config.json"))
+    assert not failed_read(PermissionError(errno.EACCES, "Permission denied", "config.json"))
+    assert not failed_read(OSError("x does not appear to have a file named config.json"))  # no errno: a missing file
+    assert failed_read(RuntimeError("Error while deserializing header: I/O error (os error 5)"))  # safetensors' Rust
+    assert not failed_read(RuntimeError("Error while deserializing header: HeaderTooLarge"))
+
+    def flaky(*_: object, **__: object) -> None:
+        raise eio
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", flaky)
+    with pytest.raises(OSError, match="Input/output error"):
+        load_tokenizer(ModelSpec(task="sequence-classification", uri="pvc://models/all-MiniLM-L6-v2"))

@@ -182,6 +182,10 @@ def image_fault(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def unreadable(exc: PermissionError) -> str:
+    return f"the trainer may not read {exc.filename or 'it'} ({exc.strerror}): make it readable by the trainer's user"
+
+
 def table_folders(table: pd.DataFrame, rows: pd.Index, folder: Path) -> list[Path]:
     """The folder of the table file each of `rows` came from (`folder` where the dataset is one file)."""
     if TABLE_FOLDER not in table.columns:
@@ -307,6 +311,8 @@ def read_dataset(spec: TextsSpec, field: str,
         return path, fmt, read_splits(path, fmt, folders=not texts_only)
     except (ValueError, FileNotFoundError) as exc:  # a parser's complaint (pandas, pyarrow, json, datasets)
         raise DataError(f"{field} {spec.uri}: cannot read it as {fmt.value} ({type(exc).__name__}: {exc})") from exc
+    except PermissionError as exc:  # the file's mode, as for an image (UNREADABLE): the dataset's owner's to fix
+        raise DataError(f"{field} {spec.uri}: {unreadable(exc)}") from exc
 
 
 def tables_with(path: Path, fmt: DatasetFormat, column: str) -> dict[str, pd.DataFrame] | None:

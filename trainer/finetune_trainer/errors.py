@@ -96,6 +96,21 @@ def chain_of(exc: BaseException) -> list[BaseException]:
     return chain
 
 
+# A file that is not there, or that the pod may not read: the spec's or the volume's owner's to fix, not a retry's.
+NOT_THERE_OR_REFUSED = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM}
+
+
+def failed_read(exc: BaseException) -> bool:
+    """Whether a read failed in the volume (EIO, a stale NFS handle, a timeout): an OSError in the chain with an
+    errno that is none of a missing or refused file, or Rust's text of one from safetensors. Infrastructure, to be
+    retried, however a loader wrapped it."""
+    chain = chain_of(exc)
+    if any(isinstance(e, OSError) and e.errno is not None and e.errno not in NOT_THERE_OR_REFUSED for e in chain):
+        return True
+    return any("(os error " in str(e) and not any(f"(os error {code})" in str(e) for code in NOT_THERE_OR_REFUSED)
+               for e in chain)
+
+
 def out_of_space(exc: BaseException, folder: Path) -> bool:
     """Whether a write into `folder` failed for want of space (a quota too), whatever library wrote."""
     chain = chain_of(exc)

@@ -18,11 +18,12 @@ from typing import Any
 
 import torch
 from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from torch import nn
 
 from finetune_trainer.batches import Encoded
 from finetune_trainer.config import DatasetSpec, ModelSpec, Task
-from finetune_trainer.errors import ConfigError, ModelError
+from finetune_trainer.errors import ConfigError, ModelError, failed_read
 from finetune_trainer.uris import fetch
 
 log = logging.getLogger(__name__)
@@ -82,6 +83,8 @@ def load_tokenizer(spec: ModelSpec):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError) as exc:
+        if failed_read(exc):  # the volume's, not the spec's: retried
+            raise
         raise ModelError(f"tokenizer {uri}: cannot load it from {path} ({exc})") from exc
     if tokenizer.pad_token_id is None:
         # Decoder tokenizers (GPT-2) have no pad token; padded positions are masked out anyway.
@@ -127,11 +130,12 @@ def _load_transformer(spec: ModelSpec, tokenizer) -> nn.Module:
         model.new_modules = newly_initialised(model, info["missing_keys"])
         return padding_as_batched(model, tokenizer)
     except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError, AssertionError, StrictDataclassError,
-            RuntimeError) as exc:
+            RuntimeError, SafetensorError, pickle.UnpicklingError) as exc:
         # model.config's mistakes among them: a quoted number ("2"), a fraction of a count, zero heads, a vocab_size
-        # below the tokenizer's pad id (the embedding's assertion), a negative size; torch's other RuntimeErrors (out
-        # of memory) are no mistake of the spec
-        if isinstance(exc, RuntimeError) and "negative dimension" not in str(exc):
+        # below the tokenizer's pad id (the embedding's assertion), a negative size; a weights file that is none (a
+        # git-lfs pointer, an upload cut short). Torch's other RuntimeErrors (out of memory) and a read the volume
+        # failed are no mistake of the spec.
+        if isinstance(exc, RuntimeError) and not user_runtime_error(exc) or failed_read(exc):
             raise
         raise ModelError(f"model {spec.uri or spec.architecture}: cannot load it as {spec.task.value} ({exc})") from exc
 
@@ -277,11 +281,16 @@ def load_vision_model(spec: ModelSpec) -> ImageClassifier:
     refuse_transformers(path, spec.uri)
     architecture = spec.architecture or (saved or {}).get("architecture") or "resnet18"
     kwargs = builder_kwargs(saved, spec.config, background=0)
+    known = torchvision.models.list_models(torchvision.models)
+    if architecture not in known:
+        raise ModelError(f"model.architecture {architecture!r}: not a torchvision classifier; e.g. "
+                         f"{', '.join(known[:12])}")
     try:
         net = torchvision.models.get_model(architecture, weights=None, **kwargs)
-    except (ValueError, TypeError) as exc:
-        known = ", ".join(torchvision.models.list_models(torchvision.models)[:12])
-        raise ModelError(f"model.architecture {architecture!r}: not a torchvision classifier ({exc}); e.g. {known}") from exc
+    except (ValueError, TypeError, RuntimeError) as exc:  # RuntimeError: a negative size ("negative dimension")
+        if isinstance(exc, RuntimeError) and not user_runtime_error(exc):
+            raise
+        raise ModelError(f"model.config {spec.config}: {architecture} does not take it ({exc})") from exc
     if path is not None:
         state = read_state_dict(weight_file(path))
         try:
@@ -361,26 +370,46 @@ def weight_file(path: Path) -> Path:
 
 
 def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
-    if path.suffix == ".safetensors":
-        from safetensors.torch import load_file
+    """The tensors of a safetensors or torch weights file. A file that is neither (a git-lfs pointer, an upload cut
+    short, a saved web page) is the user's to fix: exit 1, not a retry; a read the volume failed is retried."""
+    from safetensors.torch import load_file
 
-        return unwrapped(load_file(path))
     try:
+        if path.suffix == ".safetensors":
+            return unwrapped(load_file(path))
         # torchvision's reference scripts keep their argparse arguments beside the weights: a bag of plain values
         with torch.serialization.safe_globals([argparse.Namespace]):
             state = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:  # the file is the user's to fix: exit 1, not a retry
-        unsupported = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), "")
+    except pickle.UnpicklingError as exc:
+        unsupported = next((line.strip() for line in str(exc).splitlines() if "Unsupported global" in line), None)
+        if unsupported is None:  # no pickle at all
+            raise ModelError(not_weights(path, exc)) from exc
         raise ModelError(f"{path}: holds Python objects besides tensors (a whole model saved with torch.save(model), "
                          f"say), which the trainer does not unpickle: save its state_dict() instead ({unsupported})"
                          ) from exc
-    if isinstance(state, dict):
-        for key in CHECKPOINT_KEYS:
-            weights = state.get(key)
-            if isinstance(weights, dict) and weights and all(isinstance(v, torch.Tensor) for v in weights.values()):
-                state = weights
-                break
-    return unwrapped(state) if isinstance(state, dict) else state
+    except (SafetensorError, RuntimeError) as exc:  # RuntimeError: torch's zip reader ("PytorchStreamReader ...")
+        if failed_read(exc) or isinstance(exc, RuntimeError) and "PytorchStreamReader" not in str(exc):
+            raise
+        raise ModelError(not_weights(path, exc)) from exc
+    if not isinstance(state, dict):
+        raise ModelError(f"{path}: holds a {type(state).__name__}, not a state dict (names to tensors): save the "
+                         "model's state_dict()")
+    for key in CHECKPOINT_KEYS:
+        weights = state.get(key)
+        if isinstance(weights, dict) and weights and all(isinstance(v, torch.Tensor) for v in weights.values()):
+            state = weights
+            break
+    return unwrapped(state)
+
+
+def not_weights(path: Path, exc: BaseException) -> str:
+    return (f"{path}: not a {'safetensors' if path.suffix == '.safetensors' else 'torch'} weights file (a git-lfs "
+            f"pointer that was never pulled, or a file cut short?) ({type(exc).__name__}: {exc})"[:2000])
+
+
+def user_runtime_error(exc: RuntimeError) -> bool:
+    """Whether torch's RuntimeError is a spec's mistake: a negative size in model.config."""
+    return "negative dimension" in str(exc)
 
 
 def unwrapped(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -315,10 +315,10 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         if form := FORMS.get(world.device.type):  # other devices keep peft's own path
             log.info("LoRA computed as %s on %d of the adapted modules", form.__name__, fuse(model, form))
     model.to(world.device)
+    groups = param_groups(model, cfg.adjust, layers, head, new)  # refuses a freeze that leaves nothing to train
     # For the MFU gauge, a step of what trains: the analysis measured the model as loaded, every weight training
     # (a freeze of all but the head made MFU read about 3x too high, a quarter of the layers pruned 4/3).
     flops = (detection_analysis.step_flops if detecting else analysis.step_flops)(model, probe[0], dtype)
-    groups = param_groups(model, cfg.adjust, layers, head, new)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     progress.message["analysis"].update(totalParameters=total, trainableParameters=trainable)

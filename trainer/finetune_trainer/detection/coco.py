@@ -24,7 +24,7 @@ from typing import Any
 
 from finetune_trainer.config import DatasetSpec
 from finetune_trainer.data import (TEST, TRAIN, VALIDATION, LabelledData, Split, drop_empty_splits, image_fault,
-                                   read_text, split, split_of)
+                                   read_text, split, split_of, unreadable)
 from finetune_trainer.errors import DataError
 from finetune_trainer.uris import fetch
 
@@ -116,6 +116,8 @@ def read_json(file: Path) -> dict[str, Any]:
         doc = json.loads(read_text(file))  # a byte order mark too, as the text formats are read
     except ValueError as exc:
         raise DataError(f"{file}: not valid JSON ({exc})") from exc
+    except PermissionError as exc:
+        raise DataError(f"dataset.uri: {unreadable(exc)}") from exc
     missing = [key for key in ("images", "annotations", "categories") if not isinstance(doc, dict)
                or not isinstance(doc.get(key), list)]
     if missing:

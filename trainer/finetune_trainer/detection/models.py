@@ -91,7 +91,8 @@ def load_detector(spec: ModelSpec, image_size: int) -> Detector:
     torchvision state dict (.pth/.pt/.safetensors) or a folder holding one (an export of ours included)."""
     import torchvision
 
-    from finetune_trainer.models import builder_kwargs, exported_config, exported_labels, read_state_dict, weight_file
+    from finetune_trainer.models import (builder_kwargs, exported_config, exported_labels, read_state_dict,
+                                         user_runtime_error, weight_file)
 
     architecture = spec.architecture or ""
     if problem := spec.config_problem():
@@ -104,7 +105,9 @@ def load_detector(spec: ModelSpec, image_size: int) -> Detector:
     kwargs = builder_kwargs(saved, spec.config, background=1)
     try:
         net = torchvision.models.get_model(architecture, weights=None, weights_backbone=None, **kwargs)
-    except (TypeError, ValueError) as exc:
+    except (TypeError, ValueError, RuntimeError) as exc:
+        if isinstance(exc, RuntimeError) and not user_runtime_error(exc):  # a negative size is the spec's
+            raise
         raise ModelError(f"model.config {spec.config}: {architecture} does not take it ({exc})") from exc
     if path is not None:
         if architecture in FROZEN_NORM_WHEN_TRAINED:  # built with weights=None (no download), so not done by torchvision
