@@ -144,6 +144,47 @@ def test_a_training_job_completes_once_across_apiserver_and_etcd_restarts(operat
     assert env.process is not None and env.process.poll() is None, "the operator exited"
 
 
+def test_a_status_write_the_apiserver_refuses_does_not_end_the_jobs_reconciles(operator_env: OperatorEnv,
+                                                                               kwok_results: str) -> None:
+    """kopf sent the status patch after each tick, and one that failed there (a 422, or an apiserver down longer
+    than kopf's retries) ended the job's timer for good: the job was never reconciled again until the operator
+    restarted. A policy refuses the operator's status writes for a while; once it goes, the job runs to its end."""
+    env = operator_env
+    policy = f"no-status-{env.namespace}"
+    refused = "status writes refused for now"
+    env.kube.apply([
+        {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicy",
+         "metadata": {"name": policy},
+         "spec": {"matchConstraints": {"resourceRules": [{"apiGroups": ["finetune.dev"], "apiVersions": ["*"],
+                                                          "operations": ["UPDATE"],
+                                                          "resources": ["finetunejobs/status"]}]},
+                  "validations": [{"expression": "!has(object.status)", "message": refused}]}},
+        {"apiVersion": "admissionregistration.k8s.io/v1", "kind": "ValidatingAdmissionPolicyBinding",
+         "metadata": {"name": policy},
+         "spec": {"policyName": policy, "validationActions": ["Deny"],
+                  "matchResources": {"namespaceSelector": {"matchLabels": {"kubernetes.io/metadata.name": env.namespace}}}}},
+    ], env.namespace)
+    try:
+        # In force once a status write is refused (the apiserver's informer sees a new policy a moment later): a job
+        # another controller runs, which the operator leaves alone, takes the probe's writes.
+        probe = kwok_job("status-probe", f"{kwok_results}/probe")
+        probe["spec"]["managedBy"] = "example.com/another"
+        env.apply(probe)
+        env.kube.wait_for("the policy in force", lambda: refused in env.kube.kubectl(
+            "patch", "ftj", "status-probe", "-n", env.namespace, "--subresource=status", "--type=merge",
+            "-p", '{"status":{"phase":"Pending"}}', check=False).stderr, env.namespace, timeout=30)
+        name = env.apply(kwok_job("status-refused", f"{kwok_results}/refused"))
+        # The operator creates the attempt; its status writes are refused, so the job shows none.
+        env.kube.wait_for("the attempt's Job", lambda: env.objects("jobs", name), env.namespace, timeout=60)
+        time.sleep(5)  # more ticks, each refused
+        assert "status" not in env.ftj(name)
+    finally:
+        env.kube.kubectl("delete", "validatingadmissionpolicybinding,validatingadmissionpolicy", policy, check=False)
+    done = env.wait_phase(name, "Succeeded", timeout=120)
+    assert done["status"]["attempts"] == 1 and [j["metadata"]["name"] for j in env.objects("jobs", name)] == [
+        f"{name}-1"]
+
+
 def _operator_metric(env: OperatorEnv, name: str, labels: str) -> float:
     text = urllib.request.urlopen(f"http://127.0.0.1:{env.metrics_port}/metrics", timeout=5).read().decode()
     line = next((line for line in text.splitlines() if line.startswith(f"{name}{{{labels}}}")), None)

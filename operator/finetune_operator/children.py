@@ -132,7 +132,7 @@ def command(name: str, spec: api.FineTuneJobSpec) -> list[str]:
     # Static rendezvous on index 0: torchrun's c10d backend would let any node be rank 0.
     return ["torchrun", f"--nnodes={rt.workers}", f"--nproc-per-node={rt.processes_per_worker}",
             "--node-rank=$(FINETUNE_NODE_RANK)", f"--master-addr={name}-0.{name}", f"--master-port={RENDEZVOUS_PORT}",
-            "--max-restarts=0", f"--shutdown-timeout={shutdown_timeout(spec)}", "-m", "finetune_trainer.cli", "run", config]
+            "--max-restarts=0", "-m", "finetune_trainer.cli", "run", config]
 
 
 def _env(spec: api.FineTuneJobSpec, resources: core.ResourceRequirements) -> list[dict[str, Any]]:
@@ -145,6 +145,9 @@ def _env(spec: api.FineTuneJobSpec, resources: core.ResourceRequirements) -> lis
         {"name": "OMP_NUM_THREADS", "value": str(_threads(resources, spec.runtime.processes_per_worker))},
         {"name": "HF_HOME", "value": HF_HOME},
     ]
+    if rendezvous(spec):  # torchrun's --shutdown-timeout, as its environment gives it: an older torchrun without
+        # the setting (in a user's image) ignores it and keeps its 30 s, where the flag stopped every run
+        ours.append({"name": "PET_SHUTDOWN_TIMEOUT", "value": str(shutdown_timeout(spec))})
     return ours + [e.to_wire() for e in spec.runtime.env]
 
 

@@ -1,4 +1,5 @@
-"""The operator's own API calls (the handlers' reads, creates and deletes; kopf makes its watches and patches)."""
+"""The operator's own API calls (the handlers' reads, creates, deletes and status patches; kopf makes its watches and
+the finalizer's patches)."""
 
 from __future__ import annotations
 
@@ -35,11 +36,12 @@ class Clients:
         self.api = client.ApiClient(configuration)
         self.timeout = REQUEST_TIMEOUT_SECONDS if timeout is None else timeout
 
-    def call(self, method: str, path: str, body: dict[str, Any] | None = None, **query: str) -> bytes:
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None,
+             content_type: str = "application/json", **query: str) -> bytes:
         """The answer's bytes; ApiException for any other status than 2xx, as the generated methods raise it."""
         request = self.api.param_serialize(
             method, path, query_params=list(query.items()), body=body, auth_settings=["BearerToken"],
-            header_params={"Accept": "application/json", "Content-Type": "application/json"})
+            header_params={"Accept": "application/json", "Content-Type": content_type})
         response = self.api.call_api(*request, _request_timeout=self.timeout)
         response.read()
         if not 200 <= response.status <= 299:

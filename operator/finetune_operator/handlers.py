@@ -358,11 +358,11 @@ def _delete_self(clients: Clients, name: str, ns: str) -> None:
             raise kopf.TemporaryError(f"deleting {name}: {exc.reason}", delay=5) from exc
 
 
-def tick(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, job_index: kopf.Index, pod_index: kopf.Index,
+def tick(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_index: kopf.Index,
          phase_index: kopf.Index, **_: Any) -> None:
     started = time.perf_counter()
     try:
-        _reconcile(body, patch, memo, job_index, pod_index)
+        _reconcile(body, memo, job_index, pod_index)
     except kopf.TemporaryError:
         raise
     except Exception as exc:
@@ -374,8 +374,7 @@ def tick(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, job_index: kopf.In
         metrics.JOBS.index = phase_index
 
 
-def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, job_index: kopf.Index,
-               pod_index: kopf.Index) -> None:
+def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_index: kopf.Index) -> None:
     ns, name = body.metadata.namespace, body.metadata.name
     settings: Settings = memo.settings
     clients: Clients = memo.clients
@@ -421,11 +420,25 @@ def _reconcile(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, job_index: k
         log.info("%s/%s: ttlSecondsAfterFinished has passed: deleting it", ns, name)
         _delete_self(clients, name, ns)
         return
-    _record(body, seen, decision)
-    for field, value in status_patch(seen.body["status"], decision.status).items():
-        patch.status[field] = value
-    if held:  # kopf applies the patch above all the same, and tries again after the delay
+    _patch_status(clients, ns, name, status_patch(seen.body["status"], decision.status))
+    _record(body, seen, decision)  # once the status holds the transitions: a refused patch posts no Event twice
+    if held:  # the status says why; kopf tries again after the delay
         raise kopf.TemporaryError(str(held), delay=held.delay)
+
+
+def _patch_status(clients: Clients, ns: str, name: str, changes: dict[str, Any]) -> None:
+    """The status merge patch, sent here and not through kopf's `patch`: kopf sends a timer's patch after the
+    handler returns, and one that failed there (a 422, or an apiserver down for longer than kopf's ~54 s of retries)
+    ended the timer for good, so the job was never reconciled again until the operator restarted. A failure here is
+    the tick's (`tick` makes it a TemporaryError), and the timer ticks again."""
+    if not changes:
+        return
+    try:
+        clients.call("PATCH", api_path(ns, api.PLURAL, name, group=api.GROUP, version=api.VERSION) + "/status",
+                     {"status": changes}, content_type="application/merge-patch+json")
+    except ApiException as exc:
+        if exc.status != 404:  # deleted meanwhile: nothing to write
+            raise
 
 
 def _record(body: kopf.Body, seen: reconcile.Observed, decision: reconcile.Decision) -> None:
