@@ -29,8 +29,9 @@ def body(status: dict[str, Any] | None = None, **spec: Any) -> dict[str, Any]:
 
 
 def job(attempt: int = 1, **fields: Any) -> dict[str, Any]:
+    """An `outcome.job_summary`; the end decided when it came (`decided`), unless given apart."""
     return {"name": f"ft-{attempt}", "attempt": attempt, "active": 1, "ready": 0, "succeeded": 0, "failed": 0,
-            "complete": False, "failure": None, "deleting": None} | fields
+            "complete": False, "failure": None, "deleting": None, "decided": fields.get("ended")} | fields
 
 
 def pod(attempt: int = 1, index: int = 0, phase: str = "Running", exit_code: int | None = None,

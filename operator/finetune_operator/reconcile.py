@@ -332,7 +332,7 @@ def _stopped_by_a_delete(job: dict[str, Any]) -> bool:
     codes: torchrun exits 1 on a SIGTERM, and a worker that had failed by itself, its pod already counted, is gone at
     once when the Job is deleted, leaving its peers' 143. The time the failure was decided, not Failed's: a delete
     during the peers' checkpoint after a worker's own failure comes before Failed."""
-    deleted, ended = _parse_time(job["deleting"]), _parse_time(job.get("decided") or job.get("ended"))
+    deleted, ended = _parse_time(job["deleting"]), _parse_time(job.get("decided"))
     return deleted is not None and ended is not None and ended >= deleted
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import codecs
 import csv
-import errno
 import io
 import json
 import logging
@@ -24,7 +23,7 @@ import numpy as np
 import pandas as pd
 
 from finetune_trainer.config import DatasetFormat, DatasetSpec, Task, TextFormat, TextsSpec
-from finetune_trainer.errors import DataError
+from finetune_trainer.errors import UNREADABLE, DataError
 from finetune_trainer.uris import fetch
 
 log = logging.getLogger(__name__)
@@ -167,16 +166,11 @@ def image_problem(path: str) -> str | None:
         return image_fault(exc)
 
 
-# A read refused by the file's own mode (the trainer runs as a non-root user) is the dataset's to fix, as a file that
-# is no image is; another errno (EIO, ESTALE) is the volume's.
-UNREADABLE = {errno.EACCES, errno.EPERM}
-
-
 def image_fault(exc: Exception) -> str:
     """What is wrong with an image file, from what Pillow raised opening or decoding it: one that is no image (an
     HTML page saved as .jpg, an upload cut short, a decompression bomb) or that the trainer may not read is the
-    file's fault, the dataset's. Another OSError with an errno is a read that failed, the volume's fault, not the
-    file's: raised again."""
+    file's fault, the dataset's (the trainer runs as a non-root user). Another OSError with an errno (EIO, ESTALE) is
+    a read that failed, the volume's fault, not the file's: raised again."""
     if isinstance(exc, OSError) and exc.errno is not None and exc.errno not in UNREADABLE:
         raise exc
     return f"{type(exc).__name__}: {exc}"

@@ -96,8 +96,10 @@ def chain_of(exc: BaseException) -> list[BaseException]:
     return chain
 
 
-# A file that is not there, or that the pod may not read: the spec's or the volume's owner's to fix, not a retry's.
-NOT_THERE_OR_REFUSED = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.EACCES, errno.EPERM}
+# A file the pod may not read (its mode): the data's owner's to fix, not a retry's.
+UNREADABLE = {errno.EACCES, errno.EPERM}
+# A file that is not there either: the spec's to fix.
+NOT_THERE_OR_REFUSED = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR} | UNREADABLE
 
 
 def failed_read(exc: BaseException) -> bool:
