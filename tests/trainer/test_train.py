@@ -743,6 +743,38 @@ def test_sigterm_after_training_resumes_without_training_again(tiny_cfg: Trainer
     assert json.loads(message.read_text())["progress"]["step"] == 8
 
 
+class _SigtermInADel:
+    """Sends SIGTERM while Python runs its __del__: the handler's Terminated raised there is printed and dropped."""
+
+    def __del__(self) -> None:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped Terminated, printed
+@pytest.mark.parametrize(("where", "stopped"), [
+    ("baseline_once", "stopped by SIGTERM in stage Baseline$"),
+    ("make_optimizer", "stopped by SIGTERM at step 1; a checkpoint holds it"),  # before the loop's own flag
+    ("export_model", "stopped by SIGTERM in stage Exporting; the trained weights are in a checkpoint"),
+])
+def test_a_sigterm_whose_terminated_python_dropped_still_stops_the_run(tiny_cfg: TrainerConfig, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch, where: str,
+                                                                       stopped: str) -> None:
+    """The kubelet sends one SIGTERM. Landing in a __del__ (a data loader's, a file's), its Terminated was lost and
+    SIGTERM was ignored from then on: the run went on, deaf, until the SIGKILL, with no checkpoint of its steps and
+    no termination message. It now stops at the next stage, the loop's next step or before it says Succeeded."""
+    module = export if where == "export_model" else pipeline
+    real = getattr(module, where)
+
+    def dropped_then_real(*args: object, **kwargs: object) -> object:
+        _SigtermInADel()  # collected at once, and the exception raised in its __del__ goes nowhere
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(module, where, dropped_then_real)
+    with pytest.raises(Terminated, match=stopped):
+        pipeline.run(tiny_cfg, tmp_path / "out")
+    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run put back what it found
+
+
 def test_restore_refuses_tensors_that_do_not_fit() -> None:
     model, _, _ = lm_setup()
     saved = checkpoints.trained_tensors(model)

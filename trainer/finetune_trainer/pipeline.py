@@ -65,8 +65,18 @@ class Progress:
         self.message: dict[str, Any] = {}
         self.bar: Any = None
         self.last_log = 0.0
+        # A SIGTERM came. Its Terminated is raised where the run is, and lost if that is a __del__ (Python prints and
+        # drops it), so each stage's start and the run's end look here too.
+        self.sigterm = False
+
+    def terminated(self) -> Terminated:
+        trained = self.stage in (Stage.EVALUATING, Stage.EXPORTING)
+        return Terminated(f"stopped by SIGTERM in stage {self.stage.value}"
+                          + ("; the trained weights are in a checkpoint" if trained else ""))
 
     def enter(self, stage: Stage) -> None:
+        if self.sigterm:
+            raise self.terminated()
         self.stage = stage
         self.metrics.set_stage(stage)
         if self.main:
@@ -133,10 +143,8 @@ def run(cfg: TrainerConfig, output_dir: Path) -> dict[str, Any]:
         metrics.serve()
 
     def stop(*_: Any) -> None:  # outside the training loop, which checkpoints first (train.SigtermFlag)
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # one is enough: the termination message still has to go out
-        trained = progress.stage in (Stage.EVALUATING, Stage.EXPORTING)
-        raise Terminated(f"stopped by SIGTERM in stage {progress.stage.value}"
-                         + ("; the trained weights are in a checkpoint" if trained else ""))
+        progress.sigterm = True
+        raise progress.terminated()
 
     previous = interrupt = None
     with contextlib.suppress(ValueError):  # not the main thread: SIGTERM keeps its default
@@ -144,11 +152,15 @@ def run(cfg: TrainerConfig, output_dir: Path) -> dict[str, Any]:
         interrupt = ctrl_c_as_sigterm()
     try:
         report = stages(cfg, Path(output_dir), world, progress)
+        if progress.sigterm:  # it came during the export, and its Terminated was lost
+            raise progress.terminated()
         distributed.leave()  # after its last barrier; a failed run leaves it to torchrun, as a rank may be in one
         write_termination({"stage": Stage.DONE.value, "reason": "Succeeded", "message": outcome(report),
                            "exitCode": EXIT_OK, **progress.message})
         return report
     except BaseException as exc:
+        if previous is not None:  # one SIGTERM is enough: the termination message still has to go out
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         # Any write may meet a full volume (healed layers, baseline, analysis, export), each library saying so its way
         full = no_space_in(Path(output_dir), exc)
         write_failure(progress.stage, full or exc, progress.message)
@@ -356,6 +368,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         on_step=lambda state, planned: progress.step(state, planned, flops, world.device),
         on_eval=progress.evaluated,
         checkpoint_dir=checkpoint_dir,
+        sigterm_before=lambda: progress.sigterm,
     )
     progress.bar = progress_bar(steps) if world.main else None
     try:

@@ -89,6 +89,9 @@ class Hooks:
     on_step: Callable[[LoopState, int], None] | None = None  # (state, total steps)
     on_eval: Callable[[LoopState], None] | None = None
     checkpoint_dir: Path | None = None
+    # Whether the caller's own SIGTERM handler took one before the loop began: the Terminated it raised is lost when
+    # it lands in a __del__ (a data loader's, a file's), which Python prints and drops.
+    sigterm_before: Callable[[], bool] | None = None
 
 
 # CPU flags (Linux's /proc/cpuinfo) of native bf16 arithmetic: x86's AMX and AVX-512 BF16, Arm's BF16 extension.
@@ -275,6 +278,7 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
 
     model.train()
     with SigtermFlag() as sigterm:
+        sigterm.raised = bool(hooks.sigterm_before and hooks.sigterm_before())  # stopped after one step, saved
         if evaluation_due():  # SIGTERM came at a step due for evaluation, or during it: the checkpoint went first
             evaluate_now()
         while state.step < total and not state.stopped_early:
