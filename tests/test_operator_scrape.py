@@ -138,3 +138,57 @@ def test_a_stage_the_status_does_not_know_reads_as_absent() -> None:
     assert "stage" not in progress_and_metrics(sample, 16, datetime(2026, 12, 1))
     # Before its first step it reports only the stage: what answers is still the trainer, not MetricsMissing.
     assert parse('finetune_trainer_stage{stage="Healing"} 1\n') == {}
+
+
+def test_an_endpoint_that_hangs_is_read_less_often_and_its_error_stands_meanwhile(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each read of a hanging endpoint held one of the operator's handler threads for the whole timeout, every poll:
+    a few dozen such jobs (pods behind a default-deny NetworkPolicy) held all of them. Held back, its last error
+    stands, so MetricsStale still comes when it is due; an endpoint that fails fast is read every poll."""
+    import functools
+    from datetime import timezone
+
+    from finetune_operator import handlers, metrics
+    from finetune_operator.reconcile import Observed
+
+    later = [0.0]  # seconds the clock of the backoff is moved on; what a read takes is real, and small beside a poll
+    monkeypatch.setattr(handlers, "time", type("Clock", (), {"monotonic": lambda: time.monotonic() + later[0]}))
+    slow = handlers.SlowScrapes(poll_seconds=100.0)
+
+    def sample(name: str) -> Observed:
+        body = {"metadata": {"name": name, "namespace": "ns", "uid": "u"}, "spec": {}, "status": {"attempts": 1}}
+        pods = [{"attempt": 1, "index": 0, "phase": "Running", "ip": "127.0.0.1"}]
+        seen = Observed(body, [], pods, datetime.now(timezone.utc).replace(tzinfo=None))
+        handlers._sample(seen, slow, "ns", name)
+        return seen
+
+    def timeouts() -> float:
+        return metrics.REGISTRY.get_sample_value("finetune_operator_metric_poll_errors_total",
+                                                 {"reason": "MetricsTimeout"}) or 0.0
+
+    port = free_port()
+    monkeypatch.setattr(handlers, "scrape", functools.partial(scrape, port=port))
+    counted = timeouts()
+    with FaultServer("127.0.0.1", port, "hang") as hanging:
+        reads = []
+        for polls in (0, 0, 1, 1, 1, 1, 2, 2):  # the clock moves on `polls` polls before each tick
+            later[0] += 100.0 * polls
+            seen = sample("hung")
+            assert seen.sample is None and seen.scrape_error and seen.scrape_error[0] == "MetricsTimeout"
+            reads.append(hanging.connections)
+    # read at once, again 2 polls later, then 4 polls after that, then 8
+    assert reads == [1, 1, 1, 2, 2, 2, 3, 3], reads
+    assert timeouts() - counted == 3  # what is counted is reads, not ticks
+
+    port = free_port()
+    monkeypatch.setattr(handlers, "scrape", functools.partial(scrape, port=port))
+    with FaultServer("127.0.0.1", port, "close") as closing:
+        for _ in range(3):
+            assert sample("refused").scrape_error[0] == "MetricsUnreachable"
+        assert closing.connections == 3
+    port = free_port()
+    monkeypatch.setattr(handlers, "scrape", functools.partial(scrape, port=port))
+    with FaultServer("127.0.0.1", port, "ok"):  # the hung job's rank 0 answers again at its next read
+        later[0] += 100.0 * 16
+        assert sample("hung").sample == {"step": 7.0} and sample("hung").sample == {"step": 7.0}
+    assert not slow.slow

@@ -24,7 +24,7 @@ from finetune_operator import api, children, judge, metrics, outcome, reconcile
 from finetune_operator.clients import Clients, api_path
 from finetune_operator.diffbase import SpecDiffBase
 from finetune_operator.api import ConditionType as T
-from finetune_operator.scrape import ScrapeError, scrape
+from finetune_operator.scrape import TIMEOUT_SECONDS, ScrapeError, scrape
 from finetune_operator.settings import Settings
 from finetune_operator.status import not_started, status_patch
 
@@ -65,6 +65,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, phase_index: kop
     memo.pod_warnings = Warnings("Pod", outcome.POD_EVENTS, warnings_only=False)
     memo.claims = Claims()
     ours: Settings = memo.settings
+    memo.slow_scrapes = SlowScrapes(ours.poll_seconds)
     # finetune_operator_jobs counts kopf's live index from the first scrape on: set by the first reconcile instead,
     # it stayed 0 in every phase after a restart onto finished jobs (they are never reconciled again).
     metrics.JOBS.index = phase_index
@@ -160,19 +161,64 @@ def _plain(body: kopf.Body) -> dict[str, Any]:
     return {part: dict(raw.get(part) or {}) for part in ("metadata", "spec", "status")}
 
 
-def _sample(seen: reconcile.Observed, ns: str, name: str) -> None:
+def _sample(seen: reconcile.Observed, slow: SlowScrapes, ns: str, name: str) -> None:
     """Rank 0's metrics while it runs, or why they could not be read (counted; the last numbers stay)."""
     attempt = reconcile.current_attempt(seen.body["status"], seen.jobs)
     rank0 = next((p for p in seen.pods if p["attempt"] == attempt and p["index"] == 0
                   and p["phase"] == "Running" and p.get("ip")), None)
     if rank0 is None:
         return
+    key = (ns, name, rank0["ip"])
+    if waiting := slow.waiting(key):  # its last error stands, and MetricsStale still comes when it is due
+        seen.scrape_error = waiting
+        return
+    started = time.monotonic()
     try:
         seen.sample = scrape(rank0["ip"])
+        slow.forget(key)
     except ScrapeError as exc:
         metrics.POLL_ERRORS.labels(reason=exc.reason).inc()
         log.debug("%s/%s: metrics not read: %s", ns, name, exc)
         seen.scrape_error = (exc.reason, str(exc))
+        slow.failed(key, started, seen.scrape_error)
+
+
+SLOW_SCRAPE_MAX_POLLS = 16
+
+
+class SlowScrapes:
+    """Rank 0 endpoints whose reads ran into the scrape's time bound, read less often. Each such read holds one of
+    the HANDLER_THREADS for scrape.TIMEOUT_SECONDS, every poll: a few dozen running jobs whose pods drop the
+    operator's packets (a tenant's default-deny NetworkPolicy) or whose trainers hang held them all, and every other
+    job's reconcile waited. After n slow failures in a row the endpoint is read again 2**n polls later, at most
+    SLOW_SCRAPE_MAX_POLLS; a read that ends fast (an answer, a refusal) is not held back."""
+
+    def __init__(self, poll_seconds: float) -> None:
+        self.poll_seconds = poll_seconds
+        # (namespace, job, rank 0's IP) -> (when its last slow read began, (how many in a row, its error)): from its
+        # start, a tick 2**n polls later finds it due
+        self.slow: dict[tuple[str, str, str], tuple[float, tuple[int, tuple[str, str]]]] = {}
+
+    def waiting(self, key: tuple[str, str, str]) -> tuple[str, str] | None:
+        """The endpoint's last error while it is held back, else None (read it)."""
+        if (entry := self.slow.get(key)) is None:
+            return None
+        began, (streak, error) = entry
+        due = began + self.poll_seconds * min(2 ** streak, SLOW_SCRAPE_MAX_POLLS)
+        return error if time.monotonic() < due else None
+
+    def failed(self, key: tuple[str, str, str], began: float, error: tuple[str, str]) -> None:
+        if time.monotonic() - began < TIMEOUT_SECONDS / 2:
+            self.forget(key)
+            return
+        # Those of a job no longer read (finished, deleted, a new rank 0) go; a held-back one is read within this
+        for expired in _expired(self.slow, 2 * SLOW_SCRAPE_MAX_POLLS * self.poll_seconds):
+            self.slow.pop(expired, None)
+        streak = self.slow[key][1][0] + 1 if key in self.slow else 1
+        self.slow[key] = (began, (streak, error))
+
+    def forget(self, key: tuple[str, str, str]) -> None:
+        self.slow.pop(key, None)
 
 
 PODLESS_GRACE_SECONDS = 10  # the Job controller creates pods within moments; after that, ask why not
@@ -383,7 +429,7 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
     key = (ns, name)
     seen = reconcile.Observed(_plain(body), list(job_index.get(key, [])), list(pod_index.get(key, [])),
                               datetime.now(timezone.utc).replace(tzinfo=None))
-    _sample(seen, ns, name)
+    _sample(seen, memo.slow_scrapes, ns, name)
     seen.job_warning = _job_warning(clients, memo.job_warnings, seen, ns)
     seen.pod_warning = reconcile.pod_warning(seen, lambda pod: memo.pod_warnings.of(clients, ns, pod))
     decision = reconcile.decide(seen)
