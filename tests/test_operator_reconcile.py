@@ -535,6 +535,24 @@ def test_a_child_job_its_queue_suspended_is_queued_and_its_stopped_pods_are_no_f
         assert not status.get("failures") and "Restarting" not in conditions(status)
 
 
+def test_the_pods_a_suspend_stopped_are_no_failure_of_the_jobs_next_admission() -> None:
+    """Kueue admitted the Job again while the pods its suspend stopped (exit 143) were being removed: one seen Failed
+    in that moment counted as the attempt's failure, and a job of backoffLimit 0 failed for good."""
+    readmitted = outcome.job_summary({
+        "metadata": {"name": "ft-1", "labels": {"finetune.dev/attempt": "1"}}, "spec": {"suspend": False},
+        "status": {"startTime": "2026-12-01T12:10:00Z", "active": 1}})
+    stopped = pod(phase="Failed", exit_code=143, message={"exitCode": 143, "reason": "Terminated", "message": "SIGTERM"},
+                  created="2026-12-01T12:00:00Z", deletionTimestamp="2026-12-01T12:09:30Z")
+    starting = pod(phase="Pending", created="2026-12-01T12:10:00Z", name="ft-1-0-y")
+    running = {"attempts": 1, "startTime": "2026-12-01T12:00:00Z"}
+    status = after(decide(Observed(body(running, backoffLimit=0), [readmitted], [stopped, starting], NOW)), running)
+    assert status["phase"] == "Pending" and "Failed" not in conditions(status) and "Restarting" not in conditions(status)
+    failed = pod(phase="Failed", exit_code=1, message={"exitCode": 1, "reason": "InvalidDataset", "message": "x"},
+                 created="2026-12-01T12:10:01Z", name="ft-1-0-y")  # this admission's own failure still counts
+    status = after(decide(Observed(body(running, backoffLimit=0), [readmitted], [stopped, failed], NOW)), running)
+    assert status["phase"] == "Failed" and status["reason"] == "InvalidDataset"
+
+
 def test_a_retried_attempt_that_waits_shows_what_it_waits_for_as_the_reason() -> None:
     """kubectl get ftj's Reason is status.reason: a retried attempt waiting for GPUs still said OOMKilled (Restarting
     came first), and one its queue (Kueue) preempted after it ran said Running, Restarting's reason once False."""

@@ -179,6 +179,7 @@ def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
         "stuck": _stuck(pod),
         "creating": _creating_since(pod, scheduled),  # scheduled at, while its containers are still being created
         "deletionTimestamp": meta.get("deletionTimestamp"),  # the time by which its containers are killed
+        "created": meta.get("creationTimestamp") or "",
     }
     if terminated:
         message = parse_message(terminated.get("message"))
@@ -295,6 +296,10 @@ def attempt_outcome(job: dict[str, Any] | None, pods: list[dict[str, Any]],
     if job.get("suspended"):  # its pods, stopped by the Job controller, did not fail
         return Outcome(State.PENDING, "Queued", f"the Job {job['name']} is suspended by its queue (Kueue): it waits "
                                                 "to be admitted", queued=True)
+    # Admitted again (startTime is reset then), its pods stopped at the suspend are still being removed: one seen
+    # Failed (exit 143) in that moment is no failure of this admission. Same-second timestamps sort as strings.
+    if job.get("started"):
+        pods = [p for p in pods if not p.get("created") or p["created"] >= job["started"]]
     if job["failure"] or any(p["phase"] == "Failed" for p in pods):
         return failure_cause(job, pods)
     if not pods and job_warning:
