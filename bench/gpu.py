@@ -28,6 +28,7 @@ import torch
 from bench.common import (RESULTS, command_line, fmt, machine, minilm_path, refuse_dirty_tree, result_stem,
                           write_results)
 from bench.data import read_corpus
+from finetune_trainer.errors import Terminated
 
 # Dense bf16 peak FLOP/s by device name (torchtitan's get_peak_flops, plus A10/L4/L40S data sheets).
 # Order matters: the first substring found in the device name wins.
@@ -350,6 +351,8 @@ def measure_or_skip(side: str, mode: str, batches: list[torch.Tensor], vocab: in
     a failure makes the run exit 1) instead of losing the other sides of an unattended run."""
     try:
         return measure(side, mode, batches, vocab, settings, device)
+    except Terminated:  # `timeout`'s SIGTERM in our loop ends the run (each side's result is written as it comes)
+        raise
     except torch.cuda.OutOfMemoryError as exc:
         reason = f"out of GPU memory ({str(exc).splitlines()[0]})"
     except Exception as exc:  # noqa: BLE001 - recorded with its message, and the exit code says it failed

@@ -134,6 +134,22 @@ def test_a_gpu_side_that_fails_is_recorded_and_the_others_still_run() -> None:
     assert result.tokens_per_second is None and result.skipped.startswith("failed: IndexError")
 
 
+def test_a_sigterm_in_our_loop_ends_the_gpu_run_and_is_no_sides_failure(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Our loop turns `timeout`'s SIGTERM into Terminated: recorded as the side's failure, the run went on through
+    every other side until the SIGKILL."""
+    import torch
+
+    import bench.gpu
+    from finetune_trainer.errors import Terminated
+
+    def stopped(*_: object) -> None:
+        raise Terminated("stopped by SIGTERM at step 3")
+
+    monkeypatch.setattr(bench.gpu, "measure", stopped)
+    with pytest.raises(Terminated):
+        bench.gpu.measure_or_skip("ours", "full", [], 8, bench.gpu.TINY, torch.device("cpu"))
+
+
 @pytest.fixture(autouse=True)
 def _bench_importable(monkeypatch: pytest.MonkeyPatch) -> None:
     """bench/ is scripts run from the repository root, not an installed package."""

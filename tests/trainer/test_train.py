@@ -752,7 +752,7 @@ class _SigtermInADel:
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")  # the dropped Terminated, printed
 @pytest.mark.parametrize(("where", "stopped"), [
-    ("baseline_once", "stopped by SIGTERM in stage Baseline$"),
+    ("evaluate", "stopped by SIGTERM in stage Baseline$"),  # the first evaluation, the baseline's
     ("make_optimizer", "stopped by SIGTERM at step 1; a checkpoint holds it"),  # before the loop's own flag
     ("export_model", "stopped by SIGTERM in stage Exporting; the trained weights are in a checkpoint"),
 ])
@@ -761,7 +761,8 @@ def test_a_sigterm_whose_terminated_python_dropped_still_stops_the_run(tiny_cfg:
                                                                        stopped: str) -> None:
     """The kubelet sends one SIGTERM. Landing in a __del__ (a data loader's, a file's), its Terminated was lost and
     SIGTERM was ignored from then on: the run went on, deaf, until the SIGKILL, with no checkpoint of its steps and
-    no termination message. It now stops at the next stage, the loop's next step or before it says Succeeded."""
+    no termination message. It now stops at an evaluation's next batch, the loop's next step or before it says
+    Succeeded."""
     module = export if where == "export_model" else pipeline
     real = getattr(module, where)
 
@@ -770,9 +771,34 @@ def test_a_sigterm_whose_terminated_python_dropped_still_stops_the_run(tiny_cfg:
         return real(*args, **kwargs)
 
     monkeypatch.setattr(module, where, dropped_then_real)
+    monkeypatch.setenv(TERMINATION_ENV, str(message := tmp_path / "termination-log"))
     with pytest.raises(Terminated, match=stopped):
         pipeline.run(tiny_cfg, tmp_path / "out")
+    assert json.loads(message.read_text())["exitCode"] == 143
     assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run put back what it found
+    if where == "evaluate":  # stopped within it, at its next batch: no baseline was kept
+        assert not list((tmp_path / "out" / "checkpoints").glob(f"*/{checkpoints.BASELINE}"))
+
+
+def test_an_error_a_library_made_of_a_sigterm_is_reported_as_the_sigterm(tiny_cfg: TrainerConfig, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers catches Exception while it loads, and raises OSError("Can't load tokenizer ...") of whatever
+    came: a pod stopped in that moment said InvalidModel, exit 1, and its job failed for good."""
+    real = pipeline.make_optimizer
+
+    def loading(*args: object, **kwargs: object) -> object:
+        try:
+            os.kill(os.getpid(), signal.SIGTERM)
+            return real(*args, **kwargs)
+        except Exception as exc:  # as the library does
+            raise OSError("Can't load tokenizer for 'x'") from exc
+
+    monkeypatch.setattr(pipeline, "make_optimizer", loading)
+    monkeypatch.setenv(TERMINATION_ENV, str(message := tmp_path / "termination-log"))
+    with pytest.raises(Terminated, match="stopped by SIGTERM in stage Training$"):
+        pipeline.run(tiny_cfg, tmp_path / "out")
+    said = json.loads(message.read_text())
+    assert (said["exitCode"], said["reason"]) == (143, "Terminated")
 
 
 def test_restore_refuses_tensors_that_do_not_fit() -> None:
@@ -813,6 +839,32 @@ def test_a_checkpoint_runs_no_pickled_code(tmp_path: Path) -> None:
     with pytest.raises(pickle.UnpicklingError):
         checkpoints.load(folder, model, optimizer, scheduler, scaler, CPU)
     assert not marker.exists()
+
+
+def test_a_checkpoint_removal_cut_short_leaves_nothing_a_resume_trusts(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Deleted in place, a rotation cut short (SIGTERM, SIGKILL) could leave a folder with its COMMITTED marker and
+    without its weights: still listed as complete, and every later attempt failed loading it."""
+    model, _, _ = lm_setup()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = make_scheduler(optimizer, TrainingSpec(), 10)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+    first = checkpoints.save(tmp_path, 1, model, optimizer, scheduler, scaler, {"step": 1}, CPU, keep=1)
+    real = shutil.rmtree
+
+    def cut_short(path: Path, ignore_errors: bool = False) -> None:
+        if Path(path).name.endswith("00000001") and (Path(path) / "trained.safetensors").exists():
+            (Path(path) / "trained.safetensors").unlink()
+            raise Terminated("stopped by SIGTERM")
+        real(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", cut_short)
+    with pytest.raises(Terminated):  # rotating step 1 out after step 2 is written
+        checkpoints.save(tmp_path, 2, model, optimizer, scheduler, scaler, {"step": 2}, CPU, keep=1)
+    monkeypatch.undo()
+    assert checkpoints.complete(tmp_path) == [tmp_path / "step-00000002"] and not first.exists()
+    again = checkpoints.save(tmp_path, 1, model, optimizer, scheduler, scaler, {"step": 1}, CPU, keep=2)
+    assert checkpoints.complete(tmp_path) == [again, tmp_path / "step-00000002"]  # its torn folder was cleared
 
 
 def test_the_best_weights_bring_their_batchnorm_statistics(pvc_root: Path) -> None:

@@ -123,7 +123,7 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
         os.replace(tmp, final)
         fsync_tree(root)
         for old in complete(root)[:-keep]:
-            shutil.rmtree(old, ignore_errors=True)
+            remove(old)
         log.info("checkpoint %s", final)
     world.barrier()
     return final
@@ -158,7 +158,9 @@ def run_folder(parent: Path, identity: dict[str, Any], world: World) -> Path:
             else:
                 stale.unlink(missing_ok=True)
         root.mkdir(parents=True, exist_ok=True)
-        (root / FINGERPRINT).write_text(json.dumps(identity, indent=2, sort_keys=True))
+        # Through a temporary file: cut short in place, an empty one lost the earlier attempt's pruning choice
+        text = json.dumps(identity, indent=2, sort_keys=True)
+        replace_atomically(root, FINGERPRINT, lambda tmp: tmp.write_text(text))
     world.barrier()
     return root
 
@@ -169,6 +171,16 @@ def save_healed(root: Path, layers: nn.Module, figures: dict[str, float], world:
         tensors = {n: t.detach().to("cpu", copy=True).contiguous() for n, t in layers.state_dict().items()}
         replace_atomically(root, HEALED, lambda tmp: save_file(tensors, tmp, metadata={"figures": json.dumps(figures)}))
     world.barrier()
+
+
+def remove(checkpoint: Path) -> None:
+    """Delete a checkpoint folder under save's temporary name: cut short (a SIGTERM, a SIGKILL), a folder deleted in
+    place could keep its marker without its weights, still listed as complete, and every later attempt failed
+    loading it. A `.tmp-` one is what save clears before it writes that step again."""
+    doomed = checkpoint.with_name(f".tmp-{checkpoint.name}")
+    shutil.rmtree(doomed, ignore_errors=True)  # a torn one of its own: a folder is not replaced unless empty
+    os.replace(checkpoint, doomed)
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def replace_atomically(root: Path, name: str, write: Callable[[Path], object]) -> None:
@@ -311,7 +323,7 @@ def discard(folder: Path, found: list[str], world: World) -> None:
     world.barrier()  # every rank has read it before rank 0 removes it
     if world.main:
         for old in complete(folder.parent):
-            shutil.rmtree(old, ignore_errors=True)
+            remove(old)
     world.barrier()
 
 

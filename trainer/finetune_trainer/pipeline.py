@@ -147,25 +147,33 @@ def run(cfg: TrainerConfig, output_dir: Path) -> dict[str, Any]:
         raise progress.terminated()
 
     previous = interrupt = None
-    with contextlib.suppress(ValueError):  # not the main thread: SIGTERM keeps its default
-        previous = signal.signal(signal.SIGTERM, stop)
-        interrupt = ctrl_c_as_sigterm()
     try:
+        with contextlib.suppress(ValueError):  # not the main thread: SIGTERM keeps its default
+            previous = signal.signal(signal.SIGTERM, stop)
+            interrupt = ctrl_c_as_sigterm()
         report = stages(cfg, Path(output_dir), world, progress)
         if progress.sigterm:  # it came during the export, and its Terminated was lost
             raise progress.terminated()
+        if previous is not None:  # finished: a SIGTERM now must not turn the run into a failure that is retried
+            signal.signal(signal.SIGTERM, signal.SIG_IGN)
         distributed.leave()  # after its last barrier; a failed run leaves it to torchrun, as a rank may be in one
         write_termination({"stage": Stage.DONE.value, "reason": "Succeeded", "message": outcome(report),
                            "exitCode": EXIT_OK, **progress.message})
         return report
-    except BaseException as exc:
+    except BaseException as caught:
         if previous is not None:  # one SIGTERM is enough: the termination message still has to go out
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        # What failed after a SIGTERM failed because of it: a library that caught the Terminated raised its own error
+        # (transformers' OSError "Can't load tokenizer", read as the user's), or a rank whose Terminated was lost met
+        # its stopped peers' collective. Either would have failed the job for good, or counted a retry.
+        exc = progress.terminated() if progress.sigterm and not isinstance(caught, Terminated) else caught
         # Any write may meet a full volume (healed layers, baseline, analysis, export), each library saying so its way
         full = no_space_in(Path(output_dir), exc)
         write_failure(progress.stage, full or exc, progress.message)
         if full is not None:
-            raise full from exc
+            raise full from caught
+        if exc is not caught:
+            raise exc from caught
         raise
     finally:
         if previous is not None:
@@ -278,8 +286,12 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
 
     per_class: dict[str, dict[str, float]] = {}  # a detector's AP by category, on the test split
 
+    def sigterm_taken() -> None:  # a Terminated lost in a __del__ stops the baseline or final evaluation at a batch
+        if world.any(progress.sigterm):
+            raise progress.terminated()
+
     def measure(m: nn.Module, split: Encoded, phase: str | None = None,
-                before_batch: Callable[[], None] = lambda: None) -> dict[str, float]:
+                before_batch: Callable[[], None] = sigterm_taken) -> dict[str, float]:
         world.broadcast_buffers(m)  # every rank scores (and early stopping keeps) the model rank 0 exports
         if not detecting:
             return evaluate(m, split, collate, task, cfg.evaluation_metrics, eval_size, world, num_labels, dtype,
