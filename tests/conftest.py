@@ -60,7 +60,7 @@ def kube() -> Iterator[Kube]:
         return
     was_running = state.exists() and all(local.running(local.Cluster(state.resolve(), bin_dir)).values())
     try:
-        cluster = local.up(state)
+        cluster = local.up(state, timeout=300)  # a fresh, loaded 2-core machine came close to the default 90 s
     except local.ClusterError as error:
         pytest.fail(f"could not start the local cluster: {error}", pytrace=False)
     os.environ["KUBECONFIG"] = str(cluster.kubeconfig)  # for clients that read it (kopf, kubernetes)

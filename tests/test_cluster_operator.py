@@ -179,7 +179,7 @@ def test_a_secret_volume_not_there_is_shown_then_waited_for(operator_env: Operat
     # default minute between checks that its timer has stopped (when the deletion came during a tick).
     started = time.monotonic()
     env.kube.kubectl("delete", "ftj", name, "-n", env.namespace, "--wait=true", "--timeout=90s")
-    assert time.monotonic() - started < 30
+    assert time.monotonic() - started < 50  # kopf's default minute is what this guards against
 
 
 def test_a_gpu_request_no_node_can_hold_shows_the_schedulers_message(operator_env: OperatorEnv) -> None:
@@ -327,14 +327,15 @@ def test_specs_only_the_operator_can_judge_fail_as_invalid_spec(operator_env: Op
         "bad-regex": ({"adjust": {"freeze": {"strategy": "regex", "pattern": "(("}}},
                       "spec.adjust.freeze.pattern: not a valid regular expression"),
     }
+    # A claim made right after its job (`kubectl apply -f dir/`, job.yaml before pvc.yaml) is waited for, visibly.
+    # Applied first: its claim has to come within the 30 s, and the operator's burst of the others comes after.
+    late = example("minilm-sentiment", output={"uri": "pvc://late/out"},
+                   runtime={"resources": {"limits": {"nvidia.com/gpu": 99}}}) | {"metadata": {"name": "late-claim"}}
+    env.apply(late)
     for name, (changes, message) in cases.items():
         doc = example("minilm-sentiment") | {"metadata": {"name": name}}
         doc["spec"] |= changes
         env.apply(doc)
-    # A claim made right after its job (`kubectl apply -f dir/`, job.yaml before pvc.yaml) is waited for, visibly.
-    late = example("minilm-sentiment", output={"uri": "pvc://late/out"},
-                   runtime={"resources": {"limits": {"nvidia.com/gpu": 99}}}) | {"metadata": {"name": "late-claim"}}
-    env.apply(late)
     waiting = env.wait_ftj("late-claim", lambda o: o.get("status", {}).get("reason") == "ClaimNotFound", "the wait")
     created = next(c for c in waiting["status"]["conditions"] if c["type"] == "Created")
     assert waiting["status"]["phase"] == "Pending" and "'late' does not exist" in created["message"]
@@ -412,10 +413,12 @@ def test_a_killed_trainer_resumes_from_its_checkpoint(operator_env: OperatorEnv)
 @pytest.mark.slow
 def test_suspend_mid_run_and_resume(operator_env: OperatorEnv) -> None:
     env = operator_env
-    doc = example("minilm-sentiment", dataset={"maxTrainSamples": 320, "maxEvalSamples": 64},
+    # 30 steps, suspended after the first: the suspend's way to the trainer (a tick, the Job's delete, SIGTERM) is
+    # short beside the rest of the run, which a loaded machine's late status could otherwise let finish first
+    doc = example("minilm-sentiment", dataset={"maxTrainSamples": 480, "maxEvalSamples": 64},
                   training={"checkpointEverySteps": 100})
     name = env.apply(doc)
-    env.wait_ftj(name, at_step(3), "training", timeout=300)
+    env.wait_ftj(name, at_step(1), "training", timeout=300)
     env.kube.kubectl("patch", "ftj", name, "-n", env.namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}')
     suspended = env.wait_phase(name, "Suspended", timeout=60)
     assert conditions(suspended)["Suspended"] == ("True", "Suspended")

@@ -79,4 +79,4 @@ def test_the_waits_for_rbac_to_arrive_are_paid_once_for_all_namespaces(apiserver
     started = time.monotonic()
     with FaultServer("127.0.0.1", apiserver_port, "forbidden"):
         assert handlers.watchable(namespaces) == namespaces  # none readable: all kept, for kopf to retry
-    assert time.monotonic() - started < sum(handlers.FORBIDDEN_RETRIES) + 2
+    assert time.monotonic() - started < sum(handlers.FORBIDDEN_RETRIES) + 4

@@ -94,7 +94,7 @@ def test_no_wait_without_readers_after_sigterm_or_when_turned_off(endpoint: tupl
     try:
         scraper.wait_for_a_read()
         scraper.wait_for_a_read()
-        assert finish(metrics, EXIT_TERMINATED) < 1.2  # the kubelet's grace period is for the checkpoint
+        assert finish(metrics, EXIT_TERMINATED) < 2.5  # the kubelet's grace period is for the checkpoint
     finally:
         scraper.stop()
     for env in ({}, {LINGER_ENV: "0"}):
@@ -105,14 +105,21 @@ def test_no_wait_without_readers_after_sigterm_or_when_turned_off(endpoint: tupl
         again.serve()
         if env:  # a reader, but lingering turned off
             urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
-        assert finish(again, EXIT_OK) < 1.2
+        assert finish(again, EXIT_OK) < 2.5
 
 
 def test_a_sigterm_ends_the_wait_and_a_gone_reader_holds_nothing(endpoint: tuple[Metrics, int]) -> None:
     metrics, port = endpoint
     urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()  # read once: its interval unknown
-    threading.Timer(0.5, os.kill, (os.getpid(), signal.SIGTERM)).start()
     before = signal.getsignal(signal.SIGTERM)
+
+    def sigterm_once_handled() -> None:  # before finish's handler, a SIGTERM would end the whole test session
+        while signal.getsignal(signal.SIGTERM) == before:
+            time.sleep(0.01)
+        time.sleep(0.5)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=sigterm_once_handled, daemon=True).start()
     assert finish(metrics, EXIT_OK) < 2
     assert signal.getsignal(signal.SIGTERM) == before
     # A reader whose next read was due long ago has stopped scraping: nothing to wait for.
@@ -121,7 +128,7 @@ def test_a_sigterm_ends_the_wait_and_a_gone_reader_holds_nothing(endpoint: tuple
     for _ in range(2):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
     again.readers.last = {c: t - 60 for c, t in again.readers.last.items()}
-    assert finish(again, EXIT_OK) < 1.2
+    assert finish(again, EXIT_OK) < 2.5
 
 
 def test_before_the_first_step_there_is_no_loss_step_or_throughput_only_the_stage() -> None:
