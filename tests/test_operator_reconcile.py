@@ -543,12 +543,13 @@ def test_the_pods_a_suspend_stopped_are_no_failure_of_the_jobs_next_admission() 
         "status": {"startTime": "2026-12-01T12:10:00Z", "active": 1}})
     stopped = pod(phase="Failed", exit_code=143, message={"exitCode": 143, "reason": "Terminated", "message": "SIGTERM"},
                   created="2026-12-01T12:00:00Z", deletionTimestamp="2026-12-01T12:09:30Z")
-    starting = pod(phase="Pending", created="2026-12-01T12:10:00Z", name="ft-1-0-y")
+    # The controller stamps startTime after it made the new pods, to the second: one a second older is this one's.
+    started = pod(created="2026-12-01T12:09:59Z", name="ft-1-0-y")
     running = {"attempts": 1, "startTime": "2026-12-01T12:00:00Z"}
-    status = after(decide(Observed(body(running, backoffLimit=0), [readmitted], [stopped, starting], NOW)), running)
-    assert status["phase"] == "Pending" and "Failed" not in conditions(status) and "Restarting" not in conditions(status)
+    status = after(decide(Observed(body(running, backoffLimit=0), [readmitted], [stopped, started], NOW)), running)
+    assert status["phase"] == "Running" and "Failed" not in conditions(status) and "Restarting" not in conditions(status)
     failed = pod(phase="Failed", exit_code=1, message={"exitCode": 1, "reason": "InvalidDataset", "message": "x"},
-                 created="2026-12-01T12:10:01Z", name="ft-1-0-y")  # this admission's own failure still counts
+                 created="2026-12-01T12:09:59Z", name="ft-1-0-y")  # this admission's own failure still counts
     status = after(decide(Observed(body(running, backoffLimit=0), [readmitted], [stopped, failed], NOW)), running)
     assert status["phase"] == "Failed" and status["reason"] == "InvalidDataset"
 

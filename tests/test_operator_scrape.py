@@ -140,24 +140,26 @@ def test_a_stage_the_status_does_not_know_reads_as_absent() -> None:
     assert parse('finetune_trainer_stage{stage="Healing"} 1\n') == {}
 
 
-def test_an_endpoint_that_hangs_is_read_less_often_and_its_error_stands_meanwhile(
+def test_an_endpoint_that_hangs_is_read_less_often_once_stale_and_its_error_stands_meanwhile(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """Each read of a hanging endpoint held one of the operator's handler threads for the whole timeout, every poll:
-    a few dozen such jobs (pods behind a default-deny NetworkPolicy) held all of them. Held back, its last error
-    stands, so MetricsStale still comes when it is due; an endpoint that fails fast is read every poll."""
+    a few dozen such jobs (pods behind a default-deny NetworkPolicy) held all of them. Once its job is stale it is
+    read less often, its last error standing; before that (a blip) and when it fails fast, it is read every poll."""
     import functools
     from datetime import timezone
 
     from finetune_operator import handlers, metrics
     from finetune_operator.reconcile import Observed
+    from finetune_operator.status import STALE_AFTER_SECONDS
 
     later = [0.0]  # seconds the clock of the backoff is moved on; what a read takes is real, and small beside a poll
     monkeypatch.setattr(handlers, "time", type("Clock", (), {"monotonic": lambda: time.monotonic() + later[0]}))
-    slow = handlers.SlowScrapes(poll_seconds=100.0)
+    poll = STALE_AFTER_SECONDS / 2  # stale after 2 polls: from the third slow read on, later ones are held back
+    slow = handlers.SlowScrapes(poll_seconds=poll)
 
     def sample(name: str) -> Observed:
         body = {"metadata": {"name": name, "namespace": "ns", "uid": "u"}, "spec": {}, "status": {"attempts": 1}}
-        pods = [{"attempt": 1, "index": 0, "phase": "Running", "ip": "127.0.0.1"}]
+        pods = [{"name": f"{name}-1-0-x", "attempt": 1, "index": 0, "phase": "Running", "ip": "127.0.0.1"}]
         seen = Observed(body, [], pods, datetime.now(timezone.utc).replace(tzinfo=None))
         handlers._sample(seen, slow, "ns", name)
         return seen
@@ -171,24 +173,25 @@ def test_an_endpoint_that_hangs_is_read_less_often_and_its_error_stands_meanwhil
     counted = timeouts()
     with FaultServer("127.0.0.1", port, "hang") as hanging:
         reads = []
-        for polls in (0, 0, 1, 1, 1, 1, 2, 2):  # the clock moves on `polls` polls before each tick
-            later[0] += 100.0 * polls
+        for _ in range(12):  # a tick every poll
             seen = sample("hung")
             assert seen.sample is None and seen.scrape_error and seen.scrape_error[0] == "MetricsTimeout"
             reads.append(hanging.connections)
-    # read at once, again 2 polls later, then 4 polls after that, then 8
-    assert reads == [1, 1, 1, 2, 2, 2, 3, 3], reads
-    assert timeouts() - counted == 3  # what is counted is reads, not ticks
+            later[0] += poll
+    # every poll until stale (polls 0, 1, 2), then 2 polls later (4) and 4 after that (8)
+    assert reads == [1, 2, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5], reads
+    assert timeouts() - counted == 5  # what is counted is reads, not ticks
 
     port = free_port()
     monkeypatch.setattr(handlers, "scrape", functools.partial(scrape, port=port))
     with FaultServer("127.0.0.1", port, "close") as closing:
-        for _ in range(3):
+        for _ in range(4):
             assert sample("refused").scrape_error[0] == "MetricsUnreachable"
-        assert closing.connections == 3
+            later[0] += poll
+        assert closing.connections == 4
     port = free_port()
     monkeypatch.setattr(handlers, "scrape", functools.partial(scrape, port=port))
     with FaultServer("127.0.0.1", port, "ok"):  # the hung job's rank 0 answers again at its next read
-        later[0] += 100.0 * 16
+        later[0] += poll * 8
         assert sample("hung").sample == {"step": 7.0} and sample("hung").sample == {"step": 7.0}
     assert not slow.slow

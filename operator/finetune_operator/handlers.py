@@ -26,7 +26,7 @@ from finetune_operator.diffbase import SpecDiffBase
 from finetune_operator.api import ConditionType as T
 from finetune_operator.scrape import TIMEOUT_SECONDS, ScrapeError, scrape
 from finetune_operator.settings import Settings
-from finetune_operator.status import not_started, status_patch
+from finetune_operator.status import STALE_AFTER_SECONDS, not_started, status_patch
 
 log = logging.getLogger("finetune_operator")
 PREFIX = "finetune.dev"
@@ -168,8 +168,8 @@ def _sample(seen: reconcile.Observed, slow: SlowScrapes, ns: str, name: str) -> 
                   and p["phase"] == "Running" and p.get("ip")), None)
     if rank0 is None:
         return
-    key = (ns, name, rank0["ip"])
-    if waiting := slow.waiting(key):  # its last error stands, and MetricsStale still comes when it is due
+    key = (ns, name, rank0["name"])
+    if waiting := slow.waiting(key):  # its last error stands, and the job is MetricsStale already
         seen.scrape_error = waiting
         return
     started = time.monotonic()
@@ -187,25 +187,26 @@ SLOW_SCRAPE_MAX_POLLS = 16
 
 
 class SlowScrapes:
-    """Rank 0 endpoints whose reads ran into the scrape's time bound, read less often. Each such read holds one of
-    the HANDLER_THREADS for scrape.TIMEOUT_SECONDS, every poll: a few dozen running jobs whose pods drop the
-    operator's packets (a tenant's default-deny NetworkPolicy) or whose trainers hang held them all, and every other
-    job's reconcile waited. After n slow failures in a row the endpoint is read again 2**n polls later, at most
-    SLOW_SCRAPE_MAX_POLLS; a read that ends fast (an answer, a refusal) is not held back."""
+    """Rank 0 endpoints whose reads run into the scrape's time bound, read less often once their job is stale.
+    Each such read holds one of the HANDLER_THREADS for scrape.TIMEOUT_SECONDS, every poll: a few dozen running jobs
+    whose pods drop the operator's packets (a tenant's default-deny NetworkPolicy) or whose trainers hang held them
+    all, and every other job's reconcile waited. For STALE_AFTER_SECONDS it is read every poll (a blip of a few
+    seconds makes no job stale); then n reads later the next waits 2**n polls, at most SLOW_SCRAPE_MAX_POLLS. A read
+    that ends fast (an answer, a refusal) is not held back."""
 
     def __init__(self, poll_seconds: float) -> None:
         self.poll_seconds = poll_seconds
-        # (namespace, job, rank 0's IP) -> (when its last slow read began, (how many in a row, its error)): from its
-        # start, a tick 2**n polls later finds it due
-        self.slow: dict[tuple[str, str, str], tuple[float, tuple[int, tuple[str, str]]]] = {}
+        # (namespace, job, rank 0's pod) -> (when its last slow read began, (when the first of them began, reads held
+        # back after it, the last error)); from a read's start, a tick 2**n polls later finds it due
+        self.slow: dict[tuple[str, str, str], tuple[float, tuple[float, int, tuple[str, str]]]] = {}
 
     def waiting(self, key: tuple[str, str, str]) -> tuple[str, str] | None:
         """The endpoint's last error while it is held back, else None (read it)."""
         if (entry := self.slow.get(key)) is None:
             return None
-        began, (streak, error) = entry
-        due = began + self.poll_seconds * min(2 ** streak, SLOW_SCRAPE_MAX_POLLS)
-        return error if time.monotonic() < due else None
+        began, (_, held, error) = entry
+        due = began + self.poll_seconds * min(2 ** held, SLOW_SCRAPE_MAX_POLLS)
+        return error if held and time.monotonic() < due else None
 
     def failed(self, key: tuple[str, str, str], began: float, error: tuple[str, str]) -> None:
         if time.monotonic() - began < TIMEOUT_SECONDS / 2:
@@ -214,8 +215,9 @@ class SlowScrapes:
         # Those of a job no longer read (finished, deleted, a new rank 0) go; a held-back one is read within this
         for expired in _expired(self.slow, 2 * SLOW_SCRAPE_MAX_POLLS * self.poll_seconds):
             self.slow.pop(expired, None)
-        streak = self.slow[key][1][0] + 1 if key in self.slow else 1
-        self.slow[key] = (began, (streak, error))
+        entry = self.slow.get(key)  # once: another thread may forget it meanwhile
+        first, held = (entry[1][0], entry[1][1]) if entry else (began, 0)
+        self.slow[key] = (began, (first, held + (began - first >= STALE_AFTER_SECONDS), error))
 
     def forget(self, key: tuple[str, str, str]) -> None:
         self.slow.pop(key, None)

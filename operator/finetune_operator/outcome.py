@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
@@ -279,6 +280,23 @@ def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
     return Outcome(State.FAILED, reason, text, Retry.COUNTED, result=message)
 
 
+# The Job controller sets startTime again at a resume after it has made the new pods (to the second, and a large
+# Job's in batches): a pod older than this is of an earlier admission.
+ADMISSION_SLACK = timedelta(seconds=10)
+
+
+def _stopped_before_this_admission(pod: dict[str, Any], job: dict[str, Any]) -> bool:
+    """A pod the Job's suspend stopped, still being removed when its queue (Kueue) admitted the Job again: seen
+    Failed (exit 143) in that moment, it counted as the new admission's failure (for good at backoffLimit 0)."""
+    if not (pod.get("deletionTimestamp") and pod.get("created") and job.get("started")):
+        return False
+    return _time(job["started"]) - _time(pod["created"]) > ADMISSION_SLACK
+
+
+def _time(text: str) -> datetime:
+    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ")
+
+
 def attempt_outcome(job: dict[str, Any] | None, pods: list[dict[str, Any]],
                     job_warning: tuple[str, str] | None = None, pod_warning: tuple[str, str] | None = None) -> Outcome:
     """Where the current attempt stands, from its Job and pods (either may lag the other).
@@ -296,10 +314,7 @@ def attempt_outcome(job: dict[str, Any] | None, pods: list[dict[str, Any]],
     if job.get("suspended"):  # its pods, stopped by the Job controller, did not fail
         return Outcome(State.PENDING, "Queued", f"the Job {job['name']} is suspended by its queue (Kueue): it waits "
                                                 "to be admitted", queued=True)
-    # Admitted again (startTime is reset then), its pods stopped at the suspend are still being removed: one seen
-    # Failed (exit 143) in that moment is no failure of this admission. Same-second timestamps sort as strings.
-    if job.get("started"):
-        pods = [p for p in pods if not p.get("created") or p["created"] >= job["started"]]
+    pods = [p for p in pods if not _stopped_before_this_admission(p, job)]
     if job["failure"] or any(p["phase"] == "Failed" for p in pods):
         return failure_cause(job, pods)
     if not pods and job_warning:

@@ -300,7 +300,7 @@ def test_sigterm_during_a_long_evaluation_stops_both_ranks_at_one_batch(tmp_path
     config, reference = job("reference")
     assert torchrun(config, tmp_path / "reference.log").wait(timeout=600) == 0
     log = (tmp_path / "reference.log").read_text()
-    evaluating = seconds_between(log, "step 1/6", "checkpoint ")  # steps 2 and 3, and step 3's evaluation
+    evaluating = seconds_between(log, EVALUATING, "validation at step 3")  # step 3's evaluation alone
 
     config, out = job("stopped")
     termination = tmp_path / "termination-log"

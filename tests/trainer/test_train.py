@@ -635,6 +635,23 @@ def test_sigterm_during_a_step_saves_right_after_it(tmp_path: Path) -> None:
     assert done == [1, 2, 3, 4] and [p.name for p in checkpoints.complete(tmp_path)] == ["step-00000004"]
 
 
+def test_a_sigterm_as_the_loop_asks_whether_one_came_before_it_is_kept(tmp_path: Path) -> None:
+    """The loop's flag is up when it asks the pipeline about a SIGTERM before it: one that came just then was set by
+    the flag's handler, and the pipeline's answer (none) overwrote it, so the run trained on until the SIGKILL."""
+    model, data, collate = lm_setup()
+    spec = TrainingSpec(batchSize=8, maxSteps=8, checkpointEverySteps=100)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+
+    def none_before() -> bool:
+        os.kill(os.getpid(), signal.SIGTERM)  # taken by the loop's flag, which is up
+        return False
+
+    with pytest.raises(Terminated, match="stopped by SIGTERM at step 1"):
+        train_loop(model, optimizer, make_scheduler(optimizer, spec, 8), data, collate, spec, Task.CAUSAL_LM, CPU,
+                   Hooks(checkpoint_dir=tmp_path, sigterm_before=none_before))
+    assert [p.name for p in checkpoints.complete(tmp_path)] == ["step-00000001"]
+
+
 def validated_run(checkpoint_dir: Path, sigterm_at: int | None = None,
                   forwards: list[int] | None = None) -> tuple[LoopState, dict]:
     """8 steps of a tiny GPT-2 validated every 2 steps by the real evaluation (16 batches of 4); no evaluation after

@@ -179,7 +179,10 @@ def remove(checkpoint: Path) -> None:
     loading it. A `.tmp-` one is what save clears before it writes that step again."""
     doomed = checkpoint.with_name(f".tmp-{checkpoint.name}")
     shutil.rmtree(doomed, ignore_errors=True)  # a torn one of its own: a folder is not replaced unless empty
-    os.replace(checkpoint, doomed)
+    try:
+        os.replace(checkpoint, doomed)
+    except OSError:  # gone already, or a torn one NFS keeps open files of: in place then, never failing the save
+        doomed = checkpoint
     shutil.rmtree(doomed, ignore_errors=True)
 
 

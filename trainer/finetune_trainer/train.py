@@ -278,7 +278,8 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
 
     model.train()
     with SigtermFlag() as sigterm:
-        sigterm.raised = bool(hooks.sigterm_before and hooks.sigterm_before())  # stopped after one step, saved
+        if hooks.sigterm_before and hooks.sigterm_before():  # stopped after one step, saved (never cleared: one may
+            sigterm.raised = True                              # have come since the flag was put up)
         if evaluation_due():  # SIGTERM came at a step due for evaluation, or during it: the checkpoint went first
             evaluate_now()
         while state.step < total and not state.stopped_early:
