@@ -169,7 +169,7 @@ def _sample(seen: reconcile.Observed, slow: SlowScrapes, ns: str, name: str) -> 
     if rank0 is None:
         return
     key = (ns, name, rank0["name"])
-    if waiting := slow.waiting(key):  # its last error stands, and the job is MetricsStale already
+    if waiting := slow.waiting(key):  # its last error stands: MetricsStale is set, or comes when it is due
         seen.scrape_error = waiting
         return
     started = time.monotonic()
