@@ -80,3 +80,41 @@ def test_the_waits_for_rbac_to_arrive_are_paid_once_for_all_namespaces(apiserver
     with FaultServer("127.0.0.1", apiserver_port, "forbidden"):
         assert handlers.watchable(namespaces) == namespaces  # none readable: all kept, for kopf to retry
     assert time.monotonic() - started < sum(handlers.FORBIDDEN_RETRIES) + 4
+
+
+def test_logging_in_leaves_the_event_loop_free() -> None:
+    """A kubeconfig's exec plugin (a cloud's token command) takes seconds: run on the event loop, kopf's login held
+    up every watch, probe and timer that long."""
+    import asyncio
+
+    import kopf
+
+    from finetune_operator.settings import Settings
+
+    def slow_login(**_: object) -> kopf.ConnectionInfo:
+        time.sleep(0.5)
+        return kopf.ConnectionInfo(server="https://127.0.0.1:6443", token="t")
+
+    async def logging_in() -> int:
+        ticks = 0
+
+        async def ticking() -> None:
+            nonlocal ticks
+            while True:
+                await asyncio.sleep(0.01)
+                ticks += 1
+
+        ticker = asyncio.create_task(ticking())
+        memo = kopf.Memo(settings=Settings())
+        session = await handlers.login(memo=memo, logger=None)
+        ticker.cancel()
+        assert session is not None and session.server == "https://127.0.0.1:6443"
+        await session.aiohttp_session.close()
+        return ticks
+
+    original = kopf.login_via_client
+    kopf.login_via_client = slow_login  # as handlers calls it, through kopf
+    try:
+        assert asyncio.run(logging_in()) > 10  # about 50 while the login took its 0.5 s
+    finally:
+        kopf.login_via_client = original

@@ -7,6 +7,7 @@ reads what it needs, carries out the decision and records metrics.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import logging
 import sys
@@ -512,7 +513,8 @@ async def login(memo: kopf.Memo, **kwargs: Any) -> kopf.AiohttpSession | None:
     Through a session of our own, for its bounded connection pool: kopf's own allows any number of connections,
     and a burst of status patches and Events opened hundreds of TLS connections at once (about 0.4 MB each: most
     of the operator's memory with a thousand jobs). The watch streams hold one connection each, so they count."""
-    info = kopf.login_via_client(memo=memo, **kwargs)
+    # In a thread: a kubeconfig's exec plugin (a cloud's token command) takes seconds, and held up the event loop
+    info = await asyncio.to_thread(kopf.login_via_client, memo=memo, **kwargs)
     if info is None:
         return None
     settings: Settings = memo.settings
