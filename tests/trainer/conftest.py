@@ -24,14 +24,15 @@ def pvc_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
     write_sentiment(root)
     write_digits(root)
     write_shapes(root)
-    previous = os.environ.get(PVC_ROOT_ENV)
+    previous = {name: os.environ.get(name) for name in (PVC_ROOT_ENV, "FINETUNE_METRICS_PORT")}
     os.environ[PVC_ROOT_ENV] = str(root)  # subprocesses (CLI, torchrun) inherit it
     os.environ.setdefault("FINETUNE_METRICS_PORT", "0")
     yield root
-    if previous is None:
-        os.environ.pop(PVC_ROOT_ENV, None)
-    else:
-        os.environ[PVC_ROOT_ENV] = previous
+    for name, value in previous.items():
+        if value is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = value
 
 
 @pytest.fixture

@@ -789,10 +789,11 @@ def test_a_sigterm_whose_terminated_python_dropped_still_stops_the_run(tiny_cfg:
 
     monkeypatch.setattr(module, where, dropped_then_real)
     monkeypatch.setenv(TERMINATION_ENV, str(message := tmp_path / "termination-log"))
+    found = signal.getsignal(signal.SIGTERM)
     with pytest.raises(Terminated, match=stopped):
         pipeline.run(tiny_cfg, tmp_path / "out")
     assert json.loads(message.read_text())["exitCode"] == 143
-    assert signal.getsignal(signal.SIGTERM) is signal.SIG_DFL  # the run put back what it found
+    assert signal.getsignal(signal.SIGTERM) is found  # the run put back what it found
     if where == "evaluate":  # stopped within it, at its next batch: no baseline was kept
         assert not list((tmp_path / "out" / "checkpoints").glob(f"*/{checkpoints.BASELINE}"))
 
