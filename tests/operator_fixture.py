@@ -232,4 +232,6 @@ def operator_env(kube: Kube, crd_installed: None, restricted_namespace: str, tmp
     assert_pods_confined(kube, namespace)
     # While the operator still runs, so that kopf releases its finalizer and the namespace can go.
     kube.kubectl("delete", "ftj", "--all", "-n", namespace, "--wait=true", "--timeout=60s", check=False)
+    # A trainer still stopping (its grace period) would take the next test's CPU, whose timings then fail too
+    kube.kubectl("wait", "--for=delete", "pod", "--all", "-n", namespace, "--timeout=60s", check=False)
     env.stop()
