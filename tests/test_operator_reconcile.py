@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import yaml
 
-from finetune_operator import outcome
+from finetune_operator import outcome, reconcile
 from finetune_operator.reconcile import Observed, decide, pod_warning
 from finetune_operator.status import evaluation_of, merged, status_patch
 
@@ -552,6 +552,39 @@ def test_the_pods_a_suspend_stopped_are_no_failure_of_the_jobs_next_admission() 
                  created="2026-12-01T12:09:59Z", name="ft-1-0-y")  # this admission's own failure still counts
     status = after(decide(Observed(body(running, backoffLimit=0), [readmitted], [stopped, failed], NOW)), running)
     assert status["phase"] == "Failed" and status["reason"] == "InvalidDataset"
+
+
+class Listing:
+    """Clients whose apiserver lists `pods` for any selector; it keeps what was asked."""
+
+    def __init__(self, pods: list[dict[str, Any]]) -> None:
+        self.pods = pods
+        self.asked: list[tuple[str, dict[str, object]]] = []
+
+    def call(self, method: str, path: str, body: object = None, **query: object) -> bytes:
+        self.asked.append((path, query))
+        return json.dumps({"items": self.pods}).encode()
+
+
+def test_a_pod_the_index_kept_after_a_relist_holds_the_next_attempt_back_no_longer() -> None:
+    """After a watch's 410 Gone kopf lists again and reports only what exists: a pod deleted in that gap stayed in
+    the index as last seen, Running, and the retry waited for it to stop, for ever. The apiserver is asked."""
+    from finetune_operator import handlers
+
+    oom = pod(phase="Failed", exit_code=137, reason="OOMKilled")
+    retrying = after(decide(Observed(body({"attempts": 1}), [job(failure={"reason": "X", "message": ""})], [oom], NOW)))
+    assert retrying["attempts"] == 2  # attempt 1's Job is deleted; attempt 2 waits for its pods to stop
+    vanished = pod(name="ft-1-1-x", index=1)  # rank 1, last seen Running: its deletion came in the gap
+    seen = Observed(body(retrying), [], [vanished], NOW)
+    assert reconcile.waits_on_pods(seen) and decide(seen).create_attempt is None
+    apiserver = Listing([])
+    assert decide(handlers._pods_listed(apiserver, seen, "ns", "ft")).create_attempt == 2
+    assert apiserver.asked == [("/api/v1/namespaces/ns/pods", {"labelSelector": "finetune.dev/job-name=ft"})]
+    # One the apiserver still has, stopping within its grace period, is still waited for.
+    stopping = {"metadata": {"name": "ft-1-1-x", "deletionTimestamp": "2026-12-01T12:00:20Z",
+                             "labels": {"finetune.dev/attempt": "1", "batch.kubernetes.io/job-completion-index": "1"}},
+                "status": {"phase": "Running"}}
+    assert decide(handlers._pods_listed(Listing([stopping]), seen, "ns", "ft")).create_attempt is None
 
 
 def test_a_retried_attempt_that_waits_shows_what_it_waits_for_as_the_reason() -> None:

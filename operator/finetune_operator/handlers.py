@@ -224,6 +224,20 @@ class SlowScrapes:
         self.slow.pop(key, None)
 
 
+def _pods_listed(clients: Clients, seen: reconcile.Observed, ns: str, name: str) -> reconcile.Observed:
+    """`seen` with the job's pods as the apiserver lists them now. After a watch's 410 Gone kopf lists again and
+    reports only what exists: a pod deleted in that gap stayed in the index as last seen (Running, not deleting), and
+    the job waited for it, never making its next attempt, until the operator restarted. Asked only while such pods
+    hold the next attempt back (a retry's, for their grace period), one list a tick."""
+    try:
+        listed = json.loads(clients.call("GET", api_path(ns, "pods"),
+                                         labelSelector=f"{children.JOB_NAME_LABEL}={name}"))["items"]
+    except (ApiException, urllib3.exceptions.HTTPError) as exc:
+        log.debug("%s/%s: pods not listed (%s): the index's are used", ns, name, exc)
+        return seen
+    return reconcile.Observed(seen.body, seen.jobs, [outcome.pod_summary(p) for p in listed], seen.now)
+
+
 PODLESS_GRACE_SECONDS = 10  # the Job controller creates pods within moments; after that, ask why not
 
 
@@ -432,6 +446,8 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
     key = (ns, name)
     seen = reconcile.Observed(_plain(body), list(job_index.get(key, [])), list(pod_index.get(key, [])),
                               datetime.now(timezone.utc).replace(tzinfo=None))
+    if reconcile.waits_on_pods(seen):
+        seen = _pods_listed(clients, seen, ns, name)
     _sample(seen, memo.slow_scrapes, ns, name)
     seen.job_warning = _job_warning(clients, memo.job_warnings, seen, ns)
     seen.pod_warning = reconcile.pod_warning(seen, lambda pod: memo.pod_warnings.of(clients, ns, pod))

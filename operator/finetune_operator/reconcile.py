@@ -399,6 +399,13 @@ def pod_warning(seen: Observed, warnings: Callable[[str], dict[str, tuple[str, s
 KILL_MARGIN_SECONDS = 30
 
 
+def waits_on_pods(seen: Observed) -> bool:
+    """Whether the next attempt would wait for pods that may still run (decide's wait before it makes one)."""
+    attempt = current_attempt(seen.body["status"], seen.jobs)
+    job = next((j for j in seen.jobs if j["attempt"] == attempt), None)
+    return (attempt == 0 or job is None) and any(_may_run(p, seen.now) for p in (*seen.pods, *seen.earlier_pods))
+
+
 def _may_run(pod: dict[str, Any], now: datetime) -> bool:
     """Whether a pod may still be running: not terminal, and if deleted, not long past its grace period (after it,
     the kubelet has killed it, or it is on a lost node that would keep it Running for ever)."""
