@@ -284,7 +284,7 @@ def _job_warning(clients: Clients, warnings: Warnings, seen: reconcile.Observed,
     job = next((j for j in seen.jobs if j["attempt"] == attempt), None)
     if job is None or job["complete"] or job["failure"] or any(p["attempt"] == attempt for p in seen.pods):
         return None
-    created = datetime.strptime(job["created"], "%Y-%m-%dT%H:%M:%SZ") if job["created"] else seen.now
+    created = outcome.parse_time(job["created"]) if job["created"] else seen.now
     if (seen.now - created).total_seconds() < PODLESS_GRACE_SECONDS:
         return None
     return outcome.latest_warning(warnings.of(clients, ns, job["name"]), since=job["created"])
@@ -517,7 +517,7 @@ def _record(body: kopf.Body, seen: reconcile.Observed, decision: reconcile.Decis
     old = seen.body["status"]
     running = next((c for c in old.get("conditions") or [] if c["type"] == T.RUNNING), None)
     if T.RUNNING in after and (running is None or not_started(running) and old.get("attempts") == 1):
-        created = datetime.strptime(body.metadata["creationTimestamp"], "%Y-%m-%dT%H:%M:%SZ")
+        created = outcome.parse_time(body.metadata["creationTimestamp"])
         metrics.TIME_TO_RUNNING.observe((seen.now - created).total_seconds())
     if T.FAILED in after and T.FAILED not in before:
         metrics.bounded(metrics.FAILURES, after[T.FAILED]["reason"]).inc()

@@ -290,10 +290,11 @@ def _stopped_before_this_admission(pod: dict[str, Any], job: dict[str, Any]) -> 
     Failed (exit 143) in that moment, it counted as the new admission's failure (for good at backoffLimit 0)."""
     if not (pod.get("deletionTimestamp") and pod.get("created") and job.get("started")):
         return False
-    return _time(job["started"]) - _time(pod["created"]) > ADMISSION_SLACK
+    return parse_time(job["started"]) - parse_time(pod["created"]) > ADMISSION_SLACK
 
 
-def _time(text: str) -> datetime:
+def parse_time(text: str) -> datetime:
+    """An apiserver timestamp (RFC 3339, to the second, UTC) as a naive UTC datetime."""
     return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ")
 
 

@@ -130,7 +130,7 @@ def spec_facts(body: dict[str, Any]) -> tuple[SpecFacts | None, list[str]]:
 
 
 def _parse_time(text: str | None) -> datetime | None:
-    return datetime.strptime(text, "%Y-%m-%dT%H:%M:%SZ").replace(tzinfo=None) if text else None
+    return outcome.parse_time(text) if text else None
 
 
 def current_attempt(status: dict[str, Any], jobs: list[dict[str, Any]]) -> int:
