@@ -555,15 +555,15 @@ def test_the_pods_a_suspend_stopped_are_no_failure_of_the_jobs_next_admission() 
 
 
 class Listing:
-    """Clients whose apiserver lists `pods` for any selector; it keeps what was asked."""
+    """Clients whose apiserver lists `pods` (and `jobs`) for any selector; it keeps what was asked."""
 
-    def __init__(self, pods: list[dict[str, Any]]) -> None:
-        self.pods = pods
+    def __init__(self, pods: list[dict[str, Any]], jobs: list[dict[str, Any]] | None = None) -> None:
+        self.pods, self.jobs = pods, jobs or []
         self.asked: list[tuple[str, dict[str, object]]] = []
 
     def call(self, method: str, path: str, body: object = None, **query: object) -> bytes:
         self.asked.append((path, query))
-        return json.dumps({"items": self.pods}).encode()
+        return json.dumps({"items": self.jobs if path.endswith("/jobs") else self.pods}).encode()
 
 
 def test_a_pod_the_index_kept_after_a_relist_holds_the_next_attempt_back_no_longer() -> None:
@@ -578,13 +578,56 @@ def test_a_pod_the_index_kept_after_a_relist_holds_the_next_attempt_back_no_long
     seen = Observed(body(retrying), [], [vanished], NOW)
     assert reconcile.waits_on_pods(seen) and decide(seen).create_attempt is None
     apiserver = Listing([])
-    assert decide(handlers._pods_listed(apiserver, seen, "ns", "ft")).create_attempt == 2
+    assert decide(handlers._listed(apiserver, seen, "ns", "ft", jobs=False)).create_attempt == 2
     assert apiserver.asked == [("/api/v1/namespaces/ns/pods", {"labelSelector": "finetune.dev/job-name=ft"})]
     # One the apiserver still has, stopping within its grace period, is still waited for.
     stopping = {"metadata": {"name": "ft-1-1-x", "deletionTimestamp": "2026-12-01T12:00:20Z",
                              "labels": {"finetune.dev/attempt": "1", "batch.kubernetes.io/job-completion-index": "1"}},
                 "status": {"phase": "Running"}}
-    assert decide(handlers._pods_listed(Listing([stopping]), seen, "ns", "ft")).create_attempt is None
+    assert decide(handlers._listed(Listing([stopping]), seen, "ns", "ft", jobs=False)).create_attempt is None
+
+
+def test_a_job_and_pods_the_index_kept_after_a_relist_are_listed_now_and_then_and_the_next_attempt_comes() -> None:
+    """A Job and its pods deleted by hand in a watch's relist gap stayed in the indexes as last seen, Running: the job
+    said Running (MetricsStale once its reads failed) until the operator restarted. While a job's metrics are not
+    read, its children are listed from the apiserver once in a while, and the attempt that is gone is JobDeleted."""
+    import time
+
+    from finetune_operator import handlers
+
+    made = after(decide(Observed(body(), [], [], NOW)))
+    running = after(decide(Observed(body(made), [job(ready=1)], [pod()], NOW)), made)
+    assert running["phase"] == "Running" and running["children"]["job"] == "ft-1"
+    seen = Observed(body(running), [job(ready=1)], [pod()], NOW + timedelta(minutes=5),
+                    scrape_error=("ConnectionRefused", "x"))
+    assert handlers._in_doubt(seen) and decide(seen).create_attempt is None
+    apiserver = Listing([], [])
+    listed = handlers._listed(apiserver, seen, "ns", "ft", jobs=True)
+    assert [path for path, _ in apiserver.asked] == ["/api/v1/namespaces/ns/pods", "/apis/batch/v1/namespaces/ns/jobs"]
+    assert {tuple(q.items()) for _, q in apiserver.asked} == {(("labelSelector", "finetune.dev/job-name=ft"),)}
+    assert listed.scrape_error == ("ConnectionRefused", "x")  # what the tick read before stays
+    status = after(decide(listed), running)
+    assert status["attempts"] == 2 and conditions(status)["Restarting"] == ("True", "JobDeleted")
+    assert not status.get("failures") and status["phase"] == "Pending"
+    # A Job the apiserver has is this job's attempt still, and the same list as the index's decides as it does.
+    live = {"metadata": {"name": "ft-1", "labels": {"finetune.dev/attempt": "1"}}, "status": {"active": 1, "ready": 1}}
+    rank0 = {"metadata": {"name": "ft-1-0-x", "labels": {"finetune.dev/attempt": "1",
+                                                         "batch.kubernetes.io/job-completion-index": "0"}},
+             "status": {"phase": "Running", "podIP": "10.0.0.1"}}
+    assert after(decide(handlers._listed(Listing([rank0], [live]), seen, "ns", "ft", jobs=True)), running)["phase"] \
+        == "Running"
+    # Listed before its children were made (a quota held them back), no Job is no deletion: they are made.
+    held = after(decide(Observed(body(), [], [], NOW, held_back=("ExceededQuota", "x"))))
+    assert decide(handlers._listed(Listing([], []), Observed(body(held), [], [], NOW), "ns", "ft", jobs=True)
+                  ).create_attempt == 1
+    # Not asked while the metrics are read (live pods), nor for a finished job.
+    assert not handlers._in_doubt(Observed(body(running), [job(ready=1)], [pod()], NOW, sample={"step": 1}))
+    assert not handlers._in_doubt(Observed(body(running | {"phase": "Succeeded"}), [job(ready=1)], [pod()], NOW))
+    # At most once per interval a job, counted from when it was first asked about.
+    checks, key = handlers.ChildChecks(every=0.2), ("ns", "ft", "u")
+    assert not checks.due(key)
+    time.sleep(0.25)
+    assert checks.due(key) and not checks.due(key)
 
 
 def test_a_retried_attempt_that_waits_shows_what_it_waits_for_as_the_reason() -> None:

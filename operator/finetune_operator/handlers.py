@@ -8,6 +8,7 @@ reads what it needs, carries out the decision and records metrics.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import sys
@@ -67,6 +68,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, phase_index: kop
     memo.claims = Claims()
     ours: Settings = memo.settings
     memo.slow_scrapes = SlowScrapes(ours.poll_seconds)
+    memo.child_checks = ChildChecks()
     # finetune_operator_jobs counts kopf's live index from the first scrape on: set by the first reconcile instead,
     # it stayed 0 in every phase after a restart onto finished jobs (they are never reconciled again).
     metrics.JOBS.index = phase_index
@@ -224,18 +226,60 @@ class SlowScrapes:
         self.slow.pop(key, None)
 
 
-def _pods_listed(clients: Clients, seen: reconcile.Observed, ns: str, name: str) -> reconcile.Observed:
-    """`seen` with the job's pods as the apiserver lists them now. After a watch's 410 Gone kopf lists again and
-    reports only what exists: a pod deleted in that gap stayed in the index as last seen (Running, not deleting), and
-    the job waited for it, never making its next attempt, until the operator restarted. Asked only while such pods
-    hold the next attempt back (a retry's, for their grace period), one list a tick."""
+def _listed(clients: Clients, seen: reconcile.Observed, ns: str, name: str, jobs: bool) -> reconcile.Observed:
+    """`seen` with the job's pods (and with `jobs`, its Jobs) as the apiserver lists them now. After a watch's 410
+    Gone kopf lists again and reports only what exists: a child deleted in that gap stays in its index as last seen
+    (a pod Running, not deleting), until the operator restarts. Asked while pods hold the next attempt back (pods
+    only), and now and then while a job's metrics are not read (`ChildChecks`)."""
+    selector = f"{children.JOB_NAME_LABEL}={name}"
     try:
-        listed = json.loads(clients.call("GET", api_path(ns, "pods"),
-                                         labelSelector=f"{children.JOB_NAME_LABEL}={name}"))["items"]
+        pods = json.loads(clients.call("GET", api_path(ns, "pods"), labelSelector=selector))["items"]
+        listed = json.loads(clients.call("GET", api_path(ns, "jobs", group="batch"), labelSelector=selector)
+                            )["items"] if jobs else None
     except (ApiException, urllib3.exceptions.HTTPError) as exc:
-        log.debug("%s/%s: pods not listed (%s): the index's are used", ns, name, exc)
+        log.debug("%s/%s: children not listed (%s): the indexes' are used", ns, name, exc)
         return seen
-    return reconcile.Observed(seen.body, seen.jobs, [outcome.pod_summary(p) for p in listed], seen.now)
+    pods = [outcome.pod_summary(p) for p in pods]
+    if listed is None:
+        return dataclasses.replace(seen, pods=pods)
+    found = dataclasses.replace(seen, jobs=[outcome.job_summary(j) for j in listed], pods=pods, listed=True)
+    gone = {c["name"] for c in (*seen.jobs, *seen.pods)} - {c["name"] for c in (*found.jobs, *found.pods)}
+    if gone:
+        log.info("%s/%s: %s deleted, though still in the operator's watch (a missed event)", ns, name,
+                 ", ".join(sorted(gone)))
+    return found
+
+
+CHILDREN_CHECK_SECONDS = 300
+
+
+class ChildChecks:
+    """When each job's children were last listed from the apiserver (`_listed`), for jobs whose rank 0 metrics are
+    not read: a Job and pods deleted in a watch's relist gap left the job Running (or Pending) on their index
+    entries for ever. One whose metrics are read has live pods, and is not asked. At most once per `every` seconds a
+    job, counted from when it was first asked about: a burst of new or queued jobs makes no burst of lists."""
+
+    def __init__(self, every: float = CHILDREN_CHECK_SECONDS) -> None:
+        self.every = every
+        self.since: dict[tuple[str, str, str], tuple[float, None]] = {}  # (namespace, job, uid) -> (last list, -)
+
+    def due(self, key: tuple[str, str, str]) -> bool:
+        now = time.monotonic()
+        last = self.since.setdefault(key, (now, None))[0]
+        if now - last < self.every:
+            return False
+        for expired in _expired(self.since, 2 * self.every):  # deleted jobs', and those read since
+            self.since.pop(expired, None)
+        self.since[key] = (now, None)
+        return True
+
+
+def _in_doubt(seen: reconcile.Observed) -> bool:
+    """A job that is not finished whose current attempt has a Job in the index, and whose metrics were not read."""
+    status = seen.body["status"]
+    attempt = reconcile.current_attempt(status, seen.jobs)
+    return seen.sample is None and status.get("phase") not in (api.Phase.SUCCEEDED, api.Phase.FAILED) and any(
+        j["attempt"] == attempt for j in seen.jobs)
 
 
 PODLESS_GRACE_SECONDS = 10  # the Job controller creates pods within moments; after that, ask why not
@@ -447,8 +491,10 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
     seen = reconcile.Observed(_plain(body), list(job_index.get(key, [])), list(pod_index.get(key, [])),
                               datetime.now(timezone.utc).replace(tzinfo=None))
     if reconcile.waits_on_pods(seen):
-        seen = _pods_listed(clients, seen, ns, name)
+        seen = _listed(clients, seen, ns, name, jobs=False)
     _sample(seen, memo.slow_scrapes, ns, name)
+    if _in_doubt(seen) and memo.child_checks.due((ns, name, seen.body["metadata"]["uid"])):
+        seen = _listed(clients, seen, ns, name, jobs=True)
     seen.job_warning = _job_warning(clients, memo.job_warnings, seen, ns)
     seen.pod_warning = reconcile.pod_warning(seen, lambda pod: memo.pod_warnings.of(clients, ns, pod))
     decision = reconcile.decide(seen)

@@ -50,6 +50,8 @@ class Observed:
     # not this job's holds a name): it waits, and tries again
     held_back: tuple[str, str] | None = None
     stale: str | None = None  # why the attempt's children, made in part from an earlier spec, cannot be used
+    # jobs and pods as the apiserver listed them this tick, not the indexes: a Job missing from them is gone
+    listed: bool = False
     earlier_pods: list[dict[str, Any]] = field(default_factory=list, init=False)  # an earlier FineTuneJob's, this name
 
     def __post_init__(self) -> None:
@@ -244,7 +246,7 @@ def decide(seen: Observed) -> Decision | None:
         conds.set(T.SUSPENDED, False, RESUMED, "spec.suspend is false")
         # A new number only if the current one's children were made: an attempt decided (a retry) but not created
         # before the suspend is the one that resumes.
-        if (old.get("children") or {}).get("job") == children.child_name(meta["name"], attempt):
+        if _made(old, meta["name"], attempt):
             conds.set(T.RESTARTING, True, RESUMED, f"attempt {attempt + 1} resumes from the latest checkpoint")
             status["attempts"] = attempt + 1
         status["startTime"] = timestamp(now)
@@ -280,7 +282,10 @@ def decide(seen: Observed) -> Decision | None:
     # the next attempt). Made again under the same number, the new Job took the old pods, once Failed, for failures of
     # its own: one counted, and the new Job left running beside the next attempt, which waited for it to finish; kept,
     # their exit 143 on the SIGTERM was counted. So the next attempt comes, not counted, as for a disruption.
-    if (job is None or job["deleting"]) and pods and all(p.get("deletionTimestamp") for p in pods):
+    # Listed from the apiserver (the indexes may keep a Job and pods deleted in a watch's relist gap), an attempt whose
+    # children were made and whose Job and pods are all gone was deleted too, pods and all.
+    if (job is None or job["deleting"]) and pods and all(p.get("deletionTimestamp") for p in pods) or (
+            seen.listed and job is None and not pods and _made(old, meta["name"], attempt)):
         _next_attempt(conds, status, attempt, "JobDeleted",
                       f"the Job {children.child_name(meta['name'], attempt)} was deleted")
         return _finish(decision, old, conds)
@@ -353,6 +358,11 @@ def _pods_behind(job: dict[str, Any], pods: list[dict[str, Any]], now: datetime)
         return any(p["index"] == 0 and "terminated" not in p for p in pods)
     told = any("terminated" in p or p.get("disrupted") or p["phase"] == "Failed" for p in pods)
     return bool(pods) and not told and outcome.failure_cause(job, pods).retry != Retry.FREE
+
+
+def _made(old: dict[str, Any], name: str, attempt: int) -> bool:
+    """Whether the status says the attempt's children were made (the tick that makes them writes their names)."""
+    return (old.get("children") or {}).get("job") == children.child_name(name, attempt)
 
 
 def _created(conds: Conditions, attempt: int, workers: int) -> None:
