@@ -6,6 +6,7 @@ for no one: a second session on the same state folder is refused while one holds
 from __future__ import annotations
 
 import json
+import os
 import signal
 import ssl
 import subprocess
@@ -158,3 +159,16 @@ def test_the_process_node_is_held_to_what_a_node_may_do(kube: Kube, namespace: s
     # NodeRestriction: a node may change its own Node object only.
     other = kube.kubectl(*node, "label", "node", "kwok-gpu-0", "touched=yes", check=False)
     assert other.returncode != 0 and "Forbidden" in other.stderr
+
+
+def test_starting_a_cluster_leaves_the_callers_umask_as_it_was(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`up` makes its keys and logs owner-only through the umask, and left it so for the rest of the process: every
+    file a test session wrote after the control plane started was owner-only."""
+    monkeypatch.setattr(cluster, "bin_dir", lambda: tmp_path / "no-binaries")
+    before = os.umask(0o022)
+    try:
+        with pytest.raises(cluster.ClusterError, match="missing binaries"):
+            cluster.up(tmp_path / "state")
+        assert os.umask(0o022) == 0o022
+    finally:
+        os.umask(before)

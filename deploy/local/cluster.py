@@ -413,10 +413,21 @@ def _prepare_state(cluster: Cluster) -> None:
     pki.protect(cluster.pki)  # also a PKI made before files were kept private
 
 
+@contextmanager
+def _owner_only() -> Iterator[None]:
+    """Keys, kubeconfigs, logs and etcd's data made meanwhile are the owner's only, and so every file of the
+    components started meanwhile (they keep the umask). Restored after: `up` runs inside test sessions and tools,
+    whose own files it left owner-only for the rest of the process."""
+    before = os.umask(0o077)
+    try:
+        yield
+    finally:
+        os.umask(before)
+
+
 def up(state: Path = DEFAULT_STATE, timeout: float = 90.0) -> Cluster:
     """Start everything and wait until nodes are Ready; reuse a cluster that already runs."""
-    os.umask(0o077)  # keys, kubeconfigs, logs and etcd's data: owner-only, and so every component's files
-    with _locked(state.resolve()):
+    with _owner_only(), _locked(state.resolve()):
         return _up(state.resolve(), timeout)
 
 
@@ -486,7 +497,7 @@ def restart(state: Path, component: str, timeout: float = 60.0) -> None:
     ports and data, waiting until it answers: for tests of what survives a control-plane restart."""
     if component not in ("etcd", "kube-apiserver"):
         raise ValueError(f"restart supports etcd and kube-apiserver, not {component}")
-    with _locked(state.resolve()):
+    with _owner_only(), _locked(state.resolve()):
         cluster = Cluster(state=state.resolve(), bin_dir=bin_dir())
         ports = json.loads((cluster.state / "cluster.json").read_text())["ports"]
         _stop(cluster, component)
