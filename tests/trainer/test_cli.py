@@ -4,9 +4,11 @@ termination message and the metrics endpoint."""
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,20 @@ CPU = torch.device("cpu")
 
 DESIGN_METRICS = {"loss", "learning_rate", "step", "total_steps", "epoch", "samples_per_second", "tokens_per_second",
                   "stage", "eval_metric", "gpu_memory_bytes", "mfu"}
+
+
+@pytest.fixture(autouse=True)
+def process_settings_restored(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """`cli.main` sets the process up as the trainer's: transformers' logging at ERROR without progress bars, and
+    OMP_WAIT_POLICY. Undone after each test: the later tests of the session saw neither the library's warnings nor
+    its defaults."""
+    from transformers.utils import logging as hf_logging
+
+    verbosity, bars = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    monkeypatch.setenv("OMP_WAIT_POLICY", os.environ.get("OMP_WAIT_POLICY", "PASSIVE"))  # as main sets it
+    yield
+    hf_logging.set_verbosity(verbosity)
+    (hf_logging.enable_progress_bar if bars else hf_logging.disable_progress_bar)()
 
 
 @pytest.fixture
