@@ -14,6 +14,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -130,6 +132,20 @@ class _Rank0(BaseHTTPRequestHandler):
         pass
 
 
+@contextmanager
+def _rank0() -> Iterator[int]:
+    """A stand-in for rank 0's /metrics on a free loopback port (yielded), stopped and its socket closed after."""
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Rank0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server.server_address[1]
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
 @pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
 def test_the_pod_monitor_scrapes_rank_0_alone_of_a_two_worker_job(tmp_path: Path) -> None:
     """Only rank 0 serves /metrics, yet every worker pod has the `metrics` port: the PodMonitor made a target of
@@ -138,24 +154,23 @@ def test_the_pod_monitor_scrapes_rank_0_alone_of_a_two_worker_job(tmp_path: Path
                           "podMonitor.enabled=true", "--show-only", "templates/podmonitor.yaml"],
                          check=True, capture_output=True, text=True).stdout
     monitor = yaml.safe_load(out)
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Rank0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    targets = tmp_path / "targets.json"
-    targets.write_text(json.dumps([pod_target(server.server_address[1], 0), pod_target(free_port(), 1)]))
-    prometheus = prometheus_server.start(tmp_path / "prometheus",
-                                         [prometheus_server.file_pod_monitor_config(monitor, targets)], free_port())
-    try:
-        deadline = time.monotonic() + 30
-        while not prometheus.query('up{pod="ddp-1-0-abcde"} == 1'):
-            assert time.monotonic() < deadline, "rank 0 not scraped"
-            time.sleep(0.5)
-        time.sleep(3)  # three scrape intervals: rank 1 would be a target by now
-        up = prometheus.query("max_over_time(up[5s])")  # one scrape slower than its 1 s timeout is no fault here
-        assert [(s["metric"]["pod"], s["metric"]["finetunejob"], s["metric"]["finetunejob_uid"], s["metric"]["attempt"],
-                 s["value"][1]) for s in up] == [("ddp-1-0-abcde", "ddp", "uid-ddp", "1", "1")]
-    finally:
-        prometheus.stop()
-        server.shutdown()
+    with _rank0() as port:
+        targets = tmp_path / "targets.json"
+        targets.write_text(json.dumps([pod_target(port, 0), pod_target(free_port(), 1)]))
+        prometheus = prometheus_server.start(tmp_path / "prometheus",
+                                             [prometheus_server.file_pod_monitor_config(monitor, targets)], free_port())
+        try:
+            deadline = time.monotonic() + 30
+            while not prometheus.query('up{pod="ddp-1-0-abcde"} == 1'):
+                assert time.monotonic() < deadline, "rank 0 not scraped"
+                time.sleep(0.5)
+            time.sleep(3)  # three scrape intervals: rank 1 would be a target by now
+            up = prometheus.query("max_over_time(up[5s])")  # one scrape slower than its 1 s timeout is no fault here
+            labels = ("pod", "finetunejob", "finetunejob_uid", "attempt")
+            assert [(*(s["metric"][k] for k in labels), s["value"][1]) for s in up] == [
+                ("ddp-1-0-abcde", "ddp", "uid-ddp", "1", "1")]
+        finally:
+            prometheus.stop()
 
 
 def dashboard_exprs() -> dict[str, list[str]]:
@@ -277,28 +292,26 @@ def test_the_operator_is_scraped_as_job_finetune_operator_whatever_the_name_over
                           "--show-only", "templates/servicemonitor.yaml", "--show-only", "templates/service.yaml"],
                          check=True, capture_output=True, text=True).stdout
     docs = {d["kind"]: d for d in yaml.safe_load_all(out) if d}
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Rank0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    pod_labels = {f"__meta_kubernetes_pod_label_{re.sub(r'[^a-zA-Z0-9_]', '_', k)}": v
-                  for k, v in docs["Service"]["spec"]["selector"].items()}
-    targets = tmp_path / "targets.json"
-    targets.write_text(json.dumps([{"targets": [f"127.0.0.1:{server.server_address[1]}"], "labels": {
-        "__meta_kubernetes_namespace": "ops", "__meta_kubernetes_pod_name": "fto-abc",
-        "__meta_kubernetes_pod_container_port_name": "metrics", **pod_labels,
-        **{k.replace("_label_", "_labelpresent_"): "true" for k in pod_labels}}}]))
-    config = prometheus_server.service_monitor_config(docs["ServiceMonitor"], docs["Service"], targets)
-    prometheus = prometheus_server.start(tmp_path / "prometheus", [prometheus_server.from_file(config, targets)],
-                                         free_port())
-    try:
-        deadline = time.monotonic() + 30
-        while not (up := prometheus.query("up == 1")):
-            assert time.monotonic() < deadline, "the operator not scraped"
-            time.sleep(0.5)
-        assert [s["metric"]["job"] for s in up] == ["finetune-operator"]
-        assert dashboard.OPERATOR == 'job="finetune-operator"'
-    finally:
-        prometheus.stop()
-        server.shutdown()
+    with _rank0() as port:
+        pod_labels = {f"__meta_kubernetes_pod_label_{re.sub(r'[^a-zA-Z0-9_]', '_', k)}": v
+                      for k, v in docs["Service"]["spec"]["selector"].items()}
+        targets = tmp_path / "targets.json"
+        targets.write_text(json.dumps([{"targets": [f"127.0.0.1:{port}"], "labels": {
+            "__meta_kubernetes_namespace": "ops", "__meta_kubernetes_pod_name": "fto-abc",
+            "__meta_kubernetes_pod_container_port_name": "metrics", **pod_labels,
+            **{k.replace("_label_", "_labelpresent_"): "true" for k in pod_labels}}}]))
+        config = prometheus_server.service_monitor_config(docs["ServiceMonitor"], docs["Service"], targets)
+        prometheus = prometheus_server.start(tmp_path / "prometheus", [prometheus_server.from_file(config, targets)],
+                                             free_port())
+        try:
+            deadline = time.monotonic() + 30
+            while not (up := prometheus.query("up == 1")):
+                assert time.monotonic() < deadline, "the operator not scraped"
+                time.sleep(0.5)
+            assert [s["metric"]["job"] for s in up] == ["finetune-operator"]
+            assert dashboard.OPERATOR == 'job="finetune-operator"'
+        finally:
+            prometheus.stop()
 
 
 def notes(tmp_path: Path, *values: str) -> str:
@@ -583,26 +596,24 @@ def readme_scrape_configs() -> dict[str, dict[str, Any]]:
 def test_the_readmes_plain_prometheus_config_scrapes_no_finished_pod(tmp_path: Path) -> None:
     """A finished job keeps its pods (Succeeded, their IPs still in their status) until it is deleted: with the
     README's config each was a target down for ever, and its IP, once another pod's, scraped under its job's name."""
-    server = ThreadingHTTPServer(("127.0.0.1", 0), _Rank0)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    running = pod_target(server.server_address[1], 0)
-    done = pod_target(free_port(), 0, job="done")
-    done["labels"]["__meta_kubernetes_pod_phase"] = "Succeeded"
-    for target in (running, done):
-        target["labels"] |= {"__meta_kubernetes_pod_annotation_prometheus_io_scrape": "true",
-                             "__meta_kubernetes_pod_annotationpresent_prometheus_io_scrape": "true"}
-    targets = tmp_path / "targets.json"
-    targets.write_text(json.dumps([running, done]))
-    config = prometheus_server.from_file(readme_scrape_configs()["finetune-trainer"] | {"scrape_interval": "1s"},
-                                         targets)
-    prometheus = prometheus_server.start(tmp_path / "prometheus", [config], free_port())
-    try:
-        deadline = time.monotonic() + 30
-        while not prometheus.query('up{finetunejob="ddp"} == 1'):
-            assert time.monotonic() < deadline, "rank 0 of the running job not scraped"
-            time.sleep(0.5)
-        time.sleep(3)
-        assert [s["metric"]["finetunejob"] for s in prometheus.query("up")] == ["ddp"]
-    finally:
-        prometheus.stop()
-        server.shutdown()
+    with _rank0() as port:
+        running = pod_target(port, 0)
+        done = pod_target(free_port(), 0, job="done")
+        done["labels"]["__meta_kubernetes_pod_phase"] = "Succeeded"
+        for target in (running, done):
+            target["labels"] |= {"__meta_kubernetes_pod_annotation_prometheus_io_scrape": "true",
+                                 "__meta_kubernetes_pod_annotationpresent_prometheus_io_scrape": "true"}
+        targets = tmp_path / "targets.json"
+        targets.write_text(json.dumps([running, done]))
+        config = prometheus_server.from_file(readme_scrape_configs()["finetune-trainer"] | {"scrape_interval": "1s"},
+                                             targets)
+        prometheus = prometheus_server.start(tmp_path / "prometheus", [config], free_port())
+        try:
+            deadline = time.monotonic() + 30
+            while not prometheus.query('up{finetunejob="ddp"} == 1'):
+                assert time.monotonic() < deadline, "rank 0 of the running job not scraped"
+                time.sleep(0.5)
+            time.sleep(3)
+            assert [s["metric"]["finetunejob"] for s in prometheus.query("up")] == ["ddp"]
+        finally:
+            prometheus.stop()
