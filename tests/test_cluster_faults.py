@@ -123,7 +123,13 @@ def _restart(kube: Kube, component: str) -> None:
     sys.path.insert(0, str(REPO / "deploy" / "local"))
     import cluster  # deploy/local/cluster.py
 
-    cluster.restart(kube.cluster_dir, component)
+    # Started once more if it did not come back (it exited, or a loaded machine took longer): left down, every later
+    # test of the session failed with it.
+    try:
+        cluster.restart(kube.cluster_dir, component, timeout=120)
+    except cluster.ClusterError as error:
+        print(f"{component} did not come back ({error}): starting it again", file=sys.stderr)
+        cluster.restart(kube.cluster_dir, component, timeout=180)
 
 
 def test_a_training_job_completes_once_across_apiserver_and_etcd_restarts(operator_env: OperatorEnv) -> None:
