@@ -628,6 +628,10 @@ def test_a_job_and_pods_the_index_kept_after_a_relist_are_listed_now_and_then_an
     assert not checks.due(key)
     time.sleep(0.25)
     assert checks.due(key) and not checks.due(key)
+    other = ("ns", "other", "v")
+    assert not checks.due(other)
+    time.sleep(0.45)  # a deleted job's entry goes once two intervals have passed
+    assert checks.due(other) and key not in checks.since
 
 
 def test_a_retried_attempt_that_waits_shows_what_it_waits_for_as_the_reason() -> None:

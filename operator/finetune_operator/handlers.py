@@ -14,7 +14,9 @@ import logging
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
+from operator import itemgetter
 from typing import Any
 
 import aiohttp
@@ -189,6 +191,14 @@ def _sample(seen: reconcile.Observed, slow: SlowScrapes, ns: str, name: str) -> 
 SLOW_SCRAPE_MAX_POLLS = 16
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Slow:
+    began: float  # when its last slow read began: a tick 2**held polls later finds it due
+    first: float  # when the first of the slow reads in a row began
+    held: int  # reads held back since the first (each after STALE_AFTER_SECONDS adds one)
+    error: tuple[str, str]  # the last read's (reason, message)
+
+
 class SlowScrapes:
     """Rank 0 endpoints whose reads run into the scrape's time bound, read less often once their job is stale.
     Each such read holds one of the HANDLER_THREADS for scrape.TIMEOUT_SECONDS, every poll: a few dozen running jobs
@@ -199,28 +209,25 @@ class SlowScrapes:
 
     def __init__(self, poll_seconds: float) -> None:
         self.poll_seconds = poll_seconds
-        # (namespace, job, rank 0's pod) -> (when its last slow read began, (when the first of them began, reads held
-        # back after it, the last error)); from a read's start, a tick 2**n polls later finds it due
-        self.slow: dict[tuple[str, str, str], tuple[float, tuple[float, int, tuple[str, str]]]] = {}
+        self.slow: dict[tuple[str, str, str], _Slow] = {}  # by (namespace, job, rank 0's pod)
 
     def waiting(self, key: tuple[str, str, str]) -> tuple[str, str] | None:
         """The endpoint's last error while it is held back, else None (read it)."""
         if (entry := self.slow.get(key)) is None:
             return None
-        began, (_, held, error) = entry
-        due = began + self.poll_seconds * min(2 ** held, SLOW_SCRAPE_MAX_POLLS)
-        return error if held and time.monotonic() < due else None
+        due = entry.began + self.poll_seconds * min(2 ** entry.held, SLOW_SCRAPE_MAX_POLLS)
+        return entry.error if entry.held and time.monotonic() < due else None
 
     def failed(self, key: tuple[str, str, str], began: float, error: tuple[str, str]) -> None:
         if time.monotonic() - began < TIMEOUT_SECONDS / 2:
             self.forget(key)
             return
         # Those of a job no longer read (finished, deleted, a new rank 0) go; a held-back one is read within this
-        for expired in _expired(self.slow, 2 * SLOW_SCRAPE_MAX_POLLS * self.poll_seconds):
+        for expired in _expired(self.slow, 2 * SLOW_SCRAPE_MAX_POLLS * self.poll_seconds, lambda e: e.began):
             self.slow.pop(expired, None)
         entry = self.slow.get(key)  # once: another thread may forget it meanwhile
-        first, held = (entry[1][0], entry[1][1]) if entry else (began, 0)
-        self.slow[key] = (began, (first, held + (began - first >= STALE_AFTER_SECONDS), error))
+        first, held = (entry.first, entry.held) if entry else (began, 0)
+        self.slow[key] = _Slow(began, first, held + (began - first >= STALE_AFTER_SECONDS), error)
 
     def forget(self, key: tuple[str, str, str]) -> None:
         self.slow.pop(key, None)
@@ -261,16 +268,15 @@ class ChildChecks:
 
     def __init__(self, every: float = CHILDREN_CHECK_SECONDS) -> None:
         self.every = every
-        self.since: dict[tuple[str, str, str], tuple[float, None]] = {}  # (namespace, job, uid) -> (last list, -)
+        self.since: dict[tuple[str, str, str], float] = {}  # (namespace, job, uid) -> when last listed
 
     def due(self, key: tuple[str, str, str]) -> bool:
         now = time.monotonic()
-        last = self.since.setdefault(key, (now, None))[0]
-        if now - last < self.every:
+        if now - self.since.setdefault(key, now) < self.every:
             return False
-        for expired in _expired(self.since, 2 * self.every):  # deleted jobs', and those read since
+        for expired in _expired(self.since, 2 * self.every, float):  # deleted jobs', and those read since
             self.since.pop(expired, None)
-        self.since[key] = (now, None)
+        self.since[key] = now
         return True
 
 
@@ -314,12 +320,12 @@ class Warnings:
         return found.get(name, {})
 
 
-def _expired(entries: dict[Any, tuple[float, Any]], ttl: float) -> list[Any]:
-    """The keys of the (read at, value) entries older than `ttl`, to drop: the next read replaces them anyway, and
-    kept, a deleted namespace's stayed for good, so an operator watching namespaces made and deleted by the
-    thousand (CI's) grew without end."""
+def _expired(entries: dict[Any, Any], ttl: float, when: Callable[[Any], float] = itemgetter(0)) -> list[Any]:
+    """The keys of the entries read (`when`, by default a (read at, value) pair's first) longer than `ttl` ago, to
+    drop: the next read replaces them anyway, and kept, a deleted namespace's stayed for good, so an operator
+    watching namespaces made and deleted by the thousand (CI's) grew without end."""
     now = time.monotonic()
-    return [key for key, (read_at, _) in list(entries.items()) if now - read_at > ttl]
+    return [key for key, entry in list(entries.items()) if now - when(entry) > ttl]
 
 
 def _job_warning(clients: Clients, warnings: Warnings, seen: reconcile.Observed, ns: str) -> tuple[str, str] | None:
