@@ -624,14 +624,67 @@ def test_a_job_and_pods_the_index_kept_after_a_relist_are_listed_now_and_then_an
     assert not handlers._in_doubt(Observed(body(running), [job(ready=1)], [pod()], NOW, sample={"step": 1}))
     assert not handlers._in_doubt(Observed(body(running | {"phase": "Succeeded"}), [job(ready=1)], [pod()], NOW))
     # At most once per interval a job, counted from when it was first asked about.
-    checks, key = handlers.ChildChecks(every=0.2), ("ns", "ft", "u")
-    assert not checks.due(key)
+    checks, key, gone = handlers.ChildChecks(every=0.2, keep=0.6), ("ns", "ft", "u"), ("ns", "gone", "v")
+    assert not checks.due(key) and not checks.due(gone)
     time.sleep(0.25)
     assert checks.due(key) and not checks.due(key)
-    other = ("ns", "other", "v")
-    assert not checks.due(other)
-    time.sleep(0.45)  # a deleted job's entry goes once two intervals have passed
-    assert checks.due(other) and key not in checks.since
+    time.sleep(0.45)  # one not asked about for `keep` goes (deleted); one asked about keeps its clock
+    assert checks.due(key) and gone not in checks.since
+
+
+class Apiserver(Listing):
+    """Listing that also takes the tick's status patch (kept) and its Event lists (none)."""
+
+    def __init__(self) -> None:
+        super().__init__([], [])
+        self.patches: list[dict[str, Any]] = []
+
+    def call(self, method: str, path: str, body: Any = None, **query: object) -> bytes:
+        if method == "PATCH":
+            self.patches.append(body["status"])
+            return b"{}"
+        if path.endswith("/events"):
+            return b'{"items": []}'
+        return super().call(method, path, body, **query)
+
+
+def test_a_tick_lists_the_children_of_a_job_whose_metrics_it_cannot_read_and_not_of_one_whose_it_reads(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The wiring of the check above in a tick: rank 0 answering, nothing is listed; refusing, the Jobs and pods are
+    listed (when due), and the attempt the apiserver no longer has is JobDeleted in the status the tick writes."""
+    import functools
+
+    import kopf
+
+    from fault_servers import FaultServer
+    from finetune_operator import handlers
+    from finetune_operator.scrape import scrape
+    from finetune_operator.settings import Settings
+    from operator_fixture import free_port
+
+    made = after(decide(Observed(body(), [], [], NOW)))
+    running = after(decide(Observed(body(made), [job(ready=1)], [pod()], NOW)), made)
+    live = kopf.Body(body(running))
+    indexes = {("ns", "ft"): [job(ready=1)]}, {("ns", "ft"): [pod(ip="127.0.0.1")]}
+    monkeypatch.setattr(kopf, "event", lambda *_, **__: None)  # posting needs kopf's running loop
+
+    def tick(checks: handlers.ChildChecks, port: int) -> Apiserver:
+        monkeypatch.setattr(handlers, "scrape", functools.partial(scrape, port=port))
+        apiserver = Apiserver()
+        memo = kopf.Memo(settings=Settings(), clients=apiserver, slow_scrapes=handlers.SlowScrapes(2.0),
+                         child_checks=checks, job_warnings=handlers.Warnings("Job"),
+                         pod_warnings=handlers.Warnings("Pod"), claims=handlers.Claims())
+        handlers._reconcile(live, memo, *indexes)
+        return apiserver
+
+    port = free_port()
+    with FaultServer("127.0.0.1", port, "ok"):
+        read = tick(handlers.ChildChecks(every=0), port)
+    assert read.asked == [] and "progress" in read.patches[0]  # the metrics read, still Running
+    refused = tick(handlers.ChildChecks(every=0), free_port())
+    assert [path.rsplit("/", 1)[1] for path, _ in refused.asked] == ["pods", "jobs"]
+    assert refused.patches[0]["attempts"] == 2 and conditions(refused.patches[0])["Restarting"] == ("True", "JobDeleted")
+    assert tick(handlers.ChildChecks(), free_port()).asked == []  # not yet due: first asked about now
 
 
 def test_a_retried_attempt_that_waits_shows_what_it_waits_for_as_the_reason() -> None:

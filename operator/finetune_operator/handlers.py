@@ -70,7 +70,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, phase_index: kop
     memo.claims = Claims()
     ours: Settings = memo.settings
     memo.slow_scrapes = SlowScrapes(ours.poll_seconds)
-    memo.child_checks = ChildChecks()
+    memo.child_checks = ChildChecks(keep=2 * max(CHILDREN_CHECK_SECONDS, WAITING_POLLS * ours.poll_seconds))
     # finetune_operator_jobs counts kopf's live index from the first scrape on: set by the first reconcile instead,
     # it stayed 0 in every phase after a restart onto finished jobs (they are never reconciled again).
     metrics.JOBS.index = phase_index
@@ -264,20 +264,26 @@ class ChildChecks:
     """When each job's children were last listed from the apiserver (`_listed`), for jobs whose rank 0 metrics are
     not read: a Job and pods deleted in a watch's relist gap left the job Running (or Pending) on their index
     entries for ever. One whose metrics are read has live pods, and is not asked. At most once per `every` seconds a
-    job, counted from when it was first asked about: a burst of new or queued jobs makes no burst of lists."""
+    job, counted from when it was first asked about: a burst of new or queued jobs makes no burst of lists. A job
+    not asked about for `keep` seconds (deleted, finished, its metrics read) is forgotten; `keep` must exceed the
+    time between two ticks of a waiting job, or its clock would start again at each."""
 
-    def __init__(self, every: float = CHILDREN_CHECK_SECONDS) -> None:
-        self.every = every
-        self.since: dict[tuple[str, str, str], float] = {}  # (namespace, job, uid) -> when last listed
+    def __init__(self, every: float = CHILDREN_CHECK_SECONDS, keep: float = 2 * CHILDREN_CHECK_SECONDS) -> None:
+        self.every, self.keep = every, keep
+        # (namespace, job, uid) -> (when last listed, when last asked about)
+        self.since: dict[tuple[str, str, str], tuple[float, float]] = {}
+        self.pruned = time.monotonic()
 
     def due(self, key: tuple[str, str, str]) -> bool:
         now = time.monotonic()
-        if now - self.since.setdefault(key, now) < self.every:
-            return False
-        for expired in _expired(self.since, 2 * self.every, float):  # deleted jobs', and those read since
-            self.since.pop(expired, None)
-        self.since[key] = now
-        return True
+        if now - self.pruned > self.keep / 2:  # a sweep of every entry, so not at every ask
+            self.pruned = now
+            for expired in _expired(self.since, self.keep, itemgetter(1)):
+                self.since.pop(expired, None)
+        listed, _ = self.since.get(key, (now, now))
+        due = now - listed >= self.every
+        self.since[key] = (now if due else listed, now)
+        return due
 
 
 def _in_doubt(seen: reconcile.Observed) -> bool:
