@@ -103,12 +103,12 @@ class OperatorEnv:
     process: subprocess.Popen | None = None
     restarts: list[int] = field(default_factory=list)
 
-    def start(self, *also: str) -> None:
-        """The operator, watching the test's namespace and `also` these."""
+    def start(self, *also: str, flags: tuple[str, ...] = ()) -> None:
+        """The operator, watching the test's namespace and `also` these, with `flags` besides."""
         command = [sys.executable, "-m", "finetune_operator", "run", "--namespace", ",".join((self.namespace, *also)),
                    "--poll-seconds", "1", "--metrics-port", str(self.metrics_port),
                    "--liveness-port", str(self.liveness_port), "--bind-address", "127.0.0.1",
-                   "--trainer-image", "finetune-trainer:local"]
+                   "--trainer-image", "finetune-trainer:local", *flags]
         # The kubernetes client writes the kubeconfig's CA to a temporary file and removes it at exit, which a
         # SIGKILL (`kill`) skips: keep such files in the test's folder.
         tmp = self.log.parent / "tmp"

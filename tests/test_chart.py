@@ -65,8 +65,10 @@ def test_watching_namespaces_grants_a_role_in_each_and_cluster_wide_only_the_fin
     docs = [d for d in yaml.safe_load_all(out) if d]
     roles = {(d["kind"], d["metadata"].get("namespace")): d for d in docs}
     assert sorted(roles, key=str) == sorted([("Role", "a"), ("Role", "b"), ("RoleBinding", "a"), ("RoleBinding", "b"),
+                                             ("Role", "ops"), ("RoleBinding", "ops"),  # the Lease's
                                              ("ClusterRole", None), ("ClusterRoleBinding", None)], key=str)
     assert roles["Role", "a"]["rules"] == roles["Role", "b"]["rules"] == rbac.RULES
+    assert roles["Role", "ops"]["rules"] == rbac.LEASE_RULES
     assert roles["ClusterRole", None]["rules"] == [
         {"apiGroups": ["finetune.dev"], "resources": ["finetunejobs"], "verbs": ["patch"]}]
     # Named after the release's namespace: two releases `fto` watching other namespaces do not share it.
@@ -528,6 +530,15 @@ def test_trainer_resources_set_at_install_are_the_trainers_whole_resources(monke
     assert operator_settings(monkeypatch).trainer_resources.to_wire() == settings.DEFAULT_TRAINER_RESOURCES
 
 
+def test_the_chart_s_operator_elects_through_a_lease_in_the_release_s_namespace(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replicas beyond one stand by (leader.py): the Lease is the release's, so two releases never share one."""
+    ours = operator_settings(monkeypatch)
+    assert (ours.lease_namespace, ours.lease_name) == ("default", "fto-finetune-operator")
+    refused = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"),
+                              "--set", "replicas=4"], capture_output=True, text=True)
+    assert refused.returncode != 0 and "replicas" in refused.stderr
+
+
 @pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
 def test_operator_restarts_count_a_new_pod_as_well_as_a_restarted_container(tmp_path: Path) -> None:
     """Recorded series, as the ServiceMonitor labels them: pod `a`'s container restarts once in place (OOMKilled),
@@ -572,15 +583,19 @@ def test_operator_restarts_count_none_for_a_second_release(tmp_path: Path) -> No
 @pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
 def test_operator_up_says_0_once_the_operator_pod_is_gone(tmp_path: Path) -> None:
     """The operator's pod was evicted and its replacement waits unscheduled: with no pod the Service has no endpoint,
-    so no target and no `up` at all, and the stat's last non-null value was the 1 from before the eviction."""
+    so no target and no sample at all, and the stat's last non-null value was the 1 from before the eviction. A
+    standby replica beside the active one is no second operator up."""
     t0 = int(time.time()) - 3600
-    labels = 'job="finetune-operator",namespace="ops",pod="fto-a",instance="10.0.0.1:8000"'
-    lines = ["# TYPE up gauge", *[f"up{{{labels}}} 1 {t}" for t in range(t0, t0 + 600, 15)]]
+    lines = ["# TYPE finetune_operator_leader gauge"]
+    for pod, leading in (("a", 1), ("b", 0)):
+        labels = f'job="finetune-operator",namespace="ops",pod="fto-{pod}",instance="10.0.0.{ord(pod)}:8000"'
+        lines += [f"finetune_operator_leader{{{labels}}} {leading} {t}" for t in range(t0, t0 + 600, 15)]
     prometheus_server.backfill(tmp_path, "\n".join(lines) + "\n# EOF\n")
     prometheus = prometheus_server.start(tmp_path, [], free_port())
     try:
-        up = prometheus.query_range(dashboard_exprs()["Operator up"][0], t0, t0 + 1800, 15)
-        assert [float(v) for _, v in up[0]["values"]][-1] == 0
+        up = [float(v) for _, v in prometheus.query_range(dashboard_exprs()["Operator up"][0], t0, t0 + 1800, 15)[0]
+              ["values"]]
+        assert up[0] == 1 and up[-1] == 0
     finally:
         prometheus.stop()
 

@@ -3,17 +3,22 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import logging
 import os
 import socket
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import yaml
 
 from finetune_operator import api, crd
 from finetune_trainer.config import KubectlLoader
+
+if TYPE_CHECKING:
+    from finetune_operator.settings import Settings
 
 
 def _name(doc: Any) -> str:
@@ -60,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     """The operator: reconcile FineTuneJobs until interrupted (kopf's signal handling stops it cleanly)."""
     import kopf
 
-    from finetune_operator import handlers, malloc, settings
+    from finetune_operator import handlers, malloc, metrics, settings
 
     malloc.limit_arenas()
     malloc.trim_periodically()
@@ -70,18 +75,40 @@ def run(args: argparse.Namespace) -> int:
     kopf.configure(verbose=args.verbose)
     if not args.verbose:  # kopf logs every timer run; transitions are logged (and posted as Events) by us
         logging.getLogger("kopf.objects").setLevel(logging.WARNING)
-    ours = ours.model_copy(update={"namespaces": handlers.watchable(ours.namespaces)})
-    kopf.run(
-        registry=registry,
-        memo=kopf.Memo(settings=ours),
-        standalone=True,  # one replica (Recreate); kopf's peering would need cluster-wide CRDs of its own
-        clusterwide=not ours.namespaces,
-        namespaces=list(ours.namespaces),
-        liveness_endpoint=ours.liveness_endpoint,
-        # kopf would ask the passwd database for our user name, which an arbitrary container UID lacks.
-        identity=f"finetune-operator@{socket.gethostname()}/{os.getpid()}",  # type: ignore[arg-type]
-    )
+    # kopf would ask the passwd database for our user name, which an arbitrary container UID lacks. A container
+    # restarted in its pod (pid 1 again) is the same identity, and takes its own lease back at once.
+    identity = f"finetune-operator@{socket.gethostname()}/{os.getpid()}"
+    metrics.serve(ours.bind_address, ours.metrics_port)  # a standby's too: a target that is down raises alerts
+    with _elected(ours, identity):
+        metrics.lead()
+        ours = ours.model_copy(update={"namespaces": handlers.watchable(ours.namespaces)})
+        kopf.run(
+            registry=registry,
+            memo=kopf.Memo(settings=ours),
+            # one active replica (the Lease); kopf's peering would need cluster-wide CRDs of its own
+            standalone=True,
+            clusterwide=not ours.namespaces,
+            namespaces=list(ours.namespaces),
+            liveness_endpoint=ours.liveness_endpoint,
+            identity=identity,  # type: ignore[arg-type]
+        )
     return 0
+
+
+@contextlib.contextmanager
+def _elected(ours: Settings, identity: str) -> Iterator[None]:
+    """With a lease namespace, run only while this replica holds the Lease (`leader`); else at once."""
+    if not ours.lease_namespace:
+        yield
+        return
+    from finetune_operator import leader
+    from finetune_operator.clients import Clients
+
+    lease = leader.Lease(Clients(connections=1, timeout=leader.RETRY_SECONDS * 2, retries=False),
+                         ours.lease_namespace, ours.lease_name, identity)
+    leader.wait_to_lead(lease, ours.bind_address, ours.liveness_port)
+    with leader.leading(lease):
+        yield
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -19,6 +19,7 @@ def generated() -> dict[Path, str]:
     files[README] = apidoc.splice(README.read_text(), apidoc.render_reference(schema))
     files[rbac.CHART_RULES] = rbac.render_rules(rbac.RULES)
     files[rbac.CHART_FINALIZER_RULES] = rbac.render_rules(rbac.FINALIZER_RULES)
+    files[rbac.CHART_LEASE_RULES] = rbac.render_rules(rbac.LEASE_RULES)
     # The dashboard needs grafana-foundation-sdk (the dev extra), which the operator image does not carry.
     from finetune_operator import dashboard
 

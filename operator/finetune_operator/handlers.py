@@ -74,7 +74,6 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, phase_index: kop
     # finetune_operator_jobs counts kopf's live index from the first scrape on: set by the first reconcile instead,
     # it stayed 0 in every phase after a restart onto finished jobs (they are never reconciled again).
     metrics.JOBS.index = phase_index
-    metrics.serve(ours.bind_address, ours.metrics_port)
     log.info("finetune-operator: watching %s; trainer image %s; polling every %.1f s",
              ", ".join(ours.namespaces) or "every namespace", ours.trainer_image, ours.poll_seconds)
 

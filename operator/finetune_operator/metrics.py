@@ -8,15 +8,22 @@ from __future__ import annotations
 from collections.abc import Collection, Iterator, Mapping
 from typing import Any
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, ProcessCollector, start_http_server
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
 from finetune_operator.api import Phase
 from finetune_operator.scrape import REASONS
 
 REGISTRY = CollectorRegistry()
-# process_start_time_seconds: the dashboard counts the operator's restarts from it without kube-state-metrics.
-ProcessCollector(registry=REGISTRY)
+LEADER = Gauge("finetune_operator_leader", "1 on the active operator (it holds the Lease, or elects none), 0 on a "
+               "standby replica", registry=REGISTRY)
+
+
+def lead() -> None:
+    """This replica is the active one (once a process). process_start_time_seconds comes from then on: the dashboard
+    counts the operator's restarts from it without kube-state-metrics, where a standby's would read as one."""
+    ProcessCollector(registry=REGISTRY)
+    LEADER.set(1)
 
 
 class JobsByPhase:

@@ -13,6 +13,7 @@ from finetune_operator import api
 
 CHART_RULES = Path("charts/finetune-operator/files/rbac-rules.yaml")
 CHART_FINALIZER_RULES = Path("charts/finetune-operator/files/rbac-finalizer-rules.yaml")
+CHART_LEASE_RULES = Path("charts/finetune-operator/files/rbac-lease-rules.yaml")
 
 RULES: list[dict[str, Any]] = [
     # kopf lists and watches FineTuneJobs; patch: its finalizer and annotations; delete: ttlSecondsAfterFinished
@@ -39,6 +40,12 @@ RULES: list[dict[str, Any]] = [
 # finalizer on a FineTuneJob there, the job and the namespace stayed Terminating for ever. The FineTuneJobs' watch
 # stream, authorized when it opened, still brings the deletion; only the patch that releases the finalizer needs this.
 FINALIZER_RULES: list[dict[str, Any]] = [{"apiGroups": [api.GROUP], "resources": [api.PLURAL], "verbs": ["patch"]}]
+
+
+# In the operator's own namespace: the Lease that makes one replica the active one (leader.py). create cannot be
+# limited to one name (the name is in the request's body).
+LEASE_RULES: list[dict[str, Any]] = [
+    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]}]
 
 
 def role(kind: str, name: str, namespace: str | None = None) -> dict[str, Any]:

@@ -42,6 +42,10 @@ class Settings(BaseModel):
     metrics_port: int = Field(8000, ge=0, le=65535, description="Port of the operator's own /metrics (0: off).")
     liveness_port: int = Field(8080, ge=1, le=65535, description="Port of kopf's liveness endpoint /healthz.")
     bind_address: str = Field("0.0.0.0", description="Address the metrics and liveness endpoints listen on.")
+    lease_namespace: str = Field(
+        "", description="Namespace of the Lease that makes one of several operator replicas the active one (the others "
+        "wait, and take over within 15 s of its end); empty: no election, so run one replica only.")
+    lease_name: str = Field("finetune-operator", min_length=1, description="Name of that Lease.")
 
     @property
     def liveness_endpoint(self) -> str:
@@ -57,10 +61,10 @@ class Settings(BaseModel):
             raise ValueError(f"the metrics port is {value} too; each endpoint needs its own port")
         return value
 
-    @field_validator("namespaces", "trainer_pull_secrets")
+    @field_validator("namespaces", "trainer_pull_secrets", "lease_namespace", "lease_name")
     @classmethod
-    def _names(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for name in value:
+    def _names(cls, value: tuple[str, ...] | str) -> tuple[str, ...] | str:
+        for name in filter(None, (value,) if isinstance(value, str) else value):  # "": no lease
             if not re.fullmatch(core.DNS_SUBDOMAIN, name):
                 raise ValueError(f"{name!r} is not a valid name")
         return value
@@ -89,7 +93,7 @@ def _default_text(name: str) -> str:
     """The default as the flag would be given it (JSON for an object), or "" where there is none to show."""
     default = Settings.model_fields[name].get_default(call_default_factory=True)
     default = default.to_wire() if hasattr(default, "to_wire") else default
-    if default in ((), {}):
+    if default in ((), {}, ""):
         return ""
     return f"; default {json.dumps(default) if name in JSON_FIELDS else default}"
 

@@ -1,0 +1,145 @@
+"""One active operator among replicas (operator/finetune_operator/leader.py), on the real apiserver: the Lease's
+rules, then two operator processes, the standby taking over when the active one is killed."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from unittest.mock import ANY
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from finetune_operator import leader, rbac
+from finetune_operator.clients import Clients
+from kube import Kube
+from operator_fixture import (SERVICE_ACCOUNT, OperatorEnv, crd_installed, free_port, kwok_claim,  # noqa: F401
+                              kwok_job, operator_env)
+
+pytestmark = pytest.mark.cluster
+
+
+def test_the_lease_goes_to_one_and_to_another_once_given_up_or_left_to_expire(kube: Kube, namespace: str,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    from kubernetes.config import kube_config
+
+    # read when the module was imported, before the session set KUBECONFIG
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kube.kubeconfig))
+    clients = Clients(connections=2, timeout=5, retries=False)
+    a, b = (leader.Lease(clients, namespace, "ops", who, duration=2) for who in ("a", "b"))
+    assert a.try_hold() and not b.try_hold() and b.holder == "a"
+    assert a.try_hold() and not b.try_hold()  # renewed: still a's
+    a.release()
+    assert b.try_hold() and not a.try_hold() and a.holder == "b"  # given up: b at once, and a no more
+    spec = kube.get("lease", "ops", namespace)["spec"]
+    assert spec["holderIdentity"] == "b" and spec["leaseTransitions"] == 1 and spec["leaseDurationSeconds"] == 2
+    # b stops renewing (a lost node): a takes it once 2 s have passed on a's own clock since it last saw b's renewal.
+    waited = time.monotonic()
+    while not a.try_hold():
+        assert time.monotonic() - waited < 10, "the expired lease was not taken"
+        time.sleep(0.2)
+    assert time.monotonic() - waited >= 1.5
+    assert kube.get("lease", "ops", namespace)["spec"]["holderIdentity"] == "a" and not b.try_hold()
+
+
+HOLDER = """
+import logging, sys, time
+from finetune_operator import leader
+from finetune_operator.clients import Clients
+logging.basicConfig(level=logging.INFO)
+lease = leader.Lease(Clients(connections=1, timeout=2, retries=False), sys.argv[1], "ops", "a", duration=30)
+assert lease.try_hold()
+print("held", flush=True)
+with leader.leading(lease, retry=0.2, deadline=1.0):
+    time.sleep(60)
+"""
+
+
+def test_an_active_operator_that_cannot_renew_its_lease_exits_at_once(kube: Kube, namespace: str) -> None:
+    """Another holds the lease now (it expired while this one was stopped, a long GC pause, a partition): two active
+    operators would each write the same jobs' status and children, so this one exits."""
+    holder = subprocess.Popen([sys.executable, "-c", HOLDER, namespace], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True, env=os.environ | {"KUBECONFIG": str(kube.kubeconfig)})
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        kube.kubectl("patch", "lease", "ops", "-n", namespace, "--type", "merge",
+                     "-p", '{"spec": {"holderIdentity": "b", "leaseDurationSeconds": 30}}')
+        assert holder.wait(timeout=15) == leader.EXIT_LEASE_LOST
+        assert "was not renewed for 1 s (held by b now): exiting" in holder.stderr.read()
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def _log_says(env: OperatorEnv, pattern: str) -> bool:
+    return bool(re.search(pattern, env.log.read_text()))
+
+
+def _metrics(env: OperatorEnv) -> dict[str, float]:
+    """The operator's leader gauge and start time, as it serves them."""
+    url = f"http://127.0.0.1:{env.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=5) as response:
+        families = text_string_to_metric_families(response.read().decode())
+        return {f.name: f.samples[0].value for f in families
+                if f.name in ("finetune_operator_leader", "process_start_time_seconds")}
+
+
+def _healthz(env: OperatorEnv) -> bool:
+    try:
+        with urllib.request.urlopen(f"http://127.0.0.1:{env.liveness_port}/healthz", timeout=2) as response:
+            return response.status == 200
+    except OSError:
+        return False
+
+
+def test_a_standby_operator_takes_over_when_the_active_one_is_killed(operator_env: OperatorEnv, tmp_path: Path) -> None:
+    first = operator_env
+    kube, ns = first.kube, first.namespace
+    claim = kwok_claim(ns)
+    kube.apply([*rbac_for_leases(ns), *claim], ns)
+    first.stop()
+    lease = ("--lease-namespace", ns, "--lease-name", "finetune-operator")
+    first.start(flags=lease)
+    kube.wait_for("the first operator leading", lambda: _log_says(first, r"leading \(lease"), ns, timeout=60)
+    second = OperatorEnv(kube, ns, first.kubeconfig, tmp_path / "second.log", free_port(), free_port())
+    second.start(flags=lease)
+    try:
+        kube.wait_for("the second operator standing by", lambda: _log_says(second, r"standby: the lease"), ns, 60)
+        assert _healthz(second), "a standby's /healthz must answer, or the liveness probe restarts it for ever"
+        # Its /metrics answers too (a target down would raise alerts), saying it is no active operator: no
+        # process_start_time_seconds, which the dashboard would count as a restart.
+        assert _metrics(second) == {"finetune_operator_leader": 0.0}
+        assert _metrics(first) == {"finetune_operator_leader": 1.0, "process_start_time_seconds": ANY}
+        name = first.apply(kwok_job("held", "pvc://kwok-results/held", runs_for="600s"))
+        first.wait_ftj(name, lambda o: o.get("status", {}).get("phase") == "Running", "the first operator's job")
+        assert not _log_says(second, r"leading \(lease")
+        first.kill()  # SIGKILL: no release, so the second waits out the lease (15 s)
+        killed = time.monotonic()
+        kube.wait_for("the second operator leading", lambda: _log_says(second, r"leading \(lease"), ns, timeout=60)
+        assert time.monotonic() - killed >= leader.LEASE_SECONDS - leader.RETRY_SECONDS - 1
+        assert _metrics(second) == {"finetune_operator_leader": 1.0, "process_start_time_seconds": ANY}
+        late = second.apply(kwok_job("late", "pvc://kwok-results/late", runs_for="600s"))
+        second.wait_ftj(late, lambda o: o.get("status", {}).get("phase") == "Running", "the second operator's job")
+        assert kube.get("lease", "finetune-operator", ns)["spec"]["holderIdentity"].endswith(f"/{second.process.pid}")
+    finally:
+        second.stop()
+        kube.kubectl("delete", "pv", claim[0]["metadata"]["name"], "--wait=false", check=False)
+    # Stopped cleanly, it gave the lease up: the next one leads at once.
+    assert kube.get("lease", "finetune-operator", ns)["spec"].get("holderIdentity") is None
+    first.start(flags=lease)
+    kube.wait_for("a new operator leading at once", lambda: first.log.read_text().count("leading (lease") == 2, ns,
+                  timeout=20)
+
+
+def rbac_for_leases(namespace: str) -> list[dict]:
+    name = f"{SERVICE_ACCOUNT}-lease"
+    return [{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": name},
+             "rules": rbac.LEASE_RULES},
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": name},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+             "subjects": [{"kind": "ServiceAccount", "name": SERVICE_ACCOUNT, "namespace": namespace}]}]
