@@ -585,6 +585,14 @@ class TrainerConfig(ApiModel):
             message="the imagefolder format holds images: it is for image-classification",
             field="dataset.format",
         ),
+        Rule(  # the label would be the input: pandas read the two as one table of two equal columns, and failed
+            cel="self.model.task in ['causal-lm', 'object-detection'] || self.dataset.format == 'imagefolder'"
+            " || self.dataset.labelField != self.dataset.textField",
+            holds=lambda c: c.model.task in (Task.CAUSAL_LM, Task.OBJECT_DETECTION)
+            or c.dataset.format == DatasetFormat.IMAGE_FOLDER or c.dataset.label_field != c.dataset.text_field,
+            message="labelField names the same column as textField: the label would be the model's input",
+            field="dataset.labelField",
+        ),
         Rule(
             cel="!has(self.dataset.augment) || self.model.task == 'image-classification'"
             " || (self.model.task == 'object-detection' && self.dataset.augment.all(a, a == 'horizontal-flip'))",
