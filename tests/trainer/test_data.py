@@ -852,6 +852,20 @@ def test_a_labels_spaces_and_number_spelling_are_no_part_of_it(tmp_path: Path) -
     assert load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0).id2label == {0: "0", 1: "1"}
 
 
+@pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet"])
+def test_true_and_false_labels_are_two_classes(tmp_path: Path, fmt: str) -> None:
+    """A true/false column, which pandas reads as booleans, was refused: "holds True, not a label"."""
+    table = pd.DataFrame({"text": [f"t{i}" for i in range(30)], "label": [i % 3 == 0 for i in range(30)]})
+    path = tmp_path / f"d.{fmt}"
+    {"csv": lambda: table.to_csv(path, index=False), "jsonl": lambda: table.to_json(path, orient="records", lines=True),
+     "parquet": lambda: table.to_parquet(path)}[fmt]()
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert data.id2label == {0: "False", 1: "True"}
+    rows = {text: label for split in (data.train, data.validation, data.test)
+            for text, label in zip(split.inputs, split.labels)}
+    assert all(label == (int(text[1:]) % 3 == 0) for text, label in rows.items())
+
+
 def test_a_whole_number_label_with_a_sign_is_that_number(tmp_path: Path) -> None:
     """A label "+1.0" was 1 but "+1" stayed "+1": a file mixing +1 and 1 trained two classes of one label."""
     labels = ["+1", "1", "1.0", "+2", "2", "-3", "-3.0", "10", "007", "-07"]

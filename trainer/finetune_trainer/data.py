@@ -91,7 +91,10 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
     labels: dict[str, list[int] | None] = dict.fromkeys(usable)
     if label_field is not None:
         for table in usable.values():
-            check_inputs(table[label_field], (str, Number), "a label (one per row)", spec.uri, "dataset.labelField")
+            # np.bool_: a true/false column (pandas reads a CSV's too), whose classes are False and True, as for the
+            # Python bools a mixed column holds
+            check_inputs(table[label_field], (str, Number, np.bool_), "a label (one per row)", spec.uri,
+                         "dataset.labelField")
         id2label, ids = label_ids(pd.concat([t[label_field] for t in usable.values()], ignore_index=True))
         id2label = named_classes(id2label, class_names(path, fmt, label_field))
         if len(id2label) < 2:
