@@ -191,6 +191,26 @@ def test_validate_reports_odd_documents_and_skips_other_kinds(tmp_path: Path, ca
     assert capsys.readouterr().err.count("cannot read it") == 2
 
 
+def test_validate_reads_a_lists_items_and_keys_that_are_no_strings_as_kubectl_does(
+        tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """`kubectl apply` creates each item of a `kind: List`: validate skipped the List, passing a job the apiserver
+    refuses. kubectl writes a label key 1 (or true) as "1": validate stopped with a traceback."""
+    from finetune_operator.__main__ import main
+
+    good = (EXAMPLES[0].parent / "minilm-sentiment.yaml").read_text()
+    job = yaml.safe_load(good)
+    bad = job | {"metadata": {"name": "Bad_Name"}}
+    path = tmp_path / "list.yaml"
+    path.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": [job, bad]}))
+    assert main(["validate", str(path)]) == 1
+    out, err = capsys.readouterr()
+    assert out.count(": valid") == 1 and "Bad_Name: invalid" in err
+    path.write_text(good.replace("metadata:\n", "metadata:\n  labels: {1: a, true: b}\n", 1))
+    assert main(["validate", str(path)]) == 0
+    path.write_text(good.replace("metadata:\n", "metadata:\n  labels: {1.5: a}\n", 1))
+    assert main(["validate", str(path)]) == 0
+
+
 def test_a_generated_name_is_judged_as_the_apiserver_makes_it() -> None:
     """`kubectl create` of a manifest with metadata.generateName: the apiserver appends 5 characters, then the name
     rules apply to the whole."""

@@ -33,6 +33,13 @@ def _other_kind(doc: Any) -> bool:
             and not str(doc.get("apiVersion")).startswith(f"{api.GROUP}/"))
 
 
+def _listed(docs: list[Any]) -> list[Any]:
+    """The documents, a `kind: List`'s items in its place: `kubectl apply` creates each of them."""
+    return [item for doc in docs for item in (
+        doc["items"] if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(doc.get("items"), list)
+        else [doc])]
+
+
 def validate(paths: list[Path]) -> int:
     """Check manifests offline, with the same rules the apiserver applies at `kubectl apply`."""
     failed = 0
@@ -46,7 +53,7 @@ def validate(paths: list[Path]) -> int:
         if not docs:  # kubectl apply refuses it too ("no objects passed to apply"): likely the wrong file
             failed += 1
             print(f"{path}: no objects in it", file=sys.stderr)
-        for doc in docs:
+        for doc in _listed(docs):
             if _other_kind(doc):
                 print(f"{path}: {doc['kind']} {_name(doc)}: skipped (not a {api.KIND})")
                 continue

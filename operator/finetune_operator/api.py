@@ -6,6 +6,7 @@ them (`make crds`), and the operator validates specs with them.
 
 from __future__ import annotations
 
+import json
 import re
 from datetime import datetime
 from enum import StrEnum
@@ -429,7 +430,8 @@ def _metadata_map_errors(meta: dict[str, Any]) -> list[str]:
         if not isinstance(found, dict) or not all(isinstance(v, str) or v is None for v in found.values()):
             errors.append(f"metadata.{field}: must be a map of strings")
             continue
-        found = {k: v or "" for k, v in found.items()}  # Go decodes a null string as ""
+        # Go decodes a null string as ""; kubectl's YAML to JSON writes a key that is no string as its JSON (1, true)
+        found = {k if isinstance(k, str) else json.dumps(k): v or "" for k, v in found.items()}
         bad = [k for k in found if not (re.fullmatch(core.QUALIFIED_NAME, k) and k.rfind("/") <= 253)]
         bad += [f"{k}={v}" for k, v in found.items() if value_pattern and not re.fullmatch(value_pattern, v)]
         if bad:
