@@ -22,6 +22,7 @@ from typing import Any
 
 import pytest
 import yaml
+from pydantic import ValidationError
 
 import prometheus_server
 from finetune_operator import coretypes as core
@@ -445,14 +446,22 @@ def test_extra_env_that_the_operator_s_env_has_already_is_refused_at_install() -
     assert yaml.safe_load(out)["spec"]["template"]["spec"]["containers"][0]["env"][-1] == proxy[0]
 
 
-@pytest.mark.parametrize("resources", [{"limits": {"cpu": 0.5}}, {"requests": {"memory": "four"}},
-                                       {"claims": [{"name": "gpu"}]}])
+@pytest.mark.parametrize("resources", [
+    {"limits": {"cpu": 0.5}}, {"requests": {"memory": "four"}}, {"claims": [{"name": "gpu"}]},
+    {"requests": {"cpu": "-1"}}, {"requests": {"cpu": -1}}, {"limits": {"Foo_Bar": 1}},
+    {"requests": {"nvidia.com/gpu": 1}}, {"requests": {"nvidia.com/gpu": 1}, "limits": {"nvidia.com/gpu": 2}},
+    {"limits": {"nvidia.com/gpu": "500m"}}, {"limits": {"nvidia.com/gpu": 1.5}}])
 def test_trainer_resources_the_operator_would_refuse_are_refused_at_install(resources: dict[str, Any]) -> None:
     """The schema took any number, string or claim in trainer.resources; the operator refuses what a FineTuneJob's
-    spec.runtime.resources refuses (a fractional number, a string that is no quantity, claims), so it never ran."""
+    spec.runtime.resources refuses (a fractional number, a string that is no quantity, claims, a negative quantity,
+    no resource name, a GPU requested and not limited, or not whole), so helm install went ahead and it never ran."""
+    with pytest.raises(ValidationError):  # the operator refuses it (settings.trainer_resources), so the chart must
+        core.ResourceRequirements.model_validate(resources)
     result = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"),
                              "--set-json", "trainer.resources=" + json.dumps(resources)], capture_output=True, text=True)
-    assert result.returncode != 0 and "/trainer/resources" in result.stderr, result.stderr
+    # Helm's schema library names a key it refuses, not the key's path
+    said = "trainer[/.]resources" if "Foo_Bar" not in json.dumps(resources) else "invalid propertyName 'Foo_Bar'"
+    assert result.returncode != 0 and re.search(said, result.stderr), result.stderr
 
 
 @pytest.mark.parametrize(("value", "path"), [
