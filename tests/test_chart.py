@@ -66,10 +66,8 @@ def test_watching_namespaces_grants_a_role_in_each_and_cluster_wide_only_the_fin
     docs = [d for d in yaml.safe_load_all(out) if d]
     roles = {(d["kind"], d["metadata"].get("namespace")): d for d in docs}
     assert sorted(roles, key=str) == sorted([("Role", "a"), ("Role", "b"), ("RoleBinding", "a"), ("RoleBinding", "b"),
-                                             ("Role", "ops"), ("RoleBinding", "ops"),  # the Lease's
                                              ("ClusterRole", None), ("ClusterRoleBinding", None)], key=str)
     assert roles["Role", "a"]["rules"] == roles["Role", "b"]["rules"] == rbac.RULES
-    assert roles["Role", "ops"]["rules"] == rbac.LEASE_RULES
     assert roles["ClusterRole", None]["rules"] == [
         {"apiGroups": ["finetune.dev"], "resources": ["finetunejobs"], "verbs": ["patch"]}]
     # Named after the release's namespace: two releases `fto` watching other namespaces do not share it.
@@ -539,12 +537,27 @@ def test_trainer_resources_set_at_install_are_the_trainers_whole_resources(monke
     assert operator_settings(monkeypatch).trainer_resources.to_wire() == settings.DEFAULT_TRAINER_RESOURCES
 
 
-def test_the_chart_s_operator_elects_through_a_lease_in_the_release_s_namespace(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Replicas beyond one stand by (leader.py): the Lease is the release's, so two releases never share one."""
-    ours = operator_settings(monkeypatch)
+def test_replicas_beyond_one_elect_through_a_lease_of_the_release_s_own(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Replicas beyond one stand by (leader.py), on other nodes where there are: the Lease is the release's (two
+    releases never share one), and its Role reaches that Lease alone. One replica elects none: an apiserver outage
+    longer than the renewal deadline would stop it for nothing."""
+    assert operator_settings(monkeypatch).lease_namespace == ""
+    ours = operator_settings(monkeypatch, "replicas=2")
     assert (ours.lease_namespace, ours.lease_name) == ("default", "fto-finetune-operator")
-    refused = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"),
-                              "--set", "replicas=4"], capture_output=True, text=True)
+    chart = str(REPO / "charts" / "finetune-operator")
+    out = subprocess.run([helm(), "template", "fto", chart, "-n", "ops", "--set", "replicas=2"], check=True,
+                         capture_output=True, text=True).stdout
+    docs = {(d["kind"], d["metadata"]["name"]): d for d in yaml.safe_load_all(out) if d}
+    role = docs["Role", "fto-finetune-operator-lease"]
+    assert role["metadata"]["namespace"] == "ops" and role["rules"] == rbac.lease_rules("fto-finetune-operator")
+    assert docs["RoleBinding", "fto-finetune-operator-lease"]["roleRef"]["name"] == "fto-finetune-operator-lease"
+    spread = docs["Deployment", "fto-finetune-operator"]["spec"]["template"]["spec"]["affinity"]["podAntiAffinity"]
+    assert spread["preferredDuringSchedulingIgnoredDuringExecution"][0]["podAffinityTerm"]["topologyKey"] == \
+        "kubernetes.io/hostname"
+    single = subprocess.run([helm(), "template", "fto", chart, "-n", "ops"], check=True, capture_output=True,
+                            text=True).stdout
+    assert "fto-finetune-operator-lease" not in single and "podAntiAffinity" not in single
+    refused = subprocess.run([helm(), "template", "fto", chart, "--set", "replicas=4"], capture_output=True, text=True)
     assert refused.returncode != 0 and "replicas" in refused.stderr
 
 

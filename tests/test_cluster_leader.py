@@ -17,6 +17,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from finetune_operator import leader, rbac
 from finetune_operator.clients import Clients
+from fault_servers import FaultServer
 from kube import Kube
 from operator_fixture import (SERVICE_ACCOUNT, OperatorEnv, crd_installed, free_port, kwok_claim,  # noqa: F401
                               kwok_job, operator_env)
@@ -39,11 +40,11 @@ def test_the_lease_goes_to_one_and_to_another_once_given_up_or_left_to_expire(ku
     spec = kube.get("lease", "ops", namespace)["spec"]
     assert spec["holderIdentity"] == "b" and spec["leaseTransitions"] == 1 and spec["leaseDurationSeconds"] == 2
     # b stops renewing (a lost node): a takes it once 2 s have passed on a's own clock since it last saw b's renewal.
-    waited = time.monotonic()
+    seen = a.seen_at
     while not a.try_hold():
-        assert time.monotonic() - waited < 10, "the expired lease was not taken"
+        assert time.monotonic() - seen < 10, "the expired lease was not taken"
         time.sleep(0.2)
-    assert time.monotonic() - waited >= 1.5
+    assert time.monotonic() - seen >= 2
     assert kube.get("lease", "ops", namespace)["spec"]["holderIdentity"] == "a" and not b.try_hold()
 
 
@@ -52,28 +53,50 @@ import logging, sys, time
 from finetune_operator import leader
 from finetune_operator.clients import Clients
 logging.basicConfig(level=logging.INFO)
-lease = leader.Lease(Clients(connections=1, timeout=2, retries=False), sys.argv[1], "ops", "a", duration=30)
+lease = leader.Lease(Clients(connections=1, timeout=30, retries=False), sys.argv[1], "ops", "a", duration=30)
 assert lease.try_hold()
+if len(sys.argv) > 2:  # the apiserver stops answering it: every request from now on goes to a server that hangs
+    lease.clients.api.configuration.host = sys.argv[2]
 print("held", flush=True)
 with leader.leading(lease, retry=0.2, deadline=1.0):
     time.sleep(60)
 """
 
 
-def test_an_active_operator_that_cannot_renew_its_lease_exits_at_once(kube: Kube, namespace: str) -> None:
+def _holder(kube: Kube, namespace: str, *also: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-c", HOLDER, namespace, *also], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=os.environ | {"KUBECONFIG": str(kube.kubeconfig)})
+
+
+def test_an_active_operator_that_sees_another_hold_its_lease_exits_at_once(kube: Kube, namespace: str) -> None:
     """Another holds the lease now (it expired while this one was stopped, a long GC pause, a partition): two active
-    operators would each write the same jobs' status and children, so this one exits."""
-    holder = subprocess.Popen([sys.executable, "-c", HOLDER, namespace], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=os.environ | {"KUBECONFIG": str(kube.kubeconfig)})
+    operators would each write the same jobs' status and children, so this one exits, not waiting out a deadline."""
+    holder = _holder(kube, namespace)
     try:
         assert holder.stdout is not None and holder.stdout.readline() == "held\n"
         kube.kubectl("patch", "lease", "ops", "-n", namespace, "--type", "merge",
                      "-p", '{"spec": {"holderIdentity": "b", "leaseDurationSeconds": 30}}')
         assert holder.wait(timeout=15) == leader.EXIT_LEASE_LOST
-        assert "was not renewed for 1 s (held by b now): exiting" in holder.stderr.read()
+        assert "lost the lease" in (said := holder.stderr.read()) and "it is held by b: exiting" in said
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_an_active_operator_whose_renewals_hang_exits_by_its_deadline(kube: Kube, namespace: str) -> None:
+    """A request that hangs (an apiserver that stopped answering, a link that drops packets) held the renewal past
+    its deadline for its whole timeout, while a standby could take the lease: each is bounded by the deadline."""
+    with FaultServer("127.0.0.1", port := free_port(), "hang"):
+        holder = _holder(kube, namespace, f"http://127.0.0.1:{port}")
+        try:
+            assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+            held = time.monotonic()
+            assert holder.wait(timeout=15) == leader.EXIT_LEASE_LOST
+            assert time.monotonic() - held < 4  # the deadline is 1 s; each request's timeout is 30 s
+            assert "it was not renewed for 1 s" in holder.stderr.read()
+        finally:
+            holder.kill()
+            holder.wait()
 
 
 def _log_says(env: OperatorEnv, pattern: str) -> bool:
@@ -101,10 +124,12 @@ def test_a_standby_operator_takes_over_when_the_active_one_is_killed(operator_en
     first = operator_env
     kube, ns = first.kube, first.namespace
     claim = kwok_claim(ns)
-    kube.apply([*rbac_for_leases(ns), *claim], ns)
     first.stop()
     lease = ("--lease-namespace", ns, "--lease-name", "finetune-operator")
-    first.start(flags=lease)
+    first.start(flags=lease)  # before its Role for the Lease: it says so, and is no silent standby
+    kube.wait_for("the operator saying it may not take the lease",
+                  lambda: _log_says(first, r"WARNING.*cannot take the lease .*: 403 Forbidden"), ns, timeout=60)
+    kube.apply([*rbac_for_leases(ns), *claim], ns)
     kube.wait_for("the first operator leading", lambda: _log_says(first, r"leading \(lease"), ns, timeout=60)
     second = OperatorEnv(kube, ns, first.kubeconfig, tmp_path / "second.log", free_port(), free_port())
     second.start(flags=lease)
@@ -126,6 +151,13 @@ def test_a_standby_operator_takes_over_when_the_active_one_is_killed(operator_en
         late = second.apply(kwok_job("late", "pvc://kwok-results/late", runs_for="600s"))
         second.wait_ftj(late, lambda o: o.get("status", {}).get("phase") == "Running", "the second operator's job")
         assert kube.get("lease", "finetune-operator", ns)["spec"]["holderIdentity"].endswith(f"/{second.process.pid}")
+        # A standby stops at once on SIGTERM (an upgrade, a scale-down), never taking the lease on its way out.
+        third = OperatorEnv(kube, ns, first.kubeconfig, tmp_path / "third.log", free_port(), free_port())
+        third.start(flags=lease)
+        kube.wait_for("a third operator standing by", lambda: _log_says(third, r"standby: the lease"), ns, 60)
+        assert third.process is not None
+        third.process.terminate()
+        assert third.process.wait(timeout=10) == 0 and _log_says(third, "SIGTERM: stopping")
     finally:
         second.stop()
         kube.kubectl("delete", "pv", claim[0]["metadata"]["name"], "--wait=false", check=False)
@@ -139,7 +171,7 @@ def test_a_standby_operator_takes_over_when_the_active_one_is_killed(operator_en
 def rbac_for_leases(namespace: str) -> list[dict]:
     name = f"{SERVICE_ACCOUNT}-lease"
     return [{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": name},
-             "rules": rbac.LEASE_RULES},
+             "rules": rbac.lease_rules("finetune-operator")},
             {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": name},
              "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
              "subjects": [{"kind": "ServiceAccount", "name": SERVICE_ACCOUNT, "namespace": namespace}]}]

@@ -111,11 +111,13 @@ def _elected(ours: Settings, identity: str) -> Iterator[None]:
     from finetune_operator import leader
     from finetune_operator.clients import Clients
 
-    lease = leader.Lease(Clients(connections=1, timeout=leader.RETRY_SECONDS * 2, retries=False),
+    # A renewal's requests are bounded by its deadline (leader.leading), the rest by the lease's own duration.
+    lease = leader.Lease(Clients(connections=1, timeout=leader.LEASE_SECONDS, retries=False),
                          ours.lease_namespace, ours.lease_name, identity)
-    leader.wait_to_lead(lease, ours.bind_address, ours.liveness_port)
-    with leader.leading(lease):
-        yield
+    with leader.stopped_by_signals():  # until kopf takes SIGTERM over
+        leader.wait_to_lead(lease, ours.bind_address, ours.liveness_port)
+        with leader.leading(lease):
+            yield
 
 
 def main(argv: list[str] | None = None) -> int:

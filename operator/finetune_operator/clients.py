@@ -37,12 +37,14 @@ class Clients:
         self.timeout = REQUEST_TIMEOUT_SECONDS if timeout is None else timeout
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None,
-             content_type: str = "application/json", **query: str) -> bytes:
-        """The answer's bytes; ApiException for any other status than 2xx, as the generated methods raise it."""
+             content_type: str = "application/json", request_timeout: float | None = None, **query: str) -> bytes:
+        """The answer's bytes; ApiException for any other status than 2xx, as the generated methods raise it.
+        `request_timeout`: this call's, instead of the client's."""
         request = self.api.param_serialize(
             method, path, query_params=list(query.items()), body=body, auth_settings=["BearerToken"],
             header_params={"Accept": "application/json", "Content-Type": content_type})
-        response = self.api.call_api(*request, _request_timeout=self.timeout)
+        timeout = self.timeout if request_timeout is None else request_timeout
+        response = self.api.call_api(*request, _request_timeout=timeout)
         response.read()
         if not 200 <= response.status <= 299:
             raise ApiException.from_response(http_resp=response, body=None, data=None)

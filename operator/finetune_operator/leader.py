@@ -3,8 +3,9 @@
 client-go's leader election, on the operator's own Clients (the kubernetes client's is a loop of blocking sleeps
 that never gives the lease back, through the generated API classes the operator does not import): a standby takes
 the lease once its holder gave it up (a clean exit) or has not renewed it for LEASE_SECONDS, as measured on the
-standby's own clock from when it last saw the lease change (the two clocks need not agree). A leader that cannot
-renew within RENEW_DEADLINE_SECONDS exits at once: a standby may hold the lease by then.
+standby's own clock from when it last saw the lease change (the two clocks need not agree). A leader stops at once
+when it sees another holder, and when no renewal of its own has committed within RENEW_DEADLINE_SECONDS: every
+request of a renewal is bounded by that deadline, so it cannot run on past it while a slow request hangs.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -45,23 +48,23 @@ class Lease:
         self.clients, self.namespace, self.name, self.identity, self.duration = clients, namespace, name, identity, duration
         self.path = api_path(namespace, "leases", name, group="coordination.k8s.io")
         self.holder: str | None = None  # as last seen
-        self.seen: tuple[Any, ...] | None = None  # the holder's record as last seen, and since when (monotonic)
-        self.seen_at = 0.0
+        self.error: str | None = None  # why the last try could not read or write it, if it could not
+        self.seen: tuple[Any, ...] | None = None  # the holder's record as last seen
+        self.seen_at = 0.0  # when it was first seen so (monotonic)
 
-    def try_hold(self) -> bool:
-        """Take the lease or renew it: one try, True when this identity holds it now."""
+    def try_hold(self, by: float | None = None) -> bool:
+        """Take the lease or renew it: one try, True when this identity holds it now. `by`: a monotonic time that
+        neither request runs past."""
         try:
-            lease = json.loads(self.clients.call("GET", self.path))
+            lease = json.loads(self._call("GET", self.path, by))
         except ApiException as exc:
             if exc.status != 404:
-                log.debug("lease %s/%s not read: %s", self.namespace, self.name, exc.reason)
-                return False
+                return self._failed(exc)
             return self._write("POST", {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
                                         "metadata": {"name": self.name, "namespace": self.namespace},
-                                        "spec": self._spec({}, taken=True)})
-        except urllib3.exceptions.HTTPError as exc:
-            log.debug("lease %s/%s not read: %s", self.namespace, self.name, exc)
-            return False
+                                        "spec": self._spec({}, taken=True)}, by)
+        except (urllib3.exceptions.HTTPError, TimeoutError) as exc:
+            return self._failed(exc)
         spec = lease.get("spec") or {}
         self.holder = spec.get("holderIdentity") or None
         record = (self.holder, spec.get("renewTime"), spec.get("leaseDurationSeconds"))
@@ -69,9 +72,16 @@ class Lease:
             self.seen, self.seen_at = record, time.monotonic()
         ours = self.holder == self.identity
         if self.holder and not ours and time.monotonic() < self.seen_at + (record[2] or self.duration):
+            self.error = None
             return False
         lease["spec"] = self._spec(spec, taken=not ours)
-        return self._write("PUT", lease)  # with its resourceVersion: of two standbys at once, one wins
+        return self._write("PUT", lease, by)  # with its resourceVersion: of two standbys at once, one wins
+
+    def _call(self, method: str, path: str, by: float | None, body: dict[str, Any] | None = None) -> bytes:
+        left = None if by is None else by - time.monotonic()
+        if left is not None and left <= 0:
+            raise TimeoutError("the renewal's deadline has passed")
+        return self.clients.call(method, path, body, request_timeout=left)
 
     def _spec(self, old: dict[str, Any], taken: bool) -> dict[str, Any]:
         now = _now()
@@ -80,15 +90,23 @@ class Lease:
             spec |= {"acquireTime": now, "leaseTransitions": (old.get("leaseTransitions") or 0) + bool(old)}
         return spec
 
-    def _write(self, method: str, body: dict[str, Any]) -> bool:
+    def _write(self, method: str, body: dict[str, Any], by: float | None) -> bool:
         path = self.path if method == "PUT" else self.path.rsplit("/", 1)[0]
         try:
-            self.clients.call(method, path, body)
-        except (ApiException, urllib3.exceptions.HTTPError) as exc:  # 409: another took or renewed it first
-            log.debug("lease %s/%s not written: %s", self.namespace, self.name, exc)
-            return False
-        self.holder = self.identity
+            self._call(method, path, by, body)
+        except ApiException as exc:
+            if exc.status == 409:  # another took or renewed it first
+                self.error = None
+                return False
+            return self._failed(exc)
+        except (urllib3.exceptions.HTTPError, TimeoutError) as exc:
+            return self._failed(exc)
+        self.holder, self.error = self.identity, None
         return True
+
+    def _failed(self, exc: Exception) -> bool:
+        self.error = f"{exc.status} {exc.reason}" if isinstance(exc, ApiException) else str(exc) or type(exc).__name__
+        return False
 
     def release(self) -> None:
         """Give the lease up (a clean exit): a standby takes over at its next try, not LEASE_SECONDS later."""
@@ -104,18 +122,47 @@ class Lease:
                         "expires", self.namespace, self.name, exc)
 
 
+@contextmanager
+def stopped_by_signals() -> Iterator[None]:
+    """SIGTERM and SIGINT end a standby at once, quietly (SystemExit), and a leader before its operator starts (kopf
+    takes the signals over then). The image runs the operator as PID 1, which the kernel leaves SIGTERM-deaf without
+    a handler: a standby of an upgrade or a scale-down then took the lease as the active pod stopped, ran the old
+    version on a pod being deleted until its SIGKILL, and the new pods waited out the lease after it."""
+    def stop(signum: int, _: Any) -> None:
+        log.info("finetune-operator: %s: stopping", signal.Signals(signum).name)
+        raise SystemExit(0)
+
+    before = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        yield
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
+
+
 def wait_to_lead(lease: Lease, host: str, liveness_port: int, retry: float = RETRY_SECONDS) -> None:
     """Block until `lease` is held. Meanwhile /healthz answers (kopf's own endpoint starts only when leading): the
     liveness probe would restart a standby for ever."""
     with _standby_health(host, liveness_port):
-        told = None
+        told: tuple[str | None, str | None] = (None, None)
         while not lease.try_hold():
-            if lease.holder != told:
-                told = lease.holder
-                log.info("finetune-operator: standby: the lease %s/%s is held by %s; taking over once it is given up "
-                         "or not renewed for %d s", lease.namespace, lease.name, told, lease.duration)
+            if (lease.holder, lease.error) != told:
+                told = (lease.holder, lease.error)
+                if lease.error:  # a missing Role says so, and is no silent standby for ever
+                    log.warning("finetune-operator: standby: cannot take the lease %s/%s: %s (the operator's rules "
+                                "for leases: rbac.LEASE_RULES)", lease.namespace, lease.name, lease.error)
+                else:
+                    log.info("finetune-operator: standby: the lease %s/%s is held by %s; taking over once it is given "
+                             "up or not renewed for %d s", lease.namespace, lease.name, lease.holder, lease.duration)
             time.sleep(retry)
     log.info("finetune-operator: leading (lease %s/%s, as %s)", lease.namespace, lease.name, lease.identity)
+
+
+class _DualStackServer(ThreadingHTTPServer):
+    def __init__(self, address: tuple[str, int], handler: type[BaseHTTPRequestHandler]) -> None:
+        # the family of the address, as kopf's endpoint and the metrics server pick theirs (bindAddress may be ::)
+        self.address_family = socket.getaddrinfo(address[0], address[1], type=socket.SOCK_STREAM)[0][0]
+        super().__init__(address, handler)
 
 
 @contextmanager
@@ -129,7 +176,7 @@ def _standby_health(host: str, port: int) -> Iterator[None]:
         def log_message(self, *_: Any) -> None:
             pass
 
-    server = ThreadingHTTPServer((host, port), Healthz)
+    server = _DualStackServer((host, port), Healthz)
     thread = threading.Thread(target=server.serve_forever, name="standby-healthz", daemon=True)
     thread.start()
     try:
@@ -141,28 +188,31 @@ def _standby_health(host: str, port: int) -> Iterator[None]:
 
 
 @contextmanager
-def leading(lease: Lease, retry: float = RETRY_SECONDS,
-            deadline: float = RENEW_DEADLINE_SECONDS) -> Iterator[threading.Event]:
-    """Renew the held lease every `retry` seconds in a thread while the body runs, and give it up after. Not renewed
-    for `deadline` seconds, the process exits at once (EXIT_LEASE_LOST): a standby may be leading by then, and two
-    operators would each write the same jobs' status and children. The event yielded is set when renewing stops."""
+def leading(lease: Lease, retry: float = RETRY_SECONDS, deadline: float = RENEW_DEADLINE_SECONDS) -> Iterator[None]:
+    """Renew the held lease every `retry` seconds in a thread while the body runs, and give it up after. When another
+    holds it, or no renewal committed within `deadline` seconds of its start (its requests bounded by that), the
+    process exits at once (EXIT_LEASE_LOST): a standby may be leading by then, and two operators would each write
+    the same jobs' status and children."""
     stop = threading.Event()
 
     def renew() -> None:
         renewed = time.monotonic()
         while not stop.wait(retry):
-            if lease.try_hold():
-                renewed = time.monotonic()
-            elif time.monotonic() - renewed > deadline:
-                log.error("finetune-operator: the lease %s/%s was not renewed for %d s (held by %s now): exiting",
-                          lease.namespace, lease.name, deadline, lease.holder)
+            started = time.monotonic()
+            if lease.try_hold(by=renewed + deadline):
+                renewed = started
+                continue
+            other = lease.holder not in (None, lease.identity) and lease.error is None
+            if other or time.monotonic() - renewed >= deadline:
+                why = f"it is held by {lease.holder}" if other else f"it was not renewed for {deadline:g} s ({lease.error})"
+                log.error("finetune-operator: lost the lease %s/%s: %s: exiting", lease.namespace, lease.name, why)
                 logging.shutdown()
                 os._exit(EXIT_LEASE_LOST)
 
     thread = threading.Thread(target=renew, name="lease", daemon=True)
     thread.start()
     try:
-        yield stop
+        yield
     finally:
         stop.set()
         thread.join()

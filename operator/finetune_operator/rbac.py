@@ -42,10 +42,17 @@ RULES: list[dict[str, Any]] = [
 FINALIZER_RULES: list[dict[str, Any]] = [{"apiGroups": [api.GROUP], "resources": [api.PLURAL], "verbs": ["patch"]}]
 
 
-# In the operator's own namespace: the Lease that makes one replica the active one (leader.py). create cannot be
-# limited to one name (the name is in the request's body).
-LEASE_RULES: list[dict[str, Any]] = [
-    {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], "verbs": ["get", "create", "update"]}]
+def lease_rules(name: str) -> list[dict[str, Any]]:
+    """In the operator's own namespace: the Lease `name` that makes one replica the active one (leader.py), and no
+    other (a controller's in the same namespace). create cannot be limited to a name (it is in the request's body)."""
+    def leases(**more: list[str]) -> dict[str, Any]:
+        return {"apiGroups": ["coordination.k8s.io"], "resources": ["leases"], **more}
+
+    return [leases(verbs=["create"]), leases(resourceNames=[name], verbs=["get", "update"])]
+
+
+LEASE_NAME = "${LEASE_NAME}"  # in the chart's copy, which puts the release's in its place
+LEASE_RULES = lease_rules(LEASE_NAME)
 
 
 def role(kind: str, name: str, namespace: str | None = None) -> dict[str, Any]:
