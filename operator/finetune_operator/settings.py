@@ -44,7 +44,7 @@ class Settings(BaseModel):
     bind_address: str = Field("0.0.0.0", description="Address the metrics and liveness endpoints listen on.")
     lease_namespace: str = Field(
         "", description="Namespace of the Lease that makes one of several operator replicas the active one (the others "
-        "wait, and take over within 15 s of its end); empty: no election, so run one replica only.")
+        "wait, and take over within about 20 s of its end); empty: no election, so run one replica only.")
     lease_name: str = Field("finetune-operator", min_length=1, description="Name of that Lease.")
 
     @property
