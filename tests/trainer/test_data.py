@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from finetune_trainer.config import DatasetSpec, Task
-from finetune_trainer.data import Split, check_label_count, load_dataset, read_dataset
+from finetune_trainer.data import Split, check_label_count, label_ids, load_dataset, read_dataset
 from finetune_trainer.distributed import World
 from finetune_trainer.errors import DataError
 from finetune_trainer.pipeline import check_images_once
@@ -864,6 +864,9 @@ def test_true_and_false_labels_are_two_classes(tmp_path: Path, fmt: str) -> None
     rows = {text: label for split in (data.train, data.validation, data.test)
             for text, label in zip(split.inputs, split.labels)}
     assert all(label == (int(text[1:]) % 3 == 0) for text, label in rows.items())
+    # Beside numbers, each is its own class, whatever comes first (True == 1 to Python).
+    for mixed in ([True, 1, "1", False, 0, "0"], [1, True, "1", 0, False, "0"]):
+        assert label_ids(pd.Series(mixed * 5, dtype=object))[0] == {0: "0", 1: "1", 2: "False", 3: "True"}
 
 
 def test_a_whole_number_label_with_a_sign_is_that_number(tmp_path: Path) -> None:

@@ -595,7 +595,8 @@ def has_images(folder: Path) -> bool:
 
 def label_ids(column: pd.Series) -> tuple[dict[int, str], list[int]]:
     """Ids in sorted label order (numeric order when every label is a number: 2 before 10), so runs agree."""
-    names = column.map({value: label_name(value) for value in column.unique()})
+    # Each value named on its own: a dict keyed by value made True, 1 and 1.0 one key, named after whichever came first
+    names = column.map(label_name)
     distinct = names.unique().tolist()
     ordered = sorted(distinct, key=float) if all(map(is_number, distinct)) else sorted(distinct)
     index = {name: i for i, name in enumerate(ordered)}

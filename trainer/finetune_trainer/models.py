@@ -137,7 +137,7 @@ def _load_transformer(spec: ModelSpec, tokenizer) -> nn.Module:
         # failed are no mistake of the spec.
         if isinstance(exc, RuntimeError) and MISMATCHED in str(exc):  # its report went to a log we keep quiet
             raise ModelError(f"model {spec.uri}: its weights do not fit the config they are loaded with (model.config, "
-                             f"or the config.json beside them): {mismatches(auto, path, config)}") from exc
+                             f"or the config.json beside them): {mismatches(exc)}") from exc
         if isinstance(exc, RuntimeError) and not user_runtime_error(exc) or failed_read(exc):
             raise
         raise ModelError(f"model {spec.uri or spec.architecture}: cannot load it as {spec.task.value} ({exc})") from exc
@@ -146,16 +146,20 @@ def _load_transformer(spec: ModelSpec, tokenizer) -> nn.Module:
 MISMATCHED = "ignore_mismatched_sizes"  # transformers' error when a checkpoint's tensor has another shape
 
 
-def mismatches(auto: Any, path: Path, config: Any, shown: int = 5) -> str:
-    """The tensors whose shapes differ between the checkpoint and the config, from a second load that keeps going."""
-    try:
-        _, info = auto.from_pretrained(path, config=config, ignore_mismatched_sizes=True, output_loading_info=True)
-    except Exception:  # noqa: BLE001 (only the report is wanted; the load's failure is said already)
-        return "the shapes of its tensors differ"
-    found = sorted(info.get("mismatched_keys") or [])
+def mismatches(exc: BaseException, shown: int = 5) -> str:
+    """The tensors whose shapes differ between the checkpoint and the config, as transformers' report lists them: from
+    the load's own record, which the frame that raised holds (a second load to ask would hold a second copy of the
+    model beside the first, and a large one would be OOM-killed, read as no mistake of the spec's, and retried)."""
+    found: list[tuple[str, Any, Any]] = []
+    trace = exc.__traceback__
+    while trace is not None:
+        record = trace.tb_frame.f_locals.get("loading_info")
+        found = sorted(getattr(record, "mismatched_keys", None) or found)
+        trace = trace.tb_next
     said = "; ".join(f"{key} is {tuple(saved)} in the weights, {tuple(made)} by the config"
                      for key, saved, made in found[:shown])
-    return said + (f"; and {len(found) - shown} more" if len(found) > shown else "")
+    return (said + (f"; and {len(found) - shown} more" if len(found) > shown else "")) or \
+        "the shapes of some of its tensors differ"
 
 
 def newly_initialised(model: nn.Module, missing_keys: Iterable[str]) -> tuple[str, ...]:
