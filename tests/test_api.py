@@ -207,8 +207,18 @@ def test_validate_reads_a_lists_items_and_keys_that_are_no_strings_as_kubectl_do
     assert out.count(": valid") == 1 and "Bad_Name: invalid" in err
     path.write_text(good.replace("metadata:\n", "metadata:\n  labels: {1: a, true: b}\n", 1))
     assert main(["validate", str(path)]) == 0
-    path.write_text(good.replace("metadata:\n", "metadata:\n  labels: {1.5: a}\n", 1))
+    for key in ("~", ".inf", "1.5", "18446744073709551615"):  # kubectl refuses or rewrites them: quoted, they are plain
+        path.write_text(good.replace("metadata:\n", f"metadata:\n  labels: {{{key}: a}}\n", 1))
+        assert main(["validate", str(path)]) == 1
+    assert "is no text: quote it" in capsys.readouterr().err
+    # Any kind of list (a FineTuneJobList too), its items judged; an empty one is no objects, one inside is refused.
+    path.write_text(yaml.safe_dump({"apiVersion": "finetune.dev/v1alpha1", "kind": "FineTuneJobList", "items": [job]}))
     assert main(["validate", str(path)]) == 0
+    path.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": []}))
+    assert main(["validate", str(path)]) == 1 and "no objects in it" in capsys.readouterr().err
+    path.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "List", "items": [
+        {"apiVersion": "v1", "kind": "List", "items": [bad]}]}))
+    assert main(["validate", str(path)]) == 1 and "a list inside a list" in capsys.readouterr().err
 
 
 def test_a_generated_name_is_judged_as_the_apiserver_makes_it() -> None:

@@ -33,11 +33,14 @@ def _other_kind(doc: Any) -> bool:
             and not str(doc.get("apiVersion")).startswith(f"{api.GROUP}/"))
 
 
+def _is_list(doc: Any) -> bool:
+    """A list of objects (kind List, FineTuneJobList, ...), whose items `kubectl apply` creates one by one."""
+    return isinstance(doc, dict) and str(doc.get("kind", "")).endswith("List") and isinstance(doc.get("items"), list)
+
+
 def _listed(docs: list[Any]) -> list[Any]:
-    """The documents, a `kind: List`'s items in its place: `kubectl apply` creates each of them."""
-    return [item for doc in docs for item in (
-        doc["items"] if isinstance(doc, dict) and doc.get("kind") == "List" and isinstance(doc.get("items"), list)
-        else [doc])]
+    """The documents, a list's items in its place."""
+    return [item for doc in docs for item in (doc["items"] if _is_list(doc) else [doc])]
 
 
 def validate(paths: list[Path]) -> int:
@@ -45,7 +48,7 @@ def validate(paths: list[Path]) -> int:
     failed = 0
     for path in paths:
         try:  # kubectl skips an empty document
-            docs = [d for d in yaml.load_all(path.read_text(), Loader=KubectlLoader) if d is not None]
+            docs = _listed([d for d in yaml.load_all(path.read_text(), Loader=KubectlLoader) if d is not None])
         except (OSError, ValueError, yaml.YAMLError) as exc:  # ValueError: not UTF-8
             failed += 1
             print(f"{path}: cannot read it: {exc}", file=sys.stderr)
@@ -53,7 +56,11 @@ def validate(paths: list[Path]) -> int:
         if not docs:  # kubectl apply refuses it too ("no objects passed to apply"): likely the wrong file
             failed += 1
             print(f"{path}: no objects in it", file=sys.stderr)
-        for doc in _listed(docs):
+        for doc in docs:
+            if _is_list(doc):  # kubectl: "not a list: no Items field"
+                failed += 1
+                print(f"{path}: {doc['kind']} {_name(doc)}: a list inside a list, which kubectl refuses", file=sys.stderr)
+                continue
             if _other_kind(doc):
                 print(f"{path}: {doc['kind']} {_name(doc)}: skipped (not a {api.KIND})")
                 continue

@@ -420,6 +420,18 @@ class FineTuneJob(ApiModel):
 ANNOTATIONS_MAX_BYTES = 256 * 1024
 
 
+def _key_text(key: Any) -> str | None:
+    """A map key as kubectl's YAML to JSON writes it: true and 1 as "true" and "1"; None where its text is not plain
+    (a float's is Go's 32-bit formatting, .inf its YAML spelling) or kubectl refuses it (null, beyond int64)."""
+    if isinstance(key, str):
+        return key
+    if isinstance(key, bool):
+        return json.dumps(key)
+    if isinstance(key, int) and -(2**63) <= key < 2**63:
+        return str(key)
+    return None
+
+
 def _metadata_map_errors(meta: dict[str, Any]) -> list[str]:
     """metadata.labels and metadata.annotations as the apiserver checks every object's."""
     errors = []
@@ -430,8 +442,10 @@ def _metadata_map_errors(meta: dict[str, Any]) -> list[str]:
         if not isinstance(found, dict) or not all(isinstance(v, str) or v is None for v in found.values()):
             errors.append(f"metadata.{field}: must be a map of strings")
             continue
-        # Go decodes a null string as ""; kubectl's YAML to JSON writes a key that is no string as its JSON (1, true)
-        found = {k if isinstance(k, str) else json.dumps(k): v or "" for k, v in found.items()}
+        if odd := [k for k in found if not isinstance(k, str) and _key_text(k) is None]:
+            errors.append(f"metadata.{field}: the key {odd[0]!r} is no text: quote it")
+            continue
+        found = {_key_text(k): v or "" for k, v in found.items()}  # Go decodes a null string as ""
         bad = [k for k in found if not (re.fullmatch(core.QUALIFIED_NAME, k) and k.rfind("/") <= 253)]
         bad += [f"{k}={v}" for k, v in found.items() if value_pattern and not re.fullmatch(value_pattern, v)]
         if bad:
