@@ -446,9 +446,9 @@ def test_extra_env_that_the_operator_s_env_has_already_is_refused_at_install() -
 
 @pytest.mark.parametrize("resources", [
     {"limits": {"cpu": 0.5}}, {"requests": {"memory": "four"}}, {"claims": [{"name": "gpu"}]},
-    {"requests": {"cpu": "-1"}}, {"requests": {"cpu": -1}}, {"limits": {"Foo_Bar": 1}},
+    {"requests": {"cpu": "-1"}}, {"requests": {"cpu": -1}}, {"limits": {"gpu per worker": 1}},
     {"requests": {"nvidia.com/gpu": 1}}, {"requests": {"nvidia.com/gpu": 1}, "limits": {"nvidia.com/gpu": 2}},
-    {"limits": {"nvidia.com/gpu": "500m"}}, {"limits": {"nvidia.com/gpu": 1.5}}])
+    {"limits": {"nvidia.com/gpu": "0.5"}}, {"limits": {"nvidia.com/gpu": 1.5}}])
 def test_trainer_resources_the_operator_would_refuse_are_refused_at_install(resources: dict[str, Any]) -> None:
     """The schema took any number, string or claim in trainer.resources; the operator refuses what a FineTuneJob's
     spec.runtime.resources refuses (a fractional number, a string that is no quantity, claims, a negative quantity,
@@ -458,8 +458,26 @@ def test_trainer_resources_the_operator_would_refuse_are_refused_at_install(reso
     result = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"),
                              "--set-json", "trainer.resources=" + json.dumps(resources)], capture_output=True, text=True)
     # Helm's schema library names a key it refuses, not the key's path
-    said = "trainer[/.]resources" if "Foo_Bar" not in json.dumps(resources) else "invalid propertyName 'Foo_Bar'"
+    said = "trainer[/.]resources" if "gpu per worker" not in json.dumps(resources) else "invalid propertyName 'gpu per"
     assert result.returncode != 0 and re.search(said, result.stderr), result.stderr
+
+
+@pytest.mark.parametrize("resources", [
+    {"limits": {"example.com/foo": 1000000}}, {"requests": {"nvidia.com/gpu": 0}, "limits": {"nvidia.com/gpu": 0}},
+    {"requests": {"nvidia.com/gpu": "+1"}, "limits": {"nvidia.com/gpu": 1}},
+    {"requests": {"nvidia.com/gpu": "01"}, "limits": {"nvidia.com/gpu": "1"}}, {"limits": {"nvidia.com/gpu": "2000m"}},
+    {"requests": {"hugepages-2Mi": "1Gi"}, "limits": {"hugepages-2Mi": "1Gi", "memory": "8Gi"}}])
+def test_trainer_resources_the_operator_takes_are_taken_at_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  resources: dict[str, Any]) -> None:
+    """The chart's own checks of extended resources refused what the operator takes: a values file's 1000000 (a
+    float to Helm, 1e+06 as text), a request of 0 (empty to `default`), "+1" beside 1; and hugepages-2Mi."""
+    core.ResourceRequirements.model_validate(resources)
+    (values := tmp_path / "values.yaml").write_text(yaml.safe_dump({"trainer": {"resources": resources}}))
+    subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"), "-f", str(values)],
+                   check=True, capture_output=True, text=True)
+    ours = operator_settings(monkeypatch, "trainer.resources=" + json.dumps(resources))
+    assert {side: {k: str(v) for k, v in found.items()} for side, found in ours.trainer_resources.to_wire().items()
+            if found} == {side: {k: str(v) for k, v in found.items()} for side, found in resources.items()}
 
 
 @pytest.mark.parametrize(("value", "path"), [
@@ -499,6 +517,7 @@ def test_trainer_resources_the_schema_takes_reach_the_operator(monkeypatch: pyte
     assert ours.trainer_resources.to_wire() == wanted
     schema = json.loads((REPO / "charts" / "finetune-operator" / "values.schema.json").read_text())
     assert schema["definitions"]["trainerQuantities"]["additionalProperties"]["pattern"] == core.QUANTITY
+    assert schema["definitions"]["trainerQuantities"]["propertyNames"]["pattern"] == core.RESOURCE_NAME
 
 
 def test_the_chart_installs_only_where_the_apiserver_takes_its_crd() -> None:

@@ -115,7 +115,7 @@ LabelMap = Annotated[dict[str, LabelValue], Field(max_length=64), *checked(
 
 # Extended resources (a domain that is not kubernetes.io: nvidia.com/gpu, ...) cannot be
 # overcommitted: the apiserver insists on a whole limit and a request equal to it.
-RESOURCE_NAME = r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?[a-z0-9]([-a-z0-9._]{0,61}[a-z0-9])?$"
+RESOURCE_NAME = QUALIFIED_NAME  # the apiserver's check of a resource name: hugepages-2Mi has a capital
 ResourceList = Annotated[dict[str, Quantity], Field(max_length=16), *checked(
     f"self.all(k, k.matches(r'{RESOURCE_NAME}'))",
     lambda m: all(re.fullmatch(RESOURCE_NAME, k) for k in m),

@@ -67,3 +67,15 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- define "finetune-operator.networkPolicyNamespaces" -}}
 {{- .Values.networkPolicy.namespaces | default .Values.watchNamespaces | default (list .Release.Namespace) | toJson }}
 {{- end }}
+
+{{/* A quantity written as a whole number (8, "+8", "08", 8.0 from a values file), as its digits; "" for any other
+  spelling (500m, 1k, 1.5), which the operator judges itself. */}}
+{{- define "finetune-operator.digits" -}}
+{{- if and (kindIs "float64" .) (eq (floor .) .) }}
+{{- int64 . }}
+{{- else if or (kindIs "int" .) (kindIs "int64" .) }}
+{{- . }}
+{{- else if regexMatch "^[+]?[0-9]+$" (toString .) }}
+{{- regexReplaceAll "^[+]?0*([0-9])" (toString .) "${1}" }}
+{{- end }}
+{{- end }}
