@@ -101,7 +101,7 @@ UNICODE = "Ünïcødé 日本語 😀 \u202eevil\u202c ﷽ e\u0301"
 def test_unicode_in_every_free_text_field_reaches_the_trainer_and_back(operator_env: OperatorEnv) -> None:
     env = operator_env
     doc = example("minilm-sentiment", dataset={"uri": f"pvc://data/nowhere-{UNICODE.replace(' ', '-')}.csv",
-                                               "textField": UNICODE, "labelField": UNICODE})
+                                               "textField": UNICODE, "labelField": UNICODE + " label"})
     doc["metadata"] = {"name": "unicode", "annotations": {"example.com/note": UNICODE}}
     doc["spec"]["model"] |= {"revision": UNICODE, "config": {"note": UNICODE}}
     doc["spec"]["adjust"]["freeze"] = {"strategy": "regex", "pattern": f"^{UNICODE}$"}
@@ -115,5 +115,6 @@ def test_unicode_in_every_free_text_field_reaches_the_trainer_and_back(operator_
     assert failed["status"]["reason"] == "InvalidDataset", failed["status"]
     assert "nowhere-Ünïcødé" in failed_message(failed)
     config = json.loads(env.objects("configmaps", "unicode")[0]["data"]["config.json"])
-    assert config["dataset"]["textField"] == UNICODE and config["model"]["config"]["note"] == UNICODE
+    assert config["dataset"]["textField"] == UNICODE and config["dataset"]["labelField"] == UNICODE + " label"
+    assert config["model"]["config"]["note"] == UNICODE
     assert_all_deleted_cleanly(env)
