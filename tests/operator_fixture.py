@@ -176,17 +176,22 @@ def install_crd(kube: Kube) -> None:
                   lambda: condition(kube.get("crd", name) or {}, "Established").get("status") == "True", "default")
 
 
+def granted(namespace: str, name: str, rules: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """A Role `name` of `rules` in `namespace`, bound to the operator's ServiceAccount there."""
+    from finetune_operator import rbac
+
+    return [rbac.role("Role", name, namespace, rules),
+            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": name},
+             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
+             "subjects": [{"kind": "ServiceAccount", "name": SERVICE_ACCOUNT, "namespace": namespace}]}]
+
+
 def service_account_kubeconfig(kube: Kube, namespace: str, path: Path) -> Path:
     """A kubeconfig that authenticates as the operator's ServiceAccount (a bound token)."""
     from finetune_operator import rbac
 
-    kube.apply([
-        {"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": SERVICE_ACCOUNT}},
-        rbac.role("Role", SERVICE_ACCOUNT, namespace),
-        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": SERVICE_ACCOUNT},
-         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": SERVICE_ACCOUNT},
-         "subjects": [{"kind": "ServiceAccount", "name": SERVICE_ACCOUNT, "namespace": namespace}]},
-    ], namespace)
+    kube.apply([{"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": SERVICE_ACCOUNT}},
+                *granted(namespace, SERVICE_ACCOUNT, rbac.RULES)], namespace)
     token = kube.kubectl("create", "token", SERVICE_ACCOUNT, "-n", namespace, "--duration=7200s").stdout.strip()
     admin = yaml.safe_load(kube.kubeconfig.read_text())
     cluster = copy.deepcopy(admin["clusters"][0])

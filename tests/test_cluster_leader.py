@@ -19,8 +19,8 @@ from finetune_operator import leader, rbac
 from finetune_operator.clients import Clients
 from fault_servers import FaultServer
 from kube import Kube
-from operator_fixture import (SERVICE_ACCOUNT, OperatorEnv, crd_installed, free_port, kwok_claim,  # noqa: F401
-                              kwok_job, operator_env)
+from operator_fixture import (SERVICE_ACCOUNT, OperatorEnv, crd_installed, free_port, granted,  # noqa: F401
+                              kwok_claim, kwok_job, operator_env)
 
 pytestmark = pytest.mark.cluster
 
@@ -129,7 +129,7 @@ def test_a_standby_operator_takes_over_when_the_active_one_is_killed(operator_en
     first.start(flags=lease)  # before its Role for the Lease: it says so, and is no silent standby
     kube.wait_for("the operator saying it may not take the lease",
                   lambda: _log_says(first, r"WARNING.*cannot take the lease .*: 403 Forbidden"), ns, timeout=60)
-    kube.apply([*rbac_for_leases(ns), *claim], ns)
+    kube.apply([*granted(ns, f"{SERVICE_ACCOUNT}-lease", rbac.lease_rules("finetune-operator")), *claim], ns)
     kube.wait_for("the first operator leading", lambda: _log_says(first, r"leading \(lease"), ns, timeout=60)
     second = OperatorEnv(kube, ns, first.kubeconfig, tmp_path / "second.log", free_port(), free_port())
     second.start(flags=lease)
@@ -166,12 +166,3 @@ def test_a_standby_operator_takes_over_when_the_active_one_is_killed(operator_en
     first.start(flags=lease)
     kube.wait_for("a new operator leading at once", lambda: first.log.read_text().count("leading (lease") == 2, ns,
                   timeout=20)
-
-
-def rbac_for_leases(namespace: str) -> list[dict]:
-    name = f"{SERVICE_ACCOUNT}-lease"
-    return [{"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "Role", "metadata": {"name": name},
-             "rules": rbac.lease_rules("finetune-operator")},
-            {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding", "metadata": {"name": name},
-             "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role", "name": name},
-             "subjects": [{"kind": "ServiceAccount", "name": SERVICE_ACCOUNT, "namespace": namespace}]}]

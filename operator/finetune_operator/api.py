@@ -442,7 +442,7 @@ def _metadata_map_errors(meta: dict[str, Any]) -> list[str]:
         if not isinstance(found, dict) or not all(isinstance(v, str) or v is None for v in found.values()):
             errors.append(f"metadata.{field}: must be a map of strings")
             continue
-        if odd := [k for k in found if not isinstance(k, str) and _key_text(k) is None]:
+        if odd := [k for k in found if _key_text(k) is None]:
             errors.append(f"metadata.{field}: the key {odd[0]!r} is no text: quote it")
             continue
         found = {_key_text(k): v or "" for k, v in found.items()}  # Go decodes a null string as ""

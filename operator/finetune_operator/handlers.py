@@ -240,15 +240,15 @@ def _listed(clients: Clients, seen: reconcile.Observed, ns: str, name: str, jobs
     selector = f"{children.JOB_NAME_LABEL}={name}"
     try:
         pods = json.loads(clients.call("GET", api_path(ns, "pods"), labelSelector=selector))["items"]
-        listed = json.loads(clients.call("GET", api_path(ns, "jobs", group="batch"), labelSelector=selector)
-                            )["items"] if jobs else None
+        job_list = json.loads(clients.call("GET", api_path(ns, "jobs", group="batch"), labelSelector=selector)
+                              )["items"] if jobs else None
     except (ApiException, urllib3.exceptions.HTTPError) as exc:
         log.debug("%s/%s: children not listed (%s): the indexes' are used", ns, name, exc)
         return seen
     pods = [outcome.pod_summary(p) for p in pods]
-    if listed is None:
+    if job_list is None:
         return dataclasses.replace(seen, pods=pods)
-    found = dataclasses.replace(seen, jobs=[outcome.job_summary(j) for j in listed], pods=pods, listed=True)
+    found = dataclasses.replace(seen, jobs=[outcome.job_summary(j) for j in job_list], pods=pods, listed=True)
     gone = {c["name"] for c in (*seen.jobs, *seen.pods)} - {c["name"] for c in (*found.jobs, *found.pods)}
     if gone:
         log.info("%s/%s: %s deleted, though still in the operator's watch (a missed event)", ns, name,

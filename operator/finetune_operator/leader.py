@@ -34,6 +34,7 @@ LEASE_SECONDS = 15
 RENEW_DEADLINE_SECONDS = 10
 RETRY_SECONDS = 2
 EXIT_LEASE_LOST = 1
+LEASES = "coordination.k8s.io"
 
 
 def _now() -> str:
@@ -46,7 +47,7 @@ class Lease:
     def __init__(self, clients: Clients, namespace: str, name: str, identity: str,
                  duration: int = LEASE_SECONDS) -> None:
         self.clients, self.namespace, self.name, self.identity, self.duration = clients, namespace, name, identity, duration
-        self.path = api_path(namespace, "leases", name, group="coordination.k8s.io")
+        self.path = api_path(namespace, "leases", name, group=LEASES)
         self.holder: str | None = None  # as last seen
         self.error: str | None = None  # why the last try could not read or write it, if it could not
         self.seen: tuple[Any, ...] | None = None  # the holder's record as last seen
@@ -60,9 +61,9 @@ class Lease:
         except ApiException as exc:
             if exc.status != 404:
                 return self._failed(exc)
-            return self._write("POST", {"apiVersion": "coordination.k8s.io/v1", "kind": "Lease",
-                                        "metadata": {"name": self.name, "namespace": self.namespace},
-                                        "spec": self._spec({}, taken=True)}, by)
+            lease = {"apiVersion": f"{LEASES}/v1", "kind": "Lease",
+                     "metadata": {"name": self.name, "namespace": self.namespace}, "spec": self._spec({}, taken=True)}
+            return self._write("POST", api_path(self.namespace, "leases", group=LEASES), lease, by)
         except (urllib3.exceptions.HTTPError, TimeoutError) as exc:
             return self._failed(exc)
         spec = lease.get("spec") or {}
@@ -75,7 +76,7 @@ class Lease:
             self.error = None
             return False
         lease["spec"] = self._spec(spec, taken=not ours)
-        return self._write("PUT", lease, by)  # with its resourceVersion: of two standbys at once, one wins
+        return self._write("PUT", self.path, lease, by)  # with its resourceVersion: of two standbys at once, one wins
 
     def _call(self, method: str, path: str, by: float | None, body: dict[str, Any] | None = None) -> bytes:
         left = None if by is None else by - time.monotonic()
@@ -90,8 +91,7 @@ class Lease:
             spec |= {"acquireTime": now, "leaseTransitions": (old.get("leaseTransitions") or 0) + bool(old)}
         return spec
 
-    def _write(self, method: str, body: dict[str, Any], by: float | None) -> bool:
-        path = self.path if method == "PUT" else self.path.rsplit("/", 1)[0]
+    def _write(self, method: str, path: str, body: dict[str, Any], by: float | None) -> bool:
         try:
             self._call(method, path, by, body)
         except ApiException as exc:

@@ -55,12 +55,12 @@ LEASE_NAME = "${LEASE_NAME}"  # in the chart's copy, which puts the release's in
 LEASE_RULES = lease_rules(LEASE_NAME)
 
 
-def role(kind: str, name: str, namespace: str | None = None) -> dict[str, Any]:
-    """A ClusterRole (watching every namespace) or a Role (one watched namespace) holding RULES."""
+def role(kind: str, name: str, namespace: str | None = None, rules: list[dict[str, Any]] = RULES) -> dict[str, Any]:
+    """A ClusterRole (watching every namespace) or a Role (one watched namespace) holding `rules`."""
     meta: dict[str, Any] = {"name": name}
     if namespace:
         meta["namespace"] = namespace
-    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": kind, "metadata": meta, "rules": RULES}
+    return {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": kind, "metadata": meta, "rules": rules}
 
 
 def render_rules(rules: list[dict[str, Any]]) -> str:

@@ -595,8 +595,10 @@ def has_images(folder: Path) -> bool:
 
 def label_ids(column: pd.Series) -> tuple[dict[int, str], list[int]]:
     """Ids in sorted label order (numeric order when every label is a number: 2 before 10), so runs agree."""
-    # Each value named on its own: a dict keyed by value made True, 1 and 1.0 one key, named after whichever came first
-    names = column.map(label_name)
+    # Named by their text, once each: a name depends on nothing else, and keyed by value, True, 1 and 1.0 were one key,
+    # named after whichever came first
+    texts = column.astype(str)
+    names = texts.map({text: label_name(text) for text in texts.unique()})
     distinct = names.unique().tolist()
     ordered = sorted(distinct, key=float) if all(map(is_number, distinct)) else sorted(distinct)
     index = {name: i for i, name in enumerate(ordered)}

@@ -150,16 +150,17 @@ def mismatches(exc: BaseException, shown: int = 5) -> str:
     """The tensors whose shapes differ between the checkpoint and the config, as transformers' report lists them: from
     the load's own record, which the frame that raised holds (a second load to ask would hold a second copy of the
     model beside the first, and a large one would be OOM-killed, read as no mistake of the spec's, and retried)."""
-    found: list[tuple[str, Any, Any]] = []
+    keys: set[tuple[str, Any, Any]] = set()
     trace = exc.__traceback__
     while trace is not None:
-        record = trace.tb_frame.f_locals.get("loading_info")
-        found = sorted(getattr(record, "mismatched_keys", None) or found)
+        keys = getattr(trace.tb_frame.f_locals.get("loading_info"), "mismatched_keys", None) or keys
         trace = trace.tb_next
+    if not keys:
+        return "the shapes of some of its tensors differ"
+    found = sorted(keys)
     said = "; ".join(f"{key} is {tuple(saved)} in the weights, {tuple(made)} by the config"
                      for key, saved, made in found[:shown])
-    return (said + (f"; and {len(found) - shown} more" if len(found) > shown else "")) or \
-        "the shapes of some of its tensors differ"
+    return said + (f"; and {len(found) - shown} more" if len(found) > shown else "")
 
 
 def newly_initialised(model: nn.Module, missing_keys: Iterable[str]) -> tuple[str, ...]:

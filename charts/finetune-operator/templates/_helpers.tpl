@@ -79,3 +79,35 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- regexReplaceAll "^[+]?0*([0-9])" (toString .) "${1}" }}
 {{- end }}
 {{- end }}
+
+{{/* A Role (with a namespace) or ClusterRole of `rules`, and its binding to the operator's `subject`. */}}
+{{- define "finetune-operator.grant" }}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: {{ .kind }}
+metadata:
+  name: {{ .name }}
+  {{- with .namespace }}
+  namespace: {{ . }}
+  {{- end }}
+  labels:
+    {{- .labels | nindent 4 }}
+rules:
+  {{- toYaml .rules | nindent 2 }}
+---
+apiVersion: rbac.authorization.k8s.io/v1
+kind: {{ .kind }}Binding
+metadata:
+  name: {{ .name }}
+  {{- with .namespace }}
+  namespace: {{ . }}
+  {{- end }}
+  labels:
+    {{- .labels | nindent 4 }}
+roleRef:
+  apiGroup: rbac.authorization.k8s.io
+  kind: {{ .kind }}
+  name: {{ .name }}
+subjects:
+- {{- toYaml .subject | nindent 2 }}
+{{- end }}
