@@ -87,6 +87,7 @@ def test_one_worker_runs_the_trainer_directly() -> None:
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpus"
     env = {e["name"]: e for e in container["env"]}
     assert env["FINETUNE_METRICS_ADDR"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
+    assert env["FINETUNE_POD_UID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.uid"  # who answers there
     assert env["OMP_NUM_THREADS"]["value"] == "2"  # the CPU limit
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert container["ports"][0] == {"name": "metrics", "containerPort": 9090}

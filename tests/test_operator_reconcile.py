@@ -656,7 +656,7 @@ def test_a_tick_lists_the_children_of_a_job_whose_metrics_it_cannot_read_and_not
 
     import kopf
 
-    from fault_servers import FaultServer
+    from fault_servers import FaultServer, serving
     from finetune_operator import handlers
     from finetune_operator.scrape import scrape
     from finetune_operator.settings import Settings
@@ -665,7 +665,7 @@ def test_a_tick_lists_the_children_of_a_job_whose_metrics_it_cannot_read_and_not
     made = after(decide(Observed(body(), [], [], NOW)))
     running = after(decide(Observed(body(made), [job(ready=1)], [pod()], NOW)), made)
     live = kopf.Body(body(running))
-    indexes = {("ns", "ft"): [job(ready=1)]}, {("ns", "ft"): [pod(ip="127.0.0.1")]}
+    indexes = {("ns", "ft"): [job(ready=1)]}, {("ns", "ft"): [pod(ip="127.0.0.1", pod_uid="rank-0")]}
     monkeypatch.setattr(kopf, "event", lambda *_, **__: None)  # posting needs kopf's running loop
 
     def tick(checks: handlers.ChildChecks, port: int) -> Apiserver:
@@ -685,6 +685,13 @@ def test_a_tick_lists_the_children_of_a_job_whose_metrics_it_cannot_read_and_not
     assert [path.rsplit("/", 1)[1] for path, _ in refused.asked] == ["pods", "jobs"]
     assert refused.patches[0]["attempts"] == 2 and conditions(refused.patches[0])["Restarting"] == ("True", "JobDeleted")
     assert tick(handlers.ChildChecks(), free_port()).asked == []  # not yet due: first asked about now
+    # The IP answers, as another pod (a deleted rank 0's IP given to another job's trainer): no numbers of that job
+    # reach this one's status, and its children are listed as when nothing answers.
+    port = free_port()
+    with FaultServer("127.0.0.1", port, serving(b'finetune_trainer_step 999\nfinetune_trainer_pod_info{uid="other"} 1\n')):
+        answered = tick(handlers.ChildChecks(every=0), port)
+    assert [path.rsplit("/", 1)[1] for path, _ in answered.asked] == ["pods", "jobs"]
+    assert "progress" not in answered.patches[0] and conditions(answered.patches[0])["Restarting"][1] == "JobDeleted"
 
 
 def test_a_retried_attempt_that_waits_shows_what_it_waits_for_as_the_reason() -> None:

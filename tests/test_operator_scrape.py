@@ -84,7 +84,7 @@ def test_every_poll_error_reason_is_exported_before_its_first_error() -> None:
     exported = {s.labels["reason"] for s in families["finetune_operator_metric_poll_errors"].samples
                 if s.name.endswith("_total")}
     raised = {"MetricsTimeout", "MetricsUnreachable", "MetricsBadResponse", "MetricsUnparsable", "MetricsMissing",
-              "MetricsTooLarge"}
+              "MetricsTooLarge", "MetricsFromAnotherPod"}
     assert raised <= set(scrape_module.REASONS) and set(scrape_module.REASONS) <= exported
 
 
@@ -195,3 +195,28 @@ def test_an_endpoint_that_hangs_is_read_less_often_once_stale_and_its_error_stan
         later[0] += poll * 8
         assert sample("hung").sample == {"step": 7.0} and sample("hung").sample == {"step": 7.0}
     assert not slow.slow
+
+
+def test_metrics_that_another_pod_serves_are_refused_and_the_pods_own_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A rank 0 deleted while the operator's watch missed it (a relist gap) stays in its index with its IP, and the
+    IP goes to the next pod, perhaps another job's trainer: its numbers were read into this job's status. The trainer
+    names its pod (FINETUNE_POD_UID, the downward API's metadata.uid), and another pod's answer is refused."""
+    import torch
+    from prometheus_client import generate_latest
+
+    from finetune_trainer.telemetry import POD_UID_ENV, Metrics
+
+    monkeypatch.setenv(POD_UID_ENV, "7f0c2d4e-rank-0")
+    trainer = Metrics(torch.device("cpu"))
+    trainer.step.set(12)
+    port = free_port()
+    with FaultServer("127.0.0.1", port, serving(generate_latest(trainer.registry))):
+        assert scrape("127.0.0.1", port, pod_uid="7f0c2d4e-rank-0")["step"] == 12
+        with pytest.raises(ScrapeError) as error:
+            scrape("127.0.0.1", port, pod_uid="1b9e-another-pod")
+    assert error.value.reason == "MetricsFromAnotherPod"
+    assert "7f0c2d4e-rank-0" in str(error.value) and "1b9e-another-pod" in str(error.value)
+    # A trainer image from before the name is read; so is any answer where the index has no uid to compare.
+    monkeypatch.delenv(POD_UID_ENV)
+    assert parse(generate_latest(Metrics(torch.device("cpu")).registry).decode(), "1b9e-another-pod") == {}
+    assert parse(generate_latest(trainer.registry).decode())["step"] == 12

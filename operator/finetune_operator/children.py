@@ -140,6 +140,7 @@ def _env(spec: api.FineTuneJobSpec, resources: core.ResourceRequirements) -> lis
         {"name": "FINETUNE_PVC_ROOT", "value": PVC_ROOT},
         {"name": "FINETUNE_METRICS_ADDR", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}},
         {"name": "FINETUNE_METRICS_PORT", "value": str(METRICS_PORT)},
+        {"name": "FINETUNE_POD_UID", "valueFrom": {"fieldRef": {"fieldPath": "metadata.uid"}}},
         {"name": "FINETUNE_NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}},
         {"name": "TERMINATION_MESSAGE_PATH", "value": TERMINATION_LOG},
         {"name": "OMP_NUM_THREADS", "value": str(_threads(resources, spec.runtime.processes_per_worker))},

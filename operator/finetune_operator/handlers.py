@@ -178,7 +178,7 @@ def _sample(seen: reconcile.Observed, slow: SlowScrapes, ns: str, name: str) -> 
         return
     started = time.monotonic()
     try:
-        seen.sample = scrape(rank0["ip"])
+        seen.sample = scrape(rank0["ip"], pod_uid=rank0.get("pod_uid"))
         slow.forget(key)
     except ScrapeError as exc:
         metrics.POLL_ERRORS.labels(reason=exc.reason).inc()

@@ -168,6 +168,7 @@ def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
     summary: dict[str, Any] = {
         "name": meta["name"],
         "uid": meta.get("labels", {}).get(JOB_UID_LABEL),  # None for pods made by an operator before the label
+        "pod_uid": meta.get("uid"),  # who should answer on its IP (scrape.parse)
         "attempt": int(meta.get("labels", {}).get(ATTEMPT_LABEL, 0)),
         "index": int(meta.get("labels", {}).get(COMPLETION_INDEX_LABEL,
                                                 meta.get("annotations", {}).get(COMPLETION_INDEX_LABEL, 0))),

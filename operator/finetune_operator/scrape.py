@@ -26,7 +26,7 @@ PREFIX = "finetune_trainer_"
 STAGES = {stage.value for stage in Stage}
 # Every ScrapeError reason: metrics.POLL_ERRORS exports each at 0 from the start.
 REASONS = ("MetricsTimeout", "MetricsUnreachable", "MetricsBadResponse", "MetricsUnparsable", "MetricsMissing",
-           "MetricsTooLarge")
+           "MetricsTooLarge", "MetricsFromAnotherPod")
 
 
 class NoRedirect(urllib.request.HTTPRedirectHandler):
@@ -51,12 +51,15 @@ class ScrapeError(Exception):
         self.reason = reason
 
 
-def parse(text: str) -> dict[str, Any]:
+def parse(text: str, pod_uid: str | None = None) -> dict[str, Any]:
     """The trainer's gauges (without the prefix) and the current stage. A gauge at NaN or ±Inf (valid Prometheus
     text, but no JSON number), or a stage outside status.stage's enum (a trainer image of another version), reads as
-    absent: in a status patch the apiserver would refuse the whole patch."""
+    absent: in a status patch the apiserver would refuse the whole patch. Metrics that name a pod other than
+    `pod_uid` are refused: a pod deleted while the operator's watch missed it left its IP to another pod, perhaps
+    another job's trainer. A trainer that names no pod (an image from before the name) is read."""
     sample: dict[str, Any] = {}
     ours = False
+    others: set[str] = set()
     try:
         for family in text_string_to_metric_families(text):
             name = family.name.removeprefix(PREFIX)
@@ -66,15 +69,22 @@ def parse(text: str) -> dict[str, Any]:
                     sample[name] = s.value
                 elif name == "stage" and s.value == 1 and s.labels.get("stage") in STAGES:
                     sample["stage"] = s.labels.get("stage")
+                elif name == "pod_info" and pod_uid and s.labels.get("uid", pod_uid) != pod_uid:
+                    others.add(s.labels["uid"])
     except ValueError as exc:
         raise ScrapeError("MetricsUnparsable", f"not Prometheus text: {exc}") from exc
     if not ours:
         raise ScrapeError("MetricsMissing", "no finetune_trainer_* metrics")
+    if others:
+        raise ScrapeError("MetricsFromAnotherPod", f"answered by pod {', '.join(sorted(others))[:80]}, not by rank 0 "
+                          f"({pod_uid}): its IP is another pod's now")
     return sample
 
 
-def scrape(ip: str, port: int = METRICS_PORT, timeout: float = TIMEOUT_SECONDS) -> dict[str, Any]:
-    """One read, bounded in total time (not only per socket operation: a server that drips bytes is cut off)."""
+def scrape(ip: str, port: int = METRICS_PORT, timeout: float = TIMEOUT_SECONDS,
+           pod_uid: str | None = None) -> dict[str, Any]:
+    """One read of the pod `pod_uid` (`parse`), bounded in total time (not only per socket operation: a server that
+    drips bytes is cut off)."""
     url = f"http://{ip}:{port}/metrics"
     deadline = time.monotonic() + timeout
     chunks: list[bytes] = []
@@ -92,4 +102,4 @@ def scrape(ip: str, port: int = METRICS_PORT, timeout: float = TIMEOUT_SECONDS) 
         raise ScrapeError("MetricsUnreachable", f"{url}: {exc}") from exc
     except http.client.HTTPException as exc:  # not HTTP at all
         raise ScrapeError("MetricsBadResponse", f"{url}: not an HTTP answer ({type(exc).__name__})") from exc
-    return parse(b"".join(chunks).decode("utf-8", errors="replace"))
+    return parse(b"".join(chunks).decode("utf-8", errors="replace"), pod_uid)

@@ -5,7 +5,8 @@ them on FINETUNE_METRICS_ADDR:FINETUNE_METRICS_PORT (default 127.0.0.1:9090; por
 the endpoint off). Loopback unless told otherwise: a local run must not listen on the
 network, and in a pod the operator sets the address to the pod's IP. `finetune_trainer_stage{stage=...}` is 1 for the current stage and 0
 for the others; the training gauges (loss, step, throughput...) appear with an attempt's first step; `finetune_trainer_eval_metric{phase,metric}` has phase baseline, training
-(the latest evaluation during training) or final.
+(the latest evaluation during training) or final. In a pod, `finetune_trainer_pod_info{uid}` names the pod that
+answers (FINETUNE_POD_UID), so that the operator never reads another pod's numbers for its job's.
 
 The final evaluation is set only seconds before the process ends (export is quick), so `close` keeps
 the endpoint up until each reader still scraping it (Prometheus, the operator) has read it once more,
@@ -43,6 +44,7 @@ log = logging.getLogger(__name__)
 
 PORT_ENV = "FINETUNE_METRICS_PORT"
 ADDR_ENV = "FINETUNE_METRICS_ADDR"
+POD_UID_ENV = "FINETUNE_POD_UID"
 DEFAULT_PORT = 9090
 TERMINATION_ENV = "TERMINATION_MESSAGE_PATH"
 KUBERNETES_TERMINATION_LOG = Path("/dev/termination-log")
@@ -172,6 +174,11 @@ class Metrics:
         self.mfu = latest("mfu", "Model FLOPs utilisation: achieved training FLOP/s over the GPU's bf16 peak")
         if device.type != "cuda":
             self.mfu.set(0)
+        # A deleted pod's IP goes to the next pod; the operator reads rank 0 by the IP its watch last saw, and this is
+        # how it tells that another job's trainer answered.
+        if uid := os.environ.get(POD_UID_ENV):
+            gauge("pod_info", "1, labelled with the uid of the pod that serves these metrics", ("uid",)
+                  ).labels(uid=uid).set(1)
 
     def serve(self) -> None:
         port = int(os.environ.get(PORT_ENV, DEFAULT_PORT))
