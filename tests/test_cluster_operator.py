@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 import yaml
 
+from finetune_operator.children import METRICS_PORT
 from finetune_operator.reconcile import CLAIM_WAIT_SECONDS
 from kube import Kube, condition
 from operator_fixture import OperatorEnv, crd_installed, example, operator_env  # noqa: F401 (fixtures)
@@ -88,6 +89,10 @@ def test_the_minilm_example_runs_and_its_status_tells_the_story(operator_env: Op
     running = env.wait_ftj(name, at_step(1), "training reported by rank 0")
     assert running["status"]["phase"] == "Running" and running["status"]["stage"] == "Training"
     assert running["status"]["progress"]["totalSteps"] == 16 and running["status"]["workers"]["active"] == 1
+    # Rank 0 names its pod, as the apiserver knows it, where the operator reads it (its IP may be another pod's later).
+    pod = rank0(env, name, 1)
+    with urllib.request.urlopen(f"http://{pod['status']['podIP']}:{METRICS_PORT}/metrics", timeout=5) as response:
+        assert f'finetune_trainer_pod_info{{uid="{pod["metadata"]["uid"]}"}} 1.0' in response.read().decode()
     done = env.wait_phase(name, "Succeeded")
     status = done["status"]
     assert status["attempts"] == 1 and status["progress"]["percent"] == 100 and status["stage"] == "Done"
@@ -123,6 +128,7 @@ def test_the_minilm_example_runs_and_its_status_tells_the_story(operator_env: Op
     assert samples[("finetune_operator_attempts_total", (("cause", "Created"),))] == 1
     assert samples[("finetune_operator_time_to_running_seconds_count", ())] == 1
     assert samples[("finetune_operator_reconcile_duration_seconds_count", ())] > 3
+    assert samples[("finetune_operator_metric_poll_errors_total", (("reason", "MetricsFromAnotherPod"),))] == 0
 
 
 @pytest.mark.slow
