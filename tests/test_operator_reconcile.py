@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import time
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -591,7 +592,6 @@ def test_a_job_and_pods_the_index_kept_after_a_relist_are_listed_now_and_then_an
     """A Job and its pods deleted by hand in a watch's relist gap stayed in the indexes as last seen, Running: the job
     said Running (MetricsStale once its reads failed) until the operator restarted. While a job's metrics are not
     read, its children are listed from the apiserver once in a while, and the attempt that is gone is JobDeleted."""
-    import time
 
     from finetune_operator import handlers
 
@@ -648,6 +648,23 @@ class Apiserver(Listing):
         return super().call(method, path, body, **query)
 
 
+def ticked(live: dict[str, Any], indexes: tuple[dict[Any, Any], dict[Any, Any]], checks: Any = None,
+           written: Any = None) -> Apiserver:
+    """One `handlers._reconcile` of the FineTuneJob `live`, its (jobs, pods) indexes as given; the calls it made."""
+    import kopf
+
+    from finetune_operator import handlers
+    from finetune_operator.settings import Settings
+
+    apiserver = Apiserver()
+    memo = kopf.Memo(settings=Settings(), clients=apiserver, slow_scrapes=handlers.SlowScrapes(2.0),
+                     child_checks=checks or handlers.ChildChecks(),
+                     written=handlers.Written() if written is None else written, job_warnings=handlers.Warnings("Job"),
+                     pod_warnings=handlers.Warnings("Pod"), claims=handlers.Claims())
+    handlers._reconcile(kopf.Body(live), memo, *indexes)
+    return apiserver
+
+
 def test_a_tick_lists_the_children_of_a_job_whose_metrics_it_cannot_read_and_not_of_one_whose_it_reads(
         monkeypatch: pytest.MonkeyPatch) -> None:
     """The wiring of the check above in a tick: rank 0 answering, nothing is listed; refusing, the Jobs and pods are
@@ -659,23 +676,17 @@ def test_a_tick_lists_the_children_of_a_job_whose_metrics_it_cannot_read_and_not
     from fault_servers import FaultServer, serving
     from finetune_operator import handlers
     from finetune_operator.scrape import scrape
-    from finetune_operator.settings import Settings
     from operator_fixture import free_port
 
     made = after(decide(Observed(body(), [], [], NOW)))
     running = after(decide(Observed(body(made), [job(ready=1)], [pod()], NOW)), made)
-    live = kopf.Body(body(running))
+    live = body(running)
     indexes = {("ns", "ft"): [job(ready=1)]}, {("ns", "ft"): [pod(ip="127.0.0.1", pod_uid="rank-0")]}
     monkeypatch.setattr(kopf, "event", lambda *_, **__: None)  # posting needs kopf's running loop
 
     def tick(checks: handlers.ChildChecks, port: int) -> Apiserver:
         monkeypatch.setattr(handlers, "scrape", functools.partial(scrape, port=port))
-        apiserver = Apiserver()
-        memo = kopf.Memo(settings=Settings(), clients=apiserver, slow_scrapes=handlers.SlowScrapes(2.0),
-                         child_checks=checks, job_warnings=handlers.Warnings("Job"),
-                         pod_warnings=handlers.Warnings("Pod"), claims=handlers.Claims())
-        handlers._reconcile(live, memo, *indexes)
-        return apiserver
+        return ticked(live, indexes, checks)
 
     port = free_port()
     with FaultServer("127.0.0.1", port, "ok"):
@@ -692,6 +703,44 @@ def test_a_tick_lists_the_children_of_a_job_whose_metrics_it_cannot_read_and_not
         answered = tick(handlers.ChildChecks(every=0), port)
     assert [path.rsplit("/", 1)[1] for path, _ in answered.asked] == ["pods", "jobs"]
     assert "progress" not in answered.patches[0] and conditions(answered.patches[0])["Restarting"][1] == "JobDeleted"
+
+
+def test_a_tick_on_the_copy_its_last_transition_was_decided_on_does_not_repeat_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """kopf hands a timer the latest copy its watch has; under load the next tick came before the watch brought back
+    the last tick's write, decided on the status before it and made the same transition again: a second Completed
+    Event and a completionTime moved to the second tick's time. Another version (the write arrived, or another
+    writer's since) is decided as it reads."""
+    import kopf
+
+    from finetune_operator import handlers
+
+    events: list[str] = []
+    monkeypatch.setattr(kopf, "event", lambda *_, reason, **__: events.append(reason))
+    made = after(decide(Observed(body(), [], [], NOW)))
+    running = after(decide(Observed(body(made), [job(ready=1)], [pod()], NOW)), made)
+    done = {"stage": "Done", "exitCode": 0, "evaluation": {"baseline": {"accuracy": 0.4}, "final": {"accuracy": 0.6}}}
+    indexes = ({("ns", "ft"): [job(complete=True, active=0, succeeded=1)]},
+               {("ns", "ft"): [pod(phase="Succeeded", exit_code=0, message=done)]})
+    copy = body(running)
+    copy["metadata"]["resourceVersion"] = "10"
+    written = handlers.Written()
+    first = ticked(copy, indexes, written=written)
+    assert first.patches[0]["phase"] == "Succeeded" and events == ["Completed"]
+    wrote = merged(running, first.patches[0])
+    time.sleep(1.1)  # completionTime has seconds: a repeat would move it
+    again = ticked(copy, indexes, written=written)
+    assert events == ["Completed"] and not again.patches
+    arrived = body(wrote) | {"metadata": copy["metadata"] | {"resourceVersion": "11"}}
+    assert not ticked(arrived, indexes, written=written).patches and events == ["Completed"]
+    # Another writer set the status back since: decided on what it says, so nothing stops the job's reconciles.
+    reset = body(running) | {"metadata": copy["metadata"] | {"resourceVersion": "12"}}
+    assert ticked(reset, indexes, written=written).patches[0]["phase"] == "Succeeded" and events == ["Completed"] * 2
+    # A transition is kept for the next ticks; an entry no version replaced goes once it is old.
+    assert set(written.by_uid) == {"u"}
+    monkeypatch.setattr(handlers, "WRITTEN_KEEP_SECONDS", 0.0)
+    written.wrote(body(running) | {"metadata": copy["metadata"] | {"uid": "other"}}, {})
+    assert set(written.by_uid) == {"other"}
 
 
 def test_a_retried_attempt_that_waits_shows_what_it_waits_for_as_the_reason() -> None:

@@ -30,7 +30,7 @@ from finetune_operator.diffbase import SpecDiffBase
 from finetune_operator.api import ConditionType as T
 from finetune_operator.scrape import TIMEOUT_SECONDS, ScrapeError, scrape
 from finetune_operator.settings import Settings
-from finetune_operator.status import STALE_AFTER_SECONDS, not_started, status_patch
+from finetune_operator.status import STALE_AFTER_SECONDS, merged, not_started, status_patch
 
 log = logging.getLogger("finetune_operator")
 PREFIX = "finetune.dev"
@@ -71,6 +71,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, phase_index: kop
     ours: Settings = memo.settings
     memo.slow_scrapes = SlowScrapes(ours.poll_seconds)
     memo.child_checks = ChildChecks(keep=2 * max(CHILDREN_CHECK_SECONDS, WAITING_POLLS * ours.poll_seconds))
+    memo.written = Written()
     # finetune_operator_jobs counts kopf's live index from the first scrape on: set by the first reconcile instead,
     # it stayed 0 in every phase after a restart onto finished jobs (they are never reconciled again).
     metrics.JOBS.index = phase_index
@@ -283,6 +284,38 @@ class ChildChecks:
         due = now - listed >= self.every
         self.since[key] = (now if due else listed, now)
         return due
+
+
+WRITTEN_KEEP_SECONDS = 300.0
+
+
+class Written:
+    """The status each job's latest transition wrote, with the resourceVersion of the copy it was decided on. kopf
+    hands a timer the latest copy its watch has, and under load a tick can come before the watch brings back the
+    previous tick's write: decided on the status before it, the transition came again (a second Event, a moved
+    completionTime, a failure counted twice). A tick on that same copy decides on the status as written; any other
+    version (ours, or another writer's since) is read as it is. Only transitions are kept: a progress update decided
+    again on an old copy writes the same. An entry whose version the watch never replaced goes after
+    WRITTEN_KEEP_SECONDS (a deleted job's)."""
+
+    def __init__(self) -> None:
+        self.by_uid: dict[str, tuple[float, str, dict[str, Any]]] = {}  # (written at, version decided on, status)
+
+    def status(self, body: dict[str, Any]) -> dict[str, Any]:
+        meta = body["metadata"]
+        entry = self.by_uid.get(meta["uid"])
+        if entry is not None and entry[1] == meta.get("resourceVersion"):
+            log.debug("%s/%s: decided on the status its last tick wrote (the watch has not brought it yet)",
+                      meta.get("namespace"), meta.get("name"))
+            return entry[2]
+        self.by_uid.pop(meta["uid"], None)
+        return body["status"]
+
+    def wrote(self, body: dict[str, Any], changes: dict[str, Any]) -> None:
+        for expired in _expired(self.by_uid, WRITTEN_KEEP_SECONDS):
+            self.by_uid.pop(expired, None)
+        meta = body["metadata"]
+        self.by_uid[meta["uid"]] = (time.monotonic(), meta.get("resourceVersion", ""), merged(body["status"], changes))
 
 
 def _in_doubt(seen: reconcile.Observed) -> bool:
@@ -499,7 +532,9 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
     if body.metadata.get("deletionTimestamp"):
         return
     key = (ns, name)
-    seen = reconcile.Observed(_plain(body), list(job_index.get(key, [])), list(pod_index.get(key, [])),
+    plain = _plain(body)
+    plain["status"] = memo.written.status(plain)
+    seen = reconcile.Observed(plain, list(job_index.get(key, [])), list(pod_index.get(key, [])),
                               datetime.now(timezone.utc).replace(tzinfo=None))
     if reconcile.waits_on_pods(seen):
         seen = _listed(clients, seen, ns, name, jobs=False)
@@ -542,7 +577,10 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
         log.info("%s/%s: ttlSecondsAfterFinished has passed: deleting it", ns, name)
         _delete_self(clients, name, ns)
         return
-    _patch_status(clients, ns, name, status_patch(seen.body["status"], decision.status))
+    changes = status_patch(seen.body["status"], decision.status)
+    _patch_status(clients, ns, name, changes)
+    if decision.events:
+        memo.written.wrote(seen.body, changes)
     _record(body, seen, decision)  # once the status holds the transitions: a refused patch posts no Event twice
     if held:  # the status says why; kopf tries again after the delay
         raise kopf.TemporaryError(str(held), delay=held.delay)
