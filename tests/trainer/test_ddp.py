@@ -405,6 +405,47 @@ def test_ranks_draw_their_own_dropout_masks() -> None:
     assert not torch.equal(first[0], replayed) and not torch.equal(second[0], replayed)
 
 
+def stop_early(rank: int) -> tuple[Any, ...]:
+    """One of two ranks training `Dropped` for four steps with early stopping, whose evaluations are best at step 2;
+    with the CPU copies of the weights it made."""
+    from finetune_trainer import checkpoints
+    from finetune_trainer.batches import Encoded, make_collate
+    from finetune_trainer.config import Task, TrainingSpec
+    from finetune_trainer.distributed import World
+    from finetune_trainer.train import Hooks, make_scheduler, train_loop
+
+    copies: list[int] = []
+    copy = checkpoints.trained_tensors
+    checkpoints.trained_tensors = lambda model: copies.append(1) or copy(model)  # this spawned process's alone
+    torch.manual_seed(0)
+    model = Dropped()
+    spec = TrainingSpec(batchSize=4, maxSteps=4, evalEverySteps=1, earlyStopping={"patience": 10},
+                        batching="dynamic", precision="fp32")
+    losses, weights = iter([0.5, 0.4, 0.6, 0.7]), []
+
+    def evaluate(_: Any) -> dict[str, float]:
+        weights.append({n: t.tolist() for n, t in model.state_dict().items()})
+        return {"loss": next(losses)}
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    state = train_loop(torch.nn.parallel.DistributedDataParallel(model), optimizer, make_scheduler(optimizer, spec, 4),
+                       Encoded([[1, 2, 3, 4]] * 16, [0, 1] * 8, [4] * 16), make_collate(Task.SEQUENCE_CLASSIFICATION, 0, 0),
+                       spec, Task.SEQUENCE_CLASSIFICATION, World(rank, 2, torch.device("cpu")), Hooks(evaluate=evaluate))
+    return (state.best_step, state.restored_best, {n: t.tolist() for n, t in model.state_dict().items()}, weights[1],
+            weights[-1], len(copies))
+
+
+def test_rank_0_alone_keeps_the_best_weights_and_every_rank_ends_with_them() -> None:
+    """Every rank kept a CPU copy of the best weights, which DDP keeps the same on every rank: a large model's full
+    fine-tune held one per GPU in the node's memory. Rank 0 alone keeps it, and the others take rank 0's at the end."""
+    ran = two_ranks(stop_early)
+    for rank in (0, 1):
+        best_step, restored, final, at_best, at_last, _ = ran[rank]
+        assert best_step == 2 and restored and final == at_best != at_last
+    assert ran[1][2] == ran[0][2]
+    assert ran[0][5] == 2 and ran[1][5] == 0  # the first two evaluations each improved
+
+
 class Timed(torch.nn.Module):
     """A forward that takes 10 ms and notes when it ran (the system's monotonic clock, comparable across ranks)."""
 

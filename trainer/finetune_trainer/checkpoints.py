@@ -55,12 +55,17 @@ BASELINE = "baseline.json"
 FINGERPRINT = "fingerprint.json"
 
 
-def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
-    """What changes while training: trainable parameters and all buffers (BatchNorm statistics), copied to the
-    CPU (one copy, on any device), so that the result stays as it is while training goes on."""
+def trained(model: nn.Module) -> dict[str, torch.Tensor]:
+    """What changes while training: trainable parameters and all buffers (BatchNorm statistics)."""
     tensors = {n: p for n, p in model.named_parameters() if p.requires_grad}
     tensors.update(dict(model.named_buffers()))
-    return {n: t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format) for n, t in tensors.items()}
+    return tensors
+
+
+def trained_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    """`trained`, copied to the CPU (one copy, on any device), so that the result stays as it is while training goes
+    on."""
+    return {n: t.detach().to("cpu", copy=True, memory_format=torch.contiguous_format) for n, t in trained(model).items()}
 
 
 def rng_state() -> dict[str, Any]:
@@ -276,8 +281,9 @@ def complete(root: Path) -> list[Path]:
 
 def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
          world: World) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None] | None:
-    """Restore a checkpoint in place; returns the loop's saved position and the best weights if it kept them. None
-    when it was laid out for another model or optimizer (`misfits`): the run's checkpoints are then removed."""
+    """Restore a checkpoint in place; returns the loop's saved position and, on rank 0 alone (`train_loop`), the
+    best weights if it kept them. None when it was laid out for another model or optimizer (`misfits`): the run's
+    checkpoints are then removed."""
     tensors = load_file(folder / "trained.safetensors")
     saved = torch.load(folder / "optimizer.pt", map_location=world.device, weights_only=True)  # runs no pickled code
     if found := misfits(model, tensors, optimizer, saved["optimizer"]):
@@ -292,7 +298,7 @@ def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sched
     if rng.exists():  # a run resumed on more ranks than it was saved with starts the new ranks' RNG afresh
         set_rng_state(torch.load(rng, weights_only=True))
     log.info("resumed from %s", folder)
-    best = load_file(folder / BEST) if (folder / BEST).exists() else None
+    best = load_file(folder / BEST) if world.main and (folder / BEST).exists() else None
     return json.loads((folder / "state.json").read_text()), best
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from collections.abc import Iterable
 from datetime import timedelta
 from typing import Any
 
@@ -54,9 +55,13 @@ class World:
         """Give every rank rank 0's buffers. DDP broadcasts them before each forward, but each rank's training
         forward then moves its BatchNorm statistics by its own batch, so the ranks would evaluate models that differ
         from each other and from rank 0's, which is the one exported."""
+        self.broadcast_tensors(model.buffers())
+
+    def broadcast_tensors(self, tensors: Iterable[torch.Tensor]) -> None:
+        """Rank 0's values of `tensors` (the same shapes on every rank), in place on every rank."""
         if self.size > 1:
-            for buffer in model.buffers():
-                dist.broadcast(buffer, 0)
+            for tensor in tensors:
+                dist.broadcast(tensor.detach(), 0)
 
     def gather(self, value: Any) -> list[Any]:
         """Every rank's `value` (any picklable object, of any size on each rank), in rank order."""

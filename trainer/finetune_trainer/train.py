@@ -16,8 +16,8 @@ budget is spent or early stopping fires. What it does, in order, for every step:
   that was due, or abandoning one under way at its next batch (the resumed run makes up for it), and
   raises `Terminated`.
 
-With early stopping on, the loop keeps the weights of the best evaluation (in memory and in
-every checkpoint) and puts them back at the end, so the model it leaves is the best one seen,
+With early stopping on, the loop keeps the weights of the best evaluation (rank 0, in memory and in
+every checkpoint) and puts them back on every rank at the end, so the model it leaves is the best one seen,
 not the one that ran `patience` evaluations past it.
 
 It is also the unit a throughput benchmark calls directly: build the model, the optimizer
@@ -259,8 +259,8 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
             log.warning("SIGTERM: left the evaluation at step %d unfinished; the resumed run evaluates", state.step)
             save()
             raise terminated() from None
-        if record_eval(state, metrics, spec, metric) and spec.early_stopping:
-            best = checkpoints.trained_tensors(unwrap(model))
+        if record_eval(state, metrics, spec, metric) and spec.early_stopping and world.main:
+            best = checkpoints.trained_tensors(unwrap(model))  # rank 0's alone (see the end)
         model.train()
         if hooks.on_eval:
             hooks.on_eval(state)
@@ -326,8 +326,12 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
         save()  # the end of training, so that evaluating and exporting can be resumed without training again
         if world.sum([float(sigterm.raised)])[0]:  # it came during the last step or its evaluation: stop here too
             raise terminated()
-    if best is not None and state.best_step != state.step:
-        checkpoints.restore(unwrap(model), best, f"the best weights (step {state.best_step})")
+    # Rank 0 alone keeps the best weights, and the others take them from it: a copy on every rank was one per GPU of a
+    # large model in the node's memory, where the ranks' weights are the same.
+    if world.broadcast(best is not None and state.best_step != state.step):
+        if best is not None:
+            checkpoints.restore(unwrap(model), best, f"the best weights (step {state.best_step})")
+        world.broadcast_tensors(checkpoints.trained(unwrap(model)).values())
         state.restored_best = True
         log.info("restored the weights of step %s, the best evaluation (%s)", state.best_step, state.best)
     return state
