@@ -11,9 +11,10 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from finetune_trainer import prune
-from finetune_trainer.batches import encode_causal, encode_text, epoch_batches, make_collate
+from finetune_trainer.batches import Batch, encode_causal, encode_text, epoch_batches, make_collate
 from finetune_trainer.config import HealSpec, ModelSpec, PruneSpec, Task, TrainerConfig
 from finetune_trainer.data import Split
 from finetune_trainer.errors import ConfigError
@@ -216,6 +217,52 @@ def test_healing_trains_the_kept_layers_back_towards_the_unpruned_models_hidden_
     assert all(p.requires_grad for p in pruned.bert.encoder.parameters())
     for key, value in teacher.state_dict().items():  # the target is left as it was
         assert torch.equal(value, model.state_dict()[key]), key
+
+
+def fp16_heal(teacher: torch.nn.Module, pruned: torch.nn.Module, batches: list[Batch], steps: int) -> dict[str, float]:
+    return prune.heal(pruned, teacher, Task.SEQUENCE_CLASSIFICATION, batches * 3, HealSpec(steps=steps), torch.float16)
+
+
+def test_fp16_healing_scales_its_loss_so_that_small_gradients_do_not_underflow(minilm) -> None:
+    """Healing's gradients pass through fp16 activations under fp16 autocast: a small loss (a model near its target,
+    or many tokens a batch) gave gradients below fp16's least: a third of the layers' linear weights got exactly zero
+    (AdamW never moved them). Scaled by the training loop's GradScaler, none underflow."""
+    model, _, batches = minilm
+    teacher = copy.deepcopy(model)
+    prune.remove_layers(teacher, Task.SEQUENCE_CLASSIFICATION, [1, 2])
+    pruned = copy.deepcopy(teacher)
+    with torch.no_grad():  # a little off its target: a loss near 1e-8
+        pruned.bert.encoder.layer[0].attention.self.query.weight.mul_(1.001)
+    weights = [m.weight for m in pruned.bert.encoder.modules() if isinstance(m, torch.nn.Linear)]
+    zeros = []
+    hook = register_optimizer_step_pre_hook(lambda *_: zeros.append(
+        sum(int((w.grad == 0).sum()) for w in weights) / sum(w.numel() for w in weights)))
+    try:
+        healed = fp16_heal(teacher, pruned, batches, 1)
+    finally:
+        hook.remove()
+    assert len(zeros) == 1 and zeros[0] < 0.01, zeros
+    assert healed["steps"] == 1 and healed["skipped_steps"] == 0, healed
+
+
+def test_an_fp16_healing_step_whose_gradients_overflow_is_skipped_and_counted(minilm) -> None:
+    """As in the training loop, fp16's GradScaler skips a step whose gradients are not finite (and lowers its
+    scale): the weights are those of the steps before it, not NaN."""
+    model, _, batches = minilm
+    teacher = copy.deepcopy(model)
+    healed = []
+    for steps in (1, 2):
+        pruned = copy.deepcopy(model)
+        prune.remove_layers(pruned, Task.SEQUENCE_CLASSIFICATION, [1, 2])
+        backward = iter(range(steps))
+        overflow = pruned.bert.encoder.layer[0].intermediate.dense.weight.register_hook(
+            lambda grad: grad * float("inf") if next(backward) == 1 else grad)  # the second step's gradient
+        healed.append((fp16_heal(teacher, pruned, batches, steps), pruned.state_dict()))
+        overflow.remove()
+    (one, once), (two, twice) = healed
+    for key, value in twice.items():
+        assert torch.equal(value, once[key]), key
+    assert (one["steps"], one["skipped_steps"], two["steps"], two["skipped_steps"]) == (1, 0, 2, 1), healed
 
 
 def test_an_attempt_that_resumes_loads_the_healed_layers_instead_of_healing_again(

@@ -40,6 +40,7 @@ from finetune_trainer.config import HealSpec, PruneSpec, Task
 from finetune_trainer.errors import ConfigError, LossNotFinite
 from finetune_trainer.models import autocast, logits_of
 from finetune_trainer.structure import layer_units, lora_types
+from finetune_trainer.train import grad_scaler, scaled_step, unscaled_norm
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +52,7 @@ OUTPUT_PROJECTIONS = ("attention.output.dense", "attn.c_proj", "self_attn.o_proj
 LATENCY_BATCHES = 8
 LATENCY_ROUNDS = 3
 HEAL_WARMUP = 0.1  # of the healing steps, a linear warmup
+HEAL_MAX_NORM = 1.0  # healing's gradient clipping
 
 
 def layer_stack(model: nn.Module, task: Task) -> tuple[str, nn.ModuleList] | None:
@@ -299,8 +301,9 @@ def heal(model: nn.Module, teacher: nn.Module, task: Task, batches: Iterable[Bat
          dtype: torch.dtype | None = None) -> dict[str, float]:
     """Train the pruned `model`'s layers (not its embeddings or head) so that its last hidden states match
     `teacher`'s, the model before pruning: mean squared error over real tokens, AdamW, clipped at norm 1, in eval
-    mode on both (no dropout: a regression onto fixed targets). Returns the steps, the seconds and the mean cosine
-    of the two models' states on the first batch, before and after."""
+    mode on both (no dropout: a regression onto fixed targets). Under fp16 the loss is scaled as the training loop's
+    is, and a step whose gradients overflow is skipped (counted in the steps; the warmup waits). Returns the steps,
+    those skipped, the seconds and the mean cosine of the two models' states on the first batch, before and after."""
     found = layer_stack(model, task)
     if found is None:
         raise ConfigError(f"rearrange.prune.heal: a {task.value} model has no stack of transformer layers to heal")
@@ -317,9 +320,10 @@ def heal(model: nn.Module, teacher: nn.Module, task: Task, batches: Iterable[Bat
     optimizer = torch.optim.AdamW(params, lr=spec.learning_rate, weight_decay=0.0)
     warmup = max(1, round(spec.steps * HEAL_WARMUP))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+    scaler = grad_scaler(device, dtype)
     started = time.perf_counter()
     first: tuple[Batch, torch.Tensor] | None = None
-    steps = 0
+    steps = skipped = 0
     try:
         for batch in batches:
             if steps == spec.steps:
@@ -335,11 +339,15 @@ def heal(model: nn.Module, teacher: nn.Module, task: Task, batches: Iterable[Bat
             if not torch.isfinite(loss):
                 raise LossNotFinite(f"rearrange.prune.heal: the healing loss is {loss.item()} at step {steps + 1}; "
                                     f"lower rearrange.prune.heal.learningRate ({spec.learning_rate})")
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(params, 1.0)
-            optimizer.step()
-            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)  # none left from before healing
+            scaler.scale(loss).backward()
+            norm = float(unscaled_norm(scaler, optimizer, params, HEAL_MAX_NORM))
+            if scaled_step(scaler, optimizer, norm, lambda: LossNotFinite(
+                    f"rearrange.prune.heal: the gradient norm is {norm} at step {steps + 1}; "
+                    f"lower rearrange.prune.heal.learningRate ({spec.learning_rate})")):
+                scheduler.step()
+            else:
+                skipped += 1
             steps += 1
         if first is None:
             raise ConfigError("rearrange.prune.heal: no batches to heal on")
@@ -350,6 +358,7 @@ def heal(model: nn.Module, teacher: nn.Module, task: Task, batches: Iterable[Bat
             p.requires_grad_(flag)
         model.train(was_training)
     seconds = time.perf_counter() - started
-    log.info("healed the pruned model in %d steps (%.1f s): cosine to the unpruned model's last hidden states "
-             "%.3f -> %.3f", steps, seconds, cosine_before, cosine_after)
-    return {"steps": steps, "seconds": seconds, "cosine_before": cosine_before, "cosine_after": cosine_after}
+    log.info("healed the pruned model in %d steps (%d skipped by fp16's loss scaling, %.1f s): cosine to the unpruned "
+             "model's last hidden states %.3f -> %.3f", steps, skipped, seconds, cosine_before, cosine_after)
+    return {"steps": steps, "skipped_steps": skipped, "seconds": seconds, "cosine_before": cosine_before,
+            "cosine_after": cosine_after}

@@ -36,7 +36,7 @@ import os
 import shutil
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -229,7 +229,7 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
     state = LoopState()
     best: dict[str, torch.Tensor] | None = None  # weights of state.best_step, kept when early stopping is on
     dtype = autocast_dtype(spec.precision, world.device, task)
-    scaler = torch.amp.GradScaler(world.device.type, enabled=dtype == torch.float16)
+    scaler = grad_scaler(world.device, dtype)
     # Every rank was seeded alike (spec.seed), for equal fresh weights: each draws its own dropout masks, and none
     # replays the stream that drew those weights.
     if world.size > 1:
@@ -356,8 +356,7 @@ def train_step(model: nn.Module, micro: list[Batch], task: Task, world: World, d
             loss = loss_sum(logits, batch.labels, task)
             scaler.scale(loss * world.size / max(targets, 1)).backward()
         total_loss += loss.detach()
-    scaler.unscale_(optimizer)
-    norm = nn.utils.clip_grad_norm_(model.parameters(), max_norm)  # on the device; a diverged step is dropped below
+    norm = unscaled_norm(scaler, optimizer, model.parameters(), max_norm)  # on the device; read with the loss below
     # The step's one wait for the device: the loss and the stop flag summed over the ranks, read with the norm (the
     # same on every rank). The flag is asked after the backward: a SIGTERM during this step makes it the last.
     flag = torch.full((), float(stop_requested()), dtype=torch.float64, device=world.device)  # a fill, not a copy
@@ -368,13 +367,35 @@ def train_step(model: nn.Module, micro: list[Batch], task: Task, world: World, d
     if not math.isfinite(loss_value):
         optimizer.zero_grad(set_to_none=True)
         raise diverged(f"the training loss is {loss_value} at step {step}", dtype)
-    if not math.isfinite(grad_norm) and not scaler.is_enabled():  # fp16's scaler skips such a step; others would not
+    scaled_step(scaler, optimizer, grad_norm,
+                lambda: diverged(f"the gradient norm is {grad_norm} at step {step} (the loss is {loss_value})", dtype))
+    return loss_value, grad_norm, int(samples), int(tokens), stop > 0
+
+
+def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:
+    """fp16's loss scaling, off at other precisions: unscaled, the gradients of a small loss underflow fp16 to zero."""
+    return torch.amp.GradScaler(device.type, enabled=dtype == torch.float16)
+
+
+def unscaled_norm(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, params: Iterable[nn.Parameter],
+                  max_norm: float) -> torch.Tensor:
+    """Divide the loss scale out of the gradients and clip them to `max_norm`; returns their norm before clipping,
+    on the device: not finite where fp16's scale made them overflow."""
+    scaler.unscale_(optimizer)
+    return nn.utils.clip_grad_norm_(params, max_norm)
+
+
+def scaled_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, grad_norm: float,
+                diverged: Callable[[], LossNotFinite]) -> bool:
+    """Step on the gradients `unscaled_norm` measured, and clear them; returns whether the step was taken. fp16's
+    scaler skips a step whose gradients are not finite (and lowers its scale); without one they diverged: raises."""
+    if not math.isfinite(grad_norm) and not scaler.is_enabled():
         optimizer.zero_grad(set_to_none=True)
-        raise diverged(f"the gradient norm is {grad_norm} at step {step} (the loss is {loss_value})", dtype)
+        raise diverged()
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
-    return loss_value, grad_norm, int(samples), int(tokens), stop > 0
+    return math.isfinite(grad_norm)
 
 
 def diverged(what: str, dtype: torch.dtype | None) -> LossNotFinite:
