@@ -16,6 +16,7 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from decimal import Decimal
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -444,40 +445,103 @@ def test_extra_env_that_the_operator_s_env_has_already_is_refused_at_install() -
     assert yaml.safe_load(out)["spec"]["template"]["spec"]["containers"][0]["env"][-1] == proxy[0]
 
 
-@pytest.mark.parametrize("resources", [
-    {"limits": {"cpu": 0.5}}, {"requests": {"memory": "four"}}, {"claims": [{"name": "gpu"}]},
-    {"requests": {"cpu": "-1"}}, {"requests": {"cpu": -1}}, {"limits": {"gpu per worker": 1}},
-    {"requests": {"nvidia.com/gpu": 1}}, {"requests": {"nvidia.com/gpu": 1}, "limits": {"nvidia.com/gpu": 2}},
-    {"limits": {"nvidia.com/gpu": "0.5"}}, {"limits": {"nvidia.com/gpu": 1.5}}])
-def test_trainer_resources_the_operator_would_refuse_are_refused_at_install(resources: dict[str, Any]) -> None:
+@pytest.mark.parametrize(("resources", "field"), [
+    ({"limits": {"cpu": 0.5}}, "/trainer/resources/limits/cpu"),
+    ({"requests": {"memory": "four"}}, "/trainer/resources/requests/memory"),
+    ({"claims": [{"name": "gpu"}]}, "/trainer/resources"),
+    ({"requests": {"cpu": "-1"}}, "/trainer/resources/requests/cpu"),
+    ({"requests": {"cpu": -1}}, "/trainer/resources/requests/cpu"),
+    ({"limits": {"gpu per worker": 1}}, "invalid propertyName 'gpu per worker'"),  # Helm's names no key's path
+    ({"requests": {"nvidia.com/gpu": 1}}, "trainer.resources.requests.nvidia.com/gpu"),
+    ({"requests": {"nvidia.com/gpu": 1}, "limits": {"nvidia.com/gpu": 2}}, "trainer.resources.requests.nvidia.com/gpu"),
+    ({"limits": {"nvidia.com/gpu": "0.5"}}, "trainer.resources.limits.nvidia.com/gpu"),
+    ({"limits": {"nvidia.com/gpu": 1.5}}, "/trainer/resources/limits/nvidia.com~1gpu"),
+    ({"limits": {"nvidia.com/gpu": "500m"}}, "trainer.resources.limits.nvidia.com/gpu"),
+    ({"requests": {"nvidia.com/gpu": "1001m"}, "limits": {"nvidia.com/gpu": 1}},
+     "trainer.resources.requests.nvidia.com/gpu"),
+    ({"limits": {"example.com/foo": "9223372036854775808"}}, "trainer.resources.limits.example.com/foo"),
+    ({"limits": {"example.com/foo": 9223372036854775808}}, "trainer.resources.limits.example.com/foo"),
+    ({"limits": {"example.com/foo": "8Ei"}}, "trainer.resources.limits.example.com/foo"),
+    ({"limits": {"example.com/foo": "1e19"}}, "trainer.resources.limits.example.com/foo"),
+    ({"requests": {"cpu": "2"}, "limits": {"cpu": "1500m"}}, "trainer.resources.requests.cpu"),
+    ({"requests": {"cpu": "1.0001"}, "limits": {"cpu": 1}}, "trainer.resources.requests.cpu"),
+    ({"requests": {"memory": "16Gi"}, "limits": {"memory": "16G"}}, "trainer.resources.requests.memory"),
+    ({"requests": {"memory": "1e10"}, "limits": {"memory": "9Gi"}}, "trainer.resources.requests.memory"),
+    ({"requests": {"memory": "1Ei"}, "limits": {"memory": "1152921504606846975"}}, "trainer.resources.requests.memory"),
+    ({"requests": {"ephemeral-storage": "1Ti"}, "limits": {"ephemeral-storage": "1T"}},
+     "trainer.resources.requests.ephemeral-storage"),
+    ({"requests": {"cpu": 1e21}}, "trainer.resources.requests.cpu"),
+])
+def test_trainer_resources_the_operator_would_refuse_are_refused_at_install(resources: dict[str, Any],
+                                                                           field: str) -> None:
     """The schema took any number, string or claim in trainer.resources; the operator refuses what a FineTuneJob's
     spec.runtime.resources refuses (a fractional number, a string that is no quantity, claims, a negative quantity,
-    no resource name, a GPU requested and not limited, or not whole), so helm install went ahead and it never ran."""
+    no resource name, a GPU requested and not limited, or not whole), so helm install went ahead and it never ran.
+    Then the chart took a request above its limit, and an extended resource beyond int64 (or 500m of one)."""
     with pytest.raises(ValidationError):  # the operator refuses it (settings.trainer_resources), so the chart must
         core.ResourceRequirements.model_validate(resources)
     result = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"),
                              "--set-json", "trainer.resources=" + json.dumps(resources)], capture_output=True, text=True)
-    # Helm's schema library names a key it refuses, not the key's path
-    said = "trainer[/.]resources" if "gpu per worker" not in json.dumps(resources) else "invalid propertyName 'gpu per"
-    assert result.returncode != 0 and re.search(said, result.stderr), result.stderr
+    assert result.returncode != 0 and field in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("resources", [
     {"limits": {"example.com/foo": 1000000}}, {"requests": {"nvidia.com/gpu": 0}, "limits": {"nvidia.com/gpu": 0}},
     {"requests": {"nvidia.com/gpu": "+1"}, "limits": {"nvidia.com/gpu": 1}},
     {"requests": {"nvidia.com/gpu": "01"}, "limits": {"nvidia.com/gpu": "1"}}, {"limits": {"nvidia.com/gpu": "2000m"}},
-    {"requests": {"hugepages-2Mi": "1Gi"}, "limits": {"hugepages-2Mi": "1Gi", "memory": "8Gi"}}])
+    {"requests": {"hugepages-2Mi": "1Gi"}, "limits": {"hugepages-2Mi": "1Gi", "memory": "8Gi"}},
+    {"requests": {"nvidia.com/gpu": "1000m"}, "limits": {"nvidia.com/gpu": "1"}},
+    {"limits": {"example.com/foo": "9223372036854775807"}}, {"limits": {"example.com/foo": "7Ei"}},
+    {"limits": {"example.com/foo": "0.5Ki"}},
+    {"requests": {"cpu": "1500m", "memory": "16G"}, "limits": {"cpu": "1.5", "memory": "16Gi"}},
+    {"requests": {"cpu": 1000000, "memory": "1e9"}, "limits": {"cpu": "1M", "memory": "1G"}},
+    {"requests": {"cpu": "0.5", "memory": "1Gi"}, "limits": {"cpu": "500000u", "memory": "1073741824"}},
+    {"requests": {"memory": "1Ei"}, "limits": {"memory": "1152921504606846976"}},
+    {"requests": {"cpu": "+.5", "memory": "0"}, "limits": {"cpu": "5e-1", "memory": "0.0"}},
+    {"requests": {"cpu": 10000000000000000000}}])
 def test_trainer_resources_the_operator_takes_are_taken_at_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                   resources: dict[str, Any]) -> None:
     """The chart's own checks of extended resources refused what the operator takes: a values file's 1000000 (a
-    float to Helm, 1e+06 as text), a request of 0 (empty to `default`), "+1" beside 1; and hugepages-2Mi."""
+    float to Helm, 1e+06 as text), a request of 0 (empty to `default`), "+1" beside 1; and hugepages-2Mi. Its
+    comparisons of quantities must take each spelling of an equal or larger limit."""
     core.ResourceRequirements.model_validate(resources)
-    (values := tmp_path / "values.yaml").write_text(yaml.safe_dump({"trainer": {"resources": resources}}))
+    # JSON, a YAML that quotes each string: PyYAML leaves "5e-1" bare, which Helm reads as a float
+    (values := tmp_path / "values.yaml").write_text(json.dumps({"trainer": {"resources": resources}}))
     subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"), "-f", str(values)],
                    check=True, capture_output=True, text=True)
     ours = operator_settings(monkeypatch, "trainer.resources=" + json.dumps(resources))
     assert {side: {k: str(v) for k, v in found.items()} for side, found in ours.trainer_resources.to_wire().items()
             if found} == {side: {k: str(v) for k, v in found.items()} for side, found in resources.items()}
+
+
+def test_the_chart_orders_quantities_as_the_operator_does(tmp_path: Path) -> None:
+    """The chart's checks of trainer.resources compare quantities as text (finetune-operator.quantity): that order
+    must be the operator's for every spelling, at any size (no float rounds it), and so must what is whole."""
+    helpers = (REPO / "charts" / "finetune-operator" / "templates" / "_helpers.tpl").read_text()
+    assert f"regexMatch `{core.QUANTITY.replace('^[+-]?', '^[+]?', 1)}`" in helpers  # no minus: the schema's to refuse
+    spellings: list[Any] = [
+        "0", "+0", "0.0", ".0", "0e5", "1", "01", "+1", "1.", "1.0", "1000m", "999m", "1001m", ".5", "0.5", "500m",
+        "500000u", "500000000n", "5e-1", "1k", "1000", "1e3", "1E3", "1e+3", "1e-3", "1m", "1n", "1u", "1Ki", "1024",
+        "1.5Ki", "1536", "0.001Ki", "1.024", "16Gi", "16G", "17179869184", "17179869184000m", "8Ei", "7Ei",
+        "9223372036854775807", "9223372036854775808", "9223372036854775806", "10E", "1E", "1Ei", "1e18", "1P",
+        "1Pi", "1T", "1Ti", "1M", "1Mi", "1e999", "9e998", "1e-999", "123456789012345678901234567890.123456789",
+        "123456789012345678901234567890.12345679", 0, 7, 1024, 1000000, 9223372036854775807, 10000000000000000000]
+    chart = tmp_path / "chart"
+    shutil.copytree(REPO / "charts" / "finetune-operator", chart)
+    (chart / "templates" / "orders.yaml").write_text(
+        "apiVersion: v1\nkind: ConfigMap\nmetadata: {name: orders}\ndata:\n{{- range $i, $q := .Values.spellings }}\n"
+        '  "{{ $i }}": {{ include "finetune-operator.quantity" $q | quote }}\n{{- end }}\n')
+    (values := tmp_path / "values.yaml").write_text(json.dumps({"spellings": spellings}))  # numbers: floats to Helm
+    out = subprocess.run([helm(), "template", "fto", str(chart), "-f", str(values), "--skip-schema-validation",
+                          "--show-only", "templates/orders.yaml"], check=True, capture_output=True, text=True).stdout
+    ours = [json.loads(v) for _, v in sorted(yaml.safe_load(out)["data"].items(), key=lambda kv: int(kv[0]))]
+    # The operator reads a float as Helm's toJson writes it, its shortest digits: 9223372036854775807 as ...6000
+    theirs = [Decimal(repr(float(v))) if isinstance(v, int) else core.quantity_value(v) for v in spellings]
+    for a, (ours_a, theirs_a) in enumerate(zip(ours, theirs, strict=True)):
+        assert ours_a["whole"] == (theirs_a == theirs_a.to_integral_value()), spellings[a]
+        for b, (ours_b, theirs_b) in enumerate(zip(ours, theirs, strict=True)):
+            assert (ours_a["order"] < ours_b["order"]) == (theirs_a < theirs_b), (spellings[a], spellings[b])
+            assert (ours_a["order"] == ours_b["order"]) == (theirs_a == theirs_b), (spellings[a], spellings[b])
 
 
 @pytest.mark.parametrize(("value", "path"), [

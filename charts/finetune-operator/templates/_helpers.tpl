@@ -68,15 +68,49 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- .Values.networkPolicy.namespaces | default .Values.watchNamespaces | default (list .Release.Namespace) | toJson }}
 {{- end }}
 
-{{/* A quantity written as a whole number (8, "+8", "08", 8.0 from a values file), as its digits; "" for any other
-  spelling (500m, 1k, 1.5), which the operator judges itself. */}}
-{{- define "finetune-operator.digits" -}}
-{{- if and (kindIs "float64" .) (eq (floor .) .) }}
-{{- int64 . }}
-{{- else if or (kindIs "int" .) (kindIs "int64" .) }}
-{{- . }}
-{{- else if regexMatch "^[+]?[0-9]+$" (toString .) }}
-{{- regexReplaceAll "^[+]?0*([0-9])" (toString .) "${1}" }}
+{{/* A quantity (8, "+8", "500m", "1.5Gi", "1e3") as the operator reads it, exactly at any size (no float): "order",
+  text whose string order is the quantities' order (equal text, equal quantity), "whole", and "text" as read; {} for
+  what is no quantity (the schema's to refuse). A values file's number is a float to Helm, which the operator gets as
+  toJson writes it: the shortest digits (9223372036854775807 comes as 9223372036854776000), 1e+21 from 1e21 on. */}}
+{{- define "finetune-operator.quantity" -}}
+{{- $text := ternary (toJson .) (toString .) (kindIs "float64" .) }}
+{{- if regexMatch `^[+]?([0-9]+(\.[0-9]*)?|\.[0-9]+)(([KMGTPE]i)|[numkMGTPE]|[eE][+-]?[0-9]{1,3})?$` $text }}
+{{- $parts := `^[+]?([0-9]*)[.]?([0-9]*)(.*)$` }}
+{{- $fraction := regexReplaceAll $parts $text "${2}" }}
+{{- $digits := printf "%s%s" (regexReplaceAll $parts $text "${1}") $fraction }}
+{{- $suffix := regexReplaceAll $parts $text "${3}" }}
+{{- $binary := dict "Ki" 1 "Mi" 2 "Gi" 3 "Ti" 4 "Pi" 5 "Ei" 6 }}
+{{- $decimal := dict "n" -9 "u" -6 "m" -3 "" 0 "k" 3 "M" 6 "G" 9 "T" 12 "P" 15 "E" 18 }}
+{{- $exponent := sub 0 (len $fraction) }}
+{{- if hasKey $binary $suffix }}
+{{- /* times 1024, digit by digit from the last */}}
+{{- range until (index $binary $suffix) }}
+{{- $carry := 0 }}
+{{- $product := "" }}
+{{- range reverse (splitList "" $digits) }}
+{{- $carry = add (mul (atoi .) 1024) $carry }}
+{{- $product = printf "%d%s" (mod $carry 10) $product }}
+{{- $carry = div $carry 10 }}
+{{- end }}
+{{- $digits = printf "%d%s" $carry $product }}
+{{- end }}
+{{- else if hasKey $decimal $suffix }}
+{{- $exponent = add $exponent (index $decimal $suffix) }}
+{{- else }}
+{{- $exponent = add $exponent (atoi (regexReplaceAll "^[eE][+]?" $suffix "")) }}
+{{- end }}
+{{- $digits = regexReplaceAll "^0+" $digits "" }}
+{{- $significant := regexReplaceAll "0+$" $digits "" }}
+{{- $exponent = add $exponent (sub (len $digits) (len $significant)) }}
+{{- if $significant }}
+{{- /* "1", the magnitude (offset, so never negative) at a fixed width, then the digits padded: zero is "0" */}}
+{{- $order := printf "1%07d%s" (add 1000000 $exponent (len $significant)) (printf "%-128s" $significant | replace " " "0") }}
+{{- toJson (dict "order" $order "whole" (ge $exponent 0) "text" $text) }}
+{{- else }}
+{{- toJson (dict "order" "0" "whole" true "text" $text) }}
+{{- end }}
+{{- else }}
+{{- "{}" }}
 {{- end }}
 {{- end }}
 
