@@ -564,6 +564,28 @@ def test_trainer_pod_settings_the_operator_would_refuse_are_refused_at_install(
     assert result.returncode != 0 and path in result.stderr, result.stderr
 
 
+SCRAPE = {"prometheus.io/scrape": "true", "prometheus.io/port": "9090", "prometheus.io/path": "/metrics"}
+
+
+@pytest.mark.parametrize(("annotations", "taken"), [
+    ({f"example.com/a{i}": "x" for i in range(61)}, True), ({f"example.com/a{i}": "x" for i in range(62)}, False),
+    ({f"example.com/a{i}": "x" for i in range(62)} | {"prometheus.io/port": "9091", "prometheus.io/path": "/m"}, False),
+    ({f"example.com/a{i}": "x" for i in range(61)} | dict.fromkeys(SCRAPE, "false"), True)])  # 64 with the user's
+def test_trainer_pod_annotations_and_the_scrape_annotations_are_at_most_the_operator_s_64(
+        monkeypatch: pytest.MonkeyPatch, annotations: dict[str, str], taken: bool) -> None:
+    """The schema takes 64 trainer.podAnnotations, and the operator at most 64 in all: with the scrape toggle's 3
+    (where the user's do not set them), 62 to 64 passed helm install and the operator exited at start."""
+    values = ("prometheusScrapeAnnotations.enabled=true", "trainer.podAnnotations=" + json.dumps(annotations))
+    if taken:
+        assert operator_settings(monkeypatch, *values).trainer_pod_annotations == SCRAPE | annotations
+        return
+    with pytest.raises(ValidationError):  # the operator refuses it, so the chart must
+        settings.Settings(trainer_pod_annotations=SCRAPE | annotations)
+    result = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"),
+                             *[a for v in values for a in ("--set-json", v)]], capture_output=True, text=True)
+    assert result.returncode != 0 and "trainer.podAnnotations" in result.stderr, result.stderr
+
+
 def test_trainer_pod_settings_the_schema_takes_reach_the_operator(monkeypatch: pytest.MonkeyPatch) -> None:
     annotations = {"example.com/team": "a", "owner": "b"}
     ours = operator_settings(monkeypatch, "trainer.imagePullSecrets=" + json.dumps(["regcred", "ghcr.io-pull"]),

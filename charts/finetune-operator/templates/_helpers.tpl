@@ -54,13 +54,18 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- .Values.trainer.image | default (printf "ghcr.io/finetune-dev/trainer:%s" .Chart.AppVersion) }}
 {{- end }}
 
-{{/* Annotations the operator puts on every trainer pod: the chart's scrape toggle, then the user's. */}}
+{{/* Annotations the operator puts on every trainer pod: the chart's scrape toggle, then the user's. The schema bounds
+  the user's at the operator's 64; the operator counts the scrape toggle's too (those the user's do not set). */}}
 {{- define "finetune-operator.trainerPodAnnotations" -}}
 {{- $scrape := dict }}
 {{- if .Values.prometheusScrapeAnnotations.enabled }}
 {{- $scrape = dict "prometheus.io/scrape" "true" "prometheus.io/port" "9090" "prometheus.io/path" "/metrics" }}
 {{- end }}
-{{- merge (dict) .Values.trainer.podAnnotations $scrape | toJson }}
+{{- $all := merge (dict) .Values.trainer.podAnnotations $scrape }}
+{{- if gt (len $all) 64 }}
+{{- fail (printf "trainer.podAnnotations: %d, and prometheusScrapeAnnotations' %d, make %d annotations on each trainer pod; the operator takes at most 64" (len .Values.trainer.podAnnotations) (sub (len $all) (len .Values.trainer.podAnnotations)) (len $all)) }}
+{{- end }}
+{{- toJson $all }}
 {{- end }}
 
 {{/* Where the NetworkPolicy goes: its own list, else the watched namespaces, else the release's. */}}
