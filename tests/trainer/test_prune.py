@@ -263,6 +263,9 @@ def test_an_fp16_healing_step_whose_gradients_overflow_is_skipped_and_counted(mi
     for key, value in twice.items():
         assert torch.equal(value, once[key]), key
     assert (one["steps"], one["skipped_steps"], two["steps"], two["skipped_steps"]) == (1, 0, 2, 1), healed
+    from finetune_trainer.export import heal_lines
+
+    assert "skipped" not in heal_lines(one)[1] and "2 steps, 1 of them skipped by fp16's loss scaling" in heal_lines(two)[1]
 
 
 def test_an_attempt_that_resumes_loads_the_healed_layers_instead_of_healing_again(

@@ -318,8 +318,9 @@ def removed_line(pruning: dict[str, Any]) -> str:
 def heal_lines(heal: dict[str, float] | None) -> list[str]:
     if not heal:
         return []
-    return ["", f"Healed in {heal['steps']} steps ({heal['seconds']:.0f} s) towards the unpruned model's last hidden "
-                f"states: their mean cosine on a training batch went from {heal['cosine_before']:.3f} to "
+    skipped = f", {heal['skipped_steps']} of them skipped by fp16's loss scaling" if heal.get("skipped_steps") else ""
+    return ["", f"Healed in {heal['steps']} steps{skipped} ({heal['seconds']:.0f} s) towards the unpruned model's last "
+                f"hidden states: their mean cosine on a training batch went from {heal['cosine_before']:.3f} to "
                 f"{heal['cosine_after']:.3f}."]
 
 
