@@ -67,6 +67,14 @@ def test_a_single_process_gets_no_service_nor_subdomain() -> None:
     assert [o["kind"] for o in children.attempt_children(doc, spec, 1, SETTINGS)] == ["ConfigMap", "Service", "Job"]
 
 
+def test_rank_0s_success_is_the_jobs_and_stops_the_peers_still_in_their_teardown() -> None:
+    """Rank 0 exports the model; a peer that hung or failed in its teardown after it failed or held the Job."""
+    doc, spec = ftj(runtime={"workers": 2})
+    assert children.job(doc, spec, 1, SETTINGS)["spec"]["successPolicy"] == {"rules": [{"succeededIndexes": "0"}]}
+    doc, spec = ftj()
+    assert "successPolicy" not in children.job(doc, spec, 1, SETTINGS)["spec"]  # one index: its success is the Job's
+
+
 def test_the_service_is_headless_and_publishes_unready_pods() -> None:
     doc, _ = ftj()
     svc = children.service(doc, 1)["spec"]

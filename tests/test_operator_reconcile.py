@@ -157,6 +157,64 @@ def test_a_job_whose_pods_cannot_be_created_says_why() -> None:
     assert "service account" in [c["message"] for c in status["conditions"] if c["type"] == "Scheduled"][0]
 
 
+def test_a_gang_with_a_pod_the_job_controller_could_not_create_is_not_running_and_says_why() -> None:
+    """Two workers, and a quota that let the Job controller create only one pod: the job showed Running ("1
+    worker(s) running", Scheduled and Training Events) until torchrun's rendezvous timed out and a counted failure
+    followed, and the quota's FailedCreate was never read once a pod existed."""
+    from finetune_operator import handlers
+
+    spec = {"runtime": EXAMPLE["spec"]["runtime"] | {"workers": 2}}
+    quota = ("FailedCreate", 'Error creating: pods "ft-1-1-x" is forbidden: exceeded quota: gpus')
+    made = after(decide(Observed(body(**spec), [], [], NOW)))
+    one = [pod(index=0)]
+    for rank in (0, 1):  # whichever pod is missing
+        half = after(decide(Observed(body(made, **spec), [job(workers=2, ready=1)], [pod(index=rank)], NOW,
+                                     job_warning=quota)), made)
+        assert half["phase"] == "Pending" and conditions(half)["Scheduled"] == ("False", "FailedCreate"), half
+        assert "Running" not in conditions(half)
+        slow = after(decide(Observed(body(made, **spec), [job(workers=2, ready=1)], [pod(index=rank)], NOW)), made)
+        assert slow["phase"] == "Pending" and "Running" not in conditions(slow)
+    whole = after(decide(Observed(body(made, **spec), [job(workers=2, active=2)], [pod(), pod(index=1)], NOW)), made)
+    assert whole["phase"] == "Running"
+    # A worker that finished before rank 0 leaves the gang running.
+    ahead = [pod(), pod(index=1, phase="Succeeded", exit_code=0)]
+    assert after(decide(Observed(body(whole, **spec), [job(workers=2, succeeded=1)], ahead, NOW)), whole)["phase"] \
+        == "Running"
+    # The operator reads the Job's Warning Events while a pod of the gang is missing, and not once it has all.
+    asked: list[str] = []
+
+    class Events:
+        def of(self, _clients: Any, _ns: str, name: str) -> dict[str, tuple[str, str]]:
+            asked.append(name)
+            return {"FailedCreate": ("2026-12-01T12:00:05Z", quota[1])}
+
+    made_at = {"created": "2026-12-01T11:59:00Z", "complete": False, "failure": None}
+    seen = Observed(body(made), [job(workers=2, **made_at)], one, NOW)
+    assert handlers._job_warning(None, Events(), seen, "ns") == quota and asked == ["ft-1"]
+    seen = Observed(body(made), [job(workers=2, **made_at)], [*one, pod(index=1)], NOW)
+    assert handlers._job_warning(None, Events(), seen, "ns") is None and asked == ["ft-1"]
+
+
+def test_rank_0s_success_stands_when_a_peer_fails_in_its_teardown_after_it() -> None:
+    """Rank 0 exported the model and exited 0, then a peer's teardown failed (or the user deleted a peer stuck in
+    it): the Job failed, and the job was retried, or failed at backoffLimit 0 with its evaluation lost. The Job is
+    made with rank 0's success policy (test_operator_children), which completes it then on Kubernetes 1.31 on."""
+    spec = {"runtime": EXAMPLE["spec"]["runtime"] | {"workers": 2}}
+    done = {"stage": "Done", "exitCode": 0, "evaluation": {"baseline": {"accuracy": 0.41}, "final": {"accuracy": 0.66}}}
+    running = after(decide(Observed(body({"attempts": 1}, **spec), [job(workers=2, active=2)], [pod(), pod(index=1)],
+                                    NOW)))
+    pods = [pod(phase="Succeeded", exit_code=0, message=done),
+            pod(index=1, phase="Failed", exit_code=143, message={"exitCode": 143, "reason": "Terminated"})]
+    failed = job(workers=2, active=0, succeeded=1, failed=1, failure={"reason": "BackoffLimitExceeded", "message": ""})
+    status = after(decide(Observed(body(running, backoffLimit=0, **spec), [failed], pods, NOW)), running)
+    assert status["phase"] == "Succeeded" and status["evaluation"]["final"] == {"accuracy": 0.66}
+    assert not status.get("failures") and status["attempts"] == 1
+    # Rank 0 done but a peer failing before it ended, or the peer's failure alone, is a failure as before.
+    early = [pod(phase="Failed", exit_code=2, message={"exitCode": 2, "stage": "Training"}), pods[1]]
+    assert after(decide(Observed(body(running, backoffLimit=0, **spec), [failed], early, NOW)), running)["phase"] \
+        == "Failed"
+
+
 def test_a_jobs_warnings_from_before_it_was_made_are_not_its_own() -> None:
     """A FineTuneJob deleted and made again under its name makes a Job of the old one's name: the old Job's
     FailedCreate (a quota since raised) stayed an hour under that name and was shown as the new Job's."""
@@ -635,28 +693,29 @@ def test_a_job_and_pods_the_index_kept_after_a_relist_are_listed_now_and_then_an
 class Apiserver(Listing):
     """Listing that also takes the tick's status patch (kept) and its Event lists (none)."""
 
-    def __init__(self) -> None:
+    def __init__(self, version: str = "1") -> None:
         super().__init__([], [])
         self.patches: list[dict[str, Any]] = []
+        self.version = version  # what a status patch makes
 
     def call(self, method: str, path: str, body: Any = None, **query: object) -> bytes:
         if method == "PATCH":
             self.patches.append(body["status"])
-            return b"{}"
+            return json.dumps({"metadata": {"name": "ft", "resourceVersion": self.version}}).encode()
         if path.endswith("/events"):
             return b'{"items": []}'
         return super().call(method, path, body, **query)
 
 
 def ticked(live: dict[str, Any], indexes: tuple[dict[Any, Any], dict[Any, Any]], checks: Any = None,
-           written: Any = None) -> Apiserver:
+           written: Any = None, makes: str = "1") -> Apiserver:
     """One `handlers._reconcile` of the FineTuneJob `live`, its (jobs, pods) indexes as given; the calls it made."""
     import kopf
 
     from finetune_operator import handlers
     from finetune_operator.settings import Settings
 
-    apiserver = Apiserver()
+    apiserver = Apiserver(makes)
     memo = kopf.Memo(settings=Settings(), clients=apiserver, slow_scrapes=handlers.SlowScrapes(2.0),
                      child_checks=checks or handlers.ChildChecks(),
                      written=handlers.Written() if written is None else written, job_warnings=handlers.Warnings("Job"),
@@ -705,42 +764,51 @@ def test_a_tick_lists_the_children_of_a_job_whose_metrics_it_cannot_read_and_not
     assert "progress" not in answered.patches[0] and conditions(answered.patches[0])["Restarting"][1] == "JobDeleted"
 
 
-def test_a_tick_on_the_copy_its_last_transition_was_decided_on_does_not_repeat_it(
+def test_a_tick_on_a_copy_older_than_the_operators_writes_decides_on_them_and_repeats_no_transition(
         monkeypatch: pytest.MonkeyPatch) -> None:
-    """kopf hands a timer the latest copy its watch has; under load the next tick came before the watch brought back
-    the last tick's write, decided on the status before it and made the same transition again: a second Completed
-    Event and a completionTime moved to the second tick's time. Another version (the write arrived, or another
-    writer's since) is decided as it reads."""
+    """kopf hands a timer the latest copy its watch has; under load a tick came before the watch brought back the
+    earlier ticks' writes (a progress update, then the end), decided on the status before them and made the same
+    transition again: a second Completed Event and a completionTime moved to that tick's time. Until the watch
+    brings the last write's version, a tick decides on its copy with the writes applied; a later version (another
+    writer's) is decided as it reads."""
     import kopf
 
     from finetune_operator import handlers
 
     events: list[str] = []
     monkeypatch.setattr(kopf, "event", lambda *_, reason, **__: events.append(reason))
+    monkeypatch.setattr(handlers, "scrape", lambda *_, **__: {"stage": "Training", "step": 5.0, "total_steps": 10.0})
     made = after(decide(Observed(body(), [], [], NOW)))
     running = after(decide(Observed(body(made), [job(ready=1)], [pod()], NOW)), made)
     done = {"stage": "Done", "exitCode": 0, "evaluation": {"baseline": {"accuracy": 0.4}, "final": {"accuracy": 0.6}}}
-    indexes = ({("ns", "ft"): [job(complete=True, active=0, succeeded=1)]},
-               {("ns", "ft"): [pod(phase="Succeeded", exit_code=0, message=done)]})
+    training = ({("ns", "ft"): [job(ready=1)]}, {("ns", "ft"): [pod()]})
+    ended = ({("ns", "ft"): [job(complete=True, active=0, succeeded=1)]},
+             {("ns", "ft"): [pod(phase="Succeeded", exit_code=0, message=done)]})
     copy = body(running)
     copy["metadata"]["resourceVersion"] = "10"
+
+    def at(version: str, status: dict[str, Any]) -> dict[str, Any]:
+        return body(status) | {"metadata": copy["metadata"] | {"resourceVersion": version}}
+
     written = handlers.Written()
-    first = ticked(copy, indexes, written=written)
+    progressed = ticked(copy, training, written=written, makes="11").patches[0]  # a read's progress: version 11
+    assert progressed["progress"]["step"] == 5 and not events
+    first = ticked(copy, ended, written=written, makes="12")  # still on 10: the end, version 12
     assert first.patches[0]["phase"] == "Succeeded" and events == ["Completed"]
-    wrote = merged(running, first.patches[0])
     time.sleep(1.1)  # completionTime has seconds: a repeat would move it
-    again = ticked(copy, indexes, written=written)
-    assert events == ["Completed"] and not again.patches
-    arrived = body(wrote) | {"metadata": copy["metadata"] | {"resourceVersion": "11"}}
-    assert not ticked(arrived, indexes, written=written).patches and events == ["Completed"]
+    assert not ticked(copy, ended, written=written).patches and events == ["Completed"]
+    in_between = at("11", merged(running, progressed))  # the watch brings the progress write, not yet the end
+    assert not ticked(in_between, ended, written=written).patches and events == ["Completed"]
+    arrived = at("12", merged(merged(running, progressed), first.patches[0]))
+    assert not ticked(arrived, ended, written=written).patches and written.by_uid == {}
     # Another writer set the status back since: decided on what it says, so nothing stops the job's reconciles.
-    reset = body(running) | {"metadata": copy["metadata"] | {"resourceVersion": "12"}}
-    assert ticked(reset, indexes, written=written).patches[0]["phase"] == "Succeeded" and events == ["Completed"] * 2
-    # A transition is kept for the next ticks; an entry no version replaced goes once it is old.
-    assert set(written.by_uid) == {"u"}
+    assert ticked(at("13", running), ended, written=written).patches[0]["phase"] == "Succeeded"
+    assert events == ["Completed"] * 2
+    # An entry the watch never caught up with (a deleted job's) goes once it is old.
+    written.wrote(at("13", running), {"phase": "Failed"}, "99")
+    assert written.status(at("13", running))["phase"] == "Failed"
     monkeypatch.setattr(handlers, "WRITTEN_KEEP_SECONDS", 0.0)
-    written.wrote(body(running) | {"metadata": copy["metadata"] | {"uid": "other"}}, {})
-    assert set(written.by_uid) == {"other"}
+    assert written.status(at("13", running)) == running and written.by_uid == {}
 
 
 def test_a_retried_attempt_that_waits_shows_what_it_waits_for_as_the_reason() -> None:

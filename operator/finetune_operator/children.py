@@ -235,6 +235,9 @@ def job(ftj: dict[str, Any], spec: api.FineTuneJobSpec, attempt: int, settings: 
             "backoffLimit": 0,  # the operator owns retries: whole-gang attempts
             # A disruption fails the Job with a reason that outlives the evicted pod (outcome.DISRUPTION_RULE).
             "podFailurePolicy": {"rules": [{"action": "FailJob", "onPodConditions": [{"type": "DisruptionTarget"}]}]},
+            # Rank 0 exports the model: its success is the run's, and the Job controller stops peers still in their
+            # teardown (Kubernetes 1.31 on; an older apiserver drops the field, and the operator decides the same).
+            **({"successPolicy": {"rules": [{"succeededIndexes": "0"}]}} if rt.workers > 1 else {}),
             "suspend": False,
             "template": {
                 "metadata": {"labels": pod.labels | meta["labels"], "annotations": settings.trainer_pod_annotations | pod.annotations},

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import re
 import logging
 import sys
 import threading
@@ -30,7 +31,7 @@ from finetune_operator.diffbase import SpecDiffBase
 from finetune_operator.api import ConditionType as T
 from finetune_operator.scrape import TIMEOUT_SECONDS, ScrapeError, scrape
 from finetune_operator.settings import Settings
-from finetune_operator.status import STALE_AFTER_SECONDS, merged, not_started, status_patch
+from finetune_operator.status import STALE_AFTER_SECONDS, composed, merged, not_started, status_patch
 
 log = logging.getLogger("finetune_operator")
 PREFIX = "finetune.dev"
@@ -290,32 +291,45 @@ WRITTEN_KEEP_SECONDS = 300.0
 
 
 class Written:
-    """The status each job's latest transition wrote, with the resourceVersion of the copy it was decided on. kopf
-    hands a timer the latest copy its watch has, and under load a tick can come before the watch brings back the
-    previous tick's write: decided on the status before it, the transition came again (a second Event, a moved
-    completionTime, a failure counted twice). A tick on that same copy decides on the status as written; any other
-    version (ours, or another writer's since) is read as it is. Only transitions are kept: a progress update decided
-    again on an old copy writes the same. An entry whose version the watch never replaced goes after
-    WRITTEN_KEEP_SECONDS (a deleted job's)."""
+    """The status changes the operator wrote that kopf's watch has not brought back yet, by job uid, with the
+    resourceVersion the last of them made. kopf hands a timer the latest copy its watch has, and under load a tick
+    came before the watch brought back an earlier tick's write: decided on the status before it, a transition came
+    again (a second Event, a moved completionTime, a failure counted twice). Until a copy of that version (or a
+    later one) comes, a tick decides on its copy with the changes applied, which is what the apiserver holds: status
+    has one writer. An entry goes when the watch brings its version, or after WRITTEN_KEEP_SECONDS (a deleted job's,
+    or versions that are no numbers to compare)."""
 
     def __init__(self) -> None:
-        self.by_uid: dict[str, tuple[float, str, dict[str, Any]]] = {}  # (written at, version decided on, status)
+        self.by_uid: dict[str, tuple[float, str, dict[str, Any]]] = {}  # (written at, version made, changes)
 
     def status(self, body: dict[str, Any]) -> dict[str, Any]:
+        self._sweep()
         meta = body["metadata"]
         entry = self.by_uid.get(meta["uid"])
-        if entry is not None and entry[1] == meta.get("resourceVersion"):
-            log.debug("%s/%s: decided on the status its last tick wrote (the watch has not brought it yet)",
-                      meta.get("namespace"), meta.get("name"))
-            return entry[2]
-        self.by_uid.pop(meta["uid"], None)
-        return body["status"]
+        if entry is None:
+            return body["status"]
+        if _not_older(meta.get("resourceVersion", ""), entry[1]):
+            self.by_uid.pop(meta["uid"], None)
+            return body["status"]
+        log.debug("%s/%s: decided with the status changes the watch has not brought yet", meta.get("namespace"),
+                  meta.get("name"))
+        return merged(body["status"], entry[2])
 
-    def wrote(self, body: dict[str, Any], changes: dict[str, Any]) -> None:
+    def wrote(self, body: dict[str, Any], changes: dict[str, Any], version: str) -> None:
+        """`changes` were written onto `body`'s status as `status` gave it, making `version`."""
+        entry = self.by_uid.get(body["metadata"]["uid"])
+        earlier = entry[2] if entry else {}
+        self.by_uid[body["metadata"]["uid"]] = (time.monotonic(), version, composed(earlier, changes))
+
+    def _sweep(self) -> None:
         for expired in _expired(self.by_uid, WRITTEN_KEEP_SECONDS):
             self.by_uid.pop(expired, None)
-        meta = body["metadata"]
-        self.by_uid[meta["uid"]] = (time.monotonic(), meta.get("resourceVersion", ""), merged(body["status"], changes))
+
+
+def _not_older(version: str, than: str) -> bool:
+    """Whether the object at `version` holds what was written at `than`. resourceVersions are opaque to clients, but
+    etcd's are increasing integers; any others are compared for equality alone."""
+    return version == than or version.isdigit() and than.isdigit() and int(version) > int(than)
 
 
 def _in_doubt(seen: reconcile.Observed) -> bool:
@@ -367,10 +381,11 @@ def _expired(entries: dict[Any, Any], ttl: float, when: Callable[[Any], float] =
 
 
 def _job_warning(clients: Clients, warnings: Warnings, seen: reconcile.Observed, ns: str) -> tuple[str, str] | None:
-    """The latest Warning Event of the current attempt's Job when it still has no pods."""
+    """The latest Warning Event of the current attempt's Job while it lacks some of its pods (one per worker)."""
     attempt = reconcile.current_attempt(seen.body["status"], seen.jobs)
     job = next((j for j in seen.jobs if j["attempt"] == attempt), None)
-    if job is None or job["complete"] or job["failure"] or any(p["attempt"] == attempt for p in seen.pods):
+    if job is None or job["complete"] or job["failure"] or sum(
+            p["attempt"] == attempt for p in seen.pods) >= job.get("workers", 1):
         return None
     created = outcome.parse_time(job["created"]) if job["created"] else seen.now
     if (seen.now - created).total_seconds() < PODLESS_GRACE_SECONDS:
@@ -578,27 +593,33 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
         _delete_self(clients, name, ns)
         return
     changes = status_patch(seen.body["status"], decision.status)
-    _patch_status(clients, ns, name, changes)
-    if decision.events:
-        memo.written.wrote(seen.body, changes)
+    if version := _patch_status(clients, ns, name, changes):
+        memo.written.wrote(seen.body, changes, version)
     _record(body, seen, decision)  # once the status holds the transitions: a refused patch posts no Event twice
     if held:  # the status says why; kopf tries again after the delay
         raise kopf.TemporaryError(str(held), delay=held.delay)
 
 
-def _patch_status(clients: Clients, ns: str, name: str, changes: dict[str, Any]) -> None:
+def _patch_status(clients: Clients, ns: str, name: str, changes: dict[str, Any]) -> str | None:
     """The status merge patch, sent here and not through kopf's `patch`: kopf sends a timer's patch after the
     handler returns, and one that failed there (a 422, or an apiserver down for longer than kopf's ~54 s of retries)
     ended the timer for good, so the job was never reconciled again until the operator restarted. A failure here is
-    the tick's (`tick` makes it a TemporaryError), and the timer ticks again."""
+    the tick's (`tick` makes it a TemporaryError), and the timer ticks again. Returns the resourceVersion the write
+    made (None: nothing written)."""
     if not changes:
-        return
+        return None
     try:
-        clients.call("PATCH", api_path(ns, api.PLURAL, name, group=api.GROUP, version=api.VERSION) + "/status",
-                     {"status": changes}, content_type="application/merge-patch+json")
+        answer = clients.call("PATCH", api_path(ns, api.PLURAL, name, group=api.GROUP, version=api.VERSION) + "/status",
+                              {"status": changes}, content_type="application/merge-patch+json")
     except ApiException as exc:
         if exc.status != 404:  # deleted meanwhile: nothing to write
             raise
+        return None
+    found = RESOURCE_VERSION.search(answer)  # metadata's, the first: the whole answer is not worth decoding
+    return found[1].decode() if found else None
+
+
+RESOURCE_VERSION = re.compile(rb'"resourceVersion"\s*:\s*"([^"]*)"')
 
 
 def _record(body: kopf.Body, seen: reconcile.Observed, decision: reconcile.Decision) -> None:

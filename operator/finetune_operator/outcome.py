@@ -211,6 +211,7 @@ def job_summary(job: dict[str, Any]) -> dict[str, Any]:
         "name": job["metadata"]["name"],
         "uid": _owner_uid(job["metadata"]),
         "attempt": int(job["metadata"].get("labels", {}).get(ATTEMPT_LABEL, 0)),
+        "workers": (job.get("spec") or {}).get("parallelism", 1),  # the pods it runs at once: one per worker
         "active": status.get("active", 0),
         "ready": status.get("ready", 0),
         "succeeded": status.get("succeeded", 0),
@@ -303,23 +304,31 @@ def attempt_outcome(job: dict[str, Any] | None, pods: list[dict[str, Any]],
                     job_warning: tuple[str, str] | None = None, pod_warning: tuple[str, str] | None = None) -> Outcome:
     """Where the current attempt stands, from its Job and pods (either may lag the other).
 
-    `job_warning` is the latest Warning Event of a Job that has no pods yet (e.g. FailedCreate:
+    `job_warning` is the latest Warning Event of a Job that lacks some of its pods (e.g. FailedCreate:
     a missing ServiceAccount, a quota, Pod Security), and `pod_warning` the Warning Event of a pod
     whose containers are long in being created (a volume that does not mount), so that neither is
     a silent Pending."""
     if job is None:
         return Outcome(State.PENDING, "Creating", "creating the attempt's objects")
     rank0 = next((p for p in pods if p["index"] == 0), None)
+    ended = (rank0 or {}).get("terminated") or {}
+    result = ended.get("message", {})
     if job["complete"]:
-        result = (rank0 or {}).get("terminated", {}).get("message", {})
         return Outcome(State.SUCCEEDED, "Completed", "every worker finished", result=result)
+    # Rank 0 exported the model and exited 0, and a peer failed in its teardown after it, failing the Job: the run
+    # succeeded. (A Job made with rank 0's success policy is complete by then; one an apiserver before 1.31 made is
+    # not. A peer that hangs instead is NotExiting, as before the policy.)
+    if ended.get("exitCode") == EXIT_OK and result.get("exitCode") == EXIT_OK and result.get("stage") == "Done" and (
+            all(p.get("terminated") for p in pods)):
+        return Outcome(State.SUCCEEDED, "Completed", "rank 0 finished; a worker failed after it", result=result)
     if job.get("suspended"):  # its pods, stopped by the Job controller, did not fail
         return Outcome(State.PENDING, "Queued", f"the Job {job['name']} is suspended by its queue (Kueue): it waits "
                                                 "to be admitted", queued=True)
     pods = [p for p in pods if not _stopped_before_this_admission(p, job)]
     if job["failure"] or any(p["phase"] == "Failed" for p in pods):
         return failure_cause(job, pods)
-    if not pods and job_warning:
+    workers = job.get("workers", 1)
+    if len(pods) < workers and job_warning:  # a pod the Job controller could not create (a quota, Pod Security)
         reason, message = job_warning
         return Outcome(State.PENDING, reason, message, not_created=message)
     unschedulable = next((p["unschedulable"] for p in pods if p["unschedulable"]), None)
@@ -332,7 +341,9 @@ def attempt_outcome(job: dict[str, Any] | None, pods: list[dict[str, Any]],
                        stuck=True)
     if pod_warning:  # not a failure: the user can still create the Secret, or free the claim
         return Outcome(State.PENDING, *pod_warning, stuck=True)
+    # Every worker's pod, not only those that exist (`active`): a gang with a pod missing cannot train.
     running = [p for p in pods if p["phase"] == "Running"]
-    if running and len(running) >= max(job["active"], 1):
+    if running and len(running) + sum(p["phase"] == "Succeeded" for p in pods) >= max(job["active"], workers):
         return Outcome(State.RUNNING, "WorkersRunning", f"{len(running)} worker(s) running")
-    return Outcome(State.PENDING, "WorkersStarting", f"{len(running)} of {max(job['active'], len(pods))} worker(s) running")
+    return Outcome(State.PENDING, "WorkersStarting",
+                   f"{len(running)} of {max(job['active'], len(pods), workers)} worker(s) running")

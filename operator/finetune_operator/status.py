@@ -127,6 +127,15 @@ def merged(target: Any, patch: Any) -> Any:
     return out
 
 
+def composed(first: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
+    """One merge patch that does what `first` and then `then` do, but for a field `first` deletes and `then` sets to
+    an object, which no one patch says (the operator's status patches do not)."""
+    out = dict(first)
+    for key, value in then.items():
+        out[key] = composed(first[key], value) if isinstance(value, dict) and isinstance(first.get(key), dict) else value
+    return out
+
+
 def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """The fields of `new` that would change `old` once merge-patched: an unchanged status costs no patch."""
     return {field: value for field, value in new.items() if merged(old.get(field), value) != old.get(field)}
