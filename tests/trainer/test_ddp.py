@@ -405,18 +405,25 @@ def test_ranks_draw_their_own_dropout_masks() -> None:
     assert not torch.equal(first[0], replayed) and not torch.equal(second[0], replayed)
 
 
-def stop_early(rank: int) -> tuple[Any, ...]:
+def stop_early(rank: int, restore_fails: bool = False) -> tuple[Any, ...]:
     """One of two ranks training `Dropped` for four steps with early stopping, whose evaluations are best at step 2;
-    with the CPU copies of the weights it made."""
+    with the CPU copies of the weights it made. With `restore_fails`, rank 0's restore of the best weights raises:
+    what each rank raised instead."""
     from finetune_trainer import checkpoints
     from finetune_trainer.batches import Encoded, make_collate
     from finetune_trainer.config import Task, TrainingSpec
     from finetune_trainer.distributed import World
+    from finetune_trainer.errors import CheckpointMismatch
     from finetune_trainer.train import Hooks, make_scheduler, train_loop
 
     copies: list[int] = []
     copy = checkpoints.trained_tensors
     checkpoints.trained_tensors = lambda model: copies.append(1) or copy(model)  # this spawned process's alone
+    if restore_fails:
+        def mismatch(*_: Any) -> None:
+            raise CheckpointMismatch("best.safetensors: does not fit")
+
+        checkpoints.restore = mismatch
     torch.manual_seed(0)
     model = Dropped()
     spec = TrainingSpec(batchSize=4, maxSteps=4, evalEverySteps=1, earlyStopping={"patience": 10},
@@ -428,9 +435,13 @@ def stop_early(rank: int) -> tuple[Any, ...]:
         return {"loss": next(losses)}
 
     optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
-    state = train_loop(torch.nn.parallel.DistributedDataParallel(model), optimizer, make_scheduler(optimizer, spec, 4),
-                       Encoded([[1, 2, 3, 4]] * 16, [0, 1] * 8, [4] * 16), make_collate(Task.SEQUENCE_CLASSIFICATION, 0, 0),
-                       spec, Task.SEQUENCE_CLASSIFICATION, World(rank, 2, torch.device("cpu")), Hooks(evaluate=evaluate))
+    try:
+        state = train_loop(torch.nn.parallel.DistributedDataParallel(model), optimizer,
+                           make_scheduler(optimizer, spec, 4), Encoded([[1, 2, 3, 4]] * 16, [0, 1] * 8, [4] * 16),
+                           make_collate(Task.SEQUENCE_CLASSIFICATION, 0, 0), spec, Task.SEQUENCE_CLASSIFICATION,
+                           World(rank, 2, torch.device("cpu")), Hooks(evaluate=evaluate))
+    except CheckpointMismatch as exc:
+        return (str(exc),)
     return (state.best_step, state.restored_best, {n: t.tolist() for n, t in model.state_dict().items()}, weights[1],
             weights[-1], len(copies))
 
@@ -444,6 +455,9 @@ def test_rank_0_alone_keeps_the_best_weights_and_every_rank_ends_with_them() -> 
         assert best_step == 2 and restored and final == at_best != at_last
     assert ran[1][2] == ran[0][2]
     assert ran[0][5] == 2 and ran[1][5] == 0  # the first two evaluations each improved
+    # Rank 0 failing to put them back fails every rank, where the others waited in the broadcast of its weights.
+    assert two_ranks(partial(stop_early, restore_fails=True)) == {
+        0: ("best.safetensors: does not fit",), 1: ("rank 0 could not put the best weights back (its log says why)",)}
 
 
 class Timed(torch.nn.Module):

@@ -356,4 +356,4 @@ def restore(model: nn.Module, tensors: dict[str, torch.Tensor], source: object) 
 
 def trained_names(model: nn.Module) -> set[str]:
     """The names `trained_tensors` takes."""
-    return {n for n, p in model.named_parameters() if p.requires_grad} | {n for n, _ in model.named_buffers()}
+    return set(trained(model))

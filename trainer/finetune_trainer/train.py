@@ -49,7 +49,7 @@ from finetune_trainer import checkpoints
 from finetune_trainer.batches import IGNORE_INDEX, Batch, Encoded, batch_count, collated, epoch_batches, loader_threads
 from finetune_trainer.config import Batching, Metric, Precision, Schedule, Task, TrainingSpec
 from finetune_trainer.distributed import World
-from finetune_trainer.errors import DataError, LossNotFinite, Terminated
+from finetune_trainer.errors import CheckpointMismatch, DataError, LossNotFinite, Terminated
 from finetune_trainer.models import autocast, logits_of
 
 log = logging.getLogger(__name__)
@@ -329,8 +329,14 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
     # Rank 0 alone keeps the best weights, and the others take them from it: a copy on every rank was one per GPU of a
     # large model in the node's memory, where the ranks' weights are the same.
     if world.broadcast(best is not None and state.best_step != state.step):
+        failed: CheckpointMismatch | None = None
         if best is not None:
-            checkpoints.restore(unwrap(model), best, f"the best weights (step {state.best_step})")
+            try:
+                checkpoints.restore(unwrap(model), best, f"the best weights (step {state.best_step})")
+            except CheckpointMismatch as exc:
+                failed = exc
+        if world.any(failed is not None):  # else the others would wait in the broadcast below until torchrun's end
+            raise failed or CheckpointMismatch("rank 0 could not put the best weights back (its log says why)")
         world.broadcast_tensors(checkpoints.trained(unwrap(model)).values())
         state.restored_best = True
         log.info("restored the weights of step %s, the best evaluation (%s)", state.best_step, state.best)
