@@ -215,6 +215,30 @@ def test_rank_0s_success_stands_when_a_peer_fails_in_its_teardown_after_it() -> 
         == "Failed"
 
 
+def test_the_cause_of_a_gangs_failure_is_the_worker_that_failed_not_the_peers_it_took_down() -> None:
+    """A worker's user error took rank 0 down with a DistributedFailure in the same second: in one pod order the job
+    failed for the user error, in the other it was retried for the DistributedFailure, counted. A rank whose peer
+    died can also end first."""
+    spec = {"runtime": EXAMPLE["spec"]["runtime"] | {"workers": 2}, "backoffLimit": 3}
+    user = {"exitCode": 1, "reason": "FatalAnalysisFinding", "message": "NaN weights in layer 3", "stage": "Analyzing"}
+    peer = {"exitCode": 2, "reason": "DistributedFailure", "message": "DistBackendError: reset", "stage": "Analyzing"}
+    failed = [job(active=0, failed=2, failure={"reason": "BackoffLimitExceeded", "message": ""})]
+    for peer_ended in ("2026-12-01T11:59:50Z", "2026-12-01T11:59:49Z"):  # in the same second, or before
+        pods = [pod(phase="Failed", exit_code=1, finished=peer_ended, message=peer),
+                pod(index=1, phase="Failed", exit_code=1, finished="2026-12-01T11:59:50Z", message=user)]
+        for order in (pods, pods[::-1]):
+            status = after(decide(Observed(body({"attempts": 1}, **spec), failed, order, NOW)))
+            assert (status["phase"], status["reason"]) == ("Failed", "FatalAnalysisFinding"), status
+    # Two infrastructure failures in one second: the lower index, whatever the order.
+    other = {"exitCode": 2, "reason": "InfrastructureFailure", "message": "x", "stage": "Training"}
+    pods = [pod(index=i, phase="Failed", exit_code=1, finished="2026-12-01T11:59:50Z", message=other | {"message": m})
+            for i, m in ((0, "rank 0's"), (1, "rank 1's"))]
+    for order in (pods, pods[::-1]):
+        status = after(decide(Observed(body({"attempts": 1}, **spec), failed, order, NOW)))
+        assert status["failures"] == 1 and "rank 0's" in next(
+            c["message"] for c in status["conditions"] if c["type"] == "Restarting")
+
+
 def test_a_jobs_warnings_from_before_it_was_made_are_not_its_own() -> None:
     """A FineTuneJob deleted and made again under its name makes a Job of the old one's name: the old Job's
     FailedCreate (a quota since raised) stayed an hour under that name and was shown as the new Job's."""

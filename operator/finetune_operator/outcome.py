@@ -19,11 +19,9 @@ from typing import Any
 
 from finetune_operator import api
 from finetune_operator.children import ATTEMPT_LABEL, GENERATION_ANNOTATION, JOB_UID_LABEL, RECIPE_ANNOTATION, TRAINER
+from finetune_trainer.errors import (DISTRIBUTED_FAILURE, EXIT_INFRASTRUCTURE, EXIT_OK, EXIT_TERMINATED,
+                                     EXIT_USER_ERROR)
 
-EXIT_OK = 0
-EXIT_USER_ERROR = 1
-EXIT_INFRASTRUCTURE = 2
-EXIT_TERMINATED = 143
 DISRUPTION_RULE = 0  # index of the podFailurePolicy rule that fails the Job on a DisruptionTarget condition
 COMPLETION_INDEX_LABEL = "batch.kubernetes.io/job-completion-index"
 
@@ -261,12 +259,15 @@ def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
         message = {} if reported_success else term["message"]
         # No message (a crash before the trainer ran, a SIGKILL, torchrun's flattened 1) means infrastructure.
         code = message.get("exitCode", EXIT_INFRASTRUCTURE if term["exitCode"] == EXIT_USER_ERROR else term["exitCode"])
-        causes.append((code == EXIT_TERMINATED, term["finishedAt"], code, pod, message, reported_success))
+        # The cause first: a signal's 143 last; a rank's DistributedFailure (its peer died) after the peer's own
+        # failure, which can end later; then the earliest; within a second, a user error (never retried) first.
+        causes.append((code == EXIT_TERMINATED, message.get("reason") == DISTRIBUTED_FAILURE, term["finishedAt"],
+                       code != EXIT_USER_ERROR, pod["index"], code, pod, message, reported_success))
     if not causes:
         failure = job.get("failure") or {}
         return Outcome(State.FAILED, "WorkerFailed",
                        failure.get("message") or "a worker failed and left no exit code", Retry.COUNTED)
-    _, _, code, pod, message, reported_success = min(causes, key=lambda c: c[:2])
+    *_, code, pod, message, reported_success = min(causes, key=lambda c: c[:5])
     term = pod["terminated"]
     if code == EXIT_USER_ERROR:
         reason = api.reason_or(message.get("reason"), "TrainerError")

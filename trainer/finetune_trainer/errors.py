@@ -137,6 +137,9 @@ def no_space_in(folder: Path, exc: BaseException, what: str = "") -> NoSpaceLeft
                        "(output.uri) or give it more")
 
 
+DISTRIBUTED_FAILURE = "DistributedFailure"  # the reason of a rank whose peer died: the peer's is the cause
+
+
 def exit_code_of(exc: BaseException) -> int:
     """The exit code the trainer gives for what stopped it."""
     return getattr(exc, "exit_code", EXIT_INFRASTRUCTURE)
@@ -151,7 +154,7 @@ def reason_of(exc: BaseException) -> str:
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
         return "OutOfMemory"
     if isinstance(exc, torch.distributed.DistError):  # a peer died or the network failed
-        return "DistributedFailure"
+        return DISTRIBUTED_FAILURE
     return "InfrastructureFailure"
 
 
