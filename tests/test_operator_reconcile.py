@@ -239,6 +239,25 @@ def test_the_cause_of_a_gangs_failure_is_the_worker_that_failed_not_the_peers_it
             c["message"] for c in status["conditions"] if c["type"] == "Restarting")
 
 
+def test_every_retry_is_told_though_none_was_seen_running() -> None:
+    """Attempts that failed before any tick saw them run kept Restarting True with one reason, and Created
+    AttemptCreated: after attempt 1's Warning, attempts 2 to 4 failed and were made with no Event until the last
+    BackoffLimitExceeded, while `failures` and `attempts` climbed."""
+    status: dict[str, Any] = {}
+    told: list[tuple[str, str]] = []
+    for n in (1, 2, 3, 4):
+        made = decide(Observed(body(status, backoffLimit=3), [], [], NOW))
+        status = after(made, status)
+        crash = {"exitCode": 2, "reason": "InfrastructureFailure", "message": f"boom {n}", "stage": "Loading"}
+        failed = decide(Observed(body(status, backoffLimit=3), [job(n, active=0, failed=1, failure={
+            "reason": "BackoffLimitExceeded", "message": ""})], [pod(n, phase="Failed", exit_code=2, message=crash)], NOW))
+        status = after(failed, status)
+        told += [(kind, reason) for kind, reason, _ in made.events + failed.events]
+    assert told.count(("Normal", "AttemptCreated")) == 4
+    assert told.count(("Warning", "InfrastructureFailure")) == 3 and told[-1] == ("Warning", "BackoffLimitExceeded")
+    assert status["phase"] == "Failed" and status["failures"] == 4
+
+
 def test_a_jobs_warnings_from_before_it_was_made_are_not_its_own() -> None:
     """A FineTuneJob deleted and made again under its name makes a Job of the old one's name: the old Job's
     FailedCreate (a quota since raised) stayed an hour under that name and was shown as the new Job's."""

@@ -95,14 +95,22 @@ def phase_of(conditions: Conditions) -> tuple[Phase, str | None]:
     return Phase.PENDING, None
 
 
+# Conditions whose each True is one attempt's (its message names the attempt): retries that failed before any tick saw
+# them run kept Restarting True with one reason, and Created AttemptCreated, so attempts 2 to N made no Event at all.
+PER_ATTEMPT = (T.CREATED.value, T.RESTARTING.value)
+
+
 def transitions(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> list[tuple[str, str, str]]:
-    """One Event (type, reason, message) per condition that changed status or reason."""
-    old = {c["type"]: (c["status"], c["reason"]) for c in before}
+    """One Event (type, reason, message) per condition that changed status or reason, or attempt (`PER_ATTEMPT`)."""
+    def state(c: dict[str, Any]) -> tuple[str, str, str]:
+        return c["status"], c["reason"], c["message"] if c["type"] in PER_ATTEMPT and c["status"] == "True" else ""
+
+    old = {c["type"]: state(c) for c in before}
     warn = {(T.FAILED.value, "True"), (T.RESTARTING.value, "True"), (T.CREATED.value, "False"),
             (T.SCHEDULED.value, "False"), (T.METRICS_STALE.value, "True"), (T.RUNNING.value, "False")}
     events = []
     for c in after:
-        if old.get(c["type"]) == (c["status"], c["reason"]):
+        if old.get(c["type"]) == state(c):
             continue
         if c["status"] == "False" and c["type"] not in (T.CREATED.value, T.SCHEDULED.value, T.SUSPENDED.value) \
                 and c["reason"] != METRICS_READ and not not_started(c):
