@@ -1211,6 +1211,29 @@ def test_a_container_that_cannot_start_says_why_instead_of_a_silent_pending() ->
     assert running["phase"] == "Running" and conditions(running)["Running"] == ("True", "Training")
 
 
+def test_an_image_that_cannot_be_pulled_is_one_wait_though_the_kubelet_alternates_its_two_words() -> None:
+    """The kubelet alternates ErrImagePull and ImagePullBackOff while it retries a pull: each was a new reason, so the
+    job posted a Warning and changed status.reason every few seconds for as long as it waited."""
+    def waiting(reason: str, message: str) -> dict[str, Any]:
+        return outcome.pod_summary({
+            "metadata": {"name": "ft-1-0-x", "labels": {"finetune.dev/job-name": "ft", "finetune.dev/job-uid": "u",
+                                                        "finetune.dev/attempt": "1"}},
+            "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "True"}],
+                       "containerStatuses": [{"name": "trainer", "state": {"waiting": {"reason": reason,
+                                                                                      "message": message}}}]}})
+
+    status = {"attempts": 1, "startTime": "2026-12-01T11:59:00Z", "children": {"job": "ft-1", "configMap": "ft-1"}}
+    told, reasons = [], set()
+    for i, (reason, message) in enumerate([("ErrImagePull", "pull access denied for x"),
+                                           ("ImagePullBackOff", 'Back-off pulling image "x"')] * 2):
+        decision = decide(Observed(body(status), [job()], [waiting(reason, message)], NOW + timedelta(seconds=10 * i)))
+        status = after(decision, status)
+        told.append([e for e in decision.events if e[1] not in ("AttemptCreated", "Scheduled")])
+        reasons.add(status["reason"])
+    assert reasons == {"ImagePullBackOff"} and [[e[1] for e in t] for t in told] == [["ImagePullBackOff"], [], [], []]
+    assert told[0][0][0] == "Warning" and "pull access denied" in told[0][0][2]
+
+
 def test_a_worker_whose_volumes_do_not_mount_waits_visibly_and_is_no_failure() -> None:
     # Scheduled at 11:59; its containers are still being created: the kubelet has yet to mount the volumes.
     creating = outcome.pod_summary({

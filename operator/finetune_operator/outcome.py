@@ -68,11 +68,16 @@ STUCK_WAITING = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrIma
                  "CreateContainerError", "RunContainerError", "CrashLoopBackOff"}
 
 
+# The kubelet's two words for one wait, which it alternates (a pull that fails, then its back-off): each was a new
+# reason, so a job waiting on a bad image posted a Warning and changed status.reason every few seconds.
+SAME_WAIT = {"ErrImagePull": "ImagePullBackOff"}
+
+
 def _stuck(pod: dict[str, Any]) -> dict[str, str] | None:
     for status in pod.get("status", {}).get("containerStatuses") or []:
         waiting = (status.get("state") or {}).get("waiting") or {}
         if waiting.get("reason") in STUCK_WAITING:
-            return {"reason": waiting["reason"], "message": waiting.get("message") or ""}
+            return {"reason": SAME_WAIT.get(waiting["reason"], waiting["reason"]), "message": waiting.get("message") or ""}
     return None
 
 
