@@ -176,6 +176,44 @@ def test_a_new_evaluation_cadence_resumes_unless_early_stopping_depends_on_it(ti
     assert pipeline.fingerprinted(tiny_cfg, 1) != every_5
 
 
+def test_data_changed_at_the_same_path_is_trained_afresh_with_a_new_baseline(tiny_cfg: TrainerConfig, tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """The dataset file replaced at its path and the job run again: it resumed the old run's optimizer at its step on
+    the new data (a plan of another length, the old schedule), and reported the baseline an earlier attempt scored
+    on another test split beside a final score on the new one."""
+    import csv
+
+    from finetune_trainer.uris import local_path
+
+    caplog.set_level(logging.INFO, logger="finetune_trainer")
+    rows = list(csv.DictReader(local_path(tiny_cfg.dataset.uri).open(encoding="utf-8", errors="replace")))
+    data = tmp_path / "sentiment.csv"
+
+    def write(chosen: list[dict[str, str]]) -> None:
+        with data.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(chosen)
+
+    write(rows[0::10])
+    tiny_cfg.dataset.uri = str(data)
+    tiny_cfg.training.checkpoint_every_steps = 4
+    out = tmp_path / "out"
+    pipeline.run(tiny_cfg, out)
+    (folder,) = (out / "checkpoints").iterdir()
+    for saved in checkpoints.complete(folder)[1:]:  # stopped after its first checkpoint
+        shutil.rmtree(saved)
+    write(rows[5::10])  # as many rows, other ones
+    caplog.clear()
+    again = pipeline.run(tiny_cfg, out)
+    assert f"not resuming what {folder} holds: the data changed since it was made" in caplog.text
+    assert "resumed from" not in caplog.text and "the baseline was measured by an earlier attempt" not in caplog.text
+    assert again["training"]["history"][0]["step"] == 1
+    caplog.clear()
+    assert pipeline.run(tiny_cfg, out)["evaluation"] == again["evaluation"]  # the same data again: resumed, as before
+    assert "the baseline was measured by an earlier attempt" in caplog.text and "the data changed" not in caplog.text
+
+
 def test_a_resumed_run_keeps_the_baseline_an_earlier_attempt_measured(tiny_cfg: TrainerConfig, tmp_path: Path,
                                                                        caplog: pytest.LogCaptureFixture) -> None:
     """Every attempt scored the test split again for its baseline (minutes on a large one), a retry after training
@@ -236,7 +274,8 @@ def test_a_checkpoint_of_another_world_size_is_refused(tiny_cfg: TrainerConfig, 
     (saved,) = (tmp_path / "out" / "checkpoints").iterdir()
     two = World(rank=0, size=2, device=torch.device("cpu"))  # checked before any collective
     with pytest.raises(ConfigError, match=f"{saved} holds checkpoints of this job made by 1 processes; this run has 2"):
-        checkpoints.run_folder(tmp_path / "out" / "checkpoints", pipeline.fingerprinted(tiny_cfg, 2), two)
+        checkpoints.run_folder(tmp_path / "out" / "checkpoints", pipeline.fingerprinted(
+            tiny_cfg, 2, data=json.loads((saved / "fingerprint.json").read_text())["data"]), two)  # the same data
     assert checkpoints.complete(saved)  # kept for a run on 1 process
 
 

@@ -7,7 +7,9 @@ run rebuilds it and skips the batches it already consumed.
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
 import logging
 import math
 import os
@@ -71,6 +73,21 @@ class Encoded:
     lengths: list[int]  # tokens per sample; 1 for images
     truncated: int = 0  # a classifier's texts longer than max_length, cut to it
     augmenting: Augmenting | None = None  # the training split's images, with dataset.augment
+
+
+DIGEST_ROWS = 1000
+
+
+def digest(*splits: Encoded) -> str:
+    """Which data these are, for resuming: each split's rows' lengths and labels, and the inputs of up to DIGEST_ROWS
+    of its rows, evenly spread (all of a small split's), so that a large corpus costs a fraction of a second. A file
+    edited or replaced at the same path (the dataset, the tokenizer) changes it."""
+    hashed = hashlib.sha256()
+    for split in splits:
+        every = max(1, len(split.lengths) // DIGEST_ROWS)
+        # default=repr: a detection split's inputs are records (an image's path and boxes), whose repr says all
+        hashed.update(json.dumps([split.lengths, split.labels, split.features[::every]], default=repr).encode())
+    return hashed.hexdigest()[:16]
 
 
 @dataclass

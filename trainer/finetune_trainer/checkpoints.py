@@ -139,6 +139,11 @@ def run_folder(parent: Path, identity: dict[str, Any], world: World) -> Path:
     see the module docstring for what it refuses and removes."""
     root = parent / folder_name(identity)
     others = [p for p in parent.iterdir() if p != root and p.is_dir()] if parent.is_dir() else []
+    # Kept, a resumed optimizer trained on other data, and the kept baseline had scored another test split.
+    other_data = (saved := read_identity(root)) is not None and saved.get("data") != identity.get("data")
+    if other_data and world.main:
+        log.warning("not resuming what %s holds: the data changed since it was made (the dataset or the tokenizer, at "
+                    "the same paths); training starts afresh", root)
     if not complete(root):
         for other in others:
             saved = read_identity(other)
@@ -156,7 +161,7 @@ def run_folder(parent: Path, identity: dict[str, Any], world: World) -> Path:
                             "; ".join(differences(saved, identity)))
     world.barrier()  # every rank has looked before rank 0 removes anything
     if world.main:
-        for stale in [*others, *root.glob(".tmp-*")]:  # folders, and the file save_healed writes first
+        for stale in [*others, *([root] if other_data else []), *root.glob(".tmp-*")]:  # and save_healed's file
             log.info("removing stale checkpoints %s", stale)
             if stale.is_dir():
                 shutil.rmtree(stale, ignore_errors=True)
@@ -235,7 +240,9 @@ def load_baseline(root: Path) -> dict[str, Any] | None:
 
 
 def folder_name(identity: dict[str, Any]) -> str:
-    return hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:12]
+    """The hash of the identity but its `data` (which `run_folder` compares itself, to say why it starts afresh)."""
+    named = {k: v for k, v in identity.items() if k != "data"}
+    return hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()[:12]
 
 
 def read_identity(folder: Path) -> dict[str, Any] | None:

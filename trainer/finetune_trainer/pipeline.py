@@ -32,7 +32,7 @@ from torch import nn
 from finetune_trainer import analyze as analysis
 from finetune_trainer import checkpoints, distributed, export, prune
 from finetune_trainer.adjust import freeze, freeze_checked, lora_targets, param_groups
-from finetune_trainer.batches import (Augmenting, Batch, Encoded, encode_causal, encode_images, encode_text,
+from finetune_trainer.batches import (Augmenting, Batch, Encoded, digest, encode_causal, encode_images, encode_text,
                                       epoch_batches, eval_batches, make_collate, say_truncated)
 from finetune_trainer.config import Batching, HealSpec, PruneSpec, Stage, Task, TrainerConfig
 from finetune_trainer.data import (LabelledData, Split, bad_images, bad_images_error, check_label_count, head_order,
@@ -310,10 +310,13 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     pruning: dict[str, Any] = {}
     serving: list[Batch] = []  # the test batches a pruned model's latency is measured on, before and after
     drop = None
+    data_digest = digest(train_data, validation_data, test_data, *([heal_data] if heal_data else []))
     if cfg.rearrange.prune is not None:
-        drop = earlier_pruning(out / "checkpoints", cfg, world.size, pruned_layers(report, cfg.rearrange.prune, world))
+        drop = earlier_pruning(out / "checkpoints", cfg, world.size, pruned_layers(report, cfg.rearrange.prune, world),
+                               data_digest)
     # Named by the layers pruning removes; healing keeps its result there.
-    checkpoint_dir = checkpoints.run_folder(out / "checkpoints", fingerprinted(cfg, world.size, drop), world)
+    checkpoint_dir = checkpoints.run_folder(out / "checkpoints", fingerprinted(cfg, world.size, drop, data_digest),
+                                            world)
     if cfg.rearrange.prune is not None and drop is not None:
         serving = [collate(test_data, idx).to(world.device)
                    for idx in eval_batches(test_data.lengths, eval_size)[: prune.LATENCY_BATCHES]]
@@ -446,11 +449,12 @@ BOOKKEEPING = {"analyze": None, "output": None, "rearrange": {"mergeOnExport"},
                "evaluation": {"baseline", "batchSize"}}
 
 
-def fingerprinted(cfg: TrainerConfig, world_size: int, pruned: list[int] | None = None) -> dict[str, Any]:
+def fingerprinted(cfg: TrainerConfig, world_size: int, pruned: list[int] | None = None,
+                  data: str | None = None) -> dict[str, Any]:
     """What a checkpoint must agree with to be resumed: the config less its bookkeeping (and the evaluations'
     cadence when early stopping is off), the world size (the
-    global batch and the schedule's length follow from it) and the layers pruning removes (the same shapes,
-    other weights). A field added later counts until listed above."""
+    global batch and the schedule's length follow from it), the layers pruning removes (the same shapes,
+    other weights) and the data (`batches.digest`). A field added later counts until listed above."""
     wire = cfg.to_wire()
     for section, fields in BOOKKEEPING.items():
         if fields is None:
@@ -459,7 +463,8 @@ def fingerprinted(cfg: TrainerConfig, world_size: int, pruned: list[int] | None 
             wire[section] = {k: v for k, v in wire.get(section, {}).items() if k not in fields}
     if cfg.training.early_stopping is None:  # evaluations then only report: no weight depends on when they run
         wire["training"].pop("evalEverySteps", None)
-    return wire | {"worldSize": world_size} | ({"prunedLayers": pruned} if pruned is not None else {})
+    return wire | {"worldSize": world_size} | ({"prunedLayers": pruned} if pruned is not None else {}) | (
+        {"data": data} if data is not None else {})
 
 
 def pruned_layers(report: analysis.StructureReport, spec: PruneSpec, world: distributed.World) -> list[int]:
@@ -473,11 +478,11 @@ def pruned_layers(report: analysis.StructureReport, spec: PruneSpec, world: dist
     return prune.chosen_layers(report.importance["layers"]["scores"], spec)
 
 
-def earlier_pruning(parent: Path, cfg: TrainerConfig, world_size: int, drop: list[int]) -> list[int]:
+def earlier_pruning(parent: Path, cfg: TrainerConfig, world_size: int, drop: list[int], data: str) -> list[int]:
     """The layers an earlier attempt of this run removed, if one did, else `drop`. Its checkpoints and healed layers
     are of those layers; this attempt's scores, on other hardware or at another precision, can order a near-tie
     otherwise, and a new choice would discard them and train from step 0."""
-    earlier = checkpoints.earlier_choice(parent, fingerprinted(cfg, world_size, drop), "prunedLayers")
+    earlier = checkpoints.earlier_choice(parent, fingerprinted(cfg, world_size, drop, data), "prunedLayers")
     if earlier is None or earlier == drop:
         return drop
     log.warning("rearrange.prune: this attempt's scores would remove layers %s; an earlier attempt of this run "
