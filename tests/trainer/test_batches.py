@@ -78,6 +78,26 @@ def photos(folder: Path, count: int) -> list[str]:
     return paths
 
 
+def test_a_causal_split_with_no_token_to_predict_is_refused(tiny_cfg: TrainerConfig) -> None:
+    """One-token texts and a tokenizer that appends no end-of-text token: no split had a target, and the run
+    reported a test loss of 0 and a perplexity of 1 (evaluate's 0 / max(0, 1)), exit 0."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = Tokenizer(models.WordLevel({"[UNK]": 0, "a": 1, "b": 2, "c": 3}, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]")
+    assert tokenizer.eos_token_id is None and tokenizer("a")["input_ids"] == [1]
+    wire = tiny_cfg.to_wire()
+    cfg = TrainerConfig.model_validate(wire | {"model": wire["model"] | {"task": "causal-lm", "architecture": "gpt2"}})
+    fine = Split(["a b", "c a b"], None)
+    with pytest.raises(DataError, match=r"no text of the training split has a token to predict: each is one token long "
+                                        r"and the tokenizer appends no end-of-text token"):
+        encode(LabelledData(Split(["a", "b", "c"], None), fine, fine, {}), tokenizer, cfg, True)
+    assert [e.lengths for e in encode(LabelledData(Split(["a", "b c"], None), fine, fine, {}), tokenizer, cfg, True)
+            ] == [[1, 2], [2, 3], [2, 3]]  # one text with a target is enough
+
+
 def test_the_processes_of_a_node_share_its_cpus_for_their_loader_threads(monkeypatch: pytest.MonkeyPatch) -> None:
     """torchrun's LOCAL_WORLD_SIZE processes (one per GPU) each made batches with a thread per CPU of the pod."""
     try:

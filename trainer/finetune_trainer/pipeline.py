@@ -41,7 +41,7 @@ from finetune_trainer.detection import analysis as detection_analysis
 from finetune_trainer.detection.coco import load_coco, renumbered
 from finetune_trainer.detection.metrics import evaluate_detector
 from finetune_trainer.detection.models import Detector, check_batch_size, class_count, load_detector, resize_head
-from finetune_trainer.errors import EXIT_OK, ConfigError, Terminated, no_space_in
+from finetune_trainer.errors import EXIT_OK, ConfigError, DataError, Terminated, no_space_in
 from finetune_trainer.evaluate import deltas, evaluate
 from finetune_trainer.lora_fused import FORMS, fuse
 from finetune_trainer.models import (ImageClassifier, check_image_size, check_positions, check_vocabulary,
@@ -614,6 +614,13 @@ def encode(data: LabelledData, tokenizer: Any, cfg: TrainerConfig, main: bool) -
     encoded = tuple(text(split, tokenizer, cfg.dataset.max_length) for split in (data.train, data.validation, data.test))
     if main:
         say_truncated(encoded, cfg.dataset.max_length)
+    if cfg.model.task == Task.CAUSAL_LM:  # else its loss is 0 (no term), and perplexity 1: a success, reported
+        for name, split in zip(("training", "validation", "test"), encoded):
+            if split.lengths and max(split.lengths) < 2:
+                eos = "" if tokenizer.eos_token_id is not None else " and the tokenizer appends no end-of-text token"
+                raise DataError(f"dataset {cfg.dataset.uri}: no text of the {name} split has a token to predict: each "
+                                f"is one token long{eos}; use longer texts in dataset.textField, or a tokenizer with an "
+                                "eos token (model.tokenizerUri)")
     return encoded
 
 
