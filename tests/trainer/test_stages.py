@@ -171,9 +171,11 @@ def assert_causal(model: nn.Module, tokenizer) -> None:
                                    logits_of(model, {"input_ids": later_changed})[0, :3], atol=1e-6, rtol=1e-6)
 
 
-def test_the_card_of_an_encoders_causal_adapters_loads_it_causal(tmp_path: Path) -> None:
+def test_the_card_of_an_encoders_causal_adapters_loads_it_causal(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
     """BERT trained as a causal LM with its adapters kept apart: the card loaded model.uri's base, whose config.json
-    says is_decoder false, so the model a user rebuilt attended both ways under adapters trained with a causal mask."""
+    says is_decoder false, so the model a user rebuilt attended both ways under adapters trained with a causal mask.
+    A head asked for is said to be ignored (a causal LM has none), where it was ignored without a word."""
     from transformers import BertConfig, BertForMaskedLM
 
     tokenizer = load_tokenizer(ModelSpec(task="causal-lm", uri="pvc://models/all-MiniLM-L6-v2"))
@@ -182,8 +184,9 @@ def test_the_card_of_an_encoders_causal_adapters_loads_it_causal(tmp_path: Path)
     doc["model"] = {"task": "causal-lm", "uri": str(tmp_path / "base"), "tokenizerUri": "pvc://models/all-MiniLM-L6-v2"}
     doc["dataset"] |= {"maxTrainSamples": 16, "maxEvalSamples": 8}
     doc["evaluation"] = {"metrics": ["loss"], "baseline": False}
-    doc["rearrange"] = {"lora": {"rank": 2}, "mergeOnExport": False}
+    doc["rearrange"] = {"lora": {"rank": 2}, "mergeOnExport": False, "head": {"numLabels": 3}}
     pipeline.run(TrainerConfig.model_validate(doc), tmp_path / "out")
+    assert "rearrange.head: a causal-lm has no classification head" in caplog.text
     assert_causal(card_model((tmp_path / "out" / "README.md").read_text(), tmp_path / "out").eval(), tokenizer)
 
 

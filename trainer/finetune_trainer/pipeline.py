@@ -279,6 +279,10 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     progress.enter(Stage.ADJUSTING)
     layers = depth(model, task)
     head = head_name(model, task)
+    spec_head = cfg.rearrange.head
+    if task == Task.CAUSAL_LM and world.main and (spec_head.num_labels != "auto" or spec_head.reinitialize):
+        log.warning("rearrange.head: a causal-lm has no classification head (its output layer is its vocabulary): "
+                    "numLabels and reinitialize are ignored")
     new = new_modules(model)  # random at load: like a new head, they train whole whatever the freeze
     unmatched = freeze_checked(model, cfg.adjust.freeze, layers, head, new)
 
