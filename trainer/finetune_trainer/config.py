@@ -422,7 +422,8 @@ class EarlyStoppingSpec(ApiModel):
     """Stop when the evaluation metric has not improved for `patience` evaluations."""
 
     patience: int = Field(3, ge=1, le=1000, description="Evaluations without improvement before stopping.")
-    min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as improvement.")
+    min_delta: float = Field(0.0, ge=0, description="Smallest change that counts as improvement. It also picks the "
+                             "weights kept: an evaluation better than the best by less is no new best (as in Keras).")
 
 
 class TrainingSpec(ApiModel):
