@@ -187,7 +187,14 @@ def test_the_card_of_an_encoders_causal_adapters_loads_it_causal(tmp_path: Path,
     doc["rearrange"] = {"lora": {"rank": 2}, "mergeOnExport": False, "head": {"numLabels": 3}}
     pipeline.run(TrainerConfig.model_validate(doc), tmp_path / "out")
     assert "rearrange.head: a causal-lm has no classification head" in caplog.text
-    assert_causal(card_model((tmp_path / "out" / "README.md").read_text(), tmp_path / "out").eval(), tokenizer)
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert_causal(card_model(card, tmp_path / "out").eval(), tokenizer)
+    # The card generates from a prompt: the tokenizer it saved gives no token_type_ids (generate(**tokenizer(...))
+    # refused them), and the prompt does not end with the [SEP] every trained text ended with.
+    from transformers import AutoTokenizer
+
+    assert "token_type_ids" not in AutoTokenizer.from_pretrained(tmp_path / "out")("the car")
+    assert card_model(card, tmp_path / "out", "generate")("the car", max_new_tokens=3).startswith("the car")
 
 
 def test_the_lm_head_transform_a_base_checkpoint_lacks_trains_whole_and_the_tie_stays(tmp_path: Path) -> None:

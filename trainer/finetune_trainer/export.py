@@ -46,6 +46,9 @@ def export_model(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg
         shutil.rmtree(out / "adapter", ignore_errors=True)
         write_weights(model, cfg, out)
     if tokenizer is not None:
+        if cfg.model.task == Task.CAUSAL_LM:  # a BERT tokenizer's token_type_ids made generate(**tokenizer(...)) refuse
+            names = [n for n in tokenizer.model_input_names if n != "token_type_ids"]
+            tokenizer.model_input_names = tokenizer.init_kwargs["model_input_names"] = names
         tokenizer.save_pretrained(out)
     if id2label:
         (out / "labels.json").write_text(json.dumps({str(k): v for k, v in id2label.items()}, indent=2))
@@ -260,10 +263,21 @@ def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool, causal_
                 named = ["names = {int(i): name for i, name in json.load(open('labels.json')).items()}",
                          f"model.config.id2label = {{i: names.get(i, f'LABEL_{{i}}') for i in range({labels})}}",
                          "model.config.label2id = {name: i for i, name in model.config.id2label.items()}"]
+        if task == Task.CAUSAL_LM:
+            imports = [f"{imports[0]}, AutoTokenizer"]
+            setup = ["tokenizer = AutoTokenizer.from_pretrained('.')"]
         code = [*imports, "", *setup, f"model = {auto}.from_pretrained({args})", *named]
     if adapters_apart:
         code.insert(code.index(""), "from peft import PeftModel")
         code.append('model = PeftModel.from_pretrained(model, "adapter")  # the adapters, kept apart')
+    if task == Task.CAUSAL_LM:  # each text trained on ended with the tokenizer's last special token, if it adds one
+        code += ["", "def generate(prompt, max_new_tokens=20):",
+                 "    ids = tokenizer(prompt, return_tensors='pt').input_ids",
+                 "    if ids[0, -1].item() in tokenizer.all_special_ids:  # a text's end (BERT's [SEP]): a prompt goes on",
+                 "        ids = ids[:, :-1]",
+                 "    out = model.generate(input_ids=ids, attention_mask=ids.new_ones(ids.shape), "
+                 "max_new_tokens=max_new_tokens)",
+                 "    return tokenizer.decode(out[0], skip_special_tokens=True)"]
     if task == Task.IMAGE_CLASSIFICATION:  # model(**preprocess(["cat.png"])) are its logits
         size = cfg.dataset.image_size
         code += ["", f"def preprocess(paths):  # image files as it trained on them: RGB, {size}x{size}, "
