@@ -275,6 +275,14 @@ def test_missing_column_is_named(tmp_path: Path) -> None:
                      Task.SEQUENCE_CLASSIFICATION, 0)
 
 
+def test_a_file_of_no_known_format_is_refused_with_what_to_do(tmp_path: Path) -> None:
+    """A .txt corpus was told to set dataset.format, though no format reads plain text lines."""
+    (path := tmp_path / "corpus.txt").write_text("a first text\na second\n")
+    with pytest.raises(DataError, match=r"corpus.txt: cannot tell the format from the extension; set dataset.format "
+                                        r"to the file's \(csv, jsonl, parquet, coco\); plain text lines are none of"):
+        load_dataset(spec(path), Task.CAUSAL_LM, 0)
+
+
 def test_missing_file_is_named(tmp_path: Path) -> None:
     with pytest.raises(DataError, match="does not exist"):
         load_dataset(spec(tmp_path / "nope.csv"), Task.SEQUENCE_CLASSIFICATION, 0)

@@ -342,7 +342,11 @@ def detect_format(path: Path, declared: DatasetFormat | TextFormat, field: str) 
     if path.is_file():
         if fmt := FILE_FORMATS.get(path.suffix.lower()):
             return fmt
-        raise DataError(f"{path}: cannot tell the format from the extension; set {field}.format")
+        readable = ", ".join(f.value for f in DatasetFormat if f not in (DatasetFormat.AUTO, DatasetFormat.HF_DISK,
+                                                                          DatasetFormat.IMAGE_FOLDER))
+        raise DataError(f"{path}: cannot tell the format from the extension; set {field}.format to the file's "
+                        f"({readable}); plain text lines are none of them: write them as JSONL, one "
+                        '{"text": ...} a line')
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
         return DatasetFormat.HF_DISK
     if found := {FILE_FORMATS[f.suffix.lower()] for f in data_files(path, set(FILE_FORMATS))}:
