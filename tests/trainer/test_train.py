@@ -203,6 +203,15 @@ def test_data_changed_at_the_same_path_is_trained_afresh_with_a_new_baseline(tin
     (folder,) = (out / "checkpoints").iterdir()
     for saved in checkpoints.complete(folder)[1:]:  # stopped after its first checkpoint
         shutil.rmtree(saved)
+    # Made by a trainer from before the digest: taken as of this data, resumed (not thrown away at the upgrade).
+    fingerprint = json.loads((folder / "fingerprint.json").read_text())
+    (folder / "fingerprint.json").write_text(json.dumps({k: v for k, v in fingerprint.items() if k != "data"}))
+    caplog.clear()
+    pipeline.run(tiny_cfg, out)
+    assert f"resumed from {folder / 'step-00000004'}" in caplog.text and "the data changed" not in caplog.text
+    assert json.loads((folder / "fingerprint.json").read_text()) == fingerprint
+    for saved in checkpoints.complete(folder)[1:]:
+        shutil.rmtree(saved)
     write(rows[5::10])  # as many rows, other ones
     caplog.clear()
     again = pipeline.run(tiny_cfg, out)

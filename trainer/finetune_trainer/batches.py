@@ -80,8 +80,9 @@ DIGEST_ROWS = 1000
 
 def digest(*splits: Encoded) -> str:
     """Which data these are, for resuming: each split's rows' lengths and labels, and the inputs of up to DIGEST_ROWS
-    of its rows, evenly spread (all of a small split's), so that a large corpus costs a fraction of a second. A file
-    edited or replaced at the same path (the dataset, the tokenizer) changes it."""
+    of its rows, evenly spread (all of a small split's), so that a large corpus costs a fraction of a second. A text
+    dataset or tokenizer edited or replaced at the same path changes it; an image's inputs are its path (and a
+    detection's, its boxes), so an image file replaced under its own name does not."""
     hashed = hashlib.sha256()
     for split in splits:
         every = max(1, len(split.lengths) // DIGEST_ROWS)

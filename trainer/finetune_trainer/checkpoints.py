@@ -139,8 +139,11 @@ def run_folder(parent: Path, identity: dict[str, Any], world: World) -> Path:
     see the module docstring for what it refuses and removes."""
     root = parent / folder_name(identity)
     others = [p for p in parent.iterdir() if p != root and p.is_dir()] if parent.is_dir() else []
-    # Kept, a resumed optimizer trained on other data, and the kept baseline had scored another test split.
-    other_data = (saved := read_identity(root)) is not None and saved.get("data") != identity.get("data")
+    # Kept, a resumed optimizer trained on other data, and the kept baseline had scored another test split. One a
+    # trainer from before the digest wrote (none in it) is taken as of this data: a job retried across the upgrade
+    # resumes, and its fingerprint gets the digest below.
+    saved = read_identity(root)
+    other_data = saved is not None and "data" in saved and saved["data"] != identity.get("data")
     if other_data and world.main:
         log.warning("not resuming what %s holds: the data changed since it was made (the dataset or the tokenizer, at "
                     "the same paths); training starts afresh", root)
@@ -258,7 +261,7 @@ def earlier_choice(parent: Path, identity: dict[str, Any], key: str) -> Any:
     folders = parent.iterdir() if parent.is_dir() else []
     earlier = [(len(complete(folder)), saved[key]) for folder in folders
                if (saved := read_identity(folder)) is not None and key in saved
-               and saved | {key: None} == identity | {key: None}]
+               and saved | {key: None, "data": saved.get("data", identity.get("data"))} == identity | {key: None}]
     return max(earlier, key=lambda found: found[0])[1] if earlier else None
 
 
