@@ -150,3 +150,22 @@ def test_managed_by_is_immutable(kube: Kube, crd: dict, namespace: str) -> None:
     doc["spec"]["managedBy"] = "kueue.x-k8s.io/multikueue"
     result = kube.apply(doc, namespace, check=False)
     assert result.returncode != 0 and "managedBy is immutable" in result.stderr, result.stderr
+
+
+def test_a_status_write_gives_the_version_it_made(kube: Kube, crd: dict, namespace: str,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator reads the resourceVersion its status patch made from the answer's bytes (handlers.Written): the
+    apiserver's, not a label's keyed resourceVersion, which comes before it."""
+    from kubernetes.config import kube_config
+
+    from finetune_operator import handlers
+    from finetune_operator.clients import Clients
+
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kube.kubeconfig))
+    job = yaml.safe_load(MINILM.read_text())
+    job["metadata"] |= {"namespace": namespace, "labels": {"resourceVersion": "1"}}
+    kube.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(job))
+    made = handlers._patch_status(Clients(connections=1, timeout=30, retries=False), namespace,
+                                  job["metadata"]["name"], {"phase": "Pending", "reason": "Testing"})
+    stored = kube.get("ftj", job["metadata"]["name"], namespace)
+    assert made == stored["metadata"]["resourceVersion"] and stored["status"]["reason"] == "Testing"

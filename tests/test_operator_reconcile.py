@@ -209,6 +209,9 @@ def test_rank_0s_success_stands_when_a_peer_fails_in_its_teardown_after_it() -> 
     status = after(decide(Observed(body(running, backoffLimit=0, **spec), [failed], pods, NOW)), running)
     assert status["phase"] == "Succeeded" and status["evaluation"]["final"] == {"accuracy": 0.66}
     assert not status.get("failures") and status["attempts"] == 1
+    lost = [pods[0], pod(index=1, phase="Failed")]  # a peer on a node lost after rank 0's success: no exit to read
+    assert after(decide(Observed(body(running, backoffLimit=0, **spec), [failed], lost, NOW)), running)["phase"] \
+        == "Succeeded"
     # Rank 0 done but a peer failing before it ended, or the peer's failure alone, is a failure as before.
     early = [pod(phase="Failed", exit_code=2, message={"exitCode": 2, "stage": "Training"}), pods[1]]
     assert after(decide(Observed(body(running, backoffLimit=0, **spec), [failed], early, NOW)), running)["phase"] \
@@ -229,6 +232,17 @@ def test_the_cause_of_a_gangs_failure_is_the_worker_that_failed_not_the_peers_it
         for order in (pods, pods[::-1]):
             status = after(decide(Observed(body({"attempts": 1}, **spec), failed, order, NOW)))
             assert (status["phase"], status["reason"]) == ("Failed", "FatalAnalysisFinding"), status
+    # Seen before the cause's own pod has ended (the Job failed at the first exit): it waits for it, as for any pod
+    # that lags its Job, and then fails for the user error, not retried.
+    running = after(decide(Observed(body({"attempts": 1}, **spec), [job(workers=2, active=2)], [pod(), pod(index=1)],
+                                    NOW)))
+    first = [pod(phase="Failed", exit_code=1, finished="2026-12-01T11:59:49Z", message=peer), pod(index=1)]
+    just = [job(active=1, failed=1, failure={"reason": "BackoffLimitExceeded", "message": ""}, ended="2026-12-01T11:59:55Z")]
+    waited = after(decide(Observed(body(running, **spec), just, first, NOW)), running)
+    assert waited["phase"] == "Running" and "Restarting" not in conditions(waited) and not waited.get("failures")
+    both = [first[0], pod(index=1, phase="Failed", exit_code=1, finished="2026-12-01T12:00:01Z", message=user)]
+    status = after(decide(Observed(body(running, **spec), just, both, NOW + timedelta(seconds=2))), running)
+    assert (status["phase"], status["reason"]) == ("Failed", "FatalAnalysisFinding")
     # Two infrastructure failures in one second: the lower index, whatever the order.
     other = {"exitCode": 2, "reason": "InfrastructureFailure", "message": "x", "stage": "Training"}
     pods = [pod(index=i, phase="Failed", exit_code=1, finished="2026-12-01T11:59:50Z", message=other | {"message": m})
@@ -744,7 +758,10 @@ class Apiserver(Listing):
     def call(self, method: str, path: str, body: Any = None, **query: object) -> bytes:
         if method == "PATCH":
             self.patches.append(body["status"])
-            return json.dumps({"metadata": {"name": "ft", "resourceVersion": self.version}}).encode()
+            # as the apiserver answers: compact, keys sorted (a label keyed resourceVersion before metadata's own)
+            return json.dumps({"metadata": {"labels": {"resourceVersion": "7"}, "name": "ft",
+                                            "resourceVersion": self.version, "uid": "u"}},
+                              separators=(",", ":"), sort_keys=True).encode()
         if path.endswith("/events"):
             return b'{"items": []}'
         return super().call(method, path, body, **query)
@@ -851,6 +868,7 @@ def test_a_tick_on_a_copy_older_than_the_operators_writes_decides_on_them_and_re
     written.wrote(at("13", running), {"phase": "Failed"}, "99")
     assert written.status(at("13", running))["phase"] == "Failed"
     monkeypatch.setattr(handlers, "WRITTEN_KEEP_SECONDS", 0.0)
+    written.swept = 0.0
     assert written.status(at("13", running)) == running and written.by_uid == {}
 
 

@@ -301,6 +301,7 @@ class Written:
 
     def __init__(self) -> None:
         self.by_uid: dict[str, tuple[float, str, dict[str, Any]]] = {}  # (written at, version made, changes)
+        self.swept = time.monotonic()
 
     def status(self, body: dict[str, Any]) -> dict[str, Any]:
         self._sweep()
@@ -322,6 +323,11 @@ class Written:
         self.by_uid[body["metadata"]["uid"]] = (time.monotonic(), version, composed(earlier, changes))
 
     def _sweep(self) -> None:
+        """At most twice per WRITTEN_KEEP_SECONDS: every running job writes at every poll, and a scan at each write
+        would cost the operator the square of their number a poll."""
+        if time.monotonic() - self.swept < WRITTEN_KEEP_SECONDS / 2:
+            return
+        self.swept = time.monotonic()
         for expired in _expired(self.by_uid, WRITTEN_KEEP_SECONDS):
             self.by_uid.pop(expired, None)
 
@@ -615,11 +621,13 @@ def _patch_status(clients: Clients, ns: str, name: str, changes: dict[str, Any])
         if exc.status != 404:  # deleted meanwhile: nothing to write
             raise
         return None
-    found = RESOURCE_VERSION.search(answer)  # metadata's, the first: the whole answer is not worth decoding
+    found = RESOURCE_VERSION.search(answer)  # the whole answer is not worth decoding at every write of every job
     return found[1].decode() if found else None
 
 
-RESOURCE_VERSION = re.compile(rb'"resourceVersion"\s*:\s*"([^"]*)"')
+# metadata's: the apiserver writes a custom resource's keys sorted, so uid follows it (a label or an annotation keyed
+# resourceVersion comes before it, in labels' or annotations' object)
+RESOURCE_VERSION = re.compile(rb'"resourceVersion":"([0-9]+)","uid":"')
 
 
 def _record(body: kopf.Body, seen: reconcile.Observed, decision: reconcile.Decision) -> None:

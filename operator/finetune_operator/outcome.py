@@ -247,6 +247,25 @@ def _disrupted_by_policy(job: dict[str, Any]) -> bool:
     return failure.get("reason") == "PodFailurePolicy" and f"rule at index {DISRUPTION_RULE}" in failure.get("message", "")
 
 
+def exit_of(pod: dict[str, Any]) -> tuple[int, dict[str, Any], bool]:
+    """A terminated pod's exit code as the trainer gave it, its termination message, and whether that message
+    reported success."""
+    term = pod["terminated"]
+    # A success the trainer wrote before its process died (a crash in its teardown) says nothing of the failure.
+    reported_success = term["message"].get("exitCode") == EXIT_OK
+    message = {} if reported_success else term["message"]
+    # No message (a crash before the trainer ran, a SIGKILL, torchrun's flattened 1) means infrastructure.
+    return (message.get("exitCode", EXIT_INFRASTRUCTURE if term["exitCode"] == EXIT_USER_ERROR else term["exitCode"]),
+            message, reported_success)
+
+
+def knock_on(pod: dict[str, Any]) -> bool:
+    """Whether a terminated pod failed because another worker did: a rank whose peer died (DistributedFailure), or one
+    stopped by a signal (143, torchrun tearing the gang down)."""
+    code, message, _ = exit_of(pod)
+    return code == EXIT_TERMINATED or message.get("reason") == DISTRIBUTED_FAILURE
+
+
 def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
     """Why a failed attempt failed, and whether another attempt may help."""
     disrupted = [p for p in pods if p.get("disrupted")]
@@ -256,23 +275,16 @@ def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
         return Outcome(State.FAILED, reason, f"{who} was disrupted ({reason}); the gang restarts from its checkpoint",
                        Retry.FREE)
     ended = [p for p in pods if (p.get("terminated") or {}).get("exitCode") not in (None, EXIT_OK)]
-    causes = []
-    for pod in ended:
-        term = pod["terminated"]
-        # A success the trainer wrote before its process died (a crash in its teardown) says nothing of the failure.
-        reported_success = term["message"].get("exitCode") == EXIT_OK
-        message = {} if reported_success else term["message"]
-        # No message (a crash before the trainer ran, a SIGKILL, torchrun's flattened 1) means infrastructure.
-        code = message.get("exitCode", EXIT_INFRASTRUCTURE if term["exitCode"] == EXIT_USER_ERROR else term["exitCode"])
-        # The cause first: a signal's 143 last; a rank's DistributedFailure (its peer died) after the peer's own
-        # failure, which can end later; then the earliest; within a second, a user error (never retried) first.
-        causes.append((code == EXIT_TERMINATED, message.get("reason") == DISTRIBUTED_FAILURE, term["finishedAt"],
-                       code != EXIT_USER_ERROR, pod["index"], code, pod, message, reported_success))
+    # The cause first: not a knock-on (which can end before the failure that caused it); then the earliest; within a
+    # second, a user error (never retried) first, then the lower index.
+    causes = sorted(ended, key=lambda p: (knock_on(p), p["terminated"]["finishedAt"],
+                                          exit_of(p)[0] != EXIT_USER_ERROR, p["index"]))
     if not causes:
         failure = job.get("failure") or {}
         return Outcome(State.FAILED, "WorkerFailed",
                        failure.get("message") or "a worker failed and left no exit code", Retry.COUNTED)
-    *_, code, pod, message, reported_success = min(causes, key=lambda c: c[:5])
+    pod = causes[0]
+    code, message, reported_success = exit_of(pod)
     term = pod["terminated"]
     if code == EXIT_USER_ERROR:
         reason = api.reason_or(message.get("reason"), "TrainerError")
@@ -325,7 +337,7 @@ def attempt_outcome(job: dict[str, Any] | None, pods: list[dict[str, Any]],
     # succeeded. (A Job made with rank 0's success policy is complete by then; one an apiserver before 1.31 made is
     # not. A peer that hangs instead is NotExiting, as before the policy.)
     if ended.get("exitCode") == EXIT_OK and result.get("exitCode") == EXIT_OK and result.get("stage") == "Done" and (
-            all(p.get("terminated") for p in pods)):
+            all(p.get("terminated") or p["phase"] == "Failed" for p in pods)):  # Failed alone: a lost node's
         return Outcome(State.SUCCEEDED, "Completed", "rank 0 finished; a worker failed after it", result=result)
     if job.get("suspended"):  # its pods, stopped by the Job controller, did not fail
         return Outcome(State.PENDING, "Queued", f"the Job {job['name']} is suspended by its queue (Kueue): it waits "

@@ -356,8 +356,11 @@ def _pods_behind(job: dict[str, Any], pods: list[dict[str, Any]], now: datetime)
         return False
     if job["complete"]:
         return any(p["index"] == 0 and "terminated" not in p for p in pods)
-    told = any("terminated" in p or p.get("disrupted") or p["phase"] == "Failed" for p in pods)
-    return bool(pods) and not told and outcome.failure_cause(job, pods).retry != Retry.FREE
+    told = [p for p in pods if "terminated" in p or p.get("disrupted") or p["phase"] == "Failed"]
+    if not pods or outcome.failure_cause(job, pods).retry == Retry.FREE:
+        return False
+    # Only knock-ons yet (a rank whose peer died ends first): the peer's own exit, the cause, is still to come.
+    return not told or len(told) < len(pods) and all("terminated" in p and outcome.knock_on(p) for p in told)
 
 
 def _made(old: dict[str, Any], name: str, attempt: int) -> bool:
