@@ -9,7 +9,8 @@ the newest folder that has the marker. Ranks must share the checkpoint folder (a
 
 The checkpoints of one run live in `<output>/checkpoints/<fingerprint>` (`run_folder`): the
 hash of what changes the optimisation, world size included, written beside them in
-fingerprint.json. A run never resumes another's; the folders of other fingerprints and
+fingerprint.json with a digest of the data (`batches.digest`): data changed at the same paths
+trains afresh in the same folder. A run never resumes another's; the folders of other fingerprints and
 half-written `.tmp-*` ones are stale and removed when a run starts. A run whose config differs
 from a checkpointed one only in its world size is refused: the global batch, the split of the
 data and the schedule's length would all change under the saved optimizer. A checkpoint of the same
@@ -139,11 +140,9 @@ def run_folder(parent: Path, identity: dict[str, Any], world: World) -> Path:
     see the module docstring for what it refuses and removes."""
     root = parent / folder_name(identity)
     others = [p for p in parent.iterdir() if p != root and p.is_dir()] if parent.is_dir() else []
-    # Kept, a resumed optimizer trained on other data, and the kept baseline had scored another test split. One a
-    # trainer from before the digest wrote (none in it) is taken as of this data: a job retried across the upgrade
-    # resumes, and its fingerprint gets the digest below.
-    saved = read_identity(root)
-    other_data = saved is not None and "data" in saved and saved["data"] != identity.get("data")
+    # Kept, a resumed optimizer trained on other data, and the kept baseline had scored another test split. (The
+    # folder's name is the rest of the identity.)
+    other_data = (saved := read_identity(root)) is not None and not same_run(saved, identity)
     if other_data and world.main:
         log.warning("not resuming what %s holds: the data changed since it was made (the dataset or the tokenizer, at "
                     "the same paths); training starts afresh", root)
@@ -152,7 +151,7 @@ def run_folder(parent: Path, identity: dict[str, Any], world: World) -> Path:
             saved = read_identity(other)
             if not complete(other) or saved is None:
                 continue
-            if saved | {"worldSize": 0} == identity | {"worldSize": 0}:
+            if same_run(saved, identity, "worldSize"):
                 raise ConfigError(
                     f"{other} holds checkpoints of this job made by {saved['worldSize']} processes; this run has "
                     f"{world.size}. The global batch, the data's split and the schedule would change under the saved "
@@ -260,9 +259,17 @@ def earlier_choice(parent: Path, identity: dict[str, Any], key: str) -> Any:
     `key`), the one with the most checkpoints; None when there is none."""
     folders = parent.iterdir() if parent.is_dir() else []
     earlier = [(len(complete(folder)), saved[key]) for folder in folders
-               if (saved := read_identity(folder)) is not None and key in saved
-               and saved | {key: None, "data": saved.get("data", identity.get("data"))} == identity | {key: None}]
+               if (saved := read_identity(folder)) is not None and key in saved and same_run(saved, identity, key)]
     return max(earlier, key=lambda found: found[0])[1] if earlier else None
+
+
+def same_run(saved: dict[str, Any], identity: dict[str, Any], *but: str) -> bool:
+    """Whether a saved fingerprint and `identity` agree in all but the keys `but`. One a trainer from before the data
+    digest wrote (none in it) is taken as of this data: a job retried across the upgrade resumes, and its fingerprint
+    gets the digest (`run_folder`)."""
+    ignored = {*but, *(() if "data" in saved else ("data",))}
+    return ({k: v for k, v in saved.items() if k not in ignored}
+            == {k: v for k, v in identity.items() if k not in ignored})
 
 
 def differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") -> list[str]:

@@ -321,6 +321,7 @@ def heal(model: nn.Module, teacher: nn.Module, task: Task, batches: Iterable[Bat
     warmup = max(1, round(spec.steps * HEAL_WARMUP))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
     scaler = grad_scaler(device, dtype)
+    optimizer.zero_grad(set_to_none=True)  # none left from before healing; scaled_step clears them after each step
     started = time.perf_counter()
     first: tuple[Batch, torch.Tensor] | None = None
     steps = skipped = 0
@@ -339,7 +340,6 @@ def heal(model: nn.Module, teacher: nn.Module, task: Task, batches: Iterable[Bat
             if not torch.isfinite(loss):
                 raise LossNotFinite(f"rearrange.prune.heal: the healing loss is {loss.item()} at step {steps + 1}; "
                                     f"lower rearrange.prune.heal.learningRate ({spec.learning_rate})")
-            optimizer.zero_grad(set_to_none=True)  # none left from before healing
             scaler.scale(loss).backward()
             norm = float(unscaled_norm(scaler, optimizer, params, HEAL_MAX_NORM))
             if scaled_step(scaler, optimizer, norm, lambda: LossNotFinite(
