@@ -10,8 +10,8 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
-import re
 import logging
+import re
 import sys
 import threading
 import time
@@ -277,10 +277,7 @@ class ChildChecks:
 
     def due(self, key: tuple[str, str, str]) -> bool:
         now = time.monotonic()
-        if now - self.pruned > self.keep / 2:  # a sweep of every entry, so not at every ask
-            self.pruned = now
-            for expired in _expired(self.since, self.keep, itemgetter(1)):
-                self.since.pop(expired, None)
+        self.pruned = _swept(self.since, self.keep, self.pruned, itemgetter(1))
         listed, _ = self.since.get(key, (now, now))
         due = now - listed >= self.every
         self.since[key] = (now if due else listed, now)
@@ -304,7 +301,7 @@ class Written:
         self.swept = time.monotonic()
 
     def status(self, body: dict[str, Any]) -> dict[str, Any]:
-        self._sweep()
+        self.swept = _swept(self.by_uid, WRITTEN_KEEP_SECONDS, self.swept)
         meta = body["metadata"]
         entry = self.by_uid.get(meta["uid"])
         if entry is None:
@@ -321,15 +318,6 @@ class Written:
         entry = self.by_uid.get(body["metadata"]["uid"])
         earlier = entry[2] if entry else {}
         self.by_uid[body["metadata"]["uid"]] = (time.monotonic(), version, composed(earlier, changes))
-
-    def _sweep(self) -> None:
-        """At most twice per WRITTEN_KEEP_SECONDS: every running job writes at every poll, and a scan at each write
-        would cost the operator the square of their number a poll."""
-        if time.monotonic() - self.swept < WRITTEN_KEEP_SECONDS / 2:
-            return
-        self.swept = time.monotonic()
-        for expired in _expired(self.by_uid, WRITTEN_KEEP_SECONDS):
-            self.by_uid.pop(expired, None)
 
 
 def _not_older(version: str, than: str) -> bool:
@@ -384,6 +372,17 @@ def _expired(entries: dict[Any, Any], ttl: float, when: Callable[[Any], float] =
     watching namespaces made and deleted by the thousand (CI's) grew without end."""
     now = time.monotonic()
     return [key for key, entry in list(entries.items()) if now - when(entry) > ttl]
+
+
+def _swept(entries: dict[Any, Any], ttl: float, last: float, when: Callable[[Any], float] = itemgetter(0)) -> float:
+    """Drop the `_expired` entries, at most twice per `ttl` (`last`: when the previous sweep was); returns when the
+    latest sweep was. A scan of every entry at every tick would cost the square of the jobs a poll."""
+    now = time.monotonic()
+    if now - last <= ttl / 2:
+        return last
+    for expired in _expired(entries, ttl, when):
+        entries.pop(expired, None)
+    return now
 
 
 def _job_warning(clients: Clients, warnings: Warnings, seen: reconcile.Observed, ns: str) -> tuple[str, str] | None:
