@@ -89,13 +89,22 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def fsync_tree(folder: Path) -> None:
+def fsync_tree(folder: Path, recursive: bool = False) -> None:
+    """Flush `folder`'s files and the folder itself to disk (with `recursive`, its folders' too)."""
     for path in [*folder.iterdir(), folder]:
-        fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        if recursive and path != folder and path.is_dir() and not path.is_symlink():
+            fsync_tree(path, recursive)
+        else:
+            fsync(path)
+
+
+def fsync(path: Path) -> None:
+    """Flush a file, or a folder's names (not its files), to disk."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
