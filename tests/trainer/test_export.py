@@ -2,9 +2,20 @@
 
 from __future__ import annotations
 
+import errno
+import hashlib
+import json
+import os
+import signal
 from pathlib import Path
+from typing import Any
 
+import pytest
+import torch
+
+from finetune_trainer import export, pipeline
 from finetune_trainer.config import LoraSpec, ModelSpec, Task, TrainerConfig
+from finetune_trainer.errors import Terminated
 from finetune_trainer.export import export_model
 from finetune_trainer.models import load_model, load_tokenizer
 from finetune_trainer.rearrange import add_adapters, new_head
@@ -103,3 +114,131 @@ def test_the_card_of_a_run_that_stopped_early_says_whose_weights_it_holds(tmp_pa
     card = model_card(TrainerConfig.model_validate(doc), report | {"training": training | {
         "steps": 200, "stopped_early": False, "restored_best_step": None}})
     assert "- Training: 200 steps in 1 s, 790.3 samples/s, seed 0\n" in card
+
+
+def exported(out: Path) -> dict[str, str]:
+    """The export in `out` as each file's digest (not the run's checkpoints and analysis, which the next attempt
+    rewrites before it exports)."""
+    return {str(p.relative_to(out)): hashlib.sha256(p.read_bytes()).hexdigest() for p in out.rglob("*")
+            if p.is_file() and p.relative_to(out).parts[0] not in ("checkpoints", "analysis.json")}
+
+
+def assert_loads_whole(out: Path, learning_rate: float) -> None:
+    """`out` holds one export, whole: its report lists its files (the learning rate this run had), and transformers'
+    Auto classes load the model and tokenizer and classify with them; no staging folder is left."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    report = json.loads((out / "report.json").read_text())
+    assert report["config"]["adjust"]["learningRate"] == learning_rate
+    assert set(report["files"]) == set(exported(out)) | {"analysis.json"}
+    model = AutoModelForSequenceClassification.from_pretrained(out).eval()
+    tokenizer = AutoTokenizer.from_pretrained(out)
+    with torch.no_grad():
+        assert model(**tokenizer(["a fine day"], return_tensors="pt")).logits.shape == (1, 3)
+    assert not list(out.glob(".export*")) and not list(out.glob(".tmp-*"))
+
+
+@pytest.mark.parametrize("cut", ["sigterm", "error"])
+def test_an_export_cut_short_leaves_the_earlier_one_whole_and_the_next_attempt_puts_its_own(
+        cut: str, tiny_doc: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An export was written in place: cut short (SIGTERM, a failed write), the folder held this run's weights,
+    config and tokenizer beside the earlier run's report, card and curve, which said the export was done."""
+    out = tmp_path / "out"
+    pipeline.run(TrainerConfig.model_validate(tiny_doc), out)
+    earlier = exported(out)
+    tiny_doc["adjust"]["learningRate"] = 3e-3  # trains afresh: other weights, another report
+    cfg = TrainerConfig.model_validate(tiny_doc)
+
+    def cut_short(*_: object) -> None:  # the weights, config, tokenizer and labels are written by now
+        if cut == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+        raise OSError(errno.EIO, "Input/output error")
+
+    monkeypatch.setattr(export, "loss_curve", cut_short)
+    with pytest.raises(Terminated if cut == "sigterm" else OSError):
+        pipeline.run(cfg, out)
+    assert exported(out) == earlier  # the earlier export, whole, and nothing of this one
+    assert not list(out.glob(".export*"))
+    monkeypatch.undo()
+    (killed := out / ".export-killed").mkdir()  # one a SIGKILL left mid-write: no report, so never put in place
+    (killed / "model.safetensors").write_bytes(b"half written")
+    pipeline.run(cfg, out)
+    assert exported(out).keys() == earlier.keys() and exported(out)["model.safetensors"] != earlier["model.safetensors"]
+    assert_loads_whole(out, 3e-3)
+
+
+class Killed(BaseException):
+    """The pod's SIGKILL (OOM, a lost node): nothing after it runs, in the trainer or in its cleanup."""
+
+
+@pytest.mark.parametrize("stop", ["sigterm", "kill"])
+def test_an_export_stopped_while_it_is_put_in_place_is_whole_at_once_or_by_the_next_attempts_start(
+        stop: str, tiny_doc: dict[str, Any], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """SIGTERM between the renames that put a written export in place waits for the last of them. Killed there, the
+    folder holds some of each export and no report.json says it is whole; the next attempt's first act puts the
+    rest of the written one in place."""
+    out = tmp_path / "out"
+    pipeline.run(TrainerConfig.model_validate(tiny_doc), out)
+    earlier = exported(out)
+    tiny_doc["adjust"]["learningRate"] = 3e-3
+    cfg = TrainerConfig.model_validate(tiny_doc)
+    real_replace = os.replace
+    placed: list[str] = []
+
+    def stopped_after_two(src: Any, dst: Any) -> None:
+        if Path(dst).parent == out and len(placed) == 2:
+            if stop == "kill":
+                raise Killed
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_replace(src, dst)
+        if Path(dst).parent == out:
+            placed.append(Path(dst).name)
+
+    monkeypatch.setattr(os, "replace", stopped_after_two)
+    with pytest.raises(Killed if stop == "kill" else Terminated):
+        pipeline.run(cfg, out)
+    monkeypatch.undo()
+    if stop == "sigterm":
+        assert_loads_whole(out, 3e-3)
+        return
+    assert not (out / "report.json").exists()  # some of each export: nothing says it is whole
+    now = exported(out)
+    assert placed == ["README.md", "config.json"] and now["README.md"] != earlier["README.md"]
+    assert now["model.safetensors"] == earlier["model.safetensors"]
+    (staged,) = out.glob(".export-*")
+    assert (staged / "report.json").exists()  # written whole: the next attempt puts it in place
+    real_load = pipeline.load_tokenizer
+    finished: list[dict[str, str]] = []
+
+    def whole_first(*args: Any, **kwargs: Any) -> Any:  # the next attempt, as it starts loading
+        assert_loads_whole(out, 3e-3)
+        finished.append(exported(out))
+        return real_load(*args, **kwargs)
+
+    monkeypatch.setattr(pipeline, "load_tokenizer", whole_first)
+    pipeline.run(cfg, out)  # which goes on: resumed after training, it exports again
+    assert finished and exported(out).keys() == finished[0].keys()
+    assert_loads_whole(out, 3e-3)
+
+
+def test_a_published_export_replaces_what_the_earlier_one_had_and_leaves_the_runs_files(tmp_path: Path) -> None:
+    """What the earlier export listed, and any weights of an export an older trainer cut short (no report to list
+    them), goes where the new export has no file of that name; the checkpoints, the analysis and files the export
+    never wrote stay."""
+    out = tmp_path / "out"
+    (out / "adapter").mkdir(parents=True)
+    (out / "checkpoints" / "run").mkdir(parents=True)
+    for name in ("adapter/adapter_model.safetensors", "vocab.txt", "model-00001-of-00002.safetensors",
+                 "checkpoints/run/COMMITTED", "analysis.json", "notes.txt", "config.json"):
+        (out / name).write_text("earlier")
+    (out / "report.json").write_text(json.dumps({"files": ["adapter/adapter_model.safetensors", "vocab.txt",
+                                                           "config.json", "analysis.json", "../outside"]}))
+    (tmp_path / "outside").write_text("not the export's")
+    with export.staging(out) as staged:
+        (staged / "config.json").write_text("new")
+        (staged / "model.safetensors").write_text("new")
+        export.publish(staged, out, json.dumps({"files": ["config.json", "model.safetensors", "report.json"]}))
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+        "analysis.json", "checkpoints/run/COMMITTED", "config.json", "model.safetensors", "notes.txt", "report.json"]
+    assert (out / "config.json").read_text() == "new" and (out / "analysis.json").read_text() == "earlier"
+    assert (tmp_path / "outside").exists()

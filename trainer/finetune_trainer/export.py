@@ -6,21 +6,34 @@ tokenizer, labels.json, report.json, a short README.md model card and loss_curve
 Adapters that were not merged go to adapter/ (peft's layout) instead of model.safetensors, which
 then holds the base they adapt only where model.uri does not (a pruned model, one built from its
 config): `PeftModel.from_pretrained(AutoModelFor...from_pretrained(out), out / "adapter")`.
+
+An export goes in whole or not at all (`staging`, `publish`): it is written into a folder `.export-*` inside the
+output folder (the same filesystem, where the output is a claim's mount point too, and on NFS), flushed to disk, then
+moved into place file by file with renames, report.json last: the export is whole where report.json is. A failure or
+SIGTERM while it is written leaves the earlier export as it was; the staged folder goes. The one window left is the
+renames themselves (milliseconds, SIGTERM held back across them): a reader in it, or a SIGKILL, sees some of each
+export and no report.json; the staged folder then still holds its report, and the next attempt finishes the renames
+before anything else (`recover`). A rename replaces a file whole, so no file is ever seen half written.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import re
 import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from torch import nn
 
 from finetune_trainer.batches import IMAGENET_MEAN, IMAGENET_STD
+from finetune_trainer.checkpoints import fsync, fsync_tree, replace_atomically
 from finetune_trainer.config import Task, TrainerConfig
 from finetune_trainer.detection.models import Detector, class_count
 from finetune_trainer.models import ImageClassifier
@@ -28,6 +41,113 @@ from finetune_trainer.structure import head_name
 from finetune_trainer.uris import hub_parts, local_path
 
 log = logging.getLogger(__name__)
+
+MARKER = "report.json"  # moved into place last: an export is whole where it is
+STAGING = ".export-"
+STALE = ".stale.json"  # in a staged folder: the earlier export's files that its publish removes
+# The run's, beside the export in the output folder: never the export's to replace or remove.
+THE_RUNS = frozenset({"checkpoints", "analysis.json"})
+# An earlier export's weights, whatever its report lists: one an older trainer cut short has no report.
+WEIGHTS = ("model*.safetensors", "model.safetensors.index.json", "adapter")
+
+
+@contextlib.contextmanager
+def staging(out: Path) -> Iterator[Path]:
+    """A new folder inside `out` to write an export into and `publish` from; removed if the export fails before
+    its report is written there. What an earlier attempt left staged is dealt with first (`recover`)."""
+    recover(out)
+    folder = Path(tempfile.mkdtemp(prefix=STAGING, dir=out))
+    try:
+        yield folder
+    except BaseException:
+        if not (folder / MARKER).exists():  # else its publish was cut short: whole, the next attempt finishes it
+            shutil.rmtree(folder, ignore_errors=True)
+        raise
+
+
+def publish(staged: Path, out: Path, report: str) -> None:
+    """Put the export written in `staged` in place of the one in `out`: flushed to disk, what the earlier export has
+    that this one lacks noted, then `report` (report.json) written, which makes the staged export whole, and moved."""
+    fsync_tree(staged, recursive=True)  # on disk before a report says it is whole, a node lost included
+    new = {p.name for p in staged.iterdir()} | {MARKER}
+    earlier = {*listed(out / MARKER), *(p.name for pattern in WEIGHTS for p in out.glob(pattern))}
+    (staged / STALE).write_text(json.dumps(sorted(earlier - new - THE_RUNS)))
+    replace_atomically(staged, MARKER, lambda tmp: tmp.write_text(report))
+    swap(staged, out)
+
+
+def listed(report: Path) -> set[str]:
+    """The names in `out` of the files an export's report lists (a folder's for its files); none where it has no
+    report, or one cut short by an older trainer."""
+    try:
+        files = json.loads(report.read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        return set()
+    names = {Path(f).parts[0] for f in files if isinstance(f, str) and f and not Path(f).is_absolute()}
+    return {name for name in names if not name.startswith(".")}  # nor "..": only what is in `out`
+
+
+def swap(staged: Path, out: Path) -> None:
+    """Move a whole staged export (its report written) into `out`, report.json last, and remove the earlier export's
+    files that it has not. Run again on what it left (a SIGKILL between two renames), it finishes the move."""
+    stale = json.loads((staged / STALE).read_text())
+    with sigterm_held():
+        (out / MARKER).unlink(missing_ok=True)  # from here until the last rename, out says nothing of being whole
+        fsync(out)
+        for name in stale:
+            set_aside(out / name, staged)
+        for path in sorted(p for p in staged.iterdir() if not p.name.startswith(".") and p.name != MARKER):
+            if path.is_dir() or (out / path.name).is_dir():  # a folder is replaced by a rename only when empty
+                set_aside(out / path.name, staged)
+            os.replace(path, out / path.name)
+        fsync(out)
+        os.replace(staged / MARKER, out / MARKER)
+        fsync(out)
+    shutil.rmtree(staged, ignore_errors=True)  # on NFS a file held open elsewhere may stay: the next attempt's
+
+
+def set_aside(path: Path, staged: Path) -> None:
+    """Remove `path` from the export: a file at once, a folder moved into `staged` whole (removed in place, a reader
+    would see some of its files), deleted with it."""
+    if path.is_dir() and not path.is_symlink():
+        aside = staged / f".earlier-{path.name}"
+        shutil.rmtree(aside, ignore_errors=True)  # one set aside by a swap cut short, which moved this one in since
+        os.replace(path, aside)
+    else:
+        path.unlink(missing_ok=True)
+
+
+def recover(out: Path) -> None:
+    """Deal with what an earlier attempt left staged in `out`: finish the move of an export it wrote whole (its
+    report is in the staged folder), remove one it did not finish writing. The main rank, before anything else."""
+    if not out.is_dir():
+        return
+    for staged in sorted((p for p in out.glob(f"{STAGING}*") if p.is_dir()), key=lambda p: p.stat().st_mtime):
+        if (staged / MARKER).exists():
+            log.warning("finishing the export to %s that an earlier attempt wrote and was stopped putting in place",
+                        out)
+            swap(staged, out)
+        else:
+            log.info("removing %s, an export an earlier attempt did not finish writing", staged)
+            shutil.rmtree(staged, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def sigterm_held() -> Iterator[None]:
+    """SIGTERM held back until the block ends, then raised as it came: its Terminated raised between two renames of
+    `swap` would leave some of each export in place. Outside the main thread SIGTERM is not Python's to hold."""
+    came: list[int] = []
+    try:
+        previous, held = signal.signal(signal.SIGTERM, lambda signum, _: came.append(signum)), True
+    except ValueError:  # not the main thread
+        previous, held = None, False
+    try:
+        yield
+    finally:
+        if held:  # None: a handler not set from Python, which cannot be put back
+            signal.signal(signal.SIGTERM, signal.SIG_DFL if previous is None else previous)
+        if came:
+            signal.raise_signal(signal.SIGTERM)
 
 
 def export_model(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg: TrainerConfig, out: Path) -> list[str]:
