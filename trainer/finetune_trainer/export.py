@@ -90,7 +90,10 @@ def listed(report: Path) -> set[str]:
 def swap(staged: Path, out: Path) -> None:
     """Move a whole staged export (its report written) into `out`, report.json last, and remove the earlier export's
     files that it has not. Run again on what it left (a SIGKILL between two renames), it finishes the move."""
-    stale = json.loads((staged / STALE).read_text())
+    try:
+        stale = json.loads((staged / STALE).read_text())
+    except (OSError, ValueError):  # a staged folder not of this trainer's making: its report moves all the same
+        stale = []
     with sigterm_held():
         (out / MARKER).unlink(missing_ok=True)  # from here until the last rename, out says nothing of being whole
         fsync(out)
