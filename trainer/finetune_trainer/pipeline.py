@@ -269,7 +269,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         log.info("structure analysis:\n%s", "\n".join([analysis.summary(report), *(
             detection_analysis.summary_lines(report) if detecting else [])]))
         out.mkdir(parents=True, exist_ok=True)
-        (out / "analysis.json").write_text(json.dumps(report.to_dict(), indent=2))
+        analysis_text = json.dumps(report.to_dict(), indent=2)  # through a temporary file: a kill never tears it
+        checkpoints.replace_atomically(out, "analysis.json", lambda tmp: tmp.write_text(analysis_text))
     progress.message["analysis"] = {"totalParameters": report.total_parameters,
                                     "trainableParameters": report.trainable_parameters,
                                     "findings": [f.__dict__ for f in report.findings]}
