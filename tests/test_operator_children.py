@@ -159,6 +159,18 @@ def test_the_claim_of_healings_texts_is_mounted_read_only() -> None:
                                                              "readOnly": True}
 
 
+def test_the_claim_of_the_distillation_teacher_is_mounted_read_only() -> None:
+    """training.distillation.teacher may live on a claim no other URI names (an earlier job's output): the trainer
+    reads it, so it is mounted, read-only."""
+    doc, _ = ftj()
+    training = doc["spec"].get("training", {}) | {"distillation": {"teacher": {"uri": "pvc://results/unpruned"}}}
+    doc, spec = ftj(training=training)
+    pod = children.job(doc, spec, 1, SETTINGS)["spec"]["template"]["spec"]
+    claims = {v["persistentVolumeClaim"]["claimName"]: v["name"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    mounts = {m["name"]: m for m in pod["containers"][0]["volumeMounts"]}
+    assert mounts[claims["results"]] | {"name": None} == {"name": None, "mountPath": "/mnt/pvc/results", "readOnly": True}
+
+
 def test_pods_pass_restricted_and_carry_no_token() -> None:
     doc, spec = ftj()
     pod = children.job(doc, spec, 1, SETTINGS)["spec"]["template"]["spec"]

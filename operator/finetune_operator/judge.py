@@ -17,10 +17,12 @@ def claim_fields(spec: api.FineTuneJobSpec) -> dict[str, tuple[str, bool]]:
     found: dict[str, tuple[str, bool]] = {}
     prune = spec.rearrange.prune
     heal = prune.heal.dataset if prune and prune.heal and prune.heal.dataset else None  # healing's texts
+    teacher = spec.training.distillation.teacher if spec.training.distillation else None
     for field, uri, writes in (("spec.output.uri", spec.output.uri, True), ("spec.model.uri", spec.model.uri, False),
                                ("spec.model.tokenizerUri", spec.model.tokenizer_uri, False),
                                ("spec.dataset.uri", spec.dataset.uri, False),
-                               ("spec.rearrange.prune.heal.dataset.uri", heal.uri if heal else None, False)):
+                               ("spec.rearrange.prune.heal.dataset.uri", heal.uri if heal else None, False),
+                               ("spec.training.distillation.teacher.uri", teacher.uri if teacher else None, False)):
         if uri and uri.startswith("pvc://"):
             claim = uri.removeprefix("pvc://").split("/", 1)[0]
             first, wrote = found.get(claim, (field, False))

@@ -426,6 +426,38 @@ class EarlyStoppingSpec(ApiModel):
                              "weights kept: an evaluation better than the best by less is no new best (as in Keras).")
 
 
+class TeacherSpec(ApiModel):
+    """The model distillation learns from: where it lives, as model.uri says where the student does."""
+
+    uri: Uri = Field(
+        description="A model fine-tuned for this task on the same labels, such as an earlier job's output.uri (the "
+        "unpruned fine-tune, for a pruned student): pvc://<claim>/<path>, hf://<org>/<name> or an absolute path. It "
+        "reads the student's inputs, so a text teacher must have the student's vocabulary.",
+    )
+    revision: str | None = Field(None, max_length=128, description="Hub revision (branch, tag or commit) for hf:// URIs.")
+
+
+class DistillationSpec(ApiModel):
+    """Knowledge distillation: the student learns the teacher's predicted distribution beside the labels."""
+
+    teacher: TeacherSpec = Field(description="The model whose predictions the student learns.")
+    temperature: float = Field(
+        2.0,
+        gt=0,
+        le=100,
+        description="Both models' logits are divided by it before they are compared: above 1 the teacher's soft "
+        "targets pass on more of how it ranks the wrong classes (or tokens).",
+    )
+    weight: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="The share of the loss that is the teacher's soft targets (temperature^2 x the KL divergence of "
+        "the student's softened distribution from the teacher's, per target); the rest is the usual loss on the "
+        "labels. 1 learns from the teacher alone.",
+    )
+
+
 class TrainingSpec(ApiModel):
     """Stage 4: the training loop."""
 
@@ -478,6 +510,13 @@ class TrainingSpec(ApiModel):
     )
     keep_checkpoints: int = Field(2, ge=1, le=100, description="Checkpoints to keep; older ones are deleted.")
     seed: int = Field(0, ge=0, le=2**31 - 1, description="Seed for the split, the shuffling and the initialisation.")
+    distillation: DistillationSpec | None = Field(
+        None,
+        description="Also learn from a teacher model's predictions (knowledge distillation, as DistilBERT and Minitron "
+        "train a smaller or pruned model): e.g. the unpruned fine-tune of the same data, for a job with "
+        "rearrange.prune. Every worker holds a copy of the teacher and runs it on each training batch; validation "
+        "and test scores stay on the labels. Not for object-detection.",
+    )
 
 
 class Metric(StrEnum):
@@ -620,6 +659,13 @@ class TrainerConfig(ApiModel):
             holds=lambda c: c.rearrange.prune is None or c.model.task in (Task.SEQUENCE_CLASSIFICATION, Task.CAUSAL_LM),
             message="pruning removes transformer layers: it needs a text task (sequence-classification or causal-lm)",
             field="rearrange.prune",
+        ),
+        Rule(  # a detector returns its loss, not per-target logits that a teacher's could be compared with
+            cel="self.model.task != 'object-detection' || !has(self.training.distillation)",
+            holds=lambda c: c.model.task != Task.OBJECT_DETECTION or c.training.distillation is None,
+            message="distillation compares a teacher's class or token distributions with the student's: it is for "
+            "the classification tasks and causal-lm, not object-detection",
+            field="training.distillation",
         ),
     )
 
