@@ -22,6 +22,7 @@ from finetune_trainer.batches import IGNORE_INDEX, encode_text, make_collate
 from finetune_trainer.config import (EarlyStoppingSpec, LoraSpec, Metric, ModelSpec, Precision, Task, TrainerConfig,
                                      TrainingSpec)
 from finetune_trainer.data import Split
+from finetune_trainer.distill import Teacher
 from finetune_trainer.distributed import World
 from finetune_trainer.errors import CheckpointMismatch, ConfigError, LossNotFinite, Terminated
 from finetune_trainer.evaluate import evaluate
@@ -302,13 +303,14 @@ def lm_setup(seed: int = 0):
     return model, data, make_collate(Task.CAUSAL_LM, tokenizer.pad_token_id, 0)
 
 
-def sgd_step(batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
+def sgd_step(batch_size: int, accumulation: int, teacher: Teacher | None = None) -> dict[str, torch.Tensor]:
     model, data, collate = lm_setup()
     # fp32: the two gradients are equal in exact arithmetic, and bf16's rounding of different batch shapes differs.
     spec = TrainingSpec(batchSize=batch_size, gradientAccumulation=accumulation, maxSteps=1, batching="dynamic",
                         warmupRatio=0, schedule="constant", maxGradNorm=1e9, precision="fp32")
     optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    train_loop(model, optimizer, make_scheduler(optimizer, spec, 1), data, collate, spec, Task.CAUSAL_LM, CPU)
+    train_loop(model, optimizer, make_scheduler(optimizer, spec, 1), data, collate, spec, Task.CAUSAL_LM, CPU,
+               teacher=teacher)
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
@@ -436,9 +438,14 @@ def test_a_causal_lm_scores_each_position_on_the_next_token_and_never_a_padded_o
     assert bool((logits.grad.abs().sum(-1) > 0).eq(scored).all())  # no gradient where nothing is predicted
 
 
-def test_accumulation_gives_the_gradient_of_the_whole_batch() -> None:
-    """Micro-batches with different token counts: the loss is normalised by the step's tokens, not averaged per batch."""
-    whole, accumulated = sgd_step(16, 1), sgd_step(4, 4)
+@pytest.mark.parametrize("distilled", [False, True])
+def test_accumulation_gives_the_gradient_of_the_whole_batch(distilled: bool) -> None:
+    """Micro-batches with different token counts: the loss is normalised by the step's tokens, not averaged per batch,
+    a teacher's soft targets (training.distillation) as the labels' loss."""
+    teacher = Teacher(lm_setup(seed=1)[0].eval().requires_grad_(False), 2.0, 0.5) if distilled else None
+    whole, accumulated = sgd_step(16, 1, teacher), sgd_step(4, 4, teacher)
+    if distilled:  # the teacher moved the student otherwise than the labels alone
+        assert any(not torch.allclose(value, plain) for value, plain in zip(whole.values(), sgd_step(16, 1).values()))
     for name, value in whole.items():
         torch.testing.assert_close(accumulated[name], value, atol=2e-5, rtol=1e-4, msg=name)
 

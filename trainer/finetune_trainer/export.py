@@ -292,6 +292,7 @@ def model_card(cfg: TrainerConfig, report: dict[str, Any], adapters_apart: bool 
         f"- Adapters: {adapters}" + (f"; merged (max logit difference {merge['max_abs_logit_diff']:.1e})"
                                      if merge and merge["passed"] else ""),
         training_line(cfg, training),
+        *distillation_lines(report.get("distillation")),
         "",
         "## Evaluation on the test split (seen by neither training nor model selection)",
         "",
@@ -317,6 +318,16 @@ def training_line(cfg: TrainerConfig, training: dict[str, Any]) -> str:
     if (best := training.get("restored_best_step")) is not None:
         line += f"; the weights are step {best}'s, the best validation {cfg.evaluation_metrics[0].value}"
     return line
+
+
+def distillation_lines(distillation: dict[str, Any] | None) -> list[str]:
+    """The card's line on the teacher a distilled model learned from."""
+    if not distillation:
+        return []
+    at = f" at revision {distillation['revision']}" if distillation.get("revision") else ""
+    weight = distillation["weight"]
+    return [f"- Distilled from {distillation['teacher']}{at}: {weight:g} of the loss its soft targets at temperature "
+            f"{distillation['temperature']:g}, {1 - weight:g} the labels'"]
 
 
 def rows_of(task: Task) -> str:

@@ -205,6 +205,19 @@ def has_causal_switch(config: Any) -> bool:
     return getattr(config, "is_decoder", None) is not None
 
 
+def head_labels(model: nn.Module) -> tuple[dict[int, str] | None, int | None]:
+    """The class names a model's head was trained on and its size (a detector's without its background): a
+    transformers model's config, or a torchvision one's export of ours (its labels.json)."""
+    from finetune_trainer.detection.models import Detector, class_count
+
+    if isinstance(model, Detector):
+        return model.labels, class_count(model.net) - 1
+    if isinstance(model, ImageClassifier):
+        return model.labels, model.builder_kwargs.get("num_classes")
+    config = getattr(model, "config", None)
+    return (config.id2label, config.num_labels) if config is not None else (None, None)
+
+
 def padding_as_batched(model: nn.Module, tokenizer) -> nn.Module:
     """`model` with config.pad_token_id the tokenizer's pad, which the batches are padded with: a decoder classifier
     (GPT-2, Llama) pools the last token that is not its pad id, so with another id (Llama-2's config names its unk,

@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from finetune_trainer import analyze as analysis
-from finetune_trainer import checkpoints, distributed, export, prune
+from finetune_trainer import checkpoints, distill, distributed, export, prune
 from finetune_trainer.adjust import freeze, freeze_checked, lora_targets, param_groups
 from finetune_trainer.batches import (Augmenting, Batch, Encoded, digest, encode_causal, encode_images, encode_text,
                                       epoch_batches, eval_batches, make_collate, say_truncated)
@@ -40,12 +40,12 @@ from finetune_trainer.data import (LabelledData, Split, bad_images, bad_images_e
 from finetune_trainer.detection import analysis as detection_analysis
 from finetune_trainer.detection.coco import load_coco, renumbered
 from finetune_trainer.detection.metrics import evaluate_detector
-from finetune_trainer.detection.models import Detector, check_batch_size, class_count, load_detector, resize_head
+from finetune_trainer.detection.models import check_batch_size, load_detector, resize_head
 from finetune_trainer.errors import EXIT_OK, ConfigError, DataError, Terminated, no_space_in
 from finetune_trainer.evaluate import deltas, evaluate
 from finetune_trainer.lora_fused import FORMS, fuse
-from finetune_trainer.models import (ImageClassifier, check_image_size, check_positions, check_vocabulary,
-                                     has_causal_switch, load_model, load_tokenizer, new_modules)
+from finetune_trainer.models import (check_image_size, check_positions, check_vocabulary, has_causal_switch,
+                                     head_labels, load_model, load_tokenizer, new_modules)
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
 from finetune_trainer.structure import depth, head_name
 from finetune_trainer.telemetry import Metrics, write_failure, write_termination
@@ -247,6 +247,9 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     check_image_size(model, cfg.dataset.image_size)
     if tokenizer is not None:
         check_vocabulary(model, tokenizer.pad_token_id, (train_data, validation_data, test_data, heal_data))
+    # Loaded now: a teacher that does not fit the job stops it before the analysis and the baseline.
+    teacher = None if cfg.training.distillation is None else distill.load_teacher(
+        cfg, tokenizer, model, data.id2label, num_labels, world.device)
 
     progress.enter(Stage.ANALYZING)
     def training_batches(split: Encoded = train_data) -> Iterator[Batch]:
@@ -395,10 +398,11 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     progress.bar = progress_bar(steps) if world.main else None
     try:
         state = train_loop(trained, optimizer, scheduler, train_data, collate, cfg.training, task, world, hooks,
-                           cfg.evaluation_metrics[0])
+                           cfg.evaluation_metrics[0], teacher)
     finally:
         if progress.bar is not None:
             progress.bar.close()
+    del teacher  # its memory, before the final evaluation and the export
     progress.trained(state)
 
     progress.enter(Stage.EVALUATING)
@@ -420,6 +424,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         "memory_after_rearrange": memory,
         "evaluation": evaluation,
         **({"pruning": pruning | {"after": dict(final)}} if pruning else {}),
+        **({"distillation": distill.report_section(cfg)} if cfg.training.distillation else {}),
         "training": training_section(state, steps, steps_per_epoch(train_data, cfg.training, world), train_data,
                                      validation_data, test_data, world, dtype),
     }
@@ -599,17 +604,6 @@ def trained_head_order(model: nn.Module, id2label: dict[int, str], num_labels: i
         log.info("the model's head names the dataset's labels in another order (%s); they take its ids",
                  ", ".join(head[i] for i in sorted(head)))
     return order
-
-
-def head_labels(model: nn.Module) -> tuple[dict[int, str] | None, int | None]:
-    """The class names a model's head was trained on and its size (a detector's without its background): a
-    transformers model's config, or a torchvision one's export of ours (its labels.json)."""
-    if isinstance(model, Detector):
-        return model.labels, class_count(model.net) - 1
-    if isinstance(model, ImageClassifier):
-        return model.labels, model.builder_kwargs.get("num_classes")
-    config = getattr(model, "config", None)
-    return (config.id2label, config.num_labels) if config is not None else (None, None)
 
 
 def encode(data: LabelledData, tokenizer: Any, cfg: TrainerConfig, main: bool) -> tuple[Encoded, Encoded, Encoded]:

@@ -48,6 +48,7 @@ from torch import nn
 from finetune_trainer import checkpoints
 from finetune_trainer.batches import IGNORE_INDEX, Batch, Encoded, batch_count, collated, epoch_batches, loader_threads
 from finetune_trainer.config import Batching, Metric, Precision, Schedule, Task, TrainingSpec
+from finetune_trainer.distill import Teacher
 from finetune_trainer.distributed import World
 from finetune_trainer.errors import CheckpointMismatch, DataError, LossNotFinite, Terminated
 from finetune_trainer.models import autocast, logits_of
@@ -178,13 +179,37 @@ def loss_sum(logits: torch.Tensor, labels: torch.Tensor, task: Task) -> torch.Te
     """Summed (not averaged) loss, so that the caller divides by the targets of the whole step."""
     if task == Task.OBJECT_DETECTION:  # a detector returns its loss, averaged over the batch's images
         return logits.float() * labels.shape[0]
+    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), scored(labels, task).reshape(-1),
+                           ignore_index=IGNORE_INDEX, reduction="sum")
+
+
+def scored(labels: torch.Tensor, task: Task) -> torch.Tensor:
+    """The target each position of the logits is scored on (IGNORE_INDEX: none)."""
     if task == Task.CAUSAL_LM:  # position t predicts token t+1; the last predicts nothing
         # The labels shift, not the logits: a slice's backward allocates a zero gradient of the logits' whole size
         # (0.47 GiB for 8 x 1,024 tokens of a 30k vocabulary in bf16: about the gap, 0.46 GiB, between our peak memory
         # and HF's Trainer's in bench/gpu.py on an H200, whose loss shifts the labels too).
-        labels = F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
-    return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
-                           ignore_index=IGNORE_INDEX, reduction="sum")
+        return F.pad(labels[:, 1:], (0, 1), value=IGNORE_INDEX)
+    return labels
+
+
+def soft_loss_sum(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, task: Task,
+                  temperature: float) -> torch.Tensor:
+    """KL(softmax(teacher / T) || softmax(student / T)) summed over the positions `loss_sum` scores (a causal LM's
+    shifted, unmasked tokens), so that it is normalised by the same targets."""
+    keep = (scored(labels, task) != IGNORE_INDEX).reshape(-1)
+    width = logits.shape[-1]
+    student = F.log_softmax(logits.float().reshape(-1, width)[keep] / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float().reshape(-1, width)[keep] / temperature, dim=-1)
+    return F.kl_div(student, teacher, reduction="sum", log_target=True)
+
+
+def distilled_loss_sum(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, task: Task,
+                       temperature: float, weight: float) -> torch.Tensor:
+    """Per target (1 - w) x cross-entropy on the label + w x T^2 x KL to the teacher's softened distribution, summed
+    (Hinton et al.'s T^2 keeps the soft term's gradient on the hard term's scale as T changes)."""
+    soft = soft_loss_sum(logits, teacher_logits, labels, task, temperature)
+    return (1 - weight) * loss_sum(logits, labels, task) + weight * temperature ** 2 * soft
 
 
 class SigtermFlag:
@@ -217,10 +242,11 @@ class EvaluationStopped(Exception):
 
 def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, data: Encoded,
                collate: Callable[[Encoded, list[int]], Batch], spec: TrainingSpec, task: Task, world: World,
-               hooks: Hooks | None = None, metric: Metric | None = None) -> LoopState:
+               hooks: Hooks | None = None, metric: Metric | None = None, teacher: Teacher | None = None) -> LoopState:
     """Train `model` (already on `world.device`, DDP-wrapped when world.size > 1) on `data`; see the module docstring.
 
     `metric` is the evaluation metric that early stopping watches (the first key `hooks.evaluate` returns if None).
+    With a `teacher` (this rank's), the loss blends in its soft targets (`distilled_loss_sum`).
     """
     hooks = hooks or Hooks()
     total = total_steps(data, spec, world)
@@ -298,7 +324,7 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
                     lr = optimizer.param_groups[0]["lr"]  # what this step uses
                     loss, grad_norm, samples, tokens, stop = train_step(
                         model, [next(loaded) for _ in micro], task, world, dtype, scaler, spec.max_grad_norm,
-                        optimizer, lambda: sigterm.raised, state.step + 1)
+                        optimizer, lambda: sigterm.raised, state.step + 1, teacher)
                     if math.isfinite(grad_norm):  # else fp16's GradScaler skipped the step: the schedule waits too
                         scheduler.step()
                     state.step += 1
@@ -345,10 +371,11 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
 
 def train_step(model: nn.Module, micro: list[Batch], task: Task, world: World, dtype: torch.dtype | None,
                scaler: torch.amp.GradScaler, max_norm: float, optimizer: torch.optim.Optimizer,
-               stop_requested: Callable[[], bool], step: int) -> tuple[float, float, int, int, bool]:
+               stop_requested: Callable[[], bool], step: int,
+               teacher: Teacher | None = None) -> tuple[float, float, int, int, bool]:
     """Optimizer step number `step` over the micro-batches; returns (loss, gradient norm before clipping, samples,
     tokens, whether any rank got SIGTERM by the end of its backward). A norm that is not finite means fp16's
-    GradScaler skipped the step."""
+    GradScaler skipped the step. A `teacher` runs on each micro-batch under the same autocast."""
     targets, samples, tokens = world.sum([sum(b.targets for b in micro), sum(b.samples for b in micro),
                                           sum(b.tokens for b in micro)])
     total_loss = torch.zeros((), dtype=torch.float64, device=world.device)
@@ -359,7 +386,9 @@ def train_step(model: nn.Module, micro: list[Batch], task: Task, world: World, d
         with sync:
             with autocast(world.device.type, dtype):
                 logits = logits_of(model, batch.inputs)
-            loss = loss_sum(logits, batch.labels, task)
+                taught = teacher.logits(batch.inputs) if teacher is not None else None
+            loss = loss_sum(logits, batch.labels, task) if teacher is None or taught is None else distilled_loss_sum(
+                logits, taught, batch.labels, task, teacher.temperature, teacher.weight)
             scaler.scale(loss * world.size / max(targets, 1)).backward()
         total_loss += loss.detach()
     norm = unscaled_norm(scaler, optimizer, model.parameters(), max_norm)  # on the device; read with the loss below

@@ -1,0 +1,246 @@
+"""training.distillation: the blended loss, a student that learns its teacher's predictions without the labels, and
+teachers that cannot teach the job refused naming the field."""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from finetune_trainer import pipeline
+from finetune_trainer.batches import IGNORE_INDEX, eval_batches
+from finetune_trainer.config import ModelSpec, Task, TrainerConfig
+from finetune_trainer.distill import Teacher, load_teacher
+from finetune_trainer.errors import ConfigError, ModelError
+from finetune_trainer.models import load_model, load_tokenizer, logits_of
+from finetune_trainer.pipeline import fingerprinted
+from finetune_trainer.rules import error_lines
+from finetune_trainer.train import distilled_loss_sum, loss_sum, soft_loss_sum
+
+from tiny import TINY_BERT, TINY_GPT2, tiny_classifier_doc
+
+SENTIMENT = {0: "negative", 1: "neutral", 2: "positive"}
+MINILM = "pvc://models/all-MiniLM-L6-v2"
+
+
+def distilled(doc: dict[str, Any], teacher: Path | str, **spec: Any) -> TrainerConfig:
+    doc = copy.deepcopy(doc)
+    doc["training"]["distillation"] = {"teacher": {"uri": str(teacher)}, **spec}
+    return TrainerConfig.model_validate(doc)
+
+
+# ---- the loss -------------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("task", [Task.SEQUENCE_CLASSIFICATION, Task.CAUSAL_LM])
+def test_weight_zero_is_the_labels_loss_and_a_teacher_that_agrees_adds_nothing(task: Task) -> None:
+    torch.manual_seed(0)
+    if task == Task.CAUSAL_LM:
+        logits, labels = torch.randn(2, 5, 11), torch.randint(0, 11, (2, 5))
+        labels[1, 3:] = IGNORE_INDEX  # padding
+    else:
+        logits, labels = torch.randn(4, 3), torch.tensor([0, 2, 1, 2])
+    teacher = torch.randn_like(logits)
+    hard = loss_sum(logits, labels, task)
+    assert torch.equal(distilled_loss_sum(logits, teacher, labels, task, 2.0, 0.0), hard)
+    assert soft_loss_sum(logits, logits.clone(), labels, task, 2.0).abs() < 1e-6
+    torch.testing.assert_close(distilled_loss_sum(logits, logits.clone(), labels, task, 2.0, 0.3), 0.7 * hard)
+    assert soft_loss_sum(logits, teacher, labels, task, 2.0) > 0
+
+
+def test_the_soft_targets_pull_the_student_towards_the_teacher() -> None:
+    """With weight 1 the gradient of the summed loss on each row's logits is T (softmax(s/T) - softmax(t/T)) (T^2 x
+    the KL's 1/T): a step against it moves the student's softened distribution towards the teacher's."""
+    torch.manual_seed(0)
+    student, teacher, labels = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3), torch.tensor([0, 1, 2, 0])
+    temperature = 2.0
+    distilled_loss_sum(student, teacher, labels, Task.SEQUENCE_CLASSIFICATION, temperature, 1.0).backward()
+    expected = temperature * (torch.softmax(student.detach() / temperature, -1) - torch.softmax(teacher / temperature, -1))
+    torch.testing.assert_close(student.grad, expected)
+    before = soft_loss_sum(student.detach(), teacher, labels, Task.SEQUENCE_CLASSIFICATION, temperature)
+    after = soft_loss_sum(student.detach() - 0.5 * student.grad, teacher, labels, Task.SEQUENCE_CLASSIFICATION,
+                          temperature)
+    assert after < before
+
+
+def test_a_causal_lm_is_taught_at_the_positions_its_loss_scores() -> None:
+    """Position t predicts token t+1, as loss_sum shifts the labels: the last position and those before padding
+    are no target, so a teacher that differs only there teaches nothing and gives them no gradient."""
+    torch.manual_seed(0)
+    student = torch.randn(1, 4, 7, requires_grad=True)
+    labels = torch.tensor([[3, 1, 5, IGNORE_INDEX]])  # targets: positions 0 (-> 1) and 1 (-> 5)
+    teacher = student.detach().clone()
+    teacher[0, 2:] = torch.randn(2, 7)  # position 2 predicts padding, 3 nothing
+    assert soft_loss_sum(student, teacher, labels, Task.CAUSAL_LM, 2.0).abs() < 1e-6
+    teacher[0, :2] = torch.randn(2, 7)
+    distilled_loss_sum(student, teacher, labels, Task.CAUSAL_LM, 2.0, 1.0).backward()
+    assert student.grad[0, :2].abs().sum() > 0 and student.grad[0, 2:].abs().sum() == 0
+
+
+# ---- end to end -----------------------------------------------------------------------------------------------------
+
+def saved_bert(folder: Path, labels: dict[int, str], **config: Any) -> Path:
+    """A tiny BERT classifier saved whole (no weight missing when it loads), with the MiniLM tokenizer's vocabulary."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    settings = TINY_BERT | {"vocab_size": 30522, "id2label": labels, "label2id": {v: k for k, v in labels.items()}}
+    BertForSequenceClassification(BertConfig(**settings | config)).save_pretrained(folder)
+    return folder
+
+
+def predictions(model: torch.nn.Module, split: Any, collate: Any) -> torch.Tensor:
+    model.eval()
+    with torch.no_grad():
+        return torch.cat([logits_of(model, collate(split, idx).inputs).argmax(-1)
+                          for idx in eval_batches(split.lengths, 64)])
+
+
+def test_a_student_taught_by_the_teacher_alone_comes_to_agree_with_it(tmp_path: Path, monkeypatch, caplog) -> None:
+    """A teacher that calls every text positive, which the labels do not teach (most are negative), its head naming
+    the labels in another order than the job's. A 1-layer student with weight 1 never sees a label, yet on the test
+    split its predictions come to agree with the teacher's, more than before training and more than the same
+    student's trained on the labels alone. The scores stay on the labels; the report and the card name the
+    teacher."""
+    folder = saved_bert(tmp_path / "teacher", {0: "positive", 1: "negative", 2: "neutral"})
+    from transformers import AutoModelForSequenceClassification
+
+    teacher = AutoModelForSequenceClassification.from_pretrained(folder).eval()
+    with torch.no_grad():
+        teacher.classifier.weight.zero_()
+        teacher.classifier.bias.copy_(torch.tensor([3.0, 0.0, 0.0]))
+    teacher.save_pretrained(folder)
+    real = pipeline.evaluate
+
+    def agreement(weight: float) -> tuple[list[float], dict[str, Any]]:
+        found: list[float] = []
+
+        def scored(model, split, collate, *args):  # the baseline and the final scores are on the test split
+            ours = [SENTIMENT[int(i)] for i in predictions(model, split, collate)]
+            theirs = [teacher.config.id2label[int(i)] for i in predictions(teacher, split, collate)]
+            found.append(sum(a == b for a, b in zip(ours, theirs)) / len(ours))
+            return real(model, split, collate, *args)
+
+        monkeypatch.setattr(pipeline, "evaluate", scored)
+        doc = tiny_classifier_doc(tmp_path / f"student-{weight}")
+        doc["model"]["config"] |= {"num_hidden_layers": 1}
+        report = pipeline.run(distilled(doc, folder, weight=weight, temperature=2.0), tmp_path / f"student-{weight}")
+        return found, report
+
+    labels_alone, _ = agreement(0.0)
+    with caplog.at_level(logging.INFO, logger="finetune_trainer.distill"):
+        taught_alone, report = agreement(1.0)
+    assert taught_alone[-1] > taught_alone[0] and taught_alone[-1] > labels_alone[-1]
+    assert f"distilling from {folder}" in caplog.text and "0 x the labels' cross-entropy" in caplog.text
+    assert set(report["evaluation"]["final"]) == {"accuracy", "f1"}
+    assert report["distillation"] == {"teacher": str(folder), "revision": None, "temperature": 2.0, "weight": 1.0}
+    out = tmp_path / "student-1.0"
+    assert json.loads((out / "report.json").read_text())["distillation"] == report["distillation"]
+    card = (out / "README.md").read_text()
+    assert f"- Distilled from {folder}: 1 of the loss its soft targets at temperature 2, 0 the labels'" in card
+
+
+def test_a_causal_lm_and_an_image_classifier_train_with_a_teacher(tmp_path: Path) -> None:
+    """The other tasks distillation serves run a step each with a teacher of their kind (an export of ours)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = load_tokenizer(ModelSpec(task=Task.CAUSAL_LM, uri=MINILM))
+    GPT2LMHeadModel(GPT2Config(**TINY_GPT2, vocab_size=len(tokenizer))).save_pretrained(tmp_path / "gpt2")
+    lm = {"model": {"task": "causal-lm", "architecture": "gpt2", "config": dict(TINY_GPT2), "tokenizerUri": MINILM},
+          "dataset": {"uri": "pvc://data/sentiment/sentiment.csv", "maxTrainSamples": 32, "maxEvalSamples": 16,
+                      "maxLength": 32},
+          "analyze": {"probeBatches": 1}, "training": {"maxSteps": 2, "batchSize": 8},
+          "evaluation": {"baseline": False}, "output": {"uri": str(tmp_path / "lm")}}
+    report = pipeline.run(distilled(lm, tmp_path / "gpt2"), tmp_path / "lm")
+    assert report["training"]["steps"] == 2 and report["distillation"]["weight"] == 0.5
+
+    images = {"model": {"task": "image-classification", "architecture": "mobilenet_v3_small"},
+              "dataset": {"uri": "pvc://data/digits", "maxTrainSamples": 16, "maxEvalSamples": 8, "imageSize": 32},
+              "analyze": {"probeBatches": 1}, "training": {"maxSteps": 1, "batchSize": 8},
+              "evaluation": {"baseline": False}, "output": {"uri": str(tmp_path / "cnn-teacher")}}
+    pipeline.run(TrainerConfig.model_validate(images), tmp_path / "cnn-teacher")
+    images["output"] = {"uri": str(tmp_path / "cnn")}
+    report = pipeline.run(distilled(images, tmp_path / "cnn-teacher", weight=1.0), tmp_path / "cnn")
+    assert report["training"]["steps"] == 1 and report["training"]["history"][0]["loss"] > 0
+
+
+# ---- teachers refused -----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def student() -> tuple[Any, torch.nn.Module]:
+    spec = ModelSpec(task=Task.SEQUENCE_CLASSIFICATION, architecture="bert", config=dict(TINY_BERT), tokenizerUri=MINILM)
+    tokenizer = load_tokenizer(spec)
+    return tokenizer, load_model(spec, tokenizer, seed=0)
+
+
+def taught(tmp_path: Path, student: tuple[Any, torch.nn.Module], teacher: Path | str) -> Teacher:
+    tokenizer, model = student
+    cfg = distilled(tiny_classifier_doc(tmp_path / "out"), teacher)
+    return load_teacher(cfg, tokenizer, model, SENTIMENT, 3, torch.device("cpu"))
+
+
+def test_a_teacher_of_the_same_labels_in_another_order_is_read_in_the_students(tmp_path: Path, student) -> None:
+    folder = saved_bert(tmp_path / "teacher", {0: "Positive", 1: "negative", 2: "neutral"})
+    teacher = taught(tmp_path, student, folder)
+    assert teacher.columns.tolist() == [1, 2, 0] and not teacher.model.training
+    assert not any(p.requires_grad for p in teacher.model.parameters())
+    inputs = {"input_ids": torch.tensor([[101, 2307, 102]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
+    torch.testing.assert_close(teacher.logits(inputs), logits_of(teacher.model, inputs)[:, [1, 2, 0]])
+
+
+@pytest.mark.parametrize(("labels", "config", "error"), [
+    ({0: "cat", 1: "dog", 2: "neutral"}, {}, r"its labels \(cat, dog, neutral\) do not name negative, positive"),
+    ({0: "negative", 1: "positive"}, {}, r"its head scores 2 classes, the student's 3"),
+    (SENTIMENT, {"vocab_size": 1000}, r"its vocabulary has 1000 tokens .*, the student's 30522"),
+])
+def test_a_teacher_that_cannot_teach_the_job_is_refused_naming_the_field(
+        tmp_path: Path, student, labels: dict[int, str], config: dict[str, Any], error: str) -> None:
+    folder = saved_bert(tmp_path / "teacher", labels, **config)
+    with pytest.raises(ConfigError, match=rf"^training\.distillation\.teacher {folder}: {error}"):
+        taught(tmp_path, student, folder)
+
+
+def test_a_pretrained_model_whose_head_is_not_trained_is_no_teacher(tmp_path: Path, student) -> None:
+    """The bundled MiniLM has no classifier: loaded as one, its head would be random, and so its soft targets."""
+    with pytest.raises(ConfigError, match=rf"^training\.distillation\.teacher {MINILM}: its checkpoint lacks "
+                                          r"classifier, which would be random"):
+        taught(tmp_path, student, MINILM)
+
+
+def test_a_teacher_that_is_not_there_is_the_users_naming_the_field(tmp_path: Path, student) -> None:
+    with pytest.raises(ModelError, match=rf"^training\.distillation\.teacher {tmp_path}/none: model .* does not exist"):
+        taught(tmp_path, student, tmp_path / "none")
+
+
+def test_a_job_refuses_a_teacher_before_it_trains(tmp_path: Path) -> None:
+    folder = saved_bert(tmp_path / "teacher", {0: "a", 1: "b", 2: "c"})
+    with pytest.raises(ConfigError, match=r"^training\.distillation\.teacher .*: its labels \(a, b, c\)"):
+        pipeline.run(distilled(tiny_classifier_doc(tmp_path / "out"), folder), tmp_path / "out")
+    assert not (tmp_path / "out" / "analysis.json").exists()
+
+
+def test_a_detector_is_refused_distillation_naming_the_field() -> None:
+    doc = {"model": {"task": "object-detection", "architecture": "fasterrcnn_mobilenet_v3_large_fpn"},
+           "dataset": {"uri": "pvc://data/shapes"}, "evaluation": {"metrics": ["map"]}, "output": {"uri": "/tmp/out"},
+           "training": {"distillation": {"teacher": {"uri": "/tmp/detector"}}}}
+    with pytest.raises(ValidationError) as refused:
+        TrainerConfig.model_validate(doc)
+    assert [line.split(":")[0] for line in error_lines(refused.value)] == ["training.distillation"]
+
+
+def test_another_teacher_or_blend_is_another_run_for_the_checkpoints(tmp_path: Path) -> None:
+    """A resume with another teacher, temperature or weight would mix two trainings in one: the fingerprint, which
+    names the checkpoints' folder, tells them apart."""
+    doc = tiny_classifier_doc(tmp_path / "out")
+    base = fingerprinted(distilled(doc, "/models/a"), 1)
+    for other in (distilled(doc, "/models/b"), distilled(doc, "/models/a", temperature=3.0),
+                  distilled(doc, "/models/a", weight=0.9), TrainerConfig.model_validate(doc)):
+        assert fingerprinted(other, 1) != base
+    revised = copy.deepcopy(doc)
+    revised["training"]["distillation"] = {"teacher": {"uri": "hf://org/teacher", "revision": "v2"}}
+    assert fingerprinted(TrainerConfig.model_validate(revised), 1) != fingerprinted(
+        distilled(doc, "hf://org/teacher"), 1)

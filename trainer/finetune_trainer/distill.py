@@ -1,0 +1,120 @@
+"""Knowledge distillation (`training.distillation`): a teacher model's soft targets beside the labels.
+
+Every rank loads its own teacher once, as the model to fine-tune is loaded (`models.load_model`), in eval mode and
+without gradients, on the same device. The training step runs it on each micro-batch under the same autocast, and
+`train.distilled_loss_sum` blends its softened distribution into the summed loss. Evaluations never see it.
+The teacher reads the student's inputs, so it must score the same classes (text and image classifiers; its columns
+are matched to the student's by label name) or the same vocabulary (text tasks).
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from finetune_trainer.config import ModelSpec, Task, TrainerConfig
+from finetune_trainer.errors import ConfigError, UserError
+from finetune_trainer.models import (check_image_size, check_positions, head_labels, load_model, logits_of,
+                                     new_modules)
+
+log = logging.getLogger(__name__)
+
+FIELD = "training.distillation.teacher"
+
+
+@dataclass
+class Teacher:
+    """The loaded teacher and how its predictions enter the loss."""
+
+    model: nn.Module
+    temperature: float
+    weight: float
+    columns: torch.Tensor | None = None  # the teacher's logit column of each student class; None: the same order
+
+    def logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The teacher's logits in the student's column order (call under the step's autocast)."""
+        with torch.no_grad():
+            logits = logits_of(self.model, inputs)
+        return logits if self.columns is None else logits.index_select(-1, self.columns)
+
+
+def load_teacher(cfg: TrainerConfig, tokenizer: Any, student: nn.Module, id2label: dict[int, str], num_labels: int,
+                 device: torch.device) -> Teacher:
+    """`training.distillation`'s teacher, checked against the student: the same classes (by name) for a classifier,
+    the same vocabulary for a text model; one that could not read the student's inputs or score its targets is
+    refused naming the field. The random streams are left as they were, so the student starts as it would alone."""
+    spec = cfg.training.distillation
+    assert spec is not None
+    task = cfg.model.task
+    where = spec.teacher.uri + (f" at revision {spec.teacher.revision}" if spec.teacher.revision else "")
+    forked = [device] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=forked):  # load_model seeds the generators
+            teacher = load_model(ModelSpec(task=task, uri=spec.teacher.uri, revision=spec.teacher.revision),
+                                 tokenizer, cfg.training.seed, device)
+        check_positions(teacher, cfg.dataset.max_length)
+        check_image_size(teacher, cfg.dataset.image_size)
+    except UserError as exc:  # the model's own words name model.* or dataset.*: say whose model it is
+        raise type(exc)(f"{FIELD} {where}: {exc}") from exc
+    if random := new_modules(teacher):
+        raise ConfigError(f"{FIELD} {where}: its checkpoint lacks {', '.join(random)}, which would be random: a "
+                          f"teacher is a model fine-tuned for {task.value}, such as a finished job's output")
+    teacher.eval().requires_grad_(False)
+    if task != Task.IMAGE_CLASSIFICATION:
+        check_same_vocabulary(teacher, student, where)
+    columns = None if task == Task.CAUSAL_LM else label_columns(teacher, id2label, num_labels, where)
+    size = sum(p.numel() for p in teacher.parameters())
+    log.info("distilling from %s (%s parameters, %.0f MiB, a copy on each worker): loss per target = %.2g x the "
+             "labels' cross-entropy + %.2g x T^2 x KL(teacher || student) at temperature T = %g", where, f"{size:,}",
+             sum(p.numel() * p.element_size() for p in teacher.parameters()) / 2**20, 1 - spec.weight, spec.weight,
+             spec.temperature)
+    return Teacher(teacher, spec.temperature, spec.weight, None if columns is None else columns.to(device))
+
+
+def vocabulary(model: nn.Module) -> tuple[int | None, int | None]:
+    """Rows of the input embeddings and of the output layer (a causal LM's logits; None for a classifier)."""
+    rows = [getattr(get(), "weight", None) if (get := getattr(model, name, None)) else None
+            for name in ("get_input_embeddings", "get_output_embeddings")]
+    return rows[0].shape[0] if rows[0] is not None else None, rows[1].shape[0] if rows[1] is not None else None
+
+
+def check_same_vocabulary(teacher: nn.Module, student: nn.Module, where: str) -> None:
+    """The teacher reads the student's token ids, and a causal LM's distributions are compared token by token."""
+    theirs, ours = vocabulary(teacher), vocabulary(student)
+    if theirs != ours:
+        raise ConfigError(f"{FIELD} {where}: its vocabulary has {theirs[0]} tokens (output {theirs[1]}), the "
+                          f"student's {ours[0]} (output {ours[1]}): the teacher reads the student's token ids, so it "
+                          "must use the same tokenizer")
+
+
+def label_columns(teacher: nn.Module, id2label: dict[int, str], num_labels: int, where: str) -> torch.Tensor | None:
+    """The teacher's logit column of each of the student's `num_labels` classes, matched by name (in any case, as
+    data.head_order matches a trained head); None where they are in the same order. A head of another size, or one
+    that does not name every label of the job, is refused."""
+    names, size = head_labels(teacher)
+    ours = ", ".join(id2label.values())
+    if size != num_labels:
+        raise ConfigError(f"{FIELD} {where}: its head scores {size} classes, the student's {num_labels} ({ours}): a "
+                          "teacher must be fine-tuned on the job's labels")
+    theirs = {str(name).lower(): int(i) for i, name in (names or {}).items()}
+    missing = [name for name in id2label.values() if name.lower() not in theirs]
+    if missing:
+        said = ", ".join(map(str, (names or {}).values())) or "none (no labels.json beside its weights)"
+        raise ConfigError(f"{FIELD} {where}: its labels ({said}) do not name {', '.join(missing)} of the job's "
+                          f"({ours}): a teacher must be fine-tuned on the job's labels")
+    named = {i: theirs[name.lower()] for i, name in id2label.items()}
+    rest = iter(sorted(set(range(size)) - set(named.values())))  # a head wider than the labels: the spare columns
+    columns = [named[i] if i in named else next(rest) for i in range(num_labels)]
+    return None if columns == list(range(num_labels)) else torch.tensor(columns)
+
+
+def report_section(cfg: TrainerConfig) -> dict[str, Any]:
+    """What the report and the model card say of the distillation."""
+    spec = cfg.training.distillation
+    assert spec is not None
+    return {"teacher": spec.teacher.uri, "revision": spec.teacher.revision, "temperature": spec.temperature,
+            "weight": spec.weight}
