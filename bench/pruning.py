@@ -12,6 +12,9 @@ pruned model for N steps before its training (`rearrange.prune.heal`: its layers
 model's last hidden states on the training texts, no labels); the table gives the healing's seconds beside the
 training's. `--heal-rows N` heals on N other rows of the corpus instead (`rearrange.prune.heal.dataset`), rows in
 none of the seed's train, validation and test splits, texts only: their labels are never read.
+`--distill` adds a side apart from the headline too: the pruned model trained with the same recipe plus
+`training.distillation`, its teacher the unpruned side's export of the same seed (so it runs after it), at
+`--distill-temperature` and `--distill-weight` (the share of the loss that is the teacher's soft targets).
 Goal (issue 14): accuracy within one point of the unpruned fine-tune, and at least 1.25x faster inference.
 """
 
@@ -35,6 +38,7 @@ from bench.sides import Settings
 
 SIDES = ("unpruned", "pruned")
 LONGER = "pruned-longer"  # the pruned model trained for --longer-epochs
+DISTILLED = "pruned-distilled"  # the pruned model taught by the unpruned side's export (--distill)
 PRUNE = {"fraction": 0.25}  # a quarter of 6 layers is 1.5: the trainer rounds half up, so 2 go and 4 stay
 GOAL_ACCURACY_POINTS = 1.0
 GOAL_SPEEDUP = 1.25
@@ -44,8 +48,10 @@ def prune_spec(heal_steps: int | None, heal_lr: float) -> dict[str, Any]:
     return PRUNE | ({"heal": {"steps": heal_steps, "learningRate": heal_lr}} if heal_steps else {})
 
 
-def job(settings: Settings, full: bool, eval_rows: int, output: Path, prune: dict[str, Any] | None) -> Any:
-    """The FineTuneJob spec of a side: the recipe (LoRA, or `full`), evaluated once per epoch, plus the pruning."""
+def job(settings: Settings, full: bool, eval_rows: int, output: Path, prune: dict[str, Any] | None,
+        distillation: dict[str, Any] | None = None) -> Any:
+    """The FineTuneJob spec of a side: the recipe (LoRA, or `full`), evaluated once per epoch, plus the pruning and
+    the distillation."""
     from finetune_trainer.config import TrainerConfig
 
     spec = recipe(settings, full)
@@ -56,17 +62,19 @@ def job(settings: Settings, full: bool, eval_rows: int, output: Path, prune: dic
         "dataset": dataset_spec(settings.train_rows, eval_rows, settings.max_length),
         **spec,
         "training": {"epochs": settings.epochs, "batchSize": settings.batch_size, "schedule": settings.schedule,
-                     "warmupRatio": settings.warmup_ratio, "checkpointEverySteps": 1_000_000, "seed": settings.seed},
+                     "warmupRatio": settings.warmup_ratio, "checkpointEverySteps": 1_000_000, "seed": settings.seed,
+                     **({"distillation": distillation} if distillation else {})},
         "evaluation": {"metrics": ["accuracy", "f1"], "baseline": False},
         "output": {"uri": str(output)},
     })
 
 
-def train(settings: Settings, full: bool, eval_rows: int, output: Path, prune: dict[str, Any] | None) -> dict[str, Any]:
+def train(settings: Settings, full: bool, eval_rows: int, output: Path, prune: dict[str, Any] | None,
+          distillation: dict[str, Any] | None = None) -> dict[str, Any]:
     from finetune_trainer import pipeline
 
     load = list(os.getloadavg())
-    report = pipeline.run(job(settings, full, eval_rows, output, prune), output)
+    report = pipeline.run(job(settings, full, eval_rows, output, prune, distillation), output)
     side = {"final": report["evaluation"]["final"], "train_seconds": report["training"]["seconds"],
             "train_cpu_seconds": report["training"]["cpu_seconds"],
             "steps": report["training"]["steps"], "test_samples": report["training"]["test_samples"],
@@ -122,9 +130,15 @@ def heal_file(settings: Settings, rows: int, folder: Path) -> tuple[dict[str, An
     return {"uri": str(path), "format": "csv", "textField": "text"}, len(texts)
 
 
+def distillation_spec(teacher: Path, temperature: float, weight: float) -> dict[str, Any]:
+    """`training.distillation` of the pruned-distilled side: the unpruned side's export of the seed teaches."""
+    return {"teacher": {"uri": str(teacher)}, "temperature": temperature, "weight": weight}
+
+
 def measure_seed(settings: Settings, full: bool, eval_rows: int, rounds: int, batch_size: int,
                  batches: int, longer_epochs: int | None = None, prune: dict[str, Any] = PRUNE,
-                 heal_rows: int | None = None) -> dict[str, Any]:
+                 heal_rows: int | None = None, distill: tuple[float, float] | None = None) -> dict[str, Any]:
+    """One seed's sides; `distill`: (temperature, weight) of a pruned-distilled side."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from bench.data import load
@@ -136,9 +150,10 @@ def measure_seed(settings: Settings, full: bool, eval_rows: int, rounds: int, ba
             dataset, heal_texts = heal_file(settings, heal_rows, Path(tmp))
             prune = prune | {"heal": prune["heal"] | {"dataset": dataset}}
         order = SIDES[settings.seed % 2:] + SIDES[:settings.seed % 2]  # rotates, so a drifting load favours neither
-        for name in order + ((LONGER,) if longer_epochs else ()):
+        for name in order + ((LONGER,) if longer_epochs else ()) + ((DISTILLED,) if distill else ()):  # teacher first
             side = replace(settings, epochs=longer_epochs) if name == LONGER else settings
-            sides[name] = train(side, full, eval_rows, Path(tmp) / name, prune if name != "unpruned" else None)
+            taught = distillation_spec(Path(tmp) / "unpruned", *distill) if name == DISTILLED and distill else None
+            sides[name] = train(side, full, eval_rows, Path(tmp) / name, prune if name != "unpruned" else None, taught)
             print(f"bench.pruning: seed {settings.seed} {name}: accuracy {sides[name]['final']['accuracy']:.4f}, "
                   f"{sides[name]['train_seconds']:.0f}s training", flush=True)
         models = {n: AutoModelForSequenceClassification.from_pretrained(Path(tmp) / n).eval() for n in SIDES}
@@ -151,7 +166,8 @@ def measure_seed(settings: Settings, full: bool, eval_rows: int, rounds: int, ba
     differences = {n: sides[n]["final"]["accuracy"] - sides["unpruned"]["final"]["accuracy"] for n in sides}
     return {"seed": settings.seed, "sides": sides, "latency": timing, "accuracy_difference": differences["pruned"],
             **({"heal_texts": heal_texts} if heal_texts is not None else {}),
-            **({"accuracy_difference_longer": differences[LONGER]} if longer_epochs else {})}
+            **({"accuracy_difference_longer": differences[LONGER]} if longer_epochs else {}),
+            **({"accuracy_difference_distilled": differences[DISTILLED]} if distill else {})}
 
 
 def points(differences: list[float]) -> dict[str, Any]:
@@ -166,8 +182,10 @@ def summary(seeds: list[dict[str, Any]]) -> dict[str, Any]:
     speedups = {c: [s["latency"]["speedup"][c] for s in seeds] for c in ("wall", "cpu")}
     headline = points([s["accuracy_difference"] for s in seeds])
     longer = [s["accuracy_difference_longer"] for s in seeds if "accuracy_difference_longer" in s]
+    distilled = [s["accuracy_difference_distilled"] for s in seeds if "accuracy_difference_distilled" in s]
     return {"accuracy_difference_points": headline,
             **({"longer_accuracy_difference_points": points(longer)} if longer else {}),
+            **({"distilled_accuracy_difference_points": points(distilled)} if distilled else {}),
             "speedup": {c: {"median": statistics.median(v), "min": min(v), "max": max(v)} for c, v in speedups.items()},
             "goal_accuracy_met": headline["goal_met"],
             "goal_speed_met": statistics.median(speedups["cpu"]) >= GOAL_SPEEDUP
@@ -222,6 +240,7 @@ def markdown(seeds: list[dict[str, Any]], result: dict[str, Any], info: dict[str
         f"{speed['cpu']['max']:.2f}) — goal ≥ {GOAL_SPEEDUP}×: **{'met' if result['goal_speed_met'] else 'not met'}**.",
         "",
         *longer_lines(seeds, result, args),
+        *distilled_lines(seeds, result, args),
     ])
 
 
@@ -247,10 +266,44 @@ def longer_lines(seeds: list[dict[str, Any]], result: dict[str, Any], args: argp
         "|---|---|---|---|---|---|",
         *rows,
         "",
-        f"**Accuracy**: mean {acc['mean']:+.2f} points (range {acc['min']:+.2f} to {acc['max']:+.2f}, stdev "
-        f"{fmt(acc['stdev'], 2)}) — goal ≥ −{GOAL_ACCURACY_POINTS:.0f}: **{'met' if acc['goal_met'] else 'not met'}**.",
+        apart_accuracy_line(result["longer_accuracy_difference_points"]),
         "",
     ]
+
+
+def distilled_lines(seeds: list[dict[str, Any]], result: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """The pruned model taught by the unpruned fine-tune, apart from the headline: it needs that fine-tune first."""
+    if "distilled_accuracy_difference_points" not in result:
+        return []
+    rows = [f"| {s['seed']} | {s['sides']['unpruned']['final']['accuracy']:.4f} "
+            f"| {s['sides']['pruned']['final']['accuracy']:.4f} | {s['sides'][DISTILLED]['final']['accuracy']:.4f} "
+            f"| {100 * s['accuracy_difference_distilled']:+.2f} "
+            f"| {100 * (s['accuracy_difference_distilled'] - s['accuracy_difference']):+.2f} "
+            f"| {s['sides']['pruned']['train_seconds']:.0f} / {s['sides'][DISTILLED]['train_seconds']:.0f} |"
+            for s in seeds]
+    return [
+        "## Apart from the headline: the pruned model distilled from the unpruned fine-tune",
+        "",
+        f"A recipe difference: the pruned side's job plus `training.distillation: {{teacher: <the unpruned side's "
+        f"export of the seed>, temperature: {args.distill_temperature:g}, weight: {args.distill_weight:g}}}`, so it "
+        "needs the unpruned fine-tune first; each step also runs the teacher (the training seconds below). The same "
+        "model as the pruned side, so the same latency.",
+        "",
+        "| seed | accuracy unpruned | accuracy pruned | accuracy pruned, distilled | difference (points) "
+        "| gain over pruned (points) | training s pruned / distilled |",
+        "|---|---|---|---|---|---|---|",
+        *rows,
+        "",
+        apart_accuracy_line(result["distilled_accuracy_difference_points"]),
+        "",
+    ]
+
+
+def apart_accuracy_line(acc: dict[str, Any]) -> str:
+    """A side apart from the headline against the unpruned fine-tune, and the goal."""
+    return (f"**Accuracy**: mean {acc['mean']:+.2f} points (range {acc['min']:+.2f} to {acc['max']:+.2f}, stdev "
+            f"{fmt(acc['stdev'], 2)}) — goal ≥ −{GOAL_ACCURACY_POINTS:.0f}: "
+            f"**{'met' if acc['goal_met'] else 'not met'}**.")
 
 
 def heal_words(seeds: list[dict[str, Any]], args: argparse.Namespace) -> str:
@@ -295,6 +348,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heal-lr", type=float, default=1e-4, help="the healing's learning rate")
     parser.add_argument("--heal-rows", type=int, default=None,
                         help="heal on this many unlabelled corpus rows outside the seed's splits, not the training texts")
+    parser.add_argument("--distill", action="store_true",
+                        help="also train the pruned model distilled from the unpruned side's export, reported apart")
+    parser.add_argument("--distill-temperature", type=float, default=2.0, help="--distill: training.distillation's")
+    parser.add_argument("--distill-weight", type=float, default=0.5,
+                        help="--distill: the share of the loss that is the teacher's soft targets")
     parser.add_argument("--batch-size", type=int, default=defaults.batch_size, help="training and latency batches")
     parser.add_argument("--max-length", type=int, default=defaults.max_length)
     parser.add_argument("--rounds", type=int, default=10, help="latency rounds per seed, alternating the order")
@@ -319,7 +377,8 @@ def main(argv: list[str] | None = None) -> int:
     for seed in (int(s) for s in args.seeds.split(",")):
         done.append(measure_seed(replace(base, seed=seed), args.recipe == "full", args.eval_rows, args.rounds,
                                  args.batch_size, args.batches, args.longer_epochs,
-                                 prune_spec(args.heal_steps, args.heal_lr), args.heal_rows))
+                                 prune_spec(args.heal_steps, args.heal_lr), args.heal_rows,
+                                 (args.distill_temperature, args.distill_weight) if args.distill else None))
         result = summary(done)
         # Written after every seed, so an interrupted run keeps the seeds it finished.
         payload = {"command": command, "machine": info, "settings": vars(args) | {"out": str(args.out)},

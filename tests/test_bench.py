@@ -369,6 +369,32 @@ def test_a_pruned_side_trained_longer_is_judged_apart_from_the_headline() -> Non
     assert longer["mean"] == pytest.approx(-0.5) and longer["min"] == pytest.approx(-1.0) and longer["goal_met"]
 
 
+def test_a_pruned_side_distilled_from_the_unpruned_one_is_judged_apart_from_the_headline(tmp_path: Path) -> None:
+    """bench.pruning --distill: the pruned job plus training.distillation, its teacher the unpruned side's export of
+    the seed; its difference to the unpruned fine-tune is summarised and judged apart, the headline as without it."""
+    import argparse
+
+    from bench.pruning import DISTILLED, PRUNE, distillation_spec, distilled_lines, job, summary
+    from bench.sides import Settings
+
+    spec = job(Settings(seed=3), False, 100, tmp_path / DISTILLED, PRUNE,
+               distillation_spec(tmp_path / "unpruned", 3.0, 0.8)).training.distillation
+    assert (spec.teacher.uri, spec.temperature, spec.weight) == (str(tmp_path / "unpruned"), 3.0, 0.8)
+    seeds = [{"seed": seed, "accuracy_difference": d, "accuracy_difference_distilled": taught,
+              "latency": {"speedup": {"wall": 1.5, "cpu": 1.5}},
+              "sides": {name: {"final": {"accuracy": 0.6}, "train_seconds": 10.0}
+                        for name in ("unpruned", "pruned", DISTILLED)}}
+             for seed, d, taught in ((0, -0.03, -0.012), (1, -0.02, 0.002))]
+    result = summary(seeds)
+    assert result["accuracy_difference_points"]["mean"] == pytest.approx(-2.5) and not result["goal_accuracy_met"]
+    taught = result["distilled_accuracy_difference_points"]
+    assert taught["mean"] == pytest.approx(-0.5) and taught["min"] == pytest.approx(-1.2) and taught["goal_met"]
+    lines = distilled_lines(seeds, result, argparse.Namespace(distill_temperature=3.0, distill_weight=0.8))
+    assert "temperature: 3, weight: 0.8" in lines[2] and "| 0 | 0.6000 | 0.6000 | 0.6000 | -1.20 | +1.80 |" in lines[6]
+    assert distilled_lines(seeds[:0], summary([{k: v for k, v in seeds[0].items() if k != "accuracy_difference_distilled"}]),
+                           argparse.Namespace()) == []
+
+
 def test_healing_rows_are_corpus_rows_outside_every_split_the_seed_scores(tmp_path: Path) -> None:
     """bench.pruning --heal-rows: the rows after the job's training rows, less any text a held-out split also has;
     written as a CSV of texts only (no label column)."""
