@@ -253,22 +253,13 @@ def longer_lines(seeds: list[dict[str, Any]], result: dict[str, Any], args: argp
             f"| {s['sides']['unpruned']['train_seconds']:.0f} / {s['sides'][LONGER]['train_seconds']:.0f} "
             f"| {s['sides'][LONGER]['train_cpu_seconds'] / s['sides']['unpruned']['train_cpu_seconds']:.2f} |"
             for s in seeds]
-    acc = result["longer_accuracy_difference_points"]
-    return [
-        f"## Apart from the headline: the pruned model trained for {args.longer_epochs} epochs instead of "
-        f"{args.epochs}",
-        "",
+    return apart_section(
+        f"the pruned model trained for {args.longer_epochs} epochs instead of {args.epochs}",
         "A recipe difference: more steps for the pruned side, spending about the training time its smaller model "
         "saves (the CPU-time ratio below; the same model as the pruned side, so the same latency).",
-        "",
-        "| seed | accuracy unpruned | accuracy pruned, longer | difference (points) | training s unpruned / pruned "
-        "longer | training CPU time, pruned longer / unpruned |",
-        "|---|---|---|---|---|---|",
-        *rows,
-        "",
-        apart_accuracy_line(result["longer_accuracy_difference_points"]),
-        "",
-    ]
+        ["seed", "accuracy unpruned", "accuracy pruned, longer", "difference (points)",
+         "training s unpruned / pruned longer", "training CPU time, pruned longer / unpruned"],
+        rows, result["longer_accuracy_difference_points"])
 
 
 def distilled_lines(seeds: list[dict[str, Any]], result: dict[str, Any], args: argparse.Namespace) -> list[str]:
@@ -281,29 +272,33 @@ def distilled_lines(seeds: list[dict[str, Any]], result: dict[str, Any], args: a
             f"| {100 * (s['accuracy_difference_distilled'] - s['accuracy_difference']):+.2f} "
             f"| {s['sides']['pruned']['train_seconds']:.0f} / {s['sides'][DISTILLED]['train_seconds']:.0f} |"
             for s in seeds]
-    return [
-        "## Apart from the headline: the pruned model distilled from the unpruned fine-tune",
-        "",
+    return apart_section(
+        "the pruned model distilled from the unpruned fine-tune",
         f"A recipe difference: the pruned side's job plus `training.distillation: {{teacher: <the unpruned side's "
         f"export of the seed>, temperature: {args.distill_temperature:g}, weight: {args.distill_weight:g}}}`, so it "
         "needs the unpruned fine-tune first; each step also runs the teacher (the training seconds below). The same "
         "model as the pruned side, so the same latency.",
+        ["seed", "accuracy unpruned", "accuracy pruned", "accuracy pruned, distilled", "difference (points)",
+         "gain over pruned (points)", "training s pruned / distilled"],
+        rows, result["distilled_accuracy_difference_points"])
+
+
+def apart_section(title: str, words: str, columns: list[str], rows: list[str], acc: dict[str, Any]) -> list[str]:
+    """A side apart from the headline: what differs, its table, and its accuracy against the unpruned fine-tune."""
+    return [
+        f"## Apart from the headline: {title}",
         "",
-        "| seed | accuracy unpruned | accuracy pruned | accuracy pruned, distilled | difference (points) "
-        "| gain over pruned (points) | training s pruned / distilled |",
-        "|---|---|---|---|---|---|---|",
+        words,
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
         *rows,
         "",
-        apart_accuracy_line(result["distilled_accuracy_difference_points"]),
+        f"**Accuracy**: mean {acc['mean']:+.2f} points (range {acc['min']:+.2f} to {acc['max']:+.2f}, stdev "
+        f"{fmt(acc['stdev'], 2)}) — goal ≥ −{GOAL_ACCURACY_POINTS:.0f}: "
+        f"**{'met' if acc['goal_met'] else 'not met'}**.",
         "",
     ]
-
-
-def apart_accuracy_line(acc: dict[str, Any]) -> str:
-    """A side apart from the headline against the unpruned fine-tune, and the goal."""
-    return (f"**Accuracy**: mean {acc['mean']:+.2f} points (range {acc['min']:+.2f} to {acc['max']:+.2f}, stdev "
-            f"{fmt(acc['stdev'], 2)}) — goal ≥ −{GOAL_ACCURACY_POINTS:.0f}: "
-            f"**{'met' if acc['goal_met'] else 'not met'}**.")
 
 
 def heal_words(seeds: list[dict[str, Any]], args: argparse.Namespace) -> str:
