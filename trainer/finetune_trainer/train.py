@@ -387,7 +387,7 @@ def train_step(model: nn.Module, micro: list[Batch], task: Task, world: World, d
             with autocast(world.device.type, dtype):
                 logits = logits_of(model, batch.inputs)
                 taught = teacher.logits(batch.inputs) if teacher is not None else None
-            loss = loss_sum(logits, batch.labels, task) if teacher is None or taught is None else distilled_loss_sum(
+            loss = loss_sum(logits, batch.labels, task) if taught is None else distilled_loss_sum(
                 logits, taught, batch.labels, task, teacher.temperature, teacher.weight)
             scaler.scale(loss * world.size / max(targets, 1)).backward()
         total_loss += loss.detach()
