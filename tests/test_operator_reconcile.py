@@ -934,6 +934,29 @@ def test_a_retune_whose_suspend_no_tick_saw_stops_the_attempt_and_the_next_resum
     assert decide(Observed(retuned, [job()], [pod()], NOW)).delete_job is None
 
 
+def test_a_workers_edit_while_suspended_creates_nothing_and_tells_no_attempt() -> None:
+    """Created's message named the spec's workers, not the Job's: an edit of workers while suspended (its Job still
+    being deleted, or resumed in the same apply) rewrote attempt 1's message, and posted AttemptCreated for it."""
+    from finetune_operator import children, reconcile
+
+    first = body({"attempts": 1})
+    made = job(workers=1, generation=first["metadata"]["generation"],
+               recipe=children.recipe(reconcile.parse_spec(first)[0]))
+    running = after(decide(Observed(first, [made], [pod()], NOW)))
+    suspended = after(decide(Observed(body(running, suspend=True), [made], [pod()], NOW)), running)
+    assert suspended["phase"] == "Suspended"
+    stopping = dict(made, deleting="2026-12-01T12:00:05Z")
+    wider = EXAMPLE["spec"]["runtime"] | {"workers": 2}
+    edited = decide(Observed(body(suspended, suspend=True, runtime=wider), [stopping], [], NOW + timedelta(seconds=5)))
+    status = after(edited, suspended)
+    assert edited.create_attempt is None and not edited.events and status["phase"] == "Suspended"
+    # Edited and resumed in one apply (the CEL rules take a change whose old object was suspended), before a tick saw
+    # the suspend: the attempt is stopped and the next one resumes; attempt 1 was made with 1 worker all the same.
+    resumed = decide(Observed(body(running, runtime=wider), [made], [pod()], NOW + timedelta(seconds=5)))
+    assert resumed.delete_job == "ft-1" and resumed.create_attempt is None
+    assert [e[1] for e in resumed.events] == ["Resumed"]
+
+
 def test_an_ended_attempt_is_judged_by_its_end_before_a_later_suspend_or_deadline() -> None:
     running = {"attempts": 1, "startTime": "2026-12-01T11:00:00Z", "phase": "Running"}
     completed = [job(complete=True, active=0, succeeded=1)], [pod(phase="Succeeded", exit_code=0, message={})]

@@ -211,8 +211,9 @@ def decide(seen: Observed) -> Decision | None:
         status["children"] = _children(job["name"], spec)
         status["workers"] = {k: job[k] for k in ("active", "ready", "succeeded", "failed")}
         # Made, whatever the status says: a status patch lost after the creation (the operator killed in between)
-        # left Created absent, or False saying why an earlier try was held back, for the rest of the job.
-        _created(conds, attempt, workers)
+        # left Created absent, or False saying why an earlier try was held back, for the rest of the job. With the
+        # Job's workers, not the spec's: a workers edit while suspended rewrote the message and told AttemptCreated.
+        _created(conds, attempt, job.get("workers", workers))
 
     def observe() -> Decision:
         result = outcome.attempt_outcome(job, pods, seen.job_warning, seen.pod_warning)
