@@ -1275,6 +1275,36 @@ def test_an_image_that_cannot_be_pulled_is_one_wait_though_the_kubelet_alternate
     assert told[0][0][0] == "Warning" and "pull access denied" in told[0][0][2]
 
 
+def test_an_image_that_cannot_be_pulled_keeps_the_pull_errors_message_through_the_back_offs() -> None:
+    """Running=False's message followed the kubelet's words too: the pull's error, then "Back-off pulling image", at
+    every other tick, so each tick wrote the status again. The error says why; a back-off only that it waits."""
+    def waiting(reason: str, message: str) -> dict[str, Any]:
+        return pod(phase="Pending", stuck={"reason": outcome.SAME_WAIT.get(reason, reason), "message": message,
+                                           **({"backOff": True} if reason == "ImagePullBackOff" else {})})
+
+    def messages(words: list[tuple[str, str]]) -> list[str]:
+        status: dict[str, Any] = {"attempts": 1, "startTime": "2026-12-01T11:59:00Z"}
+        said = []
+        for i, (reason, message) in enumerate(words):
+            status = after(decide(Observed(body(status), [job()], [waiting(reason, message)],
+                                           NOW + timedelta(seconds=10 * i))), status)
+            said.append(next(c["message"] for c in status["conditions"] if c["type"] == "Running"))
+        return said
+
+    denied, back_off = ("ErrImagePull", "pull access denied for x"), ("ImagePullBackOff", 'Back-off pulling image "x"')
+    assert set(messages([denied, back_off] * 2)) == {"pod ft-1-0-x: pull access denied for x"}
+    # First seen in its back-off: the error's message once it comes, and then it stays; another error is news.
+    assert messages([back_off, denied, back_off, ("ErrImagePull", "manifest unknown"), back_off]) == [
+        'pod ft-1-0-x: Back-off pulling image "x"', *["pod ft-1-0-x: pull access denied for x"] * 2,
+        *["pod ft-1-0-x: manifest unknown"] * 2]
+    # What the summary keeps of a back-off says so.
+    summary = outcome.pod_summary({
+        "metadata": {"name": "ft-1-0-x", "labels": {"finetune.dev/job-name": "ft", "finetune.dev/attempt": "1"}},
+        "status": {"phase": "Pending", "containerStatuses": [{"name": "trainer", "state": {"waiting": dict(
+            zip(("reason", "message"), back_off))}}]}})
+    assert summary["stuck"] == {"reason": "ImagePullBackOff", "message": back_off[1], "backOff": True}
+
+
 def test_a_worker_whose_volumes_do_not_mount_waits_visibly_and_is_no_failure() -> None:
     # Scheduled at 11:59; its containers are still being created: the kubelet has yet to mount the volumes.
     creating = outcome.pod_summary({

@@ -49,6 +49,7 @@ class Outcome:
     unschedulable: str | None = None  # the scheduler's message
     not_created: str | None = None  # why the Job controller could not create the pods
     stuck: bool = False  # a worker's container waits for something only the user can fix (an image, a volume)
+    back_off: bool = False  # and its message says only that the kubelet waits to retry (BACK_OFF)
     queued: bool = False  # the Job is suspended by its queue (Kueue): not admitted yet, or preempted
 
 
@@ -71,13 +72,19 @@ STUCK_WAITING = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrIma
 # The kubelet's two words for one wait, which it alternates (a pull that fails, then its back-off): each was a new
 # reason, so a job waiting on a bad image posted a Warning and changed status.reason every few seconds.
 SAME_WAIT = {"ErrImagePull": "ImagePullBackOff"}
+# Of those, the word whose message says only that the kubelet waits to try again ('Back-off pulling image "x"'): the
+# error's own message, said before it, stays (reconcile), else Running's message changed at every other tick.
+BACK_OFF = "ImagePullBackOff"
 
 
-def _stuck(pod: dict[str, Any]) -> dict[str, str] | None:
+def _stuck(pod: dict[str, Any]) -> dict[str, Any] | None:
     for status in pod.get("status", {}).get("containerStatuses") or []:
         waiting = (status.get("state") or {}).get("waiting") or {}
-        if waiting.get("reason") in STUCK_WAITING:
-            return {"reason": SAME_WAIT.get(waiting["reason"], waiting["reason"]), "message": waiting.get("message") or ""}
+        if (reason := waiting.get("reason")) in STUCK_WAITING:
+            stuck: dict[str, Any] = {"reason": SAME_WAIT.get(reason, reason), "message": waiting.get("message") or ""}
+            if reason == BACK_OFF:
+                stuck["backOff"] = True
+            return stuck
     return None
 
 
@@ -356,7 +363,7 @@ def attempt_outcome(job: dict[str, Any] | None, pods: list[dict[str, Any]],
     if stuck:
         waiting = stuck["stuck"]
         return Outcome(State.PENDING, waiting["reason"], f"pod {stuck['name']}: {waiting['message'] or waiting['reason']}",
-                       stuck=True)
+                       stuck=True, back_off=bool(waiting.get("backOff")))
     if pod_warning:  # not a failure: the user can still create the Secret, or free the claim
         return Outcome(State.PENDING, *pod_warning, stuck=True)
     # Every worker's pod, not only those that exist (`active`): a gang with a pod missing cannot train.

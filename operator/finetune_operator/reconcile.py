@@ -446,7 +446,9 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
             conds.set(T.SCHEDULED, False, result.reason, result.not_created)
         elif result.stuck:  # scheduled, but a container cannot start: Running=False says why
             conds.set(T.SCHEDULED, True, "Scheduled", "every worker has a node")
-            conds.set(T.RUNNING, False, result.reason, result.message)
+            said = conds.get(T.RUNNING)
+            same = said.get("status") == "False" and said.get("reason") == result.reason
+            conds.set(T.RUNNING, False, result.reason, said["message"] if same and result.back_off else result.message)
         elif pods and all(p["scheduled"] for p in pods):
             conds.set(T.SCHEDULED, True, "Scheduled", "every worker has a node")
         return
