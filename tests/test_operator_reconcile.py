@@ -1485,6 +1485,31 @@ def test_a_finished_job_retuned_says_once_that_nothing_runs_it_again() -> None:
     assert "failed" in suspended.events[0][2]
 
 
+def test_a_finished_job_tells_each_ignored_change_once_not_at_every_later_edit() -> None:
+    """Told by comparing the spec with its Job's, a finished job retuned once said SpecChangeIgnored again at every
+    later edit of the spec (a TTL set to have it deleted), though that edit changed nothing more that was ignored."""
+    from finetune_operator import children, reconcile
+
+    first = body()
+    made = job(active=0, succeeded=1, complete=True, generation=first["metadata"]["generation"],
+               recipe=children.recipe(reconcile.parse_spec(first)[0]))
+    status = {"attempts": 1, "observedGeneration": first["metadata"]["generation"], "phase": "Succeeded",
+              "conditions": [{"type": "Succeeded", "status": "True", "reason": "Completed", "message": "",
+                              "lastTransitionTime": "2026-12-01T11:59:00Z"}], "completionTime": "2026-12-01T11:59:30Z"}
+    told = []
+    for spec in ({"suspend": True, "training": EXAMPLE["spec"]["training"] | {"epochs": 5}},
+                 {"suspend": True, "training": EXAMPLE["spec"]["training"] | {"epochs": 5}, "ttlSecondsAfterFinished": 600},
+                 {"suspend": True, "training": EXAMPLE["spec"]["training"] | {"epochs": 6}, "ttlSecondsAfterFinished": 600},
+                 {"suspend": True, "training": EXAMPLE["spec"]["training"] | {"epochs": 6}, "ttlSecondsAfterFinished": 60},
+                 {"ttlSecondsAfterFinished": 60},  # undone: nothing is ignored any more
+                 {"suspend": True, "training": EXAMPLE["spec"]["training"] | {"epochs": 6}, "ttlSecondsAfterFinished": 60}):
+        decision = decide(Observed(body(status, **spec), [made], [], NOW))
+        status = after(decision, status)
+        told.append([e[1] for e in decision.events])
+    assert told == [["SpecChangeIgnored"], [], ["SpecChangeIgnored"], [], [], ["SpecChangeIgnored"]]
+    assert status["phase"] == "Succeeded"
+
+
 def test_a_job_suspended_between_attempts_is_not_restarting_and_waits_quietly() -> None:
     """Suspended just after attempt 1 failed, a job kept Restarting True ("attempt 2 resumes from the latest
     checkpoint") for as long as it stayed suspended, and was reconciled every poll as a restarting job is."""

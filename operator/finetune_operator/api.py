@@ -405,6 +405,9 @@ class FineTuneJobStatus(ApiModel):
         "by its queue (Kueue); activeDeadlineSeconds counts from it.")
     completion_time: Timestamp | None = Field(None, description="When the job succeeded or failed.")
     observed_generation: int | None = Field(None, ge=0, description="The spec generation the status reflects.")
+    ignored_change: str | None = Field(
+        None, max_length=64, description="The change of a finished job's spec last told to be ignored (a "
+        "SpecChangeIgnored Event): its suspend and the digest of its recipe. Each change is told once.")
 
 
 class FineTuneJob(ApiModel):

@@ -188,12 +188,16 @@ def decide(seen: Observed) -> Decision | None:
         # The CEL rules let a finished job be suspended and retuned ("may change only while the job is suspended" is
         # what refusing a plain edit says), and nothing runs it again: said once, when the new generation is seen.
         # Suspending it is said too, as a job failed before it had a Job (InvalidSpec) has nothing to compare with.
-        if spec and old.get("observedGeneration") != meta.get("generation") and (
-                spec.suspend or job and _retuned(job, meta, spec)):
-            phase = "succeeded" if conds.true(T.SUCCEEDED) else "failed"
-            decision.events.append(("Warning", "SpecChangeIgnored", f"the job has {phase}: neither a suspend nor a "
-                                    "changed spec runs it again; delete it and apply it again to run it"))
-        return decision  # observedGeneration only: a spec edited after the end (its TTL, say) has been seen
+        # Once per change (status.ignoredChange): compared with the Job alone, it was said again at every later edit.
+        if spec and old.get("observedGeneration") != meta.get("generation"):
+            ignored = _ignored_change(spec) if spec.suspend or job and _retuned(job, meta, spec) else None
+            if ignored != old.get("ignoredChange"):
+                status["ignoredChange"] = ignored  # None, once nothing is ignored: the same change again is told
+                if ignored:
+                    phase = "succeeded" if conds.true(T.SUCCEEDED) else "failed"
+                    decision.events.append(("Warning", "SpecChangeIgnored", f"the job has {phase}: neither a suspend "
+                                            "nor a changed spec runs it again; delete it and apply it again to run it"))
+        return decision  # observedGeneration (and ignoredChange) only: a spec edited after the end has been seen
     status["attempts"] = attempt
     if spec is None or invalid or seen.problems:
         if spec and not invalid and seen.problems == seen.claims_missing and _claims_may_come(meta, now):
@@ -371,6 +375,11 @@ def _made(old: dict[str, Any], name: str, attempt: int) -> bool:
 
 def _created(conds: Conditions, attempt: int, workers: int) -> None:
     conds.set(T.CREATED, True, "AttemptCreated", f"attempt {attempt}: {workers} worker(s)")
+
+
+def _ignored_change(spec: SpecFacts) -> str:
+    """What a finished job's spec asks that nothing does (status.ignoredChange): its suspend, and its recipe."""
+    return f"suspend={str(spec.suspend).lower()},recipe={spec.recipe}"
 
 
 def _retuned(job: dict[str, Any], meta: dict[str, Any], spec: SpecFacts) -> bool:
