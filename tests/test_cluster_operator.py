@@ -299,6 +299,19 @@ def test_a_finished_job_retuned_says_that_nothing_runs_it_again(operator_env: Op
                                                        if e["reason"] == "SpecChangeIgnored"], env.namespace, timeout=30)
     assert ignored[0]["type"] == "Warning" and "delete it and apply it again" in ignored[0]["message"]
     assert env.ftj(name)["status"]["phase"] == "Failed" and len(env.objects("jobs", name)) == 1
+    # Said once per change: the apiserver keeps what was said (status.ignoredChange), and a later edit of another
+    # field (a TTL) says nothing again.
+    def told() -> int:  # the suspend and the retune are a change each, or one if a tick saw both patches at once
+        return sum(e.get("count") or 1 for e in env.events(name) if e["reason"] == "SpecChangeIgnored")
+
+    assert env.ftj(name)["status"].get("ignoredChange", "").startswith("suspend=true,recipe=")
+    time.sleep(2)  # an Event is posted after the status patch
+    before = told()
+    env.kube.kubectl(*patch, '{"spec":{"ttlSecondsAfterFinished":3600}}')
+    generation = env.ftj(name)["metadata"]["generation"]
+    env.wait_ftj(name, lambda o: o["status"].get("observedGeneration") == generation, "the TTL seen", timeout=60)
+    time.sleep(2)
+    assert told() == before
     # One that failed before it had a Job (InvalidSpec) is told when it is suspended, to be fixed.
     bad = example("minilm-sentiment", adjust={"freeze": {"strategy": "regex", "pattern": "(("}}) | {
         "metadata": {"name": "bad-regex"}}
