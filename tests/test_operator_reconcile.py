@@ -1456,9 +1456,8 @@ def test_a_spec_edited_after_the_job_finished_is_observed_once_and_the_job_ticks
     assert not ticks_slowly(spec=edited["spec"], status=observed, meta=edited["metadata"])
 
 
-def test_a_finished_job_retuned_says_once_that_nothing_runs_it_again() -> None:
-    """Refused a plain edit with "may change only while the job is suspended", a user suspends the finished job and
-    retunes it: the apiserver takes it, observedGeneration follows, and nothing ran or said anything."""
+def succeeded_once() -> tuple[dict[str, Any], dict[str, Any]]:
+    """The Job (its summary) of a job whose attempt 1 succeeded, and the job's status."""
     from finetune_operator import children, reconcile
 
     first = body()
@@ -1467,6 +1466,13 @@ def test_a_finished_job_retuned_says_once_that_nothing_runs_it_again() -> None:
     done = {"attempts": 1, "observedGeneration": first["metadata"]["generation"], "phase": "Succeeded",
             "conditions": [{"type": "Succeeded", "status": "True", "reason": "Completed", "message": "",
                             "lastTransitionTime": "2026-12-01T11:59:00Z"}], "completionTime": "2026-12-01T11:59:30Z"}
+    return made, done
+
+
+def test_a_finished_job_retuned_says_once_that_nothing_runs_it_again() -> None:
+    """Refused a plain edit with "may change only while the job is suspended", a user suspends the finished job and
+    retunes it: the apiserver takes it, observedGeneration follows, and nothing ran or said anything."""
+    made, done = succeeded_once()
     retuned = body(done, suspend=True, training=EXAMPLE["spec"]["training"] | {"epochs": 5})
     decision = decide(Observed(retuned, [made], [], NOW))
     assert [e[:2] for e in decision.events] == [("Warning", "SpecChangeIgnored")]
@@ -1488,21 +1494,15 @@ def test_a_finished_job_retuned_says_once_that_nothing_runs_it_again() -> None:
 def test_a_finished_job_tells_each_ignored_change_once_not_at_every_later_edit() -> None:
     """Told by comparing the spec with its Job's, a finished job retuned once said SpecChangeIgnored again at every
     later edit of the spec (a TTL set to have it deleted), though that edit changed nothing more that was ignored."""
-    from finetune_operator import children, reconcile
-
-    first = body()
-    made = job(active=0, succeeded=1, complete=True, generation=first["metadata"]["generation"],
-               recipe=children.recipe(reconcile.parse_spec(first)[0]))
-    status = {"attempts": 1, "observedGeneration": first["metadata"]["generation"], "phase": "Succeeded",
-              "conditions": [{"type": "Succeeded", "status": "True", "reason": "Completed", "message": "",
-                              "lastTransitionTime": "2026-12-01T11:59:00Z"}], "completionTime": "2026-12-01T11:59:30Z"}
+    made, status = succeeded_once()
     told = []
-    for spec in ({"suspend": True, "training": EXAMPLE["spec"]["training"] | {"epochs": 5}},
-                 {"suspend": True, "training": EXAMPLE["spec"]["training"] | {"epochs": 5}, "ttlSecondsAfterFinished": 600},
-                 {"suspend": True, "training": EXAMPLE["spec"]["training"] | {"epochs": 6}, "ttlSecondsAfterFinished": 600},
-                 {"suspend": True, "training": EXAMPLE["spec"]["training"] | {"epochs": 6}, "ttlSecondsAfterFinished": 60},
+    def retuned(epochs: int, **lifecycle: Any) -> dict[str, Any]:
+        return {"suspend": True, "training": EXAMPLE["spec"]["training"] | {"epochs": epochs}} | lifecycle
+
+    for spec in (retuned(5), retuned(5, ttlSecondsAfterFinished=600), retuned(6, ttlSecondsAfterFinished=600),
+                 retuned(6, ttlSecondsAfterFinished=60),
                  {"ttlSecondsAfterFinished": 60},  # undone: nothing is ignored any more
-                 {"suspend": True, "training": EXAMPLE["spec"]["training"] | {"epochs": 6}, "ttlSecondsAfterFinished": 60}):
+                 retuned(6, ttlSecondsAfterFinished=60)):
         decision = decide(Observed(body(status, **spec), [made], [], NOW))
         status = after(decision, status)
         told.append([e[1] for e in decision.events])
