@@ -1303,6 +1303,29 @@ def test_an_image_that_cannot_be_pulled_keeps_the_pull_errors_message_through_th
         "status": {"phase": "Pending", "containerStatuses": [{"name": "trainer", "state": {"waiting": dict(
             zip(("reason", "message"), back_off))}}]}})
     assert summary["stuck"] == {"reason": "ImagePullBackOff", "message": back_off[1], "backOff": True}
+    # Since Kubernetes 1.32 a back-off gives the last pull's error: that is its message, so a new cause shows.
+    summary = outcome.pod_summary({
+        "metadata": {"name": "ft-1-0-x", "labels": {"finetune.dev/job-name": "ft", "finetune.dev/attempt": "1"}},
+        "status": {"phase": "Pending", "containerStatuses": [{"name": "trainer", "state": {"waiting": {
+            "reason": "ImagePullBackOff", "message": 'Back-off pulling image "x": ErrImagePull: manifest unknown'}}}]}})
+    assert summary["stuck"] == {"reason": "ImagePullBackOff", "message": "manifest unknown"}
+
+
+def test_a_back_off_keeps_only_the_same_pods_pull_error() -> None:
+    """In a gang, worker 0's pull error stayed on Running=False while worker 1 waited in its back-off, after worker 0
+    had pulled its image: the message named a pod that was no longer stuck."""
+    status: dict[str, Any] = {"attempts": 1, "startTime": "2026-12-01T11:59:00Z"}
+    pending = pod(phase="Pending")
+    denied = pod(phase="Pending", stuck={"reason": "ImagePullBackOff", "message": "pull access denied for x"})
+    waits = pod(index=1, phase="Pending", stuck={"reason": "ImagePullBackOff", "message": 'Back-off pulling image "x"',
+                                                 "backOff": True})
+    said = []
+    for i, pods in enumerate([[denied, waits], [pending, waits]]):
+        status = after(decide(Observed(body(status, runtime=EXAMPLE["spec"]["runtime"] | {"workers": 2}),
+                                       [job(workers=2)], pods,
+                                       NOW + timedelta(seconds=10 * i))), status)
+        said.append(next(c["message"] for c in status["conditions"] if c["type"] == "Running"))
+    assert said == ["pod ft-1-0-x: pull access denied for x", 'pod ft-1-1-x: Back-off pulling image "x"']
 
 
 def test_a_worker_whose_volumes_do_not_mount_waits_visibly_and_is_no_failure() -> None:

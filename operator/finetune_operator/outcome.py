@@ -12,6 +12,7 @@ is the earliest failure that is not 143.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -73,17 +74,24 @@ STUCK_WAITING = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrIma
 # reason, so a job waiting on a bad image posted a Warning and changed status.reason every few seconds.
 SAME_WAIT = {"ErrImagePull": "ImagePullBackOff"}
 # Of those, the word whose message says only that the kubelet waits to try again ('Back-off pulling image "x"'): the
-# error's own message, said before it, stays (reconcile), else Running's message changed at every other tick.
+# error's own message, said before it, stays (reconcile), else Running's message changed at every other tick. Since
+# Kubernetes 1.32 the back-off also gives the last pull's error ('Back-off pulling image "x": ErrImagePull: <error>'):
+# that error is the message then, the pull error's own, so that a new cause (a secret added, another error) shows.
 BACK_OFF = "ImagePullBackOff"
+BACK_OFF_WITH_ERROR = re.compile(r'Back-off pulling image "[^"]*": (?:\w+: )?(.+)', re.DOTALL)
 
 
 def _stuck(pod: dict[str, Any]) -> dict[str, Any] | None:
     for status in pod.get("status", {}).get("containerStatuses") or []:
         waiting = (status.get("state") or {}).get("waiting") or {}
         if (reason := waiting.get("reason")) in STUCK_WAITING:
-            stuck: dict[str, Any] = {"reason": SAME_WAIT.get(reason, reason), "message": waiting.get("message") or ""}
+            message = waiting.get("message") or ""
+            stuck: dict[str, Any] = {"reason": SAME_WAIT.get(reason, reason), "message": message}
             if reason == BACK_OFF:
-                stuck["backOff"] = True
+                if said := BACK_OFF_WITH_ERROR.fullmatch(message):
+                    stuck["message"] = said.group(1)
+                else:
+                    stuck["backOff"] = True
             return stuck
     return None
 

@@ -456,7 +456,8 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
         elif result.stuck:  # scheduled, but a container cannot start: Running=False says why
             conds.set(T.SCHEDULED, True, "Scheduled", "every worker has a node")
             said = conds.get(T.RUNNING)
-            same = said.get("status") == "False" and said.get("reason") == result.reason
+            same = (said.get("status") == "False" and said.get("reason") == result.reason  # and the same pod's words
+                    and said.get("message", "").split(": ", 1)[0] == result.message.split(": ", 1)[0])
             conds.set(T.RUNNING, False, result.reason, said["message"] if same and result.back_off else result.message)
         elif pods and all(p["scheduled"] for p in pods):
             conds.set(T.SCHEDULED, True, "Scheduled", "every worker has a node")
