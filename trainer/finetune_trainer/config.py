@@ -567,6 +567,14 @@ def _classification_metrics_only_for_classifiers(spec: Any) -> bool:
 DETECTION_METRICS = (Metric.MAP, Metric.MAP50, Metric.MAP75)
 
 
+def _same_folder_cel(a: str, b: str) -> str:
+    return f"({a} == {b} || {a} + '/' == {b} || {a} == {b} + '/')"
+
+
+def _same_folder(a: str, b: str | None) -> bool:
+    return b is not None and a.rstrip("/") == b.rstrip("/")
+
+
 def _detection_metrics_only_for_detectors(spec: Any) -> bool:
     if spec.evaluation.metrics is None:
         return True
@@ -666,6 +674,22 @@ class TrainerConfig(ApiModel):
             message="distillation compares a teacher's class or token distributions with the student's: it is for "
             "the classification tasks and causal-lm, not object-detection",
             field="training.distillation",
+        ),
+        Rule(  # the export replaces config.json and the weights there: the model read, and read again at a retry
+            cel="!has(self.model.uri) || !" + _same_folder_cel("self.output.uri", "self.model.uri"),
+            holds=lambda c: not _same_folder(c.output.uri, c.model.uri),
+            message="output.uri is the folder of model.uri: the export would overwrite the model it fine-tunes; "
+            "give the output a folder of its own",
+            field="output.uri",
+        ),
+        Rule(
+            cel="!has(self.training.distillation) || !"
+            + _same_folder_cel("self.output.uri", "self.training.distillation.teacher.uri"),
+            holds=lambda c: c.training.distillation is None
+            or not _same_folder(c.output.uri, c.training.distillation.teacher.uri),
+            message="output.uri is the teacher's folder (training.distillation.teacher.uri): the export would "
+            "overwrite the teacher; give the output a folder of its own",
+            field="output.uri",
         ),
     )
 
