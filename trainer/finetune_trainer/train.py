@@ -196,12 +196,13 @@ def scored(labels: torch.Tensor, task: Task) -> torch.Tensor:
 def soft_loss_sum(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, task: Task,
                   temperature: float) -> torch.Tensor:
     """KL(softmax(teacher / T) || softmax(student / T)) summed over the positions `loss_sum` scores (a causal LM's
-    shifted, unmasked tokens), so that it is normalised by the same targets."""
-    keep = (scored(labels, task) != IGNORE_INDEX).reshape(-1)
-    width = logits.shape[-1]
-    student = F.log_softmax(logits.float().reshape(-1, width)[keep] / temperature, dim=-1)
-    teacher = F.log_softmax(teacher_logits.float().reshape(-1, width)[keep] / temperature, dim=-1)
-    return F.kl_div(student, teacher, reduction="sum", log_target=True)
+    shifted, unmasked tokens), so that it is normalised by the same targets. Every position is computed and those
+    not scored are multiplied by 0: selecting the scored ones (a boolean index) allocated in the backward a zero
+    gradient of the logits' whole size, which `scored` spares the labels' loss."""
+    keep = (scored(labels, task) != IGNORE_INDEX).float()
+    student = F.log_softmax(logits.float() / temperature, dim=-1)
+    teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    return ((teacher.exp() * (teacher - student)).sum(-1) * keep).sum()
 
 
 def distilled_loss_sum(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, task: Task,
