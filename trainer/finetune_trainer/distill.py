@@ -93,8 +93,11 @@ def check_same_vocabulary(teacher: nn.Module, student: nn.Module, where: str) ->
 
 def label_columns(teacher: nn.Module, id2label: dict[int, str], num_labels: int, where: str) -> torch.Tensor | None:
     """The teacher's logit column of each of the student's `num_labels` classes, matched by name (in any case, as
-    data.head_order matches a trained head); None where they are in the same order. A head of another size, or one
-    that does not name every label of the job, is refused."""
+    data.head_order matches a trained head); None where they are in the same order. The teacher's head must have
+    the student's `num_labels` columns and name every label of the job: one of another size is refused, a wider one
+    too even when it names every label (its other classes' probability would be dropped from its soft targets).
+    The student's spare columns (rearrange.head.numLabels above the labels) take the teacher's unnamed ones, in
+    order."""
     names, size = head_labels(teacher)
     ours = ", ".join(id2label.values())
     if size != num_labels:
@@ -107,7 +110,7 @@ def label_columns(teacher: nn.Module, id2label: dict[int, str], num_labels: int,
         raise ConfigError(f"{FIELD} {where}: its labels ({said}) do not name {', '.join(missing)} of the job's "
                           f"({ours}): a teacher must be fine-tuned on the job's labels")
     named = {i: theirs[name.lower()] for i, name in id2label.items()}
-    rest = iter(sorted(set(range(size)) - set(named.values())))  # a head wider than the labels: the spare columns
+    rest = iter(sorted(set(range(size)) - set(named.values())))  # the heads' spare columns, beyond the labels
     columns = [named[i] if i in named else next(rest) for i in range(num_labels)]
     return None if columns == list(range(num_labels)) else torch.tensor(columns)
 
