@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -216,11 +217,29 @@ def test_a_teacher_that_is_not_there_is_the_users_naming_the_field(tmp_path: Pat
         taught(tmp_path, student, tmp_path / "none")
 
 
-def test_a_job_refuses_a_teacher_before_it_trains(tmp_path: Path) -> None:
+def test_a_job_refuses_a_teacher_before_the_baseline_and_training(tmp_path: Path, monkeypatch) -> None:
+    """The teacher loads after the structure analysis (whose measured peak memory is the student's alone), before
+    the baseline's evaluation and the first checkpoint."""
     folder = saved_bert(tmp_path / "teacher", {0: "a", 1: "b", 2: "c"})
+    monkeypatch.setattr(pipeline, "evaluate", lambda *args: pytest.fail("evaluated with a teacher refused"))
     with pytest.raises(ConfigError, match=r"^training\.distillation\.teacher .*: its labels \(a, b, c\)"):
         pipeline.run(distilled(tiny_classifier_doc(tmp_path / "out"), folder), tmp_path / "out")
-    assert not (tmp_path / "out" / "analysis.json").exists()
+    assert (tmp_path / "out" / "analysis.json").exists()
+    assert not list((tmp_path / "out").glob("checkpoints/*/step-*"))
+
+
+def test_a_finished_training_is_evaluated_and_exported_without_its_teacher(tmp_path: Path, caplog) -> None:
+    """An attempt retried after the training ended (SIGTERM in the final evaluation or the export) resumes the
+    checkpoint of its last step and makes no step: it loads no teacher, so one gone since does not stop it."""
+    folder = saved_bert(tmp_path / "teacher", SENTIMENT)
+    cfg = distilled(tiny_classifier_doc(tmp_path / "out", maxSteps=2), folder)
+    first = pipeline.run(cfg, tmp_path / "out")
+    shutil.rmtree(folder)
+    with caplog.at_level(logging.INFO, logger="finetune_trainer.pipeline"):
+        again = pipeline.run(cfg, tmp_path / "out")
+    assert "the teacher is not loaded, the newest checkpoint" in caplog.text
+    assert again["training"]["steps"] == first["training"]["steps"] == 2
+    assert again["evaluation"]["final"] == first["evaluation"]["final"]
 
 
 def test_a_detector_is_refused_distillation_naming_the_field() -> None:

@@ -450,6 +450,16 @@ def test_accumulation_gives_the_gradient_of_the_whole_batch(distilled: bool) -> 
         torch.testing.assert_close(accumulated[name], value, atol=2e-5, rtol=1e-4, msg=name)
 
 
+def test_a_distilled_run_makes_no_step_without_its_teacher() -> None:
+    """The pipeline loads no teacher where the newest checkpoint ends the training; where that checkpoint was not
+    resumed after all (a misfit, removed), the loop stops rather than train on the labels alone."""
+    model, data, collate = lm_setup()
+    spec = TrainingSpec(batchSize=8, maxSteps=1, distillation={"teacher": {"uri": "/models/teacher"}})
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    with pytest.raises(RuntimeError, match=r"^training\.distillation: no teacher for steps 1 to 1"):
+        train_loop(model, optimizer, make_scheduler(optimizer, spec, 1), data, collate, spec, Task.CAUSAL_LM, CPU)
+
+
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_a_nan_loss_stops_before_the_weights_change_naming_its_step_and_the_fields(precision: str) -> None:
     """A weight broken after step 2 makes step 3's loss NaN: the message names step 3, and advises fp32 only to a

@@ -305,6 +305,16 @@ def complete(root: Path) -> list[Path]:
     return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
 
 
+def finished(root: Path, total: int) -> bool:
+    """Whether the newest committed checkpoint ends the training: at step `total`, or stopped early (a loop that
+    resumes it makes no step)."""
+    found = complete(root)
+    if not found:
+        return False
+    saved = json.loads((found[-1] / "state.json").read_text())
+    return saved["step"] >= total or saved.get("stopped_early", False)
+
+
 def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
          world: World) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None] | None:
     """Restore a checkpoint in place; returns the loop's saved position and, on rank 0 alone (`train_loop`), the

@@ -1,7 +1,8 @@
 """Knowledge distillation (`training.distillation`): a teacher model's soft targets beside the labels.
 
-Every rank loads its own teacher once, as the model to fine-tune is loaded (`models.load_model`), in eval mode and
-without gradients, on the same device. The training step runs it on each micro-batch under the same autocast, and
+Every rank loads its own teacher once (`models.load_model`), after the structure analysis and before pruning, the
+baseline and training (none where the newest checkpoint already ends the training), in eval mode and without
+gradients, on the same device. The training step runs it on each micro-batch under the same autocast, and
 `train.distilled_loss_sum` blends its softened distribution into the summed loss. Evaluations never see it.
 The teacher reads the student's inputs, so it must score the same classes (text and image classifiers; its columns
 are matched to the student's by label name) or the same vocabulary (text tasks).

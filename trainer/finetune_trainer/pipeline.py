@@ -247,9 +247,6 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     check_image_size(model, cfg.dataset.image_size)
     if tokenizer is not None:
         check_vocabulary(model, tokenizer.pad_token_id, (train_data, validation_data, test_data, heal_data))
-    # Loaded now: a teacher that does not fit the job stops it before the analysis and the baseline.
-    teacher = None if cfg.training.distillation is None else distill.load_teacher(
-        cfg, tokenizer, model, data.id2label, num_labels, world.device)
 
     progress.enter(Stage.ANALYZING)
     def training_batches(split: Encoded = train_data) -> Iterator[Batch]:
@@ -327,6 +324,17 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     # Named by the layers pruning removes; healing keeps its result there.
     checkpoint_dir = checkpoints.run_folder(out / "checkpoints", fingerprinted(cfg, world.size, drop, data_digest),
                                             world)
+    # The teacher, after the analysis (its probe's measured peak memory is the model's alone) and before pruning,
+    # healing, the baseline and training: one that does not fit the job stops it before them. None where the newest
+    # checkpoint already ends the training (an attempt retried in the final evaluation or the export): nothing is
+    # left to teach, and a teacher gone since does not stop a finished model's export.
+    teacher = None
+    if cfg.training.distillation is not None:
+        if checkpoints.finished(checkpoint_dir, total_steps(train_data, cfg.training, world)):
+            log.info("training.distillation: the teacher is not loaded, the newest checkpoint of %s ends the "
+                     "training", checkpoint_dir)
+        else:
+            teacher = distill.load_teacher(cfg, tokenizer, model, data.id2label, num_labels, world.device)
     if cfg.rearrange.prune is not None and drop is not None:
         serving = [collate(test_data, idx).to(world.device)
                    for idx in eval_batches(test_data.lengths, eval_size)[: prune.LATENCY_BATCHES]]

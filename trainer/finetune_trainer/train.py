@@ -268,6 +268,11 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
         if state.history and hooks.on_step:  # where it resumes is its progress until the next step (if any) is made
             hooks.on_step(state, total)
     saved_step = state.step
+    if spec.distillation is not None and teacher is None and state.step < total and not state.stopped_early:
+        # The pipeline loads none where the newest checkpoint ends the training; one that did not resume (a misfit,
+        # removed) leaves steps to make, which must not be made without it. A retry, with no checkpoint, loads it.
+        raise RuntimeError(f"training.distillation: no teacher for steps {state.step + 1} to {total} (the newest "
+                           "checkpoint, which ended the training, was not resumed); a retry loads it")
 
     def evaluation_due() -> bool:
         done = bool(state.evals) and state.evals[-1]["step"] == state.step
