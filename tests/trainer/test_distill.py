@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+import math
 import shutil
 from pathlib import Path
 from typing import Any
@@ -14,7 +15,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from finetune_trainer import pipeline
+from finetune_trainer import distill, pipeline
 from finetune_trainer.batches import IGNORE_INDEX, eval_batches
 from finetune_trainer.config import ModelSpec, Task, TrainerConfig
 from finetune_trainer.distill import Teacher, load_teacher
@@ -169,6 +170,20 @@ def test_a_causal_lm_and_an_image_classifier_train_with_a_teacher(tmp_path: Path
     assert report["training"]["steps"] == 1 and report["training"]["history"][0]["loss"] > 0
 
 
+def test_a_teacher_is_held_in_the_autocast_dtype(tmp_path: Path, monkeypatch) -> None:
+    """No optimizer updates the teacher: at bf16 its weights are bf16 (half of fp32's memory), and training runs;
+    the student's stay fp32, which AdamW updates."""
+    folder = saved_bert(tmp_path / "teacher", SENTIMENT)
+    loaded: list[Teacher] = []
+    real = distill.load_teacher
+    monkeypatch.setattr(distill, "load_teacher", lambda *args: loaded.append(real(*args)) or loaded[-1])
+    cfg = distilled(tiny_classifier_doc(tmp_path / "out", maxSteps=2, precision="bf16"), folder)
+    report = pipeline.run(cfg, tmp_path / "out")
+    assert {p.dtype for p in loaded[0].model.parameters()} == {torch.bfloat16}
+    assert report["training"]["steps"] == 2 and all(math.isfinite(h["loss"]) for h in report["training"]["history"])
+    assert report["training"]["precision"] == "bf16"
+
+
 # ---- teachers refused -----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
@@ -189,6 +204,7 @@ def test_a_teacher_of_the_same_labels_in_another_order_is_read_in_the_students(t
     teacher = taught(tmp_path, student, folder)
     assert teacher.columns.tolist() == [1, 2, 0] and not teacher.model.training
     assert not any(p.requires_grad for p in teacher.model.parameters())
+    assert {p.dtype for p in teacher.model.parameters()} == {torch.float32}  # an fp32 run's: no autocast dtype
     inputs = {"input_ids": torch.tensor([[101, 2307, 102]]), "attention_mask": torch.ones(1, 3, dtype=torch.long)}
     torch.testing.assert_close(teacher.logits(inputs), logits_of(teacher.model, inputs)[:, [1, 2, 0]])
 

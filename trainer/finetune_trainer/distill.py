@@ -44,10 +44,12 @@ class Teacher:
 
 
 def load_teacher(cfg: TrainerConfig, tokenizer: Any, student: nn.Module, id2label: dict[int, str], num_labels: int,
-                 device: torch.device) -> Teacher:
+                 device: torch.device, dtype: torch.dtype | None = None) -> Teacher:
     """`training.distillation`'s teacher, checked against the student: the same classes (by name) for a classifier,
     the same vocabulary for a text model; one that could not read the student's inputs or score its targets is
-    refused naming the field. The random streams are left as they were, so the student starts as it would alone."""
+    refused naming the field. Its weights are in the run's autocast `dtype` (train.autocast_dtype; None: fp32):
+    no optimizer updates them, and at bf16 or fp16 they take half of fp32's memory (an 8B teacher: 16 GB per
+    worker, not 32). The random streams are left as they were, so the student starts as it would alone."""
     spec = cfg.training.distillation
     assert spec is not None
     task = cfg.model.task
@@ -56,7 +58,7 @@ def load_teacher(cfg: TrainerConfig, tokenizer: Any, student: nn.Module, id2labe
     try:
         with torch.random.fork_rng(devices=forked):  # load_model seeds the generators
             teacher = load_model(ModelSpec(task=task, uri=spec.teacher.uri, revision=spec.teacher.revision),
-                                 tokenizer, cfg.training.seed, device)
+                                 tokenizer, cfg.training.seed, device, dtype or torch.float32)
         check_positions(teacher, cfg.dataset.max_length)
         check_image_size(teacher, cfg.dataset.image_size)
     except UserError as exc:  # the model's own words name model.* or dataset.*: say whose model it is

@@ -95,15 +95,19 @@ def load_tokenizer(spec: ModelSpec):
     return tokenizer
 
 
-def load_model(spec: ModelSpec, tokenizer, seed: int, device: torch.device = torch.device("cpu")) -> nn.Module:
+def load_model(spec: ModelSpec, tokenizer, seed: int, device: torch.device = torch.device("cpu"),
+               dtype: torch.dtype = torch.float32) -> nn.Module:
     """The model on `device`, its weights in fp32 whatever the checkpoint's dtype: these are the weights AdamW
     updates, and bf16 rounds an update of lr 1e-5 away; precision asks for autocast, not bf16 weights. A bf16 or
     fp16 checkpoint (Llama, Qwen) is read in its own dtype and widened on the device, so each process's host
-    memory holds it at its stored size (an 8B model: 16 GB, not 32 GB, per process)."""
+    memory holds it at its stored size (an 8B model: 16 GB, not 32 GB, per process). Another `dtype` is for a
+    model no optimizer updates (a distillation teacher, held in the autocast dtype): each weight is cast as it
+    moves, so the device never holds the whole model at fp32."""
     torch.manual_seed(seed)  # fresh weights (a new head, a model from config) are the same on every rank and rerun
     if spec.task == Task.IMAGE_CLASSIFICATION:
-        return load_vision_model(spec).to(device)
-    return _load_transformer(spec, tokenizer).to(device).float()
+        return load_vision_model(spec).to(device, dtype)
+    model = _load_transformer(spec, tokenizer)
+    return model.to(device).float() if dtype == torch.float32 else model.to(device, dtype)
 
 
 def _load_transformer(spec: ModelSpec, tokenizer) -> nn.Module:

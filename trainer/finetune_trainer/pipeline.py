@@ -334,7 +334,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
             log.info("training.distillation: the teacher is not loaded, the newest checkpoint of %s ends the "
                      "training", checkpoint_dir)
         else:
-            teacher = distill.load_teacher(cfg, tokenizer, model, data.id2label, num_labels, world.device)
+            teacher = distill.load_teacher(cfg, tokenizer, model, data.id2label, num_labels, world.device, dtype)
     if cfg.rearrange.prune is not None and drop is not None:
         serving = [collate(test_data, idx).to(world.device)
                    for idx in eval_batches(test_data.lengths, eval_size)[: prune.LATENCY_BATCHES]]
