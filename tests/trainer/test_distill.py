@@ -258,6 +258,27 @@ def test_a_finished_training_is_evaluated_and_exported_without_its_teacher(tmp_p
     assert again["evaluation"]["final"] == first["evaluation"]["final"]
 
 
+@pytest.mark.parametrize("pvc", [False, True])
+def test_a_teacher_that_keeps_its_adapters_apart_is_refused_before_anything_loads(tmp_path: Path, monkeypatch,
+                                                                                   student, pvc: bool) -> None:
+    """An export with mergeOnExport: false holds the adapters in adapter/, and its model.safetensors lacks them:
+    loaded as it is, the teacher would be the model before its fine-tune."""
+    folder = saved_bert(tmp_path / "claim" / "teacher", SENTIMENT)
+    (folder / "adapter").mkdir()
+    uri = str(folder)
+    if pvc:
+        monkeypatch.setenv("FINETUNE_PVC_ROOT", str(tmp_path))
+        uri = "pvc://claim/teacher"
+    refused = (rf"^training\.distillation\.teacher {uri}: it keeps its LoRA adapters apart .*: export the teacher "
+               r"merged \(rearrange\.mergeOnExport: true\)$")
+    with pytest.raises(ConfigError, match=refused):
+        taught(tmp_path, student, uri)
+    cfg = distilled(tiny_classifier_doc(tmp_path / "out"), uri)
+    monkeypatch.setattr(pipeline, "load_dataset", lambda *args: pytest.fail("loaded the data"))
+    with pytest.raises(ConfigError, match=refused):
+        pipeline.run(cfg, tmp_path / "out")
+
+
 def test_a_detector_is_refused_distillation_naming_the_field() -> None:
     doc = {"model": {"task": "object-detection", "architecture": "fasterrcnn_mobilenet_v3_large_fpn"},
            "dataset": {"uri": "pvc://data/shapes"}, "evaluation": {"metrics": ["map"]}, "output": {"uri": "/tmp/out"},

@@ -21,6 +21,7 @@ from finetune_trainer.config import ModelSpec, Task, TrainerConfig
 from finetune_trainer.errors import ConfigError, UserError
 from finetune_trainer.models import (check_image_size, check_positions, head_labels, load_model, logits_of,
                                      new_modules)
+from finetune_trainer.uris import local_path
 
 log = logging.getLogger(__name__)
 
@@ -55,6 +56,7 @@ def load_teacher(cfg: TrainerConfig, tokenizer: Any, student: nn.Module, id2labe
     task = cfg.model.task
     where = spec.teacher.uri + (f" at revision {spec.teacher.revision}" if spec.teacher.revision else "")
     forked = [device] if device.type == "cuda" else []
+    check_merged(cfg)
     try:
         with torch.random.fork_rng(devices=forked):  # load_model seeds the generators
             teacher = load_model(ModelSpec(task=task, uri=spec.teacher.uri, revision=spec.teacher.revision),
@@ -76,6 +78,19 @@ def load_teacher(cfg: TrainerConfig, tokenizer: Any, student: nn.Module, id2labe
              sum(p.numel() * p.element_size() for p in teacher.parameters()) / 2**20, 1 - spec.weight, spec.weight,
              spec.temperature)
     return Teacher(teacher, spec.temperature, spec.weight, None if columns is None else columns.to(device))
+
+
+def check_merged(cfg: TrainerConfig) -> None:
+    """A local teacher that keeps LoRA adapters apart (adapter/, an export with rearrange.mergeOnExport: false) is
+    refused: its model.safetensors lacks them, and it would teach as the model before its fine-tune. A cheap look,
+    which the pipeline takes before anything loads; a hub teacher is not looked into."""
+    spec = cfg.training.distillation
+    if spec is None or spec.teacher.uri.startswith("hf://"):
+        return
+    if (local_path(spec.teacher.uri) / "adapter").is_dir():
+        raise ConfigError(f"{FIELD} {spec.teacher.uri}: it keeps its LoRA adapters apart (adapter/, an export with "
+                          "rearrange.mergeOnExport: false), and its weights without them are not the fine-tuned "
+                          "model: export the teacher merged (rearrange.mergeOnExport: true)")
 
 
 def vocabulary(model: nn.Module) -> tuple[int | None, int | None]:

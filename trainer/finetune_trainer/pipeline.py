@@ -218,6 +218,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         raise ConfigError(f"training.compile: {missing}; set it to false, or use an image that has one")
     if detecting:
         check_batch_size(cfg.model.architecture or "", cfg.training.batch_size)
+    distill.check_merged(cfg)  # the teacher itself loads after the analysis
     check_output(out)
     if world.main:  # an export an earlier attempt was killed putting in place is whole from the start
         export.recover(out)
