@@ -131,6 +131,8 @@ def assert_loads_whole(out: Path, learning_rate: float) -> None:
     report = json.loads((out / "report.json").read_text())
     assert report["config"]["adjust"]["learningRate"] == learning_rate
     assert set(report["files"]) == set(exported(out)) | {"analysis.json"}
+    # every name the export wrote is one export.EXPORTED has, which the next export's publish may replace or remove
+    assert all(export.of_an_export(p) for p in out.iterdir() if p.name not in ("checkpoints", "analysis.json"))
     model = AutoModelForSequenceClassification.from_pretrained(out).eval()
     tokenizer = AutoTokenizer.from_pretrained(out)
     with torch.no_grad():
@@ -243,3 +245,23 @@ def test_a_published_export_replaces_what_the_earlier_one_had_and_leaves_the_run
         "analysis.json", "checkpoints/run/COMMITTED", "config.json", "model.safetensors", "notes.txt", "report.json"]
     assert (out / "config.json").read_text() == "new" and (out / "analysis.json").read_text() == "earlier"
     assert (tmp_path / "outside").exists()
+
+
+def test_a_published_export_leaves_what_an_older_trainers_report_listed_that_no_export_writes(tmp_path: Path) -> None:
+    """Before exports were staged, report.json's `files` listed everything in the output folder but checkpoints/ (a
+    dataset in the same claim, a user's notes, another job's export in a folder); the next export took every top-level
+    name there for the earlier export's and deleted it, folders whole. Only the names an export writes go."""
+    out = tmp_path / "out"
+    earlier = ["data/train.csv", "notes.txt", "other-job/model.safetensors", "other-job/config.json",
+               "labels.json", "tokenizer.json", "adapter/adapter_model.safetensors", "README.md", "report.json"]
+    for name in earlier:
+        (out / name).parent.mkdir(parents=True, exist_ok=True)
+        (out / name).write_text("earlier")
+    (out / "report.json").write_text(json.dumps({"files": earlier}))
+    with export.staging(out) as staged:
+        (staged / "config.json").write_text("new")
+        (staged / "model.safetensors").write_text("new")
+        export.publish(staged, out, json.dumps({"files": ["config.json", "model.safetensors", "report.json"]}))
+    assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
+        "config.json", "data/train.csv", "model.safetensors", "notes.txt", "other-job/config.json",
+        "other-job/model.safetensors", "report.json"]

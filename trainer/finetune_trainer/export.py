@@ -19,6 +19,7 @@ before anything else (`recover`). A rename replaces a file whole, so no file is 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import json
 import logging
 import os
@@ -45,10 +46,19 @@ log = logging.getLogger(__name__)
 MARKER = "report.json"  # moved into place last: an export is whole where it is
 STAGING = ".export-"
 STALE = ".stale.json"  # in a staged folder: the earlier export's files that its publish removes
-# The run's, beside the export in the output folder: never the export's to replace or remove.
-THE_RUNS = frozenset({"checkpoints", "analysis.json"})
+ADAPTER = "adapter"  # adapters kept apart, peft's layout: the one folder an export writes
 # An earlier export's weights, whatever its report lists: one an older trainer cut short has no report.
-WEIGHTS = ("model*.safetensors", "model.safetensors.index.json", "adapter")
+WEIGHTS = ("model*.safetensors", "model.safetensors.index.json", ADAPTER)
+# What a tokenizer's save_pretrained writes: transformers' own files, and the vocabularies of its tokenizers.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
+                   "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.txt", "vocab.json",
+                   "merges.txt", "spiece.model", "sentencepiece.bpe.model")
+# Every name an export writes in the output folder (export_model, the tokenizer, write_outputs' card, curve and
+# report): the only names of an earlier export's that a new one removes. The report of a trainer from before
+# exports were staged listed all the folder held (a dataset in the same claim, notes, another job's folder), and the
+# run's checkpoints/ and analysis.json are beside the export, not of it.
+EXPORTED = (*WEIGHTS, "config.json", "generation_config.json", "labels.json", "README.md", "loss_curve.png", MARKER,
+            *TOKENIZER_FILES)
 
 
 @contextlib.contextmanager
@@ -71,7 +81,7 @@ def publish(staged: Path, out: Path, report: str) -> None:
     fsync_tree(staged, recursive=True)  # on disk before a report says it is whole, a node lost included
     new = {p.name for p in staged.iterdir()} | {MARKER}
     earlier = {*listed(out / MARKER), *(p.name for pattern in WEIGHTS for p in out.glob(pattern))}
-    (staged / STALE).write_text(json.dumps(sorted(earlier - new - THE_RUNS)))
+    (staged / STALE).write_text(json.dumps(sorted(name for name in earlier - new if of_an_export(out / name))))
     replace_atomically(staged, MARKER, lambda tmp: tmp.write_text(report))
     swap(staged, out)
 
@@ -85,6 +95,15 @@ def listed(report: Path) -> set[str]:
         return set()
     names = {Path(f).parts[0] for f in files if isinstance(f, str) and f and not Path(f).is_absolute()}
     return {name for name in names if not name.startswith(".")}  # nor "..": only what is in `out`
+
+
+def of_an_export(path: Path) -> bool:
+    """Whether `path`, in an output folder, is one an export writes (`EXPORTED`); of the folders, only adapter/."""
+    if not path.exists() and not path.is_symlink():
+        return False
+    if path.is_dir() and not path.is_symlink():
+        return path.name == ADAPTER
+    return any(fnmatch.fnmatchcase(path.name, pattern) for pattern in EXPORTED)
 
 
 def swap(staged: Path, out: Path) -> None:
@@ -157,7 +176,7 @@ def export_model(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg
     """Write weights, config, tokenizer and labels; returns the files written (relative to `out`)."""
     out.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "peft_config"):  # adapters kept apart: not merged on request, or the merge check failed
-        model.save_pretrained(out / "adapter")
+        model.save_pretrained(out / ADAPTER)
         if base_is_new(cfg):  # what they adapt: the adapters taken out (in place), not merged
             write_weights(model.unload(), cfg, out)
         else:  # an earlier run into this folder (mergeOnExport flipped) may have left its merged weights: not these
