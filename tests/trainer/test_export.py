@@ -265,3 +265,26 @@ def test_a_published_export_leaves_what_an_older_trainers_report_listed_that_no_
     assert sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()) == [
         "config.json", "data/train.csv", "model.safetensors", "notes.txt", "other-job/config.json",
         "other-job/model.safetensors", "report.json"]
+
+
+def test_a_file_replaced_atomically_in_the_output_folder_opens_nothing_else_there(tmp_path: Path) -> None:
+    """analysis.json is put in the output folder through a temporary file; flushing it opened and synced every entry
+    of the folder, twice: one the pod may not read (another uid's 0600 file) failed the run, a FIFO hung it, and a
+    large file of someone else's was written out for nothing. The file and the folder's names are what it flushes."""
+    import threading
+
+    from finetune_trainer.checkpoints import replace_atomically
+
+    os.mkfifo(fifo := tmp_path / "a-fifo")  # opening it to read waits for a writer
+    done = threading.Event()
+
+    def replace() -> None:
+        replace_atomically(tmp_path, "analysis.json", lambda tmp: tmp.write_text("{}"))
+        done.set()
+
+    threading.Thread(target=replace, daemon=True).start()
+    finished = done.wait(20)
+    if not finished:  # let the open of the FIFO return, so the thread ends
+        os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
+    assert finished, "replace_atomically opened the FIFO beside the file it replaced"
+    assert (tmp_path / "analysis.json").read_text() == "{}" and not list(tmp_path.glob(".tmp-*"))

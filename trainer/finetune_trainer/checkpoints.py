@@ -208,13 +208,15 @@ def remove(checkpoint: Path) -> None:
 
 
 def replace_atomically(root: Path, name: str, write: Callable[[Path], object]) -> None:
-    """Write `name` in `root` through a temporary file (`write` given its path), synced before and after it takes
-    the name: a crash leaves the old file or the new, never a torn or empty one (the next attempt would read it)."""
+    """Write `name` in `root` through a temporary file (`write` given its path), synced before it takes the name and
+    the folder's names after: a crash leaves the old file or the new, never a torn or empty one (the next attempt
+    would read it). Nothing else in `root` is opened: the output folder may hold what the pod cannot read (another
+    uid's 0600 file), a FIFO, or large files of others."""
     tmp = root / f".tmp-{name}"
     write(tmp)
-    fsync_tree(root)
+    fsync(tmp)
     os.replace(tmp, root / name)
-    fsync_tree(root)
+    fsync(root)
 
 
 def healed_kept(root: Path) -> bool:
