@@ -222,6 +222,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     check_output(out)
     if world.main:  # an export an earlier attempt was killed putting in place is whole from the start
         export.recover(out)
+    world.barrier()  # and no other rank reads the output folder while it moves
     progress.enter(Stage.LOADING)
     tokenizer = None if task in (Task.IMAGE_CLASSIFICATION, Task.OBJECT_DETECTION) else load_tokenizer(cfg.model)
     data = load_coco(cfg.dataset, seed) if detecting else load_dataset(cfg.dataset, task, seed)
