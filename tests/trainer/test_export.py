@@ -47,7 +47,8 @@ def test_the_exported_weights_are_as_readable_as_the_other_files(tmp_path: Path)
 def test_adapters_kept_apart_leave_no_merged_weights_of_an_earlier_export(tmp_path: Path) -> None:
     """mergeOnExport changes no weight, so flipping it to false and running again into the same folder resumes and
     exports again: the adapters went to adapter/, and the first run's merged model.safetensors stayed beside them,
-    which `from_pretrained(out)` loaded as this run's model."""
+    which `from_pretrained(out)` loaded as this run's model. Publishing the new export removes them (an earlier
+    trainer's, cut short, listed them in no report)."""
     spec = ModelSpec(task=Task.SEQUENCE_CLASSIFICATION, architecture="bert", config=TINY_BERT, tokenizerUri=TOKENIZER)
     tokenizer = load_tokenizer(spec)
     model = load_model(spec, tokenizer, seed=0)
@@ -60,9 +61,12 @@ def test_adapters_kept_apart_leave_no_merged_weights_of_an_earlier_export(tmp_pa
     assert (tmp_path / "out" / "model.safetensors").exists()
     wrapped = add_adapters(model, LoraSpec(rank=4), ["bert.encoder.layer.1.output.dense"], "classifier")
     doc["rearrange"]["mergeOnExport"] = False
-    files = export_model(wrapped, tokenizer, labels, TrainerConfig.model_validate(doc), tmp_path / "out")
+    with export.staging(tmp_path / "out") as staged:
+        files = export_model(wrapped, tokenizer, labels, TrainerConfig.model_validate(doc), staged)
+        export.publish(staged, tmp_path / "out", json.dumps({"files": files}))
     assert "adapter/adapter_model.safetensors" in files
-    assert not [f for f in files if f.startswith("model") and f.endswith((".safetensors", ".json"))], files
+    assert not list((tmp_path / "out").glob("model*")), files
+    assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
 
 
 def test_the_card_and_the_cli_show_a_small_change_as_one(tmp_path: Path) -> None:

@@ -16,7 +16,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from finetune_trainer import pipeline
+from finetune_trainer import export, pipeline
 from finetune_trainer.adjust import adaptable, freeze, freeze_checked, lora_targets, param_groups
 from finetune_trainer.analyze import analyze, fail_on_fatal, summary
 from finetune_trainer.batches import (Encoded, encode_causal, encode_images, encode_text, epoch_batches,
@@ -812,8 +812,9 @@ def test_an_image_classifiers_adapters_kept_apart_reload_on_the_base_exported_be
     torch.testing.assert_close(logits_of(reloaded, pixels), logits)
 
     # The same job again with mergeOnExport (its default), into the same folder: the adapters are in the weights
-    # now, and the old adapter/ is gone, so nothing can apply them a second time.
-    export_model(merged, None, labels, cfg, tmp_path)
+    # now, and the old adapter/ is gone (publish removes it), so nothing can apply them a second time.
+    with export.staging(tmp_path) as staged:
+        export.publish(staged, tmp_path, json.dumps({"files": export_model(merged, None, labels, cfg, staged)}))
     assert not (tmp_path / "adapter").exists()
     reloaded = load_vision_model(ModelSpec(task="image-classification", uri=str(tmp_path))).eval()
     torch.testing.assert_close(logits_of(reloaded, pixels), logits)

@@ -173,19 +173,14 @@ def sigterm_held() -> Iterator[None]:
 
 
 def export_model(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg: TrainerConfig, out: Path) -> list[str]:
-    """Write weights, config, tokenizer and labels; returns the files written (relative to `out`)."""
+    """Write weights, config, tokenizer and labels into `out`, a new folder (`staging`'s: what an earlier export
+    has that this one has not, `publish` removes); returns the files written (relative to `out`)."""
     out.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "peft_config"):  # adapters kept apart: not merged on request, or the merge check failed
         model.save_pretrained(out / ADAPTER)
         if base_is_new(cfg):  # what they adapt: the adapters taken out (in place), not merged
             write_weights(model.unload(), cfg, out)
-        else:  # an earlier run into this folder (mergeOnExport flipped) may have left its merged weights: not these
-            for path in [*out.glob("model*.safetensors"), *out.glob("model.safetensors.index.json")]:
-                path.unlink()
     else:
-        # An earlier run into this folder (mergeOnExport flipped) may have left adapters apart: loaded onto these
-        # merged weights they would apply twice.
-        shutil.rmtree(out / "adapter", ignore_errors=True)
         write_weights(model, cfg, out)
     if tokenizer is not None:
         if cfg.model.task == Task.CAUSAL_LM:  # a BERT tokenizer's token_type_ids made generate(**tokenizer(...)) refuse
@@ -195,9 +190,7 @@ def export_model(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg
     if id2label:
         (out / "labels.json").write_text(json.dumps({str(k): v for k, v in id2label.items()}, indent=2))
     weights_follow_umask(out)
-    # The checkpoints beside the export (out/checkpoints) are the run's, not the model's.
-    return sorted(str(p.relative_to(out)) for p in out.rglob("*")
-                  if p.is_file() and p.relative_to(out).parts[0] != "checkpoints")
+    return sorted(str(p.relative_to(out)) for p in out.rglob("*") if p.is_file())
 
 
 def weights_follow_umask(out: Path) -> None:
