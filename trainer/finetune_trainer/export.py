@@ -64,8 +64,7 @@ EXPORTED = (*WEIGHTS, "config.json", "generation_config.json", "labels.json", "R
 @contextlib.contextmanager
 def staging(out: Path) -> Iterator[Path]:
     """A new folder inside `out` to write an export into and `publish` from; removed if the export fails before
-    its report is written there. What an earlier attempt left staged is dealt with first (`recover`)."""
-    recover(out)
+    its report is written there. What an earlier attempt left staged, `recover` dealt with at this one's start."""
     folder = Path(tempfile.mkdtemp(prefix=STAGING, dir=out))
     try:
         yield folder
