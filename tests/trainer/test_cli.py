@@ -223,8 +223,28 @@ def test_a_volume_too_small_for_the_export_names_it(small_volume: Path, tmp_path
     assert run(doc, tmp_path) == 2
     sent = json.loads(termination.read_text())
     assert (sent["exitCode"], sent["reason"], sent["stage"]) == (2, "NoSpaceLeft", "Exporting"), sent
-    assert sent["message"] == (f"no space left in {small_volume / 'out'}: free space on the output volume (output.uri) "
+    assert sent["message"] == (f"no space left in {small_volume / 'out'} for the export: free space on the output "
+                               "volume (output.uri) or give it more")
+
+
+@pytest.mark.parametrize("small_volume", ["6m"], indirect=True)
+def test_a_volume_that_holds_one_export_but_not_two_says_the_new_one_goes_beside_the_earlier(
+        small_volume: Path, tmp_path: Path, termination: Path) -> None:
+    """The new export is written beside the earlier one, which stays whole until the new one is: a volume that held
+    the first export did not hold the second, and the message said only that it was full."""
+    doc = tiny_classifier_doc(small_volume / "out")
+    doc["rearrange"] = {"lora": {"rank": 2, "alpha": 4, "dropout": 0.0}}
+    doc["evaluation"] = {"baseline": False}
+    assert run(doc, tmp_path) == 0
+    earlier = (small_volume / "out" / "report.json").read_text()
+    doc["adjust"]["learningRate"] = 3e-3  # trains afresh and exports again
+    assert run(doc, tmp_path) == 2
+    sent = json.loads(termination.read_text())
+    assert (sent["reason"], sent["stage"]) == ("NoSpaceLeft", "Exporting"), sent
+    assert sent["message"] == (f"no space left in {small_volume / 'out'} for the export, which the volume holds beside "
+                               "the earlier export until it is whole: free space on the output volume (output.uri) "
                                "or give it more")
+    assert (small_volume / "out" / "report.json").read_text() == earlier
 
 
 def fill(volume: Path) -> None:

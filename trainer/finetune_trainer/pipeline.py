@@ -672,22 +672,30 @@ def training_section(state: LoopState, total: int, per_epoch: int, train_data: E
 def write_outputs(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg: TrainerConfig, out: Path,
                   inputs: dict[str, torch.Tensor], report: dict[str, Any], serving: list[Batch]) -> dict[str, Any]:
     """Export on rank 0: merge adapters (checked), weights, loss curve, model card, report.json; a pruned model's
-    latency is measured as it is exported (merged or not). All of it is written beside `out` and put in place
-    whole, report.json last (export.publish): a run stopped in between leaves the earlier export as it was."""
+    latency is measured as it is exported (merged or not). All of it is written into a folder `.export-*` inside
+    `out` and put in place whole, report.json last (export.publish): a run stopped in between leaves the earlier
+    export as it was."""
     extra: dict[str, Any] = {}
     if cfg.rearrange.lora is not None and cfg.rearrange.merge_on_export:
         model, extra["merge_check"] = merge_adapters(model, inputs)
     if "pruning" in report:
         report["pruning"]["after"] |= prune.footprint(model, serving)
-    with export.staging(out) as staged:
-        files = export.export_model(model, tokenizer, id2label, cfg, staged)
-        export.loss_curve(report["training"]["history"], report["training"]["evals"], staged / "loss_curve.png")
-        card = export.model_card(cfg, report | extra, adapters_apart=(staged / "adapter").is_dir(),
-                                 causal_switch=has_causal_switch(getattr(model, "config", None)))
-        (staged / "README.md").write_text(card)
-        analysis_file = ["analysis.json"] if (out / "analysis.json").exists() else []  # the run's, listed as ever
-        extra["files"] = sorted({*files, "loss_curve.png", "README.md", export.MARKER, *analysis_file})
-        export.publish(staged, out, json.dumps(report | extra, indent=2, default=str))
+    earlier = (out / export.MARKER).exists()
+    try:
+        with export.staging(out) as staged:
+            files = export.export_model(model, tokenizer, id2label, cfg, staged)
+            export.loss_curve(report["training"]["history"], report["training"]["evals"], staged / "loss_curve.png")
+            card = export.model_card(cfg, report | extra, adapters_apart=(staged / export.ADAPTER).is_dir(),
+                                     causal_switch=has_causal_switch(getattr(model, "config", None)))
+            (staged / "README.md").write_text(card)
+            analysis_file = ["analysis.json"] if (out / "analysis.json").exists() else []  # the run's, listed as ever
+            extra["files"] = sorted({*files, "loss_curve.png", "README.md", export.MARKER, *analysis_file})
+            export.publish(staged, out, json.dumps(report | extra, indent=2, default=str))
+    except Exception as exc:
+        beside = ", which the volume holds beside the earlier export until it is whole" if earlier else ""
+        if full := no_space_in(out, exc, f"the export{beside}"):
+            raise full from exc
+        raise
     log.info("exported to %s", out)
     return extra
 
