@@ -184,6 +184,25 @@ def test_a_teacher_is_held_in_the_autocast_dtype(tmp_path: Path, monkeypatch) ->
     assert report["training"]["precision"] == "bf16"
 
 
+def test_a_bf16_teacher_keeps_its_rope_frequencies_and_an_fp16_one_stays_fp32(tmp_path: Path, student) -> None:
+    """Module.to(bf16) cast the buffers too: a Llama teacher's RoPE inv_freq (fp32 in transformers) lost the angles
+    of its positions. Under fp16 the weights stay fp32: fp16 would put the residual stream in fp16."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer, _ = student
+    folder = tmp_path / "llama"
+    LlamaForCausalLM(LlamaConfig(vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+                     ).save_pretrained(folder)
+    spec = ModelSpec(task=Task.CAUSAL_LM, uri=str(folder))
+    held = load_model(spec, tokenizer, seed=0, dtype=torch.bfloat16)
+    assert {p.dtype for p in held.parameters()} == {torch.bfloat16}
+    assert {b.dtype for name, b in held.named_buffers() if name.endswith("inv_freq")} == {torch.float32}
+    cfg = distilled(tiny_classifier_doc(tmp_path / "out"), saved_bert(tmp_path / "teacher", SENTIMENT))
+    teacher = load_teacher(cfg, tokenizer, student[1], SENTIMENT, 3, torch.device("cpu"), torch.float16)
+    assert {p.dtype for p in teacher.model.parameters()} == {torch.float32}
+
+
 # ---- teachers refused -----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -48,9 +48,11 @@ def load_teacher(cfg: TrainerConfig, tokenizer: Any, student: nn.Module, id2labe
                  device: torch.device, dtype: torch.dtype | None = None) -> Teacher:
     """`training.distillation`'s teacher, checked against the student: the same classes (by name) for a classifier,
     the same vocabulary for a text model; one that could not read the student's inputs or score its targets is
-    refused naming the field. Its weights are in the run's autocast `dtype` (train.autocast_dtype; None: fp32):
-    no optimizer updates them, and at bf16 or fp16 they take half of fp32's memory (an 8B teacher: 16 GB per
-    worker, not 32). The random streams are left as they were, so the student starts as it would alone."""
+    refused naming the field. Its weights are in bf16 where the run's autocast `dtype` (train.autocast_dtype) is
+    bf16: no optimizer updates them, and they take half of fp32's memory (an 8B teacher: 16 GB per worker, not 32).
+    Under fp16 they stay fp32: fp16 weights would put the residual stream, which autocast keeps in fp32, in fp16,
+    whose range the activations of bf16-trained models exceed. The random streams are left as they were, so the
+    student starts as it would alone."""
     spec = cfg.training.distillation
     assert spec is not None
     task = cfg.model.task
@@ -60,7 +62,8 @@ def load_teacher(cfg: TrainerConfig, tokenizer: Any, student: nn.Module, id2labe
     try:
         with torch.random.fork_rng(devices=forked):  # load_model seeds the generators
             teacher = load_model(ModelSpec(task=task, uri=spec.teacher.uri, revision=spec.teacher.revision),
-                                 tokenizer, cfg.training.seed, device, dtype or torch.float32)
+                                 tokenizer, cfg.training.seed, device,
+                                 torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
         check_positions(teacher, cfg.dataset.max_length)
         check_image_size(teacher, cfg.dataset.image_size)
     except UserError as exc:  # the model's own words name model.* or dataset.*: say whose model it is

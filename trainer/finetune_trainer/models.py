@@ -101,13 +101,18 @@ def load_model(spec: ModelSpec, tokenizer, seed: int, device: torch.device = tor
     updates, and bf16 rounds an update of lr 1e-5 away; precision asks for autocast, not bf16 weights. A bf16 or
     fp16 checkpoint (Llama, Qwen) is read in its own dtype and widened on the device, so each process's host
     memory holds it at its stored size (an 8B model: 16 GB, not 32 GB, per process). Another `dtype` is for a
-    model no optimizer updates (a distillation teacher, held in the autocast dtype): each weight is cast as it
-    moves, so the device never holds the whole model at fp32."""
+    model no optimizer updates (a distillation teacher, held in bf16): each weight is cast as it moves, so the
+    device never holds the whole model at fp32; a transformer's buffers keep their dtype (RoPE's inv_freq, which
+    transformers keeps in fp32: in bf16 its angles are wrong by whole radians at a few hundred positions)."""
     torch.manual_seed(seed)  # fresh weights (a new head, a model from config) are the same on every rank and rerun
     if spec.task == Task.IMAGE_CLASSIFICATION:
         return load_vision_model(spec).to(device, dtype)
     model = _load_transformer(spec, tokenizer)
-    return model.to(device).float() if dtype == torch.float32 else model.to(device, dtype)
+    if dtype == torch.float32:
+        return model.to(device).float()
+    for param in model.parameters():
+        param.data = param.data.to(device, dtype)
+    return model.to(device)
 
 
 def _load_transformer(spec: ModelSpec, tokenizer) -> nn.Module:
