@@ -234,12 +234,15 @@ def test_a_published_export_replaces_what_the_earlier_one_had_and_leaves_the_run
     never wrote stay."""
     out = tmp_path / "out"
     (out / "adapter").mkdir(parents=True)
+    (out / "additional_chat_templates").mkdir()  # a tokenizer's named templates, which from_pretrained would read
     (out / "checkpoints" / "run").mkdir(parents=True)
     for name in ("adapter/adapter_model.safetensors", "vocab.txt", "model-00001-of-00002.safetensors",
-                 "checkpoints/run/COMMITTED", "analysis.json", "notes.txt", "config.json"):
+                 "checkpoints/run/COMMITTED", "analysis.json", "notes.txt", "config.json",
+                 "additional_chat_templates/tool.jinja"):
         (out / name).write_text("earlier")
     (out / "report.json").write_text(json.dumps({"files": ["adapter/adapter_model.safetensors", "vocab.txt",
-                                                           "config.json", "analysis.json", "../outside"]}))
+                                                           "config.json", "analysis.json", "../outside",
+                                                           "additional_chat_templates/tool.jinja"]}))
     (tmp_path / "outside").write_text("not the export's")
     with export.staging(out) as staged:
         (staged / "config.json").write_text("new")

@@ -46,13 +46,15 @@ log = logging.getLogger(__name__)
 MARKER = "report.json"  # moved into place last: an export is whole where it is
 STAGING = ".export-"
 STALE = ".stale.json"  # in a staged folder: the earlier export's files that its publish removes
-ADAPTER = "adapter"  # adapters kept apart, peft's layout: the one folder an export writes
+ADAPTER = "adapter"  # adapters kept apart, peft's layout
+CHAT_TEMPLATES = "additional_chat_templates"  # a tokenizer's named chat templates, which from_pretrained globs
+FOLDERS = (ADAPTER, CHAT_TEMPLATES)  # the folders an export writes
 # An earlier export's weights, whatever its report lists: one an older trainer cut short has no report.
 WEIGHTS = ("model*.safetensors", "model.safetensors.index.json", ADAPTER)
 # What a tokenizer's save_pretrained writes: transformers' own files, and the vocabularies of its tokenizers.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "added_tokens.json",
                    "chat_template.jinja", "chat_template.json", "tokenizer.model", "vocab.txt", "vocab.json",
-                   "merges.txt", "spiece.model", "sentencepiece.bpe.model")
+                   "merges.txt", "spiece.model", "sentencepiece.bpe.model", CHAT_TEMPLATES)
 # Every name an export writes in the output folder (export_model, the tokenizer, write_outputs' card, curve and
 # report): the only names of an earlier export's that a new one removes. The report of a trainer from before
 # exports were staged listed all the folder held (a dataset in the same claim, notes, another job's folder), and the
@@ -77,10 +79,10 @@ def staging(out: Path) -> Iterator[Path]:
 def publish(staged: Path, out: Path, report: str) -> None:
     """Put the export written in `staged` in place of the one in `out`: flushed to disk, what the earlier export has
     that this one lacks noted, then `report` (report.json) written, which makes the staged export whole, and moved."""
-    fsync_tree(staged, recursive=True)  # on disk before a report says it is whole, a node lost included
     new = {p.name for p in staged.iterdir()} | {MARKER}
     earlier = {*listed(out / MARKER), *(p.name for pattern in WEIGHTS for p in out.glob(pattern))}
     (staged / STALE).write_text(json.dumps(sorted(name for name in earlier - new if of_an_export(out / name))))
+    fsync_tree(staged, recursive=True)  # on disk before a report says it is whole, a node lost included
     replace_atomically(staged, MARKER, lambda tmp: tmp.write_text(report))
     swap(staged, out)
 
@@ -97,11 +99,11 @@ def listed(report: Path) -> set[str]:
 
 
 def of_an_export(path: Path) -> bool:
-    """Whether `path`, in an output folder, is one an export writes (`EXPORTED`); of the folders, only adapter/."""
+    """Whether `path`, in an output folder, is one an export writes (`EXPORTED`); of the folders, only `FOLDERS`."""
     if not path.exists() and not path.is_symlink():
         return False
     if path.is_dir() and not path.is_symlink():
-        return path.name == ADAPTER
+        return path.name in FOLDERS
     return any(fnmatch.fnmatchcase(path.name, pattern) for pattern in EXPORTED)
 
 
