@@ -571,8 +571,8 @@ def _same_folder_cel(a: str, b: str) -> str:
     return f"({a} == {b} || {a} + '/' == {b} || {a} == {b} + '/')"
 
 
-def _same_folder(a: str, b: str | None) -> bool:
-    return b is not None and a.rstrip("/") == b.rstrip("/")
+def _same_folder(a: str, b: str | None) -> bool:  # as _same_folder_cel says it, so the validator and the CRD agree
+    return b is not None and (b in (a, a + "/") or a == b + "/")
 
 
 def _detection_metrics_only_for_detectors(spec: Any) -> bool:
