@@ -563,6 +563,70 @@ def test_a_disruption_is_retried_without_counting() -> None:
     assert conditions(status)["Restarting"] == ("True", "EvictionByEvictionAPI") and status["failures"] == 0
 
 
+def kubelet_evicted(message: str, conditions: list[dict[str, Any]] | None = None, exit_code: int = 137) -> dict[str, Any]:
+    """A trainer pod as the kubelet's eviction manager leaves it (evictPod): Failed, reason Evicted, its message, the
+    container killed after the eviction's 1 s grace period; a node-pressure eviction adds DisruptionTarget."""
+    return {"metadata": {"name": "ft-1-0-x", "labels": {"finetune.dev/attempt": "1"}},
+            "status": {"phase": "Failed", "reason": "Evicted", "message": message, "conditions": conditions or [],
+                       "containerStatuses": [{"name": "trainer", "ready": False, "restartCount": 0, "state": {
+                           "terminated": {"exitCode": exit_code, "reason": "Error",
+                                          "finishedAt": "2026-12-01T11:59:30Z"}}}]}}
+
+
+# The kubelet's own messages (pkg/kubelet/eviction/helpers.go), trailing space and all, and the field each names.
+OWN_LIMITS = {
+    'Container trainer exceeded its local ephemeral storage limit "1Gi". ':
+        "spec.runtime.resources.limits.ephemeral-storage",
+    "Pod ephemeral local storage usage exceeds the total limit of containers 1Gi. ":
+        "spec.runtime.resources.limits.ephemeral-storage",
+    'Usage of EmptyDir volume "finetune-shm" exceeds the limit "1Gi". ': "spec.runtime.shmSize",
+    'Usage of EmptyDir volume "scratch" exceeds the limit "10Gi". ':
+        "the emptyDir.sizeLimit of volume scratch in spec.runtime.volumes",
+}
+
+
+@pytest.mark.parametrize("message", OWN_LIMITS)
+def test_an_eviction_for_the_pods_own_limit_is_counted_and_names_the_field_to_raise(message: str) -> None:
+    """Evicted for going past its own limit, the pod carries no DisruptionTarget (KEP-3329): the operator said only
+    "pod ... exited 137", or "stopped by SIGTERM" as for a preemption, and every attempt went past the same limit."""
+    failed = job(failure={"reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"})
+    evicted = outcome.pod_summary(kubelet_evicted(message))
+    result = outcome.attempt_outcome(failed, [evicted])
+    assert (result.reason, result.retry) == ("StorageLimitExceeded", outcome.Retry.COUNTED)
+    assert result.message == (f"pod ft-1-0-x was evicted by its kubelet: {message.strip()} Raise {OWN_LIMITS[message]}, "
+                              "or the next attempt may go past it again")
+    # A trainer that caught the SIGTERM and said so is no knock-on: the eviction is the cause, and its peers' exits not.
+    said = dict(evicted, terminated=dict(evicted["terminated"], exitCode=143, message={
+        "exitCode": 143, "reason": "Terminated", "message": "stopped by SIGTERM in stage Training", "stage": "Training"}))
+    peer = pod(index=1, phase="Failed", exit_code=143, finished="2026-12-01T11:59:29Z")
+    result = outcome.attempt_outcome(failed, [peer, said])
+    assert result.reason == "StorageLimitExceeded" and result.result["stage"] == "Training"
+    # A pod the kubelet has not told its container's end yet is enough.
+    told = outcome.attempt_outcome(failed, [{k: v for k, v in evicted.items() if k != "terminated"}])
+    assert told.reason == "StorageLimitExceeded"
+    status = after(decide(Observed(body({"attempts": 1}, backoffLimit=0), [failed], [evicted], NOW)))
+    assert status["reason"] == "BackoffLimitExceeded" and status["failures"] == 1
+    assert OWN_LIMITS[message] in next(c for c in status["conditions"] if c["type"] == "Failed")["message"]
+
+
+def test_a_node_pressure_eviction_stays_a_free_retry() -> None:
+    """The kubelet evicts for memory or disk the node runs short of with DisruptionTarget (TerminationByKubelet):
+    caused by the node, it is retried without counting; and an Evicted message of another kind is no own limit."""
+    message = "The node was low on resource: memory. Threshold quantity: 100Mi, available: 52Mi. Container trainer " \
+              "was using 3Gi, request is 2Gi, has larger consumption of memory. "
+    pressure = outcome.pod_summary(kubelet_evicted(message, [
+        {"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet", "message": message}], 143))
+    failed = job(failure={"reason": "PodFailurePolicy", "message": "Pod ns/ft-1-0-x has condition DisruptionTarget "
+                                                                   "matching FailJob rule at index 0"})
+    result = outcome.attempt_outcome(failed, [pressure])
+    assert (result.reason, result.retry) == ("TerminationByKubelet", outcome.Retry.FREE)
+    status = after(decide(Observed(body({"attempts": 1}, backoffLimit=0), [failed], [pressure], NOW)))
+    assert status["attempts"] == 2 and status.get("failures", 0) == 0
+    assert outcome.own_limit_field(message) is None and outcome.own_limit_field(None) is None
+    # Only the kubelet's exact words: a message that quotes one inside another is none of them.
+    assert outcome.own_limit_field('pod says: Usage of EmptyDir volume "finetune-shm" exceeds the limit "1Gi". ') is None
+
+
 def test_failures_beyond_the_backoff_limit_fail_the_job() -> None:
     failed = [pod(phase="Failed", exit_code=2, message={"exitCode": 2, "reason": "RuntimeError", "message": "boom"})]
     status = after(decide(Observed(body({"attempts": 2, "failures": 1}, backoffLimit=1),

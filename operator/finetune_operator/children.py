@@ -37,6 +37,7 @@ METRICS_PORT = 9090
 RENDEZVOUS_PORT = 29500
 TERMINATION_LOG = "/dev/termination-log"
 DEFAULT_SHM = "1Gi"
+SHM_VOLUME = "finetune-shm"  # /dev/shm: an emptyDir of spec.runtime.shmSize
 # The annotation, not the label of the same name, which came only in Kubernetes 1.28.
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 
@@ -156,12 +157,12 @@ def _volumes(name: str, spec: api.FineTuneJobSpec) -> tuple[list[dict[str, Any]]
     volumes: list[dict[str, Any]] = [
         {"name": "finetune-config", "configMap": {"name": name}},
         {"name": "finetune-hf-cache", "emptyDir": {}},
-        {"name": "finetune-shm", "emptyDir": {"medium": "Memory", "sizeLimit": str(spec.runtime.shm_size or DEFAULT_SHM)}},
+        {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": str(spec.runtime.shm_size or DEFAULT_SHM)}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "finetune-config", "mountPath": CONFIG_DIR, "readOnly": True},
         {"name": "finetune-hf-cache", "mountPath": HF_HOME},
-        {"name": "finetune-shm", "mountPath": "/dev/shm"},
+        {"name": SHM_VOLUME, "mountPath": "/dev/shm"},
     ]
     for i, (claim, (_, writes)) in enumerate(sorted(claim_fields(spec).items())):
         volumes.append({"name": f"finetune-pvc-{i}", "persistentVolumeClaim": {"claimName": claim, "readOnly": not writes}})

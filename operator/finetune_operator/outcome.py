@@ -2,11 +2,12 @@
 
 The summaries below are what the operator's indexes keep of each Job and pod: small, so a
 thousand jobs stay cheap, and enough to decide. The cause of a failure is read, in order of
-trust, from: the Job's pod-failure policy (a disruption fails the Job with a rule that says
-so, even after the pod is gone), the pods' DisruptionTarget condition, the trainer's own
-`exitCode` in the termination message (under torchrun the container exits 1 for any
-failure), then the container's exit code. Peers of a failed worker end with 143; the cause
-is the earliest failure that is not 143.
+trust, from: a kubelet's eviction of a pod for going past a limit of its own (ephemeral
+storage, an emptyDir's sizeLimit: counted, never a disruption), the Job's pod-failure policy
+(a disruption fails the Job with a rule that says so, even after the pod is gone), the pods'
+DisruptionTarget condition, the trainer's own `exitCode` in the termination message (under
+torchrun the container exits 1 for any failure), then the container's exit code. Peers of a
+failed worker end with 143; the cause is the earliest failure that is not 143.
 """
 
 from __future__ import annotations
@@ -19,7 +20,8 @@ from enum import StrEnum
 from typing import Any
 
 from finetune_operator import api
-from finetune_operator.children import ATTEMPT_LABEL, GENERATION_ANNOTATION, JOB_UID_LABEL, RECIPE_ANNOTATION, TRAINER
+from finetune_operator.children import (ATTEMPT_LABEL, GENERATION_ANNOTATION, JOB_UID_LABEL, RECIPE_ANNOTATION,
+                                        SHM_VOLUME, TRAINER)
 from finetune_trainer.errors import (DISTRIBUTED_FAILURE, EXIT_INFRASTRUCTURE, EXIT_OK, EXIT_TERMINATED,
                                      EXIT_USER_ERROR)
 
@@ -52,6 +54,35 @@ class Outcome:
     stuck: bool = False  # a worker's container waits for something only the user can fix (an image, a volume)
     back_off: bool = False  # and its message says only that the kubelet waits to retry (BACK_OFF)
     queued: bool = False  # the Job is suspended by its queue (Kueue): not admitted yet, or preempted
+
+
+# The kubelet evicts a pod that goes past a limit of its own (pkg/kubelet/eviction, localStorageEviction): the pod
+# ends Failed with status.reason Evicted and one of these messages (helpers.go's containerEphemeralStorageMessageFmt,
+# podEphemeralStorageMessageFmt, emptyDirMessageFmt), and without the DisruptionTarget condition, which KEP-3329 leaves
+# to evictions the pod did not cause (a node-pressure eviction, "The node was low on resource: memory. ...", has it,
+# reason TerminationByKubelet, and stays a free retry). Only these exact messages are read: a node-pressure eviction
+# with no condition (a kubelet before 1.26, or its PodDisruptionConditions off) is an ordinary failure, as before.
+EVICTED = "Evicted"
+OWN_LIMIT_EVICTION = re.compile(
+    r'Container (?P<container>\S+) exceeded its local ephemeral storage limit "(?P<limit>[^"]*)"\.'
+    r'|Pod ephemeral local storage usage exceeds the total limit of containers (?P<total>\S+)\.'
+    r'|Usage of EmptyDir volume "(?P<volume>[^"]*)" exceeds the limit "(?P<size>[^"]*)"\.')
+STORAGE_LIMIT_EXCEEDED = "StorageLimitExceeded"
+
+
+def own_limit_field(message: str | None) -> str | None:
+    """The spec field that sets the limit a kubelet's eviction `message` says the pod went past, or None when the
+    message is none of OWN_LIMIT_EVICTION's. The trainer's is the pod's one container: its ephemeral-storage limit is
+    the pod's total too."""
+    said = OWN_LIMIT_EVICTION.fullmatch((message or "").strip())
+    if said is None:
+        return None
+    volume = said.group("volume")
+    if volume is None:
+        return "spec.runtime.resources.limits.ephemeral-storage"
+    if volume == SHM_VOLUME:
+        return "spec.runtime.shmSize"
+    return f"the emptyDir.sizeLimit of volume {volume} in spec.runtime.volumes"
 
 
 def _termination(pod: dict[str, Any]) -> dict[str, Any] | None:
@@ -196,6 +227,7 @@ def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
         "scheduled": scheduled.get("status") == "True",
         "unschedulable": scheduled.get("message") if scheduled.get("reason") == "Unschedulable" else None,
         "disrupted": disruption.get("reason") if disruption.get("status") == "True" else None,
+        "evicted": status.get("message") or "" if status.get("reason") == EVICTED else None,  # the kubelet's why
         "stuck": _stuck(pod),
         "creating": _creating_since(pod, scheduled),  # scheduled at, while its containers are still being created
         "deletionTimestamp": meta.get("deletionTimestamp"),  # the time by which its containers are killed
@@ -283,6 +315,16 @@ def knock_on(pod: dict[str, Any]) -> bool:
 
 def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
     """Why a failed attempt failed, and whether another attempt may help."""
+    # Evicted for going past its own limit: the next attempt goes past it again unless the spec changes, so it is
+    # counted (as an OOM kill is), not free; not failed outright, since usage that grows with the run (its logs, a
+    # cache) may stay under the limit when resumed from a checkpoint. A counted attempt's message says what to raise.
+    over = next(((p, field) for p in pods if (field := own_limit_field(p.get("evicted")))), None)
+    if over:
+        pod, field = over
+        return Outcome(State.FAILED, STORAGE_LIMIT_EXCEEDED,
+                       f"pod {pod['name']} was evicted by its kubelet: {pod['evicted'].strip()} Raise {field}, "
+                       "or the next attempt may go past it again", Retry.COUNTED,
+                       result=exit_of(pod)[1] if pod.get("terminated") else {})  # where it stopped, if it said
     disrupted = [p for p in pods if p.get("disrupted")]
     if disrupted or _disrupted_by_policy(job):
         reason = disrupted[0]["disrupted"] if disrupted else "Disrupted"
