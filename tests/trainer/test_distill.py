@@ -25,7 +25,7 @@ from finetune_trainer.pipeline import fingerprinted
 from finetune_trainer.rules import error_lines
 from finetune_trainer.train import distilled_loss_sum, loss_sum, soft_loss_sum
 
-from tiny import TINY_BERT, TINY_GPT2, tiny_classifier_doc
+from tiny import TINY_BERT, TINY_GPT2, saved_bert, tiny_classifier_doc
 
 SENTIMENT = {0: "negative", 1: "neutral", 2: "positive"}
 MINILM = "pvc://models/all-MiniLM-L6-v2"
@@ -85,15 +85,6 @@ def test_a_causal_lm_is_taught_at_the_positions_its_loss_scores() -> None:
 
 
 # ---- end to end -----------------------------------------------------------------------------------------------------
-
-def saved_bert(folder: Path, labels: dict[int, str], **config: Any) -> Path:
-    """A tiny BERT classifier saved whole (no weight missing when it loads), with the MiniLM tokenizer's vocabulary."""
-    from transformers import BertConfig, BertForSequenceClassification
-
-    settings = TINY_BERT | {"vocab_size": 30522, "id2label": labels, "label2id": {v: k for k, v in labels.items()}}
-    BertForSequenceClassification(BertConfig(**settings | config)).save_pretrained(folder)
-    return folder
-
 
 def predictions(model: torch.nn.Module, split: Any, collate: Any) -> torch.Tensor:
     model.eval()

@@ -28,6 +28,15 @@ def tiny_classifier_doc(output: Path, **training: Any) -> dict[str, Any]:
     }
 
 
+def saved_bert(folder: Path, labels: dict[int, str], **config: Any) -> Path:
+    """A tiny BERT classifier saved whole (no weight missing when it loads), with the MiniLM tokenizer's vocabulary."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    settings = TINY_BERT | {"vocab_size": 30522, "id2label": labels, "label2id": {v: k for k, v in labels.items()}}
+    BertForSequenceClassification(BertConfig(**settings | config)).save_pretrained(folder)
+    return folder
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
