@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -25,7 +26,7 @@ from finetune_trainer import pipeline
 from finetune_trainer.checkpoints import complete
 from finetune_trainer.config import TrainerConfig, TrainingSpec
 from finetune_trainer.telemetry import TERMINATION_ENV
-from tiny import EVALUATING, free_port, seconds_between, tiny_classifier_doc
+from tiny import EVALUATING, free_port, saved_bert, seconds_between, tiny_classifier_doc
 
 pytestmark = pytest.mark.slow
 STEPS = 30  # 480 samples / (8 per rank x 2 ranks)
@@ -113,6 +114,57 @@ def test_ddp_equals_one_process_with_the_same_global_batch(reference: Path, tmp_
     torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(load_file(reference / "model.safetensors"),
                                load_file(tmp_path / "out" / "model.safetensors"), rtol=1e-3, atol=1e-5)
+
+
+def test_a_distilled_ddp_run_equals_one_process_with_the_same_global_batch(reference: Path, tmp_path: Path) -> None:
+    """training.distillation on two ranks: each loads its own teacher (its head naming the labels in another order
+    than the job's, so each maps its columns) and blends its soft targets into its micro-batch's summed loss, which
+    the step's targets over both ranks normalise. The trajectory is then one process's accumulating the same two
+    micro-batches, as without a teacher; and the teacher mattered: the losses are not those of `reference`, the same
+    run without it, and the head leans to the class the teacher favours, not the labels' majority. A retry after the
+    last step loads no teacher on either rank."""
+    teacher = saved_bert(tmp_path / "teacher", {0: "positive", 1: "negative", 2: "neutral"})
+    from transformers import AutoModelForSequenceClassification
+
+    confident = AutoModelForSequenceClassification.from_pretrained(teacher)
+    with torch.no_grad():  # it calls every text positive, which most labels are not
+        confident.classifier.weight.zero_()
+        confident.classifier.bias.copy_(torch.tensor([3.0, 0.0, 0.0]))
+    confident.save_pretrained(teacher)
+    distillation = {"teacher": {"uri": str(teacher)}, "weight": 1.0, "temperature": 2.0}
+    (config := tmp_path / "job.json").write_text(json.dumps(ddp_doc(tmp_path / "ddp", distillation=distillation)))
+    log = tmp_path / "run.log"
+    assert torchrun(config, log).wait(timeout=600) == 0, log.read_text()[-4000:]
+    assert len(re.findall(rf"\[rank [01]\].*distilling from {re.escape(str(teacher))}", log.read_text())) == 2
+    cfg = TrainerConfig.model_validate(ddp_doc(tmp_path / "one", gradientAccumulation=2, distillation=distillation))
+    one = pipeline.run(cfg, tmp_path / "one")
+    single = one["training"]["history"]
+    ddp, alone = ([h["loss"] for h in json.loads((out / "report.json").read_text())["training"]["history"]]
+                  for out in (tmp_path / "ddp", reference))
+    losses = torch.tensor([[h["loss"] for h in single], ddp, alone])
+    print(f"distilled DDP vs one process: max |loss difference| over {STEPS} steps "
+          f"{float((losses[0] - losses[1]).abs().max()):.2e}; vs no teacher: min "
+          f"{float((losses[1] - losses[2]).abs().min()):.2e}")
+    assert losses.shape == (3, STEPS) and all(h["grad_norm"] > 0 and h["lr"] > 0 for h in single[1:])
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(load_file(tmp_path / "ddp" / "model.safetensors"),
+                               load_file(tmp_path / "one" / "model.safetensors"), rtol=1e-3, atol=1e-5)
+    scores = json.loads((tmp_path / "ddp" / "report.json").read_text())["evaluation"]["final"]
+    assert scores.keys() == one["evaluation"]["final"].keys()
+    torch.testing.assert_close(scores, one["evaluation"]["final"], rtol=1e-3, atol=1e-5)
+    # A retry after the training ended (the newest checkpoint is the last step's): neither rank loads the teacher,
+    # gone since, and both go on to the same collectives of the evaluation and the export
+    shutil.rmtree(teacher)
+    assert torchrun(config, log).wait(timeout=600) == 0, log.read_text()[-4000:]
+    assert len(re.findall(r"\[rank [01]\].*the teacher is not loaded", log.read_text())) == 2
+    assert json.loads((tmp_path / "ddp" / "report.json").read_text())["evaluation"]["final"] == scores
+    # The teacher mattered: its soft targets, not the labels (mostly negative), moved the student's head towards
+    # "positive", through the column each rank mapped its "positive" to
+    assert bool(((losses[1] - losses[2]).abs() > 1e-2).all())
+    names = json.loads((tmp_path / "ddp" / "config.json").read_text())["id2label"]
+    favoured = {out.name: names[str(int(load_file(out / "model.safetensors")["classifier.bias"].argmax()))]
+                for out in (tmp_path / "ddp", reference)}
+    assert favoured == {"ddp": "positive", reference.name: "negative"}
 
 
 def workers(launcher: int) -> dict[int, int]:
