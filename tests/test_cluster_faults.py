@@ -264,18 +264,18 @@ def test_a_watched_namespace_deleted_with_its_role_holds_up_no_other(operator_en
 
 def test_a_kubelets_eviction_for_the_pods_own_limit_is_counted_and_names_the_field(operator_env: OperatorEnv,
                                                                                    kwok_results: str) -> None:
-    """The kubelet evicts a pod whose /dev/shm goes past its sizeLimit with status.reason Evicted and no
+    """The kubelet evicts a pod whose trainer writes past its ephemeral-storage limit with status.reason Evicted and no
     DisruptionTarget: the Job's pod failure policy does not match, and the operator counted it as "pod ... exited
     137", naming nothing to change. Neither node here runs an eviction manager, so the test writes the kwok pod's
     status as the kubelet's evictPod does (pkg/kubelet/eviction: phase Failed, its message, the container killed)."""
     env = operator_env
-    doc = kwok_job("shm-evicted", f"{kwok_results}/shm", runs_for="600s")
+    doc = kwok_job("disk-evicted", f"{kwok_results}/disk", runs_for="600s")
     doc["spec"]["backoffLimit"] = 0  # counted: the job fails; free: a second attempt
     name = env.apply(doc)
     pod = env.kube.wait_for("the trainer running", lambda: next(
         (p for p in env.objects("pods", name) if p.get("status", {}).get("phase") == "Running"), None),
         env.namespace, timeout=120)
-    message = 'Usage of EmptyDir volume "finetune-shm" exceeds the limit "1Gi". '
+    message = 'Container trainer exceeded its local ephemeral storage limit "1Gi". '
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     killed = [dict(c, ready=False, started=False, state={"terminated": {
         "exitCode": 137, "reason": "Error", "startedAt": c["state"]["running"]["startedAt"], "finishedAt": now}})
@@ -288,4 +288,5 @@ def test_a_kubelets_eviction_for_the_pods_own_limit_is_counted_and_names_the_fie
     assert next(c for c in job["status"]["conditions"] if c["type"] == "Failed")["reason"] == "BackoffLimitExceeded"
     said = next(c for c in failed["status"]["conditions"] if c["type"] == "Failed")["message"]
     assert failed["status"]["reason"] == "BackoffLimitExceeded" and failed["status"]["failures"] == 1
-    assert "StorageLimitExceeded" in said and message.strip() in said and "spec.runtime.shmSize" in said, said
+    assert "StorageLimitExceeded" in said and message.strip() in said, said
+    assert "spec.runtime.resources.limits.ephemeral-storage" in said, said

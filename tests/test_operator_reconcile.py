@@ -582,6 +582,8 @@ OWN_LIMITS = {
     'Usage of EmptyDir volume "finetune-shm" exceeds the limit "1Gi". ': "spec.runtime.shmSize",
     'Usage of EmptyDir volume "scratch" exceeds the limit "10Gi". ':
         "the emptyDir.sizeLimit of volume scratch in spec.runtime.volumes",
+    'Container istio-proxy exceeded its local ephemeral storage limit "1Gi". ':  # a LimitRange's default on a sidecar
+        "the ephemeral-storage limit of container istio-proxy, which is not the trainer (another controller adds it)",
 }
 
 
@@ -625,6 +627,13 @@ def test_a_node_pressure_eviction_stays_a_free_retry() -> None:
     assert outcome.own_limit_field(message) is None and outcome.own_limit_field(None) is None
     # Only the kubelet's exact words: a message that quotes one inside another is none of them.
     assert outcome.own_limit_field('pod says: Usage of EmptyDir volume "finetune-shm" exceeds the limit "1Gi". ') is None
+    # Refused at admission by a node under pressure (kubelet.rejectPod): no container ran, no DisruptionTarget, and the
+    # Job's backoffLimit 0 failed it; it was counted as "a worker failed and left no exit code".
+    rejected = outcome.pod_summary(kubelet_evicted("Pod was rejected: The node had condition: [DiskPressure]. "))
+    del rejected["terminated"]
+    failed = job(failure={"reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"})
+    result = outcome.attempt_outcome(failed, [rejected])
+    assert (result.reason, result.retry) == ("RejectedByNode", outcome.Retry.FREE)
 
 
 def test_failures_beyond_the_backoff_limit_fail_the_job() -> None:

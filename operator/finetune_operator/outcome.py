@@ -68,16 +68,23 @@ OWN_LIMIT_EVICTION = re.compile(
     r'|Pod ephemeral local storage usage exceeds the total limit of containers (?P<total>\S+)\.'
     r'|Usage of EmptyDir volume "(?P<volume>[^"]*)" exceeds the limit "(?P<size>[^"]*)"\.')
 STORAGE_LIMIT_EXCEEDED = "StorageLimitExceeded"
+# A pod the kubelet refused to admit for the node's pressure (the eviction manager's Admit, kubelet.rejectPod): Failed,
+# reason Evicted, no container ever ran and no DisruptionTarget; the node's state, not the job's: a free retry.
+REJECTED_BY_NODE = "Pod was rejected: The node had condition:"
 
 
 def own_limit_field(message: str | None) -> str | None:
     """The spec field that sets the limit a kubelet's eviction `message` says the pod went past, or None when the
     message is none of OWN_LIMIT_EVICTION's. The trainer's is the pod's one container: its ephemeral-storage limit is
-    the pod's total too."""
+    the pod's total too. /dev/shm's sizeLimit is a tmpfs's size on a kubelet that sizes memory-backed volumes (1.29's
+    default), so it fills (ENOSPC) rather than being evicted; an older one evicts it."""
     said = OWN_LIMIT_EVICTION.fullmatch((message or "").strip())
     if said is None:
         return None
-    volume = said.group("volume")
+    volume, container = said.group("volume"), said.group("container")
+    if container not in (None, TRAINER):  # a sidecar a webhook added, with a LimitRange's default: not the spec's
+        return f"the ephemeral-storage limit of container {container}, which is not the trainer (another controller " \
+               "adds it)"
     if volume is None:
         return "spec.runtime.resources.limits.ephemeral-storage"
     if volume == SHM_VOLUME:
@@ -226,7 +233,9 @@ def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
         "ready": conditions.get("Ready", {}).get("status") == "True",
         "scheduled": scheduled.get("status") == "True",
         "unschedulable": scheduled.get("message") if scheduled.get("reason") == "Unschedulable" else None,
-        "disrupted": disruption.get("reason") if disruption.get("status") == "True" else None,
+        "disrupted": disruption.get("reason") if disruption.get("status") == "True" else (
+            "RejectedByNode" if status.get("reason") == EVICTED
+            and (status.get("message") or "").startswith(REJECTED_BY_NODE) else None),
         "evicted": status.get("message") or "" if status.get("reason") == EVICTED else None,  # the kubelet's why
         "stuck": _stuck(pod),
         "creating": _creating_since(pod, scheduled),  # scheduled at, while its containers are still being created
