@@ -194,6 +194,23 @@ def test_a_bf16_teacher_keeps_its_rope_frequencies_and_an_fp16_one_stays_fp32(tm
     assert {p.dtype for p in teacher.model.parameters()} == {torch.float32}
 
 
+def test_an_output_that_is_the_models_or_the_teachers_folder_by_another_name_is_refused(tmp_path: Path) -> None:
+    """The CRD refuses output.uri equal to model.uri or the teacher's, literally; another spelling of the folder
+    (file:// and a path, '/./', a link) got through, and the export overwrote the model the run read."""
+    folder = saved_bert(tmp_path / "teacher", SENTIMENT)
+    before = {p.name: p.read_bytes() for p in folder.iterdir()}
+    (tmp_path / "link").symlink_to(folder)
+    cfg = distilled(tiny_classifier_doc(tmp_path / "out"), folder)
+    with pytest.raises(ConfigError, match=r"output.uri \(or --output\): .* is the folder of "
+                                          r"training.distillation.teacher.uri"):
+        pipeline.run(cfg, tmp_path / "link")
+    doc = tiny_classifier_doc(tmp_path / "out")
+    doc["model"] = {"task": "sequence-classification", "uri": f"file://{folder}"}
+    with pytest.raises(ConfigError, match=r"is the folder of model.uri file://"):
+        pipeline.run(TrainerConfig.model_validate(doc), folder / ".")
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
+
+
 # ---- teachers refused -----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

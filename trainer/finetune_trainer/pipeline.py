@@ -51,6 +51,7 @@ from finetune_trainer.structure import depth, head_name
 from finetune_trainer.telemetry import Metrics, write_failure, write_termination
 from finetune_trainer.train import (Hooks, LoopState, autocast_dtype, compiler_missing, make_optimizer, make_scheduler,
                                     precision_name, steps_per_epoch, total_steps, train_loop)
+from finetune_trainer.uris import local_path
 
 log = logging.getLogger(__name__)
 
@@ -219,6 +220,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     if detecting:
         check_batch_size(cfg.model.architecture or "", cfg.training.batch_size)
     distill.check_merged(cfg)  # the teacher itself loads after the analysis
+    check_output_apart(cfg, out)
     check_output(out)
     if world.main:  # an export an earlier attempt was killed putting in place is whole from the start
         export.recover(out)
@@ -449,6 +451,22 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
 
 # Why a folder cannot take the outputs that another attempt would meet again: a file in the way, no permission.
 UNWRITABLE = {errno.ENOTDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROFS}
+
+
+def check_output_apart(cfg: TrainerConfig, out: Path) -> None:
+    """The output folder is not the model's or the teacher's: the export would overwrite what the run reads, and a
+    retry would fine-tune the export. Compared as folders on this machine, so that other spellings of one folder
+    (file:// and a path, '//', '/./', a link, --output), which the CRD's literal rule lets through, are caught."""
+    read = {"model.uri": cfg.model.uri}
+    if cfg.training.distillation is not None:
+        read["training.distillation.teacher.uri"] = cfg.training.distillation.teacher.uri
+    for field, uri in read.items():
+        if uri is None or uri.startswith("hf://"):
+            continue
+        folder = local_path(uri)
+        if folder.is_dir() and out.is_dir() and os.path.samefile(folder, out):
+            raise ConfigError(f"output.uri (or --output): {out} is the folder of {field} {uri}: the export would "
+                              "overwrite it; give the output a folder of its own")
 
 
 def check_output(out: Path) -> None:
