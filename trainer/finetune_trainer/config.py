@@ -549,7 +549,8 @@ class EvaluationSpec(ApiModel):
 class OutputSpec(ApiModel):
     """Stage 6: where the fine-tuned model, its report and the checkpoints go."""
 
-    uri: Uri = Field(description="Output folder: pvc://<claim>/<path> or an absolute path.")
+    uri: Uri = Field(description="Output folder: pvc://<claim>/<path> or an absolute path; not the folder of model.uri "
+                     "or of the distillation teacher, whose files the export would overwrite.")
 
 
 # Unset evaluation.metrics: the task's own (a default that fits every task would leave causal-lm and detection jobs
