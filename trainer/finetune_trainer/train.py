@@ -208,7 +208,9 @@ def soft_loss_sum(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: to
 def distilled_loss_sum(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor, task: Task,
                        temperature: float, weight: float) -> torch.Tensor:
     """Per target (1 - w) x cross-entropy on the label + w x T^2 x KL to the teacher's softened distribution, summed
-    (Hinton et al.'s T^2 keeps the soft term's gradient on the hard term's scale as T changes)."""
+    (Hinton et al.'s T^2 keeps the soft term's gradient on the hard term's scale as T changes). The logits are
+    widened to fp32 once, for both terms: under autocast a causal LM's are [batch, tokens, vocabulary]."""
+    logits = logits.float()  # loss_sum's and soft_loss_sum's .float() are then no copies
     soft = soft_loss_sum(logits, teacher_logits, labels, task, temperature)
     return (1 - weight) * loss_sum(logits, labels, task) + weight * temperature ** 2 * soft
 
