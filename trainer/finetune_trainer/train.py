@@ -370,7 +370,10 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
             except CheckpointMismatch as exc:
                 failed = exc
         if world.any(failed is not None):  # else the others would wait in the broadcast below until torchrun's end
-            raise failed or CheckpointMismatch("rank 0 could not put the best weights back (its log says why)")
+            try:
+                raise failed or CheckpointMismatch("rank 0 could not put the best weights back (its log says why)")
+            finally:  # this frame holding the exception, whose traceback holds the frame, kept the model (and its
+                failed = None  # process group, under DDP) until a garbage collection, the interpreter's exit at worst
         world.broadcast_tensors(checkpoints.trained(unwrap(model)).values())
         state.restored_best = True
         log.info("restored the weights of step %s, the best evaluation (%s)", state.best_step, state.best)
