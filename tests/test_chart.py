@@ -254,13 +254,15 @@ def test_a_job_that_stopped_running_has_no_eta(tmp_path: Path) -> None:
 def test_the_evaluation_is_the_latest_run_s_of_a_job_made_again_under_its_name(tmp_path: Path) -> None:
     """Job `j` ran (accuracy 0.5 -> 0.9), was deleted and made again with another recipe (0.55 -> 0.6): the bars took
     the larger value of either run, so they showed the first run's 0.9 beside the second's baseline, before and
-    after the second run's final evaluation."""
+    after the second run's final evaluation. Each run distilled from a teacher (0.95, then 0.7), whose bar is the
+    latest run's too."""
     t0 = int(time.time()) - 3600
     lines = ["# TYPE finetune_trainer_stage gauge", "# TYPE finetune_trainer_eval_metric gauge"]
-    for uid, start, stop, baseline, final in (("u1", 0, 600, 0.5, 0.9), ("u2", 900, 1500, 0.55, 0.6)):
+    for uid, start, stop, baseline, final, teacher in (("u1", 0, 600, 0.5, 0.9, 0.95),
+                                                       ("u2", 900, 1500, 0.55, 0.6, 0.7)):
         labels = f'namespace="a",finetunejob="j",finetunejob_uid="{uid}",attempt="1",pod="j-1-0-{uid}"'
         lines += [f'finetune_trainer_stage{{{labels},stage="Training"}} 1 {t}' for t in range(t0 + start, t0 + stop, 15)]
-        for phase, value, since in (("baseline", baseline, 100), ("final", final, 550)):
+        for phase, value, since in (("baseline", baseline, 100), ("teacher", teacher, 110), ("final", final, 550)):
             lines += [f'finetune_trainer_eval_metric{{{labels},phase="{phase}",metric="accuracy"}} {value} {t}'
                       for t in range(t0 + start + since, t0 + stop, 15)]
     prometheus_server.backfill(tmp_path, "\n".join(lines) + "\n# EOF\n")
@@ -276,10 +278,10 @@ def test_the_evaluation_is_the_latest_run_s_of_a_job_made_again_under_its_name(t
         return found
 
     try:
-        # The second run has its baseline only: no fine-tuned bar and no change yet.
-        assert values("Baseline vs fine-tuned", 1200) == [("accuracy", 0.55)]
+        # The second run has its baseline and its teacher's only: no fine-tuned bar and no change yet.
+        assert values("Baseline vs fine-tuned", 1200) == [("accuracy", 0.55), ("accuracy", 0.7)]
         assert values("Change (fine-tuned - baseline)", 1200) == []
-        assert values("Baseline vs fine-tuned", 1600) == [("accuracy", 0.55), ("accuracy", 0.6)]
+        assert values("Baseline vs fine-tuned", 1600) == [("accuracy", 0.55), ("accuracy", 0.6), ("accuracy", 0.7)]
         assert values("Change (fine-tuned - baseline)", 1600) == [("accuracy", pytest.approx(0.05))]
     finally:
         prometheus.stop()

@@ -324,6 +324,8 @@ def test_what_a_new_observation_lacks_leaves_the_merge_patched_status() -> None:
 
 
 def test_success_brings_the_evaluation_and_analysis_into_status() -> None:
+    from finetune_operator.api import FineTuneJobStatus
+
     message = {"stage": "Done", "exitCode": 0, "evaluation": {"baseline": {"accuracy": 0.41, "f1": 0.3},
                                                               "final": {"accuracy": 0.65, "f1": 0.61}},
                "analysis": {"totalParameters": 100, "trainableParameters": 10,
@@ -334,8 +336,15 @@ def test_success_brings_the_evaluation_and_analysis_into_status() -> None:
     status = after(decide(seen))
     assert status["phase"] == "Succeeded" and status["completionTime"] == "2026-12-01T12:00:00Z"
     assert status["evaluation"]["summary"] == "accuracy 0.410→0.650, f1 0.300→0.610"
+    assert "teacher" not in status["evaluation"]
     assert status["analysis"]["findings"][0]["code"] == "Odd"  # most severe first
     assert status["output"] == {"uri": "pvc://models/minilm-sentiment"} and status["progress"]["percent"] == 100
+    # A distilled job's message gives its teacher's own test scores beside them.
+    message["evaluation"]["teacher"] = {"accuracy": 0.7, "f1": 0.66}
+    seen.pods[0] = pod(phase="Succeeded", exit_code=0, message=message)
+    status = after(decide(seen))
+    assert status["evaluation"]["teacher"] == {"accuracy": 0.7, "f1": 0.66}
+    FineTuneJobStatus.from_wire(status)
 
 
 # What a real run wrote (tiny BERT, maxSteps 200, evalEverySteps 2, earlyStopping patience 1): it stopped at step 62.

@@ -292,6 +292,9 @@ class EvaluationResult(ApiModel):
 
     baseline: MetricValues = Field(default_factory=dict, description="Metric name to value, before fine-tuning.")
     final: MetricValues = Field(default_factory=dict, description="Metric name to value, after fine-tuning.")
+    teacher: MetricValues = Field(default_factory=dict, description=(
+        "Metric name to value of training.distillation's teacher, measured with the baseline: how near the "
+        "student may come."))
     summary: str | None = Field(None, max_length=256, description="One line for kubectl, e.g. 'accuracy 0.34→0.71'.")
 
 

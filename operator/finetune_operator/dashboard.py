@@ -8,7 +8,7 @@ series carry `job="finetune-operator"` (the ServiceMonitor's jobLabel).
 
 Rows: the fleet; one job (variables datasource, namespace, job: from the stage, which rank 0 reports from
 its start, where the training gauges wait for the first step); its evaluation, baseline against
-fine-tuned; the operator's health.
+fine-tuned (and a distilled job's teacher); the operator's health.
 """
 
 from __future__ import annotations
@@ -115,7 +115,8 @@ def evaluation() -> list[Panel]:
         .display_mode(BarGaugeDisplayMode.BASIC).orientation(VizOrientation.HORIZONTAL)
         .reduce_options(ReduceDataOptions().calcs(["lastNotNull"]))
         .with_target(query(last("baseline"), "{{metric}} baseline", instant=True))
-        .with_target(query(last("final"), "{{metric}} fine-tuned", instant=True)),
+        .with_target(query(last("final"), "{{metric}} fine-tuned", instant=True))
+        .with_target(query(last("teacher"), "{{metric}} teacher", instant=True)),  # a distilled job's
         single("Change (fine-tuned - baseline)", "short",
                query(f"{last('final')} - {last('baseline')}", "{{metric}}", instant=True), width=8),
     ]

@@ -221,9 +221,11 @@ def evaluation_of(result: dict[str, Any]) -> dict[str, Any] | None:
     evaluation = result.get("evaluation") or {}
     final = {k: float(v) for k, v in (evaluation.get("final") or {}).items() if isinstance(v, (int, float))}
     baseline = {k: float(v) for k, v in (evaluation.get("baseline") or {}).items() if isinstance(v, (int, float))}
+    teacher = {k: float(v) for k, v in (evaluation.get("teacher") or {}).items() if isinstance(v, (int, float))}
     if not final and not baseline:
         return None
     return {"baseline": dict(list(baseline.items())[:16]), "final": dict(list(final.items())[:16]),
+            **({"teacher": dict(list(teacher.items())[:16])} if teacher else {}),
             "summary": short(_summary(baseline, final), 256)}
 
 

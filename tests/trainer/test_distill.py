@@ -98,7 +98,7 @@ def test_a_student_taught_by_the_teacher_alone_comes_to_agree_with_it(tmp_path: 
     the labels in another order than the job's. A 1-layer student with weight 1 never sees a label, yet on the test
     split its predictions come to agree with the teacher's, more than before training and more than the same
     student's trained on the labels alone. The scores stay on the labels; the report and the card name the
-    teacher."""
+    teacher, and give its own test scores on the job's labels: those of calling every text positive."""
     folder = saved_bert(tmp_path / "teacher", {0: "positive", 1: "negative", 2: "neutral"})
     from transformers import AutoModelForSequenceClassification
 
@@ -109,10 +109,14 @@ def test_a_student_taught_by_the_teacher_alone_comes_to_agree_with_it(tmp_path: 
     teacher.save_pretrained(folder)
     real = pipeline.evaluate
 
+    positive: list[float] = []  # the share of the test split's texts labelled positive
+
     def agreement(weight: float) -> tuple[list[float], dict[str, Any]]:
         found: list[float] = []
 
         def scored(model, split, collate, *args):  # the baseline and the final scores are on the test split
+            if not found:
+                positive.append(sum(SENTIMENT[label] == "positive" for label in split.labels) / len(split.labels))
             ours = [SENTIMENT[int(i)] for i in predictions(model, split, collate)]
             theirs = [teacher.config.id2label[int(i)] for i in predictions(teacher, split, collate)]
             found.append(sum(a == b for a, b in zip(ours, theirs)) / len(ours))
@@ -130,11 +134,13 @@ def test_a_student_taught_by_the_teacher_alone_comes_to_agree_with_it(tmp_path: 
     assert taught_alone[-1] > taught_alone[0] and taught_alone[-1] > labels_alone[-1]
     assert f"distilling from {folder}" in caplog.text and "0 x the labels' cross-entropy" in caplog.text
     assert set(report["evaluation"]["final"]) == {"accuracy", "f1"}
+    assert report["evaluation"]["teacher"]["accuracy"] == pytest.approx(positive[-1]) and 0 < positive[-1] < 0.5
     assert report["distillation"] == {"teacher": str(folder), "revision": None, "temperature": 2.0, "weight": 1.0}
     out = tmp_path / "student-1.0"
     assert json.loads((out / "report.json").read_text())["distillation"] == report["distillation"]
     card = (out / "README.md").read_text()
-    assert f"- Distilled from {folder}: 1 of the loss its soft targets at temperature 2, 0 the labels'" in card
+    assert (f"- Distilled from {folder}: 1 of the loss its soft targets at temperature 2, 0 the labels'; the "
+            f"teacher's own test scores: accuracy {report['evaluation']['teacher']['accuracy']:.4f}, f1 ") in card
 
 
 def test_a_causal_lm_and_an_image_classifier_train_with_a_teacher(tmp_path: Path) -> None:
@@ -283,6 +289,7 @@ def test_a_finished_training_is_evaluated_and_exported_without_its_teacher(tmp_p
     assert "the teacher is not loaded, the newest checkpoint" in caplog.text
     assert again["training"]["steps"] == first["training"]["steps"] == 2
     assert again["evaluation"]["final"] == first["evaluation"]["final"]
+    assert again["evaluation"]["teacher"] == first["evaluation"]["teacher"]  # kept by the first attempt
 
 
 @pytest.mark.parametrize("pvc", [False, True])

@@ -53,6 +53,7 @@ PREFIX = "step-"
 BEST = "best.safetensors"
 HEALED = "healed.safetensors"
 BASELINE = "baseline.json"
+TEACHER = "teacher.json"  # training.distillation's teacher's test scores
 FINGERPRINT = "fingerprint.json"
 
 
@@ -237,17 +238,18 @@ def load_healed(root: Path, layers: nn.Module) -> dict[str, float] | None:
     return figures | {"reloaded": True}
 
 
-def save_baseline(root: Path, kept: dict[str, Any], world: World) -> None:
-    """Keep the baseline's scores in the run's folder, atomically and synced (`load_baseline` reads them)."""
+def save_scores(root: Path, name: str, kept: dict[str, Any], world: World) -> None:
+    """Keep test scores (`name`: BASELINE, TEACHER) in the run's folder, atomically and synced (`load_scores` reads
+    them)."""
     if world.main:
-        replace_atomically(root, BASELINE, lambda tmp: tmp.write_text(json.dumps(kept)))
+        replace_atomically(root, name, lambda tmp: tmp.write_text(json.dumps(kept)))
     world.barrier()
 
 
-def load_baseline(root: Path) -> dict[str, Any] | None:
-    """The baseline an earlier attempt of this run kept; None when none."""
+def load_scores(root: Path, name: str) -> dict[str, Any] | None:
+    """The scores `name` an earlier attempt of this run kept; None when none."""
     try:
-        return json.loads((root / BASELINE).read_text())
+        return json.loads((root / name).read_text())
     except FileNotFoundError:
         return None
 

@@ -44,6 +44,19 @@ class Teacher:
         return logits if self.columns is None else logits.index_select(-1, self.columns)
 
 
+class Scored(nn.Module):
+    """The teacher as an evaluation scores a model: its logits in the student's columns, so that its test scores
+    are on the job's labels."""
+
+    def __init__(self, teacher: Teacher) -> None:
+        super().__init__()
+        self.teacher = teacher
+        self.model = teacher.model  # a submodule: the evaluation's broadcast of buffers and its eval() reach it
+
+    def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
+        return self.teacher.logits(inputs)
+
+
 def load_teacher(cfg: TrainerConfig, tokenizer: Any, student: nn.Module, id2label: dict[int, str], num_labels: int,
                  device: torch.device, dtype: torch.dtype | None = None) -> Teacher:
     """`training.distillation`'s teacher, checked against the student: the same classes (by name) for a classifier,

@@ -305,7 +305,7 @@ def model_card(cfg: TrainerConfig, report: dict[str, Any], adapters_apart: bool 
         f"- Adapters: {adapters}" + (f"; merged (max logit difference {merge['max_abs_logit_diff']:.1e})"
                                      if merge and merge["passed"] else ""),
         training_line(cfg, training),
-        *distillation_lines(report.get("distillation")),
+        *distillation_lines(report.get("distillation"), evaluation.get("teacher")),
         "",
         "## Evaluation on the test split (seen by neither training nor model selection)",
         "",
@@ -333,14 +333,16 @@ def training_line(cfg: TrainerConfig, training: dict[str, Any]) -> str:
     return line
 
 
-def distillation_lines(distillation: dict[str, Any] | None) -> list[str]:
-    """The card's line on the teacher a distilled model learned from."""
+def distillation_lines(distillation: dict[str, Any] | None, scores: dict[str, float] | None) -> list[str]:
+    """The card's line on the teacher a distilled model learned from, and its own test `scores` where measured."""
     if not distillation:
         return []
     at = f" at revision {distillation['revision']}" if distillation.get("revision") else ""
     weight = distillation["weight"]
+    scored = f"; the teacher's own test scores: {', '.join(f'{m} {fmt(v)}' for m, v in scores.items())}" if scores \
+        else ""
     return [f"- Distilled from {distillation['teacher']}{at}: {weight:g} of the loss its soft targets at temperature "
-            f"{distillation['temperature']:g}, {1 - weight:g} the labels'"]
+            f"{distillation['temperature']:g}, {1 - weight:g} the labels'{scored}"]
 
 
 def rows_of(task: Task) -> str:

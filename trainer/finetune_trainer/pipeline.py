@@ -2,7 +2,8 @@
 baseline before it), evaluate, export.
 
 `run(cfg, output_dir)` is the whole job. It returns the report that it also writes to
-output_dir/report.json: `analysis`, `evaluation: {baseline, final, delta}` (on the test split),
+output_dir/report.json: `analysis`, `evaluation: {baseline, final, delta, teacher}` (on the test split;
+the teacher's: training.distillation's),
 `training: {steps, seconds, cpu_seconds, samples_per_second, tokens_per_second, history, evals (on the
 validation split), ...}`. It writes the
 termination message, success or not, and re-raises what stopped it (the CLI maps that to
@@ -380,9 +381,22 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     baseline: dict[str, float] = {}
     if cfg.evaluation.baseline:
         progress.enter(Stage.BASELINE)
-        baseline = baseline_once(lambda: measure(model, test_data, "baseline"), per_class, checkpoint_dir, world)
+        baseline = scores_once(checkpoints.BASELINE, lambda: measure(model, test_data, "baseline"), per_class,
+                               checkpoint_dir, world)
         progress.metrics.set_eval("baseline", baseline)
         log.info("baseline: %s", baseline)
+    # The teacher's own scores, with the baseline: how near the student may come. A finished training loads no
+    # teacher, and reports the scores an earlier attempt kept.
+    taught: dict[str, float] = {}
+    if cfg.evaluation.baseline and cfg.training.distillation is not None:
+        if teacher is not None:
+            taught = scores_once(checkpoints.TEACHER, lambda: measure(distill.Scored(teacher), test_data), per_class,
+                                 checkpoint_dir, world)
+        else:
+            taught = (checkpoints.load_scores(checkpoint_dir, checkpoints.TEACHER) or {}).get("scores", {})
+        if taught:
+            progress.metrics.set_eval("teacher", taught)
+            log.info("the teacher, on the test split: %s", taught)
 
     progress.enter(Stage.TRAINING)
     steps = total_steps(train_data, cfg.training, world)
@@ -421,11 +435,12 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     # The weights training ended with (the best validation's, when it restored them).
     final = measure(model, test_data, "final")
     progress.metrics.set_eval("final", final)
-    evaluation = {"baseline": baseline, "final": final, "delta": deltas(baseline, final)}
+    on_test = {"baseline": baseline, "final": final, **({"teacher": taught} if taught else {})}
+    evaluation = on_test | {"delta": deltas(baseline, final)}
     if per_class:
         evaluation["per_class_ap"] = per_class
         log.info("AP per category (test split): %s", per_class)
-    progress.message["evaluation"] = {"baseline": baseline, "final": final}
+    progress.message["evaluation"] = on_test
 
     progress.enter(Stage.EXPORTING)
     result = {
@@ -596,19 +611,21 @@ def heal_once(model: nn.Module, unpruned: nn.Module | None, task: Task, batches:
     return figures
 
 
-def baseline_once(measure_baseline: Callable[[], dict[str, float]], per_class: dict[str, Any], folder: Path,
-                  world: distributed.World) -> dict[str, float]:
-    """The baseline's test scores, or those an earlier attempt of this run kept in its checkpoint folder: a retry
-    after training (a SIGTERM in the final evaluation or the export) scored a large test split again, for minutes."""
-    kept = checkpoints.load_baseline(folder)
+def scores_once(name: str, measure_scores: Callable[[], dict[str, float]], per_class: dict[str, Any], folder: Path,
+                world: distributed.World) -> dict[str, float]:
+    """The test scores `name` (checkpoints.BASELINE, TEACHER), or those an earlier attempt of this run kept in its
+    checkpoint folder: a retry after training (a SIGTERM in the final evaluation or the export) scored a large test
+    split again, for minutes."""
+    what = Path(name).stem  # the phase: baseline, teacher
+    kept = checkpoints.load_scores(folder, name)
     world.barrier()  # every rank has looked before rank 0 writes one, so all measure or none
     if kept is not None:
-        log.info("the baseline was measured by an earlier attempt of this run (%s)", folder / checkpoints.BASELINE)
+        log.info("the %s was measured by an earlier attempt of this run (%s)", what, folder / name)
         if kept["per_class"] is not None:
-            per_class["baseline"] = kept["per_class"]
+            per_class[what] = kept["per_class"]
         return kept["scores"]
-    scores = measure_baseline()
-    checkpoints.save_baseline(folder, {"scores": scores, "per_class": per_class.get("baseline")}, world)
+    scores = measure_scores()
+    checkpoints.save_scores(folder, name, {"scores": scores, "per_class": per_class.get(what)}, world)
     return scores
 
 

@@ -5,8 +5,9 @@ them on FINETUNE_METRICS_ADDR:FINETUNE_METRICS_PORT (default 127.0.0.1:9090; por
 the endpoint off). Loopback unless told otherwise: a local run must not listen on the
 network, and in a pod the operator sets the address to the pod's IP. `finetune_trainer_stage{stage=...}` is 1 for the current stage and 0
 for the others; the training gauges (loss, step, throughput...) appear with an attempt's first step; `finetune_trainer_eval_metric{phase,metric}` has phase baseline, training
-(the latest evaluation during training) or final. In a pod, `finetune_trainer_pod_info{uid}` names the pod that
-answers (FINETUNE_POD_UID), so that the operator never reads another pod's numbers for its job's.
+(the latest evaluation during training), final, or teacher (a distilled job's teacher, on the test split).
+In a pod, `finetune_trainer_pod_info{uid}` names the pod that answers (FINETUNE_POD_UID), so that the
+operator never reads another pod's numbers for its job's.
 
 The final evaluation is set only seconds before the process ends (export is quick), so `close` keeps
 the endpoint up until each reader still scraping it (Prometheus, the operator) has read it once more,
@@ -163,7 +164,8 @@ class Metrics:
                                         f"latest {RATE_WINDOW_SECONDS:.0f} s of training")
         self.recent = Recent()
         self.stage = gauge("stage", "1 for the pipeline stage running now, 0 for the others", ("stage",))
-        self.eval_metric = gauge("eval_metric", "Evaluation metric: test split (baseline, final), validation split (training)", ("phase", "metric"))
+        self.eval_metric = gauge("eval_metric", "Evaluation metric: test split (baseline, final, and teacher: a "
+                                 "distilled job's), validation split (training)", ("phase", "metric"))
         # 0 on a CPU from the start: the dashboard counts a job as on GPUs by its GPU memory. On a GPU it is read at
         # each scrape: set at steps, it was 0 through loading, analysis and the baseline (minutes on a large test
         # split), where the model already filled the GPU and the dashboard counted the job as not on GPUs.
