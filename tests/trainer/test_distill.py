@@ -84,6 +84,20 @@ def test_a_causal_lm_is_taught_at_the_positions_its_loss_scores() -> None:
     assert student.grad[0, :2].abs().sum() > 0 and student.grad[0, 2:].abs().sum() == 0
 
 
+def test_vocabularies_padded_to_other_sizes_are_compared_over_the_smaller() -> None:
+    """Rows past the tokenizer (Qwen2.5-7B's 152,064 against 0.5B's 151,936) are no token's, whichever model has
+    more: the loss is the one over the shared rows, where a teacher all but certain never to emit them agrees."""
+    torch.manual_seed(0)
+    student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
+    labels = torch.randint(0, 11, (2, 5))
+    exact = soft_loss_sum(student, teacher, labels, Task.CAUSAL_LM, 2.0)
+    never = torch.full((2, 5, 3), -1e4)  # a trained model's logits for rows no token uses
+    torch.testing.assert_close(soft_loss_sum(student, torch.cat([teacher, never], -1), labels, Task.CAUSAL_LM, 2.0),
+                               exact)
+    torch.testing.assert_close(soft_loss_sum(torch.cat([student, never], -1), teacher, labels, Task.CAUSAL_LM, 2.0),
+                               exact)
+
+
 # ---- end to end -----------------------------------------------------------------------------------------------------
 
 def predictions(model: torch.nn.Module, split: Any, collate: Any) -> torch.Tensor:
@@ -252,6 +266,54 @@ def test_a_teacher_that_cannot_teach_the_job_is_refused_naming_the_field(
     folder = saved_bert(tmp_path / "teacher", labels, **config)
     with pytest.raises(ConfigError, match=rf"^training\.distillation\.teacher {folder}: {error}"):
         taught(tmp_path, student, folder)
+
+
+def minilm_tokenizer() -> Any:
+    return load_tokenizer(ModelSpec(task=Task.SEQUENCE_CLASSIFICATION, uri=MINILM))
+
+
+def test_a_teacher_with_its_own_tokenizer_is_checked_token_by_token(tmp_path: Path, student) -> None:
+    """Equal sizes said nothing of the tokens (Llama 2's and Mistral's 32,000 are not the same), and a teacher whose
+    table is padded past the tokenizer to another size than the student's was refused. With a tokenizer saved
+    beside it, the teacher must give every token the student's id and have a row for each."""
+    tokenizer = minilm_tokenizer()
+    padded = saved_bert(tmp_path / "padded", SENTIMENT, vocab_size=len(tokenizer) + 64)
+    tokenizer.save_pretrained(padded)
+    assert taught(tmp_path, student, padded).columns is None
+    small = saved_bert(tmp_path / "small", SENTIMENT, vocab_size=1000)
+    tokenizer.save_pretrained(small)
+    with pytest.raises(ConfigError, match=rf"^training\.distillation\.teacher {small}: its embeddings have 1000 input "
+                                          r"rows, fewer than the tokenizer's 30522 tokens"):
+        taught(tmp_path, student, small)
+    swapped = saved_bert(tmp_path / "swapped", SENTIMENT)
+    tokenizer.save_pretrained(swapped)
+    saved = json.loads((swapped / "tokenizer.json").read_text())
+    vocab = saved["model"]["vocab"]
+    first, second = (token for token, i in vocab.items() if i in (2000, 2001))
+    vocab[first], vocab[second] = vocab[second], vocab[first]  # the same size, two tokens' ids exchanged
+    (swapped / "tokenizer.json").write_text(json.dumps(saved))
+    with pytest.raises(ConfigError, match=rf"^training\.distillation\.teacher {swapped}: its tokenizer gives 2 of the "
+                                          r"student's 30522 tokens another id or none \(such as '"):
+        taught(tmp_path, student, swapped)
+
+
+def test_a_causal_lm_distils_from_a_teacher_whose_vocabulary_is_padded(tmp_path: Path) -> None:
+    """The student's table has the tokenizer's rows, the teacher's 64 more: the job trains, and the teacher's own
+    test scores (loss, perplexity) are measured beside the baseline's."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = minilm_tokenizer()
+    GPT2LMHeadModel(GPT2Config(**TINY_GPT2, vocab_size=len(tokenizer) + 64)).save_pretrained(tmp_path / "gpt2")
+    tokenizer.save_pretrained(tmp_path / "gpt2")
+    lm = {"model": {"task": "causal-lm", "architecture": "gpt2", "config": dict(TINY_GPT2), "tokenizerUri": MINILM},
+          "dataset": {"uri": "pvc://data/sentiment/sentiment.csv", "maxTrainSamples": 32, "maxEvalSamples": 16,
+                      "maxLength": 32},
+          "analyze": {"probeBatches": 1}, "training": {"maxSteps": 2, "batchSize": 8},
+          "output": {"uri": str(tmp_path / "lm")}}
+    report = pipeline.run(distilled(lm, tmp_path / "gpt2"), tmp_path / "lm")
+    assert report["training"]["steps"] == 2 and all(math.isfinite(h["loss"]) for h in report["training"]["history"])
+    teacher = report["evaluation"]["teacher"]
+    assert set(teacher) == {"loss", "perplexity"} and teacher["perplexity"] == pytest.approx(math.exp(teacher["loss"]))
 
 
 def test_a_pretrained_model_whose_head_is_not_trained_is_no_teacher(tmp_path: Path, student) -> None:

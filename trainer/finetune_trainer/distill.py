@@ -18,10 +18,10 @@ import torch
 from torch import nn
 
 from finetune_trainer.config import ModelSpec, Task, TrainerConfig
-from finetune_trainer.errors import ConfigError, UserError
-from finetune_trainer.models import (check_image_size, check_positions, head_labels, load_model, logits_of,
-                                     new_modules)
-from finetune_trainer.uris import local_path
+from finetune_trainer.errors import ConfigError, ModelError, UserError
+from finetune_trainer.models import (check_image_size, check_positions, head_labels, load_model, load_tokenizer,
+                                     logits_of, new_modules)
+from finetune_trainer.uris import fetch, local_path
 
 log = logging.getLogger(__name__)
 
@@ -79,6 +79,7 @@ def load_teacher(cfg: TrainerConfig, tokenizer: Any, student: nn.Module, id2labe
                                  torch.bfloat16 if dtype == torch.bfloat16 else torch.float32)
         check_positions(teacher, cfg.dataset.max_length)
         check_image_size(teacher, cfg.dataset.image_size)
+        said = None if task == Task.IMAGE_CLASSIFICATION else teacher_tokenizer(cfg)
     except UserError as exc:  # the model's own words name model.* or dataset.*: say whose model it is
         raise type(exc)(f"{FIELD} {where}: {exc}") from exc
     if random := new_modules(teacher):
@@ -86,7 +87,7 @@ def load_teacher(cfg: TrainerConfig, tokenizer: Any, student: nn.Module, id2labe
                           f"teacher is a model fine-tuned for {task.value}, such as a finished job's output")
     teacher.eval().requires_grad_(False)
     if task != Task.IMAGE_CLASSIFICATION:
-        check_same_vocabulary(teacher, student, where)
+        check_same_vocabulary(teacher, student, tokenizer, said, where)
     columns = None if task == Task.CAUSAL_LM else label_columns(teacher, id2label, num_labels, where)
     size = sum(p.numel() for p in teacher.parameters())
     log.info("distilling from %s (%s parameters, %.0f MiB, a copy on each worker): loss per target = %.2g x the "
@@ -116,9 +117,38 @@ def vocabulary(model: nn.Module) -> tuple[int | None, int | None]:
     return rows[0].shape[0] if rows[0] is not None else None, rows[1].shape[0] if rows[1] is not None else None
 
 
-def check_same_vocabulary(teacher: nn.Module, student: nn.Module, where: str) -> None:
-    """The teacher reads the student's token ids, and a causal LM's distributions are compared token by token."""
+def teacher_tokenizer(cfg: TrainerConfig) -> Any:
+    """The tokenizer saved with the teacher (its tokenizer_config.json); None where it has none, for which
+    transformers would make one of the special tokens alone from the model's config."""
+    spec = cfg.training.distillation
+    assert spec is not None
+    if not (fetch(spec.teacher.uri, kind="teacher", revision=spec.teacher.revision, error=ModelError)
+            / "tokenizer_config.json").is_file():
+        return None
+    return load_tokenizer(ModelSpec(task=cfg.model.task, uri=spec.teacher.uri, revision=spec.teacher.revision))
+
+
+def check_same_vocabulary(teacher: nn.Module, student: nn.Module, tokenizer: Any, theirs_said: Any,
+                          where: str) -> None:
+    """The teacher reads the student's token ids, and a causal LM's distributions are compared token by token. With
+    a tokenizer of its own (`theirs_said`), that must give every token the student's id, and the teacher's tables
+    must hold every id (the student's, loaded for that tokenizer, do): tables padded past the tokenizer to other
+    sizes (Qwen2.5-7B's 152,064 rows, 0.5B's 151,936, both for 151,665 tokens) differ only in rows no token uses,
+    which the soft targets leave out. Without one, only the sizes can be compared, and they must be equal."""
     theirs, ours = vocabulary(teacher), vocabulary(student)
+    if theirs_said is not None:
+        given, wanted = theirs_said.get_vocab(), tokenizer.get_vocab()
+        if other := [token for token, i in wanted.items() if given.get(token) != i]:
+            raise ConfigError(f"{FIELD} {where}: its tokenizer gives {len(other)} of the student's {len(wanted)} "
+                              f"tokens another id or none (such as {other[0]!r}): the teacher reads the student's "
+                              "token ids, so it must use the same tokenizer")
+        real = len(tokenizer)
+        short = [f"{rows} {whose}" for whose, rows in zip(("input", "output"), theirs)
+                 if rows is not None and rows < real]
+        if not short:
+            return
+        raise ConfigError(f"{FIELD} {where}: its embeddings have {' and '.join(short)} rows, fewer than the "
+                          f"tokenizer's {real} tokens: a teacher must have a row for every token id")
     if theirs != ours:
         raise ConfigError(f"{FIELD} {where}: its vocabulary has {theirs[0]} tokens (output {theirs[1]}), the "
                           f"student's {ours[0]} (output {ours[1]}): the teacher reads the student's token ids, so it "
