@@ -267,16 +267,18 @@ def in_group(target: Callable[[int], Any], rank: int, port: int, queue: Any) -> 
     import datetime
 
     import torch.distributed as dist
+    from finetune_trainer import distributed
 
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
                             timeout=datetime.timedelta(seconds=60))
     queue.put((rank, target(rank)))  # a tensor would go by shared memory: values are lists
-    gc.collect()  # a DDP module left in a reference cycle holds the group, which then outlives its destruction
-    dist.destroy_process_group()
+    distributed.leave()
     # Whatever gloo still holds goes with the process, not with the interpreter's finalisation, where a rank aborted
     # now and then ("terminate called without an active exception") after its value was put and the group destroyed.
     queue.close()
     queue.join_thread()
+    sys.stdout.flush()
+    sys.stderr.flush()
     os._exit(0)
 
 

@@ -158,7 +158,8 @@ def test_a_student_taught_by_the_teacher_alone_comes_to_agree_with_it(tmp_path: 
 
 
 def test_a_causal_lm_and_an_image_classifier_train_with_a_teacher(tmp_path: Path) -> None:
-    """The other tasks distillation serves run a step each with a teacher of their kind (an export of ours)."""
+    """The other tasks distillation serves run a step each with a teacher of their kind (an export of ours); the
+    image teacher's own test scores are measured with the baseline, and without one none are."""
     from transformers import GPT2Config, GPT2LMHeadModel
 
     tokenizer = load_tokenizer(ModelSpec(task=Task.CAUSAL_LM, uri=MINILM))
@@ -170,6 +171,8 @@ def test_a_causal_lm_and_an_image_classifier_train_with_a_teacher(tmp_path: Path
           "evaluation": {"baseline": False}, "output": {"uri": str(tmp_path / "lm")}}
     report = pipeline.run(distilled(lm, tmp_path / "gpt2"), tmp_path / "lm")
     assert report["training"]["steps"] == 2 and report["distillation"]["weight"] == 0.5
+    assert "teacher" not in report["evaluation"] and "teacher" not in json.loads(
+        (tmp_path / "lm" / "report.json").read_text())["evaluation"]
 
     images = {"model": {"task": "image-classification", "architecture": "mobilenet_v3_small"},
               "dataset": {"uri": "pvc://data/digits", "maxTrainSamples": 16, "maxEvalSamples": 8, "imageSize": 32},
@@ -177,8 +180,27 @@ def test_a_causal_lm_and_an_image_classifier_train_with_a_teacher(tmp_path: Path
               "evaluation": {"baseline": False}, "output": {"uri": str(tmp_path / "cnn-teacher")}}
     pipeline.run(TrainerConfig.model_validate(images), tmp_path / "cnn-teacher")
     images["output"] = {"uri": str(tmp_path / "cnn")}
+    images["evaluation"] = {"baseline": True}
     report = pipeline.run(distilled(images, tmp_path / "cnn-teacher", weight=1.0), tmp_path / "cnn")
     assert report["training"]["steps"] == 1 and report["training"]["history"][0]["loss"] > 0
+    assert report["evaluation"]["teacher"].keys() == report["evaluation"]["final"].keys()
+
+
+def test_the_teacher_teaches_in_eval_mode_after_its_own_test_scores(tmp_path: Path, monkeypatch) -> None:
+    """Its test scores went through a wrapper whose mode, a new module's training mode, the evaluation put back: the
+    teacher's dropout was on for every training step after, its soft targets noisy, and a retried attempt (which
+    reads the kept scores) taught otherwise than the first."""
+    modes: list[bool] = []
+    logits = Teacher.logits
+
+    def noted(self: Teacher, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        modes.append(self.model.training)
+        return logits(self, inputs)
+
+    monkeypatch.setattr(Teacher, "logits", noted)
+    folder = saved_bert(tmp_path / "teacher", SENTIMENT)
+    report = pipeline.run(distilled(tiny_classifier_doc(tmp_path / "out", maxSteps=2), folder), tmp_path / "out")
+    assert "teacher" in report["evaluation"] and len(modes) > 2 and not any(modes)
 
 
 def test_a_teacher_is_held_in_the_autocast_dtype(tmp_path: Path, monkeypatch) -> None:

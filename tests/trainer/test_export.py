@@ -86,6 +86,11 @@ def test_the_card_and_the_cli_show_a_small_change_as_one(tmp_path: Path) -> None
     assert "| perplexity | 1e+30 | 16953.2165 | -1e+30 |" in card
     assert "| accuracy | 0.3646 | 0.3854 | +0.02084 |" in card
     assert "map         7.054e-05   0.0001497  +7.914e-05" in summary_table(report, tmp_path)
+    report["evaluation"]["teacher"] = {"accuracy": 0.41}  # a distilled job's teacher: a column of its own
+    assert summary_table(report, tmp_path).splitlines()[0].split() == ["metric", "baseline", "fine-tuned", "delta",
+                                                                        "teacher"]
+    assert summary_table(report, tmp_path).splitlines()[-3].split() == ["accuracy", "0.3646", "0.3854", "+0.02084",
+                                                                        "0.4100"]
 
 
 def test_the_cli_counts_a_causal_lms_chunks_per_second_as_its_card_does(tmp_path: Path) -> None:

@@ -20,9 +20,9 @@ removed too, with a warning, and training starts afresh (`misfits`).
 A pruned run that heals keeps the healed layers in the same folder (`healed.safetensors`, with
 healing's figures), so that a resumed run loads them instead of healing again: LoRA's
 checkpoints hold the adapters, not the layers under them. The baseline's scores are kept there too
-(`baseline.json`), so that an attempt that resumes does not score the test split again. The layers a
-pruned run removes are in its fingerprint; a later attempt of the run removes the same ones (`earlier_choice`),
-whatever its own scores say.
+(`baseline.json`, and a distillation teacher's `teacher.json`), so that an attempt that resumes does not score
+the test split again. The layers a pruned run removes are in its fingerprint; a later attempt of the run removes
+the same ones (`earlier_choice`), whatever its own scores say.
 """
 
 from __future__ import annotations

@@ -127,12 +127,13 @@ def summary_table(report: dict[str, Any], out: Path) -> str:
 
     evaluation = report["evaluation"]
     training = report["training"]
-    rows = [("metric", "baseline", "fine-tuned", "delta")]
+    teacher = evaluation.get("teacher")  # a distilled job's, measured with the baseline
+    rows = [("metric", "baseline", "fine-tuned", "delta", *(("teacher",) if teacher else ()))]
     for metric, value in evaluation["final"].items():
         base = evaluation["baseline"].get(metric)
         delta = evaluation["delta"].get(metric)
-        rows.append((metric, fmt(base), fmt(value), fmt(delta, "+")))
-    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+        rows.append((metric, fmt(base), fmt(value), fmt(delta, "+"), *((fmt(teacher.get(metric)),) if teacher else ())))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = ["  ".join(cell.ljust(w) if i == 0 else cell.rjust(w) for i, (cell, w) in enumerate(zip(row, widths)))
              for row in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))

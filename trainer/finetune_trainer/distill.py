@@ -3,7 +3,8 @@
 Every rank loads its own teacher once (`models.load_model`), after the structure analysis and before pruning, the
 baseline and training (none where the newest checkpoint already ends the training), in eval mode and without
 gradients, on the same device. The training step runs it on each micro-batch under the same autocast, and
-`train.distilled_loss_sum` blends its softened distribution into the summed loss. Evaluations never see it.
+`train.distilled_loss_sum` blends its softened distribution into the summed loss. The validation and the final
+evaluation never see it; with the baseline, its own test scores are measured (`Scored`).
 The teacher reads the student's inputs, so it must score the same classes (text and image classifiers; its columns
 are matched to the student's by label name) or the same vocabulary (text tasks).
 """
@@ -55,6 +56,11 @@ class Scored(nn.Module):
 
     def forward(self, **inputs: torch.Tensor) -> torch.Tensor:
         return self.teacher.logits(inputs)
+
+    def train(self, mode: bool = True) -> Scored:
+        """Always in eval mode: an evaluation puts back the mode it found, a new module's training mode, which
+        turned the teacher's dropout on (and its BatchNorm to batch statistics) for every training step after."""
+        return super().train(False)
 
 
 def load_teacher(cfg: TrainerConfig, tokenizer: Any, student: nn.Module, id2label: dict[int, str], num_labels: int,

@@ -6,6 +6,7 @@ headless Service in a cluster) is what joins the ranks.
 
 from __future__ import annotations
 
+import gc
 import os
 from dataclasses import dataclass
 from collections.abc import Iterable
@@ -102,6 +103,8 @@ def join() -> World:
 
 def leave() -> None:
     """Tear the process group down, after the last collective: NCCL's communicators left to the interpreter's exit
-    can crash or hang there."""
+    can crash or hang there. What holds the group first goes: a DDP module left in a reference cycle kept it past its
+    destruction, to the interpreter's exit."""
     if dist.is_initialized():
+        gc.collect()
         dist.destroy_process_group()
