@@ -622,10 +622,9 @@ def test_an_eviction_for_the_pods_own_limit_is_counted_and_names_the_field_to_ra
 
 def test_a_node_pressure_eviction_stays_a_free_retry() -> None:
     """The kubelet evicts for memory or disk the node runs short of with DisruptionTarget (TerminationByKubelet):
-    where the trainer used no more than it requests (only a sidecar beyond its own), caused by the node, it is retried
-    without counting; and an Evicted message of another kind is no own limit."""
-    message = "The node was low on resource: memory. Threshold quantity: 100Mi, available: 52Mi. Container " \
-              "istio-proxy was using 3Gi, request is 2Gi, has larger consumption of memory. "
+    caused by the node, it is retried without counting; and an Evicted message of another kind is no own limit."""
+    message = "The node was low on resource: memory. Threshold quantity: 100Mi, available: 52Mi. Container trainer " \
+              "was using 3Gi, request is 2Gi, has larger consumption of memory. "
     pressure = outcome.pod_summary(kubelet_evicted(message, [
         {"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet", "message": message}], 143))
     failed = job(failure={"reason": "PodFailurePolicy", "message": "Pod ns/ft-1-0-x has condition DisruptionTarget "
@@ -644,34 +643,6 @@ def test_a_node_pressure_eviction_stays_a_free_retry() -> None:
     failed = job(failure={"reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"})
     result = outcome.attempt_outcome(failed, [rejected])
     assert (result.reason, result.retry) == ("RejectedByNode", outcome.Retry.FREE)
-
-
-@pytest.mark.parametrize(("resource", "usage", "asked"), [("ephemeral-storage", "38Gi", "0"), ("memory", "3Gi", "2Gi")])
-def test_a_node_pressure_eviction_for_the_trainers_use_beyond_its_request_is_counted(
-        resource: str, usage: str, asked: str) -> None:
-    """The kubelet evicts first the pods using more than they request of what the node runs short of, and names
-    their containers: a trainer that filled the node's disk (a model downloaded with no ephemeral-storage request)
-    was retried for free, filled it again, and so on for ever. Counted, naming the request to raise."""
-    message = (f"The node was low on resource: {resource}. Threshold quantity: 10Gi, available: 9Gi. Container "
-               "istio-proxy was using 9Mi, request is 0, has larger consumption of ephemeral-storage. Container "
-               f"trainer was using {usage}, request is {asked}, has larger consumption of {resource}. ")
-    pressure = outcome.pod_summary(kubelet_evicted(message, [
-        {"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet", "message": message}], 143))
-    failed = job(failure={"reason": "PodFailurePolicy", "message": "Pod ns/ft-1-0-x has condition DisruptionTarget "
-                                                                   "matching FailJob rule at index 0"})
-    result = outcome.attempt_outcome(failed, [pressure])
-    assert (result.reason, result.retry) == ("EvictedOverRequest", outcome.Retry.COUNTED)
-    assert result.message == (
-        f"pod ft-1-0-x was evicted by its kubelet, the node being low on {resource}: the trainer used {usage}, above "
-        f"its request of {asked}. Set spec.runtime.resources.requests.{resource} to what it uses (the scheduler "
-        "then places it where that fits), or the next attempt may be evicted again")
-    status = after(decide(Observed(body({"attempts": 1}), [failed], [pressure], NOW)))
-    assert status["attempts"] == 2 and status["failures"] == 1
-    status = after(decide(Observed(body({"attempts": 1}, backoffLimit=0), [failed], [pressure], NOW)))
-    assert status["reason"] == "BackoffLimitExceeded" and f"requests.{resource}" in next(
-        c for c in status["conditions"] if c["type"] == "Failed")["message"]
-    # The same words inside another kind of message (a trainer's own) are no eviction's.
-    assert outcome.trainer_over_request(f"pod says: {message}") is None
 
 
 def test_failures_beyond_the_backoff_limit_fail_the_job() -> None:

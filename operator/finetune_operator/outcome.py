@@ -68,16 +68,6 @@ OWN_LIMIT_EVICTION = re.compile(
     r'|Pod ephemeral local storage usage exceeds the total limit of containers (?P<total>\S+)\.'
     r'|Usage of EmptyDir volume "(?P<volume>[^"]*)" exceeds the limit "(?P<size>[^"]*)"\.')
 STORAGE_LIMIT_EXCEEDED = "StorageLimitExceeded"
-# A node-pressure eviction's message names each container that used more than it requests of what the node ran
-# short of (helpers.go's nodeLowMessageFmt, then containerMessageFmt): the kubelet evicts such pods first, the largest
-# excess first. One naming the trainer was chosen for what the trainer itself used beyond its request (a model
-# downloaded onto the node's disk with no ephemeral-storage request): the next attempt does it again, and a free retry
-# looped for ever. It is counted, naming the request to raise; a node short for another reason, or another
-# container's excess (a sidecar's), stays free.
-NODE_LOW = "The node was low on resource: "
-OVER_REQUEST = re.compile(r"Container (?P<container>\S+) was using (?P<usage>\S+), request is (?P<request>\S+), "
-                          r"has larger consumption of (?P<resource>\S+)\. ")
-EVICTED_OVER_REQUEST = "EvictedOverRequest"
 # A pod the kubelet refused to admit for the node's pressure (the eviction manager's Admit, kubelet.rejectPod): Failed,
 # reason Evicted, no container ever ran and no DisruptionTarget; the node's state, not the job's: a free retry.
 REJECTED_BY_NODE = "Pod was rejected: The node had condition:"
@@ -100,14 +90,6 @@ def own_limit_field(message: str | None) -> str | None:
     if volume == SHM_VOLUME:
         return "spec.runtime.shmSize"
     return f"the emptyDir.sizeLimit of volume {volume} in spec.runtime.volumes"
-
-
-def trainer_over_request(message: str | None) -> re.Match[str] | None:
-    """The trainer's part of a node-pressure eviction `message`: what it used beyond its request; None when the
-    message is no node-pressure eviction's or does not name the trainer."""
-    if not (message or "").startswith(NODE_LOW):
-        return None
-    return next((said for said in OVER_REQUEST.finditer(message or "") if said.group("container") == TRAINER), None)
 
 
 def _termination(pod: dict[str, Any]) -> dict[str, Any] | None:
@@ -352,16 +334,6 @@ def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
                        f"pod {pod['name']} was evicted by its kubelet: {pod['evicted'].strip()} Raise {field}, "
                        "or the next attempt may go past it again", Retry.COUNTED,
                        result=exit_of(pod)[1] if pod.get("terminated") else {})  # where it stopped, if it said
-    greedy = next(((p, said) for p in pods if (said := trainer_over_request(p.get("evicted")))), None)
-    if greedy:
-        pod, said = greedy
-        resource = said.group("resource")
-        return Outcome(State.FAILED, EVICTED_OVER_REQUEST,
-                       f"pod {pod['name']} was evicted by its kubelet, the node being low on {resource}: the trainer "
-                       f"used {said.group('usage')}, above its request of {said.group('request')}. Set "
-                       f"spec.runtime.resources.requests.{resource} to what it uses (the scheduler then places it "
-                       "where that fits), or the next attempt may be evicted again", Retry.COUNTED,
-                       result=exit_of(pod)[1] if pod.get("terminated") else {})
     disrupted = [p for p in pods if p.get("disrupted")]
     if disrupted or _disrupted_by_policy(job):
         reason = disrupted[0]["disrupted"] if disrupted else "Disrupted"
