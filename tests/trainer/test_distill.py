@@ -84,18 +84,36 @@ def test_a_causal_lm_is_taught_at_the_positions_its_loss_scores() -> None:
     assert student.grad[0, :2].abs().sum() > 0 and student.grad[0, 2:].abs().sum() == 0
 
 
-def test_vocabularies_padded_to_other_sizes_are_compared_over_the_smaller() -> None:
-    """Rows past the tokenizer (Qwen2.5-7B's 152,064 against 0.5B's 151,936) are no token's, whichever model has
-    more: the loss is the one over the shared rows, where a teacher all but certain never to emit them agrees."""
+class Fixed(torch.nn.Module):
+    """A model whose logits are given."""
+
+    def __init__(self, logits: torch.Tensor) -> None:
+        super().__init__()
+        self.given = logits
+
+    def forward(self, **_: torch.Tensor) -> torch.Tensor:
+        return self.given
+
+
+def test_vocabularies_padded_past_the_tokenizer_are_compared_over_its_ids() -> None:
+    """Rows past the tokenizer (Qwen2.5-7B's 152,064 against 0.5B's 151,936, for 151,665 ids) are no token's,
+    whichever model has more: the teacher keeps its columns of the tokenizer's ids, and gives the student's rows past
+    them no probability. The loss is then the one over the ids alone, with a student that all but never emits the
+    others; and a student that does is taught not to."""
     torch.manual_seed(0)
     student, teacher = torch.randn(2, 5, 11), torch.randn(2, 5, 11)
     labels = torch.randint(0, 11, (2, 5))
     exact = soft_loss_sum(student, teacher, labels, Task.CAUSAL_LM, 2.0)
     never = torch.full((2, 5, 3), -1e4)  # a trained model's logits for rows no token uses
-    torch.testing.assert_close(soft_loss_sum(student, torch.cat([teacher, never], -1), labels, Task.CAUSAL_LM, 2.0),
-                               exact)
-    torch.testing.assert_close(soft_loss_sum(torch.cat([student, never], -1), teacher, labels, Task.CAUSAL_LM, 2.0),
-                               exact)
+    padded = Teacher(Fixed(torch.cat([teacher, torch.randn(2, 5, 3)], -1)), 2.0, 1.0, width=11)
+    assert torch.equal(padded.logits({}), teacher)
+    torch.testing.assert_close(soft_loss_sum(student, padded.logits({}), labels, Task.CAUSAL_LM, 2.0), exact)
+    wider = torch.cat([student, never], -1).requires_grad_()
+    torch.testing.assert_close(soft_loss_sum(wider, teacher, labels, Task.CAUSAL_LM, 2.0), exact)
+    eager = torch.cat([student, torch.zeros(2, 5, 3)], -1).requires_grad_()
+    soft_loss_sum(eager, teacher, labels, Task.CAUSAL_LM, 2.0).backward()
+    spare = eager.grad[..., 11:]  # pushed down where scored (the last position predicts nothing)
+    assert torch.isfinite(eager.grad).all() and (spare >= 0).all() and (spare[:, :-1] > 0).all()
 
 
 # ---- end to end -----------------------------------------------------------------------------------------------------
@@ -305,7 +323,7 @@ def test_a_teacher_with_its_own_tokenizer_is_checked_token_by_token(tmp_path: Pa
     small = saved_bert(tmp_path / "small", SENTIMENT, vocab_size=1000)
     tokenizer.save_pretrained(small)
     with pytest.raises(ConfigError, match=rf"^training\.distillation\.teacher {small}: its embeddings have 1000 input "
-                                          r"rows, fewer than the tokenizer's 30522 tokens"):
+                                          r"rows, fewer than the tokenizer's 30522 token ids"):
         taught(tmp_path, student, small)
     swapped = saved_bert(tmp_path / "swapped", SENTIMENT)
     tokenizer.save_pretrained(swapped)

@@ -37,11 +37,16 @@ class Teacher:
     temperature: float
     weight: float
     columns: torch.Tensor | None = None  # the teacher's logit column of each student class; None: the same order
+    # A causal LM whose table is padded past the tokenizer: the tokenizer's ids, the columns its soft targets keep
+    # (train.soft_loss_sum gives the student's rows past them no probability); None: all of them.
+    width: int | None = None
 
     def logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The teacher's logits in the student's column order (call under the step's autocast)."""
         with torch.no_grad():
             logits = logits_of(self.model, inputs)
+        if self.width is not None:
+            logits = logits[..., : self.width]
         return logits if self.columns is None else logits.index_select(-1, self.columns)
 
 
@@ -92,15 +97,14 @@ def load_teacher(cfg: TrainerConfig, tokenizer: Any, student: nn.Module, id2labe
         raise ConfigError(f"{FIELD} {where}: its checkpoint lacks {', '.join(random)}, which would be random: a "
                           f"teacher is a model fine-tuned for {task.value}, such as a finished job's output")
     teacher.eval().requires_grad_(False)
-    if task != Task.IMAGE_CLASSIFICATION:
-        check_same_vocabulary(teacher, student, tokenizer, said, where)
+    width = None if task == Task.IMAGE_CLASSIFICATION else shared_vocabulary(teacher, student, tokenizer, said, where)
     columns = None if task == Task.CAUSAL_LM else label_columns(teacher, id2label, num_labels, where)
     size = sum(p.numel() for p in teacher.parameters())
     log.info("distilling from %s (%s parameters, %.0f MiB, a copy on each worker): loss per target = %.2g x the "
              "labels' cross-entropy + %.2g x T^2 x KL(teacher || student) at temperature T = %g", where, f"{size:,}",
              sum(p.numel() * p.element_size() for p in teacher.parameters()) / 2**20, 1 - spec.weight, spec.weight,
              spec.temperature)
-    return Teacher(teacher, spec.temperature, spec.weight, None if columns is None else columns.to(device))
+    return Teacher(teacher, spec.temperature, spec.weight, None if columns is None else columns.to(device), width)
 
 
 def check_merged(cfg: TrainerConfig) -> None:
@@ -128,19 +132,20 @@ def teacher_tokenizer(cfg: TrainerConfig) -> Any:
     transformers would make one of the special tokens alone from the model's config."""
     spec = cfg.training.distillation
     assert spec is not None
-    if not (fetch(spec.teacher.uri, kind="teacher", revision=spec.teacher.revision, error=ModelError)
-            / "tokenizer_config.json").is_file():
+    folder = fetch(spec.teacher.uri, kind="teacher", revision=spec.teacher.revision, error=ModelError)
+    if not (folder / "tokenizer_config.json").is_file():
         return None
-    return load_tokenizer(ModelSpec(task=cfg.model.task, uri=spec.teacher.uri, revision=spec.teacher.revision))
+    return load_tokenizer(ModelSpec(task=cfg.model.task, uri=str(folder)))  # fetched once: the same snapshot
 
 
-def check_same_vocabulary(teacher: nn.Module, student: nn.Module, tokenizer: Any, theirs_said: Any,
-                          where: str) -> None:
+def shared_vocabulary(teacher: nn.Module, student: nn.Module, tokenizer: Any, theirs_said: Any,
+                      where: str) -> int | None:
     """The teacher reads the student's token ids, and a causal LM's distributions are compared token by token. With
     a tokenizer of its own (`theirs_said`), that must give every token the student's id, and the teacher's tables
     must hold every id (the student's, loaded for that tokenizer, do): tables padded past the tokenizer to other
     sizes (Qwen2.5-7B's 152,064 rows, 0.5B's 151,936, both for 151,665 tokens) differ only in rows no token uses,
-    which the soft targets leave out. Without one, only the sizes can be compared, and they must be equal."""
+    which the soft targets leave out: the tokenizer's ids are returned, the width of the teacher's logits to keep
+    (None where the tables are the same size). Without one, only the sizes can be compared, and must be equal."""
     theirs, ours = vocabulary(teacher), vocabulary(student)
     if theirs_said is not None:
         given, wanted = theirs_said.get_vocab(), tokenizer.get_vocab()
@@ -148,17 +153,18 @@ def check_same_vocabulary(teacher: nn.Module, student: nn.Module, tokenizer: Any
             raise ConfigError(f"{FIELD} {where}: its tokenizer gives {len(other)} of the student's {len(wanted)} "
                               f"tokens another id or none (such as {other[0]!r}): the teacher reads the student's "
                               "token ids, so it must use the same tokenizer")
-        real = len(tokenizer)
+        ids = max(wanted.values()) + 1  # not len(): a vocabulary's ids may have gaps
         short = [f"{rows} {whose}" for whose, rows in zip(("input", "output"), theirs)
-                 if rows is not None and rows < real]
-        if not short:
-            return
-        raise ConfigError(f"{FIELD} {where}: its embeddings have {' and '.join(short)} rows, fewer than the "
-                          f"tokenizer's {real} tokens: a teacher must have a row for every token id")
+                 if rows is not None and rows < ids]
+        if short:
+            raise ConfigError(f"{FIELD} {where}: its embeddings have {' and '.join(short)} rows, fewer than the "
+                              f"tokenizer's {ids} token ids: a teacher must have a row for every token id")
+        return ids if theirs[1] != ours[1] else None
     if theirs != ours:
         raise ConfigError(f"{FIELD} {where}: its vocabulary has {theirs[0]} tokens (output {theirs[1]}), the "
                           f"student's {ours[0]} (output {ours[1]}): the teacher reads the student's token ids, so it "
                           "must use the same tokenizer")
+    return None
 
 
 def label_columns(teacher: nn.Module, id2label: dict[int, str], num_labels: int, where: str) -> torch.Tensor | None:

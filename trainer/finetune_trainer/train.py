@@ -200,13 +200,13 @@ def soft_loss_sum(logits: torch.Tensor, teacher_logits: torch.Tensor, labels: to
     not scored are multiplied by 0: selecting the scored ones (a boolean index) allocated in the backward a zero
     gradient of the logits' whole size, which `scored` spares the labels' loss."""
     keep = (scored(labels, task) != IGNORE_INDEX).float()
-    if logits.shape[-1] != teacher_logits.shape[-1]:
-        # Vocabularies padded past the tokenizer to other sizes (distill.check_same_vocabulary): the rows beyond
-        # the smaller are no token's, and the distributions are compared over the others.
-        width = min(logits.shape[-1], teacher_logits.shape[-1])
-        logits, teacher_logits = logits[..., :width], teacher_logits[..., :width]
     student = F.log_softmax(logits.float() / temperature, dim=-1)
     teacher = F.log_softmax(teacher_logits.float() / temperature, dim=-1)
+    if task == Task.CAUSAL_LM and (extra := student.shape[-1] - teacher.shape[-1]) > 0:
+        # The student's rows past the teacher's logits (distill.Teacher.width: the tokenizer's ids) are no token's:
+        # the teacher gives them no probability, with a finite floor (-inf's 0 x inf is NaN). Not a slice of the
+        # student's logits, whose backward would allocate a zero gradient of their whole size.
+        teacher = F.pad(teacher, (0, extra), value=-1e30)
     return ((teacher.exp() * (teacher - student)).sum(-1) * keep).sum()
 
 
