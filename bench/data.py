@@ -39,6 +39,15 @@ def load(train_rows: int, eval_rows: int | None, max_length: int, seed: int) -> 
     return load_dataset(spec, Task.SEQUENCE_CLASSIFICATION, seed)
 
 
+def same_held_out(train_rows: int, wider_rows: int, eval_rows: int | None, max_length: int, seed: int) -> None:
+    """A job of `wider_rows` training rows holds out the validation and test rows a job of `train_rows` does, and
+    trains on its rows and the ones that follow them: nothing either scores is in the other's training rows."""
+    job, wider = (load(rows, eval_rows, max_length, seed) for rows in (train_rows, wider_rows))
+    assert (wider.validation.inputs, wider.test.inputs) == (job.validation.inputs, job.test.inputs), \
+        "the wider job must hold out what the job does"
+    assert wider.train.inputs[:train_rows] == job.train.inputs, "the wider job must train on the job's rows first"
+
+
 def unlabelled_rows(train_rows: int, rows: int, max_length: int, seed: int) -> list[str]:
     """Texts of `rows` corpus rows that are in none of the seed's splits: the training rows that follow the job's
     `train_rows` in the split's order (the validation and test rows are held out before them, with every copy of

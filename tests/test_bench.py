@@ -8,7 +8,9 @@ import signal
 import subprocess
 import sys
 import tomllib
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -374,7 +376,7 @@ def test_a_pruned_side_distilled_from_the_unpruned_one_is_judged_apart_from_the_
     the seed; its difference to the unpruned fine-tune is summarised and judged apart, the headline as without it."""
     import argparse
 
-    from bench.pruning import DISTILLED, PRUNE, distillation_spec, distilled_lines, job, summary
+    from bench.pruning import DISTILLED, PRUNE, TEACHER, distillation_spec, distilled_lines, job, summary
     from bench.sides import Settings
 
     spec = job(Settings(seed=3), False, 100, tmp_path / DISTILLED, PRUNE,
@@ -389,10 +391,36 @@ def test_a_pruned_side_distilled_from_the_unpruned_one_is_judged_apart_from_the_
     assert result["accuracy_difference_points"]["mean"] == pytest.approx(-2.5) and not result["goal_accuracy_met"]
     taught = result["distilled_accuracy_difference_points"]
     assert taught["mean"] == pytest.approx(-0.5) and taught["min"] == pytest.approx(-1.2) and taught["goal_met"]
-    lines = distilled_lines(seeds, result, argparse.Namespace(distill_temperature=3.0, distill_weight=0.8))
+    lines = distilled_lines(seeds, result, argparse.Namespace(distill_temperature=3.0, distill_weight=0.8,
+                                                              teacher_rows=None))
     assert "temperature: 3, weight: 0.8" in lines[2] and "| 0 | 0.6000 | 0.6000 | 0.6000 | -1.20 | +1.80 |" in lines[6]
     assert distilled_lines(seeds[:0], summary([{k: v for k, v in seeds[0].items() if k != "accuracy_difference_distilled"}]),
                            argparse.Namespace()) == []
+    # --teacher-rows: a stronger teacher, its accuracy in a column of its own.
+    for s in seeds:
+        s["sides"][TEACHER] = {"final": {"accuracy": 0.7}, "train_seconds": 40.0}
+    lines = distilled_lines(seeds, result, argparse.Namespace(distill_temperature=3.0, distill_weight=0.8,
+                                                              teacher_rows=3840, train_rows=960))
+    assert "an unpruned fine-tune on more rows" in lines[0]
+    assert "trained on 3840 rows (the job's 960 and the 2880" in lines[2] and "| accuracy teacher (3840 rows) |" in lines[4]
+    assert "| 0 | 0.6000 | 0.7000 | 0.6000 | 0.6000 | -1.20 |" in lines[6]
+
+
+def test_a_teacher_on_more_rows_holds_out_what_the_job_does(monkeypatch: pytest.MonkeyPatch) -> None:
+    """bench.pruning --teacher-rows: the teacher trains on the job's rows and those after them, and scores none of
+    them: the wider load splits as the job's, which the bench checks before it trains (and refuses otherwise)."""
+    from bench import data
+
+    data.same_held_out(960, 3840, 1000, 128, 4)
+    real = data.load
+
+    def shuffled(rows: int, *args: Any) -> Any:  # a split that changed with the number of training rows
+        loaded = real(rows, *args)
+        return replace(loaded, test=replace(loaded.test, inputs=loaded.test.inputs[::-1])) if rows > 960 else loaded
+
+    monkeypatch.setattr(data, "load", shuffled)
+    with pytest.raises(AssertionError, match="the wider job must hold out what the job does"):
+        data.same_held_out(960, 3840, 1000, 128, 4)
 
 
 def test_healing_rows_are_corpus_rows_outside_every_split_the_seed_scores(tmp_path: Path) -> None:
