@@ -41,11 +41,16 @@ def load(train_rows: int, eval_rows: int | None, max_length: int, seed: int) -> 
 
 def same_held_out(train_rows: int, wider_rows: int, eval_rows: int | None, max_length: int, seed: int) -> None:
     """A job of `wider_rows` training rows holds out the validation and test rows a job of `train_rows` does, and
-    trains on its rows and the ones that follow them: nothing either scores is in the other's training rows."""
+    trains on its rows and the ones that follow them, as many as asked: nothing either scores is in the other's
+    training rows."""
     job, wider = (load(rows, eval_rows, max_length, seed) for rows in (train_rows, wider_rows))
     assert (wider.validation.inputs, wider.test.inputs) == (job.validation.inputs, job.test.inputs), \
         "the wider job must hold out what the job does"
     assert wider.train.inputs[:train_rows] == job.train.inputs, "the wider job must train on the job's rows first"
+    assert len(wider.train.inputs) == wider_rows, f"the corpus has {len(wider.train.inputs)} training rows, not more"
+    whole = load(wider_rows, None, max_length, seed)  # the held-out splits whole, every copy of their texts
+    assert not set(wider.train.inputs) & (set(whole.validation.inputs) | set(whole.test.inputs)), \
+        "a held-out text among the wider job's training rows"
 
 
 def unlabelled_rows(train_rows: int, rows: int, max_length: int, seed: int) -> list[str]:

@@ -412,6 +412,8 @@ def test_a_teacher_on_more_rows_holds_out_what_the_job_does(monkeypatch: pytest.
     from bench import data
 
     data.same_held_out(960, 3840, 1000, 128, 4)
+    with pytest.raises(AssertionError, match=r"the corpus has \d+ training rows, not more"):
+        data.same_held_out(960, 10**6, 1000, 128, 4)  # the table would have said 1,000,000 rows
     real = data.load
 
     def shuffled(rows: int, *args: Any) -> Any:  # a split that changed with the number of training rows

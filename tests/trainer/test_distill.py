@@ -337,6 +337,24 @@ def test_a_teacher_with_its_own_tokenizer_is_checked_token_by_token(tmp_path: Pa
         taught(tmp_path, student, swapped)
 
 
+def test_the_columns_compared_are_the_tokenizers_ids_or_the_narrower_students() -> None:
+    """The width the teacher's logits keep: the tokenizer's ids where the tables differ (a student padded wider
+    gets its spare rows scored against no probability); a student narrower than the ids (made from a config) bounds
+    it, where a width past its table failed the first step on the shapes; equal tables keep them all."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    tokenizer = minilm_tokenizer()
+    ids = max(tokenizer.get_vocab().values()) + 1
+
+    def gpt2(rows: int) -> torch.nn.Module:
+        return GPT2LMHeadModel(GPT2Config(**TINY_GPT2, vocab_size=rows))
+
+    assert distill.shared_vocabulary(gpt2(ids + 64), gpt2(ids), tokenizer, tokenizer, "t") == ids
+    assert distill.shared_vocabulary(gpt2(ids), gpt2(ids + 64), tokenizer, tokenizer, "t") == ids
+    assert distill.shared_vocabulary(gpt2(ids + 64), gpt2(ids - 10), tokenizer, tokenizer, "t") == ids - 10
+    assert distill.shared_vocabulary(gpt2(ids + 64), gpt2(ids + 64), tokenizer, tokenizer, "t") is None
+
+
 def test_a_causal_lm_distils_from_a_teacher_whose_vocabulary_is_padded(tmp_path: Path) -> None:
     """The student's table has the tokenizer's rows, the teacher's 64 more: the job trains, and the teacher's own
     test scores (loss, perplexity) are measured beside the baseline's."""

@@ -135,7 +135,8 @@ def teacher_tokenizer(cfg: TrainerConfig) -> Any:
     folder = fetch(spec.teacher.uri, kind="teacher", revision=spec.teacher.revision, error=ModelError)
     if not (folder / "tokenizer_config.json").is_file():
         return None
-    return load_tokenizer(ModelSpec(task=cfg.model.task, uri=str(folder)))  # fetched once: the same snapshot
+    # By its URI, not the folder fetched (a cache path need not be one a ModelSpec takes): the hub's cache answers.
+    return load_tokenizer(ModelSpec(task=cfg.model.task, uri=spec.teacher.uri, revision=spec.teacher.revision))
 
 
 def shared_vocabulary(teacher: nn.Module, student: nn.Module, tokenizer: Any, theirs_said: Any,
@@ -159,7 +160,8 @@ def shared_vocabulary(teacher: nn.Module, student: nn.Module, tokenizer: Any, th
         if short:
             raise ConfigError(f"{FIELD} {where}: its embeddings have {' and '.join(short)} rows, fewer than the "
                               f"tokenizer's {ids} token ids: a teacher must have a row for every token id")
-        return ids if theirs[1] != ours[1] else None
+        # A student's table narrower than the ids (a model made from a config) bounds what the two can compare.
+        return min(ids, ours[1] or ids) if theirs[1] != ours[1] else None
     if theirs != ours:
         raise ConfigError(f"{FIELD} {where}: its vocabulary has {theirs[0]} tokens (output {theirs[1]}), the "
                           f"student's {ours[0]} (output {ours[1]}): the teacher reads the student's token ids, so it "
