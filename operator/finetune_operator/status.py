@@ -219,13 +219,15 @@ def _figure(value: float) -> str:
 def evaluation_of(result: dict[str, Any]) -> dict[str, Any] | None:
     """status.evaluation from the trainer's termination message."""
     evaluation = result.get("evaluation") or {}
-    final = {k: float(v) for k, v in (evaluation.get("final") or {}).items() if isinstance(v, (int, float))}
-    baseline = {k: float(v) for k, v in (evaluation.get("baseline") or {}).items() if isinstance(v, (int, float))}
-    teacher = {k: float(v) for k, v in (evaluation.get("teacher") or {}).items() if isinstance(v, (int, float))}
+
+    def numbers(phase: str) -> dict[str, float]:  # at most the 16 metrics the CRD takes
+        values = [(k, float(v)) for k, v in (evaluation.get(phase) or {}).items() if isinstance(v, (int, float))]
+        return dict(values[:16])
+
+    final, baseline, teacher = numbers("final"), numbers("baseline"), numbers("teacher")
     if not final and not baseline:
         return None
-    return {"baseline": dict(list(baseline.items())[:16]), "final": dict(list(final.items())[:16]),
-            **({"teacher": dict(list(teacher.items())[:16])} if teacher else {}),
+    return {"baseline": baseline, "final": final, **({"teacher": teacher} if teacher else {}),
             "summary": short(_summary(baseline, final), 256)}
 
 
