@@ -39,32 +39,27 @@ def load(train_rows: int, eval_rows: int | None, max_length: int, seed: int) -> 
     return load_dataset(spec, Task.SEQUENCE_CLASSIFICATION, seed)
 
 
-def same_held_out(train_rows: int, wider_rows: int, eval_rows: int | None, max_length: int, seed: int) -> None:
+def same_held_out(train_rows: int, wider_rows: int, eval_rows: int | None, max_length: int, seed: int) -> Any:
     """A job of `wider_rows` training rows holds out the validation and test rows a job of `train_rows` does, and
     trains on its rows and the ones that follow them, as many as asked: nothing either scores is in the other's
-    training rows."""
+    training rows. The wider job's data, its held-out splits whole."""
     job, wider = (load(rows, eval_rows, max_length, seed) for rows in (train_rows, wider_rows))
     assert (wider.validation.inputs, wider.test.inputs) == (job.validation.inputs, job.test.inputs), \
         "the wider job must hold out what the job does"
     assert wider.train.inputs[:train_rows] == job.train.inputs, "the wider job must train on the job's rows first"
     assert len(wider.train.inputs) == wider_rows, f"the corpus has {len(wider.train.inputs)} training rows, not more"
-    whole = load(wider_rows, None, max_length, seed)  # the held-out splits whole, every copy of their texts
+    # The held-out splits whole, every copy of their texts (what `wider` holds already without eval_rows).
+    whole = wider if eval_rows is None else load(wider_rows, None, max_length, seed)
     assert not set(wider.train.inputs) & (set(whole.validation.inputs) | set(whole.test.inputs)), \
         "a held-out text among the wider job's training rows"
+    return whole
 
 
 def unlabelled_rows(train_rows: int, rows: int, max_length: int, seed: int) -> list[str]:
     """Texts of `rows` corpus rows that are in none of the seed's splits: the training rows that follow the job's
     `train_rows` in the split's order (the validation and test rows are held out before them, with every copy of
     their texts: the corpus repeats some), so that nothing scored is ever seen."""
-    wider = load(train_rows + rows, None, max_length, seed)  # the same split; held-out splits whole
-    held_out = set(wider.validation.inputs) | set(wider.test.inputs)
-    texts = wider.train.inputs[train_rows:]
-    job = load(train_rows, None, max_length, seed)
-    assert (wider.train.inputs[:train_rows], wider.validation.inputs, wider.test.inputs) == (
-        job.train.inputs, job.validation.inputs, job.test.inputs), "the wider load must split as the job does"
-    assert not held_out & set(texts), "a validation or test text among healing's rows"
-    return texts
+    return same_held_out(train_rows, train_rows + rows, None, max_length, seed).train.inputs[train_rows:]
 
 
 def read_corpus() -> list[tuple[str, str]]:
