@@ -155,16 +155,15 @@ def measure_seed(settings: Settings, full: bool, eval_rows: int, rounds: int, ba
             dataset, heal_texts = heal_file(settings, heal_rows, Path(tmp))
             prune = prune | {"heal": prune["heal"] | {"dataset": dataset}}
         order = SIDES[settings.seed % 2:] + SIDES[:settings.seed % 2]  # rotates, so a drifting load favours neither
-        teacher = TEACHER if distill and teacher_rows else "unpruned"
-        if teacher == TEACHER:
+        teacher = TEACHER if teacher_rows else "unpruned"  # main takes --teacher-rows with --distill only
+        if teacher_rows:
             same_held_out(settings.train_rows, teacher_rows, eval_rows, settings.max_length, settings.seed)
-        later = ((LONGER,) if longer_epochs else ()) + ((TEACHER,) if teacher == TEACHER else ()) + (
+        later = ((LONGER,) if longer_epochs else ()) + ((TEACHER,) if teacher_rows else ()) + (
             (DISTILLED,) if distill else ())
+        own = {LONGER: replace(settings, epochs=longer_epochs), TEACHER: replace(settings, train_rows=teacher_rows)}
         for name in order + later:  # a teacher before its student
-            side = {LONGER: replace(settings, epochs=longer_epochs), TEACHER: replace(settings, train_rows=teacher_rows)
-                    }.get(name, settings)
             taught = distillation_spec(Path(tmp) / teacher, *distill) if name == DISTILLED and distill else None
-            sides[name] = train(side, full, eval_rows, Path(tmp) / name, prune if name in (
+            sides[name] = train(own.get(name, settings), full, eval_rows, Path(tmp) / name, prune if name in (
                 "pruned", LONGER, DISTILLED) else None, taught)
             print(f"bench.pruning: seed {settings.seed} {name}: accuracy {sides[name]['final']['accuracy']:.4f}, "
                   f"{sides[name]['train_seconds']:.0f}s training", flush=True)
