@@ -389,11 +389,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     # teacher, and reports the scores an earlier attempt kept.
     taught: dict[str, float] = {}
     if cfg.evaluation.baseline and cfg.training.distillation is not None:
-        if teacher is not None:
-            taught = scores_once(checkpoints.TEACHER, lambda: measure(distill.Scored(teacher), test_data), per_class,
-                                 checkpoint_dir, world)
-        else:
-            taught = (checkpoints.load_scores(checkpoint_dir, checkpoints.TEACHER) or {}).get("scores", {})
+        taught = scores_once(checkpoints.TEACHER, None if teacher is None else (
+            lambda: measure(distill.Scored(teacher), test_data)), per_class, checkpoint_dir, world)
         if taught:
             progress.metrics.set_eval("teacher", taught)
             log.info("the teacher, on the test split: %s", taught)
@@ -611,11 +608,12 @@ def heal_once(model: nn.Module, unpruned: nn.Module | None, task: Task, batches:
     return figures
 
 
-def scores_once(name: str, measure_scores: Callable[[], dict[str, float]], per_class: dict[str, Any], folder: Path,
-                world: distributed.World) -> dict[str, float]:
+def scores_once(name: str, measure_scores: Callable[[], dict[str, float]] | None, per_class: dict[str, Any],
+                folder: Path, world: distributed.World) -> dict[str, float]:
     """The test scores `name` (checkpoints.BASELINE, TEACHER), or those an earlier attempt of this run kept in its
     checkpoint folder: a retry after training (a SIGTERM in the final evaluation or the export) scored a large test
-    split again, for minutes."""
+    split again, for minutes. With no `measure_scores` (a teacher a finished training did not load), only those
+    kept, or none."""
     what = Path(name).stem  # the phase: baseline, teacher
     kept = checkpoints.load_scores(folder, name)
     world.barrier()  # every rank has looked before rank 0 writes one, so all measure or none
@@ -624,6 +622,8 @@ def scores_once(name: str, measure_scores: Callable[[], dict[str, float]], per_c
         if kept["per_class"] is not None:
             per_class[what] = kept["per_class"]
         return kept["scores"]
+    if measure_scores is None:
+        return {}
     scores = measure_scores()
     checkpoints.save_scores(folder, name, {"scores": scores, "per_class": per_class.get(what)}, world)
     return scores
