@@ -218,6 +218,30 @@ def test_rank_0s_success_stands_when_a_peer_fails_in_its_teardown_after_it() -> 
         == "Failed"
 
 
+def test_rank_0s_success_stands_while_the_job_controller_stops_the_peers_left_after_it() -> None:
+    """Three workers: rank 0 exported and exited 0, and peer 1, whose c10d store it hosted, failed in its teardown.
+    The Job controller judges that failure before rank 0's success policy and deletes peer 2, which checkpoints on the
+    SIGTERM for its grace period, Running across several ticks: each judged peer 1's knock-on, and the job failed
+    (backoffLimit 0) with its evaluation lost, or retried counted."""
+    spec = {"runtime": EXAMPLE["spec"]["runtime"] | {"workers": 3}}
+    done = {"stage": "Done", "exitCode": 0, "evaluation": {"baseline": {"accuracy": 0.41}, "final": {"accuracy": 0.66}}}
+    running = after(decide(Observed(body({"attempts": 1}, **spec), [job(workers=3, active=3)],
+                                    [pod(), pod(index=1), pod(index=2)], NOW - timedelta(minutes=1))))
+    rank0 = pod(phase="Succeeded", exit_code=0, message=done, finished="2026-12-01T11:59:58Z")
+    store_gone = {"exitCode": 2, "reason": "DistributedFailure", "message": "TCPStore: connection reset"}
+    peer1 = pod(index=1, phase="Failed", exit_code=1, message=store_gone, finished="2026-12-01T11:59:59Z")
+    failed = job(workers=3, active=1, succeeded=1, failed=1, ended="2026-12-01T12:00:00Z",
+                 failure={"reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"})
+    checkpointing = pod(index=2, deletionTimestamp="2026-12-01T12:00:30Z")  # deleted at 12:00:00, a 30 s grace
+    for limit in (0, 3):
+        # Every tick of its grace period, and one that sees the Job's failure before the pod's deletion.
+        for peer2, seconds in ((checkpointing, 2), (checkpointing, 20), (pod(index=2), 1)):
+            status = after(decide(Observed(body(running, backoffLimit=limit, **spec), [failed], [rank0, peer1, peer2],
+                                           NOW + timedelta(seconds=seconds))), running)
+            assert status["phase"] == "Succeeded" and status["evaluation"]["final"] == {"accuracy": 0.66}, status
+            assert not status.get("failures") and status["attempts"] == 1
+
+
 def test_the_cause_of_a_gangs_failure_is_the_worker_that_failed_not_the_peers_it_took_down() -> None:
     """A worker's user error took rank 0 down with a DistributedFailure in the same second: in one pod order the job
     failed for the user error, in the other it was retried for the DistributedFailure, counted. A rank whose peer

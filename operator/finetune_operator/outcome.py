@@ -400,10 +400,16 @@ def attempt_outcome(job: dict[str, Any] | None, pods: list[dict[str, Any]],
     if job["complete"]:
         return Outcome(State.SUCCEEDED, "Completed", "every worker finished", result=result)
     # Rank 0 exported the model and exited 0, and a peer failed in its teardown after it, failing the Job: the run
-    # succeeded. (A Job made with rank 0's success policy is complete by then; one an apiserver before 1.31 made is
-    # not. A peer that hangs instead is NotExiting, as before the policy.)
+    # succeeded. (A Job made with rank 0's success policy is complete by then, unless its controller saw the peer's
+    # failure first, which it checks before the policy; one an apiserver before 1.31 made is not. A peer that hangs
+    # instead is NotExiting, as before the policy.) Every rank passed the barrier after the export before rank 0 wrote
+    # Done (pipeline.stages), so a peer's exit after it is its teardown's, and once the Job has failed no peer is left
+    # to wait for: the Job controller deletes every pod still active, which may checkpoint on the SIGTERM for its
+    # whole grace period, Running across many ticks (with 3 workers or more, the knock-on of the peer that failed was
+    # judged meanwhile: counted, or at backoffLimit 0 the job failed with its evaluation lost). Failed alone: a peer on
+    # a lost node.
     if ended.get("exitCode") == EXIT_OK and result.get("exitCode") == EXIT_OK and result.get("stage") == "Done" and (
-            all(p.get("terminated") or p["phase"] == "Failed" for p in pods)):  # Failed alone: a lost node's
+            job["failure"] or all(p.get("terminated") or p["phase"] == "Failed" for p in pods)):
         return Outcome(State.SUCCEEDED, "Completed", "rank 0 finished; a worker failed after it", result=result)
     if job.get("suspended"):  # its pods, stopped by the Job controller, did not fail
         return Outcome(State.PENDING, "Queued", f"the Job {job['name']} is suspended by its queue (Kueue): it waits "
