@@ -277,6 +277,34 @@ def test_the_cause_of_a_gangs_failure_is_the_worker_that_failed_not_the_peers_it
             c["message"] for c in status["conditions"] if c["type"] == "Restarting")
 
 
+def test_a_knock_on_seen_before_the_jobs_verdict_waits_for_the_cause() -> None:
+    """Rank 1 raised a user error and rank 0's collective failed with it: rank 0's DistributedFailure reached the API
+    first, and a tick before the Job controller wrote FailureTarget (its 1 s batch) counted it and retried ("Pending
+    DistributedFailure", a Warning), though an exit 1 is never retried."""
+    spec = {"runtime": EXAMPLE["spec"]["runtime"] | {"workers": 2}, "backoffLimit": 3}
+    user = {"exitCode": 1, "reason": "DatasetNotFound", "message": "no such split", "stage": "Loading"}
+    peer = {"exitCode": 2, "reason": "DistributedFailure", "message": "DistBackendError: reset", "stage": "Loading"}
+    running = after(decide(Observed(body({"attempts": 1}, **spec), [job(workers=2, active=2)], [pod(), pod(index=1)],
+                                    NOW - timedelta(seconds=10))))
+    first = pod(phase="Failed", exit_code=1, finished="2026-12-01T11:59:59Z", message=peer)
+    before_verdict = decide(Observed(body(running, **spec), [job(workers=2, active=1, failed=1)], [first, pod(index=1)],
+                                     NOW))
+    waited = after(before_verdict, running)
+    assert waited["phase"] == "Running" and waited["attempts"] == 1 and not waited.get("failures"), waited
+    assert "Restarting" not in conditions(waited) and not [e for e in before_verdict.events if e[0] == "Warning"]
+    failed = job(workers=2, active=1, failed=1, ended="2026-12-01T12:00:01Z",
+                 failure={"reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"})
+    both = [first, pod(index=1, phase="Failed", exit_code=1, finished="2026-12-01T12:00:00Z", message=user)]
+    status = after(decide(Observed(body(waited, **spec), [failed], both, NOW + timedelta(seconds=2))), waited)
+    assert (status["phase"], status["reason"]) == ("Failed", "DatasetNotFound") and not status.get("failures")
+    # One worker has no cause to wait for, and a failure that is no knock-on is its own: both judged at once.
+    alone = outcome.attempt_outcome(job(), [pod(phase="Failed", exit_code=143, message={"exitCode": 143})])
+    assert alone.state == outcome.State.FAILED and alone.retry == outcome.Retry.COUNTED
+    crash = {"exitCode": 2, "reason": "InfrastructureFailure", "message": "CUDA error", "stage": "Training"}
+    own = outcome.attempt_outcome(job(workers=2), [pod(phase="Failed", exit_code=1, message=crash), pod(index=1)])
+    assert (own.state, own.reason) == (outcome.State.FAILED, "InfrastructureFailure")
+
+
 def test_every_retry_is_told_though_none_was_seen_running() -> None:
     """Attempts that failed before any tick saw them run kept Restarting True with one reason, and Created
     AttemptCreated: after attempt 1's Warning, attempts 2 to 4 failed and were made with no Event until the last

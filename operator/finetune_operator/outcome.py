@@ -322,6 +322,16 @@ def knock_on(pod: dict[str, Any]) -> bool:
     return code == EXIT_TERMINATED or message.get("reason") == DISTRIBUTED_FAILURE
 
 
+def _cause_to_come(failed: list[dict[str, Any]], pods: list[dict[str, Any]]) -> bool:
+    """Whether the failed pods of a Job not failed yet are only knock-ons while a peer has not ended: that peer's own
+    exit, the cause, is still to come (a rank whose peer died can end first). Judged then, a user error's knock-on was
+    counted and retried. It waits no longer than the Job's verdict: with backoffLimit 0 its controller fails it on the
+    first failed pod (after its 1 s batch), and _pods_behind takes over. A disruption or an eviction is its own cause."""
+    return all(p.get("terminated") and not p.get("disrupted") and p.get("evicted") is None and knock_on(p)
+               for p in failed) and any(not p.get("terminated") and p["phase"] not in ("Succeeded", "Failed")
+                                        for p in pods)
+
+
 def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
     """Why a failed attempt failed, and whether another attempt may help."""
     # Evicted for going past its own limit: the next attempt goes past it again unless the spec changes, so it is
@@ -415,7 +425,8 @@ def attempt_outcome(job: dict[str, Any] | None, pods: list[dict[str, Any]],
         return Outcome(State.PENDING, "Queued", f"the Job {job['name']} is suspended by its queue (Kueue): it waits "
                                                 "to be admitted", queued=True)
     pods = [p for p in pods if not _stopped_before_this_admission(p, job)]
-    if job["failure"] or any(p["phase"] == "Failed" for p in pods):
+    failed = [p for p in pods if p["phase"] == "Failed"]
+    if job["failure"] or failed and not _cause_to_come(failed, pods):
         return failure_cause(job, pods)
     workers = job.get("workers", 1)
     if len(pods) < workers and job_warning:  # a pod the Job controller could not create (a quota, Pod Security)
