@@ -697,6 +697,45 @@ def test_a_node_pressure_eviction_stays_a_free_retry() -> None:
     assert (result.reason, result.retry) == ("RejectedByNode", outcome.Retry.FREE)
 
 
+def kubelet_rejected(reason: str, message: str, index: int = 0) -> dict[str, Any]:
+    """A trainer pod its node's kubelet refused to admit (kubelet.go's rejectPod): Failed with the admit handler's
+    reason and "Pod was rejected: " before its message; no container ever ran, no DisruptionTarget."""
+    return {"metadata": {"name": f"ft-1-{index}-x", "labels": {"finetune.dev/attempt": "1"},
+                         "annotations": {"batch.kubernetes.io/job-completion-index": str(index)}},
+            "status": {"phase": "Failed", "reason": reason, "message": f"Pod was rejected: {message}",
+                       "containerStatuses": [{"name": "trainer", "ready": False, "restartCount": 0, "state": {
+                           "waiting": {"reason": "ContainerCreating"}}}]}}
+
+
+def test_a_pod_its_kubelet_refused_for_the_nodes_devices_is_a_free_retry_that_says_why() -> None:
+    """A GPU pod refused at admission (the device manager's Allocate failed after the device plugin restarted, or a GPU
+    the kubelet counts short of the scheduler) never ran: it was counted, "a worker failed and left no exit code", and
+    at backoffLimit 0 failed the job, with the kubelet's reason and message nowhere."""
+    failed = job(failure={"reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"})
+    refusals = {"UnexpectedAdmissionError": "Allocate failed due to requested number of devices unavailable for "
+                                            "nvidia.com/gpu. Requested: 1, Available: 0, which is unexpected",
+                "OutOfnvidia.com/gpu": "Node didn't have enough resource: nvidia.com/gpu, requested: 1, used: 8, "
+                                       "capacity: 8"}
+    for reason, message in refusals.items():
+        refused = outcome.pod_summary(kubelet_rejected(reason, message))
+        decision = decide(Observed(body({"attempts": 1}, backoffLimit=0), [failed], [refused], NOW))
+        status = after(decision)
+        assert status["attempts"] == 2 and not status.get("failures") and status["phase"] == "Pending", status
+        restarting = next(c for c in status["conditions"] if c["type"] == "Restarting")
+        assert restarting["reason"] == "RejectedByNode"
+        assert f"pod ft-1-0-x was refused by its node's kubelet ({reason}: Pod was rejected: {message})" \
+            in restarting["message"]
+    # A refusal of another kind may meet every attempt (a topology manager's policy): counted, and it says why, though
+    # its peer, stopped with the Job, left an exit 143.
+    topology = outcome.pod_summary(kubelet_rejected("TopologyAffinityError",
+                                                    "Resources cannot be allocated with Topology locality"))
+    peer = pod(index=1, phase="Failed", exit_code=143, finished="2026-12-01T11:59:59Z")
+    result = outcome.attempt_outcome(failed, [topology, peer])
+    assert (result.reason, result.retry) == ("RejectedByNode", outcome.Retry.COUNTED)
+    assert result.message == "pod ft-1-0-x was refused by its node's kubelet (TopologyAffinityError: Pod was " \
+                             "rejected: Resources cannot be allocated with Topology locality)"
+
+
 def test_failures_beyond_the_backoff_limit_fail_the_job() -> None:
     failed = [pod(phase="Failed", exit_code=2, message={"exitCode": 2, "reason": "RuntimeError", "message": "boom"})]
     status = after(decide(Observed(body({"attempts": 2, "failures": 1}, backoffLimit=1),

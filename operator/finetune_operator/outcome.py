@@ -68,9 +68,16 @@ OWN_LIMIT_EVICTION = re.compile(
     r'|Pod ephemeral local storage usage exceeds the total limit of containers (?P<total>\S+)\.'
     r'|Usage of EmptyDir volume "(?P<volume>[^"]*)" exceeds the limit "(?P<size>[^"]*)"\.')
 STORAGE_LIMIT_EXCEEDED = "StorageLimitExceeded"
-# A pod the kubelet refused to admit for the node's pressure (the eviction manager's Admit, kubelet.rejectPod): Failed,
-# reason Evicted, no container ever ran and no DisruptionTarget; the node's state, not the job's: a free retry.
-REJECTED_BY_NODE = "Pod was rejected: The node had condition:"
+# A pod the kubelet refused to admit (kubelet.go's rejectPod): Failed, status.reason the admit handler's word and
+# status.message this prefix and its why, no container ever ran and no DisruptionTarget (the Job's pod-failure policy
+# does not see it). Refused for the node's state of the moment, not the job's, it is a free retry: its pressure (the
+# eviction manager's Admit: Evicted, "The node had condition: [DiskPressure]"), a device plugin that could not allocate
+# the devices the scheduler counted (the device manager's UnexpectedAdmissionError, "Allocate failed ... unavailable",
+# after the plugin's restart), or a resource the kubelet finds short of what the scheduler saw (the resource-fit
+# admit's OutOf<resource>, as OutOfnvidia.com/gpu). Another (a topology manager's TopologyAffinityError, a forbidden
+# sysctl) may refuse every attempt: counted, with the kubelet's words.
+REJECTED = "Pod was rejected: "
+NODE_STATE_REJECTIONS = re.compile(rf"{EVICTED}|UnexpectedAdmissionError|OutOf\S+")
 
 
 def own_limit_field(message: str | None) -> str | None:
@@ -221,6 +228,7 @@ def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
     scheduled = conditions.get("PodScheduled", {})
     disruption = conditions.get("DisruptionTarget", {})
     terminated = _termination(pod)
+    rejected = status.get("phase") == "Failed" and (status.get("message") or "").startswith(REJECTED)
     summary: dict[str, Any] = {
         "name": meta["name"],
         "uid": meta.get("labels", {}).get(JOB_UID_LABEL),  # None for pods made by an operator before the label
@@ -234,8 +242,8 @@ def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
         "scheduled": scheduled.get("status") == "True",
         "unschedulable": scheduled.get("message") if scheduled.get("reason") == "Unschedulable" else None,
         "disrupted": disruption.get("reason") if disruption.get("status") == "True" else (
-            "RejectedByNode" if status.get("reason") == EVICTED
-            and (status.get("message") or "").startswith(REJECTED_BY_NODE) else None),
+            "RejectedByNode" if rejected and NODE_STATE_REJECTIONS.fullmatch(status.get("reason") or "") else None),
+        "rejected": f"{status.get('reason') or 'Rejected'}: {status['message']}" if rejected else None,  # and why
         "evicted": status.get("message") or "" if status.get("reason") == EVICTED else None,  # the kubelet's why
         "stuck": _stuck(pod),
         "creating": _creating_since(pod, scheduled),  # scheduled at, while its containers are still being created
@@ -326,10 +334,15 @@ def _cause_to_come(failed: list[dict[str, Any]], pods: list[dict[str, Any]]) -> 
     """Whether the failed pods of a Job not failed yet are only knock-ons while a peer has not ended: that peer's own
     exit, the cause, is still to come (a rank whose peer died can end first). Judged then, a user error's knock-on was
     counted and retried. It waits no longer than the Job's verdict: with backoffLimit 0 its controller fails it on the
-    first failed pod (after its 1 s batch), and _pods_behind takes over. A disruption or an eviction is its own cause."""
+    first failed pod (after its 1 s batch), and _pods_behind takes over. A disruption or an eviction is its own
+    cause."""
     return all(p.get("terminated") and not p.get("disrupted") and p.get("evicted") is None and knock_on(p)
                for p in failed) and any(not p.get("terminated") and p["phase"] not in ("Succeeded", "Failed")
                                         for p in pods)
+
+
+def _refused(pod: dict[str, Any]) -> str:
+    return f"pod {pod['name']} was refused by its node's kubelet ({pod['rejected']})"
 
 
 def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
@@ -348,13 +361,17 @@ def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
     if disrupted or _disrupted_by_policy(job):
         reason = disrupted[0]["disrupted"] if disrupted else "Disrupted"
         who = f"pod {disrupted[0]['name']}" if disrupted else "a worker"
-        return Outcome(State.FAILED, reason, f"{who} was disrupted ({reason}); the gang restarts from its checkpoint",
-                       Retry.FREE)
+        told = _refused(disrupted[0]) if disrupted and disrupted[0].get("rejected") else \
+            f"{who} was disrupted ({reason})"
+        return Outcome(State.FAILED, reason, f"{told}; the gang restarts from its checkpoint", Retry.FREE)
     ended = [p for p in pods if (p.get("terminated") or {}).get("exitCode") not in (None, EXIT_OK)]
     # The cause first: not a knock-on (which can end before the failure that caused it); then the earliest; within a
     # second, a user error (never retried) first, then the lower index.
     causes = sorted(ended, key=lambda p: (knock_on(p), p["terminated"]["finishedAt"],
                                           exit_of(p)[0] != EXIT_USER_ERROR, p["index"]))
+    rejected = next((p for p in pods if p.get("rejected")), None)
+    if rejected and (not causes or knock_on(causes[0])):  # its peers, stopped with the Job, are its knock-ons
+        return Outcome(State.FAILED, "RejectedByNode", _refused(rejected), Retry.COUNTED)
     if not causes:
         failure = job.get("failure") or {}
         return Outcome(State.FAILED, "WorkerFailed",
