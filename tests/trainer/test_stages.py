@@ -540,6 +540,35 @@ def test_the_model_cards_code_loads_adapters_kept_apart_and_merged_weights(bert,
                                atol=1e-5, rtol=1e-4)
 
 
+def test_the_model_cards_code_loads_adapters_kept_apart_onto_the_base_model_config_made(tmp_path: Path) -> None:
+    """The job builds its base from model.uri with model.config's overrides (3 of MiniLM's 6 layers); adapters kept
+    apart were to be loaded onto model.uri's base as published, 6 layers, which gave other logits. A key the card sets
+    itself (num_labels: the head's size) is said once."""
+    from finetune_trainer.export import model_card
+
+    doc = tiny_classifier_doc(tmp_path / "out")
+    doc["model"] = {"task": "sequence-classification", "uri": "pvc://models/all-MiniLM-L6-v2",
+                    "config": {"num_hidden_layers": 3, "num_labels": 2}}
+    doc["rearrange"] = {"lora": {"rank": 4}, "mergeOnExport": False}
+    cfg = TrainerConfig.model_validate(doc)
+    tokenizer = load_tokenizer(cfg.model)
+    model = load_model(cfg.model, tokenizer, seed=0)
+    assert len(model.bert.encoder.layer) == 3
+    labels = {0: "neg", 1: "neu", 2: "pos"}
+    new_head(model, "classifier", 3, labels, reinitialize=True)
+    wrapped = add_adapters(model, LoraSpec(rank=4), ["bert.encoder.layer.2.output.dense"], "classifier")
+    as_if_trained(wrapped)
+    _, _, batches = text_batches(tokenizer, Task.SEQUENCE_CLASSIFICATION, [0, 1, 2, 0, 1] * 4)
+    logits = logits_of(wrapped.eval(), batches[0].inputs)
+    export_model(wrapped, tokenizer, labels, cfg, tmp_path / "out")
+    report = {"evaluation": {"baseline": {}, "final": {}, "delta": {}}, "labels": labels,
+              "training": {"train_samples": 1, "validation_samples": 1, "test_samples": 1, "steps": 1, "seconds": 1,
+                           "samples_per_second": 1}}
+    loaded = card_model(model_card(cfg, report, adapters_apart=True), tmp_path / "out").eval()
+    assert len(loaded.base_model.model.bert.encoder.layer) == 3
+    torch.testing.assert_close(logits_of(loaded, batches[0].inputs), logits)
+
+
 def test_a_causal_lms_card_counts_chunks_not_samples(tmp_path: Path) -> None:
     """A language model's texts are cut into chunks of maxLength tokens, and the report counts those: its card
     said 466 training samples of a job of maxTrainSamples 128, as if the bound were ignored."""
