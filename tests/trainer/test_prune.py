@@ -372,6 +372,26 @@ def test_a_pruned_decoder_renumbers_its_layers_and_reloads(tmp_path: Path) -> No
     torch.testing.assert_close(logits_of(reloaded, batch.inputs), logits, atol=1e-5, rtol=1e-5)
 
 
+def test_a_pruned_gpt_neo_renumbers_the_layer_ids_its_cache_is_indexed_by() -> None:
+    """GPT-Neo's attention keeps its layer's index in layer_id, not layer_idx: without layer 1 of 4 its kept layers
+    said [0, 2, 3] and updated a cache of 3 layers at index 3, an IndexError on every forward."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("gpt_neo", vocab_size=100, hidden_size=32, num_layers=4, num_heads=2,
+                                  attention_types=[[["global", "local"], 2]], window_size=8, max_position_embeddings=64,
+                                  bos_token_id=1, eos_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    prune.remove_layers(model, Task.CAUSAL_LM, [1])
+    assert [[m.layer_id for m in (layer.attn, layer.attn.attention)] for layer in model.transformer.h] == [
+        [0, 0], [1, 1], [2, 2]]
+    ids = torch.randint(0, 100, (2, 12))
+    with torch.no_grad():
+        whole = model(input_ids=ids).logits
+        cached = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        step = model(input_ids=ids[:, -1:], past_key_values=cached, use_cache=True).logits  # a generation step
+    torch.testing.assert_close(step[:, -1], whole[:, -1], atol=1e-5, rtol=1e-5)
+
 
 def test_a_pruned_models_per_layer_config_lists_follow_the_kept_layers(tmp_path: Path) -> None:
     """SmolLM3 says in no_rope_layers which layers use rotary positions: the export kept the unpruned list, so the

@@ -49,6 +49,11 @@ HEAD_MEASURE = "head-mask gradient (Michel et al. 2019)"
 # Where the heads meet: the attention's output projection in BERT-like, GPT-2, Llama-like and ViT-like models.
 OUTPUT_PROJECTIONS = ("attention.output.dense", "attn.c_proj", "self_attn.o_proj", "self_attn.out_proj",
                       "attention.dense", "attn.out_proj")
+# The attributes in which transformers' modules keep the 0-based index of the layer they belong to, by which caches
+# and states are indexed: layer_idx (GPT-2, Llama), layer_id (GPT-Neo, XLM, RWKV, Reformer), layer_number
+# (GPT-NeoX-Japanese), layer_num (BLIP's text model). Left unrenumbered, GPT-Neo's kept layers [0, 2, 3] updated a
+# cache of 3 layers at index 3 (an IndexError on every forward).
+LAYER_INDEXES = ("layer_idx", "layer_id", "layer_number", "layer_num")
 LATENCY_BATCHES = 8
 LATENCY_ROUNDS = 3
 HEAL_WARMUP = 0.1  # of the healing steps, a linear warmup
@@ -201,8 +206,9 @@ def remove_layers(model: nn.Module, task: Task, drop: list[int]) -> None:
     model.set_submodule(prefix, kept)
     for i, layer in enumerate(kept):  # attention caches are indexed by layer (GPT-2, Llama)
         for module in layer.modules():
-            if isinstance(getattr(module, "layer_idx", None), int):
-                module.layer_idx = i
+            for name in LAYER_INDEXES:
+                if isinstance(getattr(module, name, None), int):
+                    setattr(module, name, i)
     log.info("pruned layers %s of %s (%d left)", drop, prefix, len(kept))
 
 
