@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from finetune_trainer.config import DatasetSpec, Task
-from finetune_trainer.data import Split, check_label_count, label_ids, load_dataset, read_dataset
+from finetune_trainer.data import Split, check_label_count, head_order, label_ids, load_dataset, read_dataset
 from finetune_trainer.distributed import World
 from finetune_trainer.errors import DataError
 from finetune_trainer.pipeline import check_images_once
@@ -890,6 +890,19 @@ def test_labels_that_differ_only_in_case_are_named(tmp_path: Path, caplog: pytes
         f"t{i},{['pos', 'POS', 'neg'][i % 3]}\n" for i in range(30)))
     assert len(load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0).id2label) == 3
     assert "differ only in case" in caplog.text and "POS and pos" in caplog.text
+
+
+def test_a_trained_head_of_labels_that_differ_only_in_case_keeps_each_ones_id(tmp_path: Path) -> None:
+    """Matched in any case, pos and POS were one name: a head trained on the dataset's labels in another order was
+    taken for another head's, and its POS column went on learning the dataset's pos. Exact names match first, the
+    rest in any case only where one of each is left (NEG is neg), else the head names other labels."""
+    (path := tmp_path / "d.csv").write_text("text,label\n" + "".join(
+        f"t{i},{['pos', 'POS', 'neg'][i % 3]}\n" for i in range(30)))
+    id2label = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0).id2label
+    head = {0: id2label[2], 1: id2label[0], 2: id2label[1]}  # the same labels in another order
+    assert head_order(id2label, head) == [1, 2, 0]
+    assert head_order(id2label, {i: "NEG" if name == "neg" else name for i, name in head.items()}) == [1, 2, 0]
+    assert head_order(id2label, {i: {"pos": "Pos", "POS": "pOS"}.get(name, name) for i, name in head.items()}) is None
 
 
 @pytest.mark.parametrize(("name", "separator"), [("d.csv", ";"), ("d.csv", "|"), ("d.tsv", "\t"), ("d.csv", "\t")])

@@ -296,6 +296,28 @@ def test_a_teacher_of_the_same_labels_in_another_order_is_read_in_the_students(t
     torch.testing.assert_close(teacher.logits(inputs), logits_of(teacher.model, inputs)[:, [1, 2, 0]])
 
 
+@pytest.mark.parametrize(("labels", "columns"), [
+    ({0: "pos", 1: "POS", 2: "neg"}, None),
+    ({0: "POS", 1: "neg", 2: "pos"}, [2, 0, 1]),
+    ({0: "neg", 1: "Pos", 2: "POS"}, [1, 2, 0]),  # pos in another case: the one such label left
+])
+def test_labels_that_differ_only_in_case_are_each_read_from_their_own_teacher_column(
+        labels: dict[int, str], columns: list[int] | None) -> None:
+    """pos and POS are two classes (data.warn_labels_differing_in_case), which matching in any case read from one
+    teacher column: a teacher of the job's own labels gave columns [1, 1, 2]. Exact names match first; the rest in
+    any case only where one of each is left, else the teacher is refused."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    job = {0: "pos", 1: "POS", 2: "neg"}
+    teacher = BertForSequenceClassification(BertConfig(vocab_size=100, id2label=labels, **TINY_BERT))
+    found = distill.label_columns(teacher, job, 3, "t")
+    assert (found if found is None else found.tolist()) == columns
+    teacher.config.id2label = {0: "Pos", 1: "pOS", 2: "neg"}
+    with pytest.raises(ConfigError, match=r"^training\.distillation\.teacher t: its labels \(Pos, pOS, neg\) do not "
+                                          r"name pos, POS of the job's \(pos, POS, neg\)"):
+        distill.label_columns(teacher, job, 3, "t")
+
+
 @pytest.mark.parametrize(("labels", "config", "error"), [
     ({0: "cat", 1: "dog", 2: "neutral"}, {}, r"its labels \(cat, dog, neutral\) do not name negative, positive"),
     ({0: "negative", 1: "positive"}, {}, r"its head scores 2 classes, the student's 3"),

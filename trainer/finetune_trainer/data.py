@@ -702,15 +702,31 @@ def input_key(item: Any) -> Hashable:
 
 
 def head_order(id2label: dict[int, str], head_labels: dict[int, str]) -> list[int] | None:
-    """The head's id of each dataset label id, where a trained head names the same labels (in any case: POSITIVE
-    is positive) in another order, so that it keeps what it learned (transformers' run_glue maps them so too);
-    None where the names differ or the order is the same."""
-    names = {str(name).lower(): int(i) for i, name in head_labels.items()}
-    ours = [name.lower() for name in id2label.values()]
-    if sorted(names) != sorted(ours):
+    """The head's id of each dataset label id, where a trained head names the same labels (matched_labels: in any
+    case, POSITIVE is positive) in another order, so that it keeps what it learned (transformers' run_glue maps them
+    so too); None where the names differ or the order is the same."""
+    matched = matched_labels(id2label, head_labels)
+    if len(matched) != len(id2label) or len(head_labels) != len(id2label):
         return None
-    order = [names[name] for name in ours]
+    order = [matched[i] for i in id2label]
     return None if order == sorted(order) else order
+
+
+def matched_labels(ours: dict[int, str], theirs: dict[int, str]) -> dict[int, int]:
+    """The id in `theirs` of each label of `ours` it names, one to one: the label of the same name, else the one
+    that differs only in case (POSITIVE is positive) where neither side has another such label left. Labels that
+    differ only in case (pos, POS) are classes of their own (warn_labels_differing_in_case): matched in any case,
+    both took the same id."""
+    exact = {str(name): int(i) for i, name in theirs.items()}
+    matched = {i: exact[name] for i, name in ours.items() if name in exact}
+    left: dict[str, tuple[list[int], list[int]]] = {}  # by the name in lower case: ours left, theirs left
+    for i, name in ours.items():
+        if i not in matched:
+            left.setdefault(name.lower(), ([], []))[0].append(i)
+    for i, name in theirs.items():
+        if int(i) not in matched.values() and (spelt := left.get(str(name).lower())):
+            spelt[1].append(int(i))
+    return matched | {mine[0]: other[0] for mine, other in left.values() if len(mine) == len(other) == 1}
 
 
 def in_head_order(data: LabelledData, order: list[int]) -> LabelledData:

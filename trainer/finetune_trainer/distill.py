@@ -19,6 +19,7 @@ import torch
 from torch import nn
 
 from finetune_trainer.config import ModelSpec, Task, TrainerConfig
+from finetune_trainer.data import matched_labels
 from finetune_trainer.errors import ConfigError, ModelError, UserError
 from finetune_trainer.models import (check_image_size, check_positions, head_labels, load_model, load_tokenizer,
                                      logits_of, new_modules)
@@ -170,24 +171,22 @@ def shared_vocabulary(teacher: nn.Module, student: nn.Module, tokenizer: Any, th
 
 
 def label_columns(teacher: nn.Module, id2label: dict[int, str], num_labels: int, where: str) -> torch.Tensor | None:
-    """The teacher's logit column of each of the student's `num_labels` classes, matched by name (in any case, as
-    data.head_order matches a trained head); None where they are in the same order. The teacher's head must have
-    the student's `num_labels` columns and name every label of the job: one of another size is refused, a wider one
-    too even when it names every label (its other classes' probability would be dropped from its soft targets).
-    The student's spare columns (rearrange.head.numLabels above the labels) take the teacher's unnamed ones, in
-    order."""
+    """The teacher's logit column of each of the student's `num_labels` classes, matched by name (in any case where
+    that is one to one, as data.head_order matches a trained head: data.matched_labels); None where they are in the
+    same order. The teacher's head must have the student's `num_labels` columns and name every label of the job: one
+    of another size is refused, a wider one too even when it names every label (its other classes' probability would
+    be dropped from its soft targets). The student's spare columns (rearrange.head.numLabels above the labels) take
+    the teacher's unnamed ones, in order."""
     names, size = head_labels(teacher)
     ours = ", ".join(id2label.values())
     if size != num_labels:
         raise ConfigError(f"{FIELD} {where}: its head scores {size} classes, the student's {num_labels} ({ours}): a "
                           "teacher must be fine-tuned on the job's labels")
-    theirs = {str(name).lower(): int(i) for i, name in (names or {}).items()}
-    missing = [name for name in id2label.values() if name.lower() not in theirs]
-    if missing:
+    named = matched_labels(id2label, names or {})
+    if missing := [name for i, name in id2label.items() if i not in named]:
         said = ", ".join(map(str, (names or {}).values())) or "none (no labels.json beside its weights)"
         raise ConfigError(f"{FIELD} {where}: its labels ({said}) do not name {', '.join(missing)} of the job's "
                           f"({ours}): a teacher must be fine-tuned on the job's labels")
-    named = {i: theirs[name.lower()] for i, name in id2label.items()}
     rest = iter(sorted(set(range(size)) - set(named.values())))  # the heads' spare columns, beyond the labels
     columns = [named[i] if i in named else next(rest) for i in range(num_labels)]
     return None if columns == list(range(num_labels)) else torch.tensor(columns)
