@@ -810,34 +810,6 @@ def test_a_worker_on_a_lost_node_ends_the_attempt_as_a_disruption_and_its_job_go
     assert decide(Observed(body(status, backoffLimit=0), deleting, [lost], NOW + timedelta(minutes=2))).create_attempt == 2
 
 
-def test_a_gangs_worker_on_a_lost_node_that_the_job_controller_deleted_is_a_disruption_not_its_knock_on() -> None:
-    """Worker 1's node died: rank 0's collective failed within seconds, and the Job controller failed the Job and
-    deleted pod 1 (no condition: the node's NoExecute taint acts minutes later), which stays Running, as no kubelet
-    reports it. 30 s after the Job's end the only cause on record was rank 0's DistributedFailure: counted, and at
-    backoffLimit 0 the job failed."""
-    spec = {"runtime": EXAMPLE["spec"]["runtime"] | {"workers": 2}}
-    running = after(decide(Observed(body({"attempts": 1}, **spec), [job(workers=2, active=2)], [pod(), pod(index=1)],
-                                    NOW - timedelta(minutes=1))))
-    peer = {"exitCode": 2, "reason": "DistributedFailure", "message": "DistBackendError: reset", "stage": "Training"}
-    pods = [pod(phase="Failed", exit_code=1, finished="2026-12-01T11:59:58Z", message=peer),
-            pod(index=1, deletionTimestamp="2026-12-01T12:00:30Z")]  # deleted at 12:00:00, a 30 s grace
-    failed = job(workers=2, active=1, failed=1, ended="2026-12-01T12:00:00Z",
-                 failure={"reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"})
-    # Past the pods' lag, and within pod 1's grace period and the margin after it: it may still exit and say why.
-    waiting = after(decide(Observed(body(running, backoffLimit=0, **spec), [failed], pods,
-                                    NOW + timedelta(seconds=40))), running)
-    assert waiting["phase"] == "Running" and waiting["attempts"] == 1 and not waiting.get("failures"), waiting
-    ended = decide(Observed(body(running, backoffLimit=0, **spec), [failed], pods, NOW + timedelta(seconds=61)))
-    status = after(ended, running)
-    assert status["attempts"] == 2 and not status.get("failures") and status["phase"] == "Pending", status
-    assert conditions(status)["Restarting"] == ("True", "NodeLost") and ended.delete_job is None  # the Job has failed
-    # Once pod 1 has exited (143 on the SIGTERM), the attempt is judged by the exits, as before.
-    stopped = [pods[0], pod(index=1, phase="Failed", exit_code=143, finished="2026-12-01T12:00:20Z")]
-    counted = after(decide(Observed(body(running, backoffLimit=3, **spec), [failed], stopped,
-                                    NOW + timedelta(seconds=40))), running)
-    assert counted["attempts"] == 2 and counted["failures"] == 1
-
-
 def test_a_child_job_its_queue_suspended_is_queued_and_its_stopped_pods_are_no_failures() -> None:
     running = after(decide(Observed(body({"attempts": 1}), [job()], [pod()], NOW)))
     # Kueue preempted the workload: it suspended the Job, whose controller stopped the pods (SIGTERM: exit 143).

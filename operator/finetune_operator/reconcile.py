@@ -163,14 +163,11 @@ def decide(seen: Observed) -> Decision | None:
     finished = conds.true(T.SUCCEEDED) or conds.true(T.FAILED)
     attempt = current_attempt(old, seen.jobs)
     job = next((j for j in seen.jobs if j["attempt"] == attempt), None)
-    # A pod deleted long ago but still Running is on a lost node, whose kubelet cannot report it stopped: the attempt
-    # ends with it as a disruption, and its Job, which waits for that report, is deleted (below). Not only one the taint
-    # manager marked: the Job controller deletes a failed Job's pods without a condition, and a gang's lost worker
-    # fails its peers' collectives within seconds, failing the Job minutes before the node's NoExecute taint acts.
+    # A disrupted pod deleted long ago but still Running is on a lost node, whose kubelet cannot report it stopped:
+    # the attempt ends with it as a disruption, and its Job, which waits for that report, is deleted (below).
     pods = [p for p in seen.pods if p["attempt"] == attempt]
     lost = [p["name"] for p in pods if _lost(p, now)]
-    pods = [dict(p, phase="Failed", disrupted=p.get("disrupted") or NODE_LOST) if p["name"] in lost else p
-            for p in pods]
+    pods = [dict(p, phase="Failed") if p["name"] in lost else p for p in pods]
 
     def fail(reason: str, message: str) -> None:
         conds.set(T.FAILED, True, reason, message)
@@ -231,7 +228,7 @@ def decide(seen: Observed) -> Decision | None:
             status["completionTime"] = job["ended"]
         # else the Job stays active for ever: its other workers run on beside the next attempt, and it keeps its quota
         if lost and job and not (job["failure"] or job["deleting"]):
-            decision.delete_job, decision.delete_job_reason = job["name"], NODE_LOST
+            decision.delete_job, decision.delete_job_reason = job["name"], "NodeLost"
         return _finish(decision, old, conds)
 
     # An attempt that ended is judged by how it ended, however late that is seen: a suspend or a deadline after
@@ -358,21 +355,17 @@ def _pods_behind(job: dict[str, Any], pods: list[dict[str, Any]], now: datetime)
     """Whether the attempt's Job ended POD_LAG_SECONDS ago or less and its pods, as seen, do not show that end yet: for
     a success rank 0's (its termination message holds the evaluation and the final metrics), for a failure any exit or
     disruption. Judged without them, a finished job lost its results for good (it is never reconciled again), and a
-    trainer's exit 1 was counted and retried as an infrastructure failure. A failure told only by knock-ons waits longer
-    for a deleted peer that may still run: it exits and says why, or its node is lost (_lost)."""
+    trainer's exit 1 was counted and retried as an infrastructure failure."""
     ended = _parse_time(job.get("ended"))
-    if ended is None:
+    if ended is None or now >= ended + timedelta(seconds=POD_LAG_SECONDS):
         return False
-    lagging = now < ended + timedelta(seconds=POD_LAG_SECONDS)
     if job["complete"]:
-        return lagging and any(p["index"] == 0 and "terminated" not in p for p in pods)
+        return any(p["index"] == 0 and "terminated" not in p for p in pods)
     told = [p for p in pods if "terminated" in p or p.get("disrupted") or p["phase"] == "Failed"]
     if not pods or outcome.failure_cause(job, pods).retry == Retry.FREE:
         return False
-    # Only knock-ons yet (a rank whose peer died ends first): the peer's own exit, the cause, is still to come; or,
-    # from a peer the Job controller deleted at its verdict that may still run (its grace period), its loss (_lost).
-    knock_ons = len(told) < len(pods) and all("terminated" in p and outcome.knock_on(p) for p in told)
-    return knock_ons and (lagging or any(p.get("deletionTimestamp") and _may_run(p, now) for p in pods))
+    # Only knock-ons yet (a rank whose peer died ends first): the peer's own exit, the cause, is still to come.
+    return not told or len(told) < len(pods) and all("terminated" in p and outcome.knock_on(p) for p in told)
 
 
 def _made(old: dict[str, Any], name: str, attempt: int) -> bool:
@@ -444,13 +437,9 @@ def _may_run(pod: dict[str, Any], now: datetime) -> bool:
         killed_at is None or now < killed_at + timedelta(seconds=KILL_MARGIN_SECONDS))
 
 
-NODE_LOST = "NodeLost"
-
-
 def _lost(pod: dict[str, Any], now: datetime) -> bool:
-    """A deleted pod (by the taint manager, DeletionByTaintManager, or by the Job controller at its verdict) that is
-    not terminal past its grace period and the margin: its kubelet would have reported it stopped."""
-    return pod["phase"] not in ("Succeeded", "Failed") and not _may_run(pod, now)
+    """A disrupted pod (the taint manager's DeletionByTaintManager) that is not terminal past its grace period."""
+    return bool(pod.get("disrupted")) and pod["phase"] not in ("Succeeded", "Failed") and not _may_run(pod, now)
 
 
 def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: dict[str, Any],
