@@ -707,33 +707,35 @@ def kubelet_rejected(reason: str, message: str, index: int = 0) -> dict[str, Any
                            "waiting": {"reason": "ContainerCreating"}}}]}}
 
 
-def test_a_pod_its_kubelet_refused_for_the_nodes_devices_is_a_free_retry_that_says_why() -> None:
-    """A GPU pod refused at admission (the device manager's Allocate failed after the device plugin restarted, or a GPU
-    the kubelet counts short of the scheduler) never ran: it was counted, "a worker failed and left no exit code", and
-    at backoffLimit 0 failed the job, with the kubelet's reason and message nowhere."""
+def test_a_pod_its_kubelet_refused_says_why_and_is_free_only_for_a_state_the_scheduler_avoids() -> None:
+    """A pod refused at admission never ran: it was counted as "a worker failed and left no exit code", and at
+    backoffLimit 0 failed the job, with the kubelet's reason and message nowhere. A node shutting down (as a node under
+    pressure) is left for good and avoided by the scheduler: a free retry. A refusal the scheduler does not see (a
+    device plugin's failed allocation, a GPU the kubelet counts short, a topology policy) may meet every attempt on the
+    same node: counted, or free retries would go on for ever."""
     failed = job(failure={"reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"})
+    shutdown = outcome.pod_summary(kubelet_rejected("NodeShutdown", "Pod was rejected as the node is shutting down."))
+    status = after(decide(Observed(body({"attempts": 1}, backoffLimit=0), [failed], [shutdown], NOW)))
+    assert status["attempts"] == 2 and not status.get("failures") and status["phase"] == "Pending", status
+    restarting = next(c for c in status["conditions"] if c["type"] == "Restarting")
+    assert restarting["reason"] == "RejectedByNode"
+    assert "pod ft-1-0-x was refused by its node's kubelet (NodeShutdown: Pod was rejected: Pod was rejected as the " \
+           "node is shutting down.)" in restarting["message"]
     refusals = {"UnexpectedAdmissionError": "Allocate failed due to requested number of devices unavailable for "
                                             "nvidia.com/gpu. Requested: 1, Available: 0, which is unexpected",
                 "OutOfnvidia.com/gpu": "Node didn't have enough resource: nvidia.com/gpu, requested: 1, used: 8, "
-                                       "capacity: 8"}
+                                       "capacity: 8",
+                "TopologyAffinityError": "Resources cannot be allocated with Topology locality"}
     for reason, message in refusals.items():
+        # counted, and it says why, though its peer, stopped with the Job, left an exit 143
         refused = outcome.pod_summary(kubelet_rejected(reason, message))
-        decision = decide(Observed(body({"attempts": 1}, backoffLimit=0), [failed], [refused], NOW))
-        status = after(decision)
-        assert status["attempts"] == 2 and not status.get("failures") and status["phase"] == "Pending", status
-        restarting = next(c for c in status["conditions"] if c["type"] == "Restarting")
-        assert restarting["reason"] == "RejectedByNode"
-        assert f"pod ft-1-0-x was refused by its node's kubelet ({reason}: Pod was rejected: {message})" \
-            in restarting["message"]
-    # A refusal of another kind may meet every attempt (a topology manager's policy): counted, and it says why, though
-    # its peer, stopped with the Job, left an exit 143.
-    topology = outcome.pod_summary(kubelet_rejected("TopologyAffinityError",
-                                                    "Resources cannot be allocated with Topology locality"))
-    peer = pod(index=1, phase="Failed", exit_code=143, finished="2026-12-01T11:59:59Z")
-    result = outcome.attempt_outcome(failed, [topology, peer])
-    assert (result.reason, result.retry) == ("RejectedByNode", outcome.Retry.COUNTED)
-    assert result.message == "pod ft-1-0-x was refused by its node's kubelet (TopologyAffinityError: Pod was " \
-                             "rejected: Resources cannot be allocated with Topology locality)"
+        peer = pod(index=1, phase="Failed", exit_code=143, finished="2026-12-01T11:59:59Z")
+        result = outcome.attempt_outcome(failed, [refused, peer])
+        assert (result.reason, result.retry) == ("RejectedByNode", outcome.Retry.COUNTED)
+        assert result.message == f"pod ft-1-0-x was refused by its node's kubelet ({reason}: Pod was rejected: {message})"
+        status = after(decide(Observed(body({"attempts": 1}, backoffLimit=0), [failed], [refused], NOW)))
+        assert status["phase"] == "Failed" and status["reason"] == "BackoffLimitExceeded", status
+        assert f"({reason}: Pod was rejected: {message})" in status["conditions"][-1]["message"]
 
 
 def test_failures_beyond_the_backoff_limit_fail_the_job() -> None:

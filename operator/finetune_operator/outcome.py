@@ -70,14 +70,14 @@ OWN_LIMIT_EVICTION = re.compile(
 STORAGE_LIMIT_EXCEEDED = "StorageLimitExceeded"
 # A pod the kubelet refused to admit (kubelet.go's rejectPod): Failed, status.reason the admit handler's word and
 # status.message this prefix and its why, no container ever ran and no DisruptionTarget (the Job's pod-failure policy
-# does not see it). Refused for the node's state of the moment, not the job's, it is a free retry: its pressure (the
-# eviction manager's Admit: Evicted, "The node had condition: [DiskPressure]"), a device plugin that could not allocate
-# the devices the scheduler counted (the device manager's UnexpectedAdmissionError, "Allocate failed ... unavailable",
-# after the plugin's restart), or a resource the kubelet finds short of what the scheduler saw (the resource-fit
-# admit's OutOf<resource>, as OutOfnvidia.com/gpu). Another (a topology manager's TopologyAffinityError, a forbidden
-# sysctl) may refuse every attempt: counted, with the kubelet's words.
+# does not see it). Refused for a state the node leaves and the scheduler then avoids, it is a free retry: its pressure
+# (the eviction manager's Admit: Evicted, "The node had condition: [DiskPressure]"; the node's pressure taint keeps the
+# next pod off) or its shutdown (the shutdown manager's NodeShutdown; the node goes NotReady). Any other refusal is
+# counted, with the kubelet's words: the scheduler does not see what the kubelet refused for (a device plugin that could
+# not allocate, UnexpectedAdmissionError; a resource it counts short, OutOf<resource>; a topology manager's
+# TopologyAffinityError), so it may place every attempt on the same node, and free retries have no cap.
 REJECTED = "Pod was rejected: "
-NODE_STATE_REJECTIONS = re.compile(rf"{EVICTED}|UnexpectedAdmissionError|OutOf\S+")
+NODE_STATE_REJECTIONS = re.compile(rf"{EVICTED}|NodeShutdown")
 
 
 def own_limit_field(message: str | None) -> str | None:
