@@ -240,6 +240,14 @@ def test_rank_0s_success_stands_while_the_job_controller_stops_the_peers_left_af
                                            NOW + timedelta(seconds=seconds))), running)
             assert status["phase"] == "Succeeded" and status["evaluation"]["final"] == {"accuracy": 0.66}, status
             assert not status.get("failures") and status["attempts"] == 1
+        # A tick inside the Job controller's batch, before its verdict, where peer 1 crashed in its teardown (a
+        # segfault, no knock-on): every rank had passed the barrier after the export, so the run succeeded.
+        crashed = pod(index=1, phase="Failed", exit_code=139, finished="2026-12-01T11:59:59Z")
+        status = after(decide(Observed(body(running, backoffLimit=limit, **spec),
+                                       [job(workers=3, active=2, succeeded=1)], [rank0, crashed, pod(index=2)],
+                                       NOW + timedelta(seconds=1))), running)
+        assert status["phase"] == "Succeeded" and status["evaluation"]["final"] == {"accuracy": 0.66}, status
+        assert not status.get("failures") and status["attempts"] == 1
 
 
 def test_the_cause_of_a_gangs_failure_is_the_worker_that_failed_not_the_peers_it_took_down() -> None:

@@ -430,13 +430,14 @@ def attempt_outcome(job: dict[str, Any] | None, pods: list[dict[str, Any]],
     # succeeded. (A Job made with rank 0's success policy is complete by then, unless its controller saw the peer's
     # failure first, which it checks before the policy; one an apiserver before 1.31 made is not. A peer that hangs
     # instead is NotExiting, as before the policy.) Every rank passed the barrier after the export before rank 0 wrote
-    # Done (pipeline.stages), so a peer's exit after it is its teardown's, and once the Job has failed no peer is left
-    # to wait for: the Job controller deletes every pod still active, which may checkpoint on the SIGTERM for its
-    # whole grace period, Running across many ticks (with 3 workers or more, the knock-on of the peer that failed was
-    # judged meanwhile: counted, or at backoffLimit 0 the job failed with its evaluation lost). Failed alone: a peer on
-    # a lost node.
+    # Done (pipeline.stages), so a peer's failure, whatever its exit, is its teardown's: the run succeeded once one
+    # has failed (before the Job controller's verdict, in its 1 s batch, too), or the Job has failed, with no peer left
+    # to wait for: its controller deletes every pod still active, which may checkpoint on the SIGTERM for its whole
+    # grace period, Running across many ticks (with 3 workers or more, the failed peer was judged meanwhile: counted,
+    # or at backoffLimit 0 the job failed with its evaluation lost). Failed without an exit: a peer on a lost node.
     if ended.get("exitCode") == EXIT_OK and result.get("exitCode") == EXIT_OK and result.get("stage") == "Done" and (
-            job["failure"] or all(p.get("terminated") or p["phase"] == "Failed" for p in pods)):
+            job["failure"] or any(p["phase"] == "Failed" for p in pods)
+            or all(p.get("terminated") or p["phase"] == "Failed" for p in pods)):
         return Outcome(State.SUCCEEDED, "Completed", "rank 0 finished; a worker failed after it", result=result)
     if job.get("suspended"):  # its pods, stopped by the Job controller, did not fail
         return Outcome(State.PENDING, "Queued", f"the Job {job['name']} is suspended by its queue (Kueue): it waits "
