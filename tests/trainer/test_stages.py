@@ -171,17 +171,20 @@ def assert_causal(model: nn.Module, tokenizer) -> None:
                                    logits_of(model, {"input_ids": later_changed})[0, :3], atol=1e-6, rtol=1e-6)
 
 
-def test_the_card_of_an_encoders_causal_adapters_loads_it_causal(tmp_path: Path,
-                                                                 caplog: pytest.LogCaptureFixture) -> None:
+@pytest.mark.parametrize("overrides", [{}, {"hidden_dropout_prob": 0.05}])
+def test_the_card_of_an_encoders_causal_adapters_loads_it_causal(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                                 overrides: dict[str, float]) -> None:
     """BERT trained as a causal LM with its adapters kept apart: the card loaded model.uri's base, whose config.json
-    says is_decoder false, so the model a user rebuilt attended both ways under adapters trained with a causal mask.
+    says is_decoder false, so the model a user rebuilt attended both ways under adapters trained with a causal mask
+    (with model.config's overrides too, which the card passes through AutoConfig with is_decoder).
     A head asked for is said to be ignored (a causal LM has none), where it was ignored without a word."""
     from transformers import BertConfig, BertForMaskedLM
 
     tokenizer = load_tokenizer(ModelSpec(task="causal-lm", uri="pvc://models/all-MiniLM-L6-v2"))
     BertForMaskedLM(BertConfig(vocab_size=len(tokenizer), **TINY_BERT)).save_pretrained(tmp_path / "base")
     doc = tiny_classifier_doc(tmp_path / "out", maxSteps=1)
-    doc["model"] = {"task": "causal-lm", "uri": str(tmp_path / "base"), "tokenizerUri": "pvc://models/all-MiniLM-L6-v2"}
+    doc["model"] = {"task": "causal-lm", "uri": str(tmp_path / "base"), "tokenizerUri": "pvc://models/all-MiniLM-L6-v2",
+                    "config": overrides}
     doc["dataset"] |= {"maxTrainSamples": 16, "maxEvalSamples": 8}
     doc["evaluation"] = {"metrics": ["loss"], "baseline": False}
     doc["rearrange"] = {"lora": {"rank": 2}, "mergeOnExport": False, "head": {"numLabels": 3}}
@@ -543,12 +546,13 @@ def test_the_model_cards_code_loads_adapters_kept_apart_and_merged_weights(bert,
 def test_the_model_cards_code_loads_adapters_kept_apart_onto_the_base_model_config_made(tmp_path: Path) -> None:
     """The job builds its base from model.uri with model.config's overrides (3 of MiniLM's 6 layers); adapters kept
     apart were to be loaded onto model.uri's base as published, 6 layers, which gave other logits. A key the card sets
-    itself (num_labels: the head's size) is said once."""
+    itself (num_labels: the head's size) is said once; one BERT's config lacks (GPT-2's n_layer), which the job
+    drops, and one no keyword argument can be (global), are taken as the job took them."""
     from finetune_trainer.export import model_card
 
     doc = tiny_classifier_doc(tmp_path / "out")
     doc["model"] = {"task": "sequence-classification", "uri": "pvc://models/all-MiniLM-L6-v2",
-                    "config": {"num_hidden_layers": 3, "num_labels": 2}}
+                    "config": {"num_hidden_layers": 3, "num_labels": 2, "n_layer": 1, "global": "it's"}}
     doc["rearrange"] = {"lora": {"rank": 4}, "mergeOnExport": False}
     cfg = TrainerConfig.model_validate(doc)
     tokenizer = load_tokenizer(cfg.model)

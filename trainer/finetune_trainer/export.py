@@ -398,28 +398,33 @@ def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool, causal_
             repo, folder = hub_parts(uri) if uri.startswith("hf://") else (uri, "")
             args = repr(repo) + (f", subfolder={folder!r}" if folder else "")
             args += f", revision={cfg.model.revision!r}" if cfg.model.revision and uri.startswith("hf://") else ""
-            # with model.config's overrides, as the job's config took them (num_hidden_layers 3: a base of 3 layers,
-            # not the 6 model.uri's config.json says); those set below were the job's final values too
-            kwargs = {key: repr(value) for key, value in cfg.model.config.items()}
+            own: dict[str, str] = {}  # what the card sets itself, as code
             if task == Task.CAUSAL_LM and causal_switch:
                 # an encoder (BERT) trained causal (models.made_causal): its config.json says is_decoder false, and
                 # loaded so it attends both ways, under adapters trained with a causal mask
-                kwargs["is_decoder"] = "True"
+                own["is_decoder"] = "True"
             elif task != Task.CAUSAL_LM:
                 # and the pad the batches had (this folder's tokenizer's): a decoder classifier pools the last token
                 # that is not its pad id, and GPT-2's or Llama's config names none (it refused batches) or another
                 imports = ["import json", f"{imports[0]}, AutoTokenizer"]
                 setup = ["tokenizer = AutoTokenizer.from_pretrained('.')"]
-                kwargs |= {"num_labels": str(labels), "ignore_mismatched_sizes": "True",
-                           "pad_token_id": "tokenizer.pad_token_id"}
+                own = {"num_labels": str(labels), "ignore_mismatched_sizes": "True",
+                       "pad_token_id": "tokenizer.pad_token_id"}
                 # and the names of the classes the head learnt (labels.json), not the base's (LABEL_0, or its own)
                 named = ["names = {int(i): name for i, name in json.load(open('labels.json')).items()}",
                          f"model.config.id2label = {{i: names.get(i, f'LABEL_{{i}}') for i in range({labels})}}",
                          "model.config.label2id = {name: i for i, name in model.config.id2label.items()}"]
-            args += "".join(f", {key}={value}" for key, value in kwargs.items())
+            if overrides := {k: v for k, v in cfg.model.config.items() if k not in own}:
+                # model.config's overrides through AutoConfig, as the job took them (num_hidden_layers 3: a base of 3
+                # layers, not the 6 model.uri's config.json says; a key its config lacks is dropped, as in the job)
+                imports[-1] += ", AutoConfig"
+                kept = "".join(f", {k}={v}" for k, v in own.items() if k != "ignore_mismatched_sizes")
+                setup.append(f"config = AutoConfig.from_pretrained({args}, **{overrides!r}{kept})")
+                own = {"config": "config"} | {k: v for k, v in own.items() if k == "ignore_mismatched_sizes"}
+            args += "".join(f", {k}={v}" for k, v in own.items())
         if task == Task.CAUSAL_LM:
             imports = [f"{imports[0]}, AutoTokenizer"]
-            setup = ["tokenizer = AutoTokenizer.from_pretrained('.')"]
+            setup = ["tokenizer = AutoTokenizer.from_pretrained('.')", *setup]
         code = [*imports, "", *setup, f"model = {auto}.from_pretrained({args})", *named]
     if adapters_apart:
         code.insert(code.index(""), "from peft import PeftModel")
