@@ -442,6 +442,29 @@ def test_splits_without_train_are_refused(tmp_path: Path) -> None:
         load_dataset(spec(folder), Task.SEQUENCE_CLASSIFICATION, 0)
 
 
+def test_saved_splits_of_one_kind_are_one_split_together(tmp_path: Path) -> None:
+    """MNLI's validation_matched and validation_mismatched: a dict by kind kept only the split saved last, so the
+    validation rows depended on the order of saving, where the same splits as files were read together."""
+    import datasets
+
+    frame = pd.DataFrame(ROWS)
+    splits = {"train": frame, "validation_matched": frame.iloc[:5].assign(text=[f"m{i}" for i in range(5)]),
+              "validation_mismatched": frame.iloc[:3].assign(text=[f"x{i}" for i in range(3)])}
+    datasets.DatasetDict({name: datasets.Dataset.from_pandas(f) for name, f in splits.items()}).save_to_disk(
+        tmp_path / "hf")
+    data = load_dataset(spec(tmp_path / "hf"), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert sorted(data.validation.inputs) == [*(f"m{i}" for i in range(5)), *(f"x{i}" for i in range(3))]
+
+
+def test_a_one_column_tsv_is_read_with_tabs(tmp_path: Path) -> None:
+    """A header with no separator (a causal LM's one column) was read with commas: 'Hello, world' was a row of two
+    fields, refused with advice to quote the comma, in a .tsv."""
+    (path := tmp_path / "lines.tsv").write_text("text\n" + "".join(f"Hello, world {i}\n" for i in range(40)))
+    data = load_dataset(spec(path), Task.CAUSAL_LM, 0)
+    assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(
+        f"Hello, world {i}" for i in range(40))
+
+
 def test_a_repo_of_subsets_needs_one_named(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A hub repo with a folder per subset (GLUE's cola/, sst2/) is refused rather than merged into one dataset;
     hf://<org>/<name>/<folder> names one."""

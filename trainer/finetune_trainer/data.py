@@ -389,10 +389,18 @@ def read_splits(path: Path, fmt: DatasetFormat, folders: bool = False) -> dict[s
         loaded = datasets.load_from_disk(str(path))
         if not isinstance(loaded, datasets.DatasetDict):
             return {TRAIN: loaded.to_pandas()}
-        named = {split_of(name) or name: split for name, split in loaded.items()}
+        # Splits of one kind are one split together, as the files of a folder are: MNLI's validation_matched and
+        # validation_mismatched, a chat set's train_sft and train_gen (a dict by kind kept the last one alone).
+        named: dict[str, list[str]] = {}
+        for name in loaded:
+            named.setdefault(split_of(name) or name, []).append(name)
         if TRAIN not in named:
             raise DataError(f"{path}: its splits ({', '.join(loaded)}) include no train split")
-        return {n: named[n].to_pandas() for n in (TRAIN, VALIDATION, TEST) if n in named}
+        for kind, names in named.items():
+            if len(names) > 1 and kind in (TRAIN, VALIDATION, TEST):
+                log.info("%s: its %s split is %s together", path, kind, " + ".join(names))
+        return {kind: pd.concat([loaded[name].to_pandas() for name in named[kind]], ignore_index=True)
+                for kind in (TRAIN, VALIDATION, TEST) if kind in named}
     if path.is_file():
         return {TRAIN: read_table(path, fmt)}
     files = data_files(path, suffixes_of(fmt))
@@ -445,7 +453,7 @@ def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
     # holds: as numbers, the texts 007 and 12 came back "7.0" and "12.0" where the column had an empty cell. The
     # spaces an unquoted cell starts with, after a separator or at a line's start, are none of it, as in csv readers
     # ("text, label" names a column 'label'; `, "a, b"` is quoted); a quoted cell keeps them.
-    sep = csv_separator(text)
+    sep = csv_separator(text, file.suffix)
     options = dict(sep=sep, dtype=str, keep_default_na=False, na_values=[""], skipinitialspace=True)
     table = pd.read_csv(io.StringIO(text), **options)
     if isinstance(table.index, pd.RangeIndex):
@@ -468,11 +476,13 @@ def first_long_row(text: str, sep: str) -> str:
             "or name every column in the header")
 
 
-def csv_separator(text: str) -> str:
+def csv_separator(text: str, suffix: str) -> str:
     """The separator the header line uses most: a comma, or a tab (a .tsv), a semicolon (Excel's where a comma is
-    the decimal point) or a pipe, which read with commas made one column named 'text;label'."""
+    the decimal point) or a pipe, which read with commas made one column named 'text;label'. A tie goes to the
+    file's own: a .tsv's tab, where a one-column header (a causal LM's `text`) had 'Hello, world' split at its comma."""
     header = text.split("\n", 1)[0]
-    return max(CSV_SEPARATORS, key=header.count)
+    order = "\t" + CSV_SEPARATORS.replace("\t", "") if suffix.lower() == ".tsv" else CSV_SEPARATORS
+    return max(order, key=header.count)
 
 
 def first_bad_record(text: str, lines: bool) -> str | None:
