@@ -116,6 +116,27 @@ def test_a_split_file_without_a_box_is_held_out_of_train_instead(pvc_root: Path,
     assert all(r.boxes for r in data.test.inputs[:5])
     assert f"{folder / 'test.json'}: its 10 images hold no box, so every score on them would be mAP 0" in caplog.text
     assert "its test split has no usable rows; holding test rows out of train instead" in caplog.text
+    # COCO's own image_info_test2017.json has no annotations key at all: refused as no COCO file, where it is the same
+    withheld = {key: value for key, value in coco.items() if key != "annotations"} | {"images": coco["images"][:10]}
+    (folder / "test.json").write_text(json.dumps(withheld))
+    data = load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
+    assert (len(data.train.inputs), len(data.validation.inputs), len(data.test.inputs)) == (320, 40, 40)
+    # but a train file must hold its annotations
+    (folder / "train.json").write_text(json.dumps(withheld))
+    with pytest.raises(DataError, match=r"train.json: not a COCO annotations file: no list 'annotations'"):
+        load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
+
+
+def test_cocos_own_annotation_folder_gives_the_instances_file(pvc_root: Path, tmp_path: Path) -> None:
+    """COCO's annotations_trainval2017 folder holds captions_, instances_ and person_keypoints_train2017.json: the
+    first by name, the captions, was taken for train and refused (no categories), the boxes beside it never read."""
+    folder = shapes_copy(pvc_root, tmp_path)
+    coco = json.loads((folder / "annotations.json").read_text())
+    (folder / "annotations.json").rename(folder / "instances_train2017.json")
+    (folder / "captions_train2017.json").write_text(json.dumps(
+        {"images": coco["images"], "annotations": [{"id": 1, "image_id": coco["images"][0]["id"], "caption": "a"}]}))
+    data = load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
+    assert len(data.train.inputs) + len(data.validation.inputs) + len(data.test.inputs) == len(coco["images"])
 
 
 def test_an_annotations_file_with_a_byte_order_mark_loads(pvc_root: Path, tmp_path: Path) -> None:

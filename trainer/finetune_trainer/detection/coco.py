@@ -58,7 +58,7 @@ def load_coco(spec: DatasetSpec, seed: int) -> CocoData:
     {class id: category name}, class ids 1..K in the order of the category ids, and each class id's category_id."""
     path = fetch(spec.uri, kind="dataset", repo_type="dataset", error=DataError)
     files = annotation_files(path)
-    docs = {name: read_json(file) for name, file in files.items()}
+    docs = {name: read_json(file, answers=name == TRAIN) for name, file in files.items()}
     categories = category_names(docs, files)
     class_of = {cid: i + 1 for i, cid in enumerate(sorted(categories))}
     records = {name: records_of(docs[name], files[name], categories, class_of) for name in files}
@@ -102,7 +102,8 @@ def annotation_files(path: Path) -> dict[str, Path]:
     if (path / ANNOTATIONS).is_file():
         return {TRAIN: path / ANNOTATIONS}
     by_split: dict[str, Path] = {}
-    for file in sorted(path.glob("*.json")):
+    # COCO's own folder holds captions_, instances_ and person_keypoints_train2017.json: the boxes are instances_'
+    for file in sorted(path.glob("*.json"), key=lambda f: (not f.name.startswith("instances_"), f.name)):
         if (name := split_of(file.name)) and name not in by_split:
             by_split[name] = file
     if TRAIN not in by_split:
@@ -111,13 +112,17 @@ def annotation_files(path: Path) -> dict[str, Path]:
     return {name: by_split[name] for name in (TRAIN, VALIDATION, TEST) if name in by_split}
 
 
-def read_json(file: Path) -> dict[str, Any]:
+def read_json(file: Path, answers: bool = True) -> dict[str, Any]:
+    """A COCO annotations file; without `answers` (a held-out split) it may have no annotations at all, as COCO's
+    own image_info_test2017.json, its answers withheld: it is then a split of no box (load_coco)."""
     try:
         doc = json.loads(read_text(file))  # a byte order mark too, as the text formats are read
     except ValueError as exc:
         raise DataError(f"{file}: not valid JSON ({exc})") from exc
     except PermissionError as exc:
         raise DataError(f"dataset.uri: {unreadable(exc)}") from exc
+    if not answers and isinstance(doc, dict) and "annotations" not in doc:
+        doc["annotations"] = []
     missing = [key for key in ("images", "annotations", "categories") if not isinstance(doc, dict)
                or not isinstance(doc.get(key), list)]
     if missing:
