@@ -77,7 +77,7 @@ STORAGE_LIMIT_EXCEEDED = "StorageLimitExceeded"
 # not allocate, UnexpectedAdmissionError; a resource it counts short, OutOf<resource>; a topology manager's
 # TopologyAffinityError), so it may place every attempt on the same node, and free retries have no cap.
 REJECTED = "Pod was rejected: "
-NODE_STATE_REJECTIONS = re.compile(rf"{EVICTED}|NodeShutdown")
+NODE_STATE_REJECTIONS = frozenset({EVICTED, "NodeShutdown"})
 
 
 def own_limit_field(message: str | None) -> str | None:
@@ -242,7 +242,7 @@ def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
         "scheduled": scheduled.get("status") == "True",
         "unschedulable": scheduled.get("message") if scheduled.get("reason") == "Unschedulable" else None,
         "disrupted": disruption.get("reason") if disruption.get("status") == "True" else (
-            "RejectedByNode" if rejected and NODE_STATE_REJECTIONS.fullmatch(status.get("reason") or "") else None),
+            "RejectedByNode" if rejected and status.get("reason") in NODE_STATE_REJECTIONS else None),
         "rejected": f"{status.get('reason') or 'Rejected'}: {status['message']}" if rejected else None,  # and why
         "evicted": status.get("message") or "" if status.get("reason") == EVICTED else None,  # the kubelet's why
         "stuck": _stuck(pod),
@@ -436,8 +436,7 @@ def attempt_outcome(job: dict[str, Any] | None, pods: list[dict[str, Any]],
     # grace period, Running across many ticks (with 3 workers or more, the failed peer was judged meanwhile: counted,
     # or at backoffLimit 0 the job failed with its evaluation lost). Failed without an exit: a peer on a lost node.
     if ended.get("exitCode") == EXIT_OK and result.get("exitCode") == EXIT_OK and result.get("stage") == "Done" and (
-            job["failure"] or any(p["phase"] == "Failed" for p in pods)
-            or all(p.get("terminated") or p["phase"] == "Failed" for p in pods)):
+            job["failure"] or any(p["phase"] == "Failed" for p in pods) or all(p.get("terminated") for p in pods)):
         return Outcome(State.SUCCEEDED, "Completed", "rank 0 finished; a worker failed after it", result=result)
     if job.get("suspended"):  # its pods, stopped by the Job controller, did not fail
         return Outcome(State.PENDING, "Queued", f"the Job {job['name']} is suspended by its queue (Kueue): it waits "
