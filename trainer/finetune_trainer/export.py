@@ -398,7 +398,8 @@ def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool, causal_
             repo, folder = hub_parts(uri) if uri.startswith("hf://") else (uri, "")
             args = repr(repo) + (f", subfolder={folder!r}" if folder else "")
             args += f", revision={cfg.model.revision!r}" if cfg.model.revision and uri.startswith("hf://") else ""
-            own: dict[str, str] = {}  # what the card sets itself, as code
+            own: dict[str, str] = {}  # the config values the card sets itself, as code
+            loading = ""
             if task == Task.CAUSAL_LM and causal_switch:
                 # an encoder (BERT) trained causal (models.made_causal): its config.json says is_decoder false, and
                 # loaded so it attends both ways, under adapters trained with a causal mask
@@ -408,8 +409,8 @@ def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool, causal_
                 # that is not its pad id, and GPT-2's or Llama's config names none (it refused batches) or another
                 imports = ["import json", f"{imports[0]}, AutoTokenizer"]
                 setup = ["tokenizer = AutoTokenizer.from_pretrained('.')"]
-                own = {"num_labels": str(labels), "ignore_mismatched_sizes": "True",
-                       "pad_token_id": "tokenizer.pad_token_id"}
+                own = {"num_labels": str(labels), "pad_token_id": "tokenizer.pad_token_id"}
+                loading = ", ignore_mismatched_sizes=True"
                 # and the names of the classes the head learnt (labels.json), not the base's (LABEL_0, or its own)
                 named = ["names = {int(i): name for i, name in json.load(open('labels.json')).items()}",
                          f"model.config.id2label = {{i: names.get(i, f'LABEL_{{i}}') for i in range({labels})}}",
@@ -418,10 +419,10 @@ def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool, causal_
                 # model.config's overrides through AutoConfig, as the job took them (num_hidden_layers 3: a base of 3
                 # layers, not the 6 model.uri's config.json says; a key its config lacks is dropped, as in the job)
                 imports[-1] += ", AutoConfig"
-                kept = "".join(f", {k}={v}" for k, v in own.items() if k != "ignore_mismatched_sizes")
-                setup.append(f"config = AutoConfig.from_pretrained({args}, **{overrides!r}{kept})")
-                own = {"config": "config"} | {k: v for k, v in own.items() if k == "ignore_mismatched_sizes"}
-            args += "".join(f", {k}={v}" for k, v in own.items())
+                setup.append(f"config = AutoConfig.from_pretrained({args}, **{overrides!r}"
+                             + "".join(f", {k}={v}" for k, v in own.items()) + ")")
+                own = {"config": "config"}
+            args += "".join(f", {k}={v}" for k, v in own.items()) + loading
         if task == Task.CAUSAL_LM:
             imports = [f"{imports[0]}, AutoTokenizer"]
             setup = ["tokenizer = AutoTokenizer.from_pretrained('.')", *setup]
