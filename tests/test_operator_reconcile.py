@@ -1287,6 +1287,11 @@ def test_claims_must_exist_and_fit_the_workers() -> None:
         "config": {"trust_remote_code": True}}})
     [problem] = judge.spec_problems(remote, {"models": rwo, "data": rwo}, "ns")
     assert problem.startswith("spec.model.config.trust_remote_code: the trainer never runs a model repository's")
+    revision = FineTuneJobSpec.model_validate(EXAMPLE["spec"] | {"model": EXAMPLE["spec"]["model"] | {
+        "config": {"revision": "v2"}}})
+    [problem] = judge.spec_problems(revision, {"models": rwo, "data": rwo}, "ns")
+    assert problem.startswith("spec.model.config.revision: an argument of from_pretrained") and \
+        problem.endswith("set model.revision")
 
 
 def test_metrics_that_cannot_be_read_turn_stale_after_a_grace_and_fresh_again() -> None:

@@ -10,6 +10,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -328,6 +329,22 @@ def test_model_config_cannot_turn_on_a_model_repositorys_own_code(tmp_path: Path
         load_model(spec, None, seed=0)
     assert exit_code_of(caught.value) == 1 and not ran.exists()
 
+
+
+@pytest.mark.parametrize("key, value", [("revision", "v2"), ("return_unused_kwargs", True), ("subfolder", "base")])
+def test_model_config_refuses_from_pretrained_s_own_arguments(tmp_path: Path, key: str, value: Any) -> None:
+    """model.config reached AutoConfig.from_pretrained as keyword arguments, where these are how it reads, not config
+    values: a revision was silently ignored against the fetched folder (the model loaded was model.revision's),
+    return_unused_kwargs made the config a tuple (an AttributeError, retried), subfolder read another config."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from finetune_trainer.errors import ConfigError, exit_code_of
+
+    BertForSequenceClassification(BertConfig(vocab_size=100, **TINY_BERT)).save_pretrained(tmp_path)
+    spec = ModelSpec(uri=f"file://{tmp_path}", task="sequence-classification", config={key: value})
+    with pytest.raises(ConfigError, match=rf"model\.config\.{key}: an argument of from_pretrained") as caught:
+        load_model(spec, None, seed=0)
+    assert exit_code_of(caught.value) == 1
 
 def test_analyze_reports_structure_candidates_and_head(bert) -> None:
     model, tokenizer = bert

@@ -36,6 +36,14 @@ Uri = Annotated[
 ]
 
 
+# from_pretrained's own arguments, which model.config would reach as keyword arguments: none is a config value.
+# Against the folder the trainer fetched, a revision there was silently ignored (model.revision is the one read),
+# return_unused_kwargs made the config a tuple, and subfolder or gguf_file read another file or none.
+LOADING_ARGUMENTS = ("revision", "code_revision", "subfolder", "gguf_file", "cache_dir", "force_download",
+                     "local_files_only", "token", "proxies", "return_unused_kwargs", "_configuration_file",
+                     "_from_auto", "_from_pipeline", "_commit_hash")
+
+
 class Task(StrEnum):
     SEQUENCE_CLASSIFICATION = "sequence-classification"
     CAUSAL_LM = "causal-lm"
@@ -107,6 +115,10 @@ class ModelSpec(ApiModel):
         if "trust_remote_code" in self.config:
             return ("trust_remote_code: the trainer never runs a model repository's own Python code (its "
                     "config.json's auto_map); use a model of an architecture transformers has")
+        if key := next((k for k in LOADING_ARGUMENTS if k in self.config), None):
+            hint = "set model.revision" if key == "revision" else "the trainer reads the model's files itself"
+            return (f"{key}: an argument of from_pretrained (how and where it reads the files), not a value of the "
+                    f"model's config; {hint}")
         if self.task == Task.OBJECT_DETECTION and (key := next((k for k in DETECTOR_SIZES if k in self.config), None)):
             return (f"{key}: a detector takes its images at dataset.imageSize (resized to it square, their boxes with "
                     "them), and its own transform is set to that; set dataset.imageSize instead")
