@@ -344,6 +344,21 @@ def test_a_jobs_warnings_from_before_it_was_made_are_not_its_own() -> None:
     assert outcome.latest_warning({"FailedCreate": quota}) == ("FailedCreate", quota[1])
 
 
+def test_a_reason_the_status_schema_refuses_from_another_controller_is_not_copied() -> None:
+    """Any controller or webhook may post a Warning on the Job, or set a DisruptionTarget reason: one not CamelCase
+    became a condition's reason and status.reason, which the CRD's pattern refuses, so every status patch was refused
+    (a TemporaryError every 5 s) for as long as it was the latest."""
+    quota = ("2026-12-01T12:00:01Z", 'pods "ft-1-0" is forbidden: violates PodSecurity')
+    assert outcome.latest_warning({"failed-create": quota}) == ("FailedCreate", quota[1])
+    seen = Observed(body({"attempts": 1, "children": {"job": "ft-1"}}), [job(active=0)], [], NOW,
+                    job_warning=outcome.latest_warning({"failed-create": quota}))
+    assert after(decide(seen))["reason"] == "FailedCreate"
+    raw = {"metadata": {"name": "ft-1-0-x", "labels": {"finetune.dev/attempt": "1"}},
+           "status": {"phase": "Failed", "conditions": [{"type": "DisruptionTarget", "status": "True",
+                                                         "reason": "evicted by a-descheduler"}]}}
+    assert outcome.pod_summary(raw)["disrupted"] == "Disrupted"
+
+
 def test_a_running_job_shows_progress_from_rank_zeros_metrics() -> None:
     sample = {"step": 30, "total_steps": 120, "epoch": 0.25, "loss": 0.61, "learning_rate": 1e-3,
               "samples_per_second": 32.0, "tokens_per_second": 900.0, "stage": "Training"}
@@ -1178,6 +1193,41 @@ def test_the_deadline_fails_the_job_and_stops_its_pods() -> None:
     assert status["workers"] == {"active": 0, "ready": 0, "succeeded": 0, "failed": 0}
 
 
+def test_a_job_made_but_not_yet_seen_is_stopped_by_name_and_no_attempt_starts_beside_an_earlier_one() -> None:
+    """The tick that makes an attempt's Job writes its name; a suspend, a deadline or a failure seen before the Job's
+    watch event deleted only a Job in the index, so nothing: that Job ran on unwatched, and a resume made the next
+    attempt beside it, two gangs on the same output and checkpoints."""
+    failed = job(active=0, failed=1, failure={"reason": "BackoffLimitExceeded", "message": ""})
+    made = {"attempts": 2, "failures": 1, "startTime": "2026-12-01T11:59:50Z", "children": {"job": "ft-2"}}
+    suspending = decide(Observed(body(made, suspend=True), [failed], [], NOW))
+    suspended = after(suspending, made)
+    assert suspending.delete_job == "ft-2" and suspended["phase"] == "Suspended"
+    # Once said, a suspended job does not delete again at every tick a Job it no longer sees.
+    assert decide(Observed(body(suspended, suspend=True), [failed], [], NOW + timedelta(seconds=2))).delete_job is None
+    # Resumed while Job ft-2 (now seen) outlived the suspend: stopped, and attempt 3 waits until it is going.
+    ft2 = job(2, active=1)
+    resuming = decide(Observed(body(suspended), [failed, ft2], [], NOW + timedelta(seconds=4)))
+    resumed = after(resuming, suspended)
+    assert resuming.delete_job == "ft-2" and resumed["attempts"] == 3
+    waiting = decide(Observed(body(resumed), [failed, ft2], [], NOW + timedelta(seconds=6)))
+    assert waiting.create_attempt is None and waiting.delete_job == "ft-2"
+    # Its pods have ended: the Job controller's verdict is a second away, and the pods keep their logs meanwhile.
+    ended = pod(2, phase="Failed", exit_code=1, message={"exitCode": 1, "reason": "ConfigError", "message": "bad"})
+    held = decide(Observed(body(resumed), [failed, ft2], [ended], NOW + timedelta(seconds=6)))
+    assert held.create_attempt is None and held.delete_job is None
+    gone = job(2, active=0, deleting="2026-12-01T12:00:06Z")
+    assert decide(Observed(body(resumed), [failed, gone], [], NOW + timedelta(seconds=8))).create_attempt == 3
+    # The deadline, a backoffLimit lowered below the failures, and a spec the operator cannot read end the job: each
+    # stops the Job it made, seen or not.
+    ends = [dict(made, startTime="2026-12-01T10:00:00Z"), {"activeDeadlineSeconds": 600}], [made, {"backoffLimit": 0}]
+    for status, spec in ends:
+        decision = decide(Observed(body(status, **spec), [failed], [], NOW))
+        assert after(decision, status)["phase"] == "Failed" and decision.delete_job == "ft-2", spec
+    unreadable = body(made) | {"spec": EXAMPLE["spec"] | {"backoffLimit": -1}}
+    decision = decide(Observed(unreadable, [failed], [], NOW))
+    assert after(decision, made)["reason"] == "InvalidSpec" and decision.delete_job == "ft-2"
+
+
 def test_the_deadline_does_not_run_while_the_queue_holds_the_job() -> None:
     """As for a Job that Kueue suspends, the clock starts at admission: a job of activeDeadlineSeconds 600 that waited
     two hours in its queue failed DeadlineExceeded there, never having run."""
@@ -1862,6 +1912,12 @@ def test_a_child_job_deleted_by_hand_in_the_foreground_ends_its_attempt_uncounte
     for deleting, stopping in ((job(**deleted), stopped), (failed, stopped), (failed, torchrun)):
         gone = decide(Observed(body(running, backoffLimit=0), [deleting], [stopping], NOW + timedelta(seconds=40)))
         status = after(gone, running)
+        assert status["attempts"] == 2 and not status.get("failures") and status["phase"] == "Pending", deleting
+        assert conditions(status)["Restarting"] == ("True", "JobDeleted")
+    # Seen once its pods are gone (they go first) and the Job not yet: the same delete, not a worker's failure.
+    for deleting in (job(**deleted), failed):
+        status = after(decide(Observed(body(running, backoffLimit=0), [deleting], [], NOW + timedelta(seconds=40))),
+                       running)
         assert status["attempts"] == 2 and not status.get("failures") and status["phase"] == "Pending", deleting
         assert conditions(status)["Restarting"] == ("True", "JobDeleted")
     # A worker that failed by itself before the delete still says why: its exit 1 is the attempt's end; and where its

@@ -184,7 +184,9 @@ def latest_warning(warnings: dict[str, tuple[str, str]], since: str | None = Non
     if not recent:
         return None
     reason, (_, message) = max(recent.items(), key=lambda item: item[1][0])
-    return reason or "FailedCreate", message
+    # Any controller or webhook may post on the Job: a reason the status schema refuses would get every status patch
+    # refused for as long as it is the latest.
+    return api.reason_or(reason, "FailedCreate"), message
 
 
 def creation_problem(events: dict[str, tuple[str, str]]) -> tuple[str, str] | None:
@@ -241,7 +243,7 @@ def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
         "ready": conditions.get("Ready", {}).get("status") == "True",
         "scheduled": scheduled.get("status") == "True",
         "unschedulable": scheduled.get("message") if scheduled.get("reason") == "Unschedulable" else None,
-        "disrupted": disruption.get("reason") if disruption.get("status") == "True" else (
+        "disrupted": api.reason_or(disruption.get("reason"), "Disrupted") if disruption.get("status") == "True" else (
             "RejectedByNode" if rejected and status.get("reason") in NODE_STATE_REJECTIONS else None),
         "rejected": f"{status.get('reason') or 'Rejected'}: {status['message']}" if rejected else None,  # and why
         "evicted": status.get("message") or "" if status.get("reason") == EVICTED else None,  # the kubelet's why

@@ -207,8 +207,7 @@ def decide(seen: Observed) -> Decision | None:
         fail("InvalidSpec", "; ".join(invalid or seen.problems))
         # A spec this operator cannot read under a running attempt (a rollback to a version that lacks one of its
         # fields): a failed job is never reconciled again, so its workers would hold their GPUs to the end unwatched.
-        if job and not (job["complete"] or job["failure"] or job["deleting"]):
-            decision.delete_job, decision.delete_job_reason = job["name"], "InvalidSpec"
+        _stop(decision, job, old, meta["name"], attempt, "InvalidSpec")
         return _finish(decision, old, conds)
     workers = spec.workers
     if job:
@@ -238,8 +237,8 @@ def decide(seen: Observed) -> Decision | None:
         return _finish(decision, old, conds) if _pods_behind(job, pods, now) else observe()
 
     if spec.suspend:
-        if job and not job["deleting"]:
-            decision.delete_job, decision.delete_job_reason = job["name"], "Suspended"
+        if job or not conds.true(T.SUSPENDED):  # one made but not yet seen, at the first tick that sees the suspend
+            _stop(decision, job, old, meta["name"], attempt, "Suspended")
         conds.set(T.SUSPENDED, True, "Suspended", "spec.suspend is true: no pods run; checkpoints stay for the resume")
         conds.clear(T.RUNNING, "Suspended")
         conds.clear(T.METRICS_STALE, "Suspended")
@@ -252,6 +251,7 @@ def decide(seen: Observed) -> Decision | None:
         # A new number only if the current one's children were made: an attempt decided (a retry) but not created
         # before the suspend is the one that resumes.
         if _made(old, meta["name"], attempt):
+            _stop(decision, job, old, meta["name"], attempt, "Suspended")  # if it outlived the suspend, unseen
             conds.set(T.RESTARTING, True, RESUMED, f"attempt {attempt + 1} resumes from the latest checkpoint")
             status["attempts"] = attempt + 1
         status["startTime"] = timestamp(now)
@@ -278,8 +278,7 @@ def decide(seen: Observed) -> Decision | None:
     deadline = spec.active_deadline_seconds
     if deadline and start and now >= start + timedelta(seconds=deadline):
         fail("DeadlineExceeded", f"the job was active longer than activeDeadlineSeconds ({deadline} s)")
-        if job and not job["deleting"]:  # its pods stop (SIGTERM, checkpoint)
-            decision.delete_job, decision.delete_job_reason = job["name"], "DeadlineExceeded"
+        _stop(decision, job, old, meta["name"], attempt, "DeadlineExceeded")  # its pods stop (SIGTERM, checkpoint)
         return _finish(decision, old, conds)
 
     # The attempt's Job is gone, or going (a foreground delete keeps it until its pods are gone), and its pods are being
@@ -289,7 +288,9 @@ def decide(seen: Observed) -> Decision | None:
     # their exit 143 on the SIGTERM was counted. So the next attempt comes, not counted, as for a disruption.
     # Listed from the apiserver (the indexes may keep a Job and pods deleted in a watch's relist gap), an attempt whose
     # children were made and whose Job and pods are all gone was deleted too, pods and all.
+    # A foreground delete keeps the Job, failed by it, until its pods are gone: seen then, it is the same delete.
     if (job is None or job["deleting"]) and pods and all(p.get("deletionTimestamp") for p in pods) or (
+            job and job["deleting"] and not pods) or (
             seen.listed and job is None and not pods and _made(old, meta["name"], attempt)):
         _next_attempt(conds, status, attempt, "JobDeleted",
                       f"the Job {children.child_name(meta['name'], attempt)} was deleted")
@@ -297,12 +298,21 @@ def decide(seen: Observed) -> Decision | None:
 
     if attempt == 0 or job is None:
         # backoffLimit lowered below the failures while a retry waited (to stop a job that keeps failing): as for a
-        # Job, no attempt more; the retry was made all the same, and ran until it failed too.
+        # Job, no attempt more. A retry already made but not yet seen is stopped: the job is not reconciled again.
         if (failures := old.get("failures") or 0) > spec.backoff_limit:
             fail("BackoffLimitExceeded", f"{failures} failed attempts (backoffLimit {spec.backoff_limit}, lowered "
                                          "since the last one failed)")
+            _stop(decision, job, old, meta["name"], attempt, "BackoffLimitExceeded")
             return _finish(decision, old, conds)
         if any(_may_run(p, now) for p in seen.pods):  # the previous attempt's pods still checkpoint to the claims
+            return _finish(decision, old, conds)
+        # An earlier attempt's Job that has not ended and is not going (one made, then passed over unseen): started
+        # beside it, the new gang would train on the same output when it gets its pods. It is stopped, unless its
+        # pods have ended, and the Job controller's verdict is a second away.
+        if earlier := next((j for j in seen.jobs if j["attempt"] < max(attempt, 1)
+                            and not (j["complete"] or j["failure"] or j["deleting"])), None):
+            if not any(p["attempt"] == earlier["attempt"] and p["phase"] in ("Succeeded", "Failed") for p in seen.pods):
+                decision.delete_job, decision.delete_job_reason = earlier["name"], "Superseded"
             return _finish(decision, old, conds)
         # `kubectl delete` and `apply` again (how a running job's recipe is changed): the deleted one's pods stop only
         # after the garbage collector reaches them, then take their grace period to checkpoint. Started beside them,
@@ -366,6 +376,16 @@ def _pods_behind(job: dict[str, Any], pods: list[dict[str, Any]], now: datetime)
         return False
     # Only knock-ons yet (a rank whose peer died ends first): the peer's own exit, the cause, is still to come.
     return not told or len(told) < len(pods) and all("terminated" in p and outcome.knock_on(p) for p in told)
+
+
+def _stop(decision: Decision, job: dict[str, Any] | None, old: dict[str, Any], name: str, attempt: int,
+          reason: str) -> None:
+    """Deletes the attempt's Job unless it has ended or is going: the one seen, or, where the status says it was made
+    but its watch event has not come yet (made at the previous tick), by name. Waiting to see it left it running
+    unwatched: the job failed or moved on to the next attempt, and no later tick deleted it, so two gangs trained on
+    the same output. A Job already gone answers 404, which is nothing."""
+    if job is None and _made(old, name, attempt) or job and not (job["complete"] or job["failure"] or job["deleting"]):
+        decision.delete_job, decision.delete_job_reason = children.child_name(name, attempt), reason
 
 
 def _made(old: dict[str, Any], name: str, attempt: int) -> bool:
