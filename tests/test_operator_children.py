@@ -23,7 +23,8 @@ SETTINGS = Settings(trainer_image="registry.example/trainer:1")
 def ftj(example: str = "minilm-sentiment.yaml", **spec: object) -> tuple[dict, object]:
     doc = yaml.safe_load((EXAMPLES / example).read_text())
     doc["spec"].update(spec)
-    doc["metadata"] |= {"namespace": "team-a", "uid": "1234", "labels": {"kueue.x-k8s.io/queue-name": "gpus"}}
+    doc["metadata"] |= {"namespace": "team-a", "uid": "1234", "labels": {"kueue.x-k8s.io/queue-name": "gpus",
+                                                                        "kueue.x-k8s.io/priority-class": "urgent"}}
     return doc, FineTuneJob.from_wire(doc).spec
 
 
@@ -93,6 +94,7 @@ def test_one_worker_runs_the_trainer_directly() -> None:
         "completionMode": "Indexed", "completions": 1, "parallelism": 1, "backoffLimit": 0, "suspend": False,
         "template": None, "podFailurePolicy": None}
     assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpus"
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/priority-class"] == "urgent"  # Kueue's WorkloadPriorityClass
     env = {e["name"]: e for e in container["env"]}
     assert env["FINETUNE_METRICS_ADDR"]["valueFrom"]["fieldRef"]["fieldPath"] == "status.podIP"
     assert env["FINETUNE_POD_UID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.uid"  # who answers there

@@ -38,8 +38,9 @@ LENGTH_MESSAGE = f"metadata.name must be at most {MAX_NAME_LENGTH} characters: t
 # The apiserver's generateName: at most 58 characters of it, then 5 random ones (consonants and digits).
 GENERATED_PREFIX_MAX, GENERATED_SUFFIX = 58, 5
 
-# Kueue's convention: a queue-name label on the FineTuneJob is copied onto its child Job.
-KUEUE_QUEUE_LABEL = "kueue.x-k8s.io/queue-name"
+# Kueue's labels, copied from the FineTuneJob onto its child Job, where Kueue reads them: the queue, and the
+# WorkloadPriorityClass (which orders and preempts workloads apart from the pods' PriorityClass).
+KUEUE_LABELS = ("kueue.x-k8s.io/queue-name", "kueue.x-k8s.io/priority-class")
 
 def _unique(field: str, key: str, message: str) -> Rule:
     attr, key_attr = to_snake(field), to_snake(key)

@@ -221,9 +221,8 @@ def job(ftj: dict[str, Any], spec: api.FineTuneJobSpec, attempt: int, settings: 
     pod_spec |= {k: v for k, v in optional.items() if v}
     if pod.termination_grace_period_seconds is not None:  # 0 is a setting: no time to checkpoint
         pod_spec["terminationGracePeriodSeconds"] = pod.termination_grace_period_seconds
-    job_labels = dict(meta["labels"])
-    if queue := ftj["metadata"].get("labels", {}).get(api.KUEUE_QUEUE_LABEL):
-        job_labels[api.KUEUE_QUEUE_LABEL] = queue
+    own = ftj["metadata"].get("labels", {})
+    job_labels = dict(meta["labels"]) | {key: own[key] for key in api.KUEUE_LABELS if own.get(key)}
     made_from = {GENERATION_ANNOTATION: str(ftj["metadata"].get("generation", 0)),
                  RECIPE_ANNOTATION: recipe(spec)}
     return {
