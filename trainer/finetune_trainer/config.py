@@ -296,7 +296,9 @@ class AdjustSpec(ApiModel):
 
     freeze: FreezeSpec = Field(default_factory=FreezeSpec, description="Which parameters to freeze.")
     learning_rate: float = Field(
-        5e-5, gt=0, le=1, description="Peak learning rate of the top layer (after warmup)."
+        5e-5, gt=0, le=1, description="Peak learning rate (after warmup) of what sits above the layer stack: the "
+        "pooler, the final norm and the head (unless headLearningRate); the stack's layers decay from it by "
+        "layerwiseDecay."
     )
     head_learning_rate: float | None = Field(
         None,
@@ -309,7 +311,8 @@ class AdjustSpec(ApiModel):
         1.0,
         gt=0,
         le=1,
-        description="Each layer below the top trains at this fraction of the one above it (1 = no decay).",
+        description="Each layer of the stack trains at this fraction of the rate above it: the top layer at "
+        "learningRate x layerwiseDecay, the one below at that x layerwiseDecay again (1 = no decay).",
     )
     weight_decay: float = Field(
         0.01,
@@ -477,7 +480,8 @@ class TrainingSpec(ApiModel):
     max_steps: int | None = Field(
         None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
     )
-    batch_size: int = Field(32, ge=1, le=65536, description="Samples per step per worker.")
+    batch_size: int = Field(32, ge=1, le=65536, description="Samples per micro-batch per worker: an optimizer step "
+                            "takes batchSize x gradientAccumulation of them per worker.")
     gradient_accumulation: int = Field(
         1,
         ge=1,
