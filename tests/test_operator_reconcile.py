@@ -894,6 +894,28 @@ def test_a_pod_the_index_kept_after_a_relist_holds_the_next_attempt_back_no_long
     apiserver = Listing([])
     assert decide(handlers._listed(apiserver, seen, "ns", "ft", jobs=False)).create_attempt == 2
     assert apiserver.asked == [("/api/v1/namespaces/ns/pods", {"labelSelector": "finetune.dev/job-name=ft"})]
+
+
+def test_an_earlier_attempts_job_the_index_kept_after_a_relist_holds_the_next_attempt_back_no_longer(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Attempt 1's Job, deleted (JobDeleted) in a watch's relist gap, stays in the index as last seen, running: an
+    attempt is not made beside an earlier one that runs on, so the job waited for it for good. The apiserver is
+    asked, Jobs too, and the tick that wires it does so before deciding."""
+    import kopf
+
+    from finetune_operator import handlers
+
+    deleted = {"attempts": 2, "children": {"job": "ft-1"}, "startTime": "2026-12-01T11:00:00Z"}
+    seen = Observed(body(deleted), [job(1, active=1)], [], NOW)
+    assert reconcile.waits_on_jobs(seen) and not reconcile.waits_on_pods(seen)
+    assert decide(seen).create_attempt is None
+    apiserver = Listing([])
+    assert decide(handlers._listed(apiserver, seen, "ns", "ft", jobs=True)).create_attempt == 2
+    assert [path.rsplit("/", 1)[1] for path, _ in apiserver.asked] == ["pods", "jobs"]
+    monkeypatch.setattr(kopf, "event", lambda *_, **__: None)  # posting needs kopf's running loop
+    made = ticked(body(deleted), ({("ns", "ft"): [job(1, active=1)]}, {}))
+    assert [path.rsplit("/", 1)[1] for path, _ in made.asked][:2] == ["pods", "jobs"]
+    assert made.patches[0]["children"]["job"] == "ft-2" and conditions(made.patches[0])["Created"][0] == "True"
     # One the apiserver still has, stopping within its grace period, is still waited for.
     stopping = {"metadata": {"name": "ft-1-1-x", "deletionTimestamp": "2026-12-01T12:00:20Z",
                              "labels": {"finetune.dev/attempt": "1", "batch.kubernetes.io/job-completion-index": "1"}},
@@ -1215,8 +1237,15 @@ def test_a_job_made_but_not_yet_seen_is_stopped_by_name_and_no_attempt_starts_be
     ended = pod(2, phase="Failed", exit_code=1, message={"exitCode": 1, "reason": "ConfigError", "message": "bad"})
     held = decide(Observed(body(resumed), [failed, ft2], [ended], NOW + timedelta(seconds=6)))
     assert held.create_attempt is None and held.delete_job is None
+    assert conditions(after(waiting, resumed))["Created"] == ("False", "EarlierAttemptRunning")
     gone = job(2, active=0, deleting="2026-12-01T12:00:06Z")
     assert decide(Observed(body(resumed), [failed, gone], [], NOW + timedelta(seconds=8))).create_attempt == 3
+    # A Job deleted in a watch's relist gap stays in the index as last seen: the apiserver is asked (waits_on_jobs),
+    # and its list, without it, makes the attempt; held back by the index alone, the job waited for good.
+    ghost = Observed(body(resumed), [failed, ft2], [], NOW + timedelta(seconds=8))
+    assert reconcile.waits_on_jobs(ghost)
+    listed = Observed(body(resumed), [failed], [], NOW + timedelta(seconds=8), listed=True)
+    assert not reconcile.waits_on_jobs(listed) and decide(listed).create_attempt == 3
     # The deadline, a backoffLimit lowered below the failures, and a spec the operator cannot read end the job: each
     # stops the Job it made, seen or not.
     ends = [dict(made, startTime="2026-12-01T10:00:00Z"), {"activeDeadlineSeconds": 600}], [made, {"backoffLimit": 0}]
@@ -1914,10 +1943,15 @@ def test_a_child_job_deleted_by_hand_in_the_foreground_ends_its_attempt_uncounte
         status = after(gone, running)
         assert status["attempts"] == 2 and not status.get("failures") and status["phase"] == "Pending", deleting
         assert conditions(status)["Restarting"] == ("True", "JobDeleted")
-    # Seen once its pods are gone (they go first) and the Job not yet: the same delete, not a worker's failure.
+    # Seen once its pods are gone (they go first) and the Job not yet: the same delete, not a worker's failure, once
+    # the apiserver's list says so; until then (pods late to the index, maybe still checkpointing) nothing is judged.
     for deleting in (job(**deleted), failed):
-        status = after(decide(Observed(body(running, backoffLimit=0), [deleting], [], NOW + timedelta(seconds=40))),
-                       running)
+        seen = Observed(body(running, backoffLimit=0), [deleting], [], NOW + timedelta(seconds=40))
+        assert reconcile.waits_on_jobs(seen)
+        unsure = after(decide(seen), running)
+        assert unsure["attempts"] == 1 and not unsure.get("failures") and "Restarting" not in conditions(unsure)
+        seen.listed = True
+        status = after(decide(seen), running)
         assert status["attempts"] == 2 and not status.get("failures") and status["phase"] == "Pending", deleting
         assert conditions(status)["Restarting"] == ("True", "JobDeleted")
     # A worker that failed by itself before the delete still says why: its exit 1 is the attempt's end; and where its

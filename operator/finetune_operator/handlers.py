@@ -238,7 +238,8 @@ def _listed(clients: Clients, seen: reconcile.Observed, ns: str, name: str, jobs
     """`seen` with the job's pods (and with `jobs`, its Jobs) as the apiserver lists them now. After a watch's 410
     Gone kopf lists again and reports only what exists: a child deleted in that gap stays in its index as last seen
     (a pod Running, not deleting), until the operator restarts. Asked while pods hold the next attempt back (pods
-    only), and now and then while a job's metrics are not read (`ChildChecks`)."""
+    only), while Jobs would (`reconcile.waits_on_jobs`), and now and then while a job's metrics are not read
+    (`ChildChecks`)."""
     selector = f"{children.JOB_NAME_LABEL}={name}"
     try:
         pods = json.loads(clients.call("GET", api_path(ns, "pods"), labelSelector=selector))["items"]
@@ -556,10 +557,10 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
     plain["status"] = memo.written.status(plain)
     seen = reconcile.Observed(plain, list(job_index.get(key, [])), list(pod_index.get(key, [])),
                               datetime.now(timezone.utc).replace(tzinfo=None))
-    if reconcile.waits_on_pods(seen):
-        seen = _listed(clients, seen, ns, name, jobs=False)
+    if (jobs := reconcile.waits_on_jobs(seen)) or reconcile.waits_on_pods(seen):
+        seen = _listed(clients, seen, ns, name, jobs=jobs)
     _sample(seen, memo.slow_scrapes, ns, name)
-    if _in_doubt(seen) and memo.child_checks.due((ns, name, seen.body["metadata"]["uid"])):
+    if not seen.listed and _in_doubt(seen) and memo.child_checks.due((ns, name, seen.body["metadata"]["uid"])):
         seen = _listed(clients, seen, ns, name, jobs=True)
     seen.job_warning = _job_warning(clients, memo.job_warnings, seen, ns)
     seen.pod_warning = reconcile.pod_warning(seen, lambda pod: memo.pod_warnings.of(clients, ns, pod))

@@ -288,7 +288,10 @@ def decide(seen: Observed) -> Decision | None:
     # their exit 143 on the SIGTERM was counted. So the next attempt comes, not counted, as for a disruption.
     # Listed from the apiserver (the indexes may keep a Job and pods deleted in a watch's relist gap), an attempt whose
     # children were made and whose Job and pods are all gone was deleted too, pods and all.
-    # A foreground delete keeps the Job, failed by it, until its pods are gone: seen then, it is the same delete.
+    # A foreground delete keeps the Job, failed by it, until its pods are gone: seen then, it is the same delete, once
+    # the apiserver's list says they are gone, not only late to the index (waits_on_jobs asks it).
+    if job and job["deleting"] and not pods and not seen.listed:
+        return _finish(decision, old, conds)
     if (job is None or job["deleting"]) and pods and all(p.get("deletionTimestamp") for p in pods) or (
             job and job["deleting"] and not pods) or (
             seen.listed and job is None and not pods and _made(old, meta["name"], attempt)):
@@ -306,13 +309,14 @@ def decide(seen: Observed) -> Decision | None:
             return _finish(decision, old, conds)
         if any(_may_run(p, now) for p in seen.pods):  # the previous attempt's pods still checkpoint to the claims
             return _finish(decision, old, conds)
-        # An earlier attempt's Job that has not ended and is not going (one made, then passed over unseen): started
-        # beside it, the new gang would train on the same output when it gets its pods. It is stopped, unless its
-        # pods have ended, and the Job controller's verdict is a second away.
-        if earlier := next((j for j in seen.jobs if j["attempt"] < max(attempt, 1)
-                            and not (j["complete"] or j["failure"] or j["deleting"])), None):
+        # An earlier attempt's Job that has not ended and is not going (one made, then passed over unseen), as the
+        # apiserver lists it (waits_on_jobs): started beside it, the new gang would train on the same output when it
+        # gets its pods. It is stopped, unless its pods have ended, and the Job controller's verdict is a second away.
+        if earlier := _earlier_job(seen.jobs, attempt):
             if not any(p["attempt"] == earlier["attempt"] and p["phase"] in ("Succeeded", "Failed") for p in seen.pods):
                 decision.delete_job, decision.delete_job_reason = earlier["name"], "Superseded"
+            conds.set(T.CREATED, False, "EarlierAttemptRunning", f"the Job {earlier['name']} of attempt "
+                      f"{earlier['attempt']} has not ended: waiting for it to stop before attempt {max(attempt, 1)}")
             return _finish(decision, old, conds)
         # `kubectl delete` and `apply` again (how a running job's recipe is changed): the deleted one's pods stop only
         # after the garbage collector reaches them, then take their grace period to checkpoint. Started beside them,
@@ -447,6 +451,26 @@ def waits_on_pods(seen: Observed) -> bool:
     attempt = current_attempt(seen.body["status"], seen.jobs)
     job = next((j for j in seen.jobs if j["attempt"] == attempt), None)
     return (attempt == 0 or job is None) and any(_may_run(p, seen.now) for p in (*seen.pods, *seen.earlier_pods))
+
+
+def waits_on_jobs(seen: Observed) -> bool:
+    """Whether decide would act on Jobs that the indexes may keep after they are gone (deleted in a watch's relist
+    gap, kept as last seen until the operator restarts): an earlier attempt's Job running on where the current attempt
+    has none, which would hold the next attempt back for good, or the current one deleting with no pods seen (gone
+    with them, or not yet indexed)."""
+    status = seen.body["status"]
+    if status.get("phase") in (api.Phase.SUCCEEDED, api.Phase.FAILED):
+        return False
+    attempt = current_attempt(status, seen.jobs)
+    if job := next((j for j in seen.jobs if j["attempt"] == attempt), None):
+        return bool(job["deleting"]) and not any(p["attempt"] == attempt for p in seen.pods)
+    return _earlier_job(seen.jobs, attempt) is not None
+
+
+def _earlier_job(jobs: list[dict[str, Any]], attempt: int) -> dict[str, Any] | None:
+    """An earlier attempt's Job that has not ended and is not going."""
+    return next((j for j in jobs if j["attempt"] < max(attempt, 1)
+                 and not (j["complete"] or j["failure"] or j["deleting"])), None)
 
 
 def _may_run(pod: dict[str, Any], now: datetime) -> bool:
