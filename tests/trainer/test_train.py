@@ -660,6 +660,73 @@ def test_sigterm_at_a_due_evaluation_saves_first_and_the_resumed_run_evaluates(
     assert_same(resumed_weights, reference_weights)
 
 
+@pytest.mark.parametrize("total, loss, stops", [(20, 2.0, True), (4, 0.5, False)], ids=["early-stop", "last-step"])
+def test_a_resumed_run_s_first_evaluation_is_checkpointed_when_no_step_follows(tmp_path: Path, total: int,
+                                                                              loss: float, stops: bool) -> None:
+    """SIGTERM at a step due for evaluation saves it first; the resumed run evaluates there, and that evaluation stops
+    early or is the last step's: no step follows, so that step's checkpoint is written again with it. Else a retry
+    (of the final evaluation or the export) evaluated again, and found the training unfinished (a teacher loaded)."""
+    spec = TrainingSpec(batchSize=8, maxSteps=total, evalEverySteps=2, checkpointEverySteps=100,
+                        earlyStopping={"patience": 1})
+
+    def run(losses: list[float], sigterm_at: int | None = None) -> LoopState:
+        model, data, collate = lm_setup()
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        hooks = Hooks(evaluate=Scripted(model, losses), checkpoint_dir=tmp_path,  # a further evaluation: StopIteration
+                      on_step=lambda state, _: state.step == sigterm_at and os.kill(os.getpid(), signal.SIGTERM))
+        return train_loop(model, optimizer, make_scheduler(optimizer, spec, total), data, collate, spec,
+                          Task.CAUSAL_LM, CPU, hooks)
+
+    with pytest.raises(Terminated, match="stopped by SIGTERM at step 4"):
+        run([1.0], sigterm_at=3)  # seen at the end of step 4, saved before its evaluation
+    resumed = run([loss])  # worse than step 2's: early stopping (patience 1); better: the best weights change
+    assert resumed.step == 4 and resumed.stopped_early == stops and resumed.best_step == (2 if stops else 4)
+    (newest,) = checkpoints.complete(tmp_path)
+    saved = json.loads((newest / "state.json").read_text())
+    assert newest.name == "step-00000004" and [e["step"] for e in saved["evals"]] == [2, 4]
+    assert saved["stopped_early"] == stops and saved["best_step"] == resumed.best_step
+    assert checkpoints.finished(tmp_path, total) and not [p.name for p in tmp_path.glob(".*")]
+    best, trained = load_file(newest / checkpoints.BEST), load_file(newest / "trained.safetensors")
+    assert all(torch.equal(best[n], trained[n]) for n in trained) != stops  # step 2's weights, or step 4's
+    again = run([])  # a retry: resumed where training ended, with nothing to evaluate
+    assert again.evals == resumed.evals and again.best_step == resumed.best_step
+
+
+def test_a_step_written_again_is_never_lost_to_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint written again for its step is moved aside until the new one is in place: a crash between the two
+    renames leaves it aside, and the next attempt's run_folder puts it back; a save that completes leaves none."""
+    root = checkpoints.run_folder(tmp_path, {"run": 1}, CPU)
+    model, _, _ = lm_setup()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler = make_scheduler(optimizer, TrainingSpec(batchSize=8, maxSteps=4), 4)
+    scaler = torch.amp.GradScaler("cpu", enabled=False)
+
+    def save(evals: int) -> Path:
+        state = {"step": 4, "evals": [{}] * evals}
+        return checkpoints.save(root, 4, model, optimizer, scheduler, scaler, state, CPU, keep=2)
+
+    def evals() -> int:
+        (newest,) = checkpoints.complete(root)
+        return len(json.loads((newest / "state.json").read_text())["evals"])
+
+    save(1)
+    real = os.replace
+
+    def crash_placing_the_new_one(src: Path, dst: Path) -> None:
+        if Path(src).name.startswith(".tmp-"):
+            raise KeyboardInterrupt  # as a SIGKILL would, with the old one aside
+        real(src, dst)
+
+    monkeypatch.setattr(checkpoints.os, "replace", crash_placing_the_new_one)
+    with pytest.raises(KeyboardInterrupt):
+        save(2)
+    monkeypatch.undo()
+    assert not checkpoints.complete(root) and (root / ".old-step-00000004" / checkpoints.MARKER).exists()
+    assert checkpoints.run_folder(tmp_path, {"run": 1}, CPU) == root and evals() == 1
+    assert save(2) == root / "step-00000004" and evals() == 2
+    assert sorted(p.name for p in root.iterdir()) == ["fingerprint.json", "step-00000004"]
+
+
 def test_sigterm_in_the_last_step_stops_after_its_checkpoint(tmp_path: Path) -> None:
     """The loop ends after its last step, but the SIGTERM that came during it still stops the run: the pod is going
     away, so it must not go on into the final evaluation and export (the kubelet would kill it there)."""

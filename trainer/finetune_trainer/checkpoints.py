@@ -5,7 +5,9 @@ weights of the best evaluation so far when early stopping keeps them, the optimi
 scheduler, each rank's RNG state and the loop's position as JSON. It is
 written into `.tmp-step-<N>`, flushed to disk, given a COMMITTED marker, and only then
 renamed into place by rank 0 (a rename is atomic); the last `keep` are kept. Resume takes
-the newest folder that has the marker. Ranks must share the checkpoint folder (a PVC).
+the newest folder that has the marker. A step written again (its evaluation came after it) moves the old
+folder aside to `.old-step-<N>` until the new one is in place: a crash between the two renames leaves
+it there, and `run_folder` puts it back. Ranks must share the checkpoint folder (a PVC).
 
 The checkpoints of one run live in `<output>/checkpoints/<fingerprint>` (`run_folder`): the
 hash of what changes the optimisation, world size included, written beside them in
@@ -50,6 +52,7 @@ log = logging.getLogger(__name__)
 
 MARKER = "COMMITTED"
 PREFIX = "step-"
+ASIDE = ".old-"  # a step's checkpoint while save writes that step again
 BEST = "best.safetensors"
 HEALED = "healed.safetensors"
 BASELINE = "baseline.json"
@@ -136,8 +139,16 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
     if world.main:
         (tmp / MARKER).write_text(str(step))
         fsync_tree(tmp)
+        aside = root / f"{ASIDE}{final.name}"
+        # Written again: os.replace takes no folder that is not empty, and one deleted first left a crash no
+        # complete checkpoint of the step. Set aside, it is the step's until the new one takes the name.
+        if final.exists():
+            shutil.rmtree(aside, ignore_errors=True)  # a torn one, of a crash after the step was in place
+            os.replace(final, aside)
+            fsync(root)
         os.replace(tmp, final)
         fsync_tree(root)
+        shutil.rmtree(aside, ignore_errors=True)
         for old in complete(root)[:-keep]:
             remove(old)
         log.info("checkpoint %s", final)
@@ -179,6 +190,12 @@ def run_folder(parent: Path, identity: dict[str, Any], world: World) -> Path:
                 shutil.rmtree(stale, ignore_errors=True)
             else:
                 stale.unlink(missing_ok=True)
+        for aside in root.glob(f"{ASIDE}*"):  # a step save wrote again: the old one back, unless the new is in place
+            final = root / aside.name.removeprefix(ASIDE)
+            if final.exists():
+                shutil.rmtree(aside, ignore_errors=True)
+            else:
+                os.replace(aside, final)
         root.mkdir(parents=True, exist_ok=True)
         # Through a temporary file: cut short in place, an empty one lost the earlier attempt's pruning choice
         text = json.dumps(identity, indent=2, sort_keys=True)

@@ -274,7 +274,7 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
         state = LoopState(**saved)
         if state.history and hooks.on_step:  # where it resumes is its progress until the next step (if any) is made
             hooks.on_step(state, total)
-    saved_step = state.step
+    saved_at = state.step, len(state.evals)  # what the newest checkpoint holds (see save)
     if spec.distillation is not None and teacher is None and state.step < total and not state.stopped_early:
         # The pipeline loads none where the newest checkpoint ends the training; one that did not resume (a misfit,
         # removed) leaves steps to make, which must not be made without it. A retry, with no checkpoint, loads it.
@@ -309,11 +309,13 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
                           + ("; a checkpoint holds it" if hooks.checkpoint_dir else ""))
 
     def save() -> None:
-        nonlocal saved_step
-        if hooks.checkpoint_dir is not None and saved_step != state.step:
+        # By its evaluations too: a step SIGTERM saved before its due evaluation is written again once the resumed run
+        # has made it, else a run it stopped early (or ended) kept a checkpoint without it, its stop or best weights.
+        nonlocal saved_at
+        if hooks.checkpoint_dir is not None and saved_at != (state.step, len(state.evals)):
             checkpoints.save(hooks.checkpoint_dir, state.step, unwrap(model), optimizer, scheduler, scaler,
                              asdict(state), world, spec.keep_checkpoints, best)
-            saved_step = state.step
+            saved_at = state.step, len(state.evals)
 
     model.train()
     with SigtermFlag() as sigterm:
