@@ -1,7 +1,8 @@
 """A second process node, started by the test: when its agent exits its pods' processes end
 with it, and when it is lost (killed: its Lease stops) the controllers take its pods away as
 in a real cluster, marking them with the DisruptionTarget condition. A FineTuneJob whose trainer
-was on it retries on another node, as a disruption (not counted)."""
+was on it retries on another node, as a disruption (not counted). Before that eviction, the node
+controller marks the lost node's pods not ready, which tells a gang's stranded worker apart."""
 
 from __future__ import annotations
 
@@ -140,3 +141,25 @@ def test_a_trainer_on_a_lost_node_is_retried_on_another_without_counting(operato
     assert jobs == [done["status"]["children"]["job"]], f"the lost attempt's Job should be deleted: {jobs}"
     assert any(e["reason"] == "DeletionByTaintManager" for e in env.events(name)), \
         [(e["reason"], e["message"]) for e in env.events(name)]
+
+
+
+def test_a_lost_nodes_pods_are_marked_not_ready_long_before_their_eviction(kube: Kube, namespace: str,
+                                                                         extra_node: Node) -> None:
+    """What the operator reads of a gang's worker on a lost node (outcome.pod_summary's node_unready): the node
+    controller marks its pods not ready once the node is Unknown, with no reason (MarkPodsNotReady keeps the one Ready
+    had while True), where the taint manager evicts them only after their tolerationSeconds (300 by default)."""
+    from finetune_operator import outcome
+
+    tolerations = [{"key": TAINT, "operator": "Exists"}, *({"key": f"node.kubernetes.io/{t}", "operator": "Exists",
+                   "effect": "NoExecute", "tolerationSeconds": 300} for t in ("unreachable", "not-ready"))]
+    kube.apply(make_pod("stranded", "import time; time.sleep(600)", nodeName=extra_node.name, tolerations=tolerations),
+               namespace)
+    running = kube.wait_pod(namespace, "stranded", lambda p: condition_of(p, "Ready").get("status") == "True", "ready")
+    assert not outcome.pod_summary(running)["node_unready"]
+    extra_node.agent.kill()  # no goodbye: the Lease just stops
+    extra_node.agent.wait()
+    marked = kube.wait_pod(namespace, "stranded", lambda p: condition_of(p, "Ready").get("status") == "False",
+                           "marked not ready", timeout=60)
+    assert outcome.pod_summary(marked)["node_unready"] and phase(marked) == "Running"
+    assert not condition_of(marked, "DisruptionTarget") and "deletionTimestamp" not in marked["metadata"]

@@ -313,6 +313,46 @@ def test_a_knock_on_seen_before_the_jobs_verdict_waits_for_the_cause() -> None:
     assert (own.state, own.reason) == (outcome.State.FAILED, "InfrastructureFailure")
 
 
+def test_a_gang_whose_worker_is_on_a_lost_node_restarts_uncounted_once_the_node_controller_marks_it() -> None:
+    """A worker's node stops reporting; its peer's collective fails (DistributedFailure) and the Job fails, but the
+    worker never ends: no kubelet reports it, and the taint manager evicts it only after its tolerationSeconds (300 by
+    default). Judged 30 s after the Job's end, the peer's knock-on was counted (with backoffLimit 0 the job failed)."""
+    spec = {"runtime": EXAMPLE["spec"]["runtime"] | {"workers": 2}, "backoffLimit": 0}
+    peer = {"exitCode": 2, "reason": "DistributedFailure", "message": "Connection closed by peer", "stage": "Training"}
+    running = {"attempts": 1, "startTime": "2026-12-01T11:50:00Z", "phase": "Running"}
+    failed = [job(workers=2, active=1, failed=1, ended="2026-12-01T12:00:00Z",
+                  failure={"reason": "BackoffLimitExceeded", "message": "Job has reached the specified backoff limit"})]
+    knocked = pod(phase="Failed", exit_code=1, finished="2026-12-01T11:59:59Z", message=peer)
+
+    def stranded(ready: dict[str, str]) -> dict[str, Any]:  # Running, deleted by the Job controller, never ending
+        return outcome.pod_summary({
+            "metadata": {"name": "ft-1-1-x", "labels": {"finetune.dev/attempt": "1", "batch.kubernetes.io/job-"
+                                                        "completion-index": "1"},
+                         "deletionTimestamp": "2026-12-01T12:00:30Z"},
+            "status": {"phase": "Running", "conditions": [{"type": "PodScheduled", "status": "True"},
+                                                          {"type": "Ready", **ready}]}})
+
+    marked = stranded({"status": "False"})  # MarkPodsNotReady: Ready False, keeping the reason it had while True
+    assert marked["node_unready"] and marked["index"] == 1
+    assert not stranded({"status": "False", "reason": "ContainersNotReady"})["node_unready"]  # a kubelet's
+    assert not stranded({"status": "True"})["node_unready"]
+    # Past the 30 s a lagging pod is waited for, the node not marked yet (node-monitor-grace-period, 50 s): it waits.
+    unmarked = stranded({"status": "True"})
+    waiting = after(decide(Observed(body(running, **spec), failed, [knocked, unmarked], NOW + timedelta(seconds=40))),
+                    running)
+    assert waiting["attempts"] == 1 and not waiting.get("failures") and not {"Failed", "Restarting"} & set(
+        conditions(waiting)), waiting
+    decision = decide(Observed(body(running, **spec), failed, [knocked, marked], NOW + timedelta(seconds=45)))
+    status = after(decision, running)
+    assert status["attempts"] == 2 and not status.get("failures") and status["phase"] == "Pending", status
+    assert conditions(status)["Restarting"] == ("True", "NodeNotReady")
+    assert "pod ft-1-1-x's node stopped reporting" in next(e[2] for e in decision.events if e[1] == "NodeNotReady")
+    # A worker that never ends on a node that does report (a process stuck in D state): counted, past 60 s.
+    stuck = after(decide(Observed(body(running, **spec), failed, [knocked, unmarked], NOW + timedelta(seconds=61))),
+                  running)
+    assert (stuck["phase"], stuck["reason"], stuck["failures"]) == ("Failed", "BackoffLimitExceeded", 1), stuck
+
+
 def test_every_retry_is_told_though_none_was_seen_running() -> None:
     """Attempts that failed before any tick saw them run kept Restarting True with one reason, and Created
     AttemptCreated: after attempt 1's Warning, attempts 2 to 4 failed and were made with no Event until the last

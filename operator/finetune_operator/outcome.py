@@ -77,6 +77,7 @@ STORAGE_LIMIT_EXCEEDED = "StorageLimitExceeded"
 # not allocate, UnexpectedAdmissionError; a resource it counts short, OutOf<resource>; a topology manager's
 # TopologyAffinityError), so it may place every attempt on the same node, and free retries have no cap.
 REJECTED = "Pod was rejected: "
+NODE_NOT_READY = "NodeNotReady"  # the node controller's Event on a pod it marks not ready
 NODE_STATE_REJECTIONS = frozenset({EVICTED, "NodeShutdown"})
 
 
@@ -247,6 +248,10 @@ def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
             "RejectedByNode" if rejected and status.get("reason") in NODE_STATE_REJECTIONS else None),
         "rejected": f"{status.get('reason') or 'Rejected'}: {status['message']}" if rejected else None,  # and why
         "evicted": status.get("message") or "" if status.get("reason") == EVICTED else None,  # the kubelet's why
+        # The node lifecycle controller's mark (MarkPodsNotReady) on the pods of a node whose kubelet stopped reporting:
+        # Ready turned False keeping the reason it had while True, none; a kubelet's False always says why.
+        "node_unready": status.get("phase") in ("Pending", "Running") and conditions.get("Ready", {}).get("status")
+        == "False" and not conditions["Ready"].get("reason"),
         "stuck": _stuck(pod),
         "creating": _creating_since(pod, scheduled),  # scheduled at, while its containers are still being created
         "deletionTimestamp": meta.get("deletionTimestamp"),  # the time by which its containers are killed
@@ -374,6 +379,12 @@ def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
     rejected = next((p for p in pods if p.get("rejected")), None)
     if rejected and (not causes or knock_on(causes[0])):  # its peers, stopped with the Job, are its knock-ons
         return Outcome(State.FAILED, "RejectedByNode", _refused(rejected), Retry.COUNTED)
+    # A worker on a lost node never ends (no kubelet reports it) and its peers fail for it: a disruption, as the taint
+    # manager's eviction says of it only minutes later (tolerationSeconds, 300 by default), after the count was made.
+    stranded = next((p for p in pods if p.get("node_unready") and "terminated" not in p), None)
+    if stranded and (not causes or knock_on(causes[0])):
+        return Outcome(State.FAILED, NODE_NOT_READY, f"pod {stranded['name']}'s node stopped reporting (the node "
+                       "controller marked the pod not ready); the gang restarts from its checkpoint", Retry.FREE)
     if not causes:
         failure = job.get("failure") or {}
         return Outcome(State.FAILED, "WorkerFailed",

@@ -363,23 +363,30 @@ def _stopped_by_a_delete(job: dict[str, Any]) -> bool:
 # The Jobs and the pods come on separate watch streams, the pods' far the busier (every change of every trainer pod, a
 # relist after a dropped stream): a Job's end may be seen before its pods'.
 POD_LAG_SECONDS = 30
+# A peer that never ends may be on a lost node: the node controller marks its pods not ready once the node has missed
+# its heartbeats for node-monitor-grace-period (50 s by default), and outcome.failure_cause reads that mark.
+NODE_LOST_SECONDS = 60
 
 
 def _pods_behind(job: dict[str, Any], pods: list[dict[str, Any]], now: datetime) -> bool:
-    """Whether the attempt's Job ended POD_LAG_SECONDS ago or less and its pods, as seen, do not show that end yet: for
-    a success rank 0's (its termination message holds the evaluation and the final metrics), for a failure any exit or
-    disruption. Judged without them, a finished job lost its results for good (it is never reconciled again), and a
+    """Whether the attempt's Job ended POD_LAG_SECONDS ago or less (NODE_LOST_SECONDS where only knock-ons have ended)
+    and its pods, as seen, do not show that end yet: for a success rank 0's (its termination message holds the
+    evaluation and the final metrics), for a failure any exit or disruption. Judged without them, a finished job lost its results for good (it is never reconciled again), and a
     trainer's exit 1 was counted and retried as an infrastructure failure."""
     ended = _parse_time(job.get("ended"))
-    if ended is None or now >= ended + timedelta(seconds=POD_LAG_SECONDS):
+    if ended is None or now >= ended + timedelta(seconds=NODE_LOST_SECONDS):
         return False
+    lagging = now < ended + timedelta(seconds=POD_LAG_SECONDS)
     if job["complete"]:
-        return any(p["index"] == 0 and "terminated" not in p for p in pods)
+        return lagging and any(p["index"] == 0 and "terminated" not in p for p in pods)
     told = [p for p in pods if "terminated" in p or p.get("disrupted") or p["phase"] == "Failed"]
     if not pods or outcome.failure_cause(job, pods).retry == Retry.FREE:
         return False
-    # Only knock-ons yet (a rank whose peer died ends first): the peer's own exit, the cause, is still to come.
-    return not told or len(told) < len(pods) and all("terminated" in p and outcome.knock_on(p) for p in told)
+    if not told:
+        return lagging
+    # Only knock-ons yet (a rank whose peer died ends first): the peer's own exit, the cause, is still to come; or,
+    # from a peer on a lost node, never, and NODE_LOST_SECONDS tells that apart.
+    return len(told) < len(pods) and all("terminated" in p and outcome.knock_on(p) for p in told)
 
 
 def _stop(decision: Decision, job: dict[str, Any] | None, old: dict[str, Any], name: str, attempt: int,
