@@ -1284,6 +1284,8 @@ def test_a_job_made_but_not_yet_seen_is_stopped_by_name_and_no_attempt_starts_be
     # and its list, without it, makes the attempt; held back by the index alone, the job waited for good.
     ghost = Observed(body(resumed), [failed, ft2], [], NOW + timedelta(seconds=8))
     assert reconcile.waits_on_jobs(ghost)
+    # Suspended, it makes no attempt: no list at every tick of the suspension for a ghost.
+    assert not reconcile.waits_on_jobs(Observed(body(resumed, suspend=True), [failed, ft2], [], NOW))
     listed = Observed(body(resumed), [failed], [], NOW + timedelta(seconds=8), listed=True)
     assert not reconcile.waits_on_jobs(listed) and decide(listed).create_attempt == 3
     # The deadline, a backoffLimit lowered below the failures, and a spec the operator cannot read end the job: each
@@ -1994,6 +1996,12 @@ def test_a_child_job_deleted_by_hand_in_the_foreground_ends_its_attempt_uncounte
         status = after(decide(seen), running)
         assert status["attempts"] == 2 and not status.get("failures") and status["phase"] == "Pending", deleting
         assert conditions(status)["Restarting"] == ("True", "JobDeleted")
+    # The next tick, its pods still late to the index: they are listed before attempt 2 is made beside them.
+    later = Observed(body(status, backoffLimit=0), [job(**deleted)], [], NOW + timedelta(seconds=42))
+    assert reconcile.waits_on_pods(later)
+    checkpointing = pod(deletionTimestamp="2026-12-01T12:05:30Z")  # as the apiserver lists it, in its grace period
+    assert decide(Observed(body(status, backoffLimit=0), [job(**deleted)], [checkpointing], NOW + timedelta(seconds=42),
+                           listed=True)).create_attempt is None
     # A worker that failed by itself before the delete still says why: its exit 1 is the attempt's end; and where its
     # pod, counted, went at once with the delete, leaving its peers' 143, the attempt failed all the same (counted).
     before = job(active=0, failed=1, ended="2026-12-01T12:00:20Z", failure=backoff, **deleted)

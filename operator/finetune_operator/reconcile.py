@@ -454,10 +454,15 @@ KILL_MARGIN_SECONDS = 30
 
 
 def waits_on_pods(seen: Observed) -> bool:
-    """Whether the next attempt would wait for pods that may still run (decide's wait before it makes one)."""
+    """Whether the next attempt would wait for pods that may still run (decide's wait before it makes one), or for
+    those of an earlier attempt's Job that is deleting with none of them seen: a foreground delete keeps the Job while
+    they stop, and the pods' watch may lag the Jobs'."""
     attempt = current_attempt(seen.body["status"], seen.jobs)
     job = next((j for j in seen.jobs if j["attempt"] == attempt), None)
-    return (attempt == 0 or job is None) and any(_may_run(p, seen.now) for p in (*seen.pods, *seen.earlier_pods))
+    return (attempt == 0 or job is None) and (
+        any(_may_run(p, seen.now) for p in (*seen.pods, *seen.earlier_pods))
+        or any(j["deleting"] and not any(p["attempt"] == j["attempt"] for p in seen.pods)
+               for j in seen.jobs if j["attempt"] < attempt))
 
 
 def waits_on_jobs(seen: Observed) -> bool:
@@ -466,8 +471,8 @@ def waits_on_jobs(seen: Observed) -> bool:
     has none, which would hold the next attempt back for good, or the current one deleting with no pods seen (gone
     with them, or not yet indexed)."""
     status = seen.body["status"]
-    if status.get("phase") in (api.Phase.SUCCEEDED, api.Phase.FAILED):
-        return False
+    if status.get("phase") in (api.Phase.SUCCEEDED, api.Phase.FAILED) or (seen.body.get("spec") or {}).get("suspend"):
+        return False  # a suspended job makes no attempt, and a ghost would be listed at every tick of the suspension
     attempt = current_attempt(status, seen.jobs)
     if job := next((j for j in seen.jobs if j["attempt"] == attempt), None):
         return bool(job["deleting"]) and not any(p["attempt"] == attempt for p in seen.pods)
