@@ -695,7 +695,8 @@ def test_a_resumed_run_s_first_evaluation_is_checkpointed_when_no_step_follows(t
 def test_a_step_written_again_is_never_lost_to_a_crash(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A checkpoint written again for its step is moved aside until the new one is in place: a crash between the two
     renames leaves it aside, and the next attempt's run_folder puts it back; a save that completes leaves none."""
-    root = checkpoints.run_folder(tmp_path, {"run": 1}, CPU)
+    one = {"run": 1, "worldSize": 1}
+    root = checkpoints.run_folder(tmp_path, one, CPU)
     model, _, _ = lm_setup()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
     scheduler = make_scheduler(optimizer, TrainingSpec(batchSize=8, maxSteps=4), 4)
@@ -721,8 +722,13 @@ def test_a_step_written_again_is_never_lost_to_a_crash(tmp_path: Path, monkeypat
     with pytest.raises(KeyboardInterrupt):
         save(2)
     monkeypatch.undo()
-    assert not checkpoints.complete(root) and (root / ".old-step-00000004" / checkpoints.MARKER).exists()
-    assert checkpoints.run_folder(tmp_path, {"run": 1}, CPU) == root and evals() == 1
+    # Aside, it is still the step's checkpoint: a run of another fingerprint judges this folder by it (workers edited:
+    # refused, not removed as empty), and the next attempt of this one puts it back.
+    assert checkpoints.complete(root) == [root / ".old-step-00000004"] and evals() == 1
+    with pytest.raises(ConfigError, match="made by 1 processes"):
+        checkpoints.run_folder(tmp_path, {"run": 1, "worldSize": 2}, CPU)
+    assert checkpoints.run_folder(tmp_path, one, CPU) == root and evals() == 1
+    assert checkpoints.complete(root) == [root / "step-00000004"]
     assert save(2) == root / "step-00000004" and evals() == 2
     assert sorted(p.name for p in root.iterdir()) == ["fingerprint.json", "step-00000004"]
 

@@ -5,9 +5,10 @@ weights of the best evaluation so far when early stopping keeps them, the optimi
 scheduler, each rank's RNG state and the loop's position as JSON. It is
 written into `.tmp-step-<N>`, flushed to disk, given a COMMITTED marker, and only then
 renamed into place by rank 0 (a rename is atomic); the last `keep` are kept. Resume takes
-the newest folder that has the marker. A step written again (its evaluation came after it) moves the old
-folder aside to `.old-step-<N>` until the new one is in place: a crash between the two renames leaves
-it there, and `run_folder` puts it back. Ranks must share the checkpoint folder (a PVC).
+the newest folder that has the marker. A step written again (its evaluation came after it) moves
+the old folder aside to `.old-step-<N>` until the new one is in place: a crash between the two
+renames leaves it there, still the step's checkpoint (`complete`), and `run_folder` puts it back.
+Ranks must share the checkpoint folder (a PVC).
 
 The checkpoints of one run live in `<output>/checkpoints/<fingerprint>` (`run_folder`): the
 hash of what changes the optimisation, world size included, written beside them in
@@ -319,11 +320,13 @@ def shown(value: Any) -> str:
 
 
 def complete(root: Path) -> list[Path]:
-    """Committed checkpoints, oldest first."""
+    """Committed checkpoints, oldest first: a step's folder, or its old one set aside where a crash came between
+    save's two renames (until `run_folder` puts it back, the folder of another fingerprint is judged by it too)."""
     if not root.is_dir():
         return []
-    found = [p for p in root.glob(f"{PREFIX}*") if (p / MARKER).exists()]
-    return sorted(found, key=lambda p: int(p.name.removeprefix(PREFIX)))
+    found = {int(p.name.removeprefix(ASIDE).removeprefix(PREFIX)): p
+             for p in sorted(root.glob(f"{ASIDE}{PREFIX}*")) + sorted(root.glob(f"{PREFIX}*")) if (p / MARKER).exists()}
+    return [found[step] for step in sorted(found)]
 
 
 def finished(root: Path, total: int) -> bool:
