@@ -346,7 +346,7 @@ def test_a_gang_whose_worker_is_on_a_lost_node_restarts_uncounted_once_the_node_
     status = after(decision, running)
     assert status["attempts"] == 2 and not status.get("failures") and status["phase"] == "Pending", status
     assert conditions(status)["Restarting"] == ("True", "NodeNotReady")
-    assert "pod ft-1-1-x's node stopped reporting" in next(e[2] for e in decision.events if e[1] == "NodeNotReady")
+    assert "pod ft-1-1-x's node is not ready" in next(e[2] for e in decision.events if e[1] == "NodeNotReady")
     # A worker that never ends on a node that does report (a process stuck in D state): counted, past 60 s.
     stuck = after(decide(Observed(body(running, **spec), failed, [knocked, unmarked], NOW + timedelta(seconds=61))),
                   running)

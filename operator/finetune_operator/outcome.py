@@ -383,8 +383,9 @@ def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
     # manager's eviction says of it only minutes later (tolerationSeconds, 300 by default), after the count was made.
     stranded = next((p for p in pods if p.get("node_unready") and "terminated" not in p), None)
     if stranded and (not causes or knock_on(causes[0])):
-        return Outcome(State.FAILED, NODE_NOT_READY, f"pod {stranded['name']}'s node stopped reporting (the node "
-                       "controller marked the pod not ready); the gang restarts from its checkpoint", Retry.FREE)
+        return Outcome(State.FAILED, NODE_NOT_READY, f"pod {stranded['name']}'s node is not ready (lost, or its "
+                       "kubelet said so: the node controller marked the pod not ready); the gang restarts from its "
+                       "checkpoint", Retry.FREE)
     if not causes:
         failure = job.get("failure") or {}
         return Outcome(State.FAILED, "WorkerFailed",
