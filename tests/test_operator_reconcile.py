@@ -1284,6 +1284,12 @@ def test_a_job_made_but_not_yet_seen_is_stopped_by_name_and_no_attempt_starts_be
     # and its list, without it, makes the attempt; held back by the index alone, the job waited for good.
     ghost = Observed(body(resumed), [failed, ft2], [], NOW + timedelta(seconds=8))
     assert reconcile.waits_on_jobs(ghost)
+    # A Job gone with its pods before any tick saw it go: asked, it is JobDeleted (the next attempt), not made again
+    # under its number with its end untold.
+    vanished = {"attempts": 1, "children": {"job": "ft-1"}, "startTime": "2026-12-01T11:00:00Z"}
+    assert reconcile.waits_on_jobs(Observed(body(vanished), [], [], NOW))
+    gone = after(decide(Observed(body(vanished), [], [], NOW, listed=True)), vanished)
+    assert gone["attempts"] == 2 and conditions(gone)["Restarting"] == ("True", "JobDeleted")
     # Suspended, it makes no attempt: no list at every tick of the suspension for a ghost.
     assert not reconcile.waits_on_jobs(Observed(body(resumed, suspend=True), [failed, ft2], [], NOW))
     listed = Observed(body(resumed), [failed], [], NOW + timedelta(seconds=8), listed=True)

@@ -467,16 +467,17 @@ def waits_on_pods(seen: Observed) -> bool:
 
 def waits_on_jobs(seen: Observed) -> bool:
     """Whether decide would act on Jobs that the indexes may keep after they are gone (deleted in a watch's relist
-    gap, kept as last seen until the operator restarts): an earlier attempt's Job running on where the current attempt
-    has none, which would hold the next attempt back for good, or the current one deleting with no pods seen (gone
-    with them, or not yet indexed)."""
+    gap, kept as last seen until the operator restarts), or lack: an earlier attempt's Job running on where the current
+    attempt has none, which would hold the next attempt back for good; the current one deleting with no pods seen
+    (gone with them, or not yet indexed); or the current one made but not seen (gone with its pods before any tick saw
+    it go, it was made again under its number, its end never told; or a watch behind)."""
     status = seen.body["status"]
     if status.get("phase") in (api.Phase.SUCCEEDED, api.Phase.FAILED) or (seen.body.get("spec") or {}).get("suspend"):
         return False  # a suspended job makes no attempt, and a ghost would be listed at every tick of the suspension
     attempt = current_attempt(status, seen.jobs)
     if job := next((j for j in seen.jobs if j["attempt"] == attempt), None):
         return bool(job["deleting"]) and not any(p["attempt"] == attempt for p in seen.pods)
-    return _earlier_job(seen.jobs, attempt) is not None
+    return _made(status, seen.body["metadata"]["name"], attempt) or _earlier_job(seen.jobs, attempt) is not None
 
 
 def _earlier_job(jobs: list[dict[str, Any]], attempt: int) -> dict[str, Any] | None:
