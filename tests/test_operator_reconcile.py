@@ -2005,6 +2005,8 @@ def test_a_child_job_deleted_by_hand_in_the_foreground_ends_its_attempt_uncounte
     # The next tick, its pods still late to the index: they are listed before attempt 2 is made beside them.
     later = Observed(body(status, backoffLimit=0), [job(**deleted)], [], NOW + timedelta(seconds=42))
     assert reconcile.waits_on_pods(later)
+    # Deleted in the background (kubectl's default), the Job is gone at once: its pods are listed all the same.
+    assert reconcile.waits_on_pods(Observed(body(status, backoffLimit=0), [], [], NOW + timedelta(seconds=42)))
     checkpointing = pod(deletionTimestamp="2026-12-01T12:05:30Z")  # as the apiserver lists it, in its grace period
     assert decide(Observed(body(status, backoffLimit=0), [job(**deleted)], [checkpointing], NOW + timedelta(seconds=42),
                            listed=True)).create_attempt is None

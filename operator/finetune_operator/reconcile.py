@@ -455,14 +455,16 @@ KILL_MARGIN_SECONDS = 30
 
 def waits_on_pods(seen: Observed) -> bool:
     """Whether the next attempt would wait for pods that may still run (decide's wait before it makes one), or for
-    those of an earlier attempt's Job that is deleting with none of them seen: a foreground delete keeps the Job while
-    they stop, and the pods' watch may lag the Jobs'."""
-    attempt = current_attempt(seen.body["status"], seen.jobs)
+    those of the attempt before it, decided on (Restarting) with none of them seen: its Job deleted (by hand, or by
+    the operator for a suspend or a retune) before they reached the index, the pods' watch lagging the Jobs', they
+    may still checkpoint to the same claims."""
+    status = seen.body["status"]
+    attempt = current_attempt(status, seen.jobs)
     job = next((j for j in seen.jobs if j["attempt"] == attempt), None)
+    restarting = any(c["type"] == T.RESTARTING and c["status"] == "True" for c in status.get("conditions") or [])
     return (attempt == 0 or job is None) and (
         any(_may_run(p, seen.now) for p in (*seen.pods, *seen.earlier_pods))
-        or any(j["deleting"] and not any(p["attempt"] == j["attempt"] for p in seen.pods)
-               for j in seen.jobs if j["attempt"] < attempt))
+        or restarting and attempt > 1 and not any(p["attempt"] == attempt - 1 for p in seen.pods))
 
 
 def waits_on_jobs(seen: Observed) -> bool:
