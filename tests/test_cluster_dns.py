@@ -1,9 +1,8 @@
 """Names resolve as cluster DNS would answer them: `<hostname>.<subdomain>` only once a
 headless Service of that name selects the pod, from other namespaces with the namespace
-added, from every node (cluster DNS answers from the whole cluster's EndpointSlices), and a
-ClusterIP Service's name leads a client to the pod it selects (to its cluster IP on a real
-cluster, to the pod's own IP on the process node, which has no kube-proxy: what both
-guarantee is the connection, not the address)."""
+added, and a ClusterIP Service's name leads a client to the pod it selects (to its cluster
+IP on a real cluster, to the pod's own IP on the process node, which has no kube-proxy:
+what both guarantee is the connection, not the address)."""
 
 from __future__ import annotations
 
@@ -13,7 +12,6 @@ import pytest
 
 from kube import Kube, phase
 from pods import field_env, finished, make_pod, terminated
-from test_cluster_node_loss import Node, extra_node  # noqa: F401 (fixture)
 
 pytestmark = pytest.mark.cluster
 
@@ -47,16 +45,9 @@ while True:
 """
 
 
-def _lookups(kube: Kube, namespace: str, name: str, names: list[str], **spec: object) -> dict[str, str | None]:
-    kube.apply(make_pod(name, LOOKUP_SCRIPT, container={"args": names}, **spec), namespace)
+def _lookups(kube: Kube, namespace: str, name: str, names: list[str]) -> dict[str, str | None]:
+    kube.apply(make_pod(name, LOOKUP_SCRIPT, container={"args": names}), namespace)
     return json.loads(terminated(kube.wait_pod(namespace, name, finished, "finished"))["message"])
-
-
-def _web(name: str, hostname: str, **spec: object) -> dict:
-    """A server on its pod IP's port 8080 that answers with its pod's name; `<hostname>.peers` in DNS."""
-    env = [{"name": "POD_IP", **field_env("status.podIP")}, {"name": "POD_NAME", **field_env("metadata.name")}]
-    return make_pod(name, WEB_SCRIPT, hostname=hostname, subdomain="peers", metadata={"labels": {"app": "web"}},
-                    terminationGracePeriodSeconds=1, container={"env": env}, **spec)
 
 
 def _service(name: str, headless: bool) -> dict:
@@ -66,7 +57,10 @@ def _service(name: str, headless: bool) -> dict:
 
 
 def test_pod_and_service_names_resolve_as_cluster_dns(kube: Kube, namespace: str, module_namespace: str) -> None:
-    kube.apply(_web("web", "web-0"), namespace)
+    web = make_pod("web", WEB_SCRIPT, hostname="web-0", subdomain="peers", metadata={"labels": {"app": "web"}},
+                   terminationGracePeriodSeconds=1, container={"env": [
+                       {"name": "POD_IP", **field_env("status.podIP")}, {"name": "POD_NAME", **field_env("metadata.name")}]})
+    kube.apply(web, namespace)
     ip = kube.wait_pod(namespace, "web", lambda p: phase(p) == "Running", "running")["status"]["podIP"]
     # No Service named like the subdomain yet: the pod's name is not in DNS.
     assert _lookups(kube, namespace, "before", ["web-0.peers", "peers"]) == {"web-0.peers": None, "peers": None}
@@ -83,14 +77,3 @@ def test_pod_and_service_names_resolve_as_cluster_dns(kube: Kube, namespace: str
 
     kube.kubectl("delete", "service", "peers", "-n", namespace)
     assert _lookups(kube, namespace, "gone", ["web-0.peers"]) == {"web-0.peers": None}
-
-
-def test_pod_names_resolve_across_process_nodes(kube: Kube, namespace: str, extra_node: Node) -> None:
-    """A gang split over two nodes meets: each pod reaches the other node's pod by its headless-Service name, as
-    torchrun's workers reach `<job>-0.<svc>`."""
-    webs = {"process-node": "web-main", extra_node.name: "web-extra"}
-    kube.apply([_web(name, f"web-{i}", nodeName=node) for i, (node, name) in enumerate(webs.items())]
-               + [_service("peers", headless=True)], namespace)
-    for node, web in webs.items():
-        assert _lookups(kube, namespace, f"from-{web}", ["tcp:web-0.peers", "tcp:web-1.peers"], nodeName=node) \
-            == {"tcp:web-0.peers": "web-main", "tcp:web-1.peers": "web-extra"}, f"from {node}"

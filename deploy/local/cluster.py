@@ -309,12 +309,6 @@ def _audit_policy(cluster: Cluster) -> Path:
     return path
 
 
-def venv_python() -> Path:
-    """The Python of the project's virtualenv (FTO_VENV: a worktree may use its main checkout's), which runs
-    process nodes and, through them, every pod (a folder under /tmp would not be there: pods' /tmp is their own)."""
-    return Path(os.environ.get("FTO_VENV", REPO / ".venv")) / "bin" / "python"
-
-
 def _argvs(cluster: Cluster, ports: dict[str, int]) -> dict[str, list[str]]:
     b, p, s = cluster.bin_dir, cluster.pki, cluster.state
     etcd_url = f"https://127.0.0.1:{ports['etcd']}"
@@ -325,6 +319,7 @@ def _argvs(cluster: Cluster, ports: dict[str, int]) -> dict[str, list[str]]:
         return [f"--authentication-kubeconfig={pki.kubeconfig_path(s, identity)}",
                 f"--authorization-kubeconfig={pki.kubeconfig_path(s, identity)}"]
 
+    venv_python = Path(os.environ.get("FTO_VENV", REPO / ".venv")) / "bin" / "python"
     return {
         "etcd": [
             str(b / "etcd"), "--name=local", f"--data-dir={s / 'etcd'}",
@@ -388,11 +383,10 @@ def _argvs(cluster: Cluster, ports: dict[str, int]) -> dict[str, list[str]]:
             f"--server-address=127.0.0.1:{ports['kwok']}",
         ],
         "process-node": [
-            str(venv_python()), "-m", "process_node", f"--kubeconfig={pki.kubeconfig_path(s, pki.NODE_NAME)}",
+            str(venv_python), "-m", "process_node", f"--kubeconfig={pki.kubeconfig_path(s, pki.NODE_NAME)}",
             f"--state-dir={s / 'node'}", f"--node-name={pki.NODE_NAME}",
             f"--tls-cert-file={p / 'kubelet.crt'}", f"--tls-private-key-file={p / 'kubelet.key'}",
             f"--client-ca-file={p / 'ca.crt'}",
-            f"--dns-kubeconfig={pki.kubeconfig_path(s, 'cluster-dns')}",
             f"--provisioner-kubeconfig={pki.kubeconfig_path(s, 'local-path-provisioner')}",
             *(f"--host-path-root={root}" for root in HOST_PATH_ROOTS),
         ],
@@ -473,7 +467,7 @@ def _up(state: Path, timeout: float) -> Cluster:
         tls = client_tls(cluster, "admin")
         _wait(cluster, "kube-apiserver /readyz", lambda: _http_ok(f"{server}/readyz", tls), procs, deadline)
         _progress("kube-apiserver ready", started)
-        # Before the components that need them: the provisioner's and the DNS's RBAC, the StorageClass, kwok's nodes.
+        # Before the components that need them: the provisioner's RBAC, the StorageClass, kwok's nodes.
         applied = _kubectl(cluster, "apply", "-f", str(HERE / "manifests"))
         if applied.returncode != 0:
             raise ClusterError(f"applying {HERE / 'manifests'} failed:\n{applied.stderr}")

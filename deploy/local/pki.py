@@ -5,8 +5,7 @@ kubelet API, and a client cert per identity. Identities follow kubeadm: the
 controller-manager and scheduler get their own users (bootstrap RBAC grants them what they
 need), the process node is `system:node:<name>` in `system:nodes` (so the Node authorizer
 and NodeRestriction apply to it), the apiserver has its own certs for etcd and kubelets,
-and the local-path provisioner and the process nodes' cluster DNS are users of their own
-(manifests/ grant them their RBAC).
+and the local-path provisioner is a user of its own (manifests/ grant it its RBAC).
 Everything here is readable by its owner only.
 """
 
@@ -37,7 +36,6 @@ IDENTITIES = {
     "scheduler": ("system:kube-scheduler", ""),
     NODE_NAME: (f"system:node:{NODE_NAME}", "system:nodes"),
     "local-path-provisioner": ("finetune:local-path-provisioner", ""),
-    "cluster-dns": ("finetune:cluster-dns", ""),
 }
 # Client certs the apiserver presents to etcd and to the process node's kubelet API.
 APISERVER_CLIENTS = {

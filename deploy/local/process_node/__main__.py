@@ -33,8 +33,6 @@ def main() -> None:
     parser.add_argument("--tls-cert-file", type=Path, required=True)
     parser.add_argument("--tls-private-key-file", type=Path, required=True)
     parser.add_argument("--client-ca-file", type=Path, required=True)
-    parser.add_argument("--dns-kubeconfig", type=Path, required=True,
-                        help="the cluster DNS's user, which may list every Service and pod (dns.py)")
     parser.add_argument("--provisioner-kubeconfig", type=Path,
                         help="run the local-path provisioner as this user (none without it)")
     parser.add_argument("--host-path-root", type=Path, action="append", default=[],
@@ -55,8 +53,8 @@ def main() -> None:
     provisioner = None
     if args.provisioner_kubeconfig:
         provisioner = Provisioner(KubeAPI(args.provisioner_kubeconfig), state / "volumes", args.host_path_root)
-    agent = Agent(KubeAPI(args.kubeconfig), KubeAPI(args.dns_kubeconfig), args.node_name, state, capacity, tls,
-                  provisioner, args.register_with_taints)
+    agent = Agent(KubeAPI(args.kubeconfig), args.node_name, state, capacity, tls, provisioner,
+                  args.register_with_taints)
 
     def on_signal(signum: int, frame: object) -> None:
         sys.exit(128 + signum)  # unwinds Agent.run, which stops the pods on the way out

@@ -67,10 +67,9 @@ class ApiCluster:
 
 
 class Agent:
-    def __init__(self, api: KubeAPI, dns_api: KubeAPI, name: str, state_dir: Path, capacity: dict[str, str],
+    def __init__(self, api: KubeAPI, name: str, state_dir: Path, capacity: dict[str, str],
                  tls: tuple[Path, Path, Path], provisioner: Provisioner | None, taints: list[dict]) -> None:
         self.api, self.name, self.tls = api, name, tls  # tls: serving cert, its key, the client CA
-        self.dns_api = dns_api  # the cluster DNS's own user: a node may list only its own pods (dns.py)
         self.taints = taints
         self.cgroups, self.limits = Cgroups.detect(name)  # limits: how they are enforced, or why not
         self.pods_dir = state_dir / "pods"
@@ -238,18 +237,18 @@ class Agent:
                 log.warning("pod watch failed, retrying: %s", error)
                 time.sleep(1)
 
-    def _watch_for_dns(self, kind: str, path: str) -> None:
-        """Every object of `kind` in the cluster (`path` lists them), for the DNS names of this node's pods."""
+    def _watch_services(self) -> None:
+        """Every Service, for the DNS names of this node's pods."""
         while not self._stopping.is_set():
             try:
-                listing = self.dns_api.request("GET", path)
-                self.dns.set_objects(kind, listing["items"])
-                for event in self.dns_api.watch(f"{path}?resourceVersion={listing['metadata']['resourceVersion']}"):
+                listing = self.api.request("GET", "/api/v1/services")
+                self.dns.set_services(listing["items"])
+                for event in self.api.watch(f"/api/v1/services?resourceVersion={listing['metadata']['resourceVersion']}"):
                     if event["type"] == "ERROR":
                         break
-                    self.dns.object_event(kind, event["type"], event["object"])
+                    self.dns.service_event(event["type"], event["object"])
             except (OSError, ApiError) as error:
-                log.warning("%s watch for DNS failed, retrying: %s", kind, error)
+                log.warning("service watch failed, retrying: %s", error)
                 time.sleep(1)
 
     def shutdown(self, grace_seconds: float = 5.0) -> None:
@@ -269,8 +268,7 @@ class Agent:
             self._kubelet_port = kubelet_api.serve(self._find_log, *self.tls)
             self.register()
             threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
-            for kind, path in [("services", "/api/v1/services"), ("pods", "/api/v1/pods")]:
-                threading.Thread(target=self._watch_for_dns, args=(kind, path), name=f"dns {kind}", daemon=True).start()
+            threading.Thread(target=self._watch_services, name="services", daemon=True).start()
             if self.provisioner is not None:
                 threading.Thread(target=self.provisioner.run, args=(self._stopping,),
                                  name="local-path provisioner", daemon=True).start()

@@ -403,6 +403,8 @@ class PodRunner(threading.Thread):
 
     def _publish(self) -> None:
         status = self._status()
+        ready = next(c["status"] == "True" for c in status["conditions"] if c["type"] == "Ready")
+        self.node.dns.set_ready(self.pod, ready and self._kill_at is None)
         fingerprint = json.dumps(status, sort_keys=True)  # only send what changed
         if fingerprint != self._published and self.node.publish_status(self.pod, status):
             self._published = fingerprint
