@@ -139,6 +139,17 @@ def current_attempt(status: dict[str, Any], jobs: list[dict[str, Any]]) -> int:
     return max([status.get("attempts") or 0] + [j["attempt"] for j in jobs])
 
 
+def current_job(status: dict[str, Any], jobs: list[dict[str, Any]]) -> tuple[int, dict[str, Any] | None]:
+    """The current attempt, and its Job if the index has it."""
+    attempt = current_attempt(status, jobs)
+    return attempt, next((j for j in jobs if j["attempt"] == attempt), None)
+
+
+def _live(job: dict[str, Any]) -> bool:
+    """Whether a Job has not ended and is not going."""
+    return not (job["complete"] or job["failure"] or job["deleting"])
+
+
 def _children(name: str, spec: SpecFacts) -> dict[str, str | None]:
     """An attempt's ConfigMap, Service (if any) and Job share one name. No Service is an explicit None: status is
     merge-patched, where an absent key would keep a previous attempt's Service."""
@@ -161,8 +172,7 @@ def decide(seen: Observed) -> Decision | None:
     status: dict[str, Any] = {"observedGeneration": meta.get("generation", 0)}
     decision = Decision(status)
     finished = conds.true(T.SUCCEEDED) or conds.true(T.FAILED)
-    attempt = current_attempt(old, seen.jobs)
-    job = next((j for j in seen.jobs if j["attempt"] == attempt), None)
+    attempt, job = current_job(old, seen.jobs)
     # A disrupted pod deleted long ago but still Running is on a lost node, whose kubelet cannot report it stopped:
     # the attempt ends with it as a disruption, and its Job, which waits for that report, is deleted (below).
     pods = [p for p in seen.pods if p["attempt"] == attempt]
@@ -371,8 +381,9 @@ NODE_LOST_SECONDS = 60
 def _pods_behind(job: dict[str, Any], pods: list[dict[str, Any]], now: datetime) -> bool:
     """Whether the attempt's Job ended POD_LAG_SECONDS ago or less (NODE_LOST_SECONDS where only knock-ons have ended)
     and its pods, as seen, do not show that end yet: for a success rank 0's (its termination message holds the
-    evaluation and the final metrics), for a failure any exit or disruption. Judged without them, a finished job lost its results for good (it is never reconciled again), and a
-    trainer's exit 1 was counted and retried as an infrastructure failure."""
+    evaluation and the final metrics), for a failure any exit or disruption. Judged without them, a finished job lost
+    its results for good (it is never reconciled again), and a trainer's exit 1 was counted and retried as an
+    infrastructure failure."""
     ended = _parse_time(job.get("ended"))
     if ended is None or now >= ended + timedelta(seconds=NODE_LOST_SECONDS):
         return False
@@ -395,7 +406,7 @@ def _stop(decision: Decision, job: dict[str, Any] | None, old: dict[str, Any], n
     but its watch event has not come yet (made at the previous tick), by name. Waiting to see it left it running
     unwatched: the job failed or moved on to the next attempt, and no later tick deleted it, so two gangs trained on
     the same output. A Job already gone answers 404, which is nothing."""
-    if job is None and _made(old, name, attempt) or job and not (job["complete"] or job["failure"] or job["deleting"]):
+    if job is None and _made(old, name, attempt) or job and _live(job):
         decision.delete_job, decision.delete_job_reason = children.child_name(name, attempt), reason
 
 
@@ -459,8 +470,7 @@ def waits_on_pods(seen: Observed) -> bool:
     the operator for a suspend or a retune) before they reached the index, the pods' watch lagging the Jobs', they
     may still checkpoint to the same claims."""
     status = seen.body["status"]
-    attempt = current_attempt(status, seen.jobs)
-    job = next((j for j in seen.jobs if j["attempt"] == attempt), None)
+    attempt, job = current_job(status, seen.jobs)
     restarting = any(c["type"] == T.RESTARTING and c["status"] == "True" for c in status.get("conditions") or [])
     return (attempt == 0 or job is None) and (
         any(_may_run(p, seen.now) for p in (*seen.pods, *seen.earlier_pods))
@@ -476,16 +486,15 @@ def waits_on_jobs(seen: Observed) -> bool:
     status = seen.body["status"]
     if status.get("phase") in (api.Phase.SUCCEEDED, api.Phase.FAILED) or (seen.body.get("spec") or {}).get("suspend"):
         return False  # a suspended job makes no attempt, and a ghost would be listed at every tick of the suspension
-    attempt = current_attempt(status, seen.jobs)
-    if job := next((j for j in seen.jobs if j["attempt"] == attempt), None):
+    attempt, job = current_job(status, seen.jobs)
+    if job:
         return bool(job["deleting"]) and not any(p["attempt"] == attempt for p in seen.pods)
     return _made(status, seen.body["metadata"]["name"], attempt) or _earlier_job(seen.jobs, attempt) is not None
 
 
 def _earlier_job(jobs: list[dict[str, Any]], attempt: int) -> dict[str, Any] | None:
     """An earlier attempt's Job that has not ended and is not going."""
-    return next((j for j in jobs if j["attempt"] < max(attempt, 1)
-                 and not (j["complete"] or j["failure"] or j["deleting"])), None)
+    return next((j for j in jobs if j["attempt"] < max(attempt, 1) and _live(j)), None)
 
 
 def _may_run(pod: dict[str, Any], now: datetime) -> bool:

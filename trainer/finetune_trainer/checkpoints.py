@@ -324,8 +324,8 @@ def complete(root: Path) -> list[Path]:
     save's two renames (until `run_folder` puts it back, the folder of another fingerprint is judged by it too)."""
     if not root.is_dir():
         return []
-    found = {int(p.name.removeprefix(ASIDE).removeprefix(PREFIX)): p
-             for p in sorted(root.glob(f"{ASIDE}{PREFIX}*")) + sorted(root.glob(f"{PREFIX}*")) if (p / MARKER).exists()}
+    candidates = [*root.glob(f"{ASIDE}{PREFIX}*"), *root.glob(f"{PREFIX}*")]  # a step's own folder last: it wins
+    found = {int(p.name.removeprefix(ASIDE).removeprefix(PREFIX)): p for p in candidates if (p / MARKER).exists()}
     return [found[step] for step in sorted(found)]
 
 
