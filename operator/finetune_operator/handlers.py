@@ -330,9 +330,8 @@ def _not_older(version: str, than: str) -> bool:
 def _in_doubt(seen: reconcile.Observed) -> bool:
     """A job that is not finished whose current attempt has a Job in the index, and whose metrics were not read."""
     status = seen.body["status"]
-    attempt = reconcile.current_attempt(status, seen.jobs)
-    return seen.sample is None and status.get("phase") not in (api.Phase.SUCCEEDED, api.Phase.FAILED) and any(
-        j["attempt"] == attempt for j in seen.jobs)
+    return seen.sample is None and status.get("phase") not in (api.Phase.SUCCEEDED, api.Phase.FAILED) and \
+        reconcile.current_job(status, seen.jobs)[1] is not None
 
 
 PODLESS_GRACE_SECONDS = 10  # the Job controller creates pods within moments; after that, ask why not
@@ -388,8 +387,7 @@ def _swept(entries: dict[Any, Any], ttl: float, last: float, when: Callable[[Any
 
 def _job_warning(clients: Clients, warnings: Warnings, seen: reconcile.Observed, ns: str) -> tuple[str, str] | None:
     """The latest Warning Event of the current attempt's Job while it lacks some of its pods (one per worker)."""
-    attempt = reconcile.current_attempt(seen.body["status"], seen.jobs)
-    job = next((j for j in seen.jobs if j["attempt"] == attempt), None)
+    attempt, job = reconcile.current_job(seen.body["status"], seen.jobs)
     if job is None or job["complete"] or job["failure"] or sum(
             p["attempt"] == attempt for p in seen.pods) >= job.get("workers", 1):
         return None
