@@ -8,10 +8,11 @@ import sys
 import time
 from pathlib import Path
 
+import kopf
 import pytest
 import urllib3
 import yaml
-from kubernetes.config import kube_config
+from kubernetes.config import incluster_config, kube_config
 
 from fault_servers import FaultServer
 from finetune_operator import api, clients, handlers
@@ -35,16 +36,58 @@ def test_the_generated_api_classes_are_never_imported() -> None:
     assert out.stdout.strip() == "[]"
 
 
+def _kubeconfig(path: Path, server: str) -> Path:
+    path.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "c",
+        "clusters": [{"name": "c", "cluster": {"server": server}}],
+        "users": [{"name": "u", "user": {"token": "t"}}],
+        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    return path
+
+
+@pytest.fixture
+def in_a_pod(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A pod's ServiceAccount as the kubernetes client finds it: the Service's env, the token and the CA (their files
+    here, not under /var/run/secrets). The pod's cluster's address."""
+    (tmp_path / "token").write_text("pod-token")
+    (tmp_path / "ca.crt").write_text("a CA")
+    monkeypatch.setattr(incluster_config, "SERVICE_TOKEN_FILENAME", str(tmp_path / "token"))
+    monkeypatch.setattr(incluster_config, "SERVICE_CERT_FILENAME", str(tmp_path / "ca.crt"))
+    monkeypatch.setenv("KUBERNETES_SERVICE_HOST", "10.96.0.1")
+    monkeypatch.setenv("KUBERNETES_SERVICE_PORT", "443")
+    monkeypatch.delenv("KUBECONFIG", raising=False)
+    return "https://10.96.0.1:443"
+
+
+def test_a_kubeconfig_named_in_a_pod_is_the_cluster_the_operator_works_on(
+        in_a_pod: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As controller-runtime's operators do: $KUBECONFIG before the pod's ServiceAccount, for the handlers' calls and
+    kopf's watches alike. The kubernetes client's order (and kopf's login through it) took the pod's own cluster: a
+    test run in a CI pod worked on the CI's cluster with the pod's token."""
+    monkeypatch.setenv("KUBECONFIG", str(_kubeconfig(tmp_path / "kubeconfig", "https://127.0.0.1:6443")))
+    assert clients.Clients(connections=1).api.configuration.host == "https://127.0.0.1:6443"
+    info = handlers._connection(kopf.OperatorSettings())
+    assert (info.server, info.scheme.lower(), info.token) == ("https://127.0.0.1:6443", "bearer", "t")
+
+
+def test_without_a_kubeconfig_a_pod_works_on_its_own_cluster(in_a_pod: str) -> None:
+    assert clients.Clients(connections=1).api.configuration.host == in_a_pod
+    info = handlers._connection(kopf.OperatorSettings())
+    assert (info.server, info.scheme.lower(), info.token) == (in_a_pod, "bearer", "pod-token")
+
+
+def test_no_credentials_stop_the_login_saying_so(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", str(tmp_path / "none"))
+    with pytest.raises(kopf.LoginError, match="no Kubernetes credentials"):
+        handlers._connection(kopf.OperatorSettings())
+
+
 @pytest.fixture
 def apiserver_port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> int:
     """A free local port the kubernetes client takes for the apiserver's."""
     port = free_port()
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "c",
-        "clusters": [{"name": "c", "cluster": {"server": f"http://127.0.0.1:{port}"}}],
-        "users": [{"name": "u", "user": {"token": "t"}}],
-        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+    kubeconfig = _kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{port}")
     monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
     return port
 
@@ -82,16 +125,14 @@ def test_the_waits_for_rbac_to_arrive_are_paid_once_for_all_namespaces(apiserver
     assert time.monotonic() - started < sum(handlers.FORBIDDEN_RETRIES) + 4
 
 
-def test_logging_in_leaves_the_event_loop_free() -> None:
+def test_logging_in_leaves_the_event_loop_free(monkeypatch: pytest.MonkeyPatch) -> None:
     """A kubeconfig's exec plugin (a cloud's token command) takes seconds: run on the event loop, kopf's login held
     up every watch, probe and timer that long."""
     import asyncio
 
-    import kopf
-
     from finetune_operator.settings import Settings
 
-    def slow_login(**_: object) -> kopf.ConnectionInfo:
+    def slow_login(_: kopf.OperatorSettings) -> kopf.ConnectionInfo:
         time.sleep(0.5)
         return kopf.ConnectionInfo(server="https://127.0.0.1:6443", token="t")
 
@@ -106,15 +147,11 @@ def test_logging_in_leaves_the_event_loop_free() -> None:
 
         ticker = asyncio.create_task(ticking())
         memo = kopf.Memo(settings=Settings())
-        session = await handlers.login(memo=memo, logger=None)
+        session = await handlers.login(memo=memo, settings=kopf.OperatorSettings(), logger=None)
         ticker.cancel()
         assert session is not None and session.server == "https://127.0.0.1:6443"
         await session.aiohttp_session.close()
         return ticks
 
-    original = kopf.login_via_client
-    kopf.login_via_client = slow_login  # as handlers calls it, through kopf
-    try:
-        assert asyncio.run(logging_in()) > 10  # about 50 while the login took its 0.5 s
-    finally:
-        kopf.login_via_client = original
+    monkeypatch.setattr(handlers, "_connection", slow_login)
+    assert asyncio.run(logging_in()) > 10  # about 50 while the login took its 0.5 s

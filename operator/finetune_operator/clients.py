@@ -3,6 +3,7 @@ the finalizer's patches)."""
 
 from __future__ import annotations
 
+import os
 from typing import Any
 from urllib.parse import quote
 
@@ -14,6 +15,21 @@ from kubernetes.client.exceptions import ApiException
 REQUEST_TIMEOUT_SECONDS = 30.0
 
 
+def load_config() -> None:
+    """The kubernetes client's default configuration, found in controller-runtime's order: $KUBECONFIG when set, else
+    the pod's ServiceAccount, else ~/.kube/config. The kubernetes client (and kopf's login through it) tries the
+    ServiceAccount first: an operator run in a pod with KUBECONFIG naming another cluster (a management cluster's, a
+    test cluster's in a CI pod) worked on the pod's own cluster."""
+    named = os.environ.get("KUBECONFIG")
+    if not named:
+        try:
+            config.load_incluster_config()
+            return
+        except config.ConfigException:
+            pass
+    config.load_kube_config(named)  # named here: the client reads $KUBECONFIG once, when it is imported
+
+
 class Clients:
     """The handful of API calls the handlers make, through the kubernetes client's ApiClient (its configuration,
     auth and connection pool) but not its generated API classes: importing CoreV1Api alone cost the operator
@@ -23,10 +39,7 @@ class Clients:
     def __init__(self, connections: int, timeout: float | None = None, retries: bool = True) -> None:
         """`timeout`: each call's, REQUEST_TIMEOUT_SECONDS by default. `retries`: urllib3's default 3 more tries of a
         call that failed to connect or got no answer (a pooled connection the apiserver had closed), or none."""
-        try:
-            config.load_incluster_config()
-        except config.ConfigException:
-            config.load_kube_config()
+        load_config()
         configuration = client.Configuration.get_default_copy()
         # One connection per handler thread: with urllib3's default of 10, a burst discards connections and
         # pays a TLS handshake for most calls.

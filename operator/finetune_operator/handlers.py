@@ -23,10 +23,12 @@ from typing import Any
 import aiohttp
 import kopf
 import urllib3
+from kubernetes.client import Configuration
 from kubernetes.client.exceptions import ApiException
+from kubernetes.config import ConfigException
 
 from finetune_operator import api, children, judge, metrics, outcome, reconcile
-from finetune_operator.clients import Clients, api_path
+from finetune_operator.clients import Clients, api_path, load_config
 from finetune_operator.diffbase import SpecDiffBase
 from finetune_operator.api import ConditionType as T
 from finetune_operator.scrape import TIMEOUT_SECONDS, ScrapeError, scrape
@@ -645,21 +647,40 @@ def _record(body: kopf.Body, seen: reconcile.Observed, decision: reconcile.Decis
         metrics.bounded(metrics.FAILURES, after[T.FAILED]["reason"]).inc()
 
 
-async def login(memo: kopf.Memo, **kwargs: Any) -> kopf.AiohttpSession | None:
-    """In a pod its ServiceAccount, else $KUBECONFIG: what the kubernetes client finds, kopf uses too.
+def _connection(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
+    """What `load_config` found, as kopf's login_via_client reads it from the kubernetes client (which would
+    find the ServiceAccount before $KUBECONFIG). The token is read at each login: kopf logs in again on a 401, and
+    the client's in-cluster loader re-reads a projected token that was rotated."""
+    try:
+        load_config()
+    except ConfigException as exc:  # as kopf's: the operator stops, saying why
+        raise kopf.LoginError(f"no Kubernetes credentials: neither $KUBECONFIG nor a ServiceAccount ({exc})") from exc
+    conf = Configuration.get_default_copy()
+    header = conf.get_api_key_with_prefix("BearerToken") or conf.get_api_key_with_prefix("authorization") or ""
+    scheme, _, token = header.rpartition(" ")
+    return kopf.ConnectionInfo(
+        server=conf.host, ca_path=conf.ssl_ca_cert, insecure=not conf.verify_ssl, username=conf.username or None,
+        password=conf.password or None, scheme=scheme or None, token=token or None, certificate_path=conf.cert_file,
+        private_key_path=conf.key_file, trust_env=settings.networking.trust_env, priority=LOGIN_PRIORITY)
+
+
+LOGIN_PRIORITY = 10  # kopf's own for login_via_client
+
+
+async def login(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> kopf.AiohttpSession:
+    """$KUBECONFIG when set, else the pod's ServiceAccount, else ~/.kube/config (`load_config`), as the
+    handlers' own calls find it.
 
     Through a session of our own, for its bounded connection pool: kopf's own allows any number of connections,
     and a burst of status patches and Events opened hundreds of TLS connections at once (about 0.4 MB each: most
     of the operator's memory with a thousand jobs). The watch streams hold one connection each, so they count."""
     # In a thread: a kubeconfig's exec plugin (a cloud's token command) takes seconds, and held up the event loop
-    info = await asyncio.to_thread(kopf.login_via_client, memo=memo, **kwargs)
-    if info is None:
-        return None
-    settings: Settings = memo.settings
-    watches = 3 * max(1, len(settings.namespaces))  # FineTuneJobs, Jobs and pods in each watched namespace
+    info = await asyncio.to_thread(_connection, settings)
+    ours: Settings = memo.settings
+    watches = 3 * max(1, len(ours.namespaces))  # FineTuneJobs, Jobs and pods in each watched namespace
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=watches + API_CONNECTIONS, ssl=info.as_ssl_context()),
-        headers=info.as_http_headers(), auth=info.as_aiohttp_basic_auth())
+        headers=info.as_http_headers())  # basic auth, if any, is in them
     return kopf.AiohttpSession(aiohttp_session=session, server=info.server, default_namespace=info.default_namespace,
                                priority=info.priority, expiration=info.expiration)
 
