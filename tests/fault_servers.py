@@ -1,6 +1,6 @@
-"""Metrics endpoints that misbehave as real ones do: they hang, drip, close the connection, speak no HTTP,
-answer garbage or far too much. Each serves on a given address until stopped; shared by the scrape unit
-tests and the operator's end-to-end fault test (where it answers on a kwok pod's loopback IP)."""
+"""Metrics endpoints that misbehave as real ones do: they hang, drip (the body or the headers), close the
+connection, speak no HTTP, answer garbage or far too much. Each serves on a given address until stopped; shared by
+the scrape unit tests and the operator's end-to-end fault test (where it answers on a kwok pod's loopback IP)."""
 
 from __future__ import annotations
 
@@ -26,6 +26,25 @@ def _drip(conn: socket.socket, stop: threading.Event) -> None:
         conn.sendall(b"# still here\n")
 
 
+def _drip_headers(conn: socket.socket, stop: threading.Event) -> None:
+    """A header a byte at a time, then the answer: http.client's line and header limits allow days of it."""
+    conn.sendall(b"HTTP/1.0 200 OK\r\nX-Drip: ")
+    for _ in range(25):  # 5 s, then a good answer: a read that waits for it is late, not stuck
+        if stop.wait(0.2):
+            return
+        conn.sendall(b"a")
+    conn.sendall(b"\r\n" + _http(OK).partition(b"\r\n")[2])
+
+
+def _flood_continue(conn: socket.socket, stop: threading.Event) -> None:
+    """Interim `100 Continue` answers without end (http.client skips each and reads on), then the answer."""
+    for _ in range(500):  # 5 s, as _drip_headers
+        if stop.wait(0.01):
+            return
+        conn.sendall(b"HTTP/1.1 100 Continue\r\n\r\n" * 100)
+    conn.sendall(_http(OK))
+
+
 def _close(conn: socket.socket, stop: threading.Event) -> None:
     conn.close()
 
@@ -48,6 +67,8 @@ BEHAVIOURS: dict[str, Callable[[socket.socket, threading.Event], None]] = {
     "ok": _reply(_http(OK)),
     "hang": _hang,  # accepts, never answers
     "drip": _drip,  # answers a byte stream that never ends
+    "header-drip": _drip_headers,
+    "continue-flood": _flood_continue,
     "close": _close,  # closes the connection without a word
     "not-http": _reply(b"\x00\x01garbage\r\n\r\n"),
     "garbage": _reply(_http(b"finetune_trainer_step {{{ not a number\n")),

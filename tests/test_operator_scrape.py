@@ -16,6 +16,8 @@ from operator_fixture import free_port
 @pytest.mark.parametrize(("behaviour", "reason"), [
     ("hang", "MetricsTimeout"),
     ("drip", "MetricsTimeout"),
+    ("header-drip", "MetricsTimeout"),
+    ("continue-flood", "MetricsTimeout"),
     ("close", "MetricsUnreachable"),
     ("error", "MetricsUnreachable"),
     ("not-http", "MetricsBadResponse"),

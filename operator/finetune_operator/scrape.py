@@ -5,7 +5,9 @@ chatty trainer cannot stall a reconcile."""
 from __future__ import annotations
 
 import http.client
+import io
 import math
+import socket
 import time
 import urllib.error
 import urllib.request
@@ -38,9 +40,61 @@ class NoRedirect(urllib.request.HTTPRedirectHandler):
         raise urllib.error.HTTPError(req.full_url, code, f"{msg}, a redirect, which is never followed", headers, fp)
 
 
+class _UntilDeadline(io.RawIOBase):
+    """A socket's reads, each allowed only the time left until `deadline` (TimeoutError after it)."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        super().__init__()
+        # the socket's own reader, which keeps it open until this is closed too (a response outlives its connection)
+        self.sock, self.raw, self.deadline = sock, sock.makefile("rb", buffering=0), deadline
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer: Any) -> int | None:
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("the deadline has passed")
+        self.sock.settimeout(left)
+        return self.raw.readinto(buffer)
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
+class _DeadlineSocket:
+    """A connected socket whose response reads end at `deadline`; anything else goes to the socket itself."""
+
+    def __init__(self, sock: socket.socket, deadline: float) -> None:
+        self.sock, self.deadline = sock, deadline
+
+    def makefile(self, mode: str) -> io.BufferedReader:  # http.client's one reader of the response
+        return io.BufferedReader(_UntilDeadline(self.sock, self.deadline))
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.sock, name)
+
+
+class _DeadlineConnection(http.client.HTTPConnection):
+    """Its timeout bounds the whole exchange, not each socket operation: a server dripping the status line or the
+    headers a byte at a time, or answering `100 Continue` without end, held a handler thread for as long as it chose
+    (http.client's line and header limits allow days of it), and the operator's deletion waited for that thread."""
+
+    def connect(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        super().connect()
+        self.sock = _DeadlineSocket(self.sock, deadline)
+
+
+class _DeadlineHandler(urllib.request.HTTPHandler):
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(_DeadlineConnection, req)
+
+
 # Pod IPs are read directly, never through a proxy in the environment (a cluster-wide one): urllib would send them to
 # it unless NO_PROXY names them in a way it reads, and it reads no CIDR (10.128.0.0/14), only host names.
-DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}), NoRedirect())
+DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}), NoRedirect(), _DeadlineHandler())
 
 
 class ScrapeError(Exception):
@@ -84,9 +138,8 @@ def parse(text: str, pod_uid: str | None = None) -> dict[str, Any]:
 def scrape(ip: str, port: int = METRICS_PORT, timeout: float = TIMEOUT_SECONDS,
            pod_uid: str | None = None) -> dict[str, Any]:
     """One read of the pod `pod_uid` (`parse`), bounded in total time (not only per socket operation: a server that
-    drips bytes is cut off)."""
+    drips bytes is cut off, _DeadlineConnection)."""
     url = f"http://{ip}:{port}/metrics"
-    deadline = time.monotonic() + timeout
     chunks: list[bytes] = []
     try:
         with DIRECT.open(url, timeout=timeout) as response:  # noqa: S310 (a pod IP, http only)
@@ -94,8 +147,6 @@ def scrape(ip: str, port: int = METRICS_PORT, timeout: float = TIMEOUT_SECONDS,
                 chunks.append(chunk)
                 if sum(map(len, chunks)) > MAX_BYTES:
                     raise ScrapeError("MetricsTooLarge", f"{url}: more than {MAX_BYTES} bytes")
-                if time.monotonic() > deadline:
-                    raise TimeoutError
     except TimeoutError as exc:
         raise ScrapeError("MetricsTimeout", f"{url}: no complete answer within {timeout} s") from exc
     except OSError as exc:  # refused, reset, closed early, an HTTP error status
