@@ -1,11 +1,16 @@
-"""The standby's pieces of leader election that need no apiserver (the rest: test_cluster_leader.py)."""
+"""The pieces of leader election that need no real apiserver (the rest: test_cluster_leader.py)."""
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import signal
 import socket
+import time
 import urllib.request
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 
@@ -43,3 +48,40 @@ def test_sigterm_stops_a_standby_quietly_and_the_handlers_are_given_back() -> No
     with pytest.raises(SystemExit) as stopped, leader.stopped_by_signals():
         os.kill(os.getpid(), signal.SIGTERM)
     assert stopped.value.code == 0 and signal.getsignal(signal.SIGTERM) is before
+
+
+class _Apiserver:
+    """The Lease's API, held by "a", answering every request with `odd` instead while it is set: a body that is no
+    Lease, or an error the client raises."""
+
+    def __init__(self) -> None:
+        self.odd: bytes | Exception | None = None
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None, **_: Any) -> bytes:
+        if isinstance(self.odd, Exception):
+            raise self.odd
+        lease = {"metadata": {"name": "ops", "resourceVersion": "1"}, "spec": {"holderIdentity": "a"}}
+        return self.odd or (json.dumps(lease).encode() if method == "GET" else b"{}")
+
+
+@pytest.mark.parametrize("odd", [b"<html>a proxy's login page</html>", b"[]", RuntimeError("unforeseen")],
+                         ids=["not-json", "not-a-lease", "client-error"])
+def test_a_leader_whose_renewals_fail_on_an_odd_answer_exits_at_its_deadline(
+        odd: bytes | Exception, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """A 200 whose body was no Lease (an intercepting proxy's page) raised in the renewing thread, which ended
+    quietly: no renewal and no exit, and a standby took the lease 15 s later while this one led on: two leaders."""
+    caplog.set_level(logging.INFO)
+    exits: list[int] = []
+    monkeypatch.setattr(leader, "os", SimpleNamespace(_exit=exits.append))
+    monkeypatch.setattr(logging, "shutdown", lambda: None)  # pytest's own handlers stay open
+    apiserver = _Apiserver()
+    with leader.leading(leader.Lease(apiserver, "ns", "ops", "a"), retry=0.05, deadline=0.5):  # type: ignore[arg-type]
+        time.sleep(0.2)  # renewed
+        apiserver.odd = odd
+        odd_since = time.monotonic()
+        while not exits and time.monotonic() < odd_since + 5:
+            time.sleep(0.05)
+        waited = time.monotonic() - odd_since
+        apiserver.odd = None  # answering again, for the lease to be given up
+    assert exits and set(exits) == {leader.EXIT_LEASE_LOST} and 0.3 < waited < 2, (exits, waited)
+    assert "it was not renewed for 0.5 s" in caplog.text and "gave up the lease" in caplog.text

@@ -41,6 +41,14 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
 
+def _lease(answer: bytes) -> dict[str, Any]:
+    """The Lease an answer carries; ValueError for any other body (a 200 from an intercepting proxy: its page)."""
+    lease = json.loads(answer)
+    if not isinstance(lease, dict) or not isinstance(lease.get("spec") or {}, dict):
+        raise ValueError(f"not a Lease: {answer[:80]!r}")
+    return lease
+
+
 class Lease:
     """The Lease `namespace/name`, tried for by `identity`."""
 
@@ -57,14 +65,14 @@ class Lease:
         """Take the lease or renew it: one try, True when this identity holds it now. `by`: a monotonic time that
         neither request runs past."""
         try:
-            lease = json.loads(self._call("GET", self.path, by))
+            lease = _lease(self._call("GET", self.path, by))
         except ApiException as exc:
             if exc.status != 404:
                 return self._failed(exc)
             lease = {"apiVersion": f"{LEASES}/v1", "kind": "Lease",
                      "metadata": {"name": self.name, "namespace": self.namespace}, "spec": self._spec({}, taken=True)}
             return self._write("POST", api_path(self.namespace, "leases", group=LEASES), lease, by)
-        except (urllib3.exceptions.HTTPError, TimeoutError) as exc:
+        except (urllib3.exceptions.HTTPError, TimeoutError, ValueError) as exc:
             return self._failed(exc)
         spec = lease.get("spec") or {}
         self.holder = spec.get("holderIdentity") or None
@@ -77,6 +85,16 @@ class Lease:
             return False
         lease["spec"] = self._spec(spec, taken=not ours)
         return self._write("PUT", self.path, lease, by)  # with its resourceVersion: of two standbys at once, one wins
+
+    def renew(self, by: float) -> bool:
+        """try_hold for the leader's renewing thread, which must not end: any error is a failed try, logged, and left
+        to the renewal's deadline. An error that ended the thread ended the renewals while the operator led on, and a
+        standby took the lease LEASE_SECONDS later: two leaders."""
+        try:
+            return self.try_hold(by)
+        except Exception as exc:  # noqa: BLE001 (any: see above)
+            log.warning("finetune-operator: renewing the lease %s/%s failed", self.namespace, self.name, exc_info=exc)
+            return self._failed(exc)
 
     def _call(self, method: str, path: str, by: float | None, body: dict[str, Any] | None = None) -> bytes:
         left = None if by is None else by - time.monotonic()
@@ -111,13 +129,13 @@ class Lease:
     def release(self) -> None:
         """Give the lease up (a clean exit): a standby takes over at its next try, not LEASE_SECONDS later."""
         try:
-            lease = json.loads(self.clients.call("GET", self.path))
+            lease = _lease(self.clients.call("GET", self.path))
             if (lease.get("spec") or {}).get("holderIdentity") != self.identity:
                 return
             lease["spec"] = dict(lease["spec"], holderIdentity=None, leaseDurationSeconds=1, renewTime=_now())
             self.clients.call("PUT", self.path, lease)
             log.info("finetune-operator: gave up the lease %s/%s", self.namespace, self.name)
-        except (ApiException, urllib3.exceptions.HTTPError) as exc:
+        except (ApiException, urllib3.exceptions.HTTPError, ValueError) as exc:
             log.warning("finetune-operator: the lease %s/%s was not given up (%s): a standby takes over once it "
                         "expires", self.namespace, self.name, exc)
 
@@ -199,7 +217,7 @@ def leading(lease: Lease, retry: float = RETRY_SECONDS, deadline: float = RENEW_
         renewed = time.monotonic()
         while not stop.wait(retry):
             started = time.monotonic()
-            if lease.try_hold(by=renewed + deadline):
+            if lease.renew(by=renewed + deadline):
                 renewed = started
                 continue
             other = lease.holder not in (None, lease.identity) and lease.error is None
