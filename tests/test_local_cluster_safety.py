@@ -172,3 +172,15 @@ def test_starting_a_cluster_leaves_the_callers_umask_as_it_was(tmp_path: Path, m
         assert os.umask(0o022) == 0o022
     finally:
         os.umask(before)
+
+
+def test_a_folder_it_refuses_is_left_as_it_was(tmp_path: Path) -> None:
+    """`up --state-dir` on someone's non-empty folder refused, but only after making it 0700 and leaving a `lock`
+    file in it."""
+    folder = tmp_path / "notes"
+    folder.mkdir(mode=0o755)
+    (folder / "todo.txt").write_text("mine\n")
+    with pytest.raises(cluster.ClusterError, match="not empty and holds no cluster"):
+        cluster.up(folder)
+    assert (folder.stat().st_mode & 0o777) == 0o755
+    assert [p.name for p in folder.iterdir()] == ["todo.txt"]

@@ -393,11 +393,20 @@ def _argvs(cluster: Cluster, ports: dict[str, int]) -> dict[str, list[str]]:
     }
 
 
+def _children(state: Path) -> list[Path]:
+    return [c for c in state.glob("*") if c.name != LOCK] if state.exists() else []
+
+
+def _refuse_foreign(state: Path) -> None:
+    """`up` wipes its state folder: never one that holds something else than a cluster."""
+    if _children(state) and not (state / "pids").is_dir():
+        raise ClusterError(f"{state} is not empty and holds no cluster; choose another --state-dir")
+
+
 def _prepare_state(cluster: Cluster) -> None:
     """A fresh cluster every time, but keep a still-valid PKI so kubeconfig paths stay put."""
-    children = [c for c in cluster.state.glob("*") if c.name != LOCK] if cluster.state.exists() else []
-    if children and not (cluster.state / "pids").is_dir():  # the wipe below must never hit a wrong folder
-        raise ClusterError(f"{cluster.state} is not empty and holds no cluster; choose another --state-dir")
+    _refuse_foreign(cluster.state)  # again, under the lock: the wipe below must never hit a wrong folder
+    children = _children(cluster.state)
     valid = pki.still_valid(cluster.pki)
     for child in children:
         if child.name == "pki" and valid:
@@ -427,6 +436,7 @@ def _owner_only() -> Iterator[None]:
 
 def up(state: Path = DEFAULT_STATE, timeout: float = 90.0) -> Cluster:
     """Start everything and wait until nodes are Ready; reuse a cluster that already runs."""
+    _refuse_foreign(state.resolve())  # before the lock file and the chmod: a folder it refuses is left as it was
     with _owner_only(), _locked(state.resolve()):
         return _up(state.resolve(), timeout)
 
