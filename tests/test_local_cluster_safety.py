@@ -178,7 +178,8 @@ def test_a_folder_it_refuses_is_left_as_it_was(tmp_path: Path) -> None:
     """`up --state-dir` on someone's non-empty folder refused, but only after making it 0700 and leaving a `lock`
     file in it."""
     folder = tmp_path / "notes"
-    folder.mkdir(mode=0o755)
+    folder.mkdir()
+    folder.chmod(0o755)  # whatever the umask
     (folder / "todo.txt").write_text("mine\n")
     with pytest.raises(cluster.ClusterError, match="not empty and holds no cluster"):
         cluster.up(folder)
