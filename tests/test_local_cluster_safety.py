@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import ssl
 import subprocess
@@ -185,3 +186,40 @@ def test_a_folder_it_refuses_is_left_as_it_was(tmp_path: Path) -> None:
         cluster.up(folder)
     assert (folder.stat().st_mode & 0o777) == 0o755
     assert [p.name for p in folder.iterdir()] == ["todo.txt"]
+
+
+def _cache(folder: Path) -> Path:
+    """A binaries' cache whose programs stand in for the real ones: links to sleep, so /proc shows their path."""
+    folder.mkdir(parents=True)
+    for name in [*cluster.COMPONENTS[:-1], "python"]:
+        (folder / name).symlink_to(shutil.which("sleep"))
+    return folder
+
+
+def _record_cluster(state: Path, programs: Path) -> None:
+    for component in cluster.COMPONENTS:
+        _record(state, component, [str(programs / ("python" if component == "process-node" else component)), "310"])
+    # Popen returns once exec began: /proc shows the new command line a moment later.
+    deadline = time.monotonic() + 5
+    while not all(cluster.running(cluster.Cluster(state, Path())).values()) and time.monotonic() < deadline:
+        time.sleep(0.01)
+
+
+def test_a_cluster_running_other_binaries_is_refused_not_reused(state: Path, tmp_path_factory: pytest.TempPathFactory,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """After a version bump (versions.env) `up` reused the cluster that still ran the older cache's binaries: `make
+    test` ran the old apiserver and etcd with the new kubectl."""
+    old, new = _cache(tmp_path_factory.mktemp("old") / "bin"), _cache(tmp_path_factory.mktemp("new") / "bin")
+    monkeypatch.setattr(cluster, "bin_dir", lambda: new)
+    monkeypatch.setenv("FTO_VENV", str(new.parent))  # the process node's python: <venv>/bin/python
+    try:
+        _record_cluster(state, old)
+        running = cluster.running(cluster.Cluster(state, Path()))
+        with pytest.raises(cluster.ClusterError, match=f"{old}.*{new}.*cluster.py down"):
+            cluster.up(state)
+        assert cluster.running(cluster.Cluster(state, Path())) == running  # left running: its etcd is someone's
+        cluster.down(state)
+        _record_cluster(state, new)  # what `up` would start now, on other ports: reused
+        assert cluster.up(state).bin_dir == new
+    finally:
+        cluster.down(state)

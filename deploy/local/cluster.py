@@ -309,8 +309,15 @@ def _audit_policy(cluster: Cluster) -> Path:
     return path
 
 
+def _program(cluster: Cluster, component: str) -> str:
+    """What `up` starts as the component now: the cache's binary (its folder names the versions), the venv's python."""
+    if component == "process-node":
+        return str(Path(os.environ.get("FTO_VENV", REPO / ".venv")) / "bin" / "python")
+    return str(cluster.bin_dir / component)
+
+
 def _argvs(cluster: Cluster, ports: dict[str, int]) -> dict[str, list[str]]:
-    b, p, s = cluster.bin_dir, cluster.pki, cluster.state
+    p, s = cluster.pki, cluster.state
     etcd_url = f"https://127.0.0.1:{ports['etcd']}"
     peer_url = f"https://127.0.0.1:{ports['etcd-peer']}"
 
@@ -319,10 +326,9 @@ def _argvs(cluster: Cluster, ports: dict[str, int]) -> dict[str, list[str]]:
         return [f"--authentication-kubeconfig={pki.kubeconfig_path(s, identity)}",
                 f"--authorization-kubeconfig={pki.kubeconfig_path(s, identity)}"]
 
-    venv_python = Path(os.environ.get("FTO_VENV", REPO / ".venv")) / "bin" / "python"
     return {
         "etcd": [
-            str(b / "etcd"), "--name=local", f"--data-dir={s / 'etcd'}",
+            _program(cluster, "etcd"), "--name=local", f"--data-dir={s / 'etcd'}",
             f"--listen-client-urls={etcd_url}", f"--advertise-client-urls={etcd_url}",
             f"--listen-peer-urls={peer_url}", f"--initial-advertise-peer-urls={peer_url}",
             f"--initial-cluster=local={peer_url}",
@@ -335,7 +341,7 @@ def _argvs(cluster: Cluster, ports: dict[str, int]) -> dict[str, list[str]]:
             "--log-level=warn",
         ],
         "kube-apiserver": [
-            str(b / "kube-apiserver"), f"--etcd-servers={etcd_url}", f"--etcd-cafile={p / 'ca.crt'}",
+            _program(cluster, "kube-apiserver"), f"--etcd-servers={etcd_url}", f"--etcd-cafile={p / 'ca.crt'}",
             f"--etcd-certfile={p / 'apiserver-etcd-client.crt'}", f"--etcd-keyfile={p / 'apiserver-etcd-client.key'}",
             # Without a default route the apiserver cannot pick an address by itself.
             "--advertise-address=127.0.0.1", "--bind-address=127.0.0.1", f"--secure-port={ports['apiserver']}",
@@ -358,8 +364,8 @@ def _argvs(cluster: Cluster, ports: dict[str, int]) -> dict[str, list[str]]:
             "--audit-log-maxsize=200", "--audit-log-maxbackup=1",
         ],
         "kube-controller-manager": [
-            str(b / "kube-controller-manager"), f"--kubeconfig={pki.kubeconfig_path(s, 'controller-manager')}",
-            *delegated("controller-manager"),
+            _program(cluster, "kube-controller-manager"),
+            f"--kubeconfig={pki.kubeconfig_path(s, 'controller-manager')}", *delegated("controller-manager"),
             "--leader-elect=false", "--bind-address=127.0.0.1", f"--secure-port={ports['kcm']}",
             "--controllers=*",
             # Checks node health each second (default 5 s): new nodes lose their not-ready
@@ -373,17 +379,18 @@ def _argvs(cluster: Cluster, ports: dict[str, int]) -> dict[str, list[str]]:
             f"--cluster-signing-cert-file={p / 'ca.crt'}", f"--cluster-signing-key-file={p / 'ca.key'}",
         ],
         "kube-scheduler": [
-            str(b / "kube-scheduler"), f"--config={_scheduler_config(cluster)}", *delegated("scheduler"),
+            _program(cluster, "kube-scheduler"), f"--config={_scheduler_config(cluster)}", *delegated("scheduler"),
             "--bind-address=127.0.0.1", f"--secure-port={ports['scheduler']}",
         ],
         "kwok": [
-            str(b / "kwok"), f"--kubeconfig={cluster.kubeconfig}",
+            _program(cluster, "kwok"), f"--kubeconfig={cluster.kubeconfig}",
             "--manage-nodes-with-label-selector=finetune.dev/node-kind=kwok",
             f"--config={_kwok_stages(cluster)}", f"--cidr={kwok_cidr(s / 'node')}", "--node-lease-duration-seconds=40",
             f"--server-address=127.0.0.1:{ports['kwok']}",
         ],
         "process-node": [
-            str(venv_python), "-m", "process_node", f"--kubeconfig={pki.kubeconfig_path(s, pki.NODE_NAME)}",
+            _program(cluster, "process-node"), "-m", "process_node",
+            f"--kubeconfig={pki.kubeconfig_path(s, pki.NODE_NAME)}",
             f"--state-dir={s / 'node'}", f"--node-name={pki.NODE_NAME}",
             f"--tls-cert-file={p / 'kubelet.crt'}", f"--tls-private-key-file={p / 'kubelet.key'}",
             f"--client-ca-file={p / 'ca.crt'}",
@@ -447,6 +454,7 @@ def _up(state: Path, timeout: float) -> Cluster:
     state.chmod(0o700)
     pids = running(cluster)
     if all(pids.values()):
+        _refuse_other_programs(cluster)
         _progress(f"already running; {cluster.export}", started)
         return cluster
     _down(cluster.state)  # leftovers of a half-dead cluster
@@ -500,6 +508,21 @@ def _up(state: Path, timeout: float) -> Cluster:
         raise
     _progress(f"cluster ready; {cluster.export}", started)
     return cluster
+
+
+def _refuse_other_programs(cluster: Cluster) -> None:
+    """A running cluster is reused only while it runs what `up` would start now: after a change of versions.env,
+    the tests would meet the old apiserver and etcd with the new kubectl. It is left running rather than restarted,
+    as a restart empties etcd, and whatever someone made on it with it."""
+    # The pid file's second line is the command line, each argument NUL-terminated (start_process).
+    programs = {c: cluster.pid_file(c).read_bytes().split(b"\n", 1)[1].split(b"\0")[0].decode() for c in COMPONENTS}
+    other = [f"{c} {program}" for c, program in programs.items() if program != _program(cluster, c)]
+    if other:
+        cli = f".venv/bin/python deploy/local/cluster.py {{}} --state-dir {shlex.quote(str(cluster.state))}"
+        raise ClusterError(
+            f"the cluster in {cluster.state} runs {', '.join(other)}, not the current binaries in {cluster.bin_dir} "
+            f"(versions.env changed?). It is left running; to start it afresh on the current ones, with an empty "
+            f"etcd: {cli.format('down')} && {cli.format('up')}")
 
 
 def restart(state: Path, component: str, timeout: float = 60.0) -> None:
