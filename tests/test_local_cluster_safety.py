@@ -223,3 +223,27 @@ def test_a_cluster_running_other_binaries_is_refused_not_reused(state: Path, tmp
         assert cluster.up(state).bin_dir == new
     finally:
         cluster.down(state)
+
+
+def test_kwok_is_cached_only_with_its_stages(tmp_path: Path) -> None:
+    """build-binaries.sh took kwok as cached by its binary alone: after a copy of its stages was cut short it stayed
+    so, and every `up` failed reading them."""
+    go_offline = {"GOPROXY": "off", "GOTOOLCHAIN": "local", "GOPATH": str(tmp_path / "go"),
+                  "GOMODCACHE": str(tmp_path / "go" / "mod"), "GOCACHE": str(tmp_path / "go" / "cache")}
+    env = {**os.environ, "FTO_K8S_CACHE": str(tmp_path / "cache"), **go_offline}  # a build fails here, fetches nothing
+    script = str(LOCAL / "build-binaries.sh")
+    bin_dir = Path(subprocess.run([script, "--print-bin-dir"], env=env, capture_output=True, text=True).stdout.strip())
+    bin_dir.mkdir(parents=True)
+    for name in [*cluster.COMPONENTS[:-1], "kubectl", "helm"]:
+        (bin_dir / name).write_text("#!/bin/sh\n")
+        (bin_dir / name).chmod(0o755)
+    build = subprocess.run([script], env=env, capture_output=True, text=True, timeout=120)
+    cached = [line.split("] ")[1].split()[0] for line in build.stdout.splitlines() if line.endswith(": cached")]
+    assert cached == ["kubernetes", "etcd"] and build.returncode != 0  # kwok is built again (and fails offline)
+
+
+def test_up_names_what_the_cache_lacks_rather_than_crashing(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """With kwok's binary but not its stages, `up` crashed with a FileNotFoundError once it had made the PKI."""
+    monkeypatch.setattr(cluster, "bin_dir", lambda: _cache(tmp_path / "cache" / "bin"))
+    with pytest.raises(cluster.ClusterError, match="missing binaries.*kwok-stages/node/fast.*make k8s-binaries"):
+        cluster.up(tmp_path / "state")

@@ -79,14 +79,18 @@ build_etcd() {
 }
 
 build_kwok() {
-  if have kwok; then log "kwok $KWOK_VERSION: cached"; return; fi
+  # Its stages too: cluster.py cannot start kwok without them.
+  if have kwok && [[ -d $ROOT/kwok-stages ]]; then log "kwok $KWOK_VERSION: cached"; return; fi
   need_go
   log "kwok $KWOK_VERSION: go install"
   GOBIN=$BIN go install -trimpath -ldflags "-s -w" "sigs.k8s.io/kwok/cmd/kwok@$KWOK_VERSION"
   # kwok v0.8 has no built-in stages; keep the module's stage YAMLs next to the binary.
   local stages
   stages=$(go env GOMODCACHE)/sigs.k8s.io/kwok@$KWOK_VERSION/kustomize/stage
-  rm -rf "$ROOT/kwok-stages" && cp -r "$stages" "$ROOT/kwok-stages" && chmod -R u+w "$ROOT/kwok-stages"
+  # Copied aside, then renamed: a copy cut short leaves no kwok-stages, so the next run copies again.
+  rm -rf "$ROOT/kwok-stages" "$ROOT/kwok-stages.partial"
+  cp -r "$stages" "$ROOT/kwok-stages.partial" && chmod -R u+w "$ROOT/kwok-stages.partial"
+  mv "$ROOT/kwok-stages.partial" "$ROOT/kwok-stages"
   log "kwok $KWOK_VERSION: done"
 }
 

@@ -277,10 +277,14 @@ def _nodes_ready(cluster: Cluster, expected: int) -> bool:
 
 # ---------------------------------------------------------------- the components
 
+def _stage_files(cluster: Cluster) -> list[Path]:
+    """KWOK_STAGES, as build-binaries.sh copies them next to the binaries."""
+    return [cluster.bin_dir.parent / "kwok-stages" / f"{s}.yaml" for s in KWOK_STAGES]
+
+
 def _kwok_stages(cluster: Cluster) -> Path:
-    stage_dir = cluster.bin_dir.parent / "kwok-stages"
     path = cluster.state / "kwok-stages.yaml"
-    path.write_text("---\n".join((stage_dir / f"{s}.yaml").read_text() for s in KWOK_STAGES))
+    path.write_text("---\n".join(stage.read_text() for stage in _stage_files(cluster)))
     return path
 
 
@@ -458,9 +462,11 @@ def _up(state: Path, timeout: float) -> Cluster:
         _progress(f"already running; {cluster.export}", started)
         return cluster
     _down(cluster.state)  # leftovers of a half-dead cluster
-    missing = [c for c in COMPONENTS[:-1] if not (cluster.bin_dir / c).exists()]
+    cache = cluster.bin_dir.parent
+    needed = [*(cluster.bin_dir / c for c in COMPONENTS[:-1]), *_stage_files(cluster)]
+    missing = [str(path.relative_to(cache)) for path in needed if not path.exists()]
     if missing:
-        raise ClusterError(f"missing binaries {missing} in {cluster.bin_dir}; run `make k8s-binaries` first")
+        raise ClusterError(f"missing binaries {missing} in {cache}; run `make k8s-binaries` first")
     _prepare_state(cluster)
     ports = _free_ports(["etcd", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok"])
     server = f"https://127.0.0.1:{ports['apiserver']}"
