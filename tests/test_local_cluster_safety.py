@@ -247,3 +247,29 @@ def test_up_names_what_the_cache_lacks_rather_than_crashing(tmp_path: Path, monk
     monkeypatch.setattr(cluster, "bin_dir", lambda: _cache(tmp_path / "cache" / "bin"))
     with pytest.raises(cluster.ClusterError, match="missing binaries.*kwok-stages/node/fast.*make k8s-binaries"):
         cluster.up(tmp_path / "state")
+
+
+def _full_cache(folder: Path) -> Path:
+    bin_dir = _cache(folder)
+    for stage in cluster._stage_files(cluster.Cluster(Path(), bin_dir)):
+        stage.parent.mkdir(parents=True, exist_ok=True)
+        stage.touch()
+    return bin_dir
+
+
+def test_up_says_it_needs_openssl(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Without the openssl command `up` crashed with a FileNotFoundError from deep in making the PKI."""
+    bin_dir = _full_cache(tmp_path / "cache" / "bin")
+    monkeypatch.setattr(cluster, "bin_dir", lambda: bin_dir)
+    monkeypatch.setenv("PATH", str(tmp_path / "no-tools"))
+    with pytest.raises(cluster.ClusterError, match="openssl command is not on PATH"):
+        cluster.up(tmp_path / "state")
+
+
+def test_up_refuses_to_start_a_process_node_that_is_not_root(tmp_path: Path) -> None:
+    """Not as root, the cluster came up and then every pod on the process node failed: `unshare failed: Operation not
+    permitted`."""
+    ready = cluster.Cluster(tmp_path / "state", _full_cache(tmp_path / "cache" / "bin"))
+    with pytest.raises(cluster.ClusterError, match="uid 1000.*Operation not permitted.*as root"):
+        cluster._check_prerequisites(ready, euid=1000)
+    cluster._check_prerequisites(ready, euid=0)

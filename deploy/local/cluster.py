@@ -452,6 +452,24 @@ def up(state: Path = DEFAULT_STATE, timeout: float = 90.0) -> Cluster:
         return _up(state.resolve(), timeout)
 
 
+def _check_prerequisites(cluster: Cluster, euid: int) -> None:
+    """What a start needs, checked before it wipes or starts anything: the cache's binaries and kwok stages, the
+    openssl command (the PKI), and root, as `up` always starts the process node, which runs each pod in its own mount
+    namespace and root, as the pod's user."""
+    cache = cluster.bin_dir.parent
+    needed = [*(cluster.bin_dir / c for c in COMPONENTS[:-1]), *_stage_files(cluster)]
+    missing = [str(path.relative_to(cache)) for path in needed if not path.exists()]
+    if missing:
+        raise ClusterError(f"missing binaries {missing} in {cache}; run `make k8s-binaries` first")
+    if shutil.which("openssl") is None:
+        raise ClusterError("the openssl command is not on PATH; the cluster's certificates are made with it "
+                           "(Debian/Ubuntu: apt-get install openssl)")
+    if euid != 0:
+        raise ClusterError(f"the process node needs root (unshare, mount, chroot, setresuid) and this runs as uid "
+                           f"{euid}: every pod on it would fail with `unshare failed: Operation not permitted`. "
+                           "Start the cluster as root.")
+
+
 def _up(state: Path, timeout: float) -> Cluster:
     started = time.monotonic()
     cluster = Cluster(state=state, bin_dir=bin_dir())
@@ -462,11 +480,7 @@ def _up(state: Path, timeout: float) -> Cluster:
         _progress(f"already running; {cluster.export}", started)
         return cluster
     _down(cluster.state)  # leftovers of a half-dead cluster
-    cache = cluster.bin_dir.parent
-    needed = [*(cluster.bin_dir / c for c in COMPONENTS[:-1]), *_stage_files(cluster)]
-    missing = [str(path.relative_to(cache)) for path in needed if not path.exists()]
-    if missing:
-        raise ClusterError(f"missing binaries {missing} in {cache}; run `make k8s-binaries` first")
+    _check_prerequisites(cluster, os.geteuid())
     _prepare_state(cluster)
     ports = _free_ports(["etcd", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok"])
     server = f"https://127.0.0.1:{ports['apiserver']}"
