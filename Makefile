@@ -73,8 +73,8 @@ k8s-binaries:
 cluster-up: install k8s-binaries
 	$(PY) deploy/local/cluster.py up
 
+# make demo's operator too: it is recorded beside the components.
 cluster-down:
-	$(PY) deploy/local/demo.py stop
 	$(PY) deploy/local/cluster.py down
 
 # Benchmarks (bench/README.md): not tests; each writes bench/results/<name>.{md,json}. They take

@@ -24,6 +24,7 @@ from kube import OPT_IN, Kube, RefusedCluster, chosen_kubeconfig
 
 sys.path.insert(0, str(LOCAL))
 import cluster  # noqa: E402  (deploy/local/cluster.py)
+import demo  # noqa: E402  (deploy/local/demo.py)
 
 
 def _kubeconfig(path: Path, cluster_name: str) -> Path:
@@ -56,7 +57,13 @@ def state(tmp_path: Path) -> Path:
 
 
 def _record(state: Path, component: str, argv: list[str]) -> subprocess.Popen:
-    return cluster.start_process(cluster.Cluster(state, Path()), component, argv)
+    proc = cluster.start_process(cluster.Cluster(state, Path()), component, argv)
+    # Popen returns once exec began: /proc shows the new command line a moment later.
+    deadline = time.monotonic() + 5
+    while cluster._read_pid(cluster.Cluster(state, Path()), component) is None and proc.poll() is None \
+            and time.monotonic() < deadline:
+        time.sleep(0.01)
+    return proc
 
 
 def _alive(proc: subprocess.Popen) -> bool:
@@ -199,10 +206,6 @@ def _cache(folder: Path) -> Path:
 def _record_cluster(state: Path, programs: Path) -> None:
     for component in cluster.COMPONENTS:
         _record(state, component, [str(programs / ("python" if component == "process-node" else component)), "310"])
-    # Popen returns once exec began: /proc shows the new command line a moment later.
-    deadline = time.monotonic() + 5
-    while not all(cluster.running(cluster.Cluster(state, Path())).values()) and time.monotonic() < deadline:
-        time.sleep(0.01)
 
 
 def test_a_cluster_running_other_binaries_is_refused_not_reused(state: Path, tmp_path_factory: pytest.TempPathFactory,
@@ -273,3 +276,42 @@ def test_up_refuses_to_start_a_process_node_that_is_not_root(tmp_path: Path) -> 
     with pytest.raises(cluster.ClusterError, match="uid 1000.*Operation not permitted.*as root"):
         cluster._check_prerequisites(ready, euid=1000)
     cluster._check_prerequisites(ready, euid=0)
+
+
+
+def test_down_stops_the_operator_make_demo_started(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    """demo.py kept its operator's PID beside pids/: `down` left the operator running, and the next `up` wiped the
+    file, so nothing knew of it any more."""
+    operator = _record(state, demo.OPERATOR, ["sleep", "311"])  # as demo.start_operator records it
+    try:
+        assert cluster._read_pid(cluster.Cluster(state, Path()), demo.OPERATOR) == operator.pid  # no real one starts
+        demo.start_operator(cluster.Cluster(state, Path()))
+        assert capsys.readouterr().out == f"operator already running (pid {operator.pid})\n"
+        cluster.down(state)
+        assert operator.wait(timeout=5) == -signal.SIGTERM
+        assert list((state / "pids").iterdir()) == []
+    finally:
+        operator.kill()
+
+
+def test_the_demo_stops_its_own_operator_only_and_for_good(state: Path) -> None:
+    """`demo.py stop` signalled any process whose command line held "finetune_operator" (after PID reuse, another
+    worktree's or a test's operator), and dropped its record of an operator that ignored SIGTERM."""
+    stranger = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(313)", "finetune_operator"])
+    record = state / "pids" / f"{demo.OPERATOR}.pid"
+    record.write_bytes(f"{stranger.pid}\n".encode() + b"python\0-m\0finetune_operator\0")
+    try:
+        demo.stop_operator(state)
+        assert _alive(stranger) and not record.exists()
+    finally:
+        stranger.kill()
+    previous = signal.signal(signal.SIGTERM, signal.SIG_IGN)  # the child inherits it, across exec too
+    try:
+        stubborn = _record(state, demo.OPERATOR, ["sleep", "314"])
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    try:
+        demo.stop_operator(state, grace=0.2)
+        assert stubborn.wait(timeout=5) == -signal.SIGKILL and not record.exists()
+    finally:
+        stubborn.kill()

@@ -8,7 +8,8 @@
 GPU nodes) and the process node (real pods as local processes), each as a detached
 process whose PID and command line are written to <state>/pids/. It returns once the
 cluster is ready, or fails with the component and its log path. `down` stops exactly
-those processes (a PID counts only while it still runs the recorded command line), then
+those processes and any other recorded there (demo.py's operator; a PID counts only while
+it still runs the recorded command line), then
 any pod process still running in one of the process node's pod roots. Both hold a lock
 on the state folder, so two sessions never start or wipe one cluster at once.
 Binaries come from build-binaries.sh's cache; ports are picked free on 127.0.0.1.
@@ -563,8 +564,8 @@ def restart(state: Path, component: str, timeout: float = 60.0) -> None:
 
 
 def down(state: Path = DEFAULT_STATE) -> None:
-    """Stop the processes this state directory's `up` started, newest first, by PID, then
-    any pod process the process node left behind."""
+    """Stop the processes this state directory's `up` started, newest first, by PID (and any other recorded
+    there, as demo.py records its operator), then any pod process the process node left behind."""
     if (state / "pids").exists():
         with _locked(state.resolve()):
             _down(state.resolve())
@@ -572,8 +573,11 @@ def down(state: Path = DEFAULT_STATE) -> None:
 
 def _down(state: Path) -> None:
     cluster = Cluster(state=state, bin_dir=Path())
-    for component in reversed(COMPONENTS):
-        _stop(cluster, component)
+    # First what else was recorded here (demo.py's operator): a client of the components, and a fresh `up` wipes
+    # its record.
+    others = sorted({path.stem for path in (state / "pids").glob("*.pid")} - set(COMPONENTS))
+    for name in [*others, *reversed(COMPONENTS)]:
+        _stop(cluster, name)
     _stop_pod_processes(state)
 
 

@@ -18,7 +18,6 @@ import os
 import re
 import shlex
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -35,6 +34,7 @@ EXAMPLE = REPO / "deploy" / "examples" / "minilm-sentiment.yaml"
 CRD = REPO / "deploy" / "crds" / "finetune.dev_finetunejobs.yaml"
 ASSETS = REPO / ".data" / "pvc"
 NAMESPACE = "finetune-demo"  # the demo's operator watches only this namespace
+OPERATOR = "operator"  # its name in the cluster's pids/ and logs/
 TIMEOUT_SECONDS = 1200
 
 
@@ -60,48 +60,27 @@ def output_folder(doc: dict) -> Path:
     return ASSETS / doc["spec"]["output"]["uri"].removeprefix("pvc://")
 
 
-def operator_pid_file(c: cluster.Cluster) -> Path:
-    return c.state / "operator.pid"
-
-
 def start_operator(c: cluster.Cluster) -> None:
-    pid_file = operator_pid_file(c)
-    if pid_file.exists() and _alive(int(pid_file.read_text())):
-        print(f"operator already running (pid {pid_file.read_text().strip()})")
+    """Recorded as cluster.py records its components (PID and whole command line, in pids/), so `cluster.py down`
+    stops it too, and a fresh `up`, before it wipes the record."""
+    pid = cluster._read_pid(c, OPERATOR)
+    if pid is not None:
+        print(f"operator already running (pid {pid})")
         return
-    log = c.state / "logs" / "operator.log"
-    log.parent.mkdir(parents=True, exist_ok=True)
     env = os.environ | {"KUBECONFIG": str(c.kubeconfig), "PYTHONUNBUFFERED": "1"}
-    with log.open("a") as out:
-        proc = subprocess.Popen([sys.executable, "-m", "finetune_operator", "run", "--namespace", NAMESPACE,
-                                 "--bind-address", "127.0.0.1",
-                                 "--metrics-port", "0", "--liveness-port", str(cluster._free_ports(["l"])["l"])],
-                                stdout=out, stderr=subprocess.STDOUT, env=env, cwd=REPO, start_new_session=True)
-    pid_file.write_text(str(proc.pid))
-    print(f"operator started (pid {proc.pid}, log {log})")
+    proc = cluster.start_process(c, OPERATOR, [
+        sys.executable, "-m", "finetune_operator", "run", "--namespace", NAMESPACE, "--bind-address", "127.0.0.1",
+        "--metrics-port", "0", "--liveness-port", str(cluster._free_ports(["l"])["l"])], env)
+    print(f"operator started (pid {proc.pid}, log {c.log(OPERATOR)})")
 
 
-def _alive(pid: int) -> bool:
-    try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return False
-    return b"finetune_operator" in cmdline
-
-
-def stop_operator(state: Path) -> None:
-    pid_file = state / "operator.pid"
-    if not pid_file.exists():
-        return
-    pid = int(pid_file.read_text())
-    if _alive(pid):
-        os.kill(pid, signal.SIGTERM)
-        for _ in range(100):
-            if not _alive(pid):
-                break
-            time.sleep(0.1)
+def stop_operator(state: Path, grace: float = 10.0) -> None:
+    """SIGTERM, SIGKILL after `grace`: only while its PID still runs the command line it was started with."""
+    c = cluster.Cluster(state.resolve(), Path())
+    pid = cluster._read_pid(c, OPERATOR)
+    cluster._stop(c, OPERATOR, grace)
+    if pid is not None:
         print(f"operator stopped (pid {pid})")
-    pid_file.unlink()
 
 
 # The widest value of a column, where it is wider than its name: the rows are printed one at a time, and kubectl
@@ -205,7 +184,7 @@ def look_around(c: cluster.Cluster, doc: dict, succeeded: bool) -> str:
   kubectl -n {NAMESPACE} describe ftj {name}          # conditions and the Events of each transition
   kubectl -n {NAMESPACE} get jobs,pods -l finetune.dev/job-name={name}
   {last}
-  cat {shlex.quote(str(c.state / 'logs' / 'operator.log'))}
+  cat {shlex.quote(str(c.log(OPERATOR)))}
 Stop everything: make cluster-down"""
 
 
