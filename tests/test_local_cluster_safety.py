@@ -1,7 +1,10 @@
 """The local control plane is safe on a person's machine: the tests refuse a cluster they did
 not start; `cluster-down` stops only what it recorded (whole command lines), copes with
 components that already exited, finds pod processes the node agent left behind, and waits
-for no one: a second session on the same state folder is refused while one holds its lock."""
+for no one: a second session on the same state folder is refused while one holds its lock.
+`up` reuses a cluster only while it runs the current binaries, and refuses, before it changes
+anything, a foreign folder, an incomplete cache, a missing openssl and a user who is not root;
+`make demo`'s operator is recorded, and stopped, as the components are."""
 
 from __future__ import annotations
 

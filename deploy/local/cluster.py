@@ -537,11 +537,15 @@ def _refuse_other_programs(cluster: Cluster) -> None:
     as a restart empties etcd, and whatever someone made on it with it."""
     # The pid file's second line is the command line, each argument NUL-terminated (start_process).
     programs = {c: cluster.pid_file(c).read_bytes().split(b"\n", 1)[1].split(b"\0")[0].decode() for c in COMPONENTS}
-    other = [f"{c} {program}" for c, program in programs.items() if program != _program(cluster, c)]
+    other: dict[str, list[str]] = {}  # folder -> the components run from it
+    for c, program in programs.items():
+        if program != _program(cluster, c):
+            other.setdefault(str(Path(program).parent), []).append(c)
     if other:
+        runs = "; ".join(f"{', '.join(components)} from {folder}" for folder, components in other.items())
         cli = f".venv/bin/python deploy/local/cluster.py {{}} --state-dir {shlex.quote(str(cluster.state))}"
         raise ClusterError(
-            f"the cluster in {cluster.state} runs {', '.join(other)}, not the current binaries in {cluster.bin_dir} "
+            f"the cluster in {cluster.state} runs {runs}: not the current binaries in {cluster.bin_dir} "
             f"(versions.env changed?). It is left running; to start it afresh on the current ones, with an empty "
             f"etcd: {cli.format('down')} && {cli.format('up')}")
 
