@@ -60,11 +60,11 @@ def state(tmp_path: Path) -> Path:
 
 
 def _record(state: Path, component: str, argv: list[str]) -> subprocess.Popen:
-    proc = cluster.start_process(cluster.Cluster(state, Path()), component, argv)
+    local = cluster.Cluster(state, Path())
+    proc = cluster.start_process(local, component, argv)
     # Popen returns once exec began: /proc shows the new command line a moment later.
     deadline = time.monotonic() + 5
-    while cluster._read_pid(cluster.Cluster(state, Path()), component) is None and proc.poll() is None \
-            and time.monotonic() < deadline:
+    while proc.poll() is None and cluster._read_pid(local, component) is None and time.monotonic() < deadline:
         time.sleep(0.01)
     return proc
 
@@ -279,7 +279,6 @@ def test_up_refuses_to_start_a_process_node_that_is_not_root(tmp_path: Path) -> 
     with pytest.raises(cluster.ClusterError, match="uid 1000.*Operation not permitted.*as root"):
         cluster._check_prerequisites(ready, euid=1000)
     cluster._check_prerequisites(ready, euid=0)
-
 
 
 def test_down_stops_the_operator_make_demo_started(state: Path, capsys: pytest.CaptureFixture[str]) -> None:
