@@ -32,6 +32,10 @@ from .kubelet_api import tail_offset
 POLL = 0.2
 # The kubelet backs off 10 s doubling to 5 min; a test harness wants quicker retries.
 BACKOFF_START, BACKOFF_MAX = 1.0, 30.0
+# A status the API refused is sent again after POLL, doubling up to this (the kubelet's status manager retries
+# every 10 s): what a pod ended with must reach the API, or the pod stays Running there and its Job never ends.
+PUBLISH_BACKOFF_MAX = 10.0
+TERMINAL = ("Succeeded", "Failed")
 # Like the kubelet: the termination message is the file's last 4 KiB, and with
 # FallbackToLogsOnError a failed container's last 80 log lines, of which the last 2 KiB,
 # stand in for a missing one (tail.ReadAtMost, readLastStringFromContainerLogs).
@@ -151,6 +155,7 @@ class PodRunner(threading.Thread):
         self._terminated_signalled = False
         self._lock = threading.Lock()
         self._published: str = ""
+        self._publish_at, self._publish_failures = 0.0, 0  # the next try after a refused status; refusals in a row
 
     # ------------------------------------------------------------ called by the agent
 
@@ -196,18 +201,17 @@ class PodRunner(threading.Thread):
                         break
                 else:
                     self._tick()
-                self._publish()
-                if self._phase() in ("Succeeded", "Failed") and kill_at is None:
-                    return  # finished; the agent deletes it when asked
+                if self._publish() and self._phase() in TERMINAL and kill_at is None:
+                    return  # finished, and the API knows; the agent deletes it when asked
                 time.sleep(POLL)
         except Exception as error:  # a bug here must show in the pod, not leave it Pending
             log.exception("pod %s: runner failed", self.name)
             for container in self.init + self.containers:
                 if not container.done:
                     container.state = {"waiting": {"reason": "RunContainerError", "message": f"process node: {error!r}"}}
-            self._publish()
+            self._publish(now=True)
             return
-        self._publish()
+        self._publish(now=True)
         self.node.delete_pod(self.pod)
 
     def _tick(self) -> None:
@@ -387,7 +391,7 @@ class PodRunner(threading.Thread):
         phase = self._phase()
         initialized = all(c.done for c in self.init) and not self._init_failed()
         ready = phase == "Running" and all("running" in c.state for c in self.containers)
-        not_ready_reason = "PodCompleted" if phase in ("Succeeded", "Failed") else "ContainersNotReady"
+        not_ready_reason = "PodCompleted" if phase in TERMINAL else "ContainersNotReady"
         return {
             **self._pod_view()["status"],
             "phase": phase, "startTime": self.start_time,
@@ -401,10 +405,20 @@ class PodRunner(threading.Thread):
             "containerStatuses": [c.status() for c in self.containers],
         }
 
-    def _publish(self) -> None:
+    def _publish(self, now: bool = False) -> bool:
+        """Send the status if it changed (after a refusal: once its back-off passed, or `now`); whether the API has
+        it."""
         status = self._status()
         ready = next(c["status"] == "True" for c in status["conditions"] if c["type"] == "Ready")
         self.node.dns.set_ready(self.pod, ready and self._kill_at is None)
         fingerprint = json.dumps(status, sort_keys=True)  # only send what changed
-        if fingerprint != self._published and self.node.publish_status(self.pod, status):
-            self._published = fingerprint
+        if fingerprint == self._published:
+            return True
+        if time.monotonic() < self._publish_at and not now:
+            return False
+        if not self.node.publish_status(self.pod, status):
+            self._publish_failures += 1
+            self._publish_at = time.monotonic() + min(PUBLISH_BACKOFF_MAX, POLL * 2 ** self._publish_failures)
+            return False
+        self._published, self._publish_failures = fingerprint, 0
+        return True

@@ -1,0 +1,79 @@
+"""The process node's agent and pod runner (deploy/local/process_node) without a cluster: a stand-in for the
+apiserver, and real containers, started as the node starts them (so, as the node, as root). What a kubelet
+guarantees: a pod's end reaches the API even while the apiserver restarts."""
+
+from __future__ import annotations
+
+import sys
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from conftest import LOCAL
+from pods import make_pod
+
+sys.path.insert(0, str(LOCAL))
+from process_node import agent as agent_module  # noqa: E402
+from process_node.agent import Agent  # noqa: E402
+from process_node.runner import PodRunner  # noqa: E402
+
+
+class Api:
+    """The apiserver as the agent calls it: records the pod status writes it accepted; `on_terminal` runs at each
+    write of a pod's end, before it is accepted (it may raise, as a request to a restarting apiserver does)."""
+
+    host, port = "127.0.0.1", 6443
+
+    def __init__(self) -> None:
+        self.phases: list[str] = []
+        self.on_terminal: Callable[[], None] = lambda: None
+
+    def request(self, method: str, path: str, body: dict | None = None, content_type: str = "",
+                missing_ok: bool = False) -> dict:
+        if method == "PATCH" and path.endswith("/status"):
+            if body["status"]["phase"] in ("Succeeded", "Failed"):
+                self.on_terminal()
+            self.phases.append(body["status"]["phase"])
+        return {}
+
+
+@pytest.fixture
+def api() -> Api:
+    return Api()
+
+
+@pytest.fixture
+def agent(api: Api, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Agent]:
+    """An agent that was never registered: its pods are started by handing them to _sync, as its watch does."""
+    monkeypatch.setattr(agent_module.Cgroups, "detect", lambda name: (None, "not in these tests"))
+    node = Agent(api, "test-node", tmp_path, {"cpu": "1", "memory": "1Gi"}, (Path(), Path(), Path()), None, [])
+    yield node
+    node.shutdown(grace_seconds=0)
+
+
+def _pod(script: str, **spec: object) -> dict:
+    pod = make_pod("p", script, **spec)
+    pod["metadata"] |= {"namespace": "ns", "uid": str(uuid.uuid4())}
+    return pod
+
+
+def _run(agent: Agent, pod: dict) -> PodRunner:
+    agent._sync(pod)
+    return agent.runners[pod["metadata"]["uid"]]
+
+
+def test_a_pod_s_end_reaches_the_api_even_while_the_apiserver_restarts(agent: Agent, api: Api) -> None:
+    # The kubelet's status manager keeps sending what the API lacks: were the pod's end lost, the pod would stay
+    # Running in the API and its Job would never end.
+    refusals = iter([OSError("connection refused")] * 2)
+
+    def restarting() -> None:
+        if (error := next(refusals, None)) is not None:
+            raise error
+
+    api.on_terminal = restarting
+    runner = _run(agent, _pod("pass"))
+    runner.join(10)
+    assert api.phases[-1] == "Succeeded" and not runner.is_alive()
