@@ -1,6 +1,7 @@
 """The process node's agent and pod runner (deploy/local/process_node) without a cluster: a stand-in for the
 apiserver, and real containers, started as the node starts them (so, as the node, as root). What a kubelet
-guarantees: a pod's end reaches the API even while the apiserver restarts."""
+guarantees: a pod's end reaches the API even while the apiserver restarts, and its deletion is finished whenever it
+comes."""
 
 from __future__ import annotations
 
@@ -28,6 +29,7 @@ class Api:
 
     def __init__(self) -> None:
         self.phases: list[str] = []
+        self.deleted: list[str] = []  # the uids of the pods deleted
         self.on_terminal: Callable[[], None] = lambda: None
 
     def request(self, method: str, path: str, body: dict | None = None, content_type: str = "",
@@ -36,6 +38,8 @@ class Api:
             if body["status"]["phase"] in ("Succeeded", "Failed"):
                 self.on_terminal()
             self.phases.append(body["status"]["phase"])
+        elif method == "DELETE":
+            self.deleted.append(body["preconditions"]["uid"])
         return {}
 
 
@@ -64,6 +68,12 @@ def _run(agent: Agent, pod: dict) -> PodRunner:
     return agent.runners[pod["metadata"]["uid"]]
 
 
+def _deleting(pod: dict, grace_seconds: int) -> dict:
+    """The pod as the watch shows it once deleted."""
+    return {**pod, "metadata": {**pod["metadata"], "deletionTimestamp": "2025-01-01T00:00:00Z",
+                                "deletionGracePeriodSeconds": grace_seconds}}
+
+
 def test_a_pod_s_end_reaches_the_api_even_while_the_apiserver_restarts(agent: Agent, api: Api) -> None:
     # The kubelet's status manager keeps sending what the API lacks: were the pod's end lost, the pod would stay
     # Running in the API and its Job would never end.
@@ -77,3 +87,12 @@ def test_a_pod_s_end_reaches_the_api_even_while_the_apiserver_restarts(agent: Ag
     runner = _run(agent, _pod("pass"))
     runner.join(10)
     assert api.phases[-1] == "Succeeded" and not runner.is_alive()
+
+
+def test_a_deletion_that_comes_as_the_pod_ends_is_finished(agent: Agent, api: Api) -> None:
+    # The Job controller deletes a pod once it sees it end, here while its end is being written: the kubelet still
+    # sends the final delete, else the pod would stay Terminating until the next relist.
+    pod = _pod("pass")
+    api.on_terminal = lambda: agent._sync(_deleting(pod, 30))
+    _run(agent, pod).join(10)
+    assert api.deleted == [pod["metadata"]["uid"]]

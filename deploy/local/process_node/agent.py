@@ -189,11 +189,9 @@ class Agent:
             runner = self.runners.get(meta["uid"])
         deleting = "deletionTimestamp" in meta
         terminal = pod.get("status", {}).get("phase") in ("Succeeded", "Failed")
-        if runner is not None and runner.is_alive():
-            if deleting:
-                runner.stop(meta.get("deletionGracePeriodSeconds", 30))
-        elif deleting:
-            self.delete_pod(pod)  # nothing runs (any more): finish the deletion at once
+        if deleting:
+            if runner is None or not runner.stop(meta.get("deletionGracePeriodSeconds", 30)):
+                self.delete_pod(pod)  # nothing runs (any more): finish the deletion at once
         elif runner is None and not terminal:
             runner = PodRunner(self, pod, str(next(self._ips)), self.pods_dir)
             with self._runners_lock:

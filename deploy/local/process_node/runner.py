@@ -153,17 +153,22 @@ class PodRunner(threading.Thread):
         self.hosts_file = self.dir / "hosts"
         self._kill_at: float | None = None  # set on deletion: SIGKILL what still runs at this time
         self._terminated_signalled = False
+        self._ended = False  # the loop has ended (or is ending without a final delete): a stop() would be lost
         self._lock = threading.Lock()
         self._published: str = ""
         self._publish_at, self._publish_failures = 0.0, 0  # the next try after a refused status; refusals in a row
 
     # ------------------------------------------------------------ called by the agent
 
-    def stop(self, grace_seconds: float) -> None:
-        """The pod is being deleted: SIGTERM now, SIGKILL after the grace period."""
+    def stop(self, grace_seconds: float) -> bool:
+        """The pod is being deleted: SIGTERM now, SIGKILL after the grace period, then the final delete. False when
+        the runner has ended (or is ending) without one: the caller finishes the deletion."""
         with self._lock:
+            if self._ended:
+                return False
             kill_at = time.monotonic() + grace_seconds
             self._kill_at = kill_at if self._kill_at is None else min(self._kill_at, kill_at)
+            return True
 
     def log_path(self, container_name: str, restarts: int) -> Path:
         return self.dir / "logs" / container_name / f"{restarts}.log"
@@ -189,6 +194,8 @@ class PodRunner(threading.Thread):
         try:
             self._loop()
         finally:
+            with self._lock:
+                self._ended = True
             self.node.dns.remove_pod(self.pod)
 
     def _loop(self) -> None:
@@ -201,7 +208,7 @@ class PodRunner(threading.Thread):
                         break
                 else:
                     self._tick()
-                if self._publish() and self._phase() in TERMINAL and kill_at is None:
+                if self._publish() and self._phase() in TERMINAL and self._end_unless_stopped():
                     return  # finished, and the API knows; the agent deletes it when asked
                 time.sleep(POLL)
         except Exception as error:  # a bug here must show in the pod, not leave it Pending
@@ -213,6 +220,13 @@ class PodRunner(threading.Thread):
             return
         self._publish(now=True)
         self.node.delete_pod(self.pod)
+
+    def _end_unless_stopped(self) -> bool:
+        """End now, unless a deletion came meanwhile (it is then finished here); under the lock, so that a stop()
+        either comes in time or learns that it came too late."""
+        with self._lock:
+            self._ended = self._kill_at is None
+            return self._ended
 
     def _tick(self) -> None:
         if self.folders is None:
