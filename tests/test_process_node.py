@@ -1,11 +1,14 @@
 """The process node's agent and pod runner (deploy/local/process_node) without a cluster: a stand-in for the
 apiserver, and real containers, started as the node starts them (so, as the node, as root). What a kubelet
-guarantees: a pod's end reaches the API even while the apiserver restarts, and its deletion is finished whenever it
-comes."""
+guarantees: a pod's end reaches the API even while the apiserver restarts, its deletion is finished whenever it
+comes, and no process of a container outlives it."""
 
 from __future__ import annotations
 
+import os
+import signal
 import sys
+import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -22,13 +25,13 @@ from process_node.runner import PodRunner  # noqa: E402
 
 
 class Api:
-    """The apiserver as the agent calls it: records the pod status writes it accepted; `on_terminal` runs at each
-    write of a pod's end, before it is accepted (it may raise, as a request to a restarting apiserver does)."""
+    """The apiserver as the agent calls it: records the pod statuses it accepted; `on_terminal` runs at each write of
+    a pod's end, before it is accepted (it may raise, as a request to a restarting apiserver does)."""
 
     host, port = "127.0.0.1", 6443
 
     def __init__(self) -> None:
-        self.phases: list[str] = []
+        self.statuses: list[dict] = []
         self.deleted: list[str] = []  # the uids of the pods deleted
         self.on_terminal: Callable[[], None] = lambda: None
 
@@ -37,7 +40,7 @@ class Api:
         if method == "PATCH" and path.endswith("/status"):
             if body["status"]["phase"] in ("Succeeded", "Failed"):
                 self.on_terminal()
-            self.phases.append(body["status"]["phase"])
+            self.statuses.append(body["status"])
         elif method == "DELETE":
             self.deleted.append(body["preconditions"]["uid"])
         return {}
@@ -68,6 +71,22 @@ def _run(agent: Agent, pod: dict) -> PodRunner:
     return agent.runners[pod["metadata"]["uid"]]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()[0] != "Z"
+    except FileNotFoundError:
+        return False
+
+
+def _worker(runner: PodRunner) -> int:
+    """The pid WORKER_SCRIPT's main process printed, once it did."""
+    log = runner.log_path("main", 0)
+    deadline = time.monotonic() + 10
+    while not (log.exists() and log.read_text().endswith("\n")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return int(log.read_text())
+
+
 def _deleting(pod: dict, grace_seconds: int) -> dict:
     """The pod as the watch shows it once deleted."""
     return {**pod, "metadata": {**pod["metadata"], "deletionTimestamp": "2025-01-01T00:00:00Z",
@@ -86,7 +105,7 @@ def test_a_pod_s_end_reaches_the_api_even_while_the_apiserver_restarts(agent: Ag
     api.on_terminal = restarting
     runner = _run(agent, _pod("pass"))
     runner.join(10)
-    assert api.phases[-1] == "Succeeded" and not runner.is_alive()
+    assert api.statuses[-1]["phase"] == "Succeeded" and not runner.is_alive()
 
 
 def test_a_deletion_that_comes_as_the_pod_ends_is_finished(agent: Agent, api: Api) -> None:
@@ -96,3 +115,40 @@ def test_a_deletion_that_comes_as_the_pod_ends_is_finished(agent: Agent, api: Ap
     api.on_terminal = lambda: agent._sync(_deleting(pod, 30))
     _run(agent, pod).join(10)
     assert api.deleted == [pod["metadata"]["uid"]]
+
+
+# A container's main process that starts a worker as torch elastic does (in a session of its own), says its pid, and
+# exits after argv[1] seconds. Neither heeds SIGTERM: only a SIGKILL ends them.
+WORKER_SCRIPT = r"""
+import signal, subprocess, sys, time
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], start_new_session=True)
+print(worker.pid, flush=True)
+time.sleep(float(sys.argv[1]))
+"""
+
+
+def test_a_container_s_processes_end_with_its_main_process(agent: Agent) -> None:
+    # As a runtime ends the whole container: a worker left running would go on writing to the pod's volumes.
+    runner = _run(agent, _pod(WORKER_SCRIPT, container={"args": ["0"]}))
+    worker = _worker(runner)
+    try:
+        runner.join(10)
+        assert not _alive(worker)
+    finally:
+        if _alive(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
+def test_sigkill_at_the_end_of_the_grace_period_ends_every_process_of_the_container(agent: Agent, api: Api) -> None:
+    pod = _pod(WORKER_SCRIPT, container={"args": ["60"]})
+    runner = _run(agent, pod)
+    worker = _worker(runner)
+    try:
+        agent._sync(_deleting(pod, 1))
+        runner.join(10)
+        assert api.statuses[-1]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 137
+        assert not _alive(worker)
+    finally:
+        if _alive(worker):
+            os.kill(worker, signal.SIGKILL)

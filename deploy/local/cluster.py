@@ -41,6 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # run as a script; pki is a sibling module
 import pki  # noqa: E402
 from process_node.network import kwok_cidr  # noqa: E402
+from process_node.processes import processes_in  # noqa: E402
 
 REPO = HERE.parents[1]
 DEFAULT_STATE = REPO / ".cluster"
@@ -170,17 +171,7 @@ def _stop(cluster: Cluster, component: str, grace: float = 10.0) -> None:
 
 def pod_processes(state: Path) -> list[int]:
     """Processes whose root is one of the process node's pod roots (children inherit it)."""
-    pods = (state / "node" / "pods").resolve()
-    found = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                root = Path(os.readlink(entry / "root"))
-            except OSError:
-                continue  # gone, or not ours to look at
-            if root.is_relative_to(pods):
-                found.append(int(entry.name))
-    return found
+    return processes_in(state / "node" / "pods")
 
 
 def _stop_pod_processes(state: Path, grace: float = 5.0) -> None:

@@ -23,7 +23,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import BinaryIO, Protocol
 
-from . import downward, security, volumes
+from . import downward, processes, security, volumes
 from .cgroups import Cgroups
 from .dns import Dns
 from .kubeapi import ApiError
@@ -73,18 +73,25 @@ def _now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def _exit_code(proc: subprocess.Popen) -> int | None:
-    """The container's exit code once its main process ended; what it left running in its
-    process group is killed first (a runtime ends the whole container with its main
-    process), while the unreaped main process still holds the group's id."""
-    if proc.returncode is not None:
-        return proc.returncode
-    if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
-        return None
+def _kill(proc: subprocess.Popen, root: Path) -> None:
+    """SIGKILL the whole container, as a runtime does: its process group (the launcher, before it chroots) and
+    every process in its root, whatever session it started for itself."""
     try:
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    processes.kill_all(root)
+
+
+def _exit_code(proc: subprocess.Popen, root: Path) -> int | None:
+    """The container's exit code once its main process ended; what it left running is killed
+    first (a runtime ends the whole container with its main process), while the unreaped main
+    process still holds the group's id."""
+    if proc.returncode is not None:
+        return proc.returncode
+    if os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is None:
+        return None
+    _kill(proc, root)
     return proc.wait()
 
 
@@ -258,9 +265,14 @@ class PodRunner(threading.Thread):
             if time.monotonic() >= container.next_start:
                 self._start(container)
             return
-        code = _exit_code(container.proc)
+        code = _exit_code(container.proc, self._root(container))
         if code is not None:
             self._reap(container, code)
+
+    def _root(self, container: Container) -> Path:
+        """The folder of the current run's root: its processes' root. A fresh one per run: its mount points are left
+        from the last one's."""
+        return self.dir / "roots" / f"{container.name}-{container.restart_count}"
 
     def _start(self, container: Container) -> None:
         spec = container.spec
@@ -285,8 +297,7 @@ class PodRunner(threading.Thread):
         mounts.append(volumes.Mount(str(term_log), spec.get("terminationMessagePath", "/dev/termination-log"), False))
         mounts.append(volumes.Mount(str(self.hosts_file), "/etc/hosts", True))
         launch = {
-            # A fresh root per run: its mount points are left from the last one's.
-            "root": str(self.dir / "roots" / f"{container.name}-{container.restart_count}"),
+            "root": str(self._root(container)),
             "mounts": [m.as_dict() for m in mounts], "traversable": INTERPRETER, "software": SOFTWARE,
             "argv": argv, "hostname": self.hostname,
             # As a runtime: the image's env, HOME and HOSTNAME, then the kubelet's over them.
@@ -356,11 +367,11 @@ class PodRunner(threading.Thread):
         """Deletion: SIGTERM once, SIGKILL at kill_at; True once every process is gone."""
         live = [c for c in self.init + self.containers if c.proc is not None and not c.done]
         for container in live:
-            code = _exit_code(container.proc)
+            code = _exit_code(container.proc, self._root(container))
             if code is not None:
                 self._reap(container, code)
             elif time.monotonic() >= kill_at:
-                os.killpg(container.proc.pid, signal.SIGKILL)
+                _kill(container.proc, self._root(container))
             elif not self._terminated_signalled:
                 os.killpg(container.proc.pid, signal.SIGTERM)
         self._terminated_signalled = True
