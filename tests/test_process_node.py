@@ -1,7 +1,7 @@
 """The process node's agent and pod runner (deploy/local/process_node) without a cluster: a stand-in for the
 apiserver, and real containers, started as the node starts them (so, as the node, as root). What a kubelet
 guarantees: a pod's end reaches the API even while the apiserver restarts, its deletion is finished whenever it
-comes, and no process of a container outlives it."""
+comes, SIGTERM goes to a container's main process alone, and no process of a container outlives it."""
 
 from __future__ import annotations
 
@@ -78,13 +78,13 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def _worker(runner: PodRunner) -> int:
-    """The pid WORKER_SCRIPT's main process printed, once it did."""
+def _first_line(runner: PodRunner) -> str:
+    """What the container printed first, once it did."""
     log = runner.log_path("main", 0)
     deadline = time.monotonic() + 10
-    while not (log.exists() and log.read_text().endswith("\n")) and time.monotonic() < deadline:
+    while not (log.exists() and "\n" in log.read_text()) and time.monotonic() < deadline:
         time.sleep(0.05)
-    return int(log.read_text())
+    return log.read_text().partition("\n")[0]
 
 
 def _deleting(pod: dict, grace_seconds: int) -> dict:
@@ -131,7 +131,7 @@ time.sleep(float(sys.argv[1]))
 def test_a_container_s_processes_end_with_its_main_process(agent: Agent) -> None:
     # As a runtime ends the whole container: a worker left running would go on writing to the pod's volumes.
     runner = _run(agent, _pod(WORKER_SCRIPT, container={"args": ["0"]}))
-    worker = _worker(runner)
+    worker = int(_first_line(runner))
     try:
         runner.join(10)
         assert not _alive(worker)
@@ -143,7 +143,7 @@ def test_a_container_s_processes_end_with_its_main_process(agent: Agent) -> None
 def test_sigkill_at_the_end_of_the_grace_period_ends_every_process_of_the_container(agent: Agent, api: Api) -> None:
     pod = _pod(WORKER_SCRIPT, container={"args": ["60"]})
     runner = _run(agent, pod)
-    worker = _worker(runner)
+    worker = int(_first_line(runner))
     try:
         agent._sync(_deleting(pod, 1))
         runner.join(10)
@@ -152,3 +152,25 @@ def test_sigkill_at_the_end_of_the_grace_period_ends_every_process_of_the_contai
     finally:
         if _alive(worker):
             os.kill(worker, signal.SIGKILL)
+
+
+# The main process ends on SIGTERM; its child, in its process group, would say if a SIGTERM reached it too.
+SIGTERM_SCRIPT = r"""
+import subprocess, sys
+subprocess.Popen([sys.executable, "-c", "import signal, time\n"
+                  "signal.signal(signal.SIGTERM, lambda *_: print('child: SIGTERM', flush=True))\n"
+                  "print('ready', flush=True)\n"
+                  "time.sleep(60)"]).wait()
+"""
+
+
+def test_deletion_sends_sigterm_to_the_main_process_alone(agent: Agent, api: Api) -> None:
+    # As the kubelet asks the runtime: SIGTERM to the container's PID 1, which passes it on as it sees fit (torchrun
+    # gives its workers a grace period of its own); what is left when it ends is killed with it.
+    pod = _pod(SIGTERM_SCRIPT)
+    runner = _run(agent, pod)
+    assert _first_line(runner) == "ready"
+    agent._sync(_deleting(pod, 30))
+    runner.join(10)
+    assert api.statuses[-1]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 128 + signal.SIGTERM
+    assert "SIGTERM" not in runner.log_path("main", 0).read_text()

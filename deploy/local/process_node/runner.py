@@ -313,7 +313,7 @@ class PodRunner(threading.Thread):
             container.proc = subprocess.Popen(
                 ["unshare", "--mount", "--uts", "--propagation", "private", "--", sys.executable, str(LAUNCHER)],
                 stdin=subprocess.PIPE, stdout=out, stderr=subprocess.STDOUT,
-                start_new_session=True,  # own process group: signals reach its children too
+                start_new_session=True,  # own process group: a SIGKILL reaches its children too
             )
         try:
             container.proc.stdin.write(json.dumps(launch).encode())
@@ -372,8 +372,8 @@ class PodRunner(threading.Thread):
                 self._reap(container, code)
             elif time.monotonic() >= kill_at:
                 _kill(container.proc, self._root(container))
-            elif not self._terminated_signalled:
-                os.killpg(container.proc.pid, signal.SIGTERM)
+            elif not self._terminated_signalled:  # as a runtime sends it: to the main process alone
+                os.kill(container.proc.pid, signal.SIGTERM)
         self._terminated_signalled = True
         for container in self.init + self.containers:  # never-started ones will not start now
             container.done = container.done or container.proc is None
