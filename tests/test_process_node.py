@@ -1,7 +1,8 @@
 """The process node's agent and pod runner (deploy/local/process_node) without a cluster: a stand-in for the
 apiserver, and real containers, started as the node starts them (so, as the node, as root). What a kubelet
 guarantees: a pod's end reaches the API even while the apiserver restarts, its deletion is finished whenever it
-comes, SIGTERM goes to a container's main process alone, and no process of a container outlives it."""
+comes, SIGTERM goes to a container's main process alone, no process of a container outlives it, and a subPath
+never leads out of its volume."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 
@@ -22,6 +24,8 @@ sys.path.insert(0, str(LOCAL))
 from process_node import agent as agent_module  # noqa: E402
 from process_node.agent import Agent  # noqa: E402
 from process_node.runner import PodRunner  # noqa: E402
+
+T = TypeVar("T")
 
 
 class Api:
@@ -78,13 +82,26 @@ def _alive(pid: int) -> bool:
         return False
 
 
+def _eventually(what: str, check: Callable[[], T]) -> T:
+    """check()'s first true answer."""
+    deadline = time.monotonic() + 10
+    while not (answer := check()):
+        assert time.monotonic() < deadline, f"no {what} within 10 s"
+        time.sleep(0.05)
+    return answer
+
+
 def _first_line(runner: PodRunner) -> str:
     """What the container printed first, once it did."""
     log = runner.log_path("main", 0)
-    deadline = time.monotonic() + 10
-    while not (log.exists() and "\n" in log.read_text()) and time.monotonic() < deadline:
-        time.sleep(0.05)
+    _eventually("line printed", lambda: log.exists() and "\n" in log.read_text())
     return log.read_text().partition("\n")[0]
+
+
+def _state(api: Api, container: str) -> dict:
+    """The container's state in the last status the API accepted (waiting, running, terminated: all but one None)."""
+    statuses = api.statuses[-1]["containerStatuses"] if api.statuses else []
+    return next((c["state"] for c in statuses if c["name"] == container), {})
 
 
 def _deleting(pod: dict, grace_seconds: int) -> dict:
@@ -147,7 +164,7 @@ def test_sigkill_at_the_end_of_the_grace_period_ends_every_process_of_the_contai
     try:
         agent._sync(_deleting(pod, 1))
         runner.join(10)
-        assert api.statuses[-1]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 137
+        assert _state(api, "main")["terminated"]["exitCode"] == 137
         assert not _alive(worker)
     finally:
         if _alive(worker):
@@ -172,5 +189,32 @@ def test_deletion_sends_sigterm_to_the_main_process_alone(agent: Agent, api: Api
     assert _first_line(runner) == "ready"
     agent._sync(_deleting(pod, 30))
     runner.join(10)
-    assert api.statuses[-1]["containerStatuses"][0]["state"]["terminated"]["exitCode"] == 128 + signal.SIGTERM
+    assert _state(api, "main")["terminated"]["exitCode"] == 128 + signal.SIGTERM
     assert "SIGTERM" not in runner.log_path("main", 0).read_text()
+
+
+# What a container can leave in its emptyDir: a folder, a symlink to it, and a symlink out of the volume (argv[1]).
+PLANT_SCRIPT = ("import os, sys; os.mkdir('/scratch/real'); os.symlink('real', '/scratch/inside'); "
+                "os.symlink(sys.argv[1], '/scratch/escape')")
+
+
+def test_a_sub_path_never_leads_out_of_its_volume(agent: Agent, api: Api, tmp_path: Path) -> None:
+    # Followed by the node, on the host, a symlink a container made could lead a subPath anywhere, to be made there
+    # and mounted writable. The kubelet refuses to create such a container (CreateContainerConfigError), and
+    # follows a symlink that stays in the volume.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    pod = _pod("open('/out/written', 'w').close()", volumes=[{"name": "scratch", "emptyDir": {}}],
+               container={"volumeMounts": [{"name": "scratch", "mountPath": "/out", "subPath": "inside/made"}]})
+    pod["spec"]["initContainers"] = [{"name": "plant", "image": "ignored", "command": [
+        "python", "-c", PLANT_SCRIPT, str(outside)], "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}]
+    escape = {"name": "scratch", "mountPath": "/out", "subPath": "escape/x"}
+    pod["spec"]["containers"].append(
+        {"name": "escape", "image": "ignored", "command": ["python", "-c", "pass"], "volumeMounts": [escape]})
+    runner = _run(agent, pod)
+    _eventually("refusal", lambda: (_state(api, "escape").get("waiting") or {}).get("message"))
+    waiting = _state(api, "escape")["waiting"]
+    assert waiting["reason"] == "CreateContainerConfigError" and "'escape/x'" in waiting["message"]
+    assert _eventually("end of main", lambda: _state(api, "main").get("terminated"))["exitCode"] == 0
+    assert (runner.dir / "volumes" / "scratch" / "real" / "made" / "written").exists()
+    assert list(outside.iterdir()) == []

@@ -1,5 +1,6 @@
 """The process node's fsGroup handling of volumes (deploy/local/process_node/volumes.py), as the kubelet's
-volume.SetVolumeOwnership: no cluster needed, only folders."""
+volume.SetVolumeOwnership, and how it reaches a subPath, never through a symlink out of its volume: no cluster
+needed, only folders."""
 
 from __future__ import annotations
 
@@ -8,9 +9,12 @@ import stat
 import sys
 from pathlib import Path
 
+import pytest
+
 from conftest import LOCAL
 
 sys.path.insert(0, str(LOCAL))
+from process_node.launcher import LaunchError, open_beneath  # noqa: E402
 from process_node.volumes import set_ownership  # noqa: E402
 
 GROUP = os.getgid()  # a group this process may hand files to, root or not
@@ -41,3 +45,11 @@ def test_on_root_mismatch_skips_a_claim_already_handed_over(tmp_path: Path) -> N
     assert _mode(claim / "inner") == 0o700
     set_ownership(claim, GROUP, read_only=False, policy=None)  # Always walks every file
     assert _mode(claim / "inner") & 0o070 == 0o070
+
+
+def test_a_sub_path_swapped_for_a_symlink_after_it_was_checked_is_not_mounted(tmp_path: Path) -> None:
+    # The launcher reaches the subPath again where it mounts it, never through a symlink.
+    (tmp_path / "volume").mkdir()
+    (tmp_path / "volume" / "data").symlink_to(tmp_path)
+    with pytest.raises(LaunchError, match="data is a symlink"):
+        open_beneath(str(tmp_path / "volume"), "data")

@@ -12,7 +12,8 @@ and turns itself into one container:
    no_new_privs and asks for SIGKILL when the node agent dies, then becomes the command.
 
 Reads its spec as JSON on stdin (so env values such as secrets never touch the disk):
-{"root", "mounts": [{"source", "target", "read_only"}], "traversable": [paths], "software": [paths], "cwd",
+{"root", "mounts": [{"source", "target", "read_only", "sub_path" (in source, or null)}], "traversable": [paths],
+ "software": [paths], "cwd",
  "argv", "env", "hostname", "read_only_root", "termination_log" (the host file behind
  terminationMessagePath), "cgroup" (a folder, or null where limits are not enforced),
  "user": {"uid", "gid", "groups", "capabilities": [numbers kept], "no_new_privs", "agent_pid"}}.
@@ -51,6 +52,44 @@ def _check(result: int, what: str) -> None:
 
 def _mount(source: str, target: str, flags: int) -> None:
     _check(_libc.mount(source.encode(), target.encode(), None, flags, None), f"mount {source} on {target}")
+
+
+def _open_part(folder_fd: int, name: str, like: os.stat_result | None) -> int:
+    try:
+        fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder_fd)
+    except FileNotFoundError:
+        if like is None:
+            raise
+        os.mkdir(name, dir_fd=folder_fd)
+        fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder_fd)
+        os.fchmod(fd, stat.S_IMODE(like.st_mode))
+        os.fchown(fd, like.st_uid, like.st_gid)
+    if stat.S_ISLNK(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise LaunchError(f"{name} is a symlink")
+    return fd
+
+
+def open_beneath(top: str, relative: str, like: os.stat_result | None = None) -> int:
+    """A descriptor of `relative` in the folder `top`, each part opened without following a symlink: one that a
+    container swapped in is refused, not followed out of its volume. Missing folders are made with the mode and
+    owner of `like`, where given."""
+    fd = os.open(top, os.O_PATH | os.O_DIRECTORY | os.O_CLOEXEC)
+    for name in Path(relative).parts:
+        try:
+            part = _open_part(fd, name, like)
+        finally:
+            os.close(fd)
+        fd = part
+    return fd
+
+
+def _source(mount: dict) -> str:
+    """What to mount: a volume's folder, or the subPath in it, reached anew here as the node checked it (its
+    descriptor stays open, close-on-exec, for the mounts to be redone)."""
+    if mount["sub_path"] is None:
+        return mount["source"]
+    return f"/proc/self/fd/{open_beneath(mount['source'], mount['sub_path'])}"
 
 
 class Root:
@@ -211,7 +250,7 @@ def main() -> None:
         for path in spec["traversable"]:
             root.make_traversable(path)
         for mount in spec["mounts"]:
-            root.bind(mount["source"], mount["target"], mount["read_only"])
+            root.bind(_source(mount), mount["target"], mount["read_only"])
         if spec["read_only_root"]:
             root.make_read_only()
     except (LaunchError, OSError) as error:

@@ -286,6 +286,7 @@ class PodRunner(threading.Thread):
             if self.node.cgroups is not None and container.cgroup is None:
                 run = f"{self.pod['metadata']['uid']}-{container.name}-{container.restart_count}"
                 container.cgroup = self.node.cgroups.create(run, spec.get("resources") or {})
+            mounts = volumes.container_mounts(self.pod, spec, self.folders or {})
         except NOT_YET as error:
             container.state = {"waiting": {"reason": "CreateContainerConfigError", "message": str(error)}}
             container.next_start = time.monotonic() + BACKOFF_START
@@ -293,7 +294,6 @@ class PodRunner(threading.Thread):
         term_log = self.dir / f"{container.name}.termination-log"
         term_log.write_text("")
         term_log.chmod(0o666)  # as the kubelet makes it: any container user may write it
-        mounts = volumes.container_mounts(self.pod, spec, self.folders or {})
         mounts.append(volumes.Mount(str(term_log), spec.get("terminationMessagePath", "/dev/termination-log"), False))
         mounts.append(volumes.Mount(str(self.hosts_file), "/etc/hosts", True))
         launch = {

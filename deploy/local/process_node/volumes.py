@@ -1,6 +1,10 @@
 """Pod volumes as folders on this machine, and the bind mounts that show them to a
 container at its mountPaths. Contents are written once, when the pod starts; with an
-fsGroup, volumes are handed to that group as the kubelet does."""
+fsGroup, volumes are handed to that group as the kubelet does.
+
+A container may put symlinks in its writable volumes (emptyDir, claims) that, followed by
+the node (root, on the host), would lead to the node's own files: reaching a subPath never
+follows one out of the volume, as the kubelet's subpath package."""
 
 from __future__ import annotations
 
@@ -11,6 +15,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .downward import ConfigError, field_value, resource_value
+from .launcher import LaunchError, open_beneath
 
 # The kubelet always mounts these read-only.
 READ_ONLY_KINDS = {"configMap", "secret", "projected", "downwardAPI"}
@@ -29,6 +34,7 @@ class Mount:
     source: str
     target: str
     read_only: bool
+    sub_path: str | None = None  # in the folder `source`, symlinks resolved
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -166,17 +172,35 @@ def materialize(pod: dict, pod_dir: Path, cluster: Cluster, allocatable: dict[st
     return folders
 
 
+def prepare_sub_path(volume: Path, sub_path: str) -> tuple[str, str]:
+    """The volume's folder and the subPath in it, symlinks resolved, as the kubelet prepares one: a symlink on the
+    way may lead elsewhere in the volume, never out of it. Missing folders are made like the volume's top, one part
+    at a time and never through a symlink (nor is the subPath mounted through one: see launcher.open_beneath)."""
+    top = Path(os.path.realpath(volume))
+    target = Path(os.path.realpath(top / sub_path))
+    if not target.is_relative_to(top):
+        raise ConfigError("it leads out of the volume")
+    relative = str(target.relative_to(top))
+    os.close(open_beneath(str(top), relative, top.stat()))
+    return str(top), relative
+
+
+def _sub_path_mount(volume: Path, vm: dict, container: str, read_only: bool) -> Mount:
+    try:
+        top, sub_path = prepare_sub_path(volume, vm["subPath"])
+    except (ConfigError, LaunchError, OSError) as error:  # CreateContainerConfigError, as the kubelet says it
+        raise ConfigError(f"failed to prepare subPath {vm['subPath']!r} for volumeMount {vm['name']!r} of "
+                          f"container {container!r}: {error}") from None
+    return Mount(top, vm["mountPath"], read_only, sub_path)
+
+
 def container_mounts(pod: dict, container: dict, folders: dict[str, Path]) -> list[Mount]:
     kinds = {v["name"]: _kind(v) for v in pod["spec"].get("volumes", [])}
     mounts = []
     for vm in container.get("volumeMounts", []):
-        volume = folders[vm["name"]]
-        source = volume / vm.get("subPath", "")
-        if not source.exists():  # as the kubelet: a missing subPath is a folder like the volume's top
-            info = volume.stat()
-            source.mkdir(parents=True)
-            os.chmod(source, stat.S_IMODE(info.st_mode))
-            os.chown(source, info.st_uid, info.st_gid)
         read_only = vm.get("readOnly", False) or kinds[vm["name"]] in READ_ONLY_KINDS
-        mounts.append(Mount(str(source), vm["mountPath"], read_only))
+        if vm.get("subPath"):
+            mounts.append(_sub_path_mount(folders[vm["name"]], vm, container["name"], read_only))
+        else:
+            mounts.append(Mount(str(folders[vm["name"]]), vm["mountPath"], read_only))
     return mounts
