@@ -1,6 +1,6 @@
 """The process node's fsGroup handling of volumes (deploy/local/process_node/volumes.py), as the kubelet's
-volume.SetVolumeOwnership, and how it reaches a subPath, never through a symlink out of its volume: no cluster
-needed, only folders."""
+volume.SetVolumeOwnership, and how it reaches what a container left in a volume, never through a symlink out of
+it: no cluster needed, only folders."""
 
 from __future__ import annotations
 
@@ -45,6 +45,31 @@ def test_on_root_mismatch_skips_a_claim_already_handed_over(tmp_path: Path) -> N
     assert _mode(claim / "inner") == 0o700
     set_ownership(claim, GROUP, read_only=False, policy=None)  # Always walks every file
     assert _mode(claim / "inner") & 0o070 == 0o070
+
+
+def test_a_folder_swapped_for_a_symlink_while_handed_over_is_not_followed(tmp_path: Path,
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    # A container (of another pod on the same claim) swaps a folder for a symlink out of the claim once the node has
+    # listed the folder above it: the node (root) must not hand over what the symlink leads to.
+    claim, outside = tmp_path / "claim", tmp_path / "outside"
+    (claim / "inner").mkdir(parents=True)
+    outside.mkdir()
+    (outside / "secret").write_text("")
+    (outside / "secret").chmod(0o600)
+    listings = []
+    scandir = os.scandir
+
+    def swapping(path: object) -> object:
+        listings.append(path)
+        if len(listings) == 2:  # the claim's top was listed; `inner` is next
+            (claim / "inner").rename(claim / "moved")
+            (claim / "inner").symlink_to(outside)
+        return scandir(path)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(os, "scandir", swapping)
+        set_ownership(claim, GROUP, read_only=False, policy=None)
+    assert _mode(outside / "secret") == 0o600
 
 
 def test_a_sub_path_swapped_for_a_symlink_after_it_was_checked_is_not_mounted(tmp_path: Path) -> None:

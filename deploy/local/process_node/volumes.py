@@ -3,8 +3,8 @@ container at its mountPaths. Contents are written once, when the pod starts; wit
 fsGroup, volumes are handed to that group as the kubelet does.
 
 A container may put symlinks in its writable volumes (emptyDir, claims) that, followed by
-the node (root, on the host), would lead to the node's own files: reaching a subPath never
-follows one out of the volume, as the kubelet's subpath package."""
+the node (root, on the host), would lead to the node's own files: walking a volume never
+follows one, and a subPath never leads out of the volume (as the kubelet's subpath package)."""
 
 from __future__ import annotations
 
@@ -119,18 +119,30 @@ def set_ownership(folder: Path, fs_group: int, read_only: bool, policy: str | No
     if (policy == "OnRootMismatch" and top.st_gid == fs_group and top.st_mode & stat.S_ISGID
             and top.st_mode & wanted == wanted):
         return
-    for base, folders, files in os.walk(folder):
-        for path in [base, *(os.path.join(base, f) for f in folders + files)]:
-            info = os.lstat(path)
-            if stat.S_ISLNK(info.st_mode):
-                continue
-            mode = stat.S_IMODE(info.st_mode) | mask
-            if stat.S_ISDIR(info.st_mode):
-                mode |= stat.S_ISGID | 0o110
-            elif info.st_mode & 0o100:
-                mode |= 0o110
-            os.chown(path, -1, fs_group)
-            os.chmod(path, mode)
+    # Never into a symlink, even one swapped in meanwhile; the volume's own folder is the node's (a claim's may be one).
+    for _, _, files, folder_fd in os.fwalk(os.path.realpath(folder)):
+        for name in [".", *files]:  # each folder as its own "."
+            _hand_over(folder_fd, name, fs_group, mask)
+
+
+def _hand_over(folder_fd: int, name: str, fs_group: int, mask: int) -> None:
+    """set_ownership for one entry of a folder, unless it is a symlink: it is opened without following one, and
+    changed through that descriptor, so one swapped in meanwhile is not followed either."""
+    fd = os.open(name, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder_fd)
+    try:
+        info = os.fstat(fd)
+        if stat.S_ISLNK(info.st_mode):
+            return
+        mode = stat.S_IMODE(info.st_mode) | mask
+        if stat.S_ISDIR(info.st_mode):
+            mode |= stat.S_ISGID | 0o110
+        elif info.st_mode & 0o100:
+            mode |= 0o110
+        entry = f"/proc/self/fd/{fd}"  # an O_PATH descriptor takes no fchown/fchmod; its /proc link does
+        os.chown(entry, -1, fs_group)
+        os.chmod(entry, mode)
+    finally:
+        os.close(fd)
 
 
 def materialize(pod: dict, pod_dir: Path, cluster: Cluster, allocatable: dict[str, str]) -> dict[str, Path]:
