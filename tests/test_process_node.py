@@ -1,13 +1,14 @@
 """The process node's agent and pod runner (deploy/local/process_node) without a cluster: a stand-in for the
 apiserver, and real containers, started as the node starts them (so, as the node, as root). What a kubelet
 guarantees: a pod's end reaches the API even while the apiserver restarts, its deletion is finished whenever it
-comes, SIGTERM goes to a container's main process alone, no process of a container outlives it, and a subPath
-never leads out of its volume."""
+comes, SIGTERM goes to a container's main process alone, no process of a container outlives it, a subPath never
+leads out of its volume, and /etc/hosts always names the pod."""
 
 from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import sys
 import time
 import uuid
@@ -23,6 +24,7 @@ from pods import make_pod
 sys.path.insert(0, str(LOCAL))
 from process_node import agent as agent_module  # noqa: E402
 from process_node.agent import Agent  # noqa: E402
+from process_node.dns import Dns  # noqa: E402
 from process_node.runner import PodRunner  # noqa: E402
 
 T = TypeVar("T")
@@ -218,3 +220,33 @@ def test_a_sub_path_never_leads_out_of_its_volume(agent: Agent, api: Api, tmp_pa
     assert _eventually("end of main", lambda: _state(api, "main").get("terminated"))["exitCode"] == 0
     assert (runner.dir / "volumes" / "scratch" / "real" / "made" / "written").exists()
     assert list(outside.iterdir()) == []
+
+
+# Reads the file (argv[1]) over and over for argv[3] seconds, then prints how many reads lacked the line argv[2].
+READER_SCRIPT = r"""
+import sys, time
+path, line, seconds = sys.argv[1], sys.argv[2], float(sys.argv[3])
+misses, deadline = 0, time.monotonic() + seconds
+print("reading", flush=True)
+while time.monotonic() < deadline:
+    with open(path) as f:
+        misses += line not in f.read().splitlines()
+print(misses)
+"""
+
+
+def test_etc_hosts_always_names_the_pod_while_it_is_rewritten(tmp_path: Path) -> None:
+    # The kubelet's /etc/hosts always has the pod's own name, which torchrun's rendezvous looks up; here the file
+    # changes when a Service comes or goes or a pod turns ready, and a lookup meanwhile must still find it.
+    dns = Dns()
+    pod = _pod("", metadata={"labels": {"app": "x"}})
+    dns.add_pod(pod, "127.9.0.1", tmp_path / "hosts")
+    dns.set_services([{"metadata": {"namespace": "ns", "name": "api"}, "spec": {"selector": {"app": "x"}}}])
+    reader = subprocess.Popen([sys.executable, "-c", READER_SCRIPT, str(tmp_path / "hosts"), "127.9.0.1\tp", "0.5"],
+                              stdout=subprocess.PIPE, text=True)
+    assert reader.stdout.readline() == "reading\n"
+    ready = False
+    while reader.poll() is None:  # the Service's line comes and goes
+        ready = not ready
+        dns.set_ready(pod, ready)
+    assert reader.stdout.read() == "0\n"

@@ -15,6 +15,7 @@ its pods: a client must use the pod's port (targetPort). Search domains do not a
 
 from __future__ import annotations
 
+import os
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -119,9 +120,10 @@ class Dns:
         for record in self._pods.values():
             lines = [(record.ip, own_names(record.pod)), *self._answers(record.namespace)]
             text = HEADER + "".join(f"{ip}\t{' '.join(names)}\n" for ip, names in lines)
-            # Rewrite in place: containers see this inode through their bind mounts.
-            with record.hosts_file.open("a+") as f:
-                f.seek(0)
-                f.truncate()
+            # In place, as containers see this inode through their bind mounts (a file renamed over it would not
+            # show): over the old text, then cut to length, never emptied first, so a lookup meanwhile finds the pod's
+            # own name (its line never changes) and, but for a read torn by the write itself, any other that stays.
+            with open(os.open(record.hosts_file, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644), "w") as f:
                 f.write(text)
+                f.truncate()
             record.hosts_file.chmod(0o644)
