@@ -14,7 +14,8 @@ import yaml
 
 from finetune_operator import outcome, reconcile
 from finetune_operator.reconcile import Observed, decide, pod_warning
-from finetune_operator.status import evaluation_of, merged, status_patch
+from finetune_operator.api import ConditionType
+from finetune_operator.status import Conditions, evaluation_of, merged, status_patch
 
 NOW = datetime(2026, 12, 1, 12, 0, 0)
 EXAMPLE = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "examples" / "minilm-sentiment.yaml").read_text())
@@ -570,6 +571,51 @@ def test_numbers_json_cannot_carry_never_reach_the_status() -> None:
     json.dumps(status, allow_nan=False)  # what the apiserver reads
     FineTuneJobStatus.from_wire(status)
     assert evaluation_of(outcome.parse_message(json.dumps(message)))["baseline"] == {"accuracy": 0.5}
+
+
+def ended_with(message: dict[str, Any] | str, exit_code: int = 1) -> dict[str, Any]:
+    """The status once attempt 1 ended (a success at exit 0, else a failure) with rank 0's termination `message`."""
+    ended = job(complete=True, active=0, succeeded=1) if exit_code == 0 else \
+        job(failure={"reason": "BackoffLimitExceeded", "message": ""})
+    phase = "Succeeded" if exit_code == 0 else "Failed"
+    return after(decide(Observed(body({"attempts": 1}), [ended], [pod(phase=phase, exit_code=exit_code,
+                                                                       message=message)], NOW)))
+
+
+def test_a_trainers_message_that_is_no_text_is_not_the_conditions() -> None:
+    """The termination message's "message" is the image's to write: a number crashed the reconcile (short() took its
+    len), a list got every status patch refused. Either way the job stayed Running for good, its deadline never
+    fired. The operator's own words stand in for it."""
+    from finetune_operator.api import FineTuneJobStatus
+
+    for words, exit_code, told in ((42, 1, ("Failed", "the trainer exited 1 (see `kubectl logs ft-1-0-x`)")),
+                                   (["a"], 1, ("Failed", "the trainer exited 1 (see `kubectl logs ft-1-0-x`)")),
+                                   ({"x": 1}, 2, ("Restarting", "attempt 1 failed (pod ft-1-0-x exited 2)"))):
+        status = ended_with({"reason": "Bad", "message": words, "exitCode": exit_code}, exit_code)
+        kind, said = told
+        assert next(c["message"] for c in status["conditions"] if c["type"] == kind).startswith(said), words
+        FineTuneJobStatus.from_wire(status)
+    conds = Conditions([], 1, NOW)
+    conds.set(ConditionType.FAILED, True, "Bad", 42)  # type: ignore[arg-type]  # whatever reaches it is sent as text
+    assert conds.get(ConditionType.FAILED)["message"] == "42"
+
+
+def test_a_number_past_a_floats_range_reads_as_none() -> None:
+    """JSON's 1e400 parsed as infinity: in status.progress.epoch or status.metrics.loss the patch was no JSON the
+    apiserver reads (400), in pruning.removedLayers int() of it crashed the reconcile, at every tick for good."""
+    from finetune_operator.api import FineTuneJobStatus
+
+    assert outcome.parse_message('{"loss": 1e400, "epoch": -1e400, "step": 2.5}') == {"loss": None, "epoch": None,
+                                                                                    "step": 2.5}
+    failed = ended_with('{"reason":"Bad","message":"m","exitCode":1,"pruning":{"removedLayers":[1e400, 3]}}')
+    assert failed["phase"] == "Failed" and failed["pruning"]["removedLayers"] == [3]
+    for progress, metrics in (('{"step":5,"epoch":1e400}', '{}'), ('{"step":5}', '{"loss":1e400,"learningRate":0.1}')):
+        status = ended_with(f'{{"stage":"Done","reason":"Succeeded","message":"ok","exitCode":0,'
+                            f'"progress":{progress},"metrics":{metrics}}}', exit_code=0)
+        assert status["phase"] == "Succeeded" and status["progress"]["step"] == 5
+        assert "epoch" not in status["progress"] and status.get("metrics", {}).get("loss") is None
+        json.dumps(status, allow_nan=False)
+        FineTuneJobStatus.from_wire(status)
 
 
 def test_a_user_error_fails_at_once_with_the_trainers_reason() -> None:

@@ -13,6 +13,7 @@ failed worker end with 143; the cause is the earliest failure that is not 143.
 from __future__ import annotations
 
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta
@@ -202,16 +203,28 @@ def creation_problem(events: dict[str, tuple[str, str]]) -> tuple[str, str] | No
     return None
 
 
+def _finite(text: str) -> float | None:
+    number = float(text)
+    return number if math.isfinite(number) else None
+
+
 def parse_message(text: str | None) -> dict[str, Any]:
     """The trainer's JSON termination message; a log tail (FallbackToLogsOnError) or nothing gives {}. NaN and
-    Infinity (Python's json writes them: a broken checkpoint's layer scores) read as null: JSON has no such numbers,
-    and the apiserver refuses a status patch holding one whole. The message is the image's to write: nested past the
-    parser's depth (1000 brackets) it is none either."""
+    Infinity (Python's json writes them: a broken checkpoint's layer scores), and a number past a float's range (1e400
+    reads as infinity), read as null: JSON has no such numbers, and the apiserver refuses a status patch holding one
+    whole. The message is the image's to write: nested past the parser's depth (1000 brackets) it is none either."""
     try:
-        message = json.loads(text or "", parse_constant=lambda _: None)
+        message = json.loads(text or "", parse_constant=lambda _: None, parse_float=_finite)
     except (ValueError, RecursionError):
         return {}
     return message if isinstance(message, dict) else {}
+
+
+def trainer_line(message: dict[str, Any]) -> str | None:
+    """The trainer's line for people in its termination message, when it is text: the image may write any JSON there
+    (a number crashed the reconcile, a list got the status patch refused, for good)."""
+    line = message.get("message")
+    return line if isinstance(line, str) and line else None
 
 
 LOG_END_MAX = 256
@@ -395,7 +408,7 @@ def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
     term = pod["terminated"]
     if code == EXIT_USER_ERROR:
         reason = api.reason_or(message.get("reason"), "TrainerError")
-        text = message.get("message") or f"the trainer exited {code} (see `kubectl logs {pod['name']}`)"
+        text = trainer_line(message) or f"the trainer exited {code} (see `kubectl logs {pod['name']}`)"
         return Outcome(State.FAILED, reason, text, Retry.NEVER, result=message)
     if term.get("reason") == "OOMKilled":
         return Outcome(State.FAILED, "OOMKilled", f"pod {pod['name']} ran out of memory (exit {term['exitCode']})",
@@ -403,7 +416,7 @@ def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
     reason = api.reason_or(message.get("reason"), "WorkerFailed")
     finished = " after the trainer reported success" if reported_success else ""
     said = f"; its log ends: {term['logEnd']}" if term.get("logEnd") else ""
-    text = message.get("message") or f"pod {pod['name']} exited {term['exitCode']}{finished}{said}"
+    text = trainer_line(message) or f"pod {pod['name']} exited {term['exitCode']}{finished}{said}"
     return Outcome(State.FAILED, reason, text, Retry.COUNTED, result=message)
 
 

@@ -543,8 +543,8 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
             _stale(conds, old, seen.now, *seen.scrape_error)
         return
     if result.state == State.SUCCEEDED:
-        said = result.result.get("message")  # the trainer's line for people: the steps, the test metric's change
-        said = f" ({said})" if isinstance(said, str) and said else ""
+        said = outcome.trainer_line(result.result)  # the steps, the test metric's change
+        said = f" ({said})" if said else ""
         conds.set(T.SUCCEEDED, True, "Completed",
                   f"attempt {attempt} finished{said}; the model is at {spec.output_uri}")
         conds.clear(T.RUNNING, "Completed")

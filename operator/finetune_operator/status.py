@@ -48,7 +48,9 @@ class Conditions:
         old = self.by_type.get(kind.value)
         changed = old is None or old.get("status") != status
         self.by_type[kind.value] = {
-            "type": kind.value, "status": status, "reason": reason, "message": short(message),
+            # str(): a backstop for words from a trainer's message (any JSON there), which crashed short() or got the
+            # status patch refused
+            "type": kind.value, "status": status, "reason": reason, "message": short(str(message)),
             "lastTransitionTime": self.now if changed else old["lastTransitionTime"],
             "observedGeneration": self.generation,
         }
