@@ -410,6 +410,20 @@ def test_a_running_job_shows_progress_from_rank_zeros_metrics() -> None:
     assert status["metrics"] == {"loss": 0.61, "learningRate": 1e-3, "samplesPerSecond": 32.0, "tokensPerSecond": 900.0}
 
 
+def test_numbers_rank_zero_serves_that_no_progress_can_be_are_bounded() -> None:
+    """Rank 0's port is the tenant's: a step of -1 or 1e30, a total of -10, an epoch of -1 were refused by the status
+    schema at every poll, so the job's conditions and Events froze where they were."""
+    from finetune_operator.api import FineTuneJobStatus
+
+    base = {"step": 30, "total_steps": 120, "epoch": 0.25, "loss": 0.6, "samples_per_second": 32.0, "stage": "Training"}
+    for served, shown in (({"step": -1}, {"step": 0, "percent": 0}), ({"total_steps": -10}, {"totalSteps": 0}),
+                          ({"epoch": -1.0}, {"epoch": 0.0}), ({"step": 1e30}, {"step": 2**63 - 1, "percent": 100}),
+                          ({"samples_per_second": 5e-324}, {"step": 30})):  # an ETA past any integer: none
+        status = after(decide(Observed(body({"attempts": 1}), [job()], [pod()], NOW, sample=base | served)))
+        assert status["phase"] == "Running" and status["progress"].items() >= shown.items(), served
+        FineTuneJobStatus.from_wire(status)
+
+
 def test_a_resumed_attempt_keeps_the_progress_until_its_first_step() -> None:
     before = {"step": 30, "total_steps": 120, "epoch": 0.25, "loss": 0.61, "samples_per_second": 32.0,
               "stage": "Training"}
@@ -616,6 +630,39 @@ def test_a_number_past_a_floats_range_reads_as_none() -> None:
         assert "epoch" not in status["progress"] and status.get("metrics", {}).get("loss") is None
         json.dumps(status, allow_nan=False)
         FineTuneJobStatus.from_wire(status)
+
+
+def test_counts_in_a_trainers_message_that_no_count_can_be_are_bounded() -> None:
+    """A negative or boolean totalParameters, or a success's progress.step of true (Python's int), was refused by the
+    status schema: the failed job stayed Running for good. A count past int64 is capped, as the schema is."""
+    from finetune_operator.api import FineTuneJobStatus
+
+    for total, shown in ((-5, 0), (True, None), (10**30, 2**63 - 1), ("5", None)):
+        status = ended_with({"reason": "Bad", "message": "m", "exitCode": 1,
+                             "analysis": {"totalParameters": total, "trainableParameters": 3}})
+        assert status["phase"] == "Failed" and status["analysis"].get("totalParameters") == shown, total
+        FineTuneJobStatus.from_wire(status)
+    status = ended_with('{"stage":"Done","reason":"Succeeded","message":"ok","exitCode":0,"progress":{"step":true}}', 0)
+    assert status["phase"] == "Succeeded" and "progress" not in status  # none said, and no read before
+    FineTuneJobStatus.from_wire(status)
+
+
+def test_a_trainers_message_of_any_shape_still_ends_the_job() -> None:
+    """Each of these crashed the reconcile (a list where an object was read, a severity no key can be, an integer
+    past a float's range), at every tick for good: the job never showed how it ended."""
+    from finetune_operator.api import FineTuneJobStatus
+
+    big = 10**400
+    for hostile in ({"evaluation": [1]}, {"evaluation": {"final": [1], "baseline": {"a": big}}},
+                    {"analysis": {"findings": 5}}, {"analysis": {"findings": [{"severity": ["fatal"]}]}},
+                    {"analysis": {"layerImportance": [big]}}, {"pruning": {"parameters": {"before": big, "after": 1}}},
+                    {"pruning": {"metricsBefore": {"a": big}}}, {"metrics": {"loss": big}},
+                    {"progress": {"step": big, "epoch": big}}):
+        for exit_code in (0, 1):
+            status = ended_with({"stage": "Done", "reason": "Bad", "message": "m", "exitCode": exit_code} | hostile,
+                                exit_code)
+            assert status["phase"] == ("Succeeded" if exit_code == 0 else "Failed"), hostile
+            FineTuneJobStatus.from_wire(status)
 
 
 def test_a_user_error_fails_at_once_with_the_trainers_reason() -> None:

@@ -3,6 +3,7 @@ derived from them, and progress and metrics from rank 0's numbers."""
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any
 
@@ -159,16 +160,17 @@ def progress_and_metrics(sample: dict[str, Any], global_batch: int, now: datetim
     out: dict[str, Any] = {"stage": sample["stage"]} if sample.get("stage") else {}
     if sample.get("step") is None:
         return out | {"progress": {"updatedAt": timestamp(now)}}
-    step, total = int(sample["step"]), int(sample.get("total_steps", 0))
-    rate = sample.get("samples_per_second") or 0.0
+    # The port is the tenant's: a step of -1 or 1e30 was refused by the status schema at every poll, for good.
+    step, total = count(sample["step"]) or 0, count(sample.get("total_steps")) or 0
+    rate = number(sample.get("samples_per_second")) or 0.0
     progress: dict[str, Any] = {
         "percent": min(100, int(100 * step / total)) if total else 0,
-        "step": step, "totalSteps": total, "epoch": round(float(sample.get("epoch", 0)), 3),
+        "step": step, "totalSteps": total, "epoch": max(0.0, round(number(sample.get("epoch")) or 0.0, 3)),
         "updatedAt": timestamp(now),
     }
     # An unknown value is an explicit None, which clears the previous one from the merge-patched status.
     # Never below 0: a run resumed past a total that shrank while suspended (maxSteps, workers) has none left.
-    progress["etaSeconds"] = max(0, int((total - step) * global_batch / rate)) if rate > 0 and total else None
+    progress["etaSeconds"] = count((total - step) * global_batch / rate) if rate > 0 and total else None
     metrics = {k: _rounded(sample.get(s)) for k, s in METRICS}
     return out | {"progress": progress, "metrics": metrics}
 
@@ -179,20 +181,48 @@ METRICS = (("loss", "loss"), ("learningRate", "learning_rate"), ("samplesPerSeco
 
 
 def _rounded(value: Any) -> float | None:
-    """Rounded for `kubectl get` (the Loss column prints every digit); Prometheus keeps the exact values."""
-    return float(f"{value:.4g}") if isinstance(value, (int, float)) else None
+    """Rounded for `kubectl get` (the Loss column prints every digit); Prometheus keeps the exact values. Rounded up
+    near a float's limit, a value would pass it: that one is kept as it is."""
+    if (found := number(value)) is None:
+        return None
+    rounded = float(f"{found:.4g}")
+    return rounded if math.isfinite(rounded) else found
+
+
+INT64_MAX = 2**63 - 1
+
+
+def count(value: Any) -> int | None:
+    """A count as the status schema takes it (an int64, at least 0) of a number a trainer reported (its termination
+    message and its metrics are the image's to write); None for what is no number, a bool too (Python's int)."""
+    if isinstance(value, float) and math.isfinite(value) or isinstance(value, int) and not isinstance(value, bool):
+        return min(max(int(value), 0), INT64_MAX)
+    return None
+
+
+def number(value: Any) -> float | None:
+    """A finite float of a number a trainer reported; None for what is none (a bool, text, an integer past a float's
+    range): the status schema refuses the one, JSON has no other."""
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    try:
+        found = float(value)
+    except OverflowError:
+        return None
+    return found if math.isfinite(found) else None
 
 
 def finished_progress(message: dict[str, Any], last: dict[str, Any], now: datetime) -> dict[str, Any] | None:
     """status.progress of a run that succeeded: the steps rank 0's termination message says it took (an early stop
     takes fewer than planned; read `now`), else the last read's total; None when neither says."""
     reported = message.get("progress")
-    if not isinstance(reported, dict) or not isinstance(reported.get("step"), int) or reported["step"] < 0:
+    reported = reported if isinstance(reported, dict) else {}
+    step, epoch = reported.get("step"), number(reported.get("epoch"))
+    if (steps := count(step)) is None or step < 0:  # none it could mean (a bool, text, a step below 0)
         total = last.get("totalSteps")
         return last | {"percent": 100, "step": total, "etaSeconds": 0} if total else None
-    steps, epoch = reported["step"], reported.get("epoch")
     progress = last | {"percent": 100, "step": steps, "totalSteps": steps, "etaSeconds": 0, "updatedAt": timestamp(now)}
-    return progress | ({"epoch": round(float(epoch), 3)} if isinstance(epoch, (int, float)) and epoch >= 0 else {})
+    return progress | ({"epoch": round(epoch, 3)} if epoch is not None and epoch >= 0 else {})
 
 
 def finished_metrics(message: dict[str, Any]) -> dict[str, float] | None:
@@ -220,13 +250,8 @@ def _figure(value: float) -> str:
 
 def evaluation_of(result: dict[str, Any]) -> dict[str, Any] | None:
     """status.evaluation from the trainer's termination message."""
-    evaluation = result.get("evaluation") or {}
-
-    def numbers(phase: str) -> dict[str, float]:  # at most the 16 metrics the CRD takes
-        values = [(k, float(v)) for k, v in (evaluation.get(phase) or {}).items() if isinstance(v, (int, float))]
-        return dict(values[:16])
-
-    final, baseline, teacher = numbers("final"), numbers("baseline"), numbers("teacher")
+    evaluation = _object(result.get("evaluation"))
+    final, baseline, teacher = (_metric_values(evaluation.get(phase)) for phase in ("final", "baseline", "teacher"))
     if not final and not baseline:
         return None
     return {"baseline": baseline, "final": final, **({"teacher": teacher} if teacher else {}),
@@ -241,16 +266,28 @@ def stage_of(message: dict[str, Any]) -> str | None:
         return None
 
 
+def _object(value: Any) -> dict[str, Any]:
+    """A JSON object of a trainer's message, where the image may have written any JSON."""
+    return value if isinstance(value, dict) else {}
+
+
+def _metric_values(values: Any) -> dict[str, float]:
+    """The numbers of a metric name to value object, at most the 16 the CRD takes."""
+    return dict([(k, v) for k, raw in _object(values).items() if (v := number(raw)) is not None][:16])
+
+
 def analysis_of(result: dict[str, Any]) -> dict[str, Any] | None:
     analysis = result.get("analysis")
     if not isinstance(analysis, dict):
         return None
-    out: dict[str, Any] = {k: analysis[k] for k in ("totalParameters", "trainableParameters")
-                           if isinstance(analysis.get(k), int)}
+    out: dict[str, Any] = {k: n for k in ("totalParameters", "trainableParameters")
+                           if (n := count(analysis.get(k))) is not None}
     if importance := _numbers(analysis.get("layerImportance"), MAX_LAYERS):
         out["layerImportance"] = importance
     severity = {"fatal": 0, "warning": 1, "info": 2}
-    findings = [f for f in analysis.get("findings") or [] if isinstance(f, dict) and f.get("severity") in severity]
+    found = analysis.get("findings")
+    findings = [f for f in found if isinstance(f, dict) and isinstance(f.get("severity"), str)
+                and f["severity"] in severity] if isinstance(found, list) else []
     findings.sort(key=lambda f: severity[f["severity"]])
     out["findings"] = [{"severity": f["severity"], "code": reason_or(f.get("code"), "Finding"),
                         "message": short(str(f.get("message", "")))} for f in findings[:MAX_FINDINGS]]
@@ -258,7 +295,7 @@ def analysis_of(result: dict[str, Any]) -> dict[str, Any] | None:
 
 
 def _numbers(values: Any, limit: int) -> list[float]:
-    return [float(v) for v in values[:limit] if isinstance(v, (int, float))] if isinstance(values, list) else []
+    return [v for v in map(number, values[:limit]) if v is not None] if isinstance(values, list) else []
 
 
 def pruning_of(result: dict[str, Any]) -> dict[str, Any] | None:
@@ -267,12 +304,12 @@ def pruning_of(result: dict[str, Any]) -> dict[str, Any] | None:
     if not isinstance(pruning, dict):
         return None
     out: dict[str, Any] = {"removedLayers": [int(i) for i in _numbers(pruning.get("removedLayers"), MAX_LAYERS)
-                                             if i >= 0]}
+                                             if 0 <= i <= INT64_MAX]}
     for key in ("parameters", "latencyMs"):
-        pair = pruning.get(key)
-        if isinstance(pair, dict) and all(isinstance(pair.get(k), (int, float)) for k in ("before", "after")):
-            out[key] = {"before": float(pair["before"]), "after": float(pair["after"])}
-    before = pruning.get("metricsBefore")
-    if isinstance(before, dict):
-        out["metricsBefore"] = {k: float(v) for k, v in list(before.items())[:16] if isinstance(v, (int, float))}
+        pair = _object(pruning.get(key))
+        before, after = number(pair.get("before")), number(pair.get("after"))
+        if before is not None and after is not None:
+            out[key] = {"before": before, "after": after}
+    if isinstance(pruning.get("metricsBefore"), dict):
+        out["metricsBefore"] = _metric_values(pruning["metricsBefore"])
     return out
