@@ -15,7 +15,7 @@ import yaml
 from finetune_operator import outcome, reconcile
 from finetune_operator.reconcile import Observed, decide, pod_warning
 from finetune_operator.api import ConditionType
-from finetune_operator.status import Conditions, evaluation_of, merged, status_patch
+from finetune_operator.status import Conditions, evaluation_of, merged, schema_checked, status_patch
 
 NOW = datetime(2026, 12, 1, 12, 0, 0)
 EXAMPLE = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "examples" / "minilm-sentiment.yaml").read_text())
@@ -663,6 +663,37 @@ def test_a_trainers_message_of_any_shape_still_ends_the_job() -> None:
                                 exit_code)
             assert status["phase"] == ("Succeeded" if exit_code == 0 else "Failed"), hostile
             FineTuneJobStatus.from_wire(status)
+
+
+def test_what_the_status_schema_refuses_is_left_out_of_the_patch_and_the_rest_is_written() -> None:
+    """The apiserver refuses a status patch whole: one value it refuses kept the conditions and the phase from being
+    written, for good. Only that field is left out, and what it was is told; a condition of a type another version
+    wrote (kept as it was stored) is no refusal."""
+    theirs = {"type": "Degraded", "status": "True", "reason": "Theirs", "lastTransitionTime": "2026-12-01T11:00:00Z"}
+    failed = {"type": "Failed", "status": "True", "reason": "Bad", "message": "m",
+              "lastTransitionTime": "2026-12-01T12:00:00Z", "observedGeneration": 1}
+    changes = {"phase": "Failed", "reason": "Bad", "conditions": [failed, theirs], "progress": None,
+               "analysis": {"totalParameters": -5}, "metrics": {"loss": float("nan")}}
+    kept, refused = schema_checked({"metrics": {"learningRate": 0.1}}, changes)
+    assert kept == {k: changes[k] for k in ("phase", "reason", "conditions", "progress")}
+    assert refused[0].startswith("status.analysis.totalParameters: Input should be greater than or equal to 0")
+    assert refused[1].startswith("status.metrics: not JSON") and len(refused) == 2
+    assert schema_checked({}, kept) == (kept, [])
+
+
+def test_a_tick_writes_the_conditions_and_phase_whatever_else_the_schema_refuses(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The wiring of the check above: the tick's patch leaves out what the schema refuses and logs it."""
+    import kopf
+
+    monkeypatch.setattr(kopf, "event", lambda *_, **__: None)  # posting needs kopf's running loop
+    monkeypatch.setattr(reconcile, "analysis_of", lambda _: {"totalParameters": -5})  # a value no source bounds
+    failed = pod(phase="Failed", exit_code=1, message={"reason": "Bad", "message": "m", "exitCode": 1})
+    made = ticked(body({"attempts": 1}), ({("ns", "ft"): [job(failure={"reason": "X", "message": ""})]},
+                                          {("ns", "ft"): [failed]}))
+    assert made.patches[0]["phase"] == "Failed" and conditions(made.patches[0])["Failed"] == ("True", "Bad")
+    assert "analysis" not in made.patches[0]
+    assert "ns/ft: not written, the status schema refuses it: status.analysis.totalParameters" in caplog.text
 
 
 def test_a_user_error_fails_at_once_with_the_trainers_reason() -> None:

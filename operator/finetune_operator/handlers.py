@@ -33,7 +33,7 @@ from finetune_operator.diffbase import SpecDiffBase
 from finetune_operator.api import ConditionType as T
 from finetune_operator.scrape import TIMEOUT_SECONDS, ScrapeError, scrape
 from finetune_operator.settings import Settings
-from finetune_operator.status import STALE_AFTER_SECONDS, composed, merged, not_started, status_patch
+from finetune_operator.status import STALE_AFTER_SECONDS, composed, merged, not_started, schema_checked, status_patch
 
 log = logging.getLogger("finetune_operator")
 PREFIX = "finetune.dev"
@@ -598,7 +598,9 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
         log.info("%s/%s: ttlSecondsAfterFinished has passed: deleting it", ns, name)
         _delete_self(clients, name, ns)
         return
-    changes = status_patch(seen.body["status"], decision.status)
+    changes, refused = schema_checked(seen.body["status"], status_patch(seen.body["status"], decision.status))
+    for line in refused:  # the rest is written: the conditions and the phase above all
+        log.error("%s/%s: not written, the status schema refuses it: %s", ns, name, line)
     if version := _patch_status(clients, ns, name, changes):
         memo.written.wrote(seen.body, changes, version)
     _record(body, seen, decision)  # once the status holds the transitions: a refused patch posts no Event twice

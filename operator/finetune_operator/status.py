@@ -7,9 +7,13 @@ import math
 from datetime import datetime
 from typing import Any
 
-from finetune_operator.api import MAX_FINDINGS, MAX_LAYERS, MESSAGE_MAX, ConditionType, Phase, reason_or
+from pydantic import ValidationError
+
+from finetune_operator.api import (MAX_FINDINGS, MAX_LAYERS, MESSAGE_MAX, ConditionType, FineTuneJobStatus, Phase,
+                                   reason_or)
 from finetune_operator.outcome import NOT_CREATED, STUCK_WAITING
 from finetune_trainer.config import Stage
+from finetune_trainer.rules import error_lines
 
 T = ConditionType
 METRICS_READ = "MetricsRead"  # MetricsStale's reason once rank 0 answers again (told by an Event)
@@ -150,6 +154,38 @@ def composed(first: dict[str, Any], then: dict[str, Any]) -> dict[str, Any]:
 def status_patch(old: dict[str, Any], new: dict[str, Any]) -> dict[str, Any]:
     """The fields of `new` that would change `old` once merge-patched: an unchanged status costs no patch."""
     return {field: value for field, value in new.items() if merged(old.get(field), value) != old.get(field)}
+
+
+def schema_checked(old: dict[str, Any], changes: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
+    """`changes` (a status merge patch onto `old`) without the fields the status schema would refuse once merged, and
+    one line for each thing refused. The apiserver refuses a patch whole: one value from a trainer (its termination
+    message and its port are the image's to write) that the schema refuses kept a job's conditions and phase from being
+    written, for good. A backstop: such values are bounded where they are read."""
+    new = {field: _known(field, merged(old.get(field), value)) for field, value in changes.items() if value is not None}
+    if not _refusals(new):  # one check of the whole (a deletion is always taken), a third of one for each field
+        return changes, []
+    refused = {field: lines for field in new if (lines := _refusals({field: new[field]}))}
+    return {f: v for f, v in changes.items() if f not in refused}, [line for lines in refused.values() for line in lines]
+
+
+def _refusals(status: dict[str, Any]) -> list[str]:
+    """What the status schema says against `status`: nothing when it takes it."""
+    try:
+        FineTuneJobStatus.from_wire(status)
+    except ValidationError as exc:
+        return error_lines(exc, root="status")
+    except ValueError as exc:  # no JSON (NaN)
+        return [f"status.{', '.join(status)}: {exc}"]
+    return []
+
+
+def _known(field: str, value: Any) -> Any:
+    """What this version judges of a status field: not the conditions of a type it does not know, another version's,
+    which it keeps as they were stored (Conditions.as_list)."""
+    return [c for c in value if c.get("type") in KNOWN_CONDITIONS] if field == "conditions" else value
+
+
+KNOWN_CONDITIONS = frozenset(kind.value for kind in ConditionType)
 
 
 def progress_and_metrics(sample: dict[str, Any], global_batch: int, now: datetime) -> dict[str, Any]:
