@@ -81,25 +81,31 @@ Quantity = Annotated[
 
 # The operator's and the Job controller's label and annotation prefixes.
 RESERVED_PREFIXES = ("finetune.dev/", "batch.kubernetes.io/")
+# The Job controller's pod labels of before its prefix, which it still sets: the apiserver refuses a Job whose pod
+# template gives one another value than the Job's name or uid, so a pod label of them failed the job (InvalidSpec).
+RESERVED_LABELS = ("job-name", "controller-uid")
 # Annotations a kubelet reads as the pod's AppArmor or seccomp profile: "unconfined" would undo the
 # restricted securityContext, so a spec may not set them.
 PROFILE_PREFIXES = ("container.apparmor.security.beta.kubernetes.io/", "seccomp.security.alpha.kubernetes.io/",
                     "container.seccomp.security.alpha.kubernetes.io/")
 
 
-def _labels(kind: str, reserved: tuple[str, ...], why: str) -> Any:
-    """Metadata for a map of label (or annotation) keys: each key a qualified name, none reserved."""
+def _labels(kind: str, reserved: tuple[str, ...], why: str, keys: tuple[str, ...] = ()) -> Any:
+    """Metadata for a map of label (or annotation) keys: each key a qualified name, none with a reserved prefix or
+    one of the reserved `keys`."""
+    named = f"the prefixes {', '.join(reserved)}" + (f" and the keys {', '.join(keys)}" if keys else "")
     return checked(
         f"self.all(k, k.matches(r'{QUALIFIED_NAME}') && k.lastIndexOf('/') <= 253"
-        + "".join(f" && !k.startsWith('{p}')" for p in reserved) + ")",
-        lambda m: all(re.fullmatch(QUALIFIED_NAME, k) and k.rfind("/") <= 253 and not k.startswith(reserved) for k in m),
-        f"{kind} keys must be qualified names ([prefix/]name, name at most 63 characters); "
-        f"the prefixes {', '.join(reserved)} are {why}",
+        + "".join(f" && !k.startsWith('{p}')" for p in reserved)
+        + (" && !(k in [" + ", ".join(f"'{k}'" for k in keys) + "])" if keys else "") + ")",
+        lambda m: all(re.fullmatch(QUALIFIED_NAME, k) and k.rfind("/") <= 253 and not k.startswith(reserved)
+                      and k not in keys for k in m),
+        f"{kind} keys must be qualified names ([prefix/]name, name at most 63 characters); {named} are {why}",
     )
 
 
 Labels = Annotated[dict[str, LabelValue], Field(max_length=64), *_labels(
-    "label", RESERVED_PREFIXES, "the operator's and the Job controller's")]
+    "label", RESERVED_PREFIXES, "the operator's and the Job controller's", RESERVED_LABELS)]
 Annotations = Annotated[dict[str, Annotated[str, Field(max_length=4096)]], Field(max_length=64), *_labels(
     "annotation", RESERVED_PREFIXES + PROFILE_PREFIXES,
     "the operator's, the Job controller's and the kubelet's security profiles")]
