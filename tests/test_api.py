@@ -231,3 +231,16 @@ def test_a_generated_name_is_judged_as_the_apiserver_makes_it() -> None:
     assert manifest_errors(doc) == [LENGTH_MESSAGE]
     doc["metadata"] = {"generateName": "7b-"}
     assert manifest_errors(doc) == [NAME_MESSAGE]
+
+
+def test_a_claim_named_as_a_dns_subdomain_is_a_pvc_uri() -> None:
+    """A PersistentVolumeClaim's name is a DNS subdomain: pvc://models.v2/... was refused at apply, though valid."""
+    from finetune_operator.judge import claim_fields
+
+    doc = yaml.safe_load((EXAMPLES[0].parent / "minilm-sentiment.yaml").read_text())
+    doc["spec"]["model"]["uri"] = "pvc://models.v2/all-MiniLM-L6-v2"
+    assert manifest_errors(doc) == []
+    assert "models.v2" in claim_fields(FineTuneJob.from_wire(doc).spec)
+    for claim in ("Models", "models.", ".models", "models..v2", "models.-v2", "models_v2"):
+        doc["spec"]["model"]["uri"] = f"pvc://{claim}/all-MiniLM-L6-v2"
+        assert [e.split(":")[0] for e in manifest_errors(doc)] == ["spec.model.uri"], claim

@@ -20,8 +20,10 @@ from finetune_trainer.rules import ApiModel, Rule, checked, immutable
 # Any character but ASCII controls and space. Spelled out: \S and \w mean ASCII to the apiserver's
 # RE2 but Unicode to Python and pydantic, so they would judge "hf://ü" differently.
 PRINTABLE = r"[^\x00-\x20\x7f]"
+# A PersistentVolumeClaim's name: a DNS subdomain (models.v2 is one).
+CLAIM_NAME = r"[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*"
 # pvc://<claim>/<path>, hf://<org>/<name>[/<folder>], file:///abs/path or an absolute path.
-URI_PATTERN = (rf"^(pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/{PRINTABLE}*)?|hf://[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*"
+URI_PATTERN = (rf"^(pvc://{CLAIM_NAME}(/{PRINTABLE}*)?|hf://[A-Za-z0-9_.-]+(/[A-Za-z0-9_.-]+)*"
                rf"|file:///{PRINTABLE}*|/{PRINTABLE}*)$")
 # A `..` segment would climb out of the claim (or the mounted volume) the URI names.
 PARENT_SEGMENT = r"(^|/)\.\.(/|$)"
