@@ -673,12 +673,13 @@ def test_what_the_status_schema_refuses_is_left_out_of_the_patch_and_the_rest_is
     failed = {"type": "Failed", "status": "True", "reason": "Bad", "message": "m",
               "lastTransitionTime": "2026-12-01T12:00:00Z", "observedGeneration": 1}
     changes = {"phase": "Failed", "reason": "Bad", "conditions": [failed, theirs], "progress": None,
-               "analysis": {"totalParameters": -5}, "metrics": {"loss": float("nan")}}
-    kept, refused = schema_checked({"metrics": {"learningRate": 0.1}}, changes)
-    assert kept == {k: changes[k] for k in ("phase", "reason", "conditions", "progress")}
+               "children": {"job": "ft-1", "service": None}, "analysis": {"totalParameters": -5},
+               "metrics": {"loss": float("nan")}}
+    kept, refused = schema_checked(changes)
+    assert kept == {k: changes[k] for k in ("phase", "reason", "conditions", "progress", "children")}  # nulls delete
     assert refused[0].startswith("status.analysis.totalParameters: Input should be greater than or equal to 0")
     assert refused[1].startswith("status.metrics: not JSON") and len(refused) == 2
-    assert schema_checked({}, kept) == (kept, [])
+    assert schema_checked(kept) == (kept, [])
 
 
 def test_a_tick_writes_the_conditions_and_phase_whatever_else_the_schema_refuses(

@@ -598,7 +598,7 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
         log.info("%s/%s: ttlSecondsAfterFinished has passed: deleting it", ns, name)
         _delete_self(clients, name, ns)
         return
-    changes, refused = schema_checked(seen.body["status"], status_patch(seen.body["status"], decision.status))
+    changes, refused = schema_checked(status_patch(seen.body["status"], decision.status))
     for line in refused:  # the rest is written: the conditions and the phase above all
         log.error("%s/%s: not written, the status schema refuses it: %s", ns, name, line)
     if version := _patch_status(clients, ns, name, changes):
