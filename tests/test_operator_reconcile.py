@@ -410,7 +410,7 @@ def test_a_running_job_shows_progress_from_rank_zeros_metrics() -> None:
     assert status["metrics"] == {"loss": 0.61, "learningRate": 1e-3, "samplesPerSecond": 32.0, "tokensPerSecond": 900.0}
 
 
-def test_numbers_rank_zero_serves_that_no_progress_can_be_are_bounded() -> None:
+def test_a_scraped_step_total_or_epoch_out_of_range_is_bounded() -> None:
     """Rank 0's port is the tenant's: a step of -1 or 1e30, a total of -10, an epoch of -1 were refused by the status
     schema at every poll, so the job's conditions and Events froze where they were."""
     from finetune_operator.api import FineTuneJobStatus
@@ -632,7 +632,7 @@ def test_a_number_past_a_floats_range_reads_as_none() -> None:
         FineTuneJobStatus.from_wire(status)
 
 
-def test_counts_in_a_trainers_message_that_no_count_can_be_are_bounded() -> None:
+def test_a_count_out_of_range_in_a_trainers_message_is_bounded() -> None:
     """A negative or boolean totalParameters, or a success's progress.step of true (Python's int), was refused by the
     status schema: the failed job stayed Running for good. A count past int64 is capped, as the schema is."""
     from finetune_operator.api import FineTuneJobStatus
