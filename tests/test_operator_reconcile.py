@@ -665,6 +665,14 @@ def test_a_trainers_message_of_any_shape_still_ends_the_job() -> None:
             FineTuneJobStatus.from_wire(status)
 
 
+def test_an_exit_code_in_a_message_that_is_no_integer_is_none_said() -> None:
+    """`"exitCode": true` read as 1 (Python's bool is an int): a user error, never retried, for a worker that exited 2;
+    `false` read as a reported success. The container's own exit code stands."""
+    status = ended_with({"reason": "Odd", "message": "m", "exitCode": True}, exit_code=2)
+    assert status["phase"] != "Failed" and status["failures"] == 1, status
+    assert any(c["type"] == "Restarting" and c["status"] == "True" for c in status["conditions"])
+
+
 def test_what_the_status_schema_refuses_is_left_out_of_the_patch_and_the_rest_is_written() -> None:
     """The apiserver refuses a status patch whole: one value it refuses kept the conditions and the phase from being
     written, for good. Only that field is left out, and what it was is told; a condition of a type another version

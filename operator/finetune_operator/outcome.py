@@ -335,12 +335,16 @@ def exit_of(pod: dict[str, Any]) -> tuple[int, dict[str, Any], bool]:
     """A terminated pod's exit code as the trainer gave it, its termination message, and whether that message
     reported success."""
     term = pod["terminated"]
+    said = term["message"].get("exitCode")
+    # An exit code the message says is an integer; anything else (true, "1": the image's to write) is none said.
+    said = said if isinstance(said, int) and not isinstance(said, bool) else None
     # A success the trainer wrote before its process died (a crash in its teardown) says nothing of the failure.
-    reported_success = term["message"].get("exitCode") == EXIT_OK
+    reported_success = said == EXIT_OK
     message = {} if reported_success else term["message"]
+    if said is not None and not reported_success:
+        return said, message, False
     # No message (a crash before the trainer ran, a SIGKILL, torchrun's flattened 1) means infrastructure.
-    return (message.get("exitCode", EXIT_INFRASTRUCTURE if term["exitCode"] == EXIT_USER_ERROR else term["exitCode"]),
-            message, reported_success)
+    return EXIT_INFRASTRUCTURE if term["exitCode"] == EXIT_USER_ERROR else term["exitCode"], message, reported_success
 
 
 def knock_on(pod: dict[str, Any]) -> bool:
