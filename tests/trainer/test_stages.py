@@ -890,6 +890,25 @@ def test_an_image_classifier_fine_tuned_again_from_its_export_keeps_its_builder_
 
 
 
+@pytest.mark.parametrize("architecture", ["googlenet", "inception_v3"])
+def test_an_image_classifier_with_side_heads_trains_and_loads_again_as_exported(architecture: str,
+                                                                                 tmp_path: Path) -> None:
+    """GoogLeNet's and Inception v3's side classifiers kept 1000 outputs beside a new head of 3, where the export's
+    reload builds them with its numLabels (3): the export did not load. They are dropped where the network is built,
+    so training, the export and its reload have the same network, which gives logits alone in train mode too."""
+    labels = {0: "a", 1: "b", 2: "c"}
+    spec = ModelSpec(task="image-classification", architecture=architecture)
+    model = load_model(spec, None, seed=0)
+    new_head(model, head_name(model, Task.IMAGE_CLASSIFICATION), 3, labels, reinitialize=False)
+    pixels = {"pixel_values": torch.rand(2, 3, 80, 80)}
+    assert logits_of(model.train(), pixels).shape == (2, 3)
+    cfg = TrainerConfig.model_validate({"model": spec.to_wire(), "output": {"uri": str(tmp_path)},
+                                        "dataset": {"uri": "pvc://data/digits", "imageSize": 80}})
+    export_model(model, None, labels, cfg, tmp_path)
+    reloaded = load_vision_model(ModelSpec(task="image-classification", uri=str(tmp_path)))
+    torch.testing.assert_close(logits_of(reloaded.eval(), pixels), logits_of(model.eval(), pixels))
+
+
 def test_the_weights_a_step_saves_for_its_backward_are_no_activations() -> None:
     """A Linear saves Wᵀ, a view of its weight, for the backward: counted as an activation it doubled the weights
     in the memory model (4.2 MB of "activations" here, where a batch of 2 saves 16 KB of inputs)."""

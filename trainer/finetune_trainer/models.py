@@ -34,6 +34,8 @@ WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.pt", "model.pth
 # not the network's: its keys begin with the LightningModule's attribute that holds it.
 CHECKPOINT_KEYS = ("state_dict", "model")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+# torchvision's side classifiers, which only their own training's loss read: Inception v3's and GoogLeNet's
+AUX_HEADS = ("AuxLogits", "aux1", "aux2")
 
 
 class ImageClassifier(nn.Module):
@@ -336,8 +338,9 @@ def load_vision_model(spec: ModelSpec) -> ImageClassifier:
         if isinstance(exc, RuntimeError) and not user_runtime_error(exc):
             raise
         raise ModelError(f"model.config {spec.config}: {architecture} does not take it ({exc})") from exc
-    if path is not None:
-        state = read_state_dict(weight_file(path))
+    drop_aux_heads(net)
+    if path is not None:  # torchvision's weights have the side heads (model.config aux_logits false or not)
+        state = {k: v for k, v in read_state_dict(weight_file(path)).items() if k.split(".")[0] not in AUX_HEADS}
         try:
             net.load_state_dict(state)
         except RuntimeError as exc:
@@ -345,6 +348,18 @@ def load_vision_model(spec: ModelSpec) -> ImageClassifier:
             raise ModelError(f"model {spec.uri}: its weights do not fit {architecture}{hint} ({exc})") from exc
     return ImageClassifier(net, architecture, kwargs, exported_labels(path) if saved and path else None,
                            (saved or {}).get("imageSize"))
+
+
+def drop_aux_heads(net: nn.Module) -> None:
+    """Remove the network's side classifiers (AUX_HEADS), whose outputs no loss here reads. The new head resized only
+    the last Linear: a side head kept its 1000 outputs where the export's reload built it with numLabels, so the
+    export did not load again."""
+    if not hasattr(net, "aux_logits"):
+        return
+    net.aux_logits = False  # else its forward in train mode returns the side heads' outputs beside the logits
+    for name in AUX_HEADS:
+        if hasattr(net, name):
+            setattr(net, name, None)
 
 
 def refuse_transformers(path: Path | None, uri: str | None) -> None:
