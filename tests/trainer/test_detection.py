@@ -491,6 +491,26 @@ def test_a_detector_from_trained_weights_keeps_its_backbones_batch_norm_as_torch
                                    .eval()(pixels)[0]["scores"], trained(pixels)[0]["scores"])
 
 
+def test_a_frozen_backbones_batch_norm_keeps_its_statistics_in_training() -> None:
+    """SSDlite's backbone keeps a trainable BatchNorm2d (no FrozenBatchNorm2d there): frozen by adjust.freeze, its
+    weights stayed and its running statistics moved towards each batch, as the image classifier's no longer do.
+    The head's batch norm, which trains, still moves."""
+    from finetune_trainer.adjust import freeze
+    from finetune_trainer.config import FreezeSpec
+    from finetune_trainer.structure import depth, head_name
+
+    torch.manual_seed(0)
+    detector = load_detector(ModelSpec(task="object-detection", architecture="ssdlite320_mobilenet_v3_large"), 128)
+    task = Task.OBJECT_DETECTION
+    freeze(detector, FreezeSpec(strategy="all-but-head"), depth(detector, task), head_name(detector, task))
+    before = {n: b.clone() for n, b in detector.net.named_buffers() if n.endswith("running_mean")}
+    boxes = torch.tensor([[[10.0, 10.0, 60.0, 60.0]], [[20.0, 30.0, 90.0, 100.0]]])
+    detector.train()(torch.rand(2, 3, 128, 128), boxes, torch.tensor([[1], [2]]))
+    moved = {n for n, b in detector.net.named_buffers() if n in before and not torch.equal(b, before[n])}
+    assert any(n.startswith("backbone.") for n in before) and not any(n.startswith("backbone.") for n in moved)
+    assert any(n.startswith("head.") for n in moved)
+
+
 def detection_doc(output: Path, **training: Any) -> dict[str, Any]:
     doc = yaml.safe_load((Path(__file__).parents[2] / "deploy/examples/shapes-fasterrcnn.yaml").read_text())["spec"]
     doc = {k: v for k, v in doc.items() if k != "runtime"}

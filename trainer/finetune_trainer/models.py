@@ -38,7 +38,26 @@ WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 AUX_HEADS = ("AuxLogits", "aux1", "aux2")
 
 
-class ImageClassifier(nn.Module):
+class KeepsFrozenNorms(nn.Module):
+    """A wrapper of a torchvision network (`net`) that leaves the running statistics of its frozen batch norms be."""
+
+    net: nn.Module
+
+    def train(self, mode: bool = True) -> KeepsFrozenNorms:
+        """Training mode, except for a batch norm whose weights are frozen (adjust.freeze, or every base weight under
+        LoRA): it keeps normalising with its running statistics and leaves them as they are, as Keras does for a
+        frozen layer. Else each step moved them towards the new data's batches, and a frozen backbone changed."""
+        super().train(mode)
+        if mode:
+            for module in self.net.modules():
+                params = list(module.parameters(recurse=False))
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and params and \
+                        not any(p.requires_grad for p in params):
+                    module.eval()
+        return self
+
+
+class ImageClassifier(KeepsFrozenNorms):
     """A torchvision network called like a transformers model: keyword inputs in, logits out."""
 
     def __init__(self, net: nn.Module, architecture: str, builder_kwargs: dict[str, Any] | None = None,
@@ -52,19 +71,6 @@ class ImageClassifier(nn.Module):
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.net(pixel_values)
-
-    def train(self, mode: bool = True) -> ImageClassifier:
-        """Training mode, except for a batch norm whose weights are frozen (adjust.freeze, or every base weight under
-        LoRA): it keeps normalising with its running statistics and leaves them as they are, as Keras does for a
-        frozen layer. Else each step moved them towards the new data's batches, and a frozen backbone changed."""
-        super().train(mode)
-        if mode:
-            for module in self.net.modules():
-                params = list(module.parameters(recurse=False))
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) and params and \
-                        not any(p.requires_grad for p in params):
-                    module.eval()
-        return self
 
 
 def autocast(device_type: str, dtype: torch.dtype | None) -> torch.autocast:

@@ -19,6 +19,7 @@ from torch import nn
 
 from finetune_trainer.config import ModelSpec
 from finetune_trainer.errors import ConfigError, ModelError
+from finetune_trainer.models import KeepsFrozenNorms
 from finetune_trainer.uris import fetch
 
 log = logging.getLogger(__name__)
@@ -32,9 +33,10 @@ FROZEN_NORM_WHEN_TRAINED = ("fasterrcnn_resnet50_fpn", "fasterrcnn_mobilenet_v3_
                             "fasterrcnn_mobilenet_v3_large_320_fpn", "retinanet_resnet50_fpn", "fcos_resnet50_fpn")
 
 
-class Detector(nn.Module):
+class Detector(KeepsFrozenNorms):
     """A torchvision detector over padded batch tensors: pixel_values (B, 3, H, W) in 0..1, boxes (B, M, 4) as
-    [x0, y0, x1, y1] pixels and box_labels (B, M), where a label below 0 pads."""
+    [x0, y0, x1, y1] pixels and box_labels (B, M), where a label below 0 pads. A backbone frozen by adjust.freeze
+    keeps its batch norm's statistics (SSDlite's, the v2 builders'), as the builders' FrozenBatchNorm2d does."""
 
     def __init__(self, net: nn.Module, architecture: str, image_size: int, builder_kwargs: dict[str, Any],
                  labels: dict[int, str] | None = None, trained_size: int | None = None) -> None:
