@@ -730,6 +730,36 @@ def tiny_vit():
                                                                 hidden_dim=16, mlp_dim=32, num_classes=3), "vit")
 
 
+def tiny_swin():
+    import torchvision
+
+    from finetune_trainer.models import ImageClassifier
+
+    return ImageClassifier(torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 1],
+                                                              num_heads=[1, 2], window_size=[2, 2], num_classes=3), "swin")
+
+
+@pytest.mark.parametrize("build", [tiny_vit, tiny_swin])
+def test_every_adapter_on_the_default_candidates_of_a_vit_or_swin_gets_a_gradient(build: Any, caplog) -> None:
+    """nn.MultiheadAttention (ViT's) reads its out_proj's weight and Swin's attention its qkv's and proj's without
+    calling them, so their adapters got no gradient, and the trainable count held them. They are no candidates,
+    and naming them is warned of, or refused where nothing else is named."""
+    task = Task.IMAGE_CLASSIFICATION
+    model = build()
+    layers, head = depth(model, task), head_name(model, task)
+    new_head(model, head, 3, {}, reinitialize=True)  # ViT's own is zeros, which pass no gradient down
+    targets = lora_targets(model, LoraSpec(rank=2), task, FreezeSpec(), layers, head)
+    wrapped = add_adapters(model, LoraSpec(rank=2, dropout=0), targets, head)
+    logits_of(wrapped.train(), {"pixel_values": torch.randn(2, 3, 32, 32)}).logsumexp(-1).mean().backward()
+    grads = {n: p.grad for n, p in wrapped.named_parameters() if "lora_B" in n}
+    assert grads and all(g is not None and g.any() for g in grads.values())
+    named = LoraSpec(rank=2, targetModules=["out_proj", "qkv", "proj", "mlp.0"])
+    assert all(t.endswith("mlp.0") for t in lora_targets(build(), named, task, FreezeSpec(), layers, head))
+    assert "no adapters on" in caplog.text
+    with pytest.raises(ConfigError, match="reads the weights of the modules they name"):
+        lora_targets(build(), LoraSpec(rank=2, targetModules=["out_proj", "qkv"]), task, FreezeSpec(), layers, head)
+
+
 def test_an_adapter_on_the_stem_is_as_deep_as_the_stem() -> None:
     """ViT's patch projection sits below the stack: its adapters train at the stem's decayed rate (1e-3 x 0.5^4,
     not 1e-3) and a bottom-layers freeze covers them, as it covers the projection itself."""

@@ -15,7 +15,7 @@ from torch import nn
 
 from finetune_trainer.config import AdjustSpec, FreezeSpec, FreezeStrategy, LoraSpec, Task
 from finetune_trainer.errors import ConfigError
-from finetune_trainer.structure import Depth, canonical, lora_candidates, trained_whole, under, within
+from finetune_trainer.structure import Depth, canonical, lora_candidates, trained_whole, under, unread_layers, within
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +89,7 @@ def lora_targets(model: nn.Module, lora: LoraSpec, task: Task, spec: FreezeSpec,
     if not matched:
         return list(names)  # peft says that they match nothing
     whole = trained_whole(head, new)
-    named = [m for m in matched if not within(m, whole)]
+    named = called([m for m in matched if not within(m, whole)], names, model)
     kept = adaptable(named, spec, depth, head)
     if named and not kept:
         raise ConfigError(f"rearrange.lora.targetModules {names}: adjust.freeze (strategy {spec.strategy.value}) "
@@ -99,7 +99,24 @@ def lora_targets(model: nn.Module, lora: LoraSpec, task: Task, spec: FreezeSpec,
         log.warning("rearrange.lora.targetModules: no adapters on %d of the %d modules named, which adjust.freeze "
                     "(strategy %s) freezes (%s, ...)", len(named) - len(kept), len(named), spec.strategy.value,
                     next(m for m in named if m not in kept))
-    return kept + [m for m in matched if m not in named]
+    return kept + [m for m in matched if within(m, whole)]
+
+
+def called(named: list[str], names: list[str], model: nn.Module) -> list[str]:
+    """The modules `named` in rearrange.lora.targetModules less those whose forward is never called
+    (structure.unread_layers), which are warned of, or refused where nothing else is named: an adapter on one gets
+    no gradient."""
+    unread = unread_layers(model)
+    kept = [m for m in named if m not in unread]
+    if named and not kept:
+        raise ConfigError(f"rearrange.lora.targetModules {names}: their attention reads the weights of the modules "
+                          f"they name ({named[0]}, ...) without calling them, so an adapter there gets no gradient; "
+                          "name others (the MLP's Linear layers)")
+    if len(kept) < len(named):
+        log.warning("rearrange.lora.targetModules: no adapters on %d of the %d modules named, whose weights their "
+                    "attention reads without calling them, so an adapter gets no gradient (%s, ...)",
+                    len(named) - len(kept), len(named), next(m for m in named if m not in kept))
+    return kept
 
 
 # Parameters held beside submodules that are embeddings or scales, not a layer's weight: ViT's position embedding

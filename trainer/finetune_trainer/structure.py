@@ -66,12 +66,24 @@ def head_name(model: nn.Module, task: Task) -> str | None:
     return linears[-1] if linears else None
 
 
+def unread_layers(model: nn.Module) -> set[str]:
+    """Layers whose forward is never called, as their owner reads their weight itself: nn.MultiheadAttention's
+    out_proj (ViT's), torchvision Swin's qkv and proj. An adapter on one gets no gradient and trains nothing. Known
+    owners rather than a traced forward: the same answer without an input, whatever the data and precision."""
+    from torchvision.models.swin_transformer import ShiftedWindowAttention
+
+    owners = ((nn.MultiheadAttention, ("out_proj",)), (ShiftedWindowAttention, ("qkv", "proj")))
+    return {f"{name}.{leaf}" if name else leaf for name, m in model.named_modules()
+            for kind, leaves in owners if isinstance(m, kind) for leaf in leaves}
+
+
 def lora_candidates(model: nn.Module, task: Task) -> dict[str, tuple[int, ...]]:
-    """Module name -> weight shape of every layer LoRA can adapt, except the head and the output embeddings.
+    """Module name -> weight shape of every layer LoRA can adapt, except the head, the output embeddings and the
+    layers whose forward is never called (`unread_layers`).
 
     Not a grouped convolution (MobileNet's, ConvNeXt's depthwise ones): peft adapts it only at a rank divisible
     by its groups and cannot merge it, and a per-channel filter has no low-rank structure to learn."""
-    excluded = output_embedding_names(model) | {head_name(model, task)}
+    excluded = output_embedding_names(model) | {head_name(model, task)} | unread_layers(model)
     return {
         name: tuple(m.weight.shape)
         for name, m in model.named_modules()
