@@ -31,6 +31,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import torch
 from torch import nn
 
 from finetune_trainer.batches import IMAGENET_MEAN, IMAGENET_STD
@@ -235,11 +236,8 @@ def as_published(model: nn.Module) -> nn.Module:
     the base took 16, and from_pretrained (dtype auto) loaded it at fp32 (a server at fp16). Exporting is the last
     use of the model; a model.config dtype float32 keeps fp32. What transformers keeps in fp32 at that dtype (an MoE
     router's weight and bias) stays fp32, as it loads and saves them."""
-    import torch
-
-    dtype = getattr(getattr(model, "config", None), "dtype", None)
-    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-    if dtype not in (torch.bfloat16, torch.float16) or model.dtype == dtype:
+    dtype = published_dtype(model)
+    if dtype is None or model.dtype == dtype:
         return model
     log.info("writing the weights in %s, the dtype of the checkpoint (trained in %s)", dtype, model.dtype)
     kept = set(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
@@ -251,6 +249,13 @@ def as_published(model: nn.Module) -> nn.Module:
             if tensor.is_floating_point() and not fp32.search(f"{prefix}.{name}".lstrip(".")):
                 tensor.data = tensor.data.to(dtype)  # in place: a buffer or a (tied) parameter stays itself
     return model
+
+
+def published_dtype(model: nn.Module) -> torch.dtype | None:
+    """The 16-bit dtype of the checkpoint (its config's), which `as_published` writes the export in; None for fp32."""
+    dtype = getattr(getattr(model, "config", None), "dtype", None)
+    dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+    return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
 def base_is_new(cfg: TrainerConfig) -> bool:
@@ -302,8 +307,7 @@ def model_card(cfg: TrainerConfig, report: dict[str, Any], adapters_apart: bool 
         f"- Dataset: {cfg.dataset.uri} ({training['train_samples']} training, {training['validation_samples']} "
         f"validation, {training['test_samples']} test {unit})",
         f"- Labels: {', '.join(report['labels'].values()) or 'none (language model)'}",
-        f"- Adapters: {adapters}" + (f"; merged (max logit difference {merge['max_abs_logit_diff']:.1e})"
-                                     if merge and merge["passed"] else ""),
+        f"- Adapters: {adapters}" + merge_note(merge),
         training_line(cfg, training),
         *distillation_lines(report.get("distillation"), evaluation.get("teacher")),
         "",
@@ -319,6 +323,17 @@ def model_card(cfg: TrainerConfig, report: dict[str, Any], adapters_apart: bool 
         "Trained by finetune-trainer; report.json has the structure analysis and the full history.",
     ]
     return "\n".join(lines) + "\n"
+
+
+def merge_note(merge: dict[str, Any] | None) -> str:
+    """The card's word on merged adapters, and on how much of their change the export's 16-bit weights keep (the
+    evaluation saw fp32 weights)."""
+    if not merge or not merge["passed"]:
+        return ""
+    note = f"; merged (max logit difference {merge['max_abs_logit_diff']:.1e})"
+    if "change_kept" in merge:
+        note += f"; written in {merge['dtype']}, which keeps {merge['change_kept']:.1%} of their change to the weights"
+    return note
 
 
 def training_line(cfg: TrainerConfig, training: dict[str, Any]) -> str:

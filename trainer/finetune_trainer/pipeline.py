@@ -712,7 +712,7 @@ def write_outputs(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cf
     export as it was."""
     extra: dict[str, Any] = {}
     if cfg.rearrange.lora is not None and cfg.rearrange.merge_on_export:
-        model, extra["merge_check"] = merge_adapters(model, inputs)
+        model, extra["merge_check"] = merge_adapters(model, inputs, export.published_dtype(model))
     if "pruning" in report:
         report["pruning"]["after"] |= prune.footprint(model, serving)
     earlier = (out / export.MARKER).exists()

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 HEAD_INIT_STD = 0.02  # transformers' initializer_range default; small logits keep the first steps calm
 MERGE_ATOL = 1e-3  # merged and adapter logits differ only by float rounding of W + BA
+CHANGE_KEPT = 0.9  # the share of the adapters' change that a 16-bit export keeps, below which it is warned of
 
 
 def new_head(model: nn.Module, head: str, num_labels: int, id2label: dict[int, str], reinitialize: bool) -> bool:
@@ -77,25 +78,60 @@ def add_adapters(model: nn.Module, spec: LoraSpec, targets: list[str], head: str
     return wrapped
 
 
-def merge_adapters(model: nn.Module, inputs: dict[str, torch.Tensor]) -> tuple[nn.Module, dict]:
+def merge_adapters(model: nn.Module, inputs: dict[str, torch.Tensor],
+                   dtype: torch.dtype | None = None) -> tuple[nn.Module, dict]:
     """Fold the adapters into the base weights, unless the merged logits drift from the adapter logits.
 
     Returns the model to export (plain when merged, still with adapters when the check failed) and the
-    check: the largest logit difference, the tolerance and whether it passed.
+    check: the largest logit difference, the tolerance and whether it passed; with `dtype`, the 16-bit dtype the
+    export is written in (export.published_dtype), also the share of the adapters' change to the weights it keeps.
     """
     model.eval()
     with torch.no_grad():
         before = logits_of(model, inputs).float()
-        model.merge_adapter(safe_merge=True)  # in place, and reversible with unmerge_adapter
+        kept = merge_measured(model, dtype)
         after = logits_of(model, inputs).float()
     diff = float((before - after).abs().max())
     tolerance = MERGE_ATOL * max(1.0, float(before.abs().max()))
     check = {"max_abs_logit_diff": diff, "tolerance": tolerance, "passed": diff <= tolerance}
     if check["passed"]:
         log.info("merge check: max |logit difference| %.2e (tolerance %.1e) passed", diff, tolerance)
+        if kept is not None:
+            check |= {"dtype": str(dtype).removeprefix("torch."), "change_kept": kept}
+            warn_if_lost(kept, check["dtype"])
         return model.unload(), check
     # Not the export rearrange.mergeOnExport asked for: an adapter on an embedding tied to the output does this
     log.warning("rearrange.mergeOnExport: the merged model's logits differ from the adapted model's by up to %.2e "
                 "(tolerance %.1e): exporting the adapters unmerged", diff, tolerance)
     model.unmerge_adapter()
     return model, check
+
+
+def merge_measured(model: nn.Module, dtype: torch.dtype | None) -> float | None:
+    """Merge the adapters in place (reversible with unmerge_adapter), a layer at a time as peft's merge_adapter does,
+    and return the share of their change to the weights that rounding to `dtype` keeps: the rounded change's
+    projection on the change, summed over the layers (None without `dtype` or a change). The merge check and the
+    final evaluation see the fp32 weights; a change under half a 16-bit step of a weight is rounded away."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    along = total = 0.0
+    for module in model.modules():
+        if not isinstance(module, BaseTunerLayer):
+            continue
+        weight = getattr(module.get_base_layer(), "weight", None)
+        base = weight.detach().clone() if dtype is not None and weight is not None else None
+        module.merge(safe_merge=True)
+        if base is not None:
+            change = weight.detach() - base
+            rounded = weight.detach().to(dtype).float() - base.to(dtype).float()
+            along += float((rounded * change).sum())
+            total += float(change.square().sum())
+    return along / total if total else None
+
+
+def warn_if_lost(kept: float, dtype: str) -> None:
+    if kept < CHANGE_KEPT:
+        log.warning("the export is written in %s, the checkpoint's dtype, which keeps %.0f%% of the adapters' change "
+                    "to the weights: the rest is below half a %s step of the weights it changes, and the exported "
+                    "model does less than the evaluated one; set model.config dtype: float32 to export at fp32",
+                    dtype, 100 * kept, dtype)
