@@ -735,8 +735,9 @@ def tiny_swin():
 
     from finetune_trainer.models import ImageClassifier
 
-    return ImageClassifier(torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 1],
-                                                              num_heads=[1, 2], window_size=[2, 2], num_classes=3), "swin")
+    net = torchvision.models.SwinTransformer(patch_size=[4, 4], embed_dim=8, depths=[1, 1], num_heads=[1, 2],
+                                             window_size=[2, 2], num_classes=3)
+    return ImageClassifier(net, "swin")
 
 
 @pytest.mark.parametrize("build", [tiny_vit, tiny_swin])
