@@ -939,6 +939,31 @@ def test_a_csv_is_read_with_its_headers_separator(tmp_path: Path, name: str, sep
         f"t{i}, with a comma" for i in range(20))
 
 
+def test_an_unquoted_tsvs_text_that_starts_with_a_quote_is_read_as_written(tmp_path: Path) -> None:
+    """GLUE's SST-2 is unquoted: a text starting with `"` took in every line up to the next `"` as its text, 30 of
+    40 rows read and the lines between trained under the label of the row the quote closed in."""
+    rows = [(f"sentence number {i}", str(i % 2)) for i in range(40)]
+    rows[10], rows[20] = ('" a dark , quirky road movie', "1"), ('the title says " enough', "0")
+    (path := tmp_path / "train.tsv").write_text("text\tlabel\n" + "".join(f"{t}\t{l}\n" for t, l in rows))
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    splits = (data.train, data.validation, data.test)
+    assert sorted((text, data.id2label[label]) for s in splits for text, label in zip(s.inputs, s.labels)) == sorted(rows)
+
+
+def test_a_csv_quote_that_takes_in_rows_is_refused_naming_its_lines(tmp_path: Path) -> None:
+    """As in a TSV, but a CSV's quotes are its own: refused where the quoted cell's lines read as rows (end in a
+    label), read where they are a text of several lines, separators and all."""
+    rows = [f"t{i},{'ab'[i % 2]}" for i in range(20)]
+    rows[5], rows[9] = '"he said, hi,a', 'bye " she said,b'
+    (path := tmp_path / "d.csv").write_text("text,label\n" + "\n".join(rows) + "\n")
+    with pytest.raises(DataError, match=r"d.csv lines 7-11: the quote that opens its cell in column 'text' takes in "
+                                        r"what reads as a row \('t6,a'\); quote a text that starts with a "):
+        load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    texts = [f"line one, of {i}\nline two, or three\nend" for i in range(20)]
+    (path := tmp_path / "m.csv").write_text("text,label\n" + "".join(f'"{t}",{"ab"[i % 2]}\n' for i, t in enumerate(texts)))
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(texts)
+
 def test_a_csv_text_that_looks_like_a_number_is_the_text_written(tmp_path: Path) -> None:
     """pandas read the column as numbers, floats where a cell was empty: the text 007 trained as '7.0'."""
     texts = ["007", "1.50", "12", *(f"{i}" for i in range(20, 40))]

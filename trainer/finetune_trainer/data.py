@@ -449,12 +449,34 @@ def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
             if (where := first_bad_record(text, lines)) is None:
                 raise
             raise ValueError(f"{file.name} {where}") from exc
+    return read_delimited(text, file.name, csv_separator(text, file.suffix))
+
+
+def read_delimited(text: str, name: str, sep: str) -> pd.DataFrame:
+    """A CSV's rows, with quoting. A quote that starts a cell and closes lines later (a text that starts with a
+    quote, unquoted) takes in the rows between as that cell's text: refused, naming its line. A tab-separated file
+    is read again without quoting, as IANA's TSV and GLUE's files are written (their texts start with `"`)."""
+    try:
+        table = read_rows(text, name, sep, csv.QUOTE_MINIMAL)
+        if (swallowed := swallowed_rows(text, table, sep)) is None:
+            return table
+    except pd.errors.ParserError as exc:  # such as a quote that never closes ("EOF inside string")
+        if sep != "\t":
+            raise
+        swallowed = str(exc)
+    if sep != "\t":
+        raise ValueError(f'{name} {swallowed}; quote a text that starts with a quote and double its quotes ("""Hi"", '
+                         'she said")')
+    log.info("%s: %s; reading it without quoting, as a TSV", name, swallowed)
+    return read_rows(text, name, sep, csv.QUOTE_NONE)
+
+
+def read_rows(text: str, name: str, sep: str, quoting: int) -> pd.DataFrame:
     # Only an empty cell is missing: a label "None" or "NA", or the text "null", is data. A cell is the string it
     # holds: as numbers, the texts 007 and 12 came back "7.0" and "12.0" where the column had an empty cell. The
     # spaces an unquoted cell starts with, after a separator or at a line's start, are none of it, as in csv readers
     # ("text, label" names a column 'label'; `, "a, b"` is quoted); a quoted cell keeps them.
-    sep = csv_separator(text, file.suffix)
-    options = dict(sep=sep, dtype=str, keep_default_na=False, na_values=[""], skipinitialspace=True)
+    options = dict(sep=sep, dtype=str, keep_default_na=False, na_values=[""], skipinitialspace=True, quoting=quoting)
     table = pd.read_csv(io.StringIO(text), **options)
     if isinstance(table.index, pd.RangeIndex):
         return table
@@ -463,13 +485,54 @@ def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
         return pd.read_csv(io.StringIO(text), index_col=False, **options)
     if table.index.nlevels == 1 and table.index.is_unique and table.index.str.fullmatch(r"\d+", na=False).all():
         return table.reset_index(drop=True)  # R's write.table: row names 1, 2, ... that the header does not name
-    raise ValueError(f"{file.name} {first_long_row(text, sep)}")
+    raise ValueError(f"{name} {first_long_row(text, sep, quoting)}")
 
 
-def first_long_row(text: str, sep: str) -> str:
+def swallowed_rows(text: str, table: pd.DataFrame, sep: str) -> str | None:
+    """Where a quoted cell holds lines that read as rows of the file, None where none does. A line of a cell is
+    taken for a row where it splits into the fields a row has there (at the cell's first line, those from the
+    cell's column on) and one of them, outside the cell's column, is a value that its column holds in another row
+    (a label): a text of several lines, even with separators in them, rarely ends its lines in a label."""
+    values: dict[str, set[str]] = {}
+    for place, column in enumerate(table.columns):
+        if not pd.api.types.is_string_dtype(table[column]):
+            continue
+        for row, cell in table[column][table[column].str.contains("[\r\n]", na=False)].items():
+            lines = re.split(r"\r\n?|\n", cell)
+            for i, line in enumerate(lines[:-1]):  # the last ends where the quote closes: a row's start at most
+                fields = next(csv.reader([line], delimiter=sep, skipinitialspace=True), [])
+                names = list(table.columns[place if i == 0 else 0:])
+                if len(fields) == len(names) and any(
+                        name != column and field.strip() in values.setdefault(name, column_values(table[name]))
+                        for name, field in zip(names, fields)):
+                    return (f"{rows_of(text, sep, int(row))}: the quote that opens its cell in column {column!r} "
+                            f"takes in what reads as a row ({line.strip()[:80]!r})")
+    return None
+
+
+def column_values(column: pd.Series) -> set[str]:
+    return set(column.dropna().astype(str).str.strip())
+
+
+def rows_of(text: str, sep: str, row: int) -> str:
+    """The lines of the file that the table's row (from 0) was read from, as pandas reads them (blank lines none)."""
+    reader = csv.reader(io.StringIO(text), delimiter=sep, skipinitialspace=True)
+    start, records = 1, -1  # the header is record 0
+    try:
+        for fields in reader:
+            records += bool(fields)
+            if records == row + 1:
+                return f"lines {start}-{reader.line_num}"
+            start = reader.line_num + 1
+    except csv.Error:  # a cell over csv's field size limit
+        pass
+    return f"row {row + 1}"
+
+
+def first_long_row(text: str, sep: str, quoting: int = csv.QUOTE_MINIMAL) -> str:
     """Where the first row with more fields than the header is: every row of a text with an unquoted separator
     in it ("hello, world,pos") has one more, as has every row of a column that the header does not name."""
-    reader = csv.reader(io.StringIO(text), delimiter=sep, skipinitialspace=True)  # as pandas reads it
+    reader = csv.reader(io.StringIO(text), delimiter=sep, skipinitialspace=True, quoting=quoting)  # as pandas reads it
     header = next(reader)
     where = next((f"line {reader.line_num}" for row in reader if len(row) > len(header)), "a row")
     return (f"{where} has more fields than its header ({len(header)}): quote a field that holds {sep!r}, "
