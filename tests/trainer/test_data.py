@@ -217,6 +217,27 @@ def test_a_dataset_file_the_trainer_may_not_read_is_the_users_naming_the_field(t
         coco.read_json(table)
 
 
+@pytest.mark.parametrize("linked", ["train", "test"])
+def test_split_folders_linked_in_are_read(tmp_path: Path, linked: str) -> None:
+    """Path.rglob did not follow a linked folder: a linked test/ was dropped (test rows held out of train instead),
+    a linked train/ was "the files name splits (test) but none is train"."""
+    for name, count in (("train", 30), ("test", 6)):
+        (folder := tmp_path / ("real" if name == linked else "ds") / name).mkdir(parents=True)
+        pd.DataFrame([{"text": f"{name} {i}", "label": "ab"[i % 2]} for i in range(count)]).to_csv(
+            folder / "part.csv", index=False)
+    (tmp_path / "ds" / linked).symlink_to(tmp_path / "real" / linked)
+    data = load_dataset(spec(tmp_path / "ds"), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert sorted(data.test.inputs) == sorted(f"test {i}" for i in range(6))
+    assert len(data.train.inputs) + len(data.validation.inputs) == 30
+
+
+def test_an_image_folder_linking_to_a_folder_above_reads_each_image_once(tmp_path: Path) -> None:
+    cats_and_dogs(tmp_path, ".png")
+    (tmp_path / "Cat" / "loop").symlink_to(tmp_path)
+    data = load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
+    assert len(data.train.inputs + data.validation.inputs + data.test.inputs) == 6
+
+
 def test_only_the_image_files_the_run_uses_are_opened_before_training(tmp_path: Path) -> None:
     """Every file of the folder was opened, a minutes-long read of a large dataset on a network volume, however few
     dataset.maxTrainSamples and maxEvalSamples keep; a broken file the run never reads no longer stops it."""

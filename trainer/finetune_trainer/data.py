@@ -11,8 +11,9 @@ import csv
 import io
 import json
 import logging
+import os
 import re
-from collections.abc import Hashable, Sized
+from collections.abc import Hashable, Iterator, Sized
 from dataclasses import dataclass
 from decimal import Decimal
 from numbers import Number
@@ -360,8 +361,30 @@ def detect_format(path: Path, declared: DatasetFormat | TextFormat, field: str) 
 
 def data_files(folder: Path, suffixes: set[str]) -> list[Path]:
     """Files with these suffixes anywhere below the folder, but not in hidden folders (.git, .cache)."""
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in suffixes
-                  and not any(part.startswith(".") for part in p.relative_to(folder).parts))
+    return sorted(p for p in files_below(folder) if p.suffix.lower() in suffixes and p.is_file())
+
+
+def files_below(folder: Path) -> Iterator[Path]:
+    """The entries (not hidden) of the folders below `folder`, not in hidden folders, through linked folders (a split
+    linked in from elsewhere), which Path.rglob skipped, as it skipped a folder it may not read: a PermissionError."""
+    def refuse(exc: OSError) -> None:
+        raise exc
+
+    def with_parents(real: str) -> set[str]:
+        return {real, *map(str, Path(real).parents)}
+
+    # the real folders that each walked folder is in, by way of links or not: a link to one of them would loop
+    around = {os.fspath(folder): with_parents(os.path.realpath(folder))}
+    for root, dirs, files in os.walk(folder, onerror=refuse, followlinks=True):
+        reals = around.pop(root)
+        kept = []
+        for name in dirs:
+            real = os.path.realpath(os.path.join(root, name))
+            if not name.startswith(".") and real not in reals:
+                kept.append(name)
+                around[os.path.join(root, name)] = reals | with_parents(real)
+        dirs[:] = kept
+        yield from (Path(root, name) for name in files if not name.startswith("."))
 
 
 def split_of(relative: str, whole: bool = False) -> str | None:
@@ -666,8 +689,7 @@ def folder_splits(folders: list[Path]) -> list[str | None]:
 
 def has_images(folder: Path) -> bool:
     """Whether an image file (not hidden) lies anywhere below `folder`; stops at the first."""
-    return any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file()
-               and not any(part.startswith(".") for part in p.relative_to(folder).parts) for p in folder.rglob("*"))
+    return any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in files_below(folder))
 
 
 def label_ids(column: pd.Series) -> tuple[dict[int, str], list[int]]:
