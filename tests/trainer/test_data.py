@@ -238,6 +238,28 @@ def test_an_image_folder_linking_to_a_folder_above_reads_each_image_once(tmp_pat
     assert len(data.train.inputs + data.validation.inputs + data.test.inputs) == 6
 
 
+def test_a_class_folder_the_trainer_may_not_read_is_the_users_naming_it(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Path.rglob skipped a folder it may not read: the class was dropped, warned of as a folder without images.
+    The error is the one os.scandir raises, built here (the tests run as root)."""
+    import errno
+
+    from finetune_trainer.errors import exit_code_of
+
+    cats_and_dogs(tmp_path, ".png")
+    scandir = os.scandir
+
+    def refused(path: str | os.PathLike[str] = ".") -> object:
+        if Path(path).name == "Dog":
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", refused)
+    with pytest.raises(DataError, match=rf"^dataset {tmp_path}: the trainer may not read {tmp_path}/Dog "
+                                        r"\(Permission denied\)") as caught:
+        load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
+    assert exit_code_of(caught.value) == 1
+
 def test_only_the_image_files_the_run_uses_are_opened_before_training(tmp_path: Path) -> None:
     """Every file of the folder was opened, a minutes-long read of a large dataset on a network volume, however few
     dataset.maxTrainSamples and maxEvalSamples keep; a broken file the run never reads no longer stops it."""

@@ -38,6 +38,24 @@ def test_missing_local_path_is_a_user_error(tmp_path: Path) -> None:
         fetch(f"file://{tmp_path}/nothing", kind="model")
 
 
+
+def test_a_folder_the_trainer_may_not_enter_is_a_user_error_naming_it(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """Python 3.11's Path.exists raises a PermissionError for a path under a folder the user may not enter: it was
+    an infrastructure failure (exit 2, retried). The error is the one os.stat raises, built here (tests run as root)."""
+    import errno
+
+    from finetune_trainer.errors import DataError, exit_code_of
+
+    def refused(path: Path) -> bool:
+        raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), str(path))
+
+    monkeypatch.setattr(Path, "exists", refused)
+    with pytest.raises(DataError, match=rf"^dataset {tmp_path}/locked/s.csv: the trainer may not read "
+                                        rf"{tmp_path}/locked/s.csv \(Permission denied\)") as caught:
+        fetch(f"{tmp_path}/locked/s.csv", kind="dataset", error=DataError)
+    assert exit_code_of(caught.value) == 1
+
 @pytest.mark.parametrize("uri", ["hf://org..x/name", "hf://org--x/name", "hf://.org/name", "hf://org/name."])
 def test_a_name_the_hub_refuses_is_a_user_error(uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Names the spec's pattern lets through but huggingface_hub refuses before any request (a '..' or '--' inside a

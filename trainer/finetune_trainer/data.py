@@ -24,7 +24,7 @@ import numpy as np
 import pandas as pd
 
 from finetune_trainer.config import DatasetFormat, DatasetSpec, Task, TextFormat, TextsSpec
-from finetune_trainer.errors import UNREADABLE, DataError
+from finetune_trainer.errors import UNREADABLE, DataError, unreadable
 from finetune_trainer.uris import fetch
 
 log = logging.getLogger(__name__)
@@ -180,10 +180,6 @@ def image_fault(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def unreadable(exc: PermissionError) -> str:
-    return f"the trainer may not read {exc.filename or 'it'} ({exc.strerror}): make it readable by the trainer's user"
-
-
 def table_folders(table: pd.DataFrame, rows: pd.Index, folder: Path) -> list[Path]:
     """The folder of the table file each of `rows` came from (`folder` where the dataset is one file)."""
     if TABLE_FOLDER not in table.columns:
@@ -292,11 +288,20 @@ def read_dataset(spec: TextsSpec, field: str,
     `texts_only` refuses images (which `format: auto` finds in a folder of folders) before reading them, and leaves
     out the tables' folders, which only image paths are read from."""
     path = fetch(spec.uri, kind=field, repo_type="dataset", error=DataError)
+    try:
+        return path, *read_found(path, spec, field, texts_only)
+    except PermissionError as exc:  # the mode of a file or folder, as for an image (UNREADABLE): the owner's to fix
+        raise DataError(f"{field} {spec.uri}: {unreadable(exc)}") from exc
+
+
+def read_found(path: Path, spec: TextsSpec, field: str,
+               texts_only: bool) -> tuple[DatasetFormat, dict[str, pd.DataFrame]]:
+    """read_dataset's format and tables of the dataset at `path`."""
     fmt = detect_format(path, spec.format, field)
     if (not texts_only and spec.format == DatasetFormat.AUTO and fmt in FILE_FORMATS.values()
             and holds_class_folders(path)):
         if (tables := tables_with(path, fmt, spec.text_field)) is not None:
-            return path, fmt, tables  # a table of image paths in folders (train/patient1/, part_1/, the hub's shards)
+            return fmt, tables  # a table of image paths in folders (train/patient1/, part_1/, the hub's shards)
         # images in class folders, and a table beside them (Kaggle's sample_submission.csv, GTSRB's GT-00000.csv
         # in each class folder) that the extension rule took for the dataset
         log.warning("%s: read as an ImageFolder of its class folders; its %s files are no dataset with a column %r "
@@ -306,11 +311,9 @@ def read_dataset(spec: TextsSpec, field: str,
     if texts_only and fmt in (DatasetFormat.IMAGE_FOLDER, DatasetFormat.COCO):
         raise DataError(f"{field} {spec.uri}: holds images ({fmt.value}), not texts; point {field}.uri at texts")
     try:
-        return path, fmt, read_splits(path, fmt, folders=not texts_only)
+        return fmt, read_splits(path, fmt, folders=not texts_only)
     except (ValueError, FileNotFoundError) as exc:  # a parser's complaint (pandas, pyarrow, json, datasets)
         raise DataError(f"{field} {spec.uri}: cannot read it as {fmt.value} ({type(exc).__name__}: {exc})") from exc
-    except PermissionError as exc:  # the file's mode, as for an image (UNREADABLE): the dataset's owner's to fix
-        raise DataError(f"{field} {spec.uri}: {unreadable(exc)}") from exc
 
 
 def tables_with(path: Path, fmt: DatasetFormat, column: str) -> dict[str, pd.DataFrame] | None:

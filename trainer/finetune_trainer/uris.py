@@ -14,7 +14,7 @@ import os
 import time
 from pathlib import Path
 
-from finetune_trainer.errors import UserError
+from finetune_trainer.errors import UserError, unreadable
 
 PVC_ROOT_ENV = "FINETUNE_PVC_ROOT"
 LOCAL_PVC_ROOT = Path(".data") / "pvc"
@@ -79,8 +79,11 @@ def fetch(uri: str, *, kind: str, revision: str | None = None, repo_type: str = 
         log.info("%s %s: at %s after %.1f s", kind, uri, snapshot / folder, time.monotonic() - started)
         return snapshot / folder
     path = local_path(uri)
-    if not path.exists():
-        raise error(f"{kind} {uri}: {path} does not exist")
+    try:
+        if not path.exists():
+            raise error(f"{kind} {uri}: {path} does not exist")
+    except PermissionError as exc:  # a folder on the way that the trainer's user may not enter: the owner's to fix
+        raise error(f"{kind} {uri}: {unreadable(exc)}") from exc
     return path
 
 

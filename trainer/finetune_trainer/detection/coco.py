@@ -24,8 +24,8 @@ from typing import Any
 
 from finetune_trainer.config import DatasetSpec
 from finetune_trainer.data import (TEST, TRAIN, VALIDATION, LabelledData, Split, drop_empty_splits, image_fault,
-                                   read_text, split, split_of, unreadable)
-from finetune_trainer.errors import DataError
+                                   read_text, split, split_of)
+from finetune_trainer.errors import DataError, unreadable
 from finetune_trainer.uris import fetch
 
 log = logging.getLogger(__name__)
