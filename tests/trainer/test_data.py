@@ -539,6 +539,47 @@ def test_a_text_task_refuses_the_image_folder_auto_finds(tmp_path: Path, task: T
         load_dataset(spec(tmp_path), task, seed=0)
 
 
+
+@pytest.mark.parametrize("suffix", [".gz", ".bz2", ".xz"])
+def test_compressed_text_files_are_read(tmp_path: Path, suffix: str) -> None:
+    """The hub's train.jsonl.gz: its folder was taken for an ImageFolder, "holds images (imagefolder), not texts"."""
+    import bz2
+    import gzip
+    import lzma
+
+    compress = {".gz": gzip.compress, ".bz2": bz2.compress, ".xz": lzma.compress}[suffix]
+    (tmp_path / "data").mkdir()
+    for name, rows in (("train", ROWS), ("test", ROWS[:4])):
+        (tmp_path / "data" / f"{name}.jsonl{suffix}").write_bytes(compress("\n".join(map(json.dumps, rows)).encode()))
+    (tmp_path / f"d.tsv{suffix}").write_bytes(compress(
+        ("text\tlabel\n" + "".join(f"{r['text']}, more\t{r['label']}\n" for r in ROWS)).encode()))
+    data = load_dataset(spec(tmp_path / "data"), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert sorted(data.test.inputs) == sorted(r["text"] for r in ROWS[:4]) and data.id2label == {0: "neg", 1: "neu",
+                                                                                                  2: "pos"}
+    data = load_dataset(spec(tmp_path / f"d.tsv{suffix}"), Task.SEQUENCE_CLASSIFICATION, 0)  # read with tabs
+    assert len(data.train.inputs + data.validation.inputs + data.test.inputs) == 30 and len(data.id2label) == 3
+
+
+def test_a_compressed_file_the_trainer_cannot_read_is_refused_naming_it(tmp_path: Path) -> None:
+    from finetune_trainer.errors import exit_code_of
+
+    (path := tmp_path / "d.jsonl.zst").write_bytes(b"\x28\xb5\x2f\xfd")
+    with pytest.raises(DataError, match=r"d.jsonl.zst is compressed with zstd, which the trainer does not read"):
+        load_dataset(spec(path), Task.CAUSAL_LM, 0)
+    (path := tmp_path / "d.csv.gz").write_bytes(b"text,label\n")
+    with pytest.raises(DataError, match=r"d.csv.gz does not decompress as .gz \(Not a gzipped file") as caught:
+        load_dataset(spec(path), Task.CAUSAL_LM, 0)
+    assert exit_code_of(caught.value) == 1
+
+
+def test_a_folder_of_folders_of_no_images_is_no_image_folder(tmp_path: Path) -> None:
+    """Any folder with a subfolder was an ImageFolder: a text task was told it "holds images (imagefolder)"."""
+    (tmp_path / "books").mkdir()
+    (tmp_path / "books" / "b1.txt").write_text("a text\n")
+    with pytest.raises(DataError, match=rf"^{tmp_path}: a folder that is neither an ImageFolder nor an HF dataset, "
+                                        r"nor holds files of a format \(it holds .txt\); point dataset.uri at a file$"):
+        load_dataset(spec(tmp_path), Task.CAUSAL_LM, 0)
+
 @pytest.mark.parametrize("record", ["[1, 2]", "null", "5"])
 def test_a_json_record_that_is_not_an_object_is_refused_naming_it(tmp_path: Path, record: str) -> None:
     """pandas raises a TypeError for such a record, which counted as the infrastructure's (exit 2, retried)."""

@@ -6,13 +6,17 @@ Everything here is plain Python and pandas; tokenizing and batching are in `batc
 
 from __future__ import annotations
 
+import bz2
 import codecs
 import csv
+import gzip
 import io
 import json
 import logging
+import lzma
 import os
 import re
+import zlib
 from collections.abc import Hashable, Iterator, Sized
 from dataclasses import dataclass
 from decimal import Decimal
@@ -35,6 +39,8 @@ IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".webp", ".a
                   ".pgm", ".pbm", ".pnm"}
 FILE_FORMATS = {".csv": DatasetFormat.CSV, ".tsv": DatasetFormat.CSV, ".jsonl": DatasetFormat.JSONL,
                 ".json": DatasetFormat.JSONL, ".parquet": DatasetFormat.PARQUET}
+# The hub's text files are often compressed (train.jsonl.gz); zstd has no reader in the standard library: refused
+DECOMPRESSORS = {".gz": gzip.decompress, ".bz2": bz2.decompress, ".xz": lzma.decompress, ".zst": None}
 CSV_SEPARATORS = ",\t;|"  # a comma first: it wins a tie
 HEADER_READERS = 16  # threads opening image files at load, which mostly wait on the volume
 IMAGE_COLUMN = "image"  # the column an ImageFolder's file paths land in
@@ -344,7 +350,7 @@ def detect_format(path: Path, declared: DatasetFormat | TextFormat, field: str) 
     if declared != DatasetFormat.AUTO:
         return DatasetFormat(declared)
     if path.is_file():
-        if fmt := FILE_FORMATS.get(path.suffix.lower()):
+        if fmt := FILE_FORMATS.get(format_suffix(path)):
             return fmt
         readable = ", ".join(f.value for f in DatasetFormat if f not in (DatasetFormat.AUTO, DatasetFormat.HF_DISK,
                                                                           DatasetFormat.IMAGE_FOLDER))
@@ -353,18 +359,27 @@ def detect_format(path: Path, declared: DatasetFormat | TextFormat, field: str) 
                         '{"text": ...} a line')
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
         return DatasetFormat.HF_DISK
-    if found := {FILE_FORMATS[f.suffix.lower()] for f in data_files(path, set(FILE_FORMATS))}:
+    if found := {FILE_FORMATS[format_suffix(f)] for f in data_files(path, set(FILE_FORMATS))}:
         if len(found) > 1:
             raise DataError(f"{path}: holds {' and '.join(sorted(found))} files; set {field}.format")
         return found.pop()
-    if any(child.is_dir() for child in path.iterdir()):
+    if any(child.is_dir() for child in path.iterdir()) and has_images(path):
         return DatasetFormat.IMAGE_FOLDER
-    raise DataError(f"{path}: a folder that is neither an ImageFolder nor an HF dataset; point {field}.uri at a file")
+    suffixes = sorted({format_suffix(f) or f.name for f in files_below(path) if f.is_file()})
+    raise DataError(f"{path}: a folder that is neither an ImageFolder nor an HF dataset, nor holds files of a format "
+                    f"(it holds {listed(suffixes) or 'no file'}); point {field}.uri at a file")
+
+
+def format_suffix(file: Path) -> str:
+    """A file's suffix, that of its text format where it is compressed (.jsonl of train.jsonl.gz)."""
+    suffix, inner = file.suffix.lower(), Path(file.stem).suffix.lower()
+    return inner if suffix in DECOMPRESSORS and FILE_FORMATS.get(inner) in (DatasetFormat.CSV,
+                                                                            DatasetFormat.JSONL) else suffix
 
 
 def data_files(folder: Path, suffixes: set[str]) -> list[Path]:
     """Files with these suffixes anywhere below the folder, but not in hidden folders (.git, .cache)."""
-    return sorted(p for p in files_below(folder) if p.suffix.lower() in suffixes and p.is_file())
+    return sorted(p for p in files_below(folder) if format_suffix(p) in suffixes and p.is_file())
 
 
 def files_below(folder: Path) -> Iterator[Path]:
@@ -475,7 +490,7 @@ def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
             if (where := first_bad_record(text, lines)) is None:
                 raise
             raise ValueError(f"{file.name} {where}") from exc
-    return read_delimited(text, file.name, csv_separator(text, file.suffix))
+    return read_delimited(text, file.name, csv_separator(text, format_suffix(file)))
 
 
 def read_delimited(text: str, name: str, sep: str) -> pd.DataFrame:
@@ -598,7 +613,7 @@ def read_text(file: Path) -> str:
     Scraped corpora (the bundled sentiment CSV among them) mix encodings; refusing them
     would make the user re-encode by hand, and Latin-1 only garbles the odd accented character.
     """
-    raw = file.read_bytes()
+    raw = decompressed(file, file.read_bytes())
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # what Windows PowerShell 5's > and Out-File write
         return raw.decode("utf-16")
     try:
@@ -613,6 +628,18 @@ def read_text(file: Path) -> str:
     log.warning("%s is not valid UTF-8 (%s); reading it as %s", file, bad, encoding)
     return text
 
+
+def decompressed(file: Path, raw: bytes) -> bytes:
+    """The file's bytes, decompressed where its suffix names a compression."""
+    if (suffix := file.suffix.lower()) not in DECOMPRESSORS:
+        return raw
+    if (decompress := DECOMPRESSORS[suffix]) is None:
+        raise ValueError(f"{file.name} is compressed with zstd, which the trainer does not read: decompress it "
+                         "(zstd -d) or compress it with gzip")
+    try:
+        return decompress(raw)
+    except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:  # cut short, or compressed otherwise
+        raise ValueError(f"{file.name} does not decompress as {suffix} ({exc})") from exc
 
 def read_image_splits(path: Path) -> dict[str, pd.DataFrame]:
     """An ImageFolder, or one per split in folders named by split that hold class folders (train/cat/*.png,
