@@ -96,11 +96,23 @@ def test_a_windows_csv_is_read_as_windows_1252(tmp_path: Path, caplog: pytest.Lo
                                                                      enumerate(texts))).encode("cp1252"))
     data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
     assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(texts)
-    assert "reading it as Windows-1252" in caplog.text
+    assert "20 of its 21 lines are not valid UTF-8 (the first: line 2); reading them as Windows-1252" in caplog.text
     path.write_bytes(codecs.BOM_UTF8 + path.read_bytes())  # saved as UTF-8 by one tool, more lines by Excel
     data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)  # its first column was named 'ï»¿text'
     assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(texts)
 
+
+
+def test_a_stray_windows_byte_garbles_only_its_line(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One Windows-1252 byte (a ’ pasted from Word) made the whole file Windows-1252: every UTF-8 é became Ã©."""
+    texts = [f"caf\u00e9 {i} \u2013 na\u00efve" for i in range(20)]
+    lines = [f"{t},{'ab'[i % 2]}\n".encode() for i, t in enumerate(texts)]
+    lines[7] = "it\u2019s 7,b\n".encode("cp1252")
+    (path := tmp_path / "m.csv").write_bytes(b"text,label\n" + b"".join(lines))
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(
+        texts[:7] + ["it\u2019s 7"] + texts[8:])
+    assert f"{path}: 1 of its 21 lines are not valid UTF-8 (the first: line 9); reading them as Windows-1252" in caplog.text
 
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be"])
 def test_utf16_with_a_byte_order_mark_is_read(tmp_path: Path, encoding: str) -> None:

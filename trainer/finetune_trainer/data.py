@@ -606,28 +606,38 @@ def first_bad_record(text: str, lines: bool) -> str | None:
 
 
 def read_text(file: Path) -> str:
-    """UTF-8 when the bytes are UTF-8 (UTF-16 when they start with its byte order mark); otherwise Windows-1252,
-    what Excel saves a CSV in on Windows, and where that has no character for a byte, Latin-1, which maps every
-    byte and never fails (the two differ only in 0x80-0x9f: Windows' “quotes”, € and dashes, Latin-1's controls).
+    """UTF-8 when the bytes are UTF-8 (UTF-16 when they start with its byte order mark); otherwise each line that is
+    not UTF-8 as Windows-1252, what Excel saves a CSV in on Windows, and where that has no character for a byte,
+    Latin-1, which maps every byte and never fails (the two differ only in 0x80-0x9f: Windows' “quotes”, € and
+    dashes, Latin-1's controls).
 
-    Scraped corpora (the bundled sentiment CSV among them) mix encodings; refusing them
-    would make the user re-encode by hand, and Latin-1 only garbles the odd accented character.
+    Scraped corpora (the bundled sentiment CSV among them) mix encodings; refusing them would make the user
+    re-encode by hand. Line by line, one stray byte garbles its own line, not every UTF-8 character of the file.
     """
     raw = decompressed(file, file.read_bytes())
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # what Windows PowerShell 5's > and Out-File write
         return raw.decode("utf-16")
     try:
         return raw.decode("utf-8-sig")
-    except UnicodeDecodeError as exc:
-        bad = f"byte {exc.start}: 0x{raw[exc.start]:02x}"
-    raw = raw.removeprefix(codecs.BOM_UTF8)  # a UTF-8 file's mark, more lines appended in another encoding
-    try:
-        text, encoding = raw.decode("cp1252"), "Windows-1252"
     except UnicodeDecodeError:
-        text, encoding = raw.decode("latin-1"), "Latin-1"
-    log.warning("%s is not valid UTF-8 (%s); reading it as %s", file, bad, encoding)
-    return text
+        pass
+    # a UTF-8 file's mark, more lines appended in another encoding; a UTF-8 character holds no \r or \n byte
+    lines = raw.removeprefix(codecs.BOM_UTF8).splitlines(keepends=True)
+    decoded = [decoded_line(line) for line in lines]
+    legacy = [(number, encoding) for number, (_, encoding) in enumerate(decoded, 1) if encoding != "UTF-8"]
+    log.warning("%s: %d of its %d lines are not valid UTF-8 (the first: line %d); reading them as %s", file,
+                len(legacy), len(lines), legacy[0][0], " or ".join(sorted({encoding for _, encoding in legacy})))
+    return "".join(text for text, _ in decoded)
 
+
+def decoded_line(line: bytes) -> tuple[str, str]:
+    """A line's text and the encoding it was read in: UTF-8, else Windows-1252, else Latin-1."""
+    for codec, encoding in (("utf-8", "UTF-8"), ("cp1252", "Windows-1252")):
+        try:
+            return line.decode(codec), encoding
+        except UnicodeDecodeError:
+            pass
+    return line.decode("latin-1"), "Latin-1"
 
 def decompressed(file: Path, raw: bytes) -> bytes:
     """The file's bytes, decompressed where its suffix names a compression."""
