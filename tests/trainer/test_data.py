@@ -83,6 +83,17 @@ def test_numeric_labels_keep_numeric_order(tmp_path: Path) -> None:
     assert list(load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0).id2label.values()) == ["-1.5", "2", "10"]
 
 
+
+def test_a_nan_label_is_a_class_name_in_an_order_of_the_labels_not_the_rows(tmp_path: Path) -> None:
+    """As a number, "nan" compared false with every label: the classes kept the order of the rows."""
+    orders = set()
+    for first in ("1", "nan"):
+        labels = [first, *(label for label in ("0", "1", "2", "nan") if label != first)] * 5
+        pd.DataFrame({"text": [f"t{i}" for i in range(20)], "label": labels}).to_csv(path := tmp_path / "n.csv",
+                                                                                     index=False)
+        orders.add(tuple(load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0).id2label.values()))
+    assert orders == {("0", "1", "2", "nan")}
+
 def test_latin1_bytes_are_read_not_refused(tmp_path: Path) -> None:
     (path := tmp_path / "l.csv").write_bytes("text,label\ncaf\xe9 ok,a\nna\xefve,b\nplain,a\nmore,b\nx,a\n".encode("latin-1"))
     data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)

@@ -14,6 +14,7 @@ import io
 import json
 import logging
 import lzma
+import math
 import os
 import re
 import zlib
@@ -782,11 +783,12 @@ def named_classes(id2label: dict[int, str], names: list[str] | None) -> dict[int
 
 
 def is_number(text: str) -> bool:
+    """Whether a label is a finite number: a CSV's "nan" is a class of that name (only an empty cell is missing), and
+    as a number it compared false with every other, leaving numeric labels in the order of the rows."""
     try:
-        float(text)
+        return math.isfinite(float(text))
     except ValueError:
         return False
-    return True
 
 
 def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spec: DatasetSpec,
