@@ -123,7 +123,8 @@ def test_a_stray_windows_byte_garbles_only_its_line(tmp_path: Path, caplog: pyte
     data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
     assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(
         texts[:7] + ["it\u2019s 7"] + texts[8:])
-    assert f"{path}: 1 of its 21 lines are not valid UTF-8 (the first: line 9); reading them as Windows-1252" in caplog.text
+    assert (f"{path}: 1 of its 21 lines are not valid UTF-8 (the first: line 9); reading them as Windows-1252"
+            in caplog.text)
 
 @pytest.mark.parametrize("encoding", ["utf-16", "utf-16-be"])
 def test_utf16_with_a_byte_order_mark_is_read(tmp_path: Path, encoding: str) -> None:
@@ -1054,7 +1055,8 @@ def test_an_unquoted_tsvs_text_that_starts_with_a_quote_is_read_as_written(tmp_p
     (path := tmp_path / "train.tsv").write_text("text\tlabel\n" + "".join(f"{t}\t{l}\n" for t, l in rows))
     data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
     splits = (data.train, data.validation, data.test)
-    assert sorted((text, data.id2label[label]) for s in splits for text, label in zip(s.inputs, s.labels)) == sorted(rows)
+    read = sorted((text, data.id2label[label]) for s in splits for text, label in zip(s.inputs, s.labels))
+    assert read == sorted(rows)
 
 
 def test_a_csv_quote_that_takes_in_rows_is_refused_naming_its_lines(tmp_path: Path) -> None:
@@ -1067,7 +1069,8 @@ def test_a_csv_quote_that_takes_in_rows_is_refused_naming_its_lines(tmp_path: Pa
                                         r"what reads as a row \('t6,a'\); quote a text that starts with a "):
         load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
     texts = [f"line one, of {i}\nline two, or three\nend" for i in range(20)]
-    (path := tmp_path / "m.csv").write_text("text,label\n" + "".join(f'"{t}",{"ab"[i % 2]}\n' for i, t in enumerate(texts)))
+    (path := tmp_path / "m.csv").write_text("text,label\n" + "".join(f'"{t}",{"ab"[i % 2]}\n'
+                                                                     for i, t in enumerate(texts)))
     data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
     assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(texts)
 
@@ -1088,6 +1091,14 @@ def test_csv_rows_longer_than_the_header_are_refused_naming_the_line(tmp_path: P
                                         r"holds ',', or name every column in the header"):
         load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
 
+
+
+def test_unquoted_texts_that_start_with_a_number_and_a_comma_are_no_row_names(tmp_path: Path) -> None:
+    """Their numbers were taken for R's row names and dropped: the texts trained as "apples"."""
+    (path := tmp_path / "d.csv").write_text("text,label\n" + "".join(f"{i * 7}, apples,{'ab'[i % 2]}\n"
+                                                                     for i in range(1, 21)))
+    with pytest.raises(DataError, match=r"d.csv line 2 has more fields than its header \(2\)"):
+        load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
 
 @pytest.mark.parametrize("row", ['"{i}","t{i} words","{label}"', "t{i} words,{label},"],
                          ids=["r-row-names", "trailing-separator"])

@@ -525,9 +525,16 @@ def read_rows(text: str, name: str, sep: str, quoting: int) -> pd.DataFrame:
     # Rows of one field more than the header: pandas read their first fields as the index, the rest as the columns
     if table.index.nlevels == 1 and table.iloc[:, -1].isna().all():  # "t0,a,": a separator ends every row
         return pd.read_csv(io.StringIO(text), index_col=False, **options)
-    if table.index.nlevels == 1 and table.index.is_unique and table.index.str.fullmatch(r"\d+", na=False).all():
-        return table.reset_index(drop=True)  # R's write.table: row names 1, 2, ... that the header does not name
+    if row_names(table.index):
+        return table.reset_index(drop=True)
     raise ValueError(f"{name} {first_long_row(text, sep, quoting)}")
+
+
+def row_names(index: pd.Index) -> bool:
+    """Whether the first fields of rows longer than the header are row names, numbers 1, 2, ... (R's write.table)
+    or 0, 1, ... (pandas' to_csv), which the header does not name, not the start of texts ("42, the answer")."""
+    numbers = [str(i) for i in range(len(index) + 1)]
+    return index.nlevels == 1 and list(index) in (numbers[1:], numbers[:-1])
 
 
 def swallowed_rows(text: str, table: pd.DataFrame, sep: str) -> str | None:
