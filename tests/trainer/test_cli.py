@@ -61,8 +61,8 @@ def run(doc: dict[str, Any], tmp_path: Path, manifest: bool = True) -> int:
 @pytest.mark.parametrize(
     ("change", "message"),
     [
-        ({"dataset": {"uri": "pvc://data/sentiment/absent.csv"}}, "dataset pvc://data/sentiment/absent.csv: .* does not exist"),
-        ({"dataset": {"labelField": "polarity"}}, "no column 'polarity' \\(dataset.labelField\\); it has sentiment, confidence, text"),
+        ({"dataset": {"uri": "pvc://data/sentiment/absent.csv"}}, "dataset.uri pvc://data/sentiment/absent.csv: .* does not exist"),
+        ({"dataset": {"labelField": "polarity"}}, "no column 'polarity' \\(dataset.labelField\\); it has 'sentiment', 'confidence', 'text'"),
         ({"rearrange": {"head": {"numLabels": 2}}}, "numLabels is 2 but the dataset has 3 labels \\(negative, neutral, positive\\)"),
     ],
     ids=["missing-dataset", "missing-label-column", "label-mismatch"],

@@ -337,7 +337,7 @@ def test_causal_lm_needs_no_labels(tmp_path: Path) -> None:
 
 
 def test_missing_column_is_named(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match=r"no column 'sentiment' \(dataset.labelField\); it has text, label"):
+    with pytest.raises(DataError, match=r"no column 'sentiment' \(dataset.labelField\); it has 'text', 'label'"):
         load_dataset(DatasetSpec(uri=str(write(tmp_path, "csv")), labelField="sentiment"),
                      Task.SEQUENCE_CLASSIFICATION, 0)
 
@@ -351,7 +351,7 @@ def test_a_file_of_no_known_format_is_refused_with_what_to_do(tmp_path: Path) ->
 
 
 def test_missing_file_is_named(tmp_path: Path) -> None:
-    with pytest.raises(DataError, match="does not exist"):
+    with pytest.raises(DataError, match=rf"^dataset.uri {tmp_path}/nope.csv: {tmp_path}/nope.csv does not exist$"):
         load_dataset(spec(tmp_path / "nope.csv"), Task.SEQUENCE_CLASSIFICATION, 0)
 
 
@@ -716,7 +716,7 @@ def test_image_paths_in_tables_in_split_folders_are_read_from_the_tables_folder(
         assert [data.id2label[label] for label in split.labels] == [
             ["cat", "dog"][int(Path(image).stem) % 2] for image in split.inputs]
     with pytest.raises(DataError, match=r"no column 'text' \(dataset.textField\) in its train split; it has "
-                                        r"file_name, label$"):
+                                        r"'file_name', 'label'$"):
         load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
 
 

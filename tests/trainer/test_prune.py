@@ -567,8 +567,8 @@ def test_healing_on_a_dataset_of_texts_reads_them_tokenized_as_the_training_data
 
 
 @pytest.mark.parametrize("dataset, message", [
-    ({"uri": "/nonexistent/unlabelled.csv"}, r"rearrange.prune.heal.dataset /nonexistent/unlabelled.csv: .* does not exist"),
-    ({"textField": "body"}, r"no column 'body' \(rearrange.prune.heal.dataset.textField\); it has tweet"),
+    ({"uri": "/nonexistent/unlabelled.csv"}, r"rearrange.prune.heal.dataset.uri /nonexistent/unlabelled.csv: .* does not exist"),
+    ({"textField": "body"}, r"no column 'body' \(rearrange.prune.heal.dataset.textField\); it has 'tweet'"),
 ])
 def test_a_missing_healing_file_or_column_is_refused_naming_the_field(tmp_path: Path, dataset: dict,
                                                                       message: str) -> None:

@@ -56,6 +56,17 @@ def test_a_folder_the_trainer_may_not_enter_is_a_user_error_naming_it(tmp_path: 
         fetch(f"{tmp_path}/locked/s.csv", kind="dataset", error=DataError)
     assert exit_code_of(caught.value) == 1
 
+
+def test_a_missing_tokenizer_is_named_by_its_field(tmp_path: Path, pvc_root: Path) -> None:
+    """It was "tokenizer <uri>", where the job has model.tokenizerUri to fix."""
+    from finetune_trainer.config import ModelSpec
+    from finetune_trainer.errors import ModelError
+    from finetune_trainer.models import load_tokenizer
+
+    spec = ModelSpec(task="sequence-classification", uri="pvc://models/all-MiniLM-L6-v2", tokenizerUri=f"{tmp_path}/t")
+    with pytest.raises(ModelError, match=rf"^model.tokenizerUri {tmp_path}/t: {tmp_path}/t does not exist$"):
+        load_tokenizer(spec)
+
 @pytest.mark.parametrize("uri", ["hf://org..x/name", "hf://org--x/name", "hf://.org/name", "hf://org/name."])
 def test_a_name_the_hub_refuses_is_a_user_error(uri: str, monkeypatch: pytest.MonkeyPatch) -> None:
     """Names the spec's pattern lets through but huggingface_hub refuses before any request (a '..' or '--' inside a

@@ -294,7 +294,7 @@ def read_dataset(spec: TextsSpec, field: str,
     """The local path, the format and the tables by split of the dataset `spec` names, `field` its place in the job;
     `texts_only` refuses images (which `format: auto` finds in a folder of folders) before reading them, and leaves
     out the tables' folders, which only image paths are read from."""
-    path = fetch(spec.uri, kind=field, repo_type="dataset", error=DataError)
+    path = fetch(spec.uri, kind=f"{field}.uri", repo_type="dataset", error=DataError)
     try:
         return path, *read_found(path, spec, field, texts_only)
     except PermissionError as exc:  # the mode of a file or folder, as for an image (UNREADABLE): the owner's to fix
@@ -344,7 +344,7 @@ def check_columns(tables: dict[str, pd.DataFrame], uri: str, columns: dict[str, 
             if column is not None and column not in table.columns:
                 where = f" in its {name} split" if len(tables) > 1 else ""
                 raise DataError(f"{field} {uri}: no column {column!r} ({field}.{role}){where}; "
-                                f"it has {', '.join(str(c) for c in table.columns if c != TABLE_FOLDER)}")
+                                f"it has {', '.join(repr(c) for c in table.columns if c != TABLE_FOLDER)}")
 
 
 def detect_format(path: Path, declared: DatasetFormat | TextFormat, field: str) -> DatasetFormat:

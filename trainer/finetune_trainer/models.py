@@ -87,13 +87,15 @@ def load_tokenizer(spec: ModelSpec):
     from transformers import AutoTokenizer
 
     uri = spec.tokenizer_uri or spec.uri
-    path = fetch(uri, kind="tokenizer", revision=spec.revision, error=ModelError)
+    # a teacher's tokenizer (distill) comes by its model's uri: the field is the caller's to name
+    kind = "model.tokenizerUri" if spec.tokenizer_uri else "tokenizer"
+    path = fetch(uri, kind=kind, revision=spec.revision, error=ModelError)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as exc:  # TypeError: a config.json that holds no JSON object
         if failed_read(exc):  # the volume's, not the spec's: retried
             raise
-        raise ModelError(f"tokenizer {uri}: cannot load it from {path} ({exc})") from exc
+        raise ModelError(f"{kind} {uri}: cannot load it from {path} ({exc})") from exc
     if tokenizer.pad_token_id is None:
         # Decoder tokenizers (GPT-2) have no pad token; padded positions are masked out anyway.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token

@@ -51,7 +51,8 @@ def fetch(uri: str, *, kind: str, revision: str | None = None, repo_type: str = 
     """A local folder or file holding what `uri` names; hf:// is downloaded into the hub cache (only the folder
     named after <org>/<name>, when one is).
 
-    `error` is the UserError subclass raised when it is not there (its reason tells data from model).
+    `kind` names it in messages: the config field where the caller knows it (dataset.uri). `error` is the UserError
+    subclass raised when it is not there (its reason tells data from model).
 
     hf:// goes through huggingface_hub's cache, so HF_HOME, HF_HUB_OFFLINE and a cache
     prepared ahead of time (an air-gapped cluster) work as they do for transformers.

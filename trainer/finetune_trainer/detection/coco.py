@@ -56,7 +56,7 @@ class CocoData(LabelledData):
 def load_coco(spec: DatasetSpec, seed: int) -> CocoData:
     """The train, validation and test splits (Split.inputs hold `Annotated` records), the label map
     {class id: category name}, class ids 1..K in the order of the category ids, and each class id's category_id."""
-    path = fetch(spec.uri, kind="dataset", repo_type="dataset", error=DataError)
+    path = fetch(spec.uri, kind="dataset.uri", repo_type="dataset", error=DataError)
     files = annotation_files(path)
     docs = {name: read_json(file, answers=name == TRAIN) for name, file in files.items()}
     categories = category_names(docs, files)
