@@ -9,6 +9,7 @@ from __future__ import annotations
 import bz2
 import codecs
 import csv
+import functools
 import gzip
 import io
 import json
@@ -540,27 +541,27 @@ def row_names(index: pd.Index) -> bool:
 def swallowed_rows(text: str, table: pd.DataFrame, sep: str) -> str | None:
     """Where a quoted cell holds lines that read as rows of the file, None where none does. A line of a cell is
     taken for a row where it splits into the fields a row has there (at the cell's first line, those from the
-    cell's column on) and one of them, outside the cell's column, is a value that its column holds in another row
+    cell's column on) and one of them, outside the cell's column, is a value that its column holds in the table
     (a label): a text of several lines, even with separators in them, rarely ends its lines in a label."""
-    values: dict[str, set[str]] = {}
-    for place, column in enumerate(table.columns):
+    @functools.cache
+    def values(name: str) -> set[str]:  # read only for a table with a cell of several lines, once a column
+        return set(table[name].dropna().astype(str).str.strip())
+
+    columns = list(table.columns)
+    for place, column in enumerate(columns):
         if not pd.api.types.is_string_dtype(table[column]):
             continue
         for row, cell in table[column][table[column].str.contains("[\r\n]", na=False)].items():
             lines = re.split(r"\r\n?|\n", cell)
             for i, line in enumerate(lines[:-1]):  # the last ends where the quote closes: a row's start at most
                 fields = next(csv.reader([line], delimiter=sep, skipinitialspace=True), [])
-                names = list(table.columns[place if i == 0 else 0:])
+                names = columns[place if i == 0 else 0:]
                 if len(fields) == len(names) and any(
-                        name != column and field.strip() in values.setdefault(name, column_values(table[name]))
+                        name != column and field.strip() in values(name)
                         for name, field in zip(names, fields)):
                     return (f"{rows_of(text, sep, int(row))}: the quote that opens its cell in column {column!r} "
                             f"takes in what reads as a row ({line.strip()[:80]!r})")
     return None
-
-
-def column_values(column: pd.Series) -> set[str]:
-    return set(column.dropna().astype(str).str.strip())
 
 
 def rows_of(text: str, sep: str, row: int) -> str:
