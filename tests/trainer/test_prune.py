@@ -591,6 +591,7 @@ def test_texts_that_turn_out_to_be_images_are_refused_naming_the_field(tmp_path:
     from finetune_trainer.errors import DataError, EXIT_USER_ERROR, exit_code_of
 
     (tmp_path / "images" / "cats").mkdir(parents=True)
+    (tmp_path / "images" / "cats" / "0.png").write_bytes(b"\x89PNG")  # a folder of folders without images is none
     with pytest.raises(DataError, match=r"^rearrange.prune.heal.dataset .*images: holds images \(imagefolder\), "
                        r"not texts; point rearrange.prune.heal.dataset.uri at texts$") as refused:
         load_texts(TextsSpec(uri=str(tmp_path / "images")), "rearrange.prune.heal.dataset")
