@@ -648,6 +648,7 @@ def decoded_line(line: bytes) -> tuple[str, str]:
             pass
     return line.decode("latin-1"), "Latin-1"
 
+
 def decompressed(file: Path, raw: bytes) -> bytes:
     """The file's bytes, decompressed where its suffix names a compression."""
     if (suffix := file.suffix.lower()) not in DECOMPRESSORS:
@@ -659,6 +660,7 @@ def decompressed(file: Path, raw: bytes) -> bytes:
         return decompress(raw)
     except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:  # cut short, or compressed otherwise
         raise ValueError(f"{file.name} does not decompress as {suffix} ({exc})") from exc
+
 
 def read_image_splits(path: Path) -> dict[str, pd.DataFrame]:
     """An ImageFolder, or one per split in folders named by split that hold class folders (train/cat/*.png,

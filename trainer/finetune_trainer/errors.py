@@ -98,12 +98,12 @@ def chain_of(exc: BaseException) -> list[BaseException]:
 
 # A file the pod may not read (its mode): the data's owner's to fix, not a retry's.
 UNREADABLE = {errno.EACCES, errno.EPERM}
+# A file that is not there either: the spec's to fix.
+NOT_THERE_OR_REFUSED = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR} | UNREADABLE
 
 
 def unreadable(exc: PermissionError) -> str:
     return f"the trainer may not read {exc.filename or 'it'} ({exc.strerror}): make it readable by the trainer's user"
-# A file that is not there either: the spec's to fix.
-NOT_THERE_OR_REFUSED = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR} | UNREADABLE
 
 
 def failed_read(exc: BaseException) -> bool:
