@@ -206,9 +206,11 @@ def _cache(folder: Path) -> Path:
     return folder
 
 
-def _record_cluster(state: Path, programs: Path) -> None:
+def _record_cluster(state: Path, programs: Path, python: Path | None = None) -> None:
+    """Stand-ins run from `programs`, the process node's from `python` (by default there too)."""
     for component in cluster.COMPONENTS:
-        _record(state, component, [str(programs / ("python" if component == "process-node" else component)), "310"])
+        program = (python or programs / "python") if component == "process-node" else programs / component
+        _record(state, component, [str(program), "310"])
 
 
 def test_a_cluster_running_other_binaries_is_refused_not_reused(state: Path, tmp_path_factory: pytest.TempPathFactory,
@@ -226,6 +228,11 @@ def test_a_cluster_running_other_binaries_is_refused_not_reused(state: Path, tmp
         assert cluster.running(cluster.Cluster(state, Path())) == running  # left running: its etcd is someone's
         cluster.down(state)
         _record_cluster(state, new)  # what `up` would start now, on other ports: reused
+        assert cluster.up(state).bin_dir == new
+        cluster.down(state)
+        # The same versions cached elsewhere (another FTO_K8S_CACHE): the cache folder names them, so reused too.
+        elsewhere = _cache(tmp_path_factory.mktemp("elsewhere") / new.parent.name / "bin")
+        _record_cluster(state, elsewhere, python=new / "python")
         assert cluster.up(state).bin_dir == new
     finally:
         cluster.down(state)

@@ -530,7 +530,7 @@ def _refuse_other_programs(cluster: Cluster) -> None:
     programs = {c: cluster.pid_file(c).read_bytes().split(b"\n", 1)[1].split(b"\0")[0].decode() for c in COMPONENTS}
     other: dict[str, list[str]] = {}  # folder -> the components run from it
     for c, program in programs.items():
-        if program != _program(cluster, c):
+        if not _same_program(cluster, c, Path(program)):
             other.setdefault(str(Path(program).parent), []).append(c)
     if other:
         runs = "; ".join(f"{', '.join(components)} from {folder}" for folder, components in other.items())
@@ -539,6 +539,15 @@ def _refuse_other_programs(cluster: Cluster) -> None:
             f"the cluster in {cluster.state} runs {runs}: not the current binaries in {cluster.bin_dir} "
             f"(versions.env changed?). It is left running; to start it afresh on the current ones, with an empty "
             f"etcd: {cli.format('down')} && {cli.format('up')}")
+
+
+def _same_program(cluster: Cluster, component: str, program: Path) -> bool:
+    """Whether `program` is what `up` would start as the component now. A binary by the cache folder that names its
+    versions, not by its path: the same versions cached elsewhere (FTO_K8S_CACHE, another $HOME) are the same."""
+    now = Path(_program(cluster, component))
+    if component == "process-node":
+        return program == now
+    return (program.name, program.parent.parent.name) == (now.name, now.parent.parent.name)
 
 
 def restart(state: Path, component: str, timeout: float = 60.0) -> None:
