@@ -705,6 +705,35 @@ def test_a_tick_writes_the_conditions_and_phase_whatever_else_the_schema_refuses
     assert "ns/ft: not written, the status schema refuses it: status.analysis.totalParameters" in caplog.text
 
 
+def test_a_tick_whose_conditions_are_refused_writes_no_phase_and_posts_no_events(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Written without its conditions, `phase: Failed` belied them, and the transitions' Events (and the failures
+    counted) came again at every tick, as the stored conditions never changed."""
+    import kopf
+
+    from finetune_operator import status as status_module
+
+    posted: list[str] = []
+    monkeypatch.setattr(kopf, "event", lambda *_, reason, **__: posted.append(reason))
+    refuse = status_module._refusals
+    monkeypatch.setattr(status_module, "_refusals",  # a condition the schema refuses, whatever the source
+                        lambda s: ["status.conditions[0]: refused"] if "conditions" in s else refuse(s))
+    failed = pod(phase="Failed", exit_code=1, message={"reason": "Bad", "message": "m", "exitCode": 1})
+    made = ticked(body({"attempts": 1}), ({("ns", "ft"): [job(failure={"reason": "X", "message": ""})]},
+                                          {("ns", "ft"): [failed]}))
+    assert not {"conditions", "phase", "reason"} & set(made.patches[0]) and posted == []
+    assert "ns/ft: not written, the status schema refuses it: status.conditions[0]: refused" in caplog.text
+
+
+def test_a_lone_surrogate_in_a_message_reads_as_the_apiserver_reads_it() -> None:
+    """json.dumps writes a file name os.listdir decoded with surrogateescape as a lone surrogate: the apiserver reads
+    it as U+FFFD, and the schema's check refused it, so the conditions holding it were not written."""
+    status = ended_with('{"reason": "Bad", "message": "no file \\udce9.csv", "exitCode": 1}')
+    assert status["phase"] == "Failed" and status["reason"] == "Bad"
+    assert "no file \ufffd.csv" in next(c["message"] for c in status["conditions"] if c["type"] == "Failed")
+    assert schema_checked(status)[1] == []
+
+
 def test_a_user_error_fails_at_once_with_the_trainers_reason() -> None:
     message = {"stage": "Loading", "reason": "InvalidDataset", "message": "data/x.csv: does not exist", "exitCode": 1}
     seen = Observed(body({"attempts": 1}), [job(failure={"reason": "BackoffLimitExceeded", "message": ""})],

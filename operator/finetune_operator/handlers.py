@@ -598,12 +598,15 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
         log.info("%s/%s: ttlSecondsAfterFinished has passed: deleting it", ns, name)
         _delete_self(clients, name, ns)
         return
-    changes, refused = schema_checked(status_patch(seen.body["status"], decision.status))
+    patch = status_patch(seen.body["status"], decision.status)
+    changes, refused = schema_checked(patch)
     for line in refused:  # the rest is written: the conditions and the phase above all
         log.error("%s/%s: not written, the status schema refuses it: %s", ns, name, line)
     if version := _patch_status(clients, ns, name, changes):
         memo.written.wrote(seen.body, changes, version)
-    _record(body, seen, decision)  # once the status holds the transitions: a refused patch posts no Event twice
+    # The transitions' Events once the status holds them: with its conditions left out, they came at every tick.
+    if "conditions" in changes or "conditions" not in patch:
+        _record(body, seen, decision)
     if held:  # the status says why; kopf tries again after the delay
         raise kopf.TemporaryError(str(held), delay=held.delay)
 

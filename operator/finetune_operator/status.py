@@ -165,6 +165,8 @@ def schema_checked(changes: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     if not _refusals(sent):  # one check of the whole (a third of the cost of one for each field): most ticks
         return changes, []
     refused = {field: lines for field in sent if (lines := _refusals({field: sent[field]}))}
+    if "conditions" in refused:  # the phase and its reason are the conditions': written alone, they would belie them
+        refused |= {field: [] for field in ("phase", "reason") if field in changes}
     return {f: v for f, v in changes.items() if f not in refused}, [line for lines in refused.values() for line in lines]
 
 
