@@ -83,6 +83,69 @@ def test_no_credentials_stop_the_login_saying_so(tmp_path: Path, monkeypatch: py
         handlers._connection(kopf.OperatorSettings())
 
 
+def test_an_empty_kubeconfig_variable_names_no_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`KUBECONFIG=` as kubectl reads it: ~/.kube/config. The client's default was the variable's value at import."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    monkeypatch.setenv("KUBECONFIG", "")
+    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", "")  # as the variable was at import
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / ".kube").mkdir()
+    _kubeconfig(tmp_path / ".kube" / "config", "https://127.0.0.1:7443")
+    assert clients.Clients(connections=1).api.configuration.host == "https://127.0.0.1:7443"
+
+
+def test_unchanged_credentials_log_in_to_the_same_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kopf lets go of credentials after a 401 and refuses equal ones from the next login (a revoked token: the
+    operator stops); a new session is never equal to an old one, and kopf logged in again at its requests' speed."""
+    import asyncio
+
+    from finetune_operator.settings import Settings
+
+    token = "a"
+    monkeypatch.setattr(handlers, "_connection",
+                        lambda _: kopf.ConnectionInfo(server="https://127.0.0.1:6443", token=token))
+
+    async def logins() -> list[kopf.AiohttpSession]:
+        memo, found = kopf.Memo(settings=Settings()), []
+        for found_token in ("a", "a", "b"):
+            nonlocal token
+            token = found_token
+            found.append(await handlers.login(memo=memo, settings=kopf.OperatorSettings()))
+        for session in {id(s): s for s in found}.values():
+            await session.aiohttp_session.close()
+        return found
+
+    first, again, rotated = asyncio.run(logins())
+    assert again is first and rotated is not first
+
+
+def test_a_login_that_fails_leaves_no_credentials_and_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
+    """As kopf's own logins: the vault stays empty, so kopf stops the operator saying why; retried, the login failed
+    every minute for ever."""
+    import asyncio
+
+    from kopf._cogs.structs.credentials import Vault
+    from kopf._core.engines.activities import authenticate
+    from kopf._core.engines.indexing import OperatorIndexers
+
+    from finetune_operator.settings import Settings
+
+    def refused(_: kopf.OperatorSettings) -> kopf.ConnectionInfo:
+        raise kopf.LoginError("no Kubernetes credentials")
+
+    monkeypatch.setattr(handlers, "_connection", refused)
+    registry = kopf.OperatorRegistry()
+    handlers.register(registry, Settings())
+    vault = Vault()
+
+    async def logging_in() -> None:
+        await asyncio.wait_for(authenticate(registry=registry, settings=kopf.OperatorSettings(), indices=OperatorIndexers().indices,
+                                            vault=vault, memo=kopf.Memo(settings=Settings())), timeout=10)
+
+    asyncio.run(logging_in())
+    assert vault.is_empty()
+
+
 @pytest.fixture
 def apiserver_port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> int:
     """A free local port the kubernetes client takes for the apiserver's."""

@@ -8,6 +8,7 @@ from typing import Any
 from urllib.parse import quote
 
 from kubernetes import client, config
+from kubernetes.config import kube_config
 from kubernetes.client.exceptions import ApiException
 
 # Each connect and each wait for the answer's next bytes: a connection the apiserver's end dropped silently (it was
@@ -27,7 +28,8 @@ def load_config() -> None:
             return
         except config.ConfigException:
             pass
-    config.load_kube_config(named)  # named here: the client reads $KUBECONFIG once, when it is imported
+    # Named here: the client reads $KUBECONFIG once, when it is imported (and an empty one names no file).
+    config.load_kube_config(named or kube_config.KUBE_CONFIG_DEFAULT_LOCATION or "~/.kube/config")
 
 
 class Clients:

@@ -681,13 +681,21 @@ async def login(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> k
     of the operator's memory with a thousand jobs). The watch streams hold one connection each, so they count."""
     # In a thread: a kubeconfig's exec plugin (a cloud's token command) takes seconds, and held up the event loop
     info = await asyncio.to_thread(_connection, settings)
+    last: tuple[kopf.ConnectionInfo, kopf.AiohttpSession] | None = memo.get("login")
+    if last is not None and last[0] == info:
+        # The credentials kopf let go of after a 401 (a revoked token), unchanged: the same session, which kopf
+        # refuses as it refuses equal ConnectionInfos, and stops. A new session is never equal to an old one, and
+        # kopf logged in again at the speed of its requests.
+        return last[1]
     ours: Settings = memo.settings
     watches = 3 * max(1, len(ours.namespaces))  # FineTuneJobs, Jobs and pods in each watched namespace
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=watches + API_CONNECTIONS, ssl=info.as_ssl_context()),
-        headers=info.as_http_headers())  # basic auth, if any, is in them
-    return kopf.AiohttpSession(aiohttp_session=session, server=info.server, default_namespace=info.default_namespace,
-                               priority=info.priority, expiration=info.expiration)
+        headers=info.as_http_headers(), trust_env=info.trust_env)  # basic auth, if any, is in the headers
+    memo.login = info, kopf.AiohttpSession(
+        aiohttp_session=session, server=info.server, default_namespace=info.default_namespace, priority=info.priority,
+        expiration=info.expiration)
+    return memo.login[1]
 
 
 FORBIDDEN_RETRIES = (1.0, 2.0)  # seconds: RBAC applied with the operator (a helm upgrade) may take a moment
@@ -735,7 +743,9 @@ def _forbidden(clients: Clients, namespaces: tuple[str, ...]) -> tuple[str, ...]
 
 
 def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
-    kopf.on.login(registry=registry)(login)
+    # As kopf's own: a login that fails leaves no credentials, and kopf stops the operator saying so (retried, it
+    # tried every minute for ever).
+    kopf.on.login(registry=registry, errors=kopf.ErrorsMode.IGNORED)(login)
     kopf.on.startup(registry=registry)(configure)
     selector = {children.JOB_NAME_LABEL: kopf.PRESENT}  # also filtered by the apiserver, see configure
     (jobs, pods) = CHILD_WATCHES
