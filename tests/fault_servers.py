@@ -70,6 +70,8 @@ BEHAVIOURS: dict[str, Callable[[socket.socket, threading.Event], None]] = {
     "header-drip": _drip_headers,
     "continue-flood": _flood_continue,
     "close": _close,  # closes the connection without a word
+    # closes it within the body its Content-Length promised: "finetune_trainer_step 7.0" read as step 7, 123 as 12
+    "cut-short": _reply(_http(OK)[:-5]),
     "not-http": _reply(b"\x00\x01garbage\r\n\r\n"),
     "garbage": _reply(_http(b"finetune_trainer_step {{{ not a number\n")),
     "foreign": _reply(_http(b"# TYPE up gauge\nup 1\n")),  # valid Prometheus text, none of ours

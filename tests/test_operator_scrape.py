@@ -19,6 +19,7 @@ from operator_fixture import free_port
     ("header-drip", "MetricsTimeout"),
     ("continue-flood", "MetricsTimeout"),
     ("close", "MetricsUnreachable"),
+    ("cut-short", "MetricsUnreachable"),
     ("error", "MetricsUnreachable"),
     ("not-http", "MetricsBadResponse"),
     ("garbage", "MetricsUnparsable"),

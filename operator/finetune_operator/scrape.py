@@ -147,6 +147,9 @@ def scrape(ip: str, port: int = METRICS_PORT, timeout: float = TIMEOUT_SECONDS,
                 chunks.append(chunk)
                 if sum(map(len, chunks)) > MAX_BYTES:
                     raise ScrapeError("MetricsTooLarge", f"{url}: more than {MAX_BYTES} bytes")
+            if response.length:  # read1 ends quietly where the connection did: a step of 123 read as 12
+                raise ScrapeError("MetricsUnreachable", f"{url}: the answer ended {response.length} bytes short "
+                                                        "of its Content-Length")
     except TimeoutError as exc:
         raise ScrapeError("MetricsTimeout", f"{url}: no complete answer within {timeout} s") from exc
     except OSError as exc:  # refused, reset, closed early, an HTTP error status
