@@ -25,6 +25,7 @@ sys.path.insert(0, str(LOCAL))
 from process_node import agent as agent_module  # noqa: E402
 from process_node.agent import Agent  # noqa: E402
 from process_node.dns import Dns  # noqa: E402
+from process_node import runner as runner_module  # noqa: E402
 from process_node.runner import PodRunner  # noqa: E402
 
 T = TypeVar("T")
@@ -106,6 +107,11 @@ def _state(api: Api, container: str) -> dict:
     return next((c["state"] for c in statuses if c["name"] == container), {})
 
 
+def _raise(error: Exception | None) -> None:
+    if error is not None:
+        raise error
+
+
 def _deleting(pod: dict, grace_seconds: int) -> dict:
     """The pod as the watch shows it once deleted."""
     return {**pod, "metadata": {**pod["metadata"], "deletionTimestamp": "2025-01-01T00:00:00Z",
@@ -123,6 +129,20 @@ def test_a_pod_s_end_reaches_the_api_even_while_the_apiserver_restarts(agent: Ag
 
     api.on_terminal = restarting
     runner = _run(agent, _pod("pass"))
+    runner.join(10)
+    assert api.statuses[-1]["phase"] == "Succeeded" and not runner.is_alive()
+
+
+def test_a_pod_s_end_reaches_the_api_after_hours_of_refusals(agent: Agent, api: Api,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    # A thousand refusals in a row (some 3 h of outage at the back-off's cap) must not end the runner: its back-off
+    # stays at the cap (here shortened, not to wait 10 s).
+    monkeypatch.setattr(runner_module, "PUBLISH_BACKOFF_MAX", 0.5)
+    refusals = iter([OSError("connection refused")] * 2)
+    api.on_terminal = lambda: _raise(next(refusals, None))
+    runner = _run(agent, _pod("import time; time.sleep(1)"))
+    _eventually("Running", lambda: api.statuses and api.statuses[-1]["phase"] == "Running")
+    runner._publish_failures = 1023
     runner.join(10)
     assert api.statuses[-1]["phase"] == "Succeeded" and not runner.is_alive()
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import signal
 import subprocess
@@ -67,6 +68,13 @@ class Node(Protocol):
     def publish_status(self, pod: dict, status: dict) -> bool: ...
     def delete_pod(self, pod: dict) -> None: ...
     def warn(self, pod: dict, reason: str, message: str) -> None: ...
+
+
+def _retry_delay(failures: int) -> float:
+    """POLL doubled per failure in a row, up to PUBLISH_BACKOFF_MAX."""
+    # The exponent stops where the cap is passed: 2.0 ** 1024 (some 3 h of refusals) overflows a float.
+    doublings = math.ceil(math.log2(PUBLISH_BACKOFF_MAX / POLL))
+    return min(PUBLISH_BACKOFF_MAX, POLL * 2 ** min(failures, doublings))
 
 
 def _now() -> str:
@@ -443,7 +451,7 @@ class PodRunner(threading.Thread):
             return False
         if not self.node.publish_status(self.pod, status):
             self._publish_failures += 1
-            self._publish_at = time.monotonic() + min(PUBLISH_BACKOFF_MAX, POLL * 2 ** self._publish_failures)
+            self._publish_at = time.monotonic() + _retry_delay(self._publish_failures)
             return False
         self._published, self._publish_failures = fingerprint, 0
         return True
