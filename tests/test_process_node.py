@@ -32,8 +32,9 @@ T = TypeVar("T")
 
 
 class Api:
-    """The apiserver as the agent calls it: records the pod statuses it accepted; `on_terminal` runs at each write of
-    a pod's end, before it is accepted (it may raise, as a request to a restarting apiserver does)."""
+    """The apiserver as the agent calls it: records the pod statuses it accepted and the pods deleted; `on_terminal`
+    runs at each write of a pod's end, `on_delete` at each delete, before it is accepted (either may raise, as a
+    request to a restarting apiserver does)."""
 
     host, port = "127.0.0.1", 6443
 
@@ -41,6 +42,7 @@ class Api:
         self.statuses: list[dict] = []
         self.deleted: list[str] = []  # the uids of the pods deleted
         self.on_terminal: Callable[[], None] = lambda: None
+        self.on_delete: Callable[[], None] = lambda: None
 
     def request(self, method: str, path: str, body: dict | None = None, content_type: str = "",
                 missing_ok: bool = False) -> dict:
@@ -49,6 +51,7 @@ class Api:
                 self.on_terminal()
             self.statuses.append(body["status"])
         elif method == "DELETE":
+            self.on_delete()
             self.deleted.append(body["preconditions"]["uid"])
         return {}
 
@@ -154,6 +157,21 @@ def test_a_deletion_that_comes_as_the_pod_ends_is_finished(agent: Agent, api: Ap
     api.on_terminal = lambda: agent._sync(_deleting(pod, 30))
     _run(agent, pod).join(10)
     assert api.deleted == [pod["metadata"]["uid"]]
+
+
+def test_a_deleted_pod_s_end_reaches_the_api_before_its_final_delete(agent: Agent, api: Api) -> None:
+    # As the kubelet: a Job counts its pods by their end (podFailurePolicy, its tracking finalizer), so a pod deleted
+    # with its end unseen would never count. Both the end and the delete are sent until the apiserver takes them.
+    pod = _pod("import time; print('ready', flush=True); time.sleep(60)")
+    runner = _run(agent, pod)
+    assert _first_line(runner) == "ready"
+    status_refusals, delete_refusals = iter([OSError("connection refused")]), iter([OSError("connection refused")])
+    api.on_terminal = lambda: _raise(next(status_refusals, None))
+    phases_at_delete: list[str] = []
+    api.on_delete = lambda: phases_at_delete.append(api.statuses[-1]["phase"]) or _raise(next(delete_refusals, None))
+    agent._sync(_deleting(pod, 30))
+    runner.join(10)
+    assert api.deleted == [pod["metadata"]["uid"]] and phases_at_delete == ["Failed", "Failed"]
 
 
 # A container's main process that starts a worker as torch elastic does (in a session of its own), says its pid, and

@@ -93,7 +93,7 @@ class Agent:
         self.runners: dict[str, PodRunner] = {}  # by pod uid; the kubelet API's threads read it too
         self._runners_lock = threading.Lock()
         self._ips = (pod_network(state_dir) + n for n in itertools.count(1))
-        self._stopping = threading.Event()
+        self.stopping = threading.Event()  # set when the agent exits
         self._kubelet_port = 0
 
     # ------------------------------------------------------------ node and lease
@@ -143,7 +143,7 @@ class Agent:
     def _heartbeat(self) -> None:
         """Renew the Lease often and re-post the Ready status now and then, as the kubelet does."""
         last_status = time.monotonic()
-        while not self._stopping.wait(RENEW_EVERY):
+        while not self.stopping.wait(RENEW_EVERY):
             try:
                 self.api.request("PATCH", f"/apis/coordination.k8s.io/v1/namespaces/kube-node-lease/leases/{self.name}",
                                  {"spec": {"renewTime": _micro_now()}}, MERGE)
@@ -156,11 +156,13 @@ class Agent:
     # ------------------------------------------------------------ pods
 
     def publish_status(self, pod: dict, status: dict) -> bool:
+        """Whether the API needs it no more: it has it, or the pod is gone (404, or 409: another pod of that name)."""
         meta = pod["metadata"]
         body = {"metadata": {"uid": meta["uid"]}, "status": status}  # the uid is a precondition
         path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status"
         try:
-            return self.api.request("PATCH", path, body, STRATEGIC, missing_ok=True) is not None
+            self.api.request("PATCH", path, body, STRATEGIC, missing_ok=True)
+            return True
         except (OSError, ApiError) as error:
             log.warning("pod %s/%s: status update failed: %s", meta["namespace"], meta["name"], error)
             return False
@@ -175,7 +177,7 @@ class Agent:
 
     def delete_pod(self, pod: dict) -> None:
         """The kubelet's final delete, once the containers are gone."""
-        if self._stopping.is_set():
+        if self.stopping.is_set():
             return  # the agent is exiting: like a stopped kubelet, leave pod objects alone
         meta = pod["metadata"]
         options = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0,
@@ -214,7 +216,7 @@ class Agent:
 
     def _watch_pods(self) -> None:
         pods = f"/api/v1/pods?fieldSelector={quote(f'spec.nodeName={self.name}')}"
-        while not self._stopping.is_set():
+        while not self.stopping.is_set():
             try:
                 listing = self.api.request("GET", pods)
                 for pod in listing["items"]:
@@ -237,7 +239,7 @@ class Agent:
 
     def _watch_services(self) -> None:
         """Every Service, for the DNS names of this node's pods."""
-        while not self._stopping.is_set():
+        while not self.stopping.is_set():
             try:
                 listing = self.api.request("GET", "/api/v1/services")
                 self.dns.set_services(listing["items"])
@@ -251,7 +253,7 @@ class Agent:
 
     def shutdown(self, grace_seconds: float = 5.0) -> None:
         """Stop every pod's processes (SIGTERM, then SIGKILL) before the agent exits."""
-        self._stopping.set()
+        self.stopping.set()
         with self._runners_lock:
             runners = list(self.runners.values())
         for runner in runners:
@@ -268,7 +270,7 @@ class Agent:
             threading.Thread(target=self._heartbeat, name="heartbeat", daemon=True).start()
             threading.Thread(target=self._watch_services, name="services", daemon=True).start()
             if self.provisioner is not None:
-                threading.Thread(target=self.provisioner.run, args=(self._stopping,),
+                threading.Thread(target=self.provisioner.run, args=(self.stopping,),
                                  name="local-path provisioner", daemon=True).start()
             self._watch_pods()
         finally:

@@ -64,9 +64,10 @@ class Node(Protocol):
     cluster: volumes.Cluster
     dns: Dns
     cgroups: Cgroups | None  # None: limits are not enforced on this machine
+    stopping: threading.Event  # set when the node exits: what is left to send is left
 
-    def publish_status(self, pod: dict, status: dict) -> bool: ...
-    def delete_pod(self, pod: dict) -> None: ...
+    def publish_status(self, pod: dict, status: dict) -> bool: ...  # False: to be sent again
+    def delete_pod(self, pod: dict) -> None: ...  # raises OSError or ApiError when not sent
     def warn(self, pod: dict, reason: str, message: str) -> None: ...
 
 
@@ -233,8 +234,27 @@ class PodRunner(threading.Thread):
                     container.state = {"waiting": {"reason": "RunContainerError", "message": f"process node: {error!r}"}}
             self._publish(now=True)
             return
-        self._publish(now=True)
-        self.node.delete_pod(self.pod)
+        # As the kubelet: the final delete once the API has the pod's end (a Job counts its pods by their end, and
+        # the pod would be gone with its end unseen), each sent until it lands.
+        if self._until_sent(lambda: self._publish(now=True)):
+            self._until_sent(self._final_delete)
+
+    def _until_sent(self, send: Callable[[], bool]) -> bool:
+        """send() until it succeeds, backing off as a refused status does; False if the node exits first."""
+        failures = 0
+        while not send():
+            failures += 1
+            if self.node.stopping.wait(_retry_delay(failures)):
+                return False
+        return True
+
+    def _final_delete(self) -> bool:  # not _delete: threading.Thread has one
+        try:
+            self.node.delete_pod(self.pod)
+            return True
+        except (OSError, ApiError) as error:
+            log.warning("pod %s: final delete failed: %s", self.name, error)
+            return False
 
     def _end_unless_stopped(self) -> bool:
         """End now, unless a deletion came meanwhile (it is then finished here); under the lock, so that a stop()
