@@ -174,6 +174,17 @@ def test_a_deleted_pod_s_end_reaches_the_api_before_its_final_delete(agent: Agen
     assert api.deleted == [pod["metadata"]["uid"]] and phases_at_delete == ["Failed", "Failed"]
 
 
+def test_a_runner_that_fails_at_once_says_so_and_its_pod_s_deletion_is_finished(agent: Agent, api: Api) -> None:
+    # Whatever fails in a runner (here the pod's folder cannot be made) shows in the pod, and a deletion of a pod
+    # whose runner ended is finished by the agent: it would otherwise stay Terminating.
+    agent.pods_dir.write_text("")  # a file where the pods' folders go
+    pod = _pod("pass")
+    _run(agent, pod).join(10)
+    assert _state(api, "main")["waiting"]["reason"] == "RunContainerError"
+    agent._sync(_deleting(pod, 30))
+    assert api.deleted == [pod["metadata"]["uid"]]
+
+
 # A container's main process that starts a worker as torch elastic does (in a session of its own), says its pid, and
 # exits after argv[1] seconds. Neither heeds SIGTERM: only a SIGKILL ends them.
 WORKER_SCRIPT = r"""

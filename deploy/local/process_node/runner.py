@@ -180,7 +180,7 @@ class PodRunner(threading.Thread):
         """The pod is being deleted: SIGTERM now, SIGKILL after the grace period, then the final delete. False when
         the runner has ended (or is ending) without one: the caller finishes the deletion."""
         with self._lock:
-            if self._ended:
+            if self._ended or not self.is_alive():  # not alive: it died without saying so (a bug)
                 return False
             kill_at = time.monotonic() + grace_seconds
             self._kill_at = kill_at if self._kill_at is None else min(self._kill_at, kill_at)
@@ -206,7 +206,6 @@ class PodRunner(threading.Thread):
     # ------------------------------------------------------------ the loop
 
     def run(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
         try:
             self._loop()
         finally:
@@ -216,6 +215,7 @@ class PodRunner(threading.Thread):
 
     def _loop(self) -> None:
         try:
+            self.dir.mkdir(parents=True, exist_ok=True)
             while True:
                 with self._lock:
                     kill_at = self._kill_at
