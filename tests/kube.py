@@ -100,8 +100,7 @@ class Kube:
         """A process-node pod's container logs (every run's), read from its folder."""
         if self.node_dir is None:
             return ""
-        meta = pod["metadata"]
-        folder = self.node_dir / "pods" / f"{meta['namespace']}_{meta['name']}_{meta['uid']}" / "logs"
+        folder = self.node_dir / "pods" / pod["metadata"]["uid"] / "logs"
         return "".join(f"--- {log}\n{log.read_text(errors='replace')[-2000:]}" for log in sorted(folder.glob("*/*.log")))
 
     def describe(self, namespace: str) -> str:

@@ -185,6 +185,15 @@ def test_a_runner_that_fails_at_once_says_so_and_its_pod_s_deletion_is_finished(
     assert api.deleted == [pod["metadata"]["uid"]]
 
 
+def test_a_pod_with_a_long_name_runs(agent: Agent, api: Api) -> None:
+    # A pod's name may have 253 characters: its folder must still be a valid file name, and its hostname is cut to a
+    # hostname's 63 characters, as the kubelet cuts it.
+    pod = _pod("import socket; print(socket.gethostname())", metadata={"name": "p" * 240})
+    runner = _run(agent, pod)
+    runner.join(10)
+    assert _state(api, "main")["terminated"]["exitCode"] == 0 and _first_line(runner) == "p" * 63
+
+
 # A container's main process that starts a worker as torch elastic does (in a session of its own), says its pid, and
 # exits after argv[1] seconds. Neither heeds SIGTERM: only a SIGKILL ends them.
 WORKER_SCRIPT = r"""

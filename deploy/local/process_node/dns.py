@@ -48,10 +48,16 @@ def _selects(service: dict, pod: dict) -> bool:
     return bool(selector) and all(labels.get(k) == v for k, v in selector.items())
 
 
+def pod_hostname(pod: dict) -> str:
+    """The pod's hostname as the kubelet gives it: a pod's name can be longer than a hostname's 63 characters, and is
+    cut (truncatePodHostnameIfNeeded)."""
+    return (pod["spec"].get("hostname") or pod["metadata"]["name"])[:63].rstrip("-.")
+
+
 def own_names(pod: dict) -> list[str]:
     """The kubelet's /etc/hosts line for the pod itself."""
     meta, spec = pod["metadata"], pod["spec"]
-    hostname = spec.get("hostname") or meta["name"]
+    hostname = pod_hostname(pod)
     if not spec.get("subdomain"):
         return [hostname]
     return [f"{hostname}.{spec['subdomain']}.{meta['namespace']}.{DOMAIN}", hostname]

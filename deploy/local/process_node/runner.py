@@ -26,7 +26,7 @@ from typing import BinaryIO, Protocol
 
 from . import downward, processes, security, volumes
 from .cgroups import Cgroups
-from .dns import Dns
+from .dns import Dns, pod_hostname
 from .kubeapi import ApiError
 from .kubelet_api import tail_offset
 
@@ -157,7 +157,7 @@ class PodRunner(threading.Thread):
         meta = pod["metadata"]
         super().__init__(name=f"pod {meta['namespace']}/{meta['name']}", daemon=True)
         self.node, self.pod, self.ip = node, pod, pod_ip
-        self.dir = pods_dir / f"{meta['namespace']}_{meta['name']}_{meta['uid']}"
+        self.dir = pods_dir / meta["uid"]  # as the kubelet's: namespace_name_uid can pass a file name's 255 bytes
         self.policy = pod["spec"].get("restartPolicy", "Always")
         self.init = [Container(c, is_init=True) for c in pod["spec"].get("initContainers", [])]
         self.containers = [Container(c) for c in pod["spec"]["containers"]]
@@ -165,7 +165,7 @@ class PodRunner(threading.Thread):
         self.conditions: dict[str, dict] = {}
         self.folders: dict[str, Path] | None = None
         self._mount_at, self._mount_problem = 0.0, ""  # the next try at the volumes, and the last failure's words
-        self.hostname = pod["spec"].get("hostname") or meta["name"]
+        self.hostname = pod_hostname(pod)
         self.hosts_file = self.dir / "hosts"
         self._kill_at: float | None = None  # set on deletion: SIGKILL what still runs at this time
         self._terminated_signalled = False
