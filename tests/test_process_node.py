@@ -231,6 +231,22 @@ def test_sigkill_at_the_end_of_the_grace_period_ends_every_process_of_the_contai
             os.kill(worker, signal.SIGKILL)
 
 
+def test_a_runner_that_fails_ends_its_containers(agent: Agent, api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A bug in the runner ends it: nothing would reap or stop its containers after.
+    runner = _run(agent, _pod(WORKER_SCRIPT, container={"args": ["60"]}))
+    worker = int(_first_line(runner))
+    main = runner.containers[0].proc.pid
+    try:
+        monkeypatch.setattr(runner_module, "_exit_code", lambda proc, root: _raise(RuntimeError("a bug")))
+        runner.join(10)
+        assert _state(api, "main")["waiting"]["reason"] == "RunContainerError"
+        assert not _alive(main) and not _alive(worker)
+    finally:
+        for pid in (main, worker):
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
 # The main process ends on SIGTERM; its child, in its process group, would say if a SIGTERM reached it too.
 SIGTERM_SCRIPT = r"""
 import subprocess, sys

@@ -85,10 +85,11 @@ def _now() -> str:
 def _kill(proc: subprocess.Popen, root: Path) -> None:
     """SIGKILL the whole container, as a runtime does: its process group (the launcher, before it chroots) and
     every process in its root, whatever session it started for itself."""
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    if proc.returncode is None:  # once reaped, its group's id may be another's
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
     processes.kill_all(root)
 
 
@@ -230,6 +231,8 @@ class PodRunner(threading.Thread):
         except Exception as error:  # a bug here must show in the pod, not leave it Pending
             log.exception("pod %s: runner failed", self.name)
             for container in self.init + self.containers:
+                if container.proc is not None and not container.done:  # no process outlives its pod's runner
+                    _kill(container.proc, self._root(container))
                 if not container.done:
                     container.state = {"waiting": {"reason": "RunContainerError", "message": f"process node: {error!r}"}}
             self._publish(now=True)
