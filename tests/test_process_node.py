@@ -14,7 +14,7 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import TypeVar
+from typing import IO, TypeVar
 
 import pytest
 
@@ -23,6 +23,7 @@ from pods import make_pod
 
 sys.path.insert(0, str(LOCAL))
 from process_node import agent as agent_module  # noqa: E402
+from process_node import dns as dns_module  # noqa: E402
 from process_node.agent import Agent  # noqa: E402
 from process_node.dns import Dns  # noqa: E402
 from process_node import runner as runner_module  # noqa: E402
@@ -324,3 +325,34 @@ def test_etc_hosts_always_names_the_pod_while_it_is_rewritten(tmp_path: Path) ->
         ready = not ready
         dns.set_ready(pod, ready)
     assert reader.stdout.read() == "0\n"
+
+
+def test_etc_hosts_holds_no_wrong_address_before_it_is_cut_to_a_shorter_text(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    # Rewritten in place, the file holds the new text, then whatever is left of the old one, until it is cut to
+    # length: a lookup meanwhile must find the new text's addresses and none of the old tail's.
+    hosts = tmp_path / "hosts"
+    before_cut: list[str] = []
+
+    def watched_open(fd: int, mode: str) -> IO:
+        """open(), whose file records what a lookup reads just before the cut."""
+        f = open(fd, mode)
+        cut = f.truncate
+
+        def truncate(*size: int) -> int:
+            f.flush()
+            before_cut.append(hosts.read_text())
+            return cut(*size)
+
+        f.truncate = truncate
+        return f
+
+    dns = Dns()
+    pod = _pod("", metadata={"labels": {"app": "x"}})
+    dns.add_pod(pod, "127.9.0.1", hosts)
+    dns.set_services([{"metadata": {"namespace": "ns", "name": "a-service-of-a-long-name"},
+                       "spec": {"selector": {"app": "x"}}}])
+    dns.set_ready(pod, True)
+    monkeypatch.setattr(dns_module, "open", watched_open, raising=False)
+    dns.set_ready(pod, False)  # the Service's line goes
+    assert before_cut[-1].split() == hosts.read_text().split()

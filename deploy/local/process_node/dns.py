@@ -125,11 +125,13 @@ class Dns:
     def _write_all(self) -> None:
         for record in self._pods.values():
             lines = [(record.ip, own_names(record.pod)), *self._answers(record.namespace)]
-            text = HEADER + "".join(f"{ip}\t{' '.join(names)}\n" for ip, names in lines)
+            text = (HEADER + "".join(f"{ip}\t{' '.join(names)}\n" for ip, names in lines)).encode()
             # In place, as containers see this inode through their bind mounts (a file renamed over it would not
             # show): over the old text, then cut to length, never emptied first, so a lookup meanwhile finds the pod's
             # own name (its line never changes) and, but for a read torn by the write itself, any other that stays.
-            with open(os.open(record.hosts_file, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644), "w") as f:
-                f.write(text)
-                f.truncate()
+            # A shorter text is padded with blank lines (which resolvers skip) to the old one's length: the old
+            # text's tail, cut mid-line, would read as a wrong address until the cut.
+            with open(os.open(record.hosts_file, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644), "wb") as f:
+                f.write(text.ljust(os.fstat(f.fileno()).st_size, b"\n"))
+                f.truncate(len(text))
             record.hosts_file.chmod(0o644)
