@@ -24,6 +24,7 @@ from pods import make_pod
 sys.path.insert(0, str(LOCAL))
 from process_node import agent as agent_module  # noqa: E402
 from process_node import dns as dns_module  # noqa: E402
+from process_node import processes  # noqa: E402
 from process_node.agent import Agent  # noqa: E402
 from process_node.dns import Dns  # noqa: E402
 from process_node import runner as runner_module  # noqa: E402
@@ -246,6 +247,20 @@ def test_a_runner_that_fails_ends_its_containers(agent: Agent, api: Api, monkeyp
         for pid in (main, worker):
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+def test_a_pid_that_left_the_container_s_root_is_not_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Between the listing of a container's processes and their SIGKILL, a listed one may end and its pid go to
+    # another process, outside the container: that one lives on.
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    listings = iter([[other.pid]])
+    monkeypatch.setattr(processes, "processes_in", lambda folder: next(listings, []))
+    try:
+        processes.kill_all(tmp_path)
+        assert other.poll() is None
+    finally:
+        other.kill()
+        other.wait()
 
 
 # The main process ends on SIGTERM; its child, in its process group, would say if a SIGTERM reached it too.
