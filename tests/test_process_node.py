@@ -24,6 +24,7 @@ from pods import make_pod
 sys.path.insert(0, str(LOCAL))
 from process_node import agent as agent_module  # noqa: E402
 from process_node import dns as dns_module  # noqa: E402
+from process_node import launcher  # noqa: E402
 from process_node import processes  # noqa: E402
 from process_node.agent import Agent  # noqa: E402
 from process_node.dns import Dns  # noqa: E402
@@ -283,6 +284,20 @@ def test_deletion_sends_sigterm_to_the_main_process_alone(agent: Agent, api: Api
     runner.join(10)
     assert _state(api, "main")["terminated"]["exitCode"] == 128 + signal.SIGTERM
     assert "SIGTERM" not in runner.log_path("main", 0).read_text()
+
+
+def test_a_sub_path_folder_that_cannot_be_given_its_owner_leaves_no_descriptor_open(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The agent makes a subPath's missing folders (as the volume's owner) for every container it starts: a descriptor
+    # left open at each refusal would add up in a process that runs for days.
+    def refused(fd: int, uid: int, gid: int) -> None:
+        raise PermissionError("refused")
+
+    monkeypatch.setattr(launcher.os, "fchown", refused)
+    open_before = set(os.listdir("/proc/self/fd"))
+    with pytest.raises(PermissionError):
+        launcher.open_beneath(str(tmp_path), "made", like=tmp_path.stat())
+    assert set(os.listdir("/proc/self/fd")) == open_before
 
 
 # What a container can leave in its emptyDir: a folder, a symlink to it, and a symlink out of the volume (argv[1]).

@@ -62,8 +62,12 @@ def _open_part(folder_fd: int, name: str, like: os.stat_result | None) -> int:
             raise
         os.mkdir(name, dir_fd=folder_fd)
         fd = os.open(name, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC, dir_fd=folder_fd)
-        os.fchmod(fd, stat.S_IMODE(like.st_mode))
-        os.fchown(fd, like.st_uid, like.st_gid)
+        try:
+            os.fchmod(fd, stat.S_IMODE(like.st_mode))
+            os.fchown(fd, like.st_uid, like.st_gid)
+        except BaseException:
+            os.close(fd)  # the caller gets no descriptor to close
+            raise
     if stat.S_ISLNK(os.fstat(fd).st_mode):
         os.close(fd)
         raise LaunchError(f"{name} is a symlink")
