@@ -6,13 +6,15 @@ from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 
 from finetune_trainer.batches import encode_text, make_collate
 from finetune_trainer.config import LoraSpec, ModelSpec, Task, TrainerConfig
 from finetune_trainer.data import Split
-from finetune_trainer.export import export_model, model_card, published_dtype
+from finetune_trainer import rearrange
+from finetune_trainer.export import as_published, export_model, model_card, published_dtype
 from finetune_trainer.models import load_model, load_tokenizer, logits_of
-from finetune_trainer.rearrange import CHANGE_KEPT, add_adapters, merge_adapters, new_head
+from finetune_trainer.rearrange import CHANGE_KEPT, add_adapters, merge_adapters, merge_measured, new_head
 from tiny import TINY_GPT2, bpe_tokenizer, card_model, tiny_classifier_doc
 
 
@@ -152,14 +154,82 @@ def test_a_bf16_export_says_how_much_of_the_adapters_change_it_keeps(size: float
     trained = {n: t.clone() for n, t in merged.state_dict().items()}
     export_model(merged, tokenizer, {}, cfg, tmp_path / "out")
     base, exported = (load_file(tmp_path / folder / "model.safetensors") for folder in ("base", "out"))
-    changed = [n for n in base if not torch.equal(trained[n], base[n].float())]
-    along = sum(float(((exported[n].float() - base[n].float()) * (trained[n] - base[n].float())).sum())
-                for n in changed)
-    total = sum(float((trained[n] - base[n].float()).square().sum()) for n in changed)
-    assert check["change_kept"] == pytest.approx(along / total, rel=1e-4)
+    assert check["change_kept"] == pytest.approx(share_kept(base, trained, exported), rel=1e-4)
     lost = check["change_kept"] < CHANGE_KEPT
     assert lost == (size < 1e-2) and ("keeps" in caplog.text) == lost
     report = {"evaluation": {"baseline": {}, "final": {}, "delta": {}}, "labels": {}, "merge_check": check,
               "training": {"train_samples": 1, "validation_samples": 1, "test_samples": 1, "steps": 1, "seconds": 1,
                            "samples_per_second": 1}}
     assert f"written in bfloat16, which keeps {check['change_kept']:.1%}" in model_card(cfg, report)
+
+
+def share_kept(base: dict[str, torch.Tensor], trained: dict[str, torch.Tensor],
+               exported: dict[str, torch.Tensor]) -> float:
+    """The exported weights' change from the base projected on the trained (merged) weights', over its square."""
+    changed = [n for n in base if not torch.equal(trained[n].float(), base[n].float())]
+    along = sum(float(((exported[n].float() - base[n].float()) * (trained[n] - base[n].float())).sum())
+                for n in changed)
+    return along / sum(float((trained[n] - base[n].float()).square().sum()) for n in changed)
+
+
+def small_adapters(model: nn.Module, std: float) -> None:
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, std)
+
+
+def test_an_fp16_export_counts_the_weights_it_keeps_in_fp32_as_keeping_their_change() -> None:
+    """T5 keeps its feed-forward output `wo` in fp32 at fp16 (_keep_in_fp32_modules), and so does the export; `wo` is
+    a default LoRA target. The merge counted its change as rounded to fp16 (53% kept here, 20% with adapters on `wo`
+    alone, warned of) where the export keeps all of it. The share is the exported weights' own, names matched
+    through peft's wrapping."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import T5Config, T5ForSequenceClassification
+
+    torch.manual_seed(0)
+    model = T5ForSequenceClassification(T5Config(vocab_size=100, d_model=32, d_ff=64, num_layers=1, num_heads=2,
+                                                 d_kv=16, num_labels=2))
+    with torch.no_grad():  # an fp16 checkpoint's weights
+        for param in model.parameters():
+            param.copy_(param.half().float())
+    model.config.dtype = torch.float16
+    base = {n: t.clone() for n, t in model.state_dict().items()}
+    wrapped = get_peft_model(model, LoraConfig(r=4, target_modules=["q", "wo"]))
+    small_adapters(wrapped, 2e-5)
+    with torch.no_grad():
+        kept = merge_measured(wrapped, torch.float16)
+    trained = {n: t.clone() for n, t in wrapped.unload().state_dict().items()}
+    exported = as_published(model).state_dict()
+    assert exported["transformer.encoder.block.0.layer.1.DenseReluDense.wo.weight"].dtype == torch.float32
+    assert kept == pytest.approx(share_kept(base, trained, exported), rel=1e-4)
+
+
+def test_adapters_on_multihead_attention_are_measured_where_they_merge(monkeypatch) -> None:
+    """peft's layer on nn.MultiheadAttention has no base `.weight`: its merge changes in_proj_weight and its
+    out_proj's weight (a tuner layer within it), and was left out of the share. A weight is measured MERGE_CHUNK
+    elements at a time (small here), as a large one is."""
+    from peft import LoraConfig, get_peft_model
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.attn, self.fc = nn.MultiheadAttention(16, 2, batch_first=True), nn.Linear(16, 16)
+
+    torch.manual_seed(0)
+    model = Attention()
+    with torch.no_grad():  # a bf16 checkpoint's weights, large enough that a bf16 step is near the change
+        for name, param in model.named_parameters():
+            param.copy_(param.mul(300 if name.endswith("weight") else 1).bfloat16().float())
+    base = {n: t.clone() for n, t in model.state_dict().items()}
+    wrapped = get_peft_model(model, LoraConfig(r=2, target_modules=["attn", "fc"]))
+    small_adapters(wrapped, 0.05)
+    monkeypatch.setattr(rearrange, "MERGE_CHUNK", 100)
+    with torch.no_grad():
+        kept = merge_measured(wrapped, torch.bfloat16)
+    trained = wrapped.unload().state_dict()
+    exported = {n: t.bfloat16() for n, t in trained.items()}
+    assert {n for n in base if not torch.equal(trained[n], base[n])} == {
+        "attn.in_proj_weight", "attn.out_proj.weight", "fc.weight"}
+    assert kept == pytest.approx(share_kept(base, trained, exported), rel=1e-4)
+

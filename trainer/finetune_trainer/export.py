@@ -27,7 +27,7 @@ import re
 import shutil
 import signal
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -240,15 +240,23 @@ def as_published(model: nn.Module) -> nn.Module:
     if dtype is None or model.dtype == dtype:
         return model
     log.info("writing the weights in %s, the dtype of the checkpoint (trained in %s)", dtype, model.dtype)
+    fp32 = kept_in_fp32(model, dtype)
+    for prefix, module in model.named_modules():
+        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
+            if tensor.is_floating_point() and not fp32(f"{prefix}.{name}".lstrip(".")):
+                tensor.data = tensor.data.to(dtype)  # in place: a buffer or a (tied) parameter stays itself
+    return model
+
+
+def kept_in_fp32(model: nn.Module, dtype: torch.dtype) -> Callable[[str], bool]:
+    """Whether `as_published` at `dtype` keeps a parameter or buffer, by its name, in fp32: what transformers keeps
+    so. A name within peft's wrapping (base_model.model., .base_layer) is taken as the unloaded model's, so that
+    rearrange.merge_measured counts the weights the export keeps as the export does."""
     kept = set(getattr(model, "_keep_in_fp32_modules_strict", None) or [])
     if dtype == torch.float16:  # the list transformers keeps in fp32 only where it loads at fp16
         kept |= set(getattr(model, "_keep_in_fp32_modules", None) or [])
     fp32 = re.compile("|".join(rf"(^|\.){re.escape(name)}($|\.)" for name in sorted(kept)) or "(?!)")
-    for prefix, module in model.named_modules():
-        for name, tensor in [*module.named_parameters(recurse=False), *module.named_buffers(recurse=False)]:
-            if tensor.is_floating_point() and not fp32.search(f"{prefix}.{name}".lstrip(".")):
-                tensor.data = tensor.data.to(dtype)  # in place: a buffer or a (tied) parameter stays itself
-    return model
+    return lambda name: bool(fp32.search(re.sub(r"^base_model\.model\.|\.base_layer(?=\.|$)", "", name)))
 
 
 def published_dtype(model: nn.Module) -> torch.dtype | None:

@@ -5,12 +5,15 @@ DoRA adapters through peft, and, on export, the adapters merged back into the we
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from operator import attrgetter
 
 import torch
 from torch import nn
 
 from finetune_trainer.config import LoraSpec, LoraVariant
 from finetune_trainer.errors import ConfigError
+from finetune_trainer.export import kept_in_fp32
 from finetune_trainer.models import logits_of
 from finetune_trainer.structure import trained_whole, within
 
@@ -19,6 +22,7 @@ log = logging.getLogger(__name__)
 HEAD_INIT_STD = 0.02  # transformers' initializer_range default; small logits keep the first steps calm
 MERGE_ATOL = 1e-3  # merged and adapter logits differ only by float rounding of W + BA
 CHANGE_KEPT = 0.9  # the share of the adapters' change that a 16-bit export keeps, below which it is warned of
+MERGE_CHUNK = 1 << 20  # elements of a merged weight measured at a time
 
 
 def new_head(model: nn.Module, head: str, num_labels: int, id2label: dict[int, str], reinitialize: bool) -> bool:
@@ -109,24 +113,46 @@ def merge_adapters(model: nn.Module, inputs: dict[str, torch.Tensor],
 
 def merge_measured(model: nn.Module, dtype: torch.dtype | None) -> float | None:
     """Merge the adapters in place (reversible with unmerge_adapter), a layer at a time as peft's merge_adapter does,
-    and return the share of their change to the weights that rounding to `dtype` keeps: the rounded change's
-    projection on the change, summed over the layers (None without `dtype` or a change). The merge check and the
-    final evaluation see the fp32 weights; a change under half a 16-bit step of a weight is rounded away."""
+    and return the share of their change to the weights that the export at `dtype` keeps: the rounded change's
+    projection on the change, summed over the layers (None without `dtype` or a change); what the export keeps in
+    fp32 keeps all of it. The merge check and the final evaluation see the fp32 weights; a change under half a 16-bit
+    step of a weight is rounded away."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    along = total = 0.0
-    for module in model.modules():
-        if not isinstance(module, BaseTunerLayer):
-            continue
-        weight = getattr(module.get_base_layer(), "weight", None)
-        base = weight.detach().clone() if dtype is not None and weight is not None else None
-        module.merge(safe_merge=True)
-        if base is not None:
-            change = weight.detach() - base
-            rounded = weight.detach().to(dtype).float() - base.to(dtype).float()
-            along += float((rounded * change).sum())
-            total += float(change.square().sum())
+    fp32 = kept_in_fp32(model, dtype) if dtype is not None else None
+    outer, parts = None, []
+    for name, module in model.named_modules():
+        if not isinstance(module, BaseTunerLayer) or (outer and name.startswith(f"{outer}.")):
+            continue  # one within another (nn.MultiheadAttention's out_proj) is merged and measured by it
+        outer = name
+        if fp32 is None:
+            module.merge(safe_merge=True)
+        else:
+            parts += merge_layer(module, f"{name}.base_layer", dtype, fp32)
+    along, total = sum(part.double().cpu() for part in parts).tolist() if parts else (0.0, 0.0)
     return along / total if total else None
+
+
+def merge_layer(module: nn.Module, name: str, dtype: torch.dtype, fp32: Callable[[str], bool]) -> list[torch.Tensor]:
+    """Merge one tuner layer and return change_sums of every weight of its base layer `name`, on their devices
+    (nn.MultiheadAttention's merge changes its in_proj_weight and its out_proj's weight)."""
+    base_layer = module.get_base_layer()
+    before = {n: p.detach().clone() for n, p in base_layer.named_parameters() if p.is_floating_point()}
+    module.merge(safe_merge=True)
+    # by name: MultiheadAttention's merge puts new tensors in place of its weights
+    return [change_sums(attrgetter(n)(base_layer).detach(), base, None if fp32(f"{name}.{n}") else dtype)
+            for n, base in before.items()]
+
+
+def change_sums(weight: torch.Tensor, base: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    """[rounded change . change, |change|^2] of `weight` merged from `base`, rounded to `dtype` (None: kept in fp32),
+    a chunk at a time: widened copies of a whole weight took 1.25 times its size beside the copy of its base."""
+    sums = torch.zeros(2, device=weight.device)
+    for w, b in zip(weight.reshape(-1).split(MERGE_CHUNK), base.reshape(-1).split(MERGE_CHUNK)):
+        change = w.float() - b.float()
+        rounded = change if dtype is None else w.to(dtype).float() - b.to(dtype).float()
+        sums += torch.stack([(rounded * change).sum(), change.square().sum()])
+    return sums
 
 
 def warn_if_lost(kept: float, dtype: str) -> None:
