@@ -233,3 +233,15 @@ def test_adapters_on_multihead_attention_are_measured_where_they_merge(monkeypat
         "attn.in_proj_weight", "attn.out_proj.weight", "fc.weight"}
     assert kept == pytest.approx(share_kept(base, trained, exported), rel=1e-4)
 
+
+def test_a_merge_warns_of_adapters_on_tied_weights_as_peft_does() -> None:
+    """merge_measured merges a layer at a time, and skipped what peft's merge_adapter checks first: an adapter on an
+    embedding tied to the output layer."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(vocab_size=300, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                         num_attention_heads=2, num_key_value_heads=2, tie_word_embeddings=True)
+    wrapped = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
+    with torch.no_grad(), pytest.warns(UserWarning, match="tie_word_embeddings"):
+        merge_measured(wrapped, None)

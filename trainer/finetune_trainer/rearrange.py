@@ -117,18 +117,20 @@ def merge_measured(model: nn.Module, dtype: torch.dtype | None) -> float | None:
     projection on the change, summed over the layers (None without `dtype` or a change); what the export keeps in
     fp32 keeps all of it. The merge check and the final evaluation see the fp32 weights; a change under half a 16-bit
     step of a weight is rounded away."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.tuners.tuners_utils import BaseTunerLayer, onload_layer
 
+    model.base_model._check_merge_allowed()  # what merge_adapter refuses: an adapter on a tied weight
     fp32 = kept_in_fp32(model, dtype) if dtype is not None else None
     outer, parts = None, []
     for name, module in model.named_modules():
         if not isinstance(module, BaseTunerLayer) or (outer and name.startswith(f"{outer}.")):
             continue  # one within another (nn.MultiheadAttention's out_proj) is merged and measured by it
         outer = name
-        if fp32 is None:
-            module.merge(safe_merge=True)
-        else:
-            parts += merge_layer(module, f"{name}.base_layer", dtype, fp32)
+        with onload_layer(module):  # an offloaded layer's weights onto its device, as merge_adapter does
+            if fp32 is None:
+                module.merge(safe_merge=True)
+            else:
+                parts += merge_layer(module, f"{name}.base_layer", dtype, fp32)
     along, total = sum(part.double().cpu() for part in parts).tolist() if parts else (0.0, 0.0)
     return along / total if total else None
 
