@@ -940,6 +940,28 @@ def test_an_image_classifier_with_side_heads_trains_and_loads_again_as_exported(
     torch.testing.assert_close(logits_of(reloaded.eval(), pixels), logits_of(model.eval(), pixels))
 
 
+def test_torchvision_weights_of_googlenet_take_inputs_at_the_scale_they_were_trained_on(tmp_path: Path) -> None:
+    """torchvision builds GoogLeNet and Inception v3 with transform_input for its weights, which turns ImageNet's
+    normalisation into the [-1, 1] they were trained on; built with weights=None it was off, and a torchvision weights
+    file trained on inputs at another scale. The export records the setting, so its reload is the same network; an
+    export of ours is built as it records (here without it)."""
+    import torchvision
+
+    net = torchvision.models.googlenet(weights=None, aux_logits=True, init_weights=False, transform_input=True)
+    (tmp_path / "tv").mkdir()
+    torch.save(net.state_dict(), tmp_path / "tv" / "model.pth")
+    spec = ModelSpec(task="image-classification", architecture="googlenet", uri=str(tmp_path / "tv"))
+    model = load_vision_model(spec)
+    cfg = TrainerConfig.model_validate({"model": spec.to_wire(), "output": {"uri": str(tmp_path / "out")},
+                                        "dataset": {"uri": "pvc://data/digits", "imageSize": 64}})
+    export_model(model, None, {}, cfg, tmp_path / "out")
+    reloaded = load_vision_model(ModelSpec(task="image-classification", uri=str(tmp_path / "out")))
+    assert model.net.transform_input and reloaded.net.transform_input
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    (tmp_path / "out" / "config.json").write_text(json.dumps(config | {"config": {}}))
+    assert not load_vision_model(ModelSpec(task="image-classification", uri=str(tmp_path / "out"))).net.transform_input
+
+
 def test_the_weights_a_step_saves_for_its_backward_are_no_activations() -> None:
     """A Linear saves Wᵀ, a view of its weight, for the backward: counted as an activation it doubled the weights
     in the memory model (4.2 MB of "activations" here, where a batch of 2 saves 16 KB of inputs)."""

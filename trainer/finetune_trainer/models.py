@@ -36,6 +36,7 @@ CHECKPOINT_KEYS = ("state_dict", "model")
 WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 # torchvision's side classifiers, which only their own training's loss read: Inception v3's and GoogLeNet's
 AUX_HEADS = ("AuxLogits", "aux1", "aux2")
+TRANSFORM_INPUT = ("googlenet", "inception_v3")  # built by torchvision with transform_input for its own weights
 
 
 class KeepsFrozenNorms(nn.Module):
@@ -336,6 +337,8 @@ def load_vision_model(spec: ModelSpec) -> ImageClassifier:
     refuse_transformers(path, spec.uri)
     architecture = spec.architecture or (saved or {}).get("architecture") or "resnet18"
     kwargs = builder_kwargs(saved, spec.config, background=0)
+    if path is not None and saved is None:
+        kwargs = for_torchvision_weights(architecture, kwargs)
     known = torchvision.models.list_models(torchvision.models)
     if architecture not in known:
         raise ModelError(f"model.architecture {architecture!r}: not a torchvision classifier; e.g. "
@@ -356,6 +359,15 @@ def load_vision_model(spec: ModelSpec) -> ImageClassifier:
             raise ModelError(f"model {spec.uri}: its weights do not fit {architecture}{hint} ({exc})") from exc
     return ImageClassifier(net, architecture, kwargs, exported_labels(path) if saved and path else None,
                            (saved or {}).get("imageSize"))
+
+
+def for_torchvision_weights(architecture: str, kwargs: dict[str, Any]) -> dict[str, Any]:
+    """The builder's arguments for weights that are no export of ours (whose config.json records its own), taken for
+    torchvision's: GoogLeNet and Inception v3 with transform_input, as torchvision builds them for its weights (ported
+    from TensorFlow, they take inputs scaled to [-1, 1] and turn ImageNet's normalisation into it). Built with
+    weights=None, it was off, and they trained on inputs at another scale. model.config's transform_input prevails;
+    the export records the setting, so its reload is the same network."""
+    return {"transform_input": True} | kwargs if architecture in TRANSFORM_INPUT else kwargs
 
 
 def drop_aux_heads(net: nn.Module) -> None:
