@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from finetune_trainer.config import DatasetSpec, Task
-from finetune_trainer.data import Split, check_label_count, head_order, label_ids, load_dataset, read_dataset
+from finetune_trainer.data import (LabelledData, Split, check_label_count, head_order, label_ids, load_dataset,
+                                    read_dataset)
 from finetune_trainer.distributed import World
 from finetune_trainer.errors import DataError
 from finetune_trainer.pipeline import check_images_once
@@ -39,6 +40,12 @@ def write(folder: Path, fmt: str) -> Path:
 
         datasets.DatasetDict({"train": datasets.Dataset.from_pandas(frame)}).save_to_disk(path := folder / "hf")
     return path
+
+
+def labelled_rows(data: LabelledData) -> list[tuple[str, str]]:
+    """Every split's rows, as (input, label name), sorted."""
+    splits = (data.train, data.validation, data.test)
+    return sorted((text, data.id2label[label]) for s in splits for text, label in zip(s.inputs, s.labels))
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl", "parquet", "hf-disk"])
@@ -1053,10 +1060,7 @@ def test_an_unquoted_tsvs_text_that_starts_with_a_quote_is_read_as_written(tmp_p
     rows = [(f"sentence number {i}", str(i % 2)) for i in range(40)]
     rows[10], rows[20] = ('" a dark , quirky road movie', "1"), ('the title says " enough', "0")
     (path := tmp_path / "train.tsv").write_text("text\tlabel\n" + "".join(f"{t}\t{l}\n" for t, l in rows))
-    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
-    splits = (data.train, data.validation, data.test)
-    read = sorted((text, data.id2label[label]) for s in splits for text, label in zip(s.inputs, s.labels))
-    assert read == sorted(rows)
+    assert labelled_rows(load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)) == sorted(rows)
 
 
 def test_a_csv_quote_that_takes_in_rows_is_refused_naming_its_lines(tmp_path: Path) -> None:
@@ -1073,6 +1077,21 @@ def test_a_csv_quote_that_takes_in_rows_is_refused_naming_its_lines(tmp_path: Pa
                                                                      for i, t in enumerate(texts)))
     data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
     assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(texts)
+
+
+@pytest.mark.parametrize(("name", "cell", "label"), [
+    ("d.csv", "Pros: acting, music\nOverall, positive\nWould watch again.", "positive"),
+    ("d.csv", "Is the sky green? Well, no\nbut at dusk it looks that way.", "negative"),
+    ("d.tsv", 'Pros:\tacting\nVerdict:\tpositive\nCons: "too long"', "positive")])
+def test_a_written_csvs_quoted_cell_of_lines_that_read_as_rows_is_its_text(tmp_path: Path, name: str, cell: str,
+                                                                           label: str) -> None:
+    """A writer's quotes close before a separator: a cell's line "Overall, positive" was taken for a row that a
+    quote took in, the CSV refused and the TSV read without quoting, its cell split into rows of a new label."""
+    rows = [(f"A fine film number {i}.", ["positive", "negative", "no"][i % 3]) for i in range(30)] + [(cell, label)]
+    pd.DataFrame(rows, columns=["text", "label"]).to_csv(path := tmp_path / name, sep="\t" if name == "d.tsv" else ",",
+                                                         index=False)
+    assert labelled_rows(load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)) == sorted(rows)
+
 
 def test_a_csv_text_that_looks_like_a_number_is_the_text_written(tmp_path: Path) -> None:
     """pandas read the column as numbers, floats where a cell was empty: the text 007 trained as '7.0'."""
@@ -1109,9 +1128,7 @@ def test_csv_rows_of_a_field_more_than_the_header_that_is_no_text_are_read(tmp_p
     (path := tmp_path / "d.csv").write_text('"text","label"\n' + rows)
     data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
     assert data.id2label == {0: "a", 1: "b"}
-    splits = (data.train, data.validation, data.test)
-    assert sorted((text, data.id2label[label]) for s in splits for text, label in zip(s.inputs, s.labels)) == sorted(
-        (f"t{i} words", "ab"[i % 2]) for i in range(1, 21))
+    assert labelled_rows(data) == sorted((f"t{i} words", "ab"[i % 2]) for i in range(1, 21))
 
 
 def test_an_unquoted_csv_cells_leading_spaces_are_dropped_at_a_lines_start_too_and_quoting_keeps_them(

@@ -496,12 +496,14 @@ def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
 
 
 def read_delimited(text: str, name: str, sep: str) -> pd.DataFrame:
-    """A CSV's rows, with quoting. A quote that starts a cell and closes lines later (a text that starts with a
-    quote, unquoted) takes in the rows between as that cell's text: refused, naming its line. A tab-separated file
-    is read again without quoting, as IANA's TSV and GLUE's files are written (their texts start with `"`)."""
+    """A CSV's rows, with quoting. A quote that starts a cell and closes lines later, mid-cell (a text that starts
+    with a quote, unquoted), takes in the rows between as that cell's text: refused, naming its line. A
+    tab-separated file is read again without quoting, as IANA's TSV and GLUE's files are written (their texts start
+    with `"`)."""
     try:
         table = read_rows(text, name, sep, csv.QUOTE_MINIMAL)
-        if (swallowed := swallowed_rows(text, table, sep)) is None:
+        # the check first: it is quick where no cell holds lines (most files); the strict parse reads all the text
+        if (swallowed := swallowed_rows(text, table, sep)) is None or quoted_as_written(text, sep):
             return table
     except pd.errors.ParserError as exc:  # such as a quote that never closes ("EOF inside string")
         if sep != "\t":
@@ -536,6 +538,19 @@ def row_names(index: pd.Index) -> bool:
     or 0, 1, ... (pandas' to_csv), which the header does not name, not the start of texts ("42, the answer")."""
     numbers = [str(i) for i in range(len(index) + 1)]
     return index.nlevels == 1 and list(index) in (numbers[1:], numbers[:-1])
+
+
+def quoted_as_written(text: str, sep: str) -> bool:
+    """Whether every quote that opens a cell closes just before a separator or a line's end, as a csv writer's
+    quotes do: then a quoted cell's lines are its text whatever they read as ("Overall, positive" in a review). A
+    quote that takes in rows (an unquoted text's first character) closes mid-cell, `bye " she said,b`, unless it
+    happens to close just before a separator: then the file is read as pandas reads it."""
+    try:
+        for _ in csv.reader(io.StringIO(text, newline=""), delimiter=sep, skipinitialspace=True, strict=True):
+            pass
+    except csv.Error:  # such a quote, one that never closes, or a cell over csv's field size limit
+        return False
+    return True
 
 
 def swallowed_rows(text: str, table: pd.DataFrame, sep: str) -> str | None:
