@@ -1054,13 +1054,29 @@ def test_a_csv_is_read_with_its_headers_separator(tmp_path: Path, name: str, sep
         f"t{i}, with a comma" for i in range(20))
 
 
-def test_an_unquoted_tsvs_text_that_starts_with_a_quote_is_read_as_written(tmp_path: Path) -> None:
+def test_an_unquoted_tsvs_text_that_starts_with_a_quote_is_read_as_written(tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
     """GLUE's SST-2 is unquoted: a text starting with `"` took in every line up to the next `"` as its text, 30 of
     40 rows read and the lines between trained under the label of the row the quote closed in."""
     rows = [(f"sentence number {i}", str(i % 2)) for i in range(40)]
     rows[10], rows[20] = ('" a dark , quirky road movie', "1"), ('the title says " enough', "0")
     (path := tmp_path / "train.tsv").write_text("text\tlabel\n" + "".join(f"{t}\t{l}\n" for t, l in rows))
     assert labelled_rows(load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)) == sorted(rows)
+    assert "; reading it without quoting, as a TSV" in caplog.text  # a warning: its quotes are read as text
+
+
+def test_a_quoted_tsv_with_a_stray_quote_is_not_read_without_quoting_where_that_makes_new_labels(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """One quote closing mid-cell, in a line added by hand, made pandas' quoted TSV read without quoting: its
+    quoted cell of tabs split into rows of a new label, 'acting'."""
+    rows = [(f"A fine film number {i}.", ["positive", "negative"][i % 2]) for i in range(30)]
+    rows.append(('Pros:\tacting\nVerdict:\tpositive\nCons: "too long"', "positive"))
+    pd.DataFrame(rows, columns=["text", "label"]).to_csv(path := tmp_path / "d.tsv", sep="\t", index=False)
+    path.write_text(path.read_text() + '"Best film" of the year\tnegative\n')
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert labelled_rows(data) == sorted([*rows, ("Best film of the year", "negative")])
+    assert ("read without quoting, column 'label' would have values it has not (acting): read with its quotes"
+            in caplog.text)
 
 
 def test_a_csv_quote_that_takes_in_rows_is_refused_naming_its_lines(tmp_path: Path) -> None:

@@ -500,6 +500,7 @@ def read_delimited(text: str, name: str, sep: str) -> pd.DataFrame:
     with a quote, unquoted), takes in the rows between as that cell's text: refused, naming its line. A
     tab-separated file is read again without quoting, as IANA's TSV and GLUE's files are written (their texts start
     with `"`)."""
+    table = None
     try:
         table = read_rows(text, name, sep, csv.QUOTE_MINIMAL)
         # the check first: it is quick where no cell holds lines (most files); the strict parse reads all the text
@@ -512,8 +513,33 @@ def read_delimited(text: str, name: str, sep: str) -> pd.DataFrame:
     if sep != "\t":
         raise ValueError(f'{name} {swallowed}; quote a text that starts with a quote and double its quotes ("""Hi"", '
                          'she said")')
-    log.info("%s: %s; reading it without quoting, as a TSV", name, swallowed)
-    return read_rows(text, name, sep, csv.QUOTE_NONE)
+    return tsv_rows(text, name, swallowed, table)
+
+
+def tsv_rows(text: str, name: str, swallowed: str, quoted: pd.DataFrame | None) -> pd.DataFrame:
+    """A TSV's rows read without quoting, where its quotes took in rows (`swallowed` says where); but the quoted
+    read's (`quoted`, None where it failed) where the unquoted one adds values to a column of classes, as it does
+    splitting a quoted cell at its tabs: a writer quoted the file, and one stray quote is no cause to read every
+    cell otherwise."""
+    unquoted = read_rows(text, name, "\t", csv.QUOTE_NONE)
+    if quoted is not None and (added := added_classes(quoted, unquoted)):
+        log.warning("%s: %s; read without quoting, %s: read with its quotes", name, swallowed, added)
+        return quoted
+    log.warning("%s: %s; reading it without quoting, as a TSV", name, swallowed)
+    return unquoted
+
+
+def added_classes(quoted: pd.DataFrame, unquoted: pd.DataFrame) -> str | None:
+    """What the unquoted read of a file gives a column of classes of the quoted read that the latter has not, None
+    where nothing: a column whose values repeat, under half as many as its rows, as labels do (texts seldom
+    repeat, and the unquoted read makes new ones of the rows a quote took in)."""
+    if list(unquoted.columns) != list(quoted.columns):  # a quoted header: '"text"'
+        return f"its columns are {listed([repr(c) for c in unquoted.columns])}"
+    for column in quoted.columns:
+        values = set(quoted[column].dropna())
+        if len(values) <= len(quoted) / 2 and (added := set(unquoted[column].dropna()) - values):
+            return f"column {column!r} would have values it has not ({listed(sorted(added), most=3)})"
+    return None
 
 
 def read_rows(text: str, name: str, sep: str, quoting: int) -> pd.DataFrame:
