@@ -1109,6 +1109,18 @@ def test_a_written_csvs_quoted_cell_of_lines_that_read_as_rows_is_its_text(tmp_p
     assert labelled_rows(load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)) == sorted(rows)
 
 
+def test_a_csv_cell_over_the_csv_modules_field_size_limit_is_read_or_refused_as_another(tmp_path: Path) -> None:
+    """Python's csv reads no field over 128 KiB: its error on a cell's long line, or on a long text before a row
+    longer than the header, was no ValueError, so an infrastructure failure (exit 2, retried), not the file's."""
+    long = "word " * 30_000
+    rows = [(f"t{i}", "ab"[i % 2]) for i in range(20)] + [(f"{long}\nsecond line, a", "a")]
+    pd.DataFrame(rows, columns=["text", "label"]).to_csv(path := tmp_path / "d.csv", index=False)
+    assert labelled_rows(load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)) == sorted(rows)
+    path.write_text(f"text,label\nhello, {long},a\n" + "".join(f"hello, world {i},{'ab'[i % 2]}\n" for i in range(20)))
+    with pytest.raises(DataError, match=r"d.csv a row has more fields than its header \(2\)"):
+        load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+
+
 def test_a_csv_text_that_looks_like_a_number_is_the_text_written(tmp_path: Path) -> None:
     """pandas read the column as numbers, floats where a cell was empty: the text 007 trained as '7.0'."""
     texts = ["007", "1.50", "12", *(f"{i}" for i in range(20, 40))]

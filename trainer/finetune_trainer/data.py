@@ -595,7 +595,7 @@ def swallowed_rows(text: str, table: pd.DataFrame, sep: str) -> str | None:
         for row, cell in table[column][table[column].str.contains("[\r\n]", na=False)].items():
             lines = re.split(r"\r\n?|\n", cell)
             for i, line in enumerate(lines[:-1]):  # the last ends where the quote closes: a row's start at most
-                fields = next(csv.reader([line], delimiter=sep, skipinitialspace=True), [])
+                fields = line_fields(line, sep)
                 names = columns[place if i == 0 else 0:]
                 if len(fields) == len(names) and any(
                         name != column and field.strip() in values(name)
@@ -603,6 +603,14 @@ def swallowed_rows(text: str, table: pd.DataFrame, sep: str) -> str | None:
                     return (f"{rows_of(text, sep, int(row))}: the quote that opens its cell in column {column!r} "
                             f"takes in what reads as a row ({line.strip()[:80]!r})")
     return None
+
+
+def line_fields(line: str, sep: str) -> list[str]:
+    """A line's fields, none where one is over csv's field size limit (128 KiB of a text: no row's)."""
+    try:
+        return next(csv.reader([line], delimiter=sep, skipinitialspace=True), [])
+    except csv.Error:
+        return []
 
 
 def rows_of(text: str, sep: str, row: int) -> str:
@@ -625,7 +633,10 @@ def first_long_row(text: str, sep: str, quoting: int = csv.QUOTE_MINIMAL) -> str
     in it ("hello, world,pos") has one more, as has every row of a column that the header does not name."""
     reader = csv.reader(io.StringIO(text), delimiter=sep, skipinitialspace=True, quoting=quoting)  # as pandas reads it
     header = next(reader)
-    where = next((f"line {reader.line_num}" for row in reader if len(row) > len(header)), "a row")
+    try:
+        where = next((f"line {reader.line_num}" for row in reader if len(row) > len(header)), "a row")
+    except csv.Error:  # a cell over csv's field size limit before such a row
+        where = "a row"
     return (f"{where} has more fields than its header ({len(header)}): quote a field that holds {sep!r}, "
             "or name every column in the header")
 
