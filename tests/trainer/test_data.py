@@ -269,27 +269,49 @@ def test_an_image_folder_linking_to_a_folder_above_reads_each_image_once(tmp_pat
     assert len(data.train.inputs + data.validation.inputs + data.test.inputs) == 6
 
 
-def test_a_class_folder_the_trainer_may_not_read_is_the_users_naming_it(tmp_path: Path,
-                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
-    """Path.rglob skipped a folder it may not read: the class was dropped, warned of as a folder without images.
-    The error is the one os.scandir raises, built here (the tests run as root)."""
+def refuse_listing(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
+    """Make listing a folder of this name raise the error os.scandir raises where the user may not read it (the
+    tests run as root, whom a folder's mode lets read)."""
     import errno
 
-    from finetune_trainer.errors import exit_code_of
-
-    cats_and_dogs(tmp_path, ".png")
     scandir = os.scandir
 
     def refused(path: str | os.PathLike[str] = ".") -> object:
-        if Path(path).name == "Dog":
+        if Path(path).name == name:
             raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
         return scandir(path)
 
     monkeypatch.setattr(os, "scandir", refused)
+
+
+def test_a_class_folder_the_trainer_may_not_read_is_the_users_naming_it(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """Path.rglob skipped a folder it may not read: the class was dropped, warned of as a folder without images.
+    The error is the one os.scandir raises, built here (the tests run as root)."""
+    from finetune_trainer.errors import exit_code_of
+
+    cats_and_dogs(tmp_path, ".png")
+    refuse_listing(monkeypatch, "Dog")
     with pytest.raises(DataError, match=rf"^dataset {tmp_path}: the trainer may not read {tmp_path}/Dog "
                                         r"\(Permission denied\)") as caught:
         load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
     assert exit_code_of(caught.value) == 1
+
+@pytest.mark.parametrize("task", [Task.SEQUENCE_CLASSIFICATION, Task.IMAGE_CLASSIFICATION])
+def test_a_volumes_lost_and_found_that_the_trainer_may_not_read_is_no_part_of_a_dataset(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, task: Task) -> None:
+    """The operator mounts a claim at its volume's root, where ext4's lost+found is root's alone (mode 0700): a
+    dataset at pvc://claim/ was refused as a folder the trainer's (non-root) user may not read."""
+    images = task == Task.IMAGE_CLASSIFICATION
+    if images:
+        cats_and_dogs(tmp_path, ".png")
+    else:
+        write(tmp_path, "csv")
+    (tmp_path / "lost+found").mkdir()
+    refuse_listing(monkeypatch, "lost+found")
+    data = load_dataset(DatasetSpec(uri=str(tmp_path)) if images else spec(tmp_path), task, 0)
+    assert len(data.train.inputs + data.validation.inputs + data.test.inputs) == (6 if images else 30)
+
 
 def test_only_the_image_files_the_run_uses_are_opened_before_training(tmp_path: Path) -> None:
     """Every file of the folder was opened, a minutes-long read of a large dataset on a network volume, however few

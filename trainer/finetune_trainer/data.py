@@ -380,12 +380,13 @@ def format_suffix(file: Path) -> str:
 
 
 def data_files(folder: Path, suffixes: set[str]) -> list[Path]:
-    """Files with these suffixes anywhere below the folder, but not in hidden folders (.git, .cache)."""
+    """Files with these suffixes anywhere below the folder, but not in hidden folders (.git, .cache) nor
+    lost+found (data_folder)."""
     return sorted(p for p in files_below(folder) if format_suffix(p) in suffixes and p.is_file())
 
 
 def files_below(folder: Path) -> Iterator[Path]:
-    """The entries (not hidden) of the folders below `folder`, not in hidden folders, through linked folders (a split
+    """The entries (not hidden) of the data folders below `folder` (data_folder), through linked folders (a split
     linked in from elsewhere), which Path.rglob skipped, as it skipped a folder it may not read: a PermissionError."""
     def refuse(exc: OSError) -> None:
         raise exc
@@ -400,11 +401,17 @@ def files_below(folder: Path) -> Iterator[Path]:
         kept = []
         for name in dirs:
             real = os.path.realpath(os.path.join(root, name))
-            if not name.startswith(".") and real not in reals:
+            if data_folder(name) and real not in reals:
                 kept.append(name)
                 around[os.path.join(root, name)] = reals | with_parents(real)
         dirs[:] = kept
         yield from (Path(root, name) for name in files if not name.startswith("."))
+
+
+def data_folder(name: str) -> bool:
+    """Whether a folder of this name may hold a dataset's files: not a hidden one (.git, .cache), nor lost+found,
+    the filesystem's own at the root of a volume (where the operator mounts a claim), which only root may read."""
+    return not name.startswith(".") and name != "lost+found"
 
 
 def split_of(relative: str, whole: bool = False) -> str | None:
@@ -722,7 +729,7 @@ def read_image_splits(path: Path) -> dict[str, pd.DataFrame]:
     folders = image_folders(path)
     by_split = dict(zip(folder_splits(folders), folders))
     labelled = {name: d for name, d in by_split.items() if name is not None
-                and any(c.is_dir() and not c.name.startswith(".") and has_images(c) for c in d.iterdir())}
+                and any(c.is_dir() and data_folder(c.name) and has_images(c) for c in d.iterdir())}
     if TRAIN not in labelled:
         if labelled and None not in by_split and TRAIN not in by_split:
             raise DataError(f"{path}: its folders name splits ({', '.join(d.name for d in folders)}) but none is train")
@@ -750,7 +757,7 @@ def warn_splits_read_as_classes(path: Path, folders: list[Path]) -> None:
 
 def read_image_folder(path: Path) -> pd.DataFrame:
     rows, empty = [], []
-    for class_dir in sorted(p for p in path.iterdir() if p.is_dir() and not p.name.startswith(".")):
+    for class_dir in sorted(p for p in path.iterdir() if p.is_dir() and data_folder(p.name)):
         images = data_files(class_dir, IMAGE_SUFFIXES)  # its subfolders' too, as torchvision's ImageFolder
         rows += [{IMAGE_COLUMN: str(image), "label": class_dir.name} for image in images]
         if not images:
@@ -766,7 +773,7 @@ def holds_class_folders(path: Path) -> bool:
     """Whether a folder is an ImageFolder by its folders: two or more class folders holding images, in it or in its
     train/ (not the hub's train/*.png beside a train/metadata.csv, nor one images/ folder that a table names)."""
     def classes(folder: Path) -> int:
-        return sum(1 for d in folder.iterdir() if d.is_dir() and not d.name.startswith(".") and has_images(d))
+        return sum(1 for d in folder.iterdir() if d.is_dir() and data_folder(d.name) and has_images(d))
 
     return path.is_dir() and classes(train_folder(path)) >= 2
 
@@ -778,8 +785,8 @@ def train_folder(path: Path) -> Path:
 
 
 def image_folders(path: Path) -> list[Path]:
-    """The folders (not hidden) in `path` that hold images below them."""
-    return [d for d in sorted(path.iterdir()) if d.is_dir() and not d.name.startswith(".") and has_images(d)]
+    """The data folders in `path` that hold images below them."""
+    return [d for d in sorted(path.iterdir()) if d.is_dir() and data_folder(d.name) and has_images(d)]
 
 
 def folder_splits(folders: list[Path]) -> list[str | None]:
