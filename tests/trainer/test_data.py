@@ -262,6 +262,22 @@ def test_split_folders_linked_in_are_read(tmp_path: Path, linked: str) -> None:
     assert len(data.train.inputs) + len(data.validation.inputs) == 30
 
 
+def test_a_folder_linked_to_from_inside_the_dataset_is_read_once(tmp_path: Path) -> None:
+    """A link to a folder of the dataset (current -> data; a/tob -> ../b beside b/toa -> ../a) read its files
+    twice: "holds 2 datasets in its folders (current, data)"."""
+    (data := tmp_path / "data").mkdir()
+    for name, count in (("train", 30), ("test", 6)):
+        pd.DataFrame([{"text": f"{name} {i}", "label": "ab"[i % 2]} for i in range(count)]).to_csv(
+            data / f"{name}.csv", index=False)
+    (tmp_path / "current").symlink_to("data")
+    (tmp_path / "other").mkdir()
+    (data / "to_other").symlink_to("../other")
+    (tmp_path / "other" / "to_data").symlink_to("../data")
+    data = load_dataset(spec(tmp_path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert sorted(data.test.inputs) == sorted(f"test {i}" for i in range(6))
+    assert sorted(data.train.inputs + data.validation.inputs) == sorted(f"train {i}" for i in range(30))
+
+
 def test_an_image_folder_linking_to_a_folder_above_reads_each_image_once(tmp_path: Path) -> None:
     cats_and_dogs(tmp_path, ".png")
     (tmp_path / "Cat" / "loop").symlink_to(tmp_path)

@@ -386,26 +386,35 @@ def data_files(folder: Path, suffixes: set[str]) -> list[Path]:
 
 
 def files_below(folder: Path) -> Iterator[Path]:
-    """The entries (not hidden) of the data folders below `folder` (data_folder), through linked folders (a split
-    linked in from elsewhere), which Path.rglob skipped, as it skipped a folder it may not read: a PermissionError."""
+    """The entries (not hidden) of the data folders below `folder` (data_folder), in sorted order, through folders
+    linked in from elsewhere (a split), which Path.rglob skipped, as it skipped a folder it may not read: a
+    PermissionError."""
     def refuse(exc: OSError) -> None:
         raise exc
 
-    def with_parents(real: str) -> set[str]:
-        return {real, *map(str, Path(real).parents)}
-
-    # the real folders that each walked folder is in, by way of links or not: a link to one of them would loop
-    around = {os.fspath(folder): with_parents(os.path.realpath(folder))}
+    top = os.path.realpath(folder)
+    walked = {top}
     for root, dirs, files in os.walk(folder, onerror=refuse, followlinks=True):
-        reals = around.pop(root)
-        kept = []
-        for name in dirs:
-            real = os.path.realpath(os.path.join(root, name))
-            if data_folder(name) and real not in reals:
-                kept.append(name)
-                around[os.path.join(root, name)] = reals | with_parents(real)
-        dirs[:] = kept
+        dirs[:] = [name for name in sorted(dirs)
+                   if data_folder(name) and entered(os.path.join(root, name), top, walked)]
         yield from (Path(root, name) for name in files if not name.startswith("."))
+
+
+def entered(path: str, top: str, walked: set[str]) -> bool:
+    """Whether files_below walks into the folder at `path`, and if so its real path added to `walked`: a real folder
+    once; a linked one only from outside the dataset's real folder `top` (a link to a folder of its own, current ->
+    data, read that folder twice) nor to a folder above the link (a loop; the folders around it are no dataset's)."""
+    real = os.path.realpath(path)
+    above = within(os.path.realpath(os.path.dirname(path)), real)
+    if real in walked or os.path.islink(path) and (within(real, top) or above):
+        return False
+    walked.add(real)
+    return True
+
+
+def within(path: str, folder: str) -> bool:
+    """Whether `path` is `folder` or below it (both real paths)."""
+    return os.path.commonpath([path, folder]) == folder
 
 
 def data_folder(name: str) -> bool:
