@@ -1185,11 +1185,13 @@ def test_unquoted_texts_that_start_with_a_number_and_a_comma_are_no_row_names(tm
     with pytest.raises(DataError, match=r"d.csv line 2 has more fields than its header \(2\)"):
         load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
 
-@pytest.mark.parametrize("row", ['"{i}","t{i} words","{label}"', "t{i} words,{label},"],
-                         ids=["r-row-names", "trailing-separator"])
+@pytest.mark.parametrize("row", ['"{i}","t{i} words","{label}"', '"8{i:02d}","t{i} words","{label}"',
+                                 "t{i} words,{label},"], ids=["r-row-names", "r-row-names-of-a-slice",
+                                                             "trailing-separator"])
 def test_csv_rows_of_a_field_more_than_the_header_that_is_no_text_are_read(tmp_path: Path, row: str) -> None:
-    """The refusal of rows longer than the header refused R's write.table (row names, unnamed in the header) and
-    rows that end with a separator, advising to quote: both had been read, the second as labels missing."""
+    """The refusal of rows longer than the header refused R's write.table (row names, unnamed in the header; of
+    rows 801 on, df[801:1000, ], too) and rows that end with a separator, advising to quote: all had been read, the
+    last as labels missing."""
     rows = "".join(row.format(i=i, label="ab"[i % 2]) + "\n" for i in range(1, 21))
     (path := tmp_path / "d.csv").write_text('"text","label"\n' + rows)
     data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)

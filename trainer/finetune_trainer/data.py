@@ -570,16 +570,17 @@ def read_rows(text: str, name: str, sep: str, quoting: int) -> pd.DataFrame:
     # Rows of one field more than the header: pandas read their first fields as the index, the rest as the columns
     if table.index.nlevels == 1 and table.iloc[:, -1].isna().all():  # "t0,a,": a separator ends every row
         return pd.read_csv(io.StringIO(text), index_col=False, **options)
-    if row_names(table.index):
+    if row_names(table.index, text, sep):
         return table.reset_index(drop=True)
     raise ValueError(f"{name} {first_long_row(text, sep, quoting)}")
 
 
-def row_names(index: pd.Index) -> bool:
-    """Whether the first fields of rows longer than the header are row names, numbers 1, 2, ... (R's write.table)
-    or 0, 1, ... (pandas' to_csv), which the header does not name, not the start of texts ("42, the answer")."""
-    numbers = [str(i) for i in range(len(index) + 1)]
-    return index.nlevels == 1 and list(index) in (numbers[1:], numbers[:-1])
+def row_names(index: pd.Index, text: str, sep: str) -> bool:
+    """Whether the first fields of rows longer than the header are row names, which the header does not name
+    (R's write.table, pandas' to_csv): distinct whole numbers, of a slice too (801, 802, ...), that no line follows
+    with a space, as neither writer does and a text does ("42, the answer")."""
+    return (index.nlevels == 1 and index.is_unique and bool(index.str.fullmatch(r"\d+", na=False).all())
+            and not re.search(rf'^ *"?\d+"?{re.escape(sep)} ', text, re.MULTILINE))
 
 
 def quoted_as_written(text: str, sep: str) -> bool:
