@@ -101,6 +101,14 @@ def test_a_nan_label_is_a_class_name_in_an_order_of_the_labels_not_the_rows(tmp_
         orders.add(tuple(load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0).id2label.values()))
     assert orders == {("0", "1", "2", "nan")}
 
+
+def test_numeric_labels_beside_others_keep_numeric_order(tmp_path: Path) -> None:
+    """A class "nan" (or any that is no number) made the numbers sort as text: 1, 10, 2."""
+    labels = ["10", "2", "nan", "1", "x"] * 4
+    pd.DataFrame({"text": [f"t{i}" for i in range(20)], "label": labels}).to_csv(path := tmp_path / "n.csv", index=False)
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert list(data.id2label.values()) == ["1", "2", "10", "nan", "x"]
+
 def test_latin1_bytes_are_read_not_refused(tmp_path: Path) -> None:
     (path := tmp_path / "l.csv").write_bytes("text,label\ncaf\xe9 ok,a\nna\xefve,b\nplain,a\nmore,b\nx,a\n".encode("latin-1"))
     data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
@@ -1253,6 +1261,11 @@ def test_a_label_column_of_scores_or_ids_is_named(tmp_path: Path, pvc_root: Path
     load_dataset(DatasetSpec(uri="pvc://data/sentiment/sentiment.csv", labelField="confidence"),
                  Task.SEQUENCE_CLASSIFICATION, 0)  # values repeat: more than 2 rows a label, but a score
     assert "column 'confidence' (dataset.labelField) has" in caplog.text
+    caplog.clear()
+    scores = [str(round(0.5 + i / 97, 4)) for i in range(20)] * 2 + ["nan"] * 4  # 21 labels in 44 rows
+    pd.DataFrame({"text": [f"t{i}" for i in range(44)], "label": scores}).to_csv(path, index=False)
+    load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)  # "nan" among the scores: their missing mark
+    assert "column 'label' (dataset.labelField) has 21 distinct labels in 44 rows" in caplog.text
     caplog.clear()
     load_dataset(spec(write(tmp_path, "csv")), Task.SEQUENCE_CLASSIFICATION, 0)
     assert "distinct labels" not in caplog.text

@@ -244,7 +244,9 @@ def warn_labels_no_classes(id2label: dict[int, str], rows: int, column: str | No
     on and scored), or fractional numbers among more than a few (a score, such as the sentiment corpus' confidence:
     2,319 values between 0.25 and 1). `column` None: an ImageFolder's class folders, which no labelField names."""
     names = list(id2label.values())
-    fractional = len(names) > 10 and all(map(is_number, names)) and any(not float(n).is_integer() for n in names)
+    # "nan" among scores is no class but their missing mark
+    fractional = len(names) > 10 and all(map(is_float, names)) and any(
+        is_number(n) and not float(n).is_integer() for n in names)
     if column is None and len(names) > rows / 2:
         log.warning("dataset %s: %d class folders hold %d images, such as %s: a folder per class? (one per sample, "
                     "or per image, is not)", uri, len(names), rows, listed(names, most=3))
@@ -813,15 +815,22 @@ def has_images(folder: Path) -> bool:
 
 
 def label_ids(column: pd.Series) -> tuple[dict[int, str], list[int]]:
-    """Ids in sorted label order (numeric order when every label is a number: 2 before 10), so runs agree."""
+    """Ids in sorted label order (label_order), so runs agree."""
     # Named by their text, once each: a name depends on nothing else, and keyed by value, True, 1 and 1.0 were one key,
     # named after whichever came first
     texts = column.astype(str)
     names = texts.map({text: label_name(text) for text in texts.unique()})
     distinct = names.unique().tolist()
-    ordered = sorted(distinct, key=float) if all(map(is_number, distinct)) else sorted(distinct)
+    ordered = sorted(distinct, key=label_order)
     index = {name: i for i, name in enumerate(ordered)}
     return dict(enumerate(ordered)), [index[n] for n in names]
+
+
+def label_order(name: str) -> tuple[bool, float, str]:
+    """Where a label sorts: the numbers first, by value (2 before 10), then the others by their text; a class
+    "nan" among numbers made them all sort as text, 10 before 2."""
+    number = is_number(name)
+    return not number, float(name) if number else 0.0, name
 
 
 def label_name(value: Any) -> str:
@@ -864,10 +873,16 @@ def named_classes(id2label: dict[int, str], names: list[str] | None) -> dict[int
 def is_number(text: str) -> bool:
     """Whether a label is a finite number: a CSV's "nan" is a class of that name (only an empty cell is missing), and
     as a number it compared false with every other, leaving numeric labels in the order of the rows."""
+    return is_float(text) and math.isfinite(float(text))
+
+
+def is_float(text: str) -> bool:
+    """Whether a text reads as a float, "nan" and "inf" too."""
     try:
-        return math.isfinite(float(text))
+        float(text)
     except ValueError:
         return False
+    return True
 
 
 def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spec: DatasetSpec,
