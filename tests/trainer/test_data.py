@@ -105,7 +105,8 @@ def test_a_nan_label_is_a_class_name_in_an_order_of_the_labels_not_the_rows(tmp_
 def test_numeric_labels_beside_others_keep_numeric_order(tmp_path: Path) -> None:
     """A class "nan" (or any that is no number) made the numbers sort as text: 1, 10, 2."""
     labels = ["10", "2", "nan", "1", "x"] * 4
-    pd.DataFrame({"text": [f"t{i}" for i in range(20)], "label": labels}).to_csv(path := tmp_path / "n.csv", index=False)
+    pd.DataFrame({"text": [f"t{i}" for i in range(20)], "label": labels}).to_csv(path := tmp_path / "n.csv",
+                                                                                 index=False)
     data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
     assert list(data.id2label.values()) == ["1", "2", "10", "nan", "x"]
 
