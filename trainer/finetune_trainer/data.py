@@ -404,8 +404,9 @@ def files_below(folder: Path) -> Iterator[Path]:
 
 def entered(path: str, top: str, walked: set[str]) -> bool:
     """Whether files_below walks into the folder at `path`, and if so its real path added to `walked`: a real folder
-    once; a linked one only from outside the dataset's real folder `top` (a link to a folder of its own, current ->
-    data, read that folder twice) nor to a folder above the link (a loop; the folders around it are no dataset's)."""
+    once; a linked one only where it leads out of the dataset's real folder `top` (a link to a folder of its own,
+    current -> data, read that folder twice), and not to a folder above the link (a loop, and the folders around it
+    are no dataset's)."""
     real = os.path.realpath(path)
     above = within(os.path.realpath(os.path.dirname(path)), real)
     if real in walked or os.path.islink(path) and (within(real, top) or above):
