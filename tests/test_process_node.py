@@ -28,6 +28,7 @@ from process_node import launcher  # noqa: E402
 from process_node import processes  # noqa: E402
 from process_node.agent import Agent  # noqa: E402
 from process_node.dns import Dns  # noqa: E402
+from process_node.kubeapi import ApiError  # noqa: E402
 from process_node import runner as runner_module  # noqa: E402
 from process_node.runner import PodRunner  # noqa: E402
 
@@ -151,6 +152,15 @@ def test_a_pod_s_end_reaches_the_api_after_hours_of_refusals(agent: Agent, api: 
     runner._publish_failures = 1023
     runner.join(10)
     assert api.statuses[-1]["phase"] == "Succeeded" and not runner.is_alive()
+
+
+def test_a_status_the_api_refuses_for_good_is_not_sent_for_ever(agent: Agent, api: Api) -> None:
+    # A pod deleted by force and made again under its name: the old one's status, sent with its uid, is refused
+    # (422, the uid is immutable) at every try. The runner, its warnings and its DNS entry stayed until the agent ended.
+    api.on_terminal = lambda: _raise(ApiError(422, "metadata.uid: field is immutable"))
+    runner = _run(agent, _pod("pass"))
+    runner.join(5)
+    assert not runner.is_alive()
 
 
 def test_a_deletion_that_comes_as_the_pod_ends_is_finished(agent: Agent, api: Api) -> None:

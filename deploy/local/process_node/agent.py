@@ -156,7 +156,9 @@ class Agent:
     # ------------------------------------------------------------ pods
 
     def publish_status(self, pod: dict, status: dict) -> bool:
-        """Whether the API needs it no more: it has it, or the pod is gone (404, or 409: another pod of that name)."""
+        """Whether the API needs it no more: it has it, the pod is gone (404), or the API refuses it for good (another
+        4xx: a pod deleted by force and made again under its name refuses the old one's uid, 422), where a retry
+        would be refused for ever. Only a failure that may pass (no answer, a 5xx, 408, 429) is False."""
         meta = pod["metadata"]
         body = {"metadata": {"uid": meta["uid"]}, "status": status}  # the uid is a precondition
         path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status"
@@ -165,7 +167,7 @@ class Agent:
             return True
         except (OSError, ApiError) as error:
             log.warning("pod %s/%s: status update failed: %s", meta["namespace"], meta["name"], error)
-            return False
+            return isinstance(error, ApiError) and 400 <= error.status < 500 and error.status not in (408, 429)
 
     def warn(self, pod: dict, reason: str, message: str) -> None:
         """A Warning Event about the pod, as the kubelet records one (FailedMount, ...); lost if the API refuses."""
