@@ -94,20 +94,22 @@ def test_an_empty_kubeconfig_variable_names_no_file(tmp_path: Path, monkeypatch:
     assert clients.Clients(connections=1).api.configuration.host == "https://127.0.0.1:7443"
 
 
-def test_unchanged_credentials_log_in_to_the_same_session(monkeypatch: pytest.MonkeyPatch) -> None:
-    """kopf lets go of credentials after a 401 and refuses equal ones from the next login (a revoked token: the
-    operator stops); a new session is never equal to an old one, and kopf logged in again at its requests' speed."""
+def test_unchanged_credentials_log_in_again_a_few_times_then_no_more(monkeypatch: pytest.MonkeyPatch) -> None:
+    """kopf logs in again after a 401 or a TLS hiccup that closed the session. A few times, unchanged credentials get a
+    new session (an authenticator restarting with the apiserver); then the old one, which kopf refuses as it refuses
+    equal credentials (a revoked token), and stops. A new session each time: kopf logged in again for ever."""
     import asyncio
 
     from finetune_operator.settings import Settings
 
     token = "a"
+    monkeypatch.setattr(handlers, "UNCHANGED_BACKOFF_SECONDS", 0.0)
     monkeypatch.setattr(handlers, "_connection",
                         lambda _: kopf.ConnectionInfo(server="https://127.0.0.1:6443", token=token))
 
-    async def logins() -> list[kopf.AiohttpSession]:
+    async def logins(tokens: str) -> list[kopf.AiohttpSession]:
         memo, found = kopf.Memo(settings=Settings()), []
-        for found_token in ("a", "a", "b"):
+        for found_token in tokens:
             nonlocal token
             token = found_token
             found.append(await handlers.login(memo=memo, settings=kopf.OperatorSettings()))
@@ -115,35 +117,51 @@ def test_unchanged_credentials_log_in_to_the_same_session(monkeypatch: pytest.Mo
             await session.aiohttp_session.close()
         return found
 
-    first, again, rotated = asyncio.run(logins())
-    assert again is first and rotated is not first
+    found = asyncio.run(logins("a" * (handlers.UNCHANGED_LOGINS + 2) + "b"))
+    assert len({id(s) for s in found[:-2]}) == handlers.UNCHANGED_LOGINS + 1  # a new one each time, until
+    assert found[-2] is found[-3]  # the same again: refused
+    assert found[-1] is not found[-2]  # new credentials (a rotated token), a new session
 
 
-def test_a_login_that_fails_leaves_no_credentials_and_is_not_retried(monkeypatch: pytest.MonkeyPatch) -> None:
-    """As kopf's own logins: the vault stays empty, so kopf stops the operator saying why; retried, the login failed
-    every minute for ever."""
+def test_a_login_that_keeps_failing_stops_the_operator(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Tried LOGIN_TRIES times, then kopf's authentication fails, which ends the operator; retried without end, the
+    login failed every minute for ever."""
     import asyncio
 
-    from kopf._cogs.structs.credentials import Vault
-    from kopf._core.engines.activities import authenticate
+    from kopf._core.engines.activities import ActivityError, authenticate
     from kopf._core.engines.indexing import OperatorIndexers
+    from kopf._cogs.structs.credentials import Vault
 
     from finetune_operator.settings import Settings
 
+    tries: list[float] = []
+
     def refused(_: kopf.OperatorSettings) -> kopf.ConnectionInfo:
+        tries.append(time.monotonic())
         raise kopf.LoginError("no Kubernetes credentials")
 
     monkeypatch.setattr(handlers, "_connection", refused)
+    monkeypatch.setattr(handlers, "LOGIN_BACKOFF_SECONDS", 0.1)
     registry = kopf.OperatorRegistry()
     handlers.register(registry, Settings())
-    vault = Vault()
 
     async def logging_in() -> None:
-        await asyncio.wait_for(authenticate(registry=registry, settings=kopf.OperatorSettings(), indices=OperatorIndexers().indices,
-                                            vault=vault, memo=kopf.Memo(settings=Settings())), timeout=10)
+        await asyncio.wait_for(authenticate(registry=registry, settings=kopf.OperatorSettings(),
+                                            indices=OperatorIndexers().indices, vault=Vault(),
+                                            memo=kopf.Memo(settings=Settings())), timeout=10)
 
-    asyncio.run(logging_in())
-    assert vault.is_empty()
+    with pytest.raises(ActivityError):
+        asyncio.run(logging_in())
+    assert len(tries) == handlers.LOGIN_TRIES
+
+
+def test_a_message_nested_to_the_parsers_limit_is_none() -> None:
+    """Parsed, then written again to read lone surrogates as the apiserver does: a frame or two deeper, a message
+    the parser took raised RecursionError, and the pod was left out of kopf's index."""
+    from finetune_operator import outcome
+
+    for depth in range(900, 1000):
+        outcome.parse_message('{"a": ' + "[" * depth + "]" * depth + "}")
 
 
 @pytest.fixture

@@ -670,6 +670,18 @@ def _connection(settings: kopf.OperatorSettings) -> kopf.ConnectionInfo:
 
 
 LOGIN_PRIORITY = 10  # kopf's own for login_via_client
+# A login that fails (an exec plugin's network blip) is tried this often, this long apart, before the operator stops.
+LOGIN_TRIES, LOGIN_BACKOFF_SECONDS = 3, 5.0
+# Logins with unchanged credentials: each waits 1, 2, 4, ... s, and past this many in UNCHANGED_WINDOW_SECONDS the
+# credentials count as refused (a revoked token) and the operator stops.
+UNCHANGED_LOGINS, UNCHANGED_WINDOW_SECONDS, UNCHANGED_BACKOFF_SECONDS = 5, 300.0, 1.0
+
+
+@dataclasses.dataclass
+class Login:
+    info: kopf.ConnectionInfo
+    session: kopf.AiohttpSession
+    unchanged: list[float]  # when logins found these credentials again (monotonic), within the window
 
 
 async def login(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> kopf.AiohttpSession:
@@ -678,24 +690,33 @@ async def login(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> k
 
     Through a session of our own, for its bounded connection pool: kopf's own allows any number of connections,
     and a burst of status patches and Events opened hundreds of TLS connections at once (about 0.4 MB each: most
-    of the operator's memory with a thousand jobs). The watch streams hold one connection each, so they count."""
+    of the operator's memory with a thousand jobs). The watch streams hold one connection each, so they count.
+
+    kopf logs in again after a 401, and after a TLS hiccup that closed the session. Unchanged credentials get a new
+    session a few times, more slowly each time (an authenticator restarting with the apiserver); then the old one,
+    which kopf refuses as it refuses equal credentials, and stops. A new session is never equal to an old one: given
+    one each time, kopf logged in again at the speed of its requests for ever (a revoked token)."""
     # In a thread: a kubeconfig's exec plugin (a cloud's token command) takes seconds, and held up the event loop
     info = await asyncio.to_thread(_connection, settings)
-    last: tuple[kopf.ConnectionInfo, kopf.AiohttpSession] | None = memo.get("login")
-    if last is not None and last[0] == info:
-        # The credentials kopf let go of after a 401 (a revoked token), unchanged: the same session, which kopf
-        # refuses as it refuses equal ConnectionInfos, and stops. A new session is never equal to an old one, and
-        # kopf logged in again at the speed of its requests.
-        return last[1]
+    last: Login | None = memo.get("login")
+    unchanged: list[float] = []
+    if last is not None and last.info == info:
+        now = time.monotonic()
+        unchanged = [t for t in last.unchanged if now - t < UNCHANGED_WINDOW_SECONDS] + [now]
+        if len(unchanged) > UNCHANGED_LOGINS:
+            log.error("finetune-operator: the apiserver refused the same credentials %d times in %.0f s: stopping",
+                      len(unchanged), UNCHANGED_WINDOW_SECONDS)
+            return last.session
+        await asyncio.sleep(UNCHANGED_BACKOFF_SECONDS * 2 ** (len(unchanged) - 1))
     ours: Settings = memo.settings
     watches = 3 * max(1, len(ours.namespaces))  # FineTuneJobs, Jobs and pods in each watched namespace
     session = aiohttp.ClientSession(
         connector=aiohttp.TCPConnector(limit=watches + API_CONNECTIONS, ssl=info.as_ssl_context()),
         headers=info.as_http_headers(), trust_env=info.trust_env)  # basic auth, if any, is in the headers
-    memo.login = info, kopf.AiohttpSession(
+    memo.login = Login(info, kopf.AiohttpSession(
         aiohttp_session=session, server=info.server, default_namespace=info.default_namespace, priority=info.priority,
-        expiration=info.expiration)
-    return memo.login[1]
+        expiration=info.expiration), unchanged)
+    return memo.login.session
 
 
 FORBIDDEN_RETRIES = (1.0, 2.0)  # seconds: RBAC applied with the operator (a helm upgrade) may take a moment
@@ -743,9 +764,8 @@ def _forbidden(clients: Clients, namespaces: tuple[str, ...]) -> tuple[str, ...]
 
 
 def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
-    # As kopf's own: a login that fails leaves no credentials, and kopf stops the operator saying so (retried, it
-    # tried every minute for ever).
-    kopf.on.login(registry=registry, errors=kopf.ErrorsMode.IGNORED)(login)
+    # Tried LOGIN_TRIES times, then the operator stops saying why: retried without end, it tried every minute for ever.
+    kopf.on.login(registry=registry, retries=LOGIN_TRIES, backoff=LOGIN_BACKOFF_SECONDS)(login)
     kopf.on.startup(registry=registry)(configure)
     selector = {children.JOB_NAME_LABEL: kopf.PRESENT}  # also filtered by the apiserver, see configure
     (jobs, pods) = CHILD_WATCHES

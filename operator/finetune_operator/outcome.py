@@ -215,9 +215,9 @@ def parse_message(text: str | None) -> dict[str, Any]:
     whole. The message is the image's to write: nested past the parser's depth (1000 brackets) it is none either."""
     try:
         message = json.loads(text or "", parse_constant=lambda _: None, parse_float=_finite)
-    except (ValueError, RecursionError):
+        return _whole_characters(message) if isinstance(message, dict) else {}
+    except (ValueError, RecursionError):  # _whole_characters' too: it nests a frame or two deeper
         return {}
-    return _whole_characters(message) if isinstance(message, dict) else {}
 
 
 def _whole_characters(message: dict[str, Any]) -> dict[str, Any]:
