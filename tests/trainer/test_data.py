@@ -287,6 +287,22 @@ def test_a_folder_linked_to_from_inside_the_dataset_is_read_once(tmp_path: Path)
     assert sorted(data.train.inputs + data.validation.inputs) == sorted(f"train {i}" for i in range(30))
 
 
+def test_a_link_inside_the_dataset_is_said_and_one_into_a_hidden_folder_is_read(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A link to a split of the dataset (validation -> test) is skipped, its files read there once, and said: it was
+    skipped unsaid, a slice of train standing in. A link to a hidden folder (train -> .versions/v3/train), which is
+    walked nowhere else, is read: it was skipped, and the dataset had no files."""
+    for name, count in (("train", 30), ("test", 6)):
+        (folder := tmp_path / ".versions" / "v3" / name).mkdir(parents=True)
+        pd.DataFrame([{"text": f"{name} {i}", "label": "ab"[i % 2]} for i in range(count)]).to_csv(
+            folder / "part.csv", index=False)
+        (tmp_path / name).symlink_to(folder.relative_to(tmp_path))
+    (tmp_path / "validation").symlink_to("test")
+    data = load_dataset(spec(tmp_path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert sorted(data.test.inputs) == sorted(f"test {i}" for i in range(6))
+    assert f"{tmp_path / 'validation'} links to" in caplog.text and "its files are read there, once" in caplog.text
+
+
 def test_an_image_folder_linking_to_a_folder_above_reads_each_image_once(tmp_path: Path) -> None:
     cats_and_dogs(tmp_path, ".png")
     (tmp_path / "Cat" / "loop").symlink_to(tmp_path)
@@ -1112,18 +1128,26 @@ def test_an_unquoted_tsvs_text_that_starts_with_a_quote_is_read_as_written(tmp_p
     assert "; reading it without quoting, as a TSV" in caplog.text  # a warning: its quotes are read as text
 
 
-def test_a_quoted_tsv_with_a_stray_quote_is_not_read_without_quoting_where_that_makes_new_labels(
+def test_a_tsv_of_repeated_texts_with_a_stray_quote_is_read_without_quoting(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """One quote closing mid-cell, in a line added by hand, made pandas' quoted TSV read without quoting: its
-    quoted cell of tabs split into rows of a new label, 'acting'."""
-    rows = [(f"A fine film number {i}.", ["positive", "negative"][i % 2]) for i in range(30)]
-    rows.append(('Pros:\tacting\nVerdict:\tpositive\nCons: "too long"', "positive"))
-    pd.DataFrame(rows, columns=["text", "label"]).to_csv(path := tmp_path / "d.tsv", sep="\t", index=False)
-    path.write_text(path.read_text() + '"Best film" of the year\tnegative\n')
+    """A text column whose texts repeat (an NLI premise thrice, an intent's utterances) was taken for a column of
+    classes, and the quoted read kept: the rows its stray quote took in were lost (58 of 62)."""
+    rows = [(f"short text {i % 10}", "ab"[i % 2]) for i in range(60)]
+    rows[10], rows[30] = ('"Hi there, he said', "a"), ('and then" she left', "a")
+    (path := tmp_path / "d.tsv").write_text("text\tlabel\n" + "".join(f"{t}\t{lab}\n" for t, lab in rows))
     data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
-    assert labelled_rows(data) == sorted([*rows, ("Best film of the year", "negative")])
-    assert ("read without quoting, column 'label' would have values it has not (acting): read with its quotes"
-            in caplog.text)
+    assert labelled_rows(data) == sorted(rows)
+    assert "reading it without quoting, as a TSV" in caplog.text
+
+
+def test_a_cell_over_the_field_size_limit_is_no_stray_quote(tmp_path: Path) -> None:
+    """The strict parse that tells a writer's quotes from a stray one stopped at csv's 128 KiB field limit: a written
+    file with a long cell whose line reads as a row ("Overall, positive") was refused."""
+    rows = [(f"A fine film number {i}.", ["positive", "negative"][i % 2]) for i in range(30)]
+    rows.append(("Pros: acting\nOverall, positive\n" + "x" * 150_000, "positive"))
+    pd.DataFrame(rows, columns=["text", "label"]).to_csv(path := tmp_path / "d.csv", index=False)
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert labelled_rows(data) == sorted(rows)
 
 
 def test_a_csv_quote_that_takes_in_rows_is_refused_naming_its_lines(tmp_path: Path) -> None:
@@ -1147,13 +1171,15 @@ def test_a_csv_quote_that_takes_in_rows_is_refused_naming_its_lines(tmp_path: Pa
     ("d.csv", "Is the sky green? Well, no\nbut at dusk it looks that way.", "negative"),
     ("d.tsv", 'Pros:\tacting\nVerdict:\tpositive\nCons: "too long"', "positive")])
 def test_a_written_csvs_quoted_cell_of_lines_that_read_as_rows_is_its_text(tmp_path: Path, name: str, cell: str,
-                                                                           label: str) -> None:
+                                                                           label: str,
+                                                                           caplog: pytest.LogCaptureFixture) -> None:
     """A writer's quotes close before a separator: a cell's line "Overall, positive" was taken for a row that a
     quote took in, the CSV refused and the TSV read without quoting, its cell split into rows of a new label."""
     rows = [(f"A fine film number {i}.", ["positive", "negative", "no"][i % 3]) for i in range(30)] + [(cell, label)]
     pd.DataFrame(rows, columns=["text", "label"]).to_csv(path := tmp_path / name, sep="\t" if name == "d.tsv" else ",",
                                                          index=False)
     assert labelled_rows(load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)) == sorted(rows)
+    assert "read as quoted, as its every quote closes where a cell ends" in caplog.text  # a stray one may, unseen
 
 
 def test_a_csv_cell_over_the_csv_modules_field_size_limit_is_read_or_refused_as_another(tmp_path: Path) -> None:
@@ -1194,9 +1220,20 @@ def test_unquoted_texts_that_start_with_a_number_and_a_comma_are_no_row_names(tm
     with pytest.raises(DataError, match=r"d.csv line 2 has more fields than its header \(2\)"):
         load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
 
-@pytest.mark.parametrize("row", ['"{i}","t{i} words","{label}"', '"8{i:02d}","t{i} words","{label}"',
-                                 "t{i} words,{label},"], ids=["r-row-names", "r-row-names-of-a-slice",
-                                                             "trailing-separator"])
+@pytest.mark.parametrize(("header", "row"), [("id,text,label", "{id},great acting, fun plot {i},{label}"),
+                                             ("text,label", "8{i:02d},t{i} words,{label}")],
+                         ids=["an-id-column-and-a-comma-in-every-text", "numbers-of-a-slice"])
+def test_first_fields_that_do_not_number_the_rows_are_no_row_names(tmp_path: Path, header: str, row: str) -> None:
+    """Taken for row names, a named id column with an unquoted comma in every text shifted every column: the texts
+    trained as "fun plot". R's row names of a slice (801, 802, ...) read just the same, and are refused too."""
+    lines = [row.format(id=48213 + 7 * i, i=i, label="ab"[i % 2]) for i in range(20)]
+    (path := tmp_path / "d.csv").write_text(f"{header}\n" + "\n".join(lines) + "\n")
+    with pytest.raises(DataError, match="d.csv line 2 has more fields than its header"):
+        load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+
+
+@pytest.mark.parametrize("row", ['"{i}","t{i} words","{label}"', "t{i} words,{label},"],
+                         ids=["r-row-names", "trailing-separator"])
 def test_csv_rows_of_a_field_more_than_the_header_that_is_no_text_are_read(tmp_path: Path, row: str) -> None:
     """The refusal of rows longer than the header refused R's write.table (row names, unnamed in the header; of
     rows 801 on, df[801:1000, ], too) and rows that end with a separator, advising to quote: all had been read, the

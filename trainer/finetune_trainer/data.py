@@ -404,12 +404,15 @@ def files_below(folder: Path) -> Iterator[Path]:
 
 def entered(path: str, top: str, walked: set[str]) -> bool:
     """Whether files_below walks into the folder at `path`, and if so its real path added to `walked`: a real folder
-    once; a linked one only where it leads out of the dataset's real folder `top` (a link to a folder of its own,
-    current -> data, read that folder twice), and not to a folder above the link (a loop, and the folders around it
-    are no dataset's)."""
-    real = os.path.realpath(path)
-    above = within(os.path.realpath(os.path.dirname(path)), real)
-    if real in walked or os.path.islink(path) and (within(real, top) or above):
+    once, never one above a link to it (a loop, and the folders around it are no dataset's). A link to a folder
+    walked already, or to one of the dataset's real folder `top` walked anyway, is skipped, and said (current ->
+    data read it twice; validation -> test stood for a slice of train unsaid)."""
+    real, link = os.path.realpath(path), os.path.islink(path)
+    if link and within(os.path.realpath(os.path.dirname(path)), real):
+        return False
+    if real in walked or link and within(real, top) and all(map(data_folder, Path(os.path.relpath(real, top)).parts)):
+        if link:
+            log.warning("%s links to %s, a folder of the dataset: its files are read there, once", path, real)
         return False
     walked.add(real)
     return True
@@ -519,11 +522,13 @@ def read_delimited(text: str, name: str, sep: str) -> pd.DataFrame:
     with a quote, unquoted), takes in the rows between as that cell's text: refused, naming its line. A
     tab-separated file is read again without quoting, as IANA's TSV and GLUE's files are written (their texts start
     with `"`)."""
-    table = None
     try:
         table = read_rows(text, name, sep, csv.QUOTE_MINIMAL)
         # the check first: it is quick where no cell holds lines (most files); the strict parse reads all the text
-        if (swallowed := swallowed_rows(text, table, sep)) is None or quoted_as_written(text, sep):
+        if (swallowed := swallowed_rows(text, table, sep)) is None:
+            return table
+        if quoted_as_written(text, sep):  # a writer's quotes, or a stray one that closes just before a separator
+            log.warning("%s %s; read as quoted, as its every quote closes where a cell ends", name, swallowed)
             return table
     except pd.errors.ParserError as exc:  # such as a quote that never closes ("EOF inside string")
         if sep != "\t":
@@ -532,33 +537,14 @@ def read_delimited(text: str, name: str, sep: str) -> pd.DataFrame:
     if sep != "\t":
         raise ValueError(f'{name} {swallowed}; quote a text that starts with a quote and double its quotes ("""Hi"", '
                          'she said")')
-    return tsv_rows(text, name, swallowed, table)
+    return tsv_rows(text, name, swallowed)
 
 
-def tsv_rows(text: str, name: str, swallowed: str, quoted: pd.DataFrame | None) -> pd.DataFrame:
-    """A TSV's rows read without quoting, where its quotes took in rows (`swallowed` says where); but the quoted
-    read's (`quoted`, None where it failed) where the unquoted one adds values to a column of classes, as it does
-    splitting a quoted cell at its tabs: a writer quoted the file, and one stray quote is no cause to read every
-    cell otherwise."""
-    unquoted = read_rows(text, name, "\t", csv.QUOTE_NONE)
-    if quoted is not None and (added := added_classes(quoted, unquoted)):
-        log.warning("%s: %s; read without quoting, %s: read with its quotes", name, swallowed, added)
-        return quoted
+def tsv_rows(text: str, name: str, swallowed: str) -> pd.DataFrame:
+    """A TSV's rows read without quoting, where a quote took in rows and closed mid-cell (`swallowed` says where): a
+    csv writer's quotes always close where a cell ends, so the file was written without quoting."""
     log.warning("%s: %s; reading it without quoting, as a TSV", name, swallowed)
-    return unquoted
-
-
-def added_classes(quoted: pd.DataFrame, unquoted: pd.DataFrame) -> str | None:
-    """What the unquoted read of a file gives a column of classes of the quoted read that the latter has not, None
-    where nothing: a column whose values repeat, under half as many as its rows, as labels do (texts seldom
-    repeat, and the unquoted read makes new ones of the rows a quote took in)."""
-    if list(unquoted.columns) != list(quoted.columns):  # a quoted header: '"text"'
-        return f"its columns are {listed([repr(c) for c in unquoted.columns])}"
-    for column in quoted.columns:
-        values = set(quoted[column].dropna())
-        if len(values) <= len(quoted) / 2 and (added := set(unquoted[column].dropna()) - values):
-            return f"column {column!r} would have values it has not ({listed(sorted(added), most=3)})"
-    return None
+    return read_rows(text, name, "\t", csv.QUOTE_NONE)
 
 
 def read_rows(text: str, name: str, sep: str, quoting: int) -> pd.DataFrame:
@@ -573,17 +559,18 @@ def read_rows(text: str, name: str, sep: str, quoting: int) -> pd.DataFrame:
     # Rows of one field more than the header: pandas read their first fields as the index, the rest as the columns
     if table.index.nlevels == 1 and table.iloc[:, -1].isna().all():  # "t0,a,": a separator ends every row
         return pd.read_csv(io.StringIO(text), index_col=False, **options)
-    if row_names(table.index, text, sep):
+    if row_names(table.index):
         return table.reset_index(drop=True)
     raise ValueError(f"{name} {first_long_row(text, sep, quoting)}")
 
 
-def row_names(index: pd.Index, text: str, sep: str) -> bool:
-    """Whether the first fields of rows longer than the header are row names, which the header does not name
-    (R's write.table, pandas' to_csv): distinct whole numbers, of a slice too (801, 802, ...), that no line follows
-    with a space, as neither writer does and a text does ("42, the answer")."""
-    return (index.nlevels == 1 and index.is_unique and bool(index.str.fullmatch(r"\d+", na=False).all())
-            and not re.search(rf'^ *"?\d+"?{re.escape(sep)} ', text, re.MULTILINE))
+def row_names(index: pd.Index) -> bool:
+    """Whether the first fields of rows longer than the header are row names, which the header does not name: they
+    number the rows 1..n (R's write.table) or 0..n-1 (pandas' to_csv). Other numbers are refused, naming the line:
+    a named id column with a separator in its texts ("48213,great acting, fun plot") reads just as row names do, and
+    taken for them shifted every column."""
+    return index.nlevels == 1 and list(index) in ([str(i) for i in range(1, len(index) + 1)],
+                                                  [str(i) for i in range(len(index))])
 
 
 def quoted_as_written(text: str, sep: str) -> bool:
@@ -591,11 +578,14 @@ def quoted_as_written(text: str, sep: str) -> bool:
     quotes do: then a quoted cell's lines are its text whatever they read as ("Overall, positive" in a review). A
     quote that takes in rows (an unquoted text's first character) closes mid-cell, `bye " she said,b`, unless it
     happens to close just before a separator: then the file is read as pandas reads it."""
+    limit = csv.field_size_limit(max(len(text), csv.field_size_limit()))  # a written cell may be any length
     try:
         for _ in csv.reader(io.StringIO(text, newline=""), delimiter=sep, skipinitialspace=True, strict=True):
             pass
-    except csv.Error:  # such a quote, one that never closes, or a cell over csv's field size limit
+    except csv.Error:  # such a quote, or one that never closes
         return False
+    finally:
+        csv.field_size_limit(limit)
     return True
 
 

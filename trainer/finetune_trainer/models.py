@@ -367,7 +367,12 @@ def for_torchvision_weights(architecture: str, kwargs: dict[str, Any]) -> dict[s
     from TensorFlow, they take inputs scaled to [-1, 1] and turn ImageNet's normalisation into it). Built with
     weights=None, it was off, and they trained on inputs at another scale. model.config's transform_input prevails;
     the export records the setting, so its reload is the same network."""
-    return {"transform_input": True} | kwargs if architecture in TRANSFORM_INPUT else kwargs
+    if architecture not in TRANSFORM_INPUT or "transform_input" in kwargs:
+        return kwargs
+    log.info("model.uri: weights that are no export of ours, taken for torchvision's: %s built with "
+             "transform_input, as torchvision builds it for them (model.config transform_input: false if they are "
+             "not)", architecture)
+    return {"transform_input": True} | kwargs
 
 
 def drop_aux_heads(net: nn.Module) -> None:
