@@ -156,12 +156,10 @@ def test_a_status_write_gives_the_version_it_made(kube: Kube, crd: dict, namespa
                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     """The operator reads the resourceVersion its status patch made from the answer's bytes (handlers.Written): the
     apiserver's, not a label's keyed resourceVersion, which comes before it."""
-    from kubernetes.config import kube_config
-
     from finetune_operator import handlers
     from finetune_operator.clients import Clients
 
-    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kube.kubeconfig))
+    monkeypatch.setenv("KUBECONFIG", str(kube.kubeconfig))  # the operator reads it first
     job = yaml.safe_load(MINILM.read_text())
     job["metadata"] |= {"namespace": namespace, "labels": {"resourceVersion": "1"}}
     kube.kubectl("apply", "-f", "-", stdin=yaml.safe_dump(job))

@@ -27,10 +27,7 @@ pytestmark = pytest.mark.cluster
 
 def test_the_lease_goes_to_one_and_to_another_once_given_up_or_left_to_expire(kube: Kube, namespace: str,
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    from kubernetes.config import kube_config
-
-    # read when the module was imported, before the session set KUBECONFIG
-    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kube.kubeconfig))
+    monkeypatch.setenv("KUBECONFIG", str(kube.kubeconfig))  # the operator reads it first
     clients = Clients(connections=2, timeout=5, retries=False)
     a, b = (leader.Lease(clients, namespace, "ops", who, duration=2) for who in ("a", "b"))
     assert a.try_hold() and not b.try_hold() and b.holder == "a"

@@ -168,8 +168,8 @@ def test_a_message_nested_to_the_parsers_limit_is_none() -> None:
 def apiserver_port(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> int:
     """A free local port the kubernetes client takes for the apiserver's."""
     port = free_port()
-    kubeconfig = _kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{port}")
-    monkeypatch.setattr(kube_config, "KUBE_CONFIG_DEFAULT_LOCATION", str(kubeconfig))
+    # $KUBECONFIG, which the operator reads first: the session's kube fixture sets it to the local cluster's
+    monkeypatch.setenv("KUBECONFIG", str(_kubeconfig(tmp_path / "kubeconfig", f"http://127.0.0.1:{port}")))
     return port
 
 
