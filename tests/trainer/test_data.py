@@ -1225,20 +1225,22 @@ def test_unquoted_texts_that_start_with_a_number_and_a_comma_are_no_row_names(tm
                          ids=["an-id-column-and-a-comma-in-every-text", "numbers-of-a-slice"])
 def test_first_fields_that_do_not_number_the_rows_are_no_row_names(tmp_path: Path, header: str, row: str) -> None:
     """Taken for row names, a named id column with an unquoted comma in every text shifted every column: the texts
-    trained as "fun plot". R's row names of a slice (801, 802, ...) read just the same, and are refused too."""
+    trained as "fun plot". Unquoted numbers of a slice (801, 802, ...) read just the same, and are refused too
+    (R quotes its row names: those are read)."""
     lines = [row.format(id=48213 + 7 * i, i=i, label="ab"[i % 2]) for i in range(20)]
     (path := tmp_path / "d.csv").write_text(f"{header}\n" + "\n".join(lines) + "\n")
     with pytest.raises(DataError, match="d.csv line 2 has more fields than its header"):
         load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
 
 
-@pytest.mark.parametrize("row", ['"{i}","t{i} words","{label}"', "t{i} words,{label},"],
-                         ids=["r-row-names", "trailing-separator"])
+@pytest.mark.parametrize("row", ['"{i}","t{i} words","{label}"', '"{shuffled}","t{i} words","{label}"',
+                                 '"8{i:02d}","t{i} words","{label}"', "t{i} words,{label},"],
+                         ids=["r-row-names", "r-row-names-shuffled", "r-row-names-of-a-slice", "trailing-separator"])
 def test_csv_rows_of_a_field_more_than_the_header_that_is_no_text_are_read(tmp_path: Path, row: str) -> None:
-    """The refusal of rows longer than the header refused R's write.table (row names, unnamed in the header; of
-    rows 801 on, df[801:1000, ], too) and rows that end with a separator, advising to quote: all had been read, the
-    last as labels missing."""
-    rows = "".join(row.format(i=i, label="ab"[i % 2]) + "\n" for i in range(1, 21))
+    """The refusal of rows longer than the header refused R's write.table (row names, unnamed in the header, quoted;
+    of rows 801 on, df[801:1000, ], or shuffled, too) and rows that end with a separator, advising to quote: all had
+    been read, the last as labels missing."""
+    rows = "".join(row.format(i=i, shuffled=(7 * i) % 20 + 1, label="ab"[i % 2]) + "\n" for i in range(1, 21))
     (path := tmp_path / "d.csv").write_text('"text","label"\n' + rows)
     data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
     assert data.id2label == {0: "a", 1: "b"}

@@ -412,10 +412,16 @@ def entered(path: str, top: str, walked: set[str]) -> bool:
         return False
     if real in walked or link and within(real, top) and all(map(data_folder, Path(os.path.relpath(real, top)).parts)):
         if link:
-            log.warning("%s links to %s, a folder of the dataset: its files are read there, once", path, real)
+            said_once(f"{path} links to {real}, a folder of the dataset: its files are read there, once")
         return False
     walked.add(real)
     return True
+
+
+@functools.cache
+def said_once(warning: str) -> None:
+    """A warning of the folders' walk, which runs twice (the format, then the files)."""
+    log.warning("%s", warning)
 
 
 def within(path: str, folder: str) -> bool:
@@ -559,18 +565,23 @@ def read_rows(text: str, name: str, sep: str, quoting: int) -> pd.DataFrame:
     # Rows of one field more than the header: pandas read their first fields as the index, the rest as the columns
     if table.index.nlevels == 1 and table.iloc[:, -1].isna().all():  # "t0,a,": a separator ends every row
         return pd.read_csv(io.StringIO(text), index_col=False, **options)
-    if row_names(table.index):
+    if row_names(table.index, text):
         return table.reset_index(drop=True)
     raise ValueError(f"{name} {first_long_row(text, sep, quoting)}")
 
 
-def row_names(index: pd.Index) -> bool:
+def row_names(index: pd.Index, text: str) -> bool:
     """Whether the first fields of rows longer than the header are row names, which the header does not name: they
-    number the rows 1..n (R's write.table) or 0..n-1 (pandas' to_csv). Other numbers are refused, naming the line:
-    a named id column with a separator in its texts ("48213,great acting, fun plot") reads just as row names do, and
-    taken for them shifted every column."""
-    return index.nlevels == 1 and list(index) in ([str(i) for i in range(1, len(index) + 1)],
-                                                  [str(i) for i in range(len(index))])
+    number the rows 1..n (R's write.table) or 0..n-1 (pandas' to_csv), in any order (a shuffled frame's), or they are
+    distinct whole numbers in quotes (R quotes them: a filtered frame's), where no comma in a text makes a field
+    more. Other numbers are refused, naming the line: a named id column with a separator in its texts ("48213,great
+    acting, fun plot") reads just as row names do, and taken for them shifted every column."""
+    names = [str(i) for i in index] if index.nlevels == 1 else []
+    if not names or len(set(names)) != len(names) or not all(n.isdigit() for n in names):
+        return False
+    numbers = {int(n) for n in names}
+    first_row = next(iter(text.splitlines()[1:2]), "")
+    return numbers in ({*range(1, len(names) + 1)}, {*range(len(names))}) or bool(re.match(r'\s*"\d+"', first_row))
 
 
 def quoted_as_written(text: str, sep: str) -> bool:
