@@ -708,6 +708,8 @@ async def login(memo: kopf.Memo, settings: kopf.OperatorSettings, **_: Any) -> k
                       len(unchanged), UNCHANGED_WINDOW_SECONDS)
             return last.session
         await asyncio.sleep(UNCHANGED_BACKOFF_SECONDS * 2 ** (len(unchanged) - 1))
+        info = await asyncio.to_thread(_connection, settings)  # a token rotated meanwhile: one 401 fewer
+        unchanged = unchanged if info == last.info else []
     ours: Settings = memo.settings
     watches = 3 * max(1, len(ours.namespaces))  # FineTuneJobs, Jobs and pods in each watched namespace
     session = aiohttp.ClientSession(
