@@ -161,7 +161,8 @@ def test_a_message_nested_to_the_parsers_limit_is_none() -> None:
     from finetune_operator import outcome
 
     for depth in range(900, 1000):
-        outcome.parse_message('{"a": ' + "[" * depth + "]" * depth + "}")
+        assert isinstance(outcome.parse_message('{"a": ' + "[" * depth + "]" * depth + "}"), dict)
+    assert outcome.parse_message('{"a": ' + "[" * 5000 + "]" * 5000 + "}") == {}
 
 
 @pytest.fixture

@@ -14,7 +14,7 @@ import yaml
 
 from finetune_operator import outcome, reconcile
 from finetune_operator.reconcile import Observed, decide, pod_warning
-from finetune_operator.api import ConditionType
+from finetune_operator.api import ConditionType, FineTuneJobStatus
 from finetune_operator.status import Conditions, evaluation_of, merged, schema_checked, status_patch
 
 NOW = datetime(2026, 12, 1, 12, 0, 0)
@@ -413,8 +413,6 @@ def test_a_running_job_shows_progress_from_rank_zeros_metrics() -> None:
 def test_a_scraped_step_total_or_epoch_out_of_range_is_bounded() -> None:
     """Rank 0's port is the tenant's: a step of -1 or 1e30, a total of -10, an epoch of -1 were refused by the status
     schema at every poll, so the job's conditions and Events froze where they were."""
-    from finetune_operator.api import FineTuneJobStatus
-
     base = {"step": 30, "total_steps": 120, "epoch": 0.25, "loss": 0.6, "samples_per_second": 32.0, "stage": "Training"}
     for served, shown in (({"step": -1}, {"step": 0, "percent": 0}), ({"total_steps": -10}, {"totalSteps": 0}),
                           ({"epoch": -1.0}, {"epoch": 0.0}), ({"step": 1e30}, {"step": 2**63 - 1, "percent": 100}),
@@ -454,8 +452,6 @@ def test_what_a_new_observation_lacks_leaves_the_merge_patched_status() -> None:
 
 
 def test_success_brings_the_evaluation_and_analysis_into_status() -> None:
-    from finetune_operator.api import FineTuneJobStatus
-
     message = {"stage": "Done", "exitCode": 0, "evaluation": {"baseline": {"accuracy": 0.41, "f1": 0.3},
                                                               "final": {"accuracy": 0.65, "f1": 0.61}},
                "analysis": {"totalParameters": 100, "trainableParameters": 10,
@@ -521,8 +517,6 @@ def test_success_of_a_run_whose_metrics_were_never_read_gives_its_steps_and_loss
 
 
 def test_a_pruned_model_brings_its_layer_scores_size_and_latency_into_status() -> None:
-    from finetune_operator.api import FineTuneJobStatus
-
     message = {"stage": "Done", "exitCode": 0, "evaluation": {"final": {"accuracy": 0.62}},
                "analysis": {"totalParameters": 100, "layerImportance": [0.13, 0.11, 0.12, "x"]},
                "pruning": {"removedLayers": [1, 2], "parameters": {"before": 22714371, "after": 19165443},
@@ -554,8 +548,6 @@ def test_a_pruned_run_that_stops_keeps_the_layers_it_removed_in_status() -> None
 def test_a_reason_or_code_the_status_schema_refuses_is_replaced_not_sent() -> None:
     """One bad value in a trainer's message (another version's, a user's own image) got the whole status patch
     refused by the apiserver: the job kept its old status for ever."""
-    from finetune_operator.api import FineTuneJobStatus
-
     message = {"stage": "Training", "reason": "bad reason!", "message": "it broke", "exitCode": 1,
                "analysis": {"findings": [{"severity": "warning", "code": "not-camel", "message": "odd"},
                                          {"severity": "info", "code": "Fine" * 20, "message": "long"}]}}
@@ -571,8 +563,6 @@ def test_numbers_json_cannot_carry_never_reach_the_status() -> None:
     """A checkpoint with NaN weights fails its analysis (a NonFiniteWeights finding, exit 1) with NaN layer scores,
     which Python's json writes as NaN: a status patch holding one is no JSON to the apiserver, which refused it
     whole, so the job never showed Failed. The finite scores (the layers below the first NaN) stay."""
-    from finetune_operator.api import FineTuneJobStatus
-
     message = {"stage": "Analyzing", "reason": "FatalAnalysisFinding", "exitCode": 1,
                "message": "NonFiniteWeights: layer.2.weight has 9 NaN/Inf values: the checkpoint is broken",
                "analysis": {"totalParameters": 10, "layerImportance": [0.25, float("nan"), float("nan")]},
@@ -600,8 +590,6 @@ def test_a_trainers_message_that_is_no_text_is_not_the_conditions() -> None:
     """The termination message's "message" is the image's to write: a number crashed the reconcile (short() took its
     len), a list got every status patch refused. Either way the job stayed Running for good, its deadline never
     fired. The operator's own words stand in for it."""
-    from finetune_operator.api import FineTuneJobStatus
-
     for words, exit_code, told in ((42, 1, ("Failed", "the trainer exited 1 (see `kubectl logs ft-1-0-x`)")),
                                    (["a"], 1, ("Failed", "the trainer exited 1 (see `kubectl logs ft-1-0-x`)")),
                                    ({"x": 1}, 2, ("Restarting", "attempt 1 failed (pod ft-1-0-x exited 2)"))):
@@ -617,8 +605,6 @@ def test_a_trainers_message_that_is_no_text_is_not_the_conditions() -> None:
 def test_a_number_past_a_floats_range_reads_as_none() -> None:
     """JSON's 1e400 parsed as infinity: in status.progress.epoch or status.metrics.loss the patch was no JSON the
     apiserver reads (400), in pruning.removedLayers int() of it crashed the reconcile, at every tick for good."""
-    from finetune_operator.api import FineTuneJobStatus
-
     assert outcome.parse_message('{"loss": 1e400, "epoch": -1e400, "step": 2.5}') == {"loss": None, "epoch": None,
                                                                                     "step": 2.5}
     failed = ended_with('{"reason":"Bad","message":"m","exitCode":1,"pruning":{"removedLayers":[1e400, 3]}}')
@@ -635,8 +621,6 @@ def test_a_number_past_a_floats_range_reads_as_none() -> None:
 def test_a_count_out_of_range_in_a_trainers_message_is_bounded() -> None:
     """A negative or boolean totalParameters, or a success's progress.step of true (Python's int), was refused by the
     status schema: the failed job stayed Running for good. A count past int64 is capped, as the schema is."""
-    from finetune_operator.api import FineTuneJobStatus
-
     for total, shown in ((-5, 0), (True, None), (10**30, 2**63 - 1), ("5", None)):
         status = ended_with({"reason": "Bad", "message": "m", "exitCode": 1,
                              "analysis": {"totalParameters": total, "trainableParameters": 3}})
@@ -650,8 +634,6 @@ def test_a_count_out_of_range_in_a_trainers_message_is_bounded() -> None:
 def test_a_trainers_message_of_any_shape_still_ends_the_job() -> None:
     """Each of these crashed the reconcile (a list where an object was read, a severity no key can be, an integer
     past a float's range), at every tick for good: the job never showed how it ended."""
-    from finetune_operator.api import FineTuneJobStatus
-
     big = 10**400
     for hostile in ({"evaluation": [1]}, {"evaluation": {"final": [1], "baseline": {"a": big}}},
                     {"analysis": {"findings": 5}}, {"analysis": {"findings": [{"severity": ["fatal"]}]}},

@@ -215,9 +215,15 @@ def parse_message(text: str | None) -> dict[str, Any]:
     whole. The message is the image's to write: nested past the parser's depth (1000 brackets) it is none either."""
     try:
         message = json.loads(text or "", parse_constant=lambda _: None, parse_float=_finite)
-        return _whole_characters(message) if isinstance(message, dict) else {}
+        if not isinstance(message, dict):
+            return {}
+        return _whole_characters(message) if SURROGATE_ESCAPE.search(text or "") else message
     except (ValueError, RecursionError):  # _whole_characters' too: it nests a frame or two deeper
         return {}
+
+
+# JSON's way to write a surrogate, the only one: valid UTF-8 text holds none (a pair too, which reads whole)
+SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
 
 
 def _whole_characters(message: dict[str, Any]) -> dict[str, Any]:
