@@ -73,7 +73,7 @@ k8s-binaries:
 cluster-up: install k8s-binaries
 	$(PY) deploy/local/cluster.py up
 
-# make demo's operator too: it is recorded beside the components.
+# It stops make demo's operator too: recorded in .cluster/pids/ beside the components, as every PID `down` stops.
 cluster-down:
 	$(PY) deploy/local/cluster.py down
 

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import LOCAL, REPO
+from conftest import LOCAL
 from kube import Kube, condition, phase
 from operator_fixture import OperatorEnv, crd_installed, example, operator_env  # noqa: F401 (fixtures)
 from pods import condition_of, make_pod
@@ -54,7 +54,7 @@ def extra_node(kube: Kube, tmp_path: Path) -> Iterator[Node]:
     kubeconfig = tmp_path / "node.kubeconfig"
     pki.write_kubeconfig(kubeconfig, pki_dir, server, identity)
     agent = subprocess.Popen(
-        [str(REPO / ".venv" / "bin" / "python"), "-m", "process_node", f"--kubeconfig={kubeconfig}",
+        [str(cluster.venv_python()), "-m", "process_node", f"--kubeconfig={kubeconfig}",
          f"--state-dir={tmp_path / 'node'}", f"--node-name={name}", f"--register-with-taints={TAINT}=yes:NoSchedule",
          f"--tls-cert-file={pki_dir / 'kubelet.crt'}", f"--tls-private-key-file={pki_dir / 'kubelet.key'}",
          f"--client-ca-file={pki_dir / 'ca.crt'}"],

@@ -41,7 +41,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # run as a script; pki is a sibling module
 import pki  # noqa: E402
 from process_node.network import kwok_cidr  # noqa: E402
-from process_node.processes import processes_in  # noqa: E402
+from process_node.processes import kill_all, processes_in  # noqa: E402
 
 REPO = HERE.parents[1]
 DEFAULT_STATE = REPO / ".cluster"
@@ -125,10 +125,16 @@ def _progress(message: str, started: float) -> None:
 
 # ---------------------------------------------------------------- processes
 
+def _record(cluster: Cluster, component: str) -> tuple[int, bytes]:
+    """A pid file's PID and command line, as /proc shows it: each argument NUL-terminated (start_process)."""
+    pid, recorded = cluster.pid_file(component).read_bytes().split(b"\n", 1)
+    return int(pid), recorded
+
+
 def _read_pid(cluster: Cluster, component: str) -> int | None:
     """The PID we recorded, if that process is still alive and runs the command line we started."""
     try:
-        pid, recorded = cluster.pid_file(component).read_bytes().split(b"\n", 1)
+        pid, recorded = _record(cluster, component)
         cmdline = Path(f"/proc/{int(pid)}/cmdline").read_bytes()
     except (FileNotFoundError, ProcessLookupError, ValueError):
         return None
@@ -181,8 +187,7 @@ def _stop_pod_processes(state: Path, grace: float = 5.0) -> None:
     deadline = time.monotonic() + grace
     while pod_processes(state) and time.monotonic() < deadline:
         time.sleep(0.1)
-    for pid in pod_processes(state):
-        _signal(pid, signal.SIGKILL)
+    kill_all(state / "node" / "pods")
 
 
 @contextmanager
@@ -308,8 +313,14 @@ def _audit_policy(cluster: Cluster) -> Path:
 def _program(cluster: Cluster, component: str) -> str:
     """What `up` starts as the component now: the cache's binary (its folder names the versions), the venv's python."""
     if component == "process-node":
-        return str(Path(os.environ.get("FTO_VENV", REPO / ".venv")) / "bin" / "python")
+        return str(venv_python())
     return str(cluster.bin_dir / component)
+
+
+def venv_python() -> Path:
+    """The Python of the project's virtualenv (FTO_VENV: a worktree may use its main checkout's), which runs
+    process nodes and, through them, every pod (a folder under /tmp would not be there: pods' /tmp is their own)."""
+    return Path(os.environ.get("FTO_VENV", REPO / ".venv")) / "bin" / "python"
 
 
 def _argvs(cluster: Cluster, ports: dict[str, int]) -> dict[str, list[str]]:
@@ -526,8 +537,7 @@ def _refuse_other_programs(cluster: Cluster) -> None:
     """A running cluster is reused only while it runs what `up` would start now: after a change of versions.env,
     the tests would meet the old apiserver and etcd with the new kubectl. It is left running rather than restarted,
     as a restart empties etcd, and whatever someone made on it with it."""
-    # The pid file's second line is the command line, each argument NUL-terminated (start_process).
-    programs = {c: cluster.pid_file(c).read_bytes().split(b"\n", 1)[1].split(b"\0")[0].decode() for c in COMPONENTS}
+    programs = {c: _record(cluster, c)[1].split(b"\0")[0].decode() for c in COMPONENTS}
     other: dict[str, list[str]] = {}  # folder -> the components run from it
     for c, program in programs.items():
         if not _same_program(cluster, c, Path(program)):

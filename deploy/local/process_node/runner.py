@@ -71,11 +71,13 @@ class Node(Protocol):
     def warn(self, pod: dict, reason: str, message: str) -> None: ...
 
 
+# The exponent stops where the cap is passed: 2.0 ** 1024 (some 3 h of refusals) overflows a float.
+DOUBLINGS = math.ceil(math.log2(PUBLISH_BACKOFF_MAX / POLL))
+
+
 def _retry_delay(failures: int) -> float:
     """POLL doubled per failure in a row, up to PUBLISH_BACKOFF_MAX."""
-    # The exponent stops where the cap is passed: 2.0 ** 1024 (some 3 h of refusals) overflows a float.
-    doublings = math.ceil(math.log2(PUBLISH_BACKOFF_MAX / POLL))
-    return min(PUBLISH_BACKOFF_MAX, POLL * 2 ** min(failures, doublings))
+    return min(PUBLISH_BACKOFF_MAX, POLL * 2 ** min(failures, DOUBLINGS))
 
 
 def _now() -> str:
@@ -230,11 +232,10 @@ class PodRunner(threading.Thread):
                 time.sleep(POLL)
         except Exception as error:  # a bug here must show in the pod, not leave it Pending
             log.exception("pod %s: runner failed", self.name)
-            for container in self.init + self.containers:
-                if container.proc is not None and not container.done:  # no process outlives its pod's runner
+            for container in (c for c in self.init + self.containers if not c.done):
+                if container.proc is not None:  # no process outlives its pod's runner
                     _kill(container.proc, self._root(container))
-                if not container.done:
-                    container.state = {"waiting": {"reason": "RunContainerError", "message": f"process node: {error!r}"}}
+                container.state = {"waiting": {"reason": "RunContainerError", "message": f"process node: {error!r}"}}
             self._publish(now=True)
             return
         # As the kubelet: the final delete once the API has the pod's end (a Job counts its pods by their end, and
