@@ -1234,8 +1234,10 @@ def test_first_fields_that_do_not_number_the_rows_are_no_row_names(tmp_path: Pat
 
 
 @pytest.mark.parametrize("row", ['"{i}","t{i} words","{label}"', '"{shuffled}","t{i} words","{label}"',
-                                 '"8{i:02d}","t{i} words","{label}"', "t{i} words,{label},"],
-                         ids=["r-row-names", "r-row-names-shuffled", "r-row-names-of-a-slice", "trailing-separator"])
+                                 '{shuffled},t{i} words,{label}', '"8{i:02d}","t{i} words","{label}"',
+                                 "t{i} words,{label},"],
+                         ids=["r-row-names", "r-row-names-shuffled", "row-names-shuffled-unquoted",
+                              "r-row-names-of-a-slice", "trailing-separator"])
 def test_csv_rows_of_a_field_more_than_the_header_that_is_no_text_are_read(tmp_path: Path, row: str) -> None:
     """The refusal of rows longer than the header refused R's write.table (row names, unnamed in the header, quoted;
     of rows 801 on, df[801:1000, ], or shuffled, too) and rows that end with a separator, advising to quote: all had

@@ -420,7 +420,7 @@ def entered(path: str, top: str, walked: set[str]) -> bool:
 
 @functools.cache
 def said_once(warning: str) -> None:
-    """A warning of the folders' walk, which runs twice (the format, then the files)."""
+    """A warning of the folders' walk, which runs more than once (the format, then the files)."""
     log.warning("%s", warning)
 
 
@@ -543,12 +543,7 @@ def read_delimited(text: str, name: str, sep: str) -> pd.DataFrame:
     if sep != "\t":
         raise ValueError(f'{name} {swallowed}; quote a text that starts with a quote and double its quotes ("""Hi"", '
                          'she said")')
-    return tsv_rows(text, name, swallowed)
-
-
-def tsv_rows(text: str, name: str, swallowed: str) -> pd.DataFrame:
-    """A TSV's rows read without quoting, where a quote took in rows and closed mid-cell (`swallowed` says where): a
-    csv writer's quotes always close where a cell ends, so the file was written without quoting."""
+    # A csv writer's quotes always close where a cell ends: this file was written without quoting.
     log.warning("%s: %s; reading it without quoting, as a TSV", name, swallowed)
     return read_rows(text, name, "\t", csv.QUOTE_NONE)
 
@@ -577,10 +572,10 @@ def row_names(index: pd.Index, text: str) -> bool:
     more. Other numbers are refused, naming the line: a named id column with a separator in its texts ("48213,great
     acting, fun plot") reads just as row names do, and taken for them shifted every column."""
     names = [str(i) for i in index] if index.nlevels == 1 else []
-    if not names or len(set(names)) != len(names) or not all(n.isdigit() for n in names):
+    if not names or not index.is_unique or not all(n.isascii() and n.isdigit() for n in names):
         return False
     numbers = {int(n) for n in names}
-    first_row = next(iter(text.splitlines()[1:2]), "")
+    first_row = text.partition("\n")[2].partition("\n")[0]
     return numbers in ({*range(1, len(names) + 1)}, {*range(len(names))}) or bool(re.match(r'\s*"\d+"', first_row))
 
 
@@ -649,7 +644,7 @@ def rows_of(text: str, sep: str, row: int) -> str:
     return f"row {row + 1}"
 
 
-def first_long_row(text: str, sep: str, quoting: int = csv.QUOTE_MINIMAL) -> str:
+def first_long_row(text: str, sep: str, quoting: int) -> str:
     """Where the first row with more fields than the header is: every row of a text with an unquoted separator
     in it ("hello, world,pos") has one more, as has every row of a column that the header does not name."""
     reader = csv.reader(io.StringIO(text), delimiter=sep, skipinitialspace=True, quoting=quoting)  # as pandas reads it
