@@ -241,6 +241,9 @@ def test_a_claim_named_as_a_dns_subdomain_is_a_pvc_uri() -> None:
     doc["spec"]["model"]["uri"] = "pvc://models.v2/all-MiniLM-L6-v2"
     assert manifest_errors(doc) == []
     assert "models.v2" in claim_fields(FineTuneJob.from_wire(doc).spec)
-    for claim in ("Models", "models.", ".models", "models..v2", "models.-v2", "models_v2"):
+    longest = ".".join(["a" * 63] * 3) + "." + "b" * 61  # 253 characters, as a DNS subdomain may have
+    doc["spec"]["model"]["uri"] = f"pvc://{longest}/all-MiniLM-L6-v2"
+    assert manifest_errors(doc) == []
+    for claim in ("Models", "models.", ".models", "models..v2", "models.-v2", "models_v2", longest + "b"):
         doc["spec"]["model"]["uri"] = f"pvc://{claim}/all-MiniLM-L6-v2"
         assert [e.split(":")[0] for e in manifest_errors(doc)] == ["spec.model.uri"], claim

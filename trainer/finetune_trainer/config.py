@@ -27,6 +27,7 @@ URI_PATTERN = (rf"^(pvc://{CLAIM_NAME}(/{PRINTABLE}*)?|hf://[A-Za-z0-9_.-]+(/[A-
                rf"|file:///{PRINTABLE}*|/{PRINTABLE}*)$")
 # A `..` segment would climb out of the claim (or the mounted volume) the URI names.
 PARENT_SEGMENT = r"(^|/)\.\.(/|$)"
+LONG_CLAIM = r"^pvc://[^/]{254}"
 Uri = Annotated[
     str,
     Field(pattern=URI_PATTERN, max_length=1024),
@@ -34,6 +35,12 @@ Uri = Annotated[
         f"!self.matches(r'{PARENT_SEGMENT}')",
         lambda uri: re.search(PARENT_SEGMENT, uri) is None,
         "must not contain a '..' segment",
+    ),
+    # Not in URI_PATTERN: RE2 has no lookahead to bound the length of CLAIM_NAME's repeated labels.
+    *checked(
+        f"!self.matches(r'{LONG_CLAIM}')",
+        lambda uri: re.match(LONG_CLAIM, uri) is None,
+        "a pvc:// claim name has at most 253 characters",
     ),
 ]
 

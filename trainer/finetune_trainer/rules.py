@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from types import NoneType, UnionType
 from typing import Any, ClassVar, Self, Union, get_args, get_origin
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, TypeAdapter, ValidationError, model_validator
 from pydantic.alias_generators import to_camel
 from pydantic.fields import FieldInfo
 
@@ -149,10 +149,23 @@ def _as_decoded(value: Any) -> Any:
     return value
 
 
+@dataclass(frozen=True)
+class _InCrd:
+    """Adds its rule to the value's `x-kubernetes-validations`, after any other `checked` rule on the same type
+    (a `Field(json_schema_extra=...)` per rule would keep only the last)."""
+
+    rule: Rule
+
+    def __get_pydantic_json_schema__(self, schema: Any, handler: Callable[[Any], dict[str, Any]]) -> dict[str, Any]:
+        out = handler(schema)
+        out.setdefault("x-kubernetes-validations", []).append(self.rule.to_crd())
+        return out
+
+
 def checked(cel: str, holds: Callable[[Any], bool], message: str) -> tuple[Any, Any]:
     """`Annotated` metadata for a rule on a single value (a string, a map): CEL for the CRD, Python here.
 
-    Use as `Annotated[str, *checked(...)]`.
+    Use as `Annotated[str, *checked(...)]`, as often as the value has rules.
     """
     rule = Rule(cel, holds, message)
 
@@ -161,7 +174,7 @@ def checked(cel: str, holds: Callable[[Any], bool], message: str) -> tuple[Any, 
             raise RuleViolation(rule)
         return value
 
-    return AfterValidator(check), Field(json_schema_extra={"x-kubernetes-validations": [rule.to_crd()]})
+    return AfterValidator(check), _InCrd(rule)
 
 
 def transition(cel: str, message: str, field: str) -> dict[str, str]:
