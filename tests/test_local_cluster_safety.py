@@ -106,6 +106,36 @@ def test_down_stops_pod_processes_the_node_left_behind(state: Path) -> None:
         orphan.kill()
 
 
+def test_down_waits_for_pod_processes_without_scanning_proc_again(state: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    root = state / "node" / "pods" / "pod-uid" / "roots" / "main-0"
+    root.mkdir(parents=True)
+    # A pod process that takes half a second to end on SIGTERM: the wait for it sleeps on the process, where a scan
+    # of /proc at each tick would cost a pass over every process of the machine.
+    orphan = subprocess.Popen([sys.executable, "-c", (
+        "import os, signal, time; signal.signal(signal.SIGTERM, lambda *_: (time.sleep(0.5), os._exit(0))); "
+        f"os.chroot({str(root)!r}); time.sleep(300)")])
+    try:
+        deadline = time.monotonic() + 10
+        while orphan.pid not in cluster.pod_processes(state) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        scans = 0
+        scan = cluster.processes_in
+
+        def counted(folder: Path) -> list[int]:
+            nonlocal scans
+            scans += 1
+            return scan(folder)
+
+        monkeypatch.setattr(cluster, "processes_in", counted)
+        monkeypatch.setattr(sys.modules[scan.__module__], "processes_in", counted)
+        cluster.down(state)
+        assert orphan.wait(timeout=10) == 0
+        assert scans <= 2  # one to send SIGTERM, one to find what is left to SIGKILL
+    finally:
+        orphan.kill()
+
+
 def test_a_second_session_is_refused_while_one_holds_the_state_folder(state: Path) -> None:
     etcd = _record(state, "etcd", ["sleep", "304"])
     holder = subprocess.Popen([sys.executable, "-c", (

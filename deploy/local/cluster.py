@@ -41,12 +41,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))  # run as a script; pki is a sibling module
 import pki  # noqa: E402
 from process_node.network import kwok_cidr  # noqa: E402
-from process_node.processes import kill_all, processes_in  # noqa: E402
+from process_node.processes import processes_in, terminate_all  # noqa: E402
 
 REPO = HERE.parents[1]
 DEFAULT_STATE = REPO / ".cluster"
 SERVICE_CIDR = "10.0.0.0/24"
 LOCK = "lock"  # in the state folder; never wiped
+POD_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for pod processes the process node left behind
 # Claims may name folders under these with local.finetune.dev/host-path (`make assets` fills it).
 HOST_PATH_ROOTS = [REPO / ".data" / "pvc"]
 # Stop order is the reverse: the process node first, so it can end its pods.
@@ -178,16 +179,6 @@ def _stop(cluster: Cluster, component: str, grace: float = 10.0) -> None:
 def pod_processes(state: Path) -> list[int]:
     """Processes whose root is one of the process node's pod roots (children inherit it)."""
     return processes_in(state / "node" / "pods")
-
-
-def _stop_pod_processes(state: Path, grace: float = 5.0) -> None:
-    """What the process node left running (it was killed, say): SIGTERM, then SIGKILL."""
-    for pid in pod_processes(state):
-        _signal(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while pod_processes(state) and time.monotonic() < deadline:
-        time.sleep(0.1)
-    kill_all(state / "node" / "pods")
 
 
 @contextmanager
@@ -592,7 +583,7 @@ def _down(state: Path) -> None:
     others = sorted({path.stem for path in (state / "pids").glob("*.pid")} - set(COMPONENTS))
     for name in [*others, *reversed(COMPONENTS)]:
         _stop(cluster, name)
-    _stop_pod_processes(state)
+    terminate_all(state / "node" / "pods", POD_GRACE)  # what the process node left running (it was killed, say)
 
 
 def main() -> int:

@@ -5,6 +5,7 @@ in a session of its own)."""
 from __future__ import annotations
 
 import os
+import select
 import signal
 import time
 from pathlib import Path
@@ -27,19 +28,32 @@ def processes_in(folder: Path) -> list[int]:
     return [pid for pid in pids if _inside(pid, folder)]
 
 
-def _kill_if_inside(pid: int, folder: Path) -> None:
-    """SIGKILL the process, unless its pid is another's by now: a pidfd holds the process, whose root is then checked
-    again; a signal through the pidfd reaches that process or none."""
+def _signal_if_inside(pid: int, folder: Path, signum: signal.Signals) -> int | None:
+    """Send `signum` to the process, unless its pid is another's by now: a pidfd holds the process, whose root is then
+    checked again; a signal through the pidfd reaches that process or none. The pidfd, left open for the caller, or
+    None where the process was gone or outside."""
     try:
         pidfd = os.pidfd_open(pid)
     except ProcessLookupError:
-        return  # it ended meanwhile
+        return None  # it ended meanwhile
     try:
         if _inside(pid, folder):
-            signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+            signal.pidfd_send_signal(pidfd, signum)
+            return pidfd
     except ProcessLookupError:
         pass  # it ended after the check: the root read may have been another's, the signal went nowhere
-    finally:
+    os.close(pidfd)
+    return None
+
+
+def _signal_all(folder: Path, signum: signal.Signals) -> list[int]:
+    """Send `signum` to every process in `folder` (resolved); the pidfds of those it reached, for the caller to close."""
+    pidfds = (_signal_if_inside(pid, folder, signum) for pid in processes_in(folder))
+    return [pidfd for pidfd in pidfds if pidfd is not None]
+
+
+def _close_all(pidfds: list[int]) -> None:
+    for pidfd in pidfds:
         os.close(pidfd)
 
 
@@ -48,7 +62,30 @@ def kill_all(folder: Path) -> None:
     KILL_PATIENCE at most)."""
     folder = folder.resolve()
     deadline = time.monotonic() + KILL_PATIENCE
-    while (pids := processes_in(folder)) and time.monotonic() < deadline:
-        for pid in pids:
-            _kill_if_inside(pid, folder)
+    while time.monotonic() < deadline and (pidfds := _signal_all(folder, signal.SIGKILL)):
+        _close_all(pidfds)
         time.sleep(0.01)
+
+
+def _wait_ended(pidfds: list[int], timeout: float) -> None:
+    """Wait until every pidfd's process has ended (a pidfd turns readable then), or for `timeout`."""
+    poller = select.poll()
+    for pidfd in pidfds:
+        poller.register(pidfd, select.POLLIN)
+    deadline, left = time.monotonic() + timeout, len(pidfds)
+    while left and (remaining := deadline - time.monotonic()) > 0:
+        for pidfd, _ in poller.poll(remaining * 1000):
+            poller.unregister(pidfd)
+            left -= 1
+
+
+def terminate_all(folder: Path, grace: float) -> None:
+    """SIGTERM every process in `folder`, wait up to `grace` for them to end, then kill_all what is left or was
+    forked meanwhile. /proc is scanned once for the wait, which then sleeps on the processes' pidfds."""
+    folder = folder.resolve()
+    pidfds = _signal_all(folder, signal.SIGTERM)
+    try:
+        _wait_ended(pidfds, grace)
+    finally:
+        _close_all(pidfds)
+    kill_all(folder)
