@@ -396,3 +396,25 @@ def test_etc_hosts_holds_no_wrong_address_before_it_is_cut_to_a_shorter_text(tmp
     monkeypatch.setattr(dns_module, "open", watched_open, raising=False)
     dns.set_ready(pod, False)  # the Service's line goes
     assert before_cut[-1].split() == hosts.read_text().split()
+
+
+def test_etc_hosts_is_written_only_where_its_text_changes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every Service or readiness change on the node reaches every pod's file; one whose text stays is left alone.
+    written: list[str] = []
+
+    def counted_open(fd: int, mode: str) -> IO:
+        written.append(Path(os.readlink(f"/proc/self/fd/{fd}")).name)
+        return open(fd, mode)
+
+    dns = Dns()
+    served, other = _pod("", metadata={"labels": {"app": "x"}}), _pod("", metadata={"labels": {"app": "y"}})
+    dns.add_pod(served, "127.9.0.1", tmp_path / "served")
+    dns.add_pod(other, "127.9.0.2", tmp_path / "other")
+    dns.set_services([{"metadata": {"namespace": "ns", "name": "api"}, "spec": {"selector": {"app": "x"}}}])
+    monkeypatch.setattr(dns_module, "open", counted_open, raising=False)
+    dns.set_ready(other, True)  # no Service selects it
+    dns.service_event("ADDED", {"metadata": {"namespace": "elsewhere", "name": "db"}, "spec": {"selector": {"a": "b"}}})
+    assert written == []
+    dns.set_ready(served, True)  # api's line comes to both files
+    assert sorted(written) == ["other", "served"]
+    assert "api.ns" in (tmp_path / "other").read_text()

@@ -1,5 +1,5 @@
 """Cluster DNS, approximated with one /etc/hosts per pod (bind-mounted read-only, rewritten
-in place whenever Services or pods change). It holds what cluster DNS would answer:
+in place when a change of Services or pods changes its text). It holds what cluster DNS would answer:
 
 - the pod's own name, as the kubelet writes it (`<hostname>.<subdomain>.<ns>.svc.cluster.local`);
 - for each Service with a selector, in any namespace, the pods of this node it selects that
@@ -30,6 +30,7 @@ class _Pod:
     ip: str
     hosts_file: Path
     ready: bool = False
+    written: bytes | None = None  # the file's text as last written here
 
     @property
     def namespace(self) -> str:
@@ -123,15 +124,25 @@ class Dns:
         return lines
 
     def _write_all(self) -> None:
+        """Write each pod's file whose text changed: many changes (a pod turning ready that no Service selects, a
+        Service that selects none of this node's pods) change none, and each write is a moment a lookup may read torn.
+        The answers depend on the asker's namespace only, so they are made once a namespace."""
+        answers = {namespace: self._answers(namespace) for namespace in {p.namespace for p in self._pods.values()}}
         for record in self._pods.values():
-            lines = [(record.ip, own_names(record.pod)), *self._answers(record.namespace)]
+            lines = [(record.ip, own_names(record.pod)), *answers[record.namespace]]
             text = (HEADER + "".join(f"{ip}\t{' '.join(names)}\n" for ip, names in lines)).encode()
-            # In place, as containers see this inode through their bind mounts (a file renamed over it would not
-            # show): over the old text, then cut to length, never emptied first, so a lookup meanwhile finds the pod's
-            # own name (its line never changes) and, but for a read torn by the write itself, any other that stays.
-            # A shorter text is padded with blank lines (which resolvers skip) to the old one's length: the old
-            # text's tail, cut mid-line, would read as a wrong address until the cut.
-            with open(os.open(record.hosts_file, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644), "wb") as f:
-                f.write(text.ljust(os.fstat(f.fileno()).st_size, b"\n"))
-                f.truncate(len(text))
-            record.hosts_file.chmod(0o644)
+            if text != record.written:
+                _write_in_place(record.hosts_file, text)
+                record.written = text
+
+
+def _write_in_place(path: Path, text: bytes) -> None:
+    # In place, as containers see this inode through their bind mounts (a file renamed over it would not show): over
+    # the old text, then cut to length, never emptied first, so a lookup meanwhile finds the pod's own name (its line
+    # never changes) and, but for a read torn by the write itself, any other that stays. A shorter text is padded
+    # with blank lines (which resolvers skip) to the old one's length: the old text's tail, cut mid-line, would read
+    # as a wrong address until the cut.
+    with open(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC, 0o644), "wb") as f:
+        f.write(text.ljust(os.fstat(f.fileno()).st_size, b"\n"))
+        f.truncate(len(text))
+    path.chmod(0o644)

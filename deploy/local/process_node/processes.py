@@ -47,7 +47,7 @@ def _signal_if_inside(pid: int, folder: Path, signum: signal.Signals) -> int | N
 
 
 def _signal_all(folder: Path, signum: signal.Signals) -> list[int]:
-    """Send `signum` to every process in `folder` (resolved); the pidfds of those it reached, for the caller to close."""
+    """Send `signum` to every process in `folder` (resolved); the pidfds of those reached, for the caller to close."""
     pidfds = (_signal_if_inside(pid, folder, signum) for pid in processes_in(folder))
     return [pidfd for pidfd in pidfds if pidfd is not None]
 
