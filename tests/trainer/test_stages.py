@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import itertools
 import json
+import logging
 import math
 import re
 import subprocess
@@ -740,8 +741,11 @@ def tiny_swin():
     return ImageClassifier(net, "swin")
 
 
-@pytest.mark.parametrize("build", [tiny_vit, tiny_swin])
-def test_every_adapter_on_the_default_candidates_of_a_vit_or_swin_gets_a_gradient(build: Any, caplog) -> None:
+@pytest.mark.parametrize(("build", "dropped", "first"), [  # of the 6 modules named, those never called, and the first
+    (tiny_vit, 3, "net.encoder.layers.encoder_layer_0.self_attention.out_proj"),
+    (tiny_swin, 4, "net.features.1.0.attn.qkv")])
+def test_every_adapter_on_the_default_candidates_of_a_vit_or_swin_gets_a_gradient(build: Any, dropped: int, first: str,
+                                                                                   caplog) -> None:
     """nn.MultiheadAttention (ViT's) reads its out_proj's weight and Swin's attention its qkv's and proj's without
     calling them, so their adapters got no gradient, and the trainable count held them. They are no candidates,
     and naming them is warned of, or refused where nothing else is named."""
@@ -756,8 +760,13 @@ def test_every_adapter_on_the_default_candidates_of_a_vit_or_swin_gets_a_gradien
     assert grads and all(g is not None and g.any() for g in grads.values())
     named = LoraSpec(rank=2, targetModules=["out_proj", "qkv", "proj", "mlp.0"])
     assert all(t.endswith("mlp.0") for t in lora_targets(build(), named, task, FreezeSpec(), layers, head))
-    assert "no adapters on" in caplog.text
-    with pytest.raises(ConfigError, match="reads the weights of the modules they name"):
+    assert ("finetune_trainer.adjust", logging.WARNING, f"rearrange.lora.targetModules: no adapters on {dropped} of "
+            "the 6 modules named, whose weights their attention reads without calling them, so an adapter gets no "
+            f"gradient ({first}, ...)") in caplog.record_tuples
+    with pytest.raises(ConfigError, match=re.escape(
+            f"rearrange.lora.targetModules ['out_proj', 'qkv']: their attention reads the weights of the modules they "
+            f"name ({first}, ...) without calling them, so an adapter there gets no gradient; name others (the MLP's "
+            "Linear layers)")):
         lora_targets(build(), LoraSpec(rank=2, targetModules=["out_proj", "qkv"]), task, FreezeSpec(), layers, head)
 
 
@@ -1285,12 +1294,16 @@ def test_named_lora_targets_keep_off_what_the_freeze_freezes(bert, caplog) -> No
     task = Task.SEQUENCE_CLASSIFICATION
     layers, head = depth(model, task), head_name(model, task)
     lora = LoraSpec(rank=2, targetModules=["query"])
-    with pytest.raises(ConfigError, match=r"targetModules \['query'\]: adjust.freeze \(strategy all-but-head\)"):
+    with pytest.raises(ConfigError, match=re.escape(
+            "rearrange.lora.targetModules ['query']: adjust.freeze (strategy all-but-head) freezes every module they "
+            "name that would take an adapter, so no adapter would train; freeze less or name modules that train")):
         lora_targets(model, lora, task, FreezeSpec(strategy="all-but-head"), layers, head)
     spec = FreezeSpec(strategy="bottom-layers", count=1)
     targets = lora_targets(model, lora, task, spec, layers, head)
     assert targets == [f"bert.encoder.layer.{i}.attention.self.query" for i in range(1, layers.layers)]
-    assert "no adapters on 1 of the" in caplog.text and "layer.0.attention.self.query" in caplog.text
+    assert ("finetune_trainer.adjust", logging.WARNING, f"rearrange.lora.targetModules: no adapters on 1 of the "
+            f"{layers.layers} modules named, which adjust.freeze (strategy bottom-layers) freezes "
+            "(bert.encoder.layer.0.attention.self.query, ...)") in caplog.record_tuples
     freeze(model, spec, layers, head)
     wrapped = add_adapters(model, lora, targets, head)
     freeze(wrapped, spec, layers, head)  # as the pipeline does after rearranging

@@ -90,15 +90,11 @@ def lora_targets(model: nn.Module, lora: LoraSpec, task: Task, spec: FreezeSpec,
         return list(names)  # peft says that they match nothing
     whole = trained_whole(head, new)
     named = called([m for m in matched if not within(m, whole)], names, model)
-    kept = adaptable(named, spec, depth, head)
-    if named and not kept:
-        raise ConfigError(f"rearrange.lora.targetModules {names}: adjust.freeze (strategy {spec.strategy.value}) "
-                          "freezes every module they name that would take an adapter, so no adapter would train; "
-                          "freeze less or name modules that train")
-    if len(kept) < len(named):
-        log.warning("rearrange.lora.targetModules: no adapters on %d of the %d modules named, which adjust.freeze "
-                    "(strategy %s) freezes (%s, ...)", len(named) - len(kept), len(named), spec.strategy.value,
-                    next(m for m in named if m not in kept))
+    strategy = spec.strategy.value
+    kept = kept_named(named, adaptable(named, spec, depth, head), names,
+                      refusal=f"adjust.freeze (strategy {strategy}) freezes every module they name that would take an "
+                              "adapter, so no adapter would train; freeze less or name modules that train",
+                      reason=f"which adjust.freeze (strategy {strategy}) freezes")
     return kept + [m for m in matched if within(m, whole)]
 
 
@@ -107,15 +103,24 @@ def called(named: list[str], names: list[str], model: nn.Module) -> list[str]:
     (structure.unread_layers), which are warned of, or refused where nothing else is named: an adapter on one gets
     no gradient."""
     unread = unread_layers(model)
-    kept = [m for m in named if m not in unread]
+    return kept_named(named, [m for m in named if m not in unread], names,
+                      refusal="their attention reads the weights of the modules they name ({first}, ...) without "
+                              "calling them, so an adapter there gets no gradient; name others (the MLP's Linear "
+                              "layers)",
+                      reason="whose weights their attention reads without calling them, so an adapter gets no "
+                             "gradient")
+
+
+def kept_named(named: list[str], kept: list[str], names: list[str], refusal: str, reason: str) -> list[str]:
+    """`kept`, the modules `named` in rearrange.lora.targetModules (`names`) that may take an adapter. Refused where
+    none is kept (`refusal`, in which `{first}` stands for the first module dropped), as the user asked for adapters
+    and none would train; else the modules dropped are warned of, for `reason`."""
+    dropped = [m for m in named if m not in kept]
     if named and not kept:
-        raise ConfigError(f"rearrange.lora.targetModules {names}: their attention reads the weights of the modules "
-                          f"they name ({named[0]}, ...) without calling them, so an adapter there gets no gradient; "
-                          "name others (the MLP's Linear layers)")
-    if len(kept) < len(named):
-        log.warning("rearrange.lora.targetModules: no adapters on %d of the %d modules named, whose weights their "
-                    "attention reads without calling them, so an adapter gets no gradient (%s, ...)",
-                    len(named) - len(kept), len(named), next(m for m in named if m not in kept))
+        raise ConfigError(f"rearrange.lora.targetModules {names}: " + refusal.format(first=dropped[0]))
+    if dropped:
+        log.warning("rearrange.lora.targetModules: no adapters on %d of the %d modules named, %s (%s, ...)",
+                    len(dropped), len(named), reason, dropped[0])
     return kept
 
 
