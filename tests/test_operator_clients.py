@@ -36,12 +36,12 @@ def test_the_generated_api_classes_are_never_imported() -> None:
     assert out.stdout.strip() == "[]"
 
 
-def _kubeconfig(path: Path, server: str) -> Path:
+def _kubeconfig(path: Path, server: str, name: str = "c") -> Path:
     path.write_text(yaml.safe_dump({
-        "apiVersion": "v1", "kind": "Config", "current-context": "c",
-        "clusters": [{"name": "c", "cluster": {"server": server}}],
-        "users": [{"name": "u", "user": {"token": "t"}}],
-        "contexts": [{"name": "c", "context": {"cluster": "c", "user": "u"}}]}))
+        "apiVersion": "v1", "kind": "Config", "current-context": name,
+        "clusters": [{"name": name, "cluster": {"server": server}}],
+        "users": [{"name": name, "user": {"token": "t"}}],
+        "contexts": [{"name": name, "context": {"cluster": name, "user": name}}]}))
     return path
 
 
@@ -91,6 +91,22 @@ def test_an_empty_kubeconfig_variable_names_no_file(tmp_path: Path, monkeypatch:
     monkeypatch.setenv("HOME", str(tmp_path))
     (tmp_path / ".kube").mkdir()
     _kubeconfig(tmp_path / ".kube" / "config", "https://127.0.0.1:7443")
+    assert clients.Clients(connections=1).api.configuration.host == "https://127.0.0.1:7443"
+
+
+def test_several_kubeconfigs_take_the_first_current_context(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """`KUBECONFIG=a:b` as kubectl merges it: the first file that sets a current-context decides (a later empty one
+    does not). The kubernetes client's merger took the last file's: the operator worked on another cluster than
+    `kubectl` with the same variable."""
+    monkeypatch.delenv("KUBERNETES_SERVICE_HOST", raising=False)
+    first = _kubeconfig(tmp_path / "first", "https://127.0.0.1:6443", name="first")
+    second = _kubeconfig(tmp_path / "second", "https://127.0.0.1:7443", name="second")
+    unset = tmp_path / "unset"
+    unset.write_text(yaml.safe_dump({"apiVersion": "v1", "kind": "Config", "current-context": ""}))
+    monkeypatch.setenv("KUBECONFIG", f"{tmp_path / 'absent'}:{unset}:{first}:{second}")
+    assert clients.Clients(connections=1).api.configuration.host == "https://127.0.0.1:6443"
+    assert handlers._connection(kopf.OperatorSettings()).server == "https://127.0.0.1:6443"
+    monkeypatch.setenv("KUBECONFIG", f"{second}:{first}")
     assert clients.Clients(connections=1).api.configuration.host == "https://127.0.0.1:7443"
 
 

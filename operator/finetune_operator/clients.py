@@ -4,9 +4,11 @@ the finalizer's patches)."""
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import yaml
 from kubernetes import client, config
 from kubernetes.config import kube_config
 from kubernetes.client.exceptions import ApiException
@@ -29,7 +31,19 @@ def load_config() -> None:
         except config.ConfigException:
             pass
     # Named here: the client reads $KUBECONFIG once, when it is imported (and an empty one names no file).
-    config.load_kube_config(named or kube_config.KUBE_CONFIG_DEFAULT_LOCATION or "~/.kube/config")
+    paths = named or kube_config.KUBE_CONFIG_DEFAULT_LOCATION or "~/.kube/config"
+    config.load_kube_config(paths, context=first_context(paths))
+
+
+def first_context(paths: str) -> str | None:
+    """The current-context kubectl takes from a list of kubeconfigs: the first file's that sets one. The kubernetes
+    client's merger takes the last file's, so `KUBECONFIG=a:b` put the operator on another cluster than kubectl."""
+    for path in filter(None, paths.split(kube_config.ENV_KUBECONFIG_PATH_SEPARATOR)):
+        file = Path(path).expanduser()
+        document = yaml.safe_load(file.read_text()) if file.exists() else None
+        if isinstance(document, dict) and document.get("current-context"):
+            return document["current-context"]
+    return None
 
 
 class Clients:
