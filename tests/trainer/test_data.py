@@ -310,6 +310,34 @@ def test_an_image_folder_linking_to_a_folder_above_reads_each_image_once(tmp_pat
     assert len(data.train.inputs + data.validation.inputs + data.test.inputs) == 6
 
 
+@pytest.mark.parametrize("layout", ["parquet splits", "image folder"])
+def test_a_folder_dataset_is_walked_once_a_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
+    """The format, the splits and the parquet class names each walked the whole folder (three walks of a hub repo of
+    thousands of shards on a network volume), and an ImageFolder's format two; now they filter one walk."""
+    if layout == "image folder":
+        cats_and_dogs(tmp_path, ".png")
+    else:
+        import datasets
+
+        labels = datasets.ClassLabel(names=["a", "b"])
+        features = datasets.Features({"text": datasets.Value("string"), "label": labels})
+        (tmp_path / "data").mkdir()
+        for name in ("train", "test"):
+            rows = {"text": [f"{name} {i}" for i in range(10)], "label": [i % 2 for i in range(10)]}
+            datasets.Dataset.from_dict(rows, features=features).to_parquet(tmp_path / "data" / f"{name}.parquet")
+    walk, tops = os.walk, []
+
+    def counted(top: str | os.PathLike[str], *args: object, **kw: object) -> object:
+        tops.append(Path(top))  # Python 3.11's os.walk calls itself for each folder below, with that folder
+        return walk(top, *args, **kw)
+
+    monkeypatch.setattr(os, "walk", counted)
+    data = (load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0) if layout == "image folder"
+            else load_dataset(spec(tmp_path), Task.SEQUENCE_CLASSIFICATION, 0))
+    assert set(data.id2label.values()) == ({"Cat", "Dog"} if layout == "image folder" else {"a", "b"})
+    assert tops.count(tmp_path) == 1
+
+
 def refuse_listing(monkeypatch: pytest.MonkeyPatch, name: str) -> None:
     """Make listing a folder of this name raise the error os.scandir raises where the user may not read it (the
     tests run as root, whom a folder's mode lets read)."""

@@ -22,6 +22,7 @@ import zlib
 from collections.abc import Hashable, Iterator, Sized
 from dataclasses import dataclass
 from decimal import Decimal
+from itertools import islice
 from numbers import Number
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,8 @@ class LabelledData:
 
 def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
     # A text task would read an image folder's file paths as its texts, and their class folders as the answer.
-    path, fmt, tables = read_dataset(spec, "dataset", texts_only=task != Task.IMAGE_CLASSIFICATION)
+    found, fmt, tables = read_dataset(spec, "dataset", texts_only=task != Task.IMAGE_CLASSIFICATION)
+    path = found.path
     input_field = IMAGE_COLUMN if fmt == DatasetFormat.IMAGE_FOLDER else spec.text_field
     label_field = None if task == Task.CAUSAL_LM else ("label" if fmt == DatasetFormat.IMAGE_FOLDER else spec.label_field)
     columns = [c for c in (input_field, label_field) if c is not None]
@@ -105,7 +107,7 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
             check_inputs(table[label_field], (str, Number, np.bool_), "a label (one per row)", spec.uri,
                          "dataset.labelField")
         id2label, ids = label_ids(pd.concat([t[label_field] for t in usable.values()], ignore_index=True))
-        id2label = named_classes(id2label, class_names(path, fmt, label_field))
+        id2label = named_classes(id2label, class_names(found, fmt, label_field))
         if len(id2label) < 2:
             raise DataError(f"dataset {spec.uri}: " + (one_class_folder(path, id2label[0], spec.uri)
                                                        if fmt == DatasetFormat.IMAGE_FOLDER else
@@ -293,44 +295,45 @@ def load_texts(spec: TextsSpec, field: str) -> list[str]:
 
 
 def read_dataset(spec: TextsSpec, field: str,
-                 texts_only: bool = False) -> tuple[Path, DatasetFormat, dict[str, pd.DataFrame]]:
-    """The local path, the format and the tables by split of the dataset `spec` names, `field` its place in the job;
-    `texts_only` refuses images (which `format: auto` finds in a folder of folders) before reading them, and leaves
-    out the tables' folders, which only image paths are read from."""
-    path = fetch(spec.uri, kind=f"{field}.uri", repo_type="dataset", error=DataError)
+                 texts_only: bool = False) -> tuple[Found, DatasetFormat, dict[str, pd.DataFrame]]:
+    """The local path (with its files), the format and the tables by split of the dataset `spec` names, `field` its
+    place in the job; `texts_only` refuses images (which `format: auto` finds in a folder of folders) before reading
+    them, and leaves out the tables' folders, which only image paths are read from."""
+    found = Found(fetch(spec.uri, kind=f"{field}.uri", repo_type="dataset", error=DataError))
     try:
-        return path, *read_found(path, spec, field, texts_only)
+        return found, *read_found(found, spec, field, texts_only)
     except PermissionError as exc:  # the mode of a file or folder, as for an image (UNREADABLE): the owner's to fix
         raise DataError(f"{field} {spec.uri}: {unreadable(exc)}") from exc
 
 
-def read_found(path: Path, spec: TextsSpec, field: str,
+def read_found(found: Found, spec: TextsSpec, field: str,
                texts_only: bool) -> tuple[DatasetFormat, dict[str, pd.DataFrame]]:
-    """read_dataset's format and tables of the dataset at `path`."""
-    fmt = detect_format(path, spec.format, field)
+    """read_dataset's format and tables of the dataset `found`."""
+    path = found.path
+    fmt = detect_format(found, spec.format, field)
     if (not texts_only and spec.format == DatasetFormat.AUTO and fmt in FILE_FORMATS.values()
             and holds_class_folders(path)):
-        if (tables := tables_with(path, fmt, spec.text_field)) is not None:
+        if (tables := tables_with(found, fmt, spec.text_field)) is not None:
             return fmt, tables  # a table of image paths in folders (train/patient1/, part_1/, the hub's shards)
         # images in class folders, and a table beside them (Kaggle's sample_submission.csv, GTSRB's GT-00000.csv
         # in each class folder) that the extension rule took for the dataset
         log.warning("%s: read as an ImageFolder of its class folders; its %s files are no dataset with a column %r "
                     "(%s.textField): %s", path, fmt.value, spec.text_field, field, ", ".join(
-                        str(f.relative_to(path)) for f in data_files(path, suffixes_of(fmt))[:3]))
+                        str(f.relative_to(path)) for f in islice(found.files(suffixes_of(fmt)), 3)))
         fmt = DatasetFormat.IMAGE_FOLDER
     if texts_only and fmt in (DatasetFormat.IMAGE_FOLDER, DatasetFormat.COCO):
         raise DataError(f"{field} {spec.uri}: holds images ({fmt.value}), not texts; point {field}.uri at texts")
     try:
-        return fmt, read_splits(path, fmt, folders=not texts_only)
+        return fmt, read_splits(found, fmt, folders=not texts_only)
     except (ValueError, FileNotFoundError) as exc:  # a parser's complaint (pandas, pyarrow, json, datasets)
         raise DataError(f"{field} {spec.uri}: cannot read it as {fmt.value} ({type(exc).__name__}: {exc})") from exc
 
 
-def tables_with(path: Path, fmt: DatasetFormat, column: str) -> dict[str, pd.DataFrame] | None:
+def tables_with(found: Found, fmt: DatasetFormat, column: str) -> dict[str, pd.DataFrame] | None:
     """The folder's tables by split where they are a dataset with `column` (the configured textField), else None:
     beside class folders of images, a table without it (or that does not read) is no dataset of theirs."""
     try:
-        tables = read_splits(path, fmt, folders=True)
+        tables = read_splits(found, fmt, folders=True)
     except (DataError, ValueError, FileNotFoundError):  # a test.csv of Kaggle's beside train/<class>/: no train split
         return None
     return tables if any(column in table.columns for table in tables.values()) else None
@@ -350,7 +353,8 @@ def check_columns(tables: dict[str, pd.DataFrame], uri: str, columns: dict[str, 
                                 f"it has {', '.join(repr(c) for c in table.columns if c != TABLE_FOLDER)}")
 
 
-def detect_format(path: Path, declared: DatasetFormat | TextFormat, field: str) -> DatasetFormat:
+def detect_format(found: Found, declared: DatasetFormat | TextFormat, field: str) -> DatasetFormat:
+    path = found.path
     if declared != DatasetFormat.AUTO:
         return DatasetFormat(declared)
     if path.is_file():
@@ -363,13 +367,13 @@ def detect_format(path: Path, declared: DatasetFormat | TextFormat, field: str) 
                         '{"text": ...} a line')
     if (path / "dataset_info.json").exists() or (path / "dataset_dict.json").exists():
         return DatasetFormat.HF_DISK
-    if found := {FILE_FORMATS[format_suffix(f)] for f in data_files(path, set(FILE_FORMATS))}:
-        if len(found) > 1:
-            raise DataError(f"{path}: holds {' and '.join(sorted(found))} files; set {field}.format")
-        return found.pop()
-    if any(child.is_dir() for child in path.iterdir()) and has_images(path):
+    if formats := {FILE_FORMATS[format_suffix(f)] for f in found.files(set(FILE_FORMATS))}:
+        if len(formats) > 1:
+            raise DataError(f"{path}: holds {' and '.join(sorted(formats))} files; set {field}.format")
+        return formats.pop()
+    if any(child.is_dir() for child in path.iterdir()) and any(found.files(IMAGE_SUFFIXES)):  # a Path is never false
         return DatasetFormat.IMAGE_FOLDER
-    suffixes = sorted({format_suffix(f) or f.name for f in files_below(path) if f.is_file()})
+    suffixes = sorted({format_suffix(f) or f.name for f in found.entries if f.is_file()})
     raise DataError(f"{path}: a folder that is neither an ImageFolder nor an HF dataset, nor holds files of a format "
                     f"(it holds {listed(suffixes) or 'no file'}); point {field}.uri at a file")
 
@@ -381,10 +385,22 @@ def format_suffix(file: Path) -> str:
                                                                             DatasetFormat.JSONL) else suffix
 
 
-def data_files(folder: Path, suffixes: set[str]) -> list[Path]:
-    """Files with these suffixes anywhere below the folder, but not in hidden folders (.git, .cache) nor
-    lost+found (data_folder)."""
-    return sorted(p for p in files_below(folder) if format_suffix(p) in suffixes and p.is_file())
+@dataclass
+class Found:
+    """A dataset's (or a class folder's) local path, and where it is a folder, the entries below it: walked once, at
+    their first use, as the format, the splits and the parquet class names each filter them (a hub repo of
+    thousands of shards on a network volume was walked three times)."""
+
+    path: Path
+
+    @functools.cached_property
+    def entries(self) -> list[Path]:
+        return sorted(files_below(self.path))
+
+    def files(self, suffixes: set[str]) -> Iterator[Path]:
+        """The files with these suffixes (format_suffix) anywhere below the folder, but not in hidden folders (.git,
+        .cache) nor lost+found (data_folder), in sorted order; each found a file (a stat) only as it is read."""
+        return (p for p in self.entries if format_suffix(p) in suffixes and p.is_file())
 
 
 def files_below(folder: Path) -> Iterator[Path]:
@@ -420,7 +436,8 @@ def entered(path: str, top: str, walked: set[str]) -> bool:
 
 @functools.cache
 def said_once(warning: str) -> None:
-    """A warning of the folders' walk, which runs more than once (the format, then the files)."""
+    """A warning of the folders' walk: an image dataset's split and class folders are walked again below the
+    dataset's one walk (Found), each from itself (has_images, read_image_folder), where a link says it again."""
     log.warning("%s", warning)
 
 
@@ -444,7 +461,7 @@ def split_of(relative: str, whole: bool = False) -> str | None:
                  if (text in words if whole else SPLIT_NAMES[name].search(text))), None)
 
 
-def read_splits(path: Path, fmt: DatasetFormat, folders: bool = False) -> dict[str, pd.DataFrame]:
+def read_splits(found: Found, fmt: DatasetFormat, folders: bool = False) -> dict[str, pd.DataFrame]:
     """The dataset's tables by split (train first; validation and test when the dataset names them).
 
     A file is the train split. A folder is read as the hub lays datasets out: files named by split or in
@@ -452,6 +469,7 @@ def read_splits(path: Path, fmt: DatasetFormat, folders: bool = False) -> dict[s
     `folders` adds the folder of each row's file (TABLE_FOLDER), which image paths are read from: only they need
     it, and in a corpus of short texts it is a good part of the table's memory.
     """
+    path = found.path
     if fmt == DatasetFormat.IMAGE_FOLDER:
         return read_image_splits(path)
     if fmt == DatasetFormat.HF_DISK:
@@ -474,7 +492,7 @@ def read_splits(path: Path, fmt: DatasetFormat, folders: bool = False) -> dict[s
                 for kind in (TRAIN, VALIDATION, TEST) if kind in named}
     if path.is_file():
         return {TRAIN: read_table(path, fmt)}
-    files = data_files(path, suffixes_of(fmt))
+    files = list(found.files(suffixes_of(fmt)))
     if not files:
         raise DataError(f"{path}: no {fmt.value} file in the folder")
     by_split: dict[str | None, list[Path]] = {}
@@ -767,7 +785,7 @@ def warn_splits_read_as_classes(path: Path, folders: list[Path]) -> None:
 def read_image_folder(path: Path) -> pd.DataFrame:
     rows, empty = [], []
     for class_dir in sorted(p for p in path.iterdir() if p.is_dir() and data_folder(p.name)):
-        images = data_files(class_dir, IMAGE_SUFFIXES)  # its subfolders' too, as torchvision's ImageFolder
+        images = list(Found(class_dir).files(IMAGE_SUFFIXES))  # its subfolders' too, as torchvision's ImageFolder
         rows += [{IMAGE_COLUMN: str(image), "label": class_dir.name} for image in images]
         if not images:
             empty.append(class_dir.name)
@@ -839,9 +857,10 @@ def label_name(value: Any) -> str:
     return str(int(Decimal(text)))  # exact: "+1" is 1, and so is "1.0"; a long id keeps its digits
 
 
-def class_names(path: Path, fmt: DatasetFormat, field: str) -> list[str] | None:
+def class_names(found: Found, fmt: DatasetFormat, field: str) -> list[str] | None:
     """The names a hub dataset gives its integer labels (a ClassLabel feature): in a save_to_disk dataset's
     features, or in the schema metadata that `datasets` (and so the hub) writes into parquet files."""
+    path = found.path
     if fmt == DatasetFormat.HF_DISK:
         import datasets
 
@@ -852,7 +871,7 @@ def class_names(path: Path, fmt: DatasetFormat, field: str) -> list[str] | None:
     if fmt == DatasetFormat.PARQUET:
         import pyarrow.parquet as pq
 
-        first = path if path.is_file() else data_files(path, {".parquet"})[0]
+        first = path if path.is_file() else next(found.files({".parquet"}))
         hub = json.loads((pq.read_schema(first).metadata or {}).get(b"huggingface", b"{}"))
         feature = hub.get("info", {}).get("features", {}).get(field, {})
         return feature.get("names") if feature.get("_type") == "ClassLabel" else None
