@@ -709,7 +709,7 @@ def read_text(file: Path) -> str:
     Scraped corpora (the bundled sentiment CSV among them) mix encodings; refusing them would make the user
     re-encode by hand. Line by line, one stray byte garbles its own line, not every UTF-8 character of the file.
     """
-    raw = decompressed(file, file.read_bytes())
+    raw = decompressed(file)
     if raw.startswith((codecs.BOM_UTF16_LE, codecs.BOM_UTF16_BE)):  # what Windows PowerShell 5's > and Out-File write
         return raw.decode("utf-16")
     try:
@@ -735,8 +735,9 @@ def decoded_line(line: bytes) -> tuple[str, str]:
     return line.decode("latin-1"), "Latin-1"
 
 
-def decompressed(file: Path, raw: bytes) -> bytes:
+def decompressed(file: Path) -> bytes:
     """The file's bytes, decompressed where its suffix names a compression."""
+    raw = file.read_bytes()
     if (suffix := file.suffix.lower()) not in DECOMPRESSORS:
         return raw
     if (decompress := DECOMPRESSORS[suffix]) is None:
