@@ -309,7 +309,7 @@ class Finding(ApiModel):
     """Something the structure analysis noticed."""
 
     severity: Severity = Field(description="info, warning or fatal (a fatal finding stops the job).")
-    code: Reason = Field(description="Stable identifier, e.g. NanWeights or HeadSizeMismatch.")
+    code: Reason = Field(description="Stable identifier, e.g. NonFiniteWeights or HeadMismatch.")
     message: Message = Field(description="What was found and what to do about it.")
 
 

@@ -1,7 +1,7 @@
 """The process group under torchrun (gloo on CPUs, nccl on GPUs), and a single process without it.
 
-torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; its c10d rendezvous (on the operator's
-headless Service in a cluster) is what joins the ranks.
+torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; in a cluster its static rendezvous (rank 0's pod by its
+hostname on the operator's headless Service, children.py) is what joins the ranks.
 """
 
 from __future__ import annotations
