@@ -71,6 +71,9 @@ def test_the_shapes_dataset_loads_split_with_its_boxes(pvc_root: Path) -> None:
      "annotation 1 (image 1): bbox [128.2, 10, 0.5, 5] has no area inside its 128x128 image"),
     (lambda c: c["annotations"][0].update(bbox=[10, -0.9, 5, 0.5]),
      "annotation 1 (image 1): bbox [10, -0.9, 5, 0.5] has no area inside its 128x128 image"),
+    # An exporter's sliver: a box in float64, none in the batches' float32 (torchvision raised mid-epoch).
+    (lambda c: c["annotations"][0].update(bbox=[100.0, 10, 2e-5, 5]),
+     "annotation 1 (image 1): bbox [100.0, 10, 2e-05, 5] has no area inside its 128x128 image (a side under 0.01"),
     (lambda c: c["annotations"][7].update(category_id=9), "annotation 8 (image"),
     # Python's json writes a NaN it is given; every bound check is False for it, so it trained as a box
     (lambda c: c["annotations"][0].update(bbox=[10, 10, float("nan"), 5]),
@@ -79,7 +82,7 @@ def test_the_shapes_dataset_loads_split_with_its_boxes(pvc_root: Path) -> None:
     (lambda c: c["images"][3].update(width=300), "image 4 ('00004.jpg'): declared 300x128"),
     # it said "declared 128x128 but the file is 128x128"
     (lambda c: c["images"][3].update(width="128"), "image 4 ('00004.jpg'): declared '128'x128 but the file is 128x128"),
-], ids=["box-outside-image", "box-past-the-right-edge", "box-above-the-top-edge", "unknown-category",
+], ids=["box-outside-image", "box-past-the-right-edge", "box-above-the-top-edge", "box-a-sliver", "unknown-category",
         "box-not-a-number", "image-without-file", "wrong-size", "size-a-string"])
 def test_a_bad_record_is_refused_naming_it(pvc_root: Path, tmp_path: Path, change: Any, named: str) -> None:
     folder = rewrite(shapes_copy(pvc_root, tmp_path), change)

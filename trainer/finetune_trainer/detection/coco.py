@@ -32,6 +32,9 @@ log = logging.getLogger(__name__)
 
 ANNOTATIONS = "annotations.json"
 EDGE_TOLERANCE = 1.0  # pixels a box may overhang its image (rounding in exporters); it is clipped
+# A box's least side: narrower (an exporter's 2e-5 px), its edges meet in the batches' float32 and torchvision's
+# detectors raise mid-epoch ("All bounding boxes should have positive height and width").
+MIN_SIDE = 0.01
 SHOWN_PROBLEMS = 5
 
 
@@ -241,8 +244,9 @@ def add_box(ann: Any, i: int, images: dict[int, Annotated], categories: dict[int
         problems.append(f"{where}: bbox {bbox} lies outside its {image.width}x{image.height} image")
         return False
     x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, image.width), min(y + h, image.height)
-    if x1 <= x0 or y1 <= y0:  # overhanging by less than the tolerance but not inside: clipping leaves no area
-        problems.append(f"{where}: bbox {bbox} has no area inside its {image.width}x{image.height} image")
+    if x1 - x0 < MIN_SIDE or y1 - y0 < MIN_SIDE:  # also where it overhangs by less than the tolerance, not inside
+        problems.append(f"{where}: bbox {bbox} has no area inside its {image.width}x{image.height} image (a side "
+                        f"under {MIN_SIDE} px)")
         return False
     crowd = ann.get("iscrowd") == 1
     (image.crowd_boxes if crowd else image.boxes).append([x0, y0, x1, y1])
