@@ -697,6 +697,21 @@ def test_a_16_bit_grey_image_keeps_its_shades(tmp_path: Path, suffix: str, mode:
     torch.testing.assert_close(pixels[0], pixels[1])
 
 
+def test_a_floating_point_image_is_refused_naming_its_file(tmp_path: Path) -> None:
+    """A 32-bit float TIFF (mode F, often 0..1) has no set range of colours: convert("RGB") clipped it at 0..255 and
+    it trained as a black image, without a word."""
+    import numpy as np
+    from PIL import Image
+
+    from finetune_trainer.errors import DataError, exit_code_of
+
+    Image.fromarray(np.full((32, 32), 0.5, dtype=np.float32)).save(floating := tmp_path / "scan.tif")
+    assert Image.open(floating).mode == "F"
+    with pytest.raises(DataError, match=f"{floating}: a 32-bit floating-point image") as raised:
+        make_collate(Task.IMAGE_CLASSIFICATION, 0, 32)(encode_images(Split([str(floating)], [0])), [0])
+    assert exit_code_of(raised.value) == 1
+
+
 @pytest.mark.parametrize("architecture, units, below", [
     ("resnet18", [f"net.layer{i}" for i in range(1, 5)], {"net.conv1.weight", "net.bn1.weight", "net.bn1.bias"}),
     ("mobilenet_v3_small", [f"net.features.{i}" for i in range(13)], set()),
