@@ -435,14 +435,19 @@ def test_a_model_whose_config_places_its_layers_by_index_is_pruned_only_where_it
     torch.testing.assert_close(logits_of(reloaded, inputs), logits_of(model, inputs), atol=1e-5, rtol=1e-5)
 
 
-def test_a_pruned_job_reports_scores_size_and_latency_before_and_after(tmp_path: Path, monkeypatch) -> None:
+@pytest.mark.parametrize("merge", [True, False])
+def test_a_pruned_job_reports_scores_size_and_latency_before_and_after(merge: bool, tmp_path: Path,
+                                                                        monkeypatch) -> None:
     """The whole pipeline with rearrange.prune on a 3-layer BERT: the analysis scores the layers, one goes before
-    training, and the report, the termination message and the model card say what it cost and saved."""
+    training, and the report, the termination message and the model card say what it cost and saved. Adapters kept
+    apart (mergeOnExport false) are counted apart from the base exported: counted with it, and with peft's copy of
+    the head as loaded, the pruned model's parameters looked more than they are."""
+    from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification
 
     doc = tiny_classifier_doc(tmp_path / "out")
     doc["model"]["config"] = TINY_BERT | {"num_hidden_layers": 3}
-    doc["rearrange"] = {"prune": {"count": 1, "heal": {"steps": 3}}, "lora": {"rank": 4}}
+    doc["rearrange"] = {"prune": {"count": 1, "heal": {"steps": 3}}, "lora": {"rank": 4}, "mergeOnExport": merge}
     termination = tmp_path / "termination"
     monkeypatch.setenv("TERMINATION_MESSAGE_PATH", str(termination))
     report = run(TrainerConfig.model_validate(doc), tmp_path / "out")
@@ -463,6 +468,11 @@ def test_a_pruned_job_reports_scores_size_and_latency_before_and_after(tmp_path:
     assert "## Pruning" in card and "Healed in 3 steps" in card
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
     assert reloaded.config.num_hidden_layers == 2 and prune.parameters(reloaded) == pruning["after"]["parameters"]
+    adapters = 0 if merge else sum(t.numel() for name, t in
+                                   load_file(tmp_path / "out" / "adapter" / "adapter_model.safetensors").items()
+                                   if "lora_" in name)
+    assert pruning["after"].get("adapter_parameters", 0) == adapters
+    assert (f"| adapter parameters (kept apart, adapter/) | - | {adapters:,} |" in card) == (not merge)
 
 
 def test_a_threshold_below_every_layers_score_removes_none_and_heals_nothing(tmp_path: Path, monkeypatch,

@@ -488,7 +488,7 @@ def pruning_section(pruning: dict[str, Any] | None) -> list[str]:
     if not pruning:
         return []
     before, after = pruning["before"], pruning["after"]
-    metrics = [m for m in after if m not in ("parameters", "latency_ms")]
+    metrics = [m for m in after if m not in ("parameters", "adapter_parameters", "latency_ms")]
     return [
         "## Pruning",
         "",
@@ -498,10 +498,16 @@ def pruning_section(pruning: dict[str, Any] | None) -> list[str]:
         "| | before pruning | pruned and fine-tuned |",
         "|---|---|---|",
         f"| parameters | {before['parameters']:,} | {after['parameters']:,} |",
+        *adapter_rows(after.get("adapter_parameters")),
         f"| latency per test batch (ms, the training device) | {before['latency_ms']:.1f} | {after['latency_ms']:.1f} |",
         *[f"| {m} (test split) | {fmt(before.get(m))} | {fmt(after[m])} |" for m in metrics],
         "",
     ]
+
+
+def adapter_rows(adapters: int | None) -> list[str]:
+    """Adapters kept apart (prune.footprint counts them apart from the base, which the row above compares)."""
+    return [f"| adapter parameters (kept apart, adapter/) | - | {adapters:,} |"] if adapters else []
 
 
 def removed_line(pruning: dict[str, Any]) -> str:

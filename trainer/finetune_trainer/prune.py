@@ -26,6 +26,7 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import re
 import statistics
 import time
 from collections.abc import Iterable
@@ -247,7 +248,25 @@ def check_rebuilt(model: nn.Module, prefix: str, layers: nn.ModuleList, drop: li
 
 
 def parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+    """The parameters of the model an export writes: under adapters kept apart, of the base they adapt."""
+    return parameter_counts(model)[0]
+
+
+def parameter_counts(model: nn.Module) -> tuple[int, int]:
+    """The parameters of the base an export writes and of the adapters on it (0 without peft). Under peft the
+    adapters' are their tuner's (lora_A, lora_B, DoRA's magnitudes), and a module trained whole counts once, as
+    trained: peft's copy of it as loaded (original_module) is in no export, and counted made a pruned model's
+    parameters look fewer removed."""
+    if not hasattr(model, "peft_config"):
+        return sum(p.numel() for p in model.parameters()), 0
+    adapter = re.compile(rf"(^|\.){re.escape(model.base_model.prefix)}")  # LoRA's "lora_"
+    base = adapters = 0
+    for name, param in model.named_parameters():
+        if adapter.search(name):
+            adapters += param.numel()
+        elif ".original_module." not in f".{name}":
+            base += param.numel()
+    return base, adapters
 
 
 @torch.no_grad()
@@ -270,7 +289,10 @@ def latency_ms(model: nn.Module, batches: list[Batch]) -> float:
 
 
 def footprint(model: nn.Module, batches: list[Batch]) -> dict[str, float]:
-    return {"parameters": parameters(model), "latency_ms": latency_ms(model, batches)}
+    """The parameters (adapters kept apart counted on their own) and latency of the model as exported."""
+    base, adapters = parameter_counts(model)
+    return {"parameters": base, **({"adapter_parameters": adapters} if adapters else {}),
+            "latency_ms": latency_ms(model, batches)}
 
 
 def last_hidden(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
