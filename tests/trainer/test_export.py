@@ -125,6 +125,22 @@ def test_the_card_of_a_run_that_stopped_early_says_whose_weights_it_holds(tmp_pa
     assert "- Training: 200 steps in 1 s, 790.3 samples/s, seed 0\n" in card
 
 
+def test_the_card_of_a_bf16_checkpoint_fine_tuned_whole_says_its_weights_are_bf16_and_were_scored_in_fp32(
+        tmp_path: Path) -> None:
+    """The export is written in the dtype of the checkpoint's config (export.as_published), and the card said so only
+    of merged adapters: a model fine-tuned whole went out in bf16 under scores its fp32 weights had."""
+    from safetensors import safe_open
+
+    doc = tiny_classifier_doc(tmp_path / "out", maxSteps=2)
+    doc["model"]["config"] = TINY_BERT | {"dtype": "bfloat16"}
+    pipeline.run(TrainerConfig.model_validate(doc), tmp_path / "out")
+    with safe_open(tmp_path / "out" / "model.safetensors", "pt") as weights:
+        assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"BF16"}
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert ("- Weights: written in bfloat16, the checkpoint's dtype; the scores below were measured in fp32, before "
+            "the cast\n") in card
+
+
 def exported(out: Path) -> dict[str, str]:
     """The export in `out` as each file's digest (not the run's checkpoints and analysis, which the next attempt
     rewrites before it exports)."""

@@ -266,6 +266,14 @@ def published_dtype(model: nn.Module) -> torch.dtype | None:
     return dtype if dtype in (torch.bfloat16, torch.float16) else None
 
 
+def written_dtype(model: nn.Module, cfg: TrainerConfig) -> torch.dtype | None:
+    """The 16-bit dtype `export_model` writes `model`'s weights in (`as_published`); None for fp32, or where it
+    writes adapters alone (their base is model.uri's)."""
+    if hasattr(model, "peft_config") and not base_is_new(cfg):
+        return None
+    return published_dtype(model)
+
+
 def base_is_new(cfg: TrainerConfig) -> bool:
     """Whether the model under the adapters is one model.uri does not hold: built from its config (random weights),
     or pruned (its layers renumbered, healed). Adapters kept apart are of no use without it."""
@@ -297,8 +305,9 @@ def loss_curve(history: list[dict[str, float]], evals: list[dict[str, Any]], pat
 
 
 def model_card(cfg: TrainerConfig, report: dict[str, Any], adapters_apart: bool = False,
-               causal_switch: bool = False) -> str:
-    """The export's README; `causal_switch`: the model's config has `is_decoder` (models.has_causal_switch)."""
+               causal_switch: bool = False, written_in: torch.dtype | None = None) -> str:
+    """The export's README; `causal_switch`: the model's config has `is_decoder` (models.has_causal_switch);
+    `written_in`: the 16-bit dtype of the weights written (`written_dtype`)."""
     evaluation = report["evaluation"]
     rows = [f"| {m} | {fmt(evaluation['baseline'].get(m))} | {fmt(v)} | {fmt(evaluation['delta'].get(m), '+')} |"
             for m, v in evaluation["final"].items()]
@@ -316,6 +325,7 @@ def model_card(cfg: TrainerConfig, report: dict[str, Any], adapters_apart: bool 
         f"validation, {training['test_samples']} test {unit})",
         f"- Labels: {', '.join(report['labels'].values()) or 'none (language model)'}",
         f"- Adapters: {adapters}" + merge_note(merge),
+        *dtype_lines(written_in),
         training_line(cfg, training),
         *distillation_lines(report.get("distillation"), evaluation.get("teacher")),
         "",
@@ -342,6 +352,16 @@ def merge_note(merge: dict[str, Any] | None) -> str:
     if "change_kept" in merge:
         note += f"; written in {merge['dtype']}, which keeps {merge['change_kept']:.1%} of their change to the weights"
     return note
+
+
+def dtype_lines(written_in: torch.dtype | None) -> list[str]:
+    """The card's word on weights written in 16 bits (`as_published`): the scores it shows are the fp32 model's,
+    merged or not."""
+    if written_in is None:
+        return []
+    name = str(written_in).removeprefix("torch.")
+    return [f"- Weights: written in {name}, the checkpoint's dtype; the scores below were measured in fp32, before "
+            "the cast"]
 
 
 def training_line(cfg: TrainerConfig, training: dict[str, Any]) -> str:
