@@ -43,3 +43,19 @@ def tiny_doc(tmp_path: Path) -> dict[str, Any]:
 @pytest.fixture
 def tiny_cfg(tiny_doc: dict[str, Any]) -> TrainerConfig:
     return TrainerConfig.model_validate(copy.deepcopy(tiny_doc))
+
+
+@pytest.fixture
+def gauged(monkeypatch: pytest.MonkeyPatch) -> tuple[list[list[Any]], list[Any]]:
+    """What the pipeline's analyses probe (a list of batches each) and the step FLOPs each step gives the MFU gauge."""
+    from finetune_trainer import analyze
+    from finetune_trainer.telemetry import Metrics
+
+    probes: list[list[Any]] = []
+    flops: list[Any] = []
+    real_analyze, real_throughput = analyze.analyze, Metrics.set_throughput
+    monkeypatch.setattr(analyze, "analyze", lambda model, batches, *a, **kw: probes.append(batches)
+                        or real_analyze(model, batches, *a, **kw))
+    monkeypatch.setattr(Metrics, "set_throughput", lambda self, totals, step, device: flops.append(step)
+                        or real_throughput(self, totals, step, device))
+    return probes, flops

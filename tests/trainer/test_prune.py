@@ -502,30 +502,22 @@ def test_a_threshold_below_every_layers_score_removes_none_and_heals_nothing(tmp
     assert "Removed none of the 3 layers: none scored below the threshold" in card and "Healed" not in card
 
 
-def test_a_pruned_jobs_mfu_counts_the_flops_of_a_step_of_the_pruned_model(tmp_path: Path, monkeypatch) -> None:
+def test_a_pruned_jobs_mfu_counts_the_flops_of_a_step_of_the_pruned_model(tmp_path: Path, gauged) -> None:
     """The MFU gauge took the analysis' FLOPs per sample, measured on the model as loaded: a third of the layers
     pruned, it read 1.5x what the pruned model did. It takes those of a step of the model that trains, which the
     export (the same shapes) measures again."""
     from transformers import AutoModelForSequenceClassification
 
     from finetune_trainer import analyze
-    from finetune_trainer.telemetry import Metrics
 
     doc = tiny_classifier_doc(tmp_path / "out")
     doc["model"]["config"] = TINY_BERT | {"num_hidden_layers": 3}
     doc["rearrange"] = {"prune": {"count": 1}}
-    probes: list[list] = []
-    real_analyze = analyze.analyze
-    monkeypatch.setattr(analyze, "analyze", lambda model, batches, *a, **kw: probes.append(batches)
-                        or real_analyze(model, batches, *a, **kw))
-    flops: list[float | None] = []
-    real_throughput = Metrics.set_throughput
-    monkeypatch.setattr(Metrics, "set_throughput", lambda self, totals, per_sample, device: flops.append(per_sample)
-                        or real_throughput(self, totals, per_sample, device))
+    probes, flops = gauged
     report = run(TrainerConfig.model_validate(doc), tmp_path / "out")
     exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    assert flops and set(flops) == {analyze.step_flops(exported, probes[0], None)}
     pruned = analyze.probe_step(exported, probes[0][:1], Task.SEQUENCE_CLASSIFICATION, False, None)[1]["flops"]
-    assert flops and set(flops) == {pruned}
     assert pruned < report["analysis"]["flops"]["training_per_sample"]
 
 

@@ -424,28 +424,43 @@ def test_freeze_strategies_and_layerwise_decay(bert) -> None:
 
 
 
-def test_the_mfu_gauge_counts_the_flops_of_the_step_that_trains_not_of_every_weight(tmp_path: Path,
-                                                                                  monkeypatch) -> None:
+def test_the_mfu_gauge_counts_the_flops_of_the_step_that_trains_not_of_every_weight(tmp_path: Path, gauged) -> None:
     """The analysis probes every weight as trainable (freezing comes after it). The gauge took that figure, so with
     all but the head frozen, where a step computes no weight gradient below the head and no input gradient at all,
     MFU read about 3x what the step did."""
-    from finetune_trainer.telemetry import Metrics
-
-    per_sample: list[float | None] = []
-    real_throughput = Metrics.set_throughput
-    monkeypatch.setattr(Metrics, "set_throughput", lambda self, totals, flops, device: per_sample.append(flops)
-                        or real_throughput(self, totals, flops, device))
+    probes, step_flops = gauged
     gauged, analysed = {}, {}
     for strategy in ("none", "all-but-head"):
         doc = tiny_classifier_doc(tmp_path / strategy, maxSteps=2)
         doc["adjust"]["freeze"] = {"strategy": strategy}
         report = pipeline.run(TrainerConfig.model_validate(doc), tmp_path / strategy)
-        (gauged[strategy],) = set(per_sample)
+        (flops,) = set(step_flops)
+        (probe,) = probes.pop()  # the doc probes one batch
+        gauged[strategy] = flops.flops * probe.padded_tokens / probe.samples  # per padded token: per sample
         analysed[strategy] = report["analysis"]["flops"]["training_per_sample"]
-        per_sample.clear()
+        step_flops.clear()
     assert analysed["none"] == analysed["all-but-head"]  # the model as loaded: every weight trains
     assert gauged["none"] == pytest.approx(analysed["none"], rel=1e-3)  # the same, but for the new head's 3rd class
     assert gauged["all-but-head"] < 0.5 * gauged["none"]  # the forward, and the head's own gradients
+
+
+def test_the_mfu_gauge_does_not_scale_with_the_length_of_the_seeds_probe_batch(tmp_path: Path, gauged) -> None:
+    """The gauge took FLOPs per sample of the first probe batch, whose padded length the seed draws: seeds 2 and 3
+    probe batches of 18 and 36 tokens here, and MFU read 2.3x higher with one than the other at the same speed. Per
+    padded token they differ by attention's part alone (quadratic in the length, large in a model this narrow)."""
+    probes, step_flops = gauged
+    flops_per_second, lengths = [], []
+    for seed in (2, 3):
+        doc = tiny_classifier_doc(tmp_path / str(seed), seed=seed, maxSteps=1)
+        doc["dataset"]["maxLength"] = 64
+        doc["evaluation"] = {"baseline": False}
+        pipeline.run(TrainerConfig.model_validate(doc), tmp_path / str(seed))
+        (probe,) = probes.pop()
+        lengths.append(probe.inputs["input_ids"].shape[1])
+        # at one speed, the run's: 400 samples/s of 25 padded tokens
+        flops_per_second.append(step_flops.pop().per_second(samples_per_second=400.0, padded_tokens_per_second=1e4))
+    assert max(lengths) > 1.5 * min(lengths)
+    assert flops_per_second[1] == pytest.approx(flops_per_second[0], rel=0.2)
 
 
 def test_freezing_more_bottom_layers_than_the_model_has_freezes_its_stack_only(bert) -> None:

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from finetune_trainer import telemetry
+from finetune_trainer.analyze import StepFlops
 from finetune_trainer.errors import EXIT_OK, EXIT_TERMINATED
 from finetune_trainer.telemetry import ADDR_ENV, LINGER_ENV, PORT_ENV, TERMINATION_ENV, Metrics, write_termination
 from tiny import free_port
@@ -275,12 +276,39 @@ def test_mfu_is_reported_only_where_the_gpus_peak_is_known(monkeypatch: pytest.M
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: gpu)  # no GPU here
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 0)
     metrics = Metrics(torch.device("cuda", 0))
-    per_sample = 0.5 * telemetry.PEAK_BF16_FLOPS["NVIDIA H200"] / 100  # half the peak at 100 samples/s
-    metrics.set_throughput((10.0, 1000.0, 0.0), per_sample, torch.device("cuda", 0))
+    per_sample = StepFlops(0.5 * telemetry.PEAK_BF16_FLOPS["NVIDIA H200"] / 100, per_token=False)  # half at 100/s
+    metrics.set_throughput((10.0, 1000.0, 0.0, 0.0), per_sample, torch.device("cuda", 0))
     lines = [line for line in generate_latest(metrics.registry).decode().splitlines()
              if line.startswith("finetune_trainer_mfu ")]
     assert [float(line.split()[1]) for line in lines] == ([] if mfu is None else [pytest.approx(mfu)])
     assert "finetune_trainer_mfu 0.0" in generate_latest(Metrics(CPU).registry).decode()  # a CPU's
+
+
+def test_mfu_counts_flops_per_padded_token_so_the_probe_batchs_length_does_not_scale_it(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The gauge took the FLOPs per sample of one probe batch, whose padded length length-bucketed batching draws with
+    the seed (36 to 343 tokens on a corpus whose batches average 125): MFU read 0.3x to 2.7x what the steps did. Per
+    padded token, probes of 4 and of 64 tokens give one MFU at one rate of padded tokens (within attention's part,
+    quadratic in the length, which a wide model of one layer keeps small)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from finetune_trainer.analyze import step_flops
+    from finetune_trainer.batches import Encoded, collate_text
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")  # no GPU here
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 0)
+    model = BertForSequenceClassification(BertConfig(
+        vocab_size=128, hidden_size=256, num_hidden_layers=1, num_attention_heads=4, intermediate_size=1024,
+        max_position_embeddings=64))
+    totals = (10.0, 2_000.0, 40_000.0, 40_000.0)  # the run's: 200 samples/s of 20 padded tokens
+    mfu = {}
+    for length in (4, 64):
+        rows = Encoded([[1] * length] * 4, [0] * 4, [length] * 4)
+        flops = step_flops(model, [collate_text(rows, [0, 1, 2, 3], 0, causal=False)], None)
+        metrics = Metrics(torch.device("cuda", 0))
+        metrics.set_throughput(totals, flops, torch.device("cuda", 0))
+        mfu[length] = metrics.mfu.value
+    assert mfu[4] and mfu[64] == pytest.approx(mfu[4], rel=0.1)  # per sample: 16x
 
 
 def test_a_run_stopped_early_ends_at_100_percent_with_no_time_left(monkeypatch: pytest.MonkeyPatch,

@@ -183,19 +183,52 @@ def probe_step(model: nn.Module, batches: list[Batch], task: Task, adapters: boo
     return no_grad, probe
 
 
-def step_flops(model: nn.Module, batch: Batch, dtype: torch.dtype | None) -> float:
-    """FLOPs per sample of a training step of the model as it will train, for the MFU gauge: its requires_grad
+@dataclass(frozen=True)
+class StepFlops:
+    """A training step's FLOPs for the MFU gauge, per unit of the work the loop counts: per padded token of token
+    inputs, per sample of images (all of one size). Per sample, a text batch's figure grew with its padded length,
+    which length-bucketed batching draws at random: one probe batch put MFU off by 0.3x to 2.7x with the seed."""
+
+    flops: float
+    per_token: bool
+
+    def per_second(self, samples_per_second: float, padded_tokens_per_second: float) -> float:
+        return self.flops * (padded_tokens_per_second if self.per_token else samples_per_second)
+
+
+def step_flops(model: nn.Module, batches: list[Batch], dtype: torch.dtype | None) -> StepFlops:
+    """The FLOPs of a training step of the model as it will train, for the MFU gauge: its requires_grad
     flags as set (a frozen layer computes no weight gradient, none below the lowest trainable one an input
     gradient), its adapters in the form that trains, its layers after pruning. `probe_step` makes every weight
-    trainable, as the analysis comes before freezing."""
+    trainable, as the analysis comes before freezing. Averaged over `batches`: attention's FLOPs per token still
+    grow with the length, so a figure per token is an approximation, closest at the probe batches' lengths (the
+    more of them, the nearer the run's mix)."""
     was_training = model.training
     model.eval()
     try:
-        return measure_step(model, lambda b: probe_loss(logits_of(model, b.inputs)), [batch], dtype)["flops"]
+        flops = counted_flops(model, lambda b: probe_loss(logits_of(model, b.inputs)), batches, dtype)
     finally:
         for p in model.parameters():
             p.grad = None
         model.train(was_training)
+    if padded := sum(b.padded_tokens for b in batches):
+        return StepFlops(flops / padded, per_token=True)
+    return StepFlops(flops / sum(b.samples for b in batches), per_token=False)
+
+
+def autocast_loss(model: nn.Module, loss: Callable[[Batch], torch.Tensor], batch: Batch,
+                  dtype: torch.dtype | None) -> torch.Tensor:
+    with autocast(next(model.parameters()).device.type, dtype):
+        return loss(batch)
+
+
+def counted_flops(model: nn.Module, loss: Callable[[Batch], torch.Tensor], batches: list[Batch],
+                  dtype: torch.dtype | None) -> float:
+    """The FLOPs of `loss`'s forward and backward on each of `batches`, together; leaves the gradients."""
+    with FlopCounterMode(display=False) as counter:
+        for batch in batches:
+            autocast_loss(model, loss, batch, dtype).backward()
+    return counter.get_total_flops()
 
 
 def measure_step(model: nn.Module, loss: Callable[[Batch], torch.Tensor], batches: list[Batch],
@@ -212,22 +245,16 @@ def measure_step(model: nn.Module, loss: Callable[[Batch], torch.Tensor], batche
             saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
-    device = next(model.parameters()).device
-
-    def forward(batch: Batch) -> torch.Tensor:
-        with autocast(device.type, dtype):
-            return loss(batch)
-
     with FlopCounterMode(display=False) as counter, measured_peak(model) as peak:
         with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-            first = forward(batches[0])
+            first = autocast_loss(model, loss, batches[0], dtype)
         first.backward()
     gradients = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
     probe = {"flops": counter.get_total_flops() / batches[0].samples, "activations": sum(saved.values()),
              "largest_activation": max(saved.values(), default=0), "gradients": gradients,
              "peak": peak.get("bytes"), "peak_source": peak.get("source")}
     for batch in batches[1:]:
-        forward(batch).backward()
+        autocast_loss(model, loss, batch, dtype).backward()
     return probe
 
 

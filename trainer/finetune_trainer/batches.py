@@ -99,6 +99,12 @@ class Batch:
     tokens: int  # real, unpadded tokens (images have none)
     targets: int  # terms in the loss: samples for classifiers, scored tokens for causal LMs
 
+    @property
+    def padded_tokens(self) -> int:
+        """Token positions the model computes, padding included: what a step's FLOPs grow with (images have none)."""
+        ids = self.inputs.get("input_ids")
+        return 0 if ids is None else ids.numel()
+
     def to(self, device: torch.device) -> Batch:
         return Batch({k: v.to(device) for k, v in self.inputs.items()}, self.labels.to(device),
                      self.samples, self.tokens, self.targets)

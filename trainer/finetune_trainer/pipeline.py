@@ -103,7 +103,7 @@ class Progress:
             if progress := self.message.get("progress"):  # the operator reads the same end
                 progress["totalSteps"] = state.step
 
-    def step(self, state: LoopState, total: int, flops_per_sample: float | None, device: torch.device) -> None:
+    def step(self, state: LoopState, total: int, flops: analysis.StepFlops | None, device: torch.device) -> None:
         last = state.history[-1]
         per_second = state.samples / max(state.seconds, 1e-9)
         m = self.metrics
@@ -113,7 +113,7 @@ class Progress:
         m.step.set(state.step)
         m.total_steps.set(total)
         m.epoch.set(state.epoch)
-        m.set_throughput((state.seconds, state.samples, state.tokens), flops_per_sample, device)
+        m.set_throughput((state.seconds, state.samples, state.tokens, state.padded_tokens), flops, device)
         self.message["progress"] = {"step": state.step, "totalSteps": total, "epoch": state.epoch}
         self.message["metrics"] = {"loss": last["loss"], "learningRate": last["lr"], "samplesPerSecond": per_second}
         if not self.main:
@@ -368,7 +368,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     groups = param_groups(model, cfg.adjust, layers, head, new)  # refuses a freeze that leaves nothing to train
     # For the MFU gauge, a step of what trains: the analysis measured the model as loaded, every weight training
     # (a freeze of all but the head made MFU read about 3x too high, a quarter of the layers pruned 4/3).
-    flops = (detection_analysis.step_flops if detecting else analysis.step_flops)(model, probe[0], dtype)
+    flops = (detection_analysis.step_flops(model, probe[0], dtype) if detecting
+             else analysis.step_flops(model, probe, dtype))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     total = sum(p.numel() for p in model.parameters())
     progress.message["analysis"].update(totalParameters=total, trainableParameters=trainable)

@@ -37,7 +37,7 @@ import torch
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
-from finetune_trainer.analyze import Severity
+from finetune_trainer.analyze import Severity, StepFlops
 from finetune_trainer.config import Stage
 from finetune_trainer.errors import EXIT_OK, EXIT_TERMINATED, EXIT_USER_ERROR, describe, exit_code_of, reason_of
 
@@ -115,23 +115,23 @@ class Latest:
 
 
 class Recent:
-    """Samples and tokens per second over the latest RATE_WINDOW_SECONDS of training steps, from the run's running
-    totals (training time, samples, tokens). The totals' own ratio, the average since the run began (carried over a
+    """Rates per second over the latest RATE_WINDOW_SECONDS of training steps, from the run's running totals
+    (training time, then samples, tokens...). The totals' own ratio, the average since the run began (carried over a
     resume), hid a slowdown hours into a run from the dashboard, and gave a run resumed on slower GPUs or fewer
     workers the first attempt's speed, so its ETA in the status said a fraction of the time left."""
 
     def __init__(self) -> None:
-        self.points: deque[tuple[float, float, float]] = deque()
+        self.points: deque[tuple[float, ...]] = deque()
 
-    def add(self, seconds: float, samples: float, tokens: float) -> tuple[float, float] | None:
-        """The rates up to these totals; None until two steps of this process span some time."""
-        self.points.append((seconds, samples, tokens))
+    def add(self, seconds: float, *totals: float) -> tuple[float, ...] | None:
+        """The rates of `totals` up to these; None until two steps of this process span some time."""
+        self.points.append((seconds, *totals))
         while len(self.points) > 2 and seconds - self.points[1][0] >= RATE_WINDOW_SECONDS:
             self.points.popleft()
         elapsed = seconds - self.points[0][0]
         if elapsed <= 0:
             return None
-        return (samples - self.points[0][1]) / elapsed, (tokens - self.points[0][2]) / elapsed
+        return tuple((total - first) / elapsed for total, first in zip(totals, self.points[0][1:]))
 
 
 class Metrics:
@@ -232,20 +232,20 @@ class Metrics:
         for name, value in metrics.items():
             self.eval_metric.labels(phase=phase, metric=name).set(value)
 
-    def set_throughput(self, totals: tuple[float, float, float], flops_per_sample: float | None,
+    def set_throughput(self, totals: tuple[float, float, float, float], flops: StepFlops | None,
                        device: torch.device) -> None:
-        """From the run's totals of training seconds, samples and tokens after a step (`Recent`); at an attempt's
-        first step, their average."""
-        seconds, samples, tokens = totals
-        recent = self.recent.add(seconds, samples, tokens)
-        samples_per_second, tokens_per_second = recent or (samples / max(seconds, 1e-9), tokens / max(seconds, 1e-9))
+        """From the run's totals of training seconds, samples, tokens and padded tokens after a step (`Recent`); at
+        an attempt's first step, their average."""
+        seconds, *counts = totals
+        samples_per_second, tokens_per_second, padded_per_second = (
+            self.recent.add(seconds, *counts) or tuple(count / max(seconds, 1e-9) for count in counts))
         self.samples_per_second.set(samples_per_second)
-        if tokens:  # images have none: the dashboard and the status showed their samples/s as tokens/s
+        if counts[1]:  # images have no tokens: the dashboard and the status showed their samples/s as tokens/s
             self.tokens_per_second.set(tokens_per_second)
         if device.type == "cuda":
             peak = peak_flops(device)
-            if peak and flops_per_sample:
-                self.mfu.set(flops_per_sample * samples_per_second / peak)
+            if peak and flops and flops.flops:
+                self.mfu.set(flops.per_second(samples_per_second, padded_per_second) / peak)
 
 
 def peak_flops(device: torch.device) -> float | None:

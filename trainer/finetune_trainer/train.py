@@ -71,6 +71,9 @@ class LoopState:
     cpu_seconds: float = 0.0
     samples: int = 0
     tokens: int = 0
+    # Token positions computed, padding included, for the MFU gauge (tokens/s counts real tokens). A checkpoint from
+    # before it has none: its resumed run counts from 0.
+    padded_tokens: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # {step, seconds_since_train_start, loss, lr, grad_norm}
     evals: list[dict[str, Any]] = field(default_factory=list)  # {step, seconds_since_train_start, cpu_seconds..., metrics}
     best: float | None = None
@@ -337,7 +340,7 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
                 for micro in steps:
                     started, cpu_started = time.perf_counter(), time.process_time()
                     lr = optimizer.param_groups[0]["lr"]  # what this step uses
-                    loss, grad_norm, samples, tokens, stop = train_step(
+                    loss, grad_norm, samples, tokens, padded_tokens, stop = train_step(
                         model, [next(loaded) for _ in micro], task, world, dtype, scaler, spec.max_grad_norm,
                         optimizer, lambda: sigterm.raised, state.step + 1, teacher)
                     if math.isfinite(grad_norm):  # else fp16's GradScaler skipped the step: the schedule waits too
@@ -348,6 +351,7 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
                     state.cpu_seconds += time.process_time() - cpu_started
                     state.samples += samples
                     state.tokens += tokens
+                    state.padded_tokens += padded_tokens
                     state.history.append({"step": state.step, "seconds_since_train_start": state.seconds, "loss": loss,
                                           "lr": lr, "grad_norm": grad_norm})
                     if hooks.on_step:
@@ -390,12 +394,13 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
 def train_step(model: nn.Module, micro: list[Batch], task: Task, world: World, dtype: torch.dtype | None,
                scaler: torch.amp.GradScaler, max_norm: float, optimizer: torch.optim.Optimizer,
                stop_requested: Callable[[], bool], step: int,
-               teacher: Teacher | None = None) -> tuple[float, float, int, int, bool]:
+               teacher: Teacher | None = None) -> tuple[float, float, int, int, int, bool]:
     """Optimizer step number `step` over the micro-batches; returns (loss, gradient norm before clipping, samples,
-    tokens, whether any rank got SIGTERM by the end of its backward). A norm that is not finite means fp16's
-    GradScaler skipped the step. A `teacher` runs on each micro-batch under the same autocast."""
-    targets, samples, tokens = world.sum([sum(b.targets for b in micro), sum(b.samples for b in micro),
-                                          sum(b.tokens for b in micro)])
+    tokens, padded tokens, whether any rank got SIGTERM by the end of its backward). A norm that is not finite means
+    fp16's GradScaler skipped the step. A `teacher` runs on each micro-batch under the same autocast."""
+    targets, samples, tokens, padded_tokens = world.sum([
+        sum(b.targets for b in micro), sum(b.samples for b in micro), sum(b.tokens for b in micro),
+        sum(b.padded_tokens for b in micro)])
     total_loss = torch.zeros((), dtype=torch.float64, device=world.device)
     for i, batch in enumerate(micro):
         batch = batch.to(world.device)
@@ -422,7 +427,7 @@ def train_step(model: nn.Module, micro: list[Batch], task: Task, world: World, d
         raise diverged(f"the training loss is {loss_value} at step {step}", dtype)
     scaled_step(scaler, optimizer, grad_norm,
                 lambda: diverged(f"the gradient norm is {grad_norm} at step {step} (the loss is {loss_value})", dtype))
-    return loss_value, grad_norm, int(samples), int(tokens), stop > 0
+    return loss_value, grad_norm, int(samples), int(tokens), int(padded_tokens), stop > 0
 
 
 def grad_scaler(device: torch.device, dtype: torch.dtype | None) -> torch.amp.GradScaler:

@@ -17,8 +17,8 @@ from typing import Any
 
 import torch
 
-from finetune_trainer.analyze import (Finding, Severity, StructureReport, findings, layer_types, measure_step,
-                                      memory_model, module_counts, tied_weights)
+from finetune_trainer.analyze import (Finding, Severity, StepFlops, StructureReport, findings, layer_types,
+                                      measure_step, memory_model, module_counts, tied_weights)
 from finetune_trainer.batches import Batch, Encoded
 from finetune_trainer.config import Task
 from finetune_trainer.detection.models import Detector, class_count, classifier_name
@@ -150,10 +150,10 @@ def probe_step(detector: Detector, batches: list[Batch], dtype: torch.dtype | No
             p.requires_grad_(requires[name])
 
 
-def step_flops(detector: Detector, batch: Batch, dtype: torch.dtype | None) -> float:
+def step_flops(detector: Detector, batch: Batch, dtype: torch.dtype | None) -> StepFlops:
     """FLOPs per sample of a training step of the detector as it will train (its requires_grad flags as set), for
-    the MFU gauge."""
-    return measured(detector, [batch], dtype)[1]["flops"]
+    the MFU gauge: its images are all resized to one size, so one batch's figure holds for every batch."""
+    return StepFlops(measured(detector, [batch], dtype)[1]["flops"], per_token=False)
 
 
 def measured(detector: Detector, batches: list[Batch], dtype: torch.dtype | None) -> tuple[list[str], dict[str, Any]]:
