@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from datetime import datetime, timedelta
 from typing import Any
 
 import kopf
 import pytest
-from kopf._core.engines.indexing import OperatorIndexers
+from kopf._cogs.structs.references import Resource
+from kopf._core.engines.indexing import IndexingMemory, OperatorIndexers, index_resource
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from finetune_operator import handlers, metrics, reconcile
+from finetune_operator import api, handlers, metrics, reconcile
 from finetune_operator.settings import Settings
 
 
@@ -21,21 +24,46 @@ def jobs_by_phase() -> dict[str, float]:
     return {s.labels["phase"]: s.value for s in family.samples}
 
 
-def test_jobs_by_phase_counts_finished_jobs_from_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
-    """An operator restarted onto finished jobs never reconciles them (no timer runs for them), and the gauge was
-    given kopf's index only by a reconcile: it said 0 in every phase for as long as no job was live."""
+def started(monkeypatch: pytest.MonkeyPatch) -> tuple[kopf.OperatorRegistry, OperatorIndexers]:
+    """The operator's handlers registered and its startup handler run, with the indexers kopf keeps for them."""
     monkeypatch.setattr(handlers, "Clients", lambda connections: None)  # no API server here
     monkeypatch.setattr(metrics.JOBS, "index", None)
     registry = kopf.OperatorRegistry()
     handlers.register(registry, Settings(metrics_port=0))
     indexers = OperatorIndexers()
     indexers.ensure(registry._indexing.get_all_handlers())  # as kopf does before its startup handlers
-    # The startup handler, with the kwargs kopf gives it (its indices among them); then kopf's first list.
+    # The startup handler, with the kwargs kopf gives it (its indices among them).
     handlers.configure(settings=kopf.OperatorSettings(), memo=kopf.Memo(settings=Settings(metrics_port=0)),
                        **dict(indexers.indices))
+    return registry, indexers
+
+
+def test_jobs_by_phase_counts_finished_jobs_from_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An operator restarted onto finished jobs never reconciles them (no timer runs for them), and the gauge was
+    given kopf's index only by a reconcile: it said 0 in every phase for as long as no job was live."""
+    _, indexers = started(monkeypatch)
     indexers["phase_index"].replace(("team-a", "done"), {"Succeeded": None})
     indexers["phase_index"].replace(("team-a", "broken"), {"Failed": None})
     assert jobs_by_phase() == {"Pending": 0, "Running": 0, "Suspended": 0, "Succeeded": 1, "Failed": 1}
+
+
+def test_jobs_by_phase_leaves_out_jobs_another_controller_runs(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A FineTuneJob whose spec.managedBy names another controller is never reconciled here, so it has no phase of
+    this operator's: it was counted Pending, for as long as it existed."""
+    registry, indexers = started(monkeypatch)
+
+    def listed(name: str, **spec: str) -> None:  # as kopf's watch hands each FineTuneJob to its index handlers
+        raw = {"apiVersion": f"{api.GROUP}/{api.VERSION}", "kind": "FineTuneJob", "spec": spec, "status": {},
+               "metadata": {"namespace": "team-a", "name": name, "uid": name}}
+        asyncio.run(index_resource(
+            indexers=indexers, registry=registry, settings=kopf.OperatorSettings(),
+            resource=Resource(api.GROUP, api.VERSION, api.PLURAL), raw_event={"type": None, "object": raw},
+            memory=IndexingMemory(), logger=logging.getLogger("test"), memo=kopf.Memo(), body=kopf.Body(raw)))
+
+    listed("ours")
+    listed("also-ours", managedBy=api.MANAGED_BY)
+    listed("kueues", managedBy="kueue.x-k8s.io/multikueue")
+    assert jobs_by_phase()["Pending"] == 2
 
 
 def test_time_to_running_counts_a_job_whose_image_pull_failed_before_it_ran(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -133,12 +133,17 @@ def _interned(value: Any) -> Any:
     return value
 
 
+def ours(spec: kopf.Spec, **_: Any) -> bool:
+    """Run by this operator: spec.managedBy unset or ours. Another controller's jobs are left alone, uncounted too."""
+    return spec.get("managedBy") in (None, api.MANAGED_BY)
+
+
 def _live(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta) -> bool:
     """Ours, and live, waiting for ttlSecondsAfterFinished, or finished with a spec edited since (one tick records
     its observedGeneration, which GitOps health checks wait for): a finished job costs no reconciles (kopf stops its
     timers when the filters turn False), which keeps a cluster of thousands of finished jobs cheap."""
     finished = status.get("phase") in (api.Phase.SUCCEEDED, api.Phase.FAILED)
-    return spec.get("managedBy") in (None, api.MANAGED_BY) and (
+    return ours(spec) and (
         not finished or spec.get("ttlSecondsAfterFinished") is not None
         or status.get("observedGeneration") != meta.get("generation", 0))
 
@@ -773,7 +778,8 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     (jobs, pods) = CHILD_WATCHES
     kopf.index(*jobs, labels=selector, registry=registry, id="job_index")(index_jobs)
     kopf.index(*pods, labels=selector, registry=registry, id="pod_index")(index_pods)
-    kopf.index(api.GROUP, api.VERSION, api.PLURAL, registry=registry, id="phase_index")(index_phases)
+    # Only ours: another controller's jobs (never reconciled here) were counted Pending for ever.
+    kopf.index(api.GROUP, api.VERSION, api.PLURAL, when=ours, registry=registry, id="phase_index")(index_phases)
     kopf.on.event(api.GROUP, api.VERSION, api.PLURAL, registry=registry, id="slim_body")(slim_body)
     # One of the two runs for each live job; kopf swaps them when the job's phase changes (the new one ticks at once).
     kopf.timer(api.GROUP, api.VERSION, api.PLURAL, interval=settings.poll_seconds, when=ticks_every_poll,
