@@ -98,6 +98,30 @@ def test_time_to_running_counts_a_job_whose_image_pull_failed_before_it_ran(monk
     assert status["phase"] == "Running" and status["attempts"] == 2 and observed() == before + 1
 
 
+def test_time_to_running_tells_apart_waits_of_hours(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job queued for GPUs (Kueue) waits hours before it runs; past the top bucket, 1 h, the dashboard's
+    histogram_quantile reads that bucket's bound: its p95 said 1 h of waits of 3 h. Up to a day, a wait lands in a
+    finite bucket, whose bound is hours from it at most."""
+    from test_operator_reconcile import NOW, after, body, job, pod
+
+    monkeypatch.setattr(kopf, "event", lambda *_, **__: None)  # no kopf event poster outside kopf
+
+    def buckets() -> dict[float, float]:
+        text = generate_latest(metrics.REGISTRY).decode()
+        family = next(f for f in text_string_to_metric_families(text)
+                      if f.name == "finetune_operator_time_to_running_seconds")
+        return {float(s.labels["le"]): s.value for s in family.samples if s.name.endswith("_bucket")}
+
+    created = after(reconcile.decide(reconcile.Observed(body(), [], [], NOW)))
+    before = buckets()
+    seen = reconcile.Observed(body(created), [job(ready=1)], [pod()], NOW + timedelta(hours=3))
+    decision = reconcile.decide(seen)
+    assert after(decision, created)["phase"] == "Running"
+    handlers._record(kopf.Body(seen.body), seen, decision)
+    holding = [le for le, count in buckets().items() if count > before.get(le, 0)]
+    assert 3 * 3600 < min(holding) <= 5 * 3600
+
+
 def test_reasons_a_trainer_image_writes_add_a_bounded_number_of_series(monkeypatch: pytest.MonkeyPatch) -> None:
     """The failure reason is the termination message's, which a user's own image writes: one writing a new word at
     each job (or attempt) added a series to job_failures_total for each, kept for the operator's life (1000 jobs,
