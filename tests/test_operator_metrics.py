@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from datetime import datetime, timedelta
 from typing import Any
@@ -11,6 +12,7 @@ import kopf
 import pytest
 from kopf._cogs.structs.references import Resource
 from kopf._core.engines.indexing import IndexingMemory, OperatorIndexers, index_resource
+from kubernetes.client.exceptions import ApiException
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -147,3 +149,51 @@ def test_reasons_a_trainer_image_writes_add_a_bounded_number_of_series(monkeypat
     counted = series()
     assert len(counted) <= metrics.MAX_LABEL_VALUES + 1 and sum(counted.values()) == before + 1000
     assert counted["Other"] >= 1000 - metrics.MAX_LABEL_VALUES
+
+
+class Creating:
+    """Clients whose apiserver keeps the children created (a second create of one answers 409 AlreadyExists), has
+    every claim, lists no Events, and refuses the first `failing` status patches."""
+
+    def __init__(self, failing: int) -> None:
+        self.made: dict[str, Any] = {}  # by path
+        self.failing = failing
+
+    def call(self, method: str, path: str, body: Any = None, **_: object) -> bytes:
+        if method == "POST":
+            path = f"{path}/{body['metadata']['name']}"
+            if path in self.made:
+                raise ApiException(status=409, reason="AlreadyExists")
+            self.made[path] = body
+        elif method == "PATCH" and self.failing:
+            self.failing -= 1
+            raise ApiException(status=500, reason="Internal Server Error")
+        elif "/persistentvolumeclaims/" in path:
+            return json.dumps({"spec": {"accessModes": ["ReadWriteMany"]}}).encode()
+        return json.dumps(self.made.get(path) or {"items": []}).encode()
+
+
+def test_an_attempt_is_counted_once_when_the_status_write_after_its_children_failed(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """A tick made the attempt's children, counted it, and its status patch failed: the next tick, before the watch
+    brought the Job, created them again, took the 409s for its own children and counted the attempt again."""
+    from test_operator_reconcile import body
+
+    monkeypatch.setattr(kopf, "event", lambda *_, **__: None)  # no kopf event poster outside kopf
+    monkeypatch.setattr(metrics.JOBS, "index", None)
+    apiserver = Creating(failing=1)
+    memo = kopf.Memo(settings=Settings(), clients=apiserver, slow_scrapes=handlers.SlowScrapes(2.0),
+                     child_checks=handlers.ChildChecks(), written=handlers.Written(),
+                     job_warnings=handlers.Warnings("Job"), pod_warnings=handlers.Warnings("Pod"),
+                     claims=handlers.Claims())
+    new = kopf.Body(body())
+
+    def counted() -> float:
+        return metrics.REGISTRY.get_sample_value("finetune_operator_attempts_total", {"cause": "Created"}) or 0.0
+
+    before = counted()
+    with pytest.raises(kopf.TemporaryError):
+        handlers.tick(new, memo, {}, {}, {})
+    assert "/apis/batch/v1/namespaces/ns/jobs/ft-1" in apiserver.made
+    handlers.tick(new, memo, {}, {}, {})  # the same copy: the watch brought neither the Job nor a status
+    assert counted() == before + 1

@@ -437,12 +437,14 @@ def _claims(clients: Clients, claims: Claims, spec: api.FineTuneJobSpec, ns: str
     return {claim: claims.get(clients, ns, claim) for claim in judge.claim_fields(spec)}
 
 
-def _create(clients: Clients, obj: dict[str, Any]) -> None:
+def _create(clients: Clients, obj: dict[str, Any]) -> bool:
+    """Whether this call made `obj`: False where this job's own was there already, taken as made."""
     meta, kind = obj["metadata"], obj["kind"]
     plural, group = {"ConfigMap": ("configmaps", ""), "Service": ("services", ""), "Job": ("jobs", "batch")}[kind]
     try:
         # the answer is not read: deserializing it cost more than the call
         clients.call("POST", api_path(meta["namespace"], plural, group=group), obj)
+        return True
     except ApiException as exc:
         if exc.status != 409:
             raise
@@ -463,6 +465,7 @@ def _create(clients: Clients, obj: dict[str, Any]) -> None:
         made = (existing["metadata"].get("annotations") or {}).get(children.RECIPE_ANNOTATION)
         if kind == "ConfigMap" and made and made != meta["annotations"][children.RECIPE_ANNOTATION]:
             raise Stale(f"the ConfigMap {meta['name']} was made from an earlier spec, before its Job") from exc
+        return False
 
 
 class HeldBack(Exception):
@@ -489,10 +492,13 @@ class Refused(Exception):
 
 
 def _create_attempt(clients: Clients, body: dict[str, Any], spec: api.FineTuneJobSpec, attempt: int,
-                    settings: Settings) -> None:
+                    settings: Settings) -> bool:
+    """Whether this call made the attempt's Job (its last child): one there already was made by an earlier tick
+    whose status write failed, and that tick counted the attempt."""
+    made = False
     for obj in children.attempt_children(body, spec, attempt, settings):
         try:
-            _create(clients, obj)
+            made = _create(clients, obj)
         except ApiException as exc:
             message = _api_message(exc)
             if exc.status == 403 and "exceeded quota" in message:
@@ -501,6 +507,7 @@ def _create_attempt(clients: Clients, body: dict[str, Any], spec: api.FineTuneJo
             if exc.status in (400, 422) or exc.status == 403 and _denied(message):
                 raise Refused(f"the apiserver refused the {obj['kind']} {obj['metadata']['name']}: {message}") from exc
             raise kopf.TemporaryError(f"creating {obj['kind']}: {exc.reason}", delay=5) from exc
+    return made
 
 
 def _denied(message: str) -> bool:
@@ -573,6 +580,7 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
     if decision is None:
         return
     held: HeldBack | None = None
+    made = False
     if decision.create_attempt:
         spec, _ = reconcile.parse_spec(seen.body)
         assert spec is not None
@@ -581,7 +589,7 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
         seen.claims_missing = judge.missing_claims(spec, claims, ns)
         if not seen.problems:
             try:
-                _create_attempt(clients, seen.body, spec, decision.create_attempt, settings)
+                made = _create_attempt(clients, seen.body, spec, decision.create_attempt, settings)
             except Refused as exc:
                 seen.problems = [str(exc)]
             except HeldBack as exc:
@@ -591,7 +599,7 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
         if seen.problems or held or seen.stale:
             decision = reconcile.decide(seen)
             assert decision is not None
-        else:
+        elif made:
             restarting = seen.body["status"].get("conditions") or []
             cause = next((c["reason"] for c in restarting if c["type"] == T.RESTARTING and c["status"] == "True"), "Created")
             metrics.bounded(metrics.ATTEMPTS, cause).inc()
