@@ -7,6 +7,7 @@ leads out of its volume, and /etc/hosts always names the pod."""
 from __future__ import annotations
 
 import os
+import resource
 import signal
 import subprocess
 import sys
@@ -272,6 +273,28 @@ def test_a_pid_that_left_the_container_s_root_is_not_killed(tmp_path: Path, monk
     finally:
         other.kill()
         other.wait()
+
+
+@pytest.mark.parametrize("end", ["kill_all", "terminate_all"])
+def test_more_processes_than_the_open_file_limit_all_end(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                         end: str) -> None:
+    """A pidfd held per process ran out of file descriptors past the soft limit (1024 as a rule): kill_all raised
+    EMFILE with about half of them running, and terminate_all with all of them, which it then never killed."""
+    children = [subprocess.Popen(["sleep", "60"]) for _ in range(60)]
+    pids = {c.pid for c in children}
+    # The children as a container's processes: listed, and inside while they run (a zombie has no exe).
+    monkeypatch.setattr(processes, "processes_in", lambda folder: sorted(pids))
+    monkeypatch.setattr(processes, "_inside", lambda pid, folder: pid in pids and os.path.exists(f"/proc/{pid}/exe"))
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 30, limits[1]))
+    try:
+        processes.kill_all(tmp_path) if end == "kill_all" else processes.terminate_all(tmp_path, 1.0)
+        assert [c.wait(timeout=5) for c in children] == [-signal.SIGKILL if end == "kill_all" else -signal.SIGTERM] * 60
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+        for child in children:
+            child.kill()
+            child.wait()
 
 
 # The main process ends on SIGTERM; its child, in its process group, would say if a SIGTERM reached it too.

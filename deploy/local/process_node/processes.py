@@ -5,6 +5,7 @@ in a session of its own)."""
 from __future__ import annotations
 
 import os
+import resource
 import select
 import signal
 import time
@@ -46,10 +47,20 @@ def _signal_if_inside(pid: int, folder: Path, signum: signal.Signals) -> int | N
     return None
 
 
-def _signal_all(folder: Path, signum: signal.Signals) -> list[int]:
-    """Send `signum` to every process in `folder` (resolved); the pidfds of those reached, for the caller to close."""
-    pidfds = (_signal_if_inside(pid, folder, signum) for pid in processes_in(folder))
-    return [pidfd for pidfd in pidfds if pidfd is not None]
+def _signal_all(folder: Path, signum: signal.Signals, held: list[int] | None = None) -> int:
+    """Send `signum` to every process in `folder` (resolved); how many it reached. Their pidfds go to `held`, for the
+    caller to close (also where this raised midway), else are closed at once: one held per process ran out of file
+    descriptors past about a thousand."""
+    reached = 0
+    for pid in processes_in(folder):
+        if (pidfd := _signal_if_inside(pid, folder, signum)) is None:
+            continue
+        reached += 1
+        if held is None:
+            os.close(pidfd)
+        else:
+            held.append(pidfd)
+    return reached
 
 
 def _close_all(pidfds: list[int]) -> None:
@@ -62,8 +73,7 @@ def kill_all(folder: Path) -> None:
     KILL_PATIENCE at most)."""
     folder = folder.resolve()
     deadline = time.monotonic() + KILL_PATIENCE
-    while time.monotonic() < deadline and (pidfds := _signal_all(folder, signal.SIGKILL)):
-        _close_all(pidfds)
+    while time.monotonic() < deadline and _signal_all(folder, signal.SIGKILL):
         time.sleep(0.01)
 
 
@@ -81,11 +91,16 @@ def _wait_ended(pidfds: list[int], timeout: float) -> None:
 
 def terminate_all(folder: Path, grace: float) -> None:
     """SIGTERM every process in `folder`, wait up to `grace` for them to end, then kill_all what is left or was
-    forked meanwhile. /proc is scanned once for the wait, which then sleeps on the processes' pidfds."""
+    forked meanwhile (also where the wait failed). /proc is scanned once for the wait, which then sleeps on the
+    processes' pidfds: one each, so the soft limit on open files is raised to the hard one first, as Go's runtime
+    does at start."""
     folder = folder.resolve()
-    pidfds = _signal_all(folder, signal.SIGTERM)
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    pidfds: list[int] = []
     try:
+        _signal_all(folder, signal.SIGTERM, pidfds)
         _wait_ended(pidfds, grace)
     finally:
         _close_all(pidfds)
-    kill_all(folder)
+        kill_all(folder)
