@@ -217,6 +217,19 @@ def test_files_of_an_image_folder_that_are_no_images_are_all_named_before_traini
         check_images_once(data, str(tmp_path), CPU)
 
 
+def test_a_floating_point_image_is_named_before_training(tmp_path: Path) -> None:
+    """A 32-bit float TIFF (mode F) opens, but no batch can take it (batches.open_rgb): named with the files that do
+    not open, before training, not when its batch comes hours into an epoch."""
+    from PIL import Image
+
+    cats_and_dogs(tmp_path, ".png")
+    Image.fromarray(np.full((4, 4), 0.5, dtype=np.float32)).save(scan := tmp_path / "Cat" / "scan.tif")
+    data = load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
+    with pytest.raises(DataError, match=rf"1 of its 7 image files do not open as images: {scan} \(the first: a "
+                                        r"32-bit floating-point image, whose values have no set range of colours"):
+        check_images_once(data, str(tmp_path), CPU)
+
+
 def test_an_image_the_trainer_may_not_read_is_the_datasets_fault_another_failed_read_the_volumes() -> None:
     """The trainer runs as a non-root user: a file whose mode it may not read (EACCES, EPERM) is the dataset's to
     fix (exit 1, not retried), as a file that is no image is; an EIO is the volume's, raised (exit 2). The errors

@@ -73,24 +73,41 @@ def test_the_shapes_dataset_loads_split_with_its_boxes(pvc_root: Path) -> None:
      "annotation 1 (image 1): bbox [10, -0.9, 5, 0.5] has no area inside its 128x128 image"),
     # An exporter's sliver: a box in float64, none in the batches' float32 (torchvision raised mid-epoch).
     (lambda c: c["annotations"][0].update(bbox=[100.0, 10, 2e-5, 5]),
-     "annotation 1 (image 1): bbox [100.0, 10, 2e-05, 5] has no area inside its 128x128 image (a side under 0.01"),
+     "annotation 1 (image 1): bbox [100.0, 10, 2e-05, 5] has no area inside its 128x128 image (a side under 1e-05 "
+     "of the image's)"),
     (lambda c: c["annotations"][7].update(category_id=9), "annotation 8 (image"),
     # Python's json writes a NaN it is given; every bound check is False for it, so it trained as a box
     (lambda c: c["annotations"][0].update(bbox=[10, 10, float("nan"), 5]),
      "annotation 1 (image 1): bbox [10, 10, nan, 5] is not a finite box"),
     (lambda c: c["images"][2].update(file_name="missing.jpg"), "image 3 ('missing.jpg'): no file"),
     (lambda c: c["images"][3].update(width=300), "image 4 ('00004.jpg'): declared 300x128"),
+    (lambda c: c["images"][3].update(file_name="scan.tif"), "image 4 ('scan.tif'): a 32-bit floating-point image"),
     # it said "declared 128x128 but the file is 128x128"
     (lambda c: c["images"][3].update(width="128"), "image 4 ('00004.jpg'): declared '128'x128 but the file is 128x128"),
 ], ids=["box-outside-image", "box-past-the-right-edge", "box-above-the-top-edge", "box-a-sliver", "unknown-category",
-        "box-not-a-number", "image-without-file", "wrong-size", "size-a-string"])
+        "box-not-a-number", "image-without-file", "wrong-size", "image-of-floats", "size-a-string"])
 def test_a_bad_record_is_refused_naming_it(pvc_root: Path, tmp_path: Path, change: Any, named: str) -> None:
-    folder = rewrite(shapes_copy(pvc_root, tmp_path), change)
+    folder = shapes_copy(pvc_root, tmp_path)
+    Image.fromarray(np.full((128, 128), 0.5, dtype=np.float32)).save(folder / "scan.tif")
+    folder = rewrite(folder, change)
     with pytest.raises(DataError, match=r"1 bad record\(s\)") as raised:
         load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
     assert named in str(raised.value)
     if "category" in named:
         assert "unknown category_id 9; the categories are 1 (circle), 2 (square), 3 (triangle)" in str(raised.value)
+
+
+def test_a_box_too_narrow_for_float32_in_a_wide_image_is_refused() -> None:
+    """A side is judged as a share of its image: 0.5 px of a 100,000-px scan is a sliver whose flipped, resized
+    float32 edges can meet (torchvision raises mid-epoch), where in a 128-px image it is a box."""
+    from finetune_trainer.detection.coco import add_box
+
+    for width, kept in ((100_000, False), (128, True)):
+        problems: list[str] = []
+        images = {1: Annotated("scan.png", width, 100)}
+        add_box({"id": 1, "image_id": 1, "category_id": 1, "bbox": [50.0, 10, 0.5, 5]}, 0, images, {1: "car"},
+                {1: 1}, problems)
+        assert (images[1].boxes == [[50.0, 10.0, 50.5, 15.0]], problems == []) == (kept, kept), problems
 
 
 def test_a_split_file_that_lists_no_image_is_held_out_of_train_instead(pvc_root: Path, tmp_path: Path,

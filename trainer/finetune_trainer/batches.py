@@ -25,7 +25,7 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 
 from finetune_trainer.config import Augmentation, Task
-from finetune_trainer.data import Split, image_fault
+from finetune_trainer.data import FLOAT_IMAGE, Split, image_fault
 from finetune_trainer.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -250,9 +250,8 @@ def open_rgb(path: str, as_shown: bool = False, at_least: int | None = None) -> 
             # 0..65535; another mode I file (a 32-bit TIFF) has a range of its own, often 0..255
             if image.mode.startswith("I;16") or (image.mode == "I" and opened.format == "PPM"):
                 return Image.fromarray((np.asarray(image) / 257).round().astype(np.uint8)).convert("RGB")
-            if image.mode == "F":  # convert() clips at 0..255: an image of 0..1 came out black, without a word
-                raise DataError(f"{path}: a 32-bit floating-point image, whose values have no set range of colours; "
-                                "save it with 8 or 16 bits a channel")
+            if image.mode == "F":  # a backstop: the datasets' images are checked before training (bad_images)
+                raise DataError(f"{path}: {FLOAT_IMAGE}")
             if as_shown and ("A" in image.getbands() or "transparency" in image.info):
                 rgba = image.convert("RGBA")
                 return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")

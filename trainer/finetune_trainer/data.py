@@ -169,13 +169,18 @@ def bad_images_error(bad: dict[str, str], count: int, uri: str) -> DataError:
                      f"{listed(list(bad))} (the first: {next(iter(bad.values()))}); remove them")
 
 
+# Pillow's convert("RGB") clips a float image at 0..255: one of 0..1 (a scan, a simulation) trained as black.
+FLOAT_IMAGE = ("a 32-bit floating-point image, whose values have no set range of colours; save it with 8 or 16 bits "
+               "a channel")
+
+
 def image_problem(path: str) -> str | None:
-    """Why Pillow does not open the file (its header) as an image, None where it does."""
+    """Why Pillow does not open the file (its header) as an image a batch can take, None where it does."""
     from PIL import Image
 
     try:
-        with Image.open(path):
-            return None
+        with Image.open(path) as image:
+            return FLOAT_IMAGE if image.mode == "F" else None
     except (OSError, Image.DecompressionBombError) as exc:  # the latter is no OSError
         return image_fault(exc)
 

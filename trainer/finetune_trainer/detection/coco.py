@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from finetune_trainer.config import DatasetSpec
-from finetune_trainer.data import (TEST, TRAIN, VALIDATION, LabelledData, Split, drop_empty_splits, image_fault,
-                                   read_text, split, split_of)
+from finetune_trainer.data import (FLOAT_IMAGE, TEST, TRAIN, VALIDATION, LabelledData, Split, drop_empty_splits,
+                                   image_fault, read_text, split, split_of)
 from finetune_trainer.errors import DataError, unreadable
 from finetune_trainer.uris import fetch
 
@@ -32,9 +32,10 @@ log = logging.getLogger(__name__)
 
 ANNOTATIONS = "annotations.json"
 EDGE_TOLERANCE = 1.0  # pixels a box may overhang its image (rounding in exporters); it is clipped
-# A box's least side: narrower (an exporter's 2e-5 px), its edges meet in the batches' float32 and torchvision's
-# detectors raise mid-epoch ("All bounding boxes should have positive height and width").
-MIN_SIDE = 0.01
+# A box's least side, a share of its image's: narrower (an exporter's 2e-5 px in 2,000), its edges met in the
+# batches' float32, resized and flipped, and torchvision's detectors raised mid-epoch ("All bounding boxes should
+# have positive height and width"). A share, as float32's precision is: this one is 160 times it.
+MIN_SHARE = 1e-5
 SHOWN_PROBLEMS = 5
 
 
@@ -202,9 +203,12 @@ def image_record(image: Any, i: int, file: Path, problems: list[str]) -> Annotat
         return None
     try:
         with Image.open(path) as opened:
-            size = opened.size
+            size, mode = opened.size, opened.mode
     except (OSError, Image.DecompressionBombError) as exc:  # the latter is no OSError
         problems.append(f"{where}: cannot read it as an image ({image_fault(exc)})")
+        return None
+    if mode == "F":
+        problems.append(f"{where}: {FLOAT_IMAGE}")
         return None
     declared = (image.get("width", size[0]), image.get("height", size[1]))
     if declared != size:
@@ -244,9 +248,10 @@ def add_box(ann: Any, i: int, images: dict[int, Annotated], categories: dict[int
         problems.append(f"{where}: bbox {bbox} lies outside its {image.width}x{image.height} image")
         return False
     x0, y0, x1, y1 = max(x, 0.0), max(y, 0.0), min(x + w, image.width), min(y + h, image.height)
-    if x1 - x0 < MIN_SIDE or y1 - y0 < MIN_SIDE:  # also where it overhangs by less than the tolerance, not inside
+    # also where it overhangs by less than the tolerance, not inside
+    if x1 - x0 < MIN_SHARE * image.width or y1 - y0 < MIN_SHARE * image.height:
         problems.append(f"{where}: bbox {bbox} has no area inside its {image.width}x{image.height} image (a side "
-                        f"under {MIN_SIDE} px)")
+                        f"under {MIN_SHARE:g} of the image's)")
         return False
     crowd = ann.get("iscrowd") == 1
     (image.crowd_boxes if crowd else image.boxes).append([x0, y0, x1, y1])
