@@ -18,6 +18,7 @@ from finetune_operator.api import ConditionType, FineTuneJobStatus
 from finetune_operator.status import Conditions, evaluation_of, merged, schema_checked, status_patch
 
 NOW = datetime(2026, 12, 1, 12, 0, 0)
+BACKOFF = timedelta(seconds=10)  # before the attempt after a first counted failure
 EXAMPLE = yaml.safe_load((Path(__file__).parents[1] / "deploy" / "examples" / "minilm-sentiment.yaml").read_text())
 
 
@@ -361,14 +362,15 @@ def test_every_retry_is_told_though_none_was_seen_running() -> None:
     status: dict[str, Any] = {}
     told: list[tuple[str, str]] = []
     for n in (1, 2, 3, 4):
-        made = decide(Observed(body(status, backoffLimit=3), [], [], NOW))
+        when = NOW + timedelta(hours=n)  # past each back-off
+        made = decide(Observed(body(status, backoffLimit=3), [], [], when))
         status = after(made, status)
         crash = {"exitCode": 2, "reason": "InfrastructureFailure", "message": f"boom {n}", "stage": "Loading"}
         failed = decide(Observed(body(status, backoffLimit=3), [job(n, active=0, failed=1, failure={
-            "reason": "BackoffLimitExceeded", "message": ""})], [pod(n, phase="Failed", exit_code=2, message=crash)], NOW))
+            "reason": "BackoffLimitExceeded", "message": ""})], [pod(n, phase="Failed", exit_code=2, message=crash)], when))
         status = after(failed, status)
         told += [(kind, reason) for kind, reason, _ in made.events + failed.events]
-    assert told.count(("Normal", "AttemptCreated")) == 4
+    assert told.count(("Normal", "AttemptCreated")) == 4 and told.count(("Warning", "BackoffWaiting")) == 3
     assert told.count(("Warning", "InfrastructureFailure")) == 3 and told[-1] == ("Warning", "BackoffLimitExceeded")
     assert status["phase"] == "Failed" and status["failures"] == 4
 
@@ -542,7 +544,7 @@ def test_a_pruned_run_that_stops_keeps_the_layers_it_removed_in_status() -> None
     seen = Observed(body({"attempts": 1}), [job(failure=failed)], [pod(phase="Failed", exit_code=143, message=message)],
                     NOW)
     status = after(decide(seen))
-    assert status["reason"] == "Terminated" and status["pruning"] == {"removedLayers": [0]}
+    assert conditions(status)["Restarting"] == ("True", "Terminated") and status["pruning"] == {"removedLayers": [0]}
 
 
 def test_a_reason_or_code_the_status_schema_refuses_is_replaced_not_sent() -> None:
@@ -749,8 +751,8 @@ def test_under_torchrun_the_messages_exit_code_decides_and_the_gang_retries() ->
     # An attempt that failed before training (make demo's, at Analyzing) left no checkpoint to resume from.
     restarting = next(c for c in status["conditions"] if c["type"] == "Restarting")
     assert restarting["message"].endswith("attempt 2 resumes from the latest checkpoint, if there is one")
-    assert decision.create_attempt is None  # the next tick creates attempt 2, after this status is stored
-    following = decide(Observed(body(status), [job(failure={"reason": "X", "message": ""})], [], NOW))
+    assert decision.create_attempt is None  # a tick after its back-off creates attempt 2, once this status is stored
+    following = decide(Observed(body(status), [job(failure={"reason": "X", "message": ""})], [], NOW + BACKOFF))
     assert following.create_attempt == 2
 
 
@@ -954,6 +956,71 @@ def test_failures_beyond_the_backoff_limit_fail_the_job() -> None:
     assert status["failures"] == 2  # the last failure counts too, as the message says
 
 
+def crashed_attempt(attempt: int) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """Attempt `attempt`'s Job and pod once its worker crashed (exit 2: infrastructure, counted)."""
+    return ([job(attempt, active=0, failed=1, failure={"reason": "BackoffLimitExceeded", "message": ""})],
+            [pod(attempt, phase="Failed", exit_code=2, message={"exitCode": 2, "reason": "NcclError", "message": "x"})])
+
+
+def test_a_counted_failure_backs_off_before_the_next_attempt_as_a_jobs_pods_do() -> None:
+    """The next attempt came at the next tick: with backoffLimit 3 a job failed for good about 15 s after its first
+    failure, and a transient one (an NFS blip, a dataset server restarting) burnt every retry. As a batch/v1 Job's
+    controller does, the attempt after a counted failure waits 10 s, doubled for each one; the wait is in the status,
+    so a restarted operator keeps it, and it ticks every poll meanwhile (Restarting)."""
+    from finetune_operator.handlers import ticks_every_poll
+
+    running = {"attempts": 1, "startTime": "2026-12-01T11:00:00Z", "children": {"job": "ft-1"}}
+    failed = decide(Observed(body(running), *crashed_attempt(1), NOW))
+    retrying = after(failed, running)
+    assert (retrying["phase"], retrying["reason"], retrying["retryAfter"]) == ("Pending", "BackoffWaiting",
+                                                                              "2026-12-01T12:00:10Z")
+    assert conditions(retrying)["Restarting"] == ("True", "NcclError") and retrying["failures"] == 1
+    told = {reason: message for _, reason, message in failed.events}
+    assert told["BackoffWaiting"].startswith("attempt 2 starts at 2026-12-01T12:00:10Z: a back-off of 10 s")
+    meta = body(retrying)["metadata"]
+    assert ticks_every_poll(spec=EXAMPLE["spec"], status=retrying, meta=meta)
+    waiting = decide(Observed(body(retrying), *crashed_attempt(1), NOW + timedelta(seconds=2)))
+    assert waiting.create_attempt is None and after(waiting, retrying)["reason"] == "BackoffWaiting"
+    assert not waiting.events  # told once
+    created = decide(Observed(body(retrying), *crashed_attempt(1), NOW + timedelta(seconds=11)))
+    second = after(created, retrying)
+    assert created.create_attempt == 2 and "retryAfter" not in second
+    assert conditions(second)["Created"] == ("True", "AttemptCreated")
+    # The second counted failure waits twice as long.
+    later = NOW + timedelta(minutes=5)
+    jobs, pods = crashed_attempt(2)
+    again = after(decide(Observed(body(second), crashed_attempt(1)[0] + jobs, pods, later)), second)
+    assert again["failures"] == 2 and again["retryAfter"] == "2026-12-01T12:05:20Z"
+    assert decide(Observed(body(again), jobs, pods, later + timedelta(seconds=19))).create_attempt is None
+    assert decide(Observed(body(again), jobs, pods, later + timedelta(seconds=20))).create_attempt == 3
+
+
+def test_the_back_off_doubles_per_counted_failure_up_to_six_minutes() -> None:
+    assert [reconcile.retry_delay(n) for n in range(1, 9)] == [10, 20, 40, 80, 160, 320, 360, 360]
+    assert reconcile.retry_delay(101) == 360  # backoffLimit's largest
+    status = {"attempts": 7, "failures": 6, "startTime": "2026-12-01T11:00:00Z"}
+    retrying = after(decide(Observed(body(status, backoffLimit=10), *crashed_attempt(7), NOW)), status)
+    assert retrying["failures"] == 7 and retrying["retryAfter"] == "2026-12-01T12:06:00Z"
+
+
+def test_a_disruption_or_a_resume_restarts_at_once_even_after_a_counted_failure() -> None:
+    """Only the job's own failures back off: a disruption is the cluster's doing, and a resume is asked for."""
+    status = {"attempts": 2, "failures": 1, "startTime": "2026-12-01T11:00:00Z", "children": {"job": "ft-2"}}
+    evicted = pod(2, phase="Failed", exit_code=143, disrupted="EvictionByEvictionAPI")
+    disrupted = after(decide(Observed(body(status), [job(2, failure={"reason": "X", "message": ""})], [evicted], NOW)),
+                      status)
+    assert disrupted["attempts"] == 3 and disrupted["failures"] == 1 and "retryAfter" not in disrupted
+    assert conditions(disrupted)["Restarting"] == ("True", "EvictionByEvictionAPI")
+    assert decide(Observed(body(disrupted), [], [], NOW + timedelta(seconds=2))).create_attempt == 3
+    # Suspended in its back-off and resumed: attempt 2 starts at the resume.
+    retrying = after(decide(Observed(body({"attempts": 1}), *crashed_attempt(1), NOW)))
+    suspended = after(decide(Observed(body(retrying, suspend=True), *crashed_attempt(1), NOW + timedelta(seconds=1))),
+                      retrying)
+    resumed = after(decide(Observed(body(suspended), *crashed_attempt(1), NOW + timedelta(seconds=2))), suspended)
+    assert "retryAfter" not in resumed
+    assert decide(Observed(body(resumed), *crashed_attempt(1), NOW + timedelta(seconds=3))).create_attempt == 2
+
+
 def test_a_backoff_limit_lowered_while_a_retry_waits_makes_no_attempt_more() -> None:
     """Lowered to stop a job that keeps failing (2 failures, backoffLimit 3 to 1), the limit was read only at the next
     failure: the retry already decided was made, and ran (for hours, on its GPUs) until it failed too."""
@@ -966,8 +1033,8 @@ def test_a_backoff_limit_lowered_while_a_retry_waits_makes_no_attempt_more() -> 
     assert decision.create_attempt is None and status["phase"] == "Failed"
     assert status["reason"] == "BackoffLimitExceeded" and "backoffLimit 1" in status["conditions"][-1]["message"]
     assert "Restarting" in conditions(status) and conditions(status)["Restarting"][0] == "False"
-    # Raised instead, or left alone, the retry is made.
-    assert decide(Observed(body(retrying, backoffLimit=2), *crashed, NOW + timedelta(seconds=2))).create_attempt == 2
+    # Raised instead, or left alone, the retry is made after its back-off (20 s: the second counted failure).
+    assert decide(Observed(body(retrying, backoffLimit=2), *crashed, NOW + 2 * BACKOFF)).create_attempt == 2
 
 
 def test_the_next_attempt_waits_until_the_previous_ones_pods_have_stopped() -> None:
@@ -1073,7 +1140,7 @@ def test_a_pod_the_index_kept_after_a_relist_holds_the_next_attempt_back_no_long
     retrying = after(decide(Observed(body({"attempts": 1}), [job(failure={"reason": "X", "message": ""})], [oom], NOW)))
     assert retrying["attempts"] == 2  # attempt 1's Job is deleted; attempt 2 waits for its pods to stop
     vanished = pod(name="ft-1-1-x", index=1)  # rank 1, last seen Running: its deletion came in the gap
-    seen = Observed(body(retrying), [], [vanished], NOW)
+    seen = Observed(body(retrying), [], [vanished], NOW + BACKOFF)
     assert reconcile.waits_on_pods(seen) and decide(seen).create_attempt is None
     apiserver = Listing([])
     assert decide(handlers._listed(apiserver, seen, "ns", "ft", jobs=False)).create_attempt == 2
@@ -1281,8 +1348,10 @@ def test_a_retried_attempt_that_waits_shows_what_it_waits_for_as_the_reason() ->
     came first), and one its queue (Kueue) preempted after it ran said Running, Restarting's reason once False."""
     oom = pod(phase="Failed", exit_code=137, reason="OOMKilled")
     retrying = after(decide(Observed(body({"attempts": 1}), [job(failure={"reason": "X", "message": ""})], [oom], NOW)))
-    assert retrying["phase"] == "Pending" and retrying["reason"] == "OOMKilled" and retrying["attempts"] == 2
-    created = after(decide(Observed(body(retrying), [job(failure={"reason": "X", "message": ""})], [], NOW)), retrying)
+    assert retrying["phase"] == "Pending" and retrying["reason"] == "BackoffWaiting" and retrying["attempts"] == 2
+    assert conditions(retrying)["Restarting"] == ("True", "OOMKilled")
+    created = after(decide(Observed(body(retrying), [job(failure={"reason": "X", "message": ""})], [], NOW + BACKOFF)),
+                    retrying)
     message = "0/3 nodes are available: 3 Insufficient nvidia.com/gpu."
     waiting = after(decide(Observed(body(created), [job(2)], [pod(2, phase="Pending", scheduled=False,
                                                                  unschedulable=message)], NOW)), created)
@@ -1490,7 +1559,7 @@ def test_a_failure_is_counted_once_however_often_it_is_seen() -> None:
     pods = [pod(phase="Failed", exit_code=2)]
     first = after(decide(Observed(body({"attempts": 1, "failures": 0}), failed, pods, NOW)))
     # Once the retry is stored, the same failed attempt is history: attempt 2 is created, nothing is counted again.
-    again = decide(Observed(body(first), failed, pods, NOW))
+    again = decide(Observed(body(first), failed, pods, NOW + BACKOFF))
     assert again.create_attempt == 2
     assert after(again, first)["failures"] == first["failures"] == 1 and after(again, first)["attempts"] == 2
 

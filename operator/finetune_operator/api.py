@@ -170,7 +170,8 @@ class FineTuneJobSpec(TrainerConfig):
         False, description="No pods run while true; a running attempt is stopped (its checkpoints stay) and resumes on false."
     )
     backoff_limit: int = Field(
-        3, ge=0, le=100, description="Retryable attempt failures before the job fails; disruptions do not count."
+        3, ge=0, le=100, description="Retryable attempt failures before the job fails; disruptions do not count. As "
+        "a Job's, the attempt after each counted failure waits 10 s, doubled per failure, at most 6 min.",
     )
     active_deadline_seconds: int | None = Field(
         None, ge=1, description="Fail the job (reason DeadlineExceeded) after it has been active this many seconds."
@@ -404,6 +405,9 @@ class FineTuneJobStatus(ApiModel):
     workers: WorkerCounts | None = Field(None, description="The current attempt's trainer pods.")
     attempts: int = Field(0, ge=0, description="Attempts started so far (each one is a child Job).")
     failures: int = Field(0, ge=0, description="Failed attempts counted against backoffLimit (disruptions are not).")
+    retry_after: Timestamp | None = Field(
+        None, description="When the next attempt starts, after a failure counted against backoffLimit (the back-off: "
+        "10 s, doubled per counted failure, at most 6 min); cleared once it starts.")
     start_time: Timestamp | None = Field(
         None, description="When the job started running, as a Job's: reset when it is resumed, or admitted again "
         "by its queue (Kueue); activeDeadlineSeconds counts from it.")

@@ -265,6 +265,7 @@ def decide(seen: Observed) -> Decision | None:
             conds.set(T.RESTARTING, True, RESUMED, f"attempt {attempt + 1} resumes from the latest checkpoint")
             status["attempts"] = attempt + 1
         status["startTime"] = timestamp(now)
+        status["retryAfter"] = None  # a resume is asked for: it starts at once, whatever back-off it cut short
         return _finish(decision, old, conds)
 
     # Retuned while suspended, and resumed before a tick saw the suspend (`kubectl patch` suspend, then `kubectl apply`
@@ -339,6 +340,9 @@ def decide(seen: Observed) -> Decision | None:
                       "claims: waiting for them to stop "
                       "(a Job of it orphaned by kubectl delete --cascade=orphan must be deleted by hand)")
             return _finish(decision, old, conds)
+        if (due := _parse_time(old.get("retryAfter"))) and now < due:
+            _backing_off(conds, max(attempt, 1), due, old.get("failures") or 0)
+            return _finish(decision, old, conds)
         if seen.stale:  # its ConfigMap stays, the job's (the garbage collector takes it with the job)
             # and its Job, made beside that ConfigMap but not yet seen (a watch behind), would run the old recipe
             decision.delete_job = children.child_name(meta["name"], max(attempt, 1))
@@ -347,6 +351,7 @@ def decide(seen: Observed) -> Decision | None:
             return _finish(decision, old, conds)
         decision.create_attempt = max(attempt, 1)
         status["attempts"] = decision.create_attempt
+        status["retryAfter"] = None
         status.setdefault("startTime", old.get("startTime") or timestamp(now))
         # not its children: a resume reads them as an attempt that ran, and counts the next one; and the condition,
         # else the job said nothing while it waited, for ever behind an orphaned child
@@ -577,6 +582,30 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
                                      f"the last: {result.reason}: {result.message}")
         return
     _next_attempt(conds, status, attempt, result.reason, f"attempt {attempt} failed ({result.message})")
+    # Only a counted failure backs off: a disruption is the cluster's doing, not the job's, and restarts at once.
+    status["retryAfter"] = None
+    if result.retry == Retry.COUNTED:
+        due = seen.now + timedelta(seconds=retry_delay(failures))
+        status["retryAfter"] = timestamp(due)
+        _backing_off(conds, attempt + 1, due, failures)
+
+
+# As a batch/v1 Job's controller waits before it replaces a failed pod: a transient failure (an NFS blip, a flaky
+# node, a dataset server restarting) burnt every retry within seconds, each one a new Job, pods, ConfigMap, Service.
+RETRY_BACKOFF_SECONDS, RETRY_BACKOFF_MAX_SECONDS = 10, 360
+BACKOFF_WAITING = "BackoffWaiting"  # Created's reason while the next attempt waits
+
+
+def retry_delay(failures: int) -> int:
+    """Seconds the next attempt waits after the `failures`th counted failure: 10, doubled per failure, at most 360."""
+    return min(RETRY_BACKOFF_SECONDS * 2 ** max(failures - 1, 0), RETRY_BACKOFF_MAX_SECONDS)
+
+
+def _backing_off(conds: Conditions, attempt: int, due: datetime, failures: int) -> None:
+    """Created False (BackoffWaiting) until `due`: the job's reason in `kubectl get`, and a Warning Event."""
+    conds.set(T.CREATED, False, BACKOFF_WAITING, f"attempt {attempt} starts at {timestamp(due)}: a back-off of "
+              f"{retry_delay(failures)} s after {failures} counted failure(s), doubled per failure up to "
+              f"{RETRY_BACKOFF_MAX_SECONDS} s")
 
 
 def _next_attempt(conds: Conditions, status: dict[str, Any], attempt: int, reason: str, why: str) -> None:
