@@ -153,11 +153,12 @@ def test_reasons_a_trainer_image_writes_add_a_bounded_number_of_series(monkeypat
 
 class Creating:
     """Clients whose apiserver keeps the children created (a second create of one answers 409 AlreadyExists), has
-    every claim, lists no Events, and refuses the first `failing` status patches."""
+    every claim, lists no Events, and refuses the first `failing` status patches, or keeps the first Job created but
+    loses its answer (`lost`)."""
 
-    def __init__(self, failing: int) -> None:
+    def __init__(self, failing: int = 0, lost: bool = False) -> None:
         self.made: dict[str, Any] = {}  # by path
-        self.failing = failing
+        self.failing, self.lost = failing, lost
 
     def call(self, method: str, path: str, body: Any = None, **_: object) -> bytes:
         if method == "POST":
@@ -165,23 +166,30 @@ class Creating:
             if path in self.made:
                 raise ApiException(status=409, reason="AlreadyExists")
             self.made[path] = body
+            if self.lost and body["kind"] == "Job":
+                self.lost = False
+                raise ApiException(status=504, reason="Gateway Timeout")
         elif method == "PATCH" and self.failing:
             self.failing -= 1
             raise ApiException(status=500, reason="Internal Server Error")
+        elif method == "PATCH":
+            return b'{"metadata":{"resourceVersion":"7","uid":"u"}}'
         elif "/persistentvolumeclaims/" in path:
             return json.dumps({"spec": {"accessModes": ["ReadWriteMany"]}}).encode()
         return json.dumps(self.made.get(path) or {"items": []}).encode()
 
 
-def test_an_attempt_is_counted_once_when_the_status_write_after_its_children_failed(
-        monkeypatch: pytest.MonkeyPatch) -> None:
-    """A tick made the attempt's children, counted it, and its status patch failed: the next tick, before the watch
-    brought the Job, created them again, took the 409s for its own children and counted the attempt again."""
+@pytest.mark.parametrize("apiserver", [Creating(failing=1), Creating(lost=True)], ids=["status-write-failed",
+                                                                                     "job-answer-lost"])
+def test_an_attempt_is_counted_once_when_its_tick_failed_after_making_its_children(
+        monkeypatch: pytest.MonkeyPatch, apiserver: Creating) -> None:
+    """A tick made the attempt's children and failed: its status patch, or the answer to its create of the Job. The
+    next tick, before the watch brought the Job, created them again and took the 409s for its own children: the
+    attempt was counted twice (at the create), then not at all (only where that tick's create made the Job)."""
     from test_operator_reconcile import body
 
     monkeypatch.setattr(kopf, "event", lambda *_, **__: None)  # no kopf event poster outside kopf
     monkeypatch.setattr(metrics.JOBS, "index", None)
-    apiserver = Creating(failing=1)
     memo = kopf.Memo(settings=Settings(), clients=apiserver, slow_scrapes=handlers.SlowScrapes(2.0),
                      child_checks=handlers.ChildChecks(), written=handlers.Written(),
                      job_warnings=handlers.Warnings("Job"), pod_warnings=handlers.Warnings("Pod"),
@@ -195,5 +203,6 @@ def test_an_attempt_is_counted_once_when_the_status_write_after_its_children_fai
     with pytest.raises(kopf.TemporaryError):
         handlers.tick(new, memo, {}, {}, {})
     assert "/apis/batch/v1/namespaces/ns/jobs/ft-1" in apiserver.made
+    assert counted() == before
     handlers.tick(new, memo, {}, {}, {})  # the same copy: the watch brought neither the Job nor a status
     assert counted() == before + 1

@@ -438,14 +438,12 @@ def _claims(clients: Clients, claims: Claims, spec: api.FineTuneJobSpec, ns: str
     return {claim: claims.get(clients, ns, claim) for claim in judge.claim_fields(spec)}
 
 
-def _create(clients: Clients, obj: dict[str, Any]) -> bool:
-    """Whether this call made `obj`: False where this job's own was there already, taken as made."""
+def _create(clients: Clients, obj: dict[str, Any]) -> None:
     meta, kind = obj["metadata"], obj["kind"]
     plural, group = {"ConfigMap": ("configmaps", ""), "Service": ("services", ""), "Job": ("jobs", "batch")}[kind]
     try:
         # the answer is not read: deserializing it cost more than the call
         clients.call("POST", api_path(meta["namespace"], plural, group=group), obj)
-        return True
     except ApiException as exc:
         if exc.status != 409:
             raise
@@ -466,7 +464,6 @@ def _create(clients: Clients, obj: dict[str, Any]) -> bool:
         made = (existing["metadata"].get("annotations") or {}).get(children.RECIPE_ANNOTATION)
         if kind == "ConfigMap" and made and made != meta["annotations"][children.RECIPE_ANNOTATION]:
             raise Stale(f"the ConfigMap {meta['name']} was made from an earlier spec, before its Job") from exc
-        return False
 
 
 class HeldBack(Exception):
@@ -493,13 +490,10 @@ class Refused(Exception):
 
 
 def _create_attempt(clients: Clients, body: dict[str, Any], spec: api.FineTuneJobSpec, attempt: int,
-                    settings: Settings) -> bool:
-    """Whether this call made the attempt's Job (its last child): one there already was made by an earlier tick
-    whose status write failed, and that tick counted the attempt."""
-    made = False
+                    settings: Settings) -> None:
     for obj in children.attempt_children(body, spec, attempt, settings):
         try:
-            made = _create(clients, obj)
+            _create(clients, obj)
         except ApiException as exc:
             message = _api_message(exc)
             if exc.status == 403 and "exceeded quota" in message:
@@ -508,7 +502,6 @@ def _create_attempt(clients: Clients, body: dict[str, Any], spec: api.FineTuneJo
             if exc.status in (400, 422) or exc.status == 403 and _denied(message):
                 raise Refused(f"the apiserver refused the {obj['kind']} {obj['metadata']['name']}: {message}") from exc
             raise kopf.TemporaryError(f"creating {obj['kind']}: {exc.reason}", delay=5) from exc
-    return made
 
 
 def _denied(message: str) -> bool:
@@ -581,7 +574,6 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
     if decision is None:
         return
     held: HeldBack | None = None
-    made = False
     if decision.create_attempt:
         spec, _ = reconcile.parse_spec(seen.body)
         assert spec is not None
@@ -590,7 +582,7 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
         seen.claims_missing = judge.missing_claims(spec, claims, ns)
         if not seen.problems:
             try:
-                made = _create_attempt(clients, seen.body, spec, decision.create_attempt, settings)
+                _create_attempt(clients, seen.body, spec, decision.create_attempt, settings)
             except Refused as exc:
                 seen.problems = [str(exc)]
             except HeldBack as exc:
@@ -600,10 +592,7 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
         if seen.problems or held or seen.stale:
             decision = reconcile.decide(seen)
             assert decision is not None
-        elif made:
-            restarting = seen.body["status"].get("conditions") or []
-            cause = next((c["reason"] for c in restarting if c["type"] == T.RESTARTING and c["status"] == "True"), "Created")
-            metrics.bounded(metrics.ATTEMPTS, cause).inc()
+        else:
             log.info("%s/%s: attempt %d created", ns, name, decision.create_attempt)
     if decision.delete_job:
         log.info("%s/%s: deleting Job %s (%s)", ns, name, decision.delete_job, decision.delete_job_reason)
@@ -618,6 +607,8 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
         log.error("%s/%s: not written, the status schema refuses it: %s", ns, name, line)
     if version := _patch_status(clients, ns, name, changes):
         memo.written.wrote(seen.body, changes, version)
+        if decision.create_attempt:
+            _count_attempt(seen.body)
     # The transitions' Events once the status holds them: with its conditions left out, they came at every tick.
     if "conditions" in changes or "conditions" not in patch:
         _record(body, seen, decision)
@@ -642,6 +633,15 @@ def _patch_status(clients: Clients, ns: str, name: str, changes: dict[str, Any])
         return None
     found = RESOURCE_VERSION.search(answer)  # the whole answer is not worth decoding at every write of every job
     return found[1].decode() if found else None
+
+
+def _count_attempt(body: kopf.Body) -> None:
+    """attempts_total, once the status records the attempt: a tick whose status write failed after it made the
+    children, or whose create of the Job lost its answer, makes it again at the next tick (a 409, its own), which
+    counted it twice, or, told apart by who made the Job, not at all."""
+    restarting = body["status"].get("conditions") or []
+    cause = next((c["reason"] for c in restarting if c["type"] == T.RESTARTING and c["status"] == "True"), "Created")
+    metrics.bounded(metrics.ATTEMPTS, cause).inc()
 
 
 # metadata's: the apiserver writes a custom resource's keys sorted, so uid follows it (a label or an annotation keyed
