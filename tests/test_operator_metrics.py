@@ -16,7 +16,7 @@ from kubernetes.client.exceptions import ApiException
 from prometheus_client import generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from finetune_operator import api, handlers, metrics, reconcile
+from finetune_operator import api, handlers, metrics, outcome, reconcile
 from finetune_operator.settings import Settings
 
 
@@ -154,15 +154,19 @@ def test_reasons_a_trainer_image_writes_add_a_bounded_number_of_series(monkeypat
 class Creating:
     """Clients whose apiserver keeps the children created (a second create of one answers 409 AlreadyExists), has
     every claim, lists no Events, and refuses the first `failing` status patches, or keeps the first Job created but
-    loses its answer (`lost`)."""
+    loses its answer (`lost`), or refuses the first `quota` creates of the Job for a ResourceQuota."""
 
-    def __init__(self, failing: int = 0, lost: bool = False) -> None:
+    def __init__(self, failing: int = 0, lost: bool = False, quota: int = 0) -> None:
         self.made: dict[str, Any] = {}  # by path
-        self.failing, self.lost = failing, lost
+        self.failing, self.lost, self.quota = failing, lost, quota
 
     def call(self, method: str, path: str, body: Any = None, **_: object) -> bytes:
         if method == "POST":
             path = f"{path}/{body['metadata']['name']}"
+            if body["kind"] == "Job" and self.quota:
+                self.quota -= 1
+                message = f'jobs "ft-1" is forbidden: exceeded quota: q, requested: count/jobs=1, used: {self.quota}'
+                raise ApiException(status=403, reason="Forbidden", body=json.dumps({"message": message}))
             if path in self.made:
                 raise ApiException(status=409, reason="AlreadyExists")
             self.made[path] = body
@@ -179,13 +183,10 @@ class Creating:
         return json.dumps(self.made.get(path) or {"items": []}).encode()
 
 
-@pytest.mark.parametrize("apiserver", [Creating(failing=1), Creating(lost=True)], ids=["status-write-failed",
-                                                                                     "job-answer-lost"])
-def test_an_attempt_is_counted_once_when_its_tick_failed_after_making_its_children(
-        monkeypatch: pytest.MonkeyPatch, apiserver: Creating) -> None:
-    """A tick made the attempt's children and failed: its status patch, or the answer to its create of the Job. The
-    next tick, before the watch brought the Job, created them again and took the 409s for its own children: the
-    attempt was counted twice (at the create), then not at all (only where that tick's create made the Job)."""
+def ticks(apiserver: Creating, n: int, monkeypatch: pytest.MonkeyPatch, watched: bool = False) -> list[float]:
+    """attempts_total{cause=Created} after each of `n` ticks of the same copy of a new FineTuneJob (no status write
+    seen), from before the first; a tick that raises TemporaryError is one that failed. `watched`: the Jobs' index
+    holds the Jobs made before each tick."""
     from test_operator_reconcile import body
 
     monkeypatch.setattr(kopf, "event", lambda *_, **__: None)  # no kopf event poster outside kopf
@@ -194,15 +195,37 @@ def test_an_attempt_is_counted_once_when_its_tick_failed_after_making_its_childr
                      child_checks=handlers.ChildChecks(), written=handlers.Written(),
                      job_warnings=handlers.Warnings("Job"), pod_warnings=handlers.Warnings("Pod"),
                      claims=handlers.Claims())
-    new = kopf.Body(body())
 
     def counted() -> float:
         return metrics.REGISTRY.get_sample_value("finetune_operator_attempts_total", {"cause": "Created"}) or 0.0
 
-    before = counted()
-    with pytest.raises(kopf.TemporaryError):
-        handlers.tick(new, memo, {}, {}, {})
-    assert "/apis/batch/v1/namespaces/ns/jobs/ft-1" in apiserver.made
-    assert counted() == before
-    handlers.tick(new, memo, {}, {}, {})  # the same copy: the watch brought neither the Job nor a status
-    assert counted() == before + 1
+    before, after = counted(), []
+    copy = body()
+    for _ in range(n):
+        made = [outcome.job_summary(job) for path, job in apiserver.made.items() if "/jobs/" in path]
+        try:
+            handlers.tick(kopf.Body(copy), memo, {("ns", "ft"): made} if watched and made else {}, {}, {})
+        except kopf.TemporaryError:
+            pass
+        after.append(counted() - before)
+    return after
+
+
+@pytest.mark.parametrize("watched", [False, True], ids=["job-not-yet-watched", "job-watched"])
+@pytest.mark.parametrize("apiserver", [lambda: Creating(failing=1), lambda: Creating(lost=True)],
+                         ids=["status-write-failed", "job-answer-lost"])
+def test_an_attempt_is_counted_once_when_its_tick_failed_after_making_its_children(
+        monkeypatch: pytest.MonkeyPatch, apiserver: Any, watched: bool) -> None:
+    """A tick made the attempt's children and failed: its status patch, or the answer to its create of the Job. The
+    next tick, before the watch brought the Job, made them again and took the 409s for its own children; or, the
+    Job watched, saw it. Counted at the create, the attempt was counted twice, or never (counted where a create made
+    the Job, and a watched Job is made by none)."""
+    fake = apiserver()
+    assert ticks(fake, 3, monkeypatch, watched) == [0, 1, 1]
+    assert "/apis/batch/v1/namespaces/ns/jobs/ft-1" in fake.made
+
+
+def test_an_attempt_held_back_by_a_quota_is_counted_once_when_made(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Refused for a ResourceQuota, the attempt waits and is tried again at each tick, its status written (Created
+    False ExceededQuota, with the quota's use): counted at each such write, one attempt counted four times."""
+    assert ticks(Creating(quota=3), 4, monkeypatch) == [0, 0, 0, 1]

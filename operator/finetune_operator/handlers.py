@@ -607,7 +607,7 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
         log.error("%s/%s: not written, the status schema refuses it: %s", ns, name, line)
     if version := _patch_status(clients, ns, name, changes):
         memo.written.wrote(seen.body, changes, version)
-        if decision.create_attempt:
+        if _records_attempt(seen.body["status"], changes):
             _count_attempt(seen.body)
     # The transitions' Events once the status holds them: with its conditions left out, they came at every tick.
     if "conditions" in changes or "conditions" not in patch:
@@ -635,10 +635,17 @@ def _patch_status(clients: Clients, ns: str, name: str, changes: dict[str, Any])
     return found[1].decode() if found else None
 
 
+def _records_attempt(old: dict[str, Any], changes: dict[str, Any]) -> bool:
+    """Whether a status write names an attempt's Job first (children.job): at the tick that made it, or, where that
+    tick's write failed or its create of the Job lost its answer, at the next, which makes it again (a 409, its own)
+    or sees it. Counted at the create, an attempt was counted twice, or none at all, or at each tick it was held
+    back (a quota)."""
+    job = (changes.get("children") or {}).get("job")
+    return job is not None and job != (old.get("children") or {}).get("job")
+
+
 def _count_attempt(body: kopf.Body) -> None:
-    """attempts_total, once the status records the attempt: a tick whose status write failed after it made the
-    children, or whose create of the Job lost its answer, makes it again at the next tick (a 409, its own), which
-    counted it twice, or, told apart by who made the Job, not at all."""
+    """attempts_total, by the cause of the attempt: the Restarting reason that decided it."""
     restarting = body["status"].get("conditions") or []
     cause = next((c["reason"] for c in restarting if c["type"] == T.RESTARTING and c["status"] == "True"), "Created")
     metrics.bounded(metrics.ATTEMPTS, cause).inc()
