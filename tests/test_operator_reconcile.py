@@ -995,6 +995,33 @@ def test_a_counted_failure_backs_off_before_the_next_attempt_as_a_jobs_pods_do()
     assert decide(Observed(body(again), jobs, pods, later + timedelta(seconds=20))).create_attempt == 3
 
 
+def test_a_job_that_ends_in_its_back_off_promises_no_attempt_and_a_started_one_no_wait() -> None:
+    """Its deadline passed, or its backoffLimit lowered, while a retry waited: the job failed with retryAfter and
+    Created (BackoffWaiting, "attempt 2 starts at ...") left as they were, an attempt promised that never came. And an
+    attempt seen made (its create tick's status write lost) kept the wait it had started after."""
+    running = {"attempts": 1, "startTime": "2026-12-01T11:00:00Z"}
+    retrying = after(decide(Observed(body(running), *crashed_attempt(1), NOW)), running)
+    assert retrying["retryAfter"] and conditions(retrying)["Created"] == ("False", "BackoffWaiting")
+    for spec in ({"activeDeadlineSeconds": 3605}, {"backoffLimit": 0}):
+        ended = after(decide(Observed(body(retrying, **spec), *crashed_attempt(1), NOW + timedelta(seconds=6))),
+                      retrying)
+        assert ended["phase"] == "Failed" and "retryAfter" not in ended
+        assert conditions(ended)["Created"] == ("False", ended["reason"])
+    jobs, _ = crashed_attempt(1)
+    seen = after(decide(Observed(body(retrying), jobs + [job(2)], [], NOW + timedelta(seconds=11))), retrying)
+    assert "retryAfter" not in seen and conditions(seen)["Created"] == ("True", "AttemptCreated")
+
+
+def test_a_job_in_its_back_off_lists_no_pods() -> None:
+    """Failed as its Job says with its pods gone, a waiting attempt asked the apiserver for the earlier attempt's pods
+    at every poll of its wait, up to 6 minutes (waits_on_pods): none is made before the wait ends."""
+    jobs, _ = crashed_attempt(1)
+    retrying = after(decide(Observed(body({"attempts": 1}), jobs, [], NOW)))
+    assert retrying["retryAfter"] == "2026-12-01T12:00:10Z"
+    assert not reconcile.waits_on_pods(Observed(body(retrying), jobs, [], NOW + timedelta(seconds=4)))
+    assert reconcile.waits_on_pods(Observed(body(retrying), jobs, [], NOW + BACKOFF))
+
+
 def test_the_back_off_doubles_per_counted_failure_up_to_six_minutes() -> None:
     assert [reconcile.retry_delay(n) for n in range(1, 9)] == [10, 20, 40, 80, 160, 320, 360, 360]
     assert reconcile.retry_delay(101) == 360  # backoffLimit's largest

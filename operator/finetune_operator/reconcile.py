@@ -184,6 +184,10 @@ def decide(seen: Observed) -> Decision | None:
         conds.clear(T.RUNNING, reason, message)
         conds.clear(T.RESTARTING, reason)
         conds.clear(T.METRICS_STALE, reason)
+        # No attempt comes: a back-off cut short by the end (its deadline, backoffLimit lowered) promised one.
+        status["retryAfter"] = None
+        if conds.get(T.CREATED).get("reason") == BACKOFF_WAITING:
+            conds.set(T.CREATED, False, reason, message)
         status["completionTime"] = timestamp(now)
         # Its pods are being stopped (by the operator, or the Job controller): none runs or waits any more. Counted as
         # seen now, a failed job's WORKERS column showed them running for ever, as it is never reconciled again.
@@ -222,6 +226,7 @@ def decide(seen: Observed) -> Decision | None:
     workers = spec.workers
     if job:
         status["children"] = _children(job["name"], spec)
+        status["retryAfter"] = None  # started (a status write lost after its create left the back-off said)
         status["workers"] = {k: job[k] for k in ("active", "ready", "succeeded", "failed")}
         # Made, whatever the status says: a status patch lost after the creation (the operator killed in between)
         # left Created absent, or False saying why an earlier try was held back, for the rest of the job. With the
@@ -477,6 +482,8 @@ def waits_on_pods(seen: Observed) -> bool:
     status = seen.body["status"]
     attempt, job = current_job(status, seen.jobs)
     restarting = any(c["type"] == T.RESTARTING and c["status"] == "True" for c in status.get("conditions") or [])
+    if (due := _parse_time(status.get("retryAfter"))) and seen.now < due:
+        return False  # no attempt is made before then: listed at every poll of a back-off of up to 6 min, for nothing
     return (attempt == 0 or job is None) and (
         any(_may_run(p, seen.now) for p in (*seen.pods, *seen.earlier_pods))
         or restarting and attempt > 1 and not any(p["attempt"] == attempt - 1 for p in seen.pods))
