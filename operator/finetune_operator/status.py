@@ -162,7 +162,8 @@ def schema_checked(changes: dict[str, Any]) -> tuple[dict[str, Any], list[str]]:
     image's to write) that the schema refuses kept a job's conditions and phase from being written, for good. A
     backstop: such values are bounded where they are read."""
     sent = {field: _known(field, _set(value)) for field, value in changes.items() if value is not None}
-    if not sent or not _refusals(sent):  # nothing set (most ticks of a job at rest) needs no check  # one check of the whole (a third of the cost of one for each field): most ticks
+    # Nothing set (most ticks of a job at rest) needs no check; one of the whole costs a third of one for each field.
+    if not sent or not _refusals(sent):
         return changes, []
     refused = {field: lines for field in sent if (lines := _refusals({field: sent[field]}))}
     if "conditions" in refused:  # the phase and its reason are the conditions': written alone, they would belie them
