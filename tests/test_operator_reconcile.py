@@ -1201,7 +1201,8 @@ def test_an_earlier_attempts_job_the_index_kept_after_a_relist_holds_the_next_at
     assert decide(handlers._listed(Listing([stopping]), seen, "ns", "ft", jobs=False)).create_attempt is None
 
 
-def test_a_job_and_pods_the_index_kept_after_a_relist_are_listed_now_and_then_and_the_next_attempt_comes() -> None:
+def test_a_job_and_pods_the_index_kept_after_a_relist_are_listed_now_and_then_and_the_next_attempt_comes(
+        monkeypatch: pytest.MonkeyPatch) -> None:
     """A Job and its pods deleted by hand in a watch's relist gap stayed in the indexes as last seen, Running: the job
     said Running (MetricsStale once its reads failed) until the operator restarted. While a job's metrics are not
     read, its children are listed from the apiserver once in a while, and the attempt that is gone is JobDeleted."""
@@ -1236,12 +1237,17 @@ def test_a_job_and_pods_the_index_kept_after_a_relist_are_listed_now_and_then_an
     # Not asked while the metrics are read (live pods), nor for a finished job.
     assert not handlers._in_doubt(Observed(body(running), [job(ready=1)], [pod()], NOW, sample={"step": 1}))
     assert not handlers._in_doubt(Observed(body(running | {"phase": "Succeeded"}), [job(ready=1)], [pod()], NOW))
-    # At most once per interval a job, counted from when it was first asked about.
-    checks, key, gone = handlers.ChildChecks(every=0.2, keep=0.6), ("ns", "ft", "u"), ("ns", "gone", "v")
+    # At most once per interval a job, counted from when it was first asked about (a clock moved by hand: real sleeps
+    # of 0.25 s against intervals of 0.2 s failed on a loaded machine).
+    clock = [1000.0]
+    monkeypatch.setattr(handlers.time, "monotonic", lambda: clock[0])
+    checks, key, gone = handlers.ChildChecks(every=20, keep=60), ("ns", "ft", "u"), ("ns", "gone", "v")
     assert not checks.due(key) and not checks.due(gone)
-    time.sleep(0.25)
+    clock[0] += 25
     assert checks.due(key) and not checks.due(key)
-    time.sleep(0.45)  # one not asked about for `keep` goes (deleted); one asked about keeps its clock
+    clock[0] += 19
+    assert not checks.due(key)
+    clock[0] += 35  # one not asked about for `keep` goes (deleted); one asked about keeps its clock
     assert checks.due(key) and gone not in checks.since
 
 
