@@ -32,8 +32,18 @@ def reach(name):  # what answers on port 8080 of `name`, as a client of the Serv
             if time.monotonic() > deadline:
                 return None
             time.sleep(0.2)
-answers = {name: reach(name[4:]) if name.startswith("tcp:") else lookup(name) for name in sys.argv[1:]}
-open("/dev/termination-log", "w").write(json.dumps(answers))
+def awaited(name, present):  # cluster DNS caches its answers (CoreDNS's TTL): asked again until it changes
+    deadline = time.monotonic() + 20
+    while (lookup(name) is not None) != present and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return lookup(name)
+def answer(arg):
+    if arg.startswith("tcp:"):
+        return arg, reach(arg[4:])
+    if arg[0] in "+-":  # one that is to resolve (+), or no more (-)
+        return arg[1:], awaited(arg[1:], arg[0] == "+")
+    return arg, lookup(arg)
+open("/dev/termination-log", "w").write(json.dumps(dict(map(answer, sys.argv[1:]))))
 """
 WEB_SCRIPT = r"""
 import os, socket
@@ -46,6 +56,9 @@ while True:
 
 
 def _lookups(kube: Kube, namespace: str, name: str, names: list[str]) -> dict[str, str | None]:
+    """The answers to `names` in a pod `name`: an address, or what answers on port 8080 (tcp:), or None. A name
+    marked + (or -) is asked until it resolves (or no more), as a real cluster's DNS answers a change within its
+    cache's TTL, not at once."""
     kube.apply(make_pod(name, LOOKUP_SCRIPT, container={"args": names}), namespace)
     return json.loads(terminated(kube.wait_pod(namespace, name, finished, "finished"))["message"])
 
@@ -66,14 +79,15 @@ def test_pod_and_service_names_resolve_as_cluster_dns(kube: Kube, namespace: str
     assert _lookups(kube, namespace, "before", ["web-0.peers", "peers"]) == {"web-0.peers": None, "peers": None}
 
     kube.apply([_service("peers", headless=True), _service("frontend", headless=False)], namespace)
-    same = _lookups(kube, namespace, "after", ["web-0.peers", "peers", "tcp:frontend", f"web-0.peers.{namespace}.svc"])
+    same = _lookups(kube, namespace, "after",
+                    ["+web-0.peers", "+peers", "tcp:frontend", f"+web-0.peers.{namespace}.svc"])
     assert same == {"web-0.peers": ip, "peers": ip, "tcp:frontend": "web", f"web-0.peers.{namespace}.svc": ip}
     # From another namespace only the names with the namespace resolve.
     other = _lookups(kube, module_namespace, f"from-{namespace}"[:60],
-                     ["web-0.peers", f"web-0.peers.{namespace}", f"peers.{namespace}.svc.cluster.local",
+                     ["web-0.peers", f"+web-0.peers.{namespace}", f"+peers.{namespace}.svc.cluster.local",
                       f"tcp:frontend.{namespace}"])
     assert other == {"web-0.peers": None, f"web-0.peers.{namespace}": ip,
                      f"peers.{namespace}.svc.cluster.local": ip, f"tcp:frontend.{namespace}": "web"}
 
     kube.kubectl("delete", "service", "peers", "-n", namespace)
-    assert _lookups(kube, namespace, "gone", ["web-0.peers"]) == {"web-0.peers": None}
+    assert _lookups(kube, namespace, "gone", ["-web-0.peers"]) == {"web-0.peers": None}
