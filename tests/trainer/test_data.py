@@ -5,7 +5,6 @@ from __future__ import annotations
 import codecs
 import json
 import os
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -322,74 +321,6 @@ def test_an_image_folder_linking_to_a_folder_above_reads_each_image_once(tmp_pat
     (tmp_path / "Cat" / "loop").symlink_to(tmp_path)
     data = load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
     assert len(data.train.inputs + data.validation.inputs + data.test.inputs) == 6
-
-
-def labelled_images(data: LabelledData, root: Path) -> list[tuple[str, str]]:
-    """Every image of the three splits as its path in `root` and its class, sorted."""
-    return sorted((os.path.relpath(image, root), data.id2label[label]) for split in (data.train, data.validation,
-                  data.test) for image, label in zip(split.inputs, split.labels))
-
-
-def class_images(split: str = "") -> list[tuple[str, str]]:
-    """cats_and_dogs' images as labelled_images lists them, in the folder `split`."""
-    return [(os.path.join(split, name, f"{i}.png"), name) for name in ("Cat", "Dog") for i in range(3)]
-
-
-def link_said(caplog: pytest.LogCaptureFixture, link: Path) -> bool:
-    return f"{link} links to {link.resolve()}, a folder of the dataset: its files are read there, once" in caplog.text
-
-
-@pytest.mark.parametrize("link, target", [("kitty", "Cat"), ("Cat/more", "../Dog")])
-def test_a_class_folder_linked_to_another_of_the_image_folder_is_read_there_once(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture, link: str, target: str) -> None:
-    """kitty -> Cat was a third class of Cat's images (9 images read for 6 files), and Cat/more -> ../Dog read Dog's
-    images as cats too, while the dataset's walk said their files were read there, once."""
-    cats_and_dogs(tmp_path, ".png")
-    (tmp_path / link).symlink_to(target)
-    data = load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
-    assert labelled_images(data, tmp_path) == class_images() and link_said(caplog, tmp_path / link)
-
-
-def test_a_split_folder_linked_to_another_split_of_the_image_folder_is_no_split(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """validation -> test made test's images the validation split too, so that early stopping chose the checkpoint
-    on the test set. The link is skipped and said, as in a folder of tables: validation is held out of train, as
-    where the dataset has none."""
-    for split in ("train", "test"):
-        cats_and_dogs(tmp_path / split, ".png")
-    (tmp_path / "validation").symlink_to("test")
-    data = load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
-    assert labelled_images(data, tmp_path) == class_images("test") + class_images("train")
-    assert sorted(os.path.relpath(image, tmp_path) for image in data.test.inputs) == [
-        path for path, _ in class_images("test")]
-    assert data.validation.inputs and link_said(caplog, tmp_path / "validation")
-
-
-def test_a_class_folder_of_the_test_split_linked_to_trains_is_not_read_into_test(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """test/Cat -> ../train/Cat read train's cats into test too: the model was scored on images it trained on."""
-    cats_and_dogs(tmp_path / "train", ".png")
-    cats_and_dogs(tmp_path / "test", ".png")
-    shutil.rmtree(tmp_path / "test" / "Cat")
-    (tmp_path / "test" / "Cat").symlink_to("../train/Cat")
-    data = load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
-    assert labelled_images(data, tmp_path) == class_images("test")[3:] + class_images("train")
-    assert sorted(os.path.relpath(image, tmp_path) for image in data.test.inputs) == [
-        path for path, _ in class_images("test")[3:]]
-    assert link_said(caplog, tmp_path / "test" / "Cat")
-
-
-def test_class_and_split_folders_linked_in_from_outside_the_image_folder_are_read(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """A class or a split kept elsewhere (train/Cat -> /store/Cat, test -> /store/test) is the dataset's."""
-    cats_and_dogs(tmp_path / "ds" / "train", ".png")
-    cats_and_dogs(tmp_path / "store" / "test", ".png")
-    (tmp_path / "ds" / "train" / "Cat").rename(tmp_path / "store" / "Cat")
-    (tmp_path / "ds" / "train" / "Cat").symlink_to(tmp_path / "store" / "Cat")
-    (tmp_path / "ds" / "test").symlink_to(tmp_path / "store" / "test")
-    data = load_dataset(DatasetSpec(uri=str(tmp_path / "ds")), Task.IMAGE_CLASSIFICATION, 0)
-    assert labelled_images(data, tmp_path / "ds") == class_images("test") + class_images("train")
-    assert len(data.test.inputs) == 6 and "links to" not in caplog.text
 
 
 @pytest.mark.parametrize("layout", ["parquet splits", "image folder"])

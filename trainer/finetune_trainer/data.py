@@ -132,7 +132,7 @@ def one_class_folder(path: Path, name: str, uri: str) -> str:
     cats and dogs unzip to PetImages/Cat and PetImages/Dog, and one folder up (or in a train/ of it) they were one
     class, PetImages."""
     where = ""
-    if holds_class_folders(folder := train_folder(path) / name, path):
+    if holds_class_folders(folder := train_folder(path) / name):
         inner = folder.relative_to(path).as_posix()  # PetImages, or train/PetImages
         where = f"; {inner} holds class folders: point dataset.uri at {uri.rstrip('/')}/{inner}"
     return f"its images are all in one class folder, {name} (an ImageFolder has a folder per class){where}"
@@ -317,7 +317,7 @@ def read_found(found: Found, spec: TextsSpec, field: str,
     path = found.path
     fmt = detect_format(found, spec.format, field)
     if (not texts_only and spec.format == DatasetFormat.AUTO and fmt in FILE_FORMATS.values()
-            and holds_class_folders(path, path)):
+            and holds_class_folders(path)):
         if (tables := tables_with(found, fmt, spec.text_field)) is not None:
             return fmt, tables  # a table of image paths in folders (train/patient1/, part_1/, the hub's shards)
         # images in class folders, and a table beside them (Kaggle's sample_submission.csv, GTSRB's GT-00000.csv
@@ -394,15 +394,13 @@ def format_suffix(file: Path) -> str:
 class Found:
     """A dataset's (or a class folder's) local path, and where it is a folder, the entries below it: walked once, at
     their first use, as the format, the splits and the parquet class names each filter them (a hub repo of
-    thousands of shards on a network volume was walked three times). A class folder's `dataset` is the image
-    dataset it is in, whose folders its links are judged against (files_below)."""
+    thousands of shards on a network volume was walked three times)."""
 
     path: Path
-    dataset: Path | None = None
 
     @functools.cached_property
     def entries(self) -> list[Path]:
-        return sorted(files_below(self.path, self.dataset or self.path))
+        return sorted(files_below(self.path))
 
     def files(self, suffixes: set[str]) -> Iterator[Path]:
         """The files with these suffixes (format_suffix) anywhere below the folder, but not in hidden folders (.git,
@@ -410,16 +408,15 @@ class Found:
         return (p for p in self.entries if format_suffix(p) in suffixes and p.is_file())
 
 
-def files_below(folder: Path, dataset: Path) -> Iterator[Path]:
-    """The entries (not hidden) of the data folders below `folder` (data_folder), a folder of `dataset` (or itself),
-    in sorted order, through folders linked in from elsewhere (a split), which Path.rglob skipped, as it skipped a
-    folder it may not read: a PermissionError. A link to another folder of the dataset is skipped (entered): from a
-    class folder, cat/more -> ../dog read dog's images as cats too."""
+def files_below(folder: Path) -> Iterator[Path]:
+    """The entries (not hidden) of the data folders below `folder` (data_folder), in sorted order, through folders
+    linked in from elsewhere (a split), which Path.rglob skipped, as it skipped a folder it may not read: a
+    PermissionError."""
     def refuse(exc: OSError) -> None:
         raise exc
 
-    top = os.path.realpath(dataset)
-    walked = {os.path.realpath(folder)}
+    top = os.path.realpath(folder)
+    walked = {top}
     for root, dirs, files in os.walk(folder, onerror=refuse, followlinks=True):
         dirs[:] = [name for name in sorted(dirs)
                    if data_folder(name) and entered(os.path.join(root, name), top, walked)]
@@ -428,37 +425,18 @@ def files_below(folder: Path, dataset: Path) -> Iterator[Path]:
 
 def entered(path: str, top: str, walked: set[str]) -> bool:
     """Whether files_below walks into the folder at `path`, and if so its real path added to `walked`: a real folder
-    once, never a link skipped (skipped_link), nor another link to a folder walked already, which is said (current
-    -> data read it twice)."""
-    if skipped_link(path, top):
+    once, never one above a link to it (a loop, and the folders around it are no dataset's). A link to a folder
+    walked already, or to one of the dataset's real folder `top` walked anyway, is skipped, and said (current ->
+    data read it twice; validation -> test stood for a slice of train unsaid)."""
+    real, link = os.path.realpath(path), os.path.islink(path)
+    if link and within(os.path.realpath(os.path.dirname(path)), real):
         return False
-    real = os.path.realpath(path)
-    if real in walked:
-        if os.path.islink(path):
-            said_linked(path, real)
+    if real in walked or link and within(real, top) and all(map(data_folder, Path(os.path.relpath(real, top)).parts)):
+        if link:
+            said_once(f"{path} links to {real}, a folder of the dataset: its files are read there, once")
         return False
     walked.add(real)
     return True
-
-
-def skipped_link(path: str, top: str) -> bool:
-    """Whether the folder at `path` is a link that no walk nor listing of folders follows: to a folder above it (a
-    loop, and the folders around it are no dataset's), or, said, to a folder of the dataset whose real folder is
-    `top`, which is walked anyway (validation -> test stood for a slice of train unsaid, kitty -> cat was a third
-    class of cat's images)."""
-    if not os.path.islink(path):
-        return False
-    real = os.path.realpath(path)
-    if within(os.path.realpath(os.path.dirname(path)), real):
-        return True
-    if within(real, top) and all(map(data_folder, Path(os.path.relpath(real, top)).parts)):
-        said_linked(path, real)
-        return True
-    return False
-
-
-def said_linked(path: str, real: str) -> None:
-    said_once(f"{path} links to {real}, a folder of the dataset: its files are read there, once")
 
 
 @functools.cache
@@ -471,15 +449,6 @@ def said_once(warning: str) -> None:
 def within(path: str, folder: str) -> bool:
     """Whether `path` is `folder` or below it (both real paths)."""
     return os.path.commonpath([path, folder]) == folder
-
-
-def data_folders(folder: Path, dataset: Path) -> list[Path]:
-    """The data folders in `folder` (data_folder), in sorted order, as files_below walks them: not a link to a
-    folder of `dataset` (skipped_link), judged against the whole dataset, as a split's class may link to another
-    split's (test/cat -> ../train/cat read train's cats into test)."""
-    top = os.path.realpath(dataset)
-    return [d for d in sorted(folder.iterdir())
-            if d.is_dir() and data_folder(d.name) and not skipped_link(str(d), top)]
 
 
 def data_folder(name: str) -> bool:
@@ -793,17 +762,16 @@ def read_image_splits(path: Path) -> dict[str, pd.DataFrame]:
     folders = image_folders(path)
     by_split = dict(zip(folder_splits(folders), folders))
     labelled = {name: d for name, d in by_split.items() if name is not None
-                and any(has_images(c, path) for c in data_folders(d, path))}
+                and any(c.is_dir() and data_folder(c.name) and has_images(c) for c in d.iterdir())}
     if TRAIN not in labelled:
         if labelled and None not in by_split and TRAIN not in by_split:
             raise DataError(f"{path}: its folders name splits ({', '.join(d.name for d in folders)}) but none is train")
         warn_splits_read_as_classes(path, folders)
-        # class folders (a class may be named test or train: it holds images)
-        return {TRAIN: read_image_folder(path, path)}
+        return {TRAIN: read_image_folder(path)}  # class folders (a class may be named test or train: it holds images)
     # train/ holds class folders: the others are no classes (Kaggle's test/ of the images to predict, a samples/)
     for folder in (d for d in folders if d not in labelled.values()):
         log.warning("%s: its images are in no class folder of a split, so unlabelled: not used", folder)
-    return {name: read_image_folder(labelled[name], path) for name in (TRAIN, VALIDATION, TEST) if name in labelled}
+    return {name: read_image_folder(labelled[name]) for name in (TRAIN, VALIDATION, TEST) if name in labelled}
 
 
 def warn_splits_read_as_classes(path: Path, folders: list[Path]) -> None:
@@ -820,12 +788,10 @@ def warn_splits_read_as_classes(path: Path, folders: list[Path]) -> None:
                     listed([d.name for d in named]), listed(others))
 
 
-def read_image_folder(path: Path, dataset: Path) -> pd.DataFrame:
-    """The images of the class folders in `path`, a folder of the image dataset `dataset`."""
+def read_image_folder(path: Path) -> pd.DataFrame:
     rows, empty = [], []
-    for class_dir in data_folders(path, dataset):
-        # its subfolders' too, as torchvision's ImageFolder
-        images = list(Found(class_dir, dataset).files(IMAGE_SUFFIXES))
+    for class_dir in sorted(p for p in path.iterdir() if p.is_dir() and data_folder(p.name)):
+        images = list(Found(class_dir).files(IMAGE_SUFFIXES))  # its subfolders' too, as torchvision's ImageFolder
         rows += [{IMAGE_COLUMN: str(image), "label": class_dir.name} for image in images]
         if not images:
             empty.append(class_dir.name)
@@ -836,12 +802,11 @@ def read_image_folder(path: Path, dataset: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def holds_class_folders(path: Path, dataset: Path) -> bool:
-    """Whether a folder of the dataset `dataset` is an ImageFolder by its folders: two or more class folders holding
-    images, in it or in its train/ (not the hub's train/*.png beside a train/metadata.csv, nor one images/ folder
-    that a table names)."""
+def holds_class_folders(path: Path) -> bool:
+    """Whether a folder is an ImageFolder by its folders: two or more class folders holding images, in it or in its
+    train/ (not the hub's train/*.png beside a train/metadata.csv, nor one images/ folder that a table names)."""
     def classes(folder: Path) -> int:
-        return sum(1 for d in data_folders(folder, dataset) if has_images(d, dataset))
+        return sum(1 for d in folder.iterdir() if d.is_dir() and data_folder(d.name) and has_images(d))
 
     return path.is_dir() and classes(train_folder(path)) >= 2
 
@@ -853,8 +818,8 @@ def train_folder(path: Path) -> Path:
 
 
 def image_folders(path: Path) -> list[Path]:
-    """The data folders in the dataset `path` that hold images below them."""
-    return [d for d in data_folders(path, path) if has_images(d, path)]
+    """The data folders in `path` that hold images below them."""
+    return [d for d in sorted(path.iterdir()) if d.is_dir() and data_folder(d.name) and has_images(d)]
 
 
 def folder_splits(folders: list[Path]) -> list[str | None]:
@@ -865,10 +830,9 @@ def folder_splits(folders: list[Path]) -> list[str | None]:
     return by_word if all(by_word) else [split_of(d.name, whole=True) for d in folders]
 
 
-def has_images(folder: Path, dataset: Path) -> bool:
-    """Whether an image file (not hidden) lies anywhere below `folder`, a folder of `dataset`, as read_image_folder
-    reads it; stops at the first."""
-    return any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in files_below(folder, dataset))
+def has_images(folder: Path) -> bool:
+    """Whether an image file (not hidden) lies anywhere below `folder`; stops at the first."""
+    return any(p.suffix.lower() in IMAGE_SUFFIXES and p.is_file() for p in files_below(folder))
 
 
 def label_ids(column: pd.Series) -> tuple[dict[int, str], list[int]]:
