@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from finetune_operator import api, handlers, metrics, outcome, reconcile
 from finetune_operator.settings import Settings
+from finetune_operator.status import merged
 
 
 def jobs_by_phase() -> dict[str, float]:
@@ -153,12 +154,14 @@ def test_reasons_a_trainer_image_writes_add_a_bounded_number_of_series(monkeypat
 
 class Creating:
     """Clients whose apiserver keeps the children created (a second create of one answers 409 AlreadyExists), has
-    every claim, lists no Events, and refuses the first `failing` status patches, or keeps the first Job created but
-    loses its answer (`lost`), or refuses the first `quota` creates of the Job for a ResourceQuota."""
+    every claim, lists no Events, and refuses the first `failing` status patches (or, `landed`, stores them in
+    `status` and loses their answers), or keeps the first Job created but loses its answer (`lost`), or refuses the
+    first `quota` creates of the Job for a ResourceQuota."""
 
-    def __init__(self, failing: int = 0, lost: bool = False, quota: int = 0) -> None:
+    def __init__(self, failing: int = 0, lost: bool = False, quota: int = 0, landed: bool = False) -> None:
         self.made: dict[str, Any] = {}  # by path
-        self.failing, self.lost, self.quota = failing, lost, quota
+        self.status: dict[str, Any] = {}
+        self.failing, self.lost, self.quota, self.landed = failing, lost, quota, landed
 
     def call(self, method: str, path: str, body: Any = None, **_: object) -> bytes:
         if method == "POST":
@@ -175,8 +178,12 @@ class Creating:
                 raise ApiException(status=504, reason="Gateway Timeout")
         elif method == "PATCH" and self.failing:
             self.failing -= 1
+            if self.landed:
+                self.status = merged(self.status, body["status"])
+                raise ApiException(status=504, reason="Gateway Timeout")
             raise ApiException(status=500, reason="Internal Server Error")
         elif method == "PATCH":
+            self.status = merged(self.status, body["status"])
             return b'{"metadata":{"resourceVersion":"7","uid":"u"}}'
         elif "/persistentvolumeclaims/" in path:
             return json.dumps({"spec": {"accessModes": ["ReadWriteMany"]}}).encode()
@@ -186,13 +193,13 @@ class Creating:
 def ticks(apiserver: Creating, n: int, monkeypatch: pytest.MonkeyPatch, watched: bool = False) -> list[float]:
     """attempts_total{cause=Created} after each of `n` ticks of the same copy of a new FineTuneJob (no status write
     seen), from before the first; a tick that raises TemporaryError is one that failed. `watched`: the Jobs' index
-    holds the Jobs made before each tick."""
+    holds the Jobs made before each tick, and the copy the status stored."""
     from test_operator_reconcile import body
 
     monkeypatch.setattr(kopf, "event", lambda *_, **__: None)  # no kopf event poster outside kopf
     monkeypatch.setattr(metrics.JOBS, "index", None)
     memo = kopf.Memo(settings=Settings(), clients=apiserver, slow_scrapes=handlers.SlowScrapes(2.0),
-                     child_checks=handlers.ChildChecks(), written=handlers.Written(),
+                     child_checks=handlers.ChildChecks(), written=handlers.Written(), counted=handlers.Counted(),
                      job_warnings=handlers.Warnings("Job"), pod_warnings=handlers.Warnings("Pod"),
                      claims=handlers.Claims())
 
@@ -203,6 +210,8 @@ def ticks(apiserver: Creating, n: int, monkeypatch: pytest.MonkeyPatch, watched:
     copy = body()
     for _ in range(n):
         made = [outcome.job_summary(job) for path, job in apiserver.made.items() if "/jobs/" in path]
+        if watched:
+            copy["status"] = apiserver.status
         try:
             handlers.tick(kopf.Body(copy), memo, {("ns", "ft"): made} if watched and made else {}, {}, {})
         except kopf.TemporaryError:
@@ -212,16 +221,18 @@ def ticks(apiserver: Creating, n: int, monkeypatch: pytest.MonkeyPatch, watched:
 
 
 @pytest.mark.parametrize("watched", [False, True], ids=["job-not-yet-watched", "job-watched"])
-@pytest.mark.parametrize("apiserver", [lambda: Creating(failing=1), lambda: Creating(lost=True)],
-                         ids=["status-write-failed", "job-answer-lost"])
+@pytest.mark.parametrize(("apiserver", "counts"), [
+    (lambda: Creating(failing=1), [1, 1, 1]), (lambda: Creating(failing=1, landed=True), [1, 1, 1]),
+    (lambda: Creating(lost=True), [0, 1, 1])], ids=["status-write-failed", "status-answer-lost", "job-answer-lost"])
 def test_an_attempt_is_counted_once_when_its_tick_failed_after_making_its_children(
-        monkeypatch: pytest.MonkeyPatch, apiserver: Any, watched: bool) -> None:
-    """A tick made the attempt's children and failed: its status patch, or the answer to its create of the Job. The
-    next tick, before the watch brought the Job, made them again and took the 409s for its own children; or, the
-    Job watched, saw it. Counted at the create, the attempt was counted twice, or never (counted where a create made
-    the Job, and a watched Job is made by none)."""
+        monkeypatch: pytest.MonkeyPatch, apiserver: Any, counts: list[int], watched: bool) -> None:
+    """A tick made the attempt's children and failed: its status patch (or the answer to it, the status stored), or
+    the answer to its create of the Job. The next tick, before the watch brought the Job, made them again and took
+    the 409s for its own children; or, the Job watched, saw it. Counted at the create, the attempt was counted
+    twice, or never (counted where a create made the Job, and a watched Job is made by none); counted where a write
+    that names the Job landed, never, where the watch brought the status before a tick wrote it again."""
     fake = apiserver()
-    assert ticks(fake, 3, monkeypatch, watched) == [0, 1, 1]
+    assert ticks(fake, 3, monkeypatch, watched) == counts
     assert "/apis/batch/v1/namespaces/ns/jobs/ft-1" in fake.made
 
 

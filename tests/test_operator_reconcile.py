@@ -1003,10 +1003,16 @@ def test_a_job_that_ends_in_its_back_off_promises_no_attempt_and_a_started_one_n
     retrying = after(decide(Observed(body(running), *crashed_attempt(1), NOW)), running)
     assert retrying["retryAfter"] and conditions(retrying)["Created"] == ("False", "BackoffWaiting")
     for spec in ({"activeDeadlineSeconds": 3605}, {"backoffLimit": 0}):
-        ended = after(decide(Observed(body(retrying, **spec), *crashed_attempt(1), NOW + timedelta(seconds=6))),
-                      retrying)
+        failed = decide(Observed(body(retrying, **spec), *crashed_attempt(1), NOW + timedelta(seconds=6)))
+        ended = after(failed, retrying)
         assert ended["phase"] == "Failed" and "retryAfter" not in ended
         assert conditions(ended)["Created"] == ("False", ended["reason"])
+        assert [reason for _, reason, _ in failed.events] == [ended["reason"]]  # said once, not for Created too
+    # Suspended in its back-off: no time is promised while it is, and the suspend is no warning.
+    suspended = decide(Observed(body(retrying, suspend=True), *crashed_attempt(1), NOW + timedelta(seconds=2)))
+    held = after(suspended, retrying)
+    assert "retryAfter" not in held and conditions(held)["Created"] == ("False", "Suspended")
+    assert ("Normal", "Suspended", "attempt 2 waits for the resume") in suspended.events
     jobs, _ = crashed_attempt(1)
     seen = after(decide(Observed(body(retrying), jobs + [job(2)], [], NOW + timedelta(seconds=11))), retrying)
     assert "retryAfter" not in seen and conditions(seen)["Created"] == ("True", "AttemptCreated")
@@ -1283,6 +1289,7 @@ def ticked(live: dict[str, Any], indexes: tuple[dict[Any, Any], dict[Any, Any]],
     memo = kopf.Memo(settings=Settings(), clients=apiserver, slow_scrapes=handlers.SlowScrapes(2.0),
                      child_checks=checks or handlers.ChildChecks(),
                      written=handlers.Written() if written is None else written, job_warnings=handlers.Warnings("Job"),
+                     counted=handlers.Counted(),
                      pod_warnings=handlers.Warnings("Pod"), claims=handlers.Claims())
     handlers._reconcile(kopf.Body(live), memo, *indexes)
     return apiserver

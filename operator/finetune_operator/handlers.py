@@ -75,6 +75,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, phase_index: kop
     memo.slow_scrapes = SlowScrapes(ours.poll_seconds)
     memo.child_checks = ChildChecks(keep=2 * max(CHILDREN_CHECK_SECONDS, WAITING_POLLS * ours.poll_seconds))
     memo.written = Written()
+    memo.counted = Counted()
     # finetune_operator_jobs counts kopf's live index from the first scrape on: set by the first reconcile instead,
     # it stayed 0 in every phase after a restart onto finished jobs (they are never reconciled again).
     metrics.JOBS.index = phase_index
@@ -605,10 +606,11 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
     changes, refused = schema_checked(patch)
     for line in refused:  # the rest is written: the conditions and the phase above all
         log.error("%s/%s: not written, the status schema refuses it: %s", ns, name, line)
+    # Counted as the write goes out, once: a write that failed, or landed with its answer lost, is made again.
+    if (job := _named_job(seen.body["status"], changes)) and memo.counted.first((seen.body["metadata"]["uid"], job)):
+        _count_attempt(seen.body)
     if version := _patch_status(clients, ns, name, changes):
         memo.written.wrote(seen.body, changes, version)
-        if _records_attempt(seen.body["status"], changes):
-            _count_attempt(seen.body)
     # The transitions' Events once the status holds them: with its conditions left out, they came at every tick.
     if "conditions" in changes or "conditions" not in patch:
         _record(body, seen, decision)
@@ -635,13 +637,32 @@ def _patch_status(clients: Clients, ns: str, name: str, changes: dict[str, Any])
     return found[1].decode() if found else None
 
 
-def _records_attempt(old: dict[str, Any], changes: dict[str, Any]) -> bool:
-    """Whether a status write names an attempt's Job first (children.job): at the tick that made it, or, where that
-    tick's write failed or its create of the Job lost its answer, at the next, which makes it again (a 409, its own)
-    or sees it. Counted at the create, an attempt was counted twice, or none at all, or at each tick it was held
-    back (a quota)."""
+def _named_job(old: dict[str, Any], changes: dict[str, Any]) -> str | None:
+    """The attempt's Job a status write names first (children.job), made: at the tick that made it, or, where that
+    tick's create of the Job lost its answer, or its write failed, at a later one, which makes it again (a 409, its
+    own) or sees it. Counted at the create, an attempt was counted twice, or none at all, or at each tick it was
+    held back (a quota)."""
     job = (changes.get("children") or {}).get("job")
-    return job is not None and job != (old.get("children") or {}).get("job")
+    return job if job is not None and job != (old.get("children") or {}).get("job") else None
+
+
+COUNTED_KEEP_SECONDS = 600.0
+
+
+class Counted:
+    """The attempts counted lately, by (job uid, Job name), each counted once: the status write that first names an
+    attempt's Job may fail, or land with its answer lost (the watch then brings the Job named, never written again),
+    and the next tick's names it again. Forgotten after COUNTED_KEEP_SECONDS, long past such a retry."""
+
+    def __init__(self) -> None:
+        self.at: dict[tuple[str, str], tuple[float, None]] = {}
+        self.swept = time.monotonic()
+
+    def first(self, key: tuple[str, str]) -> bool:
+        self.swept = _swept(self.at, COUNTED_KEEP_SECONDS, self.swept)
+        new = key not in self.at
+        self.at[key] = (time.monotonic(), None)
+        return new
 
 
 def _count_attempt(body: kopf.Body) -> None:

@@ -26,7 +26,7 @@ from finetune_operator import api, children, outcome
 from finetune_operator.api import ConditionType as T
 from finetune_operator.outcome import Outcome, Retry, State
 from finetune_operator.status import (DONE_EXIT_SECONDS, METRICS_READ, NOT_EXITING, RESUMED, STALE_AFTER_SECONDS,
-                                      STARTING_SECONDS, Conditions, analysis_of, evaluation_of, finished_metrics,
+                                      STARTING_SECONDS, SUSPENDED, Conditions, analysis_of, evaluation_of, finished_metrics,
                                       finished_progress, phase_of, progress_and_metrics, pruning_of, stage_of,
                                       timestamp, transitions)
 from finetune_trainer.rules import error_lines
@@ -253,11 +253,15 @@ def decide(seen: Observed) -> Decision | None:
 
     if spec.suspend:
         if job or not conds.true(T.SUSPENDED):  # one made but not yet seen, at the first tick that sees the suspend
-            _stop(decision, job, old, meta["name"], attempt, "Suspended")
-        conds.set(T.SUSPENDED, True, "Suspended", "spec.suspend is true: no pods run; checkpoints stay for the resume")
-        conds.clear(T.RUNNING, "Suspended")
-        conds.clear(T.METRICS_STALE, "Suspended")
-        conds.clear(T.RESTARTING, "Suspended")  # a retry decided before the suspend waits for the resume
+            _stop(decision, job, old, meta["name"], attempt, SUSPENDED)
+        conds.set(T.SUSPENDED, True, SUSPENDED, "spec.suspend is true: no pods run; checkpoints stay for the resume")
+        conds.clear(T.RUNNING, SUSPENDED)
+        conds.clear(T.METRICS_STALE, SUSPENDED)
+        conds.clear(T.RESTARTING, SUSPENDED)  # a retry decided before the suspend waits for the resume
+        # and not a back-off's time: the resume starts it at once ("attempt 2 starts at ..." stayed, for days)
+        status["retryAfter"] = None
+        if conds.get(T.CREATED).get("reason") == BACKOFF_WAITING:
+            conds.set(T.CREATED, False, SUSPENDED, f"attempt {max(attempt, 1)} waits for the resume")
         status["workers"] = {"active": 0, "ready": 0, "succeeded": 0, "failed": 0}
         return _finish(decision, old, conds)
 
@@ -266,7 +270,7 @@ def decide(seen: Observed) -> Decision | None:
         # A new number only if the current one's children were made: an attempt decided (a retry) but not created
         # before the suspend is the one that resumes.
         if _made(old, meta["name"], attempt):
-            _stop(decision, job, old, meta["name"], attempt, "Suspended")  # if it outlived the suspend, unseen
+            _stop(decision, job, old, meta["name"], attempt, SUSPENDED)  # if it outlived the suspend, unseen
             conds.set(T.RESTARTING, True, RESUMED, f"attempt {attempt + 1} resumes from the latest checkpoint")
             status["attempts"] = attempt + 1
         status["startTime"] = timestamp(now)

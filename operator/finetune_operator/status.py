@@ -17,6 +17,7 @@ from finetune_trainer.rules import error_lines
 
 T = ConditionType
 METRICS_READ = "MetricsRead"  # MetricsStale's reason once rank 0 answers again (told by an Event)
+SUSPENDED = "Suspended"  # Suspended True, and what stops for it
 RESUMED = "Resumed"  # Suspended False, and Restarting True when the attempt it stopped is followed by the next
 # Rank 0's metrics count as stale once no read succeeded for this long (a few polls: one slow answer is no news).
 STALE_AFTER_SECONDS = 10
@@ -122,10 +123,12 @@ def transitions(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> li
         if c["status"] == "False" and c["type"] not in (T.CREATED.value, T.SCHEDULED.value, T.SUSPENDED.value) \
                 and c["reason"] != METRICS_READ and not not_started(c):
             continue  # "not running any more" is told by the condition that became true
-        # A restart because the user resumed the job is no warning: alerts on Warning Events fired at each resume.
-        kind = "Warning" if (c["type"], c["status"]) in warn and c["reason"] != RESUMED else "Normal"
+        # A restart because the user resumed the job, or an attempt held for a suspend, is no warning: alerts on
+        # Warning Events fired at each resume.
+        kind = "Warning" if (c["type"], c["status"]) in warn and c["reason"] not in (RESUMED, SUSPENDED) else "Normal"
         text = c["message"] or f"{c['type']} is {c['status']}"
-        events.append((kind, c["reason"], text))
+        if (kind, c["reason"], text) not in events:  # a failure that ends a back-off says so once, not for Created too
+            events.append((kind, c["reason"], text))
     return events
 
 
