@@ -1013,6 +1013,12 @@ def test_a_job_that_ends_in_its_back_off_promises_no_attempt_and_a_started_one_n
     held = after(suspended, retrying)
     assert "retryAfter" not in held and conditions(held)["Created"] == ("False", "Suspended")
     assert ("Normal", "Suspended", "attempt 2 waits for the resume") in suspended.events
+    resumed = after(decide(Observed(body(held), *crashed_attempt(1), NOW + timedelta(seconds=3))), held)
+    assert (resumed["phase"], resumed["reason"]) == ("Pending", "Resumed")
+    # and failed before its attempt is made (backoffLimit lowered meanwhile): no attempt is said to wait
+    ended = after(decide(Observed(body(resumed, backoffLimit=0), *crashed_attempt(1), NOW + timedelta(seconds=4))),
+                  resumed)
+    assert ended["phase"] == "Failed" and conditions(ended)["Created"] == ("False", "BackoffLimitExceeded")
     jobs, _ = crashed_attempt(1)
     seen = after(decide(Observed(body(retrying), jobs + [job(2)], [], NOW + timedelta(seconds=11))), retrying)
     assert "retryAfter" not in seen and conditions(seen)["Created"] == ("True", "AttemptCreated")

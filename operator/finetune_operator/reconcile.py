@@ -186,7 +186,7 @@ def decide(seen: Observed) -> Decision | None:
         conds.clear(T.METRICS_STALE, reason)
         # No attempt comes: a back-off cut short by the end (its deadline, backoffLimit lowered) promised one.
         status["retryAfter"] = None
-        if conds.get(T.CREATED).get("reason") == BACKOFF_WAITING:
+        if conds.get(T.CREATED).get("status") == "False":  # no attempt waits any more (a back-off, a suspend)
             conds.set(T.CREATED, False, reason, message)
         status["completionTime"] = timestamp(now)
         # Its pods are being stopped (by the operator, or the Job controller): none runs or waits any more. Counted as
@@ -275,6 +275,8 @@ def decide(seen: Observed) -> Decision | None:
             status["attempts"] = attempt + 1
         status["startTime"] = timestamp(now)
         status["retryAfter"] = None  # a resume is asked for: it starts at once, whatever back-off it cut short
+        if conds.get(T.CREATED).get("reason") == SUSPENDED:  # held in its back-off by the suspend
+            conds.set(T.CREATED, False, RESUMED, f"attempt {max(attempt, 1)} is made at the next tick")
         return _finish(decision, old, conds)
 
     # Retuned while suspended, and resumed before a tick saw the suspend (`kubectl patch` suspend, then `kubectl apply`
