@@ -136,7 +136,7 @@ def _read_pid(cluster: Cluster, component: str) -> int | None:
     """The PID we recorded, if that process is still alive and runs the command line we started."""
     try:
         pid, recorded = _record(cluster, component)
-        cmdline = Path(f"/proc/{int(pid)}/cmdline").read_bytes()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (FileNotFoundError, ProcessLookupError, ValueError):
         return None
     # Guards against PID reuse: the whole command line must match, not just the binary.

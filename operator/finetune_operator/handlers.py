@@ -655,13 +655,13 @@ class Counted:
     and the next tick's names it again. Forgotten after COUNTED_KEEP_SECONDS, long past such a retry."""
 
     def __init__(self) -> None:
-        self.at: dict[tuple[str, str], tuple[float, None]] = {}
+        self.at: dict[tuple[str, str], float] = {}  # when last named
         self.swept = time.monotonic()
 
     def first(self, key: tuple[str, str]) -> bool:
-        self.swept = _swept(self.at, COUNTED_KEEP_SECONDS, self.swept)
+        self.swept = _swept(self.at, COUNTED_KEEP_SECONDS, self.swept, lambda at: at)
         new = key not in self.at
-        self.at[key] = (time.monotonic(), None)
+        self.at[key] = time.monotonic()
         return new
 
 

@@ -351,7 +351,7 @@ def decide(seen: Observed) -> Decision | None:
                       "claims: waiting for them to stop "
                       "(a Job of it orphaned by kubectl delete --cascade=orphan must be deleted by hand)")
             return _finish(decision, old, conds)
-        if (due := _parse_time(old.get("retryAfter"))) and now < due:
+        if due := _backing_off_until(old, now):
             _backing_off(conds, max(attempt, 1), due, old.get("failures") or 0)
             return _finish(decision, old, conds)
         if seen.stale:  # its ConfigMap stays, the job's (the garbage collector takes it with the job)
@@ -488,7 +488,7 @@ def waits_on_pods(seen: Observed) -> bool:
     status = seen.body["status"]
     attempt, job = current_job(status, seen.jobs)
     restarting = any(c["type"] == T.RESTARTING and c["status"] == "True" for c in status.get("conditions") or [])
-    if (due := _parse_time(status.get("retryAfter"))) and seen.now < due:
+    if _backing_off_until(status, seen.now):
         return False  # no attempt is made before then: listed at every poll of a back-off of up to 6 min, for nothing
     return (attempt == 0 or job is None) and (
         any(_may_run(p, seen.now) for p in (*seen.pods, *seen.earlier_pods))
@@ -607,6 +607,12 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
 # node, a dataset server restarting) burnt every retry within seconds, each one a new Job, pods, ConfigMap, Service.
 RETRY_BACKOFF_SECONDS, RETRY_BACKOFF_MAX_SECONDS = 10, 360
 BACKOFF_WAITING = "BackoffWaiting"  # Created's reason while the next attempt waits
+
+
+def _backing_off_until(status: dict[str, Any], now: datetime) -> datetime | None:
+    """When the back-off of a status (retryAfter) ends, while it has not."""
+    due = _parse_time(status.get("retryAfter"))
+    return due if due and now < due else None
 
 
 def retry_delay(failures: int) -> int:

@@ -178,12 +178,11 @@ def export_model(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg
     """Write weights, config, tokenizer and labels into `out`, a new folder (`staging`'s: what an earlier export
     has that this one has not, `publish` removes); returns the files written (relative to `out`)."""
     out.mkdir(parents=True, exist_ok=True)
-    if hasattr(model, "peft_config"):  # adapters kept apart: not merged on request, or the merge check failed
+    adapters = hasattr(model, "peft_config")  # kept apart: not merged on request, or the merge check failed
+    if adapters:
         model.save_pretrained(out / ADAPTER)
-        if base_is_new(cfg):  # what they adapt: the adapters taken out (in place), not merged
-            write_weights(model.unload(), cfg, out)
-    else:
-        write_weights(model, cfg, out)
+    if writes_base(model, cfg):  # with adapters, what they adapt: the adapters taken out (in place), not merged
+        write_weights(model.unload() if adapters else model, cfg, out)
     if tokenizer is not None:
         if cfg.model.task == Task.CAUSAL_LM:  # a BERT tokenizer's token_type_ids made generate(**tokenizer(...)) refuse
             names = [n for n in tokenizer.model_input_names if n != "token_type_ids"]
@@ -268,10 +267,14 @@ def published_dtype(model: nn.Module) -> torch.dtype | None:
 
 def written_dtype(model: nn.Module, cfg: TrainerConfig) -> torch.dtype | None:
     """The 16-bit dtype `export_model` writes `model`'s weights in (`as_published`); None for fp32, or where it
-    writes adapters alone (their base is model.uri's)."""
-    if hasattr(model, "peft_config") and not base_is_new(cfg):
-        return None
-    return published_dtype(model)
+    writes adapters alone (writes_base)."""
+    return published_dtype(model) if writes_base(model, cfg) else None
+
+
+def writes_base(model: nn.Module, cfg: TrainerConfig) -> bool:
+    """Whether `export_model` writes the model's weights: not where it writes adapters alone, whose base is
+    model.uri's (base_is_new)."""
+    return not hasattr(model, "peft_config") or base_is_new(cfg)
 
 
 def base_is_new(cfg: TrainerConfig) -> bool:
