@@ -995,6 +995,23 @@ def test_a_counted_failure_backs_off_before_the_next_attempt_as_a_jobs_pods_do()
     assert decide(Observed(body(again), jobs, pods, later + timedelta(seconds=20))).create_attempt == 3
 
 
+def test_a_back_off_that_ends_while_the_failed_attempts_pods_still_stop_says_they_are_what_it_waits_for() -> None:
+    """Rank 0 crashed, rank 1 takes its grace period to checkpoint: past the back-off's end the next attempt waits
+    for it, and the job's reason (Created's) said "BackoffWaiting", "attempt 2 starts at" a time gone, till it ended."""
+    running = {"attempts": 1, "startTime": "2026-12-01T11:00:00Z", "children": {"job": "ft-1"}}
+    jobs, crashed = crashed_attempt(1)
+    pods = crashed + [pod(1, index=1, deletionTimestamp="2026-12-01T12:00:00Z")]
+    retrying = after(decide(Observed(body(running), jobs, pods, NOW)), running)
+    waiting = after(decide(Observed(body(retrying), jobs, pods, NOW + timedelta(seconds=5))), retrying)
+    assert waiting["reason"] == "BackoffWaiting"  # its own time is not over
+    late = decide(Observed(body(retrying), jobs, pods, NOW + timedelta(seconds=11)))
+    stopping = after(late, retrying)
+    assert late.create_attempt is None and (stopping["phase"], stopping["reason"]) == ("Pending", "PodsStopping")
+    assert conditions(stopping)["Created"][0] == "False" and "ft-1-1-x" in next(
+        c["message"] for c in stopping["conditions"] if c["type"] == "Created")
+    assert decide(Observed(body(stopping), jobs, crashed, NOW + timedelta(seconds=12))).create_attempt == 2
+
+
 def test_a_job_that_ends_in_its_back_off_promises_no_attempt_and_a_started_one_no_wait() -> None:
     """Its deadline passed, or its backoffLimit lowered, while a retry waited: the job failed with retryAfter and
     Created (BackoffWaiting, "attempt 2 starts at ...") left as they were, an attempt promised that never came. And an

@@ -329,7 +329,11 @@ def decide(seen: Observed) -> Decision | None:
                                          "since the last one failed)")
             _stop(decision, job, old, meta["name"], attempt, "BackoffLimitExceeded")
             return _finish(decision, old, conds)
-        if any(_may_run(p, now) for p in seen.pods):  # the previous attempt's pods still checkpoint to the claims
+        if stopping := [p["name"] for p in seen.pods if _may_run(p, now)]:  # they still checkpoint to the claims
+            # Past its end, a back-off's "attempt 2 starts at ..." was the job's reason while they took their grace
+            if conds.get(T.CREATED).get("reason") == BACKOFF_WAITING and not _backing_off_until(old, now):
+                conds.set(T.CREATED, False, PODS_STOPPING, f"attempt {max(attempt, 1)} waits for the pods of the "
+                          f"attempt before it to stop ({_some(stopping)}): they may still write checkpoints")
             return _finish(decision, old, conds)
         # An earlier attempt's Job that has not ended and is not going (one made, then passed over unseen), as the
         # apiserver lists it (waits_on_jobs): started beside it, the new gang would train on the same output when it
@@ -347,7 +351,7 @@ def decide(seen: Observed) -> Decision | None:
         if stopping := [p["name"] for p in seen.earlier_pods if _may_run(p, now)]:
             conds.set(T.CREATED, False, "EarlierPodsStopping",
                       f"the pods of an earlier FineTuneJob named {meta['name']} may still run "
-                      f"({', '.join(stopping[:3])}{', ...' if len(stopping) > 3 else ''}) and write to the same "
+                      f"({_some(stopping)}) and write to the same "
                       "claims: waiting for them to stop "
                       "(a Job of it orphaned by kubectl delete --cascade=orphan must be deleted by hand)")
             return _finish(decision, old, conds)
@@ -596,10 +600,9 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
         return
     _next_attempt(conds, status, attempt, result.reason, f"attempt {attempt} failed ({result.message})")
     # Only a counted failure backs off: a disruption is the cluster's doing, not the job's, and restarts at once.
-    status["retryAfter"] = None
-    if result.retry == Retry.COUNTED:
-        due = seen.now + timedelta(seconds=retry_delay(failures))
-        status["retryAfter"] = timestamp(due)
+    due = seen.now + timedelta(seconds=retry_delay(failures)) if result.retry == Retry.COUNTED else None
+    status["retryAfter"] = timestamp(due) if due else None
+    if due:
         _backing_off(conds, attempt + 1, due, failures)
 
 
@@ -607,6 +610,12 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
 # node, a dataset server restarting) burnt every retry within seconds, each one a new Job, pods, ConfigMap, Service.
 RETRY_BACKOFF_SECONDS, RETRY_BACKOFF_MAX_SECONDS = 10, 360
 BACKOFF_WAITING = "BackoffWaiting"  # Created's reason while the next attempt waits
+PODS_STOPPING = "PodsStopping"  # and once it has waited, while the attempt before's pods still run
+
+
+def _some(names: list[str]) -> str:
+    """The first three names, for a message."""
+    return ", ".join(names[:3]) + (", ..." if len(names) > 3 else "")
 
 
 def _backing_off_until(status: dict[str, Any], now: datetime) -> datetime | None:
