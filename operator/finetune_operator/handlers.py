@@ -33,7 +33,8 @@ from finetune_operator.diffbase import SpecDiffBase
 from finetune_operator.api import ConditionType as T
 from finetune_operator.scrape import TIMEOUT_SECONDS, ScrapeError, scrape
 from finetune_operator.settings import Settings
-from finetune_operator.status import STALE_AFTER_SECONDS, composed, merged, not_started, schema_checked, status_patch
+from finetune_operator.status import (STALE_AFTER_SECONDS, composed, condition, merged, not_started, schema_checked,
+                                      status_patch)
 
 log = logging.getLogger("finetune_operator")
 PREFIX = "finetune.dev"
@@ -667,8 +668,8 @@ class Counted:
 
 def _count_attempt(body: kopf.Body) -> None:
     """attempts_total, by the cause of the attempt: the Restarting reason that decided it."""
-    restarting = body["status"].get("conditions") or []
-    cause = next((c["reason"] for c in restarting if c["type"] == T.RESTARTING and c["status"] == "True"), "Created")
+    restarting = condition(body["status"].get("conditions"), T.RESTARTING)
+    cause = restarting["reason"] if restarting.get("status") == "True" else "Created"
     metrics.bounded(metrics.ATTEMPTS, cause).inc()
 
 
@@ -686,8 +687,8 @@ def _record(body: kopf.Body, seen: reconcile.Observed, decision: reconcile.Decis
     # The job's first run: no Running condition yet, or only the one saying why attempt 1's containers did not start
     # (an image pull that failed before one succeeded): left out, the slowest starts were never observed.
     old = seen.body["status"]
-    running = next((c for c in old.get("conditions") or [] if c["type"] == T.RUNNING), None)
-    if T.RUNNING in after and (running is None or not_started(running) and old.get("attempts") == 1):
+    running = condition(old.get("conditions"), T.RUNNING)
+    if T.RUNNING in after and (not running or not_started(running) and old.get("attempts") == 1):
         created = outcome.parse_time(body.metadata["creationTimestamp"])
         metrics.TIME_TO_RUNNING.observe((seen.now - created).total_seconds())
     if T.FAILED in after and T.FAILED not in before:

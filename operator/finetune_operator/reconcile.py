@@ -26,9 +26,9 @@ from finetune_operator import api, children, outcome
 from finetune_operator.api import ConditionType as T
 from finetune_operator.outcome import Outcome, Retry, State
 from finetune_operator.status import (DONE_EXIT_SECONDS, METRICS_READ, NOT_EXITING, RESUMED, STALE_AFTER_SECONDS,
-                                      STARTING_SECONDS, SUSPENDED, Conditions, analysis_of, evaluation_of, finished_metrics,
-                                      finished_progress, phase_of, progress_and_metrics, pruning_of, stage_of,
-                                      timestamp, transitions)
+                                      STARTING_SECONDS, SUSPENDED, Conditions, analysis_of, condition, evaluation_of,
+                                      finished_metrics, finished_progress, phase_of, progress_and_metrics, pruning_of,
+                                      stage_of, timestamp, transitions)
 from finetune_trainer.rules import error_lines
 
 
@@ -491,7 +491,7 @@ def waits_on_pods(seen: Observed) -> bool:
     may still checkpoint to the same claims."""
     status = seen.body["status"]
     attempt, job = current_job(status, seen.jobs)
-    restarting = any(c["type"] == T.RESTARTING and c["status"] == "True" for c in status.get("conditions") or [])
+    restarting = condition(status.get("conditions"), T.RESTARTING).get("status") == "True"
     if _backing_off_until(status, seen.now):
         return False  # no attempt is made before then: listed at every poll of a back-off of up to 6 min, for nothing
     return (attempt == 0 or job is None) and (

@@ -78,6 +78,11 @@ class Conditions:
         return sorted(self.by_type.values(), key=lambda c: order.get(c["type"], len(order)))
 
 
+def condition(existing: list[dict[str, Any]] | None, kind: ConditionType) -> dict[str, Any]:
+    """One condition of a status's list, {} when absent."""
+    return next((c for c in existing or [] if c["type"] == kind.value), {})
+
+
 def not_started(condition: dict[str, Any]) -> bool:
     """Whether a condition is Running=False saying why an attempt's containers have not started (an image that does
     not pull, a volume that does not mount), rather than that a run ended."""
