@@ -11,6 +11,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -877,6 +878,33 @@ def test_a_resumed_fp16_run_keeps_its_loss_scale(tmp_path: Path, caplog: pytest.
     resumed_skipped, resumed = fp16_run(tmp_path / "stopped")
     assert f"resumed from {tmp_path / 'stopped' / 'step-00000007'}" in caplog.text and resumed_skipped == skipped
     assert_same(resumed, reference)
+
+
+def test_a_checkpoint_from_before_padded_tokens_resumes_with_its_tokens_in_their_place(tmp_path: Path) -> None:
+    """A checkpoint saved before LoopState counted padded tokens: the resumed run's MFU, from the run's padded tokens
+    over its seconds at the resume's report, read 0, the padded count starting again under all the earlier seconds."""
+    def run(sigterm_at: int | None = None) -> list[LoopState]:
+        model, data, collate = lm_setup()
+        spec = TrainingSpec(batchSize=8, maxSteps=6, checkpointEverySteps=100, warmupRatio=0, schedule="constant")
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        seen: list[LoopState] = []
+        def on_step(state: LoopState, total: int) -> None:
+            seen.append(replace(state))
+            if state.step == sigterm_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+        train_loop(model, optimizer, make_scheduler(optimizer, spec, 6), data, collate, spec, Task.CAUSAL_LM, CPU,
+                   Hooks(on_step=on_step, checkpoint_dir=tmp_path))
+        return seen
+
+    with pytest.raises(Terminated):
+        run(sigterm_at=3)
+    state_file = next(tmp_path.glob("step-*/state.json"))
+    saved = json.loads(state_file.read_text())
+    assert saved["padded_tokens"] >= saved["tokens"] > 0
+    state_file.write_text(json.dumps({k: v for k, v in saved.items() if k != "padded_tokens"}))
+    resumed = run()
+    assert resumed[0].step == saved["step"] and resumed[0].padded_tokens == saved["tokens"]
+    assert resumed[-1].padded_tokens > saved["tokens"]
 
 
 def test_sigterm_after_training_resumes_without_training_again(tiny_cfg: TrainerConfig, tmp_path: Path,

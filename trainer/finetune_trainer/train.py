@@ -72,7 +72,7 @@ class LoopState:
     samples: int = 0
     tokens: int = 0
     # Token positions computed, padding included, for the MFU gauge (tokens/s counts real tokens). A checkpoint from
-    # before it has none: its resumed run counts from 0.
+    # before it has none: its real tokens stand in for them (a lower bound; see train_loop).
     padded_tokens: int = 0
     history: list[dict[str, float]] = field(default_factory=list)  # {step, seconds_since_train_start, loss, lr, grad_norm}
     evals: list[dict[str, Any]] = field(default_factory=list)  # {step, seconds_since_train_start, cpu_seconds..., metrics}
@@ -274,7 +274,8 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
     if hooks.checkpoint_dir is not None and (found := checkpoints.complete(hooks.checkpoint_dir)) and (
             resumed := checkpoints.load(found[-1], unwrap(model), optimizer, scheduler, scaler, world)):
         saved, best = resumed
-        state = LoopState(**saved)
+        # Counted from 0 under the run's tokens and seconds, padded tokens made MFU read 0 at the resume's report
+        state = LoopState(**{"padded_tokens": saved.get("tokens", 0)} | saved)
         if state.history and hooks.on_step:  # where it resumes is its progress until the next step (if any) is made
             hooks.on_step(state, total)
     saved_at = state.step, len(state.evals)  # what the newest checkpoint holds (see save)
