@@ -176,9 +176,19 @@ def _stop(cluster: Cluster, component: str, grace: float = 10.0) -> None:
     cluster.pid_file(component).unlink(missing_ok=True)
 
 
+def node_state(state: Path) -> Path:
+    """The process node's --state-dir."""
+    return state / "node"
+
+
+def pod_roots(state: Path) -> Path:
+    """The folder of the process node's pod roots (its agent's pods_dir)."""
+    return node_state(state) / "pods"
+
+
 def pod_processes(state: Path) -> list[int]:
     """Processes whose root is one of the process node's pod roots (children inherit it)."""
-    return processes_in(state / "node" / "pods")
+    return processes_in(pod_roots(state))
 
 
 @contextmanager
@@ -389,7 +399,7 @@ def _argvs(cluster: Cluster, ports: dict[str, int]) -> dict[str, list[str]]:
         "process-node": [
             _program(cluster, "process-node"), "-m", "process_node",
             f"--kubeconfig={pki.kubeconfig_path(s, pki.NODE_NAME)}",
-            f"--state-dir={s / 'node'}", f"--node-name={pki.NODE_NAME}",
+            f"--state-dir={node_state(s)}", f"--node-name={pki.NODE_NAME}",
             f"--tls-cert-file={p / 'kubelet.crt'}", f"--tls-private-key-file={p / 'kubelet.key'}",
             f"--client-ca-file={p / 'ca.crt'}",
             f"--provisioner-kubeconfig={pki.kubeconfig_path(s, 'local-path-provisioner')}",
@@ -583,7 +593,7 @@ def _down(state: Path) -> None:
     others = sorted({path.stem for path in (state / "pids").glob("*.pid")} - set(COMPONENTS))
     for name in [*others, *reversed(COMPONENTS)]:
         _stop(cluster, name)
-    terminate_all(state / "node" / "pods", POD_GRACE)  # what the process node left running (it was killed, say)
+    terminate_all(pod_roots(state), POD_GRACE)  # what the process node left running (it was killed, say)
 
 
 def main() -> int:
