@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -321,6 +322,110 @@ def test_an_image_folder_linking_to_a_folder_above_reads_each_image_once(tmp_pat
     (tmp_path / "Cat" / "loop").symlink_to(tmp_path)
     data = load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
     assert len(data.train.inputs + data.validation.inputs + data.test.inputs) == 6
+
+
+def load_images(root: Path) -> LabelledData:
+    return load_dataset(DatasetSpec(uri=str(root)), Task.IMAGE_CLASSIFICATION, 0)
+
+
+def read_from(images: list[str], root: Path) -> list[str]:
+    """The images' paths in `root`, sorted."""
+    return sorted(os.path.relpath(image, root) for image in images)
+
+
+def cats_and_dogs_in(folder: str = "") -> list[str]:
+    """The paths of cats_and_dogs' images in `folder`, as read_from lists them."""
+    return [os.path.join(folder, name, f"{i}.png") for name in ("Cat", "Dog") for i in range(3)]
+
+
+def split_folders(root: Path, *names: str) -> None:
+    """cats_and_dogs in each folder `names` of `root`."""
+    for name in names:
+        cats_and_dogs(root / name, ".png")
+
+
+def test_a_class_folder_linked_to_another_class_is_read_once_and_said(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """kitty -> Cat was a third class of Cat's images (9 images read for 6 files)."""
+    cats_and_dogs(tmp_path, ".png")
+    (tmp_path / "kitty").symlink_to("Cat")
+    data = load_images(tmp_path)
+    assert sorted(data.id2label.values()) == ["Cat", "Dog"]
+    assert read_from(data.train.inputs + data.validation.inputs + data.test.inputs, tmp_path) == cats_and_dogs_in()
+    assert (f"{tmp_path}/kitty links to {tmp_path}/Cat, read as class Cat: not read again, as class kitty"
+            in caplog.text)
+
+
+def test_a_split_folder_linked_to_another_split_is_read_once_and_said(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """validation -> test made test's images the validation split too: early stopping chose on the test set. Its
+    validation split is held out of train, as where the dataset names none."""
+    split_folders(tmp_path, "train", "test")
+    (tmp_path / "validation").symlink_to("test")
+    data = load_images(tmp_path)
+    assert read_from(data.test.inputs, tmp_path) == cats_and_dogs_in("test")
+    assert read_from(data.train.inputs + data.validation.inputs, tmp_path) == cats_and_dogs_in("train")
+    assert data.validation.inputs and (f"{tmp_path}/validation links to {tmp_path}/test, read as the test split: "
+                                       "not read again, as the validation split") in caplog.text
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_a_class_folder_of_test_linked_to_trains_is_refused(tmp_path: Path, pooled: bool) -> None:
+    """test/Cat -> ../train/Cat read train's cats into test too: the model was scored on images it trained on. So
+    where both link to one pool/Cat."""
+    split_folders(tmp_path, "train", "test", *["pool"] * pooled)
+    real = tmp_path / ("pool" if pooled else "train") / "Cat"
+    for split in ("train", "test") if pooled else ("test",):
+        shutil.rmtree(tmp_path / split / "Cat")
+        (tmp_path / split / "Cat").symlink_to(real)
+    with pytest.raises(DataError, match=rf"^{tmp_path}: {tmp_path}/test/Cat links to {real}, which reads "
+                                        rf"{real}/0.png as class Cat of the test split and as class Cat of the "
+                                        r"train split; an image is read once, as one class of one split: remove "
+                                        r"the link$"):
+        load_images(tmp_path)
+
+
+def test_a_folder_in_a_class_linked_to_another_class_is_refused(tmp_path: Path) -> None:
+    """Cat/more -> ../Dog read Dog's images as cats too."""
+    cats_and_dogs(tmp_path, ".png")
+    (tmp_path / "Cat" / "more").symlink_to("../Dog")
+    with pytest.raises(DataError, match=rf"^{tmp_path}: {tmp_path}/Cat/more links to {tmp_path}/Dog, which reads "
+                                        rf"{tmp_path}/Dog/0.png as class Dog of the train split and as class Cat "
+                                        r"of the train split; .*: remove the link$"):
+        load_images(tmp_path)
+
+
+def test_split_folders_linked_into_a_release_folder_are_read(tmp_path: Path) -> None:
+    """train -> v3/train and test -> v3/test: the splits, of their classes; v3 is neither a split nor a class."""
+    split_folders(tmp_path / "v3", "train", "test")
+    for split in ("train", "test"):
+        (tmp_path / split).symlink_to(f"v3/{split}")
+    data = load_images(tmp_path)
+    assert sorted(data.id2label.values()) == ["Cat", "Dog"]
+    assert read_from(data.test.inputs, tmp_path) == cats_and_dogs_in("test")
+    assert read_from(data.train.inputs + data.validation.inputs, tmp_path) == cats_and_dogs_in("train")
+
+
+def test_class_folders_linked_into_a_pool_folder_are_read(tmp_path: Path) -> None:
+    """train/Cat -> ../pool/Cat and train/Dog -> ../pool/Dog beside a real test/: pool is no split nor class."""
+    split_folders(tmp_path, "test", "pool")
+    (tmp_path / "train").mkdir()
+    for name in ("Cat", "Dog"):
+        (tmp_path / "train" / name).symlink_to(f"../pool/{name}")
+    data = load_images(tmp_path)
+    assert sorted(data.id2label.values()) == ["Cat", "Dog"]
+    assert read_from(data.test.inputs, tmp_path) == cats_and_dogs_in("test")
+    assert read_from(data.train.inputs + data.validation.inputs, tmp_path) == cats_and_dogs_in("train")
+
+
+def test_a_pool_folder_that_the_class_folders_link_into_is_no_class(tmp_path: Path) -> None:
+    """Cat -> pool/Cat and Dog -> pool/Dog, no split folders: pool was a third class, of every image."""
+    cats_and_dogs(tmp_path / "pool", ".png")
+    for name in ("Cat", "Dog"):
+        (tmp_path / name).symlink_to(f"pool/{name}")
+    data = load_images(tmp_path)
+    assert sorted(data.id2label.values()) == ["Cat", "Dog"]
+    assert read_from(data.train.inputs + data.validation.inputs + data.test.inputs, tmp_path) == cats_and_dogs_in()
 
 
 @pytest.mark.parametrize("layout", ["parquet splits", "image folder"])

@@ -19,10 +19,10 @@ import math
 import os
 import re
 import zlib
-from collections.abc import Hashable, Iterator, Sized
+from collections.abc import Hashable, Iterable, Iterator, Sized
 from dataclasses import dataclass
 from decimal import Decimal
-from itertools import islice
+from itertools import islice, takewhile
 from numbers import Number
 from pathlib import Path
 from typing import Any
@@ -762,16 +762,69 @@ def read_image_splits(path: Path) -> dict[str, pd.DataFrame]:
     folders = image_folders(path)
     by_split = dict(zip(folder_splits(folders), folders))
     labelled = {name: d for name, d in by_split.items() if name is not None
-                and any(c.is_dir() and data_folder(c.name) and has_images(c) for c in d.iterdir())}
+                and any(has_images(c) for c in data_folders(d))}
     if TRAIN not in labelled:
         if labelled and None not in by_split and TRAIN not in by_split:
             raise DataError(f"{path}: its folders name splits ({', '.join(d.name for d in folders)}) but none is train")
         warn_splits_read_as_classes(path, folders)
-        return {TRAIN: read_image_folder(path)}  # class folders (a class may be named test or train: it holds images)
+        # class folders (a class may be named test or train: it holds images)
+        return read_image_tables(path, {TRAIN: path})
     # train/ holds class folders: the others are no classes (Kaggle's test/ of the images to predict, a samples/)
     for folder in (d for d in folders if d not in labelled.values()):
         log.warning("%s: its images are in no class folder of a split, so unlabelled: not used", folder)
-    return {name: read_image_folder(labelled[name]) for name in (TRAIN, VALIDATION, TEST) if name in labelled}
+    splits = {name: labelled[name] for name in (TRAIN, VALIDATION, TEST) if name in labelled}
+    return read_image_tables(path, distinct_folders(splits, "the {} split"))
+
+
+def read_image_tables(path: Path, splits: dict[str, Path]) -> dict[str, pd.DataFrame]:
+    """The image dataset `path`'s tables of its split folders `splits`, each image read once."""
+    tables = {name: read_image_folder(folder) for name, folder in splits.items()}
+    check_read_once(path, tables)
+    return tables
+
+
+def distinct_folders(folders: dict[str, Path], role: str) -> dict[str, Path]:
+    """The split or class folders by name, less a link to a folder read already as another (`role`, formatted with
+    its name), real folders first, which is said: validation -> test made test's images the validation split
+    (early stopping chose on the test set), kitty -> cat a third class of cat's images. Skipped, nothing is read
+    wrong: the validation split is then held out of train, and cat's images are read once, as cat."""
+    read: dict[str, str] = {}  # a folder's real path: its name
+    for name, folder in sorted(folders.items(), key=lambda item: item[1].is_symlink()):
+        if (real := os.path.realpath(folder)) in read:
+            log.warning("%s links to %s, read as %s: not read again, as %s", folder, real,
+                        role.format(read[real]), role.format(name))
+        else:
+            read[real] = name
+    return {name: folder for name, folder in folders.items() if name in read.values()}
+
+
+def check_read_once(path: Path, tables: dict[str, pd.DataFrame]) -> None:
+    """Refuse an image that a folder link reads in two splits or as two classes: test/cat -> ../train/cat read
+    train's cats into test too (the model scored on images it trained on), cat/more -> ../dog read dog's images as
+    cats too. Refused, not skipped as a linked split or class is (distinct_folders): which read is meant is the
+    owner's to say, and a skip would score test without its cats, or train on a layout that calls dogs cats."""
+    read: dict[str, tuple[str, str, str]] = {}  # an image's real place: its split, class and path as read
+    for name, table in tables.items():
+        for image, label, place in zip(table[IMAGE_COLUMN], table["label"], real_places(table[IMAGE_COLUMN])):
+            if (first := read.setdefault(place, (name, label, image)))[:2] != (name, label):
+                link = link_between(path, image, first[2])
+                raise DataError(f"{path}: {link} links to {os.path.realpath(link)}, which reads {place} as class "
+                                f"{label} of the {name} split and as class {first[1]} of the {first[0]} split; an "
+                                "image is read once, as one class of one split: remove the link")
+
+
+def real_places(images: Iterable[str]) -> list[str]:
+    """Where the images lie: in their folders' real paths. Not their own: the hub's cache links each file to a blob
+    by its contents, and two copies of one image are two images."""
+    images = list(images)
+    folders = {folder: os.path.realpath(folder) for folder in {os.path.dirname(image) for image in images}}
+    return [os.path.join(folders[os.path.dirname(image)], os.path.basename(image)) for image in images]
+
+
+def link_between(path: Path, *images: str) -> Path:
+    """The innermost linked folder below the dataset `path` that the first of `images` read through one is read
+    through: two paths of one image (real_places) differ by one."""
+    return next(d for image in images for d in takewhile(lambda d: d != path, Path(image).parents) if d.is_symlink())
 
 
 def warn_splits_read_as_classes(path: Path, folders: list[Path]) -> None:
@@ -790,7 +843,7 @@ def warn_splits_read_as_classes(path: Path, folders: list[Path]) -> None:
 
 def read_image_folder(path: Path) -> pd.DataFrame:
     rows, empty = [], []
-    for class_dir in sorted(p for p in path.iterdir() if p.is_dir() and data_folder(p.name)):
+    for class_dir in distinct_folders({d.name: d for d in data_folders(path)}, "class {}").values():
         images = list(Found(class_dir).files(IMAGE_SUFFIXES))  # its subfolders' too, as torchvision's ImageFolder
         rows += [{IMAGE_COLUMN: str(image), "label": class_dir.name} for image in images]
         if not images:
@@ -806,7 +859,7 @@ def holds_class_folders(path: Path) -> bool:
     """Whether a folder is an ImageFolder by its folders: two or more class folders holding images, in it or in its
     train/ (not the hub's train/*.png beside a train/metadata.csv, nor one images/ folder that a table names)."""
     def classes(folder: Path) -> int:
-        return sum(1 for d in folder.iterdir() if d.is_dir() and data_folder(d.name) and has_images(d))
+        return sum(1 for d in data_folders(folder) if has_images(d))
 
     return path.is_dir() and classes(train_folder(path)) >= 2
 
@@ -819,7 +872,26 @@ def train_folder(path: Path) -> Path:
 
 def image_folders(path: Path) -> list[Path]:
     """The data folders in `path` that hold images below them."""
-    return [d for d in sorted(path.iterdir()) if d.is_dir() and data_folder(d.name) and has_images(d)]
+    return [d for d in data_folders(path) if has_images(d)]
+
+
+def data_folders(path: Path) -> list[Path]:
+    """The data folders in `path` (data_folder), in sorted order, that may be splits or classes: not a real folder
+    whose images are all read through the links beside it into it (a release v3/ that train -> v3/train and
+    test -> v3/test link into, a pool/ of cat -> pool/cat and dog -> pool/dog), which is none itself."""
+    folders = [d for d in sorted(path.iterdir()) if d.is_dir() and data_folder(d.name)]
+    targets = [os.path.realpath(d) for d in folders if d.is_symlink()]
+    return [d for d in folders if not linked_into(d, targets)]
+
+
+def linked_into(folder: Path, targets: list[str]) -> bool:
+    """Whether `folder` is a real folder whose images all lie in the folders `targets`, below it."""
+    real = os.path.realpath(folder)
+    inside = [t for t in targets if t != real and within(t, real)]
+    if not inside or folder.is_symlink():
+        return False
+    images = real_places(str(p) for p in files_below(folder) if p.suffix.lower() in IMAGE_SUFFIXES)
+    return all(any(within(image, t) for t in inside) for image in images)
 
 
 def folder_splits(folders: list[Path]) -> list[str | None]:
