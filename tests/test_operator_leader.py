@@ -75,7 +75,9 @@ def test_a_leader_whose_renewals_fail_on_an_odd_answer_exits_at_its_deadline(
     monkeypatch.setattr(leader, "os", SimpleNamespace(_exit=exits.append))
     monkeypatch.setattr(logging, "shutdown", lambda: None)  # pytest's own handlers stay open
     apiserver = _Apiserver()
-    with leader.leading(leader.Lease(apiserver, "ns", "ops", "a"), retry=0.05, deadline=0.5):  # type: ignore[arg-type]
+    lease = leader.Lease(apiserver, "ns", "ops", "a")  # type: ignore[arg-type]
+    assert lease.try_hold()
+    with leader.leading(lease, retry=0.05, deadline=0.5):
         time.sleep(0.2)  # renewed
         apiserver.odd = odd
         odd_since = time.monotonic()
@@ -85,3 +87,42 @@ def test_a_leader_whose_renewals_fail_on_an_odd_answer_exits_at_its_deadline(
         apiserver.odd = None  # answering again, for the lease to be given up
     assert exits and set(exits) == {leader.EXIT_LEASE_LOST} and 0.3 < waited < 2, (exits, waited)
     assert "it was not renewed for 0.5 s" in caplog.text and "gave up the lease" in caplog.text
+
+
+class _SlowApiserver(_Apiserver):
+    """Answers a write `slow` seconds after it commits, and the bounds (request_timeout) of the requests."""
+
+    def __init__(self, slow: float) -> None:
+        super().__init__()
+        self.slow = slow
+        self.bounds: list[float | None] = []
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None, **options: Any) -> bytes:
+        self.bounds.append(options.get("request_timeout"))
+        answer = super().call(method, path, body)
+        if method == "PUT":
+            time.sleep(self.slow)
+        return answer
+
+
+def test_a_lease_taken_with_a_late_answer_counts_its_deadline_from_the_take(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """The take's write committed, its answer came late (each request may take up to LEASE_SECONDS): the new leader
+    counted its renewal deadline from when it began renewing, and led on, unrenewed, past the time a standby (which
+    counts from when it saw the write) took the lease. Its requests are bounded as a renewal's, and its deadline
+    runs from the take's start."""
+    caplog.set_level(logging.INFO)
+    exits: list[float] = []
+    monkeypatch.setattr(leader, "os", SimpleNamespace(_exit=lambda code: exits.append(time.monotonic())))
+    monkeypatch.setattr(logging, "shutdown", lambda: None)
+    apiserver = _SlowApiserver(slow=0.6)
+    lease = leader.Lease(apiserver, "ns", "ops", "a")  # type: ignore[arg-type]
+    began = time.monotonic()
+    leader.wait_to_lead(lease, "127.0.0.1", 0, retry=0.05, deadline=1.0)
+    assert apiserver.bounds and all(b is not None and b <= 1.0 for b in apiserver.bounds)
+    apiserver.odd = RuntimeError("unanswered")  # no renewal goes through
+    with leader.leading(lease, retry=0.05, deadline=1.0):
+        while not exits and time.monotonic() < began + 5:
+            time.sleep(0.02)
+        apiserver.odd = None
+    assert exits and exits[0] - began < 1.4, exits[0] - began  # was 1.6 s and more: the take's 0.6 s, then 1 s

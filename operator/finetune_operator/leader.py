@@ -60,10 +60,12 @@ class Lease:
         self.error: str | None = None  # why the last try could not read or write it, if it could not
         self.seen: tuple[Any, ...] | None = None  # the holder's record as last seen
         self.seen_at = 0.0  # when it was first seen so (monotonic)
+        self.tried = 0.0  # when the last try began (monotonic)
 
     def try_hold(self, by: float | None = None) -> bool:
         """Take the lease or renew it: one try, True when this identity holds it now. `by`: a monotonic time that
         neither request runs past."""
+        self.tried = time.monotonic()
         try:
             lease = _lease(self._call("GET", self.path, by))
         except ApiException as exc:
@@ -158,12 +160,14 @@ def stopped_by_signals() -> Iterator[None]:
             signal.signal(s, handler)
 
 
-def wait_to_lead(lease: Lease, host: str, liveness_port: int, retry: float = RETRY_SECONDS) -> None:
+def wait_to_lead(lease: Lease, host: str, liveness_port: int, retry: float = RETRY_SECONDS,
+                 deadline: float = RENEW_DEADLINE_SECONDS) -> None:
     """Block until `lease` is held. Meanwhile /healthz answers (kopf's own endpoint starts only when leading): the
-    liveness probe would restart a standby for ever."""
+    liveness probe would restart a standby for ever. A try's requests are bounded as a renewal's are (`leading`
+    counts its deadline from the try's start): unbounded, a take answered late left it no renewal in time."""
     with _standby_health(host, liveness_port):
         told: tuple[str | None, str | None] = (None, None)
-        while not lease.try_hold():
+        while not lease.try_hold(by=time.monotonic() + deadline):
             if (lease.holder, lease.error) != told:
                 told = (lease.holder, lease.error)
                 if lease.error:  # a missing Role says so, and is no silent standby for ever
@@ -214,7 +218,9 @@ def leading(lease: Lease, retry: float = RETRY_SECONDS, deadline: float = RENEW_
     stop = threading.Event()
 
     def renew() -> None:
-        renewed = time.monotonic()
+        # From the start of the try that took it, not from now: its write may have committed seconds before its answer
+        # came (a standby counts the lease's time from when it sees it), and a leader exits before a standby takes it.
+        renewed = lease.tried
         while not stop.wait(retry):
             started = time.monotonic()
             if lease.renew(by=renewed + deadline):
