@@ -1,19 +1,23 @@
 """Shared fixtures.
 
 Cluster tests (marked `cluster`) run against the real local control plane of deploy/local:
-the session starts it once, or reuses the one already running there. A KUBECONFIG from the
+the session starts its own once, in .cluster-test/ (FTO_CLUSTER_DIR), and stops it at the
+end; never `make cluster-up`'s or `make demo`'s (.cluster/). A KUBECONFIG from the
 environment is refused unless it is that local cluster's or FTO_TEST_CLUSTER names its
 cluster (kube.chosen_kubeconfig). Each test gets its own namespace.
 """
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
 import sys
+import urllib.request
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -22,6 +26,9 @@ from kube import Kube, RefusedCluster, chosen_kubeconfig
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL = REPO / "deploy" / "local"
+# The tests' servers are all on loopback (127/8: the pods' addresses too), which urllib sent to an http(s)_proxy of the
+# environment that no_proxy does not name, as no_proxy cannot name a range (cluster.open_url, with a TLS context).
+urllib.request.install_opener(urllib.request.build_opener(urllib.request.ProxyHandler({})))
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
@@ -43,14 +50,16 @@ def _local_cluster():
 
 @pytest.fixture(scope="session")
 def kube() -> Iterator[Kube]:
-    """The local cluster (FTO_CLUSTER_DIR, default .cluster/), or KUBECONFIG's when allowed.
+    """The session's own local cluster (FTO_CLUSTER_DIR, default .cluster-test/), or KUBECONFIG's when allowed.
 
-    A local cluster that already runs (`make cluster-up`) is reused and left running; one this
-    session starts is stopped at the end.
+    Not the one `make cluster-up` or `make demo` leaves running in .cluster/: the tests restart its etcd and
+    apiserver, add nodes and charts, under the demo's job. A cluster a killed session left in the folder is
+    stopped and a fresh one started; one session at a time uses a folder (a second stopped the first's cluster
+    under it, at its end).
     """
     local = _local_cluster()
     bin_dir = local.bin_dir()
-    state = Path(os.environ.get("FTO_CLUSTER_DIR", REPO / ".cluster"))
+    state = Path(os.environ.get("FTO_CLUSTER_DIR", REPO / ".cluster-test"))
     try:
         kubeconfig = chosen_kubeconfig(os.environ, local.Cluster(state.resolve(), bin_dir).kubeconfig)
     except RefusedCluster as refused:
@@ -58,18 +67,38 @@ def kube() -> Iterator[Kube]:
     if kubeconfig is not None:
         yield Kube(kubeconfig, bin_dir if (bin_dir / "kubectl").exists() else None, None)
         return
-    was_running = state.exists() and all(local.running(local.Cluster(state.resolve(), bin_dir)).values())
-    try:
-        cluster = local.up(state, timeout=300)  # a fresh, loaded 2-core machine came close to the default 90 s
-    except local.ClusterError as error:
-        pytest.fail(f"could not start the local cluster: {error}", pytrace=False)
-    os.environ["KUBECONFIG"] = str(cluster.kubeconfig)  # for clients that read it (kopf, kubernetes)
-    try:
-        yield Kube(cluster.kubeconfig, bin_dir, cluster.state)
-    finally:
-        del os.environ["KUBECONFIG"]
-        if not was_running:
+    with _one_session(state):
+        if state.exists() and any(local.running(local.Cluster(state.resolve(), bin_dir)).values()):
+            local.down(state)  # a killed session's: its state is no test's to build on
+        try:
+            cluster = local.up(state, timeout=300)  # a fresh, loaded 2-core machine came close to the default 90 s
+        except local.ClusterError as error:
+            pytest.fail(f"could not start the local cluster: {error}", pytrace=False)
+        os.environ["KUBECONFIG"] = str(cluster.kubeconfig)  # for clients that read it (kopf, kubernetes)
+        try:
+            yield Kube(cluster.kubeconfig, bin_dir, cluster.state)
+        finally:
+            del os.environ["KUBECONFIG"]
             local.down(state)
+
+
+@contextmanager
+def _one_session(state: Path) -> Iterator[None]:
+    """Hold `<state>.session` locked while a session uses the cluster folder `state` (beside it: `up` wipes the
+    folder); another session fails at once, naming the holder's PID."""
+    path = Path(f"{state}.session")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            pytest.exit(f"another test session (pid {lock.read().strip() or '?'}) uses the cluster folder {state}; "
+                        "wait for it, or set FTO_CLUSTER_DIR to another folder", returncode=4)
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield
 
 
 def _new_namespace(kube: Kube, request: pytest.FixtureRequest, labels: dict[str, str]) -> Iterator[str]:

@@ -15,8 +15,10 @@ import signal
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
+from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 
 import pytest
@@ -175,7 +177,7 @@ def test_etcd_serves_only_tls_to_clients_with_a_cluster_cert(kube: Kube) -> None
 
     def health(scheme: str, context: ssl.SSLContext | None) -> str:
         try:
-            with urllib.request.urlopen(f"{scheme}://127.0.0.1:{port}/health", timeout=5, context=context) as r:
+            with cluster.open_url(f"{scheme}://127.0.0.1:{port}/health", 5, context) as r:
                 return str(r.status)
         except (OSError, ssl.SSLError) as error:
             return type(error).__name__
@@ -354,3 +356,42 @@ def test_the_demo_stops_its_own_operator_only_and_for_good(state: Path) -> None:
         assert stubborn.wait(timeout=5) == -signal.SIGKILL and not record.exists()
     finally:
         stubborn.kill()
+
+
+def test_readiness_checks_bypass_the_environment_s_proxy(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With an http(s)_proxy in the environment (a machine that reaches its registries through one), urllib sent
+    etcd's and the apiserver's health checks on loopback to it, and `up` timed out waiting for etcd."""
+    class Healthy(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *_: object) -> None:
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Healthy)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        for name in ("http_proxy", "https_proxy", "HTTP_PROXY", "HTTPS_PROXY"):
+            monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens there
+        monkeypatch.delenv("no_proxy", raising=False)
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.setattr(urllib.request, "_opener", None)  # not the tests' own (conftest): cluster.py's alone
+        assert cluster._http_ok(f"http://127.0.0.1:{server.server_port}/health", None)
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_second_test_session_on_a_cluster_folder_is_refused_naming_the_first(tmp_path: Path) -> None:
+    """Two sessions on one folder: the second took the first's running cluster as one to leave up, and the first
+    stopped it, at its end, under the second's tests."""
+    from conftest import _one_session
+
+    state = tmp_path / "cluster"
+    with _one_session(state):
+        with pytest.raises(pytest.exit.Exception, match=f"another test session \\(pid {os.getpid()}\\) uses"):
+            with _one_session(state):
+                pass
+    with _one_session(state):  # free again once the first is over
+        pass

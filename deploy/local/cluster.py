@@ -33,6 +33,7 @@ import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from http.client import HTTPResponse
 from pathlib import Path
 
 import yaml
@@ -215,9 +216,17 @@ def running(cluster: Cluster) -> dict[str, int | None]:
 
 # ---------------------------------------------------------------- readiness
 
+def open_url(url: str, timeout: float, context: ssl.SSLContext | None = None) -> HTTPResponse:
+    """urlopen, bypassing the environment's proxies: every server here is on loopback, which urllib sends to an
+    http(s)_proxy that no_proxy does not name (a machine that reaches its package registries through one), and
+    `up` timed out on etcd's health. Go's clients (the components, kubectl) never proxy loopback."""
+    handlers = urllib.request.ProxyHandler({}), urllib.request.HTTPSHandler(context=context)
+    return urllib.request.build_opener(*handlers).open(url, timeout=timeout)
+
+
 def _http_ok(url: str, context: ssl.SSLContext | None) -> bool:
     try:
-        with urllib.request.urlopen(url, timeout=2, context=context) as response:
+        with open_url(url, 2, context) as response:
             return response.status == 200
     except (OSError, ssl.SSLError):
         return False
@@ -593,7 +602,12 @@ def _down(state: Path) -> None:
     others = sorted({path.stem for path in (state / "pids").glob("*.pid")} - set(COMPONENTS))
     for name in [*others, *reversed(COMPONENTS)]:
         _stop(cluster, name)
-    terminate_all(pod_roots(state), POD_GRACE)  # what the process node left running (it was killed, say)
+    stop_pod_processes(state)  # what the process node left running (it was killed, say)
+
+
+def stop_pod_processes(state: Path) -> None:
+    """SIGTERM, then after POD_GRACE SIGKILL, to every process in a pod root of the process node of `state`."""
+    terminate_all(pod_roots(state), POD_GRACE)
 
 
 def main() -> int:
