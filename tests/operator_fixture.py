@@ -234,9 +234,11 @@ def operator_env(kube: Kube, crd_installed: None, restricted_namespace: str, tmp
                       tmp_path / "operator.log", free_port(), free_port())
     env.start()
     yield env
-    assert_pods_confined(kube, namespace)
-    # While the operator still runs, so that kopf releases its finalizer and the namespace can go.
-    kube.kubectl("delete", "ftj", "--all", "-n", namespace, "--wait=true", "--timeout=60s", check=False)
-    # A trainer still stopping (its grace period) would take the next test's CPU, whose timings then fail too
-    kube.kubectl("wait", "--for=delete", "pod", "--all", "-n", namespace, "--timeout=60s", check=False)
-    env.stop()
+    try:
+        assert_pods_confined(kube, namespace)
+    finally:  # a refusal there left the operator running past the session, on a dead apiserver
+        # While the operator still runs, so that kopf releases its finalizer and the namespace can go.
+        kube.kubectl("delete", "ftj", "--all", "-n", namespace, "--wait=true", "--timeout=60s", check=False)
+        # A trainer still stopping (its grace period) would take the next test's CPU, whose timings then fail too
+        kube.kubectl("wait", "--for=delete", "pod", "--all", "-n", namespace, "--timeout=60s", check=False)
+        env.stop()

@@ -66,6 +66,9 @@ def extra_node(kube: Kube, tmp_path: Path) -> Iterator[Node]:
     finally:
         agent.kill()
         agent.wait()
+        # its pods' processes that left their main process (a torch worker, a shell's child): the death signal
+        # that a pod's main process gets from the agent's end is cleared by a fork, so they ran on past the session
+        cluster.stop_pod_processes(tmp_path)
         kube.kubectl("delete", "node", name, "--wait=false", check=False)  # PodGC then removes its pods
         for path in pki_dir.glob(f"{identity}.*"):
             path.unlink()
