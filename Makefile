@@ -9,9 +9,9 @@ PYTEST_ARGS ?=
 install: $(VENV)/.installed assets
 
 # The trainer's stack is pinned (trainer/constraints.txt, the trainer image's too), so the tests run
-# on what the image runs; `make pins` rewrites the pins from the installed environment.
+# on what the image runs; `make pins` rewrites the pins from the installed environment. A venv whose creation
+# failed (no python3-venv: ensurepip) has a python and no pip: it is made again, not kept.
 $(VENV)/.installed: pyproject.toml trainer/constraints.txt
-	# a venv whose creation failed (no python3-venv: ensurepip) has a python and no pip: made again, not kept
 	$(PY) -m pip --version >/dev/null 2>&1 || { rm -rf $(VENV) && python3 -m venv $(VENV); }
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c trainer/constraints.txt -e '.[dev]'
