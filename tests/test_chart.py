@@ -389,6 +389,18 @@ def test_a_trainer_uid_of_openshift_s_range_in_a_values_file_reaches_the_operato
     assert env["FINETUNE_OPERATOR_TRAINER_UID"] == "1000680000"
 
 
+def test_a_trainer_uid_the_apiserver_would_refuse_is_refused_at_install() -> None:
+    """The schema took any uid from 1 on; the apiserver takes runAsUser and fsGroup up to 2147483647 only, so the
+    operator started and failed every job's Job create (InvalidSpec, blamed on the job's spec)."""
+    schema = json.loads((REPO / "charts" / "finetune-operator" / "values.schema.json").read_text())
+    assert schema["properties"]["trainer"]["properties"]["uid"]["maximum"] == settings.MAX_UID
+    chart = str(REPO / "charts" / "finetune-operator")
+    for uid, taken in ((settings.MAX_UID, True), (settings.MAX_UID + 1, False)):
+        result = subprocess.run([helm(), "template", "fto", chart, "--set", f"trainer.uid={uid}"],
+                                capture_output=True, text=True)
+        assert (result.returncode == 0) == taken and (taken or "/trainer/uid" in result.stderr), result.stderr
+
+
 def test_one_port_for_metrics_and_liveness_is_refused_at_install(tmp_path: Path) -> None:
     """The schema took livenessPort equal to metrics.port: helm install succeeded, and the operator exited at start
     on the second endpoint's bind ("address already in use"), again at every restart."""

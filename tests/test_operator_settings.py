@@ -58,12 +58,18 @@ def test_trainer_pod_annotations_are_a_json_object(monkeypatch: pytest.MonkeyPat
     (["--trainer-resources", "{nope"], "--trainer-resources"),
     (["--trainer-pod-annotations", '{"no spaces allowed": "x"}'], "--trainer-pod-annotations"),
     (["--trainer-pod-annotations", "[1]"], "--trainer-pod-annotations"),
+    # beyond the apiserver's runAsUser and fsGroup: every job failed at its Job's create, InvalidSpec
+    (["--trainer-uid", "4294967294"], "--trainer-uid"), (["--trainer-uid", "2147483648"], "--trainer-uid"),
     # the metrics server and kopf's /healthz on one port: the second exited with "address already in use"
     (["--metrics-port", "8080", "--liveness-port", "8080"], "--liveness-port: .*the metrics port is 8080 too"),
 ])
 def test_a_bad_value_names_its_flag(argv: list[str], flag: str) -> None:
     with pytest.raises(SystemExit, match=flag):
         parse(argv)
+
+
+def test_the_largest_uid_the_apiserver_takes_is_taken() -> None:
+    assert parse(["--trainer-uid", "2147483647"]).trainer_uid == 2147483647
 
 
 @pytest.mark.parametrize("address", ["0.0.0.0", "::", "127.0.0.1", "fd00::1"])

@@ -15,6 +15,9 @@ from finetune_operator import coretypes as core
 ENV_PREFIX = "FINETUNE_OPERATOR_"
 JSON_FIELDS = ("trainer_resources", "trainer_pod_annotations")  # objects, given as JSON text
 DEFAULT_TRAINER_RESOURCES = {"requests": {"cpu": "4", "memory": "16Gi"}, "limits": {"memory": "16Gi"}}
+# The apiserver's bound on runAsUser, runAsGroup and fsGroup: a larger uid passed here failed every job's Job
+# create (422), blamed on the job's spec (InvalidSpec).
+MAX_UID = 2**31 - 1
 
 
 class Settings(BaseModel):
@@ -37,7 +40,7 @@ class Settings(BaseModel):
         default_factory=dict,
         description="Annotations (JSON object) on every trainer pod, e.g. prometheus.io/scrape; a job's own win.",
     )
-    trainer_uid: int = Field(10001, ge=1, description="Numeric user (and group) the trainer runs as (the trainer image's).")
+    trainer_uid: int = Field(10001, ge=1, le=MAX_UID, description="Numeric user (and group) the trainer runs as (the trainer image's).")
     poll_seconds: float = Field(2.0, ge=0.2, le=300, description="How often each running job is reconciled and rank 0's metrics read (a waiting job: every 5 polls).")
     metrics_port: int = Field(8000, ge=0, le=65535, description="Port of the operator's own /metrics (0: off).")
     liveness_port: int = Field(8080, ge=1, le=65535, description="Port of kopf's liveness endpoint /healthz.")
