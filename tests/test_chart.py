@@ -485,6 +485,10 @@ def test_extra_env_that_the_operator_s_env_has_already_is_refused_at_install() -
     ({"requests": {"ephemeral-storage": "1Ti"}, "limits": {"ephemeral-storage": "1T"}},
      "trainer.resources.requests.ephemeral-storage"),
     ({"requests": {"cpu": 1e21}}, "trainer.resources.requests.cpu"),
+    ({"requests": {"hugepages-2Mi": "1Gi", "memory": "1Gi"}, "limits": {"memory": "1Gi"}},
+     "trainer.resources.requests.hugepages-2Mi"),
+    ({"requests": {"hugepages-1Gi": "1Gi", "memory": "1Gi"}, "limits": {"hugepages-1Gi": "2Gi", "memory": "1Gi"}},
+     "trainer.resources.requests.hugepages-1Gi"),
     ({"requests": {"memory": "0." + "0" * 61 + "1Gi"}}, "/trainer/resources/requests/memory"),  # 66 characters
 ])
 def test_trainer_resources_the_operator_would_refuse_are_refused_at_install(resources: dict[str, Any],
@@ -493,7 +497,8 @@ def test_trainer_resources_the_operator_would_refuse_are_refused_at_install(reso
     spec.runtime.resources refuses (a fractional number, a string that is no quantity, claims, a negative quantity,
     no resource name, a GPU requested and not limited, or not whole), so helm install went ahead and it never ran.
     Then the chart took a request above its limit, and an extended resource beyond int64 (or 500m of one), and a
-    quantity string of more than the 64 characters the operator (and the CRD) take."""
+    quantity string of more than the 64 characters the operator (and the CRD) take. And huge pages requested without
+    an equal limit, which the apiserver refuses as it does an extended resource's, so every job failed."""
     with pytest.raises(ValidationError):  # the operator refuses it (settings.trainer_resources), so the chart must
         core.ResourceRequirements.model_validate(resources)
     result = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"),

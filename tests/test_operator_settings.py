@@ -56,6 +56,9 @@ def test_trainer_pod_annotations_are_a_json_object(monkeypatch: pytest.MonkeyPat
     (["--namespace", "Not_A_Name"], "--namespace"),
     (["--trainer-resources", '{"limits": {"nvidia.com/gpu": "0.5"}}'], "--trainer-resources"),
     (["--trainer-resources", "{nope"], "--trainer-resources"),
+    # huge pages cannot be overcommitted: the apiserver refused each job's Job ("Limit must be set ...")
+    (["--trainer-resources", '{"requests": {"hugepages-2Mi": "1Gi", "memory": "1Gi"}, "limits": {"memory": "1Gi"}}'],
+     "--trainer-resources"),
     (["--trainer-pod-annotations", '{"no spaces allowed": "x"}'], "--trainer-pod-annotations"),
     (["--trainer-pod-annotations", "[1]"], "--trainer-pod-annotations"),
     # beyond the apiserver's runAsUser and fsGroup: every job failed at its Job's create, InvalidSpec

@@ -119,8 +119,9 @@ LabelMap = Annotated[dict[str, LabelValue], Field(max_length=64), *checked(
 
 # ---- resources ----------------------------------------------------------------------
 
-# Extended resources (a domain that is not kubernetes.io: nvidia.com/gpu, ...) cannot be
-# overcommitted: the apiserver insists on a whole limit and a request equal to it.
+# Extended resources (a domain that is not kubernetes.io: nvidia.com/gpu, ...) and huge pages (hugepages-2Mi)
+# cannot be overcommitted: the apiserver insists on a limit and a request equal to it, and on a whole number of an
+# extended resource.
 RESOURCE_NAME = QUALIFIED_NAME  # the apiserver's check of a resource name: hugepages-2Mi has a capital
 ResourceList = Annotated[dict[str, Quantity], Field(max_length=16), *checked(
     f"self.all(k, k.matches(r'{RESOURCE_NAME}'))",
@@ -133,10 +134,19 @@ def _requests_within_limits(r: ResourceRequirements) -> bool:
     return all(k not in r.limits or quantity_value(v) <= quantity_value(r.limits[k]) for k, v in r.requests.items())
 
 
-def _extended_requests_equal_limits(r: ResourceRequirements) -> bool:
+def _extended(name: str) -> bool:
+    return "/" in name and not name.startswith("kubernetes.io/")
+
+
+def _overcommit_forbidden(name: str) -> bool:
+    """The apiserver's !IsOvercommitAllowed: an extended resource, or huge pages."""
+    return _extended(name) or name.startswith("hugepages-")
+
+
+def _fixed_requests_equal_limits(r: ResourceRequirements) -> bool:
     return all(
         k in r.limits and quantity_value(v) == quantity_value(r.limits[k])
-        for k, v in r.requests.items() if "/" in k and not k.startswith("kubernetes.io/")
+        for k, v in r.requests.items() if _overcommit_forbidden(k)
     )
 
 
@@ -148,11 +158,12 @@ def _whole(value: Decimal) -> bool:
 def _extended_whole(r: ResourceRequirements) -> bool:
     return all(
         _whole(quantity_value(v))
-        for side in (r.requests, r.limits) for k, v in side.items() if "/" in k and not k.startswith("kubernetes.io/")
+        for side in (r.requests, r.limits) for k, v in side.items() if _extended(k)
     )
 
 
 _EXTENDED = "k.contains('/') && !k.startsWith('kubernetes.io/')"
+_OVERCOMMIT_FORBIDDEN = f"({_EXTENDED}) || k.startsWith('hugepages-')"
 # Rules over two quantities leave a malformed one to its own rule (the apiserver runs them regardless).
 _BOTH_VALID = f"{_cel_quantity('self.requests[k]')} && {_cel_quantity('self.limits[k]')}"
 
@@ -163,7 +174,7 @@ class ResourceRequirements(ApiModel):
     requests: ResourceList = Field(default_factory=dict, description="Resources the scheduler reserves per worker.")
     limits: ResourceList = Field(
         default_factory=dict,
-        description="Most a worker may use. Extended resources such as nvidia.com/gpu go here "
+        description="Most a worker may use. Extended resources such as nvidia.com/gpu, and huge pages, go here "
         "(a request of one must equal its limit).",
     )
 
@@ -176,11 +187,11 @@ class ResourceRequirements(ApiModel):
             field="requests",
         ),
         Rule(
-            cel=f"self.requests.all(k, !({_EXTENDED}) || (k in self.limits && (!({_BOTH_VALID}) || "
+            cel=f"self.requests.all(k, !({_OVERCOMMIT_FORBIDDEN}) || (k in self.limits && (!({_BOTH_VALID}) || "
             "quantity(string(self.requests[k])).compareTo(quantity(string(self.limits[k]))) == 0)))",
-            holds=_extended_requests_equal_limits,
-            message="an extended resource (e.g. nvidia.com/gpu) cannot be overcommitted: set it in limits "
-            "(its request, if given, must equal the limit)",
+            holds=_fixed_requests_equal_limits,
+            message="an extended resource (e.g. nvidia.com/gpu) or huge pages cannot be overcommitted: set it in "
+            "limits (its request, if given, must equal the limit)",
             field="requests",
         ),
         Rule(
