@@ -247,3 +247,34 @@ def test_a_claim_named_as_a_dns_subdomain_is_a_pvc_uri() -> None:
     for claim in ("Models", "models.", ".models", "models..v2", "models.-v2", "models_v2", longest + "b"):
         doc["spec"]["model"]["uri"] = f"pvc://{claim}/all-MiniLM-L6-v2"
         assert [e.split(":")[0] for e in manifest_errors(doc)] == ["spec.model.uri"], claim
+
+
+def test_pod_annotations_leave_the_operator_room_in_the_apiserver_s_bytes_of_annotations() -> None:
+    """64 annotations of 4096 characters passed, with the operator's trainer_pod_annotations beside them, though the
+    apiserver takes 262144 bytes of a pod's annotations in all: each map holds at most POD_ANNOTATIONS_MAX_BYTES,
+    counted in bytes as the apiserver counts them."""
+    from pydantic import TypeAdapter, ValidationError
+
+    from finetune_operator import coretypes as core
+
+    annotations = TypeAdapter(core.Annotations)
+    full = {f"k{i:02}": "x" * 4096 for i in range(29)}
+    rest = core.POD_ANNOTATIONS_MAX_BYTES - core.annotations_bytes(full) - len("k29")
+    assert 2 * core.POD_ANNOTATIONS_MAX_BYTES + 1024 < core.ANNOTATIONS_MAX_BYTES  # the Job controller's room
+    annotations.validate_python(full | {"k29": "x" * rest})
+    for value in ("x" * (rest + 1), "é" * rest):  # é: two bytes, one character
+        with pytest.raises(ValidationError, match="at most 122880 bytes"):
+            annotations.validate_python(full | {"k29": value})
+
+
+@pytest.mark.parametrize(("path", "taken"), [
+    ("metadata.labels['team']", True), ("metadata.annotations['example.com/owner']", True),
+    (f"metadata.labels['{'a' * 253}/b']", True), ("metadata.labels['bad key!']", False),
+    ("metadata.annotations['-x']", False), (f"metadata.labels['{'a' * 254}/b']", False),
+    ("metadata.labels['a" + "b" * 63 + "']", False), ("metadata.labels['a\nb']", False)])
+def test_a_field_path_s_label_or_annotation_key_is_a_qualified_name(path: str, taken: bool) -> None:
+    """metadata.labels['bad key!'] passed: the apiserver refused the Job, and the job failed as InvalidSpec."""
+    doc = yaml.safe_load((EXAMPLES[0].parent / "minilm-sentiment.yaml").read_text())
+    doc["spec"].setdefault("runtime", {})["env"] = [{"name": "KEY", "valueFrom": {"fieldRef": {"fieldPath": path}}}]
+    errors = manifest_errors(doc)
+    assert (errors == []) == taken and all("fieldRef.fieldPath" in e for e in errors), errors

@@ -607,6 +607,21 @@ def test_trainer_pod_annotations_and_the_scrape_annotations_are_at_most_the_oper
     assert result.returncode != 0 and "trainer.podAnnotations" in result.stderr, result.stderr
 
 
+def test_trainer_pod_annotations_beyond_the_operator_s_bytes_are_refused_at_install(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The operator takes at most core.POD_ANNOTATIONS_MAX_BYTES of trainer pod annotations (room for a job's own and
+    the Job controller's in the apiserver's 262144 bytes); the chart must refuse more, or the operator exits at start."""
+    assert core.POD_ANNOTATIONS_MAX_BYTES == 122880  # as the chart's check says it
+    big = {f"example.com/a{i:02}": "x" * 4096 for i in range(30)}
+    with pytest.raises(ValidationError):
+        settings.Settings(trainer_pod_annotations=big)
+    result = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"),
+                             "--set-json", "trainer.podAnnotations=" + json.dumps(big)], capture_output=True, text=True)
+    assert result.returncode != 0 and "trainer.podAnnotations: " in result.stderr and "122880" in result.stderr
+    fits = dict(list(big.items())[:29])
+    assert operator_settings(monkeypatch, "trainer.podAnnotations=" + json.dumps(fits)).trainer_pod_annotations == fits
+
+
 def test_trainer_pod_settings_the_schema_takes_reach_the_operator(monkeypatch: pytest.MonkeyPatch) -> None:
     annotations = {"example.com/team": "a", "owner": "b"}
     ours = operator_settings(monkeypatch, "trainer.imagePullSecrets=" + json.dumps(["regcred", "ghcr.io-pull"]),

@@ -427,10 +427,6 @@ class FineTuneJob(ApiModel):
     status: FineTuneJobStatus = Field(default_factory=FineTuneJobStatus, description="Observed state.")
 
 
-# The apiserver's own limit on all of an object's annotations together.
-ANNOTATIONS_MAX_BYTES = 256 * 1024
-
-
 def _key_text(key: Any) -> str | None:
     """A map key as kubectl's YAML to JSON writes it: true and 1 as "true" and "1"; None where its text is not plain
     (a float's is Go's 32-bit formatting, .inf its YAML spelling) or kubectl refuses it (null, beyond int64)."""
@@ -461,8 +457,8 @@ def _metadata_map_errors(meta: dict[str, Any]) -> list[str]:
         bad += [f"{k}={v}" for k, v in found.items() if value_pattern and not re.fullmatch(value_pattern, v)]
         if bad:
             errors.append(f"metadata.{field}: not a valid key or value: {', '.join(bad)[:200]}")
-        if field == "annotations" and sum(len(k.encode()) + len(v.encode()) for k, v in found.items()) > ANNOTATIONS_MAX_BYTES:
-            errors.append(f"metadata.annotations: may not be more than {ANNOTATIONS_MAX_BYTES} bytes in all")
+        if field == "annotations" and core.annotations_bytes(found) > core.ANNOTATIONS_MAX_BYTES:
+            errors.append(f"metadata.annotations: may not be more than {core.ANNOTATIONS_MAX_BYTES} bytes in all")
     return errors
 
 

@@ -104,11 +104,30 @@ def _labels(kind: str, reserved: tuple[str, ...], why: str, keys: tuple[str, ...
     )
 
 
+# The apiserver's own limit on all of an object's annotations together (keys and values, in bytes).
+ANNOTATIONS_MAX_BYTES = 256 * 1024
+# A pod's annotations are a job's spec.pod.annotations and the operator's trainer_pod_annotations (both Annotations)
+# together, and then the Job controller's completion index and what network plugins write (k8s.v1.cni.cncf.io/
+# network-status): each map at most 120 KiB leaves them 16 KiB. At 64 values of 4096 characters the apiserver refused
+# the Job, or the Job controller its pods.
+POD_ANNOTATIONS_MAX_BYTES = 120 * 1024
+
+
+def annotations_bytes(annotations: dict[str, str]) -> int:
+    """The size the apiserver counts against ANNOTATIONS_MAX_BYTES."""
+    return sum(len(k.encode()) + len(v.encode()) for k, v in annotations.items())
+
+
 Labels = Annotated[dict[str, LabelValue], Field(max_length=64), *_labels(
     "label", RESERVED_PREFIXES, "the operator's and the Job controller's", RESERVED_LABELS)]
 Annotations = Annotated[dict[str, Annotated[str, Field(max_length=4096)]], Field(max_length=64), *_labels(
     "annotation", RESERVED_PREFIXES + PROFILE_PREFIXES,
-    "the operator's, the Job controller's and the kubelet's security profiles")]
+    "the operator's, the Job controller's and the kubelet's security profiles"), *checked(
+    f"self.map(k, bytes(k).size() + bytes(self[k]).size()).sum() <= {POD_ANNOTATIONS_MAX_BYTES}",
+    lambda m: annotations_bytes(m) <= POD_ANNOTATIONS_MAX_BYTES,
+    f"keys and values may hold at most {POD_ANNOTATIONS_MAX_BYTES} bytes in all (of the apiserver's "
+    f"{ANNOTATIONS_MAX_BYTES} for a pod's annotations, the rest is the operator's and others')",
+)]
 # Label keys and values to match (a node selector, a label selector).
 LabelMap = Annotated[dict[str, LabelValue], Field(max_length=64), *checked(
     f"self.all(k, k.matches(r'{QUALIFIED_NAME}') && k.lastIndexOf('/') <= 253)",
@@ -236,6 +255,17 @@ class KeyRef(ApiModel):
     optional: bool | None = Field(None, description="Start even if it does not exist.")
 
 
+SUBSCRIPTED_FIELD = r"^metadata\.(labels|annotations)\["
+# A subscripted field path as the apiserver takes it: its key a qualified name (whose prefix, up to its last /, is
+# checked apart: a DNS subdomain has at most 253 characters).
+QUALIFIED_FIELD = r"^metadata\.(labels|annotations)\['" + QUALIFIED_NAME[1:-1] + r"'\]$"
+
+
+def _subscript_qualified(path: str) -> bool:
+    return not re.match(SUBSCRIPTED_FIELD, path) or (
+        re.fullmatch(QUALIFIED_FIELD, path) is not None and path[path.index("[") + 2:-2].rfind("/") <= 253)
+
+
 class FieldRef(ApiModel):
     """A field of the pod (the downward API)."""
 
@@ -244,6 +274,18 @@ class FieldRef(ApiModel):
         r"spec\.(nodeName|serviceAccountName)|status\.(hostIP|hostIPs|podIP|podIPs))$",
         max_length=512,
         description="e.g. metadata.name, spec.nodeName or status.podIP.",
+    )
+
+    rules = (
+        # The key is cut out (after the first [') only once the path has its shape.
+        Rule(
+            cel=f"!self.fieldPath.matches(r'{SUBSCRIPTED_FIELD}') || (self.fieldPath.matches(r\"{QUALIFIED_FIELD}\") "
+            "&& self.fieldPath.substring(self.fieldPath.indexOf('[') + 2, self.fieldPath.size() - 2).lastIndexOf('/') "
+            "<= 253)",
+            holds=lambda f: _subscript_qualified(f.field_path),
+            message="a label or annotation key must be a qualified name ([prefix/]name, name at most 63 characters)",
+            field="fieldPath",
+        ),
     )
 
 

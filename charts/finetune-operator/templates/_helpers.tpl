@@ -55,7 +55,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/* Annotations the operator puts on every trainer pod: the chart's scrape toggle, then the user's. The schema bounds
-  the user's at the operator's 64; the operator counts the scrape toggle's too (those the user's do not set). */}}
+  the user's at the operator's 64; the operator counts the scrape toggle's too (those the user's do not set), and
+  their bytes (coretypes.POD_ANNOTATIONS_MAX_BYTES). */}}
 {{- define "finetune-operator.trainerPodAnnotations" -}}
 {{- $scrape := dict }}
 {{- if .Values.prometheusScrapeAnnotations.enabled }}
@@ -64,6 +65,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- $all := merge (dict) .Values.trainer.podAnnotations $scrape }}
 {{- if gt (len $all) 64 }}
 {{- fail (printf "trainer.podAnnotations: %d, and prometheusScrapeAnnotations' %d, make %d annotations on each trainer pod; the operator takes at most 64" (len .Values.trainer.podAnnotations) (sub (len $all) (len .Values.trainer.podAnnotations)) (len $all)) }}
+{{- end }}
+{{- $bytes := 0 }}
+{{- range $key, $value := $all }}
+{{- $bytes = add $bytes (len $key) (len (toString $value)) }}
+{{- end }}
+{{- if gt $bytes 122880 }}
+{{- fail (printf "trainer.podAnnotations: with prometheusScrapeAnnotations', %d bytes of keys and values on each trainer pod; the operator takes at most 122880" $bytes) }}
 {{- end }}
 {{- toJson $all }}
 {{- end }}
