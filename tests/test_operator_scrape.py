@@ -3,6 +3,7 @@ within the time bound, and never anything else (an exception that escaped would 
 
 from __future__ import annotations
 
+import socket
 import time
 from datetime import datetime
 
@@ -73,6 +74,26 @@ def test_nothing_listening_is_unreachable_and_a_good_endpoint_is_read() -> None:
     assert error.value.reason == "MetricsUnreachable"
     with FaultServer("127.0.0.1", port, "ok"):
         assert scrape("127.0.0.1", port) == {"step": 7.0}
+
+
+def test_a_connect_that_times_out_is_a_timeout_not_unreachable() -> None:
+    """A SYN dropped (a default-deny NetworkPolicy) times the connect out, which urllib wraps in a URLError: it read
+    MetricsUnreachable, as a refusal does. A listener whose accept backlog is full drops SYNs alike."""
+    with socket.create_server(("127.0.0.1", 0), backlog=0) as server:
+        port, held = server.getsockname()[1], []
+        try:
+            while len(held) < 16:  # the backlog takes a connection or two, then every SYN is dropped
+                held.append(socket.create_connection(("127.0.0.1", port), timeout=0.2))
+        except TimeoutError:
+            pass
+        try:
+            assert len(held) < 16, "the backlog never filled"
+            with pytest.raises(ScrapeError) as error:
+                scrape("127.0.0.1", port, timeout=0.3)
+            assert error.value.reason == "MetricsTimeout", error.value
+        finally:
+            for sock in held:
+                sock.close()
 
 
 def test_every_poll_error_reason_is_exported_before_its_first_error() -> None:

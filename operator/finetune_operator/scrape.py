@@ -135,6 +135,13 @@ def parse(text: str, pod_uid: str | None = None) -> dict[str, Any]:
     return sample
 
 
+def _timed_out(exc: OSError) -> bool:
+    """A read's timeout, or a connect's, which urllib wraps in a URLError (a SYN dropped, as by a default-deny
+    NetworkPolicy: no answer, where a refusal is one)."""
+    reason = exc.reason if isinstance(exc, urllib.error.URLError) else exc
+    return isinstance(reason, TimeoutError)
+
+
 def scrape(ip: str, port: int = METRICS_PORT, timeout: float = TIMEOUT_SECONDS,
            pod_uid: str | None = None) -> dict[str, Any]:
     """One read of the pod `pod_uid` (`parse`), bounded in total time (not only per socket operation: a server that
@@ -150,9 +157,9 @@ def scrape(ip: str, port: int = METRICS_PORT, timeout: float = TIMEOUT_SECONDS,
             if response.length:  # read1 ends quietly where the connection did: a step of 123 read as 12
                 raise ScrapeError("MetricsUnreachable", f"{url}: the answer ended {response.length} bytes short "
                                                         "of its Content-Length")
-    except TimeoutError as exc:
-        raise ScrapeError("MetricsTimeout", f"{url}: no complete answer within {timeout} s") from exc
-    except OSError as exc:  # refused, reset, closed early, an HTTP error status
+    except OSError as exc:  # refused, reset, closed early, an HTTP error status; or timed out
+        if _timed_out(exc):
+            raise ScrapeError("MetricsTimeout", f"{url}: no complete answer within {timeout} s") from exc
         raise ScrapeError("MetricsUnreachable", f"{url}: {exc}") from exc
     except http.client.HTTPException as exc:  # not HTTP at all
         raise ScrapeError("MetricsBadResponse", f"{url}: not an HTTP answer ({type(exc).__name__})") from exc
