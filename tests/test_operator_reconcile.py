@@ -10,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import urllib3
 import yaml
+from kubernetes.client.exceptions import ApiException
 
 from finetune_operator import outcome, reconcile
 from finetune_operator.reconcile import Observed, decide, pod_warning
@@ -1300,15 +1302,29 @@ class Apiserver(Listing):
         return super().call(method, path, body, **query)
 
 
+class EventsFailing(Apiserver):
+    """Apiserver whose Event lists fail with `error` (a 429, a Role without list on events, a dropped connection)."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__()
+        self.error, self.failed = error, 0
+
+    def call(self, method: str, path: str, body: Any = None, **query: object) -> bytes:
+        if path.endswith("/events"):
+            self.failed += 1
+            raise self.error
+        return super().call(method, path, body, **query)
+
+
 def ticked(live: dict[str, Any], indexes: tuple[dict[Any, Any], dict[Any, Any]], checks: Any = None,
-           written: Any = None, makes: str = "1") -> Apiserver:
+           written: Any = None, makes: str = "1", apiserver: Apiserver | None = None) -> Apiserver:
     """One `handlers._reconcile` of the FineTuneJob `live`, its (jobs, pods) indexes as given; the calls it made."""
     import kopf
 
     from finetune_operator import handlers
     from finetune_operator.settings import Settings
 
-    apiserver = Apiserver(makes)
+    apiserver = apiserver or Apiserver(makes)
     memo = kopf.Memo(settings=Settings(), clients=apiserver, slow_scrapes=handlers.SlowScrapes(2.0),
                      child_checks=checks or handlers.ChildChecks(),
                      written=handlers.Written() if written is None else written, job_warnings=handlers.Warnings("Job"),
@@ -1316,6 +1332,26 @@ def ticked(live: dict[str, Any], indexes: tuple[dict[Any, Any], dict[Any, Any]],
                      pod_warnings=handlers.Warnings("Pod"), claims=handlers.Claims())
     handlers._reconcile(kopf.Body(live), memo, *indexes)
     return apiserver
+
+
+@pytest.mark.parametrize("error", [ApiException(status=429, reason="Too Many Requests"),
+                                   ApiException(status=403, reason="Forbidden"),
+                                   urllib3.exceptions.ProtocolError("Connection aborted.")])
+def test_a_tick_whose_event_list_fails_writes_its_status_all_the_same(monkeypatch: pytest.MonkeyPatch,
+                                                                      error: Exception) -> None:
+    """Events only add detail (why a Job makes no pods, why a pod's containers are not made): a failed list of them
+    escaped the tick before its status write, so the job had no status while it lasted (a hand-written Role without
+    list on events: for good)."""
+    import kopf
+
+    monkeypatch.setattr(kopf, "event", lambda *_, **__: None)  # posting needs kopf's running loop
+    made = after(decide(Observed(body(), [], [], NOW)))
+    podless = ({("ns", "ft"): [job(created="2026-12-01T11:00:00Z")]}, {})  # the Job's warnings are read
+    creating = ({("ns", "ft"): [job(created="2026-12-01T11:00:00Z")]},  # the pod's
+                {("ns", "ft"): [pod(phase="Pending", ready=False, creating="2026-12-01T11:00:00Z")]})
+    for indexes in (podless, creating):
+        apiserver = ticked(body(made), indexes, apiserver=EventsFailing(error))
+        assert apiserver.failed == 1 and apiserver.patches, indexes
 
 
 def test_a_tick_lists_the_children_of_a_job_whose_metrics_it_cannot_read_and_not_of_one_whose_it_reads(

@@ -361,19 +361,32 @@ class Warnings:
         self.selector = f"involvedObject.kind={kind}" + (",type=Warning" if warnings_only else "")
         self.locks: dict[str, threading.Lock] = {}  # one per namespace: a list call holds up only its own namespace
         self.by_namespace: dict[str, tuple[float, dict[str, dict[str, tuple[str, str]]]]] = {}
+        self.failed = False  # a list has failed: later failures are logged at debug
 
     def of(self, clients: Clients, ns: str, name: str) -> dict[str, tuple[str, str]]:
         """The object's latest (time, message) of each reason (`outcome.warnings_of`)."""
         with self.locks.setdefault(ns, threading.Lock()):
             read_at, found = self.by_namespace.get(ns, (0.0, {}))
             if time.monotonic() - read_at > WARNINGS_TTL_SECONDS:
-                response = clients.call("GET", api_path(ns, "events"), fieldSelector=self.selector)
-                found = outcome.warnings_of(json.loads(response)["items"], self.reasons)
+                found = self._listed(clients, ns)
                 self.by_namespace[ns] = (time.monotonic(), found)
                 for expired in _expired(self.by_namespace, WARNINGS_TTL_SECONDS):
                     self.by_namespace.pop(expired, None)
                     self.locks.pop(expired, None)  # at worst a namespace is listed twice at once
         return found.get(name, {})
+
+    def _listed(self, clients: Clients, ns: str) -> dict[str, dict[str, tuple[str, str]]]:
+        """The namespace's warnings by object; none where the list fails (a 429, a 500, a Role without list on
+        events), for WARNINGS_TTL_SECONDS like a list's: Events only add detail, and the error escaped the reconcile
+        before its status write, so a job had no status at all while it lasted."""
+        try:
+            response = clients.call("GET", api_path(ns, "events"), fieldSelector=self.selector)
+        except (ApiException, urllib3.exceptions.HTTPError) as exc:
+            log.log(logging.DEBUG if self.failed else logging.WARNING,
+                    "%s: Events (%s) not listed, so read as none: %s", ns, self.selector, exc)
+            self.failed = True
+            return {}
+        return outcome.warnings_of(json.loads(response)["items"], self.reasons)
 
 
 def _expired(entries: dict[Any, Any], ttl: float, when: Callable[[Any], float] = itemgetter(0)) -> list[Any]:
