@@ -71,7 +71,7 @@ def test_every_field_is_documented(schema: dict[str, Any]) -> None:
     assert undocumented == [".metadata"]
 
 
-def test_names_columns_and_subresources() -> None:
+def test_names_columns_and_subresources(schema: dict[str, Any]) -> None:
     spec = crd.build_crd()["spec"]
     assert spec["group"] == "finetune.dev" and spec["scope"] == "Namespaced"
     assert spec["names"]["shortNames"] == ["ftj"] and spec["names"]["plural"] == "finetunejobs"
@@ -81,6 +81,15 @@ def test_names_columns_and_subresources() -> None:
     columns = version["additionalPrinterColumns"]
     assert [c["name"] for c in columns if not c.get("priority")] == ["Phase", "Stage", "Progress", "Workers", "Attempts", "Age"]
     assert [c["name"] for c in columns if c.get("priority") == 1] == ["Loss", "Eval", "Reason"]
+    assert {c["name"]: (c["jsonPath"], c["type"]) for c in columns} == {
+        "Phase": (".status.phase", "string"), "Stage": (".status.stage", "string"),
+        "Progress": (".status.progress.percent", "integer"), "Workers": (".status.workers.active", "integer"),
+        "Attempts": (".status.attempts", "integer"), "Age": (".metadata.creationTimestamp", "date"),
+        "Loss": (".status.metrics.loss", "number"), "Eval": (".status.evaluation.summary", "string"),
+        "Reason": (".status.reason", "string")}
+    # A column whose path names no field of the status shows an empty column, and kubectl never says why.
+    fields = dict(walk(schema))
+    assert all(fields[c["jsonPath"]]["type"] == c["type"] for c in columns if c["name"] != "Age")
 
 
 def test_the_condition_types_description_names_every_type(schema: dict[str, Any]) -> None:
