@@ -763,6 +763,39 @@ def test_operator_up_says_0_once_the_operator_pod_is_gone(tmp_path: Path) -> Non
         prometheus.stop()
 
 
+@pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
+def test_time_to_running_shows_the_quantiles_of_the_jobs_started_in_the_range(tmp_path: Path) -> None:
+    """Four jobs started in the range, after waits of 30 s, 50 s, 500 s and 5000 s: one observation each, so a rate
+    over $__rate_interval was NaN but for a minute after each start, and the panel was empty nearly all the time."""
+    t0 = int(time.time()) - 3600
+    waits = {t0 + 300: 30, t0 + 900: 50, t0 + 1500: 500, t0 + 2100: 5000}  # when each job ran, after how long
+    lines = ["# TYPE finetune_operator_time_to_running_seconds_bucket gauge"]
+    for le in ("30", "60", "600", "7200", "+Inf"):
+        labels = f'job="finetune-operator",namespace="ops",pod="fto-a",le="{le}"'
+        lines += [f"finetune_operator_time_to_running_seconds_bucket{{{labels}}} "
+                  f"{sum(1 for at, wait in waits.items() if at <= t and wait <= float(le))} {t}"
+                  for t in range(t0, t0 + 3000, 15)]
+    prometheus_server.backfill(tmp_path, "\n".join(lines) + "\n# EOF\n")
+    prometheus = prometheus_server.start(tmp_path, [], free_port())
+    panel = next(p for p in json.loads(dashboard.render())["panels"] if p["title"] == "Time from creation to Running")
+
+    def shown(start: int, end: int) -> dict[str, float]:
+        """The stat over the range from `start` to `end`: each target's value at the range's end."""
+        found = {}
+        for target in panel["targets"]:
+            assert target["instant"], "one value for the range, not a line of rates"
+            expr = target["expr"].replace("$__range", f"{end - start}s")
+            found |= {target["legendFormat"]: float(s["values"][-1][1])
+                      for s in prometheus.query_range(expr, t0 + end, t0 + end, 15)}
+        return found
+
+    try:
+        # p50 in the 30-60 s bucket (its top, the second of four), p95 in 600-7200 s (linear in the bucket)
+        assert shown(0, 2985) == {"p50": pytest.approx(60), "p95": pytest.approx(600 + 6600 * 0.8)}
+    finally:
+        prometheus.stop()
+
+
 def readme_scrape_configs() -> dict[str, dict[str, Any]]:
     """The README's scrape configs for a Prometheus without the operator, by job name."""
     block = re.search(r"```yaml\n(scrape_configs:\n.*?)```", (REPO / "README.md").read_text(), re.S)

@@ -45,9 +45,16 @@ def series(title: str, unit: str, *queries: Dataquery, width: int = 8) -> timese
     return panel
 
 
-def single(title: str, unit: str, q: Dataquery, width: int = 4) -> stat.Panel:
-    return (stat.Panel().title(title).unit(unit).datasource(DATASOURCE).span(width).height(8).with_target(q)
-            .reduce_options(ReduceDataOptions().calcs(["lastNotNull"])))
+def single(title: str, unit: str, *queries: Dataquery, width: int = 4) -> stat.Panel:
+    panel = stat.Panel().title(title).unit(unit).datasource(DATASOURCE).span(width).height(8)
+    for q in queries:
+        panel = panel.with_target(q)
+    return panel.reduce_options(ReduceDataOptions().calcs(["lastNotNull"]))
+
+
+def quantile(q: float, histogram: str, function: str, window: str) -> str:
+    """The `q` quantile of `histogram`'s observations counted by `function` (rate, increase) over `window`."""
+    return f"histogram_quantile({q}, sum by (le) ({function}({histogram}_bucket[{window}])))"
 
 
 def fleet() -> list[Panel]:
@@ -62,11 +69,12 @@ def fleet() -> list[Panel]:
         series("Failed jobs by reason (since the operator started)", "short",
                query("sum by (reason) (finetune_operator_job_failures_total)", "{{reason}}"), width=6)
         .draw_style(GraphDrawStyle.BARS),
-        series("Time from creation to Running", "s",
-               query("histogram_quantile(0.5, sum by (le) (rate(finetune_operator_time_to_running_seconds_bucket"
-                     "[$__rate_interval])))", "p50"),
-               query("histogram_quantile(0.95, sum by (le) (rate(finetune_operator_time_to_running_seconds_bucket"
-                     "[$__rate_interval])))", "p95"), width=6),
+        # Of the jobs that started in the dashboard's range, at its end: one observation per job, so a rate over
+        # $__rate_interval had points only just after a start and the panel was empty nearly all the time.
+        single("Time from creation to Running", "s", *(
+            query(quantile(q, "finetune_operator_time_to_running_seconds", "increase", "$__range"), f"p{q * 100:g}",
+                  instant=True) for q in (0.5, 0.95)), width=6)
+        .description("p50 and p95 of the jobs that started in the dashboard's time range"),
     ]
 
 
@@ -125,15 +133,13 @@ def evaluation() -> list[Panel]:
 def operator_health() -> list[Panel]:
     started = f"process_start_time_seconds{{{OPERATOR}}}"
 
-    def quantile(q: float) -> str:
-        return (f"histogram_quantile({q}, sum by (le) "
-                f"(rate(finetune_operator_reconcile_duration_seconds_bucket[$__rate_interval])))")
-
     return [
         series("Reconciles per second", "ops",
                query("sum(rate(finetune_operator_reconcile_duration_seconds_count[$__rate_interval]))", "reconciles"),
                width=6),
-        series("Reconcile latency", "s", query(quantile(0.5), "p50"), query(quantile(0.99), "p99"), width=6),
+        series("Reconcile latency", "s", *(
+            query(quantile(q, "finetune_operator_reconcile_duration_seconds", "rate", "$__rate_interval"),
+                  f"p{q * 100:g}") for q in (0.5, 0.99)), width=6),
         series("Metric poll errors", "ops", query(
             "sum by (reason) (rate(finetune_operator_metric_poll_errors_total[$__rate_interval]))", "{{reason}}"),
                width=6),
