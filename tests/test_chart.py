@@ -101,11 +101,34 @@ def test_the_dashboard_has_the_four_rows_and_reads_only_shared_metric_names() ->
     assert rows == ["Fleet", "Job: $namespace/$job", "Evaluation: $namespace/$job", "Operator"]
     assert [v["name"] for v in board["templating"]["list"]] == ["datasource", "namespace", "job"]
     exprs = [t["expr"] for p in board["panels"] for t in p.get("targets", [])]
-    used = {m for e in exprs for m in re.findall(r"finetune_\w+", e)}
+    used = {m for e in exprs for m in re.findall(r"\b(?:finetune|process)_\w+", e)}
     assert METRICS <= {re.sub(r"_(bucket|count)$", "", m) for m in used}
+    assert used <= exported_names(), "every metric the dashboard reads is one the trainer or the operator exports"
     trainer = [e for e in exprs if "finetune_trainer_" in e and "gpu_memory_bytes > bool" not in e]
     assert all('finetunejob="$job"' in e for e in trainer), "every per-job panel selects the job"
     assert all(p["datasource"]["uid"] == "${datasource}" for p in board["panels"] if p["type"] != "row")
+
+
+def exported_names() -> set[str]:
+    """The names of the series the trainer (every gauge set) and the operator (the active one) export. A counter is
+    named by its family too: one with a label has no series before its first increment (job failures)."""
+    import torch
+    from prometheus_client import ProcessCollector
+
+    from finetune_operator import metrics
+    from finetune_trainer.config import Stage
+    from finetune_trainer.telemetry import Metrics
+
+    trainer = Metrics(torch.device("cpu"))
+    for gauge in (trainer.loss, trainer.learning_rate, trainer.grad_norm, trainer.step, trainer.total_steps,
+                  trainer.epoch, trainer.samples_per_second, trainer.tokens_per_second):
+        gauge.set(1)
+    trainer.set_stage(Stage.TRAINING)
+    trainer.set_eval("final", {"accuracy": 1})
+    # What metrics.lead() adds, without registering it in the process's registry a second time
+    families = [*trainer.registry.collect(), *metrics.REGISTRY.collect(), *ProcessCollector(registry=None).collect()]
+    return ({s.name for f in families for s in f.samples}
+            | {f"{f.name}_total" for f in families if f.type == "counter"})
 
 
 def pod_target(port: int, index: int, job: str = "ddp", attempt: int = 1) -> dict[str, Any]:
