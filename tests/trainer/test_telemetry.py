@@ -336,3 +336,50 @@ def test_a_run_stopped_early_ends_at_100_percent_with_no_time_left(monkeypatch: 
     assert (last["stage"], last["step"], last["total_steps"]) == ("Done", 4, 4)
     message = json.loads((tmp_path / "termination-log").read_text())
     assert message["progress"]["totalSteps"] == 4  # what the operator reads says the same end
+
+
+def test_rank_0_answers_with_stage_starting_while_the_ranks_join_and_stops_when_the_join_fails(
+        monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """Rank 0 served only after the join: through a slow rendezvous its Running pod refused the operator's scrapes
+    (MetricsStale after a minute), and Starting was never exported."""
+    from finetune_operator import scrape
+    from finetune_trainer import distributed, pipeline
+    from finetune_trainer.config import TrainerConfig
+    from tiny import tiny_classifier_doc
+
+    port = free_port()
+    monkeypatch.setenv(PORT_ENV, str(port))
+    monkeypatch.setenv(LINGER_ENV, "0")
+    monkeypatch.setenv(TERMINATION_ENV, str(tmp_path / "termination-log"))
+    monkeypatch.setattr(telemetry, "_last_exit_code", [None])
+    joining, failed = threading.Event(), threading.Event()
+
+    def join() -> None:  # a rendezvous that waits for the other ranks, then times out
+        joining.set()
+        failed.wait(10)
+        raise RuntimeError("rendezvous timed out")
+
+    monkeypatch.setattr(distributed, "join", join)
+    cfg = TrainerConfig.model_validate(tiny_classifier_doc(tmp_path / "out"))
+    errors: list[RuntimeError] = []
+
+    def start() -> None:
+        try:
+            pipeline.run(cfg, tmp_path / "out")
+        except RuntimeError as exc:
+            errors.append(exc)
+
+    run = threading.Thread(target=start)
+    run.start()
+    try:
+        assert joining.wait(10)
+        body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+        assert scrape.parse(body)["stage"] == "Starting"
+    finally:
+        failed.set()
+        run.join(10)
+    assert [str(e) for e in errors] == ["rendezvous timed out"]
+    assert json.loads((tmp_path / "termination-log").read_text())["stage"] == "Starting"
+    with pytest.raises(OSError):  # the endpoint is closed with the run
+        urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5)
+

@@ -85,20 +85,32 @@ class World:
             dist.barrier()
 
 
-def join() -> World:
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+def rank() -> int:
+    """This process's rank, known before the ranks join (torchrun sets RANK; a single process is rank 0)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def local_device() -> torch.device:
+    """The GPU of this process's LOCAL_RANK where there are GPUs, else the CPU; known before the ranks join."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     cuda = torch.cuda.is_available()
     if cuda and local_rank >= (gpus := torch.cuda.device_count()):  # else CUDA's "invalid device ordinal": retried
         raise ConfigError(f"runtime.processesPerWorker: this worker runs more processes than it has GPUs ({gpus}): "
                           "at most one process per GPU (nvidia.com/gpu in runtime.resources.limits)")
-    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+
+
+def join() -> World:
+    """Join the ranks, each on its local_device: the rendezvous and NCCL's start may take minutes."""
+    size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = local_device()
+    cuda = device.type == "cuda"
     if cuda:
         torch.cuda.set_device(device)
     if size > 1 and not dist.is_initialized():
         dist.init_process_group(backend="nccl" if cuda else "gloo", device_id=device if cuda else None,
                                 timeout=COLLECTIVE_TIMEOUT)
-    return World(rank=int(os.environ.get("RANK", "0")), size=size, device=device)
+    return World(rank=rank(), size=size, device=device)
 
 
 def leave() -> None:

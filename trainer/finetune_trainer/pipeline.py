@@ -134,15 +134,21 @@ class Progress:
 
 def run(cfg: TrainerConfig, output_dir: Path) -> dict[str, Any]:
     """Run the whole pipeline; see the module docstring for the report it returns and writes."""
+    metrics: Metrics | None = None
     try:
+        # Rank 0 serves before the ranks join: the rendezvous and NCCL's start may take minutes, through which the
+        # operator read a Running pod that refused its scrapes as stale metrics, and the dashboard saw no stage.
+        metrics = Metrics(distributed.local_device())
+        metrics.set_stage(Stage.STARTING)
+        if distributed.rank() == 0:
+            metrics.serve()
         world = distributed.join()
     except BaseException as exc:
         write_failure(Stage.STARTING, exc)
+        if metrics is not None:
+            metrics.close()
         raise
-    metrics = Metrics(world.device)
     progress = Progress(metrics, world.main)
-    if world.main:
-        metrics.serve()
 
     def stop(*_: Any) -> None:  # outside the training loop, which checkpoints first (train.SigtermFlag)
         progress.sigterm = True
