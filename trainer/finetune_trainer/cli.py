@@ -100,6 +100,7 @@ def refuse(problem: str) -> int:
 
 def execute(cfg: Any, output: Path | None) -> int:
     from finetune_trainer import pipeline
+    from finetune_trainer.distributed import rank
     from finetune_trainer.uris import local_path
 
     try:
@@ -116,7 +117,7 @@ def execute(cfg: Any, output: Path | None) -> int:
         else:
             log.exception("infrastructure failure")
         return exit_code_of(exc)
-    if os.environ.get("RANK", "0") == "0":
+    if rank() == 0:
         print(summary_table(report, out))
     return EXIT_OK
 

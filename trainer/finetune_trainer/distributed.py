@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import gc
 import os
-from dataclasses import dataclass
 from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
 

@@ -39,6 +39,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from finetune_trainer.analyze import Severity, StepFlops
 from finetune_trainer.config import Stage
+from finetune_trainer.distributed import rank
 from finetune_trainer.errors import EXIT_OK, EXIT_TERMINATED, EXIT_USER_ERROR, describe, exit_code_of, reason_of
 
 log = logging.getLogger(__name__)
@@ -308,7 +309,7 @@ def replaces(message: dict[str, Any], there: dict[str, Any]) -> bool:
     latency after export: only rank 0 exports)."""
     if precedence(message) != precedence(there):
         return precedence(message) > precedence(there)
-    return message.get("exitCode") == EXIT_OK and os.environ.get("RANK", "0") == "0"
+    return message.get("exitCode") == EXIT_OK and rank() == 0
 
 
 def write_failure(stage: Stage, exc: BaseException, progress: dict[str, Any] | None = None) -> None:
