@@ -519,6 +519,30 @@ def test_regex_freezing_keeps_adapters_off_the_frozen_modules(bert) -> None:
     assert all(p.requires_grad for n, p in wrapped.named_parameters() if "lora_" in n)
 
 
+TINY_DISTILBERT = {"dim": 32, "hidden_dim": 64, "n_layers": 2, "n_heads": 2, "max_position_embeddings": 64}
+
+
+@pytest.mark.parametrize("targets", [["q_lin", "v_lin"], ["q_lin", "pre_classifier"]])
+def test_distilberts_pre_classifier_is_not_taken_for_its_head(targets: list[str], tmp_path: Path) -> None:
+    """peft keeps whole the modules whose names end with the head's: DistilBERT's pre_classifier ends with
+    classifier. Only the head trains whole; pre_classifier takes an adapter when named, else stays frozen."""
+    model, tokenizer = text_model(Task.SEQUENCE_CLASSIFICATION, TINY_DISTILBERT, "distilbert")
+    task, lora = Task.SEQUENCE_CLASSIFICATION, LoraSpec(rank=2, targetModules=targets)
+    head = head_name(model, task)
+    wrapped = add_adapters(model, lora, lora_targets(model, lora, task, FreezeSpec(), depth(model, task), head), head)
+    trained = {canonical(n) for n, p in wrapped.named_parameters() if p.requires_grad}
+    assert {n for n in trained if "lora_" not in n} == {"classifier.weight", "classifier.bias"}
+    assert any(n.startswith("pre_classifier.lora_A") for n in trained) == ("pre_classifier" in targets)
+    _, _, batches = text_batches(tokenizer, task, [0, 1] * 10)
+    logits_of(wrapped.train(), batches[0].inputs).sum().backward()
+    doc = tiny_classifier_doc(tmp_path)
+    doc["rearrange"] = {"lora": {"rank": 2}, "mergeOnExport": False}
+    export_model(wrapped, tokenizer, {0: "neg", 1: "pos"}, TrainerConfig.model_validate(doc), tmp_path)
+    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    assert {k for k in saved if "lora_" not in k} == {"base_model.model.classifier.weight",
+                                                      "base_model.model.classifier.bias"}
+
+
 def test_new_head_lora_and_a_checked_merge(bert, tmp_path: Path) -> None:
     model, tokenizer = bert
     _, _, batches = text_batches(tokenizer, Task.SEQUENCE_CLASSIFICATION, [0, 1, 2, 0, 1] * 4)

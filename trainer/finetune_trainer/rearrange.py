@@ -5,6 +5,7 @@ DoRA adapters through peft, and, on export, the adapters merged back into the we
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Callable
 from operator import attrgetter
 
@@ -70,16 +71,41 @@ def add_adapters(model: nn.Module, spec: LoraSpec, targets: list[str], head: str
         lora_dropout=spec.dropout,
         use_dora=spec.variant == LoraVariant.DORA,
         target_modules=targets,
-        modules_to_save=list(whole) or None,
+        exclude_modules=inside(whole),
     )
     try:
         wrapped = get_peft_model(model, config)
     except ValueError as exc:  # peft's NoMatchingPeftModuleError among them
         raise ConfigError(f"rearrange.lora.targetModules {targets}: {exc}") from exc
+    keep_whole(wrapped, whole)
     trainable, total = wrapped.get_nb_trainable_parameters()
     log.info("%s adapters (r=%d) on %d modules: %s of %s parameters train (%.2f%%)", spec.variant.value, spec.rank,
              len(targets), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return wrapped
+
+
+def inside(modules: tuple[str, ...]) -> str | None:
+    """A pattern peft matches to the full name of `modules` and of everything in them: no adapter goes there, as
+    modules_to_save would have ensured."""
+    return f"({'|'.join(map(re.escape, modules))})(\\..*)?" if modules else None
+
+
+def keep_whole(wrapped: nn.Module, modules: tuple[str, ...]) -> None:
+    """Train `modules` whole, as peft's modules_to_save does, but matched by their full names: peft matches the end of
+    a name with no dot boundary, so `classifier` took DistilBERT's pre_classifier too (trained whole unasked, or a
+    TypeError where it takes an adapter)."""
+    from peft.utils import ModulesToSaveWrapper
+
+    adapter = wrapped.active_adapter
+    base = wrapped.base_model.model
+    for name in modules:
+        parent, _, leaf = name.rpartition(".")
+        owner = base.get_submodule(parent) if parent else base
+        wrapper = ModulesToSaveWrapper(getattr(owner, leaf), adapter)
+        wrapper.set_adapter(adapter)
+        setattr(owner, leaf, wrapper)
+    # Saved in adapter_config.json, for PeftModel.from_pretrained to put the head saved whole back
+    wrapped.peft_config[adapter].modules_to_save = list(modules) or None
 
 
 def merge_adapters(model: nn.Module, inputs: dict[str, torch.Tensor],
