@@ -25,7 +25,7 @@ from finetune_trainer.pipeline import fingerprinted
 from finetune_trainer.rules import error_lines
 from finetune_trainer.train import distilled_loss_sum, loss_sum, soft_loss_sum
 
-from tiny import TINY_BERT, TINY_GPT2, saved_bert, tiny_classifier_doc
+from tiny import TINY_BERT, TINY_GPT2, saved_bert, tiny_classifier_doc, unreadable_tokenizer
 
 SENTIMENT = {0: "negative", 1: "neutral", 2: "positive"}
 MINILM = "pvc://models/all-MiniLM-L6-v2"
@@ -357,6 +357,14 @@ def test_a_teacher_with_its_own_tokenizer_is_checked_token_by_token(tmp_path: Pa
     with pytest.raises(ConfigError, match=rf"^training\.distillation\.teacher {swapped}: its tokenizer gives 2 of the "
                                           r"student's 30522 tokens another id or none \(such as '"):
         taught(tmp_path, student, swapped)
+
+
+def test_a_teachers_tokenizer_json_the_tokenizers_library_cannot_read_is_a_model_error(tmp_path: Path,
+                                                                                         student) -> None:
+    folder = unreadable_tokenizer(saved_bert(tmp_path / "teacher", SENTIMENT))
+    with pytest.raises(ModelError, match=rf"^training\.distillation\.teacher {folder}: tokenizer {folder}: "
+                                         rf"{folder}/tokenizer.json cannot be read by the installed tokenizers"):
+        taught(tmp_path, student, folder)
 
 
 def test_the_columns_compared_are_the_tokenizers_ids_or_the_narrower_students() -> None:

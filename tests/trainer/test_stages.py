@@ -35,7 +35,7 @@ from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
 from finetune_trainer.structure import canonical, depth, head_name, lora_candidates
 from finetune_trainer.train import steps_per_epoch
 
-from tiny import TINY_BERT, TINY_GPT2, bpe_tokenizer, card_model, tiny_classifier_doc
+from tiny import TINY_BERT, TINY_GPT2, bpe_tokenizer, card_model, tiny_classifier_doc, unreadable_tokenizer
 
 CPU = World(rank=0, size=1, device=torch.device("cpu"))
 TEXTS = ["a fine day", "this is awful and slow", "ok", "I love the new self driving cars so much", "meh"] * 4
@@ -311,6 +311,17 @@ def test_a_vocabulary_without_the_pad_token_is_a_model_error() -> None:
     tokenizer.pad_token = "[SEP]"  # id 102, as a decoder's tokenizer pads with its end-of-text token
     with pytest.raises(ModelError, match="Padding_idx must be within num_embeddings"):
         load_model(spec, tokenizer, seed=0)
+
+def test_a_tokenizer_json_the_tokenizers_library_cannot_read_is_a_model_error(tmp_path: Path) -> None:
+    """The tokenizers library raises a bare Exception for a tokenizer.json it cannot parse: it exited 2, retried."""
+    from finetune_trainer.errors import ModelError, exit_code_of
+
+    folder = unreadable_tokenizer(tmp_path / "tok")
+    with pytest.raises(ModelError, match=rf"^model.tokenizerUri {folder}: {folder}/tokenizer.json cannot be read by "
+                                         r"the installed tokenizers \d") as caught:
+        load_tokenizer(ModelSpec(task="sequence-classification", architecture="bert", tokenizerUri=str(folder)))
+    assert exit_code_of(caught.value) == 1
+
 
 def test_model_config_cannot_turn_on_a_model_repositorys_own_code(tmp_path: Path) -> None:
     """model.config went as keyword arguments to AutoConfig.from_pretrained, so trust_remote_code: true there imported

@@ -3,6 +3,7 @@ the MiniLM tokenizer trains in seconds on two cores."""
 
 from __future__ import annotations
 
+import json
 import socket
 import sys
 from datetime import datetime
@@ -34,6 +35,20 @@ def saved_bert(folder: Path, labels: dict[int, str], **config: Any) -> Path:
 
     settings = TINY_BERT | {"vocab_size": 30522, "id2label": labels, "label2id": {v: k for k, v in labels.items()}}
     BertForSequenceClassification(BertConfig(**settings | config)).save_pretrained(folder)
+    return folder
+
+
+def unreadable_tokenizer(folder: Path) -> Path:
+    """MiniLM's tokenizer saved into `folder` with a tokenizer.json of a model type the installed tokenizers does not
+    know (a newer format)."""
+    from finetune_trainer.config import ModelSpec
+    from finetune_trainer.models import load_tokenizer
+
+    spec = ModelSpec(task="sequence-classification", uri="pvc://models/all-MiniLM-L6-v2")
+    load_tokenizer(spec).save_pretrained(folder)
+    saved = json.loads((folder / "tokenizer.json").read_text())
+    saved["model"]["type"] = "FutureModel"
+    (folder / "tokenizer.json").write_text(json.dumps(saved))
     return folder
 
 

@@ -97,6 +97,14 @@ def load_tokenizer(spec: ModelSpec):
         if failed_read(exc):  # the volume's, not the spec's: retried
             raise
         raise ModelError(f"{kind} {uri}: cannot load it from {path} ({exc})") from exc
+    except Exception as exc:  # the tokenizers library's (Rust) parse errors are bare Exceptions
+        if type(exc) is not Exception or failed_read(exc):
+            raise
+        from tokenizers import __version__ as tokenizers_version
+
+        raise ModelError(f"{kind} {uri}: {path / 'tokenizer.json'} cannot be read by the installed tokenizers "
+                         f"{tokenizers_version} ({exc}): a newer format than it knows, or a damaged file; save "
+                         "the tokenizer again with this version") from exc
     if tokenizer.pad_token_id is None:
         # Decoder tokenizers (GPT-2) have no pad token; padded positions are masked out anyway.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
