@@ -1203,6 +1203,29 @@ def test_an_image_size_the_network_cannot_take_is_the_users_naming_the_field(tmp
     assert exit_code_of(raised.value) == 1
 
 
+def test_batches_of_one_image_that_a_training_batch_norm_cannot_take_are_refused_naming_the_fields(
+        tmp_path: Path) -> None:
+    """ResNet shrinks 16x16 images to 1x1 before its last batch norms, which cannot normalise one value per channel:
+    training.batchSize 1 raised torch's ValueError at the first step (exit 2, retried). Frozen, they take one."""
+    from finetune_trainer import pipeline
+    from finetune_trainer.errors import exit_code_of
+    from finetune_trainer.models import check_one_sample_batches
+
+    doc = {"model": {"task": "image-classification", "architecture": "resnet18"},
+           "dataset": {"uri": "pvc://data/digits", "imageSize": 16, "maxTrainSamples": 8, "maxEvalSamples": 8},
+           "evaluation": {"baseline": False}, "training": {"maxSteps": 1, "batchSize": 1},
+           "output": {"uri": str(tmp_path / "out")}}
+    with pytest.raises(ConfigError, match=r"^training.batchSize 1: model resnet18 cannot train on one 16x16 image at "
+                                          r"a time \(dataset.imageSize; Expected more than 1 value per channel") as raised:
+        pipeline.run(TrainerConfig.model_validate(doc), tmp_path / "out")
+    assert exit_code_of(raised.value) == 1 and not (tmp_path / "out" / "model.safetensors").exists()
+    model = load_model(ModelSpec(task="image-classification", architecture="resnet18"), None, seed=0)
+    check_one_sample_batches(model, 64)  # 2x2 at the last batch norms: four values per channel
+    freeze(model, FreezeSpec(strategy="all-but-head"), depth(model, Task.IMAGE_CLASSIFICATION), "net.fc")
+    check_one_sample_batches(model, 16)
+    assert model.training
+
+
 def test_an_image_classifiers_adapters_kept_apart_load_on_model_uris_base_as_the_card_says(tmp_path: Path) -> None:
     """LoRA on a MobileNet given as a plain state dict (model.uri, model.architecture), mergeOnExport false: the
     card's code loaded model.uri without its architecture (so as a ResNet-18, which the weights do not fit) and with

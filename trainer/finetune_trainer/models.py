@@ -301,26 +301,42 @@ def check_image_size(model: nn.Module, image_size: int) -> None:
     # A detector's backbone (its FPN or SSD's extra layers included) is what shrinks the image: its heads pad.
     net = model.net.backbone if isinstance(model, Detector) else model.net
 
-    def fails_at(size: int) -> Exception | None:
-        state = {name: torch.empty_like(t, device="meta")
-                 for name, t in itertools.chain(net.named_parameters(), net.named_buffers())}
-        was_training = model.training
-        try:
-            with torch.no_grad():
-                torch.func.functional_call(net.eval(), state, (torch.empty(1, 3, size, size, device="meta"),))
-        except NotImplementedError:  # an operation without a meta kernel: the first real forward will tell
-            return None
-        except (RuntimeError, AssertionError, ValueError) as exc:
-            return exc
-        finally:
-            model.train(was_training)
-        return None
-
-    if exc := fails_at(image_size):
+    if exc := meta_forward_error(model, net, image_size):
         default = DatasetSpec.model_fields["image_size"].default  # what torchvision's classifiers are trained at
-        fits = f"; {default} fits" if image_size != default and not fails_at(default) else ""
+        fits = f"; {default} fits" if image_size != default and not meta_forward_error(model, net, default) else ""
         raise ConfigError(f"dataset.imageSize {image_size}: model {model.architecture} cannot take {image_size}x"
                           f"{image_size} images ({type(exc).__name__}: {exc}){fits}")
+
+
+def check_one_sample_batches(model: nn.Module, image_size: int) -> None:
+    """training.batchSize 1: a batch norm that trains cannot normalise one value per channel, which it gets where the
+    network has shrunk the image to 1x1 (ResNet's last stage at 32 pixels or fewer), and raised at the first step.
+    Checked once the freeze and the adapters are in place: a frozen batch norm keeps its running statistics and
+    takes one sample (KeepsFrozenNorms)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft's adapters
+    if isinstance(base, ImageClassifier) and (exc := meta_forward_error(model, base.net, image_size, training=True)):
+        raise ConfigError(f"training.batchSize 1: model {base.architecture} cannot train on one {image_size}x"
+                          f"{image_size} image at a time (dataset.imageSize; {exc}); set training.batchSize 2 or "
+                          "more, or a larger dataset.imageSize")
+
+
+def meta_forward_error(model: nn.Module, net: nn.Module, size: int, training: bool = False) -> Exception | None:
+    """What a forward of one size x size image through `net` (`model`'s network) raises, on the meta device: shapes
+    only, no compute. In eval mode, or in training mode as `model` sets it (its frozen batch norms in eval)."""
+    state = {name: torch.empty_like(t, device="meta")
+             for name, t in itertools.chain(net.named_parameters(), net.named_buffers())}
+    was_training = model.training
+    try:
+        model.train(training)
+        with torch.no_grad():
+            torch.func.functional_call(net, state, (torch.empty(1, 3, size, size, device="meta"),))
+    except NotImplementedError:  # an operation without a meta kernel: the first real forward will tell
+        return None
+    except (RuntimeError, AssertionError, ValueError) as exc:
+        return exc
+    finally:
+        model.train(was_training)
+    return None
 
 
 def check_vocabulary(model: nn.Module, pad_token_id: int, splits: Iterable[Encoded]) -> None:

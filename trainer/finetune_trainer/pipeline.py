@@ -45,8 +45,8 @@ from finetune_trainer.detection.models import check_batch_size, load_detector, r
 from finetune_trainer.errors import EXIT_OK, ConfigError, DataError, Terminated, no_space_in
 from finetune_trainer.evaluate import deltas, evaluate
 from finetune_trainer.lora_fused import FORMS, fuse
-from finetune_trainer.models import (check_image_size, check_positions, check_vocabulary, has_causal_switch,
-                                     head_labels, load_model, load_tokenizer, new_modules)
+from finetune_trainer.models import (check_image_size, check_one_sample_batches, check_positions, check_vocabulary,
+                                     has_causal_switch, head_labels, load_model, load_tokenizer, new_modules)
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
 from finetune_trainer.structure import depth, head_name
 from finetune_trainer.telemetry import Metrics, write_failure, write_termination
@@ -371,6 +371,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         if form := FORMS.get(world.device.type):  # other devices keep peft's own path
             log.info("LoRA computed as %s on %d of the adapted modules", form.__name__, fuse(model, form))
     model.to(world.device)
+    if cfg.training.batch_size == 1:
+        check_one_sample_batches(model, cfg.dataset.image_size)
     groups = param_groups(model, cfg.adjust, layers, head, new)  # refuses a freeze that leaves nothing to train
     # For the MFU gauge, a step of what trains: the analysis measured the model as loaded, every weight training
     # (a freeze of all but the head made MFU read about 3x too high, a quarter of the layers pruned 4/3).
