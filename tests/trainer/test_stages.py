@@ -1565,6 +1565,14 @@ def test_a_text_models_weights_file_that_is_none_is_the_users(tmp_path: Path) ->
         load_model(ModelSpec(task="sequence-classification", uri=str(tmp_path)), tokenizer, seed=0)
 
 
+@pytest.mark.parametrize("architecture", ["squeezenet1_0", "squeezenet1_1"])
+def test_an_image_network_whose_classifier_is_no_linear_layer_is_refused_naming_the_field(architecture: str) -> None:
+    """SqueezeNet's classifier is a 1x1 convolution: with no head to resize, a job failed late (the baseline's
+    confusion matrix, the export's get_submodule(None)), exit 2 and retried."""
+    with pytest.raises(ConfigError, match=rf"^model.architecture {architecture}: its classifier ends in no Linear "):
+        load_vision_model(ModelSpec(task="image-classification", architecture=architecture))
+
+
 @pytest.mark.parametrize(("config", "says"), [({"num_classes": -1}, "negative dimension"),
                                               ({"num_classes": "3"}, "size")])
 def test_an_image_network_that_cannot_take_model_config_names_model_config(config: dict, says: str) -> None:

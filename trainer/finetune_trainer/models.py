@@ -24,6 +24,7 @@ from torch import nn
 from finetune_trainer.batches import Encoded
 from finetune_trainer.config import DatasetSpec, ModelSpec, Task
 from finetune_trainer.errors import ConfigError, ModelError, failed_read
+from finetune_trainer.structure import head_name
 from finetune_trainer.uris import fetch
 
 log = logging.getLogger(__name__)
@@ -373,6 +374,10 @@ def load_vision_model(spec: ModelSpec) -> ImageClassifier:
         if isinstance(exc, RuntimeError) and not user_runtime_error(exc):
             raise
         raise ModelError(f"model.config {spec.config}: {architecture} does not take it ({exc})") from exc
+    if head_name(net, Task.IMAGE_CLASSIFICATION) is None:  # SqueezeNet's classifier is a 1x1 convolution
+        raise ConfigError(f"model.architecture {architecture}: its classifier ends in no Linear layer, the head the "
+                          "trainer sizes to the dataset's labels, trains whole and exports; choose another network "
+                          "(mobilenet_v3_small is as small)")
     drop_aux_heads(net)
     if path is not None:  # torchvision's weights have the side heads (model.config aux_logits false or not)
         state = {k: v for k, v in read_state_dict(weight_file(path)).items() if k.split(".")[0] not in AUX_HEADS}
