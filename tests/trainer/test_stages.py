@@ -878,6 +878,34 @@ def test_lora_on_the_default_candidates_of_a_network_with_depthwise_convolutions
     _, check = merge_adapters(wrapped, inputs)
     assert check["passed"]
 
+def test_named_grouped_convolutions_take_no_adapters_where_the_export_merges_them(tmp_path: Path, caplog) -> None:
+    """peft adapts a grouped convolution named in targetModules (at a rank divisible by its groups) but cannot merge
+    it: the export rearrange.mergeOnExport asks for raised NotImplementedError after all of training, every retry."""
+    task = Task.IMAGE_CLASSIFICATION
+    model = load_model(ModelSpec(task="image-classification", architecture="mobilenet_v3_small"), None, seed=0)
+    head, layers = head_name(model, task), depth(model, task)
+
+    def targets(names: list[str], merging: bool) -> list[str]:
+        lora = LoraSpec(rank=16, targetModules=names)
+        return lora_targets(model, lora, task, FreezeSpec(), layers, head, merging=merging)
+
+    grouped = "features.1.block.0.0"  # depthwise: 16 groups
+    with pytest.raises(ConfigError, match=rf"^rearrange.lora.targetModules \['{grouped}'\]: they name grouped "
+                                          rf"convolutions \(net.{grouped}, ...\), whose adapters peft cannot merge"):
+        targets([grouped], merging=True)
+    with caplog.at_level(logging.WARNING):
+        assert targets([grouped, "features.0.0"], merging=True) == ["net.features.0.0"]
+    assert f"no adapters on 1 of the 2 modules named, grouped convolutions, whose adapters peft cannot merge as " \
+           f"rearrange.mergeOnExport asks (net.{grouped}, ...)" in caplog.text
+    assert targets([grouped], merging=False) == [f"net.{grouped}"]  # exported apart: never merged
+    doc = {"model": {"task": "image-classification", "architecture": "mobilenet_v3_small"},
+           "dataset": {"uri": "pvc://data/digits", "imageSize": 32, "maxTrainSamples": 8, "maxEvalSamples": 8},
+           "rearrange": {"lora": {"rank": 16, "targetModules": [grouped]}}, "evaluation": {"baseline": False},
+           "training": {"maxSteps": 1, "batchSize": 4}, "output": {"uri": str(tmp_path / "out")}}
+    with pytest.raises(ConfigError, match=r"rearrange.mergeOnExport false$"):
+        pipeline.run(TrainerConfig.model_validate(doc), tmp_path / "out")
+
+
 def test_an_exported_image_classifier_loads_again_as_model_uri(pvc_root: Path, tmp_path: Path) -> None:
     """The export's config.json says how many labels its head has and which network it is, so the folder loads as
     model.uri (to fine-tune further or evaluate), with or without model.architecture, instead of failing on a

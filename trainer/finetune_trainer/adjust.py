@@ -78,9 +78,10 @@ def adaptable(candidates: list[str], spec: FreezeSpec, depth: Depth, head: str |
 
 
 def lora_targets(model: nn.Module, lora: LoraSpec, task: Task, spec: FreezeSpec, depth: Depth,
-                 head: str | None, new: tuple[str, ...] = ()) -> list[str]:
+                 head: str | None, new: tuple[str, ...] = (), *, merging: bool = False) -> list[str]:
     """The modules to adapt: those `lora.target_modules` names (peft's rule for a list: a module's name or its last
-    parts), else every LoRA candidate; in either case only those the freeze leaves training. The head and the `new`
+    parts), else every LoRA candidate; in either case only those the freeze leaves training, and where the export
+    merges the adapters (`merging`: rearrange.mergeOnExport) only those peft can merge. The head and the `new`
     modules named are left to add_adapters, which trains them whole whatever the freeze."""
     names = lora.target_modules
     if not names:
@@ -90,6 +91,8 @@ def lora_targets(model: nn.Module, lora: LoraSpec, task: Task, spec: FreezeSpec,
         return list(names)  # peft says that they match nothing
     whole = trained_whole(head, new)
     named = called([m for m in matched if not within(m, whole)], names, model)
+    if merging:
+        named = mergeable(named, names, model)
     strategy = spec.strategy.value
     kept = kept_named(named, adaptable(named, spec, depth, head), names,
                       refusal=f"adjust.freeze (strategy {strategy}) freezes every module they name that would take an "
@@ -109,6 +112,17 @@ def called(named: list[str], names: list[str], model: nn.Module) -> list[str]:
                               "layers)",
                       reason="whose weights their attention reads without calling them, so an adapter gets no "
                              "gradient")
+
+
+def mergeable(named: list[str], names: list[str], model: nn.Module) -> list[str]:
+    """The modules `named` in rearrange.lora.targetModules less the grouped convolutions (MobileNet's depthwise ones,
+    which lora_candidates leaves out), which are warned of, or refused where nothing else is named: peft cannot merge
+    their adapters, and the export that rearrange.mergeOnExport asks for failed after all of training."""
+    return kept_named(named, [m for m in named if getattr(model.get_submodule(m), "groups", 1) == 1], names,
+                      refusal="they name grouped convolutions ({first}, ...), whose adapters peft cannot merge into "
+                              "the weights as rearrange.mergeOnExport asks; name others or set "
+                              "rearrange.mergeOnExport false",
+                      reason="grouped convolutions, whose adapters peft cannot merge as rearrange.mergeOnExport asks")
 
 
 def kept_named(named: list[str], kept: list[str], names: list[str], refusal: str, reason: str) -> list[str]:

@@ -365,7 +365,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         freeze_checked(model, cfg.adjust.freeze, layers, head, new, loaded, unmatched)
         progress.message["pruning"] = {"removedLayers": pruning["removed_layers"]}
     if cfg.rearrange.lora is not None:
-        targets = lora_targets(model, cfg.rearrange.lora, task, cfg.adjust.freeze, layers, head, new)
+        targets = lora_targets(model, cfg.rearrange.lora, task, cfg.adjust.freeze, layers, head, new,
+                               merging=cfg.rearrange.merge_on_export)
         model = add_adapters(model, cfg.rearrange.lora, targets, head, new)
         freeze(model, cfg.adjust.freeze, layers, head, new)
         if form := FORMS.get(world.device.type):  # other devices keep peft's own path
