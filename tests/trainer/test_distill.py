@@ -271,6 +271,29 @@ def test_an_output_that_is_the_models_or_the_teachers_folder_by_another_name_is_
     assert {p.name: p.read_bytes() for p in folder.iterdir()} == before
 
 
+@pytest.mark.parametrize("field", ["model.uri", "training.distillation.teacher.uri"])
+def test_an_output_that_holds_the_weights_file_read_is_refused(field: str, tmp_path: Path) -> None:
+    """A weights file as model.uri (or the teacher's) in the output folder: the literal rule compares strings and the
+    folder check skipped files, so the export overwrote the weights the run read, and a retry fine-tuned the export."""
+    from safetensors.torch import save_file
+
+    folder = tmp_path / "det"
+    folder.mkdir()
+    net = load_model(ModelSpec(task=Task.IMAGE_CLASSIFICATION, architecture="resnet18"), None, seed=0).net
+    save_file(net.state_dict(), folder / "model.safetensors")
+    before = (folder / "model.safetensors").read_bytes()
+    doc = {"model": {"task": "image-classification", "architecture": "resnet18"},
+           "dataset": {"uri": "pvc://data/digits", "imageSize": 32, "maxTrainSamples": 8, "maxEvalSamples": 8},
+           "training": {"maxSteps": 1, "batchSize": 4}, "output": {"uri": str(folder)}}
+    if field == "model.uri":
+        doc["model"]["uri"] = f"file://{folder}/model.safetensors"
+    else:
+        doc["training"]["distillation"] = {"teacher": {"uri": str(folder / "model.safetensors")}}
+    with pytest.raises(ConfigError, match=rf"^output.uri \(or --output\): {folder} is the folder of {field} "):
+        pipeline.run(TrainerConfig.model_validate(doc), folder)
+    assert (folder / "model.safetensors").read_bytes() == before
+
+
 # ---- teachers refused -----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -478,7 +478,8 @@ UNWRITABLE = {errno.ENOTDIR, errno.EEXIST, errno.EACCES, errno.EPERM, errno.EROF
 def check_output_apart(cfg: TrainerConfig, out: Path) -> None:
     """The output folder is not the model's or the teacher's: the export would overwrite what the run reads, and a
     retry would fine-tune the export. Compared as folders on this machine, so that other spellings of one folder
-    (file:// and a path, '//', '/./', a link, --output), which the CRD's literal rule lets through, are caught."""
+    (file:// and a path, '//', '/./', a link, --output), which the CRD's literal rule lets through, are caught; a
+    weights file's folder is the one compared (model.uri .../det/model.safetensors, output .../det)."""
     read = {"model.uri": cfg.model.uri}
     if cfg.training.distillation is not None:
         read["training.distillation.teacher.uri"] = cfg.training.distillation.teacher.uri
@@ -486,6 +487,7 @@ def check_output_apart(cfg: TrainerConfig, out: Path) -> None:
         if uri is None or uri.startswith("hf://"):
             continue
         folder = local_path(uri)
+        folder = folder.parent if folder.is_file() else folder
         if folder.is_dir() and out.is_dir() and os.path.samefile(folder, out):
             raise ConfigError(f"output.uri (or --output): {out} is the folder of {field} {uri}: the export would "
                               "overwrite it; give the output a folder of its own")
