@@ -533,25 +533,68 @@ def test_regex_freezing_keeps_adapters_off_the_frozen_modules(bert) -> None:
 TINY_DISTILBERT = {"dim": 32, "hidden_dim": 64, "n_layers": 2, "n_heads": 2, "max_position_embeddings": 64}
 
 
-@pytest.mark.parametrize("targets", [["q_lin", "v_lin"], ["q_lin", "pre_classifier"]])
-def test_distilberts_pre_classifier_is_not_taken_for_its_head(targets: list[str], tmp_path: Path) -> None:
-    """peft keeps whole the modules whose names end with the head's: DistilBERT's pre_classifier ends with
-    classifier. Only the head trains whole; pre_classifier takes an adapter when named, else stays frozen."""
+def distilbert_adapted(targets: list[str], merging: bool,
+                       base: Path | None = None) -> tuple[nn.Module, Any, dict[str, torch.Tensor]]:
+    """A tiny DistilBERT (pre_classifier, then the classifier head), saved into `base` where given, with adapters on
+    `targets`, a step's gradients, adapters as if trained, and a batch."""
     model, tokenizer = text_model(Task.SEQUENCE_CLASSIFICATION, TINY_DISTILBERT, "distilbert")
+    if base is not None:
+        model.save_pretrained(base)
     task, lora = Task.SEQUENCE_CLASSIFICATION, LoraSpec(rank=2, targetModules=targets)
     head = head_name(model, task)
-    wrapped = add_adapters(model, lora, lora_targets(model, lora, task, FreezeSpec(), depth(model, task), head), head)
-    trained = {canonical(n) for n, p in wrapped.named_parameters() if p.requires_grad}
-    assert {n for n in trained if "lora_" not in n} == {"classifier.weight", "classifier.bias"}
-    assert any(n.startswith("pre_classifier.lora_A") for n in trained) == ("pre_classifier" in targets)
+    targeted = lora_targets(model, lora, task, FreezeSpec(), depth(model, task), head, merging=merging)
+    wrapped = add_adapters(model, lora, targeted, head)
     _, _, batches = text_batches(tokenizer, task, [0, 1] * 10)
     logits_of(wrapped.train(), batches[0].inputs).sum().backward()
-    doc = tiny_classifier_doc(tmp_path)
+    as_if_trained(wrapped)
+    return wrapped, tokenizer, batches[0].inputs
+
+
+def trained_whole_names(wrapped: nn.Module) -> set[str]:
+    return {canonical(n) for n, p in wrapped.named_parameters() if p.requires_grad and "lora_" not in n}
+
+
+def test_distilberts_pre_classifier_is_not_taken_for_its_head_and_its_adapters_kept_apart_load(tmp_path: Path) -> None:
+    """peft keeps whole every module whose name ends with the head's: DistilBERT's pre_classifier ends with
+    classifier, and trained whole unasked. The head alone trains whole; pre_classifier stays frozen, and is saved
+    with the adapters as it was, since PeftModel.from_pretrained takes it for the head too and loads it from them."""
+    from peft import PeftModel
+    from transformers import AutoModelForSequenceClassification
+
+    wrapped, tokenizer, inputs = distilbert_adapted(["q_lin", "v_lin"], merging=False, base=tmp_path / "base")
+    assert trained_whole_names(wrapped) == {"classifier.weight", "classifier.bias"}
+    logits = logits_of(wrapped.eval(), inputs)
+    doc = tiny_classifier_doc(tmp_path / "out")
     doc["rearrange"] = {"lora": {"rank": 2}, "mergeOnExport": False}
-    export_model(wrapped, tokenizer, {0: "neg", 1: "pos"}, TrainerConfig.model_validate(doc), tmp_path)
-    saved = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
-    assert {k for k in saved if "lora_" not in k} == {"base_model.model.classifier.weight",
-                                                      "base_model.model.classifier.bias"}
+    export_model(wrapped, tokenizer, {0: "neg", 1: "pos"}, TrainerConfig.model_validate(doc), tmp_path / "out")
+    base = AutoModelForSequenceClassification.from_pretrained(tmp_path / "base")
+    loaded = PeftModel.from_pretrained(base, tmp_path / "out" / "adapter").eval()
+    torch.testing.assert_close(logits_of(loaded, inputs), logits)
+
+
+def test_distilberts_pre_classifier_takes_an_adapter_where_the_export_merges_it(tmp_path: Path, caplog) -> None:
+    """Adapted, pre_classifier cannot be kept whole as well: peft raised TypeError (exit 2, retried). It trains its
+    adapter and merges; kept apart, the adapters would not load (peft wraps it as the head), so it is left out."""
+    from transformers import AutoModelForSequenceClassification
+
+    wrapped, tokenizer, inputs = distilbert_adapted(["q_lin", "pre_classifier"], merging=True)
+    assert trained_whole_names(wrapped) == {"classifier.weight", "classifier.bias"}
+    assert any(n.startswith("base_model.model.pre_classifier.lora_A") for n, p in wrapped.named_parameters()
+               if p.requires_grad)
+    logits = logits_of(wrapped.eval(), inputs)
+    merged, check = merge_adapters(wrapped, inputs)
+    assert check["passed"]
+    export_model(merged, tokenizer, {0: "neg", 1: "pos"}, TrainerConfig.model_validate(tiny_classifier_doc(tmp_path)),
+                 tmp_path)
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits_of(exported, inputs), logits, atol=1e-5, rtol=1e-4)
+    with caplog.at_level(logging.WARNING):
+        apart, _, _ = distilbert_adapted(["q_lin", "pre_classifier"], merging=False)
+    assert "no adapters on 1 of the 3 modules named, which peft takes for a module trained whole" in caplog.text
+    assert not any("pre_classifier.lora_" in n for n, _ in apart.named_parameters())
+    with pytest.raises(ConfigError, match=r"^rearrange.lora.targetModules \['pre_classifier'\]: peft takes the "
+                                          r"modules they name \(pre_classifier, ...\) for a module trained whole"):
+        distilbert_adapted(["pre_classifier"], merging=False)
 
 
 def test_new_head_lora_and_a_checked_merge(bert, tmp_path: Path) -> None:

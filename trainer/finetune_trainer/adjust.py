@@ -15,7 +15,8 @@ from torch import nn
 
 from finetune_trainer.config import AdjustSpec, FreezeSpec, FreezeStrategy, LoraSpec, Task
 from finetune_trainer.errors import ConfigError
-from finetune_trainer.structure import Depth, canonical, lora_candidates, trained_whole, under, unread_layers, within
+from finetune_trainer.structure import (Depth, canonical, lora_candidates, taken_for_whole, trained_whole, under,
+                                        unread_layers, within)
 
 log = logging.getLogger(__name__)
 
@@ -78,21 +79,22 @@ def adaptable(candidates: list[str], spec: FreezeSpec, depth: Depth, head: str |
 
 
 def lora_targets(model: nn.Module, lora: LoraSpec, task: Task, spec: FreezeSpec, depth: Depth,
-                 head: str | None, new: tuple[str, ...] = (), *, merging: bool = False) -> list[str]:
+                 head: str | None, new: tuple[str, ...] = (), *, merging: bool = True) -> list[str]:
     """The modules to adapt: those `lora.target_modules` names (peft's rule for a list: a module's name or its last
-    parts), else every LoRA candidate; in either case only those the freeze leaves training, and where the export
-    merges the adapters (`merging`: rearrange.mergeOnExport) only those peft can merge. The head and the `new`
-    modules named are left to add_adapters, which trains them whole whatever the freeze."""
+    parts), else every LoRA candidate; in either case only those the freeze leaves training. Where the export merges
+    the adapters (`merging`: rearrange.mergeOnExport), only those peft can merge; else only those it can load
+    apart (not taken_for_whole). The head and the `new` modules named are left to add_adapters, which trains them
+    whole whatever the freeze."""
     names = lora.target_modules
+    whole = trained_whole(head, new)
     if not names:
-        return adaptable(list(lora_candidates(model, task)), spec, depth, head)
+        candidates = [m for m in lora_candidates(model, task) if merging or not taken_for_whole(m, whole)]
+        return adaptable(candidates, spec, depth, head)
     matched = [m for m, _ in model.named_modules() if any(m == n or m.endswith("." + n) for n in names)]
     if not matched:
         return list(names)  # peft says that they match nothing
-    whole = trained_whole(head, new)
     named = called([m for m in matched if not within(m, whole)], names, model)
-    if merging:
-        named = mergeable(named, names, model)
+    named = mergeable(named, names, model) if merging else loadable(named, names, whole)
     strategy = spec.strategy.value
     kept = kept_named(named, adaptable(named, spec, depth, head), names,
                       refusal=f"adjust.freeze (strategy {strategy}) freezes every module they name that would take an "
@@ -123,6 +125,18 @@ def mergeable(named: list[str], names: list[str], model: nn.Module) -> list[str]
                               "the weights as rearrange.mergeOnExport asks; name others or set "
                               "rearrange.mergeOnExport false",
                       reason="grouped convolutions, whose adapters peft cannot merge as rearrange.mergeOnExport asks")
+
+
+def loadable(named: list[str], names: list[str], whole: tuple[str, ...]) -> list[str]:
+    """The modules `named` in rearrange.lora.targetModules less those peft takes for a module trained `whole`
+    (taken_for_whole), which are warned of, or refused where nothing else is named: the adapters kept apart
+    (rearrange.mergeOnExport false) would not load, as peft cannot keep an adapted module whole."""
+    return kept_named(named, [m for m in named if not taken_for_whole(m, whole)], names,
+                      refusal="peft takes the modules they name ({first}, ...) for a module trained whole (a name "
+                              "ending with the head's), so the adapters kept apart would not load; name others or "
+                              "set rearrange.mergeOnExport true",
+                      reason="which peft takes for a module trained whole (a name ending with the head's), so the "
+                             "adapters kept apart would not load")
 
 
 def kept_named(named: list[str], kept: list[str], names: list[str], refusal: str, reason: str) -> list[str]:

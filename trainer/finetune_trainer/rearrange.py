@@ -16,7 +16,7 @@ from finetune_trainer.config import LoraSpec, LoraVariant
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.export import kept_in_fp32
 from finetune_trainer.models import logits_of
-from finetune_trainer.structure import trained_whole, within
+from finetune_trainer.structure import taken_for_whole, trained_whole, within
 
 log = logging.getLogger(__name__)
 
@@ -93,18 +93,24 @@ def inside(modules: tuple[str, ...]) -> str | None:
 def keep_whole(wrapped: nn.Module, modules: tuple[str, ...]) -> None:
     """Train `modules` whole, as peft's modules_to_save does, but matched by their full names: peft matches the end of
     a name with no dot boundary, so `classifier` took DistilBERT's pre_classifier too (trained whole unasked, or a
-    TypeError where it takes an adapter)."""
+    TypeError where it takes an adapter). What peft takes for them and has no adapter is wrapped frozen: saved with
+    the adapters, unchanged, as PeftModel.from_pretrained wraps it too and loads its weights from them."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import ModulesToSaveWrapper
 
     adapter = wrapped.active_adapter
     base = wrapped.base_model.model
-    for name in modules:
+    taken = [name for name, m in base.named_modules()
+             if taken_for_whole(name, modules) and not isinstance(m, BaseTunerLayer)]  # adapted: merged on export
+    for name in (*modules, *taken):
         parent, _, leaf = name.rpartition(".")
         owner = base.get_submodule(parent) if parent else base
         wrapper = ModulesToSaveWrapper(getattr(owner, leaf), adapter)
         wrapper.set_adapter(adapter)
+        if name in taken:
+            wrapper.requires_grad_(False)
         setattr(owner, leaf, wrapper)
-    # Saved in adapter_config.json, for PeftModel.from_pretrained to put the head saved whole back
+    # Saved in adapter_config.json, for PeftModel.from_pretrained to put the modules saved whole back
     wrapped.peft_config[adapter].modules_to_save = list(modules) or None
 
 

@@ -42,6 +42,13 @@ def trained_whole(head: str | None, new: tuple[str, ...]) -> tuple[str, ...]:
     return tuple(m for m in dict.fromkeys((head, *new)) if m is not None)
 
 
+def taken_for_whole(name: str, whole: tuple[str, ...]) -> bool:
+    """Whether peft's modules_to_save rule, a name's end with no dot boundary, takes module `name` for one of the
+    modules trained `whole` though it is none of them (DistilBERT's pre_classifier for its classifier):
+    PeftModel.from_pretrained wraps it as well, to load its weights from the adapters'."""
+    return name not in whole and any(name.endswith(w) for w in whole)
+
+
 def lora_types() -> tuple[type[nn.Module], ...]:
     from transformers.pytorch_utils import Conv1D  # GPT-2's transposed linear layer
 
