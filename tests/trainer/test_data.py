@@ -428,6 +428,54 @@ def test_a_pool_folder_that_the_class_folders_link_into_is_no_class(tmp_path: Pa
     assert read_from(data.train.inputs + data.validation.inputs + data.test.inputs, tmp_path) == cats_and_dogs_in()
 
 
+def tiny_images(folder: Path, names: list[str], count: int) -> None:
+    """`count` copies of one tiny image in each folder `names` of `folder`."""
+    from PIL import Image
+
+    Image.new("RGB", (4, 4)).save(image := folder / "image.png")
+    for name in names:
+        (folder / name).mkdir()
+        for i in range(count):
+            shutil.copyfile(image, folder / name / f"{i}.png")
+    image.unlink()
+
+
+@pytest.mark.parametrize("pooled", [False, True])
+def test_linked_class_folders_cost_a_load_no_comparison_per_link_and_image(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, pooled: bool) -> None:
+    """Each of 1,000 class links to folders elsewhere was compared with every link's target, thrice a load (18 s, not
+    0.3 s), and each image of a pool/ that they link into with every target too (133 s for 20,000 images)."""
+    classes = [f"c{c:03d}" for c in range(200)]
+    (store := tmp_path / ("ds/pool" if pooled else "store")).mkdir(parents=True)
+    tiny_images(store, classes, 5)
+    (folder := tmp_path / "ds" / ("" if pooled else "train")).mkdir(parents=True, exist_ok=True)
+    for name in classes:
+        (folder / name).symlink_to(store / name)
+    commonpath, compared = os.path.commonpath, []
+    monkeypatch.setattr(os.path, "commonpath", lambda paths: compared.append(paths) or commonpath(paths))
+    assert len(load_images(tmp_path / "ds").id2label) == len(classes)
+    assert len(compared) < 10 * len(classes)
+
+
+def test_a_folder_that_split_folders_link_into_is_not_walked_through_them(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """train -> v3/train and test -> v3/test: finding v3 no split listed every folder below it too, where finding a
+    folder of images stops at its first (41,000 entries listed for a release layout became 62,000)."""
+    for split in ("train", "test"):
+        (tmp_path / "v3" / split).mkdir(parents=True)
+        tiny_images(tmp_path / "v3" / split, ["Cat", "Dog"], 5)
+        (tmp_path / split).symlink_to(f"v3/{split}")
+    scandir, listed = os.scandir, []
+
+    def counted(path: str | os.PathLike[str] = ".") -> object:
+        listed.append(os.path.realpath(path))
+        return scandir(path)
+
+    monkeypatch.setattr(os, "scandir", counted)
+    load_images(tmp_path)
+    assert listed.count(str(tmp_path / "v3" / "test" / "Dog")) == 2  # by the dataset's walk, and as its class
+
+
 @pytest.mark.parametrize("layout", ["parquet splits", "image folder"])
 def test_a_folder_dataset_is_walked_once_a_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
     """The format, the splits and the parquet class names each walked the whole folder (three walks of a hub repo of

@@ -412,6 +412,13 @@ def files_below(folder: Path) -> Iterator[Path]:
     """The entries (not hidden) of the data folders below `folder` (data_folder), in sorted order, through folders
     linked in from elsewhere (a split), which Path.rglob skipped, as it skipped a folder it may not read: a
     PermissionError."""
+    for root, _, files in walk_below(folder):
+        yield from (Path(root, name) for name in files)
+
+
+def walk_below(folder: Path) -> Iterator[tuple[str, list[str], list[str]]]:
+    """os.walk of files_below's folders and files; a caller may empty a folder's list of subfolders to walk none of
+    them."""
     def refuse(exc: OSError) -> None:
         raise exc
 
@@ -420,7 +427,7 @@ def files_below(folder: Path) -> Iterator[Path]:
     for root, dirs, files in os.walk(folder, onerror=refuse, followlinks=True):
         dirs[:] = [name for name in sorted(dirs)
                    if data_folder(name) and entered(os.path.join(root, name), top, walked)]
-        yield from (Path(root, name) for name in files if not name.startswith("."))
+        yield root, dirs, [name for name in files if not name.startswith(".")]
 
 
 def entered(path: str, top: str, walked: set[str]) -> bool:
@@ -880,18 +887,29 @@ def data_folders(path: Path) -> list[Path]:
     whose images are all read through the links beside it into it (a release v3/ that train -> v3/train and
     test -> v3/test link into, a pool/ of cat -> pool/cat and dog -> pool/dog), which is none itself."""
     folders = [d for d in sorted(path.iterdir()) if d.is_dir() and data_folder(d.name)]
-    targets = [os.path.realpath(d) for d in folders if d.is_symlink()]
-    return [d for d in folders if not linked_into(d, targets)]
+    targets = {os.path.realpath(d) for d in folders if d.is_symlink()}
+    # a real folder holds targets only where its real path is above one: a lookup each, not a walk each
+    above = {str(p) for t in targets for p in Path(t).parents}
+    return [d for d in folders
+            if d.is_symlink() or os.path.realpath(d) not in above or not linked_into(d, targets)]
 
 
-def linked_into(folder: Path, targets: list[str]) -> bool:
-    """Whether `folder` is a real folder whose images all lie in the folders `targets`, below it."""
-    real = os.path.realpath(folder)
-    inside = [t for t in targets if t != real and within(t, real)]
-    if not inside or folder.is_symlink():
-        return False
-    images = real_places(str(p) for p in files_below(folder) if p.suffix.lower() in IMAGE_SUFFIXES)
-    return all(any(within(image, t) for t in inside) for image in images)
+def linked_into(folder: Path, targets: set[str]) -> bool:
+    """Whether the real `folder` holds images only in the real folders `targets` below it: its other folders walked,
+    to their first image (as has_images), not the targets. A folder it may not list is refused, as the dataset's
+    walk (Found) refused it already."""
+    inside = targets - {os.path.realpath(folder)}  # kitty -> cat beside tabby -> cat/tabby: cat is a class
+    for root, dirs, files in walk_below(folder):
+        if lies_in(os.path.realpath(root), inside):
+            dirs.clear()
+        elif any(Path(root, name).suffix.lower() in IMAGE_SUFFIXES and Path(root, name).is_file() for name in files):
+            return False
+    return True
+
+
+def lies_in(path: str, folders: set[str]) -> bool:
+    """Whether the real `path` is one of the real `folders` or below one: its parents looked up in them."""
+    return path in folders or any(str(p) in folders for p in Path(path).parents)
 
 
 def folder_splits(folders: list[Path]) -> list[str | None]:
