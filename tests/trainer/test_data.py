@@ -369,6 +369,47 @@ def test_a_split_folder_linked_to_another_split_is_read_once_and_said(
                                        "not read again, as the validation split") in caplog.text
 
 
+@pytest.mark.parametrize("layout", ["release", "test to validation", "both elsewhere"])
+def test_a_folder_that_validation_and_test_share_is_the_test_split(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, layout: str) -> None:
+    """validation -> test beside test -> .versions/v3/test, both links, read test's images as the validation split
+    and held a test split of one image out of train; so test -> validation, and both linked to one folder elsewhere.
+    The final score is on the test split: it reads the shared folder, and validation is held out of train."""
+    ds = tmp_path / "ds"
+    if layout == "release":
+        split_folders(ds / ".versions" / "v3", "train", "test")
+        for split in ("train", "test"):
+            (ds / split).symlink_to(f".versions/v3/{split}")
+        (ds / "validation").symlink_to("test")
+        shared, link = ds / ".versions" / "v3" / "test", ds / "validation"
+    elif layout == "test to validation":
+        split_folders(ds, "train", "validation")
+        (ds / "test").symlink_to("validation")
+        shared, link = ds / "validation", ds / "test"
+    else:
+        split_folders(ds, "train")
+        split_folders(tmp_path, "eval")
+        for split in ("validation", "test"):
+            (ds / split).symlink_to(tmp_path / "eval")
+        shared, link = tmp_path / "eval", ds / "validation"
+    data = load_images(ds)
+    assert read_from(data.test.inputs, ds) == cats_and_dogs_in("test")
+    assert read_from(data.train.inputs + data.validation.inputs, ds) == cats_and_dogs_in("train")
+    assert data.validation.inputs and (f"{link} links to {shared}, read as the test split: not read again, as the "
+                                       "validation split") in caplog.text
+
+
+def test_a_train_split_linked_to_test_is_the_train_split(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """train -> test left no train split (a KeyError): nothing is learnt without it, and test is held out of it."""
+    split_folders(tmp_path, "validation", "test")
+    (tmp_path / "train").symlink_to("test")
+    data = load_images(tmp_path)
+    assert read_from(data.train.inputs + data.test.inputs, tmp_path) == cats_and_dogs_in("train")
+    assert read_from(data.validation.inputs, tmp_path) == cats_and_dogs_in("validation")
+    assert data.test.inputs and (f"{tmp_path}/train links to {tmp_path}/test, read as the train split: not read "
+                                 "again, as the test split") in caplog.text
+
+
 @pytest.mark.parametrize("pooled", [False, True])
 def test_a_class_folder_of_test_linked_to_trains_is_refused(tmp_path: Path, pooled: bool) -> None:
     """test/Cat -> ../train/Cat read train's cats into test too: the model was scored on images it trained on. So

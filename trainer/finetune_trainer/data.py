@@ -780,7 +780,10 @@ def read_image_splits(path: Path) -> dict[str, pd.DataFrame]:
     for folder in (d for d in folders if d not in labelled.values()):
         log.warning("%s: its images are in no class folder of a split, so unlabelled: not used", folder)
     splits = {name: labelled[name] for name in (TRAIN, VALIDATION, TEST) if name in labelled}
-    return read_image_tables(path, distinct_folders(splits, "the {} split"))
+    # train first (without it nothing is learnt; test is then held out of it), then test before validation: the
+    # final score is honest on the test split, where early stopping's was on held out train
+    claims = [name for name in (TRAIN, TEST, VALIDATION) if name in splits]
+    return read_image_tables(path, distinct_folders(splits, "the {} split", claims))
 
 
 def read_image_tables(path: Path, splits: dict[str, Path]) -> dict[str, pd.DataFrame]:
@@ -790,15 +793,17 @@ def read_image_tables(path: Path, splits: dict[str, Path]) -> dict[str, pd.DataF
     return tables
 
 
-def distinct_folders(folders: dict[str, Path], role: str) -> dict[str, Path]:
-    """The split or class folders by name, less a link to a folder read already as another (`role`, formatted with
-    its name), real folders first, which is said: validation -> test made test's images the validation split
-    (early stopping chose on the test set), kitty -> cat a third class of cat's images. Skipped, nothing is read
-    wrong: the validation split is then held out of train, and cat's images are read once, as cat."""
+def distinct_folders(folders: dict[str, Path], role: str, claims: list[str]) -> dict[str, Path]:
+    """The split or class folders by name, less those whose real folder another reads: of the names that share one,
+    the first in `claims` reads it, and the others are skipped, which is said (`role`, formatted with a name).
+    validation -> test made test's images the validation split (early stopping chose on the test set), kitty -> cat
+    a third class of cat's images. Skipped, nothing is read wrong: the validation split is then held out of train,
+    and cat's images are read once, as cat."""
     read: dict[str, str] = {}  # a folder's real path: its name
-    for name, folder in sorted(folders.items(), key=lambda item: item[1].is_symlink()):
-        if (real := os.path.realpath(folder)) in read:
-            log.warning("%s links to %s, read as %s: not read again, as %s", folder, real,
+    for name in claims:
+        if (real := os.path.realpath(folder := folders[name])) in read:
+            link = folder if folder.is_symlink() else folders[read[real]]  # test -> validation: test names it
+            log.warning("%s links to %s, read as %s: not read again, as %s", link, real,
                         role.format(read[real]), role.format(name))
         else:
             read[real] = name
@@ -850,7 +855,9 @@ def warn_splits_read_as_classes(path: Path, folders: list[Path]) -> None:
 
 def read_image_folder(path: Path) -> pd.DataFrame:
     rows, empty = [], []
-    for class_dir in distinct_folders({d.name: d for d in data_folders(path)}, "class {}").values():
+    classes = {d.name: d for d in data_folders(path)}
+    real_first = sorted(classes, key=lambda name: classes[name].is_symlink())  # kitty -> cat: cat names it
+    for class_dir in distinct_folders(classes, "class {}", real_first).values():
         images = list(Found(class_dir).files(IMAGE_SUFFIXES))  # its subfolders' too, as torchvision's ImageFolder
         rows += [{IMAGE_COLUMN: str(image), "label": class_dir.name} for image in images]
         if not images:
