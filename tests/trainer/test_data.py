@@ -436,6 +436,17 @@ def test_a_folder_in_a_class_linked_to_another_class_is_refused(tmp_path: Path) 
         load_images(tmp_path)
 
 
+def test_a_folder_in_a_class_linked_to_a_class_of_a_linked_split_is_refused_naming_it(tmp_path: Path) -> None:
+    """train/Cat/more -> ../../test/Cat beside test -> /elsewhere/test: the refusal named test, the link that is no
+    fault, as the link to remove."""
+    split_folders(ds := tmp_path / "ds", "train")
+    split_folders(tmp_path / "elsewhere", "test")
+    (ds / "test").symlink_to(tmp_path / "elsewhere" / "test")
+    (ds / "train" / "Cat" / "more").symlink_to("../../test/Cat")
+    with pytest.raises(DataError, match=rf"^{ds}: {ds}/train/Cat/more links to {tmp_path}/elsewhere/test/Cat, "):
+        load_images(ds)
+
+
 def test_split_folders_linked_into_a_release_folder_are_read(tmp_path: Path) -> None:
     """train -> v3/train and test -> v3/test: the splits, of their classes; v3 is neither a split nor a class."""
     split_folders(tmp_path / "v3", "train", "test")

@@ -22,7 +22,7 @@ import zlib
 from collections.abc import Hashable, Iterable, Iterator, Sized
 from dataclasses import dataclass
 from decimal import Decimal
-from itertools import islice, takewhile
+from itertools import islice
 from numbers import Number
 from pathlib import Path
 from typing import Any
@@ -789,7 +789,7 @@ def read_image_splits(path: Path) -> dict[str, pd.DataFrame]:
 def read_image_tables(path: Path, splits: dict[str, Path]) -> dict[str, pd.DataFrame]:
     """The image dataset `path`'s tables of its split folders `splits`, each image read once."""
     tables = {name: read_image_folder(folder) for name, folder in splits.items()}
-    check_read_once(path, tables)
+    check_read_once(path, splits, tables)
     return tables
 
 
@@ -810,7 +810,7 @@ def distinct_folders(folders: dict[str, Path], role: str, claims: list[str]) -> 
     return {name: folder for name, folder in folders.items() if name in read.values()}
 
 
-def check_read_once(path: Path, tables: dict[str, pd.DataFrame]) -> None:
+def check_read_once(path: Path, splits: dict[str, Path], tables: dict[str, pd.DataFrame]) -> None:
     """Refuse an image that a folder link reads in two splits or as two classes: test/cat -> ../train/cat read
     train's cats into test too (the model scored on images it trained on), cat/more -> ../dog read dog's images as
     cats too. Refused, not skipped as a linked split or class is (distinct_folders): which read is meant is the
@@ -819,10 +819,30 @@ def check_read_once(path: Path, tables: dict[str, pd.DataFrame]) -> None:
     for name, table in tables.items():
         for image, label, place in zip(table[IMAGE_COLUMN], table["label"], real_places(table[IMAGE_COLUMN])):
             if (first := read.setdefault(place, (name, label, image)))[:2] != (name, label):
-                link = link_between(path, image, first[2])
-                raise DataError(f"{path}: {link} links to {os.path.realpath(link)}, which reads {place} as class "
-                                f"{label} of the {name} split and as class {first[1]} of the {first[0]} split; an "
-                                "image is read once, as one class of one split: remove the link")
+                raise DataError(f"{path}: {read_twice(splits, place, (name, label, image), first)}")
+
+
+def read_twice(splits: dict[str, Path], place: str, *reads: tuple[str, str, str]) -> str:
+    """Why the image at `place` is read twice (`reads`, by split, class and path), by the link to blame: one inside
+    a class folder (cat/more -> ../dog, not the test -> /elsewhere/test above the other path), else a class folder's
+    (test/cat -> ../train/cat)."""
+    entries = entered_by(*(image for _, _, image in reads))
+    inside = [e for e, (split, label, _) in zip(entries, reads) if splits[split] / label in e.parents]
+    link = next((e for e in inside if e.is_symlink()), entries[0] if entries[0].is_symlink() else entries[1])
+    return (f"{link} links to {os.path.realpath(link)}, which reads {place} as "
+            f"{' and as '.join(f'class {label} of the {split} split' for split, label, _ in reads)}; an image is "
+            "read once, as one class of one split: remove the link")
+
+
+def entered_by(*images: str) -> list[Path]:
+    """The folders through which the paths `images` of one image (real_places) come into the real folder it lies
+    in: their highest folders that are one real folder, level by level up from the image's; one of them a link."""
+    chains = [Path(image).parents for image in images]
+    level = 0
+    while (all(level + 1 < len(c) for c in chains)
+           and len({os.path.realpath(c[level + 1]) for c in chains}) == 1):
+        level += 1
+    return [c[level] for c in chains]
 
 
 def real_places(images: Iterable[str]) -> list[str]:
@@ -831,12 +851,6 @@ def real_places(images: Iterable[str]) -> list[str]:
     images = list(images)
     folders = {folder: os.path.realpath(folder) for folder in {os.path.dirname(image) for image in images}}
     return [os.path.join(folders[os.path.dirname(image)], os.path.basename(image)) for image in images]
-
-
-def link_between(path: Path, *images: str) -> Path:
-    """The innermost linked folder below the dataset `path` that the first of `images` read through one is read
-    through: two paths of one image (real_places) differ by one."""
-    return next(d for image in images for d in takewhile(lambda d: d != path, Path(image).parents) if d.is_symlink())
 
 
 def warn_splits_read_as_classes(path: Path, folders: list[Path]) -> None:
