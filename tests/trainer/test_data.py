@@ -427,12 +427,27 @@ def test_a_class_folder_of_test_linked_to_trains_is_refused(tmp_path: Path, pool
 
 
 def test_a_folder_in_a_class_linked_to_another_class_is_refused(tmp_path: Path) -> None:
-    """Cat/more -> ../Dog read Dog's images as cats too."""
+    """Cat/more -> ../Dog read Dog's images as cats too. Said of no split: the dataset has no split folders."""
     cats_and_dogs(tmp_path, ".png")
     (tmp_path / "Cat" / "more").symlink_to("../Dog")
     with pytest.raises(DataError, match=rf"^{tmp_path}: {tmp_path}/Cat/more links to {tmp_path}/Dog, which reads "
-                                        rf"{tmp_path}/Dog/0.png as class Dog of the train split and as class Cat "
-                                        r"of the train split; .*: remove the link$"):
+                                        rf"{tmp_path}/Dog/0.png as class Dog and as class Cat; an image is read once, "
+                                        r"as one class of one split: remove the link$"):
+        load_images(tmp_path)
+
+
+def test_a_class_folder_holding_folders_that_classes_link_to_is_refused_naming_it(tmp_path: Path) -> None:
+    """Cat -> pool/Cat and Dog -> pool/Dog beside pool/Bird, unlinked: pool is a class of every image, as it was
+    before links were looked at; the refusal named the Cat link, the layout of a pool/ of classes, not pool."""
+    cats_and_dogs(pool := tmp_path / "pool", ".png")
+    (pool / "Bird").mkdir()
+    shutil.copyfile(pool / "Cat" / "0.png", pool / "Bird" / "0.png")
+    for name in ("Cat", "Dog"):
+        (tmp_path / name).symlink_to(f"pool/{name}")
+    with pytest.raises(DataError, match=rf"^{tmp_path}: {pool} is read as class pool, and holds {pool}/Cat, which "
+                                        rf"{tmp_path}/Cat links to, read as class Cat: an image is read once, as one "
+                                        rf"class of one split \({pool}/Cat/0.png\); link its other folders beside it "
+                                        r"too \(then it is no class\), or move it out of the dataset$"):
         load_images(tmp_path)
 
 

@@ -819,18 +819,27 @@ def check_read_once(path: Path, splits: dict[str, Path], tables: dict[str, pd.Da
     for name, table in tables.items():
         for image, label, place in zip(table[IMAGE_COLUMN], table["label"], real_places(table[IMAGE_COLUMN])):
             if (first := read.setdefault(place, (name, label, image)))[:2] != (name, label):
-                raise DataError(f"{path}: {read_twice(splits, place, (name, label, image), first)}")
+                raise DataError(f"{path}: {read_twice(path, splits, place, (name, label, image), first)}")
 
 
-def read_twice(splits: dict[str, Path], place: str, *reads: tuple[str, str, str]) -> str:
-    """Why the image at `place` is read twice (`reads`, by split, class and path), by the link to blame: one inside
-    a class folder (cat/more -> ../dog, not the test -> /elsewhere/test above the other path), else a class folder's
-    (test/cat -> ../train/cat)."""
+def read_twice(path: Path, splits: dict[str, Path], place: str, *reads: tuple[str, str, str]) -> str:
+    """Why the image at `place` is read twice (`reads`, by split, class and path), by what to blame: a link inside
+    a class folder (cat/more -> ../dog, not the test -> /elsewhere/test above the other path), else a real class
+    folder holding a folder that a class links to (a pool/ of cat -> pool/cat, which holds an unlinked bird/ too),
+    else a class folder's link (test/cat -> ../train/cat)."""
+    # the split too where the dataset `path` has split folders, not where its classes are at its root
+    said = [f"class {label}" + (f" of the {split} split" if splits[split] != path else "") for split, label, _ in reads]
     entries = entered_by(*(image for _, _, image in reads))
-    inside = [e for e, (split, label, _) in zip(entries, reads) if splits[split] / label in e.parents]
-    link = next((e for e in inside if e.is_symlink()), entries[0] if entries[0].is_symlink() else entries[1])
-    return (f"{link} links to {os.path.realpath(link)}, which reads {place} as "
-            f"{' and as '.join(f'class {label} of the {split} split' for split, label, _ in reads)}; an image is "
+    inside = [i for i, (split, label, _) in enumerate(reads) if splits[split] / label in entries[i].parents]
+    links = [i for i in inside if entries[i].is_symlink()]
+    if inside and not links:
+        holder, other = inside[0], 1 - inside[0]
+        return (f"{splits[reads[holder][0]] / reads[holder][1]} is read as {said[holder]}, and holds "
+                f"{entries[holder]}, which {entries[other]} links to, read as {said[other]}: an image is read once, "
+                f"as one class of one split ({place}); link its other folders beside it too (then it is no class), "
+                "or move it out of the dataset")
+    link = entries[links[0] if links else 0 if entries[0].is_symlink() else 1]
+    return (f"{link} links to {os.path.realpath(link)}, which reads {place} as {' and as '.join(said)}; an image is "
             "read once, as one class of one split: remove the link")
 
 
