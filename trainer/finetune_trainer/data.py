@@ -825,8 +825,8 @@ def check_read_once(path: Path, splits: dict[str, Path], tables: dict[str, pd.Da
 def read_twice(path: Path, splits: dict[str, Path], place: str, *reads: tuple[str, str, str]) -> str:
     """Why the image at `place` is read twice (`reads`, by split, class and path), by what to blame: a link inside
     a class folder (cat/more -> ../dog, not the test -> /elsewhere/test above the other path), else a real class
-    folder holding a folder that a class links to (a pool/ of cat -> pool/cat, which holds an unlinked bird/ too),
-    else a class folder's link (test/cat -> ../train/cat)."""
+    folder holding a folder that a class links to, with that link (a pool/ of cat -> pool/cat, which holds an
+    unlinked bird/ too; a cat/ of tabby -> cat/tabby), else a class folder's link (test/cat -> ../train/cat)."""
     # the split too where the dataset `path` has split folders, not where its classes are at its root
     said = [f"class {label}" + (f" of the {split} split" if splits[split] != path else "") for split, label, _ in reads]
     entries = entered_by(*(image for _, _, image in reads))
@@ -836,8 +836,8 @@ def read_twice(path: Path, splits: dict[str, Path], place: str, *reads: tuple[st
         holder, other = inside[0], 1 - inside[0]
         return (f"{splits[reads[holder][0]] / reads[holder][1]} is read as {said[holder]}, and holds "
                 f"{entries[holder]}, which {entries[other]} links to, read as {said[other]}: an image is read once, "
-                f"as one class of one split ({place}); link its other folders beside it too (then it is no class), "
-                "or move it out of the dataset")
+                f"as one class of one split ({place}); remove the link, or link each folder of it beside it (a "
+                "folder that holds only the targets of the links beside it is no class)")
     link = entries[links[0] if links else 0 if entries[0].is_symlink() else 1]
     return (f"{link} links to {os.path.realpath(link)}, which reads {place} as {' and as '.join(said)}; an image is "
             "read once, as one class of one split: remove the link")
