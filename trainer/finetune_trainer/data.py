@@ -781,7 +781,7 @@ def read_image_splits(path: Path) -> dict[str, pd.DataFrame]:
         log.warning("%s: its images are in no class folder of a split, so unlabelled: not used", folder)
     splits = {name: labelled[name] for name in (TRAIN, VALIDATION, TEST) if name in labelled}
     # train first (without it nothing is learnt; test is then held out of it), then test before validation: the
-    # final score is honest on the test split, where early stopping's was on held out train
+    # final score is on the folder meant for it, and validation is held out of train
     claims = [name for name in (TRAIN, TEST, VALIDATION) if name in splits]
     return read_image_tables(path, distinct_folders(splits, "the {} split", claims))
 
