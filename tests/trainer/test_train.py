@@ -95,6 +95,57 @@ def test_only_what_changes_the_optimisation_starts_afresh(tiny_cfg: TrainerConfi
     assert second != first and json.loads((second / "fingerprint.json").read_text())["adjust"]["learningRate"] == 5e-4
 
 
+def test_a_field_an_upgrade_adds_at_its_default_resumes_the_run(tiny_cfg: TrainerConfig, tmp_path: Path,
+                                                               caplog: pytest.LogCaptureFixture,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only values that are not their defaults name the run's folder: a trainer that adds a field, at a default that
+    keeps the old behaviour, resumes a run checkpointed before the upgrade (it had moved it to a new folder, from
+    step 0). A value set to its default is the same run as one left unset."""
+    caplog.set_level(logging.INFO, logger="finetune_trainer")
+    tiny_cfg.training.checkpoint_every_steps = 4
+    out = tmp_path / "out"
+    pipeline.run(tiny_cfg, out)
+    (folder,) = (out / "checkpoints").iterdir()
+    newest = checkpoints.complete(folder)[-1]
+    real = TrainerConfig.to_wire
+
+    def upgraded(self: TrainerConfig, *defaults: bool) -> dict:  # a trainer with training.labelSmoothing, 0.0 unless set
+        wire = real(self, *defaults)
+        if not defaults or defaults[0]:
+            wire["training"]["labelSmoothing"] = 0.0
+        return wire
+
+    monkeypatch.setattr(TrainerConfig, "to_wire", upgraded)
+    tiny_cfg.training.max_grad_norm = 1.0  # its default, now set
+    caplog.clear()
+    pipeline.run(tiny_cfg, out)
+    assert f"resumed from {newest}" in caplog.text
+    assert list((out / "checkpoints").iterdir()) == [folder]
+
+
+def test_a_run_an_earlier_version_checkpointed_with_its_defaults_resumes(tiny_cfg: TrainerConfig, tmp_path: Path,
+                                                                         caplog: pytest.LogCaptureFixture) -> None:
+    """The trainer before this one hashed the defaults too, into another folder name, and wrote them into its
+    fingerprint.json: a job retried across the upgrade resumes that folder (renamed to this trainer's name), also where
+    this version added a field at its default (training.maxGradNorm here)."""
+    caplog.set_level(logging.INFO, logger="finetune_trainer")
+    tiny_cfg.training.checkpoint_every_steps = 4
+    out = tmp_path / "out"
+    pipeline.run(tiny_cfg, out)
+    (folder,) = (out / "checkpoints").iterdir()
+    fingerprint = json.loads((folder / "fingerprint.json").read_text())
+    written = pipeline.fingerprinted(tiny_cfg, 1, data=fingerprint["data"], defaults=True)
+    del written["training"]["maxGradNorm"]
+    earlier = folder.rename(folder.with_name(checkpoints.folder_name(written)))
+    (earlier / "fingerprint.json").write_text(json.dumps(written))
+    caplog.clear()
+    pipeline.run(tiny_cfg, out)
+    assert f"resuming the checkpoints in {earlier} under this trainer's name for them, {folder}" in caplog.text
+    assert f"resumed from {checkpoints.complete(folder)[-1]}" in caplog.text
+    assert list((out / "checkpoints").iterdir()) == [folder]
+    assert json.loads((folder / "fingerprint.json").read_text()) == fingerprint
+
+
 def test_a_compiled_run_trains_as_the_eager_one_and_an_eager_rerun_resumes_it(tiny_cfg: TrainerConfig,
                                                                              tmp_path: Path,
                                                                              caplog: pytest.LogCaptureFixture) -> None:
@@ -732,6 +783,32 @@ def test_a_step_written_again_is_never_lost_to_a_crash(tmp_path: Path, monkeypat
     assert checkpoints.complete(root) == [root / "step-00000004"]
     assert save(2) == root / "step-00000004" and evals() == 2
     assert sorted(p.name for p in root.iterdir()) == ["fingerprint.json", "step-00000004"]
+
+
+def test_a_fingerprint_an_earlier_version_wrote_is_read_with_this_runs_defaults(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Saved with its defaults and without a field added since at its default, an earlier version's fingerprint is
+    this run's: its pruning choice is taken again, another world size refused, its folder taken over; and what a run
+    changes reads as values."""
+    caplog.set_level(logging.INFO, logger="finetune_trainer")
+
+    def now(pruned: list[int], world_size: int = 1, defaults: bool = False, seed: int = 0) -> dict:
+        training = {"rate": 1} | ({"seed": seed} if defaults or seed else {}) | ({"added": 0} if defaults else {})
+        return {"training": training, "worldSize": world_size, "prunedLayers": pruned, "data": "d"}
+
+    earlier = checkpoints.run_folder(tmp_path, {"training": {"rate": 1, "seed": 0}, "worldSize": 1,
+                                                "prunedLayers": [1], "data": "d"}, CPU)
+    (earlier / "step-00000004").mkdir()
+    (earlier / "step-00000004" / checkpoints.MARKER).write_text("4")
+    assert checkpoints.earlier_choice(tmp_path, now([2]), "prunedLayers", now([2], defaults=True)) == [1]
+    with pytest.raises(ConfigError, match="made by 1 processes; this run has 2"):
+        checkpoints.run_folder(tmp_path, now([1], 2), World(rank=0, size=2, device=torch.device("cpu")),
+                               now([1], 2, defaults=True))
+    root = checkpoints.run_folder(tmp_path, now([1]), CPU, now([1], defaults=True))
+    assert root == tmp_path / checkpoints.folder_name(now([1])) and not earlier.exists()
+    assert checkpoints.complete(root) == [root / "step-00000004"] and checkpoints.read_identity(root) == now([1])
+    checkpoints.run_folder(tmp_path, now([1], seed=1), CPU, now([1], defaults=True, seed=1))
+    assert "Changed: training.seed: the default -> 1\n" in caplog.text
 
 
 def test_sigterm_in_the_last_step_stops_after_its_checkpoint(tmp_path: Path) -> None:

@@ -13,7 +13,10 @@ Ranks must share the checkpoint folder (a PVC).
 The checkpoints of one run live in `<output>/checkpoints/<fingerprint>` (`run_folder`): the
 hash of what changes the optimisation, world size included, written beside them in
 fingerprint.json with a digest of the data (`batches.digest`): data changed at the same paths
-trains afresh in the same folder. A run never resumes another's; the folders of other fingerprints and
+trains afresh in the same folder. Only values that are not their defaults count, so that a field
+an upgrade adds at its default keeps the run's folder; a folder an earlier version named otherwise
+(it hashed the defaults too) is taken over when its fingerprint, read with this run's defaults
+(`filled`), is this run's. A run never resumes another's; the folders of other fingerprints and
 half-written `.tmp-*` ones are stale and removed when a run starts. A run whose config differs
 from a checkpointed one only in its world size is refused: the global batch, the split of the
 data and the schedule's length would all change under the saved optimizer. A checkpoint of the same
@@ -157,23 +160,30 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
     return final
 
 
-def run_folder(parent: Path, identity: dict[str, Any], world: World) -> Path:
-    """The checkpoint folder of the run `identity` describes (what changes its optimisation, with `worldSize`);
-    see the module docstring for what it refuses and removes."""
+def run_folder(parent: Path, identity: dict[str, Any], world: World, full: dict[str, Any] | None = None) -> Path:
+    """The checkpoint folder of the run `identity` describes (what changes its optimisation, with `worldSize`: the
+    values that are not their defaults; `full` spells the defaults out too, and saved fingerprints are compared in
+    it, see `filled`); see the module docstring for what it refuses and removes."""
+    full = identity if full is None else full
     root = parent / folder_name(identity)
     others = [p for p in parent.iterdir() if p != root and p.is_dir()] if parent.is_dir() else []
     # Kept, a resumed optimizer trained on other data, and the kept baseline had scored another test split. (The
     # folder's name is the rest of the identity.)
-    other_data = (saved := read_identity(root)) is not None and not same_run(saved, identity)
+    other_data = (saved := read_full(root, identity, full)) is not None and not same_run(saved, full)
     if other_data and world.main:
         log.warning("not resuming what %s holds: the data changed since it was made (the dataset or the tokenizer, at "
                     "the same paths); training starts afresh", root)
-    if not complete(root):
+    # This run's, under the name an earlier version of the trainer gave it (hashed with its defaults, or without a
+    # field added since at its default): resumed, not trained again from step 0 after an upgrade.
+    earlier = None if root.exists() else next((other for other in others if complete(other) and (
+        saved := read_full(other, identity, full)) is not None and same_run(saved, full)), None)
+    others = [other for other in others if other != earlier]
+    if not complete(root) and earlier is None:
         for other in others:
-            saved = read_identity(other)
+            saved = read_full(other, identity, full)
             if not complete(other) or saved is None:
                 continue
-            if same_run(saved, identity, "worldSize"):
+            if same_run(saved, full, "worldSize"):
                 raise ConfigError(
                     f"{other} holds checkpoints of this job made by {saved['worldSize']} processes; this run has "
                     f"{world.size}. The global batch, the data's split and the schedule would change under the saved "
@@ -182,9 +192,13 @@ def run_folder(parent: Path, identity: dict[str, Any], world: World) -> Path:
             if world.main:  # else a job edited between attempts trains from step 0 again without a word why
                 log.warning("not resuming the checkpoints in %s, made with other settings that change the "
                             "optimisation; training starts afresh. Changed: %s", other,
-                            "; ".join(differences(saved, identity)))
+                            "; ".join(differences(saved, full)))
     world.barrier()  # every rank has looked before rank 0 removes anything
     if world.main:
+        if earlier is not None:
+            log.info("resuming the checkpoints in %s under this trainer's name for them, %s", earlier, root)
+            os.replace(earlier, root)
+            fsync(parent)
         for stale in [*others, *([root] if other_data else []), *root.glob(".tmp-*")]:  # and save_healed's file
             log.info("removing stale checkpoints %s", stale)
             if stale.is_dir():
@@ -285,12 +299,35 @@ def read_identity(folder: Path) -> dict[str, Any] | None:
         return None
 
 
-def earlier_choice(parent: Path, identity: dict[str, Any], key: str) -> Any:
+def read_full(folder: Path, identity: dict[str, Any], full: dict[str, Any]) -> dict[str, Any] | None:
+    """`folder`'s fingerprint in the full form of this run's (`filled`); None when it has none."""
+    saved = read_identity(folder)
+    return None if saved is None else filled(saved, full, identity)
+
+
+def filled(saved: dict[str, Any], full: dict[str, Any], sparse: dict[str, Any]) -> dict[str, Any]:
+    """A saved fingerprint with this run's defaults (what `full` has and `sparse` leaves out) where it has no value, at
+    any depth. One that leaves out its own defaults, or that an earlier version wrote with its defaults or before a
+    field was added (at a default that keeps the old behaviour), then reads as this run's `full` when it is the
+    same run, and `differences` names what changed in values."""
+    out = dict(saved)
+    for key, value in full.items():
+        if key not in out:
+            if key not in sparse:
+                out[key] = value
+        elif isinstance(value, dict) and isinstance(out[key], dict):
+            out[key] = filled(out[key], value, sparse.get(key, {}))
+    return out
+
+
+def earlier_choice(parent: Path, identity: dict[str, Any], key: str, full: dict[str, Any] | None = None) -> Any:
     """`key`'s value in the fingerprint of an earlier attempt of the run `identity` describes (the same in all but
-    `key`), the one with the most checkpoints; None when there is none."""
+    `key`, compared in `full` as `run_folder` does), the one with the most checkpoints; None when there is none."""
+    full = identity if full is None else full
     folders = parent.iterdir() if parent.is_dir() else []
     earlier = [(len(complete(folder)), saved[key]) for folder in folders
-               if (saved := read_identity(folder)) is not None and key in saved and same_run(saved, identity, key)]
+               if (saved := read_full(folder, identity, full)) is not None and key in saved
+               and same_run(saved, full, key)]
     return max(earlier, key=lambda found: found[0])[1] if earlier else None
 
 
@@ -316,7 +353,8 @@ def differences(saved: dict[str, Any], now: dict[str, Any], prefix: str = "") ->
 
 
 def shown(value: Any) -> str:
-    return "unset" if value is None else json.dumps(value)
+    """A fingerprint's value; none is the default (a sparse fingerprint leaves defaults out, `to_wire` unset ones)."""
+    return "the default" if value is None else json.dumps(value)
 
 
 def complete(root: Path) -> list[Path]:

@@ -334,7 +334,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
                                data_digest)
     # Named by the layers pruning removes; healing keeps its result there.
     checkpoint_dir = checkpoints.run_folder(out / "checkpoints", fingerprinted(cfg, world.size, drop, data_digest),
-                                            world)
+                                            world, fingerprinted(cfg, world.size, drop, data_digest, defaults=True))
     # The teacher, after the analysis (its probe's measured peak memory is the model's alone) and before pruning,
     # healing, the baseline and training: one that does not fit the job stops it before them. None where the newest
     # checkpoint already ends the training (an attempt retried in the final evaluation or the export): nothing is
@@ -514,12 +514,17 @@ BOOKKEEPING = {"analyze": None, "output": None, "rearrange": {"mergeOnExport"},
 
 
 def fingerprinted(cfg: TrainerConfig, world_size: int, pruned: list[int] | None = None,
-                  data: str | None = None) -> dict[str, Any]:
+                  data: str | None = None, defaults: bool = False) -> dict[str, Any]:
     """What a checkpoint must agree with to be resumed: the config less its bookkeeping (and the evaluations'
     cadence when early stopping is off), the world size (the
     global batch and the schedule's length follow from it), the layers pruning removes (the same shapes,
-    other weights) and the data (`batches.digest`). A field added later counts until listed above."""
-    wire = cfg.to_wire()
+    other weights) and the data (`batches.digest`). A field added later counts until listed above.
+
+    Only the values that differ from their defaults, unless `defaults` (the full form, which `run_folder` compares
+    saved fingerprints in): a field an upgrade adds with a default that keeps the old behaviour must not move every
+    retried job to a new folder, from step 0. The price: a default whose value a new version changes is taken as
+    the same run, and a job retried across that upgrade resumes its checkpoints under the new default."""
+    wire = cfg.to_wire(defaults)
     for section, fields in BOOKKEEPING.items():
         if fields is None:
             wire.pop(section, None)
@@ -546,7 +551,8 @@ def earlier_pruning(parent: Path, cfg: TrainerConfig, world_size: int, drop: lis
     """The layers an earlier attempt of this run removed, if one did, else `drop`. Its checkpoints and healed layers
     are of those layers; this attempt's scores, on other hardware or at another precision, can order a near-tie
     otherwise, and a new choice would discard them and train from step 0."""
-    earlier = checkpoints.earlier_choice(parent, fingerprinted(cfg, world_size, drop, data), "prunedLayers")
+    earlier = checkpoints.earlier_choice(parent, fingerprinted(cfg, world_size, drop, data), "prunedLayers",
+                                         fingerprinted(cfg, world_size, drop, data, defaults=True))
     if earlier is None or earlier == drop:
         return drop
     log.warning("rearrange.prune: this attempt's scores would remove layers %s; an earlier attempt of this run "

@@ -122,9 +122,10 @@ class ApiModel(BaseModel):
             raise ValueError(f"not JSON, so kubectl cannot send it: {exc}") from exc
         return cls.model_validate_json(text, strict=True)
 
-    def to_wire(self) -> dict[str, Any]:
-        """The JSON form used in manifests and ConfigMaps (camelCase, no unset optionals)."""
-        return self.model_dump(mode="json", by_alias=True, exclude_none=True)
+    def to_wire(self, defaults: bool = True) -> dict[str, Any]:
+        """The JSON form used in manifests and ConfigMaps (camelCase, no unset optionals); without `defaults`, only
+        the values that differ from their field's default (one set to its default is left out as well)."""
+        return self.model_dump(mode="json", by_alias=True, exclude_none=True, exclude_defaults=not defaults)
 
 
 INT64 = range(-(2**63), 2**63)
