@@ -785,6 +785,32 @@ def test_a_step_written_again_is_never_lost_to_a_crash(tmp_path: Path, monkeypat
     assert sorted(p.name for p in root.iterdir()) == ["fingerprint.json", "step-00000004"]
 
 
+def test_a_stale_run_folder_cut_short_in_its_removal_is_never_resumed(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """run_folder removes another fingerprint's folder as `remove` does a checkpoint, renamed first: deleted in place,
+    a SIGTERM or SIGKILL could leave its step's marker and fingerprint without the weights, which an attempt whose
+    config is edited back resumed (failing to load on every retry)."""
+    one, two = {"run": 1, "worldSize": 1}, {"run": 2, "worldSize": 1}
+    root = checkpoints.run_folder(tmp_path, one, CPU)
+    (root / "step-00000004").mkdir()
+    (root / "step-00000004" / "trained.safetensors").write_text("weights")
+    (root / "step-00000004" / checkpoints.MARKER).write_text("4")
+    real = shutil.rmtree
+
+    def cut_short(path: Path, ignore_errors: bool = False) -> None:  # killed once the weights are gone
+        if (Path(path) / checkpoints.FINGERPRINT).exists():
+            (Path(path) / "step-00000004" / "trained.safetensors").unlink()
+            raise KeyboardInterrupt
+        real(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.run_folder(tmp_path, two, CPU)
+    monkeypatch.undo()
+    assert checkpoints.run_folder(tmp_path, one, CPU) == root and checkpoints.complete(root) == []
+    assert [p.name for p in tmp_path.iterdir()] == [root.name]  # the torn one cleared
+
+
 def test_a_fingerprint_an_earlier_version_wrote_is_read_with_this_runs_defaults(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Saved with its defaults and without a field added since at its default, an earlier version's fingerprint is

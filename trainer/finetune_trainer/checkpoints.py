@@ -17,7 +17,8 @@ trains afresh in the same folder. Only values that are not their defaults count,
 an upgrade adds at its default keeps the run's folder; a folder an earlier version named otherwise
 (it hashed the defaults too) is taken over when its fingerprint, read with this run's defaults
 (`filled`), is this run's. A run never resumes another's; the folders of other fingerprints and
-half-written `.tmp-*` ones are stale and removed when a run starts. A run whose config differs
+half-written `.tmp-*` ones are stale and removed when a run starts, renamed to `.tmp-<name>` first (`remove`: cut
+short, nothing a run reads is left torn). A run whose config differs
 from a checkpointed one only in its world size is refused: the global batch, the split of the
 data and the schedule's length would all change under the saved optimizer. A checkpoint of the same
 fingerprint that another version of the trainer laid out otherwise (what trains, the optimizer's groups) is
@@ -166,7 +167,7 @@ def run_folder(parent: Path, identity: dict[str, Any], world: World, full: dict[
     it, see `filled`); see the module docstring for what it refuses and removes."""
     full = identity if full is None else full
     root = parent / folder_name(identity)
-    others = [p for p in parent.iterdir() if p != root and p.is_dir()] if parent.is_dir() else []
+    others = [p for p in run_folders(parent) if p != root]
     # Kept, a resumed optimizer trained on other data, and the kept baseline had scored another test split. (The
     # folder's name is the rest of the identity.)
     other_data = (saved := read_full(root, identity, full)) is not None and not same_run(saved, full)
@@ -199,12 +200,14 @@ def run_folder(parent: Path, identity: dict[str, Any], world: World, full: dict[
             log.info("resuming the checkpoints in %s under this trainer's name for them, %s", earlier, root)
             os.replace(earlier, root)
             fsync(parent)
-        for stale in [*others, *([root] if other_data else []), *root.glob(".tmp-*")]:  # and save_healed's file
+        for stale in [*others, *([root] if other_data else [])]:
             log.info("removing stale checkpoints %s", stale)
-            if stale.is_dir():
-                shutil.rmtree(stale, ignore_errors=True)
+            remove(stale)
+        for torn in [*root.glob(".tmp-*"), *parent.glob(".tmp-*")]:  # save's, remove's, and save_healed's file
+            if torn.is_dir():
+                shutil.rmtree(torn, ignore_errors=True)
             else:
-                stale.unlink(missing_ok=True)
+                torn.unlink(missing_ok=True)
         for aside in root.glob(f"{ASIDE}*"):  # a step save wrote again: the old one back, unless the new is in place
             final = root / aside.name.removeprefix(ASIDE)
             if final.exists():
@@ -228,15 +231,18 @@ def save_healed(root: Path, layers: nn.Module, figures: dict[str, float], world:
 
 
 def remove(checkpoint: Path) -> None:
-    """Delete a checkpoint folder under save's temporary name: cut short (a SIGTERM, a SIGKILL), a folder deleted in
-    place could keep its marker without its weights, still listed as complete, and every later attempt failed
-    loading it. A `.tmp-` one is what save clears before it writes that step again."""
+    """Delete a checkpoint folder (or a run's folder of them) under a `.tmp-` name: cut short (a SIGTERM, a SIGKILL),
+    a folder deleted in place could keep its marker without its weights (and a run's, without its fingerprint), still
+    listed as complete, and every later attempt failed loading it or resumed stale weights. A `.tmp-` one is what
+    save clears before it writes that step again, and `run_folder` when a run starts."""
     doomed = checkpoint.with_name(f".tmp-{checkpoint.name}")
     shutil.rmtree(doomed, ignore_errors=True)  # a torn one of its own: a folder is not replaced unless empty
     try:
         os.replace(checkpoint, doomed)
     except OSError:  # gone already, or a torn one NFS keeps open files of: in place then, never failing the save
         doomed = checkpoint
+    else:
+        fsync(checkpoint.parent)  # the new name on disk before any delete: a crash never shows the old one torn
     shutil.rmtree(doomed, ignore_errors=True)
 
 
@@ -292,6 +298,11 @@ def folder_name(identity: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def run_folders(parent: Path) -> list[Path]:
+    """The run folders in `parent`, less those `remove` was deleting (torn when cut short: never read)."""
+    return [p for p in parent.iterdir() if p.is_dir() and not p.name.startswith(".tmp-")] if parent.is_dir() else []
+
+
 def read_identity(folder: Path) -> dict[str, Any] | None:
     try:
         return json.loads((folder / FINGERPRINT).read_text())
@@ -324,8 +335,7 @@ def earlier_choice(parent: Path, identity: dict[str, Any], key: str, full: dict[
     """`key`'s value in the fingerprint of an earlier attempt of the run `identity` describes (the same in all but
     `key`, compared in `full` as `run_folder` does), the one with the most checkpoints; None when there is none."""
     full = identity if full is None else full
-    folders = parent.iterdir() if parent.is_dir() else []
-    earlier = [(len(complete(folder)), saved[key]) for folder in folders
+    earlier = [(len(complete(folder)), saved[key]) for folder in run_folders(parent)
                if (saved := read_full(folder, identity, full)) is not None and key in saved
                and same_run(saved, full, key)]
     return max(earlier, key=lambda found: found[0])[1] if earlier else None
