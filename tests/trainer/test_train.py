@@ -811,6 +811,18 @@ def test_a_stale_run_folder_cut_short_in_its_removal_is_never_resumed(tmp_path: 
     assert [p.name for p in tmp_path.iterdir()] == [root.name]  # the torn one cleared
 
 
+def test_checkpoints_whose_fingerprint_is_gone_are_not_resumed(tmp_path: Path) -> None:
+    """What an earlier trainer's removal in place left, cut short: a step's marker without its weights, and no
+    fingerprint. Kept, every attempt failed loading it, or resumed weights trained on other data."""
+    one = {"run": 1, "worldSize": 1, "data": "new"}
+    root = tmp_path / checkpoints.folder_name(one)
+    (root / "step-00000004").mkdir(parents=True)
+    (root / "step-00000004" / checkpoints.MARKER).write_text("4")
+    assert checkpoints.run_folder(tmp_path, one, CPU) == root and checkpoints.complete(root) == []
+    assert [p.name for p in tmp_path.iterdir()] == [root.name]
+    assert [p.name for p in root.iterdir()] == [checkpoints.FINGERPRINT]
+
+
 def test_a_fingerprint_an_earlier_version_wrote_is_read_with_this_runs_defaults(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Saved with its defaults and without a field added since at its default, an earlier version's fingerprint is

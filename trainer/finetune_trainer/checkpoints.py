@@ -18,7 +18,8 @@ an upgrade adds at its default keeps the run's folder; a folder an earlier versi
 (it hashed the defaults too) is taken over when its fingerprint, read with this run's defaults
 (`filled`), is this run's. A run never resumes another's; the folders of other fingerprints and
 half-written `.tmp-*` ones are stale and removed when a run starts, renamed to `.tmp-<name>` first (`remove`: cut
-short, nothing a run reads is left torn). A run whose config differs
+short, nothing a run reads is left torn), as is one with checkpoints but no fingerprint.json (an earlier trainer's
+removal in place, cut short). A run whose config differs
 from a checkpointed one only in its world size is refused: the global batch, the split of the
 data and the schedule's length would all change under the saved optimizer. A checkpoint of the same
 fingerprint that another version of the trainer laid out otherwise (what trains, the optimizer's groups) is
@@ -174,6 +175,11 @@ def run_folder(parent: Path, identity: dict[str, Any], world: World, full: dict[
     if other_data and world.main:
         log.warning("not resuming what %s holds: the data changed since it was made (the dataset or the tokenizer, at "
                     "the same paths); training starts afresh", root)
+    # What an earlier trainer's removal, deleting in place, left when cut short: a marker whose weights may be gone
+    unnamed = saved is None and bool(complete(root))
+    if unnamed and world.main:
+        log.warning("not resuming what %s holds: its %s is gone (a removal cut short); training starts afresh", root,
+                    FINGERPRINT)
     # This run's, under the name an earlier version of the trainer gave it (hashed with its defaults, or without a
     # field added since at its default): resumed, not trained again from step 0 after an upgrade.
     earlier = None if root.exists() else next((other for other in others if complete(other) and (
@@ -200,7 +206,7 @@ def run_folder(parent: Path, identity: dict[str, Any], world: World, full: dict[
             log.info("resuming the checkpoints in %s under this trainer's name for them, %s", earlier, root)
             os.replace(earlier, root)
             fsync(parent)
-        for stale in [*others, *([root] if other_data else [])]:
+        for stale in [*others, *([root] if other_data or unnamed else [])]:
             log.info("removing stale checkpoints %s", stale)
             remove(stale)
         for torn in [*root.glob(".tmp-*"), *parent.glob(".tmp-*")]:  # save's, remove's, and save_healed's file
