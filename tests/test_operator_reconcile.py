@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import logging
 import time
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -1012,6 +1013,10 @@ def test_a_back_off_that_ends_while_the_failed_attempts_pods_still_stop_says_the
     assert conditions(stopping)["Created"][0] == "False" and "ft-1-1-x" in next(
         c["message"] for c in stopping["conditions"] if c["type"] == "Created")
     assert decide(Observed(body(stopping), jobs, crashed, NOW + timedelta(seconds=12))).create_attempt == 2
+    # Suspended meanwhile: it waits for the resume, not for pods named once (they stayed in its reason for days)
+    suspended = after(decide(Observed(body(stopping, suspend=True), jobs, crashed, NOW + timedelta(seconds=12))),
+                      stopping)
+    assert conditions(suspended)["Created"] == ("False", "Suspended")
 
 
 def test_a_job_that_ends_in_its_back_off_promises_no_attempt_and_a_started_one_no_wait() -> None:
@@ -1352,6 +1357,30 @@ def test_a_tick_whose_event_list_fails_writes_its_status_all_the_same(monkeypatc
     for indexes in (podless, creating):
         apiserver = ticked(body(made), indexes, apiserver=EventsFailing(error))
         assert apiserver.failed == 1 and apiserver.patches, indexes
+
+
+def test_an_event_list_outage_is_told_again_after_a_list_that_worked_and_a_page_that_is_no_list_is_none(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """The failure was told once per process: a second outage (the Role's rule removed an hour later) went unsaid.
+    And a 200 that was no list (a proxy's page) escaped the tick as a JSONDecodeError."""
+    from finetune_operator import handlers
+
+    answers: list[bytes | Exception] = [ApiException(status=403, reason="Forbidden"), b'{"items": []}',
+                                        ApiException(status=403, reason="Forbidden"), b"<html>sign in</html>"]
+
+    class Answers:
+        def call(self, *_: Any, **__: Any) -> bytes:
+            answer = answers.pop(0)
+            if isinstance(answer, Exception):
+                raise answer
+            return answer
+
+    warnings = handlers.Warnings("Job")
+    caplog.set_level(logging.DEBUG, logger="finetune_operator")
+    for ns in ("a", "b", "c", "d"):  # a namespace each: none is read from the cache of another's list
+        assert warnings.of(Answers(), ns, "ft") == {}  # type: ignore[arg-type]
+    told = [(r.levelno, r.getMessage().split(":")[0]) for r in caplog.records if "not listed" in r.getMessage()]
+    assert told == [(logging.WARNING, "a"), (logging.WARNING, "c"), (logging.DEBUG, "d")]
 
 
 def test_a_tick_lists_the_children_of_a_job_whose_metrics_it_cannot_read_and_not_of_one_whose_it_reads(

@@ -361,7 +361,7 @@ class Warnings:
         self.selector = f"involvedObject.kind={kind}" + (",type=Warning" if warnings_only else "")
         self.locks: dict[str, threading.Lock] = {}  # one per namespace: a list call holds up only its own namespace
         self.by_namespace: dict[str, tuple[float, dict[str, dict[str, tuple[str, str]]]]] = {}
-        self.failed = False  # a list has failed: later failures are logged at debug
+        self.failed = False  # a list failed since the last that did not: its failures are logged at debug
 
     def of(self, clients: Clients, ns: str, name: str) -> dict[str, tuple[str, str]]:
         """The object's latest (time, message) of each reason (`outcome.warnings_of`)."""
@@ -379,14 +379,15 @@ class Warnings:
         """The namespace's warnings by object; none where the list fails (a 429, a 500, a Role without list on
         events), for WARNINGS_TTL_SECONDS like a list's: Events only add detail, and the error escaped the reconcile
         before its status write, so a job had no status at all while it lasted."""
-        try:
-            response = clients.call("GET", api_path(ns, "events"), fieldSelector=self.selector)
-        except (ApiException, urllib3.exceptions.HTTPError) as exc:
+        try:  # a 200 that is no list (a proxy's page) too
+            items = json.loads(clients.call("GET", api_path(ns, "events"), fieldSelector=self.selector))["items"]
+        except (ApiException, urllib3.exceptions.HTTPError, ValueError, KeyError, TypeError) as exc:
             log.log(logging.DEBUG if self.failed else logging.WARNING,
                     "%s: Events (%s) not listed, so read as none: %s", ns, self.selector, exc)
             self.failed = True
             return {}
-        return outcome.warnings_of(json.loads(response)["items"], self.reasons)
+        self.failed = False  # a later outage (its Role's rule removed) is told again
+        return outcome.warnings_of(items, self.reasons)
 
 
 def _expired(entries: dict[Any, Any], ttl: float, when: Callable[[Any], float] = itemgetter(0)) -> list[Any]:
