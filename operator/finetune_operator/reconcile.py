@@ -260,7 +260,7 @@ def decide(seen: Observed) -> Decision | None:
         conds.clear(T.RESTARTING, SUSPENDED)  # a retry decided before the suspend waits for the resume
         # and not a back-off's time: the resume starts it at once ("attempt 2 starts at ..." stayed, for days)
         status["retryAfter"] = None
-        if conds.get(T.CREATED).get("reason") == BACKOFF_WAITING:
+        if conds.get(T.CREATED).get("reason") in (BACKOFF_WAITING, PODS_STOPPING):  # not what it waits for now
             conds.set(T.CREATED, False, SUSPENDED, f"attempt {max(attempt, 1)} waits for the resume")
         status["workers"] = {"active": 0, "ready": 0, "succeeded": 0, "failed": 0}
         return _finish(decision, old, conds)
