@@ -60,12 +60,11 @@ class Lease:
         self.error: str | None = None  # why the last try could not read or write it, if it could not
         self.seen: tuple[Any, ...] | None = None  # the holder's record as last seen
         self.seen_at = 0.0  # when it was first seen so (monotonic)
-        self.tried = 0.0  # when the last try began (monotonic)
+        self.sent = 0.0  # when its last write was sent (monotonic): the earliest that write may have committed
 
     def try_hold(self, by: float | None = None) -> bool:
         """Take the lease or renew it: one try, True when this identity holds it now. `by`: a monotonic time that
         neither request runs past."""
-        self.tried = time.monotonic()
         try:
             lease = _lease(self._call("GET", self.path, by))
         except ApiException as exc:
@@ -112,6 +111,7 @@ class Lease:
         return spec
 
     def _write(self, method: str, path: str, body: dict[str, Any], by: float | None) -> bool:
+        self.sent = time.monotonic()
         try:
             self._call(method, path, by, body)
         except ApiException as exc:
@@ -164,7 +164,7 @@ def wait_to_lead(lease: Lease, host: str, liveness_port: int, retry: float = RET
                  deadline: float = RENEW_DEADLINE_SECONDS) -> None:
     """Block until `lease` is held. Meanwhile /healthz answers (kopf's own endpoint starts only when leading): the
     liveness probe would restart a standby for ever. A try's requests are bounded as a renewal's are (`leading`
-    counts its deadline from the try's start): unbounded, a take answered late left it no renewal in time."""
+    counts its deadline from its write): unbounded, a take answered late left it no renewal in time."""
     with _standby_health(host, liveness_port):
         told: tuple[str | None, str | None] = (None, None)
         while not lease.try_hold(by=time.monotonic() + deadline):
@@ -218,13 +218,13 @@ def leading(lease: Lease, retry: float = RETRY_SECONDS, deadline: float = RENEW_
     stop = threading.Event()
 
     def renew() -> None:
-        # From the start of the try that took it, not from now: its write may have committed seconds before its answer
+        # From when the write that took it was sent, not from now: it may have committed seconds before its answer
         # came (a standby counts the lease's time from when it sees it), and a leader exits before a standby takes it.
-        renewed = lease.tried
+        # Not from the try's start either: a slow read before the write left a new leader no time for a renewal.
+        renewed = lease.sent
         while not stop.wait(retry):
-            started = time.monotonic()
             if lease.renew(by=renewed + deadline):
-                renewed = started
+                renewed = lease.sent
                 continue
             other = lease.holder not in (None, lease.identity) and lease.error is None
             if other or time.monotonic() - renewed >= deadline:
