@@ -86,7 +86,7 @@ def kube() -> Iterator[Kube]:
 def _one_session(state: Path) -> Iterator[None]:
     """Hold `<state>.session` locked while a session uses the cluster folder `state` (beside it: `up` wipes the
     folder); another session fails at once, naming the holder's PID."""
-    path = Path(f"{state}.session")
+    path = Path(f"{state.resolve()}.session")  # as `up` resolves it: a link to the folder is the same folder
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a+") as lock:
         try:

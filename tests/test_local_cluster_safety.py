@@ -395,3 +395,8 @@ def test_a_second_test_session_on_a_cluster_folder_is_refused_naming_the_first(t
                 pass
     with _one_session(state):  # free again once the first is over
         pass
+    (tmp_path / "link").symlink_to(state)
+    with _one_session(state):  # and the same folder through a link is the same folder
+        with pytest.raises(pytest.exit.Exception, match="another test session"):
+            with _one_session(tmp_path / "link"):
+                pass
