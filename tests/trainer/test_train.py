@@ -3,6 +3,7 @@ a NaN loss, early stopping, and checkpoint/resume giving the same weights."""
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -13,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -785,6 +787,14 @@ def test_a_step_written_again_is_never_lost_to_a_crash(tmp_path: Path, monkeypat
     assert sorted(p.name for p in root.iterdir()) == ["fingerprint.json", "step-00000004"]
 
 
+def committed(checkpoint: Path) -> None:
+    """A checkpoint's folder as save leaves it: its files (stand-ins), and its marker."""
+    checkpoint.mkdir(parents=True)
+    for name in checkpoints.CHECKPOINT_FILES:
+        (checkpoint / name).write_text(name)
+    (checkpoint / checkpoints.MARKER).write_text(checkpoint.name.removeprefix(checkpoints.PREFIX))
+
+
 def test_a_stale_run_folder_cut_short_in_its_removal_is_never_resumed(tmp_path: Path,
                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """run_folder removes another fingerprint's folder as `remove` does a checkpoint, renamed first: deleted in place,
@@ -792,9 +802,7 @@ def test_a_stale_run_folder_cut_short_in_its_removal_is_never_resumed(tmp_path: 
     config is edited back resumed (failing to load on every retry)."""
     one, two = {"run": 1, "worldSize": 1}, {"run": 2, "worldSize": 1}
     root = checkpoints.run_folder(tmp_path, one, CPU)
-    (root / "step-00000004").mkdir()
-    (root / "step-00000004" / "trained.safetensors").write_text("weights")
-    (root / "step-00000004" / checkpoints.MARKER).write_text("4")
+    committed(root / "step-00000004")
     real = shutil.rmtree
 
     def cut_short(path: Path, ignore_errors: bool = False) -> None:  # killed once the weights are gone
@@ -816,8 +824,8 @@ def test_checkpoints_whose_fingerprint_is_gone_are_not_resumed(tmp_path: Path) -
     fingerprint. Kept, every attempt failed loading it, or resumed weights trained on other data."""
     one = {"run": 1, "worldSize": 1, "data": "new"}
     root = tmp_path / checkpoints.folder_name(one)
-    (root / "step-00000004").mkdir(parents=True)
-    (root / "step-00000004" / checkpoints.MARKER).write_text("4")
+    committed(root / "step-00000004")
+    (root / "step-00000004" / checkpoints.TRAINED).unlink()
     assert checkpoints.run_folder(tmp_path, one, CPU) == root and checkpoints.complete(root) == []
     assert [p.name for p in tmp_path.iterdir()] == [root.name]
     assert [p.name for p in root.iterdir()] == [checkpoints.FINGERPRINT]
@@ -836,17 +844,92 @@ def test_a_fingerprint_an_earlier_version_wrote_is_read_with_this_runs_defaults(
 
     earlier = checkpoints.run_folder(tmp_path, {"training": {"rate": 1, "seed": 0}, "worldSize": 1,
                                                 "prunedLayers": [1], "data": "d"}, CPU)
-    (earlier / "step-00000004").mkdir()
-    (earlier / "step-00000004" / checkpoints.MARKER).write_text("4")
+    committed(earlier / "step-00000004")
     assert checkpoints.earlier_choice(tmp_path, now([2]), "prunedLayers", now([2], defaults=True)) == [1]
     with pytest.raises(ConfigError, match="made by 1 processes; this run has 2"):
         checkpoints.run_folder(tmp_path, now([1], 2), World(rank=0, size=2, device=torch.device("cpu")),
                                now([1], 2, defaults=True))
     root = checkpoints.run_folder(tmp_path, now([1]), CPU, now([1], defaults=True))
     assert root == tmp_path / checkpoints.folder_name(now([1])) and not earlier.exists()
-    assert checkpoints.complete(root) == [root / "step-00000004"] and checkpoints.read_identity(root) == now([1])
+    assert checkpoints.complete(root) == [root / "step-00000004"]
+    assert checkpoints.read_identity(root) == now([1], defaults=True)  # saved with its defaults
     checkpoints.run_folder(tmp_path, now([1], seed=1), CPU, now([1], defaults=True, seed=1))
-    assert "Changed: training.seed: the default -> 1\n" in caplog.text
+    assert "Changed: training.seed: 0 -> 1\n" in caplog.text  # its value, saved with the defaults
+
+
+def test_a_default_a_later_version_changes_is_a_change_and_the_old_value_set_is_the_same_run(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The fingerprint in the folder held only the values that are not defaults: a job that left a default a new
+    version changes (a warmup, a schedule) resumed under it, and one that set the old default explicitly started
+    afresh, told "the default -> 0.06". It holds them all; the folder's name still leaves them out."""
+    caplog.set_level(logging.INFO, logger="finetune_trainer")
+
+    def v1_run() -> Path:
+        root = checkpoints.run_folder(tmp_path, {"worldSize": 1}, CPU, {"training": {"warmup": 0.06}, "worldSize": 1})
+        committed(root / "step-00000004")
+        return root
+
+    root = v1_run()
+    unset = checkpoints.run_folder(tmp_path, {"worldSize": 1}, CPU, {"training": {"warmup": 0.1}, "worldSize": 1})
+    assert unset == root and checkpoints.complete(root) == []
+    assert "made with other settings that change the optimisation (training.warmup: 0.06 -> 0.1)" in caplog.text
+    shutil.rmtree(root)
+    root = v1_run()
+    explicit = {"training": {"warmup": 0.06}, "worldSize": 1}
+    kept = checkpoints.run_folder(tmp_path, explicit, CPU, explicit)
+    assert kept != root and checkpoints.complete(kept) == [kept / "step-00000004"]
+
+
+def test_a_fingerprint_that_cannot_be_read_now_is_retried_and_an_empty_one_trusts_the_folder_s_name(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A transient read error (an NFS ESTALE) read as no fingerprint: the run's checkpoints were removed as what a
+    removal cut short left. And an empty one, which an earlier trainer writing it in place left, had them removed
+    too, though the folder's name says the run."""
+    one = {"run": 1, "worldSize": 1}
+    root = checkpoints.run_folder(tmp_path, one, CPU)
+    committed(root / "step-00000004")
+    real = Path.read_text
+
+    def stale(path: Path, *args: Any, **kwargs: Any) -> str:
+        if path.name == checkpoints.FINGERPRINT:
+            raise OSError(errno.ESTALE, "Stale file handle")
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "read_text", stale)
+    with pytest.raises(OSError, match="Stale file handle"):
+        checkpoints.run_folder(tmp_path, one, CPU)
+    monkeypatch.undo()
+    assert checkpoints.complete(root) == [root / "step-00000004"]
+    (root / checkpoints.FINGERPRINT).write_text("")
+    assert checkpoints.run_folder(tmp_path, one, CPU) == root
+    assert checkpoints.complete(root) == [root / "step-00000004"]
+
+
+def test_what_a_removal_cut_short_leaves_is_never_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A checkpoint's marker without its weights (an earlier trainer deleting in place), healed layers without a
+    fingerprint, and a removal in place (its rename refused) cut short: none is resumed or reused."""
+    one = {"run": 1, "worldSize": 1}
+    root = checkpoints.run_folder(tmp_path, one, CPU)
+    committed(root / "step-00000004")
+    (root / "step-00000004" / checkpoints.TRAINED).unlink()
+    assert checkpoints.complete(root) == []
+    (root / checkpoints.FINGERPRINT).unlink()
+    (root / checkpoints.HEALED).write_text("layers of another run")
+    assert checkpoints.run_folder(tmp_path, one, CPU) == root and not (root / checkpoints.HEALED).exists()
+    committed(root / "step-00000008")
+    monkeypatch.setattr(checkpoints.os, "replace", lambda *_: (_ for _ in ()).throw(OSError("busy")))
+    real = shutil.rmtree
+
+    def cut_short(path: Path, ignore_errors: bool = False) -> None:
+        if Path(path) == root:
+            raise KeyboardInterrupt
+        real(path, ignore_errors=ignore_errors)
+
+    monkeypatch.setattr(checkpoints.shutil, "rmtree", cut_short)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoints.remove(root)
+    monkeypatch.undo()
+    assert checkpoints.complete(root) == [] and not (root / checkpoints.FINGERPRINT).exists()
 
 
 def test_sigterm_in_the_last_step_stops_after_its_checkpoint(tmp_path: Path) -> None:

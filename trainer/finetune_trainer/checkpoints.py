@@ -35,6 +35,7 @@ the same ones (`earlier_choice`), whatever its own scores say.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -64,6 +65,8 @@ HEALED = "healed.safetensors"
 BASELINE = "baseline.json"
 TEACHER = "teacher.json"  # training.distillation's teacher's test scores
 FINGERPRINT = "fingerprint.json"
+TRAINED, OPTIMIZER, STATE = "trained.safetensors", "optimizer.pt", "state.json"  # a checkpoint's files, rank 0's
+CHECKPOINT_FILES = (TRAINED, OPTIMIZER, STATE)
 
 
 def trained(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -128,12 +131,12 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
     try:
         torch.save(rng_state(), tmp / f"rng-{world.rank}.pt")
         if world.main:
-            save_file(trained_tensors(model), tmp / "trained.safetensors")
+            save_file(trained_tensors(model), tmp / TRAINED)
             if best is not None:
                 save_file(best, tmp / BEST)
             torch.save({"optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                        "scaler": scaler.state_dict()}, tmp / "optimizer.pt")  # fp16's loss scale: {} when off
-            (tmp / "state.json").write_text(json.dumps(loop_state))
+                        "scaler": scaler.state_dict()}, tmp / OPTIMIZER)  # fp16's loss scale: {} when off
+            (tmp / STATE).write_text(json.dumps(loop_state))
     except Exception as exc:
         written = sum(f.stat().st_size for f in tmp.iterdir()) >> 20
         what = (f"the checkpoint of step {step} (more than {written} MiB; the newest {keep} are kept "
@@ -169,14 +172,17 @@ def run_folder(parent: Path, identity: dict[str, Any], world: World, full: dict[
     full = identity if full is None else full
     root = parent / folder_name(identity)
     others = [p for p in run_folders(parent) if p != root]
-    # Kept, a resumed optimizer trained on other data, and the kept baseline had scored another test split. (The
-    # folder's name is the rest of the identity.)
-    other_data = (saved := read_full(root, identity, full)) is not None and not same_run(saved, full)
-    if other_data and world.main:
-        log.warning("not resuming what %s holds: the data changed since it was made (the dataset or the tokenizer, at "
-                    "the same paths); training starts afresh", root)
-    # What an earlier trainer's removal, deleting in place, left when cut short: a marker whose weights may be gone
-    unnamed = saved is None and bool(complete(root))
+    # Kept, a resumed optimizer trained on other data, and the kept baseline had scored another test split. Or other
+    # settings under the same name: its default values, which the name leaves out, changed since (a new version).
+    other_run = (saved := read_full(root, identity, full)) is not None and not same_run(saved, full)
+    if other_run and world.main:
+        changed = [line for line in differences(saved, full) if not line.startswith("data:")]
+        log.warning("not resuming what %s holds: %s; training starts afresh", root,
+                    f"made with other settings that change the optimisation ({'; '.join(changed)})" if changed else
+                    "the data changed since it was made (the dataset or the tokenizer, at the same paths)")
+    # What an earlier trainer's removal, deleting in place, left when cut short: checkpoints whose weights may be
+    # gone, or healed layers and a baseline of another run
+    unnamed = root.is_dir() and not (root / FINGERPRINT).exists() and any(root.iterdir())
     if unnamed and world.main:
         log.warning("not resuming what %s holds: its %s is gone (a removal cut short); training starts afresh", root,
                     FINGERPRINT)
@@ -206,7 +212,7 @@ def run_folder(parent: Path, identity: dict[str, Any], world: World, full: dict[
             log.info("resuming the checkpoints in %s under this trainer's name for them, %s", earlier, root)
             os.replace(earlier, root)
             fsync(parent)
-        for stale in [*others, *([root] if other_data or unnamed else [])]:
+        for stale in [*others, *([root] if other_run or unnamed else [])]:
             log.info("removing stale checkpoints %s", stale)
             remove(stale)
         for torn in [*root.glob(".tmp-*"), *parent.glob(".tmp-*")]:  # save's, remove's, and save_healed's file
@@ -221,8 +227,10 @@ def run_folder(parent: Path, identity: dict[str, Any], world: World, full: dict[
             else:
                 os.replace(aside, final)
         root.mkdir(parents=True, exist_ok=True)
-        # Through a temporary file: cut short in place, an empty one lost the earlier attempt's pruning choice
-        text = json.dumps(identity, indent=2, sort_keys=True)
+        # Through a temporary file: cut short in place, an empty one lost the earlier attempt's pruning choice. With
+        # its defaults (the name leaves them out): a default a later version changes is a change, and the version
+        # before this one (which compares fingerprints with its defaults) reads the run as its own after a rollback.
+        text = json.dumps(full, indent=2, sort_keys=True)
         replace_atomically(root, FINGERPRINT, lambda tmp: tmp.write_text(text))
     world.barrier()
     return root
@@ -247,9 +255,19 @@ def remove(checkpoint: Path) -> None:
         os.replace(checkpoint, doomed)
     except OSError:  # gone already, or a torn one NFS keeps open files of: in place then, never failing the save
         doomed = checkpoint
+        unmark(checkpoint)
     else:
         fsync(checkpoint.parent)  # the new name on disk before any delete: a crash never shows the old one torn
     shutil.rmtree(doomed, ignore_errors=True)
+
+
+def unmark(folder: Path) -> None:
+    """Before a folder is deleted in place: its markers and its fingerprint first, on disk before the rest goes, so
+    a removal cut short leaves nothing a later run resumes."""
+    for marker in [folder / MARKER, *folder.glob(f"*/{MARKER}"), folder / FINGERPRINT]:
+        with contextlib.suppress(OSError):
+            marker.unlink()
+            fsync(marker.parent)
 
 
 def replace_atomically(root: Path, name: str, write: Callable[[Path], object]) -> None:
@@ -310,9 +328,12 @@ def run_folders(parent: Path) -> list[Path]:
 
 
 def read_identity(folder: Path) -> dict[str, Any] | None:
+    """A run folder's fingerprint; None where there is none, or an empty or torn one (an earlier trainer wrote it in
+    place: the folder's name still says the run). Another read error raises, and the attempt is retried: read as
+    none, a transient one (an NFS ESTALE) had the run's checkpoints removed as a removal's leftovers."""
     try:
         return json.loads((folder / FINGERPRINT).read_text())
-    except (OSError, ValueError):
+    except (FileNotFoundError, ValueError):
         return None
 
 
@@ -379,8 +400,14 @@ def complete(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     candidates = [*root.glob(f"{ASIDE}{PREFIX}*"), *root.glob(f"{PREFIX}*")]  # a step's own folder last: it wins
-    found = {int(p.name.removeprefix(ASIDE).removeprefix(PREFIX)): p for p in candidates if (p / MARKER).exists()}
+    found = {int(p.name.removeprefix(ASIDE).removeprefix(PREFIX)): p for p in candidates if committed(p)}
     return [found[step] for step in sorted(found)]
+
+
+def committed(checkpoint: Path) -> bool:
+    """Its marker, and beside it what a resume reads: an earlier trainer's removal, deleting in place, could be cut
+    short after the weights and before the marker, and every later attempt failed loading them."""
+    return all((checkpoint / name).exists() for name in (MARKER, *CHECKPOINT_FILES))
 
 
 def finished(root: Path, total: int) -> bool:
@@ -389,7 +416,7 @@ def finished(root: Path, total: int) -> bool:
     found = complete(root)
     if not found:
         return False
-    saved = json.loads((found[-1] / "state.json").read_text())
+    saved = json.loads((found[-1] / STATE).read_text())
     return saved["step"] >= total or saved.get("stopped_early", False)
 
 
@@ -398,8 +425,8 @@ def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sched
     """Restore a checkpoint in place; returns the loop's saved position and, on rank 0 alone (`train_loop`), the
     best weights if it kept them. None when it was laid out for another model or optimizer (`misfits`): the run's
     checkpoints are then removed."""
-    tensors = load_file(folder / "trained.safetensors")
-    saved = torch.load(folder / "optimizer.pt", map_location=world.device, weights_only=True)  # runs no pickled code
+    tensors = load_file(folder / TRAINED)
+    saved = torch.load(folder / OPTIMIZER, map_location=world.device, weights_only=True)  # runs no pickled code
     if found := misfits(model, tensors, optimizer, saved["optimizer"]):
         discard(folder, found, world)
         return None
@@ -413,7 +440,7 @@ def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, sched
         set_rng_state(torch.load(rng, weights_only=True))
     log.info("resumed from %s", folder)
     best = load_file(folder / BEST) if world.main and (folder / BEST).exists() else None
-    return json.loads((folder / "state.json").read_text()), best
+    return json.loads((folder / STATE).read_text()), best
 
 
 def misfits(model: nn.Module, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,

@@ -521,9 +521,9 @@ def fingerprinted(cfg: TrainerConfig, world_size: int, pruned: list[int] | None 
     other weights) and the data (`batches.digest`). A field added later counts until listed above.
 
     Only the values that differ from their defaults, unless `defaults` (the full form, which `run_folder` compares
-    saved fingerprints in): a field an upgrade adds with a default that keeps the old behaviour must not move every
-    retried job to a new folder, from step 0. The price: a default whose value a new version changes is taken as
-    the same run, and a job retried across that upgrade resumes its checkpoints under the new default."""
+    saved fingerprints in, and saves): a field an upgrade adds with a default that keeps the old behaviour must not
+    move every retried job to a new folder, from step 0. A default whose value a new version changes is a change all
+    the same: the saved fingerprint holds its old value."""
     wire = cfg.to_wire(defaults)
     for section, fields in BOOKKEEPING.items():
         if fields is None:
