@@ -319,6 +319,31 @@ def test_deletion_sends_sigterm_to_the_main_process_alone(agent: Agent, api: Api
     assert "SIGTERM" not in runner.log_path("main", 0).read_text()
 
 
+# Says when SIGTERM reached it, and ends then.
+TERM_SCRIPT = r"""
+import signal, sys, time
+signal.signal(signal.SIGTERM, lambda *_: sys.exit(print("SIGTERM", flush=True)))
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("deletion", ["grace period 0", "force-deleted"])
+def test_a_pod_deleted_without_a_grace_period_gets_sigterm_first(agent: Agent, api: Api, deletion: str) -> None:
+    # The kubelet gives every kill a grace period of at least 2 s (minimumGracePeriodInSeconds), SIGTERM first: a
+    # deletion with grace period 0, or a pod gone from the API, sent SIGKILL alone, and torchrun never stopped its
+    # workers nor a trainer its checkpoint.
+    pod = _pod(TERM_SCRIPT)
+    runner = _run(agent, pod)
+    assert _first_line(runner) == "ready"
+    if deletion == "force-deleted":
+        agent._forget(_deleting(pod, 0))
+    else:
+        agent._sync(_deleting(pod, 0))
+    runner.join(10)
+    assert runner.log_path("main", 0).read_text() == "ready\nSIGTERM\n"
+
+
 def test_a_sub_path_folder_that_cannot_be_given_its_owner_leaves_no_descriptor_open(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # The agent makes a subPath's missing folders (as the volume's owner) for every container it starts: a descriptor

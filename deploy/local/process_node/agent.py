@@ -28,8 +28,17 @@ RENEW_EVERY = 5
 STATUS_EVERY = 60
 # Says on the Node whether containers' resource limits are enforced here, and if not why.
 LIMITS_ANNOTATION = "finetune.dev/resource-limits"
+# The kubelet's minimumGracePeriodInSeconds: however a pod is deleted, SIGTERM comes this long before SIGKILL.
+MINIMUM_GRACE_SECONDS = 2
 
 log = logging.getLogger("process_node")
+
+
+def _grace_seconds(pod: dict) -> int:
+    """The grace period of a deleted pod's kill, as the kubelet's pod worker and killContainer compute it: the
+    deletion's, or where that is 0 or unknown (a force delete) the spec's, and never under MINIMUM_GRACE_SECONDS."""
+    deletion = pod["metadata"].get("deletionGracePeriodSeconds")
+    return max(MINIMUM_GRACE_SECONDS, deletion or pod["spec"].get("terminationGracePeriodSeconds", 30))
 
 
 def _micro_now() -> str:
@@ -194,7 +203,7 @@ class Agent:
         deleting = "deletionTimestamp" in meta
         terminal = pod.get("status", {}).get("phase") in ("Succeeded", "Failed")
         if deleting:
-            if runner is None or not runner.stop(meta.get("deletionGracePeriodSeconds", 30)):
+            if runner is None or not runner.stop(_grace_seconds(pod)):
                 self.delete_pod(pod)  # nothing runs (any more): finish the deletion at once
         elif runner is None and not terminal:
             runner = PodRunner(self, pod, str(next(self._ips)), self.pods_dir)
@@ -210,11 +219,12 @@ class Agent:
         return runners[-1].log_of(container, previous) if runners else None  # the newest pod of that name
 
     def _forget(self, pod: dict) -> None:
-        """The pod object is gone (force-deleted, or our final delete): stop at once."""
+        """The pod object is gone (force-deleted, or our final delete): stop what still runs, within the grace period a
+        kubelet gives it."""
         with self._runners_lock:
             runner = self.runners.pop(pod["metadata"]["uid"], None)
         if runner is not None and runner.is_alive():
-            runner.stop(0)
+            runner.stop(_grace_seconds(pod))
 
     def _watch_pods(self) -> None:
         pods = f"/api/v1/pods?fieldSelector={quote(f'spec.nodeName={self.name}')}"

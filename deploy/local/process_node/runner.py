@@ -402,10 +402,10 @@ class PodRunner(threading.Thread):
             code = _exit_code(container.proc, self._root(container))
             if code is not None:
                 self._reap(container, code)
+            elif not self._terminated_signalled:  # always first; as a runtime sends it: to the main process alone
+                os.kill(container.proc.pid, signal.SIGTERM)
             elif time.monotonic() >= kill_at:
                 _kill(container.proc, self._root(container))
-            elif not self._terminated_signalled:  # as a runtime sends it: to the main process alone
-                os.kill(container.proc.pid, signal.SIGTERM)
         self._terminated_signalled = True
         for container in self.init + self.containers:  # never-started ones will not start now
             container.done = container.done or container.proc is None
