@@ -188,15 +188,55 @@ def test_a_deleted_pod_s_end_reaches_the_api_before_its_final_delete(agent: Agen
     assert api.deleted == [pod["metadata"]["uid"]] and phases_at_delete == ["Failed", "Failed"]
 
 
+def _phases_at_delete(api: Api) -> list[str]:
+    """The pod's phase in the API at each final delete, as it comes."""
+    phases: list[str] = []
+    api.on_delete = lambda: phases.append(api.statuses[-1]["phase"] if api.statuses else "Pending")
+    return phases
+
+
 def test_a_runner_that_fails_at_once_says_so_and_its_pod_s_deletion_is_finished(agent: Agent, api: Api) -> None:
     # Whatever fails in a runner (here the pod's folder cannot be made) shows in the pod, and a deletion of a pod
-    # whose runner ended is finished by the agent: it would otherwise stay Terminating.
+    # whose runner ended is finished by the agent, the pod's end (Failed) first, as a kubelet ends it: it would
+    # otherwise stay Terminating, and a Job with a podFailurePolicy would count it neither failed nor gone.
     agent.pods_dir.write_text("")  # a file where the pods' folders go
     pod = _pod("pass")
     _run(agent, pod).join(10)
     assert _state(api, "main")["waiting"]["reason"] == "RunContainerError"
+    phases_at_delete = _phases_at_delete(api)
     agent._sync(_deleting(pod, 30))
-    assert api.deleted == [pod["metadata"]["uid"]]
+    assert api.deleted == [pod["metadata"]["uid"]] and phases_at_delete == ["Failed"]
+    assert _state(api, "main")["terminated"]["reason"] == "ContainerStatusUnknown"
+
+
+def test_a_pod_first_seen_deleted_ends_failed_before_its_final_delete(agent: Agent, api: Api) -> None:
+    # A relist after a broken watch shows a pod already deleted that never ran here: as the kubelet, it ends Failed,
+    # its containers terminated with exit code 137 (ContainerStatusUnknown), and none starts.
+    pod = _pod("pass")
+    phases_at_delete = _phases_at_delete(api)
+    agent._sync(_deleting(pod, 30))
+    assert api.deleted == [pod["metadata"]["uid"]] and phases_at_delete == ["Failed"]
+    assert _state(api, "main")["terminated"]["exitCode"] == 137
+    assert pod["metadata"]["uid"] not in agent.runners
+
+
+def test_a_runner_that_fails_while_its_pod_is_deleted_ends_it_failed(agent: Agent, api: Api,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    # A bug in the runner during a deletion: the pod still ends (Failed) and its deletion is finished; it stayed
+    # Terminating with a RunContainerError container, never terminal.
+    pod = _pod(WORKER_SCRIPT, container={"args": ["60"]})
+    runner = _run(agent, pod)
+    worker = int(_first_line(runner))
+    try:
+        phases_at_delete = _phases_at_delete(api)
+        agent._sync(_deleting(pod, 30))  # SIGTERM, which the container ignores
+        monkeypatch.setattr(runner_module, "_exit_code", lambda proc, root: _raise(RuntimeError("a bug")))
+        runner.join(10)
+        assert api.deleted == [pod["metadata"]["uid"]] and phases_at_delete == ["Failed"]
+        assert not _alive(worker)
+    finally:
+        if _alive(worker):
+            os.kill(worker, signal.SIGKILL)
 
 
 def test_a_pod_with_a_long_name_runs(agent: Agent, api: Api) -> None:

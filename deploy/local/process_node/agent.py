@@ -19,7 +19,7 @@ from .dns import Dns
 from .kubeapi import MERGE, STRATEGIC, ApiError, KubeAPI, warning_event
 from .network import pod_network
 from .provisioner import Provisioner
-from .runner import PodRunner
+from .runner import TERMINAL, PodRunner, ended
 
 LEASE_SECONDS = 40  # the kubelet's default
 # kcm's --node-monitor-grace-period is 20 s here (cluster.py), so a lost node shows soon:
@@ -164,17 +164,21 @@ class Agent:
 
     # ------------------------------------------------------------ pods
 
+    def _patch_status(self, pod: dict, status: dict) -> None:
+        meta = pod["metadata"]
+        body = {"metadata": {"uid": meta["uid"]}, "status": status}  # the uid is a precondition
+        path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status"
+        self.api.request("PATCH", path, body, STRATEGIC, missing_ok=True)
+
     def publish_status(self, pod: dict, status: dict) -> bool:
         """Whether the API needs it no more: it has it, the pod is gone (404), or the API refuses it for good (another
         4xx: a pod deleted by force and made again under its name refuses the old one's uid, 422), where a retry
         would be refused for ever. Only a failure that may pass (no answer, a 5xx, 408, 429) is False."""
-        meta = pod["metadata"]
-        body = {"metadata": {"uid": meta["uid"]}, "status": status}  # the uid is a precondition
-        path = f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}/status"
         try:
-            self.api.request("PATCH", path, body, STRATEGIC, missing_ok=True)
+            self._patch_status(pod, status)
             return True
         except (OSError, ApiError) as error:
+            meta = pod["metadata"]
             log.warning("pod %s/%s: status update failed: %s", meta["namespace"], meta["name"], error)
             return isinstance(error, ApiError) and 400 <= error.status < 500 and error.status not in (408, 429)
 
@@ -196,15 +200,24 @@ class Agent:
         self.api.request("DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}", options,
                          missing_ok=True)
 
+    def _finish_deletion(self, pod: dict) -> None:
+        """The final delete of a pod no runner ends (first seen deleting, or its runner failed), its end sent first as
+        the kubelet sends it: a Job counts a deleted pod only once it is terminal. Raises where either was not sent:
+        the watch then lists the pods again, and this is tried anew."""
+        status = pod.get("status", {})
+        if status.get("phase") not in TERMINAL and not self.stopping.is_set():
+            self._patch_status(pod, ended(pod, status))
+        self.delete_pod(pod)
+
     def _sync(self, pod: dict) -> None:
         meta = pod["metadata"]
         with self._runners_lock:
             runner = self.runners.get(meta["uid"])
         deleting = "deletionTimestamp" in meta
-        terminal = pod.get("status", {}).get("phase") in ("Succeeded", "Failed")
+        terminal = pod.get("status", {}).get("phase") in TERMINAL
         if deleting:
             if runner is None or not runner.stop(_grace_seconds(pod)):
-                self.delete_pod(pod)  # nothing runs (any more): finish the deletion at once
+                self._finish_deletion(pod)  # nothing runs (any more): finish the deletion at once
         elif runner is None and not terminal:
             runner = PodRunner(self, pod, str(next(self._ips)), self.pods_dir)
             with self._runners_lock:

@@ -119,6 +119,38 @@ def _state_triple(state: dict) -> dict:
     return {k: state.get(k) for k in ("waiting", "running", "terminated")}
 
 
+# How the kubelet ends a container of a deleted pod that has no end of its own (status manager, TerminatePod).
+STATUS_UNKNOWN = {"terminated": {"exitCode": 137, "reason": "ContainerStatusUnknown",
+                                 "message": "The container could not be located when the pod was terminated"}}
+
+
+def _started(status: dict) -> bool:
+    """Whether a container status shows that it ran once (kubelet: not waiting, or a previous run ended)."""
+    return not status["state"].get("waiting") or bool((status.get("lastState") or {}).get("terminated"))
+
+
+def _unknown_unless_ended(status: dict) -> dict:
+    if status["state"].get("terminated"):
+        return status
+    return {**status, "ready": False, "started": False, "state": _state_triple(STATUS_UNKNOWN)}
+
+
+def ended(pod: dict, status: dict) -> dict:
+    """`status` as the kubelet's status manager ends a pod (TerminatePod), before its final delete: phase Failed
+    unless it ended already, and every container with no end that ran or was due to run terminated as
+    ContainerStatusUnknown (137): the regular ones once the pod initialized, the init ones up to the last that ran
+    (at least the first). A Job counts a deleted pod only once it is terminal (podFailurePolicy's finalizer)."""
+    spec = pod["spec"]
+    init = _statuses(spec.get("initContainers", []), status.get("initContainerStatuses"), True)
+    regular = _statuses(spec["containers"], status.get("containerStatuses"), False)
+    initialized = not init or any(map(_started, regular)) or \
+        (init[-1]["state"].get("terminated") or {}).get("exitCode") == 0
+    ran = max((i + 1 for i, s in enumerate(init) if _started(s)), default=1)
+    return {**status, "phase": status.get("phase") if status.get("phase") in TERMINAL else "Failed",
+            "initContainerStatuses": [_unknown_unless_ended(s) if i < ran else s for i, s in enumerate(init)] or None,
+            "containerStatuses": [_unknown_unless_ended(s) for s in regular] if initialized else regular}
+
+
 @dataclass
 class Container:
     spec: dict
@@ -153,6 +185,12 @@ class Container:
             "restartCount": self.restart_count,
             "state": _state_triple(self.state), "lastState": _state_triple(self.last_state),
         }
+
+
+def _statuses(specs: list[dict], statuses: list[dict] | None, is_init: bool) -> list[dict]:
+    """Each container's status in the spec's order; one the API lacks (a pod never run here) as not yet created."""
+    known = {s["name"]: s for s in statuses or []}
+    return [known.get(c["name"]) or Container(c, is_init).status() for c in specs]
 
 
 class PodRunner(threading.Thread):
@@ -231,17 +269,26 @@ class PodRunner(threading.Thread):
                     return  # finished, and the API knows; the agent deletes it when asked
                 time.sleep(POLL)
         except Exception as error:  # a bug here must show in the pod, not leave it Pending
-            log.exception("pod %s: runner failed", self.name)
-            for container in (c for c in self.init + self.containers if not c.done):
-                if container.proc is not None:  # no process outlives its pod's runner
-                    _kill(container.proc, self._root(container))
-                container.state = {"waiting": {"reason": "RunContainerError", "message": f"process node: {error!r}"}}
-            self._publish(now=True)
-            return
+            if not self._fail(error):
+                return
         # As the kubelet: the final delete once the API has the pod's end (a Job counts its pods by their end, and
         # the pod would be gone with its end unseen), each sent until it lands.
         if self._until_sent(lambda: self._publish(now=True)):
             self._until_sent(self._final_delete)
+
+    def _fail(self, error: Exception) -> bool:
+        """The runner failed: its containers are killed and say why. Whether the pod is being deleted: its end (Failed)
+        and final delete are then sent here, else a later deletion is the agent's to finish."""
+        log.exception("pod %s: runner failed", self.name)
+        deleting = not self._end_unless_stopped()
+        for container in (c for c in self.init + self.containers if not c.done):
+            if container.proc is not None:  # no process outlives its pod's runner
+                _kill(container.proc, self._root(container))
+            container.state = {"waiting": {"reason": "RunContainerError", "message": f"process node: {error!r}"}}
+            container.done = deleting  # none starts again
+        if not deleting:
+            self._publish(now=True)
+        return deleting
 
     def _until_sent(self, send: Callable[[], bool]) -> bool:
         """send() until it succeeds, backing off as a refused status does; False if the node exits first."""
@@ -449,7 +496,7 @@ class PodRunner(threading.Thread):
         initialized = all(c.done for c in self.init) and not self._init_failed()
         ready = phase == "Running" and all("running" in c.state for c in self.containers)
         not_ready_reason = "PodCompleted" if phase in TERMINAL else "ContainersNotReady"
-        return {
+        status = {
             **self._pod_view()["status"],
             "phase": phase, "startTime": self.start_time,
             "conditions": [
@@ -461,6 +508,7 @@ class PodRunner(threading.Thread):
             "initContainerStatuses": [c.status() for c in self.init] or None,
             "containerStatuses": [c.status() for c in self.containers],
         }
+        return ended(self.pod, status) if phase in TERMINAL else status
 
     def _publish(self, now: bool = False) -> bool:
         """Send the status if it changed (after a refusal: once its back-off passed, or `now`); whether the API has
