@@ -6,6 +6,7 @@ leads out of its volume, and /etc/hosts always names the pod."""
 
 from __future__ import annotations
 
+import errno
 import os
 import resource
 import signal
@@ -299,6 +300,53 @@ def test_a_runner_that_fails_ends_its_containers(agent: Agent, api: Api, monkeyp
         for pid in (main, worker):
             if _alive(pid):
                 os.kill(pid, signal.SIGKILL)
+
+
+class FakeCgroups:
+    """The node's cgroups as plain folders (this machine has no writable cgroup v2); Cgroups.remove is the test's."""
+
+    def __init__(self, folder: Path) -> None:
+        self.folder = folder
+
+    def create(self, name: str, resources: dict) -> Path:
+        (self.folder / name).mkdir()
+        return self.folder / name
+
+
+@pytest.fixture
+def cgroups(agent: Agent, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> list[Path]:
+    """Limits enforced with fake cgroups; the cgroups removed, as they are asked to be."""
+    removed: list[Path] = []
+    agent.cgroups = FakeCgroups(tmp_path)
+    monkeypatch.setattr(runner_module.Cgroups, "oom_killed", staticmethod(lambda path: False))
+    monkeypatch.setattr(runner_module.Cgroups, "remove", staticmethod(removed.append))
+    return removed
+
+
+def test_a_cgroup_that_will_not_go_leaves_the_container_s_end_right(agent: Agent, api: Api, cgroups: list[Path],
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    # Busy past the wait (a process in uninterruptible sleep), or no cgroup.kill (Linux before 5.14): the error
+    # escaped into the runner's catch-all, and a container that exited 0 showed RunContainerError, its pod never ending.
+    monkeypatch.setattr(runner_module.Cgroups, "remove", staticmethod(
+        lambda path: _raise(OSError(errno.EBUSY, "Device or resource busy"))))
+    runner = _run(agent, _pod("pass"))
+    runner.join(10)
+    assert api.statuses[-1]["phase"] == "Succeeded" and _state(api, "main")["terminated"]["reason"] == "Completed"
+
+
+def test_the_cgroup_of_a_container_that_never_started_is_removed_with_its_pod(
+        agent: Agent, api: Api, cgroups: list[Path], monkeypatch: pytest.MonkeyPatch) -> None:
+    # A start refused after its cgroup was made (CreateContainerConfigError, retried) keeps the cgroup for the next
+    # try; a deletion meanwhile left it behind.
+    monkeypatch.setattr(runner_module.volumes, "container_mounts", lambda pod, spec, folders: _raise(
+        runner_module.downward.ConfigError("not yet")))
+    pod = _pod("pass")
+    runner = _run(agent, pod)
+    _eventually("refusal", lambda: (_state(api, "main").get("waiting") or {}).get("message"))
+    made = runner.containers[0].cgroup
+    agent._sync(_deleting(pod, 30))
+    runner.join(10)
+    assert made is not None and cgroups == [made]
 
 
 def test_a_pid_that_left_the_container_s_root_is_not_killed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

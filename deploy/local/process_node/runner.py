@@ -284,6 +284,7 @@ class PodRunner(threading.Thread):
         for container in (c for c in self.init + self.containers if not c.done):
             if container.proc is not None:  # no process outlives its pod's runner
                 _kill(container.proc, self._root(container))
+            self._remove_cgroup(container)
             container.state = {"waiting": {"reason": "RunContainerError", "message": f"process node: {error!r}"}}
             container.done = deleting  # none starts again
         if not deleting:
@@ -405,11 +406,9 @@ class PodRunner(threading.Thread):
     def _reap(self, container: Container, code: int) -> None:
         exit_code = code if code >= 0 else 128 - code  # killed by signal N -> 128+N, as a shell says
         reason = "Completed" if exit_code == 0 else "Error"
-        if container.cgroup is not None:
-            if Cgroups.oom_killed(container.cgroup):
-                reason = "OOMKilled"
-            Cgroups.remove(container.cgroup)
-            container.cgroup = None
+        if container.cgroup is not None and Cgroups.oom_killed(container.cgroup):
+            reason = "OOMKilled"
+        self._remove_cgroup(container)
         terminated = {
             "exitCode": exit_code, "reason": reason,
             "startedAt": container.state.get("running", {}).get("startedAt", self.start_time),
@@ -429,6 +428,17 @@ class PodRunner(threading.Thread):
         container.state = {"waiting": {"reason": "CrashLoopBackOff", "message": f"back-off {backoff:.0f}s restarting"}}
         container.next_start = time.monotonic() + backoff
         container.proc = None
+
+    def _remove_cgroup(self, container: Container) -> None:
+        """Remove the run's cgroup, if it has one. One that will not go (busy past the wait, or no cgroup.kill before
+        Linux 5.14) is left, with a warning: the container's end must still reach the pod's status."""
+        if container.cgroup is None:
+            return
+        try:
+            Cgroups.remove(container.cgroup)
+        except OSError as error:
+            log.warning("pod %s: cgroup %s of %s left behind: %s", self.name, container.cgroup, container.name, error)
+        container.cgroup = None
 
     def _termination_message(self, container: Container, exit_code: int) -> str:
         message = b""
@@ -454,8 +464,9 @@ class PodRunner(threading.Thread):
             elif time.monotonic() >= kill_at:
                 _kill(container.proc, self._root(container))
         self._terminated_signalled = True
-        for container in self.init + self.containers:  # never-started ones will not start now
-            container.done = container.done or container.proc is None
+        for container in (c for c in self.init + self.containers if c.proc is None):  # none of these starts now
+            container.done = True
+            self._remove_cgroup(container)  # made for a start refused since (CreateContainerConfigError)
         return all(c.done for c in live)
 
     # ------------------------------------------------------------ status
