@@ -249,6 +249,28 @@ def test_a_pod_with_a_long_name_runs(agent: Agent, api: Api) -> None:
     assert _state(api, "main")["terminated"]["exitCode"] == 0 and _first_line(runner) == "p" * 63
 
 
+# Writes to its emptyDir, says so, and runs until deleted.
+SCRATCH_SCRIPT = "import time; open('/scratch/x', 'w').close(); print('ready', flush=True); time.sleep(60)"
+
+
+@pytest.mark.parametrize("gone", ["while it runs", "after it ended"])
+def test_a_deleted_pod_s_volumes_and_roots_are_removed_and_its_logs_kept(agent: Agent, api: Api, gone: str) -> None:
+    # As a kubelet removes a deleted pod's volumes: its emptyDirs, each run's private /tmp, its Secret, ConfigMap and
+    # token files stayed on the node until the next `cluster up`. Its logs stay (tests read them after).
+    pod = _pod(SCRATCH_SCRIPT, volumes=[{"name": "scratch", "emptyDir": {}}],
+               container={"volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]})
+    runner = _run(agent, pod)
+    assert _first_line(runner) == "ready" and (runner.dir / "volumes" / "scratch" / "x").exists()
+    if gone == "after it ended":
+        os.kill(runner.containers[0].proc.pid, signal.SIGKILL)
+        runner.join(10)
+    else:
+        agent._sync(_deleting(pod, 30))
+        runner.join(10)
+    agent._forget(pod)  # the pod object is gone
+    assert sorted(p.name for p in runner.dir.iterdir()) == ["logs"] and runner.log_path("main", 0).exists()
+
+
 # A container's main process that starts a worker as torch elastic does (in a session of its own), says its pid, and
 # exits after argv[1] seconds. Neither heeds SIGTERM: only a SIGKILL ends them.
 WORKER_SCRIPT = r"""

@@ -19,7 +19,7 @@ from .dns import Dns
 from .kubeapi import MERGE, STRATEGIC, ApiError, KubeAPI, warning_event
 from .network import pod_network
 from .provisioner import Provisioner
-from .runner import TERMINAL, PodRunner, ended
+from .runner import TERMINAL, PodRunner, ended, remove_pod_folders
 
 LEASE_SECONDS = 40  # the kubelet's default
 # kcm's --node-monitor-grace-period is 20 s here (cluster.py), so a lost node shows soon:
@@ -233,11 +233,11 @@ class Agent:
 
     def _forget(self, pod: dict) -> None:
         """The pod object is gone (force-deleted, or our final delete): stop what still runs, within the grace period a
-        kubelet gives it."""
+        kubelet gives it, and remove what the pod left (its runner does once it ends, if it still runs)."""
         with self._runners_lock:
             runner = self.runners.pop(pod["metadata"]["uid"], None)
-        if runner is not None and runner.is_alive():
-            runner.stop(_grace_seconds(pod))
+        if runner is None or not runner.stop(_grace_seconds(pod)):
+            remove_pod_folders(self.pods_dir / pod["metadata"]["uid"])
 
     def _watch_pods(self) -> None:
         pods = f"/api/v1/pods?fieldSelector={quote(f'spec.nodeName={self.name}')}"

@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -105,6 +106,39 @@ def _exit_code(proc: subprocess.Popen, root: Path) -> int | None:
         return None
     _kill(proc, root)
     return proc.wait()
+
+
+def _mounted_beneath(folder: Path) -> bool:
+    """Whether anything is mounted at or under `folder` in the node's own mount namespace."""
+    folder = folder.resolve()
+    for line in Path("/proc/self/mountinfo").read_text().splitlines():
+        mount_point = line.split()[4].encode().decode("unicode_escape")  # spaces and the like come as \040
+        if Path(mount_point).is_relative_to(folder):
+            return True
+    return False
+
+
+def remove_pod_folders(pod_dir: Path) -> None:
+    """What a deleted pod leaves on the node, removed as a kubelet removes a deleted pod's volumes: its volumes
+    (emptyDirs; Secret, ConfigMap and token files), each run's root with its own /tmp, its hosts and
+    termination-log files. Its logs stay: they are the node's, read after the pod is gone. All is left, with a
+    warning, while a process runs in one of its roots or anything is mounted beneath it (its containers mount in
+    namespaces of their own): a removal would reach into what that holds."""
+    if not pod_dir.exists():
+        return
+    try:
+        if processes.processes_in(pod_dir / "roots") or _mounted_beneath(pod_dir):
+            log.warning("%s left: a process still runs in it, or something is mounted there", pod_dir)
+            return
+        for entry in pod_dir.iterdir():
+            if entry.name == "logs":
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+    except OSError as error:
+        log.warning("%s: not all removed: %s", pod_dir, error)
 
 
 def _last_bytes(f: BinaryIO, start: int, limit: int) -> bytes:
@@ -273,8 +307,11 @@ class PodRunner(threading.Thread):
                 return
         # As the kubelet: the final delete once the API has the pod's end (a Job counts its pods by their end, and
         # the pod would be gone with its end unseen), each sent until it lands.
-        if self._until_sent(lambda: self._publish(now=True)):
-            self._until_sent(self._final_delete)
+        # Then what it left, unless the node is exiting (the pod lives on, as through a kubelet's restart).
+        if self._until_sent(lambda: self._publish(now=True)) and self._until_sent(self._final_delete) and \
+                not self.node.stopping.is_set():
+            self.node.dns.remove_pod(self.pod)  # its hosts file is written no more
+            remove_pod_folders(self.dir)
 
     def _fail(self, error: Exception) -> bool:
         """The runner failed: its containers are killed and say why. Whether the pod is being deleted: its end (Failed)
