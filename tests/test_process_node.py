@@ -221,6 +221,19 @@ def test_a_pod_first_seen_deleted_ends_failed_before_its_final_delete(agent: Age
     assert pod["metadata"]["uid"] not in agent.runners
 
 
+def test_the_end_of_a_pod_first_seen_deleted_is_sent_again_unless_refused_for_good(agent: Agent, api: Api) -> None:
+    # A failure that may pass leaves the deletion to the watch's next relist; a refusal for good (422) must not stop
+    # every relist there, before the pods listed after it.
+    pod = _pod("pass")
+    api.on_terminal = lambda: _raise(OSError("connection refused"))
+    with pytest.raises(OSError):
+        agent._sync(_deleting(pod, 30))
+    assert api.deleted == []
+    api.on_terminal = lambda: _raise(ApiError(422, "status.containerStatuses: Forbidden"))
+    agent._sync(_deleting(pod, 30))
+    assert api.deleted == [pod["metadata"]["uid"]]
+
+
 def test_a_runner_that_fails_while_its_pod_is_deleted_ends_it_failed(agent: Agent, api: Api,
                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
     # A bug in the runner during a deletion: the pod still ends (Failed) and its deletion is finished; it stayed

@@ -41,6 +41,11 @@ def _grace_seconds(pod: dict) -> int:
     return max(MINIMUM_GRACE_SECONDS, deletion or pod["spec"].get("terminationGracePeriodSeconds", 30))
 
 
+def _may_pass(error: OSError | ApiError) -> bool:
+    """Whether a failed request may succeed when sent again: no answer, a 5xx, 408 or 429; another 4xx is for good."""
+    return not (isinstance(error, ApiError) and 400 <= error.status < 500 and error.status not in (408, 429))
+
+
 def _micro_now() -> str:
     return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
 
@@ -180,7 +185,7 @@ class Agent:
         except (OSError, ApiError) as error:
             meta = pod["metadata"]
             log.warning("pod %s/%s: status update failed: %s", meta["namespace"], meta["name"], error)
-            return isinstance(error, ApiError) and 400 <= error.status < 500 and error.status not in (408, 429)
+            return not _may_pass(error)
 
     def warn(self, pod: dict, reason: str, message: str) -> None:
         """A Warning Event about the pod, as the kubelet records one (FailedMount, ...); lost if the API refuses."""
@@ -202,11 +207,17 @@ class Agent:
 
     def _finish_deletion(self, pod: dict) -> None:
         """The final delete of a pod no runner ends (first seen deleting, or its runner failed), its end sent first as
-        the kubelet sends it: a Job counts a deleted pod only once it is terminal. Raises where either was not sent:
-        the watch then lists the pods again, and this is tried anew."""
+        the kubelet sends it: a Job counts a deleted pod only once it is terminal. Raises where either failed in a way
+        that may pass: the watch then lists the pods again, and this is tried anew (an end refused for good would
+        stop the relist there at every try)."""
         status = pod.get("status", {})
         if status.get("phase") not in TERMINAL and not self.stopping.is_set():
-            self._patch_status(pod, ended(pod, status))
+            try:
+                self._patch_status(pod, ended(pod, status))
+            except ApiError as error:
+                if _may_pass(error):
+                    raise
+                log.warning("pod %s: its end was refused: %s", pod["metadata"]["name"], error)
         self.delete_pod(pod)
 
     def _sync(self, pod: dict) -> None:
