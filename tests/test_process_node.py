@@ -284,6 +284,15 @@ def test_a_deleted_pod_s_volumes_and_roots_are_removed_and_its_logs_kept(agent: 
     assert sorted(p.name for p in runner.dir.iterdir()) == ["logs"] and runner.log_path("main", 0).exists()
 
 
+def test_a_deleted_pod_s_folder_stays_while_a_process_runs_in_its_roots(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    # A process the kill did not end (uninterruptible sleep) still has its root, /tmp and volumes: the folder stays.
+    (tmp_path / "volumes" / "scratch").mkdir(parents=True)
+    monkeypatch.setattr(processes, "processes_in", lambda folder: [os.getpid()])
+    runner_module.remove_pod_folders(tmp_path)
+    assert (tmp_path / "volumes" / "scratch").exists()
+
+
 # A container's main process that starts a worker as torch elastic does (in a session of its own), says its pid, and
 # exits after argv[1] seconds. Neither heeds SIGTERM: only a SIGKILL ends them.
 WORKER_SCRIPT = r"""

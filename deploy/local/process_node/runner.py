@@ -13,6 +13,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -111,9 +112,10 @@ def _exit_code(proc: subprocess.Popen, root: Path) -> int | None:
 def _mounted_beneath(folder: Path) -> bool:
     """Whether anything is mounted at or under `folder` in the node's own mount namespace."""
     folder = folder.resolve()
-    for line in Path("/proc/self/mountinfo").read_text().splitlines():
-        mount_point = line.split()[4].encode().decode("unicode_escape")  # spaces and the like come as \040
-        if Path(mount_point).is_relative_to(folder):
+    for line in Path("/proc/self/mountinfo").read_bytes().splitlines():
+        escaped = line.split()[4]  # a space, tab, newline or backslash in it comes as \ and three octal digits
+        mount_point = re.sub(rb"\\([0-7]{3})", lambda digits: bytes([int(digits[1], 8)]), escaped)
+        if Path(os.fsdecode(mount_point)).is_relative_to(folder):
             return True
     return False
 
