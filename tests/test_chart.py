@@ -512,6 +512,11 @@ def test_extra_env_that_the_operator_s_env_has_already_is_refused_at_install() -
      "trainer.resources.requests.hugepages-2Mi"),
     ({"requests": {"hugepages-1Gi": "1Gi", "memory": "1Gi"}, "limits": {"hugepages-1Gi": "2Gi", "memory": "1Gi"}},
      "trainer.resources.requests.hugepages-1Gi"),
+    ({"limits": {"hugepages-2Mi": "3Mi", "memory": "1Gi"}}, "trainer.resources.limits.hugepages-2Mi"),
+    ({"limits": {"hugepages-2Mi": "100m", "memory": "1Gi"}}, "trainer.resources.limits.hugepages-2Mi"),
+    ({"limits": {"hugepages-abc": "2Mi", "memory": "1Gi"}}, "trainer.resources.limits.hugepages-abc"),
+    ({"limits": {"hugepages-0": 0, "memory": "1Gi"}}, "trainer.resources.limits.hugepages-0"),
+    ({"limits": {"hugepages-2Mi": "4Mi"}}, "trainer.resources: huge pages require a cpu or memory"),
     ({"requests": {"memory": "0." + "0" * 61 + "1Gi"}}, "/trainer/resources/requests/memory"),  # 66 characters
 ])
 def test_trainer_resources_the_operator_would_refuse_are_refused_at_install(resources: dict[str, Any],
@@ -521,7 +526,9 @@ def test_trainer_resources_the_operator_would_refuse_are_refused_at_install(reso
     no resource name, a GPU requested and not limited, or not whole), so helm install went ahead and it never ran.
     Then the chart took a request above its limit, and an extended resource beyond int64 (or 500m of one), and a
     quantity string of more than the 64 characters the operator (and the CRD) take. And huge pages requested without
-    an equal limit, which the apiserver refuses as it does an extended resource's, so every job failed."""
+    an equal limit, which the apiserver refuses as it does an extended resource's, so every job failed; and huge pages
+    that are no whole number of pages of the size their name says, or beside no cpu or memory, as the apiserver
+    refuses them."""
     with pytest.raises(ValidationError):  # the operator refuses it (settings.trainer_resources), so the chart must
         core.ResourceRequirements.model_validate(resources)
     result = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"),
@@ -534,6 +541,7 @@ def test_trainer_resources_the_operator_would_refuse_are_refused_at_install(reso
     {"requests": {"nvidia.com/gpu": "+1"}, "limits": {"nvidia.com/gpu": 1}},
     {"requests": {"nvidia.com/gpu": "01"}, "limits": {"nvidia.com/gpu": "1"}}, {"limits": {"nvidia.com/gpu": "2000m"}},
     {"requests": {"hugepages-2Mi": "1Gi"}, "limits": {"hugepages-2Mi": "1Gi", "memory": "8Gi"}},
+    {"limits": {"hugepages-2Mi": "6291456", "cpu": 1}}, {"limits": {"hugepages-1Gi": 0, "memory": "1Gi"}},
     {"requests": {"nvidia.com/gpu": "1000m"}, "limits": {"nvidia.com/gpu": "1"}},
     {"limits": {"example.com/foo": "9223372036854775807"}}, {"limits": {"example.com/foo": "7Ei"}},
     {"limits": {"example.com/foo": "0.5Ki"}},

@@ -142,15 +142,43 @@ LabelMap = Annotated[dict[str, LabelValue], Field(max_length=64), *checked(
 # cannot be overcommitted: the apiserver insists on a limit and a request equal to it, and on a whole number of an
 # extended resource.
 RESOURCE_NAME = QUALIFIED_NAME  # the apiserver's check of a resource name: hugepages-2Mi has a capital
+HUGE_PAGES = "hugepages-"
+
+
+def _whole_pages(name: str, value: int | str) -> bool:
+    """The apiserver's IsHugePageResourceValueDivisible: hugepages-<size> names a page size, a positive whole number
+    of bytes (hugepages-abc names none), and its quantity is a multiple of it. A fraction of a byte, which the
+    apiserver rounds up first, is refused here, as CEL cannot round."""
+    size, quantity = name.removeprefix(HUGE_PAGES), quantity_value(value)
+    if re.fullmatch(QUANTITY, size) is None or not _whole(page := quantity_value(size)) or page <= 0:
+        return False
+    return _whole(quantity) and int(quantity) % int(page) == 0
+
+
+_PAGE = f"quantity(k.substring({len(HUGE_PAGES)}))"
 ResourceList = Annotated[dict[str, Quantity], Field(max_length=16), *checked(
     f"self.all(k, k.matches(r'{RESOURCE_NAME}'))",
     lambda m: all(re.fullmatch(RESOURCE_NAME, k) for k in m),
     "keys must be resource names, e.g. cpu, memory or nvidia.com/gpu",
+), *checked(
+    f"self.all(k, !k.startsWith('{HUGE_PAGES}') || (k.substring({len(HUGE_PAGES)}).matches(r'{QUANTITY}') "
+    f"&& isQuantity(k.substring({len(HUGE_PAGES)})) && {_PAGE}.isInteger() && {_PAGE}.compareTo(quantity('0')) > 0 "
+    f"&& (!{_cel_quantity('self[k]')} || (quantity(string(self[k])).isInteger() "
+    f"&& quantity(string(self[k])).asInteger() % {_PAGE}.asInteger() == 0))))",
+    lambda m: all(_whole_pages(k, v) for k, v in m.items() if k.startswith(HUGE_PAGES)),
+    "huge pages come in whole pages: hugepages-<size> names a page size of whole bytes (e.g. hugepages-2Mi), and its "
+    "quantity is a multiple of it (e.g. 4Mi)",
 )]
 
 
 def _requests_within_limits(r: ResourceRequirements) -> bool:
     return all(k not in r.limits or quantity_value(v) <= quantity_value(r.limits[k]) for k, v in r.requests.items())
+
+
+def _huge_pages_with_cpu_or_memory(r: ResourceRequirements) -> bool:
+    """The apiserver's "HugePages require cpu or memory" (a request or a limit of either)."""
+    names = r.requests.keys() | r.limits.keys()
+    return not any(k.startswith(HUGE_PAGES) for k in names) or not names.isdisjoint({"cpu", "memory"})
 
 
 def _extended(name: str) -> bool:
@@ -159,7 +187,7 @@ def _extended(name: str) -> bool:
 
 def _overcommit_forbidden(name: str) -> bool:
     """The apiserver's !IsOvercommitAllowed: an extended resource, or huge pages."""
-    return _extended(name) or name.startswith("hugepages-")
+    return _extended(name) or name.startswith(HUGE_PAGES)
 
 
 def _fixed_requests_equal_limits(r: ResourceRequirements) -> bool:
@@ -182,7 +210,7 @@ def _extended_whole(r: ResourceRequirements) -> bool:
 
 
 _EXTENDED = "k.contains('/') && !k.startsWith('kubernetes.io/')"
-_OVERCOMMIT_FORBIDDEN = f"({_EXTENDED}) || k.startsWith('hugepages-')"
+_OVERCOMMIT_FORBIDDEN = f"({_EXTENDED}) || k.startsWith('{HUGE_PAGES}')"
 # Rules over two quantities leave a malformed one to its own rule (the apiserver runs them regardless).
 _BOTH_VALID = f"{_cel_quantity('self.requests[k]')} && {_cel_quantity('self.limits[k]')}"
 
@@ -198,6 +226,12 @@ class ResourceRequirements(ApiModel):
     )
 
     rules = (
+        Rule(
+            cel=f"![self.requests, self.limits].exists(m, m.exists(k, k.startsWith('{HUGE_PAGES}'))) || "
+            "['cpu', 'memory'].exists(k, k in self.requests || k in self.limits)",
+            holds=_huge_pages_with_cpu_or_memory,
+            message="huge pages require a cpu or memory request or limit",
+        ),
         Rule(
             cel=f"self.requests.all(k, !(k in self.limits) || !({_BOTH_VALID}) || "
             "quantity(string(self.requests[k])).compareTo(quantity(string(self.limits[k]))) <= 0)",

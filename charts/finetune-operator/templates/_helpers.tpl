@@ -82,7 +82,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{/* A quantity (8, "+8", "500m", "1.5Gi", "1e3") as the operator reads it, exactly at any size (no float): "order",
-  text whose string order is the quantities' order (equal text, equal quantity), "whole", and "text" as read; {} for
+  text whose string order is the quantities' order (equal text, equal quantity), "whole", "text" as read, and a whole
+  one's decimal "digits" (int64 reads them where "order" is at most int64's); {} for
   what is no quantity (the schema's to refuse). A values file's number is a float to Helm, which the operator gets as
   toJson writes it: the shortest digits (9223372036854775807 comes as 9223372036854776000), 1e+21 from 1e21 on. */}}
 {{- define "finetune-operator.quantity" -}}
@@ -118,9 +119,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if $significant }}
 {{- /* "1", the magnitude (offset, so never negative) at a fixed width, then the digits padded: zero is "0" */}}
 {{- $order := printf "1%07d%s" (add 1000000 $exponent (len $significant)) (printf "%-128s" $significant | replace " " "0") }}
-{{- toJson (dict "order" $order "whole" (ge $exponent 0) "text" $text) }}
+{{- $quantity := dict "order" $order "whole" (ge $exponent 0) "text" $text }}
+{{- if $quantity.whole }}
+{{- $_ := set $quantity "digits" (printf "%s%s" $significant (repeat (int $exponent) "0")) }}
+{{- end }}
+{{- toJson $quantity }}
 {{- else }}
-{{- toJson (dict "order" "0" "whole" true "text" $text) }}
+{{- toJson (dict "order" "0" "whole" true "text" $text "digits" "0") }}
 {{- end }}
 {{- else }}
 {{- "{}" }}
