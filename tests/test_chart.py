@@ -653,6 +653,30 @@ def test_trainer_pod_annotations_beyond_the_operator_s_bytes_are_refused_at_inst
     assert operator_settings(monkeypatch, "trainer.podAnnotations=" + json.dumps(fits)).trainer_pod_annotations == fits
 
 
+def test_trainer_pod_annotations_beyond_one_environment_string_are_refused_at_install(tmp_path: Path) -> None:
+    """The operator reads trainer.podAnnotations as JSON from one environment variable, and Linux refuses a process an
+    environment string of more than 131071 bytes (MAX_ARG_STRLEN): JSON writes a '"' in two bytes and a '<' in six, so
+    30 values of 4000 '"', within the operator's bytes, rendered 240313 and the operator's pod never started."""
+    values = tmp_path / "values.json"  # a file: a --set-json of them is itself past the limit
+
+    def render(annotations: dict[str, str]) -> subprocess.CompletedProcess[str]:
+        values.write_text(json.dumps({"trainer": {"podAnnotations": annotations}}))
+        return subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"), "-f", str(values),
+                               "--show-only", "templates/deployment.yaml"], capture_output=True, text=True)
+
+    for char in '"<':
+        escaped = {f"a{i:02}": char * 4000 for i in range(30)}
+        settings.Settings(trainer_pod_annotations=escaped)  # within the operator's bytes
+        result = render(escaped)
+        assert result.returncode != 0 and "trainer.podAnnotations: " in result.stderr and "131071" in result.stderr
+    name = f"{settings.ENV_PREFIX}TRAINER_POD_ANNOTATIONS"
+    quotes = {f"a{i:02}": '"' * 4000 for i in range(16)}
+    room = 131071 - len(f"{name}=" + json.dumps(quotes | {"b": ""}, separators=(",", ":")))
+    rendered = yaml.safe_load(render(quotes | {"b": "x" * room}).stdout)["spec"]["template"]["spec"]["containers"][0]
+    assert len(f"{name}=" + next(e["value"] for e in rendered["env"] if e["name"] == name)) == 131071
+    assert "131071" in render(quotes | {"b": "x" * (room + 1)}).stderr
+
+
 def test_trainer_pod_settings_the_schema_takes_reach_the_operator(monkeypatch: pytest.MonkeyPatch) -> None:
     annotations = {"example.com/team": "a", "owner": "b"}
     ours = operator_settings(monkeypatch, "trainer.imagePullSecrets=" + json.dumps(["regcred", "ghcr.io-pull"]),

@@ -73,6 +73,13 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- if gt $bytes 122880 }}
 {{- fail (printf "trainer.podAnnotations: with prometheusScrapeAnnotations', %d bytes of keys and values on each trainer pod; the operator takes at most 122880" $bytes) }}
 {{- end }}
+{{- /* The operator reads them from one environment variable, and Linux refuses a process whose environment holds a
+  string of more than 131071 bytes (MAX_ARG_STRLEN, with its NUL): JSON writes a '"' in two bytes and a '<' in six,
+  so annotations within the operator's bytes stopped its pod from ever starting ("argument list too long"). */}}
+{{- $env := printf "FINETUNE_OPERATOR_TRAINER_POD_ANNOTATIONS=%s" (toJson $all) }}
+{{- if gt (len $env) 131071 }}
+{{- fail (printf "trainer.podAnnotations: with prometheusScrapeAnnotations', %d bytes as the operator's environment variable FINETUNE_OPERATOR_TRAINER_POD_ANNOTATIONS=<JSON> (escaping grows quotes, backslashes and <>& up to 6 times); Linux takes at most 131071 in one" (len $env)) }}
+{{- end }}
 {{- toJson $all }}
 {{- end }}
 
