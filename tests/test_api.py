@@ -271,10 +271,25 @@ def test_pod_annotations_leave_the_operator_room_in_the_apiserver_s_bytes_of_ann
     ("metadata.labels['team']", True), ("metadata.annotations['example.com/owner']", True),
     (f"metadata.labels['{'a' * 253}/b']", True), ("metadata.labels['bad key!']", False),
     ("metadata.annotations['-x']", False), (f"metadata.labels['{'a' * 254}/b']", False),
-    ("metadata.labels['a" + "b" * 63 + "']", False), ("metadata.labels['a\nb']", False)])
+    ("metadata.labels['a" + "b" * 63 + "']", False), ("metadata.labels['a\nb']", False),
+    ("metadata.annotations['Example.COM/Owner']", True), ("metadata.labels['Example.COM/owner']", False)])
 def test_a_field_path_s_label_or_annotation_key_is_a_qualified_name(path: str, taken: bool) -> None:
-    """metadata.labels['bad key!'] passed: the apiserver refused the Job, and the job failed as InvalidSpec."""
+    """metadata.labels['bad key!'] passed: the apiserver refused the Job, and the job failed as InvalidSpec. The
+    apiserver checks an annotation's key lowercased (a label's as written): Example.COM/Owner was refused here."""
     doc = yaml.safe_load((EXAMPLES[0].parent / "minilm-sentiment.yaml").read_text())
     doc["spec"].setdefault("runtime", {})["env"] = [{"name": "KEY", "valueFrom": {"fieldRef": {"fieldPath": path}}}]
     errors = manifest_errors(doc)
     assert (errors == []) == taken and all("fieldRef.fieldPath" in e for e in errors), errors
+
+
+@pytest.mark.parametrize("where", ["spec.pod", "metadata"])
+@pytest.mark.parametrize(("field", "keys", "taken"), [
+    ("annotations", ["Example.COM/Owner", "EXAMPLE.com/a"], True), ("annotations", ["Example.COM_/Owner"], False),
+    ("labels", ["Example.COM/owner"], False)])
+def test_an_annotation_key_s_prefix_may_have_capitals(where: str, field: str, keys: list[str], taken: bool) -> None:
+    """The apiserver checks an annotation key lowercased (ValidateAnnotations), a label key as written: a job's (or its
+    pods') annotation Example.COM/Owner, which the apiserver takes, was refused."""
+    doc = yaml.safe_load((EXAMPLES[0].parent / "minilm-sentiment.yaml").read_text())
+    (doc["spec"].setdefault("pod", {}) if where == "spec.pod" else doc["metadata"])[field] = dict.fromkeys(keys, "x")
+    errors = manifest_errors(doc)
+    assert (errors == []) == taken and all(f"{where}.{field}" in e for e in errors), errors

@@ -678,14 +678,14 @@ def test_trainer_pod_annotations_beyond_one_environment_string_are_refused_at_in
 
 
 def test_trainer_pod_settings_the_schema_takes_reach_the_operator(monkeypatch: pytest.MonkeyPatch) -> None:
-    annotations = {"example.com/team": "a", "owner": "b"}
+    annotations = {"example.com/team": "a", "owner": "b", "Example.COM/Owner": "c"}  # the apiserver's case of prefix
     ours = operator_settings(monkeypatch, "trainer.imagePullSecrets=" + json.dumps(["regcred", "ghcr.io-pull"]),
                              "trainer.podAnnotations=" + json.dumps(annotations))
     assert ours.trainer_pull_secrets == ("regcred", "ghcr.io-pull") and ours.trainer_pod_annotations == annotations
     schema = json.loads((REPO / "charts" / "finetune-operator" / "values.schema.json").read_text())["definitions"]
     assert schema["trainerPullSecrets"]["items"]["pattern"] == core.DNS_SUBDOMAIN
     reserved = "^(" + "|".join(map(re.escape, core.RESERVED_PREFIXES + core.PROFILE_PREFIXES)) + ")"
-    assert schema["trainerAnnotations"]["patternProperties"].keys() == {core.QUALIFIED_NAME, reserved}
+    assert schema["trainerAnnotations"]["patternProperties"].keys() == {core.ANNOTATION_KEY, reserved}
 
 
 def test_trainer_resources_the_schema_takes_reach_the_operator(monkeypatch: pytest.MonkeyPatch) -> None:

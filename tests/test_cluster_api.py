@@ -82,6 +82,23 @@ def test_bad_input_is_refused_naming_its_field(kube: Kube, crd: dict, module_nam
         f"the error does not name {case.field}:\n{result.stderr}")
 
 
+def test_annotation_keys_are_taken_in_any_case_as_the_apiserver_takes_them(kube: Kube, crd: dict,
+                                                                          module_namespace: str) -> None:
+    """The apiserver checks an annotation key lowercased, where an object's or a pod's annotations or a fieldRef name
+    it: the CRD's rules refused a pod annotation Example.COM/Owner, and a fieldRef to it, which a Job takes, and
+    manifest_errors the job's own too."""
+    from finetune_operator.api import manifest_errors
+
+    doc = yaml.safe_load(MINILM.read_text())
+    doc["metadata"]["annotations"] = {"Example.COM/Owner": "x"}
+    doc["spec"]["pod"] = {"annotations": {"Example.COM/Owner": "x"}}
+    doc["spec"]["runtime"]["env"] = [
+        {"name": "OWNER", "valueFrom": {"fieldRef": {"fieldPath": "metadata.annotations['Example.COM/Owner']"}}}]
+    assert manifest_errors(doc) == []
+    result = kube.apply(doc, module_namespace, "--dry-run=server", check=False)
+    assert result.returncode == 0, result.stderr
+
+
 def test_apiserver_defaults_match_the_models(kube: Kube, crd: dict, namespace: str) -> None:
     from finetune_operator.api import FineTuneJob
 

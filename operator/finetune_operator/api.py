@@ -442,7 +442,8 @@ def _key_text(key: Any) -> str | None:
 def _metadata_map_errors(meta: dict[str, Any]) -> list[str]:
     """metadata.labels and metadata.annotations as the apiserver checks every object's."""
     errors = []
-    for field, value_pattern in (("labels", core.LABEL_VALUE), ("annotations", None)):
+    for field, key_pattern, value_pattern in (("labels", core.QUALIFIED_NAME, core.LABEL_VALUE),
+                                              ("annotations", core.ANNOTATION_KEY, None)):
         found = meta.get(field)
         if found is None:
             continue
@@ -453,7 +454,7 @@ def _metadata_map_errors(meta: dict[str, Any]) -> list[str]:
             errors.append(f"metadata.{field}: the key {odd[0]!r} is no text: quote it")
             continue
         found = {_key_text(k): v or "" for k, v in found.items()}  # Go decodes a null string as ""
-        bad = [k for k in found if not (re.fullmatch(core.QUALIFIED_NAME, k) and k.rfind("/") <= 253)]
+        bad = [k for k in found if not (re.fullmatch(key_pattern, k) and k.rfind("/") <= 253)]
         bad += [f"{k}={v}" for k, v in found.items() if value_pattern and not re.fullmatch(value_pattern, v)]
         if bad:
             errors.append(f"metadata.{field}: not a valid key or value: {', '.join(bad)[:200]}")

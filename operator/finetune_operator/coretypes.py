@@ -27,6 +27,9 @@ QUALIFIED_NAME = (
     r"^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?"
     r"[A-Za-z0-9]([-A-Za-z0-9_.]{0,61}[A-Za-z0-9])?$"
 )
+# The apiserver checks an annotation key lowercased (ValidateAnnotations), so its prefix may have capitals too:
+# Example.COM/Owner is one.
+ANNOTATION_KEY = QUALIFIED_NAME.replace("[a-z0-9]", "[A-Za-z0-9]").replace("[-a-z0-9]", "[-A-Za-z0-9]")
 LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
 # An environment variable name as the apiserver accepts it (C identifiers and more).
 ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
@@ -90,15 +93,15 @@ PROFILE_PREFIXES = ("container.apparmor.security.beta.kubernetes.io/", "seccomp.
                     "container.seccomp.security.alpha.kubernetes.io/")
 
 
-def _labels(kind: str, reserved: tuple[str, ...], why: str, keys: tuple[str, ...] = ()) -> Any:
-    """Metadata for a map of label (or annotation) keys: each key a qualified name, none with a reserved prefix or
-    one of the reserved `keys`."""
+def _labels(kind: str, pattern: str, reserved: tuple[str, ...], why: str, keys: tuple[str, ...] = ()) -> Any:
+    """Metadata for a map of label (or annotation) keys: each key matches `pattern` (a qualified name), none with a
+    reserved prefix or one of the reserved `keys`."""
     named = f"the prefixes {', '.join(reserved)}" + (f" and the keys {', '.join(keys)}" if keys else "")
     return checked(
-        f"self.all(k, k.matches(r'{QUALIFIED_NAME}') && k.lastIndexOf('/') <= 253"
+        f"self.all(k, k.matches(r'{pattern}') && k.lastIndexOf('/') <= 253"
         + "".join(f" && !k.startsWith('{p}')" for p in reserved)
         + (" && !(k in [" + ", ".join(f"'{k}'" for k in keys) + "])" if keys else "") + ")",
-        lambda m: all(re.fullmatch(QUALIFIED_NAME, k) and k.rfind("/") <= 253 and not k.startswith(reserved)
+        lambda m: all(re.fullmatch(pattern, k) and k.rfind("/") <= 253 and not k.startswith(reserved)
                       and k not in keys for k in m),
         f"{kind} keys must be qualified names ([prefix/]name, name at most 63 characters); {named} are {why}",
     )
@@ -119,9 +122,9 @@ def annotations_bytes(annotations: dict[str, str]) -> int:
 
 
 Labels = Annotated[dict[str, LabelValue], Field(max_length=64), *_labels(
-    "label", RESERVED_PREFIXES, "the operator's and the Job controller's", RESERVED_LABELS)]
+    "label", QUALIFIED_NAME, RESERVED_PREFIXES, "the operator's and the Job controller's", RESERVED_LABELS)]
 Annotations = Annotated[dict[str, Annotated[str, Field(max_length=4096)]], Field(max_length=64), *_labels(
-    "annotation", RESERVED_PREFIXES + PROFILE_PREFIXES,
+    "annotation", ANNOTATION_KEY, RESERVED_PREFIXES + PROFILE_PREFIXES,
     "the operator's, the Job controller's and the kubelet's security profiles"), *checked(
     f"self.map(k, bytes(k).size() + bytes(self[k]).size()).sum() <= {POD_ANNOTATIONS_MAX_BYTES}",
     lambda m: annotations_bytes(m) <= POD_ANNOTATIONS_MAX_BYTES,
@@ -290,9 +293,11 @@ class KeyRef(ApiModel):
 
 
 SUBSCRIPTED_FIELD = r"^metadata\.(labels|annotations)\["
-# A subscripted field path as the apiserver takes it: its key a qualified name (whose prefix, up to its last /, is
-# checked apart: a DNS subdomain has at most 253 characters).
-QUALIFIED_FIELD = r"^metadata\.(labels|annotations)\['" + QUALIFIED_NAME[1:-1] + r"'\]$"
+# A subscripted field path as the apiserver takes it: its key a label or annotation key (whose prefix, up to its last
+# /, is checked apart: a DNS subdomain has at most 253 characters).
+QUALIFIED_FIELD = (
+    r"^metadata\.(labels\['" + QUALIFIED_NAME[1:-1] + r"'\]|annotations\['" + ANNOTATION_KEY[1:-1] + r"'\])$"
+)
 
 
 def _subscript_qualified(path: str) -> bool:
