@@ -517,6 +517,8 @@ def test_extra_env_that_the_operator_s_env_has_already_is_refused_at_install() -
     ({"limits": {"hugepages-abc": "2Mi", "memory": "1Gi"}}, "trainer.resources.limits.hugepages-abc"),
     ({"limits": {"hugepages-0": 0, "memory": "1Gi"}}, "trainer.resources.limits.hugepages-0"),
     ({"limits": {"hugepages-2Mi": "4Mi"}}, "trainer.resources: huge pages require a cpu or memory"),
+    ({"limits": {"gpu": 1}}, "trainer.resources.limits.gpu"),
+    ({"limits": {"requests.example.com/gpu": 1}}, "trainer.resources.limits.requests.example.com/gpu"),
     ({"requests": {"memory": "0." + "0" * 61 + "1Gi"}}, "/trainer/resources/requests/memory"),  # 66 characters
 ])
 def test_trainer_resources_the_operator_would_refuse_are_refused_at_install(resources: dict[str, Any],
@@ -528,7 +530,7 @@ def test_trainer_resources_the_operator_would_refuse_are_refused_at_install(reso
     quantity string of more than the 64 characters the operator (and the CRD) take. And huge pages requested without
     an equal limit, which the apiserver refuses as it does an extended resource's, so every job failed; and huge pages
     that are no whole number of pages of the size their name says, or beside no cpu or memory, as the apiserver
-    refuses them."""
+    refuses them; and a resource no container may ask for (gpu, for nvidia.com/gpu)."""
     with pytest.raises(ValidationError):  # the operator refuses it (settings.trainer_resources), so the chart must
         core.ResourceRequirements.model_validate(resources)
     result = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"),
@@ -550,7 +552,7 @@ def test_trainer_resources_the_operator_would_refuse_are_refused_at_install(reso
     {"requests": {"cpu": "0.5", "memory": "1Gi"}, "limits": {"cpu": "500000u", "memory": "1073741824"}},
     {"requests": {"memory": "1Ei"}, "limits": {"memory": "1152921504606846976"}},
     {"requests": {"cpu": "+.5", "memory": "0"}, "limits": {"cpu": "5e-1", "memory": "0.0"}},
-    {"requests": {"cpu": 10000000000000000000}}])
+    {"requests": {"cpu": 10000000000000000000}}, {"limits": {"example.kubernetes.io/foo": 1}}])
 def test_trainer_resources_the_operator_takes_are_taken_at_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                   resources: dict[str, Any]) -> None:
     """The chart's own checks of extended resources refused what the operator takes: a values file's 1000000 (a

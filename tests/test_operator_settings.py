@@ -62,6 +62,7 @@ def test_trainer_pod_annotations_are_a_json_object(monkeypatch: pytest.MonkeyPat
     # huge pages of part of a page, or beside no cpu or memory: the apiserver refused each job's Job too
     (["--trainer-resources", '{"limits": {"hugepages-2Mi": "3Mi", "memory": "1Gi"}}'], "--trainer-resources"),
     (["--trainer-resources", '{"limits": {"hugepages-2Mi": "4Mi"}}'], "--trainer-resources"),
+    (["--trainer-resources", '{"limits": {"gpu": 1}}'], "--trainer-resources"),
     (["--trainer-pod-annotations", '{"no spaces allowed": "x"}'], "--trainer-pod-annotations"),
     (["--trainer-pod-annotations", "[1]"], "--trainer-pod-annotations"),
     # beyond the apiserver's runAsUser and fsGroup: every job failed at its Job's create, InvalidSpec

@@ -158,11 +158,30 @@ def _whole_pages(name: str, value: int | str) -> bool:
     return _whole(quantity) and int(quantity) % int(page) == 0
 
 
+# What a container may ask for without a domain (the apiserver's IsStandardContainerResourceName)
+CONTAINER_RESOURCES = ("cpu", "memory", "ephemeral-storage")
+
+
+def _container_resource(name: str) -> bool:
+    """The apiserver's validateContainerResourceName: without a domain, a standard one (`gpu` is none: a GPU is
+    nvidia.com/gpu); with one outside kubernetes.io, an extended resource, which never starts with `requests.`."""
+    if "/" not in name:
+        return name in CONTAINER_RESOURCES or name.startswith(HUGE_PAGES)
+    return "kubernetes.io/" in name or not name.startswith("requests.")
+
+
 _PAGE = f"quantity(k.substring({len(HUGE_PAGES)}))"
 ResourceList = Annotated[dict[str, Quantity], Field(max_length=16), *checked(
     f"self.all(k, k.matches(r'{RESOURCE_NAME}'))",
     lambda m: all(re.fullmatch(RESOURCE_NAME, k) for k in m),
     "keys must be resource names, e.g. cpu, memory or nvidia.com/gpu",
+), *checked(
+    f"self.all(k, k.contains('/') ? (k.contains('kubernetes.io/') || !k.startsWith('requests.')) "
+    f": (k in {list(CONTAINER_RESOURCES)} || k.startsWith('{HUGE_PAGES}')))",
+    lambda m: all(_container_resource(k) for k in m),
+    f"a resource without a domain is one of {', '.join(CONTAINER_RESOURCES)} or {HUGE_PAGES}<size> (a GPU is "
+    "nvidia.com/gpu, amd.com/gpu, ...), and one with a domain does not start with requests.: the apiserver refuses "
+    "the Job",
 ), *checked(
     f"self.all(k, !k.startsWith('{HUGE_PAGES}') || (k.substring({len(HUGE_PAGES)}).matches(r'{QUANTITY}') "
     f"&& isQuantity(k.substring({len(HUGE_PAGES)})) && {_PAGE}.isInteger() && {_PAGE}.compareTo(quantity('0')) > 0 "
