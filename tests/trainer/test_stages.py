@@ -1297,6 +1297,42 @@ def test_batches_of_one_image_that_a_training_batch_norm_cannot_take_are_refused
     assert model.training
 
 
+@pytest.mark.parametrize("form", ["MergedLoRA", "AccumulatedLoRA"])
+def test_batches_of_one_image_are_taken_by_a_network_with_fused_lora_and_no_batch_norm_that_trains(form: str) -> None:
+    """ConvNeXt with LoRA, dropout 0 (adapters fused, lora_fused): the meta-device forward of the batch-size-1 check
+    raised in compute_dtype (no autocast state on meta), and that RuntimeError was taken for a batch norm's refusal,
+    though ConvNeXt's layer norms train on one image. Only the batch norm's own error refuses."""
+    from finetune_trainer import lora_fused
+    from finetune_trainer.models import check_one_sample_batches
+
+    model = load_model(ModelSpec(task="image-classification", architecture="convnext_tiny"), None, seed=0)
+    task, spec = Task.IMAGE_CLASSIFICATION, LoraSpec(dropout=0.0)
+    head, layers = head_name(model, task), depth(model, task)
+    wrapped = add_adapters(model, spec, lora_targets(model, spec, task, FreezeSpec(), layers, head), head)
+    assert lora_fused.fuse(wrapped, getattr(lora_fused, form)) > 0
+    check_one_sample_batches(wrapped, 32)
+
+
+class ClampedByValue(nn.Module):
+    """A module whose forward reads a value (as a data-dependent branch does): the meta device has none to give."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x if x.abs().max().item() < 1e4 else x.clamp(-1e4, 1e4)
+
+
+def test_batches_of_one_image_are_refused_only_for_a_batch_norms_own_error() -> None:
+    """Another error of the one-image forward on the meta device (here a value read, which meta cannot give) says
+    nothing of batch norms: it was refused as if one could not train on one image, though the network has none."""
+    from finetune_trainer.models import ImageClassifier, check_one_sample_batches
+
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), ClampedByValue(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
+    check_one_sample_batches(ImageClassifier(net, "clamped"), 8)
+    net.insert(3, nn.BatchNorm2d(4))  # after the pooling: one value per channel
+    net.pop(1)
+    with pytest.raises(ConfigError, match="Expected more than 1 value per channel when training"):
+        check_one_sample_batches(ImageClassifier(net, "pooled-then-normed"), 8)
+
+
 def test_an_image_classifiers_adapters_kept_apart_load_on_model_uris_base_as_the_card_says(tmp_path: Path) -> None:
     """LoRA on a MobileNet given as a plain state dict (model.uri, model.architecture), mergeOnExport false: the
     card's code loaded model.uri without its architecture (so as a ResNet-18, which the weights do not fit) and with

@@ -31,8 +31,11 @@ from torch import nn
 
 
 def compute_dtype(x: torch.Tensor) -> torch.dtype:
-    """The precision the products run at: autocast's on `x`'s device when it is on, else `x`'s."""
+    """The precision the products run at: autocast's on `x`'s device when it is on, else `x`'s. On the meta device
+    (models.meta_forward_error's shape checks), which has no autocast state to ask (torch raises), `x`'s."""
     device = x.device.type
+    if device == "meta":
+        return x.dtype
     return torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else x.dtype
 
 
