@@ -294,6 +294,34 @@ def test_an_output_that_holds_the_weights_file_read_is_refused(field: str, tmp_p
     assert (folder / "model.safetensors").read_bytes() == before
 
 
+def test_a_weights_file_is_refused_where_the_export_writes_its_name_and_followed_through_links(tmp_path: Path) -> None:
+    """A file in the output folder whose name no export writes (torchvision's resnet18-f37072fd.pth) was refused,
+    though the export leaves it alone; a link elsewhere to the output's model.safetensors was accepted, and the export
+    overwrote what the run read."""
+    out, other = tmp_path / "out", tmp_path / "other"
+    out.mkdir()
+    other.mkdir()
+    for name in ("resnet18-f37072fd.pth", "model.safetensors"):
+        (out / name).write_bytes(b"weights")
+        (other / name).symlink_to(out / name)
+
+    def reads(path: Path) -> TrainerConfig:
+        return TrainerConfig.model_validate({"model": {"task": "image-classification", "architecture": "resnet18",
+                                                       "uri": str(path)},
+                                             "dataset": {"uri": "pvc://data/digits"}, "output": {"uri": str(out)}})
+
+    pipeline.check_output_apart(reads(out / "resnet18-f37072fd.pth"), out)
+    pipeline.check_output_apart(reads(other / "resnet18-f37072fd.pth"), out)
+    for read in (out / "model.safetensors", other / "model.safetensors"):
+        with pytest.raises(ConfigError, match=rf"^output.uri \(or --output\): {out} is the folder of model.uri {read}:"):
+            pipeline.check_output_apart(reads(read), out)
+    (other / "weights.pth").write_bytes(b"weights")
+    (out / "model.safetensors").unlink()
+    (out / "model.safetensors").symlink_to(other / "weights.pth")  # replaced by the export, then read by a retry
+    with pytest.raises(ConfigError, match="is the folder of model.uri"):
+        pipeline.check_output_apart(reads(out / "model.safetensors"), out)
+
+
 # ---- teachers refused -----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

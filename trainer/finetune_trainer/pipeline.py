@@ -479,18 +479,29 @@ def check_output_apart(cfg: TrainerConfig, out: Path) -> None:
     """The output folder is not the model's or the teacher's: the export would overwrite what the run reads, and a
     retry would fine-tune the export. Compared as folders on this machine, so that other spellings of one folder
     (file:// and a path, '//', '/./', a link, --output), which the CRD's literal rule lets through, are caught; a
-    weights file's folder is the one compared (model.uri .../det/model.safetensors, output .../det)."""
+    weights file's folder is the one compared (model.uri .../det/model.safetensors, output .../det), where the file
+    has a name the export writes (others it leaves alone)."""
     read = {"model.uri": cfg.model.uri}
     if cfg.training.distillation is not None:
         read["training.distillation.teacher.uri"] = cfg.training.distillation.teacher.uri
     for field, uri in read.items():
-        if uri is None or uri.startswith("hf://"):
-            continue
-        folder = local_path(uri)
-        folder = folder.parent if folder.is_file() else folder
-        if folder.is_dir() and out.is_dir() and os.path.samefile(folder, out):
+        if uri is not None and not uri.startswith("hf://") and overwritten(local_path(uri), out):
             raise ConfigError(f"output.uri (or --output): {out} is the folder of {field} {uri}: the export would "
                               "overwrite it; give the output a folder of its own")
+
+
+def overwritten(path: Path, out: Path) -> bool:
+    """Whether an export into `out` would overwrite what `path` reads, by its own name or by where its links lead
+    (a link elsewhere to out/model.safetensors; out/model.safetensors a link, which the export replaces): `out`
+    itself, or a file in it of a name the export writes (export.of_an_export)."""
+    for read in dict.fromkeys((path, path.resolve())):
+        if read.is_file():
+            if not export.of_an_export(read):
+                continue
+            read = read.parent
+        if read.is_dir() and out.is_dir() and os.path.samefile(read, out):
+            return True
+    return False
 
 
 def check_output(out: Path) -> None:
