@@ -323,6 +323,28 @@ def test_a_tokenizer_json_the_tokenizers_library_cannot_read_is_a_model_error(tm
     assert exit_code_of(caught.value) == 1
 
 
+def test_a_slow_tokenizer_that_will_not_convert_is_a_model_error_of_its_own_words(tmp_path: Path,
+                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """transformers' convert_slow_tokenizer raises bare Exceptions too, for a folder without tokenizer.json: the error
+    blamed a tokenizer.json that is not there, and the installed tokenizers."""
+    from transformers import AutoTokenizer
+
+    from finetune_trainer.errors import ModelError
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "spiece.model").write_bytes(b"a BPE model")
+    said = "You're trying to run a `Unigram` model but you're file was trained with a different algorithm"
+
+    def unconvertible(*args: Any, **kwargs: Any) -> None:
+        raise Exception(said)
+
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", unconvertible)
+    with pytest.raises(ModelError, match=rf"^model.tokenizerUri {folder}: cannot load it from {folder} "
+                                         rf"\({re.escape(said)}\)$"):
+        load_tokenizer(ModelSpec(task="sequence-classification", architecture="bert", tokenizerUri=str(folder)))
+
+
 def test_model_config_cannot_turn_on_a_model_repositorys_own_code(tmp_path: Path) -> None:
     """model.config went as keyword arguments to AutoConfig.from_pretrained, so trust_remote_code: true there imported
     and ran the Python files of the model's folder or hub repository (its config.json's auto_map) in the trainer."""

@@ -94,18 +94,18 @@ def load_tokenizer(spec: ModelSpec):
     path = fetch(uri, kind=kind, revision=spec.revision, error=ModelError)
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
-    except (OSError, ValueError, TypeError) as exc:  # TypeError: a config.json that holds no JSON object
-        if failed_read(exc):  # the volume's, not the spec's: retried
-            raise
-        raise ModelError(f"{kind} {uri}: cannot load it from {path} ({exc})") from exc
-    except Exception as exc:  # the tokenizers library's (Rust) parse errors are bare Exceptions
-        if type(exc) is not Exception or failed_read(exc):
-            raise
-        from tokenizers import __version__ as tokenizers_version
+    except Exception as exc:
+        # TypeError: a config.json that holds no JSON object; bare Exceptions: the tokenizers library's (Rust) parse
+        # errors, and convert_slow_tokenizer's for a slow tokenizer's files it cannot convert (no tokenizer.json)
+        if (not isinstance(exc, (OSError, ValueError, TypeError)) and type(exc) is not Exception) or failed_read(exc):
+            raise  # failed_read: the volume's, not the spec's: retried
+        if type(exc) is Exception and (path / "tokenizer.json").is_file():
+            from tokenizers import __version__ as tokenizers_version
 
-        raise ModelError(f"{kind} {uri}: {path / 'tokenizer.json'} cannot be read by the installed tokenizers "
-                         f"{tokenizers_version} ({exc}): a newer format than it knows, or a damaged file; save "
-                         "the tokenizer again with this version") from exc
+            raise ModelError(f"{kind} {uri}: {path / 'tokenizer.json'} cannot be read by the installed tokenizers "
+                             f"{tokenizers_version} ({exc}): a newer format than it knows, or a damaged file; save "
+                             "the tokenizer again with this version") from exc
+        raise ModelError(f"{kind} {uri}: cannot load it from {path} ({exc})") from exc
     if tokenizer.pad_token_id is None:
         # Decoder tokenizers (GPT-2) have no pad token; padded positions are masked out anyway.
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
