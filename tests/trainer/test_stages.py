@@ -619,6 +619,27 @@ def test_distilberts_pre_classifier_takes_an_adapter_where_the_export_merges_it(
         distilbert_adapted(["pre_classifier"], merging=False)
 
 
+def test_a_failed_merge_check_still_merges_adapters_that_would_not_load_apart(tmp_path: Path, caplog,
+                                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """pre_classifier adapted (the export was to merge), and a merge check that fails: the export fell back to the
+    adapters apart, which PeftModel.from_pretrained cannot load (TypeError). It merges all the same and says so."""
+    from transformers import AutoModelForSequenceClassification
+
+    from finetune_trainer import rearrange
+
+    wrapped, tokenizer, inputs = distilbert_adapted(["q_lin", "pre_classifier"], merging=True)
+    monkeypatch.setattr(rearrange, "MERGE_ATOL", -1.0)  # any difference fails the check, as a drift would
+    with caplog.at_level(logging.WARNING):
+        merged, check = merge_adapters(wrapped, inputs)
+    assert not hasattr(merged, "peft_config") and not check["passed"] and check["merged"]
+    assert "exported merged all the same, as the adapters kept apart would not load (peft takes pre_classifier" in (
+        caplog.text)
+    assert "over the merge check's tolerance" in export.merge_note(check)
+    export_model(merged, tokenizer, {0: "neg", 1: "pos"}, TrainerConfig.model_validate(tiny_classifier_doc(tmp_path)),
+                 tmp_path)
+    AutoModelForSequenceClassification.from_pretrained(tmp_path)
+
+
 def test_new_head_lora_and_a_checked_merge(bert, tmp_path: Path) -> None:
     model, tokenizer = bert
     _, _, batches = text_batches(tokenizer, Task.SEQUENCE_CLASSIFICATION, [0, 1, 2, 0, 1] * 4)

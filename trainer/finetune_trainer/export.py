@@ -349,9 +349,10 @@ def model_card(cfg: TrainerConfig, report: dict[str, Any], adapters_apart: bool 
 def merge_note(merge: dict[str, Any] | None) -> str:
     """The card's word on merged adapters, and on how much of their change the export's 16-bit weights keep (the
     evaluation saw fp32 weights)."""
-    if not merge or not merge["passed"]:
+    if not merge or not merge["merged"]:
         return ""
-    note = f"; merged (max logit difference {merge['max_abs_logit_diff']:.1e})"
+    note = f"; merged (max logit difference {merge['max_abs_logit_diff']:.1e}"
+    note += ")" if merge["passed"] else f", over the merge check's tolerance {merge['tolerance']:.1e})"
     if "change_kept" in merge:
         note += f"; written in {merge['dtype']}, which keeps {merge['change_kept']:.1%} of their change to the weights"
     return note

@@ -119,8 +119,10 @@ def merge_adapters(model: nn.Module, inputs: dict[str, torch.Tensor],
     """Fold the adapters into the base weights, unless the merged logits drift from the adapter logits.
 
     Returns the model to export (plain when merged, still with adapters when the check failed) and the
-    check: the largest logit difference, the tolerance and whether it passed; with `dtype`, the 16-bit dtype the
-    export is written in (export.published_dtype), also the share of the adapters' change to the weights it keeps.
+    check: the largest logit difference, the tolerance, whether it passed and whether the export is merged; with
+    `dtype`, the 16-bit dtype the export is written in (export.published_dtype), also the share of the adapters'
+    change to the weights it keeps. Merged all the same where the check failed but the adapters kept apart would not
+    load (stranded_apart): an export that differs by the drift told is of use, one that cannot load is not.
     """
     model.eval()
     with torch.no_grad():
@@ -129,9 +131,16 @@ def merge_adapters(model: nn.Module, inputs: dict[str, torch.Tensor],
         after = logits_of(model, inputs).float()
     diff = float((before - after).abs().max())
     tolerance = MERGE_ATOL * max(1.0, float(before.abs().max()))
-    check = {"max_abs_logit_diff": diff, "tolerance": tolerance, "passed": diff <= tolerance}
+    stranded = [] if diff <= tolerance else stranded_apart(model)
+    check = {"max_abs_logit_diff": diff, "tolerance": tolerance, "passed": diff <= tolerance,
+             "merged": diff <= tolerance or bool(stranded)}
     if check["passed"]:
         log.info("merge check: max |logit difference| %.2e (tolerance %.1e) passed", diff, tolerance)
+    elif stranded:
+        log.warning("rearrange.mergeOnExport: the merged model's logits differ from the adapted model's by up to %.2e "
+                    "(tolerance %.1e): exported merged all the same, as the adapters kept apart would not load (peft "
+                    "takes %s, adapted, for a module saved whole)", diff, tolerance, ", ".join(stranded))
+    if check["merged"]:
         if kept is not None:
             check |= {"dtype": str(dtype).removeprefix("torch."), "change_kept": kept}
             warn_if_lost(kept, check["dtype"])
@@ -141,6 +150,17 @@ def merge_adapters(model: nn.Module, inputs: dict[str, torch.Tensor],
                 "(tolerance %.1e): exporting the adapters unmerged", diff, tolerance)
     model.unmerge_adapter()
     return model, check
+
+
+def stranded_apart(model: nn.Module) -> list[str]:
+    """The adapted modules that peft's modules_to_save rule takes for a module saved whole (taken_for_whole:
+    DistilBERT's pre_classifier, which lora_targets adapts only where the export merges): kept apart, their adapters
+    make PeftModel.from_pretrained fail (a TypeError)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    whole = tuple(model.peft_config[model.active_adapter].modules_to_save or ())
+    return [name for name, m in model.base_model.model.named_modules()
+            if isinstance(m, BaseTunerLayer) and taken_for_whole(name, whole)]
 
 
 def merge_measured(model: nn.Module, dtype: torch.dtype | None) -> float | None:
