@@ -19,7 +19,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from finetune_trainer import export, pipeline
-from finetune_trainer.adjust import adaptable, freeze, freeze_checked, lora_targets, param_groups
+from finetune_trainer.adjust import (adaptable, freeze, freeze_checked, lora_targets, merging_picks_targets,
+                                     param_groups)
 from finetune_trainer.analyze import analyze, fail_on_fatal, summary
 from finetune_trainer.batches import (Encoded, encode_causal, encode_images, encode_text, epoch_batches,
                                       eval_batches, make_collate)
@@ -638,6 +639,36 @@ def test_a_failed_merge_check_still_merges_adapters_that_would_not_load_apart(tm
     export_model(merged, tokenizer, {0: "neg", 1: "pos"}, TrainerConfig.model_validate(tiny_classifier_doc(tmp_path)),
                  tmp_path)
     AutoModelForSequenceClassification.from_pretrained(tmp_path)
+
+
+def test_merge_on_export_is_in_the_fingerprint_only_where_it_picks_the_adapted_modules(tmp_path: Path, caplog) -> None:
+    """DistilBERT's pre_classifier takes an adapter only where the export merges: mergeOnExport, listed as bookkeeping,
+    was flipped on a retry (as the warnings suggest), the checkpoint no longer fitted, and it was discarded as another
+    trainer version's. Now the flip is another run, said so; where the flag picks nothing, it stays bookkeeping."""
+    model, _ = text_model(Task.SEQUENCE_CLASSIFICATION, TINY_DISTILBERT, "distilbert")
+    task, lora = Task.SEQUENCE_CLASSIFICATION, LoraSpec()
+    assert merging_picks_targets(model, lora, task, head_name(model, task))
+    bert, _ = text_model(Task.SEQUENCE_CLASSIFICATION, TINY_BERT, "bert")
+    assert not merging_picks_targets(bert, lora, task, head_name(bert, task))
+    doc = tiny_classifier_doc(tmp_path, maxSteps=2, checkpointEverySteps=1)
+    doc["model"] = {"task": "sequence-classification", "architecture": "distilbert", "config": dict(TINY_DISTILBERT),
+                    "tokenizerUri": "pvc://models/all-MiniLM-L6-v2"}
+    doc["dataset"] |= {"maxTrainSamples": 32, "maxEvalSamples": 16}
+    doc["evaluation"] = {"baseline": False}
+    doc["rearrange"] = {"lora": {"rank": 2}}
+    fingerprints = {}
+    for merging in (True, False):
+        doc["rearrange"]["mergeOnExport"] = merging
+        cfg = TrainerConfig.model_validate(doc)
+        fingerprints[merging] = pipeline.fingerprinted(cfg, 1, merge_picks=True)
+        assert pipeline.fingerprinted(cfg, 1) == pipeline.fingerprinted(cfg.model_copy(update={"rearrange": (
+            cfg.rearrange.model_copy(update={"merge_on_export": not merging}))}), 1)
+        with caplog.at_level(logging.WARNING):
+            pipeline.run(cfg, tmp_path)
+    assert "mergeOnExport" not in json.dumps(fingerprints[True])  # the default: the folder of earlier trainers' runs
+    assert "another version" not in caplog.text
+    assert re.search(r"made with other settings that change the optimisation; training starts afresh\. Changed: "
+                     r"rearrange.mergeOnExport", caplog.text)
 
 
 def test_new_head_lora_and_a_checked_merge(bert, tmp_path: Path) -> None:

@@ -90,7 +90,7 @@ def lora_targets(model: nn.Module, lora: LoraSpec, task: Task, spec: FreezeSpec,
     if not names:
         candidates = [m for m in lora_candidates(model, task) if merging or not taken_for_whole(m, whole)]
         return adaptable(candidates, spec, depth, head)
-    matched = [m for m, _ in model.named_modules() if any(m == n or m.endswith("." + n) for n in names)]
+    matched = named_by(model, names)
     if not matched:
         return list(names)  # peft says that they match nothing
     named = called([m for m in matched if not within(m, whole)], names, model)
@@ -101,6 +101,24 @@ def lora_targets(model: nn.Module, lora: LoraSpec, task: Task, spec: FreezeSpec,
                               "adapter, so no adapter would train; freeze less or name modules that train",
                       reason=f"which adjust.freeze (strategy {strategy}) freezes")
     return kept + [m for m in matched if within(m, whole)]
+
+
+def named_by(model: nn.Module, names: list[str]) -> list[str]:
+    """The modules that rearrange.lora.targetModules `names` match: by peft's rule for a list, a module's name or its
+    last parts."""
+    return [m for m, _ in model.named_modules() if any(m == n or m.endswith("." + n) for n in names)]
+
+
+def merging_picks_targets(model: nn.Module, lora: LoraSpec, task: Task, head: str | None,
+                          new: tuple[str, ...] = ()) -> bool:
+    """Whether rearrange.mergeOnExport may change which modules lora_targets adapts: the model has a module it would
+    adapt only where the export merges (taken_for_whole; a grouped convolution named). The freeze is not asked: it
+    may leave the choice alike, and then a flip of the flag restarts a run that could have resumed, no worse."""
+    whole = trained_whole(head, new)
+    if not lora.target_modules:
+        return any(taken_for_whole(m, whole) for m in lora_candidates(model, task))
+    return any(taken_for_whole(m, whole) or getattr(model.get_submodule(m), "groups", 1) != 1
+               for m in named_by(model, lora.target_modules))
 
 
 def called(named: list[str], names: list[str], model: nn.Module) -> list[str]:

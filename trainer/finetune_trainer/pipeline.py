@@ -32,7 +32,7 @@ from torch import nn
 
 from finetune_trainer import analyze as analysis
 from finetune_trainer import checkpoints, distill, distributed, export, prune
-from finetune_trainer.adjust import freeze, freeze_checked, lora_targets, param_groups
+from finetune_trainer.adjust import freeze, freeze_checked, lora_targets, merging_picks_targets, param_groups
 from finetune_trainer.batches import (Augmenting, Batch, Encoded, digest, encode_causal, encode_images, encode_text,
                                       epoch_batches, eval_batches, make_collate, say_truncated)
 from finetune_trainer.config import Batching, HealSpec, PruneSpec, Stage, Task, TrainerConfig
@@ -329,12 +329,13 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     serving: list[Batch] = []  # the test batches a pruned model's latency is measured on, before and after
     drop = None
     data_digest = digest(train_data, validation_data, test_data, *([heal_data] if heal_data else []))
+    picks = cfg.rearrange.lora is not None and merging_picks_targets(model, cfg.rearrange.lora, task, head, new)
     if cfg.rearrange.prune is not None:
         drop = earlier_pruning(out / "checkpoints", cfg, world.size, pruned_layers(report, cfg.rearrange.prune, world),
-                               data_digest)
+                               data_digest, picks)
     # Named by the layers pruning removes; healing keeps its result there.
-    checkpoint_dir = checkpoints.run_folder(out / "checkpoints", fingerprinted(cfg, world.size, drop, data_digest),
-                                            world, fingerprinted(cfg, world.size, drop, data_digest, defaults=True))
+    identity, full = (fingerprinted(cfg, world.size, drop, data_digest, defaults, picks) for defaults in (False, True))
+    checkpoint_dir = checkpoints.run_folder(out / "checkpoints", identity, world, full)
     # The teacher, after the analysis (its probe's measured peak memory is the model's alone) and before pruning,
     # healing, the baseline and training: one that does not fit the job stops it before them. None where the newest
     # checkpoint already ends the training (an attempt retried in the final evaluation or the export): nothing is
@@ -525,7 +526,7 @@ BOOKKEEPING = {"analyze": None, "output": None, "rearrange": {"mergeOnExport"},
 
 
 def fingerprinted(cfg: TrainerConfig, world_size: int, pruned: list[int] | None = None,
-                  data: str | None = None, defaults: bool = False) -> dict[str, Any]:
+                  data: str | None = None, defaults: bool = False, merge_picks: bool = False) -> dict[str, Any]:
     """What a checkpoint must agree with to be resumed: the config less its bookkeeping (and the evaluations'
     cadence when early stopping is off), the world size (the
     global batch and the schedule's length follow from it), the layers pruning removes (the same shapes,
@@ -534,13 +535,18 @@ def fingerprinted(cfg: TrainerConfig, world_size: int, pruned: list[int] | None 
     Only the values that differ from their defaults, unless `defaults` (the full form, which `run_folder` compares
     saved fingerprints in, and saves): a field an upgrade adds with a default that keeps the old behaviour must not
     move every retried job to a new folder, from step 0. A default whose value a new version changes is a change all
-    the same: the saved fingerprint holds its old value."""
+    the same: the saved fingerprint holds its old value.
+
+    rearrange.mergeOnExport counts where it picks the modules that take adapters (`merge_picks`,
+    adjust.merging_picks_targets): the checkpoints hold those adapters, and a flip of it is another run, not a
+    checkpoint of another trainer's layout to discard. Elsewhere it only chooses the export's form."""
     wire = cfg.to_wire(defaults)
+    counted = {"mergeOnExport"} if merge_picks else set()
     for section, fields in BOOKKEEPING.items():
         if fields is None:
             wire.pop(section, None)
         else:
-            wire[section] = {k: v for k, v in wire.get(section, {}).items() if k not in fields}
+            wire[section] = {k: v for k, v in wire.get(section, {}).items() if k not in fields - counted}
     if cfg.training.early_stopping is None:  # evaluations then only report: no weight depends on when they run
         wire["training"].pop("evalEverySteps", None)
     return wire | {"worldSize": world_size} | ({"prunedLayers": pruned} if pruned is not None else {}) | (
@@ -558,12 +564,13 @@ def pruned_layers(report: analysis.StructureReport, spec: PruneSpec, world: dist
     return prune.chosen_layers(report.importance["layers"]["scores"], spec)
 
 
-def earlier_pruning(parent: Path, cfg: TrainerConfig, world_size: int, drop: list[int], data: str) -> list[int]:
+def earlier_pruning(parent: Path, cfg: TrainerConfig, world_size: int, drop: list[int], data: str,
+                    merge_picks: bool) -> list[int]:
     """The layers an earlier attempt of this run removed, if one did, else `drop`. Its checkpoints and healed layers
     are of those layers; this attempt's scores, on other hardware or at another precision, can order a near-tie
     otherwise, and a new choice would discard them and train from step 0."""
-    earlier = checkpoints.earlier_choice(parent, fingerprinted(cfg, world_size, drop, data), "prunedLayers",
-                                         fingerprinted(cfg, world_size, drop, data, defaults=True))
+    identity, full = (fingerprinted(cfg, world_size, drop, data, defaults, merge_picks) for defaults in (False, True))
+    earlier = checkpoints.earlier_choice(parent, identity, "prunedLayers", full)
     if earlier is None or earlier == drop:
         return drop
     log.warning("rearrange.prune: this attempt's scores would remove layers %s; an earlier attempt of this run "
