@@ -313,7 +313,8 @@ def test_a_weights_file_is_refused_where_the_export_writes_its_name_and_followed
     pipeline.check_output_apart(reads(out / "resnet18-f37072fd.pth"), out)
     pipeline.check_output_apart(reads(other / "resnet18-f37072fd.pth"), out)
     for read in (out / "model.safetensors", other / "model.safetensors"):
-        with pytest.raises(ConfigError, match=rf"^output.uri \(or --output\): {out} is the folder of model.uri {read}:"):
+        with pytest.raises(ConfigError, match=rf"^output.uri \(or --output\): {out} is the folder of model.uri "
+                                              rf"{read}:"):
             pipeline.check_output_apart(reads(read), out)
     (other / "weights.pth").write_bytes(b"weights")
     (out / "model.safetensors").unlink()

@@ -324,8 +324,8 @@ def test_a_tokenizer_json_the_tokenizers_library_cannot_read_is_a_model_error(tm
     assert exit_code_of(caught.value) == 1
 
 
-def test_a_slow_tokenizer_that_will_not_convert_is_a_model_error_of_its_own_words(tmp_path: Path,
-                                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_slow_tokenizer_that_will_not_convert_is_a_model_error_of_its_own_words(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """transformers' convert_slow_tokenizer raises bare Exceptions too, for a folder without tokenizer.json: the error
     blamed a tokenizer.json that is not there, and the installed tokenizers."""
     from transformers import AutoTokenizer
