@@ -473,6 +473,35 @@ def test_split_folders_linked_into_a_release_folder_are_read(tmp_path: Path) -> 
     assert read_from(data.train.inputs + data.validation.inputs, tmp_path) == cats_and_dogs_in("train")
 
 
+@pytest.mark.parametrize("into", ["train", "test", "validation"])
+def test_a_split_folder_that_shortcuts_beside_it_link_into_is_read(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, into: str) -> None:
+    """Cat -> train/Cat and Dog -> train/Dog beside train/ and test/ dropped train/ unsaid, read the root as classes
+    and labelled test's images test; so shortcuts into test/ or validation/ dropped that split. The shortcuts are no
+    splits: each split is read as before links were looked at, and they are said to be no class folder of a split."""
+    split_folders(tmp_path, "train", "test", *["validation"] * (into == "validation"))
+    for name in ("Cat", "Dog"):
+        (tmp_path / f"preview_{name}").symlink_to(f"{into}/{name}")
+    data = load_images(tmp_path)
+    assert sorted(data.id2label.values()) == ["Cat", "Dog"]
+    assert read_from(data.test.inputs, tmp_path) == cats_and_dogs_in("test")
+    held_out = cats_and_dogs_in("validation") if into == "validation" else []
+    assert (read_from(data.train.inputs + data.validation.inputs, tmp_path)
+            == sorted(cats_and_dogs_in("train") + held_out))
+    assert f"{tmp_path}/preview_Cat: its images are in no class folder of a split, so unlabelled" in caplog.text
+    assert "no split nor class" not in caplog.text
+
+
+def test_a_folder_that_links_stand_for_is_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A release v3/ of train -> v3/train and test -> v3/test is read only through them: said, with the links."""
+    split_folders(tmp_path / "v3", "train", "test")
+    for split in ("train", "test"):
+        (tmp_path / split).symlink_to(f"v3/{split}")
+    load_images(tmp_path)
+    assert (f"{tmp_path}/v3 holds images only in the folders that {tmp_path}/test, {tmp_path}/train link to: read "
+            "through them, it is no split nor class itself") in caplog.text
+
+
 def test_class_folders_linked_into_a_pool_folder_are_read(tmp_path: Path) -> None:
     """train/Cat -> ../pool/Cat and train/Dog -> ../pool/Dog beside a real test/: pool is no split nor class."""
     split_folders(tmp_path, "test", "pool")

@@ -448,8 +448,9 @@ def entered(path: str, top: str, walked: set[str]) -> bool:
 
 @functools.cache
 def said_once(warning: str) -> None:
-    """A warning of the folders' walk: an image dataset's split and class folders are walked again below the
-    dataset's one walk (Found), each from itself (has_images, read_image_folder), where a link says it again."""
+    """A warning of the folders' walk, or of an image dataset's folders (data_folders): an image dataset's split
+    and class folders are walked and listed again below the dataset's one walk (Found), each from itself
+    (has_images, read_image_folder), where a link says it again."""
     log.warning("%s", warning)
 
 
@@ -914,23 +915,36 @@ def image_folders(path: Path) -> list[Path]:
 
 def data_folders(path: Path) -> list[Path]:
     """The data folders in `path` (data_folder), in sorted order, that may be splits or classes: not a real folder
-    whose images are all read through the links beside it into it (a release v3/ that train -> v3/train and
-    test -> v3/test link into, a pool/ of cat -> pool/cat and dog -> pool/dog), which is none itself."""
+    that the links beside it stand for (stood_for), which is none itself."""
     folders = [d for d in sorted(path.iterdir()) if d.is_dir() and data_folder(d.name)]
-    targets = {os.path.realpath(d) for d in folders if d.is_symlink()}
+    links = {d: os.path.realpath(d) for d in folders if d.is_symlink()}
     # a real folder holds targets only where its real path is above one: a lookup each, not a walk each
-    above = {str(p) for t in targets for p in Path(t).parents}
-    return [d for d in folders
-            if d.is_symlink() or os.path.realpath(d) not in above or not linked_into(d, targets)]
+    above = {str(p) for t in links.values() for p in Path(t).parents}
+    return [d for d in folders if d.is_symlink() or os.path.realpath(d) not in above or not stood_for(d, links)]
+
+
+def stood_for(folder: Path, links: dict[Path, str]) -> bool:
+    """Whether the links beside the real `folder` (by their real paths) stand for it, in its place: they link into
+    it and it holds images only there (a release v3/ of train -> v3/train and test -> v3/test, a pool/ of
+    cat -> pool/cat and dog -> pool/dog), and they name splits where its name does. Not a train/ beside test/ that
+    shortcuts cat -> train/cat and dog -> train/dog link into: they are no splits, and it is the train split. Said
+    where it is so: the folder is read only through them."""
+    real = os.path.realpath(folder)
+    into = [d for d, target in links.items() if within(target, real) and target != real]  # kitty -> cat: a class
+    if (not into or split_of(folder.name, whole=True) and not all(split_of(d.name, whole=True) for d in into)
+            or not linked_into(folder, {links[d] for d in into})):
+        return False
+    said_once(f"{folder} holds images only in the folders that {listed([str(d) for d in into])} link to: read "
+              "through them, it is no split nor class itself")
+    return True
 
 
 def linked_into(folder: Path, targets: set[str]) -> bool:
     """Whether the real `folder` holds images only in the real folders `targets` below it: its other folders walked,
     to their first image (as has_images), not the targets. A folder it may not list is refused, as the dataset's
     walk (Found) refused it already."""
-    inside = targets - {os.path.realpath(folder)}  # kitty -> cat beside tabby -> cat/tabby: cat is a class
     for root, dirs, files in walk_below(folder):
-        if lies_in(os.path.realpath(root), inside):
+        if lies_in(os.path.realpath(root), targets):
             dirs.clear()
         elif any(Path(root, name).suffix.lower() in IMAGE_SUFFIXES and Path(root, name).is_file() for name in files):
             return False
