@@ -451,6 +451,22 @@ def test_a_class_folder_holding_folders_that_classes_link_to_is_refused_naming_i
         load_images(tmp_path)
 
 
+def test_a_class_folder_holding_only_a_folder_that_a_class_links_to_is_refused_naming_it(tmp_path: Path) -> None:
+    """train/Cat of kittens/ alone beside train/kittens -> Cat/kittens dropped Cat from train unsaid, as a pool of
+    the link (test/Cat stayed): one folder's images are read as two classes, as they were before links were looked
+    at, which is refused."""
+    split_folders(tmp_path, "train", "test")
+    cat = tmp_path / "train" / "Cat"
+    (cat / "kittens").mkdir()
+    for image in cat.glob("*.png"):
+        image.rename(cat / "kittens" / image.name)
+    (tmp_path / "train" / "kittens").symlink_to("Cat/kittens")
+    with pytest.raises(DataError, match=rf"^{tmp_path}: {cat} is read as class Cat of the train split, and holds "
+                                        rf"{cat}/kittens, which {tmp_path}/train/kittens links to, read as class "
+                                        r"kittens of the train split: an image is read once"):
+        load_images(tmp_path)
+
+
 def test_a_folder_in_a_class_linked_to_a_class_of_a_linked_split_is_refused_naming_it(tmp_path: Path) -> None:
     """train/Cat/more -> ../../test/Cat beside test -> /elsewhere/test: the refusal named test, the link that is no
     fault, as the link to remove."""

@@ -838,7 +838,7 @@ def read_twice(path: Path, splits: dict[str, Path], place: str, *reads: tuple[st
         return (f"{splits[reads[holder][0]] / reads[holder][1]} is read as {said[holder]}, and holds "
                 f"{entries[holder]}, which {entries[other]} links to, read as {said[other]}: an image is read once, "
                 f"as one class of one split ({place}); remove the link, or link each folder of it beside it (a "
-                "folder that holds only the targets of the links beside it is no class)")
+                "folder that holds only the targets of two or more links beside it is no class)")
     link = entries[links[0] if links else 0 if entries[0].is_symlink() else 1]
     return (f"{link} links to {os.path.realpath(link)}, which reads {place} as {' and as '.join(said)}; an image is "
             "read once, as one class of one split: remove the link")
@@ -924,14 +924,16 @@ def data_folders(path: Path) -> list[Path]:
 
 
 def stood_for(folder: Path, links: dict[Path, str]) -> bool:
-    """Whether the links beside the real `folder` (by their real paths) stand for it, in its place: they link into
-    it and it holds images only there (a release v3/ of train -> v3/train and test -> v3/test, a pool/ of
+    """Whether the links beside the real `folder` (by their real paths) stand for it, in its place: two or more
+    link into it and it holds images only there (a release v3/ of train -> v3/train and test -> v3/test, a pool/ of
     cat -> pool/cat and dog -> pool/dog), and they name splits where its name does. Not a train/ beside test/ that
-    shortcuts cat -> train/cat and dog -> train/dog link into: they are no splits, and it is the train split. Said
-    where it is so: the folder is read only through them."""
+    shortcuts cat -> train/cat and dog -> train/dog link into: they are no splits, and it is the train split. Nor a
+    class cat/ of kittens/ alone that kittens -> cat/kittens links to: it may be cat of the other splits, and its
+    images, read as both classes, are refused (check_read_once). Said where it is so: the folder is read only
+    through them."""
     real = os.path.realpath(folder)
     into = [d for d, target in links.items() if within(target, real) and target != real]  # kitty -> cat: a class
-    if (not into or split_of(folder.name, whole=True) and not all(split_of(d.name, whole=True) for d in into)
+    if (len(into) < 2 or split_of(folder.name, whole=True) and not all(split_of(d.name, whole=True) for d in into)
             or not linked_into(folder, {links[d] for d in into})):
         return False
     said_once(f"{folder} holds images only in the folders that {listed([str(d) for d in into])} link to: read "
