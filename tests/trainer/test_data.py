@@ -369,6 +369,27 @@ def test_a_split_folder_linked_to_another_split_is_read_once_and_said(
                                        "not read again, as the validation split") in caplog.text
 
 
+def test_an_image_datasets_split_and_class_links_are_said_by_it_alone(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The dataset's walk said validation -> test's files were read there, once, beside its 'not read again', and
+    said so of test/Cat -> ../train/Cat before the refusal to read it. A link inside a class folder to a folder of
+    it is still said: its files are read there, once."""
+    split_folders(tmp_path, "train", "test")
+    (tmp_path / "validation").symlink_to("test")
+    (cat := tmp_path / "train" / "Cat" / "sub").mkdir()
+    shutil.copyfile(cat.parent / "0.png", cat / "3.png")
+    (cat.parent / "again").symlink_to("sub")
+    load_images(tmp_path)
+    assert "not read again, as the validation split" in caplog.text
+    assert f"{tmp_path}/validation links to {tmp_path}/test, a folder of the dataset" not in caplog.text
+    assert f"{cat.parent}/again links to {cat}, a folder of the dataset: its files are read there, once" in caplog.text
+    shutil.rmtree(tmp_path / "test" / "Cat")
+    (tmp_path / "test" / "Cat").symlink_to("../train/Cat")
+    with pytest.raises(DataError, match="remove the link$"):
+        load_images(tmp_path)
+    assert f"{tmp_path}/test/Cat links to {cat.parent}, a folder of the dataset" not in caplog.text
+
+
 @pytest.mark.parametrize("layout", ["release", "test to validation", "both elsewhere"])
 def test_a_folder_that_validation_and_test_share_is_the_test_split(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, layout: str) -> None:

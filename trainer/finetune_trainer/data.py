@@ -20,7 +20,7 @@ import os
 import re
 import zlib
 from collections.abc import Hashable, Iterable, Iterator, Sized
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from decimal import Decimal
 from itertools import islice
 from numbers import Number
@@ -397,10 +397,18 @@ class Found:
     thousands of shards on a network volume was walked three times)."""
 
     path: Path
+    skipped: list[str] = field(default_factory=list)  # the links its walk skips (entered), as "x links to y"
 
     @functools.cached_property
     def entries(self) -> list[Path]:
-        return sorted(files_below(self.path))
+        return sorted(files_below(self.path, self.skipped))
+
+    def say_skipped(self) -> None:
+        """Say the links its walk skipped, by the reader of its files, where they are read there: a table dataset's,
+        an image dataset's class folder's. Not an image dataset's own walk: it reads its split and class folders
+        each from itself, and says their links itself (distinct_folders, check_read_once)."""
+        for link in self.skipped:
+            said_once(f"{link}, a folder of the dataset: its files are read there, once")
 
     def files(self, suffixes: set[str]) -> Iterator[Path]:
         """The files with these suffixes (format_suffix) anywhere below the folder, but not in hidden folders (.git,
@@ -408,15 +416,15 @@ class Found:
         return (p for p in self.entries if format_suffix(p) in suffixes and p.is_file())
 
 
-def files_below(folder: Path) -> Iterator[Path]:
+def files_below(folder: Path, skipped: list[str] | None = None) -> Iterator[Path]:
     """The entries (not hidden) of the data folders below `folder` (data_folder), in sorted order, through folders
     linked in from elsewhere (a split), which Path.rglob skipped, as it skipped a folder it may not read: a
-    PermissionError."""
-    for root, _, files in walk_below(folder):
+    PermissionError. The links it skips are added to `skipped` (entered)."""
+    for root, _, files in walk_below(folder, skipped):
         yield from (Path(root, name) for name in files)
 
 
-def walk_below(folder: Path) -> Iterator[tuple[str, list[str], list[str]]]:
+def walk_below(folder: Path, skipped: list[str] | None = None) -> Iterator[tuple[str, list[str], list[str]]]:
     """os.walk of files_below's folders and files; a caller may empty a folder's list of subfolders to walk none of
     them."""
     def refuse(exc: OSError) -> None:
@@ -426,21 +434,22 @@ def walk_below(folder: Path) -> Iterator[tuple[str, list[str], list[str]]]:
     walked = {top}
     for root, dirs, files in os.walk(folder, onerror=refuse, followlinks=True):
         dirs[:] = [name for name in sorted(dirs)
-                   if data_folder(name) and entered(os.path.join(root, name), top, walked)]
+                   if data_folder(name) and entered(os.path.join(root, name), top, walked, skipped)]
         yield root, dirs, [name for name in files if not name.startswith(".")]
 
 
-def entered(path: str, top: str, walked: set[str]) -> bool:
+def entered(path: str, top: str, walked: set[str], skipped: list[str] | None) -> bool:
     """Whether files_below walks into the folder at `path`, and if so its real path added to `walked`: a real folder
     once, never one above a link to it (a loop, and the folders around it are no dataset's). A link to a folder
-    walked already, or to one of the dataset's real folder `top` walked anyway, is skipped, and said (current ->
-    data read it twice; validation -> test stood for a slice of train unsaid)."""
+    walked already, or to one of the dataset's real folder `top` walked anyway, is skipped, and added to `skipped`
+    where it is a list, to be said (current -> data read it twice; validation -> test stood for a slice of train
+    unsaid)."""
     real, link = os.path.realpath(path), os.path.islink(path)
     if link and within(os.path.realpath(os.path.dirname(path)), real):
         return False
     if real in walked or link and within(real, top) and all(map(data_folder, Path(os.path.relpath(real, top)).parts)):
-        if link:
-            said_once(f"{path} links to {real}, a folder of the dataset: its files are read there, once")
+        if link and skipped is not None:
+            skipped.append(f"{path} links to {real}")
         return False
     walked.add(real)
     return True
@@ -448,9 +457,9 @@ def entered(path: str, top: str, walked: set[str]) -> bool:
 
 @functools.cache
 def said_once(warning: str) -> None:
-    """A warning of the folders' walk, or of an image dataset's folders (data_folders): an image dataset's split
-    and class folders are walked and listed again below the dataset's one walk (Found), each from itself
-    (has_images, read_image_folder), where a link says it again."""
+    """A warning of the folders' walk (Found.say_skipped), or of an image dataset's folders (data_folders): an image
+    dataset's folders are listed again for each question asked of them (image_folders, train_folder,
+    read_image_folder), where the same folder would say it again."""
     log.warning("%s", warning)
 
 
@@ -506,6 +515,7 @@ def read_splits(found: Found, fmt: DatasetFormat, folders: bool = False) -> dict
     if path.is_file():
         return {TRAIN: read_table(path, fmt)}
     files = list(found.files(suffixes_of(fmt)))
+    found.say_skipped()
     if not files:
         raise DataError(f"{path}: no {fmt.value} file in the folder")
     by_split: dict[str | None, list[Path]] = {}
@@ -893,7 +903,8 @@ def read_image_folder(path: Path) -> pd.DataFrame:
     classes = {d.name: d for d in data_folders(path)}
     real_first = sorted(classes, key=lambda name: classes[name].is_symlink())  # kitty -> cat: cat names it
     for class_dir in distinct_folders(classes, "class {}", real_first).values():
-        images = list(Found(class_dir).files(IMAGE_SUFFIXES))  # its subfolders' too, as torchvision's ImageFolder
+        images = list((found := Found(class_dir)).files(IMAGE_SUFFIXES))  # its subfolders' too, as torchvision's
+        found.say_skipped()
         rows += [{IMAGE_COLUMN: str(image), "label": class_dir.name} for image in images]
         if not images:
             empty.append(class_dir.name)
