@@ -488,6 +488,21 @@ def test_a_class_folder_holding_only_a_folder_that_a_class_links_to_is_refused_n
         load_images(tmp_path)
 
 
+def test_a_linked_class_folder_holding_a_folder_that_a_class_links_to_is_refused_naming_that_link(
+        tmp_path: Path) -> None:
+    """Cat -> /elsewhere/cats, which holds tabby/, beside tabby -> /elsewhere/cats/tabby: the refusal said Cat holds
+    tabby/ and to link each folder of it beside it, as of a real pool/; Cat is a link, and tabby's is to remove."""
+    cats_and_dogs(ds := tmp_path / "ds", ".png")
+    (cats := tmp_path / "elsewhere" / "cats").mkdir(parents=True)
+    (ds / "Cat").rename(cats / "tabby")
+    (ds / "Cat").symlink_to(cats)
+    (ds / "tabby").symlink_to(cats / "tabby")
+    with pytest.raises(DataError, match=rf"^{ds}: {ds}/tabby links to {cats}/tabby, which reads {cats}/tabby/0.png "
+                                        r"as class tabby and as class Cat; an image is read once, as one class of "
+                                        r"one split: remove the link$"):
+        load_images(ds)
+
+
 def test_a_folder_in_a_class_linked_to_a_class_of_a_linked_split_is_refused_naming_it(tmp_path: Path) -> None:
     """train/Cat/more -> ../../test/Cat beside test -> /elsewhere/test: the refusal named test, the link that is no
     fault, as the link to remove."""

@@ -843,7 +843,9 @@ def read_twice(path: Path, splits: dict[str, Path], place: str, *reads: tuple[st
     entries = entered_by(*(image for _, _, image in reads))
     inside = [i for i, (split, label, _) in enumerate(reads) if splits[split] / label in entries[i].parents]
     links = [i for i in inside if entries[i].is_symlink()]
-    if inside and not links:
+    # a holder that is a link (cat -> /elsewhere/cats beside tabby -> /elsewhere/cats/tabby) is no real folder to
+    # link each folder of beside it: the other link is blamed
+    if inside and not links and not (splits[reads[inside[0]][0]] / reads[inside[0]][1]).is_symlink():
         holder, other = inside[0], 1 - inside[0]
         return (f"{splits[reads[holder][0]] / reads[holder][1]} is read as {said[holder]}, and holds "
                 f"{entries[holder]}, which {entries[other]} links to, read as {said[other]}: an image is read once, "
