@@ -514,6 +514,37 @@ def test_a_folder_in_a_class_linked_to_a_class_of_a_linked_split_is_refused_nami
         load_images(ds)
 
 
+@pytest.mark.parametrize("chained", [False, True])
+def test_an_image_file_linked_to_an_image_of_another_split_is_refused_naming_it(tmp_path: Path, chained: bool) -> None:
+    """train/Cat/x.png -> ../../test/Cat/0.png read a test image in train too: a file link was never looked at. So
+    through a link to a link elsewhere, whose folder is a link."""
+    split_folders(tmp_path, "train", "test")
+    (link := tmp_path / "train" / "Cat" / "x.png").symlink_to("../../test/Cat/0.png")
+    if chained:  # .linked/.. is .elsewhere
+        (real := tmp_path / ".elsewhere" / "real").mkdir(parents=True)
+        (real / "y.png").symlink_to(tmp_path / "test" / "Cat" / "0.png")
+        (tmp_path / ".linked").symlink_to(".elsewhere/real")
+        link.unlink()
+        link.symlink_to("../../.linked/../real/y.png")
+    image = tmp_path / "test" / "Cat" / "0.png"
+    with pytest.raises(DataError, match=rf"^{tmp_path}: {link} links to {image}, which reads {image} as class Cat of "
+                                        r"the train split and as class Cat of the test split; .*: remove the link$"):
+        load_images(tmp_path)
+
+
+def test_image_files_linked_to_one_file_read_nowhere_else_are_read(tmp_path: Path) -> None:
+    """The hub's cache links each file to a blob by its contents: two copies of one image, in two splits, are two
+    images, the blob read through them alone."""
+    split_folders(tmp_path / "ds", "train", "test")
+    (blob := tmp_path / "blobs" / "b0").parent.mkdir()
+    shutil.copyfile(tmp_path / "ds" / "train" / "Cat" / "0.png", blob)
+    for split in ("train", "test"):
+        (tmp_path / "ds" / split / "Cat" / "x.png").symlink_to(blob)
+    data = load_images(tmp_path / "ds")
+    assert "test/Cat/x.png" in read_from(data.test.inputs, tmp_path / "ds")
+    assert "train/Cat/x.png" in read_from(data.train.inputs + data.validation.inputs, tmp_path / "ds")
+
+
 def test_split_folders_linked_into_a_release_folder_are_read(tmp_path: Path) -> None:
     """train -> v3/train and test -> v3/test: the splits, of their classes; v3 is neither a split nor a class."""
     split_folders(tmp_path / "v3", "train", "test")
@@ -615,7 +646,7 @@ def test_the_real_places_of_images_cost_no_realpath_a_folder(tmp_path: Path, mon
     expected = [os.path.join(os.path.realpath(os.path.dirname(image)), "0.png") for image in images]
     realpath, resolved = os.path.realpath, []
     monkeypatch.setattr(os.path, "realpath", lambda path: resolved.append(path) or realpath(path))
-    assert real_places(images) == expected
+    assert real_places(images, {}) == expected
     assert len(resolved) < 5
 
 

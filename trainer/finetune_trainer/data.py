@@ -824,13 +824,23 @@ def distinct_folders(folders: dict[str, Path], role: str, claims: list[str]) -> 
 def check_read_once(path: Path, splits: dict[str, Path], tables: dict[str, pd.DataFrame]) -> None:
     """Refuse an image that a folder link reads in two splits or as two classes: test/cat -> ../train/cat read
     train's cats into test too (the model scored on images it trained on), cat/more -> ../dog read dog's images as
-    cats too. Refused, not skipped as a linked split or class is (distinct_folders): which read is meant is the
-    owner's to say, and a skip would score test without its cats, or train on a layout that calls dogs cats."""
+    cats too; so an image file's link to an image read where it lies (train/cat/x.png -> ../../test/cat/0.png).
+    Refused, not skipped as a linked split or class is (distinct_folders): which read is meant is the owner's to
+    say, and a skip would score test without its cats, or train on a layout that calls dogs cats."""
     read: dict[str, tuple[str, str, str]] = {}  # an image's real place: its split, class and path as read
+    file_links: list[tuple[str, str, str]] = []  # the images that are links: their split, class and path
+    reals: dict[str, str] = {}  # real_folder's
     for name, table in tables.items():
-        for image, label, place in zip(table[IMAGE_COLUMN], table["label"], real_places(table[IMAGE_COLUMN])):
+        for image, label, place in zip(table[IMAGE_COLUMN], table["label"], real_places(table[IMAGE_COLUMN], reals)):
             if (first := read.setdefault(place, (name, label, image)))[:2] != (name, label):
                 raise DataError(f"{path}: {read_twice(path, splits, place, (name, label, image), first)}")
+            if os.path.islink(image):
+                file_links.append((name, label, image))
+    # not the hub cache's links to blobs, which no path reads where they lie: two in two splits are two copies
+    for name, label, image in file_links:
+        if (first := read.get(real := real_file(image, reals), (name, label, image)))[:2] != (name, label):
+            said = [read_as(path, splits, name, label), read_as(path, splits, *first[:2])]
+            raise DataError(f"{path}: {linked_twice(image, real, said)}")
 
 
 def read_twice(path: Path, splits: dict[str, Path], place: str, *reads: tuple[str, str, str]) -> str:
@@ -838,8 +848,7 @@ def read_twice(path: Path, splits: dict[str, Path], place: str, *reads: tuple[st
     a class folder (cat/more -> ../dog, not the test -> /elsewhere/test above the other path), else a real class
     folder holding a folder that a class links to, with that link (a pool/ of cat -> pool/cat, which holds an
     unlinked bird/ too; a cat/ of tabby -> cat/tabby), else a class folder's link (test/cat -> ../train/cat)."""
-    # the split too where the dataset `path` has split folders, not where its classes are at its root
-    said = [f"class {label}" + (f" of the {split} split" if splits[split] != path else "") for split, label, _ in reads]
+    said = [read_as(path, splits, split, label) for split, label, _ in reads]
     entries = entered_by(*(image for _, _, image in reads))
     inside = [i for i, (split, label, _) in enumerate(reads) if splits[split] / label in entries[i].parents]
     links = [i for i in inside if entries[i].is_symlink()]
@@ -852,6 +861,17 @@ def read_twice(path: Path, splits: dict[str, Path], place: str, *reads: tuple[st
                 f"as one class of one split ({place}); remove the link, or link each folder of it beside it (a "
                 "folder that holds only the targets of two or more links beside it is no class)")
     link = entries[links[0] if links else 0 if entries[0].is_symlink() else 1]
+    return linked_twice(link, place, said)
+
+
+def read_as(path: Path, splits: dict[str, Path], split: str, label: str) -> str:
+    """How an image of the dataset `path` is read: its class, and its split where the dataset has split folders,
+    not where its classes are at its root."""
+    return f"class {label}" + (f" of the {split} split" if splits[split] != path else "")
+
+
+def linked_twice(link: Path | str, place: str, said: list[str]) -> str:
+    """The refusal of the `link` through which the image at `place` is read as each of `said`."""
     return (f"{link} links to {os.path.realpath(link)}, which reads {place} as {' and as '.join(said)}; an image is "
             "read once, as one class of one split: remove the link")
 
@@ -867,11 +887,18 @@ def entered_by(*images: str) -> list[Path]:
     return [c[level] for c in chains]
 
 
-def real_places(images: Iterable[str]) -> list[str]:
-    """Where the images lie: in their folders' real paths. Not their own: the hub's cache links each file to a blob
-    by its contents, and two copies of one image are two images."""
-    reals: dict[str, str] = {}
+def real_places(images: Iterable[str], reals: dict[str, str]) -> list[str]:
+    """Where the images lie: in their folders' real paths (real_folder, remembered in `reals`). Not their own: the
+    hub's cache links each file to a blob by its contents, and two copies of one image are two images."""
     return [os.path.join(real_folder(os.path.dirname(image), reals), os.path.basename(image)) for image in images]
+
+
+def real_file(link: str, reals: dict[str, str]) -> str:
+    """The real path of the file that `link`, a file link, leads to: each link's target by its folder's real path
+    (real_folder), not a realpath of each link, an lstat a level (20,000 links of the hub's cache)."""
+    target = os.path.join(real_folder(os.path.dirname(link), reals), os.readlink(link))
+    real = os.path.join(real_folder(os.path.dirname(target), reals), os.path.basename(target))
+    return real_file(real, reals) if os.path.islink(real) else real
 
 
 def real_folder(folder: str, reals: dict[str, str]) -> str:
