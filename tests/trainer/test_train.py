@@ -127,9 +127,9 @@ def test_a_field_an_upgrade_adds_at_its_default_resumes_the_run(tiny_cfg: Traine
 
 def test_a_run_an_earlier_version_checkpointed_with_its_defaults_resumes(tiny_cfg: TrainerConfig, tmp_path: Path,
                                                                          caplog: pytest.LogCaptureFixture) -> None:
-    """The trainer before this one hashed the defaults too, into another folder name, and wrote them into its
-    fingerprint.json: a job retried across the upgrade resumes that folder (renamed to this trainer's name), also where
-    this version added a field at its default (training.maxGradNorm here)."""
+    """A trainer before this one, without a field this version added at its default (training.maxGradNorm here), named
+    its folder otherwise: a job retried across the upgrade resumes that folder, in place (so that a rollback to it
+    still finds it), where it removed it and trained from step 0."""
     caplog.set_level(logging.INFO, logger="finetune_trainer")
     tiny_cfg.training.checkpoint_every_steps = 4
     out = tmp_path / "out"
@@ -142,10 +142,10 @@ def test_a_run_an_earlier_version_checkpointed_with_its_defaults_resumes(tiny_cf
     (earlier / "fingerprint.json").write_text(json.dumps(written))
     caplog.clear()
     pipeline.run(tiny_cfg, out)
-    assert f"resuming the checkpoints in {earlier} under this trainer's name for them, {folder}" in caplog.text
-    assert f"resumed from {checkpoints.complete(folder)[-1]}" in caplog.text
-    assert list((out / "checkpoints").iterdir()) == [folder]
-    assert json.loads((folder / "fingerprint.json").read_text()) == fingerprint
+    assert f"resuming what {earlier} holds, a folder an earlier version of the trainer named" in caplog.text
+    assert f"resumed from {checkpoints.complete(earlier)[-1]}" in caplog.text
+    assert list((out / "checkpoints").iterdir()) == [earlier]
+    assert json.loads((earlier / "fingerprint.json").read_text()) == fingerprint
 
 
 def test_a_compiled_run_trains_as_the_eager_one_and_an_eager_rerun_resumes_it(tiny_cfg: TrainerConfig,
@@ -850,7 +850,7 @@ def test_a_fingerprint_an_earlier_version_wrote_is_read_with_this_runs_defaults(
         checkpoints.run_folder(tmp_path, now([1], 2), World(rank=0, size=2, device=torch.device("cpu")),
                                now([1], 2, defaults=True))
     root = checkpoints.run_folder(tmp_path, now([1]), CPU, now([1], defaults=True))
-    assert root == tmp_path / checkpoints.folder_name(now([1])) and not earlier.exists()
+    assert root == earlier  # resumed in place
     assert checkpoints.complete(root) == [root / "step-00000004"]
     assert checkpoints.read_identity(root) == now([1], defaults=True)  # saved with its defaults
     checkpoints.run_folder(tmp_path, now([1], seed=1), CPU, now([1], defaults=True, seed=1))
@@ -861,7 +861,7 @@ def test_a_default_a_later_version_changes_is_a_change_and_the_old_value_set_is_
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The fingerprint in the folder held only the values that are not defaults: a job that left a default a new
     version changes (a warmup, a schedule) resumed under it, and one that set the old default explicitly started
-    afresh, told "the default -> 0.06". It holds them all; the folder's name still leaves them out."""
+    afresh, told "the default -> 0.06". It holds them all, and they name the folder."""
     caplog.set_level(logging.INFO, logger="finetune_trainer")
 
     def v1_run() -> Path:
@@ -871,13 +871,28 @@ def test_a_default_a_later_version_changes_is_a_change_and_the_old_value_set_is_
 
     root = v1_run()
     unset = checkpoints.run_folder(tmp_path, {"worldSize": 1}, CPU, {"training": {"warmup": 0.1}, "worldSize": 1})
-    assert unset == root and checkpoints.complete(root) == []
-    assert "made with other settings that change the optimisation (training.warmup: 0.06 -> 0.1)" in caplog.text
-    shutil.rmtree(root)
+    assert not root.exists() and checkpoints.complete(unset) == []
+    assert "optimisation; training starts afresh. Changed: training.warmup: 0.06 -> 0.1" in caplog.text
+    shutil.rmtree(unset)
     root = v1_run()
     explicit = {"training": {"warmup": 0.06}, "worldSize": 1}
     kept = checkpoints.run_folder(tmp_path, explicit, CPU, explicit)
-    assert kept != root and checkpoints.complete(kept) == [kept / "step-00000004"]
+    assert kept == root and checkpoints.complete(kept) == [kept / "step-00000004"]
+
+
+def test_an_earlier_version_s_folder_of_healed_layers_and_scores_alone_is_this_run_s(tmp_path: Path) -> None:
+    """Cut short after healing and the baseline, before its first checkpoint: an earlier version's folder, named
+    otherwise, was removed as another run's, and healing (thousands of steps on a large model) and the baseline ran
+    again. Of two such folders the one with checkpoints is taken."""
+    earlier = {"training": {"rate": 1}, "worldSize": 1}
+    scored = checkpoints.run_folder(tmp_path, earlier, CPU)
+    (scored / checkpoints.HEALED).write_text("healed layers")
+    sparse, full = {"worldSize": 1}, {"training": {"rate": 1, "added": 0}, "worldSize": 1}
+    assert checkpoints.run_folder(tmp_path, sparse, CPU, full) == scored and (scored / checkpoints.HEALED).exists()
+    other = tmp_path / "0123456789ab"
+    shutil.copytree(scored, other)
+    committed(other / "step-00000002")
+    assert checkpoints.run_folder(tmp_path, sparse, CPU, full) == other and not scored.exists()
 
 
 def test_a_fingerprint_that_cannot_be_read_now_is_retried_and_an_empty_one_trusts_the_folder_s_name(

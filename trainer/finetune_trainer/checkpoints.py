@@ -13,10 +13,10 @@ Ranks must share the checkpoint folder (a PVC).
 The checkpoints of one run live in `<output>/checkpoints/<fingerprint>` (`run_folder`): the
 hash of what changes the optimisation, world size included, written beside them in
 fingerprint.json with a digest of the data (`batches.digest`): data changed at the same paths
-trains afresh in the same folder. Only values that are not their defaults count, so that a field
-an upgrade adds at its default keeps the run's folder; a folder an earlier version named otherwise
-(it hashed the defaults too) is taken over when its fingerprint, read with this run's defaults
-(`filled`), is this run's. A run never resumes another's; the folders of other fingerprints and
+trains afresh in the same folder. A folder an earlier version named otherwise (before a field this
+version adds at its default) is this run's, resumed in place, when its fingerprint, read with this
+run's defaults (`filled`), is this run's: an upgrade keeps the run, and a rollback finds it. A run
+never resumes another's; the folders of other fingerprints and
 half-written `.tmp-*` ones are stale and removed when a run starts, renamed to `.tmp-<name>` first (`remove`: cut
 short, nothing a run reads is left torn), as is one with checkpoints but no fingerprint.json (an earlier trainer's
 removal in place, cut short). A run whose config differs
@@ -167,10 +167,10 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
 
 def run_folder(parent: Path, identity: dict[str, Any], world: World, full: dict[str, Any] | None = None) -> Path:
     """The checkpoint folder of the run `identity` describes (what changes its optimisation, with `worldSize`: the
-    values that are not their defaults; `full` spells the defaults out too, and saved fingerprints are compared in
-    it, see `filled`); see the module docstring for what it refuses and removes."""
+    values that are not their defaults; `full` spells the defaults out too, names the folder, and saved fingerprints
+    are compared in it, see `filled`); see the module docstring for what it refuses and removes."""
     full = identity if full is None else full
-    root = parent / folder_name(identity)
+    root = parent / folder_name(full)
     others = [p for p in run_folders(parent) if p != root]
     # Kept, a resumed optimizer trained on other data, and the kept baseline had scored another test split. Or other
     # settings under the same name: its default values, which the name leaves out, changed since (a new version).
@@ -186,10 +186,12 @@ def run_folder(parent: Path, identity: dict[str, Any], world: World, full: dict[
     if unnamed and world.main:
         log.warning("not resuming what %s holds: its %s is gone (a removal cut short); training starts afresh", root,
                     FINGERPRINT)
-    # This run's, under the name an earlier version of the trainer gave it (hashed with its defaults, or without a
-    # field added since at its default): resumed, not trained again from step 0 after an upgrade.
-    earlier = None if root.exists() else next((other for other in others if complete(other) and (
-        saved := read_full(other, identity, full)) is not None and same_run(saved, full)), None)
+    # This run's, under the name an earlier version of the trainer gave it (without a field added since at its
+    # default): resumed, not trained again from step 0 after an upgrade (nor healed, nor scored again); in place, so
+    # that the version before, rolled back to, still finds it.
+    earlier = None if root.exists() else max((other for other in others if (complete(other) or kept(other)) and (
+        saved := read_full(other, identity, full)) is not None and same_run(saved, full)),
+        key=lambda other: len(complete(other)), default=None)
     others = [other for other in others if other != earlier]
     if not complete(root) and earlier is None:
         for other in others:
@@ -206,12 +208,12 @@ def run_folder(parent: Path, identity: dict[str, Any], world: World, full: dict[
                 log.warning("not resuming the checkpoints in %s, made with other settings that change the "
                             "optimisation; training starts afresh. Changed: %s", other,
                             "; ".join(differences(saved, full)))
+    if earlier is not None:
+        root = earlier
+        if world.main:
+            log.info("resuming what %s holds, a folder an earlier version of the trainer named", root)
     world.barrier()  # every rank has looked before rank 0 removes anything
     if world.main:
-        if earlier is not None:
-            log.info("resuming the checkpoints in %s under this trainer's name for them, %s", earlier, root)
-            os.replace(earlier, root)
-            fsync(parent)
         for stale in [*others, *([root] if other_run or unnamed else [])]:
             log.info("removing stale checkpoints %s", stale)
             remove(stale)
@@ -314,6 +316,11 @@ def load_scores(root: Path, name: str) -> dict[str, Any] | None:
         return json.loads((root / name).read_text())
     except FileNotFoundError:
         return None
+
+
+def kept(folder: Path) -> bool:
+    """Whether a run's folder keeps results of its own besides checkpoints: healed layers, test scores."""
+    return any((folder / name).exists() for name in (HEALED, BASELINE, TEACHER))
 
 
 def folder_name(identity: dict[str, Any]) -> str:

@@ -532,8 +532,8 @@ def fingerprinted(cfg: TrainerConfig, world_size: int, pruned: list[int] | None 
     global batch and the schedule's length follow from it), the layers pruning removes (the same shapes,
     other weights) and the data (`batches.digest`). A field added later counts until listed above.
 
-    Only the values that differ from their defaults, unless `defaults` (the full form, which `run_folder` compares
-    saved fingerprints in, and saves): a field an upgrade adds with a default that keeps the old behaviour must not
+    Only the values that differ from their defaults, unless `defaults` (the full form, which names the run's folder,
+    and `run_folder` compares saved fingerprints in, and saves): a field an upgrade adds with a default that keeps the old behaviour must not
     move every retried job to a new folder, from step 0. A default whose value a new version changes is a change all
     the same: the saved fingerprint holds its old value.
 
@@ -541,7 +541,8 @@ def fingerprinted(cfg: TrainerConfig, world_size: int, pruned: list[int] | None 
     adjust.merging_picks_targets): the checkpoints hold those adapters, and a flip of it is another run, not a
     checkpoint of another trainer's layout to discard. Elsewhere it only chooses the export's form."""
     wire = cfg.to_wire(defaults)
-    counted = {"mergeOnExport"} if merge_picks else set()
+    # Not in the short form: the folder an earlier version named without it stays this run's (`checkpoints.filled`)
+    counted = {"mergeOnExport"} if merge_picks and defaults else set()
     for section, fields in BOOKKEEPING.items():
         if fields is None:
             wire.pop(section, None)
