@@ -12,6 +12,7 @@ import resource
 import signal
 import subprocess
 import sys
+import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -232,6 +233,68 @@ def test_the_end_of_a_pod_first_seen_deleted_is_sent_again_unless_refused_for_go
     api.on_terminal = lambda: _raise(ApiError(422, "status.containerStatuses: Forbidden"))
     agent._sync(_deleting(pod, 30))
     assert api.deleted == [pod["metadata"]["uid"]]
+
+
+def test_a_deletion_seen_after_the_pod_succeeded_keeps_its_success(agent: Agent, api: Api) -> None:
+    # The Job controller deletes pods as they exit; a delete event handled after the runner sent Succeeded carries the
+    # status from before it (Running): the pod was ended Failed, 137, over its success, which the operator then
+    # counted as a failed attempt. A kubelet never moves a pod out of a terminal phase.
+    pod = _pod("pass")
+    running = {**pod, "status": {"phase": "Running", "conditions": [{"type": "Ready", "status": "True"}],
+                                 "containerStatuses": [{"name": "main", "state": {"running": {}}}]}}
+    runner = _run(agent, pod)
+    runner.join(10)
+    assert api.statuses[-1]["phase"] == "Succeeded"
+    agent._sync(_deleting(running, 30))
+    assert [s["phase"] for s in api.statuses if s["phase"] != "Running"] == ["Succeeded"]
+    assert api.deleted == [pod["metadata"]["uid"]] and _state(api, "main")["terminated"]["exitCode"] == 0
+
+
+def test_a_pod_ended_for_its_deletion_is_no_longer_ready(agent: Agent, api: Api) -> None:
+    # As the kubelet says of a pod that ended: Ready and ContainersReady False (PodCompleted), not left True.
+    pod = {**_pod("pass"), "status": {"phase": "Running", "conditions": [
+        {"type": "Ready", "status": "True"}, {"type": "ContainersReady", "status": "True"},
+        {"type": "Initialized", "status": "True"}]}}
+    agent._sync(_deleting(pod, 30))
+    said = {c["type"]: (c["status"], c.get("reason")) for c in api.statuses[-1]["conditions"]}
+    assert said == {"Ready": ("False", "PodCompleted"), "ContainersReady": ("False", "PodCompleted"),
+                    "Initialized": ("True", None)}
+
+
+def test_a_deleted_pod_whose_end_the_api_cannot_take_holds_up_no_pod_listed_after_it(
+        agent: Agent, api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    # A status the API keeps refusing for a while (a 503 from a webhook) for one deleted pod stopped every relist at
+    # it: the pods listed after it never started. It is tried again at the next list, after the others.
+    stuck, new = _deleting(_pod("pass"), 30), _pod("pass")
+    api.on_terminal = lambda: _raise(ApiError(503, "the server is currently unable to handle the request"))
+    listed = {"items": [stuck, new], "metadata": {"resourceVersion": "1"}}
+    real = api.request
+    monkeypatch.setattr(api, "request", lambda method, path, *args, **kwargs: listed if method == "GET" and
+                        path.startswith("/api/v1/pods") else real(method, path, *args, **kwargs))
+    monkeypatch.setattr(agent_module.time, "sleep", lambda _: agent.stopping.wait(0.05))
+    watcher = threading.Thread(target=agent._watch_pods, daemon=True)
+    watcher.start()
+    try:
+        _eventually("the pod listed after it started", lambda: new["metadata"]["uid"] in agent.runners)
+        assert api.deleted == []  # and the stuck one is not deleted unended
+    finally:
+        agent.stopping.set()
+        watcher.join(10)
+
+
+def test_a_forgotten_pod_s_hosts_file_is_not_written_again(agent: Agent, api: Api) -> None:
+    # A pod forgotten while still among the node's DNS answers (its runner ending meanwhile): a later rewrite of the
+    # node's hosts files made its removed folder's hosts file again.
+    pod = _pod("pass", metadata={"name": "p", "labels": {"app": "web"}})
+    runner = _run(agent, pod)
+    runner.join(10)
+    agent.dns.add_pod(pod, runner.ip, runner.hosts_file)  # the window between the runner's end and its DNS removal
+    agent._forget(pod)
+    assert not runner.hosts_file.exists()
+    # a Service that selects it changes its answers: every pod's file whose answers changed is written
+    agent.dns.service_event("ADDED", {"metadata": {"namespace": "ns", "name": "web"}, "spec": {
+        "selector": {"app": "web"}, "publishNotReadyAddresses": True, "clusterIP": "10.96.0.10"}})
+    assert not runner.hosts_file.exists()
 
 
 def test_a_runner_that_fails_while_its_pod_is_deleted_ends_it_failed(agent: Agent, api: Api,

@@ -205,12 +205,14 @@ class Agent:
         self.api.request("DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}", options,
                          missing_ok=True)
 
-    def _finish_deletion(self, pod: dict) -> None:
-        """The final delete of a pod no runner ends (first seen deleting, or its runner failed), its end sent first as
-        the kubelet sends it: a Job counts a deleted pod only once it is terminal. Raises where either failed in a way
+    def _finish_deletion(self, pod: dict, known: dict | None = None) -> None:
+        """The final delete of a pod no runner ends (first seen deleting, or its runner ended), its end sent first as
+        the kubelet sends it: a Job counts a deleted pod only once it is terminal. From `known`, the status its ended
+        runner last sent, where there is one: the event's may be older (a delete seen after the runner's Succeeded
+        carried Running, and the pod was ended Failed, 137, over its success). Raises where either failed in a way
         that may pass: the watch then lists the pods again, and this is tried anew (an end refused for good would
         stop the relist there at every try)."""
-        status = pod.get("status", {})
+        status = known or pod.get("status", {})
         if status.get("phase") not in TERMINAL and not self.stopping.is_set():
             try:
                 self._patch_status(pod, ended(pod, status))
@@ -227,13 +229,21 @@ class Agent:
         deleting = "deletionTimestamp" in meta
         terminal = pod.get("status", {}).get("phase") in TERMINAL
         if deleting:
-            if runner is None or not runner.stop(_grace_seconds(pod)):
-                self._finish_deletion(pod)  # nothing runs (any more): finish the deletion at once
+            if runner is None or not runner.stop(_grace_seconds(pod)):  # nothing runs (any more): finish it at once
+                self._finish_deletion(pod, runner.published() if runner else None)
         elif runner is None and not terminal:
             runner = PodRunner(self, pod, str(next(self._ips)), self.pods_dir)
             with self._runners_lock:
                 self.runners[meta["uid"]] = runner
             runner.start()
+
+    def _synced(self, pod: dict) -> ApiError | OSError | None:
+        """_sync, its failure returned (one that may pass: a status the API cannot take now)."""
+        try:
+            self._sync(pod)
+        except (ApiError, OSError) as error:
+            return error
+        return None
 
     def _find_log(self, namespace: str, pod: str, container: str,
                   previous: bool) -> tuple[Path, Callable[[], bool]] | None:
@@ -248,6 +258,7 @@ class Agent:
         with self._runners_lock:
             runner = self.runners.pop(pod["metadata"]["uid"], None)
         if runner is None or not runner.stop(_grace_seconds(pod)):
+            self.dns.remove_pod(pod)  # else a later rewrite of the node's hosts files made its folder again
             remove_pod_folders(self.pods_dir / pod["metadata"]["uid"])
 
     def _watch_pods(self) -> None:
@@ -255,8 +266,9 @@ class Agent:
         while not self.stopping.is_set():
             try:
                 listing = self.api.request("GET", pods)
-                for pod in listing["items"]:
-                    self._sync(pod)
+                failed = [error for pod in listing["items"] if (error := self._synced(pod))]
+                if failed:  # tried again at the next list, once the others are: one pod held up every pod after it
+                    raise failed[0]
                 listed = {pod["metadata"]["uid"] for pod in listing["items"]}
                 with self._runners_lock:
                     gone = [r.pod for uid, r in self.runners.items() if uid not in listed]

@@ -182,7 +182,12 @@ def ended(pod: dict, status: dict) -> dict:
     initialized = not init or any(map(_started, regular)) or \
         (init[-1]["state"].get("terminated") or {}).get("exitCode") == 0
     ran = max((i + 1 for i, s in enumerate(init) if _started(s)), default=1)
+    # nothing runs: not ready, as the kubelet says of a pod that ended (PodCompleted)
+    conditions = [dict(c, status="False", reason="PodCompleted", lastTransitionTime=_now())
+                  if c["type"] in ("Ready", "ContainersReady") and c["status"] == "True" else c
+                  for c in status.get("conditions") or []]
     return {**status, "phase": status.get("phase") if status.get("phase") in TERMINAL else "Failed",
+            **({"conditions": conditions} if conditions else {}),
             "initContainerStatuses": [_unknown_unless_ended(s) if i < ran else s for i, s in enumerate(init)] or None,
             "containerStatuses": [_unknown_unless_ended(s) for s in regular] if initialized else regular}
 
@@ -263,6 +268,10 @@ class PodRunner(threading.Thread):
             self._kill_at = kill_at if self._kill_at is None else min(self._kill_at, kill_at)
             return True
 
+    def published(self) -> dict | None:
+        """The status the API last took from this runner, if any."""
+        return json.loads(self._published) if self._published else None
+
     def log_path(self, container_name: str, restarts: int) -> Path:
         return self.dir / "logs" / container_name / f"{restarts}.log"
 
@@ -319,15 +328,18 @@ class PodRunner(threading.Thread):
         """The runner failed: its containers are killed and say why. Whether the pod is being deleted: its end (Failed)
         and final delete are then sent here, else a later deletion is the agent's to finish."""
         log.exception("pod %s: runner failed", self.name)
-        deleting = not self._end_unless_stopped()
-        for container in (c for c in self.init + self.containers if not c.done):
+        failed = [c for c in self.init + self.containers if not c.done]
+        for container in failed:
             if container.proc is not None:  # no process outlives its pod's runner
                 _kill(container.proc, self._root(container))
             self._remove_cgroup(container)
             container.state = {"waiting": {"reason": "RunContainerError", "message": f"process node: {error!r}"}}
+        # Said before the runner ends: sent after, it could land on the end the agent gives a deletion then, and put
+        # a Failed pod back to Pending. A deletion meanwhile is this runner's to finish.
+        self._publish(now=True)
+        deleting = not self._end_unless_stopped()
+        for container in failed:
             container.done = deleting  # none starts again
-        if not deleting:
-            self._publish(now=True)
         return deleting
 
     def _until_sent(self, send: Callable[[], bool]) -> bool:
