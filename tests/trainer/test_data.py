@@ -514,19 +514,27 @@ def test_a_folder_in_a_class_linked_to_a_class_of_a_linked_split_is_refused_nami
         load_images(ds)
 
 
-@pytest.mark.parametrize("chained", [False, True])
-def test_an_image_file_linked_to_an_image_of_another_split_is_refused_naming_it(tmp_path: Path, chained: bool) -> None:
+@pytest.mark.parametrize("how", ["direct", "chained", "dot", "to-a-blob-link"])
+def test_an_image_file_linked_to_an_image_of_another_split_is_refused_naming_it(tmp_path: Path, how: str) -> None:
     """train/Cat/x.png -> ../../test/Cat/0.png read a test image in train too: a file link was never looked at. So
-    through a link to a link elsewhere, whose folder is a link."""
+    through a link to a link elsewhere, whose folder is a link; through a `.` in the target (ln -s "$PWD/./..."),
+    which passed; and to a test image that itself links on to a blob (every image of the hub's cache), which passed."""
     split_folders(tmp_path, "train", "test")
-    (link := tmp_path / "train" / "Cat" / "x.png").symlink_to("../../test/Cat/0.png")
-    if chained:  # .linked/.. is .elsewhere
-        (real := tmp_path / ".elsewhere" / "real").mkdir(parents=True)
-        (real / "y.png").symlink_to(tmp_path / "test" / "Cat" / "0.png")
-        (tmp_path / ".linked").symlink_to(".elsewhere/real")
-        link.unlink()
-        link.symlink_to("../../.linked/../real/y.png")
     image = tmp_path / "test" / "Cat" / "0.png"
+    link = tmp_path / "train" / "Cat" / "x.png"
+    if how == "chained":  # .linked/.. is .elsewhere
+        (real := tmp_path / ".elsewhere" / "real").mkdir(parents=True)
+        (real / "y.png").symlink_to(image)
+        (tmp_path / ".linked").symlink_to(".elsewhere/real")
+        link.symlink_to("../../.linked/../real/y.png")
+    elif how == "dot":
+        os.symlink(f"{tmp_path}/test/./Cat/0.png", link)  # not through Path, which drops the `.`
+    else:
+        link.symlink_to("../../test/Cat/0.png")
+    if how == "to-a-blob-link":
+        (blob := tmp_path / ".blobs" / "b0").parent.mkdir()
+        image.rename(blob)
+        image.symlink_to(blob)
     with pytest.raises(DataError, match=rf"^{tmp_path}: {link} links to {image}, which reads {image} as class Cat of "
                                         r"the train split and as class Cat of the test split; .*: remove the link$"):
         load_images(tmp_path)

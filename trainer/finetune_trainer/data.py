@@ -19,7 +19,7 @@ import math
 import os
 import re
 import zlib
-from collections.abc import Hashable, Iterable, Iterator, Sized
+from collections.abc import Collection, Hashable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
 from decimal import Decimal
 from itertools import islice
@@ -838,9 +838,9 @@ def check_read_once(path: Path, splits: dict[str, Path], tables: dict[str, pd.Da
                 file_links.append((name, label, image))
     # not the hub cache's links to blobs, which no path reads where they lie: two in two splits are two copies
     for name, label, image in file_links:
-        if (first := read.get(real := real_file(image, reals), (name, label, image)))[:2] != (name, label):
+        if (first := read.get(real := real_file(image, reals, read), (name, label, image)))[:2] != (name, label):
             said = [read_as(path, splits, name, label), read_as(path, splits, *first[:2])]
-            raise DataError(f"{path}: {linked_twice(image, real, said)}")
+            raise DataError(f"{path}: {linked_twice(image, real, said, real)}")  # where it stopped, not a blob
 
 
 def read_twice(path: Path, splits: dict[str, Path], place: str, *reads: tuple[str, str, str]) -> str:
@@ -870,10 +870,11 @@ def read_as(path: Path, splits: dict[str, Path], split: str, label: str) -> str:
     return f"class {label}" + (f" of the {split} split" if splits[split] != path else "")
 
 
-def linked_twice(link: Path | str, place: str, said: list[str]) -> str:
-    """The refusal of the `link` through which the image at `place` is read as each of `said`."""
-    return (f"{link} links to {os.path.realpath(link)}, which reads {place} as {' and as '.join(said)}; an image is "
-            "read once, as one class of one split: remove the link")
+def linked_twice(link: Path | str, place: str, said: list[str], target: str | None = None) -> str:
+    """The refusal of the `link` (to `target`, by default its real path) through which the image at `place` is read
+    as each of `said`."""
+    return (f"{link} links to {target or os.path.realpath(link)}, which reads {place} as {' and as '.join(said)}; an "
+            "image is read once, as one class of one split: remove the link")
 
 
 def entered_by(*images: str) -> list[Path]:
@@ -893,12 +894,14 @@ def real_places(images: Iterable[str], reals: dict[str, str]) -> list[str]:
     return [os.path.join(real_folder(os.path.dirname(image), reals), os.path.basename(image)) for image in images]
 
 
-def real_file(link: str, reals: dict[str, str]) -> str:
+def real_file(link: str, reals: dict[str, str], read: Collection[str] = ()) -> str:
     """The real path of the file that `link`, a file link, leads to: each link's target by its folder's real path
-    (real_folder), not a realpath of each link, an lstat a level (20,000 links of the hub's cache)."""
+    (real_folder), not a realpath of each link, an lstat a level (20,000 links of the hub's cache). It stops at an
+    image `read` where it lies: a link to another split's image that itself links on to a blob (every image of the
+    hub's cache does) is a link to that image."""
     target = os.path.join(real_folder(os.path.dirname(link), reals), os.readlink(link))
     real = os.path.join(real_folder(os.path.dirname(target), reals), os.path.basename(target))
-    return real_file(real, reals) if os.path.islink(real) else real
+    return real if real in read or not os.path.islink(real) else real_file(real, reals, read)
 
 
 def real_folder(folder: str, reals: dict[str, str]) -> str:
@@ -907,6 +910,9 @@ def real_folder(folder: str, reals: dict[str, str]) -> str:
     their walk."""
     if (real := reals.get(folder)) is None:
         parent = os.path.dirname(folder)
+        if os.path.basename(folder) in ("", ".") and parent not in ("", folder):  # a/./b in a link's target: a's
+            real = reals[folder] = real_folder(parent, reals)
+            return real
         resolved = parent in ("", folder) or os.path.basename(folder) == ".." or os.path.islink(folder)
         real = reals[folder] = (os.path.realpath(folder) if resolved else
                                 os.path.join(real_folder(parent, reals), os.path.basename(folder)))
