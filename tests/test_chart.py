@@ -171,6 +171,17 @@ def _rank0() -> Iterator[int]:
         thread.join()
 
 
+@pytest.mark.parametrize(("interval", "taken"), [("15s", True), ("60s", True), ("1m", True), ("500ms", True),
+                                                 ("61s", False), ("2m", False), ("1m30s", False), ("1h", False)])
+def test_the_pod_monitor_scrapes_at_least_once_a_minute(interval: str, taken: bool) -> None:
+    """A trainer waits for one last scrape after its end for at most a minute: with `interval: 2m` its final
+    evaluation was stored about half the time, and the dashboard's baseline-against-fine-tuned panels stayed empty."""
+    result = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"), "--set",
+                             "podMonitor.enabled=true", "--set", f"podMonitor.interval={interval}", "--show-only",
+                             "templates/podmonitor.yaml"], capture_output=True, text=True)
+    assert (result.returncode == 0) == taken and (taken or "podMonitor.interval" in result.stderr), result.stderr
+
+
 @pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
 def test_the_pod_monitor_scrapes_rank_0_alone_of_a_two_worker_job(tmp_path: Path) -> None:
     """Only rank 0 serves /metrics, yet every worker pod has the `metrics` port: the PodMonitor made a target of
