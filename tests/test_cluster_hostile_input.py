@@ -80,18 +80,19 @@ def test_labels_and_annotations_at_their_limits(operator_env: OperatorEnv) -> No
     env = operator_env
     prefix = ".".join(["a" * 63] * 3) + "." + "b" * 61  # a 253-character DNS subdomain
     labels = {f"{prefix}/{str(i) * 63}"[:317]: "v" * 63 for i in range(10)}
-    annotations = {f"example.com/{i}": "a" * 3900 for i in range(64)}  # 250 KiB: a pod takes 256 KiB
+    # 64 of 1,900 bytes: 120 KiB less a little, a pod's share of the apiserver's 256 KiB (the rest is the operator's
+    # trainer annotations' and the Job controller's)
+    annotations = {f"example.com/{i:02d}": "a" * 1900 for i in range(64)}
     full = example("minilm-sentiment", runtime=PARKED, pod={"labels": labels, "annotations": annotations})
     full["metadata"] = {"name": "full-labels", "labels": labels, "annotations": {"example.com/big": "z" * (250 * KIB)}}
     assert create(env, full) is None
-    # 64 annotations of 4 KiB: each within the API's limit, together past a pod's 256 KiB.
+    # 64 annotations of 4 KiB: each within the API's limit, together past a pod's share: refused at apply, naming the
+    # field (the Job's create refused them, and the job failed as InvalidSpec at its first attempt)
     over = parked("over-annotated", pod={"annotations": {f"example.com/{i}": "a" * 4096 for i in range(64)}})
-    assert create(env, over) is None
+    assert "spec.pod.annotations" in (create(env, over) or "")
     env.wait_ftj("full-labels", lambda o: o.get("status", {}).get("reason") == "Unschedulable", "its pod waiting for GPUs")
     template = env.objects("jobs", "full-labels")[0]["spec"]["template"]["metadata"]
     assert labels.items() <= template["labels"].items() and annotations.items() <= template["annotations"].items()
-    refused = env.wait_phase("over-annotated", "Failed", timeout=120)
-    assert refused["status"]["reason"] == "InvalidSpec" and "annotations" in failed_message(refused)
     assert_all_deleted_cleanly(env)
 
 
