@@ -9,7 +9,6 @@ cluster (kube.chosen_kubeconfig). Each test gets its own namespace.
 
 from __future__ import annotations
 
-import fcntl
 import os
 import re
 import shutil
@@ -17,12 +16,11 @@ import sys
 import urllib.request
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 
-from kube import Kube, RefusedCluster, chosen_kubeconfig
+from kube import Kube, RefusedCluster, chosen_kubeconfig, one_session
 
 REPO = Path(__file__).resolve().parents[1]
 LOCAL = REPO / "deploy" / "local"
@@ -67,7 +65,7 @@ def kube() -> Iterator[Kube]:
     if kubeconfig is not None:
         yield Kube(kubeconfig, bin_dir if (bin_dir / "kubectl").exists() else None, None)
         return
-    with _one_session(state):
+    with one_session(state):
         if state.exists() and any(local.running(local.Cluster(state.resolve(), bin_dir)).values()):
             local.down(state)  # a killed session's: its state is no test's to build on
         try:
@@ -80,25 +78,6 @@ def kube() -> Iterator[Kube]:
         finally:
             del os.environ["KUBECONFIG"]
             local.down(state)
-
-
-@contextmanager
-def _one_session(state: Path) -> Iterator[None]:
-    """Hold `<state>.session` locked while a session uses the cluster folder `state` (beside it: `up` wipes the
-    folder); another session fails at once, naming the holder's PID."""
-    path = Path(f"{state.resolve()}.session")  # as `up` resolves it: a link to the folder is the same folder
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with path.open("a+") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            pytest.exit(f"another test session (pid {lock.read().strip() or '?'}) uses the cluster folder {state}; "
-                        "wait for it, or set FTO_CLUSTER_DIR to another folder", returncode=4)
-        lock.truncate(0)
-        lock.write(str(os.getpid()))
-        lock.flush()
-        yield
 
 
 def _new_namespace(kube: Kube, request: pytest.FixtureRequest, labels: dict[str, str]) -> Iterator[str]:

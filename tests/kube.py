@@ -3,14 +3,18 @@ cluster's state when they time out."""
 
 from __future__ import annotations
 
+import fcntl
 import json
+import os
 import subprocess
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TypeVar
 
+import pytest
 import yaml
 
 T = TypeVar("T")
@@ -155,3 +159,22 @@ def phase(pod: dict) -> str:
 
 def condition(obj: dict, kind: str) -> dict:
     return next((c for c in obj.get("status", {}).get("conditions", []) if c["type"] == kind), {})
+
+
+@contextmanager
+def one_session(state: Path) -> Iterator[None]:
+    """Hold `<state>.session` locked while a session uses the cluster folder `state` (beside it: `up` wipes the
+    folder); another session fails at once, naming the holder's PID."""
+    path = Path(f"{state.resolve()}.session")  # as `up` resolves it: a link to the folder is the same folder
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a+") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            pytest.exit(f"another test session (pid {lock.read().strip() or '?'}) uses the cluster folder {state}; "
+                        "wait for it, or set FTO_CLUSTER_DIR to another folder", returncode=4)
+        lock.truncate(0)
+        lock.write(str(os.getpid()))
+        lock.flush()
+        yield

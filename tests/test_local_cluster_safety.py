@@ -25,7 +25,7 @@ import pytest
 import yaml
 
 from conftest import LOCAL
-from kube import OPT_IN, Kube, RefusedCluster, chosen_kubeconfig
+from kube import OPT_IN, Kube, RefusedCluster, chosen_kubeconfig, one_session
 
 sys.path.insert(0, str(LOCAL))
 import cluster  # noqa: E402  (deploy/local/cluster.py)
@@ -386,17 +386,15 @@ def test_readiness_checks_bypass_the_environment_s_proxy(monkeypatch: pytest.Mon
 def test_a_second_test_session_on_a_cluster_folder_is_refused_naming_the_first(tmp_path: Path) -> None:
     """Two sessions on one folder: the second took the first's running cluster as one to leave up, and the first
     stopped it, at its end, under the second's tests."""
-    from conftest import _one_session
-
     state = tmp_path / "cluster"
-    with _one_session(state):
+    with one_session(state):
         with pytest.raises(pytest.exit.Exception, match=f"another test session \\(pid {os.getpid()}\\) uses"):
-            with _one_session(state):
+            with one_session(state):
                 pass
-    with _one_session(state):  # free again once the first is over
+    with one_session(state):  # free again once the first is over
         pass
     (tmp_path / "link").symlink_to(state)
-    with _one_session(state):  # and the same folder through a link is the same folder
+    with one_session(state):  # and the same folder through a link is the same folder
         with pytest.raises(pytest.exit.Exception, match="another test session"):
-            with _one_session(tmp_path / "link"):
+            with one_session(tmp_path / "link"):
                 pass

@@ -30,7 +30,7 @@ def job(tmp_path: Path, name: str) -> tuple[Path, Path]:
     doc["dataset"]["maxTrainSamples"] = 1600
     doc["evaluation"] = {"baseline": False}
     (config := tmp_path / f"{name}.json").write_text(json.dumps(doc))
-    return config, out / "checkpoints" / folder_name(fingerprinted(TrainerConfig.model_validate(doc), 1))
+    return config, out / "checkpoints" / folder_name(fingerprinted(TrainerConfig.model_validate(doc), 1, defaults=True))
 
 
 def start(config: Path) -> subprocess.Popen:
@@ -93,7 +93,7 @@ def long_validation_job(tmp_path: Path, name: str) -> tuple[Path, Path]:
     doc["dataset"] |= {"maxTrainSamples": 48, "maxEvalSamples": None, "validationSplit": 0.05, "testSplit": 0.005}
     doc["evaluation"] = {"baseline": False, "batchSize": 1}
     (config := tmp_path / f"{name}.json").write_text(json.dumps(doc))
-    return config, out / "checkpoints" / folder_name(fingerprinted(TrainerConfig.model_validate(doc), 1))
+    return config, out / "checkpoints" / folder_name(fingerprinted(TrainerConfig.model_validate(doc), 1, defaults=True))
 
 
 def evals(run: dict) -> list[tuple[int, dict]]:

@@ -337,14 +337,18 @@ def test_a_checkpoint_of_another_world_size_is_refused(tiny_cfg: TrainerConfig, 
     pipeline.run(tiny_cfg, tmp_path / "out")
     (saved,) = (tmp_path / "out" / "checkpoints").iterdir()
     two = World(rank=0, size=2, device=torch.device("cpu"))  # checked before any collective
+
+    def on_two(data: str) -> Path:  # as the pipeline asks: the short form and the full one
+        return checkpoints.run_folder(tmp_path / "out" / "checkpoints", pipeline.fingerprinted(tiny_cfg, 2, data=data),
+                                      two, pipeline.fingerprinted(tiny_cfg, 2, data=data, defaults=True))
+
     with pytest.raises(ConfigError, match=f"{saved} holds checkpoints of this job made by 1 processes; this run has 2"):
-        checkpoints.run_folder(tmp_path / "out" / "checkpoints", pipeline.fingerprinted(
-            tiny_cfg, 2, data=json.loads((saved / "fingerprint.json").read_text())["data"]), two)  # the same data
+        on_two(json.loads((saved / "fingerprint.json").read_text())["data"])  # the same data
     # as one a trainer from before the data digest wrote: refused the same, not thrown away
     fingerprint = json.loads((saved / "fingerprint.json").read_text())
     (saved / "fingerprint.json").write_text(json.dumps({k: v for k, v in fingerprint.items() if k != "data"}))
     with pytest.raises(ConfigError, match="made by 1 processes; this run has 2"):
-        checkpoints.run_folder(tmp_path / "out" / "checkpoints", pipeline.fingerprinted(tiny_cfg, 2, data="x"), two)
+        on_two("x")
     assert checkpoints.complete(saved)  # kept for a run on 1 process
 
 
