@@ -172,7 +172,8 @@ def _rank0() -> Iterator[int]:
 
 
 @pytest.mark.parametrize(("interval", "taken"), [("15s", True), ("60s", True), ("1m", True), ("500ms", True),
-                                                 ("61s", False), ("2m", False), ("1m30s", False), ("1h", False)])
+                                                 ("60000ms", True), ("61s", False), ("2m", False), ("1m30s", False),
+                                                 ("1h", False), ("60001ms", False), ("90000ms", False)])
 def test_the_pod_monitor_scrapes_at_least_once_a_minute(interval: str, taken: bool) -> None:
     """A trainer waits for one last scrape after its end for at most a minute: with `interval: 2m` its final
     evaluation was stored about half the time, and the dashboard's baseline-against-fine-tuned panels stayed empty."""
