@@ -172,14 +172,12 @@ def run_folder(parent: Path, identity: dict[str, Any], world: World, full: dict[
     full = identity if full is None else full
     root = parent / folder_name(full)
     others = [p for p in run_folders(parent) if p != root]
-    # Kept, a resumed optimizer trained on other data, and the kept baseline had scored another test split. Or other
-    # settings under the same name: its default values, which the name leaves out, changed since (a new version).
-    other_run = (saved := read_full(root, identity, full)) is not None and not same_run(saved, full)
-    if other_run and world.main:
-        changed = [line for line in differences(saved, full) if not line.startswith("data:")]
-        log.warning("not resuming what %s holds: %s; training starts afresh", root,
-                    f"made with other settings that change the optimisation ({'; '.join(changed)})" if changed else
-                    "the data changed since it was made (the dataset or the tokenizer, at the same paths)")
+    # Kept, a resumed optimizer trained on other data, and the kept baseline had scored another test split. (The
+    # folder's name is the rest of the full fingerprint.)
+    other_data = (saved := read_full(root, identity, full)) is not None and not same_run(saved, full)
+    if other_data and world.main:
+        log.warning("not resuming what %s holds: the data changed since it was made (the dataset or the tokenizer, at "
+                    "the same paths); training starts afresh", root)
     # What an earlier trainer's removal, deleting in place, left when cut short: checkpoints whose weights may be
     # gone, or healed layers and a baseline of another run
     unnamed = root.is_dir() and not (root / FINGERPRINT).exists() and any(root.iterdir())
@@ -189,14 +187,16 @@ def run_folder(parent: Path, identity: dict[str, Any], world: World, full: dict[
     # This run's, under the name an earlier version of the trainer gave it (without a field added since at its
     # default): resumed, not trained again from step 0 after an upgrade (nor healed, nor scored again); in place, so
     # that the version before, rolled back to, still finds it.
-    earlier = None if root.exists() else max((other for other in others if (complete(other) or kept(other)) and (
-        saved := read_full(other, identity, full)) is not None and same_run(saved, full)),
-        key=lambda other: len(complete(other)), default=None)
+    found = {other: (complete(other), read_full(other, identity, full)) for other in others}  # each read once
+    earlier = None if root.exists() else max(
+        (other for other, (steps, saved) in found.items()
+         if (steps or kept(other)) and saved is not None and same_run(saved, full)),
+        key=lambda other: len(found[other][0]), default=None)
     others = [other for other in others if other != earlier]
     if not complete(root) and earlier is None:
         for other in others:
-            saved = read_full(other, identity, full)
-            if not complete(other) or saved is None:
+            steps, saved = found[other]
+            if not steps or saved is None:
                 continue
             if same_run(saved, full, "worldSize"):
                 raise ConfigError(
@@ -214,7 +214,7 @@ def run_folder(parent: Path, identity: dict[str, Any], world: World, full: dict[
             log.info("resuming what %s holds, a folder an earlier version of the trainer named", root)
     world.barrier()  # every rank has looked before rank 0 removes anything
     if world.main:
-        for stale in [*others, *([root] if other_run or unnamed else [])]:
+        for stale in [*others, *([root] if other_data or unnamed else [])]:
             log.info("removing stale checkpoints %s", stale)
             remove(stale)
         for torn in [*root.glob(".tmp-*"), *parent.glob(".tmp-*")]:  # save's, remove's, and save_healed's file
@@ -230,8 +230,8 @@ def run_folder(parent: Path, identity: dict[str, Any], world: World, full: dict[
                 os.replace(aside, final)
         root.mkdir(parents=True, exist_ok=True)
         # Through a temporary file: cut short in place, an empty one lost the earlier attempt's pruning choice. With
-        # its defaults (the name leaves them out): a default a later version changes is a change, and the version
-        # before this one (which compares fingerprints with its defaults) reads the run as its own after a rollback.
+        # its defaults: a default a later version changes is a change, and the version before this one (which
+        # compares fingerprints with its defaults) reads the run as its own after a rollback.
         text = json.dumps(full, indent=2, sort_keys=True)
         replace_atomically(root, FINGERPRINT, lambda tmp: tmp.write_text(text))
     world.barrier()
