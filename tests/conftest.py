@@ -58,15 +58,16 @@ def kube() -> Iterator[Kube]:
     local = _local_cluster()
     bin_dir = local.bin_dir()
     state = Path(os.environ.get("FTO_CLUSTER_DIR", REPO / ".cluster-test"))
+    paths = local.Cluster(state.resolve(), bin_dir)
     try:
-        kubeconfig = chosen_kubeconfig(os.environ, local.Cluster(state.resolve(), bin_dir).kubeconfig)
+        kubeconfig = chosen_kubeconfig(os.environ, paths.kubeconfig)
     except RefusedCluster as refused:
         pytest.exit(str(refused), returncode=4)
     if kubeconfig is not None:
         yield Kube(kubeconfig, bin_dir if (bin_dir / "kubectl").exists() else None, None)
         return
     with one_session(state):
-        if state.exists() and any(local.running(local.Cluster(state.resolve(), bin_dir)).values()):
+        if state.exists() and any(local.running(paths).values()):
             local.down(state)  # a killed session's: its state is no test's to build on
         try:
             cluster = local.up(state, timeout=300)  # a fresh, loaded 2-core machine came close to the default 90 s

@@ -93,7 +93,7 @@ def test_down_stops_what_it_recorded_and_copes_with_what_already_exited(state: P
 
 
 def test_down_stops_pod_processes_the_node_left_behind(state: Path) -> None:
-    root = state / "node" / "pods" / "pod-uid" / "roots" / "main-0"
+    root = cluster.pod_roots(state) / "pod-uid" / "roots" / "main-0"
     root.mkdir(parents=True)
     # A pod process, as the launcher leaves it: chrooted into its pod's root (its children too).
     orphan = subprocess.Popen([sys.executable, "-c", f"import os, time; os.chroot({str(root)!r}); time.sleep(300)"])

@@ -153,8 +153,8 @@ def _live(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta) -> bool:
 def _busy(status: kopf.Status) -> bool:
     """Running (its metrics are read every poll) or between attempts (the next one is created on the next tick, or
     at the first after its back-off, status.retryAfter)."""
-    return status.get("phase") == api.Phase.RUNNING or any(
-        c.get("type") == T.RESTARTING and c.get("status") == "True" for c in status.get("conditions") or [])
+    return status.get("phase") == api.Phase.RUNNING or \
+        condition(status.get("conditions"), T.RESTARTING).get("status") == "True"
 
 
 def ticks_every_poll(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, **_: Any) -> bool:

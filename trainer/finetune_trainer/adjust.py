@@ -117,8 +117,7 @@ def merging_picks_targets(model: nn.Module, lora: LoraSpec, task: Task, head: st
     whole = trained_whole(head, new)
     if not lora.target_modules:
         return any(taken_for_whole(m, whole) for m in lora_candidates(model, task))
-    return any(taken_for_whole(m, whole) or getattr(model.get_submodule(m), "groups", 1) != 1
-               for m in named_by(model, lora.target_modules))
+    return any(taken_for_whole(m, whole) or grouped(model, m) for m in named_by(model, lora.target_modules))
 
 
 def called(named: list[str], names: list[str], model: nn.Module) -> list[str]:
@@ -134,11 +133,16 @@ def called(named: list[str], names: list[str], model: nn.Module) -> list[str]:
                              "gradient")
 
 
+def grouped(model: nn.Module, name: str) -> bool:
+    """Whether the module `name` is a grouped convolution, whose adapter peft cannot merge."""
+    return getattr(model.get_submodule(name), "groups", 1) != 1
+
+
 def mergeable(named: list[str], names: list[str], model: nn.Module) -> list[str]:
     """The modules `named` in rearrange.lora.targetModules less the grouped convolutions (MobileNet's depthwise ones,
     which lora_candidates leaves out), which are warned of, or refused where nothing else is named: peft cannot merge
     their adapters, and the export that rearrange.mergeOnExport asks for failed after all of training."""
-    return kept_named(named, [m for m in named if getattr(model.get_submodule(m), "groups", 1) == 1], names,
+    return kept_named(named, [m for m in named if not grouped(model, m)], names,
                       refusal="they name grouped convolutions ({first}, ...), whose adapters peft cannot merge into "
                               "the weights as rearrange.mergeOnExport asks; name others or set "
                               "rearrange.mergeOnExport false",

@@ -397,7 +397,8 @@ class Found:
     thousands of shards on a network volume was walked three times)."""
 
     path: Path
-    skipped: list[str] = field(default_factory=list)  # the links its walk skips (entered), as "x links to y"
+    # the links its walk skips (entered), as "x links to y": the walk's, not a caller's
+    skipped: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
 
     @functools.cached_property
     def entries(self) -> list[Path]:
@@ -894,7 +895,7 @@ def real_places(images: Iterable[str], reals: dict[str, str]) -> list[str]:
     return [os.path.join(real_folder(os.path.dirname(image), reals), os.path.basename(image)) for image in images]
 
 
-def real_file(link: str, reals: dict[str, str], read: Collection[str] = ()) -> str:
+def real_file(link: str, reals: dict[str, str], read: Collection[str]) -> str:
     """The real path of the file that `link`, a file link, leads to: each link's target by its folder's real path
     (real_folder), not a realpath of each link, an lstat a level (20,000 links of the hub's cache). It stops at an
     image `read` where it lies: a link to another split's image that itself links on to a blob (every image of the
