@@ -677,6 +677,35 @@ def test_a_folder_that_split_folders_link_into_is_not_walked_through_them(
     assert listed.count(str(tmp_path / "v3" / "test" / "Dog")) == 2  # by the dataset's walk, and as its class
 
 
+@pytest.mark.parametrize("layout", ["classes", "splits", "release", "table beside"])
+def test_an_image_datasets_folders_are_each_listed_once_a_load(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
+    """The split folders' class folders were listed to tell the labelled splits, then again to read them, and the
+    root's again to read its classes, or after a table beside them was found no dataset (train -> v3/train: each
+    split listed twice a load)."""
+    if layout == "release":
+        for split in ("train", "test"):
+            split_folders(tmp_path / "v3", split)
+            (tmp_path / split).symlink_to(f"v3/{split}")
+    elif layout == "splits":
+        split_folders(tmp_path, "train", "test")
+    else:
+        cats_and_dogs(tmp_path, ".png")
+    if layout == "table beside":
+        (tmp_path / "sample_submission.csv").write_text("id,label\n1,Cat\n")
+    iterdir, listed = Path.iterdir, []
+
+    def counted(folder: Path) -> object:
+        listed.append(folder)
+        return iterdir(folder)
+
+    monkeypatch.setattr(Path, "iterdir", counted)
+    assert len(load_images(tmp_path).id2label) == 2
+    format_look = layout != "table beside"  # detect_format's for a folder among the root's entries, where no table
+    assert listed.count(tmp_path) == 1 + format_look
+    assert all(listed.count(folder) == 1 for folder in listed if folder != tmp_path)
+
+
 @pytest.mark.parametrize("layout", ["parquet splits", "image folder"])
 def test_a_folder_dataset_is_walked_once_a_load(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
     """The format, the splits and the parquet class names each walked the whole folder (three walks of a hub repo of

@@ -109,7 +109,7 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
         id2label, ids = label_ids(pd.concat([t[label_field] for t in usable.values()], ignore_index=True))
         id2label = named_classes(id2label, class_names(found, fmt, label_field))
         if len(id2label) < 2:
-            raise DataError(f"dataset {spec.uri}: " + (one_class_folder(path, id2label[0], spec.uri)
+            raise DataError(f"dataset {spec.uri}: " + (one_class_folder(found, id2label[0], spec.uri)
                                                        if fmt == DatasetFormat.IMAGE_FOLDER else
                                                        f"column {label_field!r} has {len(id2label)} distinct label(s); "
                                                        "need 2 or more"))
@@ -127,12 +127,12 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
     return LabelledData(train=train, validation=validation, test=test, id2label=id2label)
 
 
-def one_class_folder(path: Path, name: str, uri: str) -> str:
+def one_class_folder(found: Found, name: str, uri: str) -> str:
     """Why an ImageFolder of one class is none, and where its classes are when that folder holds them: Kaggle's
     cats and dogs unzip to PetImages/Cat and PetImages/Dog, and one folder up (or in a train/ of it) they were one
     class, PetImages."""
-    where = ""
-    if holds_class_folders(folder := train_folder(path) / name):
+    path, where = found.path, ""
+    if holds_class_folders(folder := train_folder(path, found.listings) / name, found.listings):
         inner = folder.relative_to(path).as_posix()  # PetImages, or train/PetImages
         where = f"; {inner} holds class folders: point dataset.uri at {uri.rstrip('/')}/{inner}"
     return f"its images are all in one class folder, {name} (an ImageFolder has a folder per class){where}"
@@ -317,7 +317,7 @@ def read_found(found: Found, spec: TextsSpec, field: str,
     path = found.path
     fmt = detect_format(found, spec.format, field)
     if (not texts_only and spec.format == DatasetFormat.AUTO and fmt in FILE_FORMATS.values()
-            and holds_class_folders(path)):
+            and holds_class_folders(path, found.listings)):
         if (tables := tables_with(found, fmt, spec.text_field)) is not None:
             return fmt, tables  # a table of image paths in folders (train/patient1/, part_1/, the hub's shards)
         # images in class folders, and a table beside them (Kaggle's sample_submission.csv, GTSRB's GT-00000.csv
@@ -399,6 +399,9 @@ class Found:
     path: Path
     # the links its walk skips (entered), as "x links to y": the walk's, not a caller's
     skipped: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
+    # an image dataset's folders' data folders (data_folders): listed once, though the splits, the classes and
+    # their reading each ask for them
+    listings: dict[Path, list[Path]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     @functools.cached_property
     def entries(self) -> list[Path]:
@@ -458,9 +461,8 @@ def entered(path: str, top: str, walked: set[str], skipped: list[str] | None) ->
 
 @functools.cache
 def said_once(warning: str) -> None:
-    """A warning of the folders' walk (Found.say_skipped), or of an image dataset's folders (data_folders): an image
-    dataset's folders are listed again for each question asked of them (image_folders, train_folder,
-    read_image_folder), where the same folder would say it again."""
+    """A warning of the folders' walk (Found.say_skipped), or of an image dataset's folders (stood_for): said once
+    however often the folders are read (a load lists them once, but a process may load the dataset again)."""
     log.warning("%s", warning)
 
 
@@ -494,7 +496,7 @@ def read_splits(found: Found, fmt: DatasetFormat, folders: bool = False) -> dict
     """
     path = found.path
     if fmt == DatasetFormat.IMAGE_FOLDER:
-        return read_image_splits(path)
+        return read_image_splits(path, found.listings)
     if fmt == DatasetFormat.HF_DISK:
         import datasets
 
@@ -773,21 +775,21 @@ def decompressed(file: Path) -> bytes:
         raise ValueError(f"{file.name} does not decompress as {suffix} ({exc})") from exc
 
 
-def read_image_splits(path: Path) -> dict[str, pd.DataFrame]:
+def read_image_splits(path: Path, listings: dict[Path, list[Path]]) -> dict[str, pd.DataFrame]:
     """An ImageFolder, or one per split in folders named by split that hold class folders (train/cat/*.png,
-    test/cat/*.png: torchvision's and the hub's layout)."""
+    test/cat/*.png: torchvision's and the hub's layout); `listings`: the load's data_folders."""
     # A folder without images decides nothing: __MACOSX/ (a Mac's zip: ._ files only) or docs/ beside train/ and
     # test/ named no split, which made those two the classes.
-    folders = image_folders(path)
+    folders = image_folders(path, listings)
     by_split = dict(zip(folder_splits(folders), folders))
     labelled = {name: d for name, d in by_split.items() if name is not None
-                and any(has_images(c) for c in data_folders(d))}
+                and any(has_images(c) for c in data_folders(d, listings))}
     if TRAIN not in labelled:
         if labelled and None not in by_split and TRAIN not in by_split:
             raise DataError(f"{path}: its folders name splits ({', '.join(d.name for d in folders)}) but none is train")
         warn_splits_read_as_classes(path, folders)
         # class folders (a class may be named test or train: it holds images)
-        return read_image_tables(path, {TRAIN: path})
+        return read_image_tables(path, {TRAIN: path}, listings)
     # train/ holds class folders: the others are no classes (Kaggle's test/ of the images to predict, a samples/)
     for folder in (d for d in folders if d not in labelled.values()):
         log.warning("%s: its images are in no class folder of a split, so unlabelled: not used", folder)
@@ -795,12 +797,13 @@ def read_image_splits(path: Path) -> dict[str, pd.DataFrame]:
     # train first (without it nothing is learnt; test is then held out of it), then test before validation: the
     # final score is on the folder meant for it, and validation is held out of train
     claims = [name for name in (TRAIN, TEST, VALIDATION) if name in splits]
-    return read_image_tables(path, distinct_folders(splits, "the {} split", claims))
+    return read_image_tables(path, distinct_folders(splits, "the {} split", claims), listings)
 
 
-def read_image_tables(path: Path, splits: dict[str, Path]) -> dict[str, pd.DataFrame]:
+def read_image_tables(path: Path, splits: dict[str, Path],
+                      listings: dict[Path, list[Path]]) -> dict[str, pd.DataFrame]:
     """The image dataset `path`'s tables of its split folders `splits`, each image read once."""
-    tables = {name: read_image_folder(folder) for name, folder in splits.items()}
+    tables = {name: read_image_folder(folder, listings) for name, folder in splits.items()}
     check_read_once(path, splits, tables)
     return tables
 
@@ -934,9 +937,9 @@ def warn_splits_read_as_classes(path: Path, folders: list[Path]) -> None:
                     listed([d.name for d in named]), listed(others))
 
 
-def read_image_folder(path: Path) -> pd.DataFrame:
+def read_image_folder(path: Path, listings: dict[Path, list[Path]]) -> pd.DataFrame:
     rows, empty = [], []
-    classes = {d.name: d for d in data_folders(path)}
+    classes = {d.name: d for d in data_folders(path, listings)}
     real_first = sorted(classes, key=lambda name: classes[name].is_symlink())  # kitty -> cat: cat names it
     for class_dir in distinct_folders(classes, "class {}", real_first).values():
         images = list((found := Found(class_dir)).files(IMAGE_SUFFIXES))  # its subfolders' too, as torchvision's
@@ -951,45 +954,52 @@ def read_image_folder(path: Path) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def holds_class_folders(path: Path) -> bool:
+def holds_class_folders(path: Path, listings: dict[Path, list[Path]]) -> bool:
     """Whether a folder is an ImageFolder by its folders: two or more class folders holding images, in it or in its
     train/ (not the hub's train/*.png beside a train/metadata.csv, nor one images/ folder that a table names)."""
-    def classes(folder: Path) -> int:
-        return sum(1 for d in data_folders(folder) if has_images(d))
-
-    return path.is_dir() and classes(train_folder(path)) >= 2
+    return path.is_dir() and len(image_folders(train_folder(path, listings), listings)) >= 2
 
 
-def train_folder(path: Path) -> Path:
+def train_folder(path: Path, listings: dict[Path, list[Path]]) -> Path:
     """The folder of an image dataset's train class folders: its train/ where a folder names the split, else itself."""
-    folders = image_folders(path)
+    folders = image_folders(path, listings)
     return next((d for d, name in zip(folders, folder_splits(folders)) if name == TRAIN), path)
 
 
-def image_folders(path: Path) -> list[Path]:
+def image_folders(path: Path, listings: dict[Path, list[Path]]) -> list[Path]:
     """The data folders in `path` that hold images below them."""
-    return [d for d in data_folders(path) if has_images(d)]
+    return [d for d in data_folders(path, listings) if has_images(d)]
 
 
-def data_folders(path: Path) -> list[Path]:
+def data_folders(path: Path, listings: dict[Path, list[Path]]) -> list[Path]:
+    """The data folders in `path` (folders_in), listed once a load: remembered in `listings` (Found.listings)."""
+    if (folders := listings.get(path)) is None:
+        folders = listings[path] = folders_in(path)
+    return folders
+
+
+def folders_in(path: Path) -> list[Path]:
     """The data folders in `path` (data_folder), in sorted order, that may be splits or classes: not a real folder
     that the links beside it stand for (stood_for), which is none itself."""
     folders = [d for d in sorted(path.iterdir()) if d.is_dir() and data_folder(d.name)]
     links = {d: os.path.realpath(d) for d in folders if d.is_symlink()}
     # a real folder holds targets only where its real path is above one: a lookup each, not a walk each
     above = {str(p) for t in links.values() for p in Path(t).parents}
-    return [d for d in folders if d.is_symlink() or os.path.realpath(d) not in above or not stood_for(d, links)]
+    if not above:
+        return folders
+    real = os.path.realpath(path)  # a real folder's real path is its parent's and its name: no realpath each
+    return [d for d in folders if d in links or (inside := os.path.join(real, d.name)) not in above
+            or not stood_for(d, inside, links)]
 
 
-def stood_for(folder: Path, links: dict[Path, str]) -> bool:
+def stood_for(folder: Path, real: str, links: dict[Path, str]) -> bool:
     """Whether the links beside the real `folder` (by their real paths) stand for it, in its place: two or more
     link into it and it holds images only there (a release v3/ of train -> v3/train and test -> v3/test, a pool/ of
     cat -> pool/cat and dog -> pool/dog), and they name splits where its name does. Not a train/ beside test/ that
     shortcuts cat -> train/cat and dog -> train/dog link into: they are no splits, and it is the train split. Nor a
     class cat/ of kittens/ alone that kittens -> cat/kittens links to: it may be cat of the other splits, and its
     images, read as both classes, are refused (check_read_once). Said where it is so: the folder is read only
-    through them."""
-    real = os.path.realpath(folder)
+    through them. `real`: the folder's real path."""
     into = [d for d, target in links.items() if within(target, real) and target != real]  # kitty -> cat: a class
     if (len(into) < 2 or split_of(folder.name, whole=True) and not all(split_of(d.name, whole=True) for d in into)
             or not linked_into(folder, {links[d] for d in into})):
