@@ -369,6 +369,18 @@ def test_a_split_folder_linked_to_another_split_is_read_once_and_said(
                                        "not read again, as the validation split") in caplog.text
 
 
+def test_a_link_beside_a_table_that_is_no_dataset_is_said_once(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """kitty -> Cat beside a sample_submission.csv: the table's reading said the walk's 'its files are read there,
+    once' before the table was found no dataset, and the ImageFolder then said 'not read again' of the same link."""
+    cats_and_dogs(tmp_path, ".png")
+    (tmp_path / "kitty").symlink_to("Cat")
+    (tmp_path / "sample_submission.csv").write_text("id,label\n1,Cat\n")
+    assert set(load_images(tmp_path).id2label.values()) == {"Cat", "Dog"}
+    assert "no dataset with a column 'text'" in caplog.text
+    assert caplog.text.count(f"{tmp_path}/kitty links to") == 1
+
+
 def test_an_image_datasets_split_and_class_links_are_said_by_it_alone(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The dataset's walk said validation -> test's files were read there, once, beside its 'not read again', and

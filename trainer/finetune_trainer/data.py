@@ -336,12 +336,17 @@ def read_found(found: Found, spec: TextsSpec, field: str,
 
 def tables_with(found: Found, fmt: DatasetFormat, column: str) -> dict[str, pd.DataFrame] | None:
     """The folder's tables by split where they are a dataset with `column` (the configured textField), else None:
-    beside class folders of images, a table without it (or that does not read) is no dataset of theirs."""
+    beside class folders of images, a table without it (or that does not read) is no dataset of theirs. The walk's
+    links are said only where the tables are the dataset: an image dataset says its own (Found.say_skipped), and
+    they were said twice."""
     try:
-        tables = read_splits(found, fmt, folders=True)
+        tables = folder_tables(found.path, fmt, list(found.files(suffixes_of(fmt))), folders=True)
     except (DataError, ValueError, FileNotFoundError):  # a test.csv of Kaggle's beside train/<class>/: no train split
         return None
-    return tables if any(column in table.columns for table in tables.values()) else None
+    if not any(column in table.columns for table in tables.values()):
+        return None
+    found.say_skipped()
+    return tables
 
 
 def suffixes_of(fmt: DatasetFormat) -> set[str]:
@@ -519,6 +524,11 @@ def read_splits(found: Found, fmt: DatasetFormat, folders: bool = False) -> dict
         return {TRAIN: read_table(path, fmt)}
     files = list(found.files(suffixes_of(fmt)))
     found.say_skipped()
+    return folder_tables(path, fmt, files, folders)
+
+
+def folder_tables(path: Path, fmt: DatasetFormat, files: list[Path], folders: bool) -> dict[str, pd.DataFrame]:
+    """read_splits' tables of the folder `path`, from its `files` of the format."""
     if not files:
         raise DataError(f"{path}: no {fmt.value} file in the folder")
     by_split: dict[str | None, list[Path]] = {}
