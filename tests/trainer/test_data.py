@@ -670,6 +670,21 @@ def test_the_real_places_of_images_cost_no_realpath_a_folder(tmp_path: Path, mon
     assert len(resolved) < 5
 
 
+def test_images_in_real_folders_are_placed_with_no_path_joined_each(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each image's place was its folder's real path joined to its name, though most folders are their own real
+    path (with the columns iterated twice, 0.57 s of 100,000 images' check_read_once, now 0.25 s)."""
+    (folder := tmp_path.resolve() / "real" / "a").mkdir(parents=True)
+    (tmp_path / "link").symlink_to("real")
+    images = [str(folder / f"{i}.png") for i in range(100)]
+    linked = [str(tmp_path / "link" / "a" / f"{i}.png") for i in range(100)]
+    join, joined = os.path.join, []
+    monkeypatch.setattr(os.path, "join", lambda *parts: joined.append(parts) or join(*parts))
+    assert real_places(images, {}) == images
+    assert len(joined) < 20
+    assert real_places(linked, {}) == images  # a linked folder's images lie in its real path
+
+
 def test_a_folder_that_split_folders_link_into_is_not_walked_through_them(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """train -> v3/train and test -> v3/test: finding v3 no split listed every folder below it too, where finding a

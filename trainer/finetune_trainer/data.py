@@ -845,7 +845,8 @@ def check_read_once(path: Path, splits: dict[str, Path], tables: dict[str, pd.Da
     file_links: list[tuple[str, str, str]] = []  # the images that are links: their split, class and path
     reals: dict[str, str] = {}  # real_folder's
     for name, table in tables.items():
-        for image, label, place in zip(table[IMAGE_COLUMN], table["label"], real_places(table[IMAGE_COLUMN], reals)):
+        images = table[IMAGE_COLUMN].tolist()  # a list: a column's items are slower to iterate, here twice
+        for image, label, place in zip(images, table["label"].tolist(), real_places(images, reals)):
             if (first := read.setdefault(place, (name, label, image)))[:2] != (name, label):
                 raise DataError(f"{path}: {read_twice(path, splits, place, (name, label, image), first)}")
             if os.path.islink(image):
@@ -904,8 +905,10 @@ def entered_by(*images: str) -> list[Path]:
 
 def real_places(images: Iterable[str], reals: dict[str, str]) -> list[str]:
     """Where the images lie: in their folders' real paths (real_folder, remembered in `reals`). Not their own: the
-    hub's cache links each file to a blob by its contents, and two copies of one image are two images."""
-    return [os.path.join(real_folder(os.path.dirname(image), reals), os.path.basename(image)) for image in images]
+    hub's cache links each file to a blob by its contents, and two copies of one image are two images. An image in
+    a folder that is its own real path (most are) lies where it is read: no path joined."""
+    return [image if (real := real_folder(folder := os.path.dirname(image), reals)) == folder
+            else os.path.join(real, os.path.basename(image)) for image in images]
 
 
 def real_file(link: str, reals: dict[str, str], read: Collection[str]) -> str:
