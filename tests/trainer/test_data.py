@@ -685,6 +685,17 @@ def test_images_in_real_folders_are_placed_with_no_path_joined_each(
     assert real_places(linked, {}) == images  # a linked folder's images lie in its real path
 
 
+def test_image_files_are_told_from_file_links_by_their_listing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each image was looked at (an lstat) to find the links among them, which the folders' listings tell: 0.15 s
+    of 100,000 images. A link to another split's image is still refused (test_an_image_file_linked_to_...)."""
+    split_folders(tmp_path, "train", "test")
+    islink, looked = os.path.islink, []
+    monkeypatch.setattr(os.path, "islink", lambda path: looked.append(path) or islink(path))
+    load_images(tmp_path)
+    assert not [path for path in looked if str(path).endswith(".png")]
+
+
 def test_a_folder_that_split_folders_link_into_is_not_walked_through_them(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """train -> v3/train and test -> v3/test: finding v3 no split listed every folder below it too, where finding a
@@ -748,13 +759,13 @@ def test_a_folder_dataset_is_walked_once_a_load(tmp_path: Path, monkeypatch: pyt
         for name in ("train", "test"):
             rows = {"text": [f"{name} {i}" for i in range(10)], "label": [i % 2 for i in range(10)]}
             datasets.Dataset.from_dict(rows, features=features).to_parquet(tmp_path / "data" / f"{name}.parquet")
-    walk, tops = os.walk, []
+    scandir, tops = os.scandir, []
 
-    def counted(top: str | os.PathLike[str], *args: object, **kw: object) -> object:
-        tops.append(Path(top))  # Python 3.11's os.walk calls itself for each folder below, with that folder
-        return walk(top, *args, **kw)
+    def counted(top: str | os.PathLike[str] = ".") -> object:
+        tops.append(Path(top))  # a walk lists each folder with os.scandir
+        return scandir(top)
 
-    monkeypatch.setattr(os, "walk", counted)
+    monkeypatch.setattr(os, "scandir", counted)
     data = (load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0) if layout == "image folder"
             else load_dataset(spec(tmp_path), Task.SEQUENCE_CLASSIFICATION, 0))
     assert set(data.id2label.values()) == ({"Cat", "Dog"} if layout == "image folder" else {"a", "b"})
