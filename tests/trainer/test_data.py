@@ -577,20 +577,25 @@ def test_split_folders_linked_into_a_release_folder_are_read(tmp_path: Path) -> 
 
 
 @pytest.mark.parametrize("into", ["train", "test", "validation"])
+@pytest.mark.parametrize("named", [{}, {"train": "training_set", "test": "test_set", "validation": "val_set"}],
+                         ids=["whole names", "words"])
 def test_a_split_folder_that_shortcuts_beside_it_link_into_is_read(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture, into: str) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, into: str, named: dict[str, str]) -> None:
     """Cat -> train/Cat and Dog -> train/Dog beside train/ and test/ dropped train/ unsaid, read the root as classes
     and labelled test's images test; so shortcuts into test/ or validation/ dropped that split. The shortcuts are no
-    splits: each split is read as before links were looked at, and they are said to be no class folder of a split."""
-    split_folders(tmp_path, "train", "test", *["validation"] * (into == "validation"))
+    splits: each split is read as before links were looked at, and they are said to be no class folder of a split.
+    So with splits named by a word (training_set/, test_set/: Kaggle's), which the shortcuts made read by whole
+    names, so as classes: test_set was a third class."""
+    folder = {split: named.get(split, split) for split in ("train", "test", "validation")}
+    split_folders(tmp_path, folder["train"], folder["test"], *[folder["validation"]] * (into == "validation"))
     for name in ("Cat", "Dog"):
-        (tmp_path / f"preview_{name}").symlink_to(f"{into}/{name}")
+        (tmp_path / f"preview_{name}").symlink_to(f"{folder[into]}/{name}")
     data = load_images(tmp_path)
     assert sorted(data.id2label.values()) == ["Cat", "Dog"]
-    assert read_from(data.test.inputs, tmp_path) == cats_and_dogs_in("test")
-    held_out = cats_and_dogs_in("validation") if into == "validation" else []
+    assert read_from(data.test.inputs, tmp_path) == cats_and_dogs_in(folder["test"])
+    held_out = cats_and_dogs_in(folder["validation"]) if into == "validation" else []
     assert (read_from(data.train.inputs + data.validation.inputs, tmp_path)
-            == sorted(cats_and_dogs_in("train") + held_out))
+            == sorted(cats_and_dogs_in(folder["train"]) + held_out))
     assert f"{tmp_path}/preview_Cat: its images are in no class folder of a split, so unlabelled" in caplog.text
     assert "no split nor class" not in caplog.text
 

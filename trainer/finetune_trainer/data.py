@@ -812,7 +812,8 @@ def read_image_splits(path: Path, listings: dict[Path, list[Path]]) -> dict[str,
     # A folder without images decides nothing: __MACOSX/ (a Mac's zip: ._ files only) or docs/ beside train/ and
     # test/ named no split, which made those two the classes.
     folders = image_folders(path, listings)
-    by_split = dict(zip(folder_splits(folders), folders))
+    deciding = [d for d in folders if d not in shortcuts(folders)]
+    by_split = dict(zip(folder_splits(deciding), deciding))
     labelled = {name: d for name, d in by_split.items() if name is not None
                 and any(has_images(c) for c in data_folders(d, listings))}
     if TRAIN not in labelled:
@@ -1004,6 +1005,15 @@ def train_folder(path: Path, listings: dict[Path, list[Path]]) -> Path:
     return next((d for d, name in zip(folders, folder_splits(folders)) if name == TRAIN), path)
 
 
+def shortcuts(folders: list[Path]) -> set[Path]:
+    """The links among an image dataset's top `folders` into a real folder beside them (preview_Cat ->
+    training_set/Cat): no splits, so they decide none; named by no split, they made the splits read by whole names
+    only (folder_splits), and training_set/ beside test_set/ a class."""
+    reals = {os.path.realpath(d) for d in folders if not d.is_symlink()}
+    return {d for d in folders if d.is_symlink()
+            and any(within(target := os.path.realpath(d), real) and target != real for real in reals)}
+
+
 def image_folders(path: Path, listings: dict[Path, list[Path]]) -> list[Path]:
     """The data folders in `path` that hold images below them."""
     return [d for d in data_folders(path, listings) if has_images(d)]
@@ -1039,7 +1049,7 @@ def stood_for(folder: Path, real: str, links: dict[Path, str]) -> bool:
     images, read as both classes, are refused (check_read_once). Said where it is so: the folder is read only
     through them. `real`: the folder's real path."""
     into = [d for d, target in links.items() if within(target, real) and target != real]  # kitty -> cat: a class
-    if (len(into) < 2 or split_of(folder.name, whole=True) and not all(split_of(d.name, whole=True) for d in into)
+    if (len(into) < 2 or split_of(folder.name) and not all(split_of(d.name) for d in into)
             or not linked_into(folder, {links[d] for d in into})):
         return False
     said_once(f"{folder} holds images only in the folders that {listed([str(d) for d in into])} link to: read "
