@@ -258,8 +258,13 @@ class Agent:
         with self._runners_lock:
             runner = self.runners.pop(pod["metadata"]["uid"], None)
         if runner is None or not runner.stop(_grace_seconds(pod)):
-            self.dns.remove_pod(pod)  # else a later rewrite of the node's hosts files made its folder again
-            remove_pod_folders(self.pods_dir / pod["metadata"]["uid"])
+            self.clean_up(pod)
+
+    def clean_up(self, pod: dict) -> None:
+        """Remove what a gone pod left on the node: its DNS entry, then its folders (the other way round, a rewrite of
+        the node's hosts files in between made its folder's hosts file again)."""
+        self.dns.remove_pod(pod)
+        remove_pod_folders(self.pods_dir / pod["metadata"]["uid"])
 
     def _watch_pods(self) -> None:
         pods = f"/api/v1/pods?fieldSelector={quote(f'spec.nodeName={self.name}')}"

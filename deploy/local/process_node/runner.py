@@ -71,6 +71,7 @@ class Node(Protocol):
     def publish_status(self, pod: dict, status: dict) -> bool: ...  # False: to be sent again
     def delete_pod(self, pod: dict) -> None: ...  # raises OSError or ApiError when not sent
     def warn(self, pod: dict, reason: str, message: str) -> None: ...
+    def clean_up(self, pod: dict) -> None: ...  # once it is gone: its DNS entry, then its folders but the logs
 
 
 # The exponent stops where the cap is passed: 2.0 ** 1024 (some 3 h of refusals) overflows a float.
@@ -321,8 +322,7 @@ class PodRunner(threading.Thread):
         # Then what it left, unless the node is exiting (the pod lives on, as through a kubelet's restart).
         if self._until_sent(lambda: self._publish(now=True)) and self._until_sent(self._final_delete) and \
                 not self.node.stopping.is_set():
-            self.node.dns.remove_pod(self.pod)  # its hosts file is written no more
-            remove_pod_folders(self.dir)
+            self.node.clean_up(self.pod)
 
     def _fail(self, error: Exception) -> bool:
         """The runner failed: its containers are killed and say why. Whether the pod is being deleted: its end (Failed)
