@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, TypeVar
 
@@ -41,7 +42,8 @@ T = TypeVar("T")
 class Api:
     """The apiserver as the agent calls it: records the pod statuses it accepted and the pods deleted; `on_terminal`
     runs at each write of a pod's end, `on_delete` at each delete, before it is accepted (either may raise, as a
-    request to a restarting apiserver does)."""
+    request to a restarting apiserver does). A list of pods gives `pods`, a watch of them `events`, then nothing until
+    `closed` is set."""
 
     host, port = "127.0.0.1", 6443
 
@@ -50,9 +52,18 @@ class Api:
         self.deleted: list[str] = []  # the uids of the pods deleted
         self.on_terminal: Callable[[], None] = lambda: None
         self.on_delete: Callable[[], None] = lambda: None
+        self.pods: list[dict] = []
+        self.events: list[dict] = []
+        self.closed = threading.Event()
+
+    def watch(self, path: str) -> Iterator[dict]:
+        yield from self.events
+        self.closed.wait()
 
     def request(self, method: str, path: str, body: dict | None = None, content_type: str = "",
                 missing_ok: bool = False) -> dict:
+        if method == "GET" and path.startswith("/api/v1/pods"):
+            return {"items": self.pods, "metadata": {"resourceVersion": "1"}}
         if method == "PATCH" and path.endswith("/status"):
             if body["status"]["phase"] in ("Succeeded", "Failed"):
                 self.on_terminal()
@@ -120,6 +131,19 @@ def _state(api: Api, container: str) -> dict:
 def _raise(error: Exception | None) -> None:
     if error is not None:
         raise error
+
+
+@contextmanager
+def _watching(agent: Agent, api: Api) -> Iterator[None]:
+    """The agent's watch of its pods, running meanwhile."""
+    watcher = threading.Thread(target=agent._watch_pods, daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        agent.stopping.set()
+        api.closed.set()
+        watcher.join(10)
 
 
 def _deleting(pod: dict, grace_seconds: int) -> dict:
@@ -267,19 +291,39 @@ def test_a_deleted_pod_whose_end_the_api_cannot_take_holds_up_no_pod_listed_afte
     # it: the pods listed after it never started. It is tried again at the next list, after the others.
     stuck, new = _deleting(_pod("pass"), 30), _pod("pass")
     api.on_terminal = lambda: _raise(ApiError(503, "the server is currently unable to handle the request"))
-    listed = {"items": [stuck, new], "metadata": {"resourceVersion": "1"}}
-    real = api.request
-    monkeypatch.setattr(api, "request", lambda method, path, *args, **kwargs: listed if method == "GET" and
-                        path.startswith("/api/v1/pods") else real(method, path, *args, **kwargs))
+    api.pods = [stuck, new]
     monkeypatch.setattr(agent_module.time, "sleep", lambda _: agent.stopping.wait(0.05))
-    watcher = threading.Thread(target=agent._watch_pods, daemon=True)
-    watcher.start()
-    try:
+    with _watching(agent, api):
         _eventually("the pod listed after it started", lambda: new["metadata"]["uid"] in agent.runners)
         assert api.deleted == []  # and the stuck one is not deleted unended
-    finally:
-        agent.stopping.set()
-        watcher.join(10)
+
+
+def test_the_watch_goes_on_while_a_gone_pod_s_folder_is_removed(agent: Agent, api: Api,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    # A gone pod's folder (an emptyDir of checkpoints: many GB) was removed on the watch's thread: no other pod's
+    # event was handled until it was gone. A pod made again under its name keeps its own folder and DNS entry.
+    old, new = _pod("pass"), _pod("import time; time.sleep(60)")
+    runner = _run(agent, old)
+    runner.join(10)  # ended: its folder waits for the pod object to go
+    removing, done = threading.Event(), threading.Event()
+    remove = agent_module.remove_pod_folders
+
+    def slow_remove(folder: Path) -> None:
+        removing.set()
+        done.wait()
+        remove(folder)
+
+    monkeypatch.setattr(agent_module, "remove_pod_folders", slow_remove)
+    api.pods, api.events = [old], [{"type": "DELETED", "object": old}, {"type": "ADDED", "object": new}]
+    with _watching(agent, api):
+        try:
+            _eventually("removal under way", removing.is_set)
+            _eventually("start of the pod made again", lambda: new["metadata"]["uid"] in agent.runners)
+        finally:
+            done.set()
+        _eventually("removal of the old folder", lambda: [p.name for p in runner.dir.iterdir()] == ["logs"])
+        hosts = agent.runners[new["metadata"]["uid"]].hosts_file
+        assert _eventually("new hosts file", hosts.exists) and "\tp\n" in hosts.read_text()
 
 
 def test_a_forgotten_pod_s_hosts_file_is_not_written_again(agent: Agent, api: Api) -> None:
@@ -290,7 +334,7 @@ def test_a_forgotten_pod_s_hosts_file_is_not_written_again(agent: Agent, api: Ap
     runner.join(10)
     agent.dns.add_pod(pod, runner.ip, runner.hosts_file)  # the window between the runner's end and its DNS removal
     agent._forget(pod)
-    assert not runner.hosts_file.exists()
+    _eventually("its hosts file removed", lambda: not runner.hosts_file.exists())
     # a Service that selects it changes its answers: every pod's file whose answers changed is written
     agent.dns.service_event("ADDED", {"metadata": {"namespace": "ns", "name": "web"}, "spec": {
         "selector": {"app": "web"}, "publishNotReadyAddresses": True, "clusterIP": "10.96.0.10"}})
@@ -344,7 +388,8 @@ def test_a_deleted_pod_s_volumes_and_roots_are_removed_and_its_logs_kept(agent: 
         agent._sync(_deleting(pod, 30))
         runner.join(10)
     agent._forget(pod)  # the pod object is gone
-    assert sorted(p.name for p in runner.dir.iterdir()) == ["logs"] and runner.log_path("main", 0).exists()
+    _eventually("all but its logs removed", lambda: [p.name for p in runner.dir.iterdir()] == ["logs"])
+    assert runner.log_path("main", 0).exists()
 
 
 def test_a_deleted_pod_s_folder_stays_while_a_process_runs_in_its_roots(tmp_path: Path,
