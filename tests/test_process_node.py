@@ -560,21 +560,34 @@ def test_deletion_sends_sigterm_to_the_main_process_alone(agent: Agent, api: Api
     assert "SIGTERM" not in runner.log_path("main", 0).read_text()
 
 
-# Says when SIGTERM reached it, and ends then.
+# Says when SIGTERM reached it, takes argv[1] seconds to stop (a trainer writing its checkpoint), says so and ends.
 TERM_SCRIPT = r"""
 import signal, sys, time
-signal.signal(signal.SIGTERM, lambda *_: sys.exit(print("SIGTERM", flush=True)))
+
+def stop(*_):
+    print("SIGTERM", flush=True)
+    time.sleep(float(sys.argv[1]))
+    sys.exit(print("stopped", flush=True))
+
+signal.signal(signal.SIGTERM, stop)
 print("ready", flush=True)
 time.sleep(60)
 """
 
 
-@pytest.mark.parametrize("deletion", ["grace period 0", "force-deleted"])
-def test_a_pod_deleted_without_a_grace_period_gets_sigterm_first(agent: Agent, api: Api, deletion: str) -> None:
-    # The kubelet gives every kill a grace period of at least 2 s (minimumGracePeriodInSeconds), SIGTERM first: a
-    # deletion with grace period 0, or a pod gone from the API, sent SIGKILL alone, and torchrun never stopped its
-    # workers nor a trainer its checkpoint.
-    pod = _pod(TERM_SCRIPT)
+@pytest.mark.parametrize(("deletion", "spec_grace", "stopping"), [
+    pytest.param("grace period 0", None, 3, id="grace period 0: the spec's"),
+    pytest.param("force-deleted", None, 3, id="force-deleted: the spec's"),
+    pytest.param("grace period 0", 0, 1, id="grace period 0, the spec's too: 2 s"),
+])
+def test_a_pod_deleted_without_a_grace_period_gets_sigterm_and_time_to_stop(
+        agent: Agent, api: Api, deletion: str, spec_grace: int | None, stopping: int) -> None:
+    # As the kubelet computes a kill's grace period: a deletion's 0, or a pod gone from the API (force-deleted), gets
+    # the spec's terminationGracePeriodSeconds (30 s by default), and none gets under 2 s (minimumGracePeriodInSeconds),
+    # SIGTERM first. Without it, torchrun never stopped its workers nor a trainer wrote its checkpoint: SIGKILL came
+    # alone, or a tick after SIGTERM. A stop taking longer than 2 s tells the spec's period from the minimum.
+    pod = _pod(TERM_SCRIPT, container={"args": [str(stopping)]},
+               **({} if spec_grace is None else {"terminationGracePeriodSeconds": spec_grace}))
     runner = _run(agent, pod)
     assert _first_line(runner) == "ready"
     if deletion == "force-deleted":
@@ -582,7 +595,7 @@ def test_a_pod_deleted_without_a_grace_period_gets_sigterm_first(agent: Agent, a
     else:
         agent._sync(_deleting(pod, 0))
     runner.join(10)
-    assert runner.log_path("main", 0).read_text() == "ready\nSIGTERM\n"
+    assert runner.log_path("main", 0).read_text() == "ready\nSIGTERM\nstopped\n"
 
 
 def test_a_sub_path_folder_that_cannot_be_given_its_owner_leaves_no_descriptor_open(
