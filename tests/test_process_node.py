@@ -235,6 +235,28 @@ def test_a_runner_that_fails_at_once_says_so_and_its_pod_s_deletion_is_finished(
     assert _state(api, "main")["terminated"]["reason"] == "ContainerStatusUnknown"
 
 
+def test_a_deletion_that_comes_as_a_failed_runner_says_so_ends_the_pod_failed(
+        agent: Agent, api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
+    # The runner's failure (Pending, RunContainerError) was sent once the runner had ended: a deletion meanwhile was
+    # the agent's to finish, its end (Failed) landed first, and the failure after it put the deleted pod back to
+    # Pending. A kubelet never moves a pod out of a terminal phase.
+    agent.pods_dir.write_text("")  # a file where the pods' folders go: the runner fails at once
+    pod = _pod("pass")
+    publish, deleted = agent.publish_status, threading.Event()
+
+    def deleted_as_sent(sent: dict, status: dict) -> bool:
+        """publish_status, the pod deleted as its failure is sent."""
+        if status["containerStatuses"][0]["state"]["waiting"] and not deleted.is_set():
+            deleted.set()
+            agent._sync(_deleting(pod, 30))
+        return publish(sent, status)
+
+    monkeypatch.setattr(agent, "publish_status", deleted_as_sent)
+    _run(agent, pod).join(10)
+    assert deleted.is_set() and api.deleted == [pod["metadata"]["uid"]]
+    assert api.statuses[-1]["phase"] == "Failed"
+
+
 def test_a_pod_first_seen_deleted_ends_failed_before_its_final_delete(agent: Agent, api: Api) -> None:
     # A relist after a broken watch shows a pod already deleted that never ran here: as the kubelet, it ends Failed,
     # its containers terminated with exit code 137 (ContainerStatusUnknown), and none starts.
