@@ -12,7 +12,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import sys
 import urllib.request
 import uuid
 from collections.abc import Iterator
@@ -20,10 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from kube import Kube, RefusedCluster, chosen_kubeconfig, one_session
+from kube import LOCAL, Kube, RefusedCluster, chosen_kubeconfig, local_cluster, one_session
 
 REPO = Path(__file__).resolve().parents[1]
-LOCAL = REPO / "deploy" / "local"
 # The tests' servers are all on loopback (127/8: the pods' addresses too), which urllib sent to an http(s)_proxy of the
 # environment that no_proxy does not name, as no_proxy cannot name a range (cluster.open_url, with a TLS context).
 urllib.request.install_opener(urllib.request.build_opener(urllib.request.ProxyHandler({})))
@@ -39,13 +37,6 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
             item.add_marker(skip)
 
 
-def _local_cluster():
-    sys.path.insert(0, str(LOCAL))
-    import cluster  # deploy/local/cluster.py
-
-    return cluster
-
-
 @pytest.fixture(scope="session")
 def kube() -> Iterator[Kube]:
     """The session's own local cluster (FTO_CLUSTER_DIR, default .cluster-test/), or KUBECONFIG's when allowed.
@@ -55,10 +46,9 @@ def kube() -> Iterator[Kube]:
     stopped and a fresh one started; one session at a time uses a folder (a second stopped the first's cluster
     under it, at its end).
     """
-    local = _local_cluster()
-    bin_dir = local.bin_dir()
+    bin_dir = local_cluster.bin_dir()
     state = Path(os.environ.get("FTO_CLUSTER_DIR", REPO / ".cluster-test"))
-    paths = local.Cluster(state.resolve(), bin_dir)
+    paths = local_cluster.Cluster(state.resolve(), bin_dir)
     try:
         kubeconfig = chosen_kubeconfig(os.environ, paths.kubeconfig)
     except RefusedCluster as refused:
@@ -67,18 +57,19 @@ def kube() -> Iterator[Kube]:
         yield Kube(kubeconfig, bin_dir if (bin_dir / "kubectl").exists() else None, None)
         return
     with one_session(state):
-        if state.exists() and any(local.running(paths).values()):
-            local.down(state)  # a killed session's: its state is no test's to build on
+        if state.exists() and any(local_cluster.running(paths).values()):
+            local_cluster.down(state)  # a killed session's: its state is no test's to build on
         try:
-            cluster = local.up(state, timeout=300)  # a fresh, loaded 2-core machine came close to the default 90 s
-        except local.ClusterError as error:
+            # a fresh, loaded 2-core machine came close to the default 90 s
+            cluster = local_cluster.up(state, timeout=300)
+        except local_cluster.ClusterError as error:
             pytest.fail(f"could not start the local cluster: {error}", pytrace=False)
         os.environ["KUBECONFIG"] = str(cluster.kubeconfig)  # for clients that read it (kopf, kubernetes)
         try:
             yield Kube(cluster.kubeconfig, bin_dir, cluster.state)
         finally:
             del os.environ["KUBECONFIG"]
-            local.down(state)
+            local_cluster.down(state)
 
 
 def _new_namespace(kube: Kube, request: pytest.FixtureRequest, labels: dict[str, str]) -> Iterator[str]:

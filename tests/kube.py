@@ -7,6 +7,7 @@ import fcntl
 import json
 import os
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
@@ -16,6 +17,10 @@ from typing import TypeVar
 
 import pytest
 import yaml
+
+LOCAL = Path(__file__).resolve().parents[1] / "deploy" / "local"
+sys.path.insert(0, str(LOCAL))
+import cluster as local_cluster  # noqa: E402  (deploy/local/cluster.py: the local cluster's folders)
 
 T = TypeVar("T")
 OPT_IN = "FTO_TEST_CLUSTER"
@@ -62,11 +67,6 @@ class Kube:
         """The apiserver's audit log of ServiceAccounts' requests (deploy/local/cluster.py)."""
         return self.cluster_dir / "logs" / "audit.log" if self.cluster_dir else None
 
-    @property
-    def node_dir(self) -> Path | None:
-        """The process node's folders (pods, volumes)."""
-        return self.cluster_dir / "node" if self.cluster_dir else None
-
     def _tool(self, name: str) -> str:
         return str(self.bin_dir / name) if self.bin_dir else name
 
@@ -102,9 +102,9 @@ class Kube:
 
     def pod_logs(self, pod: dict) -> str:
         """A process-node pod's container logs (every run's), read from its folder."""
-        if self.node_dir is None:
+        if self.cluster_dir is None:
             return ""
-        folder = self.node_dir / "pods" / pod["metadata"]["uid"] / "logs"
+        folder = local_cluster.pod_roots(self.cluster_dir) / pod["metadata"]["uid"] / "logs"
         return "".join(f"--- {log}\n{log.read_text(errors='replace')[-2000:]}" for log in sorted(folder.glob("*/*.log")))
 
     def describe(self, namespace: str) -> str:
