@@ -362,6 +362,32 @@ def test_the_watch_goes_on_while_a_gone_pod_s_folder_is_removed(agent: Agent, ap
         assert _eventually("new hosts file", hosts.exists) and "\tp\n" in hosts.read_text()
 
 
+def test_a_pod_made_again_under_a_gone_pod_s_hostname_never_resolves_to_it(agent: Agent, api: Api,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    # The next attempt's rank 0 takes the gone one's name in its headless Service (p.web). Were the gone pod's DNS
+    # entry removed after the watch went on (on the thread that removes its folders), the new pod's hosts file
+    # could be written naming the gone pod's address too, and a peer connect there.
+    spec = {"metadata": {"labels": {"app": "web"}}, "hostname": "p", "subdomain": "web"}
+    old, new = _pod("pass", **spec), _pod("import time; time.sleep(60)", **spec)
+    agent.dns.service_event("ADDED", {"metadata": {"namespace": "ns", "name": "web"}, "spec": {
+        "selector": {"app": "web"}, "publishNotReadyAddresses": True, "clusterIP": "None"}})
+    gone = _run(agent, old)
+    gone.join(10)
+    agent.dns.add_pod(old, gone.ip, gone.hosts_file)  # the window between the runner's end and its DNS removal
+    written: list[tuple[Path, str]] = []
+    write = dns_module._write_in_place
+    monkeypatch.setattr(dns_module, "_write_in_place", lambda path, text: written.append((path, text.decode()))
+                        or write(path, text))
+    remove = agent.dns.remove_pod
+    monkeypatch.setattr(agent.dns, "remove_pod", lambda pod: time.sleep(0.5) or remove(pod))
+    agent._forget(old)
+    agent._sync(new)
+    made = agent.runners[new["metadata"]["uid"]]
+    _eventually("the new pod's hosts file", made.hosts_file.exists)
+    texts = [text for path, text in written if path == made.hosts_file]
+    assert texts and not [text for text in texts if f"{gone.ip}\t" in text]
+
+
 def test_a_forgotten_pod_s_hosts_file_is_not_written_again(agent: Agent, api: Api) -> None:
     # A pod forgotten while still among the node's DNS answers (its runner ending meanwhile): a later rewrite of the
     # node's hosts files made its removed folder's hosts file again.

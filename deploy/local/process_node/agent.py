@@ -261,15 +261,17 @@ class Agent:
 
     def _forget(self, pod: dict) -> None:
         """The pod object is gone (force-deleted, or our final delete): stop what still runs, within the grace period a
-        kubelet gives it, and remove what the pod left (its runner does once it ends, if it still runs). The removal
-        runs on a thread of its own: on the watch's, a large folder held up every other pod's events. A pod made again
-        under its name has another uid, so another folder and DNS entry, which this one's removal leaves alone."""
+        kubelet gives it, and remove what the pod left (its runner does once it ends, if it still runs). Its DNS entry
+        goes at once, before the watch's next event: a pod made again under its hostname (the next attempt's rank 0)
+        must not resolve to this one's address. Its folders go on a thread of their own: on the watch's, a large
+        folder held up every other pod's events; a pod made again has another uid, so another folder."""
         meta = pod["metadata"]
         with self._runners_lock:
             runner = self.runners.pop(meta["uid"], None)
         if runner is None or not runner.stop(_grace_seconds(pod)):
-            threading.Thread(target=self.clean_up, args=(pod,), name=f"clean-up {meta['namespace']}/{meta['name']}",
-                             daemon=True).start()
+            self.dns.remove_pod(pod)  # first: a later rewrite of the node's hosts files made its folder's again
+            threading.Thread(target=remove_pod_folders, args=(self.pods_dir / meta["uid"],),
+                             name=f"clean-up {meta['namespace']}/{meta['name']}", daemon=True).start()
 
     def clean_up(self, pod: dict) -> None:
         """Remove what a gone pod left on the node: its DNS entry, then its folders (the other way round, a rewrite of
