@@ -576,6 +576,25 @@ def test_split_folders_linked_into_a_release_folder_are_read(tmp_path: Path) -> 
     assert read_from(data.train.inputs + data.validation.inputs, tmp_path) == cats_and_dogs_in("train")
 
 
+@pytest.mark.parametrize("more", ["a split unlinked", "a folder of its own", "an image of its own"])
+def test_split_folders_linked_into_a_release_folder_that_holds_more_are_read(tmp_path: Path, more: str) -> None:
+    """train -> v3/train beside a v3/ that holds more than the links reach (so is read itself, and its images that no
+    split folder holds are unused): the links were taken for shortcuts into v3/, which alone named no split, so the
+    root was read as classes, v3 and train, and refused for the images read in both."""
+    split_folders(tmp_path / "v3", "train", "test")
+    linked = ["train"] if more == "a split unlinked" else ["train", "test"]
+    if more == "a folder of its own":
+        split_folders(tmp_path / "v3", "extra")
+    if more == "an image of its own":
+        shutil.copyfile(tmp_path / "v3" / "train" / "Cat" / "0.png", tmp_path / "v3" / "README.png")
+    for split in linked:
+        (tmp_path / split).symlink_to(f"v3/{split}")
+    data = load_images(tmp_path)
+    assert sorted(data.id2label.values()) == ["Cat", "Dog"]
+    assert (read_from(data.train.inputs + data.validation.inputs + data.test.inputs, tmp_path)
+            == sorted(image for split in linked for image in cats_and_dogs_in(split)))
+
+
 @pytest.mark.parametrize("into", ["train", "test", "validation"])
 @pytest.mark.parametrize("named", [{}, {"train": "training_set", "test": "test_set", "validation": "val_set"}],
                          ids=["whole names", "words"])
@@ -622,14 +641,19 @@ def test_class_folders_linked_into_a_pool_folder_are_read(tmp_path: Path) -> Non
     assert read_from(data.train.inputs + data.validation.inputs, tmp_path) == cats_and_dogs_in("train")
 
 
-def test_a_pool_folder_that_the_class_folders_link_into_is_no_class(tmp_path: Path) -> None:
-    """Cat -> pool/Cat and Dog -> pool/Dog, no split folders: pool was a third class, of every image."""
-    cats_and_dogs(tmp_path / "pool", ".png")
+@pytest.mark.parametrize("pool", ["pool", "test_images", "val_pool", "training_pool"])
+def test_a_pool_folder_that_the_class_folders_link_into_is_no_class(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, pool: str) -> None:
+    """Cat -> pool/Cat and Dog -> pool/Dog, no split folders: pool was a third class, of every image. A pool whose
+    name holds a split's word, with no split folder beside it named by a word, is a pool too: test_images/ was the
+    test split, with no train, and refused; training_pool/ the train split, its class links said unused."""
+    cats_and_dogs(tmp_path / pool, ".png")
     for name in ("Cat", "Dog"):
-        (tmp_path / name).symlink_to(f"pool/{name}")
+        (tmp_path / name).symlink_to(f"{pool}/{name}")
     data = load_images(tmp_path)
     assert sorted(data.id2label.values()) == ["Cat", "Dog"]
     assert read_from(data.train.inputs + data.validation.inputs + data.test.inputs, tmp_path) == cats_and_dogs_in()
+    assert "unlabelled" not in caplog.text
 
 
 def tiny_images(folder: Path, names: list[str], count: int) -> None:

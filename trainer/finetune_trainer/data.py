@@ -1006,11 +1006,12 @@ def train_folder(path: Path, listings: dict[Path, list[Path]]) -> Path:
 
 
 def shortcuts(folders: list[Path]) -> set[Path]:
-    """The links among an image dataset's top `folders` into a real folder beside them (preview_Cat ->
-    training_set/Cat): no splits, so they decide none; named by no split, they made the splits read by whole names
-    only (folder_splits), and training_set/ beside test_set/ a class."""
+    """The links among an image dataset's top `folders`, named by no split, into a real folder beside them
+    (preview_Cat -> training_set/Cat): no splits, so they decide none; they made the splits read by whole names only
+    (folder_splits), and training_set/ beside test_set/ a class. Not train -> v3/train, a split, where v3/ holds more
+    than its links reach."""
     reals = {os.path.realpath(d) for d in folders if not d.is_symlink()}
-    return {d for d in folders if d.is_symlink()
+    return {d for d in folders if d.is_symlink() and not split_of(d.name)
             and any(within(target := os.path.realpath(d), real) and target != real for real in reals)}
 
 
@@ -1036,20 +1037,24 @@ def folders_in(path: Path) -> list[Path]:
     if not above:
         return folders
     real = os.path.realpath(path)  # a real folder's real path is its parent's and its name: no realpath each
+    named = [d for d in folders if d not in links and split_of(d.name)]
     return [d for d in folders if d in links or (inside := os.path.join(real, d.name)) not in above
-            or not stood_for(d, inside, links)]
+            or not stood_for(d, inside, links, by_word=any(other != d for other in named))]
 
 
-def stood_for(folder: Path, real: str, links: dict[Path, str]) -> bool:
+def stood_for(folder: Path, real: str, links: dict[Path, str], by_word: bool) -> bool:
     """Whether the links beside the real `folder` (by their real paths) stand for it, in its place: two or more
     link into it and it holds images only there (a release v3/ of train -> v3/train and test -> v3/test, a pool/ of
     cat -> pool/cat and dog -> pool/dog), and they name splits where its name does. Not a train/ beside test/ that
     shortcuts cat -> train/cat and dog -> train/dog link into: they are no splits, and it is the train split. Nor a
     class cat/ of kittens/ alone that kittens -> cat/kittens links to: it may be cat of the other splits, and its
     images, read as both classes, are refused (check_read_once). Said where it is so: the folder is read only
-    through them. `real`: the folder's real path."""
+    through them. `real`: the folder's real path; `by_word`: whether another real folder beside it names a split by
+    a word (test_set/ beside training_set/: the splits are named so), else a split is named by its whole name (a
+    pool test_images/ alone is a pool)."""
     into = [d for d, target in links.items() if within(target, real) and target != real]  # kitty -> cat: a class
-    if (len(into) < 2 or split_of(folder.name) and not all(split_of(d.name) for d in into)
+    whole = not by_word
+    if (len(into) < 2 or split_of(folder.name, whole) and not all(split_of(d.name, whole) for d in into)
             or not linked_into(folder, {links[d] for d in into})):
         return False
     said_once(f"{folder} holds images only in the folders that {listed([str(d) for d in into])} link to: read "
