@@ -190,20 +190,6 @@ def test_a_status_the_api_refuses_for_good_is_not_sent_for_ever(agent: Agent, ap
     assert not runner.is_alive()
 
 
-def test_a_final_delete_the_api_refuses_for_good_is_not_sent_for_ever(agent: Agent, api: Api) -> None:
-    # The same pod made again: its status refused (422) and its uid-preconditioned delete too (409) at every try. The
-    # runner sent the delete until the agent ended, and the deleted pod's folder was never removed.
-    api.on_terminal = lambda: _raise(ApiError(422, "metadata.uid: field is immutable"))
-    api.on_delete = lambda: _raise(ApiError(409, "Precondition failed: UID in precondition: a, UID in object meta: b"))
-    pod = _pod("import time; print('ready', flush=True); time.sleep(60)")
-    runner = _run(agent, pod)
-    assert _first_line(runner) == "ready"
-    agent._sync(_deleting(pod, 30))
-    runner.join(5)
-    assert not runner.is_alive()
-    _eventually("all but its logs removed", lambda: [p.name for p in runner.dir.iterdir()] == ["logs"])
-
-
 def test_a_deletion_that_comes_as_the_pod_ends_is_finished(agent: Agent, api: Api) -> None:
     # The Job controller deletes a pod once it sees it end, here while its end is being written: the kubelet still
     # sends the final delete, else the pod would stay Terminating until the next relist.

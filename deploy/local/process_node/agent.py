@@ -196,21 +196,14 @@ class Agent:
             log.warning("pod %s: event %s not recorded: %s", pod["metadata"]["name"], reason, error)
 
     def delete_pod(self, pod: dict) -> None:
-        """The kubelet's final delete, once the containers are gone. Raises where it failed in a way that may pass; a
-        refusal for good (409: a pod deleted by force and made again under its name has another uid) is only said,
-        as a retry would be refused for ever, and the runner's clean-up behind it never come."""
+        """The kubelet's final delete, once the containers are gone."""
         if self.stopping.is_set():
             return  # the agent is exiting: like a stopped kubelet, leave pod objects alone
         meta = pod["metadata"]
         options = {"apiVersion": "v1", "kind": "DeleteOptions", "gracePeriodSeconds": 0,
                    "preconditions": {"uid": meta["uid"]}}
-        try:
-            self.api.request("DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}", options,
-                             missing_ok=True)
-        except ApiError as error:
-            if _may_pass(error):
-                raise
-            log.warning("pod %s/%s: final delete refused: %s", meta["namespace"], meta["name"], error)
+        self.api.request("DELETE", f"/api/v1/namespaces/{meta['namespace']}/pods/{meta['name']}", options,
+                         missing_ok=True)
 
     def _finish_deletion(self, pod: dict, known: dict | None = None) -> None:
         """The final delete of a pod no runner ends (first seen deleting, or its runner ended), its end sent first as

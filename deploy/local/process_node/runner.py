@@ -69,7 +69,7 @@ class Node(Protocol):
     stopping: threading.Event  # set when the node exits: what is left to send is left
 
     def publish_status(self, pod: dict, status: dict) -> bool: ...  # False: to be sent again
-    def delete_pod(self, pod: dict) -> None: ...  # raises OSError or ApiError when not sent, and may be
+    def delete_pod(self, pod: dict) -> None: ...  # raises OSError or ApiError when not sent
     def warn(self, pod: dict, reason: str, message: str) -> None: ...
     def clean_up(self, pod: dict) -> None: ...  # once it is gone: its DNS entry, then its folders but the logs
 
