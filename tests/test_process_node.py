@@ -348,18 +348,27 @@ def test_the_watch_goes_on_while_a_gone_pod_s_folder_is_removed(agent: Agent, ap
         assert _eventually("new hosts file", hosts.exists) and "\tp\n" in hosts.read_text()
 
 
+@pytest.mark.parametrize("gone", ["ended", "still stopping"])
 def test_a_pod_made_again_under_a_gone_pod_s_hostname_never_resolves_to_it(agent: Agent, api: Api,
-                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+                                                                            monkeypatch: pytest.MonkeyPatch,
+                                                                            gone: str) -> None:
     # The next attempt's rank 0 takes the gone one's name in its headless Service (p.web). Were the gone pod's DNS
-    # entry removed after the watch went on (on the thread that removes its folders), the new pod's hosts file
-    # could be written naming the gone pod's address too, and a peer connect there.
-    spec = {"metadata": {"labels": {"app": "web"}}, "hostname": "p", "subdomain": "web"}
-    old, new = _pod("pass", **spec), _pod("import time; time.sleep(60)", **spec)
+    # entry removed after the watch went on (on the thread that removes its folders), or only at its runner's end
+    # (a pod force-deleted while it runs: up to its grace period), the new pod's hosts file was written naming the
+    # gone pod's address first, and a peer connected there.
+    spec = {"metadata": {"labels": {"app": "web"}}, "hostname": "p", "subdomain": "web",
+            "terminationGracePeriodSeconds": 2}
+    script = "pass" if gone == "ended" else "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); " \
+        "print('ready', flush=True); time.sleep(60)"
+    old, new = _pod(script, **spec), _pod("import time; time.sleep(60)", **spec)
     agent.dns.service_event("ADDED", {"metadata": {"namespace": "ns", "name": "web"}, "spec": {
         "selector": {"app": "web"}, "publishNotReadyAddresses": True, "clusterIP": "None"}})
-    gone = _run(agent, old)
-    gone.join(10)
-    agent.dns.add_pod(old, gone.ip, gone.hosts_file)  # the window between the runner's end and its DNS removal
+    ending = _run(agent, old)
+    if gone == "ended":
+        ending.join(10)
+        agent.dns.add_pod(old, ending.ip, ending.hosts_file)  # the window between the runner's end and its DNS removal
+    else:
+        assert _first_line(ending) == "ready"
     written: list[tuple[Path, str]] = []
     write = dns_module._write_in_place
     monkeypatch.setattr(dns_module, "_write_in_place", lambda path, text: written.append((path, text.decode()))
@@ -371,7 +380,7 @@ def test_a_pod_made_again_under_a_gone_pod_s_hostname_never_resolves_to_it(agent
     made = agent.runners[new["metadata"]["uid"]]
     _eventually("the new pod's hosts file", made.hosts_file.exists)
     texts = [text for path, text in written if path == made.hosts_file]
-    assert texts and not [text for text in texts if f"{gone.ip}\t" in text]
+    assert texts and not [text for text in texts if f"{ending.ip}\t" in text]
 
 
 def test_a_forgotten_pod_s_hosts_file_is_not_written_again(agent: Agent, api: Api) -> None:

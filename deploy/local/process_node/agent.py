@@ -255,14 +255,15 @@ class Agent:
     def _forget(self, pod: dict) -> None:
         """The pod object is gone (force-deleted, or our final delete): stop what still runs, within the grace period a
         kubelet gives it, and remove what the pod left (its runner does once it ends, if it still runs). Its DNS entry
-        goes at once, before the watch's next event: a pod made again under its hostname (the next attempt's rank 0)
-        must not resolve to this one's address. Its folders go on a thread of their own: on the watch's, a large
-        folder held up every other pod's events; a pod made again has another uid, so another folder."""
+        goes at once, still running or not, before the watch's next event: a pod made again under its hostname (the
+        next attempt's rank 0) must not resolve to this one's address, as a real cluster drops a gone pod's endpoint.
+        Its folders go on a thread of their own: on the watch's, a large folder held up every other pod's events; a
+        pod made again has another uid, so another folder."""
         meta = pod["metadata"]
         with self._runners_lock:
             runner = self.runners.pop(meta["uid"], None)
+        self.dns.remove_pod(pod)  # before the folders: a later rewrite of the node's hosts files made its file again
         if runner is None or not runner.stop(_grace_seconds(pod)):
-            self.dns.remove_pod(pod)  # first: a later rewrite of the node's hosts files made its folder's again
             threading.Thread(target=remove_pod_folders, args=(self.pods_dir / meta["uid"],),
                              name=f"clean-up {meta['namespace']}/{meta['name']}", daemon=True).start()
 
