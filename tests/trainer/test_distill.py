@@ -323,6 +323,33 @@ def test_a_weights_file_is_refused_where_the_export_writes_its_name_and_followed
         pipeline.check_output_apart(reads(out / "model.safetensors"), out)
 
 
+def test_a_model_uri_inside_a_folder_the_export_writes_is_refused(tmp_path: Path) -> None:
+    """model.uri in the output's adapter/ (a run's adapters, or a file of them) was taken: the export replaces that
+    folder whole, removing what the run reads. A folder of another name there the export leaves alone."""
+    from safetensors.torch import save_file
+
+    out = tmp_path / "out"
+    for folder in ("adapter", "base"):
+        (out / folder).mkdir(parents=True)
+        save_file({"weight": torch.zeros(2)}, out / folder / "adapter_model.safetensors")
+    before = (out / "adapter" / "adapter_model.safetensors").read_bytes()
+
+    def reads(uri: str) -> TrainerConfig:
+        return TrainerConfig.model_validate({"model": {"task": "image-classification", "architecture": "resnet18",
+                                                       "uri": uri}, "dataset": {"uri": "pvc://data/digits"},
+                                             "training": {"maxSteps": 1}, "output": {"uri": str(out)}})
+
+    pipeline.check_output_apart(reads(str(out / "base")), out)
+    pipeline.check_output_apart(reads(str(out / "base" / "adapter_model.safetensors")), out)
+    (tmp_path / "link").symlink_to(out / "adapter")
+    for uri in (f"file://{out}/adapter", str(out / "adapter" / "adapter_model.safetensors"),
+                str(tmp_path / "link" / "adapter_model.safetensors")):
+        with pytest.raises(ConfigError, match=rf"^output.uri \(or --output\): {out} is the folder of model.uri "
+                                              rf"{uri}:"):
+            pipeline.run(reads(uri), out)
+    assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == before
+
+
 # ---- teachers refused -----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -481,7 +481,8 @@ def check_output_apart(cfg: TrainerConfig, out: Path) -> None:
     retry would fine-tune the export. Compared as folders on this machine, so that other spellings of one folder
     (file:// and a path, '//', '/./', a link, --output), which the CRD's literal rule lets through, are caught; a
     weights file's folder is the one compared (model.uri .../det/model.safetensors, output .../det), where the file
-    has a name the export writes (others it leaves alone)."""
+    has a name the export writes (others it leaves alone), and so is anything under a folder the export replaces
+    whole (model.uri .../det/adapter)."""
     read = {"model.uri": cfg.model.uri}
     if cfg.training.distillation is not None:
         read["training.distillation.teacher.uri"] = cfg.training.distillation.teacher.uri
@@ -492,15 +493,16 @@ def check_output_apart(cfg: TrainerConfig, out: Path) -> None:
 
 
 def overwritten(path: Path, out: Path) -> bool:
-    """Whether an export into `out` would overwrite what `path` reads, by its own name or by where its links lead
-    (a link elsewhere to out/model.safetensors; out/model.safetensors a link, which the export replaces): `out`
-    itself, or a file in it of a name the export writes (export.of_an_export)."""
+    """Whether an export into `out` would overwrite or remove what `path` reads, by its own name or by where its
+    links lead (a link elsewhere to out/model.safetensors; out/model.safetensors a link, which the export replaces):
+    `out` itself, or a name in it the export writes (export.of_an_export), or anything under one (out/adapter/...)."""
+    if not out.is_dir():
+        return False
     for read in dict.fromkeys((path, path.resolve())):
-        if read.is_file():
-            if not export.of_an_export(read):
-                continue
-            read = read.parent
-        if read.is_dir() and out.is_dir() and os.path.samefile(read, out):
+        if read.is_dir() and os.path.samefile(read, out):
+            return True
+        if any(inner.parent.is_dir() and os.path.samefile(inner.parent, out) and export.of_an_export(inner)
+               for inner in (read, *read.parents)):
             return True
     return False
 
