@@ -678,6 +678,51 @@ def test_ssdlite_with_batch_size_1_is_refused_naming_the_field(pvc_root: Path, t
         run(cfg, tmp_path / "out")
 
 
+def test_ssdlite_with_a_training_split_of_one_image_is_refused_naming_the_fields(pvc_root: Path,
+                                                                                 tmp_path: Path) -> None:
+    """One training image at training.batchSize 4 makes a batch of one, which SSDlite's 1x1 feature maps cannot
+    train on: it raised torch's ValueError at the first step (exit 2, retried)."""
+    cfg = TrainerConfig.from_wire(ssdlite_doc(pvc_root, tmp_path, images=1, batch_size=4))
+    with pytest.raises(ConfigError, match=r"^training.batchSize 4: 1 training sample makes a batch of one: model "
+                                          r"ssdlite320_mobilenet_v3_large cannot train on one 128x128 image .*"
+                                          r"dataset.maxTrainSamples"):
+        run(cfg, tmp_path / "out")
+
+
+@pytest.mark.parametrize(("architecture", "size", "trained", "refused"), [
+    ("fasterrcnn_mobilenet_v3_large_320_fpn", 32, False, True),  # fresh: BatchNorm2d, 1x1 at the backbone's end
+    ("fasterrcnn_mobilenet_v3_large_320_fpn", 32, True, False),  # weights given: FrozenBatchNorm2d
+    ("fasterrcnn_mobilenet_v3_large_320_fpn", 64, False, False),
+    ("ssdlite320_mobilenet_v3_large", 128, False, True),  # its extra layers end at 1x1 at any size
+    ("ssdlite320_mobilenet_v3_large", 128, True, True),  # and keep BatchNorm2d with weights given
+])
+def test_a_detector_takes_one_image_batches_exactly_where_a_real_step_does(architecture: str, size: int,
+                                                                          trained: bool, refused: bool,
+                                                                          tmp_path: Path) -> None:
+    """torchvision's detectors at one image a batch: a trained Faster R-CNN, RetinaNet or FCOS backbone has frozen
+    batch norm and trains; a fresh one trains down to where its backbone ends at 1x1 (32 pixels), SSDlite never.
+    The check on the meta device refuses what a real step raises on, and nothing else."""
+    from finetune_trainer.models import check_one_sample_batches
+
+    torch.manual_seed(0)
+    spec = ModelSpec(task="object-detection", architecture=architecture)
+    detector = load_detector(spec, size)
+    if trained:
+        torch.save(detector.net.state_dict(), tmp_path / "weights.pth")
+        detector = load_detector(spec.model_copy(update={"uri": str(tmp_path / "weights.pth")}), size)
+    detector.train()
+    box = torch.tensor([[[0.2, 0.2, 0.7, 0.7]]]) * size
+    if refused:
+        with pytest.raises(ConfigError, match=rf"^training.batchSize 1: model {architecture} cannot train on one "
+                                              rf"{size}x{size} image .*Expected more than 1 value per channel"):
+            check_one_sample_batches(detector, size, 1, 8)
+        with pytest.raises(ValueError, match="Expected more than 1 value per channel when training"):
+            detector(torch.rand(1, 3, size, size), box, torch.tensor([[1]]))
+    else:
+        check_one_sample_batches(detector, size, 1, 8)
+        detector(torch.rand(1, 3, size, size), box, torch.tensor([[1]])).backward()
+
+
 @pytest.mark.parametrize("key", ["min_size", "max_size"])
 def test_a_detectors_input_size_in_model_config_is_refused_naming_dataset_image_size(key: str) -> None:
     """The README offered model.config.min_size for a detector, but its transform is set to dataset.imageSize over

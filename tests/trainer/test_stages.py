@@ -1367,10 +1367,31 @@ def test_batches_of_one_image_that_a_training_batch_norm_cannot_take_are_refused
         pipeline.run(TrainerConfig.model_validate(doc), tmp_path / "out")
     assert exit_code_of(raised.value) == 1 and not (tmp_path / "out" / "model.safetensors").exists()
     model = load_model(ModelSpec(task="image-classification", architecture="resnet18"), None, seed=0)
-    check_one_sample_batches(model, 64)  # 2x2 at the last batch norms: four values per channel
+    check_one_sample_batches(model, 64, 1, 8)  # 2x2 at the last batch norms: four values per channel
     freeze(model, FreezeSpec(strategy="all-but-head"), depth(model, Task.IMAGE_CLASSIFICATION), "net.fc")
-    check_one_sample_batches(model, 16)
+    check_one_sample_batches(model, 16, 1, 8)
     assert model.training
+
+
+def test_a_training_split_of_one_image_is_refused_where_a_batch_norm_cannot_take_it(tmp_path: Path) -> None:
+    """One training sample at training.batchSize 4 makes a batch of one (batches_of has no batch to join it to):
+    ResNet's batch norms at 16 pixels raised torch's ValueError at the first step (exit 2, retried). Two samples, or
+    five at 4 (the last one joins the batch before it), make no batch of one."""
+    from finetune_trainer.errors import exit_code_of
+    from finetune_trainer.models import check_one_sample_batches
+
+    doc = {"model": {"task": "image-classification", "architecture": "resnet18"},
+           "dataset": {"uri": "pvc://data/digits", "imageSize": 16, "maxTrainSamples": 1, "maxEvalSamples": 8},
+           "evaluation": {"baseline": False}, "training": {"maxSteps": 1, "batchSize": 4},
+           "output": {"uri": str(tmp_path / "out")}}
+    with pytest.raises(ConfigError, match=r"^training.batchSize 4: 1 training sample makes a batch of one: model "
+                                          r"resnet18 cannot train on one 16x16 image at a time \(dataset.imageSize; "
+                                          r"Expected more than 1 value .*dataset.maxTrainSamples") as raised:
+        pipeline.run(TrainerConfig.model_validate(doc), tmp_path / "out")
+    assert exit_code_of(raised.value) == 1
+    model = load_model(ModelSpec(task="image-classification", architecture="resnet18"), None, seed=0)
+    for samples in (2, 5):
+        check_one_sample_batches(model, 16, 4, samples)
 
 
 @pytest.mark.parametrize("form", ["MergedLoRA", "AccumulatedLoRA"])
@@ -1386,7 +1407,7 @@ def test_batches_of_one_image_are_taken_by_a_network_with_fused_lora_and_no_batc
     head, layers = head_name(model, task), depth(model, task)
     wrapped = add_adapters(model, spec, lora_targets(model, spec, task, FreezeSpec(), layers, head), head)
     assert lora_fused.fuse(wrapped, getattr(lora_fused, form)) > 0
-    check_one_sample_batches(wrapped, 32)
+    check_one_sample_batches(wrapped, 32, 1, 8)
 
 
 class ClampedByValue(nn.Module):
@@ -1402,11 +1423,11 @@ def test_batches_of_one_image_are_refused_only_for_a_batch_norms_own_error() -> 
     from finetune_trainer.models import ImageClassifier, check_one_sample_batches
 
     net = nn.Sequential(nn.Conv2d(3, 4, 3), ClampedByValue(), nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 2))
-    check_one_sample_batches(ImageClassifier(net, "clamped"), 8)
+    check_one_sample_batches(ImageClassifier(net, "clamped"), 8, 1, 8)
     net.insert(3, nn.BatchNorm2d(4))  # after the pooling: one value per channel
     net.pop(1)
     with pytest.raises(ConfigError, match="Expected more than 1 value per channel when training"):
-        check_one_sample_batches(ImageClassifier(net, "pooled-then-normed"), 8)
+        check_one_sample_batches(ImageClassifier(net, "pooled-then-normed"), 8, 1, 8)
 
 
 def test_an_image_classifiers_adapters_kept_apart_load_on_model_uris_base_as_the_card_says(tmp_path: Path) -> None:

@@ -292,6 +292,11 @@ def batches_of(order: list[int], batch_size: int) -> list[list[int]]:
     return batches
 
 
+def smallest_batch(samples: int, batch_size: int) -> int:
+    """The fewest samples a training batch of `batches_of` holds (ranks take whole batches: none holds fewer)."""
+    return min(map(len, batches_of(list(range(samples)), batch_size)), default=0)
+
+
 def batch_count(samples: int, batch_size: int) -> int:
     """The batches `batches_of` makes of `samples` samples: what counts an epoch's steps must agree with it."""
     return len(batches_of(list(range(samples)), batch_size))

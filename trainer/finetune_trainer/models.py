@@ -21,7 +21,7 @@ from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from torch import nn
 
-from finetune_trainer.batches import Encoded
+from finetune_trainer.batches import Encoded, smallest_batch
 from finetune_trainer.config import DatasetSpec, ModelSpec, Task
 from finetune_trainer.errors import ConfigError, ModelError, failed_read
 from finetune_trainer.structure import head_name
@@ -295,13 +295,9 @@ def check_image_size(model: nn.Module, image_size: int) -> None:
         log.warning("model.uri was trained on %dx%d images (its config.json imageSize) and dataset.imageSize %d "
                     "resizes them otherwise, which it has not learnt (the baseline shows it); set dataset.imageSize "
                     "%d to fine-tune it on the input it knows", trained, trained, image_size, trained)
-    from finetune_trainer.detection.models import Detector
-
-    if not isinstance(model, (ImageClassifier, Detector)):
+    net = shrinking_net(model)
+    if net is None:
         return
-    # A detector's backbone (its FPN or SSD's extra layers included) is what shrinks the image: its heads pad.
-    net = model.net.backbone if isinstance(model, Detector) else model.net
-
     if exc := meta_forward_error(model, net, image_size):
         default = DatasetSpec.model_fields["image_size"].default  # what torchvision's classifiers are trained at
         fits = f"; {default} fits" if image_size != default and not meta_forward_error(model, net, default) else ""
@@ -309,24 +305,41 @@ def check_image_size(model: nn.Module, image_size: int) -> None:
                           f"{image_size} images ({type(exc).__name__}: {exc}){fits}")
 
 
-def check_one_sample_batches(model: nn.Module, image_size: int) -> None:
-    """training.batchSize 1: a batch norm that trains cannot normalise one value per channel, which it gets where the
-    network has shrunk the image to 1x1 (ResNet's last stage at 32 pixels or fewer), and raised at the first step.
-    Checked once the freeze and the adapters are in place: a frozen batch norm keeps its running statistics and
-    takes one sample (KeepsFrozenNorms)."""
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft's adapters
-    if not isinstance(base, ImageClassifier):
+def shrinking_net(model: nn.Module) -> nn.Module | None:
+    """The part of an image model that shrinks the image, which a size check runs: an image classifier's network, a
+    detector's backbone (its FPN or SSD's extra layers included; its heads pad). None for other models."""
+    from finetune_trainer.detection.models import Detector
+
+    if isinstance(model, Detector):
+        return model.net.backbone
+    return model.net if isinstance(model, ImageClassifier) else None
+
+
+def check_one_sample_batches(model: nn.Module, image_size: int, batch_size: int, samples: int) -> None:
+    """A training batch of one image (training.batchSize 1, or `samples` 1: batches_of joins an epoch's last batch of
+    one to the one before, but a training split of one sample has no other): a batch norm that trains cannot normalise
+    one value per channel, which it gets where the network has shrunk the image to 1x1 (ResNet's last stage at 32
+    pixels or fewer, SSDlite's extra layers at any size), and raised at the first step. Checked once the freeze and
+    the adapters are in place: a frozen batch norm (KeepsFrozenNorms, a trained detector's FrozenBatchNorm2d) keeps
+    its running statistics and takes one image; a detector's before its analysis too, which trains every weight."""
+    if smallest_batch(samples, batch_size) > 1:
         return
-    exc = meta_forward_error(model, base.net, image_size, training=True)
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft's adapters
+    net = shrinking_net(base)
+    if net is None:
+        return
+    exc = meta_forward_error(model, net, image_size, training=True)
     if exc is None:
         return
     if not is_one_value_norm_error(exc):
         # Not this check's to judge (a module without a meta path): the image size check or the first step tells
-        log.debug("training.batchSize 1: the one-image forward on the meta device raised %r; not refused", exc)
+        log.debug("a batch of one image: the forward on the meta device raised %r; not refused", exc)
         return
-    raise ConfigError(f"training.batchSize 1: model {base.architecture} cannot train on one {image_size}x"
-                          f"{image_size} image at a time (dataset.imageSize; {exc}); set training.batchSize 2 or "
-                          "more, or a larger dataset.imageSize")
+    cause, fix = (("training.batchSize 1", "set training.batchSize 2 or more") if batch_size == 1 else
+                  (f"training.batchSize {batch_size}: {samples} training sample makes a batch of one",
+                   "train on 2 samples or more (dataset.maxTrainSamples, or the dataset's training split)"))
+    raise ConfigError(f"{cause}: model {base.architecture} cannot train on one {image_size}x{image_size} image at a "
+                      f"time (dataset.imageSize; {exc}); {fix}, or a larger dataset.imageSize")
 
 
 def is_one_value_norm_error(exc: Exception) -> bool:
