@@ -56,6 +56,6 @@ def gauged(monkeypatch: pytest.MonkeyPatch) -> tuple[list[list[Any]], list[Any]]
     real_analyze, real_throughput = analyze.analyze, Metrics.set_throughput
     monkeypatch.setattr(analyze, "analyze", lambda model, batches, *a, **kw: probes.append(batches)
                         or real_analyze(model, batches, *a, **kw))
-    monkeypatch.setattr(Metrics, "set_throughput", lambda self, totals, step, device: flops.append(step)
-                        or real_throughput(self, totals, step, device))
+    monkeypatch.setattr(Metrics, "set_throughput", lambda self, totals, step: flops.append(step)
+                        or real_throughput(self, totals, step))
     return probes, flops

@@ -192,7 +192,7 @@ def test_throughput_and_the_eta_follow_the_latest_steps_not_the_runs_average(cap
             state.tokens += 32 * 128
             state.history.append({"step": state.step, "seconds_since_train_start": state.seconds, "loss": 1.0,
                                   "lr": 1e-4, "grad_norm": 1.0})
-            progress.step(state, 10_000, None, torch.device("cpu"))
+            progress.step(state, 10_000, None)
 
     steps(Progress(Metrics(CPU), main=False), 3600, 1.0)
     resumed = Metrics(CPU)
@@ -236,7 +236,7 @@ def test_an_image_run_reports_no_tokens_per_second(pvc_root: Path) -> None:
     progress = Progress(metrics, main=False)
     train_loop(model, optimizer, make_scheduler(optimizer, spec, 2), encode_images(data.train),
                make_collate(Task.IMAGE_CLASSIFICATION, 0, 16), spec, Task.IMAGE_CLASSIFICATION,
-               World(rank=0, size=1, device=CPU), Hooks(on_step=lambda state, planned: progress.step(state, planned, None, CPU)))
+               World(rank=0, size=1, device=CPU), Hooks(on_step=lambda state, planned: progress.step(state, planned, None)))
     sample = scrape.parse(generate_latest(metrics.registry).decode())
     assert sample["samples_per_second"] > 0 and "tokens_per_second" not in sample
     # None: the merge patch clears it from the status
@@ -277,11 +277,26 @@ def test_mfu_is_reported_only_where_the_gpus_peak_is_known(monkeypatch: pytest.M
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 0)
     metrics = Metrics(torch.device("cuda", 0))
     per_sample = StepFlops(0.5 * telemetry.PEAK_BF16_FLOPS["NVIDIA H200"] / 100, per_token=False)  # half at 100/s
-    metrics.set_throughput((10.0, 1000.0, 0.0, 0.0), per_sample, torch.device("cuda", 0))
+    metrics.set_throughput((10.0, 1000.0, 0.0, 0.0), per_sample)
     lines = [line for line in generate_latest(metrics.registry).decode().splitlines()
              if line.startswith("finetune_trainer_mfu ")]
     assert [float(line.split()[1]) for line in lines] == ([] if mfu is None else [pytest.approx(mfu)])
     assert "finetune_trainer_mfu 0.0" in generate_latest(Metrics(CPU).registry).decode()  # a CPU's
+
+
+def test_the_gpus_peak_is_looked_up_once_for_the_run(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The MFU gauge asked the driver for the GPU's name (and read WORLD_SIZE) at every step, for a peak that does not
+    change during a run."""
+    import torch
+
+    asked: list[Any] = []
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: asked.append(device) or "NVIDIA H200")
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 0)  # no GPU here
+    metrics = Metrics(torch.device("cuda", 0))
+    per_sample = StepFlops(0.5 * telemetry.PEAK_BF16_FLOPS["NVIDIA H200"] / 100, per_token=False)  # half at 100/s
+    for step in range(1, 4):
+        metrics.set_throughput((10.0 * step, 1000.0 * step, 0.0, 0.0), per_sample)
+    assert len(asked) == 1 and metrics.mfu.value == pytest.approx(0.5)
 
 
 def test_mfu_counts_flops_per_padded_token_so_the_probe_batchs_length_does_not_scale_it(
@@ -306,7 +321,7 @@ def test_mfu_counts_flops_per_padded_token_so_the_probe_batchs_length_does_not_s
         rows = Encoded([[1] * length] * 4, [0] * 4, [length] * 4)
         flops = step_flops(model, [collate_text(rows, [0, 1, 2, 3], 0, causal=False)], None)
         metrics = Metrics(torch.device("cuda", 0))
-        metrics.set_throughput(totals, flops, torch.device("cuda", 0))
+        metrics.set_throughput(totals, flops)
         mfu[length] = metrics.mfu.value
     assert mfu[4] and mfu[64] == pytest.approx(mfu[4], rel=0.1)  # per sample: 16x
 

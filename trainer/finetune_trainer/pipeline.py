@@ -103,7 +103,7 @@ class Progress:
             if progress := self.message.get("progress"):  # the operator reads the same end
                 progress["totalSteps"] = state.step
 
-    def step(self, state: LoopState, total: int, flops: analysis.StepFlops | None, device: torch.device) -> None:
+    def step(self, state: LoopState, total: int, flops: analysis.StepFlops | None) -> None:
         last = state.history[-1]
         per_second = state.samples / max(state.seconds, 1e-9)
         m = self.metrics
@@ -113,7 +113,7 @@ class Progress:
         m.step.set(state.step)
         m.total_steps.set(total)
         m.epoch.set(state.epoch)
-        m.set_throughput((state.seconds, state.samples, state.tokens, state.padded_tokens), flops, device)
+        m.set_throughput((state.seconds, state.samples, state.tokens, state.padded_tokens), flops)
         self.message["progress"] = {"step": state.step, "totalSteps": total, "epoch": state.epoch}
         self.message["metrics"] = {"loss": last["loss"], "learningRate": last["lr"], "samplesPerSecond": per_second}
         if not self.main:
@@ -425,7 +425,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
 
     hooks = Hooks(
         evaluate=validate,
-        on_step=lambda state, planned: progress.step(state, planned, flops, world.device),
+        on_step=lambda state, planned: progress.step(state, planned, flops),
         on_eval=progress.evaluated,
         checkpoint_dir=checkpoint_dir,
         sigterm_before=lambda: progress.sigterm,

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import functools
 import json
 import logging
 import os
@@ -140,6 +141,7 @@ class Metrics:
 
     def __init__(self, device: torch.device) -> None:
         # the device is required: left out, a GPU job's memory read 0 until its first step (see gpu_memory_bytes)
+        self.device = device
         self.registry = CollectorRegistry()
         self.server: Any = None
         self.readers = Readers()
@@ -233,8 +235,13 @@ class Metrics:
         for name, value in metrics.items():
             self.eval_metric.labels(phase=phase, metric=name).set(value)
 
-    def set_throughput(self, totals: tuple[float, float, float, float], flops: StepFlops | None,
-                       device: torch.device) -> None:
+    @functools.cached_property
+    def peak_flops(self) -> float | None:
+        """The GPU's peak for the MFU gauge (peak_flops), looked up at the first step and kept: the GPU and the world
+        size stay for the run."""
+        return peak_flops(self.device) if self.device.type == "cuda" else None
+
+    def set_throughput(self, totals: tuple[float, float, float, float], flops: StepFlops | None) -> None:
         """From the run's totals of training seconds, samples, tokens and padded tokens after a step (`Recent`); at
         an attempt's first step, their average."""
         seconds, *counts = totals
@@ -243,10 +250,8 @@ class Metrics:
         self.samples_per_second.set(samples_per_second)
         if counts[1]:  # images have no tokens: the dashboard and the status showed their samples/s as tokens/s
             self.tokens_per_second.set(tokens_per_second)
-        if device.type == "cuda":
-            peak = peak_flops(device)
-            if peak and flops and flops.flops:
-                self.mfu.set(flops.per_second(samples_per_second, padded_per_second) / peak)
+        if self.peak_flops and flops and flops.flops:
+            self.mfu.set(flops.per_second(samples_per_second, padded_per_second) / self.peak_flops)
 
 
 def peak_flops(device: torch.device) -> float | None:
