@@ -482,6 +482,26 @@ def test_metrics_endpoint_serves_the_design_names(monkeypatch: pytest.MonkeyPatc
     assert [(s.labels, s.value) for s in families["eval_metric"].samples] == [({"phase": "baseline", "metric": "accuracy"}, 0.3)]
 
 
+def test_torchruns_variables_are_read_in_one_place_that_the_cli_loads_without_torch() -> None:
+    """RANK and WORLD_SIZE were read by hand in the CLI's logging setup (which runs before torch loads, seconds of
+    it), by the GPU's peak and by the join, beside distributed.rank(): torchrun.py reads them all, without torch."""
+    import sys
+
+    code = ("import logging, sys\n"
+            "from finetune_trainer import cli, torchrun\n"
+            "cli.setup_logging()\n"
+            "logging.getLogger('finetune_trainer').info('hello')\n"
+            "print(torchrun.rank(), torchrun.world_size(), torchrun.local_rank(), torchrun.local_world_size(),\n"
+            "      'torch' in sys.modules)")
+    torchrun = {"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1", "LOCAL_WORLD_SIZE": "2"}
+    alone = {k: v for k, v in os.environ.items() if k not in torchrun}
+    for env, printed, prefix in ((alone | torchrun, "3 4 1 2 False", "[rank 3] INFO"),
+                                 (alone, "0 1 0 1 False", "INFO")):
+        done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+        assert done.stdout.strip() == printed, done.stderr
+        assert re.search(rf"^\d\d:\d\d:\d\d {re.escape(prefix)} finetune_trainer: hello$", done.stderr, re.M)
+
+
 @pytest.mark.parametrize(("name", "peak"), [("NVIDIA H100 80GB HBM3", 989e12), ("NVIDIA H100 PCIe", 756e12),
                                             ("NVIDIA H100 NVL", 835e12), ("NVIDIA L40", 181e12), ("NVIDIA L4", 121e12),
                                             ("NVIDIA A40", None)])

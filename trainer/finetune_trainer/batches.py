@@ -27,6 +27,7 @@ from PIL import ExifTags, Image, ImageOps
 from finetune_trainer.config import Augmentation, Task
 from finetune_trainer.data import FLOAT_IMAGE, Split, image_fault
 from finetune_trainer.errors import DataError
+from finetune_trainer.torchrun import local_world_size
 
 log = logging.getLogger(__name__)
 
@@ -360,5 +361,5 @@ def loader_threads(task: Task, device: torch.device) -> int:
             cpus = min(cpus, max(1, int(quota) // int(period)))
     except (OSError, ValueError):  # cgroup v1, or none
         pass
-    cpus //= max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    cpus //= max(1, local_world_size())
     return max(1, min(cpus, MAX_LOADER_THREADS))

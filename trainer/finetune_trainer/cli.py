@@ -21,6 +21,7 @@ import yaml
 from pydantic import ValidationError
 
 from finetune_trainer.errors import EXIT_OK, EXIT_USER_ERROR, Terminated, UserError, exit_code_of
+from finetune_trainer.torchrun import rank, world_size
 
 log = logging.getLogger("finetune_trainer")
 
@@ -42,8 +43,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def setup_logging() -> None:
-    rank = os.environ.get("RANK")
-    prefix = f"[rank {rank}] " if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+    prefix = f"[rank {rank()}] " if world_size() > 1 else ""
     logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {prefix}%(levelname)s %(name)s: %(message)s",
                         datefmt="%H:%M:%S", stream=sys.stderr)
     from transformers.utils import logging as hf_logging
@@ -100,7 +100,6 @@ def refuse(problem: str) -> int:
 
 def execute(cfg: Any, output: Path | None) -> int:
     from finetune_trainer import pipeline
-    from finetune_trainer.distributed import rank
     from finetune_trainer.uris import local_path
 
     try:

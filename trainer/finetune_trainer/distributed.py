@@ -7,7 +7,6 @@ hostname on the operator's headless Service, children.py) is what joins the rank
 from __future__ import annotations
 
 import gc
-import os
 from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -17,6 +16,7 @@ import torch
 import torch.distributed as dist
 
 from finetune_trainer.errors import ConfigError
+from finetune_trainer.torchrun import local_rank, rank, world_size
 
 # How long a collective waits for the other ranks. Rank 0 alone writes checkpoints and the export while the others wait
 # at a barrier: a large model's optimizer state to a network volume can take longer than NCCL's default of 10 minutes,
@@ -85,24 +85,19 @@ class World:
             dist.barrier()
 
 
-def rank() -> int:
-    """This process's rank, known before the ranks join (torchrun sets RANK; a single process is rank 0)."""
-    return int(os.environ.get("RANK", "0"))
-
-
 def local_device() -> torch.device:
     """The GPU of this process's LOCAL_RANK where there are GPUs, else the CPU; known before the ranks join."""
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    local = local_rank()
     cuda = torch.cuda.is_available()
-    if cuda and local_rank >= (gpus := torch.cuda.device_count()):  # else CUDA's "invalid device ordinal": retried
+    if cuda and local >= (gpus := torch.cuda.device_count()):  # else CUDA's "invalid device ordinal": retried
         raise ConfigError(f"runtime.processesPerWorker: this worker runs more processes than it has GPUs ({gpus}): "
                           "at most one process per GPU (nvidia.com/gpu in runtime.resources.limits)")
-    return torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return torch.device("cuda", local) if cuda else torch.device("cpu")
 
 
 def join() -> World:
     """Join the ranks, each on its local_device: the rendezvous and NCCL's start may take minutes."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
+    size = world_size()
     device = local_device()
     cuda = device.type == "cuda"
     if cuda:

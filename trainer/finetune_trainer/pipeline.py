@@ -31,7 +31,7 @@ import torch
 from torch import nn
 
 from finetune_trainer import analyze as analysis
-from finetune_trainer import checkpoints, distill, distributed, export, prune
+from finetune_trainer import checkpoints, distill, distributed, export, prune, torchrun
 from finetune_trainer.adjust import freeze, freeze_checked, lora_targets, merging_picks_targets, param_groups
 from finetune_trainer.batches import (Augmenting, Batch, Encoded, digest, encode_causal, encode_images, encode_text,
                                       epoch_batches, eval_batches, make_collate, say_truncated)
@@ -140,7 +140,7 @@ def run(cfg: TrainerConfig, output_dir: Path) -> dict[str, Any]:
         # operator read a Running pod that refused its scrapes as stale metrics, and the dashboard saw no stage.
         metrics = Metrics(distributed.local_device())
         metrics.set_stage(Stage.STARTING)
-        if distributed.rank() == 0:
+        if torchrun.rank() == 0:
             metrics.serve()
         world = distributed.join()
     except BaseException as exc:

@@ -40,7 +40,7 @@ from prometheus_client.core import GaugeMetricFamily
 
 from finetune_trainer.analyze import Severity, StepFlops
 from finetune_trainer.config import Stage
-from finetune_trainer.distributed import rank
+from finetune_trainer.torchrun import local_world_size, rank, world_size
 from finetune_trainer.errors import EXIT_OK, EXIT_TERMINATED, EXIT_USER_ERROR, describe, exit_code_of, reason_of
 
 log = logging.getLogger(__name__)
@@ -257,7 +257,7 @@ class Metrics:
 def peak_flops(device: torch.device) -> float | None:
     """The bf16 peak of all workers together (throughput is counted over all of them), if this GPU's is known."""
     peak = PEAK_BF16_FLOPS.get(torch.cuda.get_device_name(device))
-    return None if peak is None else peak * int(os.environ.get("WORLD_SIZE", "1"))
+    return None if peak is None else peak * world_size()
 
 
 def termination_path() -> Path | None:
@@ -338,7 +338,7 @@ def write_termination(message: dict[str, Any]) -> None:
                 there = json.loads(file.read() or "{}")
             except ValueError:
                 there = {}
-            alone = os.environ.get("LOCAL_WORLD_SIZE", "1") == "1"
+            alone = local_world_size() == 1
             if there and not alone and not replaces(message, there):
                 return
             file.seek(0)
