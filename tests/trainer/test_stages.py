@@ -620,6 +620,17 @@ def test_distilberts_pre_classifier_takes_an_adapter_where_the_export_merges_it(
         distilbert_adapted(["pre_classifier"], merging=False)
 
 
+def test_the_modules_peft_takes_for_the_head_are_found_by_one_scan_adapted_or_not() -> None:
+    """keep_whole (the unadapted, kept frozen) and stranded_apart (the adapted) each scanned the model for the modules
+    peft takes for one trained whole; they share mistaken_for_whole, which tells the two apart."""
+    from finetune_trainer.rearrange import mistaken_for_whole, stranded_apart
+
+    for targets, adapted in ((["q_lin", "v_lin"], False), (["q_lin", "pre_classifier"], True)):
+        wrapped, _, _ = distilbert_adapted(targets, merging=adapted)
+        assert mistaken_for_whole(wrapped, ("classifier",)) == {"pre_classifier": adapted}
+        assert stranded_apart(wrapped) == (["pre_classifier"] if adapted else [])
+
+
 def test_a_failed_merge_check_still_merges_adapters_that_would_not_load_apart(tmp_path: Path, caplog,
                                                                               monkeypatch: pytest.MonkeyPatch) -> None:
     """pre_classifier adapted (the export was to merge), and a merge check that fails: the export fell back to the

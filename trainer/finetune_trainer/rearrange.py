@@ -95,13 +95,11 @@ def keep_whole(wrapped: nn.Module, modules: tuple[str, ...]) -> None:
     a name with no dot boundary, so `classifier` took DistilBERT's pre_classifier too (trained whole unasked, or a
     TypeError where it takes an adapter). What peft takes for them and has no adapter is wrapped frozen: saved with
     the adapters, unchanged, as PeftModel.from_pretrained wraps it too and loads its weights from them."""
-    from peft.tuners.tuners_utils import BaseTunerLayer
     from peft.utils import ModulesToSaveWrapper
 
     adapter = wrapped.active_adapter
     base = wrapped.base_model.model
-    taken = [name for name, m in base.named_modules()
-             if taken_for_whole(name, modules) and not isinstance(m, BaseTunerLayer)]  # adapted: merged on export
+    taken = [name for name, adapted in mistaken_for_whole(wrapped, modules).items() if not adapted]  # adapted: merged
     for name in (*modules, *taken):
         parent, _, leaf = name.rpartition(".")
         owner = base.get_submodule(parent) if parent else base
@@ -156,11 +154,18 @@ def stranded_apart(model: nn.Module) -> list[str]:
     """The adapted modules that peft's modules_to_save rule takes for a module saved whole (taken_for_whole:
     DistilBERT's pre_classifier, which lora_targets adapts only where the export merges): kept apart, their adapters
     make PeftModel.from_pretrained fail (a TypeError)."""
+    whole = tuple(model.peft_config[model.active_adapter].modules_to_save or ())
+    return [name for name, adapted in mistaken_for_whole(model, whole).items() if adapted]
+
+
+def mistaken_for_whole(wrapped: nn.Module, whole: tuple[str, ...]) -> dict[str, bool]:
+    """The modules of peft's `wrapped` that its modules_to_save rule takes for one of `whole` though they are none of
+    them (taken_for_whole), each with whether it has adapters: keep_whole keeps the others frozen and saved with the
+    adapters; the adapted are stranded_apart."""
     from peft.tuners.tuners_utils import BaseTunerLayer
 
-    whole = tuple(model.peft_config[model.active_adapter].modules_to_save or ())
-    return [name for name, m in model.base_model.model.named_modules()
-            if isinstance(m, BaseTunerLayer) and taken_for_whole(name, whole)]
+    return {name: isinstance(m, BaseTunerLayer) for name, m in wrapped.base_model.model.named_modules()
+            if taken_for_whole(name, whole)}
 
 
 def merge_measured(model: nn.Module, dtype: torch.dtype | None) -> float | None:
