@@ -184,3 +184,25 @@ def test_a_status_write_gives_the_version_it_made(kube: Kube, crd: dict, namespa
                                   job["metadata"]["name"], {"phase": "Pending", "reason": "Testing"})
     stored = kube.get("ftj", job["metadata"]["name"], namespace)
     assert made == stored["metadata"]["resourceVersion"] and stored["status"]["reason"] == "Testing"
+
+
+def test_the_check_for_jobs_deleted_unseen_lists_every_job(kube: Kube, crd: dict, namespace: str,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """handlers.Vanished lists the FineTuneJobs' metadata alone, in pages, of a namespace or all of them: a job the
+    index holds that the list lacks was deleted while the watch was down; those listed are not."""
+    from finetune_operator import handlers
+    from finetune_operator.clients import Clients
+
+    monkeypatch.setenv("KUBECONFIG", str(kube.kubeconfig))  # the operator reads it first
+    monkeypatch.setattr(handlers, "LIST_CHUNK", 2)
+    job = yaml.safe_load(MINILM.read_text())
+    names = [f"listed-{n}" for n in range(3)]
+    kube.kubectl("apply", "-n", namespace, "-f", "-", stdin=yaml.safe_dump_all(
+        [job | {"metadata": {"name": name}} for name in names]))
+    uids = {kube.get("ftj", name, namespace)["metadata"]["uid"] for name in names}
+    clients = Clients(connections=1, timeout=30, retries=False)
+    assert set(handlers._listed_uids(clients, namespace)) == uids
+    assert uids <= set(handlers._listed_uids(clients, None))
+    vanished = handlers.Vanished()
+    vanished.check(clients, (namespace,), {"Succeeded": ["deleted-unseen", *uids]})
+    assert vanished.uids == {"deleted-unseen"}

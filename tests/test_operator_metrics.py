@@ -31,6 +31,7 @@ def started(monkeypatch: pytest.MonkeyPatch) -> tuple[kopf.OperatorRegistry, Ope
     """The operator's handlers registered and its startup handler run, with the indexers kopf keeps for them."""
     monkeypatch.setattr(handlers, "Clients", lambda connections: None)  # no API server here
     monkeypatch.setattr(metrics.JOBS, "index", None)
+    monkeypatch.setattr(metrics.JOBS, "gone", frozenset(), raising=False)
     registry = kopf.OperatorRegistry()
     handlers.register(registry, Settings(metrics_port=0))
     indexers = OperatorIndexers()
@@ -41,12 +42,23 @@ def started(monkeypatch: pytest.MonkeyPatch) -> tuple[kopf.OperatorRegistry, Ope
     return registry, indexers
 
 
+def listed(registry: kopf.OperatorRegistry, indexers: OperatorIndexers, name: str, phase: str | None = None,
+           **spec: str) -> None:
+    """The FineTuneJob `name` (its uid too) handed to the index handlers, as kopf's watch hands each one."""
+    raw = {"apiVersion": f"{api.GROUP}/{api.VERSION}", "kind": "FineTuneJob", "spec": spec,
+           "status": {"phase": phase} if phase else {}, "metadata": {"namespace": "team-a", "name": name, "uid": name}}
+    asyncio.run(index_resource(
+        indexers=indexers, registry=registry, settings=kopf.OperatorSettings(),
+        resource=Resource(api.GROUP, api.VERSION, api.PLURAL), raw_event={"type": None, "object": raw},
+        memory=IndexingMemory(), logger=logging.getLogger("test"), memo=kopf.Memo(), body=kopf.Body(raw)))
+
+
 def test_jobs_by_phase_counts_finished_jobs_from_the_start(monkeypatch: pytest.MonkeyPatch) -> None:
     """An operator restarted onto finished jobs never reconciles them (no timer runs for them), and the gauge was
     given kopf's index only by a reconcile: it said 0 in every phase for as long as no job was live."""
-    _, indexers = started(monkeypatch)
-    indexers["phase_index"].replace(("team-a", "done"), {"Succeeded": None})
-    indexers["phase_index"].replace(("team-a", "broken"), {"Failed": None})
+    registry, indexers = started(monkeypatch)
+    listed(registry, indexers, "done", "Succeeded")
+    listed(registry, indexers, "broken", "Failed")
     assert jobs_by_phase() == {"Pending": 0, "Running": 0, "Suspended": 0, "Succeeded": 1, "Failed": 1}
 
 
@@ -54,19 +66,65 @@ def test_jobs_by_phase_leaves_out_jobs_another_controller_runs(monkeypatch: pyte
     """A FineTuneJob whose spec.managedBy names another controller is never reconciled here, so it has no phase of
     this operator's: it was counted Pending, for as long as it existed."""
     registry, indexers = started(monkeypatch)
-
-    def listed(name: str, **spec: str) -> None:  # as kopf's watch hands each FineTuneJob to its index handlers
-        raw = {"apiVersion": f"{api.GROUP}/{api.VERSION}", "kind": "FineTuneJob", "spec": spec, "status": {},
-               "metadata": {"namespace": "team-a", "name": name, "uid": name}}
-        asyncio.run(index_resource(
-            indexers=indexers, registry=registry, settings=kopf.OperatorSettings(),
-            resource=Resource(api.GROUP, api.VERSION, api.PLURAL), raw_event={"type": None, "object": raw},
-            memory=IndexingMemory(), logger=logging.getLogger("test"), memo=kopf.Memo(), body=kopf.Body(raw)))
-
-    listed("ours")
-    listed("also-ours", managedBy=api.MANAGED_BY)
-    listed("kueues", managedBy="kueue.x-k8s.io/multikueue")
+    listed(registry, indexers, "ours")
+    listed(registry, indexers, "also-ours", managedBy=api.MANAGED_BY)
+    listed(registry, indexers, "kueues", managedBy="kueue.x-k8s.io/multikueue")
     assert jobs_by_phase()["Pending"] == 2
+
+
+class JobList:
+    """Clients whose apiserver lists the FineTuneJobs `uids`, one a page, or fails with `error`; `meanwhile` runs as
+    a list begins (a job created then is in the index, not in the list)."""
+
+    def __init__(self, uids: list[str], meanwhile: Any = lambda: None, error: Exception | None = None) -> None:
+        self.uids, self.meanwhile, self.error = uids, meanwhile, error
+        self.asked: list[tuple[str, str, dict[str, object]]] = []
+
+    def call(self, method: str, path: str, body: Any = None, accept: str = "", **query: str) -> bytes:
+        self.asked.append((path, accept, query))
+        if self.error:
+            raise self.error
+        at = int(query.get("continue", 0))
+        if not at:
+            self.meanwhile()
+        more = str(at + 1) if at + 1 < len(self.uids) else ""
+        return json.dumps({"items": [{"metadata": {"uid": uid}} for uid in self.uids[at:at + 1]],
+                           "metadata": {"continue": more}}).encode()
+
+
+def test_a_job_deleted_while_the_watch_was_down_is_counted_and_reconciled_no_more(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """kopf drops a job from its indexes at its DELETED event only, and lists again after a watch's 410 Gone,
+    reporting what exists: a job deleted in that gap (a finished one has no finalizer that waits for the operator)
+    was counted in its phase for ever, and one whose finalizer was taken off by hand was still reconciled."""
+    registry, indexers = started(monkeypatch)
+    for name, phase in [("done", "Succeeded"), ("kept", "Succeeded"), ("lost", "Running")]:
+        listed(registry, indexers, name, phase)
+    assert jobs_by_phase() == {"Pending": 0, "Running": 1, "Suspended": 0, "Succeeded": 2, "Failed": 0}
+    vanished, index = handlers.Vanished(), indexers.indices["phase_index"]
+    apiserver = JobList(["kept"], meanwhile=lambda: listed(registry, indexers, "new"))
+    vanished.check(apiserver, ("team-a", "team-b"), index)  # a namespace listed per page, and then the next
+    assert jobs_by_phase() == {"Pending": 1, "Running": 0, "Suspended": 0, "Succeeded": 1, "Failed": 0}
+    assert [path for path, *_ in apiserver.asked] == [f"/apis/{api.GROUP}/{api.VERSION}/namespaces/{ns}/finetunejobs"
+                                                      for ns in ("team-a", "team-b")]
+    assert {(accept, query["limit"]) for _, accept, query in apiserver.asked} == {
+        (handlers.PARTIAL_METADATA, str(handlers.LIST_CHUNK))}
+    paged = JobList(["kept", "new", "done"])
+    vanished.check(paged, (), index)  # every namespace's, in pages
+    assert [(path, query.get("continue")) for path, _, query in paged.asked] == [
+        (f"/apis/{api.GROUP}/{api.VERSION}/finetunejobs", None), (f"/apis/{api.GROUP}/{api.VERSION}/finetunejobs", "1"),
+        (f"/apis/{api.GROUP}/{api.VERSION}/finetunejobs", "2")]
+    assert vanished.uids == {"lost"} and jobs_by_phase()["Succeeded"] == 2
+    vanished.check(JobList([], error=ApiException(status=500)), (), index)  # a failed list changes nothing
+    assert vanished.uids == {"lost"}
+
+    from test_operator_reconcile import body
+    lost = body({"phase": "Running"})
+    lost["metadata"]["uid"] = "lost"
+    apiserver = JobList([], error=AssertionError("a call for a job that is gone"))
+    memo = kopf.Memo(settings=Settings(), clients=apiserver, vanished=vanished)
+    handlers.tick(kopf.Body(lost), memo, {}, {}, index)
+    assert apiserver.asked == []
 
 
 def test_time_to_running_counts_a_job_whose_image_pull_failed_before_it_ran(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -200,6 +258,7 @@ def ticks(apiserver: Creating, n: int, monkeypatch: pytest.MonkeyPatch, watched:
     monkeypatch.setattr(metrics.JOBS, "index", None)
     memo = kopf.Memo(settings=Settings(), clients=apiserver, slow_scrapes=handlers.SlowScrapes(2.0),
                      child_checks=handlers.ChildChecks(), written=handlers.Written(), counted=handlers.Counted(),
+                     vanished=handlers.Vanished(),
                      job_warnings=handlers.Warnings("Job"), pod_warnings=handlers.Warnings("Pod"),
                      claims=handlers.Claims())
 

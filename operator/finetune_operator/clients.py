@@ -66,12 +66,13 @@ class Clients:
         self.timeout = REQUEST_TIMEOUT_SECONDS if timeout is None else timeout
 
     def call(self, method: str, path: str, body: dict[str, Any] | None = None,
-             content_type: str = "application/json", request_timeout: float | None = None, **query: str) -> bytes:
+             content_type: str = "application/json", request_timeout: float | None = None,
+             accept: str = "application/json", **query: str) -> bytes:
         """The answer's bytes; ApiException for any other status than 2xx, as the generated methods raise it.
         `request_timeout`: this call's, instead of the client's."""
         request = self.api.param_serialize(
             method, path, query_params=list(query.items()), body=body, auth_settings=["BearerToken"],
-            header_params={"Accept": "application/json", "Content-Type": content_type})
+            header_params={"Accept": accept, "Content-Type": content_type})
         timeout = self.timeout if request_timeout is None else request_timeout
         response = self.api.call_api(*request, _request_timeout=timeout)
         response.read()
@@ -80,6 +81,8 @@ class Clients:
         return response.data
 
 
-def api_path(ns: str, plural: str, name: str = "", group: str = "", version: str = "v1") -> str:
+def api_path(ns: str | None, plural: str, name: str = "", group: str = "", version: str = "v1") -> str:
+    """The path of `plural` in namespace `ns` (of every namespace where `ns` is None), or of one of them, `name`."""
     root = f"/apis/{group}/{version}" if group else f"/api/{version}"
-    return f"{root}/namespaces/{quote(ns, safe='')}/{plural}" + (f"/{quote(name, safe='')}" if name else "")
+    where = f"{root}/namespaces/{quote(ns, safe='')}" if ns is not None else root
+    return f"{where}/{plural}" + (f"/{quote(name, safe='')}" if name else "")

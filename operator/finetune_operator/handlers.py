@@ -15,7 +15,7 @@ import re
 import sys
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timezone
 from operator import itemgetter
 from typing import Any
@@ -77,6 +77,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, phase_index: kop
     memo.child_checks = ChildChecks(keep=2 * max(CHILDREN_CHECK_SECONDS, WAITING_POLLS * ours.poll_seconds))
     memo.written = Written()
     memo.counted = Counted()
+    memo.vanished = Vanished()
     # finetune_operator_jobs counts kopf's live index from the first scrape on: set by the first reconcile instead,
     # it stayed 0 in every phase after a restart onto finished jobs (they are never reconciled again).
     metrics.JOBS.index = phase_index
@@ -97,7 +98,8 @@ async def index_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: 
 
 
 async def index_phases(body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    return {body.get("status", {}).get("phase") or api.Phase.PENDING.value: None}
+    """The job's uid under its phase: the uid tells a job deleted unseen by the watch (`Vanished`)."""
+    return {body.get("status", {}).get("phase") or api.Phase.PENDING.value: body.get("metadata", {}).get("uid")}
 
 
 async def slim_body(event: kopf.RawEvent, **_: Any) -> None:
@@ -293,6 +295,69 @@ class ChildChecks:
         due = now - listed >= self.every
         self.since[key] = (now if due else listed, now)
         return due
+
+
+VANISHED_CHECK_SECONDS = 300
+
+
+class Vanished:
+    """The uids of FineTuneJobs that kopf's index holds and the apiserver no longer has. kopf drops a job from its
+    indexes only at its DELETED event, and its relist after a watch's 410 Gone reports only what exists: a job
+    deleted in that gap (a finished one has no finalizer that waits for the operator) was counted in
+    finetune_operator_jobs for ever, and a live one whose finalizer was removed by hand kept its timer reconciling
+    it. A uid never comes back, so one listed as gone stays gone for as long as the index holds it."""
+
+    def __init__(self) -> None:
+        self.uids: frozenset[str] = frozenset()
+
+    def check(self, clients: Clients, namespaces: tuple[str, ...], index: kopf.Index) -> None:
+        """Compare the index with the apiserver's FineTuneJobs now; a failed list changes nothing."""
+        held = _indexed_uids(index)  # before the list: a job that the list missed as it was created after it began
+        try:
+            listed = {uid for ns in namespaces or (None,) for uid in _listed_uids(clients, ns)}
+        except (ApiException, urllib3.exceptions.HTTPError) as exc:
+            log.debug("FineTuneJobs not listed (%s): deleted ones are looked for at the next check", exc)
+            return
+        gone = frozenset(held - listed)
+        if gone - self.uids:
+            log.info("%d FineTuneJob(s) deleted, though still in the operator's watch (a missed event)",
+                     len(gone - self.uids))
+        self.uids = metrics.JOBS.gone = gone
+
+
+def _indexed_uids(index: kopf.Index) -> set[str]:
+    # tuple() copies each store in one C call, which a concurrent change by kopf's event loop cannot interrupt
+    return {uid for phase in tuple(index) for uid in tuple(index.get(phase, ()))}
+
+
+PARTIAL_METADATA = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
+
+
+def _listed_uids(clients: Clients, ns: str | None) -> Iterator[str]:
+    """The uids of the FineTuneJobs in `ns` (None: in every namespace), their metadata only, in pages."""
+    token = ""
+    while True:
+        page = json.loads(clients.call("GET", api_path(ns, api.PLURAL, group=api.GROUP, version=api.VERSION),
+                                       accept=PARTIAL_METADATA, limit=str(LIST_CHUNK),
+                                       **({"continue": token} if token else {})))
+        yield from (item["metadata"]["uid"] for item in page["items"])
+        if not (token := page["metadata"].get("continue")):
+            return
+
+
+def look_for_vanished(memo: kopf.Memo, phase_index: kopf.Index, **_: Any) -> None:
+    """Startup: `Vanished.check` every VANISHED_CHECK_SECONDS in a thread of its own, for the operator's life."""
+    namespaces = memo.settings.namespaces
+
+    def check_periodically() -> None:
+        while True:
+            time.sleep(VANISHED_CHECK_SECONDS)
+            try:
+                memo.vanished.check(memo.clients, namespaces, phase_index)
+            except Exception:  # an answer not understood: logged, and the thread goes on to the next check
+                log.exception("the check for FineTuneJobs deleted unseen failed")
+
+    threading.Thread(target=check_periodically, name="vanished-jobs", daemon=True).start()
 
 
 WRITTEN_KEEP_SECONDS = 300.0
@@ -572,7 +637,7 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
     ns, name = body.metadata.namespace, body.metadata.name
     settings: Settings = memo.settings
     clients: Clients = memo.clients
-    if body.metadata.get("deletionTimestamp"):
+    if body.metadata.get("deletionTimestamp") or body.metadata.uid in memo.vanished.uids:
         return
     key = (ns, name)
     plain = _plain(body)
@@ -826,6 +891,7 @@ def register(registry: kopf.OperatorRegistry, settings: Settings) -> None:
     # Tried LOGIN_TRIES times, then the operator stops saying why: retried without end, it tried every minute for ever.
     kopf.on.login(registry=registry, retries=LOGIN_TRIES, backoff=LOGIN_BACKOFF_SECONDS)(login)
     kopf.on.startup(registry=registry)(configure)
+    kopf.on.startup(registry=registry)(look_for_vanished)
     selector = {children.JOB_NAME_LABEL: kopf.PRESENT}  # also filtered by the apiserver, see configure
     (jobs, pods) = CHILD_WATCHES
     kopf.index(*jobs, labels=selector, registry=registry, id="job_index")(index_jobs)

@@ -6,7 +6,6 @@ Labels stay bounded: phases, causes and reasons are small sets (`bounded`); no j
 from __future__ import annotations
 
 from collections.abc import Collection, Iterator, Mapping
-from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, ProcessCollector, start_http_server
 from prometheus_client.core import GaugeMetricFamily
@@ -31,12 +30,15 @@ class JobsByPhase:
     as fresh as the operator's watch (a gauge set by reconciles would lag the last one)."""
 
     def __init__(self) -> None:
-        self.index: Mapping[str, Collection[Any]] | None = None
+        self.index: Mapping[str, Collection[str]] | None = None  # each phase's job uids
+        self.gone: Collection[str] = frozenset()  # uids the index holds of jobs deleted unseen (handlers.Vanished)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily("finetune_operator_jobs", "FineTuneJobs by phase", labels=["phase"])
+        index, gone = self.index, self.gone
         for phase in Phase:
-            family.add_metric([phase.value], len(self.index.get(phase.value, ())) if self.index is not None else 0)
+            uids = tuple(index.get(phase.value, ())) if index is not None else ()
+            family.add_metric([phase.value], sum(uid not in gone for uid in uids))
         yield family
 
 
