@@ -615,6 +615,8 @@ def test_the_chart_orders_quantities_as_the_operator_does(tmp_path: Path) -> Non
     ("trainer.imagePullSecrets=" + json.dumps(["reg_cred"]), "/trainer/imagePullSecrets"),
     ("trainer.podAnnotations=" + json.dumps({"team owner": "a"}), "/trainer/podAnnotations"),
     ("trainer.podAnnotations=" + json.dumps({"finetune.dev/team": "a"}), "/trainer/podAnnotations"),
+    ("trainer.podAnnotations=" + json.dumps({"FineTune.dev/team": "a"}), "/trainer/podAnnotations"),
+    ("trainer.podAnnotations=" + json.dumps({"Batch.Kubernetes.IO/x": "a"}), "/trainer/podAnnotations"),
     ("trainer.podAnnotations=" + json.dumps({"container.apparmor.security.beta.kubernetes.io/trainer": "unconfined"}),
      "/trainer/podAnnotations"),
 ])
@@ -622,7 +624,7 @@ def test_trainer_pod_settings_the_operator_would_refuse_are_refused_at_install(
         monkeypatch: pytest.MonkeyPatch, value: str, path: str) -> None:
     """The schema took any non-empty pull secret name and any annotation key; the operator refuses what is no Secret
     name and what a FineTuneJob's spec.pod.annotations refuses, so helm install succeeded and the operator exited at
-    start ("invalid settings")."""
+    start ("invalid settings"). Then a reserved prefix in capitals (FineTune.dev/), which the operator refuses too."""
     with pytest.raises(SystemExit, match="invalid settings"):  # the operator refuses it, so the chart must
         operator_settings(monkeypatch, value, schema=False)
     result = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"), "--set-json", value],
@@ -698,7 +700,8 @@ def test_trainer_pod_settings_the_schema_takes_reach_the_operator(monkeypatch: p
     assert ours.trainer_pull_secrets == ("regcred", "ghcr.io-pull") and ours.trainer_pod_annotations == annotations
     schema = json.loads((REPO / "charts" / "finetune-operator" / "values.schema.json").read_text())["definitions"]
     assert schema["trainerPullSecrets"]["items"]["pattern"] == core.DNS_SUBDOMAIN
-    reserved = "^(" + "|".join(map(re.escape, core.RESERVED_PREFIXES + core.PROFILE_PREFIXES)) + ")"
+    reserved = "^(" + "|".join("".join(f"[{c}{c.upper()}]" if c.isalpha() else re.escape(c) for c in prefix)
+                               for prefix in core.RESERVED_PREFIXES + core.PROFILE_PREFIXES) + ")"  # in any case
     assert schema["trainerAnnotations"]["patternProperties"].keys() == {core.ANNOTATION_KEY, reserved}
 
 

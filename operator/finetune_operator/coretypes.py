@@ -95,13 +95,15 @@ PROFILE_PREFIXES = ("container.apparmor.security.beta.kubernetes.io/", "seccomp.
 
 def _labels(kind: str, pattern: str, reserved: tuple[str, ...], why: str, keys: tuple[str, ...] = ()) -> Any:
     """Metadata for a map of label (or annotation) keys: each key matches `pattern` (a qualified name), none with a
-    reserved prefix or one of the reserved `keys`."""
+    reserved prefix in any case (a prefix is a DNS subdomain, and the apiserver takes an annotation key's in
+    capitals: FineTune.dev/x was taken) or one of the reserved `keys`."""
     named = f"the prefixes {', '.join(reserved)}" + (f" and the keys {', '.join(keys)}" if keys else "")
     return checked(
         f"self.all(k, k.matches(r'{pattern}') && k.lastIndexOf('/') <= 253"
-        + "".join(f" && !k.startsWith('{p}')" for p in reserved)
+        + "".join(f" && !k.lowerAscii().startsWith('{p}')" for p in reserved)
         + (" && !(k in [" + ", ".join(f"'{k}'" for k in keys) + "])" if keys else "") + ")",
-        lambda m: all(re.fullmatch(pattern, k) and k.rfind("/") <= 253 and not k.startswith(reserved)
+        # lower() after the pattern, which takes ASCII alone: CEL's lowerAscii() then
+        lambda m: all(re.fullmatch(pattern, k) and k.rfind("/") <= 253 and not k.lower().startswith(reserved)
                       and k not in keys for k in m),
         f"{kind} keys must be qualified names ([prefix/]name, name at most 63 characters); {named} are {why}",
     )
