@@ -526,6 +526,8 @@ def test_extra_env_that_the_operator_s_env_has_already_is_refused_at_install() -
      "trainer.resources.requests.hugepages-1Gi"),
     ({"limits": {"hugepages-2Mi": "3Mi", "memory": "1Gi"}}, "trainer.resources.limits.hugepages-2Mi"),
     ({"limits": {"hugepages-2Mi": "100m", "memory": "1Gi"}}, "trainer.resources.limits.hugepages-2Mi"),
+    ({"limits": {"hugepages-2Mi": "2097152.5", "memory": "1Gi"}}, "trainer.resources.limits.hugepages-2Mi"),
+    ({"limits": {"hugepages-1": "4503599627370496.5", "memory": "1Gi"}}, "trainer.resources.limits.hugepages-1"),
     ({"limits": {"hugepages-abc": "2Mi", "memory": "1Gi"}}, "trainer.resources.limits.hugepages-abc"),
     ({"limits": {"hugepages-0": 0, "memory": "1Gi"}}, "trainer.resources.limits.hugepages-0"),
     ({"limits": {"hugepages-2Mi": "4Mi"}}, "trainer.resources: huge pages require a cpu or memory"),
@@ -556,6 +558,8 @@ def test_trainer_resources_the_operator_would_refuse_are_refused_at_install(reso
     {"requests": {"nvidia.com/gpu": "01"}, "limits": {"nvidia.com/gpu": "1"}}, {"limits": {"nvidia.com/gpu": "2000m"}},
     {"requests": {"hugepages-2Mi": "1Gi"}, "limits": {"hugepages-2Mi": "1Gi", "memory": "8Gi"}},
     {"limits": {"hugepages-2Mi": "6291456", "cpu": 1}}, {"limits": {"hugepages-1Gi": 0, "memory": "1Gi"}},
+    {"limits": {"hugepages-2Mi": "2097151.5", "cpu": 1}}, {"limits": {"hugepages-2Mi": "2047.9999Ki", "cpu": 1}},
+    {"limits": {"hugepages-1": "4503599627370495.5", "cpu": 1}},
     {"requests": {"nvidia.com/gpu": "1000m"}, "limits": {"nvidia.com/gpu": "1"}},
     {"limits": {"example.com/foo": "9223372036854775807"}}, {"limits": {"example.com/foo": "7Ei"}},
     {"limits": {"example.com/foo": "0.5Ki"}},
@@ -568,8 +572,9 @@ def test_trainer_resources_the_operator_would_refuse_are_refused_at_install(reso
 def test_trainer_resources_the_operator_takes_are_taken_at_install(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                                   resources: dict[str, Any]) -> None:
     """The chart's own checks of extended resources refused what the operator takes: a values file's 1000000 (a
-    float to Helm, 1e+06 as text), a request of 0 (empty to `default`), "+1" beside 1; and hugepages-2Mi. Its
-    comparisons of quantities must take each spelling of an equal or larger limit."""
+    float to Helm, 1e+06 as text), a request of 0 (empty to `default`), "+1" beside 1; and hugepages-2Mi, and then
+    huge pages of a fraction of a byte that rounds up to whole pages, as the apiserver rounds it. Its comparisons of
+    quantities must take each spelling of an equal or larger limit."""
     core.ResourceRequirements.model_validate(resources)
     # JSON, a YAML that quotes each string: PyYAML leaves "5e-1" bare, which Helm reads as a float
     (values := tmp_path / "values.yaml").write_text(json.dumps({"trainer": {"resources": resources}}))

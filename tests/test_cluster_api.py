@@ -99,6 +99,30 @@ def test_annotation_keys_are_taken_in_any_case_as_the_apiserver_takes_them(kube:
     assert result.returncode == 0, result.stderr
 
 
+@pytest.mark.parametrize(("name", "value", "pod_taken", "taken"), [
+    ("hugepages-2Mi", "2097151.5", True, True), ("hugepages-2Mi", "2047.9999Ki", True, True),
+    ("hugepages-2Mi", "2097152.5", False, False), ("hugepages-2Mi", "100m", False, False),
+    ("hugepages-1", "4503599627370495.5", True, True), ("hugepages-1", "4503599627370496.5", True, False)])
+def test_huge_pages_of_a_fraction_of_a_byte_are_taken_as_the_apiserver_rounds_them(
+        kube: Kube, crd: dict, module_namespace: str, name: str, value: str, pod_taken: bool, taken: bool) -> None:
+    """The apiserver rounds huge pages up to whole bytes (Value()) before it asks for whole pages: 2097151.5 of
+    hugepages-2Mi is one page, which a pod (so a Job) takes, and the operator and the CRD refused. From 2^52 bytes on
+    a fraction is refused, in Python as in CEL, which rounds through a float."""
+    from finetune_operator.api import manifest_errors
+
+    resources = {"limits": {name: value, "memory": "1Gi"}}
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "huge-pages"},
+           "spec": {"containers": [{"name": "c", "image": "x", "resources": resources}]}}
+    result = kube.apply(pod, module_namespace, "--dry-run=server", check=False)
+    assert (result.returncode == 0) == pod_taken, result.stderr
+    doc = yaml.safe_load(MINILM.read_text())
+    doc["spec"]["runtime"]["resources"] = resources
+    assert (manifest_errors(doc) == []) == taken
+    result = kube.apply(doc, module_namespace, "--dry-run=server", check=False)
+    assert (result.returncode == 0) == taken, result.stderr
+    assert taken or "spec.runtime.resources.limits" in result.stderr, result.stderr
+
+
 def test_apiserver_defaults_match_the_models(kube: Kube, crd: dict, namespace: str) -> None:
     from finetune_operator.api import FineTuneJob
 

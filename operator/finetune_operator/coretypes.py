@@ -10,7 +10,7 @@ the CEL cost budget requires.
 from __future__ import annotations
 
 import re
-from decimal import MAX_EMAX, MIN_EMIN, Context, Decimal
+from decimal import MAX_EMAX, MIN_EMIN, ROUND_CEILING, Context, Decimal
 from enum import StrEnum
 from typing import Annotated, Any
 
@@ -150,14 +150,22 @@ RESOURCE_NAME = QUALIFIED_NAME  # the apiserver's check of a resource name: huge
 HUGE_PAGES = "hugepages-"
 
 
+# CEL has no exact rounding: it finds a fraction's whole bytes through its float (asApproximateFloat), which is
+# within a byte of it below this only; so a fraction of a byte of huge pages is taken below it (4 PiB) alone.
+ROUNDED_BELOW = 2**52
+
+
 def _whole_pages(name: str, value: int | str) -> bool:
     """The apiserver's IsHugePageResourceValueDivisible: hugepages-<size> names a page size, a positive whole number
-    of bytes (hugepages-abc names none), and its quantity is a multiple of it. A fraction of a byte, which the
-    apiserver rounds up first, is refused here, as CEL cannot round."""
+    of bytes (hugepages-abc names none), and its quantity, a fraction of a byte rounded up (Value()), is a multiple
+    of it: 2097151.5 of hugepages-2Mi is one page."""
     size, quantity = name.removeprefix(HUGE_PAGES), quantity_value(value)
     if re.fullmatch(QUANTITY, size) is None or not _whole(page := quantity_value(size)) or page <= 0:
         return False
-    return _whole(quantity) and int(quantity) % int(page) == 0
+    rounded = quantity.to_integral_value(ROUND_CEILING)
+    if rounded != quantity and quantity >= ROUNDED_BELOW:
+        return False
+    return _whole(rounded) and int(rounded) % int(page) == 0
 
 
 # What a container may ask for without a domain (the apiserver's IsStandardContainerResourceName)
@@ -173,6 +181,16 @@ def _container_resource(name: str) -> bool:
 
 
 _PAGE = f"quantity(k.substring({len(HUGE_PAGES)}))"
+_HUGE = "quantity(string(self[k]))"
+# A fraction's whole bytes: of n, n + 1 and n + 2 (n: its float truncated, within a byte of it), the one at or just
+# above it. No cel.bind: Kubernetes 1.29 lacks it.
+_N = f"(int({_HUGE}.asApproximateFloat()) + d)"
+_ROUNDED_WHOLE_PAGES = (
+    f"({_HUGE}.isInteger() ? {_HUGE}.asInteger() % {_PAGE}.asInteger() == 0 "
+    f": {_HUGE}.isLessThan(quantity('{ROUNDED_BELOW}')) && [0, 1, 2].exists(d, "
+    f"!{_HUGE}.sub({_N}).isGreaterThan(quantity('0')) && {_HUGE}.sub({_N} - 1).isGreaterThan(quantity('0')) "
+    f"&& {_N} % {_PAGE}.asInteger() == 0))"
+)
 ResourceList = Annotated[dict[str, Quantity], Field(max_length=16), *checked(
     f"self.all(k, k.matches(r'{RESOURCE_NAME}'))",
     lambda m: all(re.fullmatch(RESOURCE_NAME, k) for k in m),
@@ -187,8 +205,7 @@ ResourceList = Annotated[dict[str, Quantity], Field(max_length=16), *checked(
 ), *checked(
     f"self.all(k, !k.startsWith('{HUGE_PAGES}') || (k.substring({len(HUGE_PAGES)}).matches(r'{QUANTITY}') "
     f"&& isQuantity(k.substring({len(HUGE_PAGES)})) && {_PAGE}.isInteger() && {_PAGE}.compareTo(quantity('0')) > 0 "
-    f"&& (!{_cel_quantity('self[k]')} || (quantity(string(self[k])).isInteger() "
-    f"&& quantity(string(self[k])).asInteger() % {_PAGE}.asInteger() == 0))))",
+    f"&& (!{_cel_quantity('self[k]')} || {_ROUNDED_WHOLE_PAGES})))",
     lambda m: all(_whole_pages(k, v) for k, v in m.items() if k.startswith(HUGE_PAGES)),
     "huge pages come in whole pages: hugepages-<size> names a page size of whole bytes (e.g. hugepages-2Mi), and its "
     "quantity is a multiple of it (e.g. 4Mi)",

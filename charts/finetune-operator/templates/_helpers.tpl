@@ -90,7 +90,8 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 
 {{/* A quantity (8, "+8", "500m", "1.5Gi", "1e3") as the operator reads it, exactly at any size (no float): "order",
   text whose string order is the quantities' order (equal text, equal quantity), "whole", "text" as read, and a whole
-  one's decimal "digits" (int64 reads them where "order" is at most int64's); {} for
+  one's decimal "digits" (int64 reads them where "order" is at most int64's), a fraction's rounded up (as the
+  apiserver's Value()) where its whole part has at most 16 digits; {} for
   what is no quantity (the schema's to refuse). A values file's number is a float to Helm, which the operator gets as
   toJson writes it: the shortest digits (9223372036854775807 comes as 9223372036854776000), 1e+21 from 1e21 on. */}}
 {{- define "finetune-operator.quantity" -}}
@@ -127,8 +128,11 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- /* "1", the magnitude (offset, so never negative) at a fixed width, then the digits padded: zero is "0" */}}
 {{- $order := printf "1%07d%s" (add 1000000 $exponent (len $significant)) (printf "%-128s" $significant | replace " " "0") }}
 {{- $quantity := dict "order" $order "whole" (ge $exponent 0) "text" $text }}
+{{- $wholePart := int (max 0 (add (len $significant) $exponent)) }}
 {{- if $quantity.whole }}
 {{- $_ := set $quantity "digits" (printf "%s%s" $significant (repeat (int $exponent) "0")) }}
+{{- else if le $wholePart 16 }}
+{{- $_ := set $quantity "digits" (toString (add1 (int64 (substr 0 $wholePart $significant)))) }}
 {{- end }}
 {{- toJson $quantity }}
 {{- else }}
