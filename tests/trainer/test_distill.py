@@ -350,6 +350,30 @@ def test_a_model_uri_inside_a_folder_the_export_writes_is_refused(tmp_path: Path
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == before
 
 
+def test_a_model_folder_whose_files_link_to_what_the_export_writes_is_refused(tmp_path: Path) -> None:
+    """models/m/ whose model.safetensors (or adapter file) links to the output's was taken: the export replaced the
+    target, and a retry read the export, or a broken link. A link to a file the export leaves alone is taken."""
+    out, models = tmp_path / "out", tmp_path / "models"
+    (out / "adapter").mkdir(parents=True)
+    for name in ("model.safetensors", "resnet18-f37072fd.pth", "adapter/adapter_model.safetensors"):
+        (out / name).write_bytes(b"weights")
+
+    def reads(folder: Path) -> TrainerConfig:
+        return TrainerConfig.model_validate({"model": {"task": "image-classification", "architecture": "resnet18",
+                                                       "uri": str(folder)},
+                                             "dataset": {"uri": "pvc://data/digits"}, "output": {"uri": str(out)}})
+
+    for name in ("model.safetensors", "adapter/adapter_model.safetensors", "resnet18-f37072fd.pth"):
+        folder = models / name.replace("/", "-")
+        folder.mkdir(parents=True)
+        (folder / Path(name).name).symlink_to(out / name)
+        if name == "resnet18-f37072fd.pth":
+            pipeline.check_output_apart(reads(folder), out)
+        else:
+            with pytest.raises(ConfigError, match=rf"^output.uri \(or --output\): {out} is the folder of model.uri "):
+                pipeline.check_output_apart(reads(folder), out)
+
+
 # ---- teachers refused -----------------------------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -495,17 +495,23 @@ def check_output_apart(cfg: TrainerConfig, out: Path) -> None:
 
 def overwritten(path: Path, out: Path) -> bool:
     """Whether an export into `out` would overwrite or remove what `path` reads, by its own name or by where its
-    links lead (a link elsewhere to out/model.safetensors; out/model.safetensors a link, which the export replaces):
+    links lead (a link elsewhere to out/model.safetensors; out/model.safetensors a link, which the export replaces;
+    a folder's own link, models/m/model.safetensors -> out/model.safetensors, as the hub's cache links its files):
     `out` itself, or a name in it the export writes (export.of_an_export), or anything under one (out/adapter/...)."""
     if not out.is_dir():
         return False
-    for read in dict.fromkeys((path, path.resolve())):
-        if read.is_dir() and os.path.samefile(read, out):
-            return True
-        if any(inner.parent.is_dir() and os.path.samefile(inner.parent, out) and export.of_an_export(inner)
-               for inner in (read, *read.parents)):
-            return True
-    return False
+    reads = [path, path.resolve()]
+    if path.is_dir():
+        reads += [entry.resolve() for entry in path.iterdir() if entry.is_symlink()]
+    return any(written_over(read, out) for read in dict.fromkeys(reads))
+
+
+def written_over(read: Path, out: Path) -> bool:
+    """Whether the path `read` is `out`, or a name in it the export writes, or under one."""
+    if read.is_dir() and os.path.samefile(read, out):
+        return True
+    return any(inner.parent.is_dir() and os.path.samefile(inner.parent, out) and export.of_an_export(inner)
+               for inner in (read, *read.parents))
 
 
 def check_output(out: Path) -> None:
