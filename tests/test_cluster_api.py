@@ -225,8 +225,9 @@ def test_the_check_for_jobs_deleted_unseen_lists_every_job(kube: Kube, crd: dict
         [job | {"metadata": {"name": name}} for name in names]))
     uids = {kube.get("ftj", name, namespace)["metadata"]["uid"] for name in names}
     clients = Clients(connections=1, timeout=30, retries=False)
-    assert set(handlers._listed_uids(clients, namespace)) == uids
-    assert uids <= set(handlers._listed_uids(clients, None))
+    jobs = {(namespace, uid) for uid in uids}
+    assert set(handlers._listed_jobs(clients, namespace)) == jobs
+    assert jobs <= set(handlers._listed_jobs(clients, None))
     vanished = handlers.Vanished()
-    vanished.check(clients, (namespace,), {"Succeeded": ["deleted-unseen", *uids]})
-    assert vanished.uids == {"deleted-unseen"}
+    vanished.check(clients, (namespace,), {"Succeeded": [(namespace, "deleted-unseen"), *jobs]})
+    assert vanished.jobs == {(namespace, "deleted-unseen")}

@@ -43,10 +43,10 @@ def started(monkeypatch: pytest.MonkeyPatch) -> tuple[kopf.OperatorRegistry, Ope
 
 
 def listed(registry: kopf.OperatorRegistry, indexers: OperatorIndexers, name: str, phase: str | None = None,
-           **spec: str) -> None:
+           namespace: str = "team-a", **spec: str) -> None:
     """The FineTuneJob `name` (its uid too) handed to the index handlers, as kopf's watch hands each one."""
     raw = {"apiVersion": f"{api.GROUP}/{api.VERSION}", "kind": "FineTuneJob", "spec": spec,
-           "status": {"phase": phase} if phase else {}, "metadata": {"namespace": "team-a", "name": name, "uid": name}}
+           "status": {"phase": phase} if phase else {}, "metadata": {"namespace": namespace, "name": name, "uid": name}}
     asyncio.run(index_resource(
         indexers=indexers, registry=registry, settings=kopf.OperatorSettings(),
         resource=Resource(api.GROUP, api.VERSION, api.PLURAL), raw_event={"type": None, "object": raw},
@@ -73,23 +73,27 @@ def test_jobs_by_phase_leaves_out_jobs_another_controller_runs(monkeypatch: pyte
 
 
 class JobList:
-    """Clients whose apiserver lists the FineTuneJobs `uids`, one a page, or fails with `error`; `meanwhile` runs as
-    a list begins (a job created then is in the index, not in the list)."""
+    """Clients whose apiserver lists the FineTuneJobs `uids` of team-a, one a page, or fails with `error` (in the
+    namespace `refused` alone, where one is named); `meanwhile` runs as a list begins (a job created then is in the
+    index, not in the list)."""
 
-    def __init__(self, uids: list[str], meanwhile: Any = lambda: None, error: Exception | None = None) -> None:
-        self.uids, self.meanwhile, self.error = uids, meanwhile, error
+    def __init__(self, uids: list[str], meanwhile: Any = lambda: None, error: Exception | None = None,
+                 refused: str | None = None) -> None:
+        self.uids, self.meanwhile, self.error, self.refused = uids, meanwhile, error, refused
         self.asked: list[tuple[str, str, dict[str, object]]] = []
 
     def call(self, method: str, path: str, body: Any = None, accept: str = "", **query: str) -> bytes:
         self.asked.append((path, accept, query))
-        if self.error:
+        if self.error and (self.refused is None or f"/namespaces/{self.refused}/" in path):
             raise self.error
+        if "/namespaces/" in path and "/namespaces/team-a/" not in path:
+            return json.dumps({"items": [], "metadata": {}}).encode()
         at = int(query.get("continue", 0))
         if not at:
             self.meanwhile()
         more = str(at + 1) if at + 1 < len(self.uids) else ""
-        return json.dumps({"items": [{"metadata": {"uid": uid}} for uid in self.uids[at:at + 1]],
-                           "metadata": {"continue": more}}).encode()
+        return json.dumps({"items": [{"metadata": {"namespace": "team-a", "uid": uid}}
+                                     for uid in self.uids[at:at + 1]], "metadata": {"continue": more}}).encode()
 
 
 def test_a_job_deleted_while_the_watch_was_down_is_counted_and_reconciled_no_more(
@@ -114,17 +118,36 @@ def test_a_job_deleted_while_the_watch_was_down_is_counted_and_reconciled_no_mor
     assert [(path, query.get("continue")) for path, _, query in paged.asked] == [
         (f"/apis/{api.GROUP}/{api.VERSION}/finetunejobs", None), (f"/apis/{api.GROUP}/{api.VERSION}/finetunejobs", "1"),
         (f"/apis/{api.GROUP}/{api.VERSION}/finetunejobs", "2")]
-    assert vanished.uids == {"lost"} and jobs_by_phase()["Succeeded"] == 2
+    assert vanished.jobs == {("team-a", "lost")} and jobs_by_phase()["Succeeded"] == 2
     vanished.check(JobList([], error=ApiException(status=500)), (), index)  # a failed list changes nothing
-    assert vanished.uids == {"lost"}
+    assert vanished.jobs == {("team-a", "lost")}
 
     from test_operator_reconcile import body
     lost = body({"phase": "Running"})
-    lost["metadata"]["uid"] = "lost"
+    lost["metadata"] |= {"namespace": "team-a", "uid": "lost"}
     apiserver = JobList([], error=AssertionError("a call for a job that is gone"))
     memo = kopf.Memo(settings=Settings(), clients=apiserver, vanished=vanished)
     handlers.tick(kopf.Body(lost), memo, {}, {}, index)
     assert apiserver.asked == []
+
+
+def test_a_namespace_whose_jobs_cannot_be_listed_leaves_the_others_checked(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """One watched namespace whose list is refused (its Role gone with a deleted namespace's RoleBinding: a 403 at
+    every check, and its watch's deletions likeliest missed) made every check fail, said at debug only: no job
+    deleted unseen in any namespace was dropped. The others are checked; the refused one keeps what it had."""
+    registry, indexers = started(monkeypatch)
+    listed(registry, indexers, "a-gone", "Succeeded")
+    listed(registry, indexers, "b-gone", "Succeeded", namespace="team-b")
+    vanished, index = handlers.Vanished(), indexers.indices["phase_index"]
+    vanished.check(JobList([]), ("team-a", "team-b"), index)
+    assert vanished.jobs == {("team-a", "a-gone"), ("team-b", "b-gone")}
+    listed(registry, indexers, "a-later-gone", "Running")
+    listed(registry, indexers, "b-later", "Running", namespace="team-b")
+    vanished.check(JobList([], error=ApiException(status=403), refused="team-b"), ("team-a", "team-b"), index)
+    assert vanished.jobs == {("team-a", "a-gone"), ("team-a", "a-later-gone"), ("team-b", "b-gone")}
+    assert jobs_by_phase() == {"Pending": 0, "Running": 1, "Suspended": 0, "Succeeded": 0, "Failed": 0}
+    assert "FineTuneJobs in team-b not listed" in caplog.text
 
 
 def test_time_to_running_counts_a_job_whose_image_pull_failed_before_it_ran(monkeypatch: pytest.MonkeyPatch) -> None:

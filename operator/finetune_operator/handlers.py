@@ -98,8 +98,9 @@ async def index_pods(namespace: str, labels: kopf.Labels, body: kopf.Body, **_: 
 
 
 async def index_phases(body: kopf.Body, **_: Any) -> dict[Any, Any]:
-    """The job's uid under its phase: the uid tells a job deleted unseen by the watch (`Vanished`)."""
-    return {body.get("status", {}).get("phase") or api.Phase.PENDING.value: body.get("metadata", {}).get("uid")}
+    """The job's namespace and uid under its phase: they tell a job deleted unseen by the watch (`Vanished`)."""
+    meta = body.get("metadata", {})
+    return {body.get("status", {}).get("phase") or api.Phase.PENDING.value: (meta.get("namespace"), meta.get("uid"))}
 
 
 async def slim_body(event: kopf.RawEvent, **_: Any) -> None:
@@ -301,46 +302,55 @@ VANISHED_CHECK_SECONDS = 300
 
 
 class Vanished:
-    """The uids of FineTuneJobs that kopf's index holds and the apiserver no longer has. kopf drops a job from its
-    indexes only at its DELETED event, and its relist after a watch's 410 Gone reports only what exists: a job
-    deleted in that gap (a finished one has no finalizer that waits for the operator) was counted in
+    """The FineTuneJobs, by namespace and uid, that kopf's index holds and the apiserver no longer has. kopf drops a
+    job from its indexes only at its DELETED event, and its relist after a watch's 410 Gone reports only what exists:
+    a job deleted in that gap (a finished one has no finalizer that waits for the operator) was counted in
     finetune_operator_jobs for ever, and a live one whose finalizer was removed by hand kept its timer reconciling
     it. A uid never comes back, so one listed as gone stays gone for as long as the index holds it."""
 
     def __init__(self) -> None:
-        self.uids: frozenset[str] = frozenset()
+        self.jobs: frozenset[tuple[str, str]] = frozenset()
 
     def check(self, clients: Clients, namespaces: tuple[str, ...], index: kopf.Index) -> None:
-        """Compare the index with the apiserver's FineTuneJobs now; a failed list changes nothing."""
-        held = _indexed_uids(index)  # before the list: a job that the list missed as it was created after it began
-        try:
-            listed = {uid for ns in namespaces or (None,) for uid in _listed_uids(clients, ns)}
-        except (ApiException, urllib3.exceptions.HTTPError) as exc:
-            log.debug("FineTuneJobs not listed (%s): deleted ones are looked for at the next check", exc)
+        """Compare the index with the apiserver's FineTuneJobs now, a namespace at a time: one whose list fails
+        (its Role gone with a deleted namespace's RoleBinding: a 403 at every check) keeps what it had, and the
+        others are checked."""
+        held = _indexed_jobs(index)  # before the list: a job that the list missed as it was created after it began
+        listed: set[tuple[str, str]] = set()
+        unlisted: set[str | None] = set()
+        for ns in namespaces or (None,):
+            try:
+                listed.update(_listed_jobs(clients, ns))
+            except (ApiException, urllib3.exceptions.HTTPError) as exc:
+                log.warning("FineTuneJobs %s not listed (%s): jobs deleted there unseen are looked for at the next "
+                            "check", f"in {ns}" if ns else "of the cluster", exc)
+                unlisted.add(ns)
+        if None in unlisted:
             return
-        gone = frozenset(held - listed)
-        if gone - self.uids:
+        gone = frozenset(job for job in held - listed if job[0] not in unlisted) | {
+            job for job in self.jobs & held if job[0] in unlisted}
+        if gone - self.jobs:
             log.info("%d FineTuneJob(s) deleted, though still in the operator's watch (a missed event)",
-                     len(gone - self.uids))
-        self.uids = metrics.JOBS.gone = gone
+                     len(gone - self.jobs))
+        self.jobs = metrics.JOBS.gone = gone
 
 
-def _indexed_uids(index: kopf.Index) -> set[str]:
+def _indexed_jobs(index: kopf.Index) -> set[tuple[str, str]]:
     # tuple() copies each store in one C call, which a concurrent change by kopf's event loop cannot interrupt
-    return {uid for phase in tuple(index) for uid in tuple(index.get(phase, ()))}
+    return {job for phase in tuple(index) for job in tuple(index.get(phase, ()))}
 
 
 PARTIAL_METADATA = "application/json;as=PartialObjectMetadataList;g=meta.k8s.io;v=v1"
 
 
-def _listed_uids(clients: Clients, ns: str | None) -> Iterator[str]:
-    """The uids of the FineTuneJobs in `ns` (None: in every namespace), their metadata only, in pages."""
+def _listed_jobs(clients: Clients, ns: str | None) -> Iterator[tuple[str, str]]:
+    """The namespace and uid of each FineTuneJob in `ns` (None: in every namespace), their metadata only, in pages."""
     token = ""
     while True:
         page = json.loads(clients.call("GET", api_path(ns, api.PLURAL, group=api.GROUP, version=api.VERSION),
                                        accept=PARTIAL_METADATA, limit=str(LIST_CHUNK),
                                        **({"continue": token} if token else {})))
-        yield from (item["metadata"]["uid"] for item in page["items"])
+        yield from ((item["metadata"]["namespace"], item["metadata"]["uid"]) for item in page["items"])
         if not (token := page["metadata"].get("continue")):
             return
 
@@ -637,7 +647,7 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
     ns, name = body.metadata.namespace, body.metadata.name
     settings: Settings = memo.settings
     clients: Clients = memo.clients
-    if body.metadata.get("deletionTimestamp") or body.metadata.uid in memo.vanished.uids:
+    if body.metadata.get("deletionTimestamp") or (ns, body.metadata.uid) in memo.vanished.jobs:
         return
     key = (ns, name)
     plain = _plain(body)

@@ -30,15 +30,15 @@ class JobsByPhase:
     as fresh as the operator's watch (a gauge set by reconciles would lag the last one)."""
 
     def __init__(self) -> None:
-        self.index: Mapping[str, Collection[str]] | None = None  # each phase's job uids
-        self.gone: Collection[str] = frozenset()  # uids the index holds of jobs deleted unseen (handlers.Vanished)
+        self.index: Mapping[str, Collection[tuple[str, str]]] | None = None  # each phase's jobs: namespace, uid
+        self.gone: Collection[tuple[str, str]] = frozenset()  # those of jobs deleted unseen (handlers.Vanished)
 
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily("finetune_operator_jobs", "FineTuneJobs by phase", labels=["phase"])
         index, gone = self.index, self.gone
         for phase in Phase:
-            uids = tuple(index.get(phase.value, ())) if index is not None else ()
-            family.add_metric([phase.value], sum(uid not in gone for uid in uids))
+            jobs = tuple(index.get(phase.value, ())) if index is not None else ()
+            family.add_metric([phase.value], sum(job not in gone for job in jobs))
         yield family
 
 
