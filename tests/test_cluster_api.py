@@ -102,7 +102,9 @@ def test_annotation_keys_are_taken_in_any_case_as_the_apiserver_takes_them(kube:
 @pytest.mark.parametrize(("name", "value", "pod_taken", "taken"), [
     ("hugepages-2Mi", "2097151.5", True, True), ("hugepages-2Mi", "2047.9999Ki", True, True),
     ("hugepages-2Mi", "2097152.5", False, False), ("hugepages-2Mi", "100m", False, False),
-    ("hugepages-1", "4503599627370495.5", True, True), ("hugepages-1", "4503599627370496.5", True, False)])
+    ("hugepages-1", "4503599627370495.5", True, True), ("hugepages-1", "4503599627370496.5", True, False),
+    ("hugepages-1", "4503599627370495.999999999", True, True),
+    ("hugepages-1", "4503599627370495.9999999991", True, False)])  # rounded up to nanos: 2^52 reaches CEL
 def test_huge_pages_of_a_fraction_of_a_byte_are_taken_as_the_apiserver_rounds_them(
         kube: Kube, crd: dict, module_namespace: str, name: str, value: str, pod_taken: bool, taken: bool) -> None:
     """The apiserver rounds huge pages up to whole bytes (Value()) before it asks for whole pages: 2097151.5 of

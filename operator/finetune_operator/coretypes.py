@@ -151,8 +151,10 @@ HUGE_PAGES = "hugepages-"
 
 
 # CEL has no exact rounding: it finds a fraction's whole bytes through its float (asApproximateFloat), which is
-# within a byte of it below this only; so a fraction of a byte of huge pages is taken below it (4 PiB) alone.
+# within a byte of it below this only; so a fraction of a byte of huge pages is taken below it (4 PiB) alone, and
+# only where the apiserver's rounding up to nanos (ParseQuantity) leaves it below: 2^52 - 1e-10 reaches CEL as 2^52.
 ROUNDED_BELOW = 2**52
+FRACTIONS_UP_TO = ROUNDED_BELOW - Decimal("1e-9")
 
 
 def _whole_pages(name: str, value: int | str) -> bool:
@@ -163,7 +165,7 @@ def _whole_pages(name: str, value: int | str) -> bool:
     if re.fullmatch(QUANTITY, size) is None or not _whole(page := quantity_value(size)) or page <= 0:
         return False
     rounded = quantity.to_integral_value(ROUND_CEILING)
-    if rounded != quantity and quantity >= ROUNDED_BELOW:
+    if rounded != quantity and quantity > FRACTIONS_UP_TO:
         return False
     return _whole(rounded) and int(rounded) % int(page) == 0
 
