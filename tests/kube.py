@@ -64,8 +64,8 @@ class Kube:
 
     @property
     def audit_log(self) -> Path | None:
-        """The apiserver's audit log of ServiceAccounts' requests (deploy/local/cluster.py)."""
-        return self.cluster_dir / "logs" / "audit.log" if self.cluster_dir else None
+        """The apiserver's audit log of ServiceAccounts' requests."""
+        return local_cluster.audit_log(self.cluster_dir) if self.cluster_dir else None
 
     def _tool(self, name: str) -> str:
         return str(self.bin_dir / name) if self.bin_dir else name

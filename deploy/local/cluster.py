@@ -99,8 +99,7 @@ class Cluster:
 
     @property
     def audit_log(self) -> Path:
-        """What ServiceAccounts outside kube-system asked the apiserver (JSON lines, Metadata level)."""
-        return self.state / "logs" / "audit.log"
+        return audit_log(self.state)
 
 
 def bin_dir() -> Path:
@@ -175,6 +174,11 @@ def _stop(cluster: Cluster, component: str, grace: float = 10.0) -> None:
         if _read_pid(cluster, component) == pid:
             _signal(pid, signal.SIGKILL)
     cluster.pid_file(component).unlink(missing_ok=True)
+
+
+def audit_log(state: Path) -> Path:
+    """What ServiceAccounts outside kube-system asked the apiserver (JSON lines, Metadata level)."""
+    return state / "logs" / "audit.log"
 
 
 def node_state(state: Path) -> Path:
