@@ -125,20 +125,23 @@ def test_the_card_of_a_run_that_stopped_early_says_whose_weights_it_holds(tmp_pa
     assert "- Training: 200 steps in 1 s, 790.3 samples/s, seed 0\n" in card
 
 
-def test_the_card_of_a_bf16_checkpoint_fine_tuned_whole_says_its_weights_are_bf16_and_were_scored_in_fp32(
-        tmp_path: Path) -> None:
+@pytest.mark.parametrize(("precision", "measured"), [
+    ("fp32", "in fp32"), ("bf16", "on the fp32 weights under bf16 autocast")])
+def test_the_card_of_a_bf16_checkpoint_fine_tuned_whole_says_its_weights_are_bf16_and_how_they_were_scored(
+        tmp_path: Path, precision: str, measured: str) -> None:
     """The export is written in the dtype of the checkpoint's config (export.as_published), and the card said so only
-    of merged adapters: a model fine-tuned whole went out in bf16 under scores its fp32 weights had."""
+    of merged adapters: a model fine-tuned whole went out in bf16 under scores its fp32 weights had. Then it said the
+    scores were measured in fp32 where bf16 autocast computed them (`auto` on a CPU that has bf16)."""
     from safetensors import safe_open
 
-    doc = tiny_classifier_doc(tmp_path / "out", maxSteps=2)
+    doc = tiny_classifier_doc(tmp_path / "out", maxSteps=2, precision=precision)
     doc["model"]["config"] = TINY_BERT | {"dtype": "bfloat16"}
     pipeline.run(TrainerConfig.model_validate(doc), tmp_path / "out")
     with safe_open(tmp_path / "out" / "model.safetensors", "pt") as weights:
         assert {weights.get_slice(name).get_dtype() for name in weights.keys()} == {"BF16"}
     card = (tmp_path / "out" / "README.md").read_text()
-    assert ("- Weights: written in bfloat16, the checkpoint's dtype; the scores below were measured in fp32, before "
-            "the cast\n") in card
+    assert (f"- Weights: written in bfloat16, the checkpoint's dtype; the scores below were measured {measured}, "
+            "before the cast\n") in card
 
 
 def exported(out: Path) -> dict[str, str]:

@@ -328,7 +328,7 @@ def model_card(cfg: TrainerConfig, report: dict[str, Any], adapters_apart: bool 
         f"validation, {training['test_samples']} test {unit})",
         f"- Labels: {', '.join(report['labels'].values()) or 'none (language model)'}",
         f"- Adapters: {adapters}" + merge_note(merge),
-        *dtype_lines(written_in),
+        *dtype_lines(written_in, training),
         training_line(cfg, training),
         *distillation_lines(report.get("distillation"), evaluation.get("teacher")),
         "",
@@ -358,13 +358,15 @@ def merge_note(merge: dict[str, Any] | None) -> str:
     return note
 
 
-def dtype_lines(written_in: torch.dtype | None) -> list[str]:
+def dtype_lines(written_in: torch.dtype | None, training: dict[str, Any]) -> list[str]:
     """The card's word on weights written in 16 bits (`as_published`): the scores it shows are the fp32 model's,
-    merged or not."""
+    merged or not, computed at the run's precision (under bf16 autocast its arithmetic is bf16's, whose rounding may
+    flip a near-tie that the export, evaluated otherwise, does not)."""
     if written_in is None:
         return []
-    name = str(written_in).removeprefix("torch.")
-    return [f"- Weights: written in {name}, the checkpoint's dtype; the scores below were measured in fp32, before "
+    name, precision = str(written_in).removeprefix("torch."), training["precision"]
+    measured = "in fp32" if precision == "fp32" else f"on the fp32 weights under {precision} autocast"
+    return [f"- Weights: written in {name}, the checkpoint's dtype; the scores below were measured {measured}, before "
             "the cast"]
 
 
