@@ -2226,6 +2226,23 @@ def test_a_child_job_deleted_by_hand_ends_its_attempt_and_the_next_one_is_not_co
     assert starting["attempts"] == 2 and not starting.get("failures") and starting["phase"] == "Pending"
 
 
+def test_a_child_job_deleted_by_hand_leaving_its_pods_ends_its_attempt_and_the_next_waits_for_them_visibly() -> None:
+    """`kubectl delete job ft-1 --cascade=orphan`: its pods ran on, the job stayed Running, and when they ended, ft-1
+    was made again under the same number, the orphans' end dropped and two Jobs' pods labelled attempt 1."""
+    running = after(decide(Observed(body({"attempts": 1}), [job()], [pod()], NOW)))
+    gone = decide(Observed(body(running), [], [pod()], NOW + timedelta(seconds=10), listed=True))
+    status = after(gone, running)
+    assert gone.create_attempt is None and status["attempts"] == 2 and not status.get("failures")
+    assert status["phase"] == "Pending" and conditions(status)["Restarting"] == ("True", "JobDeleted")
+    waiting = decide(Observed(body(status), [], [pod()], NOW + timedelta(seconds=12)))
+    held = after(waiting, status)
+    assert waiting.create_attempt is None and held["reason"] == "PodsStopping"
+    assert "ft-1-0-x belong to no Job" in dict((c["type"], c["message"]) for c in held["conditions"])["Created"]
+    assert [e[:2] for e in waiting.events] == [("Warning", "PodsStopping")]
+    ended = pod(phase="Succeeded", exit_code=0)
+    assert decide(Observed(body(held), [], [ended], NOW + timedelta(seconds=20))).create_attempt == 2
+
+
 def test_an_end_seen_late_keeps_the_jobs_own_completion_time() -> None:
     """Seen after an operator outage (a crash loop, a `helm upgrade` pulling its new image), the end was the Job's:
     completionTime said when the operator came back, and the TTL counted from then."""

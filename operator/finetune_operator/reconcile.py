@@ -309,14 +309,15 @@ def decide(seen: Observed) -> Decision | None:
     # its own: one counted, and the new Job left running beside the next attempt, which waited for it to finish; kept,
     # their exit 143 on the SIGTERM was counted. So the next attempt comes, not counted, as for a disruption.
     # Listed from the apiserver (the indexes may keep a Job and pods deleted in a watch's relist gap), an attempt whose
-    # children were made and whose Job and pods are all gone was deleted too, pods and all.
+    # children were made and whose Job is gone was deleted too, with its pods or without (`--cascade=orphan`: they
+    # run on, and ended unseen the attempt was made again under its number; the next one waits for them to stop).
     # A foreground delete keeps the Job, failed by it, until its pods are gone: seen then, it is the same delete, once
     # the apiserver's list says they are gone, not only late to the index (waits_on_jobs asks it).
     if job and job["deleting"] and not pods and not seen.listed:
         return _finish(decision, old, conds)
     if (job is None or job["deleting"]) and pods and all(p.get("deletionTimestamp") for p in pods) or (
             job and job["deleting"] and not pods) or (
-            seen.listed and job is None and not pods and _made(old, meta["name"], attempt)):
+            seen.listed and job is None and _made(old, meta["name"], attempt)):
         _next_attempt(conds, status, attempt, "JobDeleted",
                       f"the Job {children.child_name(meta['name'], attempt)} was deleted")
         return _finish(decision, old, conds)
@@ -330,10 +331,14 @@ def decide(seen: Observed) -> Decision | None:
             _stop(decision, job, old, meta["name"], attempt, "BackoffLimitExceeded")
             return _finish(decision, old, conds)
         if stopping := [p["name"] for p in seen.pods if _may_run(p, now)]:  # they still checkpoint to the claims
-            # Past its end, a back-off's "attempt 2 starts at ..." was the job's reason while they took their grace
-            if conds.get(T.CREATED).get("reason") == BACKOFF_WAITING and not _backing_off_until(old, now):
+            # Past its end, a back-off's "attempt 2 starts at ..." was the job's reason while they took their grace;
+            # orphans, which nothing stops, held it for good behind "JobDeleted"
+            orphans = _orphans(seen, now)
+            if conds.get(T.CREATED).get("reason") == BACKOFF_WAITING and not _backing_off_until(old, now) or orphans:
                 conds.set(T.CREATED, False, PODS_STOPPING, f"attempt {max(attempt, 1)} waits for the pods of the "
-                          f"attempt before it to stop ({_some(stopping)}): they may still write checkpoints")
+                          f"attempt before it to stop ({_some(stopping)}): they may still write checkpoints"
+                          + (f"; {_some(orphans)} belong to no Job and are not being deleted (orphaned by kubectl "
+                             "delete --cascade=orphan): delete them to go on" if orphans else ""))
             return _finish(decision, old, conds)
         # An earlier attempt's Job that has not ended and is not going (one made, then passed over unseen), as the
         # apiserver lists it (waits_on_jobs): started beside it, the new gang would train on the same output when it
@@ -525,6 +530,13 @@ def _may_run(pod: dict[str, Any], now: datetime) -> bool:
     killed_at = _parse_time(pod.get("deletionTimestamp"))
     return pod["phase"] not in ("Succeeded", "Failed") and (
         killed_at is None or now < killed_at + timedelta(seconds=KILL_MARGIN_SECONDS))
+
+
+def _orphans(seen: Observed, now: datetime) -> list[str]:
+    """This job's pods that may run though their attempt's Job is gone and nothing deletes them."""
+    attempts = {j["attempt"] for j in seen.jobs}
+    return [p["name"] for p in seen.pods
+            if p["attempt"] not in attempts and not p.get("deletionTimestamp") and _may_run(p, now)]
 
 
 def _lost(pod: dict[str, Any], now: datetime) -> bool:
