@@ -6,7 +6,6 @@ import json
 import re
 from pathlib import Path
 
-import kopf
 import pytest
 import yaml
 from kubernetes.client.exceptions import ApiException
@@ -242,8 +241,10 @@ def test_a_quota_refusal_waits_and_an_invalid_child_is_refused() -> None:
                                '\'team\' denied request: a team label is required')):
         with pytest.raises(handlers.Refused, match="denied"):
             handlers._create_attempt(Refusing(code, denial), doc, spec, 1, SETTINGS)
-    with pytest.raises(kopf.TemporaryError):  # the operator's own permissions: for its admin to fix, not the job
+    # The operator's own permissions, for its admin to fix, not the job: it waits, saying so in its status.
+    with pytest.raises(handlers.HeldBack, match='could not be created: User "op" cannot create') as held:
         handlers._create_attempt(Refusing(403, 'User "op" cannot create resource "jobs"'), doc, spec, 1, SETTINGS)
+    assert held.value.reason == handlers.CREATE_FAILED and held.value.delay == handlers.CREATE_RETRY_SECONDS
 
 
 class Existing:

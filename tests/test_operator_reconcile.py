@@ -1359,6 +1359,42 @@ def test_a_tick_whose_event_list_fails_writes_its_status_all_the_same(monkeypatc
         assert apiserver.failed == 1 and apiserver.patches, indexes
 
 
+class Failing(Apiserver):
+    """Apiserver that answers a create, or a claim's read, with `error`."""
+
+    def __init__(self, error: ApiException, on: str) -> None:
+        super().__init__()
+        self.error, self.on = error, on
+
+    def call(self, method: str, path: str, body: Any = None, **query: object) -> bytes:
+        if method == self.on and (method == "POST" or "/persistentvolumeclaims/" in path):
+            raise self.error
+        return super().call(method, path, body, **query)
+
+
+@pytest.mark.parametrize(("status", "message", "on"), [
+    (500, 'Internal error occurred: failed calling webhook "mworkload.kb.io": connection refused', "POST"),
+    (403, 'User "op" cannot create resource "configmaps"', "POST"),
+    (403, 'User "op" cannot get resource "persistentvolumeclaims"', "GET")])
+def test_a_create_or_claim_read_the_apiserver_fails_waits_saying_why_in_status_and_an_event(
+        monkeypatch: pytest.MonkeyPatch, status: int, message: str, on: str) -> None:
+    """A mutating webhook down (Kueue's, failurePolicy Fail), the operator's Role short of a verb, a 429: the tick
+    raised before its status write, so a new job had no phase nor reason, only kopf's Event with 'Forbidden'."""
+    import kopf
+
+    told: list[tuple[str, str, str]] = []
+    monkeypatch.setattr(kopf, "event", lambda _, *, type, reason, message: told.append((type, reason, message)))
+    error = ApiException(status=status, reason="Refused")
+    error.body = json.dumps({"kind": "Status", "code": status, "message": message})
+    apiserver = Failing(error, on)
+    with pytest.raises(kopf.TemporaryError):  # kopf tries again
+        ticked(body(), ({}, {}), apiserver=apiserver)
+    written = apiserver.patches[0]
+    assert written["phase"] == "Pending" and written["reason"] == "CreateFailed" and "children" not in written
+    assert conditions(written)["Created"] == ("False", "CreateFailed") and message in written["conditions"][0]["message"]
+    assert [(kind, reason) for kind, reason, _ in told] == [("Warning", "CreateFailed")]
+
+
 def test_an_event_list_outage_is_told_again_after_a_list_that_worked_and_a_page_that_is_no_list_is_none(
         caplog: pytest.LogCaptureFixture) -> None:
     """The failure was told once per process: a second outage (the Role's rule removed an hour later) went unsaid.

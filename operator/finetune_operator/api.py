@@ -239,7 +239,7 @@ class Phase(StrEnum):
 class ConditionType(StrEnum):
     """Condition types: adjectives and past participles, as the Kubernetes API conventions want."""
 
-    CREATED = "Created"  # the attempt's children exist; False (ExceededQuota) while a ResourceQuota holds them back
+    CREATED = "Created"  # the attempt's children exist; False (ExceededQuota, CreateFailed, ...) says why not yet
     SCHEDULED = "Scheduled"  # False with reason Unschedulable carries the scheduler's message
     RUNNING = "Running"
     RESTARTING = "Restarting"  # an attempt ended and the next one is being started

@@ -515,8 +515,9 @@ class Claims:
             body = json.loads(clients.call("GET", api_path(ns, "persistentvolumeclaims", name)))
         except ApiException as exc:
             self.found.pop((ns, name), None)
-            if exc.status != 404:
-                raise kopf.TemporaryError(f"reading claim {name}: {exc.reason}", delay=5) from exc
+            if exc.status != 404:  # the operator's Role, a 429: the job says so, as for a create that failed
+                raise HeldBack(CREATE_FAILED, f"the claim {name} could not be read: {_api_message(exc)}",
+                               CREATE_RETRY_SECONDS) from exc
             return None
         claim = {"spec": {"accessModes": (body.get("spec") or {}).get("accessModes") or []}}
         for expired in _expired(self.found, CLAIMS_TTL_SECONDS):
@@ -559,8 +560,10 @@ def _create(clients: Clients, obj: dict[str, Any]) -> None:
 
 class HeldBack(Exception):
     """The attempt cannot be made yet and waits, trying again after `delay` seconds: a child's name is held by an
-    object that is not this job's or that is being deleted (NameTaken), or a ResourceQuota refused a child
-    (ExceededQuota) until the namespace has room. `reason` is the Created condition's."""
+    object that is not this job's or that is being deleted (NameTaken), a ResourceQuota refused a child
+    (ExceededQuota) until the namespace has room, or the apiserver failed a create or a claim's read otherwise
+    (CreateFailed: a mutating webhook down, the operator's own permissions, a 429). `reason` is the Created
+    condition's."""
 
     def __init__(self, reason: str, message: str, delay: float) -> None:
         super().__init__(message)
@@ -573,6 +576,7 @@ class Stale(Exception):
 
 
 NAME_TAKEN_RETRY_SECONDS = 5
+CREATE_FAILED, CREATE_RETRY_SECONDS = "CreateFailed", 5
 QUOTA_RETRY_SECONDS = 30
 
 
@@ -592,7 +596,9 @@ def _create_attempt(clients: Clients, body: dict[str, Any], spec: api.FineTuneJo
                                f"{message}", QUOTA_RETRY_SECONDS) from exc
             if exc.status in (400, 422) or exc.status == 403 and _denied(message):
                 raise Refused(f"the apiserver refused the {obj['kind']} {obj['metadata']['name']}: {message}") from exc
-            raise kopf.TemporaryError(f"creating {obj['kind']}: {exc.reason}", delay=5) from exc
+            # Said in the status with the apiserver's words: as a kopf error, a new job had no status at all
+            raise HeldBack(CREATE_FAILED, f"the {obj['kind']} {obj['metadata']['name']} could not be created: "
+                           f"{message}", CREATE_RETRY_SECONDS) from exc
 
 
 def _denied(message: str) -> bool:
@@ -668,18 +674,18 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
     if decision.create_attempt:
         spec, _ = reconcile.parse_spec(seen.body)
         assert spec is not None
-        claims = _claims(clients, memo.claims, spec, ns)
-        seen.problems = judge.spec_problems(spec, claims, ns)
-        seen.claims_missing = judge.missing_claims(spec, claims, ns)
-        if not seen.problems:
-            try:
+        try:
+            claims = _claims(clients, memo.claims, spec, ns)
+            seen.problems = judge.spec_problems(spec, claims, ns)
+            seen.claims_missing = judge.missing_claims(spec, claims, ns)
+            if not seen.problems:
                 _create_attempt(clients, seen.body, spec, decision.create_attempt, settings)
-            except Refused as exc:
-                seen.problems = [str(exc)]
-            except HeldBack as exc:
-                held, seen.held_back = exc, (exc.reason, str(exc))
-            except Stale as exc:
-                seen.stale = str(exc)
+        except Refused as exc:
+            seen.problems = [str(exc)]
+        except HeldBack as exc:
+            held, seen.held_back = exc, (exc.reason, str(exc))
+        except Stale as exc:
+            seen.stale = str(exc)
         if seen.problems or held or seen.stale:
             decision = reconcile.decide(seen)
             assert decision is not None
