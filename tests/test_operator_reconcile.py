@@ -2343,6 +2343,9 @@ def test_an_end_seen_before_its_pods_waits_for_rank_0s_termination_message() -> 
     # A pod stream that does not catch up holds the end only a while: the job succeeds without the message.
     late = after(decide(Observed(body(running), [complete], [pod()], NOW + timedelta(minutes=2))), running)
     assert late["phase"] == "Succeeded" and late["progress"]["step"] == 96
+    # Rank 0 not in the index at all (the pod stream behind a short attempt): waited for as well.
+    unseen = after(decide(Observed(body(running), [complete], [], NOW + timedelta(seconds=11))), running)
+    assert unseen["phase"] == "Running" and "evaluation" not in unseen
 
 
 def test_a_failure_seen_before_its_pods_waits_for_the_exit_that_says_why() -> None:
@@ -2364,6 +2367,14 @@ def test_a_failure_seen_before_its_pods_waits_for_the_exit_that_says_why() -> No
     assert freed["attempts"] == 2 and not freed.get("failures")
     late = after(decide(Observed(body(running), [failed], [pod()], NOW + timedelta(minutes=2))), running)
     assert late["attempts"] == 2 and late["failures"] == 1
+    # No pod of the attempt in the index at all (a short attempt, the pod stream behind): waited for as well, and
+    # counted once the wait is over.
+    unseen = after(decide(Observed(body(running), [failed], [], NOW + timedelta(seconds=1))), running)
+    assert unseen["attempts"] == 1 and not unseen.get("failures")
+    assert after(decide(Observed(body(running), [failed], [user_error], NOW + timedelta(seconds=2))),
+                 running)["reason"] == "DatasetNotFound"
+    gave_up = after(decide(Observed(body(running), [failed], [], NOW + timedelta(seconds=31))), running)
+    assert gave_up["attempts"] == 2 and gave_up["failures"] == 1
 
 
 def test_a_child_job_deleted_by_hand_in_the_foreground_ends_its_attempt_uncounted_too() -> None:

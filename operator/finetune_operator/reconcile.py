@@ -413,10 +413,11 @@ def _pods_behind(job: dict[str, Any], pods: list[dict[str, Any]], now: datetime)
     if ended is None or now >= ended + timedelta(seconds=NODE_LOST_SECONDS):
         return False
     lagging = now < ended + timedelta(seconds=POD_LAG_SECONDS)
+    # Not seen at all is behind too: a short-lived attempt's pods may reach the index after its Job's end.
     if job["complete"]:
-        return lagging and any(p["index"] == 0 and "terminated" not in p for p in pods)
+        return lagging and not any(p["index"] == 0 and "terminated" in p for p in pods)
     told = [p for p in pods if "terminated" in p or p.get("disrupted") or p["phase"] == "Failed"]
-    if not pods or outcome.failure_cause(job, pods).retry == Retry.FREE:
+    if outcome.failure_cause(job, pods).retry == Retry.FREE:  # a disruption the Job's own verdict tells
         return False
     if not told:
         return lagging
