@@ -155,6 +155,36 @@ def test_an_unschedulable_worker_shows_the_schedulers_message() -> None:
     assert [c["message"] for c in status["conditions"] if c["type"] == "Scheduled"] == [message]
 
 
+def test_a_worker_held_by_its_scheduling_gates_says_so_after_a_grace() -> None:
+    """A gate whose controller is slow or missing (Kueue's topology-aware scheduling, any webhook's) left the job
+    Pending/AttemptCreated for ever, with no reason nor Event: PodScheduled's SchedulingGated was not read."""
+    gated = outcome.pod_summary({
+        "metadata": {"name": "ft-1-0-x", "labels": {"finetune.dev/attempt": "1"}},
+        "spec": {"schedulingGates": [{"name": "kueue.x-k8s.io/topology"}]},
+        "status": {"phase": "Pending", "conditions": [{"type": "PodScheduled", "status": "False",
+                                                       "reason": "SchedulingGated",
+                                                       "lastTransitionTime": "2026-12-01T12:00:00Z"}]}})
+    made = after(decide(Observed(body({"attempts": 1}), [job()], [gated], NOW)))
+    lifting = decide(Observed(body(made), [job()], [gated], NOW + timedelta(seconds=30)))
+    assert "Scheduled" not in conditions(after(lifting, made)) and not lifting.events  # Kueue's lifts in seconds
+    held = decide(Observed(body(made), [job()], [gated], NOW + timedelta(seconds=61)))
+    status = after(held, made)
+    assert conditions(status)["Scheduled"] == ("False", "SchedulingGated") and status["reason"] == "SchedulingGated"
+    assert [e[:2] for e in held.events] == [("Warning", "SchedulingGated")]
+    assert "gates (kueue.x-k8s.io/topology)" in held.events[0][2]
+
+
+def test_a_new_attempt_is_not_said_scheduled_for_the_attempt_before() -> None:
+    """A retry kept Scheduled True, "every worker has a node", from attempt 1 while attempt 2's pods had none."""
+    running = after(decide(Observed(body({"attempts": 1}), [job(ready=1)], [pod()], NOW)))
+    assert conditions(running)["Scheduled"] == ("True", "Scheduled")
+    crashed = job(active=0, failed=1, failure={"reason": "PodFailurePolicy", "message": "Pod ns/ft-1-0-x has "
+                  "condition DisruptionTarget matching FailJob rule at index 0"}, ended="2026-12-01T12:00:10Z")
+    retrying = after(decide(Observed(body(running), [crashed], [], NOW + timedelta(seconds=10))), running)
+    created = decide(Observed(body(retrying), [crashed], [], NOW + timedelta(seconds=20)))
+    assert created.create_attempt == 2 and "Scheduled" not in conditions(after(created, retrying))
+
+
 def test_a_job_whose_pods_cannot_be_created_says_why() -> None:
     warning = ("FailedCreate", 'Error creating: pods "ft-1-0-x" is forbidden: error looking up service account ns/gone')
     status = after(decide(Observed(body({"attempts": 1}), [job(active=0)], [], NOW, job_warning=warning)))

@@ -240,7 +240,7 @@ class ConditionType(StrEnum):
     """Condition types: adjectives and past participles, as the Kubernetes API conventions want."""
 
     CREATED = "Created"  # the attempt's children exist; False (ExceededQuota, CreateFailed, ...) says why not yet
-    SCHEDULED = "Scheduled"  # False with reason Unschedulable carries the scheduler's message
+    SCHEDULED = "Scheduled"  # False: Unschedulable (the scheduler's words), SchedulingGated, Queued; new per attempt
     RUNNING = "Running"
     RESTARTING = "Restarting"  # an attempt ended and the next one is being started
     SUSPENDED = "Suspended"

@@ -50,7 +50,7 @@ class Outcome:
     message: str = ""
     retry: Retry = Retry.NEVER
     result: dict[str, Any] = field(default_factory=dict)  # rank 0's termination message
-    unschedulable: str | None = None  # the scheduler's message
+    unschedulable: str | None = None  # the scheduler's message, or what holds the pods back from it (`reason` says)
     not_created: str | None = None  # why the Job controller could not create the pods
     stuck: bool = False  # a worker's container waits for something only the user can fix (an image, a volume)
     back_off: bool = False  # and its message says only that the kubelet waits to retry (BACK_OFF)
@@ -64,6 +64,7 @@ class Outcome:
 # reason TerminationByKubelet, and stays a free retry). Only these exact messages are read: a node-pressure eviction
 # with no condition (a kubelet before 1.26, or its PodDisruptionConditions off) is an ordinary failure, as before.
 EVICTED = "Evicted"
+SCHEDULING_GATED = "SchedulingGated"  # PodScheduled's reason while spec.schedulingGates holds a pod
 OWN_LIMIT_EVICTION = re.compile(
     r'Container (?P<container>\S+) exceeded its local ephemeral storage limit "(?P<limit>[^"]*)"\.'
     r'|Pod ephemeral local storage usage exceeds the total limit of containers (?P<total>\S+)\.'
@@ -272,6 +273,7 @@ def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
         "ready": conditions.get("Ready", {}).get("status") == "True",
         "scheduled": scheduled.get("status") == "True",
         "unschedulable": scheduled.get("message") if scheduled.get("reason") == "Unschedulable" else None,
+        "gated": _gated(pod, scheduled),
         "disrupted": api.reason_or(disruption.get("reason"), "Disrupted") if disruption.get("status") == "True" else (
             "RejectedByNode" if rejected and status.get("reason") in NODE_STATE_REJECTIONS else None),
         "rejected": f"{status.get('reason') or 'Rejected'}: {status['message']}" if rejected else None,  # and why
@@ -295,6 +297,15 @@ def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
             "logEnd": None if message else log_end(terminated.get("message")),
         }
     return summary
+
+
+def _gated(pod: dict[str, Any], scheduled: dict[str, Any]) -> dict[str, str] | None:
+    """The scheduling gates (spec.schedulingGates) that keep an unscheduled pod from the scheduler, and since when."""
+    gates = [str(g.get("name")) for g in (pod.get("spec") or {}).get("schedulingGates") or []]
+    if not gates or scheduled.get("status") == "True":
+        return None
+    return {"gates": ", ".join(gates),
+            "since": scheduled.get("lastTransitionTime") or pod["metadata"].get("creationTimestamp") or ""}
 
 
 def _owner_uid(meta: dict[str, Any]) -> str | None:
@@ -458,13 +469,14 @@ def parse_time(text: str) -> datetime:
 
 
 def attempt_outcome(job: dict[str, Any] | None, pods: list[dict[str, Any]],
-                    job_warning: tuple[str, str] | None = None, pod_warning: tuple[str, str] | None = None) -> Outcome:
+                    job_warning: tuple[str, str] | None = None, pod_warning: tuple[str, str] | None = None,
+                    gated: str | None = None) -> Outcome:
     """Where the current attempt stands, from its Job and pods (either may lag the other).
 
     `job_warning` is the latest Warning Event of a Job that lacks some of its pods (e.g. FailedCreate:
-    a missing ServiceAccount, a quota, Pod Security), and `pod_warning` the Warning Event of a pod
-    whose containers are long in being created (a volume that does not mount), so that neither is
-    a silent Pending."""
+    a missing ServiceAccount, a quota, Pod Security), `pod_warning` the Warning Event of a pod
+    whose containers are long in being created (a volume that does not mount), and `gated` why a pod
+    is long held by its scheduling gates, so that none is a silent Pending."""
     if job is None:
         return Outcome(State.PENDING, "Creating", "creating the attempt's objects")
     rank0 = next((p for p in pods if p["index"] == 0), None)
@@ -498,6 +510,8 @@ def attempt_outcome(job: dict[str, Any] | None, pods: list[dict[str, Any]],
     unschedulable = next((p["unschedulable"] for p in pods if p["unschedulable"]), None)
     if unschedulable:
         return Outcome(State.PENDING, "Unschedulable", unschedulable, unschedulable=unschedulable)
+    if gated:
+        return Outcome(State.PENDING, SCHEDULING_GATED, gated, unschedulable=gated)
     stuck = next((p for p in pods if p.get("stuck")), None)
     if stuck:
         waiting = stuck["stuck"]

@@ -234,7 +234,7 @@ def decide(seen: Observed) -> Decision | None:
         _created(conds, attempt, job.get("workers", workers))
 
     def observe() -> Decision:
-        result = outcome.attempt_outcome(job, pods, seen.job_warning, seen.pod_warning)
+        result = outcome.attempt_outcome(job, pods, seen.job_warning, seen.pod_warning, _gated(pods, now))
         _observe(result, conds, status, old, spec, seen, attempt, fail)
         # An end seen late (the operator was down, or rolled by an upgrade) is the Job's: the TTL counts from it, and
         # the job's duration is its own, not the outage's.
@@ -380,6 +380,8 @@ def decide(seen: Observed) -> Decision | None:
         else:
             status["children"] = _children(children.child_name(meta["name"], decision.create_attempt), spec)
             _created(conds, decision.create_attempt, workers)
+            # the attempt before's "every worker has a node" said so of the new pods, which have none yet
+            conds.drop(T.SCHEDULED)
         return _finish(decision, old, conds)
 
     return observe()
@@ -486,6 +488,22 @@ def pod_warning(seen: Observed, warnings: Callable[[str], dict[str, tuple[str, s
     return None
 
 
+# Kueue's topology-aware scheduling gate lifts within seconds; one whose controller is missing never does.
+GATED_GRACE_SECONDS = 60
+
+
+def _gated(pods: list[dict[str, Any]], now: datetime) -> str | None:
+    """Why a pod of the attempt is still held by its scheduling gates GATED_GRACE_SECONDS after they held it."""
+    for pod in pods:
+        gated = pod.get("gated")
+        since = _parse_time((gated or {}).get("since"))
+        if gated and (since is None or now >= since + timedelta(seconds=GATED_GRACE_SECONDS)):
+            return (f"pod {pod['name']} is held from the scheduler by its scheduling gates ({gated['gates']}) since "
+                    f"{gated['since'] or 'its creation'}: the controller that removes them (Kueue's topology-aware "
+                    "scheduling, a webhook's) has not")
+    return None
+
+
 # The kubelet counts a deleted pod's grace period from when it sees the deletion, and reports the end later still.
 KILL_MARGIN_SECONDS = 30
 
@@ -552,8 +570,8 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
         if result.queued:
             conds.set(T.SCHEDULED, False, result.reason, result.message)
             conds.clear(T.RUNNING, result.reason, result.message)
-        elif result.unschedulable:
-            conds.set(T.SCHEDULED, False, "Unschedulable", result.unschedulable)
+        elif result.unschedulable:  # or gated
+            conds.set(T.SCHEDULED, False, result.reason, result.unschedulable)
         elif result.not_created:
             conds.set(T.SCHEDULED, False, result.reason, result.not_created)
         elif result.stuck:  # scheduled, but a container cannot start: Running=False says why

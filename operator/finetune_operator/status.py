@@ -66,6 +66,10 @@ class Conditions:
         if kind.value in self.by_type:
             self.set(kind, False, reason, message)
 
+    def drop(self, kind: ConditionType) -> None:
+        """Absent again, as before it was ever said (the whole list is written)."""
+        self.by_type.pop(kind.value, None)
+
     def true(self, kind: ConditionType) -> bool:
         return self.by_type.get(kind.value, {}).get("status") == "True"
 
