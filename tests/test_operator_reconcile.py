@@ -2296,16 +2296,21 @@ def test_a_child_job_deleted_by_hand_leaving_its_pods_ends_its_attempt_and_the_n
     """`kubectl delete job ft-1 --cascade=orphan`: its pods ran on, the job stayed Running, and when they ended, ft-1
     was made again under the same number, the orphans' end dropped and two Jobs' pods labelled attempt 1."""
     running = after(decide(Observed(body({"attempts": 1}), [job()], [pod()], NOW)))
-    gone = decide(Observed(body(running), [], [pod()], NOW + timedelta(seconds=10), listed=True))
+    orphan = outcome.pod_summary({"metadata": {"name": "ft-1-0-x", "labels": {"finetune.dev/attempt": "1"}},
+                                  "status": {"phase": "Running"}})  # no ownerReference: the GC took the Job's away
+    gone = decide(Observed(body(running), [], [orphan], NOW + timedelta(seconds=10), listed=True))
     status = after(gone, running)
     assert gone.create_attempt is None and status["attempts"] == 2 and not status.get("failures")
     assert status["phase"] == "Pending" and conditions(status)["Restarting"] == ("True", "JobDeleted")
-    waiting = decide(Observed(body(status), [], [pod()], NOW + timedelta(seconds=12)))
+    waiting = decide(Observed(body(status), [], [orphan], NOW + timedelta(seconds=12)))
     held = after(waiting, status)
     assert waiting.create_attempt is None and held["reason"] == "PodsStopping"
     assert "ft-1-0-x belong to no Job" in dict((c["type"], c["message"]) for c in held["conditions"])["Created"]
     assert [e[:2] for e in waiting.events] == [("Warning", "PodsStopping")]
-    ended = pod(phase="Succeeded", exit_code=0)
+    # A pod of a Job deleted in the background keeps its ownerReference until the garbage collector deletes it
+    collected = decide(Observed(body(status), [], [pod()], NOW + timedelta(seconds=12)))
+    assert collected.create_attempt is None and after(collected, status)["reason"] == "JobDeleted"
+    ended = dict(orphan, phase="Succeeded")
     assert decide(Observed(body(held), [], [ended], NOW + timedelta(seconds=20))).create_attempt == 2
 
 

@@ -285,6 +285,9 @@ def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
         "stuck": _stuck(pod),
         "creating": _creating_since(pod, scheduled),  # scheduled at, while its containers are still being created
         "deletionTimestamp": meta.get("deletionTimestamp"),  # the time by which its containers are killed
+        # Its Job deleted with --cascade=orphan: the garbage collector took the Job's ownerReference away, and nothing
+        # stops it (a background delete keeps the reference until the pod is deleted)
+        "orphaned": not any(r.get("kind") == "Job" for r in meta.get("ownerReferences") or []),
         "created": meta.get("creationTimestamp") or "",
     }
     if terminated:

@@ -552,10 +552,8 @@ def _may_run(pod: dict[str, Any], now: datetime) -> bool:
 
 
 def _orphans(seen: Observed, now: datetime) -> list[str]:
-    """This job's pods that may run though their attempt's Job is gone and nothing deletes them."""
-    attempts = {j["attempt"] for j in seen.jobs}
-    return [p["name"] for p in seen.pods
-            if p["attempt"] not in attempts and not p.get("deletionTimestamp") and _may_run(p, now)]
+    """This job's pods that run on with no Job, and that nothing deletes."""
+    return [p["name"] for p in seen.pods if p.get("orphaned") and not p.get("deletionTimestamp") and _may_run(p, now)]
 
 
 def _lost(pod: dict[str, Any], now: datetime) -> bool:
