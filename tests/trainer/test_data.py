@@ -598,24 +598,27 @@ def test_split_folders_linked_into_a_release_folder_that_holds_more_are_read(tmp
 @pytest.mark.parametrize("into", ["train", "test", "validation"])
 @pytest.mark.parametrize("named", [{}, {"train": "training_set", "test": "test_set", "validation": "val_set"}],
                          ids=["whole names", "words"])
+@pytest.mark.parametrize("linked_as", ["preview_{name}", "{split}_{name}"])
 def test_a_split_folder_that_shortcuts_beside_it_link_into_is_read(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture, into: str, named: dict[str, str]) -> None:
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, into: str, named: dict[str, str], linked_as: str) -> None:
     """Cat -> train/Cat and Dog -> train/Dog beside train/ and test/ dropped train/ unsaid, read the root as classes
     and labelled test's images test; so shortcuts into test/ or validation/ dropped that split. The shortcuts are no
     splits: each split is read as before links were looked at, and they are said to be no class folder of a split.
     So with splits named by a word (training_set/, test_set/: Kaggle's), which the shortcuts made read by whole
-    names, so as classes: test_set was a third class."""
+    names, so as classes: test_set was a third class. And with shortcuts named by a split's word (test_Cat), which
+    took the split's name from its folder (test dropped, train refused), or stood for it (test_set/ dropped)."""
     folder = {split: named.get(split, split) for split in ("train", "test", "validation")}
     split_folders(tmp_path, folder["train"], folder["test"], *[folder["validation"]] * (into == "validation"))
-    for name in ("Cat", "Dog"):
-        (tmp_path / f"preview_{name}").symlink_to(f"{folder[into]}/{name}")
+    links = [linked_as.format(split=folder[into], name=name) for name in ("Cat", "Dog")]
+    for link, name in zip(links, ("Cat", "Dog")):
+        (tmp_path / link).symlink_to(f"{folder[into]}/{name}")
     data = load_images(tmp_path)
     assert sorted(data.id2label.values()) == ["Cat", "Dog"]
     assert read_from(data.test.inputs, tmp_path) == cats_and_dogs_in(folder["test"])
     held_out = cats_and_dogs_in(folder["validation"]) if into == "validation" else []
     assert (read_from(data.train.inputs + data.validation.inputs, tmp_path)
             == sorted(cats_and_dogs_in(folder["train"]) + held_out))
-    assert f"{tmp_path}/preview_Cat: its images are in no class folder of a split, so unlabelled" in caplog.text
+    assert f"{tmp_path}/{links[0]}: its images are in no class folder of a split, so unlabelled" in caplog.text
     assert "no split nor class" not in caplog.text
 
 
@@ -648,6 +651,8 @@ def test_a_pool_folder_that_the_class_folders_link_into_is_no_class(
     name holds a split's word, with no split folder beside it named by a word, is a pool too: test_images/ was the
     test split, with no train, and refused; training_pool/ the train split, its class links said unused."""
     cats_and_dogs(tmp_path / pool, ".png")
+    (tmp_path / "training_logs").mkdir()  # named by a word, but no split: it holds no image
+    (tmp_path / "training_logs" / "notes.txt").write_text("lr 1e-3")
     for name in ("Cat", "Dog"):
         (tmp_path / name).symlink_to(f"{pool}/{name}")
     data = load_images(tmp_path)

@@ -1006,12 +1006,12 @@ def train_folder(path: Path, listings: dict[Path, list[Path]]) -> Path:
 
 
 def shortcuts(folders: list[Path]) -> set[Path]:
-    """The links among an image dataset's top `folders`, named by no split, into a real folder beside them
-    (preview_Cat -> training_set/Cat): no splits, so they decide none; they made the splits read by whole names only
-    (folder_splits), and training_set/ beside test_set/ a class. Not train -> v3/train, a split, where v3/ holds more
-    than its links reach."""
+    """The links among an image dataset's top `folders`, not named by a split's whole name, into a real folder beside
+    them (preview_Cat -> training_set/Cat, test_preview -> test/Cat): no splits, so they decide none; they made the
+    splits read by whole names only (folder_splits), and training_set/ beside test_set/ a class, or took a split's
+    name from its folder. Not train -> v3/train, a split, where v3/ holds more than its links reach."""
     reals = {os.path.realpath(d) for d in folders if not d.is_symlink()}
-    return {d for d in folders if d.is_symlink() and not split_of(d.name)
+    return {d for d in folders if d.is_symlink() and not split_of(d.name, whole=True)
             and any(within(target := os.path.realpath(d), real) and target != real for real in reals)}
 
 
@@ -1037,7 +1037,7 @@ def folders_in(path: Path) -> list[Path]:
     if not above:
         return folders
     real = os.path.realpath(path)  # a real folder's real path is its parent's and its name: no realpath each
-    named = [d for d in folders if d not in links and split_of(d.name)]
+    named = [d for d in folders if d not in links and split_of(d.name) and has_images(d)]  # not a training_logs/
     return [d for d in folders if d in links or (inside := os.path.join(real, d.name)) not in above
             or not stood_for(d, inside, links, by_word=any(other != d for other in named))]
 
@@ -1054,7 +1054,8 @@ def stood_for(folder: Path, real: str, links: dict[Path, str], by_word: bool) ->
     pool test_images/ alone is a pool)."""
     into = [d for d, target in links.items() if within(target, real) and target != real]  # kitty -> cat: a class
     whole = not by_word
-    if (len(into) < 2 or split_of(folder.name, whole) and not all(split_of(d.name, whole) for d in into)
+    splits = [split_of(d.name, whole) for d in into]  # a release's links name splits, each another
+    if (len(into) < 2 or split_of(folder.name, whole) and not (all(splits) and len(set(splits)) == len(splits))
             or not linked_into(folder, {links[d] for d in into})):
         return False
     said_once(f"{folder} holds images only in the folders that {listed([str(d) for d in into])} link to: read "
