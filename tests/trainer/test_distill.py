@@ -372,6 +372,11 @@ def test_a_model_folder_whose_files_link_to_what_the_export_writes_is_refused(tm
         else:
             with pytest.raises(ConfigError, match=rf"^output.uri \(or --output\): {out} is the folder of model.uri "):
                 pipeline.check_output_apart(reads(folder), out)
+    looped = models / "looped"  # links the model never reads: followed, they raised RuntimeError (exit 2, retried)
+    looped.mkdir()
+    (looped / "a").symlink_to("b")
+    (looped / "b").symlink_to("a")
+    pipeline.check_output_apart(reads(looped), out)
 
 
 # ---- teachers refused -----------------------------------------------------------------------------------------------

@@ -502,8 +502,16 @@ def overwritten(path: Path, out: Path) -> bool:
         return False
     reads = [path, path.resolve()]
     if path.is_dir():
-        reads += [entry.resolve() for entry in path.iterdir() if entry.is_symlink()]
+        reads += [Path(os.path.realpath(link)) for link in own_links(path)]  # a loop raises in resolve(), not here
     return any(written_over(read, out) for read in dict.fromkeys(reads))
+
+
+def own_links(folder: Path) -> list[Path]:
+    """The links in `folder`; none where it cannot be listed (mode 0711: its files are read by name)."""
+    try:
+        return [entry for entry in folder.iterdir() if entry.is_symlink()]
+    except OSError:
+        return []
 
 
 def written_over(read: Path, out: Path) -> bool:
