@@ -348,16 +348,22 @@ def test_the_watch_goes_on_while_a_gone_pod_s_folder_is_removed(agent: Agent, ap
         assert _eventually("new hosts file", hosts.exists) and "\tp\n" in hosts.read_text()
 
 
-@pytest.mark.parametrize("gone", ["ended", "still stopping"])
+@pytest.mark.parametrize("gone", ["ended", "still stopping", "making its volumes"])
 def test_a_pod_made_again_under_a_gone_pod_s_hostname_never_resolves_to_it(agent: Agent, api: Api,
                                                                             monkeypatch: pytest.MonkeyPatch,
                                                                             gone: str) -> None:
     # The next attempt's rank 0 takes the gone one's name in its headless Service (p.web). Were the gone pod's DNS
     # entry removed after the watch went on (on the thread that removes its folders), or only at its runner's end
     # (a pod force-deleted while it runs: up to its grace period), the new pod's hosts file was written naming the
-    # gone pod's address first, and a peer connected there.
+    # gone pod's address first, and a peer connected there. So where its runner, making its volumes as it was
+    # forgotten, added its entry back once they were made.
     spec = {"metadata": {"labels": {"app": "web"}}, "hostname": "p", "subdomain": "web",
             "terminationGracePeriodSeconds": 2}
+    making, made_volumes = threading.Event(), threading.Event()
+    materialize = runner_module.volumes.materialize
+    if gone == "making its volumes":
+        monkeypatch.setattr(runner_module.volumes, "materialize",
+                            lambda *args: making.set() or made_volumes.wait(10) and materialize(*args))
     script = "pass" if gone == "ended" else "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); " \
         "print('ready', flush=True); time.sleep(60)"
     old, new = _pod(script, **spec), _pod("import time; time.sleep(60)", **spec)
@@ -367,8 +373,10 @@ def test_a_pod_made_again_under_a_gone_pod_s_hostname_never_resolves_to_it(agent
     if gone == "ended":
         ending.join(10)
         agent.dns.add_pod(old, ending.ip, ending.hosts_file)  # the window between the runner's end and its DNS removal
-    else:
+    elif gone == "still stopping":
         assert _first_line(ending) == "ready"
+    else:
+        assert making.wait(10)
     written: list[tuple[Path, str]] = []
     write = dns_module._write_in_place
     monkeypatch.setattr(dns_module, "_write_in_place", lambda path, text: written.append((path, text.decode()))
@@ -376,6 +384,8 @@ def test_a_pod_made_again_under_a_gone_pod_s_hostname_never_resolves_to_it(agent
     remove = agent.dns.remove_pod
     monkeypatch.setattr(agent.dns, "remove_pod", lambda pod: time.sleep(0.5) or remove(pod))
     agent._forget(old)
+    made_volumes.set()
+    _eventually("the gone pod's volumes made", lambda: gone != "making its volumes" or ending.folders is not None)
     agent._sync(new)
     made = agent.runners[new["metadata"]["uid"]]
     _eventually("the new pod's hosts file", made.hosts_file.exists)

@@ -262,8 +262,10 @@ class Agent:
         meta = pod["metadata"]
         with self._runners_lock:
             runner = self.runners.pop(meta["uid"], None)
+        # stopped before its entry goes, so that a runner making the pod's volumes adds it back no more
+        stopping = runner is not None and runner.stop(_grace_seconds(pod))
         self.dns.remove_pod(pod)  # before the folders: a later rewrite of the node's hosts files made its file again
-        if runner is None or not runner.stop(_grace_seconds(pod)):
+        if not stopping:
             threading.Thread(target=remove_pod_folders, args=(self.pods_dir / meta["uid"],),
                              name=f"clean-up {meta['namespace']}/{meta['name']}", daemon=True).start()
 

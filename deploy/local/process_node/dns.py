@@ -3,7 +3,7 @@ in place when a change of Services or pods changes its text). It holds what clus
 
 - the pod's own name, as the kubelet writes it (`<hostname>.<subdomain>.<ns>.svc.cluster.local`);
 - for each Service with a selector, in any namespace, the pods of this node it selects that
-  are ready (or not yet ready, with `publishNotReadyAddresses`), and not terminating:
+  are ready (a terminating pod is not), or all of them, with `publishNotReadyAddresses`:
   `<service>.<ns>.svc.cluster.local`, `<service>.<ns>.svc` and `<service>.<ns>` (plain
   `<service>` within its own namespace) name them; and for a headless Service, a pod with
   `hostname` whose `subdomain` is that Service is also `<hostname>.<service>[.<ns>...]`.
