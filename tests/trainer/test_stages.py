@@ -1403,9 +1403,9 @@ def test_a_training_split_of_one_image_is_refused_where_a_batch_norm_cannot_take
     model = load_model(ModelSpec(task="image-classification", architecture="resnet18"), None, seed=0)
     for samples in (2, 5):
         check_one_sample_batches(model, 16, 4, samples)
-    # at batchSize 1 too, the one sample is named: a larger batchSize would be refused again
+    # at batchSize 1 both are named: a larger batchSize alone, or more samples alone, is refused again
     with pytest.raises(ConfigError, match=r"^training.batchSize 1: 1 training sample makes a batch of one: .*"
-                                          r"train on 2 samples or more"):
+                                          r"train on 2 samples or more \(.*\) and set training.batchSize 2 or more"):
         check_one_sample_batches(model, 16, 1, 1)
 
 

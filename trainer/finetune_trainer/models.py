@@ -335,10 +335,12 @@ def check_one_sample_batches(model: nn.Module, image_size: int, batch_size: int,
         # Not this check's to judge (a module without a meta path): the image size check or the first step tells
         log.debug("a batch of one image: the forward on the meta device raised %r; not refused", exc)
         return
-    # one sample first: with it, a larger training.batchSize is refused again
+    # both where both make batches of one: fixing either alone is refused again at the next run
+    more_samples = "train on 2 samples or more (dataset.maxTrainSamples, or the dataset's training split)"
+    larger_batches = "set training.batchSize 2 or more"
     cause, fix = ((f"training.batchSize {batch_size}: {samples} training sample makes a batch of one",
-                   "train on 2 samples or more (dataset.maxTrainSamples, or the dataset's training split)")
-                  if samples == 1 else ("training.batchSize 1", "set training.batchSize 2 or more"))
+                   more_samples + (f" and {larger_batches}" if batch_size == 1 else ""))
+                  if samples == 1 else ("training.batchSize 1", larger_batches))
     raise ConfigError(f"{cause}: model {base.architecture} cannot train on one {image_size}x{image_size} image at a "
                       f"time (dataset.imageSize; {exc}); {fix}, or a larger dataset.imageSize")
 
