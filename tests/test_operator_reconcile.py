@@ -183,6 +183,14 @@ def test_a_new_attempt_is_not_said_scheduled_for_the_attempt_before() -> None:
     retrying = after(decide(Observed(body(running), [crashed], [], NOW + timedelta(seconds=10))), running)
     created = decide(Observed(body(retrying), [crashed], [], NOW + timedelta(seconds=20)))
     assert created.create_attempt == 2 and "Scheduled" not in conditions(after(created, retrying))
+    # nor while it waits: a quota holding it back (or a back-off, the pods stopping) kept attempt 1's for minutes
+    assert "Scheduled" not in conditions(retrying)
+    quota = ("ExceededQuota", "the ConfigMap ft-2 waits for quota: exceeded quota: team-quota")
+    held = decide(Observed(body(retrying), [crashed], [], NOW + timedelta(seconds=20), held_back=quota))
+    assert "Scheduled" not in conditions(after(held, retrying))
+    suspended = after(decide(Observed(body(running, suspend=True), [job(ready=1)], [pod()], NOW)), running)
+    resumed = after(decide(Observed(body(suspended), [], [], NOW + timedelta(seconds=10))), suspended)
+    assert resumed["attempts"] == 2 and "Scheduled" not in conditions(resumed)
 
 
 def test_a_job_whose_pods_cannot_be_created_says_why() -> None:

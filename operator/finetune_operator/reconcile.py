@@ -272,7 +272,7 @@ def decide(seen: Observed) -> Decision | None:
         if _made(old, meta["name"], attempt):
             _stop(decision, job, old, meta["name"], attempt, SUSPENDED)  # if it outlived the suspend, unseen
             conds.set(T.RESTARTING, True, RESUMED, f"attempt {attempt + 1} resumes from the latest checkpoint")
-            status["attempts"] = attempt + 1
+            _numbered(conds, status, attempt + 1)
         status["startTime"] = timestamp(now)
         status["retryAfter"] = None  # a resume is asked for: it starts at once, whatever back-off it cut short
         if conds.get(T.CREATED).get("reason") == SUSPENDED:  # held in its back-off by the suspend
@@ -370,7 +370,7 @@ def decide(seen: Observed) -> Decision | None:
             _next_attempt(conds, status, max(attempt, 1), RESUMED, seen.stale)
             return _finish(decision, old, conds)
         decision.create_attempt = max(attempt, 1)
-        status["attempts"] = decision.create_attempt
+        _numbered(conds, status, decision.create_attempt)
         status["retryAfter"] = None
         status.setdefault("startTime", old.get("startTime") or timestamp(now))
         # not its children: a resume reads them as an attempt that ran, and counts the next one; and the condition,
@@ -380,8 +380,6 @@ def decide(seen: Observed) -> Decision | None:
         else:
             status["children"] = _children(children.child_name(meta["name"], decision.create_attempt), spec)
             _created(conds, decision.create_attempt, workers)
-            # the attempt before's "every worker has a node" said so of the new pods, which have none yet
-            conds.drop(T.SCHEDULED)
         return _finish(decision, old, conds)
 
     return observe()
@@ -667,11 +665,18 @@ def _backing_off(conds: Conditions, attempt: int, due: datetime, failures: int) 
 
 def _next_attempt(conds: Conditions, status: dict[str, Any], attempt: int, reason: str, why: str) -> None:
     """Attempt `attempt` is over without ending the job: the next one comes, Restarting says why."""
-    status["attempts"] = attempt + 1
+    _numbered(conds, status, attempt + 1)
     conds.set(T.RESTARTING, True, reason, f"{why}; attempt {attempt + 1} resumes from the latest checkpoint, "
                                           "if there is one")
     conds.clear(T.RUNNING, reason)
     conds.clear(T.METRICS_STALE, reason)
+
+
+def _numbered(conds: Conditions, status: dict[str, Any], attempt: int) -> None:
+    """The job is at attempt `attempt` now. Scheduled is dropped: the attempt before's "every worker has a node" (or
+    its gates, its queue) said so of the new one's pods while it waited (a back-off, its pods stopping, a quota)."""
+    status["attempts"] = attempt
+    conds.drop(T.SCHEDULED)
 
 
 def _not_exiting(conds: Conditions, old: dict[str, Any], now: datetime) -> None:
