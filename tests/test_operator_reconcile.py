@@ -172,6 +172,10 @@ def test_a_worker_held_by_its_scheduling_gates_says_so_after_a_grace() -> None:
     assert conditions(status)["Scheduled"] == ("False", "SchedulingGated") and status["reason"] == "SchedulingGated"
     assert [e[:2] for e in held.events] == [("Warning", "SchedulingGated")]
     assert "gates (kueue.x-k8s.io/topology)" in held.events[0][2]
+    # Lifted, the pod waits for the scheduler: "held by its scheduling gates" stayed until every worker had a node
+    lifted = dict(gated, gated=None)
+    freed = after(decide(Observed(body(status), [job()], [lifted], NOW + timedelta(seconds=70))), status)
+    assert "Scheduled" not in conditions(freed) and freed["reason"] == "AttemptCreated"
 
 
 def test_a_new_attempt_is_not_said_scheduled_for_the_attempt_before() -> None:

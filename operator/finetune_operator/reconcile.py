@@ -578,6 +578,8 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
             conds.set(T.RUNNING, False, result.reason, said["message"] if same and result.back_off else result.message)
         elif pods and all(p["scheduled"] for p in pods):
             conds.set(T.SCHEDULED, True, "Scheduled", "every worker has a node")
+        elif conds.get(T.SCHEDULED).get("reason") == outcome.SCHEDULING_GATED:
+            conds.drop(T.SCHEDULED)  # the gates were removed: the pods wait for the scheduler, not for them
         return
     if result.state == State.RUNNING:
         conds.set(T.SCHEDULED, True, "Scheduled", "every worker has a node")
