@@ -2319,6 +2319,11 @@ def test_a_child_job_deleted_by_hand_leaving_its_pods_ends_its_attempt_and_the_n
     assert waiting.create_attempt is None and held["reason"] == "PodsStopping"
     assert "ft-1-0-x belong to no Job" in dict((c["type"], c["message"]) for c in held["conditions"])["Created"]
     assert [e[:2] for e in waiting.events] == [("Warning", "PodsStopping")]
+    # Deleted by hand, the orphans take their grace period: "delete them to go on" stayed until they ended
+    deleted = dict(orphan, deletionTimestamp="2026-12-01T12:00:14Z")
+    deleting = decide(Observed(body(held), [], [deleted], NOW + timedelta(seconds=16)))
+    told = dict((c["type"], c["message"]) for c in after(deleting, held)["conditions"])["Created"]
+    assert deleting.create_attempt is None and "(ft-1-0-x)" in told and "no Job" not in told and not deleting.events
     # A pod of a Job deleted in the background keeps its ownerReference until the garbage collector deletes it
     collected = decide(Observed(body(status), [], [pod()], NOW + timedelta(seconds=12)))
     assert collected.create_attempt is None and after(collected, status)["reason"] == "JobDeleted"
