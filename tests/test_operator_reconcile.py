@@ -2331,6 +2331,22 @@ def test_a_child_job_deleted_by_hand_leaving_its_pods_ends_its_attempt_and_the_n
     assert decide(Observed(body(held), [], [ended], NOW + timedelta(seconds=20))).create_attempt == 2
 
 
+def test_a_made_attempt_whose_job_is_not_indexed_waits_for_a_list_that_succeeds() -> None:
+    """The apiserver's list failed (`_listed` kept the indexes'): a Job gone from the index could not be told deleted,
+    so attempt 1's orphans were named as "the attempt before it" to delete by hand, with a Warning, and once they had
+    ended, attempt 1 was made again under its number."""
+    running = after(decide(Observed(body({"attempts": 1}), [job()], [pod()], NOW)))
+    orphan = outcome.pod_summary({"metadata": {"name": "ft-1-0-x", "labels": {"finetune.dev/attempt": "1"}},
+                                  "status": {"phase": "Running"}})
+    for pods in ([orphan], [dict(orphan, phase="Succeeded")]):
+        unlisted = decide(Observed(body(running), [], pods, NOW + timedelta(seconds=10)))
+        waiting = after(unlisted, running)
+        assert unlisted.create_attempt is None and not unlisted.events
+        assert waiting["attempts"] == 1 and waiting["conditions"] == running["conditions"]
+        listed = after(decide(Observed(body(running), [], pods, NOW + timedelta(seconds=15), listed=True)), running)
+        assert listed["attempts"] == 2 and conditions(listed)["Restarting"] == ("True", "JobDeleted")
+
+
 def test_an_end_seen_late_keeps_the_jobs_own_completion_time() -> None:
     """Seen after an operator outage (a crash loop, a `helm upgrade` pulling its new image), the end was the Job's:
     completionTime said when the operator came back, and the TTL counted from then."""

@@ -330,6 +330,12 @@ def decide(seen: Observed) -> Decision | None:
                                          "since the last one failed)")
             _stop(decision, job, old, meta["name"], attempt, "BackoffLimitExceeded")
             return _finish(decision, old, conds)
+        # Made, and its Job not in the index, but the apiserver's list failed (waits_on_jobs asked for it): only a list
+        # tells a Job deleted (JobDeleted, above) from one the watch has not brought yet. Read from the index, the
+        # attempt's own pods were named as the attempt before's, to be deleted by hand, and once they had ended the
+        # attempt was made again under its number. It waits for a list that succeeds.
+        if job is None and _made(old, meta["name"], attempt) and not seen.listed:
+            return _finish(decision, old, conds)
         if stopping := [p["name"] for p in seen.pods if _may_run(p, now)]:  # they still checkpoint to the claims
             # Past its end, a back-off's "attempt 2 starts at ..." was the job's reason while they took their grace;
             # orphans, which nothing stops, held it for good behind "JobDeleted". Said anew while it waits: orphans
