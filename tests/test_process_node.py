@@ -393,6 +393,23 @@ def test_a_pod_made_again_under_a_gone_pod_s_hostname_never_resolves_to_it(agent
     assert texts and not [text for text in texts if f"{ending.ip}\t" in text]
 
 
+def test_a_pod_deleted_while_its_volumes_are_made_starts_no_container(agent: Agent, api: Api,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    # A deletion that came while the pod's volumes were being made: its container was started anyway once they were,
+    # with no hosts file to mount (exit 128, 'failed to create the container').
+    making, made_volumes = threading.Event(), threading.Event()
+    materialize = runner_module.volumes.materialize
+    monkeypatch.setattr(runner_module.volumes, "materialize",
+                        lambda *args: making.set() or made_volumes.wait(10) and materialize(*args))
+    pod = _pod("print('started', flush=True)")
+    runner = _run(agent, pod)
+    assert making.wait(10)
+    agent._sync(_deleting(pod, 30))
+    made_volumes.set()
+    runner.join(10)
+    assert not runner.is_alive() and [c.proc for c in runner.containers] == [None]
+
+
 def test_a_forgotten_pod_s_hosts_file_is_not_written_again(agent: Agent, api: Api) -> None:
     # A pod forgotten while still among the node's DNS answers (its runner ending meanwhile): a later rewrite of the
     # node's hosts files made its removed folder's hosts file again.

@@ -372,9 +372,10 @@ class PodRunner(threading.Thread):
                 return
             try:
                 self.folders = volumes.materialize(self.pod, self.dir, self.node.cluster, self.node.allocatable)
-                with self._lock:  # as stop(): a pod forgotten meanwhile, its entry gone (agent._forget), has none
-                    if self._kill_at is None:
-                        self.node.dns.add_pod(self.pod, self.ip, self.hosts_file)
+                with self._lock:  # as stop(): a pod deleted meanwhile (its entry gone: agent._forget) starts nothing
+                    if self._kill_at is not None:
+                        return
+                    self.node.dns.add_pod(self.pod, self.ip, self.hosts_file)
             except NOT_YET as error:
                 self._mount_at = time.monotonic() + BACKOFF_START
                 if str(error) != self._mount_problem:  # one Event per problem; a kubelet's recorder aggregates
