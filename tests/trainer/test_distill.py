@@ -377,6 +377,7 @@ def test_a_model_folder_whose_files_link_to_what_the_export_writes_is_refused(tm
     (looped / "a").symlink_to("b")
     (looped / "b").symlink_to("a")
     pipeline.check_output_apart(reads(looped), out)
+    pipeline.check_output_apart(reads(looped / "a"), out)  # so did a model.uri that is one
 
 
 # ---- teachers refused -----------------------------------------------------------------------------------------------

@@ -500,9 +500,10 @@ def overwritten(path: Path, out: Path) -> bool:
     `out` itself, or a name in it the export writes (export.of_an_export), or anything under one (out/adapter/...)."""
     if not out.is_dir():
         return False
-    reads = [path, path.resolve()]
-    if path.is_dir():
-        reads += [Path(os.path.realpath(link)) for link in own_links(path)]  # a loop raises in resolve(), not here
+    # by realpath and os.path.isdir: Path.resolve() raises on a link loop, Path.is_dir() on a folder it may not search
+    reads = [path, Path(os.path.realpath(path))]
+    if os.path.isdir(path):
+        reads += [Path(os.path.realpath(link)) for link in own_links(path)]
     return any(written_over(read, out) for read in dict.fromkeys(reads))
 
 
@@ -516,9 +517,9 @@ def own_links(folder: Path) -> list[Path]:
 
 def written_over(read: Path, out: Path) -> bool:
     """Whether the path `read` is `out`, or a name in it the export writes, or under one."""
-    if read.is_dir() and os.path.samefile(read, out):
+    if os.path.isdir(read) and os.path.samefile(read, out):
         return True
-    return any(inner.parent.is_dir() and os.path.samefile(inner.parent, out) and export.of_an_export(inner)
+    return any(os.path.isdir(inner.parent) and os.path.samefile(inner.parent, out) and export.of_an_export(inner)
                for inner in (read, *read.parents))
 
 
