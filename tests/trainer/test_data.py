@@ -622,6 +622,20 @@ def test_a_split_folder_that_shortcuts_beside_it_link_into_is_read(
     assert "no split nor class" not in caplog.text
 
 
+@pytest.mark.parametrize("links", [("val_Cat", "test_Dog"), ("val_Cat", "train_Dog")])
+def test_shortcuts_into_a_split_named_by_other_splits_are_shortcuts(tmp_path: Path, links: tuple[str, str]) -> None:
+    """val_Cat -> test/Cat and test_Dog -> test/Dog, each named by another split, were taken for a release's splits
+    standing for test/: the test split was dropped; with train_Dog, the root was read as classes, train/'s images
+    labelled train. Links to class folders stand for no split."""
+    split_folders(tmp_path, "train", "test")
+    for link, name in zip(links, ("Cat", "Dog")):
+        (tmp_path / link).symlink_to(f"test/{name}")
+    data = load_images(tmp_path)
+    assert sorted(data.id2label.values()) == ["Cat", "Dog"]
+    assert read_from(data.test.inputs, tmp_path) == cats_and_dogs_in("test")
+    assert read_from(data.train.inputs + data.validation.inputs, tmp_path) == cats_and_dogs_in("train")
+
+
 def test_a_folder_that_links_stand_for_is_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A release v3/ of train -> v3/train and test -> v3/test is read only through them: said, with the links."""
     split_folders(tmp_path / "v3", "train", "test")

@@ -1053,14 +1053,21 @@ def stood_for(folder: Path, real: str, links: dict[Path, str], by_word: bool) ->
     a word (test_set/ beside training_set/: the splits are named so), else a split is named by its whole name (a
     pool test_images/ alone is a pool)."""
     into = [d for d, target in links.items() if within(target, real) and target != real]  # kitty -> cat: a class
-    whole = not by_word
-    splits = [split_of(d.name, whole) for d in into]  # a release's links name splits, each another
-    if (len(into) < 2 or split_of(folder.name, whole) and not (all(splits) and len(set(splits)) == len(splits))
+    if (len(into) < 2 or split_of(folder.name, not by_word) and not release_links(into, by_word)
             or not linked_into(folder, {links[d] for d in into})):
         return False
     said_once(f"{folder} holds images only in the folders that {listed([str(d) for d in into])} link to: read "
               "through them, it is no split nor class itself")
     return True
+
+
+def release_links(links: list[Path], by_word: bool) -> bool:
+    """Whether `links` into a folder named by a split can stand for it, as a release's: each names another split
+    (test_set_Cat and test_set_Dog are shortcuts) and holds class folders (val_Cat and test_Dog into test/Cat and
+    test/Dog are shortcuts too: test/ was dropped)."""
+    splits = [split_of(d.name, not by_word) for d in links]
+    return (all(splits) and len(set(splits)) == len(splits)
+            and all(any(has_images(c) for c in folders_in(d)) for d in links))
 
 
 def linked_into(folder: Path, targets: set[str]) -> bool:
