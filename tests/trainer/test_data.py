@@ -636,6 +636,19 @@ def test_shortcuts_into_a_split_named_by_other_splits_are_shortcuts(tmp_path: Pa
     assert read_from(data.train.inputs + data.validation.inputs, tmp_path) == cats_and_dogs_in("train")
 
 
+def test_a_split_named_by_two_folders_is_the_one_with_class_folders(tmp_path: Path) -> None:
+    """train/, test/ and test_unlabelled/ (the images to predict, in no class folder): the last folder that named the
+    test split was taken, so test/ was dropped, said unlabelled; two with class folders are refused, naming both."""
+    split_folders(tmp_path, "train", "test")
+    (tmp_path / "test_unlabelled").mkdir()
+    shutil.copyfile(tmp_path / "test" / "Cat" / "0.png", tmp_path / "test_unlabelled" / "0.png")
+    data = load_images(tmp_path)
+    assert read_from(data.test.inputs, tmp_path) == cats_and_dogs_in("test")
+    split_folders(tmp_path, "train_extra")
+    with pytest.raises(DataError, match="train and train_extra both name the train split and hold class folders"):
+        load_images(tmp_path)
+
+
 def test_a_folder_that_links_stand_for_is_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """A release v3/ of train -> v3/train and test -> v3/test is read only through them: said, with the links."""
     split_folders(tmp_path / "v3", "train", "test")

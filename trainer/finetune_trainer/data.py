@@ -813,11 +813,10 @@ def read_image_splits(path: Path, listings: dict[Path, list[Path]]) -> dict[str,
     # test/ named no split, which made those two the classes.
     folders = image_folders(path, listings)
     deciding = [d for d in folders if d not in shortcuts(folders)]
-    by_split = dict(zip(folder_splits(deciding), deciding))
-    labelled = {name: d for name, d in by_split.items() if name is not None
-                and any(has_images(c) for c in data_folders(d, listings))}
+    named = list(zip(folder_splits(deciding), deciding))
+    labelled = labelled_splits(path, named, listings)
     if TRAIN not in labelled:
-        if labelled and None not in by_split and TRAIN not in by_split:
+        if labelled and None not in dict(named) and TRAIN not in dict(named):
             raise DataError(f"{path}: its folders name splits ({', '.join(d.name for d in folders)}) but none is train")
         warn_splits_read_as_classes(path, folders)
         # class folders (a class may be named test or train: it holds images)
@@ -830,6 +829,22 @@ def read_image_splits(path: Path, listings: dict[Path, list[Path]]) -> dict[str,
     # final score is on the folder meant for it, and validation is held out of train
     claims = [name for name in (TRAIN, TEST, VALIDATION) if name in splits]
     return read_image_tables(path, distinct_folders(splits, "the {} split", claims), listings)
+
+
+def labelled_splits(path: Path, named: list[tuple[str | None, Path]],
+                    listings: dict[Path, list[Path]]) -> dict[str, Path]:
+    """The folders of `named` (split, folder) that hold class folders, by split. Two folders may name one split
+    (test/ beside Kaggle's test_unlabelled/ of the images to predict): the one with class folders is the split, and
+    where both have them the user must say which (the last one was taken, the other said unlabelled, unread)."""
+    labelled: dict[str, Path] = {}
+    for name, folder in named:
+        if name is None or not any(has_images(c) for c in data_folders(folder, listings)):
+            continue
+        if name in labelled:
+            raise DataError(f"{path}: {labelled[name].name} and {folder.name} both name the {name} split and hold "
+                            "class folders: keep one, or name the other for no split")
+        labelled[name] = folder
+    return labelled
 
 
 def read_image_tables(path: Path, splits: dict[str, Path],
