@@ -1570,12 +1570,17 @@ def test_a_retried_attempt_that_waits_shows_what_it_waits_for_as_the_reason() ->
         "status": {"conditions": [{"type": "Suspended", "status": "True", "reason": "JobSuspended"}]}})
     queued = after(decide(Observed(body(running), [preempted], [], NOW)), running)
     assert queued["phase"] == "Pending" and queued["reason"] == "Queued"
+    # admitted, its pods not yet placed: the queue's word stayed as Scheduled's
+    admitted = after(decide(Observed(body(queued), [job(2)], [pod(2, phase="Pending", scheduled=False)], NOW)), queued)
+    assert "Scheduled" not in conditions(admitted)
 
 
 def test_suspend_stops_the_attempt_and_resume_starts_the_next() -> None:
-    decision = decide(Observed(body({"attempts": 1}, suspend=True), [job()], [pod()], NOW))
-    status = after(decision)
+    running = after(decide(Observed(body({"attempts": 1}), [job(ready=1)], [pod()], NOW)))
+    decision = decide(Observed(body(running, suspend=True), [job()], [pod()], NOW))
+    status = after(decision, running)
     assert decision.delete_job == "ft-1" and status["phase"] == "Suspended"
+    assert "Scheduled" not in conditions(status)  # it said "every worker has a node" through the suspend
     resumed = decide(Observed(body(status), [job(deleting="2026-12-01T12:00:30Z")], [], NOW + timedelta(minutes=5)))
     status = after(resumed, status)
     assert status["attempts"] == 2 and status["phase"] == "Pending" and conditions(status)["Restarting"][1] == "Resumed"

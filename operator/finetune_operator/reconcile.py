@@ -258,6 +258,7 @@ def decide(seen: Observed) -> Decision | None:
         conds.clear(T.RUNNING, SUSPENDED)
         conds.clear(T.METRICS_STALE, SUSPENDED)
         conds.clear(T.RESTARTING, SUSPENDED)  # a retry decided before the suspend waits for the resume
+        conds.drop(T.SCHEDULED)  # no worker has a node: "every worker has a node" stayed through the suspend
         # and not a back-off's time: the resume starts it at once ("attempt 2 starts at ..." stayed, for days)
         status["retryAfter"] = None
         if conds.get(T.CREATED).get("reason") in (BACKOFF_WAITING, PODS_STOPPING):  # not what it waits for now
@@ -585,8 +586,10 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
             conds.set(T.RUNNING, False, result.reason, said["message"] if same and result.back_off else result.message)
         elif pods and all(p["scheduled"] for p in pods):
             conds.set(T.SCHEDULED, True, "Scheduled", "every worker has a node")
-        elif conds.get(T.SCHEDULED).get("reason") == outcome.SCHEDULING_GATED:
-            conds.drop(T.SCHEDULED)  # the gates were removed: the pods wait for the scheduler, not for them
+        elif conds.get(T.SCHEDULED).get("status") == "False":
+            # each cause sets it above, so what is left was: gates removed, a queue's admission; the pods wait for
+            # the scheduler, not for them
+            conds.drop(T.SCHEDULED)
         return
     if result.state == State.RUNNING:
         conds.set(T.SCHEDULED, True, "Scheduled", "every worker has a node")
