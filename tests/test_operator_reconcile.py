@@ -2352,6 +2352,23 @@ def test_a_made_attempt_whose_job_is_not_indexed_waits_for_a_list_that_succeeds(
         assert listed["attempts"] == 2 and conditions(listed)["Restarting"] == ("True", "JobDeleted")
 
 
+def test_a_failed_list_that_a_decision_waits_for_is_a_warning(caplog: pytest.LogCaptureFixture) -> None:
+    """A made attempt whose Job the index lacks waits for a list that succeeds: a list failing on (a 429, 5xx) kept
+    the job as it was with nothing said but a debug line. A list of pods alone, which nothing waits for, stays one."""
+    from finetune_operator import handlers
+
+    class Unlisting:
+        def call(self, *args: object, **query: object) -> bytes:
+            raise ApiException(status=429, reason="Too Many Requests")
+
+    seen = Observed(body({"attempts": 1}), [], [], NOW)
+    assert handlers._listed(Unlisting(), seen, "ns", "ft", jobs=False) is seen
+    assert not [r for r in caplog.records if r.levelno >= logging.WARNING]
+    assert handlers._listed(Unlisting(), seen, "ns", "ft", jobs=True) is seen
+    warned = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert len(warned) == 1 and warned[0].startswith("ns/ft: children not listed ((429)") and "waits" in warned[0]
+
+
 def test_an_end_seen_late_keeps_the_jobs_own_completion_time() -> None:
     """Seen after an operator outage (a crash loop, a `helm upgrade` pulling its new image), the end was the Job's:
     completionTime said when the operator came back, and the TTL counted from then."""
