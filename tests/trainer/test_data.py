@@ -644,9 +644,44 @@ def test_a_split_named_by_two_folders_is_the_one_with_class_folders(tmp_path: Pa
     shutil.copyfile(tmp_path / "test" / "Cat" / "0.png", tmp_path / "test_unlabelled" / "0.png")
     data = load_images(tmp_path)
     assert read_from(data.test.inputs, tmp_path) == cats_and_dogs_in("test")
+    (tmp_path / "test_unlabelled").rename(tmp_path / "test_images")  # Kaggle's nesting: test_images/test_images/
+    (tmp_path / "test_images" / "test_images").mkdir()
+    (tmp_path / "test_images" / "0.png").rename(tmp_path / "test_images" / "test_images" / "0.png")
+    assert read_from(load_images(tmp_path).test.inputs, tmp_path) == cats_and_dogs_in("test")
     split_folders(tmp_path, "train_extra")
     with pytest.raises(DataError, match="train and train_extra both name the train split and hold class folders"):
         load_images(tmp_path)
+
+
+@pytest.mark.parametrize("layout", ["val -> validation", "train -> training", "Intel's nesting linked"])
+def test_a_split_folder_and_a_link_to_it_are_one_split(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                       layout: str) -> None:
+    """A split's folder and a link that names the split too (val -> validation; train -> seg_train/seg_train, the
+    fix of Intel's nesting) were refused as two folders that name one split: they are one, read once, not said
+    unused."""
+    if layout == "val -> validation":
+        split_folders(tmp_path, "train", "validation")
+        (tmp_path / "val").symlink_to("validation")
+        held_out, kept = "validation", "train"
+    elif layout == "train -> training":
+        split_folders(tmp_path, "training", "test")
+        (tmp_path / "train").symlink_to("training")
+        held_out, kept = "test", "training"
+    else:
+        split_folders(tmp_path / "seg_train", "seg_train")
+        split_folders(tmp_path / "seg_test", "seg_test")
+        for split in ("train", "test"):
+            (tmp_path / split).symlink_to(f"seg_{split}/seg_{split}")
+        held_out, kept = "seg_test/seg_test", "seg_train/seg_train"
+    data = load_images(tmp_path)
+
+    def real(inputs: list[str]) -> list[str]:
+        return sorted(os.path.relpath(os.path.realpath(p), tmp_path) for p in inputs)
+
+    split = data.validation if held_out == "validation" else data.test
+    others = data.train.inputs + (data.test if held_out == "validation" else data.validation).inputs
+    assert real(split.inputs) == cats_and_dogs_in(held_out) and real(others) == cats_and_dogs_in(kept)
+    assert "unlabelled" not in caplog.text
 
 
 def test_a_folder_that_links_stand_for_is_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

@@ -822,7 +822,8 @@ def read_image_splits(path: Path, listings: dict[Path, list[Path]]) -> dict[str,
         # class folders (a class may be named test or train: it holds images)
         return read_image_tables(path, {TRAIN: path}, listings)
     # train/ holds class folders: the others are no classes (Kaggle's test/ of the images to predict, a samples/)
-    for folder in (d for d in folders if d not in labelled.values()):
+    read = [d for name, d in named if name in labelled and same_folder(d, labelled[name])]  # val -> validation too
+    for folder in (d for d in folders if d not in read):
         log.warning("%s: its images are in no class folder of a split, so unlabelled: not used", folder)
     splits = {name: labelled[name] for name in (TRAIN, VALIDATION, TEST) if name in labelled}
     # train first (without it nothing is learnt; test is then held out of it), then test before validation: the
@@ -833,18 +834,35 @@ def read_image_splits(path: Path, listings: dict[Path, list[Path]]) -> dict[str,
 
 def labelled_splits(path: Path, named: list[tuple[str | None, Path]],
                     listings: dict[Path, list[Path]]) -> dict[str, Path]:
-    """The folders of `named` (split, folder) that hold class folders, by split. Two folders may name one split
-    (test/ beside Kaggle's test_unlabelled/ of the images to predict): the one with class folders is the split, and
-    where both have them the user must say which (the last one was taken, the other said unlabelled, unread)."""
+    """The folders of `named` (split, folder) that hold class folders, by split. Two folders may name one split: one
+    that is the other, or leads into it (val -> validation; test -> seg_test/seg_test, Intel's nesting), is read as
+    the inner one; else the one with class folders, two or more, is the split (test/ beside Kaggle's
+    test_unlabelled/ of the images to predict, or its test_images/test_images/); where both have them the user
+    must say which (the last one was taken, the other said unlabelled, unread)."""
     labelled: dict[str, Path] = {}
     for name, folder in named:
         if name is None or not any(has_images(c) for c in data_folders(folder, listings)):
             continue
-        if name in labelled:
-            raise DataError(f"{path}: {labelled[name].name} and {folder.name} both name the {name} split and hold "
-                            "class folders: keep one, or name the other for no split")
-        labelled[name] = folder
+        if (kept := labelled.setdefault(name, folder)) != folder:
+            labelled[name] = one_split_folder(path, name, kept, folder, listings)
     return labelled
+
+
+def same_folder(one: Path, other: Path) -> bool:
+    """Whether two folders are one, or one leads into the other (test -> seg_test/seg_test), by their real paths."""
+    one_real, other_real = os.path.realpath(one), os.path.realpath(other)
+    return within(one_real, other_real) or within(other_real, one_real)
+
+
+def one_split_folder(path: Path, name: str, kept: Path, folder: Path, listings: dict[Path, list[Path]]) -> Path:
+    """Which of two folders that name the split `name` is it (labelled_splits)."""
+    if same_folder(kept, folder):
+        return kept if len(os.path.realpath(kept)) >= len(os.path.realpath(folder)) else folder
+    classes = {d: len(image_folders(d, listings)) >= 2 for d in (kept, folder)}
+    if classes[kept] != classes[folder]:
+        return kept if classes[kept] else folder
+    raise DataError(f"{path}: {kept.name} and {folder.name} both name the {name} split and hold class folders: keep "
+                    "one, or name the other for no split")
 
 
 def read_image_tables(path: Path, splits: dict[str, Path],
