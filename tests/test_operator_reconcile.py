@@ -202,6 +202,11 @@ def test_a_job_whose_pods_cannot_be_created_says_why() -> None:
     status = after(decide(Observed(body({"attempts": 1}), [job(active=0)], [], NOW, job_warning=warning)))
     assert conditions(status)["Scheduled"] == ("False", "FailedCreate") and status["reason"] == "FailedCreate"
     assert "service account" in [c["message"] for c in status["conditions"] if c["type"] == "Scheduled"][0]
+    # a tick that could not read the Job's Events (a 429: read as none) keeps what was said, and says it once
+    unread = after(decide(Observed(body(status), [job(active=0)], [], NOW + timedelta(seconds=5))), status)
+    assert conditions(unread)["Scheduled"] == ("False", "FailedCreate") and unread["reason"] == "FailedCreate"
+    again = decide(Observed(body(unread), [job(active=0)], [], NOW + timedelta(seconds=10), job_warning=warning))
+    assert not again.events
 
 
 def test_a_gang_with_a_pod_the_job_controller_could_not_create_is_not_running_and_says_why() -> None:

@@ -65,6 +65,7 @@ class Outcome:
 # with no condition (a kubelet before 1.26, or its PodDisruptionConditions off) is an ordinary failure, as before.
 EVICTED = "Evicted"
 SCHEDULING_GATED = "SchedulingGated"  # PodScheduled's reason while spec.schedulingGates holds a pod
+QUEUED = "Queued"  # a Job its queue (Kueue) holds suspended until it admits it
 OWN_LIMIT_EVICTION = re.compile(
     r'Container (?P<container>\S+) exceeded its local ephemeral storage limit "(?P<limit>[^"]*)"\.'
     r'|Pod ephemeral local storage usage exceeds the total limit of containers (?P<total>\S+)\.'
@@ -500,7 +501,7 @@ def attempt_outcome(job: dict[str, Any] | None, pods: list[dict[str, Any]],
             job["failure"] or any(p["phase"] == "Failed" for p in pods) or all(p.get("terminated") for p in pods)):
         return Outcome(State.SUCCEEDED, "Completed", "rank 0 finished; a worker failed after it", result=result)
     if job.get("suspended"):  # its pods, stopped by the Job controller, did not fail
-        return Outcome(State.PENDING, "Queued", f"the Job {job['name']} is suspended by its queue (Kueue): it waits "
+        return Outcome(State.PENDING, QUEUED, f"the Job {job['name']} is suspended by its queue (Kueue): it waits "
                                                 "to be admitted", queued=True)
     pods = [p for p in pods if not _stopped_before_this_admission(p, job)]
     failed = [p for p in pods if p["phase"] == "Failed"]

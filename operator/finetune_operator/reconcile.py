@@ -586,9 +586,9 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
             conds.set(T.RUNNING, False, result.reason, said["message"] if same and result.back_off else result.message)
         elif pods and all(p["scheduled"] for p in pods):
             conds.set(T.SCHEDULED, True, "Scheduled", "every worker has a node")
-        elif conds.get(T.SCHEDULED).get("status") == "False":
-            # each cause sets it above, so what is left was: gates removed, a queue's admission; the pods wait for
-            # the scheduler, not for them
+        elif conds.get(T.SCHEDULED).get("reason") in (outcome.SCHEDULING_GATED, outcome.QUEUED):
+            # its cause is over (gates removed, the queue's admission: the pods wait for the scheduler); not a cause
+            # merely unseen at this tick (Events unread, an unschedulable pod made again), which would be said anew
             conds.drop(T.SCHEDULED)
         return
     if result.state == State.RUNNING:
