@@ -259,9 +259,9 @@ def _listed(clients: Clients, seen: reconcile.Observed, ns: str, name: str, jobs
         job_list = json.loads(clients.call("GET", api_path(ns, "jobs", group="batch"), labelSelector=selector)
                               )["items"] if jobs else None
     except (ApiException, urllib3.exceptions.HTTPError) as exc:
-        # Jobs are listed where a decision needs the apiserver's word (waits_on_jobs), which then waits for it
-        (log.warning if jobs else log.debug)("%s/%s: children not listed (%s): the indexes' are used%s", ns, name, exc,
-                                             ", and what needs the apiserver's list waits for one" if jobs else "")
+        # Jobs are listed where a decision may need the apiserver's word (waits_on_jobs: it then waits for one)
+        (log.warning if jobs else log.debug)("%s/%s: children not listed (%s): the indexes' are used until a list "
+                                             "succeeds", ns, name, exc)
         return seen
     pods = [outcome.pod_summary(p) for p in pods]
     if job_list is None:
