@@ -638,7 +638,8 @@ def test_shortcuts_into_a_split_named_by_other_splits_are_shortcuts(tmp_path: Pa
 
 def test_a_split_named_by_two_folders_is_the_one_with_class_folders(tmp_path: Path) -> None:
     """train/, test/ and test_unlabelled/ (the images to predict, in no class folder): the last folder that named the
-    test split was taken, so test/ was dropped, said unlabelled; two with class folders are refused, naming both."""
+    test split was taken, so test/ was dropped, said unlabelled. Two that both hold images in folders are refused,
+    naming both (one of them was dropped, said unlabelled, or read as a split of one class)."""
     split_folders(tmp_path, "train", "test")
     (tmp_path / "test_unlabelled").mkdir()
     shutil.copyfile(tmp_path / "test" / "Cat" / "0.png", tmp_path / "test_unlabelled" / "0.png")
@@ -647,13 +648,17 @@ def test_a_split_named_by_two_folders_is_the_one_with_class_folders(tmp_path: Pa
     (tmp_path / "test_unlabelled").rename(tmp_path / "test_images")  # Kaggle's nesting: test_images/test_images/
     (tmp_path / "test_images" / "test_images").mkdir()
     (tmp_path / "test_images" / "0.png").rename(tmp_path / "test_images" / "test_images" / "0.png")
-    assert read_from(load_images(tmp_path).test.inputs, tmp_path) == cats_and_dogs_in("test")
-    split_folders(tmp_path, "train_extra")
-    with pytest.raises(DataError, match="train and train_extra both name the train split and hold class folders"):
+    with pytest.raises(DataError, match="test and test_images both name the test split and hold images in folders"):
+        load_images(tmp_path)
+    shutil.rmtree(tmp_path / "test_images")
+    (tmp_path / "train_extra" / "Cat").mkdir(parents=True)  # one class: it was dropped, said unlabelled
+    shutil.copyfile(tmp_path / "train" / "Cat" / "0.png", tmp_path / "train_extra" / "Cat" / "9.png")
+    with pytest.raises(DataError, match="train and train_extra both name the train split and hold images in"):
         load_images(tmp_path)
 
 
-@pytest.mark.parametrize("layout", ["val -> validation", "train -> training", "Intel's nesting linked"])
+@pytest.mark.parametrize("layout", ["val -> validation", "train -> training", "Intel's nesting linked",
+                                    "Intel's nesting linked, beside seg_pred"])
 def test_a_split_folder_and_a_link_to_it_are_one_split(tmp_path: Path, caplog: pytest.LogCaptureFixture,
                                                        layout: str) -> None:
     """A split's folder and a link that names the split too (val -> validation; train -> seg_train/seg_train, the
@@ -670,6 +675,10 @@ def test_a_split_folder_and_a_link_to_it_are_one_split(tmp_path: Path, caplog: p
     else:
         split_folders(tmp_path / "seg_train", "seg_train")
         split_folders(tmp_path / "seg_test", "seg_test")
+        if layout.endswith("seg_pred"):  # names no split: seg_train/ and seg_test/ were said unlabelled, unused
+            (tmp_path / "seg_pred" / "seg_pred").mkdir(parents=True)
+            shutil.copyfile(tmp_path / "seg_test" / "seg_test" / "Cat" / "0.png",
+                            tmp_path / "seg_pred" / "seg_pred" / "0.png")
         for split in ("train", "test"):
             (tmp_path / split).symlink_to(f"seg_{split}/seg_{split}")
         held_out, kept = "seg_test/seg_test", "seg_train/seg_train"
@@ -681,7 +690,19 @@ def test_a_split_folder_and_a_link_to_it_are_one_split(tmp_path: Path, caplog: p
     split = data.validation if held_out == "validation" else data.test
     others = data.train.inputs + (data.test if held_out == "validation" else data.validation).inputs
     assert real(split.inputs) == cats_and_dogs_in(held_out) and real(others) == cats_and_dogs_in(kept)
-    assert "unlabelled" not in caplog.text
+    assert [line for line in caplog.text.splitlines() if "unlabelled" in line and "seg_pred" not in line] == []
+
+
+def test_a_link_into_a_class_that_names_a_split_is_refused(tmp_path: Path) -> None:
+    """training -> train/Cat beside train/ of Cat and Dog was read as Intel's nesting (a split folder and a link into
+    it, one split): the train split was Cat's subfolders, Dog's images dropped unsaid."""
+    split_folders(tmp_path, "train", "test")
+    for breed in ("persian", "siamese"):
+        (tmp_path / "train" / "Cat" / breed).mkdir()
+        shutil.copyfile(tmp_path / "train" / "Cat" / "0.png", tmp_path / "train" / "Cat" / breed / "0.png")
+    (tmp_path / "training").symlink_to("train/Cat")
+    with pytest.raises(DataError, match="train and training both name the train split"):
+        load_images(tmp_path)
 
 
 def test_a_folder_that_links_stand_for_is_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

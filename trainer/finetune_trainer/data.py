@@ -822,8 +822,8 @@ def read_image_splits(path: Path, listings: dict[Path, list[Path]]) -> dict[str,
         # class folders (a class may be named test or train: it holds images)
         return read_image_tables(path, {TRAIN: path}, listings)
     # train/ holds class folders: the others are no classes (Kaggle's test/ of the images to predict, a samples/)
-    read = [d for name, d in named if name in labelled and same_folder(d, labelled[name])]  # val -> validation too
-    for folder in (d for d in folders if d not in read):
+    reals = {os.path.realpath(d) for d in labelled.values()}  # seg_train/ of train -> seg_train/seg_train is read too
+    for folder in (d for d in folders if not read_through(d, reals)):
         log.warning("%s: its images are in no class folder of a split, so unlabelled: not used", folder)
     splits = {name: labelled[name] for name in (TRAIN, VALIDATION, TEST) if name in labelled}
     # train first (without it nothing is learnt; test is then held out of it), then test before validation: the
@@ -835,34 +835,29 @@ def read_image_splits(path: Path, listings: dict[Path, list[Path]]) -> dict[str,
 def labelled_splits(path: Path, named: list[tuple[str | None, Path]],
                     listings: dict[Path, list[Path]]) -> dict[str, Path]:
     """The folders of `named` (split, folder) that hold class folders, by split. Two folders may name one split: one
-    that is the other, or leads into it (val -> validation; test -> seg_test/seg_test, Intel's nesting), is read as
-    the inner one; else the one with class folders, two or more, is the split (test/ beside Kaggle's
-    test_unlabelled/ of the images to predict, or its test_images/test_images/); where both have them the user
-    must say which (the last one was taken, the other said unlabelled, unread)."""
+    that is the other, or holds images only in it (val -> validation; seg_test/ of test -> seg_test/seg_test, Intel's
+    nesting linked), is read as the inner one; others the user must choose between (the last one was taken, the
+    other said unlabelled, unread: test/ beside a test_images/test_images/ of the images to predict)."""
     labelled: dict[str, Path] = {}
     for name, folder in named:
         if name is None or not any(has_images(c) for c in data_folders(folder, listings)):
             continue
-        if (kept := labelled.setdefault(name, folder)) != folder:
-            labelled[name] = one_split_folder(path, name, kept, folder, listings)
+        if (kept := labelled.setdefault(name, folder)) == folder:
+            continue
+        if not (read_through(kept, {os.path.realpath(folder)}) or read_through(folder, {os.path.realpath(kept)})):
+            raise DataError(f"{path}: {kept.name} and {folder.name} both name the {name} split and hold images in "
+                            "folders: keep one, or name the other for no split")
+        labelled[name] = max((kept, folder), key=lambda d: len(os.path.realpath(d)))  # the inner one
     return labelled
 
 
-def same_folder(one: Path, other: Path) -> bool:
-    """Whether two folders are one, or one leads into the other (test -> seg_test/seg_test), by their real paths."""
-    one_real, other_real = os.path.realpath(one), os.path.realpath(other)
-    return within(one_real, other_real) or within(other_real, one_real)
-
-
-def one_split_folder(path: Path, name: str, kept: Path, folder: Path, listings: dict[Path, list[Path]]) -> Path:
-    """Which of two folders that name the split `name` is it (labelled_splits)."""
-    if same_folder(kept, folder):
-        return kept if len(os.path.realpath(kept)) >= len(os.path.realpath(folder)) else folder
-    classes = {d: len(image_folders(d, listings)) >= 2 for d in (kept, folder)}
-    if classes[kept] != classes[folder]:
-        return kept if classes[kept] else folder
-    raise DataError(f"{path}: {kept.name} and {folder.name} both name the {name} split and hold class folders: keep "
-                    "one, or name the other for no split")
+def read_through(folder: Path, reals: set[str]) -> bool:
+    """Whether `folder` is read as, or only through, the folders of real paths `reals`: it is one, or holds images
+    only in those below it (seg_train/ of a train -> seg_train/seg_train), not a class of one (training ->
+    train/cat, beside train/dog)."""
+    real = os.path.realpath(folder)
+    inner = {r for r in reals if within(r, real)}
+    return real in reals or bool(inner) and linked_into(folder, inner)
 
 
 def read_image_tables(path: Path, splits: dict[str, Path],
