@@ -207,6 +207,10 @@ def test_a_job_whose_pods_cannot_be_created_says_why() -> None:
     assert conditions(unread)["Scheduled"] == ("False", "FailedCreate") and unread["reason"] == "FailedCreate"
     again = decide(Observed(body(unread), [job(active=0)], [], NOW + timedelta(seconds=10), job_warning=warning))
     assert not again.events
+    # its pod made (the account back), waiting for the scheduler: the quota's words went no more
+    made = after(decide(Observed(body(unread), [job(active=1)], [pod(phase="Pending", scheduled=False)],
+                                 NOW + timedelta(seconds=15), job_warning=warning)), unread)
+    assert "Scheduled" not in conditions(made) and made["reason"] == "AttemptCreated"
 
 
 def test_a_gang_with_a_pod_the_job_controller_could_not_create_is_not_running_and_says_why() -> None:
