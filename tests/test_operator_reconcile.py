@@ -230,6 +230,12 @@ def test_a_gang_with_a_pod_the_job_controller_could_not_create_is_not_running_an
         assert "Running" not in conditions(half)
         slow = after(decide(Observed(body(made, **spec), [job(workers=2, ready=1)], [pod(index=rank)], NOW)), made)
         assert slow["phase"] == "Pending" and "Running" not in conditions(slow)
+    # pod 0 made again beside the one it replaces, still terminating: two pods, one worker, pod 1 still missing
+    again = [pod(index=0, deletionTimestamp="2026-12-01T12:00:00Z"), pod(index=0, phase="Pending", scheduled=False)]
+    for warning in (quota, None):  # and at a tick whose Events were unread: kept, not dropped and said again
+        replaced = after(decide(Observed(body(half, **spec), [job(workers=2, ready=1)], again, NOW,
+                                         job_warning=warning)), half)
+        assert conditions(replaced)["Scheduled"] == ("False", "FailedCreate"), warning
     whole = after(decide(Observed(body(made, **spec), [job(workers=2, active=2)], [pod(), pod(index=1)], NOW)), made)
     assert whole["phase"] == "Running"
     # A worker that finished before rank 0 leaves the gang running.

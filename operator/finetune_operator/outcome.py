@@ -254,6 +254,12 @@ def log_end(text: str | None) -> str | None:
     return line[:LOG_END_MAX] or None
 
 
+def created_workers(pods: list[dict[str, Any]]) -> int:
+    """How many workers have a pod: its completion indexes, once each (the Job controller's replacement of a pod,
+    listed beside the one it replaces, is one worker)."""
+    return len({p["index"] for p in pods})
+
+
 def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
     """What the index keeps of a trainer pod."""
     meta, status = pod["metadata"], pod.get("status", {})
@@ -508,7 +514,7 @@ def attempt_outcome(job: dict[str, Any] | None, pods: list[dict[str, Any]],
     if job["failure"] or failed and not _cause_to_come(failed, pods):
         return failure_cause(job, pods)
     workers = job.get("workers", 1)
-    if len(pods) < workers and job_warning:  # a pod the Job controller could not create (a quota, Pod Security)
+    if created_workers(pods) < workers and job_warning:  # a pod the Job controller could not create (a quota, ...)
         reason, message = job_warning
         return Outcome(State.PENDING, reason, message, not_created=message)
     unschedulable = next((p["unschedulable"] for p in pods if p["unschedulable"]), None)

@@ -567,13 +567,14 @@ def _lost(pod: dict[str, Any], now: datetime) -> bool:
     return bool(pod.get("disrupted")) and pod["phase"] not in ("Succeeded", "Failed") and not _may_run(pod, now)
 
 
-def _cause_over(said: dict[str, Any], pods: int, workers: int) -> bool:
+def _cause_over(said: dict[str, Any], created: int, workers: int) -> bool:
     """Whether Scheduled False's cause is over, the pods waiting for the scheduler: gates removed, the queue's
-    admission, or pods not created (a quota's FailedCreate) that all exist now; not a cause merely unseen at a tick
-    (Events unread, an unschedulable pod made again), which would be said anew, with its Warning."""
+    admission, or pods not created (a quota's FailedCreate) that all exist now (`created` of `workers`); not a cause
+    merely unseen at a tick (Events unread, an unschedulable pod made again), which would be said anew, with its
+    Warning."""
     if said.get("status") != "False" or said.get("reason") == "Unschedulable":
         return False
-    return said.get("reason") in (outcome.SCHEDULING_GATED, outcome.QUEUED) or pods >= workers
+    return said.get("reason") in (outcome.SCHEDULING_GATED, outcome.QUEUED) or created >= workers
 
 
 def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: dict[str, Any],
@@ -595,7 +596,7 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
             conds.set(T.RUNNING, False, result.reason, said["message"] if same and result.back_off else result.message)
         elif pods and all(p["scheduled"] for p in pods):
             conds.set(T.SCHEDULED, True, "Scheduled", "every worker has a node")
-        elif _cause_over(conds.get(T.SCHEDULED), len(pods), spec.workers):
+        elif _cause_over(conds.get(T.SCHEDULED), outcome.created_workers(pods), spec.workers):
             conds.drop(T.SCHEDULED)
         return
     if result.state == State.RUNNING:
