@@ -822,8 +822,9 @@ def read_image_splits(path: Path, listings: dict[Path, list[Path]]) -> dict[str,
         # class folders (a class may be named test or train: it holds images)
         return read_image_tables(path, {TRAIN: path}, listings)
     # train/ holds class folders: the others are no classes (Kaggle's test/ of the images to predict, a samples/)
-    reals = {os.path.realpath(d) for d in labelled.values()}  # seg_train/ of train -> seg_train/seg_train is read too
-    for folder in (d for d in folders if not read_through(d, reals)):
+    # seg_train/ of train -> seg_train/seg_train is read too, and so is a shortcut into a split (preview -> train/cat)
+    reals = {os.path.realpath(d) for d in labelled.values()}
+    for folder in (d for d in folders if not read_through(d, reals) and not lies_in(os.path.realpath(d), reals)):
         log.warning("%s: its images are in no class folder of a split, so unlabelled: not used", folder)
     splits = {name: labelled[name] for name in (TRAIN, VALIDATION, TEST) if name in labelled}
     # train first (without it nothing is learnt; test is then held out of it), then test before validation: the
