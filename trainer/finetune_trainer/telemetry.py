@@ -70,7 +70,9 @@ PEAK_BF16_FLOPS = {
 
 
 class Readers:
-    """Who reads /metrics (by client address): when each last read it and the longest gap between two of its reads."""
+    """Who reads /metrics: when each last read it and the longest gap between two of its reads. A reader is its address
+    and its User-Agent: readers can share an address (the process node's pods all connect from 127.0.0.1; hostNetwork
+    pods on one node share the node's), and the operator's read every few seconds ended the wait for Prometheus."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -79,7 +81,8 @@ class Readers:
 
     def wrap(self, app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
         def recorded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-            now, client = time.monotonic(), environ.get("REMOTE_ADDR", "")
+            now = time.monotonic()
+            client = f'{environ.get("REMOTE_ADDR", "")} {environ.get("HTTP_USER_AGENT", "")}'
             with self.lock:
                 if client in self.last:
                     self.gap[client] = max(self.gap.get(client, 0.0), now - self.last[client])
