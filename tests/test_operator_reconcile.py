@@ -1588,6 +1588,9 @@ def test_a_retried_attempt_that_waits_shows_what_it_waits_for_as_the_reason() ->
     # admitted, its pods not yet placed: the queue's word stayed as Scheduled's
     admitted = after(decide(Observed(body(queued), [job(2)], [pod(2, phase="Pending", scheduled=False)], NOW)), queued)
     assert "Scheduled" not in conditions(admitted)
+    # nor as Running's, the job's reason: it said Queued, "waits to be admitted", until the pods ran
+    assert admitted["reason"] == "Admitted" and conditions(admitted)["Running"] == ("False", "Admitted")
+    assert after(decide(Observed(body(admitted), [job(2, ready=1)], [pod(2)], NOW)), admitted)["phase"] == "Running"
 
 
 def test_suspend_stops_the_attempt_and_resume_starts_the_next() -> None:

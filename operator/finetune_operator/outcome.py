@@ -66,6 +66,7 @@ class Outcome:
 EVICTED = "Evicted"
 SCHEDULING_GATED = "SchedulingGated"  # PodScheduled's reason while spec.schedulingGates holds a pod
 QUEUED = "Queued"  # a Job its queue (Kueue) holds suspended until it admits it
+ADMITTED = "Admitted"  # Running False once the queue admitted the Job, until its pods run
 OWN_LIMIT_EVICTION = re.compile(
     r'Container (?P<container>\S+) exceeded its local ephemeral storage limit "(?P<limit>[^"]*)"\.'
     r'|Pod ephemeral local storage usage exceeds the total limit of containers (?P<total>\S+)\.'

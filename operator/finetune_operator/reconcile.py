@@ -598,6 +598,10 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
             conds.set(T.SCHEDULED, True, "Scheduled", "every worker has a node")
         elif _cause_over(conds.get(T.SCHEDULED), outcome.created_workers(pods), spec.workers):
             conds.drop(T.SCHEDULED)
+        if not result.queued and conds.get(T.RUNNING).get("reason") == outcome.QUEUED:
+            # Kueue preempted a running attempt and admitted it again: "waits to be admitted" stayed the job's reason
+            # in `kubectl get` until its pods ran.
+            conds.set(T.RUNNING, False, outcome.ADMITTED, "its queue admitted the Job: its pods start")
         return
     if result.state == State.RUNNING:
         conds.set(T.SCHEDULED, True, "Scheduled", "every worker has a node")
