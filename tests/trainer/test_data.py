@@ -833,16 +833,31 @@ def test_a_folder_that_split_folders_link_into_is_not_walked_through_them(
     assert listed.count(str(tmp_path / "v3" / "test" / "Dog")) == 2  # by the dataset's walk, and as its class
 
 
-@pytest.mark.parametrize("layout", ["classes", "splits", "release", "table beside"])
+@pytest.mark.parametrize("layout", ["classes", "splits", "release", "table beside", "release named by a split",
+                                    "Intel's nesting linked"])
 def test_an_image_datasets_folders_are_each_listed_once_a_load(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch, layout: str) -> None:
     """The split folders' class folders were listed to tell the labelled splits, then again to read them, and the
     root's again to read its classes, or after a table beside them was found no dataset (train -> v3/train: each
-    split listed twice a load)."""
+    split listed twice a load). So was a release's link named by a split (test -> test_v3/test), first to tell that
+    test_v3/ is read through its links; and a folder a split is linked into (seg_test/ of test ->
+    seg_test/seg_test) was walked to tell it holds images only there, then again for the unused folders' warning."""
+    from finetune_trainer import data
+
     if layout == "release":
         for split in ("train", "test"):
             split_folders(tmp_path / "v3", split)
             (tmp_path / split).symlink_to(f"v3/{split}")
+    elif layout == "release named by a split":
+        split_folders(tmp_path, "train")
+        split_folders(tmp_path / "test_v3", "test", "validation")
+        for split in ("test", "validation"):
+            (tmp_path / split).symlink_to(f"test_v3/{split}")
+        (tmp_path / "preview_Cat").symlink_to("train/Cat")  # a shortcut
+    elif layout == "Intel's nesting linked":
+        for split in ("train", "test"):
+            split_folders(tmp_path / f"seg_{split}", f"seg_{split}")
+            (tmp_path / split).symlink_to(f"seg_{split}/seg_{split}")
     elif layout == "splits":
         split_folders(tmp_path, "train", "test")
     else:
@@ -855,11 +870,19 @@ def test_an_image_datasets_folders_are_each_listed_once_a_load(
         listed.append(folder)
         return iterdir(folder)
 
+    linked_into, walked = data.linked_into, []
+
+    def walks(folder: Path, targets: set[str]) -> bool:
+        walked.append(folder)
+        return linked_into(folder, targets)
+
     monkeypatch.setattr(Path, "iterdir", counted)
+    monkeypatch.setattr(data, "linked_into", walks)
     assert len(load_images(tmp_path).id2label) == 2
     format_look = layout != "table beside"  # detect_format's for a folder among the root's entries, where no table
     assert listed.count(tmp_path) == 1 + format_look
     assert all(listed.count(folder) == 1 for folder in listed if folder != tmp_path)
+    assert all(walked.count(folder) == 1 for folder in walked)
 
 
 @pytest.mark.parametrize("layout", ["parquet splits", "image folder"])

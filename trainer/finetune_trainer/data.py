@@ -814,7 +814,8 @@ def read_image_splits(path: Path, listings: dict[Path, list[Path]]) -> dict[str,
     folders = image_folders(path, listings)
     deciding = [d for d in folders if d not in shortcuts(folders)]
     named = list(zip(folder_splits(deciding), deciding))
-    labelled = labelled_splits(path, named, listings)
+    walks: dict[tuple[Path, frozenset[str]], bool] = {}  # read_through's, by folder and targets: each walked once
+    labelled = labelled_splits(path, named, listings, walks)
     if TRAIN not in labelled:
         if labelled and None not in dict(named) and TRAIN not in dict(named):
             raise DataError(f"{path}: its folders name splits ({', '.join(d.name for d in folders)}) but none is train")
@@ -824,7 +825,8 @@ def read_image_splits(path: Path, listings: dict[Path, list[Path]]) -> dict[str,
     # train/ holds class folders: the others are no classes (Kaggle's test/ of the images to predict, a samples/)
     # seg_train/ of train -> seg_train/seg_train is read too, and so is a shortcut into a split (preview -> train/cat)
     reals = {os.path.realpath(d) for d in labelled.values()}
-    for folder in (d for d in folders if not read_through(d, reals) and not lies_in(os.path.realpath(d), reals)):
+    for folder in (d for d in folders
+                   if not read_through(d, reals, walks) and not lies_in(os.path.realpath(d), reals)):
         log.warning("%s: its images are in no class folder of a split, so unlabelled: not used", folder)
     splits = {name: labelled[name] for name in (TRAIN, VALIDATION, TEST) if name in labelled}
     # train first (without it nothing is learnt; test is then held out of it), then test before validation: the
@@ -833,8 +835,8 @@ def read_image_splits(path: Path, listings: dict[Path, list[Path]]) -> dict[str,
     return read_image_tables(path, distinct_folders(splits, "the {} split", claims), listings)
 
 
-def labelled_splits(path: Path, named: list[tuple[str | None, Path]],
-                    listings: dict[Path, list[Path]]) -> dict[str, Path]:
+def labelled_splits(path: Path, named: list[tuple[str | None, Path]], listings: dict[Path, list[Path]],
+                    walks: dict[tuple[Path, frozenset[str]], bool]) -> dict[str, Path]:
     """The folders of `named` (split, folder) that hold class folders, by split. Two folders may name one split: one
     that is the other, or holds images only in it (val -> validation; seg_test/ of test -> seg_test/seg_test, Intel's
     nesting linked), is read as the inner one; others the user must choose between (the last one was taken, the
@@ -845,20 +847,26 @@ def labelled_splits(path: Path, named: list[tuple[str | None, Path]],
             continue
         if (kept := labelled.setdefault(name, folder)) == folder:
             continue
-        if not (read_through(kept, {os.path.realpath(folder)}) or read_through(folder, {os.path.realpath(kept)})):
+        if not (read_through(kept, {os.path.realpath(folder)}, walks)
+                or read_through(folder, {os.path.realpath(kept)}, walks)):
             raise DataError(f"{path}: {kept.name} and {folder.name} both name the {name} split and hold images in "
                             "folders: keep one, or name the other for no split")
         labelled[name] = max((kept, folder), key=lambda d: len(os.path.realpath(d)))  # the inner one
     return labelled
 
 
-def read_through(folder: Path, reals: set[str]) -> bool:
+def read_through(folder: Path, reals: set[str], walks: dict[tuple[Path, frozenset[str]], bool]) -> bool:
     """Whether `folder` is read as, or only through, the folders of real paths `reals`: it is one, or holds images
     only in those below it (seg_train/ of a train -> seg_train/seg_train), not a class of one (training ->
-    train/cat, beside train/dog)."""
+    train/cat, beside train/dog). `walks`: the load's linked_into answers, by folder and targets, since the unused
+    folders' warning asks labelled_splits' again (seg_train/ was walked twice)."""
     real = os.path.realpath(folder)
-    inner = {r for r in reals if within(r, real)}
-    return real in reals or bool(inner) and linked_into(folder, inner)
+    inner = frozenset(r for r in reals if within(r, real))
+    if real in reals or not inner:
+        return real in reals
+    if (folder, inner) not in walks:
+        walks[folder, inner] = linked_into(folder, inner)
+    return walks[folder, inner]
 
 
 def read_image_tables(path: Path, splits: dict[str, Path],
@@ -1052,13 +1060,14 @@ def image_folders(path: Path, listings: dict[Path, list[Path]]) -> list[Path]:
 def data_folders(path: Path, listings: dict[Path, list[Path]]) -> list[Path]:
     """The data folders in `path` (folders_in), listed once a load: remembered in `listings` (Found.listings)."""
     if (folders := listings.get(path)) is None:
-        folders = listings[path] = folders_in(path)
+        folders = listings[path] = folders_in(path, listings)
     return folders
 
 
-def folders_in(path: Path) -> list[Path]:
+def folders_in(path: Path, listings: dict[Path, list[Path]]) -> list[Path]:
     """The data folders in `path` (data_folder), in sorted order, that may be splits or classes: not a real folder
-    that the links beside it stand for (stood_for), which is none itself."""
+    that the links beside it stand for (stood_for), which is none itself. `listings`: the load's data_folders,
+    through which release_links lists the links' folders."""
     folders = [d for d in sorted(path.iterdir()) if d.is_dir() and data_folder(d.name)]
     links = {d: os.path.realpath(d) for d in folders if d.is_symlink()}
     # a real folder holds targets only where its real path is above one: a lookup each, not a walk each
@@ -1068,10 +1077,11 @@ def folders_in(path: Path) -> list[Path]:
     real = os.path.realpath(path)  # a real folder's real path is its parent's and its name: no realpath each
     named = [d for d in folders if d not in links and split_of(d.name) and has_images(d)]  # not a training_logs/
     return [d for d in folders if d in links or (inside := os.path.join(real, d.name)) not in above
-            or not stood_for(d, inside, links, by_word=any(other != d for other in named))]
+            or not stood_for(d, inside, links, listings, by_word=any(other != d for other in named))]
 
 
-def stood_for(folder: Path, real: str, links: dict[Path, str], by_word: bool) -> bool:
+def stood_for(folder: Path, real: str, links: dict[Path, str], listings: dict[Path, list[Path]],
+              by_word: bool) -> bool:
     """Whether the links beside the real `folder` (by their real paths) stand for it, in its place: two or more
     link into it and it holds images only there (a release v3/ of train -> v3/train and test -> v3/test, a pool/ of
     cat -> pool/cat and dog -> pool/dog), and they name splits where its name does. Not a train/ beside test/ that
@@ -1082,7 +1092,7 @@ def stood_for(folder: Path, real: str, links: dict[Path, str], by_word: bool) ->
     a word (test_set/ beside training_set/: the splits are named so), else a split is named by its whole name (a
     pool test_images/ alone is a pool)."""
     into = [d for d, target in links.items() if within(target, real) and target != real]  # kitty -> cat: a class
-    if (len(into) < 2 or split_of(folder.name, not by_word) and not release_links(into, by_word)
+    if (len(into) < 2 or split_of(folder.name, not by_word) and not release_links(into, by_word, listings)
             or not linked_into(folder, {links[d] for d in into})):
         return False
     said_once(f"{folder} holds images only in the folders that {listed([str(d) for d in into])} link to: read "
@@ -1090,13 +1100,14 @@ def stood_for(folder: Path, real: str, links: dict[Path, str], by_word: bool) ->
     return True
 
 
-def release_links(links: list[Path], by_word: bool) -> bool:
+def release_links(links: list[Path], by_word: bool, listings: dict[Path, list[Path]]) -> bool:
     """Whether `links` into a folder named by a split can stand for it, as a release's: each names another split
     (test_set_Cat and test_set_Dog are shortcuts) and holds class folders (val_Cat and test_Dog into test/Cat and
-    test/Dog are shortcuts too: test/ was dropped)."""
+    test/Dog are shortcuts too: test/ was dropped). Their folders are listed through `listings` (data_folders): a
+    release's are read as its splits, and were listed twice."""
     splits = [split_of(d.name, not by_word) for d in links]
     return (all(splits) and len(set(splits)) == len(splits)
-            and all(any(has_images(c) for c in folders_in(d)) for d in links))
+            and all(any(has_images(c) for c in data_folders(d, listings)) for d in links))
 
 
 def linked_into(folder: Path, targets: set[str]) -> bool:
