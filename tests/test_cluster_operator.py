@@ -452,6 +452,37 @@ def test_suspend_mid_run_and_resume(operator_env: OperatorEnv) -> None:
 
 
 @pytest.mark.slow
+def test_a_child_job_its_queue_preempts_and_admits_again_resumes_within_its_attempt(operator_env: OperatorEnv) -> None:
+    """What Kueue does to a workload it preempts: the child Job suspended (the Job controller stops its pods), then
+    admitted again (unsuspended: new pods). The stopped pods are no failure, the job says Queued meanwhile, and the
+    attempt goes on from the checkpoint its SIGTERM wrote."""
+    env = operator_env
+    doc = example("minilm-sentiment", dataset={"maxTrainSamples": 480, "maxEvalSamples": 64},
+                  training={"checkpointEverySteps": 100})
+    doc["spec"]["backoffLimit"] = 0  # a counted failure would fail the job
+    name = env.apply(doc)
+    env.wait_ftj(name, at_step(1), "training", timeout=300)
+    first = rank0(env, name, 1)
+    [child] = env.objects("jobs", name)
+
+    def suspend(value: bool) -> None:
+        env.kube.kubectl("patch", "job", child["metadata"]["name"], "-n", env.namespace, "--type=merge", "-p",
+                         json.dumps({"spec": {"suspend": value}}))
+
+    suspend(True)
+    queued = env.wait_ftj(name, lambda o: o.get("status", {}).get("reason") == "Queued", "queued", timeout=60)
+    assert queued["status"]["phase"] == "Pending" and conditions(queued)["Scheduled"] == ("False", "Queued")
+    env.kube.wait_for("the preempted pods gone", lambda: not env.objects("pods", name), env.namespace, timeout=120)
+    assert env.ftj(name)["status"]["reason"] == "Queued" and not env.ftj(name)["status"].get("failures")
+    suspend(False)
+    done = env.wait_phase(name, "Succeeded", timeout=420)
+    assert done["status"]["attempts"] == 1 and done["status"].get("failures", 0) == 0
+    assert [j["metadata"]["uid"] for j in env.objects("jobs", name)] == [child["metadata"]["uid"]]
+    second = rank0(env, name, 1)
+    assert second["metadata"]["uid"] != first["metadata"]["uid"] and "resumed from" in logs(env, second)
+
+
+@pytest.mark.slow
 def test_a_job_made_again_under_its_name_starts_once_the_deleted_ones_trainer_has_stopped(
         operator_env: OperatorEnv) -> None:
     """`kubectl delete` and `apply` again (how a running job's recipe is changed): the deleted job's trainer writes its
