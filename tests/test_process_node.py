@@ -477,6 +477,40 @@ def test_a_deleted_pod_s_volumes_and_roots_are_removed_and_its_logs_kept(agent: 
     assert runner.log_path("main", 0).exists()
 
 
+def test_a_gone_pod_s_folder_is_removed_before_the_node_exits(agent: Agent, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Its removal runs on a thread of its own: a node that exited without waiting for it left the folder half removed.
+    runner = _run(agent, _pod(SCRATCH_SCRIPT, volumes=[{"name": "scratch", "emptyDir": {}}],
+                              container={"volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}))
+    assert _first_line(runner) == "ready"
+    os.kill(runner.containers[0].proc.pid, signal.SIGKILL)
+    runner.join(10)
+    remove = agent_module.remove_pod_folders
+    monkeypatch.setattr(agent_module, "remove_pod_folders", lambda folder: time.sleep(0.5) or remove(folder))
+    agent._forget(runner.pod)
+    agent.shutdown(grace_seconds=5)
+    assert [p.name for p in runner.dir.iterdir()] == ["logs"]
+
+
+def test_a_node_s_start_sweeps_the_folders_of_gone_pods_and_keeps_those_of_its_pods(agent: Agent, api: Api) -> None:
+    # A node killed (or exiting) before it removed a gone pod's folder left it for good: nothing removes it later. A
+    # pod still bound to the node runs again in its folder, its data kept, as through a kubelet's restart.
+    live = _pod("import time; print(open('/scratch/kept').read(), flush=True); time.sleep(60)",
+                volumes=[{"name": "scratch", "emptyDir": {}}],
+                container={"volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]})
+    for uid in (live["metadata"]["uid"], "gone"):
+        (agent.pods_dir / uid / "volumes" / "scratch").mkdir(parents=True)
+        (agent.pods_dir / uid / "volumes" / "scratch" / "kept").write_text("data")
+        (agent.pods_dir / uid / "logs" / "main").mkdir(parents=True)
+        (agent.pods_dir / uid / "logs" / "main" / "0.log").write_text("")
+    api.pods = [live]
+    with _watching(agent, api):
+        gone = agent.pods_dir / "gone"
+        _eventually("the gone pod's folder swept", lambda: [p.name for p in gone.iterdir()] == ["logs"])
+        assert (gone / "logs" / "main" / "0.log").exists()
+        assert _first_line(_eventually("the pod run again", lambda: agent.runners.get(live["metadata"]["uid"]))) == \
+            "data"
+
+
 def test_a_deleted_pod_s_folder_stays_while_a_process_runs_in_its_roots(tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     # A process the kill did not end (uninterruptible sleep) still has its root, /tmp and volumes: the folder stays.

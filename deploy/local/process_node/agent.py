@@ -106,6 +106,8 @@ class Agent:
         }
         self.runners: dict[str, PodRunner] = {}  # by pod uid; the kubelet API's threads read it too
         self._runners_lock = threading.Lock()
+        self._removals: list[threading.Thread] = []  # removing gone pods' folders: shutdown waits for them
+        self._removals_lock = threading.Lock()
         self._ips = (pod_network(state_dir) + n for n in itertools.count(1))
         self.stopping = threading.Event()  # set when the agent exits
         self._kubelet_port = 0
@@ -266,8 +268,30 @@ class Agent:
         stopping = runner is not None and runner.stop(_grace_seconds(pod))
         self.dns.remove_pod(pod)  # before the folders: a later rewrite of the node's hosts files made its file again
         if not stopping:
-            threading.Thread(target=remove_pod_folders, args=(self.pods_dir / meta["uid"],),
-                             name=f"clean-up {meta['namespace']}/{meta['name']}", daemon=True).start()
+            self._remove_folders([self.pods_dir / meta["uid"]], f"clean-up {meta['namespace']}/{meta['name']}")
+
+    def _remove_folders(self, folders: list[Path], name: str) -> None:
+        """remove_pod_folders on a thread of its own, which shutdown waits for: a node that exited midway left a
+        folder half removed."""
+        def remove() -> None:
+            for folder in folders:
+                remove_pod_folders(folder)
+
+        removal = threading.Thread(target=remove, name=name, daemon=True)
+        with self._removals_lock:
+            self._removals = [r for r in self._removals if r.is_alive()] + [removal]
+        removal.start()
+
+    def _sweep(self, listed: set[str]) -> None:
+        """Remove the folders of pods no longer bound here, left by a node that exited (or was killed) before it
+        removed them: every folder but those of the pods listed, which live on (the node restarted: each runs again
+        in its folder, or waits, ended, for its deletion)."""
+        try:
+            stale = [folder for folder in self.pods_dir.iterdir() if folder.name not in listed]
+        except FileNotFoundError:
+            return  # no pod ever ran here
+        if stale:
+            self._remove_folders(stale, "clean-up of pod folders left behind")
 
     def clean_up(self, pod: dict) -> None:
         """Remove what a gone pod left on the node: its DNS entry, then its folders (the other way round, a rewrite of
@@ -277,13 +301,17 @@ class Agent:
 
     def _watch_pods(self) -> None:
         pods = f"/api/v1/pods?fieldSelector={quote(f'spec.nodeName={self.name}')}"
+        swept = False
         while not self.stopping.is_set():
             try:
                 listing = self.api.request("GET", pods)
+                listed = {pod["metadata"]["uid"] for pod in listing["items"]}
+                if not swept:  # at the first list alone: after it, gone pods' folders are _forget's to remove
+                    self._sweep(listed)
+                    swept = True
                 failed = [error for pod in listing["items"] if (error := self._synced(pod))]
                 if failed:  # tried again at the next list, once the others are: one pod held up every pod after it
                     raise failed[0]
-                listed = {pod["metadata"]["uid"] for pod in listing["items"]}
                 with self._runners_lock:
                     gone = [r.pod for uid, r in self.runners.items() if uid not in listed]
                 for pod in gone:  # deleted while we relisted
@@ -314,7 +342,8 @@ class Agent:
                 time.sleep(1)
 
     def shutdown(self, grace_seconds: float = 5.0) -> None:
-        """Stop every pod's processes (SIGTERM, then SIGKILL) before the agent exits."""
+        """Stop every pod's processes (SIGTERM, then SIGKILL) before the agent exits, and let the removals of gone
+        pods' folders under way end, within the grace period (what is left then, the next start sweeps)."""
         self.stopping.set()
         with self._runners_lock:
             runners = list(self.runners.values())
@@ -323,6 +352,11 @@ class Agent:
                 runner.stop(grace_seconds)
         for runner in runners:
             runner.join(grace_seconds + 2)
+        deadline = time.monotonic() + grace_seconds
+        with self._removals_lock:
+            removals = list(self._removals)
+        for removal in removals:
+            removal.join(max(0.0, deadline - time.monotonic()))
 
     def run(self) -> None:
         """Serve until stopped; whatever ends it (an error, a signal), the pods end first."""

@@ -130,12 +130,12 @@ def remove_pod_folders(pod_dir: Path) -> None:
     if not pod_dir.exists():
         return
     try:
-        if processes.processes_in(pod_dir / "roots") or _mounted_beneath(pod_dir):
+        # a folder of logs alone (swept again at each start of the node) is passed over before the costlier checks
+        left = [entry for entry in pod_dir.iterdir() if entry.name != "logs"]
+        if left and (processes.processes_in(pod_dir / "roots") or _mounted_beneath(pod_dir)):
             log.warning("%s left: a process still runs in it, or something is mounted there", pod_dir)
             return
-        for entry in pod_dir.iterdir():
-            if entry.name == "logs":
-                continue
+        for entry in left:
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry)
             else:
