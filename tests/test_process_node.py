@@ -491,6 +491,23 @@ def test_a_gone_pod_s_folder_is_removed_before_the_node_exits(agent: Agent, monk
     assert [p.name for p in runner.dir.iterdir()] == ["logs"]
 
 
+def test_a_force_deleted_pod_still_stopping_is_stopped_before_the_node_exits(agent: Agent) -> None:
+    # Its runner leaves the node's list at the force delete and kills it at the end of its grace period: a node that
+    # exited before then left its processes running, on no node.
+    runner = _run(agent, _pod("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); "
+                              "print('ready', flush=True); time.sleep(120)", terminationGracePeriodSeconds=60))
+    assert _first_line(runner) == "ready"
+    worker = runner.containers[0].proc.pid
+    try:
+        agent._forget(_deleting(runner.pod, 0))  # force-deleted: the spec's 60 s
+        assert runner.is_alive() and _alive(worker)
+        agent.shutdown(grace_seconds=1)
+        assert not _alive(worker) and not runner.is_alive()
+    finally:
+        if _alive(worker):
+            os.kill(worker, signal.SIGKILL)
+
+
 def test_a_node_s_start_sweeps_the_folders_of_gone_pods_and_keeps_those_of_its_pods(agent: Agent, api: Api) -> None:
     # A node killed (or exiting) before it removed a gone pod's folder left it for good: nothing removes it later. A
     # pod still bound to the node runs again in its folder, its data kept, as through a kubelet's restart.

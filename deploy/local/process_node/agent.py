@@ -106,8 +106,10 @@ class Agent:
         }
         self.runners: dict[str, PodRunner] = {}  # by pod uid; the kubelet API's threads read it too
         self._runners_lock = threading.Lock()
-        self._removals: list[threading.Thread] = []  # removing gone pods' folders: shutdown waits for them
-        self._removals_lock = threading.Lock()
+        # gone pods' runners still stopping (force-deleted: out of self.runners), and their folders' removals: shutdown
+        # stops and waits for them
+        self._leaving: list[threading.Thread] = []
+        self._leaving_lock = threading.Lock()
         self._ips = (pod_network(state_dir) + n for n in itertools.count(1))
         self.stopping = threading.Event()  # set when the agent exits
         self._kubelet_port = 0
@@ -267,8 +269,14 @@ class Agent:
         # stopped before its entry goes, so that a runner making the pod's volumes adds it back no more
         stopping = runner is not None and runner.stop(_grace_seconds(pod))
         self.dns.remove_pod(pod)  # before the folders: a later rewrite of the node's hosts files made its file again
-        if not stopping:
+        if stopping:
+            self._leave(runner)
+        else:
             self._remove_folders([self.pods_dir / meta["uid"]], f"clean-up {meta['namespace']}/{meta['name']}")
+
+    def _leave(self, thread: threading.Thread) -> None:
+        with self._leaving_lock:
+            self._leaving = [t for t in self._leaving if t.is_alive()] + [thread]
 
     def _remove_folders(self, folders: list[Path], name: str) -> None:
         """remove_pod_folders on a thread of its own, which shutdown waits for: a node that exited midway left a
@@ -278,8 +286,7 @@ class Agent:
                 remove_pod_folders(folder)
 
         removal = threading.Thread(target=remove, name=name, daemon=True)
-        with self._removals_lock:
-            self._removals = [r for r in self._removals if r.is_alive()] + [removal]
+        self._leave(removal)
         removal.start()
 
     def _sweep(self, listed: set[str]) -> None:
@@ -342,19 +349,19 @@ class Agent:
                 time.sleep(1)
 
     def shutdown(self, grace_seconds: float = 5.0) -> None:
-        """Stop every pod's processes (SIGTERM, then SIGKILL) before the agent exits, and let the removals of gone
-        pods' folders under way end, within the grace period (what is left then, the next start sweeps)."""
+        """Stop every pod's processes (SIGTERM, then SIGKILL) before the agent exits, force-deleted pods' still
+        stopping too (their processes outlived the node), and let the removals of gone pods' folders under way end,
+        within the grace period (what is left then, the next start sweeps)."""
         self.stopping.set()
-        with self._runners_lock:
-            runners = list(self.runners.values())
+        with self._runners_lock, self._leaving_lock:
+            runners = [*self.runners.values(), *(t for t in self._leaving if isinstance(t, PodRunner))]
+            removals = [t for t in self._leaving if not isinstance(t, PodRunner)]
         for runner in runners:
             if runner.is_alive():
                 runner.stop(grace_seconds)
         for runner in runners:
             runner.join(grace_seconds + 2)
         deadline = time.monotonic() + grace_seconds
-        with self._removals_lock:
-            removals = list(self._removals)
         for removal in removals:
             removal.join(max(0.0, deadline - time.monotonic()))
 
