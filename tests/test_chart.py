@@ -104,7 +104,7 @@ def test_the_dashboard_has_the_four_rows_and_reads_only_shared_metric_names() ->
     used = {m for e in exprs for m in re.findall(r"\b(?:finetune|process)_\w+", e)}
     assert METRICS <= {re.sub(r"_(bucket|count)$", "", m) for m in used}
     assert used <= exported_names(), "every metric the dashboard reads is one the trainer or the operator exports"
-    trainer = [e for e in exprs if "finetune_trainer_" in e and "gpu_memory_bytes > bool" not in e]
+    trainer = [e for e in exprs if "finetune_trainer_" in e and 'gpu_memory_bytes{finetunejob!=""} > bool' not in e]
     assert all('finetunejob="$job"' in e for e in trainer), "every per-job panel selects the job"
     assert all(p["datasource"]["uid"] == "${datasource}" for p in board["panels"] if p["type"] != "row")
 
@@ -233,6 +233,9 @@ def test_the_job_stats_are_the_jobs_across_attempts_and_say_nothing_false(tmp_pa
     record("j", 1, 0, 600, lambda s: s * 400 // 600)
     record("j", 2, 660, 1200, lambda s: 300 + s * 700 // 540)
     record("stuck", 1, 0, 3000, lambda s: min(100, s // 3))
+    # j's rank 0 scraped a second time by a job that honours the pods' prometheus.io annotations: no job's name
+    lines.extend(f'finetune_trainer_gpu_memory_bytes{{namespace="a",pod="j-1-0-x",job="kubernetes-pods"}} 2e9 {t}'
+                 for t in range(t0, t0 + 600, 15))
     prometheus_server.backfill(tmp_path, "\n".join(lines) + "\n# EOF\n")
     prometheus = prometheus_server.start(tmp_path, [], free_port())
     exprs = dashboard_exprs()
@@ -248,8 +251,10 @@ def test_the_job_stats_are_the_jobs_across_attempts_and_say_nothing_false(tmp_pa
         assert len(values("ETA", "j", 0, 1500)) == 1 and len(values("Stage", "j", 0, 1500)) == 1
         # A stalled job has no ETA (it was +Inf).
         assert values("ETA", "stuck", 2000, 3000) == []
-        # No GPU job runs at the end: the count ends at 0 (the stat's last non-null value was 1).
-        assert values("Running GPU jobs", "", 0, 3000)[0][-1] == 0
+        # No GPU job runs at the end: the count ends at 0 (the stat's last non-null value was 1). While j ran it was
+        # one, not two: the unnamed series are no job of their own.
+        gpu_jobs = values("Running GPU jobs", "", 0, 3000)[0]
+        assert gpu_jobs[-1] == 0 and max(gpu_jobs) == 1
     finally:
         prometheus.stop()
 
@@ -886,14 +891,13 @@ def readme_scrape_configs() -> dict[str, dict[str, Any]]:
 @pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
 def test_the_readmes_plain_prometheus_config_scrapes_no_finished_pod(tmp_path: Path) -> None:
     """A finished job keeps its pods (Succeeded, their IPs still in their status) until it is deleted: with the
-    README's config each was a target down for ever, and its IP, once another pod's, scraped under its job's name."""
+    README's config each was a target down for ever, and its IP, once another pod's, scraped under its job's name.
+    The trainers are found by their label, without the prometheus.io annotations: with them, the prometheus-community
+    chart's kubernetes-pods job scraped each trainer again, without the dashboard's labels."""
     with _rank0() as port:
         running = pod_target(port, 0)
         done = pod_target(free_port(), 0, job="done")
         done["labels"]["__meta_kubernetes_pod_phase"] = "Succeeded"
-        for target in (running, done):
-            target["labels"] |= {"__meta_kubernetes_pod_annotation_prometheus_io_scrape": "true",
-                                 "__meta_kubernetes_pod_annotationpresent_prometheus_io_scrape": "true"}
         targets = tmp_path / "targets.json"
         targets.write_text(json.dumps([running, done]))
         config = prometheus_server.from_file(readme_scrape_configs()["finetune-trainer"] | {"scrape_interval": "1s"},

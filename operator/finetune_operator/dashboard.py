@@ -62,9 +62,11 @@ def fleet() -> list[Panel]:
         series("Jobs by phase", "short", query("sum by (phase) (finetune_operator_jobs)", "{{phase}}"), width=8)
         .stacking(StackingConfig().mode(StackingMode.NORMAL)),
         # A job is on GPUs when its rank 0 reports GPU memory (CPU jobs report 0). `or vector(0)`: with none left
-        # the sum has no points, and the stat's last non-null value was the count before the last one ended.
+        # the sum has no points, and the stat's last non-null value was the count before the last one ended. Series
+        # without a job's name (a second scrape job that honours the pods' prometheus.io annotations) are no job.
         single("Running GPU jobs", "short", query(
-            "sum(max by (namespace, finetunejob) (finetune_trainer_gpu_memory_bytes > bool 0)) or vector(0)",
+            'sum(max by (namespace, finetunejob) (finetune_trainer_gpu_memory_bytes{finetunejob!=""} > bool 0))'
+            " or vector(0)",
             "GPU jobs")),
         series("Failed jobs by reason (since the operator started)", "short",
                query("sum by (reason) (finetune_operator_job_failures_total)", "{{reason}}"), width=6)
