@@ -225,8 +225,11 @@ def test_throughput_and_the_eta_follow_the_latest_steps_not_the_runs_average(cap
     assert resumed.samples_per_second.value == pytest.approx(8)
     assert resumed.tokens_per_second.value == pytest.approx(8 * 128)
     sample = scrape.parse(generate_latest(resumed.registry).decode())
-    eta = status.progress_and_metrics(sample, 32, datetime(2026, 1, 1))["progress"]["etaSeconds"]
-    assert eta == pytest.approx((10_000 - 3660) * 4, rel=0.01)
+    read = status.progress_and_metrics(sample, 32, datetime(2026, 1, 1))
+    assert read["progress"]["etaSeconds"] == pytest.approx((10_000 - 3660) * 4, rel=0.01)
+    # The end's termination message says the same rates (it said the run's average, 30.5 samples/s, beside the last
+    # read's 1,024 tokens/s, which it did not replace).
+    assert status.finished_metrics(progress.message) == {k: v for k, v in read["metrics"].items() if k != "updatedAt"}
 
 
 def test_an_image_run_reports_no_tokens_per_second(pvc_root: Path) -> None:

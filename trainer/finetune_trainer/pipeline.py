@@ -105,7 +105,6 @@ class Progress:
 
     def step(self, state: LoopState, total: int, flops: analysis.StepFlops | None) -> None:
         last = state.history[-1]
-        per_second = state.samples / max(state.seconds, 1e-9)
         m = self.metrics
         m.loss.set(last["loss"])
         m.learning_rate.set(last["lr"])
@@ -115,7 +114,12 @@ class Progress:
         m.epoch.set(state.epoch)
         m.set_throughput((state.seconds, state.samples, state.tokens, state.padded_tokens), flops)
         self.message["progress"] = {"step": state.step, "totalSteps": total, "epoch": state.epoch}
-        self.message["metrics"] = {"loss": last["loss"], "learningRate": last["lr"], "samplesPerSecond": per_second}
+        # The gauges' rates, which the status showed until this message replaced them at the end: the run's average
+        # there (carried over a resume) put another samples/s beside the last tokens/s.
+        self.message["metrics"] = {"loss": last["loss"], "learningRate": last["lr"],
+                                   "samplesPerSecond": m.samples_per_second.value}
+        if m.tokens_per_second.value is not None:
+            self.message["metrics"]["tokensPerSecond"] = m.tokens_per_second.value
         if not self.main:
             return
         if self.bar is not None:
@@ -126,7 +130,7 @@ class Progress:
             self.last_log = now
             # The gauges' recent rate, as the status and the dashboard show: the run's average (a resume carries it
             # over) gave a run resumed on slower GPUs the first attempt's speed and a fraction of the time left.
-            rate = m.samples_per_second.value or per_second
+            rate = m.samples_per_second.value or 0.0  # set by set_throughput above
             eta = (total - state.step) * state.samples / state.step / max(rate, 1e-9)
             log.info("step %d/%d epoch %d loss %.4f lr %.2e grad norm %.3g %.1f samples/s eta %.0fs", state.step,
                      total, state.epoch, last["loss"], last["lr"], last["grad_norm"], rate, eta)
