@@ -237,6 +237,35 @@ def test_an_endpoint_that_hangs_is_read_less_often_once_stale_and_its_error_stan
     assert not slow.slow
 
 
+def test_reads_that_fail_once_rank_0_reported_done_are_no_poll_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 0 closes its endpoint on purpose once it reported Done and its last values were read, minutes before its
+    pods exit on a loaded node: each poll meanwhile counted an error, so every job's end fired an alert on the
+    counter. An attempt's own failed reads still count, the attempt before's Done notwithstanding."""
+    import functools
+    from datetime import timezone
+
+    from finetune_operator import handlers, metrics
+    from finetune_operator.reconcile import Observed
+
+    monkeypatch.setattr(handlers, "scrape", functools.partial(scrape, port=free_port()))  # nothing listens: refused
+    running = {"type": "Running", "status": "True", "reason": "Training", "lastTransitionTime": "2026-12-01T12:00:00Z"}
+
+    def errors_counted(read_at: str) -> float:
+        status = {"attempts": 1, "stage": "Done", "conditions": [running], "progress": {"updatedAt": read_at}}
+        body = {"metadata": {"name": "j", "namespace": "ns", "uid": "u"}, "spec": {}, "status": status}
+        pods = [{"name": "j-1-0-x", "attempt": 1, "index": 0, "phase": "Running", "ip": "127.0.0.1"}]
+        before = metrics.REGISTRY.get_sample_value("finetune_operator_metric_poll_errors_total",
+                                                   {"reason": "MetricsUnreachable"}) or 0.0
+        seen = Observed(body, [], pods, datetime.now(timezone.utc).replace(tzinfo=None))
+        handlers._sample(seen, handlers.SlowScrapes(poll_seconds=2), "ns", "j")
+        assert seen.scrape_error and seen.scrape_error[0] == "MetricsUnreachable"
+        return metrics.REGISTRY.get_sample_value("finetune_operator_metric_poll_errors_total",
+                                                 {"reason": "MetricsUnreachable"}) - before
+
+    assert errors_counted("2026-12-01T12:05:00Z") == 0  # Done read in this attempt
+    assert errors_counted("2026-12-01T11:55:00Z") == 1  # Done was the attempt before's
+
+
 def test_metrics_that_another_pod_serves_are_refused_and_the_pods_own_are_read(monkeypatch: pytest.MonkeyPatch) -> None:
     """A rank 0 deleted while the operator's watch missed it (a relist gap) stays in its index with its IP, and the
     IP goes to the next pod, perhaps another job's trainer: its numbers were read into this job's status. The trainer

@@ -196,7 +196,8 @@ def _sample(seen: reconcile.Observed, slow: SlowScrapes, ns: str, name: str) -> 
         seen.sample = scrape(rank0["ip"], pod_uid=rank0.get("pod_uid"))
         slow.forget(key)
     except ScrapeError as exc:
-        metrics.POLL_ERRORS.labels(reason=exc.reason).inc()
+        if not reconcile.reported_done(seen.body["status"]):  # every job's end counted as errors, alerts firing
+            metrics.POLL_ERRORS.labels(reason=exc.reason).inc()
         log.debug("%s/%s: metrics not read: %s", ns, name, exc)
         seen.scrape_error = (exc.reason, str(exc))
         slow.failed(key, started, seen.scrape_error)

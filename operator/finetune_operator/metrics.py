@@ -73,8 +73,9 @@ def bounded(counter: Counter, value: str) -> Counter:
 ATTEMPTS = Counter("finetune_operator_attempts_total", "Attempts started, by what started them", ["cause"], registry=REGISTRY)
 FAILURES = Counter("finetune_operator_job_failures_total", "FineTuneJobs that ended Failed, by reason", ["reason"],
                    registry=REGISTRY)
-POLL_ERRORS = Counter("finetune_operator_metric_poll_errors_total", "Failed reads of rank 0's /metrics, by reason",
-                      ["reason"], registry=REGISTRY)
+POLL_ERRORS = Counter("finetune_operator_metric_poll_errors_total",
+                      "Failed reads of rank 0's /metrics, by reason (not after it reported Done: it closes its "
+                      "endpoint then)", ["reason"], registry=REGISTRY)
 # At 0 from the start: a series whose first sample is 1 is an error that rate() and increase() never count.
 for _reason in REASONS:
     POLL_ERRORS.labels(reason=_reason)

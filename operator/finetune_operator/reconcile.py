@@ -728,6 +728,13 @@ def _stale(conds: Conditions, old: dict[str, Any], now: datetime, reason: str, m
     conds.set(T.METRICS_STALE, True, reason, f"rank 0's metrics not read {since}: {message}")
 
 
+def reported_done(status: dict[str, Any]) -> bool:
+    """Whether rank 0 of the running attempt reported Done: it closes its endpoint then, on purpose, before its pods
+    exit (minutes on a loaded node), so a read that fails is no fault."""
+    conds = Conditions(status.get("conditions") or [], 0, datetime.min)  # read only
+    return status.get("stage") == "Done" and _read_this_attempt(conds, status) is not None
+
+
 def _read_this_attempt(conds: Conditions, old: dict[str, Any]) -> datetime | None:
     """When rank 0's metrics were last read, if that was in the running attempt (not before Running last turned
     True): status.progress and status.stage stay from the attempt before until the new one is read."""
