@@ -4,7 +4,7 @@ Built with grafana-foundation-sdk (the dev extra) so it is code, not hand-edited
 use only the shared metric names (DESIGN §4) and the labels the chart's PodMonitor adds to trainer
 series: `namespace`, `finetunejob` (from the pod label `finetune.dev/job-name`) and `finetunejob_uid`
 (`finetune.dev/job-uid`: a job made again under its name is another run). Operator
-series carry `job="finetune-operator"` (the ServiceMonitor's jobLabel).
+series carry `job="finetune-operator"` (the ServiceMonitor's relabelling, whatever the release's name).
 
 Rows: the fleet; one job (variables datasource, namespace, job: from the stage, which rank 0 reports from
 its start, where the training gauges wait for the first step); its evaluation, baseline against
