@@ -235,6 +235,16 @@ def test_a_runner_that_fails_at_once_says_so_and_its_pod_s_deletion_is_finished(
     assert _state(api, "main")["terminated"]["reason"] == "ContainerStatusUnknown"
 
 
+def test_a_node_whose_pods_folder_cannot_be_listed_still_runs_its_pods_watch(agent: Agent, api: Api) -> None:
+    # The first list's sweep of old pod folders raised on the watch's thread: each list failed before any pod was
+    # synced, every second, for good, and the pods stayed Pending with nothing said in them.
+    agent.pods_dir.write_text("")  # a file where the pods' folders go
+    api.pods = [pod := _pod("pass")]
+    with _watching(agent, api):
+        _eventually("the pod's failure said", lambda: api.statuses and _state(api, "main")["waiting"])
+    assert _state(api, "main")["waiting"]["reason"] == "RunContainerError" and pod["metadata"]["uid"] in agent.runners
+
+
 def test_a_deletion_that_comes_as_a_failed_runner_says_so_ends_the_pod_failed(
         agent: Agent, api: Api, monkeypatch: pytest.MonkeyPatch) -> None:
     # The runner's failure (Pending, RunContainerError) was sent once the runner had ended: a deletion meanwhile was

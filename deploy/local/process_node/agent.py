@@ -297,6 +297,9 @@ class Agent:
             stale = [folder for folder in self.pods_dir.iterdir() if folder.name not in listed]
         except FileNotFoundError:
             return  # no pod ever ran here
+        except OSError as error:  # raised on the watch's thread, it held every pod back, for good, unsaid in them
+            log.warning("pod folders not swept: %s", error)
+            return
         if stale:
             self._remove_folders(stale, "clean-up of pod folders left behind")
 
@@ -353,17 +356,17 @@ class Agent:
         stopping too (their processes outlived the node), and let the removals of gone pods' folders under way end,
         within the grace period (what is left then, the next start sweeps)."""
         self.stopping.set()
+        # one deadline for it all: the runners' joins, then the removals', took up to twice the grace, past the 10 s
+        # that `cluster.py down` gives the node before its SIGKILL
+        deadline = time.monotonic() + grace_seconds + 2
         with self._runners_lock, self._leaving_lock:
             runners = [*self.runners.values(), *(t for t in self._leaving if isinstance(t, PodRunner))]
             removals = [t for t in self._leaving if not isinstance(t, PodRunner)]
         for runner in runners:
             if runner.is_alive():
                 runner.stop(grace_seconds)
-        for runner in runners:
-            runner.join(grace_seconds + 2)
-        deadline = time.monotonic() + grace_seconds
-        for removal in removals:
-            removal.join(max(0.0, deadline - time.monotonic()))
+        for thread in (*runners, *removals):
+            thread.join(max(0.0, deadline - time.monotonic()))
 
     def run(self) -> None:
         """Serve until stopped; whatever ends it (an error, a signal), the pods end first."""
