@@ -1208,6 +1208,9 @@ def test_a_worker_on_a_lost_node_ends_the_attempt_as_a_disruption_and_its_job_go
 
 def test_a_child_job_its_queue_suspended_is_queued_and_its_stopped_pods_are_no_failures() -> None:
     running = after(decide(Observed(body({"attempts": 1}), [job()], [pod()], NOW)))
+    # its metrics stale when it was preempted: MetricsStale True stayed through the queue's wait, an alert firing
+    running["conditions"].append({"type": "MetricsStale", "status": "True", "reason": "MetricsTimeout", "message": "",
+                                  "lastTransitionTime": "2026-12-01T12:00:00Z"})
     # Kueue preempted the workload: it suspended the Job, whose controller stopped the pods (SIGTERM: exit 143).
     preempted = outcome.job_summary({
         "metadata": {"name": "ft-1", "labels": {"finetune.dev/attempt": "1"}}, "spec": {"suspend": True},
@@ -1218,6 +1221,7 @@ def test_a_child_job_its_queue_suspended_is_queued_and_its_stopped_pods_are_no_f
         assert status["phase"] == "Pending" and status["reason"] == "Queued"
         assert conditions(status)["Running"] == ("False", "Queued") and status["attempts"] == 1
         assert not status.get("failures") and "Restarting" not in conditions(status)
+        assert conditions(status)["MetricsStale"] == ("False", "Queued")
 
 
 def test_the_pods_a_suspend_stopped_are_no_failure_of_the_jobs_next_admission() -> None:

@@ -584,6 +584,7 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
         if result.queued:
             conds.set(T.SCHEDULED, False, result.reason, result.message)
             conds.clear(T.RUNNING, result.reason, result.message)
+            conds.clear(T.METRICS_STALE, result.reason)  # stopped by its queue: no alert on it for the whole wait
         elif result.unschedulable:  # or gated
             conds.set(T.SCHEDULED, False, result.reason, result.unschedulable)
         elif result.not_created:
