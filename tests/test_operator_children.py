@@ -114,6 +114,29 @@ def test_workers_rendezvous_statically_on_index_zero() -> None:
     assert job["spec"]["completions"] == job["spec"]["parallelism"] == 2
 
 
+def test_torchrun_waits_at_its_rendezvous_as_long_as_the_ranks_wait_at_a_collective() -> None:
+    """A gang's last pod may start many minutes after its first (a node scaled up, a large image pulled): torchrun's
+    static rendezvous gave up after its default 600 s, exit 1 with no termination message, a counted failure."""
+    from torch.distributed.run import config_from_args, parse_args
+
+    from finetune_trainer.distributed import COLLECTIVE_TIMEOUT
+
+    doc, spec = ftj("minilm-sentiment-2workers.yaml")
+    command = children.job(doc, spec, 1, SETTINGS)["spec"]["template"]["spec"]["containers"][0]["command"]
+    config, *_ = config_from_args(parse_args([a.replace("$(FINETUNE_NODE_RANK)", "1") for a in command[1:]]))
+    assert config.rdzv_backend == "static"
+    assert int(config.rdzv_configs["timeout"]) == COLLECTIVE_TIMEOUT.total_seconds() == 3600
+
+
+def test_the_trainer_is_not_pid_1_where_a_sigterm_with_no_handler_yet_is_dropped() -> None:
+    """PID 1 of a pod's PID namespace ignores a signal it has no handler for: the trainer has none until torch and
+    CUDA are up, torchrun none until its rendezvous is over. A suspend or a preemption then was lost, and the pod
+    held its GPUs for its whole grace period. The pause container is PID 1 with a shared namespace."""
+    for name in ("minilm-sentiment.yaml", "minilm-sentiment-2workers.yaml"):
+        doc, spec = ftj(name)
+        assert children.job(doc, spec, 1, SETTINGS)["spec"]["template"]["spec"]["shareProcessNamespace"] is True
+
+
 def test_the_grace_period_reaches_the_pods_and_torchrun_stops_its_workers_within_it() -> None:
     # Unset: Kubernetes' 30 s, of which torchrun gives its workers 25 to checkpoint before its own SIGKILL.
     doc, spec = ftj("minilm-sentiment-2workers.yaml")

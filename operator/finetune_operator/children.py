@@ -19,6 +19,7 @@ from finetune_operator import coretypes as core
 from finetune_operator.judge import claim_fields
 from finetune_operator.settings import Settings
 from finetune_trainer.config import TrainerConfig
+from finetune_trainer.torchrun import PEER_WAIT_SECONDS
 
 JOB_NAME_LABEL = "finetune.dev/job-name"
 # The FineTuneJob's uid: one deleted and created again under its name must not take the old one's children for its own.
@@ -133,7 +134,7 @@ def command(name: str, spec: api.FineTuneJobSpec) -> list[str]:
     # Static rendezvous on index 0: torchrun's c10d backend would let any node be rank 0.
     return ["torchrun", f"--nnodes={rt.workers}", f"--nproc-per-node={rt.processes_per_worker}",
             "--node-rank=$(FINETUNE_NODE_RANK)", f"--master-addr={name}-0.{name}", f"--master-port={RENDEZVOUS_PORT}",
-            "--max-restarts=0", "-m", "finetune_trainer.cli", "run", config]
+            f"--rdzv-conf=timeout={PEER_WAIT_SECONDS}", "--max-restarts=0", "-m", "finetune_trainer.cli", "run", config]
 
 
 def _env(spec: api.FineTuneJobSpec, resources: core.ResourceRequirements) -> list[dict[str, Any]]:
@@ -207,6 +208,11 @@ def job(ftj: dict[str, Any], spec: api.FineTuneJobSpec, attempt: int, settings: 
     pull_secrets = [{"name": s} for s in settings.trainer_pull_secrets] + [s.to_wire() for s in pod.image_pull_secrets]
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
+        # The pause container is PID 1, not the trainer: the kernel drops a signal PID 1 has no handler for, and the
+        # trainer has none until its imports and CUDA are up, nor torchrun until its rendezvous is over (up to an
+        # hour). A SIGTERM then (a suspend, Kueue's preemption, a drain) was lost: the pod ran its whole grace period
+        # holding its GPUs, and the next attempt waited behind it.
+        "shareProcessNamespace": True,
         "automountServiceAccountToken": False,
         "securityContext": pod_security,
         "containers": [container],

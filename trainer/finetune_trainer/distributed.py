@@ -16,12 +16,12 @@ import torch
 import torch.distributed as dist
 
 from finetune_trainer.errors import ConfigError
-from finetune_trainer.torchrun import local_rank, rank, world_size
+from finetune_trainer.torchrun import PEER_WAIT_SECONDS, local_rank, rank, world_size
 
-# How long a collective waits for the other ranks. Rank 0 alone writes checkpoints and the export while the others wait
-# at a barrier: a large model's optimizer state to a network volume can take longer than NCCL's default of 10 minutes,
-# whose watchdog then aborted the waiting ranks (and the attempt). A rank that dies is torchrun's to see, at once.
-COLLECTIVE_TIMEOUT = timedelta(hours=1)
+# How long a collective waits for the other ranks (PEER_WAIT_SECONDS): a large model's optimizer state written to a
+# network volume can take longer than NCCL's default of 10 minutes, whose watchdog then aborted the waiting ranks (and
+# the attempt). A rank that dies is torchrun's to see, at once.
+COLLECTIVE_TIMEOUT = timedelta(seconds=PEER_WAIT_SECONDS)
 
 
 @dataclass(frozen=True)
