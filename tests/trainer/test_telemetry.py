@@ -108,6 +108,32 @@ def test_a_reader_beside_another_at_its_address_is_waited_for(endpoint: tuple[Me
     assert 'phase="final"' in prometheus.bodies[-1], f"closed after {took:.1f} s, before Prometheus read again"
 
 
+def test_a_read_counts_once_its_answer_is_sent_and_the_readers_kept_are_bounded() -> None:
+    """Counted as it came in, a read ended the linger while its answer (the final evaluation in it) was still being
+    made: the process exited under it. A client that names itself anew at each read grew the readers for ever."""
+    readers = telemetry.Readers()
+    made = threading.Event()
+
+    def slow_app(environ: dict, start_response: object) -> list[bytes]:
+        made.wait(5)
+        return [b"finetune_trainer_step 3\n"]
+
+    environ = {"REMOTE_ADDR": "10.0.0.9", "HTTP_USER_AGENT": "Prometheus/3.5.0"}
+    before = time.monotonic()
+    answer = readers.wrap(slow_app)(environ, lambda *_: None)
+    reading = threading.Thread(target=lambda: list(answer))
+    reading.start()
+    time.sleep(0.2)
+    assert not readers.read_since("10.0.0.9 Prometheus/3.5.0", before)  # its answer is still being made
+    made.set()
+    reading.join(5)
+    assert readers.read_since("10.0.0.9 Prometheus/3.5.0", before)
+    for n in range(100):
+        readers.read(f"10.0.0.9 curl/{n}", time.monotonic())
+    assert len(readers.last) == telemetry.MAX_READERS and "10.0.0.9 curl/99" in readers.last
+    assert set(readers.gap) <= set(readers.last)
+
+
 def test_no_wait_without_readers_after_sigterm_or_when_turned_off(endpoint: tuple[Metrics, int],
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     metrics, port = endpoint

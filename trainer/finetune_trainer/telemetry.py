@@ -30,7 +30,7 @@ import signal
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +54,7 @@ KUBERNETES_TERMINATION_LOG = Path("/dev/termination-log")
 TERMINATION_LIMIT = 4096  # bytes Kubernetes keeps of a termination message
 LINGER_ENV = "FINETUNE_METRICS_LINGER_SECONDS"
 DEFAULT_LINGER_SECONDS = 60.0
+MAX_READERS = 32  # the readers the linger may wait for: the most recent
 RATE_WINDOW_SECONDS = 30.0  # of training time: the throughput gauges (and MFU) follow a slowdown within it
 _last_exit_code: list[int | None] = [None]  # the exit code of the latest termination message (write_termination)
 
@@ -72,7 +73,8 @@ PEAK_BF16_FLOPS = {
 class Readers:
     """Who reads /metrics: when each last read it and the longest gap between two of its reads. A reader is its address
     and its User-Agent: readers can share an address (the process node's pods all connect from 127.0.0.1; hostNetwork
-    pods on one node share the node's), and the operator's read every few seconds ended the wait for Prometheus."""
+    pods on one node share the node's), and the operator's read every few seconds ended the wait for Prometheus. Two
+    readers of one address and one User-Agent (Prometheus replicas behind one proxy) are still one."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
@@ -80,15 +82,22 @@ class Readers:
         self.gap: dict[str, float] = {}
 
     def wrap(self, app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
-        def recorded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
-            now = time.monotonic()
-            client = f'{environ.get("REMOTE_ADDR", "")} {environ.get("HTTP_USER_AGENT", "")}'
-            with self.lock:
-                if client in self.last:
-                    self.gap[client] = max(self.gap.get(client, 0.0), now - self.last[client])
-                self.last[client] = now
-            return app(environ, start_response)
+        def recorded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+            yield from app(environ, start_response)
+            # Once sent: counted as it came in, the read ended the wait, and the process exited while the answer,
+            # the final evaluation in it, was still being made or written.
+            self.read(f'{environ.get("REMOTE_ADDR", "")} {environ.get("HTTP_USER_AGENT", "")}', time.monotonic())
         return recorded
+
+    def read(self, client: str, now: float) -> None:
+        with self.lock:
+            if client in self.last:
+                self.gap[client] = max(self.gap.get(client, 0.0), now - self.last[client])
+            elif len(self.last) >= MAX_READERS:  # a User-Agent made anew at each read would grow these for ever
+                oldest = min(self.last, key=self.last.__getitem__)
+                self.last.pop(oldest)
+                self.gap.pop(oldest, None)
+            self.last[client] = now
 
     def deadlines(self, since: float, cap: float) -> dict[str, float]:
         """For each reader still scraping at `since`, by when its next read is due (a reader seen once: `cap`)."""
