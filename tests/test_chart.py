@@ -328,6 +328,29 @@ def test_the_evaluation_is_the_latest_run_s_of_a_job_made_again_under_its_name(t
 
 
 @pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
+def test_the_evaluation_is_the_latest_attempt_s_of_a_run(tmp_path: Path) -> None:
+    """Attempt 1 of job `j` evaluated its fine-tuned model (accuracy 0.5 -> 0.9) and was preempted in its export;
+    retuned while suspended, attempt 2 trained again to 0.7: the bar took the larger final of either attempt."""
+    t0 = int(time.time()) - 3600
+    lines = ["# TYPE finetune_trainer_stage gauge", "# TYPE finetune_trainer_eval_metric gauge"]
+    for attempt, start, stop, final in (("1", 0, 600, 0.9), ("2", 900, 1500, 0.7)):
+        labels = f'namespace="a",finetunejob="j",finetunejob_uid="u",attempt="{attempt}",pod="j-{attempt}-0-x"'
+        lines += [f'finetune_trainer_stage{{{labels},stage="Training"}} 1 {t}' for t in range(t0 + start, t0 + stop, 15)]
+        for phase, value, since in (("baseline", 0.5, 100), ("final", final, 550)):
+            lines += [f'finetune_trainer_eval_metric{{{labels},phase="{phase}",metric="accuracy"}} {value} {t}'
+                      for t in range(t0 + start + since, t0 + stop, 15)]
+    prometheus_server.backfill(tmp_path, "\n".join(lines) + "\n# EOF\n")
+    prometheus = prometheus_server.start(tmp_path, [], free_port())
+    expr = dashboard_exprs()["Change (fine-tuned - baseline)"][0]
+    expr = expr.replace("$namespace", "a").replace("$job", "j").replace("$__range", "1h")
+    try:
+        at = t0 + 1600
+        assert [float(s["values"][-1][1]) for s in prometheus.query_range(expr, at, at, 15)] == [pytest.approx(0.2)]
+    finally:
+        prometheus.stop()
+
+
+@pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
 def test_the_operator_is_scraped_as_job_finetune_operator_whatever_the_name_override(tmp_path: Path) -> None:
     """The dashboard's operator panels select job="finetune-operator"; the ServiceMonitor's jobLabel made the job
     the Service's app.kubernetes.io/name, which is nameOverride."""
