@@ -108,6 +108,29 @@ def test_a_new_job_gets_its_first_attempt() -> None:
     assert [e[1] for e in decision.events] == ["AttemptCreated"]
 
 
+def idle_gpu_warnings(runtime: dict[str, Any], trainer_gpus: int = 0) -> list[tuple[str, str, str]]:
+    """The GPUsIdle Events of the tick that creates a job's first attempt, and of the next tick, which sees it made."""
+    decision = decide(Observed(body(runtime=runtime), [], [], NOW, trainer_gpus=trainer_gpus))
+    assert decision.create_attempt == 1
+    later = decide(Observed(body(after(decision)), [job(1)], [pod(1, phase="Pending")], NOW, trainer_gpus=trainer_gpus))
+    return [e for e in decision.events + later.events if e[1] == "GPUsIdle"]
+
+
+def test_a_worker_with_more_gpus_than_processes_is_warned_of_once_when_its_attempt_is_made() -> None:
+    """8 GPUs and the default processesPerWorker 1: torchrun ran one process, and seven GPUs sat idle, unsaid (more
+    processes than GPUs the trainer refuses)."""
+    eight = {"limits": {"memory": "64Gi", "nvidia.com/gpu": 8}}
+    assert idle_gpu_warnings({"resources": eight}) == [(
+        "Warning", "GPUsIdle", "each worker has 8 GPUs (runtime.resources.limits nvidia.com/gpu) and runs 1 "
+        "process(es) (runtime.processesPerWorker): 7 GPU(s) idle; set runtime.processesPerWorker to 8")]
+    assert idle_gpu_warnings({"resources": eight, "processesPerWorker": 8}) == []
+    assert idle_gpu_warnings(EXAMPLE["spec"]["runtime"]) == []  # a CPU job
+    # a spec without resources gets the operator's, and theirs are the GPUs told; a spec's own win over them
+    assert "each worker has 4 GPUs (the operator's trainer resources nvidia.com/gpu)" in idle_gpu_warnings(
+        {"workers": 2}, trainer_gpus=4)[0][2]
+    assert idle_gpu_warnings(EXAMPLE["spec"]["runtime"], trainer_gpus=4) == []
+
+
 def test_an_existing_child_is_never_created_again() -> None:
     # A restarted operator may hold a status from before its last creation: the children count too.
     decision = decide(Observed(body({"attempts": 0}), [job(1)], [pod(1, phase="Pending")], NOW))
@@ -1383,7 +1406,8 @@ class EventsFailing(Apiserver):
 
 
 def ticked(live: dict[str, Any], indexes: tuple[dict[Any, Any], dict[Any, Any]], checks: Any = None,
-           written: Any = None, makes: str = "1", apiserver: Apiserver | None = None) -> Apiserver:
+           written: Any = None, makes: str = "1", apiserver: Apiserver | None = None,
+           settings: Any = None) -> Apiserver:
     """One `handlers._reconcile` of the FineTuneJob `live`, its (jobs, pods) indexes as given; the calls it made."""
     import kopf
 
@@ -1391,7 +1415,7 @@ def ticked(live: dict[str, Any], indexes: tuple[dict[Any, Any], dict[Any, Any]],
     from finetune_operator.settings import Settings
 
     apiserver = apiserver or Apiserver(makes)
-    memo = kopf.Memo(settings=Settings(), clients=apiserver, slow_scrapes=handlers.SlowScrapes(2.0),
+    memo = kopf.Memo(settings=settings or Settings(), clients=apiserver, slow_scrapes=handlers.SlowScrapes(2.0),
                      child_checks=checks or handlers.ChildChecks(),
                      written=handlers.Written() if written is None else written, job_warnings=handlers.Warnings("Job"),
                      counted=handlers.Counted(), vanished=handlers.Vanished(),
@@ -1418,6 +1442,23 @@ def test_a_tick_whose_event_list_fails_writes_its_status_all_the_same(monkeypatc
     for indexes in (podless, creating):
         apiserver = ticked(body(made), indexes, apiserver=EventsFailing(error))
         assert apiserver.failed == 1 and apiserver.patches, indexes
+
+
+def test_a_job_without_resources_is_warned_of_the_idle_gpus_of_the_operators_trainer_resources(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tick that makes the attempt posts the Warning, with the GPUs of the resources its Job is given."""
+    import kopf
+
+    from finetune_operator.settings import Settings
+
+    told: list[tuple[str, str, str]] = []
+    monkeypatch.setattr(kopf, "event", lambda _, *, type, reason, message: told.append((type, reason, message)))
+    runtime = {k: v for k, v in EXAMPLE["spec"]["runtime"].items() if k != "resources"}
+    apiserver = ticked(body(runtime=runtime), ({}, {}), settings=Settings.model_validate(
+        {"trainer_resources": {"limits": {"memory": "64Gi", "nvidia.com/gpu": 2}}}))
+    assert apiserver.patches and [(kind, reason) for kind, reason, _ in told] == [
+        ("Normal", "AttemptCreated"), ("Warning", "GPUsIdle")]
+    assert told[1][2].startswith("each worker has 2 GPUs (the operator's trainer resources nvidia.com/gpu)")
 
 
 class Failing(Apiserver):

@@ -39,6 +39,8 @@ RENDEZVOUS_PORT = 29500
 TERMINATION_LOG = "/dev/termination-log"
 DEFAULT_SHM = "1Gi"
 SHM_VOLUME = "finetune-shm"  # /dev/shm: an emptyDir of spec.runtime.shmSize
+# The GPUs torchrun's processes take, one each (LOCAL_RANK): the trainer's image has torch's CUDA build.
+GPU = "nvidia.com/gpu"
 # The annotation, not the label of the same name, which came only in Kubernetes 1.28.
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 
@@ -105,6 +107,12 @@ def service(ftj: dict[str, Any], attempt: int) -> dict[str, Any]:
             "ports": [{"name": "rendezvous", "port": RENDEZVOUS_PORT}, {"name": "metrics", "port": METRICS_PORT}],
         },
     }
+
+
+def gpus(resources: core.ResourceRequirements) -> int:
+    """A worker's GPUs: its limit of them (a request of an extended resource, if given, equals its limit)."""
+    limit = resources.limits.get(GPU)
+    return 0 if limit is None else int(core.quantity_value(limit))
 
 
 def _threads(resources: core.ResourceRequirements, processes: int) -> int:

@@ -662,7 +662,8 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
     plain = _plain(body)
     plain["status"] = memo.written.status(plain)
     seen = reconcile.Observed(plain, list(job_index.get(key, [])), list(pod_index.get(key, [])),
-                              datetime.now(timezone.utc).replace(tzinfo=None))
+                              datetime.now(timezone.utc).replace(tzinfo=None),
+                              trainer_gpus=children.gpus(settings.trainer_resources))
     if (jobs := reconcile.waits_on_jobs(seen)) or reconcile.waits_on_pods(seen):
         seen = _listed(clients, seen, ns, name, jobs=jobs)
     _sample(seen, memo.slow_scrapes, ns, name)

@@ -52,6 +52,7 @@ class Observed:
     stale: str | None = None  # why the attempt's children, made in part from an earlier spec, cannot be used
     # jobs and pods as the apiserver listed them this tick, not the indexes: a Job missing from them is gone
     listed: bool = False
+    trainer_gpus: int = 0  # those of the operator's trainer resources: a worker's where the spec sets none
     earlier_pods: list[dict[str, Any]] = field(default_factory=list, init=False)  # an earlier FineTuneJob's, this name
 
     def __post_init__(self) -> None:
@@ -89,6 +90,8 @@ class SpecFacts:
     managed_by: str | None
     suspend: bool
     workers: int
+    processes: int  # per worker
+    gpus: int | None  # per worker, where the spec sets runtime.resources (else the operator's are used)
     rendezvous: bool  # the attempt has a Service
     global_batch: int
     backoff_limit: int
@@ -99,7 +102,9 @@ class SpecFacts:
 
     @classmethod
     def of(cls, spec: api.FineTuneJobSpec) -> SpecFacts:
-        return cls(spec.managed_by, spec.suspend, spec.runtime.workers, children.rendezvous(spec), global_batch(spec),
+        rt = spec.runtime
+        return cls(spec.managed_by, spec.suspend, rt.workers, rt.processes_per_worker,
+                   children.gpus(rt.resources) if rt.resources else None, children.rendezvous(spec), global_batch(spec),
                    spec.backoff_limit,
                    spec.active_deadline_seconds, spec.ttl_seconds_after_finished, spec.output.uri,
                    children.recipe(spec))
@@ -388,6 +393,7 @@ def decide(seen: Observed) -> Decision | None:
         else:
             status["children"] = _children(children.child_name(meta["name"], decision.create_attempt), spec)
             _created(conds, decision.create_attempt, workers)
+            decision.events = _idle_gpus(spec, seen.trainer_gpus)
         return _finish(decision, old, conds)
 
     return observe()
@@ -451,6 +457,18 @@ def _made(old: dict[str, Any], name: str, attempt: int) -> bool:
 
 def _created(conds: Conditions, attempt: int, workers: int) -> None:
     conds.set(T.CREATED, True, "AttemptCreated", f"attempt {attempt}: {workers} worker(s)")
+
+
+def _idle_gpus(spec: SpecFacts, trainer_gpus: int) -> list[tuple[str, str, str]]:
+    """A Warning where a worker has more GPUs than processes: torchrun gives each process one GPU, and the rest sit
+    idle, which nothing else tells (more processes than GPUs, the trainer refuses: InvalidConfig)."""
+    gpus, where = ((spec.gpus, "runtime.resources.limits") if spec.gpus is not None
+                   else (trainer_gpus, "the operator's trainer resources"))
+    if gpus <= spec.processes:
+        return []
+    return [("Warning", "GPUsIdle", f"each worker has {gpus} GPUs ({where} {children.GPU}) and runs {spec.processes} "
+             f"process(es) (runtime.processesPerWorker): {gpus - spec.processes} GPU(s) idle; set "
+             f"runtime.processesPerWorker to {gpus}")]
 
 
 def _ignored_change(spec: SpecFacts) -> str:
@@ -748,5 +766,6 @@ def _finish(decision: Decision, old: dict[str, Any], conds: Conditions) -> Decis
     status = decision.status
     status["conditions"] = conds.as_list()
     status["phase"], status["reason"] = phase_of(conds)
-    decision.events = transitions(old.get("conditions") or [], status["conditions"])
+    # the transitions' Events first, then those decided above (a created attempt's idle GPUs)
+    decision.events = transitions(old.get("conditions") or [], status["conditions"]) + decision.events
     return decision
