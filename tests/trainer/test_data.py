@@ -1393,27 +1393,55 @@ def test_image_paths_in_tables_in_split_folders_are_read_from_the_tables_folder(
         load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
 
 
+def class_label_dataset(folder: Path, fmt: str, names: list[str], splits: dict[str, list[int]]) -> Path:
+    """A hub dataset (parquet shards, or save_to_disk's) whose labels are a ClassLabel of `names`, with the labels
+    of each split; a row's text is its split's name and its number."""
+    import datasets
+
+    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
+    loaded = datasets.DatasetDict({name: datasets.Dataset.from_dict(
+        {"text": [f"{name} {i}" for i in range(len(labels))], "label": labels}, features=features)
+        for name, labels in splits.items()})
+    if fmt == "hf-disk":
+        loaded.save_to_disk(folder / "hf")
+        return folder / "hf"
+    (folder / "data").mkdir()
+    for name, rows in loaded.items():
+        rows.to_parquet(folder / "data" / f"{name}-00000-of-00001.parquet")
+    return folder
+
+
 @pytest.mark.parametrize("fmt", ["parquet", "hf-disk"])
 def test_a_hub_datasets_class_names_name_its_labels(tmp_path: Path, fmt: str) -> None:
     """A ClassLabel column holds 0, 1, 2 and names them in the dataset's features (kept in the parquet files that
     `datasets` and the hub write): the labels, and so the export's id2label, were "0", "1", "2"; now they are the
     names, in the ids' order, as transformers' text-classification example takes them."""
-    import datasets
-
     names = ["sadness", "joy", "love"]
-    features = datasets.Features({"text": datasets.Value("string"), "label": datasets.ClassLabel(names=names)})
-    train = datasets.Dataset.from_dict({"text": [f"t{i}" for i in range(30)], "label": [i % 3 for i in range(30)]},
-                                       features=features)
-    if fmt == "parquet":
-        (tmp_path / "data").mkdir()
-        train.to_parquet(path := tmp_path / "data" / "train-00000-of-00001.parquet")
-        path = tmp_path
-    else:
-        datasets.DatasetDict({"train": train}).save_to_disk(path := tmp_path / "hf")
+    path = class_label_dataset(tmp_path, fmt, names, {"train": [i % 3 for i in range(30)]})
     data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
     assert data.id2label == dict(enumerate(names))
     for text, label in zip(data.train.inputs, data.train.labels):
-        assert label == int(text[1:]) % 3
+        assert label == int(text.split()[1]) % 3
+
+
+@pytest.mark.parametrize("fmt", ["parquet", "hf-disk"])
+def test_a_class_labels_minus_one_is_no_label_in_every_split(tmp_path: Path, fmt: str,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """A ClassLabel's -1 is the hub's mark of no label: SNLI's train has 785 such rows (no gold label). It was
+    dropped only where train had none; there, it was a class "-1" of every split, in the scores and the head."""
+    names = ["entailment", "neutral", "contradiction"]
+
+    def labels(count: int, unlabelled: int) -> list[int]:
+        return [-1 if i % 7 == 0 and i < 7 * unlabelled else i % 3 for i in range(count)]
+
+    path = class_label_dataset(tmp_path, fmt, names, {"train": labels(60, 5), "validation": labels(30, 2),
+                                                      "test": labels(30, 3)})
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert data.id2label == dict(enumerate(names))
+    assert (len(data.train.inputs), len(data.validation.inputs), len(data.test.inputs)) == (55, 28, 27)
+    for counted in ("5 train", "2 validation", "3 test"):
+        assert (f"dropped {counted} rows labelled -1 (no label: column 'label' (dataset.labelField) is a "
+                "ClassLabel" in caplog.text)
 
 
 def test_an_image_folder_reads_the_images_below_its_class_folders(tmp_path: Path) -> None:

@@ -85,10 +85,12 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
         usable[name] = blank_to_missing(table[columns]).dropna()
         if dropped := len(table) - len(usable[name]):
             log.warning("dataset %s: dropped %d %s rows with an empty %s", spec.uri, dropped, name, " or ".join(columns))
+    names = None  # a ClassLabel's, whose -1 is no label in every split
+    if label_field is not None:
+        names = class_names(found, fmt, label_field)
+        drop_withheld_labels(usable, label_field, names is not None, spec.uri)
     if usable[TRAIN].empty:
         raise DataError(f"dataset {spec.uri}: no usable rows")
-    if label_field is not None:
-        drop_withheld_labels(usable, label_field, spec.uri)
     drop_empty_splits(usable, spec.uri)
     if task == Task.IMAGE_CLASSIFICATION and fmt != DatasetFormat.IMAGE_FOLDER:
         folder = path if path.is_dir() else path.parent
@@ -107,7 +109,7 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
             check_inputs(table[label_field], (str, Number, np.bool_), "a label (one per row)", spec.uri,
                          "dataset.labelField")
         id2label, ids = label_ids(pd.concat([t[label_field] for t in usable.values()], ignore_index=True))
-        id2label = named_classes(id2label, class_names(found, fmt, label_field))
+        id2label = named_classes(id2label, names)
         if len(id2label) < 2:
             raise DataError(f"dataset {spec.uri}: " + (one_class_folder(found, id2label[0], spec.uri)
                                                        if fmt == DatasetFormat.IMAGE_FOLDER else
@@ -219,15 +221,17 @@ def blank_to_missing(table: pd.DataFrame) -> pd.DataFrame:
     return table.replace(r"^\s*$", np.nan, regex=True)
 
 
-def drop_withheld_labels(usable: dict[str, pd.DataFrame], label_field: str, uri: str) -> None:
-    """Drop held-out rows labelled -1 where train has no such label: the hub's mark of a withheld label (GLUE's and
-    SST-2's test splits). Kept, they would become a class that training never sees and make the scores noise."""
-    if (numeric(usable[TRAIN][label_field]) == -1).any():
+def drop_withheld_labels(usable: dict[str, pd.DataFrame], label_field: str, class_label: bool, uri: str) -> None:
+    """Drop rows labelled -1, the hub's mark of no label: a ClassLabel's (`class_label`: its names are known) in
+    every split (SNLI's train has 785 such rows), else held-out rows where train has no such label (GLUE's and
+    SST-2's test splits). Kept, they would become a class "-1" and make the scores noise."""
+    if not class_label and (numeric(usable[TRAIN][label_field]) == -1).any():
         return  # -1 is one of the dataset's classes (negative sentiment, say)
-    for name in (VALIDATION, TEST):
+    why = (f"no label: column {label_field!r} (dataset.labelField) is a ClassLabel, whose classes number from 0"
+           if class_label else "no label: train has no such class")
+    for name in (TRAIN, VALIDATION, TEST) if class_label else (VALIDATION, TEST):
         if name in usable and (withheld := numeric(usable[name][label_field]) == -1).any():
-            log.warning("dataset %s: dropped %d %s rows labelled -1 (no label: train has no such class)",
-                        uri, int(withheld.sum()), name)
+            log.warning("dataset %s: dropped %d %s rows labelled -1 (%s)", uri, int(withheld.sum()), name, why)
             usable[name] = usable[name][~withheld]
 
 
