@@ -1163,6 +1163,15 @@ def test_csv_words_that_pandas_calls_missing_are_data(tmp_path: Path) -> None:
     assert "null" in data.train.inputs + data.validation.inputs + data.test.inputs
 
 
+def test_labels_spelt_as_a_missing_value_are_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """R's write.csv writes a missing value as NA, unquoted: read as data, it made a class "NA" without a word."""
+    lines = ['"","text","label"'] + [f'"{i + 1}","review {i}",' + ('"pos"', '"neg"', "NA")[i % 3] for i in range(30)]
+    (path := tmp_path / "reviews.csv").write_text("\n".join(lines) + "\n")
+    assert load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0).id2label == {0: "NA", 1: "neg", 2: "pos"}
+    assert ("column 'label' (dataset.labelField) holds labels spelt as a missing value, each a class of its own: "
+            "NA (10 rows); clean the file" in caplog.text)
+
+
 def test_a_json_array_of_records_loads(tmp_path: Path) -> None:
     (path := tmp_path / "d.json").write_text(json.dumps(ROWS, indent=2))
     data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)

@@ -49,6 +49,7 @@ HEADER_READERS = 16  # threads opening image files at load, which mostly wait on
 IMAGE_COLUMN = "image"  # the column an ImageFolder's file paths land in
 TABLE_FOLDER = "\0table folder"  # the folder of the file a row of a folder's tables came from
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
+MISSING_SPELLINGS = {"na", "nan", "null", "none", "n/a"}  # R's, pandas', JSON's and Python's, in lower case
 # The words the hub's loader (datasets' data_files patterns) reads as a split name, between separators.
 SPLIT_WORDS = {TRAIN: ("train", "training"), VALIDATION: ("validation", "valid", "dev", "val"),
                TEST: ("test", "testing", "eval", "evaluation")}
@@ -117,6 +118,8 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
                                                        "need 2 or more"))
         warn_labels_no_classes(id2label, len(ids), None if fmt == DatasetFormat.IMAGE_FOLDER else label_field,
                                spec.uri)
+        if fmt != DatasetFormat.IMAGE_FOLDER:
+            warn_labels_spelt_missing(id2label, ids, label_field, spec.uri)
         offsets = np.cumsum([0, *(len(t) for t in usable.values())])
         labels = {name: ids[offsets[i]:offsets[i + 1]] for i, name in enumerate(usable)}
         warn_labels_differing_in_case(id2label, spec.uri)
@@ -264,6 +267,16 @@ def warn_labels_no_classes(id2label: dict[int, str], rows: int, column: str | No
     elif len(names) > rows / 2 or fractional:
         log.warning("dataset %s: column %r (dataset.labelField) has %d distinct labels in %d rows, such as %s: a "
                     "column of classes? (a score or an id is not)", uri, column, len(names), rows, listed(names, most=3))
+
+
+def warn_labels_spelt_missing(id2label: dict[int, str], ids: list[int], column: str, uri: str) -> None:
+    """Name the labels spelt as a missing value, with their rows: only an empty cell is missing (read_rows), so R's
+    write.csv, which writes a missing value as NA, made a class "NA" unsaid."""
+    counts = np.bincount(ids, minlength=len(id2label))
+    if spelt := [f"{name} ({counts[i]} rows)" for i, name in id2label.items() if name.lower() in MISSING_SPELLINGS]:
+        log.warning("dataset %s: column %r (dataset.labelField) holds labels spelt as a missing value, each a class "
+                    "of its own: %s; clean the file: empty those cells (their rows are then dropped; R: write.csv(..., "
+                    'na = "")) or give them their labels', uri, column, ", ".join(spelt))
 
 
 def warn_labels_differing_in_case(id2label: dict[int, str], uri: str) -> None:
