@@ -129,6 +129,21 @@ def test_causal_lm_texts_end_with_eos_and_long_ones_are_chunked_not_cut(tmp_path
     assert batch.targets == len(tokens) - 1  # every token after the first is predicted once
 
 
+def test_a_causal_lms_long_document_is_chunked_without_transformers_false_alarm(
+        caplog: pytest.LogCaptureFixture) -> None:
+    """Tokenized whole before chunking, each document over the model's 512 tokens had transformers warn that running
+    it through the model will result in indexing errors, though its chunks are within maxLength."""
+    tokenizer = load_tokenizer(ModelSpec(task="causal-lm", tokenizerUri="pvc://models/all-MiniLM-L6-v2",
+                                         architecture="gpt2", config=TINY_GPT2))  # fresh: transformers says it once
+    transformers_log = logging.getLogger("transformers")  # which does not propagate to the root's handlers
+    transformers_log.addHandler(caplog.handler)
+    try:
+        data = encode_causal(Split(["word " * 600], None), tokenizer, 128)
+    finally:
+        transformers_log.removeHandler(caplog.handler)
+    assert max(data.lengths) == 128 and sum(data.lengths) > 512
+    assert "indexing errors" not in caplog.text
+
 
 @pytest.mark.parametrize(("architecture", "config", "tokenizer"), [
     ("gpt2", TINY_GPT2, "minilm"),  # tiny-causal-lm's: BERT's tokenizer ends each text with [SEP], it has no eos

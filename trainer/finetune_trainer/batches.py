@@ -136,7 +136,9 @@ def encode_causal(split: Split, tokenizer, max_length: int) -> Encoded:
     a text's first is a target exactly once (the first token of a chunk is the context of its second)."""
     eos = tokenizer.eos_token_id
     chunks = []
-    for row in tokenizer(split.inputs)["input_ids"]:
+    # verbose=False: tokenized whole to be chunked, a document over the model's limit is no error, which transformers
+    # says it will be ("Token indices sequence length is longer ...")
+    for row in tokenizer(split.inputs, verbose=False)["input_ids"]:
         if eos is not None and row[-1:] != [eos]:
             row = [*row, eos]
         chunks += [row[i:i + max_length] for i in range(0, max(len(row) - 1, 1), max_length - 1)]
