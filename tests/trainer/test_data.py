@@ -1015,6 +1015,28 @@ def test_missing_column_is_named(tmp_path: Path) -> None:
                      Task.SEQUENCE_CLASSIFICATION, 0)
 
 
+def test_a_split_without_the_label_column_is_unlabelled_not_used(tmp_path: Path,
+                                                                  caplog: pytest.LogCaptureFixture) -> None:
+    """Kaggle's folder: train.csv (id, text, target), test.csv of the rows to predict (id, text) and
+    sample_submission.csv. It was refused for the test split's missing 'target'; now that split is unused, held out
+    of train as where a folder has train alone. A train split without the column is still refused."""
+    pd.DataFrame({"id": range(40), "text": [f"tweet {i}" for i in range(40)], "target": [i % 2 for i in range(40)]}
+                 ).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame({"id": range(40, 50), "text": [f"new {i}" for i in range(10)]}).to_csv(tmp_path / "test.csv",
+                                                                                        index=False)
+    pd.DataFrame({"id": range(40, 50), "target": 0}).to_csv(tmp_path / "sample_submission.csv", index=False)
+    data = load_dataset(DatasetSpec(uri=str(tmp_path), labelField="target", testSplit=0.25),
+                        Task.SEQUENCE_CLASSIFICATION, 0)
+    assert len(data.test.inputs) == 10 and all(text.startswith("tweet") for text in data.test.inputs)
+    assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(
+        f"tweet {i}" for i in range(40))
+    assert ("its test split (test.csv) has no column 'target' (dataset.labelField), so unlabelled: not used"
+            in caplog.text)
+    (tmp_path / "test.csv").rename(tmp_path / "train.csv")
+    with pytest.raises(DataError, match=r"no column 'target' \(dataset.labelField\); it has 'id', 'text'$"):
+        load_dataset(DatasetSpec(uri=str(tmp_path), labelField="target"), Task.SEQUENCE_CLASSIFICATION, 0)
+
+
 def test_a_file_of_no_known_format_is_refused_with_what_to_do(tmp_path: Path) -> None:
     """A .txt corpus was told to set dataset.format, though no format reads plain text lines."""
     (path := tmp_path / "corpus.txt").write_text("a first text\na second\n")

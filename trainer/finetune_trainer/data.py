@@ -80,6 +80,8 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
     input_field = IMAGE_COLUMN if fmt == DatasetFormat.IMAGE_FOLDER else spec.text_field
     label_field = None if task == Task.CAUSAL_LM else ("label" if fmt == DatasetFormat.IMAGE_FOLDER else spec.label_field)
     columns = [c for c in (input_field, label_field) if c is not None]
+    if label_field is not None:
+        drop_unlabelled_splits(found, fmt, tables, label_field, spec.uri)
     check_columns(tables, spec.uri, {"textField": input_field, "labelField": label_field}, "dataset")
     usable: dict[str, pd.DataFrame] = {}
     for name, table in tables.items():
@@ -378,6 +380,26 @@ def check_columns(tables: dict[str, pd.DataFrame], uri: str, columns: dict[str, 
                 where = f" in its {name} split" if len(tables) > 1 else ""
                 raise DataError(f"{field} {uri}: no column {column!r} ({field}.{role}){where}; "
                                 f"it has {', '.join(repr(c) for c in table.columns if c != TABLE_FOLDER)}")
+
+
+def drop_unlabelled_splits(found: Found, fmt: DatasetFormat, tables: dict[str, pd.DataFrame], label_field: str,
+                           uri: str) -> None:
+    """Forget a validation or test split without the label column: unlabelled, the rows to predict (Kaggle's
+    test.csv beside train.csv and sample_submission.csv), which no score can be taken on; `split` holds one out of
+    train instead. A train split without it is refused (check_columns)."""
+    for name in (VALIDATION, TEST):
+        if name in tables and label_field not in tables[name].columns:
+            files = listed(split_files(found, fmt, name))
+            log.warning("dataset %s: its %s split%s has no column %r (dataset.labelField), so unlabelled: not used; "
+                        "holding %s rows out of train instead", uri, name, f" ({files})" if files else "",
+                        label_field, name)
+            del tables[name]
+
+
+def split_files(found: Found, fmt: DatasetFormat, name: str) -> list[str]:
+    """The files of a folder's split `name` (read_splits'), relative to it; none for a save_to_disk split."""
+    relative = (str(f.relative_to(found.path)) for f in found.files(suffixes_of(fmt)))
+    return [file for file in relative if split_of(file) == name]
 
 
 def detect_format(found: Found, declared: DatasetFormat | TextFormat, field: str) -> DatasetFormat:
