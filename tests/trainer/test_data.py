@@ -1200,6 +1200,15 @@ def test_a_json_array_of_records_loads(tmp_path: Path) -> None:
     assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(r["text"] for r in ROWS)
 
 
+def test_a_json_of_columns_is_refused_saying_how_to_write_records(tmp_path: Path) -> None:
+    """pandas' df.to_json() writes one object of columns, each a dict by row number: read as one row that holds
+    them, it was refused only as "holds {'0': 'sample 0', ...}, not a text"."""
+    pd.DataFrame(ROWS).to_json(path := tmp_path / "d.json")
+    with pytest.raises(DataError, match=r"column 'text' \(dataset.textField\) holds \{'0': 'sample 0'.*, not a text; "
+                                        r"the file holds a dict of rows per column .*orient=\"records\", lines=True"):
+        load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+
+
 def test_splits_without_train_are_refused(tmp_path: Path) -> None:
     import datasets
 

@@ -217,7 +217,16 @@ def check_inputs(column: pd.Series, kinds: tuple[type, ...], what: str, uri: str
         if not isinstance(value, kinds):
             shown = " ".join(str(value).split())[:80]  # on one line: numpy prints an array of records over several
             raise DataError(f"{field.rpartition('.')[0]} {uri}: column {column.name!r} ({field}) holds {shown}, "
-                            f"not {what}")
+                            f"not {what}{columns_hint(column, value)}")
+
+
+def columns_hint(column: pd.Series, value: Any) -> str:
+    """How to write the rows, where the file is one object of columns, each a dict by row number: pandas'
+    df.to_json() by default, read as one row that holds the columns."""
+    if len(column) == 1 and isinstance(value, dict) and value and all(str(key).isdigit() for key in value):
+        return ('; the file holds a dict of rows per column (pandas\' default df.to_json()): write a record per row, '
+                'df.to_json(path, orient="records", lines=True), or a list of objects')
+    return ""
 
 
 def blank_to_missing(table: pd.DataFrame) -> pd.DataFrame:
