@@ -1191,7 +1191,7 @@ def test_labels_spelt_as_a_missing_value_are_said(tmp_path: Path, caplog: pytest
     (path := tmp_path / "reviews.csv").write_text("\n".join(lines) + "\n")
     assert load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0).id2label == {0: "NA", 1: "neg", 2: "pos"}
     assert ("column 'label' (dataset.labelField) holds labels spelt as a missing value, each a class of its own: "
-            "NA (10 rows); clean the file" in caplog.text)
+            "NA (10 of 30 rows); clean the file" in caplog.text)
 
 
 def test_a_json_array_of_records_loads(tmp_path: Path) -> None:

@@ -284,7 +284,8 @@ def warn_labels_spelt_missing(id2label: dict[int, str], ids: list[int], column: 
     """Name the labels spelt as a missing value, with their rows: only an empty cell is missing (read_rows), so R's
     write.csv, which writes a missing value as NA, made a class "NA" unsaid."""
     counts = np.bincount(ids, minlength=len(id2label))
-    if spelt := [f"{name} ({counts[i]} rows)" for i, name in id2label.items() if name.lower() in MISSING_SPELLINGS]:
+    if spelt := [f"{name} ({counts[i]} of {len(ids)} rows)" for i, name in id2label.items()
+                 if name.lower() in MISSING_SPELLINGS]:
         log.warning("dataset %s: column %r (dataset.labelField) holds labels spelt as a missing value, each a class "
                     "of its own: %s; clean the file: empty those cells (their rows are then dropped; R: write.csv(..., "
                     'na = "")) or give them their labels', uri, column, ", ".join(spelt))
