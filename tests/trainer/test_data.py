@@ -1121,6 +1121,31 @@ def test_hf_datasets_in_the_hubs_layouts_load_their_splits(layout: str, tmp_path
         assert data.id2label[label] == ROWS[int(text.split()[1])]["label"]
 
 
+def test_a_hub_dataset_is_read_at_the_revision_it_names(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """dataset.revision pins a hub dataset to a tag or a commit, as model.revision pins a model: unpinned, a dataset
+    changed on main changed a later attempt's data, and a rerun's."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    hub_dataset(tmp_path / "hub", "org/reviews", {"train.csv": range(0, 20)})  # main
+    base = tmp_path / "hub" / "datasets--org--reviews"
+    tagged = "fedcba9876543210fedcba9876543210fedcba98"
+    (base / "refs" / "v1").write_text(tagged)
+    (base / "snapshots" / tagged).mkdir()
+    pd.DataFrame([ROWS[i] for i in range(10, 30)]).to_csv(base / "snapshots" / tagged / "train.csv", index=False)
+    texts = lambda rows: {ROWS[i]["text"] for i in rows}  # noqa: E731
+
+    def read(**revision: str) -> set[str]:
+        data = load_dataset(spec("hf://org/reviews", **revision), Task.SEQUENCE_CLASSIFICATION, seed=0)
+        return {*data.train.inputs, *data.validation.inputs, *data.test.inputs}
+
+    assert read() == texts(range(0, 20))
+    assert read(revision="v1") == read(revision=tagged) == texts(range(10, 30))
+    with pytest.raises(DataError, match=r"dataset\.uri hf://org/reviews: not on the hub nor in the local cache"):
+        read(revision="v2")
+
+
 def test_withheld_held_out_labels_are_not_a_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     """GLUE and SST-2 on the hub ship their test split with every label -1 (withheld): those rows are dropped, not

@@ -44,6 +44,9 @@ Uri = Annotated[
     ),
 ]
 
+# Pinned, a hub repository changed on main changes no run (a later attempt, a rerun) that names a commit or a tag.
+Revision = Annotated[str | None, Field(max_length=128, description="Hub revision (branch, tag or commit) for hf:// URIs.")]
+
 
 # from_pretrained's own arguments, which model.config would reach as keyword arguments: none is a config value.
 # Against the folder the trainer fetched, a revision there was silently ignored (model.revision is the one read),
@@ -114,7 +117,7 @@ class ModelSpec(ApiModel):
         None,
         description="Where the tokenizer lives, when not next to the weights (required when building from `config`).",
     )
-    revision: str | None = Field(None, max_length=128, description="Hub revision (branch, tag or commit) for hf:// URIs.")
+    revision: Revision = None
 
     def config_problem(self) -> str | None:
         """`key: message` for a `config` key that would run the model repository's own Python (`config` goes to
@@ -182,6 +185,7 @@ class TextsSpec(ApiModel):
         f"save_to_disk dataset). {HUB_LAYOUTS}",
     )
     text_field: str = Field("text", min_length=1, description="Column holding the input text.")
+    revision: Revision = None
 
 
 class DatasetSpec(TextsSpec):
@@ -458,7 +462,7 @@ class TeacherSpec(ApiModel):
         "unpruned fine-tune, for a pruned student): pvc://<claim>/<path>, hf://<org>/<name> or an absolute path. It "
         "reads the student's inputs, so a text teacher must have the student's vocabulary.",
     )
-    revision: str | None = Field(None, max_length=128, description="Hub revision (branch, tag or commit) for hf:// URIs.")
+    revision: Revision = None
 
 
 class DistillationSpec(ApiModel):

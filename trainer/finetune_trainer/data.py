@@ -333,7 +333,7 @@ def read_dataset(spec: TextsSpec, field: str,
     """The local path (with its files), the format and the tables by split of the dataset `spec` names, `field` its
     place in the job; `texts_only` refuses images (which `format: auto` finds in a folder of folders) before reading
     them, and leaves out the tables' folders, which only image paths are read from."""
-    found = Found(fetch(spec.uri, kind=f"{field}.uri", repo_type="dataset", error=DataError))
+    found = Found(fetch(spec.uri, kind=f"{field}.uri", revision=spec.revision, repo_type="dataset", error=DataError))
     try:
         return found, *read_found(found, spec, field, texts_only)
     except PermissionError as exc:  # the mode of a file or folder, as for an image (UNREADABLE): the owner's to fix
