@@ -293,3 +293,15 @@ def test_an_annotation_key_s_prefix_may_have_capitals(where: str, field: str, ke
     (doc["spec"].setdefault("pod", {}) if where == "spec.pod" else doc["metadata"])[field] = dict.fromkeys(keys, "x")
     errors = manifest_errors(doc)
     assert (errors == []) == taken and all(f"{where}.{field}" in e for e in errors), errors
+
+
+@pytest.mark.parametrize("size", [0, "0", "0Gi", "-0", "+0.0", "0e3", ".0m"])
+def test_a_shm_size_of_0_in_any_spelling_is_refused_naming_it(size: int | str) -> None:
+    """A sizeLimit of 0 is none to the kubelet (a tmpfs as large as the pod's memory): the integer 0 was taken and
+    became the default 1Gi, the string "0" reached the pod as sizeLimit "0"."""
+    doc = yaml.safe_load(EXAMPLES[0].read_text())
+    doc["spec"]["runtime"]["shmSize"] = size
+    errors = manifest_errors(doc)
+    assert errors and all(e.startswith("spec.runtime.shmSize: must be more than 0") for e in errors), errors
+    doc["spec"]["runtime"]["shmSize"] = "1m"  # rounded up to a byte: a bound
+    assert manifest_errors(doc) == []

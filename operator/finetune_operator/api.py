@@ -98,8 +98,9 @@ class RuntimeSpec(ApiModel):
     volume_mounts: list[core.VolumeMount] = Field(
         default_factory=list, max_length=16, description="Where the extra volumes appear in the trainer container.",
     )
-    shm_size: core.Quantity | None = Field(
-        None, description="Size of /dev/shm (an in-memory emptyDir; DataLoader workers and NCCL use it). Default 1Gi."
+    shm_size: core.PositiveQuantity | None = Field(
+        None, description="Size of /dev/shm (an in-memory emptyDir; DataLoader workers and NCCL use it), more than 0. "
+        "Default 1Gi.",
     )
 
     rules = (

@@ -163,10 +163,11 @@ def _env(spec: api.FineTuneJobSpec, resources: core.ResourceRequirements) -> lis
 
 
 def _volumes(name: str, spec: api.FineTuneJobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    shm = DEFAULT_SHM if spec.runtime.shm_size is None else spec.runtime.shm_size
     volumes: list[dict[str, Any]] = [
         {"name": "finetune-config", "configMap": {"name": name}},
         {"name": "finetune-hf-cache", "emptyDir": {}},
-        {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": str(spec.runtime.shm_size or DEFAULT_SHM)}},
+        {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory", "sizeLimit": str(shm)}},
     ]
     mounts: list[dict[str, Any]] = [
         {"name": "finetune-config", "mountPath": CONFIG_DIR, "readOnly": True},

@@ -80,6 +80,16 @@ Quantity = Annotated[
         "must be a non-negative quantity, e.g. 8, 500m or 32Gi",
     ),
 ]
+# A size whose 0 the kubelet takes for no bound at all (an emptyDir's sizeLimit: a tmpfs as large as the pod's
+# memory), so never 0 in any spelling (0, "0", "0Gi"). A malformed one is left to Quantity's own rule.
+PositiveQuantity = Annotated[
+    Quantity,
+    *checked(
+        f"!{_cel_quantity('self')} || !isQuantity(string(self)) || quantity(string(self)).compareTo(quantity('0')) > 0",
+        lambda v: quantity_value(v) > 0,
+        "must be more than 0: the kubelet takes a size of 0 for no limit at all",
+    ),
+]
 
 
 # The operator's and the Job controller's label and annotation prefixes.
