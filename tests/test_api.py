@@ -305,3 +305,17 @@ def test_a_shm_size_of_0_in_any_spelling_is_refused_naming_it(size: int | str) -
     assert errors and all(e.startswith("spec.runtime.shmSize: must be more than 0") for e in errors), errors
     doc["spec"]["runtime"]["shmSize"] = "1m"  # rounded up to a byte: a bound
     assert manifest_errors(doc) == []
+
+
+@pytest.mark.parametrize(("prefix", "taken"), [
+    ("PET_", False), ("PET_RDZV_", False), ("FINETUNE_", False), ("TORCHELASTIC_", False),
+    ("PE", False), ("MASTER_", False), ("R", False), ("LOCAL_", False), ("OMP_NUM_THREAD", False),
+    ("HF_", True), ("APP_", True), ("MY_PET_", True), ("RANK", True), ("OMP_NUM_THREADS", True)])
+def test_an_env_from_prefix_that_makes_a_reserved_name_of_a_key_is_refused(prefix: str, taken: bool) -> None:
+    """A prefix was checked as a name only: PET_ made a ConfigMap's key RDZV_CONF torchrun's rendezvous setting, and
+    MASTER_ its key ADDR torchrun's MASTER_ADDR. A prefix that a reserved name only begins with (RANK) makes none."""
+    doc = yaml.safe_load(EXAMPLES[0].read_text())
+    doc["spec"]["runtime"]["envFrom"] = [{"prefix": prefix, "configMapRef": {"name": "c"}}]
+    errors = manifest_errors(doc)
+    assert (errors == []) == taken
+    assert all(e.startswith("spec.runtime.envFrom[0].prefix: would make a key a name torchrun") for e in errors), errors

@@ -312,6 +312,12 @@ class ResourceRequirements(ApiModel):
 
 # ---- environment --------------------------------------------------------------------
 
+
+def _cel_strings(items: tuple[str, ...]) -> str:
+    """A CEL list of these strings."""
+    return "[" + ", ".join(f"'{s}'" for s in items) + "]"
+
+
 # Set by torchrun or by the operator for the trainer: a user's value would break the run.
 RESERVED_ENV = (
     "MASTER_ADDR", "MASTER_PORT", "RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "GROUP_RANK",
@@ -320,16 +326,38 @@ RESERVED_ENV = (
     "TERMINATION_MESSAGE_PATH", "JOB_COMPLETION_INDEX", "OMP_NUM_THREADS",
 )
 RESERVED_ENV_PREFIXES = ("FINETUNE_", "TORCHELASTIC_", "PET_")
+_CEL_NO_RESERVED_ENV_PREFIX = " && ".join(f"!self.startsWith('{p}')" for p in RESERVED_ENV_PREFIXES)
 
 EnvName = Annotated[
     str,
     Field(min_length=1, max_length=256, pattern=ENV_NAME),
     *checked(
-        "!(self in [" + ", ".join(f"'{n}'" for n in RESERVED_ENV) + "]) && "
-        + " && ".join(f"!self.startsWith('{p}')" for p in RESERVED_ENV_PREFIXES),
+        f"!(self in {_cel_strings(RESERVED_ENV)}) && {_CEL_NO_RESERVED_ENV_PREFIX}",
         lambda n: n not in RESERVED_ENV and not n.startswith(RESERVED_ENV_PREFIXES),
         "is set by torchrun or the operator: " + ", ".join(RESERVED_ENV) + " and names starting with "
         + ", ".join(RESERVED_ENV_PREFIXES) + " are reserved",
+    ),
+]
+
+
+def _prefix_makes_no_reserved_name(prefix: str) -> bool:
+    """Whether no key (of at least one character) after `prefix` makes a reserved name: the prefix starts with no
+    reserved prefix, and begins no reserved name or prefix (PE makes PET_RDZV_CONF of a key T_RDZV_CONF)."""
+    return not prefix.startswith(RESERVED_ENV_PREFIXES) and not any(
+        n.startswith(prefix) and n != prefix for n in RESERVED_ENV + RESERVED_ENV_PREFIXES)
+
+
+# An envFrom prefix, put before every key of a Secret or ConfigMap, whose keys no spec shows: PET_ made a key
+# RDZV_CONF torchrun's rendezvous setting.
+EnvPrefix = Annotated[
+    str,
+    Field(max_length=256, pattern=ENV_NAME),
+    *checked(
+        f"{_CEL_NO_RESERVED_ENV_PREFIX} && "
+        f"!{_cel_strings(RESERVED_ENV + RESERVED_ENV_PREFIXES)}.exists(n, n.startsWith(self) && n != self)",
+        _prefix_makes_no_reserved_name,
+        "would make a key a name torchrun or the operator sets: it may not start with " + ", ".join(RESERVED_ENV_PREFIXES)
+        + ", nor begin one of them or a name reserved in env (MASTER_ makes MASTER_ADDR of a key ADDR)",
     ),
 ]
 
@@ -422,7 +450,9 @@ class SourceRef(ApiModel):
 class EnvFromSource(ApiModel):
     """Every key of a Secret or a ConfigMap as environment variables (core/v1 EnvFromSource)."""
 
-    prefix: str | None = Field(None, max_length=256, pattern=ENV_NAME, description="Prepended to every key.")
+    prefix: EnvPrefix | None = Field(
+        None, description="Prepended to every key; one that would make a key a name torchrun or the operator sets (PET_, MASTER_) is "
+        "refused.")
     secret_ref: SourceRef | None = Field(None, description="The Secret (e.g. one holding HF_TOKEN).")
     config_map_ref: SourceRef | None = Field(None, description="The ConfigMap.")
 
