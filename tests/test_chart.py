@@ -655,12 +655,18 @@ def test_the_chart_orders_quantities_as_the_operator_does(tmp_path: Path) -> Non
     ("trainer.podAnnotations=" + json.dumps({"Batch.Kubernetes.IO/x": "a"}), "/trainer/podAnnotations"),
     ("trainer.podAnnotations=" + json.dumps({"container.apparmor.security.beta.kubernetes.io/trainer": "unconfined"}),
      "/trainer/podAnnotations"),
+    ("trainer.image=" + json.dumps("ghcr.io/x/trainer:1\n"), "/trainer/image"),
+    ("trainer.image=" + json.dumps("ghcr.io/x/trainer:1\v"), "/trainer/image"),
+    ("trainer.image=" + json.dumps("ghcr.io/x/trainer\x01:1"), "/trainer/image"),
+    ("trainer.image=" + json.dumps("x" * 513), "/trainer/image"),
 ])
 def test_trainer_pod_settings_the_operator_would_refuse_are_refused_at_install(
         monkeypatch: pytest.MonkeyPatch, value: str, path: str) -> None:
     """The schema took any non-empty pull secret name and any annotation key; the operator refuses what is no Secret
     name and what a FineTuneJob's spec.pod.annotations refuses, so helm install succeeded and the operator exited at
-    start ("invalid settings"). Then a reserved prefix in capitals (FineTune.dev/), which the operator refuses too."""
+    start ("invalid settings"). Then a reserved prefix in capitals (FineTune.dev/), which the operator refuses too.
+    Then a trainer image with whitespace or a control character, which the apiserver refuses in a Job: the operator
+    took a trailing newline and failed every job (InvalidSpec), the schema's \\s (Go's: no \\v) a vertical tab."""
     with pytest.raises(SystemExit, match="invalid settings"):  # the operator refuses it, so the chart must
         operator_settings(monkeypatch, value, schema=False)
     result = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"), "--set-json", value],
@@ -731,9 +737,14 @@ def test_trainer_pod_annotations_beyond_one_environment_string_are_refused_at_in
 
 def test_trainer_pod_settings_the_schema_takes_reach_the_operator(monkeypatch: pytest.MonkeyPatch) -> None:
     annotations = {"example.com/team": "a", "owner": "b", "Example.COM/Owner": "c"}  # the apiserver's case of prefix
+    image = "registry.example.com:5000/team/trainer@sha256:" + "a" * 64
     ours = operator_settings(monkeypatch, "trainer.imagePullSecrets=" + json.dumps(["regcred", "ghcr.io-pull"]),
-                             "trainer.podAnnotations=" + json.dumps(annotations))
+                             "trainer.podAnnotations=" + json.dumps(annotations), "trainer.image=" + json.dumps(image))
     assert ours.trainer_pull_secrets == ("regcred", "ghcr.io-pull") and ours.trainer_pod_annotations == annotations
+    assert ours.trainer_image == image
+    trainer = json.loads((REPO / "charts" / "finetune-operator" / "values.schema.json").read_text())["properties"][
+        "trainer"]["properties"]
+    assert trainer["image"]["pattern"] == core.IMAGE.replace("+$", "*$")  # empty: the chart's default
     schema = json.loads((REPO / "charts" / "finetune-operator" / "values.schema.json").read_text())["definitions"]
     assert schema["trainerPullSecrets"]["items"]["pattern"] == core.DNS_SUBDOMAIN
     reserved = "^(" + "|".join("".join(f"[{c}{c.upper()}]" if c.isalpha() else re.escape(c) for c in prefix)

@@ -45,6 +45,18 @@ def test_a_bad_value_from_the_environment_names_its_variable(monkeypatch: pytest
         parse([])
 
 
+def test_a_trainer_image_with_whitespace_stops_the_operator_naming_its_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Helm value's trailing newline was taken: the apiserver then refused every job's Job, and each job failed
+    InvalidSpec, blamed on its spec."""
+    monkeypatch.setenv("FINETUNE_OPERATOR_TRAINER_IMAGE", "ghcr.io/x/trainer:1\n")
+    with pytest.raises(SystemExit, match=r"invalid settings: FINETUNE_OPERATOR_TRAINER_IMAGE: .*is no image"):
+        parse([])
+    for image in (" ghcr.io/x/trainer:1", "ghcr.io/x/trainer :1", "ghcr.io/x/trainer:1\x7f", ""):
+        with pytest.raises(SystemExit, match="invalid settings: --trainer-image: "):
+            parse(["--trainer-image", image])
+    assert parse(["--trainer-image", "registry:5000/x/trainer:1"]).trainer_image == "registry:5000/x/trainer:1"
+
+
 def test_trainer_pod_annotations_are_a_json_object(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FINETUNE_OPERATOR_TRAINER_POD_ANNOTATIONS", '{"prometheus.io/scrape": "true"}')
     assert parse([]).trainer_pod_annotations == {"prometheus.io/scrape": "true"}  # as the chart sets it

@@ -16,7 +16,7 @@ from pydantic import BeforeValidator, Field, ValidationError
 from pydantic.alias_generators import to_snake
 
 from finetune_operator import coretypes as core
-from finetune_trainer.config import PRINTABLE, Stage, TrainerConfig
+from finetune_trainer.config import Stage, TrainerConfig
 from finetune_trainer.rules import ApiModel, Rule, error_lines, transition
 
 GROUP = "finetune.dev"
@@ -75,7 +75,7 @@ class RuntimeSpec(ApiModel):
         1, ge=1, le=64, description="Trainer processes per pod (torchrun --nproc-per-node): one per GPU."
     )
     image: str | None = Field(
-        None, min_length=1, max_length=512, pattern=rf"^{PRINTABLE}+$",
+        None, min_length=1, max_length=512, pattern=core.IMAGE,
         description="Trainer image; defaults to the operator's configured trainer image.",
     )
     image_pull_policy: PullPolicy | None = Field(None, description="Always, IfNotPresent or Never (Kubernetes' default).")

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 from pydantic import Field
 
-from finetune_trainer.config import PARENT_SEGMENT
+from finetune_trainer.config import PARENT_SEGMENT, PRINTABLE
 from finetune_trainer.rules import INT64, ApiModel, Rule, checked
 
 # RFC 1123 names, as the apiserver checks object names and references.
@@ -33,6 +33,9 @@ ANNOTATION_KEY = QUALIFIED_NAME.replace("[a-z0-9]", "[A-Za-z0-9]").replace("[-a-
 LABEL_VALUE = r"^(([A-Za-z0-9][-A-Za-z0-9_.]{0,61})?[A-Za-z0-9])?$"
 # An environment variable name as the apiserver accepts it (C identifiers and more).
 ENV_NAME = r"^[-._a-zA-Z][-._a-zA-Z0-9]*$"
+# A container image: the apiserver refuses one with leading or trailing whitespace (a Job's whole create), and
+# whitespace within or a control character no runtime pulls.
+IMAGE = rf"^{PRINTABLE}+$"
 # A Kubernetes quantity (resource.Quantity's grammar).
 # The exponent has at most three digits: CEL's quantity() of 1e999999999 compared with 2 kept the
 # apiserver busy past its request timeout (found by the fuzzer).

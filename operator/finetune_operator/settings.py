@@ -29,7 +29,7 @@ class Settings(BaseModel):
         (), description="Namespaces to watch (repeat the flag, or separate them by commas); none: the whole cluster."
     )
     trainer_image: str = Field(
-        "ghcr.io/finetune-dev/trainer:0.1.0", min_length=1, description="Trainer image for jobs that name none."
+        "ghcr.io/finetune-dev/trainer:0.1.0", max_length=512, description="Trainer image for jobs that name none."
     )
     trainer_resources: core.ResourceRequirements = Field(
         default_factory=lambda: core.ResourceRequirements.from_wire(DEFAULT_TRAINER_RESOURCES),
@@ -62,6 +62,15 @@ class Settings(BaseModel):
         """Both endpoints listen on bind_address: on one port, the second to start exited with "address in use"."""
         if value == info.data.get("metrics_port"):
             raise ValueError(f"the metrics port is {value} too; each endpoint needs its own port")
+        return value
+
+    @field_validator("trainer_image")
+    @classmethod
+    def _image(cls, value: str) -> str:
+        """As spec.runtime.image: an image with whitespace (a Helm value's trailing newline) got every job's Job
+        refused, each job failed InvalidSpec, blamed on its spec."""
+        if not re.fullmatch(core.IMAGE, value):
+            raise ValueError(f"{value!r} is no image: it must be non-empty, without whitespace or control characters")
         return value
 
     @field_validator("namespaces", "trainer_pull_secrets", "lease_namespace", "lease_name")
