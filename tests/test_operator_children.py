@@ -11,7 +11,7 @@ import yaml
 from kubernetes.client.exceptions import ApiException
 
 from finetune_operator import children, handlers
-from finetune_operator.api import FineTuneJob
+from finetune_operator.api import FineTuneJob, RuntimeSpec
 from finetune_operator.settings import Settings
 from finetune_trainer.config import TrainerConfig
 
@@ -384,3 +384,15 @@ def test_the_per_namespace_reads_of_deleted_namespaces_are_not_kept_for_ever(mon
         clock[0] += 60  # each namespace lives a minute
     assert apiserver.calls == 200
     assert set(warnings.by_namespace) == set(warnings.locks) == {"ci-99"} and set(claims.found) == {("ci-99", "data")}
+
+
+def test_a_spec_s_hf_home_replaces_the_operator_s() -> None:
+    """HF_HOME is documented as the way to a shared hub cache: the pod had two, the operator's then the spec's, of
+    which the apiserver warns that one "may be dropped when using apply"."""
+    mount = {"volumes": [{"name": "hub", "persistentVolumeClaim": {"claimName": "hub-cache"}}],
+             "volumeMounts": [{"name": "hub", "mountPath": "/hub"}]}
+    for env, home in (([], children.HF_HOME), ([{"name": "HF_HOME", "value": "/hub"}], "/hub")):
+        doc, spec = ftj(runtime=mount | {"env": env})
+        container = children.job(doc, spec, 1, SETTINGS)["spec"]["template"]["spec"]["containers"][0]
+        assert [e["value"] for e in container["env"] if e["name"] == "HF_HOME"] == [home]
+    assert "HF_HOME" in RuntimeSpec.model_fields["env"].description

@@ -86,7 +86,9 @@ class RuntimeSpec(ApiModel):
     )
     env: list[core.EnvVar] = Field(
         default_factory=list, max_length=64,
-        description="Extra environment variables (e.g. a hub token from a Secret); torchrun's and the trainer's own are refused.",
+        description="Extra environment variables (e.g. a hub token from a Secret); torchrun's and the trainer's own are "
+        "refused. HF_HOME moves the hub cache (an emptyDir of each pod at /var/cache/huggingface) to a path of its "
+        "own, e.g. on a claim in volumes, to share it between workers and jobs.",
     )
     env_from: list[core.EnvFromSource] = Field(
         default_factory=list, max_length=16, description="Secrets and ConfigMaps whose keys become environment variables."

@@ -159,7 +159,10 @@ def _env(spec: api.FineTuneJobSpec, resources: core.ResourceRequirements) -> lis
     if rendezvous(spec):  # torchrun's --shutdown-timeout, as its environment gives it: an older torchrun without
         # the setting (in a user's image) ignores it and keeps its 30 s, where the flag stopped every run
         ours.append({"name": "PET_SHUTDOWN_TIMEOUT", "value": str(shutdown_timeout(spec))})
-    return ours + [e.to_wire() for e in spec.runtime.env]
+    # A spec's HF_HOME (the one name of ours it may set) replaces ours, e.g. a hub cache on a shared claim: once, not
+    # after ours, which the apiserver warns of ("hides previous definition", "may be dropped when using apply").
+    theirs = {e.name for e in spec.runtime.env}
+    return [e for e in ours if e["name"] not in theirs] + [e.to_wire() for e in spec.runtime.env]
 
 
 def _volumes(name: str, spec: api.FineTuneJobSpec) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
