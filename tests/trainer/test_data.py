@@ -1217,6 +1217,12 @@ def test_labels_spelt_as_a_missing_value_are_said(tmp_path: Path, caplog: pytest
     assert load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0).id2label == {0: "NA", 1: "neg", 2: "pos"}
     assert ("column 'label' (dataset.labelField) holds labels spelt as a missing value, each a class of its own: "
             "NA (10 of 30 rows); clean the file" in caplog.text)
+    # A ClassLabel's own names are no values a file spelt: tweet_eval's stance classes are none, against, favor.
+    caplog.clear()
+    (hub := tmp_path / "stance").mkdir()
+    path = class_label_dataset(hub, "parquet", ["none", "against", "favor"], {"train": [i % 3 for i in range(30)]})
+    assert load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0).id2label == {0: "none", 1: "against", 2: "favor"}
+    assert "spelt as a missing value" not in caplog.text
 
 
 def test_a_json_array_of_records_loads(tmp_path: Path) -> None:

@@ -120,8 +120,8 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
                                                        "need 2 or more"))
         warn_labels_no_classes(id2label, len(ids), None if fmt == DatasetFormat.IMAGE_FOLDER else label_field,
                                spec.uri)
-        if fmt != DatasetFormat.IMAGE_FOLDER:
-            warn_labels_spelt_missing(id2label, ids, label_field, spec.uri)
+        if fmt != DatasetFormat.IMAGE_FOLDER and names is None:  # a ClassLabel's own names (tweet_eval's none) are
+            warn_labels_spelt_missing(id2label, ids, label_field, spec.uri)  # not values a file spelt
         offsets = np.cumsum([0, *(len(t) for t in usable.values())])
         labels = {name: ids[offsets[i]:offsets[i + 1]] for i, name in enumerate(usable)}
         warn_labels_differing_in_case(id2label, spec.uri)
