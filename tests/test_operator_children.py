@@ -116,7 +116,7 @@ def test_workers_rendezvous_statically_on_index_zero() -> None:
 
 def test_torchrun_waits_at_its_rendezvous_as_long_as_the_ranks_wait_at_a_collective() -> None:
     """A gang's last pod may start many minutes after its first (a node scaled up, a large image pulled): torchrun's
-    static rendezvous gave up after its default 600 s, exit 1 with no termination message, a counted failure."""
+    static rendezvous gave up after its default 900 s, exit 1 with no termination message, a counted failure."""
     from torch.distributed.run import config_from_args, parse_args
 
     from finetune_trainer.distributed import COLLECTIVE_TIMEOUT

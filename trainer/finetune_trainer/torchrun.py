@@ -8,7 +8,7 @@ import os
 
 # How long a rank waits for its peers, at torchrun's rendezvous (the operator's --rdzv-conf) and at each collective:
 # the others wait at a barrier while rank 0 alone writes a checkpoint or the export, and a gang's last pod may start
-# many minutes after its first (its node scaled up, a large image pulled), where torchrun's default of 600 s failed
+# many minutes after its first (its node scaled up, a large image pulled), where torchrun's default of 900 s failed
 # the attempt, counted.
 PEER_WAIT_SECONDS = 3600
 
