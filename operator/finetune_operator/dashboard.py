@@ -112,15 +112,17 @@ def one_job() -> list[Panel]:
 
 
 def evaluation() -> list[Panel]:
-    # The run seen last, and its attempt seen last: a job deleted and made again under its name (another recipe) is a
-    # run of its own, and the larger value of either run showed one run's fine-tuned result beside the other's
-    # baseline; so did two attempts of a run retuned between them (each attempt reports its baseline again).
-    newest = (f"topk(1, max by (finetunejob_uid, attempt) "
-              f"(max_over_time(timestamp(finetune_trainer_stage{{{JOB}}})[$__range:])))")
+    # The run seen last, and its attempt that scored last: a job deleted and made again under its name (another
+    # recipe) is a run of its own, and the larger value of either run showed one run's fine-tuned result beside the
+    # other's baseline; so did two attempts of a run retuned between them (each attempt reports its baseline again).
+    # The attempt seen last (its stage) left the panel empty while it loaded, and for good where it failed there.
+    run = f"max by (finetunejob_uid) (max_over_time(timestamp(finetune_trainer_stage{{{JOB}}})[$__range:]))"
+    scored = (f"topk(1, max by (finetunejob_uid, attempt) (max_over_time(timestamp(finetune_trainer_eval_metric"
+              f"{{{JOB}}})[$__range:])) and on (finetunejob_uid) topk(1, {run}))")
 
     def last(phase: str) -> str:
         return (f'max by (metric) (last_over_time(finetune_trainer_eval_metric{{{JOB}, phase="{phase}"}}[$__range])'
-                f" and on (finetunejob_uid, attempt) {newest})")
+                f" and on (finetunejob_uid, attempt) {scored})")
 
     return [
         bargauge.Panel().title("Baseline vs fine-tuned").datasource(DATASOURCE).span(16).height(8)
