@@ -331,25 +331,34 @@ def test_the_evaluation_is_the_latest_run_s_of_a_job_made_again_under_its_name(t
 def test_the_evaluation_is_the_latest_attempt_s_of_a_run(tmp_path: Path) -> None:
     """Attempt 1 of job `j` evaluated its fine-tuned model (accuracy 0.5 -> 0.9) and was preempted in its export;
     retuned while suspended, attempt 2 trained again to 0.7: the bar took the larger final of either attempt. Until
-    attempt 2 scores its baseline (loading its model) it is attempt 1's, and so for good had attempt 2 failed then."""
+    attempt 2 scores its baseline (loading its model) it is attempt 1's, and so for good had attempt 2 failed then.
+    Job `k` (no baseline) has attempt 1's final 0.8; its attempt 2 validated during training (phase training), then
+    failed: a validation is no score of the attempt's, and the fine-tuned bar stays attempt 1's."""
     t0 = int(time.time()) - 3600
     lines = ["# TYPE finetune_trainer_stage gauge", "# TYPE finetune_trainer_eval_metric gauge"]
-    for attempt, start, stop, final in (("1", 0, 600, 0.9), ("2", 900, 1500, 0.7)):
-        labels = f'namespace="a",finetunejob="j",finetunejob_uid="u",attempt="{attempt}",pod="j-{attempt}-0-x"'
+    for job, attempt, start, stop, phases in (
+            ("j", "1", 0, 600, (("baseline", 0.5, 100), ("final", 0.9, 550))),
+            ("j", "2", 900, 1500, (("baseline", 0.5, 100), ("final", 0.7, 550))),
+            ("k", "1", 0, 600, (("final", 0.8, 550),)), ("k", "2", 900, 1500, (("training", 0.6, 200),))):
+        labels = (f'namespace="a",finetunejob="{job}",finetunejob_uid="{job}",attempt="{attempt}",'
+                  f'pod="{job}-{attempt}-0-x"')
         lines += [f'finetune_trainer_stage{{{labels},stage="Training"}} 1 {t}' for t in range(t0 + start, t0 + stop, 15)]
-        for phase, value, since in (("baseline", 0.5, 100), ("final", final, 550)):
+        for phase, value, since in phases:
             lines += [f'finetune_trainer_eval_metric{{{labels},phase="{phase}",metric="accuracy"}} {value} {t}'
                       for t in range(t0 + start + since, t0 + stop, 15)]
     prometheus_server.backfill(tmp_path, "\n".join(lines) + "\n# EOF\n")
     prometheus = prometheus_server.start(tmp_path, [], free_port())
-    expr = dashboard_exprs()["Change (fine-tuned - baseline)"][0]
-    expr = expr.replace("$namespace", "a").replace("$job", "j").replace("$__range", "1h")
-    def change(at: int) -> list[float]:
+    exprs = dashboard_exprs()
+
+    def values(title: str, target: int, job: str, at: int) -> list[float]:
+        expr = exprs[title][target].replace("$namespace", "a").replace("$job", job).replace("$__range", "1h")
         return [float(s["values"][-1][1]) for s in prometheus.query_range(expr, t0 + at, t0 + at, 15)]
 
     try:
-        assert change(1600) == [pytest.approx(0.2)]
-        assert change(950) == [pytest.approx(0.4)]  # attempt 2 loads its model: no score of its own yet
+        assert values("Change (fine-tuned - baseline)", 0, "j", 1600) == [pytest.approx(0.2)]
+        # attempt 2 loads its model: no score of its own yet
+        assert values("Change (fine-tuned - baseline)", 0, "j", 950) == [pytest.approx(0.4)]
+        assert values("Baseline vs fine-tuned", 1, "k", 1600) == [pytest.approx(0.8)]
     finally:
         prometheus.stop()
 

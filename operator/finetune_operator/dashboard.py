@@ -117,8 +117,10 @@ def evaluation() -> list[Panel]:
     # other's baseline; so did two attempts of a run retuned between them (each attempt reports its baseline again).
     # The attempt seen last (its stage) left the panel empty while it loaded, and for good where it failed there.
     run = f"max by (finetunejob_uid) (max_over_time(timestamp(finetune_trainer_stage{{{JOB}}})[$__range:]))"
+    # Scored on the test split: a validation during training (phase "training") is no score of the attempt's, and
+    # without a baseline it made an attempt that failed in training the one shown, empty.
     scored = (f"topk(1, max by (finetunejob_uid, attempt) (max_over_time(timestamp(finetune_trainer_eval_metric"
-              f"{{{JOB}}})[$__range:])) and on (finetunejob_uid) topk(1, {run}))")
+              f'{{{JOB}, phase!="training"}})[$__range:])) and on (finetunejob_uid) topk(1, {run}))')
 
     def last(phase: str) -> str:
         return (f'max by (metric) (last_over_time(finetune_trainer_eval_metric{{{JOB}, phase="{phase}"}}[$__range])'
