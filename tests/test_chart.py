@@ -290,6 +290,16 @@ def test_a_job_that_stopped_running_has_no_eta(tmp_path: Path) -> None:
         prometheus.stop()
 
 
+STARTED = "process_start_time_seconds"
+
+
+def trainer_lived(labels: str, start: int, stop: int) -> list[str]:
+    """The series of a rank 0 scraped every 15 s from `start` to `stop` (its stage, its process's start), for a
+    backfill."""
+    return [line for t in range(start, stop, 15) for line in (
+        f'finetune_trainer_stage{{{labels},stage="Training"}} 1 {t}', f"{STARTED}{{{labels}}} {start} {t}")]
+
+
 @pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
 def test_the_evaluation_is_the_latest_run_s_of_a_job_made_again_under_its_name(tmp_path: Path) -> None:
     """Job `j` ran (accuracy 0.5 -> 0.9), was deleted and made again with another recipe (0.55 -> 0.6): the bars took
@@ -297,11 +307,11 @@ def test_the_evaluation_is_the_latest_run_s_of_a_job_made_again_under_its_name(t
     after the second run's final evaluation. Each run distilled from a teacher (0.95, then 0.7), whose bar is the
     latest run's too."""
     t0 = int(time.time()) - 3600
-    lines = ["# TYPE finetune_trainer_stage gauge", "# TYPE finetune_trainer_eval_metric gauge"]
+    lines = [f"# TYPE {m} gauge" for m in ("finetune_trainer_stage", "finetune_trainer_eval_metric", STARTED)]
     for uid, start, stop, baseline, final, teacher in (("u1", 0, 600, 0.5, 0.9, 0.95),
                                                        ("u2", 900, 1500, 0.55, 0.6, 0.7)):
         labels = f'namespace="a",finetunejob="j",finetunejob_uid="{uid}",attempt="1",pod="j-1-0-{uid}"'
-        lines += [f'finetune_trainer_stage{{{labels},stage="Training"}} 1 {t}' for t in range(t0 + start, t0 + stop, 15)]
+        lines += trainer_lived(labels, t0 + start, t0 + stop)
         for phase, value, since in (("baseline", baseline, 100), ("teacher", teacher, 110), ("final", final, 550)):
             lines += [f'finetune_trainer_eval_metric{{{labels},phase="{phase}",metric="accuracy"}} {value} {t}'
                       for t in range(t0 + start + since, t0 + stop, 15)]
@@ -335,14 +345,14 @@ def test_the_evaluation_is_the_latest_attempt_s_of_a_run(tmp_path: Path) -> None
     Job `k` (no baseline) has attempt 1's final 0.8; its attempt 2 validated during training (phase training), then
     failed: a validation is no score of the attempt's, and the fine-tuned bar stays attempt 1's."""
     t0 = int(time.time()) - 3600
-    lines = ["# TYPE finetune_trainer_stage gauge", "# TYPE finetune_trainer_eval_metric gauge"]
+    lines = [f"# TYPE {m} gauge" for m in ("finetune_trainer_stage", "finetune_trainer_eval_metric", STARTED)]
     for job, attempt, start, stop, phases in (
             ("j", "1", 0, 600, (("baseline", 0.5, 100), ("final", 0.9, 550))),
             ("j", "2", 900, 1500, (("baseline", 0.5, 100), ("final", 0.7, 550))),
             ("k", "1", 0, 600, (("final", 0.8, 550),)), ("k", "2", 900, 1500, (("training", 0.6, 200),))):
         labels = (f'namespace="a",finetunejob="{job}",finetunejob_uid="{job}",attempt="{attempt}",'
                   f'pod="{job}-{attempt}-0-x"')
-        lines += [f'finetune_trainer_stage{{{labels},stage="Training"}} 1 {t}' for t in range(t0 + start, t0 + stop, 15)]
+        lines += trainer_lived(labels, t0 + start, t0 + stop)
         for phase, value, since in phases:
             lines += [f'finetune_trainer_eval_metric{{{labels},phase="{phase}",metric="accuracy"}} {value} {t}'
                       for t in range(t0 + start + since, t0 + stop, 15)]
@@ -359,6 +369,57 @@ def test_the_evaluation_is_the_latest_attempt_s_of_a_run(tmp_path: Path) -> None
         # attempt 2 loads its model: no score of its own yet
         assert values("Change (fine-tuned - baseline)", 0, "j", 950) == [pytest.approx(0.4)]
         assert values("Baseline vs fine-tuned", 1, "k", 1600) == [pytest.approx(0.8)]
+    finally:
+        prometheus.stop()
+
+
+@pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
+def test_the_evaluation_of_a_trainer_scraped_for_seconds_is_shown(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """A small job's rank 0 may be scraped for a few seconds only (found late, gone once done): the panels chose the
+    run and the attempt by a subquery of their series' timestamps, at the evaluation interval's resolution (5 s
+    here, a minute by default), and a trainer scraped between two of its points was none: the chart test found the
+    evaluation panels empty, one run in four. A real trainer's endpoint, scraped for under 3 s between two points."""
+    import torch
+
+    from finetune_trainer import telemetry
+    from finetune_trainer.config import Stage
+
+    out = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"), "--set",
+                          "podMonitor.enabled=true", "--set", "podMonitor.interval=1s", "--show-only",
+                          "templates/podmonitor.yaml"], check=True, capture_output=True, text=True).stdout
+    port = free_port()
+    (targets := tmp_path / "targets.json").write_text(json.dumps([pod_target(port, 0)]))
+    prometheus = prometheus_server.start(tmp_path / "prometheus", [
+        prometheus_server.file_pod_monitor_config(yaml.safe_load(out), targets)], free_port())
+    for name, value in ((telemetry.PORT_ENV, str(port)), (telemetry.ADDR_ENV, "127.0.0.1"),
+                        (telemetry.LINGER_ENV, "0")):
+        monkeypatch.setenv(name, value)
+    monkeypatch.setattr(telemetry, "_last_exit_code", [None])
+
+    def scraped(up: int) -> None:
+        deadline = time.monotonic() + 30
+        while not prometheus.query(f'up{{pod="ddp-1-0-abcde"}} == {up}'):
+            assert time.monotonic() < deadline, f"no scrape with up {up}"
+            time.sleep(0.1)
+
+    try:
+        scraped(0)  # a target, down: nothing serves yet
+        time.sleep(5.3 - time.time() % 5)  # just past a point of the 5 s grid
+        start = time.time()
+        trainer = telemetry.Metrics(torch.device("cpu"))
+        trainer.set_stage(Stage.DONE)
+        trainer.set_eval("baseline", {"accuracy": 0.5})
+        trainer.set_eval("final", {"accuracy": 0.75})
+        trainer.serve()
+        scraped(1)
+        time.sleep(max(0.0, start + 2.7 - time.time()))
+        trainer.close()  # the next scrape fails, before the grid's next point: the series are stale there
+        scraped(0)
+        end = time.time()
+        expr = dashboard_exprs()["Change (fine-tuned - baseline)"][0].replace("$namespace", "team-a").replace(
+            "$job", "ddp").replace("$__range", f"{int(end - start) + 1}s")
+        assert [float(s["values"][-1][1]) for s in prometheus.query_range(expr, end, end)] == [pytest.approx(0.25)]
     finally:
         prometheus.stop()
 

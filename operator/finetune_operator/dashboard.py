@@ -112,15 +112,19 @@ def one_job() -> list[Panel]:
 
 
 def evaluation() -> list[Panel]:
-    # The run seen last, and its attempt that scored last: a job deleted and made again under its name (another
-    # recipe) is a run of its own, and the larger value of either run showed one run's fine-tuned result beside the
-    # other's baseline; so did two attempts of a run retuned between them (each attempt reports its baseline again).
-    # The attempt seen last (its stage) left the panel empty while it loaded, and for good where it failed there.
-    run = f"max by (finetunejob_uid) (max_over_time(timestamp(finetune_trainer_stage{{{JOB}}})[$__range:]))"
-    # Scored on the test split: a validation during training (phase "training") is no score of the attempt's, and
-    # without a baseline it made an attempt that failed in training the one shown, empty.
-    scored = (f"topk(1, max by (finetunejob_uid, attempt) (max_over_time(timestamp(finetune_trainer_eval_metric"
-              f'{{{JOB}, phase!="training"}})[$__range:])) and on (finetunejob_uid) topk(1, {run}))')
+    # The newest run, and in it the newest attempt that scored, by when their trainers started (rank 0's
+    # process_start_time_seconds): a job deleted and made again under its name (another recipe) is a run of its own,
+    # and the larger value of either run showed one run's fine-tuned result beside the other's baseline; so did two
+    # attempts of a run retuned between them (each attempt reports its baseline again). The newest attempt alone left
+    # the panel empty while it loaded, and for good where it failed there. Scored on the test split: a validation
+    # during training (phase "training") is none. A subquery of the series' timestamps chose them at the evaluation
+    # interval's resolution (a minute by default), and missed a trainer scraped between two of its points: a short
+    # job's panels were empty.
+    started = f"last_over_time(process_start_time_seconds{{{JOB}}}[$__range])"
+    run = f"topk(1, max by (finetunejob_uid) ({started}))"
+    scored = (f"topk(1, max by (finetunejob_uid, attempt) ({started}) and on (finetunejob_uid, attempt) "
+              f'last_over_time(finetune_trainer_eval_metric{{{JOB}, phase!="training"}}[$__range]) '
+              f"and on (finetunejob_uid) {run})")
 
     def last(phase: str) -> str:
         return (f'max by (metric) (last_over_time(finetune_trainer_eval_metric{{{JOB}, phase="{phase}"}}[$__range])'

@@ -7,7 +7,8 @@ network, and in a pod the operator sets the address to the pod's IP. `finetune_t
 for the others; the training gauges (loss, step, throughput...) appear with an attempt's first step; `finetune_trainer_eval_metric{phase,metric}` has phase baseline, training
 (the latest evaluation during training), final, or teacher (a distilled job's teacher, on the test split).
 In a pod, `finetune_trainer_pod_info{uid}` names the pod that answers (FINETUNE_POD_UID), so that the
-operator never reads another pod's numbers for its job's.
+operator never reads another pod's numbers for its job's. prometheus_client's `process_*` are served too: the
+dashboard tells the newest run and attempt by `process_start_time_seconds`.
 
 The final evaluation is set only seconds before the process ends (export is quick), so `close` keeps
 the endpoint up until each reader still scraping it (Prometheus, the operator) has read it once more,
@@ -35,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from prometheus_client import CollectorRegistry, Gauge, start_http_server
+from prometheus_client import CollectorRegistry, Gauge, ProcessCollector, start_http_server
 from prometheus_client.core import GaugeMetricFamily
 
 from finetune_trainer.analyze import Severity, StepFlops
@@ -155,6 +156,8 @@ class Metrics:
         # the device is required: left out, a GPU job's memory read 0 until its first step (see gpu_memory_bytes)
         self.device = device
         self.registry = CollectorRegistry()
+        # process_start_time_seconds and the like: the dashboard tells the newest run and attempt by their start
+        ProcessCollector(registry=self.registry)
         self.server: Any = None
         self.readers = Readers()
 
