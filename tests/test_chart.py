@@ -293,11 +293,11 @@ def test_a_job_that_stopped_running_has_no_eta(tmp_path: Path) -> None:
 STARTED = "process_start_time_seconds"
 
 
-def trainer_lived(labels: str, start: int, stop: int) -> list[str]:
-    """The series of a rank 0 scraped every 15 s from `start` to `stop` (its stage, its process's start), for a
-    backfill."""
+def trainer_lived(labels: str, start: int, stop: int, started: bool = True) -> list[str]:
+    """The series of a rank 0 scraped every 15 s from `start` to `stop` (its stage and, but for a trainer image from
+    before it, its process's start), for a backfill."""
     return [line for t in range(start, stop, 15) for line in (
-        f'finetune_trainer_stage{{{labels},stage="Training"}} 1 {t}', f"{STARTED}{{{labels}}} {start} {t}")]
+        f'finetune_trainer_stage{{{labels},stage="Training"}} 1 {t}', f"{STARTED}{{{labels}}} {start} {t}")[:1 + started]]
 
 
 @pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
@@ -343,16 +343,19 @@ def test_the_evaluation_is_the_latest_attempt_s_of_a_run(tmp_path: Path) -> None
     retuned while suspended, attempt 2 trained again to 0.7: the bar took the larger final of either attempt. Until
     attempt 2 scores its baseline (loading its model) it is attempt 1's, and so for good had attempt 2 failed then.
     Job `k` (no baseline) has attempt 1's final 0.8; its attempt 2 validated during training (phase training), then
-    failed: a validation is no score of the attempt's, and the fine-tuned bar stays attempt 1's."""
+    failed: a validation is no score of the attempt's, and the fine-tuned bar stays attempt 1's. Job `m`'s attempt 2
+    ran a trainer image from before process_start_time_seconds (0.5 -> 0.6): it is still the newest."""
     t0 = int(time.time()) - 3600
     lines = [f"# TYPE {m} gauge" for m in ("finetune_trainer_stage", "finetune_trainer_eval_metric", STARTED)]
     for job, attempt, start, stop, phases in (
             ("j", "1", 0, 600, (("baseline", 0.5, 100), ("final", 0.9, 550))),
             ("j", "2", 900, 1500, (("baseline", 0.5, 100), ("final", 0.7, 550))),
-            ("k", "1", 0, 600, (("final", 0.8, 550),)), ("k", "2", 900, 1500, (("training", 0.6, 200),))):
+            ("k", "1", 0, 600, (("final", 0.8, 550),)), ("k", "2", 900, 1500, (("training", 0.6, 200),)),
+            ("m", "1", 0, 600, (("baseline", 0.5, 100), ("final", 0.9, 550))),
+            ("m", "2", 900, 1500, (("baseline", 0.5, 100), ("final", 0.6, 550)))):
         labels = (f'namespace="a",finetunejob="{job}",finetunejob_uid="{job}",attempt="{attempt}",'
                   f'pod="{job}-{attempt}-0-x"')
-        lines += trainer_lived(labels, t0 + start, t0 + stop)
+        lines += trainer_lived(labels, t0 + start, t0 + stop, started=(job, attempt) != ("m", "2"))
         for phase, value, since in phases:
             lines += [f'finetune_trainer_eval_metric{{{labels},phase="{phase}",metric="accuracy"}} {value} {t}'
                       for t in range(t0 + start + since, t0 + stop, 15)]
@@ -369,6 +372,7 @@ def test_the_evaluation_is_the_latest_attempt_s_of_a_run(tmp_path: Path) -> None
         # attempt 2 loads its model: no score of its own yet
         assert values("Change (fine-tuned - baseline)", 0, "j", 950) == [pytest.approx(0.4)]
         assert values("Baseline vs fine-tuned", 1, "k", 1600) == [pytest.approx(0.8)]
+        assert values("Change (fine-tuned - baseline)", 0, "m", 1600) == [pytest.approx(0.1)]
     finally:
         prometheus.stop()
 

@@ -119,10 +119,13 @@ def evaluation() -> list[Panel]:
     # the panel empty while it loaded, and for good where it failed there. Scored on the test split: a validation
     # during training (phase "training") is none. A subquery of the series' timestamps chose them at the evaluation
     # interval's resolution (a minute by default), and missed a trainer scraped between two of its points: a short
-    # job's panels were empty.
-    started = f"last_over_time(process_start_time_seconds{{{JOB}}}[$__range])"
+    # job's panels were empty. A trainer image from before process_* is ordered by when it was last seen, so: attempts
+    # and runs never overlap (each waits for the one before to stop), so either time orders them alike.
+    by = "max by (finetunejob_uid, attempt)"
+    started = (f"{by} (last_over_time(process_start_time_seconds{{{JOB}}}[$__range])) or on (finetunejob_uid, attempt) "
+               f"{by} (max_over_time(timestamp(finetune_trainer_stage{{{JOB}}})[$__range:]))")
     run = f"topk(1, max by (finetunejob_uid) ({started}))"
-    scored = (f"topk(1, max by (finetunejob_uid, attempt) ({started}) and on (finetunejob_uid, attempt) "
+    scored = (f"topk(1, ({started}) and on (finetunejob_uid, attempt) "
               f'last_over_time(finetune_trainer_eval_metric{{{JOB}, phase!="training"}}[$__range]) '
               f"and on (finetunejob_uid) {run})")
 
