@@ -296,8 +296,8 @@ STARTED = "process_start_time_seconds"
 def trainer_lived(labels: str, start: int, stop: int, started: bool = True) -> list[str]:
     """The series of a rank 0 scraped every 15 s from `start` to `stop` (its stage and, but for a trainer image from
     before it, its process's start), for a backfill."""
-    return [line for t in range(start, stop, 15) for line in (
-        f'finetune_trainer_stage{{{labels},stage="Training"}} 1 {t}', f"{STARTED}{{{labels}}} {start} {t}")[:1 + started]]
+    lines = [f'finetune_trainer_stage{{{labels},stage="Training"}} 1 {t}' for t in range(start, stop, 15)]
+    return lines + [f"{STARTED}{{{labels}}} {start} {t}" for t in range(start, stop, 15) if started]
 
 
 @pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")

@@ -629,7 +629,7 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
         if seen.sample:
             status |= progress_and_metrics(seen.sample, spec.global_batch, seen.now)
             conds.clear(T.METRICS_STALE, METRICS_READ, "rank 0's metrics are read again")
-        elif old.get("stage") == "Done" and _read_this_attempt(conds, old):  # only the pods' exit is left
+        elif old.get("stage") == "Done" and _read_this_attempt(conds.get(T.RUNNING), old):  # only the exit is left
             _not_exiting(conds, old, seen.now)
         elif seen.scrape_error:
             _stale(conds, old, seen.now, *seen.scrape_error)
@@ -737,7 +737,7 @@ def _stale(conds: Conditions, old: dict[str, Any], now: datetime, reason: str, m
     first's, though the last read (the previous attempt's) is older. The last numbers stay in status.progress and
     status.metrics, whose updatedAt tells their age."""
     updated = _parse_time((old.get("progress") or {}).get("updatedAt"))
-    if read := _read_this_attempt(conds, old):
+    if read := _read_this_attempt(conds.get(T.RUNNING), old):
         last, grace = read, STALE_AFTER_SECONDS
     else:
         last, grace = _parse_time(conds.get(T.RUNNING).get("lastTransitionTime")), STARTING_SECONDS
@@ -750,16 +750,16 @@ def _stale(conds: Conditions, old: dict[str, Any], now: datetime, reason: str, m
 def reported_done(status: dict[str, Any]) -> bool:
     """Whether rank 0 of the running attempt reported Done: it closes its endpoint then, on purpose, before its pods
     exit (minutes on a loaded node), so a read that fails is no fault."""
-    conds = Conditions(status.get("conditions") or [], 0, datetime.min)  # read only
-    return status.get("stage") == "Done" and _read_this_attempt(conds, status) is not None
+    return status.get("stage") == "Done" and _read_this_attempt(condition(status.get("conditions"), T.RUNNING),
+                                                                 status) is not None
 
 
-def _read_this_attempt(conds: Conditions, old: dict[str, Any]) -> datetime | None:
-    """When rank 0's metrics were last read, if that was in the running attempt (not before Running last turned
-    True): status.progress and status.stage stay from the attempt before until the new one is read."""
+def _read_this_attempt(running: dict[str, Any], old: dict[str, Any]) -> datetime | None:
+    """When rank 0's metrics were last read, if that was in the running attempt (not before the `running` condition
+    last turned): status.progress and status.stage stay from the attempt before until the new one is read."""
     updated = _parse_time((old.get("progress") or {}).get("updatedAt"))
-    running = _parse_time(conds.get(T.RUNNING).get("lastTransitionTime"))
-    return updated if updated and (running is None or updated >= running) else None
+    turned = _parse_time(running.get("lastTransitionTime"))
+    return updated if updated and (turned is None or updated >= turned) else None
 
 
 def _finish(decision: Decision, old: dict[str, Any], conds: Conditions) -> Decision:
