@@ -1,7 +1,7 @@
 """The Grafana dashboard (`make crds` writes deploy/grafana/finetune.json and the chart's copy).
 
 Built with grafana-foundation-sdk (the dev extra) so it is code, not hand-edited JSON. Its queries
-use only the shared metric names (DESIGN §4) and the labels the chart's PodMonitor adds to trainer
+use only the shared metric names (the README's trainer contract) and the labels the chart's PodMonitor adds to trainer
 series: `namespace`, `finetunejob` (from the pod label `finetune.dev/job-name`) and `finetunejob_uid`
 (`finetune.dev/job-uid`: a job made again under its name is another run). Operator
 series carry `job="finetune-operator"` (the ServiceMonitor's relabelling, whatever the release's name).

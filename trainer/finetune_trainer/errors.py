@@ -1,6 +1,6 @@
 """Why a run stopped, as the operator must see it: the exit code and a reason word.
 
-Exit codes are the contract with the operator (DESIGN §4): 0 success; 1 a user error
+Exit codes are the contract with the operator (the README's trainer contract): 0 success; 1 a user error
 that a retry cannot fix (bad config, data or model, a diverging loss), and nothing else;
 143 this process got SIGTERM and stopped cleanly, its progress in a checkpoint (or none made
 yet); anything else an infrastructure failure that a new attempt may get past.

@@ -1,6 +1,6 @@
 """What the trainer tells the world: Prometheus metrics, progress lines and the termination message.
 
-Metric names are shared with the operator and the dashboard (DESIGN §4). Rank 0 serves
+Metric names are shared with the operator and the dashboard (the README's trainer contract). Rank 0 serves
 them on FINETUNE_METRICS_ADDR:FINETUNE_METRICS_PORT (default 127.0.0.1:9090; port 0 turns
 the endpoint off). Loopback unless told otherwise: a local run must not listen on the
 network, and in a pod the operator sets the address to the pod's IP. `finetune_trainer_stage{stage=...}` is 1 for the current stage and 0
