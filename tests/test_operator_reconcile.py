@@ -333,6 +333,9 @@ def test_rank_0s_success_stands_while_the_job_controller_stops_the_peers_left_af
                                        NOW + timedelta(seconds=1))), running)
         assert status["phase"] == "Succeeded" and status["evaluation"]["final"] == {"accuracy": 0.66}, status
         assert not status.get("failures") and status["attempts"] == 1
+        # The Job counted two running, and a finished job is never reconciled again: `kubectl get` said WORKERS 2
+        # for ever.
+        assert (status["workers"]["active"], status["workers"]["ready"]) == (0, 0)
 
 
 def test_the_cause_of_a_gangs_failure_is_the_worker_that_failed_not_the_peers_it_took_down() -> None:
@@ -1050,7 +1053,7 @@ def test_a_counted_failure_backs_off_before_the_next_attempt_as_a_jobs_pods_do()
     failure, and a transient one (an NFS blip, a dataset server restarting) burnt every retry. As a batch/v1 Job's
     controller does, the attempt after a counted failure waits 10 s, doubled for each one; the wait is in the status,
     so a restarted operator keeps it, and it ticks every poll meanwhile (Restarting)."""
-    from finetune_operator.handlers import ticks_every_poll
+    from finetune_operator.handlers import ticks_every_poll, ticks_slowly
 
     running = {"attempts": 1, "startTime": "2026-12-01T11:00:00Z", "children": {"job": "ft-1"}}
     failed = decide(Observed(body(running), *crashed_attempt(1), NOW))
@@ -1069,6 +1072,11 @@ def test_a_counted_failure_backs_off_before_the_next_attempt_as_a_jobs_pods_do()
     second = after(created, retrying)
     assert created.create_attempt == 2 and "retryAfter" not in second
     assert conditions(second)["Created"] == ("True", "AttemptCreated")
+    # Made, its pods wait (for GPUs, a queue) as a first attempt's do: Restarting is True until they run, and a
+    # retried job waiting hours for GPUs was reconciled every poll.
+    assert conditions(second)["Restarting"][0] == "True"
+    assert ticks_slowly(spec=EXAMPLE["spec"], status=second, meta=meta)
+    assert not ticks_every_poll(spec=EXAMPLE["spec"], status=second, meta=meta)
     # The second counted failure waits twice as long.
     later = NOW + timedelta(minutes=5)
     jobs, pods = crashed_attempt(2)

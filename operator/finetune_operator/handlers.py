@@ -153,21 +153,25 @@ def _live(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta) -> bool:
         or status.get("observedGeneration") != meta.get("generation", 0))
 
 
-def _busy(status: kopf.Status) -> bool:
-    """Running (its metrics are read every poll) or between attempts (the next one is created on the next tick, or
-    at the first after its back-off, status.retryAfter)."""
-    return status.get("phase") == api.Phase.RUNNING or \
-        condition(status.get("conditions"), T.RESTARTING).get("status") == "True"
+def _busy(status: kopf.Status, meta: kopf.Meta) -> bool:
+    """Running (its metrics are read every poll) or between attempts until the next one is made (it is created on
+    the next tick, or at the first after its back-off, status.retryAfter). Once made, its pods wait (for GPUs, a
+    queue) as a first attempt's do: Restarting stays True until they run, and a retried job waiting hours for GPUs
+    was reconciled every poll."""
+    if status.get("phase") == api.Phase.RUNNING:
+        return True
+    made = (status.get("children") or {}).get("job") == children.child_name(meta["name"], status.get("attempts") or 0)
+    return condition(status.get("conditions"), T.RESTARTING).get("status") == "True" and not made
 
 
 def ticks_every_poll(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, **_: Any) -> bool:
-    return _live(spec, status, meta) and _busy(status)
+    return _live(spec, status, meta) and _busy(status, meta)
 
 
 def ticks_slowly(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta, **_: Any) -> bool:
     """Waiting jobs (queued for GPUs, suspended, pods being created) are reconciled every WAITING_POLLS polls: a
     burst of a thousand of them at every poll would cost the operator more CPU than it has."""
-    return _live(spec, status, meta) and not _busy(status)
+    return _live(spec, status, meta) and not _busy(status, meta)
 
 
 WAITING_POLLS = 5

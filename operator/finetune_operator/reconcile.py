@@ -194,10 +194,7 @@ def decide(seen: Observed) -> Decision | None:
         if conds.get(T.CREATED).get("status") == "False":  # no attempt waits any more (a back-off, a suspend)
             conds.set(T.CREATED, False, reason, message)
         status["completionTime"] = timestamp(now)
-        # Its pods are being stopped (by the operator, or the Job controller): none runs or waits any more. Counted as
-        # seen now, a failed job's WORKERS column showed them running for ever, as it is never reconciled again.
-        if workers := status.get("workers", old.get("workers")):
-            status["workers"] = dict(workers, active=0, ready=0)
+        _workers_stopped(status, old)
 
     if finished:
         ttl = spec.ttl_seconds_after_finished if spec else None
@@ -643,6 +640,7 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
         conds.clear(T.RESTARTING, "Completed")
         conds.clear(T.METRICS_STALE, "Completed")
         status["completionTime"] = timestamp(seen.now)
+        _workers_stopped(status, old)  # rank 0's success stands while the Job controller stops peers left after it
         status["stage"] = "Done"
         status["output"] = {"uri": spec.output_uri}
         if progress := finished_progress(result.result, old.get("progress") or {}, seen.now):
@@ -697,6 +695,13 @@ def _backing_off_until(status: dict[str, Any], now: datetime) -> datetime | None
 def retry_delay(failures: int) -> int:
     """Seconds the next attempt waits after the `failures`th counted failure: 10, doubled per failure, at most 360."""
     return min(RETRY_BACKOFF_SECONDS * 2 ** max(failures - 1, 0), RETRY_BACKOFF_MAX_SECONDS)
+
+
+def _workers_stopped(status: dict[str, Any], old: dict[str, Any]) -> None:
+    """A finished job's pods are being stopped (by the operator, or the Job controller): none runs or waits any more.
+    Counted as seen now, its WORKERS column showed them running for ever, as it is never reconciled again."""
+    if workers := status.get("workers", old.get("workers")):
+        status["workers"] = dict(workers, active=0, ready=0)
 
 
 def _backing_off(conds: Conditions, attempt: int, due: datetime, failures: int) -> None:
