@@ -338,6 +338,44 @@ def test_rank_0s_success_stands_while_the_job_controller_stops_the_peers_left_af
         assert (status["workers"]["active"], status["workers"]["ready"]) == (0, 0)
 
 
+def with_a_sidecar(index: int, trainer: dict[str, Any]) -> dict[str, Any]:
+    """Attempt 1's pod `index` as the apiserver has it, its trainer in the state given, beside a proxy a service mesh
+    injected as a plain container, which runs on: the pod stays Running."""
+    return outcome.pod_summary({
+        "metadata": {"name": f"ft-1-{index}-x", "labels": {"finetune.dev/attempt": "1",
+                                                             "batch.kubernetes.io/job-completion-index": str(index)}},
+        "status": {"phase": "Running", "podIP": "10.0.0.1", "conditions": [{"type": "PodScheduled", "status": "True"}],
+                   "containerStatuses": [{"name": "trainer", "state": trainer},
+                                         {"name": "istio-proxy", "state": {"running": {}}}]}})
+
+
+def test_a_trainers_exit_ends_the_attempt_though_a_sidecar_keeps_its_pod_running() -> None:
+    """A sidecar injected as a plain container (a service mesh's proxy, a secrets agent) keeps the pod Running after
+    the trainer exits, and the Job neither fails nor completes: a trainer's exit 1 left the job Running for ever with
+    its GPUs held, and a success left the Job holding them after the job had succeeded."""
+    done = {"stage": "Done", "exitCode": 0, "evaluation": {"baseline": {"accuracy": 0.41}, "final": {"accuracy": 0.66}}}
+    bad = {"exitCode": 1, "reason": "InvalidDataset", "message": "no column label", "stage": "Loading"}
+    crash = {"exitCode": 2, "reason": "NcclError", "message": "x"}
+    running = {"attempts": 1, "children": {"job": "ft-1"}}
+    for message, code, phase, reason in ((bad, 1, "Failed", "InvalidDataset"), (done, 0, "Succeeded", "Completed"),
+                                         (crash, 2, "Pending", "BackoffWaiting")):  # counted: retried
+        exited = with_a_sidecar(0, {"terminated": {"exitCode": code, "message": json.dumps(message),
+                                                   "finishedAt": "2026-12-01T11:59:58Z"}})
+        decision = decide(Observed(body(running, backoffLimit=3), [job(active=1)], [exited], NOW))
+        status = after(decision, running)
+        assert (status["phase"], status["reason"]) == (phase, reason), status
+        assert decision.delete_job == "ft-1" and decision.delete_job_reason == "TrainerOutlived"
+        told = [m for _, r, m in decision.events if r == "TrainerOutlived"]
+        assert len(told) == 1 and "istio-proxy" in told[0] and "ft-1-0-x" in told[0]
+    # A peer's trainer done a moment before rank 0's is no end: nothing is deleted while rank 0 runs.
+    peer_done = with_a_sidecar(1, {"terminated": {"exitCode": 0, "finishedAt": "2026-12-01T11:59:58Z"}})
+    rank0 = with_a_sidecar(0, {"running": {}})
+    decision = decide(Observed(body(running, runtime=EXAMPLE["spec"]["runtime"] | {"workers": 2}),
+                               [job(workers=2, active=2)], [rank0, peer_done], NOW))
+    assert after(decision, running)["phase"] == "Running" and decision.delete_job is None
+    assert "TrainerOutlived" not in [r for _, r, _ in decision.events]
+
+
 def test_the_cause_of_a_gangs_failure_is_the_worker_that_failed_not_the_peers_it_took_down() -> None:
     """A worker's user error took rank 0 down with a DistributedFailure in the same second: in one pod order the job
     failed for the user error, in the other it was retried for the DistributedFailure, counted. A rank whose peer

@@ -114,6 +114,20 @@ def _termination(pod: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def _outlived_by(pod: dict[str, Any]) -> str | None:
+    """The containers that have not ended after the trainer's own exit, which is final (restartPolicy Never): sidecars
+    a webhook injected as plain containers (a service mesh's proxy, a secrets agent; native sidecars, init containers
+    that always restart, end with the pod). Until they end the pod runs on, so its Job neither fails nor completes:
+    the attempt waited for ever on a trainer that had exited, and held its GPUs."""
+    status = pod.get("status", {})
+    statuses = status.get("containerStatuses") or []
+    if status.get("phase") not in ("Pending", "Running") or not any(
+            s.get("name") == TRAINER and (s.get("state") or {}).get("terminated") for s in statuses):
+        return None
+    return ", ".join(s["name"] for s in statuses if s.get("name") != TRAINER
+                     and not (s.get("state") or {}).get("terminated")) or None
+
+
 # A container waiting for these reasons is not about to start by itself: the user must act (fix the image, a
 # missing ConfigMap key or Secret, a command that crashes). ContainerCreating and PodInitializing are progress.
 STUCK_WAITING = {"ErrImagePull", "ImagePullBackOff", "InvalidImageName", "ErrImageNeverPull", "CreateContainerConfigError",
@@ -269,6 +283,10 @@ def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
     disruption = conditions.get("DisruptionTarget", {})
     terminated = _termination(pod)
     rejected = status.get("phase") == "Failed" and (status.get("message") or "").startswith(REJECTED)
+    outlived_by = _outlived_by(pod)
+    phase = status.get("phase", "Pending")
+    if outlived_by and terminated:  # the pod's end is its trainer's
+        phase = "Succeeded" if terminated.get("exitCode") == EXIT_OK else "Failed"
     summary: dict[str, Any] = {
         "name": meta["name"],
         "uid": meta.get("labels", {}).get(JOB_UID_LABEL),  # None for pods made by an operator before the label
@@ -276,7 +294,8 @@ def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
         "attempt": int(meta.get("labels", {}).get(ATTEMPT_LABEL, 0)),
         "index": int(meta.get("labels", {}).get(COMPLETION_INDEX_LABEL,
                                                 meta.get("annotations", {}).get(COMPLETION_INDEX_LABEL, 0))),
-        "phase": status.get("phase", "Pending"),
+        "phase": phase,
+        "outlived_by": outlived_by,  # its Job is deleted to stop them, once the attempt's end is decided (reconcile)
         "ip": status.get("podIP"),
         "ready": conditions.get("Ready", {}).get("status") == "True",
         "scheduled": scheduled.get("status") == "True",

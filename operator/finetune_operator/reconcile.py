@@ -245,6 +245,16 @@ def decide(seen: Observed) -> Decision | None:
         # else the Job stays active for ever: its other workers run on beside the next attempt, and it keeps its quota
         if lost and job and not (job["failure"] or job["deleting"]):
             decision.delete_job, decision.delete_job_reason = job["name"], "NodeLost"
+        # The same for a trainer's exit that containers injected beside it outlive (outcome.pod_summary), once the
+        # attempt's end is decided: a peer's exit 0 a moment before rank 0's is no end.
+        elif result.state in (State.SUCCEEDED, State.FAILED) and job and _live(job) and (
+                outlived := [p for p in pods if p.get("outlived_by")]):
+            decision.delete_job, decision.delete_job_reason = job["name"], OUTLIVED
+            decision.events.append(("Warning", OUTLIVED, f"the trainer of pod {outlived[0]['name']} has exited, but "
+                                    f"its containers {outlived[0]['outlived_by']} run on, and the Job with them: "
+                                    f"deleting the Job {job['name']} to stop them, and with its pods their logs "
+                                    "(sidecars injected as plain containers, by a service mesh or a secrets agent: "
+                                    "inject them as native sidecars, Kubernetes 1.29+, or not into trainer pods)"))
         return _finish(decision, old, conds)
 
     # An attempt that ended is judged by how it ended, however late that is seen: a suspend or a deadline after
@@ -404,6 +414,10 @@ def _stopped_by_a_delete(job: dict[str, Any]) -> bool:
     during the peers' checkpoint after a worker's own failure comes before Failed."""
     deleted, ended = _parse_time(job["deleting"]), _parse_time(job.get("decided"))
     return deleted is not None and ended is not None and ended >= deleted
+
+
+# A trainer that exited while other containers in its pod run on (outcome.pod_summary's outlived_by).
+OUTLIVED = "TrainerOutlived"
 
 
 # The Jobs and the pods come on separate watch streams, the pods' far the busier (every change of every trainer pod, a
