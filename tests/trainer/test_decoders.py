@@ -245,3 +245,33 @@ def test_a_merge_warns_of_adapters_on_tied_weights_as_peft_does() -> None:
     wrapped = get_peft_model(LlamaForCausalLM(config), LoraConfig(r=2, target_modules=["embed_tokens", "q_proj"]))
     with torch.no_grad(), pytest.warns(UserWarning, match="tie_word_embeddings"):
         merge_measured(wrapped, None)
+
+
+TINY_LLAMA = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "max_position_embeddings": 32}
+
+
+def test_a_pad_borrowed_from_eos_is_no_padding_row_of_the_embedding(tmp_path: Path) -> None:
+    """A decoder's tokenizer has no pad, so batches are padded with its eos; given to the model's config before it
+    was built, the eos became the embedding's padding_idx: its row took no gradient (a separator such as
+    `<|endoftext|>` inside a text, a bos that is the eos), and in a model built from its config it stayed zero. A pad
+    of its own (BERT's [PAD]) stays the padding row."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer_uri = f"file://{bpe_tokenizer(tmp_path / 'tok')}"
+    LlamaForCausalLM(LlamaConfig(vocab_size=400, **TINY_LLAMA)).save_pretrained(tmp_path / "llama")
+    for spec in (ModelSpec(uri=str(tmp_path / "llama"), task="causal-lm", tokenizerUri=tokenizer_uri),
+                 ModelSpec(architecture="llama", config=TINY_LLAMA, task="causal-lm", tokenizerUri=tokenizer_uri)):
+        tokenizer = load_tokenizer(spec)
+        eos = tokenizer.eos_token_id
+        assert tokenizer.pad_token_id == eos
+        model = load_model(spec, tokenizer, seed=0)
+        embedding = model.get_input_embeddings()
+        assert embedding.padding_idx is None and embedding.weight[eos].abs().sum() > 0, spec
+        model(input_ids=torch.tensor([[eos, 5, eos, 7]])).logits.sum().backward()
+        assert embedding.weight.grad[eos].abs().sum() > 0
+        assert model.config.pad_token_id == eos  # as batched, for pooling and as exported
+    bert = TrainerConfig.model_validate(tiny_classifier_doc(tmp_path / "out")).model  # MiniLM's tokenizer
+    tokenizer = load_tokenizer(bert)
+    model = load_model(bert, tokenizer, seed=0)
+    assert model.get_input_embeddings().padding_idx == tokenizer.pad_token_id != tokenizer.unk_token_id
