@@ -271,16 +271,19 @@ class Creating:
         return json.dumps(self.made.get(path) or {"items": []}).encode()
 
 
-def ticks(apiserver: Creating, n: int, monkeypatch: pytest.MonkeyPatch, watched: bool = False) -> list[float]:
+def ticks(apiserver: Creating, n: int, monkeypatch: pytest.MonkeyPatch, watched: bool = False,
+          said: list[str] | None = None) -> list[float]:
     """attempts_total{cause=Created} after each of `n` ticks of the same copy of a new FineTuneJob (no status write
     seen), from before the first; a tick that raises TemporaryError is one that failed. `watched`: the Jobs' index
-    holds the Jobs made before each tick, and the copy the status stored."""
+    holds the Jobs made before each tick, and the copy the status stored. The Events' reasons go to `said`."""
     from test_operator_reconcile import body
 
-    monkeypatch.setattr(kopf, "event", lambda *_, **__: None)  # no kopf event poster outside kopf
+    # no kopf event poster outside kopf
+    monkeypatch.setattr(kopf, "event", lambda *_, reason, **__: said is not None and said.append(reason))
     monkeypatch.setattr(metrics.JOBS, "index", None)
     memo = kopf.Memo(settings=Settings(), clients=apiserver, slow_scrapes=handlers.SlowScrapes(2.0),
-                     child_checks=handlers.ChildChecks(), written=handlers.Written(), counted=handlers.Counted(),
+                     child_checks=handlers.ChildChecks(), written=handlers.Written(), unsaid=handlers.Unsaid(),
+                     counted=handlers.Counted(),
                      vanished=handlers.Vanished(),
                      job_warnings=handlers.Warnings("Job"), pod_warnings=handlers.Warnings("Pod"),
                      claims=handlers.Claims())
@@ -316,6 +319,18 @@ def test_an_attempt_is_counted_once_when_its_tick_failed_after_making_its_childr
     fake = apiserver()
     assert ticks(fake, 3, monkeypatch, watched) == counts
     assert "/apis/batch/v1/namespaces/ns/jobs/ft-1" in fake.made
+
+
+@pytest.mark.parametrize("landed", [False, True], ids=["status-write-failed", "status-answer-lost"])
+def test_a_transitions_events_are_said_once_when_its_status_write_failed(
+        monkeypatch: pytest.MonkeyPatch, landed: bool) -> None:
+    """Events are posted once the status holds the transition. Where the write landed and its answer was lost, the
+    next tick's copy (the watch's) held it and saw no transition: its Events (AttemptCreated here; Failed and
+    BackoffLimitExceeded's Warnings, and the failure's count, likewise) were never said. Where it failed, the next
+    tick says them after its own write."""
+    said: list[str] = []
+    ticks(Creating(failing=1, landed=landed), 3, monkeypatch, watched=True, said=said)
+    assert said.count("AttemptCreated") == 1, said
 
 
 def test_an_attempt_held_back_by_a_quota_is_counted_once_when_made(monkeypatch: pytest.MonkeyPatch) -> None:

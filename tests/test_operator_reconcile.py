@@ -1463,7 +1463,8 @@ def ticked(live: dict[str, Any], indexes: tuple[dict[Any, Any], dict[Any, Any]],
     apiserver = apiserver or Apiserver(makes)
     memo = kopf.Memo(settings=settings or Settings(), clients=apiserver, slow_scrapes=handlers.SlowScrapes(2.0),
                      child_checks=checks or handlers.ChildChecks(),
-                     written=handlers.Written() if written is None else written, job_warnings=handlers.Warnings("Job"),
+                     written=handlers.Written() if written is None else written, unsaid=handlers.Unsaid(),
+                     job_warnings=handlers.Warnings("Job"),
                      counted=handlers.Counted(), vanished=handlers.Vanished(),
                      pod_warnings=handlers.Warnings("Pod"), claims=handlers.Claims())
     handlers._reconcile(kopf.Body(live), memo, *indexes)
