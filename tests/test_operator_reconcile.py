@@ -338,42 +338,63 @@ def test_rank_0s_success_stands_while_the_job_controller_stops_the_peers_left_af
         assert (status["workers"]["active"], status["workers"]["ready"]) == (0, 0)
 
 
-def with_a_sidecar(index: int, trainer: dict[str, Any]) -> dict[str, Any]:
-    """Attempt 1's pod `index` as the apiserver has it, its trainer in the state given, beside a proxy a service mesh
-    injected as a plain container, which runs on: the pod stays Running."""
+def with_a_sidecar(index: int, trainer: dict[str, Any], attempt: int = 1, **meta: Any) -> dict[str, Any]:
+    """A pod as the apiserver has it, its trainer in the state given, beside a proxy a service mesh injected as a
+    plain container, which runs on: the pod stays Running."""
     return outcome.pod_summary({
-        "metadata": {"name": f"ft-1-{index}-x", "labels": {"finetune.dev/attempt": "1",
-                                                             "batch.kubernetes.io/job-completion-index": str(index)}},
+        "metadata": {"name": f"ft-{attempt}-{index}-x", "labels": {
+            "finetune.dev/attempt": str(attempt), "batch.kubernetes.io/job-completion-index": str(index)}} | meta,
         "status": {"phase": "Running", "podIP": "10.0.0.1", "conditions": [{"type": "PodScheduled", "status": "True"}],
                    "containerStatuses": [{"name": "trainer", "state": trainer},
                                          {"name": "istio-proxy", "state": {"running": {}}}]}})
 
 
-def test_a_trainers_exit_ends_the_attempt_though_a_sidecar_keeps_its_pod_running() -> None:
+def exited(code: int, message: dict[str, Any] | None = None) -> dict[str, Any]:
+    return {"terminated": {"exitCode": code, "finishedAt": "2026-12-01T11:59:58Z",
+                           **({"message": json.dumps(message)} if message else {})}}
+
+
+def outlived(decision: Any) -> list[str]:
+    """The pods deleted for a trainer that other containers outlive, each told in one Warning naming them."""
+    told = [m for _, r, m in decision.events if r == "TrainerOutlived"]
+    assert len(told) == len(decision.delete_pods) and all("istio-proxy" in m for m in told)
+    return decision.delete_pods
+
+
+def test_a_trainers_exit_ends_its_pod_though_a_sidecar_would_keep_it_running() -> None:
     """A sidecar injected as a plain container (a service mesh's proxy, a secrets agent) keeps the pod Running after
-    the trainer exits, and the Job neither fails nor completes: a trainer's exit 1 left the job Running for ever with
-    its GPUs held, and a success left the Job holding them after the job had succeeded."""
-    done = {"stage": "Done", "exitCode": 0, "evaluation": {"baseline": {"accuracy": 0.41}, "final": {"accuracy": 0.66}}}
+    the trainer exits, and its Job neither fails nor completes: a trainer's exit 1 left the job Running for ever with
+    its GPUs held, and a success left the pod holding them after the job had succeeded. The pod is deleted: it ends
+    as any deleted pod does, and the Job and the attempt read the trainer's exit as they would have."""
     bad = {"exitCode": 1, "reason": "InvalidDataset", "message": "no column label", "stage": "Loading"}
-    crash = {"exitCode": 2, "reason": "NcclError", "message": "x"}
+    done = {"stage": "Done", "exitCode": 0, "evaluation": {"baseline": {"accuracy": 0.41}, "final": {"accuracy": 0.66}}}
     running = {"attempts": 1, "children": {"job": "ft-1"}}
-    for message, code, phase, reason in ((bad, 1, "Failed", "InvalidDataset"), (done, 0, "Succeeded", "Completed"),
-                                         (crash, 2, "Pending", "BackoffWaiting")):  # counted: retried
-        exited = with_a_sidecar(0, {"terminated": {"exitCode": code, "message": json.dumps(message),
-                                                   "finishedAt": "2026-12-01T11:59:58Z"}})
-        decision = decide(Observed(body(running, backoffLimit=3), [job(active=1)], [exited], NOW))
-        status = after(decision, running)
-        assert (status["phase"], status["reason"]) == (phase, reason), status
-        assert decision.delete_job == "ft-1" and decision.delete_job_reason == "TrainerOutlived"
-        told = [m for _, r, m in decision.events if r == "TrainerOutlived"]
-        assert len(told) == 1 and "istio-proxy" in told[0] and "ft-1-0-x" in told[0]
-    # A peer's trainer done a moment before rank 0's is no end: nothing is deleted while rank 0 runs.
-    peer_done = with_a_sidecar(1, {"terminated": {"exitCode": 0, "finishedAt": "2026-12-01T11:59:58Z"}})
-    rank0 = with_a_sidecar(0, {"running": {}})
-    decision = decide(Observed(body(running, runtime=EXAMPLE["spec"]["runtime"] | {"workers": 2}),
-                               [job(workers=2, active=2)], [rank0, peer_done], NOW))
-    assert after(decision, running)["phase"] == "Running" and decision.delete_job is None
-    assert "TrainerOutlived" not in [r for _, r, _ in decision.events]
+    for code, message in ((1, bad), (2, {"exitCode": 2, "reason": "NcclError", "message": "x"}), (0, done)):
+        decision = decide(Observed(body(running, backoffLimit=3), [job(active=1)], [with_a_sidecar(0, exited(code, message))],
+                                   NOW))
+        assert outlived(decision) == ["ft-1-0-x"] and decision.delete_job is None
+    # Deleted, it ends (failed: the proxy's exit on the SIGTERM), and the trainer's exit 1 fails the job for good.
+    ended = pod(phase="Failed", exit_code=1, message=bad)
+    status = after(decide(Observed(body(running, backoffLimit=3), [job(active=0, failed=1, failure={
+        "reason": "BackoffLimitExceeded", "message": ""})], [ended], NOW + timedelta(seconds=5))), running)
+    assert (status["phase"], status["reason"]) == ("Failed", "InvalidDataset")
+    # Being deleted (the first delete, a preemption, a drain), it is ending: nothing more is done or said.
+    going = with_a_sidecar(0, exited(1, bad), deletionTimestamp="2026-12-01T12:00:30Z")
+    assert not outlived(decide(Observed(body(running), [job(active=1)], [going], NOW)))
+    # A peer done a moment before rank 0 wrote its success is no end of the run: its pod is deleted once rank 0's
+    # trainer has exited too.
+    two = {"runtime": EXAMPLE["spec"]["runtime"] | {"workers": 2}}
+    peer = with_a_sidecar(1, exited(0))
+    decision = decide(Observed(body(running, **two), [job(workers=2, active=2)],
+                               [with_a_sidecar(0, {"running": {}}), peer], NOW))
+    assert not outlived(decision) and after(decision, running)["phase"] == "Running"
+    decision = decide(Observed(body(running, **two), [job(workers=2, active=2)],
+                               [with_a_sidecar(0, exited(0, done)), peer], NOW))
+    assert outlived(decision) == ["ft-1-0-x", "ft-1-1-x"] and after(decision, running)["phase"] == "Succeeded"
+    # An earlier attempt's pod (orphaned by kubectl delete --cascade=orphan) holds its GPUs no more than its own.
+    retried = {"attempts": 2, "children": {"job": "ft-2"}}
+    orphan = with_a_sidecar(0, exited(2), attempt=1)
+    assert outlived(decide(Observed(body(retried), [job(2)], [orphan, pod(2)], NOW))) == ["ft-1-0-x"]
 
 
 def test_the_cause_of_a_gangs_failure_is_the_worker_that_failed_not_the_peers_it_took_down() -> None:

@@ -645,21 +645,13 @@ def _api_message(exc: ApiException) -> str:
         return str(exc.reason)
 
 
-def _delete_job(clients: Clients, name: str, ns: str) -> None:
+def _delete(clients: Clients, path: str, what: str) -> None:
+    """Deletes the object at `path`, its dependents in the background; one already gone is deleted."""
     try:
-        clients.call("DELETE", api_path(ns, "jobs", name, group="batch"), propagationPolicy="Background")
+        clients.call("DELETE", path, propagationPolicy="Background")
     except ApiException as exc:
         if exc.status != 404:
-            raise kopf.TemporaryError(f"deleting Job {name}: {exc.reason}", delay=5) from exc
-
-
-def _delete_self(clients: Clients, name: str, ns: str) -> None:
-    try:
-        clients.call("DELETE", api_path(ns, api.PLURAL, name, group=api.GROUP, version=api.VERSION),
-                     propagationPolicy="Background")
-    except ApiException as exc:
-        if exc.status != 404:
-            raise kopf.TemporaryError(f"deleting {name}: {exc.reason}", delay=5) from exc
+            raise kopf.TemporaryError(f"deleting {what}: {exc.reason}", delay=5) from exc
 
 
 def tick(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_index: kopf.Index,
@@ -724,10 +716,14 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
             log.info("%s/%s: attempt %d created", ns, name, decision.create_attempt)
     if decision.delete_job:
         log.info("%s/%s: deleting Job %s (%s)", ns, name, decision.delete_job, decision.delete_job_reason)
-        _delete_job(clients, decision.delete_job, ns)
+        _delete(clients, api_path(ns, "jobs", decision.delete_job, group="batch"), f"Job {decision.delete_job}")
+    for pod in decision.delete_pods:
+        log.warning("%s/%s: deleting pod %s: its trainer has exited, and other containers keep it running", ns, name,
+                    pod)
+        _delete(clients, api_path(ns, "pods", pod), f"pod {pod}")
     if decision.delete_self:
         log.info("%s/%s: ttlSecondsAfterFinished has passed: deleting it", ns, name)
-        _delete_self(clients, name, ns)
+        _delete(clients, api_path(ns, api.PLURAL, name, group=api.GROUP, version=api.VERSION), name)
         return
     patch = status_patch(seen.body["status"], decision.status)
     changes, refused = schema_checked(patch)

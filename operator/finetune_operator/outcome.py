@@ -118,10 +118,11 @@ def _outlived_by(pod: dict[str, Any]) -> str | None:
     """The containers that have not ended after the trainer's own exit, which is final (restartPolicy Never): sidecars
     a webhook injected as plain containers (a service mesh's proxy, a secrets agent; native sidecars, init containers
     that always restart, end with the pod). Until they end the pod runs on, so its Job neither fails nor completes:
-    the attempt waited for ever on a trainer that had exited, and held its GPUs."""
+    the attempt waited for ever on a trainer that had exited, and held its GPUs (reconcile deletes such a pod). None
+    for a pod being deleted: it is ending."""
     status = pod.get("status", {})
     statuses = status.get("containerStatuses") or []
-    if status.get("phase") not in ("Pending", "Running") or not any(
+    if pod["metadata"].get("deletionTimestamp") or status.get("phase") not in ("Pending", "Running") or not any(
             s.get("name") == TRAINER and (s.get("state") or {}).get("terminated") for s in statuses):
         return None
     return ", ".join(s["name"] for s in statuses if s.get("name") != TRAINER
@@ -283,10 +284,6 @@ def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
     disruption = conditions.get("DisruptionTarget", {})
     terminated = _termination(pod)
     rejected = status.get("phase") == "Failed" and (status.get("message") or "").startswith(REJECTED)
-    outlived_by = _outlived_by(pod)
-    phase = status.get("phase", "Pending")
-    if outlived_by and terminated:  # the pod's end is its trainer's
-        phase = "Succeeded" if terminated.get("exitCode") == EXIT_OK else "Failed"
     summary: dict[str, Any] = {
         "name": meta["name"],
         "uid": meta.get("labels", {}).get(JOB_UID_LABEL),  # None for pods made by an operator before the label
@@ -294,8 +291,7 @@ def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
         "attempt": int(meta.get("labels", {}).get(ATTEMPT_LABEL, 0)),
         "index": int(meta.get("labels", {}).get(COMPLETION_INDEX_LABEL,
                                                 meta.get("annotations", {}).get(COMPLETION_INDEX_LABEL, 0))),
-        "phase": phase,
-        "outlived_by": outlived_by,  # its Job is deleted to stop them, once the attempt's end is decided (reconcile)
+        "phase": status.get("phase", "Pending"),
         "ip": status.get("podIP"),
         "ready": conditions.get("Ready", {}).get("status") == "True",
         "scheduled": scheduled.get("status") == "True",
@@ -317,6 +313,8 @@ def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
         "orphaned": not any(r.get("kind") == "Job" for r in meta.get("ownerReferences") or []),
         "created": meta.get("creationTimestamp") or "",
     }
+    if outlived_by := _outlived_by(pod):  # rare: kept only where set, as a summary of every pod lives in the index
+        summary["outlived_by"] = outlived_by
     if terminated:
         message = parse_message(terminated.get("message"))
         summary["terminated"] = {

@@ -72,6 +72,7 @@ class Decision:
     create_attempt: int | None = None
     delete_job: str | None = None
     delete_job_reason: str = ""
+    delete_pods: list[str] = field(default_factory=list)  # pods whose trainer exited that other containers outlive
     delete_self: bool = False
 
 
@@ -176,6 +177,7 @@ def decide(seen: Observed) -> Decision | None:
     conds = Conditions(old.get("conditions") or [], meta.get("generation", 0), now)
     status: dict[str, Any] = {"observedGeneration": meta.get("generation", 0)}
     decision = Decision(status)
+    _stop_outlived(decision, seen.pods)
     finished = conds.true(T.SUCCEEDED) or conds.true(T.FAILED)
     attempt, job = current_job(old, seen.jobs)
     # A disrupted pod deleted long ago but still Running is on a lost node, whose kubelet cannot report it stopped:
@@ -245,16 +247,6 @@ def decide(seen: Observed) -> Decision | None:
         # else the Job stays active for ever: its other workers run on beside the next attempt, and it keeps its quota
         if lost and job and not (job["failure"] or job["deleting"]):
             decision.delete_job, decision.delete_job_reason = job["name"], "NodeLost"
-        # The same for a trainer's exit that containers injected beside it outlive (outcome.pod_summary), once the
-        # attempt's end is decided: a peer's exit 0 a moment before rank 0's is no end.
-        elif result.state in (State.SUCCEEDED, State.FAILED) and job and _live(job) and (
-                outlived := [p for p in pods if p.get("outlived_by")]):
-            decision.delete_job, decision.delete_job_reason = job["name"], OUTLIVED
-            decision.events.append(("Warning", OUTLIVED, f"the trainer of pod {outlived[0]['name']} has exited, but "
-                                    f"its containers {outlived[0]['outlived_by']} run on, and the Job with them: "
-                                    f"deleting the Job {job['name']} to stop them, and with its pods their logs "
-                                    "(sidecars injected as plain containers, by a service mesh or a secrets agent: "
-                                    "inject them as native sidecars, Kubernetes 1.29+, or not into trainer pods)"))
         return _finish(decision, old, conds)
 
     # An attempt that ended is judged by how it ended, however late that is seen: a suspend or a deadline after
@@ -400,7 +392,7 @@ def decide(seen: Observed) -> Decision | None:
         else:
             status["children"] = _children(children.child_name(meta["name"], decision.create_attempt), spec)
             _created(conds, decision.create_attempt, workers)
-            decision.events = _idle_gpus(spec, seen.trainer_gpus)
+            decision.events += _idle_gpus(spec, seen.trainer_gpus)
         return _finish(decision, old, conds)
 
     return observe()
@@ -418,6 +410,22 @@ def _stopped_by_a_delete(job: dict[str, Any]) -> bool:
 
 # A trainer that exited while other containers in its pod run on (outcome.pod_summary's outlived_by).
 OUTLIVED = "TrainerOutlived"
+
+
+def _stop_outlived(decision: Decision, pods: list[dict[str, Any]]) -> None:
+    """Deletes the pods, of any attempt, whose trainer has exited while containers injected beside it run on: they
+    end as any deleted pod does, and the Job controller and the attempt's outcome then read the trainer's exit as
+    they would have. A trainer's exit 0 waits for rank 0's: a peer done a moment before rank 0 wrote its success is
+    no end of the run, and its pod's end (failed, where the sidecar's exit on the delete is not 0) fails the Job."""
+    over = {p["attempt"] for p in pods if p["index"] == 0 and p.get("terminated")}
+    for pod in pods:
+        if pod.get("outlived_by") and (pod["terminated"]["exitCode"] != outcome.EXIT_OK or pod["attempt"] in over):
+            decision.delete_pods.append(pod["name"])
+            decision.events.append((
+                "Warning", OUTLIVED, f"the trainer of pod {pod['name']} exited {pod['terminated']['exitCode']}, but "
+                f"its containers {pod['outlived_by']} run on and hold the pod, its GPUs and its Job: deleting the pod, "
+                "and its logs with it (sidecars injected as plain containers, by a service mesh or a secrets agent: "
+                "inject them as native sidecars, Kubernetes 1.29+, or not into trainer pods)"))
 
 
 # The Jobs and the pods come on separate watch streams, the pods' far the busier (every change of every trainer pod, a
