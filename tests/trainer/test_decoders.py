@@ -254,23 +254,35 @@ TINY_LLAMA = {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 1
 def test_a_pad_borrowed_from_eos_is_no_padding_row_of_the_embedding(tmp_path: Path) -> None:
     """A decoder's tokenizer has no pad, so batches are padded with its eos; given to the model's config before it
     was built, the eos became the embedding's padding_idx: its row took no gradient (a separator such as
-    `<|endoftext|>` inside a text, a bos that is the eos), and in a model built from its config it stayed zero. A pad
-    of its own (BERT's [PAD]) stays the padding row."""
+    `<|endoftext|>` inside a text, a bos that is the eos), and in a model built from its config it stayed zero. Our
+    own exports name the eos their pad, so a second fine-tune of one froze it too. A pad of its own (BERT's [PAD])
+    stays the padding row, and RoBERTa's positions, which count from the pad, still do."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     tokenizer_uri = f"file://{bpe_tokenizer(tmp_path / 'tok')}"
-    LlamaForCausalLM(LlamaConfig(vocab_size=400, **TINY_LLAMA)).save_pretrained(tmp_path / "llama")
-    for spec in (ModelSpec(uri=str(tmp_path / "llama"), task="causal-lm", tokenizerUri=tokenizer_uri),
+    for config_pad in (None, 0):  # a hub checkpoint's (none), an export's (the eos, 0 in this vocabulary)
+        LlamaForCausalLM(LlamaConfig(vocab_size=400, pad_token_id=config_pad, **TINY_LLAMA)).save_pretrained(
+            tmp_path / f"llama-{config_pad}")
+    for spec in (*(ModelSpec(uri=str(tmp_path / f"llama-{pad}"), task="causal-lm", tokenizerUri=tokenizer_uri)
+                   for pad in (None, 0)),
                  ModelSpec(architecture="llama", config=TINY_LLAMA, task="causal-lm", tokenizerUri=tokenizer_uri)):
         tokenizer = load_tokenizer(spec)
         eos = tokenizer.eos_token_id
-        assert tokenizer.pad_token_id == eos
+        assert tokenizer.pad_token_id == eos == 0
         model = load_model(spec, tokenizer, seed=0)
         embedding = model.get_input_embeddings()
-        assert embedding.padding_idx is None and embedding.weight[eos].abs().sum() > 0, spec
+        assert embedding.padding_idx is None, spec
+        assert spec.uri or embedding.weight[eos].abs().sum() > 0  # drawn as the other rows are, not zero
         model(input_ids=torch.tensor([[eos, 5, eos, 7]])).logits.sum().backward()
         assert embedding.weight.grad[eos].abs().sum() > 0
-        assert model.config.pad_token_id == eos  # as batched, for pooling and as exported
+        # as batched (a classifier pools by it), exported, and given to generate()
+        assert model.config.pad_token_id == model.generation_config.pad_token_id == eos
+    roberta = ModelSpec(architecture="roberta", task="sequence-classification", tokenizerUri=tokenizer_uri,
+                        config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                                "intermediate_size": 32, "max_position_embeddings": 40})
+    model = load_model(roberta, load_tokenizer(roberta), seed=0)
+    assert model.get_input_embeddings().padding_idx is None and model.roberta.embeddings.padding_idx == 0
+    model(input_ids=torch.tensor([[5, 6, 7]]))  # positions count from the pad: 1, 2, 3
     bert = TrainerConfig.model_validate(tiny_classifier_doc(tmp_path / "out")).model  # MiniLM's tokenizer
     tokenizer = load_tokenizer(bert)
     model = load_model(bert, tokenizer, seed=0)

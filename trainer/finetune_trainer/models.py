@@ -145,16 +145,16 @@ def _load_transformer(spec: ModelSpec, tokenizer) -> nn.Module:
     path = None if spec.uri is None else fetch(spec.uri, kind="model", revision=spec.revision, error=ModelError)
     try:
         if path is None:
-            overrides: dict[str, Any] = {"vocab_size": len(tokenizer), "pad_token_id": own_pad(tokenizer),
+            overrides: dict[str, Any] = {"vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
                                          **text_bounds(tokenizer)}
             config = made_causal(AutoConfig.for_model(spec.architecture, **(overrides | spec.config)), spec.task)
             log.info("building %s from its config (%s)", spec.architecture, spec.config or "defaults")
-            return padding_as_batched(auto.from_config(config), tokenizer)
+            return padding_as_batched(auto.from_config(config), tokenizer, fresh=True)
         config = made_causal(AutoConfig.from_pretrained(path, **spec.config), spec.task)
         # dtype auto: the checkpoint's, see load_model
         model, info = auto.from_pretrained(path, config=config, dtype="auto", output_loading_info=True)
         model.new_modules = newly_initialised(model, info["missing_keys"])
-        return padding_as_batched(model, tokenizer)
+        return padding_as_batched(model, tokenizer, fresh=False)
     except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError, AssertionError, StrictDataclassError,
             RuntimeError, SafetensorError, pickle.UnpicklingError) as exc:
         # model.config's mistakes among them: a quoted number ("2"), a fraction of a count, zero heads, a vocab_size
@@ -244,25 +244,29 @@ def head_labels(model: nn.Module) -> tuple[dict[int, str] | None, int | None]:
     return (config.id2label, config.num_labels) if config is not None else (None, None)
 
 
-def own_pad(tokenizer) -> int | None:
-    """The tokenizer's pad id where it is a token of its own, for a model built from its config: the embedding's
-    padding_idx, whose row starts at zero and takes no gradient. A pad borrowed from eos or unk (a decoder's
-    tokenizer has none) is a token the model reads: as padding_idx, Llama's eos row stayed zero for the whole run.
-    None, not the config class's default, which may be another token of this vocabulary (BERT's 0)."""
-    pad = tokenizer.pad_token_id
-    return None if pad in (tokenizer.eos_token_id, tokenizer.unk_token_id) else pad
-
-
-def padding_as_batched(model: nn.Module, tokenizer) -> nn.Module:
+def padding_as_batched(model: nn.Module, tokenizer, fresh: bool) -> nn.Module:
     """`model` with config.pad_token_id the tokenizer's pad, which the batches are padded with: a decoder classifier
     (GPT-2, Llama) pools the last token that is not its pad id, so with another id (Llama-2's config names its unk,
     0, where its tokenizer has no pad and pads with eos) it pooled the padding of every row shorter than the batch's
-    longest. Set after loading: the embedding's padding_idx stays the checkpoint's config's (none, where a decoder
-    has no pad and the batches are padded with its eos), so no token the model reads loses its gradient."""
+    longest. Set after loading a checkpoint: its embedding's padding row stays its config's.
+
+    A pad borrowed from eos or unk (a decoder's tokenizer has none) is a token the model reads, so it is no padding
+    row of the input embedding, where it would take no gradient (Llama's eos, a separator such as <|endoftext|>
+    inside a text, and our own exports name it their pad), and, in a `fresh` model (built from its config), start at
+    zero: it is drawn as the other rows are. The position embedding of RoBERTa's kind keeps counting from it."""
     if model.config.pad_token_id != tokenizer.pad_token_id:
         log.info("model config's pad_token_id %s is not the tokenizer's pad (%s), which batches are padded with: "
                  "using %s", model.config.pad_token_id, tokenizer.pad_token_id, tokenizer.pad_token_id)
         model.config.pad_token_id = tokenizer.pad_token_id
+    pad = tokenizer.pad_token_id
+    if (generation := getattr(model, "generation_config", None)) is not None and generation.pad_token_id is None:
+        generation.pad_token_id = pad  # as exported: generate() pads a batch of prompts with it
+    embedding = model.get_input_embeddings()
+    if pad in (tokenizer.eos_token_id, tokenizer.unk_token_id) and embedding.padding_idx == pad:
+        embedding.padding_idx = None
+        if fresh:
+            with torch.no_grad():
+                embedding.weight[pad].normal_(0.0, getattr(model.config, "initializer_range", 0.02))
     return model
 
 
