@@ -78,6 +78,8 @@ BEHAVIOURS: dict[str, Callable[[socket.socket, threading.Event], None]] = {
     "huge": _reply(_http(b"#" * (2 << 20))),
     "error": _reply(b"HTTP/1.0 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"),
     "forbidden": _reply(b"HTTP/1.0 403 Forbidden\r\nContent-Length: 0\r\n\r\n"),  # an apiserver without our Role
+    # a proxy in front of the apiserver, or the apiserver's own overload answer, asking for a wait
+    "unavailable": _reply(b"HTTP/1.0 503 Service Unavailable\r\nRetry-After: 600\r\nContent-Length: 0\r\n\r\n"),
 }
 
 
@@ -91,7 +93,8 @@ class FaultServer:
         self.sock = socket.create_server((host, port))
         self.sock.settimeout(0.2)
         self.connections = 0
-        threading.Thread(target=self._serve, daemon=True).start()
+        self.serving = threading.Thread(target=self._serve, daemon=True)
+        self.serving.start()
 
     def _serve(self) -> None:
         while not self.stop.is_set():
@@ -114,8 +117,10 @@ class FaultServer:
                 pass  # the client gave up first: what a timeout does
 
     def close(self) -> None:
+        """Stops listening: the port is free once the accept under way returns (its 0.2 s timeout)."""
         self.stop.set()
         self.sock.close()
+        self.serving.join()
 
     def __enter__(self) -> FaultServer:
         return self

@@ -14,8 +14,10 @@ import urllib3
 import yaml
 from kubernetes.config import incluster_config, kube_config
 
-from fault_servers import FaultServer
-from finetune_operator import api, clients, handlers
+from fault_servers import FaultServer, serving
+from finetune_operator import api, clients, handlers, reconcile
+from finetune_operator.settings import Settings
+from kubernetes.client.exceptions import ApiException
 from finetune_operator.clients import api_path
 from operator_fixture import free_port
 
@@ -199,6 +201,41 @@ def test_an_apiserver_that_never_answers_fails_the_call_instead_of_hanging_it(ap
     with FaultServer("127.0.0.1", apiserver_port, "hang"), pytest.raises(urllib3.exceptions.HTTPError):
         clients.Clients(connections=1).call("GET", api_path("team-a", "events"))
     assert time.monotonic() - started < 10
+
+
+def test_a_call_without_an_answer_is_tried_once_more_and_a_retry_after_is_not_slept(
+        apiserver_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """urllib3's default tried a GET that timed out 4 times (2 min of a handler thread at the 30 s timeout), and slept
+    a 503's or a 429's Retry-After 3 times within one call, outside its timeout: a proxy saying `Retry-After: 600`
+    held the thread, and the namespace's Warnings lock, for half an hour."""
+    monkeypatch.setattr(clients, "REQUEST_TIMEOUT_SECONDS", 0.5)
+    with FaultServer("127.0.0.1", apiserver_port, "hang") as server, pytest.raises(urllib3.exceptions.HTTPError):
+        clients.Clients(connections=1).call("GET", api_path("team-a", "events"))
+    assert server.connections == 2
+    started = time.monotonic()
+    with FaultServer("127.0.0.1", apiserver_port, "unavailable") as server, pytest.raises(ApiException) as raised:
+        clients.Clients(connections=1).call("GET", api_path("team-a", "events"))
+    assert raised.value.status == 503 and server.connections == 1 and time.monotonic() - started < 5
+
+
+def test_a_claim_or_a_child_the_apiserver_did_not_answer_for_holds_the_attempt_back_saying_so(
+        apiserver_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A timeout, a refused connection or a proxy's page (no JSON) escaped the tick as an error: a new job had no
+    status at all while it lasted, and each tick logged a traceback and counted a reconcile error."""
+    from test_operator_reconcile import body
+
+    monkeypatch.setattr(clients, "REQUEST_TIMEOUT_SECONDS", 0.5)
+    job = body()
+    spec, _ = reconcile.parse_spec(job)
+    for behaviour in ("hang", serving(b"<html>a proxy's page</html>")):
+        with FaultServer("127.0.0.1", apiserver_port, behaviour):
+            api = clients.Clients(connections=1)
+            with pytest.raises(handlers.HeldBack) as held:
+                handlers.Claims().get(api, "team-a", "data")
+            assert held.value.reason == "CreateFailed" and "the claim data could not be read" in str(held.value)
+    with FaultServer("127.0.0.1", apiserver_port, "hang"), pytest.raises(handlers.HeldBack) as held:
+        handlers._create_attempt(clients.Clients(connections=1), job, spec, 1, Settings())
+    assert held.value.reason == "CreateFailed" and "the apiserver did not answer" in str(held.value)
 
 
 @pytest.mark.timeout(60)

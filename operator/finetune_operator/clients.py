@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+import urllib3
 import yaml
 from kubernetes import client, config
 from kubernetes.config import kube_config
@@ -16,6 +17,13 @@ from kubernetes.client.exceptions import ApiException
 # Each connect and each wait for the answer's next bytes: a connection the apiserver's end dropped silently (it was
 # replaced, a NAT forgot the flow) never answers, and without a limit the handler thread waited for ever.
 REQUEST_TIMEOUT_SECONDS = 30.0
+# A call that failed to connect is tried again up to 3 times, a little apart; one that got no answer (a pooled
+# connection the apiserver had closed, a read timeout) once: urllib3's default tried a GET that timed out 4 times, 2 min
+# of a handler thread. No status is tried again, and no Retry-After is slept: urllib3's default slept a 429's or a
+# 503's Retry-After (a proxy's may say hours) 3 times within the call, outside its timeout, while the tick held the
+# namespace's Warnings lock. The tick fails instead, and its timer tries again.
+RETRIES = urllib3.Retry(total=3, connect=3, read=1, status=0, other=0, backoff_factor=0.2,
+                        respect_retry_after_header=False, raise_on_status=False)
 
 
 def load_config() -> None:
@@ -53,15 +61,13 @@ class Clients:
     CustomObjectsApi ~3 MB more."""
 
     def __init__(self, connections: int, timeout: float | None = None, retries: bool = True) -> None:
-        """`timeout`: each call's, REQUEST_TIMEOUT_SECONDS by default. `retries`: urllib3's default 3 more tries of a
-        call that failed to connect or got no answer (a pooled connection the apiserver had closed), or none."""
+        """`timeout`: each call's, REQUEST_TIMEOUT_SECONDS by default. `retries`: RETRIES, or none."""
         load_config()
         configuration = client.Configuration.get_default_copy()
         # One connection per handler thread: with urllib3's default of 10, a burst discards connections and
         # pays a TLS handshake for most calls.
         configuration.connection_pool_maxsize = connections
-        if not retries:
-            configuration.retries = False
+        configuration.retries = RETRIES if retries else False
         self.api = client.ApiClient(configuration)
         self.timeout = REQUEST_TIMEOUT_SECONDS if timeout is None else timeout
 

@@ -548,6 +548,10 @@ class Claims:
                 raise HeldBack(CREATE_FAILED, f"the claim {name} could not be read: {_api_message(exc)}",
                                CREATE_RETRY_SECONDS) from exc
             return None
+        except (urllib3.exceptions.HTTPError, ValueError) as exc:  # no answer, or not the apiserver's (a proxy's page)
+            self.found.pop((ns, name), None)
+            raise HeldBack(CREATE_FAILED, f"the claim {name} could not be read: {_unanswered(exc)}",
+                           CREATE_RETRY_SECONDS) from exc
         claim = {"spec": {"accessModes": (body.get("spec") or {}).get("accessModes") or []}}
         for expired in _expired(self.found, CLAIMS_TTL_SECONDS):
             self.found.pop(expired, None)
@@ -628,6 +632,14 @@ def _create_attempt(clients: Clients, body: dict[str, Any], spec: api.FineTuneJo
             # Said in the status with the apiserver's words: as a kopf error, a new job had no status at all
             raise HeldBack(CREATE_FAILED, f"the {obj['kind']} {obj['metadata']['name']} could not be created: "
                            f"{message}", CREATE_RETRY_SECONDS) from exc
+        except (urllib3.exceptions.HTTPError, ValueError) as exc:  # a create that timed out may have landed: a 409 next
+            raise HeldBack(CREATE_FAILED, f"the {obj['kind']} {obj['metadata']['name']} could not be created: "
+                           f"{_unanswered(exc)}", CREATE_RETRY_SECONDS) from exc
+
+
+def _unanswered(exc: Exception) -> str:
+    return f"the apiserver did not answer ({type(exc).__name__}: {exc})" if isinstance(
+        exc, urllib3.exceptions.HTTPError) else f"its answer was not the apiserver's ({exc})"
 
 
 def _denied(message: str) -> bool:
