@@ -18,11 +18,13 @@ import pytest
 import yaml
 
 from fault_servers import FaultServer
+from finetune_operator import rbac
 from finetune_operator.api import FineTuneJobSpec
 from finetune_operator.children import METRICS_PORT, rendezvous
+from finetune_operator.handlers import READABLE_CHECK_SECONDS
 from finetune_operator.status import STALE_AFTER_SECONDS
 from kube import Kube
-from operator_fixture import REPO, OperatorEnv, crd_installed, example, kwok_claim, kwok_job, operator_env  # noqa: F401 (fixtures)
+from operator_fixture import REPO, SERVICE_ACCOUNT, OperatorEnv, crd_installed, example, kwok_claim, kwok_job, operator_env  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.cluster
 
@@ -260,6 +262,25 @@ def test_a_watched_namespace_deleted_with_its_role_holds_up_no_other(operator_en
     env.wait_phase(done, "Succeeded", timeout=60)
     assert _healthy(env)
     assert f"not watching {env.namespace}-deleted: forbidden" in env.log.read_text()
+    # The namespace is made again, and `helm upgrade` its Role: the operator, which cannot add a watch, stops to be
+    # started again (as its Deployment does) watching it. Before, its jobs went unobserved until a restart by hand.
+    back = f"{env.namespace}-deleted"
+    env.kube.kubectl("create", "namespace", back)
+    try:
+        env.kube.apply([rbac.role("Role", "finetune-operator", back),
+                        {"apiVersion": "rbac.authorization.k8s.io/v1", "kind": "RoleBinding",
+                         "metadata": {"name": "finetune-operator"},
+                         "roleRef": {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                     "name": "finetune-operator"},
+                         "subjects": [{"kind": "ServiceAccount", "name": SERVICE_ACCOUNT,
+                                       "namespace": env.namespace}]}], back)
+        assert env.process is not None and env.process.wait(timeout=READABLE_CHECK_SECONDS + 60) == 0
+        assert f"{back} may be read now: stopping" in env.log.read_text()
+        env.start(back)
+        env.kube.wait_for("the operator's /healthz", lambda: _healthy(env), env.namespace, timeout=60)
+        assert env.log.read_text().count(f"not watching {back}") == 1
+    finally:
+        env.kube.kubectl("delete", "namespace", back, "--wait=false", check=False)
 
 
 def test_a_kubelets_eviction_for_the_pods_own_limit_is_counted_and_names_the_field(operator_env: OperatorEnv,

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -258,6 +259,19 @@ def test_the_waits_for_rbac_to_arrive_are_paid_once_for_all_namespaces(apiserver
     with FaultServer("127.0.0.1", apiserver_port, "forbidden"):
         assert handlers.watchable(namespaces) == namespaces  # none readable: all kept, for kopf to retry
     assert time.monotonic() - started < sum(handlers.FORBIDDEN_RETRIES) + 4
+
+
+def test_a_namespace_left_out_stops_the_operator_once_it_may_be_read(apiserver_port: int,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """kopf cannot add a watch: a namespace left out at the start (its Role gone with it) went unobserved after its
+    Role came back (`helm upgrade` once the namespace was made again) until someone restarted the operator."""
+    monkeypatch.setattr(handlers, "READABLE_CHECK_SECONDS", 0.1)
+    stop = threading.Event()
+    with FaultServer("127.0.0.1", apiserver_port, "forbidden"):
+        handlers.stop_once_readable(("team-b",), stop)
+        assert not stop.wait(1.0)
+    with FaultServer("127.0.0.1", apiserver_port, serving(b'{"items": []}')):
+        assert stop.wait(5.0)
 
 
 def test_logging_in_leaves_the_event_loop_free(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,6 +8,7 @@ import logging
 import os
 import socket
 import sys
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -95,8 +96,13 @@ def run(args: argparse.Namespace) -> int:
     metrics.serve(ours.bind_address, ours.metrics_port)  # a standby's too: a target that is down raises alerts
     with _elected(ours, identity):
         metrics.lead()
-        ours = ours.model_copy(update={"namespaces": handlers.watchable(ours.namespaces)})
+        watched = handlers.watchable(ours.namespaces)
+        stop = threading.Event()
+        if left_out := tuple(ns for ns in ours.namespaces if ns not in watched):
+            handlers.stop_once_readable(left_out, stop)
+        ours = ours.model_copy(update={"namespaces": watched})
         kopf.run(
+            stop_flag=stop,  # where a namespace left out becomes readable: its Deployment starts it again
             registry=registry,
             memo=kopf.Memo(settings=ours),
             # one active replica (the Lease); kopf's peering would need cluster-wide CRDs of its own

@@ -926,8 +926,35 @@ def watchable(namespaces: tuple[str, ...]) -> tuple[str, ...]:
     readable = tuple(ns for ns in namespaces if ns not in forbidden)
     if readable and forbidden:
         log.warning("finetune-operator: not watching %s: forbidden to list FineTuneJobs there (its Role is missing: "
-                    "the namespace was deleted?); restart the operator once it is back", ", ".join(forbidden))
+                    "the namespace was deleted?); the operator restarts once it may list them", ", ".join(forbidden))
     return readable or namespaces
+
+
+READABLE_CHECK_SECONDS = 60.0
+
+
+def stop_once_readable(namespaces: tuple[str, ...], stop: threading.Event) -> None:
+    """Sets `stop` (kopf.run's stop_flag) once one of `namespaces`, left out by `watchable`, may be read: its Role came
+    back (`helm upgrade` after the namespace was made again, a GitOps sync), and kopf cannot add a namespace to its
+    watches, so its jobs went unobserved until someone restarted the operator. Started again, it watches it. Tried
+    every READABLE_CHECK_SECONDS on a thread of its own."""
+    def probe() -> None:
+        clients = Clients(connections=1, timeout=PROBE_TIMEOUT_SECONDS, retries=False)
+        while not stop.wait(READABLE_CHECK_SECONDS):
+            if readable := [ns for ns in namespaces if _listable(clients, ns)]:
+                log.warning("finetune-operator: %s may be read now: stopping, to be started again watching it",
+                            ", ".join(readable))
+                stop.set()
+
+    threading.Thread(target=probe, name="readable-namespaces", daemon=True).start()
+
+
+def _listable(clients: Clients, ns: str) -> bool:
+    try:
+        clients.call("GET", api_path(ns, api.PLURAL, group=api.GROUP, version=api.VERSION), limit="1")
+    except (ApiException, urllib3.exceptions.HTTPError):
+        return False
+    return True
 
 
 def _forbidden(clients: Clients, namespaces: tuple[str, ...]) -> tuple[str, ...]:
