@@ -71,6 +71,15 @@ def kwok_claim(namespace: str, name: str = "kwok-results") -> list[dict[str, Any
     return [pv, pvc]
 
 
+@pytest.fixture
+def kwok_results(operator_env: OperatorEnv) -> Iterator[str]:
+    """pvc://kwok-results/... for the test's kwok jobs; its PersistentVolume is removed afterwards."""
+    objects = kwok_claim(operator_env.namespace)
+    operator_env.kube.apply(objects, operator_env.namespace)
+    yield "pvc://kwok-results"
+    operator_env.kube.kubectl("delete", "pv", objects[0]["metadata"]["name"], "--wait=false", check=False)
+
+
 def kwok_job(name: str, output: str, runs_for: str = "0s", up_to: str | None = None, fail: bool = False) -> dict[str, Any]:
     """The MiniLM example as a GPU cluster runs it (hub model and data, one GPU per worker), so its pods land on
     kwok's simulated GPU nodes: Running at once, they succeed after `runs_for` (or at a uniformly random moment

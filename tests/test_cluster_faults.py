@@ -24,7 +24,8 @@ from finetune_operator.children import METRICS_PORT, rendezvous
 from finetune_operator.handlers import READABLE_CHECK_SECONDS
 from finetune_operator.status import STALE_AFTER_SECONDS
 from kube import Kube
-from operator_fixture import REPO, SERVICE_ACCOUNT, OperatorEnv, crd_installed, example, kwok_claim, kwok_job, operator_env  # noqa: F401 (fixtures)
+from operator_fixture import (REPO, SERVICE_ACCOUNT, OperatorEnv, crd_installed, example, kwok_claim,  # noqa: F401
+                              kwok_job, kwok_results, operator_env)
 
 pytestmark = pytest.mark.cluster
 
@@ -50,15 +51,6 @@ def _crash_repeatedly(env: OperatorEnv, kills: int, rng: random.Random) -> None:
         time.sleep(rng.uniform(0, 2.5))
         env.kill()
         env.start()
-
-
-@pytest.fixture
-def kwok_results(operator_env: OperatorEnv) -> Iterator[str]:
-    """pvc://kwok-results/... for the test's kwok jobs; its PersistentVolume is removed afterwards."""
-    objects = kwok_claim(operator_env.namespace)
-    operator_env.kube.apply(objects, operator_env.namespace)
-    yield "pvc://kwok-results"
-    operator_env.kube.kubectl("delete", "pv", objects[0]["metadata"]["name"], "--wait=false", check=False)
 
 
 def _burst_under_kills(env: OperatorEnv, output: str, jobs: int, kills: int) -> None:
@@ -281,6 +273,48 @@ def test_a_watched_namespace_deleted_with_its_role_holds_up_no_other(operator_en
         assert env.log.read_text().count(f"not watching {back}") == 1
     finally:
         env.kube.kubectl("delete", "namespace", back, "--wait=false", check=False)
+
+
+def a_trainer_outlived_by_a_sidecar_is_ended(env: OperatorEnv, output: str) -> None:
+    """A trainer that exits 1 (a user error) beside a container a service mesh injected as a plain one, which runs on:
+    the pod, and its Job, would never end. Neither node here runs injected sidecars or enforces a pod's deadline, so
+    the test writes the kwok pod's status as the kubelet does: the trainer terminated beside a running proxy, then,
+    once the operator has given the pod its deadline, the pod failed DeadlineExceeded (pkg/kubelet's
+    activeDeadlineHandler). The job fails for the trainer's reason, never retried, and the pod stays to be read."""
+    doc = kwok_job("outlived", f"{output}/outlived", runs_for="600s")
+    doc["spec"]["backoffLimit"] = 3  # a user error fails it all the same
+    name = env.apply(doc)
+    pod = env.kube.wait_for("the trainer running", lambda: next(
+        (p for p in env.objects("pods", name) if p.get("status", {}).get("phase") == "Running"), None),
+        env.namespace, timeout=120)
+    [trainer] = pod["status"]["containerStatuses"]
+    said = {"exitCode": 1, "reason": "InvalidDataset", "message": "no column label", "stage": "Loading"}
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    exited = dict(trainer, ready=False, started=False, state={"terminated": {
+        "exitCode": 1, "reason": "Error", "message": json.dumps(said), "startedAt": trainer["state"]["running"]["startedAt"],
+        "finishedAt": now}})
+    proxy = dict(trainer, name="istio-proxy", image="proxyv2:1.20")
+
+    def write(status: dict[str, Any]) -> None:
+        env.kube.kubectl("patch", "pod", pod["metadata"]["name"], "-n", env.namespace, "--subresource=status",
+                         "--type=merge", "-p", json.dumps({"status": status}))
+
+    write({"containerStatuses": [exited, proxy]})
+    env.kube.wait_for("the pod given a deadline", lambda: (env.kube.get("pod", pod["metadata"]["name"], env.namespace)
+                      or {}).get("spec", {}).get("activeDeadlineSeconds") == 1, env.namespace, timeout=60)
+    told = [e["message"] for e in env.events(name) if e["reason"] == "TrainerOutlived"]
+    assert told and "istio-proxy" in told[0], told
+    killed = dict(proxy, ready=False, started=False, state={"terminated": {
+        "exitCode": 137, "reason": "Error", "startedAt": trainer["state"]["running"]["startedAt"], "finishedAt": now}})
+    write({"phase": "Failed", "reason": "DeadlineExceeded", "message": "Pod was active on the node longer than the "
+           "specified deadline", "containerStatuses": [exited, killed]})
+    failed = env.wait_phase(name, "Failed", timeout=60)["status"]
+    assert (failed["reason"], failed["attempts"]) == ("InvalidDataset", 1) and not failed.get("failures"), failed
+
+
+def test_a_trainer_outlived_by_an_injected_sidecar_ends_its_attempt(operator_env: OperatorEnv,
+                                                                    kwok_results: str) -> None:
+    a_trainer_outlived_by_a_sidecar_is_ended(operator_env, kwok_results)
 
 
 def test_a_kubelets_eviction_for_the_pods_own_limit_is_counted_and_names_the_field(operator_env: OperatorEnv,

@@ -21,7 +21,9 @@ from finetune_operator import children, rbac
 from finetune_operator.api import FineTuneJob, manifest_errors
 from finetune_operator.settings import Settings
 from kube import Kube
-from operator_fixture import SERVICE_ACCOUNT, OperatorEnv, crd_installed, example, operator_env  # noqa: F401
+from operator_fixture import (SERVICE_ACCOUNT, OperatorEnv, crd_installed, example, kwok_results,  # noqa: F401
+                              operator_env)
+from test_cluster_faults import a_trainer_outlived_by_a_sidecar_is_ended
 from seeds import EVERY_PASS_THROUGH
 
 pytestmark = pytest.mark.cluster
@@ -124,16 +126,19 @@ def _asked(event: dict[str, Any]) -> tuple[str, str]:
     return (name + (f"/{ref['subresource']}" if ref.get("subresource") else ""), event["verb"])
 
 
-def test_the_operator_asks_for_exactly_what_its_rules_grant(kube: Kube, operator_env: OperatorEnv) -> None:
+def test_the_operator_asks_for_exactly_what_its_rules_grant(kube: Kube, operator_env: OperatorEnv,
+                                                             kwok_results: str) -> None:
     """Every rule is used, and nothing else is asked for, across the operator's paths: a job that
     fails and is deleted by its TTL, one whose deadline passes (its processes meet through torchrun,
     so it has a Service), one the Job controller cannot make pods for (the Warning Events are read),
-    a suspended one, and one created again under its name while its predecessor's children remain."""
+    a suspended one, one created again under its name while its predecessor's children remain, and one
+    whose trainer an injected sidecar outlives (its pod is given a deadline)."""
     env = operator_env
     if kube.audit_log is None:
         pytest.skip("the cluster's audit log is readable only on the local cluster this session runs")
     started = time.time()
     reborn_children_wait_their_turn(env)
+    a_trainer_outlived_by_a_sidecar_is_ended(env, kwok_results)
     gone = example("minilm-sentiment", dataset={"uri": "pvc://data/nowhere.csv"}) | {"metadata": {"name": "gone"}}
     gone["spec"]["ttlSecondsAfterFinished"] = 1
     late = example("minilm-sentiment", runtime={"resources": {"limits": {"nvidia.com/gpu": 99}}, "processesPerWorker": 2}) \

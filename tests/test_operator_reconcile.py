@@ -338,12 +338,14 @@ def test_rank_0s_success_stands_while_the_job_controller_stops_the_peers_left_af
         assert (status["workers"]["active"], status["workers"]["ready"]) == (0, 0)
 
 
-def with_a_sidecar(index: int, trainer: dict[str, Any], attempt: int = 1, **meta: Any) -> dict[str, Any]:
+def with_a_sidecar(index: int, trainer: dict[str, Any], attempt: int = 1, spec: dict[str, Any] | None = None,
+                   **meta: Any) -> dict[str, Any]:
     """A pod as the apiserver has it, its trainer in the state given, beside a proxy a service mesh injected as a
     plain container, which runs on: the pod stays Running."""
     return outcome.pod_summary({
         "metadata": {"name": f"ft-{attempt}-{index}-x", "labels": {
             "finetune.dev/attempt": str(attempt), "batch.kubernetes.io/job-completion-index": str(index)}} | meta,
+        "spec": spec or {},
         "status": {"phase": "Running", "podIP": "10.0.0.1", "conditions": [{"type": "PodScheduled", "status": "True"}],
                    "containerStatuses": [{"name": "trainer", "state": trainer},
                                          {"name": "istio-proxy", "state": {"running": {}}}]}})
@@ -355,17 +357,19 @@ def exited(code: int, message: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def outlived(decision: Any) -> list[str]:
-    """The pods deleted for a trainer that other containers outlive, each told in one Warning naming them."""
+    """The pods ended for a trainer that other containers outlive, each told in one Warning naming them."""
     told = [m for _, r, m in decision.events if r == "TrainerOutlived"]
-    assert len(told) == len(decision.delete_pods) and all("istio-proxy" in m for m in told)
-    return decision.delete_pods
+    assert len(told) == len(decision.end_pods) and all("istio-proxy" in m for m in told)
+    return decision.end_pods
 
 
 def test_a_trainers_exit_ends_its_pod_though_a_sidecar_would_keep_it_running() -> None:
     """A sidecar injected as a plain container (a service mesh's proxy, a secrets agent) keeps the pod Running after
     the trainer exits, and its Job neither fails nor completes: a trainer's exit 1 left the job Running for ever with
-    its GPUs held, and a success left the pod holding them after the job had succeeded. The pod is deleted: it ends
-    as any deleted pod does, and the Job and the attempt read the trainer's exit as they would have."""
+    its GPUs held, and a success left the pod holding them after the job had succeeded. The pod is given a deadline
+    already past, which its kubelet enforces: it fails (DeadlineExceeded), kept with the trainer's termination message
+    (a deleted pod of a Job is gone a second after its end), and the Job and the attempt read the trainer's exit as
+    they would have."""
     bad = {"exitCode": 1, "reason": "InvalidDataset", "message": "no column label", "stage": "Loading"}
     done = {"stage": "Done", "exitCode": 0, "evaluation": {"baseline": {"accuracy": 0.41}, "final": {"accuracy": 0.66}}}
     running = {"attempts": 1, "children": {"job": "ft-1"}}
@@ -373,14 +377,17 @@ def test_a_trainers_exit_ends_its_pod_though_a_sidecar_would_keep_it_running() -
         decision = decide(Observed(body(running, backoffLimit=3), [job(active=1)], [with_a_sidecar(0, exited(code, message))],
                                    NOW))
         assert outlived(decision) == ["ft-1-0-x"] and decision.delete_job is None
-    # Deleted, it ends (failed: the proxy's exit on the SIGTERM), and the trainer's exit 1 fails the job for good.
+    # Ended by its kubelet, it fails, and the trainer's exit 1 fails the job for good.
     ended = pod(phase="Failed", exit_code=1, message=bad)
     status = after(decide(Observed(body(running, backoffLimit=3), [job(active=0, failed=1, failure={
         "reason": "BackoffLimitExceeded", "message": ""})], [ended], NOW + timedelta(seconds=5))), running)
     assert (status["phase"], status["reason"]) == ("Failed", "InvalidDataset")
-    # Being deleted (the first delete, a preemption, a drain), it is ending: nothing more is done or said.
+    # Being deleted (a preemption, a drain) or given its deadline (a tick before), it is ending: nothing more is done
+    # or said.
     going = with_a_sidecar(0, exited(1, bad), deletionTimestamp="2026-12-01T12:00:30Z")
     assert not outlived(decide(Observed(body(running), [job(active=1)], [going], NOW)))
+    ending = with_a_sidecar(0, exited(1, bad), spec={"activeDeadlineSeconds": 1})
+    assert not outlived(decide(Observed(body(running), [job(active=1)], [ending], NOW)))
     # A peer done a moment before rank 0 wrote its success is no end of the run: its pod is deleted once rank 0's
     # trainer has exited too.
     two = {"runtime": EXAMPLE["spec"]["runtime"] | {"workers": 2}}
@@ -391,10 +398,11 @@ def test_a_trainers_exit_ends_its_pod_though_a_sidecar_would_keep_it_running() -
     decision = decide(Observed(body(running, **two), [job(workers=2, active=2)],
                                [with_a_sidecar(0, exited(0, done)), peer], NOW))
     assert outlived(decision) == ["ft-1-0-x", "ft-1-1-x"] and after(decision, running)["phase"] == "Succeeded"
-    # An earlier attempt's pod (orphaned by kubectl delete --cascade=orphan) holds its GPUs no more than its own.
+    # An earlier attempt's pods (orphaned by kubectl delete --cascade=orphan) hold their GPUs no more than its own,
+    # a peer's exit 0 too once its rank 0 is gone.
     retried = {"attempts": 2, "children": {"job": "ft-2"}}
-    orphan = with_a_sidecar(0, exited(2), attempt=1)
-    assert outlived(decide(Observed(body(retried), [job(2)], [orphan, pod(2)], NOW))) == ["ft-1-0-x"]
+    orphans = [with_a_sidecar(0, exited(2), attempt=1), with_a_sidecar(1, exited(0), attempt=3)]
+    assert outlived(decide(Observed(body(retried), [job(2)], [*orphans, pod(2)], NOW))) == ["ft-1-0-x", "ft-3-1-x"]
 
 
 def test_the_cause_of_a_gangs_failure_is_the_worker_that_failed_not_the_peers_it_took_down() -> None:
@@ -1484,8 +1492,7 @@ def ticked(live: dict[str, Any], indexes: tuple[dict[Any, Any], dict[Any, Any]],
     apiserver = apiserver or Apiserver(makes)
     memo = kopf.Memo(settings=settings or Settings(), clients=apiserver, slow_scrapes=handlers.SlowScrapes(2.0),
                      child_checks=checks or handlers.ChildChecks(),
-                     written=handlers.Written() if written is None else written, unsaid=handlers.Unsaid(),
-                     job_warnings=handlers.Warnings("Job"),
+                     written=handlers.Written() if written is None else written, job_warnings=handlers.Warnings("Job"),
                      counted=handlers.Counted(), vanished=handlers.Vanished(),
                      pod_warnings=handlers.Warnings("Pod"), claims=handlers.Claims())
     handlers._reconcile(kopf.Body(live), memo, *indexes)

@@ -657,6 +657,17 @@ def _api_message(exc: ApiException) -> str:
         return str(exc.reason)
 
 
+def _end_pod(clients: Clients, ns: str, name: str, pod: str) -> None:
+    """Gives `pod` a deadline already past, which its kubelet enforces by killing it (reconcile._stop_outlived). A
+    failure is logged, not the tick's: the status is still written, and the next tick tries again."""
+    log.warning("%s/%s: ending pod %s: its trainer has exited, and other containers keep it running", ns, name, pod)
+    try:
+        clients.call("PATCH", api_path(ns, "pods", pod), {"spec": {"activeDeadlineSeconds": 1}},
+                     content_type="application/merge-patch+json")
+    except (ApiException, urllib3.exceptions.HTTPError) as exc:
+        log.warning("%s/%s: pod %s could not be ended: %s", ns, name, pod, exc)
+
+
 def _delete(clients: Clients, path: str, what: str) -> None:
     """Deletes the object at `path`, its dependents in the background; one already gone is deleted."""
     try:
@@ -729,10 +740,8 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
     if decision.delete_job:
         log.info("%s/%s: deleting Job %s (%s)", ns, name, decision.delete_job, decision.delete_job_reason)
         _delete(clients, api_path(ns, "jobs", decision.delete_job, group="batch"), f"Job {decision.delete_job}")
-    for pod in decision.delete_pods:
-        log.warning("%s/%s: deleting pod %s: its trainer has exited, and other containers keep it running", ns, name,
-                    pod)
-        _delete(clients, api_path(ns, "pods", pod), f"pod {pod}")
+    for pod in decision.end_pods:
+        _end_pod(clients, ns, name, pod)
     if decision.delete_self:
         log.info("%s/%s: ttlSecondsAfterFinished has passed: deleting it", ns, name)
         _delete(clients, api_path(ns, api.PLURAL, name, group=api.GROUP, version=api.VERSION), name)

@@ -118,11 +118,12 @@ def _outlived_by(pod: dict[str, Any]) -> str | None:
     """The containers that have not ended after the trainer's own exit, which is final (restartPolicy Never): sidecars
     a webhook injected as plain containers (a service mesh's proxy, a secrets agent; native sidecars, init containers
     that always restart, end with the pod). Until they end the pod runs on, so its Job neither fails nor completes:
-    the attempt waited for ever on a trainer that had exited, and held its GPUs (reconcile deletes such a pod). None
-    for a pod being deleted: it is ending."""
+    the attempt waited for ever on a trainer that had exited, and held its GPUs (reconcile ends such a pod by its
+    deadline). None for a pod already ending: deleted, or given its deadline."""
     status = pod.get("status", {})
     statuses = status.get("containerStatuses") or []
-    if pod["metadata"].get("deletionTimestamp") or status.get("phase") not in ("Pending", "Running") or not any(
+    ending = pod["metadata"].get("deletionTimestamp") or (pod.get("spec") or {}).get("activeDeadlineSeconds")
+    if ending or status.get("phase") not in ("Pending", "Running") or not any(
             s.get("name") == TRAINER and (s.get("state") or {}).get("terminated") for s in statuses):
         return None
     return ", ".join(s["name"] for s in statuses if s.get("name") != TRAINER

@@ -25,9 +25,9 @@ RULES: list[dict[str, Any]] = [
     # get: whose a child is that already exists
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "delete"]},
     {"apiGroups": [""], "resources": ["configmaps", "services"], "verbs": ["get", "create"]},
-    # the pods' exit codes, termination messages, scheduling and rank 0's IP (indexed by kopf); delete: one whose
-    # trainer has exited that injected containers keep running (no more than deleting its Job would do)
-    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch", "delete"]},
+    # the pods' exit codes, termination messages, scheduling and rank 0's IP (indexed by kopf); patch: the deadline
+    # of one whose trainer has exited that injected containers keep running (reconcile._stop_outlived)
+    {"apiGroups": [""], "resources": ["pods"], "verbs": ["list", "watch", "patch"]},
     # the claims the spec names: they exist, and their access modes fit the workers
     {"apiGroups": [""], "resources": ["persistentvolumeclaims"], "verbs": ["get"]},
     # Events on every transition (kopf posts core/v1 Events); list: why a Job has no pods (FailedCreate), why a pod's

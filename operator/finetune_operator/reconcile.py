@@ -72,7 +72,7 @@ class Decision:
     create_attempt: int | None = None
     delete_job: str | None = None
     delete_job_reason: str = ""
-    delete_pods: list[str] = field(default_factory=list)  # pods whose trainer exited that other containers outlive
+    end_pods: list[str] = field(default_factory=list)  # pods whose trainer exited that other containers outlive
     delete_self: bool = False
 
 
@@ -413,19 +413,23 @@ OUTLIVED = "TrainerOutlived"
 
 
 def _stop_outlived(decision: Decision, pods: list[dict[str, Any]]) -> None:
-    """Deletes the pods, of any attempt, whose trainer has exited while containers injected beside it run on: they
-    end as any deleted pod does, and the Job controller and the attempt's outcome then read the trainer's exit as
-    they would have. A trainer's exit 0 waits for rank 0's: a peer done a moment before rank 0 wrote its success is
-    no end of the run, and its pod's end (failed, where the sidecar's exit on the delete is not 0) fails the Job."""
-    over = {p["attempt"] for p in pods if p["index"] == 0 and p.get("terminated")}
+    """Ends the pods, of any attempt, whose trainer has exited while containers injected beside it run on, by the
+    pod's own deadline (spec.activeDeadlineSeconds, which the kubelet enforces: the pod fails, DeadlineExceeded, no
+    disruption), not a delete: a deleted pod of a Job is gone a second after its end, the trainer's termination
+    message with it, and an exit 1 was then counted as an infrastructure failure, a success retried. The Job
+    controller and the attempt's outcome then read the trainer's exit as they would have. A trainer's exit 0 waits
+    for rank 0's, while rank 0 runs: a peer done a moment before rank 0 wrote its success is no end of the run, and
+    its pod's failure would fail the Job under rank 0."""
+    running = {p["attempt"] for p in pods if p["index"] == 0 and not p.get("terminated")}
     for pod in pods:
-        if pod.get("outlived_by") and (pod["terminated"]["exitCode"] != outcome.EXIT_OK or pod["attempt"] in over):
-            decision.delete_pods.append(pod["name"])
+        if pod.get("outlived_by") and (pod["terminated"]["exitCode"] != outcome.EXIT_OK or pod["attempt"] not in running):
+            decision.end_pods.append(pod["name"])
             decision.events.append((
                 "Warning", OUTLIVED, f"the trainer of pod {pod['name']} exited {pod['terminated']['exitCode']}, but "
-                f"its containers {pod['outlived_by']} run on and hold the pod, its GPUs and its Job: deleting the pod, "
-                "and its logs with it (sidecars injected as plain containers, by a service mesh or a secrets agent: "
-                "inject them as native sidecars, Kubernetes 1.29+, or not into trainer pods)"))
+                f"its containers {pod['outlived_by']} run on and hold the pod, its GPUs and its Job: ending the pod "
+                "(spec.activeDeadlineSeconds) so that its Job sees the trainer's end (sidecars injected as plain "
+                "containers, by a service mesh or a secrets agent: inject them as native sidecars, Kubernetes 1.29+, "
+                "or not into trainer pods)"))
 
 
 # The Jobs and the pods come on separate watch streams, the pods' far the busier (every change of every trainer pod, a
