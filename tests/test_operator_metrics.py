@@ -268,6 +268,8 @@ class Creating:
             return b'{"metadata":{"resourceVersion":"7","uid":"u"}}'
         elif "/persistentvolumeclaims/" in path:
             return json.dumps({"spec": {"accessModes": ["ReadWriteMany"]}}).encode()
+        if path.endswith("/finetunejobs/ft"):  # as stored: a status write that landed is read back
+            return json.dumps({"metadata": {"resourceVersion": "8"}, "status": self.status}).encode()
         return json.dumps(self.made.get(path) or {"items": []}).encode()
 
 
@@ -282,8 +284,7 @@ def ticks(apiserver: Creating, n: int, monkeypatch: pytest.MonkeyPatch, watched:
     monkeypatch.setattr(kopf, "event", lambda *_, reason, **__: said is not None and said.append(reason))
     monkeypatch.setattr(metrics.JOBS, "index", None)
     memo = kopf.Memo(settings=Settings(), clients=apiserver, slow_scrapes=handlers.SlowScrapes(2.0),
-                     child_checks=handlers.ChildChecks(), written=handlers.Written(), unsaid=handlers.Unsaid(),
-                     counted=handlers.Counted(),
+                     child_checks=handlers.ChildChecks(), written=handlers.Written(), counted=handlers.Counted(),
                      vanished=handlers.Vanished(),
                      job_warnings=handlers.Warnings("Job"), pod_warnings=handlers.Warnings("Pod"),
                      claims=handlers.Claims())
@@ -325,12 +326,36 @@ def test_an_attempt_is_counted_once_when_its_tick_failed_after_making_its_childr
 def test_a_transitions_events_are_said_once_when_its_status_write_failed(
         monkeypatch: pytest.MonkeyPatch, landed: bool) -> None:
     """Events are posted once the status holds the transition. Where the write landed and its answer was lost, the
-    next tick's copy (the watch's) held it and saw no transition: its Events (AttemptCreated here; Failed and
-    BackoffLimitExceeded's Warnings, and the failure's count, likewise) were never said. Where it failed, the next
-    tick says them after its own write."""
+    next tick's copy (the watch's) held it and saw no transition: its Events were never said. Where it failed, the
+    next tick says them after its own write."""
     said: list[str] = []
     ticks(Creating(failing=1, landed=landed), 3, monkeypatch, watched=True, said=said)
     assert said.count("AttemptCreated") == 1, said
+
+
+def test_a_jobs_end_is_said_and_counted_where_its_status_writes_answer_was_lost(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A finished job is never reconciled again: where the write of its end landed with its answer lost, its Failed
+    Warning and its failure's count were lost for good. The write is read back."""
+    from test_operator_reconcile import body, job, pod
+
+    said: list[str] = []
+    monkeypatch.setattr(kopf, "event", lambda *_, reason, **__: said.append(reason))
+    memo = kopf.Memo(settings=Settings(), clients=Creating(failing=1, landed=True), slow_scrapes=handlers.SlowScrapes(2.0),
+                     child_checks=handlers.ChildChecks(), written=handlers.Written(), counted=handlers.Counted(),
+                     vanished=handlers.Vanished(), job_warnings=handlers.Warnings("Job"),
+                     pod_warnings=handlers.Warnings("Pod"), claims=handlers.Claims())
+    bad = {"exitCode": 1, "reason": "InvalidDataset", "message": "no column label", "stage": "Loading"}
+    ended = job(failure={"reason": "BackoffLimitExceeded", "message": ""})
+
+    def failures() -> float:  # of every reason: another test may have used up the reasons counted by name
+        return sum(s.value for family in metrics.REGISTRY.collect() if family.name == "finetune_operator_job_failures"
+                   for s in family.samples if s.name.endswith("_total"))
+
+    before = failures()
+    handlers.tick(kopf.Body(body({"attempts": 1, "children": {"job": "ft-1"}})), memo, {("ns", "ft"): [ended]},
+                  {("ns", "ft"): [pod(phase="Failed", exit_code=1, message=bad)]}, {})
+    assert memo.clients.status["phase"] == "Failed" and said.count("InvalidDataset") == 1, said
+    assert failures() == before + 1
 
 
 def test_an_attempt_held_back_by_a_quota_is_counted_once_when_made(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -76,7 +76,6 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, phase_index: kop
     memo.slow_scrapes = SlowScrapes(ours.poll_seconds)
     memo.child_checks = ChildChecks(keep=2 * max(CHILDREN_CHECK_SECONDS, WAITING_POLLS * ours.poll_seconds))
     memo.written = Written()
-    memo.unsaid = Unsaid()
     memo.counted = Counted()
     memo.vanished = Vanished()
     # finetune_operator_jobs counts kopf's live index from the first scrape on: set by the first reconcile instead,
@@ -414,27 +413,6 @@ class Written:
         self.by_uid[body["metadata"]["uid"]] = (time.monotonic(), version, composed(earlier, changes))
 
 
-class Unsaid:
-    """A transition's Events and counts, kept from a tick whose status write failed, by job uid. Where the write
-    landed with its answer lost (a timeout after the commit), the next tick's copy holds the transition and sees none
-    to say: its Warning Event (Failed, BackoffLimitExceeded) and its failure count were lost. Said by the next tick
-    that finds the written conditions stored; dropped by one that does not, which decides the transition again and
-    says it after its own write."""
-
-    def __init__(self) -> None:
-        self.by_uid: dict[str, tuple[float, list[dict[str, Any]], Callable[[], None]]] = {}
-        self.swept = time.monotonic()
-
-    def keep(self, uid: str, conditions: list[dict[str, Any]], say: Callable[[], None]) -> None:
-        self.by_uid[uid] = (time.monotonic(), conditions, say)
-
-    def say_landed(self, body: dict[str, Any]) -> None:
-        self.swept = _swept(self.by_uid, WRITTEN_KEEP_SECONDS, self.swept)
-        entry = self.by_uid.pop(body["metadata"]["uid"], None)
-        if entry and body["status"].get("conditions") == entry[1]:
-            entry[2]()
-
-
 def _not_older(version: str, than: str) -> bool:
     """Whether the object at `version` holds what was written at `than`. resourceVersions are opaque to clients, but
     etcd's are increasing integers; any others are compared for equality alone."""
@@ -702,7 +680,6 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
     key = (ns, name)
     plain = _plain(body)
     plain["status"] = memo.written.status(plain)
-    memo.unsaid.say_landed(plain)
     seen = reconcile.Observed(plain, list(job_index.get(key, [])), list(pod_index.get(key, [])),
                               datetime.now(timezone.utc).replace(tzinfo=None),
                               trainer_gpus=children.gpus(settings.trainer_resources))
@@ -756,9 +733,11 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
     try:
         version = _patch_status(clients, ns, name, changes)
     except Exception:
-        if "conditions" in changes:
-            memo.unsaid.keep(seen.body["metadata"]["uid"], changes["conditions"], lambda: _record(body, seen, decision))
-        raise
+        # Landed with its answer lost (a timeout after the commit)? Read back: the next tick's copy would hold the
+        # transition and see none to say, and a finished job has no next tick; its Events and count were lost.
+        if "conditions" not in changes or not (version := _stored(clients, ns, name, changes["conditions"])):
+            raise
+        log.info("%s/%s: the status write's answer was lost, but it was stored", ns, name)
     if version:
         memo.written.wrote(seen.body, changes, version)
     # The transitions' Events once the status holds them: with its conditions left out, they came at every tick.
@@ -766,6 +745,16 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
         _record(body, seen, decision)
     if held:  # the status says why; kopf tries again after the delay
         raise kopf.TemporaryError(str(held), delay=held.delay)
+
+
+def _stored(clients: Clients, ns: str, name: str, conditions: list[dict[str, Any]]) -> str | None:
+    """The job's resourceVersion where its stored conditions are `conditions` (a write of them landed), else None."""
+    try:
+        job = json.loads(clients.call("GET", api_path(ns, api.PLURAL, name, group=api.GROUP, version=api.VERSION)))
+    except (ApiException, urllib3.exceptions.HTTPError, ValueError):
+        return None
+    same = (job.get("status") or {}).get("conditions") == conditions
+    return job.get("metadata", {}).get("resourceVersion") if same else None
 
 
 def _patch_status(clients: Clients, ns: str, name: str, changes: dict[str, Any]) -> str | None:
