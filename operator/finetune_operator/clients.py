@@ -17,13 +17,13 @@ from kubernetes.client.exceptions import ApiException
 # Each connect and each wait for the answer's next bytes: a connection the apiserver's end dropped silently (it was
 # replaced, a NAT forgot the flow) never answers, and without a limit the handler thread waited for ever.
 REQUEST_TIMEOUT_SECONDS = 30.0
-# A call that failed to connect is tried again up to 3 times, a little apart; one that got no answer (a pooled
-# connection the apiserver had closed, a read timeout) once: urllib3's default tried a GET that timed out 4 times, 2 min
-# of a handler thread. No status is tried again, and no Retry-After is slept: urllib3's default slept a 429's or a
-# 503's Retry-After (a proxy's may say hours) 3 times within the call, outside its timeout, while the tick held the
-# namespace's Warnings lock. The tick fails instead, and its timer tries again.
-RETRIES = urllib3.Retry(total=3, connect=3, read=1, status=0, other=0, backoff_factor=0.2,
-                        respect_retry_after_header=False, raise_on_status=False)
+# A call that failed to connect, or got no answer (a pooled connection the apiserver had closed, a read timeout), is
+# tried once more; a GET the apiserver's priority and fairness throttled (429) once, after its Retry-After of at most
+# 2 s. urllib3's default tried a GET that timed out 4 times (2 min of a handler thread) and slept a 503's Retry-After
+# (a proxy's may say hours) 3 times within the call, outside its timeout, while the tick held the namespace's
+# Warnings lock. Beyond these the tick fails, and its timer tries again.
+RETRIES = urllib3.Retry(total=2, connect=1, read=1, status=1, other=0, status_forcelist=(429,), backoff_factor=0.2,
+                        retry_after_max=2, raise_on_status=False)
 
 
 def load_config() -> None:
