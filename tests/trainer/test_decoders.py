@@ -283,6 +283,11 @@ def test_a_pad_borrowed_from_eos_is_no_padding_row_of_the_embedding(tmp_path: Pa
     model = load_model(roberta, load_tokenizer(roberta), seed=0)
     assert model.get_input_embeddings().padding_idx is None and model.roberta.embeddings.padding_idx == 0
     model(input_ids=torch.tensor([[5, 6, 7]]))  # positions count from the pad: 1, 2, 3
+    # A model that reads no token embedding (CANINE reads characters' hashes) has none to take the pad off.
+    canine = ModelSpec(architecture="canine", task="sequence-classification", tokenizerUri=tokenizer_uri,
+                       config={"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                               "intermediate_size": 32})
+    assert load_model(canine, load_tokenizer(canine), seed=0).config.pad_token_id == 0
     bert = TrainerConfig.model_validate(tiny_classifier_doc(tmp_path / "out")).model  # MiniLM's tokenizer
     tokenizer = load_tokenizer(bert)
     model = load_model(bert, tokenizer, seed=0)

@@ -261,8 +261,13 @@ def padding_as_batched(model: nn.Module, tokenizer, fresh: bool) -> nn.Module:
     pad = tokenizer.pad_token_id
     if (generation := getattr(model, "generation_config", None)) is not None and generation.pad_token_id is None:
         generation.pad_token_id = pad  # as exported: generate() pads a batch of prompts with it
-    embedding = model.get_input_embeddings()
-    if pad in (tokenizer.eos_token_id, tokenizer.unk_token_id) and embedding.padding_idx == pad:
+    if pad not in (tokenizer.eos_token_id, tokenizer.unk_token_id):
+        return model
+    try:
+        embedding = model.get_input_embeddings()
+    except NotImplementedError:  # a model that reads no token embedding (CANINE's characters)
+        return model
+    if getattr(embedding, "padding_idx", None) == pad:
         embedding.padding_idx = None
         if fresh:
             with torch.no_grad():
