@@ -357,10 +357,9 @@ def exited(code: int, message: dict[str, Any] | None = None) -> dict[str, Any]:
 
 
 def outlived(decision: Any) -> list[str]:
-    """The pods ended for a trainer that other containers outlive, each told in one Warning naming them."""
-    told = [m for _, r, m in decision.events if r == "TrainerOutlived"]
-    assert len(told) == len(decision.end_pods) and all("istio-proxy" in m for m in told)
-    return decision.end_pods
+    """The pods ended for a trainer that other containers outlive, each with why, naming them."""
+    assert all("istio-proxy" in why for _, why in decision.end_pods)
+    return [pod for pod, _ in decision.end_pods]
 
 
 def test_a_trainers_exit_ends_its_pod_though_a_sidecar_would_keep_it_running() -> None:
@@ -388,6 +387,9 @@ def test_a_trainers_exit_ends_its_pod_though_a_sidecar_would_keep_it_running() -
     assert not outlived(decide(Observed(body(running), [job(active=1)], [going], NOW)))
     ending = with_a_sidecar(0, exited(1, bad), spec={"activeDeadlineSeconds": 1})
     assert not outlived(decide(Observed(body(running), [job(active=1)], [ending], NOW)))
+    # A deadline of its own (a policy engine's, a day) ends it no sooner.
+    own = with_a_sidecar(0, exited(1, bad), spec={"activeDeadlineSeconds": 86400})
+    assert outlived(decide(Observed(body(running), [job(active=1)], [own], NOW))) == ["ft-1-0-x"]
     # A peer done a moment before rank 0 wrote its success is no end of the run: its pod is deleted once rank 0's
     # trainer has exited too.
     two = {"runtime": EXAMPLE["spec"]["runtime"] | {"workers": 2}}
@@ -403,6 +405,38 @@ def test_a_trainers_exit_ends_its_pod_though_a_sidecar_would_keep_it_running() -
     retried = {"attempts": 2, "children": {"job": "ft-2"}}
     orphans = [with_a_sidecar(0, exited(2), attempt=1), with_a_sidecar(1, exited(0), attempt=3)]
     assert outlived(decide(Observed(body(retried), [job(2)], [*orphans, pod(2)], NOW))) == ["ft-1-0-x", "ft-3-1-x"]
+
+
+def test_a_pod_is_ended_saying_so_and_a_refusal_to_end_it_is_told_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Warning was said with the decision, every tick while the pod was not ended: a refusal (a ResourceQuota
+    scoped Terminating counts a pod given a deadline, 1.33 on) said "ending the pod" every 2 s, of a pod that was not."""
+    import kopf
+    from kubernetes.client.exceptions import ApiException
+
+    from finetune_operator import handlers
+
+    said: list[str] = []
+    monkeypatch.setattr(kopf, "event", lambda *_, message, **__: said.append(message))
+
+    class Refusing:
+        patched: list[tuple[str, Any]] = []
+
+        def call(self, method: str, path: str, body: Any = None, **_: Any) -> bytes:
+            self.patched.append((path, body))
+            raise ApiException(status=403, reason="Forbidden")
+
+    ftj = kopf.Body(body())
+    for _ in range(3):
+        handlers._end_pod(Refusing(), ftj, "ns", "ft-1-0-x", "the trainer of pod ft-1-0-x exited 1")
+    assert Refusing.patched == [("/api/v1/namespaces/ns/pods/ft-1-0-x", {"spec": {"activeDeadlineSeconds": 1}})] * 3
+    assert len(said) == 1 and "could not be ended" in said[0] and "delete it" in said[0]
+
+    class Patching:
+        def call(self, *_: Any, **__: Any) -> bytes:
+            return b"{}"
+
+    handlers._end_pod(Patching(), ftj, "ns", "ft-1-1-x", "the trainer of pod ft-1-1-x exited 1")
+    assert len(said) == 2 and "ending it (spec.activeDeadlineSeconds)" in said[1]
 
 
 def test_the_cause_of_a_gangs_failure_is_the_worker_that_failed_not_the_peers_it_took_down() -> None:

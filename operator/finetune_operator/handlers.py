@@ -635,15 +635,34 @@ def _api_message(exc: ApiException) -> str:
         return str(exc.reason)
 
 
-def _end_pod(clients: Clients, ns: str, name: str, pod: str) -> None:
-    """Gives `pod` a deadline already past, which its kubelet enforces by killing it (reconcile._stop_outlived). A
-    failure is logged, not the tick's: the status is still written, and the next tick tries again."""
-    log.warning("%s/%s: ending pod %s: its trainer has exited, and other containers keep it running", ns, name, pod)
+# Pods whose end was refused, told once each (a refusal lasts: a ResourceQuota scoped Terminating, a policy engine).
+REFUSED_ENDS: set[tuple[str, str]] = set()
+REFUSED_ENDS_KEPT = 1024
+
+
+def _end_pod(clients: Clients, body: kopf.Body, ns: str, pod: str, why: str) -> None:
+    """Gives `pod` a deadline already past, which its kubelet enforces by killing it (reconcile._stop_outlived), and
+    says so in a Warning once it is given. A refusal is told once, not the tick's: the status is still written, and
+    the next tick tries again."""
+    name = body.metadata.name
     try:
-        clients.call("PATCH", api_path(ns, "pods", pod), {"spec": {"activeDeadlineSeconds": 1}},
+        clients.call("PATCH", api_path(ns, "pods", pod), {"spec": {"activeDeadlineSeconds": outcome.ENDING_DEADLINE_SECONDS}},
                      content_type="application/merge-patch+json")
     except (ApiException, urllib3.exceptions.HTTPError) as exc:
-        log.warning("%s/%s: pod %s could not be ended: %s", ns, name, pod, exc)
+        if (ns, pod) not in REFUSED_ENDS:
+            if len(REFUSED_ENDS) >= REFUSED_ENDS_KEPT:
+                REFUSED_ENDS.clear()
+            REFUSED_ENDS.add((ns, pod))
+            said = _api_message(exc) if isinstance(exc, ApiException) else str(exc)
+            log.warning("%s/%s: %s; it could not be ended: %s", ns, name, why, said)
+            kopf.event(body, type="Warning", reason=reconcile.OUTLIVED,
+                       message=f"{why}; it could not be ended (spec.activeDeadlineSeconds): {said}; delete it")
+        return
+    log.warning("%s/%s: %s: ending it", ns, name, why)
+    kopf.event(body, type="Warning", reason=reconcile.OUTLIVED, message=(
+        f"{why}: ending it (spec.activeDeadlineSeconds) so that its Job sees the trainer's end (sidecars injected as "
+        "plain containers, by a service mesh or a secrets agent: inject them as native sidecars, Kubernetes 1.29+, "
+        "or not into trainer pods)"))
 
 
 def _delete(clients: Clients, path: str, what: str) -> None:
@@ -717,8 +736,8 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
     if decision.delete_job:
         log.info("%s/%s: deleting Job %s (%s)", ns, name, decision.delete_job, decision.delete_job_reason)
         _delete(clients, api_path(ns, "jobs", decision.delete_job, group="batch"), f"Job {decision.delete_job}")
-    for pod in decision.end_pods:
-        _end_pod(clients, ns, name, pod)
+    for pod, why in decision.end_pods:
+        _end_pod(clients, body, ns, pod, why)
     if decision.delete_self:
         log.info("%s/%s: ttlSecondsAfterFinished has passed: deleting it", ns, name)
         _delete(clients, api_path(ns, api.PLURAL, name, group=api.GROUP, version=api.VERSION), name)

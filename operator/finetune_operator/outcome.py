@@ -114,15 +114,21 @@ def _termination(pod: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+# The pod deadline that ends a pod whose trainer exited while injected containers run on (handlers._end_pod).
+ENDING_DEADLINE_SECONDS = 1
+
+
 def _outlived_by(pod: dict[str, Any]) -> str | None:
     """The containers that have not ended after the trainer's own exit, which is final (restartPolicy Never): sidecars
     a webhook injected as plain containers (a service mesh's proxy, a secrets agent; native sidecars, init containers
     that always restart, end with the pod). Until they end the pod runs on, so its Job neither fails nor completes:
     the attempt waited for ever on a trainer that had exited, and held its GPUs (reconcile ends such a pod by its
-    deadline). None for a pod already ending: deleted, or given its deadline."""
+    deadline). None for a pod already ending: deleted, or given that deadline (a deadline of its own, such as a
+    policy engine's, ends it no sooner)."""
     status = pod.get("status", {})
     statuses = status.get("containerStatuses") or []
-    ending = pod["metadata"].get("deletionTimestamp") or (pod.get("spec") or {}).get("activeDeadlineSeconds")
+    ending = pod["metadata"].get("deletionTimestamp") or \
+        (pod.get("spec") or {}).get("activeDeadlineSeconds") == ENDING_DEADLINE_SECONDS
     if ending or status.get("phase") not in ("Pending", "Running") or not any(
             s.get("name") == TRAINER and (s.get("state") or {}).get("terminated") for s in statuses):
         return None

@@ -72,7 +72,8 @@ class Decision:
     create_attempt: int | None = None
     delete_job: str | None = None
     delete_job_reason: str = ""
-    end_pods: list[str] = field(default_factory=list)  # pods whose trainer exited that other containers outlive
+    # pods whose trainer exited that other containers outlive, each with why it is ended
+    end_pods: list[tuple[str, str]] = field(default_factory=list)
     delete_self: bool = False
 
 
@@ -423,13 +424,9 @@ def _stop_outlived(decision: Decision, pods: list[dict[str, Any]]) -> None:
     running = {p["attempt"] for p in pods if p["index"] == 0 and not p.get("terminated")}
     for pod in pods:
         if pod.get("outlived_by") and (pod["terminated"]["exitCode"] != outcome.EXIT_OK or pod["attempt"] not in running):
-            decision.end_pods.append(pod["name"])
-            decision.events.append((
-                "Warning", OUTLIVED, f"the trainer of pod {pod['name']} exited {pod['terminated']['exitCode']}, but "
-                f"its containers {pod['outlived_by']} run on and hold the pod, its GPUs and its Job: ending the pod "
-                "(spec.activeDeadlineSeconds) so that its Job sees the trainer's end (sidecars injected as plain "
-                "containers, by a service mesh or a secrets agent: inject them as native sidecars, Kubernetes 1.29+, "
-                "or not into trainer pods)"))
+            decision.end_pods.append((pod["name"], f"the trainer of pod {pod['name']} exited "
+                                      f"{pod['terminated']['exitCode']}, but its containers {pod['outlived_by']} run on "
+                                      "and hold the pod, its GPUs and its Job"))
 
 
 # The Jobs and the pods come on separate watch streams, the pods' far the busier (every change of every trainer pod, a
