@@ -204,7 +204,7 @@ def test_an_apiserver_that_never_answers_fails_the_call_instead_of_hanging_it(ap
     assert time.monotonic() - started < 10
 
 
-def test_a_call_without_an_answer_is_tried_once_more_and_a_retry_after_is_not_slept(
+def test_a_call_without_an_answer_is_tried_once_more_and_a_retry_after_is_slept_2_s_at_most(
         apiserver_port: int, monkeypatch: pytest.MonkeyPatch) -> None:
     """urllib3's default tried a GET that timed out 4 times (2 min of a handler thread at the 30 s timeout), and slept
     a 503's or a 429's Retry-After 3 times within one call, outside its timeout: a proxy saying `Retry-After: 600`

@@ -17,11 +17,12 @@ from kubernetes.client.exceptions import ApiException
 # Each connect and each wait for the answer's next bytes: a connection the apiserver's end dropped silently (it was
 # replaced, a NAT forgot the flow) never answers, and without a limit the handler thread waited for ever.
 REQUEST_TIMEOUT_SECONDS = 30.0
-# A call that failed to connect, or got no answer (a pooled connection the apiserver had closed, a read timeout), is
-# tried once more; a GET the apiserver's priority and fairness throttled (429) once, after its Retry-After of at most
-# 2 s. urllib3's default tried a GET that timed out 4 times (2 min of a handler thread) and slept a 503's Retry-After
-# (a proxy's may say hours) 3 times within the call, outside its timeout, while the tick held the namespace's
-# Warnings lock. Beyond these the tick fails, and its timer tries again.
+# A GET, PUT or DELETE that got no answer (a pooled connection the apiserver had closed, a read timeout) is tried once
+# more (a POST or a PATCH never: it may have landed); one answered 413, 429 (the apiserver's priority and fairness) or
+# 503 with a Retry-After once more, after that wait or 2 s, whichever is shorter; a failed connect once more.
+# urllib3's default tried a GET that timed out 4 times (2 min of a handler thread) and slept a 503's Retry-After (a
+# proxy's may say hours) 3 times within the call, outside its timeout, while the tick held the namespace's Warnings
+# lock. Beyond these the tick fails, and its timer tries again. (retry_after_max: urllib3 2.8, pyproject.)
 RETRIES = urllib3.Retry(total=2, connect=1, read=1, status=1, other=0, status_forcelist=(429,), backoff_factor=0.2,
                         retry_after_max=2, raise_on_status=False)
 

@@ -648,15 +648,19 @@ def _end_pod(clients: Clients, body: kopf.Body, ns: str, pod: str, why: str) -> 
     try:
         clients.call("PATCH", api_path(ns, "pods", pod), {"spec": {"activeDeadlineSeconds": outcome.ENDING_DEADLINE_SECONDS}},
                      content_type="application/merge-patch+json")
-    except (ApiException, urllib3.exceptions.HTTPError) as exc:
-        if (ns, pod) not in REFUSED_ENDS:
+    except ApiException as exc:
+        if exc.status not in (403, 422):  # not a refusal that lasts (a 5xx, a 429, the pod gone): the next tick's
+            log.info("%s/%s: pod %s not ended yet: %s", ns, name, pod, _api_message(exc))
+        elif (ns, pod) not in REFUSED_ENDS:
             if len(REFUSED_ENDS) >= REFUSED_ENDS_KEPT:
                 REFUSED_ENDS.clear()
             REFUSED_ENDS.add((ns, pod))
-            said = _api_message(exc) if isinstance(exc, ApiException) else str(exc)
-            log.warning("%s/%s: %s; it could not be ended: %s", ns, name, why, said)
-            kopf.event(body, type="Warning", reason=reconcile.OUTLIVED,
-                       message=f"{why}; it could not be ended (spec.activeDeadlineSeconds): {said}; delete it")
+            log.warning("%s/%s: %s; it could not be ended: %s", ns, name, why, _api_message(exc))
+            kopf.event(body, type="Warning", reason=reconcile.OUTLIVED, message=f"{why}; it could not be ended "
+                       f"(spec.activeDeadlineSeconds): {_api_message(exc)}; delete it")
+        return
+    except urllib3.exceptions.HTTPError as exc:
+        log.info("%s/%s: pod %s not ended yet: %s", ns, name, pod, _unanswered(exc))
         return
     log.warning("%s/%s: %s: ending it", ns, name, why)
     kopf.event(body, type="Warning", reason=reconcile.OUTLIVED, message=(
@@ -666,7 +670,7 @@ def _end_pod(clients: Clients, body: kopf.Body, ns: str, pod: str, why: str) -> 
 
 
 def _delete(clients: Clients, path: str, what: str) -> None:
-    """Deletes the object at `path`, its dependents in the background; one already gone is deleted."""
+    """Deletes the object at `path`, its dependents in the background; one already gone (404) counts as deleted."""
     try:
         clients.call("DELETE", path, propagationPolicy="Background")
     except ApiException as exc:
@@ -968,10 +972,15 @@ def stop_once_readable(namespaces: tuple[str, ...], stop: threading.Event) -> No
 
 def _listable(clients: Clients, ns: str) -> bool:
     try:
-        clients.call("GET", api_path(ns, api.PLURAL, group=api.GROUP, version=api.VERSION), limit="1")
+        _list_one(clients, ns)
     except (ApiException, urllib3.exceptions.HTTPError):
         return False
     return True
+
+
+def _list_one(clients: Clients, ns: str) -> None:
+    """Lists one FineTuneJob in `ns`: whether the operator may read them there."""
+    clients.call("GET", api_path(ns, api.PLURAL, group=api.GROUP, version=api.VERSION), limit="1")
 
 
 def _forbidden(clients: Clients, namespaces: tuple[str, ...]) -> tuple[str, ...]:
@@ -982,7 +991,7 @@ def _forbidden(clients: Clients, namespaces: tuple[str, ...]) -> tuple[str, ...]
     forbidden: list[str] = []
     for ns in namespaces:
         try:
-            clients.call("GET", api_path(ns, api.PLURAL, group=api.GROUP, version=api.VERSION), limit="1")
+            _list_one(clients, ns)
         except ApiException as exc:
             if exc.status != 403:
                 break
