@@ -11,7 +11,6 @@ import random
 import sys
 import time
 import urllib.request
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -24,8 +23,8 @@ from finetune_operator.children import METRICS_PORT, rendezvous
 from finetune_operator.handlers import READABLE_CHECK_SECONDS
 from finetune_operator.status import STALE_AFTER_SECONDS
 from kube import Kube
-from operator_fixture import (REPO, SERVICE_ACCOUNT, OperatorEnv, crd_installed, example, kwok_claim,  # noqa: F401
-                              kwok_job, kwok_results, operator_env)
+from operator_fixture import (REPO, SERVICE_ACCOUNT, OperatorEnv, a_trainer_outlived_by_a_sidecar_is_ended,  # noqa: F401
+                              crd_installed, example, kwok_job, kwok_results, operator_env)
 
 pytestmark = pytest.mark.cluster
 
@@ -273,43 +272,6 @@ def test_a_watched_namespace_deleted_with_its_role_holds_up_no_other(operator_en
         assert env.log.read_text().count(f"not watching {back}") == 1
     finally:
         env.kube.kubectl("delete", "namespace", back, "--wait=false", check=False)
-
-
-def a_trainer_outlived_by_a_sidecar_is_ended(env: OperatorEnv, output: str) -> None:
-    """A trainer that exits 1 (a user error) beside a container a service mesh injected as a plain one, which runs on:
-    the pod, and its Job, would never end. Neither node here runs injected sidecars or enforces a pod's deadline, so
-    the test writes the kwok pod's status as the kubelet does: the trainer terminated beside a running proxy, then,
-    once the operator has given the pod its deadline, the pod failed DeadlineExceeded (pkg/kubelet's
-    activeDeadlineHandler). The job fails for the trainer's reason, never retried, and the pod stays to be read."""
-    doc = kwok_job("outlived", f"{output}/outlived", runs_for="600s")
-    doc["spec"]["backoffLimit"] = 3  # a user error fails it all the same
-    name = env.apply(doc)
-    pod = env.kube.wait_for("the trainer running", lambda: next(
-        (p for p in env.objects("pods", name) if p.get("status", {}).get("phase") == "Running"), None),
-        env.namespace, timeout=120)
-    [trainer] = pod["status"]["containerStatuses"]
-    said = {"exitCode": 1, "reason": "InvalidDataset", "message": "no column label", "stage": "Loading"}
-    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    exited = dict(trainer, ready=False, started=False, state={"terminated": {
-        "exitCode": 1, "reason": "Error", "message": json.dumps(said), "startedAt": trainer["state"]["running"]["startedAt"],
-        "finishedAt": now}})
-    proxy = dict(trainer, name="istio-proxy", image="proxyv2:1.20")
-
-    def write(status: dict[str, Any]) -> None:
-        env.kube.kubectl("patch", "pod", pod["metadata"]["name"], "-n", env.namespace, "--subresource=status",
-                         "--type=merge", "-p", json.dumps({"status": status}))
-
-    write({"containerStatuses": [exited, proxy]})
-    env.kube.wait_for("the pod given a deadline", lambda: (env.kube.get("pod", pod["metadata"]["name"], env.namespace)
-                      or {}).get("spec", {}).get("activeDeadlineSeconds") == 1, env.namespace, timeout=60)
-    told = [e["message"] for e in env.events(name) if e["reason"] == "TrainerOutlived"]
-    assert told and "istio-proxy" in told[0], told
-    killed = dict(proxy, ready=False, started=False, state={"terminated": {
-        "exitCode": 137, "reason": "Error", "startedAt": trainer["state"]["running"]["startedAt"], "finishedAt": now}})
-    write({"phase": "Failed", "reason": "DeadlineExceeded", "message": "Pod was active on the node longer than the "
-           "specified deadline", "containerStatuses": [exited, killed]})
-    failed = env.wait_phase(name, "Failed", timeout=60)["status"]
-    assert (failed["reason"], failed["attempts"]) == ("InvalidDataset", 1) and not failed.get("failures"), failed
 
 
 def test_a_trainer_outlived_by_an_injected_sidecar_ends_its_attempt(operator_env: OperatorEnv,

@@ -21,9 +21,8 @@ from finetune_operator import children, rbac
 from finetune_operator.api import FineTuneJob, manifest_errors
 from finetune_operator.settings import Settings
 from kube import Kube
-from operator_fixture import (SERVICE_ACCOUNT, OperatorEnv, crd_installed, example, kwok_results,  # noqa: F401
-                              operator_env)
-from test_cluster_faults import a_trainer_outlived_by_a_sidecar_is_ended
+from operator_fixture import (SERVICE_ACCOUNT, OperatorEnv, a_trainer_outlived_by_a_sidecar_is_ended,  # noqa: F401
+                              crd_installed, example, kwok_results, operator_env)
 from seeds import EVERY_PASS_THROUGH
 
 pytestmark = pytest.mark.cluster

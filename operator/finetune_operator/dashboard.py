@@ -2,8 +2,9 @@
 
 Built with grafana-foundation-sdk (the dev extra) so it is code, not hand-edited JSON. Its queries
 use only the shared metric names (the README's trainer contract) and the labels the chart's PodMonitor adds to trainer
-series: `namespace`, `finetunejob` (from the pod label `finetune.dev/job-name`) and `finetunejob_uid`
-(`finetune.dev/job-uid`: a job made again under its name is another run). Operator
+series: `namespace`, `finetunejob` (from the pod label `finetune.dev/job-name`), `finetunejob_uid`
+(`finetune.dev/job-uid`: a job made again under its name is another run) and `attempt` (`finetune.dev/attempt`, which
+the evaluation panels join on). Operator
 series carry `job="finetune-operator"` (the ServiceMonitor's relabelling, whatever the release's name).
 
 Rows: the fleet; one job (variables datasource, namespace, job: from the stage, which rank 0 reports from

@@ -248,7 +248,7 @@ def padding_as_batched(model: nn.Module, tokenizer, fresh: bool) -> nn.Module:
     """`model` with config.pad_token_id the tokenizer's pad, which the batches are padded with: a decoder classifier
     (GPT-2, Llama) pools the last token that is not its pad id, so with another id (Llama-2's config names its unk,
     0, where its tokenizer has no pad and pads with eos) it pooled the padding of every row shorter than the batch's
-    longest. Set after loading a checkpoint: its embedding's padding row stays its config's.
+    longest. Set after loading a checkpoint: a pad of its own (BERT's [PAD]) stays the embedding's padding row.
 
     A pad borrowed from eos or unk (a decoder's tokenizer has none) is a token the model reads, so it is no padding
     row of the input embedding, where it would take no gradient (Llama's eos, a separator such as <|endoftext|>
