@@ -268,7 +268,7 @@ def test_a_namespace_left_out_stops_the_operator_once_it_may_be_read(apiserver_p
     monkeypatch.setattr(handlers, "READABLE_CHECK_SECONDS", 0.1)
     stop = threading.Event()
     with FaultServer("127.0.0.1", apiserver_port, "forbidden"):
-        handlers.stop_once_readable(("team-b",), stop)
+        handlers.stop_once_readable(("team-b",), stop.set)
         assert not stop.wait(1.0)
     with FaultServer("127.0.0.1", apiserver_port, serving(b'{"items": []}')):
         assert stop.wait(5.0)

@@ -6,9 +6,9 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import socket
 import sys
-import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -97,12 +97,13 @@ def run(args: argparse.Namespace) -> int:
     with _elected(ours, identity):
         metrics.lead()
         watched = handlers.watchable(ours.namespaces)
-        stop = threading.Event()
         if left_out := tuple(ns for ns in ours.namespaces if ns not in watched):
-            handlers.stop_once_readable(left_out, stop)
+            # Stopped as a pod being deleted is, and its Deployment starts it again. Not kopf's stop_flag: a
+            # threading.Event one is waited for on a thread of the loop's executor, which the loop joins as it
+            # closes, so every stop by SIGTERM hung there, its lease never given up.
+            handlers.stop_once_readable(left_out, lambda: os.kill(os.getpid(), signal.SIGTERM))
         ours = ours.model_copy(update={"namespaces": watched})
         kopf.run(
-            stop_flag=stop,  # where a namespace left out becomes readable: its Deployment starts it again
             registry=registry,
             memo=kopf.Memo(settings=ours),
             # one active replica (the Lease); kopf's peering would need cluster-wide CRDs of its own

@@ -954,18 +954,20 @@ def watchable(namespaces: tuple[str, ...]) -> tuple[str, ...]:
 READABLE_CHECK_SECONDS = 60.0
 
 
-def stop_once_readable(namespaces: tuple[str, ...], stop: threading.Event) -> None:
-    """Sets `stop` (kopf.run's stop_flag) once one of `namespaces`, left out by `watchable`, may be read: its Role came
-    back (`helm upgrade` after the namespace was made again, a GitOps sync), and kopf cannot add a namespace to its
-    watches, so its jobs went unobserved until someone restarted the operator. Started again, it watches it. Tried
-    every READABLE_CHECK_SECONDS on a thread of its own."""
+def stop_once_readable(namespaces: tuple[str, ...], stop: Callable[[], None]) -> None:
+    """Calls `stop` once one of `namespaces`, left out by `watchable`, may be read: its Role came back (`helm upgrade`
+    after the namespace was made again, a GitOps sync), and kopf cannot add a namespace to its watches, so its jobs
+    went unobserved until someone restarted the operator. Started again, it watches it. Tried every
+    READABLE_CHECK_SECONDS on a thread of its own."""
     def probe() -> None:
         clients = Clients(connections=1, timeout=PROBE_TIMEOUT_SECONDS, retries=False)
-        while not stop.wait(READABLE_CHECK_SECONDS):
+        while True:
+            time.sleep(READABLE_CHECK_SECONDS)
             if readable := [ns for ns in namespaces if _listable(clients, ns)]:
                 log.warning("finetune-operator: %s may be read now: stopping, to be started again watching it",
                             ", ".join(readable))
-                stop.set()
+                stop()
+                return
 
     threading.Thread(target=probe, name="readable-namespaces", daemon=True).start()
 
