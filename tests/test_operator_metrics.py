@@ -284,8 +284,8 @@ def ticks(apiserver: Creating, n: int, monkeypatch: pytest.MonkeyPatch, watched:
     monkeypatch.setattr(kopf, "event", lambda *_, reason, **__: said is not None and said.append(reason))
     monkeypatch.setattr(metrics.JOBS, "index", None)
     memo = kopf.Memo(settings=Settings(), clients=apiserver, slow_scrapes=handlers.SlowScrapes(2.0),
-                     child_checks=handlers.ChildChecks(), written=handlers.Written(), counted=handlers.Counted(),
-                     vanished=handlers.Vanished(),
+                     child_checks=handlers.ChildChecks(), written=handlers.Written(), counted=handlers.Once(),
+                     told=handlers.Once(), vanished=handlers.Vanished(),
                      job_warnings=handlers.Warnings("Job"), pod_warnings=handlers.Warnings("Pod"),
                      claims=handlers.Claims())
 
@@ -341,8 +341,8 @@ def test_a_jobs_end_is_said_and_counted_where_its_status_writes_answer_was_lost(
     said: list[str] = []
     monkeypatch.setattr(kopf, "event", lambda *_, reason, **__: said.append(reason))
     memo = kopf.Memo(settings=Settings(), clients=Creating(failing=1, landed=True), slow_scrapes=handlers.SlowScrapes(2.0),
-                     child_checks=handlers.ChildChecks(), written=handlers.Written(), counted=handlers.Counted(),
-                     vanished=handlers.Vanished(), job_warnings=handlers.Warnings("Job"),
+                     child_checks=handlers.ChildChecks(), written=handlers.Written(), counted=handlers.Once(),
+                     told=handlers.Once(), vanished=handlers.Vanished(), job_warnings=handlers.Warnings("Job"),
                      pod_warnings=handlers.Warnings("Pod"), claims=handlers.Claims())
     bad = {"exitCode": 1, "reason": "InvalidDataset", "message": "no column label", "stage": "Loading"}
     ended = job(failure={"reason": "BackoffLimitExceeded", "message": ""})

@@ -407,9 +407,10 @@ def test_a_trainers_exit_ends_its_pod_though_a_sidecar_would_keep_it_running() -
     assert outlived(decide(Observed(body(retried), [job(2)], [*orphans, pod(2)], NOW))) == ["ft-1-0-x", "ft-3-1-x"]
 
 
-def test_a_pod_is_ended_saying_so_and_a_refusal_to_end_it_is_told_once(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_pod_is_ended_saying_so_once_and_a_refusal_to_end_it_is_told_once(monkeypatch: pytest.MonkeyPatch) -> None:
     """The Warning was said with the decision, every tick while the pod was not ended: a refusal (a ResourceQuota
-    scoped Terminating counts a pod given a deadline, 1.33 on) said "ending the pod" every 2 s, of a pod that was not."""
+    scoped Terminating counts a pod given a deadline, 1.33 on) said "ending the pod" every 2 s, of a pod that was not;
+    a deadline given was said again at each tick until the pod watch brought the patched spec back."""
     import kopf
     from kubernetes.client.exceptions import ApiException
 
@@ -417,7 +418,7 @@ def test_a_pod_is_ended_saying_so_and_a_refusal_to_end_it_is_told_once(monkeypat
 
     said: list[str] = []
     monkeypatch.setattr(kopf, "event", lambda *_, message, **__: said.append(message))
-    monkeypatch.setattr(handlers, "REFUSED_ENDS", set())  # told once per process: not another test's
+    told = handlers.Once()
 
     class Refusing:
         patched: list[tuple[str, Any]] = []
@@ -427,23 +428,26 @@ def test_a_pod_is_ended_saying_so_and_a_refusal_to_end_it_is_told_once(monkeypat
 
         def call(self, method: str, path: str, body: Any = None, **_: Any) -> bytes:
             self.patched.append((path, body))
-            raise ApiException(status=self.status, reason="no")
+            if self.status:
+                raise ApiException(status=self.status, reason="no")
+            return b"{}"
 
     ftj = kopf.Body(body())
     # An apiserver that fails for a while (a 503, a 429) refuses nothing: tried again at the next tick, unsaid.
-    handlers._end_pod(Refusing(503), ftj, "ns", "ft-1-0-x", "the trainer of pod ft-1-0-x exited 1")
+    handlers._end_pod(Refusing(503), told, ftj, "ns", "ft-1-0-x", "the trainer of pod ft-1-0-x exited 1")
     assert not said
     for _ in range(3):
-        handlers._end_pod(Refusing(403), ftj, "ns", "ft-1-0-x", "the trainer of pod ft-1-0-x exited 1")
+        handlers._end_pod(Refusing(403), told, ftj, "ns", "ft-1-0-x", "the trainer of pod ft-1-0-x exited 1")
     assert Refusing.patched == [("/api/v1/namespaces/ns/pods/ft-1-0-x", {"spec": {"activeDeadlineSeconds": 1}})] * 4
     assert len(said) == 1 and "could not be ended" in said[0] and "delete it" in said[0]
-
-    class Patching:
-        def call(self, *_: Any, **__: Any) -> bytes:
-            return b"{}"
-
-    handlers._end_pod(Patching(), ftj, "ns", "ft-1-1-x", "the trainer of pod ft-1-1-x exited 1")
-    assert len(said) == 2 and "ending it (spec.activeDeadlineSeconds)" in said[1]
+    # The refusal lifted (the quota raised): the end is said, once, though the ticks patch again until the watch
+    # brings the pod's deadline; another pod's end is its own.
+    for pod in ("ft-1-0-x", "ft-1-0-x", "ft-1-1-x", "ft-1-1-x"):
+        handlers._end_pod(Refusing(0), told, ftj, "ns", pod, f"the trainer of pod {pod} exited 1")
+    assert len(Refusing.patched) == 8 and len(said) == 3
+    assert all("ending it (spec.activeDeadlineSeconds)" in message for message in said[1:])
+    assert [message.split(" exited")[0] for message in said[1:]] == ["the trainer of pod ft-1-0-x",
+                                                                     "the trainer of pod ft-1-1-x"]
 
 
 def test_the_cause_of_a_gangs_failure_is_the_worker_that_failed_not_the_peers_it_took_down() -> None:
@@ -1534,7 +1538,7 @@ def ticked(live: dict[str, Any], indexes: tuple[dict[Any, Any], dict[Any, Any]],
     memo = kopf.Memo(settings=settings or Settings(), clients=apiserver, slow_scrapes=handlers.SlowScrapes(2.0),
                      child_checks=checks or handlers.ChildChecks(),
                      written=handlers.Written() if written is None else written, job_warnings=handlers.Warnings("Job"),
-                     counted=handlers.Counted(), vanished=handlers.Vanished(),
+                     counted=handlers.Once(), told=handlers.Once(), vanished=handlers.Vanished(),
                      pod_warnings=handlers.Warnings("Pod"), claims=handlers.Claims())
     handlers._reconcile(kopf.Body(live), memo, *indexes)
     return apiserver

@@ -76,7 +76,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, phase_index: kop
     memo.slow_scrapes = SlowScrapes(ours.poll_seconds)
     memo.child_checks = ChildChecks(keep=2 * max(CHILDREN_CHECK_SECONDS, WAITING_POLLS * ours.poll_seconds))
     memo.written = Written()
-    memo.counted = Counted()
+    memo.counted = Once()
+    memo.told = Once()
     memo.vanished = Vanished()
     # finetune_operator_jobs counts kopf's live index from the first scrape on: set by the first reconcile instead,
     # it stayed 0 in every phase after a restart onto finished jobs (they are never reconciled again).
@@ -635,15 +636,11 @@ def _api_message(exc: ApiException) -> str:
         return str(exc.reason)
 
 
-# Pods whose end was refused, told once each (a refusal lasts: a ResourceQuota scoped Terminating, a policy engine).
-REFUSED_ENDS: set[tuple[str, str]] = set()
-REFUSED_ENDS_KEPT = 1024
-
-
-def _end_pod(clients: Clients, body: kopf.Body, ns: str, pod: str, why: str) -> None:
+def _end_pod(clients: Clients, told: Once, body: kopf.Body, ns: str, pod: str, why: str) -> None:
     """Gives `pod` a deadline already past, which its kubelet enforces by killing it (reconcile._stop_outlived), and
-    says so in a Warning once it is given. A refusal is told once, not the tick's: the status is still written, and
-    the next tick tries again."""
+    says so in a Warning once it is given. The next ticks, until the pod watch brings the patched spec, patch it
+    again, unsaid. A lasting refusal (a ResourceQuota scoped Terminating, a policy engine) is told once too: the
+    status is still written, and the next tick tries again."""
     name = body.metadata.name
     try:
         clients.call("PATCH", api_path(ns, "pods", pod), {"spec": {"activeDeadlineSeconds": outcome.ENDING_DEADLINE_SECONDS}},
@@ -651,10 +648,7 @@ def _end_pod(clients: Clients, body: kopf.Body, ns: str, pod: str, why: str) -> 
     except ApiException as exc:
         if exc.status not in (403, 422):  # not a refusal that lasts (a 5xx, a 429, the pod gone): the next tick's
             log.info("%s/%s: pod %s not ended yet: %s", ns, name, pod, _api_message(exc))
-        elif (ns, pod) not in REFUSED_ENDS:
-            if len(REFUSED_ENDS) >= REFUSED_ENDS_KEPT:
-                REFUSED_ENDS.clear()
-            REFUSED_ENDS.add((ns, pod))
+        elif told.first((ns, pod, "refused")):
             log.warning("%s/%s: %s; it could not be ended: %s", ns, name, why, _api_message(exc))
             kopf.event(body, type="Warning", reason=reconcile.OUTLIVED, message=f"{why}; it could not be ended "
                        f"(spec.activeDeadlineSeconds): {_api_message(exc)}; delete it")
@@ -662,11 +656,12 @@ def _end_pod(clients: Clients, body: kopf.Body, ns: str, pod: str, why: str) -> 
     except urllib3.exceptions.HTTPError as exc:
         log.info("%s/%s: pod %s not ended yet: %s", ns, name, pod, _unanswered(exc))
         return
-    log.warning("%s/%s: %s: ending it", ns, name, why)
-    kopf.event(body, type="Warning", reason=reconcile.OUTLIVED, message=(
-        f"{why}: ending it (spec.activeDeadlineSeconds) so that its Job sees the trainer's end (sidecars injected as "
-        "plain containers, by a service mesh or a secrets agent: inject them as native sidecars, Kubernetes 1.29+, "
-        "or not into trainer pods)"))
+    if told.first((ns, pod, "ended")):
+        log.warning("%s/%s: %s: ending it", ns, name, why)
+        kopf.event(body, type="Warning", reason=reconcile.OUTLIVED, message=(
+            f"{why}: ending it (spec.activeDeadlineSeconds) so that its Job sees the trainer's end (sidecars injected "
+            "as plain containers, by a service mesh or a secrets agent: inject them as native sidecars, Kubernetes "
+            "1.29+, or not into trainer pods)"))
 
 
 def _delete(clients: Clients, path: str, what: str) -> None:
@@ -741,7 +736,7 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
         log.info("%s/%s: deleting Job %s (%s)", ns, name, decision.delete_job, decision.delete_job_reason)
         _delete(clients, api_path(ns, "jobs", decision.delete_job, group="batch"), f"Job {decision.delete_job}")
     for pod, why in decision.end_pods:
-        _end_pod(clients, body, ns, pod, why)
+        _end_pod(clients, memo.told, body, ns, pod, why)
     if decision.delete_self:
         log.info("%s/%s: ttlSecondsAfterFinished has passed: deleting it", ns, name)
         _delete(clients, api_path(ns, api.PLURAL, name, group=api.GROUP, version=api.VERSION), name)
@@ -808,20 +803,21 @@ def _named_job(old: dict[str, Any], changes: dict[str, Any]) -> str | None:
     return job if job is not None and job != (old.get("children") or {}).get("job") else None
 
 
-COUNTED_KEEP_SECONDS = 600.0
+ONCE_KEEP_SECONDS = 600.0
 
 
-class Counted:
-    """The attempts counted lately, by (job uid, Job name), each counted once: the status write that first names an
-    attempt's Job may fail, or land with its answer lost (the watch then brings the Job named, never written again),
-    and the next tick's names it again. Forgotten after COUNTED_KEEP_SECONDS, long past such a retry."""
+class Once:
+    """What was done lately, done once each though the ticks repeat it: an attempt counted, by (job uid, Job name)
+    (the status write that first names an attempt's Job may fail, or land with its answer lost, the watch then
+    bringing the Job named, never written again, and the next tick's names it again); a pod's end told, by (namespace,
+    pod, ended or refused). Forgotten ONCE_KEEP_SECONDS after it was last repeated, long past such a retry."""
 
     def __init__(self) -> None:
-        self.at: dict[tuple[str, str], float] = {}  # when last named
+        self.at: dict[tuple[str, ...], float] = {}  # when last repeated
         self.swept = time.monotonic()
 
-    def first(self, key: tuple[str, str]) -> bool:
-        self.swept = _swept(self.at, COUNTED_KEEP_SECONDS, self.swept, lambda at: at)
+    def first(self, key: tuple[str, ...]) -> bool:
+        self.swept = _swept(self.at, ONCE_KEEP_SECONDS, self.swept, lambda at: at)
         new = key not in self.at
         self.at[key] = time.monotonic()
         return new

@@ -421,9 +421,12 @@ def _stop_outlived(decision: Decision, pods: list[dict[str, Any]]) -> None:
     controller and the attempt's outcome then read the trainer's exit as they would have. A trainer's exit 0 waits
     for rank 0's, while rank 0 runs: a peer done a moment before rank 0 wrote its success is no end of the run, and
     its pod's failure would fail the Job under rank 0."""
+    outlived = [pod for pod in pods if pod.get("outlived_by")]
+    if not outlived:  # as at almost every tick: the pods are not looked through again
+        return
     running = {p["attempt"] for p in pods if p["index"] == 0 and not p.get("terminated")}
-    for pod in pods:
-        if pod.get("outlived_by") and (pod["terminated"]["exitCode"] != outcome.EXIT_OK or pod["attempt"] not in running):
+    for pod in outlived:
+        if pod["terminated"]["exitCode"] != outcome.EXIT_OK or pod["attempt"] not in running:
             decision.end_pods.append((pod["name"], f"the trainer of pod {pod['name']} exited "
                                       f"{pod['terminated']['exitCode']}, but its containers {pod['outlived_by']} run on "
                                       "and hold the pod, its GPUs and its Job"))
