@@ -20,6 +20,7 @@ import yaml
 from finetune_operator import children, rbac
 from finetune_operator.api import FineTuneJob, manifest_errors
 from finetune_operator.settings import Settings
+from granted import granted_by_rules
 from kube import Kube
 from operator_fixture import (SERVICE_ACCOUNT, OperatorEnv, a_trainer_outlived_by_a_sidecar_is_ended,  # noqa: F401
                               crd_installed, example, kwok_results, operator_env)
@@ -32,18 +33,6 @@ CAN_I_LINE = re.compile(r"^(\S*)\s+\[(.*?)\]\s+\[(.*?)\]\s+\[(.*?)\]\s*$")
 # Granted for the apiserver's authorization checks, never asked for: the OwnerReferencesPermissionEnforcement
 # admission plugin (off here, on in OpenShift) wants it for blockOwnerDeletion on the children.
 AUTHORIZATION_ONLY = {("finetunejobs.finetune.dev/finalizers", "update")}
-
-
-def granted_by_rules() -> set[tuple[str, str]]:
-    """rbac.RULES as (resource.group[/subresource], verb) pairs, as kubectl spells them."""
-    pairs = set()
-    for rule in rbac.RULES:
-        for group in rule["apiGroups"]:
-            for resource in rule["resources"]:
-                name, _, sub = resource.partition("/")
-                spelled = (f"{name}.{group}" if group else name) + (f"/{sub}" if sub else "")
-                pairs |= {(spelled, verb) for verb in rule["verbs"]}
-    return pairs
 
 
 def can_i_list(kube: Kube, user: str, namespace: str) -> set[tuple[str, str]]:
@@ -158,6 +147,11 @@ def test_the_operator_asks_for_exactly_what_its_rules_grant(kube: Kube, operator
     assert asked <= granted_by_rules(), f"asked beyond its rules (the operator would have failed): {asked - granted_by_rules()}"
     unused = granted_by_rules() - asked - AUTHORIZATION_ONLY
     assert not unused, f"granted but never asked for: {sorted(unused)}"
+    # Not asked in this run: a status write whose answer was lost is read back (handlers._stored) by a list of its
+    # one name, which the rules grant and the apiserver serves for a custom resource.
+    listed = kube.kubectl("get", "ftj", "-n", env.namespace, "--field-selector=metadata.name=paused", "-o", "name",
+                          f"--as={_service_account(env.namespace)}").stdout.split()
+    assert listed == ["finetunejob.finetune.dev/paused"], listed
 
 
 def reborn_children_wait_their_turn(env: OperatorEnv) -> None:

@@ -19,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from finetune_operator import api, handlers, metrics, outcome, reconcile
 from finetune_operator.settings import Settings
 from finetune_operator.status import merged
+from granted import asked, granted_by_rules
 
 
 def jobs_by_phase() -> dict[str, float]:
@@ -233,8 +234,11 @@ def test_reasons_a_trainer_image_writes_add_a_bounded_number_of_series(monkeypat
     assert counted["Other"] >= 1000 - metrics.MAX_LABEL_VALUES
 
 
+GRANTED = granted_by_rules()
+
+
 class Creating:
-    """Clients whose apiserver keeps the children created (a second create of one answers 409 AlreadyExists), has
+    """Clients whose apiserver refuses what the operator's RBAC rules do not grant, keeps the children created (a second create of one answers 409 AlreadyExists), has
     every claim, lists no Events, and refuses the first `failing` status patches (or, `landed`, stores them in
     `status` and loses their answers), or keeps the first Job created but loses its answer (`lost`), or refuses the
     first `quota` creates of the Job for a ResourceQuota."""
@@ -244,7 +248,9 @@ class Creating:
         self.status: dict[str, Any] = {}
         self.failing, self.lost, self.quota, self.landed = failing, lost, quota, landed
 
-    def call(self, method: str, path: str, body: Any = None, **_: object) -> bytes:
+    def call(self, method: str, path: str, body: Any = None, **query: str) -> bytes:
+        if asked(method, path) not in GRANTED:
+            raise ApiException(status=403, reason="Forbidden")
         if method == "POST":
             path = f"{path}/{body['metadata']['name']}"
             if body["kind"] == "Job" and self.quota:
@@ -268,8 +274,9 @@ class Creating:
             return b'{"metadata":{"resourceVersion":"7","uid":"u"}}'
         elif "/persistentvolumeclaims/" in path:
             return json.dumps({"spec": {"accessModes": ["ReadWriteMany"]}}).encode()
-        if path.endswith("/finetunejobs/ft"):  # as stored: a status write that landed is read back
-            return json.dumps({"metadata": {"resourceVersion": "8"}, "status": self.status}).encode()
+        if path.endswith("/finetunejobs") and query.get("fieldSelector") == "metadata.name=ft":  # as stored: a
+            # status write that landed is read back
+            return json.dumps({"items": [{"metadata": {"resourceVersion": "8"}, "status": self.status}]}).encode()
         return json.dumps(self.made.get(path) or {"items": []}).encode()
 
 

@@ -766,11 +766,15 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
 
 
 def _stored(clients: Clients, ns: str, name: str, conditions: list[dict[str, Any]]) -> str | None:
-    """The job's resourceVersion where its stored conditions are `conditions` (a write of them landed), else None."""
+    """The job's resourceVersion where its stored conditions are `conditions` (a write of them landed), else None.
+    Read by a list of its one name, which kopf's watch has the operator granted, not a get, which nothing else needs."""
     try:
-        job = json.loads(clients.call("GET", api_path(ns, api.PLURAL, name, group=api.GROUP, version=api.VERSION)))
-    except (ApiException, urllib3.exceptions.HTTPError, ValueError):
+        listed = json.loads(clients.call("GET", api_path(ns, api.PLURAL, group=api.GROUP, version=api.VERSION),
+                                         fieldSelector=f"metadata.name={name}"))
+    except (ApiException, urllib3.exceptions.HTTPError, ValueError) as exc:
+        log.info("%s/%s: the status write's answer was lost, and reading it back failed: %s", ns, name, exc)
         return None
+    job = next(iter(listed.get("items") or []), {})
     same = (job.get("status") or {}).get("conditions") == conditions
     return job.get("metadata", {}).get("resourceVersion") if same else None
 
