@@ -459,6 +459,38 @@ def test_the_operator_is_scraped_as_job_finetune_operator_whatever_the_name_over
             prometheus.stop()
 
 
+@pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
+def test_the_operator_panels_count_the_operator_once_where_a_second_scrape_job_reads_it(tmp_path: Path) -> None:
+    """A Prometheus that also honours the pods' prometheus.io annotations scrapes the operator a second time, as
+    job="kubernetes-pods": the jobs by phase, the failures and the reconciles were summed over both, twice the
+    operator's."""
+    t0 = int(time.time()) - 600
+    lines = ["# TYPE finetune_operator_jobs gauge", "# TYPE finetune_operator_job_failures counter",
+             "# TYPE finetune_operator_reconcile_duration_seconds histogram"]
+    for job in ("finetune-operator", "kubernetes-pods"):
+        for t in range(t0, t0 + 600, 15):
+            labels = f'job="{job}",namespace="ops",pod="fto-abc"'
+            lines += [f'finetune_operator_jobs{{{labels},phase="Running"}} 3 {t}',
+                      f'finetune_operator_job_failures_total{{{labels},reason="OOMKilled"}} 2 {t}',
+                      f'finetune_operator_reconcile_duration_seconds_bucket{{{labels},le="0.1"}} {t - t0} {t}',
+                      f'finetune_operator_reconcile_duration_seconds_bucket{{{labels},le="+Inf"}} {t - t0} {t}',
+                      f"finetune_operator_reconcile_duration_seconds_count{{{labels}}} {t - t0} {t}"]
+    prometheus_server.backfill(tmp_path, "\n".join(lines) + "\n# EOF\n")
+    prometheus = prometheus_server.start(tmp_path, [], free_port())
+    exprs = dashboard_exprs()
+
+    def last(title: str) -> list[float]:
+        expr = exprs[title][0].replace("$__rate_interval", "1m")
+        return [float(s["values"][-1][1]) for s in prometheus.query_range(expr, t0 + 300, t0 + 300, 15)]
+
+    try:
+        assert last("Jobs by phase") == [3]
+        assert last("Failed jobs by reason (since the operator started)") == [2]
+        assert last("Reconciles per second") == [pytest.approx(1)]
+    finally:
+        prometheus.stop()
+
+
 def notes(tmp_path: Path, *values: str) -> str:
     """NOTES.txt as `helm install` prints it (helm template leaves it out): rendered here through a copy of the
     chart where it is a named template inside a ConfigMap."""
@@ -998,6 +1030,13 @@ def readme_scrape_configs() -> dict[str, dict[str, Any]]:
     block = re.search(r"```yaml\n(scrape_configs:\n.*?)```", (REPO / "README.md").read_text(), re.S)
     assert block, "the README's plain-Prometheus scrape configs"
     return {c["job_name"]: c for c in yaml.safe_load(block.group(1))["scrape_configs"]}
+
+
+def test_the_readmes_plain_prometheus_config_scrapes_the_trainers_as_often_as_the_podmonitor() -> None:
+    """The README's trainer job took the global scrape interval (1m by default, often 2m): a trainer waits a minute
+    after its end for the scrape of its final evaluation, which was then lost about half the time."""
+    chart = yaml.safe_load((REPO / "charts" / "finetune-operator" / "values.yaml").read_text())
+    assert readme_scrape_configs()["finetune-trainer"].get("scrape_interval") == chart["podMonitor"]["interval"]
 
 
 @pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")

@@ -5,7 +5,9 @@ use only the shared metric names (the README's trainer contract) and the labels 
 series: `namespace`, `finetunejob` (from the pod label `finetune.dev/job-name`), `finetunejob_uid`
 (`finetune.dev/job-uid`: a job made again under its name is another run) and `attempt` (`finetune.dev/attempt`, which
 the evaluation panels join on). Operator
-series carry `job="finetune-operator"` (the ServiceMonitor's relabelling, whatever the release's name).
+series carry `job="finetune-operator"` (the ServiceMonitor's relabelling, whatever the release's name), and every
+operator query selects it: a second scrape of the operator's pod (a Prometheus that also honours prometheus.io
+annotations) doubled the sums.
 
 Rows: the fleet; one job (variables datasource, namespace, job: from the stage, which rank 0 reports from
 its start, where the training gauges wait for the first step); its evaluation, baseline against
@@ -54,13 +56,15 @@ def single(title: str, unit: str, *queries: Dataquery, width: int = 4) -> stat.P
 
 
 def quantile(q: float, histogram: str, function: str, window: str) -> str:
-    """The `q` quantile of `histogram`'s observations counted by `function` (rate, increase) over `window`."""
-    return f"histogram_quantile({q}, sum by (le) ({function}({histogram}_bucket[{window}])))"
+    """The `q` quantile of the operator's `histogram`'s observations counted by `function` (rate, increase) over
+    `window`."""
+    return f"histogram_quantile({q}, sum by (le) ({function}({histogram}_bucket{{{OPERATOR}}}[{window}])))"
 
 
 def fleet() -> list[Panel]:
     return [
-        series("Jobs by phase", "short", query("sum by (phase) (finetune_operator_jobs)", "{{phase}}"), width=8)
+        series("Jobs by phase", "short", query(f"sum by (phase) (finetune_operator_jobs{{{OPERATOR}}})", "{{phase}}"),
+               width=8)
         .stacking(StackingConfig().mode(StackingMode.NORMAL)),
         # A job is on GPUs when its rank 0 reports GPU memory (CPU jobs report 0). `or vector(0)`: with none left
         # the sum has no points, and the stat's last non-null value was the count before the last one ended. Series
@@ -70,7 +74,7 @@ def fleet() -> list[Panel]:
             " or vector(0)",
             "GPU jobs")),
         series("Failed jobs by reason (since the operator started)", "short",
-               query("sum by (reason) (finetune_operator_job_failures_total)", "{{reason}}"), width=6)
+               query(f"sum by (reason) (finetune_operator_job_failures_total{{{OPERATOR}}})", "{{reason}}"), width=6)
         .draw_style(GraphDrawStyle.BARS),
         # Of the jobs that started in the dashboard's range, at its end: one observation per job, so a rate over
         # $__rate_interval had points only just after a start and the panel was empty nearly all the time.
@@ -151,13 +155,15 @@ def operator_health() -> list[Panel]:
 
     return [
         series("Reconciles per second", "ops",
-               query("sum(rate(finetune_operator_reconcile_duration_seconds_count[$__rate_interval]))", "reconciles"),
+               query(f"sum(rate(finetune_operator_reconcile_duration_seconds_count{{{OPERATOR}}}[$__rate_interval]))",
+                     "reconciles"),
                width=6),
         series("Reconcile latency", "s", *(
             query(quantile(q, "finetune_operator_reconcile_duration_seconds", "rate", "$__rate_interval"),
                   f"p{q * 100:g}") for q in (0.5, 0.99)), width=6),
         series("Metric poll errors", "ops", query(
-            "sum by (reason) (rate(finetune_operator_metric_poll_errors_total[$__rate_interval]))", "{{reason}}"),
+            f"sum by (reason) (rate(finetune_operator_metric_poll_errors_total{{{OPERATOR}}}[$__rate_interval]))",
+            "{{reason}}"),
                width=6),
         # process_start_time_seconds changes on every start: restarts without kube-state-metrics. A new pod (an
         # eviction, an upgrade) is a new series, not a change: each series after a release's first is a restart too.
