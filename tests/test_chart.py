@@ -600,6 +600,33 @@ def test_liveness_probe_values_other_than_its_timings_are_refused_at_install(val
     assert probe["httpGet"] == {"path": "/healthz", "port": "healthz"} and probe["initialDelaySeconds"] == 30
 
 
+@pytest.mark.parametrize(("value", "path"), [("serviceMonitor.interval=30s30s", "/serviceMonitor/interval"),
+                                           ("podMonitor.interval=", "/podMonitor/interval"),
+                                           ("networkPolicy.prometheus.podSelector=null", "/networkPolicy/prometheus")])
+def test_monitor_and_network_policy_values_that_would_break_them_are_refused_at_install(value: str, path: str) -> None:
+    """An interval such as 30s30s passed the schema, and prometheus-operator refused the ServiceMonitor at apply, while
+    1d, which it takes, was refused; podSelector=null rendered `podSelector: null` beside `namespaceSelector: {}`: every
+    pod of every namespace reached the trainers' metrics."""
+    chart = str(REPO / "charts" / "finetune-operator")
+    result = subprocess.run([helm(), "template", "fto", chart, "--set", "networkPolicy.enabled=true",
+                             "--set", "serviceMonitor.enabled=true", "--set", value], capture_output=True, text=True)
+    assert result.returncode != 0 and f"at '{path}'" in result.stderr, result.stderr
+    subprocess.run([helm(), "template", "fto", chart, "--set", "serviceMonitor.enabled=true",
+                    "--set", "serviceMonitor.interval=1d"], check=True, capture_output=True)
+
+
+def test_trainers_reach_each_other_on_every_port_without_port_ranges() -> None:
+    """The trainers' rule opened TCP 1-9089, 9091-65535 and UDP by endPort: a network plugin without endPort (Cilium
+    before 1.16, Azure NPM) opens only each range's first port, so a gang's rendezvous (29500) never met."""
+    out = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"), "--set",
+                          "networkPolicy.enabled=true", "--show-only", "templates/networkpolicy.yaml"],
+                         check=True, capture_output=True, text=True).stdout
+    [policy] = [d for d in yaml.safe_load_all(out) if d]
+    peers = [rule for rule in policy["spec"]["ingress"] if "namespaceSelector" not in rule["from"][0]]
+    assert peers == [{"from": [{"podSelector": {"matchExpressions": [
+        {"key": "finetune.dev/job-name", "operator": "Exists"}]}}]}], peers
+
+
 @pytest.mark.parametrize(("address", "refused"), [
     ("127.0.0.1", True), ("127.3.0.2", True), ("localhost", True), ("localhost.", True), ("::1", True),
     ("[::1]", True), ("0:0:0:0:0:0:0:1", True), ("::0001", True), ("::ffff:127.0.0.1", True),
