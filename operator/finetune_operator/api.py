@@ -91,7 +91,8 @@ class RuntimeSpec(ApiModel):
         "own, e.g. on a claim in volumes, to share it between workers and jobs.",
     )
     env_from: list[core.EnvFromSource] = Field(
-        default_factory=list, max_length=16, description="Secrets and ConfigMaps whose keys become environment variables."
+        default_factory=list, max_length=16, description="Secrets and ConfigMaps whose keys become environment "
+        "variables. Their keys are not checked: without a prefix, keep out those torchrun reads (PET_*, TORCHELASTIC_*).",
     )
     volumes: list[core.Volume] = Field(
         default_factory=list, max_length=16,
@@ -118,6 +119,9 @@ class RuntimeSpec(ApiModel):
     )
 
 
+# A Job's ttlSecondsAfterFinished's bound (int32), 68 years: past a few hundred billion seconds a time plus the span
+# overflowed, and the job's every tick failed, its status never written again.
+MAX_SECONDS = 2**31 - 1
 MAX_GRACE_SECONDS = 86400  # a day: past it a stopped pod would hold its GPUs for nothing
 
 
@@ -177,10 +181,12 @@ class FineTuneJobSpec(TrainerConfig):
         "a Job's, the attempt after each counted failure waits 10 s, doubled per failure, at most 6 min.",
     )
     active_deadline_seconds: int | None = Field(
-        None, ge=1, description="Fail the job (reason DeadlineExceeded) after it has been active this many seconds."
+        None, ge=1, le=MAX_SECONDS,
+        description="Fail the job (reason DeadlineExceeded) after it has been active this many seconds.",
     )
     ttl_seconds_after_finished: int | None = Field(
-        None, ge=0, description="Delete the job and its children this many seconds after it finished; omit to keep it."
+        None, ge=0, le=MAX_SECONDS,
+        description="Delete the job and its children this many seconds after it finished; omit to keep it.",
     )
     managed_by: str | None = Field(
         None, max_length=63, pattern=r"^[a-z0-9.-]+/[-a-zA-Z0-9_.]+$",
