@@ -102,6 +102,20 @@ def test_one_worker_runs_the_trainer_directly() -> None:
     assert container["ports"][0] == {"name": "metrics", "containerPort": 9090}
 
 
+def test_a_single_process_is_told_it_is_a_world_of_one_whatever_envfrom_brings() -> None:
+    """The trainer reads RANK and WORLD_SIZE from its environment, and an unprefixed envFrom key is not checked: a
+    shared ConfigMap holding WORLD_SIZE=2 made the lone trainer wait for a peer (an env entry wins over envFrom).
+    Under torchrun, torchrun sets them for each process it starts."""
+    doc, spec = ftj()
+    container = children.job(doc, spec, 1, SETTINGS)["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert {n: env.get(n) for n in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE")} == {
+        "RANK": "0", "LOCAL_RANK": "0", "WORLD_SIZE": "1", "LOCAL_WORLD_SIZE": "1"}
+    doc, spec = ftj("minilm-sentiment-2workers.yaml")
+    container = children.job(doc, spec, 1, SETTINGS)["spec"]["template"]["spec"]["containers"][0]
+    assert not {"RANK", "WORLD_SIZE"} & {e["name"] for e in container["env"]}
+
+
 def test_workers_rendezvous_statically_on_index_zero() -> None:
     doc, spec = ftj("minilm-sentiment-2workers.yaml")
     job = children.job(doc, spec, 3, SETTINGS)

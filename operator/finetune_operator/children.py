@@ -159,6 +159,10 @@ def _env(spec: api.FineTuneJobSpec, resources: core.ResourceRequirements) -> lis
     if rendezvous(spec):  # torchrun's --shutdown-timeout, as its environment gives it: an older torchrun without
         # the setting (in a user's image) ignores it and keeps its 30 s, where the flag stopped every run
         ours.append({"name": "PET_SHUTDOWN_TIMEOUT", "value": str(shutdown_timeout(spec))})
+    else:  # a world of one, said: a key of an envFrom Secret or ConfigMap (unchecked) would say otherwise, and an
+        # env entry wins over envFrom's; torchrun sets these for the processes it starts
+        ours += [{"name": n, "value": v} for n, v in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                                                        ("LOCAL_WORLD_SIZE", "1"))]
     # A spec's HF_HOME (the one name of ours it may set) replaces ours, e.g. a hub cache on a shared claim: once, not
     # after ours, which the apiserver warns of ("hides previous definition", "may be dropped when using apply").
     theirs = {e.name for e in spec.runtime.env}
