@@ -11,6 +11,7 @@ import pytest
 import yaml
 
 from bad_corpus import BadCase, load_bad_corpus, readme_manifests
+from finetune_operator.api import manifest_errors
 from kube import Kube, condition
 
 pytestmark = pytest.mark.cluster
@@ -65,6 +66,23 @@ def test_a_job_that_names_no_metrics_is_accepted_for_any_task(kube: Kube, crd: d
     result = kube.apply(doc, module_namespace, "--dry-run=server", "-o", "yaml", check=False)
     assert result.returncode == 0, result.stderr
     assert "metrics" not in yaml.safe_load(result.stdout)["spec"]["evaluation"]  # the trainer picks the task's
+
+
+@pytest.mark.parametrize("uri", ["/scratch", "/scratch/", "file:///scratch", "/scratch/out"])
+def test_an_output_at_the_root_of_a_writable_claim_mount_is_accepted(kube: Kube, crd: dict, module_namespace: str,
+                                                                      uri: str) -> None:
+    """/scratch/ was taken and /scratch refused ("the output must outlive the pod"), the same folder: the trainer
+    stages its export inside the output folder, so a claim's root takes it as pvc://<claim> does. /scratchy/out is
+    not under it."""
+    doc = yaml.safe_load((REPO / "deploy" / "examples" / "minilm-sentiment.yaml").read_text())
+    doc["spec"]["output"]["uri"] = uri
+    doc["spec"]["runtime"] = {"volumes": [{"name": "scratch", "persistentVolumeClaim": {"claimName": "scratch"}}],
+                              "volumeMounts": [{"name": "scratch", "mountPath": "/scratch"}]}
+    assert manifest_errors(doc) == []
+    result = kube.apply(doc, module_namespace, "--dry-run=server", check=False)
+    assert result.returncode == 0, result.stderr
+    doc["spec"]["output"]["uri"] = "/scratchy/out"
+    assert manifest_errors(doc) and kube.apply(doc, module_namespace, "--dry-run=server", check=False).returncode != 0
 
 
 def test_readme_examples_pass_server_side_dry_run(kube: Kube, crd: dict, module_namespace: str) -> None:

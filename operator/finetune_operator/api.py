@@ -67,6 +67,17 @@ class PullPolicy(StrEnum):
     NEVER = "Never"
 
 
+_GPUS = f"self.resources.limits['{core.GPU}']"
+# A GPU count as written (2 or "2"): a quantity() here cost the apiserver's estimate a hundred times its budget, and a
+# whole number is what a GPU limit is (any other spelling of one is left alone).
+_GPU_COUNT = "^[0-9]{1,4}$"
+
+
+def _a_gpu_per_process(runtime: RuntimeSpec) -> bool:
+    gpus = str(runtime.resources.limits.get(core.GPU, "")) if runtime.resources else ""
+    return not re.fullmatch(_GPU_COUNT, gpus) or int(gpus) == 0 or int(gpus) >= runtime.processes_per_worker
+
+
 class RuntimeSpec(ApiModel):
     """How the trainer runs: the gang of workers, their container and its volumes."""
 
@@ -116,6 +127,16 @@ class RuntimeSpec(ApiModel):
             message="every volumeMount must name a volume in runtime.volumes",
             field="volumeMounts",
         ),
+        # The trainer refuses it (InvalidConfig), but only once every worker is scheduled, its image pulled and its
+        # GPUs held. A limit of 0, or none here (the operator's resources), runs its processes on the CPU.
+        Rule(
+            cel=f"!has(self.resources) || !('{core.GPU}' in self.resources.limits) || "
+            f"!string({_GPUS}).matches('{_GPU_COUNT}') || int(string({_GPUS})) == 0 || "
+            f"int(string({_GPUS})) >= self.processesPerWorker",
+            holds=_a_gpu_per_process,
+            message=f"at most one process per GPU: processesPerWorker must be at most resources.limits {core.GPU}",
+            field="processesPerWorker",
+        ),
     )
 
 
@@ -163,7 +184,7 @@ def _output_outlives_the_pod(spec: FineTuneJobSpec) -> bool:
     # A claim mounted read-only (on the volume or the mount) cannot take the output.
     claims = {v.name for v in spec.runtime.volumes if v.persistent_volume_claim and not v.persistent_volume_claim.read_only}
     return spec.runtime.workers == 1 and any(
-        m.name in claims and not m.read_only and uri.removeprefix("file://").startswith(m.mount_path.rstrip("/") + "/")
+        m.name in claims and not m.read_only and (uri.removeprefix("file://") + "/").startswith(m.mount_path.rstrip("/") + "/")
         for m in spec.runtime.volume_mounts
     )
 
@@ -199,7 +220,7 @@ class FineTuneJobSpec(TrainerConfig):
             cel="self.output.uri.startsWith('pvc://') || (self.runtime.workers == 1 && self.runtime.volumeMounts.exists(m, "
             "!m.readOnly && self.runtime.volumes.exists(v, v.name == m.name && has(v.persistentVolumeClaim) && "
             "!(has(v.persistentVolumeClaim.readOnly) && v.persistentVolumeClaim.readOnly)) && "
-            "(self.output.uri.startsWith('file://') ? self.output.uri.substring(7) : self.output.uri)"
+            "((self.output.uri.startsWith('file://') ? self.output.uri.substring(7) : self.output.uri) + '/')"
             ".startsWith(m.mountPath.endsWith('/') ? m.mountPath : m.mountPath + '/')))",
             holds=_output_outlives_the_pod,
             message="the output must outlive the pod: use pvc://<claim>/<path> (or, for one worker, a path under "

@@ -16,6 +16,7 @@ from typing import Any
 
 from finetune_operator import api
 from finetune_operator import coretypes as core
+from finetune_operator.coretypes import GPU
 from finetune_operator.judge import claim_fields
 from finetune_operator.settings import Settings
 from finetune_trainer.config import TrainerConfig
@@ -39,8 +40,6 @@ RENDEZVOUS_PORT = 29500
 TERMINATION_LOG = "/dev/termination-log"
 DEFAULT_SHM = "1Gi"
 SHM_VOLUME = "finetune-shm"  # /dev/shm: an emptyDir of spec.runtime.shmSize
-# The GPUs torchrun's processes take, one each (LOCAL_RANK): the trainer's image has torch's CUDA build.
-GPU = "nvidia.com/gpu"
 # The annotation, not the label of the same name, which came only in Kubernetes 1.28.
 COMPLETION_INDEX = "metadata.annotations['batch.kubernetes.io/job-completion-index']"
 

@@ -73,6 +73,10 @@ def _cel_quantity(expr: str) -> str:
     return f"string({expr}).matches(r'{QUANTITY}')"
 
 
+# The GPUs torchrun's processes take, one each (LOCAL_RANK): the trainer's image has torch's CUDA build.
+GPU = "nvidia.com/gpu"
+
+
 # A quantity as users write it: `8`, `"500m"`, `"32Gi"`; never negative (the apiserver refuses those
 # wherever a pod takes one).
 Quantity = Annotated[
