@@ -79,6 +79,9 @@ def test_trainer_pod_annotations_are_a_json_object(monkeypatch: pytest.MonkeyPat
     (["--trainer-pod-annotations", "[1]"], "--trainer-pod-annotations"),
     # beyond the apiserver's runAsUser and fsGroup: every job failed at its Job's create, InvalidSpec
     (["--trainer-uid", "4294967294"], "--trainer-uid"), (["--trainer-uid", "2147483648"], "--trainer-uid"),
+    # names no namespace has (a dot, over 63 characters): the operator watched nothing there, saying nothing
+    (["--namespace", "team.a"], "--namespace: .*not a valid namespace name"),
+    (["--namespace", "a" * 64], "--namespace"), (["--lease-namespace", "ops.x"], "--lease-namespace"),
     # the metrics server and kopf's /healthz on one port: the second exited with "address already in use"
     (["--metrics-port", "8080", "--liveness-port", "8080"], "--liveness-port: .*the metrics port is 8080 too"),
 ])

@@ -73,13 +73,24 @@ class Settings(BaseModel):
             raise ValueError(f"{value!r} is no image: it must be non-empty, without whitespace or control characters")
         return value
 
-    @field_validator("namespaces", "trainer_pull_secrets", "lease_namespace", "lease_name")
+    @field_validator("trainer_pull_secrets", "lease_name")
     @classmethod
     def _names(cls, value: tuple[str, ...] | str) -> tuple[str, ...] | str:
-        for name in filter(None, (value,) if isinstance(value, str) else value):  # "": no lease
-            if not re.fullmatch(core.DNS_SUBDOMAIN, name):
-                raise ValueError(f"{name!r} is not a valid name")
-        return value
+        return _checked(value, core.DNS_SUBDOMAIN, 253, "name")
+
+    @field_validator("namespaces", "lease_namespace")
+    @classmethod
+    def _namespaces(cls, value: tuple[str, ...] | str) -> tuple[str, ...] | str:
+        """A namespace's name is a DNS label (the chart's schema says so too): a dotted or longer one, which no
+        namespace has, was taken, and the operator watched nothing there, saying nothing."""
+        return _checked(value, core.DNS_LABEL, 63, "namespace name")
+
+
+def _checked(value: tuple[str, ...] | str, pattern: str, longest: int, what: str) -> tuple[str, ...] | str:
+    for name in filter(None, (value,) if isinstance(value, str) else value):  # "": no lease
+        if len(name) > longest or not re.fullmatch(pattern, name):
+            raise ValueError(f"{name!r} is not a valid {what}")
+    return value
 
 
 def _is_list(name: str) -> bool:
