@@ -20,7 +20,7 @@ import yaml
 from finetune_operator.children import METRICS_PORT
 from finetune_operator.reconcile import CLAIM_WAIT_SECONDS
 from kube import Kube, condition
-from operator_fixture import OperatorEnv, crd_installed, example, operator_env  # noqa: F401 (fixtures)
+from operator_fixture import OperatorEnv, claim, crd_installed, example, operator_env  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.cluster
 
@@ -339,10 +339,20 @@ def test_specs_only_the_operator_can_judge_fail_as_invalid_spec(operator_env: Op
     env.kube.apply({"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "single"},
                     "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}},
                    env.namespace)
+    # Claims no worker can use: a raw block device, a read-only one to write to, one being deleted (its finalizer,
+    # a backup tool's say, holds it): pods that waited in Pending for ever, or an export that failed at the end.
+    block, going = claim("block", ["ReadWriteOnce"]), claim("going", ["ReadWriteOnce"])
+    block["spec"]["volumeMode"], going["metadata"]["finalizers"] = "Block", ["example.com/backup"]
+    env.kube.apply([claim("rox", ["ReadOnlyMany"]), block, going], env.namespace)
+    env.kube.kubectl("delete", "pvc", "going", "-n", env.namespace, "--wait=false")
     cases = {
         "no-claim": ({"output": {"uri": "pvc://absent/out"}}, "spec.output.uri: the PersistentVolumeClaim 'absent'"),
         "rwo-output": ({"output": {"uri": "pvc://single/out"}, "runtime": {"workers": 2}},
                        "spec.output.uri: claim 'single' is ReadWriteOnce"),
+        "rox-output": ({"output": {"uri": "pvc://rox/out"}}, "spec.output.uri: claim 'rox' is ReadOnlyMany"),
+        "block-data": ({"dataset": {"uri": "pvc://block/sentiment.csv", "labelField": "sentiment"}},
+                       "spec.dataset.uri: claim 'block' is a raw block device"),
+        "going-output": ({"output": {"uri": "pvc://going/out"}}, "spec.output.uri: claim 'going' is being deleted"),
         "bad-regex": ({"adjust": {"freeze": {"strategy": "regex", "pattern": "(("}}},
                       "spec.adjust.freeze.pattern: not a valid regular expression"),
     }
@@ -373,6 +383,7 @@ def test_specs_only_the_operator_can_judge_fail_as_invalid_spec(operator_env: Op
     waited = _time(_failed(no_claim)["lastTransitionTime"]) - _time(no_claim["metadata"]["creationTimestamp"])
     assert waited >= timedelta(seconds=CLAIM_WAIT_SECONDS), waited
     assert env.ftj("late-claim")["status"]["phase"] == "Pending"  # its claim came in time: never failed
+    env.kube.kubectl("patch", "pvc", "going", "-n", env.namespace, "--type=merge", "-p", '{"metadata":{"finalizers":null}}')
 
 
 def test_a_child_the_apiserver_refuses_fails_as_invalid_spec(operator_env: OperatorEnv) -> None:

@@ -2016,6 +2016,16 @@ def test_claims_must_exist_and_fit_the_workers() -> None:
     single = FineTuneJobSpec.model_validate(EXAMPLE["spec"] | {"adjust": {"freeze": {"strategy": "regex", "pattern": "(("}}})
     assert judge.spec_problems(single, {"models": rwo, "data": rwo}, "ns") == [
         "spec.adjust.freeze.pattern: not a valid regular expression (missing ), unterminated subpattern at position 1)"]
+    # A claim no worker can use, whatever their number: pods that waited in Pending for ever, or an export that failed
+    # at the end of the run.
+    rox = {"spec": {"accessModes": ["ReadOnlyMany"]}}
+    block = {"spec": {"accessModes": ["ReadWriteOnce"], "volumeMode": "Block"}}
+    deleting = rwo | {"metadata": {"deletionTimestamp": "2026-12-06T10:00:00Z"}}
+    one = FineTuneJobSpec.model_validate(EXAMPLE["spec"])
+    assert judge.spec_problems(one, {"models": rwo, "data": rox}, "ns") == []  # read: ReadOnlyMany will do
+    for claim, why in ((rox, "is ReadOnlyMany"), (block, "is a raw block device"), (deleting, "is being deleted")):
+        [problem] = judge.spec_problems(one, {"models": claim, "data": rwo}, "ns")
+        assert problem.startswith(f"spec.output.uri: claim 'models' {why}"), problem
     # model.config's keys are preserved unknown fields, which the apiserver's CEL cannot read: refused before any pod.
     remote = FineTuneJobSpec.model_validate(EXAMPLE["spec"] | {"model": EXAMPLE["spec"]["model"] | {
         "config": {"trust_remote_code": True}}})

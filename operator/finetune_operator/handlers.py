@@ -531,7 +531,9 @@ class Claims:
             self.found.pop((ns, name), None)
             raise HeldBack(CREATE_FAILED, f"the claim {name} could not be read: {_unanswered(exc)}",
                            CREATE_RETRY_SECONDS) from exc
-        claim = {"spec": {"accessModes": (body.get("spec") or {}).get("accessModes") or []}}
+        found = body.get("spec") or {}
+        claim = {"metadata": {"deletionTimestamp": (body.get("metadata") or {}).get("deletionTimestamp")},
+                 "spec": {"accessModes": found.get("accessModes") or [], "volumeMode": found.get("volumeMode")}}
         for expired in _expired(self.found, CLAIMS_TTL_SECONDS):
             self.found.pop(expired, None)
         self.found[(ns, name)] = (time.monotonic(), claim)

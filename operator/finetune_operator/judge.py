@@ -39,6 +39,18 @@ def missing_claims(spec: api.FineTuneJobSpec, claims: dict[str, dict[str, Any] |
     return [_missing(field, claim, namespace) for claim, (field, _) in claim_fields(spec).items() if claims.get(claim) is None]
 
 
+def _unusable(pvc: dict[str, Any], writes: bool) -> str | None:
+    """Why no worker can use the claim, whatever their number."""
+    if (pvc.get("metadata") or {}).get("deletionTimestamp"):
+        return "is being deleted: the workers' pods would wait in Pending until it is gone"
+    claim = pvc.get("spec") or {}
+    if claim.get("volumeMode") == "Block":
+        return "is a raw block device (volumeMode Block), which no container mounts as a folder: use a Filesystem one"
+    if writes and set(claim.get("accessModes") or []) == {"ReadOnlyMany"}:
+        return "is ReadOnlyMany, which its volume may be attached as (read-only), but the trainer writes its output there"
+    return None
+
+
 def spec_problems(spec: api.FineTuneJobSpec, claims: dict[str, dict[str, Any] | None], namespace: str) -> list[str]:
     """`field: message` for each problem; `claims` maps each claim name to its object (None: absent)."""
     problems = []
@@ -46,6 +58,9 @@ def spec_problems(spec: api.FineTuneJobSpec, claims: dict[str, dict[str, Any] | 
         pvc = claims.get(claim)
         if pvc is None:
             problems.append(_missing(field, claim, namespace))
+            continue
+        if problem := _unusable(pvc, writes):  # pods that would wait in Pending, or fail at the export, for it
+            problems.append(f"{field}: claim {claim!r} {problem}")
             continue
         if spec.runtime.workers > 1:
             modes = set((pvc.get("spec") or {}).get("accessModes") or [])
