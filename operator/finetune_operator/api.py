@@ -93,7 +93,8 @@ class RuntimeSpec(ApiModel):
     resources: core.ResourceRequirements | None = Field(
         None,
         description="Per-worker requests and limits (any resource, e.g. nvidia.com/gpu: 8); "
-        "defaults to the operator's configured trainer resources.",
+        "defaults to the operator's configured trainer resources, which a value here replaces whole: give cpu and "
+        "memory too (OMP_NUM_THREADS follows the cpu; with none, a pod without requests is the first evicted).",
     )
     env: list[core.EnvVar] = Field(
         default_factory=list, max_length=64,
