@@ -512,6 +512,33 @@ def test_the_mfu_gauge_does_not_scale_with_the_length_of_the_seeds_probe_batch(t
     assert flops_per_second[1] == pytest.approx(flops_per_second[0], rel=0.2)
 
 
+def test_what_counts_layers_is_refused_on_a_model_whose_layers_parts_sit_in_parallel_lists() -> None:
+    """XLM keeps its layers' attentions, FFNs and two norms in four lists of one length: layer_norm2, the last by
+    name, was taken for the layers, so bottom-layers froze every attention and FFN (depth 0, as embeddings) and
+    layer-wise decay gave them all the lowest rate. Both are refused naming the field; a job that counts no layers
+    trains everything at its rate. BART's encoder and decoder, lists of one length in two modules, stay two stacks."""
+    from transformers import BartConfig, BartForSequenceClassification, XLMConfig, XLMForSequenceClassification
+
+    from finetune_trainer.structure import layer_units
+
+    task = Task.SEQUENCE_CLASSIFICATION
+    model = XLMForSequenceClassification(XLMConfig(vocab_size=100, emb_dim=32, n_layers=2, n_heads=2, num_labels=2))
+    layers, head = depth(model, task), head_name(model, task)
+    parts = r"XLMForSequenceClassification keeps each layer's parts in parallel lists \(transformer.attentions, "
+    with pytest.raises(ConfigError, match=rf"^adjust.freeze \(strategy bottom-layers\): {parts}"):
+        freeze(model, FreezeSpec(strategy="bottom-layers", count=1), layers, head)
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ConfigError, match=rf"^adjust.layerwiseDecay 0.5: {parts}"):
+        param_groups(model, AdjustSpec(learningRate=1e-3, layerwiseDecay=0.5), layers, head)
+    groups = param_groups(model, AdjustSpec(learningRate=1e-3), layers, head)
+    assert {g["lr"] for g in groups} == {1e-3}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    bart = BartForSequenceClassification(BartConfig(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2,
+                                                    encoder_attention_heads=2, decoder_attention_heads=2,
+                                                    encoder_ffn_dim=32, decoder_ffn_dim=32))
+    assert layer_units(bart, task) == ["model.encoder.layers.0", "model.encoder.layers.1"]
+
+
 def test_freezing_more_bottom_layers_than_the_model_has_freezes_its_stack_only(bert) -> None:
     """count 3 on 2 layers: the pooler and the head, which the dataset's labels fit already, still train."""
     model, _ = bert

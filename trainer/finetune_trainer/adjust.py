@@ -66,6 +66,7 @@ def frozen_by(spec: FreezeSpec, name: str, depth: Depth, head: str | None) -> bo
     if spec.strategy == FreezeStrategy.BOTTOM_LAYERS:
         # A count beyond the stack freezes all of it, never what sits above (pooler, final norm, head): whether
         # the head trained would depend on whether rearrange replaces it.
+        depth = depth.counted("adjust.freeze (strategy bottom-layers)")
         return depth.of(name) <= min(spec.count or 0, depth.layers)
     if spec.strategy == FreezeStrategy.REGEX:
         return re.search(spec.pattern or "", canonical(name)) is not None  # `re` caches the compiled pattern
@@ -204,6 +205,8 @@ def param_groups(model: nn.Module, spec: AdjustSpec, depth: Depth, head: str | N
                     "its embeddings') nor a module the checkpoint lacks; adjust.learningRate is the top rate",
                     spec.head_learning_rate)
     exempt = no_decay_names(model)
+    if spec.layerwise_decay != 1:
+        depth = depth.counted(f"adjust.layerwiseDecay {spec.layerwise_decay}")
     top = depth.layers + 1
     groups: dict[tuple[float, float], dict] = defaultdict(lambda: {"params": [], "param_names": []})
     for name, p in model.named_parameters():

@@ -337,6 +337,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     data_digest = digest(train_data, validation_data, test_data, *([heal_data] if heal_data else []))
     picks = cfg.rearrange.lora is not None and merging_picks_targets(model, cfg.rearrange.lora, task, head, new)
     if cfg.rearrange.prune is not None:
+        prune.stack_for(model, task, "rearrange.prune")  # says why, for a model with no list of whole layers
         drop = earlier_pruning(out / "checkpoints", cfg, world.size, pruned_layers(report, cfg.rearrange.prune, world),
                                data_digest, picks)
     # Named by the layers pruning removes; healing keeps its result there.

@@ -40,7 +40,7 @@ from finetune_trainer.batches import Batch
 from finetune_trainer.config import HealSpec, PruneSpec, Task
 from finetune_trainer.errors import ConfigError, LossNotFinite
 from finetune_trainer.models import autocast, logits_of
-from finetune_trainer.structure import layer_units, lora_types
+from finetune_trainer.structure import SplitLayers, layer_units, lora_types
 from finetune_trainer.train import grad_scaler, scaled_step, unscaled_norm
 
 log = logging.getLogger(__name__)
@@ -62,13 +62,27 @@ HEAL_MAX_NORM = 1.0  # healing's gradient clipping
 
 
 def layer_stack(model: nn.Module, task: Task) -> tuple[str, nn.ModuleList] | None:
-    """The transformer's list of layers and its name, or None for a model without one (a CNN)."""
+    """The transformer's list of layers and its name, or None for a model without one (a CNN); SplitLayers for one
+    whose layers' parts sit in parallel lists (XLM)."""
     if task == Task.IMAGE_CLASSIFICATION:
         return None
     units = layer_units(model, task)
     prefix = units[0].rpartition(".")[0] if units else ""
     stack = model.get_submodule(prefix) if prefix else None
     return (prefix, stack) if isinstance(stack, nn.ModuleList) else None
+
+
+def stack_for(model: nn.Module, task: Task, field: str) -> tuple[str, nn.ModuleList]:
+    """The layer stack that `field` (rearrange.prune, rearrange.prune.heal) works on, refused naming it where there
+    is none, or none that holds whole layers."""
+    try:
+        found = layer_stack(model, task)
+    except SplitLayers as exc:
+        raise ConfigError(f"{field}: {exc}") from exc
+    if found is None:
+        raise ConfigError(f"{field}: a {task.value} model has no stack of transformer layers to "
+                          f"{field.rpartition('.')[2]}")
+    return found
 
 
 def output_projection(layer: nn.Module) -> nn.Module | None:
@@ -82,7 +96,10 @@ def importance(model: nn.Module, batches: list[Batch], task: Task, labels_fit: b
     found) over `batches`, bottom layer first. The heads' loss is the task's own when the labels fit the model
     (causal-lm, or a head already sized for the dataset); else the analysis' label-free probe loss, which a
     classifier head that rearrange replaces makes a rough guide."""
-    found = layer_stack(model, task)
+    try:
+        found = layer_stack(model, task)
+    except SplitLayers:  # no list of whole layers to score: pruning says so (stack_for)
+        return None
     if found is None:
         return None
     _, layers = found
@@ -195,10 +212,7 @@ def chosen_layers(scores: list[float], spec: PruneSpec) -> list[int]:
 
 def remove_layers(model: nn.Module, task: Task, drop: list[int]) -> None:
     """Take the layers `drop` out of the model's layer list, in place, and make its config say so."""
-    found = layer_stack(model, task)
-    if found is None:
-        raise ConfigError(f"rearrange.prune: a {task.value} model has no stack of transformer layers to prune")
-    prefix, layers = found
+    prefix, layers = stack_for(model, task, "rearrange.prune")
     config = getattr(model, "config", None)
     if config is not None:
         check_rebuilt(model, prefix, layers, drop)  # before the model changes
@@ -229,7 +243,9 @@ def shrink_config(model: nn.Module, config: Any, layers: int, drop: list[int]) -
 def check_rebuilt(model: nn.Module, prefix: str, layers: nn.ModuleList, drop: list[int]) -> None:
     """Refuse a pruning that from_pretrained would not rebuild: it builds layer i as the config says for index i,
     which some configs say by a rule (Qwen2-MoE's decoder_sparse_step, DeepSeek's first_k_dense_replace) rather
-    than by a list per layer. Renumbered, such layers reloaded as other modules, with fresh weights and a warning."""
+    than by a list per layer. Renumbered, such layers reloaded as other modules, with fresh weights and a warning.
+    The whole model is compared, not the list alone: one that held only a part of each layer (XLM's layer_norm2)
+    left the other parts' lists as long as before, which the config's count then shortens too."""
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
@@ -237,14 +253,15 @@ def check_rebuilt(model: nn.Module, prefix: str, layers: nn.ModuleList, drop: li
     config = copy.deepcopy(model.config)
     shrink_config(model, config, len(layers), drop)
     with torch.device("meta"):  # the modules only: no memory, no initialisation of weights
-        built = type(model)._from_config(config).get_submodule(prefix)
+        built = type(model)._from_config(config)
     kept = [layer for i, layer in enumerate(layers) if i not in drop]
-    expected = {f"{i}.{k}": v.shape for i, layer in enumerate(kept) for k, v in layer.state_dict().items()}
+    expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(prefix + ".")}
+    expected |= {f"{prefix}.{i}.{k}": v.shape for i, layer in enumerate(kept) for k, v in layer.state_dict().items()}
     got = {k: v.shape for k, v in built.state_dict().items()}
     if differ := sorted(k for k in expected.keys() | got.keys() if expected.get(k) != got.get(k)):
-        raise ConfigError(f"rearrange.prune: {type(model).__name__}'s config builds its layers by their index, so "
-                          f"without layers {drop} it would not reload as trained ({prefix}.{differ[0]} and "
-                          f"{len(differ) - 1} more differ); it cannot be pruned by these layers")
+        raise ConfigError(f"rearrange.prune: without layers {drop}, {type(model).__name__} would not reload as "
+                          f"trained ({differ[0]} and {len(differ) - 1} more differ): its config builds its layers by "
+                          f"their index, or {prefix} holds only a part of each; it cannot be pruned by these layers")
 
 
 def parameters(model: nn.Module) -> int:
@@ -332,10 +349,7 @@ def heal(model: nn.Module, teacher: nn.Module, task: Task, batches: Iterable[Bat
     mode on both (no dropout: a regression onto fixed targets). Under fp16 the loss is scaled as the training loop's
     is, and a step whose gradients overflow is skipped (counted in the steps; the warmup waits). Returns the steps,
     those skipped, the seconds and the mean cosine of the two models' states on the first batch, before and after."""
-    found = layer_stack(model, task)
-    if found is None:
-        raise ConfigError(f"rearrange.prune.heal: a {task.value} model has no stack of transformer layers to heal")
-    params = list(found[1].parameters())
+    params = list(stack_for(model, task, "rearrange.prune.heal")[1].parameters())
     device = next(model.parameters()).device
     requires = [p.requires_grad for p in model.parameters()]
     was_training = model.training

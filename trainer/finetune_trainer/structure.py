@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from finetune_trainer.config import Task
+from finetune_trainer.errors import ConfigError
 
 PEFT_PREFIX = "base_model.model."
 PEFT_INFIXES = re.compile(r"\.(modules_to_save\.default|original_module)(?=\.|$)")
@@ -98,16 +99,34 @@ def lora_candidates(model: nn.Module, task: Task) -> dict[str, tuple[int, ...]]:
     }
 
 
+class SplitLayers(ConfigError):
+    """No one list holds the model's layers: each layer's parts sit in parallel lists (XLM's and FlauBERT's
+    attentions, ffns, layer_norm1, layer_norm2). Any one of them taken for the layers would leave the others' parts
+    out: pruned, a list shorter than the rest (an IndexError at the next forward), frozen or decayed by depth, every
+    attention and FFN counted as below the stack."""
+
+    def __init__(self, model: nn.Module, lists: list[str]) -> None:
+        super().__init__(f"{type(model).__name__} keeps each layer's parts in parallel lists ({', '.join(lists)}), "
+                         "not in one list of layers, so its layers cannot be told apart")
+
+
 @dataclass
 class Depth:
     """Depth of each parameter: 0 below the stack (embeddings, stem), 1..n its layers, n+1 above it (pooler, head)."""
 
     units: list[str]  # module names of the layers, bottom to top
     below: set[str]  # canonical names of the parameters under the first layer
+    split: str = ""  # why the model has no layers to count (SplitLayers'), where it has none: all at depth 1
 
     @property
     def layers(self) -> int:
         return len(self.units)
+
+    def counted(self, field: str) -> Depth:
+        """This depth, for `field` to count layers by; refused naming it where the model's layers are split."""
+        if self.split:
+            raise ConfigError(f"{field}: {self.split}")
+        return self
 
     def of(self, name: str) -> int:
         name = canonical(name)
@@ -122,7 +141,10 @@ class Depth:
 
 
 def depth(model: nn.Module, task: Task) -> Depth:
-    units = layer_units(model, task)
+    try:
+        units = layer_units(model, task)
+    except SplitLayers as exc:  # refused only by what counts layers (Depth.counted): a whole fine-tune needs none
+        return Depth([], set(), str(exc))
     below: set[str] = set()
     for name, _ in model.named_parameters():
         name = canonical(name)
@@ -134,7 +156,8 @@ def depth(model: nn.Module, task: Task) -> Depth:
 
 def layer_units(model: nn.Module, task: Task) -> list[str]:
     """The repeated blocks: the longest ModuleList that no other holds (transformers' layers, even just one;
-    MaxViT's stages, not the 5 layers of its third), else the body's blocks (torchvision)."""
+    MaxViT's stages, not the 5 layers of its third), else the body's blocks (torchvision). Two such lists of that
+    length in one module are a layer's parts (SplitLayers); in two (BART's encoder and decoder), two stacks."""
     if task == Task.OBJECT_DETECTION:
         from finetune_trainer.detection.models import backbone_units
 
@@ -144,6 +167,9 @@ def layer_units(model: nn.Module, task: Task) -> list[str]:
              if not any(name.startswith(other + ".") for other in lists)]
     if outer:
         length, prefix = max(outer)
+        parent = prefix.rpartition(".")[0]
+        if len(parts := [n for size, n in outer if size == length and n.rpartition(".")[0] == parent]) > 1:
+            raise SplitLayers(model, sorted(parts))
         return [f"{prefix}.{i}" for i in range(length)]
     return body_blocks(model, head_name(model, task))
 
