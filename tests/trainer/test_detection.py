@@ -147,6 +147,25 @@ def test_a_split_file_without_a_box_is_held_out_of_train_instead(pvc_root: Path,
         load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
 
 
+@pytest.mark.parametrize(("split", "field"), [("validation", "dataset.validationSplit 0.1"),
+                                              ("test", "dataset.testSplit 0.1")])
+def test_a_split_held_out_of_train_without_a_box_is_refused_naming_its_field(pvc_root: Path, tmp_path: Path,
+                                                                             split: str, field: str) -> None:
+    """Train images without boxes (negatives) that the seed held out as a whole split: every score on it was mAP 0,
+    early stopping kept the first weights and the final score looked like one. Only split files were checked."""
+    held = {Path(r.path).name for r in getattr(load_coco(DatasetSpec(uri="pvc://data/shapes"), seed=0), split).inputs}
+
+    def unbox(coco: dict[str, Any]) -> None:
+        name = {i["id"]: i["file_name"] for i in coco["images"]}
+        coco["annotations"] = [a for a in coco["annotations"] if name[a["image_id"]] not in held]
+
+    folder = rewrite(shapes_copy(pvc_root, tmp_path), unbox)
+    with pytest.raises(DataError, match=rf"^{field}: the 40 images of the {split} split of {re.escape(str(folder))} "
+                                        rf"hold no box, so every score on them would be mAP 0; raise it, or give the "
+                                        rf"dataset a {split} JSON with boxes"):
+        load_coco(DatasetSpec(uri=str(folder)), seed=0)
+
+
 def test_cocos_own_annotation_folder_gives_the_instances_file(pvc_root: Path, tmp_path: Path) -> None:
     """COCO's annotations_trainval2017 folder holds captions_, instances_ and person_keypoints_train2017.json: the
     first by name, the captions, was taken for train and refused (no categories), the boxes beside it never read."""

@@ -81,11 +81,30 @@ def load_coco(spec: DatasetSpec, seed: int) -> CocoData:
         raise DataError(f"dataset {spec.uri}: its {len(train.inputs)} training images hold no box to learn from "
                         f"({'crowd annotations only' if any(r.crowd_boxes for r in train.inputs) else 'no annotation'} "
                         f"in {files[TRAIN]})")
+    for name, held in ((VALIDATION, validation), (TEST, test)):
+        refuse_boxless(name, held, name in records, spec)
     log.info("dataset %s (coco; splits given: %s): %d train images (%d boxes), %d validation, %d test, %d categories",
              spec.uri, ", ".join(files), len(train.inputs), boxes, len(validation.inputs), len(test.inputs),
              len(id2label))
     return CocoData(train=train, validation=validation, test=test, id2label=id2label,
                     category_ids={class_of[cid]: cid for cid in sorted(categories)})
+
+
+def refuse_boxless(name: str, held: Split, given: bool, spec: DatasetSpec) -> None:
+    """Refuse a held-out split whose images hold no box: every score on it is mAP 0, which reads as a score, and
+    early stopping on it keeps the first weights. A split file without a box was held out of train instead
+    (load_coco); what is left is a split held out of train images that hold few boxes, or a file's cut to
+    maxEvalSamples."""
+    if any(r.boxes for r in held.inputs):  # crowds are scored neither way
+        return
+    if given:
+        field, advice = f"dataset.maxEvalSamples {spec.max_eval_samples}", "raise it"
+    else:
+        key, fraction = (("validationSplit", spec.validation_split) if name == VALIDATION
+                         else ("testSplit", spec.test_split))
+        field, advice = f"dataset.{key} {fraction}", f"raise it, or give the dataset a {name} JSON with boxes"
+    raise DataError(f"{field}: the {len(held.inputs)} images of the {name} split of {spec.uri} hold no box, so "
+                    f"every score on them would be mAP 0; {advice}")
 
 
 def renumbered(data: CocoData, order: list[int]) -> CocoData:
