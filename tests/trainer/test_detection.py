@@ -861,6 +861,17 @@ def test_two_categories_of_one_id_are_refused_naming_both(pvc_root: Path, tmp_pa
         load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
 
 
+def test_two_categories_of_one_name_are_refused_naming_both(pvc_root: Path, tmp_path: Path) -> None:
+    """Two ids named alike were accepted: against an exported head's labels both classes took one of its outputs
+    (head_order by name), and the per-class AP, keyed by name, kept one of the two."""
+    folder = rewrite(shapes_copy(pvc_root, tmp_path), lambda c: c["categories"].append({"id": 4, "name": "square"}))
+    file = re.escape(str(folder / "annotations.json"))
+    with pytest.raises(DataError, match=rf"^{file}: categories\[3\] \(id 4\) has the name of id 2 too "
+                                        r"\('square'\), so an exported head's labels and the per-class AP would "
+                                        r"take them for one class"):
+        load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
+
+
 def test_fcos_reaches_boxes_of_any_size_and_is_warned_only_of_small_ones() -> None:
     """FCOS matches a location to a box by the box's extent, its top level without an upper bound; the analysis
     capped its reach at 181 px (its largest 'anchor', 128, by sqrt 2) and told a user of 300-pixel boxes at 512 to

@@ -164,6 +164,11 @@ def category_names(docs: dict[str, dict[str, Any]], files: dict[str, Path]) -> d
             if categories.get(cat["id"], cat["name"]) != cat["name"]:  # two files' categories joined naively
                 raise DataError(f"{files[name]}: categories[{i}] ({cat['name']!r}) has the id of "
                                 f"{categories[cat['id']]!r} too ({cat['id']}), so their boxes cannot be told apart")
+            same = next((k for k, v in categories.items() if v == cat["name"] and k != cat["id"]), None)
+            if same is not None:  # an export's labels and the per-class AP know a class by its name
+                raise DataError(f"{files[name]}: categories[{i}] (id {cat['id']}) has the name of id {same} too "
+                                f"({cat['name']!r}), so an exported head's labels and the per-class AP would take "
+                                "them for one class; rename one, or merge them into one id")
             categories[cat["id"]] = cat["name"]
         if not categories:
             raise DataError(f"{files[name]}: no categories")
