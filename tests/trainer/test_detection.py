@@ -97,6 +97,29 @@ def test_a_bad_record_is_refused_naming_it(pvc_root: Path, tmp_path: Path, chang
         assert "unknown category_id 9; the categories are 1 (circle), 2 (square), 3 (triangle)" in str(raised.value)
 
 
+def test_an_image_declared_at_the_size_its_exif_orientation_shows_is_refused_saying_so(tmp_path: Path) -> None:
+    """A phone's portrait photo is stored sideways, 120x80, with EXIF orientation 6; an annotation tool that shows it
+    upright declares 80x120. The refusal said only "declared 80x120 but the file is 120x80"; it says why where the
+    file has the tag, and nothing of it where it has none."""
+    (tmp_path / "images").mkdir()
+    stored = Image.fromarray(np.full((80, 120, 3), 128, np.uint8))
+    exif = stored.getexif()
+    exif[0x0112] = 6  # Orientation: rotate 90 degrees to show
+    stored.save(tmp_path / "images" / "tagged.jpg", exif=exif.tobytes())
+    stored.save(tmp_path / "images" / "plain.jpg")
+    names = ["tagged.jpg", "plain.jpg"]
+    images = [{"id": i, "file_name": name, "width": 80, "height": 120} for i, name in enumerate(names)]
+    (tmp_path / "annotations.json").write_text(json.dumps({"images": images, "categories": [{"id": 1, "name": "a"}],
+                                                           "annotations": []}))
+    with pytest.raises(DataError, match=r"2 bad record\(s\)") as raised:
+        load_coco(DatasetSpec(uri=str(tmp_path), format="coco"), seed=0)
+    tagged, plain = str(raised.value).split(": ", 2)[2].split("; image ")
+    assert tagged.startswith("image 0 ('tagged.jpg'): declared 80x120 but the file is 120x80: its EXIF orientation "
+                             "tag (6) has it shown turned, 80x120, but its boxes are read in its pixels as stored; "
+                             "write the pixels upright (PIL's ImageOps.exif_transpose) or declare the stored size")
+    assert plain == "1 ('plain.jpg'): declared 80x120 but the file is 120x80"
+
+
 def test_a_box_too_narrow_for_float32_in_a_wide_image_is_refused() -> None:
     """A side is judged as a share of its image: 0.5 px of a 100,000-px scan is a sliver whose flipped, resized
     float32 edges can meet (torchvision raises mid-epoch), where in a 128-px image it is a box."""

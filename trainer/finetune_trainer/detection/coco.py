@@ -37,6 +37,7 @@ EDGE_TOLERANCE = 1.0  # pixels a box may overhang its image (rounding in exporte
 # have positive height and width"). A share, as float32's precision is: this one is 160 times it.
 MIN_SHARE = 1e-5
 SHOWN_PROBLEMS = 5
+TURNED = {5, 6, 7, 8}  # EXIF orientations that turn an image by 90 degrees, swapping its width and height
 
 
 @dataclass
@@ -214,7 +215,7 @@ def is_int_in(value: Any, ids: Container[int]) -> bool:
 
 
 def image_record(image: Any, i: int, file: Path, problems: list[str]) -> Annotated | None:
-    from PIL import Image
+    from PIL import ExifTags, Image
 
     if not (isinstance(image, dict) and isinstance(image.get("id"), int) and isinstance(image.get("file_name"), str)):
         problems.append(f"images[{i}] needs an integer id and a file_name")
@@ -228,6 +229,9 @@ def image_record(image: Any, i: int, file: Path, problems: list[str]) -> Annotat
     try:
         with Image.open(path) as opened:
             size, mode = opened.size, opened.mode
+            # what a viewer shows, on which boxes were drawn; only where it may explain a size (a PNG's is read whole)
+            swapped = size[0] != size[1] and (image.get("width"), image.get("height")) == size[::-1]
+            orientation = opened.getexif().get(ExifTags.Base.Orientation, 1) if swapped else 1
     except (OSError, Image.DecompressionBombError) as exc:  # the latter is no OSError
         problems.append(f"{where}: cannot read it as an image ({image_fault(exc)})")
         return None
@@ -236,7 +240,12 @@ def image_record(image: Any, i: int, file: Path, problems: list[str]) -> Annotat
         return None
     declared = (image.get("width", size[0]), image.get("height", size[1]))
     if declared != size:
-        problems.append(f"{where}: declared {declared[0]!r}x{declared[1]!r} but the file is {size[0]}x{size[1]}")
+        why = ""
+        if orientation in TURNED:
+            why = (f": its EXIF orientation tag ({orientation}) has it shown turned, {size[1]}x{size[0]}, but its "
+                   "boxes are read in its pixels as stored; write the pixels upright (PIL's ImageOps.exif_transpose) "
+                   "or declare the stored size, with the boxes in the stored pixels")
+        problems.append(f"{where}: declared {declared[0]!r}x{declared[1]!r} but the file is {size[0]}x{size[1]}{why}")
         return None
     return Annotated(str(path), size[0], size[1])
 
