@@ -22,7 +22,7 @@ def granted_by_rules() -> set[tuple[str, str]]:
     return pairs
 
 
-def asked(method: str, path: str, watch: bool = False) -> tuple[str, str]:
+def asked(method: str, path: str) -> tuple[str, str]:
     """The (resource, verb) pair a request for a namespaced `path` (/api/v1/namespaces/ns/... or
     /apis/<group>/<version>/namespaces/ns/...) asks for."""
     parts = path.strip("/").split("/")
@@ -31,4 +31,4 @@ def asked(method: str, path: str, watch: bool = False) -> tuple[str, str]:
     spelled = (f"{resource}.{group}" if group else resource) + (f"/{rest[1]}" if len(rest) > 1 else "")
     if method != "GET":
         return spelled, VERBS[method]
-    return spelled, "get" if rest else "watch" if watch else "list"
+    return spelled, "get" if rest else "list"

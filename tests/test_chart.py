@@ -542,7 +542,7 @@ def test_the_notes_name_the_namespaces_the_network_policy_guards(tmp_path: Path,
     """Watching every namespace, the NetworkPolicy went to the release's namespace alone while the README said each
     watched namespace had one: the teams' trainers went unguarded, and neither the NOTES nor the README said so."""
     said = notes(tmp_path, "networkPolicy.enabled=true", *values)
-    found = re.search(r"guards the trainers' metrics port in (.+)\.\n", said)
+    found = re.search(r"reach the trainers in (.+)\.\n", said)
     out = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"), "-n", "ops",
                           "--set", "networkPolicy.enabled=true", *[a for v in values for a in ("--set", v)],
                           "--show-only", "templates/networkpolicy.yaml"], check=True, capture_output=True, text=True)

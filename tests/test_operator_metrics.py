@@ -238,10 +238,10 @@ GRANTED = granted_by_rules()
 
 
 class Creating:
-    """Clients whose apiserver refuses what the operator's RBAC rules do not grant, keeps the children created (a second create of one answers 409 AlreadyExists), has
-    every claim, lists no Events, and refuses the first `failing` status patches (or, `landed`, stores them in
-    `status` and loses their answers), or keeps the first Job created but loses its answer (`lost`), or refuses the
-    first `quota` creates of the Job for a ResourceQuota."""
+    """Clients whose apiserver refuses what the operator's RBAC rules do not grant, keeps the children created (a
+    second create of one answers 409 AlreadyExists), has every claim, lists no Events, and refuses the first `failing`
+    status patches (or, `landed`, stores them in `status` and loses their answers), or keeps the first Job created but
+    loses its answer (`lost`), or refuses the first `quota` creates of the Job for a ResourceQuota."""
 
     def __init__(self, failing: int = 0, lost: bool = False, quota: int = 0, landed: bool = False) -> None:
         self.made: dict[str, Any] = {}  # by path

@@ -16,7 +16,6 @@ from typing import Any
 
 from finetune_operator import api
 from finetune_operator import coretypes as core
-from finetune_operator.coretypes import GPU
 from finetune_operator.judge import claim_fields
 from finetune_operator.settings import Settings
 from finetune_trainer.config import TrainerConfig
@@ -110,7 +109,7 @@ def service(ftj: dict[str, Any], attempt: int) -> dict[str, Any]:
 
 def gpus(resources: core.ResourceRequirements) -> int:
     """A worker's GPUs: its limit of them (a request of an extended resource, if given, equals its limit)."""
-    limit = resources.limits.get(GPU)
+    limit = resources.limits.get(core.GPU)
     return 0 if limit is None else int(core.quantity_value(limit))
 
 

@@ -30,25 +30,21 @@ def claim_fields(spec: api.FineTuneJobSpec) -> dict[str, tuple[str, bool]]:
     return found
 
 
-def _missing(field: str, claim: str, namespace: str) -> str:
-    return f"{field}: the PersistentVolumeClaim {claim!r} does not exist in namespace {namespace}"
+def _absent(field: str, claim: str, pvc: dict[str, Any] | None, namespace: str) -> str | None:
+    """Why the claim is not there (yet), else None. One being deleted may be made again (`kubectl delete -f dir/`,
+    then `kubectl apply -f dir/`, while its protection finalizer holds it), and is waited for as a missing one; taken
+    as it is, the workers' pods waited in Pending for ever."""
+    if pvc is None:
+        return f"{field}: the PersistentVolumeClaim {claim!r} does not exist in namespace {namespace}"
+    if (pvc.get("metadata") or {}).get("deletionTimestamp"):
+        return f"{field}: the PersistentVolumeClaim {claim!r} is being deleted"
+    return None
 
 
 def missing_claims(spec: api.FineTuneJobSpec, claims: dict[str, dict[str, Any] | None], namespace: str) -> list[str]:
     """Those of spec_problems that are claims not there (yet)."""
-    return [_missing(field, claim, namespace) for claim, (field, _) in claim_fields(spec).items() if claims.get(claim) is None]
-
-
-def _unusable(pvc: dict[str, Any], writes: bool) -> str | None:
-    """Why no worker can use the claim, whatever their number."""
-    if (pvc.get("metadata") or {}).get("deletionTimestamp"):
-        return "is being deleted: the workers' pods would wait in Pending until it is gone"
-    claim = pvc.get("spec") or {}
-    if claim.get("volumeMode") == "Block":
-        return "is a raw block device (volumeMode Block), which no container mounts as a folder: use a Filesystem one"
-    if writes and set(claim.get("accessModes") or []) == {"ReadOnlyMany"}:
-        return "is ReadOnlyMany, which its volume may be attached as (read-only), but the trainer writes its output there"
-    return None
+    return [problem for claim, (field, _) in claim_fields(spec).items()
+            if (problem := _absent(field, claim, claims.get(claim), namespace))]
 
 
 def spec_problems(spec: api.FineTuneJobSpec, claims: dict[str, dict[str, Any] | None], namespace: str) -> list[str]:
@@ -56,11 +52,13 @@ def spec_problems(spec: api.FineTuneJobSpec, claims: dict[str, dict[str, Any] | 
     problems = []
     for claim, (field, writes) in claim_fields(spec).items():
         pvc = claims.get(claim)
-        if pvc is None:
-            problems.append(_missing(field, claim, namespace))
+        if problem := _absent(field, claim, pvc, namespace):
+            problems.append(problem)
             continue
-        if problem := _unusable(pvc, writes):  # pods that would wait in Pending, or fail at the export, for it
-            problems.append(f"{field}: claim {claim!r} {problem}")
+        assert pvc is not None
+        if (pvc.get("spec") or {}).get("volumeMode") == "Block":  # the kubelet refused to mount it, told late
+            problems.append(f"{field}: claim {claim!r} is a raw block device (volumeMode Block), which no container "
+                            "mounts as a folder: use a Filesystem one")
             continue
         if spec.runtime.workers > 1:
             modes = set((pvc.get("spec") or {}).get("accessModes") or [])

@@ -23,6 +23,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from finetune_operator import api, children, outcome
+from finetune_operator import coretypes as core
 from finetune_operator.api import ConditionType as T
 from finetune_operator.outcome import Outcome, Retry, State
 from finetune_operator.status import (DONE_EXIT_SECONDS, METRICS_READ, NOT_EXITING, RESUMED, STALE_AFTER_SECONDS,
@@ -489,7 +490,7 @@ def _idle_gpus(spec: SpecFacts, trainer_gpus: int) -> list[tuple[str, str, str]]
                    else (trainer_gpus, "the operator's trainer resources"))
     if gpus <= spec.processes:
         return []
-    return [("Warning", "GPUsIdle", f"each worker has {gpus} GPUs ({where} {children.GPU}) and runs {spec.processes} "
+    return [("Warning", "GPUsIdle", f"each worker has {gpus} GPUs ({where} {core.GPU}) and runs {spec.processes} "
              f"process(es) (runtime.processesPerWorker): {gpus - spec.processes} GPU(s) idle; set "
              f"runtime.processesPerWorker to {gpus}")]
 
