@@ -28,7 +28,7 @@ from finetune_trainer.config import (AdjustSpec, FreezeSpec, LoraSpec, Metric, M
                                      TrainingSpec)
 from finetune_trainer.data import Split
 from finetune_trainer.distributed import World
-from finetune_trainer.errors import ConfigError, FatalFinding
+from finetune_trainer.errors import ConfigError, DataError, FatalFinding
 from finetune_trainer.evaluate import evaluate, macro_f1
 from finetune_trainer.export import export_model, loss_curve
 from finetune_trainer.models import load_model, load_tokenizer, load_vision_model, logits_of
@@ -84,36 +84,42 @@ def test_batches_pad_to_the_longest_and_bucket_by_length(bert) -> None:
 
 @pytest.mark.parametrize("bucketed", [False, True])
 def test_no_training_batch_holds_one_sample_and_the_step_count_agrees(bucketed: bool) -> None:
-    """A last batch of one sample joins the one before (batch norm cannot train on one), and steps_per_epoch, which
-    sizes the schedule and the report, counts the steps every worker's loop takes."""
+    """No batch holds one sample where the split has 2 a worker (batch norm cannot train on one), every sample trains
+    once an epoch whatever the workers, and steps_per_epoch, which sizes the schedule and the report, counts the
+    steps every worker's loop takes."""
     for samples, batch_size, workers, accumulation in itertools.product(range(2, 30), range(1, 6), (1, 2, 3), (1, 2)):
         lengths = [1 + i % 7 for i in range(samples)]
         ranks = [epoch_batches(lengths, batch_size, seed=0, epoch=0, bucketed=bucketed, rank=r, world_size=workers)
                  for r in range(workers)]
-        if not all(ranks):
-            continue  # fewer batches than workers: steps_per_epoch refuses such a job
         spec = TrainingSpec(batchSize=batch_size, gradientAccumulation=accumulation)
         world = World(rank=0, size=workers, device=torch.device("cpu"))
         case = (samples, batch_size, workers, accumulation)
+        if samples < workers:  # a worker would have no sample
+            with pytest.raises(DataError, match="fewer than the 3 workers"):
+                steps_per_epoch(Encoded([], None, lengths), spec, world)
+            continue
         assert steps_per_epoch(Encoded([], None, lengths), spec, world) == math.ceil(len(ranks[0]) / accumulation), case
         assert len({len(batches) for batches in ranks}) == 1, case
-        assert batch_size == 1 or min(len(batch) for batches in ranks for batch in batches) > 1, case
-        trained = sorted(sum(sum(ranks, []), []))
-        assert len(set(trained)) == len(trained), case  # no sample twice
-        if workers == 1:
-            assert trained == list(range(samples)), case  # every sample
-        elif len(trained) < samples:  # the batches that do not divide among the workers: the short one among them
-            assert all(len(batch) == batch_size for batches in ranks for batch in batches), case
+        assert batch_size == 1 or samples < 2 * workers or min(len(b) for batches in ranks for b in batches) > 1, case
+        assert sorted(sum(sum(ranks, []), [])) == list(range(samples)), case  # every sample, once
 
 
-def test_the_rows_that_do_not_divide_among_workers_are_not_always_the_longest() -> None:
-    """Length bucketing sorts a pool (the whole of a small dataset) by length, so the batches that do not divide
-    among the workers, dropped from its end, held its longest rows: the same 8 of 104 never trained in any epoch."""
-    lengths = list(range(1, 105))  # 13 batches of 8 for 2 workers: one batch's rows go untrained each epoch
-    trained = {i for epoch in range(4) for rank in (0, 1)
-               for batch in epoch_batches(lengths, 8, seed=0, epoch=epoch, bucketed=True, rank=rank, world_size=2)
-               for i in batch}
-    assert trained == set(range(104)), sorted(set(range(104)) - trained)
+@pytest.mark.parametrize("bucketed", [False, True])
+def test_every_row_trains_every_epoch_on_any_number_of_workers_in_batches_of_at_most_batch_size(bucketed: bool) -> None:
+    """Ranks take whole batches, as many each: the last batch_count % workers batches were cut from every epoch, up to
+    workers x batchSize - 1 rows (72 of 200 at batchSize 16 on 8 workers). The epoch's rows are spread over as many
+    batches as make batchSize rounded up for every worker instead, so none goes untrained and none holds more than the
+    batchSize a worker's memory was sized for."""
+    for samples, batch_size, workers in ((200, 16, 8), (1000, 32, 8), (120, 8, 4), (5003, 64, 8), (104, 8, 2)):
+        lengths = [1 + i % 13 for i in range(samples)]
+        ranks = [epoch_batches(lengths, batch_size, seed=0, epoch=3, bucketed=bucketed, rank=r, world_size=workers)
+                 for r in range(workers)]
+        case = (samples, batch_size, workers)
+        assert sorted(i for batches in ranks for batch in batches for i in batch) == list(range(samples)), case
+        assert len({len(batches) for batches in ranks}) == 1, case
+        assert max(len(batch) for batches in ranks for batch in batches) <= batch_size, case
+        world = World(rank=0, size=workers, device=torch.device("cpu"))
+        assert steps_per_epoch(Encoded([], None, lengths), TrainingSpec(batchSize=batch_size), world) == len(ranks[0])
 
 
 def test_causal_lm_texts_end_with_eos_and_long_ones_are_chunked_not_cut(tmp_path: Path) -> None:
@@ -1427,7 +1433,7 @@ def test_batches_of_one_image_that_a_training_batch_norm_cannot_take_are_refused
 
 
 def test_a_training_split_of_one_image_is_refused_where_a_batch_norm_cannot_take_it(tmp_path: Path) -> None:
-    """One training sample at training.batchSize 4 makes a batch of one (batches_of has no batch to join it to):
+    """One training sample at training.batchSize 4 makes a batch of one (epoch_batches has no row to join it to):
     ResNet's batch norms at 16 pixels raised torch's ValueError at the first step (exit 2, retried). Two samples, or
     five at 4 (the last one joins the batch before it), make no batch of one."""
     from finetune_trainer.errors import exit_code_of
@@ -1449,6 +1455,11 @@ def test_a_training_split_of_one_image_is_refused_where_a_batch_norm_cannot_take
     with pytest.raises(ConfigError, match=r"^training.batchSize 1: 1 training sample makes a batch of one: .*"
                                           r"train on 2 samples or more \(.*\) and set training.batchSize 2 or more"):
         check_one_sample_batches(model, 16, 1, 1)
+    # 3 samples on 2 workers: one of them takes a batch of one; 4 give each a batch of 2
+    with pytest.raises(ConfigError, match=r"^training.batchSize 4: 3 training samples for 2 workers make a batch of "
+                                          r"one: .*train on 4 samples or more \(.*\), or a larger dataset.imageSize"):
+        check_one_sample_batches(model, 16, 4, 3, world_size=2)
+    check_one_sample_batches(model, 16, 4, 4, world_size=2)
 
 
 @pytest.mark.parametrize("form", ["MergedLoRA", "AccumulatedLoRA"])

@@ -267,42 +267,50 @@ def open_rgb(path: str, as_shown: bool = False, at_least: int | None = None) -> 
 
 def epoch_batches(lengths: list[int], batch_size: int, *, seed: int, epoch: int, bucketed: bool,
                   rank: int = 0, world_size: int = 1) -> list[list[int]]:
-    """This rank's batches for one epoch; every rank gets the same number, so DDP steps stay in lockstep."""
+    """This rank's batches for one epoch: every row of the epoch in one of them, and every rank the same number of
+    them (rank_batches), so DDP steps stay in lockstep."""
     rng = random.Random(seed * 100_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
-    # Whole batches go to the workers, so the last count % world_size cannot: the epoch's last (its short one among
-    # them), whose rows are cut from the shuffled order here, as bucketing would sort the longest rows into them.
-    count = batch_count(len(order), batch_size)
-    if count >= world_size and count % world_size:
-        order = order[:(count - count % world_size) * batch_size]  # the batches before the last are full
     if bucketed:
         pool = batch_size * BUCKET_BATCHES
         order = [i for start in range(0, len(order), pool)
                  for i in sorted(order[start:start + pool], key=lengths.__getitem__)]
-    batches = batches_of(order, batch_size)
+    batches = cut(order, world_size * rank_batches(len(order), batch_size, world_size))
     if bucketed:
         rng.shuffle(batches)  # else every pool would run from short to long samples
     return batches[rank::world_size]
 
 
-def batches_of(order: list[int], batch_size: int) -> list[list[int]]:
-    """`order` cut into batches of `batch_size`, a last batch of one sample joined to the one before: batch norm
-    cannot train on a single sample (SSDlite's 1x1 feature maps raise), and one sample makes a noisy step."""
-    batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-    if batch_size > 1 and len(batches) > 1 and len(batches[-1]) == 1:
-        batches[-2:] = [batches[-2] + batches[-1]]
-    return batches
+def cut(order: list[int], parts: int) -> list[list[int]]:
+    """`order` cut into `parts` runs of consecutive rows whose sizes differ by one at most."""
+    return [order[i * len(order) // parts:(i + 1) * len(order) // parts] for i in range(parts)]
 
 
-def smallest_batch(samples: int, batch_size: int) -> int:
-    """The fewest samples a training batch of `batches_of` holds (ranks take whole batches: none holds fewer)."""
-    return min(map(len, batches_of(list(range(samples)), batch_size)), default=0)
+def rank_batches(samples: int, batch_size: int, world_size: int) -> int:
+    """The batches each of `world_size` ranks takes an epoch of `samples` rows (0: fewer rows than ranks). Ranks take
+    whole batches and as many each, so the batch_count batches of `batch_size` are shared out rounded up, and their rows
+    spread evenly over them: no batch holds more than batch_size rows (the memory a worker was sized for; one more
+    where batch_count joined a last row) and no row is left out (the last batch_count % world_size batches were, up to
+    world_size x batch_size - 1 rows an epoch). Fewer where a rank's batch would get under 2 rows of a batch_size over
+    1 (batch norm cannot train on one): a split too small to share out at batch_size has larger batches instead."""
+    if samples < world_size:
+        return 0
+    most = samples // (world_size * min(batch_size, 2))  # the batches of 2 rows or more (of 1 at batchSize 1)
+    return max(1, min(math.ceil(batch_count(samples, batch_size) / world_size), most))
+
+
+def smallest_batch(samples: int, batch_size: int, world_size: int = 1) -> int:
+    """The fewest samples a training batch of `epoch_batches` holds."""
+    parts = world_size * rank_batches(samples, batch_size, world_size)
+    return samples // parts if parts else 0
 
 
 def batch_count(samples: int, batch_size: int) -> int:
-    """The batches `batches_of` makes of `samples` samples: what counts an epoch's steps must agree with it."""
-    return len(batches_of(list(range(samples)), batch_size))
+    """The batches of `batch_size` that `samples` rows make, a last one of one row joined to the one before: batch
+    norm cannot train on a single sample (SSDlite's 1x1 feature maps raise), and one sample makes a noisy step."""
+    count = math.ceil(samples / batch_size)
+    return count - 1 if batch_size > 1 and count > 1 and samples % batch_size == 1 else count
 
 
 def eval_batches(lengths: list[int], batch_size: int, rank: int = 0, world_size: int = 1) -> list[list[int]]:

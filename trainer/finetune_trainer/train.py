@@ -46,7 +46,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from finetune_trainer import checkpoints
-from finetune_trainer.batches import IGNORE_INDEX, Batch, Encoded, batch_count, collated, epoch_batches, loader_threads
+from finetune_trainer.batches import IGNORE_INDEX, Batch, Encoded, collated, epoch_batches, loader_threads, rank_batches
 from finetune_trainer.config import Batching, Metric, Precision, Schedule, Task, TrainingSpec
 from finetune_trainer.distill import Teacher
 from finetune_trainer.distributed import World
@@ -168,10 +168,10 @@ def make_scheduler(optimizer: torch.optim.Optimizer, spec: TrainingSpec, total_s
 
 
 def steps_per_epoch(data: Encoded, spec: TrainingSpec, world: World) -> int:
-    batches = batch_count(len(data.lengths), spec.batch_size)
-    if batches < world.size:
-        raise DataError(f"{len(data.lengths)} training samples make {batches} batches, fewer than the {world.size} workers")
-    return math.ceil(batches // world.size / spec.gradient_accumulation)
+    batches = rank_batches(len(data.lengths), spec.batch_size, world.size)
+    if not batches:
+        raise DataError(f"{len(data.lengths)} training samples are fewer than the {world.size} workers")
+    return math.ceil(batches / spec.gradient_accumulation)
 
 
 def total_steps(data: Encoded, spec: TrainingSpec, world: World) -> int:
