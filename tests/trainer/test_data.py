@@ -72,9 +72,26 @@ def test_split_is_seeded_and_capped(tmp_path: Path) -> None:
     b = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, seed=1)
     c = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, seed=2)
     assert a.validation.inputs == b.validation.inputs != c.validation.inputs and a.test.inputs == b.test.inputs
-    capped = load_dataset(spec(path, maxTrainSamples=5, maxEvalSamples=2), Task.SEQUENCE_CLASSIFICATION, seed=1)
-    assert capped.train.inputs == a.train.inputs[:5] and capped.validation.inputs == a.validation.inputs[:2]
-    assert capped.test.inputs == a.test.inputs[:2]
+    assert load_dataset(spec(path, maxTrainSamples=5), Task.SEQUENCE_CLASSIFICATION, seed=1).train.inputs == (
+        a.train.inputs[:5])
+    # held out, no more rows than are evaluated: the rest trained, where they were neither trained on nor evaluated
+    capped = load_dataset(spec(path, maxEvalSamples=2), Task.SEQUENCE_CLASSIFICATION, seed=1)
+    assert capped.test.inputs == a.test.inputs[:2] and len(capped.validation.inputs) == 2
+    assert sorted(capped.train.inputs + capped.validation.inputs + capped.test.inputs) == sorted(
+        r["text"] for r in ROWS)
+
+
+def test_held_out_copies_over_max_eval_samples_are_said_unused_not_trained(tmp_path: Path,
+                                                                          caplog: pytest.LogCaptureFixture) -> None:
+    """Each input twice: a side held out of train holds maxEvalSamples inputs, both copies of each, and the copies
+    over the cap go unused, not into train (a held-out score would be taken on a text that trained); the log says so."""
+    (path := tmp_path / "d.csv").write_text("text,label\n" + "".join(f"t{i % 50},{i % 2}\n" for i in range(100)))
+    caplog.set_level("INFO", logger="finetune_trainer.data")
+    data = load_dataset(spec(path, maxEvalSamples=4), Task.SEQUENCE_CLASSIFICATION, seed=0)
+    assert len(data.validation.inputs) == len(data.test.inputs) == 4
+    assert not set(data.train.inputs) & set(data.validation.inputs + data.test.inputs)
+    assert len(data.train.inputs) == 100 - 2 * 4 * 2  # 4 inputs held out each side, twice each
+    assert "4 of its 8 test rows go unused, over dataset.maxEvalSamples (4)" in caplog.text
 
 
 def test_numeric_labels_keep_numeric_order(tmp_path: Path) -> None:
@@ -1265,6 +1282,41 @@ def test_saved_splits_of_one_kind_are_one_split_together(tmp_path: Path) -> None
         tmp_path / "hf")
     data = load_dataset(spec(tmp_path / "hf"), Task.SEQUENCE_CLASSIFICATION, 0)
     assert sorted(data.validation.inputs) == [*(f"m{i}" for i in range(5)), *(f"x{i}" for i in range(3))]
+
+
+def test_saved_splits_of_no_split_name_are_said_ignored(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The hub's unsupervised (IMDB's) or a heldout split were dropped unsaid, where a folder's files of no split name
+    are said."""
+    import datasets
+
+    frame = datasets.Dataset.from_pandas(pd.DataFrame(ROWS))
+    datasets.DatasetDict({"train": frame, "heldout": frame, "unsupervised": frame}).save_to_disk(tmp_path / "hf")
+    data = load_dataset(spec(tmp_path / "hf"), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert len(data.train.inputs) + len(data.validation.inputs) + len(data.test.inputs) == len(ROWS)
+    assert "ignoring its splits of no train, validation or test name: heldout, unsupervised" in caplog.text
+
+
+def test_a_validation_split_that_shares_the_tests_inputs_selects_on_none_of_them(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Early stopping and the best checkpoint select on validation, and the test's scores are to come from rows that
+    nothing chose by: a validation split that copied the test split (or shared some of its inputs) loaded unsaid.
+    Shared inputs are left out of validation; a validation split mostly the test's is held out of train instead."""
+    frame = pd.DataFrame(ROWS)  # 30 rows
+    frame.iloc[:20].to_csv(tmp_path / "train.csv", index=False)
+    frame.iloc[20:].to_csv(tmp_path / "test.csv", index=False)
+    frame.iloc[20:].to_csv(tmp_path / "validation.csv", index=False)  # a copy
+    data = load_dataset(spec(tmp_path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert sorted(data.test.inputs) == sorted(frame.text[20:])
+    assert len(data.validation.inputs) == 4 and set(data.validation.inputs) <= set(frame.text[:20])  # 0.2 of train
+    assert not set(data.train.inputs) & set(data.validation.inputs)
+    assert "10 of the 10 rows of its validation split are inputs of its test split: held out of its train split" in (
+        caplog.text)
+    caplog.clear()
+    pd.concat([frame.iloc[27:], frame.iloc[:2].assign(text=["v0", "v1"]), frame.iloc[2:7].assign(
+        text=[f"v{i}" for i in range(2, 7)])]).to_csv(tmp_path / "validation.csv", index=False)  # 3 of 10 shared
+    data = load_dataset(spec(tmp_path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert sorted(data.validation.inputs) == [f"v{i}" for i in range(7)]
+    assert "3 rows of its validation split are inputs of its test split too: left out of validation" in caplog.text
 
 
 def test_a_one_column_tsv_is_read_with_tabs(tmp_path: Path) -> None:

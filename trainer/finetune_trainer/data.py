@@ -588,6 +588,9 @@ def read_splits(found: Found, fmt: DatasetFormat, folders: bool = False) -> dict
         for kind, names in named.items():
             if len(names) > 1 and kind in (TRAIN, VALIDATION, TEST):
                 log.info("%s: its %s split is %s together", path, kind, " + ".join(names))
+        if ignored := [name for kind in named if kind not in (TRAIN, VALIDATION, TEST) for name in named[kind]]:
+            # as folder_tables says its files of no split name: the hub's unsupervised, a heldout, went unsaid
+            log.warning("%s: ignoring its splits of no train, validation or test name: %s", path, ", ".join(ignored))
         return {kind: pd.concat([loaded[name].to_pandas() for name in named[kind]], ignore_index=True)
                 for kind in (TRAIN, VALIDATION, TEST) if kind in named}
     if path.is_file():
@@ -1266,7 +1269,9 @@ def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spe
     """Train, validation and test: the dataset's own where it has them, else held out of its train rows with
     the seed (test first, so that its rows do not depend on whether the dataset brings a validation split).
     A copy of an input goes where its first copy in the seed's order goes, so no held-out score is taken on a
-    text that trained; without copies, the sides are the seed's slices of that order."""
+    text that trained; without copies, the sides are the seed's slices of that order. A side held out holds no more
+    rows than dataset.maxEvalSamples evaluates; a dataset's validation split keeps none of its test split's inputs
+    (own_rows)."""
     rng = np.random.default_rng(seed)
     texts = inputs[TRAIN]
     shuffled = rng.permutation(len(texts))
@@ -1276,12 +1281,14 @@ def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spe
     taken = 0
     held: dict[str, tuple[str, np.ndarray]] = {}
     for name, fraction in ((TEST, spec.test_split), (VALIDATION, spec.validation_split)):
-        if name in inputs:
-            held[name] = (name, rng.permutation(len(inputs[name])))  # shuffled: a hub split may be sorted by label
+        if (kept := own_rows(inputs, name, spec.uri)) is not None:
+            drawn = rng.permutation(len(inputs[name]))  # shuffled: a hub split may be sorted by label
+            held[name] = (name, drawn[kept[drawn]])
             if repeats := len(set(map(input_key, inputs[name])).intersection(map(input_key, texts))):
                 log.warning("dataset %s: %d inputs of its %s split are in its train split too", spec.uri, repeats, name)
         else:
-            count = max(1, round(len(texts) * fraction))
+            # no more than are evaluated: the rest train (held out, they were neither trained on nor evaluated)
+            count = min(max(1, round(len(texts) * fraction)), spec.max_eval_samples or len(texts))
             if (later := decided_at[decided_at >= taken]).size:  # else nothing trains: refused below
                 # its places may all hold copies of rows placed before it: then up to the next first copy
                 count = max(count, int(later.min()) - taken + 1)
@@ -1294,13 +1301,39 @@ def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spe
                         f"(dataset.validationSplit) and {spec.test_split:.0%} for test (dataset.testSplit) and train "
                         "on the rest; add rows, or validation and test files of its own")
 
-    def take(name: str, idx: np.ndarray, limit: int | None) -> Split:
+    def take(side: str, name: str, idx: np.ndarray, limit: int | None, field: str) -> Split:
+        if limit is not None and len(idx) > limit:  # a side held out of train has only copies of its inputs over it
+            log.info("dataset %s: %d of its %d %s rows go unused, over dataset.%s (%d)", spec.uri, len(idx) - limit,
+                     len(idx), side, field, limit)
         idx = idx[:limit]
         return Split([inputs[name][i] for i in idx], None if labels[name] is None else [labels[name][i] for i in idx])
 
     (v_name, v_idx), (t_name, t_idx) = held[VALIDATION], held[TEST]
-    return (take(TRAIN, order, spec.max_train_samples), take(v_name, v_idx, spec.max_eval_samples),
-            take(t_name, t_idx, spec.max_eval_samples))
+    return (take(TRAIN, TRAIN, order, spec.max_train_samples, "maxTrainSamples"),
+            take(VALIDATION, v_name, v_idx, spec.max_eval_samples, "maxEvalSamples"),
+            take(TEST, t_name, t_idx, spec.max_eval_samples, "maxEvalSamples"))
+
+
+def own_rows(inputs: dict[str, list[str]], name: str, uri: str) -> np.ndarray | None:
+    """Which rows of the dataset's own `name` split (validation or test) it keeps; None where it has none, or where
+    its validation split is mostly its test split (as some hub datasets ship it): then that side is held out of train.
+    The test's scores are to come from rows that neither training nor selection (early stopping, the best
+    checkpoint) saw, so validation rows whose input the test split holds are left out of validation."""
+    if name not in inputs:
+        return None
+    kept = np.ones(len(inputs[name]), dtype=bool)
+    if name == VALIDATION and TEST in inputs:
+        test = set(map(input_key, inputs[TEST]))
+        kept = np.array([input_key(x) not in test for x in inputs[name]], dtype=bool)
+        if (shared := int((~kept).sum())) * 2 > len(kept):
+            log.warning("dataset %s: %d of the %d rows of its validation split are inputs of its test split: held "
+                        "out of its train split instead (dataset.validationSplit), so that no selection is made on "
+                        "test rows", uri, shared, len(kept))
+            return None
+        if shared:
+            log.warning("dataset %s: %d rows of its validation split are inputs of its test split too: left out "
+                        "of validation, so that no selection is made on test rows", uri, shared)
+    return kept
 
 
 def input_key(item: Any) -> Hashable:
