@@ -1347,6 +1347,12 @@ def test_a_repo_of_subsets_needs_one_named(tmp_path: Path, monkeypatch: pytest.M
         load_dataset(spec("hf://org/glue/mnli"), Task.SEQUENCE_CLASSIFICATION, 0)
 
 
+def test_an_image_folder_declared_of_a_file_is_refused_naming_the_uri(tmp_path: Path) -> None:
+    """Listing the file raised NotADirectoryError: exit 2, and the operator retried what no retry mends."""
+    with pytest.raises(DataError, match=r"^dataset.uri .*d.csv: a file, and dataset.format imagefolder reads a folder"):
+        load_dataset(spec(write(tmp_path, "csv"), format="imagefolder"), Task.IMAGE_CLASSIFICATION, 0)
+
+
 @pytest.mark.parametrize("task", [Task.SEQUENCE_CLASSIFICATION, Task.CAUSAL_LM])
 def test_a_text_task_refuses_the_image_folder_auto_finds(tmp_path: Path, task: Task) -> None:
     """It read the images' file paths as the texts, their class folders inside them: a classifier could learn the

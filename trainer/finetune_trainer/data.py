@@ -414,6 +414,9 @@ def split_files(found: Found, fmt: DatasetFormat, name: str) -> list[str]:
 
 def detect_format(found: Found, declared: DatasetFormat | TextFormat, field: str) -> DatasetFormat:
     path = found.path
+    if declared == DatasetFormat.IMAGE_FOLDER and not path.is_dir():  # listing it raised NotADirectoryError: exit 2
+        raise DataError(f"{field}.uri {path}: a file, and {field}.format imagefolder reads a folder of class folders; "
+                        f"point {field}.uri at the folder")
     if declared != DatasetFormat.AUTO:
         return DatasetFormat(declared)
     if path.is_file():
