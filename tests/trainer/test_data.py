@@ -1846,6 +1846,14 @@ def test_a_whole_number_label_with_a_sign_is_that_number(tmp_path: Path) -> None
     assert sorted(id2label.values()) == sorted(["1", "2", "-3", "10", "007", "-07"])  # leading zeros: a name
 
 
+def test_numbers_spelt_otherwise_than_in_ascii_digits_are_labels_of_their_own() -> None:
+    """float() reads 1_000, 1e3 and Arabic-Indic digits: 1_000, 1e3 and 1000 were one class, and ١ was 1."""
+    id2label, ids = label_ids(pd.Series(["1_000", "1000", "1e3", "١", "1", "1.0", "+1", "2", "1000.00"]))
+    assert [id2label[i] for i in ids] == ["1_000", "1000", "1e3", "١", "1", "1", "1", "2", "1000"]
+    ordered = list(id2label.values())
+    assert len(ordered) == 6 and ordered.index("1") < ordered.index("2") < ordered.index("1000")  # by value
+
+
 def test_labels_that_differ_only_in_case_are_named(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     (path := tmp_path / "d.csv").write_text("text,label\n" + "".join(
         f"t{i},{['pos', 'POS', 'neg'][i % 3]}\n" for i in range(30)))

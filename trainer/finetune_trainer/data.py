@@ -1214,13 +1214,17 @@ def label_order(name: str) -> tuple[bool, float, str]:
     return not number, float(name) if number else 0.0, name
 
 
+# A whole number in ASCII digits, perhaps written as a float (1.0), without a leading zero: "007" (a class folder of
+# GTSRB's 00007/) is a name. Not what float() reads: 1_000, 1e3 and 1000 were one class, ١ (Arabic-Indic) and 1 one.
+WHOLE_NUMBER = re.compile(r"[+-]?(0|[1-9][0-9]*)(\.0*)?")
+
+
 def label_name(value: Any) -> str:
     """A label as its class name: without the spaces around it (a CSV's "text, pos"), and a whole number written
     as a float as that number, so that 1, 1.0 and "1" are one class (a float column, a file that writes 1.0)."""
     text = str(value).strip()
-    if re.fullmatch(r"[+-]?0\d+", text) or not is_number(text) or not float(text).is_integer():
-        return text  # "007" (a class folder of GTSRB's 00007/) keeps its name
-    return str(int(Decimal(text)))  # exact: "+1" is 1, and so is "1.0"; a long id keeps its digits
+    # exact: "+1" is 1, and so is "1.0"; a long id keeps its digits
+    return str(int(Decimal(text))) if WHOLE_NUMBER.fullmatch(text) else text
 
 
 def class_names(found: Found, fmt: DatasetFormat, field: str) -> list[str] | None:
