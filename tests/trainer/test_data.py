@@ -1317,6 +1317,11 @@ def test_a_validation_split_that_shares_the_tests_inputs_selects_on_none_of_them
     data = load_dataset(spec(tmp_path), Task.SEQUENCE_CLASSIFICATION, 0)
     assert sorted(data.validation.inputs) == [f"v{i}" for i in range(7)]
     assert "3 rows of its validation split are inputs of its test split too: left out of validation" in caplog.text
+    caplog.clear()
+    for name in ("train", "validation", "test"):  # a test split that trained is no held-out one already: as it was
+        frame.to_csv(tmp_path / f"{name}.csv", index=False)
+    assert len(load_dataset(spec(tmp_path), Task.SEQUENCE_CLASSIFICATION, 0).validation.inputs) == 30
+    assert "inputs of its test split are in its train split too" in caplog.text and "left out" not in caplog.text
 
 
 def test_a_one_column_tsv_is_read_with_tabs(tmp_path: Path) -> None:

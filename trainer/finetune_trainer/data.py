@@ -1325,12 +1325,13 @@ def own_rows(inputs: dict[str, list[str]], name: str, uri: str) -> np.ndarray | 
     """Which rows of the dataset's own `name` split (validation or test) it keeps; None where it has none, or where
     its validation split is mostly its test split (as some hub datasets ship it): then that side is held out of train.
     The test's scores are to come from rows that neither training nor selection (early stopping, the best
-    checkpoint) saw, so validation rows whose input the test split holds are left out of validation."""
+    checkpoint) saw, so validation rows whose input the test split holds are left out of validation (not for a test
+    input that the train split holds too: training saw it, as split warns)."""
     if name not in inputs:
         return None
     kept = np.ones(len(inputs[name]), dtype=bool)
     if name == VALIDATION and TEST in inputs:
-        test = set(map(input_key, inputs[TEST]))
+        test = set(map(input_key, inputs[TEST])).difference(map(input_key, inputs[TRAIN]))
         kept = np.array([input_key(x) not in test for x in inputs[name]], dtype=bool)
         if (shared := int((~kept).sum())) * 2 > len(kept):
             log.warning("dataset %s: %d of the %d rows of its validation split are inputs of its test split: held "
