@@ -170,7 +170,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, spec: TrainingSpec, total_s
 def steps_per_epoch(data: Encoded, spec: TrainingSpec, world: World) -> int:
     batches = rank_batches(len(data.lengths), spec.batch_size, world.size)
     if not batches:
-        raise DataError(f"{len(data.lengths)} training samples are fewer than the {world.size} workers")
+        raise DataError(f"{len(data.lengths)} training samples are fewer than the {world.size} workers "
+                        "(runtime.workers x runtime.processesPerWorker): train on more (dataset.maxTrainSamples)")
     return math.ceil(batches / spec.gradient_accumulation)
 
 
