@@ -554,6 +554,25 @@ def test_an_overflowing_gradient_without_a_scaler_stops_before_the_weights_chang
     assert torch.equal(weight, before)
 
 
+def test_an_fp16_run_whose_gradients_never_become_finite_stops_once_its_loss_scale_is_below_1() -> None:
+    """GradScaler skips each such step and halves its scale: the run skipped them all and exported untrained weights
+    with exit 0. From 2**16, the 17th skip takes the scale below 1: that step stops it, the weights untouched."""
+    model, data, collate = lm_setup()
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+
+    def overflow(module: torch.nn.Module, args: tuple, out: torch.Tensor) -> None:
+        if out.requires_grad:
+            out.register_hook(lambda g: g * float("inf"))
+
+    model.lm_head.register_forward_hook(overflow)
+    spec = TrainingSpec(batchSize=8, maxSteps=40, precision="fp16", warmupRatio=0, schedule="constant")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(LossNotFinite, match=r"^the gradient norm is (inf|nan) at step 17 .*loss scale halved down to "
+                                            r"0\.5 .*training\.precision: bf16 or fp32$"):
+        train_loop(model, optimizer, make_scheduler(optimizer, spec, 40), data, collate, spec, Task.CAUSAL_LM, CPU)
+    assert_same(weights(model), before)
+
+
 class Scripted:
     """An evaluation hook that reports the given losses in turn and snapshots the weights it was shown."""
 

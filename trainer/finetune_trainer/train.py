@@ -427,8 +427,10 @@ def train_step(model: nn.Module, micro: list[Batch], task: Task, world: World, d
     if not math.isfinite(loss_value):
         optimizer.zero_grad(set_to_none=True)
         raise diverged(f"the training loss is {loss_value} at step {step}", dtype)
-    scaled_step(scaler, optimizer, grad_norm,
-                lambda: diverged(f"the gradient norm is {grad_norm} at step {step} (the loss is {loss_value})", dtype))
+    scaled_step(scaler, optimizer, grad_norm, lambda: diverged(
+        f"the gradient norm is {grad_norm} at step {step} (the loss is {loss_value})"
+        + (f", fp16's loss scale halved down to {scaler.get_scale()} by the steps it skipped" if scaler.is_enabled()
+           else ""), dtype))
     return loss_value, grad_norm, int(samples), int(tokens), int(padded_tokens), stop > 0
 
 
@@ -445,23 +447,35 @@ def unscaled_norm(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer
     return nn.utils.clip_grad_norm_(params, max_norm)
 
 
+# fp16's loss scale below which a skipped step is a divergence. The scale halves at each skip from 2**16, so 17
+# skips more than 2,000-step growths undo pass below it (a healthy run's first overflows take a few); under 1 the
+# gradients overflow fp16 unscaled, past 65,504, and every step was skipped to the end: untrained weights, exit 0.
+MIN_LOSS_SCALE = 1.0
+
+
 def scaled_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, grad_norm: float,
                 diverged: Callable[[], LossNotFinite]) -> bool:
     """Step on the gradients `unscaled_norm` measured, and clear them; returns whether the step was taken. fp16's
-    scaler skips a step whose gradients are not finite (and lowers its scale); without one they diverged: raises."""
+    scaler skips a step whose gradients are not finite (and lowers its scale), until its scale is below
+    MIN_LOSS_SCALE; without one they diverged: raises. Every rank decides alike: the norm and the scale follow the
+    gradients, which DDP made the same on all."""
     if not math.isfinite(grad_norm) and not scaler.is_enabled():
         optimizer.zero_grad(set_to_none=True)
         raise diverged()
     scaler.step(optimizer)
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
+    # the scale is read (a wait for the device) only after a skip
+    if not math.isfinite(grad_norm) and scaler.get_scale() < MIN_LOSS_SCALE:
+        raise diverged()
     return math.isfinite(grad_norm)
 
 
 def diverged(what: str, dtype: torch.dtype | None) -> LossNotFinite:
     """The error of a step that diverged: where, and the fields to change (fp32 only to a run not in it already)."""
     return LossNotFinite(f"{what}: lower adjust.learningRate, check the data for broken rows"
-                         + (", or set training.precision: fp32" if dtype is not None else ""))
+                         + {None: "", torch.float16: ", or set training.precision: bf16 or fp32"}.get(
+                             dtype, ", or set training.precision: fp32"))
 
 
 def record_eval(state: LoopState, metrics: dict[str, float], spec: TrainingSpec, metric: Metric | None) -> bool:
