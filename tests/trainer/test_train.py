@@ -11,6 +11,7 @@ import pickle
 import shutil
 import signal
 import time
+import weakref
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -506,6 +507,23 @@ def test_accumulation_gives_the_gradient_of_the_whole_batch(distilled: bool) -> 
         assert any(not torch.allclose(value, plain) for value, plain in zip(whole.values(), sgd_step(16, 1).values()))
     for name, value in whole.items():
         torch.testing.assert_close(accumulated[name], value, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_a_micro_batch_s_logits_are_gone_before_the_next_one_s_forward() -> None:
+    """Under gradient accumulation the previous micro-batch's logits, the student's and the teacher's, stayed
+    referenced through the next one's forward and backward: two [batch, tokens, vocabulary] tensors more at the peak."""
+    model, data, collate = lm_setup()
+    teacher = Teacher(lm_setup(seed=1)[0].eval().requires_grad_(False), 2.0, 0.5)
+    outputs: list[weakref.ref] = []
+    alive: list[int] = []
+    model.register_forward_pre_hook(lambda *_: alive.append(sum(ref() is not None for ref in outputs)))
+    for net in (model, teacher.model):
+        net.register_forward_hook(lambda module, args, out: outputs.append(weakref.ref(out.logits)))
+    spec = TrainingSpec(batchSize=4, gradientAccumulation=4, maxSteps=2, precision="fp32", batching="dynamic")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    train_loop(model, optimizer, make_scheduler(optimizer, spec, 2), data, collate, spec, Task.CAUSAL_LM, CPU,
+               teacher=teacher)
+    assert len(outputs) == 2 * 8 and alive == [0] * 8
 
 
 def test_a_distilled_run_makes_no_step_without_its_teacher() -> None:

@@ -414,6 +414,8 @@ def train_step(model: nn.Module, micro: list[Batch], task: Task, world: World, d
                 taught = teacher.logits(batch.inputs) if teacher is not None else None
             loss = loss_sum(logits, batch.labels, task) if taught is None else distilled_loss_sum(
                 logits, taught, batch.labels, task, teacher.temperature, teacher.weight)
+            # else they lived through the next micro-batch's forward and backward: [batch, tokens, vocabulary] more
+            del logits, taught
             scaler.scale(loss * world.size / max(targets, 1)).backward()
         total_loss += loss.detach()
     norm = unscaled_norm(scaler, optimizer, model.parameters(), max_norm)  # on the device; read with the loss below
