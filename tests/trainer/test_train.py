@@ -1161,6 +1161,27 @@ def test_a_checkpoint_from_before_padded_tokens_resumes_with_its_tokens_in_their
     assert resumed[-1].padded_tokens > saved["tokens"]
 
 
+def test_a_checkpoint_a_newer_trainer_wrote_resumes_without_the_state_it_adds(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """After a rollback, a state.json with a field this LoopState lacks raised a TypeError (exit 2), every retry."""
+    def run(sigterm_at: int | None = None) -> LoopState:
+        model, data, collate = lm_setup()
+        spec = TrainingSpec(batchSize=8, maxSteps=4, checkpointEverySteps=100)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        hooks = Hooks(checkpoint_dir=tmp_path,
+                      on_step=lambda state, _: state.step == sigterm_at and os.kill(os.getpid(), signal.SIGTERM))
+        return train_loop(model, optimizer, make_scheduler(optimizer, spec, 4), data, collate, spec, Task.CAUSAL_LM,
+                          CPU, hooks)
+
+    with pytest.raises(Terminated):
+        run(sigterm_at=1)
+    state_file = next(tmp_path.glob("step-*/state.json"))
+    state_file.write_text(json.dumps(json.loads(state_file.read_text()) | {"tokens_a_newer_trainer_counts": 1}))
+    resumed = run()
+    assert resumed.step == 4 and len(resumed.history) == 4  # the two steps saved, and two more
+    assert "holds tokens_a_newer_trainer_counts, which this trainer does not know" in caplog.text
+
+
 def test_sigterm_after_training_resumes_without_training_again(tiny_cfg: TrainerConfig, tmp_path: Path,
                                                                monkeypatch: pytest.MonkeyPatch,
                                                                caplog: pytest.LogCaptureFixture) -> None:

@@ -37,7 +37,7 @@ import shutil
 import signal
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -81,6 +81,17 @@ class LoopState:
     evals_without_gain: int = 0
     stopped_early: bool = False
     restored_best: bool = False  # the weights at the end are those of best_step
+
+
+def loop_state(saved: dict[str, Any]) -> LoopState:
+    """The state a checkpoint saved. A field an older trainer did not save takes its default; one a newer trainer
+    saved (a rollback) is left out, with a warning: passed on, it raised a TypeError, retried for ever."""
+    known = {f.name for f in fields(LoopState)}
+    if unknown := sorted(saved.keys() - known):
+        log.warning("the checkpoint's state holds %s, which this trainer does not know (a newer one wrote it): "
+                    "resuming without", ", ".join(unknown))
+    # Counted from 0 under the run's tokens and seconds, padded tokens made MFU read 0 at the resume's report
+    return LoopState(**{"padded_tokens": saved.get("tokens", 0)} | {k: v for k, v in saved.items() if k in known})
 
 
 @dataclass
@@ -275,8 +286,7 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
     if hooks.checkpoint_dir is not None and (found := checkpoints.complete(hooks.checkpoint_dir)) and (
             resumed := checkpoints.load(found[-1], unwrap(model), optimizer, scheduler, scaler, world)):
         saved, best = resumed
-        # Counted from 0 under the run's tokens and seconds, padded tokens made MFU read 0 at the resume's report
-        state = LoopState(**{"padded_tokens": saved.get("tokens", 0)} | saved)
+        state = loop_state(saved)
         if state.history and hooks.on_step:  # where it resumes is its progress until the next step (if any) is made
             hooks.on_step(state, total)
     saved_at = state.step, len(state.evals)  # what the newest checkpoint holds (see save)
