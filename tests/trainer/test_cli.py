@@ -3,10 +3,13 @@ termination message and the metrics endpoint."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import re
+import socket
 import subprocess
+import urllib.error
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,7 +24,7 @@ from finetune_trainer import cli
 from finetune_trainer.config import Stage
 from finetune_trainer.errors import NoSpaceLeft, no_space_in
 from finetune_trainer.telemetry import (ADDR_ENV, PORT_ENV, TERMINATION_ENV, Metrics, peak_flops,
-                                        termination_message, write_termination)
+                                        termination_message, write_failure, write_termination)
 from tiny import TINY_BERT, TINY_GPT2, bpe_tokenizer, free_port, tiny_classifier_doc
 
 CPU = torch.device("cpu")
@@ -317,6 +320,30 @@ def test_failures_that_are_not_the_users_never_exit_1(tmp_path: Path, terminatio
     sent = json.loads(termination.read_text())
     assert sent == {"stage": "Starting", "reason": "InfrastructureFailure", "exitCode": 2,
                     "message": "ImportError: libcudnn.so.9: cannot open shared object file"}
+
+
+def test_a_library_s_error_with_a_reason_attribute_is_infrastructure_and_its_message_goes_out(
+        tmp_path: Path, termination: Path) -> None:
+    """Any exception with a `.reason` was taken for the trainer's own: UnicodeDecodeError's text became the reason
+    and a full volume was not looked for, and URLError's reason, an exception, made the message unwritable (a
+    TypeError: the termination log left empty, the operator without a word)."""
+    undecodable = UnicodeDecodeError("utf-8", b"\xff", 0, 1, "invalid start byte")
+    unreachable = urllib.error.URLError(socket.gaierror(-2, "Name or service not known"))
+    for exc, text in [(undecodable, "UnicodeDecodeError: 'utf-8' codec can't decode byte 0xff in position 0"),
+                      (unreachable, "URLError: <urlopen error [Errno -2] Name or service not known>")]:
+        write_failure(Stage.LOADING, exc)
+        sent = json.loads(termination.read_text())
+        assert sent["reason"] == "InfrastructureFailure" and sent["exitCode"] == 2, sent
+        assert sent["message"].startswith(text), sent
+    try:  # a write that a full volume failed, such an error in its chain
+        try:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        except OSError:
+            raise undecodable
+    except UnicodeDecodeError as exc:
+        assert isinstance(no_space_in(tmp_path, exc), NoSpaceLeft)
+    write_termination({"stage": "Loading", "exitCode": 2, "reason": unreachable.reason, "message": "any object"})
+    assert json.loads(termination.read_text())["reason"] == "[Errno -2] Name or service not known"
 
 
 def test_every_local_rank_writes_and_the_cause_stays(termination: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -80,6 +80,10 @@ class NoSpaceLeft(Exception):
     exit_code = EXIT_INFRASTRUCTURE
 
 
+# The trainer's own exceptions, which carry their reason and exit code. Others may have attributes of those names
+# (UnicodeDecodeError's reason is its text, URLError's an exception; click's errors have an exit_code): none is ours.
+OURS = (UserError, Terminated, NoSpaceLeft)
+
 # torch.save says only "unexpected pos ..." on a full disk; with less than this left, that is why its write failed.
 FULL_BELOW_BYTES = 1 << 20
 TORCH_SAVE_FAILED = ("unexpected pos", "inline_container")
@@ -135,7 +139,7 @@ def out_of_space(exc: BaseException, folder: Path) -> bool:
 def no_space_in(folder: Path, exc: BaseException, what: str = "") -> NoSpaceLeft | None:
     """The error to raise in place of `exc` when it failed to write (`what`) into `folder` for want of space; None
     when it failed otherwise, or was classified where it was raised (a NoSpaceLeft saying more, a user error)."""
-    if hasattr(exc, "reason") or not out_of_space(exc, folder):
+    if isinstance(exc, OURS) or not out_of_space(exc, folder):
         return None
     return NoSpaceLeft(f"no space left in {folder}{f' for {what}' if what else ''}: free space on the output volume "
                        "(output.uri) or give it more")
@@ -146,12 +150,12 @@ DISTRIBUTED_FAILURE = "DistributedFailure"  # the reason of a rank whose peer di
 
 def exit_code_of(exc: BaseException) -> int:
     """The exit code the trainer gives for what stopped it."""
-    return getattr(exc, "exit_code", EXIT_INFRASTRUCTURE)
+    return exc.exit_code if isinstance(exc, OURS) else EXIT_INFRASTRUCTURE
 
 
 def reason_of(exc: BaseException) -> str:
     """The CamelCase reason of the termination message; the exception's type goes into the message instead."""
-    if hasattr(exc, "reason"):
+    if isinstance(exc, OURS):
         return exc.reason
     import torch
 
@@ -164,6 +168,6 @@ def reason_of(exc: BaseException) -> str:
 
 def describe(exc: BaseException) -> str:
     """The termination message's text: a user error's own words; otherwise the type too, for whoever debugs it."""
-    if isinstance(exc, (UserError, Terminated, NoSpaceLeft)):
+    if isinstance(exc, OURS):
         return str(exc) or exc.reason
     return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__

@@ -302,7 +302,8 @@ def termination_message(message: dict[str, Any]) -> str:
 
 
 def compact(value: Any) -> str:
-    return json.dumps(value, separators=(",", ":"))
+    # whatever a value is, the message goes out: a TypeError here left the termination log empty, the operator no word
+    return json.dumps(value, separators=(",", ":"), default=str)
 
 
 def fitting(items: list[Any], room: int) -> list[Any]:
