@@ -1033,6 +1033,41 @@ def test_sigterm_during_a_step_saves_right_after_it(tmp_path: Path) -> None:
     assert done == [1, 2, 3, 4] and [p.name for p in checkpoints.complete(tmp_path)] == ["step-00000004"]
 
 
+@pytest.mark.parametrize("during", ["checkpoint", "evaluation"])
+def test_sigterm_during_a_checkpoint_or_an_evaluation_stops_right_after_it(
+        during: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One that comes while step 2's checkpoint is written, or after its evaluation's last look: the run went on to
+    step 3 and wrote its checkpoint too, which the grace period may not hold. It stops at step 2, which is saved."""
+    model, data, collate = lm_setup()
+    spec = TrainingSpec(batchSize=8, maxSteps=8, checkpointEverySteps=2 if during == "checkpoint" else 100,
+                        evalEverySteps=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    written: list[int] = []
+    save = checkpoints.save
+
+    def sigterm_in_save(root: Path, step: int, *args: Any) -> None:
+        written.append(step)
+        if during == "checkpoint":
+            os.kill(os.getpid(), signal.SIGTERM)
+        save(root, step, *args)
+
+    def sigterm_in_evaluation(before_batch: Callable[[], None]) -> dict[str, float]:
+        before_batch()
+        if during == "evaluation":
+            os.kill(os.getpid(), signal.SIGTERM)  # after its last batch began
+        return {"loss": 1.0}
+
+    monkeypatch.setattr(checkpoints, "save", sigterm_in_save)
+    done: list[int] = []
+    with pytest.raises(Terminated, match="stopped by SIGTERM at step 2"):
+        train_loop(model, optimizer, make_scheduler(optimizer, spec, 8), data, collate, spec, Task.CAUSAL_LM, CPU,
+                   Hooks(evaluate=sigterm_in_evaluation, on_step=lambda state, total: done.append(state.step),
+                         checkpoint_dir=tmp_path))
+    assert done == [1, 2] and written == [2]
+    (newest,) = checkpoints.complete(tmp_path)
+    assert [e["step"] for e in json.loads((newest / "state.json").read_text())["evals"]] == [2]
+
+
 def test_a_sigterm_as_the_loop_asks_whether_one_came_before_it_is_kept(tmp_path: Path) -> None:
     """The loop's flag is up when it asks the pipeline about a SIGTERM before it: one that came just then was set by
     the flag's handler, and the pipeline's answer (none) overwrote it, so the run trained on until the SIGKILL."""

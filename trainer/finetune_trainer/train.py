@@ -13,8 +13,8 @@ budget is spent or early stopping fires. What it does, in order, for every step:
 - clips the gradient norm, steps AdamW and the warmup + decay schedule;
 - evaluates every `evalEverySteps` (early stopping on the first metric), checkpoints every
   `checkpointEverySteps` and at the end; on SIGTERM it checkpoints at once, before an evaluation
-  that was due, or abandoning one under way at its next batch (the resumed run makes up for it), and
-  raises `Terminated`.
+  that was due, or abandoning one under way at its next batch (the resumed run makes up for it), or
+  right after the checkpoint or the evaluation it came in, and raises `Terminated`.
 
 With early stopping on, the loop keeps the weights of the best evaluation (rank 0, in memory and in
 every checkpoint) and puts them back on every rank at the end, so the model it leaves is the best one seen,
@@ -319,6 +319,13 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
         if hooks.on_eval:
             hooks.on_eval(state)
 
+    def stop_if_sigterm() -> None:
+        """After an evaluation or a checkpoint, which may take long: a SIGTERM that came during it stops the run now
+        (the ranks agree), not after one more step and a checkpoint the grace period may not hold."""
+        if world.any(sigterm.raised):
+            save()  # nothing to write after a checkpoint; the evaluation's state after one
+            raise terminated()
+
     def terminated() -> Terminated:
         return Terminated(f"stopped by SIGTERM at step {state.step}"
                           + ("; a checkpoint holds it" if hooks.checkpoint_dir else ""))
@@ -338,6 +345,7 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
             sigterm.raised = True                              # have come since the flag was put up)
         if evaluation_due():  # SIGTERM came at a step due for evaluation, or during it: the checkpoint went first
             evaluate_now()
+            stop_if_sigterm()
         while state.step < total and not state.stopped_early:
             batches = epoch_batches(data.lengths, spec.batch_size, seed=spec.seed, epoch=state.epoch,
                                     bucketed=spec.batching == Batching.LENGTH_BUCKETED, rank=world.rank,
@@ -371,10 +379,14 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
                     if stop:  # within the grace period: save now; the due evaluation runs when the run resumes
                         save()
                         raise terminated()
-                    if evaluation_due():
+                    evaluated = evaluation_due()
+                    if evaluated:
                         evaluate_now()
-                    if state.step % spec.checkpoint_every_steps == 0:
+                    checkpointed = state.step % spec.checkpoint_every_steps == 0
+                    if checkpointed:
                         save()
+                    if evaluated or checkpointed:  # the same steps on every rank
+                        stop_if_sigterm()
                     if state.step >= total or state.stopped_early:
                         break
                 else:
