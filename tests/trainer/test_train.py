@@ -623,6 +623,19 @@ def test_early_stopping_restores_the_best_weights() -> None:
     assert any(not torch.equal(evaluate.seen[1][n], evaluate.seen[3][n]) for n in evaluate.seen[1])  # it did train on
 
 
+def test_a_metric_that_is_not_finite_is_never_the_best() -> None:
+    """A NaN first validation loss was best for good (every comparison with NaN is False): early stopping ended the
+    run two evaluations later on its weights."""
+    model, data, collate = lm_setup()
+    spec = TrainingSpec(batchSize=8, maxSteps=20, evalEverySteps=2, earlyStopping={"patience": 2})
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    evaluate = Scripted(model, [float("nan"), 1.0, float("inf"), 2.0])  # no gain, best, no gain twice
+    state = train_loop(model, optimizer, make_scheduler(optimizer, spec, 20), data, collate, spec, Task.CAUSAL_LM,
+                       CPU, Hooks(evaluate=evaluate))
+    assert state.stopped_early and state.step == 8 and state.best == 1.0 and state.best_step == 4
+    assert_same(weights(model), evaluate.seen[1])
+
+
 def test_the_cpu_clock_counts_the_steps_not_the_evaluations() -> None:
     """Both clocks cover the steps alone: an evaluation that burns CPU for 0.2 s adds to neither."""
     model, data, collate = lm_setup()

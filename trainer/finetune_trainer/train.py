@@ -510,7 +510,8 @@ def record_eval(state: LoopState, metrics: dict[str, float], spec: TrainingSpec,
     value = metrics[key.value]
     sign = -1 if key in LOWER_IS_BETTER else 1
     min_delta = spec.early_stopping.min_delta if spec.early_stopping else 0.0
-    improved = state.best is None or sign * (value - state.best) > min_delta
+    # NaN compares False with all: one made best stayed best, and early stopping put its weights back
+    improved = math.isfinite(value) and (state.best is None or sign * (value - state.best) > min_delta)
     if improved:
         state.best, state.best_step, state.evals_without_gain = value, state.step, 0
     else:
