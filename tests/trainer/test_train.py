@@ -1349,8 +1349,34 @@ def test_a_checkpoint_runs_no_pickled_code(tmp_path: Path) -> None:
 
     torch.save({"optimizer": Payload()}, folder / "optimizer.pt")
     with pytest.raises(pickle.UnpicklingError):
-        checkpoints.load(folder, model, optimizer, scheduler, scaler, CPU)
+        checkpoints.load(tmp_path, model, optimizer, scheduler, scaler, CPU)
     assert not marker.exists()
+
+
+def test_a_committed_checkpoint_that_cannot_be_read_gives_way_to_the_one_before_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """The newest checkpoint's optimizer.pt cut short after its marker: every retry failed on it, though
+    keepCheckpoints kept the one before. That one is resumed, and the run ends as one never interrupted."""
+    caplog.set_level(logging.INFO, logger="finetune_trainer")
+
+    def run() -> tuple[LoopState, dict[str, torch.Tensor]]:
+        model, data, collate = lm_setup()
+        spec = TrainingSpec(batchSize=8, maxSteps=4, checkpointEverySteps=2, keepCheckpoints=2)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        state = train_loop(model, optimizer, make_scheduler(optimizer, spec, 4), data, collate, spec,
+                           Task.CAUSAL_LM, CPU, Hooks(checkpoint_dir=tmp_path))
+        return state, weights(model)
+
+    reference, reference_weights = run()
+    optimizer_file = tmp_path / "step-00000004" / "optimizer.pt"
+    optimizer_file.write_bytes(optimizer_file.read_bytes()[:1000])
+    resumed, resumed_weights = run()
+    assert f"not resuming {tmp_path / 'step-00000004'}, which cannot be read" in caplog.text
+    assert f"resumed from {tmp_path / 'step-00000002'}" in caplog.text
+    assert [h["loss"] for h in resumed.history] == [h["loss"] for h in reference.history]
+    assert_same(resumed_weights, reference_weights)
+    assert [p.name for p in checkpoints.complete(tmp_path)] == ["step-00000002", "step-00000004"]
+    assert torch.load(optimizer_file, weights_only=True)  # written again whole
 
 
 def test_a_checkpoint_removal_cut_short_leaves_nothing_a_resume_trusts(tmp_path: Path,

@@ -5,7 +5,7 @@ weights of the best evaluation so far when early stopping keeps them, the optimi
 scheduler, each rank's RNG state and the loop's position as JSON. It is
 written into `.tmp-step-<N>`, flushed to disk, given a COMMITTED marker, and only then
 renamed into place by rank 0 (a rename is atomic); the last `keep` are kept. Resume takes
-the newest folder that has the marker. A step written again (its evaluation came after it) moves
+the newest folder that has the marker, and every rank can read (one torn after its flush is removed). A step written again (its evaluation came after it) moves
 the old folder aside to `.old-step-<N>` until the new one is in place: a crash between the two
 renames leaves it there, still the step's checkpoint (`complete`), and `run_folder` puts it back.
 Ranks must share the checkpoint folder (a PVC).
@@ -48,12 +48,12 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from finetune_trainer.distributed import World
-from finetune_trainer.errors import CheckpointMismatch, ConfigError, no_space_in
+from finetune_trainer.errors import CheckpointMismatch, ConfigError, failed_read, no_space_in
 
 log = logging.getLogger(__name__)
 
@@ -427,27 +427,48 @@ def finished(root: Path, total: int) -> bool:
     return saved["step"] >= total or saved.get("stopped_early", False)
 
 
-def load(folder: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
+def load(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: Any, scaler: Any,
          world: World) -> tuple[dict[str, Any], dict[str, torch.Tensor] | None] | None:
-    """Restore a checkpoint in place; returns the loop's saved position and, on rank 0 alone (`train_loop`), the
-    best weights if it kept them. None when it was laid out for another model or optimizer (`misfits`): the run's
-    checkpoints are then removed."""
-    tensors = load_file(folder / TRAINED)
-    saved = torch.load(folder / OPTIMIZER, map_location=world.device, weights_only=True)  # runs no pickled code
-    if found := misfits(model, tensors, optimizer, saved["optimizer"]):
-        discard(folder, found, world)
-        return None
-    restore(model, tensors, folder)
-    optimizer.load_state_dict(saved["optimizer"])
-    scheduler.load_state_dict(saved["scheduler"])
-    if saved.get("scaler"):  # else the loss scale would start again at 2**16 and skip steps it skipped before
-        scaler.load_state_dict(saved["scaler"])
-    rng = folder / f"rng-{world.rank}.pt"
-    if rng.exists():  # a run resumed on more ranks than it was saved with starts the new ranks' RNG afresh
-        set_rng_state(torch.load(rng, weights_only=True))
-    log.info("resumed from %s", folder)
-    best = load_file(folder / BEST) if world.main and (folder / BEST).exists() else None
-    return json.loads((folder / STATE).read_text()), best
+    """Restore the newest committed checkpoint of `root` in place; returns the loop's saved position and, on rank 0
+    alone (`train_loop`), the best weights if it kept them. None when there is none, or it was laid out for another
+    model or optimizer (`misfits`): the run's checkpoints are then removed. One that a rank cannot read though
+    committed (a file torn after its flush: a volume's fault, a copy cut short) is removed, with a warning, and the
+    one before it, which keepCheckpoints kept, is restored: every retry failed on it. The ranks agree on each."""
+    for folder in reversed(complete(root)):
+        rng_file, best_file = folder / f"rng-{world.rank}.pt", folder / BEST
+        try:  # all of it read before anything is restored
+            tensors = load_file(folder / TRAINED)
+            saved = torch.load(folder / OPTIMIZER, map_location=world.device, weights_only=True)  # no pickled code
+            state = json.loads((folder / STATE).read_text())
+            # a run resumed on more ranks than it was saved with starts the new ranks' RNG afresh
+            rng = torch.load(rng_file, weights_only=True) if rng_file.exists() else None
+            best = load_file(best_file) if world.main and best_file.exists() else None
+            torn = None
+        except (RuntimeError, SafetensorError, EOFError, ValueError) as exc:  # RuntimeError: torch's zip reader
+            # a read the volume failed is retried; torch's other RuntimeErrors (out of memory) are no torn file
+            if failed_read(exc) or isinstance(exc, RuntimeError) and "PytorchStreamReader" not in str(exc):
+                raise
+            log.warning("cannot read %s: %s", folder, exc)
+            torn = exc
+        if world.any(torn is not None):
+            if world.main:
+                log.warning("not resuming %s, which cannot be read (the log of the rank that could not says why): "
+                            "removed; resuming from the checkpoint before it, if any", folder)
+                remove(folder)
+            continue
+        if found := misfits(model, tensors, optimizer, saved["optimizer"]):
+            discard(folder, found, world)
+            return None
+        restore(model, tensors, folder)
+        optimizer.load_state_dict(saved["optimizer"])
+        scheduler.load_state_dict(saved["scheduler"])
+        if saved.get("scaler"):  # else the loss scale would start again at 2**16 and skip steps it skipped before
+            scaler.load_state_dict(saved["scaler"])
+        if rng is not None:
+            set_rng_state(rng)
+        log.info("resumed from %s", folder)
+        return state, best
+    return None
 
 
 def misfits(model: nn.Module, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,

@@ -283,8 +283,8 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
     # replays the stream that drew those weights.
     if world.size > 1:
         torch.manual_seed(spec.seed + 1 + world.rank)
-    if hooks.checkpoint_dir is not None and (found := checkpoints.complete(hooks.checkpoint_dir)) and (
-            resumed := checkpoints.load(found[-1], unwrap(model), optimizer, scheduler, scaler, world)):
+    if hooks.checkpoint_dir is not None and (
+            resumed := checkpoints.load(hooks.checkpoint_dir, unwrap(model), optimizer, scheduler, scaler, world)):
         saved, best = resumed
         state = loop_state(saved)
         if state.history and hooks.on_step:  # where it resumes is its progress until the next step (if any) is made
