@@ -323,7 +323,7 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
         """After an evaluation or a checkpoint, which may take long: a SIGTERM that came during it stops the run now
         (the ranks agree), not after one more step and a checkpoint the grace period may not hold."""
         if world.any(sigterm.raised):
-            save()  # nothing to write after a checkpoint; the evaluation's state after one
+            save()  # after an evaluation, its step with it; after a checkpoint, nothing
             raise terminated()
 
     def terminated() -> Terminated:
@@ -471,9 +471,10 @@ def unscaled_norm(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer
     return nn.utils.clip_grad_norm_(params, max_norm)
 
 
-# fp16's loss scale below which a skipped step is a divergence. The scale halves at each skip from 2**16, so 17
-# skips more than 2,000-step growths undo pass below it (a healthy run's first overflows take a few); under 1 the
-# gradients overflow fp16 unscaled, past 65,504, and every step was skipped to the end: untrained weights, exit 0.
+# fp16's loss scale below which a skipped step is a divergence. The scale starts at 2**16, halves at each skipped step
+# and doubles after 2,000 taken, so 17 skips in a row take it below (a healthy run's first overflows take a few).
+# Under 1 the gradients overflow fp16 unscaled, past 65,504: without a bound every step was skipped to the end, and
+# the run exported untrained weights with exit 0.
 MIN_LOSS_SCALE = 1.0
 
 
@@ -496,7 +497,8 @@ def scaled_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, 
 
 
 def diverged(what: str, dtype: torch.dtype | None) -> LossNotFinite:
-    """The error of a step that diverged: where, and the fields to change (fp32 only to a run not in it already)."""
+    """The error of a step that diverged: where, and the fields to change (fp32 to a run not in it already, bf16 too
+    to an fp16 one, whose range is the narrower)."""
     return LossNotFinite(f"{what}: lower adjust.learningRate, check the data for broken rows"
                          + {None: "", torch.float16: ", or set training.precision: bf16 or fp32"}.get(
                              dtype, ", or set training.precision: fp32"))
