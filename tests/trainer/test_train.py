@@ -1372,6 +1372,7 @@ def test_a_committed_checkpoint_that_cannot_be_read_gives_way_to_the_one_before_
     optimizer_file.write_bytes(optimizer_file.read_bytes()[:1000])
     resumed, resumed_weights = run()
     assert f"not resuming {tmp_path / 'step-00000004'}, which cannot be read" in caplog.text
+    assert (tmp_path / ".unreadable-step-00000004" / "trained.safetensors").exists()  # its weights kept
     assert f"resumed from {tmp_path / 'step-00000002'}" in caplog.text
     assert [h["loss"] for h in resumed.history] == [h["loss"] for h in reference.history]
     assert_same(resumed_weights, reference_weights)

@@ -5,7 +5,8 @@ weights of the best evaluation so far when early stopping keeps them, the optimi
 scheduler, each rank's RNG state and the loop's position as JSON. It is
 written into `.tmp-step-<N>`, flushed to disk, given a COMMITTED marker, and only then
 renamed into place by rank 0 (a rename is atomic); the last `keep` are kept. Resume takes
-the newest folder that has the marker, and every rank can read (one torn after its flush is removed). A step written again (its evaluation came after it) moves
+the newest folder that has the marker, and every rank can read (one torn after its flush is set aside,
+`.unreadable-step-<N>`). A step written again (its evaluation came after it) moves
 the old folder aside to `.old-step-<N>` until the new one is in place: a crash between the two
 renames leaves it there, still the step's checkpoint (`complete`), and `run_folder` puts it back.
 Ranks must share the checkpoint folder (a PVC).
@@ -246,6 +247,24 @@ def save_healed(root: Path, layers: nn.Module, figures: dict[str, float], world:
     world.barrier()
 
 
+UNREADABLE = ".unreadable-"  # a committed checkpoint a rank could not read, kept out of `complete`'s sight
+
+
+def set_aside(checkpoint: Path) -> Path:
+    """Move a checkpoint that cannot be read where no resume looks, keeping what can be read of it (its weights, where
+    its optimizer state is what was torn); an earlier one of its step there gives way. Removed where it cannot be
+    moved."""
+    aside = checkpoint.with_name(f"{UNREADABLE}{checkpoint.name}")
+    shutil.rmtree(aside, ignore_errors=True)
+    try:
+        os.replace(checkpoint, aside)
+    except OSError:
+        remove(checkpoint)
+        return checkpoint
+    fsync(checkpoint.parent)
+    return aside
+
+
 def remove(checkpoint: Path) -> None:
     """Delete a checkpoint folder (or a run's folder of them) under a `.tmp-` name: cut short (a SIGTERM, a SIGKILL),
     a folder deleted in place could keep its marker without its weights (and a run's, without its fingerprint), still
@@ -452,9 +471,10 @@ def load(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
             torn = exc
         if world.any(torn is not None):
             if world.main:
+                aside = set_aside(folder)
                 log.warning("not resuming %s, which cannot be read (the log of the rank that could not says why): "
-                            "removed; resuming from the checkpoint before it, if any", folder)
-                remove(folder)
+                            "moved to %s, where what can be read of it stays; resuming from the checkpoint before "
+                            "it, if any", folder, aside)
             continue
         if found := misfits(model, tensors, optimizer, saved["optimizer"]):
             discard(folder, found, world)
