@@ -84,9 +84,9 @@ def test_batches_pad_to_the_longest_and_bucket_by_length(bert) -> None:
 
 @pytest.mark.parametrize("bucketed", [False, True])
 def test_no_training_batch_holds_one_sample_and_the_step_count_agrees(bucketed: bool) -> None:
-    """No batch holds one sample where the split has 2 a worker (batch norm cannot train on one), every sample trains
-    once an epoch whatever the workers, and steps_per_epoch, which sizes the schedule and the report, counts the
-    steps every worker's loop takes."""
+    """No batch holds one sample but at batchSize 1 (batch norm cannot train on one), every sample trains an epoch
+    whatever the workers (a few of them twice where too few fill every worker's batches: fewer than 2 a worker), and
+    steps_per_epoch, which sizes the schedule and the report, counts the steps every worker's loop takes."""
     for samples, batch_size, workers, accumulation in itertools.product(range(2, 30), range(1, 6), (1, 2, 3), (1, 2)):
         lengths = [1 + i % 7 for i in range(samples)]
         ranks = [epoch_batches(lengths, batch_size, seed=0, epoch=0, bucketed=bucketed, rank=r, world_size=workers)
@@ -100,8 +100,9 @@ def test_no_training_batch_holds_one_sample_and_the_step_count_agrees(bucketed: 
             continue
         assert steps_per_epoch(Encoded([], None, lengths), spec, world) == math.ceil(len(ranks[0]) / accumulation), case
         assert len({len(batches) for batches in ranks}) == 1, case
-        assert batch_size == 1 or samples < 2 * workers or min(len(b) for batches in ranks for b in batches) > 1, case
-        assert sorted(sum(sum(ranks, []), [])) == list(range(samples)), case  # every sample, once
+        assert batch_size == 1 or min(len(b) for batches in ranks for b in batches) > 1, case
+        trained = sorted(sum(sum(ranks, []), []))
+        assert set(trained) == set(range(samples)) and len(trained) - samples < 2 * workers, case
 
 
 @pytest.mark.parametrize("bucketed", [False, True])
@@ -109,13 +110,16 @@ def test_every_row_trains_every_epoch_on_any_number_of_workers_in_batches_of_at_
     """Ranks take whole batches, as many each: the last batch_count % workers batches were cut from every epoch, up to
     workers x batchSize - 1 rows (72 of 200 at batchSize 16 on 8 workers). The epoch's rows are spread over as many
     batches as make batchSize rounded up for every worker instead, so none goes untrained and none holds more than the
-    batchSize a worker's memory was sized for."""
-    for samples, batch_size, workers in ((200, 16, 8), (1000, 32, 8), (120, 8, 4), (5003, 64, 8), (104, 8, 2)):
+    batchSize a worker's memory was sized for: at batchSize 1 or 2 too, where a few rows go twice (10 rows on 4
+    workers at batchSize 1 made batches of 2, as 1,004 rows on 8 at batchSize 2 made batches of 3)."""
+    for samples, batch_size, workers in ((200, 16, 8), (1000, 32, 8), (120, 8, 4), (5003, 64, 8), (104, 8, 2),
+                                         (10, 1, 4), (100_003, 1, 8), (1004, 2, 8)):
         lengths = [1 + i % 13 for i in range(samples)]
         ranks = [epoch_batches(lengths, batch_size, seed=0, epoch=3, bucketed=bucketed, rank=r, world_size=workers)
                  for r in range(workers)]
         case = (samples, batch_size, workers)
-        assert sorted(i for batches in ranks for batch in batches for i in batch) == list(range(samples)), case
+        trained = sorted(i for batches in ranks for batch in batches for i in batch)
+        assert set(trained) == set(range(samples)) and len(trained) - samples < 2 * workers, case
         assert len({len(batches) for batches in ranks}) == 1, case
         assert max(len(batch) for batches in ranks for batch in batches) <= batch_size, case
         world = World(rank=0, size=workers, device=torch.device("cpu"))
@@ -1455,11 +1459,6 @@ def test_a_training_split_of_one_image_is_refused_where_a_batch_norm_cannot_take
     with pytest.raises(ConfigError, match=r"^training.batchSize 1: 1 training sample makes a batch of one: .*"
                                           r"train on 2 samples or more \(.*\) and set training.batchSize 2 or more"):
         check_one_sample_batches(model, 16, 1, 1)
-    # 3 samples on 2 workers: one of them takes a batch of one; 4 give each a batch of 2
-    with pytest.raises(ConfigError, match=r"^training.batchSize 4: 3 training samples for 2 workers make a batch of "
-                                          r"one: .*train on 4 samples or more \(.*\), or a larger dataset.imageSize"):
-        check_one_sample_batches(model, 16, 4, 3, world_size=2)
-    check_one_sample_batches(model, 16, 4, 4, world_size=2)
 
 
 @pytest.mark.parametrize("form", ["MergedLoRA", "AccumulatedLoRA"])

@@ -1378,6 +1378,14 @@ def test_a_committed_checkpoint_that_cannot_be_read_gives_way_to_the_one_before_
     assert_same(resumed_weights, reference_weights)
     assert [p.name for p in checkpoints.complete(tmp_path)] == ["step-00000002", "step-00000004"]
     assert torch.load(optimizer_file, weights_only=True)  # written again whole
+    # A torn state.json is no finished run (pipeline asks before the loop: every retry failed on it, exit 2), and
+    # one checkpoint set aside is kept at most (the volume was sized for keepCheckpoints).
+    state_file = tmp_path / "step-00000004" / "state.json"
+    state_file.write_text(state_file.read_text()[:20])
+    assert not checkpoints.finished(tmp_path, 4)
+    run()
+    assert sorted(p.name for p in tmp_path.glob(".unreadable-*")) == [".unreadable-step-00000004"]
+    assert json.loads(state_file.read_text())["step"] == 4
 
 
 def test_a_checkpoint_removal_cut_short_leaves_nothing_a_resume_trusts(tmp_path: Path,

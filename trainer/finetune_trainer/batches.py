@@ -268,42 +268,48 @@ def open_rgb(path: str, as_shown: bool = False, at_least: int | None = None) -> 
 def epoch_batches(lengths: list[int], batch_size: int, *, seed: int, epoch: int, bucketed: bool,
                   rank: int = 0, world_size: int = 1) -> list[list[int]]:
     """This rank's batches for one epoch: every row of the epoch in one of them, and every rank the same number of
-    them (rank_batches), so DDP steps stay in lockstep."""
+    them (rank_batches), so DDP steps stay in lockstep. The epoch's rows are spread evenly over the ranks' batches;
+    where they are too few to give each batch its least (`epoch_rows`), the first few of the shuffled order go twice,
+    as DistributedSampler pads: fewer than 2 per worker. Bucketed, each pool of BUCKET_BATCHES batches is sorted by
+    length, its bounds a batch's."""
     rng = random.Random(seed * 100_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
+    parts = world_size * rank_batches(len(order), batch_size, world_size)
+    if not parts:
+        return []
+    rows = epoch_rows(len(order), batch_size, world_size)
+    order = (order * math.ceil(rows / len(order)))[:rows]
+    bounds = [i * rows // parts for i in range(parts + 1)]
     if bucketed:
-        pool = batch_size * BUCKET_BATCHES
-        order = [i for start in range(0, len(order), pool)
-                 for i in sorted(order[start:start + pool], key=lengths.__getitem__)]
-    batches = cut(order, world_size * rank_batches(len(order), batch_size, world_size))
+        for first in range(0, parts, BUCKET_BATCHES):
+            lo, hi = bounds[first], bounds[min(first + BUCKET_BATCHES, parts)]
+            order[lo:hi] = sorted(order[lo:hi], key=lengths.__getitem__)
+    batches = [order[bounds[i]:bounds[i + 1]] for i in range(parts)]
     if bucketed:
         rng.shuffle(batches)  # else every pool would run from short to long samples
     return batches[rank::world_size]
 
 
-def cut(order: list[int], parts: int) -> list[list[int]]:
-    """`order` cut into `parts` runs of consecutive rows whose sizes differ by one at most."""
-    return [order[i * len(order) // parts:(i + 1) * len(order) // parts] for i in range(parts)]
-
-
 def rank_batches(samples: int, batch_size: int, world_size: int) -> int:
-    """The batches each of `world_size` ranks takes an epoch of `samples` rows (0: fewer rows than ranks). Ranks take
-    whole batches and as many each, so the batch_count batches of `batch_size` are shared out rounded up, and their rows
-    spread evenly over them: no batch holds more than batch_size rows (the memory a worker was sized for; one more
-    where batch_count joined a last row) and no row is left out (the last batch_count % world_size batches were, up to
-    world_size x batch_size - 1 rows an epoch). Fewer where a rank's batch would get under 2 rows of a batch_size over
-    1 (batch norm cannot train on one): a split too small to share out at batch_size has larger batches instead."""
-    if samples < world_size:
-        return 0
-    most = samples // (world_size * min(batch_size, 2))  # the batches of 2 rows or more (of 1 at batchSize 1)
-    return max(1, min(math.ceil(batch_count(samples, batch_size) / world_size), most))
+    """The batches each of `world_size` ranks takes an epoch of `samples` rows (0: fewer rows than ranks): the
+    batch_count batches of `batch_size` shared out, rounded up, so that no batch holds more than batch_size rows (the
+    memory a worker was sized for; one more where batch_count joined a last row) and no row is left out (the last
+    batch_count % world_size batches were, up to world_size x batch_size - 1 rows an epoch)."""
+    return math.ceil(batch_count(samples, batch_size) / world_size) if samples >= world_size else 0
+
+
+def epoch_rows(samples: int, batch_size: int, world_size: int) -> int:
+    """The rows an epoch's batches hold: `samples`, or as many more (repeated) as give each batch its least, 2 rows
+    (batch norm cannot train on one), 1 at batchSize 1 or of a lone sample."""
+    least = 1 if batch_size == 1 or samples == 1 else 2
+    return max(samples, least * world_size * rank_batches(samples, batch_size, world_size))
 
 
 def smallest_batch(samples: int, batch_size: int, world_size: int = 1) -> int:
     """The fewest samples a training batch of `epoch_batches` holds."""
     parts = world_size * rank_batches(samples, batch_size, world_size)
-    return samples // parts if parts else 0
+    return epoch_rows(samples, batch_size, world_size) // parts if parts else 0
 
 
 def batch_count(samples: int, batch_size: int) -> int:

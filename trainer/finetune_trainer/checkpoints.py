@@ -252,10 +252,10 @@ UNREADABLE = ".unreadable-"  # a committed checkpoint a rank could not read, kep
 
 def set_aside(checkpoint: Path) -> Path:
     """Move a checkpoint that cannot be read where no resume looks, keeping what can be read of it (its weights, where
-    its optimizer state is what was torn); an earlier one of its step there gives way. Removed where it cannot be
-    moved."""
+    its optimizer state is what was torn); an earlier one set aside gives way. Removed where it cannot be moved."""
     aside = checkpoint.with_name(f"{UNREADABLE}{checkpoint.name}")
-    shutil.rmtree(aside, ignore_errors=True)
+    for earlier in checkpoint.parent.glob(f"{UNREADABLE}*"):  # one kept at most: the volume was sized for `keep`
+        shutil.rmtree(earlier, ignore_errors=True)
     try:
         os.replace(checkpoint, aside)
     except OSError:
@@ -442,7 +442,10 @@ def finished(root: Path, total: int) -> bool:
     found = complete(root)
     if not found:
         return False
-    saved = json.loads((found[-1] / STATE).read_text())
+    try:
+        saved = json.loads((found[-1] / STATE).read_text())
+    except ValueError:  # torn after its flush: the loop's `load` sets it aside and resumes the one before
+        return False
     return saved["step"] >= total or saved.get("stopped_early", False)
 
 
@@ -451,7 +454,7 @@ def load(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
     """Restore the newest committed checkpoint of `root` in place; returns the loop's saved position and, on rank 0
     alone (`train_loop`), the best weights if it kept them. None when there is none, or it was laid out for another
     model or optimizer (`misfits`): the run's checkpoints are then removed. One that a rank cannot read though
-    committed (a file torn after its flush: a volume's fault, a copy cut short) is removed, with a warning, and the
+    committed (a file torn after its flush: a volume's fault, a copy cut short) is set aside, with a warning, and the
     one before it, which keepCheckpoints kept, is restored: every retry failed on it. The ranks agree on each."""
     for folder in reversed(complete(root)):
         rng_file, best_file = folder / f"rng-{world.rank}.pt", folder / BEST
@@ -470,6 +473,7 @@ def load(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
             log.warning("cannot read %s: %s", folder, exc)
             torn = exc
         if world.any(torn is not None):
+            tensors = saved = best = None  # not held on the device while the one before is read
             if world.main:
                 aside = set_aside(folder)
                 log.warning("not resuming %s, which cannot be read (the log of the rank that could not says why): "

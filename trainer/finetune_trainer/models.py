@@ -331,15 +331,15 @@ def shrinking_net(model: nn.Module) -> nn.Module | None:
     return model.net if isinstance(model, ImageClassifier) else None
 
 
-def check_one_sample_batches(model: nn.Module, image_size: int, batch_size: int, samples: int,
-                             world_size: int = 1) -> None:
-    """A training batch of one image (training.batchSize 1, or `samples` under 2 a worker: epoch_batches gives every
-    batch 2 rows or more where the split has as many): a batch norm that trains cannot normalise
-    one value per channel, which it gets where the network has shrunk the image to 1x1 (ResNet's last stage at 32
-    pixels or fewer, SSDlite's extra layers at any size), and raised at the first step. Checked once the freeze and
-    the adapters are in place: a frozen batch norm (KeepsFrozenNorms, a trained detector's FrozenBatchNorm2d) keeps
-    its running statistics and takes one image; a detector's before its analysis too, which trains every weight."""
-    if smallest_batch(samples, batch_size, world_size) > 1:
+def check_one_sample_batches(model: nn.Module, image_size: int, batch_size: int, samples: int) -> None:
+    """A training batch of one image (training.batchSize 1, or `samples` 1: epoch_batches gives every batch 2 rows or
+    more, repeating a few where too few, but a training split of one sample has no other): a batch norm that trains
+    cannot normalise one value per channel, which it gets where the network has shrunk the image to 1x1 (ResNet's last
+    stage at 32 pixels or fewer, SSDlite's extra layers at any size), and raised at the first step. Checked once the
+    freeze and the adapters are in place: a frozen batch norm (KeepsFrozenNorms, a trained detector's
+    FrozenBatchNorm2d) keeps its running statistics and takes one image; a detector's before its analysis too, which
+    trains every weight."""
+    if smallest_batch(samples, batch_size) > 1:
         return
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # under peft's adapters
     net = shrinking_net(base)
@@ -353,13 +353,11 @@ def check_one_sample_batches(model: nn.Module, image_size: int, batch_size: int,
         log.debug("a batch of one image: the forward on the meta device raised %r; not refused", exc)
         return
     # both where both make batches of one: fixing either alone is refused again at the next run
-    more_samples = (f"train on {2 * world_size} samples or more (dataset.maxTrainSamples, or the dataset's training "
-                    "split)")
+    more_samples = "train on 2 samples or more (dataset.maxTrainSamples, or the dataset's training split)"
     larger_batches = "set training.batchSize 2 or more"
-    made = "1 training sample makes" if samples == 1 else f"{samples} training samples for {world_size} workers make"
-    cause, fix = ((f"training.batchSize {batch_size}: {made} a batch of one",
+    cause, fix = ((f"training.batchSize {batch_size}: {samples} training sample makes a batch of one",
                    more_samples + (f" and {larger_batches}" if batch_size == 1 else ""))
-                  if samples < 2 * world_size else ("training.batchSize 1", larger_batches))
+                  if samples == 1 else ("training.batchSize 1", larger_batches))
     raise ConfigError(f"{cause}: model {base.architecture} cannot train on one {image_size}x{image_size} image at a "
                       f"time (dataset.imageSize; {exc}); {fix}, or a larger dataset.imageSize")
 

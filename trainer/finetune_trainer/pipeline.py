@@ -261,8 +261,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     check_positions(model, cfg.dataset.max_length)
     check_image_size(model, cfg.dataset.image_size)
     if detecting:  # its analysis trains a step of every weight (its loss needs train mode), before any freeze
-        check_one_sample_batches(model, cfg.dataset.image_size, cfg.training.batch_size, len(train_data.lengths),
-                                 world.size)
+        check_one_sample_batches(model, cfg.dataset.image_size, cfg.training.batch_size, len(train_data.lengths))
     if tokenizer is not None:
         check_vocabulary(model, tokenizer.pad_token_id, (train_data, validation_data, test_data, heal_data))
 
@@ -381,8 +380,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         if form := FORMS.get(world.device.type):  # other devices keep peft's own path
             log.info("LoRA computed as %s on %d of the adapted modules", form.__name__, fuse(model, form))
     model.to(world.device)
-    check_one_sample_batches(model, cfg.dataset.image_size, cfg.training.batch_size, len(train_data.lengths),
-                             world.size)
+    check_one_sample_batches(model, cfg.dataset.image_size, cfg.training.batch_size, len(train_data.lengths))
     groups = param_groups(model, cfg.adjust, layers, head, new)  # refuses a freeze that leaves nothing to train
     # For the MFU gauge, a step of what trains: the analysis measured the model as loaded, every weight training
     # (a freeze of all but the head made MFU read about 3x too high, a quarter of the layers pruned 4/3).

@@ -347,7 +347,8 @@ def heal(model: nn.Module, teacher: nn.Module, task: Task, batches: Iterable[Bat
     """Train the pruned `model`'s layers (not its embeddings or head) so that its last hidden states match
     `teacher`'s, the model before pruning: mean squared error over real tokens, AdamW, clipped at norm 1, in eval
     mode on both (no dropout: a regression onto fixed targets). Under fp16 the loss is scaled as the training loop's
-    is, and a step whose gradients overflow is skipped (counted in the steps; the warmup waits). Returns the steps,
+    is, and a step whose gradients overflow is skipped (counted in the steps; the warmup waits), until the loss
+    scale is below 1 (LossNotFinite, as the training loop's). Returns the steps,
     those skipped, the seconds and the mean cosine of the two models' states on the first batch, before and after."""
     params = list(stack_for(model, task, "rearrange.prune.heal")[1].parameters())
     device = next(model.parameters()).device
@@ -386,7 +387,8 @@ def heal(model: nn.Module, teacher: nn.Module, task: Task, batches: Iterable[Bat
             norm = float(unscaled_norm(scaler, optimizer, params, HEAL_MAX_NORM))
             if scaled_step(scaler, optimizer, norm, lambda: LossNotFinite(
                     f"rearrange.prune.heal: the gradient norm is {norm} at step {steps + 1}; "
-                    f"lower rearrange.prune.heal.learningRate ({spec.learning_rate})")):
+                    f"lower rearrange.prune.heal.learningRate ({spec.learning_rate})"
+                    + (", or set training.precision: bf16 or fp32" if scaler.is_enabled() else ""))):
                 scheduler.step()
             else:
                 skipped += 1
