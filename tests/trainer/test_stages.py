@@ -113,13 +113,15 @@ def test_every_row_trains_every_epoch_on_any_number_of_workers_in_batches_of_at_
     batchSize a worker's memory was sized for: at batchSize 1 or 2 too, where a few rows go twice (10 rows on 4
     workers at batchSize 1 made batches of 2, as 1,004 rows on 8 at batchSize 2 made batches of 3)."""
     for samples, batch_size, workers in ((200, 16, 8), (1000, 32, 8), (120, 8, 4), (5003, 64, 8), (104, 8, 2),
-                                         (10, 1, 4), (100_003, 1, 8), (1004, 2, 8)):
+                                         (10, 1, 4), (100_003, 1, 8), (1004, 2, 8), (10, 4, 8), (9, 2, 8)):
         lengths = [1 + i % 13 for i in range(samples)]
         ranks = [epoch_batches(lengths, batch_size, seed=0, epoch=3, bucketed=bucketed, rank=r, world_size=workers)
                  for r in range(workers)]
         case = (samples, batch_size, workers)
         trained = sorted(i for batches in ranks for batch in batches for i in batch)
         assert set(trained) == set(range(samples)) and len(trained) - samples < 2 * workers, case
+        # a row repeated is never in a batch twice (bucketed, it was sorted beside itself: a batch of one row)
+        assert all(len(set(batch)) == len(batch) for batches in ranks for batch in batches), case
         assert len({len(batches) for batches in ranks}) == 1, case
         assert max(len(batch) for batches in ranks for batch in batches) <= batch_size, case
         world = World(rank=0, size=workers, device=torch.device("cpu"))

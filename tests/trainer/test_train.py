@@ -1386,6 +1386,11 @@ def test_a_committed_checkpoint_that_cannot_be_read_gives_way_to_the_one_before_
     run()
     assert sorted(p.name for p in tmp_path.glob(".unreadable-*")) == [".unreadable-step-00000004"]
     assert json.loads(state_file.read_text())["step"] == 4
+    # Both torn: the newest set aside is the one kept (load sets them aside newest first)
+    for step in ("step-00000004", "step-00000002"):
+        (tmp_path / step / "state.json").write_text("{")
+    run()
+    assert sorted(p.name for p in tmp_path.glob(".unreadable-*")) == [".unreadable-step-00000004"]
 
 
 def test_a_checkpoint_removal_cut_short_leaves_nothing_a_resume_trusts(tmp_path: Path,

@@ -281,7 +281,7 @@ def epoch_batches(lengths: list[int], batch_size: int, *, seed: int, epoch: int,
     rows = epoch_rows(len(order), batch_size, world_size)
     order = (order * math.ceil(rows / len(order)))[:rows]
     bounds = [i * rows // parts for i in range(parts + 1)]
-    if bucketed:
+    if bucketed and rows == len(lengths):  # a repeated row sorted beside itself would make a batch of one row twice
         for first in range(0, parts, BUCKET_BATCHES):
             lo, hi = bounds[first], bounds[min(first + BUCKET_BATCHES, parts)]
             order[lo:hi] = sorted(order[lo:hi], key=lengths.__getitem__)

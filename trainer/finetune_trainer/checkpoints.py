@@ -254,7 +254,11 @@ def set_aside(checkpoint: Path) -> Path:
     """Move a checkpoint that cannot be read where no resume looks, keeping what can be read of it (its weights, where
     its optimizer state is what was torn); an earlier one set aside gives way. Removed where it cannot be moved."""
     aside = checkpoint.with_name(f"{UNREADABLE}{checkpoint.name}")
-    for earlier in checkpoint.parent.glob(f"{UNREADABLE}*"):  # one kept at most: the volume was sized for `keep`
+    kept = list(checkpoint.parent.glob(f"{UNREADABLE}*"))  # one kept at most, the newest: the volume was sized for
+    if any(step_of(k) > step_of(checkpoint) for k in kept):  # `keep`; `load` sets them aside newest first
+        remove(checkpoint)
+        return checkpoint
+    for earlier in kept:
         shutil.rmtree(earlier, ignore_errors=True)
     try:
         os.replace(checkpoint, aside)
@@ -263,6 +267,10 @@ def set_aside(checkpoint: Path) -> Path:
         return checkpoint
     fsync(checkpoint.parent)
     return aside
+
+
+def step_of(checkpoint: Path) -> int:
+    return int(checkpoint.name.removeprefix(UNREADABLE).removeprefix(ASIDE).removeprefix(PREFIX))
 
 
 def remove(checkpoint: Path) -> None:
@@ -426,7 +434,7 @@ def complete(root: Path) -> list[Path]:
     if not root.is_dir():
         return []
     candidates = [*root.glob(f"{ASIDE}{PREFIX}*"), *root.glob(f"{PREFIX}*")]  # a step's own folder last: it wins
-    found = {int(p.name.removeprefix(ASIDE).removeprefix(PREFIX)): p for p in candidates if committed(p)}
+    found = {step_of(p): p for p in candidates if committed(p)}
     return [found[step] for step in sorted(found)]
 
 
@@ -465,14 +473,14 @@ def load(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
             # a run resumed on more ranks than it was saved with starts the new ranks' RNG afresh
             rng = torch.load(rng_file, weights_only=True) if rng_file.exists() else None
             best = load_file(best_file) if world.main and best_file.exists() else None
-            torn = None
+            torn = False
         except (RuntimeError, SafetensorError, EOFError, ValueError) as exc:  # RuntimeError: torch's zip reader
             # a read the volume failed is retried; torch's other RuntimeErrors (out of memory) are no torn file
             if failed_read(exc) or isinstance(exc, RuntimeError) and "PytorchStreamReader" not in str(exc):
                 raise
             log.warning("cannot read %s: %s", folder, exc)
-            torn = exc
-        if world.any(torn is not None):
+            torn = True  # not the exception: its traceback holds what the reader had loaded, on the device
+        if world.any(torn):
             tensors = saved = best = None  # not held on the device while the one before is read
             if world.main:
                 aside = set_aside(folder)
