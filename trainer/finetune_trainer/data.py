@@ -1276,9 +1276,8 @@ def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spe
     """Train, validation and test: the dataset's own where it has them, else held out of its train rows with
     the seed (test first, so that its rows do not depend on whether the dataset brings a validation split).
     A copy of an input goes where its first copy in the seed's order goes, so no held-out score is taken on a
-    text that trained; without copies, the sides are the seed's slices of that order. A side held out holds no more
-    rows than dataset.maxEvalSamples evaluates; a dataset's validation split keeps none of its test split's inputs
-    (own_rows)."""
+    text that trained; without copies, the sides are the seed's slices of that order. A dataset's validation split
+    keeps none of its test split's inputs (own_rows)."""
     rng = np.random.default_rng(seed)
     texts = inputs[TRAIN]
     shuffled = rng.permutation(len(texts))
@@ -1294,8 +1293,9 @@ def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spe
             if repeats := len(set(map(input_key, inputs[name])).intersection(map(input_key, texts))):
                 log.warning("dataset %s: %d inputs of its %s split are in its train split too", spec.uri, repeats, name)
         else:
-            # no more than are evaluated: the rest train (held out, they were neither trained on nor evaluated)
-            count = min(max(1, round(len(texts) * fraction)), spec.max_eval_samples or len(texts))
+            # not fewer where maxEvalSamples evaluates fewer: runs of different evaluation budgets train on the same
+            # rows (the benchmarks' teacher and job compare so), the rows over it unused, as take says
+            count = max(1, round(len(texts) * fraction))
             if (later := decided_at[decided_at >= taken]).size:  # else nothing trains: refused below
                 # its places may all hold copies of rows placed before it: then up to the next first copy
                 count = max(count, int(later.min()) - taken + 1)
@@ -1309,7 +1309,7 @@ def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spe
                         "on the rest; add rows, or validation and test files of its own")
 
     def take(side: str, name: str, idx: np.ndarray, limit: int | None, field: str) -> Split:
-        if limit is not None and len(idx) > limit:  # a side held out of train has only copies of its inputs over it
+        if limit is not None and len(idx) > limit:
             log.info("dataset %s: %d of its %d %s rows go unused, over dataset.%s (%d)", spec.uri, len(idx) - limit,
                      len(idx), side, field, limit)
         idx = idx[:limit]
