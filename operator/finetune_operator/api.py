@@ -129,7 +129,8 @@ class RuntimeSpec(ApiModel):
             field="volumeMounts",
         ),
         # The trainer refuses it (InvalidConfig), but only once every worker is scheduled, its image pulled and its
-        # GPUs held. A limit of 0, or none here (the operator's resources), runs its processes on the CPU.
+        # GPUs held. A limit of 0 runs its processes on the CPU; with none here the operator's trainer resources
+        # apply, which the apiserver cannot see: the trainer judges those.
         Rule(
             cel=f"!has(self.resources) || !('{core.GPU}' in self.resources.limits) || "
             f"!string({_GPUS}).matches('{_GPU_COUNT}') || int(string({_GPUS})) == 0 || "

@@ -510,7 +510,9 @@ CLAIMS_TTL_SECONDS = 5.0
 class Claims:
     """The claims that exist (what the judge reads of them), each kept CLAIMS_TTL_SECONDS: a burst of jobs that
     write to one claim reads it once, not once per job before each child Job. A missing claim is read every time:
-    it may be created at any moment, and a job judged without it fails for good."""
+    it may be created at any moment, and a job judged without it fails for good. A claim being deleted is kept
+    CLAIMS_TTL_SECONDS as a present one is (the judge waits for it as a missing one): its re-creation is seen within
+    them."""
 
     def __init__(self) -> None:
         self.found: dict[tuple[str, str], tuple[float, dict[str, Any]]] = {}

@@ -110,8 +110,8 @@ def test_every_row_trains_every_epoch_on_any_number_of_workers_in_batches_of_at_
     """Ranks take whole batches, as many each: the last batch_count % workers batches were cut from every epoch, up to
     workers x batchSize - 1 rows (72 of 200 at batchSize 16 on 8 workers). The epoch's rows are spread over as many
     batches as make batchSize rounded up for every worker instead, so none goes untrained and none holds more than the
-    batchSize a worker's memory was sized for: at batchSize 1 or 2 too, where a few rows go twice (10 rows on 4
-    workers at batchSize 1 made batches of 2, as 1,004 rows on 8 at batchSize 2 made batches of 3)."""
+    batchSize a worker's memory was sized for: at batchSize 1 or 2 too, where a few rows go twice (fewer than 2 a
+    worker), and a repeated row is never in one batch with its copy."""
     for samples, batch_size, workers in ((200, 16, 8), (1000, 32, 8), (120, 8, 4), (5003, 64, 8), (104, 8, 2),
                                          (10, 1, 4), (100_003, 1, 8), (1004, 2, 8), (10, 4, 8), (9, 2, 8)):
         lengths = [1 + i % 13 for i in range(samples)]

@@ -1386,11 +1386,14 @@ def test_a_committed_checkpoint_that_cannot_be_read_gives_way_to_the_one_before_
     run()
     assert sorted(p.name for p in tmp_path.glob(".unreadable-*")) == [".unreadable-step-00000004"]
     assert json.loads(state_file.read_text())["step"] == 4
-    # Both torn: the newest set aside is the one kept (load sets them aside newest first)
+    # Both torn: the newest set aside is the one kept (load sets them aside newest first), the other removed, as said
     for step in ("step-00000004", "step-00000002"):
         (tmp_path / step / "state.json").write_text("{")
+    caplog.clear()
     run()
     assert sorted(p.name for p in tmp_path.glob(".unreadable-*")) == [".unreadable-step-00000004"]
+    assert f"not resuming {tmp_path / 'step-00000002'}, which cannot be read (the log of the rank that could not " \
+        "says why): removed (a later one is set aside already" in caplog.text
 
 
 def test_a_checkpoint_removal_cut_short_leaves_nothing_a_resume_trusts(tmp_path: Path,

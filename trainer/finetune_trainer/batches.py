@@ -271,7 +271,8 @@ def epoch_batches(lengths: list[int], batch_size: int, *, seed: int, epoch: int,
     them (rank_batches), so DDP steps stay in lockstep. The epoch's rows are spread evenly over the ranks' batches;
     where they are too few to give each batch its least (`epoch_rows`), the first few of the shuffled order go twice,
     as DistributedSampler pads: fewer than 2 per worker. Bucketed, each pool of BUCKET_BATCHES batches is sorted by
-    length, its bounds a batch's."""
+    length, its bounds a batch's (not in an epoch whose rows repeat: a row sorted beside its copy would make a batch
+    of one row twice)."""
     rng = random.Random(seed * 100_003 + epoch)
     order = list(range(len(lengths)))
     rng.shuffle(order)
@@ -306,10 +307,11 @@ def epoch_rows(samples: int, batch_size: int, world_size: int) -> int:
     return max(samples, least * world_size * rank_batches(samples, batch_size, world_size))
 
 
-def smallest_batch(samples: int, batch_size: int, world_size: int = 1) -> int:
-    """The fewest samples a training batch of `epoch_batches` holds."""
-    parts = world_size * rank_batches(samples, batch_size, world_size)
-    return epoch_rows(samples, batch_size, world_size) // parts if parts else 0
+def smallest_batch(samples: int, batch_size: int) -> int:
+    """The fewest samples a training batch of `epoch_batches` holds, on any number of workers (epoch_rows gives
+    every batch 2 rows or more but at batchSize 1 or of a lone sample)."""
+    parts = rank_batches(samples, batch_size, 1)
+    return epoch_rows(samples, batch_size, 1) // parts if parts else 0
 
 
 def batch_count(samples: int, batch_size: int) -> int:

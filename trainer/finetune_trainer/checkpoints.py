@@ -247,30 +247,31 @@ def save_healed(root: Path, layers: nn.Module, figures: dict[str, float], world:
     world.barrier()
 
 
-UNREADABLE = ".unreadable-"  # a committed checkpoint a rank could not read, kept out of `complete`'s sight
+UNREADABLE_PREFIX = ".unreadable-"  # a committed checkpoint a rank could not read, kept out of `complete`'s sight
 
 
-def set_aside(checkpoint: Path) -> Path:
+def set_aside(checkpoint: Path) -> Path | None:
     """Move a checkpoint that cannot be read where no resume looks, keeping what can be read of it (its weights, where
-    its optimizer state is what was torn); an earlier one set aside gives way. Removed where it cannot be moved."""
-    aside = checkpoint.with_name(f"{UNREADABLE}{checkpoint.name}")
-    kept = list(checkpoint.parent.glob(f"{UNREADABLE}*"))  # one kept at most, the newest: the volume was sized for
-    if any(step_of(k) > step_of(checkpoint) for k in kept):  # `keep`; `load` sets them aside newest first
+    its optimizer state is what was torn); an earlier one set aside gives way. Removed (None) where a later one is set
+    aside already, or where it cannot be moved."""
+    aside = checkpoint.with_name(f"{UNREADABLE_PREFIX}{checkpoint.name}")
+    kept = list(checkpoint.parent.glob(f"{UNREADABLE_PREFIX}*"))  # one kept at most, the newest: the volume was
+    if any(step_of(k) > step_of(checkpoint) for k in kept):  # sized for `keep`; `load` sets them aside newest first
         remove(checkpoint)
-        return checkpoint
+        return None
     for earlier in kept:
         shutil.rmtree(earlier, ignore_errors=True)
     try:
         os.replace(checkpoint, aside)
     except OSError:
         remove(checkpoint)
-        return checkpoint
+        return None
     fsync(checkpoint.parent)
     return aside
 
 
 def step_of(checkpoint: Path) -> int:
-    return int(checkpoint.name.removeprefix(UNREADABLE).removeprefix(ASIDE).removeprefix(PREFIX))
+    return int(checkpoint.name.removeprefix(UNREADABLE_PREFIX).removeprefix(ASIDE).removeprefix(PREFIX))
 
 
 def remove(checkpoint: Path) -> None:
@@ -485,8 +486,9 @@ def load(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
             if world.main:
                 aside = set_aside(folder)
                 log.warning("not resuming %s, which cannot be read (the log of the rank that could not says why): "
-                            "moved to %s, where what can be read of it stays; resuming from the checkpoint before "
-                            "it, if any", folder, aside)
+                            "%s; resuming from the checkpoint before it, if any", folder,
+                            f"moved to {aside}, where what can be read of it stays" if aside else
+                            "removed (a later one is set aside already, or it could not be moved)")
             continue
         if found := misfits(model, tensors, optimizer, saved["optimizer"]):
             discard(folder, found, world)

@@ -62,8 +62,8 @@ HEAL_MAX_NORM = 1.0  # healing's gradient clipping
 
 
 def layer_stack(model: nn.Module, task: Task) -> tuple[str, nn.ModuleList] | None:
-    """The transformer's list of layers and its name, or None for a model without one (a CNN); SplitLayers for one
-    whose layers' parts sit in parallel lists (XLM)."""
+    """The transformer's list of layers and its name, or None for a model without one (a CNN); raises SplitLayers
+    for one whose layers' parts sit in parallel lists (XLM)."""
     if task == Task.IMAGE_CLASSIFICATION:
         return None
     units = layer_units(model, task)

@@ -292,7 +292,8 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
     saved_at = state.step, len(state.evals)  # what the newest checkpoint holds (see save)
     if spec.distillation is not None and teacher is None and state.step < total and not state.stopped_early:
         # The pipeline loads none where the newest checkpoint ends the training; one that did not resume (a misfit,
-        # removed) leaves steps to make, which must not be made without it. A retry, with no checkpoint, loads it.
+        # removed; or one that could not be read, set aside) leaves steps to make, which must not be made without it.
+        # A retry, whose newest checkpoint then no longer ends the training, loads it.
         raise RuntimeError(f"training.distillation: no teacher for steps {state.step + 1} to {total} (the newest "
                            "checkpoint, which ended the training, was not resumed); a retry loads it")
 

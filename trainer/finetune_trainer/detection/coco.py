@@ -94,8 +94,8 @@ def load_coco(spec: DatasetSpec, seed: int) -> CocoData:
 def refuse_boxless(name: str, held: Split, given: bool, spec: DatasetSpec) -> None:
     """Refuse a held-out split whose images hold no box: every score on it is mAP 0, which reads as a score, and
     early stopping on it keeps the first weights. A split file without a box was held out of train instead
-    (load_coco); what is left is a split held out of train images that hold few boxes, or a file's cut to
-    maxEvalSamples."""
+    (load_coco); what is left is a split held out of train images that hold few boxes, or the prefix of a split,
+    given or held out, that dataset.maxEvalSamples evaluates."""
     if any(r.boxes for r in held.inputs):  # crowds are scored neither way
         return
     if given:
@@ -104,6 +104,9 @@ def refuse_boxless(name: str, held: Split, given: bool, spec: DatasetSpec) -> No
         key, fraction = (("validationSplit", spec.validation_split) if name == VALIDATION
                          else ("testSplit", spec.test_split))
         field, advice = f"dataset.{key} {fraction}", f"raise it, or give the dataset a {name} JSON with boxes"
+        if spec.max_eval_samples is not None:
+            advice += (f" (dataset.maxEvalSamples {spec.max_eval_samples} evaluates only its first "
+                       f"{spec.max_eval_samples}: raise that too)")
     raise DataError(f"{field}: the {len(held.inputs)} images of the {name} split of {spec.uri} hold no box, so "
                     f"every score on them would be mAP 0; {advice}")
 
