@@ -38,10 +38,10 @@ from torch import nn
 
 from finetune_trainer.batches import Batch
 from finetune_trainer.config import HealSpec, PruneSpec, Task
-from finetune_trainer.errors import ConfigError, LossNotFinite
+from finetune_trainer.errors import ConfigError
 from finetune_trainer.models import autocast, logits_of
 from finetune_trainer.structure import SplitLayers, layer_units, lora_types
-from finetune_trainer.train import grad_scaler, scaled_step, unscaled_norm
+from finetune_trainer.train import diverged, grad_scaler, scaled_step, unscaled_norm
 
 log = logging.getLogger(__name__)
 
@@ -380,15 +380,14 @@ def heal(model: nn.Module, teacher: nn.Module, task: Task, batches: Iterable[Bat
                     cosine_before = agreement(model, batch, target)
                 mask = real_tokens(batch)
                 loss = (((last_hidden(model, batch.inputs) - target) ** 2).mean(-1) * mask).sum() / mask.sum()
+            rate = f"rearrange.prune.heal.learningRate ({spec.learning_rate})"
             if not torch.isfinite(loss):
-                raise LossNotFinite(f"rearrange.prune.heal: the healing loss is {loss.item()} at step {steps + 1}; "
-                                    f"lower rearrange.prune.heal.learningRate ({spec.learning_rate})")
+                raise diverged(f"rearrange.prune.heal: the healing loss is {loss.item()} at step {steps + 1}", dtype,
+                               rate)
             scaler.scale(loss).backward()
             norm = float(unscaled_norm(scaler, optimizer, params, HEAL_MAX_NORM))
-            if scaled_step(scaler, optimizer, norm, lambda: LossNotFinite(
-                    f"rearrange.prune.heal: the gradient norm is {norm} at step {steps + 1}; "
-                    f"lower rearrange.prune.heal.learningRate ({spec.learning_rate})"
-                    + (", or set training.precision: bf16 or fp32" if scaler.is_enabled() else ""))):
+            if scaled_step(scaler, optimizer, norm, lambda: diverged(
+                    f"rearrange.prune.heal: the gradient norm is {norm} at step {steps + 1}", dtype, rate)):
                 scheduler.step()
             else:
                 skipped += 1

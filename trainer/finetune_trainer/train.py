@@ -497,10 +497,11 @@ def scaled_step(scaler: torch.amp.GradScaler, optimizer: torch.optim.Optimizer, 
     return math.isfinite(grad_norm)
 
 
-def diverged(what: str, dtype: torch.dtype | None) -> LossNotFinite:
-    """The error of a step that diverged: where, and the fields to change (fp32 to a run not in it already, bf16 too
-    to an fp16 one, whose range is the narrower)."""
-    return LossNotFinite(f"{what}: lower adjust.learningRate, check the data for broken rows"
+def diverged(what: str, dtype: torch.dtype | None, rate: str = "adjust.learningRate") -> LossNotFinite:
+    """The error of a step that diverged: where, and the fields to change (`rate`, the learning rate of what
+    diverged: the training's or healing's; fp32 to a run not in it already, bf16 too to an fp16 one, whose range is
+    the narrower)."""
+    return LossNotFinite(f"{what}: lower {rate}, check the data for broken rows"
                          + {None: "", torch.float16: ", or set training.precision: bf16 or fp32"}.get(
                              dtype, ", or set training.precision: fp32"))
 
