@@ -608,6 +608,9 @@ def test_a_running_job_shows_progress_from_rank_zeros_metrics() -> None:
     assert status["progress"] | {"updatedAt": None} == {"percent": 25, "step": 30, "totalSteps": 120, "epoch": 0.25,
                                                          "etaSeconds": 45, "updatedAt": None}  # 90 steps x 16 / 32
     assert status["metrics"] == {"loss": 0.61, "learningRate": 1e-3, "samplesPerSecond": 32.0, "tokensPerSecond": 900.0}
+    # A trainer that serves its steps/s: the ETA is the steps left over it, whatever rows a step holds
+    status = after(decide(Observed(body({"attempts": 1}), [job()], [pod()], NOW, sample=sample | {"steps_per_second": 3.0})))
+    assert status["progress"]["etaSeconds"] == 30
 
 
 def test_a_scraped_step_total_or_epoch_out_of_range_is_bounded() -> None:

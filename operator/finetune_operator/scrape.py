@@ -23,7 +23,8 @@ TIMEOUT_SECONDS = 1.0
 # at every poll of every running job, and the port is the tenant's: a few jobs answering 1 MiB held that core.
 MAX_BYTES = 64 << 10
 CHUNK = 64 << 10
-GAUGES = ("loss", "learning_rate", "step", "total_steps", "epoch", "samples_per_second", "tokens_per_second")
+GAUGES = ("loss", "learning_rate", "step", "total_steps", "epoch", "steps_per_second", "samples_per_second",
+          "tokens_per_second")
 PREFIX = "finetune_trainer_"
 STAGES = {stage.value for stage in Stage}
 # Every ScrapeError reason: metrics.POLL_ERRORS exports each at 0 from the start.

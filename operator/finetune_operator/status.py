@@ -218,7 +218,6 @@ def progress_and_metrics(sample: dict[str, Any], global_batch: int, now: datetim
         return out | {"progress": {"updatedAt": timestamp(now)}}
     # The port is the tenant's: a step of -1 or 1e30 was refused by the status schema at every poll, for good.
     step, total = count(sample["step"]) or 0, count(sample.get("total_steps")) or 0
-    rate = number(sample.get("samples_per_second")) or 0.0
     progress: dict[str, Any] = {
         "percent": min(100, int(100 * step / total)) if total else 0,
         "step": step, "totalSteps": total, "epoch": max(0.0, round(number(sample.get("epoch")) or 0.0, 3)),
@@ -226,7 +225,11 @@ def progress_and_metrics(sample: dict[str, Any], global_batch: int, now: datetim
     }
     # An unknown value is an explicit None, which clears the previous one from the merge-patched status.
     # Never below 0: a run resumed past a total that shrank while suspended (maxSteps, workers) has none left.
-    progress["etaSeconds"] = count((total - step) * global_batch / rate) if rate > 0 and total else None
+    # The trainer's steps/s; a trainer image without that gauge, its samples/s over the global batch (too long where
+    # batches are short of it: a small split's, an epoch's last).
+    samples_per_second = number(sample.get("samples_per_second")) or 0.0
+    steps_per_second = number(sample.get("steps_per_second")) or samples_per_second / global_batch
+    progress["etaSeconds"] = count((total - step) / steps_per_second) if steps_per_second > 0 and total else None
     metrics = {k: _rounded(sample.get(s)) for k, s in METRICS}
     return out | {"progress": progress, "metrics": metrics}
 

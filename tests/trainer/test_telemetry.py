@@ -258,6 +258,31 @@ def test_throughput_and_the_eta_follow_the_latest_steps_not_the_runs_average(cap
     assert status.finished_metrics(progress.message) == {k: v for k, v in read["metrics"].items() if k != "updatedAt"}
 
 
+def test_the_eta_counts_steps_where_batches_are_short_of_the_global_batch() -> None:
+    """137 rows at batchSize 16 on 8 workers: a step trains about 17 rows, not 128. The status's ETA was the steps
+    left times the global batch over samples/s, 1.9 times the time left; now the steps left over steps/s."""
+    from datetime import datetime
+
+    from prometheus_client import generate_latest
+
+    from finetune_operator import scrape, status
+    from finetune_trainer.pipeline import Progress
+    from finetune_trainer.train import LoopState
+
+    state, metrics = LoopState(), Metrics(CPU)
+    progress = Progress(metrics, main=False)
+    for _ in range(20):
+        state.step, state.seconds, state.samples = state.step + 1, state.seconds + 0.5, state.samples + 17
+        state.history.append({"step": state.step, "loss": 1.0, "lr": 1e-4, "grad_norm": 1.0})
+        progress.step(state, 180, None)
+    sample = scrape.parse(generate_latest(metrics.registry).decode())
+    assert sample["steps_per_second"] == pytest.approx(2)
+    assert status.progress_and_metrics(sample, 128, datetime(2026, 1, 1))["progress"]["etaSeconds"] == 80
+    # A trainer image without the gauge: from samples/s and the global batch, as before
+    del sample["steps_per_second"]
+    assert status.progress_and_metrics(sample, 17, datetime(2026, 1, 1))["progress"]["etaSeconds"] == 80
+
+
 def test_an_image_run_reports_no_tokens_per_second(pvc_root: Path) -> None:
     """An image batch counted its samples as its tokens: the dashboard's Throughput drew an image job's samples/s
     again as tokens/s, and the status said tokensPerSecond."""
@@ -325,7 +350,7 @@ def test_mfu_is_reported_only_where_the_gpus_peak_is_known(monkeypatch: pytest.M
     monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 0)
     metrics = Metrics(torch.device("cuda", 0))
     per_sample = StepFlops(0.5 * telemetry.PEAK_BF16_FLOPS["NVIDIA H200"] / 100, per_token=False)  # half at 100/s
-    metrics.set_throughput((10.0, 1000.0, 0.0, 0.0), per_sample)
+    metrics.set_throughput((10.0, 10.0, 1000.0, 0.0, 0.0), per_sample)
     lines = [line for line in generate_latest(metrics.registry).decode().splitlines()
              if line.startswith("finetune_trainer_mfu ")]
     assert [float(line.split()[1]) for line in lines] == ([] if mfu is None else [pytest.approx(mfu)])
@@ -343,7 +368,7 @@ def test_the_gpus_peak_is_looked_up_once_for_the_run(monkeypatch: pytest.MonkeyP
     metrics = Metrics(torch.device("cuda", 0))
     per_sample = StepFlops(0.5 * telemetry.PEAK_BF16_FLOPS["NVIDIA H200"] / 100, per_token=False)  # half at 100/s
     for step in range(1, 4):
-        metrics.set_throughput((10.0 * step, 1000.0 * step, 0.0, 0.0), per_sample)
+        metrics.set_throughput((10.0 * step, 10.0 * step, 1000.0 * step, 0.0, 0.0), per_sample)
     assert len(asked) == 1 and metrics.mfu.value == pytest.approx(0.5)
 
 
@@ -363,7 +388,7 @@ def test_mfu_counts_flops_per_padded_token_so_the_probe_batchs_length_does_not_s
     model = BertForSequenceClassification(BertConfig(
         vocab_size=128, hidden_size=256, num_hidden_layers=1, num_attention_heads=4, intermediate_size=1024,
         max_position_embeddings=64))
-    totals = (10.0, 2_000.0, 40_000.0, 40_000.0)  # the run's: 200 samples/s of 20 padded tokens
+    totals = (10.0, 100.0, 2_000.0, 40_000.0, 40_000.0)  # the run's: 200 samples/s of 20 padded tokens
     mfu = {}
     for length in (4, 64):
         rows = Encoded([[1] * length] * 4, [0] * 4, [length] * 4)

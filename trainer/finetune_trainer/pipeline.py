@@ -112,7 +112,7 @@ class Progress:
         m.step.set(state.step)
         m.total_steps.set(total)
         m.epoch.set(state.epoch)
-        m.set_throughput((state.seconds, state.samples, state.tokens, state.padded_tokens), flops)
+        m.set_throughput((state.seconds, state.step, state.samples, state.tokens, state.padded_tokens), flops)
         self.message["progress"] = {"step": state.step, "totalSteps": total, "epoch": state.epoch}
         # The gauges' rates, which the status showed until this message replaced them at the end: the run's average
         # there (carried over a resume) put another samples/s beside the last tokens/s.
@@ -130,10 +130,10 @@ class Progress:
             self.last_log = now
             # The gauges' recent rate, as the status and the dashboard show: the run's average (a resume carries it
             # over) gave a run resumed on slower GPUs the first attempt's speed and a fraction of the time left.
-            rate = m.samples_per_second.value or 0.0  # set by set_throughput above
-            eta = (total - state.step) * state.samples / state.step / max(rate, 1e-9)
+            eta = (total - state.step) / max(m.steps_per_second.value or 0.0, 1e-9)  # set by set_throughput above
             log.info("step %d/%d epoch %d loss %.4f lr %.2e grad norm %.3g %.1f samples/s eta %.0fs", state.step,
-                     total, state.epoch, last["loss"], last["lr"], last["grad_norm"], rate, eta)
+                     total, state.epoch, last["loss"], last["lr"], last["grad_norm"], m.samples_per_second.value or 0.0,
+                     eta)
 
 
 def run(cfg: TrainerConfig, output_dir: Path) -> dict[str, Any]:

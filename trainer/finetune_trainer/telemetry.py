@@ -180,6 +180,10 @@ class Metrics:
                                          f"latest {RATE_WINDOW_SECONDS:.0f} s of training")
         self.tokens_per_second = latest("tokens_per_second", "Training tokens per second, all workers, over the "
                                         f"latest {RATE_WINDOW_SECONDS:.0f} s of training")
+        # The ETA's rate: rows a step vary (a small split's batches are smaller than batchSize, the last of an epoch
+        # too), so the time left from samples/s and the global batch was up to twice the real one.
+        self.steps_per_second = latest("steps_per_second", "Optimizer steps per second over the latest "
+                                       f"{RATE_WINDOW_SECONDS:.0f} s of training")
         self.recent = Recent()
         self.stage = gauge("stage", "1 for the pipeline stage running now, 0 for the others", ("stage",))
         self.eval_metric = gauge("eval_metric", "Evaluation metric: test split (baseline, final, and teacher: a "
@@ -256,14 +260,15 @@ class Metrics:
         size stay for the run."""
         return peak_flops(self.device) if self.device.type == "cuda" else None
 
-    def set_throughput(self, totals: tuple[float, float, float, float], flops: StepFlops | None) -> None:
-        """From the run's totals of training seconds, samples, tokens and padded tokens after a step (`Recent`); at
-        an attempt's first step, their average."""
+    def set_throughput(self, totals: tuple[float, float, float, float, float], flops: StepFlops | None) -> None:
+        """From the run's totals of training seconds, steps, samples, tokens and padded tokens after a step
+        (`Recent`); at an attempt's first step, their average."""
         seconds, *counts = totals
-        samples_per_second, tokens_per_second, padded_per_second = (
+        steps_per_second, samples_per_second, tokens_per_second, padded_per_second = (
             self.recent.add(seconds, *counts) or tuple(count / max(seconds, 1e-9) for count in counts))
+        self.steps_per_second.set(steps_per_second)
         self.samples_per_second.set(samples_per_second)
-        if counts[1]:  # images have no tokens: the dashboard and the status showed their samples/s as tokens/s
+        if counts[2]:  # images have no tokens: the dashboard and the status showed their samples/s as tokens/s
             self.tokens_per_second.set(tokens_per_second)
         if self.peak_flops and flops and flops.flops:
             self.mfu.set(flops.per_second(samples_per_second, padded_per_second) / self.peak_flops)
