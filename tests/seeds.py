@@ -54,7 +54,8 @@ EVERY_PASS_THROUGH: dict[str, Any] = {
             "nodeSelector": {"kubernetes.io/os": "linux"},
             "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"},
                             {"key": "spot", "operator": "Equal", "value": "true", "effect": "NoExecute",
-                             "tolerationSeconds": 60}],
+                             "tolerationSeconds": 60},
+                            {"key": "", "operator": "Exists", "effect": ""}],  # every taint, as core/v1 spells it too
             "affinity": {
                 "nodeAffinity": {
                     "requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [

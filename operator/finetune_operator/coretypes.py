@@ -581,6 +581,7 @@ class TolerationOperator(StrEnum):
 
 
 class TaintEffect(StrEnum):
+    ALL = ""  # as core/v1 takes it: every effect, as when omitted
     NO_SCHEDULE = "NoSchedule"
     PREFER_NO_SCHEDULE = "PreferNoSchedule"
     NO_EXECUTE = "NoExecute"
@@ -589,16 +590,18 @@ class TaintEffect(StrEnum):
 class Toleration(ApiModel):
     """A core/v1 Toleration of the trainer pods."""
 
-    key: str | None = Field(None, max_length=317, pattern=QUALIFIED_NAME, description="Taint key; omit with Exists to tolerate every taint.")
+    # Empty as omitted, as core/v1 takes it (a toleration copied from a pod's spec may say key: "" or effect: "")
+    key: str | None = Field(None, max_length=317, pattern=f"^$|{QUALIFIED_NAME}",
+                            description="Taint key; omit (or leave empty) with Exists to tolerate every taint.")
     operator: TolerationOperator | None = Field(None, description="Exists or Equal (the default).")
     value: LabelValue | None = Field(None, description="Taint value to match (operator Equal).")
-    effect: TaintEffect | None = Field(None, description="NoSchedule, PreferNoSchedule or NoExecute; omit to match all.")
+    effect: TaintEffect | None = Field(None, description="NoSchedule, PreferNoSchedule or NoExecute; omit (or leave empty) to match all.")
     toleration_seconds: int | None = Field(None, description="How long a NoExecute taint is tolerated, in seconds.")
 
     rules = (
         Rule(
-            cel="has(self.key) || (has(self.operator) && self.operator == 'Exists')",
-            holds=lambda t: t.key is not None or t.operator == TolerationOperator.EXISTS,
+            cel="(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+            holds=lambda t: bool(t.key) or t.operator == TolerationOperator.EXISTS,
             message="operator must be Exists when key is empty",
             field="operator",
         ),
