@@ -13,7 +13,7 @@ def _type_of(node: dict[str, Any]) -> str:
     if node.get("x-kubernetes-int-or-string"):
         return "int or string"
     if "enum" in node:
-        return " \\| ".join(f"`{v}`" for v in node["enum"])
+        return " \\| ".join(f"`{v}`" if v else "`\"\"`" for v in node["enum"])  # "" would be an empty code span
     if node.get("type") == "array":
         return f"list of {_type_of(node['items'])}"
     if node.get("type") == "object" and isinstance(node.get("additionalProperties"), dict):
