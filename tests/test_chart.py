@@ -659,6 +659,20 @@ def test_extra_env_that_the_operator_s_env_has_already_is_refused_at_install() -
     assert yaml.safe_load(out)["spec"]["template"]["spec"]["containers"][0]["env"][-1] == proxy[0]
 
 
+def test_pod_labels_that_the_chart_sets_are_refused_at_install() -> None:
+    """podLabels with a key of the chart's labels rendered it twice in the pod's: a duplicate YAML key, or the last
+    value winning over the one the Deployment and the Service select by."""
+    chart = str(REPO / "charts" / "finetune-operator")
+    out = subprocess.run([helm(), "template", "fto", chart, "--set-json", 'podLabels={"team": "a"}',
+                          "--show-only", "templates/deployment.yaml"], check=True, capture_output=True, text=True).stdout
+    labels = yaml.safe_load(out)["spec"]["template"]["metadata"]["labels"]
+    assert labels["team"] == "a" and len(labels) > 1
+    for key in set(labels) - {"team"}:
+        result = subprocess.run([helm(), "template", "fto", chart, "--set-json", f'podLabels={{"{key}": "x"}}'],
+                                capture_output=True, text=True)
+        assert result.returncode != 0 and f"podLabels.{key}: the chart sets this label" in result.stderr, key
+
+
 @pytest.mark.parametrize(("resources", "field"), [
     ({"limits": {"cpu": 0.5}}, "/trainer/resources/limits/cpu"),
     ({"requests": {"memory": "four"}}, "/trainer/resources/requests/memory"),
