@@ -531,6 +531,55 @@ def test_rank_0_alone_keeps_the_best_weights_and_every_rank_ends_with_them() -> 
         1: ("rank 0 could not put the best weights back (its log says why)", True)}
 
 
+def resume_in_own_view(roots: tuple[str, str], stale: bool, rank: int) -> tuple[bool, int, list[float]]:
+    """One of two ranks asking, as the pipeline does, whether the checkpoints of `roots[rank]` end a training of 4
+    steps, and resuming `Dropped` from them: what it answered, the step it resumed and its restored weights. With
+    `stale`, rank 1's listing of the folder lacks its newest checkpoint, whose files it still reads."""
+    from finetune_trainer import checkpoints
+    from finetune_trainer.config import TrainingSpec
+    from finetune_trainer.distributed import World
+    from finetune_trainer.train import make_scheduler
+
+    if stale and rank == 1:
+        listing = checkpoints.complete
+        checkpoints.complete = lambda root: listing(root)[:-1]  # this spawned process's alone
+    world, root, model = World(rank, 2, torch.device("cpu")), Path(roots[rank]), Dropped()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    ended = checkpoints.finished(root, 4, world)
+    state, _ = checkpoints.load(root, model, optimizer, make_scheduler(optimizer, TrainingSpec(), 4),
+                                torch.amp.GradScaler("cpu", enabled=False), world)
+    return ended, state["step"], model.out.weight.unique().tolist()
+
+
+@pytest.mark.parametrize("stale", [True, False], ids=["a stale listing", "a folder it cannot see"])
+def test_every_rank_resumes_the_checkpoint_rank_0_lists(stale: bool, tmp_path: Path) -> None:
+    """Each rank listed the shared checkpoint folder itself: where a rank's view lacked the newest checkpoint (NFS's
+    cached attributes, one committed a moment before it listed), the ranks resumed different steps, and the run went
+    on with diverged replicas (or waited in different numbers of collectives). They follow rank 0's list; one a rank
+    cannot read in it is set aside, and every rank resumes the one before."""
+    from finetune_trainer import checkpoints
+    from finetune_trainer.config import TrainingSpec
+    from finetune_trainer.distributed import World
+    from finetune_trainer.train import make_scheduler
+
+    model, shared = Dropped(), tmp_path / "shared"
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    scheduler, scaler = make_scheduler(optimizer, TrainingSpec(), 4), torch.amp.GradScaler("cpu", enabled=False)
+    for step in (2, 4):
+        with torch.no_grad():
+            model.out.weight.fill_(step)
+        checkpoints.save(shared, step, model, optimizer, scheduler, scaler, {"step": step},
+                         World(0, 1, torch.device("cpu")), keep=2)
+    seen = shared
+    if not stale:  # rank 1's view of the volume: the folder without the newest checkpoint
+        shutil.copytree(shared, seen := tmp_path / "seen")
+        shutil.rmtree(seen / "step-00000004")
+    step = 4 if stale else 2
+    assert two_ranks(partial(resume_in_own_view, (str(shared), str(seen)), stale)) == {
+        0: (True, step, [step]), 1: (True, step, [step])}
+    assert (shared / ".unreadable-step-00000004").exists() != stale
+
+
 class Timed(torch.nn.Module):
     """A forward that takes 10 ms and notes when it ran (the system's monotonic clock, comparable across ranks)."""
 

@@ -793,7 +793,7 @@ def test_a_resumed_run_s_first_evaluation_is_checkpointed_when_no_step_follows(t
     saved = json.loads((newest / "state.json").read_text())
     assert newest.name == "step-00000004" and [e["step"] for e in saved["evals"]] == [2, 4]
     assert saved["stopped_early"] == stops and saved["best_step"] == resumed.best_step
-    assert checkpoints.finished(tmp_path, total) and not [p.name for p in tmp_path.glob(".*")]
+    assert checkpoints.finished(tmp_path, total, CPU) and not [p.name for p in tmp_path.glob(".*")]
     best, trained = load_file(newest / checkpoints.BEST), load_file(newest / "trained.safetensors")
     assert all(torch.equal(best[n], trained[n]) for n in trained) != stops  # step 2's weights, or step 4's
     again = run([])  # a retry: resumed where training ended, with nothing to evaluate
@@ -1382,7 +1382,7 @@ def test_a_committed_checkpoint_that_cannot_be_read_gives_way_to_the_one_before_
     # one checkpoint set aside is kept at most (the volume was sized for keepCheckpoints).
     state_file = tmp_path / "step-00000004" / "state.json"
     state_file.write_text(state_file.read_text()[:20])
-    assert not checkpoints.finished(tmp_path, 4)
+    assert not checkpoints.finished(tmp_path, 4, CPU)
     run()
     assert sorted(p.name for p in tmp_path.glob(".unreadable-*")) == [".unreadable-step-00000004"]
     assert json.loads(state_file.read_text())["step"] == 4

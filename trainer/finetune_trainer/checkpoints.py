@@ -5,9 +5,9 @@ weights of the best evaluation so far when early stopping keeps them, the optimi
 scheduler, each rank's RNG state and the loop's position as JSON. It is
 written into `.tmp-step-<N>`, flushed to disk, given a COMMITTED marker, and only then
 renamed into place by rank 0 (a rename is atomic); the last `keep` are kept. Resume takes
-the newest folder that has the marker, and every rank can read (one torn after its flush is set aside,
-`.unreadable-step-<N>`). A step written again (its evaluation came after it) moves
-the old folder aside to `.old-step-<N>` until the new one is in place: a crash between the two
+the newest folder in rank 0's listing (`listed`) that has the marker, and every rank can read (one torn after its
+flush, or that a rank does not see, is set aside, `.unreadable-step-<N>`). A step written again (its evaluation came
+after it) moves the old folder aside to `.old-step-<N>` until the new one is in place: a crash between the two
 renames leaves it there, still the step's checkpoint (`complete`), and `run_folder` puts it back.
 Ranks must share the checkpoint folder (a PVC).
 
@@ -445,7 +445,19 @@ def committed(checkpoint: Path) -> bool:
     return all((checkpoint / name).exists() for name in (MARKER, *CHECKPOINT_FILES))
 
 
-def finished(root: Path, total: int) -> bool:
+def listed(root: Path, world: World) -> list[Path]:
+    """`complete(root)` as rank 0 lists it, on every rank: a shared volume's listing may differ between ranks (NFS's
+    cached attributes, a checkpoint rank 0 committed a moment before), and ranks that each walked their own restored
+    different steps, or waited in different numbers of collectives."""
+    return [root / name for name in world.broadcast([p.name for p in complete(root)] if world.main else None)]
+
+
+def finished(root: Path, total: int, world: World) -> bool:
+    """Rank 0's `ended`, on every rank: ranks that differed (`listed`) loaded the teacher on some alone."""
+    return world.broadcast(ended(root, total) if world.main else None)
+
+
+def ended(root: Path, total: int) -> bool:
     """Whether the newest committed checkpoint ends the training: at step `total`, or stopped early (a loop that
     resumes it makes no step)."""
     found = complete(root)
@@ -464,8 +476,9 @@ def load(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
     alone (`train_loop`), the best weights if it kept them. None when there is none, or it was laid out for another
     model or optimizer (`misfits`): the run's checkpoints are then removed. One that a rank cannot read though
     committed (a file torn after its flush: a volume's fault, a copy cut short) is set aside, with a warning, and the
-    one before it, which keepCheckpoints kept, is restored: every retry failed on it. The ranks agree on each."""
-    for folder in reversed(complete(root)):
+    one before it, which keepCheckpoints kept, is restored: every retry failed on it. The ranks agree on each, in
+    rank 0's list (`listed`)."""
+    for folder in reversed(listed(root, world)):
         rng_file, best_file = folder / f"rng-{world.rank}.pt", folder / BEST
         try:  # all of it read before anything is restored
             tensors = load_file(folder / TRAINED)
@@ -475,7 +488,8 @@ def load(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
             rng = torch.load(rng_file, weights_only=True) if rng_file.exists() else None
             best = load_file(best_file) if world.main and best_file.exists() else None
             torn = False
-        except (RuntimeError, SafetensorError, EOFError, ValueError) as exc:  # RuntimeError: torch's zip reader
+        # RuntimeError: torch's zip reader; FileNotFoundError: rank 0 listed it, this rank's view of the volume lacks it
+        except (RuntimeError, SafetensorError, EOFError, ValueError, FileNotFoundError) as exc:
             # a read the volume failed is retried; torch's other RuntimeErrors (out of memory) are no torn file
             if failed_read(exc) or isinstance(exc, RuntimeError) and "PytorchStreamReader" not in str(exc):
                 raise

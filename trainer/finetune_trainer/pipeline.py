@@ -349,7 +349,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     # left to teach, and a teacher gone since does not stop a finished model's export.
     teacher = None
     if cfg.training.distillation is not None:
-        if checkpoints.finished(checkpoint_dir, total_steps(train_data, cfg.training, world)):
+        if checkpoints.finished(checkpoint_dir, total_steps(train_data, cfg.training, world), world):
             log.info("training.distillation: the teacher is not loaded, the newest checkpoint of %s ends the "
                      "training", checkpoint_dir)
         else:
