@@ -176,6 +176,25 @@ def test_a_causal_lm_built_from_its_config_ends_generation_at_its_tokenizers_eos
     assert GenerationConfig.from_pretrained(tmp_path / "out").eos_token_id == end
 
 
+def test_a_causal_lm_loaded_from_model_uri_also_ends_generation_where_its_texts_ended(tmp_path: Path) -> None:
+    """A checkpoint kept its generation config's eos: none for BERT, whose texts trained to end with [SEP], and
+    generate() went on into a new text; a base model's eos under a tokenizer that ends texts with another. The end
+    trained to is added, the checkpoint's kept."""
+    from transformers import GPT2Config, GPT2LMHeadModel, GenerationConfig
+
+    spec = ModelSpec(task="causal-lm", uri="pvc://models/all-MiniLM-L6-v2")
+    tok = load_tokenizer(spec)
+    load_model(spec, tok, seed=0).save_pretrained(tmp_path / "bert")
+    assert GenerationConfig.from_pretrained(tmp_path / "bert").eos_token_id == tok.sep_token_id
+    bpe = bpe_tokenizer(tmp_path / "tok")
+    GPT2LMHeadModel(GPT2Config(**TINY_GPT2, eos_token_id=3, bos_token_id=3)).save_pretrained(tmp_path / "base")
+    spec = ModelSpec(task="causal-lm", uri=f"file://{tmp_path / 'base'}", tokenizerUri=f"file://{bpe}")
+    tok = load_tokenizer(spec)
+    assert tok.eos_token_id not in (None, 3)
+    load_model(spec, tok, seed=0).save_pretrained(tmp_path / "gpt2")
+    assert GenerationConfig.from_pretrained(tmp_path / "gpt2").eos_token_id == [3, tok.eos_token_id]
+
+
 @pytest.mark.parametrize("saved", [False, True])
 def test_an_encoder_trained_as_a_causal_lm_does_not_see_the_tokens_it_predicts(saved: bool, tmp_path: Path) -> None:
     """BERT loaded for causal-lm (from its config, or a checkpoint such as the bundled MiniLM) attended both ways:

@@ -154,6 +154,8 @@ def _load_transformer(spec: ModelSpec, tokenizer) -> nn.Module:
         # dtype auto: the checkpoint's, see load_model
         model, info = auto.from_pretrained(path, config=config, dtype="auto", output_loading_info=True)
         model.new_modules = newly_initialised(model, info["missing_keys"])
+        if spec.task == Task.CAUSAL_LM:
+            stops_where_texts_end(model, tokenizer)
         return padding_as_batched(model, tokenizer, fresh=False)
     except (OSError, ValueError, KeyError, TypeError, ZeroDivisionError, AssertionError, StrictDataclassError,
             RuntimeError, SafetensorError, pickle.UnpicklingError) as exc:
@@ -284,6 +286,20 @@ def text_bounds(tokenizer) -> dict[str, int | None]:
 
     return {"bos_token_id": first(tokenizer.bos_token_id, tokenizer.cls_token_id),
             "eos_token_id": first(tokenizer.eos_token_id, tokenizer.sep_token_id)}
+
+
+def stops_where_texts_end(model: nn.Module, tokenizer) -> None:
+    """generate() stops at the token every training text ends with (`text_bounds`: encode_causal appends the eos,
+    a BERT tokenizer adds its [SEP]), beside the checkpoint's own: a model loaded from model.uri kept its generation
+    config's, none for BERT, another for a base model under its instruct tokenizer (<|im_end|>), and generated on
+    into a new text."""
+    end, generation = text_bounds(tokenizer)["eos_token_id"], getattr(model, "generation_config", None)
+    if end is None or generation is None:
+        return
+    found = generation.eos_token_id
+    ids = [] if found is None else [found] if isinstance(found, int) else list(found)
+    if end not in ids:
+        generation.eos_token_id = [*ids, end] if ids else end
 
 
 def check_positions(model: nn.Module, max_length: int) -> None:
