@@ -757,6 +757,27 @@ def test_merge_on_export_is_in_the_fingerprint_only_where_it_picks_the_adapted_m
                      r"rearrange.mergeOnExport", caplog.text)
 
 
+@pytest.mark.parametrize("problem", ["multi_label_classification", "regression"])
+def test_a_classifier_exports_the_single_label_problem_it_trained_on(problem: str, tmp_path: Path) -> None:
+    """A base saved multi-label (or for regression) exported so: transformers' pipeline scored the classes with
+    sigmoids (0.51, 0.50, 0.49), and its loss refused one label a row."""
+    from transformers import AutoModelForSequenceClassification
+
+    from tiny import saved_bert
+
+    base = saved_bert(tmp_path / "base", {0: "a", 1: "b", 2: "c"}, problem_type=problem)
+    spec = ModelSpec(task="sequence-classification", uri=f"file://{base}")
+    tokenizer = load_tokenizer(ModelSpec(task="sequence-classification", uri="pvc://models/all-MiniLM-L6-v2"))
+    model = load_model(spec, tokenizer, seed=0)
+    new_head(model, "classifier", 3, {0: "neg", 1: "neu", 2: "pos"}, reinitialize=False)
+    model.save_pretrained(tmp_path / "out")
+    exported = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
+    inputs = tokenizer(["a fine day", "a bad one"], return_tensors="pt", padding=True)
+    loss = exported(**inputs, labels=torch.tensor([0, 2])).loss
+    expected = nn.functional.cross_entropy(exported(**inputs).logits, torch.tensor([0, 2]))
+    torch.testing.assert_close(loss, expected)
+
+
 def test_new_head_lora_and_a_checked_merge(bert, tmp_path: Path) -> None:
     model, tokenizer = bert
     _, _, batches = text_batches(tokenizer, Task.SEQUENCE_CLASSIFICATION, [0, 1, 2, 0, 1] * 4)

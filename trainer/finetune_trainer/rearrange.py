@@ -34,6 +34,9 @@ def new_head(model: nn.Module, head: str, num_labels: int, id2label: dict[int, s
         config.num_labels = num_labels
         config.id2label = {i: id2label.get(i, f"LABEL_{i}") for i in range(num_labels)}
         config.label2id = {v: k for k, v in config.id2label.items()}
+        # What it trains: one label of a softmax. A base saved multi-label (or for regression) exported so, and
+        # transformers' pipeline scored the classes with sigmoids, its loss refused the labels.
+        config.problem_type = "single_label_classification"
     if old.out_features == num_labels and not reinitialize:
         return False
     fresh = nn.Linear(old.in_features, num_labels, bias=old.bias is not None)
