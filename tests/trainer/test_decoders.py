@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 from pathlib import Path
 
 import pytest
@@ -77,6 +79,9 @@ def test_the_card_of_a_decoder_classifiers_adapters_loads_the_model_that_trained
     # the head's classes by name, as a merged export's config.json has them (the base's config said LABEL_0, ...)
     assert loaded.config.id2label == model.config.id2label and loaded.config.label2id == model.config.label2id
     assert loaded.config.id2label[2] == "pos"
+    # model.uri as published is their base: peft's own loaders find it where the config names it
+    assert json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())[
+        "base_model_name_or_path"] == str(base)
 
 
 def test_a_bf16_checkpoint_is_exported_in_bf16(tmp_path: Path) -> None:

@@ -69,6 +69,31 @@ def test_adapters_kept_apart_leave_no_merged_weights_of_an_earlier_export(tmp_pa
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
 
 
+@pytest.mark.parametrize(("task", "config", "named"), [
+    ("sequence-classification", {}, True),  # model.uri as published: peft's own loaders find their base there
+    ("sequence-classification", {"num_hidden_layers": 2}, False),  # model.config's base: 2 of MiniLM's 6 layers
+    ("causal-lm", {}, False),  # an encoder made causal: model.uri's config.json attends both ways
+])
+def test_adapters_kept_apart_name_model_uri_as_their_base_only_where_it_is(task: str, config: dict, named: bool,
+                                                                           tmp_path: Path) -> None:
+    """peft's AutoPeftModel loads the base the adapters' config names: model.uri's path, also where the job changed
+    it (model.config, a causal switch; pruning's, test_prune), and it loaded the other model under them without a
+    word. Named nowhere, it fails; the card's code builds the base they trained on."""
+    spec = ModelSpec(task=task, uri=TOKENIZER, config=config)
+    tokenizer = load_tokenizer(spec)
+    model = load_model(spec, tokenizer, seed=0)
+    head = "classifier" if task == "sequence-classification" else None
+    if head:
+        new_head(model, head, 3, {0: "neg", 1: "neu", 2: "pos"}, reinitialize=True)
+    wrapped = add_adapters(model, LoraSpec(rank=4), ["query", "value"], head)
+    doc = tiny_classifier_doc(tmp_path / "out")
+    doc["model"] = spec.to_wire()
+    doc["rearrange"] = {"lora": {"rank": 4}, "mergeOnExport": False}
+    export_model(wrapped, tokenizer, {}, TrainerConfig.model_validate(doc), tmp_path / "out")
+    base = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    assert base == (str(export.local_path(TOKENIZER)) if named else None)
+
+
 def test_the_card_and_the_cli_show_a_small_change_as_one(tmp_path: Path) -> None:
     """A detector's first mAPs (7.1e-05, then 1.5e-04) read 0.0001 before and after with a delta of +0.0001, and a
     perplexity of 1e30 took 36 characters: four significant digits where four decimals show fewer or too many."""

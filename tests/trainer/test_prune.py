@@ -196,6 +196,9 @@ def test_a_pruned_models_adapters_kept_apart_reload_on_the_pruned_base_exported_
     base = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out")
     reloaded = PeftModel.from_pretrained(base, tmp_path / "out" / "adapter").eval()
     torch.testing.assert_close(logits_of(reloaded, batches[0].inputs), logits, atol=1e-5, rtol=1e-5)
+    # Their config names no base: peft's AutoPeftModel loaded model.uri's, unpruned, under them without a word
+    adapter_config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert adapter_config["base_model_name_or_path"] is None
 
 
 def test_healing_trains_the_kept_layers_back_towards_the_unpruned_models_hidden_states(minilm) -> None:

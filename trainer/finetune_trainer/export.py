@@ -38,7 +38,7 @@ from finetune_trainer.batches import IMAGENET_MEAN, IMAGENET_STD
 from finetune_trainer.checkpoints import fsync, fsync_tree, replace_atomically
 from finetune_trainer.config import Task, TrainerConfig
 from finetune_trainer.detection.models import Detector, class_count
-from finetune_trainer.models import ImageClassifier
+from finetune_trainer.models import ImageClassifier, has_causal_switch
 from finetune_trainer.structure import head_name
 from finetune_trainer.uris import hub_parts, local_path
 
@@ -181,6 +181,8 @@ def export_model(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg
     adapters = hasattr(model, "peft_config")  # kept apart: not merged on request, or the merge check failed
     if adapters:
         model.save_pretrained(out / ADAPTER)
+        if not base_as_published(model, cfg):
+            unnamed_base(out / ADAPTER)
     if writes_base(model, cfg):  # with adapters, what they adapt: the adapters taken out (in place), not merged
         write_weights(model.unload() if adapters else model, cfg, out)
     if tokenizer is not None:
@@ -281,6 +283,22 @@ def base_is_new(cfg: TrainerConfig) -> bool:
     """Whether the model under the adapters is one model.uri does not hold: built from its config (random weights),
     or pruned (its layers renumbered, healed). Adapters kept apart are of no use without it."""
     return cfg.model.uri is None or cfg.rearrange.prune is not None
+
+
+def base_as_published(model: nn.Module, cfg: TrainerConfig) -> bool:
+    """Whether model.uri, loaded as published, is the model under the adapters: not where it is new (`base_is_new`),
+    model.config changes it (num_hidden_layers), or an encoder was made causal (its config.json attends both ways)."""
+    causal = cfg.model.task == Task.CAUSAL_LM and has_causal_switch(getattr(model, "config", None))
+    return not (base_is_new(cfg) or cfg.model.config or causal)
+
+
+def unnamed_base(adapter: Path) -> None:
+    """Take model.uri's path out of the adapters' config where it is not their base: peft's AutoPeftModel loads the
+    base it names, and loaded the unpruned model (or the bidirectional, or the 6-layer one) under them without a
+    word. With none named, it fails; the card's code builds the base they were trained on. peft's save_pretrained
+    names the model's own path where the config has none, so the file is rewritten after it."""
+    path = adapter / "adapter_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | {"base_model_name_or_path": None}, indent=2))
 
 
 def loss_curve(history: list[dict[str, float]], evals: list[dict[str, Any]], path: Path) -> None:
