@@ -2332,6 +2332,40 @@ def test_a_worker_whose_volumes_do_not_mount_waits_visibly_and_is_no_failure() -
     assert started["phase"] == "Running"
 
 
+def test_a_pod_with_init_containers_says_what_holds_it() -> None:
+    """With an init container (a mesh's istio-init, vault-agent-init, a native sidecar) the kubelet says the trainer
+    waits in PodInitializing, not ContainerCreating: an init container's bad image, or a volume that did not mount,
+    left the job Pending with no reason, for ever."""
+    def raw(init_waiting: dict[str, Any], initialized: str = "False") -> dict[str, Any]:
+        return {"metadata": {"name": "ft-1-0-x", "labels": {"finetune.dev/job-name": "ft", "finetune.dev/job-uid": "u",
+                                                            "finetune.dev/attempt": "1"},
+                             "annotations": {"batch.kubernetes.io/job-completion-index": "0"}},
+                "status": {"phase": "Pending", "conditions": [
+                    {"type": "PodScheduled", "status": "True", "lastTransitionTime": "2026-12-01T11:59:00Z"},
+                    {"type": "Initialized", "status": initialized, "lastTransitionTime": "2026-12-01T11:59:00Z"}],
+                    "initContainerStatuses": [{"name": "istio-init", "state": {"waiting": init_waiting}}],
+                    "containerStatuses": [{"name": "trainer", "state": {"waiting": {"reason": "PodInitializing"}}}]}}
+
+    pulled = raw({"reason": "ImagePullBackOff", "message": 'Back-off pulling image "mesh/proxy:1": ErrImagePull: '
+                  "pull access denied"})
+    summary = outcome.pod_summary(pulled)
+    assert summary["stuck"] == {"reason": "ImagePullBackOff", "message": "init container istio-init: pull access denied"}
+    status = after(decide(Observed(body({"attempts": 1}), [job()], [summary], NOW)))
+    assert status["phase"] == "Pending" and conditions(status)["Running"] == ("False", "ImagePullBackOff")
+    # Its volumes not mounted, no init container has started: the wait is read as a trainer's in ContainerCreating
+    mounting = outcome.pod_summary(raw({"reason": "PodInitializing"}))
+    assert mounting["stuck"] is None and mounting["creating"] == "2026-12-01T11:59:00Z"
+    missing = {"FailedMount": ("2026-12-01T12:01:00Z", 'MountVolume.SetUp failed for volume "creds" : secret "creds" '
+                               "not found")}
+    observed = Observed(body({"attempts": 1, "startTime": "2026-12-01T11:58:00Z"}), [job()], [mounting],
+                        NOW + timedelta(minutes=5))
+    assert pod_warning(observed, lambda name: missing) == (
+        "FailedMount", 'pod ft-1-0-x waits (not counted as a failure): MountVolume.SetUp failed for volume "creds" : '
+        'secret "creds" not found')
+    # Initialized, the trainer's PodInitializing is a moment before it is created: nothing to wait on
+    assert outcome.pod_summary(raw({}, initialized="True"))["creating"] is None
+
+
 def test_pod_summary_keeps_only_waiting_reasons_the_user_must_fix() -> None:
     def waiting(reason: str) -> dict[str, Any]:
         return {"metadata": {"name": "p", "labels": {}}, "status": {"phase": "Pending", "containerStatuses": [

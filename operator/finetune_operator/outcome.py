@@ -154,9 +154,16 @@ BACK_OFF_WITH_ERROR = re.compile(r'Back-off pulling image "[^"]*": (?:\w+: )?(.+
 
 
 def _stuck(pod: dict[str, Any]) -> dict[str, Any] | None:
-    for status in pod.get("status", {}).get("containerStatuses") or []:
-        waiting = (status.get("state") or {}).get("waiting") or {}
-        if (reason := waiting.get("reason")) in STUCK_WAITING:
+    """Why a container waits for the user, init containers first: while one waits (a webhook's istio-init or
+    vault-agent-init, a native sidecar) the trainer only says PodInitializing. Another container than the trainer
+    is named."""
+    pod_status = pod.get("status", {})
+    for kind, statuses in (("init container", pod_status.get("initContainerStatuses")),
+                           ("container", pod_status.get("containerStatuses"))):
+        for status in statuses or []:
+            waiting = (status.get("state") or {}).get("waiting") or {}
+            if (reason := waiting.get("reason")) not in STUCK_WAITING:
+                continue
             message = waiting.get("message") or ""
             stuck: dict[str, Any] = {"reason": SAME_WAIT.get(reason, reason), "message": message}
             if reason == BACK_OFF:
@@ -164,6 +171,8 @@ def _stuck(pod: dict[str, Any]) -> dict[str, Any] | None:
                     stuck["message"] = said.group(1)
                 else:
                     stuck["backOff"] = True
+            if (name := status.get("name")) != TRAINER:
+                stuck["message"] = f"{kind} {name}: {stuck['message']}"
             return stuck
     return None
 
@@ -178,10 +187,14 @@ POD_EVENTS = (*NOT_CREATED, *PULLING, "SuccessfulAttachVolume")
 
 
 def _creating_since(pod: dict[str, Any], scheduled: dict[str, Any]) -> str | None:
-    """When the pod was scheduled, while its containers are still being created (volumes, image pull)."""
-    statuses = pod.get("status", {}).get("containerStatuses") or []
-    waiting = [(s.get("state") or {}).get("waiting") or {} for s in statuses]
-    if scheduled.get("status") == "True" and any(w.get("reason") == "ContainerCreating" for w in waiting):
+    """When the pod was scheduled, while its containers are still being created (volumes, image pull). A pod with
+    init containers says PodInitializing for that wait until they have run (the kubelet mounts every volume first)."""
+    status = pod.get("status", {})
+    waiting = [(s.get("state") or {}).get("waiting") or {} for s in status.get("containerStatuses") or []]
+    initialized = any(c.get("type") == "Initialized" and c.get("status") == "True" for c in status.get("conditions") or [])
+    if scheduled.get("status") == "True" and any(
+            w.get("reason") == "ContainerCreating" or w.get("reason") == "PodInitializing" and not initialized
+            for w in waiting):
         return scheduled.get("lastTransitionTime")
     return None
 
