@@ -1584,6 +1584,42 @@ def test_a_job_without_resources_is_warned_of_the_idle_gpus_of_the_operators_tra
     assert told[1][2].startswith("each worker has 2 GPUs (the operator's trainer resources nvidia.com/gpu)")
 
 
+class PodPatching(Apiserver):
+    """Apiserver whose pod patches fail as one does for a moment (a 503), or go through; `ended` are the pods they
+    went through for."""
+
+    def __init__(self, failing: bool) -> None:
+        super().__init__()
+        self.failing, self.ended = failing, []
+
+    def call(self, method: str, path: str, body: Any = None, **query: object) -> bytes:
+        if method == "PATCH" and "/pods/" in path:
+            if self.failing:
+                raise ApiException(status=503, reason="Service Unavailable")
+            self.ended.append(path.rsplit("/", 1)[1])
+            return b"{}"
+        return super().call(method, path, body, **query)
+
+
+def test_a_success_whose_pod_a_sidecar_outlives_is_written_once_the_pod_is_ended(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tick that reads the trainer's success also ends its pod, which a sidecar keeps Running: a patch that failed
+    for a moment was left to the next tick, and the job, written Succeeded, had none (a finished job is not ticked):
+    the pod ran on, its Job active on its GPUs, unsaid."""
+    import kopf
+
+    monkeypatch.setattr(kopf, "event", lambda *_, **__: None)
+    done = {"stage": "Done", "exitCode": 0, "evaluation": {"baseline": {"accuracy": 0.41}, "final": {"accuracy": 0.66}}}
+    running = after(decide(Observed(body({"attempts": 1}), [job()], [pod()], NOW)))
+    indexes = ({("ns", "ft"): [job(active=1)]}, {("ns", "ft"): [with_a_sidecar(0, exited(0, done))]})
+    failing = PodPatching(failing=True)
+    with pytest.raises(kopf.TemporaryError, match="pods ft-1-0-x not ended yet"):
+        ticked(body(running), indexes, apiserver=failing)
+    assert not failing.patches  # not written Succeeded: the retry ends the pod first
+    apiserver = ticked(body(running), indexes, apiserver=PodPatching(failing=False))
+    assert apiserver.ended == ["ft-1-0-x"] and apiserver.patches[-1]["phase"] == "Succeeded"
+
+
 class Failing(Apiserver):
     """Apiserver that answers a create, or a claim's read, with `error`."""
 

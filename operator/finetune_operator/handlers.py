@@ -640,32 +640,37 @@ def _api_message(exc: ApiException) -> str:
         return str(exc.reason)
 
 
-def _end_pod(clients: Clients, told: Once, body: kopf.Body, ns: str, pod: str, why: str) -> None:
+def _end_pod(clients: Clients, told: Once, body: kopf.Body, ns: str, pod: str, why: str) -> bool:
     """Gives `pod` a deadline already past, which its kubelet enforces by killing it (reconcile._stop_outlived), and
     says so in a Warning once it is given. The next ticks, until the pod watch brings the patched spec, patch it
     again, unsaid. A lasting refusal (a ResourceQuota scoped Terminating, a policy engine) is told once too: the
-    status is still written, and the next tick tries again."""
+    status is still written, and the next tick tries again. False where the patch may go through at the next try
+    (no answer, a 5xx, a 429)."""
     name = body.metadata.name
     try:
         clients.call("PATCH", api_path(ns, "pods", pod), {"spec": {"activeDeadlineSeconds": outcome.ENDING_DEADLINE_SECONDS}},
                      content_type="application/merge-patch+json")
     except ApiException as exc:
-        if exc.status not in (403, 422):  # not a refusal that lasts (a 5xx, a 429, the pod gone): the next tick's
+        if exc.status == 404:  # gone: ended
+            return True
+        if exc.status not in (403, 422):  # not a refusal that lasts (a 5xx, a 429): the next tick's
             log.info("%s/%s: pod %s not ended yet: %s", ns, name, pod, _api_message(exc))
-        elif told.first((ns, pod, "refused")):
+            return False
+        if told.first((ns, pod, "refused")):
             log.warning("%s/%s: %s; it could not be ended: %s", ns, name, why, _api_message(exc))
             kopf.event(body, type="Warning", reason=reconcile.OUTLIVED, message=f"{why}; it could not be ended "
                        f"(spec.activeDeadlineSeconds): {_api_message(exc)}; delete it")
-        return
+        return True
     except urllib3.exceptions.HTTPError as exc:
         log.info("%s/%s: pod %s not ended yet: %s", ns, name, pod, _unanswered(exc))
-        return
+        return False
     if told.first((ns, pod, "ended")):
         log.warning("%s/%s: %s: ending it", ns, name, why)
         kopf.event(body, type="Warning", reason=reconcile.OUTLIVED, message=(
             f"{why}: ending it (spec.activeDeadlineSeconds) so that its Job sees the trainer's end (sidecars injected "
             "as plain containers, by a service mesh or a secrets agent: inject them as native sidecars, Kubernetes "
             "1.29+, or not into trainer pods)"))
+    return True
 
 
 def _delete(clients: Clients, path: str, what: str) -> None:
@@ -739,8 +744,12 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
     if decision.delete_job:
         log.info("%s/%s: deleting Job %s (%s)", ns, name, decision.delete_job, decision.delete_job_reason)
         _delete(clients, api_path(ns, "jobs", decision.delete_job, group="batch"), f"Job {decision.delete_job}")
-    for pod, why in decision.end_pods:
-        _end_pod(clients, memo.told, body, ns, pod, why)
+    unended = [pod for pod, why in decision.end_pods if not _end_pod(clients, memo.told, body, ns, pod, why)]
+    finished = (api.Phase.SUCCEEDED, api.Phase.FAILED)
+    if unended and decision.status.get("phase") in finished and seen.body["status"].get("phase") not in finished:
+        # Written finished, the job has no next tick (`_live`) to end them: their Job stayed active on its GPUs
+        raise kopf.TemporaryError(f"pods {', '.join(unended)} not ended yet; the job's end is written once they are",
+                                  delay=5)
     if decision.delete_self:
         log.info("%s/%s: ttlSecondsAfterFinished has passed: deleting it", ns, name)
         _delete(clients, api_path(ns, api.PLURAL, name, group=api.GROUP, version=api.VERSION), name)
