@@ -580,6 +580,38 @@ def test_every_rank_resumes_the_checkpoint_rank_0_lists(stale: bool, tmp_path: P
     assert (shared / ".unreadable-step-00000004").exists() != stale
 
 
+# A run's fingerprint, and the same run as an earlier version of the trainer named its folder (without its defaults)
+EARLIER = {"training": {"rate": 1}, "worldSize": 2, "data": "d"}
+FULL = EARLIER | {"training": {"rate": 1, "seed": 0}}
+
+
+def run_folder_in_own_view(parent: str, rank: int) -> str:
+    """The run folder one of two ranks takes, where rank 1's listing of the shared folder lacks the earlier version's
+    folder (NFS's cached attributes)."""
+    from finetune_trainer import checkpoints
+    from finetune_trainer.distributed import World
+
+    if rank == 1:
+        checkpoints.run_folders = lambda parent: []  # this spawned process's alone
+    return checkpoints.run_folder(Path(parent), EARLIER, World(rank, 2, torch.device("cpu")), FULL).name
+
+
+def test_every_rank_takes_the_run_folder_rank_0_chose(tmp_path: Path) -> None:
+    """Each rank chose the run's folder from its own listing: a rank that did not see the folder an earlier version of
+    the trainer named resumed nothing, beside rank 0 resuming it (diverged replicas)."""
+    from finetune_trainer import checkpoints
+    from finetune_trainer.distributed import World
+
+    one = World(0, 1, torch.device("cpu"))
+    earlier = checkpoints.run_folder(tmp_path, EARLIER, one)  # named by the sparse fingerprint, as before
+    model = Dropped()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    checkpoints.save(earlier, 4, model, optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0),
+                     torch.amp.GradScaler("cpu", enabled=False), {"step": 4}, one, keep=1)
+    assert earlier.name != checkpoints.folder_name(FULL)
+    assert two_ranks(partial(run_folder_in_own_view, str(tmp_path))) == {0: earlier.name, 1: earlier.name}
+
+
 class Timed(torch.nn.Module):
     """A forward that takes 10 ms and notes when it ran (the system's monotonic clock, comparable across ranks)."""
 

@@ -169,53 +169,17 @@ def save(root: Path, step: int, model: nn.Module, optimizer: torch.optim.Optimiz
 def run_folder(parent: Path, identity: dict[str, Any], world: World, full: dict[str, Any] | None = None) -> Path:
     """The checkpoint folder of the run `identity` describes (what changes its optimisation, with `worldSize`: the
     values that are not their defaults; `full` spells the defaults out too, names the folder, and saved fingerprints
-    are compared in it, see `filled`); see the module docstring for what it refuses and removes."""
+    are compared in it, see `filled`); see the module docstring for what it refuses and removes. Rank 0 looks and
+    chooses, and every rank follows: a shared volume's listing may differ between ranks (`listed`), and ranks that
+    each chose resumed different folders, or raised on some ranks alone while the others waited."""
     full = identity if full is None else full
-    root = parent / folder_name(full)
-    others = [p for p in run_folders(parent) if p != root]
-    # Kept, a resumed optimizer trained on other data, and the kept baseline had scored another test split. (The
-    # folder's name is the rest of the full fingerprint.)
-    other_data = (saved := read_full(root, identity, full)) is not None and not same_run(saved, full)
-    if other_data and world.main:
-        log.warning("not resuming what %s holds: the data changed since it was made (the dataset or the tokenizer, at "
-                    "the same paths); training starts afresh", root)
-    # What an earlier trainer's removal, deleting in place, left when cut short: checkpoints whose weights may be
-    # gone, or healed layers and a baseline of another run
-    unnamed = root.is_dir() and not (root / FINGERPRINT).exists() and any(root.iterdir())
-    if unnamed and world.main:
-        log.warning("not resuming what %s holds: its %s is gone (a removal cut short); training starts afresh", root,
-                    FINGERPRINT)
-    # This run's, under the name an earlier version of the trainer gave it (without a field added since at its
-    # default): resumed, not trained again from step 0 after an upgrade (nor healed, nor scored again); in place, so
-    # that the version before, rolled back to, still finds it.
-    found = {other: (complete(other), read_full(other, identity, full)) for other in others}  # each read once
-    earlier = None if root.exists() else max(
-        (other for other, (steps, saved) in found.items()
-         if (steps or kept(other)) and saved is not None and same_run(saved, full)),
-        key=lambda other: len(found[other][0]), default=None)
-    others = [other for other in others if other != earlier]
-    if not complete(root) and earlier is None:
-        for other in others:
-            steps, saved = found[other]
-            if not steps or saved is None:
-                continue
-            if same_run(saved, full, "worldSize"):
-                raise ConfigError(
-                    f"{other} holds checkpoints of this job made by {saved['worldSize']} processes; this run has "
-                    f"{world.size}. The global batch, the data's split and the schedule would change under the saved "
-                    f"optimizer, so they are not resumed: run on {saved['worldSize']} processes again "
-                    f"(runtime.workers x processesPerWorker), or remove {other} to start afresh")
-            if world.main:  # else a job edited between attempts trains from step 0 again without a word why
-                log.warning("not resuming the checkpoints in %s, made with other settings that change the "
-                            "optimisation; training starts afresh. Changed: %s", other,
-                            "; ".join(differences(saved, full)))
-    if earlier is not None:
-        root = earlier
-        if world.main:
-            log.info("resuming what %s holds, a folder an earlier version of the trainer named", root)
-    world.barrier()  # every rank has looked before rank 0 removes anything
-    if world.main:
-        for stale in [*others, *([root] if other_data or unnamed else [])]:
+    chosen = chosen_folder(parent, identity, full, world.size) if world.main else None
+    name, refused = world.broadcast((chosen[0].name, chosen[2]) if chosen else None)
+    if refused:
+        raise ConfigError(refused)
+    root = parent / name
+    if chosen:
+        for stale in chosen[1]:
             log.info("removing stale checkpoints %s", stale)
             remove(stale)
         for torn in [*root.glob(".tmp-*"), *parent.glob(".tmp-*")]:  # save's, remove's, and save_healed's file
@@ -237,6 +201,53 @@ def run_folder(parent: Path, identity: dict[str, Any], world: World, full: dict[
         replace_atomically(root, FINGERPRINT, lambda tmp: tmp.write_text(text))
     world.barrier()
     return root
+
+
+def chosen_folder(parent: Path, identity: dict[str, Any], full: dict[str, Any],
+                  world_size: int) -> tuple[Path, list[Path], str | None]:
+    """Rank 0's choice for `run_folder`: the run's folder, the stale folders to remove, and why the run is refused
+    (checkpoints of this job made by another number of processes), saying in the log what it does not resume."""
+    root = parent / folder_name(full)
+    others = [p for p in run_folders(parent) if p != root]
+    # Kept, a resumed optimizer trained on other data, and the kept baseline had scored another test split. (The
+    # folder's name is the rest of the full fingerprint.)
+    other_data = (saved := read_full(root, identity, full)) is not None and not same_run(saved, full)
+    if other_data:
+        log.warning("not resuming what %s holds: the data changed since it was made (the dataset or the tokenizer, at "
+                    "the same paths); training starts afresh", root)
+    # What an earlier trainer's removal, deleting in place, left when cut short: checkpoints whose weights may be
+    # gone, or healed layers and a baseline of another run
+    unnamed = root.is_dir() and not (root / FINGERPRINT).exists() and any(root.iterdir())
+    if unnamed:
+        log.warning("not resuming what %s holds: its %s is gone (a removal cut short); training starts afresh", root,
+                    FINGERPRINT)
+    # This run's, under the name an earlier version of the trainer gave it (without a field added since at its
+    # default): resumed, not trained again from step 0 after an upgrade (nor healed, nor scored again); in place, so
+    # that the version before, rolled back to, still finds it.
+    found = {other: (complete(other), read_full(other, identity, full)) for other in others}  # each read once
+    earlier = None if root.exists() else max(
+        (other for other, (steps, saved) in found.items()
+         if (steps or kept(other)) and saved is not None and same_run(saved, full)),
+        key=lambda other: len(found[other][0]), default=None)
+    others = [other for other in others if other != earlier]
+    if not complete(root) and earlier is None:
+        for other in others:
+            steps, saved = found[other]
+            if not steps or saved is None:
+                continue
+            if same_run(saved, full, "worldSize"):
+                return root, [], (
+                    f"{other} holds checkpoints of this job made by {saved['worldSize']} processes; this run has "
+                    f"{world_size}. The global batch, the data's split and the schedule would change under the saved "
+                    f"optimizer, so they are not resumed: run on {saved['worldSize']} processes again "
+                    f"(runtime.workers x processesPerWorker), or remove {other} to start afresh")
+            # else a job edited between attempts trains from step 0 again without a word why
+            log.warning("not resuming the checkpoints in %s, made with other settings that change the optimisation; "
+                        "training starts afresh. Changed: %s", other, "; ".join(differences(saved, full)))
+    if earlier is not None:
+        root = earlier
+        log.info("resuming what %s holds, a folder an earlier version of the trainer named", root)
+    return root, [*others, *([root] if other_data or unnamed else [])], None
 
 
 def save_healed(root: Path, layers: nn.Module, figures: dict[str, float], world: World) -> None:
