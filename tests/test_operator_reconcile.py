@@ -1955,21 +1955,59 @@ def test_the_deadline_does_not_run_while_the_queue_holds_the_job() -> None:
     """As for a Job that Kueue suspends, the clock starts at admission: a job of activeDeadlineSeconds 600 that waited
     two hours in its queue failed DeadlineExceeded there, never having run."""
     queued = outcome.job_summary({
-        "metadata": {"name": "ft-1", "labels": {"finetune.dev/attempt": "1"}}, "spec": {"suspend": True},
+        "metadata": {"name": "ft-1", "labels": {"finetune.dev/attempt": "1"},
+                     "creationTimestamp": "2026-12-01T12:00:00Z"},
+        "spec": {"suspend": True},
         "status": {"conditions": [{"type": "Suspended", "status": "True", "reason": "JobSuspended"}]}})
     status = after(decide(Observed(body(), [], [], NOW)))  # attempt 1 created at 12:00; Kueue suspends its Job
     for later in (timedelta(seconds=10), timedelta(hours=2)):
         status = after(decide(Observed(body(status, activeDeadlineSeconds=600), [queued], [], NOW + later)), status)
         assert status["phase"] == "Pending" and status["reason"] == "Queued"
     admitted = NOW + timedelta(hours=2, seconds=10)
-    status = after(decide(Observed(body(status, activeDeadlineSeconds=600), [job()], [pod(phase="Pending")], admitted)),
-                   status)
-    assert status["phase"] == "Pending" and status["startTime"] == "2026-12-01T14:00:10Z"
-    status = after(decide(Observed(body(status, activeDeadlineSeconds=600), [job()], [pod()], admitted
+    started = job(created=queued["created"], started="2026-12-01T14:00:10Z")
+    status = after(decide(Observed(body(status, activeDeadlineSeconds=600), [started], [pod(phase="Pending")],
+                                   admitted)), status)
+    assert status["phase"] == "Pending"
+    status = after(decide(Observed(body(status, activeDeadlineSeconds=600), [started], [pod()], admitted
                                    + timedelta(minutes=9))), status)
     assert status["phase"] == "Running"
-    late = decide(Observed(body(status, activeDeadlineSeconds=600), [job()], [pod()], admitted + timedelta(minutes=10)))
+    late = decide(Observed(body(status, activeDeadlineSeconds=600), [started], [pod()], admitted + timedelta(minutes=10)))
     assert after(late, status)["reason"] == "DeadlineExceeded" and late.delete_job == "ft-1"
+
+
+def test_the_deadline_pauses_while_the_queue_holds_a_retry_and_keeps_the_earlier_attempts_time() -> None:
+    """Each attempt is a Job of its own, which Kueue suspends at its creation: the clock was cleared in the queue and
+    started again at the retry's admission, so the earlier attempts' time was forgotten, and a job of
+    activeDeadlineSeconds 3600 whose first attempt ran 55 min was still Running 75 min after it started."""
+    hour = {"activeDeadlineSeconds": 3600}
+    running = {"attempts": 1, "startTime": "2026-12-01T11:00:00Z", "children": {"job": "ft-1"}}
+    jobs, pods = crashed_attempt(1)  # at 11:55
+    jobs = [dict(jobs[0], created="2026-12-01T11:00:00Z", started="2026-12-01T11:00:00Z")]
+    crashed = datetime(2026, 12, 1, 11, 55)
+    retrying = after(decide(Observed(body(running, **hour), jobs, pods, crashed)), running)
+    made = decide(Observed(body(retrying, **hour), jobs, pods, crashed + BACKOFF))
+    assert made.create_attempt == 2
+    status = after(made, retrying)
+    queued = job(2, active=0, suspended=True, created="2026-12-01T11:55:10Z")
+    # Past an hour from its start, 55 min of it run: it waits, the clock paused.
+    status = after(decide(Observed(body(status, **hour), jobs + [queued], [], NOW + timedelta(minutes=5))), status)
+    assert status["phase"] == "Pending" and status["reason"] == "Queued"
+    admitted = dict(queued, active=1, suspended=False, started="2026-12-01T12:10:00Z")  # after 14 min 50 s
+    status = after(decide(Observed(body(status, **hour), jobs + [admitted], [pod(2)], NOW + timedelta(minutes=11))),
+                   status)
+    assert status["phase"] == "Running"
+    # Disrupted at 12:12 (not counted), attempt 3 waits a minute in the queue: 55 min 10 s and 2 min run, 2 min 50 s
+    # left of the hour.
+    evicted = pod(2, phase="Failed", exit_code=143, disrupted="EvictionByEvictionAPI")
+    jobs += [dict(admitted, active=0, failure={"reason": "X", "message": ""})]
+    status = after(decide(Observed(body(status, **hour), jobs, [evicted], NOW + timedelta(minutes=12))), status)
+    assert status["attempts"] == 3 and status["startTime"] == "2026-12-01T11:14:50Z"  # its wait is carried on
+    third = job(3, created="2026-12-01T12:12:05Z", started="2026-12-01T12:13:05Z")
+    status = after(decide(Observed(body(status, **hour), jobs + [third], [pod(3)], NOW + timedelta(minutes=15,
+                                                                                                  seconds=40))), status)
+    assert status["phase"] == "Running"
+    late = decide(Observed(body(status, **hour), jobs + [third], [pod(3)], NOW + timedelta(minutes=15, seconds=50)))
+    assert after(late, status)["reason"] == "DeadlineExceeded" and late.delete_job == "ft-3"
 
 
 def test_the_ttl_deletes_a_finished_job_only_when_it_has_passed() -> None:

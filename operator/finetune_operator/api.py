@@ -441,8 +441,9 @@ class FineTuneJobStatus(ApiModel):
         None, description="When the next attempt starts, after a failure counted against backoffLimit (the back-off: "
         "10 s, doubled per counted failure, at most 6 min); cleared once it starts.")
     start_time: Timestamp | None = Field(
-        None, description="When the job started running, as a Job's: reset when it is resumed, or admitted again "
-        "by its queue (Kueue); activeDeadlineSeconds counts from it.")
+        None, description="When the job started, as a Job's: reset when it is resumed; moved on, at each next "
+        "attempt, by the time the attempt before waited for its queue (Kueue) to admit it. activeDeadlineSeconds "
+        "counts from it, less the current attempt's wait.")
     completion_time: Timestamp | None = Field(None, description="When the job succeeded or failed.")
     observed_generation: int | None = Field(None, ge=0, description="The spec generation the status reflects.")
     ignored_change: str | None = Field(

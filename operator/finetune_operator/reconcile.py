@@ -242,6 +242,8 @@ def decide(seen: Observed) -> Decision | None:
     def observe() -> Decision:
         result = outcome.attempt_outcome(job, pods, seen.job_warning, seen.pod_warning, _gated(pods, now))
         _observe(result, conds, status, old, spec, seen, attempt, fail)
+        if status["attempts"] > attempt:
+            _carry_clock(status, old, job, now)
         # An end seen late (the operator was down, or rolled by an upgrade) is the Job's: the TTL counts from it, and
         # the job's duration is its own, not the outage's.
         if "completionTime" in status and job and job.get("ended"):
@@ -297,13 +299,11 @@ def decide(seen: Observed) -> Decision | None:
         status["startTime"] = timestamp(now)
         return _finish(decision, old, conds)
 
-    # As for a Job that its queue (Kueue) suspends, no clock runs while the queue holds the attempt: it starts again
-    # at admission.
-    if job and job.get("suspended"):
-        status["startTime"] = None
-    elif job and not old.get("startTime"):  # admitted: when its Job started, though seen later (the operator down)
+    # No clock runs while the queue (Kueue) holds the attempt (_clock). A status without a start: its Job's, though seen
+    # later (the operator down), or now (a status write lost, or an earlier operator's, which cleared it in the queue).
+    if job and not old.get("startTime"):
         status["startTime"] = job.get("started") or timestamp(now)
-    start = _parse_time(status.get("startTime", old.get("startTime")))
+    start = _clock(status.get("startTime", old.get("startTime")), job, now)
     deadline = spec.active_deadline_seconds
     if deadline and start and now >= start + timedelta(seconds=deadline):
         fail("DeadlineExceeded", f"the job was active longer than activeDeadlineSeconds ({deadline} s)")
@@ -327,6 +327,7 @@ def decide(seen: Observed) -> Decision | None:
             seen.listed and job is None and _made(old, meta["name"], attempt)):
         _next_attempt(conds, status, attempt, "JobDeleted",
                       f"the Job {children.child_name(meta['name'], attempt)} was deleted")
+        _carry_clock(status, old, job, now)
         return _finish(decision, old, conds)
 
     if attempt == 0 or job is None:
@@ -398,6 +399,29 @@ def decide(seen: Observed) -> Decision | None:
         return _finish(decision, old, conds)
 
     return observe()
+
+
+def _clock(started: str | None, job: dict[str, Any] | None, now: datetime) -> datetime | None:
+    """When activeDeadlineSeconds' clock started: status.startTime, moved on by the time the attempt's Job waited for
+    its queue (Kueue) to admit it (suspended from its creation by Kueue's webhook), to now while it waits: the clock
+    pauses in the queue, and neither counts that wait nor forgets the time the earlier attempts ran. Not from before
+    the clock's start (a resume restarts it). A preemption restarts the attempt's own share of the clock: Kueue's
+    admission sets the Job's startTime again (as it restarts a Job's activeDeadlineSeconds), and the run it cut short
+    is work lost to the queue, not the job; the earlier attempts' time stays counted."""
+    start = _parse_time(started)
+    created = _parse_time(job.get("created")) if job else None
+    if start is None or created is None:
+        return start
+    admitted = now if job.get("suspended") else _parse_time(job.get("started")) or now
+    return start + max(admitted - max(created, start), timedelta(0))
+
+
+def _carry_clock(status: dict[str, Any], old: dict[str, Any], job: dict[str, Any] | None, now: datetime) -> None:
+    """The job moves on to its next attempt: status.startTime moves on by this attempt's wait in its queue. Written
+    with the new attempt number, so that no later tick moves it twice (the next attempt's Job is the one read then):
+    moved at admission instead, a tick could not tell whether it had been."""
+    if start := _clock(old.get("startTime"), job, now):
+        status["startTime"] = timestamp(start)
 
 
 def _stopped_by_a_delete(job: dict[str, Any]) -> bool:
