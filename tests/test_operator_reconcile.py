@@ -1352,6 +1352,24 @@ def test_a_worker_on_a_lost_node_ends_the_attempt_as_a_disruption_and_its_job_go
     assert decide(Observed(body(status, backoffLimit=0), deleting, [lost], NOW + timedelta(minutes=2))).create_attempt == 2
 
 
+def test_a_backoff_limit_lowered_while_a_retry_runs_fails_the_job_and_stops_it() -> None:
+    """2 failures, attempt 3 running, backoffLimit lowered from 3 to 1 to stop the job: only a retry not yet made was
+    stopped, and this one ran on (for hours, on its GPUs) until it failed too. As a Job's controller fails a Job whose
+    failed pods are past a lowered limit at its next sync, the job fails and its attempt is stopped."""
+    running = {"attempts": 3, "failures": 2, "startTime": "2026-12-01T11:00:00Z", "children": {"job": "ft-3"}}
+    status = after(decide(Observed(body(running, backoffLimit=3), [job(3, ready=1)], [pod(3)], NOW)), running)
+    assert status["phase"] == "Running"
+    decision = decide(Observed(body(status, backoffLimit=1), [job(3, ready=1)], [pod(3)], NOW + timedelta(seconds=2)))
+    ended = after(decision, status)
+    assert (ended["phase"], ended["reason"]) == ("Failed", "BackoffLimitExceeded")
+    assert next(c["message"] for c in ended["conditions"] if c["type"] == "Failed").startswith(
+        "2 failed attempts (backoffLimit 1, lowered")
+    assert decision.delete_job == "ft-3" and decision.delete_job_reason == "BackoffLimitExceeded"
+    # Where it was lowered to the failures, the running attempt is the last one: it runs on.
+    assert after(decide(Observed(body(status, backoffLimit=2), [job(3, ready=1)], [pod(3)], NOW)), status)[
+        "phase"] == "Running"
+
+
 def test_a_child_job_its_queue_suspended_is_queued_and_its_stopped_pods_are_no_failures() -> None:
     running = after(decide(Observed(body({"attempts": 1}), [job()], [pod()], NOW)))
     # its metrics stale when it was preempted: MetricsStale True stayed through the queue's wait, an alert firing

@@ -330,14 +330,16 @@ def decide(seen: Observed) -> Decision | None:
         _carry_clock(status, old, job, now)
         return _finish(decision, old, conds)
 
+    # backoffLimit lowered below the failures (to stop a job that keeps failing), while a retry waits or runs: as a
+    # Job's controller does at each sync, the job fails, and its attempt, made (seen or not) or running, is stopped: the
+    # job is not reconciled again. Left to the attempt's own failure, a retry ran on for hours on its GPUs.
+    if (failures := old.get("failures") or 0) > spec.backoff_limit:
+        fail("BackoffLimitExceeded", f"{failures} failed attempts (backoffLimit {spec.backoff_limit}, lowered "
+                                     "since the last one failed)")
+        _stop(decision, job, old, meta["name"], attempt, "BackoffLimitExceeded")
+        return _finish(decision, old, conds)
+
     if attempt == 0 or job is None:
-        # backoffLimit lowered below the failures while a retry waited (to stop a job that keeps failing): as for a
-        # Job, no attempt more. A retry already made but not yet seen is stopped: the job is not reconciled again.
-        if (failures := old.get("failures") or 0) > spec.backoff_limit:
-            fail("BackoffLimitExceeded", f"{failures} failed attempts (backoffLimit {spec.backoff_limit}, lowered "
-                                         "since the last one failed)")
-            _stop(decision, job, old, meta["name"], attempt, "BackoffLimitExceeded")
-            return _finish(decision, old, conds)
         # Made, and its Job not in the index, but the apiserver's list failed (waits_on_jobs asked for it): only a list
         # tells a Job deleted (JobDeleted, above) from one the watch has not brought yet. Read from the index, the
         # attempt's own pods were named as the attempt before's, to be deleted by hand, and once they had ended the
