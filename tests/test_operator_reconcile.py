@@ -2028,6 +2028,21 @@ def test_the_deadline_pauses_while_the_queue_holds_a_retry_and_keeps_the_earlier
     assert after(late, status)["reason"] == "DeadlineExceeded" and late.delete_job == "ft-3"
 
 
+def test_a_preemption_restarts_only_the_preempted_attempts_share_of_the_deadline() -> None:
+    """Kueue's admission sets a Job's startTime again, as it restarts a Job's activeDeadlineSeconds: the preempted
+    attempt's run and its waits are left out, the earlier attempts' time (here 40 min) stays counted."""
+    hour = {"activeDeadlineSeconds": 3600}
+    status = {"attempts": 2, "failures": 1, "startTime": "2026-12-01T11:00:00Z", "children": {"job": "ft-2"}}
+    preempted = job(2, active=0, suspended=True, created="2026-12-01T11:40:00Z")  # ran 11:50 to 12:00
+    status = after(decide(Observed(body(status, **hour), [preempted], [], NOW + timedelta(hours=1))), status)
+    assert status["phase"] == "Pending" and status["reason"] == "Queued"
+    admitted = job(2, created="2026-12-01T11:40:00Z", started="2026-12-01T13:30:00Z")
+    status = after(decide(Observed(body(status, **hour), [admitted], [pod(2)], NOW + timedelta(minutes=109))), status)
+    assert status["phase"] == "Running"
+    late = decide(Observed(body(status, **hour), [admitted], [pod(2)], NOW + timedelta(minutes=110)))
+    assert after(late, status)["reason"] == "DeadlineExceeded" and late.delete_job == "ft-2"
+
+
 def test_the_ttl_deletes_a_finished_job_only_when_it_has_passed() -> None:
     done = {"conditions": [{"type": "Succeeded", "status": "True", "reason": "Completed", "message": "",
                             "lastTransitionTime": "2026-12-01T11:59:00Z"}], "completionTime": "2026-12-01T11:59:30Z"}
