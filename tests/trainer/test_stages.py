@@ -10,6 +10,7 @@ import math
 import re
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -482,6 +483,22 @@ def test_the_probe_for_adapters_computes_no_weight_gradient_and_runs_at_the_run_
     # At bf16 the step also saves autocast's bf16 copy of each weight for the backward, which fp32 needs none of:
     # the output embedding's (1.95 MB) outweighs the halving of this short batch's hidden states (0.2 MB).
     assert bf16.memory["activations"] - full.memory["activations"] > model.lm_head.weight.numel() * 2 * 0.75
+
+
+@pytest.mark.parametrize("build", [lambda: tiny_vit(), lambda: tiny_swin()], ids=["vit", "swin"])  # defined below
+def test_the_probe_for_adapters_reaches_the_layers_their_owner_reads_itself(build: Callable[[], nn.Module]) -> None:
+    """nn.MultiheadAttention reads its out_proj's weight without calling it (torchvision's ViT), Swin's attention its
+    qkv and proj: the probe, which marks a matrix reached by its module's forward, said they get no gradient and
+    cannot learn (a Warning in the job's status, and DDP's search for unused parameters at every step)."""
+    from finetune_trainer.batches import Batch
+    from finetune_trainer.structure import unread_layers
+
+    torch.manual_seed(0)
+    model = build()
+    batch = Batch({"pixel_values": torch.randn(2, 3, 32, 32)}, torch.tensor([0, 1]), 2, 0, 2)
+    assert unread_layers(model)
+    report = analyze(model, [batch], Task.IMAGE_CLASSIFICATION, num_labels=3, adapters=True)
+    assert report.no_grad_parameters == []
 
 
 def test_freeze_strategies_and_layerwise_decay(bert) -> None:

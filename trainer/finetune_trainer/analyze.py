@@ -27,7 +27,7 @@ from finetune_trainer.config import Task
 from finetune_trainer.errors import FatalFinding
 from finetune_trainer.models import autocast, logits_of
 from finetune_trainer.prune import importance
-from finetune_trainer.structure import head_name, lora_candidates, lora_types
+from finetune_trainer.structure import head_name, lora_candidates, lora_types, unread_layers
 
 log = logging.getLogger(__name__)
 
@@ -166,13 +166,16 @@ def probe_step(model: nn.Module, batches: list[Batch], task: Task, adapters: boo
         p.requires_grad_(not adapters or p.dim() < 2)  # probe what may train, frozen or not: freezing comes later
         p.grad = None
     reached: set[str] = set()
+    # A layer whose owner reads its weight itself (unread_layers: ViT's out_proj) is reached with its owner
+    unread = {layer: layer.rpartition(".")[0] for layer in unread_layers(model)} if adapters else {}
     hooks = [module.register_forward_hook(mark_reached(name, reached)) for name, module in model.named_modules()
-             if adapters and any(p.dim() >= 2 for p in module.parameters(recurse=False))]
+             if adapters and (any(p.dim() >= 2 for p in module.parameters(recurse=False)) or name in unread.values())]
     try:
         probe = measure_step(model, lambda batch: probe_loss(logits_of(model, batch.inputs)), batches, dtype)
     finally:
         for hook in hooks:
             hook.remove()
+    reached |= {layer for layer, owner in unread.items() if owner in reached}
     owner = {f"{m}.{n}" if m else n: m for m, module in model.named_modules() for n, _ in module.named_parameters(recurse=False)}
     no_grad = [n for n, p in model.named_parameters()
                if (p.grad is None if p.requires_grad else owner[n] not in reached)]
