@@ -23,7 +23,7 @@ from finetune_trainer import export, pipeline
 from finetune_trainer.adjust import (adaptable, freeze, freeze_checked, lora_targets, merging_picks_targets,
                                      param_groups)
 from finetune_trainer.analyze import analyze, fail_on_fatal, summary
-from finetune_trainer.batches import (Encoded, encode_causal, encode_images, encode_text, epoch_batches,
+from finetune_trainer.batches import (Batch, Encoded, encode_causal, encode_images, encode_text, epoch_batches,
                                       eval_batches, make_collate)
 from finetune_trainer.config import (AdjustSpec, FreezeSpec, LoraSpec, Metric, ModelSpec, Task, TrainerConfig,
                                      TrainingSpec)
@@ -594,6 +594,84 @@ def test_freezing_more_bottom_layers_than_the_model_has_freezes_its_stack_only(b
     freeze(model, FreezeSpec(strategy="bottom-layers", count=3), layers, head)
     assert {n for n, p in model.named_parameters() if p.requires_grad} == {
         "bert.pooler.dense.weight", "bert.pooler.dense.bias", "classifier.weight", "classifier.bias"}
+
+
+def token_batch() -> Batch:
+    ids = torch.randint(3, 100, (2, 7), generator=torch.Generator().manual_seed(0))
+    return Batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.zeros(2, dtype=torch.long), 2, 14, 2)
+
+
+def test_opts_final_norm_and_output_projection_sit_above_its_layers_though_registered_before_them() -> None:
+    """OPT's decoder registers final_layer_norm and project_out before its layers: taken in that order they sat below
+    the stack, as embeddings do, so bottom-layers 1 froze them and layer-wise decay gave the final norm the lowest
+    rate. The forward reads them after the last layer; project_in, read before the first, stays below."""
+    from transformers import OPTConfig, OPTForSequenceClassification
+
+    model = OPTForSequenceClassification(OPTConfig(
+        vocab_size=100, hidden_size=16, word_embed_proj_dim=8, num_hidden_layers=4, ffn_dim=32, num_attention_heads=2,
+        max_position_embeddings=32, do_layer_norm_before=True, pad_token_id=1))
+    task = Task.SEQUENCE_CLASSIFICATION
+    layers, head = depth(model, task, token_batch()), head_name(model, task)
+    assert model.training  # put back after the eval forward
+    freeze(model, FreezeSpec(strategy="bottom-layers", count=1), layers, head)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    decoder = "model.decoder."
+    assert {decoder + n for n in ("final_layer_norm.weight", "final_layer_norm.bias", "project_out.weight")} <= trainable
+    assert not trainable & {decoder + n for n in ("embed_tokens.weight", "embed_positions.weight", "project_in.weight")}
+    groups = param_groups(model, AdjustSpec(learningRate=1e-3, layerwiseDecay=0.5, headLearningRate=5e-3), layers, head)
+    lr_of = {n: g["lr"] for g in groups for n in g["param_names"]}
+    assert lr_of[decoder + "final_layer_norm.weight"] == lr_of[decoder + "project_out.weight"] == 1e-3
+    assert lr_of[decoder + "layers.3.fc1.weight"] == pytest.approx(5e-4)
+
+
+def test_debertas_relative_embeddings_every_layer_reads_sit_below_its_layers_though_registered_after_them() -> None:
+    """DeBERTa-v2's encoder registers rel_embeddings, the LayerNorm it applies to them and the conv after its layers,
+    so they sat above the stack: bottom-layers 1 left them training though every frozen layer's attention reads
+    them, and layer-wise decay gave them the top rate. The encoder reads them before its last layer starts."""
+    from transformers import DebertaV2Config, DebertaV2ForSequenceClassification
+
+    model = DebertaV2ForSequenceClassification(DebertaV2Config(
+        vocab_size=100, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32,
+        max_position_embeddings=32, relative_attention=True, position_buckets=8, norm_rel_ebd="layer_norm",
+        conv_kernel_size=3, pos_att_type=["p2c", "c2p"], position_biased_input=False))
+    task = Task.SEQUENCE_CLASSIFICATION
+    layers, head = depth(model, task, token_batch()), head_name(model, task)
+    groups = param_groups(model, AdjustSpec(learningRate=1e-3, layerwiseDecay=0.5), layers, head)
+    lr_of = {n: g["lr"] for g in groups for n in g["param_names"]}
+    encoder = "deberta.encoder."
+    assert lr_of[encoder + "rel_embeddings.weight"] == lr_of["deberta.embeddings.word_embeddings.weight"] == 1e-3 / 16
+    freeze(model, FreezeSpec(strategy="bottom-layers", count=1), layers, head)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert {encoder + n for n in ("rel_embeddings.weight", "LayerNorm.weight", "LayerNorm.bias", "conv.conv.weight")
+            } <= frozen
+    assert not any(n.startswith(encoder + "layer.1.") for n in frozen)
+
+
+@pytest.mark.parametrize("build", ["bert", "gpt2", "llama", "vit", "resnet18"])
+def test_what_a_forward_reads_before_the_layers_is_what_is_registered_before_them_where_the_two_agree(
+        build: str) -> None:
+    """BERT, GPT-2, Llama, ViT (its class token and position embedding bare parameters, not modules) and a ResNet's
+    stem: read in the order they are registered, so a forward places them as the registration order did."""
+    import torchvision
+    from transformers import (BertConfig, BertForSequenceClassification, GPT2Config, GPT2ForSequenceClassification,
+                              LlamaConfig, LlamaForCausalLM)
+
+    from finetune_trainer.models import ImageClassifier
+
+    text = {"bert": lambda: BertForSequenceClassification(BertConfig(vocab_size=100, **TINY_BERT)),
+            "gpt2": lambda: GPT2ForSequenceClassification(GPT2Config(vocab_size=100, pad_token_id=0, **TINY_GPT2)),
+            "llama": lambda: LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=16, intermediate_size=32,
+                                                          num_hidden_layers=2, num_attention_heads=2,
+                                                          num_key_value_heads=1))}
+    if build in text:
+        model, batch = text[build](), token_batch()
+        task = Task.CAUSAL_LM if build == "llama" else Task.SEQUENCE_CLASSIFICATION
+    else:
+        model = tiny_vit() if build == "vit" else ImageClassifier(torchvision.models.resnet18(num_classes=3), build)
+        batch = Batch({"pixel_values": torch.randn(2, 3, 32, 32)}, torch.zeros(2, dtype=torch.long), 2, 0, 2)
+        task = Task.IMAGE_CLASSIFICATION
+    assert depth(model, task, batch).below == depth(model, task).below != set()
+
 
 @pytest.mark.parametrize("task, architecture, config, units, below", [
     ("sequence-classification", "bert", TINY_BERT | {"num_hidden_layers": 1}, ["bert.encoder.layer.0"],
@@ -1309,7 +1387,6 @@ def test_the_weights_a_step_saves_for_its_backward_are_no_activations() -> None:
     """A Linear saves Wᵀ, a view of its weight, for the backward: counted as an activation it doubled the weights
     in the memory model (4.2 MB of "activations" here, where a batch of 2 saves 16 KB of inputs)."""
     from finetune_trainer.analyze import measure_step
-    from finetune_trainer.batches import Batch
 
     class Net(nn.Module):
         def __init__(self) -> None:

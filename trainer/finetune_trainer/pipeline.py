@@ -297,7 +297,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         analysis.fail_on_fatal(report)
 
     progress.enter(Stage.ADJUSTING)
-    layers = depth(model, task)
+    layers = depth(model, task, probe[0], dtype)  # what sits outside the layers, by when the forward reads it
     head = head_name(model, task)
     spec_head = cfg.rearrange.head
     if task == Task.CAUSAL_LM and world.main and (spec_head.num_labels != "auto" or spec_head.reinitialize):
@@ -367,7 +367,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
             pruning["heal"] = heal_once(model, unpruned, task, training_batches(heal_data), heal, dtype,
                                         checkpoint_dir, world)
             del unpruned
-        loaded, layers = layers, depth(model, task)
+        loaded, layers = layers, depth(model, task, probe[0], dtype)
         for p in model.parameters():  # the freeze counted the layers as loaded; count the ones that stay
             p.requires_grad_(True)
         freeze_checked(model, cfg.adjust.freeze, layers, head, new, loaded, unmatched)

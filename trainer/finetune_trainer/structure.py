@@ -9,10 +9,14 @@ rules hold before and after adapters are added.
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
+import torch
 from torch import nn
 
+from finetune_trainer.batches import Batch
 from finetune_trainer.config import Task
 from finetune_trainer.errors import ConfigError
 
@@ -115,7 +119,7 @@ class Depth:
     """Depth of each parameter: 0 below the stack (embeddings, stem), 1..n its layers, n+1 above it (pooler, head)."""
 
     units: list[str]  # module names of the layers, bottom to top
-    below: set[str]  # canonical names of the parameters under the first layer
+    below: set[str]  # canonical names of the parameters outside the layers and below them (`depth` tells them)
     split: str = ""  # why the model has no layers to count (SplitLayers'), where it has none: all at depth 1
 
     @property
@@ -140,18 +144,61 @@ class Depth:
         return len(self.units) + 1
 
 
-def depth(model: nn.Module, task: Task) -> Depth:
+def depth(model: nn.Module, task: Task, batch: Batch | None = None, dtype: torch.dtype | None = None) -> Depth:
+    """Each parameter's depth. One outside the layers sits below them where a forward of `batch` (at the autocast
+    `dtype`) first reads it before the last layer starts (embeddings; what the layers read or run between them, as
+    DeBERTa's relative embeddings and conv), above them where after (a final norm, the head). The order they are
+    registered in put OPT's final norm, registered before its layers, below them, and DeBERTa's relative
+    embeddings above: it holds only without a batch, or for a parameter the forward never reads (below where
+    listed before the first layer's)."""
     try:
         units = layer_units(model, task)
     except SplitLayers as exc:  # refused only by what counts layers (Depth.counted): a whole fine-tune needs none
         return Depth([], set(), str(exc))
+    read_below = first_read_below(model, units[-1], batch, dtype) if batch is not None and units else {}
     below: set[str] = set()
+    listed_below = True
     for name, _ in model.named_parameters():
         name = canonical(name)
         if any(name.startswith(u + ".") for u in units):
-            break
-        below.add(name)
+            listed_below = False
+        elif read_below.get(name, listed_below):
+            below.add(name)
     return Depth(units, below)
+
+
+def first_read_below(model: nn.Module, last: str, batch: Batch, dtype: torch.dtype | None) -> dict[str, bool]:
+    """Canonical name -> whether an eval forward of `batch` first reads the parameter before module `last` starts;
+    {} where `last` never runs. Reads, not module calls: DeBERTa's encoder reads its rel_embeddings' weight itself
+    and ViT's its class token, never calling a module that owns them."""
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._pytree import tree_leaves
+
+    from finetune_trainer.models import autocast
+
+    names = {id(p): canonical(n) for n, p in model.named_parameters()}
+    read_below: dict[str, bool] = {}
+
+    class Reads(TorchFunctionMode):
+        started = False  # whether `last` has started
+
+        def __torch_function__(self, func: Callable, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+            for leaf in tree_leaves((args, kwargs)):
+                if isinstance(leaf, torch.Tensor) and id(leaf) in names:
+                    read_below.setdefault(names[id(leaf)], not self.started)
+            return func(*args, **(kwargs or {}))
+
+    reads = Reads()
+    hook = model.get_submodule(last).register_forward_pre_hook(lambda *_: setattr(reads, "started", True))
+    was_training = model.training
+    model.eval()  # no dropout or layer drop; BatchNorm's statistics stay
+    try:
+        with torch.no_grad(), autocast(next(model.parameters()).device.type, dtype), reads:
+            model(**batch.inputs)
+    finally:
+        hook.remove()
+        model.train(was_training)
+    return read_below if reads.started else {}
 
 
 def layer_units(model: nn.Module, task: Task) -> list[str]:
