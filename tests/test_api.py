@@ -84,7 +84,7 @@ def test_wire_round_trip_keeps_camel_case() -> None:
 def test_validate_command_names_the_field(capsys: pytest.CaptureFixture[str]) -> None:
     from finetune_operator.__main__ import main
 
-    bad = next(c for c in CORPUS if c.name == "18-freeze-bottom-layers-without-count")
+    bad = next(c for c in CORPUS if c.field == "spec.adjust.freeze.count")
     assert main(["validate", str(EXAMPLES[0])]) == 0
     assert main(["validate", str(Path(__file__).parent / "bad_manifests" / f"{bad.name}.yaml")]) == 1
     assert "spec.adjust.freeze.count: count is required" in capsys.readouterr().err

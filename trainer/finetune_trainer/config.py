@@ -301,19 +301,6 @@ class FreezeSpec(ApiModel):
             message="pattern is required when strategy is regex",
             field="pattern",
         ),
-        # The strategy defaults to none: a count or a pattern alone froze nothing, without a word
-        Rule(
-            cel="!has(self.count) || self.strategy == 'bottom-layers'",
-            holds=lambda m: m.count is None or m.strategy == FreezeStrategy.BOTTOM_LAYERS,
-            message="count is read only with strategy bottom-layers",
-            field="count",
-        ),
-        Rule(
-            cel="!has(self.pattern) || self.strategy == 'regex'",
-            holds=lambda m: m.pattern is None or m.strategy == FreezeStrategy.REGEX,
-            message="pattern is read only with strategy regex",
-            field="pattern",
-        ),
     )
 
 
