@@ -501,6 +501,17 @@ def test_the_probe_for_adapters_reaches_the_layers_their_owner_reads_itself(buil
     assert report.no_grad_parameters == []
 
 
+def test_a_freeze_count_or_pattern_without_its_strategy_is_warned_of(bert, caplog: pytest.LogCaptureFixture) -> None:
+    """The strategy defaults to none: {freeze: {count: 2}} froze nothing, the log saying only 'froze 0 parameters'."""
+    model, _ = bert
+    layers, head = depth(model, Task.SEQUENCE_CLASSIFICATION), head_name(model, Task.SEQUENCE_CLASSIFICATION)
+    with caplog.at_level(logging.WARNING, logger="finetune_trainer.adjust"):
+        freeze_checked(model, FreezeSpec(count=2), layers, head)
+        freeze_checked(model, FreezeSpec(strategy="all-but-head", pattern="embeddings"), layers, head)
+    assert "adjust.freeze.count is read only with strategy bottom-layers, and the strategy is none: ignored" in caplog.text
+    assert "adjust.freeze.pattern is read only with strategy regex, and the strategy is all-but-head" in caplog.text
+
+
 def test_freeze_strategies_and_layerwise_decay(bert) -> None:
     model, _ = bert
     layers, head = depth(model, Task.SEQUENCE_CLASSIFICATION), head_name(model, Task.SEQUENCE_CLASSIFICATION)
