@@ -2471,6 +2471,15 @@ def test_a_pod_with_init_containers_says_what_holds_it() -> None:
         'secret "creds" not found')
     # Initialized, the trainer's PodInitializing is a moment before it is created: nothing to wait on
     assert outcome.pod_summary(raw({}, initialized="True"))["creating"] is None
+    # A native sidecar (an init container that restarts) crash-looping beside a trainer that runs holds nothing
+    running = raw({"reason": "CrashLoopBackOff", "message": "back-off 5m0s restarting failed container"},
+                  initialized="True")
+    running["status"] |= {"phase": "Running", "podIP": "10.0.0.1",
+                          "containerStatuses": [{"name": "trainer", "ready": True, "state": {"running": {}}}]}
+    summary = outcome.pod_summary(running)
+    assert summary["stuck"] is None
+    status = after(decide(Observed(body({"attempts": 1}), [job(ready=1)], [summary], NOW)))
+    assert status["phase"] == "Running"
 
 
 def test_pod_summary_keeps_only_waiting_reasons_the_user_must_fix() -> None:

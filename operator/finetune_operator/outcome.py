@@ -155,11 +155,12 @@ BACK_OFF_WITH_ERROR = re.compile(r'Back-off pulling image "[^"]*": (?:\w+: )?(.+
 
 def _stuck(pod: dict[str, Any]) -> dict[str, Any] | None:
     """Why a container waits for the user, init containers first: while one waits (a webhook's istio-init or
-    vault-agent-init, a native sidecar) the trainer only says PodInitializing. Another container than the trainer
-    is named."""
+    vault-agent-init, a native sidecar) the trainer only says PodInitializing. Once the pod is initialized they are
+    read no more: a native sidecar that crash-loops beside a training trainer does not hold the run. Another
+    container than the trainer is named."""
     pod_status = pod.get("status", {})
-    for kind, statuses in (("init container", pod_status.get("initContainerStatuses")),
-                           ("container", pod_status.get("containerStatuses"))):
+    init = [] if _initialized(pod) else pod_status.get("initContainerStatuses")
+    for kind, statuses in (("init container", init), ("container", pod_status.get("containerStatuses"))):
         for status in statuses or []:
             waiting = (status.get("state") or {}).get("waiting") or {}
             if (reason := waiting.get("reason")) not in STUCK_WAITING:
@@ -189,14 +190,17 @@ POD_EVENTS = (*NOT_CREATED, *PULLING, "SuccessfulAttachVolume")
 def _creating_since(pod: dict[str, Any], scheduled: dict[str, Any]) -> str | None:
     """When the pod was scheduled, while its containers are still being created (volumes, image pull). A pod with
     init containers says PodInitializing for that wait until they have run (the kubelet mounts every volume first)."""
-    status = pod.get("status", {})
-    waiting = [(s.get("state") or {}).get("waiting") or {} for s in status.get("containerStatuses") or []]
-    initialized = any(c.get("type") == "Initialized" and c.get("status") == "True" for c in status.get("conditions") or [])
+    waiting = [(s.get("state") or {}).get("waiting") or {} for s in pod.get("status", {}).get("containerStatuses") or []]
     if scheduled.get("status") == "True" and any(
-            w.get("reason") == "ContainerCreating" or w.get("reason") == "PodInitializing" and not initialized
+            w.get("reason") == "ContainerCreating" or w.get("reason") == "PodInitializing" and not _initialized(pod)
             for w in waiting):
         return scheduled.get("lastTransitionTime")
     return None
+
+
+def _initialized(pod: dict[str, Any]) -> bool:
+    return any(c.get("type") == "Initialized" and c.get("status") == "True"
+               for c in pod.get("status", {}).get("conditions") or [])
 
 
 def warnings_of(events: list[dict[str, Any]], reasons: tuple[str, ...] | None = None
