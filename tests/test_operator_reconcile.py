@@ -1548,7 +1548,7 @@ class EventsFailing(Apiserver):
 
 def ticked(live: dict[str, Any], indexes: tuple[dict[Any, Any], dict[Any, Any]], checks: Any = None,
            written: Any = None, makes: str = "1", apiserver: Apiserver | None = None,
-           settings: Any = None) -> Apiserver:
+           settings: Any = None, told: Any = None) -> Apiserver:
     """One `handlers._reconcile` of the FineTuneJob `live`, its (jobs, pods) indexes as given; the calls it made."""
     import kopf
 
@@ -1559,7 +1559,7 @@ def ticked(live: dict[str, Any], indexes: tuple[dict[Any, Any], dict[Any, Any]],
     memo = kopf.Memo(settings=settings or Settings(), clients=apiserver, slow_scrapes=handlers.SlowScrapes(2.0),
                      child_checks=checks or handlers.ChildChecks(),
                      written=handlers.Written() if written is None else written, job_warnings=handlers.Warnings("Job"),
-                     counted=handlers.Once(), told=handlers.Once(), vanished=handlers.Vanished(),
+                     counted=handlers.Once(), told=told or handlers.Once(), vanished=handlers.Vanished(),
                      pod_warnings=handlers.Warnings("Pod"), claims=handlers.Claims())
     handlers._reconcile(kopf.Body(live), memo, *indexes)
     return apiserver
@@ -1624,18 +1624,32 @@ def test_a_success_whose_pod_a_sidecar_outlives_is_written_once_the_pod_is_ended
     """The tick that reads the trainer's success also ends its pod, which a sidecar keeps Running: a patch that failed
     for a moment was left to the next tick, and the job, written Succeeded, had none (a finished job is not ticked):
     the pod ran on, its Job active on its GPUs, unsaid."""
+    import time
+
     import kopf
 
-    monkeypatch.setattr(kopf, "event", lambda *_, **__: None)
+    from finetune_operator import handlers
+
+    said: list[tuple[str, str]] = []
+    monkeypatch.setattr(kopf, "event", lambda *_, type, reason, message: said.append((reason, message)))
     done = {"stage": "Done", "exitCode": 0, "evaluation": {"baseline": {"accuracy": 0.41}, "final": {"accuracy": 0.66}}}
     running = after(decide(Observed(body({"attempts": 1}), [job()], [pod()], NOW)))
     indexes = ({("ns", "ft"): [job(active=1)]}, {("ns", "ft"): [with_a_sidecar(0, exited(0, done))]})
-    failing = PodPatching(failing=True)
-    with pytest.raises(kopf.TemporaryError, match="pods ft-1-0-x not ended yet"):
-        ticked(body(running), indexes, apiserver=failing)
+    failing, told = PodPatching(failing=True), handlers.Once()
+    for _ in range(2):
+        with pytest.raises(kopf.TemporaryError, match="pods ft-1-0-x not ended yet"):
+            ticked(body(running), indexes, apiserver=failing, told=told)
     assert not failing.patches  # not written Succeeded: the retry ends the pod first
     apiserver = ticked(body(running), indexes, apiserver=PodPatching(failing=False))
     assert apiserver.ended == ["ft-1-0-x"] and apiserver.patches[-1]["phase"] == "Succeeded"
+    # Not for ever: a webhook on pods that is down fails every patch; after a minute the end is written, and said
+    later = time.monotonic() + handlers.END_HOLD_SECONDS
+    monkeypatch.setattr(handlers.time, "monotonic", lambda: later)
+    ticked(body(running), indexes, apiserver=failing, told=told)
+    assert failing.patches[-1]["phase"] == "Succeeded"
+    assert [m for r, m in said if "could not be ended" in m] == [
+        "pods ft-1-0-x could not be ended for 60 s (their patch failed: the operator's log says why): delete them, "
+        "their Job holds their GPUs"]
 
 
 class Failing(Apiserver):

@@ -747,9 +747,17 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
     unended = [pod for pod, why in decision.end_pods if not _end_pod(clients, memo.told, body, ns, pod, why)]
     finished = (api.Phase.SUCCEEDED, api.Phase.FAILED)
     if unended and decision.status.get("phase") in finished and seen.body["status"].get("phase") not in finished:
-        # Written finished, the job has no next tick (`_live`) to end them: their Job stayed active on its GPUs
-        raise kopf.TemporaryError(f"pods {', '.join(unended)} not ended yet; the job's end is written once they are",
-                                  delay=5)
+        # Written finished, the job has no next tick (`_live`) to end them: their Job stayed active on its GPUs. Held
+        # for a while, not for ever: a webhook on pods that is down fails every patch, and the end went unwritten.
+        if memo.told.repeated((ns, name, "unended")) < END_HOLD_SECONDS:
+            raise kopf.TemporaryError(f"pods {', '.join(unended)} not ended yet; the job's end is written once they "
+                                      "are", delay=5)
+        if memo.told.first((ns, name, "unended told")):
+            log.warning("%s/%s: pods %s could not be ended for %d s: writing the job's end", ns, name, unended,
+                        END_HOLD_SECONDS)
+            kopf.event(body, type="Warning", reason=reconcile.OUTLIVED, message=(
+                f"pods {', '.join(unended)} could not be ended for {END_HOLD_SECONDS} s (their patch failed: the "
+                "operator's log says why): delete them, their Job holds their GPUs"))
     if decision.delete_self:
         log.info("%s/%s: ttlSecondsAfterFinished has passed: deleting it", ns, name)
         _delete(clients, api_path(ns, api.PLURAL, name, group=api.GROUP, version=api.VERSION), name)
@@ -821,23 +829,35 @@ def _named_job(old: dict[str, Any], changes: dict[str, Any]) -> str | None:
 
 
 ONCE_KEEP_SECONDS = 600.0
+END_HOLD_SECONDS = 60  # how long a job's end waits for the pods its trainers' sidecars outlive to be ended
 
 
 class Once:
     """What was done lately, done once each though the ticks repeat it: an attempt counted, by (job uid, Job name)
     (the status write that first names an attempt's Job may fail, or land with its answer lost, the watch then
     bringing the Job named, never written again, and the next tick's names it again); a pod's end told, by (namespace,
-    pod, ended or refused). Forgotten ONCE_KEEP_SECONDS after it was last repeated, long past such a retry."""
+    pod, ended or refused); how long a job's end has waited for pods to be ended. Forgotten ONCE_KEEP_SECONDS after
+    it was last repeated, long past such a retry."""
 
     def __init__(self) -> None:
-        self.at: dict[tuple[str, ...], float] = {}  # when last repeated
+        self.at: dict[tuple[str, ...], tuple[float, float]] = {}  # when first done, when last repeated
         self.swept = time.monotonic()
 
     def first(self, key: tuple[str, ...]) -> bool:
-        self.swept = _swept(self.at, ONCE_KEEP_SECONDS, self.swept, lambda at: at)
-        new = key not in self.at
-        self.at[key] = time.monotonic()
-        return new
+        return self.began(key) is None
+
+    def repeated(self, key: tuple[str, ...]) -> float:
+        """Seconds since `key` was first done, of its run of repeats (0 the first time)."""
+        began = self.began(key)
+        return 0.0 if began is None else time.monotonic() - began
+
+    def began(self, key: tuple[str, ...]) -> float | None:
+        """When `key` was first done, of its run of repeats (None: it is now); notes it done now."""
+        self.swept = _swept(self.at, ONCE_KEEP_SECONDS, self.swept, itemgetter(1))
+        now = time.monotonic()
+        began = self.at[key][0] if key in self.at else None
+        self.at[key] = (now if began is None else began, now)
+        return began
 
 
 def _count_attempt(body: kopf.Body) -> None:
