@@ -72,6 +72,7 @@ def test_adapters_kept_apart_leave_no_merged_weights_of_an_earlier_export(tmp_pa
 @pytest.mark.parametrize(("task", "config", "named"), [
     ("sequence-classification", {}, True),  # model.uri as published: peft's own loaders find their base there
     ("sequence-classification", {"num_hidden_layers": 2}, False),  # model.config's base: 2 of MiniLM's 6 layers
+    ("sequence-classification", {"hidden_dropout_prob": 0.2}, True),  # dropout does not act at inference
     ("causal-lm", {}, False),  # an encoder made causal: model.uri's config.json attends both ways
 ])
 def test_adapters_kept_apart_name_model_uri_as_their_base_only_where_it_is(task: str, config: dict, named: bool,

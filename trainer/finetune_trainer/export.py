@@ -287,9 +287,11 @@ def base_is_new(cfg: TrainerConfig) -> bool:
 
 def base_as_published(model: nn.Module, cfg: TrainerConfig) -> bool:
     """Whether model.uri, loaded as published, is the model under the adapters: not where it is new (`base_is_new`),
-    model.config changes it (num_hidden_layers), or an encoder was made causal (its config.json attends both ways)."""
+    model.config changes it (num_hidden_layers; a dropout rate alone does not act at inference), or an encoder was
+    made causal (its config.json attends both ways)."""
     causal = cfg.model.task == Task.CAUSAL_LM and has_causal_switch(getattr(model, "config", None))
-    return not (base_is_new(cfg) or cfg.model.config or causal)
+    changed = [key for key in cfg.model.config if "dropout" not in key and not key.endswith("pdrop")]
+    return not (base_is_new(cfg) or changed or causal)
 
 
 def unnamed_base(adapter: Path) -> None:
