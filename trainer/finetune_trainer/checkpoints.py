@@ -6,7 +6,7 @@ scheduler, each rank's RNG state and the loop's position as JSON. It is
 written into `.tmp-step-<N>`, flushed to disk, given a COMMITTED marker, and only then
 renamed into place by rank 0 (a rename is atomic); the last `keep` are kept. Resume takes
 the newest folder in rank 0's listing (`listed`) that has the marker, and every rank can read (one torn after its
-flush, or that a rank does not see, is set aside, `.unreadable-step-<N>`). A step written again (its evaluation came
+flush is set aside, `.unreadable-step-<N>`; one a rank does not see fails the attempt). A step written again (its evaluation came
 after it) moves the old folder aside to `.old-step-<N>` until the new one is in place: a crash between the two
 renames leaves it there, still the step's checkpoint (`complete`), and `run_folder` puts it back.
 Ranks must share the checkpoint folder (a PVC).
@@ -488,7 +488,7 @@ def load(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
     model or optimizer (`misfits`): the run's checkpoints are then removed. One that a rank cannot read though
     committed (a file torn after its flush: a volume's fault, a copy cut short) is set aside, with a warning, and the
     one before it, which keepCheckpoints kept, is restored: every retry failed on it. The ranks agree on each, in
-    rank 0's list (`listed`)."""
+    rank 0's list (`listed`); one a rank does not see fails the attempt (infrastructure: retried)."""
     for folder in reversed(listed(root, world)):
         rng_file, best_file = folder / f"rng-{world.rank}.pt", folder / BEST
         try:  # all of it read before anything is restored
@@ -498,14 +498,20 @@ def load(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
             # a run resumed on more ranks than it was saved with starts the new ranks' RNG afresh
             rng = torch.load(rng_file, weights_only=True) if rng_file.exists() else None
             best = load_file(best_file) if world.main and best_file.exists() else None
-            torn = False
-        # RuntimeError: torch's zip reader; FileNotFoundError: rank 0 listed it, this rank's view of the volume lacks it
-        except (RuntimeError, SafetensorError, EOFError, ValueError, FileNotFoundError) as exc:
+            torn = unseen = False
+        except FileNotFoundError as exc:  # rank 0 listed it; this rank's view of the volume lacks it (a cached listing)
+            log.warning("cannot see %s, which rank 0 lists: %s", folder, exc)
+            torn, unseen = False, True
+        except (RuntimeError, SafetensorError, EOFError, ValueError) as exc:  # RuntimeError: torch's zip reader
             # a read the volume failed is retried; torch's other RuntimeErrors (out of memory) are no torn file
             if failed_read(exc) or isinstance(exc, RuntimeError) and "PytorchStreamReader" not in str(exc):
                 raise
             log.warning("cannot read %s: %s", folder, exc)
-            torn = True  # not the exception: its traceback holds what the reader had loaded, on the device
+            torn, unseen = True, False  # not the exception: its traceback holds what the reader had loaded
+        if world.any(unseen):  # not torn: set aside, a good checkpoint's steps were lost to a view a moment old
+            raise FileNotFoundError(f"{folder}, the newest checkpoint rank 0 lists, is not there for every rank (the "
+                                    "volume's views differ, as an NFS client's cached listing does): a new attempt "
+                                    "reads it again")
         if world.any(torn):
             tensors = saved = best = None  # not held on the device while the one before is read
             if world.main:
