@@ -659,18 +659,23 @@ def test_extra_env_that_the_operator_s_env_has_already_is_refused_at_install() -
     assert yaml.safe_load(out)["spec"]["template"]["spec"]["containers"][0]["env"][-1] == proxy[0]
 
 
-def test_pod_labels_that_the_chart_sets_are_refused_at_install() -> None:
+def test_pod_labels_go_over_the_charts_once_and_never_over_a_selectors() -> None:
     """podLabels with a key of the chart's labels rendered it twice in the pod's: a duplicate YAML key, or the last
-    value winning over the one the Deployment and the Service select by."""
+    value winning, over the one the Deployment and the Service select by too."""
     chart = str(REPO / "charts" / "finetune-operator")
-    out = subprocess.run([helm(), "template", "fto", chart, "--set-json", 'podLabels={"team": "a"}',
-                          "--show-only", "templates/deployment.yaml"], check=True, capture_output=True, text=True).stdout
-    labels = yaml.safe_load(out)["spec"]["template"]["metadata"]["labels"]
-    assert labels["team"] == "a" and len(labels) > 1
-    for key in set(labels) - {"team"}:
+
+    def labels(pod_labels: dict[str, str]) -> dict[str, str]:
+        out = subprocess.run([helm(), "template", "fto", chart, "--set-json", f"podLabels={json.dumps(pod_labels)}",
+                              "--show-only", "templates/deployment.yaml"], check=True, capture_output=True, text=True)
+        assert out.stdout.count("app.kubernetes.io/version:") == 2  # once in the Deployment's labels, once in the pod's
+        return yaml.safe_load(out.stdout)["spec"]["template"]["metadata"]["labels"]
+
+    assert labels({"team": "a"})["team"] == "a"
+    assert labels({"app.kubernetes.io/version": "pinned"})["app.kubernetes.io/version"] == "pinned"
+    for key in ("app.kubernetes.io/name", "app.kubernetes.io/instance"):
         result = subprocess.run([helm(), "template", "fto", chart, "--set-json", f'podLabels={{"{key}": "x"}}'],
                                 capture_output=True, text=True)
-        assert result.returncode != 0 and f"podLabels.{key}: the chart sets this label" in result.stderr, key
+        assert result.returncode != 0 and f"podLabels.{key}: the operator's Deployment" in result.stderr, key
 
 
 @pytest.mark.parametrize(("resources", "field"), [
