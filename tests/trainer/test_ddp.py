@@ -615,6 +615,29 @@ def test_every_rank_takes_the_run_folder_rank_0_chose(tmp_path: Path) -> None:
     assert two_ranks(partial(run_folder_in_own_view, str(tmp_path))) == {0: earlier.name, 1: earlier.name}
 
 
+def scores_in_own_view(roots: tuple[str, str], rank: int) -> dict[str, float]:
+    """The baseline one of two ranks takes, as the pipeline asks, where the run's folder is `roots[rank]`."""
+    from finetune_trainer import checkpoints
+    from finetune_trainer.distributed import World
+
+    return pipeline.scores_once(checkpoints.BASELINE, lambda: {"accuracy": -1.0}, {}, Path(roots[rank]),
+                                World(rank, 2, torch.device("cpu")))
+
+
+def test_every_rank_takes_the_baseline_rank_0_reads() -> None:
+    """Each rank read the baseline an earlier attempt kept in the shared folder: a rank whose view lacked it measured
+    the baseline again, alone, beside ranks that did not (different collectives: a hang, or diverged scores)."""
+    import tempfile
+
+    from finetune_trainer import checkpoints
+    from finetune_trainer.distributed import World
+
+    with tempfile.TemporaryDirectory() as shared, tempfile.TemporaryDirectory() as seen:
+        checkpoints.save_scores(Path(shared), checkpoints.BASELINE, {"scores": {"accuracy": 0.5}, "per_class": None},
+                                World(0, 1, torch.device("cpu")))
+        assert two_ranks(partial(scores_in_own_view, (shared, seen))) == {0: {"accuracy": 0.5}, 1: {"accuracy": 0.5}}
+
+
 class Timed(torch.nn.Module):
     """A forward that takes 10 ms and notes when it ran (the system's monotonic clock, comparable across ranks)."""
 

@@ -328,11 +328,9 @@ def healed_kept(root: Path) -> bool:
     return (root / HEALED).exists()
 
 
-def load_healed(root: Path, layers: nn.Module) -> dict[str, float] | None:
-    """Load the healed layers an earlier run of this job kept, and return its healing's figures; None when none."""
+def load_healed(root: Path, layers: nn.Module) -> dict[str, float]:
+    """Load the healed layers an earlier run of this job kept (`healed_kept`), and return its healing's figures."""
     path = root / HEALED
-    if not healed_kept(root):
-        return None
     with safe_open(path, "pt") as f:
         figures = json.loads(f.metadata()["figures"])
     device = next(layers.parameters()).device

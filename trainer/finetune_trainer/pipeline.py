@@ -360,12 +360,14 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         heal = cfg.rearrange.prune.heal if drop else None  # a threshold may remove none: nothing to heal
         # Healing's target is the model before pruning, a copy as large as the model; an attempt that resumes
         # loads the layers an earlier one healed and needs none.
-        keep_target = heal is not None and not checkpoints.healed_kept(checkpoint_dir)
-        pruning, unpruned = prune_layers(model, task, report, drop, cfg, serving, measure, test_data, keep_target,
-                                          world)
+        # Rank 0's look, every rank's answer: ranks that each looked in a shared folder seen otherwise healed beside
+        # others loading (different collectives)
+        healed = heal is not None and world.broadcast(checkpoints.healed_kept(checkpoint_dir) if world.main else None)
+        pruning, unpruned = prune_layers(model, task, report, drop, cfg, serving, measure, test_data,
+                                          heal is not None and not healed, world)
         if heal is not None:
             pruning["heal"] = heal_once(model, unpruned, task, training_batches(heal_data), heal, dtype,
-                                        checkpoint_dir, world)
+                                        checkpoint_dir if healed else None, checkpoint_dir, world)
             del unpruned
         loaded, layers = layers, depth(model, task, probe[0], dtype)
         for p in model.parameters():  # the freeze counted the layers as loaded; count the ones that stay
@@ -653,12 +655,12 @@ def check_images_once(data: LabelledData, uri: str, world: distributed.World) ->
 
 
 def heal_once(model: nn.Module, unpruned: nn.Module | None, task: Task, batches: Iterator[Batch], spec: HealSpec,
-              dtype: torch.dtype | None, folder: Path, world: distributed.World) -> dict[str, Any]:
-    """Heal the pruned model towards `unpruned`, or load the layers an earlier attempt of the same run healed
-    (kept in its checkpoint folder; `unpruned` is None then); returns healing's figures."""
+              dtype: torch.dtype | None, kept: Path | None, folder: Path, world: distributed.World) -> dict[str, Any]:
+    """Heal the pruned model towards `unpruned`, or load the layers an earlier attempt of the same run healed and
+    `kept` in its checkpoint folder (`unpruned` is None then); returns healing's figures."""
     found = prune.layer_stack(model, task)  # None never after pruning; heal says so if it were
-    figures = checkpoints.load_healed(folder, found[1]) if found is not None else None
-    world.barrier()  # every rank has looked before rank 0 writes one, so all heal or all load
+    figures = checkpoints.load_healed(kept, found[1]) if kept is not None and found is not None else None
+    world.barrier()  # every rank has read them before rank 0 writes new ones
     if figures is not None:
         return figures
     assert unpruned is not None, "no healed layers kept, and no copy of the unpruned model to heal towards"
@@ -675,8 +677,8 @@ def scores_once(name: str, measure_scores: Callable[[], dict[str, float]] | None
     split again, for minutes. With no `measure_scores` (a teacher a finished training did not load), only those
     kept, or none."""
     what = Path(name).stem  # the phase: baseline, teacher
-    kept = checkpoints.load_scores(folder, name)
-    world.barrier()  # every rank has looked before rank 0 writes one, so all measure or none
+    # rank 0's, on every rank: ranks that each read a shared folder seen otherwise measured beside others that did not
+    kept = world.broadcast(checkpoints.load_scores(folder, name) if world.main else None)
     if kept is not None:
         log.info("the %s was measured by an earlier attempt of this run (%s)", what, folder / name)
         if kept["per_class"] is not None:
