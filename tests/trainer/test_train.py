@@ -1350,6 +1350,27 @@ def test_a_checkpoint_runs_no_pickled_code(tmp_path: Path) -> None:
     assert not marker.exists()
 
 
+def test_a_checkpoint_whose_file_went_after_it_was_listed_gives_way_to_the_one_before_it(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file gone from rank 0's own view of a checkpoint it listed is a torn checkpoint, set aside, not a view of
+    another rank's that lags, which fails the attempt: on one process every retry failed on it (exit 2)."""
+    model, _, _ = lm_setup()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    scheduler, scaler = make_scheduler(optimizer, TrainingSpec(), 10), torch.amp.GradScaler("cpu", enabled=False)
+    for step in (2, 4):
+        checkpoints.save(tmp_path, step, model, optimizer, scheduler, scaler, {"step": step}, CPU, keep=2)
+    listed = checkpoints.listed
+
+    def listed_then_gone(root: Path, world: World) -> list[Path]:
+        found = listed(root, world)
+        (found[-1] / checkpoints.TRAINED).unlink()
+        return found
+
+    monkeypatch.setattr(checkpoints, "listed", listed_then_gone)
+    state, _ = checkpoints.load(tmp_path, model, optimizer, scheduler, scaler, CPU)
+    assert state["step"] == 2 and (tmp_path / ".unreadable-step-00000004").is_dir()
+
+
 def test_a_committed_checkpoint_that_cannot_be_read_gives_way_to_the_one_before_it(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """The newest checkpoint's optimizer.pt cut short after its marker: every retry failed on it, though

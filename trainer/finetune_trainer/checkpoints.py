@@ -497,19 +497,17 @@ def load(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
             rng = torch.load(rng_file, weights_only=True) if rng_file.exists() else None
             best = load_file(best_file) if world.main and best_file.exists() else None
             torn = unseen = False
-        except FileNotFoundError as exc:  # rank 0 listed it; this rank's view of the volume lacks it (a cached listing)
-            log.warning("cannot see %s, which rank 0 lists: %s", folder, exc)
-            torn, unseen = False, True
+        except FileNotFoundError as exc:
+            # Rank 0 listed it: a file gone from rank 0's own view since (deleted) is a torn checkpoint; from another
+            # rank's, that rank's view of the volume may lag (a cached listing), which fails the attempt, not it.
+            log.warning("cannot find %s, which rank 0 lists: %s", folder, exc)
+            torn, unseen = world.main, not world.main
         except (RuntimeError, SafetensorError, EOFError, ValueError) as exc:  # RuntimeError: torch's zip reader
             # a read the volume failed is retried; torch's other RuntimeErrors (out of memory) are no torn file
             if failed_read(exc) or isinstance(exc, RuntimeError) and "PytorchStreamReader" not in str(exc):
                 raise
             log.warning("cannot read %s: %s", folder, exc)
             torn, unseen = True, False  # not the exception: its traceback holds what the reader had loaded
-        if world.any(unseen):  # not torn: set aside, a good checkpoint's steps were lost to a view a moment old
-            raise FileNotFoundError(f"{folder}, the newest checkpoint rank 0 lists, is not there for every rank (the "
-                                    "volume's views differ, as an NFS client's cached listing does): a new attempt "
-                                    "reads it again")
         if world.any(torn):
             tensors = saved = best = None  # not held on the device while the one before is read
             if world.main:
@@ -519,6 +517,10 @@ def load(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
                             f"moved to {aside}, where what can be read of it stays" if aside else
                             "removed (a later one is set aside already, or it could not be moved)")
             continue
+        if world.any(unseen):  # not torn: set aside, a good checkpoint's steps were lost to a view a moment old
+            raise FileNotFoundError(f"{folder}, the newest checkpoint rank 0 lists, is not there for every rank (the "
+                                    "volume's views differ, as an NFS client's cached listing does): a new attempt "
+                                    "reads it again")
         if found := misfits(model, tensors, optimizer, saved["optimizer"]):
             discard(folder, found, world)
             return None
