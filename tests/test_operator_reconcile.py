@@ -1650,6 +1650,11 @@ def test_a_success_whose_pod_a_sidecar_outlives_is_written_once_the_pod_is_ended
     assert [m for r, m in said if "could not be ended" in m] == [
         "pods ft-1-0-x could not be ended for 60 s (their patch failed: the operator's log says why): delete them, "
         "their Job holds their GPUs"]
+    # Deleted and applied again under its name, the new job's end is held as long, and said, as its own
+    again = body(running)
+    again["metadata"]["uid"] = "u2"
+    with pytest.raises(kopf.TemporaryError, match="pods ft-1-0-x not ended yet"):
+        ticked(again, indexes, apiserver=failing, told=told)
 
 
 class Failing(Apiserver):

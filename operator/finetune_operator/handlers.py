@@ -749,10 +749,10 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
     if unended and decision.status.get("phase") in finished and seen.body["status"].get("phase") not in finished:
         # Written finished, the job has no next tick (`_live`) to end them: their Job stayed active on its GPUs. Held
         # for a while, not for ever: a webhook on pods that is down fails every patch, and the end went unwritten.
-        if memo.told.repeated((ns, name, "unended")) < END_HOLD_SECONDS:
+        if memo.told.repeated((ns, name, body.metadata.uid, "unended")) < END_HOLD_SECONDS:
             raise kopf.TemporaryError(f"pods {', '.join(unended)} not ended yet; the job's end is written once they "
                                       "are", delay=5)
-        if memo.told.first((ns, name, "unended told")):
+        if memo.told.first((ns, name, body.metadata.uid, "unended told")):
             log.warning("%s/%s: pods %s could not be ended for %d s: writing the job's end", ns, name, unended,
                         END_HOLD_SECONDS)
             kopf.event(body, type="Warning", reason=reconcile.OUTLIVED, message=(
