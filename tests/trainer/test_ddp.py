@@ -638,6 +638,28 @@ def test_every_rank_takes_the_baseline_rank_0_reads() -> None:
         assert two_ranks(partial(scores_in_own_view, (shared, seen))) == {0: {"accuracy": 0.5}, 1: {"accuracy": 0.5}}
 
 
+def pruning_in_own_view(doc: dict[str, Any], parents: tuple[str, str], rank: int) -> list[int]:
+    """The layers one of two ranks prunes, as the pipeline asks, where its scores would drop layer 2."""
+    from finetune_trainer.distributed import World
+
+    return pipeline.earlier_pruning(Path(parents[rank]), TrainerConfig.model_validate(doc),
+                                    World(rank, 2, torch.device("cpu")), [2], "d", False)
+
+
+def test_every_rank_prunes_again_what_the_earlier_attempt_rank_0_sees_pruned(tmp_path: Path) -> None:
+    """Each rank read the earlier attempt's pruning choice from the shared folder itself: a rank whose view lacked
+    that run's folder pruned the layers its own scores chose, beside ranks pruning the earlier ones."""
+    from finetune_trainer import checkpoints
+    from finetune_trainer.distributed import World
+
+    doc = tiny_classifier_doc(tmp_path / "out") | {"rearrange": {"prune": {"count": 1}}}
+    cfg = TrainerConfig.model_validate(doc)
+    identity, full = (pipeline.fingerprinted(cfg, 2, [1], "d", defaults, False) for defaults in (False, True))
+    checkpoints.run_folder(shared := tmp_path / "shared", identity, World(0, 1, torch.device("cpu")), full)
+    (seen := tmp_path / "seen").mkdir()  # rank 1's view: the earlier run's folder not there yet
+    assert two_ranks(partial(pruning_in_own_view, doc, (str(shared), str(seen)))) == {0: [1], 1: [1]}
+
+
 class Timed(torch.nn.Module):
     """A forward that takes 10 ms and notes when it ran (the system's monotonic clock, comparable across ranks)."""
 

@@ -338,7 +338,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     picks = cfg.rearrange.lora is not None and merging_picks_targets(model, cfg.rearrange.lora, task, head, new)
     if cfg.rearrange.prune is not None:
         prune.stack_for(model, task, "rearrange.prune")  # says why, for a model with no list of whole layers
-        drop = earlier_pruning(out / "checkpoints", cfg, world.size, pruned_layers(report, cfg.rearrange.prune, world),
+        drop = earlier_pruning(out / "checkpoints", cfg, world, pruned_layers(report, cfg.rearrange.prune, world),
                                data_digest, picks)
     # Named by the layers pruning removes; healing keeps its result there.
     identity, full = (fingerprinted(cfg, world.size, drop, data_digest, defaults, picks) for defaults in (False, True))
@@ -590,13 +590,14 @@ def pruned_layers(report: analysis.StructureReport, spec: PruneSpec, world: dist
     return prune.chosen_layers(report.importance["layers"]["scores"], spec)
 
 
-def earlier_pruning(parent: Path, cfg: TrainerConfig, world_size: int, drop: list[int], data: str,
+def earlier_pruning(parent: Path, cfg: TrainerConfig, world: distributed.World, drop: list[int], data: str,
                     merge_picks: bool) -> list[int]:
     """The layers an earlier attempt of this run removed, if one did, else `drop`. Its checkpoints and healed layers
     are of those layers; this attempt's scores, on other hardware or at another precision, can order a near-tie
-    otherwise, and a new choice would discard them and train from step 0."""
-    identity, full = (fingerprinted(cfg, world_size, drop, data, defaults, merge_picks) for defaults in (False, True))
-    earlier = checkpoints.earlier_choice(parent, identity, "prunedLayers", full)
+    otherwise, and a new choice would discard them and train from step 0. Rank 0's look, on every rank: a rank whose
+    view of the shared folder lacked the earlier run pruned other layers."""
+    identity, full = (fingerprinted(cfg, world.size, drop, data, defaults, merge_picks) for defaults in (False, True))
+    earlier = world.broadcast(checkpoints.earlier_choice(parent, identity, "prunedLayers", full) if world.main else None)
     if earlier is None or earlier == drop:
         return drop
     log.warning("rearrange.prune: this attempt's scores would remove layers %s; an earlier attempt of this run "
