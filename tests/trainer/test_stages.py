@@ -622,8 +622,10 @@ def test_opts_final_norm_and_output_projection_sit_above_its_layers_though_regis
         vocab_size=100, hidden_size=16, word_embed_proj_dim=8, num_hidden_layers=4, ffn_dim=32, num_attention_heads=2,
         max_position_embeddings=32, do_layer_norm_before=True, pad_token_id=1))
     task = Task.SEQUENCE_CLASSIFICATION
+    model.model.decoder.layers[0].eval()  # held in eval, as a frozen part may be
     layers, head = depth(model, task, token_batch()), head_name(model, task)
-    assert model.training  # put back after the eval forward
+    # each module's mode put back after the eval forward
+    assert model.training and not model.model.decoder.layers[0].training and model.model.decoder.layers[1].training
     freeze(model, FreezeSpec(strategy="bottom-layers", count=1), layers, head)
     trainable = {n for n, p in model.named_parameters() if p.requires_grad}
     decoder = "model.decoder."

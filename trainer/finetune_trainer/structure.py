@@ -190,14 +190,15 @@ def first_read_below(model: nn.Module, last: str, batch: Batch, dtype: torch.dty
 
     reads = Reads()
     hook = model.get_submodule(last).register_forward_pre_hook(lambda *_: setattr(reads, "started", True))
-    was_training = model.training
+    modes = {m: m.training for m in model.modules()}  # each its own: a submodule may be held in eval
     model.eval()  # no dropout or layer drop; BatchNorm's statistics stay
     try:
         with torch.no_grad(), autocast(next(model.parameters()).device.type, dtype), reads:
             model(**batch.inputs)
     finally:
         hook.remove()
-        model.train(was_training)
+        for module, mode in modes.items():
+            module.training = mode
     return read_below if reads.started else {}
 
 
