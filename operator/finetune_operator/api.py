@@ -268,6 +268,9 @@ class Phase(StrEnum):
     FAILED = "Failed"
 
 
+FINISHED = frozenset({Phase.SUCCEEDED, Phase.FAILED})  # phases a job never leaves
+
+
 class ConditionType(StrEnum):
     """Condition types: adjectives and past participles, as the Kubernetes API conventions want."""
 

@@ -148,7 +148,7 @@ def _live(spec: kopf.Spec, status: kopf.Status, meta: kopf.Meta) -> bool:
     """Ours, and live, waiting for ttlSecondsAfterFinished, or finished with a spec edited since (one tick records
     its observedGeneration, which GitOps health checks wait for): a finished job costs no reconciles (kopf stops its
     timers when the filters turn False), which keeps a cluster of thousands of finished jobs cheap."""
-    finished = status.get("phase") in (api.Phase.SUCCEEDED, api.Phase.FAILED)
+    finished = status.get("phase") in api.FINISHED
     return ours(spec) and (
         not finished or spec.get("ttlSecondsAfterFinished") is not None
         or status.get("observedGeneration") != meta.get("generation", 0))
@@ -423,7 +423,7 @@ def _not_older(version: str, than: str) -> bool:
 def _in_doubt(seen: reconcile.Observed) -> bool:
     """A job that is not finished whose current attempt has a Job in the index, and whose metrics were not read."""
     status = seen.body["status"]
-    return seen.sample is None and status.get("phase") not in (api.Phase.SUCCEEDED, api.Phase.FAILED) and \
+    return seen.sample is None and status.get("phase") not in api.FINISHED and \
         reconcile.current_job(status, seen.jobs)[1] is not None
 
 
@@ -745,8 +745,8 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
         log.info("%s/%s: deleting Job %s (%s)", ns, name, decision.delete_job, decision.delete_job_reason)
         _delete(clients, api_path(ns, "jobs", decision.delete_job, group="batch"), f"Job {decision.delete_job}")
     unended = [pod for pod, why in decision.end_pods if not _end_pod(clients, memo.told, body, ns, pod, why)]
-    finished = (api.Phase.SUCCEEDED, api.Phase.FAILED)
-    if unended and decision.status.get("phase") in finished and seen.body["status"].get("phase") not in finished:
+    finishing = decision.status.get("phase") in api.FINISHED and seen.body["status"].get("phase") not in api.FINISHED
+    if unended and finishing:
         # Written finished, the job has no next tick (`_live`) to end them: their Job stayed active on its GPUs. Held
         # for a while, not for ever: a webhook on pods that is down fails every patch, and the end went unwritten.
         if memo.told.repeated((ns, name, body.metadata.uid, "unended")) < END_HOLD_SECONDS:

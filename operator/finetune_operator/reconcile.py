@@ -604,7 +604,7 @@ def waits_on_jobs(seen: Observed) -> bool:
     (gone with them, or not yet indexed); or the current one made but not seen (gone with its pods before any tick saw
     it go, it was made again under its number, its end never told; or a watch behind)."""
     status = seen.body["status"]
-    if status.get("phase") in (api.Phase.SUCCEEDED, api.Phase.FAILED) or (seen.body.get("spec") or {}).get("suspend"):
+    if status.get("phase") in api.FINISHED or (seen.body.get("spec") or {}).get("suspend"):
         return False  # a suspended job makes no attempt, and a ghost would be listed at every tick of the suspension
     attempt, job = current_job(status, seen.jobs)
     if job:
