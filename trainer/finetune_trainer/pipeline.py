@@ -367,7 +367,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
                                           heal is not None and not healed, world)
         if heal is not None:
             pruning["heal"] = heal_once(model, unpruned, task, training_batches(heal_data), heal, dtype,
-                                        checkpoint_dir if healed else None, checkpoint_dir, world)
+                                        healed, checkpoint_dir, world)
             del unpruned
         loaded, layers = layers, depth(model, task, probe[0], dtype)
         for p in model.parameters():  # the freeze counted the layers as loaded; count the ones that stay
@@ -656,11 +656,11 @@ def check_images_once(data: LabelledData, uri: str, world: distributed.World) ->
 
 
 def heal_once(model: nn.Module, unpruned: nn.Module | None, task: Task, batches: Iterator[Batch], spec: HealSpec,
-              dtype: torch.dtype | None, kept: Path | None, folder: Path, world: distributed.World) -> dict[str, Any]:
+              dtype: torch.dtype | None, kept: bool, folder: Path, world: distributed.World) -> dict[str, Any]:
     """Heal the pruned model towards `unpruned`, or load the layers an earlier attempt of the same run healed and
-    `kept` in its checkpoint folder (`unpruned` is None then); returns healing's figures."""
+    `kept` in its checkpoint `folder` (`unpruned` is None then); returns healing's figures."""
     found = prune.layer_stack(model, task)  # None never after pruning; heal says so if it were
-    figures = checkpoints.load_healed(kept, found[1]) if kept is not None and found is not None else None
+    figures = checkpoints.load_healed(folder, found[1]) if kept and found is not None else None
     world.barrier()  # every rank has read them before rank 0 writes new ones
     if figures is not None:
         return figures
