@@ -455,15 +455,13 @@ def committed(checkpoint: Path) -> bool:
 
 
 def listed(root: Path, world: World) -> list[Path]:
-    """`complete(root)` as rank 0 lists it, on every rank: a shared volume's listing may differ between ranks (NFS's
-    cached attributes, a checkpoint rank 0 committed a moment before), and ranks that each walked their own restored
-    different steps, or waited in different numbers of collectives."""
-    return [root / name for name in world.broadcast([p.name for p in complete(root)] if world.main else None)]
+    """`complete(root)` as rank 0 lists it, on every rank (`World.main_look`)."""
+    return [root / name for name in world.main_look(lambda: [p.name for p in complete(root)])]
 
 
 def finished(root: Path, total: int, world: World) -> bool:
     """Rank 0's `ended`, on every rank: ranks that differed (`listed`) loaded the teacher on some alone."""
-    return world.broadcast(ended(root, total) if world.main else None)
+    return world.main_look(ended, root, total)
 
 
 def ended(root: Path, total: int) -> bool:

@@ -7,7 +7,7 @@ hostname on the operator's headless Service, children.py) is what joins the rank
 from __future__ import annotations
 
 import gc
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -79,6 +79,12 @@ class World:
         box = [value]
         dist.broadcast_object_list(box, 0, device=self.device)
         return box[0]
+
+    def main_look(self, look: Callable[..., Any], *args: Any) -> Any:
+        """`look(*args)` as rank 0 finds it, on every rank; only rank 0 calls it. For what is read from a shared
+        volume: its listing may differ between ranks (NFS's cached attributes, a file rank 0 wrote a moment before),
+        and ranks that each read their own resumed different steps or waited in different numbers of collectives."""
+        return self.broadcast(look(*args) if self.main else None)
 
     def barrier(self) -> None:
         if self.size > 1:

@@ -362,7 +362,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         # loads the layers an earlier one healed and needs none.
         # Rank 0's look, every rank's answer: ranks that each looked in a shared folder seen otherwise healed beside
         # others loading (different collectives)
-        healed = heal is not None and world.broadcast(checkpoints.healed_kept(checkpoint_dir) if world.main else None)
+        healed = heal is not None and world.main_look(checkpoints.healed_kept, checkpoint_dir)
         pruning, unpruned = prune_layers(model, task, report, drop, cfg, serving, measure, test_data,
                                           heal is not None and not healed, world)
         if heal is not None:
@@ -597,7 +597,7 @@ def earlier_pruning(parent: Path, cfg: TrainerConfig, world: distributed.World, 
     otherwise, and a new choice would discard them and train from step 0. Rank 0's look, on every rank: a rank whose
     view of the shared folder lacked the earlier run pruned other layers."""
     identity, full = (fingerprinted(cfg, world.size, drop, data, defaults, merge_picks) for defaults in (False, True))
-    earlier = world.broadcast(checkpoints.earlier_choice(parent, identity, "prunedLayers", full) if world.main else None)
+    earlier = world.main_look(checkpoints.earlier_choice, parent, identity, "prunedLayers", full)
     if earlier is None or earlier == drop:
         return drop
     log.warning("rearrange.prune: this attempt's scores would remove layers %s; an earlier attempt of this run "
@@ -679,7 +679,7 @@ def scores_once(name: str, measure_scores: Callable[[], dict[str, float]] | None
     kept, or none."""
     what = Path(name).stem  # the phase: baseline, teacher
     # rank 0's, on every rank: ranks that each read a shared folder seen otherwise measured beside others that did not
-    kept = world.broadcast(checkpoints.load_scores(folder, name) if world.main else None)
+    kept = world.main_look(checkpoints.load_scores, folder, name)
     if kept is not None:
         log.info("the %s was measured by an earlier attempt of this run (%s)", what, folder / name)
         if kept["per_class"] is not None:
