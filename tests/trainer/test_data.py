@@ -1215,6 +1215,28 @@ def test_copies_of_a_text_stay_on_one_side_of_the_split(tmp_path: Path) -> None:
     assert unique.test.inputs == [ROWS[i]["text"] for i in order[:3]]  # the split of a corpus without copies
 
 
+def test_held_out_sides_take_their_share_of_rows_however_often_texts_repeat(tmp_path: Path) -> None:
+    """Inputs were placed by their earliest copy in the seed's order, which comes the earlier the more copies: a
+    text 300 times in 1,000 rows was in test under every seed (test 460 rows where 100 were asked), and a corpus of
+    texts twice each held out 378 and 344 rows where 200 were asked."""
+    rows = ([{"text": "Great!", "label": "p"}] * 300 + [{"text": "Terrible.", "label": "n"}] * 100
+            + [{"text": f"t{i}", "label": "pn"[i % 2]} for i in range(600)])
+    pd.DataFrame(rows).to_csv(path := tmp_path / "skewed.csv", index=False)
+    tenths = DatasetSpec(uri=str(path), labelField="label", validationSplit=0.1, testSplit=0.1)
+    held_out, sizes = 0, []
+    for seed in range(20):
+        data = load_dataset(tenths, Task.SEQUENCE_CLASSIFICATION, seed)
+        held_out += "Great!" in data.test.inputs + data.validation.inputs
+        sizes += [len(data.test.inputs), len(data.validation.inputs)]
+    # each side its 100 rows, past them only by the copies of the input that crossed them
+    assert all(100 <= size < 400 for size in sizes) and sorted(sizes)[len(sizes) // 2] == 100
+    assert held_out <= 8  # about one seed in five: the sides hold a fifth of the rows
+    pd.DataFrame([{"text": f"t{i % 1000}", "label": "pn"[i % 2]} for i in range(2000)]).to_csv(path, index=False)
+    for seed in range(3):
+        data = load_dataset(tenths, Task.SEQUENCE_CLASSIFICATION, seed)
+        assert (len(data.train.inputs), len(data.validation.inputs), len(data.test.inputs)) == (1600, 200, 200)
+
+
 def test_csv_words_that_pandas_calls_missing_are_data(tmp_path: Path) -> None:
     """Only an empty cell is missing: a class named "None" or "NA", or the text "null", is kept."""
     rows = [{"text": ["null", "N/A", f"t{i}"][i % 3], "label": ["None", "NA", "positive"][i % 3]} for i in range(30)]

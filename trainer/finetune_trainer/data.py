@@ -1275,15 +1275,22 @@ def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spe
           seed: int) -> tuple[Split, Split, Split]:
     """Train, validation and test: the dataset's own where it has them, else held out of its train rows with
     the seed (test first, so that its rows do not depend on whether the dataset brings a validation split).
-    A copy of an input goes where its first copy in the seed's order goes, so no held-out score is taken on a
-    text that trained; without copies, the sides are the seed's slices of that order. A dataset's validation split
-    keeps none of its test split's inputs (own_rows)."""
+    The inputs are placed in the seed's order of their first rows in the file, each with all its copies, and the
+    held-out sides take whole inputs until they hold their share of the rows: no held-out score is taken on a text
+    that trained, and without copies the sides are the seed's slices of the rows' order. Not in the order of each
+    input's earliest copy in the seed's order: the more copies an input had, the earlier that came, and the held-out
+    sides took every frequent input (a text 300 times in 1,000 rows was in test under every seed, test 460 rows where
+    100 were asked). A dataset's validation split keeps none of its test split's inputs (own_rows)."""
     rng = np.random.default_rng(seed)
     texts = inputs[TRAIN]
     shuffled = rng.permutation(len(texts))
     first: dict[Hashable, int] = {}
-    decided_at = np.array([first.setdefault(input_key(texts[i]), place) for place, i in enumerate(shuffled)],
-                          dtype=np.int64)  # the place in `shuffled` of each row's first copy
+    owner = np.array([first.setdefault(input_key(text), row) for row, text in enumerate(texts)], dtype=np.int64)
+    copies = np.bincount(owner, minlength=len(texts))  # of each input, at its first row
+    owners = shuffled[copies[shuffled] > 0]
+    starts = np.zeros(len(texts), dtype=np.int64)
+    starts[owners] = np.cumsum(copies[owners]) - copies[owners]
+    decided_at = starts[owner][shuffled]  # for each place in `shuffled`: the rows of the inputs placed before its own
     taken = 0
     held: dict[str, tuple[str, np.ndarray]] = {}
     for name, fraction in ((TEST, spec.test_split), (VALIDATION, spec.validation_split)):
@@ -1295,12 +1302,9 @@ def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spe
         else:
             # not fewer where maxEvalSamples evaluates fewer: runs of different evaluation budgets train on the same
             # rows (the benchmarks' teacher and job compare so), the rows over it unused, as take says
-            count = max(1, round(len(texts) * fraction))
-            if (later := decided_at[decided_at >= taken]).size:  # else nothing trains: refused below
-                # its places may all hold copies of rows placed before it: then up to the next first copy
-                count = max(count, int(later.min()) - taken + 1)
-            held[name] = (TRAIN, shuffled[(decided_at >= taken) & (decided_at < taken + count)])
-            taken += count
+            side = (decided_at >= taken) & (decided_at < taken + max(1, round(len(texts) * fraction)))
+            held[name] = (TRAIN, shuffled[side])
+            taken += int(side.sum())  # the whole of the last input taken, its copies past the share too
     order = shuffled[decided_at >= taken]
     if len(order) == 0:
         raise DataError(f"dataset {spec.uri}: {len(inputs[TRAIN])} rows ({len(set(map(input_key, texts)))} distinct "
