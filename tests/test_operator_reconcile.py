@@ -131,6 +131,23 @@ def test_a_worker_with_more_gpus_than_processes_is_warned_of_once_when_its_attem
     assert idle_gpu_warnings(EXAMPLE["spec"]["runtime"], trainer_gpus=4) == []
 
 
+def test_freeze_fields_the_strategy_does_not_read_are_warned_of_in_the_jobs_events() -> None:
+    """{freeze: {count: 2}} (strategy none by default) freezes nothing: the API takes it (a refusal failed jobs
+    stored before it), and only the trainer's log said so, on every rank, where a user reads the job's Events."""
+    adjust = {"freeze": {"count": 2, "pattern": "encoder"}}
+    decision = decide(Observed(body(adjust=adjust), [], [], NOW))
+    assert decision.create_attempt == 1
+    assert [e for e in decision.events if e[1] == "FieldIgnored"] == [
+        ("Warning", "FieldIgnored", "adjust.freeze.count is read only with strategy bottom-layers, and the strategy is "
+         "none: ignored"),
+        ("Warning", "FieldIgnored", "adjust.freeze.pattern is read only with strategy regex, and the strategy is none: "
+         "ignored")]
+    later = decide(Observed(body(after(decision), adjust=adjust), [job(1)], [pod(1, phase="Pending")], NOW))
+    assert not [e for e in later.events if e[1] == "FieldIgnored"]  # once an attempt, at its making
+    read = {"freeze": {"strategy": "bottom-layers", "count": 2}}
+    assert not [e for e in decide(Observed(body(adjust=read), [], [], NOW)).events if e[1] == "FieldIgnored"]
+
+
 def test_an_existing_child_is_never_created_again() -> None:
     # A restarted operator may hold a status from before its last creation: the children count too.
     decision = decide(Observed(body({"attempts": 0}), [job(1)], [pod(1, phase="Pending")], NOW))

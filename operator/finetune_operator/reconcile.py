@@ -102,6 +102,7 @@ class SpecFacts:
     ttl_seconds_after_finished: int | None
     output_uri: str
     recipe: str  # children.recipe: what a child Job was made from
+    ignored: tuple[str, ...]  # fields set that nothing reads (FreezeSpec.ignored)
 
     @classmethod
     def of(cls, spec: api.FineTuneJobSpec) -> SpecFacts:
@@ -110,7 +111,7 @@ class SpecFacts:
                    children.gpus(rt.resources) if rt.resources else None, children.rendezvous(spec), global_batch(spec),
                    spec.backoff_limit,
                    spec.active_deadline_seconds, spec.ttl_seconds_after_finished, spec.output.uri,
-                   children.recipe(spec))
+                   children.recipe(spec), tuple(spec.adjust.freeze.ignored()))
 
 
 FACTS_CACHED = 4096
@@ -398,6 +399,8 @@ def decide(seen: Observed) -> Decision | None:
             status["children"] = _children(children.child_name(meta["name"], decision.create_attempt), spec)
             _created(conds, decision.create_attempt, workers)
             decision.events += _idle_gpus(spec, seen.trainer_gpus)
+            # the trainer's log alone said it, on every rank, where a user looks at the job's Events
+            decision.events += [("Warning", "FieldIgnored", ignored) for ignored in spec.ignored]
         return _finish(decision, old, conds)
 
     return observe()

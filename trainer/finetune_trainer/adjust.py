@@ -42,12 +42,8 @@ def freeze_checked(model: nn.Module, spec: FreezeSpec, depth: Depth, head: str |
     matches nothing."""
     frozen = freeze(model, spec, depth, head, new)
     log.info("froze %s parameters (%s)", f"{frozen:,}", spec.strategy.value)
-    # Read only with their strategy (none by default): {freeze: {count: 2}} froze nothing without a word. Accepted,
-    # not refused: jobs stored before would fail at the operator's next look.
-    for field, strategy in (("count", FreezeStrategy.BOTTOM_LAYERS), ("pattern", FreezeStrategy.REGEX)):
-        if loaded is None and getattr(spec, field) is not None and spec.strategy != strategy:
-            log.warning("adjust.freeze.%s is read only with strategy %s, and the strategy is %s: ignored", field,
-                        strategy.value, spec.strategy.value)
+    for ignored in spec.ignored() if loaded is None else ():
+        log.warning("%s", ignored)
     names = [n for n, _ in model.named_parameters()]
     matches_nothing = spec.strategy == FreezeStrategy.REGEX and not any(frozen_by(spec, n, depth, head) for n in names)
     if matches_nothing and not unmatched:

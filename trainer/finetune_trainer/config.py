@@ -288,6 +288,15 @@ class FreezeSpec(ApiModel):
             return f"not a valid regular expression ({exc})"
         return None
 
+    def ignored(self) -> list[str]:
+        """The fields set that the strategy does not read, each said: {freeze: {count: 2}} (strategy none by default)
+        froze nothing without a word. Warned of, not refused: jobs stored before a refusal failed at the operator's
+        next look at them."""
+        return [f"adjust.freeze.{field} is read only with strategy {strategy.value}, and the strategy is "
+                f"{self.strategy.value}: ignored"
+                for field, strategy in (("count", FreezeStrategy.BOTTOM_LAYERS), ("pattern", FreezeStrategy.REGEX))
+                if getattr(self, field) is not None and self.strategy != strategy]
+
     rules = (
         Rule(
             cel="self.strategy != 'bottom-layers' || has(self.count)",
