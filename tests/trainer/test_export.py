@@ -149,6 +149,15 @@ def test_the_card_of_a_run_that_stopped_early_says_whose_weights_it_holds(tmp_pa
     card = model_card(TrainerConfig.model_validate(doc), report | {"training": training | {
         "steps": 200, "stopped_early": False, "restored_best_step": None}})
     assert "- Training: 200 steps in 1 s, 790.3 samples/s, seed 0\n" in card
+    # Stopped where the loss diverged (train_loop's diverged_early): the card and the status line say so
+    nan = "the training loss is nan at step 63: lower adjust.learningRate, check the data for broken rows"
+    diverged = report | {"training": training | {"diverged": nan}}
+    assert (f"stopped early (200 planned, {nan}); the weights are step 60's, the best validation loss\n"
+            in model_card(TrainerConfig.model_validate(doc), diverged))
+    from finetune_trainer.pipeline import outcome
+
+    assert outcome(diverged) == f"62 steps; test loss 1.1 -> 1.069; stopped early with the best validation's weights: {nan}"
+    assert outcome(report) == "62 steps; test loss 1.1 -> 1.069"
 
 
 @pytest.mark.parametrize(("precision", "measured"), [

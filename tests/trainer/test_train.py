@@ -621,6 +621,42 @@ def test_early_stopping_restores_the_best_weights() -> None:
     assert any(not torch.equal(evaluate.seen[1][n], evaluate.seen[3][n]) for n in evaluate.seen[1])  # it did train on
 
 
+def test_a_loss_that_diverges_after_a_best_evaluation_stops_early_with_its_weights(tmp_path: Path) -> None:
+    """Early stopping held the best weights (step 4's) in rank 0's memory alone: a NaN loss at step 7 raised through,
+    and the job failed with them lost (a new run, with a lower rate, starts a new folder). Now training stops there as
+    by patience: the best weights put back, evaluated and exported by the pipeline, the divergence said; a resumed
+    attempt finds the stop in its checkpoint and trains no more."""
+    model, data, collate = lm_setup()
+
+    def break_after_6(state: LoopState, total: int) -> None:
+        if state.step == 6:
+            with torch.no_grad():
+                model.transformer.wpe.weight[0, 0] = float("nan")
+
+    spec = TrainingSpec(batchSize=8, maxSteps=20, evalEverySteps=2, earlyStopping={"patience": 3},
+                        checkpointEverySteps=6)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    evaluate = Scripted(model, [1.0, 0.5, 0.9])  # best at step 4
+    state = train_loop(model, optimizer, make_scheduler(optimizer, spec, 20), data, collate, spec, Task.CAUSAL_LM,
+                       CPU, Hooks(evaluate=evaluate, on_step=break_after_6, checkpoint_dir=tmp_path))
+    assert state.stopped_early and state.step == 6 and state.best_step == 4 and state.restored_best
+    assert state.diverged and state.diverged.startswith("the training loss is nan at step 7: lower adjust.learningRate")
+    assert_same(weights(model), evaluate.seen[1])
+    resumed, _, _ = lm_setup()
+    optimizer = torch.optim.AdamW(resumed.parameters(), lr=1e-3)
+    again = train_loop(resumed, optimizer, make_scheduler(optimizer, spec, 20), data, collate, spec, Task.CAUSAL_LM,
+                       CPU, Hooks(evaluate=Scripted(resumed, []), checkpoint_dir=tmp_path))
+    assert again.stopped_early and again.step == 6 and again.diverged == state.diverged
+    assert_same(weights(resumed), evaluate.seen[1])
+    # Without early stopping no best weights are kept: the divergence fails the run, as before
+    model, data, collate = lm_setup()
+    plain = TrainingSpec(batchSize=8, maxSteps=20, evalEverySteps=2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    with pytest.raises(LossNotFinite, match="at step 7"):
+        train_loop(model, optimizer, make_scheduler(optimizer, plain, 20), data, collate, plain, Task.CAUSAL_LM, CPU,
+                   Hooks(evaluate=Scripted(model, [1.0, 0.5, 0.9]), on_step=break_after_6))
+
+
 def test_a_metric_that_is_not_finite_is_never_the_best() -> None:
     """A NaN first validation loss was best for good (every comparison with NaN is False): early stopping ended the
     run two evaluations later on its weights."""

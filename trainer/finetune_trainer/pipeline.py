@@ -216,7 +216,10 @@ def outcome(report: dict[str, Any]) -> str:
     metric, final = next(iter(evaluation["final"].items()))
     before = evaluation["baseline"].get(metric)
     change = f"{before:.4g} -> {final:.4g}" if before is not None else f"{final:.4g}"
-    return f"{report['training']['steps']} steps; test {metric} {change}"
+    training = report["training"]
+    diverged = f"; stopped early with the best validation's weights: {training['diverged']}" if training.get(
+        "diverged") else ""
+    return f"{training['steps']} steps; test {metric} {change}{diverged}"
 
 
 def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Progress) -> dict[str, Any]:
@@ -762,7 +765,7 @@ def training_section(state: LoopState, total: int, per_epoch: int, train_data: E
             "train_samples": len(train_data.lengths), "validation_samples": len(validation_data.lengths),
             "test_samples": len(test_data.lengths), "workers": world.size,
             "precision": precision_name(dtype),  # what `auto` resolved to
-            "stopped_early": state.stopped_early,
+            "stopped_early": state.stopped_early, "diverged": state.diverged,
             "restored_best_step": state.best_step if state.restored_best else None,
             "history": state.history, "evals": state.evals}
 

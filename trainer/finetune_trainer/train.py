@@ -9,7 +9,8 @@ budget is spent or early stopping fires. What it does, in order, for every step:
 - sums the loss over them and divides by the number of loss targets (samples for
   classifiers, scored tokens for LMs) of the whole step on all ranks, so accumulation and
   DDP give the gradient of one big batch (torchtune's token-normalised loss);
-- stops with `LossNotFinite` when that loss is NaN or Inf, before the weights see it;
+- stops with `LossNotFinite` when that loss is NaN or Inf, before the weights see it (as an early stop, with
+  the best weights, where early stopping keeps them);
 - clips the gradient norm, steps AdamW and the warmup + decay schedule;
 - evaluates every `evalEverySteps` (early stopping on the first metric), checkpoints every
   `checkpointEverySteps` and at the end; on SIGTERM it checkpoints at once, before an evaluation
@@ -80,6 +81,7 @@ class LoopState:
     best_step: int | None = None
     evals_without_gain: int = 0
     stopped_early: bool = False
+    diverged: str | None = None  # why training stopped early where the loss went non-finite (see diverged_early)
     restored_best: bool = False  # the weights at the end are those of best_step
 
 
@@ -289,7 +291,7 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
         state = loop_state(saved)
         if state.history and hooks.on_step:  # where it resumes is its progress until the next step (if any) is made
             hooks.on_step(state, total)
-    saved_at = state.step, len(state.evals)  # what the newest checkpoint holds (see save)
+    saved_at: tuple[int, int] | None = state.step, len(state.evals)  # what the newest checkpoint holds (see save)
     if spec.distillation is not None and teacher is None and state.step < total and not state.stopped_early:
         # The pipeline loads none where the newest checkpoint ends the training; one that did not resume (a misfit,
         # removed; or one that could not be read, set aside) leaves steps to make, which must not be made without it.
@@ -361,9 +363,15 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
                 for micro in steps:
                     started, cpu_started = time.perf_counter(), time.process_time()
                     lr = optimizer.param_groups[0]["lr"]  # what this step uses
-                    loss, grad_norm, samples, tokens, padded_tokens, stop = train_step(
-                        model, [next(loaded) for _ in micro], task, world, dtype, scaler, spec.max_grad_norm,
-                        optimizer, lambda: sigterm.raised, state.step + 1, teacher)
+                    try:
+                        loss, grad_norm, samples, tokens, padded_tokens, stop = train_step(
+                            model, [next(loaded) for _ in micro], task, world, dtype, scaler, spec.max_grad_norm,
+                            optimizer, lambda: sigterm.raised, state.step + 1, teacher)
+                    except LossNotFinite as exc:  # raised on every rank alike: the loss and norm are summed
+                        if not diverged_early(state, spec, exc):
+                            raise
+                        saved_at = None  # the checkpoint of this step, if any, lacks the stop
+                        break
                     if math.isfinite(grad_norm):  # else fp16's GradScaler skipped the step: the schedule waits too
                         scheduler.step()
                     state.step += 1
@@ -504,6 +512,19 @@ def diverged(what: str, dtype: torch.dtype | None, rate: str = "adjust.learningR
     return LossNotFinite(f"{what}: lower {rate}, check the data for broken rows"
                          + {None: "", torch.float16: ", or set training.precision: bf16 or fp32"}.get(
                              dtype, ", or set training.precision: fp32"))
+
+
+def diverged_early(state: LoopState, spec: TrainingSpec, exc: LossNotFinite) -> bool:
+    """Whether a diverged step ends the training as an early stop: where early stopping keeps the best weights and
+    an evaluation made them, those are what the run has learnt, and the job failed and lost them (a new run with a
+    lower rate starts a new folder). Then they are put back, evaluated on the test split and exported as after a
+    stop by patience, and the divergence is said in the log, the report and the job's status."""
+    if spec.early_stopping is None or state.best_step is None:
+        return False
+    state.stopped_early, state.diverged = True, str(exc)
+    log.warning("training stops early: %s; the best weights, of step %d (%s), are evaluated and exported",
+                exc, state.best_step, state.best)
+    return True
 
 
 def record_eval(state: LoopState, metrics: dict[str, float], spec: TrainingSpec, metric: Metric | None) -> bool:
