@@ -694,7 +694,8 @@ def test_the_cpu_clock_counts_the_steps_not_the_evaluations() -> None:
 
 
 def test_the_best_weights_survive_a_resume(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """The run dies after the step-6 checkpoint; the resumed run still ends on step 4's weights."""
+    """The run dies after the step-6 checkpoint; the resumed run still ends on step 4's weights. It reports its
+    latest validation as it resumes (the gauge had none until the next evaluation, an epoch away at the default)."""
     caplog.set_level(logging.INFO, logger="finetune_trainer")
     spec = TrainingSpec(batchSize=8, maxSteps=20, evalEverySteps=2, checkpointEverySteps=2,
                         earlyStopping={"patience": 2})
@@ -711,9 +712,12 @@ def test_the_best_weights_survive_a_resume(tmp_path: Path, caplog: pytest.LogCap
                    Hooks(evaluate=first, on_step=stop_at_7, checkpoint_dir=tmp_path))
     model, data, collate = lm_setup()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    reported: list[tuple[int, int]] = []
     state = train_loop(model, optimizer, make_scheduler(optimizer, spec, 20), data, collate, spec, Task.CAUSAL_LM, CPU,
-                       Hooks(evaluate=Scripted(model, [0.8]), checkpoint_dir=tmp_path))
+                       Hooks(evaluate=Scripted(model, [0.8]), checkpoint_dir=tmp_path,
+                             on_eval=lambda s: reported.append((s.step, s.evals[-1]["step"]))))
     assert state.step == 8 and state.stopped_early and state.best_step == 4
+    assert reported == [(6, 6), (8, 8)]
     assert f"resumed from {tmp_path / 'step-00000006'}" in caplog.text
     assert_same(weights(model), first.seen[1])
 

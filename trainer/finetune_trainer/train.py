@@ -291,6 +291,8 @@ def train_loop(model: nn.Module, optimizer: torch.optim.Optimizer, scheduler: An
         state = loop_state(saved)
         if state.history and hooks.on_step:  # where it resumes is its progress until the next step (if any) is made
             hooks.on_step(state, total)
+        if state.evals and hooks.on_eval:  # and its latest validation, else none until the next one (an epoch away)
+            hooks.on_eval(state)
     saved_at: tuple[int, int] | None = state.step, len(state.evals)  # what the newest checkpoint holds (see save)
     if spec.distillation is not None and teacher is None and state.step < total and not state.stopped_early:
         # The pipeline loads none where the newest checkpoint ends the training; one that did not resume (a misfit,
