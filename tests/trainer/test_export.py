@@ -354,3 +354,18 @@ def test_a_file_replaced_atomically_in_the_output_folder_opens_nothing_else_ther
         os.close(os.open(fifo, os.O_WRONLY | os.O_NONBLOCK))
     assert finished, "replace_atomically opened the FIFO beside the file it replaced"
     assert (tmp_path / "analysis.json").read_text() == "{}" and not list(tmp_path.glob(".tmp-*"))
+
+
+def test_report_json_writes_a_number_that_is_not_finite_as_null() -> None:
+    """An fp16 step that GradScaler skipped has an infinite gradient norm in the history: report.json held Infinity,
+    which JSON.parse, Go's decoder and jq refuse or misread."""
+    from finetune_trainer.export import json_text
+
+    def strict(constant: str) -> None:
+        raise ValueError(f"not JSON: {constant}")
+
+    history = [{"step": 1, "grad_norm": float("inf")}, {"step": 2, "grad_norm": 3.5}]
+    report = {"training": {"history": history, "where": Path("/out")}, "scores": (float("nan"), 0.5)}
+    assert json.loads(json_text(report), parse_constant=strict) == {
+        "training": {"history": [{"step": 1, "grad_norm": None}, {"step": 2, "grad_norm": 3.5}], "where": "/out"},
+        "scores": [None, 0.5]}

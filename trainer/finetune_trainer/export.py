@@ -22,6 +22,7 @@ import contextlib
 import fnmatch
 import json
 import logging
+import math
 import os
 import re
 import shutil
@@ -86,6 +87,21 @@ def publish(staged: Path, out: Path, report: str) -> None:
     fsync_tree(staged, recursive=True)  # on disk before a report says it is whole, a node lost included
     replace_atomically(staged, MARKER, lambda tmp: tmp.write_text(report))
     swap(staged, out)
+
+
+def json_text(value: Any) -> str:
+    """`value` as JSON that strict readers take: a float that is not finite (an fp16 step's skipped gradient norm, a
+    broken checkpoint's layer score) as null. Python's json wrote Infinity and NaN, which JSON.parse, Go's decoder
+    and jq refuse or misread."""
+    def finite(item: Any) -> Any:
+        if isinstance(item, float):
+            return item if math.isfinite(item) else None
+        if isinstance(item, dict):
+            return {key: finite(v) for key, v in item.items()}
+        if isinstance(item, list | tuple):
+            return [finite(v) for v in item]
+        return item
+    return json.dumps(finite(value), indent=2, default=str, allow_nan=False)
 
 
 def listed(report: Path) -> set[str]:

@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import errno
 import itertools
-import json
 import logging
 import os
 import signal
@@ -289,7 +288,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         log.info("structure analysis:\n%s", "\n".join([analysis.summary(report), *(
             detection_analysis.summary_lines(report) if detecting else [])]))
         out.mkdir(parents=True, exist_ok=True)
-        analysis_text = json.dumps(report.to_dict(), indent=2)  # through a temporary file: a kill never tears it
+        analysis_text = export.json_text(report.to_dict())  # through a temporary file: a kill never tears it
         checkpoints.replace_atomically(out, "analysis.json", lambda tmp: tmp.write_text(analysis_text))
     progress.message["analysis"] = {"totalParameters": report.total_parameters,
                                     "trainableParameters": report.trainable_parameters,
@@ -792,7 +791,7 @@ def write_outputs(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cf
             (staged / "README.md").write_text(card)
             analysis_file = ["analysis.json"] if (out / "analysis.json").exists() else []  # the run's, listed as ever
             extra["files"] = sorted({*files, "loss_curve.png", "README.md", export.MARKER, *analysis_file})
-            export.publish(staged, out, json.dumps(report | extra, indent=2, default=str))
+            export.publish(staged, out, export.json_text(report | extra))
     except Exception as exc:
         beside = ", which the volume holds beside the earlier export until it is whole" if earlier else ""
         if full := no_space_in(out, exc, f"the export{beside}"):
