@@ -1372,6 +1372,18 @@ def test_a_repo_of_subsets_needs_one_named(tmp_path: Path, monkeypatch: pytest.M
         load_dataset(spec("hf://org/glue/mnli"), Task.SEQUENCE_CLASSIFICATION, 0)
 
 
+def test_a_held_out_file_in_a_folder_of_no_train_split_is_refused_naming_it(tmp_path: Path) -> None:
+    """a/train.csv, a/test.csv and b/test.csv: the test split was a/test and b/test together, silently, where only
+    the train files were held to one dataset's folder."""
+    for name, rows in {"a/train.csv": range(0, 20), "a/test.csv": range(20, 25), "b/test.csv": range(25, 30)}.items():
+        (tmp_path / name).parent.mkdir(exist_ok=True)
+        pd.DataFrame([ROWS[i] for i in rows]).to_csv(tmp_path / name, index=False)
+    with pytest.raises(DataError, match=r"test files outside the train split's folder \(a\): b/test\.csv; point"):
+        load_dataset(spec(tmp_path), Task.SEQUENCE_CLASSIFICATION, 0)
+    data = load_dataset(spec(tmp_path / "a"), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert sorted(data.test.inputs) == sorted(ROWS[i]["text"] for i in range(20, 25))
+
+
 def test_an_image_folder_declared_of_a_file_is_refused_naming_the_uri(tmp_path: Path) -> None:
     """Listing the file raised NotADirectoryError: exit 2, and the operator retried what no retry mends."""
     with pytest.raises(DataError, match=r"^dataset.uri .*d.csv: a file, and dataset.format imagefolder reads a folder"):

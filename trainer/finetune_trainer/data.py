@@ -619,9 +619,20 @@ def folder_tables(path: Path, fmt: DatasetFormat, files: list[Path], folders: bo
     elif len(subsets := {subset_of(f.relative_to(path)) for f in by_split[TRAIN]}) > 1:
         raise DataError(f"{path}: holds {len(subsets)} datasets in its folders ({', '.join(sorted(subsets))}), "
                         "each with a train split; point the uri at one of those folders")
+    else:
+        check_held_out_subset(path, by_split, subsets.pop())
     return {name: pd.concat([with_folder(read_table(f, fmt), f.parent) if folders else read_table(f, fmt)
                              for f in by_split[name]], ignore_index=True)
             for name in (TRAIN, VALIDATION, TEST) if name in by_split}
+
+
+def check_held_out_subset(path: Path, by_split: dict[str | None, list[Path]], subset: str) -> None:
+    """Refuses validation and test files outside the train split's folder `subset`, as train files in two folders
+    are: another dataset's held-out files (a/train.csv, a/test.csv, b/test.csv) were read into this one's."""
+    for name in (VALIDATION, TEST):
+        if stray := [f.relative_to(path) for f in by_split.get(name, []) if subset_of(f.relative_to(path)) != subset]:
+            raise DataError(f"{path}: {name} files outside the train split's folder ({subset}): "
+                            f"{listed([str(f) for f in stray])}; point the uri at one dataset's folder")
 
 
 def with_folder(table: pd.DataFrame, folder: Path) -> pd.DataFrame:
