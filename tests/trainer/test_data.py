@@ -126,6 +126,17 @@ def test_numeric_labels_beside_others_keep_numeric_order(tmp_path: Path) -> None
     data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
     assert list(data.id2label.values()) == ["1", "2", "10", "nan", "x"]
 
+
+def test_a_label_in_composed_and_decomposed_unicode_is_one_class(tmp_path: Path) -> None:
+    """"café" written composed (NFC) in train.csv and decomposed (NFD, as macOS names files) in test.csv were two
+    classes: the test rows' answer was a class no train row taught."""
+    for name, cafe in {"train.csv": "caf\u00e9", "test.csv": "cafe\u0301"}.items():
+        pd.DataFrame({"text": [f"{name} {i}" for i in range(10)], "label": [cafe, "bar"] * 5}).to_csv(
+            tmp_path / name, index=False)
+    data = load_dataset(spec(tmp_path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert data.id2label == {0: "bar", 1: "caf\u00e9"}
+
+
 def test_latin1_bytes_are_read_not_refused(tmp_path: Path) -> None:
     (path := tmp_path / "l.csv").write_bytes("text,label\ncaf\xe9 ok,a\nna\xefve,b\nplain,a\nmore,b\nx,a\n".encode("latin-1"))
     data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)

@@ -18,6 +18,7 @@ import lzma
 import math
 import os
 import re
+import unicodedata
 import zlib
 from collections.abc import Collection, Hashable, Iterable, Iterator, Sized
 from dataclasses import dataclass, field
@@ -1232,8 +1233,10 @@ WHOLE_NUMBER = re.compile(r"[+-]?(0|[1-9][0-9]*)(\.0*)?")
 
 def label_name(value: Any) -> str:
     """A label as its class name: without the spaces around it (a CSV's "text, pos"), and a whole number written
-    as a float as that number, so that 1, 1.0 and "1" are one class (a float column, a file that writes 1.0)."""
-    text = str(value).strip()
+    as a float as that number, so that 1, 1.0 and "1" are one class (a float column, a file that writes 1.0).
+    Composed (NFC), as a class folder's name too: macOS and some editors write "café" decomposed, and the two
+    spellings were two classes."""
+    text = unicodedata.normalize("NFC", str(value)).strip()
     # exact: "+1" is 1, and so is "1.0"; a long id keeps its digits
     return str(int(Decimal(text))) if WHOLE_NUMBER.fullmatch(text) else text
 
