@@ -387,10 +387,14 @@ def check_columns(tables: dict[str, pd.DataFrame], uri: str, columns: dict[str, 
     """Every split has each column (a role such as textField: the column's name, None when not read)."""
     for name, table in tables.items():
         for role, column in columns.items():
+            where = f" in its {name} split" if len(tables) > 1 else ""
             if column is not None and column not in table.columns:
-                where = f" in its {name} split" if len(tables) > 1 else ""
+                written = (repr(c) for c in table.columns if "\0" not in str(c))  # no TABLE_FOLDER, no repeat_of
                 raise DataError(f"{field} {uri}: no column {column!r} ({field}.{role}){where}; "
-                                f"it has {', '.join(repr(c) for c in table.columns if c != TABLE_FOLDER)}")
+                                f"it has {', '.join(written)}")
+            if column is not None and repeat_of(column, 1) in table.columns:
+                raise DataError(f"{field} {uri}: its header repeats column {column!r} ({field}.{role}){where}; "
+                                "which copy to read is unclear: rename or drop the others")
 
 
 def drop_unlabelled_splits(found: Found, fmt: DatasetFormat, tables: dict[str, pd.DataFrame], label_field: str,
@@ -662,7 +666,23 @@ def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
             if (where := first_bad_record(text, lines)) is None:
                 raise
             raise ValueError(f"{file.name} {where}") from exc
-    return read_delimited(text, file.name, csv_separator(text, format_suffix(file)))
+    sep = csv_separator(text, format_suffix(file))
+    return with_repeats_renamed(read_delimited(text, file.name, sep), line_fields(text.partition("\n")[0], sep))
+
+
+def with_repeats_renamed(table: pd.DataFrame, header: list[str]) -> pd.DataFrame:
+    """`table` with each column whose name its `header` wrote before renamed repeat_of(name, copy), in place:
+    pandas named a second 'label' 'label.1', which a header may hold too, and a configured column the header
+    repeats was read as its first copy alone, silently; check_columns refuses it."""
+    if len(set(header)) < len(header) == len(table.columns):  # not a header whose quoted name holds a line break
+        table.columns = [repeat_of(name, header[:i].count(name)) if name in header[:i] else column
+                         for i, (name, column) in enumerate(zip(header, table.columns))]
+    return table
+
+
+def repeat_of(name: str, copy: int) -> str:
+    """The column of a header's `copy`th repeat of `name`: a NUL in it, which no header holds, as in TABLE_FOLDER."""
+    return f"{name}\0{copy}"
 
 
 def read_delimited(text: str, name: str, sep: str) -> pd.DataFrame:
