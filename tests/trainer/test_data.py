@@ -257,6 +257,35 @@ def test_a_floating_point_image_is_named_before_training(tmp_path: Path) -> None
         check_images_once(data, str(tmp_path), CPU)
 
 
+def test_a_32_bit_integer_image_of_16_bit_values_keeps_its_shades(tmp_path: Path) -> None:
+    """A TIFF of 32-bit integers (mode I) holding 16-bit values (0..65535) was clipped at 255 by convert("RGB"),
+    near-white (mean 254.5); one holding 8-bit values is read as it was."""
+    from PIL import Image
+
+    from finetune_trainer.batches import open_rgb
+
+    wide = np.arange(32 * 32).reshape(32, 32) * 64  # 0 .. 65472
+    Image.fromarray(wide.astype(np.int32)).save(deep := tmp_path / "deep.tif")
+    Image.fromarray((wide / 257).round().astype(np.uint8)).save(flat := tmp_path / "flat.png")
+    Image.fromarray((wide // 257).astype(np.int32)).save(narrow := tmp_path / "narrow.tif")
+    assert Image.open(deep).mode == Image.open(narrow).mode == "I"
+    assert np.array_equal(np.asarray(open_rgb(str(deep))), np.asarray(open_rgb(str(flat))))
+    assert np.asarray(open_rgb(str(narrow))).max() == 254
+
+
+def test_a_32_bit_integer_image_beyond_16_bits_is_named_before_training(tmp_path: Path) -> None:
+    """A TIFF of 32-bit integers beyond 0..65535 has no set range of colours, as a float one (mode F): it was
+    clipped at 0..255, without a word."""
+    from PIL import Image
+
+    cats_and_dogs(tmp_path, ".png")
+    Image.fromarray(np.full((4, 4), -70000, dtype=np.int32)).save(scan := tmp_path / "Cat" / "scan.tif")
+    data = load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
+    with pytest.raises(DataError, match=rf"1 of its 7 image files do not open as images: {scan} \(the first: a "
+                                        r"32-bit integer image with values beyond 16 bits' 0\.\.65535"):
+        check_images_once(data, str(tmp_path), CPU)
+
+
 def test_an_image_the_trainer_may_not_read_is_the_datasets_fault_another_failed_read_the_volumes() -> None:
     """The trainer runs as a non-root user: a file whose mode it may not read (EACCES, EPERM) is the dataset's to
     fix (exit 1, not retried), as a file that is no image is; an EIO is the volume's, raised (exit 2). The errors

@@ -25,7 +25,7 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 
 from finetune_trainer.config import Augmentation, Task
-from finetune_trainer.data import FLOAT_IMAGE, Split, image_fault
+from finetune_trainer.data import FLOAT_IMAGE, WIDE_IMAGE, Split, beyond_16_bits, image_fault
 from finetune_trainer.errors import DataError
 from finetune_trainer.torchrun import local_world_size
 
@@ -249,12 +249,15 @@ def open_rgb(path: str, as_shown: bool = False, at_least: int | None = None) -> 
                 opened.draft(None, (2 * at_least, 2 * at_least))  # for other formats than JPEG, nothing
             turned = as_shown and opened.getexif().get(ExifTags.Base.Orientation, 1) != 1
             image = ImageOps.exif_transpose(opened) if turned else opened
-            # 16-bit grey: convert() would clip it at 255, nearly all white. A 16-bit PGM opens as mode I, scaled to
-            # 0..65535; another mode I file (a 32-bit TIFF) has a range of its own, often 0..255
-            if image.mode.startswith("I;16") or (image.mode == "I" and opened.format == "PPM"):
-                return Image.fromarray((np.asarray(image) / 257).round().astype(np.uint8)).convert("RGB")
             if image.mode == "F":  # a backstop: the datasets' images are checked before training (bad_images)
                 raise DataError(f"{path}: {FLOAT_IMAGE}")
+            if beyond_16_bits(image):  # a backstop too
+                raise DataError(f"{path}: {WIDE_IMAGE}")
+            # 16-bit grey: convert() would clip it at 255, nearly all white. A 16-bit PGM opens as mode I, scaled to
+            # 0..65535; a TIFF of 32-bit integers (mode I) holds 8-bit values or 16-bit ones, told by its range
+            if image.mode.startswith("I;16") or (image.mode == "I" and (opened.format == "PPM"
+                                                                        or image.getextrema()[1] > 255)):
+                return Image.fromarray((np.asarray(image) / 257).round().astype(np.uint8)).convert("RGB")
             if as_shown and ("A" in image.getbands() or "transparency" in image.info):
                 rgba = image.convert("RGBA")
                 return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")

@@ -26,7 +26,7 @@ from decimal import Decimal
 from itertools import islice
 from numbers import Number
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pandas as pd
@@ -34,6 +34,9 @@ import pandas as pd
 from finetune_trainer.config import DatasetFormat, DatasetSpec, Task, TextFormat, TextsSpec
 from finetune_trainer.errors import UNREADABLE, DataError, unreadable
 from finetune_trainer.uris import fetch
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -180,17 +183,29 @@ def bad_images_error(bad: dict[str, str], count: int, uri: str) -> DataError:
 # Pillow's convert("RGB") clips a float image at 0..255: one of 0..1 (a scan, a simulation) trained as black.
 FLOAT_IMAGE = ("a 32-bit floating-point image, whose values have no set range of colours; save it with 8 or 16 bits "
                "a channel")
+WIDE_IMAGE = ("a 32-bit integer image with values beyond 16 bits' 0..65535, which have no set range of colours; save "
+              "it with 8 or 16 bits a channel")
 
 
 def image_problem(path: str) -> str | None:
-    """Why Pillow does not open the file (its header) as an image a batch can take, None where it does."""
+    """Why Pillow does not open the file (its header; a 32-bit integer image's pixels too) as an image a batch can
+    take, None where it does."""
     from PIL import Image
 
     try:
         with Image.open(path) as image:
-            return FLOAT_IMAGE if image.mode == "F" else None
+            return FLOAT_IMAGE if image.mode == "F" else WIDE_IMAGE if beyond_16_bits(image) else None
     except (OSError, Image.DecompressionBombError) as exc:  # the latter is no OSError
         return image_fault(exc)
+
+
+def beyond_16_bits(image: Image.Image) -> bool:
+    """Whether a 32-bit integer image (mode I) holds values outside 0..65535, which neither 8 nor 16 bits hold:
+    convert("RGB") clipped them at 0..255."""
+    if image.mode != "I":
+        return False
+    low, high = image.getextrema()
+    return low < 0 or high > 65535
 
 
 def image_fault(exc: Exception) -> str:

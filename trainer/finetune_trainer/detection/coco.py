@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from finetune_trainer.config import DatasetSpec
-from finetune_trainer.data import (FLOAT_IMAGE, TEST, TRAIN, VALIDATION, LabelledData, Split, drop_empty_splits,
-                                   image_fault, read_text, split, split_of)
+from finetune_trainer.data import (FLOAT_IMAGE, TEST, TRAIN, VALIDATION, WIDE_IMAGE, LabelledData, Split,
+                                   beyond_16_bits, drop_empty_splits, image_fault, read_text, split, split_of)
 from finetune_trainer.errors import DataError, unreadable
 from finetune_trainer.uris import fetch
 
@@ -231,15 +231,15 @@ def image_record(image: Any, i: int, file: Path, problems: list[str]) -> Annotat
         return None
     try:
         with Image.open(path) as opened:
-            size, mode = opened.size, opened.mode
+            size, mode, wide = opened.size, opened.mode, beyond_16_bits(opened)
             # what a viewer shows, on which boxes were drawn; only where it may explain a size (a PNG's is read whole)
             swapped = size[0] != size[1] and (image.get("width"), image.get("height")) == size[::-1]
             orientation = opened.getexif().get(ExifTags.Base.Orientation, 1) if swapped else 1
     except (OSError, Image.DecompressionBombError) as exc:  # the latter is no OSError
         problems.append(f"{where}: cannot read it as an image ({image_fault(exc)})")
         return None
-    if mode == "F":
-        problems.append(f"{where}: {FLOAT_IMAGE}")
+    if mode == "F" or wide:
+        problems.append(f"{where}: {WIDE_IMAGE if wide else FLOAT_IMAGE}")
         return None
     declared = (image.get("width", size[0]), image.get("height", size[1]))
     if declared != size:
