@@ -244,6 +244,36 @@ def test_files_of_an_image_folder_that_are_no_images_are_all_named_before_traini
         check_images_once(data, str(tmp_path), CPU)
 
 
+@pytest.mark.parametrize("split", ["", "train"])
+def test_images_beside_class_folders_are_said_unused_with_a_count(tmp_path: Path, split: str,
+                                                                   caplog: pytest.LogCaptureFixture) -> None:
+    """Images at an ImageFolder's top beside cat/ and dog/, or in train/ beside train/cat, are in no class: they
+    were left out without a word, and a user who meant them to be trained on did not know."""
+    from PIL import Image
+
+    cats_and_dogs(tmp_path / split, ".png")
+    if split:
+        cats_and_dogs(tmp_path / "test", ".png")
+    for i in range(4):
+        Image.new("RGB", (4, 4)).save(tmp_path / split / f"loose{i}.png")
+    data = load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
+    assert len(data.train.inputs + data.validation.inputs + data.test.inputs) == (12 if split else 6)
+    assert (f"{tmp_path / split}: 4 images beside its class folders, in none, so unlabelled: not used "
+            "(loose0.png, loose1.png, loose2.png and 1 more)") in caplog.text
+
+
+def test_heic_images_in_a_class_folder_are_said_unread_with_a_count(tmp_path: Path,
+                                                                    caplog: pytest.LogCaptureFixture) -> None:
+    """An iPhone's photos (.HEIC, .heif) are images the trainer cannot read (Pillow needs a plugin): a class folder
+    of them beside JPEGs was read as its JPEGs alone, without a word."""
+    cats_and_dogs(tmp_path, ".jpg")
+    for name in ("Cat/IMG_1.HEIC", "Cat/IMG_2.heif", "Dog/IMG_3.HEIC"):
+        (tmp_path / name).write_bytes(b"\0\0\0\x18ftypheic")
+    load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
+    assert (f"{tmp_path}: 3 HEIC/HEIF images, which the trainer cannot read: not used; convert them to JPEG or PNG "
+            "(Cat/IMG_1.HEIC, Cat/IMG_2.heif, Dog/IMG_3.HEIC)") in caplog.text
+
+
 def test_a_floating_point_image_is_named_before_training(tmp_path: Path) -> None:
     """A 32-bit float TIFF (mode F) opens, but no batch can take it (batches.open_rgb): named with the files that do
     not open, before training, not when its batch comes hours into an epoch."""

@@ -44,6 +44,8 @@ log = logging.getLogger(__name__)
 # AVIF files phones and browsers save, which Pillow reads too
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".jfif", ".bmp", ".gif", ".webp", ".avif", ".tif", ".tiff", ".ppm",
                   ".pgm", ".pbm", ".pnm"}
+# An iPhone's photos, which Pillow reads only with a plugin (pillow-heif) the trainer lacks: said, not read
+HEIF_SUFFIXES = {".heic", ".heif"}
 FILE_FORMATS = {".csv": DatasetFormat.CSV, ".tsv": DatasetFormat.CSV, ".jsonl": DatasetFormat.JSONL,
                 ".json": DatasetFormat.JSONL, ".parquet": DatasetFormat.PARQUET}
 # The hub's text files are often compressed (train.jsonl.gz); zstd has no reader in the standard library: refused
@@ -476,8 +478,8 @@ class Found:
     path: Path
     # the links its walk skips (entered), as "x links to y": the walk's, not a caller's
     skipped: list[str] = field(default_factory=list, init=False, repr=False, compare=False)
-    # an image dataset's folders' data folders (data_folders): listed once, though the splits, the classes and
-    # their reading each ask for them
+    # an image dataset's folders' data folders (data_folders), and the images beside them (beside): listed once,
+    # though the splits, the classes and their reading each ask for them
     listings: dict[Path, list[Path]] = field(default_factory=dict, init=False, repr=False, compare=False)
     # the paths of the files its walk found that are links, which its listings tell at no stat each
     links: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
@@ -1115,7 +1117,7 @@ def warn_splits_read_as_classes(path: Path, folders: list[Path]) -> None:
 
 def read_image_folder(path: Path, listings: dict[Path, list[Path]], links: set[str]) -> pd.DataFrame:
     """The images of the class folders in `path`, by class; their files that are links added to `links`."""
-    rows, empty = [], []
+    rows, empty, heif = [], [], []
     classes = {d.name: d for d in data_folders(path, listings)}
     real_first = sorted(classes, key=lambda name: classes[name].is_symlink())  # kitty -> cat: cat names it
     for class_dir in distinct_folders(classes, "class {}", real_first).values():
@@ -1123,13 +1125,27 @@ def read_image_folder(path: Path, listings: dict[Path, list[Path]], links: set[s
         found.say_skipped()
         rows += [{IMAGE_COLUMN: str(image), "label": class_dir.name} for image in images]
         links.update(found.links)
+        heif += found.files(HEIF_SUFFIXES)
         if not images:
             empty.append(class_dir.name)
     if not rows:
         raise DataError(f"{path}: no images in its class folders")
     if empty:  # the model will not know these classes, nor be scored on them
         log.warning("%s: class folders without images, so not classes: %s", path, ", ".join(empty))
+    say_unread_images(path, listings[beside(path)], heif)
     return pd.DataFrame(rows)
+
+
+def say_unread_images(path: Path, loose: list[Path], heif: list[Path]) -> None:
+    """Say the images of the ImageFolder (or split folder) `path` that are not read, with a count and the first few:
+    those `loose` beside its class folders, in none (a train/x.png beside train/cat/), and its classes' `heif`
+    files. Both were left out without a word, and a user who meant them to be trained on did not know."""
+    if loose:
+        log.warning("%s: %d images beside its class folders, in none, so unlabelled: not used (%s)", path, len(loose),
+                    listed([p.name for p in loose], most=3))
+    if heif:
+        log.warning("%s: %d HEIC/HEIF images, which the trainer cannot read: not used; convert them to JPEG or PNG "
+                    "(%s)", path, len(heif), listed([str(p.relative_to(path)) for p in heif], most=3))
 
 
 def holds_class_folders(path: Path, listings: dict[Path, list[Path]]) -> bool:
@@ -1166,11 +1182,20 @@ def data_folders(path: Path, listings: dict[Path, list[Path]]) -> list[Path]:
     return folders
 
 
+def beside(folder: Path) -> Path:
+    """Where a load's listings keep the image files that `folder` holds beside its data folders (folders_in), which
+    read_image_folder says are in no class: a NUL in it, which no real path holds (as in TABLE_FOLDER)."""
+    return folder / "\0"
+
+
 def folders_in(path: Path, listings: dict[Path, list[Path]]) -> list[Path]:
     """The data folders in `path` (data_folder), in sorted order, that may be splits or classes: not a real folder
     that the links beside it stand for (stood_for), which is none itself. `listings`: the load's data_folders,
     through which release_links lists the links' folders."""
-    folders = [d for d in sorted(path.iterdir()) if d.is_dir() and data_folder(d.name)]
+    entries = sorted(path.iterdir())
+    folders = [d for d in entries if d.is_dir() and data_folder(d.name)]
+    listings[beside(path)] = [f for f in entries if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
+                              and f.is_file()]
     links = {d: os.path.realpath(d) for d in folders if d.is_symlink()}
     # a real folder holds targets only where its real path is above one: a lookup each, not a walk each
     above = {str(p) for t in links.values() for p in Path(t).parents}
