@@ -1192,10 +1192,10 @@ def folders_in(path: Path, listings: dict[Path, list[Path]]) -> list[Path]:
     """The data folders in `path` (data_folder), in sorted order, that may be splits or classes: not a real folder
     that the links beside it stand for (stood_for), which is none itself. `listings`: the load's data_folders,
     through which release_links lists the links' folders."""
-    entries = sorted(path.iterdir())
-    folders = [d for d in entries if d.is_dir() and data_folder(d.name)]
-    listings[beside(path)] = [f for f in entries if f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")
-                              and f.is_file()]
+    entries = [(entry, entry.is_dir()) for entry in sorted(path.iterdir())]  # a stat each, once: a class's images
+    folders = [d for d, is_dir in entries if is_dir and data_folder(d.name)]
+    listings[beside(path)] = [f for f, is_dir in entries
+                              if not is_dir and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")]
     links = {d: os.path.realpath(d) for d in folders if d.is_symlink()}
     # a real folder holds targets only where its real path is above one: a lookup each, not a walk each
     above = {str(p) for t in links.values() for p in Path(t).parents}
