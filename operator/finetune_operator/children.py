@@ -152,6 +152,8 @@ def _env(spec: api.FineTuneJobSpec, resources: core.ResourceRequirements) -> lis
         {"name": "FINETUNE_NODE_RANK", "valueFrom": {"fieldRef": {"fieldPath": COMPLETION_INDEX}}},
         {"name": "TERMINATION_MESSAGE_PATH", "value": TERMINATION_LOG},
         {"name": "OMP_NUM_THREADS", "value": str(_threads(resources, spec.runtime.processes_per_worker))},
+        # the trainer fails an attempt whose GPUs CUDA does not see (a broken driver), where it trained on the CPU
+        {"name": "FINETUNE_GPUS", "value": str(gpus(resources))},
         {"name": "HF_HOME", "value": HF_HOME},
     ]
     if rendezvous(spec):  # torchrun's --shutdown-timeout, as its environment gives it: an older torchrun without

@@ -166,6 +166,24 @@ def test_more_processes_than_gpus_is_the_users_mistake(tmp_path: Path, terminati
     assert sent["message"].startswith("runtime.processesPerWorker: this worker runs more processes than it has GPUs (1)")
 
 
+def test_a_worker_granted_gpus_that_cuda_does_not_see_fails_the_attempt_not_trains_on_the_cpu(
+        tmp_path: Path, termination: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pod given nvidia.com/gpu on a node whose driver or device plugin failed it saw no CUDA device and trained on
+    the CPU, days for hours, unsaid. It fails as infrastructure (a retry may land on a node that works); an image
+    whose torch has no CUDA is the user's to change. This machine has no GPU: CUDA sees none, as on that node."""
+    assert not torch.cuda.is_available()
+    monkeypatch.setenv("FINETUNE_GPUS", "2")
+    assert run(tiny_classifier_doc(tmp_path / "out"), tmp_path) == 2
+    sent = json.loads(termination.read_text())
+    assert (sent["exitCode"], sent["reason"], sent["stage"]) == (2, "GPUsNotVisible", "Starting")
+    assert sent["message"].startswith("the worker has 2 GPU(s) (nvidia.com/gpu) and CUDA sees none")
+    monkeypatch.setattr(torch.version, "cuda", None)  # a CPU build of torch
+    assert run(tiny_classifier_doc(tmp_path / "out"), tmp_path) == 1
+    sent = json.loads(termination.read_text())
+    assert (sent["exitCode"], sent["reason"]) == (1, "InvalidConfig")
+    assert "the image's torch" in sent["message"] and "is built without CUDA" in sent["message"]
+
+
 @pytest.mark.parametrize("output", ["taken", "taken/out"], ids=["a-file", "under-a-file"])
 def test_an_output_folder_that_cannot_be_made_exits_1_before_loading(output: str, tmp_path: Path,
                                                                      termination: Path) -> None:

@@ -7,6 +7,7 @@ hostname on the operator's headless Service, children.py) is what joins the rank
 from __future__ import annotations
 
 import gc
+import os
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import timedelta
@@ -15,7 +16,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from finetune_trainer.errors import ConfigError
+from finetune_trainer.errors import ConfigError, GPUsNotVisible
 from finetune_trainer.torchrun import PEER_WAIT_SECONDS, local_rank, rank, world_size
 
 # How long a collective waits for the other ranks (PEER_WAIT_SECONDS): a large model's optimizer state written to a
@@ -92,13 +93,32 @@ class World:
 
 
 def local_device() -> torch.device:
-    """The GPU of this process's LOCAL_RANK where there are GPUs, else the CPU; known before the ranks join."""
+    """The GPU of this process's LOCAL_RANK where there are GPUs, else the CPU; known before the ranks join. Not the
+    CPU where the worker was granted GPUs (GPUS_ENV, the operator's): that is a fault of the image or the node."""
     local = local_rank()
     cuda = torch.cuda.is_available()
+    if not cuda and (granted := granted_gpus()):
+        if torch.version.cuda is None:
+            raise ConfigError(f"runtime.image: the worker has {granted} GPU(s) (nvidia.com/gpu) and the image's torch "
+                              f"{torch.__version__} is built without CUDA; use an image with a CUDA build of torch")
+        raise GPUsNotVisible(f"the worker has {granted} GPU(s) (nvidia.com/gpu) and CUDA sees none (torch "
+                             f"{torch.__version__}, CUDA {torch.version.cuda}): the node's driver or device plugin "
+                             "failed it; a new attempt may land on another node")
     if cuda and local >= (gpus := torch.cuda.device_count()):  # else CUDA's "invalid device ordinal": retried
         raise ConfigError(f"runtime.processesPerWorker: this worker runs more processes than it has GPUs ({gpus}): "
                           "at most one process per GPU (nvidia.com/gpu in runtime.resources.limits)")
     return torch.device("cuda", local) if cuda else torch.device("cpu")
+
+
+GPUS_ENV = "FINETUNE_GPUS"  # the worker's nvidia.com/gpu, as the operator made its pod
+
+
+def granted_gpus() -> int:
+    """The GPUs the operator gave this worker's pod; 0 where it says none (a pod of an older operator, a CLI run)."""
+    try:
+        return max(int(os.environ.get(GPUS_ENV) or 0), 0)
+    except ValueError:
+        return 0
 
 
 def join() -> World:

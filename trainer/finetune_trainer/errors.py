@@ -80,9 +80,17 @@ class NoSpaceLeft(Exception):
     exit_code = EXIT_INFRASTRUCTURE
 
 
+class GPUsNotVisible(Exception):
+    """The worker was granted GPUs and CUDA sees none (a driver or device plugin fault on its node): training on the
+    CPU instead would take days, unsaid; a new attempt may land on a node whose GPUs work."""
+
+    reason = "GPUsNotVisible"
+    exit_code = EXIT_INFRASTRUCTURE
+
+
 # The trainer's own exceptions, which carry their reason and exit code. Others may have attributes of those names
 # (UnicodeDecodeError's reason is its text, URLError's an exception; click's errors have an exit_code): none is ours.
-OURS = (UserError, Terminated, NoSpaceLeft)
+OURS = (UserError, Terminated, NoSpaceLeft, GPUsNotVisible)
 
 # torch.save says only "unexpected pos ..." on a full disk; with less than this left, that is why its write failed.
 FULL_BELOW_BYTES = 1 << 20
