@@ -283,6 +283,29 @@ def test_the_eta_counts_steps_where_batches_are_short_of_the_global_batch() -> N
     assert status.progress_and_metrics(sample, 17, datetime(2026, 1, 1))["progress"]["etaSeconds"] == 80
 
 
+def test_the_etas_rate_counts_the_time_evaluations_take() -> None:
+    """Steps of 0.1 s and an evaluation of 1 s every 2 steps: from the steps' rate alone (10/s) the ETA at step 3 of
+    12 said 0.5 s where 5.6 s were left. The rate is slowed by the share of the attempt's time its steps took."""
+    now = [100.0]
+    metrics = Metrics(CPU, clock=lambda: now[0])
+    seconds = 0.0
+    for step in range(1, 11):
+        seconds += 0.1
+        now[0] += 0.1
+        metrics.set_throughput((seconds, step, 8.0 * step, 0.0, 0.0), None)
+        if step % 2 == 0:
+            now[0] += 1.0  # an evaluation
+    # steps 2 to 10 trained 0.9 s of the 4.9 s since step 1 (four evaluations between)
+    assert metrics.steps_per_second.value == pytest.approx(10 * 0.9 / 4.9)
+    assert metrics.samples_per_second.value == pytest.approx(80)  # throughput stays the steps' own
+    # an attempt that only trains keeps the steps' rate
+    alone = Metrics(CPU, clock=lambda: now[0])
+    for step in range(1, 5):
+        now[0] += 0.1
+        alone.set_throughput((0.1 * step, step, 8.0 * step, 0.0, 0.0), None)
+    assert alone.steps_per_second.value == pytest.approx(10)
+
+
 def test_an_image_run_reports_no_tokens_per_second(pvc_root: Path) -> None:
     """An image batch counted its samples as its tokens: the dashboard's Throughput drew an image job's samples/s
     again as tokens/s, and the status said tokensPerSecond."""
