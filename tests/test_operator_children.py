@@ -412,3 +412,12 @@ def test_a_spec_s_hf_home_replaces_the_operator_s() -> None:
         container = children.job(doc, spec, 1, SETTINGS)["spec"]["template"]["spec"]["containers"][0]
         assert [e["value"] for e in container["env"] if e["name"] == "HF_HOME"] == [home]
     assert "HF_HOME" in RuntimeSpec.model_fields["env"].description
+
+
+def test_an_image_pull_secret_named_twice_is_given_once() -> None:
+    """The operator's pull secrets and the job's were joined as they came: regcred in both made the apiserver warn
+    "duplicate name" at each Job's creation, and an apply of the list (a map keyed by name) trips over the second."""
+    doc, spec = ftj(pod={"imagePullSecrets": [{"name": "regcred"}, {"name": "team"}, {"name": "team"}]})
+    settings = Settings(trainer_image="registry.example/trainer:1", trainer_pull_secrets=["regcred", "org"])
+    pod = children.job(doc, spec, 1, settings)["spec"]["template"]["spec"]
+    assert pod["imagePullSecrets"] == [{"name": "regcred"}, {"name": "org"}, {"name": "team"}]

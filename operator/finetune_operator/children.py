@@ -221,7 +221,10 @@ def job(ftj: dict[str, Any], spec: api.FineTuneJobSpec, attempt: int, settings: 
     }
     if rt.image_pull_policy:
         container["imagePullPolicy"] = rt.image_pull_policy.value
-    pull_secrets = [{"name": s} for s in settings.trainer_pull_secrets] + [s.to_wire() for s in pod.image_pull_secrets]
+    # each name once: the apiserver warned "duplicate name" at every Job's creation (the operator's and the job's
+    # both naming regcred), and an apply of the list, a map keyed by name, trips over the second
+    pull_secrets = [{"name": name} for name in dict.fromkeys(
+        [*settings.trainer_pull_secrets, *(s.name for s in pod.image_pull_secrets)])]
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         # The pause container is PID 1, not the trainer: the kernel drops a signal PID 1 has no handler for, and the
