@@ -413,6 +413,34 @@ def test_a_pruned_models_per_layer_config_lists_follow_the_kept_layers(tmp_path:
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
     torch.testing.assert_close(logits_of(reloaded, inputs), logits_of(model, inputs), atol=1e-5, rtol=1e-5)
 
+@pytest.mark.parametrize("model_type, extra, key, drop, expected", [
+    ("llama4_text", {"num_local_experts": 2, "num_experts_per_tok": 1, "intermediate_size_mlp": 64,
+                     "interleave_moe_layer_step": 2, "attention_chunk_size": 4}, "moe_layers", [0], [0, 2]),
+    ("llama4_text", {"num_local_experts": 2, "num_experts_per_tok": 1, "intermediate_size_mlp": 64,
+                     "interleave_moe_layer_step": 1, "attention_chunk_size": 4}, "moe_layers", [1], [0, 1, 2]),
+    ("qwen3_moe", {"num_experts": 2, "num_experts_per_tok": 1, "moe_intermediate_size": 16, "mlp_only_layers": [0],
+                   "decoder_sparse_step": 1}, "mlp_only_layers", [0], []),
+])
+def test_a_pruned_models_config_lists_of_layer_indices_are_renumbered_to_the_kept_layers(
+        model_type: str, extra: dict, key: str, drop: list[int], expected: list[int], tmp_path: Path) -> None:
+    """Llama-4's moe_layers and Qwen3-MoE's mlp_only_layers say by index which layers are of a kind: they were
+    filtered by position when as long as the layer list ([0, 1, 2, 3] without layer 1 said [0, 2, 3]), else kept as
+    they were, so the pruning was refused as one whose config builds its layers by their index."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(model_type, vocab_size=100, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                  pad_token_id=0, bos_token_id=1, eos_token_id=2, **extra)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    prune.remove_layers(model, Task.CAUSAL_LM, drop)
+    assert getattr(model.config, key) == expected and model.config.num_hidden_layers == 4 - len(drop)
+    inputs = {"input_ids": torch.randint(3, 100, (2, 12))}
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits_of(reloaded, inputs), logits_of(model, inputs), atol=1e-5, rtol=1e-5)
+
+
 def test_a_model_whose_config_places_its_layers_by_index_is_pruned_only_where_it_reloads(tmp_path: Path) -> None:
     """Qwen2-MoE with decoder_sparse_step 2 has a dense MLP on even layers and experts on odd ones, by index: without
     layer 0 the export reloaded every layer as the other kind, with fresh weights and only a warning. Refused (the

@@ -55,6 +55,14 @@ OUTPUT_PROJECTIONS = ("attention.output.dense", "attn.c_proj", "self_attn.o_proj
 # (GPT-NeoX-Japanese), layer_num (BLIP's text model). Left unrenumbered, GPT-Neo's kept layers [0, 2, 3] updated a
 # cache of 3 layers at index 3 (an IndexError on every forward).
 LAYER_INDEXES = ("layer_idx", "layer_id", "layer_number", "layer_num")
+# The config lists whose values are the 0-based indices of some of the model's layers: Llama-4's MoE layers,
+# Qwen-MoE's dense ones, Bamba's and LFM2's attention layers, Zamba2's hybrid ones, Mllama's cross-attention ones,
+# Inkling's sliding-window ones, Molmo2's rope-scaled ones. Known by name, as neither a name nor the values tell
+# them from a per-layer list: SmolLM3's no_rope_layers holds a 0 or 1 per layer, Qwen4-Exp's ple_layer_ids counts
+# from 1 and a draft model's target_layer_ids index another model's layers. A list missed here keeps its values, and
+# check_rebuilt refuses the pruning where the model would not rebuild.
+INDEX_LISTS = frozenset({"moe_layers", "mlp_only_layers", "attn_layer_indices", "full_attn_idxs", "hybrid_layer_ids",
+                         "cross_attention_layers", "local_layer_ids", "rope_scaling_layers"})
 LATENCY_BATCHES = 8
 LATENCY_ROUNDS = 3
 HEAL_WARMUP = 0.1  # of the healing steps, a linear warmup
@@ -233,10 +241,15 @@ def shrink_config(model: nn.Module, config: Any, layers: int, drop: list[int]) -
         config.num_hidden_layers = layers - len(drop)
     except NotImplementedError as exc:  # Funnel's blocks, ProphetNet's encoder and decoder: no one layer count
         raise ConfigError(f"rearrange.prune: {type(model).__name__} cannot be pruned by layers ({exc})") from exc
-    # A list with an entry per layer (layer_types, mlp_layer_types, SmolLM3's no_rope_layers) keeps the kept
-    # layers' entries: from_pretrained builds layer i as entry i says.
+    # A list of layer indices names the kept layers by their new places; a list with an entry per layer
+    # (layer_types, mlp_layer_types, SmolLM3's no_rope_layers) keeps the kept layers' entries: from_pretrained builds
+    # layer i as entry i says.
+    place = {old: new for new, old in enumerate(i for i in range(layers) if i not in drop)}
     for key, value in config.to_dict().items():
-        if "layer" in key and isinstance(value, list) and len(value) == layers:
+        if key in INDEX_LISTS:  # one that names no layers of this stack is left as it is, for check_rebuilt
+            if isinstance(value, list) and all(v in range(layers) for v in value):
+                setattr(config, key, [place[v] for v in value if v in place])
+        elif "layer" in key and isinstance(value, list) and len(value) == layers:
             setattr(config, key, [v for i, v in enumerate(value) if i not in drop])
 
 
