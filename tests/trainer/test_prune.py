@@ -466,6 +466,34 @@ def test_a_model_whose_config_places_its_layers_by_index_is_pruned_only_where_it
     torch.testing.assert_close(logits_of(reloaded, inputs), logits_of(model, inputs), atol=1e-5, rtol=1e-5)
 
 
+def test_pruning_a_hybrid_models_every_attention_layer_is_refused_naming_the_field_and_left_whole() -> None:
+    """NemotronH "M-*-" has one attention layer, 2, among Mamba and MLP ones: without it the pruning was accepted,
+    and the first evaluation's cached forward failed ("get_seq_length can only be called on Attention layers"),
+    exit 2, retried only to fail the same way."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model("nemotron_h", vocab_size=100, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=4, num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                  hybrid_override_pattern="M-*-", mamba_num_heads=4, mamba_head_dim=8,
+                                  ssm_state_size=8, n_groups=1, chunk_size=8, pad_token_id=0, bos_token_id=1,
+                                  eos_token_id=2)
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    layers = list(model.model.layers)
+    with pytest.raises(ConfigError, match=r"^rearrange.prune: without layers \[2\], NemotronHForCausalLM cannot run "
+                                          r"a cached forward"):
+        prune.remove_layers(model, Task.CAUSAL_LM, [2])
+    assert list(model.model.layers) == layers and model.config.num_hidden_layers == 4
+    assert model.config.hybrid_override_pattern == "M-*-" and layers[2].mixer.layer_idx == 2
+    prune.remove_layers(model, Task.CAUSAL_LM, [1])
+    ids = torch.randint(3, 100, (2, 12))
+    with torch.no_grad():
+        whole = model(input_ids=ids).logits
+        cached = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
+        step = model(input_ids=ids[:, -1:], past_key_values=cached, use_cache=True).logits  # a generation step
+    torch.testing.assert_close(step[:, -1], whole[:, -1], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("merge", [True, False])
 def test_a_pruned_job_reports_scores_size_and_latency_before_and_after(merge: bool, tmp_path: Path,
                                                                         monkeypatch) -> None:

@@ -222,17 +222,30 @@ def remove_layers(model: nn.Module, task: Task, drop: list[int]) -> None:
     """Take the layers `drop` out of the model's layer list, in place, and make its config say so."""
     prefix, layers = stack_for(model, task, "rearrange.prune")
     config = getattr(model, "config", None)
+    settings = dict(vars(config)) if config is not None else {}
     if config is not None:
         check_rebuilt(model, prefix, layers, drop)  # before the model changes
         shrink_config(model, config, len(layers), drop)
     kept = nn.ModuleList(layer for i, layer in enumerate(layers) if i not in drop)
     model.set_submodule(prefix, kept)
-    for i, layer in enumerate(kept):  # attention caches are indexed by layer (GPT-2, Llama)
+    renumber(kept)
+    try:
+        check_cached_forward(model, task, drop)
+    except ConfigError:  # left whole, as check_rebuilt leaves it
+        model.set_submodule(prefix, layers)
+        renumber(layers)
+        vars(config).update(settings)
+        raise
+    log.info("pruned layers %s of %s (%d left)", drop, prefix, len(kept))
+
+
+def renumber(layers: nn.ModuleList) -> None:
+    """Make each layer's modules say its place in `layers`: attention caches are indexed by layer (GPT-2, Llama)."""
+    for i, layer in enumerate(layers):
         for module in layer.modules():
             for name in LAYER_INDEXES:
                 if isinstance(getattr(module, name, None), int):
                     setattr(module, name, i)
-    log.info("pruned layers %s of %s (%d left)", drop, prefix, len(kept))
 
 
 def shrink_config(model: nn.Module, config: Any, layers: int, drop: list[int]) -> None:
@@ -275,6 +288,30 @@ def check_rebuilt(model: nn.Module, prefix: str, layers: nn.ModuleList, drop: li
         raise ConfigError(f"rearrange.prune: without layers {drop}, {type(model).__name__} would not reload as "
                           f"trained ({differ[0]} and {len(differ) - 1} more differ): its config builds its layers by "
                           f"their index, or {prefix} holds only a part of each; it cannot be pruned by these layers")
+
+
+@torch.no_grad()
+def check_cached_forward(model: nn.Module, task: Task, drop: list[int]) -> None:
+    """Refuse a pruning after which a causal LM cannot run the forward with a cache that its evaluation and generation
+    run: a hybrid model without its every attention layer (NemotronH's "M-*-" without layer 2) keeps a cache of
+    linear-attention layers only, which cannot say its length. Tried rather than told by the layers' kinds, whose
+    names each hybrid spells its own way: a one-token forward, on the model's device in its dtype, costs a fraction
+    of one training step. Errors of the model's code only are the pruning's: a device's (RuntimeError, as CUDA's out
+    of memory) stay the infrastructure's."""
+    from transformers import PreTrainedModel
+
+    if not drop or task != Task.CAUSAL_LM or not isinstance(model, PreTrainedModel):  # none removed: as loaded
+        return
+    was_training = model.training
+    model.eval()
+    try:
+        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device), use_cache=True)
+    except (ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
+        raise ConfigError(f"rearrange.prune: without layers {drop}, {type(model).__name__} cannot run a cached "
+                          f"forward, as its evaluation and generation do ({exc}): the pruning removes layers the "
+                          f"others need (a hybrid model's last attention layer); keep them") from exc
+    finally:
+        model.train(was_training)
 
 
 def parameters(model: nn.Module) -> int:
