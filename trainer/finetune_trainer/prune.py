@@ -40,7 +40,7 @@ from finetune_trainer.batches import Batch
 from finetune_trainer.config import HealSpec, PruneSpec, Task
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.models import autocast, logits_of
-from finetune_trainer.structure import SplitLayers, layer_units, lora_types
+from finetune_trainer.structure import SplitLayers, in_eval, layer_units, lora_types
 from finetune_trainer.train import diverged, grad_scaler, scaled_step, unscaled_norm
 
 log = logging.getLogger(__name__)
@@ -302,16 +302,13 @@ def check_cached_forward(model: nn.Module, task: Task, drop: list[int]) -> None:
 
     if not drop or task != Task.CAUSAL_LM or not isinstance(model, PreTrainedModel):  # none removed: as loaded
         return
-    was_training = model.training
-    model.eval()
     try:
-        model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device), use_cache=True)
+        with in_eval(model):
+            model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device), use_cache=True)
     except (ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
         raise ConfigError(f"rearrange.prune: without layers {drop}, {type(model).__name__} cannot run a cached "
                           f"forward, as its evaluation and generation do ({exc}): the pruning removes layers the "
                           f"others need (a hybrid model's last attention layer); keep them") from exc
-    finally:
-        model.train(was_training)
 
 
 def parameters(model: nn.Module) -> int:

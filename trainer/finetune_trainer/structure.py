@@ -8,8 +8,9 @@ rules hold before and after adapters are added.
 
 from __future__ import annotations
 
+import contextlib
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -190,16 +191,25 @@ def first_read_below(model: nn.Module, last: str, batch: Batch, dtype: torch.dty
 
     reads = Reads()
     hook = model.get_submodule(last).register_forward_pre_hook(lambda *_: setattr(reads, "started", True))
-    modes = {m: m.training for m in model.modules()}  # each its own: a submodule may be held in eval
-    model.eval()  # no dropout or layer drop; BatchNorm's statistics stay
     try:
-        with torch.no_grad(), autocast(next(model.parameters()).device.type, dtype), reads:
+        with in_eval(model), torch.no_grad(), autocast(next(model.parameters()).device.type, dtype), reads:
             model(**batch.inputs)
     finally:
         hook.remove()
+    return read_below if reads.started else {}
+
+
+@contextlib.contextmanager
+def in_eval(model: nn.Module) -> Iterator[None]:
+    """The model in eval mode (no dropout or layer drop; BatchNorm's statistics stay), then each module back in its
+    own mode: the model's put back to all, a submodule held in eval (a frozen part) came out of it training."""
+    modes = {m: m.training for m in model.modules()}
+    model.eval()
+    try:
+        yield
+    finally:
         for module, mode in modes.items():
             module.training = mode
-    return read_below if reads.started else {}
 
 
 def layer_units(model: nn.Module, task: Task) -> list[str]:
