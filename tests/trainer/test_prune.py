@@ -388,11 +388,15 @@ def test_a_pruned_gpt_neo_renumbers_the_layer_ids_its_cache_is_indexed_by() -> N
     prune.remove_layers(model, Task.CAUSAL_LM, [1])
     assert [[m.layer_id for m in (layer.attn, layer.attn.attention)] for layer in model.transformer.h] == [
         [0, 0], [1, 1], [2, 2]]
-    ids = torch.randint(0, 100, (2, 12))
+    assert_generation_step_matches(model, torch.randint(0, 100, (2, 12)))
+
+
+def assert_generation_step_matches(model: torch.nn.Module, ids: torch.Tensor) -> None:
+    """A generation step on the cache of all but the last token scores that token as the whole forward does."""
     with torch.no_grad():
         whole = model(input_ids=ids).logits
         cached = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
-        step = model(input_ids=ids[:, -1:], past_key_values=cached, use_cache=True).logits  # a generation step
+        step = model(input_ids=ids[:, -1:], past_key_values=cached, use_cache=True).logits
     torch.testing.assert_close(step[:, -1], whole[:, -1], atol=1e-5, rtol=1e-5)
 
 
@@ -486,12 +490,7 @@ def test_pruning_a_hybrid_models_every_attention_layer_is_refused_naming_the_fie
     assert list(model.model.layers) == layers and model.config.num_hidden_layers == 4
     assert model.config.hybrid_override_pattern == "M-*-" and layers[2].mixer.layer_idx == 2
     prune.remove_layers(model, Task.CAUSAL_LM, [1])
-    ids = torch.randint(3, 100, (2, 12))
-    with torch.no_grad():
-        whole = model(input_ids=ids).logits
-        cached = model(input_ids=ids[:, :-1], use_cache=True).past_key_values
-        step = model(input_ids=ids[:, -1:], past_key_values=cached, use_cache=True).logits  # a generation step
-    torch.testing.assert_close(step[:, -1], whole[:, -1], atol=1e-5, rtol=1e-5)
+    assert_generation_step_matches(model, torch.randint(3, 100, (2, 12)))
 
 
 @pytest.mark.parametrize("merge", [True, False])
