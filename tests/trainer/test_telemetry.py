@@ -295,8 +295,8 @@ def test_the_etas_rate_counts_the_time_evaluations_take() -> None:
         metrics.set_throughput((seconds, step, 8.0 * step, 0.0, 0.0), None)
         if step % 2 == 0:
             now[0] += 1.0  # an evaluation
-    # steps 2 to 10 trained 0.9 s of the 4.9 s since step 1 (four evaluations between)
-    assert metrics.steps_per_second.value == pytest.approx(10 * 0.9 / 4.9)
+    # steps 3 to 10 trained 0.8 s of the 4.8 s since step 2's report (four evaluations between)
+    assert metrics.steps_per_second.value == pytest.approx(10 * 0.8 / 4.8)
     assert metrics.samples_per_second.value == pytest.approx(80)  # throughput stays the steps' own
     # an attempt that only trains keeps the steps' rate
     alone = Metrics(CPU, clock=lambda: now[0])
@@ -304,6 +304,15 @@ def test_the_etas_rate_counts_the_time_evaluations_take() -> None:
         now[0] += 0.1
         alone.set_throughput((0.1 * step, step, 8.0 * step, 0.0, 0.0), None)
     assert alone.steps_per_second.value == pytest.approx(10)
+    # A resume reports its place before any step; the 120 s before its first step (its due evaluation, loading) are
+    # no share of the steps to come: counted, the ETA of 100 steps of 1 s said 12,100 s
+    resumed = Metrics(CPU, clock=lambda: now[0])
+    resumed.set_throughput((100.0, 100, 800.0, 0.0, 0.0), None)
+    now[0] += 120
+    for step in range(101, 111):
+        now[0] += 1
+        resumed.set_throughput((float(step), step, 8.0 * step, 0.0, 0.0), None)
+    assert resumed.steps_per_second.value == pytest.approx(1)
 
 
 def test_an_image_run_reports_no_tokens_per_second(pvc_root: Path) -> None:

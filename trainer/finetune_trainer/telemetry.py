@@ -156,7 +156,8 @@ class Metrics:
         # the device is required: left out, a GPU job's memory read 0 until its first step (see gpu_memory_bytes)
         self.device = device
         self.clock = clock
-        self.began: tuple[float, float] | None = None  # (training seconds, clock) at this attempt's first step
+        self.first_steps: float | None = None  # the steps of this attempt's first report (see training_share)
+        self.began: tuple[float, float] | None = None  # (training seconds, clock) at the report after its first step
         self.registry = CollectorRegistry()
         # process_start_time_seconds and the like: the dashboard tells the newest run and attempt by their start
         ProcessCollector(registry=self.registry)
@@ -263,13 +264,19 @@ class Metrics:
         size stay for the run."""
         return peak_flops(self.device) if self.device.type == "cuda" else None
 
-    def training_share(self, seconds: float) -> float:
-        """The share of this attempt's time since its first step that its steps took (`seconds`: the run's training
-        time): the rest went to evaluations and checkpoints, which the time left holds too. The ETA from the steps'
-        rate alone said 0.5 s where 5.6 s were left (an evaluation of 1 s every 2 steps of 0.1 s)."""
+    def training_share(self, seconds: float, steps: float) -> float:
+        """The share of this attempt's time that its steps took (`seconds`: the run's training time, `steps`: its
+        steps), from its first report after a step it made: the rest went to evaluations and checkpoints, which the
+        time left holds too (from the steps' rate alone the ETA said 0.5 s where 5.6 s were left: an evaluation of
+        1 s every 2 steps of 0.1 s). Not from a resume's report, made before any step: the evaluation and loading
+        before its first step made the ETA 100 times too long."""
         now = self.clock()
-        if self.began is None:
+        if self.first_steps is None:
+            self.first_steps = steps  # a resume's report, or the first step's
+        elif self.began is None and steps != self.first_steps:
             self.began = seconds, now
+        if self.began is None:
+            return 1.0
         trained, passed = seconds - self.began[0], now - self.began[1]
         return min(trained / passed, 1.0) if passed > 0 and trained > 0 else 1.0
 
@@ -279,7 +286,7 @@ class Metrics:
         seconds, *counts = totals
         steps_per_second, samples_per_second, tokens_per_second, padded_per_second = (
             self.recent.add(seconds, *counts) or tuple(count / max(seconds, 1e-9) for count in counts))
-        self.steps_per_second.set(steps_per_second * self.training_share(seconds))
+        self.steps_per_second.set(steps_per_second * self.training_share(seconds, counts[0]))
         self.samples_per_second.set(samples_per_second)
         if counts[2]:  # images have no tokens: the dashboard and the status showed their samples/s as tokens/s
             self.tokens_per_second.set(tokens_per_second)
