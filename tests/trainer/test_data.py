@@ -1104,9 +1104,10 @@ def test_a_header_that_repeats_the_label_column_is_refused_naming_it(tmp_path: P
     """text,label,label: pandas named the second copy 'label.1', and the first was trained on, silently, whichever
     the user meant. A repeated column that is not read is no matter."""
     rows = "".join(f"row {i},{i % 2},{i // 2 % 2},x,y\n" for i in range(20))
-    (path := tmp_path / "d.csv").write_text("text,label,label,note,note\n" + rows)
-    with pytest.raises(DataError, match=r"d\.csv: its header repeats column 'label' \(dataset\.labelField\)"):
-        load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    for blank in ("", "\n", "\r\n  \r\n"):  # blank lines before the header, which pandas skips
+        (path := tmp_path / "d.csv").write_text(f"{blank}text,label,label,note,note\n" + rows)
+        with pytest.raises(DataError, match=r"d\.csv: its header repeats column 'label' \(dataset\.labelField\)"):
+            load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
     path.write_text("text,label,tag,note,note\n" + rows)
     assert len(labelled_rows(load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0))) == 20
 
