@@ -2171,10 +2171,12 @@ def test_whole_number_texts_beside_a_missing_one_stay_whole(tmp_path: Path) -> N
 
 
 def test_too_few_rows_for_the_three_way_split_are_refused_naming_the_fields(tmp_path: Path) -> None:
-    """Two distinct texts cannot be train, validation and test: the error says which fields ask for the split."""
+    """Two distinct texts cannot be train, validation and test: the error says which fields ask for the split, and
+    that a side takes every copy of a text (90 copies of one text and 5 of two others are 100 rows, and too few)."""
     (path := tmp_path / "d.csv").write_text("text,label\n" + "".join(f"t{i % 2},{'ab'[i % 2]}\n" for i in range(6)))
     with pytest.raises(DataError, match=r"6 rows \(2 distinct inputs\) are too few to hold out 20% for validation "
-                                        r"\(dataset.validationSplit\) and 10% for test \(dataset.testSplit\)"):
+                                        r"\(dataset.validationSplit\) and 10% for test \(dataset.testSplit\) and "
+                                        r"train on the rest \(each side takes whole inputs, every copy of a text"):
         load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
 
 

@@ -1386,7 +1386,8 @@ def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spe
         raise DataError(f"dataset {spec.uri}: {len(inputs[TRAIN])} rows ({len(set(map(input_key, texts)))} distinct "
                         f"inputs) are too few to hold out {spec.validation_split:.0%} for validation "
                         f"(dataset.validationSplit) and {spec.test_split:.0%} for test (dataset.testSplit) and train "
-                        "on the rest; add rows, or validation and test files of its own")
+                        "on the rest (each side takes whole inputs, every copy of a text, until it holds its share "
+                        "of the rows); add rows, or validation and test files of its own")
 
     def take(side: str, name: str, idx: np.ndarray, limit: int | None, field: str) -> Split:
         if limit is not None and len(idx) > limit:
