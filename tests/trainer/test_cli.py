@@ -173,10 +173,24 @@ def test_a_worker_granted_gpus_that_cuda_does_not_see_fails_the_attempt_not_trai
     whose torch has no CUDA is the user's to change. This machine has no GPU: CUDA sees none, as on that node."""
     assert not torch.cuda.is_available()
     monkeypatch.setenv("FINETUNE_GPUS", "2")
-    assert run(tiny_classifier_doc(tmp_path / "out"), tmp_path) == 2
-    sent = json.loads(termination.read_text())
-    assert (sent["exitCode"], sent["reason"], sent["stage"]) == (2, "GPUsNotVisible", "Starting")
-    assert sent["message"].startswith("the worker has 2 GPU(s) (nvidia.com/gpu) and CUDA sees none")
+    for visible in (None, "0,1"):  # a scheduler's list of the GPUs it gave: the node's fault all the same
+        if visible is None:
+            monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
+        else:
+            monkeypatch.setenv("CUDA_VISIBLE_DEVICES", visible)
+        assert run(tiny_classifier_doc(tmp_path / "out"), tmp_path) == 2
+        sent = json.loads(termination.read_text())
+        assert (sent["exitCode"], sent["reason"], sent["stage"]) == (2, "GPUsNotVisible", "Starting")
+        assert sent["message"].startswith("the worker has 2 GPU(s) (nvidia.com/gpu) and CUDA sees none")
+        assert "Found no NVIDIA driver" in sent["message"]  # CUDA's own reason, here as on a node without one
+    for hidden in ("", "-1"):  # the job's env hides them: its own to change, not retried
+        monkeypatch.setenv("CUDA_VISIBLE_DEVICES", hidden)
+        assert run(tiny_classifier_doc(tmp_path / "out"), tmp_path) == 1
+        sent = json.loads(termination.read_text())
+        assert (sent["exitCode"], sent["reason"]) == (1, "InvalidConfig")
+        assert sent["message"].startswith(f"runtime.env: the worker has 2 GPU(s) (nvidia.com/gpu) and "
+                                          f"CUDA_VISIBLE_DEVICES={hidden!r} hides them")
+    monkeypatch.delenv("CUDA_VISIBLE_DEVICES")
     monkeypatch.setattr(torch.version, "cuda", None)  # a CPU build of torch
     assert run(tiny_classifier_doc(tmp_path / "out"), tmp_path) == 1
     sent = json.loads(termination.read_text())

@@ -98,12 +98,16 @@ def local_device() -> torch.device:
     local = local_rank()
     cuda = torch.cuda.is_available()
     if not cuda and (granted := granted_gpus()):
+        has = f"the worker has {granted} GPU(s) (nvidia.com/gpu)"
         if torch.version.cuda is None:
-            raise ConfigError(f"runtime.image: the worker has {granted} GPU(s) (nvidia.com/gpu) and the image's torch "
-                              f"{torch.__version__} is built without CUDA; use an image with a CUDA build of torch")
-        raise GPUsNotVisible(f"the worker has {granted} GPU(s) (nvidia.com/gpu) and CUDA sees none (torch "
-                             f"{torch.__version__}, CUDA {torch.version.cuda}): the node's driver or device plugin "
-                             "failed it; a new attempt may land on another node")
+            raise ConfigError(f"runtime.image: {has} and the image's torch {torch.__version__} is built without CUDA; "
+                              "use an image with a CUDA build of torch")
+        if hides_every_gpu(hidden := os.environ.get("CUDA_VISIBLE_DEVICES")):
+            raise ConfigError(f"runtime.env: {has} and CUDA_VISIBLE_DEVICES={hidden!r} hides them; leave it unset")
+        raise GPUsNotVisible(f"{has} and CUDA sees none (torch {torch.__version__}, CUDA {torch.version.cuda}: "
+                             f"{cuda_problem()}): the node's driver (too old for this CUDA?) or device plugin failed "
+                             "it, or the cluster runs GPU pods under a runtime class; a new attempt may land on "
+                             "another node")
     if cuda and local >= (gpus := torch.cuda.device_count()):  # else CUDA's "invalid device ordinal": retried
         raise ConfigError(f"runtime.processesPerWorker: this worker runs more processes than it has GPUs ({gpus}): "
                           "at most one process per GPU (nvidia.com/gpu in runtime.resources.limits)")
@@ -111,6 +115,25 @@ def local_device() -> torch.device:
 
 
 GPUS_ENV = "FINETUNE_GPUS"  # the worker's nvidia.com/gpu, as the operator made its pod
+
+
+def cuda_problem() -> str:
+    """Why CUDA sees no GPU, as its start says (no driver, one too old)."""
+    try:
+        torch.cuda.init()
+    except Exception as exc:  # torch's RuntimeError, or whatever the driver's library raised
+        return str(exc).split("\n")[0]
+    return "it starts, yet counts no device"
+
+
+def hides_every_gpu(visible: str | None) -> bool:
+    """Whether CUDA_VISIBLE_DEVICES hides every GPU: CUDA reads its list up to the first entry that is no index or
+    UUID ("", "-1", "none"). A list that names GPUs (a scheduler's "0,1") hides none; a GPU it names that CUDA then
+    does not see is the node's fault."""
+    if visible is None:
+        return False
+    first = visible.split(",")[0].strip()
+    return not (first.isdigit() or first.startswith(("GPU-", "MIG-")))
 
 
 def granted_gpus() -> int:
