@@ -160,13 +160,14 @@ def test_a_distilled_ddp_run_equals_one_process_with_the_same_global_batch(refer
     assert torchrun(config, log).wait(timeout=600) == 0, log.read_text()[-4000:]
     assert len(re.findall(r"\[rank [01]\].*the teacher is not loaded", log.read_text())) == 2
     assert json.loads((tmp_path / "ddp" / "report.json").read_text())["evaluation"]["final"] == scores
-    # The teacher mattered: its soft targets, not the labels (mostly negative), moved the student's head towards
-    # "positive", through the column each rank mapped its "positive" to
+    # The teacher mattered: its soft targets, not the labels (few positive), moved the student's head towards
+    # "positive", through the column each rank mapped its "positive" to; without it the head leans elsewhere (to
+    # "negative" or "neutral", as the seed's split draws the 480 rows)
     assert bool(((losses[1] - losses[2]).abs() > 1e-2).all())
     names = json.loads((tmp_path / "ddp" / "config.json").read_text())["id2label"]
     favoured = {out.name: names[str(int(load_file(out / "model.safetensors")["classifier.bias"].argmax()))]
                 for out in (tmp_path / "ddp", reference)}
-    assert favoured == {"ddp": "positive", reference.name: "negative"}
+    assert favoured["ddp"] == "positive" and favoured[reference.name] != "positive"
 
 
 def workers(launcher: int) -> dict[int, int]:

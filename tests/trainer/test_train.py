@@ -769,7 +769,8 @@ def test_resume_after_sigterm_gives_the_uninterrupted_weights(lora: bool, tmp_pa
 
 def lm_run(checkpoint_dir: Path, sigterm_at: int | None = None) -> tuple[LoopState, list[int], dict]:
     """8 steps of a tiny GPT-2, evaluated every 2 steps (by a score of its weights), checkpointed only at the end
-    and on SIGTERM; returns the state, the steps the evaluation ran at and the weights."""
+    and on SIGTERM; returns the state, the steps of the evaluations reported (a resumed run's latest first) and the
+    weights."""
     model, data, collate = lm_setup()
     spec = TrainingSpec(batchSize=8, maxSteps=8, evalEverySteps=2, checkpointEverySteps=100)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -782,7 +783,7 @@ def lm_run(checkpoint_dir: Path, sigterm_at: int | None = None) -> tuple[LoopSta
         if state.step == sigterm_at:
             os.kill(os.getpid(), signal.SIGTERM)  # seen at the end of the next step
 
-    hooks = Hooks(evaluate=score, on_step=on_step, on_eval=lambda state: steps.append(state.step),
+    hooks = Hooks(evaluate=score, on_step=on_step, on_eval=lambda state: steps.append(state.evals[-1]["step"]),
                   checkpoint_dir=checkpoint_dir)
     state = train_loop(model, optimizer, make_scheduler(optimizer, spec, 8), data, collate, spec, Task.CAUSAL_LM,
                        CPU, hooks)
@@ -801,7 +802,7 @@ def test_sigterm_at_a_due_evaluation_saves_first_and_the_resumed_run_evaluates(
     assert [p.name for p in checkpoints.complete(tmp_path / "stopped")] == ["step-00000004"]
     resumed, steps, resumed_weights = lm_run(tmp_path / "stopped")
     assert f"resumed from {tmp_path / 'stopped' / 'step-00000004'}" in caplog.text
-    assert steps == [4, 6, 8]  # step 2's evaluation came with the checkpoint
+    assert steps == [2, 4, 6, 8]  # step 2's evaluation came with the checkpoint (reported as it resumes); 4's runs
     assert [(e["step"], e["metrics"]) for e in resumed.evals] == [(e["step"], e["metrics"]) for e in reference.evals]
     assert_same(resumed_weights, reference_weights)
 
