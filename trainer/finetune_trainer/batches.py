@@ -25,7 +25,7 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 
 from finetune_trainer.config import Augmentation, Task
-from finetune_trainer.data import FLOAT_IMAGE, WIDE_IMAGE, Split, beyond_16_bits, image_fault
+from finetune_trainer.data import FLOAT_IMAGE, WIDE_IMAGE, Split, beyond_16_bits, image_fault, int_range
 from finetune_trainer.errors import DataError
 from finetune_trainer.torchrun import local_world_size
 
@@ -251,12 +251,12 @@ def open_rgb(path: str, as_shown: bool = False, at_least: int | None = None) -> 
             image = ImageOps.exif_transpose(opened) if turned else opened
             if image.mode == "F":  # a backstop: the datasets' images are checked before training (bad_images)
                 raise DataError(f"{path}: {FLOAT_IMAGE}")
-            if beyond_16_bits(image):  # a backstop too
+            values = int_range(image)  # its pixels read once, for both
+            if beyond_16_bits(values):  # a backstop too
                 raise DataError(f"{path}: {WIDE_IMAGE}")
             # 16-bit grey: convert() would clip it at 255, nearly all white. A 16-bit PGM opens as mode I, scaled to
             # 0..65535; a TIFF of 32-bit integers (mode I) holds 8-bit values or 16-bit ones, told by its range
-            if image.mode.startswith("I;16") or (image.mode == "I" and (opened.format == "PPM"
-                                                                        or image.getextrema()[1] > 255)):
+            if image.mode.startswith("I;16") or (values is not None and (opened.format == "PPM" or values[1] > 255)):
                 return Image.fromarray((np.asarray(image) / 257).round().astype(np.uint8)).convert("RGB")
             if as_shown and ("A" in image.getbands() or "transparency" in image.info):
                 rgba = image.convert("RGBA")

@@ -196,18 +196,20 @@ def image_problem(path: str) -> str | None:
 
     try:
         with Image.open(path) as image:
-            return FLOAT_IMAGE if image.mode == "F" else WIDE_IMAGE if beyond_16_bits(image) else None
+            return FLOAT_IMAGE if image.mode == "F" else WIDE_IMAGE if beyond_16_bits(int_range(image)) else None
     except (OSError, Image.DecompressionBombError) as exc:  # the latter is no OSError
         return image_fault(exc)
 
 
-def beyond_16_bits(image: Image.Image) -> bool:
-    """Whether a 32-bit integer image (mode I) holds values outside 0..65535, which neither 8 nor 16 bits hold:
+def int_range(image: Image.Image) -> tuple[int, int] | None:
+    """A 32-bit integer image's (mode I) lowest and highest values, read from its pixels; None for other modes."""
+    return image.getextrema() if image.mode == "I" else None
+
+
+def beyond_16_bits(values: tuple[int, int] | None) -> bool:
+    """Whether a 32-bit integer image's `values` (int_range) leave 0..65535, which neither 8 nor 16 bits hold:
     convert("RGB") clipped them at 0..255."""
-    if image.mode != "I":
-        return False
-    low, high = image.getextrema()
-    return low < 0 or high > 65535
+    return values is not None and (values[0] < 0 or values[1] > 65535)
 
 
 def image_fault(exc: Exception) -> str:
@@ -1196,8 +1198,9 @@ def folders_in(path: Path, listings: dict[Path, list[Path]]) -> list[Path]:
     through which release_links lists the links' folders."""
     entries = [(entry, entry.is_dir()) for entry in sorted(path.iterdir())]  # a stat each, once: a class's images
     folders = [d for d, is_dir in entries if is_dir and data_folder(d.name)]
-    listings[beside(path)] = [f for f, is_dir in entries
-                              if not is_dir and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")]
+    # loose beside class folders only: a folder of no data folders (the hub's train/*.png) would keep all its images
+    listings[beside(path)] = [f for f, is_dir in entries if folders and not is_dir
+                              and f.suffix.lower() in IMAGE_SUFFIXES and not f.name.startswith(".")]
     links = {d: os.path.realpath(d) for d in folders if d.is_symlink()}
     # a real folder holds targets only where its real path is above one: a lookup each, not a walk each
     above = {str(p) for t in links.values() for p in Path(t).parents}

@@ -24,7 +24,8 @@ from typing import Any
 
 from finetune_trainer.config import DatasetSpec
 from finetune_trainer.data import (FLOAT_IMAGE, TEST, TRAIN, VALIDATION, WIDE_IMAGE, LabelledData, Split,
-                                   beyond_16_bits, drop_empty_splits, image_fault, read_text, split, split_of)
+                                   beyond_16_bits, drop_empty_splits, image_fault, int_range, read_text, split,
+                                   split_of)
 from finetune_trainer.errors import DataError, unreadable
 from finetune_trainer.uris import fetch
 
@@ -231,7 +232,7 @@ def image_record(image: Any, i: int, file: Path, problems: list[str]) -> Annotat
         return None
     try:
         with Image.open(path) as opened:
-            size, mode, wide = opened.size, opened.mode, beyond_16_bits(opened)
+            size, mode, wide = opened.size, opened.mode, beyond_16_bits(int_range(opened))
             # what a viewer shows, on which boxes were drawn; only where it may explain a size (a PNG's is read whole)
             swapped = size[0] != size[1] and (image.get("width"), image.get("height")) == size[::-1]
             orientation = opened.getexif().get(ExifTags.Base.Orientation, 1) if swapped else 1
