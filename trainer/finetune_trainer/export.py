@@ -412,7 +412,8 @@ def training_line(cfg: TrainerConfig, training: dict[str, Any]) -> str:
     line = (f"- Training: {training['steps']} steps in {training['seconds']:.0f} s, "
             f"{training['samples_per_second']:.1f} {rows_of(cfg.model.task)}/s, seed {cfg.training.seed}")
     if training.get("stopped_early"):
-        line += f"; stopped early ({training['total_steps']} planned{', ' + training['diverged'] if training.get('diverged') else ''})"
+        why = f", {training['diverged']}" if training.get("diverged") else ""
+        line += f"; stopped early ({training['total_steps']} planned{why})"
     if (best := training.get("restored_best_step")) is not None:
         line += f"; the weights are step {best}'s, the best validation {cfg.evaluation_metrics[0].value}"
     return line

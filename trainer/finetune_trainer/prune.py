@@ -222,7 +222,7 @@ def remove_layers(model: nn.Module, task: Task, drop: list[int]) -> None:
     """Take the layers `drop` out of the model's layer list, in place, and make its config say so."""
     prefix, layers = stack_for(model, task, "rearrange.prune")
     config = getattr(model, "config", None)
-    settings = dict(vars(config)) if config is not None else {}
+    settings = dict(vars(config)) if config is not None else None
     if config is not None:
         check_rebuilt(model, prefix, layers, drop)  # before the model changes
         shrink_config(model, config, len(layers), drop)
@@ -234,7 +234,8 @@ def remove_layers(model: nn.Module, task: Task, drop: list[int]) -> None:
     except ConfigError:  # left whole, as check_rebuilt leaves it
         model.set_submodule(prefix, layers)
         renumber(layers)
-        vars(config).update(settings)
+        if settings is not None:
+            vars(config).update(settings)
         raise
     log.info("pruned layers %s of %s (%d left)", drop, prefix, len(kept))
 
