@@ -2178,6 +2178,11 @@ def test_too_few_rows_for_the_three_way_split_are_refused_naming_the_fields(tmp_
                                         r"\(dataset.validationSplit\) and 10% for test \(dataset.testSplit\) and "
                                         r"train on the rest \(each side takes whole inputs, every copy of a text"):
         load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    (path := tmp_path / "d.csv").write_text("text,label\n" + "a,x\n" * 90 + "b,y\n" * 5 + "c,x\n" * 5)
+    tenths = DatasetSpec(uri=str(path), labelField="label", validationSplit=0.1, testSplit=0.1)
+    for seed in range(5):
+        with pytest.raises(DataError, match=r"100 rows \(3 distinct inputs\) are too few .* every copy of a text"):
+            load_dataset(tenths, Task.SEQUENCE_CLASSIFICATION, seed)
 
 
 def test_a_label_column_of_scores_or_ids_is_named(tmp_path: Path, pvc_root: Path,
