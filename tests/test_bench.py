@@ -30,6 +30,9 @@ def test_trainer_image_is_pinned_python_non_root_with_the_cli_entrypoint() -> No
     users = [v for kind, v in steps if kind == "USER"]
     assert users and users[-1].split(":")[0] not in {"root", "0"}
     assert users[-1].split(":")[0].isdigit(), "a numeric UID lets runAsNonRoot verify it"
+    # trainer.uid 0 (OpenShift): a uid the SCC assigns, in group 0, writes the home's caches as the image's user does
+    home = next(v for kind, v in steps if kind == "RUN" and "useradd" in v)
+    assert "--gid 0" in home and "chmod -R g=u /home/trainer" in home, home
 
     installs = " ".join(v for kind, v in steps if kind == "RUN" and "pip install" in v)
     assert ".[trainer]" in installs

@@ -568,7 +568,7 @@ def test_a_trainer_uid_the_apiserver_would_refuse_is_refused_at_install() -> Non
     schema = json.loads((REPO / "charts" / "finetune-operator" / "values.schema.json").read_text())
     assert schema["properties"]["trainer"]["properties"]["uid"]["maximum"] == settings.MAX_UID
     chart = str(REPO / "charts" / "finetune-operator")
-    for uid, taken in ((settings.MAX_UID, True), (settings.MAX_UID + 1, False)):
+    for uid, taken in ((settings.MAX_UID, True), (settings.MAX_UID + 1, False), (0, True), (-1, False)):
         result = subprocess.run([helm(), "template", "fto", chart, "--set", f"trainer.uid={uid}"],
                                 capture_output=True, text=True)
         assert (result.returncode == 0) == taken and (taken or "/trainer/uid" in result.stderr), result.stderr

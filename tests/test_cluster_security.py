@@ -20,6 +20,7 @@ import yaml
 from finetune_operator import children, rbac
 from finetune_operator.api import FineTuneJob, manifest_errors
 from finetune_operator.settings import Settings
+from conftest import REPO
 from granted import granted_by_rules
 from kube import Kube
 from operator_fixture import (SERVICE_ACCOUNT, OperatorEnv, a_trainer_outlived_by_a_sidecar_is_ended,  # noqa: F401
@@ -289,13 +290,31 @@ def test_no_spec_field_reaches_the_host_or_privileges(kube: Kube, crd_installed:
         template = job["spec"]["template"]
         assert_confined(template["spec"])
         assert not set(PROFILE_ANNOTATIONS) & set(template["metadata"]["annotations"])
-        # The restricted namespace's admission takes the pod as the Job controller would make it.
-        pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "probe", **template["metadata"]},
-               "spec": {k: v for k, v in template["spec"].items() if k != "priorityClassName"}}  # no such class here
-        result = kube.apply(pod, restricted_namespace, "--dry-run=server", check=False)
-        assert result.returncode == 0 and "PodSecurity" not in result.stderr, f"{where}: {result.stderr}"
+        assert_admitted(kube, restricted_namespace, template, where)
     client.close()
     assert refused >= 100 and rendered >= len(ESCAPES), (refused, rendered)
+
+
+def assert_admitted(kube: Kube, namespace: str, template: dict[str, Any], where: str) -> None:
+    """The restricted namespace's admission takes the pod as the Job controller would make it."""
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "probe", **template["metadata"]},
+           "spec": {k: v for k, v in template["spec"].items() if k != "priorityClassName"}}  # no such class here
+    result = kube.apply(pod, namespace, "--dry-run=server", check=False)
+    assert result.returncode == 0 and "PodSecurity" not in result.stderr, f"{where}: {result.stderr}"
+
+
+def test_a_trainer_uid_of_0_leaves_user_group_and_fsgroup_to_the_platform(kube: Kube, crd_installed: None,
+                                                                           restricted_namespace: str) -> None:
+    """OpenShift's restricted SCC admits each namespace's own uid range only: one uid for all the namespaces an
+    operator watches was refused in all but one. With 0 the pods name none (the SCC fills them in), and still pass
+    the "restricted" Pod Security Standard."""
+    kube.apply({"apiVersion": "v1", "kind": "ServiceAccount", "metadata": {"name": "trainer"}}, restricted_namespace)
+    doc = yaml.safe_load((REPO / "deploy" / "examples" / "minilm-sentiment.yaml").read_text())
+    doc["metadata"] |= {"namespace": restricted_namespace, "uid": "00000000-0000-0000-0000-000000000000"}
+    template = children.job(doc, FineTuneJob.from_wire(doc).spec, 1, Settings(trainer_uid=0))["spec"]["template"]
+    security = template["spec"]["securityContext"]
+    assert not {"runAsUser", "runAsGroup", "fsGroup"} & set(security) and security["runAsNonRoot"] is True, security
+    assert_admitted(kube, restricted_namespace, template, "trainer_uid 0")
 
 
 # ---- two namespaces, one limited user ------------------------------------------------

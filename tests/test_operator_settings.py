@@ -90,8 +90,11 @@ def test_a_bad_value_names_its_flag(argv: list[str], flag: str) -> None:
         parse(argv)
 
 
-def test_the_largest_uid_the_apiserver_takes_is_taken() -> None:
+def test_the_largest_uid_the_apiserver_takes_is_taken_and_0_leaves_it_to_the_platform() -> None:
     assert parse(["--trainer-uid", "2147483647"]).trainer_uid == 2147483647
+    assert parse(["--trainer-uid", "0"]).trainer_uid == 0
+    with pytest.raises(SystemExit, match="--trainer-uid"):
+        parse(["--trainer-uid", "-1"])
 
 
 @pytest.mark.parametrize("address", ["0.0.0.0", "::", "127.0.0.1", "fd00::1"])

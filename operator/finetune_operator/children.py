@@ -190,11 +190,13 @@ def _volumes(name: str, spec: api.FineTuneJobSpec) -> tuple[list[dict[str, Any]]
 
 
 def restricted_security(uid: int) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Pod and container securityContexts that pass the "restricted" Pod Security Standard."""
+    """Pod and container securityContexts that pass the "restricted" Pod Security Standard; uid 0 sets no user,
+    group or fsGroup, for an admission that assigns them (OpenShift's SCC)."""
+    ids = {"runAsUser": uid, "runAsGroup": uid, "fsGroup": uid} if uid else {}
     # OnRootMismatch: the kubelet hands a claim to the fsGroup once, not by walking every file at each attempt's
     # start (minutes on a dataset of a million images, or an output folder of many checkpoints).
-    pod = {"runAsNonRoot": True, "runAsUser": uid, "runAsGroup": uid, "fsGroup": uid,
-           "fsGroupChangePolicy": "OnRootMismatch", "seccompProfile": {"type": "RuntimeDefault"}}
+    pod = {"runAsNonRoot": True, **ids, "fsGroupChangePolicy": "OnRootMismatch",
+           "seccompProfile": {"type": "RuntimeDefault"}}
     container = {"allowPrivilegeEscalation": False, "capabilities": {"drop": ["ALL"]}, "runAsNonRoot": True}
     return pod, container
 

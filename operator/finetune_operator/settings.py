@@ -40,7 +40,10 @@ class Settings(BaseModel):
         default_factory=dict,
         description="Annotations (JSON object) on every trainer pod, e.g. prometheus.io/scrape; a job's own win.",
     )
-    trainer_uid: int = Field(10001, ge=1, le=MAX_UID, description="Numeric user (and group) the trainer runs as (the trainer image's).")
+    trainer_uid: int = Field(
+        10001, ge=0, le=MAX_UID, description="Numeric user (and group, and fsGroup) the trainer runs as (the trainer "
+        "image's); 0: none set, the platform's admission assigns them (OpenShift's restricted SCC admits only each "
+        "namespace's own range, so no one uid serves several namespaces).")
     poll_seconds: float = Field(2.0, ge=0.2, le=300, description="How often each running job is reconciled and rank 0's metrics read (a waiting job: every 5 polls).")
     metrics_port: int = Field(8000, ge=0, le=65535, description="Port of the operator's own /metrics (0: off).")
     liveness_port: int = Field(8080, ge=1, le=65535, description="Port of kopf's liveness endpoint /healthz.")
