@@ -79,12 +79,14 @@ def _burst_under_kills(env: OperatorEnv, output: str, jobs: int, kills: int) -> 
         else:
             assert status["phase"] == "Succeeded" and conditions["Succeeded"] == ("True", "Completed"), (name, status)
             assert "Restarting" not in conditions, (name, status)  # a crash of the operator is no failed attempt
-        wanted = [f"{name}-{a}" for a in range(1, expected_attempts + 1)]
+        # Every attempt's Job (its pods' logs); the ConfigMap and Service of the last only (handlers._drop_earlier)
+        last = [f"{name}-{expected_attempts}"]
+        wanted = {"Job": [f"{name}-{a}" for a in range(1, expected_attempts + 1)], "ConfigMap": last, "Service": last}
         uid = ftjs[name]["metadata"]["uid"]
         gang = rendezvous(FineTuneJobSpec.model_validate(ftjs[name]["spec"]))  # else no Service
         for kind, found in (("Job", jobs_by_owner), ("ConfigMap", config_maps), ("Service", services)):
             objects = found.pop(name, [])
-            assert sorted(o["metadata"]["name"] for o in objects) == (wanted if kind != "Service" or gang else []), \
+            assert sorted(o["metadata"]["name"] for o in objects) == (wanted[kind] if kind != "Service" or gang else []), \
                 (kind, name)
             assert all(o["metadata"]["ownerReferences"][0]["uid"] == uid for o in objects), (kind, name)
     # Nothing that belongs to no FineTuneJob of this burst.

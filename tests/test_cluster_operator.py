@@ -230,6 +230,29 @@ def test_a_quota_that_refuses_the_attempt_is_waited_for_not_failed(operator_env:
     assert len(env.objects("jobs", name)) == 1
 
 
+def test_an_earlier_attempt_s_config_map_and_service_make_room_for_the_next(operator_env: OperatorEnv) -> None:
+    """Kept until the job's deletion, every attempt's ConfigMap and Service counted against the namespace's quota: a
+    job of two processes per worker, resumed in a namespace that allows one Service, waited for quota for ever."""
+    env = operator_env
+    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "one-service"},
+             "spec": {"hard": {"services": "1"}}}
+    env.kube.apply(quota, env.namespace)
+    env.kube.wait_for("the quota counted", lambda: (env.kube.get("resourcequota", "one-service", env.namespace)
+                                                    or {}).get("status", {}).get("hard"), env.namespace)
+    name = env.apply(example("minilm-sentiment", runtime={"resources": {"limits": {"nvidia.com/gpu": 99}},
+                                                         "processesPerWorker": 2}))
+    env.wait_ftj(name, lambda o: conditions(o).get("Created") == ("True", "AttemptCreated"), "attempt 1", timeout=60)
+    assert env.kube.get("service", f"{name}-1", env.namespace)
+    patch = ("patch", "ftj", name, "-n", env.namespace, "--type=merge", "-p")
+    env.kube.kubectl(*patch, '{"spec":{"suspend":true}}')
+    env.wait_phase(name, "Suspended", timeout=60)
+    env.kube.kubectl(*patch, '{"spec":{"suspend":false}}')
+    env.wait_ftj(name, lambda o: o.get("status", {}).get("attempts") == 2 and conditions(o).get("Created") == (
+        "True", "AttemptCreated"), "attempt 2 made", timeout=120)
+    for kind in ("configmaps", "services"):
+        assert [o["metadata"]["name"] for o in env.objects(kind, name)] == [f"{name}-2"], kind
+
+
 def test_a_child_name_held_by_an_object_not_its_own_is_waited_for_visibly(operator_env: OperatorEnv) -> None:
     """An earlier job's children orphaned by `kubectl delete --cascade=orphan` hold the new one's names: its status
     said nothing, and it waited for ever; now it says which object it waits for."""

@@ -120,7 +120,7 @@ def test_the_operator_asks_for_exactly_what_its_rules_grant(kube: Kube, operator
     """Every rule is used, and nothing else is asked for, across the operator's paths: a job that
     fails and is deleted by its TTL, one whose deadline passes (its processes meet through torchrun,
     so it has a Service), one the Job controller cannot make pods for (the Warning Events are read),
-    a suspended one, one created again under its name while its predecessor's children remain, and one
+    one suspended and resumed (its first attempt's ConfigMap and Service go), one created again under its name while its predecessor's children remain, and one
     whose trainer an injected sidecar outlives (its pod is given a deadline)."""
     env = operator_env
     if kube.audit_log is None:
@@ -134,13 +134,18 @@ def test_the_operator_asks_for_exactly_what_its_rules_grant(kube: Kube, operator
         | {"metadata": {"name": "late"}}
     late["spec"]["activeDeadlineSeconds"] = 3
     podless = example("minilm-sentiment", pod={"serviceAccountName": "no-such-account"}) | {"metadata": {"name": "podless"}}
-    paused = example("minilm-sentiment", runtime={"resources": {"limits": {"nvidia.com/gpu": 99}}}) | {"metadata": {"name": "paused"}}
+    paused = example("minilm-sentiment", runtime={"resources": {"limits": {"nvidia.com/gpu": 99}}, "processesPerWorker": 2}) \
+        | {"metadata": {"name": "paused"}}
     for doc in (gone, late, podless, paused):
         env.apply(doc)
     env.wait_ftj("paused", lambda o: o.get("status", {}).get("attempts") == 1, "an attempt")
     env.kube.kubectl("patch", "ftj", "paused", "-n", env.namespace, "--type=merge", "-p", '{"spec":{"suspend":true}}')
     env.wait_phase("late", "Failed", timeout=120)
     env.wait_phase("paused", "Suspended", timeout=120)
+    env.kube.kubectl("patch", "ftj", "paused", "-n", env.namespace, "--type=merge", "-p", '{"spec":{"suspend":false}}')
+    env.wait_ftj("paused", lambda o: o.get("status", {}).get("attempts") == 2, "the resumed attempt")
+    env.kube.wait_for("attempt 1's Service deleted", lambda: env.kube.get("service", "paused-1", env.namespace) is None,
+                      env.namespace)
     env.wait_ftj("podless", lambda o: o.get("status", {}).get("reason") == "FailedCreate", "FailedCreate", timeout=120)
     env.kube.wait_for("the TTL's deletion", lambda: env.kube.get("ftj", "gone", env.namespace) is None,
                       env.namespace, timeout=240)

@@ -673,6 +673,35 @@ def _end_pod(clients: Clients, told: Once, body: kopf.Body, ns: str, pod: str, w
     return True
 
 
+def _drop_earlier(clients: Clients, ns: str, name: str, uid: str, attempt: int) -> None:
+    """Deletes the ConfigMaps and Services of the attempts before `attempt`, of no use once their pods have stopped
+    (the next attempt is made only then), before its own are made. Kept until the job's deletion, a job preempted or
+    retried many times filled a ResourceQuota's count of them (`services: 10` is common) and its next attempt waited
+    for quota for ever. Their Jobs stay, for their pods' logs. Each is read by its name and deleted only if it is this
+    job's (by its uid, as read): no `list`, which would grant reading every ConfigMap of the cluster. One left by a
+    failed call goes at the next try, or with the job."""
+    dropped = []
+    for earlier in range(attempt - 1, 0, -1):
+        child = children.child_name(name, earlier)
+        for plural in ("configmaps", "services"):
+            path = api_path(ns, plural, child)
+            try:
+                meta = json.loads(clients.call("GET", path))["metadata"]
+                if (meta.get("labels") or {}).get(children.JOB_UID_LABEL) != uid:
+                    continue  # an earlier FineTuneJob's of this name, orphaned: not this one's to delete
+                clients.call("DELETE", path, {"preconditions": {"uid": meta["uid"]}})
+                dropped.append(f"{plural[:-1]} {child}")
+            except ApiException as exc:
+                if exc.status not in (404, 409):  # gone; replaced since it was read
+                    log.info("%s/%s: the %s %s of an earlier attempt is left for now: %s", ns, name, plural[:-1], child,
+                             _api_message(exc))
+            except (urllib3.exceptions.HTTPError, ValueError) as exc:
+                log.info("%s/%s: the %s %s of an earlier attempt is left for now: %s", ns, name, plural[:-1], child,
+                         _unanswered(exc))
+    if dropped:
+        log.info("%s/%s: deleted the earlier attempts' %s", ns, name, ", ".join(dropped))
+
+
 def _delete(clients: Clients, path: str, what: str) -> None:
     """Deletes the object at `path`, its dependents in the background; one already gone (404) counts as deleted."""
     try:
@@ -729,6 +758,7 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
             seen.problems = judge.spec_problems(spec, claims, ns)
             seen.claims_missing = judge.missing_claims(spec, claims, ns)
             if not seen.problems:
+                _drop_earlier(clients, ns, name, seen.body["metadata"]["uid"], decision.create_attempt)
                 _create_attempt(clients, seen.body, spec, decision.create_attempt, settings)
         except Refused as exc:
             seen.problems = [str(exc)]
