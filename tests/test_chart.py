@@ -79,11 +79,17 @@ def test_watching_namespaces_grants_a_role_in_each_and_cluster_wide_only_the_fin
 
 def test_a_service_account_made_beforehand_must_be_named_and_gets_the_roles() -> None:
     """serviceAccount.create=false without a name bound the operator's roles (Jobs created and deleted, pods listed
-    in every namespace) to the namespace's `default` ServiceAccount, which every pod there without its own runs as."""
+    in every namespace) to the namespace's `default` ServiceAccount, which every pod there without its own runs as;
+    so did naming it."""
     chart = str(REPO / "charts" / "finetune-operator")
     unnamed = subprocess.run([helm(), "template", "fto", chart, "-n", "ops", "--set", "serviceAccount.create=false"],
                              capture_output=True, text=True)
     assert unnamed.returncode != 0 and "serviceAccount.name: the ServiceAccount to run as" in unnamed.stderr
+    # Named `default`, made or not, it bound them to that account just the same.
+    for create in ("false", "true"):
+        default = subprocess.run([helm(), "template", "fto", chart, "-n", "ops", "--set", f"serviceAccount.create={create}",
+                                  "--set", "serviceAccount.name=default"], capture_output=True, text=True)
+        assert default.returncode != 0 and "serviceAccount.name: not default" in default.stderr, create
     out = subprocess.run([helm(), "template", "fto", chart, "-n", "ops", "--set", "serviceAccount.create=false",
                           "--set", "serviceAccount.name=ops-operator"], check=True, capture_output=True, text=True).stdout
     docs = [d for d in yaml.safe_load_all(out) if d]

@@ -33,11 +33,17 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
 {{- define "finetune-operator.serviceAccountName" -}}
+{{- $why := "it is never the namespace's default, whose roles every pod there without its own would get" }}
+{{- $name := "" }}
 {{- if .Values.serviceAccount.create }}
-{{- default (include "finetune-operator.fullname" .) .Values.serviceAccount.name }}
+{{- $name = default (include "finetune-operator.fullname" .) .Values.serviceAccount.name }}
 {{- else }}
-{{- required "serviceAccount.name: the ServiceAccount to run as and bind the operator's roles to, made beforehand (with serviceAccount.create=false; it is never the namespace's default, whose roles every pod there without its own would get)" .Values.serviceAccount.name }}
+{{- $name = required (printf "serviceAccount.name: the ServiceAccount to run as and bind the operator's roles to, made beforehand (with serviceAccount.create=false; %s)" $why) .Values.serviceAccount.name }}
 {{- end }}
+{{- if eq $name "default" }}
+{{- fail "serviceAccount.name: not default: the operator's roles bound to the namespace's default would go to every pod there that names no ServiceAccount of its own" }}
+{{- end }}
+{{- $name }}
 {{- end }}
 
 {{/* The operator image: a digest pins it, else the tag, else the chart's appVersion. */}}
