@@ -18,7 +18,7 @@ from kubernetes.client.exceptions import ApiException
 from finetune_operator import outcome, reconcile
 from finetune_operator.reconcile import Observed, decide, pod_warning
 from finetune_operator.api import ConditionType, FineTuneJobStatus
-from finetune_operator.status import Conditions, evaluation_of, merged, schema_checked, status_patch
+from finetune_operator.status import Conditions, evaluation_of, merged, schema_checked, status_patch, timestamp
 
 NOW = datetime(2026, 12, 1, 12, 0, 0)
 BACKOFF = timedelta(seconds=10)  # before the attempt after a first counted failure
@@ -1546,6 +1546,9 @@ class Apiserver(Listing):
                               separators=(",", ":"), sort_keys=True).encode()
         if path.endswith("/events"):
             return b'{"items": []}'
+        if method == "GET" and ("/configmaps/" in path or "/services/" in path):  # an earlier attempt's: none here
+            self.asked.append((path, query))
+            raise ApiException(status=404, reason="NotFound")
         return super().call(method, path, body, **query)
 
 
@@ -2926,3 +2929,55 @@ def test_an_attempt_whose_config_map_holds_an_earlier_spec_gives_way_to_the_next
     assert conditions(status)["Restarting"] == ("True", "Resumed") and "children" not in status
     assert decision.delete_job == "ft-1"  # made beside that ConfigMap, unseen yet (a watch behind), it ran the old recipe
     assert decide(Observed(body(status), [], [], NOW + timedelta(seconds=2))).create_attempt == 2
+
+
+def test_a_job_resumed_between_attempts_says_suspended_no_more() -> None:
+    """Suspended after attempt 1 failed, before attempt 2 was made, then resumed: the suspend's Running=False stayed
+    the job's reason, and `kubectl get` said Pending/Suspended beside Suspended=False until attempt 2's pods ran."""
+    crashed = ([job(active=0, failed=1, failure={"reason": "BackoffLimitExceeded", "message": ""})],
+               [pod(phase="Failed", exit_code=2, message={"exitCode": 2, "reason": "NcclError", "message": "x"})])
+    running = after(decide(Observed(body({"attempts": 1}), [job(ready=1)], [pod()], NOW - timedelta(minutes=1))))
+    retrying = after(decide(Observed(body(running), *crashed, NOW)), running)
+    suspended = after(decide(Observed(body(retrying, suspend=True), *crashed, NOW)), retrying)
+    assert conditions(suspended)["Running"] == ("False", "Suspended")
+    resumed = after(decide(Observed(body(suspended), *crashed, NOW + timedelta(minutes=1))), suspended)
+    # A peer of attempt 1 still stopping: what the resumed attempt waits for, not "made at the next tick"
+    peer = pod(index=1, deletionTimestamp=timestamp(NOW + timedelta(minutes=1)))
+    held = after(decide(Observed(body(resumed), crashed[0], [*crashed[1], peer], NOW + timedelta(minutes=1, seconds=1))),
+                 resumed)
+    assert conditions(held)["Created"] == ("False", "PodsStopping") and held["reason"] == "PodsStopping"
+    created = decide(Observed(body(resumed), *crashed, NOW + timedelta(minutes=1, seconds=2)))
+    assert created.create_attempt == 2
+    made = after(created, resumed)
+    starting = after(decide(Observed(body(made), [job(2)], [pod(2, phase="Pending")], NOW + timedelta(minutes=2))),
+                     made)
+    for status in (resumed, made, starting):
+        assert status["phase"] == "Pending" and status["reason"] != "Suspended", status
+        assert conditions(status)["Running"] == ("False", "Resumed")
+
+
+def test_an_attempt_over_counts_no_worker_through_the_back_off() -> None:
+    """The Job's failure seen while its pods still stopped (active 1): WORKERS said 1 running through the back-off
+    (up to 6 minutes), and while a deleted Job's orphans ran, until the next attempt's Job was seen."""
+    failing = ([job(active=1, failure={"reason": "PodFailurePolicy", "message": ""})],
+               [pod(phase="Failed", exit_code=2, message={"exitCode": 2, "reason": "NcclError", "message": "x"})])
+    retrying = after(decide(Observed(body({"attempts": 1}), *failing, NOW)))
+    assert retrying["attempts"] == 2 and retrying["workers"]["active"] == 0 and retrying["workers"]["ready"] == 0
+    running = after(decide(Observed(body({"attempts": 1}), [job(ready=1)], [pod()], NOW)))
+    assert running["workers"]["active"] == 1
+    orphaned = after(decide(Observed(body(running), [], [pod()], NOW + timedelta(seconds=5), listed=True)), running)
+    assert conditions(orphaned)["Restarting"] == ("True", "JobDeleted") and orphaned["workers"]["active"] == 0
+
+
+def test_a_pending_reason_goes_once_its_cause_is_over() -> None:
+    """A Secret made after its volume failed to mount, or a registry back after ImagePullBackOff: the job said
+    Pending/FailedMount ("secret not found") while the image was pulled, minutes after the cause was over."""
+    mounting = pod(phase="Pending")
+    waiting = Observed(body({"attempts": 1, "startTime": "2026-12-01T11:58:00Z"}), [job()], [mounting], NOW)
+    waiting.pod_warning = ("FailedMount", 'pod ft-1-0-x waits (not counted as a failure): MountVolume.SetUp failed '
+                                          'for volume "creds" : secret "creds" not found')
+    stuck = after(decide(waiting))
+    assert stuck["phase"] == "Pending" and stuck["reason"] == "FailedMount"
+    pulling = after(decide(Observed(body(stuck), [job()], [mounting], NOW + timedelta(minutes=1))), stuck)
+    assert pulling["phase"] == "Pending" and conditions(pulling)["Running"] == ("False", "WorkersStarting")
+    assert pulling["reason"] == "WorkersStarting"

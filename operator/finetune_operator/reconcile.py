@@ -28,8 +28,8 @@ from finetune_operator.api import ConditionType as T
 from finetune_operator.outcome import Outcome, Retry, State
 from finetune_operator.status import (DONE_EXIT_SECONDS, METRICS_READ, NOT_EXITING, RESUMED, STALE_AFTER_SECONDS,
                                       STARTING_SECONDS, SUSPENDED, Conditions, analysis_of, condition, evaluation_of,
-                                      finished_metrics, finished_progress, phase_of, progress_and_metrics, pruning_of,
-                                      stage_of, timestamp, transitions)
+                                      finished_metrics, finished_progress, not_started, phase_of, progress_and_metrics,
+                                      pruning_of, stage_of, timestamp, transitions)
 from finetune_trainer.rules import error_lines
 
 
@@ -277,6 +277,8 @@ def decide(seen: Observed) -> Decision | None:
 
     if conds.true(T.SUSPENDED):  # resumed: the next attempt picks up the checkpoints, and the clock restarts
         conds.set(T.SUSPENDED, False, RESUMED, "spec.suspend is false")
+        # The suspend's Running=False stayed the job's reason (Pending, Suspended) until the resumed pods ran
+        conds.clear(T.RUNNING, RESUMED, "spec.suspend is false")
         # A new number only if the current one's children were made: an attempt decided (a retry) but not created
         # before the suspend is the one that resumes.
         if _made(old, meta["name"], attempt):
@@ -352,7 +354,8 @@ def decide(seen: Observed) -> Decision | None:
             # orphans, which nothing stops, held it for good behind "JobDeleted". Said anew while it waits: orphans
             # deleted by hand were still to "delete ... to go on" for their grace period.
             orphans, said = _orphans(seen, now), conds.get(T.CREATED).get("reason")
-            if said == BACKOFF_WAITING and not _backing_off_until(old, now) or said == PODS_STOPPING or orphans:
+            if said == BACKOFF_WAITING and not _backing_off_until(old, now) or said in (PODS_STOPPING, RESUMED) \
+                    or orphans:
                 conds.set(T.CREATED, False, PODS_STOPPING, f"attempt {max(attempt, 1)} waits for the pods of the "
                           f"attempt before it to stop ({_some(stopping)}): they may still write checkpoints"
                           + (f"; {_some(orphans)} belong to no Job and are not being deleted (orphaned by kubectl "
@@ -670,6 +673,11 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
             conds.set(T.SCHEDULED, True, "Scheduled", "every worker has a node")
         elif _cause_over(conds.get(T.SCHEDULED), outcome.created_workers(pods), spec.workers):
             conds.drop(T.SCHEDULED)
+        if not (result.queued or result.unschedulable or result.not_created or result.stuck) and not_started(
+                conds.get(T.RUNNING)):
+            # The cause is over (the Secret made, the registry back): "MountVolume.SetUp failed" stayed the reason
+            # while a large image was pulled, until the pods ran.
+            conds.set(T.RUNNING, False, result.reason, result.message)
         if not result.queued and conds.get(T.RUNNING).get("reason") == outcome.QUEUED:
             # Kueue preempted a running attempt and admitted it again: "waits to be admitted" stayed the job's reason
             # in `kubectl get` until its pods ran.
@@ -768,8 +776,10 @@ def _backing_off(conds: Conditions, attempt: int, due: datetime, failures: int) 
 
 
 def _next_attempt(conds: Conditions, status: dict[str, Any], attempt: int, reason: str, why: str) -> None:
-    """Attempt `attempt` is over without ending the job: the next one comes, Restarting says why."""
+    """Attempt `attempt` is over without ending the job: the next one comes, Restarting says why. Its workers are
+    none: its count stayed in the WORKERS column through a back-off, or while a deleted Job's pods stopped."""
     _numbered(conds, status, attempt + 1)
+    status["workers"] = {"active": 0, "ready": 0, "succeeded": 0, "failed": 0}
     conds.set(T.RESTARTING, True, reason, f"{why}; attempt {attempt + 1} resumes from the latest checkpoint, "
                                           "if there is one")
     conds.clear(T.RUNNING, reason)
