@@ -78,6 +78,7 @@ BEHAVIOURS: dict[str, Callable[[socket.socket, threading.Event], None]] = {
     "huge": _reply(_http(b"#" * (2 << 20))),
     "error": _reply(b"HTTP/1.0 500 Internal Server Error\r\nContent-Length: 0\r\n\r\n"),
     "forbidden": _reply(b"HTTP/1.0 403 Forbidden\r\nContent-Length: 0\r\n\r\n"),  # an apiserver without our Role
+    "not-found": _reply(b"HTTP/1.0 404 Not Found\r\nContent-Length: 0\r\n\r\n"),  # a group version not served
     # a proxy in front of the apiserver, or the apiserver's own overload answer, asking for a wait
     "unavailable": _reply(b"HTTP/1.0 503 Service Unavailable\r\nRetry-After: 600\r\nContent-Length: 0\r\n\r\n"),
 }

@@ -3,6 +3,8 @@ its memory (the calls themselves run against the real apiserver in test_cluster_
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
 import threading
@@ -304,3 +306,32 @@ def test_logging_in_leaves_the_event_loop_free(monkeypatch: pytest.MonkeyPatch) 
 
     monkeypatch.setattr(handlers, "_connection", slow_login)
     assert asyncio.run(logging_in()) > 10  # about 50 while the login took its 0.5 s
+
+
+def test_an_operator_started_where_the_crd_is_not_served_waits_then_exits_saying_so(
+        apiserver_port: int, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    """kopf finds the resources it watches once, at its start: started before the CRD was served (`helm install
+    --skip-crds`, a GitOps sync out of order), or restarted after its deletion, the operator watched Jobs and pods
+    and never a FineTuneJob, for good, while /healthz answered and it held the Lease."""
+    discovery = {"kind": "APIResourceList", "groupVersion": f"{api.GROUP}/{api.VERSION}", "resources": []}
+    with FaultServer("127.0.0.1", apiserver_port, "not-found"):
+        assert handlers.crd_served(clients.Clients(connections=1)) is False
+    with FaultServer("127.0.0.1", apiserver_port, serving(json.dumps(discovery).encode())):
+        assert handlers.crd_served(clients.Clients(connections=1)) is False  # the group, another version's CRD
+    discovery["resources"] = [{"name": api.PLURAL, "namespaced": True, "kind": api.KIND}]
+    with FaultServer("127.0.0.1", apiserver_port, serving(json.dumps(discovery).encode())):
+        assert handlers.crd_served(clients.Clients(connections=1)) is True
+        assert handlers.wait_for_crd()
+    monkeypatch.setattr(clients, "REQUEST_TIMEOUT_SECONDS", 0.5)
+    with FaultServer("127.0.0.1", apiserver_port, "hang"):  # not said: kopf's to retry
+        assert handlers.crd_served(clients.Clients(connections=1)) is None
+    # The command itself, as its pod runs it: it exits 1, saying what to install, once the wait is over.
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(sys.path), FINETUNE_OPERATOR_METRICS_PORT="0",
+               FINETUNE_OPERATOR_LIVENESS_PORT=str(free_port()))
+    script = ("import sys; from finetune_operator import handlers, __main__ as m; handlers.CRD_WAIT_SECONDS = 2; "
+              "sys.argv = ['finetune-operator', 'run']; sys.exit(m.main())")
+    with FaultServer("127.0.0.1", apiserver_port, "not-found"):
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 1 and time.monotonic() - started < 30, done.stderr
+    assert f"does not serve {api.PLURAL}.{api.GROUP}/{api.VERSION}" in done.stderr and "crds/" in done.stderr

@@ -93,6 +93,12 @@ def run(args: argparse.Namespace) -> int:
     # kopf would ask the passwd database for our user name, which an arbitrary container UID lacks. A container
     # restarted in its pod (pid 1 again) is the same identity, and takes its own lease back at once.
     identity = f"finetune-operator@{socket.gethostname()}/{os.getpid()}"
+    if not handlers.wait_for_crd():
+        logging.getLogger("finetune_operator").error(
+            "finetune-operator: the apiserver does not serve %s.%s/%s (the CRD is not installed): install it "
+            "(kubectl apply --server-side -f charts/finetune-operator/crds/); exiting, to look again at the restart",
+            api.PLURAL, api.GROUP, api.VERSION)
+        return 1
     metrics.serve(ours.bind_address, ours.metrics_port)  # a standby's too: a target that is down raises alerts
     with _elected(ours, identity):
         metrics.lead()

@@ -1014,6 +1014,35 @@ def watchable(namespaces: tuple[str, ...]) -> tuple[str, ...]:
     return readable or namespaces
 
 
+CRD_WAIT_SECONDS = 30.0
+
+
+def crd_served(clients: Clients) -> bool | None:
+    """Whether the apiserver serves FineTuneJobs (its discovery of the group's version lists them); None where it did
+    not say (no answer, another error)."""
+    try:
+        found = json.loads(clients.call("GET", f"/apis/{api.GROUP}/{api.VERSION}"))
+    except ApiException as exc:
+        return False if exc.status == 404 else None
+    except (urllib3.exceptions.HTTPError, ValueError):
+        return None
+    return any(r.get("name") == api.PLURAL for r in found.get("resources") or [])
+
+
+def wait_for_crd() -> bool:
+    """kopf finds the resources it watches once, as it starts (its watch of CRDs is off: it needs cluster-wide
+    rights). Started before the CRD was served (`helm install --skip-crds` and the CRD applied later, a GitOps sync
+    out of order), or by a restart after the CRD's deletion, the operator watched Jobs and pods and never a
+    FineTuneJob, for good, with /healthz answering and the Lease held. Waits up to CRD_WAIT_SECONDS for it; False
+    where the apiserver still says it is not served (the caller exits, and its restart looks again). An apiserver
+    that does not say is kopf's to retry."""
+    clients = Clients(connections=1, timeout=PROBE_TIMEOUT_SECONDS, retries=False)
+    deadline = time.monotonic() + CRD_WAIT_SECONDS
+    while (served := crd_served(clients)) is False and time.monotonic() < deadline:
+        time.sleep(1)
+    return served is not False
+
+
 READABLE_CHECK_SECONDS = 60.0
 
 
