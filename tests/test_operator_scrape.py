@@ -8,10 +8,11 @@ import socket
 import time
 from datetime import datetime
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from fault_servers import FaultServer, redirect, serving
+from fault_servers import OK, FaultServer, redirect, serving
 from finetune_operator.scrape import TIMEOUT_SECONDS, ScrapeError, parse, scrape
 from operator_fixture import free_port
 
@@ -235,6 +236,51 @@ def test_an_endpoint_that_hangs_is_read_less_often_once_stale_and_its_error_stan
         later[0] += poll * 8
         assert sample("hung").sample == {"step": 7.0} and sample("hung").sample == {"step": 7.0}
     assert not slow.slow
+
+
+def test_scrapes_take_half_the_handler_threads_at_most_and_a_tick_without_a_slot_reads_later(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """SlowScrapes holds back endpoints that fail slowly; one that answers just inside the time bound (a tenant's
+    trainer sleeping 0.95 s) was read every poll, and a few dozen held every handler thread: every other job's
+    reconcile queued behind them. With every slot taken a tick reads nothing, and says no error."""
+    import functools
+    import threading
+    from datetime import timezone
+
+    from finetune_operator import handlers
+    from finetune_operator.reconcile import Observed
+
+    def sample() -> Observed:
+        body = {"metadata": {"name": "j", "namespace": "ns", "uid": "u"}, "spec": {}, "status": {"attempts": 1}}
+        pods = [{"name": "j-1-0-x", "attempt": 1, "index": 0, "phase": "Running", "ip": "127.0.0.1"}]
+        seen = Observed(body, [], pods, datetime.now(timezone.utc).replace(tzinfo=None))
+        handlers._sample(seen, handlers.SlowScrapes(poll_seconds=2), "ns", "j")
+        return seen
+
+    port = free_port()
+    monkeypatch.setattr(handlers, "scrape", functools.partial(scrape, port=port))
+
+    def slowly(conn: Any, stop: threading.Event) -> None:
+        stop.wait(0.8)
+        conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s" % (len(OK), OK))
+
+    with FaultServer("127.0.0.1", port, slowly) as server:
+        ticks = [threading.Thread(target=sample) for _ in range(handlers.HANDLER_THREADS)]
+        for tick in ticks:
+            tick.start()
+        for tick in ticks:
+            tick.join()
+        assert server.connections == handlers.HANDLER_THREADS // 2
+    with FaultServer("127.0.0.1", port, "ok"):
+        taken = [handlers.SCRAPE_SLOTS.acquire(blocking=False) for _ in range(handlers.HANDLER_THREADS // 2)]
+        try:
+            assert all(taken)
+            seen = sample()
+            assert seen.sample is None and seen.scrape_error is None
+        finally:
+            for _ in taken:
+                handlers.SCRAPE_SLOTS.release()
+        assert sample().sample == {"step": 7.0}
 
 
 def test_reads_that_fail_once_rank_0_reported_done_are_no_poll_errors(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -196,6 +196,10 @@ def _sample(seen: reconcile.Observed, slow: SlowScrapes, ns: str, name: str) -> 
     if waiting := slow.waiting(key):  # its last error stands: MetricsStale is set, or comes when it is due
         seen.scrape_error = waiting
         return
+    # Every slot taken: read at a later tick, the last numbers standing (no error). Trainers that answer just inside
+    # the time bound are no failure SlowScrapes holds back, and a few dozen held every handler thread.
+    if not SCRAPE_SLOTS.acquire(blocking=False):
+        return
     started = time.monotonic()
     try:
         seen.sample = scrape(rank0["ip"], pod_uid=rank0.get("pod_uid"))
@@ -206,6 +210,12 @@ def _sample(seen: reconcile.Observed, slow: SlowScrapes, ns: str, name: str) -> 
         log.debug("%s/%s: metrics not read: %s", ns, name, exc)
         seen.scrape_error = (exc.reason, str(exc))
         slow.failed(key, started, seen.scrape_error)
+    finally:
+        SCRAPE_SLOTS.release()
+
+
+# Scrapes under way at once: half the handler threads, the other half for reconciles.
+SCRAPE_SLOTS = threading.BoundedSemaphore(HANDLER_THREADS // 2)
 
 
 SLOW_SCRAPE_MAX_POLLS = 16
