@@ -129,3 +129,34 @@ def test_a_new_leader_counts_its_renewal_deadline_from_the_write_that_took_the_l
         apiserver.odd = None
     low, high = exit_after
     assert exits and low < exits[0] - began < high, exits[0] - began
+
+
+class _HalfOpenOnce(_Apiserver):
+    """Answers every request but the `hung`th, which waits out its bound, as a read on a half-open connection does."""
+
+    def __init__(self, hung: int) -> None:
+        super().__init__()
+        self.hung, self.calls = hung, 0
+
+    def call(self, method: str, path: str, body: dict[str, Any] | None = None, **options: Any) -> bytes:
+        self.calls += 1
+        if self.calls == self.hung:
+            time.sleep(options["request_timeout"])
+            raise TimeoutError("read timed out")
+        return super().call(method, path, body)
+
+
+def test_one_renewal_on_a_half_open_connection_is_dropped_in_time_for_the_next(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each renewal request was bounded by the whole time left to the deadline: one sent on a half-open connection
+    (a control-plane node gone without a reset) waited it out, and the leader exited with the apiserver answering
+    every other request (scaled: retries every 0.2 s, a deadline of 1 s, a request's bound 0.25 s)."""
+    exits: list[int] = []
+    monkeypatch.setattr(leader, "os", SimpleNamespace(_exit=exits.append))
+    monkeypatch.setattr(logging, "shutdown", lambda: None)
+    monkeypatch.setattr(leader, "REQUEST_SECONDS", 0.25)
+    apiserver = _HalfOpenOnce(hung=3)  # the take's read and write, then the first renewal's read
+    lease = leader.Lease(apiserver, "ns", "ops", "a")  # type: ignore[arg-type]
+    assert lease.try_hold()
+    with leader.leading(lease, retry=0.2, deadline=1.0):
+        time.sleep(2.5)
+    assert apiserver.calls > 6 and not exits, (apiserver.calls, exits)

@@ -33,6 +33,9 @@ log = logging.getLogger("finetune_operator")
 LEASE_SECONDS = 15
 RENEW_DEADLINE_SECONDS = 10
 RETRY_SECONDS = 2
+# One request's bound within the renewal's deadline: a renewal sent on a half-open connection (an apiserver's node
+# gone without a reset) waited out the whole deadline, and the leader exited with the apiserver reachable.
+REQUEST_SECONDS = 3.0
 EXIT_LEASE_LOST = 1
 LEASES = "coordination.k8s.io"
 
@@ -101,7 +104,8 @@ class Lease:
         left = None if by is None else by - time.monotonic()
         if left is not None and left <= 0:
             raise TimeoutError("the renewal's deadline has passed")
-        return self.clients.call(method, path, body, request_timeout=left)
+        return self.clients.call(method, path, body,
+                                 request_timeout=REQUEST_SECONDS if left is None else min(left, REQUEST_SECONDS))
 
     def _spec(self, old: dict[str, Any], taken: bool) -> dict[str, Any]:
         now = _now()
