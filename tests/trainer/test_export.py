@@ -20,7 +20,7 @@ from finetune_trainer.export import export_model
 from finetune_trainer.models import load_model, load_tokenizer
 from finetune_trainer.rearrange import add_adapters, new_head
 
-from tiny import TINY_BERT, tiny_classifier_doc
+from tiny import TINY_BERT, TINY_GPT2, bpe_tokenizer, card_model, tiny_classifier_doc
 
 TOKENIZER = "pvc://models/all-MiniLM-L6-v2"
 
@@ -93,6 +93,40 @@ def test_adapters_kept_apart_name_model_uri_as_their_base_only_where_it_is(task:
     export_model(wrapped, tokenizer, {}, TrainerConfig.model_validate(doc), tmp_path / "out")
     base = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
     assert base == (str(export.local_path(TOKENIZER)) if named else None)
+
+
+def causal_apart(tmp_path: Path, uri: str, tokenizer: Path) -> tuple[Any, str]:
+    """A GPT-2 loaded from model.uri `uri` with LoRA on its MLPs, exported with its adapters apart into tmp_path/out:
+    the model as trained, and the export's card."""
+    doc = tiny_classifier_doc(tmp_path / "out")
+    doc["model"] = {"task": "causal-lm", "uri": uri, "tokenizerUri": f"file://{tokenizer}"}
+    doc["rearrange"] = {"lora": {"rank": 4}, "mergeOnExport": False}
+    cfg = TrainerConfig.model_validate(doc)
+    tok = load_tokenizer(cfg.model)
+    wrapped = add_adapters(load_model(cfg.model, tok, seed=0), LoraSpec(rank=4), ["c_fc"], None)
+    export_model(wrapped, tok, {}, cfg, tmp_path / "out")
+    report = {"evaluation": {"baseline": {}, "final": {"loss": 5.0}, "delta": {}}, "labels": {},
+              "training": {"train_samples": 1, "validation_samples": 1, "test_samples": 1, "steps": 1, "seconds": 1,
+                           "samples_per_second": 1.0}}
+    return wrapped, export.model_card(cfg, report, adapters_apart=True, written_in=export.written_dtype(wrapped, cfg))
+
+
+def saved_gpt2(folder: Path, dtype: torch.dtype = torch.float32, **config: Any) -> Path:
+    """A tiny GPT-2 saved with its weights in `dtype` (a published checkpoint's bf16: config.json says it too)."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    GPT2LMHeadModel(GPT2Config(vocab_size=400, **TINY_GPT2 | config)).to(dtype).save_pretrained(folder)
+    return folder
+
+
+def test_the_card_of_adapters_kept_apart_generates_with_the_stops_training_taught(tmp_path: Path) -> None:
+    """A causal LM stops where its training texts ended (models.stops_where_texts_end adds the tokenizer's eos to the
+    checkpoint's own, 399 here); with the adapters apart no generation_config.json was exported, and the card's model
+    read model.uri's, which stops at 399 alone, and generated on past the end of a text."""
+    base = saved_gpt2(tmp_path / "base", bos_token_id=399, eos_token_id=399)
+    trained, card = causal_apart(tmp_path, str(base), bpe_tokenizer(tmp_path / "tok"))
+    assert trained.generation_config.eos_token_id == [399, 0]
+    assert card_model(card, tmp_path / "out").generation_config.eos_token_id == [399, 0]
 
 
 def test_the_card_and_the_cli_show_a_small_change_as_one(tmp_path: Path) -> None:

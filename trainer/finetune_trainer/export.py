@@ -199,6 +199,10 @@ def export_model(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg
         model.save_pretrained(out / ADAPTER)
         if not base_as_published(model, cfg):
             unnamed_base(out / ADAPTER)
+        if cfg.model.task == Task.CAUSAL_LM and not writes_base(model, cfg):
+            # generate()'s stops as trained (models.stops_where_texts_end added the eos each text ended with), which
+            # the card's code puts on model.uri's base: its own generation config lacks that eos, and went on past it
+            model.generation_config.save_pretrained(out)
     if writes_base(model, cfg):  # with adapters, what they adapt: the adapters taken out (in place), not merged
         write_weights(model.unload() if adapters else model, cfg, out)
     if tokenizer is not None:
@@ -486,6 +490,9 @@ def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool, causal_
             args += f", revision={cfg.model.revision!r}" if cfg.model.revision and uri.startswith("hf://") else ""
             own: dict[str, str] = {}  # the config values the card sets itself, as code
             loading = ""
+            if task == Task.CAUSAL_LM:  # the stops training taught, which export_model wrote: not model.uri's alone
+                imports[-1] += ", GenerationConfig"
+                named = ["model.generation_config = GenerationConfig.from_pretrained('.')"]
             if task == Task.CAUSAL_LM and causal_switch:
                 # an encoder (BERT) trained causal (models.made_causal): its config.json says is_decoder false, and
                 # loaded so it attends both ways, under adapters trained with a causal mask
