@@ -19,10 +19,12 @@ from finetune_trainer.errors import Terminated
 from finetune_trainer.export import export_model
 from finetune_trainer.models import load_model, load_tokenizer
 from finetune_trainer.rearrange import add_adapters, new_head
+from finetune_trainer.uris import hub_parts
 
 from tiny import TINY_BERT, TINY_GPT2, bpe_tokenizer, card_model, tiny_classifier_doc
 
 TOKENIZER = "pvc://models/all-MiniLM-L6-v2"
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
 
 
 def test_the_exported_weights_are_as_readable_as_the_other_files(tmp_path: Path) -> None:
@@ -127,6 +129,36 @@ def test_the_card_of_adapters_kept_apart_generates_with_the_stops_training_taugh
     trained, card = causal_apart(tmp_path, str(base), bpe_tokenizer(tmp_path / "tok"))
     assert trained.generation_config.eos_token_id == [399, 0]
     assert card_model(card, tmp_path / "out").generation_config.eos_token_id == [399, 0]
+
+
+@pytest.mark.parametrize(("uri", "revision", "named"), [
+    ("hf://org/tiny-gpt2", None, ("org/tiny-gpt2", COMMIT)),  # the commit loaded, where model.revision names none
+    ("hf://org/tiny-gpt2", "v2", ("org/tiny-gpt2", COMMIT)),  # a branch moves: the commit it was at
+    ("hf://org/tiny-gpt2/small", None, (None, None)),  # peft loads a repo's root: another model, or none
+])
+def test_adapters_kept_apart_name_a_hub_base_by_its_repo_and_commit(uri: str, revision: str | None, named: tuple,
+                                                                    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                                                                    ) -> None:
+    """peft names the base by the model's own path: for an hf:// model.uri, the pod's hub cache snapshot, which loads
+    nowhere else, and no revision, so AutoPeftModel would load the repo's main of the day."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--org--tiny-gpt2"
+    saved_gpt2(repo / "snapshots" / COMMIT / hub_parts(uri)[1])
+    (repo / "refs").mkdir()
+    (repo / "refs" / (revision or "main")).write_text(COMMIT)
+    doc = tiny_classifier_doc(tmp_path / "out")
+    doc["model"] = {"task": "causal-lm", "uri": uri, "revision": revision,
+                    "tokenizerUri": f"file://{bpe_tokenizer(tmp_path / 'tok')}"}
+    doc["rearrange"] = {"lora": {"rank": 4}, "mergeOnExport": False}
+    cfg = TrainerConfig.model_validate(doc)
+    tokenizer = load_tokenizer(cfg.model)
+    wrapped = add_adapters(load_model(cfg.model, tokenizer, seed=0), LoraSpec(rank=4), ["c_fc"], None)
+    export_model(wrapped, tokenizer, {}, cfg, tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
+    assert (config["base_model_name_or_path"], config["revision"]) == named
 
 
 def test_the_card_and_the_cli_show_a_small_change_as_one(tmp_path: Path) -> None:

@@ -197,8 +197,7 @@ def export_model(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg
     adapters = hasattr(model, "peft_config")  # kept apart: not merged on request, or the merge check failed
     if adapters:
         model.save_pretrained(out / ADAPTER)
-        if not base_as_published(model, cfg):
-            unnamed_base(out / ADAPTER)
+        named_base(out / ADAPTER, *adapters_base(model, cfg))
         if cfg.model.task == Task.CAUSAL_LM and not writes_base(model, cfg):
             # generate()'s stops as trained (models.stops_where_texts_end added the eos each text ended with), which
             # the card's code puts on model.uri's base: its own generation config lacks that eos, and went on past it
@@ -314,13 +313,31 @@ def base_as_published(model: nn.Module, cfg: TrainerConfig) -> bool:
     return not (base_is_new(cfg) or changed or causal)
 
 
-def unnamed_base(adapter: Path) -> None:
-    """Take model.uri's path out of the adapters' config where it is not their base: peft's AutoPeftModel loads the
-    base it names, and loaded the unpruned model (or the bidirectional, or the 6-layer one) under them without a
-    word. With none named, it fails; the card's code builds the base they were trained on. peft's save_pretrained
-    names the model's own path where the config has none, so the file is rewritten after it."""
+def adapters_base(model: nn.Module, cfg: TrainerConfig) -> tuple[str | None, str | None]:
+    """The base and revision the adapters' config names, which peft's AutoPeftModel loads under them. None where
+    model.uri as published is not their base (`base_as_published`): with none named it fails, and the card's code
+    builds the base they were trained on. An hf:// repo by its id and the commit loaded: peft named the model's own
+    path, the pod's hub cache snapshot, which loads nowhere else, and no revision (the repo's main of the day). None
+    for a folder in a repo, which peft cannot name (it loads the repo's root). Else the path the card loads too (a
+    claim's as mounted in the pod), which fails where it is not rather than load another model."""
+    if not base_as_published(model, cfg):
+        return None, None
+    uri = str(cfg.model.uri)
+    if not uri.startswith("hf://"):
+        return base_uri(uri), None
+    repo, folder = hub_parts(uri)
+    if folder:
+        return None, None
+    loaded = Path(getattr(model.get_base_model(), "name_or_path", "") or "")  # fetch's snapshots/<commit>
+    return repo, loaded.name if loaded.parent.name == "snapshots" else cfg.model.revision
+
+
+def named_base(adapter: Path, base: str | None, revision: str | None) -> None:
+    """Name `base` at `revision` in the adapters' config (`adapters_base`). peft's save_pretrained names the model's
+    own path where the config has none, so the file is rewritten after it."""
     path = adapter / "adapter_config.json"
-    path.write_text(json.dumps(json.loads(path.read_text()) | {"base_model_name_or_path": None}, indent=2))
+    named = {"base_model_name_or_path": base, "revision": revision}
+    path.write_text(json.dumps(json.loads(path.read_text()) | named, indent=2))
 
 
 def loss_curve(history: list[dict[str, float]], evals: list[dict[str, Any]], path: Path) -> None:
