@@ -131,6 +131,14 @@ def test_the_card_of_adapters_kept_apart_generates_with_the_stops_training_taugh
     assert card_model(card, tmp_path / "out").generation_config.eos_token_id == [399, 0]
 
 
+def test_the_card_of_adapters_kept_apart_loads_the_base_in_fp32_as_it_was_scored(tmp_path: Path) -> None:
+    """A bf16 base under adapters kept apart: nothing is written in 16 bits, so the card had no word on the dtype, and
+    its from_pretrained(model.uri) loaded the base in bf16, where the scores it shows were the fp32 model's."""
+    base = saved_gpt2(tmp_path / "base", torch.bfloat16)
+    _, card = causal_apart(tmp_path, str(base), bpe_tokenizer(tmp_path / "tok"))
+    assert card_model(card, tmp_path / "out").dtype == torch.float32
+
+
 @pytest.mark.parametrize(("uri", "revision", "named"), [
     ("hf://org/tiny-gpt2", None, ("org/tiny-gpt2", COMMIT)),  # the commit loaded, where model.revision names none
     ("hf://org/tiny-gpt2", "v2", ("org/tiny-gpt2", COMMIT)),  # a branch moves: the commit it was at

@@ -533,10 +533,14 @@ def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool, causal_
                              + "".join(f", {k}={v}" for k, v in own.items()) + ")")
                 own = {"config": "config"}
             args += "".join(f", {k}={v}" for k, v in own.items()) + loading
+            # at fp32, as the job loaded it (models.load_model) under the adapters it trained and scored: a 16-bit
+            # checkpoint loads in its own dtype otherwise
+            args += ", dtype=torch.float32"
         if task == Task.CAUSAL_LM:
             imports = [f"{imports[0]}, AutoTokenizer"]
             setup = ["tokenizer = AutoTokenizer.from_pretrained('.')", *setup]
-        code = [*imports, "", *setup, f"model = {auto}.from_pretrained({args})", *named]
+        code = [*(["import torch"] if from_uri else []), *imports, "", *setup, f"model = {auto}.from_pretrained({args})",
+                *named]
     if adapters_apart:
         code.insert(code.index(""), "from peft import PeftModel")
         code.append('model = PeftModel.from_pretrained(model, "adapter")  # the adapters, kept apart')
