@@ -97,6 +97,19 @@ def test_adapters_kept_apart_name_model_uri_as_their_base_only_where_it_is(task:
     assert base == (str(export.local_path(TOKENIZER)) if named else None)
 
 
+def bos_tokenizer(folder: Path) -> Path:
+    """`bpe_tokenizer` that starts each text with a bos token of its own, as Llama's does: an empty prompt is [bos]."""
+    from tokenizers import processors
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(bpe_tokenizer(folder))
+    tokenizer.add_special_tokens({"bos_token": "<s>"})
+    tokenizer._tokenizer.post_processor = processors.TemplateProcessing(
+        single="<s> $A", special_tokens=[("<s>", tokenizer.bos_token_id)])
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
 def causal_apart(tmp_path: Path, uri: str, tokenizer: Path) -> tuple[Any, str]:
     """A GPT-2 loaded from model.uri `uri` with LoRA on its MLPs, exported with its adapters apart into tmp_path/out:
     the model as trained, and the export's card."""
@@ -137,6 +150,15 @@ def test_the_card_of_adapters_kept_apart_loads_the_base_in_fp32_as_it_was_scored
     base = saved_gpt2(tmp_path / "base", torch.bfloat16)
     _, card = causal_apart(tmp_path, str(base), bpe_tokenizer(tmp_path / "tok"))
     assert card_model(card, tmp_path / "out").dtype == torch.float32
+
+
+def test_the_cards_generate_takes_an_empty_prompt_of_a_tokenizer_that_adds_bos(tmp_path: Path) -> None:
+    """generate() stripped a prompt's last token where it was any special token, for the [SEP] a BERT tokenizer ends
+    each text with: a Llama-style tokenizer's empty prompt is [bos], stripped to nothing, and generate failed."""
+    _, card = causal_apart(tmp_path, str(saved_gpt2(tmp_path / "base")), bos_tokenizer(tmp_path / "tok"))
+    generate = card_model(card, tmp_path / "out", "generate")
+    assert isinstance(generate("", max_new_tokens=2), str)
+    assert generate("a fine", max_new_tokens=2).startswith("a fine")
 
 
 @pytest.mark.parametrize(("uri", "revision", "named"), [

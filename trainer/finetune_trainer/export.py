@@ -544,11 +544,13 @@ def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool, causal_
     if adapters_apart:
         code.insert(code.index(""), "from peft import PeftModel")
         code.append('model = PeftModel.from_pretrained(model, "adapter")  # the adapters, kept apart')
-    if task == Task.CAUSAL_LM:  # each text trained on ended with the tokenizer's last special token, if it adds one
+    if task == Task.CAUSAL_LM:  # each text trained on ended with the eos, or the [SEP] a BERT tokenizer adds
+        # Only that end is taken off a prompt, and never its only token: any special token was, and a Llama
+        # tokenizer's empty prompt, its bos alone, went to nothing, which generate() cannot start from.
         code += ["", "def generate(prompt, max_new_tokens=20):",
                  "    ids = tokenizer(prompt, return_tensors='pt').input_ids",
-                 "    if ids[0, -1].item() in tokenizer.all_special_ids:  # a text's end (BERT's [SEP]): a prompt goes on",
-                 "        ids = ids[:, :-1]",
+                 "    if ids.shape[1] > 1 and ids[0, -1].item() in (tokenizer.eos_token_id, tokenizer.sep_token_id):",
+                 "        ids = ids[:, :-1]  # a text's end (BERT's [SEP]): a prompt goes on",
                  "    out = model.generate(input_ids=ids, attention_mask=ids.new_ones(ids.shape), "
                  "max_new_tokens=max_new_tokens)",
                  "    return tokenizer.decode(out[0], skip_special_tokens=True)"]
