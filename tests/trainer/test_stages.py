@@ -2040,3 +2040,16 @@ def test_a_read_the_volume_failed_is_infrastructure_however_a_loader_wrapped_it(
     monkeypatch.setattr(AutoTokenizer, "from_pretrained", flaky)
     with pytest.raises(OSError, match="Input/output error"):
         load_tokenizer(ModelSpec(task="sequence-classification", uri="pvc://models/all-MiniLM-L6-v2"))
+
+
+def test_the_head_of_a_model_that_registers_its_classifier_before_its_base_is_the_classifier() -> None:
+    """XLM-R and CamemBERT register `classifier` before `roberta`: the last Linear was the top encoder layer's
+    output.dense, which new_head replaced with a 3-way layer, and the forward failed on its shape."""
+    from transformers import XLMRobertaConfig, XLMRobertaForSequenceClassification
+
+    task = Task.SEQUENCE_CLASSIFICATION
+    model = XLMRobertaForSequenceClassification(XLMRobertaConfig(vocab_size=100, **TINY_BERT))
+    assert head_name(model, task) == "classifier.out_proj"
+    new_head(model, head_name(model, task), 3, {0: "neg", 1: "neu", 2: "pos"}, False)
+    ids = torch.randint(3, 100, (2, 8))
+    assert model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.shape == (2, 3)

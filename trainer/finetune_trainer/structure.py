@@ -68,15 +68,22 @@ def output_embedding_names(model: nn.Module) -> set[str]:
 
 
 def head_name(model: nn.Module, task: Task) -> str | None:
-    """The classifier's output layer: the last Linear, as in every transformers and torchvision classifier."""
+    """The classifier's output layer: the last Linear outside the transformers base model (`base_model_prefix`),
+    as in every transformers and torchvision classifier. Not the last Linear of all: XLM-R and CamemBERT register
+    their classifier before their base model, whose top layer's output.dense came last."""
     if task == Task.CAUSAL_LM:
         return None
     if task == Task.OBJECT_DETECTION:
         from finetune_trainer.detection.models import head_prefix
 
         return "net." + head_prefix(model.net)
-    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
-    return linears[-1] if linears else None
+    modules = dict(model.named_modules())
+    bases = {f"{name}.{prefix}" if name else prefix for name, m in modules.items()
+             if (prefix := getattr(m, "base_model_prefix", "")) and isinstance(prefix, str)}
+    bases &= modules.keys()  # a wrapper (peft's) answers its model's prefix without holding a module by that name
+    linears = [name for name, m in modules.items() if isinstance(m, nn.Linear)]
+    outside = [name for name in linears if not any(name == b or name.startswith(b + ".") for b in bases)]
+    return (outside or linears or [None])[-1]
 
 
 def unread_layers(model: nn.Module) -> set[str]:
