@@ -2053,3 +2053,28 @@ def test_the_head_of_a_model_that_registers_its_classifier_before_its_base_is_th
     new_head(model, head_name(model, task), 3, {0: "neg", 1: "neu", 2: "pos"}, False)
     ids = torch.randint(3, 100, (2, 8))
     assert model(input_ids=ids, attention_mask=torch.ones_like(ids)).logits.shape == (2, 3)
+
+
+def test_a_kept_head_wider_than_the_datasets_labels_gives_each_label_the_id_its_name_has() -> None:
+    """A head of negative, neutral, positive kept (numLabels 3) for data of negative and positive: head_order gave up
+    on the sizes, so positive trained as id 1, the head's neutral, and the export renamed the head's outputs
+    negative, positive, LABEL_2. Each label takes its name's id; the unused output keeps its own name."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from finetune_trainer.data import LabelledData, in_head_order
+    from finetune_trainer.pipeline import trained_head_order
+
+    head = {0: "negative", 1: "neutral", 2: "positive"}
+    model = BertForSequenceClassification(BertConfig(vocab_size=100, **TINY_BERT, id2label=head,
+                                                     label2id={v: k for k, v in head.items()}))
+    ours = {0: "negative", 1: "positive"}
+    order = trained_head_order(model, ours, 3, reinitialize=False)
+    assert order == [0, 2]
+    data = in_head_order(LabelledData(Split(["a", "b"], [0, 1]), Split(["c"], [1]), Split(["d"], [0]), ours), order)
+    assert data.train.labels == [0, 2] and data.id2label == {0: "negative", 2: "positive"}
+    assert not new_head(model, "classifier", 3, data.id2label, reinitialize=False)
+    assert model.config.id2label == head
+    other = {0: "bad", 1: "good"}  # names the head does not have: the head is kept, named by the data
+    assert trained_head_order(model, other, 3, reinitialize=False) is None
+    new_head(model, "classifier", 3, other, reinitialize=False)
+    assert model.config.id2label == {0: "bad", 1: "good", 2: "LABEL_2"}

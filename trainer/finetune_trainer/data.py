@@ -1436,12 +1436,13 @@ def input_key(item: Any) -> Hashable:
 def head_order(id2label: dict[int, str], head_labels: dict[int, str]) -> list[int] | None:
     """The head's id of each dataset label id, where a trained head names the same labels (matched_labels: in any
     case, POSITIVE is positive) in another order, so that it keeps what it learned (transformers' run_glue maps them
-    so too); None where the names differ or the order is the same."""
+    so too); None where the names differ or the order is the same. A head wider than the labels (numLabels above
+    them) that names each of them gives each its id too, its other outputs left unused."""
     matched = matched_labels(id2label, head_labels)
-    if len(matched) != len(id2label) or len(head_labels) != len(id2label):
+    if len(matched) != len(id2label) or len(head_labels) < len(id2label):
         return None
     order = [matched[i] for i in id2label]
-    return None if order == sorted(order) else order
+    return None if order == list(id2label) else order
 
 
 def matched_labels(ours: dict[int, str], theirs: dict[int, str]) -> dict[int, int]:

@@ -706,13 +706,13 @@ def pruning_message(pruning: dict[str, Any]) -> dict[str, Any]:
 def trained_head_order(model: nn.Module, id2label: dict[int, str], num_labels: int,
                        reinitialize: bool) -> list[int] | None:
     """`head_order` for a classifier or detector whose head stays as it was trained (its size fits, no reinitialize
-    asked), where it names the dataset's labels in another order."""
+    asked), where it names the dataset's labels in another order or among others."""
     head, size = head_labels(model)
     if not id2label or not head or reinitialize or size != num_labels:
         return None
     if (order := head_order(id2label, head)) is not None:
-        log.info("the model's head names the dataset's labels in another order (%s); they take its ids",
-                 ", ".join(head[i] for i in sorted(head)))
+        log.info("the model's head names the dataset's labels in another order, or among others (%s); they take "
+                 "its ids", ", ".join(head[i] for i in sorted(head)))
     return order
 
 

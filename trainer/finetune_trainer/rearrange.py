@@ -29,15 +29,20 @@ MERGE_CHUNK = 1 << 20  # elements of a merged weight measured at a time
 def new_head(model: nn.Module, head: str, num_labels: int, id2label: dict[int, str], reinitialize: bool) -> bool:
     """Put a fresh Linear of `num_labels` outputs in place of the head when its size differs (or when asked)."""
     old = model.get_submodule(head)
+    kept = old.out_features == num_labels and not reinitialize
     config = getattr(model, "config", None)
     if config is not None:  # transformers models export their labels through the config
+        # A kept head that names every label at its id (data.head_order gave them its ids) keeps its own names for
+        # the outputs no label uses (neutral, for data of negative and positive only); other outputs are LABEL_i.
+        names = {int(i): str(name) for i, name in (config.id2label or {}).items()}
+        spare = names if kept and all(names.get(i, "").lower() == name.lower() for i, name in id2label.items()) else {}
         config.num_labels = num_labels
-        config.id2label = {i: id2label.get(i, f"LABEL_{i}") for i in range(num_labels)}
+        config.id2label = {i: id2label.get(i, spare.get(i, f"LABEL_{i}")) for i in range(num_labels)}
         config.label2id = {v: k for k, v in config.id2label.items()}
         # What it trains: one label of a softmax. A base saved multi-label (or for regression) exported so, and
         # transformers' pipeline scored the classes with sigmoids, its loss refused the labels.
         config.problem_type = "single_label_classification"
-    if old.out_features == num_labels and not reinitialize:
+    if kept:
         return False
     fresh = nn.Linear(old.in_features, num_labels, bias=old.bias is not None)
     nn.init.normal_(fresh.weight, std=HEAD_INIT_STD)
