@@ -171,6 +171,26 @@ def test_the_trainer_runs_the_one_job_of_a_file_that_holds_its_claims_too(tmp_pa
         TrainerConfig.from_file(path)
 
 
+def test_the_trainer_refuses_a_misspelt_spec_field_of_a_job_and_skips_only_the_operators_own() -> None:
+    """`finetune-trainer run job.yaml` kept the spec's keys that TrainerConfig knows: a misspelt section (adjsut,
+    trainig) was dropped without a word, and the job trained without its freeze or its epochs. Only the operator's
+    own fields are skipped, listed in the trainer (its image has no operator) as FineTuneJobSpec has them."""
+    from finetune_operator.api import FineTuneJobSpec
+    from finetune_trainer.config import OPERATOR_SPEC_FIELDS
+
+    def wire(model: type) -> set[str]:
+        return {f.alias or name for name, f in model.model_fields.items()}
+
+    assert OPERATOR_SPEC_FIELDS == wire(FineTuneJobSpec) - wire(TrainerConfig)
+    doc = yaml.safe_load((EXAMPLES[0].parent / "minilm-sentiment.yaml").read_text())
+    doc["spec"] |= {"suspend": False, "backoffLimit": 2, "activeDeadlineSeconds": 60, "ttlSecondsAfterFinished": 60,
+                    "managedBy": "example.com/x", "pod": {}}
+    assert TrainerConfig.from_document(doc).output.uri.startswith("pvc://")
+    doc["spec"]["adjsut"] = doc["spec"].pop("adjust")
+    with pytest.raises(ValueError, match=r"adjsut\n  Extra inputs are not permitted"):
+        TrainerConfig.from_document(doc)
+
+
 def test_validate_reports_odd_documents_and_skips_other_kinds(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """Each document gets a verdict and none a traceback; a claim beside the job is kubectl's to create, not ours to judge."""
     from finetune_operator.__main__ import main

@@ -748,7 +748,7 @@ class TrainerConfig(ApiModel):
             spec = doc.get("spec") or {}
             if not isinstance(spec, dict):
                 raise ValueError(f"the FineTuneJob's spec is a mapping, not {type(spec).__name__}")
-            return cls.from_wire({k: v for k, v in spec.items() if k in _WIRE_FIELDS})
+            return cls.from_wire({k: v for k, v in spec.items() if k not in OPERATOR_SPEC_FIELDS})
         return cls.from_wire(doc)
 
     @classmethod
@@ -761,7 +761,11 @@ class TrainerConfig(ApiModel):
         return cls.from_document(jobs[0] if jobs else (docs or [None])[0])
 
 
-_WIRE_FIELDS = {f.alias or name for name, f in TrainerConfig.model_fields.items()}
+# The FineTuneJob spec's fields beyond the trainer's (finetune_operator.api.FineTuneJobSpec's runtime and lifecycle):
+# the operator's business, skipped where the trainer runs a manifest; any other key is refused, as a misspelling
+# (adjsut) is. Listed here, as the trainer's image has no operator package; tests/test_api.py checks them.
+OPERATOR_SPEC_FIELDS = frozenset({"runtime", "pod", "suspend", "backoffLimit", "activeDeadlineSeconds",
+                                  "ttlSecondsAfterFinished", "managedBy"})
 
 
 # go-yaml v2's plain scalars (its resolve.go), which kubectl's YAML-to-JSON (sigs.k8s.io/yaml) reads into JSON.
