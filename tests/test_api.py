@@ -155,6 +155,21 @@ def test_validate_reads_yaml_as_kubectl_does(tmp_path: Path, capsys: pytest.Capt
     assert "spec.dataset.labelField: Input should be a valid string" in capsys.readouterr().err
 
 
+def test_a_repeated_key_is_refused_naming_it_and_its_lines(tmp_path: Path) -> None:
+    """PyYAML kept a repeated key's last value: a second adjust: block dropped the first's freeze without a word.
+    kubectl refuses it ("mapping key already defined"), and so does the trainer; a merge key's keys may be overridden."""
+    from finetune_trainer.config import KubectlLoader
+
+    path = tmp_path / "job.yaml"
+    path.write_text("model: {task: sequence-classification, uri: pvc://models/m}\ndataset: {uri: pvc://data/s.csv}\n"
+                    "adjust:\n  freeze: {strategy: all-but-head}\noutput: {uri: /tmp/o}\nadjust:\n  learningRate: 1e-4\n")
+    with pytest.raises(yaml.YAMLError, match=r"(?s)the key 'adjust' again \(first on line 3\).*line 6"):
+        TrainerConfig.from_file(path)
+    with pytest.raises(yaml.YAMLError, match="the key 'a' again"):
+        yaml.load("x: {a: 1, b: 2, a: 3}", Loader=KubectlLoader)
+    assert yaml.load("base: &b {a: 1, b: 2}\nx:\n  <<: *b\n  a: 3\n", Loader=KubectlLoader)["x"] == {"a": 3, "b": 2}
+
+
 def test_the_trainer_runs_the_one_job_of_a_file_that_holds_its_claims_too(tmp_path: Path) -> None:
     """`kubectl apply -f job.yaml` takes a job with its claims in one file; `finetune-trainer run job.yaml` refused
     it with PyYAML's "expected a single document in the stream"."""

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Hashable
 from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -808,6 +809,23 @@ class KubectlLoader(yaml.SafeLoader):
         if kind is yaml.ScalarNode and implicit[0] and value != "<<":  # "<<" stays a merge key
             return _GO_PLAIN
         return super().resolve(kind, value, implicit)
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        """Refuse a repeated key, as kubectl does ("mapping key already defined"): PyYAML kept the last, and a
+        second adjust: block dropped the first's freeze without a word. A merge key's (<<) keys may be overridden."""
+        first: dict[tuple[type, Any], yaml.Node] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # refused by the construction below
+            if (typed := (type(key), key)) in first:  # 1 and true are two keys to Go
+                raise yaml.constructor.ConstructorError(
+                    "while constructing a mapping", node.start_mark, f"found the key {key!r} again (first on line "
+                    f"{first[typed].start_mark.line + 1})", key_node.start_mark)
+            first[typed] = key_node
+        return super().construct_mapping(node, deep)
 
 
 _GO_PLAIN = "tag:finetune.dev,2024:go-yaml-plain"
