@@ -2078,3 +2078,27 @@ def test_a_kept_head_wider_than_the_datasets_labels_gives_each_label_the_id_its_
     assert trained_head_order(model, other, 3, reinitialize=False) is None
     new_head(model, "classifier", 3, other, reinitialize=False)
     assert model.config.id2label == {0: "bad", 1: "good", 2: "LABEL_2"}
+
+
+def test_what_counts_layers_is_refused_on_an_encoder_decoder() -> None:
+    """BART's and T5's stack was their encoder's layers: every decoder layer sat above it, so layer-wise decay gave
+    each the full rate and bottom-layers never froze one. Both are refused naming the field, as for XLM's parallel
+    lists; a job that counts no layers trains everything at its rate."""
+    from transformers import BartConfig, BartForSequenceClassification, T5Config, T5ForSequenceClassification
+
+    task = Task.SEQUENCE_CLASSIFICATION
+    bart = BartForSequenceClassification(BartConfig(vocab_size=100, d_model=16, encoder_layers=2, decoder_layers=2,
+                                                    encoder_attention_heads=2, decoder_attention_heads=2,
+                                                    encoder_ffn_dim=32, decoder_ffn_dim=32, num_labels=3))
+    t5 = T5ForSequenceClassification(T5Config(vocab_size=100, d_model=16, d_ff=32, d_kv=8, num_layers=2, num_heads=2,
+                                              num_labels=3))
+    for model in (bart, t5):
+        layers, head = depth(model, task), head_name(model, task)
+        refused = rf"{type(model).__name__} is an encoder-decoder"
+        with pytest.raises(ConfigError, match=rf"^adjust.freeze \(strategy bottom-layers\): {refused}"):
+            freeze(model, FreezeSpec(strategy="bottom-layers", count=1), layers, head)
+        assert all(p.requires_grad for p in model.parameters())
+        with pytest.raises(ConfigError, match=rf"^adjust.layerwiseDecay 0.5: {refused}"):
+            param_groups(model, AdjustSpec(learningRate=1e-3, layerwiseDecay=0.5), layers, head)
+        groups = param_groups(model, AdjustSpec(learningRate=1e-3), layers, head)
+        assert {g["lr"] for g in groups} == {1e-3}

@@ -159,6 +159,12 @@ def depth(model: nn.Module, task: Task, batch: Batch | None = None, dtype: torch
     registered in put OPT's final norm, registered before its layers, below them, and DeBERTa's relative
     embeddings above: it holds only without a batch, or for a parameter the forward never reads (below where
     listed before the first layer's)."""
+    if task != Task.OBJECT_DETECTION and getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        # Refused rather than chained: the encoder's layers were the stack, every decoder layer above it (the full
+        # rate, never frozen). Chained, the encoder's final norm and the decoder's embeddings would count as below
+        # the stack by when they are read, and each decoder layer reads the encoder's top: no one order of depth.
+        return Depth([], set(), f"{type(model).__name__} is an encoder-decoder: its encoder's and decoder's layers "
+                                "are two stacks, not one whose layers can be counted from the bottom")
     try:
         units = layer_units(model, task)
     except SplitLayers as exc:  # refused only by what counts layers (Depth.counted): a whole fine-tune needs none
