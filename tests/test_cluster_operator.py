@@ -207,15 +207,19 @@ def test_pods_the_job_controller_cannot_create_are_not_a_silent_pending(operator
     assert "no-such-account" in message and stuck["status"]["phase"] == "Pending"
 
 
+def quota(env: OperatorEnv, name: str, hard: dict[str, str]) -> None:
+    """A ResourceQuota in the test's namespace, once its controller has counted it (admission enforces it then)."""
+    env.kube.apply({"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": name}, "spec": {"hard": hard}},
+                   env.namespace)
+    env.kube.wait_for("the quota counted", lambda: (env.kube.get("resourcequota", name, env.namespace)
+                                                    or {}).get("status", {}).get("hard"), env.namespace)
+
+
 def test_a_quota_that_refuses_the_attempt_is_waited_for_not_failed(operator_env: OperatorEnv) -> None:
     """A ResourceQuota refuses the attempt's ConfigMap (403, exceeded quota): the job waits, and says why (Created
     False with the apiserver's message, a Warning Event), and its attempt is made once the namespace has room."""
     env = operator_env
-    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "no-configmaps"},
-             "spec": {"hard": {"count/configmaps": "0"}}}
-    env.kube.apply(quota, env.namespace)
-    env.kube.wait_for("the quota counted", lambda: (env.kube.get("resourcequota", "no-configmaps", env.namespace)
-                                                    or {}).get("status", {}).get("hard"), env.namespace)
+    quota(env, "no-configmaps", {"count/configmaps": "0"})
     name = env.apply(example("minilm-sentiment", runtime={"resources": {"limits": {"nvidia.com/gpu": 99}}}))
 
     def created(obj: dict[str, Any]) -> dict[str, Any]:
@@ -234,11 +238,7 @@ def test_an_earlier_attempt_s_config_map_and_service_make_room_for_the_next(oper
     """Kept until the job's deletion, every attempt's ConfigMap and Service counted against the namespace's quota: a
     job of two processes per worker, resumed in a namespace that allows one Service, waited for quota for ever."""
     env = operator_env
-    quota = {"apiVersion": "v1", "kind": "ResourceQuota", "metadata": {"name": "one-service"},
-             "spec": {"hard": {"services": "1"}}}
-    env.kube.apply(quota, env.namespace)
-    env.kube.wait_for("the quota counted", lambda: (env.kube.get("resourcequota", "one-service", env.namespace)
-                                                    or {}).get("status", {}).get("hard"), env.namespace)
+    quota(env, "one-service", {"services": "1"})
     name = env.apply(example("minilm-sentiment", runtime={"resources": {"limits": {"nvidia.com/gpu": 99}},
                                                          "processesPerWorker": 2}))
     env.wait_ftj(name, lambda o: conditions(o).get("Created") == ("True", "AttemptCreated"), "attempt 1", timeout=60)

@@ -583,16 +583,8 @@ def test_what_counts_layers_is_refused_on_a_model_whose_layers_parts_sit_in_para
 
     task = Task.SEQUENCE_CLASSIFICATION
     model = XLMForSequenceClassification(XLMConfig(vocab_size=100, emb_dim=32, n_layers=2, n_heads=2, num_labels=2))
-    layers, head = depth(model, task), head_name(model, task)
-    parts = r"XLMForSequenceClassification keeps each layer's parts in parallel lists \(transformer.attentions, "
-    with pytest.raises(ConfigError, match=rf"^adjust.freeze \(strategy bottom-layers\): {parts}"):
-        freeze(model, FreezeSpec(strategy="bottom-layers", count=1), layers, head)
-    assert all(p.requires_grad for p in model.parameters())
-    with pytest.raises(ConfigError, match=rf"^adjust.layerwiseDecay 0.5: {parts}"):
-        param_groups(model, AdjustSpec(learningRate=1e-3, layerwiseDecay=0.5), layers, head)
-    groups = param_groups(model, AdjustSpec(learningRate=1e-3), layers, head)
-    assert {g["lr"] for g in groups} == {1e-3}
-    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
+    assert_counting_layers_refused(
+        model, task, r"XLMForSequenceClassification keeps each layer's parts in parallel lists \(transformer.attentions, ")
     bart = BartForSequenceClassification(BartConfig(vocab_size=100, d_model=32, encoder_layers=2, decoder_layers=2,
                                                     encoder_attention_heads=2, decoder_attention_heads=2,
                                                     encoder_ffn_dim=32, decoder_ffn_dim=32))
@@ -2093,12 +2085,18 @@ def test_what_counts_layers_is_refused_on_an_encoder_decoder() -> None:
     t5 = T5ForSequenceClassification(T5Config(vocab_size=100, d_model=16, d_ff=32, d_kv=8, num_layers=2, num_heads=2,
                                               num_labels=3))
     for model in (bart, t5):
-        layers, head = depth(model, task), head_name(model, task)
-        refused = rf"{type(model).__name__} is an encoder-decoder"
-        with pytest.raises(ConfigError, match=rf"^adjust.freeze \(strategy bottom-layers\): {refused}"):
-            freeze(model, FreezeSpec(strategy="bottom-layers", count=1), layers, head)
-        assert all(p.requires_grad for p in model.parameters())
-        with pytest.raises(ConfigError, match=rf"^adjust.layerwiseDecay 0.5: {refused}"):
-            param_groups(model, AdjustSpec(learningRate=1e-3, layerwiseDecay=0.5), layers, head)
-        groups = param_groups(model, AdjustSpec(learningRate=1e-3), layers, head)
-        assert {g["lr"] for g in groups} == {1e-3}
+        assert_counting_layers_refused(model, task, rf"{type(model).__name__} is an encoder-decoder")
+
+
+def assert_counting_layers_refused(model: nn.Module, task: Task, why: str) -> None:
+    """bottom-layers and a layer-wise decay are refused naming their field and `why`; a job that counts no layers
+    trains every parameter at its rate."""
+    layers, head = depth(model, task), head_name(model, task)
+    with pytest.raises(ConfigError, match=rf"^adjust.freeze \(strategy bottom-layers\): {why}"):
+        freeze(model, FreezeSpec(strategy="bottom-layers", count=1), layers, head)
+    assert all(p.requires_grad for p in model.parameters())
+    with pytest.raises(ConfigError, match=rf"^adjust.layerwiseDecay 0.5: {why}"):
+        param_groups(model, AdjustSpec(learningRate=1e-3, layerwiseDecay=0.5), layers, head)
+    groups = param_groups(model, AdjustSpec(learningRate=1e-3), layers, head)
+    assert {g["lr"] for g in groups} == {1e-3}
+    assert sum(len(g["params"]) for g in groups) == len(list(model.parameters()))
