@@ -457,6 +457,8 @@ def test_analyze_finds_broken_tied_and_gradless_weights() -> None:
     codes = {f.code: f.severity for f in report.findings}
     assert codes["NonFiniteWeights"] == "fatal" and codes["TiedWeights"] == "info" and codes["NoGradient"] == "warning"
     assert ["transformer.wte.weight", "lm_head.weight"] in report.tied_weights
+    # the tied weight counted once: the rows by type add up to the model's parameters
+    assert sum(t["parameters"] for t in report.layer_types.values()) == sum(p.numel() for p in model.parameters())
     assert "transformer.unused.weight" in report.no_grad_parameters
     assert "lm_head" not in report.lora_candidates  # the output embeddings
     with pytest.raises(FatalFinding, match="c_fc.weight has 1 NaN/Inf"):

@@ -128,9 +128,14 @@ def module_counts(params: dict[str, nn.Parameter]) -> list[ModuleCount]:
 
 
 def layer_types(model: nn.Module) -> dict[str, dict[str, int]]:
+    """Modules by type, with the parameters they hold: a tied weight (GPT-2's lm_head, its wte) under its first
+    holder only, so that the rows add up to the model's parameters, not above them."""
     counts: dict[str, dict[str, int]] = defaultdict(lambda: {"count": 0, "parameters": 0})
+    counted: set[int] = set()
     for module in model.modules():
-        own = sum(p.numel() for p in module.parameters(recurse=False))
+        held = [p for p in module.parameters(recurse=False) if id(p) not in counted]
+        counted.update(id(p) for p in held)
+        own = sum(p.numel() for p in held)
         if own or not any(True for _ in module.children()):
             entry = counts[type(module).__name__]
             entry["count"] += 1
