@@ -247,8 +247,10 @@ def test_an_earlier_attempt_s_config_map_and_service_make_room_for_the_next(oper
     env.kube.kubectl(*patch, '{"spec":{"suspend":true}}')
     env.wait_phase(name, "Suspended", timeout=60)
     env.kube.kubectl(*patch, '{"spec":{"suspend":false}}')
-    env.wait_ftj(name, lambda o: o.get("status", {}).get("attempts") == 2 and conditions(o).get("Created") == (
-        "True", "AttemptCreated"), "attempt 2 made", timeout=120)
+    # Made once the quota counts the Service deleted: the first try may be refused (ExceededQuota), the next 30 s on.
+    # By its children: Created stays attempt 1's True until attempt 2's are made.
+    env.wait_ftj(name, lambda o: o.get("status", {}).get("children", {}).get("job") == f"{name}-2" and conditions(
+        o).get("Created") == ("True", "AttemptCreated"), "attempt 2 made", timeout=120)
     for kind in ("configmaps", "services"):
         assert [o["metadata"]["name"] for o in env.objects(kind, name)] == [f"{name}-2"], kind
 
