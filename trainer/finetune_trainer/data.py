@@ -686,9 +686,9 @@ def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
                 raise
             raise ValueError(f"{file.name} {where}") from exc
     sep = csv_separator(text, format_suffix(file))
-    # the header as pandas reads it: the first line that is not blank
-    header = next((line for line in text.splitlines() if line.strip()), "")
-    return with_repeats_renamed(read_delimited(text, file.name, sep), line_fields(header, sep))
+    # the header as pandas reads it: the first line that is not blank (found, not the whole text split in lines)
+    header = re.search(r"^[^\S\r\n]*\S[^\r\n]*", text, re.M)
+    return with_repeats_renamed(read_delimited(text, file.name, sep), line_fields(header[0] if header else "", sep))
 
 
 def with_repeats_renamed(table: pd.DataFrame, header: list[str]) -> pd.DataFrame:

@@ -198,7 +198,7 @@ def export_model(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg
     if adapters:
         model.save_pretrained(out / ADAPTER)
         named_base(out / ADAPTER, *adapters_base(model, cfg))
-        if cfg.model.task == Task.CAUSAL_LM and not writes_base(model, cfg):
+        if cfg.model.task == Task.CAUSAL_LM and not base_is_new(cfg):  # the card loads model.uri's (from_uri)
             # generate()'s stops as trained (models.stops_where_texts_end added the eos each text ended with), which
             # the card's code puts on model.uri's base: its own generation config lacks that eos, and went on past it
             model.generation_config.save_pretrained(out)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from finetune_trainer.config import LoraSpec, LoraVariant
+from finetune_trainer.data import matched_labels
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.export import kept_in_fp32
 from finetune_trainer.models import logits_of
@@ -35,7 +36,7 @@ def new_head(model: nn.Module, head: str, num_labels: int, id2label: dict[int, s
         # A kept head that names every label at its id (data.head_order gave them its ids) keeps its own names for
         # the outputs no label uses (neutral, for data of negative and positive only); other outputs are LABEL_i.
         names = {int(i): str(name) for i, name in (config.id2label or {}).items()}
-        spare = names if kept and all(names.get(i, "").lower() == name.lower() for i, name in id2label.items()) else {}
+        spare = names if kept and matched_labels(id2label, names) == {i: i for i in id2label} else {}
         config.num_labels = num_labels
         config.id2label = {i: id2label.get(i, spare.get(i, f"LABEL_{i}")) for i in range(num_labels)}
         config.label2id = {v: k for k, v in config.id2label.items()}
