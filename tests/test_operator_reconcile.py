@@ -2082,6 +2082,43 @@ def test_a_preemption_restarts_only_the_preempted_attempts_share_of_the_deadline
     assert after(late, status)["reason"] == "DeadlineExceeded" and late.delete_job == "ft-2"
 
 
+def test_a_job_deleted_by_hand_leaves_its_wait_in_the_queue_uncounted() -> None:
+    """`kubectl delete job` of an attempt that Kueue had held two hours: its times went with it, and the tick that saw
+    it gone counted the whole wait against activeDeadlineSeconds 3600 and failed the job DeadlineExceeded, 10 min after
+    it had started to run. status.queue keeps them: the next attempt comes, its clock moved on by the wait."""
+    hour = {"activeDeadlineSeconds": 3600}
+    status = {"attempts": 1, "startTime": "2026-12-01T10:00:00Z", "children": {"job": "ft-1"}}
+    admitted = job(created="2026-12-01T10:00:00Z", started="2026-12-01T12:00:00Z")
+    status = after(decide(Observed(body(status, **hour), [admitted], [pod()], NOW + timedelta(minutes=9))), status)
+    assert status["phase"] == "Running" and status["queue"] == {
+        "attempt": 1, "since": "2026-12-01T10:00:00Z", "admitted": "2026-12-01T12:00:00Z"}
+    gone = decide(Observed(body(status, **hour), [], [], NOW + timedelta(minutes=10), listed=True))
+    status = after(gone, status)
+    assert status["phase"] == "Pending" and conditions(status)["Restarting"] == ("True", "JobDeleted")
+    assert status["attempts"] == 2 and status["startTime"] == "2026-12-01T12:00:00Z"  # 10 min run, 50 left
+    # Attempt 2, unqueued, runs on to the hour's end counted from its admission
+    second = job(2, created="2026-12-01T12:10:05Z", started="2026-12-01T12:10:05Z")
+    running = after(decide(Observed(body(status, **hour), [second], [pod(2)], NOW + timedelta(minutes=59))), status)
+    assert running["phase"] == "Running" and running["queue"]["attempt"] == 2
+    late = decide(Observed(body(running, **hour), [second], [pod(2)], NOW + timedelta(minutes=60)))
+    assert after(late, running)["reason"] == "DeadlineExceeded"
+
+
+def test_a_job_deleted_by_hand_while_its_queue_holds_it_carries_the_wait_to_the_next_attempt() -> None:
+    """Deleted while Kueue still held it (suspended, never admitted): the wait up to the tick that sees it gone is
+    the queue's, not the job's."""
+    hour = {"activeDeadlineSeconds": 3600}
+    status = {"attempts": 1, "startTime": "2026-12-01T11:00:00Z", "children": {"job": "ft-1"}}
+    queued = job(active=0, suspended=True, created="2026-12-01T11:00:00Z")
+    status = after(decide(Observed(body(status, **hour), [queued], [], NOW + timedelta(minutes=30))), status)
+    assert status["reason"] == "Queued" and "admitted" not in status["queue"]
+    gone = after(decide(Observed(body(status, **hour), [], [], NOW + timedelta(minutes=40), listed=True)), status)
+    assert gone["phase"] == "Pending" and gone["attempts"] == 2
+    assert gone["startTime"] == "2026-12-01T12:40:00Z"  # nothing of the hour spent
+    # A record of the attempt before is not the new attempt's: its own Job, once seen, says its wait
+    assert reconcile._queue_wait(None, 2, gone) is None
+
+
 def test_the_ttl_deletes_a_finished_job_only_when_it_has_passed() -> None:
     done = {"conditions": [{"type": "Succeeded", "status": "True", "reason": "Completed", "message": "",
                             "lastTransitionTime": "2026-12-01T11:59:00Z"}], "completionTime": "2026-12-01T11:59:30Z"}

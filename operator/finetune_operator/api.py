@@ -412,6 +412,16 @@ class WorkerCounts(ApiModel):
     failed: int = Field(0, ge=0, description="Pods that failed.")
 
 
+class QueueWait(ApiModel):
+    """The current attempt's Job's times in its queue (Kueue), as the Job last said them."""
+
+    attempt: int = Field(ge=1, description="The attempt whose Job this is.")
+    since: Timestamp = Field(description="When the Job was made: its queue holds it from then.")
+    admitted: Timestamp | None = Field(
+        None, description="When its queue admitted it (the Job's startTime, set again after a preemption); absent "
+        "while it waits.")
+
+
 class OutputLocation(ApiModel):
     """Where the exported model is."""
 
@@ -447,6 +457,9 @@ class FineTuneJobStatus(ApiModel):
         None, description="When the job started, as a Job's: reset when it is resumed; moved on, at each next "
         "attempt, by the time the attempt before waited for its queue (Kueue) to admit it. activeDeadlineSeconds "
         "counts from it, less the current attempt's wait.")
+    queue: QueueWait | None = Field(
+        None, description="The current attempt's wait in its queue, which activeDeadlineSeconds does not count: kept "
+        "here because a Job deleted by hand takes its times along.")
     completion_time: Timestamp | None = Field(None, description="When the job succeeded or failed.")
     observed_generation: int | None = Field(None, ge=0, description="The spec generation the status reflects.")
     ignored_change: str | None = Field(

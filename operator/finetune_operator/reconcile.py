@@ -183,6 +183,7 @@ def decide(seen: Observed) -> Decision | None:
     _stop_outlived(decision, seen.pods)
     finished = conds.true(T.SUCCEEDED) or conds.true(T.FAILED)
     attempt, job = current_job(old, seen.jobs)
+    wait = _queue_wait(job, attempt, old)
     # A disrupted pod deleted long ago but still Running is on a lost node, whose kubelet cannot report it stopped:
     # the attempt ends with it as a disruption, and its Job, which waits for that report, is deleted (below).
     pods = [p for p in seen.pods if p["attempt"] == attempt]
@@ -233,6 +234,7 @@ def decide(seen: Observed) -> Decision | None:
     workers = spec.workers
     if job:
         status["children"] = _children(job["name"], spec)
+        status["queue"] = wait
         status["retryAfter"] = None  # started (a status write lost after its create left the back-off said)
         status["workers"] = {k: job[k] for k in ("active", "ready", "succeeded", "failed")}
         # Made, whatever the status says: a status patch lost after the creation (the operator killed in between)
@@ -244,7 +246,7 @@ def decide(seen: Observed) -> Decision | None:
         result = outcome.attempt_outcome(job, pods, seen.job_warning, seen.pod_warning, _gated(pods, now))
         _observe(result, conds, status, old, spec, seen, attempt, fail)
         if status["attempts"] > attempt:
-            _carry_clock(status, old, job, now)
+            _carry_clock(status, old, wait, now)
         # An end seen late (the operator was down, or rolled by an upgrade) is the Job's: the TTL counts from it, and
         # the job's duration is its own, not the outage's.
         if "completionTime" in status and job and job.get("ended"):
@@ -306,7 +308,7 @@ def decide(seen: Observed) -> Decision | None:
     # later (the operator down), or now (a status write lost, or an earlier operator's, which cleared it in the queue).
     if job and not old.get("startTime"):
         status["startTime"] = job.get("started") or timestamp(now)
-    start = _clock(status.get("startTime", old.get("startTime")), job, now)
+    start = _clock(status.get("startTime", old.get("startTime")), wait, now)
     deadline = spec.active_deadline_seconds
     if deadline and start and now >= start + timedelta(seconds=deadline):
         fail("DeadlineExceeded", f"the job was active longer than activeDeadlineSeconds ({deadline} s)")
@@ -330,7 +332,7 @@ def decide(seen: Observed) -> Decision | None:
             seen.listed and job is None and _made(old, meta["name"], attempt)):
         _next_attempt(conds, status, attempt, "JobDeleted",
                       f"the Job {children.child_name(meta['name'], attempt)} was deleted")
-        _carry_clock(status, old, job, now)
+        _carry_clock(status, old, wait, now)
         return _finish(decision, old, conds)
 
     # backoffLimit lowered below the failures (to stop a job that keeps failing), while a retry waits or runs: as a
@@ -409,26 +411,38 @@ def decide(seen: Observed) -> Decision | None:
     return observe()
 
 
-def _clock(started: str | None, job: dict[str, Any] | None, now: datetime) -> datetime | None:
+def _queue_wait(job: dict[str, Any] | None, attempt: int, old: dict[str, Any]) -> dict[str, Any] | None:
+    """The current attempt's times in its queue (Kueue): its Job's, else as the status kept them (status.queue). A Job
+    deleted by hand (`kubectl delete job`, or orphaning its pods) took them along: the same tick counted the attempt's
+    whole wait against activeDeadlineSeconds, and could fail the job DeadlineExceeded for time it spent queued."""
+    if job and job.get("created"):
+        return {"attempt": attempt, "since": job["created"],
+                "admitted": None if job.get("suspended") else job.get("started")}
+    kept = old.get("queue")
+    return kept if kept and kept.get("attempt") == attempt else None
+
+
+def _clock(started: str | None, wait: dict[str, Any] | None, now: datetime) -> datetime | None:
     """When activeDeadlineSeconds' clock started: status.startTime, moved on by the time the attempt's Job waited for
-    its queue (Kueue) to admit it (suspended from its creation by Kueue's webhook), to now while it waits: the clock
-    pauses in the queue, and neither counts that wait nor forgets the time the earlier attempts ran. Not from before
-    the clock's start (a resume restarts it). A preemption restarts the attempt's own share of the clock: Kueue's
-    admission sets the Job's startTime again (as it restarts a Job's activeDeadlineSeconds), and the run it cut short
-    is work lost to the queue, not the job; the earlier attempts' time stays counted."""
+    its queue (Kueue) to admit it (suspended from its creation by Kueue's webhook), to now while it waits (or once it
+    is gone unadmitted): the clock pauses in the queue, and neither counts that wait nor forgets the time the earlier
+    attempts ran. Not from before the clock's start (a resume restarts it). A preemption restarts the attempt's own
+    share of the clock: Kueue's admission sets the Job's startTime again (as it restarts a Job's
+    activeDeadlineSeconds), and the run it cut short is work lost to the queue, not the job; the earlier attempts'
+    time stays counted."""
     start = _parse_time(started)
-    created = _parse_time(job.get("created")) if job else None
-    if start is None or created is None:
+    since = _parse_time(wait["since"]) if wait else None
+    if start is None or since is None:
         return start
-    admitted = now if job.get("suspended") else _parse_time(job.get("started")) or now
-    return start + max(admitted - max(created, start), timedelta(0))
+    admitted = _parse_time(wait.get("admitted")) or now
+    return start + max(admitted - max(since, start), timedelta(0))
 
 
-def _carry_clock(status: dict[str, Any], old: dict[str, Any], job: dict[str, Any] | None, now: datetime) -> None:
+def _carry_clock(status: dict[str, Any], old: dict[str, Any], wait: dict[str, Any] | None, now: datetime) -> None:
     """The job moves on to its next attempt: status.startTime moves on by this attempt's wait in its queue. Written
     with the new attempt number, so that no later tick moves it twice (the next attempt's Job is the one read then):
     moved at admission instead, a tick could not tell whether it had been."""
-    if start := _clock(old.get("startTime"), job, now):
+    if start := _clock(old.get("startTime"), wait, now):
         status["startTime"] = timestamp(start)
 
 
