@@ -99,6 +99,7 @@ def test_one_worker_runs_the_trainer_directly() -> None:
     assert env["FINETUNE_POD_UID"]["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.uid"  # who answers there
     assert env["OMP_NUM_THREADS"]["value"] == "2"  # the CPU limit
     assert env["FINETUNE_GPUS"]["value"] == "0"  # a CPU job
+    assert env["NVIDIA_VISIBLE_DEVICES"]["value"] == "void"  # not the node's GPUs, which the image's "all" would give
     assert container["terminationMessagePolicy"] == "FallbackToLogsOnError"
     assert container["ports"][0] == {"name": "metrics", "containerPort": 9090}
 
@@ -237,6 +238,7 @@ def test_runtime_and_placement_pass_through() -> None:
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "2"  # quantities travel as strings
     assert {"name": "OMP_NUM_THREADS", "value": "4"} in container["env"]  # 8 CPUs over 2 processes
     assert {"name": "FINETUNE_GPUS", "value": "2"} in container["env"]  # the trainer fails where CUDA sees none
+    assert "NVIDIA_VISIBLE_DEVICES" not in {e["name"] for e in container["env"]}  # the device plugin's to set
     assert {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hub", "key": "token"}}} in container["env"]
     assert "--nproc-per-node=2" in container["command"]
     assert {"name": "scratch", "mountPath": "/scratch", "readOnly": False} in container["volumeMounts"]

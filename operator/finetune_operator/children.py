@@ -156,6 +156,10 @@ def _env(spec: api.FineTuneJobSpec, resources: core.ResourceRequirements) -> lis
         {"name": "FINETUNE_GPUS", "value": str(gpus(resources))},
         {"name": "HF_HOME", "value": HF_HOME},
     ]
+    if not gpus(resources):  # NVIDIA's runtime gives a container that asks for no GPU every GPU of its node where the
+        # image says NVIDIA_VISIBLE_DEVICES=all (CUDA's images do): a CPU worker trained on GPUs given to other pods.
+        # "void": the runtime adds nothing, as runc.
+        ours.append({"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"})
     if rendezvous(spec):  # torchrun's --shutdown-timeout, as its environment gives it: an older torchrun without
         # the setting (in a user's image) ignores it and keeps its 30 s, where the flag stopped every run
         ours.append({"name": "PET_SHUTDOWN_TIMEOUT", "value": str(shutdown_timeout(spec))})
