@@ -192,14 +192,17 @@ def test_the_pod_monitor_scrapes_at_least_once_a_minute(interval: str, taken: bo
 @pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
 def test_the_pod_monitor_scrapes_rank_0_alone_of_a_two_worker_job(tmp_path: Path) -> None:
     """Only rank 0 serves /metrics, yet every worker pod has the `metrics` port: the PodMonitor made a target of
-    each, and rank 1's was down all the time (kube-prometheus-stack's TargetDown fired for every multi-worker job)."""
+    each, and rank 1's was down all the time (kube-prometheus-stack's TargetDown fired for every multi-worker job). A
+    pending pod (its image being pulled) has its IP, and was a target down too."""
     out = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"), "--set",
                           "podMonitor.enabled=true", "--show-only", "templates/podmonitor.yaml"],
                          check=True, capture_output=True, text=True).stdout
     monitor = yaml.safe_load(out)
     with _rank0() as port:
         targets = tmp_path / "targets.json"
-        targets.write_text(json.dumps([pod_target(port, 0), pod_target(free_port(), 1)]))
+        pulling = pod_target(free_port(), 0, job="pulling")  # its image being pulled, its IP given
+        pulling["labels"]["__meta_kubernetes_pod_phase"] = "Pending"
+        targets.write_text(json.dumps([pod_target(port, 0), pod_target(free_port(), 1), pulling]))
         prometheus = prometheus_server.start(tmp_path / "prometheus",
                                              [prometheus_server.file_pod_monitor_config(monitor, targets)], free_port())
         try:
@@ -292,6 +295,30 @@ def test_a_job_that_stopped_running_has_no_eta(tmp_path: Path) -> None:
     try:
         assert shown(500) == [pytest.approx(1000, rel=0.05)]  # 670 steps left at 2 steps every 3 s
         assert shown(3000) == []
+    finally:
+        prometheus.stop()
+
+
+@pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
+def test_the_eta_is_the_steps_left_over_the_trainers_steps_per_second(tmp_path: Path) -> None:
+    """Job `v` makes 10 steps/s for 20 s, then validates for 60 s, over and over: 2.5 steps/s in all, which the
+    trainer's steps/s says (status.progress.etaSeconds' rate). The step's slope over the window swung the stat from
+    half to more than twice the time left, or to nothing, with the validations."""
+    t0 = int(time.time()) - 3600
+    labels = 'namespace="a",finetunejob="v",attempt="1",pod="v-1-0-x"'
+    lines = []
+    for metric, value in (("step", lambda t: (t // 80) * 200 + min(t % 80, 20) * 10), ("total_steps", lambda t: 100000),
+                          ("steps_per_second", lambda t: 2.5)):
+        lines += [f"# TYPE finetune_trainer_{metric} gauge"]
+        lines += [f"finetune_trainer_{metric}{{{labels}}} {value(t)} {t0 + t}" for t in range(0, 1200, 15)]
+    prometheus_server.backfill(tmp_path, "\n".join(lines) + "\n# EOF\n")
+    prometheus = prometheus_server.start(tmp_path, [], free_port())
+    expr = dashboard_exprs()["ETA"][0].replace("$namespace", "a").replace("$job", "v").replace("$__rate_interval", "1m")
+    try:
+        for t in range(400, 1200, 30):
+            step = (t // 80) * 200 + min(t % 80, 20) * 10
+            shown = [float(s["values"][-1][1]) for s in prometheus.query_range(expr, t0 + t, t0 + t, 15)]
+            assert shown == [pytest.approx((100000 - step) / 2.5, rel=0.01)], t
     finally:
         prometheus.stop()
 
@@ -1056,6 +1083,9 @@ def test_time_to_running_shows_the_quantiles_of_the_jobs_started_in_the_range(tm
         lines += [f"finetune_operator_time_to_running_seconds_bucket{{{labels}}} "
                   f"{sum(1 for at, wait in waits.items() if at <= t and wait <= float(le))} {t}"
                   for t in range(t0, t0 + 3000, 15)]
+    lines += ["# TYPE finetune_operator_time_to_running_seconds_count gauge"]
+    lines += [f'finetune_operator_time_to_running_seconds_count{{job="finetune-operator",namespace="ops",pod="fto-a"}} '
+              f"{sum(1 for at in waits if at <= t)} {t}" for t in range(t0, t0 + 3000, 15)]
     prometheus_server.backfill(tmp_path, "\n".join(lines) + "\n# EOF\n")
     prometheus = prometheus_server.start(tmp_path, [], free_port())
     panel = next(p for p in json.loads(dashboard.render())["panels"] if p["title"] == "Time from creation to Running")
@@ -1073,6 +1103,8 @@ def test_time_to_running_shows_the_quantiles_of_the_jobs_started_in_the_range(tm
     try:
         # p50 in the 30-60 s bucket (its top, the second of four), p95 in 600-7200 s (linear in the bucket)
         assert shown(0, 2985) == {"p50": pytest.approx(60), "p95": pytest.approx(600 + 6600 * 0.8)}
+        # No job started in the range (a quiet cluster's 3 h): nothing, where the stat showed "NaN"
+        assert shown(0, 285) == {} and shown(2400, 2985) == {}
     finally:
         prometheus.stop()
 
@@ -1092,17 +1124,20 @@ def test_the_readmes_plain_prometheus_config_scrapes_the_trainers_as_often_as_th
 
 
 @pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
-def test_the_readmes_plain_prometheus_config_scrapes_no_finished_pod(tmp_path: Path) -> None:
+def test_the_readmes_plain_prometheus_config_scrapes_no_finished_or_pending_pod(tmp_path: Path) -> None:
     """A finished job keeps its pods (Succeeded, their IPs still in their status) until it is deleted: with the
-    README's config each was a target down for ever, and its IP, once another pod's, scraped under its job's name.
+    README's config each was a target down for ever, and its IP, once another pod's, scraped under its job's name. A
+    pending pod pulling its image has its IP, and was a target down too.
     The trainers are found by their label, without the prometheus.io annotations: with them, the prometheus-community
     chart's kubernetes-pods job scraped each trainer again, without the dashboard's labels."""
     with _rank0() as port:
         running = pod_target(port, 0)
         done = pod_target(free_port(), 0, job="done")
         done["labels"]["__meta_kubernetes_pod_phase"] = "Succeeded"
+        pulling = pod_target(free_port(), 0, job="pulling")  # its image being pulled, its IP given
+        pulling["labels"]["__meta_kubernetes_pod_phase"] = "Pending"
         targets = tmp_path / "targets.json"
-        targets.write_text(json.dumps([running, done]))
+        targets.write_text(json.dumps([running, done, pulling]))
         config = prometheus_server.from_file(readme_scrape_configs()["finetune-trainer"] | {"scrape_interval": "1s"},
                                              targets)
         prometheus = prometheus_server.start(tmp_path / "prometheus", [config], free_port())

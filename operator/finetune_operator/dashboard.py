@@ -57,8 +57,9 @@ def single(title: str, unit: str, *queries: Dataquery, width: int = 4) -> stat.P
 
 def quantile(q: float, histogram: str, function: str, window: str) -> str:
     """The `q` quantile of the operator's `histogram`'s observations counted by `function` (rate, increase) over
-    `window`."""
-    return f"histogram_quantile({q}, sum by (le) ({function}({histogram}_bucket{{{OPERATOR}}}[{window}])))"
+    `window`; none without observations (the quantile of empty buckets is NaN, which a stat showed as a value)."""
+    return (f"histogram_quantile({q}, sum by (le) ({function}({histogram}_bucket{{{OPERATOR}}}[{window}])))"
+            f" and on () sum({function}({histogram}_count{{{OPERATOR}}}[{window}])) > 0")
 
 
 def fleet() -> list[Panel]:
@@ -102,12 +103,16 @@ def one_job() -> list[Panel]:
         # labels), and a stat showed one value per attempt, the failed one's beside the current one's.
         single("Progress", "percentunit", query(f"{one('finetune_trainer_step')} / {one('finetune_trainer_total_steps')}",
                                                 "progress"), width=4),
-        # Steps left over the recent step rate; the step count is a gauge, hence deriv() rather than rate(). No
-        # value while no step is made (baseline, evaluation, a stall), where the division gave +Inf. At the range's
-        # end only: over the range, the stat's last non-null value was the ETA of a job that had failed since.
+        # Steps left over the trainer's steps/s, status.progress.etaSeconds' rate: it counts the time validations
+        # and checkpoints take. The step's slope over $__rate_interval swung from half to two and a half times the
+        # time left, or nothing, with the validations; it stays for a trainer image without the gauge (deriv(): the
+        # step count is a gauge). No value while no step is made (a stall), where the division gave +Inf. At the
+        # range's end only: over the range, the stat's last non-null value was the ETA of a job that had failed since.
         single("ETA", "s", query(
             f"({one('finetune_trainer_total_steps')} - {one('finetune_trainer_step')})"
-            f" / ({one('finetune_trainer_step', 'deriv', '$__rate_interval')} > 0)", "ETA", instant=True), width=4),
+            f" / (({one('finetune_trainer_steps_per_second')} > 0) or ("
+            f"{one('finetune_trainer_step', 'deriv', '$__rate_interval')} > 0 unless "
+            f"{one('finetune_trainer_steps_per_second')}))", "ETA", instant=True), width=4),
         statetimeline.Panel().title("Stage").datasource(DATASOURCE).span(8).height(8)
         .with_target(query(f"max by (stage) (finetune_trainer_stage{{{JOB}}}) == 1", "{{stage}}")),
         series("GPU memory (peak, rank 0)", "bytes", query(f"finetune_trainer_gpu_memory_bytes{{{JOB}}}", "GPU memory"),
