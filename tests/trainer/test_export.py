@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import signal
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -152,10 +153,12 @@ def test_the_card_of_adapters_kept_apart_loads_the_base_in_fp32_as_it_was_scored
     assert card_model(card, tmp_path / "out").dtype == torch.float32
 
 
-def test_the_cards_generate_takes_an_empty_prompt_of_a_tokenizer_that_adds_bos(tmp_path: Path) -> None:
+@pytest.mark.parametrize("tokenizer", [bos_tokenizer, bpe_tokenizer], ids=["adds-bos", "adds-nothing"])
+def test_the_cards_generate_takes_an_empty_prompt(tokenizer: Callable[[Path], Path], tmp_path: Path) -> None:
     """generate() stripped a prompt's last token where it was any special token, for the [SEP] a BERT tokenizer ends
-    each text with: a Llama-style tokenizer's empty prompt is [bos], stripped to nothing, and generate failed."""
-    _, card = causal_apart(tmp_path, str(saved_gpt2(tmp_path / "base")), bos_tokenizer(tmp_path / "tok"))
+    each text with: a Llama-style tokenizer's empty prompt is [bos], stripped to nothing, and generate failed. A
+    GPT-2-style tokenizer adds nothing: its empty prompt is nothing already."""
+    _, card = causal_apart(tmp_path, str(saved_gpt2(tmp_path / "base")), tokenizer(tmp_path / "tok"))
     generate = card_model(card, tmp_path / "out", "generate")
     assert isinstance(generate("", max_new_tokens=2), str)
     assert generate("a fine", max_new_tokens=2).startswith("a fine")

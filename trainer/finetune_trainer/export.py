@@ -546,11 +546,16 @@ def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool, causal_
         code.append('model = PeftModel.from_pretrained(model, "adapter")  # the adapters, kept apart')
     if task == Task.CAUSAL_LM:  # each text trained on ended with the eos, or the [SEP] a BERT tokenizer adds
         # Only that end is taken off a prompt, and never its only token: any special token was, and a Llama
-        # tokenizer's empty prompt, its bos alone, went to nothing, which generate() cannot start from.
+        # tokenizer's empty prompt, its bos alone, went to nothing, which generate() cannot start from. A GPT-2
+        # tokenizer adds no bos: its empty prompt is nothing already, and starts from the token each text followed.
         code += ["", "def generate(prompt, max_new_tokens=20):",
                  "    ids = tokenizer(prompt, return_tensors='pt').input_ids",
                  "    if ids.shape[1] > 1 and ids[0, -1].item() in (tokenizer.eos_token_id, tokenizer.sep_token_id):",
                  "        ids = ids[:, :-1]  # a text's end (BERT's [SEP]): a prompt goes on",
+                 "    if ids.shape[1] == 0:  # an empty prompt, no bos added (GPT-2's): start as a text does, after one",
+                 "        start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else "
+                 "tokenizer.eos_token_id",
+                 "        ids = ids.new_tensor([[start]])",
                  "    out = model.generate(input_ids=ids, attention_mask=ids.new_ones(ids.shape), "
                  "max_new_tokens=max_new_tokens)",
                  "    return tokenizer.decode(out[0], skip_special_tokens=True)"]
