@@ -26,6 +26,7 @@ from tiny import TINY_BERT, TINY_GPT2, bpe_tokenizer, card_model, tiny_classifie
 
 TOKENIZER = "pvc://models/all-MiniLM-L6-v2"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
+LATER = "89abcdef0123456789abcdef0123456789abcdef"  # a commit pushed after it
 
 
 def test_the_exported_weights_are_as_readable_as_the_other_files(tmp_path: Path) -> None:
@@ -111,11 +112,11 @@ def bos_tokenizer(folder: Path) -> Path:
     return folder
 
 
-def causal_apart(tmp_path: Path, uri: str, tokenizer: Path) -> tuple[Any, str]:
-    """A GPT-2 loaded from model.uri `uri` with LoRA on its MLPs, exported with its adapters apart into tmp_path/out:
-    the model as trained, and the export's card."""
+def causal_apart(tmp_path: Path, uri: str, tokenizer: Path, revision: str | None = None) -> tuple[Any, str]:
+    """A GPT-2 loaded from model.uri `uri` (at model.revision `revision`) with LoRA on its MLPs, exported with its
+    adapters apart into tmp_path/out: the model as trained, and the export's card."""
     doc = tiny_classifier_doc(tmp_path / "out")
-    doc["model"] = {"task": "causal-lm", "uri": uri, "tokenizerUri": f"file://{tokenizer}"}
+    doc["model"] = {"task": "causal-lm", "uri": uri, "revision": revision, "tokenizerUri": f"file://{tokenizer}"}
     doc["rearrange"] = {"lora": {"rank": 4}, "mergeOnExport": False}
     cfg = TrainerConfig.model_validate(doc)
     tok = load_tokenizer(cfg.model)
@@ -124,7 +125,8 @@ def causal_apart(tmp_path: Path, uri: str, tokenizer: Path) -> tuple[Any, str]:
     report = {"evaluation": {"baseline": {}, "final": {"loss": 5.0}, "delta": {}}, "labels": {},
               "training": {"train_samples": 1, "validation_samples": 1, "test_samples": 1, "steps": 1, "seconds": 1,
                            "samples_per_second": 1.0}}
-    return wrapped, export.model_card(cfg, report, adapters_apart=True, written_in=export.written_dtype(wrapped, cfg))
+    return wrapped, export.model_card(cfg, report, adapters_apart=True, written_in=export.written_dtype(wrapped, cfg),
+                                      revision=export.loaded_revision(wrapped, cfg))
 
 
 def saved_gpt2(folder: Path, dtype: torch.dtype = torch.float32, **config: Any) -> Path:
@@ -173,25 +175,23 @@ def test_adapters_kept_apart_name_a_hub_base_by_its_repo_and_commit(uri: str, re
                                                                     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
                                                                     ) -> None:
     """peft names the base by the model's own path: for an hf:// model.uri, the pod's hub cache snapshot, which loads
-    nowhere else, and no revision, so AutoPeftModel would load the repo's main of the day."""
+    nowhere else, and no revision, so AutoPeftModel would load the repo's main of the day. The card's code loaded
+    model.revision, none or a branch, which moved on after the job: the commit loaded is pinned there too."""
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     repo = tmp_path / "hub" / "models--org--tiny-gpt2"
-    saved_gpt2(repo / "snapshots" / COMMIT / hub_parts(uri)[1])
+    for commit in (COMMIT, LATER):
+        saved_gpt2(repo / "snapshots" / commit / hub_parts(uri)[1], snapshot=commit)
     (repo / "refs").mkdir()
-    (repo / "refs" / (revision or "main")).write_text(COMMIT)
-    doc = tiny_classifier_doc(tmp_path / "out")
-    doc["model"] = {"task": "causal-lm", "uri": uri, "revision": revision,
-                    "tokenizerUri": f"file://{bpe_tokenizer(tmp_path / 'tok')}"}
-    doc["rearrange"] = {"lora": {"rank": 4}, "mergeOnExport": False}
-    cfg = TrainerConfig.model_validate(doc)
-    tokenizer = load_tokenizer(cfg.model)
-    wrapped = add_adapters(load_model(cfg.model, tokenizer, seed=0), LoraSpec(rank=4), ["c_fc"], None)
-    export_model(wrapped, tokenizer, {}, cfg, tmp_path / "out")
+    ref = repo / "refs" / (revision or "main")
+    ref.write_text(COMMIT)
+    _, card = causal_apart(tmp_path, uri, bpe_tokenizer(tmp_path / "tok"), revision)
+    ref.write_text(LATER)  # the branch, after the job
     config = json.loads((tmp_path / "out" / "adapter" / "adapter_config.json").read_text())
     assert (config["base_model_name_or_path"], config["revision"]) == named
+    assert card_model(card, tmp_path / "out").get_base_model().config.snapshot == COMMIT
 
 
 def test_the_card_and_the_cli_show_a_small_change_as_one(tmp_path: Path) -> None:

@@ -326,10 +326,21 @@ def adapters_base(model: nn.Module, cfg: TrainerConfig) -> tuple[str | None, str
     if not uri.startswith("hf://"):
         return base_uri(uri), None
     repo, folder = hub_parts(uri)
-    if folder:
-        return None, None
-    loaded = Path(getattr(model.get_base_model(), "name_or_path", "") or "")  # fetch's snapshots/<commit>
-    return repo, loaded.name if loaded.parent.name == "snapshots" else cfg.model.revision
+    return (None, None) if folder else (repo, loaded_revision(model, cfg))
+
+
+def loaded_revision(model: nn.Module, cfg: TrainerConfig) -> str | None:
+    """The revision of an hf:// model.uri that the adapters' config and the card's code name: the commit the job
+    loaded (fetch's snapshots/<commit>, the base's path, or its folder's), as a branch (main, where model.revision
+    names none) moves on; model.revision where the path is no snapshot. None for another model.uri."""
+    uri = str(cfg.model.uri)
+    if not uri.startswith("hf://"):
+        return None
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    snapshot = Path(getattr(base, "name_or_path", "") or "")
+    for _ in Path(hub_parts(uri)[1]).parts:  # up from the repo's folder to its root
+        snapshot = snapshot.parent
+    return snapshot.name if snapshot.parent.name == "snapshots" else cfg.model.revision
 
 
 def named_base(adapter: Path, base: str | None, revision: str | None) -> None:
@@ -365,9 +376,10 @@ def loss_curve(history: list[dict[str, float]], evals: list[dict[str, Any]], pat
 
 
 def model_card(cfg: TrainerConfig, report: dict[str, Any], adapters_apart: bool = False,
-               causal_switch: bool = False, written_in: torch.dtype | None = None) -> str:
+               causal_switch: bool = False, written_in: torch.dtype | None = None, revision: str | None = None) -> str:
     """The export's README; `causal_switch`: the model's config has `is_decoder` (models.has_causal_switch);
-    `written_in`: the 16-bit dtype of the weights written (`written_dtype`)."""
+    `written_in`: the 16-bit dtype of the weights written (`written_dtype`); `revision`: the commit of model.uri the
+    job loaded (`loaded_revision`), which adapters kept apart load on (model.revision where not given)."""
     evaluation = report["evaluation"]
     rows = [f"| {m} | {fmt(evaluation['baseline'].get(m))} | {fmt(v)} | {fmt(evaluation['delta'].get(m), '+')} |"
             for m, v in evaluation["final"].items()]
@@ -397,7 +409,7 @@ def model_card(cfg: TrainerConfig, report: dict[str, Any], adapters_apart: bool 
         *per_class_rows(evaluation.get("per_class_ap")),
         "",
         *pruning_section(report.get("pruning")),
-        *loading_lines(cfg, head_size(cfg, len(report["labels"])), adapters_apart, causal_switch),
+        *loading_lines(cfg, head_size(cfg, len(report["labels"])), adapters_apart, causal_switch, revision),
         "Trained by finetune-trainer; report.json has the structure analysis and the full history.",
     ]
     return "\n".join(lines) + "\n"
@@ -465,10 +477,12 @@ def head_size(cfg: TrainerConfig, labels: int) -> int:
     return labels if num_labels == "auto" else max(int(num_labels), labels)
 
 
-def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool, causal_switch: bool = False) -> list[str]:
+def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool, causal_switch: bool = False,
+                  revision: str | None = None) -> list[str]:
     """Code that loads the export, run from the folder holding it: the standard classes, and where adapters were
-    kept apart, peft on the base they adapt (this folder's, or model.uri's with the new head's size)."""
-    task = cfg.model.task
+    kept apart, peft on the base they adapt (this folder's, or model.uri's at `revision` with the new head's
+    size)."""
+    task, revision = cfg.model.task, revision or cfg.model.revision
     from_uri = adapters_apart and not base_is_new(cfg)
     if task == Task.OBJECT_DETECTION:  # LoRA is not offered for detectors: never adapters apart
         # In eval mode: in training mode a detector wants the true boxes and returns its loss.
@@ -491,7 +505,7 @@ def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool, causal_
                 'model = load_vision_model(ModelSpec(task="image-classification", uri=str(Path.cwd()))).eval()']
         if from_uri:  # the base as the job built it (a plain state dict names no network), with the head trained
             spec = {"task": task.value, "architecture": cfg.model.architecture, "uri": base_uri(str(cfg.model.uri)),
-                    "revision": cfg.model.revision, "config": cfg.model.config}
+                    "revision": revision, "config": cfg.model.config}
             code[-1:] = [f"spec = ModelSpec.model_validate({ {k: v for k, v in spec.items() if v}!r})",
                          "model = load_vision_model(spec).eval()",
                          f"new_head(model, head_name(model, spec.task), {labels}, {{}}, reinitialize=False)"]
@@ -500,11 +514,11 @@ def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool, causal_
     else:
         auto = "AutoModelForCausalLM" if task == Task.CAUSAL_LM else "AutoModelForSequenceClassification"
         imports, args, setup, named = [f"from transformers import {auto}"], "'.'", [], []
-        if from_uri:  # the base as published, at model.revision, and a head of this job's size, which the adapter fills
+        if from_uri:  # the base as published, at the commit loaded (adapter_config.json's), a head of this job's size
             uri = base_uri(str(cfg.model.uri))
             repo, folder = hub_parts(uri) if uri.startswith("hf://") else (uri, "")
             args = repr(repo) + (f", subfolder={folder!r}" if folder else "")
-            args += f", revision={cfg.model.revision!r}" if cfg.model.revision and uri.startswith("hf://") else ""
+            args += f", revision={revision!r}" if revision and uri.startswith("hf://") else ""
             own: dict[str, str] = {}  # the config values the card sets itself, as code
             loading = ""
             if task == Task.CAUSAL_LM:  # the stops training taught, which export_model wrote: not model.uri's alone

@@ -787,7 +787,8 @@ def write_outputs(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cf
             export.loss_curve(report["training"]["history"], report["training"]["evals"], staged / "loss_curve.png")
             card = export.model_card(cfg, report | extra, adapters_apart=(staged / export.ADAPTER).is_dir(),
                                      causal_switch=has_causal_switch(getattr(model, "config", None)),
-                                     written_in=export.written_dtype(model, cfg))
+                                     written_in=export.written_dtype(model, cfg),
+                                     revision=export.loaded_revision(model, cfg))
             (staged / "README.md").write_text(card)
             analysis_file = ["analysis.json"] if (out / "analysis.json").exists() else []  # the run's, listed as ever
             extra["files"] = sorted({*files, "loss_curve.png", "README.md", export.MARKER, *analysis_file})
