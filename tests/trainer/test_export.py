@@ -147,6 +147,25 @@ def test_the_card_of_adapters_kept_apart_generates_with_the_stops_training_taugh
     assert card_model(card, tmp_path / "out").generation_config.eos_token_id == [399, 0]
 
 
+def test_the_card_says_how_peft_autopeftmodel_gets_the_stops_training_taught(tmp_path: Path,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """peft's AutoPeftModelForCausalLM loads the base the adapters' config names with that base's generation config
+    (neither peft nor transformers reads one beside the adapters), which stops at 399 alone: the card says so, with
+    the code that sets the exported one."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import GenerationConfig
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # peft looks for the adapters' tokenizer on the hub otherwise
+    base = saved_gpt2(tmp_path / "base", bos_token_id=399, eos_token_id=399)
+    _, card = causal_apart(tmp_path, str(base), bpe_tokenizer(tmp_path / "tok"))
+    monkeypatch.chdir(tmp_path / "out")
+    model = AutoPeftModelForCausalLM.from_pretrained("adapter")
+    assert model.generation_config.eos_token_id == 399  # peft's: while it holds, the card needs its word
+    said = next(line for line in card.splitlines() if "AutoPeftModelForCausalLM" in line)
+    exec(said.split("`")[3], {"model": model, "GenerationConfig": GenerationConfig})  # its code, as a user runs it
+    assert model.generation_config.eos_token_id == [399, 0]
+
+
 def test_the_card_of_adapters_kept_apart_loads_the_base_in_fp32_as_it_was_scored(tmp_path: Path) -> None:
     """A bf16 base under adapters kept apart: nothing is written in 16 bits, so the card had no word on the dtype, and
     its from_pretrained(model.uri) loaded the base in bf16, where the scores it shows were the fp32 model's."""

@@ -484,6 +484,7 @@ def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool, causal_
     size)."""
     task, revision = cfg.model.task, revision or cfg.model.revision
     from_uri = adapters_apart and not base_is_new(cfg)
+    note: list[str] = []  # said below the code
     if task == Task.OBJECT_DETECTION:  # LoRA is not offered for detectors: never adapters apart
         # In eval mode: in training mode a detector wants the true boxes and returns its loss.
         code = ["from pathlib import Path", "import torch",
@@ -524,6 +525,11 @@ def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool, causal_
             if task == Task.CAUSAL_LM:  # the stops training taught, which export_model wrote: not model.uri's alone
                 imports[-1] += ", GenerationConfig"
                 named = ["model.generation_config = GenerationConfig.from_pretrained('.')"]
+                # peft's AutoPeftModel (and transformers' from_pretrained of adapter/) loads the generation config of
+                # the base the adapters' config names, and reads none beside the adapters
+                note = [f"With peft's `AutoPeftModelForCausalLM.from_pretrained('adapter')` instead, the model has the "
+                        "base's generation config, not this folder's (the eos each training text ended with): set "
+                        f"`{named[0]}` after it.", ""]
             if task == Task.CAUSAL_LM and causal_switch:
                 # an encoder (BERT) trained causal (models.made_causal): its config.json says is_decoder false, and
                 # loaded so it attends both ways, under adapters trained with a causal mask
@@ -577,7 +583,7 @@ def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool, causal_
         size = cfg.dataset.image_size
         code += ["", f"def preprocess(paths):  # image files as it trained on them: RGB, {size}x{size}, "
                      "ImageNet's mean and std", f"    return {{'pixel_values': pixel_values(paths, {size})}}"]
-    return ["## Loading it", "", "From this folder:", "", "```python", *code, "```", ""]
+    return ["## Loading it", "", "From this folder:", "", "```python", *code, "```", "", *note]
 
 
 def base_uri(uri: str) -> str:
