@@ -199,7 +199,10 @@ def test_an_endpoint_that_hangs_is_read_less_often_once_stale_and_its_error_stan
     slow = handlers.SlowScrapes(poll_seconds=poll)
 
     def sample(name: str) -> Observed:
-        body = {"metadata": {"name": name, "namespace": "ns", "uid": "u"}, "spec": {}, "status": {"attempts": 1}}
+        running = {"type": "Running", "status": "True", "reason": "Training",  # long since: no longer starting
+                   "lastTransitionTime": "2026-12-01T12:00:00Z"}
+        body = {"metadata": {"name": name, "namespace": "ns", "uid": "u"}, "spec": {},
+                "status": {"attempts": 1, "conditions": [running]}}
         pods = [{"name": f"{name}-1-0-x", "attempt": 1, "index": 0, "phase": "Running", "ip": "127.0.0.1"}]
         seen = Observed(body, [], pods, datetime.now(timezone.utc).replace(tzinfo=None))
         handlers._sample(seen, slow, "ns", name)
@@ -310,6 +313,44 @@ def test_reads_that_fail_once_rank_0_reported_done_are_no_poll_errors(monkeypatc
 
     assert errors_counted("2026-12-01T12:05:00Z") == 0  # Done read in this attempt
     assert errors_counted("2026-12-01T11:55:00Z") == 1  # Done was the attempt before's
+
+
+def test_reads_that_fail_while_rank_0_starts_are_no_poll_errors(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 0 serves its metrics once Python has imported torch and the trainer (tens of seconds from a cold image):
+    each poll before counted an error, so every job's start fired an alert on the counter. As MetricsStale, they count
+    once the attempt has run STARTING_SECONDS unread, or after its first read."""
+    import functools
+    from datetime import timedelta, timezone
+
+    from finetune_operator import handlers, metrics
+    from finetune_operator.reconcile import Observed
+    from finetune_operator.status import STARTING_SECONDS, timestamp
+
+    monkeypatch.setattr(handlers, "scrape", functools.partial(scrape, port=free_port()))  # nothing listens: refused
+    now = datetime.now(timezone.utc).replace(tzinfo=None)
+
+    def errors_counted(running_for: float | None, read_after: float | None = None) -> float:
+        status: dict[str, Any] = {"attempts": 1}
+        if running_for is not None:
+            turned = now - timedelta(seconds=running_for)
+            status["conditions"] = [{"type": "Running", "status": "True", "reason": "Training",
+                                     "lastTransitionTime": timestamp(turned)}]
+            if read_after is not None:
+                status["progress"] = {"updatedAt": timestamp(turned + timedelta(seconds=read_after))}
+        body = {"metadata": {"name": "j", "namespace": "ns", "uid": "u"}, "spec": {}, "status": status}
+        pods = [{"name": "j-1-0-x", "attempt": 1, "index": 0, "phase": "Running", "ip": "127.0.0.1"}]
+        before = metrics.REGISTRY.get_sample_value("finetune_operator_metric_poll_errors_total",
+                                                   {"reason": "MetricsUnreachable"}) or 0.0
+        seen = Observed(body, [], pods, now)
+        handlers._sample(seen, handlers.SlowScrapes(poll_seconds=2), "ns", "j")
+        assert seen.scrape_error and seen.scrape_error[0] == "MetricsUnreachable"  # said, whether counted or not
+        return metrics.REGISTRY.get_sample_value("finetune_operator_metric_poll_errors_total",
+                                                 {"reason": "MetricsUnreachable"}) - before
+
+    assert errors_counted(None) == 0  # the tick that first sees the pod run: the status says Running later
+    assert errors_counted(5) == 0
+    assert errors_counted(STARTING_SECONDS + 5) == 1  # never answered: counted
+    assert errors_counted(10, read_after=3) == 1  # it answered, then stopped
 
 
 def test_metrics_that_another_pod_serves_are_refused_and_the_pods_own_are_read(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -205,7 +205,9 @@ def _sample(seen: reconcile.Observed, slow: SlowScrapes, ns: str, name: str) -> 
         seen.sample = scrape(rank0["ip"], pod_uid=rank0.get("pod_uid"))
         slow.forget(key)
     except ScrapeError as exc:
-        if not reconcile.reported_done(seen.body["status"]):  # every job's end counted as errors, alerts firing
+        # Not at every job's end, nor at its start (the endpoint up once torch is imported): counted, they fired
+        # the alerts on the counter for each job
+        if not (reconcile.reported_done(seen.body["status"]) or reconcile.still_starting(seen.body["status"], seen.now)):
             metrics.POLL_ERRORS.labels(reason=exc.reason).inc()
         log.debug("%s/%s: metrics not read: %s", ns, name, exc)
         seen.scrape_error = (exc.reason, str(exc))

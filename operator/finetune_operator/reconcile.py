@@ -839,6 +839,17 @@ def reported_done(status: dict[str, Any]) -> bool:
                                                                  status) is not None
 
 
+def still_starting(status: dict[str, Any], now: datetime) -> bool:
+    """Whether rank 0 of the running attempt has not been read yet and has not run STARTING_SECONDS (the grace before
+    MetricsStale, `_stale`): its endpoint comes up once torch is imported, so a read that fails then is no fault. So
+    too where the status does not say Running yet (the tick that first sees the pod run)."""
+    running = condition(status.get("conditions"), T.RUNNING)
+    if _read_this_attempt(running, status):
+        return False
+    turned = _parse_time(running.get("lastTransitionTime")) if running.get("status") == "True" else None
+    return turned is None or (now - turned).total_seconds() < STARTING_SECONDS
+
+
 def _read_this_attempt(running: dict[str, Any], old: dict[str, Any]) -> datetime | None:
     """When rank 0's metrics were last read, if that was in the running attempt (not before the `running` condition
     last turned): status.progress and status.stage stay from the attempt before until the new one is read."""
