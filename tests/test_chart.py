@@ -127,7 +127,7 @@ def exported_names() -> set[str]:
 
     trainer = Metrics(torch.device("cpu"))
     for gauge in (trainer.loss, trainer.learning_rate, trainer.grad_norm, trainer.step, trainer.total_steps,
-                  trainer.epoch, trainer.samples_per_second, trainer.tokens_per_second):
+                  trainer.epoch, trainer.samples_per_second, trainer.tokens_per_second, trainer.steps_per_second):
         gauge.set(1)
     trainer.set_stage(Stage.TRAINING)
     trainer.set_eval("final", {"accuracy": 1})
