@@ -923,3 +923,37 @@ def test_a_train_split_without_a_box_is_refused(pvc_root: Path, tmp_path: Path) 
     folder = rewrite(shapes_copy(pvc_root, tmp_path), lambda c: c.update(annotations=[]))
     with pytest.raises(DataError, match="its 320 training images hold no box to learn from .no annotation in"):
         load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
+
+
+def ssd_default_box_centres(size: int) -> list[tuple[int, torch.Tensor]]:
+    """Each level's feature map side and its default boxes' centres in pixels, (cells, boxes per cell, 2) with the
+    cells row by row, as SSD300 lays them out for a size x size input; the feature maps' shapes from the meta device."""
+    from torchvision.models.detection.image_list import ImageList
+
+    net = load_detector(ModelSpec(task="object-detection", architecture="ssd300_vgg16"), size).net
+    sides = [f.shape[-1] for f in copy.deepcopy(net.backbone).to("meta")(torch.empty(1, 3, size, size,
+                                                                                     device="meta")).values()]
+    images = ImageList(torch.zeros(1, 3, size, size), [(size, size)])
+    (boxes,) = net.anchor_generator(images, [torch.zeros(1, 1, side, side) for side in sides])
+    centres = ((boxes[:, :2] + boxes[:, 2:]) / 2).split([side * side * n for side, n in
+                                                          zip(sides, net.anchor_generator.num_anchors_per_location())])
+    return [(side, c.view(side * side, -1, 2)) for side, c in zip(sides, centres)]
+
+
+@pytest.mark.parametrize("size", [268, 400, 512, 600])
+def test_ssd300s_default_boxes_sit_on_their_feature_cells_at_any_image_size(size: int) -> None:
+    """torchvision's SSD300 tiles its default boxes by fixed steps, 8 to 300 pixels, that fit a 300-pixel input
+    only: at imageSize 512 its last level's 4x4 cells had centres 150 to 1050 px, off their cells by up to 3 cells
+    and outside the image, so a box matched default boxes its cell does not see."""
+    for side, centres in ssd_default_box_centres(size):
+        cell = size / side
+        x, y = (torch.arange(side * side) % side + 0.5) * cell, (torch.arange(side * side) // side + 0.5) * cell
+        offset = (centres - torch.stack([x, y], dim=-1)[:, None]).abs().max().item()
+        assert offset <= cell / 2, f"{side}x{side} level: a centre {offset:.0f} px off its cell ({cell:.0f} px)"
+        assert centres.min() >= 0 and centres.max() <= size
+
+
+def test_ssd300_at_300_pixels_keeps_torchvisions_default_boxes() -> None:
+    """The size its COCO weights were trained at: their box regression is relative to these default boxes."""
+    net = load_detector(ModelSpec(task="object-detection", architecture="ssd300_vgg16"), 300).net
+    assert net.anchor_generator.steps == [8, 16, 32, 64, 100, 300]

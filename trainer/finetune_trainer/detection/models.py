@@ -70,7 +70,20 @@ def set_input_size(net: nn.Module, size: int) -> None:
     gives its boxes back in that image's pixels (SSD's fixed 320 included: its default boxes follow the feature
     maps of whatever size comes in)."""
     transform = net.transform
+    fit_default_boxes(net, transform.fixed_size, size)
     transform.min_size, transform.max_size, transform.fixed_size = (size,), size, (size, size)
+
+
+def fit_default_boxes(net: nn.Module, built: tuple[int, int] | None, size: int) -> None:
+    """SSD300 tiles its default boxes by fixed pixel steps (8, 16, 32, 64, 100, 300) that fit its feature maps at
+    300 pixels only: at 512 its last level's 4x4 cells had box centres 150 to 1050 px. At another size than the
+    builder's they are dropped, and torchvision's generator centres the boxes on the feature map's cells, size / side
+    apart (the SSD paper's tiling, and SSDlite's); at the builder's size they stay, as its weights were trained."""
+    from torchvision.models.detection.anchor_utils import DefaultBoxGenerator
+
+    generator = getattr(net, "anchor_generator", None)
+    if isinstance(generator, DefaultBoxGenerator) and generator.steps is not None and built != (size, size):
+        generator.steps = None
 
 
 def detection_architectures() -> list[str]:
