@@ -957,3 +957,37 @@ def test_ssd300_at_300_pixels_keeps_torchvisions_default_boxes() -> None:
     """The size its COCO weights were trained at: their box regression is relative to these default boxes."""
     net = load_detector(ModelSpec(task="object-detection", architecture="ssd300_vgg16"), 300).net
     assert net.anchor_generator.steps == [8, 16, 32, 64, 100, 300]
+
+
+def normalise_boxes(coco: dict[str, Any]) -> None:
+    """A YOLO-style converter's mistake: each bbox divided by its image's width and height."""
+    sizes = {image["id"]: (image["width"], image["height"]) for image in coco["images"]}
+    for ann in coco["annotations"]:
+        w, h = sizes[ann["image_id"]]
+        x, y, bw, bh = ann["bbox"]
+        ann["bbox"] = [x / w, y / h, bw / w, bh / h]
+
+
+def test_boxes_given_normalised_are_refused_naming_bbox(pvc_root: Path, tmp_path: Path) -> None:
+    """Boxes of 0..1 in 128-pixel images loaded as sub-pixel boxes in each image's corner: the run trained to mAP 0,
+    and the only warning (AnchorsMissBoxes) told the user to change dataset.imageSize."""
+    folder = rewrite(shapes_copy(pvc_root, tmp_path), normalise_boxes)
+    file = re.escape(str(folder / "annotations.json"))
+    with pytest.raises(DataError, match=rf"^{file}: bbox: its .* boxes all lie within \[0, 1.01\] of images of 128 "
+                                        r"pixels or more a side: they look normalised .*in pixels"):
+        load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
+
+
+@pytest.mark.parametrize("side", [8, 128])
+def test_tiny_boxes_are_not_taken_for_normalised_ones(pvc_root: Path, tmp_path: Path, side: int) -> None:
+    """One-pixel boxes: in the corner of 8-pixel images (too small to tell), or spread over 128-pixel ones."""
+    for i in range(10):
+        Image.new("RGB", (side, side)).save(tmp_path / f"{i}.png")
+    corner = side < 16
+    coco = {"images": [{"id": i, "file_name": f"{i}.png", "width": side, "height": side} for i in range(10)],
+            "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [0 if corner else 12 * i, 0, 1, 1]}
+                            for i in range(10)],
+            "categories": [{"id": 1, "name": "dot"}]}
+    (tmp_path / "annotations.json").write_text(json.dumps(coco))
+    data = load_coco(DatasetSpec(uri=str(tmp_path / "annotations.json"), format="coco"), seed=0)
+    assert sum(len(r.boxes) for split in (data.train, data.validation, data.test) for r in split.inputs) == 10

@@ -7,9 +7,10 @@ An image's `file_name` is relative to the JSON's folder or to its images/ folder
 
 Each record is checked on load: an annotation whose box leaves its image, names an unknown
 category or image, an image without its file or of another size than declared: the error
-names the record (exit 1). Crowd annotations (iscrowd 1) are checked alike but not trained on, as
-torchvision's detectors cannot learn from them; the evaluation keeps them as COCO's does, a region
-where a detection counts neither way.
+names the record (exit 1), as does a file whose boxes all look normalised to 0..1. Crowd
+annotations (iscrowd 1) are checked alike but not trained on, as torchvision's detectors cannot
+learn from them; the evaluation keeps them as COCO's does, a region where a detection counts
+neither way.
 """
 
 from __future__ import annotations
@@ -38,6 +39,11 @@ EDGE_TOLERANCE = 1.0  # pixels a box may overhang its image (rounding in exporte
 # have positive height and width"). A share, as float32's precision is: this one is 160 times it.
 MIN_SHARE = 1e-5
 SHOWN_PROBLEMS = 5
+# Boxes normalised to 0..1 (a YOLO-style converter's mistake) read as pixels lie in each image's top-left pixel.
+# Every box of a file there (1.01: a converter's rounding) is refused where its images have 16 pixels a side or
+# more: a real dataset's boxes, however small, spread over images that large; in smaller ones it cannot be told.
+NORMALISED_EXTENT = 1.01
+NORMALISED_MIN_SIDE = 16
 TURNED = {5, 6, 7, 8}  # EXIF orientations that turn an image by 90 degrees, swapping its width and height
 
 
@@ -207,10 +213,25 @@ def records_of(doc: dict[str, Any], file: Path, categories: dict[int, str],
     if problems:
         more = f" (and {len(problems) - SHOWN_PROBLEMS} more)" if len(problems) > SHOWN_PROBLEMS else ""
         raise DataError(f"{file}: {len(problems)} bad record(s){more}: " + "; ".join(problems[:SHOWN_PROBLEMS]))
+    refuse_normalised(file, list(images.values()))
     if crowd:
         log.warning("%s: %d crowd annotation(s) (iscrowd 1) not trained on; a detection in one counts neither way "
                     "in mAP", file, crowd)
     return list(images.values())
+
+
+def refuse_normalised(file: Path, records: list[Annotated]) -> None:
+    """Refuse a file whose every box lies within [0, NORMALISED_EXTENT] of images NORMALISED_MIN_SIDE pixels a side
+    or more: it trained on sub-pixel boxes to mAP 0, and the anchors' warning blamed dataset.imageSize."""
+    boxed = [r for r in records if r.boxes or r.crowd_boxes]
+    boxes = [b for r in boxed for b in r.boxes + r.crowd_boxes]
+    least = min((min(r.width, r.height) for r in boxed), default=0)
+    if least < NORMALISED_MIN_SIDE or any(max(b[2], b[3]) > NORMALISED_EXTENT for b in boxes):
+        return
+    raise DataError(f"{file}: bbox: its {len(boxes)} boxes all lie within [0, {NORMALISED_EXTENT}] of images of "
+                    f"{least} pixels or more a side: they look normalised (0..1, as YOLO's labels are), but COCO's "
+                    "bbox is [x, y, width, height] in pixels; multiply x and width by the image's width, y and "
+                    "height by its height")
 
 
 def is_int_in(value: Any, ids: Container[int]) -> bool:
