@@ -991,3 +991,13 @@ def test_tiny_boxes_are_not_taken_for_normalised_ones(pvc_root: Path, tmp_path: 
     (tmp_path / "annotations.json").write_text(json.dumps(coco))
     data = load_coco(DatasetSpec(uri=str(tmp_path / "annotations.json"), format="coco"), seed=0)
     assert sum(len(r.boxes) for split in (data.train, data.validation, data.test) for r in split.inputs) == 10
+
+
+def test_a_detectors_trainable_backbone_layers_is_refused_naming_adjust_freeze() -> None:
+    """The builder reads it only with torchvision's weights, which the trainer never builds with: given, it warned
+    on stderr and trained every backbone layer."""
+    spec = ModelSpec(task="object-detection", architecture="fasterrcnn_mobilenet_v3_large_320_fpn",
+                     config={"trainable_backbone_layers": 2})
+    with pytest.raises(ConfigError, match=r"^model.config.trainable_backbone_layers: .* adjust.freeze .*bottom-layers"
+                                          r".*all-but-head"):
+        load_detector(spec, 128)

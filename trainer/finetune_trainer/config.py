@@ -85,6 +85,9 @@ class Stage(StrEnum):
 
 
 DETECTOR_SIZES = ("min_size", "max_size")  # torchvision's detector transforms; detection.models sets both
+# The builders read it only with torchvision's weights, and detection.models builds without them (weights=None):
+# given, it only warned and every backbone layer trained
+DETECTOR_FREEZE = "trainable_backbone_layers"
 
 
 class ModelSpec(ApiModel):
@@ -122,8 +125,8 @@ class ModelSpec(ApiModel):
 
     def config_problem(self) -> str | None:
         """`key: message` for a `config` key that would run the model repository's own Python (`config` goes to
-        from_pretrained as keyword arguments), or a detector's input size, which the trainer sets to
-        dataset.imageSize over the builder's. The apiserver's CEL cannot read `config`'s preserved fields; the
+        from_pretrained as keyword arguments), a detector's input size, which the trainer sets to
+        dataset.imageSize over the builder's, or a detector's trainable_backbone_layers, which the builder ignores. The apiserver's CEL cannot read `config`'s preserved fields; the
         operator and the trainer can."""
         if "trust_remote_code" in self.config:
             return ("trust_remote_code: the trainer never runs a model repository's own Python code (its "
@@ -135,6 +138,10 @@ class ModelSpec(ApiModel):
         if self.task == Task.OBJECT_DETECTION and (key := next((k for k in DETECTOR_SIZES if k in self.config), None)):
             return (f"{key}: a detector takes its images at dataset.imageSize (resized to it square, their boxes with "
                     "them), and its own transform is set to that; set dataset.imageSize instead")
+        if self.task == Task.OBJECT_DETECTION and DETECTOR_FREEZE in self.config:
+            return (f"{DETECTOR_FREEZE}: torchvision's builder reads it only when it loads its own weights, which the "
+                    "trainer does not (every backbone layer would train); freeze with adjust.freeze instead, strategy "
+                    "bottom-layers (count: the backbone's lowest stages) or all-but-head")
         return None
 
     rules = (
