@@ -1001,3 +1001,16 @@ def test_a_detectors_trainable_backbone_layers_is_refused_naming_adjust_freeze()
     with pytest.raises(ConfigError, match=r"^model.config.trainable_backbone_layers: .* adjust.freeze .*bottom-layers"
                                           r".*all-but-head"):
         load_detector(spec, 128)
+
+
+def test_a_category_without_a_box_in_any_split_is_warned_of_and_kept(pvc_root: Path, tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Roboflow's exports list the dataset's name as category 0, which no box uses: it became a class of the head
+    without a word. It stays one (the class ids of an export and its categoryIds follow the category ids)."""
+    load_coco(DatasetSpec(uri="pvc://data/shapes", format="coco"), seed=0)
+    assert "without a box" not in caplog.text
+    folder = rewrite(shapes_copy(pvc_root, tmp_path),
+                     lambda c: c["categories"].insert(0, {"id": 0, "name": "shapes-xyz"}))
+    data = load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
+    assert data.id2label == {1: "shapes-xyz", 2: "circle", 3: "square", 4: "triangle"}
+    assert "1 of its 4 categories without a box in any split: 0 ('shapes-xyz')" in caplog.text

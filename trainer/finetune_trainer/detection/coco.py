@@ -74,6 +74,7 @@ def load_coco(spec: DatasetSpec, seed: int) -> CocoData:
     categories = category_names(docs, files)
     class_of = {cid: i + 1 for i, cid in enumerate(sorted(categories))}
     records = {name: records_of(docs[name], files[name], categories, class_of) for name in files}
+    warn_boxless_categories(spec.uri, records, categories, class_of)
     if not records[TRAIN]:
         raise DataError(f"dataset {spec.uri}: {files[TRAIN]} lists no image")
     for name in (VALIDATION, TEST):  # a competition's test.json, its answers withheld: no row to score on
@@ -96,6 +97,18 @@ def load_coco(spec: DatasetSpec, seed: int) -> CocoData:
              len(id2label))
     return CocoData(train=train, validation=validation, test=test, id2label=id2label,
                     category_ids={class_of[cid]: cid for cid in sorted(categories)})
+
+
+def warn_boxless_categories(uri: str, records: dict[str, list[Annotated]], categories: dict[int, str],
+                            class_of: dict[int, int]) -> None:
+    """Warn of categories that no box of any split has, crowds aside (Roboflow's exports list the dataset's name as
+    category 0): each stays a class of the head, learnt as never present, as dropping it would renumber the class
+    ids after it (an export's labels and categoryIds follow the category ids)."""
+    boxed = {label for held in records.values() for r in held for label in r.labels}
+    missing = [f"{cid} ({categories[cid]!r})" for cid in sorted(categories) if class_of[cid] not in boxed]
+    if missing:
+        log.warning("dataset %s: %d of its %d categories without a box in any split: %s; each stays a class the "
+                    "detector learns as never present", uri, len(missing), len(categories), ", ".join(missing))
 
 
 def refuse_boxless(name: str, held: Split, given: bool, spec: DatasetSpec) -> None:
