@@ -1,5 +1,5 @@
 """`make crds`: write (or with --check, verify) every generated file: the CRD and its chart copy, the API
-reference, the chart's RBAC rules and the Grafana dashboard (both copies)."""
+reference, the chart's RBAC rules and alerting rules, and the Grafana dashboard (both copies)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from finetune_operator import apidoc, crd, rbac
+from finetune_operator import alerts, apidoc, crd, rbac
 
 README = Path("README.md")
 
@@ -20,6 +20,7 @@ def generated() -> dict[Path, str]:
     files[rbac.CHART_RULES] = rbac.render_rules(rbac.RULES)
     files[rbac.CHART_FINALIZER_RULES] = rbac.render_rules(rbac.FINALIZER_RULES)
     files[rbac.CHART_LEASE_RULES] = rbac.render_rules(rbac.LEASE_RULES)
+    files[alerts.CHART_RULES] = alerts.render()
     # The dashboard needs grafana-foundation-sdk (the dev extra), which the operator image does not carry.
     from finetune_operator import dashboard
 

@@ -1,0 +1,311 @@
+"""The chart's alerting rules (operator/finetune_operator/alerts.py, rendered by templates/prometheusrule.yaml): checked
+by `promtool check rules`, and run by `promtool test rules` on series as the ServiceMonitor and the PodMonitor label
+them, each alert firing where it should and not where it should not."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+import prometheus_server
+from finetune_operator import alerts
+from test_chart import REPO, exported_names, helm
+
+CHART = str(REPO / "charts" / "finetune-operator")
+NEEDS_PROMTOOL = pytest.mark.skipif(not prometheus_server.installed(),
+                                    reason="Prometheus is not built (`make prometheus`)")
+OPERATOR = 'job="finetune-operator",namespace="ops",pod="fto-a",instance="10.0.0.1:8000",endpoint="metrics"'
+STANDBY = 'job="finetune-operator",namespace="ops",pod="fto-b",instance="10.0.0.2:8000",endpoint="metrics"'
+TRAINER = ('job="finetune-trainer",namespace="team-a",finetunejob="llm",finetunejob_uid="u1",attempt="1",'
+           'pod="llm-1-0-x7k2p",instance="10.1.0.1:9090"')
+TRAINER_LABELS = {"namespace": "team-a", "finetunejob": "llm", "attempt": "1", "pod": "llm-1-0-x7k2p"}
+
+
+def rendered(*values: str) -> dict[str, Any] | None:
+    out = subprocess.run([helm(), "template", "fto", CHART, "-n", "ops", "--show-only", "templates/prometheusrule.yaml",
+                          *values], capture_output=True, text=True)
+    if "could not find template" in out.stderr:
+        return None
+    assert out.returncode == 0, out.stderr
+    return yaml.safe_load(out.stdout)
+
+
+def rules(*values: str) -> dict[str, dict[str, Any]]:
+    rule = rendered("--set", "prometheusRule.enabled=true", *values)
+    assert rule is not None
+    return {r["alert"]: r for g in rule["spec"]["groups"] for r in g["rules"]}
+
+
+def rules_file(tmp_path: Path, *values: str) -> Path:
+    rule = rendered("--set", "prometheusRule.enabled=true", *values)
+    assert rule is not None
+    path = tmp_path / "rules.yaml"
+    path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    return path
+
+
+def promtool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(prometheus_server.bin_dir() / "promtool"), *args], capture_output=True, text=True)
+
+
+def expected(rule: dict[str, Any], labels: dict[str, str]) -> dict[str, Any]:
+    """One firing alert of `rule` with the expression's `labels`: its own labels added, its annotations expanded."""
+    def expand(text: str) -> str:
+        out = re.sub(r"\{\{\s*\$labels\.(\w+)\s*\}\}", lambda m: labels[m.group(1)], text)
+        assert "{{" not in out, text
+        return out
+
+    return {"exp_labels": labels | rule["labels"],
+            "exp_annotations": {k: expand(v) for k, v in rule["annotations"].items()}}
+
+
+def run_tests(tmp_path: Path, rules_path: Path, interval: str, series: dict[str, str],
+              evals: list[tuple[str, str, list[dict[str, str]]]]) -> None:
+    """`promtool test rules` on `series` (selector: promtool's values) scraped every `interval`; each eval is (time,
+    alert, the expression's labels of each alert firing then: [] for none)."""
+    by_name = yaml.safe_load(rules_path.read_text())["groups"]
+    named = {r["alert"]: r for g in by_name for r in g["rules"]}
+    test = {
+        "rule_files": [str(rules_path)],
+        "evaluation_interval": "30s",
+        "tests": [{
+            "interval": interval,
+            "input_series": [{"series": s, "values": v} for s, v in series.items()],
+            "alert_rule_test": [{"eval_time": at, "alertname": name,
+                                 "exp_alerts": [expected(named[name], labels) for labels in firing]}
+                                for at, name, firing in evals],
+        }],
+    }
+    path = tmp_path / "test.yaml"
+    path.write_text(yaml.safe_dump(test, sort_keys=False))
+    result = promtool("test", "rules", str(path))
+    assert result.returncode == 0, f"promtool test rules:\n{result.stdout}{result.stderr}"
+
+
+def test_the_rule_is_off_by_default_and_reads_only_exported_series() -> None:
+    assert rendered() is None
+    found = rules()
+    assert set(found) == {"FineTuneJobFailed", "FineTuneJobTrainingStalled", "FineTuneOperatorDown",
+                          "FineTuneOperatorNotLeading", "FineTuneReconcileErrors", "FineTuneMetricPollErrors"}
+    used = {m for r in found.values() for m in re.findall(r"\bfinetune_\w+", r["expr"])}
+    assert used <= exported_names(), "every metric an alert reads is one the trainer or the operator exports"
+    assert all(r["for"] and r["labels"]["severity"] in ("warning", "critical") and
+               {"summary", "description"} <= set(r["annotations"]) for r in found.values())
+    assert all("${" not in yaml.safe_dump(r) for r in found.values()), "every placeholder is replaced"
+    operator = [r["expr"] for name, r in found.items() if "Operator" in name or "Errors" in name]
+    assert all('job="finetune-operator", namespace="ops"' in e for e in operator), "the release's operator alone"
+
+
+def test_the_rule_carries_its_labels_and_a_paused_operator_is_no_operator_down() -> None:
+    rule = rendered("--set", "prometheusRule.enabled=true", "--set", "prometheusRule.labels.release=kps")
+    assert rule is not None and rule["metadata"]["labels"]["release"] == "kps"
+    assert rule["metadata"]["namespace"] == "ops"
+    assert "FineTuneOperatorDown" not in rules("--set", "replicas=0")
+    stalled = rules("--set", "prometheusRule.trainingStalledAfter=2h")["FineTuneJobTrainingStalled"]
+    assert "[2h]" in stalled["expr"] and "offset 2h" in stalled["expr"] and "2h" in stalled["annotations"]["summary"]
+
+
+@pytest.mark.parametrize("value", ["0m", "30", "1h30m", "", "30s"])
+def test_a_stall_window_promql_would_refuse_or_a_scrape_could_not_tell_is_refused_at_install(value: str) -> None:
+    result = subprocess.run([helm(), "template", "fto", CHART, "--set", "prometheusRule.enabled=true",
+                             "--set", f"prometheusRule.trainingStalledAfter={value}"], capture_output=True, text=True)
+    assert result.returncode != 0 and "trainingStalledAfter" in result.stderr, result.stderr
+
+
+@NEEDS_PROMTOOL
+@pytest.mark.parametrize("values", [(), ("--set-json", "pollSeconds=0.5",
+                                        "--set", "prometheusRule.trainingStalledAfter=2h")])
+def test_promtool_checks_the_rules(tmp_path: Path, values: tuple[str, ...]) -> None:
+    result = promtool("check", "rules", str(rules_file(tmp_path, *values)))
+    assert result.returncode == 0, f"promtool check rules:\n{result.stdout}{result.stderr}"
+    assert "SUCCESS: 6 rules found" in result.stdout
+
+
+@NEEDS_PROMTOOL
+def test_a_failed_job_fires_from_its_reasons_first_failure(tmp_path: Path) -> None:
+    """OOMKilled's series starts at 1 (its first failure since the operator started), which increase() never counts;
+    InvalidSpec's counted once long ago, then again at 30m; another release's operator's failures are its own."""
+    other = OPERATOR.replace('namespace="ops"', 'namespace="other"')
+    labels = {"namespace": "ops", "reason": "OOMKilled"}
+    run_tests(tmp_path, rules_file(tmp_path), "30s", {
+        f'finetune_operator_job_failures_total{{{OPERATOR},reason="OOMKilled"}}': "_x10 1x120",
+        f'finetune_operator_job_failures_total{{{OPERATOR},reason="InvalidSpec"}}': "1x60 2x60",
+        f'finetune_operator_job_failures_total{{{other},reason="WorkerFailed"}}': "_x10 1x120",
+    }, [
+        ("4m", "FineTuneJobFailed", [{"namespace": "ops", "reason": "InvalidSpec"}]),  # new too, though long ago
+        ("20m", "FineTuneJobFailed", []),
+        ("7m", "FineTuneJobFailed", [{"namespace": "ops", "reason": "InvalidSpec"}, labels]),
+        ("33m", "FineTuneJobFailed", [{"namespace": "ops", "reason": "InvalidSpec"}]),
+        ("50m", "FineTuneJobFailed", []),
+    ])
+
+
+@NEEDS_PROMTOOL
+def test_a_training_step_that_stalls_fires_and_a_validation_does_not(tmp_path: Path) -> None:
+    """trainingStalledAfter 30m. Job llm steps for 40 minutes then stalls in Training; val validates for 10 minutes
+    between steps; eval's step stops as it leaves Training; new enters Training at 30m and makes no step; nostep is in
+    Training from 10m and makes none (fires); late makes its first step at 30m and none since (in the window)."""
+    def trainer(job: str) -> str:
+        return TRAINER.replace('"llm', f'"{job}')
+
+    def labels(job: str) -> dict[str, str]:
+        return {k: v.replace("llm", job) for k, v in TRAINER_LABELS.items()}
+
+    series = {
+        f'finetune_trainer_stage{{{TRAINER},stage="Training"}}': "1x120",
+        f"finetune_trainer_step{{{TRAINER}}}": "1+1x40 41x80",
+        f'finetune_trainer_stage{{{trainer("val")},stage="Training"}}': "1x120",
+        f'finetune_trainer_step{{{trainer("val")}}}': "1+1x30 31x10 32+1x80",
+        f'finetune_trainer_stage{{{trainer("eval")},stage="Training"}}': "1x40 0x80",
+        f'finetune_trainer_stage{{{trainer("eval")},stage="Evaluating"}}': "0x40 1x80",
+        f'finetune_trainer_step{{{trainer("eval")}}}': "1+1x40 41x80",
+        f'finetune_trainer_stage{{{trainer("new")},stage="Training"}}': "_x30 1x20",
+        f'finetune_trainer_stage{{{trainer("nostep")},stage="Training"}}': "_x10 1x40",
+        f'finetune_trainer_stage{{{trainer("late")},stage="Training"}}': "1x50",
+        f'finetune_trainer_step{{{trainer("late")}}}': "_x30 1x20",  # its first step, at 30m, and none since
+        # no finetunejob: another scrape job's (prometheus.io annotations), no job's
+        'finetune_trainer_stage{job="kubernetes-pods",namespace="team-a",pod="p",stage="Training"}': "1x120",
+    }
+    run_tests(tmp_path, rules_file(tmp_path), "1m", series, [
+        ("46m", "FineTuneJobTrainingStalled", [labels("nostep")]),  # Training from 10m, no step: from 40m, fires 45m
+        ("48m", "FineTuneJobTrainingStalled", [labels("nostep")]),
+        ("72m", "FineTuneJobTrainingStalled", []),  # llm: stalled from 70m, pending
+        ("76m", "FineTuneJobTrainingStalled", [labels("llm")]),
+        ("110m", "FineTuneJobTrainingStalled", [labels("llm")]),
+    ])
+
+
+@NEEDS_PROMTOOL
+def test_the_stall_window_is_the_values(tmp_path: Path) -> None:
+    """A validation of 40 minutes, with trainingStalledAfter=1h: no alert; a stall of 70 minutes: one."""
+    series = {
+        f'finetune_trainer_stage{{{TRAINER},stage="Training"}}': "1x200",
+        f"finetune_trainer_step{{{TRAINER}}}": "1+1x30 31x40 32+1x30 62x100",
+    }
+    run_tests(tmp_path, rules_file(tmp_path, "--set", "prometheusRule.trainingStalledAfter=1h"), "1m", series, [
+        ("71m", "FineTuneJobTrainingStalled", []),
+        ("100m", "FineTuneJobTrainingStalled", []),
+        ("165m", "FineTuneJobTrainingStalled", []),  # stalled from 161m: pending
+        ("170m", "FineTuneJobTrainingStalled", [TRAINER_LABELS]),
+    ])
+
+
+@NEEDS_PROMTOOL
+def test_the_operator_down_fires_once_no_replica_answers(tmp_path: Path) -> None:
+    """The single replica answers for 10 minutes, its pod is then evicted and none replaces it (no target, no
+    series); another release's operator, in namespace other, answers all along."""
+    other = OPERATOR.replace('namespace="ops"', 'namespace="other"')
+    run_tests(tmp_path, rules_file(tmp_path), "30s", {
+        f"up{{{OPERATOR}}}": "1x20 stale",
+        f"up{{{other}}}": "1x80",
+        f"finetune_operator_leader{{{OPERATOR}}}": "1x20 stale",
+        f"finetune_operator_leader{{{other}}}": "1x80",
+    }, [
+        ("9m", "FineTuneOperatorDown", []),
+        ("13m", "FineTuneOperatorDown", []),
+        ("17m", "FineTuneOperatorDown", [{}]),
+        ("17m", "FineTuneOperatorNotLeading", []),
+    ])
+
+
+@NEEDS_PROMTOOL
+def test_the_operator_down_fires_for_a_target_down_and_not_for_a_standby_down(tmp_path: Path) -> None:
+    """Two replicas: the standby crash-loops from 5m (its target down): the active one still answers. From 20m the
+    active one is down too."""
+    run_tests(tmp_path, rules_file(tmp_path), "30s", {
+        f"up{{{OPERATOR}}}": "1x40 0x40",
+        f"up{{{STANDBY}}}": "1x10 0x70",
+        f"finetune_operator_leader{{{OPERATOR}}}": "1x40 stale",
+        f"finetune_operator_leader{{{STANDBY}}}": "0x10 stale",
+    }, [
+        ("15m", "FineTuneOperatorDown", []),
+        ("15m", "FineTuneOperatorNotLeading", []),
+        ("22m", "FineTuneOperatorDown", []),
+        ("27m", "FineTuneOperatorDown", [{}]),
+        ("30m", "FineTuneOperatorNotLeading", []),  # none answers: down, not "none leads"
+    ])
+
+
+@NEEDS_PROMTOOL
+def test_no_replica_leading_fires_and_a_standby_beside_the_leader_does_not(tmp_path: Path) -> None:
+    """Replicas a (leader) and b (standby) for 20 minutes; then a's pod goes and b takes the Lease within 30 s; from
+    40m, b answers and stands by, and no replica leads."""
+    run_tests(tmp_path, rules_file(tmp_path), "30s", {
+        f"up{{{OPERATOR}}}": "1x40 stale",
+        f"finetune_operator_leader{{{OPERATOR}}}": "1x40 stale",
+        f"up{{{STANDBY}}}": "1x120",
+        f"finetune_operator_leader{{{STANDBY}}}": "0x40 1x40 0x40",
+    }, [
+        ("19m", "FineTuneOperatorNotLeading", []),
+        ("21m", "FineTuneOperatorNotLeading", []),
+        ("35m", "FineTuneOperatorNotLeading", []),
+        ("43m", "FineTuneOperatorNotLeading", []),  # pending
+        ("47m", "FineTuneOperatorNotLeading", [{"namespace": "ops"}]),
+        ("47m", "FineTuneOperatorDown", []),
+    ])
+
+
+@NEEDS_PROMTOOL
+def test_reconcile_errors_that_go_on_fire_and_a_blip_does_not(tmp_path: Path) -> None:
+    """ApiException: three errors at 5m (an apiserver blip), then none; KeyError: one every 30 s from 10m (each retry
+    of a job's reconcile raises)."""
+    run_tests(tmp_path, rules_file(tmp_path), "30s", {
+        f'finetune_operator_reconcile_errors_total{{{OPERATOR},error="ApiException"}}': "_x10 1 3x100",
+        f'finetune_operator_reconcile_errors_total{{{OPERATOR},error="KeyError"}}': "_x20 1+1x80",
+    }, [
+        ("18m", "FineTuneReconcileErrors", []),
+        ("24m", "FineTuneReconcileErrors", []),  # KeyError pending since ~11m
+        ("28m", "FineTuneReconcileErrors", [{"namespace": "ops", "error": "KeyError"}]),
+    ])
+
+
+@NEEDS_PROMTOOL
+def test_poll_errors_that_go_on_fire_and_job_starts_refusals_do_not(tmp_path: Path) -> None:
+    """pollSeconds 2 (each running job's rank 0 read every 2 s). In ops: a job's trainer starts every 5 minutes and
+    refuses 30 reads (a minute) each time; one rank 0's reads time out from 10m on (read less often: one error every
+    30 s). In ops2 (another release, pollSeconds 2 too): one job whose trainer serves no metrics, refused at every read
+    from 10m."""
+    ops2 = OPERATOR.replace('namespace="ops"', 'namespace="ops2"')
+    errors = "finetune_operator_metric_poll_errors_total"
+    starts = " ".join(f"{30 * i}x8 {30 * (i + 1)}" for i in range(12))  # 30 more within a minute, every 5 minutes
+    series = {
+        f'{errors}{{{OPERATOR},reason="MetricsUnreachable"}}': starts,
+        f'{errors}{{{OPERATOR},reason="MetricsTimeout"}}': "0x20 1+1x100",
+        f'{errors}{{{OPERATOR},reason="MetricsBadResponse"}}': "0x30 1x90",  # one, once
+    }
+    run_tests(tmp_path, rules_file(tmp_path), "30s", series, [
+        ("20m", "FineTuneMetricPollErrors", []),
+        ("40m", "FineTuneMetricPollErrors", [{"namespace": "ops", "reason": "MetricsTimeout"}]),
+        ("55m", "FineTuneMetricPollErrors", [{"namespace": "ops", "reason": "MetricsTimeout"}]),
+    ])
+    rules2 = tmp_path / "ops2"
+    rules2.mkdir()
+    run_tests(rules2, rules_file(rules2, "--namespace", "ops2"), "30s", {
+        f'{errors}{{{ops2},reason="MetricsUnreachable"}}': "0x20 15+15x100",
+    }, [
+        ("20m", "FineTuneMetricPollErrors", []),
+        ("25m", "FineTuneMetricPollErrors", []),  # over half the reads failed from about 15m: pending
+        ("33m", "FineTuneMetricPollErrors", [{"namespace": "ops2", "reason": "MetricsUnreachable"}]),
+    ])
+
+
+def test_the_notes_name_the_rule_and_the_monitors_it_reads(tmp_path: Path) -> None:
+    from test_chart import notes
+
+    said = " ".join(notes(tmp_path / "a", "prometheusRule.enabled=true").split())
+    assert "the PrometheusRule ops/fto-finetune-operator" in said and "serviceMonitor.enabled=true" in said
+    both = " ".join(notes(tmp_path / "b", "prometheusRule.enabled=true", "serviceMonitor.enabled=true",
+                          "podMonitor.enabled=true").split())
+    assert "the PrometheusRule ops/fto-finetune-operator" in both and "They read the series" not in both
+    assert "PrometheusRule" not in notes(tmp_path / "c")
+
+
+def test_the_readme_lists_every_alert() -> None:
+    readme = (REPO / "README.md").read_text()
+    assert all(f"| `{name}` |" in readme for name in rules())
+    assert "--set prometheusRule.enabled=true" in readme
