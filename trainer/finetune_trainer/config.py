@@ -125,9 +125,9 @@ class ModelSpec(ApiModel):
 
     def config_problem(self) -> str | None:
         """`key: message` for a `config` key that would run the model repository's own Python (`config` goes to
-        from_pretrained as keyword arguments), a detector's input size, which the trainer sets to
-        dataset.imageSize over the builder's, or a detector's trainable_backbone_layers, which the builder ignores. The apiserver's CEL cannot read `config`'s preserved fields; the
-        operator and the trainer can."""
+        from_pretrained as keyword arguments), a detector's input size, which the trainer sets to dataset.imageSize
+        over the builder's, or a detector's trainable_backbone_layers, which the builder ignores. The apiserver's CEL
+        cannot read `config`'s preserved fields; the operator and the trainer can."""
         if "trust_remote_code" in self.config:
             return ("trust_remote_code: the trainer never runs a model repository's own Python code (its "
                     "config.json's auto_map); use a model of an architecture transformers has")
