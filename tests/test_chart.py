@@ -224,6 +224,15 @@ def dashboard_exprs() -> dict[str, list[str]]:
     return {p["title"]: [t["expr"] for t in p.get("targets", [])] for p in board["panels"]}
 
 
+def test_the_stats_colour_nothing_as_good_or_bad_but_whether_the_operator_is_up() -> None:
+    """Grafana's own steps (green, red from 80) coloured an operator up 0 green and 80 s to Running red."""
+    board = json.loads(dashboard.render())
+    steps = {p["title"]: [(s["value"], s["color"]) for s in p["fieldConfig"]["defaults"]["thresholds"]["steps"]]
+             for p in board["panels"] if p["type"] == "stat"}
+    assert steps.pop("Operator up") == [(None, "red"), (1, "green")]
+    assert steps and all(found == [(None, "text")] for found in steps.values()), steps
+
+
 @pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
 def test_the_job_stats_are_the_jobs_across_attempts_and_say_nothing_false(tmp_path: Path) -> None:
     """Recorded series, as the PodMonitor labels them: job `j` on a GPU, whose attempt 1 stopped at step 400 of 1000

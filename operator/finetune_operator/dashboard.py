@@ -21,11 +21,12 @@ from pathlib import Path
 
 from grafana_foundation_sdk.builders import bargauge, stat, statetimeline, timeseries
 from grafana_foundation_sdk.builders.common import ReduceDataOptions, StackingConfig
-from grafana_foundation_sdk.builders.dashboard import Dashboard, DatasourceVariable, QueryVariable, Row
+from grafana_foundation_sdk.builders.dashboard import Dashboard, DatasourceVariable, QueryVariable, Row, ThresholdsConfig
 from grafana_foundation_sdk.builders.prometheus import Dataquery
 from grafana_foundation_sdk.cog.encoder import JSONEncoder
 from grafana_foundation_sdk.models.common import BarGaugeDisplayMode, GraphDrawStyle, StackingMode, VizOrientation
-from grafana_foundation_sdk.models.dashboard import DataSourceRef, VariableRefresh, VariableSort
+from grafana_foundation_sdk.models.dashboard import (DataSourceRef, Threshold, ThresholdsMode, VariableRefresh,
+                                                     VariableSort)
 
 PATHS = [Path("deploy/grafana/finetune.json"), Path("charts/finetune-operator/dashboards/finetune.json")]
 UID = "finetune-operator"
@@ -48,11 +49,16 @@ def series(title: str, unit: str, *queries: Dataquery, width: int = 8) -> timese
     return panel
 
 
-def single(title: str, unit: str, *queries: Dataquery, width: int = 4) -> stat.Panel:
+def single(title: str, unit: str, *queries: Dataquery, width: int = 4,
+           colours: tuple[tuple[float | None, str], ...] = ((None, "text"),)) -> stat.Panel:
+    """A stat; `colours`: (from value, colour) steps. One neutral colour by default: Grafana's own steps (green, red
+    from 80) made 80 s to Running red and an operator up 0 green."""
     panel = stat.Panel().title(title).unit(unit).datasource(DATASOURCE).span(width).height(8)
     for q in queries:
         panel = panel.with_target(q)
-    return panel.reduce_options(ReduceDataOptions().calcs(["lastNotNull"]))
+    steps = [Threshold(value=value, color=colour) for value, colour in colours]
+    return (panel.reduce_options(ReduceDataOptions().calcs(["lastNotNull"]))
+            .thresholds(ThresholdsConfig().mode(ThresholdsMode.ABSOLUTE).steps(steps)))
 
 
 def quantile(q: float, histogram: str, function: str, window: str) -> str:
@@ -151,7 +157,9 @@ def evaluation() -> list[Panel]:
         .with_target(query(last("final"), "{{metric}} fine-tuned", instant=True))
         .with_target(query(last("teacher"), "{{metric}} teacher", instant=True)),  # a distilled job's
         single("Change (fine-tuned - baseline)", "short",
-               query(f"{last('final')} - {last('baseline')}", "{{metric}}", instant=True), width=8),
+               query(f"{last('final')} - {last('baseline')}", "{{metric}}", instant=True), width=8)
+        .description("The test split's score after fine-tuning less before: better is up for accuracy, F1 and mAP, "
+                     "down for loss and perplexity"),
     ]
 
 
@@ -181,7 +189,7 @@ def operator_health() -> list[Panel]:
         # replacement unscheduled) there is no target and no sample, and the stat's last non-null value was the 1
         # from before.
         single("Operator up", "short", query(f"sum(finetune_operator_leader{{{OPERATOR}}}) or vector(0)", "up"),
-               width=3),
+               width=3, colours=((None, "red"), (1, "green"))),
     ]
 
 
