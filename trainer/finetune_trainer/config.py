@@ -204,7 +204,8 @@ class DatasetSpec(TextsSpec):
         description="File format; auto picks it from the extension (a folder of class folders is an ImageFolder, "
         "a folder with dataset_info.json is an HF save_to_disk dataset; object-detection reads coco). "
         "coco (object-detection only): a COCO annotations JSON, or a folder with annotations.json or one JSON per split "
-        f"(train.json, val.json, test.json), each image's file_name relative to the JSON's folder or its images/. {HUB_LAYOUTS}",
+        "(train.json, val.json, test.json), each image's file_name relative to the JSON's folder or its images/ (or, "
+        f"in COCO's layout, to train2017/ beside annotations/instances_train2017.json). {HUB_LAYOUTS}",
     )
 
     label_field: str = Field(

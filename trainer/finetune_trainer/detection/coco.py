@@ -3,7 +3,9 @@
 A dataset is an annotations JSON (`images`, `annotations` with `bbox` [x, y, width, height]
 in pixels, `categories`) plus its images. `dataset.uri` names the JSON, or a folder holding
 annotations.json, or one JSON per split named by split (train.json, val.json, test.json).
-An image's `file_name` is relative to the JSON's folder or to its images/ folder.
+An image's `file_name` is relative to the JSON's folder or to its images/ folder, or, as COCO lays
+them out, to the folder the JSON names beside annotations/ (annotations/instances_train2017.json,
+train2017/).
 
 Each record is checked on load: an annotation whose box leaves its image, names an unknown
 category or image, an image without its file or of another size than declared: the error
@@ -260,6 +262,8 @@ def image_record(image: Any, i: int, file: Path, problems: list[str]) -> Annotat
         return None
     where = f"image {image['id']} ({image['file_name']!r})"
     candidates = [file.parent / image["file_name"], file.parent / "images" / image["file_name"]]
+    if file.parent.name == "annotations" and "_" in file.stem:  # COCO's: annotations/instances_val2017.json, val2017/
+        candidates.append(file.parent.parent / file.stem.split("_", 1)[1] / image["file_name"])
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         problems.append(f"{where}: no file at {' or '.join(map(str, candidates))}")
