@@ -40,6 +40,19 @@ def minilm():
     return model, tokenizer, batches
 
 
+def test_heads_are_scored_by_the_task_loss_only_through_a_head_the_checkpoint_trained(minilm) -> None:
+    """MiniLM is a base checkpoint: its 3-way classifier is initialised at random, and the task's loss through it
+    (labelled "task") scored the heads by noise, no better than the label-free probe."""
+    from finetune_trainer.analyze import analyze
+
+    model, _, batches = minilm
+    assert analyze(model, batches, Task.SEQUENCE_CLASSIFICATION, 3, False).importance["heads"]["loss"] == (
+        "label-free probe")
+    trained = copy.deepcopy(model)
+    trained.new_modules = ()  # as a checkpoint that had the head
+    assert analyze(trained, batches, Task.SEQUENCE_CLASSIFICATION, 3, False).importance["heads"]["loss"] == "task"
+
+
 def test_block_influence_is_one_minus_the_cosine_of_each_layers_input_and_output(minilm) -> None:
     model, _, batches = minilm
     model = copy.deepcopy(model)

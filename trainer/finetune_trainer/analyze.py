@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from finetune_trainer.batches import Batch
 from finetune_trainer.config import Task
 from finetune_trainer.errors import FatalFinding
-from finetune_trainer.models import autocast, logits_of
+from finetune_trainer.models import autocast, logits_of, new_modules
 from finetune_trainer.prune import importance
 from finetune_trainer.structure import head_name, lora_candidates, lora_types, unread_layers
 
@@ -108,7 +108,9 @@ def analyze(model: nn.Module, batches: list[Batch], task: Task, num_labels: int,
         memory=memory_model(params, probe["activations"], probe["largest_activation"], probe["peak"],
                             probe["peak_source"], probe["gradients"]),
     )
-    fits = task == Task.CAUSAL_LM or (head_info is not None and head_info["out_features"] == num_labels)
+    # A head the checkpoint lacked (a base model's, initialised at random) scores the heads by noise: label-free
+    fits = task == Task.CAUSAL_LM or (head is not None and head_info["out_features"] == num_labels
+                                      and not any(head == m or head.startswith(f"{m}.") for m in new_modules(model)))
     report.importance = importance(model, batches, task, labels_fit=fits, dtype=dtype)
     report.findings = findings(report, params, task)
     return report

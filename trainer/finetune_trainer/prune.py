@@ -102,8 +102,8 @@ def importance(model: nn.Module, batches: list[Batch], task: Task, labels_fit: b
                dtype: torch.dtype | None = None) -> dict[str, Any] | None:
     """Block Influence of each layer and the head-mask importance of each head (when the model's heads can be
     found) over `batches`, bottom layer first. The heads' loss is the task's own when the labels fit the model
-    (causal-lm, or a head already sized for the dataset); else the analysis' label-free probe loss, which a
-    classifier head that rearrange replaces makes a rough guide."""
+    (causal-lm, or a head the checkpoint trained, already sized for the dataset); else the analysis' label-free probe
+    loss, which a classifier head that rearrange replaces, or one initialised at random, makes a rough guide."""
     try:
         found = layer_stack(model, task)
     except SplitLayers:  # no list of whole layers to score: pruning says so (stack_for)
