@@ -207,7 +207,8 @@ def _sample(seen: reconcile.Observed, slow: SlowScrapes, ns: str, name: str) -> 
     except ScrapeError as exc:
         # Not at every job's end, nor at its start (the endpoint up once torch is imported): counted, they fired
         # the alerts on the counter for each job
-        if not (reconcile.reported_done(seen.body["status"]) or reconcile.still_starting(seen.body["status"], seen.now)):
+        status = seen.body["status"]
+        if not (reconcile.reported_done(status) or reconcile.still_starting(status, seen.now)):
             metrics.POLL_ERRORS.labels(reason=exc.reason).inc()
         log.debug("%s/%s: metrics not read: %s", ns, name, exc)
         seen.scrape_error = (exc.reason, str(exc))
