@@ -287,6 +287,33 @@ def test_a_floating_point_image_is_named_before_training(tmp_path: Path) -> None
         check_images_once(data, str(tmp_path), CPU)
 
 
+def test_a_netpbm_with_a_damaged_header_is_named_before_training(tmp_path: Path) -> None:
+    """Pillow's Netpbm reader raises ValueError on a damaged header, no OSError: it escaped as an infrastructure
+    failure (exit 2, retried for ever) naming no file, not as the dataset's fault naming it."""
+    cats_and_dogs(tmp_path, ".png")
+    (scan := tmp_path / "Dog" / "scan.pgm").write_bytes(b"P5\n4F 4\n255\n" + bytes(16))
+    data = load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
+    with pytest.raises(DataError, match=rf"1 of its 7 image files do not open as images: {scan} \(the first: "
+                                        r"ValueError: "):
+        check_images_once(data, str(tmp_path), CPU)
+
+
+def test_an_avif_cut_short_is_named_when_its_batch_comes(tmp_path: Path) -> None:
+    """An AVIF cut short keeps its header, so it passes the check before training; decoding it raises SyntaxError
+    ("Truncated data"), which escaped as an infrastructure failure naming no file."""
+    from PIL import Image, features
+
+    from finetune_trainer.batches import open_rgb
+
+    if not features.check("avif"):
+        pytest.skip("this Pillow writes no AVIF")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(
+        whole := tmp_path / "whole.avif")
+    (cut := tmp_path / "cut.avif").write_bytes(whole.read_bytes()[:int(whole.stat().st_size * 0.95)])
+    with pytest.raises(DataError, match=rf"^{cut}: cannot read it as an image \(SyntaxError: .*Truncated data"):
+        open_rgb(str(cut), as_shown=True, at_least=16)
+
+
 def test_a_32_bit_integer_image_of_16_bit_values_keeps_its_shades(tmp_path: Path) -> None:
     """A TIFF of 32-bit integers (mode I) holding 16-bit values (0..65535) was clipped at 255 by convert("RGB"),
     near-white (mean 254.5); one holding 8-bit values is read as it was."""

@@ -25,7 +25,8 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 
 from finetune_trainer.config import Augmentation, Task
-from finetune_trainer.data import FLOAT_IMAGE, WIDE_IMAGE, Split, beyond_16_bits, image_fault, int_range
+from finetune_trainer.data import (FLOAT_IMAGE, WIDE_IMAGE, Split, beyond_16_bits, decode_errors, image_fault,
+                                   int_range)
 from finetune_trainer.errors import DataError
 from finetune_trainer.torchrun import local_world_size
 
@@ -264,7 +265,7 @@ def open_rgb(path: str, as_shown: bool = False, at_least: int | None = None) -> 
             return image.convert("RGB")
     except FileNotFoundError as exc:  # a path of the dataset's (a table of paths) that names no file
         raise DataError(f"{path}: no such image file") from exc
-    except (OSError, Image.DecompressionBombError) as exc:
+    except decode_errors() as exc:
         raise DataError(f"{path}: cannot read it as an image ({image_fault(exc)})") from exc
 
 

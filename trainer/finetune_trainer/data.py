@@ -197,8 +197,18 @@ def image_problem(path: str) -> str | None:
     try:
         with Image.open(path) as image:
             return FLOAT_IMAGE if image.mode == "F" else WIDE_IMAGE if beyond_16_bits(int_range(image)) else None
-    except (OSError, Image.DecompressionBombError) as exc:  # the latter is no OSError
+    except decode_errors() as exc:
         return image_fault(exc)
+
+
+def decode_errors() -> tuple[type[Exception], ...]:
+    """What Pillow raises on a file it cannot read as an image: OSError (no image, a stream cut short; image_fault
+    tells a failed read by its errno), DecompressionBombError (no OSError), and what its decoders raise on damaged
+    data besides: ValueError (a Netpbm's or a DDS's damaged header), SyntaxError (an AVIF cut short), RuntimeError
+    (libavif's other failures). Any of them escaped as an infrastructure failure, retried for ever, naming no file."""
+    from PIL import Image
+
+    return OSError, Image.DecompressionBombError, ValueError, SyntaxError, RuntimeError
 
 
 def int_range(image: Image.Image) -> tuple[int, int] | None:
