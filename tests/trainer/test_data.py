@@ -544,6 +544,34 @@ def test_a_folder_that_validation_and_test_share_is_the_test_split(
                                        "validation split") in caplog.text
 
 
+def noisy_images(folder: Path, count: int, seed: int) -> None:
+    """Cat/ and Dog/ in `folder`, `count` images each of random pixels: no two files alike."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for name in ("Cat", "Dog"):
+        (folder / name).mkdir(parents=True)
+        for i in range(count):
+            Image.fromarray(rng.integers(0, 255, (8, 8, 3), dtype=np.uint8)).save(folder / name / f"{i}.png")
+
+
+def test_a_validation_folder_copied_from_test_is_not_selected_on(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An image's identity was its path: val/ copied from test/ (not linked to it) was the validation split, early
+    stopping and the best weights chosen on the test images, and a test image copied into train went unsaid."""
+    noisy_images(tmp_path / "train", 6, seed=0)
+    noisy_images(tmp_path / "test", 3, seed=1)
+    shutil.copytree(tmp_path / "test", tmp_path / "val")
+    data = load_images(tmp_path)
+    assert not [path for path in data.validation.inputs if "/val/" in path] and data.validation.inputs
+    assert "6 of the 6 rows of its validation split are inputs of its test split: held out of its train split" in (
+        caplog.text)
+    shutil.rmtree(tmp_path / "val")
+    shutil.copy(tmp_path / "test" / "Cat" / "0.png", tmp_path / "train" / "Cat" / "0 (1).png")
+    load_images(tmp_path)
+    assert "1 inputs of its test split are in its train split too" in caplog.text
+
+
 def test_a_train_split_linked_to_test_is_the_train_split(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """train -> test left no train split (a KeyError): nothing is learnt without it, and test is held out of it."""
     split_folders(tmp_path, "validation", "test")

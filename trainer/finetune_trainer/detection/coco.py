@@ -85,7 +85,7 @@ def load_coco(spec: DatasetSpec, seed: int) -> CocoData:
                         len(records[name]))
             records[name] = []
     drop_empty_splits(records, spec.uri)
-    train, validation, test = split(records, dict.fromkeys(records), spec, seed)
+    train, validation, test = split(records, dict.fromkeys(records), spec, seed, images=True)
     id2label = {class_of[cid]: categories[cid] for cid in sorted(categories)}
     boxes = sum(len(r.boxes) for r in train.inputs)
     if not boxes:  # every step would teach "background", every score would be mAP 0
