@@ -274,6 +274,19 @@ def test_heic_images_in_a_class_folder_are_said_unread_with_a_count(tmp_path: Pa
             "(Cat/IMG_1.HEIC, Cat/IMG_2.heif, Dog/IMG_3.HEIC)") in caplog.text
 
 
+def test_image_links_to_no_file_are_said_with_a_count(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """git-annex's and DVC's links to content not fetched (or links out of the pod's volume) were left out of the
+    class without a word, a class of 10 images trained as one of 4."""
+    cats_and_dogs(tmp_path, ".png")
+    for i in range(4):
+        (tmp_path / "Dog" / f"annexed{i}.png").symlink_to(f"../.git/annex/objects/SHA256E-s{i}.png")
+    data = load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
+    assert len(data.train.inputs + data.validation.inputs + data.test.inputs) == 6
+    assert (f"{tmp_path / 'Dog'}: 4 files that are links to no file (content not fetched, as git-annex and DVC "
+            "leave it, or a link out of the volume): not read (annexed0.png, annexed1.png, annexed2.png and 1 more)"
+            ) in caplog.text
+
+
 def test_a_floating_point_image_is_named_before_training(tmp_path: Path) -> None:
     """A 32-bit float TIFF (mode F) opens, but no batch can take it (batches.open_rgb): named with the files that do
     not open, before training, not when its batch comes hours into an epoch."""

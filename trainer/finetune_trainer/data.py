@@ -511,8 +511,25 @@ class Found:
 
     def files(self, suffixes: set[str]) -> Iterator[Path]:
         """The files with these suffixes (format_suffix) anywhere below the folder, but not in hidden folders (.git,
-        .cache) nor lost+found (data_folder), in sorted order; each found a file (a stat) only as it is read."""
-        return (p for p in self.entries if format_suffix(p) in suffixes and p.is_file())
+        .cache) nor lost+found (data_folder), in sorted order; each found a file (a stat) only as it is read. Links
+        to no file among them are said once read through (say_dangling)."""
+        dangling = []
+        for p in self.entries:
+            if format_suffix(p) in suffixes:
+                if p.is_file():
+                    yield p
+                elif p.is_symlink():
+                    dangling.append(p)
+        if dangling:
+            say_dangling(self.path, dangling)
+
+
+def say_dangling(folder: Path, links: list[Path]) -> None:
+    """Say the links in `folder` to no file, with a count and the first few: git-annex's and DVC's links to content
+    not fetched, or links out of the pod's volume, were left out without a word (a class of 10 images read as 4)."""
+    said_once(f"{folder}: {len(links)} files that are links to no file (content not fetched, as git-annex and DVC "
+              f"leave it, or a link out of the volume): not read "
+              f"({listed([str(p.relative_to(folder)) for p in links], most=3)})")
 
 
 def files_below(folder: Path, skipped: list[str] | None = None, links: set[str] | None = None) -> Iterator[Path]:
@@ -575,8 +592,9 @@ def entered(path: str, top: str, walked: set[str], skipped: list[str] | None) ->
 
 @functools.cache
 def said_once(warning: str) -> None:
-    """A warning of the folders' walk (Found.say_skipped), or of an image dataset's folders (stood_for): said once
-    however often the folders are read (a load lists them once, but a process may load the dataset again)."""
+    """A warning of the folders' walk (Found.say_skipped, say_dangling), or of an image dataset's folders
+    (stood_for): said once however often the folders are read (a load lists them once, but a process may load the
+    dataset again)."""
     log.warning("%s", warning)
 
 
