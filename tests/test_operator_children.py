@@ -222,6 +222,20 @@ def test_pods_pass_restricted_and_carry_no_token() -> None:
     assert security["allowPrivilegeEscalation"] is False and security["capabilities"]["drop"] == ["ALL"]
 
 
+def test_only_a_worker_that_asks_for_no_nvidia_device_has_the_runtimes_gpus_hidden() -> None:
+    """NVIDIA_VISIBLE_DEVICES=void keeps NVIDIA's runtime from handing a CPU worker the node's GPUs. A MIG slice or a
+    shared GPU is an NVIDIA resource other than nvidia.com/gpu, whose device plugin names its device in that variable:
+    ours replaced it, and the worker trained on the CPU."""
+    def env(resources: dict[str, object]) -> dict[str, str]:
+        doc, spec = ftj(runtime={"resources": resources})
+        container = children.job(doc, spec, 1, SETTINGS)["spec"]["template"]["spec"]["containers"][0]
+        return {e["name"]: e.get("value") for e in container["env"]}
+
+    assert env({"limits": {"cpu": "2", "memory": "4Gi"}})["NVIDIA_VISIBLE_DEVICES"] == "void"
+    for device in ("nvidia.com/gpu", "nvidia.com/mig-1g.10gb", "nvidia.com/gpu.shared"):
+        assert "NVIDIA_VISIBLE_DEVICES" not in env({"limits": {device: 1, "cpu": "2", "memory": "4Gi"}}), device
+
+
 def test_runtime_and_placement_pass_through() -> None:
     doc, spec = ftj(
         runtime={"image": "mine:2", "imagePullPolicy": "Always", "env": [{"name": "HF_TOKEN", "valueFrom": {

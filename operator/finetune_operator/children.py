@@ -107,6 +107,9 @@ def service(ftj: dict[str, Any], attempt: int) -> dict[str, Any]:
     }
 
 
+NVIDIA = "nvidia.com/"  # the prefix of NVIDIA's device plugins' resources (gpu, mig-1g.10gb, gpu.shared)
+
+
 def gpus(resources: core.ResourceRequirements) -> int:
     """A worker's GPUs: its limit of them (a request of an extended resource, if given, equals its limit)."""
     limit = resources.limits.get(core.GPU)
@@ -156,9 +159,11 @@ def _env(spec: api.FineTuneJobSpec, resources: core.ResourceRequirements) -> lis
         {"name": "FINETUNE_GPUS", "value": str(gpus(resources))},
         {"name": "HF_HOME", "value": HF_HOME},
     ]
-    if not gpus(resources):  # NVIDIA's runtime gives a container that asks for no GPU every GPU of its node where the
-        # image says NVIDIA_VISIBLE_DEVICES=all (CUDA's images do): a CPU worker trained on GPUs given to other pods.
-        # "void": the runtime adds nothing, as runc.
+    if not any(name.startswith(NVIDIA) for name in (*resources.limits, *resources.requests)):
+        # NVIDIA's runtime gives a container that asks for no GPU every GPU of its node where the image says
+        # NVIDIA_VISIBLE_DEVICES=all (CUDA's images do): a CPU worker trained on GPUs given to other pods. "void":
+        # the runtime adds nothing, as runc. Not for any NVIDIA resource (a MIG slice, nvidia.com/gpu.shared), whose
+        # device plugin names its device in that variable, which the container's own would replace.
         ours.append({"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"})
     if rendezvous(spec):  # torchrun's --shutdown-timeout, as its environment gives it: an older torchrun without
         # the setting (in a user's image) ignores it and keeps its 30 s, where the flag stopped every run
