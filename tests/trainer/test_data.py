@@ -366,6 +366,11 @@ def test_an_image_the_trainer_may_not_read_is_the_datasets_fault_another_failed_
 
     for code in (errno.EACCES, errno.EPERM):
         assert image_fault(PermissionError(code, os.strerror(code), "x.png")).startswith("PermissionError: ")
+    # libavif's own failures, which Pillow raises as RuntimeError: a damaged file's is the dataset's, not memory's
+    assert image_fault(RuntimeError("Failed to decode image: BMFF parsing failed")).startswith("RuntimeError: ")
+    for cause in ("Out of memory", "No codec available"):
+        with pytest.raises(RuntimeError):
+            image_fault(RuntimeError(f"Failed to decode image: {cause}"))
     with pytest.raises(OSError, match="Input/output error"):
         image_fault(OSError(errno.EIO, os.strerror(errno.EIO), "x.png"))
 
@@ -583,6 +588,31 @@ def test_a_validation_folder_copied_from_test_is_not_selected_on(
     shutil.copy(tmp_path / "test" / "Cat" / "0.png", tmp_path / "train" / "Cat" / "0 (1).png")
     load_images(tmp_path)
     assert "1 inputs of its test split are in its train split too" in caplog.text
+
+
+def test_an_image_the_comparison_of_splits_may_not_read_is_left_to_the_image_check(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Splits are compared by their files' bytes before the images are checked: a file the trainer may not read
+    (EACCES, built here: the tests run as root) raised PermissionError there, an infrastructure failure retried (exit
+    2), where the image check names it as the dataset's fault (exit 1). It is compared by its path instead."""
+    import builtins
+    import errno
+
+    from finetune_trainer import data as data_module
+
+    noisy_images(tmp_path / "train", 6, seed=0)
+    noisy_images(tmp_path / "test", 3, seed=1)
+    shutil.copy(tmp_path / "test" / "Cat" / "0.png", tmp_path / "train" / "Cat" / "0 (1).png")
+    refused = tmp_path / "train" / "Cat" / "0 (1).png"
+
+    def opening(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if Path(path) == refused:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(data_module, "open", opening, raising=False)
+    data = load_images(tmp_path)
+    assert str(refused) in data.train.inputs + data.validation.inputs + data.test.inputs
 
 
 def test_a_train_split_linked_to_test_is_the_train_split(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

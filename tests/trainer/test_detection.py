@@ -203,25 +203,29 @@ def test_cocos_own_annotation_folder_gives_the_instances_file(pvc_root: Path, tm
 
 def test_cocos_own_layout_finds_the_images_in_the_split_folder_beside_annotations(pvc_root: Path,
                                                                                   tmp_path: Path) -> None:
-    """COCO keeps annotations/instances_train2017.json and its images in train2017/ beside annotations/ (val alike):
-    the instances file was found, and then every image refused, looked for beside the JSON or in its images/."""
+    """COCO keeps annotations/instances_train2017.json and its images in train2017/ beside annotations/ (val alike,
+    and image_info_test2017.json's, its answers withheld, in test2017/): the instances file was found, and then every
+    image refused, looked for beside the JSON or in its images/."""
     shapes = shapes_copy(pvc_root, tmp_path)
     coco = json.loads((shapes / "annotations.json").read_text())
     root = tmp_path / "coco"
     (root / "annotations").mkdir(parents=True)
-    halves = {"train2017": coco["images"][:-10], "val2017": coco["images"][-10:]}
-    for split, images in halves.items():
+    files = {"instances_train2017": coco["images"][:-20], "instances_val2017": coco["images"][-20:-10],
+             "image_info_test2017": coco["images"][-10:]}
+    for stem, images in files.items():
+        split = stem.rsplit("_", 1)[1]
         (root / split).mkdir()
         ids = {image["id"] for image in images}
         for image in images:
             found = next(p for p in (shapes / image["file_name"], shapes / "images" / image["file_name"]) if p.is_file())
             shutil.copy(found, root / split / Path(image["file_name"]).name)
-        (root / "annotations" / f"instances_{split}.json").write_text(json.dumps(coco | {
-            "images": [image | {"file_name": Path(image["file_name"]).name} for image in images],
-            "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}))
+        answers = {} if stem.startswith("image_info") else {
+            "annotations": [a for a in coco["annotations"] if a["image_id"] in ids]}
+        (root / "annotations" / f"{stem}.json").write_text(json.dumps({"categories": coco["categories"], **answers,
+            "images": [image | {"file_name": Path(image["file_name"]).name} for image in images]}))
     data = load_coco(DatasetSpec(uri=str(root / "annotations"), format="coco"), seed=0)
     assert len(data.validation.inputs) == 10
-    assert len(data.train.inputs) + len(data.test.inputs) == len(coco["images"]) - 10
+    assert len(data.train.inputs) + len(data.test.inputs) == len(coco["images"]) - 20  # test's held out of train
 
 
 def test_an_annotations_file_with_a_byte_order_mark_loads(pvc_root: Path, tmp_path: Path) -> None:

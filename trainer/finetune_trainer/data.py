@@ -231,7 +231,14 @@ def image_fault(exc: Exception) -> str:
     a read that failed, the volume's fault, not the file's: raised again."""
     if isinstance(exc, OSError) and exc.errno is not None and exc.errno not in UNREADABLE:
         raise exc
+    if isinstance(exc, RuntimeError) and any(cause in str(exc) for cause in NOT_THE_FILES):
+        raise exc
     return f"{type(exc).__name__}: {exc}"
+
+
+# What libavif fails by that is no fault of the file (Pillow raises each as a RuntimeError naming libavif's result,
+# "Failed to decode image: Out of memory"), raised again: retried, where the file's own faults are the dataset's.
+NOT_THE_FILES = ("Out of memory", "No codec available", "Can't allocate decoder")
 
 
 def table_folders(table: pd.DataFrame, rows: pd.Index, folder: Path) -> list[Path]:
@@ -1473,13 +1480,14 @@ def image_keys(inputs: dict[str, list[Any]]) -> dict[str, list[Hashable]]:
     paths = {name: list(map(input_key, rows)) for name, rows in inputs.items()}
     if len(paths) < 2:
         return paths
-    size = by_threads(os.path.getsize, list(dict.fromkeys(chain.from_iterable(paths.values()))))
-    splits_of: dict[int, set[str]] = {}
+    size = by_threads(file_size, list(dict.fromkeys(chain.from_iterable(paths.values()))))
+    splits_of: dict[int | None, set[str]] = {}
     for name, names in paths.items():
         for path in names:
             splits_of.setdefault(size[path], set()).add(name)
-    digest = by_threads(file_digest, [path for path in size if len(splits_of[size[path]]) > 1])
-    return {name: [digest.get(path, path) for path in names] for name, names in paths.items()}
+    digest = by_threads(file_digest, [path for path in size
+                                      if size[path] is not None and len(splits_of[size[path]]) > 1])
+    return {name: [digest.get(path) or path for path in names] for name, names in paths.items()}
 
 
 def by_threads(read: Callable[[str], T], paths: list[str]) -> dict[str, T]:
@@ -1494,12 +1502,24 @@ def by_threads(read: Callable[[str], T], paths: list[str]) -> dict[str, T]:
         return dict(zip(chain.from_iterable(shares), chain.from_iterable(done)))
 
 
-def file_digest(path: str) -> bytes:
+# A file that cannot be read (missing, EACCES, EIO) is compared by its path: the image check after the split
+# (check_images_once) names it, as the dataset's fault or the volume's; raised here, it was an infrastructure failure.
+def file_size(path: str) -> int | None:
+    try:
+        return os.path.getsize(path)
+    except OSError:
+        return None
+
+
+def file_digest(path: str) -> bytes | None:
     """A digest of the file's bytes, read in blocks (hashlib lets other threads run meanwhile)."""
     digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as file:
-        while block := file.read(1 << 20):
-            digest.update(block)
+    try:
+        with open(path, "rb") as file:
+            while block := file.read(1 << 20):
+                digest.update(block)
+    except OSError:
+        return None
     return digest.digest()
 
 

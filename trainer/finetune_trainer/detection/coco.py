@@ -262,8 +262,9 @@ def image_record(image: Any, i: int, file: Path, problems: list[str]) -> Annotat
         return None
     where = f"image {image['id']} ({image['file_name']!r})"
     candidates = [file.parent / image["file_name"], file.parent / "images" / image["file_name"]]
-    if file.parent.name == "annotations" and "_" in file.stem:  # COCO's: annotations/instances_val2017.json, val2017/
-        candidates.append(file.parent.parent / file.stem.split("_", 1)[1] / image["file_name"])
+    # COCO's: annotations/instances_val2017.json (person_keypoints_val2017, image_info_test2017) beside val2017/
+    if file.parent.name == "annotations" and "_" in file.stem:
+        candidates.append(file.parent.parent / file.stem.rsplit("_", 1)[1] / image["file_name"])
     path = next((p for p in candidates if p.is_file()), None)
     if path is None:
         problems.append(f"{where}: no file at {' or '.join(map(str, candidates))}")
