@@ -399,6 +399,7 @@ def model_card(cfg: TrainerConfig, report: dict[str, Any], adapters_apart: bool 
         f"- Adapters: {adapters}" + merge_note(merge),
         *dtype_lines(written_in, training),
         training_line(cfg, training),
+        recipe_line(cfg),
         *distillation_lines(report.get("distillation"), evaluation.get("teacher")),
         "",
         "## Evaluation on the test split (seen by neither training nor model selection)",
@@ -450,6 +451,19 @@ def training_line(cfg: TrainerConfig, training: dict[str, Any]) -> str:
     if (best := training.get("restored_best_step")) is not None:
         line += f"; the weights are step {best}'s, the best validation {cfg.evaluation_metrics[0].value}"
     return line
+
+
+def recipe_line(cfg: TrainerConfig) -> str:
+    """The card's line on what set the optimisation apart from another run of the same data (report.json has the
+    whole configuration)."""
+    adjust, training = cfg.adjust, cfg.training
+    rate = f"learning rate {adjust.learning_rate:g}"
+    if adjust.head_learning_rate is not None:
+        rate += f" (the head's {adjust.head_learning_rate:g})"
+    batches = f"batches of {training.batch_size}"
+    if training.gradient_accumulation > 1:
+        batches += f" x {training.gradient_accumulation} accumulated"
+    return f"- Recipe: {rate}, {batches} per worker"
 
 
 def distillation_lines(distillation: dict[str, Any] | None, scores: dict[str, float] | None) -> list[str]:
