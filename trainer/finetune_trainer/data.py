@@ -173,10 +173,7 @@ def bad_images(paths: list[str]) -> dict[str, str]:
     PetImages/Cat/666.jpg, an HTML page saved as .jpg) stopped the job only when its batch came, hours into an epoch,
     and the next such file the next run. A file cut short after its header still stops the job at its batch
     (batches.open_rgb). Read by threads: on a network volume each file's open waits on a round trip."""
-    from concurrent.futures import ThreadPoolExecutor
-
-    with ThreadPoolExecutor(HEADER_READERS) as pool:
-        return {path: problem for path, problem in zip(paths, pool.map(image_problem, paths)) if problem}
+    return {path: problem for path, problem in by_threads(image_problem, paths).items() if problem}
 
 
 def bad_images_error(bad: dict[str, str], count: int, uri: str) -> DataError:
