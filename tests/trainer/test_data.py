@@ -327,6 +327,26 @@ def test_an_avif_cut_short_is_named_when_its_batch_comes(tmp_path: Path) -> None
         open_rgb(str(cut), as_shown=True, at_least=16)
 
 
+def test_an_error_after_an_image_decoded_is_not_blamed_on_its_file(tmp_path: Path,
+                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    """open_rgb's handler of Pillow's errors covered our own work on the decoded pixels too: a ValueError there
+    became a DataError naming a good file (exit 1, never retried) instead of the error it is."""
+    from PIL import Image
+
+    from finetune_trainer import batches
+
+    Image.new("RGBA", (8, 8), (10, 20, 30, 0)).save(path := tmp_path / "clear.png")
+
+    def broken(*args: object) -> Image.Image:
+        raise ValueError("a bug of ours")
+
+    monkeypatch.setattr(Image, "alpha_composite", broken)
+    with pytest.raises(ValueError, match="^a bug of ours$"):
+        batches.open_rgb(str(path), as_shown=True)
+    monkeypatch.undo()
+    assert batches.open_rgb(str(path), as_shown=True).getpixel((0, 0)) == (255, 255, 255)  # over white
+
+
 def test_a_32_bit_integer_image_of_16_bit_values_keeps_its_shades(tmp_path: Path) -> None:
     """A TIFF of 32-bit integers (mode I) holding 16-bit values (0..65535) was clipped at 255 by convert("RGB"),
     near-white (mean 254.5); one holding 8-bit values is read as it was."""

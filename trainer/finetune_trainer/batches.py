@@ -243,26 +243,34 @@ def open_rgb(path: str, as_shown: bool = False, at_least: int | None = None) -> 
     (libjpeg scales as it decodes): the resize that follows still smooths, as Pillow's thumbnail leaves it a factor of
     2 (its reducing_gap); left less, a sharp photo's pixels moved by up to 4 levels of 255 on average and 60 at most.
     A file that does not decode (an HTML page saved as .jpg, an upload cut short, a decompression bomb) is the
-    dataset's fault (data.image_fault)."""
+    dataset's fault (data.image_fault); what follows its decoding is not."""
+    image, file_format = decoded(path, as_shown, at_least)
+    if image.mode == "F":  # a backstop: the datasets' images are checked before training (bad_images)
+        raise DataError(f"{path}: {FLOAT_IMAGE}")
+    values = int_range(image)  # its pixels read once, for both
+    if beyond_16_bits(values):  # a backstop too
+        raise DataError(f"{path}: {WIDE_IMAGE}")
+    # 16-bit grey: convert() would clip it at 255, nearly all white. A 16-bit PGM opens as mode I, scaled to
+    # 0..65535; a TIFF of 32-bit integers (mode I) holds 8-bit values or 16-bit ones, told by its range
+    if image.mode.startswith("I;16") or (values is not None and (file_format == "PPM" or values[1] > 255)):
+        return Image.fromarray((np.asarray(image) / 257).round().astype(np.uint8)).convert("RGB")
+    if as_shown and ("A" in image.getbands() or "transparency" in image.info):
+        rgba = image.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return image.convert("RGB")
+
+
+def decoded(path: str, as_shown: bool, at_least: int | None) -> tuple[Image.Image, str | None]:
+    """The image at `path` with its pixels read (open_rgb's), and its file's format; Pillow's errors here are the
+    file's, named with its path."""
     try:
         with Image.open(path) as opened:
             if at_least:
                 opened.draft(None, (2 * at_least, 2 * at_least))  # for other formats than JPEG, nothing
             turned = as_shown and opened.getexif().get(ExifTags.Base.Orientation, 1) != 1
             image = ImageOps.exif_transpose(opened) if turned else opened
-            if image.mode == "F":  # a backstop: the datasets' images are checked before training (bad_images)
-                raise DataError(f"{path}: {FLOAT_IMAGE}")
-            values = int_range(image)  # its pixels read once, for both
-            if beyond_16_bits(values):  # a backstop too
-                raise DataError(f"{path}: {WIDE_IMAGE}")
-            # 16-bit grey: convert() would clip it at 255, nearly all white. A 16-bit PGM opens as mode I, scaled to
-            # 0..65535; a TIFF of 32-bit integers (mode I) holds 8-bit values or 16-bit ones, told by its range
-            if image.mode.startswith("I;16") or (values is not None and (opened.format == "PPM" or values[1] > 255)):
-                return Image.fromarray((np.asarray(image) / 257).round().astype(np.uint8)).convert("RGB")
-            if as_shown and ("A" in image.getbands() or "transparency" in image.info):
-                rgba = image.convert("RGBA")
-                return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-            return image.convert("RGB")
+            image.load()
+            return image, opened.format
     except FileNotFoundError as exc:  # a path of the dataset's (a table of paths) that names no file
         raise DataError(f"{path}: no such image file") from exc
     except decode_errors() as exc:
