@@ -316,21 +316,21 @@ def test_a_finished_job_retuned_says_that_nothing_runs_it_again(operator_env: Op
         "metadata": {"name": "finished-retuned"}})
     env.wait_phase(name, "Failed")
     patch = ("patch", "ftj", name, "-n", env.namespace, "--type=merge", "-p")
+    # Said once per change: the apiserver keeps what was said (status.ignoredChange), and a later edit of another
+    # field (a TTL) says nothing again. kopf posts Events after the status patch, in the background: each is waited for.
+    def told() -> int:
+        return sum(e.get("count") or 1 for e in env.events(name) if e["reason"] == "SpecChangeIgnored")
+
     env.kube.kubectl(*patch, '{"spec":{"suspend":true}}')
-    env.kube.kubectl(*patch, '{"spec":{"training":{"epochs":5}}}')
-    generation = env.ftj(name)["metadata"]["generation"]
-    env.wait_ftj(name, lambda o: o["status"].get("observedGeneration") == generation, "the retune seen", timeout=60)
     ignored = env.kube.wait_for("the Warning", lambda: [e for e in env.events(name)
                                                        if e["reason"] == "SpecChangeIgnored"], env.namespace, timeout=30)
     assert ignored[0]["type"] == "Warning" and "delete it and apply it again" in ignored[0]["message"]
+    env.kube.kubectl(*patch, '{"spec":{"training":{"epochs":5}}}')
+    generation = env.ftj(name)["metadata"]["generation"]
+    env.wait_ftj(name, lambda o: o["status"].get("observedGeneration") == generation, "the retune seen", timeout=60)
     assert env.ftj(name)["status"]["phase"] == "Failed" and len(env.objects("jobs", name)) == 1
-    # Said once per change: the apiserver keeps what was said (status.ignoredChange), and a later edit of another
-    # field (a TTL) says nothing again.
-    def told() -> int:  # the suspend and the retune are a change each, or one if a tick saw both patches at once
-        return sum(e.get("count") or 1 for e in env.events(name) if e["reason"] == "SpecChangeIgnored")
-
     assert env.ftj(name)["status"].get("ignoredChange", "").startswith("suspend=true,recipe=")
-    time.sleep(2)  # an Event is posted after the status patch
+    env.kube.wait_for("the retune told", lambda: told() >= 2, env.namespace, timeout=30)
     before = told()
     env.kube.kubectl(*patch, '{"spec":{"ttlSecondsAfterFinished":3600}}')
     generation = env.ftj(name)["metadata"]["generation"]

@@ -105,7 +105,9 @@ class _SlowApiserver(_Apiserver):
         return answer
 
 
-@pytest.mark.parametrize(("read", "answer", "exit_after"), [(0.0, 0.6, (0.9, 1.4)), (0.6, 0.0, (1.5, 2.2))],
+# Scaled so that a right exit and a wrong one are seconds apart (at a 1 s deadline a thread delayed 0.35 s by a
+# loaded machine failed): right, a late answer's exit comes at 3 s (wrong: 4.8), a slow read's at 4.8 (wrong: 3).
+@pytest.mark.parametrize(("read", "answer", "exit_after"), [(0.0, 1.8, (2.7, 4.2)), (1.8, 0.0, (4.5, 6.6))],
                          ids=["write-answered-late", "read-slow"])
 def test_a_new_leader_counts_its_renewal_deadline_from_the_write_that_took_the_lease(
         read: float, answer: float, exit_after: tuple[float, float], monkeypatch: pytest.MonkeyPatch) -> None:
@@ -120,11 +122,11 @@ def test_a_new_leader_counts_its_renewal_deadline_from_the_write_that_took_the_l
     apiserver = _SlowApiserver(read=read, answer=answer)
     lease = leader.Lease(apiserver, "ns", "ops", "a")  # type: ignore[arg-type]
     began = time.monotonic()
-    leader.wait_to_lead(lease, "127.0.0.1", 0, retry=0.05, deadline=1.0)
-    assert apiserver.bounds and all(b is not None and b <= 1.0 for b in apiserver.bounds)
+    leader.wait_to_lead(lease, "127.0.0.1", 0, retry=0.05, deadline=3.0)
+    assert apiserver.bounds and all(b is not None and b <= 3.0 for b in apiserver.bounds)
     apiserver.odd = RuntimeError("unanswered")  # no renewal goes through
-    with leader.leading(lease, retry=0.05, deadline=1.0):
-        while not exits and time.monotonic() < began + 5:
+    with leader.leading(lease, retry=0.05, deadline=3.0):
+        while not exits and time.monotonic() < began + 10:
             time.sleep(0.02)
         apiserver.odd = None
     low, high = exit_after
@@ -149,14 +151,14 @@ class _HalfOpenOnce(_Apiserver):
 def test_one_renewal_on_a_half_open_connection_is_dropped_in_time_for_the_next(monkeypatch: pytest.MonkeyPatch) -> None:
     """Each renewal request was bounded by the whole time left to the deadline: one sent on a half-open connection
     (a control-plane node gone without a reset) waited it out, and the leader exited with the apiserver answering
-    every other request (scaled: retries every 0.2 s, a deadline of 1 s, a request's bound 0.25 s)."""
+    every other request (scaled: retries every 0.4 s, a deadline of 2 s, a request's bound 0.5 s)."""
     exits: list[int] = []
     monkeypatch.setattr(leader, "os", SimpleNamespace(_exit=exits.append))
     monkeypatch.setattr(logging, "shutdown", lambda: None)
-    monkeypatch.setattr(leader, "REQUEST_SECONDS", 0.25)
+    monkeypatch.setattr(leader, "REQUEST_SECONDS", 0.5)
     apiserver = _HalfOpenOnce(hung=3)  # the take's read and write, then the first renewal's read
     lease = leader.Lease(apiserver, "ns", "ops", "a")  # type: ignore[arg-type]
     assert lease.try_hold()
-    with leader.leading(lease, retry=0.2, deadline=1.0):
-        time.sleep(2.5)
+    with leader.leading(lease, retry=0.4, deadline=2.0):
+        time.sleep(5)
     assert apiserver.calls > 6 and not exits, (apiserver.calls, exits)

@@ -123,8 +123,10 @@ def test_sigterm_during_a_long_evaluation_stops_it_and_the_resumed_run_evaluates
         time.sleep(0.02)
     sent = time.monotonic()
     proc.send_signal(signal.SIGTERM)
-    while not complete(saved):  # step 3's checkpoint comes after its evaluation, unless SIGTERM cut that short
-        assert time.monotonic() - sent < evaluating, "no checkpoint before the evaluation would have ended"
+    # Step 3's checkpoint comes after its evaluation, unless SIGTERM cut that short: the log's line and the
+    # checkpoint's empty evals below tell which (a time bound against the reference run's was load's to pass)
+    while not complete(saved):
+        assert time.monotonic() - sent < 300, "no checkpoint"
         time.sleep(0.02)
     took = time.monotonic() - sent
     code = proc.wait(timeout=600)

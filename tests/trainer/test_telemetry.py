@@ -87,7 +87,9 @@ def test_the_final_evaluation_is_read_by_a_scraper_before_the_endpoint_closes(en
     finally:
         scraper.stop()
     assert 'phase="final"' in scraper.bodies[-1]
-    assert took < 1.5 * 1.5 + 1 + 0.6  # its next read was due by then (shutdown takes up to 0.5 s)
+    # its next read was due by 1.5 * 1.5 + 1 s (shutdown takes up to 0.5 s); slack for a loaded machine, far under
+    # the 60 s linger a wait for nothing would take
+    assert took < 6
 
 
 def test_a_reader_beside_another_at_its_address_is_waited_for(endpoint: tuple[Metrics, int]) -> None:
@@ -141,7 +143,7 @@ def test_no_wait_without_readers_after_sigterm_or_when_turned_off(endpoint: tupl
     try:
         scraper.wait_for_a_read()
         scraper.wait_for_a_read()
-        assert finish(metrics, EXIT_TERMINATED) < 2.5  # the kubelet's grace period is for the checkpoint
+        assert finish(metrics, EXIT_TERMINATED) < 5  # the kubelet's grace period is for the checkpoint (a wait: 8.5 s)
     finally:
         scraper.stop()
     for env in ({}, {LINGER_ENV: "0"}):
@@ -152,7 +154,7 @@ def test_no_wait_without_readers_after_sigterm_or_when_turned_off(endpoint: tupl
         again.serve()
         if env:  # a reader, but lingering turned off
             urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
-        assert finish(again, EXIT_OK) < 2.5
+        assert finish(again, EXIT_OK) < 5
 
 
 def test_a_sigterm_ends_the_wait_and_a_gone_reader_holds_nothing(endpoint: tuple[Metrics, int]) -> None:
@@ -173,7 +175,7 @@ def test_a_sigterm_ends_the_wait_and_a_gone_reader_holds_nothing(endpoint: tuple
     sender = threading.Thread(target=sigterm_once_handled)
     sender.start()
     try:
-        assert finish(metrics, EXIT_OK) < 2 and not stray
+        assert finish(metrics, EXIT_OK) < 5 and not stray
         assert signal.getsignal(signal.SIGTERM) is ours
     finally:
         stop.set()
@@ -185,7 +187,7 @@ def test_a_sigterm_ends_the_wait_and_a_gone_reader_holds_nothing(endpoint: tuple
     for _ in range(2):
         urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
     again.readers.last = {c: t - 60 for c, t in again.readers.last.items()}
-    assert finish(again, EXIT_OK) < 2.5
+    assert finish(again, EXIT_OK) < 5
 
 
 def test_before_the_first_step_there_is_no_loss_step_or_throughput_only_the_stage() -> None:
