@@ -610,6 +610,36 @@ def test_a_validation_folder_copied_from_test_is_not_selected_on(
     assert "1 inputs of its test split are in its train split too" in caplog.text
 
 
+def test_the_comparison_of_splits_reads_whole_only_files_alike_at_their_ends(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
+    """Files were read whole wherever two splits had a file of one size: in a large JPEG dataset nearly every file,
+    and in one of fixed-size images (BMP, PPM) every file. Now only those alike at their ends too (the copies)."""
+    from PIL import Image
+
+    from finetune_trainer import data as data_module
+
+    rng = np.random.default_rng(0)
+    for split, count in (("train", 6), ("test", 3)):
+        for name in ("Cat", "Dog"):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in range(count):  # 48 KiB each, all of one size
+                Image.fromarray(rng.integers(0, 255, (128, 128, 3), dtype=np.uint8)).save(
+                    tmp_path / split / name / f"{i}.bmp")
+    shutil.copytree(tmp_path / "test", tmp_path / "val")
+    read_whole: list[str] = []
+
+    def digest(path: str) -> bytes | None:
+        read_whole.append(path)
+        return data_module.hashlib.blake2b(Path(path).read_bytes(), digest_size=16).digest()
+
+    monkeypatch.setattr(data_module, "file_digest", digest)
+    data = load_images(tmp_path)
+    assert sorted(read_whole) == sorted(map(str, [*(tmp_path / "test").rglob("*.bmp"),
+                                                  *(tmp_path / "val").rglob("*.bmp")]))
+    assert not [path for path in data.validation.inputs if "/val/" in path] and data.validation.inputs
+    assert "6 of the 6 rows of its validation split are inputs of its test split" in caplog.text
+
+
 def test_an_image_the_comparison_of_splits_may_not_read_is_left_to_the_image_check(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Splits are compared by their files' bytes before the images are checked: a file the trainer may not read

@@ -1471,20 +1471,31 @@ def input_key(item: Any) -> Hashable:
 
 def image_keys(inputs: dict[str, list[Any]]) -> dict[str, list[Hashable]]:
     """Each split's input keys where the inputs are image files, to compare the splits by: a file's digest where a
-    file of its size is in another split too, else its path (within a split, rows stay apart by path, as before).
-    A val/ folder copied from test/ (not linked to it), or a test image copied into train, has other paths than the
-    test's but the same bytes; only files whose size two splits share are read whole, not every file of the dataset."""
+    file alike is in another split too, else its path (within a split, rows stay apart by path, as before). A val/
+    folder copied from test/ (not linked to it), or a test image copied into train, has other paths than the test's
+    but the same bytes. Files are told apart as cheaply as they can be: by size, then by their ends, and read whole
+    only where a file of another split has the same ends (by size alone, nearly every file of a large JPEG dataset
+    shares its size with one of another split, and the whole dataset was read)."""
     paths = {name: list(map(input_key, rows)) for name, rows in inputs.items()}
     if len(paths) < 2:
         return paths
-    size = by_threads(file_size, list(dict.fromkeys(chain.from_iterable(paths.values()))))
-    splits_of: dict[int | None, set[str]] = {}
+    alike = list(dict.fromkeys(chain.from_iterable(paths.values())))
+    key: dict[str, Hashable | None] = {}
+    for read in (file_size, file_ends, file_digest):
+        key = by_threads(read, alike)
+        alike = in_two_splits(paths, key)
+    shared = set(alike)
+    return {name: [key[path] if path in shared else path for path in names] for name, names in paths.items()}
+
+
+def in_two_splits(paths: dict[str, list[str]], key: dict[str, Hashable | None]) -> list[str]:
+    """Of the paths `key` has (None: unread), those whose key a path of another split has too."""
+    splits_of: dict[Hashable, set[str]] = {}
     for name, names in paths.items():
         for path in names:
-            splits_of.setdefault(size[path], set()).add(name)
-    digest = by_threads(file_digest, [path for path in size
-                                      if size[path] is not None and len(splits_of[size[path]]) > 1])
-    return {name: [digest.get(path) or path for path in names] for name, names in paths.items()}
+            if key.get(path) is not None:
+                splits_of.setdefault(key[path], set()).add(name)
+    return [path for path, found in key.items() if found is not None and len(splits_of[found]) > 1]
 
 
 def by_threads(read: Callable[[str], T], paths: list[str]) -> dict[str, T]:
@@ -1506,6 +1517,22 @@ def file_size(path: str) -> int | None:
         return os.path.getsize(path)
     except OSError:
         return None
+
+
+ENDS = 8192  # bytes at each end of a file that file_ends reads
+
+
+def file_ends(path: str) -> bytes | None:
+    """A digest of the file's size and its first and last ENDS bytes (a small file's every byte)."""
+    try:
+        with open(path, "rb") as file:
+            size = os.fstat(file.fileno()).st_size
+            head = file.read(ENDS)
+            file.seek(max(size - ENDS, len(head)))
+            tail = file.read(ENDS)
+    except OSError:
+        return None
+    return hashlib.blake2b(size.to_bytes(8, "little") + head + tail, digest_size=16).digest()
 
 
 def file_digest(path: str) -> bytes | None:
