@@ -1391,6 +1391,20 @@ def test_a_hub_dataset_is_read_at_the_revision_it_names(tmp_path: Path, monkeypa
         read(revision="v2")
 
 
+def test_a_hub_dataset_written_as_huggingface_hubs_file_system_writes_it_loads(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """hf://datasets/<org>/<name>, as HfFileSystem, pandas and duckdb write a dataset, was read as the repo
+    datasets/<org>: "not on the hub nor in the local cache" of a dataset that was there."""
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    hub_dataset(tmp_path / "hub", "org/reviews", {"data/train.csv": range(0, 20), "data/test.csv": range(20, 30)})
+    for uri in ("hf://org/reviews", "hf://datasets/org/reviews", "hf://datasets/org/reviews/data"):
+        data = load_dataset(spec(uri), Task.SEQUENCE_CLASSIFICATION, seed=0)
+        assert set(data.test.inputs) == {ROWS[i]["text"] for i in range(20, 30)}, uri
+
+
 def test_withheld_held_out_labels_are_not_a_class(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
                                                   caplog: pytest.LogCaptureFixture) -> None:
     """GLUE and SST-2 on the hub ship their test split with every label -1 (withheld): those rows are dropped, not
@@ -2367,3 +2381,46 @@ def test_an_image_folder_of_a_folder_per_image_is_named(tmp_path: Path, caplog: 
     assert (f"dataset {tmp_path}: 12 class folders hold 12 images, such as sample00, sample01, sample02 and 9 more: "
             "a folder per class? (one per sample, or per image, is not)") in caplog.text
     assert "dataset.labelField" not in caplog.text
+
+
+def test_rows_that_repeat_the_header_are_dropped_and_said(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Files joined with `cat`, or frames appended by to_csv(mode="a"), repeat the header mid-file: each repeat was a
+    row, its label "label" a class of its own, unsaid. A joined Excel file's BOM and spaces do not hide one."""
+    part = "text,label\n" + "".join(f"text {i},{'pos' if i % 2 else 'neg'}\n" for i in range(20))
+    (tmp_path / "train.csv").write_text(part + part.replace("text,label", "\ufefftext , label"))
+    data = load_dataset(spec(str(tmp_path / "train.csv")), Task.SEQUENCE_CLASSIFICATION, seed=0)
+    assert sorted(data.id2label.values()) == ["neg", "pos"]
+    assert len(data.train.inputs) + len(data.validation.inputs) + len(data.test.inputs) == 40
+    assert "train.csv: dropped 1 row(s) that repeat its header (files joined with theirs?), the first after 20 data" \
+        in caplog.text
+
+
+def test_a_file_of_a_split_without_a_column_the_others_have_is_said(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """train.csv with `text` and train_extra.csv with `sentence`: the second file's rows were all dropped, said only
+    as "rows with an empty text"."""
+    pd.DataFrame([ROWS[i] for i in range(20)]).to_csv(tmp_path / "train.csv", index=False)
+    pd.DataFrame([ROWS[i] for i in range(20, 30)]).rename(columns={"text": "sentence"}).to_csv(
+        tmp_path / "train_extra.csv", index=False)
+    load_dataset(spec(str(tmp_path)), Task.SEQUENCE_CLASSIFICATION, seed=0)
+    assert (f"{tmp_path}: train_extra.csv, a file of its train split, has no column 'text', which other files of it "
+            "have ('sentence', 'label' here): its rows have them empty") in caplog.text
+    assert f"{tmp_path}: train.csv, a file of its train split, has no column 'sentence'" in caplog.text
+
+
+def test_a_files_split_is_the_innermost_name_of_one_in_its_path(tmp_path: Path) -> None:
+    """train_test_split/test.csv was the train split (the whole path searched, train's words first): the test rows
+    trained on, and a test split held out of them, unsaid."""
+    (folder := tmp_path / "train_test_split").mkdir()
+    pd.DataFrame([ROWS[i] for i in range(20)]).to_csv(folder / "train.csv", index=False)
+    pd.DataFrame([ROWS[i] for i in range(20, 30)]).to_csv(folder / "test.csv", index=False)
+    data = load_dataset(spec(str(tmp_path)), Task.SEQUENCE_CLASSIFICATION, seed=0)
+    assert set(data.test.inputs) == {ROWS[i]["text"] for i in range(20, 30)}
+    assert set(data.train.inputs) | set(data.validation.inputs) == {ROWS[i]["text"] for i in range(20)}
+
+
+def test_a_csv_of_a_folder_that_does_not_parse_is_named(tmp_path: Path) -> None:
+    pd.DataFrame([ROWS[i] for i in range(20)]).to_csv(tmp_path / "train.csv", index=False)
+    (tmp_path / "test.csv").write_text('text,label\n"an open quote,pos\nanother,neg\n')
+    with pytest.raises(DataError, match=rf"^dataset {tmp_path}: cannot read it as csv \(ValueError: test\.csv: "):
+        load_dataset(spec(str(tmp_path)), Task.SEQUENCE_CLASSIFICATION, seed=0)

@@ -622,6 +622,12 @@ def split_of(relative: str, whole: bool = False) -> str | None:
                  if (text in words if whole else SPLIT_NAMES[name].search(text))), None)
 
 
+def innermost_split(relative: Path) -> str | None:
+    """The split a file belongs to by the innermost part of its path that names one: test.csv in a folder
+    train_test_split/ is the test split (its whole path, searched for train first, made it train's, unsaid)."""
+    return next((found for part in reversed(relative.parts) if (found := split_of(part)) is not None), None)
+
+
 def read_splits(found: Found, fmt: DatasetFormat, folders: bool = False) -> dict[str, pd.DataFrame]:
     """The dataset's tables by split (train first; validation and test when the dataset names them).
 
@@ -667,7 +673,7 @@ def folder_tables(path: Path, fmt: DatasetFormat, files: list[Path], folders: bo
         raise DataError(f"{path}: no {fmt.value} file in the folder")
     by_split: dict[str | None, list[Path]] = {}
     for file in files:
-        by_split.setdefault(split_of(str(file.relative_to(path))), []).append(file)
+        by_split.setdefault(innermost_split(file.relative_to(path)), []).append(file)
     if set(by_split) != {None} and None in by_split:
         log.warning("%s: ignoring files of no split name: %s", path, ", ".join(p.name for p in by_split.pop(None)))
     if None in by_split:
@@ -679,9 +685,26 @@ def folder_tables(path: Path, fmt: DatasetFormat, files: list[Path], folders: bo
                         "each with a train split; point the uri at one of those folders")
     else:
         check_held_out_subset(path, by_split, subsets.pop())
-    return {name: pd.concat([with_folder(read_table(f, fmt), f.parent) if folders else read_table(f, fmt)
-                             for f in by_split[name]], ignore_index=True)
-            for name in (TRAIN, VALIDATION, TEST) if name in by_split}
+    tables = {}
+    for name in (TRAIN, VALIDATION, TEST):
+        if name in by_split:
+            read = {f: with_folder(read_table(f, fmt), f.parent) if folders else read_table(f, fmt)
+                    for f in by_split[name]}
+            say_columns_missing(path, name, read)
+            tables[name] = pd.concat(read.values(), ignore_index=True)
+    return tables
+
+
+def say_columns_missing(path: Path, split: str, tables: dict[Path, pd.DataFrame]) -> None:
+    """Warns of a file of the split without a column that another file of it has: its rows have that column empty
+    once the files are one table, and a file with `sentence` where the others have `text` lost every row, said only
+    as rows with an empty text."""
+    columns = set().union(*(table.columns for table in tables.values()))
+    for file, table in tables.items():
+        if lacks := sorted(str(c) for c in columns - set(table.columns) if "\0" not in str(c)):
+            log.warning("%s: %s, a file of its %s split, has no column %s, which other files of it have (%s here): "
+                        "its rows have them empty", path, file.relative_to(path), split, ", ".join(map(repr, lacks)),
+                        ", ".join(repr(c) for c in table.columns if "\0" not in str(c)))
 
 
 def check_held_out_subset(path: Path, by_split: dict[str | None, list[Path]], subset: str) -> None:
@@ -721,8 +744,34 @@ def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
             raise ValueError(f"{file.name} {where}") from exc
     sep = csv_separator(text, format_suffix(file))
     # the header as pandas reads it: the first line that is not blank (found, not the whole text split in lines)
-    header = re.search(r"^[^\S\r\n]*\S[^\r\n]*", text, re.M)
-    return with_repeats_renamed(read_delimited(text, file.name, sep), line_fields(header[0] if header else "", sep))
+    header = line_fields((found := re.search(r"^[^\S\r\n]*\S[^\r\n]*", text, re.M)) and found[0] or "", sep)
+    try:
+        table = read_delimited(text, file.name, sep)
+    except pd.errors.ParserError as exc:  # which file of a folder, as a JSON file's error says
+        raise ValueError(f"{file.name}: {exc}") from exc
+    return without_repeated_headers(with_repeats_renamed(table, header), header, file.name)
+
+
+def without_repeated_headers(table: pd.DataFrame, header: list[str], name: str) -> pd.DataFrame:
+    """`table` less its rows that repeat its header, as files joined with `cat` and frames appended by to_csv(mode="a")
+    hold: each was a row, its label the name of the label column a class of its own. A BOM (a joined file's from
+    Excel) and the spaces around a cell do not count."""
+    if len(header) != len(table.columns) or table.empty:
+        return table
+    header = [written.strip().lstrip("\ufeff") for written in header]
+    first = table.iloc[:, 0].astype("string")  # a column of empty cells alone is floats (NaN)
+    maybe = (first.str.strip().str.lstrip("\ufeff") == header[0]).fillna(False).astype(bool)
+    if not maybe.any():  # most files: one column compared, no copy of the table
+        return table
+    repeated = maybe.copy()
+    for column, written in zip(table.columns[1:], header[1:]):
+        cells = table.loc[maybe, column].astype("string")
+        repeated[maybe] &= (cells.str.strip() == written).fillna(False).astype(bool)
+    if not repeated.any():
+        return table
+    log.warning("%s: dropped %d row(s) that repeat its header (files joined with theirs?), the first after %d data "
+                "row(s)", name, repeated.sum(), int(repeated.to_numpy().argmax()))
+    return table[~repeated].reset_index(drop=True)
 
 
 def with_repeats_renamed(table: pd.DataFrame, header: list[str]) -> pd.DataFrame:

@@ -62,7 +62,7 @@ def fetch(uri: str, *, kind: str, revision: str | None = None, repo_type: str = 
         from huggingface_hub.errors import (HFValidationError, LocalEntryNotFoundError, RepositoryNotFoundError,
                                             RevisionNotFoundError)
 
-        repo_id, folder = hub_parts(uri)
+        repo_id, folder = hub_parts(uri, repo_type)
         # The hub's progress bars are off in a pod: without a line, a download of several GB looks like a hang.
         log.info("%s %s: fetching revision %s from the hub, or its cache (HF_HOME)", kind, uri, revision or "main")
         started = time.monotonic()
@@ -88,9 +88,13 @@ def fetch(uri: str, *, kind: str, revision: str | None = None, repo_type: str = 
     return path
 
 
-def hub_parts(uri: str) -> tuple[str, str]:
-    """hf://<org>/<name>/<folder in the repo>: the repo id and the folder ('' for the whole repo)."""
+def hub_parts(uri: str, repo_type: str = "model") -> tuple[str, str]:
+    """hf://<org>/<name>/<folder in the repo>: the repo id and the folder ('' for the whole repo). A dataset's may be
+    written hf://datasets/<org>/<name>, as huggingface_hub's HfFileSystem, pandas and duckdb write it: its repo id
+    was read as datasets/<org>, "not on the hub"."""
     parts = uri.removeprefix("hf://").split("/")
+    if repo_type == "dataset" and parts[0] == "datasets" and len(parts) > 2:
+        parts = parts[1:]
     return "/".join(parts[:2]), "/".join(parts[2:])
 
 
