@@ -2424,3 +2424,27 @@ def test_a_csv_of_a_folder_that_does_not_parse_is_named(tmp_path: Path) -> None:
     (tmp_path / "test.csv").write_text('text,label\n"an open quote,pos\nanother,neg\n')
     with pytest.raises(DataError, match=rf"^dataset {tmp_path}: cannot read it as csv \(ValueError: test\.csv: "):
         load_dataset(spec(str(tmp_path)), Task.SEQUENCE_CLASSIFICATION, seed=0)
+
+
+def test_excels_line_naming_the_separator_is_read_as_its_separator(tmp_path: Path) -> None:
+    """Excel writes "sep=;" as a CSV's first line where it asks which separator to read: the header was 'sep=' and
+    the rows one column, "no column 'text'"."""
+    (tmp_path / "train.csv").write_text("sep=;\r\ntext;label\r\n" + "".join(
+        f"{ROWS[i]['text']}, more;{ROWS[i]['label']}\r\n" for i in range(30)))
+    data = load_dataset(spec(str(tmp_path / "train.csv")), Task.SEQUENCE_CLASSIFICATION, seed=0)
+    assert len(data.train.inputs) + len(data.validation.inputs) + len(data.test.inputs) == 30
+    assert "sample 0, more" in data.train.inputs + data.validation.inputs + data.test.inputs
+
+
+def test_a_tsv_text_starting_with_a_quote_that_closes_within_it_keeps_its_quotes(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """GLUE's TSVs are written without quoting: '"Great" movie' was read as 'Great movie', unsaid (only a quote that
+    took in rows was caught). A TSV a writer quoted reads as quoted still."""
+    rows = "".join(f"{ROWS[i]['text']}\t{ROWS[i]['label']}\n" for i in range(1, 30))
+    (tmp_path / "glue.tsv").write_text(f'text\tlabel\n"Great" movie\tpos\n{rows}')
+    data = load_dataset(spec(str(tmp_path / "glue.tsv")), Task.SEQUENCE_CLASSIFICATION, seed=0)
+    assert '"Great" movie' in data.train.inputs + data.validation.inputs + data.test.inputs
+    assert "glue.tsv: a quote that starts a cell closes within it; reading it without quoting, as a TSV" in caplog.text
+    (tmp_path / "written.tsv").write_text(f'text\tlabel\n"Great\tmovie"\tpos\n{rows}')
+    data = load_dataset(spec(str(tmp_path / "written.tsv")), Task.SEQUENCE_CLASSIFICATION, seed=0)
+    assert "Great\tmovie" in data.train.inputs + data.validation.inputs + data.test.inputs

@@ -742,7 +742,10 @@ def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
             if (where := first_bad_record(text, lines)) is None:
                 raise
             raise ValueError(f"{file.name} {where}") from exc
-    sep = csv_separator(text, format_suffix(file))
+    if declared := re.match(r"sep=(.)[^\S\r\n]*\r?\n", text):  # Excel's first line, naming the separator
+        sep, text = declared[1], text[declared.end():]
+    else:
+        sep = csv_separator(text, format_suffix(file))
     # the header as pandas reads it: the first line that is not blank (found, not the whole text split in lines)
     header = line_fields((found := re.search(r"^[^\S\r\n]*\S[^\r\n]*", text, re.M)) and found[0] or "", sep)
     try:
@@ -798,8 +801,11 @@ def read_delimited(text: str, name: str, sep: str) -> pd.DataFrame:
         table = read_rows(text, name, sep, csv.QUOTE_MINIMAL)
         # the check first: it is quick where no cell holds lines (most files); the strict parse reads all the text
         if (swallowed := swallowed_rows(text, table, sep)) is None:
-            return table
-        if quoted_as_written(text, sep):  # a writer's quotes, or a stray one that closes just before a separator
+            # A TSV's text that starts with a quote closing in it ('"Great" movie') lost its quotes, unsaid
+            if sep != "\t" or not re.search(r'(^|\t)[^\S\t\r\n]*"', text, re.M) or quoted_as_written(text, sep):
+                return table
+            swallowed = "a quote that starts a cell closes within it"
+        elif quoted_as_written(text, sep):  # a writer's quotes, or a stray one that closes just before a separator
             log.warning("%s %s; read as quoted, as its every quote closes where a cell ends", name, swallowed)
             return table
     except pd.errors.ParserError as exc:  # such as a quote that never closes ("EOF inside string")
