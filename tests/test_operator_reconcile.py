@@ -693,6 +693,23 @@ def test_success_brings_the_evaluation_and_analysis_into_status() -> None:
     FineTuneJobStatus.from_wire(status)
 
 
+def test_a_success_seen_before_the_job_controller_counts_it_counts_its_workers() -> None:
+    """Rank 0's exit is the success, seen at the tick before the Job controller counts its pod: the job, never
+    reconciled again, said `workers: {succeeded: 0}` for good (`kubectl describe` of the demo's job)."""
+    message = {"stage": "Done", "exitCode": 0, "evaluation": {"baseline": {"accuracy": 0.41}, "final": {"accuracy": 0.6}}}
+    running = {"attempts": 1, "workers": {"active": 1, "ready": 1, "succeeded": 0, "failed": 0}}
+    status = after(decide(Observed(body(running), [job(active=1, ready=0)],
+                                   [pod(phase="Succeeded", exit_code=0, message=message)], NOW)), running)
+    assert status["phase"] == "Succeeded"
+    assert status["workers"] == {"active": 0, "ready": 0, "succeeded": 1, "failed": 0}
+    # Three workers, one of them failed in its teardown and counted by the Job already: the counts are the larger
+    spec = {"runtime": EXAMPLE["spec"]["runtime"] | {"workers": 3}}
+    pods = [pod(phase="Succeeded", exit_code=0, message=message), pod(index=1, phase="Failed", exit_code=1),
+            pod(index=2, phase="Succeeded", exit_code=0)]
+    status = after(decide(Observed(body(running, **spec), [job(workers=3, active=2, failed=1)], pods, NOW)), running)
+    assert status["workers"] == {"active": 0, "ready": 0, "succeeded": 2, "failed": 1}
+
+
 # What a real run wrote (tiny BERT, maxSteps 200, evalEverySteps 2, earlyStopping patience 1): it stopped at step 62.
 EARLY_STOPPED = {"stage": "Done", "reason": "Succeeded", "message": "62 steps; test loss 1.1 -> 1.069", "exitCode": 0,
                  "progress": {"step": 62, "totalSteps": 200, "epoch": 7},

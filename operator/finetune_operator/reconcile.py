@@ -200,7 +200,7 @@ def decide(seen: Observed) -> Decision | None:
         if conds.get(T.CREATED).get("status") == "False":  # no attempt waits any more (a back-off, a suspend)
             conds.set(T.CREATED, False, reason, message)
         status["completionTime"] = timestamp(now)
-        _workers_stopped(status, old)
+        _workers_stopped(status, old, pods)
 
     if finished:
         ttl = spec.ttl_seconds_after_finished if spec else None
@@ -718,7 +718,8 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
         conds.clear(T.RESTARTING, "Completed")
         conds.clear(T.METRICS_STALE, "Completed")
         status["completionTime"] = timestamp(seen.now)
-        _workers_stopped(status, old)  # rank 0's success stands while the Job controller stops peers left after it
+        # rank 0's success stands while the Job controller stops peers left after it
+        _workers_stopped(status, old, [p for p in seen.pods if p["attempt"] == attempt])
         status["stage"] = "Done"
         status["output"] = {"uri": spec.output_uri}
         if progress := finished_progress(result.result, old.get("progress") or {}, seen.now):
@@ -775,11 +776,17 @@ def retry_delay(failures: int) -> int:
     return min(RETRY_BACKOFF_SECONDS * 2 ** max(failures - 1, 0), RETRY_BACKOFF_MAX_SECONDS)
 
 
-def _workers_stopped(status: dict[str, Any], old: dict[str, Any]) -> None:
+def _workers_stopped(status: dict[str, Any], old: dict[str, Any], pods: list[dict[str, Any]]) -> None:
     """A finished job's pods are being stopped (by the operator, or the Job controller): none runs or waits any more.
-    Counted as seen now, its WORKERS column showed them running for ever, as it is never reconciled again."""
+    Counted as seen now, its WORKERS column showed them running for ever, as it is never reconciled again. The
+    attempt's `pods` seen ended count too: the Job controller counts them a moment later, and a job that succeeded
+    on rank 0's exit said `succeeded: 0` for good."""
     if workers := status.get("workers", old.get("workers")):
-        status["workers"] = dict(workers, active=0, ready=0)
+        exits = [(p.get("terminated") or {}).get("exitCode") for p in pods]
+        succeeded = sum(p["phase"] == "Succeeded" or code == 0 for p, code in zip(pods, exits))
+        failed = sum(p["phase"] == "Failed" or code not in (None, 0) for p, code in zip(pods, exits))
+        status["workers"] = dict(workers, active=0, ready=0, succeeded=max(workers.get("succeeded", 0), succeeded),
+                                 failed=max(workers.get("failed", 0), failed))
 
 
 def _backing_off(conds: Conditions, attempt: int, due: datetime, failures: int) -> None:
