@@ -151,7 +151,8 @@ def test_a_namespace_whose_jobs_cannot_be_listed_leaves_the_others_checked(
     assert "FineTuneJobs in team-b not listed" in caplog.text
 
 
-def test_time_to_running_counts_a_job_whose_image_pull_failed_before_it_ran(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_time_to_running_counts_a_job_whose_image_pull_failed_before_it_ran(
+        monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture) -> None:
     """A pull that failed and then succeeded (a registry's rate limit) left Running=False ErrImagePull before the
     first Running=True, which was taken for a job that had run before: the slowest starts were never observed."""
     from test_operator_reconcile import NOW, after, body, job, pod
@@ -172,8 +173,11 @@ def test_time_to_running_counts_a_job_whose_image_pull_failed_before_it_ran(monk
     status = tick({"attempts": 1}, job(), pulling, NOW)
     assert status["reason"] == "ErrImagePull"
     before = observed()
+    caplog.set_level(logging.INFO, "finetune_operator")
     status = tick(status, job(ready=1), pod(), NOW + timedelta(minutes=3))
     assert status["phase"] == "Running" and observed() == before + 1
+    # Each transition's Event is in the operator's log too
+    assert ("INFO", "ns/ft: Training: 1 worker(s) running") in [(r.levelname, r.getMessage()) for r in caplog.records]
     # A retried attempt's start is not the job's first: its image pull failing first changes nothing.
     failed = pod(phase="Failed", exit_code=2, message={"exitCode": 2, "reason": "RuntimeError", "message": "NCCL"})
     status = tick(status, job(failure={"reason": "X", "message": ""}), failed, NOW + timedelta(minutes=4))

@@ -916,10 +916,13 @@ RESOURCE_VERSION = re.compile(rb'"resourceVersion":"([0-9]+)","uid":"')
 
 
 def _record(body: kopf.Body, seen: reconcile.Observed, decision: reconcile.Decision) -> None:
-    """Events for the transitions, and the metrics that count them."""
+    """Events for the transitions, each in the log too (the operator's log said only "attempt 1 created" of a job
+    that ran and succeeded), and the metrics that count them."""
     before = {c["type"] for c in seen.body["status"].get("conditions") or [] if c["status"] == "True"}
     for kind, reason, message in decision.events:
         kopf.event(body, type=kind, reason=reason, message=message)
+        log.log(logging.WARNING if kind == "Warning" else logging.INFO, "%s/%s: %s: %s", body.metadata.namespace,
+                body.metadata.name, reason, message)
     after = {c["type"]: c for c in decision.status.get("conditions") or [] if c["status"] == "True"}
     # The job's first run: no Running condition yet, or only the one saying why attempt 1's containers did not start
     # (an image pull that failed before one succeeded): left out, the slowest starts were never observed.
