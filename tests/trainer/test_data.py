@@ -2393,6 +2393,13 @@ def test_rows_that_repeat_the_header_are_dropped_and_said(tmp_path: Path, caplog
     assert len(data.train.inputs) + len(data.validation.inputs) + len(data.test.inputs) == 40
     assert "train.csv: dropped 1 row(s) that repeat its header (files joined with theirs?), the first after 20 data" \
         in caplog.text
+    # pandas' to_csv(mode="a") writes its index, whose name is empty, first
+    frame = pd.DataFrame([ROWS[i] for i in range(20)])
+    frame.to_csv(appended := tmp_path / "appended.csv")
+    frame.to_csv(appended, mode="a")
+    data = load_dataset(spec(str(appended)), Task.SEQUENCE_CLASSIFICATION, seed=0)
+    assert sorted(data.id2label.values()) == ["neg", "neu", "pos"]
+    assert "appended.csv: dropped 1 row(s) that repeat its header" in caplog.text
 
 
 def test_a_file_of_a_split_without_a_column_the_others_have_is_said(tmp_path: Path,
@@ -2403,12 +2410,12 @@ def test_a_file_of_a_split_without_a_column_the_others_have_is_said(tmp_path: Pa
     pd.DataFrame([ROWS[i] for i in range(20, 30)]).rename(columns={"text": "sentence"}).to_csv(
         tmp_path / "train_extra.csv", index=False)
     load_dataset(spec(str(tmp_path)), Task.SEQUENCE_CLASSIFICATION, seed=0)
-    assert (f"{tmp_path}: train_extra.csv, a file of its train split, has no column 'text', which other files of it "
-            "have ('sentence', 'label' here): its rows have them empty") in caplog.text
-    assert f"{tmp_path}: train.csv, a file of its train split, has no column 'sentence'" in caplog.text
+    assert (f"{tmp_path}: files of its train split lack columns that others of it have, and their rows have them "
+            "empty: 'text' (1 of 2 files: train_extra.csv); 'sentence' (1 of 2 files: train.csv)") in caplog.text
 
 
-def test_a_files_split_is_the_innermost_name_of_one_in_its_path(tmp_path: Path) -> None:
+def test_a_files_split_is_the_innermost_name_of_one_in_its_path(tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
     """train_test_split/test.csv was the train split (the whole path searched, train's words first): the test rows
     trained on, and a test split held out of them, unsaid."""
     (folder := tmp_path / "train_test_split").mkdir()
@@ -2417,6 +2424,10 @@ def test_a_files_split_is_the_innermost_name_of_one_in_its_path(tmp_path: Path) 
     data = load_dataset(spec(str(tmp_path)), Task.SEQUENCE_CLASSIFICATION, seed=0)
     assert set(data.test.inputs) == {ROWS[i]["text"] for i in range(20, 30)}
     assert set(data.train.inputs) | set(data.validation.inputs) == {ROWS[i]["text"] for i in range(20)}
+    # Unlabelled, its test file is named as the test split's
+    pd.DataFrame({"text": [ROWS[i]["text"] for i in range(20, 30)]}).to_csv(folder / "test.csv", index=False)
+    load_dataset(spec(str(tmp_path)), Task.SEQUENCE_CLASSIFICATION, seed=0)
+    assert "its test split (train_test_split/test.csv) has no column 'label'" in caplog.text
 
 
 def test_a_csv_of_a_folder_that_does_not_parse_is_named(tmp_path: Path) -> None:
@@ -2434,17 +2445,7 @@ def test_excels_line_naming_the_separator_is_read_as_its_separator(tmp_path: Pat
     data = load_dataset(spec(str(tmp_path / "train.csv")), Task.SEQUENCE_CLASSIFICATION, seed=0)
     assert len(data.train.inputs) + len(data.validation.inputs) + len(data.test.inputs) == 30
     assert "sample 0, more" in data.train.inputs + data.validation.inputs + data.test.inputs
+    (tmp_path / "train.csv").write_text("sep=;\ntext;label\na;pos\nb;neg\nc;x;pos\n")  # errors name the file's lines
+    with pytest.raises(DataError, match=r"line 5"):
+        load_dataset(spec(str(tmp_path / "train.csv")), Task.SEQUENCE_CLASSIFICATION, seed=0)
 
-
-def test_a_tsv_text_starting_with_a_quote_that_closes_within_it_keeps_its_quotes(
-        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
-    """GLUE's TSVs are written without quoting: '"Great" movie' was read as 'Great movie', unsaid (only a quote that
-    took in rows was caught). A TSV a writer quoted reads as quoted still."""
-    rows = "".join(f"{ROWS[i]['text']}\t{ROWS[i]['label']}\n" for i in range(1, 30))
-    (tmp_path / "glue.tsv").write_text(f'text\tlabel\n"Great" movie\tpos\n{rows}')
-    data = load_dataset(spec(str(tmp_path / "glue.tsv")), Task.SEQUENCE_CLASSIFICATION, seed=0)
-    assert '"Great" movie' in data.train.inputs + data.validation.inputs + data.test.inputs
-    assert "glue.tsv: a quote that starts a cell closes within it; reading it without quoting, as a TSV" in caplog.text
-    (tmp_path / "written.tsv").write_text(f'text\tlabel\n"Great\tmovie"\tpos\n{rows}')
-    data = load_dataset(spec(str(tmp_path / "written.tsv")), Task.SEQUENCE_CLASSIFICATION, seed=0)
-    assert "Great\tmovie" in data.train.inputs + data.validation.inputs + data.test.inputs

@@ -268,10 +268,10 @@ def test_the_card_of_a_run_that_stopped_early_says_whose_weights_it_holds(tmp_pa
         "steps": 200, "stopped_early": False, "restored_best_step": None}})
     assert "- Training: 200 steps in 1 s, 790.3 samples/s, seed 0\n" in card
     # The recipe two runs of the same data differ by (two cards with equal scores and times were the same text)
-    assert "- Recipe: learning rate 0.001, batches of 16 per worker\n" in card
+    assert "- Recipe: learning rate 0.001, batches of 16 per process\n" in card
     doc["adjust"] |= {"headLearningRate": 0.01}
     doc["training"] |= {"gradientAccumulation": 4}
-    assert ("- Recipe: learning rate 0.001 (the head's 0.01), batches of 16 x 4 accumulated per worker\n"
+    assert ("- Recipe: learning rate 0.001 (the head's 0.01), batches of 16 x 4 accumulated per process\n"
             in model_card(TrainerConfig.model_validate(doc), report))
     # Stopped where the loss diverged (train_loop's diverged_early): the card and the status line say so
     nan = "the training loss is nan at step 63: lower adjust.learningRate, check the data for broken rows"

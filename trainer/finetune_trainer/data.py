@@ -448,8 +448,8 @@ def drop_unlabelled_splits(found: Found, fmt: DatasetFormat, tables: dict[str, p
 
 def split_files(found: Found, fmt: DatasetFormat, name: str) -> list[str]:
     """The files of a folder's split `name` (read_splits'), relative to it; none for a save_to_disk split."""
-    relative = (str(f.relative_to(found.path)) for f in found.files(suffixes_of(fmt)))
-    return [file for file in relative if split_of(file) == name]
+    relative = (f.relative_to(found.path) for f in found.files(suffixes_of(fmt)))
+    return [str(file) for file in relative if innermost_split(file) == name]
 
 
 def detect_format(found: Found, declared: DatasetFormat | TextFormat, field: str) -> DatasetFormat:
@@ -696,15 +696,16 @@ def folder_tables(path: Path, fmt: DatasetFormat, files: list[Path], folders: bo
 
 
 def say_columns_missing(path: Path, split: str, tables: dict[Path, pd.DataFrame]) -> None:
-    """Warns of a file of the split without a column that another file of it has: its rows have that column empty
-    once the files are one table, and a file with `sentence` where the others have `text` lost every row, said only
-    as rows with an empty text."""
-    columns = set().union(*(table.columns for table in tables.values()))
-    for file, table in tables.items():
-        if lacks := sorted(str(c) for c in columns - set(table.columns) if "\0" not in str(c)):
-            log.warning("%s: %s, a file of its %s split, has no column %s, which other files of it have (%s here): "
-                        "its rows have them empty", path, file.relative_to(path), split, ", ".join(map(repr, lacks)),
-                        ", ".join(repr(c) for c in table.columns if "\0" not in str(c)))
+    """Warns of files of the split without a column that another file of it has, once a split: their rows have that
+    column empty once the files are one table, and a file with `sentence` where the others have `text` lost every
+    row, said only as rows with an empty text."""
+    columns = [c for c in dict.fromkeys(chain.from_iterable(t.columns for t in tables.values())) if "\0" not in str(c)]
+    lacking = {column: [str(f.relative_to(path)) for f, t in tables.items() if column not in t.columns]
+               for column in columns}
+    if said := [f"{column!r} ({len(files)} of {len(tables)} files: {listed(files, most=3)})"
+                for column, files in lacking.items() if files]:
+        log.warning("%s: files of its %s split lack columns that others of it have, and their rows have them empty: "
+                    "%s", path, split, "; ".join(said))
 
 
 def check_held_out_subset(path: Path, by_split: dict[str | None, list[Path]], subset: str) -> None:
@@ -742,8 +743,8 @@ def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
             if (where := first_bad_record(text, lines)) is None:
                 raise
             raise ValueError(f"{file.name} {where}") from exc
-    if declared := re.match(r"sep=(.)[^\S\r\n]*\r?\n", text):  # Excel's first line, naming the separator
-        sep, text = declared[1], text[declared.end():]
+    if declared := re.match(r"sep=([^\r\n])[^\S\r\n]*(\r?\n)", text):  # Excel's first line, naming the separator
+        sep, text = declared[1], declared[2] + text[declared.end():]  # a blank line: the errors' line numbers stay
     else:
         sep = csv_separator(text, format_suffix(file))
     # the header as pandas reads it: the first line that is not blank (found, not the whole text split in lines)
@@ -757,24 +758,26 @@ def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
 
 def without_repeated_headers(table: pd.DataFrame, header: list[str], name: str) -> pd.DataFrame:
     """`table` less its rows that repeat its header, as files joined with `cat` and frames appended by to_csv(mode="a")
-    hold: each was a row, its label the name of the label column a class of its own. A BOM (a joined file's from
-    Excel) and the spaces around a cell do not count."""
+    hold (an index's empty name first): each was a row, its label the name of the label column a class of its own. A
+    BOM (a joined file's from Excel) and the spaces around a cell do not count."""
     if len(header) != len(table.columns) or table.empty:
         return table
     header = [written.strip().lstrip("\ufeff") for written in header]
-    first = table.iloc[:, 0].astype("string")  # a column of empty cells alone is floats (NaN)
-    maybe = (first.str.strip().str.lstrip("\ufeff") == header[0]).fillna(False).astype(bool)
-    if not maybe.any():  # most files: one column compared, no copy of the table
+    first = table.iloc[:, 0]
+    # Rows that may be one, by a test that copies no text (a corpus' texts may be gigabytes); then those alone
+    maybe = first.isna() if not header[0] else first.str.contains(header[0], regex=False).fillna(False).astype(bool)
+    if not maybe.any():
         return table
-    repeated = maybe.copy()
-    for column, written in zip(table.columns[1:], header[1:]):
-        cells = table.loc[maybe, column].astype("string")
-        repeated[maybe] &= (cells.str.strip() == written).fillna(False).astype(bool)
+    repeated = pd.Series(True, index=table.index[maybe.to_numpy()])
+    for column, written in zip(table.columns, header):
+        cells = table.loc[repeated.index, column].fillna("").astype(str).str.strip().str.lstrip("\ufeff")
+        repeated &= (cells == written).to_numpy()
     if not repeated.any():
         return table
+    rows = repeated.index[repeated.to_numpy()]
     log.warning("%s: dropped %d row(s) that repeat its header (files joined with theirs?), the first after %d data "
-                "row(s)", name, repeated.sum(), int(repeated.to_numpy().argmax()))
-    return table[~repeated].reset_index(drop=True)
+                "row(s)", name, len(rows), table.index.get_loc(rows[0]))
+    return table.drop(index=rows).reset_index(drop=True)
 
 
 def with_repeats_renamed(table: pd.DataFrame, header: list[str]) -> pd.DataFrame:
@@ -801,11 +804,8 @@ def read_delimited(text: str, name: str, sep: str) -> pd.DataFrame:
         table = read_rows(text, name, sep, csv.QUOTE_MINIMAL)
         # the check first: it is quick where no cell holds lines (most files); the strict parse reads all the text
         if (swallowed := swallowed_rows(text, table, sep)) is None:
-            # A TSV's text that starts with a quote closing in it ('"Great" movie') lost its quotes, unsaid
-            if sep != "\t" or not re.search(r'(^|\t)[^\S\t\r\n]*"', text, re.M) or quoted_as_written(text, sep):
-                return table
-            swallowed = "a quote that starts a cell closes within it"
-        elif quoted_as_written(text, sep):  # a writer's quotes, or a stray one that closes just before a separator
+            return table
+        if quoted_as_written(text, sep):  # a writer's quotes, or a stray one that closes just before a separator
             log.warning("%s %s; read as quoted, as its every quote closes where a cell ends", name, swallowed)
             return table
     except pd.errors.ParserError as exc:  # such as a quote that never closes ("EOF inside string")

@@ -463,7 +463,7 @@ def recipe_line(cfg: TrainerConfig) -> str:
     batches = f"batches of {training.batch_size}"
     if training.gradient_accumulation > 1:
         batches += f" x {training.gradient_accumulation} accumulated"
-    return f"- Recipe: {rate}, {batches} per worker"
+    return f"- Recipe: {rate}, {batches} per process"
 
 
 def distillation_lines(distillation: dict[str, Any] | None, scores: dict[str, float] | None) -> list[str]:
