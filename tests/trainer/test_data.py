@@ -2449,3 +2449,19 @@ def test_excels_line_naming_the_separator_is_read_as_its_separator(tmp_path: Pat
     with pytest.raises(DataError, match=r"line 5"):
         load_dataset(spec(str(tmp_path / "train.csv")), Task.SEQUENCE_CLASSIFICATION, seed=0)
 
+
+
+def test_one_text_of_a_pair_is_warned_of(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """An entailment dataset (premise, hypothesis, label) with textField premise trained on the premise alone, its
+    labels unlearnable, unsaid."""
+    rows = [{"premise": f"a man {i}", "hypothesis": f"a person {i}", "label": i % 2} for i in range(30)]
+    pd.DataFrame(rows).to_csv(tmp_path / "train.csv", index=False)
+    load_dataset(DatasetSpec(uri=str(tmp_path / "train.csv"), textField="premise", labelField="label"),
+                 Task.SEQUENCE_CLASSIFICATION, seed=0)
+    assert ("column 'premise' (dataset.textField) is one text of a pair with column 'hypothesis', which is not read"
+            in caplog.text)
+    caplog.clear()
+    pd.DataFrame(rows).drop(columns="hypothesis").to_csv(tmp_path / "train.csv", index=False)
+    load_dataset(DatasetSpec(uri=str(tmp_path / "train.csv"), textField="premise", labelField="label"),
+                 Task.SEQUENCE_CLASSIFICATION, seed=0)
+    assert "one text of a pair" not in caplog.text

@@ -192,7 +192,8 @@ class TextsSpec(ApiModel):
         description="File format; auto picks it from the extension (a folder with dataset_info.json is an HF "
         f"save_to_disk dataset). {HUB_LAYOUTS}",
     )
-    text_field: str = Field("text", min_length=1, description="Column holding the input text.")
+    text_field: str = Field("text", min_length=1, description="Column holding the input text: one a row (a pair, such "
+                            "as premise and hypothesis, is classified once joined into one column).")
     revision: Revision = None
 
 

@@ -91,6 +91,8 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
     if label_field is not None:
         drop_unlabelled_splits(found, fmt, tables, label_field, spec.uri)
     check_columns(tables, spec.uri, {"textField": input_field, "labelField": label_field}, "dataset")
+    if task == Task.SEQUENCE_CLASSIFICATION:
+        warn_half_of_a_pair(tables[TRAIN], input_field, spec.uri)
     usable: dict[str, pd.DataFrame] = {}
     for name, table in tables.items():
         usable[name] = blank_to_missing(table[columns]).dropna()
@@ -314,6 +316,22 @@ def warn_labels_no_classes(id2label: dict[int, str], rows: int, column: str | No
     elif len(names) > rows / 2 or fractional:
         log.warning("dataset %s: column %r (dataset.labelField) has %d distinct labels in %d rows, such as %s: a "
                     "column of classes? (a score or an id is not)", uri, column, len(names), rows, listed(names, most=3))
+
+
+# The hub's columns of a text pair (GLUE's MRPC, RTE, QNLI, QQP; SNLI, MultiNLI; BoolQ; PAWS), first and second
+TEXT_PAIRS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question1", "question2"),
+              ("question", "sentence"), ("question", "passage"), ("text_a", "text_b"))
+
+
+def warn_half_of_a_pair(table: pd.DataFrame, text_field: str, uri: str) -> None:
+    """Warns where textField is one text of a pair whose other the table has: an entailment or paraphrase dataset
+    (premise, hypothesis) trained on the premise alone, its labels unlearnable, unsaid. A job reads one text a row."""
+    for pair in TEXT_PAIRS:
+        if text_field in pair and (other := pair[1 - pair.index(text_field)]) in table.columns:
+            log.warning("dataset %s: column %r (dataset.textField) is one text of a pair with column %r, which is not "
+                        "read: a row's label may depend on both (entailment, paraphrase); join them into one column "
+                        "to classify the pair", uri, text_field, other)
+            return
 
 
 def warn_labels_spelt_missing(id2label: dict[int, str], ids: list[int], column: str, uri: str) -> None:
