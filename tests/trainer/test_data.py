@@ -2433,7 +2433,7 @@ def test_a_files_split_is_the_innermost_name_of_one_in_its_path(tmp_path: Path,
 def test_a_csv_of_a_folder_that_does_not_parse_is_named(tmp_path: Path) -> None:
     pd.DataFrame([ROWS[i] for i in range(20)]).to_csv(tmp_path / "train.csv", index=False)
     (tmp_path / "test.csv").write_text('text,label\n"an open quote,pos\nanother,neg\n')
-    with pytest.raises(DataError, match=rf"^dataset {tmp_path}: cannot read it as csv \(ValueError: test\.csv: "):
+    with pytest.raises(DataError, match=rf"^dataset {tmp_path}: cannot read it as csv \(ParserError: test\.csv: "):
         load_dataset(spec(str(tmp_path)), Task.SEQUENCE_CLASSIFICATION, seed=0)
 
 

@@ -770,7 +770,7 @@ def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
     try:
         table = read_delimited(text, file.name, sep)
     except pd.errors.ParserError as exc:  # which file of a folder, as a JSON file's error says
-        raise ValueError(f"{file.name}: {exc}") from exc
+        raise pd.errors.ParserError(f"{file.name}: {exc}") from exc
     return without_repeated_headers(with_repeats_renamed(table, header), header, file.name)
 
 
