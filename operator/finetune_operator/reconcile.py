@@ -667,8 +667,8 @@ def _cause_over(said: dict[str, Any], created: int, workers: int) -> bool:
 
 def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: dict[str, Any],
              spec: SpecFacts, seen: Observed, attempt: int, fail: Any) -> None:
+    pods = [p for p in seen.pods if p["attempt"] == attempt]
     if result.state == State.PENDING:
-        pods = [p for p in seen.pods if p["attempt"] == attempt]
         if result.queued:
             conds.set(T.SCHEDULED, False, result.reason, result.message)
             conds.clear(T.RUNNING, result.reason, result.message)
@@ -719,7 +719,7 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
         conds.clear(T.METRICS_STALE, "Completed")
         status["completionTime"] = timestamp(seen.now)
         # rank 0's success stands while the Job controller stops peers left after it
-        _workers_stopped(status, old, [p for p in seen.pods if p["attempt"] == attempt])
+        _workers_stopped(status, old, pods)
         status["stage"] = "Done"
         status["output"] = {"uri": spec.output_uri}
         if progress := finished_progress(result.result, old.get("progress") or {}, seen.now):

@@ -512,9 +512,10 @@ class TrainingSpec(ApiModel):
     max_steps: int | None = Field(
         None, ge=1, description="Stop after this many optimizer steps (overrides epochs)."
     )
-    batch_size: int = Field(32, ge=1, le=65536, description="Samples per micro-batch per worker, at most (one more "
-                            "where a last row would be alone): an epoch's rows are spread evenly over the batches that "
-                            "make this for every worker, rounded up; an optimizer step takes gradientAccumulation of them.")
+    batch_size: int = Field(32, ge=1, le=65536, description="Samples per micro-batch per process (a worker runs "
+                            "runtime.processesPerWorker), at most (one more where a last row would be alone): an "
+                            "epoch's rows are spread evenly over the batches that make this for every process, rounded "
+                            "up; an optimizer step takes gradientAccumulation of them.")
     gradient_accumulation: int = Field(
         1,
         ge=1,

@@ -442,12 +442,16 @@ def check_columns(tables: dict[str, pd.DataFrame], uri: str, columns: dict[str, 
         for role, column in columns.items():
             where = f" in its {name} split" if len(tables) > 1 else ""
             if column is not None and column not in table.columns:
-                written = (repr(c) for c in table.columns if "\0" not in str(c))  # no TABLE_FOLDER, no repeat_of
                 raise DataError(f"{field} {uri}: no column {column!r} ({field}.{role}){where}; "
-                                f"it has {', '.join(written)}")
+                                f"it has {', '.join(map(repr, written_columns(table.columns)))}")
             if column is not None and repeat_of(column, 1) in table.columns:
                 raise DataError(f"{field} {uri}: its header repeats column {column!r} ({field}.{role}){where}; "
                                 "which copy to read is unclear: rename or drop the others")
+
+
+def written_columns(columns: Iterable[Any]) -> list[Any]:
+    """The columns a file wrote: not TABLE_FOLDER nor a header's repeat (repeat_of), whose names hold a NUL."""
+    return [c for c in columns if "\0" not in str(c)]
 
 
 def drop_unlabelled_splits(found: Found, fmt: DatasetFormat, tables: dict[str, pd.DataFrame], label_field: str,
@@ -717,7 +721,7 @@ def say_columns_missing(path: Path, split: str, tables: dict[Path, pd.DataFrame]
     """Warns of files of the split without a column that another file of it has, once a split: their rows have that
     column empty once the files are one table, and a file with `sentence` where the others have `text` lost every
     row, said only as rows with an empty text."""
-    columns = [c for c in dict.fromkeys(chain.from_iterable(t.columns for t in tables.values())) if "\0" not in str(c)]
+    columns = written_columns(dict.fromkeys(chain.from_iterable(t.columns for t in tables.values())))
     lacking = {column: [str(f.relative_to(path)) for f, t in tables.items() if column not in t.columns]
                for column in columns}
     if said := [f"{column!r} ({len(files)} of {len(tables)} files: {listed(files, most=3)})"
@@ -766,7 +770,8 @@ def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
     else:
         sep = csv_separator(text, format_suffix(file))
     # the header as pandas reads it: the first line that is not blank (found, not the whole text split in lines)
-    header = line_fields((found := re.search(r"^[^\S\r\n]*\S[^\r\n]*", text, re.M)) and found[0] or "", sep)
+    first_line = re.search(r"^[^\S\r\n]*\S[^\r\n]*", text, re.M)
+    header = line_fields(first_line[0] if first_line else "", sep)
     try:
         table = read_delimited(text, file.name, sep)
     except pd.errors.ParserError as exc:  # which file of a folder, as a JSON file's error says
