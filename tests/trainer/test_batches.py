@@ -21,9 +21,10 @@ from finetune_trainer.batches import (IMAGENET_MEAN, IMAGENET_STD, Batch, Encode
 from finetune_trainer.config import Metric, ModelSpec, Task, TrainerConfig, TrainingSpec
 from finetune_trainer.data import LabelledData, Split
 from finetune_trainer.distributed import World
-from finetune_trainer.errors import DataError
+from finetune_trainer.errors import ConfigError, DataError
 from finetune_trainer.models import load_tokenizer
 from finetune_trainer.pipeline import encode
+from tiny import bpe_tokenizer
 
 
 def test_texts_a_classifier_truncates_are_counted(pvc_root: Path) -> None:
@@ -33,6 +34,40 @@ def test_texts_a_classifier_truncates_are_counted(pvc_root: Path) -> None:
     data = encode_text(Split([short, exact, "word " * 50, "more words " * 40], [0, 1, 0, 1]), tokenizer, 8)
     assert max(data.lengths) == 8 and len(tokenizer(exact)["input_ids"]) == 8
     assert data.truncated == 2
+
+
+def test_a_pair_is_encoded_as_the_tokenizer_pairs_texts_with_segment_ids_in_its_batches(pvc_root: Path) -> None:
+    """BERT's pair: [CLS] first [SEP] second [SEP], the second's tokens of segment 1, cut from the longer text; the
+    batch pads the segment ids with 0 as the tokenizer does."""
+    tokenizer = load_tokenizer(ModelSpec(uri="pvc://models/all-MiniLM-L6-v2", task="sequence-classification"))
+    pairs = [("a man sleeps", "a person rests"), ("word " * 50, "a fine day")]
+    data = encode_text(Split(pairs, [0, 1]), tokenizer, 12)
+    assert data.features[0] == tokenizer("a man sleeps", "a person rests")["input_ids"]
+    assert tokenizer.decode(data.features[0]) == "[CLS] a man sleeps [SEP] a person rests [SEP]"
+    assert tokenizer.decode(data.features[1]).endswith("[SEP] a fine day [SEP]")  # the long first text cut
+    assert data.truncated == 1
+    batch = make_collate(Task.SEQUENCE_CLASSIFICATION, tokenizer.pad_token_id, 0)(data, [1, 0])
+    assert batch.inputs["token_type_ids"].tolist() == [[0] * 8 + [1] * 4, [0] * 5 + [1] * 4 + [0] * 3]
+    assert batch.inputs["attention_mask"].tolist()[1] == [1] * 9 + [0] * 3
+    assert "token_type_ids" not in make_collate(Task.SEQUENCE_CLASSIFICATION, 0, 0)(
+        encode_text(Split(["a man sleeps"], [0]), tokenizer, 12), [0]).inputs  # one text: as before
+
+
+def test_a_pair_is_joined_by_the_eos_where_the_tokenizer_marks_no_boundary(tmp_path: Path) -> None:
+    """GPT-2's tokenizer (as Qwen's) adds no special token to a pair: its two texts ran together, the second's first
+    word read as the first's last word's continuation."""
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(bpe_tokenizer(tmp_path / "bpe", eos="<|endoftext|>"))
+    assert tokenizer("a fine", "day")["input_ids"] == tokenizer("a fineday")["input_ids"]  # run together
+    data = encode_text(Split([("a fine", "day")], [0]), tokenizer, 16)
+    eos = tokenizer.eos_token_id
+    assert data.features == [[*tokenizer("a fine")["input_ids"], eos, *tokenizer("day")["input_ids"]]]
+    assert data.segments is None
+    bare = PreTrainedTokenizerFast.from_pretrained(bpe_tokenizer(tmp_path / "bare", eos=None))
+    with pytest.raises(ConfigError, match=r"dataset.textPairField: the tokenizer marks no boundary between a pair's "
+                                          r"two texts and has no sep or eos token"):
+        encode_text(Split([("a fine", "day")], [0]), bare, 16)
 
 
 def test_truncation_is_said_once_a_run_on_the_main_rank(tiny_cfg: TrainerConfig,

@@ -2450,7 +2450,6 @@ def test_excels_line_naming_the_separator_is_read_as_its_separator(tmp_path: Pat
         load_dataset(spec(str(tmp_path / "train.csv")), Task.SEQUENCE_CLASSIFICATION, seed=0)
 
 
-
 def test_one_text_of_a_pair_is_warned_of(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """An entailment dataset (premise, hypothesis, label) with textField premise trained on the premise alone, its
     labels unlearnable, unsaid."""
@@ -2460,8 +2459,42 @@ def test_one_text_of_a_pair_is_warned_of(tmp_path: Path, caplog: pytest.LogCaptu
                  Task.SEQUENCE_CLASSIFICATION, seed=0)
     assert ("column 'premise' (dataset.textField) is one text of a pair with column 'hypothesis', which is not read"
             in caplog.text)
+    assert "set dataset.textField to 'premise' and dataset.textPairField to 'hypothesis'" in caplog.text
     caplog.clear()
     pd.DataFrame(rows).drop(columns="hypothesis").to_csv(tmp_path / "train.csv", index=False)
     load_dataset(DatasetSpec(uri=str(tmp_path / "train.csv"), textField="premise", labelField="label"),
                  Task.SEQUENCE_CLASSIFICATION, seed=0)
     assert "one text of a pair" not in caplog.text
+
+
+def test_text_pair_field_reads_each_row_as_a_pair_kept_whole_on_one_side_of_the_split(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """NLI's layout: one premise with several hypotheses. Each row is its pair of texts; the split compares pairs, so
+    a premise may train with one hypothesis and be tested with another, and a repeated pair stays on one side."""
+    rows = [{"premise": "a man sleeps", "hypothesis": f"a person {i}", "label": i % 3} for i in range(40)]
+    rows += [{"premise": "a dog runs", "hypothesis": "an animal moves", "label": 0}] * 10
+    pd.DataFrame(rows).to_csv(tmp_path / "train.csv", index=False)
+    pairs = DatasetSpec(uri=str(tmp_path / "train.csv"), textField="premise", textPairField="hypothesis",
+                        labelField="label", validationSplit=0.2, testSplit=0.2)
+    data = load_dataset(pairs, Task.SEQUENCE_CLASSIFICATION, seed=0)
+    sides = [data.train.inputs, data.validation.inputs, data.test.inputs]
+    assert sorted(map(tuple, pd.DataFrame(rows)[["premise", "hypothesis"]].values)) == sorted(sum(sides, []))
+    assert all("a man sleeps" in {p for p, _ in side} for side in sides)  # one premise on every side
+    assert sum(("a dog runs", "an animal moves") in side for side in sides) == 1  # the repeated pair on one alone
+    assert "one text of a pair" not in caplog.text
+    # One text read alone, its 50 rows are 2 distinct inputs: too few to hold out two sides.
+    with pytest.raises(DataError, match=r"50 rows \(2 distinct inputs\) are too few"):
+        load_dataset(pairs.model_copy(update={"text_pair_field": None}), Task.SEQUENCE_CLASSIFICATION, seed=0)
+
+
+def test_a_pair_missing_its_second_text_is_dropped_and_a_missing_column_named(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    rows = [{"premise": f"p {i}", "hypothesis": "" if i < 3 else i, "label": i % 2} for i in range(30)]
+    pd.DataFrame(rows).to_csv(tmp_path / "train.csv", index=False)
+    pairs = DatasetSpec(uri=str(tmp_path / "train.csv"), textField="premise", textPairField="hypothesis")
+    data = load_dataset(pairs, Task.SEQUENCE_CLASSIFICATION, seed=0)
+    assert "dropped 3 train rows with an empty premise or hypothesis or label" in caplog.text
+    assert ("p 29", "29") in data.train.inputs + data.validation.inputs + data.test.inputs  # a number is a text
+    with pytest.raises(DataError, match=r"no column 'sentence2' \(dataset.textPairField\); it has 'premise', "
+                                        r"'hypothesis', 'label'"):
+        load_dataset(pairs.model_copy(update={"text_pair_field": "sentence2"}), Task.SEQUENCE_CLASSIFICATION, seed=0)

@@ -493,3 +493,36 @@ def test_report_json_writes_a_number_that_is_not_finite_as_null() -> None:
     assert json.loads(json_text(report), parse_constant=strict) == {
         "training": {"history": [{"step": 1, "grad_norm": None}, {"step": 2, "grad_norm": 3.5}], "where": "/out"},
         "scores": [None, 0.5]}
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_the_card_of_a_pair_classifier_classifies_a_pair_as_it_trained(family: str, tmp_path: Path) -> None:
+    """textPairField: the card's classify(first, second) gives the export's model the ids training gave it (BERT's
+    pair with segment ids; a GPT-2 tokenizer's pair joined by its eos), and the logits with them."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from finetune_trainer.batches import encode_text, make_collate
+    from finetune_trainer.data import Split
+
+    words = ["a fine day", "an awful car", "the new cars", "slow and awful", "I love this"]
+    rows = [{"first": a, "second": b if k % 2 else a, "same": k % 2 == 0} for k, (a, b) in
+            enumerate((a, b) for a in words for b in words if a != b)]
+    (tmp_path / "pairs.csv").write_text("first,second,same\n" + "".join(
+        f"{r['first']},{r['second']},{r['same']}\n" for r in rows))
+    doc = tiny_classifier_doc(tmp_path / "out", maxSteps=2)
+    doc["dataset"] |= {"uri": str(tmp_path / "pairs.csv"), "textField": "first", "textPairField": "second",
+                       "labelField": "same"}
+    if family == "gpt2":
+        doc["model"] |= {"architecture": "gpt2", "config": dict(TINY_GPT2),
+                         "tokenizerUri": f"file://{bpe_tokenizer(tmp_path / 'bpe')}"}
+    pipeline.run(TrainerConfig.model_validate(doc), tmp_path / "out")
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert "def classify(first, second):  # a pair's logits: its first, then its second" in card
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    trained = encode_text(Split([("a fine day", "I love this")], [0]), tokenizer, doc["dataset"]["maxLength"])
+    batch = make_collate(Task.SEQUENCE_CLASSIFICATION, tokenizer.pad_token_id, 0)(trained, [0])
+    assert ("token_type_ids" in batch.inputs) == (family == "bert")
+    with torch.no_grad():
+        expected = model(**batch.inputs).logits
+    assert torch.allclose(card_model(card, tmp_path / "out", "classify")("a fine day", "I love this"), expected)

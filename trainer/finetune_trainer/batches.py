@@ -27,7 +27,7 @@ from PIL import ExifTags, Image, ImageOps
 from finetune_trainer.config import Augmentation, Task
 from finetune_trainer.data import (FLOAT_IMAGE, WIDE_IMAGE, Split, beyond_16_bits, decode_errors, image_fault,
                                    int_range)
-from finetune_trainer.errors import DataError
+from finetune_trainer.errors import ConfigError, DataError
 from finetune_trainer.torchrun import local_world_size
 
 log = logging.getLogger(__name__)
@@ -74,6 +74,7 @@ class Encoded:
     labels: list[int] | None
     lengths: list[int]  # tokens per sample; 1 for images
     truncated: int = 0  # a classifier's texts longer than max_length, cut to it
+    segments: list[list[int]] | None = None  # each row's token type ids (a pair's first text 0, its second 1)
     augmenting: Augmenting | None = None  # the training split's images, with dataset.augment
 
 
@@ -113,13 +114,38 @@ class Batch:
 
 
 def encode_text(split: Split, tokenizer, max_length: int) -> Encoded:
-    """Texts for a classifier, truncated to max_length tokens, counting those that lost their end."""
-    ids = tokenizer(split.inputs, truncation=True, max_length=max_length)["input_ids"]
-    full = [split.inputs[i] for i, row in enumerate(ids) if len(row) == max_length]  # only these may be cut
+    """Texts for a classifier, truncated to max_length tokens, counting those that lost their end. Pairs of texts
+    are encoded as the tokenizer pairs them (BERT's [CLS] a [SEP] b [SEP], with segment ids), cut from the longer
+    text first (truncation="longest_first"), or joined by a marker where the tokenizer marks no boundary."""
+    texts = paired(split.inputs, tokenizer)
+    encoded = tokenizer(texts, truncation=True, max_length=max_length)
+    ids = encoded["input_ids"]
+    full = [texts[i] for i, row in enumerate(ids) if len(row) == max_length]  # only these may be cut
     # One token more tells a cut text: a document tokenized whole is work wasted, and transformers' false alarm
     # that running it through the model will fail
     longer = tokenizer(full, truncation=True, max_length=max_length + 1)["input_ids"] if full else []
-    return Encoded(ids, split.labels, [len(x) for x in ids], sum(len(row) > max_length for row in longer))
+    segments = encoded.get("token_type_ids") if texts and isinstance(texts[0], tuple) else None
+    return Encoded(ids, split.labels, [len(x) for x in ids], sum(len(row) > max_length for row in longer), segments)
+
+
+def paired(inputs: list[str] | list[tuple[str, str]], tokenizer) -> list[str] | list[tuple[str, str]]:
+    """The inputs as the tokenizer is given them: texts, the pairs, or each pair one text (pair_marker)."""
+    if not inputs or isinstance(inputs[0], str) or (marker := pair_marker(tokenizer)) is None:
+        return inputs
+    return [f"{first}{marker}{second}" for first, second in inputs]
+
+
+def pair_marker(tokenizer) -> str | None:
+    """None where the tokenizer puts a special token between a pair's texts (BERT's [SEP], RoBERTa's </s></s>,
+    Llama's second <s>: it adds more to a pair than to one text), else the token to join them by, its sep or else its
+    eos. One that adds none (GPT-2's, Qwen's) would run the two together, the second's start not told from the first's
+    end."""
+    if tokenizer.num_special_tokens_to_add(pair=True) > tokenizer.num_special_tokens_to_add(pair=False):
+        return None
+    if (marker := tokenizer.sep_token or tokenizer.eos_token) is None:
+        raise ConfigError("dataset.textPairField: the tokenizer marks no boundary between a pair's two texts and has "
+                          "no sep or eos token to mark it with; join the texts into one column (textField)")
+    return marker
 
 
 def say_truncated(splits: Sequence[Encoded], max_length: int) -> None:
@@ -175,7 +201,12 @@ def collate_text(data: Encoded, idx: list[int], pad_id: int, causal: bool) -> Ba
     else:
         labels = torch.tensor([data.labels[i] for i in idx])
         targets = len(rows)
-    return Batch({"input_ids": input_ids, "attention_mask": mask}, labels, len(rows), tokens, targets)
+    inputs = {"input_ids": input_ids, "attention_mask": mask}
+    if data.segments is not None:  # padding is of the first segment, as the tokenizer pads
+        inputs["token_type_ids"] = torch.zeros_like(input_ids)
+        for i, row in enumerate(idx):
+            inputs["token_type_ids"][i, : len(data.segments[row])] = torch.tensor(data.segments[row])
+    return Batch(inputs, labels, len(rows), tokens, targets)
 
 
 def collate_images(data: Encoded, idx: list[int], image_size: int) -> Batch:

@@ -192,8 +192,7 @@ class TextsSpec(ApiModel):
         description="File format; auto picks it from the extension (a folder with dataset_info.json is an HF "
         f"save_to_disk dataset). {HUB_LAYOUTS}",
     )
-    text_field: str = Field("text", min_length=1, description="Column holding the input text: one a row (a pair, such "
-                            "as premise and hypothesis, is classified once joined into one column).")
+    text_field: str = Field("text", min_length=1, description="Column holding the input text, one a row.")
     revision: Revision = None
 
 
@@ -211,6 +210,13 @@ class DatasetSpec(TextsSpec):
 
     label_field: str = Field(
         "label", min_length=1, description="Column holding the label (classification tasks)."
+    )
+    text_pair_field: str | None = Field(
+        None,
+        min_length=1,
+        description="Column holding a row's second text (sequence-classification only), classified together with "
+        "textField's as a pair: premise and hypothesis (NLI), question and passage, two sentences (paraphrase), "
+        "tokenized as the model's pairs are (BERT's [SEP] and segment ids).",
     )
     validation_split: float = Field(
         0.1,
@@ -691,6 +697,19 @@ class TrainerConfig(ApiModel):
             or c.dataset.format == DatasetFormat.IMAGE_FOLDER or c.dataset.label_field != c.dataset.text_field,
             message="labelField names the same column as textField: the label would be the model's input",
             field="dataset.labelField",
+        ),
+        Rule(
+            cel="!has(self.dataset.textPairField) || self.model.task == 'sequence-classification'",
+            holds=lambda c: c.dataset.text_pair_field is None or c.model.task == Task.SEQUENCE_CLASSIFICATION,
+            message="textPairField is a classifier's second text: it is for sequence-classification",
+            field="dataset.textPairField",
+        ),
+        Rule(  # one column read twice, or the label as an input
+            cel="!has(self.dataset.textPairField) || (self.dataset.textPairField != self.dataset.textField"
+            " && self.dataset.textPairField != self.dataset.labelField)",
+            holds=lambda c: c.dataset.text_pair_field not in (c.dataset.text_field, c.dataset.label_field),
+            message="textPairField names the same column as textField or labelField: it is a second text",
+            field="dataset.textPairField",
         ),
         Rule(
             cel="!has(self.dataset.augment) || self.model.task == 'image-classification'"

@@ -69,7 +69,7 @@ SPLIT_NAMES = {name: re.compile(rf"(^|[-._ /\d])({'|'.join(words)})([-._ /\d]|$)
 class Split:
     """Inputs (texts or image paths) and label ids of one side of the split."""
 
-    inputs: list[str]
+    inputs: list[str] | list[tuple[str, str]]  # a pair of texts each with dataset.textPairField
     labels: list[int] | None  # None for causal-lm
 
 
@@ -87,11 +87,13 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
     path = found.path
     input_field = IMAGE_COLUMN if fmt == DatasetFormat.IMAGE_FOLDER else spec.text_field
     label_field = None if task == Task.CAUSAL_LM else ("label" if fmt == DatasetFormat.IMAGE_FOLDER else spec.label_field)
-    columns = [c for c in (input_field, label_field) if c is not None]
+    pair_field = spec.text_pair_field  # sequence-classification's alone (the config's rules)
+    columns = [c for c in (input_field, pair_field, label_field) if c is not None]
     if label_field is not None:
         drop_unlabelled_splits(found, fmt, tables, label_field, spec.uri)
-    check_columns(tables, spec.uri, {"textField": input_field, "labelField": label_field}, "dataset")
-    if task == Task.SEQUENCE_CLASSIFICATION:
+    check_columns(tables, spec.uri, {"textField": input_field, "textPairField": pair_field, "labelField": label_field},
+                  "dataset")
+    if task == Task.SEQUENCE_CLASSIFICATION and pair_field is None:
         warn_half_of_a_pair(tables[TRAIN], input_field, spec.uri)
     usable: dict[str, pd.DataFrame] = {}
     for name, table in tables.items():
@@ -110,9 +112,7 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
         inputs = {name: image_paths(table[input_field], table_folders(tables[name], table.index, folder), folder,
                                     spec.uri) for name, table in usable.items()}
     else:
-        for table in usable.values():
-            check_inputs(table[input_field], (str, Number), "a text", spec.uri, "dataset.textField")
-        inputs = {name: table[input_field].astype(str).tolist() for name, table in usable.items()}
+        inputs = {name: texts_of(table, input_field, pair_field, spec.uri) for name, table in usable.items()}
     id2label: dict[int, str] = {}
     labels: dict[str, list[int] | None] = dict.fromkeys(usable)
     if label_field is not None:
@@ -324,14 +324,25 @@ TEXT_PAIRS = (("sentence1", "sentence2"), ("premise", "hypothesis"), ("question1
 
 
 def warn_half_of_a_pair(table: pd.DataFrame, text_field: str, uri: str) -> None:
-    """Warns where textField is one text of a pair whose other the table has: an entailment or paraphrase dataset
-    (premise, hypothesis) trained on the premise alone, its labels unlearnable, unsaid. A job reads one text a row."""
+    """Warns where textField is one text of a pair whose other the table has, and textPairField is unset: an
+    entailment or paraphrase dataset (premise, hypothesis) trained on the premise alone, its labels unlearnable."""
     for pair in TEXT_PAIRS:
         if text_field in pair and (other := pair[1 - pair.index(text_field)]) in table.columns:
             log.warning("dataset %s: column %r (dataset.textField) is one text of a pair with column %r, which is not "
-                        "read: a row's label may depend on both (entailment, paraphrase); join them into one column "
-                        "to classify the pair", uri, text_field, other)
+                        "read: a row's label may depend on both (entailment, paraphrase); to classify the pair, set "
+                        "dataset.textField to %r and dataset.textPairField to %r", uri, text_field, other, *pair)
             return
+
+
+def texts_of(table: pd.DataFrame, text_field: str, pair_field: str | None,
+             uri: str) -> list[str] | list[tuple[str, str]]:
+    """A table's inputs: its texts, or with textPairField, its pairs of texts (which split compares as pairs: a
+    premise that trained with one hypothesis may be tested with another, as NLI's splits have it)."""
+    fields = {"textField": text_field} | ({"textPairField": pair_field} if pair_field else {})
+    for role, column in fields.items():
+        check_inputs(table[column], (str, Number), "a text", uri, f"dataset.{role}")
+    texts = [table[column].astype(str).tolist() for column in fields.values()]
+    return texts[0] if pair_field is None else list(zip(*texts))
 
 
 def warn_labels_spelt_missing(id2label: dict[int, str], ids: list[int], column: str, uri: str) -> None:

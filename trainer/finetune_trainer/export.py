@@ -376,10 +376,12 @@ def loss_curve(history: list[dict[str, float]], evals: list[dict[str, Any]], pat
 
 
 def model_card(cfg: TrainerConfig, report: dict[str, Any], adapters_apart: bool = False,
-               causal_switch: bool = False, written_in: torch.dtype | None = None, revision: str | None = None) -> str:
+               causal_switch: bool = False, written_in: torch.dtype | None = None, revision: str | None = None,
+               joined_by: str | None = None) -> str:
     """The export's README; `causal_switch`: the model's config has `is_decoder` (models.has_causal_switch);
     `written_in`: the 16-bit dtype of the weights written (`written_dtype`); `revision`: the commit of model.uri the
-    job loaded (`loaded_revision`), which adapters kept apart load on (model.revision where not given)."""
+    job loaded (`loaded_revision`), which adapters kept apart load on (model.revision where not given); `joined_by`:
+    as loading_lines takes it."""
     evaluation = report["evaluation"]
     rows = [f"| {m} | {fmt(evaluation['baseline'].get(m))} | {fmt(v)} | {fmt(evaluation['delta'].get(m), '+')} |"
             for m, v in evaluation["final"].items()]
@@ -410,7 +412,8 @@ def model_card(cfg: TrainerConfig, report: dict[str, Any], adapters_apart: bool 
         *per_class_rows(evaluation.get("per_class_ap")),
         "",
         *pruning_section(report.get("pruning")),
-        *loading_lines(cfg, head_size(cfg, len(report["labels"])), adapters_apart, causal_switch, revision),
+        *loading_lines(cfg, head_size(cfg, len(report["labels"])), adapters_apart, causal_switch, revision,
+                       joined_by),
         "Trained by finetune-trainer; report.json has the structure analysis and the full history.",
     ]
     return "\n".join(lines) + "\n"
@@ -492,10 +495,11 @@ def head_size(cfg: TrainerConfig, labels: int) -> int:
 
 
 def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool, causal_switch: bool = False,
-                  revision: str | None = None) -> list[str]:
+                  revision: str | None = None, joined_by: str | None = None) -> list[str]:
     """Code that loads the export, run from the folder holding it: the standard classes, and where adapters were
     kept apart, peft on the base they adapt (this folder's, or model.uri's at `revision` with the new head's
-    size)."""
+    size). `joined_by`: the token a pair's texts were joined by (batches.pair_marker), None where the tokenizer
+    paired them."""
     task, revision = cfg.model.task, revision or cfg.model.revision
     from_uri = adapters_apart and not base_is_new(cfg)
     note: list[str] = []  # said below the code
@@ -570,11 +574,19 @@ def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool, causal_
             # at fp32, as the job loaded it (models.load_model) under the adapters it trained and scored: a 16-bit
             # checkpoint loads in its own dtype otherwise
             args += ", dtype=torch.float32"
-        if task == Task.CAUSAL_LM:
-            imports = [f"{imports[0]}, AutoTokenizer"]
+        pairs = task == Task.SEQUENCE_CLASSIFICATION and cfg.dataset.text_pair_field is not None
+        if task == Task.CAUSAL_LM or (pairs and not setup):
+            imports[-1] += ", AutoTokenizer"
             setup = ["tokenizer = AutoTokenizer.from_pretrained('.')", *setup]
-        code = [*(["import torch"] if from_uri else []), *imports, "", *setup, f"model = {auto}.from_pretrained({args})",
-                *named]
+        code = [*(["import torch"] if from_uri or pairs else []), *imports, "", *setup,
+                f"model = {auto}.from_pretrained({args})", *named]
+        if pairs:  # as encode_text gave them: the tokenizer's pair, or one text where it marks no boundary
+            pair = "first, second" if joined_by is None else f"first + {joined_by!r} + second"
+            code += ["", f"def classify(first, second):  # a pair's logits: its {cfg.dataset.text_field}, then its "
+                         f"{cfg.dataset.text_pair_field}",
+                     f"    inputs = tokenizer({pair}, truncation=True, max_length={cfg.dataset.max_length}, "
+                     "return_tensors='pt')",
+                     "    with torch.no_grad():", "        return model(**inputs).logits"]
     if adapters_apart:
         code.insert(code.index(""), "from peft import PeftModel")
         code.append('model = PeftModel.from_pretrained(model, "adapter")  # the adapters, kept apart')

@@ -8,6 +8,7 @@ so that the analysis can report the mismatch it fixes.
 from __future__ import annotations
 
 import argparse
+import inspect
 import itertools
 import json
 import logging
@@ -83,6 +84,11 @@ def autocast(device_type: str, dtype: torch.dtype | None) -> torch.autocast:
 def logits_of(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     out = model(**inputs)
     return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def takes_segments(model: nn.Module) -> bool:
+    """Whether the model's forward takes token type ids (BERT's does, DistilBERT's does not)."""
+    return "token_type_ids" in inspect.signature(model.forward).parameters
 
 
 def load_tokenizer(spec: ModelSpec):

@@ -33,7 +33,7 @@ from finetune_trainer import analyze as analysis
 from finetune_trainer import checkpoints, distill, distributed, export, prune, torchrun
 from finetune_trainer.adjust import freeze, freeze_checked, lora_targets, merging_picks_targets, param_groups
 from finetune_trainer.batches import (Augmenting, Batch, Encoded, digest, encode_causal, encode_images, encode_text,
-                                      epoch_batches, eval_batches, make_collate, say_truncated)
+                                      epoch_batches, eval_batches, make_collate, pair_marker, say_truncated)
 from finetune_trainer.config import Batching, HealSpec, PruneSpec, Stage, Task, TrainerConfig
 from finetune_trainer.data import (LabelledData, Split, bad_images, bad_images_error, check_label_count, head_order,
                                    in_head_order, load_dataset, load_texts)
@@ -45,7 +45,8 @@ from finetune_trainer.errors import EXIT_OK, ConfigError, DataError, Terminated,
 from finetune_trainer.evaluate import deltas, evaluate
 from finetune_trainer.lora_fused import FORMS, fuse
 from finetune_trainer.models import (check_image_size, check_one_sample_batches, check_positions, check_vocabulary,
-                                     has_causal_switch, head_labels, load_model, load_tokenizer, new_modules)
+                                     has_causal_switch, head_labels, load_model, load_tokenizer, new_modules,
+                                     takes_segments)
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
 from finetune_trainer.structure import depth, head_name
 from finetune_trainer.telemetry import Metrics, write_failure, write_termination
@@ -259,6 +260,9 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         if order := trained_head_order(model, data.id2label, num_labels, cfg.rearrange.head.reinitialize):
             data = in_head_order(data, order)
             train_data, validation_data, test_data = (replace(e, labels=[order[i] for i in e.labels])
+                                                      for e in (train_data, validation_data, test_data))
+        if train_data.segments is not None and not takes_segments(model):  # a tokenizerUri of another family's
+            train_data, validation_data, test_data = (replace(e, segments=None)
                                                       for e in (train_data, validation_data, test_data))
     check_positions(model, cfg.dataset.max_length)
     check_image_size(model, cfg.dataset.image_size)
@@ -788,7 +792,8 @@ def write_outputs(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cf
             card = export.model_card(cfg, report | extra, adapters_apart=(staged / export.ADAPTER).is_dir(),
                                      causal_switch=has_causal_switch(getattr(model, "config", None)),
                                      written_in=export.written_dtype(model, cfg),
-                                     revision=export.loaded_revision(model, cfg))
+                                     revision=export.loaded_revision(model, cfg),
+                                     joined_by=pair_marker(tokenizer) if cfg.dataset.text_pair_field else None)
             (staged / "README.md").write_text(card)
             analysis_file = ["analysis.json"] if (out / "analysis.json").exists() else []  # the run's, listed as ever
             extra["files"] = sorted({*files, "loss_curve.png", "README.md", export.MARKER, *analysis_file})
