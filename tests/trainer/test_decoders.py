@@ -10,8 +10,8 @@ import pytest
 import torch
 from torch import nn
 
-from finetune_trainer.batches import encode_text, make_collate
-from finetune_trainer.config import LoraSpec, ModelSpec, Task, TrainerConfig
+from finetune_trainer.batches import encode_causal, encode_text, make_collate
+from finetune_trainer.config import LoraSpec, Metric, ModelSpec, Task, TrainerConfig
 from finetune_trainer.data import Split
 from finetune_trainer import rearrange
 from finetune_trainer.export import as_published, export_model, model_card, published_dtype
@@ -297,3 +297,26 @@ def test_a_pad_borrowed_from_eos_is_no_padding_row_of_the_embedding(tmp_path: Pa
     tokenizer = load_tokenizer(bert)
     model = load_model(bert, tokenizer, seed=0)
     assert model.get_input_embeddings().padding_idx == tokenizer.pad_token_id != tokenizer.unk_token_id
+
+
+def test_an_evaluation_keeps_no_key_value_cache_and_the_export_still_generates_with_one(tmp_path: Path) -> None:
+    """A causal LM's forward under no_grad kept every layer's keys and values to its end (past_key_values), for a
+    next token an evaluation never asks: memory that a large model's evaluation batch did not have. Its config still
+    says use_cache after, which the export writes for generate()."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    from finetune_trainer.distributed import World
+    from finetune_trainer.evaluate import evaluate
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=300, **TINY_GPT2))
+    tokenizer = load_tokenizer(ModelSpec(task="causal-lm", architecture="gpt2",
+                                         tokenizerUri=f"file://{bpe_tokenizer(tmp_path / 'tok')}"))
+    data = encode_causal(Split(["a fine day indeed", "this is awful and slow"], None), tokenizer, 16)
+    caches = []
+    model.register_forward_hook(lambda _module, _args, out: caches.append(out.past_key_values))
+    scores = evaluate(model, data, make_collate(Task.CAUSAL_LM, tokenizer.pad_token_id, 0), Task.CAUSAL_LM,
+                      [Metric.LOSS], 2, World(0, 1, torch.device("cpu")), 0)
+    assert scores["loss"] > 0 and caches == [None]
+    assert model.config.use_cache
+    with torch.no_grad():
+        assert model(**tokenizer("a fine", return_tensors="pt")).past_key_values is not None

@@ -18,7 +18,7 @@ from torch import nn
 from finetune_trainer.batches import Batch, Encoded, loader_threads, polled_eval_batches
 from finetune_trainer.config import Metric, Task
 from finetune_trainer.distributed import World
-from finetune_trainer.models import autocast, logits_of
+from finetune_trainer.models import autocast, cache_off, logits_of
 from finetune_trainer.train import loss_sum, unwrap
 
 
@@ -37,7 +37,7 @@ def evaluate(model: nn.Module, data: Encoded, collate: Callable[[Encoded, list[i
     for _, batch in polled_eval_batches(data, collate, batch_size, world.rank, world.size, before_batch,
                                         loader_threads(task, world.device)):
         batch = batch.to(world.device)
-        with autocast(world.device.type, dtype):
+        with autocast(world.device.type, dtype), cache_off(model):
             logits = logits_of(model, batch.inputs)
         loss += loss_sum(logits, batch.labels, task)
         targets += batch.targets

@@ -8,12 +8,13 @@ so that the analysis can report the mismatch it fixes.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import inspect
 import itertools
 import json
 import logging
 import pickle
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -84,6 +85,22 @@ def autocast(device_type: str, dtype: torch.dtype | None) -> torch.autocast:
 def logits_of(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
     out = model(**inputs)
     return out if isinstance(out, torch.Tensor) else out.logits
+
+
+@contextlib.contextmanager
+def cache_off(model: nn.Module) -> Iterator[None]:
+    """A transformers model whose forward keeps a key/value cache (a causal LM, its classifiers) keeps none meanwhile,
+    as in an evaluation, whose forward under no_grad would otherwise hold every layer's keys and values to its end;
+    its config says use_cache again after, as the export writes it for generate(). torchvision's have no config."""
+    config = getattr(model, "config", None)
+    kept = getattr(config, "use_cache", False)
+    if kept:
+        config.use_cache = False
+    try:
+        yield
+    finally:
+        if kept:
+            config.use_cache = kept
 
 
 def takes_segments(model: nn.Module) -> bool:
