@@ -1512,6 +1512,26 @@ def test_a_json_array_of_records_loads(tmp_path: Path) -> None:
     assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(r["text"] for r in ROWS)
 
 
+@pytest.mark.parametrize("indent", [2, None])
+def test_a_stream_of_json_objects_loads(tmp_path: Path, indent: int | None) -> None:
+    """`jq . d.jsonl > d.json` writes its objects one after another, each over lines (`jq -j -c`, on one line): read
+    as JSON Lines, it was refused as "line 1 is not JSON (Expecting property name enclosed in double quotes, ...)"."""
+    (path := tmp_path / "d.json").write_text("".join(json.dumps(r, indent=indent) + "\n" * bool(indent) for r in ROWS))
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(r["text"] for r in ROWS)
+
+
+def test_a_stream_of_json_objects_is_refused_naming_the_line_of_a_bad_one(tmp_path: Path) -> None:
+    """Each object is 4 lines (its text's, its label's and its braces'), 5 with the blank line after it."""
+    objects = [json.dumps(r, indent=2) + "\n\n" for r in ROWS[:5]]
+    (path := tmp_path / "d.json").write_text("".join([*objects[:3], '{\n  "text": "t"\n  "label": "a"\n}\n', *objects]))
+    with pytest.raises(DataError, match=r"\(ValueError: d.json line 18 is not JSON \(Expecting ',' delimiter"):
+        load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    (path := tmp_path / "d.json").write_text("".join([*objects[:3], "[\n  1\n]\n", *objects]))
+    with pytest.raises(DataError, match=r"\(ValueError: d.json line 16 is not a JSON object"):
+        load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+
+
 def test_a_json_of_columns_is_refused_saying_how_to_write_records(tmp_path: Path) -> None:
     """pandas' df.to_json() writes one object of columns, each a dict by row number: read as one row that holds
     them, it was refused only as "holds {'0': 'sample 0', ...}, not a text"."""

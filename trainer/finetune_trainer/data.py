@@ -9,6 +9,7 @@ from __future__ import annotations
 import bz2
 import codecs
 import csv
+import enum
 import functools
 import gzip
 import hashlib
@@ -768,26 +769,89 @@ def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
         return pd.read_parquet(file, dtype_backend="numpy_nullable")
     text = read_text(file)
     if fmt == DatasetFormat.JSONL:
-        # "10" stays the string the user wrote; a .json file may hold one array of records instead of lines
-        lines = not text.lstrip().startswith("[")
-        try:
-            return pd.read_json(io.StringIO(text), lines=lines, dtype=False, dtype_backend="numpy_nullable")
-        except (TypeError, ValueError) as exc:  # TypeError: pandas' complaint about a record such as [1, 2] or null
-            if (where := first_bad_record(text, lines)) is None:
-                raise
-            raise ValueError(f"{file.name} {where}") from exc
+        return read_json(text, file.name)
     if declared := re.match(r"sep=([^\r\n])[^\S\r\n]*(\r?\n)", text):  # Excel's first line, naming the separator
         sep, text = declared[1], declared[2] + text[declared.end():]  # a blank line: the errors' line numbers stay
     else:
         sep = csv_separator(text, format_suffix(file))
-    # the header as pandas reads it: the first line that is not blank (found, not the whole text split in lines)
-    first_line = re.search(r"^[^\S\r\n]*\S[^\r\n]*", text, re.M)
-    header = line_fields(first_line[0] if first_line else "", sep)
+    header = line_fields(first_line(text), sep)  # as pandas reads it
     try:
         table = read_delimited(text, file.name, sep)
     except pd.errors.ParserError as exc:  # which file of a folder, as a JSON file's error says
         raise pd.errors.ParserError(f"{file.name}: {exc}") from exc
     return without_repeated_headers(with_repeats_renamed(table, header), header, file.name)
+
+
+def read_json(text: str, name: str) -> pd.DataFrame:
+    """The records of the JSON file `name`, as its layout holds them (json_layout); "10" stays the string the user
+    wrote."""
+    layout = json_layout(text)
+    try:
+        return pd.read_json(io.StringIO(as_array(text) if layout is JsonLayout.STREAM else text),
+                            lines=layout is JsonLayout.LINES, dtype=False, dtype_backend="numpy_nullable")
+    except (TypeError, ValueError) as exc:  # TypeError: pandas' complaint about a record such as [1, 2] or null
+        if (where := first_bad_record(text, layout)) is None:
+            raise
+        raise ValueError(f"{name} {where}") from exc
+
+
+class JsonLayout(enum.Enum):
+    LINES = enum.auto()  # JSON Lines: a value a line
+    ARRAY = enum.auto()  # one array of values
+    STREAM = enum.auto()  # values one after another, each over lines, as `jq .` prints them
+
+
+def json_layout(text: str) -> JsonLayout:
+    """How a JSON file holds its records: an array where it starts with "[", JSON Lines where its first line is a
+    whole value (or it has none), else a stream of values one after another, each over lines, unless its first line
+    is one of JSON Lines cut short."""
+    line = first_line(text)
+    if line.lstrip().startswith("["):
+        return JsonLayout.ARRAY
+    try:
+        json.loads(line or "null")
+        return JsonLayout.LINES
+    except json.JSONDecodeError:
+        pass
+    # A first line cut short is JSON Lines', its error named on it; "{" alone is how jq starts an object
+    return JsonLayout.STREAM if line.strip() == "{" or first_value_parses(text) else JsonLayout.LINES
+
+
+def first_value_parses(text: str) -> bool:
+    """Whether the first JSON value of `text` parses, over however many lines."""
+    try:
+        next(json_values(text), None)
+    except json.JSONDecodeError:
+        return False
+    return True
+
+
+def json_values(text: str) -> Iterator[tuple[int, int, Any]]:
+    """Where each JSON value of a text of values one after another starts and ends, and the value: decoded one at a
+    time, for a corpus' memory. A JSONDecodeError's line is the text's own."""
+    decoder = json.JSONDecoder()
+    start = JSON_BLANK.match(text).end()
+    while start < len(text):
+        value, end = decoder.raw_decode(text, start)
+        yield start, end, value
+        start = JSON_BLANK.match(text, end).end()
+
+
+JSON_BLANK = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+
+
+def as_array(text: str) -> str:
+    """A text of JSON values one after another as one JSON array, a comma after each value but the last: its lines
+    stay the text's own, for pandas' errors to name."""
+    ends = [end for _, end, _ in json_values(text)]
+    bounds = [0, *ends[:-1], len(text)]
+    return "[" + ",".join(text[start:end] for start, end in zip(bounds, bounds[1:])) + "]"
+
+
+def first_line(text: str) -> str:
+    """The first line of `text` that is not blank ("" where none is): found, not the whole text split in lines."""
+    found = re.search(r"^[^\S\r\n]*\S[^\r\n]*", text, re.M)
+    return found[0] if found else ""
 
 
 def without_repeated_headers(table: pd.DataFrame, header: list[str], name: str) -> pd.DataFrame:
@@ -972,20 +1036,29 @@ def csv_separator(text: str, suffix: str) -> str:
     return max(order, key=header.count)
 
 
-def first_bad_record(text: str, lines: bool) -> str | None:
-    """Where the first record of a JSON Lines text (or of a JSON array) that is not JSON, or not an object, is and
-    what is wrong with it: pandas names only a character offset ("Expected object or value at position 1437")."""
+def first_bad_record(text: str, layout: JsonLayout) -> str | None:
+    """Where the first record of a JSON text that is not JSON, or not an object, is and what is wrong with it:
+    pandas names only a character offset ("Expected object or value at position 1437")."""
     number = 0
     try:
-        if not lines:
+        if layout is JsonLayout.ARRAY:
             return next((f"record [{i}] is not a JSON object" for i, record in enumerate(json.loads(text))
+                         if not isinstance(record, dict)), None)
+        if layout is JsonLayout.STREAM:
+            return next((f"line {line_at(text, start)} is not a JSON object" for start, _, record in json_values(text)
                          if not isinstance(record, dict)), None)
         for number, line in enumerate(text.split("\n"), 1):  # as pandas splits: not at a string's U+2028
             if line.strip() and not isinstance(json.loads(line), dict):
                 return f"line {number} is not a JSON object"
     except json.JSONDecodeError as exc:
-        return f"line {number if lines else exc.lineno} is not JSON ({exc.msg}, column {exc.colno})"
+        line = number if layout is JsonLayout.LINES else exc.lineno
+        return f"line {line} is not JSON ({exc.msg}, column {exc.colno})"
     return None
+
+
+def line_at(text: str, at: int) -> int:
+    """The number of the line of `text` that its character `at` is on."""
+    return text.count("\n", 0, at) + 1
 
 
 def read_text(file: Path) -> str:
