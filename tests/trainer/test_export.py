@@ -7,6 +7,8 @@ import hashlib
 import json
 import os
 import signal
+import subprocess
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -526,3 +528,21 @@ def test_the_card_of_a_pair_classifier_classifies_a_pair_as_it_trained(family: s
     with torch.no_grad():
         expected = model(**batch.inputs).logits
     assert torch.allclose(card_model(card, tmp_path / "out", "classify")("a fine day", "I love this"), expected)
+
+
+@pytest.mark.parametrize("mplconfigdir", [None, "mine"])
+def test_the_loss_curve_is_drawn_without_a_warning_where_home_cannot_be_written(tmp_path: Path,
+                                                                                 mplconfigdir: str | None) -> None:
+    """A non-root pod's HOME often cannot be written: matplotlib made a temporary folder for its config and font
+    cache itself, warning in every job's log that it had ("Matplotlib created a temporary cache directory ...").
+    An MPLCONFIGDIR the user set is matplotlib's to use."""
+    (home := tmp_path / "home").write_text("")  # a file: nothing can be made under it, by root either
+    env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
+    env |= {"HOME": str(home)} | ({"MPLCONFIGDIR": str(tmp_path / mplconfigdir)} if mplconfigdir else {})
+    code = ("import sys\nfrom pathlib import Path\nfrom finetune_trainer.export import loss_curve\n"
+            "loss_curve([{'step': 1, 'loss': 2.0}, {'step': 2, 'loss': 1.5}], [], Path(sys.argv[1]))")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "curve.png")], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 0 and "matplotlib" not in done.stderr.lower(), done.stderr
+    assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
+    assert not mplconfigdir or (tmp_path / mplconfigdir).is_dir()

@@ -18,6 +18,7 @@ before anything else (`recover`). A rename replaces a file whole, so no file is 
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import fnmatch
 import json
@@ -352,6 +353,7 @@ def named_base(adapter: Path, base: str | None, revision: str | None) -> None:
 
 
 def loss_curve(history: list[dict[str, float]], evals: list[dict[str, Any]], path: Path) -> None:
+    matplotlib_folder()
     import matplotlib
 
     matplotlib.use("Agg")  # no display in a pod
@@ -373,6 +375,40 @@ def loss_curve(history: list[dict[str, float]], evals: list[dict[str, Any]], pat
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)
+
+
+def matplotlib_folder() -> None:
+    """Point MPLCONFIGDIR, where the user set none, at a temporary folder when matplotlib's own (its config and font
+    cache under HOME) cannot be written, as a non-root pod's HOME often cannot: matplotlib made one itself, warning
+    in every job's log ("Matplotlib created a temporary cache directory ...") as though the job had gone wrong."""
+    if os.environ.get("MPLCONFIGDIR") or matplotlib_folders_writable():
+        return
+    try:
+        folder = tempfile.mkdtemp(prefix="matplotlib-")
+    except OSError:  # no temporary folder either: matplotlib's own error says to set MPLCONFIGDIR
+        return
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)
+    os.environ["MPLCONFIGDIR"] = folder
+
+
+def matplotlib_folders_writable() -> bool:
+    """Whether matplotlib's config and cache folders can be made and written, as it tests them on Linux (where pods
+    run): XDG's, under HOME by default."""
+    try:
+        folders = [Path(os.environ.get(xdg) or Path.home() / default, "matplotlib")
+                   for xdg, default in (("XDG_CONFIG_HOME", ".config"), ("XDG_CACHE_HOME", ".cache"))]
+    except RuntimeError:  # no HOME, and no passwd entry for the uid (as an OpenShift pod's may have none)
+        return False
+    return all(map(writable_folder, folders))
+
+
+def writable_folder(folder: Path) -> bool:
+    """Whether `folder` is, or can be made, a folder this process may write in."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return False
+    return folder.is_dir() and os.access(folder, os.W_OK)
 
 
 def model_card(cfg: TrainerConfig, report: dict[str, Any], adapters_apart: bool = False,
