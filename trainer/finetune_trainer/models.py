@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import inspect
 import itertools
 import json
 import logging
@@ -101,11 +100,6 @@ def cache_off(model: nn.Module) -> Iterator[None]:
     finally:
         if kept:
             config.use_cache = kept
-
-
-def takes_segments(model: nn.Module) -> bool:
-    """Whether the model's forward takes token type ids (BERT's does, DistilBERT's does not)."""
-    return "token_type_ids" in inspect.signature(model.forward).parameters
 
 
 def load_tokenizer(spec: ModelSpec):

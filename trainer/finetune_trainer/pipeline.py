@@ -45,8 +45,7 @@ from finetune_trainer.errors import EXIT_OK, ConfigError, DataError, Terminated,
 from finetune_trainer.evaluate import deltas, evaluate
 from finetune_trainer.lora_fused import FORMS, fuse
 from finetune_trainer.models import (check_image_size, check_one_sample_batches, check_positions, check_vocabulary,
-                                     has_causal_switch, head_labels, load_model, load_tokenizer, new_modules,
-                                     takes_segments)
+                                     has_causal_switch, head_labels, load_model, load_tokenizer, new_modules)
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
 from finetune_trainer.structure import depth, head_name
 from finetune_trainer.telemetry import Metrics, write_failure, write_termination
@@ -260,9 +259,6 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         if order := trained_head_order(model, data.id2label, num_labels, cfg.rearrange.head.reinitialize):
             data = in_head_order(data, order)
             train_data, validation_data, test_data = (replace(e, labels=[order[i] for i in e.labels])
-                                                      for e in (train_data, validation_data, test_data))
-        if train_data.segments is not None and not takes_segments(model):  # a tokenizerUri of another family's
-            train_data, validation_data, test_data = (replace(e, segments=None)
                                                       for e in (train_data, validation_data, test_data))
     check_positions(model, cfg.dataset.max_length)
     check_image_size(model, cfg.dataset.image_size)
