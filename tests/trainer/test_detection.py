@@ -44,8 +44,8 @@ def shapes_copy(pvc_root: Path, tmp_path: Path) -> Path:
     return folder
 
 
-def rewrite(folder: Path, change: Any) -> Path:
-    path = folder / "annotations.json"
+def rewrite(folder: Path, change: Any, name: str = "annotations.json") -> Path:
+    path = folder / name
     coco = json.loads(path.read_text())
     change(coco)
     path.write_text(json.dumps(coco))
@@ -837,6 +837,42 @@ def test_an_exported_detectors_head_keeps_its_categories_when_the_dataset_number
     moved = renumbered(data, [2, 3, 1])
     assert [[moved.id2label[c] for c in r.labels] for r in moved.train.inputs] == [
         [data.id2label[c] for c in r.labels] for r in data.train.inputs]
+
+
+def test_a_kept_head_that_names_no_classes_takes_the_category_ids_as_its_class_ids(
+        pvc_root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """torchvision's COCO checkpoints (and its reference scripts' models) index their classes by category id and name
+    none: kept (numLabels its size) on a COCO subset, the categories were numbered 1..K, and person, car and dog
+    (ids 1, 3, 18) trained as the head's person, bicycle and car, shuffled."""
+    from safetensors.torch import save_model
+
+    spec = ModelSpec(task="object-detection", architecture="fasterrcnn_mobilenet_v3_large_320_fpn",
+                     config=SMALL_FRCNN | {"num_classes": 6})  # a head of 5 classes and the background
+    save_model(load_detector(spec, 128).net, str(tmp_path / "coco-head.safetensors"))
+    ids = {1: 4, 2: 2, 3: 5}  # circle, square, triangle
+
+    def renumber(coco: dict[str, Any]) -> None:
+        for item in (*coco["annotations"], *coco["categories"]):
+            key = "category_id" if "category_id" in item else "id"
+            item[key] = ids[item[key]]
+
+    folder = same_images_in_every_split(pvc_root, tmp_path / "eight", 8)
+    for name in ("train.json", "val.json", "test.json"):
+        rewrite(folder, renumber, name)
+    doc = detection_doc(tmp_path / "out", maxSteps=1, batchSize=4)
+    doc["model"] |= {"uri": str(tmp_path / "coco-head.safetensors"), "config": spec.config}
+    doc["rearrange"] = {"head": {"numLabels": 5}}
+    doc["evaluation"]["baseline"] = False
+    doc["dataset"]["uri"] = str(folder)
+    monkeypatch.setenv("TERMINATION_MESSAGE_PATH", str(tmp_path / "termination"))
+    report = run(TrainerConfig.from_wire(doc), tmp_path / "out")
+    assert report["labels"] == {"2": "square", "4": "circle", "5": "triangle"}
+    assert load_exported(tmp_path / "out").category_ids == {2: 2, 4: 4, 5: 5}
+    data = load_coco(DatasetSpec(uri=str(folder)), seed=0)
+    kept = load_detector(spec.model_copy(update={"uri": str(tmp_path / "coco-head.safetensors")}), 128)
+    assert trained_head_order(kept, data.id2label, 5, False, data.category_ids) == [2, 4, 5]
+    assert trained_head_order(kept, data.id2label, 5, True, data.category_ids) is None  # a new head: 1..K
+    assert trained_head_order(kept, data.id2label, 5, False, {1: 2, 2: 4, 3: 9}) is None  # 9: not one of its classes
 
 
 def test_an_exported_detector_given_another_image_size_is_warned_of(tmp_path: Path,

@@ -250,7 +250,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     if detecting:
         torch.manual_seed(seed)  # fresh weights and a new head, the same on every rank and rerun
         model = load_detector(cfg.model, cfg.dataset.image_size).to(world.device)
-        if order := trained_head_order(model, data.id2label, num_labels, cfg.rearrange.head.reinitialize):
+        if order := trained_head_order(model, data.id2label, num_labels, cfg.rearrange.head.reinitialize,
+                                       data.category_ids):
             data = renumbered(data, order)
             train_data, validation_data, test_data = encode(data, tokenizer, cfg, world.main)
         model.category_ids = data.category_ids  # for the export, whose labels are the class ids
@@ -703,17 +704,33 @@ def pruning_message(pruning: dict[str, Any]) -> dict[str, Any]:
             "metricsBefore": {k: v for k, v in before.items() if k not in ("parameters", "latency_ms")}}
 
 
-def trained_head_order(model: nn.Module, id2label: dict[int, str], num_labels: int,
-                       reinitialize: bool) -> list[int] | None:
+def trained_head_order(model: nn.Module, id2label: dict[int, str], num_labels: int, reinitialize: bool,
+                       category_ids: dict[int, int] | None = None) -> list[int] | None:
     """`head_order` for a classifier or detector whose head stays as it was trained (its size fits, no reinitialize
-    asked), where it names the dataset's labels in another order or among others."""
+    asked), where it names the dataset's labels in another order or among others; for a detector's head that names
+    none, `category_order` of the dataset's `category_ids`."""
     head, size = head_labels(model)
-    if not id2label or not head or reinitialize or size != num_labels:
+    if not id2label or reinitialize or size != num_labels:
         return None
+    if not head:
+        return category_order(category_ids, size)
     if (order := head_order(id2label, head)) is not None:
         log.info("the model's head names the dataset's labels in another order, or among others (%s); they take "
                  "its ids", ", ".join(head[i] for i in sorted(head)))
     return order
+
+
+def category_order(category_ids: dict[int, int] | None, size: int) -> list[int] | None:
+    """The dataset's category ids as the class ids of a kept detector head that names no classes, where they fit it
+    (1..size) and are not 1..K already: such a head is torchvision's (its COCO checkpoints, models trained with its
+    reference scripts), whose class index is the category id. Numbered 1..K, a COCO subset (person, car, dog: ids 1,
+    3, 18) trained the head's person, bicycle and car outputs as them, shuffled."""
+    ids = [category_ids[c] for c in sorted(category_ids or {})]
+    if not ids or ids == list(range(1, len(ids) + 1)) or min(ids) < 1 or max(ids) > size:
+        return None
+    log.info("the detector's head (%d classes, none named) is kept: the dataset's category ids are its class ids, as "
+             "torchvision's COCO heads number them", size)
+    return ids
 
 
 def encode(data: LabelledData, tokenizer: Any, cfg: TrainerConfig, main: bool) -> tuple[Encoded, Encoded, Encoded]:
