@@ -746,3 +746,15 @@ def test_a_pruned_job_on_a_model_whose_layers_parts_sit_in_parallel_lists_is_ref
     with pytest.raises(ConfigError, match=r"^rearrange.prune: XLMForSequenceClassification keeps each layer's parts "
                                           r"in parallel lists"):
         run(TrainerConfig.model_validate(doc), tmp_path / "out")
+
+
+def test_healings_target_keeps_no_key_value_cache_and_the_pruned_model_still_does() -> None:
+    """Healing's target (the unpruned copy) runs a no_grad forward a step, which for a causal LM kept every layer's
+    keys and values to its end, as a teacher's did; the pruned model's export still says use_cache, for generate()."""
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=300, **TINY_GPT2))
+    target = prune.healing_target(model)
+    with torch.no_grad():
+        assert target(input_ids=torch.tensor([[1, 2, 3]])).past_key_values is None
+        assert model(input_ids=torch.tensor([[1, 2, 3]])).past_key_values is not None

@@ -22,7 +22,7 @@ from finetune_trainer.config import ModelSpec, Task, TrainerConfig
 from finetune_trainer.data import matched_labels
 from finetune_trainer.errors import ConfigError, ModelError, UserError
 from finetune_trainer.models import (check_image_size, check_positions, head_labels, load_model, load_tokenizer,
-                                     logits_of, new_modules)
+                                     logits_of, new_modules, without_cache)
 from finetune_trainer.uris import fetch, local_path
 
 log = logging.getLogger(__name__)
@@ -107,15 +107,6 @@ def load_teacher(cfg: TrainerConfig, tokenizer: Any, student: nn.Module, id2labe
              sum(p.numel() * p.element_size() for p in teacher.parameters()) / 2**20, 1 - spec.weight, spec.weight,
              spec.temperature)
     return Teacher(teacher, spec.temperature, spec.weight, None if columns is None else columns.to(device), width)
-
-
-def without_cache(model: nn.Module) -> None:
-    """A transformers model whose forward keeps a key/value cache (a causal LM, its classifiers) keeps none: every
-    layer's keys and values, kept for a next token that a teacher never reads, were about 2 GiB more at the peak for
-    an 8B teacher at 8 x 2048 tokens. torchvision's models have no config."""
-    config = getattr(model, "config", None)
-    if getattr(config, "use_cache", False):
-        config.use_cache = False
 
 
 def check_merged(cfg: TrainerConfig) -> None:

@@ -39,7 +39,7 @@ from torch import nn
 from finetune_trainer.batches import Batch
 from finetune_trainer.config import HealSpec, PruneSpec, Task
 from finetune_trainer.errors import ConfigError
-from finetune_trainer.models import autocast, logits_of
+from finetune_trainer.models import autocast, logits_of, without_cache
 from finetune_trainer.structure import SplitLayers, in_eval, layer_units, lora_types
 from finetune_trainer.train import diverged, grad_scaler, scaled_step, unscaled_norm
 
@@ -293,8 +293,8 @@ def check_rebuilt(model: nn.Module, prefix: str, layers: nn.ModuleList, drop: li
 
 @torch.no_grad()
 def check_cached_forward(model: nn.Module, task: Task, drop: list[int]) -> None:
-    """Refuse a pruning after which a causal LM cannot run the forward with a cache that its evaluation and generation
-    run: a hybrid model without its every attention layer (NemotronH's "M-*-" without layer 2) keeps a cache of
+    """Refuse a pruning after which a causal LM cannot run the forward with a cache that generation runs (from its
+    export): a hybrid model without its every attention layer (NemotronH's "M-*-" without layer 2) keeps a cache of
     linear-attention layers only, which cannot say its length. Tried rather than told by the layers' kinds, whose
     names each hybrid spells its own way: a one-token forward, on the model's device in its dtype, costs a fraction
     of one training step. Errors of the model's code only are the pruning's: a device's (RuntimeError, as CUDA's out
@@ -308,7 +308,7 @@ def check_cached_forward(model: nn.Module, task: Task, drop: list[int]) -> None:
             model(input_ids=torch.zeros(1, 1, dtype=torch.long, device=next(model.parameters()).device), use_cache=True)
     except (ValueError, TypeError, IndexError, KeyError, AttributeError) as exc:
         raise ConfigError(f"rearrange.prune: without layers {drop}, {type(model).__name__} cannot run a cached "
-                          f"forward, as its evaluation and generation do ({exc}): the pruning removes layers the "
+                          f"forward, as generation does ({exc}): the pruning removes layers the "
                           f"others need (a hybrid model's last attention layer); keep them") from exc
 
 
@@ -385,6 +385,7 @@ def healing_target(model: nn.Module) -> nn.Module:
     """A copy of the model before pruning, for healing to aim at: as large as the model, so it is made only when
     healing will run, and dropped after."""
     target = copy.deepcopy(model)
+    without_cache(target)  # its config a copy: the model's export still says use_cache
     size = sum(t.numel() * t.element_size() for t in [*target.parameters(), *target.buffers()])
     log.info("healing's target: a copy of the unpruned model (%.0f MiB)", size / 2**20)
     return target
