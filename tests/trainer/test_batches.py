@@ -53,7 +53,7 @@ def test_a_pair_is_encoded_as_the_tokenizer_pairs_texts_with_segment_ids_in_its_
         encode_text(Split(["a man sleeps"], [0]), tokenizer, 12), [0]).inputs  # one text: as before
 
 
-def test_a_pair_is_joined_by_the_eos_where_the_tokenizer_marks_no_boundary(tmp_path: Path) -> None:
+def test_a_pairs_second_text_is_led_by_the_eos_where_the_tokenizer_marks_no_boundary(tmp_path: Path) -> None:
     """GPT-2's tokenizer (as Qwen's) adds no special token to a pair: its two texts ran together, the second's first
     word read as the first's last word's continuation."""
     from transformers import PreTrainedTokenizerFast
@@ -64,6 +64,11 @@ def test_a_pair_is_joined_by_the_eos_where_the_tokenizer_marks_no_boundary(tmp_p
     eos = tokenizer.eos_token_id
     assert data.features == [[*tokenizer("a fine")["input_ids"], eos, *tokenizer("day")["input_ids"]]]
     assert data.segments is None
+    # A long first text is cut, not the second: one text joined was cut from its end, the marker and the second with it
+    long = encode_text(Split([("a fine " * 20, "this is awful")], [0]), tokenizer, 16)
+    assert long.truncated == 1 and len(long.features[0]) == 16
+    assert long.features[0][-len(tokenizer("this is awful")["input_ids"]) - 1:] == [eos, *tokenizer("this is awful")[
+        "input_ids"]]
     bare = PreTrainedTokenizerFast.from_pretrained(bpe_tokenizer(tmp_path / "bare", eos=None))
     with pytest.raises(ConfigError, match=r"dataset.textPairField: the tokenizer marks no boundary between a pair's "
                                           r"two texts and has no sep or eos token"):

@@ -531,18 +531,34 @@ def test_the_card_of_a_pair_classifier_classifies_a_pair_as_it_trained(family: s
 
 
 @pytest.mark.parametrize("mplconfigdir", [None, "mine"])
-def test_the_loss_curve_is_drawn_without_a_warning_where_home_cannot_be_written(tmp_path: Path,
-                                                                                 mplconfigdir: str | None) -> None:
+def test_the_loss_curve_and_detection_scores_go_without_a_warning_where_home_cannot_be_written(
+        tmp_path: Path, mplconfigdir: str | None) -> None:
     """A non-root pod's HOME often cannot be written: matplotlib made a temporary folder for its config and font
     cache itself, warning in every job's log that it had ("Matplotlib created a temporary cache directory ...").
     An MPLCONFIGDIR the user set is matplotlib's to use."""
     (home := tmp_path / "home").write_text("")  # a file: nothing can be made under it, by root either
     env = {k: v for k, v in os.environ.items() if k not in ("MPLCONFIGDIR", "XDG_CONFIG_HOME", "XDG_CACHE_HOME")}
     env |= {"HOME": str(home)} | ({"MPLCONFIGDIR": str(tmp_path / mplconfigdir)} if mplconfigdir else {})
-    code = ("import sys\nfrom pathlib import Path\nfrom finetune_trainer.export import loss_curve\n"
+    # A detector's evaluation imports matplotlib first (torchmetrics' detection metrics do), before the curve
+    code = ("import sys\nfrom pathlib import Path\nfrom finetune_trainer.detection.metrics import coco_scorer\n"
+            "from finetune_trainer.export import loss_curve\ncoco_scorer()\n"
             "loss_curve([{'step': 1, 'loss': 2.0}, {'step': 2, 'loss': 1.5}], [], Path(sys.argv[1]))")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "curve.png")], env=env, capture_output=True,
                           text=True, timeout=300)
     assert done.returncode == 0 and "matplotlib" not in done.stderr.lower(), done.stderr
     assert (tmp_path / "curve.png").read_bytes()[:4] == b"\x89PNG"
     assert not mplconfigdir or (tmp_path / mplconfigdir).is_dir()
+
+
+def test_a_pair_classifier_of_one_segment_takes_no_segment_ids(tmp_path: Path) -> None:
+    """RoBERTa's kind has one segment (type_vocab_size 1): with a BERT tokenizer (model.tokenizerUri), a pair's
+    second text is segment 1, and the first step failed indexing past the table (IndexError, or a device assert)."""
+    rows = [f"{t},the {t},{['negative', 'neutral', 'positive'][i % 3]}\n" for i, t in
+            enumerate(["a fine day", "an awful car", "I love it", "slow and dull", "the new cars", "so so"] * 8)]
+    (tmp_path / "pairs.csv").write_text("text,other,sentiment\n" + "".join(rows))
+    doc = tiny_classifier_doc(tmp_path / "out", maxSteps=2)
+    doc["model"] |= {"architecture": "roberta", "config": TINY_BERT | {"type_vocab_size": 1,
+                                                                       "max_position_embeddings": 66}}
+    doc["dataset"] |= {"uri": str(tmp_path / "pairs.csv"), "textPairField": "other"}
+    report = pipeline.run(TrainerConfig.model_validate(doc), tmp_path / "out")
+    assert report["training"]["steps"] == 2

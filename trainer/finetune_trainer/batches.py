@@ -115,8 +115,9 @@ class Batch:
 
 def encode_text(split: Split, tokenizer, max_length: int) -> Encoded:
     """Texts for a classifier, truncated to max_length tokens, counting those that lost their end. Pairs of texts
-    are encoded as the tokenizer pairs them (BERT's [CLS] a [SEP] b [SEP], with segment ids), cut from the longer
-    text first (truncation="longest_first"), or joined by a marker where the tokenizer marks no boundary."""
+    are encoded as the tokenizer pairs them (BERT's [CLS] a [SEP] b [SEP], with segment ids), the second led by a
+    marker where the tokenizer marks no boundary (`paired`), and cut from the longer text first
+    (truncation="longest_first")."""
     texts = paired(split.inputs, tokenizer)
     encoded = tokenizer(texts, truncation=True, max_length=max_length)
     ids = encoded["input_ids"]
@@ -129,17 +130,19 @@ def encode_text(split: Split, tokenizer, max_length: int) -> Encoded:
 
 
 def paired(inputs: list[str] | list[tuple[str, str]], tokenizer) -> list[str] | list[tuple[str, str]]:
-    """The inputs as the tokenizer is given them: texts, the pairs, or each pair one text (pair_marker)."""
+    """The inputs as the tokenizer is given them: texts, or pairs, each second text led by the pair_marker where
+    there is one. Still a pair, not one text joined: one text is cut from its end, and a long first text took the
+    marker and the whole second text with it."""
     if not inputs or isinstance(inputs[0], str) or (marker := pair_marker(tokenizer)) is None:
         return inputs
-    return [f"{first}{marker}{second}" for first, second in inputs]
+    return [(first, f"{marker}{second}") for first, second in inputs]
 
 
 def pair_marker(tokenizer) -> str | None:
     """None where the tokenizer puts a special token between a pair's texts (BERT's [SEP], RoBERTa's </s></s>,
-    Llama's second <s>: it adds more to a pair than to one text), else the token to join them by, its sep or else its
-    eos. One that adds none (GPT-2's, Qwen's) would run the two together, the second's start not told from the first's
-    end."""
+    Llama's second <s>: it adds more to a pair than to one text), else the token to put between them, its sep or else
+    its eos. One that adds none (GPT-2's, Qwen's) would run the two together, the second's start not told from the
+    first's end."""
     if tokenizer.num_special_tokens_to_add(pair=True) > tokenizer.num_special_tokens_to_add(pair=False):
         return None
     if (marker := tokenizer.sep_token or tokenizer.eos_token) is None:

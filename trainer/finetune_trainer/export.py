@@ -18,7 +18,6 @@ before anything else (`recover`). A rename replaces a file whole, so no file is 
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import fnmatch
 import json
@@ -40,6 +39,7 @@ from finetune_trainer.batches import IMAGENET_MEAN, IMAGENET_STD
 from finetune_trainer.checkpoints import fsync, fsync_tree, replace_atomically
 from finetune_trainer.config import Task, TrainerConfig
 from finetune_trainer.detection.models import Detector, class_count
+from finetune_trainer.matplotlib_folder import matplotlib_folder
 from finetune_trainer.models import ImageClassifier, has_causal_switch
 from finetune_trainer.structure import head_name
 from finetune_trainer.uris import hub_parts, local_path
@@ -377,46 +377,12 @@ def loss_curve(history: list[dict[str, float]], evals: list[dict[str, Any]], pat
     plt.close(fig)
 
 
-def matplotlib_folder() -> None:
-    """Point MPLCONFIGDIR, where the user set none, at a temporary folder when matplotlib's own (its config and font
-    cache under HOME) cannot be written, as a non-root pod's HOME often cannot: matplotlib made one itself, warning
-    in every job's log ("Matplotlib created a temporary cache directory ...") as though the job had gone wrong."""
-    if os.environ.get("MPLCONFIGDIR") or matplotlib_folders_writable():
-        return
-    try:
-        folder = tempfile.mkdtemp(prefix="matplotlib-")
-    except OSError:  # no temporary folder either: matplotlib's own error says to set MPLCONFIGDIR
-        return
-    atexit.register(shutil.rmtree, folder, ignore_errors=True)
-    os.environ["MPLCONFIGDIR"] = folder
-
-
-def matplotlib_folders_writable() -> bool:
-    """Whether matplotlib's config and cache folders can be made and written, as it tests them on Linux (where pods
-    run): XDG's, under HOME by default."""
-    try:
-        folders = [Path(os.environ.get(xdg) or Path.home() / default, "matplotlib")
-                   for xdg, default in (("XDG_CONFIG_HOME", ".config"), ("XDG_CACHE_HOME", ".cache"))]
-    except RuntimeError:  # no HOME, and no passwd entry for the uid (as an OpenShift pod's may have none)
-        return False
-    return all(map(writable_folder, folders))
-
-
-def writable_folder(folder: Path) -> bool:
-    """Whether `folder` is, or can be made, a folder this process may write in."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError:
-        return False
-    return folder.is_dir() and os.access(folder, os.W_OK)
-
-
 def model_card(cfg: TrainerConfig, report: dict[str, Any], adapters_apart: bool = False,
                causal_switch: bool = False, written_in: torch.dtype | None = None, revision: str | None = None,
-               joined_by: str | None = None) -> str:
+               marker: str | None = None) -> str:
     """The export's README; `causal_switch`: the model's config has `is_decoder` (models.has_causal_switch);
     `written_in`: the 16-bit dtype of the weights written (`written_dtype`); `revision`: the commit of model.uri the
-    job loaded (`loaded_revision`), which adapters kept apart load on (model.revision where not given); `joined_by`:
+    job loaded (`loaded_revision`), which adapters kept apart load on (model.revision where not given); `marker`:
     as loading_lines takes it."""
     evaluation = report["evaluation"]
     rows = [f"| {m} | {fmt(evaluation['baseline'].get(m))} | {fmt(v)} | {fmt(evaluation['delta'].get(m), '+')} |"
@@ -449,7 +415,7 @@ def model_card(cfg: TrainerConfig, report: dict[str, Any], adapters_apart: bool 
         "",
         *pruning_section(report.get("pruning")),
         *loading_lines(cfg, head_size(cfg, len(report["labels"])), adapters_apart, causal_switch, revision,
-                       joined_by),
+                       marker),
         "Trained by finetune-trainer; report.json has the structure analysis and the full history.",
     ]
     return "\n".join(lines) + "\n"
@@ -531,13 +497,14 @@ def head_size(cfg: TrainerConfig, labels: int) -> int:
 
 
 def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool, causal_switch: bool = False,
-                  revision: str | None = None, joined_by: str | None = None) -> list[str]:
+                  revision: str | None = None, marker: str | None = None) -> list[str]:
     """Code that loads the export, run from the folder holding it: the standard classes, and where adapters were
     kept apart, peft on the base they adapt (this folder's, or model.uri's at `revision` with the new head's
-    size). `joined_by`: the token a pair's texts were joined by (batches.pair_marker), None where the tokenizer
-    paired them."""
+    size). `marker`: the token that led each pair's second text (batches.pair_marker), None where the tokenizer marks
+    the boundary itself."""
     task, revision = cfg.model.task, revision or cfg.model.revision
     from_uri = adapters_apart and not base_is_new(cfg)
+    pairs = task == Task.SEQUENCE_CLASSIFICATION and cfg.dataset.text_pair_field is not None
     note: list[str] = []  # said below the code
     if task == Task.OBJECT_DETECTION:  # LoRA is not offered for detectors: never adapters apart
         # In eval mode: in training mode a detector wants the true boxes and returns its loss.
@@ -610,22 +577,21 @@ def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool, causal_
             # at fp32, as the job loaded it (models.load_model) under the adapters it trained and scored: a 16-bit
             # checkpoint loads in its own dtype otherwise
             args += ", dtype=torch.float32"
-        pairs = task == Task.SEQUENCE_CLASSIFICATION and cfg.dataset.text_pair_field is not None
         if task == Task.CAUSAL_LM or (pairs and not setup):
             imports[-1] += ", AutoTokenizer"
             setup = ["tokenizer = AutoTokenizer.from_pretrained('.')", *setup]
         code = [*(["import torch"] if from_uri or pairs else []), *imports, "", *setup,
                 f"model = {auto}.from_pretrained({args})", *named]
-        if pairs:  # as encode_text gave them: the tokenizer's pair, or one text where it marks no boundary
-            pair = "first, second" if joined_by is None else f"first + {joined_by!r} + second"
-            code += ["", f"def classify(first, second):  # a pair's logits: its {cfg.dataset.text_field}, then its "
-                         f"{cfg.dataset.text_pair_field}",
-                     f"    inputs = tokenizer({pair}, truncation=True, max_length={cfg.dataset.max_length}, "
-                     "return_tensors='pt')",
-                     "    with torch.no_grad():", "        return model(**inputs).logits"]
     if adapters_apart:
         code.insert(code.index(""), "from peft import PeftModel")
         code.append('model = PeftModel.from_pretrained(model, "adapter")  # the adapters, kept apart')
+    if pairs:  # as encode_text gave them: the tokenizer's pair, the second led by the marker where it marks none
+        pair = "first, second" if marker is None else f"first, {marker!r} + second"
+        code += ["", f"def classify(first, second):  # a pair's logits: its {cfg.dataset.text_field}, then its "
+                     f"{cfg.dataset.text_pair_field}",
+                 f"    inputs = tokenizer({pair}, truncation=True, max_length={cfg.dataset.max_length}, "
+                 "return_tensors='pt')",
+                 "    with torch.no_grad():", "        return model(**inputs).logits"]
     if task == Task.CAUSAL_LM:  # each text trained on ended with the eos, or the [SEP] a BERT tokenizer adds
         # Only that end is taken off a prompt, and never its only token: any special token was, and a Llama
         # tokenizer's empty prompt, its bos alone, went to nothing, which generate() cannot start from. A GPT-2

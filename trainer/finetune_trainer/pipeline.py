@@ -261,6 +261,11 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
             data = in_head_order(data, order)
             train_data, validation_data, test_data = (replace(e, labels=[order[i] for i in e.labels])
                                                       for e in (train_data, validation_data, test_data))
+        if train_data.segments is not None and getattr(model.config, "type_vocab_size", 2) < 2:
+            # RoBERTa's kind has one segment (DeBERTa's none): a BERT tokenizer's (model.tokenizerUri) segment 1
+            # indexed past its table
+            train_data, validation_data, test_data = (replace(e, segments=None)
+                                                      for e in (train_data, validation_data, test_data))
     check_positions(model, cfg.dataset.max_length)
     check_image_size(model, cfg.dataset.image_size)
     if detecting:  # its analysis trains a step of every weight (its loss needs train mode), before any freeze
@@ -806,7 +811,7 @@ def write_outputs(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cf
                                      causal_switch=has_causal_switch(getattr(model, "config", None)),
                                      written_in=export.written_dtype(model, cfg),
                                      revision=export.loaded_revision(model, cfg),
-                                     joined_by=pair_marker(tokenizer) if cfg.dataset.text_pair_field else None)
+                                     marker=pair_marker(tokenizer) if cfg.dataset.text_pair_field else None)
             (staged / "README.md").write_text(card)
             analysis_file = ["analysis.json"] if (out / "analysis.json").exists() else []  # the run's, listed as ever
             extra["files"] = sorted({*files, "loss_curve.png", "README.md", export.MARKER, *analysis_file})

@@ -9,6 +9,7 @@ input's pixels, where the detector sees them.
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import nn
@@ -18,6 +19,7 @@ from finetune_trainer.config import Metric, Task
 from finetune_trainer.detection.batches import scaled_boxes
 from finetune_trainer.detection.coco import Annotated
 from finetune_trainer.distributed import World
+from finetune_trainer.matplotlib_folder import matplotlib_folder
 from finetune_trainer.train import unwrap
 
 KEYS = {Metric.MAP: "map", Metric.MAP50: "map_50", Metric.MAP75: "map_75"}
@@ -30,9 +32,6 @@ def evaluate_detector(model: nn.Module, data: Encoded, collate: Callable[[Encode
                       ) -> tuple[dict[str, float], dict[str, float]]:
     """The requested metrics, and AP per category name (categories without a box in the split left out);
     `before_batch` as in `evaluate.evaluate`."""
-    from pycocotools.cocoeval import Params
-    from torchmetrics.detection import MeanAveragePrecision
-
     model = unwrap(model)
     was_training = model.training
     model.eval()
@@ -48,14 +47,7 @@ def evaluate_detector(model: nn.Module, data: Encoded, collate: Callable[[Encode
         truths += [with_crowds(b[lab >= 0], lab[lab >= 0], data.features[i], size)
                    for b, lab, i in zip(boxes, labels, idx)]
     model.train(was_training)
-    # COCO's own IoU and recall thresholds: torchmetrics' defaults are torch.linspace's float32, where 0.6 is
-    # 0.6000000238, so an IoU or a recall of exactly 0.6 (or 0.55, 0.8, 0.85 ...) fell short of its threshold.
-    coco = Params(iouType="bbox")
-    # Not torchmetrics' own sync: it gathers its states one image's tensor at a time, which breaks the collectives
-    # (gloo aborts, NCCL hangs) when the ranks hold different numbers of images, as an uneven last batch makes.
-    scorer = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True, backend="pycocotools",
-                                  iou_thresholds=coco.iouThrs.tolist(), rec_thresholds=coco.recThrs.tolist(),
-                                  sync_on_compute=False)
+    scorer = coco_scorer()
     for rank_predictions, rank_truths in world.gather((predictions, truths)):
         scorer.update(rank_predictions, rank_truths)
     result = scorer.compute()
@@ -64,6 +56,23 @@ def evaluate_detector(model: nn.Module, data: Encoded, collate: Callable[[Encode
     per_class = result["map_per_class"].reshape(-1).tolist()
     return values, {id2label.get(int(c), str(c)): float(ap) for c, ap in zip(classes, per_class) if ap >= 0}
 
+
+
+def coco_scorer() -> Any:
+    """torchmetrics' MeanAveragePrecision with COCO's own IoU and recall thresholds: torchmetrics' defaults are
+    torch.linspace's float32, where 0.6 is 0.6000000238, so an IoU or a recall of exactly 0.6 (or 0.55, 0.8, 0.85 ...)
+    fell short of its threshold. Not torchmetrics' own sync: it gathers its states one image's tensor at a time, which
+    breaks the collectives (gloo aborts, NCCL hangs) when the ranks hold different numbers of images, as an uneven
+    last batch makes."""
+    from pycocotools.cocoeval import Params
+
+    matplotlib_folder()  # torchmetrics' detection metrics import matplotlib
+    from torchmetrics.detection import MeanAveragePrecision
+
+    coco = Params(iouType="bbox")
+    return MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True, backend="pycocotools",
+                                iou_thresholds=coco.iouThrs.tolist(), rec_thresholds=coco.recThrs.tolist(),
+                                sync_on_compute=False)
 
 def with_crowds(boxes: torch.Tensor, labels: torch.Tensor, record: Annotated, size: int) -> dict[str, torch.Tensor]:
     """An image's ground truth with its crowd regions (iscrowd 1), where COCO's evaluation ignores a detection
