@@ -9,7 +9,6 @@ import copy
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -22,18 +21,13 @@ import pytest
 import yaml
 
 from kube import Kube, condition, terminate
+from ports import free_port  # noqa: F401 (deploy/local/ports.py, on the path since kube; the tests import it here)
 
 REPO = Path(__file__).resolve().parents[1]
 CRD = REPO / "deploy" / "crds" / "finetune.dev_finetunejobs.yaml"
 EXAMPLES = REPO / "deploy" / "examples"
 ASSETS = REPO / ".data" / "pvc"
 SERVICE_ACCOUNT = "finetune-operator"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def claim(name: str, modes: list[str], host_path: Path | None = None) -> dict[str, Any]:

@@ -24,7 +24,6 @@ import os
 import shutil
 import shlex
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -39,8 +38,9 @@ from pathlib import Path
 import yaml
 
 HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))  # run as a script; pki is a sibling module
+sys.path.insert(0, str(HERE))  # run as a script; pki and ports are sibling modules
 import pki  # noqa: E402
+from ports import free_ports  # noqa: E402
 from process_node.network import kwok_cidr  # noqa: E402
 from process_node.processes import processes_in, terminate_all  # noqa: E402
 
@@ -106,18 +106,6 @@ def bin_dir() -> Path:
     """The cached binaries' directory (build-binaries.sh is the only place that knows it)."""
     out = subprocess.run([str(HERE / "build-binaries.sh"), "--print-bin-dir"], check=True, capture_output=True, text=True)
     return Path(out.stdout.strip())
-
-
-def _free_ports(names: list[str]) -> dict[str, int]:
-    """Distinct free loopback ports (all held open while picking, so none repeats)."""
-    sockets = [socket.socket() for _ in names]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return {name: s.getsockname()[1] for name, s in zip(names, sockets)}
-    finally:
-        for s in sockets:
-            s.close()
 
 
 def _progress(message: str, started: float) -> None:
@@ -499,7 +487,10 @@ def _up(state: Path, timeout: float) -> Cluster:
     _down(cluster.state)  # leftovers of a half-dead cluster
     _check_prerequisites(cluster, os.geteuid())
     _prepare_state(cluster)
-    ports = _free_ports(["etcd", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok"])
+    names = ["etcd", "etcd-peer", "apiserver", "kcm", "scheduler", "kwok"]
+    # Outside the ephemeral range (ports.py): kcm, the scheduler and kwok bind theirs after the apiserver opened its
+    # connections to etcd, each of which the kernel could have given one of them
+    ports = dict(zip(names, free_ports(len(names))))
     server = f"https://127.0.0.1:{ports['apiserver']}"
     pki.write_kubeconfigs(cluster.state, cluster.pki, server)
     (cluster.state / "cluster.json").write_text(json.dumps({"server": server, "ports": ports}, indent=2))

@@ -28,6 +28,7 @@ import yaml
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 import cluster  # noqa: E402
+from ports import free_port  # noqa: E402
 
 REPO = cluster.REPO
 EXAMPLE = REPO / "deploy" / "examples" / "minilm-sentiment.yaml"
@@ -70,7 +71,7 @@ def start_operator(c: cluster.Cluster) -> None:
     env = os.environ | {"KUBECONFIG": str(c.kubeconfig), "PYTHONUNBUFFERED": "1"}
     proc = cluster.start_process(c, OPERATOR, [
         sys.executable, "-m", "finetune_operator", "run", "--namespace", NAMESPACE, "--bind-address", "127.0.0.1",
-        "--metrics-port", "0", "--liveness-port", str(cluster._free_ports(["l"])["l"])], env)
+        "--metrics-port", "0", "--liveness-port", str(free_port())], env)
     print(f"operator started (pid {proc.pid}, log {c.log(OPERATOR)})")
 
 

@@ -4,11 +4,14 @@ the MiniLM tokenizer trains in seconds on two cores."""
 from __future__ import annotations
 
 import json
-import socket
 import sys
 from datetime import datetime
 from pathlib import Path
 from typing import Any
+
+# free_port: one outside the kernel's ephemeral range (deploy/local/ports.py), for torchrun's and the metrics' servers
+sys.path.append(str(Path(__file__).resolve().parents[2] / "deploy" / "local"))
+from ports import free_port  # noqa: E402,F401
 
 TINY_BERT = {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64,
              "max_position_embeddings": 64}
@@ -50,12 +53,6 @@ def unreadable_tokenizer(folder: Path) -> Path:
     saved["model"]["type"] = "FutureModel"
     (folder / "tokenizer.json").write_text(json.dumps(saved))
     return folder
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def trainer_command(*args: str) -> list[str]:
