@@ -86,12 +86,14 @@ BEHAVIOURS: dict[str, Callable[[socket.socket, threading.Event], None]] = {
 
 class FaultServer:
     """Answers every connection on (host, port) with one behaviour (a BEHAVIOURS name or its own), each in its own
-    thread."""
+    thread. With port 0 the kernel picks the port, bound from then on, and `port` says which: no other socket can
+    take it between a pick and the bind, as one can a free_port() in the kernel's ephemeral range."""
 
     def __init__(self, host: str, port: int, behaviour: str | Callable[[socket.socket, threading.Event], None]) -> None:
         self.behaviour = BEHAVIOURS[behaviour] if isinstance(behaviour, str) else behaviour
         self.stop = threading.Event()
         self.sock = socket.create_server((host, port))
+        self.port: int = self.sock.getsockname()[1]
         self.sock.settimeout(0.2)
         self.connections = 0
         self.serving = threading.Thread(target=self._serve, daemon=True)

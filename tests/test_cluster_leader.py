@@ -83,8 +83,8 @@ def test_an_active_operator_that_sees_another_hold_its_lease_exits_at_once(kube:
 def test_an_active_operator_whose_renewals_hang_exits_by_its_deadline(kube: Kube, namespace: str) -> None:
     """A request that hangs (an apiserver that stopped answering, a link that drops packets) held the renewal past
     its deadline for its whole timeout, while a standby could take the lease: each is bounded by the deadline."""
-    with FaultServer("127.0.0.1", port := free_port(), "hang"):
-        holder = _holder(kube, namespace, f"http://127.0.0.1:{port}")
+    with FaultServer("127.0.0.1", 0, "hang") as apiserver:
+        holder = _holder(kube, namespace, f"http://127.0.0.1:{apiserver.port}")
         try:
             assert holder.stdout is not None and holder.stdout.readline() == "held\n"
             held = time.monotonic()

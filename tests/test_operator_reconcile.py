@@ -1777,9 +1777,8 @@ def test_a_tick_lists_the_children_of_a_job_whose_metrics_it_cannot_read_and_not
         monkeypatch.setattr(handlers, "scrape", functools.partial(scrape, port=port))
         return ticked(live, indexes, checks)
 
-    port = free_port()
-    with FaultServer("127.0.0.1", port, "ok"):
-        read = tick(handlers.ChildChecks(every=0), port)
+    with FaultServer("127.0.0.1", 0, "ok") as server:
+        read = tick(handlers.ChildChecks(every=0), server.port)
     assert read.asked == [] and "progress" in read.patches[0]  # the metrics read, still Running
     refused = tick(handlers.ChildChecks(every=0), free_port())
     assert [path.rsplit("/", 1)[1] for path, _ in refused.asked] == ["pods", "jobs"]
@@ -1787,9 +1786,9 @@ def test_a_tick_lists_the_children_of_a_job_whose_metrics_it_cannot_read_and_not
     assert tick(handlers.ChildChecks(), free_port()).asked == []  # not yet due: first asked about now
     # The IP answers, as another pod (a deleted rank 0's IP given to another job's trainer): no numbers of that job
     # reach this one's status, and its children are listed as when nothing answers.
-    port = free_port()
-    with FaultServer("127.0.0.1", port, serving(b'finetune_trainer_step 999\nfinetune_trainer_pod_info{uid="other"} 1\n')):
-        answered = tick(handlers.ChildChecks(every=0), port)
+    another = b'finetune_trainer_step 999\nfinetune_trainer_pod_info{uid="other"} 1\n'
+    with FaultServer("127.0.0.1", 0, serving(another)) as server:
+        answered = tick(handlers.ChildChecks(every=0), server.port)
     assert [path.rsplit("/", 1)[1] for path, _ in answered.asked] == ["pods", "jobs"]
     assert "progress" not in answered.patches[0] and conditions(answered.patches[0])["Restarting"][1] == "JobDeleted"
 

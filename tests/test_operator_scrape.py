@@ -31,11 +31,10 @@ from operator_fixture import free_port
     ("huge", "MetricsTooLarge"),
 ])
 def test_a_faulty_endpoint_is_a_scrape_error_with_its_reason(behaviour: str, reason: str) -> None:
-    port = free_port()
-    with FaultServer("127.0.0.1", port, behaviour):
+    with FaultServer("127.0.0.1", 0, behaviour) as server:
         started = time.monotonic()
         with pytest.raises(ScrapeError) as error:
-            scrape("127.0.0.1", port)
+            scrape("127.0.0.1", server.port)
         assert error.value.reason == reason, str(error.value)
         assert time.monotonic() - started < TIMEOUT_SECONDS + 2
 
@@ -60,13 +59,12 @@ def test_an_answer_far_beyond_the_trainers_is_refused_before_it_is_parsed() -> N
     trainer.loss.set(2.5)
     full = generate_latest(trainer.registry)
     for body, expected in ((full, None), (full * 8, None), (full * 64, "MetricsTooLarge")):
-        port = free_port()
-        with FaultServer("127.0.0.1", port, serving(body)):
+        with FaultServer("127.0.0.1", 0, serving(body)) as server:
             if expected is None:
-                assert scrape("127.0.0.1", port)["loss"] == 2.5
+                assert scrape("127.0.0.1", server.port)["loss"] == 2.5
             else:
                 with pytest.raises(ScrapeError) as error:
-                    scrape("127.0.0.1", port)
+                    scrape("127.0.0.1", server.port)
                 assert error.value.reason == expected
 
 
@@ -146,24 +144,22 @@ def test_rank_0_is_read_directly_whatever_proxy_the_operators_environment_names(
     """A cluster-wide proxy put HTTP_PROXY in the operator's environment (OpenShift's OLM does), with the pod network
     in NO_PROXY as a CIDR, which Python's urllib does not read: every scrape of a pod IP went to the proxy, which
     cannot reach it, and every running job was MetricsStale."""
-    port = free_port()
     monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("http_proxy", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("NO_PROXY", "10.128.0.0/14,127.0.0.0/8,.cluster.local,.svc")
-    with FaultServer("127.0.0.1", port, "ok"):
-        assert scrape("127.0.0.1", port) == {"step": 7.0}
+    with FaultServer("127.0.0.1", 0, "ok") as server:
+        assert scrape("127.0.0.1", server.port) == {"step": 7.0}
 
 
 def test_a_redirect_from_rank_0_is_not_followed() -> None:
     """Rank 0's port is the tenant's (a user's own image): a 302 sent the operator's GET wherever the tenant chose, from
     the operator's place in the network (a cloud's metadata address, a service only the operator may reach), and the
     answer's first unparsable line came back in the job's MetricsStale message."""
-    target_port, port = free_port(), free_port()
     # The target stands for the address the tenant may not reach itself.
-    with FaultServer("127.0.0.1", target_port, "ok") as target, \
-            FaultServer("127.0.0.1", port, redirect(f"http://127.0.0.1:{target_port}/latest/meta-data/")):
+    with FaultServer("127.0.0.1", 0, "ok") as target, \
+            FaultServer("127.0.0.1", 0, redirect(f"http://127.0.0.1:{target.port}/latest/meta-data/")) as server:
         with pytest.raises(ScrapeError) as error:
-            scrape("127.0.0.1", port)
+            scrape("127.0.0.1", server.port)
         assert error.value.reason == "MetricsUnreachable" and "302" in str(error.value), str(error.value)
         assert target.connections == 0
 
@@ -212,10 +208,9 @@ def test_an_endpoint_that_hangs_is_read_less_often_once_stale_and_its_error_stan
         return metrics.REGISTRY.get_sample_value("finetune_operator_metric_poll_errors_total",
                                                  {"reason": "MetricsTimeout"}) or 0.0
 
-    port = free_port()
-    monkeypatch.setattr(handlers, "scrape", functools.partial(scrape, port=port))
     counted = timeouts()
-    with FaultServer("127.0.0.1", port, "hang") as hanging:
+    with FaultServer("127.0.0.1", 0, "hang") as hanging:
+        monkeypatch.setattr(handlers, "scrape", functools.partial(scrape, port=hanging.port))
         reads = []
         for _ in range(12):  # a tick every poll
             seen = sample("hung")
@@ -226,16 +221,14 @@ def test_an_endpoint_that_hangs_is_read_less_often_once_stale_and_its_error_stan
     assert reads == [1, 2, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5], reads
     assert timeouts() - counted == 5  # what is counted is reads, not ticks
 
-    port = free_port()
-    monkeypatch.setattr(handlers, "scrape", functools.partial(scrape, port=port))
-    with FaultServer("127.0.0.1", port, "close") as closing:
+    with FaultServer("127.0.0.1", 0, "close") as closing:
+        monkeypatch.setattr(handlers, "scrape", functools.partial(scrape, port=closing.port))
         for _ in range(4):
             assert sample("refused").scrape_error[0] == "MetricsUnreachable"
             later[0] += poll
         assert closing.connections == 4
-    port = free_port()
-    monkeypatch.setattr(handlers, "scrape", functools.partial(scrape, port=port))
-    with FaultServer("127.0.0.1", port, "ok"):  # the hung job's rank 0 answers again at its next read
+    with FaultServer("127.0.0.1", 0, "ok") as answering:  # the hung job's rank 0 answers again at its next read
+        monkeypatch.setattr(handlers, "scrape", functools.partial(scrape, port=answering.port))
         later[0] += poll * 8
         assert sample("hung").sample == {"step": 7.0} and sample("hung").sample == {"step": 7.0}
     assert not slow.slow
@@ -365,11 +358,10 @@ def test_metrics_that_another_pod_serves_are_refused_and_the_pods_own_are_read(m
     monkeypatch.setenv(POD_UID_ENV, "7f0c2d4e-rank-0")
     trainer = Metrics(torch.device("cpu"))
     trainer.step.set(12)
-    port = free_port()
-    with FaultServer("127.0.0.1", port, serving(generate_latest(trainer.registry))):
-        assert scrape("127.0.0.1", port, pod_uid="7f0c2d4e-rank-0")["step"] == 12
+    with FaultServer("127.0.0.1", 0, serving(generate_latest(trainer.registry))) as server:
+        assert scrape("127.0.0.1", server.port, pod_uid="7f0c2d4e-rank-0")["step"] == 12
         with pytest.raises(ScrapeError) as error:
-            scrape("127.0.0.1", port, pod_uid="1b9e-another-pod")
+            scrape("127.0.0.1", server.port, pod_uid="1b9e-another-pod")
     assert error.value.reason == "MetricsFromAnotherPod"
     assert "7f0c2d4e-rank-0" in str(error.value) and "1b9e-another-pod" in str(error.value)
     # A trainer image from before the name is read; so is any answer where the index has no uid to compare.
