@@ -253,17 +253,29 @@ def test_scrapes_take_half_the_handler_threads_at_most_and_a_tick_without_a_slot
         handlers._sample(seen, handlers.SlowScrapes(poll_seconds=2), "ns", "j")
         return seen
 
+    # The reads are held until the ticks without a slot are done, whatever that takes on a loaded machine: a bound of
+    # 0.8 s let a slot go back before every tick had started, and a tick that started late read in it. Each read's
+    # timeout outlasts that wait, so a slot is let go only by the answer.
+    held = 30.0
+    answer = threading.Event()
     port = free_port()
-    monkeypatch.setattr(handlers, "scrape", functools.partial(scrape, port=port))
+    monkeypatch.setattr(handlers, "scrape", functools.partial(scrape, port=port, timeout=held * 2))
 
     def slowly(conn: Any, stop: threading.Event) -> None:
-        stop.wait(0.8)
+        answer.wait(held)
         conn.sendall(b"HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\nContent-Length: %d\r\n\r\n%s" % (len(OK), OK))
 
     with FaultServer("127.0.0.1", port, slowly) as server:
         ticks = [threading.Thread(target=sample) for _ in range(handlers.HANDLER_THREADS)]
         for tick in ticks:
             tick.start()
+        deadline = time.monotonic() + held
+        # Half of them find no slot and return at once; a tick that waited for a slot instead, or a read beyond
+        # half, keeps them from it
+        while (sum(not tick.is_alive() for tick in ticks) < len(ticks) // 2 and time.monotonic() < deadline
+               and server.connections <= handlers.HANDLER_THREADS // 2):
+            time.sleep(0.01)
+        answer.set()
         for tick in ticks:
             tick.join()
         assert server.connections == handlers.HANDLER_THREADS // 2
