@@ -10,6 +10,7 @@ import math
 import os
 import threading
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -383,3 +384,61 @@ def test_an_augmented_run_resumed_mid_epoch_draws_as_one_that_was_not(tmp_path: 
     resumed = run(7, tmp_path / "checkpoints")
     assert drawn == [1, 1, 2]
     assert all(torch.equal(straight[k], v) for k, v in resumed.items())
+
+
+def big_photos(folder: Path) -> None:
+    """An ImageFolder of two classes, three 400x300 JPEGs each: 'huge' where a test sets Pillow's limit low."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    for i, pixels in enumerate(load_sample_images().images):
+        (folder / f"class{i}").mkdir(parents=True)
+        for j in range(3):
+            Image.fromarray(pixels).crop((j * 9, j * 7, j * 9 + 400, j * 7 + 300)).save(folder / f"class{i}/{j}.jpg")
+
+
+@pytest.mark.filterwarnings("error::PIL.Image.DecompressionBombWarning")
+def test_a_jpeg_past_pils_size_limit_trains_as_the_pixels_it_decodes_fit_it(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A 200-megapixel phone photo (16320x12240) is past twice Pillow's limit, refused at Image.open as a
+    decompression bomb although it decodes at 1/8 (3 megapixels) for 224 pixels. At this limit the 400x300 photos
+    stand for it: at imageSize 16 each decodes in 50x38 pixels, under twice 1,000; with random-resized-crop, which
+    decodes 4 times as many a side, in 200x150, over it: refused before training, naming the files."""
+    from PIL import Image
+
+    from finetune_trainer import pipeline
+
+    big_photos(data := tmp_path / "photos")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1000)
+    doc = {"model": {"task": "image-classification", "architecture": "resnet18"},
+           "dataset": {"uri": str(data), "imageSize": 16, "validationSplit": 0.2, "testSplit": 0.2},
+           "analyze": {"probeBatches": 1}, "evaluation": {"baseline": False},
+           "training": {"maxSteps": 1, "batchSize": 2}, "output": {"uri": str(tmp_path / "out")}}
+    pipeline.run(TrainerConfig.model_validate(doc), tmp_path / "out")
+    assert (tmp_path / "out" / "config.json").is_file()
+    doc["dataset"]["augment"] = ["random-resized-crop"]
+    with pytest.raises(DataError, match=rf"dataset {data}: 6 of its 6 image files do not open as images: .*"
+                                        rf"{data}/class0/0.jpg.* \(the first: DecompressionBombError: Image size "
+                                        r"\(400x300, 200x150 decoded at a reduced scale: 30000 pixels\) exceeds limit "
+                                        r"of 2000 pixels"):
+        pipeline.run(TrainerConfig.model_validate(doc), tmp_path / "cropped")
+
+
+def test_a_jpeg_is_not_warned_of_as_a_bomb_by_the_pixels_it_does_not_decode(tmp_path: Path,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """Pillow warns of an image past its limit (but under twice it) at Image.open: every photo over 89 megapixels
+    logged a DecompressionBombWarning, though it decodes at 1/8 for 224 pixels. A PNG, which decodes whole, still
+    warns."""
+    from PIL import Image
+
+    from finetune_trainer.batches import open_rgb
+
+    path = photos(tmp_path, 1)[0]  # 120x90: 10,800 pixels
+    Image.open(path).save(png := tmp_path / "photo.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 6000)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert open_rgb(path, at_least=8).size == (30, 23)  # a quarter
+    assert not caught
+    with pytest.warns(Image.DecompressionBombWarning):
+        open_rgb(str(png), at_least=8)

@@ -300,6 +300,25 @@ def test_a_floating_point_image_is_named_before_training(tmp_path: Path) -> None
         check_images_once(data, str(tmp_path), CPU)
 
 
+def test_a_decompression_bomb_is_named_before_training_by_the_pixels_a_batch_decodes(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Past twice Pillow's limit (lowered here, so that 80x60 pixels are past it), a PNG, which decodes whole, is
+    still a decompression bomb named before training; a JPEG of that size, which a batch of 8-pixel images decodes
+    at 1/2 (40x30), is not, and was (by the size its header declares)."""
+    from PIL import Image
+
+    for name in ("Cat", "Dog"):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            Image.new("RGB", (80, 60), (i * 80, 0, 0)).save(tmp_path / name / f"{i}.jpg")
+    Image.new("RGB", (80, 60)).save(bomb := tmp_path / "Dog" / "bomb.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 800)
+    data = load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
+    with pytest.raises(DataError, match=rf"1 of its 7 image files do not open as images: {bomb} \(the first: "
+                                        r"DecompressionBombError: Image size \(4800 pixels\) exceeds limit of 1600"):
+        check_images_once(data, str(tmp_path), CPU, 8)
+
+
 def test_a_netpbm_with_a_damaged_header_is_named_before_training(tmp_path: Path) -> None:
     """Pillow's Netpbm reader raises ValueError on a damaged header, no OSError: it escaped as an infrastructure
     failure (exit 2, retried for ever) naming no file, not as the dataset's fault naming it."""

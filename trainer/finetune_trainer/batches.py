@@ -25,8 +25,8 @@ import torch
 from PIL import ExifTags, Image, ImageOps
 
 from finetune_trainer.config import Augmentation, Task
-from finetune_trainer.data import (FLOAT_IMAGE, WIDE_IMAGE, Split, beyond_16_bits, decode_errors, image_fault,
-                                   int_range)
+from finetune_trainer.data import (FLOAT_IMAGE, WIDE_IMAGE, Split, beyond_16_bits, decode_errors, draft, image_fault,
+                                   int_range, open_image)
 from finetune_trainer.errors import ConfigError, DataError
 from finetune_trainer.torchrun import local_world_size
 
@@ -237,12 +237,17 @@ def resized(paths: list[str], image_size: int, as_shown: bool, views: Sequence[V
     which contends with the other loader threads and with the loop."""
     shown = []
     for path, view in zip(paths, views or [View()] * len(paths), strict=True):
-        image = open_rgb(path, as_shown, image_size * (CROP_DECODE if view.crop is not None else 1))
+        image = open_rgb(path, as_shown, decode_side(image_size, view.crop is not None))
         if view.crop is not None:
             image = image.crop(random_resized_box(image.size, random.Random(view.crop)))
         image = image.resize((image_size, image_size), Image.BILINEAR)
         shown.append(np.asarray(image.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if view.flip else image))
     return np.ascontiguousarray(np.stack(shown).transpose(0, 3, 1, 2))
+
+
+def decode_side(image_size: int, cropped: bool) -> int:
+    """The `at_least` of open_rgb for an image shown at `image_size`, whole or (`cropped`) a random-resized-crop's."""
+    return image_size * (CROP_DECODE if cropped else 1)
 
 
 def random_resized_box(size: tuple[int, int], rng: random.Random, scale: tuple[float, float] = (0.08, 1.0),
@@ -276,8 +281,8 @@ def open_rgb(path: str, as_shown: bool = False, at_least: int | None = None) -> 
     JPEG is decoded at the smallest scale of 1/2, 1/4 or 1/8 that keeps both its sides twice that long or longer
     (libjpeg scales as it decodes): the resize that follows still smooths, as Pillow's thumbnail leaves it a factor of
     2 (its reducing_gap); left less, a sharp photo's pixels moved by up to 4 levels of 255 on average and 60 at most.
-    A file that does not decode (an HTML page saved as .jpg, an upload cut short, a decompression bomb) is the
-    dataset's fault (data.image_fault); what follows its decoding is not."""
+    A file that does not decode (an HTML page saved as .jpg, an upload cut short, a decompression bomb by the pixels
+    decoded: data.draft) is the dataset's fault (data.image_fault); what follows its decoding is not."""
     image, file_format = decoded(path, as_shown, at_least)
     if image.mode == "F":  # a backstop: the datasets' images are checked before training (bad_images)
         raise DataError(f"{path}: {FLOAT_IMAGE}")
@@ -298,9 +303,8 @@ def decoded(path: str, as_shown: bool, at_least: int | None) -> tuple[Image.Imag
     """The image at `path` with its pixels read (open_rgb's), and its file's format; Pillow's errors here are the
     file's, named with its path."""
     try:
-        with Image.open(path) as opened:
-            if at_least:
-                opened.draft(None, (2 * at_least, 2 * at_least))  # for other formats than JPEG, nothing
+        with open_image(path) as opened:
+            draft(opened, at_least)
             turned = as_shown and opened.getexif().get(ExifTags.Base.Orientation, 1) != 1
             image = ImageOps.exif_transpose(opened) if turned else opened
             image.load()

@@ -20,6 +20,7 @@ import lzma
 import math
 import os
 import re
+import struct
 import unicodedata
 import zlib
 from collections.abc import Callable, Collection, Hashable, Iterable, Iterator, Sized
@@ -171,12 +172,14 @@ def image_paths(column: pd.Series, bases: list[Path], folder: Path, uri: str) ->
     return paths
 
 
-def bad_images(paths: list[str]) -> dict[str, str]:
+def bad_images(paths: list[str], at_least: int | None = None) -> dict[str, str]:
     """Of the files, those that do not open as images, by their headers, and why: one that is none (Kaggle's 0-byte
     PetImages/Cat/666.jpg, an HTML page saved as .jpg) stopped the job only when its batch came, hours into an epoch,
     and the next such file the next run. A file cut short after its header still stops the job at its batch
-    (batches.open_rgb). Read by threads: on a network volume each file's open waits on a round trip."""
-    return {path: problem for path, problem in by_threads(image_problem, paths).items() if problem}
+    (batches.open_rgb). Read by threads: on a network volume each file's open waits on a round trip. `at_least`: the
+    size a batch decodes each for (`draft`; None: whole)."""
+    problems = by_threads(functools.partial(image_problem, at_least=at_least), paths)
+    return {path: problem for path, problem in problems.items() if problem}
 
 
 def bad_images_error(bad: dict[str, str], count: int, uri: str) -> DataError:
@@ -191,16 +194,53 @@ WIDE_IMAGE = ("a 32-bit integer image with values beyond 16 bits' 0..65535, whic
               "it with 8 or 16 bits a channel")
 
 
-def image_problem(path: str) -> str | None:
+def image_problem(path: str, at_least: int | None = None) -> str | None:
     """Why Pillow does not open the file (its header; a 32-bit integer image's pixels too) as an image a batch can
-    take, None where it does."""
-    from PIL import Image
-
+    take, decoded for `at_least` (`draft`), None where it does."""
     try:
-        with Image.open(path) as image:
+        with open_image(path) as image:
+            draft(image, at_least)
             return FLOAT_IMAGE if image.mode == "F" else WIDE_IMAGE if beyond_16_bits(int_range(image)) else None
     except decode_errors() as exc:
         return image_fault(exc)
+
+
+JPEG_START = b"\xff\xd8\xff"  # what Pillow tells a JPEG by
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """The image file at `path` opened, its header read and nothing decoded: by Image.open, which refuses a
+    decompression bomb by the size its header declares, but for a JPEG, which libjpeg may decode at a reduced scale:
+    its check is `draft`'s, once that scale is known. Decode none without `draft`."""
+    from PIL import Image, JpegImagePlugin
+
+    with open(path, "rb") as file:
+        if file.read(len(JPEG_START)) != JPEG_START:
+            return Image.open(path)
+    try:
+        return JpegImagePlugin.jpeg_factory(path)
+    except (SyntaxError, IndexError, TypeError, struct.error):  # a damaged header: named as Image.open names it
+        return Image.open(path)
+
+
+def draft(image: Image.Image, at_least: int | None) -> None:
+    """`image` (`open_image`'s) set to decode, for an image to be resized to `at_least` square, a JPEG at the smallest
+    of libjpeg's scales, 1/2, 1/4 or 1/8, that keeps both its sides twice that long or longer (any other format, or
+    with None, decodes whole). Refused as a decompression bomb where the pixels it decodes are over twice
+    Image.MAX_IMAGE_PIXELS, read now so that a limit the user set holds: the size Pillow refuses at Image.open, but
+    counted in the pixels decoded, not those declared, as memory is what it guards (a 200-megapixel phone photo
+    decodes in 3 megapixels for 224). A JPEG within it is not warned of, as Pillow warns above once its limit."""
+    from PIL import Image
+
+    stored = image.size
+    if at_least:
+        image.draft(None, (2 * at_least, 2 * at_least))
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and image.width * image.height > 2 * limit:
+        scaled = f", {image.width}x{image.height} decoded at a reduced scale" if image.size != stored else ""
+        raise Image.DecompressionBombError(
+            f"Image size ({stored[0]}x{stored[1]}{scaled}: {image.width * image.height} pixels) exceeds limit of "
+            f"{2 * limit} pixels, could be decompression bomb DOS attack.")
 
 
 def decode_errors() -> tuple[type[Exception], ...]:

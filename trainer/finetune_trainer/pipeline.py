@@ -32,9 +32,10 @@ from torch import nn
 from finetune_trainer import analyze as analysis
 from finetune_trainer import checkpoints, distill, distributed, export, prune, torchrun
 from finetune_trainer.adjust import freeze, freeze_checked, lora_targets, merging_picks_targets, param_groups
-from finetune_trainer.batches import (Augmenting, Batch, Encoded, digest, encode_causal, encode_images, encode_text,
-                                      epoch_batches, eval_batches, make_collate, pair_marker, say_truncated)
-from finetune_trainer.config import Batching, HealSpec, PruneSpec, Stage, Task, TrainerConfig
+from finetune_trainer.batches import (Augmenting, Batch, Encoded, decode_side, digest, encode_causal, encode_images,
+                                      encode_text, epoch_batches, eval_batches, make_collate, pair_marker,
+                                      say_truncated)
+from finetune_trainer.config import Augmentation, Batching, HealSpec, PruneSpec, Stage, Task, TrainerConfig
 from finetune_trainer.data import (LabelledData, Split, bad_images, bad_images_error, check_label_count, head_order,
                                    in_head_order, load_dataset, load_texts)
 from finetune_trainer.detection import analysis as detection_analysis
@@ -242,7 +243,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     tokenizer = None if task in (Task.IMAGE_CLASSIFICATION, Task.OBJECT_DETECTION) else load_tokenizer(cfg.model)
     data = load_coco(cfg.dataset, seed) if detecting else load_dataset(cfg.dataset, task, seed)
     if task == Task.IMAGE_CLASSIFICATION:
-        check_images_once(data, cfg.dataset.uri, world)
+        cropped = Augmentation.RANDOM_RESIZED_CROP in (cfg.dataset.augment or ())  # its crops decode the most
+        check_images_once(data, cfg.dataset.uri, world, decode_side(cfg.dataset.image_size, cropped))
     num_labels = 0 if task == Task.CAUSAL_LM else check_label_count(data.id2label, cfg.rearrange.head.num_labels)
     train_data, validation_data, test_data = encode(data, tokenizer, cfg, world.main)
     heal_data = healing_texts(cfg, tokenizer, train_data)  # read now: a bad file stops the job before the model loads
@@ -644,15 +646,15 @@ def footprint_alone(model: nn.Module, serving: list[Batch], world: distributed.W
     return figures
 
 
-def check_images_once(data: LabelledData, uri: str, world: distributed.World) -> None:
+def check_images_once(data: LabelledData, uri: str, world: distributed.World, at_least: int | None = None) -> None:
     """The image files the run uses (its splits, within maxTrainSamples and maxEvalSamples, not every file of the
-    dataset) open as images, each read once: each rank opens its share and every rank raises the one verdict. Every
-    rank had read every file from the one volume; rank 0 alone kept the others in the collective past NCCL's timeout
-    on a large dataset. A read that fails (the volume's), or any error, is a verdict too, so no rank waits on one that
-    raised."""
+    dataset) open as images, decoded for `at_least` (data.draft), each read once: each rank opens its share and every
+    rank raises the one verdict. Every rank had read every file from the one volume; rank 0 alone kept the others in
+    the collective past NCCL's timeout on a large dataset. A read that fails (the volume's), or any error, is a
+    verdict too, so no rank waits on one that raised."""
     paths = list(dict.fromkeys(path for split in (data.train, data.validation, data.test) for path in split.inputs))
     try:
-        verdict: tuple[dict[str, str], Exception | None] = (bad_images(paths[world.rank::world.size]), None)
+        verdict: tuple[dict[str, str], Exception | None] = (bad_images(paths[world.rank::world.size], at_least), None)
     except Exception as exc:  # noqa: BLE001 (an EIO, or a decoder's own error: raised on every rank below)
         verdict = ({}, exc)
     verdicts = world.gather(verdict)
