@@ -269,6 +269,20 @@ def test_an_image_past_pils_size_limit_is_a_bad_record(pvc_root: Path, tmp_path:
         load_coco(DatasetSpec(uri=str(shapes_copy(pvc_root, tmp_path)), format="coco"), seed=0)
 
 
+def test_an_image_past_pils_size_limit_that_decodes_within_it_is_read(pvc_root: Path, tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """As a classifier's (test_batches): the shapes' 128x128 JPEGs, past twice this limit as declared, decode at 1/2
+    (64x64, within it) for imageSize 32, and are read, trained on and shown to the export as the photo's pixels."""
+    from finetune_trainer.detection.batches import squashed
+
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 4000)
+    data = load_coco(DatasetSpec(uri=str(shapes_copy(pvc_root, tmp_path)), format="coco", imageSize=32), seed=0)
+    batch = make_collate(Task.OBJECT_DETECTION, 0, 32)(encode_images(data.train), [0, 1])
+    assert batch.inputs["pixel_values"].shape == (2, 3, 32, 32)
+    pixels, size = squashed(data.train.inputs[0].path, 32)
+    assert size == (128, 128) and pixels.shape == (3, 32, 32)
+
+
 def test_an_image_whose_read_fails_is_the_volumes_not_a_bad_record(pvc_root: Path, tmp_path: Path) -> None:
     """A read that fails with an errno (an EIO from a network volume) was listed as the image's bad record, exit 1,
     not retried; as a batch's image read, it is the infrastructure's (exit 2). /proc/self/mem is a regular file

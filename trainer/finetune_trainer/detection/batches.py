@@ -5,9 +5,8 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from PIL import Image
-
 from finetune_trainer.batches import Batch, Encoded, View, resized
+from finetune_trainer.data import open_image
 from finetune_trainer.detection.coco import Annotated
 
 PAD_LABEL = -1
@@ -16,7 +15,7 @@ PAD_LABEL = -1
 def squashed(path: str, image_size: int) -> tuple[torch.Tensor, tuple[int, int]]:
     """An image file as training reads it (`squashed_pixels`) and its own (width, height), as stored."""
     pixels = squashed_pixels([path], image_size)[0]  # first: a file that is no image is named as in training
-    with Image.open(path) as stored:  # its header: the decoding may be at a reduced scale
+    with open_image(path) as stored:  # its header (nothing decoded: the pixels were read, checked, above)
         return pixels, stored.size
 
 

@@ -27,8 +27,8 @@ from typing import Any
 
 from finetune_trainer.config import DatasetSpec
 from finetune_trainer.data import (FLOAT_IMAGE, TEST, TRAIN, VALIDATION, WIDE_IMAGE, LabelledData, Split,
-                                   beyond_16_bits, drop_empty_splits, image_fault, int_range, read_text, split,
-                                   split_of)
+                                   beyond_16_bits, draft, drop_empty_splits, image_fault, int_range, open_image,
+                                   read_text, split, split_of)
 from finetune_trainer.errors import DataError, unreadable
 from finetune_trainer.uris import fetch
 
@@ -75,7 +75,8 @@ def load_coco(spec: DatasetSpec, seed: int) -> CocoData:
     docs = {name: read_json(file, answers=name == TRAIN) for name, file in files.items()}
     categories = category_names(docs, files)
     class_of = {cid: i + 1 for i, cid in enumerate(sorted(categories))}
-    records = {name: records_of(docs[name], files[name], categories, class_of) for name in files}
+    # a detector's images are decoded whole at dataset.imageSize (its only augmentation is a flip)
+    records = {name: records_of(docs[name], files[name], categories, class_of, spec.image_size) for name in files}
     warn_boxless_categories(spec.uri, records, categories, class_of)
     if not records[TRAIN]:
         raise DataError(f"dataset {spec.uri}: {files[TRAIN]} lists no image")
@@ -205,14 +206,15 @@ def category_names(docs: dict[str, dict[str, Any]], files: dict[str, Path]) -> d
     return seen
 
 
-def records_of(doc: dict[str, Any], file: Path, categories: dict[int, str],
-               class_of: dict[int, int]) -> list[Annotated]:
-    """The images with their boxes; every problem found is collected, the first few raised together."""
+def records_of(doc: dict[str, Any], file: Path, categories: dict[int, str], class_of: dict[int, int],
+               at_least: int) -> list[Annotated]:
+    """The images with their boxes, each checked as a batch decodes it for `at_least` (data.draft); every problem
+    found is collected, the first few raised together."""
     problems: list[str] = []
     images: dict[int, Annotated] = {}
     bad: set[Any] = set()  # images already reported: their annotations would only repeat the problem
     for i, image in enumerate(doc["images"]):
-        record = image_record(image, i, file, problems)
+        record = image_record(image, i, file, problems, at_least)
         if record is not None and image["id"] in images:  # two files joined naively: its boxes would mix
             problems.append(f"image {image['id']} ({image['file_name']!r}): the id of an earlier image too "
                             f"({images[image['id']].path})")
@@ -254,7 +256,7 @@ def is_int_in(value: Any, ids: Container[int]) -> bool:
     return isinstance(value, int) and value in ids
 
 
-def image_record(image: Any, i: int, file: Path, problems: list[str]) -> Annotated | None:
+def image_record(image: Any, i: int, file: Path, problems: list[str], at_least: int) -> Annotated | None:
     from PIL import ExifTags, Image
 
     if not (isinstance(image, dict) and isinstance(image.get("id"), int) and isinstance(image.get("file_name"), str)):
@@ -270,8 +272,10 @@ def image_record(image: Any, i: int, file: Path, problems: list[str]) -> Annotat
         problems.append(f"{where}: no file at {' or '.join(map(str, candidates))}")
         return None
     try:
-        with Image.open(path) as opened:
-            size, mode, wide = opened.size, opened.mode, beyond_16_bits(int_range(opened))
+        with open_image(path) as opened:
+            size = opened.size  # as stored: draft may set a JPEG's smaller
+            draft(opened, at_least)
+            mode, wide = opened.mode, beyond_16_bits(int_range(opened))
             # what a viewer shows, on which boxes were drawn; only where it may explain a size (a PNG's is read whole)
             swapped = size[0] != size[1] and (image.get("width"), image.get("height")) == size[::-1]
             orientation = opened.getexif().get(ExifTags.Base.Orientation, 1) if swapped else 1
