@@ -269,6 +269,16 @@ def test_an_image_past_pils_size_limit_is_a_bad_record(pvc_root: Path, tmp_path:
         load_coco(DatasetSpec(uri=str(shapes_copy(pvc_root, tmp_path)), format="coco"), seed=0)
 
 
+def test_an_image_whose_header_pillow_reads_as_damaged_is_a_bad_record(pvc_root: Path, tmp_path: Path) -> None:
+    """Pillow's Netpbm reader raises ValueError on a damaged header, no OSError: the load stopped as the
+    infrastructure's (exit 2, retried) naming no image, where a classifier's check names the file."""
+    folder = shapes_copy(pvc_root, tmp_path)
+    (folder / "images" / "scan.pgm").write_bytes(b"P5\n4F 4\n255\n" + bytes(16))
+    rewrite(folder, lambda c: c["images"][0].update(file_name="scan.pgm"))
+    with pytest.raises(DataError, match=r"image 1 \('scan.pgm'\): cannot read it as an image \(ValueError: "):
+        load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
+
+
 def test_an_image_past_pils_size_limit_that_decodes_within_it_is_read(pvc_root: Path, tmp_path: Path,
                                                                        monkeypatch: pytest.MonkeyPatch) -> None:
     """As a classifier's (test_batches): the shapes' 128x128 JPEGs, past twice this limit as declared, decode at 1/2

@@ -27,7 +27,8 @@ from typing import Any
 
 from finetune_trainer.config import DatasetSpec
 from finetune_trainer.data import (FLOAT_IMAGE, TEST, TRAIN, VALIDATION, WIDE_IMAGE, LabelledData, Split,
-                                   beyond_16_bits, draft, drop_empty_splits, image_fault, int_range, open_image,
+                                   beyond_16_bits, decode_errors, draft, drop_empty_splits, image_fault, int_range,
+                                   open_image,
                                    read_text, split, split_of)
 from finetune_trainer.errors import DataError, unreadable
 from finetune_trainer.uris import fetch
@@ -257,7 +258,7 @@ def is_int_in(value: Any, ids: Container[int]) -> bool:
 
 
 def image_record(image: Any, i: int, file: Path, problems: list[str], at_least: int) -> Annotated | None:
-    from PIL import ExifTags, Image
+    from PIL import ExifTags
 
     if not (isinstance(image, dict) and isinstance(image.get("id"), int) and isinstance(image.get("file_name"), str)):
         problems.append(f"images[{i}] needs an integer id and a file_name")
@@ -279,7 +280,7 @@ def image_record(image: Any, i: int, file: Path, problems: list[str], at_least: 
             # what a viewer shows, on which boxes were drawn; only where it may explain a size (a PNG's is read whole)
             swapped = size[0] != size[1] and (image.get("width"), image.get("height")) == size[::-1]
             orientation = opened.getexif().get(ExifTags.Base.Orientation, 1) if swapped else 1
-    except (OSError, Image.DecompressionBombError) as exc:  # the latter is no OSError
+    except decode_errors() as exc:  # a Netpbm's damaged header raises ValueError, no OSError
         problems.append(f"{where}: cannot read it as an image ({image_fault(exc)})")
         return None
     if mode == "F" or wide:
