@@ -611,3 +611,20 @@ def test_another_teacher_or_blend_is_another_run_for_the_checkpoints(tmp_path: P
     revised["training"]["distillation"] = {"teacher": {"uri": "hf://org/teacher", "revision": "v2"}}
     assert fingerprinted(TrainerConfig.model_validate(revised), 1) != fingerprinted(
         distilled(doc, "hf://org/teacher"), 1)
+
+
+def test_a_one_segment_teacher_teaches_a_pair_classifier(tmp_path: Path) -> None:
+    """textPairField: a BERT student's batches give a pair's second text segment 1, which a RoBERTa-kind teacher of
+    the same vocabulary (type_vocab_size 1) indexed past its table: the job failed at the teacher's test scores."""
+    from transformers import RobertaConfig, RobertaForSequenceClassification
+
+    RobertaForSequenceClassification(RobertaConfig(
+        vocab_size=30522, type_vocab_size=1, **TINY_BERT | {"max_position_embeddings": 66}, id2label=SENTIMENT,
+        label2id={v: k for k, v in SENTIMENT.items()})).save_pretrained(tmp_path / "teacher")
+    rows = [f"{t},the {t},{SENTIMENT[i % 3]}\n" for i, t in enumerate(["a fine day", "an awful car", "I love it",
+                                                                       "slow and dull", "the new cars", "so so"] * 8)]
+    (tmp_path / "pairs.csv").write_text("text,other,sentiment\n" + "".join(rows))
+    doc = tiny_classifier_doc(tmp_path / "out", maxSteps=2)
+    doc["dataset"] |= {"uri": str(tmp_path / "pairs.csv"), "textPairField": "other"}
+    report = pipeline.run(distilled(doc, tmp_path / "teacher"), tmp_path / "out")
+    assert report["training"]["steps"] == 2 and "accuracy" in report["evaluation"]["teacher"]

@@ -552,7 +552,8 @@ def test_the_loss_curve_and_detection_scores_go_without_a_warning_where_home_can
 
 def test_a_pair_classifier_of_one_segment_takes_no_segment_ids(tmp_path: Path) -> None:
     """RoBERTa's kind has one segment (type_vocab_size 1): with a BERT tokenizer (model.tokenizerUri), a pair's
-    second text is segment 1, and the first step failed indexing past the table (IndexError, or a device assert)."""
+    second text is segment 1, and the first step failed indexing past the table (IndexError, or a device assert);
+    then the card's classify did, with the export's tokenizer."""
     rows = [f"{t},the {t},{['negative', 'neutral', 'positive'][i % 3]}\n" for i, t in
             enumerate(["a fine day", "an awful car", "I love it", "slow and dull", "the new cars", "so so"] * 8)]
     (tmp_path / "pairs.csv").write_text("text,other,sentiment\n" + "".join(rows))
@@ -562,3 +563,6 @@ def test_a_pair_classifier_of_one_segment_takes_no_segment_ids(tmp_path: Path) -
     doc["dataset"] |= {"uri": str(tmp_path / "pairs.csv"), "textPairField": "other"}
     report = pipeline.run(TrainerConfig.model_validate(doc), tmp_path / "out")
     assert report["training"]["steps"] == 2
+    # and the export's tokenizer gives none either: the card's classify failed so, as transformers' pipeline would
+    card = (tmp_path / "out" / "README.md").read_text()
+    assert card_model(card, tmp_path / "out", "classify")("a fine day", "the a fine day").shape == (1, 3)

@@ -22,7 +22,7 @@ from finetune_trainer.config import ModelSpec, Task, TrainerConfig
 from finetune_trainer.data import matched_labels
 from finetune_trainer.errors import ConfigError, ModelError, UserError
 from finetune_trainer.models import (check_image_size, check_positions, head_labels, load_model, load_tokenizer,
-                                     logits_of, new_modules, without_cache)
+                                     logits_of, new_modules, without_cache, without_segments)
 from finetune_trainer.uris import fetch, local_path
 
 log = logging.getLogger(__name__)
@@ -45,7 +45,7 @@ class Teacher:
     def logits(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         """The teacher's logits in the student's column order (call under the step's autocast)."""
         with torch.no_grad():
-            logits = logits_of(self.model, inputs)
+            logits = logits_of(self.model, without_segments(inputs, self.model))  # a one-segment teacher of pairs
         if self.width is not None:
             logits = logits[..., : self.width]
         return logits if self.columns is None else logits.index_select(-1, self.columns)

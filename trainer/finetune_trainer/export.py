@@ -40,7 +40,7 @@ from finetune_trainer.checkpoints import fsync, fsync_tree, replace_atomically
 from finetune_trainer.config import Task, TrainerConfig
 from finetune_trainer.detection.models import Detector, class_count
 from finetune_trainer.matplotlib_folder import matplotlib_folder
-from finetune_trainer.models import ImageClassifier, has_causal_switch
+from finetune_trainer.models import ImageClassifier, has_causal_switch, one_segment
 from finetune_trainer.structure import head_name
 from finetune_trainer.uris import hub_parts, local_path
 
@@ -206,7 +206,9 @@ def export_model(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg
     if writes_base(model, cfg):  # with adapters, what they adapt: the adapters taken out (in place), not merged
         write_weights(model.unload() if adapters else model, cfg, out)
     if tokenizer is not None:
-        if cfg.model.task == Task.CAUSAL_LM:  # a BERT tokenizer's token_type_ids made generate(**tokenizer(...)) refuse
+        # A BERT tokenizer's token_type_ids made generate(**tokenizer(...)) refuse, and a one-segment model's
+        # forward index past its table (the card's classify of a pair, transformers' pipeline)
+        if cfg.model.task == Task.CAUSAL_LM or one_segment(model):
             names = [n for n in tokenizer.model_input_names if n != "token_type_ids"]
             tokenizer.model_input_names = tokenizer.init_kwargs["model_input_names"] = names
         tokenizer.save_pretrained(out)

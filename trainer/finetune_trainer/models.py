@@ -86,6 +86,17 @@ def logits_of(model: nn.Module, inputs: dict[str, torch.Tensor]) -> torch.Tensor
     return out if isinstance(out, torch.Tensor) else out.logits
 
 
+def one_segment(model: nn.Module) -> bool:
+    """Whether the model's token type table has one row or none (RoBERTa's kind, DeBERTa's): a BERT tokenizer's
+    (model.tokenizerUri) pair gives its second text segment 1, which indexes past it."""
+    return getattr(getattr(model, "config", None), "type_vocab_size", 2) < 2
+
+
+def without_segments(inputs: dict[str, torch.Tensor], model: nn.Module) -> dict[str, torch.Tensor]:
+    """`inputs` less token type ids where `model` is of `one_segment`."""
+    return {k: v for k, v in inputs.items() if k != "token_type_ids"} if one_segment(model) else inputs
+
+
 def without_cache(model: nn.Module) -> None:
     """A transformers model whose forward keeps a key/value cache (a causal LM, its classifiers) keeps none, for good
     (a teacher, healing's target): every layer's keys and values, kept for a next token that a teacher never reads,

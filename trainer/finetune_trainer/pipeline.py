@@ -46,7 +46,8 @@ from finetune_trainer.errors import EXIT_OK, ConfigError, DataError, Terminated,
 from finetune_trainer.evaluate import deltas, evaluate
 from finetune_trainer.lora_fused import FORMS, fuse
 from finetune_trainer.models import (check_image_size, check_one_sample_batches, check_positions, check_vocabulary,
-                                     has_causal_switch, head_labels, load_model, load_tokenizer, new_modules)
+                                     has_causal_switch, head_labels, load_model, load_tokenizer, new_modules,
+                                     one_segment)
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
 from finetune_trainer.structure import depth, head_name
 from finetune_trainer.telemetry import Metrics, write_failure, write_termination
@@ -263,9 +264,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
             data = in_head_order(data, order)
             train_data, validation_data, test_data = (replace(e, labels=[order[i] for i in e.labels])
                                                       for e in (train_data, validation_data, test_data))
-        if train_data.segments is not None and getattr(model.config, "type_vocab_size", 2) < 2:
-            # RoBERTa's kind has one segment (DeBERTa's none): a BERT tokenizer's (model.tokenizerUri) segment 1
-            # indexed past its table
+        if train_data.segments is not None and one_segment(model):
             train_data, validation_data, test_data = (replace(e, segments=None)
                                                       for e in (train_data, validation_data, test_data))
     check_positions(model, cfg.dataset.max_length)
