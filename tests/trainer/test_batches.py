@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from finetune_trainer.batches import (IMAGENET_MEAN, IMAGENET_STD, Batch, Encoded, collate_images, collated,
-                                      encode_images, encode_text, loader_threads, make_collate)
+                                      encode_images, encode_text, loader_threads, make_collate, open_rgb)
 from finetune_trainer.config import Metric, ModelSpec, Task, TrainerConfig, TrainingSpec
-from finetune_trainer.data import LabelledData, Split
+from finetune_trainer.data import LabelledData, Split, cap_jpeg_memory
 from finetune_trainer.distributed import World
 from finetune_trainer.errors import ConfigError, DataError
 from finetune_trainer.models import load_tokenizer
@@ -442,3 +442,41 @@ def test_a_jpeg_is_not_warned_of_as_a_bomb_by_the_pixels_it_does_not_decode(tmp_
     assert not caught
     with pytest.warns(Image.DecompressionBombWarning):
         open_rgb(str(png), at_least=8)
+
+
+def multiscan_jpeg(path: Path, width: int, height: int) -> Path:
+    """A baseline JPEG of three components, each in a scan of its own, all coefficients zero (a few bytes a block):
+    libjpeg keeps its whole image to decode it, and Pillow does not say so (no "progressive")."""
+    import struct
+
+    def segment(marker: int, payload: bytes) -> bytes:
+        return struct.pack(">BBH", 0xFF, marker, len(payload) + 2) + payload
+
+    blocks = ((width + 7) // 8) * ((height + 7) // 8)
+    out = b"\xff\xd8" + segment(0xDB, b"\x00" + bytes([1] * 64))
+    out += segment(0xC0, struct.pack(">BHHB", 8, height, width, 3) + b"\x01\x11\x00\x02\x11\x00\x03\x11\x00")
+    for table in (b"\x00", b"\x10"):  # a DC and an AC Huffman table, of one code each
+        out += segment(0xC4, table + bytes([1] + [0] * 15) + b"\x00")
+    for component in (1, 2, 3):  # a DC "0" and an end of block "0": 2 bits a block
+        out += segment(0xDA, bytes([1, component, 0]) + b"\x00\x3f\x00") + bytes((2 * blocks + 7) // 8)
+    path.write_bytes(out + b"\xff\xd9")
+    return path
+
+
+def test_libjpegs_whole_image_of_a_jpeg_is_bounded_by_the_pixel_limit(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """A baseline JPEG in a scan per component is decoded whole by libjpeg whatever the draft (8000x8000: 371 MiB
+    for a 1 KB-a-block file), and Pillow does not tell it from an interleaved one: JPEGMEM bounds it, from twice
+    Pillow's limit, and past it the file fails as its own fault, named, not the worker's memory."""
+    from PIL import Image
+
+    monkeypatch.delenv("JPEGMEM", raising=False)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 1_000_000)  # 12 MB: 2 x 1M pixels x 3 components x 2 bytes
+    cap_jpeg_memory()
+    assert os.environ["JPEGMEM"] == "12M"
+    path = multiscan_jpeg(tmp_path / "scans.jpg", 1600, 1600)  # 15 MB of coefficients, 2.6 M pixels
+    with pytest.raises(DataError, match=rf"{path}: cannot read it as an image \(OSError: "):
+        open_rgb(str(path), at_least=16)  # 200x200 decoded: within the pixel limit
+    monkeypatch.setenv("JPEGMEM", "100M")  # the user's own is kept
+    cap_jpeg_memory()
+    assert os.environ["JPEGMEM"] == "100M" and open_rgb(str(path), at_least=16).size == (200, 200)

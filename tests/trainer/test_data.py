@@ -319,6 +319,24 @@ def test_a_decompression_bomb_is_named_before_training_by_the_pixels_a_batch_dec
         check_images_once(data, str(tmp_path), CPU, 8)
 
 
+def test_a_progressive_jpeg_counts_whole_as_libjpeg_keeps_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """libjpeg keeps a progressive JPEG's every coefficient whatever the scale it puts out: counted by the pixels
+    decoded at 1/2, one past twice the limit got through the check (a 782 KB file of 20000x20000 took 770 MiB)."""
+    from PIL import Image
+
+    for name in ("Cat", "Dog"):
+        (tmp_path / name).mkdir()
+        for i in range(3):
+            Image.new("RGB", (80, 60), (i * 80, 0, 0)).save(tmp_path / name / f"{i}.jpg")
+    Image.new("RGB", (80, 60)).save(bomb := tmp_path / "Dog" / "progressive.jpg", progressive=True)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 800)
+    data = load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
+    with pytest.raises(DataError, match=rf"1 of its 7 image files do not open as images: {bomb} \(the first: "
+                                        r"DecompressionBombError: Image size \(80x60: 4800 pixels\) exceeds limit of "
+                                        r"1600"):
+        check_images_once(data, str(tmp_path), CPU, 8)
+
+
 def test_a_netpbm_with_a_damaged_header_is_named_before_training(tmp_path: Path) -> None:
     """Pillow's Netpbm reader raises ValueError on a damaged header, no OSError: it escaped as an infrastructure
     failure (exit 2, retried for ever) naming no file, not as the dataset's fault naming it."""

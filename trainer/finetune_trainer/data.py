@@ -229,18 +229,34 @@ def draft(image: Image.Image, at_least: int | None) -> None:
     with None, decodes whole). Refused as a decompression bomb where the pixels it decodes are over twice
     Image.MAX_IMAGE_PIXELS, read now so that a limit the user set holds: the size Pillow refuses at Image.open, but
     counted in the pixels decoded, not those declared, as memory is what it guards (a 200-megapixel phone photo
-    decodes in 3 megapixels for 224). A JPEG within it is not warned of, as Pillow warns above once its limit."""
+    decodes in 3 megapixels for 224). A JPEG within it is not warned of, as Pillow warns above once its limit. A
+    progressive JPEG counts whole: libjpeg keeps its every coefficient, whatever the scale it puts out (a 782 KB one
+    of 20000x20000 took 770 MiB at 1/8); a baseline one in a scan per component does too, which Pillow does not tell,
+    and cap_jpeg_memory bounds."""
     from PIL import Image
 
     stored = image.size
     if at_least:
         image.draft(None, (2 * at_least, 2 * at_least))
+    width, height = stored if image.info.get("progressive") else image.size
     limit = Image.MAX_IMAGE_PIXELS
-    if limit is not None and image.width * image.height > 2 * limit:
-        scaled = f", {image.width}x{image.height} decoded at a reduced scale" if image.size != stored else ""
+    if limit is not None and width * height > 2 * limit:
+        scaled = f", {width}x{height} decoded at a reduced scale" if (width, height) != stored else ""
         raise Image.DecompressionBombError(
-            f"Image size ({stored[0]}x{stored[1]}{scaled}: {image.width * image.height} pixels) exceeds limit of "
+            f"Image size ({stored[0]}x{stored[1]}{scaled}: {width * height} pixels) exceeds limit of "
             f"{2 * limit} pixels, could be decompression bomb DOS attack.")
+
+
+def cap_jpeg_memory() -> None:
+    """Bound what libjpeg holds of a JPEG's whole image (a progressive one's, or a baseline one's in a scan per
+    component: draft's) to that of an image of twice Pillow's pixel limit, three components of 2-byte coefficients:
+    past it, decoding fails (an OSError, the file's fault, named), where it took a worker's memory. libjpeg reads
+    JPEGMEM (in thousands of bytes, M for millions) at each decode; set once, before any loader thread, and not where
+    the user set it."""
+    from PIL import Image
+
+    if Image.MAX_IMAGE_PIXELS is not None:
+        os.environ.setdefault("JPEGMEM", f"{math.ceil(2 * Image.MAX_IMAGE_PIXELS * 3 * 2 / 1e6)}M")
 
 
 def decode_errors() -> tuple[type[Exception], ...]:

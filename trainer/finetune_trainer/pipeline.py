@@ -36,8 +36,8 @@ from finetune_trainer.batches import (Augmenting, Batch, Encoded, decode_side, d
                                       encode_text, epoch_batches, eval_batches, make_collate, pair_marker,
                                       say_truncated)
 from finetune_trainer.config import Augmentation, Batching, HealSpec, PruneSpec, Stage, Task, TrainerConfig
-from finetune_trainer.data import (LabelledData, Split, bad_images, bad_images_error, check_label_count, head_order,
-                                   in_head_order, load_dataset, load_texts)
+from finetune_trainer.data import (LabelledData, Split, bad_images, bad_images_error, cap_jpeg_memory,
+                                   check_label_count, head_order, in_head_order, load_dataset, load_texts)
 from finetune_trainer.detection import analysis as detection_analysis
 from finetune_trainer.detection.coco import load_coco, renumbered
 from finetune_trainer.detection.metrics import evaluate_detector
@@ -140,6 +140,7 @@ class Progress:
 def run(cfg: TrainerConfig, output_dir: Path) -> dict[str, Any]:
     """Run the whole pipeline; see the module docstring for the report it returns and writes."""
     metrics: Metrics | None = None
+    cap_jpeg_memory()
     try:
         # Rank 0 serves before the ranks join: the rendezvous and NCCL's start may take minutes, through which the
         # operator read a Running pod that refused its scrapes as stale metrics, and the dashboard saw no stage.
