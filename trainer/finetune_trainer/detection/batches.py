@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from finetune_trainer.batches import Batch, Encoded, View, resized
 from finetune_trainer.data import open_image
 from finetune_trainer.detection.coco import Annotated

@@ -28,8 +28,7 @@ from typing import Any
 from finetune_trainer.config import DatasetSpec
 from finetune_trainer.data import (FLOAT_IMAGE, TEST, TRAIN, VALIDATION, WIDE_IMAGE, LabelledData, Split,
                                    beyond_16_bits, decode_errors, draft, drop_empty_splits, image_fault, int_range,
-                                   open_image,
-                                   read_text, split, split_of)
+                                   open_image, read_text, split, split_of)
 from finetune_trainer.errors import DataError, unreadable
 from finetune_trainer.uris import fetch
 

@@ -57,7 +57,6 @@ def evaluate_detector(model: nn.Module, data: Encoded, collate: Callable[[Encode
     return values, {id2label.get(int(c), str(c)): float(ap) for c, ap in zip(classes, per_class) if ap >= 0}
 
 
-
 def coco_scorer() -> Any:
     """torchmetrics' MeanAveragePrecision with COCO's own IoU and recall thresholds: torchmetrics' defaults are
     torch.linspace's float32, where 0.6 is 0.6000000238, so an IoU or a recall of exactly 0.6 (or 0.55, 0.8, 0.85 ...)
@@ -73,6 +72,7 @@ def coco_scorer() -> Any:
     return MeanAveragePrecision(box_format="xyxy", iou_type="bbox", class_metrics=True, backend="pycocotools",
                                 iou_thresholds=coco.iouThrs.tolist(), rec_thresholds=coco.recThrs.tolist(),
                                 sync_on_compute=False)
+
 
 def with_crowds(boxes: torch.Tensor, labels: torch.Tensor, record: Annotated, size: int) -> dict[str, torch.Tensor]:
     """An image's ground truth with its crowd regions (iscrowd 1), where COCO's evaluation ignores a detection
