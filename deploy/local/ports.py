@@ -10,6 +10,7 @@ is better still: nothing here is needed."""
 
 from __future__ import annotations
 
+import errno
 import random
 import socket
 from pathlib import Path
@@ -34,23 +35,44 @@ def ephemeral_range() -> tuple[int, int]:
 
 
 def free_ports(count: int) -> list[int]:
-    """`count` distinct ports outside the ephemeral range that nothing holds on this machine now."""
+    """`count` distinct ports outside the ephemeral range that nothing holds on this machine now; where that range
+    leaves none (1024-65535, as some tune it), ports the kernel picks, as before, with their race."""
     low, high = ephemeral_range()
     candidates = [*range(LOWEST, low), *range(high + 1, 65536)]
-    if not candidates:
-        raise OSError(f"the ephemeral range {low}-{high} ({RANGE_FILE}) leaves no port outside it")
     held: list[socket.socket] = []
     try:
         for _ in range(count):
-            held.append(_bound(candidates))
+            held.append(_bound(candidates) if candidates else _kernels())
         return [s.getsockname()[1] for s in held]
     finally:
         for s in held:
             s.close()
 
 
+def _kernels() -> socket.socket:
+    s = socket.socket()
+    s.bind(("127.0.0.1", 0))
+    return s
+
+
 def free_port() -> int:
     return free_ports(1)[0]
+
+
+def _held_on_ipv6(port: int) -> bool:
+    """Whether something holds `port` on IPv6 alone (a server of [::] with IPV6_V6ONLY), which an IPv4 bind does
+    not see, and a dual-stack server binding it later would fail on; False where the machine has no IPv6."""
+    try:
+        s = socket.socket(socket.AF_INET6)
+    except OSError:
+        return False
+    with s:
+        s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+        try:
+            s.bind(("::", port))
+        except OSError as exc:
+            return exc.errno == errno.EADDRINUSE
+    return False
 
 
 def _bound(candidates: list[int]) -> socket.socket:
@@ -64,6 +86,9 @@ def _bound(candidates: list[int]) -> socket.socket:
         try:
             s.bind(("", port))  # no SO_REUSEADDR: a port still in TIME_WAIT is passed over too
         except OSError:
+            s.close()
+            continue
+        if _held_on_ipv6(port):
             s.close()
             continue
         _given.add(port)
