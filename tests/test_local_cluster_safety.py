@@ -20,6 +20,7 @@ import time
 import urllib.request
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -62,13 +63,7 @@ def state(tmp_path: Path) -> Path:
 
 
 def _record(state: Path, component: str, argv: list[str]) -> subprocess.Popen:
-    local = cluster.Cluster(state, Path())
-    proc = cluster.start_process(local, component, argv)
-    # Popen returns once exec began: /proc shows the new command line a moment later.
-    deadline = time.monotonic() + 5
-    while proc.poll() is None and cluster._read_pid(local, component) is None and time.monotonic() < deadline:
-        time.sleep(0.01)
-    return proc
+    return cluster.start_process(cluster.Cluster(state, Path()), component, argv)
 
 
 def _alive(proc: subprocess.Popen) -> bool:
@@ -90,6 +85,58 @@ def test_down_stops_what_it_recorded_and_copes_with_what_already_exited(state: P
     finally:
         stranger.kill()
         etcd.kill()
+
+
+def _slow_to_exec(folder: Path) -> Path:
+    """A program whose process shows another command line for a while after Popen returned, as one does while the
+    kernel ends its exec (/proc shows it empty then): it runs sleep, under its own argv, a moment later."""
+    folder.mkdir()
+    program = folder / "kwok"
+    program.write_text(f"#!{sys.executable}\nimport os, shutil, sys, time\ntime.sleep(0.3)\n"
+                       "os.execv(shutil.which('sleep'), sys.argv)\n")
+    program.chmod(0o755)
+    return program
+
+
+def test_a_start_that_fails_part_way_leaves_none_of_its_processes_running(state: Path) -> None:
+    """A start failed at the process node (a worktree without .venv), and its cleanup left kwok, started a moment
+    before, running and unrecorded: kwok's exec had not ended, so /proc showed another command line than its record."""
+    local = cluster.Cluster(state, Path())
+    kwok = cluster.start_process(local, "kwok", [str(_slow_to_exec(state / "bin")), "315"])
+    try:
+        with pytest.raises(cluster.ClusterError, match="cannot start process-node"):
+            cluster.start_process(local, "process-node", [str(state / "no-venv" / "bin" / "python")])
+        cluster.down(state)  # as `up` cleans up after a failed start
+        assert kwok.wait(timeout=5) == -signal.SIGTERM
+        assert list((state / "pids").iterdir()) == []
+    finally:
+        kwok.kill()
+
+
+def _popen_spied(monkeypatch: pytest.MonkeyPatch) -> list[subprocess.Popen]:
+    """The processes Popen starts from now on: also those whose caller failed before it returned them."""
+    started: list[subprocess.Popen] = []
+    popen = subprocess.Popen
+
+    def spy(*args: Any, **kwargs: Any) -> subprocess.Popen:
+        started.append(popen(*args, **kwargs))
+        return started[-1]
+
+    monkeypatch.setattr(subprocess, "Popen", spy)
+    return started
+
+
+def test_a_start_whose_record_fails_leaves_no_process_running(state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A process started, then its record not written (the state folder gone, an interrupt): nothing would stop it."""
+    started = _popen_spied(monkeypatch)
+    monkeypatch.setattr(cluster.Cluster, "pid_file", lambda self, component: state / "gone" / f"{component}.pid")
+    try:
+        with pytest.raises(FileNotFoundError):
+            cluster.start_process(cluster.Cluster(state, Path()), "etcd", ["sleep", "316"])
+        assert started[0].wait(timeout=5) == -signal.SIGKILL
+    finally:
+        for proc in started:
+            proc.kill()
 
 
 def test_down_stops_pod_processes_the_node_left_behind(state: Path) -> None:

@@ -49,6 +49,7 @@ DEFAULT_STATE = REPO / ".cluster"
 SERVICE_CIDR = "10.0.0.0/24"
 LOCK = "lock"  # in the state folder; never wiped
 POD_GRACE = 5.0  # seconds between SIGTERM and SIGKILL for pod processes the process node left behind
+EXEC_PATIENCE = 5.0  # seconds for a started process's exec to show its command line in /proc
 # Claims may name folders under these with local.finetune.dev/host-path (`make assets` fills it).
 HOST_PATH_ROOTS = [REPO / ".data" / "pvc"]
 # Stop order is the reverse: the process node first, so it can end its pods.
@@ -131,7 +132,27 @@ def _read_pid(cluster: Cluster, component: str) -> int | None:
     return int(pid) if cmdline == recorded else None
 
 
+def _cmdline(argv: list[str]) -> bytes:
+    """As /proc/<pid>/cmdline shows it: each argument NUL-terminated."""
+    return b"".join(a.encode() + b"\0" for a in argv)
+
+
+def _await_exec(proc: subprocess.Popen, component: str, cmdline: bytes) -> None:
+    """Wait until /proc shows `cmdline` for the process (or it exited). Popen returns once the exec can no longer
+    fail, before the kernel has set up the new command line: /proc showed it empty then, and `down` right after a start
+    that failed part-way took kwok, started a moment before, for another's process, dropped its record and left it
+    running. Read only while the child is not reaped, so its PID is no one else's."""
+    deadline = time.monotonic() + EXEC_PATIENCE
+    while proc.poll() is None and Path(f"/proc/{proc.pid}/cmdline").read_bytes() != cmdline:
+        if time.monotonic() > deadline:
+            raise ClusterError(f"{component} (pid {proc.pid}) does not show the command line it was started with in "
+                               "/proc: `down` could not tell it from another's process")
+        time.sleep(0.001)
+
+
 def start_process(cluster: Cluster, component: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `argv` detached and record its PID and command line, by which `down` stops it; returns once /proc shows
+    that command line. A start that fails (or is interrupted) after the process began kills it: nothing else would."""
     try:
         with cluster.log(component).open("ab") as log:
             proc = subprocess.Popen(
@@ -140,8 +161,13 @@ def start_process(cluster: Cluster, component: str, argv: list[str], env: dict[s
             )
     except OSError as error:
         raise ClusterError(f"cannot start {component} ({argv[0]}): {error}") from error
-    # As /proc/<pid>/cmdline shows it: each argument NUL-terminated.
-    cluster.pid_file(component).write_bytes(f"{proc.pid}\n".encode() + b"".join(a.encode() + b"\0" for a in argv))
+    try:
+        _await_exec(proc, component, _cmdline(argv))
+        cluster.pid_file(component).write_bytes(f"{proc.pid}\n".encode() + _cmdline(argv))
+    except BaseException:
+        proc.kill()  # our child, not reaped yet (or reaped, and then no signal is sent): its PID is still its own
+        proc.wait()
+        raise
     return proc
 
 
