@@ -18,6 +18,7 @@ import sys
 import threading
 import time
 import urllib.request
+from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, HTTPServer
 from pathlib import Path
 from typing import Any
@@ -113,13 +114,15 @@ def test_a_start_that_fails_part_way_leaves_none_of_its_processes_running(state:
         kwok.kill()
 
 
-def _popen_spied(monkeypatch: pytest.MonkeyPatch) -> list[subprocess.Popen]:
-    """The processes Popen starts from now on: also those whose caller failed before it returned them."""
+def _popen_spied(monkeypatch: pytest.MonkeyPatch, then: Callable[[], object] = lambda: None) -> list[subprocess.Popen]:
+    """The processes Popen starts from now on: also those whose caller failed before it returned them. `then` runs
+    before each Popen returns."""
     started: list[subprocess.Popen] = []
     popen = subprocess.Popen
 
     def spy(*args: Any, **kwargs: Any) -> subprocess.Popen:
         started.append(popen(*args, **kwargs))
+        then()
         return started[-1]
 
     monkeypatch.setattr(subprocess, "Popen", spy)
@@ -134,6 +137,20 @@ def test_a_start_whose_record_fails_leaves_no_process_running(state: Path, monke
         with pytest.raises(FileNotFoundError):
             cluster.start_process(cluster.Cluster(state, Path()), "etcd", ["sleep", "316"])
         assert started[0].wait(timeout=5) == -signal.SIGKILL
+    finally:
+        for proc in started:
+            proc.kill()
+
+
+def test_an_interrupted_start_leaves_its_process_recorded(state: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ctrl-C while Popen waited for the exec was raised from inside Popen: its child ran on, with neither a Popen nor a
+    record to stop it by."""
+    started = _popen_spied(monkeypatch, then=lambda: signal.raise_signal(signal.SIGINT))
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            cluster.start_process(cluster.Cluster(state, Path()), "etcd", ["sleep", "317"])
+        cluster.down(state)  # as `up` cleans up after an interrupted start
+        assert started[0].wait(timeout=5) == -signal.SIGTERM
     finally:
         for proc in started:
             proc.kill()

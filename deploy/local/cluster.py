@@ -27,6 +27,7 @@ import signal
 import ssl
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -150,24 +151,47 @@ def _await_exec(proc: subprocess.Popen, component: str, cmdline: bytes) -> None:
         time.sleep(0.001)
 
 
-def start_process(cluster: Cluster, component: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
-    """Start `argv` detached and record its PID and command line, by which `down` stops it; returns once /proc shows
-    that command line. A start that fails (or is interrupted) after the process began kills it: nothing else would."""
+@contextmanager
+def _sigint_deferred() -> Iterator[None]:
+    """Ctrl-C meanwhile is raised at the end: inside Popen, once it had forked, it left the child running with no Popen
+    to stop it by. Python runs signal handlers in the main thread only, so elsewhere there is none to hold off."""
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is None:
+        yield  # None: a handler not set from Python, which could not be put back
+        return
+    caught: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, _frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        if caught:
+            signal.raise_signal(signal.SIGINT)  # to the handler it was meant for
+
+
+def _spawn(cluster: Cluster, component: str, argv: list[str], env: dict[str, str] | None) -> subprocess.Popen:
     try:
         with cluster.log(component).open("ab") as log:
-            proc = subprocess.Popen(
+            return subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 cwd=cluster.state, env=env, start_new_session=True,  # survives `make`'s exit, own group
             )
     except OSError as error:
         raise ClusterError(f"cannot start {component} ({argv[0]}): {error}") from error
-    try:
-        _await_exec(proc, component, _cmdline(argv))
-        cluster.pid_file(component).write_bytes(f"{proc.pid}\n".encode() + _cmdline(argv))
-    except BaseException:
-        proc.kill()  # our child, not reaped yet (or reaped, and then no signal is sent): its PID is still its own
-        proc.wait()
-        raise
+
+
+def start_process(cluster: Cluster, component: str, argv: list[str], env: dict[str, str] | None = None) -> subprocess.Popen:
+    """Start `argv` detached and record its PID and command line, by which `down` stops it; returns once /proc shows
+    that command line. A start that fails after the process began kills it, as nothing else would; Ctrl-C meanwhile
+    is raised once it is recorded, for `up`'s cleanup to stop it."""
+    with _sigint_deferred():
+        proc = _spawn(cluster, component, argv, env)
+        try:
+            _await_exec(proc, component, _cmdline(argv))
+            cluster.pid_file(component).write_bytes(f"{proc.pid}\n".encode() + _cmdline(argv))
+        except BaseException:
+            proc.kill()  # our child, not reaped yet (or reaped, and then no signal is sent): its PID is still its own
+            proc.wait()
+            raise
     return proc
 
 
