@@ -375,10 +375,20 @@ def test_up_says_it_needs_openssl(tmp_path: Path, monkeypatch: pytest.MonkeyPatc
         cluster.up(tmp_path / "state")
 
 
-def test_up_refuses_to_start_a_process_node_that_is_not_root(tmp_path: Path) -> None:
+def test_up_says_it_needs_the_virtualenv_s_python(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """In a worktree without .venv, `up` started etcd, the apiserver, kcm, the scheduler and kwok, then failed to
+    start the process node."""
+    ready = cluster.Cluster(tmp_path / "state", _full_cache(tmp_path / "cache" / "bin"))
+    monkeypatch.setenv("FTO_VENV", str(tmp_path / "no-venv"))
+    with pytest.raises(cluster.ClusterError, match="no-venv/bin/python is missing.*make install.*FTO_VENV"):
+        cluster._check_prerequisites(ready, euid=0)
+
+
+def test_up_refuses_to_start_a_process_node_that_is_not_root(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Not as root, the cluster came up and then every pod on the process node failed: `unshare failed: Operation not
     permitted`."""
     ready = cluster.Cluster(tmp_path / "state", _full_cache(tmp_path / "cache" / "bin"))
+    monkeypatch.setenv("FTO_VENV", str(ready.bin_dir.parent))  # its python: <venv>/bin/python
     with pytest.raises(cluster.ClusterError, match="uid 1000.*Operation not permitted.*as root"):
         cluster._check_prerequisites(ready, euid=1000)
     cluster._check_prerequisites(ready, euid=0)

@@ -509,8 +509,9 @@ def up(state: Path = DEFAULT_STATE, timeout: float = 90.0) -> Cluster:
 
 def _check_prerequisites(cluster: Cluster, euid: int) -> None:
     """What a start needs, checked before it wipes or starts anything: the cache's binaries and kwok stages, the
-    openssl command (the PKI), and root, as `up` always starts the process node, which runs each pod in its own mount
-    namespace and root, as the pod's user."""
+    openssl command (the PKI), the virtualenv's python (the process node's: without it a start failed half-way), and
+    root, as `up` always starts the process node, which runs each pod in its own mount namespace and root, as the
+    pod's user."""
     cache = cluster.bin_dir.parent
     needed = [*(cluster.bin_dir / c for c in COMPONENTS[:-1]), *_stage_files(cluster)]
     missing = [str(path.relative_to(cache)) for path in needed if not path.exists()]
@@ -519,6 +520,9 @@ def _check_prerequisites(cluster: Cluster, euid: int) -> None:
     if shutil.which("openssl") is None:
         raise ClusterError("the openssl command is not on PATH; the cluster's certificates are made with it "
                            "(Debian/Ubuntu: apt-get install openssl)")
+    if not venv_python().exists():
+        raise ClusterError(f"the process node's python {venv_python()} is missing: run `make install`, or point "
+                           "FTO_VENV at another checkout's .venv (a worktree has none of its own)")
     if euid != 0:
         raise ClusterError(f"the process node needs root (unshare, mount, chroot, setresuid) and this runs as uid "
                            f"{euid}: every pod on it would fail with `unshare failed: Operation not permitted`. "
