@@ -34,16 +34,17 @@ def evaluate(model: nn.Module, data: Encoded, collate: Callable[[Encoded, list[i
     confusion = torch.zeros((num_labels, num_labels), dtype=torch.float64, device=world.device)
     loss = torch.zeros((), dtype=torch.float64, device=world.device)
     targets = 0
-    for _, batch in polled_eval_batches(data, collate, batch_size, world.rank, world.size, before_batch,
-                                        loader_threads(task, world.device)):
-        batch = batch.to(world.device)
-        with autocast(world.device.type, dtype), cache_off(model):
-            logits = logits_of(model, batch.inputs)
-        loss += loss_sum(logits, batch.labels, task)
-        targets += batch.targets
-        if task != Task.CAUSAL_LM:
-            pairs = batch.labels * num_labels + logits.argmax(-1)
-            confusion += torch.bincount(pairs, minlength=num_labels * num_labels).reshape(num_labels, num_labels)
+    with cache_off(model):
+        for _, batch in polled_eval_batches(data, collate, batch_size, world.rank, world.size, before_batch,
+                                            loader_threads(task, world.device)):
+            batch = batch.to(world.device)
+            with autocast(world.device.type, dtype):
+                logits = logits_of(model, batch.inputs)
+            loss += loss_sum(logits, batch.labels, task)
+            targets += batch.targets
+            if task != Task.CAUSAL_LM:
+                pairs = batch.labels * num_labels + logits.argmax(-1)
+                confusion += torch.bincount(pairs, minlength=num_labels * num_labels).reshape(num_labels, num_labels)
     model.train(was_training)
     loss = world.sum_tensor(loss)
     confusion = world.sum_tensor(confusion)

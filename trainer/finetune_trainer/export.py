@@ -506,7 +506,7 @@ def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool, causal_
     the boundary itself."""
     task, revision = cfg.model.task, revision or cfg.model.revision
     from_uri = adapters_apart and not base_is_new(cfg)
-    pairs = task == Task.SEQUENCE_CLASSIFICATION and cfg.dataset.text_pair_field is not None
+    pairs = cfg.dataset.text_pair_field is not None  # sequence-classification's alone (the config's rules)
     note: list[str] = []  # said below the code
     if task == Task.OBJECT_DETECTION:  # LoRA is not offered for detectors: never adapters apart
         # In eval mode: in training mode a detector wants the true boxes and returns its loss.

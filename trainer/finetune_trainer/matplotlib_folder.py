@@ -6,12 +6,14 @@ temporary cache directory ...") as though the job had gone wrong. Called before 
 from __future__ import annotations
 
 import atexit
+import functools
 import os
 import shutil
 import tempfile
 from pathlib import Path
 
 
+@functools.cache  # once a process: a detector's every evaluation asks
 def matplotlib_folder() -> None:
     """Point MPLCONFIGDIR, where the user set none, at a temporary folder (removed at exit) when matplotlib's own,
     under HOME, cannot be written."""

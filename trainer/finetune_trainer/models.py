@@ -111,15 +111,13 @@ def cache_off(model: nn.Module) -> Iterator[None]:
     """A transformers model whose forward keeps a key/value cache (a causal LM, its classifiers) keeps none meanwhile,
     as in an evaluation, whose forward under no_grad would otherwise hold every layer's keys and values to its end;
     its config says use_cache again after, as the export writes it for generate(). torchvision's have no config."""
-    config = getattr(model, "config", None)
-    kept = getattr(config, "use_cache", False)
-    if kept:
-        config.use_cache = False
+    kept = getattr(getattr(model, "config", None), "use_cache", False)
+    without_cache(model)
     try:
         yield
     finally:
         if kept:
-            config.use_cache = kept
+            model.config.use_cache = kept
 
 
 def load_tokenizer(spec: ModelSpec):
