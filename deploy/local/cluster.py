@@ -183,11 +183,12 @@ def start_process(cluster: Cluster, component: str, argv: list[str], env: dict[s
     """Start `argv` detached and record its PID and command line, by which `down` stops it; returns once /proc shows
     that command line. A start that fails after the process began kills it, as nothing else would; Ctrl-C meanwhile
     is raised once it is recorded, for `up`'s cleanup to stop it."""
+    cmdline = _cmdline(argv)
     with _sigint_deferred():
         proc = _spawn(cluster, component, argv, env)
         try:
-            _await_exec(proc, component, _cmdline(argv))
-            cluster.pid_file(component).write_bytes(f"{proc.pid}\n".encode() + _cmdline(argv))
+            _await_exec(proc, component, cmdline)
+            cluster.pid_file(component).write_bytes(f"{proc.pid}\n".encode() + cmdline)
         except BaseException:
             proc.kill()  # our child, not reaped yet (or reaped, and then no signal is sent): its PID is still its own
             proc.wait()
