@@ -11,6 +11,7 @@ import os
 import re
 import shutil
 import subprocess
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,6 +51,16 @@ def rewrite(folder: Path, change: Any, name: str = "annotations.json") -> Path:
     change(coco)
     path.write_text(json.dumps(coco))
     return folder
+
+
+def renumbering(ids: dict[int, int]) -> Callable[[dict[str, Any]], None]:
+    """A `rewrite` change giving each category, and its boxes, the id `ids` maps its own to."""
+    def renumber(coco: dict[str, Any]) -> None:
+        for item in (*coco["annotations"], *coco["categories"]):
+            key = "category_id" if "category_id" in item else "id"
+            item[key] = ids[item[key]]
+
+    return renumber
 
 
 def test_the_shapes_dataset_loads_split_with_its_boxes(pvc_root: Path) -> None:
@@ -873,16 +884,9 @@ def test_a_kept_head_that_names_no_classes_takes_the_category_ids_as_its_class_i
     spec = ModelSpec(task="object-detection", architecture="fasterrcnn_mobilenet_v3_large_320_fpn",
                      config=SMALL_FRCNN | {"num_classes": 6})  # a head of 5 classes and the background
     save_model(load_detector(spec, 128).net, str(tmp_path / "coco-head.safetensors"))
-    ids = {1: 4, 2: 2, 3: 5}  # circle, square, triangle
-
-    def renumber(coco: dict[str, Any]) -> None:
-        for item in (*coco["annotations"], *coco["categories"]):
-            key = "category_id" if "category_id" in item else "id"
-            item[key] = ids[item[key]]
-
     folder = same_images_in_every_split(pvc_root, tmp_path / "eight", 8)
     for name in ("train.json", "val.json", "test.json"):
-        rewrite(folder, renumber, name)
+        rewrite(folder, renumbering({1: 4, 2: 2, 3: 5}), name)  # circle, square, triangle
     doc = detection_doc(tmp_path / "out", maxSteps=1, batchSize=4)
     doc["model"] |= {"uri": str(tmp_path / "coco-head.safetensors"), "config": spec.config}
     doc["rearrange"] = {"head": {"numLabels": 5}}
@@ -948,13 +952,7 @@ def test_category_ids_from_zero_and_with_gaps_become_classes_1_to_k_and_are_kept
     """COCO numbers its 80 classes 1..90, other exporters from 0: the detector's labels are 1..K (0 is its
     background), and nothing said which category_id a label was, so detections scored with pycocotools against
     the annotations took label 2 for category 2."""
-    ids = {1: 17, 2: 0, 3: 5}  # circle, square, triangle
-
-    def renumber(coco: dict[str, Any]) -> None:
-        for item in (*coco["annotations"], *coco["categories"]):
-            key = "category_id" if "category_id" in item else "id"
-            item[key] = ids[item[key]]
-
+    renumber = renumbering({1: 17, 2: 0, 3: 5})  # circle, square, triangle
     data = load_coco(DatasetSpec(uri=str(rewrite(shapes_copy(pvc_root, tmp_path), renumber))), seed=0)
     assert data.id2label == {1: "square", 2: "triangle", 3: "circle"}
     assert data.category_ids == {1: 0, 2: 5, 3: 17}

@@ -25,7 +25,8 @@ from finetune_trainer.pipeline import fingerprinted
 from finetune_trainer.rules import error_lines
 from finetune_trainer.train import distilled_loss_sum, loss_sum, soft_loss_sum
 
-from tiny import TINY_BERT, TINY_GPT2, saved_bert, tiny_classifier_doc, unreadable_tokenizer
+from tiny import (TINY_BERT, TINY_GPT2, saved_bert, tiny_classifier_doc, tiny_pair_classifier_doc,
+                  unreadable_tokenizer)
 
 SENTIMENT = {0: "negative", 1: "neutral", 2: "positive"}
 MINILM = "pvc://models/all-MiniLM-L6-v2"
@@ -621,10 +622,6 @@ def test_a_one_segment_teacher_teaches_a_pair_classifier(tmp_path: Path) -> None
     RobertaForSequenceClassification(RobertaConfig(
         vocab_size=30522, type_vocab_size=1, **TINY_BERT | {"max_position_embeddings": 66}, id2label=SENTIMENT,
         label2id={v: k for k, v in SENTIMENT.items()})).save_pretrained(tmp_path / "teacher")
-    rows = [f"{t},the {t},{SENTIMENT[i % 3]}\n" for i, t in enumerate(["a fine day", "an awful car", "I love it",
-                                                                       "slow and dull", "the new cars", "so so"] * 8)]
-    (tmp_path / "pairs.csv").write_text("text,other,sentiment\n" + "".join(rows))
-    doc = tiny_classifier_doc(tmp_path / "out", maxSteps=2)
-    doc["dataset"] |= {"uri": str(tmp_path / "pairs.csv"), "textPairField": "other"}
+    doc = tiny_pair_classifier_doc(tmp_path, maxSteps=2)
     report = pipeline.run(distilled(doc, tmp_path / "teacher"), tmp_path / "out")
     assert report["training"]["steps"] == 2 and "accuracy" in report["evaluation"]["teacher"]

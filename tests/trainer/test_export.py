@@ -24,7 +24,7 @@ from finetune_trainer.models import load_model, load_tokenizer
 from finetune_trainer.rearrange import add_adapters, new_head
 from finetune_trainer.uris import hub_parts
 
-from tiny import TINY_BERT, TINY_GPT2, bpe_tokenizer, card_model, tiny_classifier_doc
+from tiny import TINY_BERT, TINY_GPT2, bpe_tokenizer, card_model, tiny_classifier_doc, tiny_pair_classifier_doc
 
 TOKENIZER = "pvc://models/all-MiniLM-L6-v2"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -500,7 +500,7 @@ def test_report_json_writes_a_number_that_is_not_finite_as_null() -> None:
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
 def test_the_card_of_a_pair_classifier_classifies_a_pair_as_it_trained(family: str, tmp_path: Path) -> None:
     """textPairField: the card's classify(first, second) gives the export's model the ids training gave it (BERT's
-    pair with segment ids; a GPT-2 tokenizer's pair joined by its eos), and the logits with them."""
+    pair with segment ids; a GPT-2 tokenizer's, its second text led by its eos), and the logits with them."""
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from finetune_trainer.batches import encode_text, make_collate
@@ -554,13 +554,9 @@ def test_a_pair_classifier_of_one_segment_takes_no_segment_ids(tmp_path: Path) -
     """RoBERTa's kind has one segment (type_vocab_size 1): with a BERT tokenizer (model.tokenizerUri), a pair's
     second text is segment 1, and the first step failed indexing past the table (IndexError, or a device assert);
     then the card's classify did, with the export's tokenizer."""
-    rows = [f"{t},the {t},{['negative', 'neutral', 'positive'][i % 3]}\n" for i, t in
-            enumerate(["a fine day", "an awful car", "I love it", "slow and dull", "the new cars", "so so"] * 8)]
-    (tmp_path / "pairs.csv").write_text("text,other,sentiment\n" + "".join(rows))
-    doc = tiny_classifier_doc(tmp_path / "out", maxSteps=2)
+    doc = tiny_pair_classifier_doc(tmp_path, maxSteps=2)
     doc["model"] |= {"architecture": "roberta", "config": TINY_BERT | {"type_vocab_size": 1,
                                                                        "max_position_embeddings": 66}}
-    doc["dataset"] |= {"uri": str(tmp_path / "pairs.csv"), "textPairField": "other"}
     report = pipeline.run(TrainerConfig.model_validate(doc), tmp_path / "out")
     assert report["training"]["steps"] == 2
     # and the export's tokenizer gives none either: the card's classify failed so, as transformers' pipeline would

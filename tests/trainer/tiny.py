@@ -32,6 +32,17 @@ def tiny_classifier_doc(output: Path, **training: Any) -> dict[str, Any]:
     }
 
 
+def tiny_pair_classifier_doc(folder: Path, **training: Any) -> dict[str, Any]:
+    """tiny_classifier_doc on pairs of texts (dataset.textPairField), written to folder/pairs.csv: a short text, the
+    same led by "the", and a sentiment; the export goes to folder/out."""
+    texts = ["a fine day", "an awful car", "I love it", "slow and dull", "the new cars", "so so"] * 8
+    (folder / "pairs.csv").write_text("text,other,sentiment\n" + "".join(
+        f"{t},the {t},{['negative', 'neutral', 'positive'][i % 3]}\n" for i, t in enumerate(texts)))
+    doc = tiny_classifier_doc(folder / "out", **training)
+    doc["dataset"] |= {"uri": str(folder / "pairs.csv"), "textPairField": "other"}
+    return doc
+
+
 def saved_bert(folder: Path, labels: dict[int, str], **config: Any) -> Path:
     """A tiny BERT classifier saved whole (no weight missing when it loads), with the MiniLM tokenizer's vocabulary."""
     from transformers import BertConfig, BertForSequenceClassification
