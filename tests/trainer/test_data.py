@@ -15,7 +15,7 @@ import torch
 
 from finetune_trainer.config import DatasetSpec, Task
 from finetune_trainer.data import (LabelledData, Split, check_label_count, head_order, label_ids, load_dataset,
-                                    read_dataset, real_places)
+                                    read_dataset, read_json, real_places)
 from finetune_trainer.distributed import World
 from finetune_trainer.errors import DataError
 from finetune_trainer.pipeline import check_images_once
@@ -1556,6 +1556,14 @@ def test_a_stream_of_json_objects_loads(tmp_path: Path, indent: int | None) -> N
     (path := tmp_path / "d.json").write_text("".join(json.dumps(r, indent=indent) + "\n" * bool(indent) for r in ROWS))
     data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
     assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(r["text"] for r in ROWS)
+
+
+def test_a_stream_of_json_objects_reads_as_the_array_of_them_does() -> None:
+    """A stream is decoded once, by json, and made a table as pandas makes an array's: the same columns (names that
+    read as numbers as those), dtypes and missing values."""
+    records = [{"text": "10", "label": 1, "2": None, "f": 2.0, "b": True, "l": [1]}, {"text": None, "2": "x", "f": 1.5}]
+    stream = "".join(json.dumps(r, indent=2) + "\n" for r in records)
+    pd.testing.assert_frame_equal(read_json(stream, "d.json"), read_json(json.dumps(records), "d.json"))
 
 
 def test_a_stream_of_json_objects_is_refused_naming_the_line_of_a_bad_one(tmp_path: Path) -> None:

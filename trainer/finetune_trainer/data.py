@@ -842,13 +842,41 @@ def read_json(text: str, name: str) -> pd.DataFrame:
     """The records of the JSON file `name`, as its layout holds them (json_layout); "10" stays the string the user
     wrote."""
     layout = json_layout(text)
+    if layout is JsonLayout.STREAM:
+        return records_table(stream_records(text, name))
     try:
-        return pd.read_json(io.StringIO(as_array(text) if layout is JsonLayout.STREAM else text),
-                            lines=layout is JsonLayout.LINES, dtype=False, dtype_backend="numpy_nullable")
+        return pd.read_json(io.StringIO(text), lines=layout is JsonLayout.LINES, dtype=False,
+                            dtype_backend="numpy_nullable")
     except (TypeError, ValueError) as exc:  # TypeError: pandas' complaint about a record such as [1, 2] or null
         if (where := first_bad_record(text, layout)) is None:
             raise
         raise ValueError(f"{name} {where}") from exc
+
+
+def stream_records(text: str, name: str) -> list[dict]:
+    """The records of a text of JSON objects one after another. Decoded once, here: made one array for pandas, a
+    stream was decoded twice (a third more time)."""
+    records: list[dict] = []
+    try:
+        for start, _, value in json_values(text):
+            if not isinstance(value, dict):
+                raise ValueError(f"{name} line {line_at(text, start)} is not a JSON object")
+            records.append(value)
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{name} {not_json(exc.lineno, exc)}") from exc
+    return records
+
+
+def records_table(records: list[dict]) -> pd.DataFrame:
+    """The table pd.read_json(dtype=False, dtype_backend="numpy_nullable") makes of an array of `records`, as it
+    builds it: columns in the order the records name them, an axis of names that read as numbers (or dates) as those,
+    a missing value NA whether null or absent."""
+    table = pd.DataFrame(records)
+    table.columns = pd.read_json(io.StringIO(json.dumps([dict.fromkeys(table.columns, 0)]))).columns
+    for column in [c for c, has_na in zip(table.columns, table.isna().any()) if has_na]:
+        table[column] = table[column].fillna(np.nan)
+    with pd.option_context("future.distinguish_nan_and_na", False):
+        return table.convert_dtypes(dtype_backend="numpy_nullable")
 
 
 class JsonLayout(enum.Enum):
@@ -894,14 +922,6 @@ def json_values(text: str) -> Iterator[tuple[int, int, Any]]:
 
 
 JSON_BLANK = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
-
-
-def as_array(text: str) -> str:
-    """A text of JSON values one after another as one JSON array, a comma after each value but the last: its lines
-    stay the text's own, for pandas' errors to name."""
-    ends = [end for _, end, _ in json_values(text)]
-    bounds = [0, *ends[:-1], len(text)]
-    return "[" + ",".join(text[start:end] for start, end in zip(bounds, bounds[1:])) + "]"
 
 
 def first_line(text: str) -> str:
@@ -1100,16 +1120,16 @@ def first_bad_record(text: str, layout: JsonLayout) -> str | None:
         if layout is JsonLayout.ARRAY:
             return next((f"record [{i}] is not a JSON object" for i, record in enumerate(json.loads(text))
                          if not isinstance(record, dict)), None)
-        if layout is JsonLayout.STREAM:
-            return next((f"line {line_at(text, start)} is not a JSON object" for start, _, record in json_values(text)
-                         if not isinstance(record, dict)), None)
         for number, line in enumerate(text.split("\n"), 1):  # as pandas splits: not at a string's U+2028
             if line.strip() and not isinstance(json.loads(line), dict):
                 return f"line {number} is not a JSON object"
     except json.JSONDecodeError as exc:
-        line = number if layout is JsonLayout.LINES else exc.lineno
-        return f"line {line} is not JSON ({exc.msg}, column {exc.colno})"
+        return not_json(number if layout is JsonLayout.LINES else exc.lineno, exc)
     return None
+
+
+def not_json(line: int, exc: json.JSONDecodeError) -> str:
+    return f"line {line} is not JSON ({exc.msg}, column {exc.colno})"
 
 
 def line_at(text: str, at: int) -> int:
