@@ -1577,6 +1577,24 @@ def test_a_stream_of_json_objects_is_refused_naming_the_line_of_a_bad_one(tmp_pa
         load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
 
 
+def test_json_arrays_one_after_another_load_as_their_records(tmp_path: Path) -> None:
+    """`cat a.json b.json` of two array files: refused as "line 63 is not JSON (Extra data, column 1)"."""
+    (path := tmp_path / "d.json").write_text(json.dumps(ROWS[:15], indent=2) + "\n" + json.dumps(ROWS[15:]))
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(r["text"] for r in ROWS)
+
+
+def test_json_arrays_one_after_another_are_refused_naming_the_line_of_a_bad_one(tmp_path: Path) -> None:
+    """Each array of two records is 10 lines (4 a record, its brackets')."""
+    arrays = [json.dumps(ROWS[i:i + 2], indent=2) + "\n" for i in range(0, 6, 2)]
+    (path := tmp_path / "d.json").write_text("".join([*arrays[:2], '[\n  {"text": "t", "label": "a"},\n  3\n]\n']))
+    with pytest.raises(DataError, match=r"\(ValueError: d.json line 21 starts an array whose record \[1\] is not a "):
+        load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    (path := tmp_path / "d.json").write_text("".join([*arrays[:2], json.dumps(ROWS[0]), "\n", arrays[2]]))
+    with pytest.raises(DataError, match=r"\(ValueError: d.json line 21 is not a JSON array, as the file's first"):
+        load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+
+
 def test_a_json_of_columns_is_refused_saying_how_to_write_records(tmp_path: Path) -> None:
     """pandas' df.to_json() writes one object of columns, each a dict by row number: read as one row that holds
     them, it was refused only as "holds {'0': 'sample 0', ...}, not a text"."""

@@ -843,28 +843,43 @@ def read_json(text: str, name: str) -> pd.DataFrame:
     wrote."""
     layout = json_layout(text)
     if layout is JsonLayout.STREAM:
-        return records_table(stream_records(text, name))
+        return records_table(stream_records(text, name, dict))
     try:
         return pd.read_json(io.StringIO(text), lines=layout is JsonLayout.LINES, dtype=False,
                             dtype_backend="numpy_nullable")
     except (TypeError, ValueError) as exc:  # TypeError: pandas' complaint about a record such as [1, 2] or null
+        if layout is JsonLayout.ARRAY and several_values(text):  # array files joined with cat
+            return records_table(stream_records(text, name, list))
         if (where := first_bad_record(text, layout)) is None:
             raise
         raise ValueError(f"{name} {where}") from exc
 
 
-def stream_records(text: str, name: str) -> list[dict]:
-    """The records of a text of JSON objects one after another. Decoded once, here: made one array for pandas, a
-    stream was decoded twice (a third more time)."""
+def stream_records(text: str, name: str, kind: type[dict] | type[list]) -> list[dict]:
+    """The records of a text of JSON values one after another: objects (`kind` dict), or arrays of objects (list).
+    Decoded once, here: made one array for pandas, a stream was decoded twice (a third more time)."""
     records: list[dict] = []
     try:
         for start, _, value in json_values(text):
-            if not isinstance(value, dict):
-                raise ValueError(f"{name} line {line_at(text, start)} is not a JSON object")
-            records.append(value)
+            if not isinstance(value, kind) or kind is list and not all(isinstance(r, dict) for r in value):
+                raise ValueError(f"{name} line {line_at(text, start)} {not_records(value, kind)}")
+            if isinstance(value, list):
+                records.extend(value)
+            else:
+                records.append(value)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{name} {not_json(exc.lineno, exc)}") from exc
     return records
+
+
+def not_records(value: Any, kind: type[dict] | type[list]) -> str:
+    """What is wrong with a value of a stream of objects (`kind` dict) or of arrays of objects (list)."""
+    if kind is dict:
+        return "is not a JSON object"
+    if not isinstance(value, list):
+        return "is not a JSON array, as the file's first value is"
+    bad = next(i for i, record in enumerate(value) if not isinstance(record, dict))
+    return f"starts an array whose record [{bad}] is not a JSON object"
 
 
 def records_table(records: list[dict]) -> pd.DataFrame:
@@ -877,6 +892,15 @@ def records_table(records: list[dict]) -> pd.DataFrame:
         table[column] = table[column].fillna(np.nan)
     with pd.option_context("future.distinguish_nan_and_na", False):
         return table.convert_dtypes(dtype_backend="numpy_nullable")
+
+
+def several_values(text: str) -> bool:
+    """Whether `text` holds more than one JSON value (the first one whole)."""
+    try:
+        _, end = json.JSONDecoder().raw_decode(text, JSON_BLANK.match(text).end())
+    except json.JSONDecodeError:
+        return False
+    return JSON_BLANK.match(text, end).end() < len(text)
 
 
 class JsonLayout(enum.Enum):
