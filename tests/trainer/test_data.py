@@ -1595,6 +1595,25 @@ def test_json_arrays_one_after_another_are_refused_naming_the_line_of_a_bad_one(
         load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
 
 
+@pytest.mark.parametrize("body", [{"data": ROWS}, {"version": "1.0", "rows": ROWS}])
+def test_a_json_object_wrapping_the_rows_is_refused_naming_its_list(tmp_path: Path, body: dict) -> None:
+    """Exports wrap the rows in an object: read as one row, it was refused only as "no column 'text' ...; it has
+    'data'". Its list is not read as the rows: SQuAD's "data" holds articles, not its questions."""
+    (path := tmp_path / "d.json").write_text(json.dumps(body, indent=2))
+    key = list(body)[-1]
+    said = rf"; the file holds one record, whose key '{key}' holds a list of 30 records: .* jq -c '.{key}\[\]' does$"
+    with pytest.raises(DataError, match=rf"d.json: no column 'text' \(dataset.textField\); it has .*{said}"):
+        load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+
+
+def test_a_json_row_holding_a_list_of_objects_is_no_wrapper(tmp_path: Path) -> None:
+    """A row's list of objects (a chat's messages) says nothing of wrapped rows where the file has more rows."""
+    chat = json.dumps({"messages": [{"role": "user", "content": "hi"}]})
+    (path := tmp_path / "d.jsonl").write_text("".join(chat + "\n" for _ in ROWS))
+    with pytest.raises(DataError, match=r"no column 'text' \(dataset.textField\); it has 'messages'$"):
+        load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+
+
 def test_a_json_of_columns_is_refused_saying_how_to_write_records(tmp_path: Path) -> None:
     """pandas' df.to_json() writes one object of columns, each a dict by row number: read as one row that holds
     them, it was refused only as "holds {'0': 'sample 0', ...}, not a text"."""

@@ -511,10 +511,26 @@ def check_columns(tables: dict[str, pd.DataFrame], uri: str, columns: dict[str, 
             where = f" in its {name} split" if len(tables) > 1 else ""
             if column is not None and column not in table.columns:
                 raise DataError(f"{field} {uri}: no column {column!r} ({field}.{role}){where}; "
-                                f"it has {', '.join(map(repr, written_columns(table.columns)))}")
+                                f"it has {', '.join(map(repr, written_columns(table.columns)))}{wrapped_hint(table)}")
             if column is not None and repeat_of(column, 1) in table.columns:
                 raise DataError(f"{field} {uri}: its header repeats column {column!r} ({field}.{role}){where}; "
                                 "which copy to read is unclear: rename or drop the others")
+
+
+def wrapped_hint(table: pd.DataFrame) -> str:
+    """How to read the rows of a JSON file that holds them in one object ({"data": [...]}, as exports wrap them): read
+    as one row. Its lists are not made the rows here: they may not be (SQuAD's "data" holds articles, each holding its
+    questions), and a row's list of objects (a chat's messages) is no such wrapper."""
+    if len(table) != 1:
+        return ""
+    wrapped = [(key, len(value)) for key, value in table.iloc[0].items()
+               if isinstance(value, list) and value and all(isinstance(record, dict) for record in value)]
+    if not wrapped:
+        return ""
+    lists = " and ".join(f"key {key!r} holds a list of {count} records" for key, count in wrapped)
+    path = wrapped[0][0] if str(wrapped[0][0]).isidentifier() else f"[{json.dumps(str(wrapped[0][0]))}]"
+    return (f"; the file holds one record, whose {lists}: if those are the rows, write them one a line, as "
+            f"jq -c '.{path}[]' does")
 
 
 def written_columns(columns: Iterable[Any]) -> list[Any]:
