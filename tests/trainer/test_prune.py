@@ -22,7 +22,7 @@ from finetune_trainer.export import export_model
 from finetune_trainer.models import load_model, load_tokenizer, logits_of
 from finetune_trainer.pipeline import run
 
-from tiny import TINY_BERT, TINY_GPT2, tiny_classifier_doc
+from tiny import TINY_BERT, TINY_GPT2, tiny_classifier_doc, tiny_pair_classifier_doc
 
 TEXTS = ["a fine day", "this is awful and slow", "ok", "I love the new self driving cars so much", "meh"] * 4
 LABELS = [0, 1, 2, 0, 1] * 4
@@ -655,6 +655,16 @@ def test_a_missing_healing_file_or_column_is_refused_naming_the_field(tmp_path: 
         run(TrainerConfig.model_validate(doc), tmp_path / "out")
     assert exit_code_of(refused.value) == EXIT_USER_ERROR
     assert not (tmp_path / "out" / "analysis.json").exists()
+
+
+def test_a_one_segment_pair_classifier_heals_without_segment_ids(tmp_path: Path) -> None:
+    """A RoBERTa-kind model (one segment) of pairs heals on the training pairs without the BERT tokenizer's segment
+    1, which indexes past its table (training dropped them; healing did not)."""
+    doc = tiny_pair_classifier_doc(tmp_path, maxSteps=2)
+    doc["model"]["config"] = TINY_BERT | {"num_hidden_layers": 3, "type_vocab_size": 1}
+    doc["rearrange"] = {"prune": {"count": 1, "heal": {"steps": 2}}}
+    report = run(TrainerConfig.model_validate(doc), tmp_path / "out")
+    assert report["pruning"]["heal"]["steps"] == 2
 
 
 def test_texts_that_turn_out_to_be_images_are_refused_naming_the_field(tmp_path: Path) -> None:

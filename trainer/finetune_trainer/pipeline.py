@@ -265,9 +265,9 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
             data = in_head_order(data, order)
             train_data, validation_data, test_data = (replace(e, labels=[order[i] for i in e.labels])
                                                       for e in (train_data, validation_data, test_data))
-        if train_data.segments is not None and one_segment(model):
-            train_data, validation_data, test_data = (replace(e, segments=None)
-                                                      for e in (train_data, validation_data, test_data))
+        if train_data.segments is not None and one_segment(model):  # healing's batches too (the training split's)
+            train_data, validation_data, test_data, heal_data = (
+                replace(e, segments=None) for e in (train_data, validation_data, test_data, heal_data))
     check_positions(model, cfg.dataset.max_length)
     check_image_size(model, cfg.dataset.image_size)
     if detecting:  # its analysis trains a step of every weight (its loss needs train mode), before any freeze
