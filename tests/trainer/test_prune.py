@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from finetune_trainer import prune
-from finetune_trainer.batches import Batch, encode_causal, encode_text, epoch_batches, make_collate
+from finetune_trainer.batches import Batch, Encoded, encode_causal, encode_text, epoch_batches, make_collate
 from finetune_trainer.config import HealSpec, ModelSpec, PruneSpec, Task, TrainerConfig
 from finetune_trainer.data import Split
 from finetune_trainer.errors import ConfigError
@@ -665,6 +665,64 @@ def test_a_one_segment_pair_classifier_heals_without_segment_ids(tmp_path: Path)
     doc["rearrange"] = {"prune": {"count": 1, "heal": {"steps": 2}}}
     report = run(TrainerConfig.model_validate(doc), tmp_path / "out")
     assert report["pruning"]["heal"]["steps"] == 2
+
+
+def heal_pairs_doc(folder: Path, **heal_dataset: str) -> dict:
+    """tiny_pair_classifier_doc with 3 layers, one pruned and healed for 2 steps on folder/unlabelled.csv's pairs
+    (a blank text and a missing one among them), read as `heal_dataset` says."""
+    (folder / "unlabelled.csv").write_text("premise,hypothesis\nthe sky,is blue\n ,a blank first text\nrain,\n"
+                                           "an old car,the car\n")
+    doc = tiny_pair_classifier_doc(folder, maxSteps=2)
+    doc["model"]["config"] = TINY_BERT | {"num_hidden_layers": 3}
+    doc["rearrange"] = {"prune": {"count": 1, "heal": {"steps": 2, "dataset": {
+        "uri": str(folder / "unlabelled.csv"), "textField": "premise"} | heal_dataset}}}
+    return doc
+
+
+def test_a_pair_classifier_heals_on_its_datasets_pairs_encoded_as_the_training_pairs(tmp_path: Path) -> None:
+    """heal.dataset.textPairField: each row's two texts are a pair, with segment ids, as the training split's
+    (rows lacking either text left out): healing on the premises alone fitted the layers to inputs the model never
+    classifies."""
+    from finetune_trainer.pipeline import healing_texts
+
+    cfg = TrainerConfig.model_validate(heal_pairs_doc(tmp_path, textPairField="hypothesis"))
+    tokenizer = load_tokenizer(cfg.model)
+    healing = healing_texts(cfg, tokenizer, Encoded([], [], []))  # not the training split's
+    expected = tokenizer(["the sky", "an old car"], ["is blue", "the car"], truncation=True, max_length=32)
+    assert healing.features == expected["input_ids"] and healing.segments == expected["token_type_ids"]
+    assert all(1 in row for row in healing.segments)  # each second text is segment 1
+
+
+def test_a_one_segment_pair_classifier_heals_on_its_datasets_pairs(tmp_path: Path) -> None:
+    """heal.dataset's pairs, as the training split's, heal a RoBERTa-kind model without segment ids."""
+    doc = heal_pairs_doc(tmp_path, textPairField="hypothesis")
+    doc["model"]["config"] |= {"type_vocab_size": 1}
+    report = run(TrainerConfig.model_validate(doc), tmp_path / "out")
+    assert report["pruning"]["heal"]["steps"] == 2
+
+
+@pytest.mark.parametrize("heal_dataset, message", [
+    ({}, r"dataset.textPairField classifies pairs of texts: heal it on pairs too"),
+    ({"textPairField": "premise"}, r"textPairField names the same column as textField"),
+])
+def test_a_pair_classifiers_healing_texts_are_refused_unless_pairs_of_two_columns(heal_dataset: dict, message: str,
+                                                                                   tmp_path: Path) -> None:
+    """A classifier of pairs heals on pairs: its premises alone, or one column read twice, are refused."""
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match=message):
+        TrainerConfig.model_validate(heal_pairs_doc(tmp_path, **heal_dataset))
+
+
+def test_a_classifier_of_single_texts_is_refused_healing_pairs(tmp_path: Path) -> None:
+    """Pairs heal only a classifier of pairs: a causal LM's or a single-text classifier's inputs are one text."""
+    from pydantic import ValidationError
+
+    doc = tiny_classifier_doc(tmp_path / "out")
+    doc["rearrange"] = {"prune": {"count": 1, "heal": {"steps": 2, "dataset": {
+        "uri": str(heal_texts_file(tmp_path)), "textField": "tweet", "textPairField": "reply"}}}}
+    with pytest.raises(ValidationError, match=r"this model classifies single texts: heal it on single texts"):
+        TrainerConfig.model_validate(doc)
 
 
 def test_texts_that_turn_out_to_be_images_are_refused_naming_the_field(tmp_path: Path) -> None:

@@ -183,7 +183,8 @@ HUB_LAYOUTS = ("A folder may hold the hub's layouts: files named by split (train
 
 
 class TextsSpec(ApiModel):
-    """Where texts are read from: a file or folder, its format and the column holding the text."""
+    """Where texts are read from: a file or folder, its format and the column holding the text (and the one holding
+    a pair's second text)."""
 
     uri: Uri = Field(description="A file or folder: pvc://<claim>/<path>, hf://<org>/<name> (or a folder in it: "
                      "hf://<org>/<name>/<folder>, such as one subset of a dataset) or an absolute path.")
@@ -193,6 +194,13 @@ class TextsSpec(ApiModel):
         f"save_to_disk dataset). {HUB_LAYOUTS}",
     )
     text_field: str = Field("text", min_length=1, description="Column holding the input text, one a row.")
+    text_pair_field: str | None = Field(
+        None,
+        min_length=1,
+        description="Column holding a row's second text (sequence-classification only), classified together with "
+        "textField's as a pair: premise and hypothesis (NLI), question and passage, two sentences (paraphrase), "
+        "tokenized as the model's pairs are (BERT's [SEP] and segment ids).",
+    )
     revision: Revision = None
 
 
@@ -210,13 +218,6 @@ class DatasetSpec(TextsSpec):
 
     label_field: str = Field(
         "label", min_length=1, description="Column holding the label (classification tasks)."
-    )
-    text_pair_field: str | None = Field(
-        None,
-        min_length=1,
-        description="Column holding a row's second text (sequence-classification only), classified together with "
-        "textField's as a pair: premise and hypothesis (NLI), question and passage, two sentences (paraphrase), "
-        "tokenized as the model's pairs are (BERT's [SEP] and segment ids).",
     )
     validation_split: float = Field(
         0.1,
@@ -402,7 +403,18 @@ class HealSpec(ApiModel):
         None,
         description="Heal on these texts instead of the training split's (every row of every split the files hold, "
         "tokenized as the training data; labels are not read): healing needs no labels, so any text of the task's "
-        "kind will do. Keep the job's validation and test rows out of it.",
+        "kind will do, pairs of texts (its textPairField) for a classifier of pairs (dataset.textPairField). Keep "
+        "the job's validation and test rows out of it.",
+    )
+
+    rules = (
+        Rule(  # one column read as both texts of a pair
+            cel="!has(self.dataset) || !has(self.dataset.textPairField)"
+            " || self.dataset.textPairField != self.dataset.textField",
+            holds=lambda h: h.dataset is None or h.dataset.text_pair_field != h.dataset.text_field,
+            message="textPairField names the same column as textField: it is a second text",
+            field="dataset.textPairField",
+        ),
     )
 
 
@@ -639,6 +651,17 @@ def _detection_metrics_only_for_detectors(spec: Any) -> bool:
     return all(detecting) if spec.model.task == Task.OBJECT_DETECTION else not any(detecting)
 
 
+# CEL: healing reads texts of its own (rearrange.prune.heal.dataset)
+_HEALS_ON_TEXTS = ("has(self.rearrange.prune) && has(self.rearrange.prune.heal)"
+                   " && has(self.rearrange.prune.heal.dataset)")
+
+
+def _healing_pairs(spec: Any) -> bool | None:
+    """Whether rearrange.prune.heal.dataset is read as pairs of texts; None where healing reads no texts of its own."""
+    heal = spec.rearrange.prune.heal if spec.rearrange.prune else None
+    return None if heal is None or heal.dataset is None else heal.dataset.text_pair_field is not None
+
+
 class TrainerConfig(ApiModel):
     """Everything the trainer needs: the pipeline's six stages and their inputs."""
 
@@ -737,6 +760,22 @@ class TrainerConfig(ApiModel):
             holds=lambda c: c.rearrange.prune is None or c.model.task in (Task.SEQUENCE_CLASSIFICATION, Task.CAUSAL_LM),
             message="pruning removes transformer layers: it needs a text task (sequence-classification or causal-lm)",
             field="rearrange.prune",
+        ),
+        Rule(  # healing's texts are encoded as the training data's: pairs where it is pairs, and only there
+            cel=f"!({_HEALS_ON_TEXTS}) || !has(self.rearrange.prune.heal.dataset.textPairField)"
+            " || has(self.dataset.textPairField)",
+            holds=lambda c: _healing_pairs(c) is not True or c.dataset.text_pair_field is not None,
+            message="textPairField reads healing's texts as pairs, for a classifier of pairs (dataset.textPairField); "
+            "this model classifies single texts: heal it on single texts",
+            field="rearrange.prune.heal.dataset.textPairField",
+        ),
+        Rule(  # single texts would fit the healed layers to inputs the model never classifies (no second segment)
+            cel=f"!({_HEALS_ON_TEXTS}) || !has(self.dataset.textPairField)"
+            " || has(self.rearrange.prune.heal.dataset.textPairField)",
+            holds=lambda c: _healing_pairs(c) is not False or c.dataset.text_pair_field is None,
+            message="dataset.textPairField classifies pairs of texts: heal it on pairs too; set textPairField to the "
+            "column of the pairs' second texts, or omit rearrange.prune.heal.dataset to heal on the training pairs",
+            field="rearrange.prune.heal.dataset.textPairField",
         ),
         Rule(  # a detector returns its loss, not per-target logits that a teacher's could be compared with
             cel="self.model.task != 'object-detection' || !has(self.training.distillation)",

@@ -114,7 +114,7 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
         inputs = {name: image_paths(table[input_field], table_folders(tables[name], table.index, folder), folder,
                                     spec.uri) for name, table in usable.items()}
     else:
-        inputs = {name: texts_of(table, input_field, pair_field, spec.uri) for name, table in usable.items()}
+        inputs = {name: texts_of(table, input_field, pair_field, spec.uri, "dataset") for name, table in usable.items()}
     id2label: dict[int, str] = {}
     labels: dict[str, list[int] | None] = dict.fromkeys(usable)
     if label_field is not None:
@@ -391,13 +391,14 @@ def warn_half_of_a_pair(table: pd.DataFrame, text_field: str, uri: str) -> None:
             return
 
 
-def texts_of(table: pd.DataFrame, text_field: str, pair_field: str | None,
-             uri: str) -> list[str] | list[tuple[str, str]]:
+def texts_of(table: pd.DataFrame, text_field: str, pair_field: str | None, uri: str,
+             field: str) -> list[str] | list[tuple[str, str]]:
     """A table's inputs: its texts, or with textPairField, its pairs of texts (which split compares as pairs: a
-    premise that trained with one hypothesis may be tested with another, as NLI's splits have it)."""
+    premise that trained with one hypothesis may be tested with another, as NLI's splits have it); `field` is the
+    spec's place in the job, which the errors name."""
     fields = {"textField": text_field} | ({"textPairField": pair_field} if pair_field else {})
     for role, column in fields.items():
-        check_inputs(table[column], (str, Number), "a text", uri, f"dataset.{role}")
+        check_inputs(table[column], (str, Number), "a text", uri, f"{field}.{role}")
     texts = [table[column].astype(str).tolist() for column in fields.values()]
     return texts[0] if pair_field is None else list(zip(*texts))
 
@@ -436,17 +437,21 @@ def numeric(column: pd.Series) -> pd.Series:
     return pd.to_numeric(column, errors="coerce")
 
 
-def load_texts(spec: TextsSpec, field: str) -> list[str]:
-    """Every non-empty text of every split `spec` names (unlabelled text, e.g. healing's); `field` is the spec's
-    place in the job (rearrange.prune.heal.dataset), which the errors name."""
+def load_texts(spec: TextsSpec, field: str) -> list[str] | list[tuple[str, str]]:
+    """Every non-empty text, or with textPairField every pair of non-empty texts, of every split `spec` names
+    (unlabelled text, e.g. healing's), read as the dataset's (texts_of); `field` is the spec's place in the job
+    (rearrange.prune.heal.dataset), which the errors name."""
     _, _, tables = read_dataset(spec, field, texts_only=True)
-    check_columns(tables, spec.uri, {"textField": spec.text_field}, field)
-    for table in tables.values():
-        check_inputs(table[spec.text_field].dropna(), (str, Number), "a text", spec.uri, f"{field}.textField")
-    texts = [t for table in tables.values() for t in table[spec.text_field].dropna().astype(str) if t.strip()]
+    roles = {"textField": spec.text_field, "textPairField": spec.text_pair_field}
+    check_columns(tables, spec.uri, roles, field)
+    columns = [c for c in roles.values() if c is not None]
+    texts = [text for table in tables.values() for text in texts_of(
+        blank_to_missing(table[columns]).dropna(), spec.text_field, spec.text_pair_field, spec.uri, field)]
+    what = "pairs of texts" if spec.text_pair_field else "texts"
     if not texts:
-        raise DataError(f"{field} {spec.uri}: no texts in column {spec.text_field!r}")
-    log.info("%s %s: %d texts", field, spec.uri, len(texts))
+        raise DataError(f"{field} {spec.uri}: no {what} in column{'s' * (len(columns) - 1)} "
+                        f"{' and '.join(map(repr, columns))}")
+    log.info("%s %s: %d %s", field, spec.uri, len(texts), what)
     return texts
 
 

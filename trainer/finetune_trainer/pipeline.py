@@ -265,7 +265,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
             data = in_head_order(data, order)
             train_data, validation_data, test_data = (replace(e, labels=[order[i] for i in e.labels])
                                                       for e in (train_data, validation_data, test_data))
-        if train_data.segments is not None and one_segment(model):  # healing's batches too (the training split's)
+        if train_data.segments is not None and one_segment(model):  # healing's batches too
             train_data, validation_data, test_data, heal_data = (
                 replace(e, segments=None) for e in (train_data, validation_data, test_data, heal_data))
     check_positions(model, cfg.dataset.max_length)
@@ -764,8 +764,8 @@ def text_encoder(task: Task) -> Callable[..., Encoded]:
 
 
 def healing_texts(cfg: TrainerConfig, tokenizer: Any, train_data: Encoded) -> Encoded:
-    """What healing reads: `rearrange.prune.heal.dataset`'s texts, tokenized as the training split's, or the
-    training split itself."""
+    """What healing reads: `rearrange.prune.heal.dataset`'s texts, or pairs of texts where the training split is
+    pairs (the config's rules), tokenized as the training split's, or the training split itself."""
     heal = cfg.rearrange.prune.heal if cfg.rearrange.prune else None
     if heal is None or heal.dataset is None:
         return train_data
