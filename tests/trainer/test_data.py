@@ -5,6 +5,7 @@ from __future__ import annotations
 import codecs
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -1558,10 +1559,15 @@ def test_a_stream_of_json_objects_loads(tmp_path: Path, indent: int | None) -> N
     assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(r["text"] for r in ROWS)
 
 
-def test_a_stream_of_json_objects_reads_as_the_array_of_them_does() -> None:
+@pytest.mark.parametrize("records", [
+    [{"text": "10", "label": 1, "2": None, "f": 2.0, "b": True, "l": [1]}, {"text": None, "2": "x", "f": 1.5}],
+    [{"1": "a", "2": None}, {"1": "b", "2": None}],  # names all numbers (pandas makes them ints); a column all null
+    [{"text": "a", "l": [1]}, {"text": "b", "l": None}, {}],  # a null beside a list, a record of no keys
+    [{"text": "great \ud83d", "label": 1}, {"text": "bad", "label": 0}],  # an emoji cut in two: pandas drops the half
+])
+def test_a_stream_of_json_objects_reads_as_the_array_of_them_does(records: list[dict]) -> None:
     """A stream is decoded once, by json, and made a table as pandas makes an array's: the same columns (names that
     read as numbers as those), dtypes and missing values."""
-    records = [{"text": "10", "label": 1, "2": None, "f": 2.0, "b": True, "l": [1]}, {"text": None, "2": "x", "f": 1.5}]
     stream = "".join(json.dumps(r, indent=2) + "\n" for r in records)
     pd.testing.assert_frame_equal(read_json(stream, "d.json"), read_json(json.dumps(records), "d.json"))
 
@@ -1580,6 +1586,14 @@ def test_a_stream_of_json_objects_is_refused_naming_the_line_of_a_bad_one(tmp_pa
 def test_json_arrays_one_after_another_load_as_their_records(tmp_path: Path) -> None:
     """`cat a.json b.json` of two array files: refused as "line 63 is not JSON (Extra data, column 1)"."""
     (path := tmp_path / "d.json").write_text(json.dumps(ROWS[:15], indent=2) + "\n" + json.dumps(ROWS[15:]))
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(r["text"] for r in ROWS)
+
+
+def test_json_arrays_one_after_another_load_past_the_byte_order_mark_each_file_began_with(tmp_path: Path) -> None:
+    """Windows' editors start a file with a BOM, so a join has one between arrays: refused as "line 2 is not JSON
+    (Expecting value, column 1)", an invisible character's."""
+    (path := tmp_path / "d.json").write_text(json.dumps(ROWS[:15]) + "\n\ufeff" + json.dumps(ROWS[15:]))
     data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
     assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(r["text"] for r in ROWS)
 
@@ -1606,10 +1620,19 @@ def test_a_json_object_wrapping_the_rows_is_refused_naming_its_list(tmp_path: Pa
         load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
 
 
-def test_a_json_row_holding_a_list_of_objects_is_no_wrapper(tmp_path: Path) -> None:
-    """A row's list of objects (a chat's messages) says nothing of wrapped rows where the file has more rows."""
+def test_a_wrapped_lists_jq_quotes_a_key_that_is_no_ascii_name(tmp_path: Path) -> None:
+    """jq's `.key` takes ASCII names only (`.données[]` is its syntax error), and a quote ends the shell's."""
+    (path := tmp_path / "d.json").write_text(json.dumps({"it's données": ROWS}))
+    with pytest.raises(DataError, match=re.escape("""as jq -c '.["it'\\''s données"][]' does""")):
+        load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+
+
+@pytest.mark.parametrize("rows", [len(ROWS), 1])
+def test_a_json_row_holding_a_list_of_objects_is_no_wrapper(tmp_path: Path, rows: int) -> None:
+    """A row's list of objects (a chat's messages) says nothing of wrapped rows where the file has more rows, or
+    where the list holds one object (rows of none)."""
     chat = json.dumps({"messages": [{"role": "user", "content": "hi"}]})
-    (path := tmp_path / "d.jsonl").write_text("".join(chat + "\n" for _ in ROWS))
+    (path := tmp_path / "d.jsonl").write_text("".join(chat + "\n" for _ in range(rows)))
     with pytest.raises(DataError, match=r"no column 'text' \(dataset.textField\); it has 'messages'$"):
         load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
 

@@ -8,6 +8,7 @@ import json
 import logging
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -667,25 +668,33 @@ def test_a_one_segment_pair_classifier_heals_without_segment_ids(tmp_path: Path)
     assert report["pruning"]["heal"]["steps"] == 2
 
 
-def heal_pairs_doc(folder: Path, **heal_dataset: str) -> dict:
-    """tiny_pair_classifier_doc with 3 layers, one pruned and healed for 2 steps on folder/unlabelled.csv's pairs
-    (a blank text and a missing one among them), read as `heal_dataset` says."""
-    (folder / "unlabelled.csv").write_text("premise,hypothesis\nthe sky,is blue\n ,a blank first text\nrain,\n"
-                                           "an old car,the car\n")
+def heal_pairs_doc(folder: Path, suffix: str = ".csv", **heal_dataset: str) -> dict:
+    """tiny_pair_classifier_doc with 3 layers, one pruned and healed for 2 steps on folder/unlabelled.csv's (or
+    .jsonl's) pairs (a blank text and a missing one among them), read as `heal_dataset` says."""
+    rows = [("the sky", "is blue"), (" ", "a blank first text"), ("rain", None), ("an old car", "the car"),
+            ("a text", "")]
+    table = pd.DataFrame(rows, columns=["premise", "hypothesis"])
+    path = folder / f"unlabelled{suffix}"
+    if suffix == ".csv":
+        table.to_csv(path, index=False)
+    else:
+        table.to_json(path, orient="records", lines=True)
     doc = tiny_pair_classifier_doc(folder, maxSteps=2)
     doc["model"]["config"] = TINY_BERT | {"num_hidden_layers": 3}
     doc["rearrange"] = {"prune": {"count": 1, "heal": {"steps": 2, "dataset": {
-        "uri": str(folder / "unlabelled.csv"), "textField": "premise"} | heal_dataset}}}
+        "uri": str(path), "textField": "premise"} | heal_dataset}}}
     return doc
 
 
-def test_a_pair_classifier_heals_on_its_datasets_pairs_encoded_as_the_training_pairs(tmp_path: Path) -> None:
+@pytest.mark.parametrize("suffix", [".csv", ".jsonl"])  # JSON keeps "" and " ", where CSV reads a blank cell as none
+def test_a_pair_classifier_heals_on_its_datasets_pairs_encoded_as_the_training_pairs(tmp_path: Path,
+                                                                                     suffix: str) -> None:
     """heal.dataset.textPairField: each row's two texts are a pair, with segment ids, as the training split's
     (rows lacking either text left out): healing on the premises alone fitted the layers to inputs the model never
     classifies."""
     from finetune_trainer.pipeline import healing_texts
 
-    cfg = TrainerConfig.model_validate(heal_pairs_doc(tmp_path, textPairField="hypothesis"))
+    cfg = TrainerConfig.model_validate(heal_pairs_doc(tmp_path, suffix, textPairField="hypothesis"))
     tokenizer = load_tokenizer(cfg.model)
     healing = healing_texts(cfg, tokenizer, Encoded([], [], []))  # not the training split's
     expected = tokenizer(["the sky", "an old car"], ["is blue", "the car"], truncation=True, max_length=32)
@@ -721,7 +730,7 @@ def test_a_classifier_of_single_texts_is_refused_healing_pairs(tmp_path: Path) -
     doc = tiny_classifier_doc(tmp_path / "out")
     doc["rearrange"] = {"prune": {"count": 1, "heal": {"steps": 2, "dataset": {
         "uri": str(heal_texts_file(tmp_path)), "textField": "tweet", "textPairField": "reply"}}}}
-    with pytest.raises(ValidationError, match=r"this model classifies single texts: heal it on single texts"):
+    with pytest.raises(ValidationError, match=r"this job's inputs are single texts \(no dataset.textPairField\): heal on single texts"):
         TrainerConfig.model_validate(doc)
 
 

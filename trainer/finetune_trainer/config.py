@@ -766,7 +766,7 @@ class TrainerConfig(ApiModel):
             " || has(self.dataset.textPairField)",
             holds=lambda c: _healing_pairs(c) is not True or c.dataset.text_pair_field is not None,
             message="textPairField reads healing's texts as pairs, for a classifier of pairs (dataset.textPairField); "
-            "this model classifies single texts: heal it on single texts",
+            "this job's inputs are single texts (no dataset.textPairField): heal on single texts",
             field="rearrange.prune.heal.dataset.textPairField",
         ),
         Rule(  # single texts would fit the healed layers to inputs the model never classifies (no second segment)

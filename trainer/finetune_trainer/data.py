@@ -528,14 +528,20 @@ def wrapped_hint(table: pd.DataFrame) -> str:
     questions), and a row's list of objects (a chat's messages) is no such wrapper."""
     if len(table) != 1:
         return ""
-    wrapped = [(key, len(value)) for key, value in table.iloc[0].items()
-               if isinstance(value, list) and value and all(isinstance(record, dict) for record in value)]
+    wrapped = [(key, len(value)) for key, value in table.iloc[0].items()  # a list of one record is rows of none
+               if isinstance(value, list) and len(value) > 1 and all(isinstance(record, dict) for record in value)]
     if not wrapped:
         return ""
     lists = " and ".join(f"key {key!r} holds a list of {count} records" for key, count in wrapped)
-    path = wrapped[0][0] if str(wrapped[0][0]).isidentifier() else f"[{json.dumps(str(wrapped[0][0]))}]"
     return (f"; the file holds one record, whose {lists}: if those are the rows, write them one a line, as "
-            f"jq -c '.{path}[]' does")
+            f"{jq_rows(str(wrapped[0][0]))} does")
+
+
+def jq_rows(key: str) -> str:
+    """The shell command that writes the records of the list at `key` one a line: jq's `.key` takes ASCII names
+    only, and a quote in the key ends the shell's quoting."""
+    path = f".{key}" if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) else f".[{json.dumps(key, ensure_ascii=False)}]"
+    return "jq -c '" + f"{path}[]".replace("'", "'\\''") + "'"
 
 
 def written_columns(columns: Iterable[Any]) -> list[Any]:
@@ -906,8 +912,11 @@ def not_records(value: Any, kind: type[dict] | type[list]) -> str:
 def records_table(records: list[dict]) -> pd.DataFrame:
     """The table pd.read_json(dtype=False, dtype_backend="numpy_nullable") makes of an array of `records`, as it
     builds it: columns in the order the records name them, an axis of names that read as numbers (or dates) as those,
-    a missing value NA whether null or absent."""
-    table = pd.DataFrame(records)
+    a missing value NA whether null or absent. Integers past 64 bits are kept, where pandas refuses the file."""
+    try:
+        table = pd.DataFrame(records)
+    except UnicodeEncodeError:  # a lone surrogate (\ud83d, an emoji cut in two), which pandas' parser drops
+        return pd.read_json(io.StringIO(json.dumps(records)), dtype=False, dtype_backend="numpy_nullable")
     table.columns = pd.read_json(io.StringIO(json.dumps([dict.fromkeys(table.columns, 0)]))).columns
     for column in [c for c, has_na in zip(table.columns, table.isna().any()) if has_na]:
         table[column] = table[column].fillna(np.nan)
@@ -966,7 +975,7 @@ def json_values(text: str) -> Iterator[tuple[int, int, Any]]:
         start = JSON_BLANK.match(text, end).end()
 
 
-JSON_BLANK = re.compile(r"[ \t\n\r]*")  # JSON's whitespace
+JSON_BLANK = re.compile(r"[ \t\n\r\ufeff]*")  # JSON's whitespace, and the byte order mark of each file joined
 
 
 def first_line(text: str) -> str:
