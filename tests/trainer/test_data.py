@@ -1590,6 +1590,17 @@ def test_json_arrays_one_after_another_load_as_their_records(tmp_path: Path) -> 
     assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(r["text"] for r in ROWS)
 
 
+@pytest.mark.parametrize("layout", ["stream", "lines", "arrays"])
+def test_json_nested_past_the_parsers_depth_is_refused_as_the_files_fault(tmp_path: Path, layout: str) -> None:
+    """json raises RecursionError past its depth, which escaped as the pod's fault: exit 2, retried for ever."""
+    deep = "[" * 5000 + "]" * 5000
+    text = {"stream": '{\n  "text": "a",\n  "label": ' + deep + '\n}\n{\n  "text": "b"\n}\n',
+            "lines": '{"text": "a", "label": ' + deep + '}\n', "arrays": f'[{{"text": "a", "label": {deep}}}]\n[]'}
+    (path := tmp_path / "d.json").write_text(text[layout])
+    with pytest.raises(DataError, match=r"d.json: cannot read it as jsonl \(RecursionError: maximum recursion depth"):
+        load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+
+
 def test_json_arrays_one_after_another_load_past_the_byte_order_mark_each_file_began_with(tmp_path: Path) -> None:
     """Windows' editors start a file with a BOM, so a join has one between arrays: refused as "line 2 is not JSON
     (Expecting value, column 1)", an invisible character's."""

@@ -179,6 +179,10 @@ def test_a_split_file_without_a_box_is_held_out_of_train_instead(pvc_root: Path,
     (folder / "train.json").write_text(json.dumps(withheld))
     with pytest.raises(DataError, match=r"train.json: not a COCO annotations file: no list 'annotations'"):
         load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
+    # nested past json's depth: the file's fault, where a RecursionError was the pod's (retried)
+    (folder / "train.json").write_text(json.dumps(coco)[:-1] + ', "info": ' + "[" * 5000 + "]" * 5000 + "}")
+    with pytest.raises(DataError, match=r"train.json: not valid JSON \(maximum recursion depth exceeded"):
+        load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
 
 
 @pytest.mark.parametrize(("split", "field"), [("validation", "dataset.validationSplit 0.1"),

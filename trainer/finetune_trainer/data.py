@@ -486,7 +486,9 @@ def read_found(found: Found, spec: TextsSpec, field: str,
         raise DataError(f"{field} {spec.uri}: holds images ({fmt.value}), not texts; point {field}.uri at texts")
     try:
         return fmt, read_splits(found, fmt, folders=not texts_only)
-    except (ValueError, FileNotFoundError) as exc:  # a parser's complaint (pandas, pyarrow, json, datasets)
+    # a parser's complaint (pandas, pyarrow, json, datasets); json's RecursionError is a value nested too deep for it,
+    # the file's fault (escaped, it was taken for the pod's and retried)
+    except (ValueError, FileNotFoundError, RecursionError) as exc:
         raise DataError(f"{field} {spec.uri}: cannot read it as {fmt.value} ({type(exc).__name__}: {exc})") from exc
 
 

@@ -167,7 +167,7 @@ def read_json(file: Path, answers: bool = True) -> dict[str, Any]:
     own image_info_test2017.json, its answers withheld: it is then a split of no box (load_coco)."""
     try:
         doc = json.loads(read_text(file))  # a byte order mark too, as the text formats are read
-    except ValueError as exc:
+    except (ValueError, RecursionError) as exc:  # RecursionError: nested past json's depth, the file's fault too
         raise DataError(f"{file}: not valid JSON ({exc})") from exc
     except PermissionError as exc:
         raise DataError(f"dataset.uri: {unreadable(exc)}") from exc
