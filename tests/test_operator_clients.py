@@ -218,7 +218,8 @@ def test_a_call_without_an_answer_is_tried_once_more_and_a_retry_after_is_slept_
     started = time.monotonic()
     with FaultServer("127.0.0.1", apiserver_port, "unavailable") as server, pytest.raises(ApiException) as raised:
         clients.Clients(connections=1).call("GET", api_path("team-a", "events"))
-    assert raised.value.status == 503 and server.connections == 2 and time.monotonic() - started < 5
+    # ~2 s (one Retry-After slept, capped): the bound is slack for a loaded machine, far under the 600 s asked for
+    assert raised.value.status == 503 and server.connections == 2 and time.monotonic() - started < 15
 
 
 def test_a_claim_or_a_child_the_apiserver_did_not_answer_for_holds_the_attempt_back_saying_so(
