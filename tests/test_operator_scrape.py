@@ -36,7 +36,9 @@ def test_a_faulty_endpoint_is_a_scrape_error_with_its_reason(behaviour: str, rea
         with pytest.raises(ScrapeError) as error:
             scrape("127.0.0.1", server.port)
         assert error.value.reason == reason, str(error.value)
-        assert time.monotonic() - started < TIMEOUT_SECONDS + 2
+        # slack for a loaded machine, yet under the 5 s after which header-drip and continue-flood answer: a read
+        # bounded by the timeout each (not as a whole) would get that answer, or be late
+        assert time.monotonic() - started < TIMEOUT_SECONDS + 3.5
 
 
 def test_an_answer_far_beyond_the_trainers_is_refused_before_it_is_parsed() -> None:
