@@ -133,7 +133,33 @@ def test_a_read_counts_once_its_answer_is_sent_and_the_readers_kept_are_bounded(
     for n in range(100):
         readers.read(f"10.0.0.9 curl/{n}", time.monotonic())
     assert len(readers.last) == telemetry.MAX_READERS and "10.0.0.9 curl/99" in readers.last
-    assert set(readers.gap) <= set(readers.last)
+    assert set(readers.gap) <= set(readers.last) and set(readers.began) == set(readers.last)
+
+
+def test_a_read_whose_answer_was_made_before_the_wait_began_does_not_end_it() -> None:
+    """Counted once sent, a read whose answer was made just before the final evaluation was set, and sent just after
+    the linger began, ended the wait: the process exited, and that reader never saw the final evaluation (the test
+    beside Prometheus's read failed so when its server thread was slow to count the read)."""
+    readers = telemetry.Readers()
+    making, made = threading.Event(), threading.Event()
+
+    def slow_app(environ: dict, start_response: object) -> list[bytes]:
+        making.set()
+        made.wait(5)
+        return [b"finetune_trainer_step 3\n"]
+
+    environ = {"REMOTE_ADDR": "10.0.0.9", "HTTP_USER_AGENT": "Prometheus/3.5.0"}
+    answer = readers.wrap(slow_app)(environ, lambda *_: None)
+    reading = threading.Thread(target=lambda: list(answer))
+    reading.start()
+    assert making.wait(5)
+    since = time.monotonic()  # the final values set, the wait begun: after its answer began to be made
+    made.set()
+    reading.join(5)
+    assert "10.0.0.9 Prometheus/3.5.0" in readers.last  # read, and counted for its next read's due time
+    assert not readers.read_since("10.0.0.9 Prometheus/3.5.0", since)
+    again = readers.wrap(lambda *_: [b"finetune_trainer_step 3\n"])(environ, lambda *_: None)
+    assert list(again) and readers.read_since("10.0.0.9 Prometheus/3.5.0", since)  # its next read: the final values
 
 
 def test_no_wait_without_readers_after_sigterm_or_when_turned_off(endpoint: tuple[Metrics, int],

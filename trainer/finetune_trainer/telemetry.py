@@ -81,16 +81,22 @@ class Readers:
         self.lock = threading.Lock()
         self.last: dict[str, float] = {}
         self.gap: dict[str, float] = {}
+        self.began: dict[str, float] = {}  # when the answer of each one's last read began to be made
 
     def wrap(self, app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
         def recorded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
+            began = time.monotonic()
             yield from app(environ, start_response)
             # Once sent: counted as it came in, the read ended the wait, and the process exited while the answer,
-            # the final evaluation in it, was still being made or written.
-            self.read(f'{environ.get("REMOTE_ADDR", "")} {environ.get("HTTP_USER_AGENT", "")}', time.monotonic())
+            # the final evaluation in it, was still being made or written. And as of when its answer began to be
+            # made: one made just before the final evaluation was set and sent just after the wait began ended the
+            # wait, though it held none of it.
+            self.read(f'{environ.get("REMOTE_ADDR", "")} {environ.get("HTTP_USER_AGENT", "")}', time.monotonic(),
+                      began)
         return recorded
 
-    def read(self, client: str, now: float) -> None:
+    def read(self, client: str, now: float, began: float | None = None) -> None:
+        """`client` read at `now`, its answer made from `began` on (by default: at once)."""
         with self.lock:
             if client in self.last:
                 self.gap[client] = max(self.gap.get(client, 0.0), now - self.last[client])
@@ -98,7 +104,9 @@ class Readers:
                 oldest = min(self.last, key=self.last.__getitem__)
                 self.last.pop(oldest)
                 self.gap.pop(oldest, None)
+                self.began.pop(oldest, None)
             self.last[client] = now
+            self.began[client] = now if began is None else began
 
     def deadlines(self, since: float, cap: float) -> dict[str, float]:
         """For each reader still scraping at `since`, by when its next read is due (a reader seen once: `cap`)."""
@@ -108,8 +116,9 @@ class Readers:
         return {client: min(at, since + cap) for client, at in due.items() if at > since}
 
     def read_since(self, client: str, since: float) -> bool:
+        """Whether `client` has read an answer made after `since` (the values as they were then, or later)."""
         with self.lock:
-            return self.last.get(client, 0.0) > since
+            return self.began.get(client, 0.0) > since
 
 
 class Latest:
