@@ -89,7 +89,7 @@ def test_the_final_evaluation_is_read_by_a_scraper_before_the_endpoint_closes(en
     assert 'phase="final"' in scraper.bodies[-1]
     # its next read was due by 1.5 * 1.5 + 1 s (shutdown takes up to 0.5 s); slack for a loaded machine, far under
     # the 60 s linger a wait for nothing would take
-    assert took < 6
+    assert took < 20
 
 
 def test_a_reader_beside_another_at_its_address_is_waited_for(endpoint: tuple[Metrics, int]) -> None:
