@@ -162,6 +162,40 @@ def test_a_read_whose_answer_was_made_before_the_wait_began_does_not_end_it() ->
     assert list(again) and readers.read_since("10.0.0.9 Prometheus/3.5.0", since)  # its next read: the final values
 
 
+def test_a_read_counted_after_the_wait_began_moves_its_readers_due_time_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A read whose answer was made before the wait began, and counted just after it did (its server thread slow),
+    left the wait on the due time of the read before: it ended ~1 s later, just before that reader's next read."""
+    monkeypatch.setattr(telemetry, "_last_exit_code", [None])
+    metrics = Metrics(CPU)
+    readers, reader = metrics.readers, "10.0.0.9 Prometheus/3.5.0"
+    start = time.monotonic()
+    readers.read(reader, start - 3.0)
+    readers.read(reader, start - 2.0)  # every second: next due by start + 0.5 s (1.5 * 1 + 1)
+    deadlines = readers.deadlines
+
+    def counted_late(since: float, cap: float) -> dict[str, float]:
+        due = deadlines(since, cap)
+        if readers.last[reader] < since:  # the wait's first look: the read made before it is counted just after
+            readers.read(reader, time.monotonic(), began=start)
+        return due
+
+    monkeypatch.setattr(readers, "deadlines", counted_late)
+    read_again = threading.Event()
+
+    def next_read() -> None:
+        time.sleep(1.0)  # after the due time of the read before; well before the one the late read sets (>4 s)
+        now = time.monotonic()
+        readers.read(reader, now, began=now)
+        read_again.set()
+
+    reading = threading.Thread(target=next_read)
+    reading.start()
+    metrics.linger()
+    ended = read_again.is_set()
+    reading.join(10)
+    assert ended, "the wait ended before the reader's next read"
+
+
 def test_no_wait_without_readers_after_sigterm_or_when_turned_off(endpoint: tuple[Metrics, int],
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     metrics, port = endpoint

@@ -241,7 +241,8 @@ class Metrics:
         if _last_exit_code[0] == EXIT_TERMINATED:
             return
         now = time.monotonic()
-        waiting = self.readers.deadlines(now, float(os.environ.get(LINGER_ENV, DEFAULT_LINGER_SECONDS)))
+        cap = float(os.environ.get(LINGER_ENV, DEFAULT_LINGER_SECONDS))
+        waiting = self.readers.deadlines(now, cap)
         if not waiting:
             return
         stop = threading.Event()
@@ -254,6 +255,10 @@ class Metrics:
             log.info("metrics: waiting up to %.0f s for the last scrape", max(waiting.values()) - now)
             while waiting and not stop.wait(0.05):
                 at = time.monotonic()
+                # A read counted after the wait began (its answer made before) moves its reader's next due time on:
+                # kept at the one due before, the wait ended just as that reader's next read was coming.
+                due_now = self.readers.deadlines(now, cap)
+                waiting = {c: max(due, due_now.get(c, due)) for c, due in waiting.items()}
                 waiting = {c: due for c, due in waiting.items() if due > at and not self.readers.read_since(c, now)}
         finally:
             if installed:
