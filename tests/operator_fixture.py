@@ -173,6 +173,17 @@ class OperatorEnv:
                                    f"involvedObject.name={name},involvedObject.kind=FineTuneJob", "-o", "yaml")
         return yaml.safe_load(listed.stdout)["items"]
 
+    def wait_events(self, name: str, *reasons: str, type: str | None = None,  # noqa: A002 (the Event's field)
+                    timeout: float = 60) -> list[dict[str, Any]]:
+        """The job's Events once each of `reasons` is among them (of `type`, where given). kopf posts an Event in
+        the background, after the status patch that holds its transition: read just after that status was seen,
+        the Events may not have been posted yet."""
+        def said() -> list[dict[str, Any]] | None:
+            events = self.events(name)
+            found = {e["reason"] for e in events if type is None or e["type"] == type}
+            return events if set(reasons) <= found else None
+        return self.kube.wait_for(f"{name}'s Events {', '.join(reasons)}", said, self.namespace, timeout)
+
 
 def install_crd(kube: Kube) -> None:
     kube.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD))

@@ -72,7 +72,7 @@ def test_a_spec_near_the_size_limits_is_accepted_or_refused_cleanly(operator_env
     assert big["status"]["reason"] == "DeadlineExceeded"
     bigger = env.wait_phase("bigger", "Failed", timeout=120)
     assert bigger["status"]["reason"] == "InvalidSpec" and "ConfigMap" in failed_message(bigger)
-    assert any(e["reason"] == "InvalidSpec" for e in env.events("bigger"))
+    env.wait_events("bigger", "InvalidSpec")  # posted after the status patch
     assert_all_deleted_cleanly(env)
 
 

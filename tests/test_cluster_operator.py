@@ -116,8 +116,7 @@ def test_the_minilm_example_runs_and_its_status_tells_the_story(operator_env: Op
         assert [o["metadata"]["name"] for o in objs] == ["minilm-sentiment-1"], kind
         assert objs[0]["metadata"]["ownerReferences"][0]["uid"] == done["metadata"]["uid"]
     assert not env.objects("services", name) and "service" not in status["children"]
-    reasons = [e["reason"] for e in env.events(name)]
-    assert {"AttemptCreated", "Training", "Completed"} <= set(reasons), reasons
+    env.wait_events(name, "AttemptCreated", "Training", "Completed")  # posted after the status patch
     with urllib.request.urlopen(f"http://127.0.0.1:{env.liveness_port}/healthz", timeout=5) as response:
         assert response.status == 200  # kopf's liveness endpoint
     # The operator's own metrics count what happened.
@@ -196,7 +195,7 @@ def test_a_gpu_request_no_node_can_hold_shows_the_schedulers_message(operator_en
     message = [c["message"] for c in stuck["status"]["conditions"] if c["type"] == "Scheduled"][0]
     assert "nodes are available" in message and "Insufficient nvidia.com/gpu" in message
     assert stuck["status"]["phase"] == "Pending"
-    assert any(e["reason"] == "Unschedulable" and e["type"] == "Warning" for e in env.events(name))
+    env.wait_events(name, "Unschedulable", type="Warning")  # posted after the status patch
 
 
 def test_pods_the_job_controller_cannot_create_are_not_a_silent_pending(operator_env: OperatorEnv) -> None:
@@ -228,7 +227,7 @@ def test_a_quota_that_refuses_the_attempt_is_waited_for_not_failed(operator_env:
     waiting = env.wait_ftj(name, lambda o: created(o).get("reason") == "ExceededQuota", "ExceededQuota", timeout=60)
     assert created(waiting)["status"] == "False" and "exceeded quota" in created(waiting)["message"]
     assert waiting["status"]["phase"] == "Pending" and not env.objects("jobs", name)
-    assert any(e["reason"] == "ExceededQuota" and e["type"] == "Warning" for e in env.events(name))
+    env.wait_events(name, "ExceededQuota", type="Warning")  # posted after the status patch
     env.kube.kubectl("delete", "resourcequota", "no-configmaps", "-n", env.namespace)
     env.wait_ftj(name, lambda o: created(o).get("status") == "True", "the attempt made", timeout=120)
     assert len(env.objects("jobs", name)) == 1
