@@ -95,7 +95,7 @@ class FaultServer:
         self.sock = socket.create_server((host, port))
         self.port: int = self.sock.getsockname()[1]
         self.sock.settimeout(0.2)
-        self.connections = 0
+        self.accepted: list[float] = []  # when each connection came (time.monotonic)
         self.serving = threading.Thread(target=self._serve, daemon=True)
         self.serving.start()
 
@@ -107,8 +107,12 @@ class FaultServer:
                 continue
             except OSError:  # closed by close()
                 return
-            self.connections += 1
+            self.accepted.append(time.monotonic())
             threading.Thread(target=self._answer, args=(conn,), daemon=True).start()
+
+    @property
+    def connections(self) -> int:
+        return len(self.accepted)
 
     def _answer(self, conn: socket.socket) -> None:
         with conn:

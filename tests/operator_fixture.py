@@ -173,16 +173,16 @@ class OperatorEnv:
                                    f"involvedObject.name={name},involvedObject.kind=FineTuneJob", "-o", "yaml")
         return yaml.safe_load(listed.stdout)["items"]
 
-    def wait_events(self, name: str, *reasons: str, type: str | None = None,  # noqa: A002 (the Event's field)
+    def wait_events(self, name: str, reason: str, *reasons: str, type: str | None = None,  # noqa: A002 (its field)
                     timeout: float = 60) -> list[dict[str, Any]]:
-        """The job's Events once each of `reasons` is among them (of `type`, where given). kopf posts an Event in
-        the background, after the status patch that holds its transition: read just after that status was seen,
-        the Events may not have been posted yet."""
+        """The job's Events once each of `reason, *reasons` is among them (of `type`, where given). kopf posts an
+        Event in the background, after the status patch that holds its transition: read just after that status was
+        seen, the Events may not have been posted yet."""
         def said() -> list[dict[str, Any]] | None:
             events = self.events(name)
             found = {e["reason"] for e in events if type is None or e["type"] == type}
-            return events if set(reasons) <= found else None
-        return self.kube.wait_for(f"{name}'s Events {', '.join(reasons)}", said, self.namespace, timeout)
+            return events if {reason, *reasons} <= found else None
+        return self.kube.wait_for(f"{name}'s Events {', '.join((reason, *reasons))}", said, self.namespace, timeout)
 
 
 def install_crd(kube: Kube) -> None:
@@ -287,8 +287,9 @@ def a_trainer_outlived_by_a_sidecar_is_ended(env: OperatorEnv, output: str) -> N
     write({"containerStatuses": [exited, proxy]})
     env.kube.wait_for("the pod given a deadline", lambda: (env.kube.get("pod", pod["metadata"]["name"], env.namespace)
                       or {}).get("spec", {}).get("activeDeadlineSeconds") == 1, env.namespace, timeout=60)
-    told = [e["message"] for e in env.events(name) if e["reason"] == "TrainerOutlived"]
-    assert told and "istio-proxy" in told[0], told
+    told = [e["message"] for e in env.wait_events(name, "TrainerOutlived", type="Warning")
+            if e["reason"] == "TrainerOutlived"]  # posted after the deadline's patch, in the background
+    assert "istio-proxy" in told[0], told
     killed = dict(proxy, ready=False, started=False, state={"terminated": {
         "exitCode": 137, "reason": "Error", "startedAt": trainer["state"]["running"]["startedAt"], "finishedAt": now}})
     write({"phase": "Failed", "reason": "DeadlineExceeded", "message": "Pod was active on the node longer than the "

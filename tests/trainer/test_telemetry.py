@@ -160,6 +160,9 @@ def test_a_read_whose_answer_was_made_before_the_wait_began_does_not_end_it() ->
     assert not readers.read_since("10.0.0.9 Prometheus/3.5.0", since)
     again = readers.wrap(lambda *_: [b"finetune_trainer_step 3\n"])(environ, lambda *_: None)
     assert list(again) and readers.read_since("10.0.0.9 Prometheus/3.5.0", since)  # its next read: the final values
+    # Two scrapers behind one proxy share a name: the other's stale answer, counted after, takes nothing back.
+    readers.read("10.0.0.9 Prometheus/3.5.0", time.monotonic(), began=since - 1)
+    assert readers.read_since("10.0.0.9 Prometheus/3.5.0", since)
 
 
 def test_a_read_counted_after_the_wait_began_moves_its_readers_due_time_on(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -190,10 +193,39 @@ def test_a_read_counted_after_the_wait_began_moves_its_readers_due_time_on(monke
 
     reading = threading.Thread(target=next_read)
     reading.start()
+    began = time.monotonic()
     metrics.linger()
-    ended = read_again.is_set()
+    took, ended = time.monotonic() - began, read_again.is_set()
     reading.join(10)
     assert ended, "the wait ended before the reader's next read"
+    assert took < 10, took  # ~1 s: it ends at that read
+
+
+def test_the_wait_ends_at_its_cap_while_stale_reads_keep_moving_due_times_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Due times move on as reads are counted, never past the cap counted from the wait's start: the pod's grace
+    period bounds the wait, and a reader whose answers were all made before it would hold it for ever."""
+    monkeypatch.setattr(telemetry, "_last_exit_code", [None])
+    monkeypatch.setenv(LINGER_ENV, "1")
+    metrics = Metrics(CPU)
+    readers, reader = metrics.readers, "10.0.0.9 Prometheus/3.5.0"
+    start = time.monotonic()
+    readers.read(reader, start - 20.0)
+    readers.read(reader, start - 10.0)  # every 10 s: next due long past the cap
+    done = threading.Event()
+
+    def stale_reads() -> None:
+        while not done.wait(0.2):
+            readers.read(reader, time.monotonic(), began=start - 1)  # made before the wait: not the final values
+
+    reading = threading.Thread(target=stale_reads)
+    reading.start()
+    try:
+        metrics.linger()
+        took = time.monotonic() - start
+    finally:
+        done.set()
+        reading.join(5)
+    assert 0.9 < took < 5, took
 
 
 def test_no_wait_without_readers_after_sigterm_or_when_turned_off(endpoint: tuple[Metrics, int],

@@ -26,6 +26,7 @@ import fcntl
 import functools
 import json
 import logging
+import math
 import os
 import signal
 import threading
@@ -106,7 +107,9 @@ class Readers:
                 self.gap.pop(oldest, None)
                 self.began.pop(oldest, None)
             self.last[client] = now
-            self.began[client] = now if began is None else began
+            # the freshest answer read: two scrapers behind one proxy share a key, and a stale answer counted after a
+            # fresh one said no fresh one was read
+            self.began[client] = max(self.began.get(client, -math.inf), now if began is None else began)
 
     def deadlines(self, since: float, cap: float) -> dict[str, float]:
         """For each reader still scraping at `since`, by when its next read is due (a reader seen once: `cap`)."""
