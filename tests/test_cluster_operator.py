@@ -321,8 +321,7 @@ def test_a_finished_job_retuned_says_that_nothing_runs_it_again(operator_env: Op
         return sum(e.get("count") or 1 for e in env.events(name) if e["reason"] == "SpecChangeIgnored")
 
     env.kube.kubectl(*patch, '{"spec":{"suspend":true}}')
-    ignored = env.kube.wait_for("the Warning", lambda: [e for e in env.events(name)
-                                                       if e["reason"] == "SpecChangeIgnored"], env.namespace, timeout=30)
+    ignored = [e for e in env.wait_events(name, "SpecChangeIgnored", timeout=30) if e["reason"] == "SpecChangeIgnored"]
     assert ignored[0]["type"] == "Warning" and "delete it and apply it again" in ignored[0]["message"]
     env.kube.kubectl(*patch, '{"spec":{"training":{"epochs":5}}}')
     generation = env.ftj(name)["metadata"]["generation"]
@@ -343,8 +342,7 @@ def test_a_finished_job_retuned_says_that_nothing_runs_it_again(operator_env: Op
     env.wait_phase("bad-regex", "Failed")
     env.kube.kubectl("patch", "ftj", "bad-regex", "-n", env.namespace, "--type=merge", "-p",
                      '{"spec":{"suspend":true}}')
-    env.kube.wait_for("the Warning", lambda: [e for e in env.events("bad-regex") if e["reason"] == "SpecChangeIgnored"],
-                      env.namespace, timeout=30)
+    env.wait_events("bad-regex", "SpecChangeIgnored", type="Warning", timeout=30)
 
 
 def test_the_ttl_deletes_a_finished_job(operator_env: OperatorEnv) -> None:
