@@ -2468,6 +2468,26 @@ def test_whole_number_texts_beside_a_missing_one_stay_whole(tmp_path: Path) -> N
         assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(str(t) for t in texts[1:])
 
 
+def test_a_damaged_parquet_file_is_refused_as_the_files_fault(tmp_path: Path) -> None:
+    """pyarrow raises damaged thrift (or page, or codec) data as an OSError with no errno, and pandas its index metadata
+    missing a key as a KeyError: both escaped as the pod's fault (exit 2), retried for ever on a file that never reads."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    pd.DataFrame(ROWS).to_parquet(good := tmp_path / "good.parquet")
+    raw = good.read_bytes()
+    (damaged := tmp_path / "d.parquet").write_bytes(raw[:8] + bytes(len(raw) - 16) + raw[-8:])  # footer kept
+    with pytest.raises(DataError, match=r"d.parquet: cannot read it as parquet \(ValueError: d.parquet is a damaged "
+                                        r"parquet file \(.*Couldn't deserialize thrift"):
+        load_dataset(spec(damaged), Task.SEQUENCE_CLASSIFICATION, 0)
+    table = pa.table({"text": [r["text"] for r in ROWS], "label": [r["label"] for r in ROWS]})
+    index = {"index_columns": [{"kind": "range", "name": None, "start": 0, "stop": len(ROWS)}],  # no "step"
+             "column_indexes": [], "columns": [], "pandas_version": "2.2.0"}
+    pq.write_table(table.replace_schema_metadata({b"pandas": json.dumps(index).encode()}), meta := tmp_path / "m.parquet")
+    with pytest.raises(DataError, match=r"m.parquet: its pandas metadata lacks the key 'step'"):
+        load_dataset(spec(meta), Task.SEQUENCE_CLASSIFICATION, 0)
+
+
 def test_too_few_rows_for_the_three_way_split_are_refused_naming_the_fields(tmp_path: Path) -> None:
     """Two distinct texts cannot be train, validation and test: the error says which fields ask for the split, and
     that a side takes every copy of a text (90 copies of one text and 5 of two others are 100 rows, and too few)."""

@@ -851,7 +851,17 @@ def subset_of(relative: Path) -> str:
 def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
     # Nullable dtypes: a column of integers and nulls (a text 12, a label 3) stays integers, not floats ("12.0")
     if fmt == DatasetFormat.PARQUET:
-        return pd.read_parquet(file, dtype_backend="numpy_nullable")
+        try:
+            return pd.read_parquet(file, dtype_backend="numpy_nullable")
+        # pyarrow raises a damaged file's thrift, page or codec data as an OSError with no errno ("Couldn't
+        # deserialize thrift", "Corrupt snappy compressed data"), and pandas its index metadata missing a key as a
+        # KeyError: the file's fault, which escaped as the pod's (exit 2, retried). A read that failed has an errno.
+        except OSError as exc:
+            if exc.errno is not None:
+                raise
+            raise ValueError(f"{file.name} is a damaged parquet file ({exc})") from exc
+        except KeyError as exc:
+            raise ValueError(f"{file.name}: its pandas metadata lacks the key {exc}; write it again") from exc
     text = read_text(file)
     if fmt == DatasetFormat.JSONL:
         return read_json(text, file.name)
