@@ -316,7 +316,10 @@ def add_box(ann: Any, i: int, images: dict[int, Annotated], categories: dict[int
     if not (isinstance(bbox, list) and len(bbox) == 4 and all(isinstance(v, (int, float)) for v in bbox)):
         problems.append(f"{where}: bbox must be [x, y, width, height], got {bbox!r}")
         return False
-    x, y, w, h = map(float, bbox)
+    try:
+        x, y, w, h = map(float, bbox)
+    except OverflowError:  # an integer past float's range (json reads any): escaped as the pod's fault, retried
+        x = y = w = h = math.inf
     if not all(map(math.isfinite, (x, y, w, h))):  # a NaN passes every comparison below
         problems.append(f"{where}: bbox {bbox} is not a finite box")
         return False
