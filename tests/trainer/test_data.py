@@ -1905,6 +1905,10 @@ def test_image_paths_in_a_table_are_read_from_its_folder(tmp_path: Path) -> None
     with pytest.raises(DataError, match=rf"1 of its image paths \(column 'image', dataset.textField\) name no file, "
                                         rf"such as {tmp_path}/gone/19.png$"):
         load_dataset(DatasetSpec(uri=str(path), textField="image"), Task.IMAGE_CLASSIFICATION, 0)
+    # a name longer than the filesystem takes names no file either: Path.is_file raised ENAMETOOLONG, the pod's fault
+    rows.assign(image=[f"images/{i}.png" for i in range(19)] + ["x" * 300 + ".png"]).to_csv(path, index=False)
+    with pytest.raises(DataError, match=rf"1 of its image paths .* name no file, such as {tmp_path}/x{{300}}.png$"):
+        load_dataset(DatasetSpec(uri=str(path), textField="image"), Task.IMAGE_CLASSIFICATION, 0)
     (tmp_path / "images" / "0.png").unlink()  # gone after the job loaded its data
     with pytest.raises(DataError, match=rf"{tmp_path}/images/0.png: no such image file"):
         collate(encode_images(Split([str(tmp_path / "images" / "0.png")], [0])), [0])

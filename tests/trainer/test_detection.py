@@ -94,12 +94,15 @@ def test_the_shapes_dataset_loads_split_with_its_boxes(pvc_root: Path) -> None:
     (lambda c: c["annotations"][0].update(bbox=[10, 10, 10 ** 400, 5]),
      f"annotation 1 (image 1): bbox [10, 10, {10 ** 400}, 5] is not a finite box"),
     (lambda c: c["images"][2].update(file_name="missing.jpg"), "image 3 ('missing.jpg'): no file"),
+    # longer than a filesystem's names: Path.is_file raised ENAMETOOLONG, the pod's fault (exit 2)
+    (lambda c: c["images"][2].update(file_name="x" * 300 + ".jpg"), f"image 3 ('{'x' * 300}.jpg'): no file"),
     (lambda c: c["images"][3].update(width=300), "image 4 ('00004.jpg'): declared 300x128"),
     (lambda c: c["images"][3].update(file_name="scan.tif"), "image 4 ('scan.tif'): a 32-bit floating-point image"),
     # it said "declared 128x128 but the file is 128x128"
     (lambda c: c["images"][3].update(width="128"), "image 4 ('00004.jpg'): declared '128'x128 but the file is 128x128"),
 ], ids=["box-outside-image", "box-past-the-right-edge", "box-above-the-top-edge", "box-a-sliver", "unknown-category",
-        "box-not-a-number", "box-past-floats-range", "image-without-file", "wrong-size", "image-of-floats", "size-a-string"])
+        "box-not-a-number", "box-past-floats-range", "image-without-file", "image-name-too-long", "wrong-size",
+        "image-of-floats", "size-a-string"])
 def test_a_bad_record_is_refused_naming_it(pvc_root: Path, tmp_path: Path, change: Any, named: str) -> None:
     folder = shapes_copy(pvc_root, tmp_path)
     Image.fromarray(np.full((128, 128), 0.5, dtype=np.float32)).save(folder / "scan.tif")

@@ -10,6 +10,7 @@ import bz2
 import codecs
 import csv
 import enum
+import errno
 import functools
 import gzip
 import hashlib
@@ -163,13 +164,24 @@ def image_paths(column: pd.Series, bases: list[Path], folder: Path, uri: str) ->
     else from the dataset's folder (never from the trainer's working directory)."""
     check_inputs(column, (str,), "a path; image-classification reads image files: an ImageFolder or a table of their "
                  "paths", uri, "dataset.textField")  # such as the hub's Image feature: {'bytes': ..., 'path': ...}
-    paths = [str(base / value if base != folder and (base / value).is_file() else folder / value)
+    paths = [str(base / value if base != folder and names_file(base / value) else folder / value)
              for value, base in zip(column, bases)]
     # Else found only when its batch comes, which may be hours into an epoch, after the steps since a checkpoint.
-    if missing := [path for path in dict.fromkeys(paths) if not Path(path).is_file()]:
+    if missing := [path for path in dict.fromkeys(paths) if not names_file(Path(path))]:
         raise DataError(f"dataset {uri}: {len(missing)} of its image paths (column {column.name!r}, dataset.textField) "
                         f"name no file, such as {', '.join(missing[:3])}")
     return paths
+
+
+def names_file(path: Path) -> bool:
+    """Whether `path`, a dataset's value (a table's image path, a COCO file_name), names a file: one longer than the
+    filesystem takes names none, where Path.is_file raised its ENAMETOOLONG, the pod's fault (exit 2, retried)."""
+    try:
+        return path.is_file()
+    except OSError as exc:
+        if exc.errno != errno.ENAMETOOLONG:
+            raise
+        return False
 
 
 def bad_images(paths: list[str], at_least: int | None = None) -> dict[str, str]:

@@ -28,7 +28,7 @@ from typing import Any
 from finetune_trainer.config import DatasetSpec
 from finetune_trainer.data import (FLOAT_IMAGE, TEST, TRAIN, VALIDATION, WIDE_IMAGE, LabelledData, Split,
                                    beyond_16_bits, decode_errors, draft, drop_empty_splits, image_fault, int_range,
-                                   open_image, read_text, split, split_of)
+                                   names_file, open_image, read_text, split, split_of)
 from finetune_trainer.errors import DataError, unreadable
 from finetune_trainer.uris import fetch
 
@@ -267,7 +267,7 @@ def image_record(image: Any, i: int, file: Path, problems: list[str], at_least: 
     # COCO's: annotations/instances_val2017.json (person_keypoints_val2017, image_info_test2017) beside val2017/
     if file.parent.name == "annotations" and "_" in file.stem:
         candidates.append(file.parent.parent / file.stem.rsplit("_", 1)[1] / image["file_name"])
-    path = next((p for p in candidates if p.is_file()), None)
+    path = next((p for p in candidates if names_file(p)), None)
     if path is None:
         problems.append(f"{where}: no file at {' or '.join(map(str, candidates))}")
         return None
