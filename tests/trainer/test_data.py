@@ -1670,6 +1670,19 @@ def test_splits_without_train_are_refused(tmp_path: Path) -> None:
         load_dataset(spec(folder), Task.SEQUENCE_CLASSIFICATION, 0)
 
 
+def test_a_damaged_save_to_disk_file_is_refused_as_the_files_fault(tmp_path: Path) -> None:
+    """pyarrow raises a damaged .arrow file as an OSError of no errno ("Invalid flatbuffers message"), which escaped as
+    the pod's fault (exit 2), retried for ever on a file that never reads."""
+    import datasets
+
+    datasets.Dataset.from_pandas(pd.DataFrame(ROWS)).save_to_disk(tmp_path / "hf")
+    arrow = next((tmp_path / "hf").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes()[:8] + bytes(arrow.stat().st_size - 8))
+    with pytest.raises(DataError, match=r"hf: cannot read it as hf-disk \(ValueError: .*/hf: a damaged save_to_disk "
+                                        r"file \(Invalid flatbuffers message"):
+        load_dataset(spec(tmp_path / "hf"), Task.SEQUENCE_CLASSIFICATION, 0)
+
+
 def test_saved_splits_of_one_kind_are_one_split_together(tmp_path: Path) -> None:
     """MNLI's validation_matched and validation_mismatched: a dict by kind kept only the split saved last, so the
     validation rows depended on the order of saving, where the same splits as files were read together."""

@@ -773,7 +773,14 @@ def read_splits(found: Found, fmt: DatasetFormat, folders: bool = False) -> dict
     if fmt == DatasetFormat.HF_DISK:
         import datasets
 
-        loaded = datasets.load_from_disk(str(path))
+        try:
+            loaded = datasets.load_from_disk(str(path))
+        except FileNotFoundError:  # datasets' own, for a folder it is not (read_found names it)
+            raise
+        except OSError as exc:  # a damaged .arrow file, an OSError of no errno ("Invalid flatbuffers message"): the
+            if exc.errno is not None:  # file's fault, which escaped as the pod's (exit 2, retried); a failed read has one
+                raise
+            raise ValueError(f"{path}: a damaged save_to_disk file ({exc})") from exc
         if not isinstance(loaded, datasets.DatasetDict):
             return {TRAIN: loaded.to_pandas()}
         # Splits of one kind are one split together, as the files of a folder are: MNLI's validation_matched and
