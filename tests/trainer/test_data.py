@@ -1987,6 +1987,31 @@ def test_a_hub_datasets_class_names_name_its_labels(tmp_path: Path, fmt: str) ->
         assert label == int(text.split()[1]) % 3
 
 
+@pytest.mark.parametrize(("metadata", "error"), [
+    (b"{", r"its schema metadata 'huggingface' is not JSON \(Expecting property name"),
+    (json.dumps({"info": {"features": {"label": {"_type": "ClassLabel", "names": {"0": "a", "1": "b"}}}}}).encode(),
+     r"its schema metadata 'huggingface' gives column 'label' \(dataset.labelField\) a ClassLabel whose names are "
+     r"\{'0': 'a', '1': 'b'\}, not a list of texts"),
+    (json.dumps({"info": {"features": {"label": {"_type": "ClassLabel", "names": [1, None]}}}}).encode(),
+     r".* a ClassLabel whose names are \[1, None\], not a list of texts"),
+], ids=["not-json", "names-a-dict", "names-not-texts"])
+def test_a_parquet_files_hub_metadata_of_another_shape_is_refused_naming_it(tmp_path: Path, metadata: bytes,
+                                                                           error: str) -> None:
+    """The class names of a parquet file's 'huggingface' schema metadata were read as datasets writes them: a value
+    that is no JSON, or names of another shape, raised JSONDecodeError, KeyError or AttributeError, the pod's fault
+    (exit 2, retried), where pandas had read the rows."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"text": [f"t{i}" for i in range(20)], "label": [i % 2 for i in range(20)]})
+    pq.write_table(table.replace_schema_metadata({b"huggingface": metadata}), path := tmp_path / "d.parquet")
+    with pytest.raises(DataError, match=re.escape(str(path)) + ": " + error):
+        load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    # a value of another shape where no ClassLabel is looked for is no ClassLabel: the labels are the numbers
+    pq.write_table(table.replace_schema_metadata({b"huggingface": b'{"info": []}'}), path)
+    assert load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0).id2label == {0: "0", 1: "1"}
+
+
 @pytest.mark.parametrize("fmt", ["parquet", "hf-disk"])
 def test_a_class_labels_minus_one_is_no_label_in_every_split(tmp_path: Path, fmt: str,
                                                               caplog: pytest.LogCaptureFixture) -> None:

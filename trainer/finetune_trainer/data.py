@@ -1678,9 +1678,21 @@ def class_names(found: Found, fmt: DatasetFormat, field: str) -> list[str] | Non
         import pyarrow.parquet as pq
 
         first = path if path.is_file() else next(found.files({".parquet"}))
-        hub = json.loads((pq.read_schema(first).metadata or {}).get(b"huggingface", b"{}"))
-        feature = hub.get("info", {}).get("features", {}).get(field, {})
-        return feature.get("names") if feature.get("_type") == "ClassLabel" else None
+        # the file's own to get right: a JSONDecodeError, or an AttributeError or TypeError of a value of another
+        # shape, escaped as the pod's fault (exit 2, retried)
+        try:
+            hub = json.loads((pq.read_schema(first).metadata or {}).get(b"huggingface", b"{}"))
+        except ValueError as exc:
+            raise DataError(f"{first}: its schema metadata 'huggingface' is not JSON ({exc})") from exc
+        info = hub.get("info") if isinstance(hub, dict) else None
+        features = info.get("features") if isinstance(info, dict) else None
+        feature = features.get(field) if isinstance(features, dict) else None
+        if not isinstance(feature, dict) or feature.get("_type") != "ClassLabel":
+            return None
+        if not (isinstance(names := feature.get("names"), list) and all(isinstance(name, str) for name in names)):
+            raise DataError(f"{first}: its schema metadata 'huggingface' gives column {field!r} (dataset.labelField) "
+                            f"a ClassLabel whose names are {names!r}, not a list of texts")
+        return names
     return None
 
 
