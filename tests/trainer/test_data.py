@@ -8,6 +8,7 @@ import os
 import re
 import shutil
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pandas as pd
@@ -1681,6 +1682,31 @@ def test_a_damaged_save_to_disk_file_is_refused_as_the_files_fault(tmp_path: Pat
     with pytest.raises(DataError, match=r"hf: cannot read it as hf-disk \(ValueError: .*/hf: a damaged save_to_disk "
                                         r"file \(Invalid flatbuffers message"):
         load_dataset(spec(tmp_path / "hf"), Task.SEQUENCE_CLASSIFICATION, 0)
+
+
+@pytest.mark.parametrize(("file", "value", "error"), [
+    ("state.json", [], r'state.json: not as save_to_disk writes it: "_data_files" a list of one or more'),
+    ("state.json", {"_data_files": []}, r'state.json: not as save_to_disk writes it: "_data_files" a list of one'),
+    ("dataset_info.json", [1], r"dataset_info.json: not as save_to_disk writes it: an object, its \"features\""),
+    ("dataset_info.json", {"features": 5}, r"dataset_info.json: not as save_to_disk writes it: an object"),
+    ("dataset_dict.json", {}, r'dataset_dict.json: not as save_to_disk writes it: "splits" a list of split names'),
+    ("train/state.json", {"_data_files": [{"file": "x.arrow"}]}, r"train/state.json: not as save_to_disk writes it"),
+], ids=["state-a-list", "state-no-files", "info-a-list", "features-a-number", "dict-no-splits", "a-splits-state"])
+def test_save_to_disk_metadata_of_another_shape_is_refused_naming_the_file(tmp_path: Path, file: str, value: Any,
+                                                                          error: str) -> None:
+    """load_from_disk indexes its JSON files as it writes them: a hand-edited one of another shape raised TypeError,
+    KeyError, IndexError or AttributeError, the pod's fault (exit 2), retried for ever."""
+    import datasets
+
+    saved = datasets.Dataset.from_pandas(pd.DataFrame(ROWS))
+    folder = tmp_path / "hf"
+    if file.startswith("dataset_dict") or "/" in file:
+        datasets.DatasetDict({"train": saved}).save_to_disk(folder)
+    else:
+        saved.save_to_disk(folder)
+    (folder / file).write_text(json.dumps(value))
+    with pytest.raises(DataError, match=error):
+        load_dataset(spec(folder), Task.SEQUENCE_CLASSIFICATION, 0)
 
 
 def test_saved_splits_of_one_kind_are_one_split_together(tmp_path: Path) -> None:

@@ -773,6 +773,7 @@ def read_splits(found: Found, fmt: DatasetFormat, folders: bool = False) -> dict
     if fmt == DatasetFormat.HF_DISK:
         import datasets
 
+        check_saved_metadata(path)
         try:
             loaded = datasets.load_from_disk(str(path))
         except FileNotFoundError:  # datasets' own, for a folder it is not (read_found names it)
@@ -803,6 +804,35 @@ def read_splits(found: Found, fmt: DatasetFormat, folders: bool = False) -> dict
     files = list(found.files(suffixes_of(fmt)))
     found.say_skipped()
     return folder_tables(path, fmt, files, folders)
+
+
+def check_saved_metadata(path: Path) -> None:
+    """Refuses a save_to_disk folder (a DatasetDict's, or a Dataset's) whose JSON files hold values of shapes that
+    `datasets` does not write (a hand edit): load_from_disk indexes them as its own, and raised TypeError, KeyError,
+    IndexError or AttributeError, the pod's fault (exit 2, retried). JSON that does not parse, or a file missing,
+    load_from_disk names itself."""
+    def shaped(name: str, fits: Callable[[Any], bool], what: str) -> Any:
+        try:
+            value = json.loads((path / name).read_text(encoding="utf-8"))
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError):
+            return None
+        if not fits(value):
+            raise DataError(f"{path / name}: not as save_to_disk writes it: {what}")
+        return value
+
+    if not ((path / "state.json").is_file() and (path / "dataset_info.json").is_file()):  # as load_from_disk tells
+        splits = shaped("dataset_dict.json", lambda v: isinstance(v, dict) and isinstance(v.get("splits"), list)
+                        and all(isinstance(split, str) for split in v["splits"]), '"splits" a list of split names')
+        for split in splits["splits"] if splits else []:
+            if (path / split).is_dir():
+                check_saved_metadata(path / split)
+        return
+    shaped("state.json", lambda v: isinstance(v, dict) and isinstance(v.get("_data_files"), list) and v["_data_files"]
+           and all(isinstance(f, dict) and isinstance(f.get("filename"), str) for f in v["_data_files"]),
+           '"_data_files" a list of one or more {"filename": ...}')
+    shaped("dataset_info.json", lambda v: isinstance(v, dict) and (v.get("features") is None or isinstance(
+        v["features"], dict) and all(isinstance(f, (dict, list)) for f in v["features"].values())),
+           'an object, its "features" an object of each column\'s type')
 
 
 def folder_tables(path: Path, fmt: DatasetFormat, files: list[Path], folders: bool) -> dict[str, pd.DataFrame]:
