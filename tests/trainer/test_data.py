@@ -1852,6 +1852,14 @@ def test_a_compressed_file_the_trainer_cannot_read_is_refused_naming_it(tmp_path
     with pytest.raises(DataError, match=r"d.csv.gz does not decompress as .gz \(Not a gzipped file") as caught:
         load_dataset(spec(path), Task.CAUSAL_LM, 0)
     assert exit_code_of(caught.value) == 1
+    # bz2 raises one cut short as a ValueError, which named no file: in a folder of shards, which one?
+    import bz2
+
+    (folder := tmp_path / "shards").mkdir()
+    (folder / "train-0.jsonl.bz2").write_bytes(bz2.compress(b'{"text": "a"}\n'))
+    (folder / "train-1.jsonl.bz2").write_bytes(bz2.compress(b'{"text": "b"}\n')[:30])
+    with pytest.raises(DataError, match=r"train-1.jsonl.bz2 does not decompress as .bz2 \(Compressed data ended"):
+        load_dataset(spec(folder), Task.CAUSAL_LM, 0)
 
 
 def test_a_folder_of_folders_of_no_images_is_no_image_folder(tmp_path: Path) -> None:

@@ -1297,7 +1297,8 @@ def decompressed(file: Path) -> bytes:
                          "(zstd -d) or compress it with gzip")
     try:
         return decompress(raw)
-    except (OSError, EOFError, zlib.error, lzma.LZMAError) as exc:  # cut short, or compressed otherwise
+    # cut short, or compressed otherwise; bz2 raises a stream cut short as a ValueError, which named no file
+    except (OSError, EOFError, ValueError, zlib.error, lzma.LZMAError) as exc:
         raise ValueError(f"{file.name} does not decompress as {suffix} ({exc})") from exc
 
 
