@@ -1602,6 +1602,16 @@ def test_json_nested_past_the_parsers_depth_is_refused_as_the_files_fault(tmp_pa
         load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
 
 
+def test_a_json_integer_past_64_bits_is_refused_naming_its_file(tmp_path: Path) -> None:
+    """pandas refuses an integer past 64 bits in JSON Lines ("Value is too big! at position 24"): the error named no
+    file, and in a folder of shards the user could not tell which one."""
+    (folder := tmp_path / "shards").mkdir()
+    (folder / "train-0.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    (folder / "train-1.jsonl").write_text(json.dumps({"text": "a", "label": 2 ** 64}) + "\n")
+    with pytest.raises(DataError, match=r"cannot read it as jsonl \(ValueError: train-1.jsonl: Value is too big!"):
+        load_dataset(spec(folder), Task.SEQUENCE_CLASSIFICATION, 0)
+
+
 def test_json_arrays_one_after_another_load_past_the_byte_order_mark_each_file_began_with(tmp_path: Path) -> None:
     """Windows' editors start a file with a BOM, so a join has one between arrays: refused as "line 2 is not JSON
     (Expecting value, column 1)", an invisible character's."""

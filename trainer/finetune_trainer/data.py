@@ -938,8 +938,8 @@ def read_json(text: str, name: str) -> pd.DataFrame:
     except (TypeError, ValueError) as exc:  # TypeError: pandas' complaint about a record such as [1, 2] or null
         if layout is JsonLayout.ARRAY and several_values(text):  # array files joined with cat
             return records_table(stream_records(text, name, list))
-        if (where := first_bad_record(text, layout)) is None:
-            raise
+        if (where := first_bad_record(text, layout)) is None:  # such as an integer past 64 bits ("Value is too big!")
+            raise ValueError(f"{name}: {exc}") from exc  # which file of a folder, as a CSV's error says
         raise ValueError(f"{name} {where}") from exc
 
 
