@@ -2572,6 +2572,15 @@ def test_a_damaged_parquet_file_is_refused_as_the_files_fault(tmp_path: Path) ->
     pq.write_table(table.replace_schema_metadata({b"pandas": json.dumps(index).encode()}), meta := tmp_path / "m.parquet")
     with pytest.raises(DataError, match=r"m.parquet: its pandas metadata lacks the key 'step'"):
         load_dataset(spec(meta), Task.SEQUENCE_CLASSIFICATION, 0)
+    # a string that is not UTF-8 (a damaged page; bytes written as strings): pyarrow reads it unchecked, and pandas'
+    # ArrowException ("Wrapping ... failed") came as the rows were read, or the file, for a list of them
+    for name, column in (("u.parquet", "text"), ("l.parquet", "tags")):
+        table = pa.table({"text": [f"t{i:02d}" for i in range(20)], "label": ["ab"[i % 2] for i in range(20)],
+                          "tags": [[f"g{i:02d}"] for i in range(20)]})
+        pq.write_table(table, path := tmp_path / name, compression="none", use_dictionary=False)
+        path.write_bytes(path.read_bytes().replace(("t05" if column == "text" else "g05").encode(), b"t\xff5"))
+        with pytest.raises(DataError, match=rf"{name} is a damaged parquet file \(Column \d: .*Invalid UTF8 sequence"):
+            load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
 
 
 def test_too_few_rows_for_the_three_way_split_are_refused_naming_the_fields(tmp_path: Path) -> None:

@@ -901,6 +901,7 @@ def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
     # Nullable dtypes: a column of integers and nulls (a text 12, a label 3) stays integers, not floats ("12.0")
     if fmt == DatasetFormat.PARQUET:
         try:
+            check_parquet_values(file)
             return pd.read_parquet(file, dtype_backend="numpy_nullable")
         # pyarrow raises a damaged file's thrift, page or codec data as an OSError with no errno ("Couldn't
         # deserialize thrift", "Corrupt snappy compressed data"), and pandas its index metadata missing a key as a
@@ -924,6 +925,20 @@ def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
     except pd.errors.ParserError as exc:  # which file of a folder, as a JSON file's error says
         raise pd.errors.ParserError(f"{file.name}: {exc}") from exc
     return without_repeated_headers(with_repeats_renamed(table, header), header, file.name)
+
+
+def check_parquet_values(file: Path) -> None:
+    """Refuses a parquet file whose strings are not UTF-8 (damaged pages, or bytes written as a string column):
+    pyarrow reads them unchecked, and the ArrowException ("Wrapping ... failed") came as pandas made them Python
+    strings, as the file was read, or later, as the rows were, escaping as the pod's fault (exit 2, retried)."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(file)  # what pandas reads: its errors (no parquet file) are said as pandas says them
+    try:
+        table.validate(full=True)
+    except pa.ArrowInvalid as exc:
+        raise ValueError(f"{file.name} is a damaged parquet file ({exc})") from exc
 
 
 def read_json(text: str, name: str) -> pd.DataFrame:
