@@ -1692,6 +1692,14 @@ def test_a_damaged_save_to_disk_file_is_refused_as_the_files_fault(tmp_path: Pat
     with pytest.raises(DataError, match=r"hf: cannot read it as hf-disk \(ValueError: .*/hf: a damaged save_to_disk "
                                         r"file \(Invalid flatbuffers message"):
         load_dataset(spec(tmp_path / "hf"), Task.SEQUENCE_CLASSIFICATION, 0)
+    # its data unchecked, memory-mapped: a string not UTF-8 raised an ArrowException as the rows were read (offsets
+    # past its buffers crashed the process, exit 139)
+    rows = pd.DataFrame({"text": [f"t{i:02d}" for i in range(20)], "label": ["ab"[i % 2] for i in range(20)]})
+    datasets.Dataset.from_pandas(rows).save_to_disk(tmp_path / "hf2")
+    arrow = next((tmp_path / "hf2").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes().replace(b"t05", b"t\xff5"))
+    with pytest.raises(DataError, match=r"hf2: cannot read it as hf-disk \(ArrowInvalid: Column 0: .*Invalid UTF8"):
+        load_dataset(spec(tmp_path / "hf2"), Task.SEQUENCE_CLASSIFICATION, 0)
 
 
 @pytest.mark.parametrize(("file", "value", "error"), [

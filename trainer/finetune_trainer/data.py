@@ -782,6 +782,11 @@ def read_splits(found: Found, fmt: DatasetFormat, folders: bool = False) -> dict
             if exc.errno is not None:  # file's fault, which escaped as the pod's (exit 2, retried); a failed read has one
                 raise
             raise ValueError(f"{path}: a damaged save_to_disk file ({exc})") from exc
+        # Memory-mapped as it is: a damaged .arrow file's offsets past its buffers crashed the process as its rows were
+        # read (a segfault, exit 139, the pod's fault, retried), and a string not UTF-8 raised an ArrowException
+        # there. Checked whole, it is refused (ArrowInvalid, a ValueError)
+        for saved in loaded.values() if isinstance(loaded, datasets.DatasetDict) else [loaded]:
+            saved.data.table.validate(full=True)
         if not isinstance(loaded, datasets.DatasetDict):
             return {TRAIN: loaded.to_pandas()}
         # Splits of one kind are one split together, as the files of a folder are: MNLI's validation_matched and
