@@ -161,6 +161,17 @@ def test_a_split_file_that_lists_no_image_is_held_out_of_train_instead(pvc_root:
     data = load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
     assert (len(data.train.inputs), len(data.validation.inputs), len(data.test.inputs)) == (320, 40, 40)
     assert "its validation split has no usable rows; holding validation rows out of train instead" in caplog.text
+    # a folder, or a link to nothing, of a split JSON's name is none: read, it raised IsADirectoryError (or
+    # FileNotFoundError), the pod's fault (exit 2, retried)
+    (folder / "val.json").unlink()
+    (folder / "val.json").mkdir()
+    (folder / "test.json").symlink_to("gone.json")
+    data = load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
+    assert (len(data.train.inputs), len(data.validation.inputs), len(data.test.inputs)) == (320, 40, 40)
+    (folder / "train.json").rename(folder / "train.json.bak")
+    (folder / "train.json").mkdir()
+    with pytest.raises(DataError, match=r"no annotations.json and no train JSON"):
+        load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
 
 
 def test_a_split_file_without_a_box_is_held_out_of_train_instead(pvc_root: Path, tmp_path: Path,

@@ -154,7 +154,9 @@ def annotation_files(path: Path) -> dict[str, Path]:
     by_split: dict[str, Path] = {}
     # COCO's own folder holds captions_, instances_ and person_keypoints_train2017.json: the boxes are instances_'
     for file in sorted(path.glob("*.json"), key=lambda f: (not f.name.startswith("instances_"), f.name)):
-        if (name := split_of(file.name)) and name not in by_split:
+        # a folder, or a link to nothing (or to itself), of a JSON's name is none: read, it raised IsADirectoryError
+        # (FileNotFoundError, ELOOP's OSError), the pod's fault (exit 2, retried)
+        if (name := split_of(file.name)) and name not in by_split and file.is_file():
             by_split[name] = file
     if TRAIN not in by_split:
         raise DataError(f"dataset {path}: no {ANNOTATIONS} and no train JSON (train.json, val.json, test.json) "
