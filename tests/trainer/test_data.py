@@ -1702,6 +1702,30 @@ def test_a_damaged_save_to_disk_file_is_refused_as_the_files_fault(tmp_path: Pat
         load_dataset(spec(tmp_path / "hf2"), Task.SEQUENCE_CLASSIFICATION, 0)
 
 
+@pytest.mark.parametrize("said", ["Memory mapping file failed: Cannot allocate memory",
+                                  "Allocation error: not enough memory", "Failed to open: No such device"])
+def test_an_os_fault_said_with_no_errno_is_not_a_damaged_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                              said: str) -> None:
+    """pyarrow raises a failed mmap (ENOMEM, ENODEV, vm.max_map_count) and a codec's failed allocation as an OSError of
+    no errno, as it does a damaged file: called the file's fault (exit 1), a node's fault was never retried."""
+    import datasets
+    import pyarrow.parquet as pq
+
+    datasets.Dataset.from_pandas(pd.DataFrame(ROWS)).save_to_disk(tmp_path / "hf")
+    pd.DataFrame(ROWS).to_parquet(tmp_path / "d.parquet")
+
+    def fails(*args: Any, **kwargs: Any) -> None:
+        raise OSError(said)
+
+    monkeypatch.setattr(datasets, "load_from_disk", fails)
+    monkeypatch.setattr(pq, "read_table", fails)
+    monkeypatch.setattr(pd, "read_parquet", fails)
+    for path in (tmp_path / "hf", tmp_path / "d.parquet"):
+        with pytest.raises(OSError, match=said) as raised:
+            load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+        assert not isinstance(raised.value, DataError)
+
+
 @pytest.mark.parametrize(("file", "value", "error"), [
     ("state.json", [], r'state.json: not as save_to_disk writes it: "_data_files" a list of one or more'),
     ("state.json", {"_data_files": []}, r'state.json: not as save_to_disk writes it: "_data_files" a list of one'),

@@ -36,7 +36,7 @@ import numpy as np
 import pandas as pd
 
 from finetune_trainer.config import DatasetFormat, DatasetSpec, Task, TextFormat, TextsSpec
-from finetune_trainer.errors import UNREADABLE, DataError, unreadable
+from finetune_trainer.errors import UNREADABLE, DataError, damaged_file, says_not_the_files, unreadable
 from finetune_trainer.uris import fetch
 
 if TYPE_CHECKING:
@@ -297,16 +297,13 @@ def image_fault(exc: Exception) -> str:
     HTML page saved as .jpg, an upload cut short, a decompression bomb) or that the trainer may not read is the
     file's fault, the dataset's (the trainer runs as a non-root user). Another OSError with an errno (EIO, ESTALE) is
     a read that failed, the volume's fault, not the file's: raised again."""
-    if isinstance(exc, OSError) and exc.errno is not None and exc.errno not in UNREADABLE:
+    if isinstance(exc, OSError) and exc.errno not in UNREADABLE and not damaged_file(exc):
         raise exc
-    if isinstance(exc, RuntimeError) and any(cause in str(exc) for cause in NOT_THE_FILES):
+    # libavif's faults that are none of the file's (Pillow raises each as a RuntimeError naming libavif's result,
+    # "Failed to decode image: Out of memory"), raised again: retried, where the file's own faults are the dataset's.
+    if isinstance(exc, RuntimeError) and says_not_the_files(exc):
         raise exc
     return f"{type(exc).__name__}: {exc}"
-
-
-# What libavif fails by that is no fault of the file (Pillow raises each as a RuntimeError naming libavif's result,
-# "Failed to decode image: Out of memory"), raised again: retried, where the file's own faults are the dataset's.
-NOT_THE_FILES = ("Out of memory", "No codec available", "Can't allocate decoder")
 
 
 def table_folders(table: pd.DataFrame, rows: pd.Index, folder: Path) -> list[Path]:
@@ -778,8 +775,8 @@ def read_splits(found: Found, fmt: DatasetFormat, folders: bool = False) -> dict
             loaded = datasets.load_from_disk(str(path))
         except FileNotFoundError:  # datasets' own, for a folder it is not (read_found names it)
             raise
-        except OSError as exc:  # a damaged .arrow file, an OSError of no errno ("Invalid flatbuffers message"): the
-            if exc.errno is not None:  # file's fault, which escaped as the pod's (exit 2, retried); a failed read has one
+        except OSError as exc:  # a damaged .arrow file ("Invalid flatbuffers message"): the file's fault, which
+            if not damaged_file(exc):  # escaped as the pod's (exit 2, retried); a failed read or mmap is not
                 raise
             raise ValueError(f"{path}: a damaged save_to_disk file ({exc})") from exc
         # Memory-mapped as it is: a damaged .arrow file's offsets past its buffers crashed the process as its rows were
@@ -908,11 +905,11 @@ def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
         try:
             check_parquet_values(file)
             return pd.read_parquet(file, dtype_backend="numpy_nullable")
-        # pyarrow raises a damaged file's thrift, page or codec data as an OSError with no errno ("Couldn't
-        # deserialize thrift", "Corrupt snappy compressed data"), and pandas its index metadata missing a key as a
-        # KeyError: the file's fault, which escaped as the pod's (exit 2, retried). A read that failed has an errno.
+        # pyarrow raises a damaged file's thrift, page or codec data as an OSError ("Couldn't deserialize thrift",
+        # "Corrupt snappy compressed data"; damaged_file), and pandas its index metadata missing a key as a KeyError:
+        # the file's fault, which escaped as the pod's (exit 2, retried). A read or an allocation that failed is not.
         except OSError as exc:
-            if exc.errno is not None:
+            if not damaged_file(exc):
                 raise
             raise ValueError(f"{file.name} is a damaged parquet file ({exc})") from exc
         except KeyError as exc:

@@ -15,6 +15,7 @@ termination message carries the trainer's own `exitCode` and `reason` (`exit_cod
 from __future__ import annotations
 
 import errno
+import os
 import shutil
 from pathlib import Path
 
@@ -118,12 +119,38 @@ def unreadable(exc: PermissionError) -> str:
     return f"the trainer may not read {exc.filename or 'it'} ({exc.strerror}): make it readable by the trainer's user"
 
 
+# What a library's error of no errno says when the node failed, not the file: pyarrow's "Memory mapping file failed:
+# Cannot allocate memory" (ENOMEM, ENODEV, vm.max_map_count), a codec's "Allocation error: not enough memory",
+# libavif's "Out of memory" (Pillow's RuntimeError), and the OS's own text of an errno it carries as words only.
+# Left out: errnos whose text a damaged file's error may say in its own words ("Invalid argument", "Bad message").
+NOT_THE_FILES = ("Memory mapping file failed", "Allocation error", "out of memory", "Out of memory",
+                 "No codec available", "Can't allocate decoder") + tuple(sorted(
+    os.strerror(code) for code in errno.errorcode
+    if code not in (errno.EINVAL, errno.EBADMSG, errno.EILSEQ, errno.ERANGE, errno.EDOM, errno.EOVERFLOW,
+                    errno.EPROTO) and not os.strerror(code).startswith("Unknown error")))
+
+
+def says_not_the_files(exc: BaseException) -> bool:
+    """Whether `exc`, or what it was raised from, says a fault of the node or the volume (NOT_THE_FILES)."""
+    return any(cause in str(e) for e in chain_of(exc) for cause in NOT_THE_FILES)
+
+
+def damaged_file(exc: OSError) -> bool:
+    """Whether a reader's OSError says the file it read is damaged, the data's fault (exit 1): pyarrow raises a
+    damaged file's thrift, page, codec or flatbuffers data with no errno ("Couldn't deserialize thrift", "Invalid
+    flatbuffers message"). One with an errno (EIO, ESTALE), or of no errno but saying an OS fault (NOT_THE_FILES:
+    an mmap or an allocation that failed), is the node's or the volume's: infrastructure, retried."""
+    return exc.errno is None and not says_not_the_files(exc)
+
+
 def failed_read(exc: BaseException) -> bool:
     """Whether a read failed in the volume (EIO, a stale NFS handle, a timeout): an OSError in the chain with an
-    errno that is none of a missing or refused file, or Rust's text of one from safetensors. Infrastructure, to be
-    retried, however a loader wrapped it."""
+    errno that is none of a missing or refused file, or of no errno saying an OS fault (damaged_file), or Rust's
+    text of one from safetensors. Infrastructure, to be retried, however a loader wrapped it."""
     chain = chain_of(exc)
     if any(isinstance(e, OSError) and e.errno is not None and e.errno not in NOT_THERE_OR_REFUSED for e in chain):
+        return True
+    if any(isinstance(e, OSError) and e.errno is None and not damaged_file(e) for e in chain):
         return True
     return any("(os error " in str(e) and not any(f"(os error {code})" in str(e) for code in NOT_THERE_OR_REFUSED)
                for e in chain)
