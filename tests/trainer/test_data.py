@@ -2606,13 +2606,29 @@ def test_a_damaged_parquet_file_is_refused_as_the_files_fault(tmp_path: Path) ->
         load_dataset(spec(meta), Task.SEQUENCE_CLASSIFICATION, 0)
     # a string that is not UTF-8 (a damaged page; bytes written as strings): pyarrow reads it unchecked, and pandas'
     # ArrowException ("Wrapping ... failed") came as the rows were read, or the file, for a list of them
+    table = pa.table({"text": [f"t{i:02d}" for i in range(20)], "label": ["ab"[i % 2] for i in range(20)],
+                      "tags": [[f"g{i:02d}"] for i in range(20)], "notes": [f"n{i:02d}" for i in range(20)]})
     for name, column in (("u.parquet", "text"), ("l.parquet", "tags")):
-        table = pa.table({"text": [f"t{i:02d}" for i in range(20)], "label": ["ab"[i % 2] for i in range(20)],
-                          "tags": [[f"g{i:02d}"] for i in range(20)]})
         pq.write_table(table, path := tmp_path / name, compression="none", use_dictionary=False)
-        path.write_bytes(path.read_bytes().replace(("t05" if column == "text" else "g05").encode(), b"t\xff5"))
-        with pytest.raises(DataError, match=rf"{name} is a damaged parquet file \(Column \d: .*Invalid UTF8 sequence"):
-            load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+        path.write_bytes(path.read_bytes().replace({"text": b"t05", "tags": b"g05", "notes": b"n05"}[column], b"t\xff5"))
+        with pytest.raises(DataError, match=rf"{name} is a damaged parquet file \(column '?{column}'?: .*UTF"):
+            load_dataset(spec(path, **({} if column == "text" else {"textPairField": column})),
+                         Task.SEQUENCE_CLASSIFICATION, 0)
+
+
+@pytest.mark.parametrize("column", ["notes", "tags"])
+def test_a_string_not_utf8_in_a_parquet_column_the_job_never_reads_is_no_fault(tmp_path: Path, column: str) -> None:
+    """Spark writes strings unchecked: a file whose bad UTF-8 was only in a column the job does not read (a string's,
+    or a list of them) was refused whole, its valid text and labels never trained on."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({"text": [f"t{i:02d}" for i in range(20)], "label": ["ab"[i % 2] for i in range(20)],
+                      "tags": [[f"g{i:02d}"] for i in range(20)], "notes": [f"n{i:02d}" for i in range(20)]})
+    pq.write_table(table, path := tmp_path / "d.parquet", compression="none", use_dictionary=False)
+    path.write_bytes(path.read_bytes().replace({"text": b"t05", "tags": b"g05", "notes": b"n05"}[column], b"t\xff5"))
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == [f"t{i:02d}" for i in range(20)]
 
 
 def test_too_few_rows_for_the_three_way_split_are_refused_naming_the_fields(tmp_path: Path) -> None:

@@ -483,7 +483,7 @@ def read_found(found: Found, spec: TextsSpec, field: str,
     fmt = detect_format(found, spec.format, field)
     if (not texts_only and spec.format == DatasetFormat.AUTO and fmt in FILE_FORMATS.values()
             and holds_class_folders(path, found.listings)):
-        if (tables := tables_with(found, fmt, spec.text_field)) is not None:
+        if (tables := tables_with(found, fmt, spec.text_field, used_columns(spec))) is not None:
             return fmt, tables  # a table of image paths in folders (train/patient1/, part_1/, the hub's shards)
         # images in class folders, and a table beside them (Kaggle's sample_submission.csv, GTSRB's GT-00000.csv
         # in each class folder) that the extension rule took for the dataset
@@ -494,20 +494,26 @@ def read_found(found: Found, spec: TextsSpec, field: str,
     if texts_only and fmt in (DatasetFormat.IMAGE_FOLDER, DatasetFormat.COCO):
         raise DataError(f"{field} {spec.uri}: holds images ({fmt.value}), not texts; point {field}.uri at texts")
     try:
-        return fmt, read_splits(found, fmt, folders=not texts_only)
+        return fmt, read_splits(found, fmt, used_columns(spec), folders=not texts_only)
     # a parser's complaint (pandas, pyarrow, json, datasets); json's RecursionError is a value nested too deep for it,
     # the file's fault (escaped, it was taken for the pod's and retried)
     except (ValueError, FileNotFoundError, RecursionError) as exc:
         raise DataError(f"{field} {spec.uri}: cannot read it as {fmt.value} ({type(exc).__name__}: {exc})") from exc
 
 
-def tables_with(found: Found, fmt: DatasetFormat, column: str) -> dict[str, pd.DataFrame] | None:
+def used_columns(spec: TextsSpec) -> set[str]:
+    """The columns a job reads of its dataset (textField, an image table's paths too; textPairField; labelField)."""
+    return {name for name in (spec.text_field, spec.text_pair_field, getattr(spec, "label_field", None)) if name}
+
+
+def tables_with(found: Found, fmt: DatasetFormat, column: str,
+                used: Collection[str]) -> dict[str, pd.DataFrame] | None:
     """The folder's tables by split where they are a dataset with `column` (the configured textField), else None:
     beside class folders of images, a table without it (or that does not read) is no dataset of theirs. The walk's
     links are said only where the tables are the dataset: an image dataset says its own (Found.say_skipped), and
     they were said twice."""
     try:
-        tables = folder_tables(found.path, fmt, list(found.files(suffixes_of(fmt))), folders=True)
+        tables = folder_tables(found.path, fmt, list(found.files(suffixes_of(fmt))), used, folders=True)
     except (DataError, ValueError, FileNotFoundError):  # a test.csv of Kaggle's beside train/<class>/: no train split
         return None
     if not any(column in table.columns for table in tables.values()):
@@ -756,7 +762,8 @@ def innermost_split(relative: Path) -> str | None:
     return next((found for part in reversed(relative.parts) if (found := split_of(part)) is not None), None)
 
 
-def read_splits(found: Found, fmt: DatasetFormat, folders: bool = False) -> dict[str, pd.DataFrame]:
+def read_splits(found: Found, fmt: DatasetFormat, used: Collection[str],
+                folders: bool = False) -> dict[str, pd.DataFrame]:
     """The dataset's tables by split (train first; validation and test when the dataset names them).
 
     A file is the train split. A folder is read as the hub lays datasets out: files named by split or in
@@ -802,10 +809,10 @@ def read_splits(found: Found, fmt: DatasetFormat, folders: bool = False) -> dict
         return {kind: pd.concat([loaded[name].to_pandas() for name in named[kind]], ignore_index=True)
                 for kind in (TRAIN, VALIDATION, TEST) if kind in named}
     if path.is_file():
-        return {TRAIN: read_table(path, fmt)}
+        return {TRAIN: read_table(path, fmt, used)}
     files = list(found.files(suffixes_of(fmt)))
     found.say_skipped()
-    return folder_tables(path, fmt, files, folders)
+    return folder_tables(path, fmt, files, used, folders)
 
 
 def check_saved_metadata(path: Path) -> None:
@@ -837,7 +844,8 @@ def check_saved_metadata(path: Path) -> None:
            'an object, its "features" an object of each column\'s type')
 
 
-def folder_tables(path: Path, fmt: DatasetFormat, files: list[Path], folders: bool) -> dict[str, pd.DataFrame]:
+def folder_tables(path: Path, fmt: DatasetFormat, files: list[Path], used: Collection[str],
+                  folders: bool) -> dict[str, pd.DataFrame]:
     """read_splits' tables of the folder `path`, from its `files` of the format."""
     if not files:
         raise DataError(f"{path}: no {fmt.value} file in the folder")
@@ -858,7 +866,7 @@ def folder_tables(path: Path, fmt: DatasetFormat, files: list[Path], folders: bo
     tables = {}
     for name in (TRAIN, VALIDATION, TEST):
         if name in by_split:
-            read = {f: with_folder(read_table(f, fmt), f.parent) if folders else read_table(f, fmt)
+            read = {f: with_folder(read_table(f, fmt, used), f.parent) if folders else read_table(f, fmt, used)
                     for f in by_split[name]}
             say_columns_missing(path, name, read)
             tables[name] = pd.concat(read.values(), ignore_index=True)
@@ -899,12 +907,12 @@ def subset_of(relative: Path) -> str:
     return "/".join(part for part in relative.parent.parts if split_of(part) is None) or "."
 
 
-def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
+def read_table(file: Path, fmt: DatasetFormat, used: Collection[str]) -> pd.DataFrame:
+    """The file's table; `used`: the columns the job reads (used_columns), whose values are checked."""
     # Nullable dtypes: a column of integers and nulls (a text 12, a label 3) stays integers, not floats ("12.0")
     if fmt == DatasetFormat.PARQUET:
         try:
-            check_parquet_values(file)
-            return pd.read_parquet(file, dtype_backend="numpy_nullable")
+            return read_parquet(file, used)
         # pyarrow raises a damaged file's thrift, page or codec data as an OSError ("Couldn't deserialize thrift",
         # "Corrupt snappy compressed data"; damaged_file), and pandas its index metadata missing a key as a KeyError:
         # the file's fault, which escaped as the pod's (exit 2, retried). A read or an allocation that failed is not.
@@ -929,18 +937,53 @@ def read_table(file: Path, fmt: DatasetFormat) -> pd.DataFrame:
     return without_repeated_headers(with_repeats_renamed(table, header), header, file.name)
 
 
-def check_parquet_values(file: Path) -> None:
-    """Refuses a parquet file whose strings are not UTF-8 (damaged pages, or bytes written as a string column):
-    pyarrow reads them unchecked, and the ArrowException ("Wrapping ... failed") came as pandas made them Python
-    strings, as the file was read, or later, as the rows were, escaping as the pod's fault (exit 2, retried)."""
+def read_parquet(file: Path, used: Collection[str]) -> pd.DataFrame:
+    """The parquet file's table, read once, refused where a column the job reads (`used`) holds a string that is not
+    UTF-8 (a damaged page, or bytes written as a string column): pyarrow reads strings unchecked, and the
+    ArrowException ("Wrapping ... failed") came as the rows were read, escaping as the pod's fault (exit 2, retried).
+    pandas keeps string columns as arrow's (checked here, the used ones only: Spark writes strings unchecked, and a
+    column the job never reads is no fault of its data); a list of strings it makes Python's as it reads, and a bad
+    one fails the read: then the file is read again without the columns that hold one, if the job reads none of
+    them."""
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
-    table = pq.read_table(file)  # what pandas reads: its errors (no parquet file) are said as pandas says them
     try:
-        table.validate(full=True)
-    except pa.ArrowInvalid as exc:
-        raise ValueError(f"{file.name} is a damaged parquet file ({exc})") from exc
+        table = pd.read_parquet(file, dtype_backend="numpy_nullable")
+    except pa.ArrowException as exc:
+        if isinstance(exc, (OSError, ValueError)):  # a damaged file's (read_table), or no parquet file's
+            raise
+        import pyarrow.parquet as pq
+
+        whole = pq.read_table(file)
+        bad = [name for name, column in zip(whole.column_names, whole.columns) if not valid_arrow(column)]
+        if not bad:
+            raise ValueError(f"{file.name} is a damaged parquet file ({exc})") from exc
+        if used_bad := [name for name in bad if name in used]:
+            raise ValueError(f"{file.name} is a damaged parquet file (column {listed(used_bad)}: a string that is not "
+                             f"UTF-8: {exc})") from exc
+        log.warning("%s: its column %s holds strings that are not UTF-8; the job reads none of them: ignored",
+                    file, listed(bad))
+        table = pd.read_parquet(file, columns=[name for name in whole.column_names if name not in bad],
+                                dtype_backend="numpy_nullable")
+    for name in used:
+        if name in table.columns and hasattr(values := table[name].array, "__arrow_array__"):
+            try:
+                pa.array(values).validate(full=True)
+            except pa.ArrowInvalid as exc:
+                raise ValueError(f"{file.name} is a damaged parquet file (column {name!r}: {exc})") from exc
+    return table
+
+
+def valid_arrow(values: Any) -> bool:
+    """Whether arrow's `values` (an array, chunked or not) hold what their type says (strings UTF-8, offsets within
+    their buffers)."""
+    import pyarrow as pa
+
+    try:
+        values.validate(full=True)
+    except pa.ArrowInvalid:
+        return False
+    return True
 
 
 def read_json(text: str, name: str) -> pd.DataFrame:
