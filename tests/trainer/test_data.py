@@ -4,9 +4,11 @@ from __future__ import annotations
 
 import codecs
 import json
+import logging
 import os
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -1698,7 +1700,8 @@ def test_a_damaged_save_to_disk_file_is_refused_as_the_files_fault(tmp_path: Pat
     datasets.Dataset.from_pandas(rows).save_to_disk(tmp_path / "hf2")
     arrow = next((tmp_path / "hf2").glob("*.arrow"))
     arrow.write_bytes(arrow.read_bytes().replace(b"t05", b"t\xff5"))
-    with pytest.raises(DataError, match=r"hf2: cannot read it as hf-disk \(ArrowInvalid: Column 0: .*Invalid UTF8"):
+    with pytest.raises(DataError, match=r"hf2: cannot read it as hf-disk \(ValueError: .*/hf2: a damaged save_to_disk "
+                                        r"file: its column text holds data not of its type"):
         load_dataset(spec(tmp_path / "hf2"), Task.SEQUENCE_CLASSIFICATION, 0)
 
 
@@ -1726,29 +1729,76 @@ def test_an_os_fault_said_with_no_errno_is_not_a_damaged_file(tmp_path: Path, mo
         assert not isinstance(raised.value, DataError)
 
 
-@pytest.mark.parametrize(("file", "value", "error"), [
-    ("state.json", [], r'state.json: not as save_to_disk writes it: "_data_files" a list of one or more'),
-    ("state.json", {"_data_files": []}, r'state.json: not as save_to_disk writes it: "_data_files" a list of one'),
-    ("dataset_info.json", [1], r"dataset_info.json: not as save_to_disk writes it: an object, its \"features\""),
-    ("dataset_info.json", {"features": 5}, r"dataset_info.json: not as save_to_disk writes it: an object"),
-    ("dataset_dict.json", {}, r'dataset_dict.json: not as save_to_disk writes it: "splits" a list of split names'),
-    ("train/state.json", {"_data_files": [{"file": "x.arrow"}]}, r"train/state.json: not as save_to_disk writes it"),
-], ids=["state-a-list", "state-no-files", "info-a-list", "features-a-number", "dict-no-splits", "a-splits-state"])
-def test_save_to_disk_metadata_of_another_shape_is_refused_naming_the_file(tmp_path: Path, file: str, value: Any,
-                                                                          error: str) -> None:
+def without(key: str) -> Callable[[Any], Any]:
+    return lambda value: {k: v for k, v in value.items() if k != key}
+
+
+def with_value(key: str, new: Any) -> Callable[[Any], Any]:
+    return lambda value: {**value, key: new}
+
+
+@pytest.mark.parametrize(("file", "edit"), [
+    ("state.json", lambda value: []),
+    ("state.json", with_value("_data_files", [{"file": "x.arrow"}])),
+    ("state.json", with_value("_format_columns", 5)),
+    ("state.json", with_value("_split", 5)),
+    ("state.json", without("_fingerprint")),
+    ("dataset_info.json", lambda value: [1]),
+    ("dataset_info.json", with_value("features", 5)),
+    ("dataset_info.json", with_value("splits", 5)),
+    ("dataset_info.json", lambda value: {**value, "features": {**value["features"], "label": {
+        "_type": "ClassLabel", "names": [1, 2, 3]}}}),
+    ("dataset_dict.json", lambda value: {}),
+    ("train/state.json", with_value("_data_files", [{"file": "x.arrow"}])),
+], ids=["state-a-list", "state-no-filename", "format-columns-a-number", "split-a-number", "no-fingerprint",
+        "info-a-list", "features-a-number", "info-splits-a-number", "class-names-numbers", "dict-no-splits",
+        "a-splits-state"])
+def test_save_to_disk_metadata_of_another_shape_is_refused_naming_the_folder(tmp_path: Path, file: str,
+                                                                            edit: Callable[[Any], Any]) -> None:
     """load_from_disk indexes its JSON files as it writes them: a hand-edited one of another shape raised TypeError,
-    KeyError, IndexError or AttributeError, the pod's fault (exit 2), retried for ever."""
+    KeyError, IndexError, AttributeError or ValueError, the pod's fault (exit 2), retried for ever (a split "." recursed
+    as it was checked)."""
     import datasets
 
-    saved = datasets.Dataset.from_pandas(pd.DataFrame(ROWS))
+    saved = datasets.Dataset.from_pandas(pd.DataFrame(ROWS).assign(label=[r["label"] == "pos" for r in ROWS]))
     folder = tmp_path / "hf"
     if file.startswith("dataset_dict") or "/" in file:
         datasets.DatasetDict({"train": saved}).save_to_disk(folder)
     else:
         saved.save_to_disk(folder)
-    (folder / file).write_text(json.dumps(value))
-    with pytest.raises(DataError, match=error):
+    target = folder / file if file != "dataset_info.json" or (folder / file).is_file() else folder / "train" / file
+    target.write_text(json.dumps(edit(json.loads(target.read_text()))))
+    with pytest.raises(DataError, match=r"hf: cannot read it as hf-disk \(ValueError: .*/hf: its save_to_disk "
+                                        r"metadata .* is not as datasets writes it: \w+Error: "):
         load_dataset(spec(folder), Task.SEQUENCE_CLASSIFICATION, 0)
+
+
+def test_a_saved_split_named_dot_is_refused_naming_it(tmp_path: Path) -> None:
+    """A split "." in dataset_dict.json recursed as the metadata was checked (RecursionError)."""
+    import datasets
+
+    datasets.DatasetDict({"train": datasets.Dataset.from_pandas(pd.DataFrame(ROWS))}).save_to_disk(tmp_path / "hf")
+    (tmp_path / "hf" / "dataset_dict.json").write_text(json.dumps({"splits": ["."]}))
+    with pytest.raises(DataError, match=r"hf: cannot read it as hf-disk \(FileNotFoundError: .*hf/\./state.json"):
+        load_dataset(spec(tmp_path / "hf"), Task.SEQUENCE_CLASSIFICATION, 0)
+
+
+def test_a_saved_split_of_no_rows_is_a_split_of_no_rows(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """save_to_disk writes a split of no rows with no data file ("_data_files": []), which load_from_disk cannot read
+    back (IndexError): it was refused as metadata "not as save_to_disk writes it", which it is."""
+    import datasets
+
+    frame = pd.DataFrame(ROWS)
+    datasets.DatasetDict({"train": datasets.Dataset.from_pandas(frame),
+                          "validation": datasets.Dataset.from_pandas(frame.iloc[:0])}).save_to_disk(tmp_path / "hf")
+    with caplog.at_level(logging.WARNING):
+        data = load_dataset(spec(tmp_path / "hf"), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert "its validation split has no usable rows" in caplog.text
+    assert len(data.train.inputs) + len(data.validation.inputs) + len(data.test.inputs) == len(ROWS)
+    datasets.Dataset.from_pandas(frame.iloc[:0]).save_to_disk(tmp_path / "none")
+    with pytest.raises(DataError) as raised:
+        load_dataset(spec(tmp_path / "none"), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert "save_to_disk" not in str(raised.value) and "IndexError" not in str(raised.value)
 
 
 def test_saved_splits_of_one_kind_are_one_split_together(tmp_path: Path) -> None:

@@ -777,20 +777,28 @@ def read_splits(found: Found, fmt: DatasetFormat, used: Collection[str],
     if fmt == DatasetFormat.HF_DISK:
         import datasets
 
-        check_saved_metadata(path)
         try:
-            loaded = datasets.load_from_disk(str(path))
+            loaded = load_saved(path)
         except FileNotFoundError:  # datasets' own, for a folder it is not (read_found names it)
             raise
         except OSError as exc:  # a damaged .arrow file ("Invalid flatbuffers message"): the file's fault, which
             if not damaged_file(exc):  # escaped as the pod's (exit 2, retried); a failed read or mmap is not
                 raise
             raise ValueError(f"{path}: a damaged save_to_disk file ({exc})") from exc
+        # load_from_disk indexes its JSON files as it writes them: a hand-edited value of another shape raised one of
+        # these, the pod's fault (exit 2, retried). A read that failed is an OSError, raised above.
+        except (TypeError, KeyError, IndexError, AttributeError, ValueError) as exc:
+            raise ValueError(f"{path}: its save_to_disk metadata (state.json, dataset_info.json, dataset_dict.json) "
+                             f"is not as datasets writes it: {type(exc).__name__}: {exc}") from exc
         # Memory-mapped as it is: a damaged .arrow file's offsets past its buffers crashed the process as its rows were
         # read (a segfault, exit 139, the pod's fault, retried), and a string not UTF-8 raised an ArrowException
         # there. Checked whole, it is refused (ArrowInvalid, a ValueError)
-        for saved in loaded.values() if isinstance(loaded, datasets.DatasetDict) else [loaded]:
-            saved.data.table.validate(full=True)
+        for split, saved in loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]:
+            table = saved.data.table
+            if bad := [name for name, column in zip(table.column_names, table.columns) if not valid_arrow(column)]:
+                raise ValueError(f"{path}: a damaged save_to_disk file{f' (its {split} split)' if split else ''}: "
+                                 f"its column {listed(bad)} holds data not of its type (a string not UTF-8, offsets "
+                                 "past its buffers)")
         if not isinstance(loaded, datasets.DatasetDict):
             return {TRAIN: loaded.to_pandas()}
         # Splits of one kind are one split together, as the files of a folder are: MNLI's validation_matched and
@@ -815,33 +823,32 @@ def read_splits(found: Found, fmt: DatasetFormat, used: Collection[str],
     return folder_tables(path, fmt, files, used, folders)
 
 
-def check_saved_metadata(path: Path) -> None:
-    """Refuses a save_to_disk folder (a DatasetDict's, or a Dataset's) whose JSON files hold values of shapes that
-    `datasets` does not write (a hand edit): load_from_disk indexes them as its own, and raised TypeError, KeyError,
-    IndexError or AttributeError, the pod's fault (exit 2, retried). JSON that does not parse, or a file missing,
-    load_from_disk names itself."""
-    def shaped(name: str, fits: Callable[[Any], bool], what: str) -> Any:
-        try:
-            value = json.loads((path / name).read_text(encoding="utf-8"))
-        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError):
-            return None
-        if not fits(value):
-            raise DataError(f"{path / name}: not as save_to_disk writes it: {what}")
-        return value
+def load_saved(path: Path) -> Any:
+    """load_from_disk's Dataset or DatasetDict of the folder, its splits of no rows too: save_to_disk writes one with
+    no data file ("_data_files": []), which load_from_disk cannot read back (IndexError): a zero-row Dataset of its
+    features here, which the trainer drops as it does any validation or test split of no rows (drop_empty_splits)."""
+    import datasets
 
-    if not ((path / "state.json").is_file() and (path / "dataset_info.json").is_file()):  # as load_from_disk tells
-        splits = shaped("dataset_dict.json", lambda v: isinstance(v, dict) and isinstance(v.get("splits"), list)
-                        and all(isinstance(split, str) for split in v["splits"]), '"splits" a list of split names')
-        for split in splits["splits"] if splits else []:
-            if (path / split).is_dir():
-                check_saved_metadata(path / split)
-        return
-    shaped("state.json", lambda v: isinstance(v, dict) and isinstance(v.get("_data_files"), list) and v["_data_files"]
-           and all(isinstance(f, dict) and isinstance(f.get("filename"), str) for f in v["_data_files"]),
-           '"_data_files" a list of one or more {"filename": ...}')
-    shaped("dataset_info.json", lambda v: isinstance(v, dict) and (v.get("features") is None or isinstance(
-        v["features"], dict) and all(isinstance(f, (dict, list)) for f in v["features"].values())),
-           'an object, its "features" an object of each column\'s type')
+    def of_no_rows(folder: Path) -> bool:
+        try:
+            state = json.loads((folder / "state.json").read_text(encoding="utf-8"))
+        except (FileNotFoundError, NotADirectoryError, IsADirectoryError, ValueError):  # load_from_disk says which
+            return False
+        return isinstance(state, dict) and state.get("_data_files") == []
+
+    def empty(folder: Path) -> datasets.Dataset:
+        features = datasets.Features.from_dict(
+            json.loads((folder / "dataset_info.json").read_text(encoding="utf-8"))["features"])
+        return datasets.Dataset.from_dict({name: [] for name in features}, features=features)
+
+    if of_no_rows(path):
+        return empty(path)
+    if (path / "dataset_dict.json").is_file() and not (path / "state.json").is_file():
+        names = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
+        if any(of_no_rows(path / name) for name in names):
+            return datasets.DatasetDict({name: empty(path / name) if of_no_rows(path / name)
+                                         else datasets.load_from_disk(str(path / name)) for name in names})
+    return datasets.load_from_disk(str(path))
 
 
 def folder_tables(path: Path, fmt: DatasetFormat, files: list[Path], used: Collection[str],
@@ -1761,7 +1768,7 @@ def class_names(found: Found, fmt: DatasetFormat, field: str) -> list[str] | Non
     if fmt == DatasetFormat.HF_DISK:
         import datasets
 
-        loaded = datasets.load_from_disk(str(path))
+        loaded = load_saved(path)
         splits = loaded.values() if isinstance(loaded, datasets.DatasetDict) else [loaded]
         feature = next(iter(splits)).features.get(field)
         return list(feature.names) if isinstance(feature, datasets.ClassLabel) else None
