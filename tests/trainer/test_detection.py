@@ -161,16 +161,20 @@ def test_a_split_file_that_lists_no_image_is_held_out_of_train_instead(pvc_root:
     data = load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
     assert (len(data.train.inputs), len(data.validation.inputs), len(data.test.inputs)) == (320, 40, 40)
     assert "its validation split has no usable rows; holding validation rows out of train instead" in caplog.text
-    # a folder, or a link to nothing, of a split JSON's name is none: read, it raised IsADirectoryError (or
-    # FileNotFoundError), the pod's fault (exit 2, retried)
+    # a folder, or a link to nothing, of a split JSON's name: read, it raised IsADirectoryError (or
+    # FileNotFoundError), the pod's fault (exit 2, retried); skipped, validation was carved from train unsaid
     (folder / "val.json").unlink()
     (folder / "val.json").mkdir()
-    (folder / "test.json").symlink_to("gone.json")
-    data = load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
-    assert (len(data.train.inputs), len(data.validation.inputs), len(data.test.inputs)) == (320, 40, 40)
+    with pytest.raises(DataError, match=r"val.json, its validation split's annotations JSON, is a folder"):
+        load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
+    (folder / "val.json").rmdir()
+    (folder / "val.json").symlink_to("gone.json")
+    with pytest.raises(DataError, match=r"val.json, its validation split's annotations JSON, is a link to nothing"):
+        load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
+    (folder / "val.json").unlink()
     (folder / "train.json").rename(folder / "train.json.bak")
     (folder / "train.json").mkdir()
-    with pytest.raises(DataError, match=r"no annotations.json and no train JSON"):
+    with pytest.raises(DataError, match=r"train.json, its train split's annotations JSON, is a folder"):
         load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
 
 

@@ -154,14 +154,24 @@ def annotation_files(path: Path) -> dict[str, Path]:
     by_split: dict[str, Path] = {}
     # COCO's own folder holds captions_, instances_ and person_keypoints_train2017.json: the boxes are instances_'
     for file in sorted(path.glob("*.json"), key=lambda f: (not f.name.startswith("instances_"), f.name)):
-        # a folder, or a link to nothing (or to itself), of a JSON's name is none: read, it raised IsADirectoryError
-        # (FileNotFoundError, ELOOP's OSError), the pod's fault (exit 2, retried)
-        if (name := split_of(file.name)) and name not in by_split and file.is_file():
+        if (name := split_of(file.name)) and name not in by_split:
+            if not file.is_file():  # read, it raised IsADirectoryError (FileNotFoundError, ELOOP's OSError), the
+                raise DataError(f"dataset {path}: {file.name}, its {name} split's annotations JSON, "  # pod's fault
+                                f"{not_a_file(file)}; make it the JSON file, or remove it")
             by_split[name] = file
     if TRAIN not in by_split:
         raise DataError(f"dataset {path}: no {ANNOTATIONS} and no train JSON (train.json, val.json, test.json) "
                         "in the folder; point dataset.uri at the annotations JSON")
     return {name: by_split[name] for name in (TRAIN, VALIDATION, TEST) if name in by_split}
+
+
+def not_a_file(path: Path) -> str:
+    """What a path that is no regular file is."""
+    if path.is_dir():
+        return "is a folder"
+    if path.is_symlink() and not path.exists():
+        return "is a link to nothing (or to itself)"
+    return "is no regular file"
 
 
 def read_json(file: Path, answers: bool = True) -> dict[str, Any]:
