@@ -1785,7 +1785,7 @@ def test_a_saved_split_named_dot_is_refused_naming_it(tmp_path: Path) -> None:
 
 def test_a_saved_split_of_no_rows_is_a_split_of_no_rows(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """save_to_disk writes a split of no rows with no data file ("_data_files": []), which load_from_disk cannot read
-    back (IndexError): it was refused as metadata "not as save_to_disk writes it", which it is."""
+    back (IndexError): it was refused as metadata "not as save_to_disk writes it", though save_to_disk wrote it."""
     import datasets
 
     frame = pd.DataFrame(ROWS)
