@@ -1729,6 +1729,22 @@ def test_an_os_fault_said_with_no_errno_is_not_a_damaged_file(tmp_path: Path, mo
         assert not isinstance(raised.value, DataError)
 
 
+def test_a_damaged_save_to_disk_column_the_job_never_reads_is_dropped(tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """A string not UTF-8 only in a column the job does not read refused the whole dataset."""
+    import datasets
+
+    rows = pd.DataFrame({"text": [f"t{i:02d}" for i in range(20)], "label": ["ab"[i % 2] for i in range(20)],
+                         "notes": [f"n{i:02d}" for i in range(20)]})
+    datasets.DatasetDict({"train": datasets.Dataset.from_pandas(rows)}).save_to_disk(tmp_path / "hf")
+    arrow = next((tmp_path / "hf" / "train").glob("*.arrow"))
+    arrow.write_bytes(arrow.read_bytes().replace(b"n05", b"n\xff5"))
+    with caplog.at_level(logging.WARNING):
+        data = load_dataset(spec(tmp_path / "hf"), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == list(rows["text"])
+    assert "(its train split): its column notes holds data not of its type" in caplog.text
+
+
 def without(key: str) -> Callable[[Any], Any]:
     return lambda value: {k: v for k, v in value.items() if k != key}
 

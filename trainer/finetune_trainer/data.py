@@ -792,13 +792,20 @@ def read_splits(found: Found, fmt: DatasetFormat, used: Collection[str],
                              f"is not as datasets writes it: {type(exc).__name__}: {exc}") from exc
         # Memory-mapped as it is: a damaged .arrow file's offsets past its buffers crashed the process as its rows were
         # read (a segfault, exit 139, the pod's fault, retried), and a string not UTF-8 raised an ArrowException
-        # there. Checked whole, it is refused (ArrowInvalid, a ValueError)
+        # there. Checked whole, it is refused where the job reads the column, and the column dropped where not
+        checked = {}
         for split, saved in loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]:
             table = saved.data.table
-            if bad := [name for name, column in zip(table.column_names, table.columns) if not valid_arrow(column)]:
-                raise ValueError(f"{path}: a damaged save_to_disk file{f' (its {split} split)' if split else ''}: "
-                                 f"its column {listed(bad)} holds data not of its type (a string not UTF-8, offsets "
-                                 "past its buffers)")
+            bad = [name for name, column in zip(table.column_names, table.columns) if not valid_arrow(column)]
+            where = f"{path}{f' (its {split} split)' if split else ''}"
+            if used_bad := [name for name in bad if name in used]:
+                raise ValueError(f"{where}: a damaged save_to_disk file: its column {listed(used_bad)} holds data "
+                                 "not of its type (a string not UTF-8, offsets past its buffers)")
+            if bad:
+                log.warning("%s: its column %s holds data not of its type (a string not UTF-8, offsets past its "
+                            "buffers); the job reads none of them: ignored", where, listed(bad))
+            checked[split] = saved.remove_columns(bad) if bad else saved
+        loaded = datasets.DatasetDict(checked) if isinstance(loaded, datasets.DatasetDict) else checked[None]
         if not isinstance(loaded, datasets.DatasetDict):
             return {TRAIN: loaded.to_pandas()}
         # Splits of one kind are one split together, as the files of a folder are: MNLI's validation_matched and
