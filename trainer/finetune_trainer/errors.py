@@ -122,12 +122,14 @@ def unreadable(exc: PermissionError) -> str:
 # What a library's error of no errno says when the node failed, not the file: pyarrow's "Memory mapping file failed:
 # Cannot allocate memory" (ENOMEM, ENODEV, vm.max_map_count), a codec's "Allocation error: not enough memory",
 # libavif's "Out of memory" (Pillow's RuntimeError), and the OS's own text of an errno it carries as words only.
-# Left out: errnos whose text a damaged file's error may say in its own words ("Invalid argument", "Bad message").
+# Left out: errnos whose text a damaged file's error may say in its own words ("Invalid argument", "Bad message"),
+# and a missing or refused file's (NOT_THERE_OR_REFUSED), the user's to fix: a loader's words of one, such as
+# "No such file or directory", are no fault of the node's.
 NOT_THE_FILES = ("Memory mapping file failed", "Allocation error", "out of memory", "Out of memory",
                  "No codec available", "Can't allocate decoder") + tuple(sorted(
     os.strerror(code) for code in errno.errorcode
-    if code not in (errno.EINVAL, errno.EBADMSG, errno.EILSEQ, errno.ERANGE, errno.EDOM, errno.EOVERFLOW,
-                    errno.EPROTO) and not os.strerror(code).startswith("Unknown error")))
+    if code not in {errno.EINVAL, errno.EBADMSG, errno.EILSEQ, errno.ERANGE, errno.EDOM, errno.EOVERFLOW,
+                    errno.EPROTO} | NOT_THERE_OR_REFUSED and not os.strerror(code).startswith("Unknown error")))
 
 
 def says_not_the_files(exc: BaseException) -> bool:
