@@ -1729,6 +1729,16 @@ def test_an_os_fault_said_with_no_errno_is_not_a_damaged_file(tmp_path: Path, mo
         assert not isinstance(raised.value, DataError)
 
 
+def test_a_loaders_words_of_a_missing_file_are_no_failed_read() -> None:
+    """An OSError of no errno saying an OS fault is a failed read (retried); one saying a file is missing or refused
+    (a loader's words, "No such file or directory") is the user's to fix, as its errno is."""
+    from finetune_trainer.errors import failed_read
+
+    assert failed_read(OSError("Memory mapping file failed: Cannot allocate memory"))
+    for said in ("config.json: No such file or directory", "model.safetensors: Permission denied"):
+        assert not failed_read(OSError(said))
+
+
 def test_a_damaged_save_to_disk_column_the_job_never_reads_is_dropped(tmp_path: Path,
                                                                      caplog: pytest.LogCaptureFixture) -> None:
     """A string not UTF-8 only in a column the job does not read refused the whole dataset."""
