@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +14,18 @@ from finetune_trainer.assets import link_minilm, write_digits, write_sentiment, 
 from finetune_trainer.config import TrainerConfig
 from finetune_trainer.uris import PVC_ROOT_ENV
 from tiny import tiny_classifier_doc
+
+
+@pytest.fixture(autouse=True)
+def jpeg_memory() -> Iterator[None]:
+    """A run sets JPEGMEM for its process (cap_jpeg_memory), from Pillow's limit as it is then: set under a test's
+    lowered limit, it stayed for every test after (1M: their progressive JPEGs failed, by the tests' order)."""
+    before = os.environ.get("JPEGMEM")
+    yield
+    if before is None:
+        os.environ.pop("JPEGMEM", None)
+    else:
+        os.environ["JPEGMEM"] = before
 
 
 @pytest.fixture(scope="session", autouse=True)
