@@ -217,21 +217,15 @@ def image_problem(path: str, at_least: int | None = None) -> str | None:
         return image_fault(exc)
 
 
-JPEG_START = b"\xff\xd8\xff"  # what Pillow tells a JPEG by
-
-
 def open_image(path: str | Path) -> Image.Image:
     """The image file at `path` opened, its header read and nothing decoded: by Image.open, which refuses a
     decompression bomb by the size its header declares, but for a JPEG, which libjpeg may decode at a reduced scale:
     its check is `draft`'s, once that scale is known. Decode none without `draft`."""
     from PIL import Image, JpegImagePlugin
 
-    with open(path, "rb") as file:
-        if file.read(len(JPEG_START)) != JPEG_START:
-            return Image.open(path)
-    try:
+    try:  # a JPEG opened once: the factory tells one by its first bytes, as Image.open does
         return JpegImagePlugin.jpeg_factory(path)
-    except (SyntaxError, IndexError, TypeError, struct.error):  # a damaged header: named as Image.open names it
+    except (SyntaxError, IndexError, TypeError, struct.error):  # no JPEG, or a damaged header: as Image.open names it
         return Image.open(path)
 
 
@@ -295,8 +289,9 @@ def beyond_16_bits(values: tuple[int, int] | None) -> bool:
 def image_fault(exc: Exception) -> str:
     """What is wrong with an image file, from what Pillow raised opening or decoding it: one that is no image (an
     HTML page saved as .jpg, an upload cut short, a decompression bomb) or that the trainer may not read is the
-    file's fault, the dataset's (the trainer runs as a non-root user). Another OSError with an errno (EIO, ESTALE) is
-    a read that failed, the volume's fault, not the file's: raised again."""
+    file's fault, the dataset's (the trainer runs as a non-root user). Another OSError with an errno (EIO, ESTALE), or
+    of none that says an OS fault (errors.damaged_file), is a read that failed, the volume's or the node's fault, not
+    the file's: raised again."""
     if isinstance(exc, OSError) and exc.errno not in UNREADABLE and not damaged_file(exc):
         raise exc
     # libavif's faults that are none of the file's (Pillow raises each as a RuntimeError naming libavif's result,
@@ -479,11 +474,11 @@ def read_dataset(spec: TextsSpec, field: str,
 def read_found(found: Found, spec: TextsSpec, field: str,
                texts_only: bool) -> tuple[DatasetFormat, dict[str, pd.DataFrame]]:
     """read_dataset's format and tables of the dataset `found`."""
-    path = found.path
+    path, used = found.path, used_columns(spec)
     fmt = detect_format(found, spec.format, field)
     if (not texts_only and spec.format == DatasetFormat.AUTO and fmt in FILE_FORMATS.values()
             and holds_class_folders(path, found.listings)):
-        if (tables := tables_with(found, fmt, spec.text_field, used_columns(spec))) is not None:
+        if (tables := tables_with(found, fmt, spec.text_field, used)) is not None:
             return fmt, tables  # a table of image paths in folders (train/patient1/, part_1/, the hub's shards)
         # images in class folders, and a table beside them (Kaggle's sample_submission.csv, GTSRB's GT-00000.csv
         # in each class folder) that the extension rule took for the dataset
@@ -494,7 +489,7 @@ def read_found(found: Found, spec: TextsSpec, field: str,
     if texts_only and fmt in (DatasetFormat.IMAGE_FOLDER, DatasetFormat.COCO):
         raise DataError(f"{field} {spec.uri}: holds images ({fmt.value}), not texts; point {field}.uri at texts")
     try:
-        return fmt, read_splits(found, fmt, used_columns(spec), folders=not texts_only)
+        return fmt, read_splits(found, fmt, used, folders=not texts_only)
     # a parser's complaint (pandas, pyarrow, json, datasets); json's RecursionError is a value nested too deep for it,
     # the file's fault (escaped, it was taken for the pod's and retried)
     except (ValueError, FileNotFoundError, RecursionError) as exc:
@@ -777,19 +772,7 @@ def read_splits(found: Found, fmt: DatasetFormat, used: Collection[str],
     if fmt == DatasetFormat.HF_DISK:
         import datasets
 
-        try:
-            loaded = load_saved(path)
-        except FileNotFoundError:  # datasets' own, for a folder it is not (read_found names it)
-            raise
-        except OSError as exc:  # a damaged .arrow file ("Invalid flatbuffers message"): the file's fault, which
-            if not damaged_file(exc):  # escaped as the pod's (exit 2, retried); a failed read or mmap is not
-                raise
-            raise ValueError(f"{path}: a damaged save_to_disk file ({exc})") from exc
-        # load_from_disk indexes its JSON files as it writes them: a hand-edited value of another shape raised one of
-        # these, the pod's fault (exit 2, retried). A read that failed is an OSError, raised above.
-        except (TypeError, KeyError, IndexError, AttributeError, ValueError) as exc:
-            raise ValueError(f"{path}: its save_to_disk metadata (state.json, dataset_info.json, dataset_dict.json) "
-                             f"is not as datasets writes it: {type(exc).__name__}: {exc}") from exc
+        loaded = load_saved(path)
         # Memory-mapped as it is: a damaged .arrow file's offsets past its buffers crashed the process as its rows were
         # read (a segfault, exit 139, the pod's fault, retried), and a string not UTF-8 raised an ArrowException
         # there. Checked whole, it is refused where the job reads the column, and the column dropped where not
@@ -831,9 +814,27 @@ def read_splits(found: Found, fmt: DatasetFormat, used: Collection[str],
 
 
 def load_saved(path: Path) -> Any:
-    """load_from_disk's Dataset or DatasetDict of the folder, its splits of no rows too: save_to_disk writes one with
-    no data file ("_data_files": []), which load_from_disk cannot read back (IndexError): a zero-row Dataset of its
-    features here, which the trainer drops as it does any validation or test split of no rows (drop_empty_splits)."""
+    """load_from_disk's Dataset or DatasetDict of the folder, its splits of no rows too; a damaged file or metadata
+    of another shape is a ValueError naming the folder (the dataset's fault), a read that failed an OSError."""
+    try:
+        return load_saved_splits(path)
+    except FileNotFoundError:  # datasets' own, for a folder it is not (read_found names it)
+        raise
+    except OSError as exc:  # a damaged .arrow file ("Invalid flatbuffers message"): the file's fault, which
+        if not damaged_file(exc):  # escaped as the pod's (exit 2, retried); a failed read or mmap is not
+            raise
+        raise ValueError(f"{path}: a damaged save_to_disk file ({exc})") from exc
+    # load_from_disk indexes its JSON files as it writes them: a hand-edited value of another shape raised one of
+    # these, the pod's fault (exit 2, retried). A read that failed is an OSError, raised above.
+    except (TypeError, KeyError, IndexError, AttributeError, ValueError) as exc:
+        raise ValueError(f"{path}: its save_to_disk metadata (state.json, dataset_info.json, dataset_dict.json) "
+                         f"is not as datasets writes it: {type(exc).__name__}: {exc}") from exc
+
+
+def load_saved_splits(path: Path) -> Any:
+    """load_saved's loading: save_to_disk writes a split of no rows with no data file ("_data_files": []), which
+    load_from_disk cannot read back (IndexError): a zero-row Dataset of its features here, which the trainer drops
+    as it does any validation or test split of no rows (drop_empty_splits)."""
     import datasets
 
     def of_no_rows(folder: Path) -> bool:
@@ -852,8 +853,8 @@ def load_saved(path: Path) -> Any:
         return empty(path)
     if (path / "dataset_dict.json").is_file() and not (path / "state.json").is_file():
         names = json.loads((path / "dataset_dict.json").read_text(encoding="utf-8"))["splits"]
-        if any(of_no_rows(path / name) for name in names):
-            return datasets.DatasetDict({name: empty(path / name) if of_no_rows(path / name)
+        if empty_names := {name for name in names if of_no_rows(path / name)}:
+            return datasets.DatasetDict({name: empty(path / name) if name in empty_names
                                          else datasets.load_from_disk(str(path / name)) for name in names})
     return datasets.load_from_disk(str(path))
 
@@ -952,7 +953,7 @@ def read_table(file: Path, fmt: DatasetFormat, used: Collection[str]) -> pd.Data
 
 
 def read_parquet(file: Path, used: Collection[str]) -> pd.DataFrame:
-    """The parquet file's table, read once, refused where a column the job reads (`used`) holds a string that is not
+    """The parquet file's table, read once (again only where it fails, below), refused where a column the job reads (`used`) holds a string that is not
     UTF-8 (a damaged page, or bytes written as a string column): pyarrow reads strings unchecked, and the
     ArrowException ("Wrapping ... failed") came as the rows were read, escaping as the pod's fault (exit 2, retried).
     pandas keeps string columns as arrow's (checked here, the used ones only: Spark writes strings unchecked, and a
