@@ -111,8 +111,8 @@ def chain_of(exc: BaseException) -> list[BaseException]:
 
 # A file the pod may not read (its mode): the data's owner's to fix, not a retry's.
 UNREADABLE = {errno.EACCES, errno.EPERM}
-# A file that is not there either: the spec's to fix.
-NOT_THERE_OR_REFUSED = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR} | UNREADABLE
+# A file that is not there either (or a name too long for one, or a loop of links): the spec's to fix.
+NOT_THERE_OR_REFUSED = {errno.ENOENT, errno.ENOTDIR, errno.EISDIR, errno.ENAMETOOLONG, errno.ELOOP} | UNREADABLE
 
 
 def unreadable(exc: PermissionError) -> str:
@@ -126,10 +126,10 @@ def unreadable(exc: PermissionError) -> str:
 # and a missing or refused file's (NOT_THERE_OR_REFUSED), the user's to fix: a loader's words of one, such as
 # "No such file or directory", are no fault of the node's.
 NOT_THE_FILES = ("Memory mapping file failed", "Allocation error", "out of memory", "Out of memory",
-                 "No codec available", "Can't allocate decoder") + tuple(sorted(
+                 "No codec available", "Can't allocate decoder") + tuple(
     os.strerror(code) for code in errno.errorcode
     if code not in {errno.EINVAL, errno.EBADMSG, errno.EILSEQ, errno.ERANGE, errno.EDOM, errno.EOVERFLOW,
-                    errno.EPROTO} | NOT_THERE_OR_REFUSED and not os.strerror(code).startswith("Unknown error")))
+                    errno.EPROTO} | NOT_THERE_OR_REFUSED and not os.strerror(code).startswith("Unknown error"))
 
 
 def says_not_the_files(exc: BaseException) -> bool:
@@ -147,12 +147,12 @@ def damaged_file(exc: OSError) -> bool:
 
 def failed_read(exc: BaseException) -> bool:
     """Whether a read failed in the volume (EIO, a stale NFS handle, a timeout): an OSError in the chain with an
-    errno that is none of a missing or refused file, or of no errno saying an OS fault (damaged_file), or Rust's
+    errno that is none of a missing or refused file, or of no errno saying an OS fault (NOT_THE_FILES), or Rust's
     text of one from safetensors. Infrastructure, to be retried, however a loader wrapped it."""
     chain = chain_of(exc)
     if any(isinstance(e, OSError) and e.errno is not None and e.errno not in NOT_THERE_OR_REFUSED for e in chain):
         return True
-    if any(isinstance(e, OSError) and e.errno is None and not damaged_file(e) for e in chain):
+    if any(isinstance(e, OSError) and e.errno is None and says_not_the_files(e) for e in chain):
         return True
     return any("(os error " in str(e) and not any(f"(os error {code})" in str(e) for code in NOT_THERE_OR_REFUSED)
                for e in chain)
