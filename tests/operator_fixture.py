@@ -175,13 +175,13 @@ class OperatorEnv:
 
     def wait_events(self, name: str, reason: str, *reasons: str, type: str | None = None,  # noqa: A002 (its field)
                     timeout: float = 60) -> list[dict[str, Any]]:
-        """The job's Events once each of `reason, *reasons` is among them (of `type`, where given). kopf posts an
+        """The job's Events of `reason, *reasons` (of `type`, where given), once each is among them. kopf posts an
         Event in the background, after the status patch that holds its transition: read just after that status was
         seen, the Events may not have been posted yet."""
         def said() -> list[dict[str, Any]] | None:
-            events = self.events(name)
-            found = {e["reason"] for e in events if type is None or e["type"] == type}
-            return events if {reason, *reasons} <= found else None
+            events = [e for e in self.events(name) if e["reason"] in {reason, *reasons}
+                      and (type is None or e["type"] == type)]
+            return events if {reason, *reasons} <= {e["reason"] for e in events} else None
         return self.kube.wait_for(f"{name}'s Events {', '.join((reason, *reasons))}", said, self.namespace, timeout)
 
 
@@ -287,8 +287,8 @@ def a_trainer_outlived_by_a_sidecar_is_ended(env: OperatorEnv, output: str) -> N
     write({"containerStatuses": [exited, proxy]})
     env.kube.wait_for("the pod given a deadline", lambda: (env.kube.get("pod", pod["metadata"]["name"], env.namespace)
                       or {}).get("spec", {}).get("activeDeadlineSeconds") == 1, env.namespace, timeout=60)
-    told = [e["message"] for e in env.wait_events(name, "TrainerOutlived", type="Warning")
-            if e["reason"] == "TrainerOutlived"]  # posted after the deadline's patch, in the background
+    # posted after the deadline's patch, in the background
+    told = [e["message"] for e in env.wait_events(name, "TrainerOutlived", type="Warning")]
     assert "istio-proxy" in told[0], told
     killed = dict(proxy, ready=False, started=False, state={"terminated": {
         "exitCode": 137, "reason": "Error", "startedAt": trainer["state"]["running"]["startedAt"], "finishedAt": now}})

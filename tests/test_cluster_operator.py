@@ -321,7 +321,7 @@ def test_a_finished_job_retuned_says_that_nothing_runs_it_again(operator_env: Op
         return sum(e.get("count") or 1 for e in env.events(name) if e["reason"] == "SpecChangeIgnored")
 
     env.kube.kubectl(*patch, '{"spec":{"suspend":true}}')
-    ignored = [e for e in env.wait_events(name, "SpecChangeIgnored", timeout=30) if e["reason"] == "SpecChangeIgnored"]
+    ignored = env.wait_events(name, "SpecChangeIgnored", timeout=30)
     assert ignored[0]["type"] == "Warning" and "delete it and apply it again" in ignored[0]["message"]
     env.kube.kubectl(*patch, '{"spec":{"training":{"epochs":5}}}')
     generation = env.ftj(name)["metadata"]["generation"]
