@@ -1562,6 +1562,17 @@ def test_a_stream_of_json_objects_loads(tmp_path: Path, indent: int | None) -> N
     assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(r["text"] for r in ROWS)
 
 
+@pytest.mark.parametrize("empty", [1, 2])
+def test_a_stream_of_json_objects_starting_with_empty_ones_loads(tmp_path: Path, caplog: pytest.LogCaptureFixture,
+                                                                  empty: int) -> None:
+    """jq prints an empty object on one line, "{}": a stream starting with one was taken for JSON Lines, and refused
+    as "line 2 is not JSON (Expecting property name enclosed in double quotes, column 2)"."""
+    (path := tmp_path / "d.json").write_text("{}\n" * empty + "".join(json.dumps(r, indent=2) + "\n" for r in ROWS))
+    data = load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert sorted(data.train.inputs + data.validation.inputs + data.test.inputs) == sorted(r["text"] for r in ROWS)
+    assert f"dropped {empty} train rows with an empty text or label" in caplog.text
+
+
 @pytest.mark.parametrize("records", [
     [{"text": "10", "label": 1, "2": None, "f": 2.0, "b": True, "l": [1]}, {"text": None, "2": "x", "f": 1.5}],
     [{"1": "a", "2": None}, {"1": "b", "2": None}],  # names all numbers (pandas makes them ints); a column all null

@@ -1082,13 +1082,17 @@ def json_layout(text: str) -> JsonLayout:
     line = first_line(text)
     if line.lstrip().startswith("["):
         return JsonLayout.ARRAY
+    # "{" alone is how jq starts an object; an empty one it prints on one line, "{}", and a stream starting with one
+    # was taken for JSON Lines (refused at line 2)
+    if first_line(text, EMPTY_OBJECTS.match(text).end()).strip() == "{":
+        return JsonLayout.STREAM
     try:
         json.loads(line or "null")
         return JsonLayout.LINES
     except json.JSONDecodeError:
         pass
-    # A first line cut short is JSON Lines', its error named on it; "{" alone is how jq starts an object
-    return JsonLayout.STREAM if line.strip() == "{" or first_value_parses(text) else JsonLayout.LINES
+    # A first line cut short is JSON Lines', its error named on it
+    return JsonLayout.STREAM if first_value_parses(text) else JsonLayout.LINES
 
 
 def first_value_parses(text: str) -> bool:
@@ -1112,11 +1116,14 @@ def json_values(text: str) -> Iterator[tuple[int, int, Any]]:
 
 
 JSON_BLANK = re.compile(r"[ \t\n\r\ufeff]*")  # JSON's whitespace, and the byte order mark of each file joined
+EMPTY_OBJECTS = re.compile(r"([ \t\n\r\ufeff]*\{[ \t]*\}[ \t\r]*\n)*")  # lines of "{}" (json_layout)
+FIRST_LINE = re.compile(r"^[^\S\r\n]*\S[^\r\n]*", re.M)
 
 
-def first_line(text: str) -> str:
-    """The first line of `text` that is not blank ("" where none is): found, not the whole text split in lines."""
-    found = re.search(r"^[^\S\r\n]*\S[^\r\n]*", text, re.M)
+def first_line(text: str, start: int = 0) -> str:
+    """The first line of `text` (from `start`, a line's) that is not blank ("" where none is): found, not the whole
+    text split in lines."""
+    found = FIRST_LINE.search(text, start)
     return found[0] if found else ""
 
 
