@@ -2175,6 +2175,19 @@ def test_a_parquet_files_hub_metadata_of_another_shape_is_refused_naming_it(tmp_
     assert load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0).id2label == {0: "0", 1: "1"}
 
 
+def test_a_class_labels_digits_other_than_ascii_are_names(tmp_path: Path) -> None:
+    """A label was taken for a class number where str.isdigit() held: "²" raised int()'s ValueError, the pod's fault
+    (exit 2, retried), and "١" (Arabic-Indic) was named as class 1, though label_name keeps both as names."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    hub = {"info": {"features": {"label": {"_type": "ClassLabel", "names": ["zero", "one"]}}}}
+    table = pa.table({"text": [f"t{i}" for i in range(30)], "label": [["0", "١", "²"][i % 3] for i in range(30)]})
+    pq.write_table(table.replace_schema_metadata({b"huggingface": json.dumps(hub).encode()}),
+                   path := tmp_path / "d.parquet")
+    assert load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0).id2label == {0: "zero", 1: "١", 2: "²"}
+
+
 @pytest.mark.parametrize("fmt", ["parquet", "hf-disk"])
 def test_a_class_labels_minus_one_is_no_label_in_every_split(tmp_path: Path, fmt: str,
                                                               caplog: pytest.LogCaptureFixture) -> None:

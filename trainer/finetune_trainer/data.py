@@ -1810,10 +1810,11 @@ def class_names(found: Found, fmt: DatasetFormat, field: str) -> list[str] | Non
 
 
 def named_classes(id2label: dict[int, str], names: list[str] | None) -> dict[int, str]:
-    """`id2label` with each label that is a class number of `names` named by it."""
+    """`id2label` with each label that is a class number of `names` named by it: ASCII digits, as label_name writes
+    a whole number (str.isdigit() holds for "²", which int() refuses, and for "١", which label_name keeps a name)."""
     if names is None:
         return id2label
-    return {i: names[int(label)] if label.isdigit() and int(label) < len(names) else label
+    return {i: names[int(label)] if label.isascii() and label.isdigit() and int(label) < len(names) else label
             for i, label in id2label.items()}
 
 
