@@ -1655,6 +1655,17 @@ def test_a_json_object_wrapping_the_rows_is_refused_naming_its_list(tmp_path: Pa
         load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
 
 
+@pytest.mark.parametrize("text", [json.dumps([{"data": ROWS}], indent=2), json.dumps([{"data": ROWS}]) + "\n[]"],
+                         ids=["array", "joined-arrays"])
+def test_an_array_of_one_object_wrapping_the_rows_is_refused_naming_their_jq_path(tmp_path: Path, text: str) -> None:
+    """The rows of [{"data": [...]}] are at .[].data[]: the hint said jq -c '.data[]', which jq refuses on an array
+    ("Cannot index array with "data"")."""
+    (path := tmp_path / "d.json").write_text(text)
+    with pytest.raises(DataError, match=re.escape("holds a list of 30 records: if those are the rows, write them one a "
+                                                  "line, as jq -c '.[].data[]' does")):
+        load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+
+
 def test_a_wrapped_lists_jq_quotes_a_key_that_is_no_ascii_name(tmp_path: Path) -> None:
     """jq's `.key` takes ASCII names only (`.données[]` is its syntax error), and a quote ends the shell's."""
     (path := tmp_path / "d.json").write_text(json.dumps({"it's données": ROWS}))

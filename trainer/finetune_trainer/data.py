@@ -59,6 +59,7 @@ CSV_SEPARATORS = ",\t;|"  # a comma first: it wins a tie
 HEADER_READERS = 16  # threads opening image files at load, which mostly wait on the volume
 IMAGE_COLUMN = "image"  # the column an ImageFolder's file paths land in
 TABLE_FOLDER = "\0table folder"  # the folder of the file a row of a folder's tables came from
+IN_ARRAYS = "json arrays"  # the attrs key of a table read from JSON arrays (in_arrays)
 TRAIN, VALIDATION, TEST = "train", "validation", "test"
 MISSING_SPELLINGS = {"na", "nan", "null", "none", "n/a"}  # R's, pandas', JSON's and Python's, in lower case
 # The words the hub's loader (datasets' data_files patterns) reads as a split name, between separators.
@@ -546,14 +547,15 @@ def wrapped_hint(table: pd.DataFrame) -> str:
         return ""
     lists = " and ".join(f"key {key!r} holds a list of {count} records" for key, count in wrapped)
     return (f"; the file holds one record, whose {lists}: if those are the rows, write them one a line, as "
-            f"{jq_rows(str(wrapped[0][0]))} does")
+            f"{jq_rows(str(wrapped[0][0]), table.attrs.get(IN_ARRAYS, False))} does")
 
 
-def jq_rows(key: str) -> str:
-    """The shell command that writes the records of the list at `key` one a line: jq's `.key` takes ASCII names
-    only, and a quote in the key ends the shell's quoting."""
+def jq_rows(key: str, in_arrays: bool = False) -> str:
+    """The shell command that writes the records of the list at `key` one a line, of an object in arrays where
+    `in_arrays` ([{"data": [...]}], where `.data[]` is jq's error): jq's `.key` takes ASCII names only, and a quote
+    in the key ends the shell's quoting."""
     path = f".{key}" if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) else f".[{json.dumps(key, ensure_ascii=False)}]"
-    return "jq -c '" + f"{path}[]".replace("'", "'\\''") + "'"
+    return "jq -c '" + f"{'.[]' * in_arrays}{path}[]".replace("'", "'\\''") + "'"
 
 
 def written_columns(columns: Iterable[Any]) -> list[Any]:
@@ -1008,14 +1010,21 @@ def read_json(text: str, name: str) -> pd.DataFrame:
     if layout is JsonLayout.STREAM:
         return records_table(stream_records(text, name, dict))
     try:
-        return pd.read_json(io.StringIO(text), lines=layout is JsonLayout.LINES, dtype=False,
-                            dtype_backend="numpy_nullable")
+        table = pd.read_json(io.StringIO(text), lines=layout is JsonLayout.LINES, dtype=False,
+                             dtype_backend="numpy_nullable")
     except (TypeError, ValueError) as exc:  # TypeError: pandas' complaint about a record such as [1, 2] or null
         if layout is JsonLayout.ARRAY and several_values(text):  # array files joined with cat
-            return records_table(stream_records(text, name, list))
+            return in_arrays(records_table(stream_records(text, name, list)))
         if (where := first_bad_record(text, layout)) is None:  # such as an integer past 64 bits ("Value is too big!")
             raise ValueError(f"{name}: {exc}") from exc  # which file of a folder, as a CSV's error says
         raise ValueError(f"{name} {where}") from exc
+    return in_arrays(table) if layout is JsonLayout.ARRAY else table
+
+
+def in_arrays(table: pd.DataFrame) -> pd.DataFrame:
+    """`table` marked as the records of JSON arrays, which jq finds at .[] (wrapped_hint)."""
+    table.attrs[IN_ARRAYS] = True
+    return table
 
 
 def stream_records(text: str, name: str, kind: type[dict] | type[list]) -> list[dict]:
