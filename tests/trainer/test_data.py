@@ -1625,6 +1625,23 @@ def test_a_json_integer_past_64_bits_is_refused_naming_its_file(tmp_path: Path) 
         load_dataset(spec(folder), Task.SEQUENCE_CLASSIFICATION, 0)
 
 
+@pytest.mark.parametrize(("layout", "error"), [
+    ("array", r"d.json: Value is too big!"), ("lines", r"d.json: Value is too big!"),
+    ("arrays", r"d.json line 63 starts a value holding an integer past 64 bits \(18446744073709551616\): write it as "),
+    ("stream", r"d.json line 81 starts a value holding an integer past 64 bits \(18446744073709551616\): write it as "),
+], ids=["array", "lines", "arrays", "stream"])
+def test_a_json_integer_past_64_bits_is_refused_in_every_layout(tmp_path: Path, layout: str, error: str) -> None:
+    """pandas refuses it in an array or JSON Lines; a stream and joined arrays, decoded by json, read it, the same
+    data read in one layout and refused in another."""
+    rows = [*ROWS[:20], {"text": "big", "label": 2 ** 64}, *ROWS[21:]]  # in the second of two arrays, at line 63
+    text = {"array": json.dumps(rows, indent=2), "lines": "".join(json.dumps(r) + "\n" for r in rows),
+            "arrays": json.dumps(rows[:15], indent=2) + "\n" + json.dumps(rows[15:]),
+            "stream": "".join(json.dumps(r, indent=2) + "\n" for r in rows)}
+    (path := tmp_path / "d.json").write_text(text[layout])
+    with pytest.raises(DataError, match=rf"cannot read it as jsonl \(ValueError: {error}"):
+        load_dataset(spec(path), Task.SEQUENCE_CLASSIFICATION, 0)
+
+
 def test_json_arrays_one_after_another_load_past_the_byte_order_mark_each_file_began_with(tmp_path: Path) -> None:
     """Windows' editors start a file with a BOM, so a join has one between arrays: refused as "line 2 is not JSON
     (Expecting value, column 1)", an invisible character's."""

@@ -1031,8 +1031,9 @@ def stream_records(text: str, name: str, kind: type[dict] | type[list]) -> list[
     """The records of a text of JSON values one after another: objects (`kind` dict), or arrays of objects (list).
     Decoded once, here: made one array for pandas, a stream was decoded twice (a third more time)."""
     records: list[dict] = []
+    end = 0
     try:
-        for start, _, value in json_values(text):
+        for start, end, value in json_values(text):
             if not isinstance(value, kind) or kind is list and not all(isinstance(r, dict) for r in value):
                 raise ValueError(f"{name} line {line_at(text, start)} {not_records(value, kind)}")
             if isinstance(value, list):
@@ -1041,6 +1042,9 @@ def stream_records(text: str, name: str, kind: type[dict] | type[list]) -> list[
                 records.append(value)
     except json.JSONDecodeError as exc:
         raise ValueError(f"{name} {not_json(exc.lineno, exc)}") from exc
+    except OverflowError as exc:  # json_integer's, in the value after the last one read
+        line = line_at(text, JSON_BLANK.match(text, end).end())
+        raise ValueError(f"{name} line {line} starts a value holding {exc}: write it as a string") from exc
     return records
 
 
@@ -1057,7 +1061,7 @@ def not_records(value: Any, kind: type[dict] | type[list]) -> str:
 def records_table(records: list[dict]) -> pd.DataFrame:
     """The table pd.read_json(dtype=False, dtype_backend="numpy_nullable") makes of an array of `records`, as it
     builds it: columns in the order the records name them, an axis of names that read as numbers (or dates) as those,
-    a missing value NA whether null or absent. Integers past 64 bits are kept, where pandas refuses the file."""
+    a missing value NA whether null or absent."""
     try:
         table = pd.DataFrame(records)
     except UnicodeEncodeError:  # a lone surrogate (\ud83d, an emoji cut in two), which pandas' parser drops
@@ -1110,13 +1114,15 @@ def first_value_parses(text: str) -> bool:
         next(json_values(text), None)
     except json.JSONDecodeError:
         return False
+    except OverflowError:  # it parses: stream_records refuses its integer
+        pass
     return True
 
 
 def json_values(text: str) -> Iterator[tuple[int, int, Any]]:
     """Where each JSON value of a text of values one after another starts and ends, and the value: decoded one at a
     time, for a corpus' memory. A JSONDecodeError's line is the text's own."""
-    decoder = json.JSONDecoder()
+    decoder = json.JSONDecoder(parse_int=json_integer)
     start = JSON_BLANK.match(text).end()
     while start < len(text):
         value, end = decoder.raw_decode(text, start)
@@ -1124,6 +1130,15 @@ def json_values(text: str) -> Iterator[tuple[int, int, Any]]:
         start = JSON_BLANK.match(text, end).end()
 
 
+def json_integer(digits: str) -> int:
+    """A JSON integer, refused past 64 bits (an OverflowError) as pandas refuses it in an array or JSON Lines
+    ("Value is too big!"): a stream or joined arrays, decoded here, were read where one array was refused."""
+    if (value := int(digits)) not in JSON_INTEGERS:
+        raise OverflowError(f"an integer past 64 bits ({digits})")
+    return value
+
+
+JSON_INTEGERS = range(-2 ** 63, 2 ** 64)  # int64's and uint64's: those pandas reads of JSON
 JSON_BLANK = re.compile(r"[ \t\n\r\ufeff]*")  # JSON's whitespace, and the byte order mark of each file joined
 EMPTY_OBJECTS = re.compile(r"([ \t\n\r\ufeff]*\{[ \t]*\}[ \t\r]*\n)*")  # lines of "{}" (json_layout)
 FIRST_LINE = re.compile(r"^[^\S\r\n]*\S[^\r\n]*", re.M)
