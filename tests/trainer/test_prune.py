@@ -6,6 +6,7 @@ from __future__ import annotations
 import copy
 import json
 import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pandas as pd
@@ -658,16 +659,6 @@ def test_a_missing_healing_file_or_column_is_refused_naming_the_field(tmp_path: 
     assert not (tmp_path / "out" / "analysis.json").exists()
 
 
-def test_a_one_segment_pair_classifier_heals_without_segment_ids(tmp_path: Path) -> None:
-    """A RoBERTa-kind model (one segment) of pairs heals on the training pairs without the BERT tokenizer's segment
-    1, which indexes past its table (training dropped them; healing did not)."""
-    doc = tiny_pair_classifier_doc(tmp_path, maxSteps=2)
-    doc["model"]["config"] = TINY_BERT | {"num_hidden_layers": 3, "type_vocab_size": 1}
-    doc["rearrange"] = {"prune": {"count": 1, "heal": {"steps": 2}}}
-    report = run(TrainerConfig.model_validate(doc), tmp_path / "out")
-    assert report["pruning"]["heal"]["steps"] == 2
-
-
 def heal_pairs_doc(folder: Path, suffix: str = ".csv", **heal_dataset: str) -> dict:
     """tiny_pair_classifier_doc with 3 layers, one pruned and healed for 2 steps on folder/unlabelled.csv's (or
     .jsonl's) pairs (a blank text and a missing one among them), read as `heal_dataset` says."""
@@ -702,9 +693,22 @@ def test_a_pair_classifier_heals_on_its_datasets_pairs_encoded_as_the_training_p
     assert all(1 in row for row in healing.segments)  # each second text is segment 1
 
 
-def test_a_one_segment_pair_classifier_heals_on_its_datasets_pairs(tmp_path: Path) -> None:
-    """heal.dataset's pairs, as the training split's, heal a RoBERTa-kind model without segment ids."""
-    doc = heal_pairs_doc(tmp_path, textPairField="hypothesis")
+def training_pairs_heal_doc(folder: Path) -> dict:
+    """tiny_pair_classifier_doc with 3 layers, one pruned and healed for 2 steps on the training split's pairs."""
+    doc = tiny_pair_classifier_doc(folder, maxSteps=2)
+    doc["model"]["config"] = TINY_BERT | {"num_hidden_layers": 3}
+    doc["rearrange"] = {"prune": {"count": 1, "heal": {"steps": 2}}}
+    return doc
+
+
+@pytest.mark.parametrize("make_doc", [training_pairs_heal_doc,
+                                      lambda folder: heal_pairs_doc(folder, textPairField="hypothesis")],
+                         ids=["training-pairs", "heal-dataset-pairs"])
+def test_a_one_segment_pair_classifier_heals_without_segment_ids(tmp_path: Path,
+                                                                 make_doc: Callable[[Path], dict]) -> None:
+    """A RoBERTa-kind model (one segment) of pairs heals on the training pairs, or heal.dataset's, without the BERT
+    tokenizer's segment 1, which indexes past its table (training dropped them; healing did not)."""
+    doc = make_doc(tmp_path)
     doc["model"]["config"] |= {"type_vocab_size": 1}
     report = run(TrainerConfig.model_validate(doc), tmp_path / "out")
     assert report["pruning"]["heal"]["steps"] == 2
