@@ -26,9 +26,10 @@ CPU = torch.device("cpu")
 class Scraper:
     """Reads /metrics every `interval` seconds, as Prometheus does, and keeps what it read."""
 
-    def __init__(self, port: int, interval: float, agent: str = "Prometheus/3.5.0") -> None:
+    def __init__(self, port: int, interval: float, agent: str = "Prometheus/3.5.0", timeout: float = 5) -> None:
         self.request = urllib.request.Request(f"http://127.0.0.1:{port}/metrics", headers={"User-Agent": agent})
         self.interval = interval
+        self.timeout = timeout
         self.bodies: list[str] = []
         self.read = threading.Event()
         self.done = threading.Event()
@@ -38,7 +39,7 @@ class Scraper:
     def run(self) -> None:
         while not self.done.is_set():
             try:
-                self.bodies.append(urllib.request.urlopen(self.request, timeout=5).read().decode())
+                self.bodies.append(urllib.request.urlopen(self.request, timeout=self.timeout).read().decode())
                 self.read.set()
             except OSError:
                 pass
@@ -134,6 +135,12 @@ def test_a_read_counts_once_its_answer_is_sent_and_the_readers_kept_are_bounded(
         readers.read(f"10.0.0.9 curl/{n}", time.monotonic())
     assert len(readers.last) == telemetry.MAX_READERS and "10.0.0.9 curl/99" in readers.last
     assert set(readers.gap) <= set(readers.last) and set(readers.began) == set(readers.last)
+    # A client gone before its answer was sent is no longer being answered: it would hold the wait to its cap.
+    two_chunks = readers.wrap(lambda *_: [b"finetune_trainer_step 3\n", b"finetune_trainer_loss 1\n"])
+    gone = two_chunks(environ, lambda *_: None)
+    next(gone)  # the first written, then the client closed the connection
+    gone.close()
+    assert not readers.answering
 
 
 def test_a_read_whose_answer_was_made_before_the_wait_began_does_not_end_it() -> None:
@@ -163,6 +170,45 @@ def test_a_read_whose_answer_was_made_before_the_wait_began_does_not_end_it() ->
     # Two scrapers behind one proxy share a name: the other's stale answer, counted after, takes nothing back.
     readers.read("10.0.0.9 Prometheus/3.5.0", time.monotonic(), began=since - 1)
     assert readers.read_since("10.0.0.9 Prometheus/3.5.0", since)
+
+
+@pytest.mark.parametrize("due", ["during the wait", "before the wait"])
+def test_a_slow_answer_begun_before_the_wait_holds_it_until_its_readers_next_read(endpoint: tuple[Metrics, int],
+                                                                                   due: str) -> None:
+    """A read begun before the final evaluation was set, whose answer was still being made at its reader's due time
+    (or was when the wait began): the wait ended under it, and the reader read those old values last. Its due time
+    is counted from that read once it is sent."""
+    metrics, port = endpoint
+    slow, making, made = threading.Event(), threading.Event(), threading.Event()
+
+    class SlowCollector:  # a gauge read at each scrape (as GPU memory is) that takes its time once
+        def collect(self) -> list[object]:
+            if slow.is_set():
+                slow.clear()
+                making.set()
+                made.wait(30)
+            return []
+
+    metrics.registry.register(SlowCollector())  # type: ignore[arg-type]
+    scraper = Scraper(port, interval=0.5, timeout=30)
+    try:
+        scraper.wait_for_a_read()
+        scraper.wait_for_a_read()  # its interval is known now
+        slow.set()
+        assert making.wait(10)
+        (reader, last), = metrics.readers.last.items()
+        old_due = last + 1.5 * metrics.readers.gap[reader] + 1  # of its next read, as of its last read sent
+        if due == "before the wait":
+            time.sleep(max(old_due - time.monotonic(), 0) + 0.2)
+        # sent well after that due time: the broken wait has ended by then
+        release = threading.Timer(max(old_due - time.monotonic(), 0) + 2, made.set)
+        release.start()
+        took = finish(metrics, EXIT_OK)
+    finally:
+        made.set()
+        scraper.stop()
+    assert 'phase="final"' in scraper.bodies[-1], f"closed after {took:.1f} s, before the reader read again"
+    assert took < 20  # ~3 s: until the slow answer is sent, then the next read (the cap: 60 s)
 
 
 def test_a_read_counted_after_the_wait_began_moves_its_readers_due_time_on(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -31,7 +31,7 @@ import os
 import signal
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
@@ -83,18 +83,34 @@ class Readers:
         self.last: dict[str, float] = {}
         self.gap: dict[str, float] = {}
         self.began: dict[str, float] = {}  # when the answer of each one's last read began to be made
+        self.answering: Counter[str] = Counter()  # the reads of each one whose answers are being made or sent
 
     def wrap(self, app: Callable[..., Iterable[bytes]]) -> Callable[..., Iterable[bytes]]:
         def recorded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterator[bytes]:
-            began = time.monotonic()
-            yield from app(environ, start_response)
-            # Once sent: counted as it came in, the read ended the wait, and the process exited while the answer,
-            # the final evaluation in it, was still being made or written. And as of when its answer began to be
-            # made: one made just before the final evaluation was set and sent just after the wait began ended the
-            # wait, though it held none of it.
-            self.read(f'{environ.get("REMOTE_ADDR", "")} {environ.get("HTTP_USER_AGENT", "")}', time.monotonic(),
-                      began)
+            client = f'{environ.get("REMOTE_ADDR", "")} {environ.get("HTTP_USER_AGENT", "")}'
+            began = self.answer(client)
+            try:
+                yield from app(environ, start_response)
+                # Once sent: counted as it came in, the read ended the wait, and the process exited while the answer,
+                # the final evaluation in it, was still being made or written. And as of when its answer began to be
+                # made: one made just before the final evaluation was set and sent just after the wait began ended
+                # the wait, though it held none of it.
+                self.read(client, time.monotonic(), began)
+            finally:  # sent, or the client gone
+                self.answered(client)
         return recorded
+
+    def answer(self, client: str) -> float:
+        """`client`'s read is being answered from now on (returned)."""
+        with self.lock:
+            self.answering[client] += 1
+        return time.monotonic()
+
+    def answered(self, client: str) -> None:
+        with self.lock:
+            self.answering[client] -= 1
+            if not self.answering[client]:
+                del self.answering[client]
 
     def read(self, client: str, now: float, began: float | None = None) -> None:
         """`client` read at `now`, its answer made from `began` on (by default: at once)."""
@@ -112,10 +128,13 @@ class Readers:
             self.began[client] = max(self.began.get(client, -math.inf), now if began is None else began)
 
     def deadlines(self, since: float, cap: float) -> dict[str, float]:
-        """For each reader still scraping at `since`, by when its next read is due (a reader seen once: `cap`)."""
+        """For each reader still scraping at `since`, by when its next read is due (a reader seen once: `cap`). One
+        whose answer is being made or sent: `cap`, until that read is counted. Its due time passed under a slow
+        answer begun before the final values were set, that reader was let go, and it read the old values last."""
         with self.lock:
             due = {client: last + (1.5 * self.gap[client] + 1 if client in self.gap else cap)
                    for client, last in self.last.items()}
+            due.update(dict.fromkeys(self.answering, math.inf))
         return {client: min(at, since + cap) for client, at in due.items() if at > since}
 
     def read_since(self, client: str, since: float) -> bool:
@@ -259,9 +278,10 @@ class Metrics:
             while waiting and not stop.wait(0.05):
                 at = time.monotonic()
                 # A read counted after the wait began (its answer made before) moves its reader's next due time on:
-                # kept at the one due before, the wait ended just as that reader's next read was coming.
+                # kept at the one due before, the wait ended just as that reader's next read was coming. Not kept at
+                # the cap of a read being answered either, once it is counted.
                 due_now = self.readers.deadlines(now, cap)
-                waiting = {c: max(due, due_now.get(c, due)) for c, due in waiting.items()}
+                waiting = {c: due_now.get(c, due) for c, due in waiting.items()}
                 waiting = {c: due for c, due in waiting.items() if due > at and not self.readers.read_since(c, now)}
         finally:
             if installed:
