@@ -36,6 +36,17 @@ def test_too_many_gpus_is_unschedulable(kube: Kube, namespace: str) -> None:
     assert scheduled["status"] == "False" and "nvidia.com/gpu" in scheduled["message"]
 
 
+def test_a_pod_naming_a_scheduler_not_running_gets_no_word_from_any(kube: Kube, namespace: str) -> None:
+    """What the operator's NoScheduler reads: only the scheduler a pod names sets its PodScheduled, so a pod naming
+    one not running has no such condition, while its neighbour of the default scheduler is placed."""
+    unheard = _gpu_pod("unheard", 1)
+    unheard["spec"]["schedulerName"] = "no-such-scheduler"
+    kube.apply([unheard, _gpu_pod("placed", 1)], namespace)
+    kube.wait_pod(namespace, "placed", lambda p: condition(p, "PodScheduled").get("status") == "True", "scheduled")
+    pod = kube.get("pod", "unheard", namespace)
+    assert phase(pod) == "Pending" and not condition(pod, "PodScheduled") and not pod["spec"].get("nodeName")
+
+
 def test_gpu_job_completes_and_a_marked_pod_fails(kube: Kube, namespace: str) -> None:
     job = {"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "gpu-job"},
            "spec": {"backoffLimit": 0, "template": {"spec": _gpu_pod("unused", 1)["spec"]}}}

@@ -218,6 +218,53 @@ def test_a_worker_held_by_its_scheduling_gates_says_so_after_a_grace() -> None:
     assert "Scheduled" not in conditions(freed) and freed["reason"] == "AttemptCreated"
 
 
+def unscheduled_pod(conditions: list[dict[str, str]], **spec: str) -> dict[str, Any]:
+    """The summary of attempt 1's pod made at NOW, Pending with `conditions` (PodScheduled's) and `spec`."""
+    return outcome.pod_summary({
+        "metadata": {"name": "ft-1-0-x", "labels": {"finetune.dev/attempt": "1"}, "creationTimestamp": timestamp(NOW),
+                     "ownerReferences": [{"kind": "Job"}]},
+        "spec": spec, "status": {"phase": "Pending", "conditions": conditions}})
+
+
+def test_a_worker_no_scheduler_speaks_of_says_so_after_a_grace() -> None:
+    """spec.pod.schedulerName naming a scheduler not running (not installed, misspelled): only that scheduler sets
+    PodScheduled, so the pod had no condition and the job stayed Pending/AttemptCreated for ever, with no Event."""
+    unheard = unscheduled_pod([], schedulerName="volcano")
+    made = after(decide(Observed(body({"attempts": 1}), [job()], [unheard], NOW)))
+    waiting = decide(Observed(body(made), [job()], [unheard], NOW + timedelta(seconds=30)))
+    assert "Scheduled" not in conditions(after(waiting, made)) and not waiting.events  # a scheduler speaks in moments
+    held = decide(Observed(body(made), [job()], [unheard], NOW + timedelta(seconds=61)))
+    status = after(held, made)
+    assert conditions(status)["Scheduled"] == ("False", "NoScheduler") and status["reason"] == "NoScheduler"
+    assert [e[:2] for e in held.events] == [("Warning", "NoScheduler")]
+    assert "its scheduler, volcano, since its creation at 2026-12-01T12:00:00Z" in held.events[0][2]
+    # The scheduler started, and found no node: its own word replaces ours
+    refused = unscheduled_pod([{"type": "PodScheduled", "status": "False", "reason": "Unschedulable",
+                                "message": "0/3 nodes are available"}], schedulerName="volcano")
+    assert "unheard" not in refused
+    found = after(decide(Observed(body(status), [job()], [refused], NOW + timedelta(seconds=70))), status)
+    assert conditions(found)["Scheduled"] == ("False", "Unschedulable")
+    # A pod of no schedulerName is the default scheduler's, and a pod past Pending is no scheduler's business
+    assert unscheduled_pod([])["unheard"] == "default-scheduler"
+    assert "unheard" not in outcome.pod_summary({"metadata": {"name": "p"}, "status": {"phase": "Failed"}})
+
+
+def test_a_schedulers_error_on_a_worker_shows_its_reason_and_message() -> None:
+    """PodScheduled False for a reason other than Unschedulable (SchedulerError: a volume's PreBind timing out, an
+    extender down), which the scheduler retries as it does an unschedulable pod: the job stayed Pending/AttemptCreated
+    with no condition nor Event for as long as the error lasted."""
+    error = unscheduled_pod([{"type": "PodScheduled", "status": "False", "reason": "SchedulerError",
+                              "message": 'running PreBind plugin "VolumeBinding": binding volumes: context deadline '
+                                         'exceeded'}])
+    assert "unheard" not in error
+    decision = decide(Observed(body({"attempts": 1}), [job()], [error], NOW))
+    status = after(decision)
+    assert conditions(status)["Scheduled"] == ("False", "Unschedulable") and status["reason"] == "Unschedulable"
+    said = 'SchedulerError: running PreBind plugin "VolumeBinding": binding volumes: context deadline exceeded'
+    assert [c["message"] for c in status["conditions"] if c["type"] == "Scheduled"] == [said]
+    assert ("Warning", "Unschedulable") in [e[:2] for e in decision.events]
+
+
 def test_a_new_attempt_is_not_said_scheduled_for_the_attempt_before() -> None:
     """A retry kept Scheduled True, "every worker has a node", from attempt 1 while attempt 2's pods had none."""
     running = after(decide(Observed(body({"attempts": 1}), [job(ready=1)], [pod()], NOW)))
@@ -1420,6 +1467,16 @@ def test_a_child_job_its_queue_suspended_is_queued_and_its_stopped_pods_are_no_f
         assert conditions(status)["Running"] == ("False", "Queued") and status["attempts"] == 1
         assert not status.get("failures") and "Restarting" not in conditions(status)
         assert conditions(status)["MetricsStale"] == ("False", "Queued")
+
+
+def test_a_wait_in_the_queue_is_told_by_a_normal_event() -> None:
+    """Each job of a Kueue user waits to be admitted, and again after each preemption: a Warning Event at each wait
+    was noise to an alert on Warnings, as a resume's was."""
+    made = after(decide(Observed(body(), [], [], NOW)))
+    queued = job(created=timestamp(NOW), suspended=True, active=0)
+    decision = decide(Observed(body(made), [queued], [], NOW + timedelta(seconds=10)))
+    assert after(decision, made)["reason"] == "Queued"
+    assert [e[:2] for e in decision.events if e[1] == "Queued"] == [("Normal", "Queued")]
 
 
 def test_the_pods_a_suspend_stopped_are_no_failure_of_the_jobs_next_admission() -> None:

@@ -65,6 +65,8 @@ class Outcome:
 # with no condition (a kubelet before 1.26, or its PodDisruptionConditions off) is an ordinary failure, as before.
 EVICTED = "Evicted"
 SCHEDULING_GATED = "SchedulingGated"  # PodScheduled's reason while spec.schedulingGates holds a pod
+DEFAULT_SCHEDULER = "default-scheduler"  # the scheduler of a pod that names none (the apiserver's default)
+NO_SCHEDULER = "NoScheduler"  # no scheduler has spoken of a pod: the one it names is not running
 QUEUED = "Queued"  # a Job its queue (Kueue) holds suspended until it admits it
 ADMITTED = "Admitted"  # Running False once the queue admitted the Job, until its pods run
 OWN_LIMIT_EVICTION = re.compile(
@@ -319,7 +321,7 @@ def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
         "ip": status.get("podIP"),
         "ready": conditions.get("Ready", {}).get("status") == "True",
         "scheduled": scheduled.get("status") == "True",
-        "unschedulable": scheduled.get("message") if scheduled.get("reason") == "Unschedulable" else None,
+        "unschedulable": _scheduler_refusal(scheduled),
         "gated": _gated(pod, scheduled),
         "disrupted": api.reason_or(disruption.get("reason"), "Disrupted") if disruption.get("status") == "True" else (
             "RejectedByNode" if rejected and status.get("reason") in NODE_STATE_REJECTIONS else None),
@@ -337,6 +339,8 @@ def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
         "orphaned": not any(r.get("kind") == "Job" for r in meta.get("ownerReferences") or []),
         "created": meta.get("creationTimestamp") or "",
     }
+    if not scheduled and status.get("phase", "Pending") == "Pending":  # no scheduler has spoken of it yet
+        summary["unheard"] = (pod.get("spec") or {}).get("schedulerName") or DEFAULT_SCHEDULER
     if outlived_by := _outlived_by(pod):  # rare: kept only where set, as a summary of every pod lives in the index
         summary["outlived_by"] = outlived_by
     if terminated:
@@ -349,6 +353,17 @@ def pod_summary(pod: dict[str, Any]) -> dict[str, Any]:
             "logEnd": None if message else log_end(terminated.get("message")),
         }
     return summary
+
+
+def _scheduler_refusal(scheduled: dict[str, Any]) -> str | None:
+    """Why the scheduler has not placed a pod (PodScheduled False), None while it has not said: its message where it
+    found no node (Unschedulable), else led by its reason (SchedulerError, such as a volume's PreBind timing out), which
+    it retries as it does an Unschedulable pod. Not a pod its scheduling gates hold (`_gated`)."""
+    reason = scheduled.get("reason")
+    if scheduled.get("status") != "False" or reason in (None, SCHEDULING_GATED):
+        return None
+    message = scheduled.get("message") or ""
+    return message if reason == "Unschedulable" else f"{reason}: {message}" if message else reason
 
 
 def _gated(pod: dict[str, Any], scheduled: dict[str, Any]) -> dict[str, str] | None:
@@ -522,13 +537,14 @@ def parse_time(text: str) -> datetime:
 
 def attempt_outcome(job: dict[str, Any] | None, pods: list[dict[str, Any]],
                     job_warning: tuple[str, str] | None = None, pod_warning: tuple[str, str] | None = None,
-                    gated: str | None = None) -> Outcome:
+                    held: tuple[str, str] | None = None) -> Outcome:
     """Where the current attempt stands, from its Job and pods (either may lag the other).
 
     `job_warning` is the latest Warning Event of a Job that lacks some of its pods (e.g. FailedCreate:
     a missing ServiceAccount, a quota, Pod Security), `pod_warning` the Warning Event of a pod
-    whose containers are long in being created (a volume that does not mount), and `gated` why a pod
-    is long held by its scheduling gates, so that none is a silent Pending."""
+    whose containers are long in being created (a volume that does not mount), and `held` the reason and message
+    of a pod long kept from a node before any scheduler looked at it (its gates, a scheduler not running), so that
+    none is a silent Pending."""
     if job is None:
         return Outcome(State.PENDING, "Creating", "creating the attempt's objects")
     rank0 = next((p for p in pods if p["index"] == 0), None)
@@ -562,8 +578,8 @@ def attempt_outcome(job: dict[str, Any] | None, pods: list[dict[str, Any]],
     unschedulable = next((p["unschedulable"] for p in pods if p["unschedulable"]), None)
     if unschedulable:
         return Outcome(State.PENDING, "Unschedulable", unschedulable, unschedulable=unschedulable)
-    if gated:
-        return Outcome(State.PENDING, SCHEDULING_GATED, gated, unschedulable=gated)
+    if held:
+        return Outcome(State.PENDING, *held, unschedulable=held[1])
     stuck = next((p for p in pods if p.get("stuck")), None)
     if stuck:
         waiting = stuck["stuck"]

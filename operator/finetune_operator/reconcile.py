@@ -243,7 +243,7 @@ def decide(seen: Observed) -> Decision | None:
         _created(conds, attempt, job.get("workers", workers))
 
     def observe() -> Decision:
-        result = outcome.attempt_outcome(job, pods, seen.job_warning, seen.pod_warning, _gated(pods, now))
+        result = outcome.attempt_outcome(job, pods, seen.job_warning, seen.pod_warning, _held(pods, now))
         _observe(result, conds, status, old, spec, seen, attempt, fail)
         if status["attempts"] > attempt:
             _carry_clock(status, old, wait, now)
@@ -582,19 +582,27 @@ def pod_warning(seen: Observed, warnings: Callable[[str], dict[str, tuple[str, s
     return None
 
 
-# Kueue's topology-aware scheduling gate lifts within seconds; one whose controller is missing never does.
-GATED_GRACE_SECONDS = 60
+# Kueue's topology-aware scheduling gate lifts within seconds, and a running scheduler speaks of a pod within
+# moments (PodScheduled); a gate whose controller is missing never lifts, and a scheduler not running never speaks.
+HELD_GRACE_SECONDS = 60
 
 
-def _gated(pods: list[dict[str, Any]], now: datetime) -> str | None:
-    """Why a pod of the attempt is still held by its scheduling gates GATED_GRACE_SECONDS after they held it."""
+def _held(pods: list[dict[str, Any]], now: datetime) -> tuple[str, str] | None:
+    """Why a pod of the attempt is still kept from any scheduler HELD_GRACE_SECONDS after its gates held it, or after
+    its creation with no scheduler's word on it (spec.pod.schedulerName names one not running, or misspelled)."""
     for pod in pods:
         gated = pod.get("gated")
         since = _parse_time((gated or {}).get("since"))
-        if gated and (since is None or now >= since + timedelta(seconds=GATED_GRACE_SECONDS)):
-            return (f"pod {pod['name']} is held from the scheduler by its scheduling gates ({gated['gates']}) since "
-                    f"{gated['since'] or 'its creation'}: the controller that removes them (Kueue's topology-aware "
-                    "scheduling, a webhook's) has not")
+        if gated and (since is None or now >= since + timedelta(seconds=HELD_GRACE_SECONDS)):
+            return outcome.SCHEDULING_GATED, (
+                f"pod {pod['name']} is held from the scheduler by its scheduling gates ({gated['gates']}) since "
+                f"{gated['since'] or 'its creation'}: the controller that removes them (Kueue's topology-aware "
+                "scheduling, a webhook's) has not")
+        created = _parse_time(pod.get("created"))
+        if pod.get("unheard") and created and now >= created + timedelta(seconds=HELD_GRACE_SECONDS):
+            return outcome.NO_SCHEDULER, (
+                f"pod {pod['name']} has had no word from its scheduler, {pod['unheard']}, since its creation at "
+                f"{pod['created']}: is that scheduler running (spec.pod.schedulerName)?")
     return None
 
 

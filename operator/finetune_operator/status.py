@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from finetune_operator.api import (MAX_FINDINGS, MAX_LAYERS, MESSAGE_MAX, ConditionType, FineTuneJobStatus, Phase,
                                    reason_or)
-from finetune_operator.outcome import NOT_CREATED, STUCK_WAITING
+from finetune_operator.outcome import NOT_CREATED, QUEUED, STUCK_WAITING
 from finetune_trainer.config import Stage
 from finetune_trainer.rules import error_lines
 
@@ -132,9 +132,10 @@ def transitions(before: list[dict[str, Any]], after: list[dict[str, Any]]) -> li
         if c["status"] == "False" and c["type"] not in (T.CREATED.value, T.SCHEDULED.value, T.SUSPENDED.value) \
                 and c["reason"] != METRICS_READ and not not_started(c):
             continue  # "not running any more" is told by the condition that became true
-        # A restart because the user resumed the job, or an attempt held for a suspend, is no warning: alerts on
-        # Warning Events fired at each resume.
-        kind = "Warning" if (c["type"], c["status"]) in warn and c["reason"] not in (RESUMED, SUSPENDED) else "Normal"
+        # A restart because the user resumed the job, an attempt held for a suspend, or one its queue holds until it
+        # admits it (each job's wait in Kueue), is no warning: alerts on Warning Events fired at each resume.
+        kind = "Warning" if (c["type"], c["status"]) in warn and c["reason"] not in (RESUMED, SUSPENDED, QUEUED) \
+            else "Normal"
         text = c["message"] or f"{c['type']} is {c['status']}"
         if (kind, c["reason"], text) not in events:  # a failure that ends a back-off says so once, not for Created too
             events.append((kind, c["reason"], text))
