@@ -390,6 +390,29 @@ def test_a_pruned_decoder_renumbers_its_layers_and_reloads(tmp_path: Path) -> No
     torch.testing.assert_close(logits_of(reloaded, batch.inputs), logits, atol=1e-5, rtol=1e-5)
 
 
+def test_a_pruned_gpt2_scaling_attention_by_its_layers_index_scales_as_it_reloads(tmp_path: Path, caplog) -> None:
+    """GPT-2 with scale_attn_by_inverse_layer_idx divides its attention's scaling by layer_idx + 1 when built: without
+    layer 0 the kept layers kept their old scaling in memory, and the export reloaded with that of their new
+    places, another model (logits up to 0.1 apart)."""
+    from transformers import AutoModelForCausalLM
+
+    spec = ModelSpec(task=Task.CAUSAL_LM, architecture="gpt2",
+                     config=TINY_GPT2 | {"n_layer": 4, "scale_attn_by_inverse_layer_idx": True},
+                     tokenizerUri="pvc://models/all-MiniLM-L6-v2")
+    model = load_model(spec, load_tokenizer(spec), seed=0).eval()
+    with torch.no_grad():  # attention sharp enough for its scaling to matter
+        for layer in model.transformer.h:
+            layer.attn.c_attn.weight.mul_(8)
+    with caplog.at_level(logging.INFO, logger="finetune_trainer.prune"):
+        prune.remove_layers(model, Task.CAUSAL_LM, [0])
+    inputs = {"input_ids": torch.randint(0, 1000, (4, 16), generator=torch.Generator().manual_seed(0))}
+    model.save_pretrained(tmp_path)
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    torch.testing.assert_close(logits_of(reloaded, inputs), logits_of(model, inputs), atol=1e-5, rtol=1e-5)
+    assert [layer.attn.scaling for layer in model.transformer.h] == [0.25 / n for n in (1, 2, 3)]
+    assert "the kept layers' attn.scaling follow their new places" in caplog.text
+
+
 def test_a_pruned_gpt_neo_renumbers_the_layer_ids_its_cache_is_indexed_by() -> None:
     """GPT-Neo's attention keeps its layer's index in layer_id, not layer_idx: without layer 1 of 4 its kept layers
     said [0, 2, 3] and updated a cache of 3 layers at index 3, an IndexError on every forward."""

@@ -63,6 +63,9 @@ LAYER_INDEXES = ("layer_idx", "layer_id", "layer_number", "layer_num")
 # check_rebuilt refuses the pruning where the model would not rebuild.
 INDEX_LISTS = frozenset({"moe_layers", "mlp_only_layers", "attn_layer_indices", "full_attn_idxs", "hybrid_layer_ids",
                          "cross_attention_layers", "local_layer_ids", "rope_scaling_layers"})
+# The attributes a module's construction may compute from its layer's index (placed_settings): GPT-2's scaling.
+PLAIN = (bool, int, float, str, type(None))
+Setting = tuple[nn.Module, str, Any]  # a module, an attribute's name, its value
 LATENCY_BATCHES = 8
 LATENCY_ROUNDS = 3
 HEAL_WARMUP = 0.1  # of the healing steps, a linear warmup
@@ -223,16 +226,20 @@ def remove_layers(model: nn.Module, task: Task, drop: list[int]) -> None:
     prefix, layers = stack_for(model, task, "rearrange.prune")
     config = getattr(model, "config", None)
     settings = dict(vars(config)) if config is not None else None
+    placed: list[Setting] = []
     if config is not None:
-        check_rebuilt(model, prefix, layers, drop)  # before the model changes
+        placed = check_rebuilt(model, prefix, layers, drop)  # before the model changes
         shrink_config(model, config, len(layers), drop)
+    was = [(module, name, getattr(module, name)) for module, name, _ in placed]
     kept = nn.ModuleList(layer for i, layer in enumerate(layers) if i not in drop)
     model.set_submodule(prefix, kept)
     renumber(kept)
+    assign(placed)
     try:
         check_cached_forward(model, task, drop)
     except ConfigError:  # left whole, as check_rebuilt leaves it
         model.set_submodule(prefix, layers)
+        assign(was)
         renumber(layers)
         if settings is not None:
             vars(config).update(settings)
@@ -247,6 +254,11 @@ def renumber(layers: nn.ModuleList) -> None:
             for name in LAYER_INDEXES:
                 if isinstance(getattr(module, name, None), int):
                     setattr(module, name, i)
+
+
+def assign(settings: list[Setting]) -> None:
+    for module, name, value in settings:
+        setattr(module, name, value)
 
 
 def shrink_config(model: nn.Module, config: Any, layers: int, drop: list[int]) -> None:
@@ -267,20 +279,22 @@ def shrink_config(model: nn.Module, config: Any, layers: int, drop: list[int]) -
             setattr(config, key, [v for i, v in enumerate(value) if i not in drop])
 
 
-def check_rebuilt(model: nn.Module, prefix: str, layers: nn.ModuleList, drop: list[int]) -> None:
+def check_rebuilt(model: nn.Module, prefix: str, layers: nn.ModuleList, drop: list[int]) -> list[Setting]:
     """Refuse a pruning that from_pretrained would not rebuild: it builds layer i as the config says for index i,
     which some configs say by a rule (Qwen2-MoE's decoder_sparse_step, DeepSeek's first_k_dense_replace) rather
     than by a list per layer. Renumbered, such layers reloaded as other modules, with fresh weights and a warning.
     The whole model is compared, not the list alone: one that held only a part of each layer (XLM's layer_norm2)
-    left the other parts' lists as long as before, which the config's count then shortens too."""
+    left the other parts' lists as long as before, which the config's count then shortens too. Returns the settings
+    of the kept layers that from_pretrained gives them by their new index (placed_settings)."""
     from transformers import PreTrainedModel
 
     if not isinstance(model, PreTrainedModel):
-        return
+        return []
     config = copy.deepcopy(model.config)
     shrink_config(model, config, len(layers), drop)
     with torch.device("meta"):  # the modules only: no memory, no initialisation of weights
         built = type(model)._from_config(config)
+        whole = type(model)._from_config(copy.deepcopy(model.config))
     kept = [layer for i, layer in enumerate(layers) if i not in drop]
     expected = {k: v.shape for k, v in model.state_dict().items() if not k.startswith(prefix + ".")}
     expected |= {f"{prefix}.{i}.{k}": v.shape for i, layer in enumerate(kept) for k, v in layer.state_dict().items()}
@@ -289,6 +303,35 @@ def check_rebuilt(model: nn.Module, prefix: str, layers: nn.ModuleList, drop: li
         raise ConfigError(f"rearrange.prune: without layers {drop}, {type(model).__name__} would not reload as "
                           f"trained ({differ[0]} and {len(differ) - 1} more differ): its config builds its layers by "
                           f"their index, or {prefix} holds only a part of each; it cannot be pruned by these layers")
+    kept_at = [i for i in range(len(layers)) if i not in drop]
+    return placed_settings(layers, whole.get_submodule(prefix), built.get_submodule(prefix), kept_at)
+
+
+def placed_settings(layers: nn.ModuleList, whole: nn.ModuleList, built: nn.ModuleList,
+                    kept: list[int]) -> list[Setting]:
+    """The plain attributes of the kept layers' modules that from_pretrained sets by the layer's index, with the
+    values it sets at their new places: those that `whole` (the model's config, built) and `built` (the pruned
+    config's) give the same layer at its old and at its new place differently. GPT-2 with
+    scale_attn_by_inverse_layer_idx divides its attention's scaling by index + 1 once, when built: without layer 0 of
+    4 the kept layers kept their old scaling, and the export reloaded as another model (logits up to 0.1 apart).
+    Attributes that no index decides (training, those the job set) stay as they are."""
+    settings: list[Setting] = []
+    changed: set[str] = set()
+    for place, index in enumerate(kept):
+        rebuilt, unpruned = dict(built[place].named_modules()), dict(whole[index].named_modules())
+        for name, module in layers[index].named_modules():
+            if name not in rebuilt or name not in unpruned:
+                continue  # a module no build of the config has
+            for key, value in vars(rebuilt[name]).items():
+                before = vars(unpruned[name]).get(key)
+                if isinstance(value, PLAIN) and key in vars(module) and (type(before), before) != (type(value), value):
+                    settings.append((module, key, value))
+                    if key not in LAYER_INDEXES:  # renumber's, on every pruning: not worth a line
+                        changed.add(f"{name}.{key}".lstrip("."))
+    if changed:
+        log.info("rearrange.prune: the kept layers' %s follow their new places, as from_pretrained builds them",
+                 ", ".join(sorted(changed)))
+    return settings
 
 
 @torch.no_grad()
