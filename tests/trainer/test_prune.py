@@ -710,7 +710,7 @@ def test_a_pair_classifier_heals_on_its_datasets_pairs_encoded_as_the_training_p
 
     cfg = TrainerConfig.model_validate(heal_pairs_doc(tmp_path, suffix, textPairField="hypothesis"))
     tokenizer = load_tokenizer(cfg.model)
-    healing = healing_texts(cfg, tokenizer, Encoded([], [], []))  # not the training split's
+    healing = healing_texts(cfg, tokenizer, Encoded([], [], []), ())  # not the training split's
     expected = tokenizer(["the sky", "an old car"], ["is blue", "the car"], truncation=True, max_length=32)
     assert healing.features == expected["input_ids"] and healing.segments == expected["token_type_ids"]
     assert all(1 in row for row in healing.segments)  # each second text is segment 1
@@ -748,6 +748,56 @@ def test_a_pair_classifiers_healing_texts_are_refused_unless_pairs_of_two_column
 
     with pytest.raises(ValidationError, match=message):
         TrainerConfig.model_validate(heal_pairs_doc(tmp_path, **heal_dataset))
+
+
+def test_healing_on_the_jobs_own_dataset_leaves_out_its_validation_and_test_texts(tmp_path: Path, monkeypatch,
+                                                                                   caplog) -> None:
+    """heal.dataset.uri the job's dataset.uri: load_texts reads every split of the file, so healing fitted the layers
+    to the texts early stopping selects on and the final scores are of. They are left out, saying how many."""
+    from finetune_trainer import pipeline
+    from finetune_trainer.data import load_dataset
+
+    path = tmp_path / "data.csv"
+    pd.DataFrame({"text": [f"sentence number {n}" for n in range(60)],
+                  "sentiment": ["negative", "positive", "neutral"] * 20}).to_csv(path, index=False)
+    doc = tiny_classifier_doc(tmp_path / "out")
+    doc["dataset"]["uri"] = str(path)
+    doc["rearrange"] = {"prune": {"count": 1, "heal": {"steps": 2, "dataset": {"uri": str(path), "textField": "text"}}}}
+    cfg = TrainerConfig.model_validate(doc)
+    healed: list[Encoded] = []
+    real = pipeline.healing_texts
+
+    class Read(BaseException):  # what healing reads is all this test needs: the model is not loaded
+        pass
+
+    def spy(*args):
+        healed.append(real(*args))
+        raise Read
+
+    monkeypatch.setattr(pipeline, "healing_texts", spy)
+    with pytest.raises(Read):
+        run(cfg, tmp_path / "out")
+    data = load_dataset(cfg.dataset, Task.SEQUENCE_CLASSIFICATION, seed=0)
+    held_out = data.validation.inputs + data.test.inputs
+    tokenizer = load_tokenizer(cfg.model)
+    expected = tokenizer(data.train.inputs, truncation=True, max_length=32)["input_ids"]
+    assert held_out and sorted(healed[0].features) == sorted(expected)
+    assert (f"rearrange.prune.heal.dataset.uri {path}: left out {len(held_out)} of its 60 texts that are in the job's "
+            "validation or test split") in caplog.text
+
+
+def test_healing_pairs_are_left_out_as_pairs_and_texts_that_are_all_evaluated_are_refused_naming_the_field() -> None:
+    """A pair is the job's only where both its texts are (a premise may be tested with another hypothesis); a file of
+    nothing but evaluated texts leaves healing none."""
+    from finetune_trainer.errors import DataError
+    from finetune_trainer.pipeline import unevaluated
+
+    evaluated = (Split([("a premise", "its hypothesis")], [0]), Split([("a test", "pair")], [1]))
+    pairs = [("a premise", "its hypothesis"), ("a premise", "another"), ("a test", "pair")]
+    assert unevaluated(pairs, evaluated, "u.csv") == [("a premise", "another")]
+    with pytest.raises(DataError, match=r"^rearrange.prune.heal.dataset.uri u.csv: each of its texts is one of the "
+                                        r"job's validation or test split's"):
+        unevaluated(["a", "b"], (Split(["b"], [0]), Split(["a"], [1])), "u.csv")
 
 
 def test_a_classifier_of_single_texts_is_refused_healing_pairs(tmp_path: Path) -> None:

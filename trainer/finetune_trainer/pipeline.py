@@ -249,7 +249,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         check_images_once(data, cfg.dataset.uri, world, decode_side(cfg.dataset.image_size, cropped))
     num_labels = 0 if task == Task.CAUSAL_LM else check_label_count(data.id2label, cfg.rearrange.head.num_labels)
     train_data, validation_data, test_data = encode(data, tokenizer, cfg, world.main)
-    heal_data = healing_texts(cfg, tokenizer, train_data)  # read now: a bad file stops the job before the model loads
+    # read now: a bad file stops the job before the model loads
+    heal_data = healing_texts(cfg, tokenizer, train_data, (data.validation, data.test))
     collate = make_collate(task, tokenizer.pad_token_id if tokenizer else 0, cfg.dataset.image_size)
     if detecting:
         torch.manual_seed(seed)  # fresh weights and a new head, the same on every rank and rerun
@@ -763,18 +764,37 @@ def text_encoder(task: Task) -> Callable[..., Encoded]:
     return encode_causal if task == Task.CAUSAL_LM else encode_text
 
 
-def healing_texts(cfg: TrainerConfig, tokenizer: Any, train_data: Encoded) -> Encoded:
+def healing_texts(cfg: TrainerConfig, tokenizer: Any, train_data: Encoded, evaluated: tuple[Split, ...]) -> Encoded:
     """What healing reads: `rearrange.prune.heal.dataset`'s texts, or pairs of texts where the training split is
-    pairs (the config's rules), tokenized as the training split's, or the training split itself."""
+    pairs (the config's rules), less those of the `evaluated` splits (the job's validation and test), tokenized as
+    the training split's; or the training split itself."""
     heal = cfg.rearrange.prune.heal if cfg.rearrange.prune else None
     if heal is None or heal.dataset is None:
         return train_data
     field = "rearrange.prune.heal.dataset"
     if tokenizer is None:
         raise ConfigError(f"{field}: healing on other data needs texts; a {cfg.model.task.value} model takes none")
-    texts = load_texts(heal.dataset, field)
+    texts = unevaluated(load_texts(heal.dataset, field), evaluated, heal.dataset.uri)
     # Labels are never read (healing's target is the unpruned model's states); the collate wants one per row.
     return text_encoder(cfg.model.task)(Split(texts, [0] * len(texts)), tokenizer, cfg.dataset.max_length)
+
+
+def unevaluated(texts: list[Any], evaluated: tuple[Split, ...], uri: str) -> list[Any]:
+    """Healing's `texts` (or pairs) less those of the `evaluated` splits: load_texts reads every split of its file,
+    so healing on the job's own dataset.uri fitted the layers to the texts early stopping selects on and the final
+    scores are of. Left out by text rather than refused by URI: the file's other rows (the job's training split's)
+    are good healing text, and a copy of the file under another name holds the same rows."""
+    seen = {text for split in evaluated for text in split.inputs}
+    kept = [text for text in texts if text not in seen]
+    field = "rearrange.prune.heal.dataset.uri"
+    if not kept:
+        raise DataError(f"{field} {uri}: each of its texts is one of the job's validation or test split's, which "
+                        "healing must not see; heal on other texts, or leave out rearrange.prune.heal.dataset to heal "
+                        "on the training split")
+    if len(kept) < len(texts):
+        log.warning("%s %s: left out %d of its %d texts that are in the job's validation or test split, which healing "
+                    "must not see; %d heal", field, uri, len(texts) - len(kept), len(texts), len(kept))
+    return kept
 
 
 def training_section(state: LoopState, total: int, per_epoch: int, train_data: Encoded, validation_data: Encoded,
