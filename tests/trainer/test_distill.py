@@ -446,6 +446,33 @@ def test_labels_that_differ_only_in_case_are_each_read_from_their_own_teacher_co
         distill.label_columns(teacher, job, 3, "t")
 
 
+@pytest.mark.parametrize(("labels", "columns"), [
+    ({0: "negative", 1: "positive", 2: "fear", 3: "love"}, [0, 1, 3, 2]),  # the spare classes in another order
+    ({0: "positive", 1: "LABEL_1", 2: "negative", 3: "Fear"}, [2, 0, 1, 3]),  # love to the one left unnamed
+    ({0: "negative", 1: "positive", 2: "LABEL_2", 3: "LABEL_3"}, None),  # none named: in order
+])
+def test_a_students_spare_classes_are_read_from_the_teachers_of_their_names_unnamed_ones_in_order(
+        tmp_path: Path, labels: dict[int, str], columns: list[int] | None) -> None:
+    """A kept head of 4 classes (rearrange.head.numLabels 4) for data of 2 keeps its own names for the other 2
+    (rearrange.new_head): they were matched to the teacher's columns left in order, names ignored, so the teacher's
+    fear taught the student's love. Two different names are refused."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    names = {0: "negative", 1: "positive", 2: "love", 3: "fear"}
+    tokenizer = minilm_tokenizer()
+    model = saved_bert(tmp_path / "student", names)  # a student whose head names its spare classes
+    student = load_model(ModelSpec(task=Task.SEQUENCE_CLASSIFICATION, uri=str(model)), tokenizer, seed=0)
+    cfg = distilled(tiny_classifier_doc(tmp_path / "out"), saved_bert(tmp_path / "teacher", labels))
+    teacher = load_teacher(cfg, tokenizer, student, {0: "negative", 1: "positive"}, 4, torch.device("cpu"))
+    assert (teacher.columns if teacher.columns is None else teacher.columns.tolist()) == columns
+    refused = {0: "negative", 1: "positive", 2: "anger", 3: "fear"}
+    with pytest.raises(ConfigError, match=r"^training\.distillation\.teacher t: its classes beyond the job's labels "
+                                          r"are not the student's \(rearrange\.head\.numLabels 4\): it would teach "
+                                          r"anger as love; a teacher must name them as the student's head does"):
+        distill.label_columns(BertForSequenceClassification(BertConfig(vocab_size=100, id2label=refused, **TINY_BERT)),
+                              {0: "negative", 1: "positive"}, 4, "t", names)
+
+
 @pytest.mark.parametrize(("labels", "config", "error"), [
     ({0: "cat", 1: "dog", 2: "neutral"}, {}, r"its labels \(cat, dog, neutral\) do not name negative, positive"),
     ({0: "negative", 1: "positive"}, {}, r"its head scores 2 classes, the student's 3"),

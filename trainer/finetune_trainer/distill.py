@@ -12,6 +12,7 @@ are matched to the student's by label name) or the same vocabulary (text tasks).
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -28,6 +29,7 @@ from finetune_trainer.uris import fetch, local_path
 log = logging.getLogger(__name__)
 
 FIELD = "training.distillation.teacher"
+UNNAMED = re.compile(r"LABEL_\d+")  # transformers' name of a class no one named, as new_head names a spare output
 
 
 @dataclass
@@ -100,7 +102,8 @@ def load_teacher(cfg: TrainerConfig, tokenizer: Any, student: nn.Module, id2labe
     teacher.eval().requires_grad_(False)
     without_cache(teacher)
     width = None if task == Task.IMAGE_CLASSIFICATION else shared_vocabulary(teacher, student, tokenizer, said, where)
-    columns = None if task == Task.CAUSAL_LM else label_columns(teacher, id2label, num_labels, where)
+    student_names = {int(i): str(name) for i, name in (head_labels(student)[0] or {}).items()}
+    columns = None if task == Task.CAUSAL_LM else label_columns(teacher, id2label, num_labels, where, student_names)
     size = sum(p.numel() for p in teacher.parameters())
     log.info("distilling from %s (%s parameters, %.0f MiB, a copy on each worker): loss per target = %.2g x the "
              "labels' cross-entropy + %.2g x T^2 x KL(teacher || student) at temperature T = %g", where, f"{size:,}",
@@ -171,13 +174,15 @@ def shared_vocabulary(teacher: nn.Module, student: nn.Module, tokenizer: Any, th
     return None
 
 
-def label_columns(teacher: nn.Module, id2label: dict[int, str], num_labels: int, where: str) -> torch.Tensor | None:
+def label_columns(teacher: nn.Module, id2label: dict[int, str], num_labels: int, where: str,
+                  student_names: dict[int, str] | None = None) -> torch.Tensor | None:
     """The teacher's logit column of each of the student's `num_labels` classes, matched by name (in any case where
     that is one to one, as data.head_order matches a trained head: data.matched_labels); None where they are in the
     same order. The teacher's head must have the student's `num_labels` columns and name every label of the job: one
     of another size is refused, a wider one too even when it names every label (its other classes' probability would
-    be dropped from its soft targets). The student's spare columns (rearrange.head.numLabels above the labels) take
-    the teacher's unnamed ones, in order."""
+    be dropped from its soft targets). The student's spare columns (rearrange.head.numLabels above the labels) are
+    matched by the names its head gives them (`student_names`: a kept head keeps its own, rearrange.new_head) too;
+    those left take the teacher's left in order where either is unnamed (LABEL_i), and two other names are refused."""
     names, size = head_labels(teacher)
     ours = ", ".join(id2label.values())
     if size != num_labels:
@@ -188,8 +193,18 @@ def label_columns(teacher: nn.Module, id2label: dict[int, str], num_labels: int,
         said = ", ".join(map(str, (names or {}).values())) or "none (no labels.json beside its weights)"
         raise ConfigError(f"{FIELD} {where}: its labels ({said}) do not name {', '.join(missing)} of the job's "
                           f"({ours}): a teacher must be fine-tuned on the job's labels")
-    rest = iter(sorted(set(range(size)) - set(named.values())))  # the heads' spare columns, beyond the labels
+    spare = {i: (student_names or {}).get(i, f"LABEL_{i}") for i in range(num_labels) if i not in id2label}
+    theirs = {int(i): str(name) for i, name in (names or {}).items() if int(i) not in named.values()}
+    # By name first: in order, the teacher's fear taught the student's love where their spare classes' orders differ.
+    named |= matched_labels({i: n for i, n in spare.items() if not UNNAMED.fullmatch(n)},
+                            {i: n for i, n in theirs.items() if not UNNAMED.fullmatch(n)})
+    rest = iter(sorted(set(range(size)) - set(named.values())))  # the heads' spare columns left, in order
     columns = [named[i] if i in named else next(rest) for i in range(num_labels)]
+    if apart := [f"{theirs[c]} as {spare[i]}" for i, c in enumerate(columns) if i not in named
+                 and not UNNAMED.fullmatch(spare[i]) and not UNNAMED.fullmatch(theirs.get(c, f"LABEL_{c}"))]:
+        raise ConfigError(f"{FIELD} {where}: its classes beyond the job's labels are not the student's "
+                          f"(rearrange.head.numLabels {num_labels}): it would teach {', '.join(apart)}; a teacher "
+                          "must name them as the student's head does, or not at all (LABEL_i)")
     return None if columns == list(range(num_labels)) else torch.tensor(columns)
 
 
