@@ -403,8 +403,8 @@ class HealSpec(ApiModel):
         None,
         description="Heal on these texts instead of the training split's (every row of every split the files hold, "
         "tokenized as the training data; labels are not read): healing needs no labels, so any text of the task's "
-        "kind will do, pairs of texts (its textPairField) for a classifier of pairs (dataset.textPairField). Keep "
-        "the job's validation and test rows out of it.",
+        "kind will do, pairs of texts (its textPairField) for a classifier of pairs (dataset.textPairField). Texts "
+        "that are in the job's validation or test split are left out, with a warning saying how many.",
     )
 
     rules = (
