@@ -1019,6 +1019,52 @@ def test_replicas_beyond_one_elect_through_a_lease_of_the_release_s_own(monkeypa
     assert refused.returncode != 0 and "replicas" in refused.stderr
 
 
+def test_names_and_labels_of_a_user_s_values_are_strings_whatever_yaml_would_read_bare() -> None:
+    """fullnameOverride=on rendered `name: on`, a boolean to YAML; nameOverride=no `app.kubernetes.io/name: false`,
+    priorityClassName=yes `priorityClassName: true`: the apiserver refused them, or Helm wrote `true` where `yes` was
+    asked. So did a release `on`, a namespace `yes` or `123` and such watched namespaces, and such a dashboard label."""
+    values = {"fullnameOverride": "on", "nameOverride": "no", "priorityClassName": "yes", "replicas": 2,
+              "watchNamespaces": ["true", "123"], "serviceMonitor": {"enabled": True}, "podMonitor": {"enabled": True},
+              "prometheusRule": {"enabled": True}, "networkPolicy": {"enabled": True},
+              "dashboards": {"enabled": True, "label": "on", "folderAnnotation": "off", "namespace": "null"}}
+    out = subprocess.run([helm(), "template", "on", str(REPO / "charts" / "finetune-operator"), "-n", "yes",
+                          *[a for k, v in values.items() for a in ("--set-json", f"{k}={json.dumps(v)}")]],
+                         check=True, capture_output=True, text=True).stdout
+    docs = [d for d in yaml.safe_load_all(out) if d and d["kind"] != "CustomResourceDefinition"]
+    named = ("name", "namespace", "priorityClassName", "serviceAccountName", "app.kubernetes.io/name",
+             "app.kubernetes.io/instance", "kubernetes.io/metadata.name", "resourceNames", "matchNames")
+    found: list[tuple[str, Any]] = []
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, dict):
+            assert all(isinstance(k, str) for k in node), node
+            for k, v in node.items():
+                walk(v, k)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v, key)
+        elif key in named:
+            found.append((key, node))
+
+    for doc in docs:
+        walk(doc, "")
+    assert found and [f for f in found if not isinstance(f[1], str)] == []
+    by = {(d["kind"], d["metadata"]["name"]): d for d in docs}
+    deployment = by["Deployment", "on"]
+    assert deployment["metadata"]["namespace"] == "yes"
+    assert deployment["metadata"]["labels"]["app.kubernetes.io/name"] == "no"
+    assert deployment["metadata"]["labels"]["app.kubernetes.io/instance"] == "on"
+    assert deployment["spec"]["template"]["spec"]["priorityClassName"] == "yes"
+    assert {d["metadata"]["namespace"] for d in docs if d["kind"] == "NetworkPolicy"} == {"true", "123"}
+    assert by["Role", "on-lease"]["rules"] == rbac.lease_rules("on")
+    dashboard_map = by["ConfigMap", "on-dashboard"]["metadata"]
+    assert dashboard_map["namespace"] == "null" and dashboard_map["labels"]["on"] == "1"
+    assert dashboard_map["annotations"]["off"] == "FineTune"
+    down = next(r for g in by["PrometheusRule", "on"]["spec"]["groups"] for r in g["rules"]
+                if r["alert"] == "FineTuneOperatorDown")
+    assert down["labels"]["namespace"] == "yes"
+
+
 @pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
 def test_operator_restarts_count_a_new_pod_as_well_as_a_restarted_container(tmp_path: Path) -> None:
     """Recorded series, as the ServiceMonitor labels them: pod `a`'s container restarts once in place (OOMKilled),

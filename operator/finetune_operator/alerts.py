@@ -148,7 +148,10 @@ class _Dumper(yaml.SafeDumper):
 
 
 def _str(dumper: yaml.SafeDumper, value: str) -> yaml.ScalarNode:
-    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style="|" if "\n" in value else None)
+    # A value that is the chart's placeholder alone is quoted: the chart's namespace `yes` or `123` in its place, bare,
+    # would read as a boolean or a number.
+    style = "|" if "\n" in value else "'" if value == NAMESPACE else None
+    return dumper.represent_scalar("tag:yaml.org,2002:str", value, style=style)
 
 
 _Dumper.add_representer(str, _str)

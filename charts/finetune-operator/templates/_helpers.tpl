@@ -1,4 +1,6 @@
-{{/* Names are cut at 63 characters: the DNS label limit of Kubernetes names and label values. */}}
+{{/* Names are cut at 63 characters: the DNS label limit of Kubernetes names and label values. Templates quote every
+  name and namespace (and label value) made of a user's value: bare, YAML read nameOverride=no, a release `on` or a
+  namespace `123` as a boolean or a number, which the apiserver refuses or Helm's labels mangle. */}}
 {{- define "finetune-operator.name" -}}
 {{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
 {{- end }}
@@ -21,8 +23,8 @@
 {{- end }}
 
 {{- define "finetune-operator.selectorLabels" -}}
-app.kubernetes.io/name: {{ include "finetune-operator.name" . }}
-app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/name: {{ include "finetune-operator.name" . | quote }}
+app.kubernetes.io/instance: {{ .Release.Name | quote }}
 {{- end }}
 
 {{- define "finetune-operator.labels" -}}
@@ -155,9 +157,9 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 apiVersion: rbac.authorization.k8s.io/v1
 kind: {{ .kind }}
 metadata:
-  name: {{ .name }}
+  name: {{ .name | quote }}
   {{- with .namespace }}
-  namespace: {{ . }}
+  namespace: {{ . | quote }}
   {{- end }}
   labels:
     {{- .labels | nindent 4 }}
@@ -167,16 +169,16 @@ rules:
 apiVersion: rbac.authorization.k8s.io/v1
 kind: {{ .kind }}Binding
 metadata:
-  name: {{ .name }}
+  name: {{ .name | quote }}
   {{- with .namespace }}
-  namespace: {{ . }}
+  namespace: {{ . | quote }}
   {{- end }}
   labels:
     {{- .labels | nindent 4 }}
 roleRef:
   apiGroup: rbac.authorization.k8s.io
   kind: {{ .kind }}
-  name: {{ .name }}
+  name: {{ .name | quote }}
 subjects:
 - {{- toYaml .subject | nindent 2 }}
 {{- end }}
