@@ -195,6 +195,42 @@ def test_the_stall_window_is_the_values(tmp_path: Path) -> None:
     ])
 
 
+@pytest.mark.parametrize(("interval", "window", "refused"), [
+    ("60s", "1m", True), ("1m", "1m", True), ("60000ms", "1m", True), ("31s", "1m", True),
+    ("30s", "1m", False), ("60s", "2m", False), ("60s", "1h", False), ("500ms", "1m", False)])
+def test_a_stall_window_of_fewer_than_two_trainer_scrapes_is_refused(interval: str, window: str, refused: bool) -> None:
+    """changes() of the step over the window takes two samples of it: over one, no change, and every healthy job
+    stalled (test_a_stall_window_of_one_scrape_fires_on_a_healthy_job)."""
+    def template(*values: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([helm(), "template", "fto", CHART, "--set", "prometheusRule.enabled=true",
+                               "--set", f"podMonitor.interval={interval}",
+                               "--set", f"prometheusRule.trainingStalledAfter={window}", *values],
+                              capture_output=True, text=True)
+
+    result = template("--set", "podMonitor.enabled=true")
+    assert (result.returncode != 0) == refused, result.stderr
+    if refused:
+        assert f"prometheusRule.trainingStalledAfter: {window} is less than twice podMonitor.interval ({interval})" \
+            in result.stderr and "at least 2m" in result.stderr
+    assert template().returncode == 0, "without the PodMonitor its interval is none of the trainers'"
+
+
+@NEEDS_PROMTOOL
+def test_a_stall_window_of_one_scrape_fires_on_a_healthy_job(tmp_path: Path) -> None:
+    """A job that makes a step at every scrape of 60 s: over a window of 1m (one sample) it stalls, over 2m not."""
+    series = {
+        f'finetune_trainer_stage{{{TRAINER},stage="Training"}}': "1x60",
+        f"finetune_trainer_step{{{TRAINER}}}": "1+1x60",
+    }
+    one = tmp_path / "one"
+    one.mkdir()
+    run_tests(one, rules_file(one, "--set", "prometheusRule.trainingStalledAfter=1m"), "1m", series, [
+        ("30m", "FineTuneJobTrainingStalled", [TRAINER_LABELS])])
+    run_tests(tmp_path, rules_file(tmp_path, "--set", "prometheusRule.trainingStalledAfter=2m"), "1m", series, [
+        ("10m", "FineTuneJobTrainingStalled", []), ("30m", "FineTuneJobTrainingStalled", []),
+        ("50m", "FineTuneJobTrainingStalled", [])])
+
+
 @NEEDS_PROMTOOL
 def test_the_operator_down_fires_once_no_replica_answers(tmp_path: Path) -> None:
     """The single replica answers for 10 minutes, its pod is then evicted and none replaces it (no target, no
