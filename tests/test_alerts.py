@@ -19,8 +19,10 @@ from test_chart import REPO, exported_names, helm
 CHART = str(REPO / "charts" / "finetune-operator")
 NEEDS_PROMTOOL = pytest.mark.skipif(not prometheus_server.installed(),
                                     reason="Prometheus is not built (`make prometheus`)")
-OPERATOR = 'job="finetune-operator",namespace="ops",pod="fto-a",instance="10.0.0.1:8000",endpoint="metrics"'
-STANDBY = 'job="finetune-operator",namespace="ops",pod="fto-b",instance="10.0.0.2:8000",endpoint="metrics"'
+OPERATOR = ('job="finetune-operator",namespace="ops",release="fto",pod="fto-a",instance="10.0.0.1:8000",'
+            'endpoint="metrics"')
+STANDBY = ('job="finetune-operator",namespace="ops",release="fto",pod="fto-b",instance="10.0.0.2:8000",'
+           'endpoint="metrics"')
 TRAINER = ('job="finetune-trainer",namespace="team-a",finetunejob="llm",finetunejob_uid="u1",attempt="1",'
            'pod="llm-1-0-x7k2p",instance="10.1.0.1:9090"')
 TRAINER_LABELS = {"namespace": "team-a", "finetunejob": "llm", "attempt": "1", "pod": "llm-1-0-x7k2p"}
@@ -91,14 +93,16 @@ def test_the_rule_is_off_by_default_and_reads_only_exported_series() -> None:
     assert rendered() is None
     found = rules()
     assert set(found) == {"FineTuneJobFailed", "FineTuneJobTrainingStalled", "FineTuneOperatorDown",
-                          "FineTuneOperatorNotLeading", "FineTuneReconcileErrors", "FineTuneMetricPollErrors"}
+                          "FineTuneOperatorNotLeading", "FineTuneOperatorLeadingTwice", "FineTuneReconcileErrors",
+                          "FineTuneMetricPollErrors"}
     used = {m for r in found.values() for m in re.findall(r"\bfinetune_\w+", r["expr"])}
     assert used <= exported_names(), "every metric an alert reads is one the trainer or the operator exports"
     assert all(r["for"] and r["labels"]["severity"] in ("warning", "critical") and
                {"summary", "description"} <= set(r["annotations"]) for r in found.values())
     assert all("${" not in yaml.safe_dump(r) for r in found.values()), "every placeholder is replaced"
     operator = [r["expr"] for name, r in found.items() if "Operator" in name or "Errors" in name]
-    assert all('job="finetune-operator", namespace="ops"' in e for e in operator), "the release's operator alone"
+    assert all('job="finetune-operator", namespace="ops", release="fto"' in e for e in operator), \
+        "the release's operator alone"
 
 
 def test_the_rule_carries_its_labels_and_a_paused_operator_is_no_operator_down() -> None:
@@ -123,7 +127,7 @@ def test_a_stall_window_promql_would_refuse_or_a_scrape_could_not_tell_is_refuse
 def test_promtool_checks_the_rules(tmp_path: Path, values: tuple[str, ...]) -> None:
     result = promtool("check", "rules", str(rules_file(tmp_path, *values)))
     assert result.returncode == 0, f"promtool check rules:\n{result.stdout}{result.stderr}"
-    assert "SUCCESS: 6 rules found" in result.stdout
+    assert "SUCCESS: 7 rules found" in result.stdout
 
 
 @NEEDS_PROMTOOL
@@ -131,16 +135,16 @@ def test_a_failed_job_fires_from_its_reasons_first_failure(tmp_path: Path) -> No
     """OOMKilled's series starts at 1 (its first failure since the operator started), which increase() never counts;
     InvalidSpec's counted once long ago, then again at 30m; another release's operator's failures are its own."""
     other = OPERATOR.replace('namespace="ops"', 'namespace="other"')
-    labels = {"namespace": "ops", "reason": "OOMKilled"}
+    labels = {"namespace": "ops", "release": "fto", "reason": "OOMKilled"}
     run_tests(tmp_path, rules_file(tmp_path), "30s", {
         f'finetune_operator_job_failures_total{{{OPERATOR},reason="OOMKilled"}}': "_x10 1x120",
         f'finetune_operator_job_failures_total{{{OPERATOR},reason="InvalidSpec"}}': "1x60 2x60",
         f'finetune_operator_job_failures_total{{{other},reason="WorkerFailed"}}': "_x10 1x120",
     }, [
-        ("4m", "FineTuneJobFailed", [{"namespace": "ops", "reason": "InvalidSpec"}]),  # new too, though long ago
+        ("4m", "FineTuneJobFailed", [{"namespace": "ops", "release": "fto", "reason": "InvalidSpec"}]),  # new too, though long ago
         ("20m", "FineTuneJobFailed", []),
-        ("7m", "FineTuneJobFailed", [{"namespace": "ops", "reason": "InvalidSpec"}, labels]),
-        ("33m", "FineTuneJobFailed", [{"namespace": "ops", "reason": "InvalidSpec"}]),
+        ("7m", "FineTuneJobFailed", [{"namespace": "ops", "release": "fto", "reason": "InvalidSpec"}, labels]),
+        ("33m", "FineTuneJobFailed", [{"namespace": "ops", "release": "fto", "reason": "InvalidSpec"}]),
         ("50m", "FineTuneJobFailed", []),
     ])
 
@@ -281,8 +285,47 @@ def test_no_replica_leading_fires_and_a_standby_beside_the_leader_does_not(tmp_p
         ("21m", "FineTuneOperatorNotLeading", []),
         ("35m", "FineTuneOperatorNotLeading", []),
         ("43m", "FineTuneOperatorNotLeading", []),  # pending
-        ("47m", "FineTuneOperatorNotLeading", [{"namespace": "ops"}]),
+        ("47m", "FineTuneOperatorNotLeading", [{"namespace": "ops", "release": "fto"}]),
         ("47m", "FineTuneOperatorDown", []),
+    ])
+
+
+@NEEDS_PROMTOOL
+def test_two_releases_in_one_namespace_alert_each_on_its_own_operator(tmp_path: Path) -> None:
+    """Releases fto and fto2 in namespace ops: selected and grouped by namespace alone, fto2's operator up hid fto's
+    down, and fto2's leader fto's replica that stood by for ever. fto's pod answers for 10 minutes, then stands by
+    (none of fto leads) until 30m, then is gone; fto2 answers and leads all along; fto's failures are its own."""
+    fto2 = OPERATOR.replace('release="fto"', 'release="fto2"').replace("fto-a", "fto2-a")
+    run_tests(tmp_path, rules_file(tmp_path), "30s", {
+        f"up{{{OPERATOR}}}": "1x60 stale",
+        f"finetune_operator_leader{{{OPERATOR}}}": "1x20 0x40 stale",
+        f"up{{{fto2}}}": "1x120",
+        f"finetune_operator_leader{{{fto2}}}": "1x120",
+        f'finetune_operator_job_failures_total{{{fto2},reason="OOMKilled"}}': "_x10 1x110",
+    }, [
+        ("8m", "FineTuneJobFailed", []),  # fto2's failure is fto2's rules' to tell
+        ("17m", "FineTuneOperatorNotLeading", [{"namespace": "ops", "release": "fto"}]),
+        ("17m", "FineTuneOperatorLeadingTwice", []),  # one leader in each release
+        ("33m", "FineTuneOperatorDown", []),  # pending
+        ("37m", "FineTuneOperatorDown", [{}]),
+    ])
+    named = {r["alert"]: r for g in yaml.safe_load(rules_file(tmp_path).read_text())["groups"] for r in g["rules"]}
+    assert named["FineTuneOperatorDown"]["labels"] == {"severity": "critical", "namespace": "ops", "release": "fto"}
+
+
+@NEEDS_PROMTOOL
+def test_two_replicas_leading_at_once_fire(tmp_path: Path) -> None:
+    """Two replicas of fto both say they lead from 10m (one elects through no Lease); a hand-over's overlap of one
+    scrape at 5m does not fire."""
+    run_tests(tmp_path, rules_file(tmp_path), "30s", {
+        f"up{{{OPERATOR}}}": "1x60",
+        f"up{{{STANDBY}}}": "1x60",
+        f"finetune_operator_leader{{{OPERATOR}}}": "1x10 0x10 1x40",
+        f"finetune_operator_leader{{{STANDBY}}}": "0x9 1x50",
+    }, [
+        ("8m", "FineTuneOperatorLeadingTwice", []),
+        ("11m", "FineTuneOperatorLeadingTwice", []),  # pending
+        ("14m", "FineTuneOperatorLeadingTwice", [{"namespace": "ops", "release": "fto"}]),
     ])
 
 
@@ -296,7 +339,7 @@ def test_reconcile_errors_that_go_on_fire_and_a_blip_does_not(tmp_path: Path) ->
     }, [
         ("18m", "FineTuneReconcileErrors", []),
         ("24m", "FineTuneReconcileErrors", []),  # KeyError pending since ~11m
-        ("28m", "FineTuneReconcileErrors", [{"namespace": "ops", "error": "KeyError"}]),
+        ("28m", "FineTuneReconcileErrors", [{"namespace": "ops", "release": "fto", "error": "KeyError"}]),
     ])
 
 
@@ -316,8 +359,8 @@ def test_poll_errors_that_go_on_fire_and_job_starts_refusals_do_not(tmp_path: Pa
     }
     run_tests(tmp_path, rules_file(tmp_path), "30s", series, [
         ("20m", "FineTuneMetricPollErrors", []),
-        ("40m", "FineTuneMetricPollErrors", [{"namespace": "ops", "reason": "MetricsTimeout"}]),
-        ("55m", "FineTuneMetricPollErrors", [{"namespace": "ops", "reason": "MetricsTimeout"}]),
+        ("40m", "FineTuneMetricPollErrors", [{"namespace": "ops", "release": "fto", "reason": "MetricsTimeout"}]),
+        ("55m", "FineTuneMetricPollErrors", [{"namespace": "ops", "release": "fto", "reason": "MetricsTimeout"}]),
     ])
     rules2 = tmp_path / "ops2"
     rules2.mkdir()
@@ -326,7 +369,7 @@ def test_poll_errors_that_go_on_fire_and_job_starts_refusals_do_not(tmp_path: Pa
     }, [
         ("20m", "FineTuneMetricPollErrors", []),
         ("25m", "FineTuneMetricPollErrors", []),  # over half the reads failed from about 15m: pending
-        ("33m", "FineTuneMetricPollErrors", [{"namespace": "ops2", "reason": "MetricsUnreachable"}]),
+        ("33m", "FineTuneMetricPollErrors", [{"namespace": "ops2", "release": "fto", "reason": "MetricsUnreachable"}]),
     ])
 
 

@@ -473,7 +473,9 @@ def test_the_evaluation_of_a_trainer_scraped_for_seconds_is_shown(tmp_path: Path
 @pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
 def test_the_operator_is_scraped_as_job_finetune_operator_whatever_the_name_override(tmp_path: Path) -> None:
     """The dashboard's operator panels select job="finetune-operator"; the ServiceMonitor's jobLabel made the job
-    the Service's app.kubernetes.io/name, which is nameOverride."""
+    the Service's app.kubernetes.io/name, which is nameOverride. Both the ServiceMonitor and the README's scrape
+    config label it with the release's name too, which the alerts select by: by namespace alone, two releases in one
+    namespace were one operator to them, one's down hidden by the other's up."""
     out = subprocess.run([helm(), "template", "fto", str(REPO / "charts" / "finetune-operator"), "-n", "ops",
                           "--set", "serviceMonitor.enabled=true", "--set", "nameOverride=ft",
                           "--show-only", "templates/servicemonitor.yaml", "--show-only", "templates/service.yaml"],
@@ -488,14 +490,27 @@ def test_the_operator_is_scraped_as_job_finetune_operator_whatever_the_name_over
             "__meta_kubernetes_pod_container_port_name": "metrics", **pod_labels,
             **{k.replace("_label_", "_labelpresent_"): "true" for k in pod_labels}}}]))
         config = prometheus_server.service_monitor_config(docs["ServiceMonitor"], docs["Service"], targets)
-        prometheus = prometheus_server.start(tmp_path / "prometheus", [prometheus_server.from_file(config, targets)],
+        # The README's job discovers the Service's EndpointSlices: the Service's labels, the slice's port name.
+        slices = tmp_path / "slices.json"
+        slices.write_text(json.dumps([{"targets": [f"127.0.0.1:{port}"], "labels": {
+            "__meta_kubernetes_namespace": "ops", "__meta_kubernetes_pod_name": "fto-abc",
+            "__meta_kubernetes_endpointslice_port_name": "metrics",
+            **{f"__meta_kubernetes_service_label_{re.sub(r'[^a-zA-Z0-9_]', '_', k)}": v
+               for k, v in docs["Service"]["metadata"]["labels"].items()}}}]))
+        readme = readme_scrape_configs()["finetune-operator"]
+        named = "__meta_kubernetes_service_label_app_kubernetes_io_name"
+        readme["relabel_configs"] = [r | {"regex": "ft"} if r.get("source_labels") == [named] else r  # as it says
+                                     for r in readme["relabel_configs"]]
+        prometheus = prometheus_server.start(tmp_path / "prometheus", [prometheus_server.from_file(config, targets),
+                                                                       prometheus_server.from_file(readme, slices)],
                                              free_port())
         try:
             deadline = time.monotonic() + 30
-            while not (up := prometheus.query("up == 1")):
-                assert time.monotonic() < deadline, "the operator not scraped"
+            while len(up := prometheus.query("up == 1")) < 2:
+                assert time.monotonic() < deadline, "the operator not scraped by both"
                 time.sleep(0.5)
-            assert [s["metric"]["job"] for s in up] == ["finetune-operator"]
+            assert [(s["metric"]["job"], s["metric"]["namespace"], s["metric"]["release"]) for s in up] == \
+                [("finetune-operator", "ops", "fto")] * 2
             assert dashboard.OPERATOR == 'job="finetune-operator"'
         finally:
             prometheus.stop()
