@@ -1102,12 +1102,15 @@ def test_operator_restarts_count_a_new_pod_as_well_as_a_restarted_container(tmp_
 
 @pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
 def test_operator_restarts_count_none_for_a_second_release(tmp_path: Path) -> None:
-    """Two releases, each in its own namespace watching its teams' namespaces, one pod each: the second pod was
-    counted as a restart, so the stat said 1 before any restart (and one more for every release)."""
+    """Releases fto and fto2 in ops-a and fto in ops-b, each watching its teams' namespaces, one pod each: each
+    release's pod after the first was counted as a restart (of another namespace, and, counted by namespace, fto2's
+    beside fto), so the stat said 1 or 2 before any restart."""
     t0 = int(time.time()) - 3600
     lines = ["# TYPE process_start_time_seconds gauge"]
-    for ns, restart in (("ops-a", 9999), ("ops-b", 1200)):  # ops-b's container restarts in place at t0 + 1200
-        labels = f'job="finetune-operator",namespace="{ns}",pod="fto-{ns}",instance="{ns}:8000"'
+    # ops-b's container restarts in place at t0 + 1200
+    for ns, release, restart in (("ops-a", "fto", 9999), ("ops-a", "fto2", 9999), ("ops-b", "fto", 1200)):
+        labels = (f'job="finetune-operator",namespace="{ns}",release="{release}",pod="{release}-{ns}",'
+                  f'instance="{release}.{ns}:8000"')
         lines += [f"process_start_time_seconds{{{labels}}} {t0 + restart if t >= t0 + restart else t0} {t}"
                   for t in range(t0, t0 + 2400, 15)]
     prometheus_server.backfill(tmp_path, "\n".join(lines) + "\n# EOF\n")

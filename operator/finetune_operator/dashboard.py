@@ -180,11 +180,12 @@ def operator_health() -> list[Panel]:
                width=6),
         # process_start_time_seconds changes on every start: restarts without kube-state-metrics. A new pod (an
         # eviction, an upgrade) is a new series, not a change: each series after a release's first is a restart too.
-        # A release is a namespace: another release (watching other teams' namespaces) is no restart. Only the active
+        # A release is its namespace and name (`release`, the scrape's relabelling): another release, beside it or
+        # elsewhere, is no restart. Only the active
         # replica has it (metrics.lead): a standby is no restart, a standby taking over is one.
         single("Operator restarts", "short", query(
             f"sum(changes({started}[$__range])) + count(last_over_time({started}[$__range]))"
-            f" - count(count by (namespace) (last_over_time({started}[$__range])))", "restarts"), width=3),
+            f" - count(count by (namespace, release) (last_over_time({started}[$__range])))", "restarts"), width=3),
         # The active operator (a standby replica says 0). `or vector(0)`: with no operator pod (evicted, its
         # replacement unscheduled) there is no target and no sample, and the stat's last non-null value was the 1
         # from before.
