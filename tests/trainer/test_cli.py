@@ -166,14 +166,11 @@ def test_more_processes_than_gpus_is_the_users_mistake(tmp_path: Path, terminati
     assert sent["message"].startswith("runtime.processesPerWorker: this worker runs more processes than it has GPUs (1)")
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA sees a GPU here: no node without one to stand for")
-def test_a_worker_granted_gpus_that_cuda_does_not_see_fails_the_attempt_not_trains_on_the_cpu(
-        tmp_path: Path, termination: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A pod given nvidia.com/gpu on a node whose driver or device plugin failed it saw no CUDA device and trained on
-    the CPU, days for hours, unsaid. It fails as infrastructure (a retry may land on a node that works); an image
-    whose torch has no CUDA is the user's to change. Without a GPU here CUDA sees none, as on that node."""
-    monkeypatch.setenv("FINETUNE_GPUS", "2")
-    for visible in (None, "0,1"):  # a scheduler's list of the GPUs it gave: the node's fault all the same
+def retried_with_and_without_a_schedulers_list(tmp_path: Path, termination: Path, monkeypatch: pytest.MonkeyPatch,
+                                               listed: str) -> Iterator[dict]:
+    """The termination message of a run without CUDA_VISIBLE_DEVICES, then of one with a scheduler's list of the
+    GPUs it gave (`listed`), each asserted GPUsNotVisible, exit 2: the node's fault all the same."""
+    for visible in (None, listed):
         if visible is None:
             monkeypatch.delenv("CUDA_VISIBLE_DEVICES", raising=False)
         else:
@@ -181,6 +178,37 @@ def test_a_worker_granted_gpus_that_cuda_does_not_see_fails_the_attempt_not_trai
         assert run(tiny_classifier_doc(tmp_path / "out"), tmp_path) == 2
         sent = json.loads(termination.read_text())
         assert (sent["exitCode"], sent["reason"], sent["stage"]) == (2, "GPUsNotVisible", "Starting")
+        yield sent
+
+
+def test_a_worker_granted_gpus_that_cuda_sees_fewer_of_fails_the_attempt_as_the_nodes(
+        tmp_path: Path, termination: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pod given 2 GPUs for its 2 processes (the operator's admission checks it) on a node that lost one (an Xid
+    error) or whose device plugin gave one: local rank 1 failed as "more processes than GPUs", exit 1, the job failed
+    for good with advice its spec already followed. The node's fault is retried; a CUDA_VISIBLE_DEVICES of the job's
+    env that names fewer is its own (simulated GPUs: there are none here)."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setenv("FINETUNE_GPUS", "2")
+    for sent in retried_with_and_without_a_schedulers_list(tmp_path, termination, monkeypatch, "GPU-a1,GPU-b2"):
+        assert sent["message"].startswith("the worker has 2 GPU(s) (nvidia.com/gpu) and CUDA sees 1: the node lost")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0")
+    assert run(tiny_classifier_doc(tmp_path / "out"), tmp_path) == 1
+    sent = json.loads(termination.read_text())
+    assert (sent["exitCode"], sent["reason"]) == (1, "InvalidConfig")
+    assert sent["message"].startswith("runtime.env: the worker has 2 GPU(s) (nvidia.com/gpu) and CUDA sees 1: "
+                                      "CUDA_VISIBLE_DEVICES='0' hides the others")
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA sees a GPU here: no node without one to stand for")
+def test_a_worker_granted_gpus_that_cuda_does_not_see_fails_the_attempt_not_trains_on_the_cpu(
+        tmp_path: Path, termination: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pod given nvidia.com/gpu on a node whose driver or device plugin failed it saw no CUDA device and trained on
+    the CPU, days for hours, unsaid. It fails as infrastructure (a retry may land on a node that works); an image
+    whose torch has no CUDA is the user's to change. Without a GPU here CUDA sees none, as on that node."""
+    monkeypatch.setenv("FINETUNE_GPUS", "2")
+    for sent in retried_with_and_without_a_schedulers_list(tmp_path, termination, monkeypatch, "0,1"):
         assert sent["message"].startswith("the worker has 2 GPU(s) (nvidia.com/gpu) and CUDA sees none")
         assert "Found no NVIDIA driver" in sent["message"]  # CUDA's own reason, here as on a node without one
     for hidden in ("", "-1"):  # the job's env hides them: its own to change, not retried

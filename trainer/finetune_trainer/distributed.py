@@ -109,6 +109,14 @@ def local_device() -> torch.device:
                              "it, or the cluster runs GPU pods under a runtime class; a new attempt may land on "
                              "another node")
     if cuda and local >= (gpus := torch.cuda.device_count()):  # else CUDA's "invalid device ordinal": retried
+        if (granted := granted_gpus()) > gpus:  # enough for its processes, as the operator's admission checked
+            has = f"the worker has {granted} GPU(s) (nvidia.com/gpu) and CUDA sees {gpus}"
+            hidden = os.environ.get("CUDA_VISIBLE_DEVICES")
+            if (names := visible_list(hidden)) is not None and len(names) < granted:  # the job's env, not the node
+                raise ConfigError(f"runtime.env: {has}: CUDA_VISIBLE_DEVICES={hidden!r} hides the others; leave it "
+                                  "unset")
+            raise GPUsNotVisible(f"{has}: the node lost one (an Xid error, a GPU fallen off the bus) or its device "
+                                 "plugin gave fewer; a new attempt may land on another node")
         raise ConfigError(f"runtime.processesPerWorker: this worker runs more processes than it has GPUs ({gpus}): "
                           "at most one process per GPU (nvidia.com/gpu in runtime.resources.limits)")
     return torch.device("cuda", local) if cuda else torch.device("cpu")
@@ -127,13 +135,22 @@ def cuda_problem() -> str:
 
 
 def hides_every_gpu(visible: str | None) -> bool:
-    """Whether CUDA_VISIBLE_DEVICES hides every GPU: CUDA reads its list up to the first entry that is no index or
-    UUID ("", "-1", "none"). A list that names GPUs (a scheduler's "0,1") hides none; a GPU it names that CUDA then
-    does not see is the node's fault."""
+    """Whether CUDA_VISIBLE_DEVICES hides every GPU (it names none, `visible_list`). A list that names GPUs (a
+    scheduler's "0,1") hides none; a GPU it names that CUDA then does not see is the node's fault."""
+    return visible is not None and not visible_list(visible)
+
+
+def visible_list(visible: str | None) -> list[str] | None:
+    """The GPUs CUDA_VISIBLE_DEVICES names, None where it is unset: CUDA reads its list up to the first entry that is
+    no index or UUID ("", "-1", "none")."""
     if visible is None:
-        return False
-    first = visible.split(",")[0].strip()
-    return not (first.isdigit() or first.startswith(("GPU-", "MIG-")))
+        return None
+    names = []
+    for entry in (e.strip() for e in visible.split(",")):
+        if not (entry.isdigit() or entry.startswith(("GPU-", "MIG-"))):
+            break
+        names.append(entry)
+    return names
 
 
 def granted_gpus() -> int:
