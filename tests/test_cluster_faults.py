@@ -22,7 +22,7 @@ from finetune_operator.api import FineTuneJobSpec
 from finetune_operator.children import METRICS_PORT, rendezvous
 from finetune_operator.handlers import READABLE_CHECK_SECONDS
 from finetune_operator.status import STALE_AFTER_SECONDS
-from kube import Kube
+from kube import Kube, condition
 from operator_fixture import (REPO, SERVICE_ACCOUNT, OperatorEnv, a_trainer_outlived_by_a_sidecar_is_ended,  # noqa: F401
                               crd_installed, example, kwok_job, kwok_results, operator_env)
 
@@ -306,8 +306,12 @@ def test_a_kubelets_eviction_for_the_pods_own_limit_is_counted_and_names_the_fie
                      "--type=merge", "-p", json.dumps({"status": {"phase": "Failed", "reason": "Evicted",
                                                                  "message": message, "containerStatuses": killed}}))
     failed = env.wait_phase(name, "Failed", timeout=60)
-    [job] = env.objects("jobs", name)
-    assert next(c for c in job["status"]["conditions"] if c["type"] == "Failed")["reason"] == "BackoffLimitExceeded"
+    # The operator fails the job from the evicted pod alone, while the Job controller (its 1 s batch of pod updates)
+    # writes FailureTarget, then Failed, each in a write of its own: read once, the Job may not say Failed yet.
+    jobs = env.kube.wait_for("the Job's Failed condition", lambda: (found := env.objects("jobs", name)) and all(
+        condition(j, "Failed").get("status") == "True" for j in found) and found, env.namespace, timeout=60)
+    [job] = jobs
+    assert condition(job, "Failed")["reason"] == "BackoffLimitExceeded"
     said = next(c for c in failed["status"]["conditions"] if c["type"] == "Failed")["message"]
     assert failed["status"]["reason"] == "BackoffLimitExceeded" and failed["status"]["failures"] == 1
     assert "StorageLimitExceeded" in said and message.strip() in said, said
