@@ -260,7 +260,11 @@ def test_missing_secret_volume_waits_in_container_creating_with_a_failed_mount_e
         return messages if any(f"secret {namespace}/late not found" in m for m in messages) else None
 
     kube.wait_for("a FailedMount Event naming the missing secret", failed_mount, namespace)
-    waiting = kube.get("pod", "mounting", namespace)["status"]["containerStatuses"][0]["state"]["waiting"]
+    # The node posts the Event (runner._tick) before its first status with containerStatuses (the _publish after it):
+    # read once in between, the pod had none yet.
+    pod = kube.wait_pod(namespace, "mounting", lambda p: bool(p.get("status", {}).get("containerStatuses")),
+                        "its first container status")
+    waiting = pod["status"]["containerStatuses"][0]["state"]["waiting"]
     assert waiting["reason"] == "ContainerCreating"
     kube.apply({"apiVersion": "v1", "kind": "Secret", "metadata": {"name": "late"}, "stringData": {"token": "t0"}},
                namespace)
