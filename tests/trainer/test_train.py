@@ -10,8 +10,10 @@ import os
 import pickle
 import shutil
 import signal
+import struct
 import time
 import weakref
+import zipfile
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -1373,33 +1375,138 @@ def test_restore_refuses_tensors_of_other_shapes() -> None:
         checkpoints.restore(model, saved, "step-8")
 
 
-def test_a_checkpoint_runs_no_pickled_code(tmp_path: Path) -> None:
+def two_checkpoints(root: Path) -> tuple[torch.nn.Module, torch.optim.Optimizer, Any, torch.amp.GradScaler]:
+    """Checkpoints of steps 2 and 4 in `root`, and what `checkpoints.load` restores them into. A step is made first,
+    so that the optimizer file holds tensors (its moments), each a record of its own in the zip."""
     model, _, _ = lm_setup()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scheduler = make_scheduler(optimizer, TrainingSpec(), 10)
-    scaler = torch.amp.GradScaler("cpu", enabled=False)
-    folder = checkpoints.save(tmp_path, 1, model, optimizer, scheduler, scaler, {"step": 1}, CPU, keep=1)
+    scheduler, scaler = make_scheduler(optimizer, TrainingSpec(), 10), torch.amp.GradScaler("cpu", enabled=False)
+    for parameter in model.parameters():
+        parameter.grad = torch.ones_like(parameter)
+    optimizer.step()
+    for step in (2, 4):
+        checkpoints.save(root, step, model, optimizer, scheduler, scaler, {"step": step}, CPU, keep=2)
+    return model, optimizer, scheduler, scaler
+
+
+def test_a_checkpoint_runs_no_pickled_code(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A committed checkpoint whose pickle weights_only refuses (code: tampered with, or damaged into it) is never
+    run: set aside as one that cannot be read, naming why, and the one before it resumed (raised, every retry failed
+    on it)."""
+    model, optimizer, scheduler, scaler = two_checkpoints(tmp_path)
     marker = tmp_path / "pwned"
 
     class Payload:
         def __reduce__(self):
             return open, (str(marker), "w")
 
-    torch.save({"optimizer": Payload()}, folder / "optimizer.pt")
-    with pytest.raises(pickle.UnpicklingError):
-        checkpoints.load(tmp_path, model, optimizer, scheduler, scaler, CPU)
+    torch.save({"optimizer": Payload()}, tmp_path / "step-00000004" / "optimizer.pt")
+    state, _ = checkpoints.load(tmp_path, model, optimizer, scheduler, scaler, CPU)
     assert not marker.exists()
+    assert state["step"] == 2 and (tmp_path / ".unreadable-step-00000004" / "optimizer.pt").exists()
+    assert f"cannot read {tmp_path / 'step-00000004'}: Weights only load failed" in caplog.text
+    assert "Unsupported global" in caplog.text
+
+
+def pickle_start(path: Path) -> int:
+    """Where a torch.save file's data.pkl starts: stored uncompressed, after its zip local header (30 bytes, then its
+    name and its extra field, whose lengths are the header's last four bytes)."""
+    with zipfile.ZipFile(path) as archive:
+        header = next(i for i in archive.infolist() if i.filename.endswith("/data.pkl")).header_offset
+    with path.open("rb") as f:
+        f.seek(header + 26)
+        name, extra = struct.unpack("<HH", f.read(4))
+    return header + 30 + name + extra
+
+
+def flip_byte(path: Path, offset: int) -> Path:
+    """Flip one bit of the byte at `offset`, as a volume's fault does: torch checks no CRC, so the zip still opens."""
+    raw = bytearray(path.read_bytes())
+    raw[offset] ^= 1
+    path.write_bytes(raw)
+    return path
+
+
+def flip_an_opcode(path: Path) -> Path:
+    """The pickle's third byte, `}` (EMPTY_DICT, after PROTO 2), becomes `|`: an opcode weights_only does not know."""
+    return flip_byte(path, pickle_start(path) + 2)
+
+
+def flip_a_key(path: Path) -> Path:
+    """"optimizer" becomes "oqtimizer": the pickle decodes, to a dict without what is restored."""
+    return flip_byte(path, path.read_bytes().index(b"optimizer", pickle_start(path)) + 1)
+
+
+def shorten_a_tensor(path: Path) -> Path:
+    """One tensor's record four bytes short, the zip whole: torch's "record size ... does not match"."""
+    with zipfile.ZipFile(path) as archive:
+        records = [(info.filename, archive.read(info)) for info in archive.infolist()]
+    shortened = next(name for name, data in records if "/data/" in name and len(data) > 4)
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as archive:
+        for name, data in records:
+            archive.writestr(name, data[:-4] if name == shortened else data)
+    return path
+
+
+@pytest.mark.parametrize(("file", "damage", "raised"), [
+    ("optimizer.pt", flip_an_opcode, pickle.UnpicklingError),
+    ("optimizer.pt", flip_a_key, KeyError),
+    ("optimizer.pt", shorten_a_tensor, RuntimeError),
+    ("rng-0.pt", flip_an_opcode, pickle.UnpicklingError),
+], ids=["optimizer-opcode", "optimizer-key", "optimizer-record", "rng-opcode"])
+def test_a_committed_checkpoint_damaged_on_the_volume_gives_way_to_the_one_before_it(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture, file: str, damage: Callable[[Path], Path],
+        raised: type[Exception]) -> None:
+    """A byte flipped in a committed checkpoint's pickle, or a tensor's record cut short, the zip still opening: torch
+    raises what the damage decodes to (UnpicklingError, KeyError, a RuntimeError of no "PytorchStreamReader"), or the
+    pickle decodes without the optimizer's state. Raised, it failed every retry (exit 2) and the checkpoint was never
+    set aside; it is now, with a warning, and the one before it resumed."""
+    caplog.set_level(logging.INFO, logger="finetune_trainer")
+    model, optimizer, scheduler, scaler = two_checkpoints(tmp_path)
+    damaged = damage(tmp_path / "step-00000004" / file)
+    with pytest.raises(raised):  # the damage is what the case says
+        torch.load(damaged, weights_only=True)["optimizer"]
+    state, _ = checkpoints.load(tmp_path, model, optimizer, scheduler, scaler, CPU)
+    assert state["step"] == 2 and (tmp_path / ".unreadable-step-00000004" / file).exists()
+    assert f"cannot read {tmp_path / 'step-00000004'}: " in caplog.text
+    assert f"not resuming {tmp_path / 'step-00000004'}, which cannot be read" in caplog.text
+    assert f"resumed from {tmp_path / 'step-00000002'}" in caplog.text
+
+
+def caused_by(exc: Exception, cause: BaseException) -> Exception:
+    exc.__cause__ = cause
+    return exc
+
+
+@pytest.mark.parametrize("fault", [
+    torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    torch.AcceleratorError("CUDA error: an illegal memory access was encountered"),
+    RuntimeError("DefaultCPUAllocator: can't allocate memory: you tried to allocate 8589934592 bytes. Error code 12 "
+                 "(Cannot allocate memory)"),
+    OSError(errno.EIO, os.strerror(errno.EIO), "optimizer.pt"),
+    RuntimeError("Error while deserializing header: I/O error (os error 5)"),  # safetensors' EIO
+    caused_by(KeyError("a library's"), Terminated("stopped by SIGTERM")),
+], ids=["cuda-oom", "cuda-error", "host-oom", "eio", "safetensors-eio", "sigterm"])
+def test_a_checkpoint_whose_read_the_node_or_the_volume_failed_is_kept_and_the_error_raised(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, fault: Exception) -> None:
+    """Not a damaged checkpoint: the read is retried by a new attempt, the checkpoint kept."""
+    model, optimizer, scheduler, scaler = two_checkpoints(tmp_path)
+
+    def failing(*_: object, **__: object) -> None:
+        raise fault
+
+    monkeypatch.setattr(checkpoints, "load_file", failing)
+    with pytest.raises(type(fault)):
+        checkpoints.load(tmp_path, model, optimizer, scheduler, scaler, CPU)
+    assert not list(tmp_path.glob(".unreadable-*"))
+    assert [p.name for p in checkpoints.complete(tmp_path)] == ["step-00000002", "step-00000004"]
 
 
 def test_a_checkpoint_whose_file_went_after_it_was_listed_gives_way_to_the_one_before_it(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """A file gone from rank 0's own view of a checkpoint it listed is a torn checkpoint, set aside, not a view of
     another rank's that lags, which fails the attempt: on one process every retry failed on it (exit 2)."""
-    model, _, _ = lm_setup()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3)
-    scheduler, scaler = make_scheduler(optimizer, TrainingSpec(), 10), torch.amp.GradScaler("cpu", enabled=False)
-    for step in (2, 4):
-        checkpoints.save(tmp_path, step, model, optimizer, scheduler, scaler, {"step": step}, CPU, keep=2)
+    model, optimizer, scheduler, scaler = two_checkpoints(tmp_path)
     listed = checkpoints.listed
 
     def listed_then_gone(root: Path, world: World) -> list[Path]:

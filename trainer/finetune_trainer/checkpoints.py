@@ -6,9 +6,9 @@ scheduler, each rank's RNG state and the loop's position as JSON. It is
 written into `.tmp-step-<N>`, flushed to disk, given a COMMITTED marker, and only then
 renamed into place by rank 0 (a rename is atomic); the last `keep` are kept. Resume takes
 the newest folder in rank 0's listing (`listed`) that has the marker, and every rank can read (one torn after its
-flush is set aside, `.unreadable-step-<N>`; one a rank does not see fails the attempt). A step written again (its evaluation came
-after it) moves the old folder aside to `.old-step-<N>` until the new one is in place: a crash between the two
-renames leaves it there, still the step's checkpoint (`complete`), and `run_folder` puts it back.
+flush, or damaged, is set aside, `.unreadable-step-<N>`; one a rank does not see fails the attempt). A step written
+again (its evaluation came after it) moves the old folder aside to `.old-step-<N>` until the new one is in place:
+a crash between the two renames leaves it there, still the step's checkpoint (`complete`), and `run_folder` puts it back.
 Ranks must share the checkpoint folder (a PVC).
 
 The checkpoints of one run live in `<output>/checkpoints/<fingerprint>` (`run_folder`): the
@@ -41,8 +41,10 @@ import hashlib
 import json
 import logging
 import os
+import pickle
 import random
 import shutil
+import struct
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -54,7 +56,8 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from finetune_trainer.distributed import World
-from finetune_trainer.errors import CheckpointMismatch, ConfigError, failed_read, no_space_in
+from finetune_trainer.errors import (OURS, CheckpointMismatch, ConfigError, chain_of, device_fault, failed_read,
+                                     no_space_in)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,15 @@ TEACHER = "teacher.json"  # training.distillation's teacher's test scores
 FINGERPRINT = "fingerprint.json"
 TRAINED, OPTIMIZER, STATE = "trained.safetensors", "optimizer.pt", "state.json"  # a checkpoint's files, rank 0's
 CHECKPOINT_FILES = (TRAINED, OPTIMIZER, STATE)
+
+# What reading a checkpoint's files raises where their bytes are damaged (a byte flipped on the volume, a file cut
+# short), by where the damage lands: torch's zip records and storage sizes (RuntimeError: "PytorchStreamReader failed
+# ...", "record size ... does not match", "Trying to resize storage ..."), the pickle's opcodes and what they build
+# (UnpicklingError, a string's UTF-8 (a ValueError), KeyError, IndexError, TypeError, AttributeError, and
+# AssertionError and struct.error: weights_only's unpickler asserts, and unpacks numbers), its end (EOFError),
+# safetensors' header, the JSON's text. Which of them says damage, `damaged` tells.
+DAMAGED = (RuntimeError, SafetensorError, EOFError, ValueError, pickle.UnpicklingError, LookupError, TypeError,
+           AttributeError, AssertionError, struct.error)
 
 
 def trained(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -482,14 +494,21 @@ def load(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
     """Restore the newest committed checkpoint of `root` in place; returns the loop's saved position and, on rank 0
     alone (`train_loop`), the best weights if it kept them. None when there is none, or it was laid out for another
     model or optimizer (`misfits`): the run's checkpoints are then removed. One that a rank cannot read though
-    committed (a file torn after its flush: a volume's fault, a copy cut short) is set aside, with a warning, and the
-    one before it, which keepCheckpoints kept, is restored: every retry failed on it. The ranks agree on each, in
-    rank 0's list (`listed`); one a rank does not see fails the attempt (infrastructure: retried)."""
+    committed (a file torn after its flush: a volume's fault, a copy cut short; a byte flipped, its pickle decoding to
+    an error or to an object without what is restored; a pickle of code weights_only refuses, never run) is set
+    aside, with a warning, and the one before it, which keepCheckpoints kept, is restored: every retry failed on it.
+    A read the volume failed (EIO), or the node (out of memory, a CUDA error), is raised: retried, the checkpoint
+    kept (`damaged`). The ranks agree on each, in rank 0's list (`listed`); one a rank does not see fails the attempt
+    (infrastructure: retried)."""
     for folder in reversed(listed(root, world)):
         rng_file, best_file = folder / f"rng-{world.rank}.pt", folder / BEST
         try:  # all of it read before anything is restored
             tensors = load_file(folder / TRAINED)
             saved = torch.load(folder / OPTIMIZER, map_location=world.device, weights_only=True)  # no pickled code
+            # looked up here, where a damaged pickle that decoded without them is a damaged checkpoint: after, each
+            # retry raised on it
+            optimizer_state, scheduler_state, scaler_state = states(saved)
+            found = misfits(model, tensors, optimizer, optimizer_state)
             state = json.loads((folder / STATE).read_text())
             # a run resumed on more ranks than it was saved with starts the new ranks' RNG afresh
             rng = torch.load(rng_file, weights_only=True) if rng_file.exists() else None
@@ -500,14 +519,13 @@ def load(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
             # rank's, that rank's view of the volume may lag (a cached listing), which fails the attempt, not it.
             log.warning("cannot find %s, which rank 0 lists: %s", folder, exc)
             torn, unseen = world.main, not world.main
-        except (RuntimeError, SafetensorError, EOFError, ValueError) as exc:  # RuntimeError: torch's zip reader
-            # a read the volume failed is retried; torch's other RuntimeErrors (out of memory) are no torn file
-            if failed_read(exc) or isinstance(exc, RuntimeError) and "PytorchStreamReader" not in str(exc):
+        except DAMAGED as exc:
+            if not damaged(exc):
                 raise
             log.warning("cannot read %s: %s", folder, exc)
             torn, unseen = True, False  # not the exception: its traceback holds what the reader had loaded
         if world.any(torn):
-            tensors = saved = best = None  # not held on the device while the one before is read
+            tensors = saved = optimizer_state = best = None  # not held on the device while the one before is read
             if world.main:
                 aside = set_aside(folder)
                 log.warning("not resuming %s, which cannot be read (the log of the rank that could not says why): "
@@ -519,19 +537,36 @@ def load(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
             raise FileNotFoundError(f"{folder}, the newest checkpoint rank 0 lists, is not there for every rank (the "
                                     "volume's views differ, as an NFS client's cached listing does): a new attempt "
                                     "reads it again")
-        if found := misfits(model, tensors, optimizer, saved["optimizer"]):
+        if found:
             discard(folder, found, world)
             return None
         restore(model, tensors, folder)
-        optimizer.load_state_dict(saved["optimizer"])
-        scheduler.load_state_dict(saved["scheduler"])
-        if saved.get("scaler"):  # else the loss scale would start again at 2**16 and skip steps it skipped before
-            scaler.load_state_dict(saved["scaler"])
+        optimizer.load_state_dict(optimizer_state)
+        scheduler.load_state_dict(scheduler_state)
+        if scaler_state:  # else the loss scale would start again at 2**16 and skip steps it skipped before
+            scaler.load_state_dict(scaler_state)
         if rng is not None:
             set_rng_state(rng)
         log.info("resumed from %s", folder)
         return state, best
     return None
+
+
+def damaged(exc: Exception) -> bool:
+    """Whether what reading a checkpoint raised (one of DAMAGED) says its bytes are damaged: not a read the volume
+    failed (EIO, ESTALE), nor the node (out of memory, a CUDA error: torch's RuntimeErrors too), nor a SIGTERM a library
+    wrapped, each raised again: retried, the checkpoint kept."""
+    return not (failed_read(exc) or device_fault(exc) or any(isinstance(e, OURS) for e in chain_of(exc)))
+
+
+def states(saved: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
+    """The optimizer's, the scheduler's and the loss scaler's states in what an optimizer file holds, the optimizer's
+    with the keys its load_state_dict looks up; a KeyError (or a TypeError) where a damaged pickle decoded as another
+    object (a byte of a key's name flipped)."""
+    optimizer = saved["optimizer"]
+    if missing := {"state", "param_groups"} - optimizer.keys():
+        raise KeyError(f"the optimizer's state lacks {sorted(missing)}")
+    return optimizer, saved["scheduler"], saved.get("scaler")
 
 
 def misfits(model: nn.Module, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,

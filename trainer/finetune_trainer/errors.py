@@ -158,6 +158,16 @@ def failed_read(exc: BaseException) -> bool:
                for e in chain)
 
 
+def device_fault(exc: BaseException) -> bool:
+    """Whether torch's error says the node failed, not what it read: out of memory (the host's or the GPU's), a CUDA
+    error. Torch raises them as RuntimeErrors, as it does a damaged file's."""
+    import torch
+
+    return says_not_the_files(exc) or any(
+        isinstance(e, (torch.OutOfMemoryError, torch.AcceleratorError)) or "CUDA error" in str(e)
+        for e in chain_of(exc))
+
+
 def out_of_space(exc: BaseException, folder: Path) -> bool:
     """Whether a write into `folder` failed for want of space (a quota too), whatever library wrote."""
     chain = chain_of(exc)
