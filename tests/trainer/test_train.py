@@ -3,6 +3,7 @@ a NaN loss, early stopping, and checkpoint/resume giving the same weights."""
 
 from __future__ import annotations
 
+import copy
 import errno
 import json
 import logging
@@ -1432,9 +1433,10 @@ def flip_an_opcode(path: Path) -> Path:
     return flip_byte(path, pickle_start(path) + 2)
 
 
-def flip_a_key(path: Path) -> Path:
-    """"optimizer" becomes "oqtimizer": the pickle decodes, to a dict without what is restored."""
-    return flip_byte(path, path.read_bytes().index(b"optimizer", pickle_start(path)) + 1)
+def flip_a_key(key: bytes) -> Callable[[Path], Path]:
+    """A damage that flips `key`'s second byte where the pickle first has it ("optimizer" becomes "oqtimizer"): the
+    pickle decodes, to states without what is restored."""
+    return lambda path: flip_byte(path, path.read_bytes().index(key, pickle_start(path)) + 1)
 
 
 def shorten_a_tensor(path: Path) -> Path:
@@ -1448,24 +1450,36 @@ def shorten_a_tensor(path: Path) -> Path:
     return path
 
 
+def restored(file: Path, optimizer: torch.optim.Optimizer) -> None:
+    """Restore what `file` holds as load did before it tried the states in its guarded read (on a copy of the
+    optimizer): what a damaged one raised on every retry."""
+    saved = torch.load(file, weights_only=True)
+    if file.name == checkpoints.OPTIMIZER:
+        copy.copy(optimizer).load_state_dict(saved["optimizer"])
+    else:
+        checkpoints.set_rng_state(saved)
+
+
 @pytest.mark.parametrize(("file", "damage", "raised"), [
     ("optimizer.pt", flip_an_opcode, pickle.UnpicklingError),
-    ("optimizer.pt", flip_a_key, KeyError),
+    ("optimizer.pt", flip_a_key(b"optimizer"), KeyError),
+    ("optimizer.pt", flip_a_key(b"step"), KeyError),  # a parameter's: AdamW's load_state_dict looks it up
     ("optimizer.pt", shorten_a_tensor, RuntimeError),
     ("rng-0.pt", flip_an_opcode, pickle.UnpicklingError),
-], ids=["optimizer-opcode", "optimizer-key", "optimizer-record", "rng-opcode"])
+    ("rng-0.pt", flip_a_key(b"python"), KeyError),
+], ids=["optimizer-opcode", "optimizer-key", "optimizer-state-key", "optimizer-record", "rng-opcode", "rng-key"])
 def test_a_committed_checkpoint_damaged_on_the_volume_gives_way_to_the_one_before_it(
         tmp_path: Path, caplog: pytest.LogCaptureFixture, file: str, damage: Callable[[Path], Path],
         raised: type[Exception]) -> None:
     """A byte flipped in a committed checkpoint's pickle, or a tensor's record cut short, the zip still opening: torch
     raises what the damage decodes to (UnpicklingError, KeyError, a RuntimeError of no "PytorchStreamReader"), or the
-    pickle decodes without the optimizer's state. Raised, it failed every retry (exit 2) and the checkpoint was never
-    set aside; it is now, with a warning, and the one before it resumed."""
+    pickle decodes to states without what is restored. Raised, it failed every retry (exit 2) and the checkpoint was
+    never set aside; it is now, with a warning, and the one before it resumed."""
     caplog.set_level(logging.INFO, logger="finetune_trainer")
     model, optimizer, scheduler, scaler = two_checkpoints(tmp_path)
     damaged = damage(tmp_path / "step-00000004" / file)
     with pytest.raises(raised):  # the damage is what the case says
-        torch.load(damaged, weights_only=True)["optimizer"]
+        restored(damaged, optimizer)
     state, _ = checkpoints.load(tmp_path, model, optimizer, scheduler, scaler, CPU)
     assert state["step"] == 2 and (tmp_path / ".unreadable-step-00000004" / file).exists()
     assert f"cannot read {tmp_path / 'step-00000004'}: " in caplog.text

@@ -37,6 +37,7 @@ the same ones (`earlier_choice`), whatever its own scores say.
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import json
 import logging
@@ -106,10 +107,10 @@ def rng_state() -> dict[str, Any]:
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
+    """Set every generator to `state` (`rng_state`'s), which is left as it was: `takes` tries it first."""
     random.setstate(state["python"])
     numpy = state["numpy"]
-    numpy["state"]["key"] = numpy["state"]["key"].numpy().astype(np.uint32)
-    np.random.set_state(numpy)
+    np.random.set_state(numpy | {"state": numpy["state"] | {"key": numpy["state"]["key"].numpy().astype(np.uint32)}})
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
@@ -512,6 +513,8 @@ def load(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
             state = json.loads((folder / STATE).read_text())
             # a run resumed on more ranks than it was saved with starts the new ranks' RNG afresh
             rng = torch.load(rng_file, weights_only=True) if rng_file.exists() else None
+            if not found:  # one another trainer laid out is discarded below, not tried
+                takes(optimizer, optimizer_state, scheduler, scheduler_state, rng)
             best = load_file(best_file) if world.main and best_file.exists() else None
             torn = unseen = False
         except FileNotFoundError as exc:
@@ -567,6 +570,23 @@ def states(saved: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] |
     if missing := {"state", "param_groups"} - optimizer.keys():
         raise KeyError(f"the optimizer's state lacks {sorted(missing)}")
     return optimizer, saved["scheduler"], saved.get("scaler")
+
+
+def takes(optimizer: torch.optim.Optimizer, optimizer_state: dict[str, Any], scheduler: Any,
+          scheduler_state: dict[str, Any], rng: dict[str, Any] | None) -> None:
+    """Raise where the optimizer, the scheduler or the generators would not take a checkpoint's states: a damaged
+    pickle can decode to states of other keys or sizes (a byte of "step" flipped, of a length), which load_state_dict
+    or set_rng_state raised after the weights were restored, on every retry. Tried on copies of the optimizer and the
+    scheduler (theirs stay; the scheduler's load pops from the dict it is given), and on the generators, put back
+    after."""
+    copy.copy(optimizer).load_state_dict(optimizer_state)
+    copy.copy(scheduler).load_state_dict(dict(scheduler_state))
+    if rng is not None:
+        now = rng_state()
+        try:
+            set_rng_state(rng)
+        finally:
+            set_rng_state(now)
 
 
 def misfits(model: nn.Module, tensors: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
