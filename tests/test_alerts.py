@@ -315,8 +315,8 @@ def test_two_releases_in_one_namespace_alert_each_on_its_own_operator(tmp_path: 
 
 @NEEDS_PROMTOOL
 def test_two_replicas_leading_at_once_fire(tmp_path: Path) -> None:
-    """Two replicas of fto both say they lead from 10m (one elects through no Lease); a hand-over's overlap of one
-    scrape at 5m does not fire."""
+    """Two replicas of fto both say they lead from 10m (its single replica, which elects none, scaled to two); a
+    hand-over's overlap of one scrape at 5m does not fire."""
     run_tests(tmp_path, rules_file(tmp_path), "30s", {
         f"up{{{OPERATOR}}}": "1x60",
         f"up{{{STANDBY}}}": "1x60",
