@@ -1487,6 +1487,19 @@ def test_a_committed_checkpoint_damaged_on_the_volume_gives_way_to_the_one_befor
     assert f"resumed from {tmp_path / 'step-00000002'}" in caplog.text
 
 
+def test_a_models_weights_file_damaged_as_a_checkpoint_can_be_is_the_users(tmp_path: Path) -> None:
+    """model.uri's torch weights with a tensor's record cut short, the zip whole (torch's "record size ... does not
+    match"): exit 2, retried on a file that will never read, where a file cut short was the user's to replace
+    (read_state_dict refuses what checkpoints.load sets aside as damaged)."""
+    from finetune_trainer.errors import EXIT_USER_ERROR, ModelError, exit_code_of
+    from finetune_trainer.models import read_state_dict
+
+    torch.save({"weight": torch.ones(8, 8), "bias": torch.zeros(8)}, tmp_path / "model.pt")
+    with pytest.raises(ModelError, match=r"model.pt: not a torch weights file ") as refused:
+        read_state_dict(shorten_a_tensor(tmp_path / "model.pt"))
+    assert exit_code_of(refused.value) == EXIT_USER_ERROR
+
+
 def caused_by(exc: Exception, cause: BaseException) -> Exception:
     exc.__cause__ = cause
     return exc

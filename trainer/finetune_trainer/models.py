@@ -24,6 +24,7 @@ from torch import nn
 
 from finetune_trainer.batches import Encoded, smallest_batch
 from finetune_trainer.config import DatasetSpec, ModelSpec, Task
+from finetune_trainer.checkpoints import DAMAGED, damaged
 from finetune_trainer.errors import ConfigError, ModelError, failed_read
 from finetune_trainer.structure import head_name
 from finetune_trainer.uris import fetch
@@ -598,8 +599,8 @@ def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         raise ModelError(f"{path}: holds Python objects besides tensors (a whole model saved with torch.save(model), "
                          f"say), which the trainer does not unpickle: save its state_dict() instead ({unsupported})"
                          ) from exc
-    except (SafetensorError, RuntimeError) as exc:  # RuntimeError: torch's zip reader ("PytorchStreamReader ...")
-        if failed_read(exc) or isinstance(exc, RuntimeError) and "PytorchStreamReader" not in str(exc):
+    except DAMAGED as exc:  # what a damaged file's bytes make torch or safetensors raise, as a checkpoint's
+        if not damaged(exc):  # a read the volume failed, the node's out of memory: retried
             raise
         raise ModelError(not_weights(path, exc)) from exc
     if not isinstance(state, dict):
