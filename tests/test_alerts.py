@@ -323,6 +323,7 @@ def test_two_replicas_leading_at_once_fire(tmp_path: Path) -> None:
         f"finetune_operator_leader{{{OPERATOR}}}": "1x10 0x10 1x40",
         f"finetune_operator_leader{{{STANDBY}}}": "0x9 1x50",
     }, [
+        ("5m", "FineTuneOperatorLeadingTwice", []),  # the hand-over's one scrape of two: pending, not firing
         ("8m", "FineTuneOperatorLeadingTwice", []),
         ("11m", "FineTuneOperatorLeadingTwice", []),  # pending
         ("14m", "FineTuneOperatorLeadingTwice", [{"namespace": "ops", "release": "fto"}]),
