@@ -84,8 +84,8 @@ def training_stalled() -> dict[str, Any]:
 
 def operator_down() -> dict[str, Any]:
     # No target of the release's operator answers: all down, or none at all (evicted, unschedulable), where up has no
-    # series either. absent() of a comparison has no labels: the rule gives the namespace (and the annotations name
-    # it and the release (and the annotations name them themselves: their $labels are the expression's).
+    # series either. absent() of a comparison has no labels: the rule gives the namespace and the release (and the
+    # annotations name them themselves: their $labels are the expression's).
     return _rule(OPERATOR_DOWN, f"absent(up{{{OPERATOR}}} == 1)", "5m", "critical",
                  f"The FineTune operator {RELEASE} in namespace {NAMESPACE} is down",
                  f"No replica of the FineTune operator {RELEASE} in namespace {NAMESPACE} has answered Prometheus for "
@@ -133,9 +133,9 @@ def reconcile_errors() -> dict[str, Any]:
     expr = (f"sum by (namespace, release, error) (increase(finetune_operator_reconcile_errors_total{{{OPERATOR}}}[10m])) > 0")
     return _rule("FineTuneReconcileErrors", expr, "15m", "warning",
                  "The FineTune operator {{ $labels.release }} in namespace {{ $labels.namespace }} keeps failing "
-                 "reconciles "
-                 "({{ $labels.error }})",
-                 "Reconciles of FineTuneJobs by the operator in namespace {{ $labels.namespace }} have raised "
+                 "reconciles ({{ $labels.error }})",
+                 "Reconciles of FineTuneJobs by the operator {{ $labels.release }} in namespace "
+                 "{{ $labels.namespace }} have raised "
                  "{{ $labels.error }} for 15 minutes and more: the jobs concerned are not followed. The operator's "
                  "log has each one's traceback (reconcile failed).")
 
@@ -152,9 +152,9 @@ def metric_poll_errors() -> dict[str, Any]:
             f'or sum by (namespace, release, reason) (rate({errors}{{{OPERATOR}, reason!="MetricsUnreachable"}}[10m])) > 0')
     return _rule("FineTuneMetricPollErrors", expr, "15m", "warning",
                  "The FineTune operator {{ $labels.release }} in namespace {{ $labels.namespace }} cannot read "
-                 "trainers' metrics "
-                 "({{ $labels.reason }})",
-                 "The operator in namespace {{ $labels.namespace }} has failed to read rank 0's /metrics "
+                 "trainers' metrics ({{ $labels.reason }})",
+                 "The operator {{ $labels.release }} in namespace {{ $labels.namespace }} has failed to read rank "
+                 "0's /metrics "
                  "({{ $labels.reason }}) for 15 minutes and more: those jobs' status.progress is not updated. "
                  "`kubectl get finetunejobs -A` shows the condition MetricsStale on them, with the error; a "
                  "NetworkPolicy that drops the operator's packets, or a trainer image that serves no metrics, are "
