@@ -182,3 +182,8 @@ roleRef:
 subjects:
 - {{- toYaml .subject | nindent 2 }}
 {{- end }}
+
+{{/* A duration of one unit as Prometheus writes it ("30s", "2m") in milliseconds. */}}
+{{- define "finetune-operator.milliseconds" -}}
+{{- mul (atoi (regexFind "^[0-9]+" .)) (index (dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000) (regexFind "[a-z]+$" .) | default 0) -}}
+{{- end }}
