@@ -363,7 +363,9 @@ def _scheduler_refusal(scheduled: dict[str, Any]) -> str | None:
     if scheduled.get("status") != "False" or reason in (None, SCHEDULING_GATED):
         return None
     message = scheduled.get("message") or ""
-    return message if reason == "Unschedulable" else f"{reason}: {message}" if message else reason
+    if reason == "Unschedulable":
+        return message
+    return f"{reason}: {message}" if message else reason
 
 
 def _gated(pod: dict[str, Any], scheduled: dict[str, Any]) -> dict[str, str] | None:

@@ -665,7 +665,8 @@ def _lost(pod: dict[str, Any], now: datetime) -> bool:
 
 def _cause_over(said: dict[str, Any], created: int, workers: int) -> bool:
     """Whether Scheduled False's cause is over, the pods waiting for the scheduler: gates removed, the queue's
-    admission, or pods not created (a quota's FailedCreate) that all exist now (`created` of `workers`); not a cause
+    admission, or pods not created (a quota's FailedCreate), or unheard of by their scheduler (NoScheduler), that all
+    exist now (`created` of `workers`); not a cause
     merely unseen at a tick (Events unread, an unschedulable pod made again), which would be said anew, with its
     Warning."""
     if said.get("status") != "False" or said.get("reason") == "Unschedulable":
