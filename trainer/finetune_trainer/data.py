@@ -550,12 +550,12 @@ def wrapped_hint(table: pd.DataFrame) -> str:
             f"{jq_rows(str(wrapped[0][0]), table.attrs.get(IN_ARRAYS, False))} does")
 
 
-def jq_rows(key: str, in_arrays: bool = False) -> str:
+def jq_rows(key: str, arrays: bool) -> str:
     """The shell command that writes the records of the list at `key` one a line, of an object in arrays where
-    `in_arrays` ([{"data": [...]}], where `.data[]` is jq's error): jq's `.key` takes ASCII names only, and a quote
+    `arrays` ([{"data": [...]}], where `.data[]` is jq's error): jq's `.key` takes ASCII names only, and a quote
     in the key ends the shell's quoting."""
     path = f".{key}" if re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", key) else f".[{json.dumps(key, ensure_ascii=False)}]"
-    return "jq -c '" + f"{'.[]' * in_arrays}{path}[]".replace("'", "'\\''") + "'"
+    return "jq -c '" + f"{'.[]' * arrays}{path}[]".replace("'", "'\\''") + "'"
 
 
 def written_columns(columns: Iterable[Any]) -> list[Any]:
@@ -780,15 +780,10 @@ def read_splits(found: Found, fmt: DatasetFormat, used: Collection[str],
         # there. Checked whole, it is refused where the job reads the column, and the column dropped where not
         checked = {}
         for split, saved in loaded.items() if isinstance(loaded, datasets.DatasetDict) else [(None, loaded)]:
-            table = saved.data.table
-            bad = [name for name, column in zip(table.column_names, table.columns) if not valid_arrow(column)]
             where = f"{path}{f' (its {split} split)' if split else ''}"
-            if used_bad := [name for name in bad if name in used]:
-                raise ValueError(f"{where}: a damaged save_to_disk file: its column {listed(used_bad)} holds data "
-                                 "not of its type (a string not UTF-8, offsets past its buffers)")
-            if bad:
-                log.warning("%s: its column %s holds data not of its type (a string not UTF-8, offsets past its "
-                            "buffers); the job reads none of them: ignored", where, listed(bad))
+            held = "data not of its type (a string not UTF-8, offsets past its buffers)"
+            bad = unread_bad_columns(saved.data.table, used, where, held, lambda names: ValueError(
+                f"{where}: a damaged save_to_disk file: its column {listed(names)} holds {held}"))
             checked[split] = saved.remove_columns(bad) if bad else saved
         loaded = datasets.DatasetDict(checked) if isinstance(loaded, datasets.DatasetDict) else checked[None]
         if not isinstance(loaded, datasets.DatasetDict):
@@ -955,8 +950,8 @@ def read_table(file: Path, fmt: DatasetFormat, used: Collection[str]) -> pd.Data
 
 
 def read_parquet(file: Path, used: Collection[str]) -> pd.DataFrame:
-    """The parquet file's table, read once (again only where it fails, below), refused where a column the job reads (`used`) holds a string that is not
-    UTF-8 (a damaged page, or bytes written as a string column): pyarrow reads strings unchecked, and the
+    """The parquet file's table, read once (again only where it fails, below), refused where a column the job reads
+    (`used`) holds a string that is not UTF-8 (a damaged page, or bytes written as a string column): pyarrow reads strings unchecked, and the
     ArrowException ("Wrapping ... failed") came as the rows were read, escaping as the pod's fault (exit 2, retried).
     pandas keeps string columns as arrow's (checked here, the used ones only: Spark writes strings unchecked, and a
     column the job never reads is no fault of its data); a list of strings it makes Python's as it reads, and a bad
@@ -972,16 +967,13 @@ def read_parquet(file: Path, used: Collection[str]) -> pd.DataFrame:
         import pyarrow.parquet as pq
 
         whole = pq.read_table(file)
-        bad = [name for name, column in zip(whole.column_names, whole.columns) if not valid_arrow(column)]
+        bad = unread_bad_columns(whole, used, str(file), "strings that are not UTF-8", lambda names: ValueError(
+            f"{file.name} is a damaged parquet file (column {listed(names)}: a string that is not UTF-8: {exc})"))
         if not bad:
             raise ValueError(f"{file.name} is a damaged parquet file ({exc})") from exc
-        if used_bad := [name for name in bad if name in used]:
-            raise ValueError(f"{file.name} is a damaged parquet file (column {listed(used_bad)}: a string that is not "
-                             f"UTF-8: {exc})") from exc
-        log.warning("%s: its column %s holds strings that are not UTF-8; the job reads none of them: ignored",
-                    file, listed(bad))
-        table = pd.read_parquet(file, columns=[name for name in whole.column_names if name not in bad],
-                                dtype_backend="numpy_nullable")
+        # every column left checked whole
+        return pd.read_parquet(file, columns=[name for name in whole.column_names if name not in bad],
+                               dtype_backend="numpy_nullable")
     for name in used:
         if name in table.columns and hasattr(values := table[name].array, "__arrow_array__"):
             try:
@@ -989,6 +981,18 @@ def read_parquet(file: Path, used: Collection[str]) -> pd.DataFrame:
             except pa.ArrowInvalid as exc:
                 raise ValueError(f"{file.name} is a damaged parquet file (column {name!r}: {exc})") from exc
     return table
+
+
+def unread_bad_columns(table: Any, used: Collection[str], where: str, held: str,
+                       refused: Callable[[list[str]], Exception]) -> list[str]:
+    """The columns of arrow's `table` whose data is not of its type (`valid_arrow`), which the job reads none of
+    (`used`): warned of, naming `where` and what they hold; `refused(names)` raised where it reads some."""
+    bad = [name for name, column in zip(table.column_names, table.columns) if not valid_arrow(column)]
+    if used_bad := [name for name in bad if name in used]:
+        raise refused(used_bad)
+    if bad:
+        log.warning("%s: its column %s holds %s; the job reads none of them: ignored", where, listed(bad), held)
+    return bad
 
 
 def valid_arrow(values: Any) -> bool:
