@@ -323,11 +323,12 @@ def placed_settings(layers: nn.ModuleList, whole: nn.ModuleList, built: nn.Modul
             if name not in rebuilt or name not in unpruned:
                 continue  # a module no build of the config has
             for key, value in vars(rebuilt[name]).items():
+                if key in LAYER_INDEXES:  # renumber's
+                    continue
                 before = vars(unpruned[name]).get(key)
                 if isinstance(value, PLAIN) and key in vars(module) and (type(before), before) != (type(value), value):
                     settings.append((module, key, value))
-                    if key not in LAYER_INDEXES:  # renumber's, on every pruning: not worth a line
-                        changed.add(f"{name}.{key}".lstrip("."))
+                    changed.add(f"{name}.{key}".lstrip("."))
     if changed:
         log.info("rearrange.prune: the kept layers' %s follow their new places, as from_pretrained builds them",
                  ", ".join(sorted(changed)))
