@@ -102,7 +102,7 @@ def load_teacher(cfg: TrainerConfig, tokenizer: Any, student: nn.Module, id2labe
     teacher.eval().requires_grad_(False)
     without_cache(teacher)
     width = None if task == Task.IMAGE_CLASSIFICATION else shared_vocabulary(teacher, student, tokenizer, said, where)
-    student_names = {int(i): str(name) for i, name in (head_labels(student)[0] or {}).items()}
+    student_names = by_number(head_labels(student)[0])
     columns = None if task == Task.CAUSAL_LM else label_columns(teacher, id2label, num_labels, where, student_names)
     size = sum(p.numel() for p in teacher.parameters())
     log.info("distilling from %s (%s parameters, %.0f MiB, a copy on each worker): loss per target = %.2g x the "
@@ -174,6 +174,11 @@ def shared_vocabulary(teacher: nn.Module, student: nn.Module, tokenizer: Any, th
     return None
 
 
+def by_number(names: dict[Any, Any] | None) -> dict[int, str]:
+    """A head's class names (config.id2label, whose keys JSON made texts) by class number."""
+    return {int(i): str(name) for i, name in (names or {}).items()}
+
+
 def label_columns(teacher: nn.Module, id2label: dict[int, str], num_labels: int, where: str,
                   student_names: dict[int, str] | None = None) -> torch.Tensor | None:
     """The teacher's logit column of each of the student's `num_labels` classes, matched by name (in any case where
@@ -194,7 +199,7 @@ def label_columns(teacher: nn.Module, id2label: dict[int, str], num_labels: int,
         raise ConfigError(f"{FIELD} {where}: its labels ({said}) do not name {', '.join(missing)} of the job's "
                           f"({ours}): a teacher must be fine-tuned on the job's labels")
     spare = {i: (student_names or {}).get(i, f"LABEL_{i}") for i in range(num_labels) if i not in id2label}
-    theirs = {int(i): str(name) for i, name in (names or {}).items() if int(i) not in named.values()}
+    theirs = {i: name for i, name in by_number(names).items() if i not in named.values()}
     # By name first: in order, the teacher's fear taught the student's love where their spare classes' orders differ.
     named |= matched_labels({i: n for i, n in spare.items() if not UNNAMED.fullmatch(n)},
                             {i: n for i, n in theirs.items() if not UNNAMED.fullmatch(n)})
