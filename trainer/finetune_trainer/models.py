@@ -23,8 +23,8 @@ from safetensors import SafetensorError
 from torch import nn
 
 from finetune_trainer.batches import Encoded, smallest_batch
-from finetune_trainer.config import DatasetSpec, ModelSpec, Task
 from finetune_trainer.checkpoints import DAMAGED, damaged
+from finetune_trainer.config import DatasetSpec, ModelSpec, Task
 from finetune_trainer.errors import ConfigError, ModelError, failed_read
 from finetune_trainer.structure import head_name
 from finetune_trainer.uris import fetch
