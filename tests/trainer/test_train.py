@@ -1487,6 +1487,25 @@ def test_a_committed_checkpoint_damaged_on_the_volume_gives_way_to_the_one_befor
     assert f"resumed from {tmp_path / 'step-00000002'}" in caplog.text
 
 
+def test_a_reader_that_fails_alike_on_two_checkpoints_sets_none_aside(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fault of the reader (a library upgraded under the trainer, a bug of ours) raises the same in every
+    checkpoint: each was set aside in turn, and `set_aside` keeps one at most, so every checkpoint but the newest was
+    deleted and the run restarted from step 0. Two failing alike are taken for the reader's fault: raised (retried),
+    all kept."""
+    model, optimizer, scheduler, scaler = two_checkpoints(tmp_path)
+
+    def broken(*_: object) -> None:
+        raise TypeError("'NoneType' object is not subscriptable")
+
+    monkeypatch.setattr(checkpoints, "takes", broken)
+    with pytest.raises(RuntimeError, match=r"step-00000002 cannot be read, as the checkpoint after it could not, with "
+                                           r"the same error \(TypeError: 'NoneType' object is not subscriptable\)"):
+        checkpoints.load(tmp_path, model, optimizer, scheduler, scaler, CPU)
+    assert not list(tmp_path.glob(".unreadable-*"))
+    assert [p.name for p in checkpoints.complete(tmp_path)] == ["step-00000002", "step-00000004"]
+
+
 def test_a_models_weights_file_damaged_as_a_checkpoint_can_be_is_the_users(tmp_path: Path) -> None:
     """model.uri's torch weights with a tensor's record cut short, the zip whole (torch's "record size ... does not
     match"): exit 2, retried on a file that will never read, where a file cut short was the user's to replace

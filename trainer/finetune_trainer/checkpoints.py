@@ -498,9 +498,12 @@ def load(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
     committed (a file torn after its flush: a volume's fault, a copy cut short; a byte flipped, its pickle decoding to
     an error or to an object without what is restored; a pickle of code weights_only refuses, never run) is set
     aside, with a warning, and the one before it, which keepCheckpoints kept, is restored: every retry failed on it.
+    Where the one before fails alike (`same_fault`), the reader is at fault, not the files: raised, every one kept.
     A read the volume failed (EIO), or the node (out of memory, a CUDA error), is raised: retried, the checkpoint
     kept (`damaged`). The ranks agree on each, in rank 0's list (`listed`); one a rank does not see fails the attempt
     (infrastructure: retried)."""
+    before: Exception | None = None  # what the last one that could not be read raised here
+    unread: list[Path] = []  # set aside once the reader's fault is ruled out (`same_fault`): a checkpoint was read
     for folder in reversed(listed(root, world)):
         rng_file, best_file = folder / f"rng-{world.rank}.pt", folder / BEST
         try:  # all of it read before anything is restored
@@ -525,17 +528,19 @@ def load(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
         except DAMAGED as exc:
             if not damaged(exc):
                 raise
+            if before is not None and same_fault(before, exc):
+                raise RuntimeError(f"{folder} cannot be read, as the checkpoint after it could not, with the same "
+                                   f"error ({type(exc).__name__}: {exc}): the same damage in two is unlikely, so it "
+                                   "is taken for a fault of this trainer or its libraries, not of the files, and "
+                                   "every checkpoint is kept") from exc
+            before = exc
             log.warning("cannot read %s: %s", folder, exc)
             torn, unseen = True, False  # not the exception: its traceback holds what the reader had loaded
         if world.any(torn):
             tensors = saved = optimizer_state = best = None  # not held on the device while the one before is read
-            if world.main:
-                aside = set_aside(folder)
-                log.warning("not resuming %s, which cannot be read (the log of the rank that could not says why): "
-                            "%s; resuming from the checkpoint before it, if any", folder,
-                            f"moved to {aside}, where what can be read of it stays" if aside else
-                            "removed (a later one is set aside already, or it could not be moved)")
+            unread.append(folder)
             continue
+        set_all_aside(unread, world)
         if world.any(unseen):  # not torn: set aside, a good checkpoint's steps were lost to a view a moment old
             raise FileNotFoundError(f"{folder}, the newest checkpoint rank 0 lists, is not there for every rank (the "
                                     "volume's views differ, as an NFS client's cached listing does): a new attempt "
@@ -552,7 +557,18 @@ def load(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
             set_rng_state(rng)
         log.info("resumed from %s", folder)
         return state, best
+    set_all_aside(unread, world)
     return None
+
+
+def set_all_aside(unread: list[Path], world: World) -> None:
+    """Set aside (rank 0) the checkpoints no rank could read, newest first."""
+    for folder in unread if world.main else ():
+        aside = set_aside(folder)
+        log.warning("not resuming %s, which cannot be read (the log of the rank that could not says why): %s; "
+                    "resuming from the checkpoint before it, if any", folder,
+                    f"moved to {aside}, where what can be read of it stays" if aside else
+                    "removed (a later one is set aside already, or it could not be moved)")
 
 
 def damaged(exc: Exception) -> bool:
@@ -560,6 +576,16 @@ def damaged(exc: Exception) -> bool:
     failed (EIO, ESTALE), nor the node (out of memory, a CUDA error: torch's RuntimeErrors too), nor a SIGTERM a library
     wrapped, each raised again: retried, the checkpoint kept."""
     return not (failed_read(exc) or device_fault(exc) or any(isinstance(e, OURS) for e in chain_of(exc)))
+
+
+def same_fault(before: Exception, exc: Exception) -> bool:
+    """Whether two checkpoints failed to read alike where damage would read otherwise: a byte flipped in each raises
+    of other keys or values, while a fault of the reader (an upgraded library, a bug of ours) raises the same in
+    every one, and setting each aside in turn would leave none (`set_aside` keeps the newest). A file cut short reads
+    the same in each (a copy of the folder cut short), and is set aside."""
+    cut_short = (EOFError, SafetensorError, json.JSONDecodeError)
+    return (type(before) is type(exc) and str(before) == str(exc) and not isinstance(exc, cut_short)
+            and "PytorchStreamReader" not in str(exc))
 
 
 def states(saved: Any) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any] | None]:
