@@ -146,7 +146,11 @@ def test_every_example_succeeds(operator_env: OperatorEnv, name: str, changes: d
     assert (claim_folder(env, "results") / name / "report.json").exists()
     pods = env.objects("pods", name)
     workers = doc["spec"]["runtime"].get("workers", 1)
-    assert len(pods) == workers and all(p["status"]["phase"] == "Succeeded" for p in pods)
+    index = {p["metadata"]["annotations"]["batch.kubernetes.io/job-completion-index"]: p for p in pods}
+    assert index["0"]["status"]["phase"] == "Succeeded" and len(pods) <= workers
+    # A peer finished with rank 0, or was stopped by the Job's success policy once rank 0 had (the Job controller
+    # deletes it; the rank's exit is its own affair then).
+    assert all(p["status"]["phase"] == "Succeeded" or p["metadata"].get("deletionTimestamp") for p in pods)
     if workers > 1:  # the gang met through the Service: rank 0 (index 0) reported, the others trained with it
         report = json.loads((claim_folder(env, "results") / name / "report.json").read_text())
         assert report["training"]["workers"] == 2
