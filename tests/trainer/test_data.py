@@ -199,14 +199,14 @@ def test_image_folder(pvc_root: Path) -> None:
             Path(image).parent.name for image in split.inputs]
 
 
-def cats_and_dogs(folder: Path, suffix: str) -> None:
-    """Kaggle's cats and dogs: Cat/ and Dog/ in `folder`, three tiny images each."""
+def cats_and_dogs(folder: Path, suffix: str, green: int = 0) -> None:
+    """Kaggle's cats and dogs: Cat/ and Dog/ in `folder`, three tiny images each (of `green`, to tell folders')."""
     from PIL import Image
 
     for name in ("Cat", "Dog"):
         (folder / name).mkdir(parents=True)
         for i in range(3):
-            Image.new("RGB", (4, 4), (i * 80, 0, 0)).save(folder / name / f"{i}{suffix}")
+            Image.new("RGB", (4, 4), (i * 80, green, 0)).save(folder / name / f"{i}{suffix}")
 
 
 def test_an_image_folder_one_level_above_its_class_folders_says_where_they_are(tmp_path: Path) -> None:
@@ -530,9 +530,10 @@ def cats_and_dogs_in(folder: str = "") -> list[str]:
 
 
 def split_folders(root: Path, *names: str) -> None:
-    """cats_and_dogs in each folder `names` of `root`."""
-    for name in names:
-        cats_and_dogs(root / name, ".png")
+    """cats_and_dogs in each folder `names` of `root`, each folder's images other than the others' (a split's copy of
+    another's is what image_keys finds)."""
+    for k, name in enumerate(names):
+        cats_and_dogs(root / name, ".png", green=k * 40)
 
 
 def test_a_class_folder_linked_to_another_class_is_read_once_and_said(
@@ -1918,6 +1919,24 @@ def test_a_validation_split_that_shares_the_tests_inputs_selects_on_none_of_them
         frame.to_csv(tmp_path / f"{name}.csv", index=False)
     assert len(load_dataset(spec(tmp_path), Task.SEQUENCE_CLASSIFICATION, 0).validation.inputs) == 30
     assert "inputs of its test split are in its train split too" in caplog.text and "left out" not in caplog.text
+
+
+def test_a_validation_split_of_train_inputs_selects_on_none_held_out_for_test(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """A dataset with its own validation split and no test split: test is held out of train, and validation rows
+    whose input went to that test (a hub's validation split shares inputs with its train split) were kept, so early
+    stopping selected on test rows (8 of the 20 test inputs here)."""
+    frame = pd.DataFrame([{"text": f"t{i}", "label": ["neg", "pos"][i % 2]} for i in range(200)])
+    frame.to_csv(tmp_path / "train.csv", index=False)
+    pd.concat([frame.iloc[:100], frame.iloc[:100].assign(text=[f"v{i}" for i in range(100)])]).to_csv(
+        tmp_path / "validation.csv", index=False)  # 100 of its 200 rows train inputs
+    data = load_dataset(spec(tmp_path, testSplit=0.1), Task.SEQUENCE_CLASSIFICATION, 0)
+    assert len(data.test.inputs) == 20 and not set(data.test.inputs) & set(data.train.inputs)
+    shared = len(set(data.test.inputs) & set(frame.text[:100]))
+    assert shared and not set(data.validation.inputs) & set(data.test.inputs)
+    assert len(data.validation.inputs) == 200 - shared
+    assert f"{shared} rows of its validation split are inputs of the test rows held out of its train split too: " \
+        "left out of validation" in caplog.text
 
 
 def test_a_one_column_tsv_is_read_with_tabs(tmp_path: Path) -> None:

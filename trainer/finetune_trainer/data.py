@@ -1870,7 +1870,7 @@ def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spe
     that trained, and without copies the sides are the seed's slices of the rows' order. Not in the order of each
     input's earliest copy in the seed's order: the more copies an input had, the earlier that came, and the held-out
     sides took every frequent input (a text 300 times in 1,000 rows was in test under every seed, test 460 rows where
-    100 were asked). A dataset's validation split keeps none of its test split's inputs (own_rows). `images`: the
+    100 were asked). A dataset's validation split keeps none of the test's inputs (own_rows). `images`: the
     inputs are image files (or records of one), compared across the splits by their bytes (image_keys)."""
     rng = np.random.default_rng(seed)
     texts = inputs[TRAIN]
@@ -1885,8 +1885,9 @@ def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spe
     decided_at = starts[owner][shuffled]  # for each place in `shuffled`: the rows of the inputs placed before its own
     taken = 0
     held: dict[str, tuple[str, np.ndarray]] = {}
+    test: tuple[set[Hashable], str] = (set(), "")  # the test's inputs, once decided, and what they are
     for name, fraction in ((TEST, spec.test_split), (VALIDATION, spec.validation_split)):
-        if (kept := own_rows(keys, name, spec.uri)) is not None:
+        if (kept := own_rows(keys, name, spec.uri, *test)) is not None:
             drawn = rng.permutation(len(inputs[name]))  # shuffled: a hub split may be sorted by label
             held[name] = (name, drawn[kept[drawn]])
             if repeats := len(set(keys[name]).intersection(keys[TRAIN])):
@@ -1897,6 +1898,11 @@ def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spe
             side = (decided_at >= taken) & (decided_at < taken + max(1, round(len(texts) * fraction)))
             held[name] = (TRAIN, shuffled[side])
             taken += int(side.sum())  # the whole of the last input taken, its copies past the share too
+        if name == TEST:  # an input the train split holds too trained already: no selection on it is left to keep
+            test_side, test_idx = held[TEST]
+            test = ({keys[test_side][i] for i in test_idx}.difference(keys[TRAIN]) if test_side == TEST else
+                    {keys[TRAIN][i] for i in test_idx},  # every copy of a held-out input is held out with it
+                    "its test split" if test_side == TEST else "the test rows held out of its train split")
     order = shuffled[decided_at >= taken]
     if len(order) == 0:
         raise DataError(f"dataset {spec.uri}: {len(inputs[TRAIN])} rows ({len(set(map(input_key, texts)))} distinct "
@@ -1918,26 +1924,24 @@ def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spe
             take(TEST, t_name, t_idx, spec.max_eval_samples, "maxEvalSamples"))
 
 
-def own_rows(keys: dict[str, list[Hashable]], name: str, uri: str) -> np.ndarray | None:
+def own_rows(keys: dict[str, list[Hashable]], name: str, uri: str, test: set[Hashable], test_is: str
+             ) -> np.ndarray | None:
     """Which rows of the dataset's own `name` split (validation or test) it keeps; None where it has none, or where
-    its validation split is mostly its test split (as some hub datasets ship it): then that side is held out of train.
-    The test's scores are to come from rows that neither training nor selection (early stopping, the best
-    checkpoint) saw, so validation rows whose input the test split holds are left out of validation (not for a test
-    input that the train split holds too: training saw it, as split warns)."""
+    its validation split is mostly `test`'s inputs (as some hub datasets ship it): then that side is held out of
+    train. The test's scores are to come from rows that neither training nor selection (early stopping, the best
+    checkpoint) saw, so validation rows whose input the test holds (`test`: its own split's, or those held out of
+    train; `test_is` says which) are left out of validation."""
     if name not in keys:
         return None
-    kept = np.ones(len(keys[name]), dtype=bool)
-    if name == VALIDATION and TEST in keys:
-        test = set(keys[TEST]).difference(keys[TRAIN])
-        kept = np.array([key not in test for key in keys[name]], dtype=bool)
-        if (shared := int((~kept).sum())) * 2 > len(kept):
-            log.warning("dataset %s: %d of the %d rows of its validation split are inputs of its test split: held "
-                        "out of its train split instead (dataset.validationSplit), so that no selection is made on "
-                        "test rows", uri, shared, len(kept))
-            return None
-        if shared:
-            log.warning("dataset %s: %d rows of its validation split are inputs of its test split too: left out "
-                        "of validation, so that no selection is made on test rows", uri, shared)
+    kept = np.array([key not in test for key in keys[name]], dtype=bool)
+    if (shared := int((~kept).sum())) * 2 > len(kept):
+        log.warning("dataset %s: %d of the %d rows of its validation split are inputs of %s: held out of its train "
+                    "split instead (dataset.validationSplit), so that no selection is made on test rows", uri, shared,
+                    len(kept), test_is)
+        return None
+    if shared:
+        log.warning("dataset %s: %d rows of its validation split are inputs of %s too: left out of validation, so "
+                    "that no selection is made on test rows", uri, shared, test_is)
     return kept
 
 
