@@ -232,6 +232,8 @@ def test_only_a_worker_that_asks_for_no_nvidia_device_has_the_runtimes_gpus_hidd
         return {e["name"]: e.get("value") for e in container["env"]}
 
     assert env({"limits": {"cpu": "2", "memory": "4Gi"}})["NVIDIA_VISIBLE_DEVICES"] == "void"
+    for none in (0, "0"):  # "a limit of 0 runs its processes on the CPU": it got every GPU of its node
+        assert env({"limits": {"nvidia.com/gpu": none, "cpu": "2"}})["NVIDIA_VISIBLE_DEVICES"] == "void"
     for device in ("nvidia.com/gpu", "nvidia.com/mig-1g.10gb", "nvidia.com/gpu.shared"):
         assert "NVIDIA_VISIBLE_DEVICES" not in env({"limits": {device: 1, "cpu": "2", "memory": "4Gi"}}), device
 

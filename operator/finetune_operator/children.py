@@ -159,11 +159,13 @@ def _env(spec: api.FineTuneJobSpec, resources: core.ResourceRequirements) -> lis
         {"name": "FINETUNE_GPUS", "value": str(gpus(resources))},
         {"name": "HF_HOME", "value": HF_HOME},
     ]
-    if not any(name.startswith(NVIDIA) for name in (*resources.limits, *resources.requests)):
+    if not any(name.startswith(NVIDIA) and core.quantity_value(count) > 0
+               for name, count in (*resources.limits.items(), *resources.requests.items())):
         # NVIDIA's runtime gives a container that asks for no GPU every GPU of its node where the image says
         # NVIDIA_VISIBLE_DEVICES=all (CUDA's images do): a CPU worker trained on GPUs given to other pods. "void":
         # the runtime adds nothing, as runc. Not for any NVIDIA resource (a MIG slice, nvidia.com/gpu.shared), whose
-        # device plugin names its device in that variable, which the container's own would replace.
+        # device plugin names its device in that variable, which the container's own would replace. A count of 0
+        # is none: no device plugin is asked, and the runtime gave every GPU.
         ours.append({"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"})
     if rendezvous(spec):  # torchrun's --shutdown-timeout, as its environment gives it: an older torchrun without
         # the setting (in a user's image) ignores it and keeps its 30 s, where the flag stopped every run
