@@ -2298,6 +2298,116 @@ def test_claims_must_exist_and_fit_the_workers() -> None:
         problem.endswith("set model.revision")
 
 
+def _volume_spec(**runtime: Any) -> Any:
+    from finetune_operator.api import FineTuneJobSpec
+
+    return FineTuneJobSpec.model_validate(EXAMPLE["spec"] | {"runtime": EXAMPLE["spec"]["runtime"] | runtime})
+
+
+def test_claims_of_runtime_volumes_must_exist_and_fit_the_workers() -> None:
+    """Only the claims of pvc:// URIs were judged: a claim mounted through runtime.volumes that was missing left the
+    pods Pending for ever, one of volumeMode Block left them in FailedMount, and a ReadWriteOnce one shared by two
+    workers attached to one node (Multi-Attach): the other worker never started, and rank 0 held its GPUs until the
+    rendezvous timed out."""
+    from finetune_operator import judge
+
+    rwo, rwop = {"spec": {"accessModes": ["ReadWriteOnce"]}}, {"spec": {"accessModes": ["ReadWriteOncePod"]}}
+    rox, rwx = {"spec": {"accessModes": ["ReadOnlyMany"]}}, {"spec": {"accessModes": ["ReadWriteMany"]}}
+    uris = {"models": rwx, "data": rox}  # the example's pvc:// claims, fit for any number of workers
+    field = "spec.runtime.volumes[1].persistentVolumeClaim.claimName"
+    volumes = [{"name": "tmp", "emptyDir": {}}, {"name": "cache", "persistentVolumeClaim": {"claimName": "hub"}}]
+    written = _volume_spec(workers=2, volumes=volumes, volumeMounts=[{"name": "cache", "mountPath": "/cache"}])
+    for modes in (rwo, rwop, rox):  # written to by every worker: only ReadWriteMany serves
+        [problem] = judge.spec_problems(written, uris | {"hub": modes}, "ns")
+        assert problem == (f"{field}: claim 'hub' is {modes['spec']['accessModes'][0]}, but the 2 workers all need it "
+                           "(ReadWriteMany)")
+    assert judge.spec_problems(written, uris | {"hub": rwx}, "ns") == []
+    assert "hub" in judge.claim_names(written) and "hub" not in judge.claim_fields(written)  # no /mnt/pvc mount
+    # Read only, by the volume's readOnly or by every mount's: ReadOnlyMany serves, ReadWriteOnce still attaches once.
+    mounts = [{"name": "cache", "mountPath": "/cache", "readOnly": True}, {"name": "cache", "mountPath": "/more"}]
+    for read in (_volume_spec(workers=2, volumes=[{"name": "cache", "persistentVolumeClaim": {
+                     "claimName": "hub", "readOnly": True}}], volumeMounts=mounts),
+                 _volume_spec(workers=2, volumes=volumes, volumeMounts=[m | {"readOnly": True} for m in mounts])):
+        assert judge.spec_problems(read, uris | {"hub": rox}, "ns") == []
+        [problem] = judge.spec_problems(read, uris | {"hub": rwo}, "ns")
+        assert problem.endswith("but the 2 workers all need it (ReadOnlyMany or ReadWriteMany)"), problem
+    one_mount_writes = _volume_spec(workers=2, volumes=volumes, volumeMounts=mounts)
+    assert judge.spec_problems(one_mount_writes, uris | {"hub": rox}, "ns")[0].startswith(f"{field}: claim 'hub'")
+    # One worker: any access mode; but a missing claim, one being deleted or a raw block device, never.
+    single = _volume_spec(volumes=volumes, volumeMounts=[{"name": "cache", "mountPath": "/cache"}])
+    assert judge.spec_problems(single, uris | {"hub": rwop}, "ns") == []
+    missing = f"{field}: the PersistentVolumeClaim 'hub' does not exist in namespace ns"
+    assert judge.spec_problems(single, uris | {"hub": None}, "ns") == [missing]
+    assert judge.missing_claims(single, uris | {"hub": None}, "ns") == [missing]  # waited for, as a URI's claim
+    deleting = rwo | {"metadata": {"deletionTimestamp": "2026-12-06T10:00:00Z"}}
+    assert judge.missing_claims(single, uris | {"hub": deleting}, "ns") == [
+        f"{field}: the PersistentVolumeClaim 'hub' is being deleted"]
+    block = {"spec": {"accessModes": ["ReadWriteOnce"], "volumeMode": "Block"}}
+    [problem] = judge.spec_problems(single, uris | {"hub": block}, "ns")
+    assert problem.startswith(f"{field}: claim 'hub' is a raw block device") and not judge.missing_claims(
+        single, uris | {"hub": block}, "ns")
+
+
+def test_a_claim_named_by_a_uri_and_a_volume_is_judged_for_each_field() -> None:
+    """A claim the dataset's pvc:// URI reads and a volume writes needs ReadWriteMany for the volume's mount; the
+    problem names the field that asks for the writes (the volume), not the URI's."""
+    from finetune_operator import judge
+
+    rox, rwx = {"spec": {"accessModes": ["ReadOnlyMany"]}}, {"spec": {"accessModes": ["ReadWriteMany"]}}
+    both = _volume_spec(workers=2, volumes=[{"name": "d", "persistentVolumeClaim": {"claimName": "data"}}],
+                        volumeMounts=[{"name": "d", "mountPath": "/scratch"}])
+    assert judge.spec_problems(both, {"models": rwx, "data": rox}, "ns") == [
+        "spec.runtime.volumes[0].persistentVolumeClaim.claimName: claim 'data' is ReadOnlyMany, but the 2 workers "
+        "all need it (ReadWriteMany)"]
+    assert judge.spec_problems(both, {"models": rwx, "data": rwx}, "ns") == []
+    assert judge.missing_claims(both, {"models": rwx, "data": None}, "ns") == [
+        "spec.dataset.uri: the PersistentVolumeClaim 'data' does not exist in namespace ns",
+        "spec.runtime.volumes[0].persistentVolumeClaim.claimName: the PersistentVolumeClaim 'data' does not exist in "
+        "namespace ns"]
+    assert judge.claim_names(both) == ["models", "data"]  # each read once
+
+
+class Claimed(Apiserver):
+    """Apiserver that answers a claim's read with `claims`' (a 404 for one not there) and keeps the claims read."""
+
+    def __init__(self, claims: dict[str, dict[str, Any]]) -> None:
+        super().__init__()
+        self.claims, self.read, self.posted = claims, [], []
+
+    def call(self, method: str, path: str, body: Any = None, **query: object) -> bytes:
+        if "/persistentvolumeclaims/" in path:
+            name = path.rsplit("/", 1)[1]
+            self.read.append(name)
+            if name not in self.claims:
+                raise ApiException(status=404, reason="NotFound")
+            return json.dumps(self.claims[name]).encode()
+        if method == "POST":
+            self.posted.append(path)
+        return super().call(method, path, body, **query)
+
+
+def test_a_tick_reads_the_claims_of_runtime_volumes_and_fails_a_job_whose_claim_is_missing(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The tick read only the pvc:// URIs' claims: a job mounting a claim that was never made got its Job, and its
+    pods waited in Pending for ever."""
+    import kopf
+
+    monkeypatch.setattr(kopf, "event", lambda *_, **__: None)  # posting needs kopf's running loop
+    rwo = {"spec": {"accessModes": ["ReadWriteOnce"]}}
+    runtime = EXAMPLE["spec"]["runtime"] | {
+        "volumes": [{"name": "cache", "persistentVolumeClaim": {"claimName": "hub"}}],
+        "volumeMounts": [{"name": "cache", "mountPath": "/cache"}]}
+    apiserver = ticked(body(runtime=runtime), ({}, {}), apiserver=Claimed({"models": rwo, "data": rwo}))
+    assert sorted(apiserver.read) == ["data", "hub", "models"] and not apiserver.posted
+    [status] = apiserver.patches
+    assert status["phase"] == "Failed" and status["reason"] == "InvalidSpec"
+    [failed] = [c["message"] for c in status["conditions"] if c["type"] == "Failed"]
+    assert "spec.runtime.volumes[0].persistentVolumeClaim.claimName: the PersistentVolumeClaim 'hub' does not " \
+        "exist in namespace ns" in failed
+    made = ticked(body(runtime=runtime), ({}, {}), apiserver=Claimed({"models": rwo, "data": rwo, "hub": rwo}))
+    assert made.posted and made.patches[0]["phase"] != "Failed"
+
+
 def test_metrics_that_cannot_be_read_turn_stale_after_a_grace_and_fresh_again() -> None:
     running = after(decide(Observed(body({"attempts": 1}), [job(ready=1)], [pod()], NOW,
                                     sample={"step": 3, "total_steps": 10, "loss": 1.0})))

@@ -556,7 +556,7 @@ class Claims:
 
 
 def _claims(clients: Clients, claims: Claims, spec: api.FineTuneJobSpec, ns: str) -> dict[str, dict[str, Any] | None]:
-    return {claim: claims.get(clients, ns, claim) for claim in judge.claim_fields(spec)}
+    return {claim: claims.get(clients, ns, claim) for claim in judge.claim_names(spec)}
 
 
 def _create(clients: Clients, obj: dict[str, Any]) -> None:

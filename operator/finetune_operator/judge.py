@@ -30,6 +30,30 @@ def claim_fields(spec: api.FineTuneJobSpec) -> dict[str, tuple[str, bool]]:
     return found
 
 
+def volume_claims(spec: api.FineTuneJobSpec) -> list[tuple[str, str, bool]]:
+    """Each claim runtime.volumes mounts: (claim, its field, whether the trainer may write to it). Written unless the
+    volume is readOnly or every volumeMount of it is (one with no mount is attached all the same, and only read)."""
+    found = []
+    for i, volume in enumerate(spec.runtime.volumes):
+        if (source := volume.persistent_volume_claim) is None:
+            continue
+        mounts = [m for m in spec.runtime.volume_mounts if m.name == volume.name]
+        writes = not source.read_only and any(not m.read_only for m in mounts)
+        found.append((source.claim_name, f"spec.runtime.volumes[{i}].persistentVolumeClaim.claimName", writes))
+    return found
+
+
+def judged_claims(spec: api.FineTuneJobSpec) -> list[tuple[str, str, bool]]:
+    """Every claim the workers mount, once per field naming it: (claim, field, whether that field's mount writes).
+    The pvc:// URIs' (claim_fields, one entry per claim: the operator mounts each once) and runtime.volumes'."""
+    return [(claim, field, writes) for claim, (field, writes) in claim_fields(spec).items()] + volume_claims(spec)
+
+
+def claim_names(spec: api.FineTuneJobSpec) -> list[str]:
+    """The claims to read for spec_problems and missing_claims, each once."""
+    return list(dict.fromkeys(claim for claim, _, _ in judged_claims(spec)))
+
+
 def _absent(field: str, claim: str, pvc: dict[str, Any] | None, namespace: str) -> str | None:
     """Why the claim is not there (yet), else None. One being deleted may be made again (`kubectl delete -f dir/`,
     then `kubectl apply -f dir/`, while its protection finalizer holds it), and is waited for as a missing one; taken
@@ -43,14 +67,16 @@ def _absent(field: str, claim: str, pvc: dict[str, Any] | None, namespace: str) 
 
 def missing_claims(spec: api.FineTuneJobSpec, claims: dict[str, dict[str, Any] | None], namespace: str) -> list[str]:
     """Those of spec_problems that are claims not there (yet)."""
-    return [problem for claim, (field, _) in claim_fields(spec).items()
+    return [problem for claim, field, _ in judged_claims(spec)
             if (problem := _absent(field, claim, claims.get(claim), namespace))]
 
 
 def spec_problems(spec: api.FineTuneJobSpec, claims: dict[str, dict[str, Any] | None], namespace: str) -> list[str]:
-    """`field: message` for each problem; `claims` maps each claim name to its object (None: absent)."""
+    """`field: message` for each problem; `claims` maps each claim name (claim_names) to its object (None: absent).
+    A claim named by several fields (a pvc:// URI and a volume, two volumes) is judged once per field, each by what
+    its own mount does: its problem names the field to change."""
     problems = []
-    for claim, (field, writes) in claim_fields(spec).items():
+    for claim, field, writes in judged_claims(spec):
         pvc = claims.get(claim)
         if problem := _absent(field, claim, pvc, namespace):
             problems.append(problem)
