@@ -2408,6 +2408,35 @@ def test_a_tick_reads_the_claims_of_runtime_volumes_and_fails_a_job_whose_claim_
     assert made.posted and made.patches[0]["phase"] != "Failed"
 
 
+def test_more_processes_than_the_operators_trainer_resources_give_gpus_is_refused_before_any_pod(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The apiserver refuses it only where the spec sets runtime.resources; with the operator's trainer resources the
+    trainer refused it (InvalidConfig), once every worker had been scheduled and held its GPUs."""
+    import kopf
+
+    from finetune_operator import judge
+    from finetune_operator.settings import Settings
+
+    monkeypatch.setattr(kopf, "event", lambda *_, **__: None)  # posting needs kopf's running loop
+    rwo = {"spec": {"accessModes": ["ReadWriteOnce"]}}
+    runtime = {k: v for k, v in EXAMPLE["spec"]["runtime"].items() if k != "resources"} | {"processesPerWorker": 4}
+    two_gpus = Settings.model_validate({"trainer_resources": {"limits": {"memory": "64Gi", "nvidia.com/gpu": 2}}})
+    apiserver = ticked(body(runtime=runtime), ({}, {}), settings=two_gpus, apiserver=Claimed({"models": rwo, "data": rwo}))
+    [status] = apiserver.patches
+    assert status["reason"] == "InvalidSpec" and not apiserver.posted
+    [failed] = [c["message"] for c in status["conditions"] if c["type"] == "Failed"]
+    assert "spec.runtime.processesPerWorker: 4 processes per worker, but each worker has 2 GPU(s) (the operator's " \
+        "trainer resources nvidia.com/gpu" in failed
+    # Enough GPUs, none (the CPU), or the spec's own resources (the apiserver's to judge): not the operator's to refuse.
+    spec = _volume_spec(processesPerWorker=4)
+    own = spec.model_copy(update={"runtime": spec.runtime.model_copy(update={"resources": None})})
+    claims = {"models": rwo, "data": rwo}
+    assert judge.spec_problems(own, claims, "ns", trainer_gpus=3) != []
+    for gpus in (0, 4, 8):
+        assert judge.spec_problems(own, claims, "ns", trainer_gpus=gpus) == []
+    assert judge.spec_problems(spec, claims, "ns", trainer_gpus=2) == []  # its runtime.resources have no GPUs
+
+
 def test_metrics_that_cannot_be_read_turn_stale_after_a_grace_and_fresh_again() -> None:
     running = after(decide(Observed(body({"attempts": 1}), [job(ready=1)], [pod()], NOW,
                                     sample={"step": 3, "total_steps": 10, "loss": 1.0})))

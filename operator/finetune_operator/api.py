@@ -130,7 +130,7 @@ class RuntimeSpec(ApiModel):
         ),
         # The trainer refuses it (InvalidConfig), but only once every worker is scheduled, its image pulled and its
         # GPUs held. A limit of 0 runs its processes on the CPU; with none here the operator's trainer resources
-        # apply, which the apiserver cannot see: the trainer judges those.
+        # apply, which the apiserver cannot see: the operator judges those (judge.py).
         Rule(
             cel=f"!has(self.resources) || !('{core.GPU}' in self.resources.limits) || "
             f"!string({_GPUS}).matches('{_GPU_COUNT}') || int(string({_GPUS})) == 0 || "

@@ -768,7 +768,7 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
         assert spec is not None
         try:
             claims = _claims(clients, memo.claims, spec, ns)
-            seen.problems = judge.spec_problems(spec, claims, ns)
+            seen.problems = judge.spec_problems(spec, claims, ns, trainer_gpus=seen.trainer_gpus)
             seen.claims_missing = judge.missing_claims(spec, claims, ns)
             if not seen.problems:
                 _drop_earlier(clients, ns, name, seen.body["metadata"]["uid"], decision.create_attempt)

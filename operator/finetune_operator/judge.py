@@ -1,11 +1,13 @@
 """What only the operator can judge about a spec the apiserver accepted: claims that must exist
-and fit the workers, and a freeze regex that must compile (pure; the claims are read for it)."""
+and fit the workers, a freeze regex that must compile, and processes that the operator's trainer resources give a GPU
+each (pure; the claims are read for it)."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from finetune_operator import api
+from finetune_operator import coretypes as core
 
 # Access modes every worker can use at once: all of them read the checkpoints; rank 0 writes.
 SHARED_READ = {"ReadOnlyMany", "ReadWriteMany"}
@@ -71,8 +73,10 @@ def missing_claims(spec: api.FineTuneJobSpec, claims: dict[str, dict[str, Any] |
             if (problem := _absent(field, claim, claims.get(claim), namespace))]
 
 
-def spec_problems(spec: api.FineTuneJobSpec, claims: dict[str, dict[str, Any] | None], namespace: str) -> list[str]:
-    """`field: message` for each problem; `claims` maps each claim name (claim_names) to its object (None: absent).
+def spec_problems(spec: api.FineTuneJobSpec, claims: dict[str, dict[str, Any] | None], namespace: str, *,
+                  trainer_gpus: int = 0) -> list[str]:
+    """`field: message` for each problem; `claims` maps each claim name (claim_names) to its object (None: absent);
+    `trainer_gpus` is a worker's GPUs in the operator's trainer resources, those of a spec that sets no resources.
     A claim named by several fields (a pvc:// URI and a volume, two volumes) is judged once per field, each by what
     its own mount does: its problem names the field to change."""
     problems = []
@@ -93,8 +97,22 @@ def spec_problems(spec: api.FineTuneJobSpec, claims: dict[str, dict[str, Any] | 
                 problems.append(
                     f"{field}: claim {claim!r} is {', '.join(sorted(modes)) or 'without access modes'}, but the "
                     f"{spec.runtime.workers} workers all need it ({' or '.join(sorted(needed))})")
+    if problem := _processes_problem(spec, trainer_gpus):
+        problems.append(problem)
     if spec.adjust.freeze.pattern is not None and (problem := spec.adjust.freeze.pattern_problem()):
         problems.append(f"spec.adjust.freeze.pattern: {problem}")
     if problem := spec.model.config_problem():
         problems.append(f"spec.model.config.{problem}")
     return problems
+
+
+def _processes_problem(spec: api.FineTuneJobSpec, trainer_gpus: int) -> str | None:
+    """More processes than GPUs where the operator's trainer resources give them (the apiserver refuses it where the
+    spec's runtime.resources do): the trainer refused it, InvalidConfig, only once every worker was scheduled and held
+    its GPUs. No GPUs (0) runs the processes on the CPU, as the apiserver's rule allows."""
+    rt = spec.runtime
+    if rt.resources is not None or not 0 < trainer_gpus < rt.processes_per_worker:
+        return None
+    return (f"spec.runtime.processesPerWorker: {rt.processes_per_worker} processes per worker, but each worker has "
+            f"{trainer_gpus} GPU(s) (the operator's trainer resources {core.GPU}; the spec sets no "
+            "runtime.resources): at most one process per GPU; lower it, or set runtime.resources with enough GPUs")

@@ -531,7 +531,7 @@ def _created(conds: Conditions, attempt: int, workers: int) -> None:
 
 def _idle_gpus(spec: SpecFacts, trainer_gpus: int) -> list[tuple[str, str, str]]:
     """A Warning where a worker has more GPUs than processes: torchrun gives each process one GPU, and the rest sit
-    idle, which nothing else tells (more processes than GPUs, the trainer refuses: InvalidConfig)."""
+    idle, which nothing else tells (more processes than GPUs are refused: by the apiserver, or judge's InvalidSpec)."""
     gpus, where = ((spec.gpus, "runtime.resources.limits") if spec.gpus is not None
                    else (trainer_gpus, "the operator's trainer resources"))
     if gpus <= spec.processes:
