@@ -718,6 +718,38 @@ def test_what_a_new_observation_lacks_leaves_the_merge_patched_status() -> None:
     assert "etaSeconds" not in stalled["progress"] and "tokensPerSecond" not in stalled["metrics"]
 
 
+def test_no_eta_is_left_once_the_attempt_stops_without_success() -> None:
+    """status.progress.etaSeconds was computed while reads succeeded, and cleared only by success: a job failed for
+    good, suspended, or waiting out a retry's back-off said "600 s until training ends" for ever. How far it got
+    (percent, step) stays."""
+    sample = {"step": 400, "total_steps": 1000, "epoch": 0, "loss": 0.61, "samples_per_second": 32.0,
+              "steps_per_second": 1.0, "stage": "Training"}
+    base = {"attempts": 1, "children": {"job": "ft-1"}}
+    running = after(decide(Observed(body(base), [job()], [pod()], NOW, sample=sample)), base)
+    assert running["phase"] == "Running" and running["progress"]["etaSeconds"] == 600
+    ended = [job(active=0, failed=1, failure={"reason": "BackoffLimitExceeded", "message": ""})]
+    later = NOW + timedelta(seconds=5)
+
+    def exited(code: int, reason: str) -> list[dict[str, Any]]:
+        return [pod(phase="Failed", exit_code=code, message={"exitCode": code, "reason": reason, "message": "x",
+                                                             "stage": "Training"})]
+
+    failed = after(decide(Observed(body(running), ended, exited(1, "InvalidDataset"), later)), running)
+    retrying = after(decide(Observed(body(running, backoffLimit=3), ended, exited(2, "NcclError"), later)), running)
+    suspending = after(decide(Observed(body(running, suspend=True), [job()], [pod()], later)), running)
+    suspended = after(decide(Observed(body(suspending, suspend=True), [], [], NOW + timedelta(minutes=30))), suspending)
+    for status, phase in ((failed, "Failed"), (retrying, "Pending"), (suspending, "Suspended"),
+                          (suspended, "Suspended")):
+        assert status["phase"] == phase and "etaSeconds" not in status["progress"], status
+        assert status["progress"] | {"updatedAt": None} == {"percent": 40, "step": 400, "totalSteps": 1000,
+                                                             "epoch": 0.0, "updatedAt": None}
+        FineTuneJobStatus.from_wire(status)
+    assert retrying["reason"] == "BackoffWaiting"
+    # The next attempt's first step says it again; nothing is sent where nothing is left to clear.
+    again = decide(Observed(body(suspended, suspend=True), [], [], NOW + timedelta(minutes=31)))
+    assert "progress" not in status_patch(suspended, again.status)
+
+
 def test_success_brings_the_evaluation_and_analysis_into_status() -> None:
     message = {"stage": "Done", "exitCode": 0, "evaluation": {"baseline": {"accuracy": 0.41, "f1": 0.3},
                                                               "final": {"accuracy": 0.65, "f1": 0.61}},

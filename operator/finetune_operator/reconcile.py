@@ -28,8 +28,8 @@ from finetune_operator.api import ConditionType as T
 from finetune_operator.outcome import Outcome, Retry, State
 from finetune_operator.status import (DONE_EXIT_SECONDS, METRICS_READ, NOT_EXITING, RESUMED, STALE_AFTER_SECONDS,
                                       STARTING_SECONDS, SUSPENDED, Conditions, analysis_of, condition, evaluation_of,
-                                      finished_metrics, finished_progress, not_started, phase_of, progress_and_metrics,
-                                      pruning_of, stage_of, timestamp, transitions)
+                                      finished_metrics, finished_progress, merged, not_started, phase_of,
+                                      progress_and_metrics, pruning_of, stage_of, timestamp, transitions)
 from finetune_trainer.rules import error_lines
 
 
@@ -874,10 +874,21 @@ def _read_this_attempt(running: dict[str, Any], old: dict[str, Any]) -> datetime
     return updated if updated and (turned is None or updated >= turned) else None
 
 
+def _no_eta(status: dict[str, Any], old: dict[str, Any]) -> None:
+    """No time until training ends where no attempt trains: failed for good, suspended, a retry waiting out its
+    back-off or starting. The last read's etaSeconds stayed ("600 s to go" on a job failed days ago). The rest of
+    status.progress stays: how far it got (a retry resumes from there)."""
+    if status["phase"] in (api.Phase.RUNNING, api.Phase.SUCCEEDED):
+        return
+    if (merged(old.get("progress"), status.get("progress", {})) or {}).get("etaSeconds") is not None:
+        status["progress"] = {**status.get("progress", {}), "etaSeconds": None}
+
+
 def _finish(decision: Decision, old: dict[str, Any], conds: Conditions) -> Decision:
     status = decision.status
     status["conditions"] = conds.as_list()
     status["phase"], status["reason"] = phase_of(conds)
+    _no_eta(status, old)
     # the transitions' Events first, then those decided above (a created attempt's idle GPUs)
     decision.events = transitions(old.get("conditions") or [], status["conditions"]) + decision.events
     return decision
