@@ -2493,6 +2493,35 @@ def test_metrics_that_cannot_be_read_turn_stale_after_a_grace_and_fresh_again() 
     assert conditions(done)["MetricsStale"] == ("False", "Completed") and done["phase"] == "Succeeded"
 
 
+def test_metrics_turn_stale_after_a_few_polls_however_long_a_poll_is() -> None:
+    """The grace was 10 s whatever pollSeconds (up to 300): at 30 s one read that timed out, after a good one, made the
+    job MetricsStale with a Warning, and the next poll's read took it back. It is 10 s or three polls, the longer."""
+    sample = {"step": 400, "total_steps": 1000, "steps_per_second": 1.0, "stage": "Training"}
+    error = ("MetricsTimeout", "no complete answer within 1.0 s")
+    base = {"attempts": 1, "children": {"job": "ft-1"}}
+    for poll, quiet, stale in ((2, 8, 10), (0.5, 8, 10), (30, 60, 90), (300, 600, 900)):
+        r0 = after(decide(Observed(body(base), [job()], [pod()], NOW - timedelta(minutes=30), sample=sample,
+                                   poll_seconds=poll)), base)
+        read = after(decide(Observed(body(r0), [job()], [pod()], NOW, sample=sample, poll_seconds=poll)), r0)
+        for seconds in (poll, quiet):  # one failed read, then those of two polls: no news
+            once = decide(Observed(body(read), [job()], [pod()], NOW + timedelta(seconds=seconds), poll_seconds=poll,
+                                   scrape_error=error))
+            assert "MetricsStale" not in conditions(after(once, read)) and not once.events, (poll, seconds)
+        late = decide(Observed(body(read), [job()], [pod()], NOW + timedelta(seconds=stale), poll_seconds=poll,
+                               scrape_error=error))
+        assert conditions(after(late, read))["MetricsStale"] == ("True", "MetricsTimeout"), poll
+        # Before its first read a rank 0 gets its minute, or those polls where they are longer.
+        started = after(decide(Observed(body(base), [job()], [pod()], NOW, scrape_error=error, poll_seconds=poll)),
+                        base)
+        grace = max(60, stale)
+        assert reconcile.still_starting(started, NOW + timedelta(seconds=grace - 1), poll)
+        assert not reconcile.still_starting(started, NOW + timedelta(seconds=grace), poll)
+        for seconds, turned in ((grace - 1, False), (grace, True)):
+            said = conditions(after(decide(Observed(body(started), [job()], [pod()], NOW + timedelta(seconds=seconds),
+                                                    scrape_error=error, poll_seconds=poll)), started))
+            assert ("MetricsStale" in said) == turned, (poll, seconds)
+
+
 def test_a_rank_0_that_is_done_and_closed_its_metrics_is_not_stale_while_its_pod_exits() -> None:
     """Rank 0 stops serving once read to the end; a Job that took over 10 s more to complete (a loaded machine) left
     a successful job with a MetricsUnreachable Warning ("rank 0's metrics not read since ...")."""

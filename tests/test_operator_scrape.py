@@ -193,7 +193,9 @@ def test_an_endpoint_that_hangs_is_read_less_often_once_stale_and_its_error_stan
 
     later = [0.0]  # seconds the clock of the backoff is moved on; what a read takes is real, and small beside a poll
     monkeypatch.setattr(handlers, "time", type("Clock", (), {"monotonic": lambda: time.monotonic() + later[0]}))
-    poll = STALE_AFTER_SECONDS / 2  # stale after 2 polls: from the third slow read on, later ones are held back
+    # 5 s polls: stale after 3 of them (status.stale_after: 15 s, not STALE_AFTER_SECONDS, which was 2 polls, and one
+    # poll at pollSeconds 10), so from the fourth slow read on, later ones are held back
+    poll = STALE_AFTER_SECONDS / 2
     slow = handlers.SlowScrapes(poll_seconds=poll)
 
     def sample(name: str) -> Observed:
@@ -219,9 +221,9 @@ def test_an_endpoint_that_hangs_is_read_less_often_once_stale_and_its_error_stan
             assert seen.sample is None and seen.scrape_error and seen.scrape_error[0] == "MetricsTimeout"
             reads.append(hanging.connections)
             later[0] += poll
-    # every poll until stale (polls 0, 1, 2), then 2 polls later (4) and 4 after that (8)
-    assert reads == [1, 2, 3, 3, 4, 4, 4, 4, 5, 5, 5, 5], reads
-    assert timeouts() - counted == 5  # what is counted is reads, not ticks
+    # every poll until stale (polls 0, 1, 2, 3), then 2 polls later (5) and 4 after that (9)
+    assert reads == [1, 2, 3, 4, 4, 5, 5, 5, 5, 6, 6, 6], reads
+    assert timeouts() - counted == 6  # what is counted is reads, not ticks
 
     with FaultServer("127.0.0.1", 0, "close") as closing:
         monkeypatch.setattr(handlers, "scrape", functools.partial(scrape, port=closing.port))

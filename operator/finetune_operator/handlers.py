@@ -33,7 +33,7 @@ from finetune_operator.diffbase import SpecDiffBase
 from finetune_operator.api import ConditionType as T
 from finetune_operator.scrape import TIMEOUT_SECONDS, ScrapeError, scrape
 from finetune_operator.settings import Settings
-from finetune_operator.status import (STALE_AFTER_SECONDS, composed, condition, merged, not_started, schema_checked,
+from finetune_operator.status import (composed, condition, merged, not_started, schema_checked, stale_after,
                                       status_patch)
 
 log = logging.getLogger("finetune_operator")
@@ -208,7 +208,7 @@ def _sample(seen: reconcile.Observed, slow: SlowScrapes, ns: str, name: str) -> 
         # Not at every job's end, nor at its start (the endpoint up once torch is imported): counted, they fired
         # the alerts on the counter for each job
         status = seen.body["status"]
-        if not (reconcile.reported_done(status) or reconcile.still_starting(status, seen.now)):
+        if not (reconcile.reported_done(status) or reconcile.still_starting(status, seen.now, seen.poll_seconds)):
             metrics.POLL_ERRORS.labels(reason=exc.reason).inc()
         log.debug("%s/%s: metrics not read: %s", ns, name, exc)
         seen.scrape_error = (exc.reason, str(exc))
@@ -228,7 +228,7 @@ SLOW_SCRAPE_MAX_POLLS = 16
 class _Slow:
     began: float  # when its last slow read began: a tick 2**held polls later finds it due
     first: float  # when the first of the slow reads in a row began
-    held: int  # reads held back since the first (each after STALE_AFTER_SECONDS adds one)
+    held: int  # reads held back since the first (each after status.stale_after adds one)
     error: tuple[str, str]  # the last read's (reason, message)
 
 
@@ -236,9 +236,9 @@ class SlowScrapes:
     """Rank 0 endpoints whose reads run into the scrape's time bound, read less often once their job is stale.
     Each such read holds one of the HANDLER_THREADS for scrape.TIMEOUT_SECONDS, every poll: a few dozen running jobs
     whose pods drop the operator's packets (a tenant's default-deny NetworkPolicy) or whose trainers hang held them
-    all, and every other job's reconcile waited. For STALE_AFTER_SECONDS it is read every poll (a blip of a few
-    seconds makes no job stale); then n reads later the next waits 2**n polls, at most SLOW_SCRAPE_MAX_POLLS. A read
-    that ends fast (an answer, a refusal) is not held back."""
+    all, and every other job's reconcile waited. For `stale_after` (STALE_AFTER_SECONDS, or three polls where they
+    are longer) it is read every poll (a blip of a few seconds makes no job stale); then n reads later the next waits
+    2**n polls, at most SLOW_SCRAPE_MAX_POLLS. A read that ends fast (an answer, a refusal) is not held back."""
 
     def __init__(self, poll_seconds: float) -> None:
         self.poll_seconds = poll_seconds
@@ -260,7 +260,7 @@ class SlowScrapes:
             self.slow.pop(expired, None)
         entry = self.slow.get(key)  # once: another thread may forget it meanwhile
         first, held = (entry.first, entry.held) if entry else (began, 0)
-        self.slow[key] = _Slow(began, first, held + (began - first >= STALE_AFTER_SECONDS), error)
+        self.slow[key] = _Slow(began, first, held + (began - first >= stale_after(self.poll_seconds)), error)
 
     def forget(self, key: tuple[str, str, str]) -> None:
         self.slow.pop(key, None)
@@ -751,7 +751,8 @@ def _reconcile(body: kopf.Body, memo: kopf.Memo, job_index: kopf.Index, pod_inde
     plain["status"] = memo.written.status(plain)
     seen = reconcile.Observed(plain, list(job_index.get(key, [])), list(pod_index.get(key, [])),
                               datetime.now(timezone.utc).replace(tzinfo=None),
-                              trainer_gpus=children.gpus(settings.trainer_resources))
+                              trainer_gpus=children.gpus(settings.trainer_resources),
+                              poll_seconds=settings.poll_seconds)
     if (jobs := reconcile.waits_on_jobs(seen)) or reconcile.waits_on_pods(seen):
         seen = _listed(clients, seen, ns, name, jobs=jobs)
     _sample(seen, memo.slow_scrapes, ns, name)

@@ -26,10 +26,10 @@ from finetune_operator import api, children, outcome
 from finetune_operator import coretypes as core
 from finetune_operator.api import ConditionType as T
 from finetune_operator.outcome import Outcome, Retry, State
-from finetune_operator.status import (DONE_EXIT_SECONDS, METRICS_READ, NOT_EXITING, RESUMED, STALE_AFTER_SECONDS,
-                                      STARTING_SECONDS, SUSPENDED, Conditions, analysis_of, condition, evaluation_of,
-                                      finished_metrics, finished_progress, merged, not_started, phase_of,
-                                      progress_and_metrics, pruning_of, stage_of, timestamp, transitions)
+from finetune_operator.status import (DONE_EXIT_SECONDS, METRICS_READ, NOT_EXITING, RESUMED, SUSPENDED, Conditions,
+                                      analysis_of, condition, evaluation_of, finished_metrics, finished_progress,
+                                      merged, not_started, phase_of, progress_and_metrics, pruning_of, stage_of,
+                                      stale_after, starting_grace, timestamp, transitions)
 from finetune_trainer.rules import error_lines
 
 
@@ -54,6 +54,7 @@ class Observed:
     # jobs and pods as the apiserver listed them this tick, not the indexes: a Job missing from them is gone
     listed: bool = False
     trainer_gpus: int = 0  # those of the operator's trainer resources: a worker's where the spec sets none
+    poll_seconds: float = 2.0  # the operator's pollSeconds: MetricsStale waits a few polls (status.stale_after)
     earlier_pods: list[dict[str, Any]] = field(default_factory=list, init=False)  # an earlier FineTuneJob's, this name
 
     def __post_init__(self) -> None:
@@ -716,7 +717,7 @@ def _observe(result: Outcome, conds: Conditions, status: dict[str, Any], old: di
         elif old.get("stage") == "Done" and _read_this_attempt(conds.get(T.RUNNING), old):  # only the exit is left
             _not_exiting(conds, old, seen.now)
         elif seen.scrape_error:
-            _stale(conds, old, seen.now, *seen.scrape_error)
+            _stale(conds, old, seen.now, seen.poll_seconds, *seen.scrape_error)
         return
     if result.state == State.SUCCEEDED:
         said = outcome.trainer_line(result.result)  # the steps, the test metric's change
@@ -832,16 +833,18 @@ def _not_exiting(conds: Conditions, old: dict[str, Any], now: datetime) -> None:
                   f"rank 0 reported Done (last read at {timestamp(updated)}); its pods have not exited")
 
 
-def _stale(conds: Conditions, old: dict[str, Any], now: datetime, reason: str, message: str) -> None:
-    """MetricsStale once the last good read of this attempt is STALE_AFTER_SECONDS old, or, before its first read,
-    once it has run for STARTING_SECONDS: a retried or resumed attempt's rank 0 gets the same time to start as the
-    first's, though the last read (the previous attempt's) is older. The last numbers stay in status.progress and
-    status.metrics, whose updatedAt tells their age."""
+def _stale(conds: Conditions, old: dict[str, Any], now: datetime, poll_seconds: float, reason: str,
+           message: str) -> None:
+    """MetricsStale once the last good read of this attempt is `stale_after` old (STALE_AFTER_SECONDS, or three polls
+    where they are longer), or, before its first read, once it has run for `starting_grace` (STARTING_SECONDS): a
+    retried or resumed attempt's rank 0 gets the same time to start as the first's, though the last read (the previous
+    attempt's) is older. The last numbers stay in status.progress and status.metrics, whose updatedAt tells their
+    age."""
     updated = _parse_time((old.get("progress") or {}).get("updatedAt"))
     if read := _read_this_attempt(conds.get(T.RUNNING), old):
-        last, grace = read, STALE_AFTER_SECONDS
+        last, grace = read, stale_after(poll_seconds)
     else:
-        last, grace = _parse_time(conds.get(T.RUNNING).get("lastTransitionTime")), STARTING_SECONDS
+        last, grace = _parse_time(conds.get(T.RUNNING).get("lastTransitionTime")), starting_grace(poll_seconds)
     if last is None or (now - last).total_seconds() < grace:
         return
     since = f"since {timestamp(updated)}" if updated else "yet"
@@ -855,15 +858,15 @@ def reported_done(status: dict[str, Any]) -> bool:
                                                                  status) is not None
 
 
-def still_starting(status: dict[str, Any], now: datetime) -> bool:
-    """Whether rank 0 of the running attempt has not been read yet and has not run STARTING_SECONDS (the grace before
+def still_starting(status: dict[str, Any], now: datetime, poll_seconds: float = 2.0) -> bool:
+    """Whether rank 0 of the running attempt has not been read yet and has not run `starting_grace` (the grace before
     MetricsStale, `_stale`): its endpoint comes up once torch is imported, so a read that fails then is no fault. So
     too where the status does not say Running yet (the tick that first sees the pod run)."""
     running = condition(status.get("conditions"), T.RUNNING)
     if _read_this_attempt(running, status):
         return False
     turned = _parse_time(running.get("lastTransitionTime")) if running.get("status") == "True" else None
-    return turned is None or (now - turned).total_seconds() < STARTING_SECONDS
+    return turned is None or (now - turned).total_seconds() < starting_grace(poll_seconds)
 
 
 def _read_this_attempt(running: dict[str, Any], old: dict[str, Any]) -> datetime | None:

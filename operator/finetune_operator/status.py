@@ -19,11 +19,25 @@ T = ConditionType
 METRICS_READ = "MetricsRead"  # MetricsStale's reason once rank 0 answers again (told by an Event)
 SUSPENDED = "Suspended"  # Suspended True, and what stops for it
 RESUMED = "Resumed"  # Suspended False, and Restarting True when the attempt it stopped is followed by the next
-# Rank 0's metrics count as stale once no read succeeded for this long (a few polls: one slow answer is no news).
+# Rank 0's metrics count as stale once no read succeeded for this long (a few polls: one slow answer is no news), or
+# for three polls where they are longer (`stale_after`).
 STALE_AFTER_SECONDS = 10
+STALE_AFTER_POLLS = 3
 # Before an attempt's first read its rank 0 is still starting (torchrun, then importing torch and the model's code
 # from a cold image: tens of seconds on a GPU node), which is no news either.
 STARTING_SECONDS = 60
+
+
+def stale_after(poll_seconds: float) -> float:
+    """Seconds without a good read before rank 0's metrics are stale, at `poll_seconds` (settings.pollSeconds, up to
+    300): a fixed 10 s was one poll at 10 s and less than one at 30, so one read that timed out made a job
+    MetricsStale, with a Warning Event, and the next poll's read took it back."""
+    return max(STALE_AFTER_SECONDS, STALE_AFTER_POLLS * poll_seconds)
+
+
+def starting_grace(poll_seconds: float) -> float:
+    """Seconds an attempt's rank 0 has to answer its first read (STARTING_SECONDS), never fewer than `stale_after`."""
+    return max(STARTING_SECONDS, stale_after(poll_seconds))
 # Once rank 0 reported Done it closes its metrics after they are read (the telemetry linger ends on that read), so
 # the clock starts at the last successful read; its pods exiting (the process group's teardown, the Job's
 # completion) may take minutes on a loaded node. Past that, a pod that still has not exited is stuck (an NCCL
