@@ -263,9 +263,9 @@ def test_the_job_stats_are_the_jobs_across_attempts_and_say_nothing_false(tmp_pa
         return [[float(v) for _, v in s["values"]] for s in prometheus.query_range(expr, t0 + start, t0 + stop, 15)]
 
     try:
-        # One value per stat, not one per attempt (a stat showed 39% beside 98%), and one row per stage.
-        progress = values("Progress", "j", 0, 1500)
-        assert len(progress) == 1 and progress[0][-1] == pytest.approx(0.98, abs=0.01)
+        # One value per stat, not one per attempt (a stat showed 39% beside 98%), and one row per stage. Progress is
+        # the range's last (an instant query at its end, over it): the finished job's stays.
+        assert progress_shown(prometheus, "j", t0, 1500) == [pytest.approx(0.98, abs=0.01)]
         assert len(values("ETA", "j", 0, 1500)) == 1 and len(values("Stage", "j", 0, 1500)) == 1
         # A stalled job has no ETA (it was +Inf).
         assert values("ETA", "stuck", 2000, 3000) == []
@@ -273,6 +273,58 @@ def test_the_job_stats_are_the_jobs_across_attempts_and_say_nothing_false(tmp_pa
         # one, not two: the unnamed series are no job of their own.
         gpu_jobs = values("Running GPU jobs", "", 0, 3000)[0]
         assert gpu_jobs[-1] == 0 and max(gpu_jobs) == 1
+    finally:
+        prometheus.stop()
+
+
+def progress_shown(prometheus: Any, job: str, t0: int, end: int) -> list[float]:
+    """The Progress stat over the range from t0 to t0 + `end`, as Grafana reduces it (each series' last non-null
+    value of the range's points; an instant query has one, at the range's end)."""
+    panel = next(p for p in json.loads(dashboard.render())["panels"] if p["title"] == "Progress")
+    assert panel["options"]["reduceOptions"]["calcs"] == ["lastNotNull"]
+    found = []
+    for target in panel["targets"]:
+        expr = target["expr"].replace("$namespace", "a").replace("$job", job).replace("$__range", f"{end}s")
+        start = t0 + end if target.get("instant") else t0
+        found += [float(s["values"][-1][1]) for s in prometheus.query_range(expr, start, t0 + end, 15)]
+    return found
+
+
+@pytest.mark.skipif(not prometheus_server.installed(), reason="Prometheus is not built (`make prometheus`)")
+def test_progress_is_the_newest_run_s_and_its_newest_attempt_s(tmp_path: Path) -> None:
+    """Job `j` trained to 1000 of 1000 and was deleted and made again under its name (another recipe): grouped by the
+    job's name, the stat's last non-null value was the first run's 100 % all through the second run's loading and
+    baseline. Job `r`'s attempt 1 stopped at step 400; attempt 2 resumed from its checkpoint at step 300: it showed
+    40 % until attempt 2 passed step 400. Job `s` runs a trainer image from before process_start_time_seconds."""
+    t0 = int(time.time()) - 3600
+    lines = [f"# TYPE {m} gauge" for m in ("finetune_trainer_step", "finetune_trainer_total_steps",
+                                           "finetune_trainer_stage", STARTED)]
+
+    def run(job: str, uid: str, attempt: int, start: int, stop: int, steps: Any = None, started: bool = True) -> None:
+        """Rank 0 of one attempt scraped every 15 s from `start` to `stop`: its stage, its start, and from the
+        first step (`steps(seconds since start)`, None before it) its step and total."""
+        labels = (f'namespace="a",finetunejob="{job}",finetunejob_uid="{uid}",attempt="{attempt}",'
+                  f'pod="{job}-{attempt}-0-{uid}"')
+        lines.extend(trainer_lived(labels, t0 + start, t0 + stop, started))
+        for t in range(start, stop, 15):
+            if steps and (step := steps(t - start)) is not None:
+                lines.append(f"finetune_trainer_step{{{labels}}} {step} {t0 + t}")
+                lines.append(f"finetune_trainer_total_steps{{{labels}}} 1000 {t0 + t}")
+
+    for job, started in (("j", True), ("s", False)):
+        run(job, "u1", 1, 0, 600, lambda s: min(1000, s * 1000 // 585), started)
+        run(job, "u2", 1, 900, 1800, None, started)  # loads, then measures its baseline: no step yet
+    run("r", "r", 1, 0, 600, lambda s: s * 400 // 585)
+    run("r", "r", 2, 900, 1800, lambda s: None if s < 300 else 300 + (s - 300) // 10)
+    prometheus_server.backfill(tmp_path, "\n".join(lines) + "\n# EOF\n")
+    prometheus = prometheus_server.start(tmp_path, [], free_port())
+    try:
+        for job in ("j", "s"):
+            assert progress_shown(prometheus, job, t0, 300) == [pytest.approx(0.51, abs=0.01)], job
+            assert progress_shown(prometheus, job, t0, 800) == [1.0], job  # finished: its 100 % stays
+            assert progress_shown(prometheus, job, t0, 1790) == [], job  # the new run has made no step
+        assert progress_shown(prometheus, "r", t0, 1000) == [pytest.approx(0.4)]  # attempt 2 loads
+        assert progress_shown(prometheus, "r", t0, 1790) == [pytest.approx(0.359, abs=0.005)]  # its own, not 40 %
     finally:
         prometheus.stop()
 

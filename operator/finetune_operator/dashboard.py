@@ -98,6 +98,34 @@ def one(metric: str, function: str = "", window: str = "") -> str:
     return f"max by (namespace, finetunejob) ({f'{function}({selected}[{window}])' if function else selected})"
 
 
+# The newest run, and in it each attempt, by when their trainers started (rank 0's process_start_time_seconds): a job
+# deleted and made again under its name (another recipe) is a run of its own (`evaluation`, `progress`). A subquery of
+# the series' timestamps chose them at the evaluation interval's resolution (a minute by default), and missed a trainer
+# scraped between two of its points: a short job's panels were empty. A trainer image from before process_* is ordered
+# by when it was last seen, so: attempts and runs never overlap (each waits for the one before to stop), so either time
+# orders them alike.
+BY_ATTEMPT = "max by (finetunejob_uid, attempt)"
+STARTED = (f"{BY_ATTEMPT} (last_over_time(process_start_time_seconds{{{JOB}}}[$__range])) or on (finetunejob_uid, "
+           f"attempt) {BY_ATTEMPT} (max_over_time(timestamp(finetune_trainer_stage{{{JOB}}})[$__range:]))")
+NEWEST_RUN = f"topk(1, max by (finetunejob_uid) ({STARTED}))"
+
+
+def progress() -> str:
+    """The step over the total of the newest run's newest attempt that made a step, as they were last in the range:
+    grouped by the job's name alone, the stat's last non-null value of a range query was the run before's (100 %) all
+    through a run made again under the name, and a resumed attempt's step under the one before's. A finished run keeps
+    its 100 %; a retry that loads shows how far the attempt before got (status.progress says so too); a new run shows
+    nothing before its first step."""
+    stepped = (f"topk(1, ({STARTED}) and on (finetunejob_uid, attempt) "
+               f"last_over_time(finetune_trainer_step{{{JOB}}}[$__range]) and on (finetunejob_uid) {NEWEST_RUN})")
+
+    def last(metric: str) -> str:
+        return (f"max by (namespace, finetunejob) (last_over_time({metric}{{{JOB}}}[$__range])"
+                f" and on (finetunejob_uid, attempt) {stepped})")
+
+    return f"{last('finetune_trainer_step')} / {last('finetune_trainer_total_steps')}"
+
+
 def one_job() -> list[Panel]:
     return [
         series("Loss", "short", query(f"finetune_trainer_loss{{{JOB}}}", "loss")),
@@ -107,8 +135,7 @@ def one_job() -> list[Panel]:
                query(f"finetune_trainer_tokens_per_second{{{JOB}}}", "tokens/s")),
         # The stats and the stages are the job's, not an attempt's: each attempt is a series of its own (its pod's
         # labels), and a stat showed one value per attempt, the failed one's beside the current one's.
-        single("Progress", "percentunit", query(f"{one('finetune_trainer_step')} / {one('finetune_trainer_total_steps')}",
-                                                "progress"), width=4),
+        single("Progress", "percentunit", query(progress(), "progress", instant=True), width=4),
         # Steps left over the trainer's steps/s, status.progress.etaSeconds' rate: it counts the time validations
         # and checkpoints take. The step's slope over $__rate_interval swung from half to two and a half times the
         # time left, or nothing, with the validations; it stays for a trainer image without the gauge (deriv(): the
@@ -128,22 +155,13 @@ def one_job() -> list[Panel]:
 
 
 def evaluation() -> list[Panel]:
-    # The newest run, and in it the newest attempt that scored, by when their trainers started (rank 0's
-    # process_start_time_seconds): a job deleted and made again under its name (another recipe) is a run of its own,
-    # and the larger value of either run showed one run's fine-tuned result beside the other's baseline; so did two
-    # attempts of a run retuned between them (each attempt reports its baseline again). The newest attempt alone left
-    # the panel empty while it loaded, and for good where it failed there. Scored on the test split: a validation
-    # during training (phase "training") is none. A subquery of the series' timestamps chose them at the evaluation
-    # interval's resolution (a minute by default), and missed a trainer scraped between two of its points: a short
-    # job's panels were empty. A trainer image from before process_* is ordered by when it was last seen, so: attempts
-    # and runs never overlap (each waits for the one before to stop), so either time orders them alike.
-    by = "max by (finetunejob_uid, attempt)"
-    started = (f"{by} (last_over_time(process_start_time_seconds{{{JOB}}}[$__range])) or on (finetunejob_uid, attempt) "
-               f"{by} (max_over_time(timestamp(finetune_trainer_stage{{{JOB}}})[$__range:]))")
-    run = f"topk(1, max by (finetunejob_uid) ({started}))"
-    scored = (f"topk(1, ({started}) and on (finetunejob_uid, attempt) "
+    # The newest run (NEWEST_RUN), and in it the newest attempt that scored: the larger value of either run showed one
+    # run's fine-tuned result beside the other's baseline; so did two attempts of a run retuned between them (each
+    # attempt reports its baseline again). The newest attempt alone left the panel empty while it loaded, and for good
+    # where it failed there. Scored on the test split: a validation during training (phase "training") is none.
+    scored = (f"topk(1, ({STARTED}) and on (finetunejob_uid, attempt) "
               f'last_over_time(finetune_trainer_eval_metric{{{JOB}, phase!="training"}}[$__range]) '
-              f"and on (finetunejob_uid) {run})")
+              f"and on (finetunejob_uid) {NEWEST_RUN})")
 
     def last(phase: str) -> str:
         return (f'max by (metric) (last_over_time(finetune_trainer_eval_metric{{{JOB}, phase="{phase}"}}[$__range])'
