@@ -245,8 +245,17 @@ def progress_and_metrics(sample: dict[str, Any], global_batch: int, now: datetim
     samples_per_second = number(sample.get("samples_per_second")) or 0.0
     steps_per_second = number(sample.get("steps_per_second")) or samples_per_second / global_batch
     progress["etaSeconds"] = count((total - step) / steps_per_second) if steps_per_second > 0 and total else None
-    metrics = {k: _rounded(sample.get(s)) for k, s in METRICS}
+    # Once training has ended (the final evaluation, the export) the trainer serves no rates (none are made): no time
+    # is left, and status.metrics keeps the last training throughput read, as the termination message gives it.
+    trained = sample.get("stage") in TRAINED
+    if trained:
+        progress["etaSeconds"] = 0
+    metrics = {k: _rounded(sample.get(s)) for k, s in METRICS if not (trained and s in RATES)}
     return out | {"progress": progress, "metrics": metrics}
+
+
+TRAINED = frozenset(s.value for s in (Stage.EVALUATING, Stage.EXPORTING, Stage.DONE))  # stages after training
+RATES = ("samples_per_second", "tokens_per_second")  # status.metrics' training rates
 
 
 # status.metrics' fields and the trainer's gauges they are read from

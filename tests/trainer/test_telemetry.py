@@ -10,6 +10,7 @@ import threading
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -527,6 +528,59 @@ def test_mfu_is_reported_only_where_the_gpus_peak_is_known(monkeypatch: pytest.M
              if line.startswith("finetune_trainer_mfu ")]
     assert [float(line.split()[1]) for line in lines] == ([] if mfu is None else [pytest.approx(mfu)])
     assert "finetune_trainer_mfu 0.0" in generate_latest(Metrics(CPU).registry).decode()  # a CPU's
+
+
+def test_the_rates_are_none_once_training_ends_and_the_status_keeps_its_last_training_read(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    """The throughput, steps/s and MFU gauges kept the last step's values: the dashboard's Throughput and MFU drew a
+    run training at full speed through its final evaluation, its export and the linger. The step, the total and the
+    loss stay (how far it got); the status keeps its last throughput and says no time is left."""
+    from datetime import datetime
+
+    import torch
+    from prometheus_client import generate_latest
+
+    from finetune_operator import scrape, status
+    from finetune_trainer.config import Stage
+    from finetune_trainer.pipeline import Progress
+    from finetune_trainer.train import LoopState
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200")  # no GPU here
+    monkeypatch.setattr(torch.cuda, "max_memory_allocated", lambda device=None: 0)
+    metrics = Metrics(torch.device("cuda", 0))
+    progress = Progress(metrics, main=False)
+    progress.enter(Stage.TRAINING)
+    state = LoopState()
+    per_sample = StepFlops(0.5 * telemetry.PEAK_BF16_FLOPS["NVIDIA H200"] / 32, per_token=False)  # half at 32/s
+    for _ in range(10):
+        state.step, state.seconds, state.samples, state.tokens = state.step + 1, state.seconds + 1, \
+            state.samples + 32, state.tokens + 32 * 128
+        state.history.append({"step": state.step, "loss": 0.5, "lr": 1e-4, "grad_norm": 1.0})
+        progress.step(state, 10, per_sample)
+
+    def read() -> dict[str, Any]:
+        body = generate_latest(metrics.registry).decode()
+        return scrape.parse(body) | {"mfu": [float(line.split()[1]) for line in body.splitlines()
+                                             if line.startswith("finetune_trainer_mfu ")]}
+
+    training = read()
+    assert training["samples_per_second"] == pytest.approx(32) and training["mfu"] == [pytest.approx(0.5)]
+    assert training["steps_per_second"] > 0 and training["tokens_per_second"] == pytest.approx(32 * 128)
+    before = status.progress_and_metrics(training, 32, datetime(2026, 1, 1))
+    for stage in (Stage.EVALUATING, Stage.EXPORTING, Stage.DONE):
+        progress.enter(stage)
+        sample = read()
+        assert sample == {"stage": stage.value, "loss": 0.5, "learning_rate": 1e-4, "step": 10.0,
+                          "total_steps": 10.0, "epoch": 0.0, "mfu": []}, stage
+        after = status.progress_and_metrics(sample, 32, datetime(2026, 1, 1, 0, 1))
+        assert after["progress"]["etaSeconds"] == 0 and after["progress"]["percent"] == 100
+        # the rates are left out of the merge patch: the last training read's stand
+        assert status.merged(before["metrics"], after["metrics"]) == before["metrics"]
+        assert before["metrics"]["samplesPerSecond"] == pytest.approx(32)
+    # a CPU's MFU, 0 from the start, stays 0
+    cpu = Metrics(CPU)
+    cpu.set_stage(Stage.EVALUATING)
+    assert "finetune_trainer_mfu 0.0" in generate_latest(cpu.registry).decode()
 
 
 def test_the_gpus_peak_is_looked_up_once_for_the_run(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -4,7 +4,8 @@ Metric names are shared with the operator and the dashboard (the README's traine
 them on FINETUNE_METRICS_ADDR:FINETUNE_METRICS_PORT (default 127.0.0.1:9090; port 0 turns
 the endpoint off). Loopback unless told otherwise: a local run must not listen on the
 network, and in a pod the operator sets the address to the pod's IP. `finetune_trainer_stage{stage=...}` is 1 for the current stage and 0
-for the others; the training gauges (loss, step, throughput...) appear with an attempt's first step; `finetune_trainer_eval_metric{phase,metric}` has phase baseline, training
+for the others; the training gauges (loss, step, throughput...) appear with an attempt's first step, and the rates
+(throughput, steps/s, MFU) go again once it leaves Training; `finetune_trainer_eval_metric{phase,metric}` has phase baseline, training
 (the latest evaluation during training), final, or teacher (a distilled job's teacher, on the test split).
 In a pod, `finetune_trainer_pod_info{uid}` names the pod that answers (FINETUNE_POD_UID), so that the
 operator never reads another pod's numbers for its job's. prometheus_client's `process_*` are served too: the
@@ -155,6 +156,10 @@ class Latest:
     def set(self, value: float) -> None:
         self.value = float(value)
 
+    def clear(self) -> None:
+        """Not exported again until set."""
+        self.value = None
+
     def collect(self) -> Iterable[GaugeMetricFamily]:
         if self.value is not None:
             yield GaugeMetricFamily(self.name, self.doc, value=self.value)
@@ -290,6 +295,18 @@ class Metrics:
     def set_stage(self, stage: Stage) -> None:
         for s in Stage:
             self.stage.labels(stage=s.value).set(1 if s == stage else 0)
+        if stage != Stage.TRAINING:
+            self.rates_stopped()
+
+    def rates_stopped(self) -> None:
+        """Out of Training no steps are made: the rates (throughput, steps/s, MFU) are none, as before the first step.
+        Kept, the Throughput and MFU panels drew the last step's rate through the evaluation, the export and the
+        linger. The step, the total and the loss stay: how far the run got (the status and the Progress stat read
+        them); the operator keeps the status's last training throughput and says no time left once training ended."""
+        for rate in (self.samples_per_second, self.tokens_per_second, self.steps_per_second):
+            rate.clear()
+        if self.device.type == "cuda":  # a CPU's 0 is said from the start, and stays
+            self.mfu.clear()
 
     def set_eval(self, phase: str, metrics: dict[str, float]) -> None:
         for name, value in metrics.items():
