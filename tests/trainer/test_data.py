@@ -200,13 +200,14 @@ def test_image_folder(pvc_root: Path) -> None:
 
 
 def cats_and_dogs(folder: Path, suffix: str, green: int = 0) -> None:
-    """Kaggle's cats and dogs: Cat/ and Dog/ in `folder`, three tiny images each (of `green`, to tell folders')."""
+    """Kaggle's cats and dogs: Cat/ and Dog/ in `folder`, three tiny images each (of `green`, to tell folders'), no
+    two alike (a copy is one input, image_keys)."""
     from PIL import Image
 
-    for name in ("Cat", "Dog"):
+    for k, name in enumerate(("Cat", "Dog")):
         (folder / name).mkdir(parents=True)
         for i in range(3):
-            Image.new("RGB", (4, 4), (i * 80, green, 0)).save(folder / name / f"{i}{suffix}")
+            Image.new("RGB", (4, 4), (i * 80, green, k * 100)).save(folder / name / f"{i}{suffix}")
 
 
 def test_an_image_folder_one_level_above_its_class_folders_says_where_they_are(tmp_path: Path) -> None:
@@ -682,6 +683,70 @@ def test_the_comparison_of_splits_reads_whole_only_files_alike_at_their_ends(
     assert "6 of the 6 rows of its validation split are inputs of its test split" in caplog.text
 
 
+@pytest.mark.parametrize("seed", range(4))
+def test_a_copy_of_an_image_in_its_own_split_is_held_out_with_it(tmp_path: Path, seed: int) -> None:
+    """Rows of one split were told apart by path: a scraped duplicate in the train folder (`0 (1).png`) was another
+    input, held out for test or validation while its twin trained (of 20 test images of 50 images saved twice, 11
+    had trained). Every copy is one input now, a copy in another class folder too, each keeping its label."""
+    import hashlib
+
+    noisy_images(tmp_path, 20, seed=0)
+    for i in range(20):
+        shutil.copy(tmp_path / "Cat" / f"{i}.png", tmp_path / "Cat" / f"{i} (1).png")
+    shutil.copy(tmp_path / "Dog" / "0.png", tmp_path / "Cat" / "dog.png")  # a dog among the cats: two labels
+    data = load_dataset(DatasetSpec(uri=str(tmp_path), testSplit=0.2, validationSplit=0.2),
+                        Task.IMAGE_CLASSIFICATION, seed)
+
+    def side(split: Split) -> set[str]:
+        return {hashlib.blake2b(Path(image).read_bytes()).hexdigest() for image in split.inputs}
+
+    assert len(data.train.inputs) + len(data.validation.inputs) + len(data.test.inputs) == 61
+    assert data.test.inputs and data.validation.inputs
+    assert not side(data.train) & side(data.test) and not side(data.train) & side(data.validation)
+    assert not side(data.validation) & side(data.test)
+    dog = next(split for split in (data.train, data.validation, data.test)
+               if str(tmp_path / "Dog" / "0.png") in split.inputs)
+    assert [data.id2label[label] for label in dog.labels or []] == [Path(image).parent.name for image in dog.inputs]
+    assert str(tmp_path / "Cat" / "dog.png") in dog.inputs
+
+
+def test_copies_within_a_split_are_found_reading_only_files_of_a_shared_size(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The one train folder of most datasets is compared within itself too: a stat of each file, the ends read only
+    of files whose size another has, and read whole only where the ends are alike and the file is over 2 * ENDS bytes
+    (a smaller one was read whole for its ends). A file that may not be read, or an empty one, keeps its path."""
+    import builtins
+    import errno
+
+    from finetune_trainer import data as data_module
+
+    rng = np.random.default_rng(0)
+    files = {name: rng.integers(0, 255, size, dtype=np.uint8).tobytes() for name, size in
+             (("a", 100), ("b", 200), ("c", 300), ("d", 300), ("big", 40_000), ("other", 40_000))}
+    files |= {"a (1)": files["a"], "big (1)": files["big"], "refused": files["b"], "empty": b"", "empty (1)": b""}
+    for name, content in files.items():
+        (tmp_path / f"{name}.png").write_bytes(content)
+    paths = {name: str(tmp_path / f"{name}.png") for name in files}
+    ends_read: list[str] = []
+    read_whole: list[str] = []
+    file_ends, file_digest = data_module.file_ends, data_module.file_digest
+    monkeypatch.setattr(data_module, "file_ends", lambda path: ends_read.append(path) or file_ends(path))
+    monkeypatch.setattr(data_module, "file_digest", lambda path: read_whole.append(path) or file_digest(path))
+
+    def opening(path: Any, *args: Any, **kwargs: Any) -> Any:
+        if path == paths["refused"]:
+            raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(path))
+        return builtins.open(path, *args, **kwargs)
+
+    monkeypatch.setattr(data_module, "open", opening, raising=False)
+    keys = dict(zip(files, data_module.image_keys({"train": list(paths.values())})["train"]))
+    assert sorted(ends_read) == sorted(paths[name] for name in ("a", "a (1)", "b", "refused", "c", "d", "big",
+                                                                "other", "big (1)"))
+    assert sorted(read_whole) == sorted([paths["big"], paths["big (1)"]])
+    assert keys["a"] == keys["a (1)"] != paths["a"] and keys["big"] == keys["big (1)"] != paths["big"]
+    assert all(keys[name] == paths[name] for name in ("b", "refused", "c", "d", "other", "empty", "empty (1)"))
+
+
 def test_an_image_the_comparison_of_splits_may_not_read_is_left_to_the_image_check(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Splits are compared by their files' bytes before the images are checked: a file the trainer may not read
@@ -1021,15 +1086,13 @@ def test_a_pool_folder_that_the_class_folders_link_into_is_no_class(
 
 
 def tiny_images(folder: Path, names: list[str], count: int) -> None:
-    """`count` copies of one tiny image in each folder `names` of `folder`."""
+    """`count` tiny images in each folder `names` of `folder`, no two alike (a copy is one input, image_keys)."""
     from PIL import Image
 
-    Image.new("RGB", (4, 4)).save(image := folder / "image.png")
-    for name in names:
+    for k, name in enumerate(names):
         (folder / name).mkdir()
         for i in range(count):
-            shutil.copyfile(image, folder / name / f"{i}.png")
-    image.unlink()
+            Image.new("RGB", (4, 4), (k % 256, k // 256, i)).save(folder / name / f"{i}.png")
 
 
 @pytest.mark.parametrize("pooled", [False, True])
@@ -1237,10 +1300,10 @@ def test_only_the_image_files_the_run_uses_are_opened_before_training(tmp_path: 
     dataset.maxTrainSamples and maxEvalSamples keep; a broken file the run never reads no longer stops it."""
     from PIL import Image
 
-    for name in ("Cat", "Dog"):
+    for k, name in enumerate(("Cat", "Dog")):
         (tmp_path / name).mkdir()
         for i in range(10):
-            Image.new("RGB", (4, 4), (i * 20, 0, 0)).save(tmp_path / name / f"{i}.png")
+            Image.new("RGB", (4, 4), (i * 20, k * 100, 0)).save(tmp_path / name / f"{i}.png")
     spec = DatasetSpec(uri=str(tmp_path), maxTrainSamples=2, maxEvalSamples=1)
     data = load_dataset(spec, Task.IMAGE_CLASSIFICATION, 0)
     used = [path for split in (data.train, data.validation, data.test) for path in split.inputs]
@@ -2092,10 +2155,10 @@ def test_an_image_folder_with_folders_named_by_split_uses_them(tmp_path: Path) -
     from PIL import Image
 
     for split, count in (("train", 10), ("test", 3)):
-        for label in ("cat", "dog"):
+        for k, label in enumerate(("cat", "dog")):
             (folder := tmp_path / split / label).mkdir(parents=True)
             for i in range(count):
-                Image.new("RGB", (8, 8)).save(folder / f"{i}.png")
+                Image.new("RGB", (8, 8), (i, k, count)).save(folder / f"{i}.png")
     data = load_dataset(DatasetSpec(uri=str(tmp_path), validationSplit=0.1), Task.IMAGE_CLASSIFICATION, 0)
     assert data.id2label == {0: "cat", 1: "dog"}
     assert sorted(data.test.inputs) == sorted(str(p) for p in (tmp_path / "test").rglob("*.png"))
@@ -2150,7 +2213,7 @@ def test_image_paths_in_tables_in_split_folders_are_read_from_the_tables_folder(
     for split, count in (("train", 12), ("test", 4)):
         (tmp_path / split).mkdir()
         for i in range(count):
-            Image.new("RGB", (8, 8)).save(tmp_path / split / f"{i}.png")
+            Image.new("RGB", (8, 8), (i, count, 0)).save(tmp_path / split / f"{i}.png")
         names = [f"{i}.png" if i % 3 else f"{split}/{i}.png" for i in range(count)]  # relative to the dataset too
         pd.DataFrame({"file_name": names, "label": ["cat", "dog"] * (count // 2)}).to_csv(
             tmp_path / split / "metadata.csv", index=False)
@@ -2260,11 +2323,11 @@ def test_an_image_folder_reads_the_images_below_its_class_folders(tmp_path: Path
     were left out without a word."""
     from PIL import Image
 
-    for label in ("cat", "dog"):
-        for sub in ("", "batch-2", ".cache"):
+    for k, label in enumerate(("cat", "dog")):
+        for j, sub in enumerate(("", "batch-2", ".cache")):
             (folder := tmp_path / label / sub).mkdir(parents=True, exist_ok=True)
             for i in range(5):
-                Image.new("RGB", (8, 8)).save(folder / f"{i}.png")
+                Image.new("RGB", (8, 8), (i, k, j)).save(folder / f"{i}.png")
     data = load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
     images = data.train.inputs + data.validation.inputs + data.test.inputs
     assert len(images) == 20 and not any("/.cache/" in image for image in images)
@@ -2281,11 +2344,11 @@ def test_folders_without_images_beside_split_folders_leave_them_split_folders(
     folder without images is named in the log, since the class is missing from the model."""
     from PIL import Image
 
-    for split in ("train", "test"):
-        for label in ("cat", "dog"):
+    for s, split in enumerate(("train", "test")):
+        for k, label in enumerate(("cat", "dog")):
             (folder := tmp_path / split / label).mkdir(parents=True)
             for i in range(6):
-                Image.new("RGB", (8, 8)).save(folder / f"{i}.png")
+                Image.new("RGB", (8, 8), (i, k, s)).save(folder / f"{i}.png")
         (tmp_path / split / "bird").mkdir()
     (mac := tmp_path / "__MACOSX" / "train" / "cat").mkdir(parents=True)
     (mac / "._0.png").write_bytes(b"\x00\x05\x16\x07")  # AppleDouble resource fork, not an image
@@ -2325,13 +2388,13 @@ def test_an_unlabelled_test_folder_beside_a_train_folder_of_classes_is_left_out(
     classes that are named train and test still read as classes."""
     from PIL import Image
 
-    for label in ("cat", "dog"):
+    for k, label in enumerate(("cat", "dog")):
         (folder := tmp_path / "train" / label).mkdir(parents=True)
         for i in range(10):
-            Image.new("RGB", (8, 8)).save(folder / f"{i}.png")
+            Image.new("RGB", (8, 8), (i, k, 0)).save(folder / f"{i}.png")
     (tmp_path / "test").mkdir()
     for i in range(6):
-        Image.new("RGB", (8, 8)).save(tmp_path / "test" / f"{i}.png")
+        Image.new("RGB", (8, 8), (i, 0, 1)).save(tmp_path / "test" / f"{i}.png")
     data = load_dataset(DatasetSpec(uri=str(tmp_path), validationSplit=0.1, testSplit=0.1), Task.IMAGE_CLASSIFICATION, 0)
     assert data.id2label == {0: "cat", 1: "dog"}
     assert all("/train/" in image for split in (data.train, data.validation, data.test) for image in split.inputs)
@@ -2437,10 +2500,10 @@ def test_a_table_of_image_paths_beside_folders_of_images_stays_the_dataset(
                       "csv-of-patients": ([f"train/patient{p}/study1" for p in range(4)], "train.csv"),
                       "csv-of-parts": (["part_1", "part_2"], "metadata.csv")}[layout]
     rows = []
-    for folder in folders:
+    for k, folder in enumerate(folders):
         (tmp_path / folder).mkdir(parents=True)
         for i in range(6):
-            Image.new("RGB", (8, 8)).save(image := tmp_path / folder / f"{i}.png")
+            Image.new("RGB", (8, 8), (i, k, 0)).save(image := tmp_path / folder / f"{i}.png")
             rows.append({"path": str(image.relative_to((tmp_path / table).parent)), "finding": ["cat", "dog"][i % 2]})
     pd.DataFrame(rows).to_csv(tmp_path / table, index=False)
     data = load_dataset(DatasetSpec(uri=str(tmp_path), textField="path", labelField="finding"),
@@ -2479,16 +2542,16 @@ def test_a_class_folder_whose_name_holds_a_split_word_stays_a_class(
                    "subway_station/platform"):
         (tmp_path / folder).mkdir(parents=True)
         for i in range(4):
-            Image.new("RGB", (8, 8)).save(tmp_path / folder / f"{i}.png")
+            Image.new("RGB", (8, 8), (i, len(folder), 0)).save(tmp_path / folder / f"{i}.png")
     data = load_dataset(DatasetSpec(uri=str(tmp_path)), Task.IMAGE_CLASSIFICATION, 0)
     assert data.id2label == dict(enumerate(["airport_terminal", "bus_station", "subway_station", "train_station"]))
     assert len(data.train.inputs + data.validation.inputs + data.test.inputs) == 20
     assert "unlabelled" not in caplog.text
-    for split, labels in (("training_set", ("cat", "dog")), ("test_set", ("cat", "dog"))):
-        for label in labels:
+    for s, (split, labels) in enumerate((("training_set", ("cat", "dog")), ("test_set", ("cat", "dog")))):
+        for k, label in enumerate(labels):
             (tmp_path / "sets" / split / label).mkdir(parents=True)
             for i in range(4):
-                Image.new("RGB", (8, 8)).save(tmp_path / "sets" / split / label / f"{i}.png")
+                Image.new("RGB", (8, 8), (i, k, s)).save(tmp_path / "sets" / split / label / f"{i}.png")
     data = load_dataset(DatasetSpec(uri=str(tmp_path / "sets")), Task.IMAGE_CLASSIFICATION, 0)
     assert data.id2label == {0: "cat", 1: "dog"} and all("/test_set/" in image for image in data.test.inputs)
 

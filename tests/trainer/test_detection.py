@@ -1092,7 +1092,7 @@ def test_boxes_given_normalised_are_refused_naming_bbox(pvc_root: Path, tmp_path
 def test_tiny_boxes_are_not_taken_for_normalised_ones(pvc_root: Path, tmp_path: Path, side: int) -> None:
     """One-pixel boxes: in the corner of 8-pixel images (too small to tell), or spread over 128-pixel ones."""
     for i in range(10):
-        Image.new("RGB", (side, side)).save(tmp_path / f"{i}.png")
+        Image.new("RGB", (side, side), (i, 0, 0)).save(tmp_path / f"{i}.png")
     corner = side < 16
     coco = {"images": [{"id": i, "file_name": f"{i}.png", "width": side, "height": side} for i in range(10)],
             "annotations": [{"id": i, "image_id": i, "category_id": 1, "bbox": [0 if corner else 12 * i, 0, 1, 1]}
