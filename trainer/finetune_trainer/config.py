@@ -232,7 +232,8 @@ class DatasetSpec(TextsSpec):
         lt=0.5,
         description="Fraction of the rows held out as the test split, which the baseline and final scores come "
         "from and nothing else sees, when the dataset has none (seeded by training.seed). Rows with the same input "
-        "stay on one side of the split, so no held-out score is taken on a text that trained.",
+        "(the same text, or image files of the same bytes under any names) stay on one side of the split, so no "
+        "held-out score is taken on a text or image that trained.",
     )
     max_train_samples: int | None = Field(
         None, ge=1, description="Use at most this many training rows (after the split)."
