@@ -1297,6 +1297,47 @@ def test_an_image_classifier_with_a_head_wider_than_its_labels_loads_again(tmp_p
                                logits_of(model.eval(), {"pixel_values": pixels}))
 
 
+def test_a_new_head_on_an_exported_image_classifier_has_its_own_names_and_size(tmp_path: Path) -> None:
+    """An export of ours loads with its labels.json's names and its builder's num_classes; a head new_head puts in
+    their place had them still: models.head_labels read the old classes (cat, dog, old_spare) for a fresh head, and
+    a distillation's teacher naming the job's spare class otherwise was refused (or matched to a stale name)."""
+    from finetune_trainer.distill import by_number, label_columns
+    from finetune_trainer.models import ImageClassifier, head_labels
+
+    spec = ModelSpec(task="image-classification", architecture="resnet18")
+    cfg = TrainerConfig.model_validate({"model": spec.to_wire(), "dataset": {"uri": "pvc://data/digits"},
+                                        "output": {"uri": str(tmp_path)}})
+    first = load_model(spec, None, seed=0)
+    new_head(first, "net.fc", 3, {0: "cat", 1: "dog", 2: "old_spare"}, reinitialize=False)
+    export_model(first, None, {0: "cat", 1: "dog", 2: "old_spare"}, cfg, tmp_path / "first")
+    exported = ModelSpec(task="image-classification", uri=str(tmp_path / "first"))
+    student = load_vision_model(exported)
+    assert head_labels(student) == ({0: "cat", 1: "dog", 2: "old_spare"}, 3)
+
+    assert new_head(student, "net.fc", 3, {0: "x", 1: "y"}, reinitialize=True)
+    assert head_labels(student) == ({0: "x", 1: "y", 2: "LABEL_2"}, 3)
+    teacher = ImageClassifier(torchvision_resnet18(3), "resnet18", {"num_classes": 3}, {0: "x", 1: "y", 2: "bird"})
+    assert label_columns(teacher, {0: "x", 1: "y"}, 3, "t", by_number(head_labels(student)[0])) is None
+
+    student = load_vision_model(exported)
+    assert new_head(student, "net.fc", 4, {0: "x", 1: "y"}, reinitialize=False)
+    assert head_labels(student) == ({0: "x", 1: "y", 2: "LABEL_2", 3: "LABEL_3"}, 4)
+    cfg = TrainerConfig.model_validate({"model": spec.to_wire(), "dataset": {"uri": "pvc://data/digits"},
+                                        "rearrange": {"head": {"numLabels": 4}}, "output": {"uri": str(tmp_path)}})
+    export_model(student, None, {0: "x", 1: "y"}, cfg, tmp_path / "second")
+    written = json.loads((tmp_path / "second" / "config.json").read_text())
+    assert (written["config"].get("num_classes"), written["numLabels"]) == (4, 4)
+    assert json.loads((tmp_path / "second" / "labels.json").read_text()) == {"0": "x", "1": "y"}
+    assert head_labels(load_vision_model(ModelSpec(task="image-classification", uri=str(tmp_path / "second")))) == \
+        ({0: "x", 1: "y"}, 4)
+
+
+def torchvision_resnet18(classes: int) -> nn.Module:
+    import torchvision
+
+    return torchvision.models.resnet18(num_classes=classes)
+
+
 def test_an_image_classifiers_adapters_kept_apart_reload_on_the_base_exported_beside_them(tmp_path: Path) -> None:
     """A torchvision network built from its config (random weights) with adapters not merged: the export holds the
     network as config.json and model.safetensors, which load_vision_model reads and peft's adapters go onto."""

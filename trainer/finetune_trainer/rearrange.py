@@ -16,7 +16,7 @@ from finetune_trainer.config import LoraSpec, LoraVariant
 from finetune_trainer.data import matched_labels
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.export import kept_in_fp32
-from finetune_trainer.models import logits_of
+from finetune_trainer.models import ImageClassifier, logits_of
 from finetune_trainer.structure import taken_for_whole, trained_whole, within
 
 log = logging.getLogger(__name__)
@@ -32,13 +32,20 @@ def new_head(model: nn.Module, head: str, num_labels: int, id2label: dict[int, s
     old = model.get_submodule(head)
     kept = old.out_features == num_labels and not reinitialize
     config = getattr(model, "config", None)
+    # A kept head that names every label at its id (data.head_order gave them its ids) keeps its own names for the
+    # outputs no label uses (neutral, for data of negative and positive only); other outputs are LABEL_i.
+    loaded = config.id2label if config is not None else getattr(model, "labels", None)
+    names = {int(i): str(name) for i, name in (loaded or {}).items()}
+    spare = names if kept and matched_labels(id2label, names) == {i: i for i in id2label} else {}
+    fresh_names = {i: id2label.get(i, spare.get(i, f"LABEL_{i}")) for i in range(num_labels)}
+    if isinstance(model, ImageClassifier):
+        # An export of ours loaded keeps its labels.json's names and its builder's class count: models.head_labels
+        # (a distillation's student, a teacher's columns) read the old head's classes after a new head
+        model.labels = fresh_names
+        model.builder_kwargs = {**model.builder_kwargs, "num_classes": num_labels}
     if config is not None:  # transformers models export their labels through the config
-        # A kept head that names every label at its id (data.head_order gave them its ids) keeps its own names for
-        # the outputs no label uses (neutral, for data of negative and positive only); other outputs are LABEL_i.
-        names = {int(i): str(name) for i, name in (config.id2label or {}).items()}
-        spare = names if kept and matched_labels(id2label, names) == {i: i for i in id2label} else {}
         config.num_labels = num_labels
-        config.id2label = {i: id2label.get(i, spare.get(i, f"LABEL_{i}")) for i in range(num_labels)}
+        config.id2label = fresh_names
         config.label2id = {v: k for k, v in config.id2label.items()}
         # What it trains: one label of a softmax. A base saved multi-label (or for regression) exported so, and
         # transformers' pipeline scored the classes with sigmoids, its loss refused the labels.
