@@ -1703,6 +1703,10 @@ def test_the_task_head_a_base_checkpoint_lacks_trains_whole(architecture: str, h
     adapter = json.loads((apart / "adapter" / "adapter_config.json").read_text())
     assert head <= set(adapter["modules_to_save"]) and not head & set(adapter["target_modules"])
     merged = run("merged", {}, lora)  # the same training: the merged weights give the adapters' logits
+    # Each weight once: the head trained whole was counted again as peft's frozen original_module
+    parameters = json.loads((merged / "report.json").read_text())["parameters"]
+    exported = sum(p.numel() for p in AutoModelForSequenceClassification.from_pretrained(merged).parameters())
+    assert parameters["total"] - parameters["trainable"] == exported - head_size
     batch = tokenizer(TEXTS[:4], return_tensors="pt", padding=True)
     with torch.no_grad():
         expected = card_model((apart / "README.md").read_text(), apart).eval()(**batch).logits

@@ -49,7 +49,7 @@ from finetune_trainer.models import (check_image_size, check_one_sample_batches,
                                      has_causal_switch, head_labels, load_model, load_tokenizer, new_modules,
                                      one_segment)
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
-from finetune_trainer.structure import depth, head_name
+from finetune_trainer.structure import PEFT_ORIGINAL, depth, head_name
 from finetune_trainer.telemetry import Metrics, write_failure, write_termination
 from finetune_trainer.train import (Hooks, LoopState, autocast_dtype, compiler_missing, make_optimizer, make_scheduler,
                                     precision_name, steps_per_epoch, total_steps, train_loop)
@@ -400,7 +400,9 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     flops = (detection_analysis.step_flops(model, probe[0], dtype) if detecting
              else analysis.step_flops(model, probe, dtype))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(p.numel() for p in model.parameters())
+    # Each weight once: a module LoRA trains whole is peft's trained copy beside its frozen original_module, which
+    # counted it twice
+    total = sum(p.numel() for name, p in model.named_parameters() if not PEFT_ORIGINAL.search(name))
     progress.message["analysis"].update(totalParameters=total, trainableParameters=trainable)
     # The analysis modelled the model as loaded (all of it training); this is what will train.
     memory = analysis.memory_model(dict(model.named_parameters()),
