@@ -681,6 +681,39 @@ def test_what_a_forward_reads_before_the_layers_is_what_is_registered_before_the
     assert depth(model, task, batch).below == depth(model, task).below != set()
 
 
+@pytest.mark.parametrize(("build", "head", "trained"), [
+    ("bert", "classifier", "classifier"), ("gpt2", "score", "score"), ("llama", "score", "score"),
+    ("deberta-v2", "classifier", "classifier"),  # its pooler is beside the head, at the root: not the head's
+    ("roberta", "classifier.out_proj", "classifier"), ("electra", "classifier.out_proj", "classifier"),
+    ("vit", "net.heads.head", "net.heads.head"), ("resnet18", "net.fc", "net.fc"),
+])
+def test_what_trains_as_the_head_is_a_task_head_module_or_else_the_head_linear(build: str, head: str,
+                                                                               trained: str) -> None:
+    """RoBERTa's and ELECTRA's classifier (dense + out_proj) is the head as a whole; where the head Linear sits at the
+    root (BERT, GPT-2, Llama, DeBERTa) or in a torchvision network, which has no base model, it is the Linear."""
+    import torchvision
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    from finetune_trainer.models import ImageClassifier
+    from finetune_trainer.structure import head_module
+
+    settings = {"gpt2": TINY_GPT2 | {"pad_token_id": 0},
+                "llama": {"hidden_size": 16, "intermediate_size": 32, "num_hidden_layers": 2,
+                          "num_attention_heads": 2, "num_key_value_heads": 1, "pad_token_id": 0},
+                "electra": TINY_BERT | {"embedding_size": 16}}
+    if build == "vit":
+        model = tiny_vit()
+    elif build == "resnet18":
+        model = ImageClassifier(torchvision.models.resnet18(num_classes=3), build)
+    else:
+        config = AutoConfig.for_model(build, vocab_size=100, num_labels=3, **settings.get(build, TINY_BERT))
+        model = AutoModelForSequenceClassification.from_config(config)
+    task = Task.IMAGE_CLASSIFICATION if build in ("vit", "resnet18") else Task.SEQUENCE_CLASSIFICATION
+    assert head_name(model, task) == head
+    assert head_module(model, head) == trained
+    assert head_module(model, None) is None
+
+
 @pytest.mark.parametrize("task, architecture, config, units, below", [
     ("sequence-classification", "bert", TINY_BERT | {"num_hidden_layers": 1}, ["bert.encoder.layer.0"],
      {f"bert.embeddings.{n}" for n in ("word_embeddings.weight", "position_embeddings.weight",

@@ -35,6 +35,7 @@ from finetune_trainer.errors import CheckpointMismatch, ConfigError, LossNotFini
 from finetune_trainer.evaluate import evaluate
 from finetune_trainer.models import load_model, load_tokenizer
 from finetune_trainer.rearrange import add_adapters, new_head
+from finetune_trainer.structure import within
 from finetune_trainer.telemetry import TERMINATION_ENV
 from finetune_trainer.train import (Hooks, LoopState, SigtermFlag, autocast_dtype, cpu_computes_bf16, make_scheduler,
                                    train_loop)
@@ -1663,8 +1664,57 @@ def test_the_best_weights_bring_their_batchnorm_statistics(pvc_root: Path) -> No
 
 
 TINY_BASES = {"roberta": TINY_BERT | {"max_position_embeddings": 66, "pad_token_id": 0},
+              "electra": TINY_BERT | {"embedding_size": 16},
               "distilbert": {"dim": 32, "n_layers": 2, "n_heads": 2, "hidden_dim": 64},
               "bert": TINY_BERT}
+
+
+@pytest.mark.parametrize(("architecture", "outputs"), [("roberta", 2), ("electra", 3)])
+def test_a_classifier_checkpoints_head_module_trains_as_its_head(architecture: str, outputs: int, tmp_path: Path,
+                                                                 caplog: pytest.LogCaptureFixture) -> None:
+    """RoBERTa's and ELECTRA's head is a module of its own (classifier: dense + out_proj, a *ClassificationHead).
+    From a checkpoint that already is a classifier, only out_proj counted as the head: all-but-head froze
+    classifier.dense, LoRA put an adapter on it, and it took the top layer's learning rate, not headLearningRate.
+    Whether its out_proj is replaced (2 outputs for the data's 3 labels) or kept, the whole classifier is the head;
+    the adapters kept apart load as the card says, with the whole classifier saved beside them."""
+    from transformers import AutoConfig, AutoModelForSequenceClassification
+
+    tokenizer = load_tokenizer(ModelSpec(task=Task.SEQUENCE_CLASSIFICATION, uri="pvc://models/all-MiniLM-L6-v2"))
+    config = AutoConfig.for_model(architecture, vocab_size=len(tokenizer), num_labels=outputs,
+                                  **TINY_BASES[architecture])
+    AutoModelForSequenceClassification.from_config(config).save_pretrained(tmp_path / "classifier")
+    head_size = sum(p.numel() for p in AutoModelForSequenceClassification.from_pretrained(
+        tmp_path / "classifier", num_labels=3, ignore_mismatched_sizes=True).classifier.parameters())
+
+    def run(name: str, adjust: dict, rearrange: dict) -> Path:
+        caplog.clear()
+        doc = tiny_classifier_doc(tmp_path / name)
+        doc["model"] = {"task": "sequence-classification", "uri": str(tmp_path / "classifier"),
+                        "tokenizerUri": "pvc://models/all-MiniLM-L6-v2"}
+        doc["dataset"] |= {"maxTrainSamples": 32, "maxEvalSamples": 16}
+        doc["evaluation"] = {"baseline": False}
+        doc["adjust"] |= {"headLearningRate": 0.01} | adjust
+        doc["rearrange"] = rearrange
+        with caplog.at_level(logging.INFO, logger="finetune_trainer.adjust"):
+            pipeline.run(TrainerConfig.model_validate(doc), tmp_path / name)
+        return tmp_path / name
+
+    def at_head_rate() -> int:  # the parameters of the param groups at headLearningRate, as logged
+        return sum(int(m.split(" tensors, ")[1].split(" parameters")[0].replace(",", "")) for r in caplog.records
+                   if (m := r.getMessage()).startswith("param group lr=0.01 "))
+
+    probe = run("probe", {"freeze": {"strategy": "all-but-head"}}, {})
+    assert json.loads((probe / "report.json").read_text())["parameters"]["trainable"] == head_size
+    assert at_head_rate() == head_size
+    apart = run("apart", {}, {"lora": {"rank": 2}, "mergeOnExport": False})
+    assert at_head_rate() == head_size
+    adapter = json.loads((apart / "adapter" / "adapter_config.json").read_text())
+    assert adapter["modules_to_save"] == ["classifier"]
+    assert not any(m.startswith("classifier") for m in adapter["target_modules"])
+    batch = tokenizer(TEXTS[:4], return_tensors="pt", padding=True)
+    with torch.no_grad():
+        reloaded = card_model((apart / "README.md").read_text(), apart).eval()
+        assert reloaded(**batch).logits.shape == (4, 3)
 
 
 @pytest.mark.parametrize(("architecture", "head"), [
@@ -1701,7 +1751,8 @@ def test_the_task_head_a_base_checkpoint_lacks_trains_whole(architecture: str, h
     lora = {"lora": {"rank": 2}}
     apart = run("apart", {}, lora | {"mergeOnExport": False})
     adapter = json.loads((apart / "adapter" / "adapter_config.json").read_text())
-    assert head <= set(adapter["modules_to_save"]) and not head & set(adapter["target_modules"])
+    assert all(within(m, tuple(adapter["modules_to_save"])) for m in head)  # RoBERTa's whole classifier
+    assert not any(within(m, tuple(head)) for m in adapter["target_modules"])
     merged = run("merged", {}, lora)  # the same training: the merged weights give the adapters' logits
     # Each weight once: the head trained whole was counted again as peft's frozen original_module
     parameters = json.loads((merged / "report.json").read_text())["parameters"]

@@ -49,7 +49,7 @@ from finetune_trainer.models import (check_image_size, check_one_sample_batches,
                                      has_causal_switch, head_labels, load_model, load_tokenizer, new_modules,
                                      one_segment)
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
-from finetune_trainer.structure import PEFT_ORIGINAL, depth, head_name
+from finetune_trainer.structure import PEFT_ORIGINAL, depth, head_module, head_name
 from finetune_trainer.telemetry import Metrics, write_failure, write_termination
 from finetune_trainer.train import (Hooks, LoopState, autocast_dtype, compiler_missing, make_optimizer, make_scheduler,
                                     precision_name, steps_per_epoch, total_steps, train_loop)
@@ -309,13 +309,14 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
 
     progress.enter(Stage.ADJUSTING)
     layers = depth(model, task, probe[0], dtype)  # what sits outside the layers, by when the forward reads it
-    head = head_name(model, task)
+    head = head_name(model, task)  # the Linear a new head replaces
+    trained_head = head_module(model, head)  # what trains as the head: RoBERTa's classifier (dense + out_proj)
     spec_head = cfg.rearrange.head
     if task == Task.CAUSAL_LM and world.main and (spec_head.num_labels != "auto" or spec_head.reinitialize):
         log.warning("rearrange.head: a causal-lm has no classification head (its output layer is its vocabulary): "
                     "numLabels and reinitialize are ignored")
     new = new_modules(model)  # random at load: like a new head, they train whole whatever the freeze
-    unmatched = freeze_checked(model, cfg.adjust.freeze, layers, head, new)
+    unmatched = freeze_checked(model, cfg.adjust.freeze, layers, trained_head, new)
 
     eval_size = cfg.evaluation.batch_size or cfg.training.batch_size
 
@@ -346,7 +347,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     serving: list[Batch] = []  # the test batches a pruned model's latency is measured on, before and after
     drop = None
     data_digest = digest(train_data, validation_data, test_data, *([heal_data] if heal_data else []))
-    picks = cfg.rearrange.lora is not None and merging_picks_targets(model, cfg.rearrange.lora, task, head, new)
+    picks = cfg.rearrange.lora is not None and merging_picks_targets(model, cfg.rearrange.lora, task, trained_head, new)
     if cfg.rearrange.prune is not None:
         prune.stack_for(model, task, "rearrange.prune")  # says why, for a model with no list of whole layers
         drop = earlier_pruning(out / "checkpoints", cfg, world, pruned_layers(report, cfg.rearrange.prune, world),
@@ -383,18 +384,18 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         loaded, layers = layers, depth(model, task, probe[0], dtype)
         for p in model.parameters():  # the freeze counted the layers as loaded; count the ones that stay
             p.requires_grad_(True)
-        freeze_checked(model, cfg.adjust.freeze, layers, head, new, loaded, unmatched)
+        freeze_checked(model, cfg.adjust.freeze, layers, trained_head, new, loaded, unmatched)
         progress.message["pruning"] = {"removedLayers": pruning["removed_layers"]}
     if cfg.rearrange.lora is not None:
-        targets = lora_targets(model, cfg.rearrange.lora, task, cfg.adjust.freeze, layers, head, new,
+        targets = lora_targets(model, cfg.rearrange.lora, task, cfg.adjust.freeze, layers, trained_head, new,
                                merging=cfg.rearrange.merge_on_export)
-        model = add_adapters(model, cfg.rearrange.lora, targets, head, new)
-        freeze(model, cfg.adjust.freeze, layers, head, new)
+        model = add_adapters(model, cfg.rearrange.lora, targets, trained_head, new)
+        freeze(model, cfg.adjust.freeze, layers, trained_head, new)
         if form := FORMS.get(world.device.type):  # other devices keep peft's own path
             log.info("LoRA computed as %s on %d of the adapted modules", form.__name__, fuse(model, form))
     model.to(world.device)
     check_one_sample_batches(model, cfg.dataset.image_size, cfg.training.batch_size, len(train_data.lengths))
-    groups = param_groups(model, cfg.adjust, layers, head, new)  # refuses a freeze that leaves nothing to train
+    groups = param_groups(model, cfg.adjust, layers, trained_head, new)  # refuses a freeze that leaves nothing to train
     # For the MFU gauge, a step of what trains: the analysis measured the model as loaded, every weight training
     # (a freeze of all but the head made MFU read about 3x too high, a quarter of the layers pruned 4/3).
     flops = (detection_analysis.step_flops(model, probe[0], dtype) if detecting

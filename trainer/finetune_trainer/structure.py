@@ -46,8 +46,10 @@ def within(module: str, modules: tuple[str, ...]) -> bool:
 
 
 def trained_whole(head: str | None, new: tuple[str, ...]) -> tuple[str, ...]:
-    """The modules that train whole and take no adapter: the head, and those the checkpoint lacks (random at load)."""
-    return tuple(m for m in dict.fromkeys((head, *new)) if m is not None)
+    """The modules that train whole and take no adapter: the head, and those the checkpoint lacks (random at load);
+    none inside another (a new out_proj in RoBERTa's classifier, head_module's), which peft would wrap twice."""
+    named = [m for m in dict.fromkeys((head, *new)) if m is not None]
+    return tuple(m for m in named if not any(m.startswith(o + ".") for o in named))
 
 
 def taken_for_whole(name: str, whole: tuple[str, ...]) -> bool:
@@ -79,13 +81,36 @@ def head_name(model: nn.Module, task: Task) -> str | None:
         from finetune_trainer.detection.models import head_prefix
 
         return "net." + head_prefix(model.net)
+    bases = base_models(model)
+    linears = [name for name, m in model.named_modules() if isinstance(m, nn.Linear)]
+    outside = [name for name in linears if not any(name == b or name.startswith(b + ".") for b in bases)]
+    return (outside or linears or [None])[-1]
+
+
+def base_models(model: nn.Module) -> set[str]:
+    """The names of the transformers base models in `model` (`base_model_prefix`: roberta, model); none in a
+    torchvision network."""
     modules = dict(model.named_modules())
     bases = {f"{name}.{prefix}" if name else prefix for name, m in modules.items()
              if (prefix := getattr(m, "base_model_prefix", "")) and isinstance(prefix, str)}
-    bases &= modules.keys()  # a wrapper (peft's) answers its model's prefix without holding a module by that name
-    linears = [name for name, m in modules.items() if isinstance(m, nn.Linear)]
-    outside = [name for name in linears if not any(name == b or name.startswith(b + ".") for b in bases)]
-    return (outside or linears or [None])[-1]
+    return bases & modules.keys()  # a wrapper (peft's) answers its model's prefix without holding a module by that name
+
+
+def head_module(model: nn.Module, head: str | None) -> str | None:
+    """What trains as the head (adjust.freeze all-but-head, whole under LoRA, adjust.headLearningRate): the module of
+    the model's own that holds the `head` Linear (head_name), where it has one outside the base model: RoBERTa's,
+    XLM-R's and ELECTRA's classifier (a *ClassificationHead: dense + out_proj), which a checkpoint that is a
+    classifier trained as one, as peft's convention does (modules_to_save classifier, score); else the Linear itself
+    (BERT's classifier, GPT-2's and Llama's score, DeBERTa's classifier beside its pooler). A torchvision network has
+    no base model: its head (ResNet's fc, ViT's heads.head) sits in the network (net), and stays the Linear. A new
+    head (rearrange.new_head) replaces the Linear only. `head` is a name before peft wrapped the model."""
+    if head is None:
+        return None
+    top, dot, _ = head.partition(".")
+    bases = base_models(model)
+    if not dot or not bases or any(top == base.partition(".")[0] for base in bases):
+        return head
+    return top
 
 
 def unread_layers(model: nn.Module) -> set[str]:
