@@ -286,6 +286,29 @@ def test_the_card_of_a_run_that_stopped_early_says_whose_weights_it_holds(tmp_pa
     assert outcome(report) == "62 steps; test loss 1.1 -> 1.069"
 
 
+@pytest.mark.parametrize("precision", ["fp32", "bf16", "fp16"])
+def test_the_card_of_an_fp32_export_scored_under_autocast_says_how_to_score_it_alike(precision: str,
+                                                                                    tmp_path: Path) -> None:
+    """An fp32 export scored under bf16 autocast (precision auto on a CPU that has bf16) said nothing of it: reloaded
+    in fp32, it scored slightly otherwise than its card showed, with no word of why or how to score it alike."""
+    from finetune_trainer.export import model_card
+
+    training = {"steps": 8, "total_steps": 8, "seconds": 1.3, "samples_per_second": 790.3, "train_samples": 128,
+                "validation_samples": 64, "test_samples": 64, "precision": precision}
+    report = {"evaluation": {"baseline": {"loss": 1.1}, "final": {"loss": 1.069}, "delta": {"loss": -0.031}},
+              "labels": {"0": "negative"}, "training": training}
+    card = model_card(TrainerConfig.model_validate(tiny_classifier_doc(tmp_path)), report)
+    said = [line for line in card.splitlines() if line.startswith("- Precision:")]
+    if precision == "fp32":
+        assert not said
+        return
+    dtype = {"bf16": "bfloat16", "fp16": "float16"}[precision]
+    assert said == [f"- Precision: the scores below were measured under {precision} autocast (the run's precision), on "
+                    "fp32 weights; loaded in fp32 and run without autocast, the model scores slightly otherwise "
+                    "(rounding may flip a near-tie). To reproduce them exactly, load it in fp32 and run its forward "
+                    f"inside `torch.autocast(device_type, dtype=torch.{dtype})`, on the kind of device the run used"]
+
+
 @pytest.mark.parametrize(("precision", "measured"), [
     ("fp32", "in fp32"), ("bf16", "on the fp32 weights under bf16 autocast")])
 def test_the_card_of_a_bf16_checkpoint_fine_tuned_whole_says_its_weights_are_bf16_and_how_they_were_scored(

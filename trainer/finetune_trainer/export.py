@@ -437,14 +437,23 @@ def merge_note(merge: dict[str, Any] | None) -> str:
 
 def dtype_lines(written_in: torch.dtype | None, training: dict[str, Any]) -> list[str]:
     """The card's word on weights written in 16 bits (`as_published`): the scores it shows are the fp32 model's,
-    merged or not, computed at the run's precision (under bf16 autocast its arithmetic is bf16's, whose rounding may
-    flip a near-tie that the export, evaluated otherwise, does not)."""
-    if written_in is None:
-        return []
-    name, precision = str(written_in).removeprefix("torch."), training["precision"]
-    measured = "in fp32" if precision == "fp32" else f"on the fp32 weights under {precision} autocast"
-    return [f"- Weights: written in {name}, the checkpoint's dtype; the scores below were measured {measured}, before "
-            "the cast"]
+    merged or not, computed at the run's precision; and on that precision where it is not fp32 (`auto` is bf16 on a
+    CPU that has it), with how to score as the run did: under bf16 autocast the arithmetic is bf16's, whose rounding
+    may flip a near-tie, so the export, loaded in fp32 and run without autocast, scores slightly otherwise."""
+    precision = training.get("precision", "fp32")
+    lines = []
+    if written_in is not None:
+        name = str(written_in).removeprefix("torch.")
+        measured = "in fp32" if precision == "fp32" else f"on the fp32 weights under {precision} autocast"
+        lines.append(f"- Weights: written in {name}, the checkpoint's dtype; the scores below were measured "
+                     f"{measured}, before the cast")
+    if precision != "fp32":
+        dtype = {"bf16": "bfloat16", "fp16": "float16"}.get(precision, precision)
+        lines.append(f"- Precision: the scores below were measured under {precision} autocast (the run's precision), "
+                     "on fp32 weights; loaded in fp32 and run without autocast, the model scores slightly otherwise "
+                     "(rounding may flip a near-tie). To reproduce them exactly, load it in fp32 and run its forward "
+                     f"inside `torch.autocast(device_type, dtype=torch.{dtype})`, on the kind of device the run used")
+    return lines
 
 
 def training_line(cfg: TrainerConfig, training: dict[str, Any]) -> str:
