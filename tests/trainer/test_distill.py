@@ -597,6 +597,50 @@ def test_a_finished_training_is_evaluated_and_exported_without_its_teacher(tmp_p
     assert again["evaluation"]["teacher"] == first["evaluation"]["teacher"]  # kept by the first attempt
 
 
+def test_a_teacher_replaced_at_its_uri_or_moved_on_at_the_hub_is_not_mixed_with_the_old_ones_training(
+        tmp_path: Path, caplog, monkeypatch) -> None:
+    """The student's checkpoints and the kept teacher scores were made with the teacher of the first attempt: a
+    teacher folder whose files were replaced trains afresh and is scored again; a hub teacher at a branch is loaded at
+    the commit the first attempt loaded, recorded once it loaded (after the checkpoint folder was chosen)."""
+    from huggingface_hub import constants
+
+    caplog.set_level(logging.INFO, logger="finetune_trainer")
+    torch.manual_seed(0)
+    folder = saved_bert(tmp_path / "teacher", SENTIMENT)
+    cfg = distilled(tiny_classifier_doc(tmp_path / "out", maxSteps=2), folder)
+    first = pipeline.run(cfg, tmp_path / "out")
+    torch.manual_seed(1)
+    saved_bert(folder, SENTIMENT)  # another teacher of the same shapes and file sizes
+    caplog.clear()
+    again = pipeline.run(cfg, tmp_path / "out")
+    assert "the base model changed since it was made" in caplog.text
+    assert again["evaluation"]["teacher"] != first["evaluation"]["teacher"]  # scored again, not the kept scores
+    assert "the teacher was measured by an earlier attempt" not in caplog.text
+
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--org--teacher"
+    commits = ["0" * 40, "1" * 40]
+    for seed, commit in enumerate(commits):
+        torch.manual_seed(seed)
+        saved_bert(repo / "snapshots" / commit, SENTIMENT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commits[0])
+    cfg = distilled(tiny_classifier_doc(tmp_path / "hubbed", maxSteps=2), "hf://org/teacher")
+    first = pipeline.run(cfg, tmp_path / "hubbed")
+    (run,) = (tmp_path / "hubbed" / "checkpoints").iterdir()
+    assert json.loads((run / "fingerprint.json").read_text())["base"] == {"hub": {"hf://org/teacher": commits[0]}}
+    for step in run.glob("step-*"):  # cut short before its first checkpoint: the retry loads the teacher, trains
+        shutil.rmtree(step)
+    (repo / "refs" / "main").write_text(commits[1])
+    caplog.clear()
+    again = pipeline.run(cfg, tmp_path / "hubbed")
+    losses = [[h["loss"] for h in report["training"]["history"]] for report in (first, again)]
+    assert losses[1] == losses[0] and again["evaluation"]["final"] == first["evaluation"]["final"]  # the same teacher
+    assert f"hf://org/teacher: at commit {commits[0]}, which an earlier attempt" in caplog.text
+    assert "the teacher is not loaded" not in caplog.text
+
+
 @pytest.mark.parametrize("pvc", [False, True])
 def test_a_teacher_that_keeps_its_adapters_apart_is_refused_before_anything_loads(tmp_path: Path, monkeypatch,
                                                                                    student, pvc: bool) -> None:

@@ -39,7 +39,7 @@ from finetune_trainer.structure import within
 from finetune_trainer.telemetry import TERMINATION_ENV
 from finetune_trainer.train import (Hooks, LoopState, SigtermFlag, autocast_dtype, cpu_computes_bf16, make_scheduler,
                                    train_loop)
-from tiny import TINY_BERT, TINY_GPT2, card_model, tiny_classifier_doc
+from tiny import TINY_BERT, TINY_GPT2, card_model, saved_bert, tiny_classifier_doc
 
 CPU = World(rank=0, size=1, device=torch.device("cpu"))
 TEXTS = [f"sample number {i} " + "word " * (i % 13) for i in range(64)]
@@ -281,6 +281,84 @@ def test_data_changed_at_the_same_path_is_trained_afresh_with_a_new_baseline(tin
     caplog.clear()
     assert pipeline.run(tiny_cfg, out)["evaluation"] == again["evaluation"]  # the same data again: resumed, as before
     assert "the baseline was measured by an earlier attempt" in caplog.text and "the data changed" not in caplog.text
+
+
+SENTIMENT = {0: "negative", 1: "neutral", 2: "positive"}
+
+
+def on_base(out: Path, uri: str) -> TrainerConfig:
+    """tiny_classifier_doc on the classifier at `uri`, its adapters kept apart (their config names the base's commit)."""
+    doc = tiny_classifier_doc(out)
+    doc["model"] = {"task": "sequence-classification", "uri": uri, "tokenizerUri": "pvc://models/all-MiniLM-L6-v2"}
+    doc["rearrange"] = {"lora": {"rank": 4, "dropout": 0.0}, "mergeOnExport": False}
+    doc["evaluation"] = {"metrics": ["loss", "accuracy"]}  # the loss tells two random bases apart
+    return TrainerConfig.model_validate(doc)
+
+
+def test_a_base_replaced_at_the_same_uri_trains_afresh_and_scores_its_baseline_again(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Checkpoints hold what trains, not the frozen base: a model folder whose files were replaced between attempts
+    (another model of the same shapes, config and file sizes) resumed the old adapters on the new base and reported
+    the baseline the old base had scored."""
+    caplog.set_level(logging.INFO, logger="finetune_trainer")
+    base, out = tmp_path / "base", tmp_path / "out"
+    torch.manual_seed(0)
+    saved_bert(base, SENTIMENT)
+    cfg = on_base(out, str(base))
+    first = pipeline.run(cfg, out)
+    torch.manual_seed(1)
+    saved_bert(base, SENTIMENT)
+    caplog.clear()
+    again = pipeline.run(cfg, out)
+    assert again["evaluation"]["baseline"] != first["evaluation"]["baseline"]  # the new base's, measured
+    assert "resumed from" not in caplog.text and "the baseline was measured by an earlier attempt" not in caplog.text
+    (folder,) = (out / "checkpoints").iterdir()
+    assert f"not resuming what {folder} holds: the base model changed since it was made" in caplog.text
+    assert "Changed: base.files.model.uri: " in caplog.text and "the data changed" not in caplog.text
+    caplog.clear()
+    assert pipeline.run(cfg, out)["evaluation"] == again["evaluation"]  # the same base again: resumed
+    assert "the baseline was measured by an earlier attempt" in caplog.text and "base model changed" not in caplog.text
+
+
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+LATER = "89abcdef0123456789abcdef0123456789abcdef"  # a commit pushed after it
+
+
+def test_a_retry_loads_a_hub_base_at_the_commit_its_first_attempt_resolved(tmp_path: Path,
+                                                                           caplog: pytest.LogCaptureFixture,
+                                                                           monkeypatch: pytest.MonkeyPatch) -> None:
+    """hf:// without model.revision: each attempt downloaded the branch's head of the moment. A push between attempts
+    had the retry resume adapters trained on the old base onto the new one, report the old base's baseline, and name
+    the new commit in the adapters' config. The retry loads the commit the first attempt did, and says so."""
+    from huggingface_hub import constants
+
+    caplog.set_level(logging.INFO, logger="finetune_trainer")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the hub's cache, laid out as the hub lays it
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    repo = tmp_path / "hub" / "models--org--tiny-bert"
+    for seed, commit in enumerate((COMMIT, LATER)):
+        torch.manual_seed(seed)
+        saved_bert(repo / "snapshots" / commit, SENTIMENT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    out = tmp_path / "out"
+    cfg = on_base(out, "hf://org/tiny-bert")
+    first = pipeline.run(cfg, out)
+    (folder,) = (out / "checkpoints").iterdir()
+    (repo / "refs" / "main").write_text(LATER)  # pushed after the first attempt
+    caplog.clear()
+    again = pipeline.run(cfg, out)
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["revision"] == COMMIT
+    assert again["evaluation"] == first["evaluation"]
+    assert f"resumed from {checkpoints.complete(folder)[-1]}" in caplog.text
+    assert (f"hf://org/tiny-bert: at commit {COMMIT}, which an earlier attempt of this run resolved it to"
+            in caplog.text)
+    assert json.loads((folder / "fingerprint.json").read_text())["base"] == {"hub": {"hf://org/tiny-bert": COMMIT}}
+    assert list((out / "checkpoints").iterdir()) == [folder]
+    caplog.clear()
+    fresh = pipeline.run(cfg, tmp_path / "fresh")  # another run: the branch's head
+    assert json.loads((tmp_path / "fresh" / "adapter" / "adapter_config.json").read_text())["revision"] == LATER
+    assert fresh["evaluation"]["baseline"] != first["evaluation"]["baseline"]
 
 
 def test_a_resumed_run_keeps_the_baseline_an_earlier_attempt_measured(tiny_cfg: TrainerConfig, tmp_path: Path,

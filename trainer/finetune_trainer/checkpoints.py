@@ -32,6 +32,13 @@ checkpoints hold the adapters, not the layers under them. The baseline's scores 
 (`baseline.json`, and a distillation teacher's `teacher.json`), so that an attempt that resumes does not score
 the test split again. The layers a pruned run removes are in its fingerprint; a later attempt of the run removes
 the same ones (`earlier_choice`), whatever its own scores say.
+
+Checkpoints hold what trains, not the frozen base under it, which each attempt loads from model.uri again: the
+fingerprint's `base` says which base that was, compared as the data is (a base changed at the same uri trains afresh
+in the same folder, the kept baseline scored again). A hub repo at a branch by the commit the run's first attempt
+resolved it to (`uris.pinned`), which a later attempt of the run loads again (`earlier_base`), whatever the branch's
+head is by then; a model's folder or weights file (file://, pvc://, a path) and a distillation teacher's by
+`files_identity`, which reads a little of each file (not a hash of many GB each attempt).
 """
 
 from __future__ import annotations
@@ -70,6 +77,7 @@ HEALED = "healed.safetensors"
 BASELINE = "baseline.json"
 TEACHER = "teacher.json"  # training.distillation's teacher's test scores
 FINGERPRINT = "fingerprint.json"
+BASE = "base"  # the fingerprint's key for the base the run trains on (`files_identity`, the hub commits pinned)
 TRAINED, OPTIMIZER, STATE = "trained.safetensors", "optimizer.pt", "state.json"  # a checkpoint's files, rank 0's
 CHECKPOINT_FILES = (TRAINED, OPTIMIZER, STATE)
 
@@ -222,10 +230,14 @@ def chosen_folder(parent: Path, identity: dict[str, Any], full: dict[str, Any],
     (checkpoints of this job made by another number of processes), saying in the log what it does not resume."""
     root = parent / folder_name(full)
     others = [p for p in run_folders(parent) if p != root]
-    # Kept, a resumed optimizer trained on other data, and the kept baseline had scored another test split. (The
-    # folder's name is the rest of the full fingerprint.)
+    # Kept, a resumed optimizer trained on other data (or adapters on another base), and the kept baseline had scored
+    # another test split (or model). (The folder's name is the rest of the full fingerprint.)
     other_data = (saved := read_full(root, identity, full)) is not None and not same_run(saved, full)
-    if other_data:
+    if other_data and BASE in saved and saved[BASE] != full.get(BASE):
+        log.warning("not resuming what %s holds: the base model changed since it was made (its files replaced at the "
+                    "same uri, or another commit of its hub repo); training starts afresh. Changed: %s", root,
+                    "; ".join(differences(saved[BASE], full.get(BASE) or {}, f"{BASE}.")))
+    if other_data and "data" in saved and saved["data"] != full.get("data"):
         log.warning("not resuming what %s holds: the data changed since it was made (the dataset or the tokenizer, at "
                     "the same paths); training starts afresh", root)
     # What an earlier trainer's removal, deleting in place, left when cut short: checkpoints whose weights may be
@@ -374,8 +386,9 @@ def kept(folder: Path) -> bool:
 
 
 def folder_name(identity: dict[str, Any]) -> str:
-    """The hash of the identity but its `data` (which `run_folder` compares itself, to say why it starts afresh)."""
-    named = {k: v for k, v in identity.items() if k != "data"}
+    """The hash of the identity but its `data` and its `base` (which `run_folder` compares itself, to say why it starts
+    afresh)."""
+    named = {k: v for k, v in identity.items() if k not in ("data", BASE)}
     return hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()[:12]
 
 
@@ -425,11 +438,74 @@ def earlier_choice(parent: Path, identity: dict[str, Any], key: str, full: dict[
     return max(earlier, key=lambda found: found[0])[1] if earlier else None
 
 
+def earlier_base(parent: Path, identity: dict[str, Any], full: dict[str, Any]) -> dict[str, Any] | None:
+    """The base (BASE) an earlier attempt of the job `identity` describes (`full` its full form, as `run_folder` takes
+    them, but without the data, the pruned layers and the base, which are known only once the model is loaded) trained
+    on: that of the folder of the job with the most checkpoints; None when there is none. Read before the model loads,
+    so that its hub commits are loaded again (`uris.pin`)."""
+    def job(fingerprint: dict[str, Any]) -> dict[str, Any]:
+        out = {k: v for k, v in fingerprint.items() if k not in ("data", "prunedLayers", BASE)}
+        if isinstance(out.get("rearrange"), dict):  # counted where it picks the adapters' modules, found at load
+            out["rearrange"] = {k: v for k, v in out["rearrange"].items() if k != "mergeOnExport"}
+        return out
+
+    earlier = [(len(complete(folder)), saved[BASE]) for folder in run_folders(parent)
+               if (saved := read_full(folder, identity, full)) is not None and isinstance(saved.get(BASE), dict)
+               and job(saved) == job(full)]
+    return max(earlier, key=lambda found: found[0])[1] if earlier else None
+
+
+def note_base(root: Path, base: dict[str, Any], world: World) -> None:
+    """Record `base` in the run's fingerprint (a hub commit resolved after `run_folder` wrote it: a distillation
+    teacher's, loaded after it), atomically; the next attempt reads it back (`earlier_base`)."""
+    if world.main:
+        saved = read_identity(root) or {}
+        if saved.get(BASE) != base:
+            text = json.dumps(saved | {BASE: base}, indent=2, sort_keys=True)
+            replace_atomically(root, FINGERPRINT, lambda tmp: tmp.write_text(text))
+    world.barrier()
+
+
+SAMPLE, SAMPLES = 1 << 16, 16  # what files_identity reads of a large file: 16 pieces of 64 KiB, 1 MiB in all
+
+
+def files_identity(path: Path) -> str | None:
+    """A cheap identity of the model files at `path` (a folder's files, not its subfolders; or one weights file), to
+    tell files replaced at the same uri: the hash of each one's name and size, and of its bytes where it is small
+    (config.json, a tokenizer's files, a shard index) or of 16 pieces of 64 KiB spread over it from its first byte to
+    its last (a safetensors header among them) where it is larger. A retrained or other model of the same shapes has
+    the same names, sizes and config (a size alone misses it), and other bytes nearly everywhere; a hash of every
+    byte would read many GB at each attempt's start. A change confined to a few small tensors may go unseen. None
+    where `path` is not there (a teacher gone since)."""
+    try:
+        files = (sorted(p for p in path.iterdir() if not p.name.startswith(".") and p.is_file()) if path.is_dir()
+                 else [path] if path.is_file() else None)
+    except OSError:
+        return None
+    if files is None:
+        return None
+    found = hashlib.sha256()
+    for file in files:
+        try:
+            size = file.stat().st_size
+            found.update(f"{file.name}\0{size}\0".encode())
+            with file.open("rb") as f:
+                if size <= SAMPLE * SAMPLES:
+                    found.update(f.read())
+                    continue
+                for i in range(SAMPLES):
+                    f.seek((size - SAMPLE) * i // (SAMPLES - 1))
+                    found.update(f.read(SAMPLE))
+        except OSError:  # a file the trainer may not read (another uid's, beside the model's): its name stands
+            found.update(f"{file.name}\0unreadable\0".encode())
+    return found.hexdigest()[:16]
+
+
 def same_run(saved: dict[str, Any], identity: dict[str, Any], *but: str) -> bool:
     """Whether a saved fingerprint and `identity` agree in all but the keys `but`. One a trainer from before the data
     digest wrote (none in it) is taken as of this data: a job retried across the upgrade resumes, and its fingerprint
-    gets the digest (`run_folder`)."""
-    ignored = {*but, *(() if "data" in saved else ("data",))}
+    gets the digest (`run_folder`). So is one from before the base's identity (BASE)."""
+    ignored = {*but, *(key for key in ("data", BASE) if key not in saved)}
     return ({k: v for k, v in saved.items() if k not in ignored}
             == {k: v for k, v in identity.items() if k not in ignored})
 

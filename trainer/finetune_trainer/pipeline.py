@@ -30,7 +30,7 @@ import torch
 from torch import nn
 
 from finetune_trainer import analyze as analysis
-from finetune_trainer import checkpoints, distill, distributed, export, prune, torchrun
+from finetune_trainer import checkpoints, distill, distributed, export, prune, torchrun, uris
 from finetune_trainer.adjust import freeze, freeze_checked, lora_targets, merging_picks_targets, param_groups
 from finetune_trainer.batches import (Augmenting, Batch, Encoded, decode_side, digest, encode_causal, encode_images,
                                       encode_text, epoch_batches, eval_batches, make_collate, pair_marker,
@@ -165,7 +165,8 @@ def run(cfg: TrainerConfig, output_dir: Path) -> dict[str, Any]:
         with contextlib.suppress(ValueError):  # not the main thread: SIGTERM keeps its default
             previous = signal.signal(signal.SIGTERM, stop)
             interrupt = ctrl_c_as_sigterm()
-        report = stages(cfg, Path(output_dir), world, progress)
+        with uris.pinned():  # the hub commits this run loads its models at
+            report = stages(cfg, Path(output_dir), world, progress)
         if progress.sigterm:  # it came during the export, and its Terminated was lost
             raise progress.terminated()
         if previous is not None:  # finished: a SIGTERM now must not turn the run into a failure that is retried
@@ -241,6 +242,10 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     if world.main:  # an export an earlier attempt was killed putting in place is whole from the start
         export.recover(out)
     world.barrier()  # and no other rank reads the output folder while it moves
+    # Before anything is fetched: the hub commits an earlier attempt of this run loaded its models at, loaded again
+    earlier_base = world.main_look(checkpoints.earlier_base, out / "checkpoints",
+                                   *(fingerprinted(cfg, world.size, defaults=defaults) for defaults in (False, True)))
+    uris.pin((earlier_base or {}).get("hub", {}))
     progress.enter(Stage.LOADING)
     tokenizer = None if task in (Task.IMAGE_CLASSIFICATION, Task.OBJECT_DETECTION) else load_tokenizer(cfg.model)
     data = load_coco(cfg.dataset, seed) if detecting else load_dataset(cfg.dataset, task, seed)
@@ -346,14 +351,16 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     pruning: dict[str, Any] = {}
     serving: list[Batch] = []  # the test batches a pruned model's latency is measured on, before and after
     drop = None
+    base = world.main_look(base_identity, cfg, earlier_base)
     data_digest = digest(train_data, validation_data, test_data, *([heal_data] if heal_data else []))
     picks = cfg.rearrange.lora is not None and merging_picks_targets(model, cfg.rearrange.lora, task, trained_head, new)
     if cfg.rearrange.prune is not None:
         prune.stack_for(model, task, "rearrange.prune")  # says why, for a model with no list of whole layers
         drop = earlier_pruning(out / "checkpoints", cfg, world, pruned_layers(report, cfg.rearrange.prune, world),
-                               data_digest, picks)
+                               data_digest, picks, base)
     # Named by the layers pruning removes; healing keeps its result there.
-    identity, full = (fingerprinted(cfg, world.size, drop, data_digest, defaults, picks) for defaults in (False, True))
+    identity, full = (fingerprinted(cfg, world.size, drop, data_digest, defaults, picks, base)
+                      for defaults in (False, True))
     checkpoint_dir = checkpoints.run_folder(out / "checkpoints", identity, world, full)
     # The teacher, after the analysis (its probe's measured peak memory is the model's alone) and before pruning,
     # healing, the baseline and training: one that does not fit the job stops it before them. None where the newest
@@ -366,6 +373,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
                      "training", checkpoint_dir)
         else:
             teacher = distill.load_teacher(cfg, tokenizer, model, data.id2label, num_labels, world.device, dtype)
+            if pinned := world.main_look(uris.current_pins):  # the teacher's hub commit too, for the next attempt
+                checkpoints.note_base(checkpoint_dir, base | {"hub": pinned}, world)
     if cfg.rearrange.prune is not None and drop is not None:
         serving = [collate(test_data, idx).to(world.device)
                    for idx in eval_batches(test_data.lengths, eval_size)[: prune.LATENCY_BATCHES]]
@@ -565,11 +574,13 @@ BOOKKEEPING = {"analyze": None, "output": None, "rearrange": {"mergeOnExport"},
 
 
 def fingerprinted(cfg: TrainerConfig, world_size: int, pruned: list[int] | None = None,
-                  data: str | None = None, defaults: bool = False, merge_picks: bool = False) -> dict[str, Any]:
+                  data: str | None = None, defaults: bool = False, merge_picks: bool = False,
+                  base: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a checkpoint must agree with to be resumed: the config less its bookkeeping (and the evaluations'
     cadence when early stopping is off), the world size (the
     global batch and the schedule's length follow from it), the layers pruning removes (the same shapes,
-    other weights) and the data (`batches.digest`). A field added later counts until listed above.
+    other weights), the data (`batches.digest`) and the base trained on (`base_identity`: the checkpoints hold
+    what trains, not the frozen weights under it). A field added later counts until listed above.
 
     Only the values that differ from their defaults, unless `defaults` (the full form, which names the run's folder,
     and `run_folder` compares saved fingerprints in, and saves): a field an upgrade adds with a default that keeps the old behaviour must not
@@ -590,7 +601,27 @@ def fingerprinted(cfg: TrainerConfig, world_size: int, pruned: list[int] | None 
     if cfg.training.early_stopping is None:  # evaluations then only report: no weight depends on when they run
         wire["training"].pop("evalEverySteps", None)
     return wire | {"worldSize": world_size} | ({"prunedLayers": pruned} if pruned is not None else {}) | (
-        {"data": data} if data is not None else {})
+        {"data": data} if data is not None else {}) | ({checkpoints.BASE: base} if base else {})
+
+
+def base_identity(cfg: TrainerConfig, earlier: dict[str, Any] | None) -> dict[str, Any]:
+    """Which base the run trains on, for its fingerprint (checkpoints.BASE): the commits its hub model repos were
+    fetched at (`uris.current_pins`: a branch's head moves), and `checkpoints.files_identity` of model.uri and the
+    distillation teacher where they are files (file://, pvc://, a path), which may be replaced at the same uri. A
+    teacher's that is gone (a finished training loads none) is taken as the `earlier` attempt's."""
+    uris_read = {"model.uri": cfg.model.uri}
+    if cfg.training.distillation is not None:
+        uris_read["training.distillation.teacher.uri"] = cfg.training.distillation.teacher.uri
+    files = {}
+    for field, uri in uris_read.items():
+        if uri is None or uri.startswith("hf://"):
+            continue
+        if (found := checkpoints.files_identity(local_path(uri))) is None:
+            found = ((earlier or {}).get("files") or {}).get(field)
+        if found is not None:
+            files[field] = found
+    hub = uris.current_pins()
+    return {**({"hub": hub} if hub else {}), **({"files": files} if files else {})}
 
 
 def pruned_layers(report: analysis.StructureReport, spec: PruneSpec, world: distributed.World) -> list[int]:
@@ -605,12 +636,13 @@ def pruned_layers(report: analysis.StructureReport, spec: PruneSpec, world: dist
 
 
 def earlier_pruning(parent: Path, cfg: TrainerConfig, world: distributed.World, drop: list[int], data: str,
-                    merge_picks: bool) -> list[int]:
+                    merge_picks: bool, base: dict[str, Any] | None = None) -> list[int]:
     """The layers an earlier attempt of this run removed, if one did, else `drop`. Its checkpoints and healed layers
     are of those layers; this attempt's scores, on other hardware or at another precision, can order a near-tie
     otherwise, and a new choice would discard them and train from step 0. Rank 0's look, on every rank: a rank whose
     view of the shared folder lacked the earlier run pruned other layers."""
-    identity, full = (fingerprinted(cfg, world.size, drop, data, defaults, merge_picks) for defaults in (False, True))
+    identity, full = (fingerprinted(cfg, world.size, drop, data, defaults, merge_picks, base)
+                      for defaults in (False, True))
     earlier = world.main_look(checkpoints.earlier_choice, parent, identity, "prunedLayers", full)
     if earlier is None or earlier == drop:
         return drop
