@@ -24,7 +24,8 @@ from finetune_trainer.models import load_model, load_tokenizer
 from finetune_trainer.rearrange import add_adapters, new_head
 from finetune_trainer.uris import hub_parts
 
-from tiny import TINY_BERT, TINY_GPT2, bpe_tokenizer, card_model, tiny_classifier_doc, tiny_pair_classifier_doc
+from tiny import (TINY_BERT, TINY_GPT2, bpe_tokenizer, card_model, saved_bert, tiny_classifier_doc,
+                  tiny_pair_classifier_doc)
 
 TOKENIZER = "pvc://models/all-MiniLM-L6-v2"
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
@@ -73,6 +74,25 @@ def test_adapters_kept_apart_leave_no_merged_weights_of_an_earlier_export(tmp_pa
     assert "adapter/adapter_model.safetensors" in files
     assert not list((tmp_path / "out").glob("model*")), files
     assert (tmp_path / "out" / "adapter" / "adapter_model.safetensors").exists()
+
+
+def test_the_card_of_adapters_kept_apart_names_a_wider_heads_spare_outputs_as_the_merged_export_does(
+        tmp_path: Path) -> None:
+    """A kept head wider than the dataset (rearrange.head.numLabels) keeps the base's names for the outputs no label
+    uses ("mixed"), as the merged export's config.json says; the card's code for adapters kept apart rebuilt the names
+    from labels.json alone, and called that output LABEL_1."""
+    base = saved_bert(tmp_path / "base", {0: "positive", 1: "mixed", 2: "negative", 3: "neutral"})
+    maps = {}
+    for merged in (True, False):
+        out = tmp_path / f"out-{merged}"
+        doc = tiny_classifier_doc(out, maxSteps=2)
+        doc["model"] = {"task": "sequence-classification", "uri": str(base), "tokenizerUri": TOKENIZER}
+        doc["rearrange"] = {"head": {"numLabels": 4}, "lora": {"rank": 4}, "mergeOnExport": merged}
+        pipeline.run(TrainerConfig.model_validate(doc), out)
+        maps[merged] = card_model((out / "README.md").read_text(), out).config.id2label
+    assert json.loads((tmp_path / "out-True" / "config.json").read_text())["id2label"] == {
+        "0": "positive", "1": "mixed", "2": "negative", "3": "neutral"}
+    assert maps[False] == maps[True] == {0: "positive", 1: "mixed", 2: "negative", 3: "neutral"}
 
 
 @pytest.mark.parametrize(("task", "config", "named"), [

@@ -381,11 +381,11 @@ def loss_curve(history: list[dict[str, float]], evals: list[dict[str, Any]], pat
 
 def model_card(cfg: TrainerConfig, report: dict[str, Any], adapters_apart: bool = False,
                causal_switch: bool = False, written_in: torch.dtype | None = None, revision: str | None = None,
-               marker: str | None = None) -> str:
+               marker: str | None = None, spare: dict[int, str] | None = None) -> str:
     """The export's README; `causal_switch`: the model's config has `is_decoder` (models.has_causal_switch);
     `written_in`: the 16-bit dtype of the weights written (`written_dtype`); `revision`: the commit of model.uri the
-    job loaded (`loaded_revision`), which adapters kept apart load on (model.revision where not given); `marker`:
-    as loading_lines takes it."""
+    job loaded (`loaded_revision`), which adapters kept apart load on (model.revision where not given); `marker`
+    and `spare`: as loading_lines takes them."""
     evaluation = report["evaluation"]
     rows = [f"| {m} | {fmt(evaluation['baseline'].get(m))} | {fmt(v)} | {fmt(evaluation['delta'].get(m), '+')} |"
             for m, v in evaluation["final"].items()]
@@ -417,7 +417,7 @@ def model_card(cfg: TrainerConfig, report: dict[str, Any], adapters_apart: bool 
         "",
         *pruning_section(report.get("pruning")),
         *loading_lines(cfg, head_size(cfg, len(report["labels"])), adapters_apart, causal_switch, revision,
-                       marker),
+                       marker, spare),
         "Trained by finetune-trainer; report.json has the structure analysis and the full history.",
     ]
     return "\n".join(lines) + "\n"
@@ -507,12 +507,23 @@ def head_size(cfg: TrainerConfig, labels: int) -> int:
     return labels if num_labels == "auto" else max(int(num_labels), labels)
 
 
+def spare_names(model: nn.Module, id2label: dict[int, str]) -> dict[int, str]:
+    """The names the model's config gives the head's outputs that none of the dataset's labels (`id2label`) uses: a
+    kept head wider than the dataset keeps the base's own names for them (rearrange.new_head), others are LABEL_i
+    (left out here). labels.json lacks them; a merged export's config.json has them, and the card's code for adapters
+    kept apart names them alike."""
+    names = getattr(getattr(model, "config", None), "id2label", None) or {}
+    return {int(i): str(name) for i, name in names.items() if int(i) not in id2label and name != f"LABEL_{int(i)}"}
+
+
 def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool, causal_switch: bool = False,
-                  revision: str | None = None, marker: str | None = None) -> list[str]:
+                  revision: str | None = None, marker: str | None = None,
+                  spare: dict[int, str] | None = None) -> list[str]:
     """Code that loads the export, run from the folder holding it: the standard classes, and where adapters were
     kept apart, peft on the base they adapt (this folder's, or model.uri's at `revision` with the new head's
     size). `marker`: the token that led each pair's second text (batches.pair_marker), None where the tokenizer marks
-    the boundary itself."""
+    the boundary itself. `spare`: the names the trained head gives its outputs that no label uses (`spare_names`),
+    which a merged export's config.json has and labels.json lacks."""
     task, revision = cfg.model.task, revision or cfg.model.revision
     from_uri = adapters_apart and not base_is_new(cfg)
     pairs = cfg.dataset.text_pair_field is not None  # sequence-classification's alone (the config's rules)
@@ -575,6 +586,8 @@ def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool, causal_
                 loading = ", ignore_mismatched_sizes=True"
                 # and the names of the classes the head learnt (labels.json), not the base's (LABEL_0, or its own)
                 named = ["names = {int(i): name for i, name in json.load(open('labels.json')).items()}",
+                         *([f"names |= {dict(sorted(spare.items()))!r}  # the head's outputs no label uses, named as "
+                            "the base names them"] if spare else []),
                          f"model.config.id2label = {{i: names.get(i, f'LABEL_{{i}}') for i in range({labels})}}",
                          "model.config.label2id = {name: i for i, name in model.config.id2label.items()}"]
             if overrides := {k: v for k, v in cfg.model.config.items() if k not in own}:

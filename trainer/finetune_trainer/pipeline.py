@@ -868,7 +868,8 @@ def write_outputs(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cf
                                      causal_switch=has_causal_switch(getattr(model, "config", None)),
                                      written_in=export.written_dtype(model, cfg),
                                      revision=export.loaded_revision(model, cfg),
-                                     marker=pair_marker(tokenizer) if cfg.dataset.text_pair_field else None)
+                                     marker=pair_marker(tokenizer) if cfg.dataset.text_pair_field else None,
+                                     spare=export.spare_names(model, id2label))
             (staged / "README.md").write_text(card)
             analysis_file = ["analysis.json"] if (out / "analysis.json").exists() else []  # the run's, listed as ever
             extra["files"] = sorted({*files, "loss_curve.png", "README.md", export.MARKER, *analysis_file})
