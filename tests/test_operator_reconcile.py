@@ -745,9 +745,12 @@ def test_no_eta_is_left_once_the_attempt_stops_without_success() -> None:
                                                              "epoch": 0.0, "updatedAt": None}
         FineTuneJobStatus.from_wire(status)
     assert retrying["reason"] == "BackoffWaiting"
-    # The next attempt's first step says it again; nothing is sent where nothing is left to clear.
+    # Nothing is sent where nothing is left to clear: once cleared, or where no read ever gave one (an empty
+    # progress the apiserver would store).
     again = decide(Observed(body(suspended, suspend=True), [], [], NOW + timedelta(minutes=31)))
     assert "progress" not in status_patch(suspended, again.status)
+    unread = decide(Observed(body(base), ended, exited(1, "InvalidDataset"), later))
+    assert unread.status["phase"] == "Failed" and "progress" not in status_patch(base, unread.status)
 
 
 def test_success_brings_the_evaluation_and_analysis_into_status() -> None:
@@ -2463,7 +2466,8 @@ def test_more_processes_than_the_operators_trainer_resources_give_gpus_is_refuse
     spec = _volume_spec(processesPerWorker=4)
     own = spec.model_copy(update={"runtime": spec.runtime.model_copy(update={"resources": None})})
     claims = {"models": rwo, "data": rwo}
-    assert judge.spec_problems(own, claims, "ns", trainer_gpus=3) != []
+    [problem] = judge.spec_problems(own, claims, "ns", trainer_gpus=3)
+    assert problem.startswith("spec.runtime.processesPerWorker: 4 processes per worker, but each worker has 3 GPU(s)")
     for gpus in (0, 4, 8):
         assert judge.spec_problems(own, claims, "ns", trainer_gpus=gpus) == []
     assert judge.spec_problems(spec, claims, "ns", trainer_gpus=2) == []  # its runtime.resources have no GPUs

@@ -143,7 +143,7 @@ def reconcile_errors() -> dict[str, Any]:
 def metric_poll_errors() -> dict[str, Any]:
     errors = "finetune_operator_metric_poll_errors_total"
     # Each running job's rank 0 is read once a poll. A trainer refuses connections (MetricsUnreachable) until it
-    # serves, which the operator does not count in an attempt's first STARTING_SECONDS (reconcile.still_starting),
+    # serves, which the operator does not count in an attempt's first starting_grace (reconcile.still_starting),
     # and once it has exited, until its pod is seen to end (a crash): refusals fire only at more than half the reads
     # of one job, all along. Other reasons come of no start or end: any, in every window for the whole `for`. A
     # rank 0 whose reads time out is read less and less often (handlers.SlowScrapes), so no rate threshold there.

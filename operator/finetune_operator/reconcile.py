@@ -858,7 +858,7 @@ def reported_done(status: dict[str, Any]) -> bool:
                                                                  status) is not None
 
 
-def still_starting(status: dict[str, Any], now: datetime, poll_seconds: float = 2.0) -> bool:
+def still_starting(status: dict[str, Any], now: datetime, poll_seconds: float) -> bool:
     """Whether rank 0 of the running attempt has not been read yet and has not run `starting_grace` (the grace before
     MetricsStale, `_stale`): its endpoint comes up once torch is imported, so a read that fails then is no fault. So
     too where the status does not say Running yet (the tick that first sees the pod run)."""
@@ -883,7 +883,7 @@ def _no_eta(status: dict[str, Any], old: dict[str, Any]) -> None:
     status.progress stays: how far it got (a retry resumes from there)."""
     if status["phase"] in (api.Phase.RUNNING, api.Phase.SUCCEEDED):
         return
-    if (merged(old.get("progress"), status.get("progress", {})) or {}).get("etaSeconds") is not None:
+    if merged(old.get("progress"), status.get("progress", {})).get("etaSeconds") is not None:
         status["progress"] = {**status.get("progress", {}), "etaSeconds": None}
 
 

@@ -27,6 +27,13 @@ STALE_AFTER_POLLS = 3
 # from a cold image: tens of seconds on a GPU node), which is no news either.
 STARTING_SECONDS = 60
 
+# Once rank 0 reported Done it closes its metrics after they are read (the telemetry linger ends on that read), so
+# the clock starts at the last successful read; its pods exiting (the process group's teardown, the Job's
+# completion) may take minutes on a loaded node. Past that, a pod that still has not exited is stuck (an NCCL
+# teardown, a non-daemon thread).
+DONE_EXIT_SECONDS = 300
+NOT_EXITING = "NotExiting"  # MetricsStale's reason for that
+
 
 def stale_after(poll_seconds: float) -> float:
     """Seconds without a good read before rank 0's metrics are stale, at `poll_seconds` (settings.pollSeconds, up to
@@ -38,12 +45,6 @@ def stale_after(poll_seconds: float) -> float:
 def starting_grace(poll_seconds: float) -> float:
     """Seconds an attempt's rank 0 has to answer its first read (STARTING_SECONDS), never fewer than `stale_after`."""
     return max(STARTING_SECONDS, stale_after(poll_seconds))
-# Once rank 0 reported Done it closes its metrics after they are read (the telemetry linger ends on that read), so
-# the clock starts at the last successful read; its pods exiting (the process group's teardown, the Job's
-# completion) may take minutes on a loaded node. Past that, a pod that still has not exited is stuck (an NCCL
-# teardown, a non-daemon thread).
-DONE_EXIT_SECONDS = 300
-NOT_EXITING = "NotExiting"  # MetricsStale's reason for that
 
 
 def timestamp(moment: datetime) -> str:
@@ -244,23 +245,20 @@ def progress_and_metrics(sample: dict[str, Any], global_batch: int, now: datetim
     # batches are short of it: a small split's, an epoch's last).
     samples_per_second = number(sample.get("samples_per_second")) or 0.0
     steps_per_second = number(sample.get("steps_per_second")) or samples_per_second / global_batch
-    progress["etaSeconds"] = count((total - step) / steps_per_second) if steps_per_second > 0 and total else None
     # Once training has ended (the final evaluation, the export) the trainer serves no rates (none are made): no time
     # is left, and status.metrics keeps the last training throughput read, as the termination message gives it.
     trained = sample.get("stage") in TRAINED
-    if trained:
-        progress["etaSeconds"] = 0
+    progress["etaSeconds"] = 0 if trained else (
+        count((total - step) / steps_per_second) if steps_per_second > 0 and total else None)
     metrics = {k: _rounded(sample.get(s)) for k, s in METRICS if not (trained and s in RATES)}
     return out | {"progress": progress, "metrics": metrics}
-
-
-TRAINED = frozenset(s.value for s in (Stage.EVALUATING, Stage.EXPORTING, Stage.DONE))  # stages after training
-RATES = ("samples_per_second", "tokens_per_second")  # status.metrics' training rates
 
 
 # status.metrics' fields and the trainer's gauges they are read from
 METRICS = (("loss", "loss"), ("learningRate", "learning_rate"), ("samplesPerSecond", "samples_per_second"),
            ("tokensPerSecond", "tokens_per_second"))
+RATES = ("samples_per_second", "tokens_per_second")  # status.metrics' training rates
+TRAINED = frozenset(s.value for s in (Stage.EVALUATING, Stage.EXPORTING, Stage.DONE))  # stages after training
 
 
 def _rounded(value: Any) -> float | None:
