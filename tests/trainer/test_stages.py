@@ -1334,7 +1334,8 @@ def test_a_new_head_on_an_exported_image_classifier_has_its_own_names_and_size(t
     """An export of ours loads with its labels.json's names and its builder's num_classes; a head new_head puts in
     their place had them still: models.head_labels read the old classes (cat, dog, old_spare) for a fresh head, and
     a distillation's teacher naming the job's spare class otherwise was refused (or matched to a stale name)."""
-    from finetune_trainer.distill import by_number, label_columns
+    from finetune_trainer.data import by_number
+    from finetune_trainer.distill import label_columns
     from finetune_trainer.models import ImageClassifier, head_labels
 
     spec = ModelSpec(task="image-classification", architecture="resnet18")

@@ -1887,9 +1887,10 @@ def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spe
     decided_at = starts[owner][shuffled]  # for each place in `shuffled`: the rows of the inputs placed before its own
     taken = 0
     held: dict[str, tuple[str, np.ndarray]] = {}
-    test: tuple[set[Hashable], str] = (set(), "")  # the test's inputs, once decided, and what they are
+    test_keys: set[Hashable] = set()  # the test's inputs once it is decided, left out of validation
+    test_is = ""  # what they are
     for name, fraction in ((TEST, spec.test_split), (VALIDATION, spec.validation_split)):
-        if (kept := own_rows(keys, name, spec.uri, *test)) is not None:
+        if (kept := own_rows(keys, name, spec.uri, test_keys, test_is)) is not None:
             drawn = rng.permutation(len(inputs[name]))  # shuffled: a hub split may be sorted by label
             held[name] = (name, drawn[kept[drawn]])
             if repeats := len(set(keys[name]).intersection(keys[TRAIN])):
@@ -1900,11 +1901,12 @@ def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spe
             side = (decided_at >= taken) & (decided_at < taken + max(1, round(len(texts) * fraction)))
             held[name] = (TRAIN, shuffled[side])
             taken += int(side.sum())  # the whole of the last input taken, its copies past the share too
-        if name == TEST:  # an input the train split holds too trained already: no selection on it is left to keep
+        if name == TEST:  # every copy of an input held out of train is held out with it
             test_side, test_idx = held[TEST]
-            test = ({keys[test_side][i] for i in test_idx}.difference(keys[TRAIN]) if test_side == TEST else
-                    {keys[TRAIN][i] for i in test_idx},  # every copy of a held-out input is held out with it
-                    "its test split" if test_side == TEST else "the test rows held out of its train split")
+            test_keys = {keys[test_side][i] for i in test_idx}
+            if test_side == TEST:  # an input the train split holds too trained already: no selection on it to keep
+                test_keys -= set(keys[TRAIN])
+            test_is = "its test split" if test_side == TEST else "the test rows held out of its train split"
     order = shuffled[decided_at >= taken]
     if len(order) == 0:
         raise DataError(f"dataset {spec.uri}: {len(inputs[TRAIN])} rows ({len(set(keys[TRAIN]))} distinct "
@@ -2045,6 +2047,11 @@ def head_order(id2label: dict[int, str], head_labels: dict[int, str]) -> list[in
         return None
     order = [matched[i] for i in id2label]
     return None if order == list(id2label) else order
+
+
+def by_number(names: dict[Any, Any] | None) -> dict[int, str]:
+    """A head's class names (config.id2label, whose keys JSON made texts) by class number."""
+    return {int(i): str(name) for i, name in (names or {}).items()}
 
 
 def matched_labels(ours: dict[int, str], theirs: dict[int, str]) -> dict[int, int]:

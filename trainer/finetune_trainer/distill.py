@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from finetune_trainer.config import ModelSpec, Task, TrainerConfig
-from finetune_trainer.data import matched_labels
+from finetune_trainer.data import by_number, matched_labels
 from finetune_trainer.errors import ConfigError, ModelError, UserError
 from finetune_trainer.models import (check_image_size, check_positions, head_labels, load_model, load_tokenizer,
                                      logits_of, new_modules, without_cache, without_segments)
@@ -172,11 +172,6 @@ def shared_vocabulary(teacher: nn.Module, student: nn.Module, tokenizer: Any, th
                           f"student's {ours[0]} (output {ours[1]}): the teacher reads the student's token ids, so it "
                           "must use the same tokenizer")
     return None
-
-
-def by_number(names: dict[Any, Any] | None) -> dict[int, str]:
-    """A head's class names (config.id2label, whose keys JSON made texts) by class number."""
-    return {int(i): str(name) for i, name in (names or {}).items()}
 
 
 def label_columns(teacher: nn.Module, id2label: dict[int, str], num_labels: int, where: str,

@@ -38,6 +38,7 @@ from torch import nn
 from finetune_trainer.batches import IMAGENET_MEAN, IMAGENET_STD
 from finetune_trainer.checkpoints import fsync, fsync_tree, replace_atomically
 from finetune_trainer.config import Task, TrainerConfig
+from finetune_trainer.data import by_number
 from finetune_trainer.detection.models import Detector, class_count
 from finetune_trainer.matplotlib_folder import matplotlib_folder
 from finetune_trainer.models import ImageClassifier, has_causal_switch, one_segment
@@ -512,8 +513,8 @@ def spare_names(model: nn.Module, id2label: dict[int, str]) -> dict[int, str]:
     kept head wider than the dataset keeps the base's own names for them (rearrange.new_head), others are LABEL_i
     (left out here). labels.json lacks them; a merged export's config.json has them, and the card's code for adapters
     kept apart names them alike."""
-    names = getattr(getattr(model, "config", None), "id2label", None) or {}
-    return {int(i): str(name) for i, name in names.items() if int(i) not in id2label and name != f"LABEL_{int(i)}"}
+    names = by_number(getattr(getattr(model, "config", None), "id2label", None))
+    return {i: name for i, name in names.items() if i not in id2label and name != f"LABEL_{i}"}
 
 
 def loading_lines(cfg: TrainerConfig, labels: int, adapters_apart: bool, causal_switch: bool = False,

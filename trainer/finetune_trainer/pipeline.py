@@ -49,7 +49,7 @@ from finetune_trainer.models import (check_image_size, check_one_sample_batches,
                                      has_causal_switch, head_labels, load_model, load_tokenizer, new_modules,
                                      one_segment)
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
-from finetune_trainer.structure import PEFT_ORIGINAL, depth, head_module, head_name
+from finetune_trainer.structure import depth, head_module, head_name
 from finetune_trainer.telemetry import Metrics, write_failure, write_termination
 from finetune_trainer.train import (Hooks, LoopState, autocast_dtype, compiler_missing, make_optimizer, make_scheduler,
                                     precision_name, steps_per_epoch, total_steps, train_loop)
@@ -373,7 +373,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
                      "training", checkpoint_dir)
         else:
             teacher = distill.load_teacher(cfg, tokenizer, model, data.id2label, num_labels, world.device, dtype)
-            if pinned := world.main_look(uris.current_pins):  # the teacher's hub commit too, for the next attempt
+            # the teacher's hub commit too, for the next attempt (rank 0's look: every rank takes the branch)
+            if (pinned := world.main_look(uris.current_pins)) and pinned != base.get("hub"):
                 checkpoints.note_base(checkpoint_dir, base | {"hub": pinned}, world)
     if cfg.rearrange.prune is not None and drop is not None:
         serving = [collate(test_data, idx).to(world.device)
@@ -410,9 +411,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     flops = (detection_analysis.step_flops(model, probe[0], dtype) if detecting
              else analysis.step_flops(model, probe, dtype))
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    # Each weight once: a module LoRA trains whole is peft's trained copy beside its frozen original_module, which
-    # counted it twice
-    total = sum(p.numel() for name, p in model.named_parameters() if not PEFT_ORIGINAL.search(name))
+    total = sum(prune.parameter_counts(model))  # each weight once: not peft's original_module beside a trained copy
     progress.message["analysis"].update(totalParameters=total, trainableParameters=trainable)
     # The analysis modelled the model as loaded (all of it training); this is what will train.
     memory = analysis.memory_model(dict(model.named_parameters()),

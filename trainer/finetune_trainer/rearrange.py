@@ -13,10 +13,10 @@ import torch
 from torch import nn
 
 from finetune_trainer.config import LoraSpec, LoraVariant
-from finetune_trainer.data import matched_labels
+from finetune_trainer.data import by_number, matched_labels
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.export import kept_in_fp32
-from finetune_trainer.models import ImageClassifier, logits_of
+from finetune_trainer.models import ImageClassifier, head_labels, logits_of
 from finetune_trainer.structure import taken_for_whole, trained_whole, within
 
 log = logging.getLogger(__name__)
@@ -34,8 +34,7 @@ def new_head(model: nn.Module, head: str, num_labels: int, id2label: dict[int, s
     config = getattr(model, "config", None)
     # A kept head that names every label at its id (data.head_order gave them its ids) keeps its own names for the
     # outputs no label uses (neutral, for data of negative and positive only); other outputs are LABEL_i.
-    loaded = config.id2label if config is not None else getattr(model, "labels", None)
-    names = {int(i): str(name) for i, name in (loaded or {}).items()}
+    names = by_number(head_labels(model)[0])
     spare = names if kept and matched_labels(id2label, names) == {i: i for i in id2label} else {}
     fresh_names = {i: id2label.get(i, spare.get(i, f"LABEL_{i}")) for i in range(num_labels)}
     if isinstance(model, ImageClassifier):

@@ -23,8 +23,6 @@ from finetune_trainer.errors import ConfigError
 
 PEFT_PREFIX = "base_model.model."
 PEFT_INFIXES = re.compile(r"\.(modules_to_save\.default|original_module)(?=\.|$)")
-# The frozen original peft keeps of a module trained whole (ModulesToSaveWrapper) beside the copy that trains.
-PEFT_ORIGINAL = re.compile(r"(^|\.)original_module\.")
 # What peft puts inside a layer it adapts: the layer itself, and the adapters (lora_A, lora_magnitude_vector, ...).
 PEFT_LAYER_PARTS = re.compile(r"\.(base_layer|lora_\w+)\..*$")
 
