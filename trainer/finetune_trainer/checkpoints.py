@@ -428,13 +428,15 @@ def filled(saved: dict[str, Any], full: dict[str, Any], sparse: dict[str, Any]) 
     return out
 
 
-def earlier_choice(parent: Path, identity: dict[str, Any], key: str, full: dict[str, Any] | None = None) -> Any:
+def earlier_choice(parent: Path, identity: dict[str, Any], key: str, full: dict[str, Any] | None = None,
+                   same: Callable[[dict[str, Any]], bool] | None = None) -> Any:
     """`key`'s value in the fingerprint of an earlier attempt of the run `identity` describes (the same in all but
-    `key`, compared in `full` as `run_folder` does), the one with the most checkpoints; None when there is none."""
+    `key`, compared in `full` as `run_folder` does, or as `same` says), the one with the most checkpoints; None when
+    there is none."""
     full = identity if full is None else full
     earlier = [(len(complete(folder)), saved[key]) for folder in run_folders(parent)
                if (saved := read_full(folder, identity, full)) is not None and key in saved
-               and same_run(saved, full, key)]
+               and (same(saved) if same else same_run(saved, full, key))]
     return max(earlier, key=lambda found: found[0])[1] if earlier else None
 
 
@@ -449,10 +451,8 @@ def earlier_base(parent: Path, identity: dict[str, Any], full: dict[str, Any]) -
             out["rearrange"] = {k: v for k, v in out["rearrange"].items() if k != "mergeOnExport"}
         return out
 
-    earlier = [(len(complete(folder)), saved[BASE]) for folder in run_folders(parent)
-               if (saved := read_full(folder, identity, full)) is not None and isinstance(saved.get(BASE), dict)
-               and job(saved) == job(full)]
-    return max(earlier, key=lambda found: found[0])[1] if earlier else None
+    return earlier_choice(parent, identity, BASE, full,
+                          lambda saved: isinstance(saved[BASE], dict) and job(saved) == job(full))
 
 
 def note_base(root: Path, base: dict[str, Any], world: World) -> None:
@@ -638,7 +638,7 @@ def load(root: Path, model: nn.Module, optimizer: torch.optim.Optimizer, schedul
 
 
 def set_all_aside(unread: list[Path], world: World) -> None:
-    """Set aside (rank 0) the checkpoints no rank could read, newest first."""
+    """Set aside (rank 0) the checkpoints a rank could not read, newest first."""
     for folder in unread if world.main else ():
         aside = set_aside(folder)
         log.warning("not resuming %s, which cannot be read (the log of the rank that could not says why): %s; "

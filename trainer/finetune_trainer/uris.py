@@ -36,12 +36,12 @@ COMMIT = re.compile(r"[0-9a-f]{40}")
 
 
 @contextlib.contextmanager
-def pinned() -> Iterator[dict[str, str]]:
-    """A run's scope for hub pins: within it, `fetch` takes a hub model repo asked for at a branch at the commit in the
-    dict it yields, and adds the commit its first fetch resolved where the dict has none."""
+def pinned() -> Iterator[None]:
+    """A run's scope for hub pins: within it, `fetch` takes a hub model repo asked for at a branch at the commit it is
+    pinned at (`pin`), and pins it at the commit its first fetch resolved where it has none (`current_pins`)."""
     token = PINS.set({})
     try:
-        yield PINS.get()
+        yield
     finally:
         PINS.reset(token)
 
