@@ -251,3 +251,44 @@ def test_the_check_for_jobs_deleted_unseen_lists_every_job(kube: Kube, crd: dict
     vanished = handlers.Vanished()
     vanished.check(clients, (namespace,), {"Succeeded": [(namespace, "deleted-unseen"), *jobs]})
     assert vanished.jobs == {(namespace, "deleted-unseen")}
+
+
+def test_a_new_attempt_deletes_the_earlier_ones_configmaps_services_and_all_but_the_last_jobs(
+        kube: Kube, namespace: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    """handlers._drop_earlier, before attempt 7 is made: the ConfigMaps and Services of attempts 1-6 go, and the Jobs
+    of all but the last three (a `count/jobs.batch` quota filled by one job's retries held its next attempt for ever),
+    each with its pods; an object of that name that is another FineTuneJob's (by its uid label) stays."""
+    from finetune_operator import children, handlers
+    from finetune_operator.clients import Clients
+
+    monkeypatch.setenv("KUBECONFIG", str(kube.kubeconfig))  # the operator reads it first
+    uid, other = "11111111-aaaa", "22222222-bbbb"
+    made = []
+    for attempt in range(1, 7):
+        name = children.child_name("x", attempt)
+        labels = {children.JOB_UID_LABEL: other if attempt == 2 else uid}
+        meta = {"name": name, "labels": labels}
+        pod = {"containers": [{"name": "c", "image": "none"}], "restartPolicy": "Never",
+               "nodeSelector": {"no-such-node": "true"}}
+        made += [{"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta, "data": {}},
+                 {"apiVersion": "v1", "kind": "Service", "metadata": meta,
+                  "spec": {"clusterIP": "None", "selector": {"app": "none"}}},
+                 {"apiVersion": "batch/v1", "kind": "Job", "metadata": meta,
+                  "spec": {"suspend": True, "template": {"spec": pod}}}]
+    kube.apply(made, namespace)
+    job_1 = kube.get("job", "x-1", namespace)
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "x-1-0", "ownerReferences": [
+        {"apiVersion": "batch/v1", "kind": "Job", "name": "x-1", "uid": job_1["metadata"]["uid"]}]},
+        "spec": {"containers": [{"name": "c", "image": "none"}], "nodeSelector": {"no-such-node": "true"}}}
+    kube.apply(pod, namespace)
+
+    handlers._drop_earlier(Clients(connections=1, timeout=30, retries=False), namespace, "x", uid, 7)
+
+    def names(kind: str) -> list[str]:
+        found = yaml.safe_load(kube.kubectl("get", kind, "-n", namespace, "-o", "yaml").stdout)["items"]
+        return sorted(o["metadata"]["name"] for o in found
+                      if o["metadata"]["name"].startswith("x-") and not o["metadata"].get("deletionTimestamp"))
+
+    assert names("configmaps") == names("services") == ["x-2"]
+    assert names("jobs") == ["x-2", "x-4", "x-5", "x-6"]
+    kube.wait_for("the deleted Job's pod collected", lambda: not kube.get("pod", "x-1-0", namespace), namespace)

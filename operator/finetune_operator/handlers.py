@@ -686,23 +686,32 @@ def _end_pod(clients: Clients, told: Once, body: kopf.Body, ns: str, pod: str, w
     return True
 
 
+EARLIER_JOBS_KEPT = 3  # the attempts before the current one whose Jobs (and their pods' logs) stay
+
+
 def _drop_earlier(clients: Clients, ns: str, name: str, uid: str, attempt: int) -> None:
     """Deletes the ConfigMaps and Services of the attempts before `attempt`, of no use once their pods have stopped
-    (the next attempt is made only then), before its own are made. Kept until the job's deletion, a job preempted or
-    retried many times filled a ResourceQuota's count of them (`services: 10` is common) and its next attempt waited
-    for quota for ever. Their Jobs stay, for their pods' logs. Each is read by its name and deleted only if it is this
+    (the next attempt is made only then), before its own are made, and the Jobs of all but the last
+    EARLIER_JOBS_KEPT of them. Kept until the job's deletion, a job preempted or retried many times filled a
+    ResourceQuota's count of them (`services: 10`, `count/jobs.batch: 20`) and its next attempt waited for quota for
+    ever. The Jobs kept are the latest, for their pods' logs. Each is read by its name and deleted only if it is this
     job's (by its uid, as read): no `list`, which would grant reading every ConfigMap of the cluster. One left by a
     failed call goes at the next try, or with the job."""
     dropped = []
     for earlier in range(attempt - 1, 0, -1):
         child = children.child_name(name, earlier)
-        for plural in ("configmaps", "services"):
-            path = api_path(ns, plural, child)
+        kinds = [("configmaps", ""), ("services", "")]
+        if earlier < attempt - EARLIER_JOBS_KEPT:
+            kinds.append(("jobs", "batch"))
+        for plural, group in kinds:
+            path = api_path(ns, plural, child, group=group)
             try:
                 meta = json.loads(clients.call("GET", path))["metadata"]
                 if (meta.get("labels") or {}).get(children.JOB_UID_LABEL) != uid:
                     continue  # an earlier FineTuneJob's of this name, orphaned: not this one's to delete
-                clients.call("DELETE", path, {"preconditions": {"uid": meta["uid"]}})
+                # Background: a Job's pods go with it, as they do when the FineTuneJob goes.
+                clients.call("DELETE", path, {"preconditions": {"uid": meta["uid"]},
+                                              "propagationPolicy": "Background"})
                 dropped.append(f"{plural[:-1]} {child}")
             except ApiException as exc:
                 if exc.status not in (404, 409):  # gone; replaced since it was read
