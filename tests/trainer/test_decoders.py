@@ -320,3 +320,60 @@ def test_an_evaluation_keeps_no_key_value_cache_and_the_export_still_generates_w
     assert model.config.use_cache
     with torch.no_grad():
         assert model(**tokenizer("a fine", return_tensors="pt")).past_key_values is not None
+
+
+def test_held_at_casts_only_frozen_linear_weights_it_can_widen_back_exactly() -> None:
+    """A bf16 checkpoint's frozen Linear weights (widened at load) go to bf16 and back bit for bit; a weight tied to
+    the embeddings, a trained one and one with fp32 digits stay fp32."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finetune_trainer.models import held_at, widened
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, tie_word_embeddings=True, **TINY_LLAMA)).to(
+        torch.bfloat16).float()
+    layer = model.model.layers[0]
+    model.requires_grad_(False)
+    layer.mlp.down_proj.weight.requires_grad_(True)
+    with torch.no_grad():
+        layer.mlp.up_proj.weight[0, 0] = 1 / 3  # no bf16 number
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    held = held_at(model, torch.bfloat16)
+    dtypes = {n: p.dtype for n, p in model.named_parameters()}
+    assert {n for n, d in dtypes.items() if d == torch.bfloat16} == {
+        f"model.layers.0.{n}.weight" for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
+                                               "self_attn.o_proj", "mlp.gate_proj")}
+    assert model.lm_head.weight is model.model.embed_tokens.weight and dtypes["model.embed_tokens.weight"] == torch.float32
+    assert held_at(model, None) == []
+    widened(held)
+    assert all(p.dtype == torch.float32 and torch.equal(p, before[n]) for n, p in model.named_parameters())
+
+
+def test_a_bf16_base_under_lora_trains_held_in_bf16_to_the_same_results(tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A Llama published in bf16, LoRA on it under bf16 autocast: its frozen Linear weights are held in bf16 while it
+    trains (the memory model counts them at 2 bytes), and the run's scores and its merged export are bit for bit
+    those of the run that held them in fp32."""
+    from safetensors.torch import load_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from finetune_trainer import pipeline
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=400, **TINY_LLAMA)).to(torch.bfloat16).save_pretrained(tmp_path / "base")
+    doc = tiny_classifier_doc(tmp_path / "out", precision="bf16", batchSize=8)
+    doc["model"] = {"task": "causal-lm", "uri": str(tmp_path / "base"),
+                    "tokenizerUri": f"file://{bpe_tokenizer(tmp_path / 'tok')}"}
+    doc["dataset"] |= {"maxTrainSamples": 32, "maxEvalSamples": 16}
+    doc["rearrange"] = {"lora": {"rank": 4, "dropout": 0.0}, "mergeOnExport": True}
+    held = pipeline.run(TrainerConfig.model_validate(doc), tmp_path / "out")
+    monkeypatch.setattr(pipeline, "held_at", lambda model, dtype: [])  # as before: every weight in fp32
+    doc["output"]["uri"] = str(tmp_path / "fp32")
+    plain = pipeline.run(TrainerConfig.model_validate(doc), tmp_path / "fp32")
+    linear = 4 * 16 * 16 + 3 * 16 * 32 + 400 * 16  # the frozen Linear weights: attention, MLP, output layer
+    saved = plain["memory_after_rearrange"]["weights"] - held["memory_after_rearrange"]["weights"]
+    assert saved == linear * 2
+    assert held["evaluation"] == plain["evaluation"]
+    exported = load_file(tmp_path / "out" / "model.safetensors")
+    reference = load_file(tmp_path / "fp32" / "model.safetensors")
+    assert exported.keys() == reference.keys() and all(torch.equal(exported[k], reference[k]) for k in reference)

@@ -46,8 +46,8 @@ from finetune_trainer.errors import EXIT_OK, ConfigError, DataError, Terminated,
 from finetune_trainer.evaluate import deltas, evaluate
 from finetune_trainer.lora_fused import FORMS, fuse
 from finetune_trainer.models import (check_image_size, check_one_sample_batches, check_positions, check_vocabulary,
-                                     has_causal_switch, head_labels, load_model, load_tokenizer, new_modules,
-                                     one_segment)
+                                     has_causal_switch, head_labels, held_at, load_model, load_tokenizer, new_modules,
+                                     one_segment, widened)
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
 from finetune_trainer.structure import depth, head_module, head_name
 from finetune_trainer.telemetry import Metrics, write_failure, write_termination
@@ -404,6 +404,9 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         if form := FORMS.get(world.device.type):  # other devices keep peft's own path
             log.info("LoRA computed as %s on %d of the adapted modules", form.__name__, fuse(model, form))
     model.to(world.device)
+    if held := held_at(model, dtype):
+        log.info("%d frozen Linear layers held at %s, as autocast computes them (%.0f MiB less)", len(held),
+                 precision_name(dtype), sum(p.numel() for m in held for p in m.parameters()) * 2 / 2**20)
     check_one_sample_batches(model, cfg.dataset.image_size, cfg.training.batch_size, len(train_data.lengths))
     groups = param_groups(model, cfg.adjust, layers, trained_head, new)  # refuses a freeze that leaves nothing to train
     # For the MFU gauge, a step of what trains: the analysis measured the model as loaded, every weight training
@@ -493,6 +496,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         "training": training_section(state, steps, steps_per_epoch(train_data, cfg.training, world), train_data,
                                      validation_data, test_data, world, dtype),
     }
+    widened(held)  # the export writes the weights as loaded, and merges the adapters into them in fp32
     if world.main:
         result.update(write_outputs(model, tokenizer, data.id2label, cfg, out, probe[0].inputs, result, serving))
         if pruning:
