@@ -1198,22 +1198,72 @@ def test_an_eviction_for_the_pods_own_limit_is_counted_and_names_the_field_to_ra
     assert OWN_LIMITS[message] in next(c for c in status["conditions"] if c["type"] == "Failed")["message"]
 
 
-def test_a_node_pressure_eviction_stays_a_free_retry() -> None:
-    """The kubelet evicts for memory or disk the node runs short of with DisruptionTarget (TerminationByKubelet):
-    caused by the node, it is retried without counting; and an Evicted message of another kind is no own limit."""
-    message = "The node was low on resource: memory. Threshold quantity: 100Mi, available: 52Mi. Container trainer " \
-              "was using 3Gi, request is 2Gi, has larger consumption of memory. "
-    pressure = outcome.pod_summary(kubelet_evicted(message, [
+def pressure_evicted(message: str) -> dict[str, Any]:
+    """A trainer pod the kubelet evicted for its node's pressure: DisruptionTarget (TerminationByKubelet), its message
+    in the condition and the pod's status alike; the Job failed by its pod-failure policy's disruption rule."""
+    return outcome.pod_summary(kubelet_evicted(message, [
         {"type": "DisruptionTarget", "status": "True", "reason": "TerminationByKubelet", "message": message}], 143))
-    failed = job(failure={"reason": "PodFailurePolicy", "message": "Pod ns/ft-1-0-x has condition DisruptionTarget "
-                                                                   "matching FailJob rule at index 0"})
-    result = outcome.attempt_outcome(failed, [pressure])
-    assert (result.reason, result.retry) == ("TerminationByKubelet", outcome.Retry.FREE)
-    status = after(decide(Observed(body({"attempts": 1}, backoffLimit=0), [failed], [pressure], NOW)))
-    assert status["attempts"] == 2 and status.get("failures", 0) == 0
+
+
+DISRUPTED_JOB = {"reason": "PodFailurePolicy", "message": "Pod ns/ft-1-0-x has condition DisruptionTarget matching "
+                                                          "FailJob rule at index 0"}
+# The kubelet's node-pressure messages (helpers.go's evictionMessage, trailing space and all) that name the trainer over
+# its request, as 1.27 on and the kubelets before write them, and the request field each names.
+OVER_REQUEST = {
+    "The node was low on resource: memory. Threshold quantity: 100Mi, available: 52Mi. Container trainer was using "
+    "3Gi, request is 2Gi, has larger consumption of memory. ": "spec.runtime.resources.requests.memory",
+    "The node was low on resource: ephemeral-storage. Threshold quantity: 10Gi, available: 5Gi. Container trainer "
+    "was using 120Gi, request is 0, has larger consumption of ephemeral-storage. ":
+        "spec.runtime.resources.requests.ephemeral-storage to what a worker writes to its node's disk, the hub cache "
+        "(an emptyDir at HF_HOME) included",
+    "The node was low on resource: memory. Container istio-proxy was using 90Mi, which exceeds its request of 64Mi. "
+    "Container trainer was using 3Gi, which exceeds its request of 2Gi. ": "spec.runtime.resources.requests.memory",
+}
+
+
+@pytest.mark.parametrize("message", OVER_REQUEST)
+def test_a_node_pressure_eviction_the_trainer_caused_is_counted_and_names_the_request_to_raise(message: str) -> None:
+    """Evicted as its node ran short of what the trainer used past its request: the pressure lifted once the pod was
+    gone, the next attempt on the same node did the same (the hub model downloaded again, memory grown again), and
+    as a free retry it went on for ever, failures 0, with no back-off; backoffLimit never ended it."""
+    evicted = pressure_evicted(message)
+    result = outcome.attempt_outcome(job(failure=DISRUPTED_JOB), [evicted])
+    assert (result.reason, result.retry) == ("EvictedOverRequest", outcome.Retry.COUNTED)
+    assert f"Raise {OVER_REQUEST[message]}, or the next attempt may be evicted again" in result.message
+    assert result.message.startswith("pod ft-1-0-x was evicted by its kubelet, its node short of ")
+    retrying = after(decide(Observed(body({"attempts": 1}), [job(failure=DISRUPTED_JOB)], [evicted], NOW)))
+    assert retrying["failures"] == 1 and retrying["retryAfter"] == timestamp(NOW + BACKOFF)
+    assert conditions(retrying)["Created"] == ("False", "BackoffWaiting")
+
+
+def test_a_node_pressure_eviction_the_trainer_caused_fails_a_job_of_backoff_limit_0() -> None:
+    message = next(iter(OVER_REQUEST))
+    status = after(decide(Observed(body({"attempts": 1}, backoffLimit=0), [job(failure=DISRUPTED_JOB)],
+                                   [pressure_evicted(message)], NOW)))
+    assert status["phase"] == "Failed" and status["reason"] == "BackoffLimitExceeded" and status["failures"] == 1
+    failed = next(c for c in status["conditions"] if c["type"] == "Failed")["message"]
+    assert "EvictedOverRequest" in failed and "spec.runtime.resources.requests.memory" in failed
+
+
+def test_a_node_pressure_eviction_for_others_use_stays_a_free_retry() -> None:
+    """The kubelet evicts for memory or disk the node runs short of with DisruptionTarget (TerminationByKubelet): where
+    the trainer is not the container it names over its request, the node caused it, and it is retried without
+    counting; and an Evicted message of another kind is no own limit."""
+    for message in ("The node was low on resource: memory. Threshold quantity: 100Mi, available: 52Mi. Container "
+                    "istio-proxy was using 3Gi, request is 64Mi, has larger consumption of memory. ",
+                    "The node was low on resource: memory. Threshold quantity: 100Mi, available: 52Mi. ",
+                    "The node was low on resource: pids. "):
+        pressure = pressure_evicted(message)
+        result = outcome.attempt_outcome(job(failure=DISRUPTED_JOB), [pressure])
+        assert (result.reason, result.retry) == ("TerminationByKubelet", outcome.Retry.FREE), message
+        status = after(decide(Observed(body({"attempts": 1}, backoffLimit=0), [job(failure=DISRUPTED_JOB)], [pressure],
+                                       NOW)))
+        assert status["attempts"] == 2 and status.get("failures", 0) == 0 and not status.get("retryAfter")
     assert outcome.own_limit_field(message) is None and outcome.own_limit_field(None) is None
     # Only the kubelet's exact words: a message that quotes one inside another is none of them.
     assert outcome.own_limit_field('pod says: Usage of EmptyDir volume "finetune-shm" exceeds the limit "1Gi". ') is None
+    assert outcome.over_request("pod says: The node was low on resource: memory. Container trainer was using 3Gi, "
+                                "request is 2Gi, has larger consumption of memory. ") is None
     # Refused at admission by a node under pressure (kubelet.rejectPod): no container ran, no DisruptionTarget, and the
     # Job's backoffLimit 0 failed it; it was counted as "a worker failed and left no exit code".
     rejected = outcome.pod_summary(kubelet_evicted("Pod was rejected: The node had condition: [DiskPressure]. "))

@@ -3,7 +3,8 @@
 The summaries below are what the operator's indexes keep of each Job and pod: small, so a
 thousand jobs stay cheap, and enough to decide. The cause of a failure is read, in order of
 trust, from: a kubelet's eviction of a pod for going past a limit of its own (ephemeral
-storage, an emptyDir's sizeLimit: counted, never a disruption), the Job's pod-failure policy
+storage, an emptyDir's sizeLimit) or, its node short of memory or disk, for the trainer using more than it requests
+(counted, never a disruption), the Job's pod-failure policy
 (a disruption fails the Job with a rule that says so, even after the pod is gone), the pods'
 DisruptionTarget condition, the trainer's own `exitCode` in the termination message (under
 torchrun the container exits 1 for any failure), then the container's exit code. Peers of a
@@ -61,8 +62,9 @@ class Outcome:
 # ends Failed with status.reason Evicted and one of these messages (helpers.go's containerEphemeralStorageMessageFmt,
 # podEphemeralStorageMessageFmt, emptyDirMessageFmt), and without the DisruptionTarget condition, which KEP-3329 leaves
 # to evictions the pod did not cause (a node-pressure eviction, "The node was low on resource: memory. ...", has it,
-# reason TerminationByKubelet, and stays a free retry). Only these exact messages are read: a node-pressure eviction
-# with no condition (a kubelet before 1.26, or its PodDisruptionConditions off) is an ordinary failure, as before.
+# reason TerminationByKubelet, and is a free retry unless it names the trainer: NODE_LOW). Only these exact messages
+# are read: a node-pressure eviction with no condition (a kubelet before 1.26, or its PodDisruptionConditions off) that
+# does not name the trainer is an ordinary failure, as before.
 EVICTED = "Evicted"
 SCHEDULING_GATED = "SchedulingGated"  # PodScheduled's reason while spec.schedulingGates holds a pod
 DEFAULT_SCHEDULER = "default-scheduler"  # the scheduler of a pod that names none (the apiserver's default)
@@ -74,6 +76,16 @@ OWN_LIMIT_EVICTION = re.compile(
     r'|Pod ephemeral local storage usage exceeds the total limit of containers (?P<total>\S+)\.'
     r'|Usage of EmptyDir volume "(?P<volume>[^"]*)" exceeds the limit "(?P<size>[^"]*)"\.')
 STORAGE_LIMIT_EXCEEDED = "StorageLimitExceeded"
+# A node-pressure eviction's message (helpers.go's evictionMessage): the resource the node is short of, then each
+# container that uses more of it than it requests (its writable layer and logs, for ephemeral-storage; its working set,
+# for memory), in the words of 1.27 on or of the kubelets before ("which exceeds its request of"). The kubelet evicts
+# pods over their request first, and the pressure lifts once the pod is gone: the next attempt, on the same node, does
+# the same (the model downloaded again, memory grown again), for ever as a free retry. One naming the trainer counts.
+NODE_LOW = re.compile(r"The node was low on resource: (?P<resource>\S+)\. ")
+CONTAINER_OVER_REQUEST = re.compile(
+    r"Container (?P<container>\S+) was using (?P<usage>\S+), "
+    r"(?:request is (?P<request>\S+), has larger consumption of \S+|which exceeds its request of (?P<was>\S+))\.")
+EVICTED_OVER_REQUEST = "EvictedOverRequest"
 # A pod the kubelet refused to admit (kubelet.go's rejectPod): Failed, status.reason the admit handler's word and
 # status.message this prefix and its why, no container ever ran and no DisruptionTarget (the Job's pod-failure policy
 # does not see it). Refused for a state the node leaves and the scheduler then avoids, it is a free retry: its pressure
@@ -104,6 +116,38 @@ def own_limit_field(message: str | None) -> str | None:
     if volume == SHM_VOLUME:
         return "spec.runtime.shmSize"
     return f"the emptyDir.sizeLimit of volume {volume} in spec.runtime.volumes"
+
+
+def over_request(message: str | None) -> tuple[str, str, str] | None:
+    """The resource its node was short of, and the trainer's use and request of it, where a kubelet's node-pressure
+    eviction `message` says the trainer used more than it requests; None where it names another container or none (the
+    pod was evicted for others' use: a free retry)."""
+    low = NODE_LOW.match(message or "")
+    if low is None:
+        return None
+    for said in CONTAINER_OVER_REQUEST.finditer(low.string, low.end()):
+        if said.group("container") == TRAINER:
+            return low.group("resource"), said.group("usage"), said.group("request") or said.group("was")
+    return None
+
+
+def _evicted_by_itself(pod: dict[str, Any]) -> tuple[str, str] | None:
+    """The reason and message of a kubelet's eviction that the pod caused, and that the next attempt is likely to cause
+    again: past a limit of its own, or its node short of what the trainer used past its request. Each names the field
+    to raise."""
+    evicted = (pod.get("evicted") or "").strip()
+    if field := own_limit_field(evicted):
+        return STORAGE_LIMIT_EXCEEDED, f"pod {pod['name']} was evicted by its kubelet: {evicted} Raise {field}, " \
+                                       "or the next attempt may go past it again"
+    if over := over_request(evicted):
+        resource, usage, request = over
+        # The kubelet ranks a pod by its use with its emptyDirs, the hub cache's too, though it names a container's.
+        cache = " to what a worker writes to its node's disk, the hub cache (an emptyDir at HF_HOME) included" \
+            if resource == "ephemeral-storage" else ""
+        return EVICTED_OVER_REQUEST, f"pod {pod['name']} was evicted by its kubelet, its node short of {resource}, " \
+            f"where the trainer used {usage} and requests {request}: the kubelet evicts pods over their request first. " \
+            f"Raise spec.runtime.resources.requests.{resource}{cache}, or the next attempt may be evicted again"
+    return None
 
 
 def _termination(pod: dict[str, Any]) -> dict[str, Any] | None:
@@ -466,15 +510,14 @@ def _refused(pod: dict[str, Any]) -> str:
 
 def failure_cause(job: dict[str, Any], pods: list[dict[str, Any]]) -> Outcome:
     """Why a failed attempt failed, and whether another attempt may help."""
-    # Evicted for going past its own limit: the next attempt goes past it again unless the spec changes, so it is
-    # counted (as an OOM kill is), not free; not failed outright, since usage that grows with the run (its logs, a
-    # cache) may stay under the limit when resumed from a checkpoint. A counted attempt's message says what to raise.
-    over = next(((p, field) for p in pods if (field := own_limit_field(p.get("evicted")))), None)
+    # Evicted for its own use (past its limit, or past its request on a node short of it): the next attempt does the
+    # same unless the spec changes, so it is counted (as an OOM kill is), not free, though it carries DisruptionTarget
+    # in the second case; not failed outright, since usage that grows with the run (its logs, a cache) may stay under
+    # the limit when resumed from a checkpoint. A counted attempt's message says what to raise.
+    over = next(((p, said) for p in pods if (said := _evicted_by_itself(p))), None)
     if over:
-        pod, field = over
-        return Outcome(State.FAILED, STORAGE_LIMIT_EXCEEDED,
-                       f"pod {pod['name']} was evicted by its kubelet: {pod['evicted'].strip()} Raise {field}, "
-                       "or the next attempt may go past it again", Retry.COUNTED,
+        pod, (reason, text) = over
+        return Outcome(State.FAILED, reason, text, Retry.COUNTED,
                        result=exit_of(pod)[1] if pod.get("terminated") else {})  # where it stopped, if it said
     disrupted = [p for p in pods if p.get("disrupted")]
     if disrupted or _disrupted_by_policy(job):
