@@ -3079,9 +3079,10 @@ def test_a_child_job_deleted_by_hand_leaving_its_pods_ends_its_attempt_and_the_n
     deleting = decide(Observed(body(held), [], [deleted], NOW + timedelta(seconds=16)))
     told = dict((c["type"], c["message"]) for c in after(deleting, held)["conditions"])["Created"]
     assert deleting.create_attempt is None and "(ft-1-0-x)" in told and "no Job" not in told and not deleting.events
-    # A pod of a Job deleted in the background keeps its ownerReference until the garbage collector deletes it
+    # A pod of a Job deleted in the background keeps its ownerReference until the garbage collector deletes it: no orphan
     collected = decide(Observed(body(status), [], [pod()], NOW + timedelta(seconds=12)))
-    assert collected.create_attempt is None and after(collected, status)["reason"] == "JobDeleted"
+    told = dict((c["type"], c["message"]) for c in after(collected, status)["conditions"])["Created"]
+    assert collected.create_attempt is None and "(ft-1-0-x)" in told and "no Job" not in told
     ended = dict(orphan, phase="Succeeded")
     assert decide(Observed(body(held), [], [ended], NOW + timedelta(seconds=20))).create_attempt == 2
 
@@ -3293,6 +3294,33 @@ def test_an_attempt_whose_config_map_holds_an_earlier_spec_gives_way_to_the_next
     assert conditions(status)["Restarting"] == ("True", "Resumed") and "children" not in status
     assert decision.delete_job == "ft-1"  # made beside that ConfigMap, unseen yet (a watch behind), it ran the old recipe
     assert decide(Observed(body(status), [], [], NOW + timedelta(seconds=2))).create_attempt == 2
+
+
+def test_the_next_attempt_says_it_waits_for_the_pods_of_the_one_before_after_a_resume_or_a_free_retry() -> None:
+    """Resumed, or evicted, while attempt 1's pods took a long grace period to checkpoint: the job said Pending with
+    Created True "attempt 1: 1 worker(s)" beside attempts 2, and nothing said that attempt 2 waited for those pods."""
+    def created(status: dict[str, Any]) -> tuple[str, str, str]:
+        said = next(c for c in status["conditions"] if c["type"] == "Created")
+        return said["status"], said["reason"], said["message"]
+
+    stopping = timestamp(NOW + timedelta(minutes=10))  # a terminationGracePeriodSeconds of 10 minutes
+    running = after(decide(Observed(body({"attempts": 1}), [job(ready=1)], [pod()], NOW)))
+    suspended = after(decide(Observed(body(running, suspend=True), [job(ready=1)], [pod()], NOW)), running)
+    deleting = [job(ready=1, deleting=timestamp(NOW))], [pod(deletionTimestamp=stopping)]
+    resumed = after(decide(Observed(body(suspended), *deleting, NOW + timedelta(seconds=5))), suspended)
+    assert resumed["attempts"] == 2
+    held = after(decide(Observed(body(resumed), *deleting, NOW + timedelta(seconds=10))), resumed)
+    assert created(held) == ("False", "PodsStopping", "attempt 2 waits for the pods of the attempt before it to stop "
+                                                      "(ft-1-0-x): they may still write checkpoints")
+    assert held["reason"] == "PodsStopping"
+    # A free retry: rank 0 evicted, rank 1 still checkpointing on the Job controller's SIGTERM
+    disrupted = ([job(failure=DISRUPTED_JOB)],
+                 [pod(phase="Failed", exit_code=143, disrupted="EvictionByEvictionAPI"),
+                  pod(index=1, deletionTimestamp=stopping)])
+    retrying = after(decide(Observed(body(running), *disrupted, NOW)), running)
+    assert retrying["attempts"] == 2 and not retrying.get("failures")
+    held = after(decide(Observed(body(retrying), *disrupted, NOW + timedelta(seconds=5))), retrying)
+    assert created(held)[:2] == ("False", "PodsStopping") and "(ft-1-1-x)" in created(held)[2]
 
 
 def test_a_job_resumed_between_attempts_says_suspended_no_more() -> None:

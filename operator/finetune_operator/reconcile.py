@@ -353,12 +353,13 @@ def decide(seen: Observed) -> Decision | None:
         if job is None and _made(old, meta["name"], attempt) and not seen.listed:
             return _finish(decision, old, conds)
         if stopping := [p["name"] for p in seen.pods if _may_run(p, now)]:  # they still checkpoint to the claims
-            # Past its end, a back-off's "attempt 2 starts at ..." was the job's reason while they took their grace;
-            # orphans, which nothing stops, held it for good behind "JobDeleted". Said anew while it waits: orphans
-            # deleted by hand were still to "delete ... to go on" for their grace period.
-            orphans, said = _orphans(seen, now), conds.get(T.CREATED).get("reason")
-            if said == BACKOFF_WAITING and not _backing_off_until(old, now) or said in (PODS_STOPPING, RESUMED) \
-                    or orphans:
+            # Said whatever Created said, but a back-off still running: past its end, "attempt 2 starts at ..." was
+            # the job's reason while they took their grace; after a resume or a free retry, Created stayed True
+            # "attempt 1: 1 worker(s)" beside attempts 2; orphans, which nothing stops, held it for good behind
+            # "JobDeleted". Said anew while it waits: orphans deleted by hand were still to "delete ... to go on" for
+            # their grace period.
+            orphans = _orphans(seen, now)
+            if orphans or not (conds.get(T.CREATED).get("reason") == BACKOFF_WAITING and _backing_off_until(old, now)):
                 conds.set(T.CREATED, False, PODS_STOPPING, f"attempt {max(attempt, 1)} waits for the pods of the "
                           f"attempt before it to stop ({_some(stopping)}): they may still write checkpoints"
                           + (f"; {_some(orphans)} belong to no Job and are not being deleted (orphaned by kubectl "
