@@ -3079,7 +3079,8 @@ def test_a_child_job_deleted_by_hand_leaving_its_pods_ends_its_attempt_and_the_n
     deleting = decide(Observed(body(held), [], [deleted], NOW + timedelta(seconds=16)))
     told = dict((c["type"], c["message"]) for c in after(deleting, held)["conditions"])["Created"]
     assert deleting.create_attempt is None and "(ft-1-0-x)" in told and "no Job" not in told and not deleting.events
-    # A pod of a Job deleted in the background keeps its ownerReference until the garbage collector deletes it: no orphan
+    # A pod of a Job deleted in the background keeps its ownerReference until the garbage collector deletes it: not
+    # an orphan
     collected = decide(Observed(body(status), [], [pod()], NOW + timedelta(seconds=12)))
     told = dict((c["type"], c["message"]) for c in after(collected, status)["conditions"])["Created"]
     assert collected.create_attempt is None and "(ft-1-0-x)" in told and "no Job" not in told

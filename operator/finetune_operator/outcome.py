@@ -145,8 +145,8 @@ def _evicted_by_itself(pod: dict[str, Any]) -> tuple[str, str] | None:
         cache = " to what a worker writes to its node's disk, the hub cache (an emptyDir at HF_HOME) included" \
             if resource == "ephemeral-storage" else ""
         return EVICTED_OVER_REQUEST, f"pod {pod['name']} was evicted by its kubelet, its node short of {resource}, " \
-            f"where the trainer used {usage} and requests {request}: the kubelet evicts pods over their request first. " \
-            f"Raise spec.runtime.resources.requests.{resource}{cache}, or the next attempt may be evicted again"
+            f"where the trainer used {usage} and requests {request}: the kubelet evicts pods over their request " \
+            f"first. Raise spec.runtime.resources.requests.{resource}{cache}, or the next attempt may be evicted again"
     return None
 
 
