@@ -293,6 +293,24 @@ def test_two_images_with_one_id_are_refused(pvc_root: Path, tmp_path: Path) -> N
         load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
 
 
+@pytest.mark.parametrize("again", ["1.png", "images/1.png"])
+def test_one_image_file_under_two_ids_is_refused_naming_both(tmp_path: Path, again: str) -> None:
+    """Two annotation passes merged naively, ids renumbered: one boxed the cat of 1.png as image 1, the other its dog
+    as image 101. Loaded as two records each with only its own box, every step taught the other's object as
+    background. Told by the file each name resolves to (images/1.png is 1.png's)."""
+    (tmp_path / "images").mkdir()
+    Image.fromarray(np.full((64, 64, 3), 128, np.uint8)).save(tmp_path / "images" / "1.png")
+    images = [{"id": 1, "file_name": "1.png", "width": 64, "height": 64},
+              {"id": 101, "file_name": again, "width": 64, "height": 64}]
+    boxes = [{"id": 1, "image_id": 1, "category_id": 1, "bbox": [2, 2, 20, 20]},
+             {"id": 2, "image_id": 101, "category_id": 2, "bbox": [30, 30, 20, 20]}]
+    (tmp_path / "annotations.json").write_text(json.dumps({
+        "images": images, "annotations": boxes, "categories": [{"id": 1, "name": "cat"}, {"id": 2, "name": "dog"}]}))
+    with pytest.raises(DataError, match=r"1 bad record\(s\): image 101 \('" + re.escape(again) + r"'\): the file of "
+                                        r"image 1 too \(\S+/images/1.png\); merge their annotations into one image$"):
+        load_coco(DatasetSpec(uri=str(tmp_path), format="coco"), seed=0)
+
+
 def test_an_image_past_pils_size_limit_is_a_bad_record(pvc_root: Path, tmp_path: Path,
                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     """An aerial image of 20000 x 20000 pixels is twice PIL's decompression-bomb limit: opening it raised

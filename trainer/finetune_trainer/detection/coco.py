@@ -8,7 +8,7 @@ them out, to the folder the JSON names beside annotations/ (annotations/instance
 train2017/).
 
 Each record is checked on load: an annotation whose box leaves its image, names an unknown
-category or image, an image without its file or of another size than declared: the error
+category or image, an image without its file or of another size than declared, a file listed as two images: the error
 names the record (exit 1), as does a file whose boxes all look normalised to 0..1. Crowd
 annotations (iscrowd 1) are checked alike but not trained on, as torchvision's detectors cannot
 learn from them; the evaluation keeps them as COCO's does, a region where a detection counts
@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 from collections.abc import Container
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -224,16 +225,25 @@ def records_of(doc: dict[str, Any], file: Path, categories: dict[int, str], clas
     found is collected, the first few raised together."""
     problems: list[str] = []
     images: dict[int, Annotated] = {}
+    ids: dict[str, int] = {}  # each image file's first image id
     bad: set[Any] = set()  # images already reported: their annotations would only repeat the problem
     for i, image in enumerate(doc["images"]):
         record = image_record(image, i, file, problems, at_least)
-        if record is not None and image["id"] in images:  # two files joined naively: its boxes would mix
+        if record is None:
+            if isinstance(image, dict) and isinstance(image.get("id"), int):  # ids of other types name no image
+                bad.add(image["id"])
+        elif image["id"] in images:  # two files joined naively: its boxes would mix
             problems.append(f"image {image['id']} ({image['file_name']!r}): the id of an earlier image too "
                             f"({images[image['id']].path})")
-        elif record is not None:
-            images[image["id"]] = record
-        elif isinstance(image, dict) and isinstance(image.get("id"), int):  # ids of other types name no image
+        # two annotation passes merged naively (one boxed the cats, the other the dogs): each record would teach the
+        # other's boxes as background, and score a right detection of them as a false positive. By the path the file
+        # name resolves to, links not followed: a hub cache links byte-identical images to one blob
+        elif (first := ids.setdefault(os.path.normpath(record.path), image["id"])) != image["id"]:
+            problems.append(f"image {image['id']} ({image['file_name']!r}): the file of image {first} too "
+                            f"({record.path}); merge their annotations into one image")
             bad.add(image["id"])
+        else:
+            images[image["id"]] = record
     crowd = 0
     for i, ann in enumerate(doc["annotations"]):
         if isinstance(ann, dict) and is_int_in(ann.get("image_id"), bad):
