@@ -225,6 +225,34 @@ def test_a_split_held_out_of_train_without_a_box_is_refused_naming_its_field(pvc
         load_coco(DatasetSpec(uri=str(folder)), seed=0)
 
 
+def test_a_validation_file_of_the_tests_images_held_out_of_train_without_a_box_names_validation_split(
+        tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """val.json lists test.json's images, so validation is held out of train instead; where the train images it took
+    held no box, the refusal named dataset.maxEvalSamples (None, "raise it"), as if the split file's rows were
+    evaluated, since a val.json existed."""
+    (tmp_path / "images").mkdir()
+    rng = np.random.default_rng(0)
+    for i in (*range(1, 21), 31, 32):  # distinct images: byte-identical ones would be one input (data.image_keys)
+        Image.fromarray(rng.integers(0, 255, (64, 64, 3), dtype=np.uint8)).save(tmp_path / "images" / f"{i}.png")
+
+    def write(name: str, ids: list[int], boxless: set[int]) -> None:
+        images = [{"id": i, "file_name": f"{i}.png", "width": 64, "height": 64} for i in ids]
+        boxes = [{"id": i, "image_id": i, "category_id": 1, "bbox": [2, 2, 20, 20]} for i in ids if i not in boxless]
+        (tmp_path / name).write_text(json.dumps({"images": images, "annotations": boxes,
+                                                 "categories": [{"id": 1, "name": "cat"}]}))
+
+    for name in ("val.json", "test.json"):
+        write(name, [31, 32], set())
+    write("train.json", list(range(1, 21)), set())
+    held = {int(Path(r.path).stem) for r in load_coco(DatasetSpec(uri=str(tmp_path)), seed=0).validation.inputs}
+    assert "held out of its train split instead (dataset.validationSplit)" in caplog.text
+    assert held and held < set(range(1, 21))
+    write("train.json", list(range(1, 21)), held)
+    with pytest.raises(DataError, match=rf"^dataset.validationSplit 0.1: the {len(held)} images of the validation "
+                                        rf"split of {re.escape(str(tmp_path))} hold no box"):
+        load_coco(DatasetSpec(uri=str(tmp_path)), seed=0)
+
+
 def test_cocos_own_annotation_folder_gives_the_instances_file(pvc_root: Path, tmp_path: Path) -> None:
     """COCO's annotations_trainval2017 folder holds captions_, instances_ and person_keypoints_train2017.json: the
     first by name, the captions, was taken for train and refused (no categories), the boxes beside it never read."""

@@ -140,7 +140,7 @@ def load_dataset(spec: DatasetSpec, task: Task, seed: int) -> LabelledData:
         offsets = np.cumsum([0, *(len(t) for t in usable.values())])
         labels = {name: ids[offsets[i]:offsets[i + 1]] for i, name in enumerate(usable)}
         warn_labels_differing_in_case(id2label, spec.uri)
-    train, validation, test = split(inputs, labels, spec, seed, images=task == Task.IMAGE_CLASSIFICATION)
+    train, validation, test, _ = split(inputs, labels, spec, seed, images=task == Task.IMAGE_CLASSIFICATION)
     if label_field is not None:  # after the split: a class of a row or two may all be held out of train
         warn_labels_train_lacks({TRAIN: train.labels, VALIDATION: validation.labels, TEST: test.labels}, id2label,
                                 spec.uri)
@@ -1863,7 +1863,7 @@ def is_float(text: str) -> bool:
 
 
 def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spec: DatasetSpec,
-          seed: int, *, images: bool = False) -> tuple[Split, Split, Split]:
+          seed: int, *, images: bool = False) -> tuple[Split, Split, Split, set[str]]:
     """Train, validation and test: the dataset's own where it has them, else held out of its train rows with
     the seed (test first, so that its rows do not depend on whether the dataset brings a validation split).
     The inputs are placed in the seed's order of their first rows in the file, each with all its copies, and the
@@ -1873,7 +1873,9 @@ def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spe
     sides took every frequent input (a text 300 times in 1,000 rows was in test under every seed, test 460 rows where
     100 were asked). A dataset's validation split keeps none of the test's inputs (own_rows). `images`: the
     inputs are image files (or records of one), compared by their bytes (image_keys), within a split too: a scraped
-    duplicate under another name (`a (1).jpg`) is a copy of its image, held out with it or trained with it."""
+    duplicate under another name (`a (1).jpg`) is a copy of its image, held out with it or trained with it.
+    Last, the names of the held-out sides that are the dataset's own split, not held out of train (a validation split
+    mostly of test inputs is not: own_rows), so that a fault found on a side names its field."""
     rng = np.random.default_rng(seed)
     texts = inputs[TRAIN]
     keys = image_keys(inputs) if images else {name: list(map(input_key, rows)) for name, rows in inputs.items()}
@@ -1925,7 +1927,8 @@ def split(inputs: dict[str, list[str]], labels: dict[str, list[int] | None], spe
     (v_name, v_idx), (t_name, t_idx) = held[VALIDATION], held[TEST]
     return (take(TRAIN, TRAIN, order, spec.max_train_samples, "maxTrainSamples"),
             take(VALIDATION, v_name, v_idx, spec.max_eval_samples, "maxEvalSamples"),
-            take(TEST, t_name, t_idx, spec.max_eval_samples, "maxEvalSamples"))
+            take(TEST, t_name, t_idx, spec.max_eval_samples, "maxEvalSamples"),
+            {name for name, (side, _) in held.items() if side == name})
 
 
 def own_rows(keys: dict[str, list[Hashable]], name: str, uri: str, test: set[Hashable], test_is: str

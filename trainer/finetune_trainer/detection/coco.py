@@ -87,7 +87,7 @@ def load_coco(spec: DatasetSpec, seed: int) -> CocoData:
                         len(records[name]))
             records[name] = []
     drop_empty_splits(records, spec.uri)
-    train, validation, test = split(records, dict.fromkeys(records), spec, seed, images=True)
+    train, validation, test, given = split(records, dict.fromkeys(records), spec, seed, images=True)
     id2label = {class_of[cid]: categories[cid] for cid in sorted(categories)}
     boxes = sum(len(r.boxes) for r in train.inputs)
     if not boxes:  # every step would teach "background", every score would be mAP 0
@@ -95,7 +95,7 @@ def load_coco(spec: DatasetSpec, seed: int) -> CocoData:
                         f"({'crowd annotations only' if any(r.crowd_boxes for r in train.inputs) else 'no annotation'} "
                         f"in {files[TRAIN]})")
     for name, held in ((VALIDATION, validation), (TEST, test)):
-        refuse_boxless(name, held, name in records, spec)
+        refuse_boxless(name, held, name in given, spec)
     log.info("dataset %s (coco; splits given: %s): %d train images (%d boxes), %d validation, %d test, %d categories",
              spec.uri, ", ".join(files), len(train.inputs), boxes, len(validation.inputs), len(test.inputs),
              len(id2label))
