@@ -137,6 +137,33 @@ def test_an_image_declared_at_the_size_its_exif_orientation_shows_is_refused_say
     assert plain == "1 ('plain.jpg'): declared 80x120 but the file is 120x80"
 
 
+def test_images_with_an_exif_orientation_are_warned_of_once_naming_two(tmp_path: Path,
+                                                                       caplog: pytest.LogCaptureFixture) -> None:
+    """Phone photos taken upside down are stored so with EXIF orientation 3; a tool that shows them upright had every
+    box drawn turned 180 degrees from the pixels the boxes are read in, and nothing said so (only a turn that swaps
+    width and height was told, by the size it declares). One warning for the load, counting them, naming two. An
+    EXIF that does not parse (Pillow raises SyntaxError) is none, as it was: the pixels decode."""
+    (tmp_path / "images").mkdir()
+    exif = Image.Exif()
+    exif[0x0112] = 3  # Orientation: rotate 180 degrees to show
+    names = ["a.jpg", "b.jpg", "c.png", "plain.jpg", "damaged.jpg", "d.jpg"]
+    written = {"plain.jpg": Image.Exif(), "damaged.jpg": b"Exif\x00\x00XX\x00*\x00\x00\x00\x08"}
+    for name in names:
+        Image.fromarray(np.full((48, 64, 3), 128, np.uint8)).save(tmp_path / "images" / name, dpi=(72, 72),
+                                                                  exif=written.get(name, exif))
+    images = [{"id": i, "file_name": name, "width": 64, "height": 48} for i, name in enumerate(names)]
+    boxes = [{"id": i, "image_id": i, "category_id": 1, "bbox": [2, 2, 20, 20]} for i in range(len(names))]
+    (tmp_path / "annotations.json").write_text(json.dumps({"images": images, "annotations": boxes,
+                                                           "categories": [{"id": 1, "name": "cat"}]}))
+    load_coco(DatasetSpec(uri=str(tmp_path), format="coco"), seed=0)
+    (warning,) = [r.getMessage() for r in caplog.records if "EXIF orientation" in r.getMessage()]
+    images_folder = tmp_path / "images"
+    assert warning == (f"dataset {tmp_path}: 4 image(s) with an EXIF orientation other than 1, shown turned or "
+                       f"mirrored by a viewer ({images_folder / 'a.jpg'}, {images_folder / 'b.jpg'} and 2 more): their "
+                       "boxes are read in the pixels as stored; if they were drawn on the images as shown, write the "
+                       "pixels as shown (PIL.ImageOps.exif_transpose) and declare the size that leaves")
+
+
 def test_a_box_too_narrow_for_float32_in_a_wide_image_is_refused() -> None:
     """A side is judged as a share of its image: 0.5 px of a 100,000-px scan is a sliver whose flipped, resized
     float32 edges can meet (torchvision raises mid-epoch), where in a 128-px image it is a box."""

@@ -21,17 +21,21 @@ import json
 import logging
 import math
 import os
+import struct
 from collections.abc import Container
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from finetune_trainer.config import DatasetSpec
 from finetune_trainer.data import (FLOAT_IMAGE, TEST, TRAIN, VALIDATION, WIDE_IMAGE, LabelledData, Split,
                                    beyond_16_bits, decode_errors, draft, drop_empty_splits, image_fault, int_range,
-                                   names_file, open_image, read_text, split, split_of)
+                                   listed, names_file, open_image, read_text, split, split_of)
 from finetune_trainer.errors import DataError, unreadable
 from finetune_trainer.uris import fetch
+
+if TYPE_CHECKING:
+    from PIL import Image
 
 log = logging.getLogger(__name__)
 
@@ -77,7 +81,10 @@ def load_coco(spec: DatasetSpec, seed: int) -> CocoData:
     categories = category_names(docs, files)
     class_of = {cid: i + 1 for i, cid in enumerate(sorted(categories))}
     # a detector's images are decoded whole at dataset.imageSize (its only augmentation is a flip)
-    records = {name: records_of(docs[name], files[name], categories, class_of, spec.image_size) for name in files}
+    oriented: list[str] = []
+    records = {name: records_of(docs[name], files[name], categories, class_of, spec.image_size, oriented)
+               for name in files}
+    warn_oriented(spec.uri, oriented)
     warn_boxless_categories(spec.uri, records, categories, class_of)
     if not records[TRAIN]:
         raise DataError(f"dataset {spec.uri}: {files[TRAIN]} lists no image")
@@ -101,6 +108,17 @@ def load_coco(spec: DatasetSpec, seed: int) -> CocoData:
              len(id2label))
     return CocoData(train=train, validation=validation, test=test, id2label=id2label,
                     category_ids={class_of[cid]: cid for cid in sorted(categories)})
+
+
+def warn_oriented(uri: str, oriented: list[str]) -> None:
+    """Warn of images whose EXIF orientation has a viewer show them turned or mirrored: a tool that showed them so
+    had every box drawn there, and read in the pixels as stored each lies turned (180 degrees, for a phone held upside
+    down), silently. Those of a size that only the turn explains were refused (image_record)."""
+    if oriented:
+        log.warning("dataset %s: %d image(s) with an EXIF orientation other than 1, shown turned or mirrored by a "
+                    "viewer (%s): their boxes are read in the pixels as stored; if they were drawn on the images as "
+                    "shown, write the pixels as shown (PIL.ImageOps.exif_transpose) and declare the size that leaves",
+                    uri, len(oriented), listed(oriented, most=2))
 
 
 def warn_boxless_categories(uri: str, records: dict[str, list[Annotated]], categories: dict[int, str],
@@ -220,15 +238,16 @@ def category_names(docs: dict[str, dict[str, Any]], files: dict[str, Path]) -> d
 
 
 def records_of(doc: dict[str, Any], file: Path, categories: dict[int, str], class_of: dict[int, int],
-               at_least: int) -> list[Annotated]:
+               at_least: int, oriented: list[str]) -> list[Annotated]:
     """The images with their boxes, each checked as a batch decodes it for `at_least` (data.draft); every problem
-    found is collected, the first few raised together."""
+    found is collected, the first few raised together. The paths of those loaded that a viewer shows turned or
+    mirrored (their EXIF orientation) are added to `oriented`."""
     problems: list[str] = []
     images: dict[int, Annotated] = {}
     ids: dict[str, int] = {}  # each image file's first image id
     bad: set[Any] = set()  # images already reported: their annotations would only repeat the problem
     for i, image in enumerate(doc["images"]):
-        record = image_record(image, i, file, problems, at_least)
+        record = image_record(image, i, file, problems, at_least, oriented)
         if record is None:
             if isinstance(image, dict) and isinstance(image.get("id"), int):  # ids of other types name no image
                 bad.add(image["id"])
@@ -278,9 +297,8 @@ def is_int_in(value: Any, ids: Container[int]) -> bool:
     return isinstance(value, int) and value in ids
 
 
-def image_record(image: Any, i: int, file: Path, problems: list[str], at_least: int) -> Annotated | None:
-    from PIL import ExifTags
-
+def image_record(image: Any, i: int, file: Path, problems: list[str], at_least: int,
+                 oriented: list[str]) -> Annotated | None:
     if not (isinstance(image, dict) and isinstance(image.get("id"), int) and isinstance(image.get("file_name"), str)):
         problems.append(f"images[{i}] needs an integer id and a file_name")
         return None
@@ -298,9 +316,9 @@ def image_record(image: Any, i: int, file: Path, problems: list[str], at_least: 
             size = opened.size  # as stored: draft may set a JPEG's smaller
             draft(opened, at_least)
             mode, wide = opened.mode, beyond_16_bits(int_range(opened))
-            # what a viewer shows, on which boxes were drawn; only where it may explain a size (a PNG's is read whole)
+            # what a viewer shows, on which boxes were drawn
             swapped = size[0] != size[1] and (image.get("width"), image.get("height")) == size[::-1]
-            orientation = opened.getexif().get(ExifTags.Base.Orientation, 1) if swapped else 1
+            turn = orientation(opened, whole=swapped)
     except decode_errors() as exc:  # a Netpbm's damaged header raises ValueError, no OSError
         problems.append(f"{where}: cannot read it as an image ({image_fault(exc)})")
         return None
@@ -310,13 +328,31 @@ def image_record(image: Any, i: int, file: Path, problems: list[str], at_least: 
     declared = (image.get("width", size[0]), image.get("height", size[1]))
     if declared != size:
         why = ""
-        if orientation in TURNED:
-            why = (f": its EXIF orientation tag ({orientation}) has it shown turned, {size[1]}x{size[0]}, but its "
+        if turn in TURNED:
+            why = (f": its EXIF orientation tag ({turn}) has it shown turned, {size[1]}x{size[0]}, but its "
                    "boxes are read in its pixels as stored; write the pixels upright (PIL's ImageOps.exif_transpose) "
                    "or declare the stored size, with the boxes in the stored pixels")
         problems.append(f"{where}: declared {declared[0]!r}x{declared[1]!r} but the file is {size[0]}x{size[1]}{why}")
         return None
+    if turn != 1:
+        oriented.append(str(path))
     return Annotated(str(path), size[0], size[1])
+
+
+def orientation(image: Image.Image, whole: bool) -> int:
+    """The EXIF orientation of an opened image, 2 to 8 where a viewer turns or mirrors it, else 1; from what its
+    header held, nothing decoded (a JPEG's EXIF is in its header; Pillow read it opening it). A PNG's EXIF may follow
+    its pixels, which Pillow reads only by decoding them all: read so only with `whole`, else taken as 1. A damaged
+    EXIF, which does not stop the pixels decoding, says none."""
+    from PIL import ExifTags
+
+    if image.format == "PNG" and "exif" not in image.info and not whole:
+        return 1
+    try:
+        value = image.getexif().get(ExifTags.Base.Orientation, 1)
+    except (SyntaxError, ValueError, struct.error):  # Pillow's, parsing a damaged EXIF
+        return 1
+    return value if value in range(2, 9) else 1  # what a viewer ignores too (ImageOps.exif_transpose)
 
 
 def add_box(ann: Any, i: int, images: dict[int, Annotated], categories: dict[int, str], class_of: dict[int, int],
