@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -1275,3 +1276,15 @@ def test_the_readmes_plain_prometheus_config_scrapes_no_finished_or_pending_pod(
             assert [s["metric"]["finetunejob"] for s in prometheus.query("up")] == ["ddp"]
         finally:
             prometheus.stop()
+
+
+def test_the_readme_s_and_the_values_upgrades_take_the_new_chart_s_defaults() -> None:
+    """The switch to a templated CRD said `helm upgrade --reuse-values`, which keeps the installed chart's values
+    alone: a key the new chart's schema requires (prometheusRule.trainingStalledAfter) was missing, and the schema
+    refused the upgrade."""
+    texts = [(REPO / "README.md").read_text(), (REPO / "charts" / "finetune-operator" / "values.yaml").read_text()]
+    commands = [shlex.split(found) for text in texts
+                for found in re.findall(r"helm upgrade [^`\n]*", text.replace("\\\n", " "))]
+    with_values = [c for c in commands if "--set" in c]
+    assert sum("crds.templated=true" in c for c in with_values) == 2, with_values
+    assert all("--reset-then-reuse-values" in c and "--reuse-values" not in c for c in with_values), with_values
