@@ -235,6 +235,44 @@ def test_a_stall_window_of_one_scrape_fires_on_a_healthy_job(tmp_path: Path) -> 
         ("50m", "FineTuneJobTrainingStalled", [])])
 
 
+@pytest.mark.parametrize(("interval", "refused"), [
+    ("4m59s", False), ("299999ms", False), ("4m", False), ("30s", False),
+    ("5m", True), ("300s", True), ("4m60s", True), ("10m", True), ("1h", True), ("1d", True)])
+def test_an_operator_scrape_interval_its_alerts_cannot_read_is_refused(interval: str, refused: bool) -> None:
+    """At `serviceMonitor.interval: 10m` the operator's error alerts never fired, and from about 10m its down alert
+    fired on a healthy operator (test_the_operator_s_alerts_hold_at_the_longest_scrape_interval_the_chart_takes)."""
+    def template(*values: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([helm(), "template", "fto", CHART, "--set", "serviceMonitor.enabled=true",
+                               "--set", f"serviceMonitor.interval={interval}", *values], capture_output=True, text=True)
+
+    result = template("--set", "prometheusRule.enabled=true", "--show-only", "templates/servicemonitor.yaml")
+    assert (result.returncode != 0) == refused, result.stderr
+    if refused:
+        assert f"serviceMonitor.interval: {interval}; the operator's alerts need it under 5m" in result.stderr
+    else:
+        assert yaml.safe_load(result.stdout)["spec"]["endpoints"][0]["interval"] == interval
+    assert template().returncode == 0, "without the alerts the operator may be scraped as seldom as one likes"
+
+
+@NEEDS_PROMTOOL
+def test_the_operator_s_alerts_hold_at_the_longest_scrape_interval_the_chart_takes(tmp_path: Path) -> None:
+    """A healthy operator whose reconciles of one job raise KeyError at every scrape from the fifth on. Scraped every
+    4m59s, the errors fire and the operator is never down; every 15m (refused), the errors' 10m window holds one
+    sample, no increase, and the operator is down 5m after each scrape (its up found at most 5m back)."""
+    series = {f"up{{{OPERATOR}}}": "1x40", f"finetune_operator_leader{{{OPERATOR}}}": "1x40",
+              f'finetune_operator_reconcile_errors_total{{{OPERATOR},error="KeyError"}}': "_x4 1+1x36"}
+    errors = {"namespace": "ops", "release": "fto", "error": "KeyError"}
+    longest = tmp_path / "longest"
+    longest.mkdir()
+    # The errors' increase is above 0 from their second sample (about 25m), and fires 15m later.
+    run_tests(longest, rules_file(longest), "4m59s", series, [
+        (f"{at}m", name, [errors] if name == "FineTuneReconcileErrors" and at > 40 else [])
+        for at in range(30, 120, 7) for name in ("FineTuneReconcileErrors", "FineTuneOperatorDown")])
+    run_tests(tmp_path, rules_file(tmp_path), "15m", series, [
+        ("57m", "FineTuneOperatorDown", [{}]), ("61m", "FineTuneOperatorDown", []),
+        *((f"{at}m", "FineTuneReconcileErrors", []) for at in range(30, 300, 13))])
+
+
 @NEEDS_PROMTOOL
 def test_the_operator_down_fires_once_no_replica_answers(tmp_path: Path) -> None:
     """The single replica answers for 10 minutes, its pod is then evicted and none replaces it (no target, no

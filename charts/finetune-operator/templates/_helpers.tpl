@@ -183,7 +183,13 @@ subjects:
 - {{- toYaml .subject | nindent 2 }}
 {{- end }}
 
-{{/* A duration of one unit as Prometheus writes it ("30s", "2m") in milliseconds. */}}
+{{/* A duration as Prometheus writes it ("30s", "1m30s", "1d") in milliseconds: each unit's part, summed (one unit
+  alone took "1m30s" for 1s and "1d" for 0). */}}
 {{- define "finetune-operator.milliseconds" -}}
-{{- mul (atoi (regexFind "^[0-9]+" .)) (index (dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000) (regexFind "[a-z]+$" .) | default 0) -}}
+{{- $units := dict "ms" 1 "s" 1000 "m" 60000 "h" 3600000 "d" 86400000 "w" 604800000 "y" 31536000000 }}
+{{- $total := 0 }}
+{{- range regexFindAll "[0-9]+(ms|[smhdwy])" . -1 }}
+{{- $total = add $total (mul (atoi (regexFind "^[0-9]+" .)) (index $units (regexFind "[a-z]+$" .))) }}
+{{- end }}
+{{- $total -}}
 {{- end }}
