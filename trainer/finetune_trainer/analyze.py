@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from finetune_trainer.batches import Batch
 from finetune_trainer.config import Task
 from finetune_trainer.errors import FatalFinding
-from finetune_trainer.models import autocast, logits_of, new_modules
+from finetune_trainer.models import autocast, cache_off, logits_of, new_modules
 from finetune_trainer.prune import importance
 from finetune_trainer.structure import head_name, lora_candidates, lora_types, unread_layers
 
@@ -178,7 +178,8 @@ def probe_step(model: nn.Module, batches: list[Batch], task: Task, adapters: boo
     hooks = [module.register_forward_hook(mark_reached(name, reached)) for name, module in model.named_modules()
              if adapters and (any(p.dim() >= 2 for p in module.parameters(recurse=False)) or name in unread.values())]
     try:
-        probe = measure_step(model, lambda batch: probe_loss(logits_of(model, batch.inputs)), batches, dtype)
+        with cache_off(model):  # as in training, where no step reads a key/value cache
+            probe = measure_step(model, lambda batch: probe_loss(logits_of(model, batch.inputs)), batches, dtype)
     finally:
         for hook in hooks:
             hook.remove()
@@ -256,7 +257,7 @@ def measure_step(model: nn.Module, loss: Callable[[Batch], torch.Tensor], batche
         return t
 
     with FlopCounterMode(display=False) as counter, measured_peak(model) as peak:
-        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), checkpointing(model, keep):
             first = autocast_loss(model, loss, batches[0], dtype)
         first.backward()
     gradients = sum(p.grad.numel() * p.grad.element_size() for p in model.parameters() if p.grad is not None)
@@ -266,6 +267,37 @@ def measure_step(model: nn.Module, loss: Callable[[Batch], torch.Tensor], batche
     for batch in batches[1:]:
         autocast_loss(model, loss, batch, dtype).backward()
     return probe
+
+
+@contextlib.contextmanager
+def checkpointing(model: nn.Module, keep: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
+    """The layers that checkpoint in training (training.gradientCheckpointing) checkpoint meanwhile in eval mode too,
+    so that the probe measures the run's activations: transformers checkpoints a layer while the layer's own
+    `training` flag is set, set here on the layer alone (the dropout inside stays off). What such a layer keeps for
+    its recompute is its inputs, which no saved-tensor hook sees: each goes to `keep` as the layer is called. The
+    backward recomputes one layer's activations at a time on top, which only the measured peak includes."""
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) and not m.training]
+    if layers:  # the flag is on the model too; the layers are those transformers' wrapper checkpoints
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers = [m for m in layers if isinstance(m, GradientCheckpointingLayer)]
+
+    def inputs_kept(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        for value in (*args, *kwargs.values()):
+            for t in value if isinstance(value, (tuple, list)) else (value,):
+                if isinstance(t, torch.Tensor) and torch.is_grad_enabled():
+                    keep(t)
+
+    hooks = [layer.register_forward_pre_hook(inputs_kept, with_kwargs=True) for layer in layers]
+    for layer in layers:
+        layer.training = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            layer.training = False
+        for hook in hooks:
+            hook.remove()
 
 
 def mark_reached(name: str, reached: set[str]) -> Any:
@@ -343,7 +375,8 @@ def memory_model(params: dict[str, nn.Parameter], activations: int, largest_acti
     """Bytes of a training step: weights, gradients and AdamW state of what trains, the batch's activations,
     and the transient peak of the backward pass.
 
-    Activations are the tensors autograd saved in the probe's forward (counted once per storage). When the
+    Activations are the tensors autograd saved in the probe's forward (counted once per storage; with
+    training.gradientCheckpointing, those outside the layers and the layers' inputs: see `checkpointing`). When the
     backward starts they are all alive, together with the gradient of the largest of them (a language model's
     logits) and two temporaries of its size in the loss's backward, hence transient = 3 x the largest
     (measured: 3.06 x for a GPT-2 with a 30k vocabulary). `probe_gradients` are the bytes of the gradients the

@@ -564,6 +564,14 @@ class TrainingSpec(ApiModel):
         "three compiles of 20-30 s, then steps about twice as fast. Needs a C++ compiler (CPU) or a C compiler "
         "(GPU) in the image; the trainer's has both. Evaluations run uncompiled.",
     )
+    gradient_checkpointing: bool = Field(
+        False,
+        description="Keep only each transformer layer's input through the forward and recompute the layer's "
+        "activations in the backward: about a third more compute per step, for activation memory down to about one "
+        "layer's (plus the inputs kept and what lies outside the layers: the embeddings, a causal LM's logits). For "
+        "long texts or large batches that do not fit otherwise, e.g. an 8B model at 2048 tokens. For the transformer "
+        "tasks (sequence-classification, causal-lm).",
+    )
     eval_every_steps: int | None = Field(
         None,
         ge=1,
@@ -749,6 +757,15 @@ class TrainerConfig(ApiModel):
             holds=lambda c: c.model.task != Task.OBJECT_DETECTION or not c.training.compile,
             message="compile is for the transformer and image-classification models; object-detection trains eagerly",
             field="training.compile",
+        ),
+        Rule(  # torchvision's classifiers and detectors have no layers to checkpoint
+            cel="!has(self.training.gradientCheckpointing) || !self.training.gradientCheckpointing"
+            " || self.model.task in ['sequence-classification', 'causal-lm']",
+            holds=lambda c: not c.training.gradient_checkpointing
+            or c.model.task in (Task.SEQUENCE_CLASSIFICATION, Task.CAUSAL_LM),
+            message="gradientCheckpointing recomputes a transformer's layers: it is for sequence-classification and "
+            "causal-lm",
+            field="training.gradientCheckpointing",
         ),
         Rule(
             cel="self.model.task != 'object-detection' || !has(self.rearrange.lora)",

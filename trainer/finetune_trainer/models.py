@@ -133,6 +133,19 @@ def without_cache(model: nn.Module) -> None:
         config.use_cache = False
 
 
+def checkpoint_layers(model: nn.Module) -> None:
+    """training.gradientCheckpointing: each transformer layer keeps only its input through the forward and recomputes
+    its activations in the backward (transformers' checkpointing, non-reentrant, as HF Trainer and torchtune do it),
+    while the model trains; adapters and pruning added later keep it, as they keep the layers."""
+    if not getattr(model, "supports_gradient_checkpointing", False):
+        raise ConfigError(f"training.gradientCheckpointing: {type(model).__name__} has no layers transformers can "
+                          "checkpoint; set it to false")
+    model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    # The non-reentrant form needs no gradient on the layers' input: the hook transformers adds for it would carry
+    # the backward down through frozen bottom layers that train nothing.
+    model.disable_input_require_grads()
+
+
 @contextlib.contextmanager
 def cache_off(model: nn.Module) -> Iterator[None]:
     """A transformers model whose forward keeps a key/value cache (a causal LM, its classifiers) keeps none meanwhile,

@@ -45,9 +45,9 @@ from finetune_trainer.detection.models import check_batch_size, load_detector, r
 from finetune_trainer.errors import EXIT_OK, ConfigError, DataError, Terminated, no_space_in
 from finetune_trainer.evaluate import deltas, evaluate
 from finetune_trainer.lora_fused import FORMS, fuse
-from finetune_trainer.models import (check_image_size, check_one_sample_batches, check_positions, check_vocabulary,
-                                     has_causal_switch, head_labels, held_at, load_model, load_tokenizer, new_modules,
-                                     one_segment, widened)
+from finetune_trainer.models import (cache_off, check_image_size, check_one_sample_batches, check_positions,
+                                     check_vocabulary, checkpoint_layers, has_causal_switch, head_labels, held_at,
+                                     load_model, load_tokenizer, new_modules, one_segment, widened)
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
 from finetune_trainer.structure import depth, head_module, head_name
 from finetune_trainer.telemetry import Metrics, write_failure, write_termination
@@ -267,6 +267,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         model.category_ids = data.category_ids  # for the export, whose labels are the class ids
     else:
         model = load_model(cfg.model, tokenizer, seed, world.device)
+        if cfg.training.gradient_checkpointing:  # before the analysis, whose probe step measures the memory with it
+            checkpoint_layers(model)
         if order := trained_head_order(model, data.id2label, num_labels, cfg.rearrange.head.reinitialize):
             data = in_head_order(data, order)
             train_data, validation_data, test_data = (replace(e, labels=[order[i] for i in e.labels])
@@ -464,8 +466,9 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     )
     progress.bar = progress_bar(steps) if world.main else None
     try:
-        state = train_loop(trained, optimizer, scheduler, train_data, collate, cfg.training, task, world, hooks,
-                           cfg.evaluation_metrics[0], teacher)
+        with cache_off(model):  # no step reads a key/value cache, which checkpointed layers refuse with a warning
+            state = train_loop(trained, optimizer, scheduler, train_data, collate, cfg.training, task, world, hooks,
+                               cfg.evaluation_metrics[0], teacher)
     finally:
         if progress.bar is not None:
             progress.bar.close()
@@ -570,9 +573,11 @@ def check_output(out: Path) -> None:
 
 
 # Fields that change no weight at any step (`compile`: none beyond rounding, and dropout's masks, which inductor draws
-# from a generator of its own: other masks, alike in law): editing them must not restart a run from step 0.
+# from a generator of its own: other masks, alike in law; `gradientCheckpointing` recomputes with the RNG state the
+# forward had): editing them must not restart a run from step 0, as a job turned to checkpointing after running out
+# of memory would have.
 BOOKKEEPING = {"analyze": None, "output": None, "rearrange": {"mergeOnExport"},
-               "training": {"checkpointEverySteps", "keepCheckpoints", "compile"},
+               "training": {"checkpointEverySteps", "keepCheckpoints", "compile", "gradientCheckpointing"},
                "evaluation": {"baseline", "batchSize"}}
 
 
