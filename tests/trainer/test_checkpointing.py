@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -117,14 +118,19 @@ def test_a_model_without_layers_to_checkpoint_is_refused_naming_the_field(tmp_pa
         checkpoint_layers(load_vision_model(ModelSpec(task="image-classification", architecture="resnet18")))
 
 
-def test_a_checkpointed_causal_lm_trains_and_exports_a_model_that_caches(pvc_root: Path, tmp_path: Path) -> None:
-    doc = tiny_classifier_doc(tmp_path / "out", gradientCheckpointing=True, maxSteps=2)
+def test_a_checkpointed_causal_lm_trains_and_exports_a_model_that_caches(
+        pvc_root: Path, tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    """Through the pipeline; a validation during training counts the causal LM's chunks, as its card does."""
+    doc = tiny_classifier_doc(tmp_path / "out", gradientCheckpointing=True, maxSteps=2, evalEverySteps=1)
     doc["model"] = {"task": "causal-lm", "architecture": "gpt2", "tokenizerUri": "pvc://models/all-MiniLM-L6-v2",
                     "config": {"n_layer": 2, "n_head": 2, "n_embd": 32, "n_positions": 64}}
     doc["dataset"] |= {"maxTrainSamples": 32, "maxEvalSamples": 16}
-    report = pipeline.run(TrainerConfig.model_validate(doc), tmp_path / "out")
+    with caplog.at_level(logging.INFO, logger="finetune_trainer.pipeline"):
+        report = pipeline.run(TrainerConfig.model_validate(doc), tmp_path / "out")
     assert report["training"]["steps"] == 2
     assert json.loads((tmp_path / "out" / "config.json").read_text())["use_cache"] is True
+    chunks = report["training"]["validation_samples"]
+    assert f"evaluating on the validation split ({chunks} chunks)" in caplog.text
 
 
 def test_turning_checkpointing_on_resumes_the_run(tmp_path: Path) -> None:

@@ -85,10 +85,11 @@ class Progress:
         if self.main:
             log.info("stage %s", stage.value)
 
-    def evaluating(self, rows: int) -> None:
-        """Said before an evaluation during training: on a large validation split it takes minutes without a step."""
+    def evaluating(self, rows: int, task: Task) -> None:
+        """Said before an evaluation during training: on a large validation split it takes minutes without a step.
+        A causal LM's rows are its texts' chunks, named as the model card and the CLI's summary name them."""
         if self.main:
-            log.info("evaluating on the validation split (%d rows)", rows)
+            log.info("evaluating on the validation split (%d %s)", rows, export.rows_of(task))
 
     def evaluated(self, state: LoopState) -> None:
         latest = state.evals[-1]
@@ -454,7 +455,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         trained = torch.compile(trained)
 
     def validate(before_batch: Callable[[], None]) -> dict[str, float]:  # selection never sees the test split
-        progress.evaluating(len(validation_data.lengths))
+        progress.evaluating(len(validation_data.lengths), task)
         return measure(model, validation_data, before_batch=before_batch)
 
     hooks = Hooks(
