@@ -283,8 +283,9 @@ def in_group(target: Callable[[int], Any], rank: int, port: int, queue: Any) -> 
     os._exit(0)
 
 
-def two_ranks(target: Callable[[int], Any]) -> dict[int, Any]:
-    """What `target(rank)` gave in each of two spawned processes, ranks of one gloo group."""
+def two_ranks(target: Callable[[int], Any], exits: tuple[int, int] = (0, 0)) -> dict[int, Any]:
+    """What `target(rank)` gave in each of two spawned processes, ranks of one gloo group, which end with `exits`
+    (a rank whose target exits on its own gives nothing)."""
     import torch.multiprocessing as mp
 
     context = mp.get_context("spawn")
@@ -293,10 +294,10 @@ def two_ranks(target: Callable[[int], Any]) -> dict[int, Any]:
     ranks = [context.Process(target=in_group, args=(target, rank, port, queue)) for rank in range(2)]
     for p in ranks:
         p.start()
-    values = dict(queue.get(timeout=120) for _ in ranks)
+    values = dict(queue.get(timeout=120) for code in exits if code == 0)
     for p in ranks:
         p.join(120)
-    assert [p.exitcode for p in ranks] == [0, 0]
+    assert [p.exitcode for p in ranks] == list(exits)
     return values
 
 
@@ -309,6 +310,51 @@ def test_every_rank_prunes_the_layers_rank_0_chose() -> None:
     ours = chosen_layers(RANK_SCORES[0], PruneSpec(count=1))
     assert ours != chosen_layers(RANK_SCORES[1], PruneSpec(count=1))  # the ranks' own choices differ
     assert two_ranks(choose_layers) == {0: (ours, RANK_SCORES[0]), 1: (ours, RANK_SCORES[0])}
+
+
+def errors_of_a_lost_peer(rank: int) -> list[tuple[str, str, int, str]]:
+    """Rank 0 waiting in collectives while rank 1 dies without a word (os._exit, as a killed or crashed worker does):
+    each collective's (name, reason_of, exit_code_of, text) of what it raised on rank 0. One on a group of a 1 s
+    timeout times out first, while rank 1 still lives; then a training step's backward (DDP's allreduce) waits for
+    rank 1 as it dies."""
+    from datetime import timedelta
+
+    import torch.distributed as dist
+    from finetune_trainer.distributed import World
+    from finetune_trainer.errors import exit_code_of, reason_of
+
+    short = dist.new_group(timeout=timedelta(seconds=1))
+    model = torch.nn.parallel.DistributedDataParallel(torch.nn.Linear(4, 2))
+    if rank == 1:
+        time.sleep(3)  # past rank 0's timeout on `short`
+        os._exit(1)
+    world = World(rank, 2, torch.device("cpu"))
+    collectives = {"timeout": lambda: dist.all_reduce(torch.ones(1), group=short),
+                   "after a timeout": lambda: dist.all_reduce(torch.ones(1), group=short),
+                   "backward": lambda: model(torch.ones(2, 4)).sum().backward(),
+                   "all_reduce": lambda: world.sum([1.0]), "barrier": world.barrier,
+                   "broadcast": lambda: world.broadcast(1)}
+    raised = []
+    for name, collective in collectives.items():
+        try:
+            collective()
+        except RuntimeError as exc:
+            raised.append((name, reason_of(exc), exit_code_of(exc), str(exc)))
+    other = RuntimeError("mat1 and mat2 shapes cannot be multiplied (2x4 and 3x2)")  # a bug's, in the same group
+    return raised + [("other", reason_of(other), exit_code_of(other), str(other))]
+
+
+def test_a_rank_whose_peer_died_reports_a_distributed_failure() -> None:
+    """Gloo raises a lost peer as a plain RuntimeError ("[.../gloo/transport/tcp/pair.cc:561] Connection closed by
+    peer"), no DistError, so rank 0 reported an InfrastructureFailure: the operator then took it for the attempt's
+    cause, not a knock-on of rank 1's, and a user error on rank 1 (never retried) was retried as a counted
+    infrastructure failure. A RuntimeError of anything else stays an infrastructure failure."""
+    raised = two_ranks(errors_of_a_lost_peer, exits=(0, 1))[0]
+    names = ["timeout", "after a timeout", "backward", "all_reduce", "barrier", "broadcast", "other"]
+    assert [name for name, *_ in raised] == names, raised
+    for name, reason, code, text in raised[:-1]:
+        assert (reason, code) == ("DistributedFailure", 2), (name, text)
+    assert raised[-1][1:3] == ("InfrastructureFailure", 2)
 
 
 def verdicts_on_images(folder: str, rank: int) -> list[str]:

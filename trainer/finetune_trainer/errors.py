@@ -193,6 +193,10 @@ def no_space_in(folder: Path, exc: BaseException, what: str = "") -> NoSpaceLeft
 
 
 DISTRIBUTED_FAILURE = "DistributedFailure"  # the reason of a rank whose peer died: the peer's is the cause
+# Gloo (CPU jobs) raises a lost peer or a timeout as a plain RuntimeError, no DistError, at any collective and in DDP's
+# backward. Its transport's errors name their source file ("[.../gloo/transport/tcp/pair.cc:561] Connection closed by
+# peer", ".../unbound_buffer.cc:78] Timed out waiting 1000ms for recv"); a pair a timeout closed says only that.
+GLOO_TRANSPORT = ("gloo/transport/", "Application timeout caused pair closure")
 
 
 def exit_code_of(exc: BaseException) -> int:
@@ -208,9 +212,20 @@ def reason_of(exc: BaseException) -> str:
 
     if isinstance(exc, (MemoryError, torch.OutOfMemoryError)):
         return "OutOfMemory"
-    if isinstance(exc, torch.distributed.DistError):  # a peer died or the network failed
+    if peer_lost(exc):
         return DISTRIBUTED_FAILURE
     return "InfrastructureFailure"
+
+
+def peer_lost(exc: BaseException) -> bool:
+    """Whether a collective raised `exc` because a peer died, or the network failed or timed out: a DistError (nccl,
+    the store), or gloo's transport's RuntimeError (`GLOO_TRANSPORT`) in a group of several ranks."""
+    import torch.distributed as dist
+
+    if isinstance(exc, dist.DistError):
+        return True
+    return (isinstance(exc, RuntimeError) and dist.is_available() and dist.is_initialized()
+            and dist.get_world_size() > 1 and any(text in str(exc) for text in GLOO_TRANSPORT))
 
 
 def describe(exc: BaseException) -> str:
