@@ -28,7 +28,8 @@ from finetune_trainer import pipeline
 from finetune_trainer.checkpoints import complete
 from finetune_trainer.config import TrainerConfig, TrainingSpec
 from finetune_trainer.telemetry import TERMINATION_ENV
-from tiny import EVALUATING, free_port, saved_bert, seconds_between, tiny_classifier_doc
+from tiny import (EVALUATING, LATER, free_port, hub_bert, on_base, saved_bert, seconds_between,
+                  tiny_classifier_doc)
 
 pytestmark = pytest.mark.slow
 STEPS = 30  # 480 samples / (8 per rank x 2 ranks)
@@ -355,6 +356,41 @@ def test_a_rank_whose_peer_died_reports_a_distributed_failure() -> None:
     for name, reason, code, text in raised[:-1]:
         assert (reason, code) == ("DistributedFailure", 2), (name, text)
     assert raised[-1][1:3] == ("InfrastructureFailure", 2)
+
+
+def refusal_as_rank(doc: dict[str, Any], rank: int) -> str:
+    """Why `doc`'s run, as one of two ranks (torchrun's environment), was refused; "" where it ran."""
+    from finetune_trainer.errors import ConfigError
+
+    os.environ |= {"RANK": str(rank), "WORLD_SIZE": "2"}
+    try:
+        pipeline.run(TrainerConfig.model_validate(doc), Path(doc["output"]["uri"]))
+    except ConfigError as exc:
+        return str(exc)
+    return ""
+
+
+def test_a_job_on_more_workers_is_refused_though_its_hub_branch_moved(tmp_path: Path,
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
+    """runtime.workers edited between attempts of a job on a hub model at a branch: the earlier attempt's commit was
+    looked up at the new world size, found nowhere, and the branch resolved again; its head had moved, so the earlier
+    folder read as of other settings (its base), was removed and the run trained from step 0 unrefused."""
+    from huggingface_hub import constants
+
+    repo = hub_bert(hub := tmp_path / "hub")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # this process's, read at import; the ranks' by their env
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(hub))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_CACHE", str(hub))
+    doc = on_base(out := tmp_path / "out", "hf://org/tiny-bert")
+    pipeline.run(TrainerConfig.model_validate(doc), out)  # one process
+    (folder,) = (out / "checkpoints").iterdir()
+    made = complete(folder)
+    (repo / "refs" / "main").write_text(LATER)  # pushed after the first attempt
+    refused = two_ranks(partial(refusal_as_rank, doc))
+    for rank in (0, 1):
+        assert f"{folder} holds checkpoints of this job made by 1 processes; this run has 2" in refused[rank], refused
+    assert complete(folder) == made
 
 
 def verdicts_on_images(folder: str, rank: int) -> list[str]:

@@ -39,7 +39,8 @@ from finetune_trainer.structure import within
 from finetune_trainer.telemetry import TERMINATION_ENV
 from finetune_trainer.train import (Hooks, LoopState, SigtermFlag, autocast_dtype, cpu_computes_bf16, make_scheduler,
                                    train_loop)
-from tiny import TINY_BERT, TINY_GPT2, card_model, saved_bert, tiny_classifier_doc
+from tiny import (COMMIT, LATER, SENTIMENT, TINY_BERT, TINY_GPT2, card_model, hub_bert, on_base, saved_bert,
+                  tiny_classifier_doc)
 
 CPU = World(rank=0, size=1, device=torch.device("cpu"))
 TEXTS = [f"sample number {i} " + "word " * (i % 13) for i in range(64)]
@@ -283,18 +284,6 @@ def test_data_changed_at_the_same_path_is_trained_afresh_with_a_new_baseline(tin
     assert "the baseline was measured by an earlier attempt" in caplog.text and "the data changed" not in caplog.text
 
 
-SENTIMENT = {0: "negative", 1: "neutral", 2: "positive"}
-
-
-def on_base(out: Path, uri: str) -> TrainerConfig:
-    """tiny_classifier_doc on the classifier at `uri`, its adapters kept apart (their config names the base's commit)."""
-    doc = tiny_classifier_doc(out)
-    doc["model"] = {"task": "sequence-classification", "uri": uri, "tokenizerUri": "pvc://models/all-MiniLM-L6-v2"}
-    doc["rearrange"] = {"lora": {"rank": 4, "dropout": 0.0}, "mergeOnExport": False}
-    doc["evaluation"] = {"metrics": ["loss", "accuracy"]}  # the loss tells two random bases apart
-    return TrainerConfig.model_validate(doc)
-
-
 def test_a_base_replaced_at_the_same_uri_trains_afresh_and_scores_its_baseline_again(
         tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
     """Checkpoints hold what trains, not the frozen base: a model folder whose files were replaced between attempts
@@ -304,7 +293,7 @@ def test_a_base_replaced_at_the_same_uri_trains_afresh_and_scores_its_baseline_a
     base, out = tmp_path / "base", tmp_path / "out"
     torch.manual_seed(0)
     saved_bert(base, SENTIMENT)
-    cfg = on_base(out, str(base))
+    cfg = TrainerConfig.model_validate(on_base(out, str(base)))
     first = pipeline.run(cfg, out)
     torch.manual_seed(1)
     saved_bert(base, SENTIMENT)
@@ -320,10 +309,6 @@ def test_a_base_replaced_at_the_same_uri_trains_afresh_and_scores_its_baseline_a
     assert "the baseline was measured by an earlier attempt" in caplog.text and "base model changed" not in caplog.text
 
 
-COMMIT = "0123456789abcdef0123456789abcdef01234567"
-LATER = "89abcdef0123456789abcdef0123456789abcdef"  # a commit pushed after it
-
-
 def test_a_retry_loads_a_hub_base_at_the_commit_its_first_attempt_resolved(tmp_path: Path,
                                                                            caplog: pytest.LogCaptureFixture,
                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
@@ -335,14 +320,9 @@ def test_a_retry_loads_a_hub_base_at_the_commit_its_first_attempt_resolved(tmp_p
     caplog.set_level(logging.INFO, logger="finetune_trainer")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)  # the hub's cache, laid out as the hub lays it
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
-    repo = tmp_path / "hub" / "models--org--tiny-bert"
-    for seed, commit in enumerate((COMMIT, LATER)):
-        torch.manual_seed(seed)
-        saved_bert(repo / "snapshots" / commit, SENTIMENT)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
+    repo = hub_bert(tmp_path / "hub")
     out = tmp_path / "out"
-    cfg = on_base(out, "hf://org/tiny-bert")
+    cfg = TrainerConfig.model_validate(on_base(out, "hf://org/tiny-bert"))
     first = pipeline.run(cfg, out)
     (folder,) = (out / "checkpoints").iterdir()
     (repo / "refs" / "main").write_text(LATER)  # pushed after the first attempt

@@ -52,6 +52,34 @@ def saved_bert(folder: Path, labels: dict[int, str], **config: Any) -> Path:
     return folder
 
 
+SENTIMENT = {0: "negative", 1: "neutral", 2: "positive"}
+COMMIT = "0123456789abcdef0123456789abcdef01234567"
+LATER = "89abcdef0123456789abcdef0123456789abcdef"  # a commit pushed after it
+
+
+def hub_bert(hub: Path) -> Path:
+    """The hub's cache at `hub` (HF_HUB_CACHE, offline) holding org/tiny-bert, a sentiment classifier, at COMMIT and
+    at LATER (other weights), its main branch at COMMIT; the repo's folder."""
+    import torch
+
+    repo = hub / "models--org--tiny-bert"
+    for seed, commit in enumerate((COMMIT, LATER)):
+        torch.manual_seed(seed)
+        saved_bert(repo / "snapshots" / commit, SENTIMENT)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(COMMIT)
+    return repo
+
+
+def on_base(out: Path, uri: str) -> dict[str, Any]:
+    """tiny_classifier_doc on the classifier at `uri`, its adapters kept apart (their config names the base's commit)."""
+    doc = tiny_classifier_doc(out)
+    doc["model"] = {"task": "sequence-classification", "uri": uri, "tokenizerUri": "pvc://models/all-MiniLM-L6-v2"}
+    doc["rearrange"] = {"lora": {"rank": 4, "dropout": 0.0}, "mergeOnExport": False}
+    doc["evaluation"] = {"metrics": ["loss", "accuracy"]}  # the loss tells two random bases apart
+    return doc
+
+
 def unreadable_tokenizer(folder: Path) -> Path:
     """MiniLM's tokenizer saved into `folder` with a tokenizer.json of a model type the installed tokenizers does not
     know (a newer format)."""

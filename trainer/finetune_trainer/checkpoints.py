@@ -444,9 +444,10 @@ def earlier_base(parent: Path, identity: dict[str, Any], full: dict[str, Any]) -
     """The base (BASE) an earlier attempt of the job `identity` describes (`full` its full form, as `run_folder` takes
     them, but without the data, the pruned layers and the base, which are known only once the model is loaded) trained
     on: that of the folder of the job with the most checkpoints; None when there is none. Read before the model loads,
-    so that its hub commits are loaded again (`uris.pin`)."""
+    so that its hub commits are loaded again (`uris.pin`). Of any world size: `chosen_folder` refuses a run on another
+    number of processes by the rest of the fingerprint, its base too, which a branch's new head would change."""
     def job(fingerprint: dict[str, Any]) -> dict[str, Any]:
-        out = {k: v for k, v in fingerprint.items() if k not in ("data", "prunedLayers", BASE)}
+        out = {k: v for k, v in fingerprint.items() if k not in ("data", "prunedLayers", BASE, "worldSize")}
         if isinstance(out.get("rearrange"), dict):  # counted where it picks the adapters' modules, found at load
             out["rearrange"] = {k: v for k, v in out["rearrange"].items() if k != "mergeOnExport"}
         return out
