@@ -17,12 +17,14 @@ from torch.optim.optimizer import register_optimizer_step_pre_hook
 
 from finetune_trainer import prune
 from finetune_trainer.batches import Batch, Encoded, encode_causal, encode_text, epoch_batches, make_collate
-from finetune_trainer.config import HealSpec, ModelSpec, PruneSpec, Task, TrainerConfig
+from finetune_trainer.adjust import freeze_checked, lora_targets
+from finetune_trainer.config import FreezeSpec, HealSpec, LoraSpec, ModelSpec, PruneSpec, Task, TrainerConfig
 from finetune_trainer.data import Split
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.export import export_model
 from finetune_trainer.models import load_model, load_tokenizer, logits_of
 from finetune_trainer.pipeline import run
+from finetune_trainer.structure import depth, pruned_depth
 
 from tiny import TINY_BERT, TINY_GPT2, tiny_classifier_doc, tiny_pair_classifier_doc
 
@@ -181,6 +183,30 @@ def test_pruning_removes_exactly_the_chosen_layers_and_the_export_reloads_with_t
     reloaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").eval()
     assert len(reloaded.bert.encoder.layer) == 4 and prune.parameters(reloaded) == prune.parameters(model)
     torch.testing.assert_close(logits_of(reloaded, batches[0].inputs), logits, atol=1e-5, rtol=1e-5)
+
+
+def test_a_freeze_pattern_and_lora_targets_name_the_layers_as_loaded_after_pruning(minilm) -> None:
+    """adjust.freeze.pattern and rearrange.lora.targetModules are written against the names as loaded (analysis.json
+    lists them). With MiniLM's layers 1 and 2 pruned, `encoder\\.layer\\.[01]\\.` froze loaded layers 0 and 3
+    (renumbered 0 and 1), and layer 3's query took its adapter in loaded layer 5; one that pruning removed, in
+    loaded layer 4."""
+    model, _, batches = minilm
+    model, task = copy.deepcopy(model), Task.SEQUENCE_CLASSIFICATION
+    layers = list(model.bert.encoder.layer)
+    loaded = depth(model, task, batches[0])
+    prune.remove_layers(model, task, [1, 2])
+    pruned = pruned_depth(depth(model, task, batches[0]), loaded, [1, 2])
+    freeze_checked(model, FreezeSpec(strategy="regex", pattern=r"encoder\.layer\.[01]\."), pruned, "classifier",
+                   (), loaded)
+    assert [i for i, layer in enumerate(layers) if not next(layer.parameters()).requires_grad] == [0]
+
+    def targets(name: str) -> list[str]:
+        return lora_targets(model, LoraSpec(target_modules=[name]), task, FreezeSpec(), pruned, "classifier")
+
+    assert targets("encoder.layer.3.attention.self.query") == ["bert.encoder.layer.1.attention.self.query"]
+    with pytest.raises(ConfigError, match=r"^rearrange.lora.targetModules \['encoder.layer.2.attention.self.query'\]: "
+                                          "no module that rearrange.prune kept is named so"):
+        targets("encoder.layer.2.attention.self.query")
 
 
 def test_a_pruned_models_adapters_kept_apart_reload_on_the_pruned_base_exported_beside_them(minilm,

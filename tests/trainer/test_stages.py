@@ -1983,17 +1983,29 @@ def test_a_bottom_layers_count_beyond_the_layers_is_warned_of_once(count: int, t
                         "and only what sits above them (a pooler, a final norm, the head) trains"]
 
 
-@pytest.mark.parametrize(("pattern", "cause"), [(r"layer\.3\.", "pruning removed or renumbered the layers it matched"),
+@pytest.mark.parametrize(("pattern", "cause"), [(r"layer\.3\.", "pruning removed the layers it matched"),
                                               (r"layers\.0\.", "nothing is frozen")])
 def test_a_freeze_pattern_that_pruning_empties_is_warned_of_once(pattern: str, cause: str, tmp_path: Path,
                                                                  caplog) -> None:
-    """`layer\\.3\\.` froze 8,544 parameters of the 4 layers; pruning 2 renumbered the rest to 0 and 1, and the
-    freeze after it, 'froze 0 parameters (regex)', trained everything without a word. A pattern that matched nothing
-    as loaded is warned of before pruning only."""
+    """`layer\\.3\\.` froze 8,544 parameters of the 4 layers; pruning removed layers 0 and 3, and the freeze after
+    it, 'froze 0 parameters (regex)', trained everything without a word. A pattern that matched nothing as loaded is
+    warned of before pruning only."""
     tiny_run(tmp_path, {"freeze": {"strategy": "regex", "pattern": pattern}}, {"prune": {"count": 2}},
              num_hidden_layers=4)
     warnings = [r.getMessage() for r in caplog.records if "matches no parameter" in r.getMessage()]
     assert len(warnings) == 1 and warnings[0].endswith(cause)  # not read as a typo when pruning brought it about
+
+
+def test_a_freeze_pattern_names_the_layers_as_loaded_whatever_pruning_removed(tmp_path: Path, caplog) -> None:
+    """Pruning removes layers 0 and 3 of 4 and renumbers 1 and 2 to 0 and 1: `layer\\.[12]\\.`, written against
+    the names as loaded (analysis.json's), froze only loaded layer 2 after it and left loaded layer 1 training."""
+    caplog.set_level(logging.INFO, logger="finetune_trainer.adjust")
+    out = tiny_run(tmp_path, {"freeze": {"strategy": "regex", "pattern": r"layer\.[12]\."}}, {"prune": {"count": 2}},
+                   num_hidden_layers=4)
+    assert json.loads((out / "report.json").read_text())["pruning"]["removed_layers"] == [0, 3]
+    froze = [r.getMessage() for r in caplog.records if r.getMessage().startswith("froze ")]
+    assert froze == ["froze 17,088 parameters (regex)"] * 2  # both kept layers, before pruning and after
+    assert "matches no parameter" not in caplog.text
 
 
 def test_a_new_head_trains_under_lora_though_the_pattern_covers_it(tmp_path: Path) -> None:

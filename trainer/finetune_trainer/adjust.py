@@ -47,9 +47,9 @@ def freeze_checked(model: nn.Module, spec: FreezeSpec, depth: Depth, head: str |
     names = [n for n, _ in model.named_parameters()]
     matches_nothing = spec.strategy == FreezeStrategy.REGEX and not any(frozen_by(spec, n, depth, head) for n in names)
     if matches_nothing and not unmatched:
-        cause = "pruning removed or renumbered the layers it matched" if loaded else "nothing is frozen"
-        log.warning("adjust.freeze.pattern %r matches no parameter name (such as %s): %s",
-                    spec.pattern, next((n for n in names if depth.of(n) == 1), names[0]), cause)
+        cause = "pruning removed the layers it matched" if loaded else "nothing is frozen"
+        example = depth.as_loaded(canonical(next((n for n in names if depth.of(n) == 1), names[0])))
+        log.warning("adjust.freeze.pattern %r matches no parameter name (such as %s): %s", spec.pattern, example, cause)
     beyond = (spec.count or 0) > depth.layers and (loaded is None or (spec.count or 0) <= loaded.layers)
     if spec.strategy == FreezeStrategy.BOTTOM_LAYERS and beyond:
         log.warning("adjust.freeze.count %d exceeds the model's %d layers: all of them are frozen, and only what sits "
@@ -71,7 +71,8 @@ def frozen_by(spec: FreezeSpec, name: str, depth: Depth, head: str | None) -> bo
         depth = depth.counted("adjust.freeze (strategy bottom-layers)")
         return depth.of(name) <= min(spec.count or 0, depth.layers)
     if spec.strategy == FreezeStrategy.REGEX:
-        return re.search(spec.pattern or "", canonical(name)) is not None  # `re` caches the compiled pattern
+        # `re` caches the compiled pattern
+        return re.search(spec.pattern or "", depth.as_loaded(canonical(name))) is not None
     return False
 
 
@@ -93,7 +94,10 @@ def lora_targets(model: nn.Module, lora: LoraSpec, task: Task, spec: FreezeSpec,
     if not names:
         candidates = [m for m in lora_candidates(model, task) if merging or not taken_for_whole(m, whole)]
         return adaptable(candidates, spec, depth, head)
-    matched = named_by(model, names)
+    matched = named_by(model, names, depth)
+    if not matched and depth.loaded_units:  # peft would match them to the renumbered layers
+        raise ConfigError(f"rearrange.lora.targetModules {names}: no module that rearrange.prune kept is named so "
+                          "(names are read as the model was loaded, before pruning renumbered its layers)")
     if not matched:
         return list(names)  # peft says that they match nothing
     named = called([m for m in matched if not within(m, whole)], names, model)
@@ -106,10 +110,11 @@ def lora_targets(model: nn.Module, lora: LoraSpec, task: Task, spec: FreezeSpec,
     return kept + [m for m in matched if within(m, whole)]
 
 
-def named_by(model: nn.Module, names: list[str]) -> list[str]:
+def named_by(model: nn.Module, names: list[str], depth: Depth | None = None) -> list[str]:
     """The modules that rearrange.lora.targetModules `names` match: by peft's rule for a list, a module's name or its
-    last parts."""
-    return [m for m, _ in model.named_modules() if any(m == n or m.endswith("." + n) for n in names)]
+    last parts; the name as loaded, where `depth` says that pruning renumbered the layers."""
+    loaded = depth.as_loaded if depth is not None else str
+    return [m for m, _ in model.named_modules() if any(loaded(m) == n or loaded(m).endswith("." + n) for n in names)]
 
 
 def merging_picks_targets(model: nn.Module, lora: LoraSpec, task: Task, head: str | None,

@@ -295,7 +295,9 @@ class FreezeSpec(ApiModel):
     )
     count: int | None = Field(None, ge=1, le=1000, description="Number of bottom layers to freeze (bottom-layers).")
     pattern: str | None = Field(
-        None, min_length=1, max_length=512, description="Python regex over parameter names to freeze (regex)."
+        None, min_length=1, max_length=512,
+        description="Python regex over parameter names to freeze (regex), names as loaded: after rearrange.prune, a "
+        "kept layer is still named by its place before pruning.",
     )
 
     def pattern_problem(self) -> str | None:
@@ -388,7 +390,8 @@ class LoraSpec(ApiModel):
     target_modules: list[Annotated[str, Field(min_length=1, max_length=256)]] = Field(
         default_factory=list,
         max_length=256,
-        description="Module names (or suffixes) to adapt. Empty: every candidate the analysis found "
+        description="Module names (or suffixes) to adapt, names as loaded (after rearrange.prune, a kept layer is "
+        "still named by its place before pruning). Empty: every candidate the analysis found "
         "(linear layers, not the head or the output embeddings). Either way, modules adjust.freeze freezes get none.",
     )
 

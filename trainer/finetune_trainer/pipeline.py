@@ -49,7 +49,7 @@ from finetune_trainer.models import (cache_off, check_image_size, check_one_samp
                                      check_vocabulary, checkpoint_layers, has_causal_switch, head_labels, held_at,
                                      load_model, load_tokenizer, new_modules, one_segment, widened)
 from finetune_trainer.rearrange import add_adapters, merge_adapters, new_head
-from finetune_trainer.structure import depth, head_module, head_name
+from finetune_trainer.structure import depth, head_module, head_name, pruned_depth
 from finetune_trainer.telemetry import Metrics, write_failure, write_termination
 from finetune_trainer.train import (Hooks, LoopState, autocast_dtype, compiler_missing, make_optimizer, make_scheduler,
                                     precision_name, steps_per_epoch, total_steps, train_loop)
@@ -394,7 +394,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
             pruning["heal"] = heal_once(model, unpruned, task, training_batches(heal_data), heal, dtype,
                                         healed, checkpoint_dir, world)
             del unpruned
-        loaded, layers = layers, depth(model, task, probe[0], dtype)
+        loaded, layers = layers, pruned_depth(depth(model, task, probe[0], dtype), layers, drop)
         for p in model.parameters():  # the freeze counted the layers as loaded; count the ones that stay
             p.requires_grad_(True)
         freeze_checked(model, cfg.adjust.freeze, layers, trained_head, new, loaded, unmatched)

@@ -11,7 +11,7 @@ from __future__ import annotations
 import contextlib
 import re
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -154,6 +154,7 @@ class Depth:
     units: list[str]  # module names of the layers, bottom to top
     below: set[str]  # canonical names of the parameters outside the layers and below them (`depth` tells them)
     split: str = ""  # why the model has no layers to count (SplitLayers'), where it has none: all at depth 1
+    loaded_units: list[str] | None = None  # each layer's name as loaded, where pruning renumbered them (as_loaded)
 
     @property
     def layers(self) -> int:
@@ -165,6 +166,15 @@ class Depth:
             raise ConfigError(f"{field}: {self.split}")
         return self
 
+    def as_loaded(self, name: str) -> str:
+        """Module or parameter `name` (canonical) as the model was loaded: a layer that pruning renumbered named by
+        its place then, as analysis.json lists it and as adjust.freeze.pattern and rearrange.lora.targetModules are
+        written, so that they name the same modules whatever pruning removed."""
+        for unit, loaded in zip(self.units, self.loaded_units or ()):
+            if name == unit or name.startswith(unit + "."):
+                return loaded + name[len(unit):]
+        return name
+
     def of(self, name: str) -> int:
         name = canonical(name)
         for i, unit in enumerate(self.units):
@@ -175,6 +185,11 @@ class Depth:
         if name in self.below or (layer != name and any(b.startswith(layer + ".") for b in self.below)):
             return 0
         return len(self.units) + 1
+
+
+def pruned_depth(now: Depth, loaded: Depth, drop: list[int]) -> Depth:
+    """`now`, the depth of the model that pruning took the layers `drop` out of, naming its layers as `loaded` did."""
+    return replace(now, loaded_units=[unit for i, unit in enumerate(loaded.units) if i not in drop])
 
 
 def depth(model: nn.Module, task: Task, batch: Batch | None = None, dtype: torch.dtype | None = None) -> Depth:
