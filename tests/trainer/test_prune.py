@@ -125,6 +125,12 @@ def test_the_lowest_scoring_layers_are_chosen(spec: dict, expected: list[int]) -
     assert prune.chosen_layers(scores, PruneSpec.model_validate(spec)) == expected
 
 
+@pytest.mark.parametrize(("fraction", "layers", "removed"), [(0.29, 50, 15), (0.25, 6, 2), (0.1, 5, 1), (0.35, 10, 4)])
+def test_a_fraction_of_the_layers_is_rounded_half_up_as_written(fraction: float, layers: int, removed: int) -> None:
+    """0.29 of 50 layers is 14.5, documented to round up to 15: the float product 14.4999... rounded to 14."""
+    assert len(prune.chosen_layers([0.1 * (i + 1) for i in range(layers)], PruneSpec(fraction=fraction))) == removed
+
+
 @pytest.mark.parametrize("spec", [{"count": 6}, {"threshold": 1.0}])
 def test_pruning_every_layer_is_refused_naming_the_field(spec: dict) -> None:
     with pytest.raises(ConfigError, match=f"rearrange.prune.{next(iter(spec))}.*all 6 layers"):

@@ -30,6 +30,7 @@ import re
 import statistics
 import time
 from collections.abc import Iterable
+from fractions import Fraction
 from typing import Any
 
 import torch
@@ -205,15 +206,17 @@ def chosen_layers(scores: list[float], spec: PruneSpec) -> list[int]:
     if spec.threshold is not None:
         drop = [i for i in order if scores[i] < spec.threshold]
         field = f"rearrange.prune.threshold {spec.threshold}"
+    elif spec.count is not None:
+        drop = order[:spec.count]
+        field = f"rearrange.prune.count {spec.count}"
     else:
-        k = spec.count if spec.count is not None else math.floor(spec.fraction * len(scores) + 0.5)
-        drop = order[:k]
-        field = (f"rearrange.prune.count {spec.count}" if spec.count is not None
-                 else f"rearrange.prune.fraction {spec.fraction}")
+        # The fraction as written, exactly: 0.29 of 50 layers is 14.5, 15 rounded half up (the float's 14.4999..., 14)
+        drop = order[:math.floor(Fraction(str(spec.fraction)) * len(scores) + Fraction(1, 2))]
+        field = f"rearrange.prune.fraction {spec.fraction}"
     if len(drop) >= len(scores):
         raise ConfigError(f"{field} would remove all {len(scores)} layers of the model; keep at least one")
     if not drop and spec.fraction is not None:  # as count 0 is refused: the job asked for a smaller model
-        least = math.ceil(0.5 / len(scores) * 10**4) / 10**4  # rounded up: the one shown must remove a layer
+        least = math.ceil(Fraction(10**4, 2 * len(scores))) / 10**4  # rounded up: the one shown must remove a layer
         raise ConfigError(f"{field} of {len(scores)} layers rounds to no layer; a fraction of at least {least} "
                           "removes one")
     if not drop:  # a threshold says how redundant a layer must be; the analysis may find none that is
