@@ -282,7 +282,7 @@ def test_the_lm_head_transform_a_base_checkpoint_lacks_trains_whole_and_the_tie_
 def test_the_modules_a_causal_checkpoint_lacks_take_the_head_rate_and_all_but_head_says_they_alone_train(
         caplog) -> None:
     """MiniLM loaded for causal-lm has no head but a random LM head transform: adjust.headLearningRate was not
-    applied to it ('not used: the model has no head'), and all-but-head trained it alone (148,608 parameters) without
+    applied to it ('not used: the model has no task head'), and all-but-head trained it alone (148,608 parameters) without
     a word."""
     from finetune_trainer.models import new_modules
 
@@ -1950,12 +1950,12 @@ def test_a_failed_merge_check_is_a_warning_naming_merge_on_export(caplog) -> Non
 
 
 def test_a_head_learning_rate_without_a_head_is_warned_of(caplog) -> None:
-    """A causal-lm has no head: adjust.headLearningRate trained nothing at its rate, without a word."""
+    """A causal-lm job has no task head: adjust.headLearningRate trained nothing at its rate, without a word."""
     model, _ = text_model(Task.CAUSAL_LM, TINY_GPT2, "gpt2")
     layers = depth(model, Task.CAUSAL_LM)
     groups = param_groups(model, AdjustSpec(learningRate=1e-3, headLearningRate=1e-2), layers, None)
     assert max(g["lr"] for g in groups) == 1e-3
-    assert "adjust.headLearningRate 0.01 is not used: the model has no head" in caplog.text
+    assert "adjust.headLearningRate 0.01 is not used: the model has no task head" in caplog.text
 
 
 def tiny_run(tmp_path: Path, adjust: dict, rearrange: dict, **config: int) -> Path:

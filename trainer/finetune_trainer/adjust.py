@@ -56,8 +56,9 @@ def freeze_checked(model: nn.Module, spec: FreezeSpec, depth: Depth, head: str |
                     "above them (a pooler, a final norm, the head) trains", spec.count, depth.layers)
     if spec.strategy == FreezeStrategy.ALL_BUT_HEAD and head is None and new and loaded is None:
         trains = sum(p.numel() for n, p in model.named_parameters() if under(n, new))
-        log.warning("adjust.freeze all-but-head: the model has no task head (a causal-lm's output layer is its "
-                    "embeddings'), so only the modules the checkpoint lacks train, %s parameters: %s",
+        log.warning("adjust.freeze all-but-head: the model has no task head (a causal-lm job counts its output layer, "
+                    "tied to the embeddings or not, as part of the body, which is frozen), so only the modules the "
+                    "checkpoint lacks train, %s parameters: %s",
                     f"{trains:,}", ", ".join(new))
     return matches_nothing
 
@@ -208,8 +209,9 @@ def param_groups(model: nn.Module, spec: AdjustSpec, depth: Depth, head: str | N
     the head's and the `new` modules' (random at load: the rest of a task head, RoBERTa's classifier.dense)."""
     rated = trained_whole(head, new)
     if not rated and spec.head_learning_rate:
-        log.warning("adjust.headLearningRate %g is not used: the model has no head (a causal-lm's output layer is "
-                    "its embeddings') nor a module the checkpoint lacks; adjust.learningRate is the top rate",
+        log.warning("adjust.headLearningRate %g is not used: the model has no task head (a causal-lm job counts its "
+                    "output layer as part of the body) nor a module the checkpoint lacks; adjust.learningRate is the "
+                    "top rate",
                     spec.head_learning_rate)
     exempt = no_decay_names(model)
     if spec.layerwise_decay != 1:
@@ -228,8 +230,9 @@ def param_groups(model: nn.Module, spec: AdjustSpec, depth: Depth, head: str | N
         group["params"].append(p)
         group["param_names"].append(name)
     if not groups:
+        bodied = " (a causal-lm job has no task head: its output layer counts as part of the body)"
         raise ConfigError(f"adjust.freeze (strategy {spec.freeze.strategy.value}) leaves no parameter to train"
-                          + (" (a causal-lm has no head)" if head is None else "") + "; freeze less")
+                          + (bodied if head is None else "") + "; freeze less")
     out = [{"lr": lr, "weight_decay": decay, **g} for (lr, decay), g in sorted(groups.items(), reverse=True)]
     for g in out:
         count = sum(p.numel() for p in g["params"])
