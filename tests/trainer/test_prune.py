@@ -944,3 +944,55 @@ def test_healings_target_keeps_no_key_value_cache_and_the_pruned_model_still_doe
     with torch.no_grad():
         assert target(input_ids=torch.tensor([[1, 2, 3]])).past_key_values is None
         assert model(input_ids=torch.tensor([[1, 2, 3]])).past_key_values is not None
+
+
+def tiny_albert() -> tuple[torch.nn.Module, Batch]:
+    """ALBERT built from a config: one layer whose weights a forward runs 6 times (num_hidden_layers), and a batch."""
+    from transformers import AlbertConfig, AlbertForSequenceClassification
+
+    torch.manual_seed(0)
+    model = AlbertForSequenceClassification(AlbertConfig(
+        vocab_size=97, embedding_size=16, hidden_size=32, intermediate_size=64, num_hidden_layers=6,
+        num_attention_heads=4, max_position_embeddings=64, num_labels=3))
+    ids = torch.randint(5, 97, (3, 12))
+    return model, Batch({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, torch.tensor([0, 1, 2]), 3, 36, 3)
+
+
+def test_a_layer_whose_weights_run_several_times_per_forward_is_scored_per_run_and_refused_pruning(caplog) -> None:
+    """ALBERT's one layer runs 6 times per forward: its Block Influence summed the 6 runs (beyond the documented 2),
+    pruning it was refused as removing 'all 1 layers', a bottom-layers count of 4 'exceeds the model's 1 layers',
+    and the 6N rule counted its weights once (FlopsOffEstimate, 5.6x)."""
+    from finetune_trainer.adjust import freeze_checked
+    from finetune_trainer.analyze import analyze
+
+    model, batch = tiny_albert()
+    task = Task.SEQUENCE_CLASSIFICATION
+    runs: list[float] = []
+
+    def turn(module: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
+        runs.append(float((1 - F.cosine_similarity(args[0], output, dim=-1)).mean()))
+
+    handle = model.albert.encoder.albert_layer_groups[0].register_forward_hook(turn)
+    with torch.no_grad():
+        model.eval()(**batch.inputs)
+    handle.remove()
+    scores = prune.importance(model, [batch], task, labels_fit=True)["layers"]["scores"]
+    assert len(runs) == 6 and scores == pytest.approx([sum(runs) / 6])
+    layers = depth(model, task, batch)
+    assert layers.runs == 6
+    with pytest.raises(ConfigError, match=r"^rearrange.prune: the model has 1 layers \(each run 6 times per forward, "
+                                          r"its weights shared across the runs\)"):
+        prune.check_unshared(layers)
+    freeze_checked(model, FreezeSpec(strategy="bottom-layers", count=4), layers, "classifier")
+    assert "adjust.freeze.count 4 exceeds the model's 1 layers (each run 6 times per forward" in caplog.text
+    report = analyze(model, [batch], task, 3, adapters=False)
+    assert 0.5 < report.flops["measured_over_estimate"] < 1.5
+    assert "FlopsOffEstimate" not in [f.code for f in report.findings]
+
+
+def test_a_pruned_job_on_a_model_whose_layers_share_their_weights_is_refused_saying_so(tmp_path: Path) -> None:
+    doc = tiny_classifier_doc(tmp_path / "out")
+    doc["model"] |= {"architecture": "albert", "config": TINY_BERT | {"embedding_size": 16, "num_hidden_layers": 4}}
+    doc["rearrange"] = {"prune": {"count": 1}}
+    with pytest.raises(ConfigError, match=r"^rearrange.prune: the model has 1 layers \(each run 4 times per forward"):
+        run(TrainerConfig.model_validate(doc), tmp_path / "out")

@@ -52,8 +52,8 @@ def freeze_checked(model: nn.Module, spec: FreezeSpec, depth: Depth, head: str |
         log.warning("adjust.freeze.pattern %r matches no parameter name (such as %s): %s", spec.pattern, example, cause)
     beyond = (spec.count or 0) > depth.layers and (loaded is None or (spec.count or 0) <= loaded.layers)
     if spec.strategy == FreezeStrategy.BOTTOM_LAYERS and beyond:
-        log.warning("adjust.freeze.count %d exceeds the model's %d layers: all of them are frozen, and only what sits "
-                    "above them (a pooler, a final norm, the head) trains", spec.count, depth.layers)
+        log.warning("adjust.freeze.count %d exceeds the model's %s: all of them are frozen, and only what sits "
+                    "above them (a pooler, a final norm, the head) trains", spec.count, depth.described)
     if spec.strategy == FreezeStrategy.ALL_BUT_HEAD and head is None and new and loaded is None:
         trains = sum(p.numel() for n, p in model.named_parameters() if under(n, new))
         log.warning("adjust.freeze all-but-head: the model has no task head (a causal-lm job counts its output layer, "

@@ -27,7 +27,7 @@ from finetune_trainer.config import Task
 from finetune_trainer.errors import FatalFinding
 from finetune_trainer.models import autocast, cache_off, logits_of, new_modules
 from finetune_trainer.prune import importance
-from finetune_trainer.structure import head_name, lora_candidates, lora_types, unread_layers
+from finetune_trainer.structure import calls_per_forward, head_name, lora_candidates, lora_types, unread_layers
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,7 @@ def analyze(model: nn.Module, batches: list[Batch], task: Task, num_labels: int,
         head=head_info,
         tied_weights=tied_weights(model),
         no_grad_parameters=no_grad,
-        flops=flop_estimate(model, batches[0], task, probe["flops"], adapters),
+        flops=flop_estimate(model, batches[0], task, probe["flops"], adapters, dtype),
         memory=memory_model(params, probe["activations"], probe["largest_activation"], probe["peak"],
                             probe["peak_source"], probe["gradients"]),
     )
@@ -352,8 +352,10 @@ def measured_peak(model: nn.Module) -> Iterator[dict[str, int | str]]:
         out.update(bytes=weights + max(0, resident("VmHWM") - rss), source="weights + peak RSS rise")
 
 
-def flop_estimate(model: nn.Module, batch: Batch, task: Task, measured: float, adapters: bool) -> dict[str, float | str | None]:
-    """Measured training FLOPs per sample against the 6N rule (N = weights of the matmul layers, per token).
+def flop_estimate(model: nn.Module, batch: Batch, task: Task, measured: float, adapters: bool,
+                  dtype: torch.dtype | None) -> dict[str, float | str | None]:
+    """Measured training FLOPs per sample against the 6N rule (N = weights of the matmul layers, per token, each
+    counted as many times as a forward runs it: ALBERT's shared layer num_hidden_layers times).
 
     With adapters the frozen weights get no weight gradient, in training as in the probe, so a step costs about 4N.
     """
@@ -362,7 +364,10 @@ def flop_estimate(model: nn.Module, batch: Batch, task: Task, measured: float, a
     if task == Task.IMAGE_CLASSIFICATION:
         out["rule"] = "none: convolutions reuse weights across positions, so 6N per sample does not hold"
         return out
-    n = sum(m.weight.numel() for m in model.modules() if isinstance(m, lora_types()))
+    matmuls = {name: m.weight.numel() for name, m in model.named_modules() if isinstance(m, lora_types())}
+    runs = calls_per_forward(model, list(matmuls), batch, dtype)
+    # once where the forward reads the weight without calling the layer (unread_layers)
+    n = sum(size * max(runs[name], 1) for name, size in matmuls.items())
     tokens = batch.inputs["input_ids"].numel() / batch.samples  # padded positions cost as much as real ones
     estimate = (4 if adapters else 6) * n * tokens
     out.update(rule="4N per token (adapters)" if adapters else "6N per token", estimate_per_sample=estimate,

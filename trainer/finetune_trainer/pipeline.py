@@ -359,6 +359,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     picks = cfg.rearrange.lora is not None and merging_picks_targets(model, cfg.rearrange.lora, task, trained_head, new)
     if cfg.rearrange.prune is not None:
         prune.stack_for(model, task, "rearrange.prune")  # says why, for a model with no list of whole layers
+        prune.check_unshared(layers)
         drop = earlier_pruning(out / "checkpoints", cfg, world, pruned_layers(report, cfg.rearrange.prune, world),
                                data_digest, picks, base)
     # Named by the layers pruning removes; healing keeps its result there.

@@ -41,7 +41,7 @@ from finetune_trainer.batches import Batch
 from finetune_trainer.config import HealSpec, PruneSpec, Task
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.models import autocast, logits_of, without_cache
-from finetune_trainer.structure import SplitLayers, in_eval, layer_units, lora_types
+from finetune_trainer.structure import Depth, SplitLayers, in_eval, layer_units, lora_types
 from finetune_trainer.train import diverged, grad_scaler, scaled_step, unscaled_norm
 
 log = logging.getLogger(__name__)
@@ -97,6 +97,14 @@ def stack_for(model: nn.Module, task: Task, field: str) -> tuple[str, nn.ModuleL
     return found
 
 
+def check_unshared(layers: Depth) -> None:
+    """Refuse to prune a model whose forward runs a layer more than once (ALBERT's one layer, num_hidden_layers
+    times): removing it removes every run of its weights, not one layer of the stack."""
+    if layers.runs > 1:
+        raise ConfigError(f"rearrange.prune: the model has {layers.described}, so removing a layer removes all its "
+                          "runs; a model whose layers share their weights cannot be pruned by layers")
+
+
 def output_projection(layer: nn.Module) -> nn.Module | None:
     return next((m for name, m in layer.named_modules() if name.endswith(OUTPUT_PROJECTIONS)
                  and isinstance(m, lora_types())), None)
@@ -126,7 +134,8 @@ def importance(model: nn.Module, batches: list[Batch], task: Task, labels_fit: b
         p.requires_grad_(False)
     turned = torch.zeros(len(layers), dtype=torch.float64, device=device)
     head_grads = torch.zeros(len(layers), heads if gated else 0, dtype=torch.float64, device=device)
-    tokens = samples = 0
+    seen = torch.zeros(len(layers), dtype=torch.float64, device=device)  # real tokens through each layer, each run
+    samples = 0
     state: dict[str, Any] = {}
 
     def measure_turn(i: int) -> Any:
@@ -139,6 +148,7 @@ def importance(model: nn.Module, batches: list[Batch], task: Task, labels_fit: b
                 return
             cos = F.cosine_similarity(before.detach().float(), after.detach().float(), dim=-1)
             turned[i] += ((1 - cos) * state["mask"]).sum()
+            seen[i] += state["mask"].sum()
         return hook
 
     def gate(i: int) -> Any:
@@ -164,7 +174,6 @@ def importance(model: nn.Module, batches: list[Batch], task: Task, labels_fit: b
             with autocast(device.type, dtype), \
                     torch.set_grad_enabled(gated):
                 logits = logits_of(model, batch.inputs)
-            tokens += int(state["mask"].sum())
             samples += ids.shape[0]
             if gated and logits.requires_grad:
                 per_sample_loss(logits, batch, task, labels_fit).sum().backward()
@@ -177,9 +186,10 @@ def importance(model: nn.Module, batches: list[Batch], task: Task, labels_fit: b
         model.train(was_training)
     if state.get("unscored"):
         return None
-    # 1 - cos is never below 0 but by float error (-5e-9 for a layer that passes its input on), which read -0.0
-    # rounded in the job's status and -0.000 in the log
-    scores = (turned / max(tokens, 1)).clamp(min=0)
+    # A mean over every run of a layer: ALBERT runs its one layer num_hidden_layers times, summed up to 2 each. 1 - cos
+    # is never below 0 but by float error (-5e-9 for a layer that passes its input on), which read -0.0 rounded in
+    # the job's status and -0.000 in the log
+    scores = (turned / seen.clamp(min=1)).clamp(min=0)
     out: dict[str, Any] = {"layers": {"measure": LAYER_MEASURE, "scores": scores.tolist()}}
     if gated and not state.get("ungated"):
         out["heads"] = {"measure": HEAD_MEASURE, "loss": "task" if labels_fit else "label-free probe",

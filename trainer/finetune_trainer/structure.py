@@ -155,6 +155,14 @@ class Depth:
     below: set[str]  # canonical names of the parameters outside the layers and below them (`depth` tells them)
     split: str = ""  # why the model has no layers to count (SplitLayers'), where it has none: all at depth 1
     loaded_units: list[str] | None = None  # each layer's name as loaded, where pruning renumbered them (as_loaded)
+    runs: int = 1  # the most times a forward runs one layer: ALBERT's one layer, its weights shared, num_hidden_layers
+
+    @property
+    def described(self) -> str:
+        """The layers as a message counts them, saying where a forward runs each more than once (ALBERT's)."""
+        if self.runs == 1:
+            return f"{self.layers} layers"
+        return f"{self.layers} layers (each run {self.runs} times per forward, its weights shared across the runs)"
 
     @property
     def layers(self) -> int:
@@ -210,6 +218,7 @@ def depth(model: nn.Module, task: Task, batch: Batch | None = None, dtype: torch
     except SplitLayers as exc:  # refused only by what counts layers (Depth.counted): a whole fine-tune needs none
         return Depth([], set(), str(exc))
     read_below = first_read_below(model, units[-1], batch, dtype) if batch is not None and units else {}
+    runs = max([1, *calls_per_forward(model, units, batch, dtype).values()]) if batch is not None and units else 1
     below: set[str] = set()
     listed_below = True
     for name, _ in model.named_parameters():
@@ -218,7 +227,27 @@ def depth(model: nn.Module, task: Task, batch: Batch | None = None, dtype: torch
             listed_below = False
         elif read_below.get(name, listed_below):
             below.add(name)
-    return Depth(units, below)
+    return Depth(units, below, runs=runs)
+
+
+def calls_per_forward(model: nn.Module, modules: list[str], batch: Batch, dtype: torch.dtype | None) -> dict[str, int]:
+    """How many times an eval forward of `batch` (at the autocast `dtype`) runs each of `modules`: more than once
+    where the model runs one set of weights several times (ALBERT's shared layer, num_hidden_layers times)."""
+    from finetune_trainer.models import autocast
+
+    calls = dict.fromkeys(modules, 0)
+
+    def counter(name: str) -> Callable[..., None]:
+        return lambda *_: calls.__setitem__(name, calls[name] + 1)
+
+    hooks = [model.get_submodule(name).register_forward_pre_hook(counter(name)) for name in modules]
+    try:
+        with in_eval(model), torch.no_grad(), autocast(next(model.parameters()).device.type, dtype):
+            model(**batch.inputs)
+    finally:
+        for hook in hooks:
+            hook.remove()
+    return calls
 
 
 def first_read_below(model: nn.Module, last: str, batch: Batch, dtype: torch.dtype | None) -> dict[str, bool]:
