@@ -119,3 +119,14 @@ def test_the_line_cluster_up_prints_finds_its_kubectl(tmp_path: Path) -> None:
     found = subprocess.run(["bash", "-c", f'{c.export}; command -v kubectl; echo "$KUBECONFIG"'],
                            env={"PATH": "/usr/bin:/bin"}, capture_output=True, text=True, timeout=30)
     assert found.stdout.splitlines() == [str(kubectl), str(c.kubeconfig)]
+
+
+def test_the_readmes_copies_onto_a_claim_give_kubectl_cp_folders_not_links() -> None:
+    """`make assets` links the model folder into the venv, and kubectl cp copies a link as a link (its tar keeps
+    it): the claim got a link to a path no pod has, and the example's trainer found no model."""
+    copies = re.findall(r"^kubectl .*\bcp (.+) \S+:\S+$", (REPO / "README.md").read_text(), re.M)
+    assert len(copies) == 2
+    for source in copies:
+        folder = Path(subprocess.run(["bash", "-c", f"printf %s {source}"], cwd=REPO, capture_output=True,
+                                     text=True, check=True).stdout)
+        assert (REPO / folder).is_dir() and not (REPO / folder).is_symlink(), source
