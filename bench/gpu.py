@@ -210,6 +210,7 @@ def run_ours(model: torch.nn.Module, batches: list[torch.Tensor], settings: GpuS
     (`lora_form` "pipeline"), or as the named form of `finetune_trainer.lora_fused`, or by peft's own path."""
     from bench.ours import train_causal_lm  # the adapter onto finetune_trainer.train.train_loop
     from finetune_trainer.lora_fused import FORMS, AccumulatedLoRA, MergedLoRA, fuse
+    from finetune_trainer.config import Task
     from finetune_trainer.models import held_at
 
     form = {"pipeline": FORMS.get(device.type), "merged": MergedLoRA, "accumulated": AccumulatedLoRA,
@@ -217,7 +218,7 @@ def run_ours(model: torch.nn.Module, batches: list[torch.Tensor], settings: GpuS
     if form:
         fuse(model, form)  # a full fine-tune has nothing to fuse
     # the frozen base as the pipeline holds it under train_causal_lm's bf16 (a full fine-tune has none)
-    held_at(model, torch.bfloat16 if device.type == "cuda" else None)
+    held_at(model, torch.bfloat16 if device.type == "cuda" else None, Task.CAUSAL_LM)
     if settings.compile:  # as HF's `torch_compile` and our pipeline's `training.compile` do, inductor's defaults
         model = torch.compile(model)
     train_causal_lm(model, batches, settings.learning_rate, timer.last, device, on_step=timer.step_done)

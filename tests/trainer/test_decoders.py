@@ -338,13 +338,13 @@ def test_held_at_casts_only_frozen_linear_weights_it_can_widen_back_exactly() ->
     with torch.no_grad():
         layer.mlp.up_proj.weight[0, 0] = 1 / 3  # no bf16 number
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    held = held_at(model, torch.bfloat16)
+    held = held_at(model, torch.bfloat16, Task.CAUSAL_LM)
     dtypes = {n: p.dtype for n, p in model.named_parameters()}
     assert {n for n, d in dtypes.items() if d == torch.bfloat16} == {
         f"model.layers.0.{n}.weight" for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj",
                                                "self_attn.o_proj", "mlp.gate_proj")}
     assert model.lm_head.weight is model.model.embed_tokens.weight and dtypes["model.embed_tokens.weight"] == torch.float32
-    assert held_at(model, None) == []
+    assert held_at(model, None, Task.CAUSAL_LM) == []
     widened(held)
     assert all(p.dtype == torch.float32 and torch.equal(p, before[n]) for n, p in model.named_parameters())
 
@@ -367,7 +367,7 @@ def test_a_bf16_base_under_lora_trains_held_in_bf16_to_the_same_results(tmp_path
     doc["dataset"] |= {"maxTrainSamples": 32, "maxEvalSamples": 16}
     doc["rearrange"] = {"lora": {"rank": 4, "dropout": 0.0}, "mergeOnExport": True}
     held = pipeline.run(TrainerConfig.model_validate(doc), tmp_path / "out")
-    monkeypatch.setattr(pipeline, "held_at", lambda model, dtype: [])  # as before: every weight in fp32
+    monkeypatch.setattr(pipeline, "held_at", lambda model, dtype, task: [])  # as before: every weight in fp32
     doc["output"]["uri"] = str(tmp_path / "fp32")
     plain = pipeline.run(TrainerConfig.model_validate(doc), tmp_path / "fp32")
     linear = 4 * 16 * 16 + 3 * 16 * 32 + 400 * 16  # the frozen Linear weights: attention, MLP, output layer

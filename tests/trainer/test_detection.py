@@ -1197,3 +1197,22 @@ def test_a_category_without_a_box_in_any_split_is_warned_of_and_kept(pvc_root: P
     data = load_coco(DatasetSpec(uri=str(folder), format="coco"), seed=0)
     assert data.id2label == {1: "shapes-xyz", 2: "circle", 3: "square", 4: "triangle"}
     assert "1 of its 4 categories without a box in any split: 0 ('shapes-xyz')" in caplog.text
+
+
+def test_a_detectors_frozen_layers_stay_fp32_for_its_evaluation_without_autocast() -> None:
+    """A detector evaluates with autocast off (fp32 box decoding): frozen Linear layers of a bf16 checkpoint held at
+    bf16 (models.held_at) made its box head's product mix fp32 and bf16, and every baseline raised."""
+    import torchvision
+
+    from finetune_trainer.detection.models import Detector
+    from finetune_trainer.models import held_at
+
+    net = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None,
+                                                                             num_classes=3)
+    model = Detector(net.to(torch.bfloat16).float(), "fasterrcnn_mobilenet_v3_large_320_fpn", 128, {})
+    for name, p in model.named_parameters():
+        p.requires_grad_("box_predictor" in name)
+    assert held_at(model, torch.bfloat16, Task.OBJECT_DETECTION) == []
+    model.eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model(torch.rand(1, 3, 128, 128))

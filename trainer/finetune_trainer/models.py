@@ -82,14 +82,15 @@ def autocast(device_type: str, dtype: torch.dtype | None) -> torch.autocast:
     return torch.autocast(device_type, dtype=dtype or torch.float32, enabled=dtype is not None)
 
 
-def held_at(model: nn.Module, dtype: torch.dtype | None) -> list[nn.Linear]:
+def held_at(model: nn.Module, dtype: torch.dtype | None, task: Task) -> list[nn.Linear]:
     """The frozen Linear layers of `model` put at the autocast `dtype`, where that loses nothing (a bf16
     checkpoint's weights, widened at load). Autocast casts them to it at each use anyway, so every product is the
     same; in fp32 they took twice the memory, and each use made one more copy, kept for the backward: a Llama 8B's
     frozen base under LoRA held 32 GB of weights and about 13 GB of casts where 16 GB do. A weight that is also
     another module's (an output layer tied to the embeddings, read outside autocast's casts) stays fp32, as do
-    layers without autocast (`dtype` None). `widened` puts them back, exactly, before the export."""
-    if dtype is None:
+    layers without autocast (`dtype` None), and a detector's, which evaluates with autocast off (detection.models:
+    fp32 box decoding). `widened` puts them back, exactly, before the export."""
+    if dtype is None or task == Task.OBJECT_DETECTION:
         return []
     shared = {id(p) for m in model.modules() if type(m) is not nn.Linear for p in m.parameters(recurse=False)}
     held = []

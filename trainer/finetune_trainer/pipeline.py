@@ -408,7 +408,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
         if form := FORMS.get(world.device.type):  # other devices keep peft's own path
             log.info("LoRA computed as %s on %d of the adapted modules", form.__name__, fuse(model, form))
     model.to(world.device)
-    if held := held_at(model, dtype):
+    if held := held_at(model, dtype, task):
         log.info("%d frozen Linear layers held at %s, as autocast computes them (%.0f MiB less)", len(held),
                  precision_name(dtype), sum(p.numel() for m in held for p in m.parameters()) * 2 / 2**20)
     check_one_sample_batches(model, cfg.dataset.image_size, cfg.training.batch_size, len(train_data.lengths))
