@@ -80,6 +80,28 @@ def test_a_checkpointed_lora_causal_lm_steps_as_one_that_is_not() -> None:
     assert checkpointed.config.use_cache  # what the export writes; the layers' forward kept none
 
 
+def test_checkpointed_adapters_on_the_top_layers_take_no_gradient_through_the_frozen_bottom_ones() -> None:
+    """peft's wrapper turns back on the hook giving the embeddings' output a gradient, which checkpointing's
+    reentrant form needs: with it each step recomputed the frozen bottom layers and took their input gradients
+    (half as many FLOPs again on a tiny Llama). Without it the adapters' gradients are those of a run unchecked."""
+    top = [f"model.layers.{i}.self_attn.q_proj" for i in (2, 3)]
+    checkpointed = tiny_llama()
+    checkpoint_layers(checkpointed)
+    models = []
+    for model in (tiny_llama(), checkpointed):
+        torch.manual_seed(2)
+        wrapped = add_adapters(model, LoraSpec(rank=4, alpha=8, dropout=0, targetModules=top), top, None)
+        for name, p in wrapped.named_parameters():
+            if "lora_B" in name:
+                nn.init.normal_(p, std=0.1)
+        models.append(wrapped)
+    plain, checkpointed = models
+    graded = []
+    checkpointed.get_input_embeddings().register_forward_hook(lambda m, i, out: graded.append(out.requires_grad))
+    assert_same_step(plain, checkpointed, token_batch(TINY_LLAMA["vocab_size"]), Task.CAUSAL_LM)
+    assert graded == [False]
+
+
 def test_a_checkpointed_minilm_classifier_steps_as_one_that_is_not(pvc_root: Path) -> None:
     spec = ModelSpec(task="sequence-classification", uri="pvc://models/all-MiniLM-L6-v2",
                      config={"hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0})

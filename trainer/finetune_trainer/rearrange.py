@@ -92,6 +92,10 @@ def add_adapters(model: nn.Module, spec: LoraSpec, targets: list[str], head: str
         wrapped = get_peft_model(model, config)
     except ValueError as exc:  # peft's NoMatchingPeftModuleError among them
         raise ConfigError(f"rearrange.lora.targetModules {targets}: {exc}") from exc
+    if getattr(model, "is_gradient_checkpointing", False):
+        # peft puts back the embeddings' input-gradient hook that checkpoint_layers removes, for the reentrant form:
+        # with it every step recomputes the frozen bottom layers and takes their input gradients, training nothing.
+        model.disable_input_require_grads()
     keep_whole(wrapped, whole)
     trainable, total = wrapped.get_nb_trainable_parameters()
     log.info("%s adapters (r=%d) on %d modules: %s of %s parameters train (%.2f%%)", spec.variant.value, spec.rank,
