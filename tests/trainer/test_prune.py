@@ -22,7 +22,7 @@ from finetune_trainer.config import FreezeSpec, HealSpec, LoraSpec, ModelSpec, P
 from finetune_trainer.data import Split
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.export import export_model
-from finetune_trainer.models import load_model, load_tokenizer, logits_of
+from finetune_trainer.models import checkpoint_layers, load_model, load_tokenizer, logits_of
 from finetune_trainer.pipeline import run
 from finetune_trainer.structure import depth, pruned_depth
 
@@ -267,6 +267,29 @@ def test_healing_trains_the_kept_layers_back_towards_the_unpruned_models_hidden_
     assert all(p.requires_grad for p in pruned.bert.encoder.parameters())
     for key, value in teacher.state_dict().items():  # the target is left as it was
         assert torch.equal(value, model.state_dict()[key]), key
+
+
+def test_healing_checkpoints_the_layers_where_training_does(minilm) -> None:
+    """Healing trains in eval mode, where transformers checkpoints no layer: a job that turned
+    training.gradientCheckpointing on to fit kept every layer's activations there and ran out of memory. Checkpointed,
+    it saves a fraction of the bytes for the backward, and heals to the same weights."""
+    model, _, batches = minilm
+    healed, saved = [], []
+    for on in (False, True):
+        pruned = copy.deepcopy(model)
+        prune.remove_layers(pruned, Task.SEQUENCE_CLASSIFICATION, [1, 2])
+        if on:
+            checkpoint_layers(pruned)
+        nbytes = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: nbytes.append(t.untyped_storage().nbytes()) or t,
+                                                      lambda t: t):
+            prune.heal(pruned, model, Task.SEQUENCE_CLASSIFICATION, batches, HealSpec(steps=1))
+        assert not any(m.training for m in pruned.modules())  # the layers' flags put back
+        healed.append(pruned.state_dict())
+        saved.append(sum(nbytes))
+    assert 0 < 2 * saved[1] < saved[0], saved
+    for key, value in healed[0].items():
+        torch.testing.assert_close(healed[1][key], value, msg=key)
 
 
 def fp16_heal(teacher: torch.nn.Module, pruned: torch.nn.Module, batches: list[Batch], steps: int) -> dict[str, float]:

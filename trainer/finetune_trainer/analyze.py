@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from finetune_trainer.batches import Batch
 from finetune_trainer.config import Task
 from finetune_trainer.errors import FatalFinding
-from finetune_trainer.models import autocast, cache_off, logits_of, new_modules
+from finetune_trainer.models import autocast, cache_off, checkpointing_in_eval, logits_of, new_modules
 from finetune_trainer.prune import importance
 from finetune_trainer.structure import calls_per_forward, head_name, lora_candidates, lora_types, unread_layers
 
@@ -271,16 +271,10 @@ def measure_step(model: nn.Module, loss: Callable[[Batch], torch.Tensor], batche
 
 @contextlib.contextmanager
 def checkpointing(model: nn.Module, keep: Callable[[torch.Tensor], torch.Tensor]) -> Iterator[None]:
-    """The layers that checkpoint in training (training.gradientCheckpointing) checkpoint meanwhile in eval mode too,
-    so that the probe measures the run's activations: transformers checkpoints a layer while the layer's own
-    `training` flag is set, set here on the layer alone (the dropout inside stays off). What such a layer keeps for
-    its recompute is its inputs, which no saved-tensor hook sees: each goes to `keep` as the layer is called. The
-    backward recomputes one layer's activations at a time on top, which only the measured peak includes."""
-    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) and not m.training]
-    if layers:  # the flag is on the model too; the layers are those transformers' wrapper checkpoints
-        from transformers.modeling_layers import GradientCheckpointingLayer
-
-        layers = [m for m in layers if isinstance(m, GradientCheckpointingLayer)]
+    """The layers that checkpoint in training checkpoint in the probe's eval mode too (`checkpointing_in_eval`), so
+    that it measures the run's activations. What such a layer keeps for its recompute is its inputs, which no
+    saved-tensor hook sees: each goes to `keep` as the layer is called. The backward recomputes one layer's
+    activations at a time on top, which only the measured peak includes."""
 
     def inputs_kept(module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         for value in (*args, *kwargs.values()):
@@ -288,16 +282,13 @@ def checkpointing(model: nn.Module, keep: Callable[[torch.Tensor], torch.Tensor]
                 if isinstance(t, torch.Tensor) and torch.is_grad_enabled():
                     keep(t)
 
-    hooks = [layer.register_forward_pre_hook(inputs_kept, with_kwargs=True) for layer in layers]
-    for layer in layers:
-        layer.training = True
-    try:
-        yield
-    finally:
-        for layer in layers:
-            layer.training = False
-        for hook in hooks:
-            hook.remove()
+    with checkpointing_in_eval(model) as layers:
+        hooks = [layer.register_forward_pre_hook(inputs_kept, with_kwargs=True) for layer in layers]
+        try:
+            yield
+        finally:
+            for hook in hooks:
+                hook.remove()
 
 
 def mark_reached(name: str, reached: set[str]) -> Any:

@@ -148,6 +148,25 @@ def checkpoint_layers(model: nn.Module) -> None:
 
 
 @contextlib.contextmanager
+def checkpointing_in_eval(model: nn.Module) -> Iterator[list[nn.Module]]:
+    """The layers that checkpoint in training (training.gradientCheckpointing) checkpoint meanwhile in eval mode too
+    (the analysis probe's step, healing's): transformers checkpoints a layer while the layer's own `training` flag is
+    set, set here on the layer alone (the dropout inside stays off). Yields those layers."""
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) and not m.training]
+    if layers:  # the flag is on the model too; the layers are those transformers' wrapper checkpoints
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers = [m for m in layers if isinstance(m, GradientCheckpointingLayer)]
+    for layer in layers:
+        layer.training = True
+    try:
+        yield layers
+    finally:
+        for layer in layers:
+            layer.training = False
+
+
+@contextlib.contextmanager
 def cache_off(model: nn.Module) -> Iterator[None]:
     """A transformers model whose forward keeps a key/value cache (a causal LM, its classifiers) keeps none meanwhile,
     as in an evaluation, whose forward under no_grad would otherwise hold every layer's keys and values to its end;

@@ -40,7 +40,7 @@ from torch import nn
 from finetune_trainer.batches import Batch
 from finetune_trainer.config import HealSpec, PruneSpec, Task
 from finetune_trainer.errors import ConfigError
-from finetune_trainer.models import autocast, logits_of, without_cache
+from finetune_trainer.models import autocast, checkpointing_in_eval, logits_of, without_cache
 from finetune_trainer.structure import Depth, SplitLayers, in_eval, layer_units, lora_types
 from finetune_trainer.train import diverged, grad_scaler, scaled_step, unscaled_norm
 
@@ -452,9 +452,10 @@ def heal(model: nn.Module, teacher: nn.Module, task: Task, batches: Iterable[Bat
          dtype: torch.dtype | None = None) -> dict[str, float]:
     """Train the pruned `model`'s layers (not its embeddings or head) so that its last hidden states match
     `teacher`'s, the model before pruning: mean squared error over real tokens, AdamW, clipped at norm 1, in eval
-    mode on both (no dropout: a regression onto fixed targets). Under fp16 the loss is scaled as the training loop's
-    is, and a step whose gradients overflow is skipped (counted in the steps; the warmup waits), until the loss
-    scale is below 1 (LossNotFinite, as the training loop's). Returns the steps,
+    mode on both (no dropout: a regression onto fixed targets), the model's layers checkpointed where they are for
+    training (training.gradientCheckpointing: a job that needs it to fit needs it here too). Under fp16 the loss is
+    scaled as the training loop's is, and a step whose gradients overflow is skipped (counted in the steps; the
+    warmup waits), until the loss scale is below 1 (LossNotFinite, as the training loop's). Returns the steps,
     those skipped, the seconds and the mean cosine of the two models' states on the first batch, before and after."""
     params = list(stack_for(model, task, "rearrange.prune.heal")[1].parameters())
     device = next(model.parameters()).device
@@ -475,33 +476,34 @@ def heal(model: nn.Module, teacher: nn.Module, task: Task, batches: Iterable[Bat
     first: tuple[Batch, torch.Tensor] | None = None
     steps = skipped = 0
     try:
-        for batch in batches:
-            if steps == spec.steps:
-                break
+        with checkpointing_in_eval(model):  # training.gradientCheckpointing holds here too
+            for batch in batches:
+                if steps == spec.steps:
+                    break
+                with autocast(device.type, dtype):
+                    with torch.no_grad():
+                        target = last_hidden(teacher, batch.inputs)
+                    if first is None:
+                        first = (batch, target)
+                        cosine_before = agreement(model, batch, target)
+                    mask = real_tokens(batch)
+                    loss = (((last_hidden(model, batch.inputs) - target) ** 2).mean(-1) * mask).sum() / mask.sum()
+                rate = f"rearrange.prune.heal.learningRate ({spec.learning_rate})"
+                if not torch.isfinite(loss):
+                    raise diverged(f"rearrange.prune.heal: the healing loss is {loss.item()} at step {steps + 1}",
+                                   dtype, rate)
+                scaler.scale(loss).backward()
+                norm = float(unscaled_norm(scaler, optimizer, params, HEAL_MAX_NORM))
+                if scaled_step(scaler, optimizer, norm, lambda: diverged(
+                        f"rearrange.prune.heal: the gradient norm is {norm} at step {steps + 1}", dtype, rate)):
+                    scheduler.step()
+                else:
+                    skipped += 1
+                steps += 1
+            if first is None:
+                raise ConfigError("rearrange.prune.heal: no batches to heal on")
             with autocast(device.type, dtype):
-                with torch.no_grad():
-                    target = last_hidden(teacher, batch.inputs)
-                if first is None:
-                    first = (batch, target)
-                    cosine_before = agreement(model, batch, target)
-                mask = real_tokens(batch)
-                loss = (((last_hidden(model, batch.inputs) - target) ** 2).mean(-1) * mask).sum() / mask.sum()
-            rate = f"rearrange.prune.heal.learningRate ({spec.learning_rate})"
-            if not torch.isfinite(loss):
-                raise diverged(f"rearrange.prune.heal: the healing loss is {loss.item()} at step {steps + 1}", dtype,
-                               rate)
-            scaler.scale(loss).backward()
-            norm = float(unscaled_norm(scaler, optimizer, params, HEAL_MAX_NORM))
-            if scaled_step(scaler, optimizer, norm, lambda: diverged(
-                    f"rearrange.prune.heal: the gradient norm is {norm} at step {steps + 1}", dtype, rate)):
-                scheduler.step()
-            else:
-                skipped += 1
-            steps += 1
-        if first is None:
-            raise ConfigError("rearrange.prune.heal: no batches to heal on")
-        with autocast(device.type, dtype):
-            cosine_after = agreement(model, *first)
+                cosine_after = agreement(model, *first)
     finally:
         for p, flag in zip(model.parameters(), requires):
             p.requires_grad_(flag)
