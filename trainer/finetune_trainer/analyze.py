@@ -25,7 +25,8 @@ from torch.utils.flop_counter import FlopCounterMode
 from finetune_trainer.batches import Batch
 from finetune_trainer.config import Task
 from finetune_trainer.errors import FatalFinding
-from finetune_trainer.models import autocast, cache_off, checkpointing_in_eval, logits_of, new_modules
+from finetune_trainer.models import (autocast, cache_off, checkpointed_layers, checkpointing_in_eval, logits_of,
+                                     new_modules)
 from finetune_trainer.prune import importance
 from finetune_trainer.structure import calls_per_forward, head_name, lora_candidates, lora_types, unread_layers
 
@@ -392,6 +393,14 @@ def memory_model(params: dict[str, nn.Parameter], activations: int, largest_acti
             + transient,
             "measured_probe_peak": None if peak is None else int(peak),
             "measured_by": measured_by}
+
+
+def cast_copies(model: nn.Module, held: list[nn.Linear]) -> int:
+    """The bytes of autocast's copies of the `held` layers' weights (models.held_at), which the probe counted among
+    the activations (each kept for its layer's input gradient) and a held layer no longer makes; none for a layer
+    inside one that checkpoints, whose saved tensors the probe does not see."""
+    inside = {id(m) for layer in checkpointed_layers(model) for m in layer.modules()}
+    return sum(m.weight.numel() * m.weight.element_size() for m in held if id(m) not in inside)
 
 
 def findings(report: StructureReport, params: dict[str, nn.Parameter], task: Task) -> list[Finding]:

@@ -147,16 +147,23 @@ def checkpoint_layers(model: nn.Module) -> None:
     model.disable_input_require_grads()
 
 
+def checkpointed_layers(model: nn.Module) -> list[nn.Module]:
+    """The layers that checkpoint in training (training.gradientCheckpointing): those transformers' wrapper
+    checkpoints, with the flag on (the model has the flag too)."""
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False)]
+    if layers:
+        from transformers.modeling_layers import GradientCheckpointingLayer
+
+        layers = [m for m in layers if isinstance(m, GradientCheckpointingLayer)]
+    return layers
+
+
 @contextlib.contextmanager
 def checkpointing_in_eval(model: nn.Module) -> Iterator[list[nn.Module]]:
     """The layers that checkpoint in training (training.gradientCheckpointing) checkpoint meanwhile in eval mode too
     (the analysis probe's step, healing's): transformers checkpoints a layer while the layer's own `training` flag is
     set, set here on the layer alone (the dropout inside stays off). Yields those layers."""
-    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) and not m.training]
-    if layers:  # the flag is on the model too; the layers are those transformers' wrapper checkpoints
-        from transformers.modeling_layers import GradientCheckpointingLayer
-
-        layers = [m for m in layers if isinstance(m, GradientCheckpointingLayer)]
+    layers = [m for m in checkpointed_layers(model) if not m.training]
     for layer in layers:
         layer.training = True
     try:

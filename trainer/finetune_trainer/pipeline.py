@@ -422,7 +422,8 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     progress.message["analysis"].update(totalParameters=total, trainableParameters=trainable)
     # The analysis modelled the model as loaded (all of it training); this is what will train.
     memory = analysis.memory_model(dict(model.named_parameters()),
-                                   report.memory["activations"], report.memory["largest_activation"])
+                                   report.memory["activations"] - analysis.cast_copies(model, held),
+                                   report.memory["largest_activation"])
     log.info("memory model after rearrange (MiB, activations as probed before freezing): %s",
              analysis.memory_line(memory))
 
