@@ -25,6 +25,7 @@ from finetune_trainer.config import Stage
 from finetune_trainer.errors import NoSpaceLeft, no_space_in
 from finetune_trainer.telemetry import (ADDR_ENV, PORT_ENV, TERMINATION_ENV, Metrics, peak_flops,
                                         termination_message, write_failure, write_termination)
+from finetune_trainer.uris import local_path
 from tiny import TINY_BERT, TINY_GPT2, bpe_tokenizer, free_port, tiny_classifier_doc
 
 CPU = torch.device("cpu")
@@ -247,6 +248,49 @@ def test_an_output_uri_that_is_not_local_is_refused_naming_it(tmp_path: Path, te
     sent = json.loads(termination.read_text())
     assert (sent["exitCode"], sent["reason"], sent["stage"]) == (1, "InvalidConfig", "Starting"), sent
     assert sent["message"].startswith("output.uri: hf://org/name: not a local URI"), sent
+
+
+@pytest.mark.parametrize("spelling", ["link", "file"])
+def test_an_output_folder_in_the_dataset_folder_is_refused_before_loading(spelling: str, tmp_path: Path,
+                                                                          termination: Path) -> None:
+    """An output in the dataset's folder was taken: the run succeeded, and every retry walked the folder again,
+    outputs included (csv and the checkpoints' json: refused as two formats; an export's plot: a new class). Spelled
+    otherwise than dataset.uri (a link to the folder, file://), which the literal rule lets through."""
+    data = tmp_path / "data"
+    data.mkdir()
+    (data / "sentiment.csv").write_bytes(local_path("pvc://data/sentiment/sentiment.csv").read_bytes())
+    (tmp_path / "link").symlink_to(data)
+    doc = tiny_classifier_doc(tmp_path / "link" / "out")
+    doc["dataset"]["uri"] = str(data)
+    if spelling == "file":
+        doc |= {"output": {"uri": f"file://{data}/out"}}
+    assert run(doc, tmp_path) == 1
+    sent = json.loads(termination.read_text())
+    assert (sent["exitCode"], sent["reason"], sent["stage"]) == (1, "InvalidConfig", "Starting"), sent
+    assert f"is in the folder of dataset.uri {data}: a retry would read the outputs as data" in sent["message"], sent
+    assert not (data / "out").exists()
+
+
+def test_data_in_the_output_folder_is_refused_only_where_the_export_writes(tmp_path: Path) -> None:
+    """Data in a folder of its own in the output folder is read alone, and the export leaves it; data in one the
+    export replaces whole (adapter/) would be gone at the next attempt."""
+    from finetune_trainer import pipeline
+    from finetune_trainer.config import TrainerConfig
+    from finetune_trainer.errors import ConfigError
+
+    out = tmp_path / "out"
+    for folder in ("data", "adapter"):
+        (out / folder).mkdir(parents=True)
+        (out / folder / "sentiment.csv").write_bytes(local_path("pvc://data/sentiment/sentiment.csv").read_bytes())
+
+    def reads(folder: str) -> TrainerConfig:
+        doc = tiny_classifier_doc(out)
+        doc["dataset"]["uri"] = str(out / folder / "sentiment.csv")
+        return TrainerConfig.model_validate(doc)
+
+    pipeline.check_output_apart(reads("data"), out)
+    with pytest.raises(ConfigError, match=rf"{out} is the folder of dataset.uri {out}/adapter/sentiment.csv: "):
+        pipeline.check_output_apart(reads("adapter"), out)
 
 
 @pytest.fixture

@@ -630,7 +630,8 @@ class OutputSpec(ApiModel):
     """Stage 6: where the fine-tuned model, its report and the checkpoints go."""
 
     uri: Uri = Field(description="Output folder: pvc://<claim>/<path> or an absolute path; not the folder of model.uri "
-                     "or of the distillation teacher, whose files the export would overwrite.")
+                     "or of the distillation teacher, whose files the export would overwrite, and not in the folder "
+                     "of dataset.uri (or of the healing texts), where a retry would read the outputs as data.")
 
 
 # Unset evaluation.metrics: the task's own (a default that fits every task would leave causal-lm and detection jobs
@@ -656,6 +657,14 @@ def _same_folder(a: str, b: str | None) -> bool:  # as _same_folder_cel says it,
     return b is not None and (b in (a, a + "/") or a == b + "/")
 
 
+def _inside_cel(a: str, b: str) -> str:
+    return f"({a} + '/').startsWith({b}.endsWith('/') ? {b} : {b} + '/')"
+
+
+def _inside(a: str, b: str | None) -> bool:  # as _inside_cel says it: folder a is b, or under it
+    return b is not None and (a + "/").startswith(b if b.endswith("/") else b + "/")
+
+
 def _detection_metrics_only_for_detectors(spec: Any) -> bool:
     if spec.evaluation.metrics is None:
         return True
@@ -668,10 +677,16 @@ _HEALS_ON_TEXTS = ("has(self.rearrange.prune) && has(self.rearrange.prune.heal)"
                    " && has(self.rearrange.prune.heal.dataset)")
 
 
+def _healing_texts(spec: Any) -> TextsSpec | None:
+    """rearrange.prune.heal.dataset; None where healing reads no texts of its own."""
+    heal = spec.rearrange.prune.heal if spec.rearrange.prune else None
+    return None if heal is None else heal.dataset
+
+
 def _healing_pairs(spec: Any) -> bool | None:
     """Whether rearrange.prune.heal.dataset is read as pairs of texts; None where healing reads no texts of its own."""
-    heal = spec.rearrange.prune.heal if spec.rearrange.prune else None
-    return None if heal is None or heal.dataset is None else heal.dataset.text_pair_field is not None
+    texts = _healing_texts(spec)
+    return None if texts is None else texts.text_pair_field is not None
 
 
 class TrainerConfig(ApiModel):
@@ -819,6 +834,15 @@ class TrainerConfig(ApiModel):
             or not _same_folder(c.output.uri, c.training.distillation.teacher.uri),
             message="output.uri is the teacher's folder (training.distillation.teacher.uri): the export would "
             "overwrite the teacher; give the output a folder of its own",
+            field="output.uri",
+        ),
+        Rule(  # a folder's format is found by walking it: a retry would read the outputs (checkpoints, plots) as data
+            cel="!" + _inside_cel("self.output.uri", "self.dataset.uri") + f" && (!({_HEALS_ON_TEXTS}) || !"
+            + _inside_cel("self.output.uri", "self.rearrange.prune.heal.dataset.uri") + ")",
+            holds=lambda c: not _inside(c.output.uri, c.dataset.uri)
+            and ((texts := _healing_texts(c)) is None or not _inside(c.output.uri, texts.uri)),
+            message="output.uri is the folder of dataset.uri (or of rearrange.prune.heal.dataset.uri) or under it: a "
+            "retry would read the outputs as data; give the output a folder outside the data's",
             field="output.uri",
         ),
     )

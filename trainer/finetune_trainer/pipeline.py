@@ -522,14 +522,28 @@ def check_output_apart(cfg: TrainerConfig, out: Path) -> None:
     (file:// and a path, '//', '/./', a link, --output), which the CRD's literal rule lets through, are caught; a
     weights file's folder is the one compared (model.uri .../det/model.safetensors, output .../det), where the file
     has a name the export writes (others it leaves alone), and so is anything under a folder the export replaces
-    whole (model.uri .../det/adapter)."""
-    read = {"model.uri": cfg.model.uri}
+    whole (model.uri .../det/adapter). Nor is it in a data folder: a retry walks that again, and would read the
+    outputs as data (a second format, a class of plots). Data in the output folder is read alone: refused only where
+    the export writes."""
+    data = {field: uri for field, uri in data_uris(cfg).items() if not uri.startswith("hf://")}
+    for field, uri in data.items():  # a data file holds no folder; one that is not there is the data's to report
+        if os.path.isdir(local_path(uri)) and written_over(Path(os.path.realpath(out)), local_path(uri), inside=True):
+            raise ConfigError(f"output.uri (or --output): {out} is in the folder of {field} {uri}: a retry would "
+                              "read the outputs as data; give the output a folder outside it")
+    read = {"model.uri": cfg.model.uri} | data
     if cfg.training.distillation is not None:
         read["training.distillation.teacher.uri"] = cfg.training.distillation.teacher.uri
     for field, uri in read.items():
         if uri is not None and not uri.startswith("hf://") and overwritten(local_path(uri), out):
             raise ConfigError(f"output.uri (or --output): {out} is the folder of {field} {uri}: the export would "
                               "overwrite it; give the output a folder of its own")
+
+
+def data_uris(cfg: TrainerConfig) -> dict[str, str]:
+    """The data the run reads, by field."""
+    heal = cfg.rearrange.prune.heal if cfg.rearrange.prune else None
+    return {"dataset.uri": cfg.dataset.uri,
+            **({"rearrange.prune.heal.dataset.uri": heal.dataset.uri} if heal and heal.dataset else {})}
 
 
 def overwritten(path: Path, out: Path) -> bool:
@@ -554,12 +568,12 @@ def own_links(folder: Path) -> list[Path]:
         return []
 
 
-def written_over(read: Path, out: Path) -> bool:
-    """Whether the path `read` is `out`, or a name in it the export writes, or under one."""
+def written_over(read: Path, out: Path, inside: bool = False) -> bool:
+    """Whether the path `read` is `out`, or a name in it the export writes, or under one; `inside`: anywhere in it."""
     if os.path.isdir(read) and os.path.samefile(read, out):
         return True
-    return any(os.path.isdir(inner.parent) and os.path.samefile(inner.parent, out) and export.of_an_export(inner)
-               for inner in (read, *read.parents))
+    return any(os.path.isdir(inner.parent) and os.path.samefile(inner.parent, out)
+               and (inside or export.of_an_export(inner)) for inner in (read, *read.parents))
 
 
 def check_output(out: Path) -> None:
