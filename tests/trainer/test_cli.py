@@ -239,6 +239,19 @@ def test_an_output_folder_that_cannot_be_made_exits_1_before_loading(output: str
     assert sent["message"].startswith(f"output.uri (or --output): cannot write to {tmp_path / output}: "), sent
 
 
+def test_output_takes_the_place_of_output_uri(tmp_path: Path, termination: Path,
+                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """--output on a config without output was refused "output: Field required"; with one, the report named the
+    config's output.uri, not the folder written. A relative --output is the working folder's."""
+    doc = tiny_classifier_doc(tmp_path / "unused")
+    del doc["output"]
+    (path := tmp_path / "bare.json").write_text(json.dumps(doc))
+    monkeypatch.chdir(tmp_path)
+    assert cli.main(["run", str(path), "--output", "x"]) == 0, termination.read_text()
+    report = json.loads((tmp_path / "x" / "report.json").read_text())
+    assert report["config"]["output"] == {"uri": str(tmp_path / "x")}
+
+
 def test_an_output_uri_that_is_not_local_is_refused_naming_it(tmp_path: Path, termination: Path) -> None:
     """Run on its own without --output, an hf:// output (which the operator refuses at admission) exited 1 saying
     only "not a local URI", and wrote no termination message."""

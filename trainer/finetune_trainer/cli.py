@@ -77,13 +77,14 @@ def start(args: argparse.Namespace) -> int:
     from finetune_trainer.rules import error_lines
 
     try:
-        cfg = TrainerConfig.from_file(args.config)
+        # an absolute --output: output.uri takes no relative path
+        cfg = TrainerConfig.from_file(args.config, os.path.abspath(args.output) if args.output else None)
     except ValidationError as exc:
         problem = f"{args.config} is not a valid config:\n  " + "\n  ".join(error_lines(exc))
     except (OSError, ValueError, yaml.YAMLError) as exc:
         problem = f"cannot read {args.config}: {exc}"
     else:
-        return execute(cfg, args.output)
+        return execute(cfg)
     return refuse(problem)
 
 
@@ -98,12 +99,12 @@ def refuse(problem: str) -> int:
     return EXIT_USER_ERROR
 
 
-def execute(cfg: Any, output: Path | None) -> int:
+def execute(cfg: Any) -> int:
     from finetune_trainer import pipeline
     from finetune_trainer.uris import local_path
 
     try:
-        out = output or local_path(cfg.output.uri)
+        out = local_path(cfg.output.uri)
     except UserError as exc:  # hf://, which the operator refuses at admission; here, without --output
         return refuse(f"output.uri: {exc}; give a local one, or --output")
     try:

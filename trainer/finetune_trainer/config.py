@@ -853,8 +853,9 @@ class TrainerConfig(ApiModel):
         return self.evaluation.metrics or list(DEFAULT_METRICS.get(self.model.task, CLASSIFIER_METRICS))
 
     @classmethod
-    def from_document(cls, doc: dict[str, Any]) -> TrainerConfig:
-        """Accept a FineTuneJob manifest (its runtime fields are the operator's business) or a bare config.
+    def from_document(cls, doc: dict[str, Any], output: str | None = None) -> TrainerConfig:
+        """Accept a FineTuneJob manifest (its runtime fields are the operator's business) or a bare config; `output`
+        (--output) replaces output.uri before the checks, so that they and the report see the folder written.
         Anything else is a ValueError, which the CLI reports as the user's (an empty file reads as None)."""
         if not isinstance(doc, dict):
             raise ValueError(f"a config is a mapping (a FineTuneJob or its spec), not {type(doc).__name__}")
@@ -862,17 +863,17 @@ class TrainerConfig(ApiModel):
             spec = doc.get("spec") or {}
             if not isinstance(spec, dict):
                 raise ValueError(f"the FineTuneJob's spec is a mapping, not {type(spec).__name__}")
-            return cls.from_wire({k: v for k, v in spec.items() if k not in OPERATOR_SPEC_FIELDS})
-        return cls.from_wire(doc)
+            doc = {k: v for k, v in spec.items() if k not in OPERATOR_SPEC_FIELDS}
+        return cls.from_wire(doc | ({"output": {"uri": output}} if output is not None else {}))
 
     @classmethod
-    def from_file(cls, path: str | Path) -> TrainerConfig:
+    def from_file(cls, path: str | Path, output: str | None = None) -> TrainerConfig:
         """One document, or the one FineTuneJob among several (a job.yaml with its claims, as kubectl applies it)."""
         docs = [d for d in yaml.load_all(Path(path).read_text(), Loader=KubectlLoader) if d is not None]
         jobs = [d for d in docs if isinstance(d, dict) and d.get("kind") == "FineTuneJob"]
         if len(docs) > 1 and len(jobs) != 1:
             raise ValueError(f"{len(docs)} documents with {len(jobs)} FineTuneJobs in it: the trainer runs one")
-        return cls.from_document(jobs[0] if jobs else (docs or [None])[0])
+        return cls.from_document(jobs[0] if jobs else (docs or [None])[0], output)
 
 
 # The FineTuneJob spec's fields beyond the trainer's (finetune_operator.api.FineTuneJobSpec's runtime and lifecycle):
