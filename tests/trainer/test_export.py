@@ -22,6 +22,7 @@ from finetune_trainer.errors import Terminated
 from finetune_trainer.export import export_model
 from finetune_trainer.models import load_model, load_tokenizer
 from finetune_trainer.rearrange import add_adapters, new_head
+from finetune_trainer.structure import head_name
 from finetune_trainer.uris import hub_parts
 
 from tiny import (TINY_BERT, TINY_GPT2, bpe_tokenizer, card_model, saved_bert, tiny_classifier_doc,
@@ -605,3 +606,23 @@ def test_a_pair_classifier_of_one_segment_takes_no_segment_ids(tmp_path: Path) -
     # and the export's tokenizer gives none either: the card's classify failed so, as transformers' pipeline would
     card = (tmp_path / "out" / "README.md").read_text()
     assert card_model(card, tmp_path / "out", "classify")("a fine day", "the a fine day").shape == (1, 3)
+
+
+@pytest.mark.parametrize(("architecture", "positions"), [("bert", 64), ("roberta", 66)])
+def test_the_exported_tokenizer_truncates_to_the_positions_a_model_built_from_its_config_has(
+        architecture: str, positions: int, tmp_path: Path) -> None:
+    """A model built from model.config (64 positions; RoBERTa's 66, less its offset of 2) kept its tokenizer's 512:
+    transformers' pipeline truncated a long text to 512 tokens, and the model's position table refused them."""
+    from transformers import pipeline as hf_pipeline
+
+    spec = ModelSpec(task=Task.SEQUENCE_CLASSIFICATION, architecture=architecture,
+                     config=TINY_BERT | {"max_position_embeddings": positions}, tokenizerUri=TOKENIZER)
+    tokenizer = load_tokenizer(spec)
+    model = load_model(spec, tokenizer, seed=0)
+    labels = {0: "neg", 1: "pos"}
+    new_head(model, head_name(model, Task.SEQUENCE_CLASSIFICATION), 2, labels, reinitialize=True)
+    doc = tiny_classifier_doc(tmp_path / "out")
+    doc["model"] = spec.to_wire()
+    export_model(model, tokenizer, labels, TrainerConfig.model_validate(doc), tmp_path / "out")
+    classify = hf_pipeline("text-classification", model=str(tmp_path / "out"))
+    assert classify("word " * 100, truncation=True)[0]["label"] in labels.values()

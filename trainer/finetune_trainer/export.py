@@ -41,7 +41,7 @@ from finetune_trainer.config import Task, TrainerConfig
 from finetune_trainer.data import by_number
 from finetune_trainer.detection.models import Detector, class_count
 from finetune_trainer.matplotlib_folder import matplotlib_folder
-from finetune_trainer.models import ImageClassifier, has_causal_switch, one_segment
+from finetune_trainer.models import ImageClassifier, has_causal_switch, one_segment, positions_of
 from finetune_trainer.structure import head_name
 from finetune_trainer.uris import hub_parts, local_path
 
@@ -212,6 +212,10 @@ def export_model(model: nn.Module, tokenizer: Any, id2label: dict[int, str], cfg
         if cfg.model.task == Task.CAUSAL_LM or one_segment(model):
             names = [n for n in tokenizer.model_input_names if n != "token_type_ids"]
             tokenizer.model_input_names = tokenizer.init_kwargs["model_input_names"] = names
+        # A model built from model.config may take fewer positions than the tokenizer's (MiniLM's 512): truncation
+        # to the tokenizer's limit (transformers' pipeline) then overran the model's table
+        if (positions := positions_of(model)) is not None and positions < tokenizer.model_max_length:
+            tokenizer.model_max_length = tokenizer.init_kwargs["model_max_length"] = positions
         tokenizer.save_pretrained(out)
     if id2label:
         (out / "labels.json").write_text(json.dumps({str(k): v for k, v in id2label.items()}, indent=2))

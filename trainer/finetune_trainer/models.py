@@ -404,16 +404,21 @@ def stops_where_texts_end(model: nn.Module, tokenizer) -> None:
         generation.eos_token_id = [*ids, end] if ids else end
 
 
-def check_positions(model: nn.Module, max_length: int) -> None:
-    """A sample longer than the model's position table fails deep in its embedding (an IndexError, which would
-    read as infrastructure); say which field to change instead."""
+def positions_of(model: nn.Module) -> int | None:
+    """The longest input the model's position table takes; None where it has none (or is not a transformer)."""
     config = getattr(model, "config", None)
     positions = next((getattr(config, key) for key in ("max_position_embeddings", "n_positions")
                       if isinstance(getattr(config, key, None), int)), None)
     # RoBERTa and its kin number positions from their pad id + 1, the position table's padding row.
     offset = next((m.padding_idx + 1 for name, m in model.named_modules() if name.endswith("position_embeddings")
                    and isinstance(m, nn.Embedding) and m.padding_idx is not None), 0)
-    if positions is not None and max_length > (positions := positions - offset):
+    return None if positions is None else positions - offset
+
+
+def check_positions(model: nn.Module, max_length: int) -> None:
+    """A sample longer than the model's position table fails deep in its embedding (an IndexError, which would
+    read as infrastructure); say which field to change instead."""
+    if (positions := positions_of(model)) is not None and max_length > positions:
         raise ConfigError(f"dataset.maxLength {max_length} exceeds the {positions} positions the model has; "
                           f"set it to {positions} or less")
 
