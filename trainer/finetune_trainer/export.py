@@ -322,7 +322,10 @@ def base_as_published(model: nn.Module, cfg: TrainerConfig) -> bool:
 
 
 def adapters_base(model: nn.Module, cfg: TrainerConfig) -> tuple[str | None, str | None]:
-    """The base and revision the adapters' config names, which peft's AutoPeftModel loads under them. None where
+    """The base and revision the adapters' config names: what peft's AutoPeftModelForCausalLM loads under them. A
+    classifier's is named too, but AutoPeftModelForSequenceClassification builds that base with its own number of
+    labels (2 unless its config says otherwise), and fails on a head of another size: the card's code builds the
+    base with num_labels and puts the adapters on it (PeftModel.from_pretrained). None where
     model.uri as published is not their base (`base_as_published`): with none named it fails, and the card's code
     builds the base they were trained on. An hf:// repo by its id and the commit loaded: peft named the model's own
     path, the pod's hub cache snapshot, which loads nowhere else, and no revision (the repo's main of the day). None
