@@ -1780,8 +1780,8 @@ def test_a_classifier_checkpoints_head_module_trains_as_its_head(architecture: s
     ("distilbert", {"pre_classifier", "classifier"}),
     ("bert", {"classifier"}),  # MiniLM's: its pooler is the checkpoint's, so it keeps adapters
 ])
-def test_the_task_head_a_base_checkpoint_lacks_trains_whole(architecture: str, head: set[str],
-                                                            tmp_path: Path) -> None:
+def test_the_task_head_a_base_checkpoint_lacks_trains_whole(architecture: str, head: set[str], tmp_path: Path,
+                                                            caplog: pytest.LogCaptureFixture) -> None:
     """A base (AutoModel's) checkpoint lacks all of the classification head, which transformers initialises at random:
     RoBERTa's classifier.dense beside its out_proj, DistilBERT's pre_classifier. Only the last Linear trained whole,
     so a linear probe (all-but-head) ran on a random projection, and LoRA put a low-rank change on it."""
@@ -1811,9 +1811,12 @@ def test_the_task_head_a_base_checkpoint_lacks_trains_whole(architecture: str, h
     adapter = json.loads((apart / "adapter" / "adapter_config.json").read_text())
     assert all(within(m, tuple(adapter["modules_to_save"])) for m in head)  # RoBERTa's whole classifier
     assert not any(within(m, tuple(head)) for m in adapter["target_modules"])
+    caplog.clear()
+    caplog.set_level(logging.INFO, logger="finetune_trainer")
     merged = run("merged", {}, lora)  # the same training: the merged weights give the adapters' logits
-    # Each weight once: the head trained whole was counted again as peft's frozen original_module
+    # Each weight once: the head trained whole was counted again as peft's frozen original_module, and the log said so
     parameters = json.loads((merged / "report.json").read_text())["parameters"]
+    assert f"{parameters['trainable']:,} of {parameters['total']:,} parameters train" in caplog.text
     exported = sum(p.numel() for p in AutoModelForSequenceClassification.from_pretrained(merged).parameters())
     assert parameters["total"] - parameters["trainable"] == exported - head_size
     batch = tokenizer(TEXTS[:4], return_tensors="pt", padding=True)
