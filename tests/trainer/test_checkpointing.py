@@ -162,3 +162,35 @@ def test_turning_checkpointing_on_resumes_the_run(tmp_path: Path) -> None:
     for defaults in (False, True):
         assert pipeline.fingerprinted(on, 1, defaults=defaults) == pipeline.fingerprinted(
             TrainerConfig.model_validate(doc), 1, defaults=defaults)
+
+
+def test_layers_checkpointed_in_eval_mode_drop_nothing_out() -> None:
+    """The probe and healing checkpoint the layers in eval mode. They did by setting each layer's `training` flag,
+    which OPT's and BART's layers also read to drop out: the probe measured, and healing trained, with dropout. The
+    layers now go through their checkpoint function as they are: the outputs are eval mode's, and the activations
+    a fraction."""
+    from transformers import OPTConfig, OPTForCausalLM
+
+    from finetune_trainer.models import checkpointing_in_eval
+
+    torch.manual_seed(0)
+    model = OPTForCausalLM(OPTConfig(vocab_size=100, hidden_size=32, ffn_dim=64, num_hidden_layers=4,
+                                     num_attention_heads=4, max_position_embeddings=64, word_embed_proj_dim=32,
+                                     dropout=0.5)).eval()
+    checkpoint_layers(model)
+    ids = torch.randint(3, 100, (2, 16))
+
+    def forward() -> tuple[torch.Tensor, int]:
+        saved: list[int] = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.untyped_storage().nbytes()) or t,
+                                                      lambda t: t):
+            logits = model(input_ids=ids).logits
+        return logits.detach(), sum(saved)
+
+    plain, kept = forward()
+    with checkpointing_in_eval(model) as layers:
+        first, fewer = forward()
+        again, _ = forward()
+    assert len(layers) == 4 and not any("forward" in layer.__dict__ for layer in layers)  # the class's again
+    assert torch.equal(first, plain) and torch.equal(again, plain)
+    assert 0 < 2 * fewer < kept, (fewer, kept)

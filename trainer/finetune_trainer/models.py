@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import itertools
 import json
 import logging
 import pickle
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -86,8 +87,8 @@ def held_at(model: nn.Module, dtype: torch.dtype | None, task: Task) -> list[nn.
     """The frozen Linear layers of `model` put at the autocast `dtype`, where that loses nothing (a bf16
     checkpoint's weights, widened at load). Autocast casts them to it at each use anyway, so every product is the
     same; in fp32 they took twice the memory, and each use made one more copy, kept for the backward: a Llama 8B's
-    frozen base under LoRA held 32 GB of weights and about 13 GB of casts where 16 GB do. A weight that is also
-    another module's (an output layer tied to the embeddings, read outside autocast's casts) stays fp32, as do
+    frozen Linear layers under LoRA held 30 GB of weights and about 13 GB of casts where 15 GB do. A weight that is
+    also another module's (an output layer tied to the embeddings, read outside autocast's casts) stays fp32, as do
     layers without autocast (`dtype` None), and a detector's, which evaluates with autocast off (detection.models:
     fp32 box decoding). `widened` puts them back, exactly, before the export."""
     if dtype is None or task == Task.OBJECT_DETECTION:
@@ -161,16 +162,31 @@ def checkpointed_layers(model: nn.Module) -> list[nn.Module]:
 @contextlib.contextmanager
 def checkpointing_in_eval(model: nn.Module) -> Iterator[list[nn.Module]]:
     """The layers that checkpoint in training (training.gradientCheckpointing) checkpoint meanwhile in eval mode too
-    (the analysis probe's step, healing's): transformers checkpoints a layer while the layer's own `training` flag is
-    set, set here on the layer alone (the dropout inside stays off). Yields those layers."""
+    (the analysis probe's step, healing's). Transformers checkpoints a layer only while its `training` flag is set,
+    which some layers also read to drop out (OPT's, BART's): each layer's forward goes through the layer's own
+    checkpoint function instead, as transformers calls it in training. Yields those layers."""
     layers = [m for m in checkpointed_layers(model) if not m.training]
+    kept = [layer.__dict__.get("forward") for layer in layers]
     for layer in layers:
-        layer.training = True
+        layer.forward = through_checkpoint(layer)
     try:
         yield layers
     finally:
-        for layer in layers:
-            layer.training = False
+        for layer, forward in zip(layers, kept):
+            if forward is None:
+                del layer.forward  # the class's again
+            else:
+                layer.forward = forward
+
+
+def through_checkpoint(layer: nn.Module) -> Callable[..., Any]:
+    """`layer`'s forward, called through its checkpoint function (transformers' wrapper's call, keywords bound)."""
+    forward = layer.forward
+
+    def call(*args: Any, **kwargs: Any) -> Any:
+        return layer._gradient_checkpointing_func(functools.partial(forward, **kwargs), *args)
+
+    return call
 
 
 @contextlib.contextmanager

@@ -186,9 +186,10 @@ def importance(model: nn.Module, batches: list[Batch], task: Task, labels_fit: b
         model.train(was_training)
     if state.get("unscored"):
         return None
-    # A mean over every run of a layer: ALBERT runs its one layer num_hidden_layers times, summed up to 2 each. 1 - cos
-    # is never below 0 but by float error (-5e-9 for a layer that passes its input on), which read -0.0 rounded in
-    # the job's status and -0.000 in the log
+    # A mean over every run of a layer (ALBERT runs its one layer num_hidden_layers times): each run's 1 - cos is at
+    # most 2, and a sum over the runs went past the documented range; the heads' scores add up the runs' gradients, a
+    # ranking, which no range bounds. 1 - cos is never below 0 but by float error (-5e-9 for a layer that passes its
+    # input on), which read -0.0 rounded in the job's status and -0.000 in the log
     scores = (turned / seen.clamp(min=1)).clamp(min=0)
     out: dict[str, Any] = {"layers": {"measure": LAYER_MEASURE, "scores": scores.tolist()}}
     if gated and not state.get("ungated"):
@@ -374,6 +375,11 @@ def parameters(model: nn.Module) -> int:
     return parameter_counts(model)[0]
 
 
+def trained_and_total(model: nn.Module) -> tuple[int, int]:
+    """The parameters that train, and all of them each once (`parameter_counts`): as the status reports them."""
+    return sum(p.numel() for p in model.parameters() if p.requires_grad), sum(parameter_counts(model))
+
+
 def parameter_counts(model: nn.Module) -> tuple[int, int]:
     """The parameters of the base an export writes and of the adapters on it (0 without peft). Under peft the
     adapters' are their tuner's (lora_A, lora_B, DoRA's magnitudes), and a module trained whole counts once, as
@@ -502,8 +508,8 @@ def heal(model: nn.Module, teacher: nn.Module, task: Task, batches: Iterable[Bat
                 steps += 1
             if first is None:
                 raise ConfigError("rearrange.prune.heal: no batches to heal on")
-            with autocast(device.type, dtype):
-                cosine_after = agreement(model, *first)
+        with autocast(device.type, dtype):
+            cosine_after = agreement(model, *first)
     finally:
         for p, flag in zip(model.parameters(), requires):
             p.requires_grad_(flag)
