@@ -209,8 +209,8 @@ def run_ours(model: torch.nn.Module, batches: list[torch.Tensor], settings: GpuS
     """Our training loop on the same model and batches, LoRA computed as the pipeline computes it on this device
     (`lora_form` "pipeline"), or as the named form of `finetune_trainer.lora_fused`, or by peft's own path."""
     from bench.ours import train_causal_lm  # the adapter onto finetune_trainer.train.train_loop
-    from finetune_trainer.lora_fused import FORMS, AccumulatedLoRA, MergedLoRA, fuse
     from finetune_trainer.config import Task
+    from finetune_trainer.lora_fused import FORMS, AccumulatedLoRA, MergedLoRA, fuse
     from finetune_trainer.models import held_at
 
     form = {"pipeline": FORMS.get(device.type), "merged": MergedLoRA, "accumulated": AccumulatedLoRA,

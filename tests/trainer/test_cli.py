@@ -250,6 +250,9 @@ def test_output_takes_the_place_of_output_uri(tmp_path: Path, termination: Path,
     assert cli.main(["run", str(path), "--output", "x"]) == 0, termination.read_text()
     report = json.loads((tmp_path / "x" / "report.json").read_text())
     assert report["config"]["output"] == {"uri": str(tmp_path / "x")}
+    # A path output.uri refuses (a space), named as the user gave it
+    assert cli.main(["run", str(path), "--output", "my models"]) == 1
+    assert "(output.uri is --output my models here)" in json.loads(termination.read_text())["message"]
 
 
 def test_an_output_uri_that_is_not_local_is_refused_naming_it(tmp_path: Path, termination: Path) -> None:

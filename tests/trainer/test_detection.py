@@ -1205,14 +1205,23 @@ def test_a_detectors_frozen_layers_stay_fp32_for_its_evaluation_without_autocast
     import torchvision
 
     from finetune_trainer.detection.models import Detector
-    from finetune_trainer.models import held_at
+    from finetune_trainer.models import held_at, widened
 
     net = torchvision.models.detection.fasterrcnn_mobilenet_v3_large_320_fpn(weights=None, weights_backbone=None,
                                                                              num_classes=3)
     model = Detector(net.to(torch.bfloat16).float(), "fasterrcnn_mobilenet_v3_large_320_fpn", 128, {})
     for name, p in model.named_parameters():
         p.requires_grad_("box_predictor" in name)
-    assert held_at(model, torch.bfloat16, Task.OBJECT_DETECTION) == []
     model.eval()
-    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
-        model(torch.rand(1, 3, 128, 128))
+
+    def evaluate() -> None:
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            model(torch.rand(1, 3, 128, 128))
+
+    held = held_at(model, torch.bfloat16, Task.IMAGE_CLASSIFICATION)  # as if it were no detector
+    assert held
+    with pytest.raises(RuntimeError, match="dtype"):
+        evaluate()
+    widened(held)
+    assert held_at(model, torch.bfloat16, Task.OBJECT_DETECTION) == []
+    evaluate()

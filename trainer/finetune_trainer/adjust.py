@@ -115,7 +115,8 @@ def named_by(model: nn.Module, names: list[str], depth: Depth | None = None) -> 
     """The modules that rearrange.lora.targetModules `names` match: by peft's rule for a list, a module's name or its
     last parts; the name as loaded, where `depth` says that pruning renumbered the layers."""
     loaded = depth.as_loaded if depth is not None else str
-    return [m for m, _ in model.named_modules() if any(loaded(m) == n or loaded(m).endswith("." + n) for n in names)]
+    return [m for m, _ in model.named_modules()
+            if any((name := loaded(m)) == n or name.endswith("." + n) for n in names)]
 
 
 def merging_picks_targets(model: nn.Module, lora: LoraSpec, task: Task, head: str | None,

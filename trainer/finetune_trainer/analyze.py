@@ -398,9 +398,12 @@ def memory_model(params: dict[str, nn.Parameter], activations: int, largest_acti
 def cast_copies(model: nn.Module, held: list[nn.Linear]) -> int:
     """The bytes of autocast's copies of the `held` layers' weights (models.held_at), which the probe counted among
     the activations (each kept for its layer's input gradient) and a held layer no longer makes; none for a layer
-    inside one that checkpoints, whose saved tensors the probe does not see."""
+    inside one that checkpoints, whose saved tensors the probe does not see, nor for peft's copy of a module trained
+    whole as it was loaded (original_module): the trained copy still makes the cast."""
     inside = {id(m) for layer in checkpointed_layers(model) for m in layer.modules()}
-    return sum(m.weight.numel() * m.weight.element_size() for m in held if id(m) not in inside)
+    spare = {id(m) for name, m in model.named_modules() if ".original_module." in f".{name}."}
+    skipped = inside | spare
+    return sum(m.weight.numel() * m.weight.element_size() for m in held if id(m) not in skipped)
 
 
 def findings(report: StructureReport, params: dict[str, nn.Parameter], task: Task) -> list[Finding]:

@@ -38,7 +38,8 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser)
     run = commands.add_parser("run", help="run the pipeline of a FineTuneJob manifest or a trainer config")
     run.add_argument("config", type=Path, help="FineTuneJob YAML or trainer config JSON")
-    run.add_argument("--output", type=Path, help="output folder (default: the config's output.uri)")
+    run.add_argument("--output", type=Path, help="output folder, in place of the config's output.uri (and as it: no "
+                                                 "space in the path)")
     return parser.parse_args(argv)
 
 
@@ -81,6 +82,8 @@ def start(args: argparse.Namespace) -> int:
         cfg = TrainerConfig.from_file(args.config, os.path.abspath(args.output) if args.output else None)
     except ValidationError as exc:
         problem = f"{args.config} is not a valid config:\n  " + "\n  ".join(error_lines(exc))
+        if args.output and "output.uri" in problem:
+            problem += f"\n  (output.uri is --output {args.output} here)"
     except (OSError, ValueError, yaml.YAMLError) as exc:
         problem = f"cannot read {args.config}: {exc}"
     else:

@@ -677,7 +677,7 @@ _HEALS_ON_TEXTS = ("has(self.rearrange.prune) && has(self.rearrange.prune.heal)"
                    " && has(self.rearrange.prune.heal.dataset)")
 
 
-def _healing_texts(spec: Any) -> TextsSpec | None:
+def heal_dataset(spec: Any) -> TextsSpec | None:
     """rearrange.prune.heal.dataset; None where healing reads no texts of its own."""
     heal = spec.rearrange.prune.heal if spec.rearrange.prune else None
     return None if heal is None else heal.dataset
@@ -685,7 +685,7 @@ def _healing_texts(spec: Any) -> TextsSpec | None:
 
 def _healing_pairs(spec: Any) -> bool | None:
     """Whether rearrange.prune.heal.dataset is read as pairs of texts; None where healing reads no texts of its own."""
-    texts = _healing_texts(spec)
+    texts = heal_dataset(spec)
     return None if texts is None else texts.text_pair_field is not None
 
 
@@ -840,7 +840,7 @@ class TrainerConfig(ApiModel):
             cel="!" + _inside_cel("self.output.uri", "self.dataset.uri") + f" && (!({_HEALS_ON_TEXTS}) || !"
             + _inside_cel("self.output.uri", "self.rearrange.prune.heal.dataset.uri") + ")",
             holds=lambda c: not _inside(c.output.uri, c.dataset.uri)
-            and ((texts := _healing_texts(c)) is None or not _inside(c.output.uri, texts.uri)),
+            and ((texts := heal_dataset(c)) is None or not _inside(c.output.uri, texts.uri)),
             message="output.uri is the folder of dataset.uri (or of rearrange.prune.heal.dataset.uri) or under it: a "
             "retry would read the outputs as data; give the output a folder outside the data's",
             field="output.uri",

@@ -35,7 +35,8 @@ from finetune_trainer.adjust import freeze, freeze_checked, lora_targets, mergin
 from finetune_trainer.batches import (Augmenting, Batch, Encoded, decode_side, digest, encode_causal, encode_images,
                                       encode_text, epoch_batches, eval_batches, make_collate, pair_marker,
                                       say_truncated)
-from finetune_trainer.config import Augmentation, Batching, HealSpec, PruneSpec, Stage, Task, TrainerConfig
+from finetune_trainer.config import (Augmentation, Batching, HealSpec, PruneSpec, Stage, Task, TrainerConfig,
+                                     heal_dataset)
 from finetune_trainer.data import (LabelledData, Split, bad_images, bad_images_error, cap_jpeg_memory,
                                    check_label_count, head_order, in_head_order, load_dataset, load_texts)
 from finetune_trainer.detection import analysis as detection_analysis
@@ -417,8 +418,7 @@ def stages(cfg: TrainerConfig, out: Path, world: distributed.World, progress: Pr
     # (a freeze of all but the head made MFU read about 3x too high, a quarter of the layers pruned 4/3).
     flops = (detection_analysis.step_flops(model, probe[0], dtype) if detecting
              else analysis.step_flops(model, probe, dtype))
-    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-    total = sum(prune.parameter_counts(model))  # each weight once: not peft's original_module beside a trained copy
+    trainable, total = prune.trained_and_total(model)
     progress.message["analysis"].update(totalParameters=total, trainableParameters=trainable)
     # The analysis modelled the model as loaded (all of it training); this is what will train.
     memory = analysis.memory_model(dict(model.named_parameters()),
@@ -541,9 +541,8 @@ def check_output_apart(cfg: TrainerConfig, out: Path) -> None:
 
 def data_uris(cfg: TrainerConfig) -> dict[str, str]:
     """The data the run reads, by field."""
-    heal = cfg.rearrange.prune.heal if cfg.rearrange.prune else None
-    return {"dataset.uri": cfg.dataset.uri,
-            **({"rearrange.prune.heal.dataset.uri": heal.dataset.uri} if heal and heal.dataset else {})}
+    texts = heal_dataset(cfg)
+    return {"dataset.uri": cfg.dataset.uri, **({"rearrange.prune.heal.dataset.uri": texts.uri} if texts else {})}
 
 
 def overwritten(path: Path, out: Path) -> bool:

@@ -17,7 +17,7 @@ from finetune_trainer.data import by_number, matched_labels
 from finetune_trainer.errors import ConfigError
 from finetune_trainer.export import kept_in_fp32
 from finetune_trainer.models import ImageClassifier, head_labels, logits_of
-from finetune_trainer.prune import parameter_counts
+from finetune_trainer.prune import trained_and_total
 from finetune_trainer.structure import taken_for_whole, trained_whole, within
 
 log = logging.getLogger(__name__)
@@ -99,7 +99,7 @@ def add_adapters(model: nn.Module, spec: LoraSpec, targets: list[str], head: str
         model.disable_input_require_grads()
     keep_whole(wrapped, whole)
     # as the status counts them: peft's own count adds its copy of a module trained whole (original_module) to the total
-    trainable, total = sum(p.numel() for p in wrapped.parameters() if p.requires_grad), sum(parameter_counts(wrapped))
+    trainable, total = trained_and_total(wrapped)
     log.info("%s adapters (r=%d) on %d modules: %s of %s parameters train (%.2f%%)", spec.variant.value, spec.rank,
              len(targets), f"{trainable:,}", f"{total:,}", 100 * trainable / total)
     return wrapped
