@@ -20,7 +20,7 @@ from fault_servers import FaultServer
 from finetune_operator import rbac
 from finetune_operator.api import FineTuneJobSpec
 from finetune_operator.children import METRICS_PORT, rendezvous
-from finetune_operator.handlers import READABLE_CHECK_SECONDS
+from finetune_operator.handlers import EARLIER_JOBS_KEPT, READABLE_CHECK_SECONDS
 from finetune_operator.status import STALE_AFTER_SECONDS
 from kube import Kube, condition
 from operator_fixture import (REPO, SERVICE_ACCOUNT, OperatorEnv, a_trainer_outlived_by_a_sidecar_is_ended,  # noqa: F401
@@ -79,9 +79,11 @@ def _burst_under_kills(env: OperatorEnv, output: str, jobs: int, kills: int) -> 
         else:
             assert status["phase"] == "Succeeded" and conditions["Succeeded"] == ("True", "Completed"), (name, status)
             assert "Restarting" not in conditions, (name, status)  # a crash of the operator is no failed attempt
-        # Every attempt's Job (its pods' logs); the ConfigMap and Service of the last only (handlers._drop_earlier)
+        # The Jobs of the last attempt and the EARLIER_JOBS_KEPT before it (their pods' logs), the ConfigMap and
+        # Service of the last only (handlers._drop_earlier)
         last = [f"{name}-{expected_attempts}"]
-        wanted = {"Job": [f"{name}-{a}" for a in range(1, expected_attempts + 1)], "ConfigMap": last, "Service": last}
+        kept = range(max(1, expected_attempts - EARLIER_JOBS_KEPT), expected_attempts + 1)
+        wanted = {"Job": [f"{name}-{a}" for a in kept], "ConfigMap": last, "Service": last}
         uid = ftjs[name]["metadata"]["uid"]
         gang = rendezvous(FineTuneJobSpec.model_validate(ftjs[name]["spec"]))  # else no Service
         for kind, found in (("Job", jobs_by_owner), ("ConfigMap", config_maps), ("Service", services)):

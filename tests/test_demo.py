@@ -129,4 +129,4 @@ def test_the_readmes_copies_onto_a_claim_give_kubectl_cp_folders_not_links() -> 
     for source in copies:
         folder = Path(subprocess.run(["bash", "-c", f"printf %s {source}"], cwd=REPO, capture_output=True,
                                      text=True, check=True).stdout)
-        assert (REPO / folder).is_dir() and not (REPO / folder).is_symlink(), source
+        assert folder.parts and (REPO / folder).is_dir() and not (REPO / folder).is_symlink(), source

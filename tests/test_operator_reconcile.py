@@ -1259,7 +1259,8 @@ def test_a_node_pressure_eviction_for_others_use_stays_a_free_retry() -> None:
         status = after(decide(Observed(body({"attempts": 1}, backoffLimit=0), [job(failure=DISRUPTED_JOB)], [pressure],
                                        NOW)))
         assert status["attempts"] == 2 and status.get("failures", 0) == 0 and not status.get("retryAfter")
-    assert outcome.own_limit_field(message) is None and outcome.own_limit_field(None) is None
+        assert outcome.own_limit_field(message) is None
+    assert outcome.own_limit_field(None) is None
     # Only the kubelet's exact words: a message that quotes one inside another is none of them.
     assert outcome.own_limit_field('pod says: Usage of EmptyDir volume "finetune-shm" exceeds the limit "1Gi". ') is None
     assert outcome.over_request("pod says: The node was low on resource: memory. Container trainer was using 3Gi, "

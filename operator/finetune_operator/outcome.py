@@ -3,8 +3,8 @@
 The summaries below are what the operator's indexes keep of each Job and pod: small, so a
 thousand jobs stay cheap, and enough to decide. The cause of a failure is read, in order of
 trust, from: a kubelet's eviction of a pod for going past a limit of its own (ephemeral
-storage, an emptyDir's sizeLimit) or, its node short of memory or disk, for the trainer using more than it requests
-(counted, never a disruption), the Job's pod-failure policy
+storage, an emptyDir's sizeLimit) or, its node short of memory or disk, for the trainer
+using more than it requests (counted, never a disruption), the Job's pod-failure policy
 (a disruption fails the Job with a rule that says so, even after the pod is gone), the pods'
 DisruptionTarget condition, the trainer's own `exitCode` in the termination message (under
 torchrun the container exits 1 for any failure), then the container's exit code. Peers of a
@@ -122,10 +122,10 @@ def over_request(message: str | None) -> tuple[str, str, str] | None:
     """The resource its node was short of, and the trainer's use and request of it, where a kubelet's node-pressure
     eviction `message` says the trainer used more than it requests; None where it names another container or none (the
     pod was evicted for others' use: a free retry)."""
-    low = NODE_LOW.match(message or "")
-    if low is None:
+    text = message or ""
+    if (low := NODE_LOW.match(text)) is None:
         return None
-    for said in CONTAINER_OVER_REQUEST.finditer(low.string, low.end()):
+    for said in CONTAINER_OVER_REQUEST.finditer(text, low.end()):
         if said.group("container") == TRAINER:
             return low.group("resource"), said.group("usage"), said.group("request") or said.group("was")
     return None

@@ -22,8 +22,8 @@ RULES: list[dict[str, Any]] = [
     # never a request: where OwnerReferencesPermissionEnforcement admits the children's blockOwnerDeletion
     {"apiGroups": [api.GROUP], "resources": [f"{api.PLURAL}/finalizers"], "verbs": ["update"]},
     # the attempt's children (indexed by kopf); delete: suspend, deadline (the rest goes by owner references);
-    # get: whose a child is that already exists; delete: earlier attempts' ConfigMaps and Services, each read first
-    # by its name (handlers._drop_earlier)
+    # get: whose a child is that already exists; delete: earlier attempts' ConfigMaps and Services, and the Jobs of
+    # all but the last EARLIER_JOBS_KEPT, each read first by its name (handlers._drop_earlier)
     {"apiGroups": ["batch"], "resources": ["jobs"], "verbs": ["get", "list", "watch", "create", "delete"]},
     {"apiGroups": [""], "resources": ["configmaps", "services"], "verbs": ["get", "create", "delete"]},
     # the pods' exit codes, termination messages, scheduling and rank 0's IP (indexed by kopf); patch: the deadline
