@@ -312,10 +312,11 @@ def test_a_view_mirrors_the_image_and_crops_a_part_of_it_as_torchvision_would(tm
 def test_only_the_training_split_is_augmented(tiny_cfg: TrainerConfig, tmp_path: Path) -> None:
     from finetune_trainer.pipeline import encode
 
+    (images := tmp_path / "images").mkdir()  # beside the output (tiny_cfg's tmp_path/out), not around it
     cfg = TrainerConfig.from_wire(tiny_cfg.to_wire() | {
         "model": {"task": "image-classification", "architecture": "resnet18"},
-        "dataset": {"uri": str(tmp_path), "augment": ["horizontal-flip"]}})
-    split = Split(photos(tmp_path, 3), [0, 1, 0])
+        "dataset": {"uri": str(images), "augment": ["horizontal-flip"]}})
+    split = Split(photos(images, 3), [0, 1, 0])
     train, validation, test = encode(LabelledData(split, split, split, {0: "a", 1: "b"}), None, cfg, True)
     assert train.augmenting is not None and train.augmenting.seed == cfg.training.seed
     assert validation.augmenting is None and test.augmenting is None
